@@ -1,3 +1,9 @@
 """mlxlab: Hydra-composed MLX training with one MLflow store."""
 
+# First, before any module here imports mlx.core: on Linux CPU, MLX only uses a fast BLAS that is
+# already loaded when mlx.core is first imported (see runtime/blas.py).
+from mlxlab.runtime.blas import setup_blas
+
+blas = setup_blas()
+
 __version__ = "0.1.0"

@@ -1,0 +1,175 @@
+"""Print the experiments and recent runs of the central MLflow store, or one sweep as a table.
+
+    python scripts/list_experiments.py                      # each experiment, newest runs first
+    python scripts/list_experiments.py --experiment train --limit 30
+    python scripts/list_experiments.py --sweep latest       # newest sweep, best run first
+    python scripts/list_experiments.py --sweep <parent run id> --metric val/loss
+
+The store is --uri, else $MLFLOW_TRACKING_URI, else <project>/mlruns/mlflow.db.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from datetime import datetime
+
+from mlxlab.tracking.mlflow import (
+    METRIC_TAG,
+    MODE_TAG,
+    PARENT_RUN_TAG,
+    ROLE_TAG,
+    SWEEP_PARAMS_TAG,
+    metric_mode,
+    resolve_uri,
+    sqlite_path,
+    sweep_children,
+    sweep_table,
+    swept_keys,
+)
+
+KEY_METRICS = ["val/accuracy", "val/f1", "val/roc_auc", "val/loss", "val/perplexity", "train/loss"]
+MAX_METRIC_COLUMNS = 4
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    parser.add_argument("--experiment", help="only this experiment (name)")
+    parser.add_argument("--limit", type=int, default=10, help="runs shown per experiment")
+    parser.add_argument("--sweep", metavar="RUN_ID|latest", help="show one sweep as a table")
+    parser.add_argument("--metric", help="sweep metric (default: the one the sweep optimized)")
+    args = parser.parse_args(argv)
+
+    uri = resolve_uri(args.uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():  # don't create an empty store just to list it
+        print(f"no MLflow store at {db} (run a training first, or pass --uri)")
+        return 0
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiments = client.search_experiments()
+    if args.experiment:
+        experiments = [e for e in experiments if e.name == args.experiment]
+        if not experiments:
+            raise SystemExit(f"no experiment named {args.experiment!r} in {uri}")
+    if args.sweep:
+        return show_sweep(client, experiments, args.sweep, args.metric)
+    print(f"MLflow store: {uri}")
+    for experiment in experiments:
+        runs = client.search_runs(
+            [experiment.experiment_id],
+            max_results=args.limit,
+            order_by=["attributes.start_time DESC"],
+        )
+        if not runs and experiment.name == "Default":
+            continue
+        print(
+            f"\nexperiment {experiment.name!r} (id {experiment.experiment_id}, "
+            f"artifacts {experiment.artifact_location})"
+        )
+        if not runs:
+            print("  no runs")
+            continue
+        metrics = [m for m in KEY_METRICS if any(m in r.data.metrics for r in runs)]
+        metrics = metrics[:MAX_METRIC_COLUMNS]
+        header = ["run_id", "name", "status", "started", "duration", "sweep", *metrics]
+        rows = [
+            [
+                r.info.run_id,
+                r.info.run_name or "",
+                r.info.status,
+                _time(r.info.start_time),
+                _duration(r),
+                _sweep_role(r),
+                *(_num(r.data.metrics.get(m)) for m in metrics),
+            ]
+            for r in runs
+        ]
+        print_table(header, rows)
+    return 0
+
+
+def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int:
+    if sweep == "latest":
+        parents = client.search_runs(
+            [e.experiment_id for e in experiments],
+            filter_string=f"tags.`{ROLE_TAG}` = 'sweep'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        if not parents:
+            raise SystemExit("no sweep (multirun) parent run in this store")
+        parent = parents[0]
+    else:
+        parent = client.get_run(sweep)
+    tags = parent.data.tags
+    children = sweep_children(client, parent.info.run_id)
+    present = [m for m in KEY_METRICS if any(m in r.data.metrics for r in children)]
+    metric = metric or tags.get(METRIC_TAG) or (present[0] if present else "val/accuracy")
+    mode = tags.get(MODE_TAG) or metric_mode(metric)
+    keys = swept_keys(children, json.loads(tags.get(SWEEP_PARAMS_TAG, "[]")))
+    print(
+        f"sweep {parent.info.run_id} {parent.info.run_name!r} ({parent.info.status}), "
+        f"started {_time(parent.info.start_time)}"
+    )
+    print(
+        f"  {len(children)} runs, sorted by {metric} ({mode}); "
+        f"dir {tags.get('mlxlab.sweep_dir', '?')}"
+    )
+    best = parent.data.metrics.get(f"best/{metric}")
+    if best is not None:
+        print(f"  best {metric} = {_num(best)} (run {tags.get('mlxlab.best_run_id', '?')})")
+    rows = sweep_table(children, metric, keys, mode)
+    header = ["rank", "run_id", "status", metric, *keys]
+    print_table(
+        header,
+        [
+            [
+                str(i + 1),
+                row["run_id"],
+                row["status"],
+                _num(row[metric]),
+                *(str(row[k]) for k in keys),
+            ]
+            for i, row in enumerate(rows)
+        ],
+    )
+    return 0
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    for line in [header, ["-" * w for w in widths], *rows]:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+def _num(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if math.isfinite(value) and abs(value) < 1e4 else f"{value:.4g}"
+
+
+def _time(ms: int | None) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+def _duration(run) -> str:
+    if not run.info.end_time:
+        return "running" if run.info.status == "RUNNING" else "-"
+    seconds = (run.info.end_time - run.info.start_time) / 1000
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
+
+
+def _sweep_role(run) -> str:
+    if run.data.tags.get(ROLE_TAG) == "sweep":
+        return "parent"
+    parent = run.data.tags.get(PARENT_RUN_TAG)
+    return f"child of {parent[:8]}" if parent else ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

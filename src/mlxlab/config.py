@@ -1,0 +1,141 @@
+"""Config plumbing: resolvers, early validation, and the one instantiate helper.
+
+Validation runs before anything heavy is built, so a typo in an override fails in milliseconds
+with a one-line message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+ASSETS_DIR = Path(__file__).parent / "assets"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message says what is wrong and how to fix it."""
+
+
+def project_root(start: Path | None = None) -> Path:
+    """$MLXLAB_ROOT, else the nearest folder at or above `start` holding pyproject.toml or .git."""
+    env = os.environ.get("MLXLAB_ROOT")
+    if env:
+        return Path(env).expanduser().resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").exists() or (folder / ".git").exists():
+            return folder
+    return here
+
+
+def asset_path(relative: str) -> str:
+    """Absolute path of a data file shipped inside the package (src/mlxlab/assets)."""
+    path = ASSETS_DIR / relative
+    if not path.exists():
+        raise ConfigError(f"no shipped asset '{relative}' in {ASSETS_DIR}")
+    return str(path)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("mlxlab_root"):
+        OmegaConf.register_new_resolver("mlxlab_root", lambda: str(project_root()))
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", asset_path)
+
+
+register_resolvers()
+
+
+def config_dir() -> str:
+    """The conf/ folder: inside the installed wheel, or at the repository root (editable)."""
+    packaged = Path(__file__).parent / "conf"
+    if packaged.is_dir():
+        return str(packaged)
+    return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def to_container(cfg: DictConfig | Mapping) -> dict:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def config_hash(cfg: DictConfig, ignore: tuple[str, ...] = ("resume", "sweep", "tags")) -> str:
+    """Stable hash of the resolved config minus keys that don't change what is trained."""
+    data = {k: v for k, v in to_container(cfg).items() if k not in ignore and k != "paths"}
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate with plain Python containers for every argument."""
+    from hydra.utils import instantiate as hydra_instantiate
+
+    return hydra_instantiate(node, _convert_="all", **kwargs)
+
+
+# --- early validation ------------------------------------------------------------------------
+
+# key -> (type, lower bound or None, inclusive?). Only keys present in the config are checked.
+_NUMERIC_RULES: dict[str, tuple[type, float | None]] = {
+    "seed": (int, 0),
+    "trainer.learning_rate": (float, 0.0),
+    "trainer.weight_decay": (float, 0.0),
+    "trainer.max_epochs": (int, 1),
+    "trainer.max_steps": (int, 1),
+    "trainer.batch_size": (int, 1),
+    "trainer.max_batch_size": (int, 1),
+    "trainer.grad_accum": (int, 1),
+    "trainer.warmup_steps": (int, 0),
+    "trainer.grad_clip": (float, 0.0),
+    "trainer.label_smoothing": (float, 0.0),
+    "trainer.eval_every_steps": (int, 1),
+    "trainer.log_every_steps": (int, 1),
+    "model.hidden_size": (int, 1),
+    "model.num_layers": (int, 1),
+    "model.num_heads": (int, 1),
+    "model.dim": (int, 1),
+    "model.dropout": (float, 0.0),
+    "data.val_fraction": (float, 0.0),
+    "data.max_length": (int, 1),
+    "data.seq_len": (int, 1),
+}
+
+
+def _number(key: str, value: Any, kind: type) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(
+            f"{key} must be a number, got {value!r}: fix the override, e.g. {key}=3e-4"
+            if kind is float
+            else f"{key} must be an integer, got {value!r}: fix the override, e.g. {key}=4"
+        )
+    if kind is int and float(value) != int(value):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    return float(value)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail fast, with one line naming the key and the fix, before anything is built."""
+    for key, (kind, low) in _NUMERIC_RULES.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value is None:
+            continue
+        number = _number(key, value, kind)
+        if low is not None and number < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value!r}")
+    if "val_fraction" in cfg.get("data", {}) and cfg.data.val_fraction is not None:
+        if not 0.0 < float(cfg.data.val_fraction) < 1.0:
+            raise ConfigError(f"data.val_fraction must be between 0 and 1, got {cfg.data.val_fraction}")
+    mode = cfg.get("optimized_mode", "max")
+    if mode not in ("max", "min"):
+        raise ConfigError(f"optimized_mode must be 'max' or 'min', got {mode!r}")
+    for group in ("model", "data", "trainer", "tracking"):
+        node = cfg.get(group)
+        if node is None or "_target_" not in node:
+            raise ConfigError(f"config group '{group}' has no _target_: pick an option, e.g. {group}=...")

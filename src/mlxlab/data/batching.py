@@ -1,0 +1,111 @@
+"""Group examples into batches and pad them to a few length buckets.
+
+A compiled step is traced once per input shape, so batches are padded to a multiple of
+`bucket_multiple` instead of their exact longest length. With `dynamic=True` examples of similar
+length are batched together and a batch holds as many of them as fit a token budget: short
+sequences get bigger batches, and the step still sees only a handful of shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+Batch = dict[str, mx.array]
+
+
+@dataclass
+class Batching:
+    batch_size: int = 32
+    dynamic: bool = False
+    max_batch_size: int | None = None  # dynamic only: cap on examples per batch
+    max_tokens: int | None = (
+        None  # dynamic only: padded tokens per batch; None = batch_size * longest bucket
+    )
+    bucket_multiple: int = 16
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batching.batch_size must be >= 1, got {self.batch_size}")
+        if self.bucket_multiple < 1:
+            raise ValueError(f"batching.bucket_multiple must be >= 1, got {self.bucket_multiple}")
+
+
+def bucket_length(n: int, multiple: int, max_len: int | None = None) -> int:
+    """`n` rounded up to a multiple of `multiple`, never above `max_len`."""
+    padded = -(-max(int(n), 1) // multiple) * multiple
+    return min(padded, max_len) if max_len is not None else padded
+
+
+def fixed_batches(
+    num_examples: int, batch_size: int, rng: np.random.Generator | None = None
+) -> list[np.ndarray]:
+    """Index arrays of `batch_size` (the last may be short); shuffled when `rng` is given."""
+    order = rng.permutation(num_examples) if rng is not None else np.arange(num_examples)
+    return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+
+
+def dynamic_batches(
+    lengths: np.ndarray,
+    batching: Batching,
+    max_len: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> list[np.ndarray]:
+    """Length-bucketed index arrays, each filling the token budget.
+
+    Examples are grouped by their bucket length L; a batch of bucket L holds
+    min(max_tokens // L, max_batch_size) examples. With `rng` the examples within a bucket and
+    the order of all batches are shuffled; without it the order is by bucket, then by index.
+    The number of batches does not depend on `rng`.
+    """
+    lengths = np.asarray(lengths)
+    buckets = np.array([bucket_length(n, batching.bucket_multiple, max_len) for n in lengths])
+    budget = batching.max_tokens or batching.batch_size * int(buckets.max(initial=1))
+    batches = []
+    for length in np.unique(buckets):
+        members = np.flatnonzero(buckets == length)
+        if rng is not None:
+            members = rng.permutation(members)
+        size = max(1, budget // int(length))
+        if batching.max_batch_size:
+            size = min(size, batching.max_batch_size)
+        batches += [members[i : i + size] for i in range(0, len(members), size)]
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def make_batches(
+    lengths: np.ndarray,
+    batching: Batching,
+    max_len: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> list[np.ndarray]:
+    """Index arrays for one pass over examples with these lengths (fixed or dynamic)."""
+    if batching.dynamic:
+        return dynamic_batches(lengths, batching, max_len, rng)
+    return fixed_batches(len(lengths), batching.batch_size, rng)
+
+
+def collate_classification(
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    labels: np.ndarray | None,
+    index: np.ndarray,
+    multiple: int = 16,
+) -> Batch:
+    """Classification Batch for rows `index` of a pre-padded token matrix.
+
+    `tokens` is (N, max_len) already filled with the pad id after each row's length, so slicing
+    to the bucket length is the whole padding step. `labels=None` (prediction) leaves them out.
+    """
+    batch_lengths = lengths[index]
+    width = bucket_length(int(batch_lengths.max()), multiple, tokens.shape[1])
+    input_ids = tokens[index, :width]
+    mask = (np.arange(width)[None, :] < batch_lengths[:, None]).astype(np.int32)
+    batch = {"input_ids": mx.array(input_ids), "attention_mask": mx.array(mask)}
+    if labels is not None:
+        batch["labels"] = mx.array(labels[index].astype(np.int32))
+    return batch

@@ -1,0 +1,400 @@
+"""Raw text streamed with Hugging Face `datasets`, tokenized just in time and packed (task="lm").
+
+Documents are tokenized a few at a time in a background thread, each followed by the end-of-text
+token, and the running token stream is cut into windows of seq_len + 1 tokens. Only a bounded
+queue of ready batches, the shuffle buffer and less than one batch of leftover tokens are ever
+held, so memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlxlab.data.batching import Batch, Batching
+from mlxlab.data.tokenizer import (
+    EOT_TOKENS,
+    PAD_TOKENS,
+    build_tokenizer,
+    find_token_id,
+    tokenizer_hash,
+)
+
+log = logging.getLogger(__name__)
+
+BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+_DONE = object()
+
+
+def _builder_for(data_files) -> str:
+    files = data_files if isinstance(data_files, list) else [data_files]
+    if isinstance(data_files, dict):
+        files = [f for v in data_files.values() for f in (v if isinstance(v, list) else [v])]
+    kinds = {BUILDERS.get(Path(str(f)).suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(
+            f"data.data_files={data_files}: use files of one kind, "
+            f"ending in one of {sorted(BUILDERS)}"
+        )
+    for f in files:
+        if not glob.glob(str(f)):
+            raise FileNotFoundError(
+                f"data file not found: {f} (set data.data_files= to a local file)"
+            )
+    return kinds.pop()
+
+
+def _threaded(produce: Iterator, prefetch: int) -> Iterator:
+    """Run a generator in a daemon thread, handing items over through a bounded queue."""
+    items: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in produce:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as e:  # re-raised in the consumer, with its traceback
+            put(e)
+
+    thread = threading.Thread(target=work, daemon=True, name="mlxlab-data")
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the consumer left early (break, exception): let the producer exit
+        thread.join(timeout=5)
+
+
+class StreamingText:
+    """Packed language-modelling batches from a hub dataset or local txt/jsonl/parquet files.
+
+    Source: `dataset_id` (+ `dataset_config`) streams from the Hugging Face hub and then
+    `data_files` is ignored; otherwise `data_files` (txt, jsonl/json, parquet, csv) are read
+    locally.
+    Splits: `val_split` names a separate split; otherwise the first `val_examples` examples of
+    `split` are held out for validation and training starts after them (a fraction cannot be
+    taken from a stream of unknown length). `max_examples` caps the training examples per epoch.
+    Text documents are the blank-line-separated paragraphs of a txt file (`sample_by`), stripped;
+    empty ones are skipped. `stride` < seq_len overlaps windows; positions already scored by the
+    previous window get loss_mask 0, so every token is counted once.
+    """
+
+    task = "lm"
+    num_labels = None
+
+    def __init__(
+        self,
+        dataset_id: str | None = None,
+        dataset_config: str | None = None,
+        split: str = "train",
+        data_files: str | list | dict | None = None,
+        text_column: str = "text",
+        sample_by: str = "paragraph",
+        val_split: str | None = None,
+        val_examples: int = 200,
+        max_examples: int | None = None,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        seq_len: int = 256,
+        stride: int | None = None,
+        tokenizer: dict | None = None,
+        tokenizer_sample: int = 5000,
+        tokenize_batch: int = 64,
+        prefetch: int = 4,
+        cache_dir: str | None = None,
+    ):
+        if not dataset_id and not data_files:
+            raise ValueError(
+                "set data.dataset_id= (a hub dataset) or data.data_files= (local files)"
+            )
+        self.stride = int(stride or seq_len)
+        if not 1 <= self.stride <= seq_len:
+            raise ValueError(f"data.stride must be in [1, seq_len={seq_len}], got {stride}")
+        self.dataset_id, self.dataset_config, self.split = dataset_id, dataset_config, split
+        self.data_files = data_files
+        # A hub id wins, so `data.dataset_id=...` alone switches away from the local default.
+        self.builder = None if dataset_id else _builder_for(data_files)
+        self.text_column, self.sample_by = text_column, sample_by
+        self.val_split, self.val_examples = val_split, int(val_examples or 0)
+        self.max_examples = max_examples
+        self.shuffle_buffer, self.seed = int(shuffle_buffer or 0), int(seed)
+        self.seq_len = int(seq_len)
+        self.tokenizer_cfg = {"kind": "bytelevel_bpe", "min_vocab": 512, **dict(tokenizer or {})}
+        self.tokenizer_sample, self.tokenize_batch = int(tokenizer_sample), int(tokenize_batch)
+        self.prefetch = int(prefetch)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.tokenizer = None
+        self.tokenizer_hash: str | None = None
+        self.vocab_size: int | None = None
+        self._state = self._fresh_state(0)
+        self._val_cache: dict[int, list[dict]] = {}
+
+    # --------------------------------------------------------------- source
+    def source_name(self) -> str:
+        return (
+            str(self.data_files)
+            if self.builder
+            else f"{self.dataset_id}:{self.dataset_config or ''}"
+        )
+
+    def _load(self, split: str):
+        from datasets import load_dataset  # slow import: only when a stream is opened
+
+        if self.builder is not None:
+            kwargs = {"sample_by": self.sample_by} if self.builder == "text" else {}
+            return load_dataset(
+                self.builder, data_files=self.data_files, split=split, streaming=True, **kwargs
+            )
+        return load_dataset(self.dataset_id, self.dataset_config, split=split, streaming=True)
+
+    def _train_stream(self, epoch: int, skip: int = 0):
+        ds = self._load(self.split)
+        if self.val_split is None and self.val_examples:
+            ds = ds.skip(self.val_examples)
+        if self.max_examples:
+            ds = ds.take(int(self.max_examples))
+        if self.shuffle_buffer > 1:
+            ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        if skip:
+            ds = ds.skip(skip)  # resume: pass over consumed examples without tokenizing them
+        ds.set_epoch(epoch)  # shuffle seed = seed + epoch; set last: skip/take do not carry it
+        return ds
+
+    def _val_stream(self):
+        if self.val_split is not None:
+            ds = self._load(self.val_split)
+            return ds.take(self.val_examples) if self.val_examples else ds
+        return self._load(self.split).take(self.val_examples) if self.val_examples else None
+
+    def _text(self, example: dict) -> str:
+        if self.text_column not in example:
+            raise ValueError(
+                f"text column {self.text_column!r} not in {self.source_name()}; "
+                f"available columns: {list(example)} (set data.text_column=)"
+            )
+        return str(example[self.text_column] or "").strip()
+
+    def documents(self, stream) -> Iterator[str]:
+        """The non-empty documents of a stream, in order (what gets tokenized)."""
+        for example in stream:
+            text = self._text(example)
+            if text:
+                yield text
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, run_dir: str | Path | None = None) -> None:
+        save_to = Path(run_dir) / "tokenizer.json" if run_dir is not None else None
+        cfg = dict(self.tokenizer_cfg)
+        reuse = bool(cfg.get("path")) or (
+            save_to is not None and save_to.is_file() and not cfg.get("retrain")
+        )
+        # The tokenizer sample; with a tokenizer given, one document just to check the source.
+        wanted = 1 if reuse else self.tokenizer_sample
+        sample = list(islice(self.documents(self._unshuffled_train()), wanted))
+        if not sample:
+            held = "" if self.val_split else f" after holding out val_examples={self.val_examples}"
+            raise ValueError(
+                f"no text in {self.source_name()}{held}: the source is empty "
+                "(check data.data_files= / data.dataset_id=)"
+            )
+        if not reuse and self.cache_dir is not None and not cfg.get("retrain"):
+            # Trained tokenizers are cached by sample + settings, so new runs skip training.
+            key = hashlib.sha256(json.dumps([sample, cfg], sort_keys=True).encode()).hexdigest()
+            cached = self.cache_dir / "tokenizers" / f"{key[:24]}.json"
+            if cached.is_file():
+                log.info("cache hit: tokenizer %s", cached)
+            else:
+                build_tokenizer(sample, save_to=cached, **cfg)
+            cfg["path"] = str(cached)
+        self.tokenizer = build_tokenizer(sample, save_to=save_to, **cfg)
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()  # documents are packed, never cut short
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        self.tokenizer_hash = tokenizer_hash(self.tokenizer)  # recorded in checkpoints
+        self.eot_id = find_token_id(self.tokenizer, EOT_TOKENS, "end-of-text")
+        self.pad_id = find_token_id(self.tokenizer, PAD_TOKENS + EOT_TOKENS, "padding")
+        log.info("%s: vocab %d, seq_len %d", self.source_name(), self.vocab_size, self.seq_len)
+
+    def _unshuffled_train(self):
+        """Training split before shuffling: the tokenizer sample is the same for every seed."""
+        ds = self._load(self.split)
+        return ds.skip(self.val_examples) if self.val_split is None and self.val_examples else ds
+
+    # -------------------------------------------------------------- packing
+    @staticmethod
+    def _fresh_state(epoch: int) -> dict:
+        return {
+            "epoch": epoch,
+            "examples_consumed": 0,
+            "carry": [],
+            "windows_done": 0,
+            "batches_done": 0,
+        }
+
+    def _pack(self, stream, batch_size: int, state: dict) -> Iterator[tuple[dict, dict]]:
+        """(numpy batch, state after it) pairs; the state lets a resume continue exactly here."""
+        seq_len, stride, overlap = self.seq_len, self.stride, self.seq_len - self.stride
+        examples = iter(stream)
+        consumed, windows_done, batches_done = (
+            state["examples_consumed"],
+            state["windows_done"],
+            state["batches_done"],
+        )
+        buf = np.asarray(state["carry"], dtype=np.int32)
+        need = seq_len + 1 + (batch_size - 1) * stride  # tokens for one full batch of windows
+        exhausted = False
+        while True:
+            while len(buf) < need and not exhausted:
+                chunk = list(islice(examples, self.tokenize_batch))
+                exhausted = len(chunk) < self.tokenize_batch
+                consumed += len(chunk)
+                texts = [t for t in map(self._text, chunk) if t]
+                if texts:
+                    encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+                    ids = [i for enc in encodings for i in (*enc.ids, self.eot_id)]
+                    buf = np.concatenate([buf, np.asarray(ids, dtype=np.int32)])
+            rows, masks = [], []
+            while len(rows) < batch_size and len(buf) >= seq_len + 1:
+                mask = np.ones(seq_len, np.float32)
+                mask[: overlap if windows_done else 0] = 0.0
+                rows.append(buf[: seq_len + 1])
+                masks.append(mask)
+                buf = buf[stride:]
+                windows_done += 1
+            scored_from = overlap if windows_done else 0
+            if exhausted and len(rows) < batch_size and len(buf) - 1 > scored_from:
+                # The tail: pad to a full window, score only its real, not-yet-scored labels.
+                mask = np.zeros(seq_len, np.float32)
+                mask[scored_from : len(buf) - 1] = 1.0
+                rows.append(
+                    np.concatenate([buf, np.full(seq_len + 1 - len(buf), self.pad_id, np.int32)])
+                )
+                masks.append(mask)
+                buf = buf[:0]
+                windows_done += 1
+            if not rows:
+                return
+            while len(rows) < batch_size:  # keep one batch shape: pad with rows that score nothing
+                rows.append(np.full(seq_len + 1, self.pad_id, np.int32))
+                masks.append(np.zeros(seq_len, np.float32))
+            windows = np.stack(rows)
+            batches_done += 1
+            batch = {
+                "input_ids": windows[:, :-1],
+                "labels": windows[:, 1:],
+                "loss_mask": np.stack(masks),
+            }
+            yield (
+                batch,
+                {
+                    "epoch": state["epoch"],
+                    "examples_consumed": consumed,
+                    "carry": buf.tolist(),
+                    "windows_done": windows_done,
+                    "batches_done": batches_done,
+                },
+            )
+
+    def rows_per_batch(self, batching: Batching) -> int:
+        """batch_size windows; with dynamic=True as many as fit max_tokens (all are seq_len)."""
+        if batching.dynamic and batching.max_tokens:
+            return max(1, batching.max_tokens // self.seq_len)
+        return batching.batch_size
+
+    @staticmethod
+    def _to_mx(batch: dict) -> Batch:
+        return {k: mx.array(v) for k, v in batch.items()}
+
+    # -------------------------------------------------------------- batches
+    def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
+        """One epoch of packed (batch_size, seq_len) batches; resumes at the loaded state."""
+        state = self._state if self._state["epoch"] == epoch else self._fresh_state(epoch)
+        stream = self._train_stream(epoch, skip=state["examples_consumed"])
+        for batch, after in _threaded(
+            self._pack(stream, self.rows_per_batch(batching), state), self.prefetch
+        ):
+            self._state = after  # counted when handed out, like TabularText
+            yield self._to_mx(batch)
+        self._state = self._fresh_state(epoch + 1)
+
+    def val_batches(self, batching: Batching) -> Iterator[Batch]:
+        """Held-out batches, never shuffled; packed once and kept (bounded by val_examples)."""
+        rows = self.rows_per_batch(batching)
+        if rows not in self._val_cache:
+            stream = self._val_stream()
+            packed = (
+                []
+                if stream is None
+                else [b for b, _ in self._pack(stream, rows, self._fresh_state(0))]
+            )
+            self._val_cache[rows] = packed
+        for batch in self._val_cache[rows]:
+            yield self._to_mx(batch)
+
+    def num_train_batches(self, batching: Batching) -> None:
+        return None  # unknown for a stream
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = {**self._fresh_state(int(state["epoch"])), **state}
+
+
+def token_throughput(
+    data: StreamingText, batching: Batching, max_batches: int = 50, epoch: int = 0
+) -> dict:
+    """Tokenizer + packing speed: scored tokens per second over up to `max_batches` batches."""
+    saved = data.state_dict()
+    tokens, batches = 0.0, 0
+    start = time.perf_counter()
+    stream = data.train_batches(batching, epoch)
+    for batch in stream:
+        tokens += float(batch["loss_mask"].sum().item())
+        batches += 1
+        if batches >= max_batches:
+            break
+    stream.close()  # stops the producer thread now, not at garbage collection
+    seconds = time.perf_counter() - start
+    data.load_state_dict(saved)
+    return {
+        "tokens": tokens,
+        "batches": batches,
+        "seconds": seconds,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+    }

@@ -1,0 +1,338 @@
+"""Any CSV classification file as text: rows -> template text -> tokens (cached) -> batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import string
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mlxlab.data.batching import (
+    Batch,
+    Batching,
+    collate_classification,
+    fixed_batches,
+    make_batches,
+)
+from mlxlab.data.tokenizer import PAD_TOKENS, build_tokenizer, find_token_id, tokenizer_hash
+
+log = logging.getLogger(__name__)
+
+
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """Read a CSV, naming the path and the override to fix it when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path} (point data.path= at a CSV file)")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path} as CSV: {e} (check data.path=)") from e
+    if df.empty:
+        raise ValueError(f"{path} has no data rows (check data.path=)")
+    return df
+
+
+def _check_columns(
+    df: pd.DataFrame, columns: Sequence[str], what: str, override: str, source
+) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{what} {missing} not in {source}; "
+            f"available columns: {list(df.columns)} (set {override})"
+        )
+
+
+def _format_value(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value).strip()
+
+
+def _column_strings(
+    values: pd.Series, missing_value: str, edges: Sequence[float] | None
+) -> list[str]:
+    """One string per value: "lo-hi" when binned by `edges`, `missing_value` for NaN/blank."""
+    out = []
+    for v in values.tolist():
+        if (
+            v is None
+            or (isinstance(v, float) and np.isnan(v))
+            or (isinstance(v, str) and not v.strip())
+        ):
+            out.append(missing_value)
+        elif edges is not None:
+            # Out-of-range values fall into the first/last bin.
+            i = int(np.clip(np.searchsorted(edges, float(v), side="right") - 1, 0, len(edges) - 2))
+            out.append(f"{_format_value(float(edges[i]))}-{_format_value(float(edges[i + 1]))}")
+        else:
+            out.append(_format_value(v))
+    return out
+
+
+def template_fields(template: str) -> list[str]:
+    """Column names a format string refers to: "class {Pclass}. {Sex}" -> ["Pclass", "Sex"]."""
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def row_texts(
+    df: pd.DataFrame,
+    columns: Sequence[str],
+    template: str | None = None,
+    missing_value: str = "unknown",
+    bins: dict[str, Sequence[float]] | None = None,
+) -> list[str]:
+    """Serialize each row to text.
+
+    With a template (a Python format string over column names) every field is a string, already
+    binned and with missing values replaced. Without one: "col: value. col: value. ..." over
+    `columns`.
+    """
+    bins = bins or {}
+    used = template_fields(template) if template else list(columns)
+    cells = {c: _column_strings(df[c], missing_value, bins.get(c)) for c in dict.fromkeys(used)}
+    if template:
+        return [template.format(**{c: cells[c][i] for c in cells}) for i in range(len(df))]
+    return [". ".join(f"{c}: {cells[c][i]}" for c in used) for i in range(len(df))]
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified split: each class contributes round(n_class * val_fraction) rows to val.
+
+    Returns sorted (train_idx, val_idx). Benchmarks reuse it so baselines see the same split.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        val.append(members[: int(round(len(members) * val_fraction))])
+    val_idx = np.sort(np.concatenate(val)) if val else np.array([], dtype=np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx
+
+
+def encode_texts(
+    tok, texts: Sequence[str], max_length: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize to a (N, max_length) int32 matrix padded with `pad_id`, and the true lengths."""
+    tok.enable_truncation(max_length)  # keeps [SEP]: the post-processor runs after truncation
+    tok.no_padding()  # a given tokenizer.json may pad; padding to buckets happens at collate
+    encodings = tok.encode_batch(list(texts))
+    tokens = np.full((len(encodings), max_length), pad_id, dtype=np.int32)
+    lengths = np.zeros(len(encodings), dtype=np.int32)
+    for i, enc in enumerate(encodings):
+        ids = enc.ids
+        tokens[i, : len(ids)] = ids
+        lengths[i] = len(ids)
+    return tokens, lengths
+
+
+class TabularText:
+    """CSV classification data as text (task="classification"), see conf/data/titanic.yaml."""
+
+    task = "classification"
+
+    def __init__(
+        self,
+        path: str,
+        label_column: str,
+        feature_columns: Sequence[str] | None = None,
+        id_column: str | None = None,
+        template: str | None = None,
+        missing_value: str = "unknown",
+        bins: dict[str, Sequence[float]] | None = None,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        max_length: int = 128,
+        tokenizer: dict | None = None,
+        cache_dir: str | None = None,
+    ):
+        self.path = str(path)
+        self.label_column = label_column
+        self.feature_columns = list(feature_columns) if feature_columns is not None else None
+        self.id_column = id_column
+        self.template = template
+        self.missing_value = missing_value
+        self.bins = {k: [float(x) for x in v] for k, v in (bins or {}).items()}
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.max_length = int(max_length)
+        self.tokenizer_cfg = {"kind": "wordpiece", **dict(tokenizer or {})}
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        for column, edges in self.bins.items():
+            if len(edges) < 2 or sorted(edges) != edges:
+                raise ValueError(f"data.bins.{column} must be >= 2 increasing edges, got {edges}")
+        self.tokenizer = None
+        self.tokenizer_hash: str | None = None
+        self.vocab_size: int | None = None
+        self.num_labels: int | None = None
+        self.label_names: list[str] = []
+        self.cache_hit = False
+        self._epoch, self._batches_done = 0, 0
+
+    # ---------------------------------------------------------------- setup
+    def _columns(self, df: pd.DataFrame) -> list[str]:
+        """Feature columns: given, or every column but the label and the id."""
+        if self.feature_columns is not None:
+            _check_columns(
+                df, self.feature_columns, "feature columns", "data.feature_columns=[...]", self.path
+            )
+            return self.feature_columns
+        return [c for c in df.columns if c not in (self.label_column, self.id_column)]
+
+    def texts(self, df: pd.DataFrame) -> list[str]:
+        """The text each row of `df` is serialized to (train, val or a test CSV without labels)."""
+        columns = self._columns(df)
+        if self.template:
+            _check_columns(
+                df, template_fields(self.template), "template columns", "data.template=", self.path
+            )
+        _check_columns(df, list(self.bins), "binned columns", "data.bins=", self.path)
+        return row_texts(df, columns, self.template, self.missing_value, self.bins)
+
+    def setup(self, run_dir: str | Path | None = None) -> None:
+        df = read_csv(self.path)
+        _check_columns(df, [self.label_column], "label column", "data.label_column=", self.path)
+        if self.id_column is not None:
+            _check_columns(
+                df, [self.id_column], "id column", "data.id_column= (or null)", self.path
+            )
+        if df[self.label_column].isna().any():
+            n = int(df[self.label_column].isna().sum())
+            log.warning("dropping %d rows with no %s", n, self.label_column)
+            df = df[df[self.label_column].notna()].reset_index(drop=True)
+        values = sorted(df[self.label_column].unique().tolist())
+        self.label_values = values  # original values, for writing predictions back
+        self.label_names = [_format_value(v) for v in values]
+        self.num_labels = len(values)
+        if self.num_labels < 2:
+            raise ValueError(
+                f"label column {self.label_column!r} has {self.num_labels} distinct value(s); "
+                "need >= 2 (check data.label_column=)"
+            )
+        labels = df[self.label_column].map({v: i for i, v in enumerate(values)}).to_numpy(np.int32)
+        texts = self.texts(df)
+        train_idx, val_idx = stratified_split(labels, self.val_fraction, self.seed)
+
+        save_to = Path(run_dir) / "tokenizer.json" if run_dir is not None else None
+        self.tokenizer = build_tokenizer(
+            [texts[i] for i in train_idx], save_to=save_to, **self.tokenizer_cfg
+        )
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        self.tokenizer_hash = tokenizer_hash(self.tokenizer)  # recorded in checkpoints
+        self.pad_id = find_token_id(self.tokenizer, PAD_TOKENS, "padding")
+
+        tokens, lengths = self._tokenize_cached(texts)
+        self.examples = texts
+        self.train = (tokens[train_idx], lengths[train_idx], labels[train_idx])
+        self.val = (tokens[val_idx], lengths[val_idx], labels[val_idx])
+        self.train_idx, self.val_idx = train_idx, val_idx
+        log.info(
+            "%s: %d train / %d val rows, %d labels, vocab %d, longest %d tokens",
+            self.path,
+            len(train_idx),
+            len(val_idx),
+            self.num_labels,
+            self.vocab_size,
+            lengths.max(),
+        )
+
+    def cache_key(self) -> str:
+        """Hash of the file bytes, the tokenizer and every setting that changes the token arrays."""
+        h = hashlib.sha256(Path(self.path).read_bytes())
+        settings = {
+            "label_column": self.label_column,
+            "feature_columns": self.feature_columns,
+            "id_column": self.id_column,
+            "template": self.template,
+            "missing_value": self.missing_value,
+            "bins": self.bins,
+            "max_length": self.max_length,
+            "tokenizer": self.tokenizer_hash,
+        }
+        h.update(json.dumps(settings, sort_keys=True).encode())
+        return h.hexdigest()[:24]
+
+    def _tokenize_cached(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        cache = self.cache_dir / "tabular" / f"{self.cache_key()}.npz" if self.cache_dir else None
+        if cache is not None and cache.is_file():
+            with np.load(cache) as f:
+                tokens, lengths = f["tokens"], f["lengths"]
+            if len(tokens) == len(texts):
+                self.cache_hit = True
+                log.info("cache hit: %s", cache)
+                return tokens, lengths
+        self.cache_hit = False
+        tokens, lengths = encode_texts(self.tokenizer, texts, self.max_length, self.pad_id)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+            np.savez(tmp, tokens=tokens, lengths=lengths)
+            os.replace(tmp, cache)  # atomic: parallel jobs never read half a file
+            log.info("cached tokens: %s", cache)
+        return tokens, lengths
+
+    # -------------------------------------------------------------- batches
+    def num_train_batches(self, batching: Batching) -> int:
+        return len(make_batches(self.train[1], batching, self.max_length))
+
+    def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
+        """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done."""
+        tokens, lengths, labels = self.train
+        rng = np.random.default_rng(self.seed + epoch)
+        batches = make_batches(lengths, batching, self.max_length, rng)
+        start = self._batches_done if epoch == self._epoch else 0
+        for k in range(start, len(batches)):
+            # Counted when handed out: a checkpoint taken after this step must not replay it.
+            self._epoch, self._batches_done = epoch, k + 1
+            yield collate_classification(
+                tokens, lengths, labels, batches[k], batching.bucket_multiple
+            )
+        self._epoch, self._batches_done = epoch + 1, 0
+
+    def val_batches(self, batching: Batching) -> Iterator[Batch]:
+        tokens, lengths, labels = self.val
+        for index in make_batches(lengths, batching, self.max_length):
+            yield collate_classification(tokens, lengths, labels, index, batching.bucket_multiple)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches_done": self._batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._epoch, self._batches_done = int(state["epoch"]), int(state["batches_done"])
+
+    # ------------------------------------------------------------ prediction
+    def encode_frame(
+        self, df: pd.DataFrame, batch_size: int = 64, bucket_multiple: int = 16
+    ) -> Iterator[Batch]:
+        """Batches (input_ids, attention_mask; no labels) for the rows of `df`, in row order.
+
+        For a test CSV without the label column; call setup() first (tokenizer, template).
+        """
+        tokens, lengths = encode_texts(self.tokenizer, self.texts(df), self.max_length, self.pad_id)
+        for index in fixed_batches(len(df), batch_size):
+            yield collate_classification(tokens, lengths, None, index, bucket_multiple)
+
+    def submission(self, df: pd.DataFrame, predictions: Sequence[int]) -> pd.DataFrame:
+        """Kaggle-style frame: id column (if any) and the label column with the original values."""
+        out = {}
+        if self.id_column is not None:
+            _check_columns(
+                df, [self.id_column], "id column", "data.id_column=", "the prediction CSV"
+            )
+            out[self.id_column] = df[self.id_column].to_numpy()
+        out[self.label_column] = [self.label_values[int(p)] for p in predictions]
+        return pd.DataFrame(out)

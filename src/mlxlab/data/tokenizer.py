@@ -1,0 +1,202 @@
+"""Train, save and reload `tokenizers` tokenizers: BERT-style WordPiece or byte-level BPE."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+
+log = logging.getLogger(__name__)
+
+KINDS = ("wordpiece", "bytelevel_bpe")
+DEFAULT_SPECIAL_TOKENS = {
+    "wordpiece": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    "bytelevel_bpe": ["<|endoftext|>", "<|pad|>"],
+}
+PAD_TOKENS = ("[PAD]", "<|pad|>", "<pad>")
+EOT_TOKENS = ("<|endoftext|>", "</s>", "[SEP]")
+
+
+def _normalizer_and_pre_tokenizer(kind: str):
+    if kind == "wordpiece":
+        # BertNormalizer: clean control chars, split CJK, lowercase, strip accents.
+        return normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    # Byte-level: no normalization, every string is representable, decoding is lossless.
+    return None, pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+
+def auto_vocab_size(
+    texts: Iterable[str],
+    kind: str = "wordpiece",
+    min_frequency: int = 2,
+    num_special: int = 0,
+    min_vocab: int = 128,
+    max_vocab: int = 8192,
+) -> int:
+    """Vocabulary size chosen from the data.
+
+    Rule: pre-tokenize the texts exactly as the tokenizer will (lowercased words and punctuation
+    for WordPiece, byte-level words for BPE) and count the distinct words seen at least
+    `min_frequency` times. The size is
+
+        num_special + alphabet + repeated_words,  rounded up to a multiple of 64,
+        clamped to [min_vocab, max_vocab]
+
+    where alphabet is 256 for byte-level BPE and, for WordPiece, twice the number of distinct
+    characters (each one word-initial and as a "##" continuation).
+    So every word that repeats can get its own token, rare words are split into sub-words, and
+    the embedding table never outgrows what the data can train. Multiples of 64 keep matmuls
+    aligned.
+    """
+    normalizer, pre_tokenizer = _normalizer_and_pre_tokenizer(kind)
+    counts: Counter[str] = Counter()
+    chars: set[str] = set()
+    for text in texts:
+        if normalizer is not None:
+            text = normalizer.normalize_str(text)
+        words = [w for w, _ in pre_tokenizer.pre_tokenize_str(text)]
+        counts.update(words)
+        if kind == "wordpiece":
+            chars.update(*words)
+    # WordPiece keeps each character twice: word-initial "a" and continuation "##a".
+    alphabet = 256 if kind == "bytelevel_bpe" else 2 * len(chars)
+    repeated = sum(1 for c in counts.values() if c >= min_frequency)
+    raw = num_special + alphabet + repeated
+    size = -(-raw // 64) * 64
+    return int(min(max(size, min_vocab), max_vocab))
+
+
+def build_tokenizer(
+    texts: Iterable[str] | None,
+    vocab_size: int | str = "auto",
+    min_vocab: int = 128,
+    max_vocab: int = 8192,
+    min_frequency: int = 2,
+    kind: str = "wordpiece",
+    special_tokens: Sequence[str] | None = None,
+    path: str | None = None,
+    save_to: str | Path | None = None,
+    retrain: bool = False,
+) -> Tokenizer:
+    """Load or train a tokenizer.
+
+    Order: `path` (a given tokenizer.json) wins; else an existing `save_to` file is reused unless
+    `retrain`; else a new tokenizer is trained on `texts`. The result is written to `save_to`.
+
+    kind="wordpiece": BERT style, [PAD]=0 [UNK] [CLS] [SEP] [MASK], lowercase, whitespace +
+    punctuation split, post-processor wraps every text as [CLS] ... [SEP].
+    kind="bytelevel_bpe": GPT style, <|endoftext|> and <|pad|>, no special tokens added on encode.
+    vocab_size="auto" picks the size with `auto_vocab_size` (see its docstring for the rule).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; use one of {list(KINDS)}")
+    save_to = Path(save_to) if save_to is not None else None
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"tokenizer file not found: {path} (set tokenizer.path= to a tokenizer.json)"
+            )
+        tok = Tokenizer.from_file(str(path))
+        log.info("loaded tokenizer %s (vocab %d)", path, tok.get_vocab_size())
+    elif save_to is not None and save_to.is_file() and not retrain:
+        tok = Tokenizer.from_file(str(save_to))
+        log.info("reusing tokenizer %s (vocab %d)", save_to, tok.get_vocab_size())
+        return tok
+    else:
+        if texts is None:
+            raise ValueError(
+                "build_tokenizer needs texts to train on, or path= to a tokenizer.json"
+            )
+        texts = list(texts)
+        if not texts:
+            raise ValueError("cannot train a tokenizer on zero texts; is the data empty?")
+        special = list(special_tokens or DEFAULT_SPECIAL_TOKENS[kind])
+        if vocab_size == "auto":
+            vocab_size = auto_vocab_size(
+                texts, kind, min_frequency, len(special), min_vocab, max_vocab
+            )
+        elif not isinstance(vocab_size, int) or vocab_size <= len(special):
+            raise ValueError(
+                f"tokenizer.vocab_size must be 'auto' or an int > {len(special)}, "
+                f"got {vocab_size!r}"
+            )
+        tok = _train(texts, kind, int(vocab_size), min_frequency, special)
+        log.info("trained %s tokenizer, vocab %d", kind, tok.get_vocab_size())
+    if save_to is not None:
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        tmp = save_to.with_name(f".{save_to.name}.{os.getpid()}.tmp")
+        tok.save(str(tmp))
+        os.replace(tmp, save_to)  # atomic: parallel jobs sharing a cache never read half a file
+    return tok
+
+
+def _train(
+    texts: list[str], kind: str, vocab_size: int, min_frequency: int, special: list[str]
+) -> Tokenizer:
+    normalizer, pre_tokenizer = _normalizer_and_pre_tokenizer(kind)
+    if kind == "wordpiece":
+        unk = "[UNK]" if "[UNK]" in special else special[0]
+        tok = Tokenizer(models.WordPiece(unk_token=unk))
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=special,
+            show_progress=False,
+        )
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    if kind == "wordpiece" and {"[CLS]", "[SEP]"} <= set(special):
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+        )
+    return tok
+
+
+def find_token_id(tok: Tokenizer, candidates: Sequence[str], what: str) -> int:
+    """Id of the first candidate token the tokenizer knows; a clear error if none."""
+    for token in candidates:
+        token_id = tok.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    raise ValueError(
+        f"tokenizer has no {what} token (looked for {list(candidates)}); "
+        "add one to tokenizer.special_tokens"
+    )
+
+
+def tokenizer_hash(tok: Tokenizer) -> str:
+    """Short hash of what maps text to ids (truncation/padding settings excluded)."""
+    spec = json.loads(tok.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

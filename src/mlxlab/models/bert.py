@@ -1,0 +1,243 @@
+"""BERT encoder with a pooled classification head (Devlin et al. 2018).
+
+Parameter names follow the Hugging Face layout closely enough that hf.py maps them one to one:
+encoder.embeddings.{word,position,token_type}_embeddings, encoder.embeddings.norm,
+encoder.layers.N.{attention.{query,key,value,out}, attention_norm, mlp.{up,down}, mlp_norm},
+pooler, classifier.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxlab.models.hf import bert_config_from_hf, load_hf_bert_weights
+from mlxlab.models.layers import (
+    Attention,
+    GeluMLP,
+    check_dropout,
+    check_positive,
+    init_normal_,
+    padding_mask,
+)
+from mlxlab.models.lora import maybe_apply_lora
+
+log = logging.getLogger(__name__)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        max_position: int,
+        type_vocab_size: int,
+        dropout: float,
+        eps: float,
+    ):
+        super().__init__()
+        self.max_position = max_position
+        self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
+        self.position_embeddings = nn.Embedding(max_position, hidden_size)
+        if type_vocab_size > 0:
+            self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def __call__(self, input_ids: mx.array, token_type_ids: mx.array | None = None) -> mx.array:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
+        seq_len = input_ids.shape[1]
+        if seq_len > self.max_position:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds max_position={self.max_position}; "
+                "truncate the data (max_length) or raise model.max_position"
+            )
+        h = self.word_embeddings(input_ids) + self.position_embeddings(mx.arange(seq_len))
+        if "token_type_embeddings" in self:
+            if token_type_ids is None:
+                h = h + self.token_type_embeddings.weight[0]
+            else:
+                h = h + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.norm(h))
+
+
+class EncoderBlock(nn.Module):
+    """Post-LN (original BERT): x = norm(x + f(x)); pre-LN: x = x + f(norm(x))."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        dropout: float,
+        norm_position: str,
+        eps: float,
+    ):
+        super().__init__()
+        self.pre_norm = norm_position == "pre"
+        self.attention = Attention(hidden_size, num_heads, bias=True)
+        self.attention_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.mlp = GeluMLP(hidden_size, intermediate_size, bias=True)
+        self.mlp_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
+        if self.pre_norm:
+            x = x + self.dropout(self.attention(self.attention_norm(x), mask))
+            return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))
+
+
+class BertEncoder(nn.Module):
+    """Embeddings + blocks (+ a final norm for pre-LN); returns (B, T, hidden)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+        intermediate_size: int,
+        max_position: int,
+        type_vocab_size: int,
+        dropout: float,
+        norm_position: str,
+        eps: float,
+    ):
+        super().__init__()
+        if norm_position not in ("post", "pre"):
+            raise ValueError(f"norm_position={norm_position!r}; use 'post' (BERT) or 'pre'")
+        if hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}; "
+                "pick num_heads that divides hidden_size"
+            )
+        self.embeddings = BertEmbeddings(
+            vocab_size, hidden_size, max_position, type_vocab_size, dropout, eps
+        )
+        self.layers = [
+            EncoderBlock(hidden_size, num_heads, intermediate_size, dropout, norm_position, eps)
+            for _ in range(num_layers)
+        ]
+        if norm_position == "pre":
+            self.final_norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        attention_mask: mx.array | None = None,
+        token_type_ids: mx.array | None = None,
+    ) -> mx.array:
+        h = self.embeddings(input_ids, token_type_ids)
+        mask = None if attention_mask is None else padding_mask(attention_mask)
+        for layer in self.layers:
+            h = layer(h, mask)
+        return self.final_norm(h) if "final_norm" in self else h
+
+
+class BertClassifier(nn.Module):
+    """BERT encoder -> [CLS] (position 0) -> pooler (dense + tanh) -> dropout -> classifier.
+
+    Position 0 is read as the sequence summary, so batches must be right-padded and should
+    start with a [CLS] token. `pretrained` is a local Hugging Face BERT directory (config.json,
+    model.safetensors): its sizes override the ones given here. Attention-probability dropout
+    is not applied (the fused SDPA kernel has none); hidden dropout is.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_labels: int,
+        hidden_size: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        intermediate_size: int | None = None,
+        max_position: int = 512,
+        type_vocab_size: int = 2,
+        dropout: float = 0.1,
+        norm_position: str = "post",
+        pooler: bool = True,
+        layer_norm_eps: float = 1e-12,
+        pretrained: str | None = None,
+        lora: Mapping | None = None,
+    ):
+        super().__init__()
+        sizes = dict(
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            intermediate_size=intermediate_size or 4 * hidden_size,
+            max_position=max_position,
+            type_vocab_size=type_vocab_size,
+            dropout=dropout,
+            layer_norm_eps=layer_norm_eps,
+            norm_position=norm_position,
+        )
+        if pretrained:
+            hf = bert_config_from_hf(pretrained)
+            if vocab_size > hf["vocab_size"]:
+                raise ValueError(
+                    f"tokenizer has {vocab_size} tokens but {pretrained} embeds only "
+                    f"{hf['vocab_size']}; use the checkpoint's tokenizer.json for the data"
+                )
+            vocab_size = hf.pop("vocab_size")
+            hf.pop("dropout")  # a training choice, not a size: ours wins
+            changed = {k: (sizes[k], v) for k, v in hf.items() if sizes[k] != v}
+            if changed:
+                log.info("pretrained %s overrides %s", pretrained, changed)
+            sizes.update(hf)
+        check_positive(
+            vocab_size=vocab_size,
+            num_labels=num_labels,
+            **{k: sizes[k] for k in ("hidden_size", "num_layers", "num_heads")},
+            **{k: sizes[k] for k in ("intermediate_size", "max_position")},
+        )
+        check_dropout(sizes["dropout"])
+        if sizes["type_vocab_size"] < 0:
+            raise ValueError(f"type_vocab_size={type_vocab_size} must be >= 0 (0 = no token types)")
+        if num_labels < 2:
+            raise ValueError(f"num_labels={num_labels}; a classifier needs at least 2 labels")
+
+        self.encoder = BertEncoder(
+            vocab_size,
+            sizes["hidden_size"],
+            sizes["num_layers"],
+            sizes["num_heads"],
+            sizes["intermediate_size"],
+            sizes["max_position"],
+            sizes["type_vocab_size"],
+            sizes["dropout"],
+            sizes["norm_position"],
+            sizes["layer_norm_eps"],
+        )
+        if pooler:
+            self.pooler = nn.Linear(sizes["hidden_size"], sizes["hidden_size"])
+        self.dropout = nn.Dropout(sizes["dropout"])
+        self.classifier = nn.Linear(sizes["hidden_size"], num_labels)
+        init_normal_(self)
+
+        if pretrained:
+            report = load_hf_bert_weights(self, pretrained)
+            log.info(
+                "loaded %d tensors from %s; kept the fresh init for %s",
+                len(report["loaded"]),
+                pretrained,
+                report["missing"] or "nothing",
+            )
+        maybe_apply_lora(self, lora, default_extra_trainable=("classifier",))
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        attention_mask: mx.array | None = None,
+        token_type_ids: mx.array | None = None,
+    ) -> mx.array:
+        h = self.encoder(input_ids, attention_mask, token_type_ids)[:, 0]
+        if "pooler" in self:
+            h = mx.tanh(self.pooler(h))
+        return self.classifier(self.dropout(h))

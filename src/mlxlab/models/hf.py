@@ -1,0 +1,145 @@
+"""Load a pretrained Hugging Face BERT from a local directory into BertClassifier.
+
+The directory holds config.json and model.safetensors (tokenizer.json is for the data side).
+HF names map one to one onto ours (see _RULES); Linear weights are (out, in) in both, so no
+transposes. The MLM head (cls.*) is unused; a missing or differently-sized classifier keeps its
+fresh init, so a bare BertModel checkpoint fine-tunes to any label set.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlxlab.models.lora import lora_base_name_map
+
+# (HF name without the "bert." prefix, ours); the first matching rule wins.
+_RULES = [
+    (r"^embeddings\.LayerNorm\.", "encoder.embeddings.norm."),
+    (r"^embeddings\.(word|position|token_type)_embeddings\.", r"encoder.embeddings.\1_embeddings."),
+    (
+        r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.",
+        r"encoder.layers.\1.attention.\2.",
+    ),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"encoder.layers.\1.attention.out."),
+    (
+        r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.",
+        r"encoder.layers.\1.attention_norm.",
+    ),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"encoder.layers.\1.mlp.up."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"encoder.layers.\1.mlp.down."),
+    (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"encoder.layers.\1.mlp_norm."),
+    (r"^pooler\.dense\.", "pooler."),
+    (r"^classifier\.", "classifier."),
+]
+# Parts a checkpoint may lack: they keep the fresh init (task heads).
+_OPTIONAL = ("classifier.", "pooler.")
+
+
+def hf_to_mlxlab_name(name: str) -> str | None:
+    """'bert.encoder.layer.0.attention.self.query.weight' -> 'encoder.layers.0.attention.query.weight';
+    None for tensors we do not use (MLM head, position_ids buffer)."""
+    name = name.removeprefix("bert.")
+    # TF-era checkpoints call LayerNorm parameters gamma/beta
+    name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))
+    for pattern, repl in _RULES:
+        if re.match(pattern, name):
+            return re.sub(pattern, repl, name)
+    return None
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"pretrained BERT directory {path} does not exist; point model.pretrained at a "
+            "local folder with config.json and model.safetensors"
+        )
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing; a Hugging Face BERT folder has one")
+    return json.loads(config_file.read_text())
+
+
+def bert_config_from_hf(path: str | Path) -> dict:
+    """BertClassifier keyword arguments (sizes, eps, dropout, vocab_size) from config.json."""
+    path = Path(path)
+    c = _read_config(path)
+    if c.get("model_type", "bert") != "bert":
+        raise ValueError(
+            f"{path}/config.json has model_type={c['model_type']!r}; only 'bert' is supported"
+        )
+    if c.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(
+            f"hidden_act={c['hidden_act']!r} in {path}; only exact 'gelu' is supported"
+        )
+    if c.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"{path}: only absolute position embeddings are supported")
+    try:
+        return dict(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=c["num_attention_heads"],
+            intermediate_size=c["intermediate_size"],
+            max_position=c["max_position_embeddings"],
+            type_vocab_size=c.get("type_vocab_size", 2),
+            dropout=c.get("hidden_dropout_prob", 0.1),
+            layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+            norm_position="post",
+        )
+    except KeyError as e:
+        raise ValueError(f"{path}/config.json lacks {e.args[0]!r}; is it a BERT config?") from None
+
+
+def _read_weights(path: Path) -> dict[str, mx.array]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        hint = (
+            " (convert pytorch_model.bin to safetensors)"
+            if (path / "pytorch_model.bin").exists()
+            else ""
+        )
+        raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
+    weights = {}
+    for f in files:
+        weights.update(mx.load(str(f)))
+    return weights
+
+
+def load_hf_bert_weights(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Copy HF BERT weights into `model` (a BertClassifier, LoRA-wrapped or not).
+
+    Returns {"loaded": our names set, "missing": our names kept at init (heads only),
+    "unused": HF names ignored}. Any other missing tensor or shape mismatch is an error.
+    """
+    path = Path(path)
+    _read_config(path)
+    params = dict(tree_flatten(model.parameters()))
+    lora_names = lora_base_name_map(model)
+    loaded, unused = {}, []
+    for hf_name, value in _read_weights(path).items():
+        ours = hf_to_mlxlab_name(hf_name)
+        ours = lora_names.get(ours, ours)
+        if ours not in params:
+            unused.append(hf_name)
+            continue
+        if value.shape != params[ours].shape:
+            if ours.startswith("classifier."):  # another label set: re-initialize the head
+                unused.append(hf_name)
+                continue
+            raise ValueError(
+                f"{hf_name} has shape {value.shape} but {ours} is {params[ours].shape}; "
+                "the config.json does not match the weights"
+            )
+        loaded[ours] = value.astype(params[ours].dtype)
+    adapters = {n for n in params if n.endswith((".lora_a", ".lora_b"))}
+    missing = sorted(params.keys() - loaded.keys() - adapters)
+    if required := [n for n in missing if not n.startswith(_OPTIONAL)]:
+        raise ValueError(f"{path} lacks {len(required)} BERT weights, e.g. {required[:3]}")
+    model.load_weights(list(loaded.items()), strict=False)
+    return {"loaded": sorted(loaded), "missing": missing, "unused": sorted(unused)}

@@ -1,0 +1,204 @@
+"""LoRA: low-rank adapters on frozen nn.Linear layers (Hu et al. 2021), mlx-examples style.
+
+Naming: wrapping `layers.0.attention.query` moves its base weight to
+`layers.0.attention.query.linear.weight` and adds `...query.lora_a` / `...query.lora_b`.
+`lora_base_name_map` / `load_base_weights` load a plain checkpoint into a wrapped model;
+`fuse_lora` goes the other way for export.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+LORA_KEYS = {"rank", "alpha", "dropout", "targets", "extra_trainable"}
+
+
+class LoRALinear(nn.Module):
+    """y = linear(x) + (alpha / rank) * dropout(x) @ A @ B, with `linear` frozen.
+
+    B starts at zero, so wrapping a model does not change its outputs.
+    """
+
+    @staticmethod
+    def from_base(linear: nn.Linear, rank: int, alpha: float, dropout: float) -> LoRALinear:
+        out_dims, in_dims = linear.weight.shape
+        lora = LoRALinear(in_dims, out_dims, rank, alpha, dropout, bias="bias" in linear)
+        lora.linear = linear
+        lora.linear.freeze()
+        return lora
+
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.linear = nn.Linear(input_dims, output_dims, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = alpha / rank
+        bound = 1 / math.sqrt(input_dims)
+        self.lora_a = mx.random.uniform(-bound, bound, (input_dims, rank))
+        self.lora_b = mx.zeros((rank, output_dims))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x)
+        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
+        return y + (self.scale * z).astype(y.dtype)
+
+    def fuse(self) -> nn.Linear:
+        if not isinstance(self.linear, nn.Linear) or "scales" in self.linear:
+            raise ValueError("cannot fuse LoRA into a quantized base layer; fuse before quantizing")
+        out_dims, in_dims = self.linear.weight.shape
+        fused = nn.Linear(in_dims, out_dims, bias="bias" in self.linear)
+        delta = (self.scale * (self.lora_a @ self.lora_b)).T
+        fused.weight = self.linear.weight + delta.astype(self.linear.weight.dtype)
+        if "bias" in self.linear:
+            fused.bias = self.linear.bias
+        return fused
+
+
+def _matches(name: str, targets: Iterable[str]) -> bool:
+    """A target names a run of path components: "query" and "attention.query" match
+    "layers.0.attention.query"; "attention" matches all four projections under it."""
+    padded = f".{name}."
+    return any(f".{t}." in padded for t in targets)
+
+
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    targets: Iterable[str] = ("query", "value"),
+    extra_trainable: Iterable[str] = (),
+) -> int:
+    """Wrap every nn.Linear named by `targets` (see _matches), freeze all other parameters
+    except modules named in `extra_trainable` (e.g. a new "classifier" head).
+    Returns the number of layers wrapped; rank 0 = LoRA off (nothing changes)."""
+    if rank < 0:
+        raise ValueError(f"lora rank={rank} must be >= 0 (0 turns LoRA off)")
+    if rank == 0:
+        return 0
+    targets, extra_trainable = list(targets), list(extra_trainable)
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("model already has LoRA layers; fuse_lora it before applying LoRA again")
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    wrapped = [(n, m) for n, m in linears if _matches(n, targets)]
+    if not wrapped:
+        names = sorted({n.split(".")[-1] for n, _ in linears})
+        raise ValueError(f"lora targets {targets} match no Linear layer; available: {names}")
+    model.freeze()
+    model.update_modules(
+        tree_unflatten([(n, LoRALinear.from_base(m, rank, alpha, dropout)) for n, m in wrapped])
+    )
+    modules = dict(model.named_modules())
+    for name in extra_trainable:
+        found = [n for n in modules if _matches(n, [name])]
+        if not found:
+            raise ValueError(f"lora extra_trainable {name!r} names no module of the model")
+        for n in found:
+            modules[n].unfreeze()
+    return len(wrapped)
+
+
+def maybe_apply_lora(
+    model: nn.Module,
+    lora: Mapping | None,
+    default_targets: Iterable[str] = ("query", "value"),
+    default_extra_trainable: Iterable[str] = (),
+) -> int:
+    """Apply a model's `lora={"rank": ..}` constructor argument (None or rank 0 = off)."""
+    if not lora:
+        return 0
+    unknown = set(lora) - LORA_KEYS
+    if unknown:
+        raise ValueError(f"unknown lora keys {sorted(unknown)}; allowed: {sorted(LORA_KEYS)}")
+    return apply_lora(
+        model,
+        rank=int(lora.get("rank", 0)),
+        alpha=float(lora.get("alpha", 16.0)),
+        dropout=float(lora.get("dropout", 0.0)),
+        targets=lora.get("targets") or default_targets,
+        extra_trainable=lora.get("extra_trainable", default_extra_trainable) or (),
+    )
+
+
+def fuse_lora(model: nn.Module) -> nn.Module:
+    """Merge every LoRALinear into a plain nn.Linear (in place) and unfreeze: the result has
+    the plain parameter names and loads into a model built with lora rank 0."""
+    fused = [(n, m.fuse()) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    model.unfreeze()
+    return model
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, mx.array]:
+    """Flat name -> array of what LoRA training changes: the trainable parameters (adapters plus
+    any extra_trainable head). Small; save with mx.save_safetensors."""
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_adapters(model: nn.Module, path: str | Path) -> None:
+    mx.save_safetensors(str(path), adapter_parameters(model))
+
+
+def load_adapters(model: nn.Module, path: str | Path) -> None:
+    """Load an adapter file written by save_adapters onto a model built with the same lora config."""
+    if not any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("model has no LoRA adapters; build it with lora.rank > 0 first")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {path} does not exist; save it with save_adapters")
+    weights = mx.load(str(path))
+    expected = adapter_parameters(model)
+    _check_subset(weights, dict(tree_flatten(model.parameters())), what="adapter")
+    if missing := sorted(expected.keys() - weights.keys()):
+        raise ValueError(
+            f"adapter file {path} lacks {missing[:5]}; was it saved with other targets?"
+        )
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def lora_base_name_map(model: nn.Module) -> dict[str, str]:
+    """Plain parameter name -> its name in this LoRA-wrapped model, for every wrapped layer.
+    E.g. "layers.0.attention.query.weight" -> "layers.0.attention.query.linear.weight"."""
+    mapping = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            for p in m.linear.parameters():
+                mapping[f"{name}.{p}"] = f"{name}.linear.{p}"
+    return mapping
+
+
+def load_base_weights(model: nn.Module, weights: str | Path | Mapping[str, mx.array]) -> None:
+    """Load plain (un-wrapped) weights into a model that may have LoRA layers: every base
+    parameter must be present; adapters keep their init (B = 0, so outputs match the base)."""
+    if isinstance(weights, (str, Path)):
+        weights = mx.load(str(weights))
+    mapping = lora_base_name_map(model)
+    renamed = {mapping.get(k, k): v for k, v in weights.items()}
+    params = dict(tree_flatten(model.parameters()))
+    _check_subset(renamed, params, what="checkpoint")
+    adapters = {n for n in params if n.endswith((".lora_a", ".lora_b"))}
+    if missing := sorted(params.keys() - renamed.keys() - adapters):
+        raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:5]}")
+    model.load_weights(list(renamed.items()), strict=False)
+
+
+def _check_subset(weights: Mapping, params: Mapping, what: str) -> None:
+    if extra := sorted(weights.keys() - params.keys()):
+        raise ValueError(f"{what} has {len(extra)} names the model lacks, e.g. {extra[:5]}")
+    for k, v in weights.items():
+        if v.shape != params[k].shape:
+            raise ValueError(f"{what} {k} has shape {v.shape}, model expects {params[k].shape}")

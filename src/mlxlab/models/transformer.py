@@ -1,0 +1,193 @@
+"""Decoder-only transformer language model (Llama-style by default: RMSNorm, SwiGLU, RoPE),
+with a KV cache and token-by-token sampling for generation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxlab.models.layers import (
+    Attention,
+    KVCache,
+    causal_additive_mask,
+    causal_padding_mask,
+    check_dropout,
+    check_positive,
+    init_normal_,
+    make_mlp,
+    make_norm,
+)
+from mlxlab.models.lora import maybe_apply_lora
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm: x = x + attn(norm(x)); x = x + mlp(norm(x))."""
+
+    def __init__(self, dim, num_heads, num_kv_heads, mlp_dim, norm, mlp, rope_theta, dropout):
+        super().__init__()
+        # rope_theta None = no rotary positions (the model adds learned ones instead)
+        rope = None if rope_theta is None else nn.RoPE(dim // num_heads, base=rope_theta)
+        self.attention = Attention(dim, num_heads, num_kv_heads, bias=False, rope=rope)
+        self.attention_norm = make_norm(norm, dim)
+        self.mlp = make_mlp(mlp, dim, mlp_dim, bias=False)
+        self.mlp_norm = make_norm(norm, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def __call__(self, x: mx.array, mask, cache: KVCache | None = None) -> mx.array:
+        x = x + self.dropout(self.attention(self.attention_norm(x), mask, cache))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    """`model(input_ids, attention_mask=None, cache=None) -> (B, T, vocab_size)` logits.
+
+    With `cache` (from make_cache()) the new positions continue after what the cache holds;
+    an `attention_mask`, if given, then covers all positions so far: (B, cached + T).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_labels: int | None = None,  # accepted for the common constructor; unused
+        dim: int = 256,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        num_kv_heads: int | None = None,
+        mlp_dim: int | None = None,
+        max_seq_len: int = 512,
+        norm: str = "rmsnorm",
+        mlp: str = "swiglu",
+        positions: str = "rope",
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+        rope_theta: float = 10000.0,
+        lora: Mapping | None = None,
+    ):
+        super().__init__()
+        check_positive(
+            vocab_size=vocab_size,
+            dim=dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            max_seq_len=max_seq_len,
+        )
+        check_dropout(dropout)
+        if positions not in ("rope", "learned"):
+            raise ValueError(f"unknown positions={positions!r}; use 'rope' or 'learned'")
+        if dim % num_heads:
+            raise ValueError(
+                f"dim={dim} is not divisible by num_heads={num_heads}; pick sizes so it is"
+            )
+        if positions == "rope" and (dim // num_heads) % 2:
+            raise ValueError(f"rope needs an even head size, got dim/num_heads={dim // num_heads}")
+        self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len
+        self.tie_embeddings = tie_embeddings
+        self.embed_tokens = nn.Embedding(vocab_size, dim)
+        if positions == "learned":
+            self.pos_embed = nn.Embedding(max_seq_len, dim)
+        theta = rope_theta if positions == "rope" else None
+        self.dropout = nn.Dropout(dropout)
+        self.layers = [
+            DecoderBlock(dim, num_heads, num_kv_heads, mlp_dim, norm, mlp, theta, dropout)
+            for _ in range(num_layers)
+        ]
+        self.norm = make_norm(norm, dim)
+        if not tie_embeddings:
+            self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * num_layers)
+        res = 0.02 / (2 * num_layers) ** 0.5
+        init_normal_(self, 0.02, {"attention.out": res, "mlp.down": res})
+        maybe_apply_lora(self, lora)
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        attention_mask: mx.array | None = None,
+        cache: list[KVCache] | None = None,
+    ) -> mx.array:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
+        T = input_ids.shape[1]
+        offset = cache[0].offset if cache else 0
+        if offset + T > self.max_seq_len:
+            raise ValueError(
+                f"sequence of {offset + T} positions exceeds max_seq_len={self.max_seq_len}; "
+                "use shorter sequences (data.seq_len) or raise model.max_seq_len"
+            )
+        h = self.embed_tokens(input_ids)
+        if "pos_embed" in self:
+            h = h + self.pos_embed(mx.arange(offset, offset + T))
+        h = self.dropout(h)
+        if attention_mask is not None and attention_mask.shape != (input_ids.shape[0], offset + T):
+            raise ValueError(
+                f"attention_mask has shape {attention_mask.shape}; with {offset} cached positions "
+                f"it must cover all {offset + T}: (batch, cached + new)"
+            )
+        # No padding: an additive causal array (faster than SDPA's mask="causal" on CPU); one new
+        # token attends to everything cached, so it needs no mask at all.
+        if attention_mask is not None:
+            mask = causal_padding_mask(attention_mask, T)
+        else:
+            mask = None if T == 1 else causal_additive_mask(T, offset + T, h.dtype)
+        for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
+            h = layer(h, mask, c)
+        h = self.norm(h)
+        return self.embed_tokens.as_linear(h) if self.tie_embeddings else self.lm_head(h)
+
+
+def sample_token(
+    logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, key=None
+) -> mx.array:
+    """(B, V) logits -> (B,) token ids. temperature 0 = greedy; top_k 0 / top_p 1 = off."""
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(
+            f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}"
+        )
+    if temperature == 0:
+        return mx.argmax(logits, axis=-1)
+    logits = logits.astype(mx.float32) / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = mx.topk(logits, top_k, axis=-1).min(axis=-1, keepdims=True)
+        logits = mx.where(logits < kth, -mx.inf, logits)
+    if top_p < 1:
+        # keep the smallest set of most likely tokens whose mass reaches top_p
+        order = mx.argsort(-logits, axis=-1)
+        sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+        probs = mx.softmax(sorted_logits, axis=-1)
+        mass_before = mx.cumsum(probs, axis=-1) - probs
+        sorted_logits = mx.where(mass_before >= top_p, -mx.inf, sorted_logits)
+        logits = mx.put_along_axis(logits, order, sorted_logits, axis=-1)
+    return mx.random.categorical(logits, key=key)
+
+
+def generate_step(
+    model: Transformer,
+    prompt_ids: Sequence[int] | mx.array,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> Iterator[int]:
+    """Yield sampled token ids one at a time, reusing the KV cache; the same seed gives the
+    same tokens. Stops when the context (model.max_seq_len) is full; the caller stops earlier
+    (max tokens, end-of-text). Puts the model in eval mode (no dropout)."""
+    tokens = mx.array(prompt_ids, dtype=mx.int32).reshape(1, -1)
+    if tokens.size == 0:
+        raise ValueError("prompt_ids is empty; start from at least one token (e.g. BOS/EOS)")
+    model.eval()
+    cache = model.make_cache()
+    key = mx.random.key(seed)
+    logits = model(tokens, cache=cache)[:, -1]
+    while True:
+        key, sub = mx.random.split(key)
+        token = sample_token(logits, temperature, top_k, top_p, key=sub)
+        yield token.item()
+        if cache[0].offset >= model.max_seq_len:
+            return
+        logits = model(token[:, None].astype(mx.int32), cache=cache)[:, -1]

@@ -1,0 +1,127 @@
+"""Finished runs as inputs: resume sources, distillation teachers, models for generate/predict.
+
+A run directory holds `.hydra/config.yaml`, `tokenizer.json` and `checkpoints/` (see
+training/checkpoint.py); every checkpoint's state.json carries the resolved config and the
+model's constructor inputs, so a model can be rebuilt from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlx.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from mlxlab.config import ConfigError, instantiate
+
+log = logging.getLogger(__name__)
+
+
+def latest_run_with_checkpoints(root: Path, task_name: str, exclude: Path) -> Path | None:
+    """Newest run folder of this task (outputs/ and multirun/) holding a committed checkpoint."""
+    candidates = []
+    for base in (root / "outputs" / task_name, root / "multirun" / task_name):
+        if base.is_dir():
+            candidates += [p.parent.parent for p in base.glob("**/checkpoints/*/COMMITTED")]
+    candidates = [p for p in set(candidates) if p.resolve() != exclude.resolve()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def prepare_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """`resume=auto` -> the newest earlier run of this task; `resume=<path>` -> that path."""
+    resume = cfg.get("resume")
+    if not resume:
+        return None
+    if str(resume) == "auto":
+        if any((run_dir / "checkpoints").glob("*/COMMITTED")):
+            return run_dir
+        found = latest_run_with_checkpoints(Path(cfg.paths.root_dir), cfg.task_name, run_dir)
+        if found is None:
+            log.warning("resume=auto: no earlier run of task %r has a checkpoint; starting fresh",
+                        cfg.task_name)
+        return found
+    path = Path(str(resume)).expanduser()
+    if not path.exists():
+        raise ConfigError(f"resume={resume}: no such run or checkpoint folder; use resume=auto or a "
+                          "path under outputs/")
+    return path
+
+
+def load_run_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model of a finished run (its best checkpoint, else the newest) with its weights."""
+    from mlxlab.training.checkpoint import find_run_checkpoints, load_checkpoint
+
+    source = find_run_checkpoints(Path(path))
+    checkpoint = source.best_path or source.latest()
+    if checkpoint is None:
+        raise ConfigError(f"{path} holds no committed checkpoint: train it first or give another run")
+    import json
+
+    state = json.loads((checkpoint / "state.json").read_text())
+    config = state.get("config") or {}
+    if "model" not in config:
+        raise ConfigError(f"{checkpoint}/state.json has no model config: it is not an mlxlab run")
+    model = instantiate(OmegaConf.create(config["model"]), **state["model_init"])
+    load_checkpoint(checkpoint, model, strict=True)
+    model.eval()
+    state["checkpoint_path"] = str(checkpoint)
+    return model, state
+
+
+def load_teachers(
+    specs: list, vocab_size: int, num_labels: int | None
+) -> tuple[list[nn.Module], list[float]]:
+    """Teachers for distillation: each spec is {run: <run dir or checkpoint>, weight: float}.
+
+    A teacher must predict over the same outputs as the student: the same label set for
+    classifiers, the same token ids for language models (train.py points the student's data at
+    the first teacher's tokenizer.json for that).
+    """
+    models, weights = [], []
+    for spec in specs:
+        spec = {"run": spec} if isinstance(spec, str) else dict(spec)
+        if not spec.get("run"):
+            raise ConfigError("each trainer.distill.teachers entry needs run=<finished run dir>")
+        model, state = load_run_model(spec["run"])
+        theirs = state["model_init"]
+        if theirs.get("num_labels") != num_labels or theirs.get("vocab_size") != vocab_size:
+            raise ConfigError(
+                f"teacher {spec['run']} was trained with vocab_size={theirs.get('vocab_size')}, "
+                f"num_labels={theirs.get('num_labels')} but the student's data has "
+                f"vocab_size={vocab_size}, num_labels={num_labels}: give the student the teacher's "
+                f"tokenizer (data.tokenizer.path=<teacher run>/tokenizer.json) and the same label column"
+            )
+        model.freeze()
+        models.append(model)
+        weights.append(float(spec.get("weight", 1.0)))
+        log.info("teacher: %s (%s)", spec["run"], state["checkpoint_path"])
+    return models, weights
+
+
+def share_teacher_tokenizer(cfg: DictConfig) -> None:
+    """Distillation: unless data.tokenizer.path is set, use the first teacher's tokenizer.json."""
+    distill = cfg.trainer.get("distill") or {}
+    specs = distill.get("teachers") or []
+    if not specs or cfg.data.get("tokenizer", {}).get("path"):
+        return
+    first = specs[0] if isinstance(specs[0], str) else specs[0].get("run")
+    path = Path(str(first))
+    for candidate in (path / "tokenizer.json", path.parent.parent / "tokenizer.json"):
+        if candidate.exists():
+            cfg.data.tokenizer.path = str(candidate)
+            log.info("distillation: the student uses the teacher's tokenizer %s", candidate)
+            return
+
+
+def finished_metric(cfg: DictConfig) -> float | None:
+    """For sweep.skip_finished: the metric of a finished run with this config hash, if any."""
+    from mlxlab.config import config_hash
+    from mlxlab.tracking.mlflow import find_finished_run
+
+    if "uri" not in cfg.tracking:
+        return None
+    run = find_finished_run(cfg.tracking.uri, cfg.tracking.experiment_name, config_hash(cfg))
+    if run is None:
+        return None
+    return float(run.data.metrics.get(cfg.optimized_metric, float("nan")))

@@ -1,0 +1,96 @@
+"""The Tracker interface the trainer talks to, a do-nothing tracker, and config flattening."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+# Tag prefix for Hydra config-group choices ("choice.model" = "bert"): written by train.py,
+# read back by the sweep tables and plots to show which group option a run used.
+CHOICE_TAG_PREFIX = "choice."
+
+# MLflow refuses longer param values (6000 chars in MLflow 3).
+MAX_PARAM_VALUE_LENGTH = 6000
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    run_id: str | None
+
+    def start(self, params: dict, tags: dict, run_id: str | None = None) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
+
+    def set_tags(self, tags: dict) -> None: ...
+
+    def end(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """Same methods as MlflowTracker, no effects: `tracking=none` touches no store and no disk."""
+
+    def __init__(self, **_ignored: Any) -> None:
+        self.run_id: str | None = None
+
+    def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        pass
+
+    def set_tags(self, tags: dict) -> None:
+        pass
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def flatten_config(cfg: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"trainer.learning_rate": "0.0003", ...}, the form MLflow params take.
+
+    Lists of plain values stay one param ("[64, 128]"); lists holding dicts are indexed
+    ("callbacks.0.name"). Accepts plain dicts and OmegaConf DictConfigs (resolve them first
+    with OmegaConf.to_container(cfg, resolve=True) to log values, not interpolations).
+    """
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"flatten_config expects a mapping, got {type(cfg).__name__}")
+    flat: dict[str, str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            if len(value) == 0:
+                flat[name] = "{}"
+            flat.update(flatten_config(value, prefix=f"{name}."))
+        elif _is_list(value) and any(isinstance(v, Mapping) or _is_list(v) for v in value):
+            flat.update(flatten_config({str(i): v for i, v in enumerate(value)}, f"{name}."))
+        elif _is_list(value):
+            flat[name] = json.dumps([_plain(v) for v in value])
+        else:
+            flat[name] = str(value)[:MAX_PARAM_VALUE_LENGTH]
+    return flat
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (int, float, bool, str, type(None))) else str(value)

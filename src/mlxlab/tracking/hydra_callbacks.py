@@ -1,0 +1,210 @@
+"""Hydra callback: create the MLflow store before any job, group a multirun under a parent run.
+
+Registered in conf/hydra/default.yaml:
+
+    hydra:
+      callbacks:
+        mlflow_sweep:
+          _target_: mlxlab.tracking.hydra_callbacks.MlflowSweepCallback
+
+Does nothing unless `config.tracking` is the MLflow tracker (tracking=none touches no store).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from mlxlab.tracking.mlflow import (
+    ENV_PARENT_RUN_ID,
+    METRIC_TAG,
+    MODE_TAG,
+    ROLE_TAG,
+    SWEEP_PARAMS_TAG,
+    ensure_store,
+    metric_mode,
+    resolve_uri,
+    sweep_children,
+    sweep_table,
+    swept_keys,
+)
+
+log = logging.getLogger(__name__)
+
+# The parent run id also goes into the sweep dir: launchers that reuse worker processes
+# started before this sweep (joblib/loky) would otherwise see a stale environment.
+PARENT_ID_FILE = ".mlflow_parent_run_id"
+
+
+class MlflowSweepCallback(Callback):
+    def __init__(self) -> None:
+        self._parent: dict[str, Any] | None = None  # uri, run_id, previous env value
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        settings = _mlflow_settings(config)
+        if settings:
+            ensure_store(**settings)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Create the store once, before any worker runs, and the sweep's parent run."""
+        settings = _mlflow_settings(config)
+        if not settings:
+            return
+        from mlflow import MlflowClient
+
+        experiment_id = ensure_store(**settings)
+        sweep_dir = _sweep_dir(config)
+        metric = OmegaConf.select(config, "optimized_metric", default=None)
+        tags = {
+            ROLE_TAG: "sweep",
+            "mlxlab.sweep_dir": str(sweep_dir),
+            "mlxlab.sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_", default="")),
+            "mlxlab.overrides": " ".join(OmegaConf.select(config, "hydra.overrides.task") or []),
+            SWEEP_PARAMS_TAG: json.dumps(_override_keys(config)),
+        }
+        if metric:
+            tags[METRIC_TAG] = str(metric)
+            tags[MODE_TAG] = metric_mode(str(metric), _mode(config))
+        job_name = OmegaConf.select(config, "hydra.job.name", default="sweep")
+        run_name = f"{job_name} sweep {sweep_dir.parent.name}/{sweep_dir.name}"
+        client = MlflowClient(tracking_uri=settings["uri"])
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run_id = run.info.run_id
+
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_ID_FILE).write_text(run_id)
+        self._parent = {
+            "uri": settings["uri"],
+            "run_id": run_id,
+            "previous_env": os.environ.get(ENV_PARENT_RUN_ID),
+        }
+        os.environ[ENV_PARENT_RUN_ID] = run_id  # inherited by in-process jobs and new workers
+        atexit.register(self._end_parent, "FAILED")  # the sweep raised: don't leave it RUNNING
+        log.info("MLflow sweep parent run %s (%s)", run_id, settings["uri"])
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
+            return
+        id_file = _sweep_dir(config) / PARENT_ID_FILE
+        if id_file.is_file():
+            os.environ[ENV_PARENT_RUN_ID] = id_file.read_text().strip()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Log the best child's metric and params and a metric-vs-params PNG on the parent."""
+        if self._parent is None:
+            return
+        try:
+            self._summarize(config)
+        except Exception as e:  # the jobs are done and logged; a summary failure must not hide it
+            log.warning("MLflow sweep summary failed: %s: %s", type(e).__name__, e)
+        self._end_parent("FINISHED")
+
+    def _summarize(self, config: DictConfig) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param, RunTag
+
+        from mlxlab.tracking.plots import sweep_plot_png
+
+        client = MlflowClient(tracking_uri=self._parent["uri"])
+        parent_id = self._parent["run_id"]
+        children = sweep_children(client, parent_id)
+        finished = [r for r in children if r.info.status == "FINISHED"]
+        tags = [
+            RunTag("mlxlab.num_runs", str(len(children))),
+            RunTag("mlxlab.num_finished", str(len(finished))),
+        ]
+        metric = OmegaConf.select(config, "optimized_metric", default=None)
+        if not metric or not children:
+            client.log_batch(parent_id, tags=tags)
+            return
+        mode = metric_mode(str(metric), _mode(config))
+        keys = swept_keys(children, _override_keys(config))
+        rows = sweep_table(children, metric, keys, mode)
+        best = rows[0]
+        metrics, params = [], []
+        if best[metric] is not None and best["status"] == "FINISHED":
+            metrics.append(Metric(f"best/{metric}", float(best[metric]), _now_ms(), 0))
+            params = [Param(f"best.{k}", str(best[k])) for k in keys if best[k] is not None]
+            tags += [RunTag("mlxlab.best_run_id", best["run_id"])]
+        client.log_batch(parent_id, metrics=metrics, params=params[:100], tags=tags)
+        with tempfile.TemporaryDirectory() as tmp:
+            png = sweep_plot_png(rows, metric, keys, Path(tmp) / f"sweep_{_safe(metric)}.png")
+            client.log_artifact(parent_id, str(png), "plots")
+        optuna_results = _sweep_dir(config) / "optimization_results.yaml"
+        if optuna_results.is_file():
+            client.log_artifact(parent_id, str(optuna_results))
+        log.info("sweep best %s=%s (run %s)", metric, best[metric], best["run_id"])
+
+    def _end_parent(self, status: str) -> None:
+        if self._parent is None:
+            return
+        parent, self._parent = self._parent, None
+        atexit.unregister(self._end_parent)
+        if parent["previous_env"] is None:
+            os.environ.pop(ENV_PARENT_RUN_ID, None)
+        else:
+            os.environ[ENV_PARENT_RUN_ID] = parent["previous_env"]
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking_uri=parent["uri"]).set_terminated(parent["run_id"], status)
+
+
+def _mlflow_settings(config: DictConfig) -> dict[str, Any] | None:
+    """ensure_store arguments when the composed tracking config is the MLflow tracker."""
+    tracking = OmegaConf.select(config, "tracking")
+    if not isinstance(tracking, DictConfig):
+        return None
+    target = str(tracking.get("_target_", ""))
+    if not (target.endswith("MlflowTracker") or "uri" in tracking):
+        return None
+    return {
+        "uri": resolve_uri(tracking.get("uri")),
+        "experiment_name": str(tracking.get("experiment_name") or "mlxlab"),
+        "artifact_root": tracking.get("artifact_root"),
+    }
+
+
+def _sweep_dir(config: DictConfig) -> Path:
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    cwd = OmegaConf.select(config, "hydra.runtime.cwd", default=None) or os.getcwd()
+    return (Path(cwd) / sweep_dir).resolve()
+
+
+def _override_keys(config: DictConfig) -> list[str]:
+    """Config keys the multirun command line and the sweeper's search space set."""
+    keys = []
+    for override in OmegaConf.select(config, "hydra.overrides.task") or []:
+        key = str(override).split("=", 1)[0].lstrip("+~")
+        if key and key.split(".")[0].split("/")[0] != "hydra" and key not in keys:
+            keys.append(key)
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    for key in params or {}:
+        if key not in keys:
+            keys.append(str(key))
+    return keys
+
+
+def _mode(config: DictConfig) -> str | None:
+    mode = OmegaConf.select(config, "optimized_mode", default=None)
+    direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None)
+    if mode is None and isinstance(direction, str):
+        mode = direction
+    return mode
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -1,0 +1,505 @@
+"""MLflow tracking against one central store: a sqlite file (default) or a tracking server.
+
+Every run, sweep job and worker logs to the same store. MlflowClient (not the fluent
+`mlflow.start_run` API, whose active run is process-global) so several trackers can coexist.
+mlflow is imported inside functions: its first import costs seconds, and `tracking=none`
+runs should not pay it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import getpass
+import logging
+import math
+import os
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlxlab.tracking.base import CHOICE_TAG_PREFIX, flatten_config
+
+log = logging.getLogger(__name__)
+
+ENV_PARENT_RUN_ID = "MLXLAB_PARENT_RUN_ID"  # set by the sweep callback, read by each job
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow UI nests runs by this tag
+SWEEP_ID_TAG = "mlxlab.sweep_id"
+ROLE_TAG = "mlxlab.role"  # "sweep" on a sweep's parent run
+SWEEP_PARAMS_TAG = "mlxlab.sweep_params"  # JSON list of the keys a sweep varies
+CONFIG_HASH_TAG = "mlxlab.config_hash"  # set by train.py; sweep.skip_finished matches on it
+METRIC_TAG = "mlxlab.optimized_metric"
+MODE_TAG = "mlxlab.optimized_metric_mode"
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+MAX_PARAMS_PER_BATCH = 100  # MLflow log_batch limits
+MAX_TAGS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+# MLflow already makes sqlite wait 20 s for a lock (PRAGMA busy_timeout); a store still locked
+# after that, or a server answering "database is locked", gets ~7 s more of backoff in all.
+RETRY_ATTEMPTS = 8
+
+
+# --------------------------------------------------------------------------- store
+
+
+def project_root() -> Path:
+    """The repository root for a source checkout (src/ layout), else the working directory."""
+    root = Path(__file__).resolve().parents[3]
+    return root if (root / "pyproject.toml").exists() else Path.cwd()
+
+
+def default_store_uri(root: str | Path | None = None) -> str:
+    """sqlite URI of `<root>/mlruns/mlflow.db` (root: the project root), always absolute."""
+    db = (Path(root) if root is not None else project_root()).resolve() / "mlruns" / "mlflow.db"
+    return f"sqlite:///{db}"
+
+
+def resolve_uri(uri: str | None) -> str:
+    """uri, else $MLFLOW_TRACKING_URI, else the default sqlite store; rejects file stores."""
+    uri = str(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri())
+    if "://" not in uri or uri.startswith("file:"):
+        raise ValueError(
+            f"tracking uri {uri!r} is a file store, which MLflow 3 no longer writes; "
+            f"use a sqlite store such as 'sqlite:///{Path(uri.removeprefix('file:')).resolve()}"
+            "/mlflow.db' or a server 'http://127.0.0.1:5000'"
+        )
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite URI (query string dropped), None for other backends."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).resolve()
+
+
+def ensure_store(
+    uri: str | None = None, experiment_name: str = "mlxlab", artifact_root: str | None = None
+) -> str:
+    """Create the store and the experiment if missing; return the experiment id. Idempotent.
+
+    For sqlite the schema is created under an fcntl lock next to the database file: several
+    processes migrating a fresh sqlite file at once can corrupt it. Artifacts default to
+    `<database dir>/artifacts/<experiment id>`; a tracking server picks its own.
+    """
+    uri = resolve_uri(uri)
+    db = sqlite_path(uri)
+    if db is None:
+        return _retrying(_ensure_experiment_via_client, uri, experiment_name, artifact_root)
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(artifact_root or db.parent / "artifacts").resolve()
+    with _file_lock(db.with_name(db.name + ".lock")):
+        store = _retrying(SqlAlchemyStore, uri, str(root))
+        experiment = store.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            return store.create_experiment(experiment_name)
+        if experiment.lifecycle_stage == "deleted":
+            log.warning("restoring deleted MLflow experiment %r", experiment_name)
+            store.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+
+def _ensure_experiment_via_client(uri: str, name: str, artifact_root: str | None) -> str:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root)
+    except MlflowException as e:  # another job created it first
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _is_transient(error: BaseException) -> bool:
+    message = str(error).lower()
+    return "database is locked" in message or "database table is locked" in message
+
+
+def _retrying(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs), retried with jittered exponential backoff while sqlite is locked."""
+    for attempt in range(RETRY_ATTEMPTS):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if attempt == RETRY_ATTEMPTS - 1 or not _is_transient(e):
+                raise
+            time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(1.0, 1.5))
+    raise AssertionError("unreachable")
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+# --------------------------------------------------------------------------- tracker
+
+
+class MlflowTracker:
+    """The Tracker of docs/architecture.md on MLflow; logging errors warn once, never raise.
+
+    log_metrics only appends to a buffer; a background thread sends it with log_batch every
+    `flush_every_steps` calls or `flush_every_seconds`, so the training step never waits on
+    the store. `end()` flushes and sets the run's status.
+    """
+
+    def __init__(
+        self,
+        uri: str | None = None,
+        experiment_name: str = "mlxlab",
+        run_name: str | None = None,
+        artifact_root: str | None = None,
+        flush_every_steps: int = 50,
+        flush_every_seconds: float = 10.0,
+        async_logging: bool = True,
+    ) -> None:
+        if flush_every_steps < 1 or flush_every_seconds <= 0:
+            raise ValueError(
+                "tracking.flush_every_steps must be >= 1 and tracking.flush_every_seconds > 0, "
+                f"got {flush_every_steps} and {flush_every_seconds}"
+            )
+        self.uri = resolve_uri(uri)
+        self.experiment_name = str(experiment_name)
+        self.run_name = run_name
+        self.artifact_root = artifact_root
+        self.flush_every_steps = int(flush_every_steps)
+        self.flush_every_seconds = float(flush_every_seconds)
+        self.async_logging = async_logging
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.errors = 0  # logging calls that failed (after retries) and were skipped
+        self._client = None
+        self._active = False
+        self._warned = False
+        self._pending: list[tuple[str, float, int, int]] = []  # (key, value, time ms, step)
+        self._steps_since_flush = 0
+        self._last_flush = time.monotonic()
+        self._pending_lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one flush at a time keeps batches in order
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle
+
+    def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
+        """Start a run, or resume `run_id` (metrics append to it); logs params and tags."""
+        try:
+            self._start(params, tags, run_id)
+        except Exception as e:
+            self._warn("start", e)
+            self.run_id, self._active = None, False
+
+    def _start(self, params: dict, tags: dict, run_id: str | None) -> None:
+        from mlflow import MlflowClient
+
+        self.experiment_id = ensure_store(self.uri, self.experiment_name, self.artifact_root)
+        self._client = client = MlflowClient(tracking_uri=self.uri)
+        tags = {str(k): str(v) for k, v in tags.items()}
+        parent = os.environ.get(ENV_PARENT_RUN_ID)
+        if parent:
+            tags.setdefault(PARENT_RUN_TAG, parent)
+            tags.setdefault(SWEEP_ID_TAG, parent)
+
+        logged_params: dict[str, str] = {}
+        if run_id is not None:
+            try:
+                run = _retrying(client.get_run, run_id)
+            except Exception as e:
+                log.warning("cannot resume MLflow run %s (%s); starting a new run", run_id, e)
+                run_id = None
+        if run_id is not None:
+            _retrying(client.update_run, run_id, status="RUNNING")
+            logged_params = run.data.params
+        else:
+            run_tags = {"mlflow.user": _user(), "mlflow.source.name": Path(sys.argv[0]).name}
+            run = _retrying(
+                client.create_run, self.experiment_id, tags=run_tags, run_name=self.run_name
+            )
+            run_id = run.info.run_id
+        self.run_id, self._active = run_id, True
+        self._safely("log params", self._log_params, params, logged_params)
+        self._safely("set_tags", self._log_tags, tags)
+
+        self._stop.clear()
+        if self.async_logging:
+            self._thread = threading.Thread(
+                target=self._flush_loop, daemon=True, name="mlflow-flush"
+            )
+            self._thread.start()
+        atexit.register(self._end_at_exit)
+
+    def _log_params(self, params: dict, logged_params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten_config(params)
+        changed = sorted(k for k, v in flat.items() if logged_params.get(k, v) != v)
+        if changed:  # MLflow params are write-once; the new values live in the checkpoint
+            log.warning("resumed run %s keeps its logged values for %s", self.run_id, changed)
+        new = [Param(k, v) for k, v in flat.items() if k not in logged_params]
+        for chunk in _chunks(new, MAX_PARAMS_PER_BATCH):
+            _retrying(self._client.log_batch, self.run_id, params=chunk)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Flush buffered metrics and set the run's final status."""
+        if status not in STATUSES:
+            raise ValueError(f"run status must be one of {STATUSES}, got {status!r}")
+        if not self._active:
+            return
+        self._active = False
+        atexit.unregister(self._end_at_exit)
+        if self._thread is not None:
+            self._stop.set()
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+        self.flush()
+        self._safely("end", _retrying, self._client.set_terminated, self.run_id, status)
+
+    def _end_at_exit(self) -> None:  # the process is leaving without end(): keep the metrics
+        self.end("FAILED")
+
+    # -- metrics
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self._active:
+            return
+        now_ms = int(time.time() * 1000)
+        rows = []
+        for key, value in metrics.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError) as e:
+                self._warn(f"metric {key!r}", e)
+                continue
+            rows.append((str(key), value, now_ms, int(step)))
+        with self._pending_lock:
+            self._pending.extend(rows)
+            self._steps_since_flush += 1
+            due = self._steps_since_flush >= self.flush_every_steps or (
+                time.monotonic() - self._last_flush >= self.flush_every_seconds
+            )
+        if due:
+            if self._thread is not None:
+                self._wake.set()
+            else:
+                self.flush()
+
+    def flush(self) -> None:
+        """Send buffered metrics now (blocking). Normally the background thread does this."""
+        if self._client is None or self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        with self._flush_lock:
+            with self._pending_lock:
+                pending, self._pending = self._pending, []
+                self._steps_since_flush = 0
+                self._last_flush = time.monotonic()
+            metrics = [Metric(k, v, t, s) for k, v, t, s in pending]
+            for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
+                self._safely(
+                    "log_metrics", _retrying, self._client.log_batch, self.run_id, metrics=chunk
+                )
+
+    def _flush_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=self.flush_every_seconds)
+            self._wake.clear()
+            self.flush()
+
+    # -- tags and artifacts
+
+    def set_tags(self, tags: dict) -> None:
+        if self._active:
+            self._safely("set_tags", self._log_tags, {str(k): str(v) for k, v in tags.items()})
+
+    def _log_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        entities = [RunTag(k, v) for k, v in tags.items()]
+        for chunk in _chunks(entities, MAX_TAGS_PER_BATCH):
+            _retrying(self._client.log_batch, self.run_id, tags=chunk)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log a file, or a directory's contents, under `artifact_path` of the run."""
+        if self._active:
+            self._safely("log_artifact", self._log_artifact, Path(path), artifact_path)
+
+    def _log_artifact(self, path: Path, artifact_path: str | None) -> None:
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.is_file():
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        else:
+            raise FileNotFoundError(f"no file or directory at {path} to log as an artifact")
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        """A dict as a JSON or YAML artifact (picked by the file suffix)."""
+        if self._active:
+            self._safely("log_dict", self._client.log_dict, self.run_id, data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self._active:
+            self._safely("log_text", self._client.log_text, self.run_id, text, artifact_file)
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        """A matplotlib figure as `plots/<name>.png`."""
+        if self._active:
+            file = name if name.endswith(".png") else f"{name}.png"
+            self._safely(
+                "log_figure", self._client.log_figure, self.run_id, figure, f"plots/{file}"
+            )
+
+    # -- errors
+
+    def _safely(self, what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            self._warn(what, e)
+
+    def _warn(self, what: str, error: BaseException) -> None:
+        """Tracking must never stop training: warn the first time, count the rest."""
+        self.errors += 1
+        message = f"MLflow tracking: {what} failed ({type(error).__name__}: {error})"
+        if self._warned:
+            log.debug(message)
+            return
+        self._warned = True
+        log.warning(
+            "%s; training goes on, further tracking errors are logged at debug level", message
+        )
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def find_finished_run(uri: str | None, experiment_name: str, config_hash: str) -> Any | None:
+    """The newest FINISHED run of the experiment tagged with this config hash, else None.
+    Reads only: a missing sqlite store or experiment is not created."""
+    uri = resolve_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = _retrying(client.get_experiment_by_name, experiment_name)
+    if experiment is None:
+        return None
+    runs = _retrying(
+        client.search_runs,
+        [experiment.experiment_id],
+        filter_string=f"tags.`{CONFIG_HASH_TAG}` = '{config_hash}' "
+        "and attributes.status = 'FINISHED'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    return runs[0] if runs else None
+
+
+def sweep_children(client: Any, parent_run_id: str) -> list:
+    """The runs tagged with `parent_run_id` as their parent, oldest first."""
+    parent = client.get_run(parent_run_id)
+    return client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'",
+        max_results=50000,
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+def run_value(run: Any, key: str) -> str | None:
+    """A run's value for a config key: its param, else a tag, else its Hydra choice tag."""
+    for source, name in (
+        (run.data.params, key),
+        (run.data.tags, key),
+        (run.data.tags, CHOICE_TAG_PREFIX + key),
+    ):
+        if name in source:
+            return source[name]
+    return None
+
+
+def swept_keys(runs: Sequence, candidates: Sequence[str] = ()) -> list[str]:
+    """Which keys a sweep varied: the candidates (the sweep's overrides) that take several
+    values across runs (all found candidates for a one-job sweep); without candidates, every
+    param that differs between runs, bar output paths."""
+    found = [k for k in candidates if any(run_value(r, k) is not None for r in runs)]
+    varying = [k for k in found if len({run_value(r, k) for r in runs}) > 1]
+    if found:
+        return varying or found
+    names = sorted({k for r in runs for k in r.data.params})
+    return [
+        k
+        for k in names
+        if len({r.data.params.get(k) for r in runs}) > 1 and "dir" not in k and "path" not in k
+    ]
+
+
+def metric_mode(metric: str, mode: str | None = None) -> str:
+    """'max' or 'min': an explicit mode ('max'/'min'/'maximize'/'minimize') wins; else losses,
+    perplexities and errors are minimized and everything else maximized."""
+    if mode:
+        mode = str(mode).lower()
+        if mode not in ("max", "min", "maximize", "minimize"):
+            raise ValueError(f"optimized metric mode must be 'max' or 'min', got {mode!r}")
+        return mode[:3]
+    lowered = metric.lower()
+    return "min" if any(w in lowered for w in ("loss", "perplexity", "error")) else "max"
+
+
+def sweep_table(runs: Sequence, metric: str, keys: Sequence[str], mode: str = "max") -> list[dict]:
+    """One row per run (run_id, name, status, metric, each key), best first; runs without a
+    finite metric value last."""
+    rows = []
+    for run in runs:
+        value = run.data.metrics.get(metric)
+        row = {
+            "run_id": run.info.run_id,
+            "name": run.info.run_name,
+            "status": run.info.status,
+            metric: value,
+        }
+        row.update({k: run_value(run, k) for k in keys})
+        rows.append(row)
+
+    def order(row: dict) -> tuple:
+        value = row[metric]
+        if value is None or not math.isfinite(value):
+            return (1, 0.0)
+        return (0, -value if mode == "max" else value)
+
+    return sorted(rows, key=order)

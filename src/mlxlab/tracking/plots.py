@@ -1,0 +1,111 @@
+"""PNG plots logged as MLflow artifacts: loss curves of a run, metric vs swept params of a sweep."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in workers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_curve_png(history: Mapping[str, Sequence[tuple[int, float]]], path: str | Path) -> Path:
+    """One line per loss ("train/loss", "val/loss", ...) over steps; returns the PNG path.
+
+    `history` maps metric names to (step, value) pairs; metrics without "loss" in their name
+    (accuracy, learning rate) are left out, unless there is no loss at all.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    losses = {k: v for k, v in history.items() if "loss" in k} or dict(history)
+    for name, points in sorted(losses.items()):
+        points = [(s, v) for s, v in points if math.isfinite(v)]
+        if points:
+            steps, values = zip(*sorted(points))
+            ax.plot(steps, values, label=name, marker="o" if len(points) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    return _save(fig, path)
+
+
+def sweep_plot_png(
+    rows: Sequence[Mapping], metric: str, params: Sequence[str], path: str | Path
+) -> Path:
+    """One panel per swept param: the metric of each run against that param's value.
+
+    `rows` are dicts holding `metric` and each param (strings are fine: numbers are parsed,
+    anything else is drawn as a category). Wide positive numeric ranges (learning rates) get a
+    log x axis.
+    """
+    plt = _pyplot()
+    params = list(params) or ["run"]
+    fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.8), squeeze=False)
+    for ax, param in zip(axes[0], params):
+        points = [
+            (row.get(param, i), _number(row.get(metric)))
+            for i, row in enumerate(rows)
+            if _number(row.get(metric)) is not None
+        ]
+        xs = [_number(x) for x, _ in points]
+        if points and all(x is not None for x in xs):
+            ax.scatter(xs, [y for _, y in points])
+            if min(xs) > 0 and max(xs) / min(xs) >= 100:
+                ax.set_xscale("log")
+        elif points:
+            categories = sorted({str(x) for x, _ in points})
+            ax.scatter([categories.index(str(x)) for x, _ in points], [y for _, y in points])
+            ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+        ax.set_xlabel(param)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{metric} over {len(rows)} runs")
+    return _save(fig, path)
+
+
+def confusion_matrix_png(
+    matrix: Sequence[Sequence[int]], path: str | Path, labels: Sequence[str] | None = None
+) -> Path:
+    """Counts of (true label, predicted label) as an annotated heat map."""
+    import numpy as np
+
+    plt = _pyplot()
+    counts = np.asarray(matrix)
+    names = [str(x) for x in labels] if labels is not None else [str(i) for i in range(len(counts))]
+    size = 2.5 + 0.6 * len(counts)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(counts, cmap="Blues")
+    for (i, j), count in np.ndenumerate(counts):
+        dark = count > counts.max() / 2
+        ax.text(j, i, str(count), ha="center", va="center", color="white" if dark else "black")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    return _save(fig, path)
+
+
+def _number(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)  # figures live until closed; sweeps draw many
+    return path

@@ -1,0 +1,514 @@
+"""The one training loop.
+
+`trainer=simple|distill|optimized` are configurations of this class: distillation is a loss hook,
+accumulation a compiled step variant, dynamic batching a data-side batching policy, and progress,
+early stopping and memory logging are callbacks.
+
+The step follows mlx-examples: `nn.value_and_grad` over a pure loss, one `mx.compile`d function
+over `[model.state, optimizer.state, mx.random.state]` (built after any checkpoint is restored,
+so it never writes to stale state), and one `mx.eval` per optimizer step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_map
+
+from mlxlab.data.batching import Batching
+from mlxlab.runtime import device
+from mlxlab.training import losses, metrics
+from mlxlab.training.callbacks import Callback, EarlyStopping, MemoryMonitor, ProgressBar
+from mlxlab.training.checkpoint import CheckpointManager, find_run_checkpoints, load_checkpoint
+from mlxlab.training.checkpoint import rng_state, set_rng_state
+from mlxlab.training.optim import build_optimizer, clip_by_global_norm
+from mlxlab.training.signals import GracefulStop
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, memory budget); the message says why and what to do."""
+
+
+class TrainingInterrupted(RuntimeError):
+    def __init__(self, exit_code: int, checkpoint: Path | None):
+        super().__init__(f"interrupted; checkpoint at {checkpoint}")
+        self.exit_code, self.checkpoint = exit_code, checkpoint
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float]
+    run_dir: Path
+    run_id: str | None
+    best_checkpoint: Path | None
+    steps: int
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(
+        self,
+        optimizer: str = "adamw",
+        learning_rate: float = 3e-4,
+        weight_decay: float = 0.01,
+        schedule: str = "cosine",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        max_epochs: int | None = 10,
+        max_steps: int | None = None,
+        batch_size: int = 32,
+        grad_clip: float = 1.0,
+        label_smoothing: float = 0.0,
+        eval_every_steps: int | None = None,
+        log_every_steps: int = 10,
+        grad_accum: int = 1,
+        dynamic_batch: bool = False,
+        max_batch_size: int | None = None,
+        max_tokens: int | None = None,
+        precision: str = "auto",
+        memory_budget_mb: float | None = None,
+        memory_log_every: int = 0,
+        quantize_bits: int | None = None,
+        compile: bool = True,
+        progress: bool = True,
+        monitor: str = "val/accuracy",
+        monitor_mode: str = "max",
+        early_stopping: dict | None = None,
+        checkpoint: dict | None = None,
+        distill: dict | None = None,
+    ) -> None:
+        if max_epochs is None and max_steps is None:
+            raise ValueError("set trainer.max_epochs or trainer.max_steps")
+        self.opt_name, self.learning_rate, self.weight_decay = optimizer, learning_rate, weight_decay
+        self.schedule, self.warmup_steps, self.min_lr_ratio = schedule, warmup_steps, min_lr_ratio
+        self.max_epochs, self.max_steps = max_epochs, max_steps
+        self.grad_clip, self.label_smoothing = grad_clip, label_smoothing
+        self.eval_every_steps, self.log_every_steps = eval_every_steps, log_every_steps
+        self.grad_accum = grad_accum
+        self.batching = Batching(
+            batch_size=batch_size, dynamic=dynamic_batch, max_batch_size=max_batch_size,
+            max_tokens=max_tokens,
+        )
+        self.precision = precision
+        self.memory_budget_mb, self.memory_log_every = memory_budget_mb, memory_log_every
+        self.quantize_bits, self.compile, self.progress = quantize_bits, compile, progress
+        self.monitor, self.monitor_mode = monitor, monitor_mode
+        self.early_stopping = early_stopping or {}
+        self.checkpoint = checkpoint or {}
+        self.distill = distill
+        self.teachers: list[nn.Module] = []
+
+    # --- hooks ---------------------------------------------------------------------------
+
+    def build_loss(self, data) -> losses.LossFn:
+        task = data.task
+        if self.distill:
+            from mlxlab.runs import load_teachers
+
+            self.teachers, weights = load_teachers(
+                self.distill.get("teachers", []), data.vocab_size, data.num_labels
+            )
+            loss_fn = losses.distillation_loss(
+                task, self.teachers, weights, alpha=self.distill.get("alpha", 0.5),
+                temperature=self.distill.get("temperature", 2.0),
+                label_smoothing=self.label_smoothing,
+            )
+        else:
+            loss_fn = losses.task_loss(task, self.label_smoothing)
+        dtype = self.compute_dtype()
+        return loss_fn if dtype == mx.float32 else mixed_precision(loss_fn, dtype)
+
+    def compute_dtype(self) -> mx.Dtype:
+        if self.precision == "auto":
+            return device.default_compute_dtype()
+        choices = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
+        if self.precision not in choices:
+            raise ValueError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        return choices[self.precision]
+
+    def callbacks(self) -> list[Callback]:
+        cbs: list[Callback] = [ProgressBar(enabled=self.progress)]
+        if self.early_stopping.get("patience", 0) > 0:
+            cbs.append(EarlyStopping(
+                monitor=self.early_stopping.get("monitor", self.monitor),
+                mode=self.early_stopping.get("mode", self.monitor_mode),
+                patience=self.early_stopping["patience"],
+                min_delta=self.early_stopping.get("min_delta", 0.0),
+            ))
+        if self.memory_log_every:
+            cbs.append(MemoryMonitor(self.memory_log_every))
+        return cbs
+
+    # --- the step ------------------------------------------------------------------------
+
+    def make_step(self, model: nn.Module, optimizer, loss_fn: losses.LossFn):
+        """Returns step(batches) -> (loss, grad_norm, aux); one optimizer update per call.
+
+        With grad_accum > 1 the gradients of the micro-batches are summed, weighted by their token
+        counts, so N micro-batches of size B give the update of one batch of N*B.
+        """
+        loss_and_grad = nn.value_and_grad(model, loss_fn)
+        state = [model.state, optimizer.state, mx.random.state]
+        clip = self.grad_clip
+        compile_ = partial(mx.compile, inputs=state, outputs=state) if self.compile else (lambda f: f)
+
+        @compile_
+        def fused_step(batch):
+            (loss, aux), grads = loss_and_grad(model, batch)
+            grads, norm = clip_by_global_norm(grads, clip)
+            optimizer.update(model, grads)
+            return loss, norm, aux
+
+        if self.grad_accum == 1:
+            def step(batches):
+                loss, norm, aux = fused_step(batches[0])
+                mx.eval(loss, norm, aux, state)
+                return loss, norm, aux
+
+            return step
+
+        @compile_
+        def grad_step(batch):
+            (loss, aux), grads = loss_and_grad(model, batch)
+            n = aux["ntokens"]
+            weighted = {k: v * n for k, v in aux.items() if k != "ntokens"}
+            return loss * n, n, weighted, tree_map(lambda g: g * n, grads)
+
+        @compile_
+        def apply_step(grads, ntokens):
+            grads = tree_map(lambda g: g / ntokens, grads)
+            grads, norm = clip_by_global_norm(grads, clip)
+            optimizer.update(model, grads)
+            return norm
+
+        def step(batches):
+            total_loss, total_n, total_aux, acc = 0.0, 0.0, None, None
+            for batch in batches:
+                loss_sum, n, aux_sum, grads = grad_step(batch)
+                if acc is None:
+                    acc, total_aux = grads, aux_sum
+                else:
+                    acc, total_aux = tree_map(mx.add, acc, grads), tree_map(mx.add, total_aux, aux_sum)
+                total_loss, total_n = total_loss + loss_sum, total_n + n
+                mx.eval(acc, total_aux, total_loss, total_n)  # one micro-batch of activations alive
+            norm = apply_step(acc, total_n)
+            loss = total_loss / total_n
+            aux = {k: v / total_n for k, v in total_aux.items()} | {"ntokens": total_n}
+            mx.eval(loss, norm, aux, state)
+            return loss, norm, aux
+
+        return step
+
+    # --- evaluation ----------------------------------------------------------------------
+
+    def evaluate(self, model: nn.Module, data, task: str, prefix: str = "val") -> dict[str, float]:
+        model.eval()
+        total, count, probs, labels = 0.0, 0.0, [], []
+        for batch in data.val_batches(self.batching):
+            if task == "classification":
+                logits = model(batch["input_ids"], batch.get("attention_mask")).astype(mx.float32)
+                ce = losses.token_cross_entropy(logits, batch["labels"])
+                p = mx.softmax(logits, axis=-1)
+                mx.eval(ce, p)
+                total += float(ce.sum())
+                count += ce.shape[0]
+                probs.append(np.array(p))
+                labels.append(np.array(batch["labels"]))
+            else:
+                logits = model(batch["input_ids"])
+                ce = losses.token_cross_entropy(logits, batch["labels"]) * batch["loss_mask"]
+                s, n = ce.sum(), batch["loss_mask"].sum()
+                mx.eval(s, n)
+                total += float(s)
+                count += float(n)
+        model.train()
+        if count == 0:
+            raise TrainingError("the validation split is empty: raise data.val_fraction or add data")
+        mean = total / count
+        if task == "classification":
+            self.last_eval = (np.concatenate(labels), np.concatenate(probs))
+            return metrics.classification_metrics(*self.last_eval, loss=mean, prefix=prefix)
+        return metrics.lm_metrics(mean, prefix=prefix)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def fit(
+        self,
+        model: nn.Module,
+        data,
+        tracker,
+        run_dir: str | Path,
+        config: dict | None = None,
+        tags: dict | None = None,
+        resume: str | Path | None = None,
+    ) -> FitResult:
+        run_dir = Path(run_dir)
+        task = data.task
+        loss_fn = self.build_loss(data)
+        self.fit_batch_to_memory(model, data, loss_fn)
+        batches_per_epoch = data.num_train_batches(self.batching)
+        updates_per_epoch = math.ceil(batches_per_epoch / self.grad_accum) if batches_per_epoch else None
+        total_steps = self.max_steps or (self.max_epochs * updates_per_epoch if updates_per_epoch else None)
+        if total_steps is None:
+            raise ValueError("this data has no known length: set trainer.max_steps")
+        max_epochs = self.max_epochs or 10**9
+        if self.max_steps and updates_per_epoch:
+            max_epochs = min(max_epochs, math.ceil(self.max_steps / updates_per_epoch))
+
+        optimizer = build_optimizer(
+            self.opt_name, self.learning_rate, total_steps, self.warmup_steps, self.schedule,
+            self.weight_decay, min_lr_ratio=self.min_lr_ratio,
+        )
+        optimizer.init(model.trainable_parameters())
+        ckpt_cfg = dict(self.checkpoint)
+        manager = CheckpointManager(
+            run_dir / "checkpoints", keep_last_n=ckpt_cfg.get("keep_last_n", 3),
+            save_every_steps=ckpt_cfg.get("save_every_steps"),
+            save_every_minutes=ckpt_cfg.get("save_every_minutes"),
+            monitor=self.monitor, mode=self.monitor_mode,
+        )
+        callbacks = self.callbacks()
+        step, epoch, run_id, history = 0, 0, None, {}
+        best_metrics: dict[str, float] = {}
+        if resume:
+            source = find_run_checkpoints(resume)
+            state, path = source.load_latest(model, optimizer)
+            step, epoch = state["step"], state["epoch"]
+            data.load_state_dict(state["data"])
+            set_rng_state(state["rng"])
+            for cb, cb_state in zip(callbacks, state.get("callbacks", [])):
+                cb.load_state_dict(cb_state)
+            run_id, history = state.get("run_id"), state.get("history", {})
+            best_metrics = state.get("best_metrics", {})
+            manager.restore_best(state.get("best_metric"))
+            log.info("resumed from %s at step %d (epoch %d)", path, step, epoch)
+            tags = {**(tags or {}), **self.resume_changes(state.get("config") or {}, config or {})}
+
+        tracker.start(params=config or {}, tags=tags or {}, run_id=run_id)
+        step_fn = self.make_step(model, optimizer, loss_fn)  # compiled after any restore
+        model.train()
+
+        def trainer_state(current_epoch: int) -> dict[str, Any]:
+            return {
+                "step": step, "epoch": current_epoch, "data": data.state_dict(), "rng": rng_state(),
+                "callbacks": [cb.state_dict() for cb in callbacks], "run_id": tracker.run_id,
+                "history": history, "best_metrics": best_metrics,
+                "best_metric": best_metrics.get(self.monitor), "config": config,
+                "model_init": {"vocab_size": data.vocab_size, "num_labels": data.num_labels},
+                "tokenizer_hash": getattr(data, "tokenizer_hash", None),
+            }
+
+        def save(metric: float | None = None) -> Path:
+            # Metrics logged so far reach the store before the checkpoint that covers them, so a
+            # SIGKILL never leaves a checkpoint whose steps are missing from the tracking data.
+            tracker.flush()
+            return manager.save(model, optimizer, trainer_state(epoch), metric=metric)
+
+        def evaluate_and_save() -> None:
+            self.eval_and_save(model, data, task, step, tracker, callbacks, history, best_metrics,
+                               save)
+
+        status = "FAILED"
+        try:
+            for cb in callbacks:
+                cb.on_train_start(total_steps, step)
+            with GracefulStop() as stop:
+                window_loss, window_n, window_t, window_tokens = 0.0, 0, time.perf_counter(), 0
+                window_aux: dict[str, float] = {}
+                stopped = False
+                while epoch < max_epochs and not stopped:
+                    pending: list = []
+                    for batch in data.train_batches(self.batching, epoch):
+                        pending.append(batch)
+                        if len(pending) < self.grad_accum:
+                            continue
+                        loss, norm, aux = step_fn(pending)
+                        window_tokens += sum(int(b["input_ids"].size) for b in pending)
+                        pending = []
+                        step += 1
+                        loss_value = loss.item()
+                        if not math.isfinite(loss_value):
+                            raise TrainingError(
+                                f"loss became {loss_value} at step {step}: lower trainer.learning_rate "
+                                f"or set trainer.grad_clip; last good checkpoint: {manager.latest()}"
+                            )
+                        window_loss, window_n = window_loss + loss_value, window_n + 1
+                        for key, value in aux.items():  # loss parts, e.g. distillation's ce / kl
+                            if key != "ntokens":
+                                window_aux[key] = window_aux.get(key, 0.0) + value.item()
+                        logs: dict[str, float] = {}
+                        if step % self.log_every_steps == 0 or step == total_steps:
+                            elapsed = max(time.perf_counter() - window_t, 1e-9)
+                            logs = {
+                                "train/loss": window_loss / window_n,
+                                "train/grad_norm": norm.item(),
+                                "train/lr": float(optimizer.learning_rate),
+                                "train/tokens_per_sec": window_tokens / elapsed,
+                                **{f"train/{k}": v / window_n for k, v in window_aux.items()},
+                            }
+                            window_aux = {}
+                            history.setdefault("train/loss", []).append((step, logs["train/loss"]))
+                            window_loss, window_n, window_t, window_tokens = 0.0, 0, time.perf_counter(), 0
+                        for cb in callbacks:
+                            cb.on_step(step, logs)
+                        if logs:
+                            tracker.log_metrics(logs, step)
+                        end_of_run = step >= total_steps
+                        if self.eval_every_steps and (step % self.eval_every_steps == 0 or end_of_run):
+                            evaluate_and_save()
+                        elif manager.should_save(step):
+                            save()
+                        if stop.requested:
+                            path = save()
+                            status = "KILLED"
+                            raise TrainingInterrupted(stop.exit_code, path)
+                        if end_of_run or any(cb.should_stop for cb in callbacks):
+                            stopped = True
+                            break
+                    epoch += 1
+                    if not self.eval_every_steps:  # evaluate once per epoch (or at the last step)
+                        evaluate_and_save()
+                        stopped = stopped or any(cb.should_stop for cb in callbacks)
+                latest = manager.latest()
+                if latest is None or latest.name != f"step_{step:08d}":
+                    save()
+            result_metrics = dict(best_metrics)
+            best = manager.best_path
+            if best is not None:
+                load_checkpoint(best, model)
+            if self.quantize_bits:
+                result_metrics.update(self.quantized_metrics(model, data, task))
+                tracker.log_metrics({k: v for k, v in result_metrics.items() if "_q" in k}, step)
+            self.log_artifacts(tracker, run_dir, history, task, best)
+            status = "FINISHED"
+            return FitResult(result_metrics, run_dir, tracker.run_id, best, step, history)
+        finally:
+            for cb in callbacks:
+                cb.on_train_end()
+            tracker.end(status)
+
+    def eval_and_save(self, model, data, task, step, tracker, callbacks, history, best_metrics,
+                      save) -> None:
+        """Evaluate, log, update the best metrics, then checkpoint (best/ refreshed if improved)."""
+        results = self.evaluate(model, data, task)
+        for key, value in results.items():
+            history.setdefault(key, []).append((step, value))
+        tracker.log_metrics(results, step)
+        for cb in callbacks:
+            cb.on_eval(step, results)
+        value = results.get(self.monitor)
+        if value is None:
+            raise ValueError(
+                f"optimized_metric {self.monitor!r} is not computed for this task; "
+                f"choose one of {sorted(results)}"
+            )
+        current = best_metrics.get(self.monitor)
+        if current is None or (value > current if self.monitor_mode == "max" else value < current):
+            best_metrics.clear()
+            best_metrics.update(results, best_step=float(step))
+        save(metric=value)
+
+    # --- extras --------------------------------------------------------------------------
+
+    def fit_batch_to_memory(self, model: nn.Module, data, loss_fn) -> None:
+        """Under trainer.memory_budget_mb, halve the batch (raising grad_accum) until it fits."""
+        if not self.memory_budget_mb:
+            return
+        saved_rng, saved_data = mx.random.state[0], data.state_dict()
+        grad_fn = nn.value_and_grad(model, loss_fn)
+        while True:
+            device.reset_peak_memory()
+            batch = next(iter(data.train_batches(self.batching, 0)))
+            out = grad_fn(model, batch)
+            mx.eval(out)
+            del out
+            peak = device.peak_memory_mb()
+            if peak <= self.memory_budget_mb:
+                break
+            if self.batching.batch_size == 1:
+                raise TrainingError(
+                    f"one example needs {peak:.0f} MB, over trainer.memory_budget_mb="
+                    f"{self.memory_budget_mb}: use a smaller model or raise the budget"
+                )
+            self.batching.batch_size //= 2
+            self.grad_accum *= 2
+            log.warning(
+                "step peak memory %.0f MB is over the budget of %.0f MB: batch_size -> %d, "
+                "grad_accum -> %d (same effective batch)", peak, self.memory_budget_mb,
+                self.batching.batch_size, self.grad_accum,
+            )
+        mx.random.state[0] = saved_rng
+        data.load_state_dict(saved_data)
+
+    def quantized_metrics(self, model: nn.Module, data, task: str) -> dict[str, float]:
+        bits = int(self.quantize_bits)
+        nn.quantize(model, group_size=32, bits=bits,
+                    class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 32 == 0)
+        return self.evaluate(model, data, task, prefix=f"val_q{bits}")
+
+    @staticmethod
+    def resume_changes(old: dict, new: dict) -> dict[str, str]:
+        """Tags naming each trainer/data hyperparameter that differs from the checkpoint's config."""
+        changes = {}
+        old_flat = dict(tree_flatten_dict(old.get("trainer", {}), "trainer"))
+        for key, value in tree_flatten_dict(new.get("trainer", {}), "trainer"):
+            if key in old_flat and old_flat[key] != value:
+                log.warning("resume: %s changed %r -> %r", key, old_flat[key], value)
+                changes[f"resume.changed.{key}"] = f"{old_flat[key]} -> {value}"
+        return changes
+
+    def log_artifacts(self, tracker, run_dir: Path, history, task: str, best: Path | None) -> None:
+        from mlxlab.tracking import plots
+
+        plot_dir = run_dir / "plots"
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        curve = plots.loss_curve_png(history, plot_dir / "loss_curve.png")
+        tracker.log_artifact(curve, "plots")
+        if task == "classification" and getattr(self, "last_eval", None) is not None:
+            y, p = self.last_eval
+            cm = metrics.confusion_matrix(y, p.argmax(axis=1), p.shape[1])
+            tracker.log_artifact(plots.confusion_matrix_png(cm, plot_dir / "confusion_matrix.png"), "plots")
+        hydra_dir = run_dir / ".hydra"
+        if hydra_dir.is_dir():
+            tracker.log_artifact(hydra_dir, ".hydra")
+        if best is not None:
+            tracker.log_artifact(best, "checkpoint")
+        tokenizer = run_dir / "tokenizer.json"
+        if tokenizer.exists():
+            tracker.log_artifact(tokenizer)
+
+
+def tree_flatten_dict(d: dict, prefix: str = ""):
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            yield from tree_flatten_dict(value, name)
+        else:
+            yield name, value
+
+
+def mixed_precision(loss_fn: losses.LossFn, dtype: mx.Dtype) -> losses.LossFn:
+    """Compute in `dtype` while gradients flow back to the fp32 master weights."""
+
+    def wrapped(model: nn.Module, batch):
+        master = model.trainable_parameters()
+        model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+                              master))
+        loss, aux = loss_fn(model, batch)
+        model.update(master)
+        return loss.astype(mx.float32), aux
+
+    return wrapped
+
+

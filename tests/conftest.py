@@ -1,0 +1,65 @@
+"""Shared fixtures: compose the real config with Hydra's compose API, rooted in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from mlxlab.config import config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+# Small, fast settings for end-to-end runs of the real default config.
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.max_steps=4",
+    "trainer.eval_every_steps=4",
+    "trainer.log_every_steps=1",
+    "trainer.warmup_steps=0",
+    "trainer.progress=false",
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+]
+
+
+def compose_cfg(root: Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[f"paths.root_dir={root}", *overrides],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(root / "outputs" / "run")
+        cfg.paths.cache_dir = str(root / "cache")
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path):
+    def make(*overrides: str) -> DictConfig:
+        return compose_cfg(tmp_path, overrides)
+
+    yield make
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for subprocess runs of mlxlab-train, rooted in tmp_path."""
+    env = dict(os.environ)
+    env["MLXLAB_ROOT"] = str(tmp_path)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

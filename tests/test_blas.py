@@ -1,0 +1,142 @@
+"""The fast BLAS that mlxlab loads before mlx.core, and its opt-outs.
+
+Each case runs in a fresh interpreter: what MLX links is decided by the first `import mlx.core`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the BLAS swap is Linux-only")
+
+# Prints what got loaded, which libraries are mapped, GEMM error vs numpy and the best GEMM time.
+PROBE = textwrap.dedent(
+    """
+    import json, time
+    import mlxlab
+    import mlx.core as mx
+    import numpy as np
+    from mlxlab.runtime.blas import blas_threads, set_blas_threads
+
+    threads = [blas_threads(), set_blas_threads(2) and blas_threads()]
+    set_blas_threads(1)
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((384, 256), dtype=np.float32)
+    b = rng.standard_normal((256, 320), dtype=np.float32)
+    got = np.array(mx.array(a) @ mx.array(b))
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    x = mx.random.normal((512, 512))
+    mx.eval(x @ x)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        mx.eval(x @ x)
+        best = min(best, time.perf_counter() - t)
+    maps = open("/proc/self/maps").read()
+    print(json.dumps({
+        "status": mlxlab.blas.status, "library": mlxlab.blas.library, "fast": mlxlab.blas.fast,
+        "openblas_mapped": "libopenblas" in maps, "threads": threads,
+        "max_rel_err": float(np.abs(got - want).max() / np.abs(want).max()),
+        "gemm_s": best,
+    }))
+    """
+)
+
+
+def probe(prelude: str = "", **env: str) -> dict:
+    run_env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", **env}  # 1 thread: stable on busy CPUs
+    if "MLXLAB_BLAS" not in env:
+        run_env.pop("MLXLAB_BLAS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", prelude + PROBE],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["stderr"] = proc.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def default() -> dict:
+    return probe()
+
+
+@pytest.fixture(scope="module")
+def opted_out() -> dict:
+    return probe(MLXLAB_BLAS="off")
+
+
+def test_default_loads_openblas_and_gemm_matches_numpy(default):
+    assert default["status"] == "loaded", default
+    assert default["fast"]
+    assert "libopenblas" in default["library"]
+    assert default["openblas_mapped"]
+    assert default["max_rel_err"] < 1e-4
+    assert "reference BLAS" not in default["stderr"]
+    assert default["threads"] == [1, 2]  # OPENBLAS_NUM_THREADS=1 honoured, then set_blas_threads(2)
+
+
+def test_opt_out_keeps_the_reference_blas(opted_out):
+    assert opted_out["status"] == "off"
+    assert not opted_out["fast"]
+    assert not opted_out["openblas_mapped"]
+    assert opted_out["max_rel_err"] < 1e-4
+    assert opted_out["threads"] == [None, False]
+
+
+def test_loaded_blas_is_much_faster_than_the_reference(default, opted_out):
+    # Measured ~20x (single thread, 512^2 fp32); 4x leaves room for a noisy shared CPU.
+    assert opted_out["gemm_s"] > 4 * default["gemm_s"], (default["gemm_s"], opted_out["gemm_s"])
+
+
+def test_user_library_path_is_loaded(default):
+    result = probe(MLXLAB_BLAS=default["library"])
+    assert result["status"] == "user"
+    assert result["library"] == default["library"]
+    assert result["max_rel_err"] < 1e-4
+
+
+def test_missing_user_library_is_a_clear_error():
+    proc = subprocess.run(
+        [sys.executable, "-c", "import mlxlab"],
+        env={**os.environ, "MLXLAB_BLAS": "/no/such/libblas.so"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "FileNotFoundError: MLXLAB_BLAS=/no/such/libblas.so is not a file" in proc.stderr
+
+
+def test_mlx_imported_first_warns_with_the_fix():
+    result = probe(prelude="import mlx.core\n")
+    assert result["status"] == "too-late"
+    assert not result["openblas_mapped"]
+    assert "import mlxlab before mlx" in result["stderr"]
+
+
+def test_device_helpers_on_this_cpu_machine():
+    import mlx.core as mx
+
+    from mlxlab.runtime import device
+
+    assert device.backend() == "cpu"
+    assert device.default_compute_dtype() == mx.float32
+    assert device.init_distributed() == (0, 1)
+    device.reset_peak_memory()
+    before = device.active_memory_mb()
+    x = mx.zeros((1024, 1024))  # 4 MiB
+    mx.eval(x)
+    assert device.active_memory_mb() - before >= 3.9
+    assert device.peak_memory_mb() >= device.active_memory_mb()

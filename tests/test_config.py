@@ -1,0 +1,89 @@
+"""Every config-group option composes; bad input fails early with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, compose_cfg
+from omegaconf import OmegaConf
+
+from mlxlab.config import ConfigError, config_dir, validate
+
+CONF = Path(config_dir())
+GROUPS = ["model", "data", "trainer", "tracking", "experiment", "hparams_search", "debug"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+def test_every_group_has_options():
+    for group in ["model", "data", "trainer", "tracking", "experiment"]:
+        assert any(g == group for g, _ in OPTIONS), f"conf/{group}/ is empty"
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_resolves(tmp_path, group, option):
+    cfg = compose_cfg(tmp_path, [f"{group}={option}"])
+    container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    for g in ("model", "data", "trainer", "tracking"):
+        assert "_target_" in container[g], f"{group}={option}: {g} lost its _target_"
+    validate(cfg)
+
+
+def test_defaults_are_the_start_here_experiment(tmp_path):
+    cfg = compose_cfg(tmp_path)
+    choices = cfg.hydra.runtime.choices
+    assert (choices.model, choices.data, choices.trainer, choices.tracking) == (
+        "bert", "titanic", "simple", "mlflow")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.learning_rate=abc", "trainer.learning_rate must be a number"),
+        ("trainer.batch_size=0", "trainer.batch_size must be >= 1"),
+        ("trainer.max_epochs=2.5", "trainer.max_epochs must be an integer"),
+        ("data.val_fraction=1.5", "data.val_fraction must be between 0 and 1"),
+    ],
+)
+def test_bad_values_fail_validation(tmp_path, override, message):
+    cfg = compose_cfg(tmp_path, [override])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def run_cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "mlxlab.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_prints_job_config_from_any_directory(tmp_path, cli_env):
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    out = run_cli(["--cfg", "job", "trainer.learning_rate=3e-4", "model.num_layers=2"], elsewhere, cli_env)
+    assert out.returncode == 0, out.stderr
+    job = OmegaConf.create(out.stdout)
+    assert job.trainer.learning_rate == 3e-4 and job.model.num_layers == 2
+
+
+def test_cli_help_lists_groups(tmp_path, cli_env):
+    out = run_cli(["--help"], tmp_path, cli_env)
+    assert out.returncode == 0, out.stderr
+    for group in ("model", "data", "trainer", "tracking", "experiment"):
+        assert f"{group}:" in out.stdout or f"{group}/" in out.stdout or group in out.stdout
+
+
+def test_cli_unknown_model_option(tmp_path, cli_env):
+    out = run_cli(["model=nosuchmodel"], tmp_path, cli_env)
+    assert out.returncode != 0
+    assert "nosuchmodel" in out.stderr and "Available options" in out.stderr
+
+
+def test_cli_non_numeric_learning_rate_is_one_line(tmp_path, cli_env):
+    out = run_cli(["trainer.learning_rate=fast", "tracking=none"], tmp_path, cli_env)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("mlxlab: error:")]
+    assert errors == ["mlxlab: error: trainer.learning_rate must be a number, got 'fast': "
+                      "fix the override, e.g. trainer.learning_rate=3e-4"]
+    assert not (tmp_path / "mlruns").exists()

@@ -1,0 +1,646 @@
+"""Tracking room: real sqlite MLflow stores in tmp dirs, a real Hydra multirun, a real server."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import mlxlab.tracking.mlflow as mlflow_tracking
+from mlxlab.tracking.base import NullTracker, Tracker, flatten_config
+from mlxlab.tracking.mlflow import (
+    CONFIG_HASH_TAG,
+    ENV_PARENT_RUN_ID,
+    PARENT_RUN_TAG,
+    SWEEP_ID_TAG,
+    MlflowTracker,
+    ensure_store,
+    find_finished_run,
+    resolve_uri,
+    sweep_children,
+)
+from mlxlab.tracking.plots import confusion_matrix_png, loss_curve_png, sweep_plot_png
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv(ENV_PARENT_RUN_ID, raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory) -> Path:
+    """A migrated store, made once: creating the schema costs seconds, copying it nothing."""
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    ensure_store(f"sqlite:///{db}", "template")
+    return db
+
+
+def fresh_store(template_db: Path, root: Path) -> str:
+    """A store of its own at <root>/mlruns/mlflow.db; artifacts go to <root>/mlruns/artifacts."""
+    (root / "mlruns").mkdir(parents=True)
+    shutil.copy(template_db, root / "mlruns" / "mlflow.db")
+    return f"sqlite:///{root}/mlruns/mlflow.db"
+
+
+@pytest.fixture
+def uri(template_db, tmp_path) -> str:
+    return fresh_store(template_db, tmp_path)
+
+
+def client_for(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def steps_of(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+# --------------------------------------------------------------------------- base
+
+
+def test_flatten_config_dots_keys_and_stringifies_values():
+    cfg = OmegaConf.create(
+        {
+            "trainer": {"learning_rate": 3e-4, "max_epochs": 3, "clip": None},
+            "model": {"sizes": [64, 128], "lora": {"rank": 0}, "empty": {}},
+            "callbacks": [{"name": "early_stop", "patience": 2}],
+            "lr_copy": "${trainer.learning_rate}",
+        }
+    )
+    flat = flatten_config(OmegaConf.to_container(cfg, resolve=True))
+    assert flat == {
+        "trainer.learning_rate": "0.0003",
+        "trainer.max_epochs": "3",
+        "trainer.clip": "None",
+        "model.sizes": "[64, 128]",
+        "model.lora.rank": "0",
+        "model.empty": "{}",
+        "callbacks.0.name": "early_stop",
+        "callbacks.0.patience": "2",
+        "lr_copy": "0.0003",
+    }
+    assert flatten_config(cfg)["model.lora.rank"] == "0"  # a DictConfig works as well
+    with pytest.raises(ValueError, match="mapping"):
+        flatten_config([1, 2])
+
+
+def test_null_tracker_has_no_effects(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tracker = NullTracker(uri="ignored")
+    tracker.start({"a": {"b": 1}}, {"t": "v"})
+    tracker.log_metrics({"train/loss": 1.0}, step=0)
+    tracker.log_artifact(tmp_path / "missing.txt")
+    tracker.log_dict({"a": 1}, "a.json")
+    tracker.log_text("x", "x.txt")
+    tracker.log_figure(None, "fig")
+    tracker.set_tags({"k": "v"})
+    tracker.flush()
+    tracker.end("FAILED")
+    assert tracker.run_id is None
+    assert list(tmp_path.iterdir()) == []
+    assert isinstance(tracker, Tracker)
+    assert isinstance(MlflowTracker(uri=f"sqlite:///{tmp_path}/x.db"), Tracker)
+    assert list(tmp_path.iterdir()) == []  # constructing the MLflow tracker writes nothing yet
+
+
+def test_file_store_uri_is_rejected_with_a_fix(tmp_path):
+    with pytest.raises(ValueError, match="sqlite:///"):
+        MlflowTracker(uri=str(tmp_path / "mlruns"))
+    with pytest.raises(ValueError, match="flush_every_steps"):
+        MlflowTracker(uri=f"sqlite:///{tmp_path}/x.db", flush_every_steps=0)
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def test_run_holds_params_metrics_tags_and_artifacts(uri, tmp_path):
+    params = {
+        "trainer": {"learning_rate": 3e-4, "max_epochs": 2},
+        "model": {f"knob_{i:03d}": i for i in range(250)},  # > 2 log_batch chunks of 100
+    }
+    tracker = MlflowTracker(uri=uri, experiment_name="exp", run_name="r1", flush_every_steps=50)
+    tracker.start(params, {"choice.model": "bert", "owner": "tests"})
+    assert tracker.run_id is not None
+    for step in range(120):
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 0.001}, step=step)
+    tracker.log_metrics({"val/loss": 0.5, "val/accuracy": 0.8}, step=119)
+    tracker.set_tags({"stage": "done"})
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"weights")
+    tracker.log_artifact(tmp_path / "notes.txt")
+    tracker.log_artifact(tmp_path / "ckpt", artifact_path="checkpoints/best")
+    tracker.log_dict({"a": 1}, "config/resolved.json")
+    tracker.log_text("some text", "notes/readme.txt")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    tracker.log_figure(fig, "custom")
+    plt.close(fig)
+    tracker.end()
+    assert tracker.errors == 0
+
+    client = client_for(uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "r1"
+    assert len(run.data.params) == 252
+    assert run.data.params["trainer.learning_rate"] == "0.0003"
+    assert run.data.params["model.knob_249"] == "249"
+    assert run.data.tags["choice.model"] == "bert" and run.data.tags["stage"] == "done"
+    assert steps_of(client, tracker.run_id, "train/loss") == [
+        (s, pytest.approx(1.0 / (s + 1))) for s in range(120)
+    ]
+    assert run.data.metrics["val/accuracy"] == pytest.approx(0.8)
+
+    # artifacts sit on disk under <mlruns>/artifacts/<experiment id>/<run id>/artifacts
+    artifact_dir = tmp_path / "mlruns" / "artifacts" / run.info.experiment_id / run.info.run_id
+    files = {
+        p.relative_to(artifact_dir / "artifacts").as_posix()
+        for p in artifact_dir.rglob("*")
+        if p.is_file()
+    }
+    assert files == {
+        "notes.txt",
+        "checkpoints/best/model.safetensors",
+        "config/resolved.json",
+        "notes/readme.txt",
+        "plots/custom.png",
+    }
+    assert (artifact_dir / "artifacts/plots/custom.png").read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((artifact_dir / "artifacts/config/resolved.json").read_text()) == {"a": 1}
+
+
+def test_log_metrics_never_waits_on_a_locked_store(uri, tmp_path):
+    """Another writer holds the sqlite file locked: the step loop keeps going while the
+    background flush waits for the lock, and no metric is lost."""
+    tracker = MlflowTracker(uri=uri, flush_every_steps=10)
+    tracker.start({"a": 1}, {})
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock():
+        db = sqlite3.connect(tmp_path / "mlruns" / "mlflow.db", timeout=10)
+        db.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        release.wait()
+        db.rollback()
+        db.close()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    locked.wait()
+    begin = time.perf_counter()
+    for step in range(200):
+        tracker.log_metrics({"train/loss": float(step)}, step=step)
+    logging_time = time.perf_counter() - begin
+    time.sleep(1.0)  # flushes fail and back off meanwhile
+    release.set()
+    holder.join()
+    tracker.end()
+
+    assert logging_time < 0.5, f"log_metrics blocked for {logging_time:.2f}s on a locked store"
+    assert tracker.errors == 0
+    assert [s for s, _ in steps_of(client_for(uri), tracker.run_id, "train/loss")] == list(
+        range(200)
+    )
+
+
+def test_locked_store_errors_are_retried_with_bounded_backoff(monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(mlflow_tracking.time, "sleep", sleeps.append)
+    calls = []
+
+    def locked_twice():
+        calls.append(1)
+        if len(calls) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return "written"
+
+    assert mlflow_tracking._retrying(locked_twice) == "written"
+    assert len(calls) == 3 and len(sleeps) == 2 and sleeps[0] < sleeps[1]
+
+    def always_locked():
+        calls.append(1)
+        raise sqlite3.OperationalError("database is locked")
+
+    calls.clear()
+    sleeps.clear()
+    with pytest.raises(sqlite3.OperationalError):
+        mlflow_tracking._retrying(always_locked)
+    assert len(calls) == mlflow_tracking.RETRY_ATTEMPTS and max(sleeps) <= 3.0
+
+    def broken():
+        calls.append(1)
+        raise ValueError("not transient")
+
+    calls.clear()
+    with pytest.raises(ValueError):
+        mlflow_tracking._retrying(broken)
+    assert len(calls) == 1  # only lock contention is retried
+
+
+def test_synchronous_logging_flushes_every_n_steps(uri):
+    tracker = MlflowTracker(uri=uri, flush_every_steps=5, async_logging=False)
+    tracker.start({}, {})
+    client = client_for(uri)
+    for step in range(7):
+        tracker.log_metrics({"m": step}, step=step)
+    assert len(client.get_metric_history(tracker.run_id, "m")) == 5  # 2 still buffered
+    tracker.end()
+    assert len(client.get_metric_history(tracker.run_id, "m")) == 7
+
+
+def test_logging_failures_warn_once_and_never_raise(uri, tmp_path, caplog):
+    tracker = MlflowTracker(uri=uri)
+    tracker.start({"a": 1}, {})
+    client_for(uri).delete_run(tracker.run_id)  # every later write is refused by the store
+    with caplog.at_level(logging.WARNING, logger="mlxlab.tracking"):
+        tracker.log_metrics({"train/loss": 1.0, "bad": "not a number"}, step=0)
+        tracker.flush()
+        tracker.set_tags({"k": "v"})
+        tracker.log_artifact(tmp_path / "does_not_exist.bin")
+        tracker.end("FAILED")
+    assert tracker.errors >= 4
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "training goes on" in warnings[0].getMessage()
+
+    # a store that cannot even be created: start warns, the rest are no-ops
+    broken = MlflowTracker(uri="sqlite:////proc/no/such/dir/mlflow.db")
+    broken.start({"a": 1}, {})
+    broken.log_metrics({"x": 1.0}, step=0)
+    broken.end()
+    assert broken.run_id is None and broken.errors == 1
+    with pytest.raises(ValueError, match="FINISHED"):
+        broken.end("DONE")
+
+
+def test_child_run_tags_its_sweep_parent_from_env(uri, monkeypatch):
+    experiment_id = ensure_store(uri, "exp")
+    client = client_for(uri)
+    parent = client.create_run(experiment_id, run_name="sweep").info.run_id
+    monkeypatch.setenv(ENV_PARENT_RUN_ID, parent)
+    child = MlflowTracker(uri=uri, experiment_name="exp")
+    child.start({"lr": 0.1}, {})
+    child.end()
+    tags = client.get_run(child.run_id).data.tags
+    assert tags[PARENT_RUN_TAG] == parent and tags[SWEEP_ID_TAG] == parent
+    assert [r.info.run_id for r in sweep_children(client, parent)] == [child.run_id]
+
+
+def test_resume_appends_to_the_same_run(uri, caplog):
+    first = MlflowTracker(uri=uri)
+    first.start({"lr": 0.1, "epochs": 1}, {})
+    for step in range(10):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.end("KILLED")
+
+    second = MlflowTracker(uri=uri)
+    with caplog.at_level(logging.WARNING, logger="mlxlab.tracking"):
+        second.start(
+            {"lr": 0.1, "epochs": 2, "new_knob": "x"}, {"resumed": "1"}, run_id=first.run_id
+        )
+    for step in range(10, 20):
+        second.log_metrics({"train/loss": float(step)}, step=step)
+    second.end()
+
+    client = client_for(uri)
+    run = client.get_run(first.run_id)
+    assert second.run_id == first.run_id and second.errors == 0
+    assert run.info.status == "FINISHED"
+    assert [s for s, _ in steps_of(client, run.info.run_id, "train/loss")] == list(range(20))
+    assert run.data.params == {"lr": "0.1", "epochs": "1", "new_knob": "x"}  # params write-once
+    assert "epochs" in caplog.text
+
+    stranger = MlflowTracker(uri=uri)  # unknown run id: a fresh run
+    stranger.start({}, {}, run_id="0123456789abcdef0123456789abcdef")
+    stranger.end()
+    assert stranger.run_id not in (None, first.run_id)
+
+
+def _ensure_store_in_process(uri, barrier, results):
+    barrier.wait()  # all four hit the fresh database at once
+    try:
+        results.put(ensure_store(uri, "race"))
+    except Exception as e:
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_concurrent_ensure_store_leaves_a_healthy_db(tmp_path):
+    """Unlocked, 3 of 4 processes fail here ("table experiments already exists")."""
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    procs = [
+        ctx.Process(target=_ensure_store_in_process, args=(uri, barrier, results)) for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join()
+    assert len(set(outcomes)) == 1 and outcomes[0].isdigit(), outcomes
+
+    db = sqlite3.connect(tmp_path / "mlruns" / "mlflow.db")
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert db.execute("SELECT count(*) FROM experiments WHERE name='race'").fetchone() == (1,)
+    db.close()
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    heads = (
+        sqlite3.connect(tmp_path / "mlruns" / "mlflow.db")
+        .execute("SELECT version_num FROM alembic_version")
+        .fetchall()
+    )
+    assert heads == [(_get_latest_schema_revision(),)]
+    tracker = MlflowTracker(uri=uri, experiment_name="race")
+    tracker.start({"a": 1}, {})
+    tracker.end()
+    assert tracker.errors == 0 and tracker.experiment_id == outcomes[0]
+
+
+def test_default_uri_comes_from_env_then_project(tmp_path, monkeypatch):
+    assert resolve_uri(None) == f"sqlite:///{ROOT}/mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
+    assert resolve_uri(None) == f"sqlite:///{tmp_path}/env.db"
+    assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def test_find_finished_run_matches_the_config_hash(uri, tmp_path):
+    assert find_finished_run(f"sqlite:///{tmp_path}/none.db", "exp", "h") is None
+    assert not (tmp_path / "none.db").exists()
+    done = MlflowTracker(uri=uri, experiment_name="exp")
+    done.start({}, {CONFIG_HASH_TAG: "abc"})
+    done.end()
+    failed = MlflowTracker(uri=uri, experiment_name="exp")
+    failed.start({}, {CONFIG_HASH_TAG: "def"})
+    failed.end("FAILED")
+    assert find_finished_run(uri, "exp", "abc").info.run_id == done.run_id
+    assert find_finished_run(uri, "exp", "def") is None  # failed runs are re-run
+    assert find_finished_run(uri, "other", "abc") is None
+
+
+def test_plots_write_pngs(tmp_path):
+    loss = loss_curve_png(
+        {"train/loss": [(0, 2.0), (1, 1.0)], "val/loss": [(1, float("nan"))]},
+        tmp_path / "a" / "loss.png",
+    )
+    rows = [
+        {"val/accuracy": 0.7, "trainer.learning_rate": "0.0001", "model": "bert"},
+        {"val/accuracy": 0.8, "trainer.learning_rate": "0.01", "model": "cnn_hybrid"},
+        {"val/accuracy": None, "trainer.learning_rate": "0.1", "model": "bert"},
+    ]
+    sweep = sweep_plot_png(
+        rows, "val/accuracy", ["trainer.learning_rate", "model"], tmp_path / "sweep.png"
+    )
+    matrix = confusion_matrix_png([[50, 3], [7, 40]], tmp_path / "cm.png", ["died", "survived"])
+    for png in (loss, sweep, matrix):
+        assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
+
+
+# --------------------------------------------------------------------------- Hydra + CLI
+
+APP = """
+import hydra
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg):
+    tracker = instantiate(cfg.tracking)
+    tracker.start(OmegaConf.to_container(cfg, resolve=True), {"app": "demo"})
+    for step in range(3):
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    accuracy = cfg.lr * cfg.width
+    tracker.log_metrics({"val/accuracy": accuracy}, 3)
+    tracker.end()
+    return accuracy
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+APP_CONFIG = """
+defaults:
+  - _self_
+  - tracking: mlflow
+task_name: demo
+optimized_metric: val/accuracy
+lr: 0.1
+width: 2
+paths:
+  mlflow_uri: sqlite:///{root}/mlruns/mlflow.db
+hydra:
+  searchpath: [file://{conf}]
+  run: {{dir: {root}/outputs/run}}
+  sweep: {{dir: {root}/multirun/sweep, subdir: "${{hydra:job.num}}"}}
+  callbacks:
+    mlflow_sweep:
+      _target_: mlxlab.tracking.hydra_callbacks.MlflowSweepCallback
+"""
+
+
+def write_app(root: Path) -> Path:
+    """A tiny Hydra app using the project's conf/tracking group and the sweep callback."""
+    (root / "conf").mkdir(parents=True)
+    (root / "conf" / "config.yaml").write_text(APP_CONFIG.format(root=root, conf=ROOT / "conf"))
+    (root / "app.py").write_text(APP)
+    return root / "app.py"
+
+
+def run_app(app: Path, *overrides: str, env: dict | None = None) -> None:
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != ENV_PARENT_RUN_ID}
+    proc = subprocess.run(
+        [sys.executable, str(app), *overrides],
+        cwd=app.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def check_sweep(uri: str, n_children: int, best: float, best_params: dict) -> str:
+    client = client_for(uri)
+    experiment = client.get_experiment_by_name("demo")
+    parents = client.search_runs([experiment.experiment_id], "tags.`mlxlab.role` = 'sweep'")
+    assert len(parents) == 1
+    parent = parents[0]
+    children = sweep_children(client, parent.info.run_id)
+    assert len(children) == n_children
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best/val/accuracy"] == pytest.approx(best)
+    assert {k: v for k, v in parent.data.params.items() if k.startswith("best.")} == best_params
+    artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "plots")]
+    assert artifacts == ["plots/sweep_val_accuracy.png"]
+    return parent.info.run_id
+
+
+def import_script(name: str):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+def test_multirun_groups_jobs_under_a_parent_run(template_db, tmp_path, capsys):
+    app = write_app(tmp_path)
+    uri = fresh_store(template_db, tmp_path)  # the callback adds the "demo" experiment to it
+    run_app(app, "--multirun", "lr=0.1,0.2", "width=2,3")
+    parent_id = check_sweep(uri, 4, 0.6, {"best.lr": "0.2", "best.width": "3"})
+    assert (tmp_path / "multirun/sweep/.mlflow_parent_run_id").read_text() == parent_id
+
+    list_experiments = import_script("list_experiments")
+    assert list_experiments.main(["--uri", uri, "--sweep", "latest"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert parent_id in table[0]
+    header = next(line for line in table if line.strip().startswith("rank"))
+    assert header.split() == ["rank", "run_id", "status", "val/accuracy", "lr", "width"]
+    first, last = table[table.index(header) + 2], table[-1]
+    assert first.split()[3:] == ["0.6000", "0.2", "3"]
+    assert last.split()[3:] == ["0.2000", "0.1", "2"]
+
+
+def test_list_experiments_cli_prints_runs(uri, tmp_path, capsys):
+    tracker = MlflowTracker(uri=uri, experiment_name="listed", run_name="visible")
+    tracker.start({"a": 1}, {})
+    tracker.log_metrics({"val/accuracy": 0.8125, "val/loss": 0.42}, step=5)
+    tracker.end()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/list_experiments.py"), "--uri", uri],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "experiment 'listed'" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if tracker.run_id in line)
+    assert "visible" in row and "FINISHED" in row and "0.8125" in row and "0.4200" in row
+
+    list_experiments = import_script("list_experiments")
+    assert list_experiments.main(["--uri", f"sqlite:///{tmp_path}/none/mlflow.db"]) == 0
+    assert "no MLflow store" in capsys.readouterr().out
+    assert not (tmp_path / "none").exists()  # listing never creates a store
+
+
+def test_callback_creates_store_only_for_mlflow_tracking(template_db, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from mlxlab.tracking.hydra_callbacks import MlflowSweepCallback
+
+    write_app(tmp_path)
+    with initialize_config_dir(str(tmp_path / "conf"), version_base="1.3"):
+        none_cfg = compose("config", ["tracking=none"], return_hydra_config=True)
+        mlflow_cfg = compose("config", return_hydra_config=True)
+    callback = MlflowSweepCallback()
+    callback.on_run_start(none_cfg)
+    callback.on_multirun_start(none_cfg)
+    callback.on_multirun_end(none_cfg)
+    assert not (tmp_path / "mlruns").exists() and ENV_PARENT_RUN_ID not in os.environ
+
+    fresh_store(template_db, tmp_path)  # on_run_start adds the experiment
+    callback.on_run_start(mlflow_cfg)
+    assert client_for(f"sqlite:///{tmp_path}/mlruns/mlflow.db").get_experiment_by_name("demo")
+
+
+@pytest.mark.slow
+def test_parallel_joblib_multirun_groups_all_jobs(tmp_path):
+    app = write_app(tmp_path)
+    run_app(
+        app,
+        "--multirun",
+        "lr=0.1,0.2",
+        "width=2,3",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+    )
+    check_sweep(
+        f"sqlite:///{tmp_path}/mlruns/mlflow.db", 4, 0.6, {"best.lr": "0.2", "best.width": "3"}
+    )
+
+
+# --------------------------------------------------------------------------- tracking server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tracking_server_round_trip(tmp_path):
+    port = free_port()
+    server_uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PORT": str(port), "WORKERS": "1", "MLRUNS_DIR": str(tmp_path / "srv")}
+    log_file = (tmp_path / "server.log").open("w")  # noqa: SIM115 (closed in finally)
+    server = subprocess.Popen(
+        [str(ROOT / "scripts/mlflow_server.sh")],
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{server_uri}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+                time.sleep(0.5)
+
+        tracker = MlflowTracker(uri=server_uri, experiment_name="served")
+        tracker.start({"model": {"hidden": 64}}, {"via": "server"})
+        for step in range(30):
+            tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+        (tmp_path / "note.txt").write_text("served")
+        tracker.log_artifact(tmp_path / "note.txt")
+        tracker.end()
+        assert tracker.errors == 0
+
+        client = client_for(server_uri)
+        run = client.get_run(tracker.run_id)
+        assert run.info.status == "FINISHED" and run.data.params == {"model.hidden": "64"}
+        assert len(client.get_metric_history(tracker.run_id, "train/loss")) == 30
+        assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["note.txt"]
+        assert list((tmp_path / "srv/server-artifacts").rglob("note.txt"))  # the server stored it
+
+        app = write_app(tmp_path / "app")  # a 2-job multirun through the server
+        run_app(app, "--multirun", "lr=0.1,0.3", env={"MLFLOW_TRACKING_URI": server_uri})
+        check_sweep(server_uri, 2, 0.6, {"best.lr": "0.3"})
+        assert not (tmp_path / "app/mlruns").exists()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log_file.close()

@@ -1,0 +1,89 @@
+"""The default experiment end to end: real Hydra composition, real MLX training, real MLflow store."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from conftest import FAST, PYTHON
+from mlflow.tracking import MlflowClient
+
+from mlxlab.train import train
+
+
+def runs_of(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment!r} in {uri}"
+    return client, client.search_runs([exp.experiment_id])
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found.add(item.path)
+        if item.is_dir:
+            found |= artifact_paths(client, run_id, item.path)
+    return found
+
+
+def test_default_experiment_runs_and_is_tracked(make_cfg, tmp_path):
+    cfg = make_cfg(*FAST)
+    metrics = train(cfg)
+    assert 0.0 <= metrics["val/accuracy"] <= 1.0
+    assert {"val/loss", "val/f1", "val/roc_auc"} <= set(metrics)
+
+    client, runs = runs_of(cfg.tracking.uri, cfg.tracking.experiment_name)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert float(params["trainer.learning_rate"]) == cfg.trainer.learning_rate
+    assert params["model.hidden_size"] == "32"
+    assert params["data.label_column"] == "Survived"
+    assert run.data.tags["choice.model"] == "bert"
+    assert run.data.tags["choice.data"] == "titanic"
+    assert "mlxlab.config_hash" in run.data.tags
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]
+    assert client.get_metric_history(run.info.run_id, "val/accuracy")
+    artifacts = artifact_paths(client, run.info.run_id)
+    assert "plots/loss_curve.png" in artifacts
+    assert "plots/confusion_matrix.png" in artifacts
+    assert any(p.endswith("model.safetensors") for p in artifacts)
+    assert any(p.endswith("state.json") for p in artifacts)
+    # the store is the central one under the root, artifacts beside it
+    assert (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+def test_tracking_none_creates_no_store(make_cfg, tmp_path):
+    metrics = train(make_cfg(*FAST, "tracking=none"))
+    assert "val/accuracy" in metrics
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_missing_csv_is_a_clear_error(make_cfg, tmp_path):
+    cfg = make_cfg(*FAST, "tracking=none", f"data.path={tmp_path}/nope.csv")
+    with pytest.raises(FileNotFoundError, match="nope.csv") as err:
+        train(cfg)
+    assert "data.path" in str(err.value)
+
+
+def test_unknown_label_column_is_a_clear_error(make_cfg):
+    cfg = make_cfg(*FAST, "tracking=none", "data.label_column=Survivd")
+    with pytest.raises(ValueError, match="Survivd") as err:
+        train(cfg)
+    assert "Survived" in str(err.value)  # lists the available columns
+
+
+def test_multirun_jobs_group_under_one_parent(tmp_path, cli_env):
+    args = [PYTHON, "-m", "mlxlab.train", "--multirun", "trainer.learning_rate=1e-3,3e-3", *FAST]
+    out = subprocess.run(args, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, runs = runs_of(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "train")
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(children) == 2 and len(parents) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {float(r.data.params["trainer.learning_rate"]) for r in children} == {1e-3, 3e-3}
+    assert all(r.info.status == "FINISHED" for r in runs)
