@@ -2,6 +2,8 @@
 
 import json
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -137,6 +139,24 @@ def test_wordpiece_is_bert_style_and_reused_from_save_to(tmp_path):
     )
 
 
+def test_trained_tokenizers_are_identical_across_processes():
+    # Rust hash maps are seeded per process; count ties must not decide the vocabulary.
+    code = (
+        "from mlxlab.data.tokenizer import build_tokenizer, tokenizer_hash\n"
+        "texts = [f'class {i % 3}. sex {s}. embarked {e}. fare {i % 7}-{i % 5}.' "
+        "for i in range(300) for s, e in [('male', 'S'), ('female', 'C')]]\n"
+        "print(tokenizer_hash(build_tokenizer(texts, kind='wordpiece')),"
+        " tokenizer_hash(build_tokenizer(texts, kind='bytelevel_bpe', min_vocab=1)))"
+    )
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(3)
+    }
+    assert len(runs) == 1
+
+
 def test_tokenizer_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="kind"):
         build_tokenizer(["a"], kind="sentencepiece")
@@ -263,6 +283,8 @@ def test_tabular_clear_errors(titanic_csv, tmp_path):
         tabular(titanic_csv, tmp_path, template=None, feature_columns=["Nope"]).setup(
             tmp_path / "run"
         )
+    with pytest.raises(ValueError, match=r"label column 'Survived'.*data.template"):
+        tabular(titanic_csv, tmp_path, template="{Sex} {Survived}").setup(tmp_path / "run")
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.csv"):

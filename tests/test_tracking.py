@@ -437,6 +437,11 @@ def main(cfg):
         tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
     accuracy = cfg.lr * cfg.width
     tracker.log_metrics({"val/accuracy": accuracy}, 3)
+    # a worse last evaluation: sweeps rank by the best value, which train.py returns
+    tracker.log_metrics({"val/accuracy": accuracy / 10, "best/val/accuracy": accuracy}, 4)
+    if cfg.get("fail_width") == cfg.width:  # a failed trial: recorded, the sweep goes on
+        tracker.end("FAILED")
+        return float("nan")
     tracker.end()
     return accuracy
 
@@ -486,7 +491,7 @@ def run_app(app: Path, *overrides: str, env: dict | None = None) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def check_sweep(uri: str, n_children: int, best: float, best_params: dict) -> str:
+def check_sweep(uri: str, n_children: int, best: float, best_params: dict, failed: int = 0) -> str:
     client = client_for(uri)
     experiment = client.get_experiment_by_name("demo")
     parents = client.search_runs([experiment.experiment_id], "tags.`mlxlab.role` = 'sweep'")
@@ -494,7 +499,9 @@ def check_sweep(uri: str, n_children: int, best: float, best_params: dict) -> st
     parent = parents[0]
     children = sweep_children(client, parent.info.run_id)
     assert len(children) == n_children
-    assert {r.info.status for r in children} == {"FINISHED"}
+    statuses = sorted(r.info.status for r in children)
+    assert statuses == ["FAILED"] * failed + ["FINISHED"] * (n_children - failed)
+    assert parent.data.tags["mlxlab.num_failed"] == str(failed)
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["best/val/accuracy"] == pytest.approx(best)
     assert {k: v for k, v in parent.data.params.items() if k.startswith("best.")} == best_params
@@ -514,8 +521,8 @@ def import_script(name: str):
 def test_multirun_groups_jobs_under_a_parent_run(template_db, tmp_path, capsys):
     app = write_app(tmp_path)
     uri = fresh_store(template_db, tmp_path)  # the callback adds the "demo" experiment to it
-    run_app(app, "--multirun", "lr=0.1,0.2", "width=2,3")
-    parent_id = check_sweep(uri, 4, 0.6, {"best.lr": "0.2", "best.width": "3"})
+    run_app(app, "--multirun", "lr=0.1,0.2", "width=2,3", "+fail_width=3")
+    parent_id = check_sweep(uri, 4, 0.4, {"best.lr": "0.2", "best.width": "2"}, failed=2)
     assert (tmp_path / "multirun/sweep/.mlflow_parent_run_id").read_text() == parent_id
 
     list_experiments = import_script("list_experiments")
@@ -524,9 +531,13 @@ def test_multirun_groups_jobs_under_a_parent_run(template_db, tmp_path, capsys):
     assert parent_id in table[0]
     header = next(line for line in table if line.strip().startswith("rank"))
     assert header.split() == ["rank", "run_id", "status", "val/accuracy", "lr", "width"]
-    first, last = table[table.index(header) + 2], table[-1]
-    assert first.split()[3:] == ["0.6000", "0.2", "3"]
-    assert last.split()[3:] == ["0.2000", "0.1", "2"]
+    ranked = [line.split()[2:] for line in table[table.index(header) + 2 :]]
+    assert ranked == [  # finished runs best first (by best/val/accuracy), then the failed ones
+        ["FINISHED", "0.4000", "0.2", "2"],
+        ["FINISHED", "0.2000", "0.1", "2"],
+        ["FAILED", "0.6000", "0.2", "3"],
+        ["FAILED", "0.3000", "0.1", "3"],
+    ]
 
 
 def test_list_experiments_cli_prints_runs(uri, tmp_path, capsys):

@@ -60,15 +60,22 @@ def config_dir() -> str:
     return str(Path(__file__).resolve().parents[2] / "conf")
 
 
-def to_container(cfg: DictConfig | Mapping) -> dict:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
-    return dict(cfg)
+def to_container(cfg: DictConfig | Mapping, skip: tuple[str, ...] = ()) -> dict:
+    """The resolved config as plain Python, without Hydra's own `hydra` node."""
+    if not isinstance(cfg, DictConfig):
+        return {k: v for k, v in cfg.items() if k not in skip}
+    out = {}
+    for key in cfg:
+        if key == "hydra" or key in skip:
+            continue
+        node = cfg[key]
+        out[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return out
 
 
-def config_hash(cfg: DictConfig, ignore: tuple[str, ...] = ("resume", "sweep", "tags")) -> str:
+def config_hash(cfg: DictConfig, ignore: tuple[str, ...] = ("resume", "sweep", "tags", "paths")) -> str:
     """Stable hash of the resolved config minus keys that don't change what is trained."""
-    data = {k: v for k, v in to_container(cfg).items() if k not in ignore and k != "paths"}
+    data = to_container(cfg, skip=ignore)
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

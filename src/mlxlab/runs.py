@@ -7,6 +7,7 @@ model's constructor inputs, so a model can be rebuilt from the checkpoint alone.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -50,17 +51,16 @@ def prepare_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
 
 def load_run_model(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the model of a finished run (its best checkpoint, else the newest) with its weights."""
-    from mlxlab.training.checkpoint import find_run_checkpoints, load_checkpoint
+    from mlxlab.training.checkpoint import check_committed, find_run_checkpoints, load_checkpoint
 
-    source = find_run_checkpoints(Path(path))
-    checkpoint = source.best_path or source.latest()
-    if checkpoint is None:
+    candidates = sorted(find_run_checkpoints(Path(path)), key=lambda p: p.name != "best")
+    usable = [p for p in candidates if check_committed(p, full=False) is None]
+    if not usable:
         raise ConfigError(f"{path} holds no committed checkpoint: train it first or give another run")
-    import json
-
+    checkpoint = usable[0]
     state = json.loads((checkpoint / "state.json").read_text())
     config = state.get("config") or {}
-    if "model" not in config:
+    if "model" not in config or "model_init" not in state:
         raise ConfigError(f"{checkpoint}/state.json has no model config: it is not an mlxlab run")
     model = instantiate(OmegaConf.create(config["model"]), **state["model_init"])
     load_checkpoint(checkpoint, model, strict=True)
@@ -99,19 +99,24 @@ def load_teachers(
     return models, weights
 
 
-def share_teacher_tokenizer(cfg: DictConfig) -> None:
-    """Distillation: unless data.tokenizer.path is set, use the first teacher's tokenizer.json."""
-    distill = cfg.trainer.get("distill") or {}
-    specs = distill.get("teachers") or []
-    if not specs or cfg.data.get("tokenizer", {}).get("path"):
+def reuse_tokenizer(cfg: DictConfig, run: str | Path | None, why: str) -> None:
+    """Point data.tokenizer.path at an earlier run's tokenizer.json (unless one is set), so a
+    resumed run or a distilled student sees exactly the token ids the checkpoint was trained on."""
+    if run is None or cfg.data.get("tokenizer", {}).get("path"):
         return
-    first = specs[0] if isinstance(specs[0], str) else specs[0].get("run")
-    path = Path(str(first))
-    for candidate in (path / "tokenizer.json", path.parent.parent / "tokenizer.json"):
-        if candidate.exists():
-            cfg.data.tokenizer.path = str(candidate)
-            log.info("distillation: the student uses the teacher's tokenizer %s", candidate)
+    path = Path(str(run))
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / "tokenizer.json").exists():
+            cfg.data.tokenizer.path = str(candidate / "tokenizer.json")
+            log.info("%s: using the tokenizer of %s", why, candidate)
             return
+
+
+def first_teacher(cfg: DictConfig) -> str | None:
+    specs = (cfg.trainer.get("distill") or {}).get("teachers") or []
+    if not specs:
+        return None
+    return str(specs[0] if isinstance(specs[0], str) else specs[0].get("run"))
 
 
 def finished_metric(cfg: DictConfig) -> float | None:

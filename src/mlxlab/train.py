@@ -46,10 +46,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     seed_everything(cfg.seed)
     run_dir, choices, _ = hydra_context(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from mlxlab.runs import prepare_resume, share_teacher_tokenizer
+    from mlxlab.runs import first_teacher, prepare_resume, reuse_tokenizer
 
     resume = prepare_resume(cfg, run_dir)
-    share_teacher_tokenizer(cfg)
+    reuse_tokenizer(cfg, resume, "resume")
+    reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
     tracker = instantiate(cfg.tracking)
     data = instantiate(cfg.data)
     data.setup(run_dir)

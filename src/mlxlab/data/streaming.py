@@ -41,6 +41,7 @@ BUILDERS = {
     ".parquet": "parquet",
     ".csv": "csv",
 }
+READ_CHUNK = 1 << 20
 _DONE = object()
 
 
@@ -176,7 +177,11 @@ class StreamingText:
         from datasets import load_dataset  # slow import: only when a stream is opened
 
         if self.builder is not None:
-            kwargs = {"sample_by": self.sample_by} if self.builder == "text" else {}
+            # Read 1 MB at a time (the default is 10 MB) so memory stays small and flat.
+            kwargs = {
+                "text": {"sample_by": self.sample_by, "chunksize": READ_CHUNK},
+                "json": {"chunksize": READ_CHUNK},
+            }.get(self.builder, {})
             return load_dataset(
                 self.builder, data_files=self.data_files, split=split, streaming=True, **kwargs
             )

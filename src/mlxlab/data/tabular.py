@@ -133,6 +133,14 @@ def encode_texts(
     encodings = tok.encode_batch(list(texts))
     tokens = np.full((len(encodings), max_length), pad_id, dtype=np.int32)
     lengths = np.zeros(len(encodings), dtype=np.int32)
+    truncated = sum(1 for enc in encodings if enc.overflowing)
+    if truncated:
+        log.warning(
+            "%d of %d texts cut to %d tokens: raise data.max_length",
+            truncated,
+            len(encodings),
+            max_length,
+        )
     for i, enc in enumerate(encodings):
         ids = enc.ids
         tokens[i, : len(ids)] = ids
@@ -196,6 +204,12 @@ class TabularText:
     def texts(self, df: pd.DataFrame) -> list[str]:
         """The text each row of `df` is serialized to (train, val or a test CSV without labels)."""
         columns = self._columns(df)
+        used = template_fields(self.template) if self.template else columns
+        if self.label_column in used:
+            raise ValueError(
+                f"the text would contain the label column {self.label_column!r}: "
+                "remove it from data.template / data.feature_columns"
+            )
         if self.template:
             _check_columns(
                 df, template_fields(self.template), "template columns", "data.template=", self.path

@@ -39,6 +39,19 @@ def _normalizer_and_pre_tokenizer(kind: str):
     return None, pre_tokenizers.ByteLevel(add_prefix_space=False)
 
 
+def _word_counts(texts: Iterable[str], kind: str) -> tuple[Counter[str], list[str]]:
+    """Word counts after the tokenizer's own normalization and pre-tokenization, and the
+    sorted characters they use (WordPiece only)."""
+    normalizer, pre_tokenizer = _normalizer_and_pre_tokenizer(kind)
+    counts: Counter[str] = Counter()
+    for text in texts:
+        if normalizer is not None:
+            text = normalizer.normalize_str(text)
+        counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(text))
+    chars = sorted(set().union(*counts)) if kind == "wordpiece" else []
+    return counts, chars
+
+
 def auto_vocab_size(
     texts: Iterable[str],
     kind: str = "wordpiece",
@@ -62,16 +75,7 @@ def auto_vocab_size(
     the embedding table never outgrows what the data can train. Multiples of 64 keep matmuls
     aligned.
     """
-    normalizer, pre_tokenizer = _normalizer_and_pre_tokenizer(kind)
-    counts: Counter[str] = Counter()
-    chars: set[str] = set()
-    for text in texts:
-        if normalizer is not None:
-            text = normalizer.normalize_str(text)
-        words = [w for w, _ in pre_tokenizer.pre_tokenize_str(text)]
-        counts.update(words)
-        if kind == "wordpiece":
-            chars.update(*words)
+    counts, chars = _word_counts(texts, kind)
     # WordPiece keeps each character twice: word-initial "a" and continuation "##a".
     alphabet = 256 if kind == "bytelevel_bpe" else 2 * len(chars)
     repeated = sum(1 for c in counts.values() if c >= min_frequency)
@@ -149,15 +153,16 @@ def _train(
 ) -> Tokenizer:
     normalizer, pre_tokenizer = _normalizer_and_pre_tokenizer(kind)
     if kind == "wordpiece":
+        # Built here rather than by trainers.WordPieceTrainer, which breaks count ties in hash
+        # order and so gives a different vocabulary in every process (tabular text is all ties).
         unk = "[UNK]" if "[UNK]" in special else special[0]
-        tok = Tokenizer(models.WordPiece(unk_token=unk))
-        tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=special,
-            show_progress=False,
+        tok = Tokenizer(
+            models.WordPiece(
+                _wordpiece_vocab(texts, vocab_size, min_frequency, special), unk_token=unk
+            )
         )
+        tok.decoder = decoders.WordPiece()
+        trainer = None
     else:
         tok = Tokenizer(models.BPE())
         tok.decoder = decoders.ByteLevel()
@@ -171,7 +176,8 @@ def _train(
     if normalizer is not None:
         tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizer
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    if trainer is not None:
+        tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     if kind == "wordpiece" and {"[CLS]", "[SEP]"} <= set(special):
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
@@ -180,6 +186,25 @@ def _train(
             special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
         )
     return tok
+
+
+def _wordpiece_vocab(
+    texts: list[str], vocab_size: int, min_frequency: int, special: list[str]
+) -> dict[str, int]:
+    """Deterministic WordPiece vocabulary: specials, every character (word-initial and "##"
+    continuation, so any word can be spelled), then the words seen at least `min_frequency`
+    times, most frequent first (ties alphabetical), up to `vocab_size`; rare words are spelled
+    from characters. Unused slots fill it up to vocab_size."""
+    counts, chars = _word_counts(texts, "wordpiece")
+    tokens = list(dict.fromkeys([*special, *chars, *(f"##{c}" for c in chars)]))
+    frequent = sorted(
+        (w for w, c in counts.items() if c >= min_frequency and len(w) > 1),
+        key=lambda w: (-counts[w], w),
+    )
+    tokens += frequent[: max(0, vocab_size - len(tokens))]
+    # Pad to exactly vocab_size, like BERT's [unused] slots: the size stays a multiple of 64.
+    tokens += [f"[unused{i}]" for i in range(vocab_size - len(tokens))]
+    return {t: i for i, t in enumerate(tokens)}
 
 
 def find_token_id(tok: Tokenizer, candidates: Sequence[str], what: str) -> int:

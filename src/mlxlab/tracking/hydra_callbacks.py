@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -53,13 +54,23 @@ class MlflowSweepCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         settings = _mlflow_settings(config)
         if settings:
-            ensure_store(**settings)
+            try:
+                ensure_store(**settings)
+            except Exception as e:  # the run's tracker retries and warns; training goes on
+                log.warning("MLflow store not ready: %s: %s", type(e).__name__, e)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Create the store once, before any worker runs, and the sweep's parent run."""
         settings = _mlflow_settings(config)
         if not settings:
             return
+        (_sweep_dir(config) / PARENT_ID_FILE).unlink(missing_ok=True)  # a reused sweep dir's
+        try:
+            self._start_parent(config, settings)
+        except Exception as e:  # jobs still train (and track, if the store comes back)
+            log.warning("MLflow sweep parent run not created: %s: %s", type(e).__name__, e)
+
+    def _start_parent(self, config: DictConfig, settings: dict[str, Any]) -> None:
         from mlflow import MlflowClient
 
         experiment_id = ensure_store(**settings)
@@ -118,10 +129,11 @@ class MlflowSweepCallback(Callback):
         client = MlflowClient(tracking_uri=self._parent["uri"])
         parent_id = self._parent["run_id"]
         children = sweep_children(client, parent_id)
-        finished = [r for r in children if r.info.status == "FINISHED"]
+        statuses = [r.info.status for r in children]
         tags = [
             RunTag("mlxlab.num_runs", str(len(children))),
-            RunTag("mlxlab.num_finished", str(len(finished))),
+            RunTag("mlxlab.num_finished", str(statuses.count("FINISHED"))),
+            RunTag("mlxlab.num_failed", str(statuses.count("FAILED"))),
         ]
         metric = OmegaConf.select(config, "optimized_metric", default=None)
         if not metric or not children:
@@ -129,13 +141,14 @@ class MlflowSweepCallback(Callback):
             return
         mode = metric_mode(str(metric), _mode(config))
         keys = swept_keys(children, _override_keys(config))
-        rows = sweep_table(children, metric, keys, mode)
-        best = rows[0]
+        rows = sweep_table(children, metric, keys, mode)  # best first, no-metric runs last
+        best = next((r for r in rows if r["status"] == "FINISHED" and _finite(r[metric])), None)
         metrics, params = [], []
-        if best[metric] is not None and best["status"] == "FINISHED":
+        if best is not None:
             metrics.append(Metric(f"best/{metric}", float(best[metric]), _now_ms(), 0))
             params = [Param(f"best.{k}", str(best[k])) for k in keys if best[k] is not None]
-            tags += [RunTag("mlxlab.best_run_id", best["run_id"])]
+            tags.append(RunTag("mlxlab.best_run_id", best["run_id"]))
+            log.info("sweep best %s=%s (run %s)", metric, best[metric], best["run_id"])
         client.log_batch(parent_id, metrics=metrics, params=params[:100], tags=tags)
         with tempfile.TemporaryDirectory() as tmp:
             png = sweep_plot_png(rows, metric, keys, Path(tmp) / f"sweep_{_safe(metric)}.png")
@@ -143,7 +156,6 @@ class MlflowSweepCallback(Callback):
         optuna_results = _sweep_dir(config) / "optimization_results.yaml"
         if optuna_results.is_file():
             client.log_artifact(parent_id, str(optuna_results))
-        log.info("sweep best %s=%s (run %s)", metric, best[metric], best["run_id"])
 
     def _end_parent(self, status: str) -> None:
         if self._parent is None:
@@ -200,6 +212,10 @@ def _mode(config: DictConfig) -> str | None:
     if mode is None and isinstance(direction, str):
         mode = direction
     return mode
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def _now_ms() -> int:

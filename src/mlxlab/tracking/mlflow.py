@@ -482,11 +482,13 @@ def metric_mode(metric: str, mode: str | None = None) -> str:
 
 
 def sweep_table(runs: Sequence, metric: str, keys: Sequence[str], mode: str = "max") -> list[dict]:
-    """One row per run (run_id, name, status, metric, each key), best first; runs without a
-    finite metric value last."""
+    """One row per run (run_id, name, status, metric, each key): finished runs best first,
+    then unfinished (failed, running) ones, runs without a finite metric value last in each.
+    A run's `best/<metric>` (what train.py returned, when the trainer logs it) wins over the
+    metric's last logged value."""
     rows = []
     for run in runs:
-        value = run.data.metrics.get(metric)
+        value = run.data.metrics.get(f"best/{metric}", run.data.metrics.get(metric))
         row = {
             "run_id": run.info.run_id,
             "name": run.info.run_name,
@@ -497,9 +499,9 @@ def sweep_table(runs: Sequence, metric: str, keys: Sequence[str], mode: str = "m
         rows.append(row)
 
     def order(row: dict) -> tuple:
-        value = row[metric]
+        value, unfinished = row[metric], row["status"] != "FINISHED"
         if value is None or not math.isfinite(value):
-            return (1, 0.0)
-        return (0, -value if mode == "max" else value)
+            return (unfinished, 1, 0.0)
+        return (unfinished, 0, -value if mode == "max" else value)
 
     return sorted(rows, key=order)

@@ -425,7 +425,7 @@ class Trainer:
         """Under trainer.memory_budget_mb, halve the batch (raising grad_accum) until it fits."""
         if not self.memory_budget_mb:
             return
-        saved_rng, saved_data = mx.random.state[0], data.state_dict()
+        saved_rng, saved_data = rng_state(), data.state_dict()
         grad_fn = nn.value_and_grad(model, loss_fn)
         while True:
             device.reset_peak_memory()
@@ -448,7 +448,7 @@ class Trainer:
                 "grad_accum -> %d (same effective batch)", peak, self.memory_budget_mb,
                 self.batching.batch_size, self.grad_accum,
             )
-        mx.random.state[0] = saved_rng
+        set_rng_state(saved_rng)
         data.load_state_dict(saved_data)
 
     def quantized_metrics(self, model: nn.Module, data, task: str) -> dict[str, float]:

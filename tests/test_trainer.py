@@ -1,0 +1,155 @@
+"""The one training loop and its hooks, with real MLX steps on the real shipped data."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import FAST
+from mlx.utils import tree_flatten
+from mlflow.tracking import MlflowClient
+
+from mlxlab.config import instantiate
+from mlxlab.data.batching import Batching
+from mlxlab.runtime import device
+from mlxlab.train import seed_everything, train
+from mlxlab.training import losses
+from mlxlab.training.optim import build_optimizer
+from mlxlab.training.trainer import Trainer, TrainingError
+
+TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.dropout=0.0"]
+
+
+def build(make_cfg, tmp_path, *overrides):
+    cfg = make_cfg(*FAST, "tracking=none", *overrides)
+    data = instantiate(cfg.data)
+    data.setup(tmp_path / "run")
+    seed_everything(cfg.seed)
+    model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
+    return cfg, data, model
+
+
+def params(model) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+def test_grad_accumulation_equals_one_big_batch(make_cfg, tmp_path):
+    _, data, model_a = build(make_cfg, tmp_path, *TINY)
+    _, _, model_b = build(make_cfg, tmp_path, *TINY)
+    batch = next(iter(data.train_batches(Batching(batch_size=16), 0)))
+    halves = [{k: v[:8] for k, v in batch.items()}, {k: v[8:] for k, v in batch.items()}]
+    loss_fn = losses.task_loss("classification")
+    results = []
+    for model, accum, batches in ((model_a, 1, [batch]), (model_b, 2, halves)):
+        trainer = Trainer(grad_accum=accum, grad_clip=0.5)
+        opt = build_optimizer("adamw", 1e-2, total_steps=10)
+        opt.init(model.trainable_parameters())
+        loss, _, _ = trainer.make_step(model, opt, loss_fn)(batches)
+        results.append((loss.item(), params(model)))
+    (loss_a, pa), (loss_b, pb) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    changed = False
+    for name in pa:
+        np.testing.assert_allclose(pa[name], pb[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    # and the update really moved the weights
+    _, _, fresh = build(make_cfg, tmp_path, *TINY)
+    changed = any(not np.array_equal(v, pa[k]) for k, v in params(fresh).items())
+    assert changed
+
+
+def test_same_seed_same_run(make_cfg):
+    first = train(make_cfg(*FAST, "tracking=none"))
+    second = train(make_cfg(*FAST, "tracking=none"))
+    assert first == second
+    third = train(make_cfg(*FAST, "tracking=none", "seed=7"))
+    assert third != first
+
+
+def test_nan_loss_is_a_clear_error_and_marks_the_run_failed(make_cfg, tmp_path):
+    cfg = make_cfg(*FAST, "trainer.learning_rate=1e12", "trainer.grad_clip=0",
+                   "trainer.max_steps=30", "trainer.eval_every_steps=30", "model.hidden_size=32")
+    with pytest.raises(TrainingError, match="lower trainer.learning_rate"):
+        train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert client.get_metric_history(runs[0].info.run_id, "train/loss")  # data kept
+
+
+def test_optimized_trainer_with_dynamic_batches_and_quantization(make_cfg):
+    metrics = train(make_cfg(*FAST, "tracking=none", "trainer=optimized", "model.hidden_size=64",
+                             "trainer.memory_log_every=1"))
+    assert 0.0 <= metrics["val_q8/accuracy"] <= 1.0
+    assert abs(metrics["val_q8/loss"] - metrics["val/loss"]) < 0.2
+
+
+def test_memory_budget_too_small_is_a_clear_error(make_cfg):
+    cfg = make_cfg(*FAST, "tracking=none", "trainer.memory_budget_mb=0.001")
+    with pytest.raises(TrainingError, match="memory_budget_mb"):
+        train(cfg)
+
+
+def test_memory_budget_halves_the_batch_and_keeps_the_effective_batch(make_cfg, tmp_path):
+    _, data, model = build(make_cfg, tmp_path, "model.hidden_size=64")
+    loss_fn = losses.task_loss("classification")
+    roomy = Trainer(batch_size=64, memory_budget_mb=1e9)
+    roomy.fit_batch_to_memory(model, data, loss_fn)
+    assert (roomy.batching.batch_size, roomy.grad_accum) == (64, 1)
+
+    device.reset_peak_memory()
+    batch = next(iter(data.train_batches(Batching(batch_size=64), 0)))
+    mx.eval(nn.value_and_grad(model, loss_fn)(model, batch))
+    tight = Trainer(batch_size=64, memory_budget_mb=device.peak_memory_mb() * 0.6)
+    tight.fit_batch_to_memory(model, data, loss_fn)
+    assert tight.batching.batch_size < 64
+    assert tight.batching.batch_size * tight.grad_accum == 64
+
+
+def test_cnn_hybrid_trains(make_cfg):
+    metrics = train(make_cfg(*FAST, "tracking=none", "model=cnn_hybrid", "model.cnn_filters=16"))
+    assert 0.0 <= metrics["val/accuracy"] <= 1.0
+
+
+def test_language_model_loss_falls(make_cfg):
+    cfg = make_cfg("experiment=tinystories_nano", "tracking=none", "trainer.progress=false",
+                   "model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.max_seq_len=64",
+                   "data.seq_len=64", "data.tokenizer.max_vocab=512", "trainer.batch_size=8",
+                   "trainer.max_steps=40", "trainer.eval_every_steps=20", "trainer.log_every_steps=5",
+                   "trainer.warmup_steps=5")
+    from mlxlab.config import to_container
+
+    metrics = train(cfg)
+    assert math.isfinite(metrics["val/perplexity"])
+    assert metrics["val/perplexity"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-6)
+    assert to_container(cfg)["optimized_metric"] == "val/loss"
+    assert metrics["val/loss"] < math.log(512)  # better than uniform over the vocabulary
+
+
+def test_distillation_from_a_finished_run(make_cfg, tmp_path):
+    teacher_cfg = make_cfg(*FAST, "tracking=none", "trainer.max_steps=8", "trainer.eval_every_steps=8")
+    train(teacher_cfg)
+    teacher_dir = teacher_cfg.paths.output_dir
+    student_cfg = make_cfg(*FAST, "experiment=distill_titanic",
+                           f"trainer.distill.teachers=[{{run: '{teacher_dir}'}}]")
+    student_cfg.paths.output_dir = str(tmp_path / "outputs" / "student")
+    metrics = train(student_cfg)
+    assert 0.0 <= metrics["val/accuracy"] <= 1.0
+    client = MlflowClient(student_cfg.tracking.uri)
+    exp = client.get_experiment_by_name(student_cfg.tracking.experiment_name)
+    run = client.search_runs([exp.experiment_id])[0]
+    assert client.get_metric_history(run.info.run_id, "train/kl")
+    assert client.get_metric_history(run.info.run_id, "train/ce")
+
+
+def test_distillation_rejects_a_teacher_with_other_labels(make_cfg, tmp_path):
+    teacher_cfg = make_cfg(*FAST, "tracking=none")
+    train(teacher_cfg)
+    student_cfg = make_cfg(*FAST, "tracking=none", "trainer=distill", "data.label_column=Pclass",
+                           "data.template=null", "data.feature_columns=[Sex,Age]",
+                           f"trainer.distill.teachers=[{{run: '{teacher_cfg.paths.output_dir}'}}]")
+    student_cfg.paths.output_dir = str(tmp_path / "outputs" / "student")
+    with pytest.raises(ValueError, match="num_labels=2 but the student's data has .*num_labels=3"):
+        train(student_cfg)
