@@ -102,8 +102,11 @@ def build_tokenizer(
     `retrain`; else a new tokenizer is trained on `texts`. The result is written to `save_to`.
 
     kind="wordpiece": BERT style, [PAD]=0 [UNK] [CLS] [SEP] [MASK], lowercase, whitespace +
-    punctuation split, post-processor wraps every text as [CLS] ... [SEP].
-    kind="bytelevel_bpe": GPT style, <|endoftext|> and <|pad|>, no special tokens added on encode.
+    punctuation split, post-processor wraps every text as [CLS] ... [SEP]; the vocabulary is
+    whole words + characters, built deterministically (see `_wordpiece_vocab`).
+    kind="bytelevel_bpe": GPT style, <|endoftext|> and <|pad|>, no special tokens added on encode;
+    trained by tokenizers' BpeTrainer, which may stop below vocab_size when merges run out.
+    Both give the same tokenizer for the same texts in every process (a test checks it).
     vocab_size="auto" picks the size with `auto_vocab_size` (see its docstring for the rule).
     """
     if kind not in KINDS:

@@ -22,15 +22,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mlxlab.tracking.base import MAX_PARAM_VALUE_LENGTH
 from mlxlab.tracking.mlflow import (
     ENV_PARENT_RUN_ID,
     METRIC_TAG,
     MODE_TAG,
+    PARENT_RUN_TAG,
     ROLE_TAG,
+    RUN_DIR_TAG,
+    STARTED_RUN_IDS,
+    SWEEP_ID_TAG,
     SWEEP_PARAMS_TAG,
     ensure_store,
     metric_mode,
@@ -47,9 +53,14 @@ log = logging.getLogger(__name__)
 PARENT_ID_FILE = ".mlflow_parent_run_id"
 
 
+class TrialFailed(RuntimeError):
+    """A sweep job that returned a non-finite metric (NaN loss, a bad combination)."""
+
+
 class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self._parent: dict[str, Any] | None = None  # uri, run_id, previous env value
+        self._runs_before = 0  # len(STARTED_RUN_IDS) when the current job started
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         settings = _mlflow_settings(config)
@@ -104,11 +115,73 @@ class MlflowSweepCallback(Callback):
         log.info("MLflow sweep parent run %s (%s)", run_id, settings["uri"])
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._runs_before = len(STARTED_RUN_IDS)
         if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
             return
         id_file = _sweep_dir(config) / PARENT_ID_FILE
         if id_file.is_file():
             os.environ[ENV_PARENT_RUN_ID] = id_file.read_text().strip()
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        """A sweep job's outcome onto its MLflow run: `best/<metric>` = the value the job
+        returned (what sweepers rank by), or a FAILED run for a job that failed before its
+        tracker started (a bad combination raising in a constructor)."""
+        if job_return is None or OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
+            return
+        value, failed = _job_outcome(job_return)
+        if failed and _is_optuna(config) and job_return.status == JobStatus.COMPLETED:
+            # optuna<3 raises on a NaN objective and the plugin then crashes the whole sweep;
+            # a failed job is what it handles: the trial is told FAIL and the search goes on.
+            job_return.status = JobStatus.FAILED
+            job_return.return_value = TrialFailed(
+                f"{OmegaConf.select(config, 'optimized_metric')} = {value}: trial failed"
+            )
+        settings = _mlflow_settings(config)
+        parent_id = os.environ.get(ENV_PARENT_RUN_ID)
+        if not settings or not parent_id:
+            return
+        try:
+            self._record_job(config, settings["uri"], parent_id, value, failed, job_return)
+        except Exception as e:  # the job itself is done; its bookkeeping must not fail it
+            log.warning("MLflow: recording the job's outcome failed: %s: %s", type(e).__name__, e)
+
+    def _record_job(
+        self,
+        config: DictConfig,
+        uri: str,
+        parent_id: str,
+        value: Any,
+        failed: bool,
+        job_return: Any,
+    ) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param, RunTag
+
+        client = MlflowClient(tracking_uri=uri)
+        runs = STARTED_RUN_IDS[self._runs_before :]  # what this job's trackers started
+        metric = OmegaConf.select(config, "optimized_metric", default=None)
+        if runs and not failed and metric:
+            client.log_batch(
+                runs[-1], metrics=[Metric(f"best/{metric}", float(value), _now_ms(), 0)]
+            )
+        elif failed and not runs:  # nothing tracked this job: record it, so the sweep shows it
+            error = job_return._return_value if job_return.status == JobStatus.FAILED else value
+            parent = client.get_run(parent_id)
+            run_dir = str(OmegaConf.select(config, "hydra.runtime.output_dir"))
+            run = client.create_run(
+                parent.info.experiment_id,
+                run_name=f"failed job {OmegaConf.select(config, 'hydra.job.num')}",
+                tags={PARENT_RUN_TAG: parent_id, SWEEP_ID_TAG: parent_id, RUN_DIR_TAG: run_dir},
+            )
+            overrides = [str(o).split("=", 1) for o in config.hydra.overrides.task if "=" in str(o)]
+            client.log_batch(
+                run.info.run_id,
+                params=[Param(k.lstrip("+~"), v[:MAX_PARAM_VALUE_LENGTH]) for k, v in overrides][
+                    :100
+                ],
+                tags=[RunTag("mlxlab.error", f"{type(error).__name__}: {error}"[:5000])],
+            )
+            client.set_terminated(run.info.run_id, "FAILED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Log the best child's metric and params and a metric-vs-params PNG on the parent."""
@@ -154,8 +227,16 @@ class MlflowSweepCallback(Callback):
             png = sweep_plot_png(rows, metric, keys, Path(tmp) / f"sweep_{_safe(metric)}.png")
             client.log_artifact(parent_id, str(png), "plots")
         optuna_results = _sweep_dir(config) / "optimization_results.yaml"
-        if optuna_results.is_file():
+        if optuna_results.is_file():  # Optuna's own verdict, next to the table's
             client.log_artifact(parent_id, str(optuna_results))
+            found = OmegaConf.to_container(OmegaConf.load(optuna_results))
+            params = [
+                Param(f"optuna.best.{k}", str(v)) for k, v in found.get("best_params", {}).items()
+            ]
+            metrics = []
+            if _finite(found.get("best_value")):
+                metrics = [Metric("optuna/best_value", float(found["best_value"]), _now_ms(), 0)]
+            client.log_batch(parent_id, metrics=metrics, params=params[:100])
 
     def _end_parent(self, status: str) -> None:
         if self._parent is None:
@@ -204,6 +285,21 @@ def _override_keys(config: DictConfig) -> list[str]:
         if key not in keys:
             keys.append(str(key))
     return keys
+
+
+def _job_outcome(job_return: Any) -> tuple[Any, bool]:
+    """(the value the job returned, whether it failed): raised, or returned a non-finite number."""
+    if job_return.status != JobStatus.COMPLETED:
+        return None, True
+    value = job_return._return_value  # the property would raise for failed jobs
+    try:
+        return value, not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return value, False  # not a metric (an app returning None): nothing to judge
+
+
+def _is_optuna(config: DictConfig) -> bool:
+    return "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).lower()
 
 
 def _mode(config: DictConfig) -> str | None:

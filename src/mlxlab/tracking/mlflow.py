@@ -33,6 +33,10 @@ SWEEP_ID_TAG = "mlxlab.sweep_id"
 ROLE_TAG = "mlxlab.role"  # "sweep" on a sweep's parent run
 SWEEP_PARAMS_TAG = "mlxlab.sweep_params"  # JSON list of the keys a sweep varies
 CONFIG_HASH_TAG = "mlxlab.config_hash"  # set by train.py; sweep.skip_finished matches on it
+RUN_DIR_TAG = "mlxlab.run_dir"  # set by train.py
+# Runs MlflowTracker started (or resumed) in this process, in order: the sweep callback reads
+# which run a job produced from it (one job at a time per process in Hydra's launchers).
+STARTED_RUN_IDS: list[str] = []
 METRIC_TAG = "mlxlab.optimized_metric"
 MODE_TAG = "mlxlab.optimized_metric_mode"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -242,6 +246,7 @@ class MlflowTracker:
             )
             run_id = run.info.run_id
         self.run_id, self._active = run_id, True
+        STARTED_RUN_IDS.append(run_id)
         self._safely("log params", self._log_params, params, logged_params)
         self._safely("set_tags", self._log_tags, tags)
 

@@ -259,12 +259,14 @@ class Trainer:
         self.fit_batch_to_memory(model, data, loss_fn)
         batches_per_epoch = data.num_train_batches(self.batching)
         updates_per_epoch = math.ceil(batches_per_epoch / self.grad_accum) if batches_per_epoch else None
-        total_steps = self.max_steps or (self.max_epochs * updates_per_epoch if updates_per_epoch else None)
-        if total_steps is None:
+        # The run ends at whichever comes first: max_steps or max_epochs (when an epoch's length is known).
+        limits = [self.max_steps]
+        if self.max_epochs and updates_per_epoch:
+            limits.append(self.max_epochs * updates_per_epoch)
+        if not any(limits):
             raise ValueError("this data has no known length: set trainer.max_steps")
+        total_steps = min(x for x in limits if x)
         max_epochs = self.max_epochs or 10**9
-        if self.max_steps and updates_per_epoch:
-            max_epochs = min(max_epochs, math.ceil(self.max_steps / updates_per_epoch))
 
         optimizer = build_optimizer(
             self.opt_name, self.learning_rate, total_steps, self.warmup_steps, self.schedule,

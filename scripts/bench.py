@@ -1,0 +1,820 @@
+"""Throughput benchmark (issue 3): MLX GEMM vs numpy, and training speed of the mlxlab stack vs a
+minimal hand-written MLX loop vs the same architecture in PyTorch CPU eager, on this machine.
+
+Not a test: prints a table; `--write` also puts it (with the command and the machine) into a
+markdown file. Every ratio compares numbers taken in this one run.
+
+    python scripts/bench.py [--quick] [--threads N] [--models nano,tiny,bert] [--write]
+
+Each training measurement runs in its own fresh process (`--worker`), one after the other, so
+no framework's threads, caches or memory high-water mark leak into the next one:
+  mlxlab    the real stack: `mlxlab.train.train(cfg)` on the composed experiment config
+            (experiment=tinystories_nano|tinystories_tiny|titanic_bert), real data module,
+            MlflowTracker on a temporary sqlite store, progress bar on. A callback added at
+            Trainer.fit times every step; the batches it trained on are saved for the others.
+  mlx       the minimal loop on the same model and the same saved batches: nn.value_and_grad,
+            one mx.compile'd step over [model.state, optimizer.state, mx.random.state], the
+            same loss function and global-norm clip, AdamW, one mx.eval per step.
+  torch     the same architecture written in PyTorch (below), same batches, CPU eager,
+            torch.set_num_threads = the BLAS threads.
+Variants of the mlxlab row (--variants) locate the framework overhead: `bare` (tracking=none,
+no progress bar), `replay` (the saved batches instead of the live data pipeline).
+
+Steady state: the first --warmup steps are skipped, and so is any later step that compiles (the
+first step with a new batch shape) or that follows an evaluation/checkpoint (BERT evaluates
+every epoch). MFU = (6 * matmul params * tokens + 12 * layers * dim * T * tokens) / s over the
+best GEMM GFLOP/s measured in section 1. Memory: `mx peak` is MLX's peak of live arrays over
+the timed steps; `RSS` is the process's peak resident memory over the timed steps (VmHWM, reset
+through /proc/self/clear_refs) minus its resident memory before the weights were materialized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# isort: off
+import mlxlab  # first: loads the fast BLAS before anything imports mlx.core
+import mlx.core as mx
+
+# isort: on
+import numpy as np
+
+from mlxlab.runtime.blas import blas_threads, set_blas_threads
+
+MODELS = {  # name -> (experiment preset, what one example is)
+    "nano": ("tinystories_nano", "tokens"),
+    "tiny": ("tinystories_tiny", "tokens"),
+    "bert": ("titanic_bert", "samples"),
+}
+VARIANTS = ("bare", "replay")
+DEFAULT_OUT = "/work/notes/bench_throughput.md"
+BEGIN, END = "<!-- scripts/bench.py: begin -->", "<!-- scripts/bench.py: end -->"
+
+
+# ---- machine and memory ----------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int) -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "blas": f"{mlxlab.blas.status}: {mlxlab.blas.library} ({mlxlab.blas.detail})",
+        "threads": threads,
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def _status_kb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):  # 5 = reset VmHWM to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    return _status_kb("VmHWM") / 1024
+
+
+# ---- 1. GEMM ---------------------------------------------------------------------------------
+
+
+def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
+    """Best-of-`repeats` fp32 n x n x n GFLOP/s of (MLX, numpy) on the same operands, the two
+    timed alternately so a busy machine slows both alike."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    am, bm = mx.array(a), mx.array(b)
+    mx.eval(am @ bm)
+    a @ b
+    best_mlx = best_np = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(am @ bm)
+        best_mlx = min(best_mlx, time.perf_counter() - start)
+        start = time.perf_counter()
+        a @ b
+        best_np = min(best_np, time.perf_counter() - start)
+    return 2 * n**3 / best_mlx / 1e9, 2 * n**3 / best_np / 1e9
+
+
+def gemm_section(sizes: list[int], repeats: int) -> list[dict]:
+    rows = []
+    for n in sizes:
+        mlx_rate, np_rate = gemm_pair(n, repeats)
+        rows.append({"n": n, "mlx": mlx_rate, "numpy": np_rate, "ratio": mlx_rate / np_rate})
+    return rows
+
+
+# ---- steady-state timing shared by all workers ------------------------------------------------
+
+
+def clock() -> tuple[float, float]:
+    """(wall, CPU) seconds now; CPU = all threads of this process, steadier on a busy machine."""
+    return time.perf_counter(), time.process_time()
+
+
+def step_seconds(times: list, skip: set[int], warmup: int, steps: int) -> dict[int, tuple]:
+    """times[k] = clock() when step k finished (times[0]: before step 1) -> {step: (wall, CPU)
+    seconds} for steps warmup+1 .. warmup+steps not in `skip`."""
+    last = min(warmup + steps, len(times) - 1)
+    return {
+        k: (times[k][0] - times[k - 1][0], times[k][1] - times[k - 1][1])
+        for k in range(warmup + 1, last + 1)
+        if k not in skip
+    }
+
+
+def compile_steps(shapes: list[tuple]) -> set[int]:
+    """1-based steps whose batch shape had not been seen before (they trace and compile)."""
+    seen, new = set(), set()
+    for k, shape in enumerate(shapes, start=1):
+        if shape not in seen:
+            seen.add(shape)
+            new.add(k)
+    return new
+
+
+def save_batches(path: Path, batches: list[dict]) -> None:
+    arrays = {f"{i:05d}/{k}": np.array(v) for i, b in enumerate(batches) for k, v in b.items()}
+    np.savez(path, **arrays)
+
+
+def load_batches(path: Path) -> list[dict[str, np.ndarray]]:
+    with np.load(path) as f:
+        out: dict[int, dict] = {}
+        for key in f.files:
+            i, name = key.split("/")
+            out.setdefault(int(i), {})[name] = f[key]
+    return [out[i] for i in sorted(out)]
+
+
+def shape_of(batch: dict) -> tuple:
+    return tuple(batch["input_ids"].shape)
+
+
+def matmul_params(model, task: str) -> tuple[int, int, int, int]:
+    """(params used per token, per sample, layers, dim) for the FLOP count of a step."""
+    import mlx.nn as nn
+
+    per_token, per_sample = 0, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            n = module.weight.size + (module.bias.size if "bias" in module else 0)
+            if name.split(".")[0] in ("pooler", "classifier"):
+                per_sample += n  # BERT's head runs on [CLS] only
+            else:
+                per_token += n
+    if task == "lm":
+        if getattr(model, "tie_embeddings", False):
+            per_token += model.embed_tokens.weight.size  # the tied output projection
+        layers, dim = len(model.layers), model.embed_tokens.weight.shape[1]
+    else:
+        layers = len(model.encoder.layers)
+        dim = model.encoder.embeddings.word_embeddings.weight.shape[1]
+    return per_token, per_sample, layers, dim
+
+
+def step_flops(meta: dict, shape: tuple) -> float:
+    b, t = shape
+    return (
+        6 * meta["params_per_token"] * b * t
+        + 6 * meta["params_per_sample"] * b
+        + 12 * meta["layers"] * meta["dim"] * t * b * t
+    )
+
+
+# ---- worker: the mlxlab stack -------------------------------------------------------------------
+
+
+def compose(root: Path, overrides: list[str]):
+    """The real train.yaml composed with Hydra's compose API, rooted in `root` (as in tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from mlxlab.config import config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = hydra_compose(
+            "train", overrides=[f"paths.root_dir={root}", *overrides], return_hydra_config=True
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(root / "outputs" / "run")
+        cfg.paths.cache_dir = str(root / "cache")
+    return cfg
+
+
+def worker_mlxlab(spec: dict) -> dict:
+    from omegaconf import OmegaConf
+
+    from mlxlab.train import train
+    from mlxlab.training.callbacks import Callback
+    from mlxlab.training.trainer import Trainer
+
+    warmup, steps = spec["warmup"], spec["steps"]
+    root = Path(spec["root"])
+    overrides = list(spec["overrides"])
+    if spec["variant"] == "bare":
+        overrides += ["tracking=none", "trainer.progress=false"]
+    cfg = compose(root, overrides)
+    rec: dict = {"times": [], "evals": [], "shapes": [], "batches": []}
+
+    class StepTimer(Callback):
+        def on_train_start(self, total_steps, start_step):
+            rec["times"].append(clock())
+
+        def on_step(self, step, logs):
+            rec["times"].append(clock())
+            if step == warmup:
+                mx.reset_peak_memory()
+                reset_peak_rss()
+            if step == warmup + steps:
+                rec["mx_peak_mb"] = mx.get_peak_memory() / 2**20
+                rec["rss_peak_mb"] = peak_rss_mb()
+
+        def on_eval(self, step, metrics):
+            rec["evals"].append(step)
+
+    def replay(batching, epoch):
+        batches = [{k: mx.array(v) for k, v in b.items()} for b in load_batches(spec["batches"])]
+        mx.eval(batches)
+        yield from batches
+
+    original_fit = Trainer.fit
+
+    def fit(self, model, data, *args, **kwargs):
+        if self.grad_accum != 1:
+            raise ValueError("bench.py times one batch per step: use trainer.grad_accum=1")
+        rec["rss_base_mb"] = rss_mb()
+        rec["params"] = sum(v.size for _, v in _flat(model.parameters()))
+        rec["flops"] = dict(zip(("params_per_token", "params_per_sample", "layers", "dim"),
+                                matmul_params(model, data.task)))
+        rec["meta"] = {"task": data.task, "vocab_size": data.vocab_size,
+                       "num_labels": data.num_labels}
+        live = replay if spec["variant"] == "replay" else data.train_batches
+
+        def recorded(batching, epoch):
+            for batch in live(batching, epoch):
+                rec["shapes"].append(shape_of(batch))
+                if len(rec["batches"]) < warmup + steps:
+                    rec["batches"].append(batch)
+                yield batch
+
+        data.train_batches = recorded
+        callbacks = self.callbacks
+        self.callbacks = lambda: [*callbacks(), StepTimer()]
+        return original_fit(self, model, data, *args, **kwargs)
+
+    Trainer.fit = fit
+    train(cfg)
+    if spec["variant"] == "full":
+        save_batches(Path(spec["batches"]), rec["batches"])
+    return {
+        "times": rec["times"], "evals": rec["evals"], "shapes": rec["shapes"][: warmup + steps],
+        "mx_peak_mb": rec.get("mx_peak_mb"),
+        "rss_mb": rec.get("rss_peak_mb", float("nan")) - rec["rss_base_mb"],
+        "params": rec["params"], "flops": rec["flops"], "meta": rec["meta"],
+        "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
+        "trainer": {k: cfg.trainer[k] for k in ("learning_rate", "weight_decay", "grad_clip")},
+    }
+
+
+def _flat(tree):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
+
+
+# ---- worker: the minimal MLX loop ---------------------------------------------------------------
+
+
+def worker_mlx(spec: dict) -> dict:
+    from functools import partial
+
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from hydra.utils import instantiate
+
+    from mlxlab.training.losses import task_loss
+
+    ref = spec["reference"]  # what the mlxlab worker recorded
+    meta, hp = ref["meta"], ref["trainer"]
+    batches = [{k: mx.array(v) for k, v in b.items()} for b in load_batches(spec["batches"])]
+    mx.eval(batches)
+    base = rss_mb()
+    mx.random.seed(0)
+    model = instantiate(ref["model_cfg"], _convert_="all", vocab_size=meta["vocab_size"],
+                        num_labels=meta["num_labels"])
+    model.train()
+    optimizer = optim.AdamW(learning_rate=hp["learning_rate"], weight_decay=hp["weight_decay"])
+    loss_and_grad = nn.value_and_grad(model, task_loss(meta["task"]))
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch):
+        (loss, _), grads = loss_and_grad(model, batch)
+        grads, _ = optim.clip_grad_norm(grads, hp["grad_clip"])
+        optimizer.update(model, grads)
+        return loss
+
+    times = [clock()]
+    for k, batch in enumerate(batches, start=1):
+        loss = step(batch)
+        mx.eval(loss, state)
+        times.append(clock())
+        if k == spec["warmup"]:
+            mx.reset_peak_memory()
+            reset_peak_rss()
+    return {
+        "times": times, "mx_peak_mb": mx.get_peak_memory() / 2**20, "rss_mb": peak_rss_mb() - base,
+        "params": sum(v.size for _, v in _flat(model.parameters())),
+    }
+
+
+# ---- worker: PyTorch CPU eager ----------------------------------------------------------------
+
+
+def torch_models():
+    """The mlxlab decoder and BERT classifier in PyTorch, same sizes and formulations."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self, dim, heads, bias, rope_theta=None):
+            super().__init__()
+            self.heads, self.rope_theta = heads, rope_theta
+            self.query, self.key, self.value, self.out = (
+                nn.Linear(dim, dim, bias=bias) for _ in range(4)
+            )
+            self.rope_cache: dict[int, tuple] = {}
+
+        def rope(self, x):  # MLX nn.RoPE(traditional=False): rotate the two halves of a head
+            t, d = x.shape[2], x.shape[3]
+            if t not in self.rope_cache:
+                freqs = self.rope_theta ** (-torch.arange(0, d // 2, dtype=torch.float32) / (d // 2))
+                angles = torch.arange(t, dtype=torch.float32)[:, None] * freqs[None, :]
+                self.rope_cache[t] = (angles.cos(), angles.sin())
+            cos, sin = self.rope_cache[t]
+            x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+            return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+        def forward(self, x, mask=None, causal=False):
+            b, t, d = x.shape
+
+            def heads(z):
+                return z.view(b, t, self.heads, -1).transpose(1, 2)
+
+            q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+            if self.rope_theta is not None:
+                q, k = self.rope(q), self.rope(k)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            return self.out(o.transpose(1, 2).reshape(b, t, d))
+
+    class SwiGLU(nn.Module):
+        def __init__(self, dim, hidden):
+            super().__init__()
+            self.gate = nn.Linear(dim, hidden, bias=False)
+            self.up = nn.Linear(dim, hidden, bias=False)
+            self.down = nn.Linear(hidden, dim, bias=False)
+
+        def forward(self, x):
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+
+    class DecoderBlock(nn.Module):
+        def __init__(self, dim, heads, hidden, theta):
+            super().__init__()
+            self.attention = Attention(dim, heads, bias=False, rope_theta=theta)
+            self.attention_norm, self.mlp_norm = nn.RMSNorm(dim, eps=1e-5), nn.RMSNorm(dim, eps=1e-5)
+            self.mlp = SwiGLU(dim, hidden)
+
+        def forward(self, x):
+            x = x + self.attention(self.attention_norm(x), causal=True)
+            return x + self.mlp(self.mlp_norm(x))
+
+    class Transformer(nn.Module):
+        """RMSNorm, SwiGLU, RoPE, tied embeddings: mlxlab.models.transformer.Transformer."""
+
+        def __init__(self, vocab_size, dim, num_layers, num_heads, mlp_dim=None,
+                     rope_theta=10000.0, **cfg):
+            super().__init__()
+            unsupported = {
+                k: v for k, v in cfg.items()
+                if k in ("norm", "mlp", "positions", "tie_embeddings", "num_kv_heads", "dropout")
+                and v not in ("rmsnorm", "swiglu", "rope", True, None, 0.0)
+            }
+            if unsupported:
+                raise ValueError(f"the PyTorch decoder implements the default preset only: {unsupported}")
+            hidden = mlp_dim or (int(8 * dim / 3) + 63) // 64 * 64
+            self.embed_tokens = nn.Embedding(vocab_size, dim)
+            self.layers = nn.ModuleList(
+                DecoderBlock(dim, num_heads, hidden, rope_theta) for _ in range(num_layers)
+            )
+            self.norm = nn.RMSNorm(dim, eps=1e-5)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.embed_tokens(input_ids)
+            for layer in self.layers:
+                h = layer(h)
+            return F.linear(self.norm(h), self.embed_tokens.weight)
+
+    class EncoderBlock(nn.Module):
+        def __init__(self, dim, heads, hidden, dropout, eps):
+            super().__init__()
+            self.attention = Attention(dim, heads, bias=True)
+            self.attention_norm = nn.LayerNorm(dim, eps=eps)
+            self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+            self.mlp_norm = nn.LayerNorm(dim, eps=eps)
+            self.dropout = nn.Dropout(dropout)
+
+        def forward(self, x, mask):  # post-LN, as the original BERT and mlxlab's default
+            x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
+            return self.mlp_norm(x + self.dropout(self.down(F.gelu(self.up(x)))))
+
+    class BertClassifier(nn.Module):
+        """mlxlab.models.bert.BertClassifier (post-LN, exact GELU, pooler, token type 0)."""
+
+        def __init__(self, vocab_size, num_labels, hidden_size, num_layers, num_heads,
+                     intermediate_size=None, max_position=512, type_vocab_size=2, dropout=0.1,
+                     norm_position="post", pooler=True, layer_norm_eps=1e-12, **cfg):
+            super().__init__()
+            if norm_position != "post" or not pooler or cfg.get("pretrained"):
+                raise ValueError("the PyTorch BERT implements the default preset only")
+            d, eps = hidden_size, layer_norm_eps
+            self.word_embeddings = nn.Embedding(vocab_size, d)
+            self.position_embeddings = nn.Embedding(max_position, d)
+            self.token_type_embeddings = nn.Embedding(type_vocab_size, d)
+            self.embed_norm, self.dropout = nn.LayerNorm(d, eps=eps), nn.Dropout(dropout)
+            self.layers = nn.ModuleList(
+                EncoderBlock(d, num_heads, intermediate_size or 4 * d, dropout, eps)
+                for _ in range(num_layers)
+            )
+            self.pooler, self.classifier = nn.Linear(d, d), nn.Linear(d, num_labels)
+
+        def forward(self, input_ids, attention_mask):
+            t = input_ids.shape[1]
+            h = self.word_embeddings(input_ids) + self.position_embeddings.weight[:t]
+            h = self.dropout(self.embed_norm(h + self.token_type_embeddings.weight[0]))
+            mask = attention_mask.bool()[:, None, None, :]
+            for layer in self.layers:
+                h = layer(h, mask)
+            return self.classifier(self.dropout(torch.tanh(self.pooler(h[:, 0]))))
+
+    return Transformer, BertClassifier
+
+
+def worker_torch(spec: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    ref = spec["reference"]
+    meta, hp = ref["meta"], ref["trainer"]
+    batches = [
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
+        for b in load_batches(spec["batches"])
+    ]
+    for b in batches:
+        for key in ("input_ids", "labels"):
+            b[key] = b[key].long()
+    base = rss_mb()
+    Transformer, BertClassifier = torch_models()
+    cfg = {k: v for k, v in ref["model_cfg"].items() if k not in ("_target_", "lora")}
+    if meta["task"] == "lm":
+        cfg.pop("max_seq_len", None)
+        model = Transformer(meta["vocab_size"], **cfg)
+    else:
+        model = BertClassifier(meta["vocab_size"], meta["num_labels"], **cfg)
+    model.train()
+    try:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"],
+                                      weight_decay=hp["weight_decay"], fused=True)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"],
+                                      weight_decay=hp["weight_decay"], foreach=True)
+
+    def loss_of(batch):
+        if meta["task"] == "lm":
+            logits = model(batch["input_ids"])
+            ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+            mask = batch["loss_mask"].flatten()
+            return (ce * mask).sum() / mask.sum().clamp(min=1.0)
+        return F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+    times = [clock()]
+    for k, batch in enumerate(batches, start=1):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
+        optimizer.step()
+        times.append(clock())
+        if k == spec["warmup"]:
+            reset_peak_rss()
+    return {
+        "times": times, "mx_peak_mb": None, "rss_mb": peak_rss_mb() - base,
+        "params": sum(p.numel() for p in model.parameters()),
+        "optimizer": "fused" if optimizer.defaults.get("fused") else "foreach",
+    }
+
+
+WORKERS = {"mlxlab": worker_mlxlab, "mlx": worker_mlx, "torch": worker_torch}
+
+
+def worker_main(kind: str, spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    set_blas_threads(spec["threads"])
+    result = WORKERS[kind](spec)
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# ---- the parent: run the workers, summarize ------------------------------------------------------
+
+
+def run_worker(kind: str, spec: dict, tmp: Path, label: str) -> dict:
+    spec_path, log_path = tmp / f"{label}.spec.json", tmp / f"{label}.log"
+    spec = {**spec, "result": str(tmp / f"{label}.result.json")}
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)  # the temporary sqlite store under spec["root"]
+    threads = str(spec["threads"])
+    env.update(OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    print(f"  running {label} ...", file=sys.stderr, flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", kind, "--spec", str(spec_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-30:])
+        raise RuntimeError(f"worker {label} failed (exit {proc.returncode}); log tail:\n{tail}")
+    return json.loads(Path(spec["result"]).read_text())
+
+
+def model_overrides(name: str, args) -> list[str]:
+    experiment, _ = MODELS[name]
+    total = args.warmup + args.steps
+    overrides = [
+        f"experiment={experiment}",
+        f"trainer.max_steps={total}",
+        "trainer.eval_every_steps=null",  # evaluate at epoch ends only (BERT) and after the run
+        "trainer.checkpoint.save_every_minutes=null",
+        "trainer.early_stopping.patience=0",
+        "trainer.grad_accum=1",
+    ]
+    if name == "bert":
+        overrides.append("trainer.max_epochs=1000")  # max_steps ends it
+    if args.batch_size:
+        overrides.append(f"trainer.batch_size={args.batch_size}")
+    return overrides + list(args.override)
+
+
+def summarize(label: str, impl: str, res: dict, ref: dict, skip: set[int], args, unit: str,
+              peak: float) -> dict:
+    """One table row. Step k trained on batch k-1, the same batch in every row."""
+    seconds = step_seconds(res["times"], skip, args.warmup, args.steps)
+    if not seconds:
+        raise RuntimeError(f"{label} {impl}: no steady-state steps left; raise --steps")
+    shapes = [tuple(ref["shapes"][k - 1]) for k in seconds]
+    tokens, samples = sum(b * t for b, t in shapes), sum(b for b, _ in shapes)
+    flops = sum(step_flops(ref["flops"], s) for s in shapes)
+    total = sum(wall for wall, _ in seconds.values())
+    return {
+        "model": label, "impl": impl, "steps": len(seconds),
+        "step_ms": 1e3 * total / len(seconds),
+        "median_ms": 1e3 * statistics.median(wall for wall, _ in seconds.values()),
+        "cpu_ms": 1e3 * sum(cpu for _, cpu in seconds.values()) / len(seconds),
+        "rate": (tokens if unit == "tokens" else samples) / total, "unit": unit,
+        "gflops": flops / total / 1e9, "mfu": flops / total / 1e9 / peak,
+        "mx_peak_mb": res.get("mx_peak_mb"), "rss_mb": res.get("rss_mb"),
+        "params": res.get("params"),
+    }
+
+
+def bench_model(name: str, args, tmp: Path, peak: float) -> list[dict]:
+    _, unit = MODELS[name]
+    root = tmp / name
+    spec = {
+        "root": str(root), "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
+        "overrides": model_overrides(name, args), "batches": str(root / "batches.npz"),
+        "variant": "full",
+    }
+    ref = run_worker("mlxlab", spec, tmp, f"{name}-mlxlab")
+    # The other rows use the batches the mlxlab row trained on, and its step numbering.
+    spec["reference"] = ref
+    results = {"mlxlab": ref}
+    for variant in args.variants:
+        results[f"mlxlab:{variant}"] = run_worker(
+            "mlxlab", {**spec, "variant": variant}, tmp, f"{name}-mlxlab-{variant}"
+        )
+    results["mlx"] = run_worker("mlx", spec, tmp, f"{name}-mlx")
+    if not args.no_torch:
+        results["torch"] = run_worker("torch", spec, tmp, f"{name}-torch")
+    for impl, res in results.items():
+        if res.get("params") != ref["params"]:
+            print(f"  warning: {name} {impl} has {res['params']} params, mlxlab {ref['params']}",
+                  file=sys.stderr)
+    # Timed in every row: the same steps. Left out: compiling steps (a new batch shape) and
+    # steps after an evaluation/checkpoint in any mlxlab row (it lands in the next step's time).
+    skip = compile_steps([tuple(s) for s in ref["shapes"]])
+    for res in results.values():
+        skip |= {k + 1 for k in res.get("evals", [])}
+    return [summarize(name, impl, res, ref, skip, args, unit, peak)
+            for impl, res in results.items()]
+
+
+def ratios(rows: list[dict]) -> list[tuple[str, float, float]]:
+    """(what, measured, target) for the issue-3 targets found in these rows."""
+    out = []
+    by = {(r["model"], r["impl"]): r for r in rows}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        stack, minimal, torch = (by.get((model, i)) for i in ("mlxlab", "mlx", "torch"))
+        if stack and minimal:
+            out.append((f"{model}: mlxlab / minimal MLX loop", stack["rate"] / minimal["rate"], 0.95))
+        for variant in VARIANTS:
+            v = by.get((model, f"mlxlab:{variant}"))
+            if v and minimal:
+                out.append((f"{model}: mlxlab:{variant} / minimal MLX loop",
+                            v["rate"] / minimal["rate"], None))
+        if minimal and torch:
+            out.append((f"{model}: minimal MLX loop / PyTorch eager",
+                        minimal["rate"] / torch["rate"], None))
+        if stack and torch:
+            target = 1.0 if model == "tiny" else None
+            out.append((f"{model}: mlxlab / PyTorch eager", stack["rate"] / torch["rate"], target))
+    return out
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
+
+
+def report(info: dict, gemm: list[dict], rows: list[dict], command: str, args) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, "
+        f"MLX {info['mlx']}, PyTorch {info['torch'] or '-'}; BLAS {info['blas']}; "
+        f"threads: {info['threads']} (OpenBLAS, numpy, torch.set_num_threads); "
+        f"warmup {args.warmup} steps, timed {args.steps} steps; "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}",
+        "",
+        "| fp32 GEMM n x n x n | MLX GFLOP/s | numpy GFLOP/s | MLX / numpy (target >= 0.8) |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {g['n']} | {g['mlx']:.1f} | {g['numpy']:.1f} | {g['ratio']:.2f} |" for g in gemm
+    ]
+    peak = max(max(g["mlx"], g["numpy"]) for g in gemm)
+    lines += [
+        "",
+        f"GEMM peak used for MFU: {peak:.1f} GFLOP/s (best of the rows above).",
+        "",
+        "| model | implementation | params | timed steps | ms/step (mean) | ms/step (median) "
+        "| CPU ms/step | throughput | GFLOP/s | MFU | mx peak MB | RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['impl']} | {fmt(r['params'] / 1e6 if r['params'] else None, '.2f')}M "
+            f"| {r['steps']} | {r['step_ms']:.1f} | {r['median_ms']:.1f} | {r['cpu_ms']:.1f} "
+            f"| {r['rate']:,.0f} {r['unit']}/s | {r['gflops']:.1f} | {r['mfu']:.1%} "
+            f"| {fmt(r['mx_peak_mb'], '.0f')} | {fmt(r['rss_mb'], '.0f')} |"
+        )
+    lines += ["", "| ratio | measured | target |", "|---|---:|---:|"]
+    for what, value, target in ratios(rows):
+        ok = "" if target is None else (" (met)" if value >= target else " (NOT met)")
+        lines.append(f"| {what} | {value:.2f}{ok} | {fmt(target, '.2f')} |")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, body: str) -> None:
+    section = f"{BEGIN}\n## Training throughput (scripts/bench.py)\n\n{body}\n{END}\n"
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        text = text + ("\n" if text and not text.endswith("\n\n") else "") + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="validation settings: GEMM 512, warmup 2, 4 timed steps, batch 4")
+    parser.add_argument("--models", default="nano,tiny,bert")
+    parser.add_argument("--warmup", type=int, default=None, help="steps skipped (default 3)")
+    parser.add_argument("--steps", type=int, default=None, help="steps timed (default 20)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="trainer.batch_size (default: the experiment's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="BLAS and torch threads (default: OPENBLAS_NUM_THREADS, else cores)")
+    parser.add_argument("--gemm", default=None, help="GEMM sizes (default 1024,2048)")
+    parser.add_argument("--variants", default=None,
+                        help=f"extra mlxlab rows: comma list of {','.join(VARIANTS)} "
+                        "(default: all; --quick: none)")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--override", action="append", default=[],
+                        help="extra Hydra override for every row (repeatable)")
+    parser.add_argument("--write", action="store_true", help="put the report into --out")
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker_main(args.worker, args.spec)
+
+    quick = args.quick
+    args.warmup = args.warmup if args.warmup is not None else (2 if quick else 3)
+    args.steps = args.steps or (4 if quick else 20)
+    args.batch_size = args.batch_size or (4 if quick else None)
+    gemm_sizes = [int(n) for n in (args.gemm or ("512" if quick else "1024,2048")).split(",")]
+    variants = args.variants if args.variants is not None else ("" if quick else ",".join(VARIANTS))
+    args.variants = [v for v in variants.split(",") if v]
+    if unknown := set(args.variants) - set(VARIANTS):
+        parser.error(f"unknown --variants {sorted(unknown)}; choose from {VARIANTS}")
+    models = args.models.split(",")
+    if unknown := set(models) - set(MODELS):
+        parser.error(f"unknown --models {sorted(unknown)}; choose from {sorted(MODELS)}")
+    if args.threads is None:
+        args.threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)
+    if not args.no_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            parser.error("PyTorch is not installed: pip install -e '.[bench]', or pass --no-torch")
+
+    from threadpoolctl import threadpool_limits
+
+    set_blas_threads(args.threads)
+    with threadpool_limits(limits=args.threads):  # numpy's own OpenBLAS too
+        info = machine_info(args.threads)
+        print(f"BLAS threads: mlx {blas_threads()}, requested {args.threads}", file=sys.stderr)
+        gemm = gemm_section(gemm_sizes, repeats=5 if quick else 20)
+    peak = max(max(g["mlx"], g["numpy"]) for g in gemm)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mlxlab-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        try:
+            for name in models:
+                rows += bench_model(name, args, tmp, peak)
+        finally:
+            if args.keep:
+                kept = Path(tempfile.mkdtemp(prefix="mlxlab-bench-kept-"))
+                subprocess.run(["cp", "-r", f"{tmp}/.", str(kept)], check=False)
+                print(f"worker logs kept in {kept}", file=sys.stderr)
+    command = "python scripts/bench.py " + " ".join(sys.argv[1:])
+    text = report(info, gemm, rows, command.strip(), args)
+    print(text)
+    if args.write:
+        write_section(Path(args.out), text)
+        print(f"\nwritten to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
