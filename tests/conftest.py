@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+
+# Tests start subprocesses next to the main process on small CI machines: one BLAS thread each
+# avoids oversubscribing the cores (set before mlxlab loads OpenBLAS; inherited by subprocesses).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import sys
 from pathlib import Path
 

@@ -6,9 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, compose_cfg
 from omegaconf import OmegaConf
 
+from conftest import PYTHON, compose_cfg
 from mlxlab.config import ConfigError, config_dir, to_container, validate
 
 CONF = Path(config_dir())

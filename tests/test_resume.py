@@ -10,8 +10,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import PYTHON
 from mlflow.tracking import MlflowClient
+
+from conftest import PYTHON
 
 TITANIC = [
     "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",

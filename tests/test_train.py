@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import FAST, PYTHON
 from mlflow.tracking import MlflowClient
 
+from conftest import FAST, PYTHON
 from mlxlab.train import train
 
 

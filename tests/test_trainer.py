@@ -8,10 +8,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import FAST
-from mlx.utils import tree_flatten
 from mlflow.tracking import MlflowClient
+from mlx.utils import tree_flatten
 
+from conftest import FAST
 from mlxlab.config import instantiate
 from mlxlab.data.batching import Batching
 from mlxlab.runtime import device
@@ -153,3 +153,52 @@ def test_distillation_rejects_a_teacher_with_other_labels(make_cfg, tmp_path):
     student_cfg.paths.output_dir = str(tmp_path / "outputs" / "student")
     with pytest.raises(ValueError, match="num_labels=2 but the student's data has .*num_labels=3"):
         train(student_cfg)
+
+
+@pytest.mark.parametrize(
+    ("change", "expect"),
+    [("model.num_layers=2", "re-initialized"), ("model.lora.rank=4", "mapped")],
+)
+def test_resume_into_a_changed_architecture_reports_the_mapping(make_cfg, tmp_path, caplog, change,
+                                                                 expect):
+    base = [o for o in FAST if not o.startswith("model.num_layers")] + ["tracking=none"]
+    first = make_cfg(*base, "model.num_layers=1")
+    train(first)
+    key = change.split("=")[0]
+    second = make_cfg(*base, *(["model.num_layers=1"] if key != "model.num_layers" else []), change,
+                      f"resume={first.paths.output_dir}", "trainer.max_steps=8",
+                      "trainer.eval_every_steps=8")
+    second.paths.output_dir = str(tmp_path / "outputs" / "second")
+    with caplog.at_level("WARNING"):
+        metrics = train(second)
+    assert "val/accuracy" in metrics
+    assert expect in caplog.text
+
+
+def test_bf16_compute_keeps_fp32_master_weights(make_cfg, tmp_path):
+    _, data, model = build(make_cfg, tmp_path, *TINY)
+    trainer = Trainer(precision="bf16", grad_clip=1.0)
+    loss_fn = trainer.build_loss(data)
+    opt = build_optimizer("adamw", 1e-2, total_steps=10)
+    opt.init(model.trainable_parameters())
+    step = trainer.make_step(model, opt, loss_fn)
+    before = params(model)
+    batches = iter(data.train_batches(Batching(batch_size=16), 0))
+    losses_seen = [step([next(batches)])[0].item() for _ in range(3)]
+    assert all(math.isfinite(x) for x in losses_seen)
+    after = {k: v for k, v in tree_flatten(model.parameters())}
+    assert all(v.dtype == mx.float32 for v in after.values())  # masters stay fp32
+    assert any(not np.array_equal(before[k], np.array(v)) for k, v in after.items())
+
+
+def test_two_weighted_teachers(make_cfg, tmp_path):
+    teachers = []
+    for i, width in enumerate((32, 64)):
+        cfg = make_cfg(*FAST, "tracking=none", f"model.hidden_size={width}")
+        cfg.paths.output_dir = str(tmp_path / "outputs" / f"teacher{i}")
+        train(cfg)
+        teachers.append(cfg.paths.output_dir)
+    spec = ",".join(f"{{run: '{t}', weight: {w}}}" for t, w in zip(teachers, (0.7, 0.3)))
+    student = make_cfg(*FAST, "tracking=none", "trainer=distill", f"trainer.distill.teachers=[{spec}]")
+    student.paths.output_dir = str(tmp_path / "outputs" / "student")
+    assert 0.0 <= train(student)["val/accuracy"] <= 1.0

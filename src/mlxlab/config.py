@@ -136,9 +136,9 @@ def validate(cfg: DictConfig) -> None:
         number = _number(key, value, kind)
         if low is not None and number < low:
             raise ConfigError(f"{key} must be >= {low}, got {value!r}")
-    if "val_fraction" in cfg.get("data", {}) and cfg.data.val_fraction is not None:
-        if not 0.0 < float(cfg.data.val_fraction) < 1.0:
-            raise ConfigError(f"data.val_fraction must be between 0 and 1, got {cfg.data.val_fraction}")
+    fraction = OmegaConf.select(cfg, "data.val_fraction", default=None)
+    if fraction is not None and not 0.0 < float(fraction) < 1.0:
+        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {fraction}")
     mode = cfg.get("optimized_mode", "max")
     if mode not in ("max", "min"):
         raise ConfigError(f"optimized_mode must be 'max' or 'min', got {mode!r}")

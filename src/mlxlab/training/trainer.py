@@ -28,8 +28,13 @@ from mlxlab.data.batching import Batching
 from mlxlab.runtime import device
 from mlxlab.training import losses, metrics
 from mlxlab.training.callbacks import Callback, EarlyStopping, MemoryMonitor, ProgressBar
-from mlxlab.training.checkpoint import CheckpointManager, find_run_checkpoints, load_checkpoint
-from mlxlab.training.checkpoint import rng_state, set_rng_state
+from mlxlab.training.checkpoint import (
+    CheckpointManager,
+    find_run_checkpoints,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from mlxlab.training.optim import build_optimizer, clip_by_global_norm
 from mlxlab.training.signals import GracefulStop
 
@@ -295,6 +300,10 @@ class Trainer:
             best_metrics = state.get("best_metrics", {})
             manager.restore_best(state.get("best_metric"))
             log.info("resumed from %s at step %d (epoch %d)", path, step, epoch)
+            report = source.last_report
+            if report is not None and not report.exact:  # architecture changed since the checkpoint
+                log.warning("resume: weights did not all match:\n%s", report.summary())
+                tags = {**(tags or {}), "resume.load_report": report.summary()[:5000]}
             tags = {**(tags or {}), **self.resume_changes(state.get("config") or {}, config or {})}
 
         tracker.start(params=config or {}, tags=tags or {}, run_id=run_id)
