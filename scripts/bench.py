@@ -58,7 +58,6 @@ MODELS = {  # name -> (experiment preset, what one example is)
 }
 VARIANTS = ("bare", "replay")
 DEFAULT_OUT = "/work/notes/bench_throughput.md"
-BEGIN, END = "<!-- scripts/bench.py: begin -->", "<!-- scripts/bench.py: end -->"
 
 
 # ---- machine and memory ----------------------------------------------------------------------
@@ -730,12 +729,16 @@ def report(info: dict, gemm: list[dict], rows: list[dict], command: str, args) -
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    section = f"{BEGIN}\n## Training throughput (scripts/bench.py)\n\n{body}\n{END}\n"
+def write_section(path: Path, body: str, threads: int) -> None:
+    """Replace this thread count's section of `path` (between its markers), or append it."""
+    begin = f"<!-- scripts/bench.py threads={threads}: begin -->"
+    end = f"<!-- scripts/bench.py threads={threads}: end -->"
+    title = f"## Training throughput, {threads} thread{'s' if threads > 1 else ''} (scripts/bench.py)"
+    section = f"{begin}\n{title}\n\n{body}\n{end}\n"
     text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1].lstrip("\n")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1].lstrip("\n")
     else:
         text = text + ("\n" if text and not text.endswith("\n\n") else "") + section
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -812,7 +815,7 @@ def main() -> None:
     text = report(info, gemm, rows, command.strip(), args)
     print(text)
     if args.write:
-        write_section(Path(args.out), text)
+        write_section(Path(args.out), text, args.threads)
         print(f"\nwritten to {args.out}", file=sys.stderr)
 
 

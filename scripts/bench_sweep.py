@@ -130,15 +130,19 @@ def run_overhead(steps: int, tiny: bool, repeats: int, root: Path) -> dict:
         "trainer.progress=false",
         "trainer.early_stopping.patience=0",
         "trainer.checkpoint.save_every_minutes=null",
-        f"tracking.uri={uri}",
     ]
+    tracking_args = {
+        "mlflow": ["tracking=mlflow", f"tracking.uri={uri}"],
+        "none": ["tracking=none"],
+    }
     if tiny:
         common += ["model.hidden_size=16", "model.num_layers=1", "model.num_heads=2"]
     times: dict[str, list[float]] = {"mlflow": [], "none": []}
-    train(compose(root, [*common, "tracking=none"], "warmup"))  # tokenizer + token cache
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(compose(root, [*common, "tracking=none"], "warmup"))  # tokenizer + token cache
     for i in range(repeats):
         for tracking in ("mlflow", "none") if i % 2 == 0 else ("none", "mlflow"):
-            cfg = compose(root, [*common, f"tracking={tracking}"], f"{tracking}{i}")
+            cfg = compose(root, [*common, *tracking_args[tracking]], f"{tracking}{i}")
             begin = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
                 train(cfg)

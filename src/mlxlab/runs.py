@@ -62,7 +62,11 @@ def load_run_model(path: str | Path) -> tuple[nn.Module, dict]:
     config = state.get("config") or {}
     if "model" not in config or "model_init" not in state:
         raise ConfigError(f"{checkpoint}/state.json has no model config: it is not an mlxlab run")
-    model = instantiate(OmegaConf.create(config["model"]), **state["model_init"])
+    # The checkpoint holds every weight, so a pretrained source folder is not needed again.
+    model_cfg = OmegaConf.create(config["model"])
+    if "pretrained" in model_cfg:
+        model_cfg.pretrained = None
+    model = instantiate(model_cfg, **state["model_init"])
     load_checkpoint(checkpoint, model, strict=True)
     model.eval()
     state["checkpoint_path"] = str(checkpoint)
@@ -129,4 +133,6 @@ def finished_metric(cfg: DictConfig) -> float | None:
     run = find_finished_run(cfg.tracking.uri, cfg.tracking.experiment_name, config_hash(cfg))
     if run is None:
         return None
-    return float(run.data.metrics.get(cfg.optimized_metric, float("nan")))
+    metrics = run.data.metrics
+    return float(metrics.get(f"best/{cfg.optimized_metric}",
+                             metrics.get(cfg.optimized_metric, float("nan"))))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from mlxlab.config import ConfigError, config_dir, config_hash, instantiate, to_container, validate
@@ -90,7 +91,10 @@ def main(cfg: DictConfig) -> float:
             log.info("skip_finished: this config already has a finished run; skipping")
             return done
     try:
-        return float(train(cfg)[cfg.optimized_metric])
+        try:
+            return float(train(cfg)[cfg.optimized_metric])
+        except InstantiationException as wrapped:  # a constructor's own error, e.g. a bad size
+            raise (wrapped.__cause__ or wrapped) from None
     except TrainingInterrupted as stop:
         log.error("stopped by signal; checkpoint: %s (resume with resume=auto)", stop.checkpoint)
         sys.exit(stop.exit_code)

@@ -401,6 +401,7 @@ class Trainer:
             if self.quantize_bits:
                 result_metrics.update(self.quantized_metrics(model, data, task))
                 tracker.log_metrics({k: v for k, v in result_metrics.items() if "_q" in k}, step)
+            tracker.log_metrics({f"best/{k}": v for k, v in result_metrics.items()}, step)
             self.log_artifacts(tracker, run_dir, history, task, best)
             status = "FINISHED"
             return FitResult(result_metrics, run_dir, tracker.run_id, best, step, history)
