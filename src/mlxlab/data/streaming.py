@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -23,6 +24,10 @@ import mlx.core as mx
 import numpy as np
 
 from mlxlab.data.batching import Batch, Batching
+
+# One background thread tokenizes at ~0.5M tokens/s, far above what training consumes; the
+# tokenizers thread pool would only compete with the BLAS threads of the training step.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from mlxlab.data.tokenizer import (
     EOT_TOKENS,
     PAD_TOKENS,
