@@ -17,7 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
@@ -93,7 +92,7 @@ def predict_frame(model, data, df: pd.DataFrame, batch_size: int = 64) -> pd.Dat
     predictions = []
     for batch in data.encode_frame(frame, batch_size=batch_size):
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-        predictions.append(np.array(mx.argmax(logits, axis=-1)))
+        predictions.append(np.array(logits).argmax(axis=-1))
     return data.submission(frame, np.concatenate(predictions))
 
 

@@ -50,6 +50,13 @@ def compose_cfg(root: Path, overrides: list[str] | tuple[str, ...] = ()) -> Dict
     return cfg
 
 
+@pytest.fixture(autouse=True)
+def isolated_tracking_uri(monkeypatch):
+    """Each test names its own store; none inherits MLFLOW_TRACKING_URI from the shell or another
+    test (mlflow.set_tracking_uri also sets that variable)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path):
     def make(*overrides: str) -> DictConfig:

@@ -18,8 +18,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 from predict import predict  # noqa: E402
 
 # Long enough to learn more than the majority class, so the accuracy check below has teeth.
-TINY_RUN = [*FAST, "tracking=none", "trainer.max_epochs=2", "trainer.max_steps=40",
-            "trainer.eval_every_steps=40", "trainer.learning_rate=3e-3"]
+TINY_RUN = [*FAST, "tracking=none", "trainer.max_epochs=5", "trainer.max_steps=100",
+            "trainer.eval_every_steps=100", "trainer.learning_rate=1e-3"]
 
 
 @pytest.fixture(scope="module")

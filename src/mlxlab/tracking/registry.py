@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -211,24 +212,37 @@ def register_run(
         except Exception:
             log.warning("run %s is not in %s: logging the model on a new run", run_id, uri)
             run_id = None
+    # log_model only has a fluent form: point MLflow's globals (and the MLFLOW_TRACKING_URI env
+    # var that set_tracking_uri also sets) at this store, then put them back as they were.
+    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        predictor = Path(tmp) / PREDICTOR_FILE
-        predictor.write_text(json.dumps(predictor_meta(state, tokenizer), indent=2, default=str))
-        kwargs = {"run_id": run_id} if run_id else {"experiment_id": experiment_id}
-        with mlflow.start_run(**kwargs, tags={"mlxlab.run_dir": str(Path(run_dir).resolve())}):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=MlxlabPyfunc(),
-                artifacts={
-                    "checkpoint": str(checkpoint),
-                    "tokenizer": str(tokenizer),
-                    "predictor": str(predictor),
-                },
-                pip_requirements=PIP_REQUIREMENTS,
-                registered_model_name=name,
-            )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            predictor = Path(tmp) / PREDICTOR_FILE
+            predictor.write_text(json.dumps(predictor_meta(state, tokenizer), indent=2, default=str))
+            kwargs = {"run_id": run_id} if run_id else {"experiment_id": experiment_id}
+            with mlflow.start_run(**kwargs, tags={"mlxlab.run_dir": str(Path(run_dir).resolve())}):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=MlxlabPyfunc(),
+                    artifacts={
+                        "checkpoint": str(checkpoint),
+                        "tokenizer": str(tokenizer),
+                        "predictor": str(predictor),
+                    },
+                    pip_requirements=PIP_REQUIREMENTS,
+                    registered_model_name=name,
+                )
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     version = info.registered_model_version
     if alias:
         client.set_registered_model_alias(name, alias, str(version))
