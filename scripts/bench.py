@@ -301,8 +301,8 @@ def worker_mlxlab(spec: dict) -> dict:
                 yield batch
 
         data.train_batches = recorded
-        callbacks = self.callbacks
-        self.callbacks = lambda: [*callbacks(), StepTimer()]
+        callbacks = self.build_callbacks
+        self.build_callbacks = lambda: [*callbacks(), StepTimer()]
         return original_fit(self, model, data, *args, **kwargs)
 
     Trainer.fit = fit

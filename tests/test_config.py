@@ -23,7 +23,9 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_resolves(tmp_path, group, option):
-    cfg = compose_cfg(tmp_path, [f"{group}={option}"])
+    # language-model data reports val/loss and val/perplexity, not the default val/accuracy
+    extra = ["optimized_metric=val/loss", "optimized_mode=min"] if option == "streaming" else []
+    cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     container = to_container(cfg)  # every interpolation outside Hydra's own node resolves
     for g in ("model", "data", "trainer", "tracking"):
         assert "_target_" in container[g], f"{group}={option}: {g} lost its _target_"
@@ -45,6 +47,8 @@ def test_defaults_are_the_start_here_experiment(tmp_path):
         ("trainer.batch_size=0", "trainer.batch_size must be >= 1"),
         ("trainer.max_epochs=2.5", "trainer.max_epochs must be an integer"),
         ("data.val_fraction=1.5", "data.val_fraction must be between 0 and 1"),
+        ("data=streaming", "optimized_metric='val/accuracy' is not computed for lm data"),
+        ("trainer.precision=fp8", "trainer.precision='fp8' is not one of"),
     ],
 )
 def test_bad_values_fail_validation(tmp_path, override, message):

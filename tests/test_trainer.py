@@ -202,3 +202,20 @@ def test_two_weighted_teachers(make_cfg, tmp_path):
     student = make_cfg(*FAST, "tracking=none", "trainer=distill", f"trainer.distill.teachers=[{spec}]")
     student.paths.output_dir = str(tmp_path / "outputs" / "student")
     assert 0.0 <= train(student)["val/accuracy"] <= 1.0
+
+
+def test_accumulation_keeps_an_epochs_last_micro_batches(make_cfg, tmp_path):
+    # 713 rows / 32 = 23 micro-batches: 11 updates of 2 and a last update of 1
+    cfg = make_cfg(*[o for o in FAST if "max_steps" not in o and "eval_every" not in o],
+                   "tracking=none", "trainer.grad_accum=2", "trainer.max_steps=null")
+    train(cfg)
+    steps = sorted(p.name for p in (tmp_path / "outputs" / "run" / "checkpoints").glob("step_*"))
+    assert steps[-1] == "step_00000012"
+
+
+def test_nan_never_counts_as_better():
+    from mlxlab.training.metrics import is_better
+
+    assert is_better(0.5, None, "max") and is_better(0.5, math.nan, "max")
+    assert not is_better(math.nan, 0.5, "max") and not is_better(math.nan, None, "min")
+    assert is_better(0.4, 0.5, "min") and not is_better(0.5, 0.5, "max")

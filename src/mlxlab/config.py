@@ -73,7 +73,9 @@ def to_container(cfg: DictConfig | Mapping, skip: tuple[str, ...] = ()) -> dict:
     return out
 
 
-def config_hash(cfg: DictConfig, ignore: tuple[str, ...] = ("resume", "sweep", "tags", "paths")) -> str:
+def config_hash(
+    cfg: DictConfig, ignore: tuple[str, ...] = ("resume", "sweep", "tags", "paths", "tracking")
+) -> str:
     """Stable hash of the resolved config minus keys that don't change what is trained."""
     data = to_container(cfg, skip=ignore)
     blob = json.dumps(data, sort_keys=True, default=str).encode()
@@ -89,7 +91,7 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
 
 # --- early validation ------------------------------------------------------------------------
 
-# key -> (type, lower bound or None, inclusive?). Only keys present in the config are checked.
+# key -> (type, lower bound or None). Only keys present in the config are checked.
 _NUMERIC_RULES: dict[str, tuple[type, float | None]] = {
     "seed": (int, 0),
     "trainer.learning_rate": (float, 0.0),
@@ -146,3 +148,32 @@ def validate(cfg: DictConfig) -> None:
         node = cfg.get(group)
         if node is None or "_target_" not in node:
             raise ConfigError(f"config group '{group}' has no _target_: pick an option, e.g. {group}=...")
+    _check_choice(cfg, "trainer.precision", ("auto", "fp32", "bf16", "fp16"))
+    _check_choice(cfg, "trainer.quantize_bits", (None, 2, 3, 4, 6, 8))
+    _check_optimized_metric(cfg)
+
+
+def _check_choice(cfg: DictConfig, key: str, allowed: tuple) -> None:
+    value = OmegaConf.select(cfg, key, default=None)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+
+
+def _check_optimized_metric(cfg: DictConfig) -> None:
+    """optimized_metric must be something evaluation computes for this data's task."""
+    from hydra.utils import get_class
+
+    from mlxlab.training.metrics import METRICS
+
+    try:
+        task = getattr(get_class(cfg.data._target_), "task", None)
+    except Exception:  # an unknown target fails at instantiation with Hydra's own message
+        return
+    if task not in METRICS:
+        return
+    names = [f"val/{m}" for m in METRICS[task]]
+    if cfg.get("optimized_metric") not in names:
+        raise ConfigError(
+            f"optimized_metric={cfg.get('optimized_metric')!r} is not computed for {task} data: "
+            f"choose one of {names}"
+        )

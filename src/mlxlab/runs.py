@@ -24,7 +24,7 @@ def latest_run_with_checkpoints(root: Path, task_name: str, exclude: Path) -> Pa
     candidates = []
     for base in (root / "outputs" / task_name, root / "multirun" / task_name):
         if base.is_dir():
-            candidates += [p.parent.parent for p in base.glob("**/checkpoints/*/COMMITTED")]
+            candidates += [p.parents[2] for p in base.glob("**/checkpoints/*/COMMITTED")]
     candidates = [p for p in set(candidates) if p.resolve() != exclude.resolve()]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 

@@ -16,7 +16,7 @@ import numpy as np
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
-from mlxlab.config import ConfigError, config_dir, config_hash, instantiate, to_container, validate
+from mlxlab.config import config_dir, config_hash, instantiate, to_container, validate
 
 log = logging.getLogger("mlxlab")
 
@@ -32,18 +32,20 @@ def seed_everything(seed: int) -> None:
 def hydra_context(cfg: DictConfig) -> tuple[Path, dict[str, str], bool]:
     """The run folder, the chosen config-group options (as tags) and whether this is a sweep."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     run_dir = Path(cfg.paths.output_dir)
     if not HydraConfig.initialized():
         return run_dir, {}, False
     hc = HydraConfig.get()
     choices = {f"choice.{k}": str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
-    return run_dir, choices, str(hc.mode) == "RunMode.MULTIRUN"
+    return run_dir, choices, hc.mode == RunMode.MULTIRUN
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from `cfg`, train, and return the best validation metrics."""
     validate(cfg)
+    run_hash = config_hash(cfg)  # before the tokenizer paths below are filled in
     seed_everything(cfg.seed)
     run_dir, choices, _ = hydra_context(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +61,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = instantiate(cfg.trainer)
     tags = {
         **choices,
-        "mlxlab.config_hash": config_hash(cfg),
+        "mlxlab.config_hash": run_hash,
         "mlxlab.run_dir": str(run_dir),
         "mlxlab.task_name": cfg.task_name,
         **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()},
@@ -70,16 +72,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     print(f"validation: {shown}")
     print(f"run dir:    {run_dir}")
     print(f"mlflow run: {result.run_id or '- (tracking=none)'}")
-    if cfg.optimized_metric not in result.metrics:
-        raise ConfigError(
-            f"optimized_metric={cfg.optimized_metric!r} was not computed; "
-            f"choose one of {sorted(result.metrics)}"
-        )
     return result.metrics
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
+    from mlxlab.training.checkpoint import CheckpointError
     from mlxlab.training.trainer import TrainingError, TrainingInterrupted
 
     _, _, sweeping = hydra_context(cfg)
@@ -98,7 +96,7 @@ def main(cfg: DictConfig) -> float:
     except TrainingInterrupted as stop:
         log.error("stopped by signal; checkpoint: %s (resume with resume=auto)", stop.checkpoint)
         sys.exit(stop.exit_code)
-    except (ConfigError, TrainingError, FileNotFoundError, ValueError) as err:
+    except (TrainingError, CheckpointError, OSError, ValueError) as err:
         if sweeping:  # a failed trial is recorded as failed (NaN) and the sweep goes on
             log.error("trial failed: %s", err)
             return math.nan

@@ -52,14 +52,10 @@ RETRY_ATTEMPTS = 8
 # --------------------------------------------------------------------------- store
 
 
-def project_root() -> Path:
-    """The repository root for a source checkout (src/ layout), else the working directory."""
-    root = Path(__file__).resolve().parents[3]
-    return root if (root / "pyproject.toml").exists() else Path.cwd()
-
-
 def default_store_uri(root: str | Path | None = None) -> str:
     """sqlite URI of `<root>/mlruns/mlflow.db` (root: the project root), always absolute."""
+    from mlxlab.config import project_root  # the same root train.py's paths use
+
     db = (Path(root) if root is not None else project_root()).resolve() / "mlruns" / "mlflow.db"
     return f"sqlite:///{db}"
 

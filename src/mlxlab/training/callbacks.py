@@ -12,6 +12,7 @@ import sys
 from tqdm.auto import tqdm
 
 from mlxlab.runtime import device
+from mlxlab.training.metrics import is_better
 
 
 class Callback:
@@ -76,19 +77,14 @@ class EarlyStopping(Callback):
         if mode not in ("max", "min"):
             raise ValueError(f"early_stopping.mode must be 'max' or 'min', got {mode!r}")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
-        self.best = -math.inf if mode == "max" else math.inf
+        self.best: float | None = None
         self.bad_evals = 0
-
-    def improved(self, value: float) -> bool:
-        if self.mode == "max":
-            return value > self.best + self.min_delta
-        return value < self.best - self.min_delta
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         value = metrics.get(self.monitor)
         if value is None or math.isnan(value):
             return
-        if self.improved(value):
+        if is_better(value, self.best, self.mode, self.min_delta):
             self.best, self.bad_evals = value, 0
         else:
             self.bad_evals += 1
@@ -96,11 +92,12 @@ class EarlyStopping(Callback):
                 self.should_stop = True
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "bad_evals": self.bad_evals}
+        return {"best": self.best, "bad_evals": self.bad_evals, "should_stop": self.should_stop}
 
     def load_state_dict(self, state: dict) -> None:
         self.best = state.get("best", self.best)
         self.bad_evals = state.get("bad_evals", 0)
+        self.should_stop = state.get("should_stop", False)
 
 
 class MemoryMonitor(Callback):

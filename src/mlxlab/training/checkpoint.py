@@ -33,6 +33,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxlab.training.metrics import is_better
+
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
@@ -666,9 +668,20 @@ class CheckpointManager:
         return bool(self.save_every_minutes) and elapsed >= self.save_every_minutes * 60
 
     def is_better(self, metric: float) -> bool:
-        if self.best_metric is None:
-            return True
-        return metric > self.best_metric if self.mode == "max" else metric < self.best_metric
+        return is_better(metric, self.best_metric, self.mode)
+
+    @property
+    def last_saved_step(self) -> int | None:
+        return self._last_save_step
+
+    def adopt_best(self, run_checkpoints: Path) -> None:
+        """Resuming into a new run folder: start from the earlier run's best/, so the best
+        checkpoint survives even if this run never beats it."""
+        source = Path(run_checkpoints) / BEST
+        if self.best_path is None and source.is_dir() and check_committed(source, full=False) is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._refresh_best(source)
+            self.best_metric = self._read_best_metric()
 
     def save(
         self,

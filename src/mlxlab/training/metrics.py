@@ -6,6 +6,18 @@ import math
 
 import numpy as np
 
+# What evaluation reports for each data task (prefix "val/"): names optimized_metric may use.
+METRICS = {"classification": ("loss", "accuracy", "f1", "roc_auc"), "lm": ("loss", "perplexity")}
+
+
+def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` improves on `best` (None = nothing yet); NaN never improves anything."""
+    if value is None or math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float((y_true == y_pred).mean()) if len(y_true) else float("nan")

@@ -26,6 +26,7 @@ from mlx.utils import tree_map
 
 from mlxlab.data.batching import Batching
 from mlxlab.runtime import device
+from mlxlab.tracking.base import flatten_config
 from mlxlab.training import losses, metrics
 from mlxlab.training.callbacks import Callback, EarlyStopping, MemoryMonitor, ProgressBar
 from mlxlab.training.checkpoint import (
@@ -35,6 +36,7 @@ from mlxlab.training.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from mlxlab.training.metrics import is_better
 from mlxlab.training.optim import build_optimizer, clip_by_global_norm
 from mlxlab.training.signals import GracefulStop
 
@@ -59,6 +61,51 @@ class FitResult:
     best_checkpoint: Path | None
     steps: int
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """What the loop changes as it goes; it lands in every checkpoint's state.json."""
+
+    step: int = 0
+    epoch: int = 0
+    run_id: str | None = None
+    history: dict[str, list] = field(default_factory=dict)
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    best_eval: tuple | None = None  # (labels, probs) of the best evaluation: the confusion matrix
+    last_eval_step: int | None = None
+    finished: bool = False
+
+
+class LogWindow:
+    """Averages over the steps since the last logged line (loss, loss parts, throughput)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.count = 0.0, 0, 0.0
+        self.parts: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, aux: dict[str, mx.array]) -> None:
+        self.loss, self.steps = self.loss + loss, self.steps + 1
+        for key, value in aux.items():  # loss parts (e.g. distillation's ce / kl) and ntokens
+            if key == "ntokens":
+                self.count += value.item()
+            else:
+                self.parts[key] = self.parts.get(key, 0.0) + value.item()
+
+    def summary(self, task: str, grad_norm: float, lr: float) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = "train/tokens_per_sec" if task == "lm" else "train/samples_per_sec"
+        out = {
+            "train/loss": self.loss / self.steps, "train/grad_norm": grad_norm, "train/lr": lr,
+            rate: self.count / elapsed,  # real tokens (loss_mask) or examples, padding excluded
+            **{f"train/{k}": v / self.steps for k, v in self.parts.items()},
+        }
+        self.reset()
+        return out
 
 
 class Trainer:
@@ -142,7 +189,7 @@ class Trainer:
             raise ValueError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         return choices[self.precision]
 
-    def callbacks(self) -> list[Callback]:
+    def build_callbacks(self) -> list[Callback]:
         cbs: list[Callback] = [ProgressBar(enabled=self.progress)]
         if self.early_stopping.get("patience", 0) > 0:
             cbs.append(EarlyStopping(
@@ -219,6 +266,7 @@ class Trainer:
 
     def evaluate(self, model: nn.Module, data, task: str, prefix: str = "val") -> dict[str, float]:
         model.eval()
+        self.last_eval = None  # classification: (labels, probs), for the confusion matrix
         total, count, probs, labels = 0.0, 0.0, [], []
         for batch in data.val_batches(self.batching):
             if task == "classification":
@@ -248,6 +296,17 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------
 
+    def plan(self, data) -> tuple[int, float]:
+        """(total optimizer steps, epochs): the run ends at max_steps or max_epochs, first come."""
+        batches = data.num_train_batches(self.batching)
+        per_epoch = math.ceil(batches / self.grad_accum) if batches else None
+        limits = [self.max_steps]
+        if self.max_epochs and per_epoch:
+            limits.append(self.max_epochs * per_epoch)
+        if not any(limits):
+            raise ValueError("this data has no known length: set trainer.max_steps")
+        return min(x for x in limits if x), self.max_epochs or math.inf
+
     def fit(
         self,
         model: nn.Module,
@@ -258,64 +317,37 @@ class Trainer:
         tags: dict | None = None,
         resume: str | Path | None = None,
     ) -> FitResult:
-        run_dir = Path(run_dir)
-        task = data.task
+        run_dir, task, config = Path(run_dir), data.task, config or {}
         loss_fn = self.build_loss(data)
         self.fit_batch_to_memory(model, data, loss_fn)
-        batches_per_epoch = data.num_train_batches(self.batching)
-        updates_per_epoch = math.ceil(batches_per_epoch / self.grad_accum) if batches_per_epoch else None
-        # The run ends at whichever comes first: max_steps or max_epochs (when an epoch's length is known).
-        limits = [self.max_steps]
-        if self.max_epochs and updates_per_epoch:
-            limits.append(self.max_epochs * updates_per_epoch)
-        if not any(limits):
-            raise ValueError("this data has no known length: set trainer.max_steps")
-        total_steps = min(x for x in limits if x)
-        max_epochs = self.max_epochs or 10**9
-
+        total_steps, max_epochs = self.plan(data)
         optimizer = build_optimizer(
             self.opt_name, self.learning_rate, total_steps, self.warmup_steps, self.schedule,
             self.weight_decay, min_lr_ratio=self.min_lr_ratio,
         )
         optimizer.init(model.trainable_parameters())
-        ckpt_cfg = dict(self.checkpoint)
         manager = CheckpointManager(
-            run_dir / "checkpoints", keep_last_n=ckpt_cfg.get("keep_last_n", 3),
-            save_every_steps=ckpt_cfg.get("save_every_steps"),
-            save_every_minutes=ckpt_cfg.get("save_every_minutes"),
+            run_dir / "checkpoints", keep_last_n=self.checkpoint.get("keep_last_n", 3),
+            save_every_steps=self.checkpoint.get("save_every_steps"),
+            save_every_minutes=self.checkpoint.get("save_every_minutes"),
             monitor=self.monitor, mode=self.monitor_mode,
         )
-        callbacks = self.callbacks()
-        step, epoch, run_id, history = 0, 0, None, {}
-        best_metrics: dict[str, float] = {}
+        callbacks = self.build_callbacks()
+        run = RunState()
+        tags = dict(tags or {})
         if resume:
-            source = find_run_checkpoints(resume)
-            state, path = source.load_latest(model, optimizer)
-            step, epoch = state["step"], state["epoch"]
-            data.load_state_dict(state["data"])
-            set_rng_state(state["rng"])
-            for cb, cb_state in zip(callbacks, state.get("callbacks", [])):
-                cb.load_state_dict(cb_state)
-            run_id, history = state.get("run_id"), state.get("history", {})
-            best_metrics = state.get("best_metrics", {})
-            manager.restore_best(state.get("best_metric"))
-            log.info("resumed from %s at step %d (epoch %d)", path, step, epoch)
-            report = source.last_report
-            if report is not None and not report.exact:  # architecture changed since the checkpoint
-                log.warning("resume: weights did not all match:\n%s", report.summary())
-                tags = {**(tags or {}), "resume.load_report": report.summary()[:5000]}
-            tags = {**(tags or {}), **self.resume_changes(state.get("config") or {}, config or {})}
-
-        tracker.start(params=config or {}, tags=tags or {}, run_id=run_id)
+            tags.update(self.restore(resume, model, optimizer, data, callbacks, manager, run, config))
+        tracker.start(params=config, tags=tags, run_id=run.run_id)
         step_fn = self.make_step(model, optimizer, loss_fn)  # compiled after any restore
         model.train()
 
-        def trainer_state(current_epoch: int) -> dict[str, Any]:
+        def trainer_state() -> dict[str, Any]:
             return {
-                "step": step, "epoch": current_epoch, "data": data.state_dict(), "rng": rng_state(),
-                "callbacks": [cb.state_dict() for cb in callbacks], "run_id": tracker.run_id,
-                "history": history, "best_metrics": best_metrics,
-                "best_metric": best_metrics.get(self.monitor), "config": config,
+                "step": run.step, "epoch": run.epoch, "data": data.state_dict(), "rng": rng_state(),
+                "callbacks": {type(cb).__name__: cb.state_dict() for cb in callbacks},
+                "run_id": tracker.run_id, "history": run.history,
+                "best_metrics": run.best_metrics, "best_metric": run.best_metrics.get(self.monitor),
+                "config": config,
                 "model_init": {"vocab_size": data.vocab_size, "num_labels": data.num_labels},
                 "tokenizer_hash": getattr(data, "tokenizer_hash", None),
             }
@@ -324,112 +356,120 @@ class Trainer:
             # Metrics logged so far reach the store before the checkpoint that covers them, so a
             # SIGKILL never leaves a checkpoint whose steps are missing from the tracking data.
             tracker.flush()
-            return manager.save(model, optimizer, trainer_state(epoch), metric=metric)
+            return manager.save(model, optimizer, trainer_state(), metric=metric)
 
         def evaluate_and_save() -> None:
-            self.eval_and_save(model, data, task, step, tracker, callbacks, history, best_metrics,
-                               save)
+            results = self.evaluate(model, data, task)
+            for key, value in results.items():
+                run.history.setdefault(key, []).append((run.step, value))
+            tracker.log_metrics(results, run.step)
+            for cb in callbacks:
+                cb.on_eval(run.step, results)
+            value = results.get(self.monitor, math.nan)
+            if is_better(value, run.best_metrics.get(self.monitor), self.monitor_mode):
+                run.best_metrics = {**results, "best_step": float(run.step)}
+                run.best_eval = self.last_eval
+            run.last_eval_step = run.step
+            save(metric=value)
+
+        window = LogWindow()
+
+        def train_step(batches: list) -> bool:
+            """One optimizer update, its logging, evaluation and checkpoint; True = stop now."""
+            loss, norm, aux = step_fn(batches)
+            run.step += 1
+            loss_value = loss.item()  # already computed: the step's mx.eval synced
+            if not math.isfinite(loss_value):
+                raise TrainingError(
+                    f"loss became {loss_value} at step {run.step}: lower trainer.learning_rate or "
+                    f"set trainer.grad_clip; last good checkpoint: {manager.latest()}"
+                )
+            window.add(loss_value, aux)
+            end = run.step >= total_steps
+            logs: dict[str, float] = {}
+            if run.step % self.log_every_steps == 0 or end:
+                logs = window.summary(task, norm.item(), float(optimizer.learning_rate))
+                run.history.setdefault("train/loss", []).append((run.step, logs["train/loss"]))
+            for cb in callbacks:
+                cb.on_step(run.step, logs)
+            if logs:
+                tracker.log_metrics(logs, run.step)
+            if self.eval_every_steps and (run.step % self.eval_every_steps == 0 or end):
+                evaluate_and_save()
+            elif manager.should_save(run.step):
+                save()
+            if stop.requested:
+                path = save() if manager.last_saved_step != run.step else manager.latest()
+                raise TrainingInterrupted(stop.exit_code, path)
+            return end or any(cb.should_stop for cb in callbacks)
 
         status = "FAILED"
-        try:
-            for cb in callbacks:
-                cb.on_train_start(total_steps, step)
-            with GracefulStop() as stop:
-                window_loss, window_n, window_t, window_tokens = 0.0, 0, time.perf_counter(), 0
-                window_aux: dict[str, float] = {}
-                stopped = False
-                while epoch < max_epochs and not stopped:
+        with GracefulStop() as stop:
+            try:
+                for cb in callbacks:
+                    cb.on_train_start(total_steps, run.step)
+                stopped = run.step >= total_steps  # a finished run resumed: nothing left to train
+                while run.epoch < max_epochs and not stopped:
                     pending: list = []
-                    for batch in data.train_batches(self.batching, epoch):
+                    for batch in data.train_batches(self.batching, run.epoch):
                         pending.append(batch)
-                        if len(pending) < self.grad_accum:
-                            continue
-                        loss, norm, aux = step_fn(pending)
-                        window_tokens += sum(int(b["input_ids"].size) for b in pending)
-                        pending = []
-                        step += 1
-                        loss_value = loss.item()
-                        if not math.isfinite(loss_value):
-                            raise TrainingError(
-                                f"loss became {loss_value} at step {step}: lower trainer.learning_rate "
-                                f"or set trainer.grad_clip; last good checkpoint: {manager.latest()}"
-                            )
-                        window_loss, window_n = window_loss + loss_value, window_n + 1
-                        for key, value in aux.items():  # loss parts, e.g. distillation's ce / kl
-                            if key != "ntokens":
-                                window_aux[key] = window_aux.get(key, 0.0) + value.item()
-                        logs: dict[str, float] = {}
-                        if step % self.log_every_steps == 0 or step == total_steps:
-                            elapsed = max(time.perf_counter() - window_t, 1e-9)
-                            logs = {
-                                "train/loss": window_loss / window_n,
-                                "train/grad_norm": norm.item(),
-                                "train/lr": float(optimizer.learning_rate),
-                                "train/tokens_per_sec": window_tokens / elapsed,
-                                **{f"train/{k}": v / window_n for k, v in window_aux.items()},
-                            }
-                            window_aux = {}
-                            history.setdefault("train/loss", []).append((step, logs["train/loss"]))
-                            window_loss, window_n, window_t, window_tokens = 0.0, 0, time.perf_counter(), 0
-                        for cb in callbacks:
-                            cb.on_step(step, logs)
-                        if logs:
-                            tracker.log_metrics(logs, step)
-                        end_of_run = step >= total_steps
-                        if self.eval_every_steps and (step % self.eval_every_steps == 0 or end_of_run):
-                            evaluate_and_save()
-                        elif manager.should_save(step):
-                            save()
-                        if stop.requested:
-                            path = save()
-                            status = "KILLED"
-                            raise TrainingInterrupted(stop.exit_code, path)
-                        if end_of_run or any(cb.should_stop for cb in callbacks):
-                            stopped = True
-                            break
-                    epoch += 1
-                    if not self.eval_every_steps:  # evaluate once per epoch (or at the last step)
-                        evaluate_and_save()
+                        if len(pending) == self.grad_accum:
+                            stopped, pending = train_step(pending), []
+                            if stopped:
+                                break
+                    else:  # a whole epoch: its last micro-batches make one smaller update
+                        if pending:
+                            stopped = train_step(pending)
+                        run.epoch += 1
+                    if not self.eval_every_steps and run.last_eval_step != run.step:
+                        evaluate_and_save()  # once per epoch
                         stopped = stopped or any(cb.should_stop for cb in callbacks)
-                latest = manager.latest()
-                if latest is None or latest.name != f"step_{step:08d}":
-                    save()
-            result_metrics = dict(best_metrics)
-            best = manager.best_path
-            if best is not None:
-                load_checkpoint(best, model)
-            if self.quantize_bits:
-                result_metrics.update(self.quantized_metrics(model, data, task))
-                tracker.log_metrics({k: v for k, v in result_metrics.items() if "_q" in k}, step)
-            tracker.log_metrics({f"best/{k}": v for k, v in result_metrics.items()}, step)
-            self.log_artifacts(tracker, run_dir, history, task, best)
-            status = "FINISHED"
-            return FitResult(result_metrics, run_dir, tracker.run_id, best, step, history)
-        finally:
-            for cb in callbacks:
-                cb.on_train_end()
-            tracker.end(status)
+                if run.last_eval_step != run.step:
+                    evaluate_and_save()  # the final state is always evaluated and saved
+                return self.finish(model, data, task, tracker, run_dir, run, manager)
+            except (TrainingInterrupted, KeyboardInterrupt):
+                status = "KILLED"
+                raise
+            finally:
+                for cb in callbacks:
+                    cb.on_train_end()
+                tracker.end("FINISHED" if run.finished else status)
 
-    def eval_and_save(self, model, data, task, step, tracker, callbacks, history, best_metrics,
-                      save) -> None:
-        """Evaluate, log, update the best metrics, then checkpoint (best/ refreshed if improved)."""
-        results = self.evaluate(model, data, task)
-        for key, value in results.items():
-            history.setdefault(key, []).append((step, value))
-        tracker.log_metrics(results, step)
+    def restore(self, resume, model, optimizer, data, callbacks, manager, run, config) -> dict:
+        """Load the newest usable checkpoint of `resume` into everything; returns tags to log."""
+        source = find_run_checkpoints(resume)
+        state, path = source.load_latest(model, optimizer)
+        data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        saved = state.get("callbacks") or {}
         for cb in callbacks:
-            cb.on_eval(step, results)
-        value = results.get(self.monitor)
-        if value is None:
-            raise ValueError(
-                f"optimized_metric {self.monitor!r} is not computed for this task; "
-                f"choose one of {sorted(results)}"
-            )
-        current = best_metrics.get(self.monitor)
-        if current is None or (value > current if self.monitor_mode == "max" else value < current):
-            best_metrics.clear()
-            best_metrics.update(results, best_step=float(step))
-        save(metric=value)
+            cb.load_state_dict(saved.get(type(cb).__name__, {}))
+        run.step, run.epoch, run.run_id = state["step"], state["epoch"], state.get("run_id")
+        run.history, run.best_metrics = state.get("history", {}), state.get("best_metrics", {})
+        manager.restore_best(state.get("best_metric"))
+        manager.adopt_best(path.parent)
+        log.info("resumed from %s at step %d (epoch %d)", path, run.step, run.epoch)
+        tags = self.resume_changes(state.get("config") or {}, config)
+        report = source.last_report
+        if report is not None and not report.exact:  # the architecture changed since then
+            log.warning("resume: weights did not all match:\n%s", report.summary())
+            tags["resume.load_report"] = report.summary()[:5000]
+        return tags
+
+    def finish(self, model, data, task, tracker, run_dir, run, manager) -> FitResult:
+        """Best weights back in the model, optional quantized check, artifacts."""
+        metrics_out = dict(run.best_metrics)
+        tracker.log_metrics({f"best/{k}": v for k, v in metrics_out.items()}, run.step)
+        best = manager.best_path
+        if best is not None:
+            load_checkpoint(best, model)
+        if self.quantize_bits:
+            quantized = self.quantized_metrics(model, data, task)
+            tracker.log_metrics(quantized, run.step)
+            metrics_out.update(quantized)
+        self.log_artifacts(tracker, run_dir, run, task, best)
+        run.finished = True
+        return FitResult(metrics_out, run_dir, tracker.run_id, best, run.step, run.history)
 
     # --- extras --------------------------------------------------------------------------
 
@@ -454,6 +494,8 @@ class Trainer:
                     f"{self.memory_budget_mb}: use a smaller model or raise the budget"
                 )
             self.batching.batch_size //= 2
+            if self.batching.max_tokens:  # dynamic batches are sized by their token budget
+                self.batching.max_tokens = max(1, self.batching.max_tokens // 2)
             self.grad_accum *= 2
             log.warning(
                 "step peak memory %.0f MB is over the budget of %.0f MB: batch_size -> %d, "
@@ -471,43 +513,31 @@ class Trainer:
 
     @staticmethod
     def resume_changes(old: dict, new: dict) -> dict[str, str]:
-        """Tags naming each trainer/data hyperparameter that differs from the checkpoint's config."""
+        """Tags naming each trainer hyperparameter that differs from the checkpoint's config."""
+        before = flatten_config({"trainer": old.get("trainer", {})})
         changes = {}
-        old_flat = dict(tree_flatten_dict(old.get("trainer", {}), "trainer"))
-        for key, value in tree_flatten_dict(new.get("trainer", {}), "trainer"):
-            if key in old_flat and old_flat[key] != value:
-                log.warning("resume: %s changed %r -> %r", key, old_flat[key], value)
-                changes[f"resume.changed.{key}"] = f"{old_flat[key]} -> {value}"
+        for key, value in flatten_config({"trainer": new.get("trainer", {})}).items():
+            if key in before and before[key] != value:
+                log.warning("resume: %s changed %s -> %s", key, before[key], value)
+                changes[f"resume.changed.{key}"] = f"{before[key]} -> {value}"
         return changes
 
-    def log_artifacts(self, tracker, run_dir: Path, history, task: str, best: Path | None) -> None:
+    def log_artifacts(self, tracker, run_dir: Path, run: RunState, task: str, best: Path | None) -> None:
         from mlxlab.tracking import plots
 
         plot_dir = run_dir / "plots"
         plot_dir.mkdir(parents=True, exist_ok=True)
-        curve = plots.loss_curve_png(history, plot_dir / "loss_curve.png")
-        tracker.log_artifact(curve, "plots")
-        if task == "classification" and getattr(self, "last_eval", None) is not None:
-            y, p = self.last_eval
-            cm = metrics.confusion_matrix(y, p.argmax(axis=1), p.shape[1])
+        tracker.log_artifact(plots.loss_curve_png(run.history, plot_dir / "loss_curve.png"), "plots")
+        if task == "classification" and run.best_eval is not None:
+            labels, probs = run.best_eval
+            cm = metrics.confusion_matrix(labels, probs.argmax(axis=1), probs.shape[1])
             tracker.log_artifact(plots.confusion_matrix_png(cm, plot_dir / "confusion_matrix.png"), "plots")
-        hydra_dir = run_dir / ".hydra"
-        if hydra_dir.is_dir():
-            tracker.log_artifact(hydra_dir, ".hydra")
+        if (run_dir / ".hydra").is_dir():
+            tracker.log_artifact(run_dir / ".hydra", ".hydra")
         if best is not None:
             tracker.log_artifact(best, "checkpoint")
-        tokenizer = run_dir / "tokenizer.json"
-        if tokenizer.exists():
-            tracker.log_artifact(tokenizer)
-
-
-def tree_flatten_dict(d: dict, prefix: str = ""):
-    for key, value in d.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            yield from tree_flatten_dict(value, name)
-        else:
-            yield name, value
+        if (run_dir / "tokenizer.json").exists():
+            tracker.log_artifact(run_dir / "tokenizer.json")
 
 
 def mixed_precision(loss_fn: losses.LossFn, dtype: mx.Dtype) -> losses.LossFn:
