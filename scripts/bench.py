@@ -459,26 +459,30 @@ def torch_models():
             return F.linear(self.norm(h), self.embed_tokens.weight)
 
     class EncoderBlock(nn.Module):
-        def __init__(self, dim, heads, hidden, dropout, eps):
+        def __init__(self, dim, heads, hidden, dropout, eps, pre_norm):
             super().__init__()
+            self.pre_norm = pre_norm
             self.attention = Attention(dim, heads, bias=True)
             self.attention_norm = nn.LayerNorm(dim, eps=eps)
             self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
             self.mlp_norm = nn.LayerNorm(dim, eps=eps)
             self.dropout = nn.Dropout(dropout)
 
-        def forward(self, x, mask):  # post-LN, as the original BERT and mlxlab's default
+        def forward(self, x, mask):  # pre-LN (mlxlab's default) or post-LN (original BERT)
+            if self.pre_norm:
+                x = x + self.dropout(self.attention(self.attention_norm(x), mask))
+                return x + self.dropout(self.down(F.gelu(self.up(self.mlp_norm(x)))))
             x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
             return self.mlp_norm(x + self.dropout(self.down(F.gelu(self.up(x)))))
 
     class BertClassifier(nn.Module):
-        """mlxlab.models.bert.BertClassifier (post-LN, exact GELU, pooler, token type 0)."""
+        """mlxlab.models.bert.BertClassifier (pre- or post-LN, exact GELU, pooler, token type 0)."""
 
         def __init__(self, vocab_size, num_labels, hidden_size, num_layers, num_heads,
                      intermediate_size=None, max_position=512, type_vocab_size=2, dropout=0.1,
                      norm_position="post", pooler=True, layer_norm_eps=1e-12, **cfg):
             super().__init__()
-            if norm_position != "post" or not pooler or cfg.get("pretrained"):
+            if not pooler or cfg.get("pretrained"):
                 raise ValueError("the PyTorch BERT implements the default preset only")
             d, eps = hidden_size, layer_norm_eps
             self.word_embeddings = nn.Embedding(vocab_size, d)
@@ -486,9 +490,11 @@ def torch_models():
             self.token_type_embeddings = nn.Embedding(type_vocab_size, d)
             self.embed_norm, self.dropout = nn.LayerNorm(d, eps=eps), nn.Dropout(dropout)
             self.layers = nn.ModuleList(
-                EncoderBlock(d, num_heads, intermediate_size or 4 * d, dropout, eps)
+                EncoderBlock(d, num_heads, intermediate_size or 4 * d, dropout, eps,
+                             norm_position == "pre")
                 for _ in range(num_layers)
             )
+            self.final_norm = nn.LayerNorm(d, eps=eps) if norm_position == "pre" else nn.Identity()
             self.pooler, self.classifier = nn.Linear(d, d), nn.Linear(d, num_labels)
 
         def forward(self, input_ids, attention_mask):
@@ -498,6 +504,7 @@ def torch_models():
             mask = attention_mask.bool()[:, None, None, :]
             for layer in self.layers:
                 h = layer(h, mask)
+            h = self.final_norm(h)
             return self.classifier(self.dropout(torch.tanh(self.pooler(h[:, 0]))))
 
     return Transformer, BertClassifier
