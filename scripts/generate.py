@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from mlxlab.data.tokenizer import EOT_TOKENS, find_token_id, tokenizer_hash
 from mlxlab.models.transformer import generate_step
-from mlxlab.runs import load_run_model
+from mlxlab.runs import load_run_model, run_tokenizer
 
 if TYPE_CHECKING:  # mlx.core is imported through mlxlab, which loads the fast BLAS first
     import mlx.nn as nn
@@ -28,13 +28,13 @@ if TYPE_CHECKING:  # mlx.core is imported through mlxlab, which loads the fast B
 
 def find_tokenizer(path: Path) -> Path:
     """tokenizer.json of the run holding `path` (run dir, checkpoints/, or one checkpoint)."""
-    for folder in (path, path.parent, path.parent.parent):
-        if (folder / "tokenizer.json").is_file():
-            return folder / "tokenizer.json"
-    raise FileNotFoundError(
-        f"no tokenizer.json in {path} or its run directory: pass the run directory of a "
-        "language-model run (outputs/<task>/<time>) or one of its checkpoints"
-    )
+    found = run_tokenizer(path)
+    if found is None:
+        raise FileNotFoundError(
+            f"no tokenizer.json in {path} or its run directory: pass the run directory of a "
+            "language-model run (outputs/<task>/<time>) or one of its checkpoints"
+        )
+    return found
 
 
 def load_run(path: str | Path) -> tuple[nn.Module, Tokenizer, dict]:

@@ -23,18 +23,18 @@ from omegaconf import OmegaConf
 
 from mlxlab.config import instantiate
 from mlxlab.data.tabular import read_csv, template_fields
-from mlxlab.runs import load_run_model
+from mlxlab.runs import load_run_model, run_tokenizer
 
 
-def run_tokenizer(checkpoint: Path) -> Path:
+def classifier_tokenizer(checkpoint: Path) -> Path:
     """tokenizer.json of the run that holds `checkpoint` (run_dir/checkpoints/<name>)."""
-    for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
-        if (folder / "tokenizer.json").is_file():
-            return folder / "tokenizer.json"
-    raise FileNotFoundError(
-        f"no tokenizer.json in the run directory of {checkpoint}: pass the run directory "
-        "(outputs/<task>/<time>) of a finished classification run"
-    )
+    found = run_tokenizer(checkpoint)
+    if found is None:
+        raise FileNotFoundError(
+            f"no tokenizer.json in the run directory of {checkpoint}: pass the run directory "
+            "(outputs/<task>/<time>) of a finished classification run"
+        )
+    return found
 
 
 def feature_columns(data) -> list[str]:
@@ -61,7 +61,7 @@ def load_classifier(run: str | Path):
             f"{run} is not a tabular classification run (its data config has no label_column): "
             "predict a run of data=titanic or another CSV classification config"
         )
-    tokenizer_path = run_tokenizer(Path(state["checkpoint_path"]))
+    tokenizer_path = classifier_tokenizer(Path(state["checkpoint_path"]))
     data_cfg.tokenizer = {**data_cfg.get("tokenizer", {}), "path": str(tokenizer_path)}
     data = instantiate(data_cfg)
     if not Path(data.path).is_file():

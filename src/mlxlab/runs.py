@@ -103,17 +103,24 @@ def load_teachers(
     return models, weights
 
 
+def run_tokenizer(path: str | Path) -> Path | None:
+    """tokenizer.json of the run holding `path` (a run dir, its checkpoints/, or one checkpoint)."""
+    path = Path(str(path))
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "tokenizer.json").is_file():
+            return folder / "tokenizer.json"
+    return None
+
+
 def reuse_tokenizer(cfg: DictConfig, run: str | Path | None, why: str) -> None:
     """Point data.tokenizer.path at an earlier run's tokenizer.json (unless one is set), so a
     resumed run or a distilled student sees exactly the token ids the checkpoint was trained on."""
     if run is None or cfg.data.get("tokenizer", {}).get("path"):
         return
-    path = Path(str(run))
-    for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / "tokenizer.json").exists():
-            cfg.data.tokenizer.path = str(candidate / "tokenizer.json")
-            log.info("%s: using the tokenizer of %s", why, candidate)
-            return
+    found = run_tokenizer(run)
+    if found is not None:
+        cfg.data.tokenizer.path = str(found)
+        log.info("%s: using the tokenizer %s", why, found)
 
 
 def first_teacher(cfg: DictConfig) -> str | None:
