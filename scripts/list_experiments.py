@@ -22,6 +22,7 @@ from mlxlab.tracking.mlflow import (
     PARENT_RUN_TAG,
     ROLE_TAG,
     SWEEP_PARAMS_TAG,
+    find_sweep_parent,
     metric_mode,
     resolve_uri,
     sqlite_path,
@@ -94,18 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int:
-    if sweep == "latest":
-        parents = client.search_runs(
-            [e.experiment_id for e in experiments],
-            filter_string=f"tags.`{ROLE_TAG}` = 'sweep'",
-            max_results=1,
-            order_by=["attributes.start_time DESC"],
-        )
-        if not parents:
-            raise SystemExit("no sweep (multirun) parent run in this store")
-        parent = parents[0]
-    else:
-        parent = client.get_run(sweep)
+    parent = find_sweep_parent(client, sweep, [e.experiment_id for e in experiments])
     tags = parent.data.tags
     children = sweep_children(client, parent.info.run_id)
     present = [m for m in KEY_METRICS if any(m in r.data.metrics for r in children)]

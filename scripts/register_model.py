@@ -19,22 +19,10 @@ def best_run_dir(uri: str, sweep: str) -> str:
     """The run folder of a sweep's best child (`latest` = the newest sweep in the store)."""
     from mlflow import MlflowClient
 
-    from mlxlab.tracking.mlflow import ROLE_TAG, RUN_DIR_TAG
+    from mlxlab.tracking.mlflow import RUN_DIR_TAG, find_sweep_parent
 
     client = MlflowClient(tracking_uri=uri)
-    if sweep == "latest":
-        experiments = [e.experiment_id for e in client.search_experiments()]
-        parents = client.search_runs(
-            experiments,
-            f"tags.`{ROLE_TAG}` = 'sweep'",
-            max_results=1,
-            order_by=["attributes.start_time DESC"],
-        )
-        if not parents:
-            raise SystemExit("no sweep (multirun) parent run in this store")
-        parent = parents[0]
-    else:
-        parent = client.get_run(sweep)
+    parent = find_sweep_parent(client, sweep)
     best = parent.data.tags.get("mlxlab.best_run_id")
     if not best:
         raise SystemExit(

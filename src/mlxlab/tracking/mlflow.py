@@ -506,3 +506,20 @@ def sweep_table(runs: Sequence, metric: str, keys: Sequence[str], mode: str = "m
         return (unfinished, 0, -value if mode == "max" else value)
 
     return sorted(rows, key=order)
+
+
+def find_sweep_parent(client, sweep: str, experiment_ids: list[str] | None = None):
+    """The parent run of a sweep: `sweep` is its run id, or "latest" (newest in the store)."""
+    if sweep != "latest":
+        return client.get_run(sweep)
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(
+        experiment_ids,
+        filter_string=f"tags.`{ROLE_TAG}` = 'sweep'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if not parents:
+        raise SystemExit("no sweep (multirun) parent run in this store")
+    return parents[0]
