@@ -327,7 +327,6 @@ def test_register_model_cli_errors_clearly(tmp_path):
     assert proc.returncode == 2 and "no run folder" in proc.stderr
 
 
-@pytest.mark.slow
 def test_registered_language_model_completes_prompts(make_cfg, tmp_path):
     from mlxlab.tracking.registry import register_run
     from mlxlab.train import train
@@ -363,7 +362,6 @@ print("RESULT", out.to_json(orient="records"))
 # --------------------------------------------------------------------------- real mlxlab-train sweeps
 
 
-@pytest.mark.slow
 def test_parallel_sweep_lands_every_run_then_resumes(tmp_path):
     """2 models x 2 learning rates on 2 joblib workers: exactly 4 finished child runs under one
     parent. Re-running with sweep.skip_finished=true runs nothing; after one run is deleted from
@@ -406,7 +404,6 @@ def test_parallel_sweep_lands_every_run_then_resumes(tmp_path):
     assert new.data.tags["mlxlab.config_hash"] == children[0].data.tags["mlxlab.config_hash"]
 
 
-@pytest.mark.slow
 def test_titanic_optuna_sweep_with_failing_trials(tmp_path):
     """hparams_search=titanic_optuna on real training: sampler seed 16 draws (lr, heads) =
     (inf, 2) NaN loss, (1e-3, 2) good, (inf, 2) NaN, (1e-3, 3) hidden 16 not divisible by 3."""

@@ -582,7 +582,6 @@ def test_callback_creates_store_only_for_mlflow_tracking(template_db, tmp_path):
     assert client_for(f"sqlite:///{tmp_path}/mlruns/mlflow.db").get_experiment_by_name("demo")
 
 
-@pytest.mark.slow
 def test_parallel_joblib_multirun_groups_all_jobs(tmp_path):
     app = write_app(tmp_path)
     run_app(
@@ -607,7 +606,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_tracking_server_round_trip(tmp_path):
     port = free_port()
     server_uri = f"http://127.0.0.1:{port}"
