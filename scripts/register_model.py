@@ -21,7 +21,7 @@ def best_run_dir(uri: str, sweep: str) -> str:
 
     from mlxlab.tracking.mlflow import RUN_DIR_TAG, find_sweep_parent
 
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = find_sweep_parent(client, sweep)
     best = parent.data.tags.get("mlxlab.best_run_id")
     if not best:

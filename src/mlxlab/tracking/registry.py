@@ -204,7 +204,7 @@ def register_run(
     uri = resolve_uri(uri)
     experiment_name = str(state["config"].get("task_name") or "mlxlab")
     experiment_id = ensure_store(uri, experiment_name)
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run_id = state.get("run_id")
     if run_id:
         try:
