@@ -224,22 +224,12 @@ def step_flops(meta: dict, shape: tuple) -> float:
 
 def compose(root: Path, overrides: list[str]):
     """The real train.yaml composed with Hydra's compose API, rooted in `root` (as in tests)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from mlxlab.config import config_dir
+    from mlxlab.config import compose_config
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = hydra_compose(
-            "train", overrides=[f"paths.root_dir={root}", *overrides], return_hydra_config=True
-        )
-    HydraConfig.instance().set_config(cfg)
+    cfg = compose_config(root, overrides)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(root / "outputs" / "run")
         cfg.paths.cache_dir = str(root / "cache")
     return cfg
 

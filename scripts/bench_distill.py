@@ -29,12 +29,9 @@ from pathlib import Path
 import mlxlab  # noqa: F401  first: loads the fast BLAS before anything imports mlx.core
 
 # isort: on
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from mlxlab.config import config_dir
+from mlxlab.config import compose_config
 from mlxlab.train import train
 
 COMMON = ["tracking=none", "trainer.progress=false", "trainer.checkpoint.save_every_minutes=null",
@@ -92,14 +89,7 @@ QUICK = {  # a wiring check in seconds, not a measurement
 
 
 def compose_cfg(root: Path, out: Path, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.root_dir={root}", *overrides],
-                      return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
+    return compose_config(root, overrides, out)
 
 
 def final_metrics(run_dir: Path) -> dict[str, float]:

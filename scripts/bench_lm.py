@@ -37,17 +37,9 @@ RSS_TOLERANCE_MB = 32  # peak-memory noise allowed between the 1x and 2x runs (a
 
 def compose(root: Path, overrides: list[str]):
     """The benchmark's composed config (to read batch_size, seq_len and data settings)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from mlxlab.config import compose_config
 
-    from mlxlab.config import config_dir
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=[f"paths.root_dir={root}", *overrides])
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose_config(root, overrides)
 
 
 def run_child(cmd: list[str], env: dict, log_path: Path) -> tuple[float, float]:

@@ -94,23 +94,9 @@ def log_metrics_cost(tracker, steps: int) -> tuple[float, float]:
 
 
 def compose(root: Path, overrides: list[str], name: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from mlxlab.config import compose_config
 
-    from mlxlab.config import config_dir
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = hydra_compose(
-            "train", [f"paths.root_dir={root}", *overrides], return_hydra_config=True
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(root / "outputs" / name)
-    return cfg
+    return compose_config(root, overrides, root / "outputs" / name)
 
 
 def run_overhead(steps: int, tiny: bool, repeats: int, root: Path) -> dict:

@@ -25,29 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from mlxlab.config import config_dir, instantiate
+from mlxlab.config import compose_config, instantiate
 from mlxlab.data.tabular import read_csv
 
 
 def compose_default(root: Path, overrides: list[str], run_name: str) -> DictConfig:
     """The default experiment's config, rooted in `root`, writing its run to outputs/<run_name>."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[f"paths.root_dir={root}", "tracking=none", "trainer.progress=false",
-                       *overrides],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)  # train() reads the Hydra choices like a CLI run
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(root / "outputs" / run_name)
-    return cfg
+    return compose_config(root, ["tracking=none", "trainer.progress=false", *overrides],
+                          root / "outputs" / run_name)
 
 
 def titanic_features(df: pd.DataFrame, train_idx: np.ndarray) -> pd.DataFrame:

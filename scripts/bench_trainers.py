@@ -29,12 +29,9 @@ import mlxlab  # noqa: F401  first: loads the fast BLAS before anything imports 
 import mlx.core as mx
 
 # isort: on
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from mlxlab.config import config_dir, instantiate
+from mlxlab.config import compose_config, instantiate
 from mlxlab.runtime import device
 from mlxlab.train import seed_everything
 from mlxlab.training.optim import build_optimizer
@@ -49,14 +46,7 @@ COMMON = ["tracking=none", "trainer.progress=false", "trainer.quantize_bits=null
 
 
 def compose_cfg(root: Path, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.root_dir={root}", *overrides],
-                      return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(root / "outputs" / "bench_trainers")
-    return cfg
+    return compose_config(root, overrides, root / "outputs" / "bench_trainers")
 
 
 def real_tokens(batch: dict) -> int:

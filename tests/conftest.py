@@ -11,12 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from mlxlab.config import config_dir
+from mlxlab.config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -36,16 +34,8 @@ FAST = [
 
 
 def compose_cfg(root: Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[f"paths.root_dir={root}", *overrides],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
+    cfg = compose_config(root, overrides)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(root / "outputs" / "run")
         cfg.paths.cache_dir = str(root / "cache")
     return cfg
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 
@@ -58,6 +58,29 @@ def config_dir() -> str:
     if packaged.is_dir():
         return str(packaged)
     return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def compose_config(
+    root: str | Path, overrides: list[str] | tuple[str, ...] = (), output_dir: str | Path | None = None
+) -> DictConfig:
+    """The real train.yaml composed outside a Hydra app (tests, benchmarks, notebooks).
+
+    Rooted in `root` (store, caches, outputs), with Hydra's runtime config set so that train(cfg)
+    reads the config-group choices as in a CLI run; the run folder is `output_dir`
+    (default <root>/outputs/run).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.root_dir={root}", *overrides],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir or Path(root) / "outputs" / "run")
+    return cfg
 
 
 def to_container(cfg: DictConfig | Mapping, skip: tuple[str, ...] = ()) -> dict:
