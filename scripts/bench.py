@@ -1,10 +1,10 @@
 """Throughput benchmark (issue 3): MLX GEMM vs numpy, and training speed of the mlxlab stack vs a
 minimal hand-written MLX loop vs the same architecture in PyTorch CPU eager, on this machine.
 
-Not a test: prints a table; `--write` also puts it (with the command and the machine) into a
-markdown file. Every ratio compares numbers taken in this one run.
+Not a test: prints a table; `--write` also puts it (with the command and the machine) into
+docs/benchmarks.md (--out), between its markers. Every ratio compares numbers taken in this run.
 
-    python scripts/bench.py [--quick] [--threads N] [--models nano,tiny,bert] [--write]
+    python scripts/bench.py [--quick] [--threads N] [--models nano,tiny,bert] [--repeats 3] [--write]
 
 Each training measurement runs in its own fresh process (`--worker`), one after the other, so
 no framework's threads, caches or memory high-water mark leak into the next one:
@@ -19,6 +19,11 @@ no framework's threads, caches or memory high-water mark leak into the next one:
             torch.set_num_threads = the BLAS threads.
 Variants of the mlxlab row (--variants) locate the framework overhead: `bare` (tracking=none,
 no progress bar), `replay` (the saved batches instead of the live data pipeline).
+
+Noise: a shared machine slows whole processes for a while (the same worker measured 79 and 110 ms
+a step minutes apart), so every row runs --repeats times in interleaved rounds (round order
+alternates, ABBA). A row shows its median round; a ratio is the median over rounds of the ratio of
+two rows in the same round, with its range.
 
 Steady state: the first --warmup steps are skipped, and so is any later step that compiles (the
 first step with a new batch shape) or that follows an evaluation/checkpoint (BERT evaluates
@@ -57,7 +62,7 @@ MODELS = {  # name -> (experiment preset, what one example is)
     "bert": ("titanic_bert", "samples"),
 }
 VARIANTS = ("bare", "replay")
-DEFAULT_OUT = "/work/notes/bench_throughput.md"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 # ---- machine and memory ----------------------------------------------------------------------
@@ -297,7 +302,7 @@ def worker_mlxlab(spec: dict) -> dict:
 
     Trainer.fit = fit
     train(cfg)
-    if spec["variant"] == "full":
+    if spec["variant"] == "full" and spec.get("save_batches"):
         save_batches(Path(spec["batches"]), rec["batches"])
     return {
         "times": rec["times"], "evals": rec["evals"], "shapes": rec["shapes"][: warmup + steps],
@@ -629,40 +634,69 @@ def summarize(label: str, impl: str, res: dict, ref: dict, skip: set[int], args,
     }
 
 
-def bench_model(name: str, args, tmp: Path, peak: float) -> list[dict]:
+def bench_round(name: str, spec: dict, args, tmp: Path, r: int) -> dict[str, dict]:
+    """One result per row. Round 0 starts with the full mlxlab row, whose batches and step
+    numbering every other row reuses; later rounds alternate the row order (ABBA) so a slow
+    drift of the machine does not always land on the same row."""
+    order = ["mlxlab", *(f"mlxlab:{v}" for v in args.variants), "mlx"]
+    order += [] if args.no_torch else ["torch"]
+    if r % 2:
+        order.reverse()
+    results = {}
+    for impl in order:
+        kind, _, variant = impl.partition(":")
+        label = f"{name}-{impl.replace(':', '-')}-r{r}"
+        results[impl] = run_worker(
+            kind, {**spec, "variant": variant or "full", "save_batches": r == 0}, tmp, label
+        )
+        if impl == "mlxlab" and r == 0:
+            spec["reference"] = results[impl]
+    return results
+
+
+def bench_model(name: str, args, tmp: Path, peak: float) -> tuple[list[dict], list[tuple]]:
+    """(table rows: each row's median round, ratios: median over rounds of the per-round
+    ratio, with its range). Every ratio compares two rows of the same round."""
     _, unit = MODELS[name]
     root = tmp / name
     spec = {
         "root": str(root), "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
         "overrides": model_overrides(name, args), "batches": str(root / "batches.npz"),
-        "variant": "full",
     }
-    ref = run_worker("mlxlab", spec, tmp, f"{name}-mlxlab")
-    # The other rows use the batches the mlxlab row trained on, and its step numbering.
-    spec["reference"] = ref
-    results = {"mlxlab": ref}
-    for variant in args.variants:
-        results[f"mlxlab:{variant}"] = run_worker(
-            "mlxlab", {**spec, "variant": variant}, tmp, f"{name}-mlxlab-{variant}"
-        )
-    results["mlx"] = run_worker("mlx", spec, tmp, f"{name}-mlx")
-    if not args.no_torch:
-        results["torch"] = run_worker("torch", spec, tmp, f"{name}-torch")
-    for impl, res in results.items():
-        if res.get("params") != ref["params"]:
-            print(f"  warning: {name} {impl} has {res['params']} params, mlxlab {ref['params']}",
-                  file=sys.stderr)
+    rounds = [bench_round(name, spec, args, tmp, r) for r in range(args.repeats)]
+    ref = spec["reference"]
+    for results in rounds:
+        for impl, res in results.items():
+            if res.get("params") != ref["params"]:
+                print(f"  warning: {name} {impl} has {res['params']} params, mlxlab "
+                      f"{ref['params']}", file=sys.stderr)
     # Timed in every row: the same steps. Left out: compiling steps (a new batch shape) and
     # steps after an evaluation/checkpoint in any mlxlab row (it lands in the next step's time).
     skip = compile_steps([tuple(s) for s in ref["shapes"]])
-    for res in results.values():
-        skip |= {k + 1 for k in res.get("evals", [])}
-    return [summarize(name, impl, res, ref, skip, args, unit, peak)
-            for impl, res in results.items()]
+    for results in rounds:
+        for res in results.values():
+            skip |= {k + 1 for k in res.get("evals", [])}
+    summaries = [
+        {impl: summarize(name, impl, res, ref, skip, args, unit, peak)
+         for impl, res in results.items()}
+        for results in rounds
+    ]
+    rows = []
+    for impl in summaries[0]:
+        runs = sorted((s[impl] for s in summaries), key=lambda row: row["rate"])
+        row = dict(runs[(len(runs) - 1) // 2])  # the median round (the lower one for even counts)
+        row["rate_range"] = (runs[0]["rate"], runs[-1]["rate"])
+        rows.append(row)
+    per_round = [ratios(list(s.values())) for s in summaries]
+    combined = []
+    for k, (what, _, target) in enumerate(per_round[0]):
+        values = [round_ratios[k][1] for round_ratios in per_round]
+        combined.append((what, statistics.median(values), target, min(values), max(values)))
+    return rows, combined
 
 
 def ratios(rows: list[dict]) -> list[tuple[str, float, float]]:
-    """(what, measured, target) for the issue-3 targets found in these rows."""
+    """(what, measured, target) for the issue-3 targets found in these rows (one round)."""
     out = []
     by = {(r["model"], r["impl"]): r for r in rows}
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -687,14 +721,16 @@ def fmt(x, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
 
 
-def report(info: dict, gemm: list[dict], rows: list[dict], command: str, args) -> str:
+def report(info: dict, gemm: list[dict], rows: list[dict], ratio_rows: list[tuple], command: str,
+           args) -> str:
     lines = [
         f"Command: `{command}`",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, "
         f"MLX {info['mlx']}, PyTorch {info['torch'] or '-'}; BLAS {info['blas']}; "
         f"threads: {info['threads']} (OpenBLAS, numpy, torch.set_num_threads); "
-        f"warmup {args.warmup} steps, timed {args.steps} steps; "
+        f"warmup {args.warmup} steps, timed {args.steps} steps; {args.repeats} interleaved "
+        f"round{'s' if args.repeats > 1 else ''} of every row; "
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}",
         "",
         "| fp32 GEMM n x n x n | MLX GFLOP/s | numpy GFLOP/s | MLX / numpy (target >= 0.8) |",
@@ -708,36 +744,48 @@ def report(info: dict, gemm: list[dict], rows: list[dict], command: str, args) -
         "",
         f"GEMM peak used for MFU: {peak:.1f} GFLOP/s (best of the rows above).",
         "",
+        "Each row is its median round by throughput; `range` is the lowest and highest "
+        "throughput over the rounds.",
+        "",
         "| model | implementation | params | timed steps | ms/step (mean) | ms/step (median) "
-        "| CPU ms/step | throughput | GFLOP/s | MFU | mx peak MB | RSS MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU ms/step | throughput | range | GFLOP/s | MFU | mx peak MB | RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['impl']} | {fmt(r['params'] / 1e6 if r['params'] else None, '.2f')}M "
             f"| {r['steps']} | {r['step_ms']:.1f} | {r['median_ms']:.1f} | {r['cpu_ms']:.1f} "
-            f"| {r['rate']:,.0f} {r['unit']}/s | {r['gflops']:.1f} | {r['mfu']:.1%} "
+            f"| {r['rate']:,.0f} {r['unit']}/s "
+            f"| {r['rate_range'][0]:,.0f}-{r['rate_range'][1]:,.0f} "
+            f"| {r['gflops']:.1f} | {r['mfu']:.1%} "
             f"| {fmt(r['mx_peak_mb'], '.0f')} | {fmt(r['rss_mb'], '.0f')} |"
         )
-    lines += ["", "| ratio | measured | target |", "|---|---:|---:|"]
-    for what, value, target in ratios(rows):
+    lines += [
+        "",
+        "Ratios: the median over the rounds of the ratio within one round, and its range.",
+        "",
+        "| ratio | measured (median) | range over rounds | target |",
+        "|---|---:|---:|---:|",
+    ]
+    for what, value, target, low, high in ratio_rows:
         ok = "" if target is None else (" (met)" if value >= target else " (NOT met)")
-        lines.append(f"| {what} | {value:.2f}{ok} | {fmt(target, '.2f')} |")
+        lines.append(f"| {what} | {value:.2f}{ok} | {low:.2f}-{high:.2f} | {fmt(target, '.2f')} |")
     return "\n".join(lines)
 
 
 def write_section(path: Path, body: str, threads: int) -> None:
-    """Replace this thread count's section of `path` (between its markers), or append it."""
+    """Replace this thread count's tables in `path` (between their markers, so the prose around
+    them stays), or append them under a new heading."""
     begin = f"<!-- scripts/bench.py threads={threads}: begin -->"
     end = f"<!-- scripts/bench.py threads={threads}: end -->"
-    title = f"## Training throughput, {threads} thread{'s' if threads > 1 else ''} (scripts/bench.py)"
-    section = f"{begin}\n{title}\n\n{body}\n{end}\n"
+    section = f"{begin}\n{body}\n{end}\n"
     text = path.read_text() if path.exists() else ""
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + section + rest.split(end, 1)[1].lstrip("\n")
     else:
-        text = text + ("\n" if text and not text.endswith("\n\n") else "") + section
+        title = f"## Training throughput, {threads} thread{'s' if threads > 1 else ''} (scripts/bench.py)"
+        text += ("\n" if text and not text.endswith("\n\n") else "") + f"{title}\n\n{section}"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
@@ -757,11 +805,14 @@ def main() -> None:
     parser.add_argument("--variants", default=None,
                         help=f"extra mlxlab rows: comma list of {','.join(VARIANTS)} "
                         "(default: all; --quick: none)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved rounds of every row; the table shows medians "
+                        "(default 3; --quick: 1)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--override", action="append", default=[],
                         help="extra Hydra override for every row (repeatable)")
     parser.add_argument("--write", action="store_true", help="put the report into --out")
-    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="default: docs/benchmarks.md")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -772,6 +823,7 @@ def main() -> None:
     quick = args.quick
     args.warmup = args.warmup if args.warmup is not None else (2 if quick else 3)
     args.steps = args.steps or (4 if quick else 20)
+    args.repeats = max(1, args.repeats or (1 if quick else 3))
     args.batch_size = args.batch_size or (4 if quick else None)
     gemm_sizes = [int(n) for n in (args.gemm or ("512" if quick else "1024,2048")).split(",")]
     variants = args.variants if args.variants is not None else ("" if quick else ",".join(VARIANTS))
@@ -797,19 +849,21 @@ def main() -> None:
         print(f"BLAS threads: mlx {blas_threads()}, requested {args.threads}", file=sys.stderr)
         gemm = gemm_section(gemm_sizes, repeats=5 if quick else 20)
     peak = max(max(g["mlx"], g["numpy"]) for g in gemm)
-    rows = []
+    rows, ratio_rows = [], []
     with tempfile.TemporaryDirectory(prefix="mlxlab-bench-") as tmp_name:
         tmp = Path(tmp_name)
         try:
             for name in models:
-                rows += bench_model(name, args, tmp, peak)
+                model_rows, model_ratios = bench_model(name, args, tmp, peak)
+                rows += model_rows
+                ratio_rows += model_ratios
         finally:
             if args.keep:
                 kept = Path(tempfile.mkdtemp(prefix="mlxlab-bench-kept-"))
                 subprocess.run(["cp", "-r", f"{tmp}/.", str(kept)], check=False)
                 print(f"worker logs kept in {kept}", file=sys.stderr)
     command = "python scripts/bench.py " + " ".join(sys.argv[1:])
-    text = report(info, gemm, rows, command.strip(), args)
+    text = report(info, gemm, rows, ratio_rows, command.strip(), args)
     print(text)
     if args.write:
         write_section(Path(args.out), text, args.threads)

@@ -7,8 +7,9 @@ directory. The rows are serialized to text exactly as in training: the data modu
 from the run's resolved config (checkpoint state.json) with the run's tokenizer.json. The test
 CSV needs the feature columns (the template's) and the id column, not the label column. The
 output has the id column and the label column with the original label values
-(PassengerId,Survived for Titanic). The training CSV must still be readable: its label values
-map class indices back to labels.
+(PassengerId,Survived for Titanic). The training CSV is not needed: the checkpoint's state.json
+holds the label values and columns the run learnt from it (checkpoints written before mlxlab
+saved them fall back to re-reading the training CSV).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
+from tokenizers import Tokenizer
 
 from mlxlab.config import instantiate
-from mlxlab.data.tabular import read_csv, template_fields
+from mlxlab.data.tabular import TabularText, read_csv
 from mlxlab.runs import load_run_model, run_tokenizer
 
 
@@ -35,16 +37,6 @@ def classifier_tokenizer(checkpoint: Path) -> Path:
             "(outputs/<task>/<time>) of a finished classification run"
         )
     return found
-
-
-def feature_columns(data) -> list[str]:
-    """The columns the run's text is built from (a test CSV must have them)."""
-    if data.template:
-        return list(dict.fromkeys(template_fields(data.template)))
-    if data.feature_columns is not None:
-        return list(data.feature_columns)
-    header = pd.read_csv(data.path, nrows=0).columns  # every training column but label and id
-    return [c for c in header if c not in (data.label_column, data.id_column)]
 
 
 def load_classifier(run: str | Path):
@@ -63,13 +55,18 @@ def load_classifier(run: str | Path):
         )
     tokenizer_path = classifier_tokenizer(Path(state["checkpoint_path"]))
     data_cfg.tokenizer = {**data_cfg.get("tokenizer", {}), "path": str(tokenizer_path)}
-    data = instantiate(data_cfg)
-    if not Path(data.path).is_file():
-        raise FileNotFoundError(
-            f"the run's training CSV {data.path} is gone: predict needs it for the label values "
-            "(restore the file at that path)"
-        )
-    data.setup(None)  # tokenizer from tokenizer_path, label values from the training CSV
+    if "encoding" in state:  # label values and columns saved by the run
+        settings = OmegaConf.to_container(data_cfg, resolve=True)
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        data = TabularText.from_encoding_state(settings, tokenizer, state["encoding"])
+    else:  # a checkpoint from before mlxlab saved them: learn them from the training CSV again
+        data = instantiate(data_cfg)
+        if not Path(data.path).is_file():
+            raise FileNotFoundError(
+                f"the run's training CSV {data.path} is gone and {state['checkpoint_path']} "
+                "predates saved label values: restore the file at that path"
+            )
+        data.setup(None)
     expected = state.get("tokenizer_hash")
     if expected and data.tokenizer_hash != expected:
         raise ValueError(
@@ -81,7 +78,7 @@ def load_classifier(run: str | Path):
 
 def predict_frame(model, data, df: pd.DataFrame, batch_size: int = 64) -> pd.DataFrame:
     """Submission frame (id column, label column) for the rows of `df`, in row order."""
-    needed = feature_columns(data) + ([data.id_column] if data.id_column else [])
+    needed = list(data.columns) + ([data.id_column] if data.id_column else [])
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise ValueError(

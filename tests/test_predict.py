@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,16 @@ TINY_RUN = [*FAST, "tracking=none", "trainer.max_epochs=5", "trainer.max_steps=1
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One tiny finished run: (run dir, its best val metrics, its data rows)."""
+    """One tiny finished run: (run dir, its best val metrics, its data rows). Its training CSV
+    is deleted after training: predicting needs only the run folder."""
     root = tmp_path_factory.mktemp("predict")
-    cfg = compose_cfg(root, TINY_RUN)
+    train_csv = Path(shutil.copy(asset_path("titanic/train.csv"), root / "train.csv"))
+    titanic = pd.read_csv(train_csv)
+    cfg = compose_cfg(root, [*TINY_RUN, f"data.path={train_csv}"])
     metrics = train(cfg)
     GlobalHydra.instance().clear()
-    return Path(cfg.paths.output_dir), metrics, pd.read_csv(asset_path("titanic/train.csv"))
+    train_csv.unlink()
+    return Path(cfg.paths.output_dir), metrics, titanic
 
 
 def val_rows(titanic: pd.DataFrame) -> pd.DataFrame:

@@ -188,6 +188,7 @@ class TabularText:
         self.vocab_size: int | None = None
         self.num_labels: int | None = None
         self.label_names: list[str] = []
+        self.columns: list[str] = []
         self.cache_hit = False
         self._epoch, self._batches_done = 0, 0
 
@@ -229,9 +230,7 @@ class TabularText:
             log.warning("dropping %d rows with no %s", n, self.label_column)
             df = df[df[self.label_column].notna()].reset_index(drop=True)
         values = sorted(df[self.label_column].unique().tolist())
-        self.label_values = values  # original values, for writing predictions back
-        self.label_names = [_format_value(v) for v in values]
-        self.num_labels = len(values)
+        self._set_labels(values)
         if self.num_labels < 2:
             raise ValueError(
                 f"label column {self.label_column!r} has {self.num_labels} distinct value(s); "
@@ -239,6 +238,9 @@ class TabularText:
             )
         labels = df[self.label_column].map({v: i for i, v in enumerate(values)}).to_numpy(np.int32)
         texts = self.texts(df)
+        self.columns = (  # what a row's text is built from: a CSV to predict needs these
+            list(dict.fromkeys(template_fields(self.template))) if self.template else self._columns(df)
+        )
         train_idx, val_idx = stratified_split(labels, self.val_fraction, self.seed)
 
         save_to = Path(run_dir) / "tokenizer.json" if run_dir is not None else None
@@ -263,6 +265,32 @@ class TabularText:
             self.vocab_size,
             lengths.max(),
         )
+
+    def _set_labels(self, values: list) -> None:
+        self.label_values = values  # original values, for writing predictions back
+        self.label_names = [_format_value(v) for v in values]
+        self.num_labels = len(values)
+
+    def encoding_state(self) -> dict:
+        """What setup() learnt from the training CSV that encoding new rows and naming predictions
+        needs. Saved in every checkpoint's state.json, so prediction and serving need only the run
+        folder (see from_encoding_state)."""
+        return {
+            "label_values": [v.item() if hasattr(v, "item") else v for v in self.label_values],
+            "columns": list(self.columns),
+            "pad_id": int(self.pad_id),
+        }
+
+    @classmethod
+    def from_encoding_state(cls, settings: dict, tokenizer, state: dict) -> TabularText:
+        """A module that encodes rows like the run did (encode_frame, submission) from the run's
+        data config, its tokenizer and encoding_state(), without the training CSV."""
+        data = cls(**{k: v for k, v in settings.items() if not k.startswith("_")})
+        data.tokenizer, data.tokenizer_hash = tokenizer, tokenizer_hash(tokenizer)
+        data.vocab_size, data.pad_id = tokenizer.get_vocab_size(), int(state["pad_id"])
+        data.columns = list(state["columns"])
+        data._set_labels(list(state["label_values"]))
+        return data
 
     def cache_key(self) -> str:
         """Hash of the file bytes, the tokenizer and every setting that changes the token arrays."""

@@ -43,13 +43,16 @@ class MlxlabPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from tokenizers import Tokenizer
 
+        from mlxlab.data.tabular import TabularText
         from mlxlab.runs import load_run_model
 
         self.meta = json.loads(Path(context.artifacts["predictor"]).read_text())
         self.model, _ = load_run_model(context.artifacts["checkpoint"])
         self.tokenizer = Tokenizer.from_file(context.artifacts["tokenizer"])
         if self.meta["task"] == "classification":
-            self.data = _tabular(self.meta["data"], self.tokenizer, self.meta)
+            self.data = TabularText.from_encoding_state(
+                self.meta["data"], self.tokenizer, self.meta["encoding"]
+            )
 
     def predict(self, context, model_input, params=None):  # no hints: MLflow parses them
         if self.meta["task"] == "classification":
@@ -85,17 +88,6 @@ class MlxlabPyfunc(mlflow.pyfunc.PythonModel):
                 new.append(token)
             completions.append(self.tokenizer.decode(new))
         return pd.DataFrame({"prompt": prompts, "completion": completions})
-
-
-def _tabular(data_cfg: dict, tokenizer: Any, meta: dict) -> Any:
-    """A TabularText ready to encode rows, without reading the training CSV again."""
-    from mlxlab.data.tabular import TabularText
-
-    settings = {k: v for k, v in data_cfg.items() if not k.startswith("_")}
-    data = TabularText(**settings)
-    data.tokenizer, data.pad_id = tokenizer, meta["pad_id"]
-    data.label_values = meta["label_values"]
-    return data
 
 
 def _frame(model_input: Any) -> pd.DataFrame:
@@ -160,16 +152,14 @@ def predictor_meta(state: dict, tokenizer_path: Path) -> dict:
     data_cfg = dict(state["config"]["data"])
     meta: dict[str, Any] = {"data": data_cfg}
     if state["model_init"].get("num_labels"):
-        # setup() reads the training CSV once more, for the label values in their order
-        cfg = OmegaConf.create({**data_cfg, "cache_dir": None})
-        cfg.tokenizer.path = str(tokenizer_path)
-        data = instantiate(cfg)
-        data.setup(None)
-        meta.update(
-            task="classification",
-            label_values=[_plain(v) for v in data.label_values],
-            pad_id=int(data.pad_id),
-        )
+        encoding = state.get("encoding")
+        if encoding is None:  # a checkpoint from before they were saved: the training CSV again
+            cfg = OmegaConf.create({**data_cfg, "cache_dir": None})
+            cfg.tokenizer.path = str(tokenizer_path)
+            data = instantiate(cfg)
+            data.setup(None)
+            encoding = data.encoding_state()
+        meta.update(task="classification", encoding=encoding)
     else:
         from tokenizers import Tokenizer
 
@@ -180,10 +170,6 @@ def predictor_meta(state: dict, tokenizer_path: Path) -> dict:
             pad_id=find_token_id(tok, PAD_TOKENS + EOT_TOKENS, "padding"),
         )
     return meta
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
 
 
 def register_run(

@@ -32,36 +32,37 @@ def token_cross_entropy(logits: mx.array, targets: mx.array, label_smoothing: fl
 
 
 def forward(model: nn.Module, batch: Batch) -> mx.array:
+    """Logits of any mlxlab model; LM batches have no attention_mask (packed, causal)."""
     return model(batch["input_ids"], batch.get("attention_mask"))
 
 
-def classification_loss(label_smoothing: float = 0.0) -> LossFn:
-    def loss_fn(model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
-        logits = forward(model, batch)
-        ce = token_cross_entropy(logits, batch["labels"], label_smoothing)
-        n = mx.array(ce.shape[0], dtype=mx.float32)
-        return ce.mean(), {"ntokens": n}
+def masked_sum(values: mx.array, batch: Batch) -> tuple[mx.array, mx.array]:
+    """(sum, count) of per-example values (classifiers: every example counts) or per-token
+    values (language models: weighted by loss_mask, so padding and repeated tokens count 0)."""
+    mask = batch.get("loss_mask")
+    if mask is None:
+        return values.sum(), mx.array(values.shape[0], dtype=mx.float32)
+    return (values * mask).sum(), mask.sum()
 
-    return loss_fn
 
-
-def lm_loss(label_smoothing: float = 0.0) -> LossFn:
-    def loss_fn(model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
-        logits = model(batch["input_ids"])
-        ce = token_cross_entropy(logits, batch["labels"], label_smoothing)
-        mask = batch["loss_mask"]
-        ntokens = mask.sum()
-        return (ce * mask).sum() / mx.maximum(ntokens, 1.0), {"ntokens": ntokens}
-
-    return loss_fn
+def masked_mean(values: mx.array, batch: Batch) -> tuple[mx.array, mx.array]:
+    """(mean, count) over what counts in `batch`, see masked_sum."""
+    total, count = masked_sum(values, batch)
+    return total / mx.maximum(count, 1.0), count
 
 
 def task_loss(task: str, label_smoothing: float = 0.0) -> LossFn:
-    if task == "classification":
-        return classification_loss(label_smoothing)
-    if task == "lm":
-        return lm_loss(label_smoothing)
-    raise ValueError(f"unknown data task {task!r}: expected 'classification' or 'lm'")
+    """Cross-entropy against batch["labels"]: per example (classification) or per scored token
+    (lm). `aux["ntokens"]` is the count the mean is over."""
+    if task not in ("classification", "lm"):
+        raise ValueError(f"unknown data task {task!r}: expected 'classification' or 'lm'")
+
+    def loss_fn(model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
+        ce = token_cross_entropy(forward(model, batch), batch["labels"], label_smoothing)
+        loss, count = masked_mean(ce, batch)
+        return loss, {"ntokens": count}
+
+    return loss_fn
 
 
 def soft_cross_entropy_kl(student: mx.array, teacher_probs: mx.array, temperature: float) -> mx.array:
@@ -72,7 +73,6 @@ def soft_cross_entropy_kl(student: mx.array, teacher_probs: mx.array, temperatur
 
 
 def distillation_loss(
-    task: str,
     teachers: Sequence[nn.Module],
     weights: Sequence[float] | None = None,
     alpha: float = 0.5,
@@ -81,8 +81,9 @@ def distillation_loss(
 ) -> LossFn:
     """alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
 
-    Several teachers: their softened distributions are averaged with `weights`. Teacher logits
-    go through stop_gradient, so no gradient is ever computed for them.
+    Per example (classifiers) or per scored token (language models), as in task_loss. Several
+    teachers: their softened distributions are averaged with `weights`. Teacher logits go through
+    stop_gradient, so no gradient is ever computed for them.
     """
     if not teachers:
         raise ValueError("distillation needs at least one teacher: set trainer.distill.teachers")
@@ -93,23 +94,14 @@ def distillation_loss(
     w = [x / total for x in w]
 
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
-        mask_arg = batch.get("attention_mask") if task == "classification" else None
-        logits = model(batch["input_ids"], mask_arg)
+        logits = forward(model, batch)
         probs = None
         for weight, teacher in zip(w, teachers):
-            t_logits = mx.stop_gradient(teacher(batch["input_ids"], mask_arg))
+            t_logits = mx.stop_gradient(forward(teacher, batch))
             p = weight * mx.softmax(t_logits.astype(mx.float32) / temperature, axis=-1)
             probs = p if probs is None else probs + p
-        ce = token_cross_entropy(logits, batch["labels"], label_smoothing)
-        kl = soft_cross_entropy_kl(logits, probs, temperature) * temperature**2
-        if task == "lm":
-            mask = batch["loss_mask"]
-            ntokens = mask.sum()
-            denom = mx.maximum(ntokens, 1.0)
-            ce, kl = (ce * mask).sum() / denom, (kl * mask).sum() / denom
-        else:
-            ntokens = mx.array(ce.shape[0], dtype=mx.float32)
-            ce, kl = ce.mean(), kl.mean()
+        ce, ntokens = masked_mean(token_cross_entropy(logits, batch["labels"], label_smoothing), batch)
+        kl, _ = masked_mean(soft_cross_entropy_kl(logits, probs, temperature) * temperature**2, batch)
         loss = alpha * ce + (1.0 - alpha) * kl
         return loss, {"ntokens": ntokens, "ce": ce, "kl": kl}
 

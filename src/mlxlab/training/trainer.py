@@ -172,7 +172,7 @@ class Trainer:
                 self.distill.get("teachers", []), data.vocab_size, data.num_labels
             )
             loss_fn = losses.distillation_loss(
-                task, self.teachers, weights, alpha=self.distill.get("alpha", 0.5),
+                self.teachers, weights, alpha=self.distill.get("alpha", 0.5),
                 temperature=self.distill.get("temperature", 2.0),
                 label_smoothing=self.label_smoothing,
             )
@@ -269,22 +269,17 @@ class Trainer:
         self.last_eval = None  # classification: (labels, probs), for the confusion matrix
         total, count, probs, labels = 0.0, 0.0, [], []
         for batch in data.val_batches(self.batching):
+            logits = losses.forward(model, batch).astype(mx.float32)
+            ce_sum, n = losses.masked_sum(losses.token_cross_entropy(logits, batch["labels"]), batch)
             if task == "classification":
-                logits = model(batch["input_ids"], batch.get("attention_mask")).astype(mx.float32)
-                ce = losses.token_cross_entropy(logits, batch["labels"])
                 p = mx.softmax(logits, axis=-1)
-                mx.eval(ce, p)
-                total += float(ce.sum())
-                count += ce.shape[0]
+                mx.eval(ce_sum, n, p)
                 probs.append(np.array(p))
                 labels.append(np.array(batch["labels"]))
             else:
-                logits = model(batch["input_ids"])
-                ce = losses.token_cross_entropy(logits, batch["labels"]) * batch["loss_mask"]
-                s, n = ce.sum(), batch["loss_mask"].sum()
-                mx.eval(s, n)
-                total += float(s)
-                count += float(n)
+                mx.eval(ce_sum, n)
+            total += float(ce_sum)
+            count += float(n)
         model.train()
         if count == 0:
             raise TrainingError("the validation split is empty: raise data.val_fraction or add data")
@@ -350,6 +345,8 @@ class Trainer:
                 "config": config,
                 "model_init": {"vocab_size": data.vocab_size, "num_labels": data.num_labels},
                 "tokenizer_hash": getattr(data, "tokenizer_hash", None),
+                # classification: label values and columns, so predicting needs no training CSV
+                "encoding": data.encoding_state() if hasattr(data, "encoding_state") else None,
             }
 
         def save(metric: float | None = None) -> Path:
