@@ -144,6 +144,26 @@ def test_distillation_from_a_finished_run(make_cfg, tmp_path):
     assert client.get_metric_history(run.info.run_id, "train/ce")
 
 
+def test_cached_teacher_probabilities_give_the_per_step_loss(make_cfg, tmp_path):
+    """The cache (one teacher pass before training) equals running the teacher in the step, for
+    rows batched and padded differently, and the pass leaves the data position where it was."""
+    teacher_cfg = make_cfg(*FAST, "tracking=none", "trainer.max_steps=8", "trainer.eval_every_steps=8")
+    train(teacher_cfg)
+    _, data, student = build(make_cfg, tmp_path, *TINY)
+    data.load_state_dict({"epoch": 0, "batches_done": 3})
+    teachers = [{"run": str(teacher_cfg.paths.output_dir)}]
+    trainer = Trainer(distill={"teachers": teachers, "temperature": 2.0}, batch_size=16)
+    cached_fn = trainer.build_loss(data)
+    assert data.state_dict() == {"epoch": 0, "batches_done": 3}
+    trainer.distill["cache_teacher"] = False
+    per_step_fn = trainer.build_loss(data)
+    student.eval()  # no dropout: the two losses see the same student
+    for batch in list(data.train_batches(Batching(batch_size=7), 1))[:4]:
+        (cached, aux_c), (direct, aux_d) = cached_fn(student, batch), per_step_fn(student, batch)
+        assert cached.item() == pytest.approx(direct.item(), rel=1e-5)
+        assert aux_c["kl"].item() == pytest.approx(aux_d["kl"].item(), rel=1e-4)
+
+
 def test_distillation_rejects_a_teacher_with_other_labels(make_cfg, tmp_path):
     teacher_cfg = make_cfg(*FAST, "tracking=none")
     train(teacher_cfg)

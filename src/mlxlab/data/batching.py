@@ -100,12 +100,18 @@ def collate_classification(
 
     `tokens` is (N, max_len) already filled with the pad id after each row's length, so slicing
     to the bucket length is the whole padding step. `labels=None` (prediction) leaves them out.
+    `index` goes into the batch too: per-example values can then be computed once and looked up
+    (distillation's teacher probabilities, see Trainer.teacher_cache).
     """
     batch_lengths = lengths[index]
     width = bucket_length(int(batch_lengths.max()), multiple, tokens.shape[1])
     input_ids = tokens[index, :width]
     mask = (np.arange(width)[None, :] < batch_lengths[:, None]).astype(np.int32)
-    batch = {"input_ids": mx.array(input_ids), "attention_mask": mx.array(mask)}
+    batch = {
+        "input_ids": mx.array(input_ids),
+        "attention_mask": mx.array(mask),
+        "index": mx.array(index.astype(np.int32)),
+    }
     if labels is not None:
         batch["labels"] = mx.array(labels[index].astype(np.int32))
     return batch

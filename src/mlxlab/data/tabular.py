@@ -346,7 +346,15 @@ class TabularText:
         self._epoch, self._batches_done = epoch + 1, 0
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
-        tokens, lengths, labels = self.val
+        return self._in_order(self.val, batching)
+
+    def train_batches_in_order(self, batching: Batching) -> Iterator[Batch]:
+        """Every training example once, unshuffled, leaving the training position alone: for
+        values computed once per example (distillation's teacher cache)."""
+        return self._in_order(self.train, batching)
+
+    def _in_order(self, split: tuple, batching: Batching) -> Iterator[Batch]:
+        tokens, lengths, labels = split
         for index in make_batches(lengths, batching, self.max_length):
             yield collate_classification(tokens, lengths, labels, index, batching.bucket_multiple)
 

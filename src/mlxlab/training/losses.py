@@ -72,34 +72,49 @@ def soft_cross_entropy_kl(student: mx.array, teacher_probs: mx.array, temperatur
     return (teacher_probs * (log_p_teacher - log_p_student)).sum(axis=-1)
 
 
+def teacher_probabilities(
+    teachers: Sequence[nn.Module], weights: Sequence[float] | None, temperature: float
+) -> Callable[[Batch], mx.array]:
+    """batch -> the teachers' softened distributions softmax(logits / T), averaged with `weights`,
+    under stop_gradient (no gradient is ever computed for a teacher)."""
+    if not teachers:
+        raise ValueError("distillation needs at least one teacher: set trainer.distill.teachers")
+    w = list(weights) if weights else [1.0] * len(teachers)
+    if len(w) != len(teachers):
+        raise ValueError(f"{len(teachers)} teachers but {len(w)} weights in trainer.distill.teachers")
+    w = [x / float(sum(w)) for x in w]
+
+    def probs(batch: Batch) -> mx.array:
+        out = None
+        for weight, teacher in zip(w, teachers):
+            logits = mx.stop_gradient(forward(teacher, batch)).astype(mx.float32)
+            p = weight * mx.softmax(logits / temperature, axis=-1)
+            out = p if out is None else out + p
+        return out
+
+    return probs
+
+
 def distillation_loss(
     teachers: Sequence[nn.Module],
     weights: Sequence[float] | None = None,
     alpha: float = 0.5,
     temperature: float = 2.0,
     label_smoothing: float = 0.0,
+    cache: mx.array | None = None,
 ) -> LossFn:
     """alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
 
-    Per example (classifiers) or per scored token (language models), as in task_loss. Several
-    teachers: their softened distributions are averaged with `weights`. Teacher logits go through
-    stop_gradient, so no gradient is ever computed for them.
+    Per example (classifiers) or per scored token (language models), as in task_loss; several
+    teachers are averaged (teacher_probabilities). `cache`: the teacher probabilities of every
+    training example, (N, num_labels), looked up by batch["index"] instead of running the teachers
+    in every step (Trainer.teacher_cache builds it for fixed datasets).
     """
-    if not teachers:
-        raise ValueError("distillation needs at least one teacher: set trainer.distill.teachers")
-    w = list(weights) if weights else [1.0] * len(teachers)
-    if len(w) != len(teachers):
-        raise ValueError(f"{len(teachers)} teachers but {len(w)} weights in trainer.distill.teachers")
-    total = float(sum(w))
-    w = [x / total for x in w]
+    probs_of = teacher_probabilities(teachers, weights, temperature)
 
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
         logits = forward(model, batch)
-        probs = None
-        for weight, teacher in zip(w, teachers):
-            t_logits = mx.stop_gradient(forward(teacher, batch))
-            p = weight * mx.softmax(t_logits.astype(mx.float32) / temperature, axis=-1)
-            probs = p if probs is None else probs + p
+        probs = cache[batch["index"]] if cache is not None else probs_of(batch)
         ce, ntokens = masked_mean(token_cross_entropy(logits, batch["labels"], label_smoothing), batch)
         kl, _ = masked_mean(soft_cross_entropy_kl(logits, probs, temperature) * temperature**2, batch)
         loss = alpha * ce + (1.0 - alpha) * kl

@@ -171,15 +171,41 @@ class Trainer:
             self.teachers, weights = load_teachers(
                 self.distill.get("teachers", []), data.vocab_size, data.num_labels
             )
+            temperature = self.distill.get("temperature", 2.0)
+            cache = None
+            if self.distill.get("cache_teacher", True):
+                probs_of = losses.teacher_probabilities(self.teachers, weights, temperature)
+                cache = self.teacher_cache(data, probs_of)
             loss_fn = losses.distillation_loss(
                 self.teachers, weights, alpha=self.distill.get("alpha", 0.5),
-                temperature=self.distill.get("temperature", 2.0),
-                label_smoothing=self.label_smoothing,
+                temperature=temperature, label_smoothing=self.label_smoothing, cache=cache,
             )
         else:
             loss_fn = losses.task_loss(task, self.label_smoothing)
         dtype = self.compute_dtype()
         return loss_fn if dtype == mx.float32 else mixed_precision(loss_fn, dtype)
+
+    def teacher_cache(self, data, probs_of) -> mx.array | None:
+        """The teachers' probabilities for every training example, from one pass before training.
+
+        The teachers are frozen and in eval mode, so on a fixed dataset an example's soft targets
+        never change: looking them up makes a distilled step cost what the student's step costs.
+        None (run the teachers in every step) for data without `train_batches_in_order`, such as
+        streamed text, where a vocabulary-sized distribution per token would be too big to keep.
+        """
+        in_order = getattr(data, "train_batches_in_order", None)
+        if in_order is None:
+            return None
+        parts = []
+        for batch in in_order(self.batching):
+            probs = probs_of(batch)
+            mx.eval(probs)
+            parts.append((np.array(batch["index"]), np.array(probs)))
+        table = np.zeros((max(int(i.max()) for i, _ in parts) + 1, parts[0][1].shape[-1]), np.float32)
+        for index, probs in parts:
+            table[index] = probs
+        log.info("distillation: teacher probabilities of %d training examples cached", len(table))
+        return mx.array(table)
 
     def compute_dtype(self) -> mx.Dtype:
         if self.precision == "auto":
