@@ -20,21 +20,10 @@ from tokenizers import Tokenizer
 
 from mlxlab.data.tokenizer import EOT_TOKENS, find_token_id, tokenizer_hash
 from mlxlab.models.transformer import generate_step
-from mlxlab.runs import load_run_model, run_tokenizer
+from mlxlab.runs import load_run_model, require_run_tokenizer
 
 if TYPE_CHECKING:  # mlx.core is imported through mlxlab, which loads the fast BLAS first
     import mlx.nn as nn
-
-
-def find_tokenizer(path: Path) -> Path:
-    """tokenizer.json of the run holding `path` (run dir, checkpoints/, or one checkpoint)."""
-    found = run_tokenizer(path)
-    if found is None:
-        raise FileNotFoundError(
-            f"no tokenizer.json in {path} or its run directory: pass the run directory of a "
-            "language-model run (outputs/<task>/<time>) or one of its checkpoints"
-        )
-    return found
 
 
 def load_run(path: str | Path) -> tuple[nn.Module, Tokenizer, dict]:
@@ -44,7 +33,7 @@ def load_run(path: str | Path) -> tuple[nn.Module, Tokenizer, dict]:
         raise FileNotFoundError(
             f"{path} does not exist: pass a run directory (outputs/<task>/<time>) or a checkpoint"
         )
-    tokenizer_path = find_tokenizer(path)
+    tokenizer_path = require_run_tokenizer(path, "language-model")
     model, state = load_run_model(path)
     if not hasattr(model, "make_cache"):
         raise ValueError(

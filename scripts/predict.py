@@ -25,18 +25,7 @@ from tokenizers import Tokenizer
 
 from mlxlab.config import instantiate
 from mlxlab.data.tabular import TabularText, read_csv
-from mlxlab.runs import load_run_model, run_tokenizer
-
-
-def classifier_tokenizer(checkpoint: Path) -> Path:
-    """tokenizer.json of the run that holds `checkpoint` (run_dir/checkpoints/<name>)."""
-    found = run_tokenizer(checkpoint)
-    if found is None:
-        raise FileNotFoundError(
-            f"no tokenizer.json in the run directory of {checkpoint}: pass the run directory "
-            "(outputs/<task>/<time>) of a finished classification run"
-        )
-    return found
+from mlxlab.runs import load_run_model, require_run_tokenizer
 
 
 def load_classifier(run: str | Path):
@@ -53,7 +42,7 @@ def load_classifier(run: str | Path):
             f"{run} is not a tabular classification run (its data config has no label_column): "
             "predict a run of data=titanic or another CSV classification config"
         )
-    tokenizer_path = classifier_tokenizer(Path(state["checkpoint_path"]))
+    tokenizer_path = require_run_tokenizer(state["checkpoint_path"], "classification")
     data_cfg.tokenizer = {**data_cfg.get("tokenizer", {}), "path": str(tokenizer_path)}
     if "encoding" in state:  # label values and columns saved by the run
         settings = OmegaConf.to_container(data_cfg, resolve=True)

@@ -112,6 +112,17 @@ def run_tokenizer(path: str | Path) -> Path | None:
     return None
 
 
+def require_run_tokenizer(path: str | Path, kind: str) -> Path:
+    """run_tokenizer(path), or an error naming what to pass; `kind` says which run it must be."""
+    found = run_tokenizer(path)
+    if found is None:
+        raise FileNotFoundError(
+            f"no tokenizer.json in {path} or its run directory: pass the run directory "
+            f"(outputs/<task>/<time>) of a finished {kind} run, or one of its checkpoints"
+        )
+    return found
+
+
 def reuse_tokenizer(cfg: DictConfig, run: str | Path | None, why: str) -> None:
     """Point data.tokenizer.path at an earlier run's tokenizer.json (unless one is set), so a
     resumed run or a distilled student sees exactly the token ids the checkpoint was trained on."""
