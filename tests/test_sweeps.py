@@ -9,7 +9,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from conftest import PYTHON, REPO
 from mlxlab.config import config_dir
 from mlxlab.tracking.mlflow import ENV_PARENT_RUN_ID, sweep_children
-
-REPO = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
 
 # The tiniest real training: a 1-layer BERT of width 16, 3 steps on the shipped Titanic CSV.
 TINY = [
