@@ -30,6 +30,7 @@ from mlxlab.tracking.mlflow import (
     sweep_table,
     swept_keys,
 )
+from mlxlab.tracking.stale import mark_dead_runs
 
 KEY_METRICS = ["val/accuracy", "val/f1", "val/roc_auc", "val/loss", "val/perplexity", "train/loss"]
 MAX_METRIC_COLUMNS = 4
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
+    mark_dead_runs(uri, args.experiment)  # RUNNING runs whose process died without a checkpoint
     experiments = client.search_experiments()
     if args.experiment:
         experiments = [e for e in experiments if e.name == args.experiment]

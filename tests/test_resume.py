@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import signal
 import subprocess
 import time
@@ -41,7 +44,7 @@ def start(args: list[str], run_dir: Path, env: dict) -> subprocess.Popen:
 def run(args: list[str], run_dir: Path, env: dict) -> subprocess.CompletedProcess:
     proc = start(args, run_dir, env)
     out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, (out + err)[-3000:]
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -56,20 +59,124 @@ def final_weights(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 def run_id_of(run_dir: Path) -> str:
-    import json
-
     last = max(committed_steps(run_dir))
     return json.loads((run_dir / "checkpoints" / f"step_{last:08d}" / "state.json").read_text())["run_id"]
 
 
-def loss_history(uri: str, run_id: str) -> dict[int, float]:
-    """train/loss by step of one MLflow run; a step logged twice (re-run after resume) must agree."""
-    by_step: dict[int, float] = {}
-    for m in MlflowClient(uri).get_metric_history(run_id, "train/loss"):
-        assert by_step.setdefault(m.step, m.value) == m.value, f"step {m.step} logged twice, differently"
-    return by_step
+TIMING = ("train/samples_per_sec", "train/tokens_per_sec")  # wall-clock rates: steps only
 
 
+def metric_history(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of one MLflow run as [(step, value)] by step; a step logged twice fails."""
+    client = MlflowClient(uri)
+    history = {}
+    for key in sorted(client.get_run(run_id).data.metrics):
+        rows = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        steps = [step for step, _ in rows]
+        assert len(steps) == len(set(steps)), f"{key}: steps logged twice: {steps}"
+        history[key] = [(step, math.nan if key in TIMING else value) for step, value in rows]
+    return history
+
+
+def final_state(run_dir: Path) -> dict:
+    last = max(committed_steps(run_dir))
+    return json.loads((run_dir / "checkpoints" / f"step_{last:08d}" / "state.json").read_text())
+
+
+def assert_same_history(uri: str, reference: Path, resumed: Path, label: str) -> None:
+    """MLflow values and steps, the history in state.json and the loss-curve data all equal an
+    uninterrupted run's (rates per second are compared by step only)."""
+    expected, got = metric_history(uri, run_id_of(reference)), metric_history(uri, run_id_of(resumed))
+    assert got.keys() == expected.keys(), label
+    for key in expected:
+        assert [s for s, _ in got[key]] == [s for s, _ in expected[key]], f"{label}: {key} steps"
+        same = all(a == b or (math.isnan(a) and math.isnan(b))
+                   for (_, a), (_, b) in zip(got[key], expected[key]))
+        assert same, f"{label}: {key} differs:\n{got[key]}\nvs uninterrupted\n{expected[key]}"
+    # state.json's history is what the loss-curve PNG is drawn from
+    assert final_state(resumed)["history"] == final_state(reference)["history"], label
+
+
+def assert_same_weights(reference: Path, resumed: Path, label: str) -> None:
+    expected, got = final_weights(reference), final_weights(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert np.array_equal(expected[key], got[key]), f"{label}: {key} differs after resume"
+
+
+def tmp_dirs(run_dir: Path) -> list[Path]:
+    return list((run_dir / "checkpoints").glob(".tmp-step_*"))
+
+
+def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
+    """SIGKILL `proc` at the first moment `condition()` holds. The process is frozen (SIGSTOP)
+    and the condition checked again before the kill, so it holds at the moment of death."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, "the run finished before it could be killed"
+        assert time.time() < deadline, "timed out waiting to kill"
+        if condition():
+            proc.send_signal(signal.SIGSTOP)
+            if condition():
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.002)
+
+
+def resumed_step(output: str) -> int:
+    return int(re.search(r"resumed from \S+ at step (\d+)", output).group(1))
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "log_every"),
+    [("titanic", TITANIC, 5),
+     pytest.param("titanic-grad-accum", [*TITANIC, "trainer.grad_accum=2"], 5,
+                  marks=pytest.mark.slow),
+     pytest.param("streaming", STREAMING, 5, marks=pytest.mark.slow)],
+)
+def test_sigkills_keep_weights_and_history_exact(tmp_path, cli_env, name, args, log_every):
+    """Killed during a checkpoint write, resumed, killed again, resumed: the weights are bitwise
+    those of an uninterrupted run, and so is the whole metric history (MLflow, state.json, plot),
+    with resumes from checkpoints that are not on a multiple of log_every_steps."""
+    args = [*args, f"trainer.log_every_steps={log_every}"]
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    reference = tmp_path / "reference"
+    run(args, reference, cli_env)
+    total = max(committed_steps(reference))
+
+    def latest(run_dir: Path) -> int:
+        return max(committed_steps(run_dir), default=0)
+
+    # Kill 1: while a checkpoint is being written, after metrics past the last commit were flushed.
+    first = tmp_path / "first"
+    proc = start(args, first, cli_env)
+    kill_when(proc, lambda: bool(tmp_dirs(first)) and latest(first) >= 9
+              and latest(first) % log_every != 0)
+    assert tmp_dirs(first), "not killed mid-write"
+    killed_at = latest(first)
+    logged = MlflowClient(uri).get_metric_history(run_id_of(first), "train/loss")
+    assert max(m.step for m in logged) > killed_at  # the store ran ahead of the checkpoint
+
+    # Kill 2: the resumed run, later, again at a step that is not a multiple of log_every_steps.
+    second = tmp_path / "second"
+    proc = start([*args, f"resume={first}"], second, cli_env)
+    kill_when(proc, lambda: latest(second) >= killed_at + 9 and latest(second) % log_every != 0)
+    assert latest(second) < total
+
+    third = tmp_path / "third"
+    out = run([*args, f"resume={second}"], third, cli_env)
+    assert resumed_step(out.stdout) % log_every != 0
+
+    assert_same_weights(reference, third, name)
+    assert run_id_of(third) == run_id_of(first)  # every resume appends to the first run
+    assert_same_history(uri, reference, third, name)
+    png = "plots/loss_curve.png"
+    assert (third / png).read_bytes() == (reference / png).read_bytes()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "args", "kill_after"),
     [("titanic-mid-epoch", TITANIC, 5), ("titanic-next-epoch", TITANIC, 15),
@@ -82,23 +189,14 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, cli_env, name, args,
 
     killed = tmp_path / "killed"
     proc = start(args, killed, cli_env)
-    deadline = time.time() + 300
-    while not any(s >= kill_after for s in committed_steps(killed)):
-        assert proc.poll() is None, "the run finished before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: any(s >= kill_after for s in committed_steps(killed)))
     assert max(committed_steps(killed)) < max(committed_steps(reference))
 
     resumed = tmp_path / "resumed"
     run([*args, f"resume={killed}"], resumed, cli_env)
-    expected, got = final_weights(reference), final_weights(resumed)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert np.array_equal(expected[key], got[key]), f"{name}: {key} differs after resume"
+    assert_same_weights(reference, resumed, name)
     assert run_id_of(resumed) == run_id_of(killed)  # the resumed run appends to the killed one
-    assert loss_history(uri, run_id_of(resumed)) == loss_history(uri, run_id_of(reference))
+    assert_same_history(uri, reference, resumed, name)
 
 
 def test_sigterm_checkpoints_marks_killed_and_resume_auto_finishes(tmp_path, cli_env):

@@ -19,24 +19,68 @@ from mlxlab.config import ConfigError, instantiate
 log = logging.getLogger(__name__)
 
 
-def latest_run_with_checkpoints(root: Path, task_name: str, exclude: Path) -> Path | None:
-    """Newest run folder of this task (outputs/ and multirun/) holding a committed checkpoint."""
-    candidates = []
+def newest_committed(run: Path) -> tuple[int, Path] | None:
+    """(step, checkpoint) of the run's committed checkpoint with the highest step, best/ included;
+    a step_* checkpoint wins a tie with best/ (best/ is a copy of one)."""
+    from mlxlab.training.checkpoint import BEST, STATE_FILE, STEP_PREFIX, check_committed
+
+    found = []
+    for ckpt in (run / "checkpoints").glob("*"):
+        if check_committed(ckpt, full=False) is not None:
+            continue
+        try:
+            if ckpt.name == BEST:
+                step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+            elif ckpt.name.startswith(STEP_PREFIX):
+                step = int(ckpt.name[len(STEP_PREFIX):])
+            else:
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.append((step, ckpt.name != BEST, ckpt))
+    return max(found, key=lambda f: f[:2])[::2] if found else None
+
+
+def latest_run_with_checkpoints(root: Path, task_name: str, run_dir: Path) -> Path | None:
+    """The run folder of this task (outputs/, multirun/, or `run_dir` itself) whose committed
+    checkpoint has the highest step, newest folder first on a tie; the others are named in the log.
+
+    Not simply the newest folder: a run resumed into a new folder holds a copy of the source's
+    best/ from its first second, and when it is killed before its own first checkpoint that copy
+    is older than the source's newest checkpoint.
+    """
+    folders = {run_dir.resolve()}
     for base in (root / "outputs" / task_name, root / "multirun" / task_name):
         if base.is_dir():
-            candidates += [p.parents[2] for p in base.glob("**/checkpoints/*/COMMITTED")]
-    candidates = [p for p in set(candidates) if p.resolve() != exclude.resolve()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+            folders |= {p.parents[2].resolve() for p in base.glob("**/checkpoints/*/COMMITTED")}
+    candidates = []
+    for folder in folders:
+        newest = newest_committed(folder)
+        if newest is not None:
+            candidates.append((newest[0], folder.stat().st_mtime, folder, newest[1]))
+    if not candidates:
+        return None
+    candidates.sort(key=lambda c: c[:2], reverse=True)
+    step, _, chosen, checkpoint = candidates[0]
+    log.info("resume=auto: %s has the highest committed step of task %r: %s at step %d",
+             chosen, task_name, checkpoint.name, step)
+    newest_folder = max(candidates, key=lambda c: c[1])
+    for other_step, mtime, folder, other in candidates[1:]:
+        # A newer folder passed over is what a user would expect to be resumed: say why not.
+        report = log.warning if mtime >= candidates[0][1] else log.info
+        report("resume=auto: skipped %s%s: its newest committed checkpoint is %s at step %d, "
+               "behind step %d", folder, " (the newest run folder)" if folder == newest_folder[2]
+               else "", other.name, other_step, step)
+    return chosen
 
 
 def prepare_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """`resume=auto` -> the newest earlier run of this task; `resume=<path>` -> that path."""
+    """`resume=auto` -> the run of this task with the highest committed step (this run's own
+    folder included); `resume=<path>` -> that path."""
     resume = cfg.get("resume")
     if not resume:
         return None
     if str(resume) == "auto":
-        if any((run_dir / "checkpoints").glob("*/COMMITTED")):
-            return run_dir
         found = latest_run_with_checkpoints(Path(cfg.paths.root_dir), cfg.task_name, run_dir)
         if found is None:
             log.warning("resume=auto: no earlier run of task %r has a checkpoint; starting fresh",

@@ -50,11 +50,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir, choices, _ = hydra_context(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     from mlxlab.runs import first_teacher, prepare_resume, reuse_tokenizer
+    from mlxlab.tracking.stale import process_tags
 
     resume = prepare_resume(cfg, run_dir)
     reuse_tokenizer(cfg, resume, "resume")
     reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
     tracker = instantiate(cfg.tracking)
+    if "uri" in cfg.tracking:
+        from mlxlab.tracking.stale import mark_dead_runs
+
+        try:  # earlier runs of this task killed before their first checkpoint
+            mark_dead_runs(tracker.uri, cfg.tracking.experiment_name, cfg.task_name)
+        except Exception as e:  # housekeeping never stops a run
+            log.warning("could not check for dead MLflow runs: %s", e)
     data = instantiate(cfg.data)
     data.setup(run_dir)
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
@@ -64,12 +72,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "mlxlab.config_hash": run_hash,
         "mlxlab.run_dir": str(run_dir),
         "mlxlab.task_name": cfg.task_name,
+        **process_tags(),
         **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()},
     }
     result = trainer.fit(model, data, tracker, run_dir, config=to_container(cfg), tags=tags,
                          resume=resume)
     shown = {k: round(v, 4) for k, v in result.metrics.items()}
-    print(f"validation: {shown}")
+    print(f"validation: {shown or 'none (no validation data)'}")
     print(f"run dir:    {run_dir}")
     print(f"mlflow run: {result.run_id or '- (tracking=none)'}")
     return result.metrics
@@ -90,7 +99,10 @@ def main(cfg: DictConfig) -> float:
             return done
     try:
         try:
-            return float(train(cfg)[cfg.optimized_metric])
+            metrics = train(cfg)
+            if cfg.optimized_metric not in metrics:  # e.g. streamed text with data.val_examples=0
+                log.warning("no %s to return: the run had no validation data", cfg.optimized_metric)
+            return float(metrics.get(cfg.optimized_metric, math.nan))
         except InstantiationException as wrapped:  # a constructor's own error, e.g. a bad size
             raise (wrapped.__cause__ or wrapped) from None
     except TrainingInterrupted as stop:

@@ -47,6 +47,9 @@ BUILDERS = {
     ".csv": "csv",
 }
 READ_CHUNK = 1 << 20
+# A corpus with no more documents than val_examples cannot give whole documents to validation
+# and keep any for training: the end of its text (this fraction of the characters) is held out.
+VAL_TEXT_FRACTION = 0.1
 _DONE = object()
 
 
@@ -115,8 +118,15 @@ class StreamingText:
     Splits: `val_split` names a separate split; otherwise the first `val_examples` examples of
     `split` are held out for validation and training starts after them (a fraction cannot be
     taken from a stream of unknown length). `max_examples` caps the training examples per epoch.
-    Text documents are the blank-line-separated paragraphs of a txt file (`sample_by`), stripped;
-    empty ones are skipped. `stride` < seq_len overlaps windows; positions already scored by the
+    `val_examples=0` (without `val_split`) means no validation at all (`has_validation`). A source
+    with no more documents than val_examples (one long document, say) holds out the last
+    VAL_TEXT_FRACTION of its text instead of whole documents.
+    Documents: each is followed by the end-of-text token, and windows run across them. A txt file's
+    documents are chosen by `sample_by`: its blank-line-separated paragraphs (default), its lines,
+    or the whole file (`document`: no end-of-text inside the file, so a model learns to continue
+    across paragraphs, e.g. the speeches of a dialogue); a jsonl/parquet/csv row is one document.
+    Documents are stripped; empty ones are skipped. `encoding` is the text encoding of local txt,
+    jsonl and csv files. `stride` < seq_len overlaps windows; positions already scored by the
     previous window get loss_mask 0, so every token is counted once.
     """
 
@@ -143,6 +153,7 @@ class StreamingText:
         tokenize_batch: int = 64,
         prefetch: int = 4,
         cache_dir: str | None = None,
+        encoding: str = "utf-8",
     ):
         if not dataset_id and not data_files:
             raise ValueError(
@@ -164,6 +175,8 @@ class StreamingText:
         self.tokenizer_sample, self.tokenize_batch = int(tokenizer_sample), int(tokenize_batch)
         self.prefetch = int(prefetch)
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.encoding = str(encoding)
+        self._held_text: dict[str, list[str]] | None = None  # the token hold-out's two splits
         self.tokenizer = None
         self.tokenizer_hash: str | None = None
         self.vocab_size: int | None = None
@@ -178,23 +191,79 @@ class StreamingText:
             else f"{self.dataset_id}:{self.dataset_config or ''}"
         )
 
-    def _load(self, split: str):
-        from datasets import load_dataset  # slow import: only when a stream is opened
+    @property
+    def has_validation(self) -> bool:
+        return self.val_split is not None or self.val_examples > 0
 
+    no_validation_reason = "data.val_examples=0 and no data.val_split"
+
+    def _files(self) -> list[str]:
+        files = self.data_files if isinstance(self.data_files, (list, dict)) else [self.data_files]
+        if isinstance(files, dict):
+            files = [f for v in files.values() for f in (v if isinstance(v, list) else [v])]
+        return sorted({m for f in files for m in glob.glob(str(f))})
+
+    def _load(self, split: str):
+        from datasets import Dataset, load_dataset  # slow import: only when a stream is opened
+
+        if self._held_text is not None:
+            texts = self._held_text["val" if split == "_held_out" else "train"]
+            return Dataset.from_dict({self.text_column: texts}).to_iterable_dataset()
         if self.builder is not None:
             # Read 1 MB at a time (the default is 10 MB) so memory stays small and flat.
             kwargs = {
                 "text": {"sample_by": self.sample_by, "chunksize": READ_CHUNK},
                 "json": {"chunksize": READ_CHUNK},
             }.get(self.builder, {})
-            return load_dataset(
-                self.builder, data_files=self.data_files, split=split, streaming=True, **kwargs
-            )
+            if self.builder in ("text", "json", "csv"):
+                kwargs["encoding"] = self.encoding
+            try:
+                return load_dataset(
+                    self.builder, data_files=self.data_files, split=split, streaming=True,
+                    **kwargs,
+                )
+            except StopIteration:  # the json reader infers its schema from a first record
+                empty = [f for f in self._files() if os.path.getsize(f) == 0] or self._files()
+                raise ValueError(
+                    f"no records in {', '.join(empty)}: the file is empty; give data.data_files= "
+                    "files with text"
+                ) from None
+            except UnicodeDecodeError as e:
+                raise self._decode_error(e) from None
         return load_dataset(self.dataset_id, self.dataset_config, split=split, streaming=True)
+
+    def _decode_error(self, error: UnicodeDecodeError) -> ValueError:
+        """The error names the file that does not decode (the reader's own message does not)."""
+        bad = []
+        for f in self._files() if self.builder else []:
+            try:
+                with open(f, encoding=self.encoding) as handle:
+                    while handle.read(READ_CHUNK):
+                        pass
+            except UnicodeDecodeError:
+                bad.append(f)
+            except OSError:
+                continue
+        where = ", ".join(bad) or self.source_name()
+        return ValueError(
+            f"{where} is not {self.encoding} text ({error.reason}: byte {error.object[error.start]:#x}"
+            f" at position {error.start}): set data.encoding= to the file's encoding, e.g. "
+            "data.encoding=latin-1 (or cp1252)"
+        )
+
+    def _read(self, stream) -> Iterator[dict]:
+        """The examples of a stream; a file that does not decode is named in the error."""
+        try:
+            yield from stream
+        except UnicodeDecodeError as e:
+            raise self._decode_error(e) from None
+
+    def _holds_out_documents(self) -> bool:
+        return self.val_split is None and self.val_examples > 0 and self._held_text is None
 
     def _train_stream(self, epoch: int, skip: int = 0):
         ds = self._load(self.split)
-        if self.val_split is None and self.val_examples:
+        if self._holds_out_documents():
             ds = ds.skip(self.val_examples)
         if self.max_examples:
             ds = ds.take(int(self.max_examples))
@@ -206,6 +275,8 @@ class StreamingText:
         return ds
 
     def _val_stream(self):
+        if self._held_text is not None:
+            return self._load("_held_out")
         if self.val_split is not None:
             ds = self._load(self.val_split)
             return ds.take(self.val_examples) if self.val_examples else ds
@@ -221,7 +292,7 @@ class StreamingText:
 
     def documents(self, stream) -> Iterator[str]:
         """The non-empty documents of a stream, in order (what gets tokenized)."""
-        for example in stream:
+        for example in self._read(stream):
             text = self._text(example)
             if text:
                 yield text
@@ -229,6 +300,8 @@ class StreamingText:
     # ---------------------------------------------------------------- setup
     def setup(self, run_dir: str | Path | None = None) -> None:
         save_to = Path(run_dir) / "tokenizer.json" if run_dir is not None else None
+        if self.val_split is None and self.val_examples > 0:
+            self._hold_out_text_if_few_documents()
         cfg = dict(self.tokenizer_cfg)
         reuse = bool(cfg.get("path")) or (
             save_to is not None and save_to.is_file() and not cfg.get("retrain")
@@ -263,7 +336,42 @@ class StreamingText:
     def _unshuffled_train(self):
         """Training split before shuffling: the tokenizer sample is the same for every seed."""
         ds = self._load(self.split)
-        return ds.skip(self.val_examples) if self.val_split is None and self.val_examples else ds
+        return ds.skip(self.val_examples) if self._holds_out_documents() else ds
+
+    def _hold_out_text_if_few_documents(self) -> None:
+        """With no more documents than val_examples, split the text instead: the last
+        VAL_TEXT_FRACTION of the characters (cut at a space) is the validation document."""
+        self._held_text = None
+        docs = list(islice(self.documents(self._load(self.split)), self.val_examples + 1))
+        if len(docs) > self.val_examples or not docs:
+            return
+        total = sum(len(d) for d in docs)
+        keep = total - max(1, int(total * VAL_TEXT_FRACTION))  # characters left for training
+        train: list[str] = []
+        val: list[str] = []
+        for i, doc in enumerate(docs):
+            if keep >= len(doc):
+                train.append(doc)
+                keep -= len(doc)
+                continue
+            cut = doc.rfind(" ", 0, keep + 1)
+            cut = keep if cut <= 0 else cut
+            head, tail = doc[:cut].strip(), doc[cut:].strip()
+            train += [head] if head else []
+            val = ([tail] if tail else []) + docs[i + 1 :]
+            break
+        if not train or not val:
+            raise ValueError(
+                f"{self.source_name()} is too short to hold out validation text: add text or set "
+                "data.val_examples=0 (no validation)"
+            )
+        self._held_text = {"train": train, "val": val}
+        log.warning(
+            "%s has %d document(s), not more than data.val_examples=%d: holding out its last "
+            "%d%% of text (%d characters) for validation instead of whole documents",
+            self.source_name(), len(docs), self.val_examples, round(VAL_TEXT_FRACTION * 100),
+            sum(len(v) for v in val),
+        )
 
     # -------------------------------------------------------------- packing
     @staticmethod
@@ -279,7 +387,7 @@ class StreamingText:
     def _pack(self, stream, batch_size: int, state: dict) -> Iterator[tuple[dict, dict]]:
         """(numpy batch, state after it) pairs; the state lets a resume continue exactly here."""
         seq_len, stride, overlap = self.seq_len, self.stride, self.seq_len - self.stride
-        examples = iter(stream)
+        examples = self._read(stream)
         consumed, windows_done, batches_done = (
             state["examples_consumed"],
             state["windows_done"],

@@ -36,7 +36,8 @@ class NullTracker:
         self.run_id: str | None = None
 
     def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
-        self.run_id = run_id
+        # Nothing is logged, so no run id: a resumed run must not claim the source's MLflow run.
+        self.run_id = None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass

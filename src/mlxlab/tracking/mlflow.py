@@ -327,6 +327,28 @@ class MlflowTracker:
                     "log_metrics", _retrying, self._client.log_batch, self.run_id, metrics=chunk
                 )
 
+    def rewind(self, step: int) -> None:
+        """A resumed run replays the steps after its checkpoint at `step`: drop the values the
+        interrupted process logged for them, so each step keeps one value (sqlite stores only;
+        MLflow offers no way to delete values on a server)."""
+        if not self._active:
+            return
+        if sqlite_path(self.uri) is None:
+            log.warning("MLflow run %s: values logged after step %d before the interruption "
+                        "cannot be removed from %s; replayed steps may appear twice",
+                        self.run_id, step, self.uri)
+            return
+        from mlxlab.tracking.rewind import drop_metrics_after
+
+        with self._flush_lock:
+            dropped = self._safely(
+                "rewind", _retrying, drop_metrics_after, self.uri, self.run_id, step
+            )
+        if dropped:
+            log.info("MLflow run %s: dropped %d values logged after step %d by the interrupted "
+                     "run; they are logged again as the steps are replayed",
+                     self.run_id, dropped, step)
+
     def _flush_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(timeout=self.flush_every_seconds)

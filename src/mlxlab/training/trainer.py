@@ -11,6 +11,7 @@ so it never writes to stale state), and one `mx.eval` per optimizer step.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -75,6 +76,7 @@ class RunState:
     best_eval: tuple | None = None  # (labels, probs) of the best evaluation: the confusion matrix
     last_eval_step: int | None = None
     finished: bool = False
+    log_window: dict | None = None  # the LogWindow at the checkpoint: steps since the last log
 
 
 class LogWindow:
@@ -106,6 +108,18 @@ class LogWindow:
         }
         self.reset()
         return out
+
+    def state_dict(self) -> dict:
+        # A checkpoint between two logged lines keeps the partial sums, so the first line after a
+        # resume averages the same steps as an uninterrupted run's (floats survive JSON exactly).
+        return {"loss": self.loss, "steps": self.steps, "count": self.count,
+                "parts": dict(self.parts), "elapsed": time.perf_counter() - self.start}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:
+            self.loss, self.steps, self.count = state["loss"], state["steps"], state["count"]
+            self.parts = dict(state["parts"])
+            self.start = time.perf_counter() - state["elapsed"]
 
 
 class Trainer:
@@ -308,7 +322,10 @@ class Trainer:
             count += float(n)
         model.train()
         if count == 0:
-            raise TrainingError("the validation split is empty: raise data.val_fraction or add data")
+            raise TrainingError(
+                "the validation split is empty: hold out more (data.val_fraction for tables, "
+                "data.val_examples for streamed text) or add data"
+            )
         mean = total / count
         if task == "classification":
             self.last_eval = (np.concatenate(labels), np.concatenate(probs))
@@ -356,9 +373,20 @@ class Trainer:
         callbacks = self.build_callbacks()
         run = RunState()
         tags = dict(tags or {})
+        has_val = getattr(data, "has_validation", True)
+        if not has_val:
+            log.info("no validation data (%s): no evaluation; checkpoints by steps (trainer."
+                     "checkpoint.save_every_steps, eval_every_steps), at epoch ends and at the "
+                     "end; no best/ checkpoint: the last one is the result",
+                     getattr(data, "no_validation_reason", "none held out"))
+        val_print = val_fingerprint(data) if has_val else None
         if resume:
-            tags.update(self.restore(resume, model, optimizer, data, callbacks, manager, run, config))
+            tags.update(self.restore(resume, model, optimizer, data, callbacks, manager, run, config,
+                                     val_print))
         tracker.start(params=config, tags=tags, run_id=run.run_id)
+        if resume and run.run_id is not None and tracker.run_id == run.run_id:
+            # What the killed process logged after its checkpoint is about to be logged again.
+            getattr(tracker, "rewind", lambda step: None)(run.step)
         step_fn = self.make_step(model, optimizer, loss_fn)  # compiled after any restore
         model.train()
 
@@ -366,11 +394,12 @@ class Trainer:
             return {
                 "step": run.step, "epoch": run.epoch, "data": data.state_dict(), "rng": rng_state(),
                 "callbacks": {type(cb).__name__: cb.state_dict() for cb in callbacks},
-                "run_id": tracker.run_id, "history": run.history,
+                "run_id": tracker.run_id or run.run_id, "history": run.history,
                 "best_metrics": run.best_metrics, "best_metric": run.best_metrics.get(self.monitor),
                 "config": config,
                 "model_init": {"vocab_size": data.vocab_size, "num_labels": data.num_labels},
                 "tokenizer_hash": getattr(data, "tokenizer_hash", None),
+                "val_fingerprint": val_print, "log_window": window.state_dict(),
                 # classification: label values and columns, so predicting needs no training CSV
                 "encoding": data.encoding_state() if hasattr(data, "encoding_state") else None,
             }
@@ -382,6 +411,10 @@ class Trainer:
             return manager.save(model, optimizer, trainer_state(), metric=metric)
 
         def evaluate_and_save() -> None:
+            if not has_val:  # the points where a run evaluates still checkpoint
+                run.last_eval_step = run.step
+                save()
+                return
             results = self.evaluate(model, data, task)
             for key, value in results.items():
                 run.history.setdefault(key, []).append((run.step, value))
@@ -396,6 +429,7 @@ class Trainer:
             save(metric=value)
 
         window = LogWindow()
+        window.load_state_dict(run.log_window)
 
         def train_step(batches: list) -> bool:
             """One optimizer update, its logging, evaluation and checkpoint; True = stop now."""
@@ -458,7 +492,9 @@ class Trainer:
                     cb.on_train_end()
                 tracker.end("FINISHED" if run.finished else status)
 
-    def restore(self, resume, model, optimizer, data, callbacks, manager, run, config) -> dict:
+    def restore(
+        self, resume, model, optimizer, data, callbacks, manager, run, config, val_print=None
+    ) -> dict:
         """Load the newest usable checkpoint of `resume` into everything; returns tags to log."""
         source = find_run_checkpoints(resume)
         state, path = source.load_latest(model, optimizer)
@@ -469,10 +505,22 @@ class Trainer:
             cb.load_state_dict(saved.get(type(cb).__name__, {}))
         run.step, run.epoch, run.run_id = state["step"], state["epoch"], state.get("run_id")
         run.history, run.best_metrics = state.get("history", {}), state.get("best_metrics", {})
+        run.log_window = state.get("log_window")
         manager.restore_best(state.get("best_metric"))
         manager.adopt_best(path.parent)
         log.info("resumed from %s at step %d (epoch %d)", path, run.step, run.epoch)
         tags = self.resume_changes(state.get("config") or {}, config)
+        old_tok, new_tok = state.get("tokenizer_hash"), getattr(data, "tokenizer_hash", None)
+        if old_tok != new_tok:
+            log.warning("resume: the tokenizer changed (%s -> %s)", old_tok, new_tok)
+            tags["resume.changed.tokenizer_hash"] = f"{old_tok} -> {new_tok}"
+        if "val_fingerprint" in state and state["val_fingerprint"] != val_print:
+            # A best metric measured on other data is no bar for this data's metrics.
+            log.warning("resume: the validation set changed since the checkpoint: the best metric "
+                        "(%s = %s) is reset; the next evaluation sets a new best/",
+                        self.monitor, run.best_metrics.get(self.monitor))
+            tags["resume.changed.validation_set"] = f"{state['val_fingerprint']} -> {val_print}"
+            run.best_metrics, run.best_eval, manager.best_metric = {}, None, None
         report = source.last_report
         if report is not None and not report.exact:  # the architecture changed since then
             log.warning("resume: weights did not all match:\n%s", report.summary())
@@ -536,10 +584,17 @@ class Trainer:
 
     @staticmethod
     def resume_changes(old: dict, new: dict) -> dict[str, str]:
-        """Tags naming each trainer hyperparameter that differs from the checkpoint's config."""
-        before = flatten_config({"trainer": old.get("trainer", {})})
+        """Tags naming each trainer, data and seed setting that differs from the checkpoint's."""
+        def settings(cfg: dict) -> dict[str, str]:
+            # data.tokenizer.path is pointed at the resumed run's tokenizer (its hash is compared
+            # instead); cache folders move with the project root and change no result.
+            flat = flatten_config({k: cfg[k] for k in ("trainer", "data", "seed") if k in cfg})
+            return {k: v for k, v in flat.items()
+                    if k != "data.tokenizer.path" and not k.endswith("cache_dir")}
+
+        before = settings(old)
         changes = {}
-        for key, value in flatten_config({"trainer": new.get("trainer", {})}).items():
+        for key, value in settings(new).items():
             if key in before and before[key] != value:
                 log.warning("resume: %s changed %s -> %s", key, before[key], value)
                 changes[f"resume.changed.{key}"] = f"{before[key]} -> {value}"
@@ -561,6 +616,18 @@ class Trainer:
             tracker.log_artifact(best, "checkpoint")
         if (run_dir / "tokenizer.json").exists():
             tracker.log_artifact(run_dir / "tokenizer.json")
+
+
+def val_fingerprint(data) -> str:
+    """A hash of the validation batches, cut with one fixed batching so that the run's own batch
+    size does not count: equal fingerprints mean metrics measured on the same examples."""
+    h = hashlib.sha256()
+    for batch in data.val_batches(Batching(batch_size=64)):
+        for key in sorted(batch):
+            value = np.array(batch[key])
+            h.update(f"{key}{value.dtype}{value.shape}".encode())
+            h.update(value.tobytes())
+    return h.hexdigest()[:16]
 
 
 def mixed_precision(loss_fn: losses.LossFn, dtype: mx.Dtype) -> losses.LossFn:
