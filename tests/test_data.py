@@ -434,6 +434,68 @@ def test_streaming_clear_errors(tmp_path):
         streaming(tmp_path / "empty.txt", tmp_path, stride=17)
 
 
+def test_streaming_without_validation(tmp_path):
+    data = streaming(write_txt(tmp_path / "docs.txt", DOCS), tmp_path, val_examples=0)
+    data.setup(tmp_path / "run")
+    assert not data.has_validation and list(data.val_batches(Batching(batch_size=2))) == []
+    eot = "<|endoftext|>"
+    train = token_stream(as_numpy(data.train_batches(Batching(batch_size=2), 0)))
+    assert train == data.tokenizer.encode(eot.join(REAL_DOCS) + eot).ids  # nothing held out
+
+
+DIALOGUE = "\n\n".join(
+    f"{who}: {line}" for who, line in [
+        ("ROMEO", "But soft, what light through yonder window breaks?"),
+        ("JULIET", "Ay me. O Romeo, Romeo, wherefore art thou Romeo?"),
+        ("ROMEO", "Shall I hear more, or shall I speak at this?"),
+        ("JULIET", "Tis but thy name that is my enemy; thou art thyself."),
+    ] * 6
+) + "\n"
+
+
+def test_streaming_one_document_holds_out_its_last_tokens(tmp_path, caplog):
+    """A corpus that is one document (sample_by=document) keeps 90% of its text for training and
+    validates on the rest, instead of holding out the only document and training on nothing."""
+    (tmp_path / "play.txt").write_text(DIALOGUE)
+    data = streaming(tmp_path / "play.txt", tmp_path, sample_by="document", val_examples=200)
+    with caplog.at_level(logging.WARNING, logger="mlxlab.data.streaming"):
+        data.setup(tmp_path / "run")
+    assert "1 document(s), not more than data.val_examples=200" in caplog.text
+    batching = Batching(batch_size=2)
+    train = data.tokenizer.decode(token_stream(as_numpy(data.train_batches(batching, 0))),
+                                  skip_special_tokens=False)
+    val = data.tokenizer.decode(token_stream(as_numpy(data.val_batches(batching))),
+                                skip_special_tokens=False)
+    eot = "<|endoftext|>"
+    text = DIALOGUE.strip()
+    assert train.endswith(eot) and val.endswith(eot)
+    train, val = train[: -len(eot)], val[: -len(eot)]
+    assert eot not in train  # one document: training runs across the speeches
+    assert text.startswith(train) and text.endswith(val) and len(train) + len(val) < len(text)
+    assert 0.05 < len(val) / len(text) < 0.15
+    # paragraph documents, the default, end every speech with end-of-text
+    paragraphs = streaming(tmp_path / "play.txt", tmp_path, val_examples=0)
+    paragraphs.setup(tmp_path / "run2")
+    ids = token_stream(as_numpy(paragraphs.train_batches(batching, 0)))
+    assert ids.count(paragraphs.eot_id) == 24
+
+
+def test_streaming_empty_and_undecodable_files_are_named(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"no records in .*empty.jsonl: the file is empty"):
+        streaming(tmp_path / "empty.jsonl", tmp_path).setup(tmp_path / "run")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Caf\u00e9 au lait.\n\nLa cr\u00e8me br\u00fbl\u00e9e.\n".encode("latin-1"))
+    (tmp_path / "fine.txt").write_text("plain text\n")
+    files = [str(tmp_path / "fine.txt"), str(latin)]
+    with pytest.raises(ValueError, match=r"latin.txt is not utf-8 text .*data.encoding=latin-1"):
+        streaming(latin, tmp_path, data_files=files).setup(tmp_path / "run")
+    data = streaming(latin, tmp_path, encoding="latin-1")
+    data.setup(tmp_path / "run3")
+    assert "\u00e9" in data.tokenizer.decode(token_stream(as_numpy(
+        data.train_batches(Batching(batch_size=2), 0))))
+
+
 def test_shipped_tinystories_sample_auto_vocab_and_throughput(tmp_path):
     from mlxlab.config import asset_path
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PYTHON
+from conftest import PYTHON, REPO
 
 TITANIC = [
     "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
@@ -228,3 +228,141 @@ def test_sigterm_checkpoints_marks_killed_and_resume_auto_finishes(tmp_path, cli
     assert finished.info.status == "FINISHED"
     assert finished.data.tags.get("resume.changed.trainer.max_epochs") == "40 -> 4"
     assert "resume: trainer.max_epochs changed" in out.stdout + out.stderr
+
+
+def start_merged(args: list[str], run_dir: Path, env: dict) -> subprocess.Popen:
+    """Like start(), with the log (stdout) and errors in one pipe read line by line."""
+    return subprocess.Popen(
+        [PYTHON, "-m", "mlxlab.train", *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def kill_at_line(proc: subprocess.Popen, text: str) -> str:
+    """SIGKILL `proc` as soon as it prints a line containing `text`; returns what it printed."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert text in "".join(seen), "".join(seen)[-3000:]
+    return "".join(seen)
+
+
+def test_resume_auto_takes_the_highest_committed_step_not_the_newest_folder(tmp_path, cli_env):
+    """R1 is killed after a periodic checkpoint past its best/; R2 (resume=auto) adopts R1's
+    best/ into its own folder and is killed before its first checkpoint; R3 (resume=auto) must
+    continue from R1's newest checkpoint, not from the copy of best/ in the newer R2 folder."""
+    args = [*TITANIC, "task_name=autopick", "trainer.max_epochs=6", "tracking=none"]
+    outputs = tmp_path / "outputs" / "autopick"
+    outputs.mkdir(parents=True)
+    r1 = outputs / "r1"
+    proc = start(args, r1, cli_env)
+    kill_when(proc, lambda: (r1 / "checkpoints" / "best" / "COMMITTED").exists()
+              and max(committed_steps(r1)) > 12)  # best/ is step 12 (the first evaluation)
+    r1_step = max(committed_steps(r1))
+
+    r2 = outputs / "r2"
+    kill_at_line(start_merged([*args, "resume=auto"], r2, cli_env), "resumed from")
+    assert committed_steps(r2) == [] and (r2 / "checkpoints" / "best" / "COMMITTED").exists()
+
+    r3 = outputs / "r3"
+    out = kill_at_line(start_merged([*args, "resume=auto"], r3, cli_env), "resumed from")
+    assert f"resumed from {r1}/checkpoints/step_{r1_step:08d} at step {r1_step}" in out, out[-3000:]
+    assert re.search(rf"skipped {r2} \(the newest run folder\): its newest committed checkpoint "
+                     rf"is best at step 12, behind step {r1_step}", out), out[-3000:]
+
+
+def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
+    """A run SIGKILLed before its first checkpoint is RUNNING in the store; scripts/
+    list_experiments.py and the next start of the task mark it KILLED with the reason; a live
+    run of the task stays RUNNING."""
+    from mlxlab.tracking.stale import KILLED_REASON_TAG
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    client = MlflowClient(uri)
+    # batch_size=2: ~350 steps before the first (epoch-end) checkpoint
+    args = [*TITANIC, "task_name=doomed", "trainer.batch_size=2", "trainer.max_epochs=1000",
+            "trainer.checkpoint.save_every_steps=null"]
+
+    def run_of(run_dir: Path):
+        if not (tmp_path / "mlruns" / "mlflow.db").exists():
+            return None
+        exp = client.get_experiment_by_name("doomed")
+        runs = client.search_runs(
+            [exp.experiment_id], f"tags.`mlxlab.run_dir` = '{run_dir}'") if exp else []
+        return runs[0] if runs else None
+
+    def started(name: str) -> tuple[subprocess.Popen, Path]:
+        run_dir = tmp_path / name
+        return start(args, run_dir, cli_env), run_dir
+
+    def killed_before_checkpoint(name: str) -> str:
+        proc, run_dir = started(name)
+        kill_when(proc, lambda: run_of(run_dir) is not None and not committed_steps(run_dir))
+        assert run_of(run_dir).info.status == "RUNNING"
+        return run_of(run_dir).info.run_id
+
+    first = killed_before_checkpoint("first")
+    listing = subprocess.run([PYTHON, str(REPO / "scripts" / "list_experiments.py"), "--uri", uri],
+                             env=cli_env, capture_output=True, text=True, timeout=300)
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    run = client.get_run(first)
+    assert run.info.status == "KILLED"
+    assert "left no checkpoint" in run.data.tags[KILLED_REASON_TAG]
+
+    live, live_dir = started("live")
+    try:
+        deadline = time.time() + 300
+        while run_of(live_dir) is None:
+            assert live.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        second = killed_before_checkpoint("second")
+        run([*TITANIC, "task_name=doomed", "trainer.max_steps=1"], tmp_path / "next", cli_env)
+        assert client.get_run(second).info.status == "KILLED"
+        assert run_of(live_dir).info.status == "RUNNING"
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_tracking_none_resume_does_not_claim_the_source_mlflow_run(tmp_path, cli_env):
+    args = [*TITANIC, "trainer.max_epochs=1"]
+    source = tmp_path / "source"
+    run(args, source, cli_env)
+    source_id = run_id_of(source)
+    out = run([*args, "trainer.max_epochs=2", "tracking=none", f"resume={source}"],
+              tmp_path / "again", cli_env)
+    assert "mlflow run: - (tracking=none)" in out.stdout
+    assert source_id not in out.stdout + out.stderr
+    assert run_id_of(tmp_path / "again") == source_id  # a later tracked resume continues it
+
+
+def test_resume_on_other_data_reports_it_and_resets_the_best_metric(tmp_path, cli_env):
+    """Changed data and seed are reported like changed hyperparameters, and best/ metrics are
+    measured on the new validation set only, never compared across data sets."""
+    rng = np.random.default_rng(0)
+    letters = np.array(list("qxzjkvwy"))
+    other = tmp_path / "noise.txt"  # far harder than the stories: its val/loss is far higher
+    other.write_text("\n\n".join(" ".join("".join(rng.choice(letters, 5)) for _ in range(30))
+                                 for _ in range(200)) + "\n")
+    args = [*STREAMING, "trainer.eval_every_steps=6", "trainer.checkpoint.save_every_steps=null"]
+    first = tmp_path / "first"
+    run([*args, "trainer.max_steps=6"], first, cli_env)
+    out = run([*args, "trainer.max_steps=12", f"resume={first}", f"data.data_files={other}",
+               "data.seq_len=16", "seed=7"], tmp_path / "second", cli_env)
+    log = out.stdout + out.stderr
+    for change in ("data.data_files changed", "data.seq_len changed 32 -> 16",
+                   "seed changed 42 -> 7", "the validation set changed"):
+        assert f"resume: {change}" in log, log[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    mlflow_run = client.get_run(run_id_of(first))
+    tags, metrics = mlflow_run.data.tags, mlflow_run.data.metrics
+    assert tags["resume.changed.seed"] == "42 -> 7"
+    assert tags["resume.changed.data.seq_len"] == "32 -> 16"
+    assert "resume.changed.validation_set" in tags
+    val = {m.step: m.value for m in client.get_metric_history(run_id_of(first), "val/loss")}
+    assert val[12] > val[6]  # the new data is harder ...
+    assert metrics["best/best_step"] == 12 and metrics["best/val/loss"] == val[12]  # ... yet best

@@ -87,3 +87,35 @@ def test_multirun_jobs_group_under_one_parent(tmp_path, cli_env):
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     assert {float(r.data.params["trainer.learning_rate"]) for r in children} == {1e-3, 3e-3}
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+TINY_LM = [
+    "experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
+    "model.max_seq_len=32", "data.seq_len=32", "data.tokenizer.max_vocab=256",
+    "data.max_examples=200", "trainer.batch_size=8", "trainer.max_steps=6",
+    "trainer.eval_every_steps=3", "trainer.progress=false", "tracking=none",
+]
+
+
+def test_streaming_without_validation_trains_and_checkpoints(make_cfg, tmp_path, caplog):
+    """data.val_examples=0: no evaluation, checkpoints where evaluations would be and at the end,
+    no best/; said at the start."""
+    cfg = make_cfg(*TINY_LM, "data.val_examples=0", "trainer.max_steps=5")
+    with caplog.at_level("INFO", logger="mlxlab.training.trainer"):
+        assert train(cfg) == {}
+    assert "no validation data (data.val_examples=0" in caplog.text
+    checkpoints = tmp_path / "outputs"
+    found = sorted(p.parent.name for p in checkpoints.glob("**/checkpoints/*/COMMITTED"))
+    assert found == ["step_00000003", "step_00000005"]
+
+
+def test_dialogue_trains_as_one_document(make_cfg, tmp_path):
+    """sample_by=document trains across a play's speeches; the one document is split by text
+    for validation (the default 200 held-out documents would leave nothing to train on)."""
+    play = tmp_path / "play.txt"
+    play.write_text("\n\n".join(f"{who}: line {i} of the play, spoken with feeling."
+                                for i, who in enumerate(["ROMEO", "JULIET"] * 40)) + "\n")
+    cfg = make_cfg(*TINY_LM, f"data.data_files={play}", "data.sample_by=document",
+                   "data.max_examples=null")
+    metrics = train(cfg)
+    assert metrics["val/loss"] > 0 and metrics["best_step"] == 6
