@@ -309,9 +309,9 @@ def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
     listing = subprocess.run([PYTHON, str(REPO / "scripts" / "list_experiments.py"), "--uri", uri],
                              env=cli_env, capture_output=True, text=True, timeout=300)
     assert listing.returncode == 0, listing.stderr[-2000:]
-    run = client.get_run(first)
-    assert run.info.status == "KILLED"
-    assert "left no checkpoint" in run.data.tags[KILLED_REASON_TAG]
+    marked = client.get_run(first)
+    assert marked.info.status == "KILLED"
+    assert "left no checkpoint" in marked.data.tags[KILLED_REASON_TAG]
 
     live, live_dir = started("live")
     try:
