@@ -179,10 +179,12 @@ def validate(cfg: DictConfig) -> None:
 
 def _check_required(cfg: DictConfig) -> None:
     """Keys left `???` in the config (data=csv's path and label column) must be given."""
-    missing = [
-        f"{group}.{key}" for group in ("model", "data", "trainer", "tracking")
-        if OmegaConf.is_config(cfg.get(group)) for key in sorted(OmegaConf.missing_keys(cfg[group]))
-    ]
+    missing = []
+    for group in ("model", "data", "trainer", "tracking"):
+        node = cfg.get(group)
+        if OmegaConf.is_config(node):
+            keys = OmegaConf.missing_keys(node)  # full keys, e.g. "data.path"
+            missing += [f"{group}.{k}" for k in node if f"{group}.{k}" in keys]
     if not missing:
         return
     example = {"data.path": "data.path=my.csv", "data.label_column": "data.label_column=target"}

@@ -88,7 +88,7 @@ def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: P
         "mlxlab.task_name": cfg.task_name,
         "mlxlab.overrides": " ".join(_task_overrides()),
     }
-    commit = git_commit(Path(cfg.paths.root_dir))
+    commit = git_commit(Path(__file__).parent)  # the code that trained, not the data's folder
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return {**tags, **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()}}

@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import random
+import shutil
+import sqlite3
 import sys
 import threading
 import time
@@ -121,9 +123,16 @@ def probe_store(uri: str | None, timeout: float = 5.0) -> None:
             f"MLflow tracking store {uri} did not answer within {timeout:g} s "
             f"(tracking.connect_timeout): {fix}"
         )
-    if outcome["error"] is not None:
-        reason = str(outcome["error"]).strip().splitlines()[0][:200]
-        raise TrackingUnavailable(f"MLflow tracking store {uri} does not work ({reason}): {fix}")
+    error = outcome["error"]
+    if error is not None:
+        text = str(error)
+        if "timed out" in text.lower():
+            reason = f"no reply within {timeout:g} s, tracking.connect_timeout"
+        elif "Max retries exceeded" in text or "Connection" in text:
+            reason = "the connection failed"
+        else:
+            reason = text.strip().splitlines()[0][:160]
+        raise TrackingUnavailable(f"MLflow tracking store {uri} does not answer ({reason}): {fix}")
 
 
 # --------------------------------------------------------------------------- store
@@ -175,7 +184,12 @@ def ensure_store(
     db.parent.mkdir(parents=True, exist_ok=True)
     root = Path(artifact_root or db.parent / "artifacts").resolve()
     with _file_lock(db.with_name(db.name + ".lock")):
+        fresh = not db.exists() or db.stat().st_size == 0
+        if fresh:
+            _copy_store_template(db)
         store = _retrying(SqlAlchemyStore, uri, str(root))
+        if fresh:
+            _save_store_template(db)
         experiment = store.get_experiment_by_name(experiment_name)
         if experiment is None:
             from mlflow.entities import ExperimentTag
@@ -193,6 +207,44 @@ def ensure_store(
                 experiment.experiment_id, ExperimentTag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             )
         return experiment.experiment_id
+
+
+def store_template_path() -> Path:
+    """An empty store migrated by this MLflow version, kept in the user's cache
+    ($MLXLAB_CACHE_DIR, else $XDG_CACHE_HOME/mlxlab, else ~/.cache/mlxlab): MLflow builds a new
+    sqlite store by running every schema migration since its first release (~10 s on 2 cores),
+    a copy takes milliseconds."""
+    import mlflow
+
+    base = os.environ.get("MLXLAB_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlxlab"
+    return Path(base) / f"mlflow-{mlflow.__version__}-empty-store.db"
+
+
+def _copy_store_template(db: Path) -> None:
+    template = store_template_path()
+    if template.is_file():
+        tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+        shutil.copyfile(template, tmp)
+        os.replace(tmp, db)
+
+
+def _save_store_template(db: Path) -> None:
+    """The fresh store, minus its Default experiment (whose artifact folder is this store's;
+    MLflow recreates it in every copy), as the template for the next fresh store."""
+    template = store_template_path()
+    if template.is_file():
+        return
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+        shutil.copyfile(db, tmp)
+        with contextlib.closing(sqlite3.connect(tmp)) as conn, conn:
+            conn.execute("DELETE FROM experiment_tags")
+            conn.execute("DELETE FROM experiments")
+        os.replace(tmp, template)
+    except (OSError, sqlite3.Error) as e:  # a read-only home: every fresh store migrates
+        log.debug("no MLflow store template at %s: %s", template, e)
 
 
 def _ensure_experiment_via_client(uri: str, name: str, artifact_root: str | None) -> str:
