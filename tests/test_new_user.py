@@ -4,6 +4,7 @@ real MLflow stores (sqlite and a real `mlflow server`), real MLX training."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -12,14 +13,13 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
-import tomllib
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 from mlflow import MlflowClient
 
 from conftest import FAST, PYTHON, REPO, compose_cfg
@@ -149,15 +149,15 @@ def test_a_server_that_never_answers_is_bounded():
         listener.listen(8)
         uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
         start = time.monotonic()
-        with pytest.raises(TrackingUnavailable, match="connect_timeout"):
-            probe_store(uri, timeout=1)
+        with pytest.raises(TrackingUnavailable, match="no reply within 2 s"):
+            probe_store(uri, timeout=1, request_timeout=2)
         assert time.monotonic() - start < 10
 
 
-def start_server(mlruns: Path, port: int) -> tuple[subprocess.Popen, str]:
+def start_server(mlruns: Path, port: int, path: str | None = None) -> tuple[subprocess.Popen, str]:
     """scripts/mlflow_server.sh on `mlruns`, waited for (its own process group)."""
     env = {**os.environ, "PORT": str(port), "WORKERS": "1", "MLRUNS_DIR": str(mlruns),
-           "PYTHON": PYTHON}
+           "PYTHON": PYTHON, "PATH": path or os.environ["PATH"]}
     log_file = open(mlruns.parent / f"server-{port}-{time.time()}.log", "w")  # noqa: SIM115
     server = subprocess.Popen([str(REPO / "scripts/mlflow_server.sh")], env=env, stdout=log_file,
                               stderr=subprocess.STDOUT, start_new_session=True)
@@ -174,10 +174,8 @@ def start_server(mlruns: Path, port: int) -> tuple[subprocess.Popen, str]:
 
 
 def stop_server(server: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(server.pid, sig)
-    except ProcessLookupError:
-        pass
     server.wait(timeout=30)
 
 
@@ -235,7 +233,7 @@ def test_metrics_kept_while_the_server_is_away_are_sent_when_it_returns(tmp_path
     port = free_port()
     server, uri = start_server(mlruns, port)
     tracker = MlflowTracker(uri=uri, experiment_name="away", async_logging=False,
-                            flush_every_steps=1, connect_timeout=1)
+                            flush_every_steps=1, connect_timeout=1, request_timeout=60)
     tracker.start({"a": 1}, {"mlxlab.run_dir": str(tmp_path / "run")})
     tracker.log_metrics({"loss": 1.0}, step=1)
     stop_server(server, signal.SIGKILL)
@@ -262,15 +260,8 @@ def test_metrics_kept_while_the_server_is_away_are_sent_when_it_returns(tmp_path
 @pytest.mark.slow
 def test_server_script_serves_the_store_runs_write(make_cfg, tmp_path):
     train(make_cfg(*FAST))  # writes <root>/mlruns/mlflow.db directly, as every run does
-    env_path = ":".join(p for p in os.environ["PATH"].split(":") if ".venv" not in p)
-    os.environ_backup = dict(os.environ)
-    server, uri = None, None
-    try:
-        os.environ["PATH"] = env_path  # mlflow need not be on PATH: python -m mlflow
-        server, uri = start_server(tmp_path / "mlruns", free_port())
-    finally:
-        os.environ.clear()
-        os.environ.update(os.environ_backup)
+    no_venv = ":".join(p for p in os.environ["PATH"].split(":") if ".venv" not in p)
+    server, uri = start_server(tmp_path / "mlruns", free_port(), path=no_venv)  # python -m mlflow
     try:
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("train")
@@ -295,7 +286,7 @@ def test_readme_registry_lines_work_in_a_fresh_process(make_cfg, tmp_path):
     register = readme_block("### Model registry", "bash").splitlines()[0]
     name = re.search(r"--name (\S+)", register).group(1)
     alias = re.search(r"--alias (\S+)", register).group(1)
-    register_run(cfg.paths.output_dir, name, alias)  # what that README line runs
+    register_run(cfg.paths.output_dir, name, alias, cfg.tracking.uri)  # what that line runs
     rows = REPO / "src/mlxlab/assets/titanic/train.csv"
     (tmp_path / "test.csv").write_text("\n".join(rows.read_text().splitlines()[:9]))
 

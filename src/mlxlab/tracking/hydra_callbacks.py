@@ -63,7 +63,7 @@ def require_store(settings: dict[str, Any]) -> None:
     on stderr and exit 2, before any job runs: a named store that does not answer must not
     give an untracked run that looks successful."""
     try:
-        probe_store(settings["uri"], settings["connect_timeout"])
+        probe_store(settings["uri"], settings["connect_timeout"], settings["request_timeout"])
         ensure_store(settings["uri"], settings["experiment_name"], settings["artifact_root"])
     except Exception as e:
         message = str(e) if isinstance(e, TrackingUnavailable) else (
@@ -292,6 +292,7 @@ def _mlflow_settings(config: DictConfig) -> dict[str, Any] | None:
         "experiment_name": str(tracking.get("experiment_name") or "mlxlab"),
         "artifact_root": tracking.get("artifact_root"),
         "connect_timeout": float(tracking.get("connect_timeout") or 5.0),
+        "request_timeout": float(tracking.get("request_timeout") or 30.0),
     }
 
 

@@ -87,8 +87,10 @@ def bounded_http(timeout: float) -> Iterator[None]:
                     os.environ[key] = value
 
 
-def probe_store(uri: str | None, timeout: float = 5.0) -> None:
-    """Raise TrackingUnavailable unless the store at `uri` answers within about `timeout` s.
+def probe_store(uri: str | None, timeout: float = 5.0, request_timeout: float = 30.0) -> None:
+    """Raise TrackingUnavailable unless the store at `uri` answers: a connection within
+    `timeout` s (a dead port fails at once), then one API reply within `request_timeout` s (a
+    fresh server builds its database on its first request).
 
     Local sqlite stores are not probed (ensure_store creates them). A server is asked once for
     one experiment, with MLflow's retries off, in a thread given a hard deadline.
@@ -109,7 +111,7 @@ def probe_store(uri: str | None, timeout: float = 5.0) -> None:
 
     def ask() -> None:
         try:
-            with bounded_http(timeout):
+            with bounded_http(request_timeout):
                 MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
             outcome["error"] = None
         except Exception as e:
@@ -117,17 +119,17 @@ def probe_store(uri: str | None, timeout: float = 5.0) -> None:
 
     thread = threading.Thread(target=ask, daemon=True, name="mlflow-probe")
     thread.start()
-    thread.join(2 * timeout + 1)
+    thread.join(timeout + request_timeout + 1)
     if "error" not in outcome:
         raise TrackingUnavailable(
-            f"MLflow tracking store {uri} did not answer within {timeout:g} s "
-            f"(tracking.connect_timeout): {fix}"
+            f"MLflow tracking store {uri} did not answer within {request_timeout:g} s "
+            f"(tracking.request_timeout): {fix}"
         )
     error = outcome["error"]
     if error is not None:
         text = str(error)
         if "timed out" in text.lower():
-            reason = f"no reply within {timeout:g} s, tracking.connect_timeout"
+            reason = f"no reply within {request_timeout:g} s, tracking.request_timeout"
         elif "Max retries exceeded" in text or "Connection" in text:
             reason = "the connection failed"
         else:
@@ -324,9 +326,11 @@ class MlflowTracker:
         flush_every_seconds: float = 10.0,
         async_logging: bool = True,
         connect_timeout: float = 5.0,
+        request_timeout: float = 30.0,
     ) -> None:
-        if connect_timeout <= 0:
-            raise ValueError(f"tracking.connect_timeout must be > 0 seconds, got {connect_timeout}")
+        if connect_timeout <= 0 or request_timeout <= 0:
+            raise ValueError("tracking.connect_timeout and tracking.request_timeout must be > 0 "
+                             f"seconds, got {connect_timeout} and {request_timeout}")
         if flush_every_steps < 1 or flush_every_seconds <= 0:
             raise ValueError(
                 "tracking.flush_every_steps must be >= 1 and tracking.flush_every_seconds > 0, "
@@ -340,6 +344,7 @@ class MlflowTracker:
         self.flush_every_seconds = float(flush_every_seconds)
         self.async_logging = async_logging
         self.connect_timeout = float(connect_timeout)
+        self.request_timeout = float(request_timeout)
         self.remote = self.uri.startswith(("http://", "https://"))
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -368,7 +373,7 @@ class MlflowTracker:
 
     def probe(self) -> None:
         """Fail fast (TrackingUnavailable) unless the store answers within connect_timeout."""
-        probe_store(self.uri, self.connect_timeout)
+        probe_store(self.uri, self.connect_timeout, self.request_timeout)
 
     def set_dataset(self, name: str, source: str, digest: str, rows: int | None) -> None:
         """The training data, logged as the run's MLflow dataset input when it starts."""
@@ -538,10 +543,15 @@ class MlflowTracker:
                         _retrying(self._client.log_batch, self.run_id,
                                   metrics=[Metric(*row) for row in chunk])
                 except Exception as e:
-                    if not self._server_lost(e):
+                    if self._server_lost(e):
+                        self._spool().write(pending[i:])
+                    elif self.remote and _is_transient_http(e):  # slow or busy: next flush
+                        log.debug("MLflow server %s did not take metrics yet: %s", self.uri, e)
+                        with self._pending_lock:
+                            self._pending[:0] = pending[i:]
+                    else:
                         self._warn("log_metrics", e)
                         continue
-                    self._spool().write(pending[i:])
                     return
 
     def _flush_loop(self) -> None:
@@ -610,7 +620,7 @@ class MlflowTracker:
     # -- a server that goes away
 
     def _bounded(self) -> contextlib.AbstractContextManager:
-        return bounded_http(self.connect_timeout) if self.remote else contextlib.nullcontext()
+        return bounded_http(self.request_timeout) if self.remote else contextlib.nullcontext()
 
     def _online(self) -> bool:
         """Before a call to a server: is it there (sending what was kept if it is back)?"""
@@ -675,6 +685,13 @@ class MlflowTracker:
         log.warning(
             "%s; training goes on, further tracking errors are logged at debug level", message
         )
+
+
+def _is_transient_http(error: BaseException) -> bool:
+    """A timeout, a refused or reset connection, a 5xx: the same call may work later."""
+    text = str(error)
+    return any(m in text for m in ("timed out", "Max retries exceeded", "Connection", " 502",
+                                   " 503", " 504", "database is locked"))
 
 
 def _is_logged_param(key: str) -> bool:
