@@ -371,6 +371,8 @@ def test_progress_bar_shows_the_epoch():
     bar.on_train_start(30, 0)
     bar.on_step(12, {"train/loss": 0.5})
     assert bar.postfix["epoch"] == "2/3"
+    bar.on_step(21, {})
+    assert bar.postfix == {"epoch": "3/3", "loss": "0.5000"}
     bar.on_train_end()
 
 

@@ -66,7 +66,8 @@ class ProgressBar(Callback):
         epoch = epoch_of(step, self.steps_per_epoch)
         if epoch is not None:
             total = f"/{self.max_epochs}" if self.max_epochs and math.isfinite(self.max_epochs) else ""
-            self.postfix = {"epoch": f"{epoch}{total}", **self.postfix}
+            others = {k: v for k, v in self.postfix.items() if k != "epoch"}
+            self.postfix = {"epoch": f"{epoch}{total}", **others}  # the epoch shown first
         if "train/loss" in logs:
             self.postfix["loss"] = f"{logs['train/loss']:.4f}"
         self.bar.set_postfix(self.postfix, refresh=False)
