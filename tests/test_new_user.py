@@ -383,10 +383,8 @@ def test_first_install_command_pulls_what_the_readme_sweeps_need():
     block = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.S | re.M).group(1)
     names = {re.split(r"[<>=;\s\[]", d, maxsplit=1)[0] for d in re.findall(r'^\s*"([^"]+)"', block, re.M)}
     sweeps = readme_block("## Sweeps", "bash")
-    if "hydra/launcher=joblib" in sweeps:
-        assert "hydra-joblib-launcher" in names
-    if "hparams_search=" in sweeps:
-        assert "hydra-optuna-sweeper" in names
+    assert "hydra/launcher=joblib" in sweeps and "hydra-joblib-launcher" in names
+    assert "hparams_search=" in sweeps and "hydra-optuna-sweeper" in names
 
 
 # --------------------------------------------------------------------------- 9. plots
