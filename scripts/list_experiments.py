@@ -6,6 +6,8 @@
     python scripts/list_experiments.py --sweep <parent run id> --metric val/loss
 
 The store is --uri, else $MLFLOW_TRACKING_URI, else <project>/mlruns/mlflow.db.
+Validation metrics are the best checkpoint's (`best/<metric>`, what a run's closing line and
+the sweep table show) unless --last asks for the last logged values; every column says which.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=10, help="runs shown per experiment")
     parser.add_argument("--sweep", metavar="RUN_ID|latest", help="show one sweep as a table")
     parser.add_argument("--metric", help="sweep metric (default: the one the sweep optimized)")
+    parser.add_argument("--last", action="store_true",
+                        help="show the last logged metric values instead of the best checkpoint's")
     args = parser.parse_args(argv)
 
     uri = resolve_uri(args.uri)
@@ -79,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         metrics = [m for m in KEY_METRICS if any(m in r.data.metrics for r in runs)]
         metrics = metrics[:MAX_METRIC_COLUMNS]
-        header = ["run_id", "name", "status", "started", "duration", "sweep", *metrics]
+        best = {m: not args.last and any(f"best/{m}" in r.data.metrics for r in runs)
+                for m in metrics}
+        header = ["run_id", "name", "status", "started", "duration", "sweep",
+                  *(f"{'best' if best[m] else 'last'} {m}" for m in metrics)]
         rows = [
             [
                 r.info.run_id,
@@ -88,12 +95,22 @@ def main(argv: list[str] | None = None) -> int:
                 _time(r.info.start_time),
                 _duration(r),
                 _sweep_role(r),
-                *(_num(r.data.metrics.get(m)) for m in metrics),
+                *(_shown(r, m, best[m]) for m in metrics),
             ]
             for r in runs
         ]
         print_table(header, rows)
+        if any(cell.endswith("*") for row in rows for cell in row[6:]):
+            print("  * no best checkpoint yet (unfinished run): the last logged value")
     return 0
+
+
+def _shown(run, metric: str, best: bool) -> str:
+    """The best checkpoint's value of `metric` (best=True), else its last logged value."""
+    if best and f"best/{metric}" in run.data.metrics:
+        return _num(run.data.metrics[f"best/{metric}"])
+    value = run.data.metrics.get(metric)
+    return _num(value) + ("*" if best and value is not None else "")
 
 
 def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int:
@@ -109,14 +126,14 @@ def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int
         f"started {_time(parent.info.start_time)}"
     )
     print(
-        f"  {len(children)} runs, sorted by {metric} ({mode}); "
+        f"  {len(children)} runs, sorted by the best checkpoint's {metric} ({mode}); "
         f"dir {tags.get('mlxlab.sweep_dir', '?')}"
     )
     best = parent.data.metrics.get(f"best/{metric}")
     if best is not None:
         print(f"  best {metric} = {_num(best)} (run {tags.get('mlxlab.best_run_id', '?')})")
     rows = sweep_table(children, metric, keys, mode)
-    header = ["rank", "run_id", "status", metric, *keys]
+    header = ["rank", "run_id", "status", f"best {metric}", *keys]
     print_table(
         header,
         [

@@ -8,6 +8,11 @@ import os
 # avoids oversubscribing the cores (set before mlxlab loads OpenBLAS; inherited by subprocesses).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import sys
+import tempfile
+
+# The user-level cache (the migrated empty MLflow store new stores are copied from) is one
+# folder per test session, not the developer's ~/.cache; subprocesses inherit it.
+os.environ.setdefault("MLXLAB_CACHE_DIR", tempfile.mkdtemp(prefix="mlxlab-test-cache-"))
 from pathlib import Path
 
 import pytest

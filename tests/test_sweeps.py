@@ -137,6 +137,7 @@ hydra:
 """
 
 
+@pytest.mark.slow
 def test_optuna_sweep_records_failed_trials_and_logs_the_best(tmp_path):
     """4 trials, 2 at a time: one NaN (optuna<3 would crash the sweep on it), one raising before
     tracking started (recorded by the callback), two good. Seed 38 draws exactly that."""
@@ -245,6 +246,7 @@ def test_cluster_launchers_compose(compose_train, launcher, target):
 # --------------------------------------------------------------------------- registry
 
 
+@pytest.mark.slow
 def test_registered_classifier_predicts_rows_in_a_fresh_process(make_cfg, tmp_path):
     from mlxlab.tracking.registry import register_run
     from mlxlab.train import train
@@ -324,6 +326,7 @@ def test_register_model_cli_errors_clearly(tmp_path):
     assert proc.returncode == 2 and "no run folder" in proc.stderr
 
 
+@pytest.mark.slow
 def test_registered_language_model_completes_prompts(make_cfg, tmp_path):
     from mlxlab.tracking.registry import register_run
     from mlxlab.train import train
@@ -359,6 +362,7 @@ print("RESULT", out.to_json(orient="records"))
 # --------------------------------------------------------------------------- real mlxlab-train sweeps
 
 
+@pytest.mark.slow
 def test_parallel_sweep_lands_every_run_then_resumes(tmp_path):
     """2 models x 2 learning rates on 2 joblib workers: exactly 4 finished child runs under one
     parent. Re-running with sweep.skip_finished=true runs nothing; after one run is deleted from
@@ -401,6 +405,7 @@ def test_parallel_sweep_lands_every_run_then_resumes(tmp_path):
     assert new.data.tags["mlxlab.config_hash"] == children[0].data.tags["mlxlab.config_hash"]
 
 
+@pytest.mark.slow
 def test_titanic_optuna_sweep_with_failing_trials(tmp_path):
     """hparams_search=titanic_optuna on real training: sampler seed 16 draws (lr, heads) =
     (inf, 2) NaN loss, (1e-3, 2) good, (inf, 2) NaN, (1e-3, 3) hidden 16 not divisible by 3."""
@@ -418,7 +423,7 @@ def test_titanic_optuna_sweep_with_failing_trials(tmp_path):
         *[o for o in TINY if not o.startswith("model.num_heads")],
     )
     client = client_for(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    (parent,) = sweep_parents(client, "titanic_optuna")
+    (parent,) = sweep_parents(client, "train")  # the run's task, not the preset's name
     children = sweep_children(client, parent.info.run_id)
     outcome = sorted(
         (r.data.params["trainer.learning_rate"], r.data.params["model.num_heads"], r.info.status)

@@ -380,7 +380,14 @@ def test_concurrent_ensure_store_leaves_a_healthy_db(tmp_path):
 
 
 def test_default_uri_comes_from_env_then_project(tmp_path, monkeypatch):
-    assert resolve_uri(None) == f"sqlite:///{ROOT}/mlruns/mlflow.db"
+    monkeypatch.delenv("MLXLAB_ROOT", raising=False)
+    project = tmp_path / "project"
+    (project / "sub" / "dir").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("")
+    monkeypatch.chdir(project / "sub" / "dir")  # from anywhere inside the project: its store
+    assert resolve_uri(None) == f"sqlite:///{project}/mlruns/mlflow.db"
+    monkeypatch.setenv("MLXLAB_ROOT", str(tmp_path / "elsewhere"))
+    assert resolve_uri(None) == f"sqlite:///{tmp_path}/elsewhere/mlruns/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
     assert resolve_uri(None) == f"sqlite:///{tmp_path}/env.db"
     assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
@@ -530,7 +537,7 @@ def test_multirun_groups_jobs_under_a_parent_run(template_db, tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert parent_id in table[0]
     header = next(line for line in table if line.strip().startswith("rank"))
-    assert header.split() == ["rank", "run_id", "status", "val/accuracy", "lr", "width"]
+    assert header.split() == ["rank", "run_id", "status", "best", "val/accuracy", "lr", "width"]
     ranked = [line.split()[2:] for line in table[table.index(header) + 2 :]]
     assert ranked == [  # finished runs best first (by best/val/accuracy), then the failed ones
         ["FINISHED", "0.4000", "0.2", "2"],
@@ -582,6 +589,7 @@ def test_callback_creates_store_only_for_mlflow_tracking(template_db, tmp_path):
     assert client_for(f"sqlite:///{tmp_path}/mlruns/mlflow.db").get_experiment_by_name("demo")
 
 
+@pytest.mark.slow
 def test_parallel_joblib_multirun_groups_all_jobs(tmp_path):
     app = write_app(tmp_path)
     run_app(
@@ -606,10 +614,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_tracking_server_round_trip(tmp_path):
     port = free_port()
     server_uri = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PORT": str(port), "WORKERS": "1", "MLRUNS_DIR": str(tmp_path / "srv")}
+    env = {**os.environ, "PORT": str(port), "WORKERS": "1", "MLRUNS_DIR": str(tmp_path / "srv"),
+           "PYTHON": sys.executable}
     log_file = (tmp_path / "server.log").open("w")  # noqa: SIM115 (closed in finally)
     server = subprocess.Popen(
         [str(ROOT / "scripts/mlflow_server.sh")],
@@ -643,7 +653,7 @@ def test_tracking_server_round_trip(tmp_path):
         assert run.info.status == "FINISHED" and run.data.params == {"model.hidden": "64"}
         assert len(client.get_metric_history(tracker.run_id, "train/loss")) == 30
         assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["note.txt"]
-        assert list((tmp_path / "srv/server-artifacts").rglob("note.txt"))  # the server stored it
+        assert list((tmp_path / "srv/artifacts").rglob("note.txt"))  # the server stored it
 
         app = write_app(tmp_path / "app")  # a 2-job multirun through the server
         run_app(app, "--multirun", "lr=0.1,0.3", env={"MLFLOW_TRACKING_URI": server_uri})

@@ -154,6 +154,7 @@ def _number(key: str, value: Any, kind: type) -> float:
 
 def validate(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key and the fix, before anything is built."""
+    _check_required(cfg)
     for key, (kind, low) in _NUMERIC_RULES.items():
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if value is None:
@@ -174,6 +175,21 @@ def validate(cfg: DictConfig) -> None:
     _check_choice(cfg, "trainer.precision", ("auto", "fp32", "bf16", "fp16"))
     _check_choice(cfg, "trainer.quantize_bits", (None, 2, 3, 4, 6, 8))
     _check_optimized_metric(cfg)
+
+
+def _check_required(cfg: DictConfig) -> None:
+    """Keys left `???` in the config (data=csv's path and label column) must be given."""
+    missing = []
+    for group in ("model", "data", "trainer", "tracking"):
+        node = cfg.get(group)
+        if OmegaConf.is_config(node):
+            keys = OmegaConf.missing_keys(node)  # full keys, e.g. "data.path"
+            missing += [f"{group}.{k}" for k in node if f"{group}.{k}" in keys]
+    if not missing:
+        return
+    example = {"data.path": "data.path=my.csv", "data.label_column": "data.label_column=target"}
+    fixes = " ".join(example.get(k, f"{k}=...") for k in missing)
+    raise ConfigError(f"{', '.join(missing)} must be set: add {fixes} to the command line")
 
 
 def _check_choice(cfg: DictConfig, key: str, allowed: tuple) -> None:

@@ -5,14 +5,18 @@ No training logic, file formats or MLflow calls live here: see docs/architecture
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
-import random
+import os
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hydra
-import numpy as np
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
@@ -22,10 +26,11 @@ log = logging.getLogger("mlxlab")
 
 
 def seed_everything(seed: int) -> None:
+    """Seed the run's own generators: MLX's (weights, dropout). Data shuffling and splits use
+    numpy Generators seeded from the config. Python's and numpy's global generators are left
+    alone: other code draws from them (MLflow picks run names from `random`)."""
     import mlx.core as mx
 
-    random.seed(seed)
-    np.random.seed(seed)
     mx.random.seed(seed)
 
 
@@ -42,6 +47,94 @@ def hydra_context(cfg: DictConfig) -> tuple[Path, dict[str, str], bool]:
     return run_dir, choices, hc.mode == RunMode.MULTIRUN
 
 
+def run_name(cfg: DictConfig) -> str:
+    """tracking.run_name, else `<task_name>-<MMDD-HHMMSS>`, plus the swept overrides of a
+    multirun job (`train-1122-093012 model.hidden_size=64 trainer.learning_rate=3e-4`)."""
+    given = cfg.tracking.get("run_name")
+    if given:
+        return str(given)
+    from mlxlab.tracking.mlflow import ENV_SWEPT_KEYS
+
+    name = f"{cfg.task_name}-{time.strftime('%m%d-%H%M%S')}"
+    swept = json.loads(os.environ.get(ENV_SWEPT_KEYS) or "[]")
+    overrides = [str(o).lstrip("+~") for o in _task_overrides()]
+    shown = [o for o in overrides if o.split("=", 1)[0] in swept]
+    return " ".join([name, *shown])[:250]
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task or [])
+
+
+def git_commit(folder: Path) -> str | None:
+    """HEAD of the git checkout holding `folder`, if any (2 s at most, never raises)."""
+    try:
+        out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=2)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: Path) -> dict:
+    tags = {
+        **choices,
+        "mlxlab.config_hash": run_hash,
+        "mlxlab.run_dir": str(run_dir),
+        "mlxlab.task_name": cfg.task_name,
+        "mlxlab.overrides": " ".join(_task_overrides()),
+    }
+    commit = git_commit(Path(__file__).parent)  # the code that trained, not the data's folder
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return {**tags, **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()}}
+
+
+def describe_dataset(data) -> tuple[str, str, str, int | None] | None:
+    """(name, source, digest, rows) of a file-backed dataset, for the run's MLflow input."""
+    path = Path(str(getattr(data, "path", "") or ""))
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    rows = getattr(data, "examples", None)
+    return path.stem, str(path.resolve()), digest, len(rows) if rows is not None else None
+
+
+def count_parameters(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+def summary_lines(result, tracker, cfg: DictConfig, run_dir: Path) -> list[str]:
+    """The end of a run: the best checkpoint's metrics, rounded, and where to look."""
+    metrics = dict(result.metrics)
+    step = metrics.pop("best_step", None)
+    where = f"best checkpoint, step {int(step)}" if step is not None else "best checkpoint"
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    if not shown:  # e.g. streamed text with data.val_examples=0
+        where, shown = "none", "no validation data"
+    lines = [f"validation ({where}): {shown}", f"run dir:    {run_dir}"]
+    if not result.run_id:
+        lines.append("mlflow run: - (tracking=none)")
+        return lines
+    uri = tracker.uri
+    page = f"#/experiments/{tracker.experiment_id}/runs/{result.run_id}"
+    if uri.startswith(("http://", "https://")):
+        lines.append(f"mlflow run: {result.run_id}, open {uri.rstrip('/')}/{page}")
+    else:
+        lines.append(f"mlflow run: {result.run_id} (experiment {cfg.tracking.experiment_name!r}); "
+                     f"open it: mlflow ui --backend-store-uri {uri}  then "
+                     f"http://127.0.0.1:5000/{page}")
+    if getattr(tracker, "offline_report", None):
+        lines.append(f"mlflow:     {tracker.offline_report}")
+    return lines
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from `cfg`, train, and return the best validation metrics."""
     validate(cfg)
@@ -55,7 +148,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume = prepare_resume(cfg, run_dir)
     reuse_tokenizer(cfg, resume, "resume")
     reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
-    tracker = instantiate(cfg.tracking)
+    named = {"run_name": run_name(cfg)} if "run_name" in cfg.tracking else {}
+    tracker = instantiate(cfg.tracking, **named)
+    if hasattr(tracker, "probe"):
+        tracker.probe()  # a named store that does not answer fails here, before any training
     if "uri" in cfg.tracking:
         from mlxlab.tracking.stale import mark_dead_runs
 
@@ -65,22 +161,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.warning("could not check for dead MLflow runs: %s", e)
     data = instantiate(cfg.data)
     data.setup(run_dir)
+    dataset = describe_dataset(data)
+    if dataset is not None and hasattr(tracker, "set_dataset"):
+        tracker.set_dataset(*dataset)
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
+    config = to_container(cfg)
+    config["num_parameters"] = count_parameters(model)
+    log.info("model %s: %s parameters", cfg.model._target_.rsplit(".", 1)[-1],
+             f"{config['num_parameters']:,}")
     trainer = instantiate(cfg.trainer)
-    tags = {
-        **choices,
-        "mlxlab.config_hash": run_hash,
-        "mlxlab.run_dir": str(run_dir),
-        "mlxlab.task_name": cfg.task_name,
-        **process_tags(),
-        **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()},
-    }
-    result = trainer.fit(model, data, tracker, run_dir, config=to_container(cfg), tags=tags,
-                         resume=resume)
-    shown = {k: round(v, 4) for k, v in result.metrics.items()}
-    print(f"validation: {shown or 'none (no validation data)'}")
-    print(f"run dir:    {run_dir}")
-    print(f"mlflow run: {result.run_id or '- (tracking=none)'}")
+    tags = {**run_tags(cfg, choices, run_hash, run_dir), **process_tags()}
+    result = trainer.fit(model, data, tracker, run_dir, config=config, tags=tags, resume=resume)
+    print("\n".join(summary_lines(result, tracker, cfg, run_dir)))
     return result.metrics
 
 
@@ -113,7 +205,25 @@ def main(cfg: DictConfig) -> float:
             log.error("trial failed: %s", err)
             return math.nan
         print(f"mlxlab: error: {err}", file=sys.stderr)
+        remove_unused_run_dir(cfg)
         sys.exit(2)
+
+
+def remove_unused_run_dir(cfg: DictConfig) -> None:
+    """A run that failed before it made anything (bad config, no tracking server) leaves no
+    output folder holding only Hydra's `.hydra/` and log: remove it and its emptied parents."""
+    run_dir = Path(str(cfg.paths.output_dir))
+    if not run_dir.is_dir():
+        return
+    made = [p.name for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
+    if made:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    outputs = Path(str(cfg.paths.root_dir)) / "outputs"
+    for parent in run_dir.parents:
+        if outputs not in (parent, *parent.parents) or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 if __name__ == "__main__":

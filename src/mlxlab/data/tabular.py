@@ -245,7 +245,8 @@ class TabularText:
 
         save_to = Path(run_dir) / "tokenizer.json" if run_dir is not None else None
         self.tokenizer = build_tokenizer(
-            [texts[i] for i in train_idx], save_to=save_to, **self.tokenizer_cfg
+            [texts[i] for i in train_idx], save_to=save_to,
+            cache_dir=self.cache_dir / "tokenizers" if self.cache_dir else None, **self.tokenizer_cfg
         )
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)  # recorded in checkpoints

@@ -95,11 +95,14 @@ def build_tokenizer(
     path: str | None = None,
     save_to: str | Path | None = None,
     retrain: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> Tokenizer:
     """Load or train a tokenizer.
 
     Order: `path` (a given tokenizer.json) wins; else an existing `save_to` file is reused unless
-    `retrain`; else a new tokenizer is trained on `texts`. The result is written to `save_to`.
+    `retrain`; else one trained earlier on the same texts with the same settings is loaded from
+    `cache_dir` (unless `retrain`); else a new tokenizer is trained on `texts`. The result is
+    written to `save_to`. The log line says which of these happened.
 
     kind="wordpiece": BERT style, [PAD]=0 [UNK] [CLS] [SEP] [MASK], lowercase, whitespace +
     punctuation split, post-processor wraps every text as [CLS] ... [SEP]; the vocabulary is
@@ -132,6 +135,14 @@ def build_tokenizer(
         if not texts:
             raise ValueError("cannot train a tokenizer on zero texts; is the data empty?")
         special = list(special_tokens or DEFAULT_SPECIAL_TOKENS[kind])
+        settings = [kind, vocab_size, min_vocab, max_vocab, min_frequency, special]
+        cached = _cache_file(cache_dir, texts, settings) if cache_dir and not retrain else None
+        if cached is not None and cached.is_file():
+            tok = Tokenizer.from_file(str(cached))
+            log.info("cache hit: %s tokenizer %s (vocab %d)", kind, cached, tok.get_vocab_size())
+            if save_to is not None:
+                _save(tok, Path(save_to))
+            return tok
         if vocab_size == "auto":
             vocab_size = auto_vocab_size(
                 texts, kind, min_frequency, len(special), min_vocab, max_vocab
@@ -143,12 +154,27 @@ def build_tokenizer(
             )
         tok = _train(texts, kind, int(vocab_size), min_frequency, special)
         log.info("trained %s tokenizer, vocab %d", kind, tok.get_vocab_size())
+        if cached is not None:
+            _save(tok, cached)
     if save_to is not None:
-        save_to.parent.mkdir(parents=True, exist_ok=True)
-        tmp = save_to.with_name(f".{save_to.name}.{os.getpid()}.tmp")
-        tok.save(str(tmp))
-        os.replace(tmp, save_to)  # atomic: parallel jobs sharing a cache never read half a file
+        _save(tok, save_to)
     return tok
+
+
+def _cache_file(cache_dir: str | Path, texts: list[str], settings: list) -> Path:
+    """Where a tokenizer trained on exactly these texts with these settings is kept."""
+    h = hashlib.sha256(json.dumps(settings, default=str).encode())
+    for text in texts:
+        h.update(text.encode())
+        h.update(b"\0")
+    return Path(cache_dir) / f"{h.hexdigest()[:24]}.json"
+
+
+def _save(tok: Tokenizer, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tok.save(str(tmp))
+    os.replace(tmp, path)  # atomic: parallel jobs sharing a cache never read half a file
 
 
 def _train(

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from mlxlab.tracking.base import MAX_PARAM_VALUE_LENGTH
 from mlxlab.tracking.mlflow import (
     ENV_PARENT_RUN_ID,
+    ENV_SWEPT_KEYS,
     METRIC_TAG,
     MODE_TAG,
     PARENT_RUN_TAG,
@@ -38,8 +40,10 @@ from mlxlab.tracking.mlflow import (
     STARTED_RUN_IDS,
     SWEEP_ID_TAG,
     SWEEP_PARAMS_TAG,
+    TrackingUnavailable,
     ensure_store,
     metric_mode,
+    probe_store,
     resolve_uri,
     sweep_children,
     sweep_table,
@@ -51,6 +55,22 @@ log = logging.getLogger(__name__)
 # The parent run id also goes into the sweep dir: launchers that reuse worker processes
 # started before this sweep (joblib/loky) would otherwise see a stale environment.
 PARENT_ID_FILE = ".mlflow_parent_run_id"
+SWEPT_KEYS_FILE = ".mlxlab_swept_keys.json"  # likewise the swept keys, for the jobs' run names
+
+
+def require_store(settings: dict[str, Any]) -> None:
+    """Probe the store (bounded by tracking.connect_timeout) and create it; on failure one line
+    on stderr and exit 2, before any job runs: a named store that does not answer must not
+    give an untracked run that looks successful."""
+    try:
+        probe_store(settings["uri"], settings["connect_timeout"], settings["request_timeout"])
+        ensure_store(settings["uri"], settings["experiment_name"], settings["artifact_root"])
+    except Exception as e:
+        message = str(e) if isinstance(e, TrackingUnavailable) else (
+            f"MLflow store {settings['uri']} cannot be used ({type(e).__name__}: {e}); fix "
+            "tracking.uri or train untracked with tracking=none")
+        print(f"mlxlab: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 class TrialFailed(RuntimeError):
@@ -65,17 +85,19 @@ class MlflowSweepCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         settings = _mlflow_settings(config)
         if settings:
-            try:
-                ensure_store(**settings)
-            except Exception as e:  # the run's tracker retries and warns; training goes on
-                log.warning("MLflow store not ready: %s: %s", type(e).__name__, e)
+            require_store(settings)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Create the store once, before any worker runs, and the sweep's parent run."""
+        swept = json.dumps(_swept_keys(config))
+        os.environ[ENV_SWEPT_KEYS] = swept
         settings = _mlflow_settings(config)
         if not settings:
             return
+        require_store(settings)
         (_sweep_dir(config) / PARENT_ID_FILE).unlink(missing_ok=True)  # a reused sweep dir's
+        _sweep_dir(config).mkdir(parents=True, exist_ok=True)
+        (_sweep_dir(config) / SWEPT_KEYS_FILE).write_text(swept)
         try:
             self._start_parent(config, settings)
         except Exception as e:  # jobs still train (and track, if the store comes back)
@@ -84,7 +106,9 @@ class MlflowSweepCallback(Callback):
     def _start_parent(self, config: DictConfig, settings: dict[str, Any]) -> None:
         from mlflow import MlflowClient
 
-        experiment_id = ensure_store(**settings)
+        experiment_id = ensure_store(
+            settings["uri"], settings["experiment_name"], settings["artifact_root"]
+        )
         sweep_dir = _sweep_dir(config)
         metric = OmegaConf.select(config, "optimized_metric", default=None)
         tags = {
@@ -121,6 +145,9 @@ class MlflowSweepCallback(Callback):
         id_file = _sweep_dir(config) / PARENT_ID_FILE
         if id_file.is_file():
             os.environ[ENV_PARENT_RUN_ID] = id_file.read_text().strip()
+        swept_file = _sweep_dir(config) / SWEPT_KEYS_FILE
+        if swept_file.is_file():
+            os.environ[ENV_SWEPT_KEYS] = swept_file.read_text()
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         """A sweep job's outcome onto its MLflow run: `best/<metric>` = the value the job
@@ -264,6 +291,8 @@ def _mlflow_settings(config: DictConfig) -> dict[str, Any] | None:
         "uri": resolve_uri(tracking.get("uri")),
         "experiment_name": str(tracking.get("experiment_name") or "mlxlab"),
         "artifact_root": tracking.get("artifact_root"),
+        "connect_timeout": float(tracking.get("connect_timeout") or 5.0),
+        "request_timeout": float(tracking.get("request_timeout") or 30.0),
     }
 
 
@@ -283,6 +312,26 @@ def _override_keys(config: DictConfig) -> list[str]:
     params = OmegaConf.select(config, "hydra.sweeper.params")
     for key in params or {}:
         if key not in keys:
+            keys.append(str(key))
+    return keys
+
+
+def _swept_keys(config: DictConfig) -> list[str]:
+    """Keys the multirun varies: command-line sweeps (a,b / range() / choice()...) and the
+    sweeper's search space."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task") or []]
+    keys = []
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # Hydra parsed them already; never fail a sweep over its run names
+        parsed = []
+    for override in parsed:
+        if override.is_sweep_override():
+            keys.append(override.get_key_element().lstrip("+~"))
+    for key in OmegaConf.select(config, "hydra.sweeper.params") or {}:
+        if str(key) not in keys:
             keys.append(str(key))
     return keys
 

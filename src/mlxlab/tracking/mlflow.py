@@ -12,10 +12,13 @@ import atexit
 import contextlib
 import fcntl
 import getpass
+import json
 import logging
 import math
 import os
 import random
+import shutil
+import sqlite3
 import sys
 import threading
 import time
@@ -24,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from mlxlab.tracking.base import CHOICE_TAG_PREFIX, flatten_config
+from mlxlab.tracking.offline import SPOOL_FILE, Spool, reachable, send_spool
 
 log = logging.getLogger(__name__)
 
 ENV_PARENT_RUN_ID = "MLXLAB_PARENT_RUN_ID"  # set by the sweep callback, read by each job
+ENV_SWEPT_KEYS = "MLXLAB_SWEPT_KEYS"  # likewise: the keys a sweep varies (JSON), for run names
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow UI nests runs by this tag
 SWEEP_ID_TAG = "mlxlab.sweep_id"
 ROLE_TAG = "mlxlab.role"  # "sweep" on a sweep's parent run
@@ -47,6 +52,89 @@ MAX_METRICS_PER_BATCH = 1000
 # MLflow already makes sqlite wait 20 s for a lock (PRAGMA busy_timeout); a store still locked
 # after that, or a server answering "database is locked", gets ~7 s more of backoff in all.
 RETRY_ATTEMPTS = 8
+# MLflow 3 opens experiments without this tag in its GenAI view; ours are model training.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# Config parts that say where things go, not what is trained: kept out of a run's params.
+UNLOGGED_PARAM_ROOTS = ("paths", "tracking", "hydra")
+UNLOGGED_PARAM_KEYS = ("_target_", "_convert_", "_partial_", "_recursive_")
+
+
+class TrackingUnavailable(ConnectionError):
+    """The tracking store named by the config does not answer; the message says what to do."""
+
+
+_ENV_LOCK = threading.RLock()  # bounded calls may nest (end() -> a reconnect)
+
+
+@contextlib.contextmanager
+def bounded_http(timeout: float) -> Iterator[None]:
+    """MLflow's HTTP calls inside fail after one try of at most `timeout` seconds, instead of
+    its default 7 retries with backoff of up to 120 s each (minutes on a dead server)."""
+    values = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout))),
+    }
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def probe_store(uri: str | None, timeout: float = 5.0, request_timeout: float = 30.0) -> None:
+    """Raise TrackingUnavailable unless the store at `uri` answers: a connection within
+    `timeout` s (a dead port fails at once), then one API reply within `request_timeout` s (a
+    fresh server builds its database on its first request).
+
+    Local sqlite stores are not probed (ensure_store creates them). A server is asked once for
+    one experiment, with MLflow's retries off, in a thread given a hard deadline.
+    """
+    uri = resolve_uri(uri)
+    if sqlite_path(uri) is not None:
+        return
+    from mlflow import MlflowClient  # imported here: its first import alone can take seconds
+
+    fix = ("start the server (scripts/mlflow_server.sh), fix tracking.uri, or train untracked "
+           "with tracking=none")
+    if uri.startswith(("http://", "https://")) and not reachable(uri, timeout):
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} does not answer (no connection within {timeout:g} s, "
+            f"tracking.connect_timeout): {fix}"
+        )
+    outcome: dict[str, BaseException | None] = {}
+
+    def ask() -> None:
+        try:
+            with bounded_http(request_timeout):
+                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            outcome["error"] = None
+        except Exception as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=ask, daemon=True, name="mlflow-probe")
+    thread.start()
+    thread.join(timeout + request_timeout + 1)
+    if "error" not in outcome:
+        raise TrackingUnavailable(
+            f"MLflow tracking store {uri} did not answer within {request_timeout:g} s "
+            f"(tracking.request_timeout): {fix}"
+        )
+    error = outcome["error"]
+    if error is not None:
+        text = str(error)
+        if "timed out" in text.lower():
+            reason = f"no reply within {request_timeout:g} s, tracking.request_timeout"
+        elif "Max retries exceeded" in text or "Connection" in text:
+            reason = "the connection failed"
+        else:
+            reason = text.strip().splitlines()[0][:160]
+        raise TrackingUnavailable(f"MLflow tracking store {uri} does not answer ({reason}): {fix}")
 
 
 # --------------------------------------------------------------------------- store
@@ -98,14 +186,67 @@ def ensure_store(
     db.parent.mkdir(parents=True, exist_ok=True)
     root = Path(artifact_root or db.parent / "artifacts").resolve()
     with _file_lock(db.with_name(db.name + ".lock")):
+        fresh = not db.exists() or db.stat().st_size == 0
+        if fresh:
+            _copy_store_template(db)
         store = _retrying(SqlAlchemyStore, uri, str(root))
+        if fresh:
+            _save_store_template(db)
         experiment = store.get_experiment_by_name(experiment_name)
         if experiment is None:
-            return store.create_experiment(experiment_name)
+            from mlflow.entities import ExperimentTag
+
+            return store.create_experiment(
+                experiment_name, tags=[ExperimentTag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)]
+            )
         if experiment.lifecycle_stage == "deleted":
             log.warning("restoring deleted MLflow experiment %r", experiment_name)
             store.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before this tag was set
+            from mlflow.entities import ExperimentTag
+
+            store.set_experiment_tag(
+                experiment.experiment_id, ExperimentTag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            )
         return experiment.experiment_id
+
+
+def store_template_path() -> Path:
+    """An empty store migrated by this MLflow version, kept in the user's cache
+    ($MLXLAB_CACHE_DIR, else $XDG_CACHE_HOME/mlxlab, else ~/.cache/mlxlab): MLflow builds a new
+    sqlite store by running every schema migration since its first release (~10 s on 2 cores),
+    a copy takes milliseconds."""
+    import mlflow
+
+    base = os.environ.get("MLXLAB_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlxlab"
+    return Path(base) / f"mlflow-{mlflow.__version__}-empty-store.db"
+
+
+def _copy_store_template(db: Path) -> None:
+    template = store_template_path()
+    if template.is_file():
+        tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+        shutil.copyfile(template, tmp)
+        os.replace(tmp, db)
+
+
+def _save_store_template(db: Path) -> None:
+    """The fresh store, minus its Default experiment (whose artifact folder is this store's;
+    MLflow recreates it in every copy), as the template for the next fresh store."""
+    template = store_template_path()
+    if template.is_file():
+        return
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+        shutil.copyfile(db, tmp)
+        with contextlib.closing(sqlite3.connect(tmp)) as conn, conn:
+            conn.execute("DELETE FROM experiment_tags")
+            conn.execute("DELETE FROM experiments")
+        os.replace(tmp, template)
+    except (OSError, sqlite3.Error) as e:  # a read-only home: every fresh store migrates
+        log.debug("no MLflow store template at %s: %s", template, e)
 
 
 def _ensure_experiment_via_client(uri: str, name: str, artifact_root: str | None) -> str:
@@ -115,9 +256,13 @@ def _ensure_experiment_via_client(uri: str, name: str, artifact_root: str | None
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_root)
+        return client.create_experiment(
+            name, artifact_location=artifact_root, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except MlflowException as e:  # another job created it first
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -165,6 +310,10 @@ class MlflowTracker:
     log_metrics only appends to a buffer; a background thread sends it with log_batch every
     `flush_every_steps` calls or `flush_every_seconds`, so the training step never waits on
     the store. `end()` flushes and sets the run's status.
+
+    A tracking server that stops answering mid-run never stops training: each call to it fails
+    after one try of `connect_timeout` seconds, metrics then go to `<run dir>/mlflow_offline.jsonl`
+    and are sent when the server answers again; `offline_report` says which happened.
     """
 
     def __init__(
@@ -176,7 +325,12 @@ class MlflowTracker:
         flush_every_steps: int = 50,
         flush_every_seconds: float = 10.0,
         async_logging: bool = True,
+        connect_timeout: float = 5.0,
+        request_timeout: float = 30.0,
     ) -> None:
+        if connect_timeout <= 0 or request_timeout <= 0:
+            raise ValueError("tracking.connect_timeout and tracking.request_timeout must be > 0 "
+                             f"seconds, got {connect_timeout} and {request_timeout}")
         if flush_every_steps < 1 or flush_every_seconds <= 0:
             raise ValueError(
                 "tracking.flush_every_steps must be >= 1 and tracking.flush_every_seconds > 0, "
@@ -189,6 +343,9 @@ class MlflowTracker:
         self.flush_every_steps = int(flush_every_steps)
         self.flush_every_seconds = float(flush_every_seconds)
         self.async_logging = async_logging
+        self.connect_timeout = float(connect_timeout)
+        self.request_timeout = float(request_timeout)
+        self.remote = self.uri.startswith(("http://", "https://"))
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.errors = 0  # logging calls that failed (after retries) and were skipped
@@ -203,13 +360,32 @@ class MlflowTracker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.dataset: dict | None = None  # set_dataset(): logged as the run's input at start
+        self.spool_dir = Path.cwd()  # where unsent metrics go: the run dir (its tag) at start
+        self.spool: Spool | None = None
+        self.offline_since: int | None = None  # the step at which the server stopped answering
+        self.outages: list[tuple[int, int, int]] = []  # (from step, to step, values sent late)
+        self.skipped: list[str] = []  # calls left out while the server was away
+        self.offline_report: str | None = None
+        self._last_step = 0
 
     # -- lifecycle
 
+    def probe(self) -> None:
+        """Fail fast (TrackingUnavailable) unless the store answers within connect_timeout."""
+        probe_store(self.uri, self.connect_timeout, self.request_timeout)
+
+    def set_dataset(self, name: str, source: str, digest: str, rows: int | None) -> None:
+        """The training data, logged as the run's MLflow dataset input when it starts."""
+        self.dataset = {"name": name, "source": source, "digest": digest, "rows": rows}
+
     def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
         """Start a run, or resume `run_id` (metrics append to it); logs params and tags."""
+        if tags.get(RUN_DIR_TAG):
+            self.spool_dir = Path(str(tags[RUN_DIR_TAG]))
         try:
-            self._start(params, tags, run_id)
+            with self._bounded():
+                self._start(params, tags, run_id)
         except Exception as e:
             self._warn("start", e)
             self.run_id, self._active = None, False
@@ -245,6 +421,8 @@ class MlflowTracker:
         STARTED_RUN_IDS.append(run_id)
         self._safely("log params", self._log_params, params, logged_params)
         self._safely("set_tags", self._log_tags, tags)
+        if self.dataset is not None and not logged_params:
+            self._safely("log_inputs", self._log_dataset)
 
         self._stop.clear()
         if self.async_logging:
@@ -257,13 +435,24 @@ class MlflowTracker:
     def _log_params(self, params: dict, logged_params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
 
-        flat = flatten_config(params)
+        flat = {k: v for k, v in flatten_config(params).items() if _is_logged_param(k)}
         changed = sorted(k for k, v in flat.items() if logged_params.get(k, v) != v)
         if changed:  # MLflow params are write-once; the new values live in the checkpoint
             log.warning("resumed run %s keeps its logged values for %s", self.run_id, changed)
         new = [Param(k, v) for k, v in flat.items() if k not in logged_params]
         for chunk in _chunks(new, MAX_PARAMS_PER_BATCH):
             _retrying(self._client.log_batch, self.run_id, params=chunk)
+
+    def _log_dataset(self) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        info = self.dataset
+        profile = json.dumps({"num_rows": info["rows"]}) if info["rows"] is not None else None
+        dataset = Dataset(info["name"], info["digest"], "local", json.dumps({"uri": info["source"]}),
+                          profile=profile)
+        self._client.log_inputs(
+            self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])]
+        )
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush buffered metrics and set the run's final status."""
@@ -279,7 +468,29 @@ class MlflowTracker:
             self._thread.join()
             self._thread = None
         self.flush()
-        self._safely("end", _retrying, self._client.set_terminated, self.run_id, status)
+        if self.offline_since is None:
+            with self._bounded():
+                self._safely("end", _retrying, self._client.set_terminated, self.run_id, status)
+        if self.offline_since is not None:  # still away (or it went away just now)
+            spool = self._spool()
+            spool.write_status(status)
+            self.offline_report = (
+                f"MLflow server {self.uri} has not answered since step {self.offline_since}: "
+                f"{spool.metrics} metric values and the final status {status} are in {spool.path}; "
+                f"send them when it is back: python -m mlxlab.tracking.offline {spool.path}"
+                + (f" (not uploaded: {', '.join(sorted(set(self.skipped)))}; they are in the run "
+                   "directory)" if self.skipped else "")
+            )
+            log.warning("%s", self.offline_report)
+        elif self.outages:
+            spans = ", ".join(f"steps {a}-{b}" for a, b, _ in self.outages)
+            self.offline_report = (
+                f"MLflow server {self.uri} was away ({spans}); the "
+                f"{sum(n for *_, n in self.outages)} metric values kept meanwhile were sent when "
+                "it came back"
+                + (f" (not uploaded: {', '.join(sorted(set(self.skipped)))})" if self.skipped else "")
+            )
+            log.info("%s", self.offline_report)
 
     def _end_at_exit(self) -> None:  # the process is leaving without end(): keep the metrics
         self.end("FAILED")
@@ -298,6 +509,7 @@ class MlflowTracker:
                 self._warn(f"metric {key!r}", e)
                 continue
             rows.append((str(key), value, now_ms, int(step)))
+        self._last_step = int(step)
         with self._pending_lock:
             self._pending.extend(rows)
             self._steps_since_flush += 1
@@ -321,11 +533,26 @@ class MlflowTracker:
                 pending, self._pending = self._pending, []
                 self._steps_since_flush = 0
                 self._last_flush = time.monotonic()
-            metrics = [Metric(k, v, t, s) for k, v, t, s in pending]
-            for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
-                self._safely(
-                    "log_metrics", _retrying, self._client.log_batch, self.run_id, metrics=chunk
-                )
+            if self.offline_since is not None and not self._back_online():
+                self._spool().write(pending)
+                return
+            for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
+                chunk = pending[i : i + MAX_METRICS_PER_BATCH]
+                try:
+                    with self._bounded():
+                        _retrying(self._client.log_batch, self.run_id,
+                                  metrics=[Metric(*row) for row in chunk])
+                except Exception as e:
+                    if self._server_lost(e):
+                        self._spool().write(pending[i:])
+                    elif self.remote and _is_transient_http(e):  # slow or busy: next flush
+                        log.debug("MLflow server %s did not take metrics yet: %s", self.uri, e)
+                        with self._pending_lock:
+                            self._pending[:0] = pending[i:]
+                    else:
+                        self._warn("log_metrics", e)
+                        continue
+                    return
 
     def rewind(self, step: int) -> None:
         """A resumed run replays the steps after its checkpoint at `step`: drop the values the
@@ -401,10 +628,73 @@ class MlflowTracker:
     # -- errors
 
     def _safely(self, what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        if self.remote and not self._online():
+            self.skipped.append(what)
+            return None
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            self._warn(what, e)
+            if self._server_lost(e):
+                self.skipped.append(what)
+            else:
+                self._warn(what, e)
+
+    # -- a server that goes away
+
+    def _bounded(self) -> contextlib.AbstractContextManager:
+        return bounded_http(self.request_timeout) if self.remote else contextlib.nullcontext()
+
+    def _online(self) -> bool:
+        """Before a call to a server: is it there (sending what was kept if it is back)?"""
+        if self.offline_since is not None:
+            with self._flush_lock:
+                return self._back_online()
+        if not self._answers():
+            self._go_offline(f"no connection within {self.connect_timeout:g} s")
+            return False
+        return True
+
+    def _answers(self) -> bool:
+        return reachable(self.uri, self.connect_timeout)
+
+    def _server_lost(self, error: BaseException) -> bool:
+        """After a failed call: whether the server is gone (then the tracker goes offline)."""
+        if not self.remote or self._answers():
+            return False
+        self._go_offline(f"{type(error).__name__}")
+        return True
+
+    def _go_offline(self, why: str) -> None:
+        self.offline_since = self._last_step
+        log.warning(
+            "MLflow server %s stopped answering at step %d (%s): training goes on; metrics are "
+            "kept in %s and sent when it answers again", self.uri, self._last_step, why,
+            self.spool_dir / SPOOL_FILE,
+        )
+
+    def _spool(self) -> Spool:
+        if self.spool is None:
+            self.spool = Spool(self.spool_dir / SPOOL_FILE, self.uri, self.run_id or "")
+        return self.spool
+
+    def _back_online(self) -> bool:
+        """While offline: if the server answers, send what was kept (True); else False."""
+        if not self._answers():
+            return False
+        sent = 0
+        if self.spool is not None and self.spool.path.exists():
+            try:
+                with self._bounded():
+                    sent = send_spool(self.spool.path, self._client, set_status=False)
+            except Exception as e:  # it answers TCP but not MLflow yet: keep waiting
+                log.debug("MLflow server %s not back yet: %s", self.uri, e)
+                return False
+            self.spool = None
+        self.outages.append((self.offline_since, self._last_step, sent))
+        log.info("MLflow server %s answers again: %d metric values kept since step %d were sent",
+                 self.uri, sent, self.offline_since)
+        self.offline_since = None
+        return True
 
     def _warn(self, what: str, error: BaseException) -> None:
         """Tracking must never stop training: warn the first time, count the rest."""
@@ -417,6 +707,20 @@ class MlflowTracker:
         log.warning(
             "%s; training goes on, further tracking errors are logged at debug level", message
         )
+
+
+def _is_transient_http(error: BaseException) -> bool:
+    """A timeout, a refused or reset connection, a 5xx: the same call may work later."""
+    text = str(error)
+    return any(m in text for m in ("timed out", "Max retries exceeded", "Connection", " 502",
+                                   " 503", " 504", "database is locked"))
+
+
+def _is_logged_param(key: str) -> bool:
+    parts = key.split(".")
+    return parts[0] not in UNLOGGED_PARAM_ROOTS and not any(
+        p in UNLOGGED_PARAM_KEYS for p in parts
+    )
 
 
 def _user() -> str:

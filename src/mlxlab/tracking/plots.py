@@ -16,7 +16,10 @@ def _pyplot():
     return plt
 
 
-def loss_curve_png(history: Mapping[str, Sequence[tuple[int, float]]], path: str | Path) -> Path:
+def loss_curve_png(
+    history: Mapping[str, Sequence[tuple[int, float]]], path: str | Path,
+    title: str = "loss by step",
+) -> Path:
     """One line per loss ("train/loss", "val/loss", ...) over steps; returns the PNG path.
 
     `history` maps metric names to (step, value) pairs; metrics without "loss" in their name
@@ -33,9 +36,10 @@ def loss_curve_png(history: Mapping[str, Sequence[tuple[int, float]]], path: str
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
+    ax.set_title(title)
     if ax.lines:
         ax.legend()
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def sweep_plot_png(
@@ -68,12 +72,14 @@ def sweep_plot_png(
         ax.set_xlabel(param)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{metric} over {len(rows)} runs")
-    return _save(fig, path)
+    title = f"{metric} over {len(rows)} runs"
+    fig.suptitle(title)
+    return _save(fig, path, title)
 
 
 def confusion_matrix_png(
-    matrix: Sequence[Sequence[int]], path: str | Path, labels: Sequence[str] | None = None
+    matrix: Sequence[Sequence[int]], path: str | Path, labels: Sequence[str] | None = None,
+    title: str = "confusion matrix",
 ) -> Path:
     """Counts of (true label, predicted label) as an annotated heat map."""
     import numpy as np
@@ -91,7 +97,8 @@ def confusion_matrix_png(
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    return _save(fig, path)
+    ax.set_title(title)
+    return _save(fig, path, title, description="labels: " + ", ".join(names))
 
 
 def _number(value) -> float | None:
@@ -102,10 +109,12 @@ def _number(value) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig, path: str | Path, title: str, description: str | None = None) -> Path:
+    """The figure as a PNG whose text chunks carry its title (and description)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    metadata = {"Title": title, **({"Description": description} if description else {})}
+    fig.savefig(path, dpi=100, metadata=metadata)
     _pyplot().close(fig)  # figures live until closed; sweeps draw many
     return path

@@ -1,7 +1,7 @@
 """The MLflow model registry: a finished mlxlab run as an `mlflow.pyfunc` model.
 
     register_run("outputs/train/2026-...", name="titanic-bert", alias="champion")
-    model = mlflow.pyfunc.load_model("models:/titanic-bert@champion")
+    model = load_registered("titanic-bert@champion")     # = mlxlab.load_model(...)
     model.predict(pd.read_csv("test.csv"))          # classifier: raw CSV rows in
     model.predict(pd.DataFrame({"prompt": ["Once upon a time"]}))   # language model: text in
 
@@ -13,10 +13,12 @@ wrapper class lives in the installed mlxlab package, which the loading process m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -198,29 +200,42 @@ def register_run(
         except Exception:
             log.warning("run %s is not in %s: logging the model on a new run", run_id, uri)
             run_id = None
-    # log_model only has a fluent form: point MLflow's globals (and the MLFLOW_TRACKING_URI env
-    # var that set_tracking_uri also sets) at this store, then put them back as they were.
+    with pointed_at(uri), tempfile.TemporaryDirectory() as tmp:
+        predictor = Path(tmp) / PREDICTOR_FILE
+        predictor.write_text(json.dumps(predictor_meta(state, tokenizer), indent=2, default=str))
+        kwargs = {"run_id": run_id} if run_id else {"experiment_id": experiment_id}
+        with mlflow.start_run(**kwargs, tags={"mlxlab.run_dir": str(Path(run_dir).resolve())}):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=MlxlabPyfunc(),
+                artifacts={
+                    "checkpoint": str(checkpoint),
+                    "tokenizer": str(tokenizer),
+                    "predictor": str(predictor),
+                },
+                pip_requirements=PIP_REQUIREMENTS,
+                registered_model_name=name,
+            )
+    version = info.registered_model_version
+    if alias:
+        client.set_registered_model_alias(name, alias, str(version))
+    log.info("registered %s version %s%s (%s)", name, version, f" @{alias}" if alias else "", uri)
+    return client.get_model_version(name, str(version))
+
+
+@contextlib.contextmanager
+def pointed_at(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (log_model, pyfunc.load_model) has no store argument: point its
+    globals (and the MLFLOW_TRACKING_URI env var that set_tracking_uri also sets) at `uri`,
+    then put them back as they were."""
+    import mlflow
+
     saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            predictor = Path(tmp) / PREDICTOR_FILE
-            predictor.write_text(json.dumps(predictor_meta(state, tokenizer), indent=2, default=str))
-            kwargs = {"run_id": run_id} if run_id else {"experiment_id": experiment_id}
-            with mlflow.start_run(**kwargs, tags={"mlxlab.run_dir": str(Path(run_dir).resolve())}):
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=MlxlabPyfunc(),
-                    artifacts={
-                        "checkpoint": str(checkpoint),
-                        "tokenizer": str(tokenizer),
-                        "predictor": str(predictor),
-                    },
-                    pip_requirements=PIP_REQUIREMENTS,
-                    registered_model_name=name,
-                )
+        yield
     finally:
         mlflow.set_tracking_uri(saved[0])
         mlflow.set_registry_uri(saved[1])
@@ -229,8 +244,24 @@ def register_run(
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    version = info.registered_model_version
-    if alias:
-        client.set_registered_model_alias(name, alias, str(version))
-    log.info("registered %s version %s%s (%s)", name, version, f" @{alias}" if alias else "", uri)
-    return client.get_model_version(name, str(version))
+
+
+def load_registered(name: str, uri: str | None = None) -> Any:
+    """A registered model as an mlflow.pyfunc model, from the project's store.
+
+    `name` is "<name>@<alias>", "<name>/<version>" or a full "models:/..." URI; the store is
+    `uri`, else $MLFLOW_TRACKING_URI, else <project>/mlruns/mlflow.db: the one training and
+    scripts/register_model.py write, whatever the working directory (no stray ./mlflow.db).
+    """
+    from mlxlab.tracking.mlflow import resolve_uri, sqlite_path
+
+    uri = resolve_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise FileNotFoundError(
+            f"no MLflow store at {db}: register a model first (scripts/register_model.py), run "
+            "from the project folder, or set MLXLAB_ROOT / MLFLOW_TRACKING_URI"
+        )
+    model_uri = name if name.startswith("models:/") else f"models:/{name}"
+    with pointed_at(uri):
+        return mlflow.pyfunc.load_model(model_uri)

@@ -6,6 +6,7 @@ A callback overrides only what it needs. State that must survive a resume goes t
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 
@@ -13,6 +14,13 @@ from tqdm.auto import tqdm
 
 from mlxlab.runtime import device
 from mlxlab.training.metrics import is_better
+
+log = logging.getLogger("mlxlab.training")
+
+
+def epoch_of(step: int, steps_per_epoch: int | None) -> int | None:
+    """The (1-based) epoch a step belongs to, None when the data has no known length."""
+    return math.ceil(step / steps_per_epoch) if steps_per_epoch and step > 0 else None
 
 
 class Callback:
@@ -35,9 +43,13 @@ class Callback:
 class ProgressBar(Callback):
     """tqdm bar with rate and ETA; shows the latest train loss and validation metric."""
 
-    def __init__(self, enabled: bool = True, unit: str = "step") -> None:
+    def __init__(
+        self, enabled: bool = True, unit: str = "step", steps_per_epoch: int | None = None,
+        max_epochs: float | None = None,
+    ) -> None:
         self.enabled = enabled
         self.unit = unit
+        self.steps_per_epoch, self.max_epochs = steps_per_epoch, max_epochs
         self.bar: tqdm | None = None
         self.postfix: dict[str, str] = {}
 
@@ -51,9 +63,14 @@ class ProgressBar(Callback):
     def on_step(self, step: int, logs: dict[str, float]) -> None:
         if self.bar is None:
             return
+        epoch = epoch_of(step, self.steps_per_epoch)
+        if epoch is not None:
+            total = f"/{self.max_epochs}" if self.max_epochs and math.isfinite(self.max_epochs) else ""
+            others = {k: v for k, v in self.postfix.items() if k != "epoch"}
+            self.postfix = {"epoch": f"{epoch}{total}", **others}  # the epoch shown first
         if "train/loss" in logs:
             self.postfix["loss"] = f"{logs['train/loss']:.4f}"
-            self.bar.set_postfix(self.postfix, refresh=False)
+        self.bar.set_postfix(self.postfix, refresh=False)
         self.bar.update(step - self.bar.n)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
@@ -90,6 +107,11 @@ class EarlyStopping(Callback):
             self.bad_evals += 1
             if self.patience > 0 and self.bad_evals >= self.patience:
                 self.should_stop = True
+                log.info(
+                    "early stopping at step %d: %s has not improved on %.4f by more than %g for "
+                    "%d evaluations (trainer.early_stopping.patience)", step, self.monitor,
+                    self.best, self.min_delta, self.bad_evals,
+                )
 
     def state_dict(self) -> dict:
         return {"best": self.best, "bad_evals": self.bad_evals, "should_stop": self.should_stop}
@@ -110,3 +132,46 @@ class MemoryMonitor(Callback):
         if self.every and step % self.every == 0:
             logs["memory/active_mb"] = device.active_memory_mb()
             logs["memory/peak_mb"] = device.peak_memory_mb()
+
+
+class EvalLog(Callback):
+    """One log line per evaluation (step, epoch, metrics, best so far), so a run without a
+    progress bar (batch jobs, debug=fast, trainer.progress=false) still shows how it goes."""
+
+    def __init__(self, monitor: str, mode: str = "max", steps_per_epoch: int | None = None,
+                 max_epochs: float | None = None) -> None:
+        self.monitor, self.mode = monitor, mode
+        self.steps_per_epoch, self.max_epochs = steps_per_epoch, max_epochs
+        self.total: int | None = None
+        self.best: float | None = None
+        self.best_step: int | None = None
+
+    def on_train_start(self, total_steps: int | None, start_step: int) -> None:
+        self.total = total_steps
+        epochs = ""
+        if self.steps_per_epoch and self.max_epochs and math.isfinite(self.max_epochs):
+            epochs = f" ({self.max_epochs} epochs of {self.steps_per_epoch} steps)"
+        start = f", from step {start_step}" if start_step else ""
+        log.info("training: %s steps%s%s", total_steps, epochs, start)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        value = metrics.get(self.monitor)
+        if value is not None and is_better(value, self.best, self.mode):
+            self.best, self.best_step = value, step
+        epoch = epoch_of(step, self.steps_per_epoch)
+        where = f"step {step}" + (f"/{self.total}" if self.total else "")
+        if epoch is not None:
+            where += f" epoch {epoch}"
+            if self.max_epochs and math.isfinite(self.max_epochs):
+                where += f"/{self.max_epochs}"
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        best = ""
+        if self.best is not None:
+            best = f"  | best {self.monitor} {self.best:.4f} (step {self.best_step})"
+        log.info("%s  %s%s", where, shown, best)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step = state.get("best"), state.get("best_step")

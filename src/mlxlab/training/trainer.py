@@ -29,7 +29,7 @@ from mlxlab.data.batching import Batching
 from mlxlab.runtime import device
 from mlxlab.tracking.base import flatten_config
 from mlxlab.training import losses, metrics
-from mlxlab.training.callbacks import Callback, EarlyStopping, MemoryMonitor, ProgressBar
+from mlxlab.training.callbacks import Callback, EarlyStopping, EvalLog, MemoryMonitor, ProgressBar
 from mlxlab.training.checkpoint import (
     CheckpointManager,
     find_run_checkpoints,
@@ -230,7 +230,11 @@ class Trainer:
         return choices[self.precision]
 
     def build_callbacks(self) -> list[Callback]:
-        cbs: list[Callback] = [ProgressBar(enabled=self.progress)]
+        per_epoch, epochs = getattr(self, "steps_per_epoch", None), self.max_epochs
+        cbs: list[Callback] = [
+            ProgressBar(enabled=self.progress, steps_per_epoch=per_epoch, max_epochs=epochs),
+            EvalLog(self.monitor, self.monitor_mode, steps_per_epoch=per_epoch, max_epochs=epochs),
+        ]
         if self.early_stopping.get("patience", 0) > 0:
             cbs.append(EarlyStopping(
                 monitor=self.early_stopping.get("monitor", self.monitor),
@@ -338,6 +342,7 @@ class Trainer:
         """(total optimizer steps, epochs): the run ends at max_steps or max_epochs, first come."""
         batches = data.num_train_batches(self.batching)
         per_epoch = math.ceil(batches / self.grad_accum) if batches else None
+        self.steps_per_epoch = per_epoch  # for the epoch the progress bar and eval lines show
         limits = [self.max_steps]
         if self.max_epochs and per_epoch:
             limits.append(self.max_epochs * per_epoch)
@@ -538,7 +543,7 @@ class Trainer:
             quantized = self.quantized_metrics(model, data, task)
             tracker.log_metrics(quantized, run.step)
             metrics_out.update(quantized)
-        self.log_artifacts(tracker, run_dir, run, task, best)
+        self.log_artifacts(tracker, run_dir, run, task, best, getattr(data, "label_names", None))
         run.finished = True
         return FitResult(metrics_out, run_dir, tracker.run_id, best, run.step, run.history)
 
@@ -600,7 +605,8 @@ class Trainer:
                 changes[f"resume.changed.{key}"] = f"{before[key]} -> {value}"
         return changes
 
-    def log_artifacts(self, tracker, run_dir: Path, run: RunState, task: str, best: Path | None) -> None:
+    def log_artifacts(self, tracker, run_dir: Path, run: RunState, task: str, best: Path | None,
+                      label_names: list[str] | None = None) -> None:
         from mlxlab.tracking import plots
 
         plot_dir = run_dir / "plots"
@@ -609,7 +615,11 @@ class Trainer:
         if task == "classification" and run.best_eval is not None:
             labels, probs = run.best_eval
             cm = metrics.confusion_matrix(labels, probs.argmax(axis=1), probs.shape[1])
-            tracker.log_artifact(plots.confusion_matrix_png(cm, plot_dir / "confusion_matrix.png"), "plots")
+            step = int(run.best_metrics.get("best_step", run.step))
+            png = plots.confusion_matrix_png(cm, plot_dir / "confusion_matrix.png",
+                                             label_names or None,
+                                             title=f"validation confusion matrix, step {step}")
+            tracker.log_artifact(png, "plots")
         if (run_dir / ".hydra").is_dir():
             tracker.log_artifact(run_dir / ".hydra", ".hydra")
         if best is not None:
