@@ -132,9 +132,9 @@ def resumed_step(output: str) -> int:
 @pytest.mark.parametrize(
     ("name", "args", "log_every"),
     [("titanic", TITANIC, 5),
-     pytest.param("titanic-grad-accum", [*TITANIC, "trainer.grad_accum=2"], 5,
-                  marks=pytest.mark.slow),
-     pytest.param("streaming", STREAMING, 5, marks=pytest.mark.slow)],
+     pytest.param("titanic-grad-accum", [*TITANIC, "trainer.grad_accum=2",
+                                         "trainer.max_epochs=6"], 5, marks=pytest.mark.slow),
+     pytest.param("streaming", [*STREAMING, "trainer.max_steps=36"], 5, marks=pytest.mark.slow)],
 )
 def test_sigkills_keep_weights_and_history_exact(tmp_path, cli_env, name, args, log_every):
     """Killed during a checkpoint write, resumed, killed again, resumed: the weights are bitwise
