@@ -132,9 +132,9 @@ def resumed_step(output: str) -> int:
 @pytest.mark.parametrize(
     ("name", "args", "log_every"),
     [("titanic", TITANIC, 5),
-     pytest.param("titanic-grad-accum", [*TITANIC, "trainer.grad_accum=2"], 5,
-                  marks=pytest.mark.slow),
-     pytest.param("streaming", STREAMING, 5, marks=pytest.mark.slow)],
+     pytest.param("titanic-grad-accum", [*TITANIC, "trainer.grad_accum=2",
+                                         "trainer.max_epochs=6"], 5, marks=pytest.mark.slow),
+     pytest.param("streaming", [*STREAMING, "trainer.max_steps=36"], 5, marks=pytest.mark.slow)],
 )
 def test_sigkills_keep_weights_and_history_exact(tmp_path, cli_env, name, args, log_every):
     """Killed during a checkpoint write, resumed, killed again, resumed: the weights are bitwise
@@ -366,3 +366,32 @@ def test_resume_on_other_data_reports_it_and_resets_the_best_metric(tmp_path, cl
     val = {m.step: m.value for m in client.get_metric_history(run_id_of(first), "val/loss")}
     assert val[12] > val[6]  # the new data is harder ...
     assert metrics["best/best_step"] == 12 and metrics["best/val/loss"] == val[12]  # ... yet best
+
+
+def test_resume_auto_stays_in_the_newest_folders_run(tmp_path):
+    """resume=auto takes the highest committed step among the folders continuing the newest
+    folder's MLflow run: not the copy of best/ in a newer folder, nor an unrelated longer run."""
+    import os
+
+    import mlx.nn as nn
+
+    from mlxlab.runs import latest_run_with_checkpoints
+    from mlxlab.training.checkpoint import CheckpointManager
+
+    model, task = nn.Linear(2, 2), tmp_path / "outputs" / "t"
+
+    def folder(name: str, run_id: str, steps: list[int], age: int) -> Path:
+        manager = CheckpointManager(task / name / "checkpoints", monitor="val/loss", mode="min")
+        for step in steps:  # the first is the best (lowest loss), later ones only periodic
+            manager.save(model, None, {"step": step, "run_id": run_id}, metric=float(step))
+        os.utime(task / name, (time.time() - age,) * 2)
+        return task / name
+
+    folder("unrelated", "X", [100], age=300)
+    r1 = folder("r1", "A", [50, 60], age=200)
+    r2 = task / "r2"
+    CheckpointManager(r2 / "checkpoints").adopt_best(r1 / "checkpoints")  # killed at once
+    here = tmp_path / "outputs" / "t" / "now"
+    assert latest_run_with_checkpoints(tmp_path, "t", here) == r1.resolve()
+    fresh = folder("fresh", "B", [10], age=0)  # a new run killed early: continue it
+    assert latest_run_with_checkpoints(tmp_path, "t", here) == fresh.resolve()

@@ -19,9 +19,9 @@ from mlxlab.config import ConfigError, instantiate
 log = logging.getLogger(__name__)
 
 
-def newest_committed(run: Path) -> tuple[int, Path] | None:
-    """(step, checkpoint) of the run's committed checkpoint with the highest step, best/ included;
-    a step_* checkpoint wins a tie with best/ (best/ is a copy of one)."""
+def newest_committed(run: Path) -> tuple[int, Path, str | None] | None:
+    """(step, checkpoint, MLflow run id) of the run folder's committed checkpoint with the highest
+    step, best/ included; a step_* checkpoint wins a tie with best/ (best/ is a copy of one)."""
     from mlxlab.training.checkpoint import BEST, STATE_FILE, STEP_PREFIX, check_committed
 
     found = []
@@ -29,25 +29,27 @@ def newest_committed(run: Path) -> tuple[int, Path] | None:
         if check_committed(ckpt, full=False) is not None:
             continue
         try:
-            if ckpt.name == BEST:
-                step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
-            elif ckpt.name.startswith(STEP_PREFIX):
-                step = int(ckpt.name[len(STEP_PREFIX):])
-            else:
-                continue
+            state = json.loads((ckpt / STATE_FILE).read_text())
+            step = int(state["step"] if ckpt.name == BEST else ckpt.name[len(STEP_PREFIX):])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        found.append((step, ckpt.name != BEST, ckpt))
-    return max(found, key=lambda f: f[:2])[::2] if found else None
+        if ckpt.name == BEST or ckpt.name.startswith(STEP_PREFIX):
+            found.append((step, ckpt.name != BEST, ckpt, state.get("run_id")))
+    if not found:
+        return None
+    step, _, ckpt, run_id = max(found, key=lambda f: f[:2])
+    return step, ckpt, run_id
 
 
 def latest_run_with_checkpoints(root: Path, task_name: str, run_dir: Path) -> Path | None:
-    """The run folder of this task (outputs/, multirun/, or `run_dir` itself) whose committed
-    checkpoint has the highest step, newest folder first on a tie; the others are named in the log.
+    """The run folder to continue: among the folders of this task (outputs/, multirun/, and
+    `run_dir` itself) that continue the newest folder's MLflow run (every resume appends to it),
+    the one whose committed checkpoint has the highest step; the passed-over ones are logged.
 
     Not simply the newest folder: a run resumed into a new folder holds a copy of the source's
     best/ from its first second, and when it is killed before its own first checkpoint that copy
-    is older than the source's newest checkpoint.
+    is older than the source's newest checkpoint. Not the highest step of the whole task either:
+    an unrelated older run may have trained longer.
     """
     folders = {run_dir.resolve()}
     for base in (root / "outputs" / task_name, root / "multirun" / task_name):
@@ -57,20 +59,23 @@ def latest_run_with_checkpoints(root: Path, task_name: str, run_dir: Path) -> Pa
     for folder in folders:
         newest = newest_committed(folder)
         if newest is not None:
-            candidates.append((newest[0], folder.stat().st_mtime, folder, newest[1]))
+            step, checkpoint, run_id = newest
+            candidates.append((step, folder.stat().st_mtime, folder, checkpoint, run_id))
     if not candidates:
         return None
-    candidates.sort(key=lambda c: c[:2], reverse=True)
-    step, _, chosen, checkpoint = candidates[0]
-    log.info("resume=auto: %s has the highest committed step of task %r: %s at step %d",
-             chosen, task_name, checkpoint.name, step)
     newest_folder = max(candidates, key=lambda c: c[1])
-    for other_step, mtime, folder, other in candidates[1:]:
-        # A newer folder passed over is what a user would expect to be resumed: say why not.
-        report = log.warning if mtime >= candidates[0][1] else log.info
-        report("resume=auto: skipped %s%s: its newest committed checkpoint is %s at step %d, "
-               "behind step %d", folder, " (the newest run folder)" if folder == newest_folder[2]
-               else "", other.name, other_step, step)
+    lineage = [c for c in candidates if c[4] == newest_folder[4]]
+    step, mtime, chosen, checkpoint, _ = max(lineage, key=lambda c: c[:2])
+    log.info("resume=auto: %s has the highest committed step of its run: %s at step %d",
+             chosen, checkpoint.name, step)
+    for other_step, other_mtime, folder, other, _ in lineage:
+        if folder != chosen and other_mtime >= mtime:  # newer, yet behind: say why not it
+            log.warning("resume=auto: skipped %s%s: its newest committed checkpoint is %s at step "
+                        "%d, behind step %d", folder, " (the newest run folder)"
+                        if folder == newest_folder[2] else "", other.name, other_step, step)
+    if len(candidates) > len(lineage):
+        log.info("resume=auto: %d older run folder(s) of task %r belong to other runs",
+                 len(candidates) - len(lineage), task_name)
     return chosen
 
 
