@@ -49,14 +49,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     seed_everything(cfg.seed)
     run_dir, choices, _ = hydra_context(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from mlxlab.runs import first_teacher, prepare_resume, reuse_tokenizer
+    from mlxlab.runs import first_teacher, keep_pretrained_files, prepare_resume, reuse_tokenizer
 
     resume = prepare_resume(cfg, run_dir)
     reuse_tokenizer(cfg, resume, "resume")
     reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
+    reuse_tokenizer(cfg, cfg.model.get("pretrained"), "pretrained model")
     tracker = instantiate(cfg.tracking)
     data = instantiate(cfg.data)
     data.setup(run_dir)
+    keep_pretrained_files(cfg, run_dir)
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
     trainer = instantiate(cfg.trainer)
     tags = {

@@ -41,6 +41,32 @@ _RULES = [
 _OPTIONAL = ("classifier.", "pooler.")
 
 
+# The inverse: (ours, HF name with its "bert." prefix where it has one).
+_EXPORT_RULES = [
+    (r"^encoder\.embeddings\.norm\.", "bert.embeddings.LayerNorm."),
+    (r"^encoder\.embeddings\.(\w+)_embeddings\.", r"bert.embeddings.\1_embeddings."),
+    (r"^encoder\.layers\.(\d+)\.attention\.(query|key|value)\.",
+     r"bert.encoder.layer.\1.attention.self.\2."),
+    (r"^encoder\.layers\.(\d+)\.attention\.out\.", r"bert.encoder.layer.\1.attention.output.dense."),
+    (r"^encoder\.layers\.(\d+)\.attention_norm\.",
+     r"bert.encoder.layer.\1.attention.output.LayerNorm."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.up\.", r"bert.encoder.layer.\1.intermediate.dense."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.down\.", r"bert.encoder.layer.\1.output.dense."),
+    (r"^encoder\.layers\.(\d+)\.mlp_norm\.", r"bert.encoder.layer.\1.output.LayerNorm."),
+    (r"^pooler\.", "bert.pooler.dense."),
+    (r"^classifier\.", "classifier."),
+]
+
+
+def mlxlab_to_hf_name(name: str) -> str:
+    """'encoder.layers.0.attention.query.weight' -> 'bert.encoder.layer.0.attention.self.query.weight'
+    (BertForSequenceClassification's names); the inverse of hf_to_mlxlab_name."""
+    for pattern, repl in _EXPORT_RULES:
+        if re.match(pattern, name):
+            return re.sub(pattern, repl, name)
+    raise ValueError(f"{name} has no Hugging Face BERT name (a pre-norm final_norm has none)")
+
+
 def hf_to_mlxlab_name(name: str) -> str | None:
     """'bert.encoder.layer.0.attention.self.query.weight' -> 'encoder.layers.0.attention.query.weight';
     None for tensors we do not use (MLM head, position_ids buffer)."""
