@@ -98,6 +98,8 @@ def export_run(
     else:
         config = decoder_config(model, tokenizer, dtype)
     has_lora = any(isinstance(m, LoRALinear) for m in model.modules())
+    if lora == "adapters" and not has_lora:
+        raise ExportError("--adapters needs a LoRA run (model.lora.rank > 0); this run has none")
     adapters = None
     if has_lora and lora == "adapters":
         adapters, settings = split_adapters(model)
