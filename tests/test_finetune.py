@@ -123,3 +123,54 @@ def test_adapters_and_fused_exports_agree_in_mlx_lm(finetuned, tmp_path):
         capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_round_trip_is_bit_identical(kind, tmp_path):
+    """HF -> mlxlab (a LoRA run: the base stays frozen) -> HF: tied embeddings and q/k/v biases
+    (qwen2), grouped-query attention (mistral) come back as the same tensors and config."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import compose_cfg
+    from mlxlab.train import train
+
+    base = save_tiny_model(kind, tmp_path / kind)
+    cfg = compose_cfg(tmp_path, [
+        "experiment=finetune_completions", f"model.pretrained={base}", "tracking=none",
+        "trainer.progress=false", "trainer.max_steps=2", "trainer.eval_every_steps=2",
+        "data.max_length=64",
+    ])
+    train(cfg)
+    GlobalHydra.instance().clear()
+    out = tmp_path / "out"
+    export_run(cfg.paths.output_dir, out, "hf" if kind == "qwen2" else "mlx-lm",
+               lora="fuse" if kind == "qwen2" else "adapters")
+    original = mx.load(str(base / "model.safetensors"))
+    exported = mx.load(str(out / "model.safetensors"))
+    assert original.keys() == exported.keys()
+    if kind == "mistral":  # the base without the adapters
+        assert all(mx.array_equal(original[k], exported[k]).item() for k in original)
+    else:  # fused: only the LoRA-wrapped projections changed
+        same = {k for k in original if mx.array_equal(original[k], exported[k]).item()}
+        assert {k for k in original if "self_attn" not in k or "bias" in k} <= same
+        assert "lm_head.weight" not in exported  # tied
+    source = json.loads((base / "config.json").read_text())
+    written = json.loads((out / "config.json").read_text())
+    assert {k: v for k, v in written.items() if k not in ("dtype", "torch_dtype")} == \
+        {k: v for k, v in source.items() if k not in ("dtype", "torch_dtype")}
+
+
+def test_text_fine_tuning_documents_carry_bos_and_eos(finetuned):
+    """finetune_text packs documents as <s> text </s> with the checkpoint's tokenizer."""
+    from mlxlab.data.streaming import StreamingText
+
+    data = StreamingText(data_files=asset_path("tinystories/sample.txt"), seq_len=64,
+                         val_examples=0, shuffle_buffer=0,
+                         tokenizer={"path": str(finetuned["base"] / "tokenizer.json")})
+    data.setup(None)
+    batch = next(data.train_batches(Batching(batch_size=2), 0))
+    ids = np.array(batch["input_ids"])[0].tolist()
+    bos, eos = data.tokenizer.token_to_id("<s>"), data.tokenizer.token_to_id("</s>")
+    assert ids[0] == bos and data.eot_id == eos
+    if eos in ids:
+        assert ids[ids.index(eos) + 1] == bos

@@ -154,6 +154,17 @@ def _number(key: str, value: Any, kind: type) -> float:
 
 def validate(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key and the fix, before anything is built."""
+    missing = []
+    for key in cfg:
+        if key == "hydra":  # Hydra's own node resolves only inside a job
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            missing.append(key)
+        elif OmegaConf.is_config(cfg[key]):
+            missing += sorted(OmegaConf.missing_keys(cfg[key]))  # full keys: "model.x"
+    if missing:
+        example = "/path/to/hf_model_folder" if missing[0] == "model.pretrained" else "..."
+        raise ConfigError(f"{missing[0]} must be set: add {missing[0]}={example} to the command")
     for key, (kind, low) in _NUMERIC_RULES.items():
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if value is None:

@@ -78,7 +78,8 @@ def export_run(
     tokenizer_path = require_run_tokenizer(run, "finished")
     model, state = load_run_model(run)
     if dtype is None:  # the pretrained checkpoint's own dtype, else what mlxlab trained in
-        source = (getattr(model, "hf_config", None) or {}).get("torch_dtype")
+        source_config = getattr(model, "hf_config", None) or {}
+        source = source_config.get("torch_dtype", source_config.get("dtype"))
         dtype = source if source in DTYPES else "float32"
     _check_options(model, fmt, dtype, quantize, lora)
     if out.exists() and any(out.iterdir()):

@@ -78,7 +78,7 @@ def decoder_config(model: Transformer, tokenizer: Tokenizer, dtype: str) -> dict
             "eos_token_id": eos,
             **extra,
         }
-    config["torch_dtype"] = dtype
+    config["torch_dtype"] = config["dtype"] = dtype  # transformers 4 reads the first, 5 the second
     return config
 
 
