@@ -174,3 +174,15 @@ def test_text_fine_tuning_documents_carry_bos_and_eos(finetuned):
     assert ids[0] == bos and data.eot_id == eos
     if eos in ids:
         assert ids[ids.index(eos) + 1] == bos
+
+
+def test_presets_without_a_checkpoint_fail_in_one_line(tmp_path):
+    done = subprocess.run(
+        [PYTHON, "-m", "mlxlab.cli.main", "train", "experiment=finetune_text", "tracking=none",
+         f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "mlxlab: error: model.pretrained must be set: add "
+        "model.pretrained=/path/to/hf_model_folder to the command"]

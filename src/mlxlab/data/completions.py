@@ -19,14 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxlab.data.batching import Batch, Batching, bucket_length, make_batches
-from mlxlab.data.tokenizer import (
-    EOT_TOKENS,
-    PAD_TOKENS,
-    build_tokenizer,
-    find_token_id,
-    start_ids,
-    tokenizer_hash,
-)
+from mlxlab.data.tokenizer import build_tokenizer, special_ids, tokenizer_hash
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +98,7 @@ class PromptCompletion:
         self.tokenizer.no_truncation()
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)
-        self.eot_id = find_token_id(self.tokenizer, EOT_TOKENS, "end-of-text")
-        self.pad_id = find_token_id(self.tokenizer, PAD_TOKENS + EOT_TOKENS, "padding")
-        self.bos_ids = start_ids(self.tokenizer)
+        self.eot_id, self.pad_id, self.bos_ids = special_ids(self.tokenizer)
         self.train = self._encode(pairs)
         self.val = self._encode(val)
         log.info("%s: %d train / %d val pairs, vocab %d", self.train_file, len(pairs), len(val),

@@ -240,3 +240,10 @@ def start_ids(tok: Tokenizer) -> list[int]:
         if full[i : i + len(bare)] == bare:
             return full[:i]
     return []
+
+
+def special_ids(tok: Tokenizer) -> tuple[int, int, list[int]]:
+    """(end-of-text id, padding id, start ids) of a language-model tokenizer: EOS from
+    EOT_TOKENS, padding from PAD_TOKENS (else EOS), BOS from start_ids."""
+    eot = find_token_id(tok, EOT_TOKENS, "end-of-text")
+    return eot, find_token_id(tok, PAD_TOKENS + EOT_TOKENS, "padding"), start_ids(tok)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxlab.models.hf import bert_config_from_hf, load_hf_bert_weights
+from mlxlab.models.hf import bert_config_from_hf, check_vocab, load_hf_bert_weights
 from mlxlab.models.layers import (
     Attention,
     GeluMLP,
@@ -181,11 +181,7 @@ class BertClassifier(nn.Module):
         self._checkpoint_init = {}  # "_": not a parameter
         if pretrained:
             hf = bert_config_from_hf(pretrained)
-            if vocab_size > hf["vocab_size"]:
-                raise ValueError(
-                    f"tokenizer has {vocab_size} tokens but {pretrained} embeds only "
-                    f"{hf['vocab_size']}; use the checkpoint's tokenizer.json for the data"
-                )
+            check_vocab(vocab_size, hf["vocab_size"], pretrained)
             vocab_size = hf.pop("vocab_size")
             hf.pop("dropout")  # a training choice, not a size: ours wins
             # a finished run is rebuilt with these sizes when the folder is no longer given

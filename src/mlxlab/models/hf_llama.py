@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxlab.models.lora import lora_base_name_map
+from mlxlab.models.hf import assign_weights, read_config, weight_files
 from mlxlab.models.rope import check_rope_scaling
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -36,8 +36,6 @@ _LAYER_NAMES = {
 _HF_LAYER_NAMES = {v: k for k, v in _LAYER_NAMES.items()}
 _TOP_NAMES = {"embed_tokens": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
 _HF_TOP_NAMES = {v: k for k, v in _TOP_NAMES.items()}
-# Files in a model folder that hold no model weights (Mistral repos ship both layouts).
-_NOT_WEIGHTS = ("consolidated", "adapters")
 
 
 def _rename(name: str, layer_names: Mapping, top_names: Mapping, layers: str) -> str | None:
@@ -62,19 +60,6 @@ def to_hf_name(name: str) -> str:
 def from_hf_name(name: str) -> str | None:
     """The inverse of to_hf_name; None for tensors we do not use (e.g. rotary_emb.inv_freq)."""
     return _rename(name, _HF_LAYER_NAMES, _HF_TOP_NAMES, "layers")
-
-
-def read_config(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"pretrained model folder {path} does not exist; point model.pretrained at a local "
-            "folder with config.json and *.safetensors (a Hugging Face or mlx-lm model)"
-        )
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing; a Hugging Face model folder has one")
-    return json.loads(config_file.read_text())
 
 
 def rope_settings(c: Mapping) -> tuple[float, dict | None]:
@@ -133,23 +118,6 @@ def decoder_kwargs(c: Mapping) -> dict:
         raise ValueError(f"config.json lacks {e.args[0]!r}; is it a {kind} config?") from None
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a model folder: those its index names (sharded checkpoints),
-    else every *.safetensors except other layouts' (consolidated.*, adapters.*)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (path / n).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index.name} names {missing[:3]}, missing from {path}")
-        return [path / n for n in names]
-    files = [f for f in sorted(path.glob("*.safetensors")) if not f.name.startswith(_NOT_WEIGHTS)]
-    if not files:
-        hint = " (convert pytorch_model.bin to safetensors)" if (path / "pytorch_model.bin").exists() else ""
-        raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
-    return files
-
-
 def _dequantize(weights: dict[str, mx.array], quantization: Mapping, path: Path) -> None:
     """mlx-lm's quantized layout (weight as packed uint32 + scales + biases) -> float weights,
     in place. Per-layer entries of the quantization config override the global settings."""
@@ -189,25 +157,11 @@ def read_hf_weights(path: str | Path) -> dict[str, mx.array]:
 
 def load_hf_decoder_weights(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     """Copy a Llama-family checkpoint into `model` (a Transformer built from its config, LoRA
-    wrapped or not): every parameter must be present with its shape; returns the names ignored."""
+    wrapped or not): every parameter must be present with its shape. Unused names are e.g. the
+    lm_head of a tied checkpoint or old rotary inv_freq buffers."""
     path = Path(path)
-    params = dict(tree_flatten(model.parameters()))
-    lora_names = lora_base_name_map(model)
-    loaded, unused = {}, []
-    for hf_name, value in read_hf_weights(path).items():
-        ours = from_hf_name(hf_name)
-        ours = lora_names.get(ours, ours)
-        if ours not in params:
-            unused.append(hf_name)  # e.g. lm_head of a tied checkpoint, rotary inv_freq buffers
-            continue
-        if value.shape != params[ours].shape:
-            raise ValueError(
-                f"{hf_name} has shape {tuple(value.shape)} but config.json implies "
-                f"{tuple(params[ours].shape)}; the config does not match the weights"
-            )
-        loaded[ours] = value.astype(params[ours].dtype)
-    adapters = {n for n in params if n.endswith((".lora_a", ".lora_b"))}
-    if missing := sorted(params.keys() - loaded.keys() - adapters):
+    loaded, unused, missing = assign_weights(model, read_hf_weights(path), from_hf_name)
+    if missing:
         raise ValueError(f"{path} lacks {len(missing)} weights of the model, e.g. {missing[:3]}")
     model.load_weights(list(loaded.items()), strict=False)
-    return {"loaded": sorted(loaded), "unused": sorted(unused)}
+    return {"loaded": sorted(loaded), "unused": unused}

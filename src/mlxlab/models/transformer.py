@@ -9,7 +9,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxlab.models.hf_llama import decoder_kwargs, load_hf_decoder_weights, read_config
+from mlxlab.models.hf import check_vocab, read_config
+from mlxlab.models.hf_llama import decoder_kwargs, load_hf_decoder_weights
 from mlxlab.models.layers import (
     Attention,
     KVCache,
@@ -93,11 +94,7 @@ class Transformer(nn.Module):
         self._hf_config = dict(hf_config) if hf_config else None  # "_": not a parameter
         if hf_config:
             hf = decoder_kwargs(hf_config)
-            if vocab_size > hf["vocab_size"]:
-                raise ValueError(
-                    f"tokenizer has {vocab_size} tokens but the checkpoint embeds only "
-                    f"{hf['vocab_size']}; use the checkpoint's tokenizer.json for the data"
-                )
+            check_vocab(vocab_size, hf["vocab_size"], pretrained or "the checkpoint")
             vocab_size, dim, num_layers = hf["vocab_size"], hf["dim"], hf["num_layers"]
             num_heads, num_kv_heads, head_dim = hf["num_heads"], hf["num_kv_heads"], hf["head_dim"]
             mlp_dim, max_seq_len, norm_eps = hf["mlp_dim"], hf["max_seq_len"], hf["norm_eps"]
