@@ -186,3 +186,19 @@ def test_presets_without_a_checkpoint_fail_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "mlxlab: error: model.pretrained must be set: add "
         "model.pretrained=/path/to/hf_model_folder to the command"]
+
+
+def test_quantized_base_with_adapters_reports_what_mlx_lm_computes(finetuned, tmp_path):
+    """--adapters --quantize 4: a 4-bit base plus float adapters (QLoRA-style); the perplexity
+    reported is mlx-lm's own for that pair on the run's validation data."""
+    import mlx_lm
+
+    from mlxlab.export.quality import validation_batches
+
+    out = tmp_path / "q4"
+    report = export_run(finetuned["run"], out, "mlx-lm", "float32", quantize=4, lora="adapters")
+    model, _ = mlx_lm.load(str(out), adapter_path=str(out / "adapters"))
+    _, state = load_run_model(finetuned["run"])
+    theirs = lm_metrics(model, validation_batches(state, finetuned["run"] / "tokenizer.json"))
+    assert theirs["perplexity"] == pytest.approx(report["after"]["perplexity"], rel=1e-4)
+    assert report["after"]["perplexity"] != report["before"]["perplexity"]

@@ -12,6 +12,7 @@ perplexity and next-token accuracy it costs on the run's validation data (export
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -82,10 +83,8 @@ def export_run(
         source = source_config.get("torch_dtype", source_config.get("dtype"))
         dtype = source if source in DTYPES else "float32"
     _check_options(model, fmt, dtype, quantize, lora)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ExportError(f"{out} exists and is not empty: pick a new --out or pass --overwrite")
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty: pick a new --out or pass --overwrite")
     run_dir = tokenizer_path.parent
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     report: dict = {"run": str(run), "checkpoint": state["checkpoint_path"], "format": fmt,
@@ -101,16 +100,12 @@ def export_run(
     has_lora = any(isinstance(m, LoRALinear) for m in model.modules())
     if lora == "adapters" and not has_lora:
         raise ExportError("--adapters needs a LoRA run (model.lora.rank > 0); this run has none")
-    adapters = None
-    if has_lora and lora == "adapters":
-        adapters, settings = split_adapters(model)
-        unwrap_lora(model)  # the base weights, adapters apart: what --adapters ships as the model
-    elif has_lora:
+    if has_lora and lora == "fuse":
         fuse_lora(model)
-    report["lora"] = ("adapters" if adapters is not None else "fused") if has_lora else None
-
     model.set_dtype(DTYPES[dtype])
-    if quantize:
+    adapters = split_adapters(model) if has_lora and lora == "adapters" else None
+    report["lora"] = lora if has_lora else None
+    if quantize:  # measured as shipped: adapters (if any) on the quantized base
         batches = validation_batches(state, tokenizer_path)
         report["before"] = lm_metrics(model, batches)
         config["quantization"] = quantize_model(model, quantize)
@@ -118,14 +113,26 @@ def export_run(
         report["after"] = lm_metrics(model, batches)
         report["perplexity_increase"] = report["after"]["perplexity"] / report["before"]["perplexity"] - 1
         report["accuracy_drop"] = report["before"]["accuracy"] - report["after"]["accuracy"]
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(hf_weights(model, dtype), out, "mlx" if fmt == "mlx-lm" else "pt")
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    write_tokenizer(run_dir, tokenizer_path, out, model)
-    write_generation_config(config, out)
     if adapters is not None:
-        write_adapters(adapters, settings, len(model.layers), out / "adapters", DTYPES[dtype])
-        report["adapter_path"] = str(out / "adapters")
-    (out / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        unwrap_lora(model)  # the base model; the adapters go apart
+
+    # written beside `out` and renamed into place: a failed export leaves no half folder
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_weights(hf_weights(model, dtype), tmp, "mlx" if fmt == "mlx-lm" else "pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_tokenizer(run_dir, tokenizer_path, tmp, model)
+        write_generation_config(config, tmp)
+        if adapters is not None:
+            write_adapters(*adapters, len(model.layers), tmp / "adapters", DTYPES[dtype])
+            report["adapter_path"] = str(out / "adapters")
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)  # empty, or --overwrite
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return report
