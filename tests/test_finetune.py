@@ -202,3 +202,19 @@ def test_quantized_base_with_adapters_reports_what_mlx_lm_computes(finetuned, tm
     theirs = lm_metrics(model, validation_batches(state, finetuned["run"] / "tokenizer.json"))
     assert theirs["perplexity"] == pytest.approx(report["after"]["perplexity"], rel=1e-4)
     assert report["after"]["perplexity"] != report["before"]["perplexity"]
+
+
+def test_pretrained_folder_problems_are_named(tmp_path):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import compose_cfg
+    from mlxlab.config import ConfigError
+    from mlxlab.runs import use_pretrained_tokenizer
+
+    (tmp_path / "no-tokenizer").mkdir()
+    for folder, message in [("missing", "no such folder"), ("no-tokenizer", "has no tokenizer.json")]:
+        cfg = compose_cfg(tmp_path, ["experiment=finetune_text",
+                                     f"model.pretrained={tmp_path / folder}"])
+        with pytest.raises(ConfigError, match=message):
+            use_pretrained_tokenizer(cfg)
+        GlobalHydra.instance().clear()

@@ -49,12 +49,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     seed_everything(cfg.seed)
     run_dir, choices, _ = hydra_context(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from mlxlab.runs import first_teacher, keep_pretrained_files, prepare_resume, reuse_tokenizer
+    from mlxlab.runs import (
+        first_teacher,
+        keep_pretrained_files,
+        prepare_resume,
+        reuse_tokenizer,
+        use_pretrained_tokenizer,
+    )
 
     resume = prepare_resume(cfg, run_dir)
     reuse_tokenizer(cfg, resume, "resume")
     reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
-    reuse_tokenizer(cfg, cfg.model.get("pretrained"), "pretrained model")
+    use_pretrained_tokenizer(cfg)
     tracker = instantiate(cfg.tracking)
     data = instantiate(cfg.data)
     data.setup(run_dir)
