@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
 
-from mlxlab.data.tokenizer import EOT_TOKENS, find_token_id, tokenizer_hash
+from mlxlab.data.tokenizer import EOT_TOKENS, find_token_id, start_ids, tokenizer_hash
 from mlxlab.models.transformer import generate_step
 from mlxlab.runs import load_run_model, require_run_tokenizer
 
@@ -62,12 +62,14 @@ def sample_ids(
 ) -> Iterator[int]:
     """New token ids after `prompt`: at most `max_tokens`, ending before <|endoftext|>.
 
-    The prompt starts after <|endoftext|>, as every document does in the packed training stream.
+    The prompt starts as every document does in the training stream: after the tokenizer's BOS
+    (a pretrained Llama's), else after the end-of-text token (ours).
     """
     if max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {max_tokens}")
     eot = find_token_id(tokenizer, EOT_TOKENS, "end-of-text")
-    prompt_ids = [eot, *tokenizer.encode(prompt, add_special_tokens=False).ids]
+    start = start_ids(tokenizer) or [eot]
+    prompt_ids = [*start, *tokenizer.encode(prompt, add_special_tokens=False).ids]
     if len(prompt_ids) >= model.max_seq_len:
         raise ValueError(
             f"the prompt is {len(prompt_ids)} tokens but the model's context is "

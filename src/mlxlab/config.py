@@ -187,7 +187,8 @@ def _check_required(cfg: DictConfig) -> None:
             missing += [f"{group}.{k}" for k in node if f"{group}.{k}" in keys]
     if not missing:
         return
-    example = {"data.path": "data.path=my.csv", "data.label_column": "data.label_column=target"}
+    example = {"data.path": "data.path=my.csv", "data.label_column": "data.label_column=target",
+               "model.pretrained": "model.pretrained=/path/to/hf_model_folder"}
     fixes = " ".join(example.get(k, f"{k}=...") for k in missing)
     raise ConfigError(f"{', '.join(missing)} must be set: add {fixes} to the command line")
 

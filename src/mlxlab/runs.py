@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import mlx.nn as nn
@@ -181,6 +182,40 @@ def reuse_tokenizer(cfg: DictConfig, run: str | Path | None, why: str) -> None:
     if found is not None:
         cfg.data.tokenizer.path = str(found)
         log.info("%s: using the tokenizer %s", why, found)
+
+
+# What a Hugging Face folder says about its tokenizer and generation besides tokenizer.json.
+TOKENIZER_SIDE_FILES = (
+    "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    "chat_template.jinja", "chat_template.json",
+)
+
+
+def use_pretrained_tokenizer(cfg: DictConfig) -> None:
+    """Point the data at model.pretrained's tokenizer.json (unless a tokenizer is given): the
+    checkpoint's embeddings only mean something for the ids it was trained with."""
+    source = cfg.model.get("pretrained")
+    if not source or cfg.data.get("tokenizer", {}).get("path"):
+        return
+    if not Path(source).is_dir():
+        raise ConfigError(f"model.pretrained={source}: no such folder; give a local Hugging Face "
+                          "or mlx-lm model folder (config.json, *.safetensors, tokenizer.json)")
+    if not (Path(source) / "tokenizer.json").is_file():
+        raise ConfigError(f"{source} has no tokenizer.json: set data.tokenizer.path= to the "
+                          "checkpoint's tokenizer (a fast tokenizer saved by transformers)")
+    cfg.data.tokenizer.path = str(Path(source) / "tokenizer.json")
+    log.info("pretrained model: using the tokenizer %s", cfg.data.tokenizer.path)
+
+
+def keep_pretrained_files(cfg: DictConfig, run_dir: Path) -> None:
+    """Copy the pretrained folder's tokenizer side files (special tokens, chat template,
+    generation settings) into the run folder, so an export needs only the run."""
+    source = cfg.model.get("pretrained")
+    if not source:
+        return
+    for name in TOKENIZER_SIDE_FILES:
+        if (Path(source) / name).is_file() and not (run_dir / name).exists():
+            shutil.copyfile(Path(source) / name, run_dir / name)
 
 
 def first_teacher(cfg: DictConfig) -> str | None:

@@ -142,12 +142,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     seed_everything(cfg.seed)
     run_dir, choices, _ = hydra_context(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from mlxlab.runs import first_teacher, prepare_resume, reuse_tokenizer
+    from mlxlab.runs import (
+        first_teacher,
+        keep_pretrained_files,
+        prepare_resume,
+        reuse_tokenizer,
+        use_pretrained_tokenizer,
+    )
     from mlxlab.tracking.stale import process_tags
 
     resume = prepare_resume(cfg, run_dir)
     reuse_tokenizer(cfg, resume, "resume")
     reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
+    use_pretrained_tokenizer(cfg)
     named = {"run_name": run_name(cfg)} if "run_name" in cfg.tracking else {}
     tracker = instantiate(cfg.tracking, **named)
     if hasattr(tracker, "probe"):
@@ -161,6 +168,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.warning("could not check for dead MLflow runs: %s", e)
     data = instantiate(cfg.data)
     data.setup(run_dir)
+    keep_pretrained_files(cfg, run_dir)
     dataset = describe_dataset(data)
     if dataset is not None and hasattr(tracker, "set_dataset"):
         tracker.set_dataset(*dataset)

@@ -33,6 +33,7 @@ from mlxlab.data.tokenizer import (
     PAD_TOKENS,
     build_tokenizer,
     find_token_id,
+    start_ids,
     tokenizer_hash,
 )
 
@@ -330,6 +331,7 @@ class StreamingText:
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)  # recorded in checkpoints
         self.eot_id = find_token_id(self.tokenizer, EOT_TOKENS, "end-of-text")
+        self.bos_ids = start_ids(self.tokenizer)  # a pretrained tokenizer's BOS starts documents
         self.pad_id = find_token_id(self.tokenizer, PAD_TOKENS + EOT_TOKENS, "padding")
         log.info("%s: vocab %d, seq_len %d", self.source_name(), self.vocab_size, self.seq_len)
 
@@ -404,7 +406,7 @@ class StreamingText:
                 texts = [t for t in map(self._text, chunk) if t]
                 if texts:
                     encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-                    ids = [i for enc in encodings for i in (*enc.ids, self.eot_id)]
+                    ids = [i for e in encodings for i in (*self.bos_ids, *e.ids, self.eot_id)]
                     buf = np.concatenate([buf, np.asarray(ids, dtype=np.int32)])
             rows, masks = [], []
             while len(rows) < batch_size and len(buf) >= seq_len + 1:

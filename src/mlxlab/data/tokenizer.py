@@ -28,7 +28,8 @@ DEFAULT_SPECIAL_TOKENS = {
     "bytelevel_bpe": ["<|endoftext|>", "<|pad|>"],
 }
 PAD_TOKENS = ("[PAD]", "<|pad|>", "<pad>")
-EOT_TOKENS = ("<|endoftext|>", "</s>", "[SEP]")
+# End of text: ours and Qwen2/SmolLM, Llama 2/Mistral, Llama 3, BERT.
+EOT_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "[SEP]")
 
 
 def _normalizer_and_pre_tokenizer(kind: str):
@@ -254,3 +255,21 @@ def tokenizer_hash(tok: Tokenizer) -> str:
     spec.pop("truncation", None)
     spec.pop("padding", None)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def start_ids(tok: Tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text when it adds special tokens: a pretrained Llama
+    tokenizer's BOS; [] for ours (and Qwen2's), which add none."""
+    bare = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return full[:i]
+    return []
+
+
+def special_ids(tok: Tokenizer) -> tuple[int, int, list[int]]:
+    """(end-of-text id, padding id, start ids) of a language-model tokenizer: EOS from
+    EOT_TOKENS, padding from PAD_TOKENS (else EOS), BOS from start_ids."""
+    eot = find_token_id(tok, EOT_TOKENS, "end-of-text")
+    return eot, find_token_id(tok, PAD_TOKENS + EOT_TOKENS, "padding"), start_ids(tok)

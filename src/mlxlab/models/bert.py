@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxlab.models.hf import bert_config_from_hf, load_hf_bert_weights
+from mlxlab.models.hf import bert_config_from_hf, check_vocab, load_hf_bert_weights
 from mlxlab.models.layers import (
     Attention,
     GeluMLP,
@@ -178,15 +178,14 @@ class BertClassifier(nn.Module):
             layer_norm_eps=layer_norm_eps,
             norm_position=norm_position,
         )
+        self._checkpoint_init = {}  # "_": not a parameter
         if pretrained:
             hf = bert_config_from_hf(pretrained)
-            if vocab_size > hf["vocab_size"]:
-                raise ValueError(
-                    f"tokenizer has {vocab_size} tokens but {pretrained} embeds only "
-                    f"{hf['vocab_size']}; use the checkpoint's tokenizer.json for the data"
-                )
+            check_vocab(vocab_size, hf["vocab_size"], pretrained)
             vocab_size = hf.pop("vocab_size")
             hf.pop("dropout")  # a training choice, not a size: ours wins
+            # a finished run is rebuilt with these sizes when the folder is no longer given
+            self._checkpoint_init = {**hf, "vocab_size": vocab_size}
             changed = {k: (sizes[k], v) for k, v in hf.items() if sizes[k] != v}
             if changed:
                 log.info("pretrained %s overrides %s", pretrained, changed)
@@ -220,6 +219,8 @@ class BertClassifier(nn.Module):
         self.dropout = nn.Dropout(sizes["dropout"])
         self.classifier = nn.Linear(sizes["hidden_size"], num_labels)
         init_normal_(self)
+        self._architecture = {**sizes, "vocab_size": vocab_size, "num_labels": num_labels,
+                              "pooler": pooler}
 
         if pretrained:
             report = load_hf_bert_weights(self, pretrained)
@@ -230,6 +231,16 @@ class BertClassifier(nn.Module):
                 report["missing"] or "nothing",
             )
         maybe_apply_lora(self, lora, default_extra_trainable=("classifier",))
+
+    @property
+    def checkpoint_init(self) -> dict:
+        """Sizes a checkpoint keeps besides the config (a pretrained folder's), see Trainer."""
+        return dict(self._checkpoint_init)
+
+    @property
+    def architecture(self) -> dict:
+        """Every resolved size and choice: what export describes."""
+        return dict(self._architecture)
 
     def __call__(
         self,

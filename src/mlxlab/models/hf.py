@@ -41,6 +41,32 @@ _RULES = [
 _OPTIONAL = ("classifier.", "pooler.")
 
 
+# The inverse: (ours, HF name with its "bert." prefix where it has one).
+_EXPORT_RULES = [
+    (r"^encoder\.embeddings\.norm\.", "bert.embeddings.LayerNorm."),
+    (r"^encoder\.embeddings\.(\w+)_embeddings\.", r"bert.embeddings.\1_embeddings."),
+    (r"^encoder\.layers\.(\d+)\.attention\.(query|key|value)\.",
+     r"bert.encoder.layer.\1.attention.self.\2."),
+    (r"^encoder\.layers\.(\d+)\.attention\.out\.", r"bert.encoder.layer.\1.attention.output.dense."),
+    (r"^encoder\.layers\.(\d+)\.attention_norm\.",
+     r"bert.encoder.layer.\1.attention.output.LayerNorm."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.up\.", r"bert.encoder.layer.\1.intermediate.dense."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.down\.", r"bert.encoder.layer.\1.output.dense."),
+    (r"^encoder\.layers\.(\d+)\.mlp_norm\.", r"bert.encoder.layer.\1.output.LayerNorm."),
+    (r"^pooler\.", "bert.pooler.dense."),
+    (r"^classifier\.", "classifier."),
+]
+
+
+def mlxlab_to_hf_name(name: str) -> str:
+    """'encoder.layers.0.attention.query.weight' -> 'bert.encoder.layer.0.attention.self.query.weight'
+    (BertForSequenceClassification's names); the inverse of hf_to_mlxlab_name."""
+    for pattern, repl in _EXPORT_RULES:
+        if re.match(pattern, name):
+            return re.sub(pattern, repl, name)
+    raise ValueError(f"{name} has no Hugging Face BERT name (a pre-norm final_norm has none)")
+
+
 def hf_to_mlxlab_name(name: str) -> str | None:
     """'bert.encoder.layer.0.attention.self.query.weight' -> 'encoder.layers.0.attention.query.weight';
     None for tensors we do not use (MLM head, position_ids buffer)."""
@@ -53,22 +79,51 @@ def hf_to_mlxlab_name(name: str) -> str | None:
     return None
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: str | Path) -> dict:
+    """config.json of a local Hugging Face (or mlx-lm) model folder, with a clear error."""
+    path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(
-            f"pretrained BERT directory {path} does not exist; point model.pretrained at a "
-            "local folder with config.json and model.safetensors"
+            f"pretrained model folder {path} does not exist; point model.pretrained at a local "
+            "folder with config.json and *.safetensors (a Hugging Face or mlx-lm model)"
         )
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing; a Hugging Face BERT folder has one")
+        raise FileNotFoundError(f"{config_file} is missing; a Hugging Face model folder has one")
     return json.loads(config_file.read_text())
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model folder: those its index names (sharded checkpoints),
+    else every *.safetensors except other layouts' (Mistral's consolidated.*, adapters.*)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index.name} names {missing[:3]}, missing from {path}")
+        return [path / n for n in names]
+    files = [f for f in sorted(path.glob("*.safetensors"))
+             if not f.name.startswith(("consolidated", "adapters"))]
+    if not files:
+        hint = " (convert pytorch_model.bin to safetensors)" if (path / "pytorch_model.bin").exists() else ""
+        raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
+    return files
+
+
+def check_vocab(vocab_size: int, checkpoint_vocab: int, source: str | Path) -> None:
+    """The data's tokenizer must fit the checkpoint's embedding table."""
+    if vocab_size > checkpoint_vocab:
+        raise ValueError(
+            f"tokenizer has {vocab_size} tokens but {source} embeds only {checkpoint_vocab}; "
+            "use the checkpoint's tokenizer.json for the data"
+        )
 
 
 def bert_config_from_hf(path: str | Path) -> dict:
     """BertClassifier keyword arguments (sizes, eps, dropout, vocab_size) from config.json."""
     path = Path(path)
-    c = _read_config(path)
+    c = read_config(path)
     if c.get("model_type", "bert") != "bert":
         raise ValueError(
             f"{path}/config.json has model_type={c['model_type']!r}; only 'bert' is supported"
@@ -97,18 +152,36 @@ def bert_config_from_hf(path: str | Path) -> dict:
 
 
 def _read_weights(path: Path) -> dict[str, mx.array]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        hint = (
-            " (convert pytorch_model.bin to safetensors)"
-            if (path / "pytorch_model.bin").exists()
-            else ""
-        )
-        raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
     weights = {}
-    for f in files:
+    for f in weight_files(path):
         weights.update(mx.load(str(f)))
     return weights
+
+
+def assign_weights(
+    model: nn.Module, weights: dict[str, mx.array], rename, reinit: tuple[str, ...] = ()
+) -> tuple[dict[str, mx.array], list[str], list[str]]:
+    """Match checkpoint tensors to the model's parameters through `rename` (checkpoint name ->
+    ours or None), LoRA-wrapped layers included. Returns (loaded, unused checkpoint names,
+    parameters left missing besides LoRA adapters). A shape mismatch is an error, except for
+    parameters under `reinit` prefixes (a task head for another label set), which are skipped."""
+    params = dict(tree_flatten(model.parameters()))
+    lora_names = lora_base_name_map(model)
+    loaded, unused = {}, []
+    for name, value in weights.items():
+        ours = rename(name)
+        ours = lora_names.get(ours, ours)
+        if ours not in params or (value.shape != params[ours].shape and ours.startswith(reinit)):
+            unused.append(name)
+            continue
+        if value.shape != params[ours].shape:
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)} but {ours} is "
+                f"{tuple(params[ours].shape)}; the config.json does not match the weights"
+            )
+        loaded[ours] = value.astype(params[ours].dtype)
+    adapters = {n for n in params if n.endswith((".lora_a", ".lora_b"))}
+    return loaded, sorted(unused), sorted(params.keys() - loaded.keys() - adapters)
 
 
 def load_hf_bert_weights(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
@@ -118,28 +191,11 @@ def load_hf_bert_weights(model: nn.Module, path: str | Path) -> dict[str, list[s
     "unused": HF names ignored}. Any other missing tensor or shape mismatch is an error.
     """
     path = Path(path)
-    _read_config(path)
-    params = dict(tree_flatten(model.parameters()))
-    lora_names = lora_base_name_map(model)
-    loaded, unused = {}, []
-    for hf_name, value in _read_weights(path).items():
-        ours = hf_to_mlxlab_name(hf_name)
-        ours = lora_names.get(ours, ours)
-        if ours not in params:
-            unused.append(hf_name)
-            continue
-        if value.shape != params[ours].shape:
-            if ours.startswith("classifier."):  # another label set: re-initialize the head
-                unused.append(hf_name)
-                continue
-            raise ValueError(
-                f"{hf_name} has shape {value.shape} but {ours} is {params[ours].shape}; "
-                "the config.json does not match the weights"
-            )
-        loaded[ours] = value.astype(params[ours].dtype)
-    adapters = {n for n in params if n.endswith((".lora_a", ".lora_b"))}
-    missing = sorted(params.keys() - loaded.keys() - adapters)
+    read_config(path)
+    loaded, unused, missing = assign_weights(
+        model, _read_weights(path), hf_to_mlxlab_name, reinit=("classifier.",)
+    )
     if required := [n for n in missing if not n.startswith(_OPTIONAL)]:
         raise ValueError(f"{path} lacks {len(required)} BERT weights, e.g. {required[:3]}")
     model.load_weights(list(loaded.items()), strict=False)
-    return {"loaded": sorted(loaded), "missing": missing, "unused": sorted(unused)}
+    return {"loaded": sorted(loaded), "missing": missing, "unused": unused}

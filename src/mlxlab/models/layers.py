@@ -71,11 +71,15 @@ class Attention(nn.Module):
         num_heads: int,
         num_kv_heads: int | None = None,
         bias: bool = False,
-        rope: nn.RoPE | None = None,
+        rope: nn.Module | None = None,
+        head_dim: int | None = None,
+        out_bias: bool | None = None,
     ):
+        """`head_dim` None = dim // num_heads (some checkpoints set it apart); `out_bias` None =
+        `bias` (Qwen2 has q/k/v biases but none on the output projection)."""
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
-        if dim % num_heads:
+        if head_dim is None and dim % num_heads:
             raise ValueError(
                 f"dim={dim} is not divisible by num_heads={num_heads}; pick sizes so it is"
             )
@@ -86,12 +90,13 @@ class Attention(nn.Module):
             )
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim or dim // num_heads
         self.scale = self.head_dim**-0.5
         self.query = nn.Linear(dim, num_heads * self.head_dim, bias=bias)
         self.key = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias)
         self.value = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias)
-        self.out = nn.Linear(num_heads * self.head_dim, dim, bias=bias)
+        out_bias = bias if out_bias is None else out_bias
+        self.out = nn.Linear(num_heads * self.head_dim, dim, bias=out_bias)
         self.rope = rope
 
     def __call__(

@@ -143,6 +143,16 @@ def fuse_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def unwrap_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by its base layer (in place), dropping the adapters, and
+    unfreeze: the base model an adapter file is applied to."""
+    base = [(n, m.linear) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if base:
+        model.update_modules(tree_unflatten(base))
+    model.unfreeze()
+    return model
+
+
 def adapter_parameters(model: nn.Module) -> dict[str, mx.array]:
     """Flat name -> array of what LoRA training changes: the trainable parameters (adapters plus
     any extra_trainable head). Small; save with mx.save_safetensors."""

@@ -3,11 +3,14 @@ with a KV cache and token-by-token sampling for generation."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxlab.models.hf import check_vocab, read_config
+from mlxlab.models.hf_llama import decoder_kwargs, load_hf_decoder_weights
 from mlxlab.models.layers import (
     Attention,
     KVCache,
@@ -20,19 +23,26 @@ from mlxlab.models.layers import (
     make_norm,
 )
 from mlxlab.models.lora import maybe_apply_lora
+from mlxlab.models.rope import make_rope
+
+log = logging.getLogger(__name__)
 
 
 class DecoderBlock(nn.Module):
     """Pre-norm: x = x + attn(norm(x)); x = x + mlp(norm(x))."""
 
-    def __init__(self, dim, num_heads, num_kv_heads, mlp_dim, norm, mlp, rope_theta, dropout):
+    def __init__(
+        self, dim, num_heads, num_kv_heads, mlp_dim, norm, mlp, rope, dropout,
+        head_dim=None, norm_eps=1e-5, qkv_bias=False, out_bias=False, mlp_bias=False,
+    ):
         super().__init__()
-        # rope_theta None = no rotary positions (the model adds learned ones instead)
-        rope = None if rope_theta is None else nn.RoPE(dim // num_heads, base=rope_theta)
-        self.attention = Attention(dim, num_heads, num_kv_heads, bias=False, rope=rope)
-        self.attention_norm = make_norm(norm, dim)
-        self.mlp = make_mlp(mlp, dim, mlp_dim, bias=False)
-        self.mlp_norm = make_norm(norm, dim)
+        self.attention = Attention(
+            dim, num_heads, num_kv_heads, bias=qkv_bias, rope=rope, head_dim=head_dim,
+            out_bias=out_bias,
+        )
+        self.attention_norm = make_norm(norm, dim, norm_eps)
+        self.mlp = make_mlp(mlp, dim, mlp_dim, bias=mlp_bias)
+        self.mlp_norm = make_norm(norm, dim, norm_eps)
         self.dropout = nn.Dropout(dropout)
 
     def __call__(self, x: mx.array, mask, cache: KVCache | None = None) -> mx.array:
@@ -45,6 +55,11 @@ class Transformer(nn.Module):
 
     With `cache` (from make_cache()) the new positions continue after what the cache holds;
     an `attention_mask`, if given, then covers all positions so far: (B, cached + T).
+
+    `pretrained` is a local Hugging Face or mlx-lm folder of a Llama-family decoder (llama,
+    mistral, qwen2): its config.json sets every size (overriding the ones given) and its weights
+    are loaded. `hf_config` is that config.json without the weights: a finished run is rebuilt
+    from it (see `checkpoint_init`) and export writes it back.
     """
 
     def __init__(
@@ -64,8 +79,29 @@ class Transformer(nn.Module):
         tie_embeddings: bool = True,
         rope_theta: float = 10000.0,
         lora: Mapping | None = None,
+        head_dim: int | None = None,
+        norm_eps: float = 1e-5,
+        rope_scaling: Mapping | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        mlp_bias: bool = False,
+        pretrained: str | None = None,
+        hf_config: Mapping | None = None,
     ):
         super().__init__()
+        if pretrained:
+            hf_config = read_config(pretrained)
+        self._hf_config = dict(hf_config) if hf_config else None  # "_": not a parameter
+        if hf_config:
+            hf = decoder_kwargs(hf_config)
+            check_vocab(vocab_size, hf["vocab_size"], pretrained or "the checkpoint")
+            vocab_size, dim, num_layers = hf["vocab_size"], hf["dim"], hf["num_layers"]
+            num_heads, num_kv_heads, head_dim = hf["num_heads"], hf["num_kv_heads"], hf["head_dim"]
+            mlp_dim, max_seq_len, norm_eps = hf["mlp_dim"], hf["max_seq_len"], hf["norm_eps"]
+            norm, mlp, positions = hf["norm"], hf["mlp"], hf["positions"]
+            rope_theta, rope_scaling = hf["rope_theta"], hf["rope_scaling"]
+            tie_embeddings, qkv_bias = hf["tie_embeddings"], hf["qkv_bias"]
+            out_bias, mlp_bias = hf["out_bias"], hf["mlp_bias"]
         check_positive(
             vocab_size=vocab_size,
             dim=dim,
@@ -76,31 +112,64 @@ class Transformer(nn.Module):
         check_dropout(dropout)
         if positions not in ("rope", "learned"):
             raise ValueError(f"unknown positions={positions!r}; use 'rope' or 'learned'")
-        if dim % num_heads:
+        if head_dim is None and dim % num_heads:
             raise ValueError(
                 f"dim={dim} is not divisible by num_heads={num_heads}; pick sizes so it is"
             )
-        if positions == "rope" and (dim // num_heads) % 2:
-            raise ValueError(f"rope needs an even head size, got dim/num_heads={dim // num_heads}")
+        head_dim = head_dim or dim // num_heads
+        if positions == "rope" and head_dim % 2:
+            raise ValueError(f"rope needs an even head size, got {head_dim}")
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self.tie_embeddings = tie_embeddings
         self.embed_tokens = nn.Embedding(vocab_size, dim)
         if positions == "learned":
             self.pos_embed = nn.Embedding(max_seq_len, dim)
-        theta = rope_theta if positions == "rope" else None
         self.dropout = nn.Dropout(dropout)
         self.layers = [
-            DecoderBlock(dim, num_heads, num_kv_heads, mlp_dim, norm, mlp, theta, dropout)
+            DecoderBlock(
+                dim, num_heads, num_kv_heads, mlp_dim, norm, mlp,
+                # None = no rotary positions (the model adds learned ones instead)
+                make_rope(head_dim, rope_theta, rope_scaling) if positions == "rope" else None,
+                dropout, head_dim, norm_eps, qkv_bias, out_bias, mlp_bias,
+            )
             for _ in range(num_layers)
         ]
-        self.norm = make_norm(norm, dim)
+        self.norm = make_norm(norm, dim, norm_eps)
         if not tie_embeddings:
             self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * num_layers)
         res = 0.02 / (2 * num_layers) ** 0.5
         init_normal_(self, 0.02, {"attention.out": res, "mlp.down": res})
+        self._architecture = dict(
+            vocab_size=vocab_size, dim=dim, num_layers=num_layers, num_heads=num_heads,
+            num_kv_heads=num_kv_heads or num_heads, head_dim=head_dim,
+            mlp_dim=int(self.layers[0].mlp.up.weight.shape[0]), max_seq_len=max_seq_len,
+            norm=norm, norm_eps=norm_eps, mlp=mlp, positions=positions, rope_theta=rope_theta,
+            rope_scaling=dict(rope_scaling) if rope_scaling else None,
+            tie_embeddings=tie_embeddings, qkv_bias=qkv_bias, out_bias=out_bias,
+            mlp_bias=mlp_bias,
+        )
+        if pretrained:
+            report = load_hf_decoder_weights(self, pretrained)
+            log.info("loaded %d tensors from %s", len(report["loaded"]), pretrained)
         maybe_apply_lora(self, lora)
+
+    @property
+    def checkpoint_init(self) -> dict:
+        """Constructor arguments a checkpoint must keep besides the config to rebuild this model
+        without the pretrained folder (the trainer saves them in state.json's model_init)."""
+        return {"hf_config": dict(self._hf_config)} if self._hf_config else {}
+
+    @property
+    def hf_config(self) -> dict | None:
+        """The config.json of the pretrained checkpoint this model started from, if any."""
+        return dict(self._hf_config) if self._hf_config else None
+
+    @property
+    def architecture(self) -> dict:
+        """Every resolved size and choice (defaults filled in): what export describes."""
+        return dict(self._architecture)
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]

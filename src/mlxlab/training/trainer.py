@@ -402,7 +402,9 @@ class Trainer:
                 "run_id": tracker.run_id or run.run_id, "history": run.history,
                 "best_metrics": run.best_metrics, "best_metric": run.best_metrics.get(self.monitor),
                 "config": config,
-                "model_init": {"vocab_size": data.vocab_size, "num_labels": data.num_labels},
+                # + what rebuilds a pretrained model without its source folder (its config)
+                "model_init": {"vocab_size": data.vocab_size, "num_labels": data.num_labels,
+                               **getattr(model, "checkpoint_init", {})},
                 "tokenizer_hash": getattr(data, "tokenizer_hash", None),
                 "val_fingerprint": val_print, "log_window": window.state_dict(),
                 # classification: label values and columns, so predicting needs no training CSV

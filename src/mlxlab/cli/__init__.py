@@ -1,0 +1,1 @@
+"""The `mlxlab` command: one entry point, one verb per job (git style)."""

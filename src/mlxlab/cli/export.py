@@ -1,0 +1,61 @@
+"""`mlxlab export RUN --format hf|mlx-lm --out DIR`: a finished run for transformers or mlx-lm.
+
+    mlxlab export outputs/finetune_completions/<time> --format mlx-lm --out exported/ft
+        [--dtype float16|bfloat16|float32] [--quantize 4|8] [--fuse-lora | --adapters]
+
+Decoders open with transformers.AutoModelForCausalLM.from_pretrained(DIR) and mlx_lm.load(DIR);
+BERT classifiers with AutoModelForSequenceClassification. --adapters (mlx-lm) writes the base
+model to DIR and the LoRA adapters to DIR/adapters (mlx_lm.generate --adapter-path DIR/adapters).
+--quantize writes mlx-lm's quantized layout and reports the perplexity it costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mlxlab export", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
+    )
+    parser.add_argument("run", help="run directory (outputs/<task>/<time>) or a checkpoint dir")
+    parser.add_argument("--format", choices=["hf", "mlx-lm"], default="hf", dest="fmt")
+    parser.add_argument("--out", required=True, help="folder to write (new or empty)")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                        help="weights dtype (default: the pretrained checkpoint's, else float32)")
+    parser.add_argument("--quantize", type=int, choices=[4, 8], default=None,
+                        help="bits, mlx-lm format only (group size 64, as mlx_lm.convert -q)")
+    lora = parser.add_mutually_exclusive_group()
+    lora.add_argument("--fuse-lora", dest="lora", action="store_const", const="fuse",
+                      help="LoRA runs: merge the adapters into the weights (default)")
+    lora.add_argument("--adapters", dest="lora", action="store_const", const="adapters",
+                      help="LoRA runs: base model + mlx-lm adapters in OUT/adapters")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.set_defaults(lora="fuse")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    from mlxlab.export import export_run
+
+    try:
+        report = export_run(args.run, args.out, args.fmt, args.dtype, args.quantize, args.lora,
+                            overwrite=args.overwrite)
+    except (FileNotFoundError, ValueError) as err:  # ExportError and ConfigError are ValueErrors
+        print(f"mlxlab export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {report['checkpoint']} -> {args.out} ({args.fmt}, {report['dtype']})")
+    if report.get("adapter_path"):
+        print(f"adapters: {report['adapter_path']}")
+    if args.quantize:
+        b, a = report["before"], report["after"]
+        print(f"{args.quantize}-bit quantization on {int(b['tokens'])} validation tokens: "
+              f"perplexity {b['perplexity']:.4f} -> {a['perplexity']:.4f} "
+              f"({100 * report['perplexity_increase']:+.2f}%), next-token accuracy "
+              f"{b['accuracy']:.4f} -> {a['accuracy']:.4f}")
+    print(json.dumps({k: report[k] for k in ("format", "dtype", "quantize", "lora")}))
+    return 0

@@ -1,0 +1,39 @@
+"""`mlxlab <verb> ...`: dispatch to a verb's module; each verb parses its own arguments.
+
+    mlxlab train [hydra overrides]      train (same as mlxlab-train)
+    mlxlab export RUN --format hf|mlx-lm --out DIR [...]
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> (module with main(argv) -> int, one-line help). New verbs register here.
+VERBS = {
+    "train": ("mlxlab.cli.train", "train a model: Hydra overrides, e.g. experiment=tinystories_nano"),
+    "export": ("mlxlab.cli.export", "write a finished run as a Hugging Face or mlx-lm folder"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: mlxlab <command> [args]", "", "commands:"]
+    lines += [f"  {verb:<8} {text}" for verb, (_, text) in VERBS.items()]
+    lines += ["", "`mlxlab <command> --help` for its arguments"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"mlxlab: unknown command {verb!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(VERBS[verb][0]).main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

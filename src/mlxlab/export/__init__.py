@@ -1,0 +1,138 @@
+"""Export a finished run for other tools: a Hugging Face folder (transformers) or mlx-lm's layout.
+
+    export_run(run, out, fmt="hf" | "mlx-lm", dtype=None | "float16" | ..., quantize=None | 4 | 8,
+               lora="fuse" | "adapters")
+
+Decoders open with transformers.AutoModelForCausalLM and mlx_lm.load; BERT classifiers with
+AutoModelForSequenceClassification. LoRA runs are fused into the weights, or (mlx-lm) kept as
+adapters beside the base model. `quantize` writes mlx-lm's quantized layout and measures the
+perplexity and next-token accuracy it costs on the run's validation data (export_report.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from mlxlab.export.hf import (
+    DTYPES,
+    ExportError,
+    bert_config,
+    decoder_config,
+    hf_weights,
+    save_weights,
+    write_generation_config,
+    write_tokenizer,
+)
+from mlxlab.export.mlx_lm import quantize as quantize_model
+from mlxlab.export.mlx_lm import split_adapters, write_adapters
+from mlxlab.export.quality import lm_metrics, validation_batches
+from mlxlab.models.bert import BertClassifier
+from mlxlab.models.lora import LoRALinear, fuse_lora, unwrap_lora
+from mlxlab.models.transformer import Transformer
+from mlxlab.runs import load_run_model, require_run_tokenizer
+
+__all__ = ["ExportError", "export_run"]
+FORMATS = ("hf", "mlx-lm")
+
+
+def _check_options(model, fmt: str, dtype: str, quantize: int | None, lora: str) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: use one of {list(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: use one of {list(DTYPES)}")
+    if lora not in ("fuse", "adapters"):
+        raise ExportError(f"lora={lora!r}: use --fuse-lora or --adapters")
+    if isinstance(model, BertClassifier):
+        if fmt != "hf" or quantize or lora == "adapters":
+            raise ExportError(
+                "a BERT classifier exports only as --format hf (fused LoRA, no quantization): "
+                "mlx-lm has no sequence classifiers"
+            )
+    elif not isinstance(model, Transformer):
+        raise ExportError(f"a {type(model).__name__} run has no Hugging Face equivalent")
+    if fmt == "hf" and (quantize or lora == "adapters"):
+        raise ExportError(
+            "--quantize and --adapters write mlx-lm's layouts: use --format mlx-lm "
+            "(transformers cannot read mlx quantization)"
+        )
+
+
+def export_run(
+    run: str | Path,
+    out: str | Path,
+    fmt: str = "hf",
+    dtype: str | None = None,
+    quantize: int | None = None,
+    lora: str = "fuse",
+    overwrite: bool = False,
+) -> dict:
+    """Write the run's model (best checkpoint, else newest) to `out`; returns the report that is
+    also saved as out/export_report.json."""
+    run, out = Path(run).expanduser(), Path(out).expanduser()
+    if not run.exists():
+        raise FileNotFoundError(f"{run} does not exist: pass a run directory (outputs/<task>/<time>)")
+    tokenizer_path = require_run_tokenizer(run, "finished")
+    model, state = load_run_model(run)
+    if dtype is None:  # the pretrained checkpoint's own dtype, else what mlxlab trained in
+        source_config = getattr(model, "hf_config", None) or {}
+        source = source_config.get("torch_dtype", source_config.get("dtype"))
+        dtype = source if source in DTYPES else "float32"
+    _check_options(model, fmt, dtype, quantize, lora)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty: pick a new --out or pass --overwrite")
+    run_dir = tokenizer_path.parent
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    report: dict = {"run": str(run), "checkpoint": state["checkpoint_path"], "format": fmt,
+                    "dtype": dtype, "quantize": quantize}
+
+    if isinstance(model, BertClassifier):
+        labels = (state.get("encoding") or {}).get("label_values")
+        if not labels:
+            raise ExportError(f"{state['checkpoint_path']} records no label values: retrain it")
+        config = bert_config(model, labels)
+    else:
+        config = decoder_config(model, tokenizer, dtype)
+    has_lora = any(isinstance(m, LoRALinear) for m in model.modules())
+    if lora == "adapters" and not has_lora:
+        raise ExportError("--adapters needs a LoRA run (model.lora.rank > 0); this run has none")
+    if has_lora and lora == "fuse":
+        fuse_lora(model)
+    model.set_dtype(DTYPES[dtype])
+    adapters = split_adapters(model) if has_lora and lora == "adapters" else None
+    report["lora"] = lora if has_lora else None
+    if quantize:  # measured as shipped: adapters (if any) on the quantized base
+        batches = validation_batches(state, tokenizer_path)
+        report["before"] = lm_metrics(model, batches)
+        config["quantization"] = quantize_model(model, quantize)
+        config["quantization_config"] = dict(config["quantization"])
+        report["after"] = lm_metrics(model, batches)
+        report["perplexity_increase"] = report["after"]["perplexity"] / report["before"]["perplexity"] - 1
+        report["accuracy_drop"] = report["before"]["accuracy"] - report["after"]["accuracy"]
+    if adapters is not None:
+        unwrap_lora(model)  # the base model; the adapters go apart
+
+    # written beside `out` and renamed into place: a failed export leaves no half folder
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_weights(hf_weights(model, dtype), tmp, "mlx" if fmt == "mlx-lm" else "pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_tokenizer(run_dir, tokenizer_path, tmp, model)
+        write_generation_config(config, tmp)
+        if adapters is not None:
+            write_adapters(*adapters, len(model.layers), tmp / "adapters", DTYPES[dtype])
+            report["adapter_path"] = str(out / "adapters")
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)  # empty, or --overwrite
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
