@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 import subprocess
 
+import pytest
+
 from conftest import PYTHON, REPO
 
 BEGIN = "<!-- scripts/bench.py threads=1: begin -->"
@@ -24,6 +26,7 @@ def run_bench(out, *extra):
     return done.stdout
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_its_section_and_replaces_it(tmp_path):
     out = tmp_path / "benchmarks.md"
     out.write_text("# Benchmarks\n\nProse that must stay.\n")

@@ -5,6 +5,7 @@ real MLflow stores (sqlite and a real `mlflow server`), real MLX training."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -334,7 +336,7 @@ def test_titanic_is_the_csv_option_with_its_columns(make_cfg):
 # --------------------------------------------------------------------------- 5. best vs last
 
 
-def test_listings_show_the_best_metric_and_say_so(tmp_path):
+def test_listings_show_the_best_metric_and_say_so(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     tracker = MlflowTracker(uri=uri, experiment_name="listed")
     tracker.start({}, {})
@@ -342,9 +344,15 @@ def test_listings_show_the_best_metric_and_say_so(tmp_path):
     tracker.log_metrics({"val/accuracy": 0.9420}, step=20)  # the last is not the best
     tracker.log_metrics({"best/val/accuracy": 0.9565}, step=20)
     tracker.end()
-    script = [PYTHON, str(REPO / "scripts/list_experiments.py"), "--uri", uri]
-    best = subprocess.run(script, capture_output=True, text=True, timeout=120).stdout
-    last = subprocess.run([*script, "--last"], capture_output=True, text=True, timeout=120).stdout
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        list_experiments = importlib.import_module("list_experiments")
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert list_experiments.main(["--uri", uri]) == 0
+    best = capsys.readouterr().out
+    assert list_experiments.main(["--uri", uri, "--last"]) == 0
+    last = capsys.readouterr().out
     assert "best val/accuracy" in best and "0.9565" in best and "0.9420" not in best
     assert "last val/accuracy" in last and "0.9420" in last
 

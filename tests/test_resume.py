@@ -179,8 +179,9 @@ def test_sigkills_keep_weights_and_history_exact(tmp_path, cli_env, name, args, 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "args", "kill_after"),
-    [("titanic-mid-epoch", TITANIC, 5), ("titanic-next-epoch", TITANIC, 15),
-     ("streaming", STREAMING, 7)],
+    [("titanic-mid-epoch", TITANIC, 5),  # the default run keeps one; the others are slow
+     pytest.param("titanic-next-epoch", TITANIC, 15, marks=pytest.mark.slow),
+     pytest.param("streaming", STREAMING, 7, marks=pytest.mark.slow)],
 )
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, cli_env, name, args, kill_after):
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
