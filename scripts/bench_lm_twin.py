@@ -27,6 +27,7 @@ computes them. Prints a table per model and writes <out>/<model>.json and <out>/
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -80,38 +81,58 @@ def torch_warmup_cosine(optimizer, total_steps: int, warmup_steps: int, min_lr_r
     return sched.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
+def digest(arrays) -> str:
+    """sha256 over arrays in order: the two parts must have trained on identical inputs."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def held_out_data(train_file: Path, heldout_file: Path, seq_len: int, tokenizer: Path):
+    """The held-out paragraphs as validation windows, packed like the shipped split's."""
+    from mlxlab.data.streaming import StreamingText
+
+    held = StreamingText(
+        data_files={"train": str(train_file), "validation": str(heldout_file)},
+        val_split="validation", val_examples=10**9, seq_len=seq_len,
+        tokenizer={"path": str(tokenizer)},
+    )
+    held.setup(None)
+    return held
+
+
+def preset(model_name: str, train_file: Path, root: Path, overrides: list[str]):
+    return compose(root, [f"experiment=tinystories_{model_name}", f"data.data_files={train_file}",
+                          "tracking=none", "trainer.progress=false", *overrides])
+
+
 def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path,
                overrides: list[str]) -> dict:
+    """The real stack, `train(cfg)`; records what the twin must match and the two curves."""
     from mlx.utils import tree_flatten
     from omegaconf import OmegaConf
 
-    from mlxlab.data.streaming import StreamingText
     from mlxlab.train import train
     from mlxlab.training.callbacks import Callback
     from mlxlab.training.trainer import Trainer
 
-    cfg = compose(root, [f"experiment=tinystories_{model_name}", f"data.data_files={train_file}",
-                         "tracking=none", "trainer.progress=false", *overrides])
+    cfg = preset(model_name, train_file, root, overrides)
     rec: dict = {"batches": [], "val": [], "heldout": []}
     original_fit = Trainer.fit
 
     def fit(self, model, data, tracker, run_dir, *args, **kwargs):
         if self.grad_accum != 1:
             raise SystemExit("bench_lm_twin.py replays one batch per step: use trainer.grad_accum=1")
-        rec["init"] = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-        rec["vocab_size"] = data.vocab_size
-        held = StreamingText(
-            data_files={"train": str(train_file), "validation": str(heldout_file)},
-            val_split="validation", val_examples=10**9, seq_len=data.seq_len,
-            tokenizer={"path": str(Path(run_dir) / "tokenizer.json")},
-        )
-        held.setup(None)
-        rec["windows"] = {"val": windows(data, self.batching), "heldout": windows(held, self.batching)}
+        rec["init"] = digest(np.array(v) for _, v in tree_flatten(model.parameters()))
+        held = held_out_data(train_file, heldout_file, data.seq_len, Path(run_dir) / "tokenizer.json")
+        rec["windows"] = digest(np.array(b["input_ids"]) for d in (data, held)
+                                for b in d.val_batches(self.batching))
         live = data.train_batches
 
         def recorded(batching, epoch):
             for batch in live(batching, epoch):
-                rec["batches"].append({k: np.array(v) for k, v in batch.items()})
+                rec["batches"].append(np.array(batch["input_ids"]))
                 yield batch
 
         trainer = self
@@ -120,6 +141,8 @@ def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path
             def on_eval(self, step, metrics):  # metrics: the trainer's own, on the shipped split
                 rec["val"].append((step, metrics["val/loss"]))
                 rec["heldout"].append((step, trainer.evaluate(model, held, "lm")["val/loss"]))
+                print(f"  mlxlab step {step}: val {rec['val'][-1][1]:.4f} "
+                      f"heldout {rec['heldout'][-1][1]:.4f}", file=sys.stderr, flush=True)
 
         data.train_batches = recorded
         callbacks = self.build_callbacks
@@ -131,13 +154,51 @@ def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path
         train(cfg)
     finally:
         Trainer.fit = original_fit
-    rec["model_cfg"] = OmegaConf.to_container(cfg.model, resolve=True)
-    rec["hparams"] = {k: cfg.trainer[k] for k in HPARAMS}
-    rec["steps"] = int(cfg.trainer.max_steps)
-    return rec
+    steps = int(cfg.trainer.max_steps)
+    return {
+        "curves": {"val": rec["val"], "heldout": rec["heldout"]}, "init": rec["init"],
+        "windows": rec["windows"], "batches": digest(rec["batches"][:steps]), "steps": steps,
+        "hparams": {k: cfg.trainer[k] for k in HPARAMS},
+        "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
+    }
 
 
-def run_twin(rec: dict, hp: dict, eval_steps: list[int], threads: int) -> dict:
+def twin_inputs(model_name: str, train_file: Path, heldout_file: Path, root: Path,
+                overrides: list[str]) -> dict:
+    """What train(cfg) gives the trainer, rebuilt without training: the same data module and
+    seed give the same tokenizer, token stream and initial weights (checked by digest)."""
+    from mlx.utils import tree_flatten
+    from omegaconf import OmegaConf
+
+    from mlxlab.config import instantiate
+    from mlxlab.train import seed_everything
+
+    cfg = preset(model_name, train_file, root, overrides)
+    seed_everything(cfg.seed)
+    run_dir = root / "run"
+    run_dir.mkdir(parents=True)
+    data = instantiate(cfg.data)
+    data.setup(run_dir)
+    model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
+    init = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    trainer = instantiate(cfg.trainer)
+    steps, batches, epoch = int(cfg.trainer.max_steps), [], 0
+    while len(batches) < steps:  # the trainer's loop: epochs of the stream until max_steps
+        batches += [{k: np.array(v) for k, v in b.items()}
+                    for b in data.train_batches(trainer.batching, epoch)]
+        epoch += 1
+    held = held_out_data(train_file, heldout_file, data.seq_len, run_dir / "tokenizer.json")
+    windows = {name: [{k: np.array(v) for k, v in b.items()} for b in d.val_batches(trainer.batching)]
+               for name, d in (("val", data), ("heldout", held))}
+    return {
+        "init": init, "batches": batches[:steps], "windows": windows, "steps": steps,
+        "vocab_size": data.vocab_size, "hparams": {k: cfg.trainer[k] for k in HPARAMS},
+        "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
+        "eval_every": int(cfg.trainer.eval_every_steps),
+    }
+
+
+def run_twin(rec: dict, hp: dict, threads: int) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -162,14 +223,14 @@ def run_twin(rec: dict, hp: dict, eval_steps: list[int], threads: int) -> dict:
         return float(sum(t for t, _ in total) / sum(n for _, n in total))
 
     curves: dict[str, list] = {"val": [], "heldout": []}
-    for step, batch in enumerate(rec["batches"][: rec["steps"]], start=1):
+    for step, batch in enumerate(rec["batches"], start=1):
         optimizer.zero_grad(set_to_none=True)
         total, n = loss_of(batch)
         (total / n.clamp(min=1.0)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
         optimizer.step()
         schedule.step()
-        if step in eval_steps:
+        if step % rec["eval_every"] == 0 or step == rec["steps"]:  # the trainer's eval steps
             for split in curves:
                 curves[split].append((step, evaluate(rec["windows"][split])))
             print(f"  torch step {step}: val {curves['val'][-1][1]:.4f} "
@@ -212,49 +273,81 @@ def table(name: str, res: dict) -> str:
     return "\n".join(lines)
 
 
+def part_mlxlab(name: str, args, files) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_mlxlab(name, *files, Path(tmp), args.overrides)
+
+
+def part_torch(name: str, args, files) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = twin_inputs(name, *files, Path(tmp), args.overrides)
+    out = {"init": digest(rec["init"].values()), "batches": digest(b["input_ids"] for b in rec["batches"]),
+           "windows": digest(b["input_ids"] for s in ("val", "heldout") for b in rec["windows"][s]),
+           "vocab_size": rec["vocab_size"], "steps": rec["steps"],
+           "tokens": rec["steps"] * int(rec["batches"][0]["loss_mask"].size),
+           "window_tokens": {s: sum(int(b["loss_mask"].sum()) for b in rec["windows"][s])
+                             for s in ("val", "heldout")},
+           "curves": {}, "twins": {}}
+    twins = {"reference": REFERENCE, "same": rec["hparams"]}
+    done: dict[str, str] = {}
+    for twin in args.twins.split(","):
+        hp = {k: float(v) for k, v in twins[twin].items()}
+        key = json.dumps(hp, sort_keys=True)
+        if key in done:  # the preset uses the reference values: one run serves both
+            out["twins"][twin] = {"same_as": done[key], **hp}
+            continue
+        print(f"{name}: torch:{twin} {hp} ...", file=sys.stderr, flush=True)
+        out["curves"][f"torch:{twin}"] = run_twin(rec, hp, args.threads)
+        out["twins"][twin], done[key] = hp, f"torch:{twin}"
+    return out
+
+
+def report(name: str, mine: dict, theirs: dict) -> dict:
+    for key in ("init", "batches", "windows"):
+        if mine[key] != theirs[key]:
+            raise SystemExit(f"{name}: the two parts' {key} differ ({mine[key]} vs {theirs[key]}): "
+                             "rerun both parts with the same overrides")
+    curves = {"mlxlab": mine["curves"], **theirs["curves"]}
+    summary = (f"{mine['steps']} steps, {theirs['tokens']:,} training tokens, vocab "
+               f"{theirs['vocab_size']}; mlxlab {mine['hparams']}; twins {theirs['twins']}; "
+               f"val windows {theirs['window_tokens']['val']:,} tokens, held-out "
+               f"{theirs['window_tokens']['heldout']:,}; inputs identical (sha256 {mine['init']} "
+               f"init, {mine['batches']} batches, {mine['windows']} windows)")
+    return {"curves": curves, "summary": summary}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="nano,tiny")
+    parser.add_argument("--part", choices=("all", "mlxlab", "torch", "report"), default="all",
+                        help="mlxlab and torch may run as two processes at once; report merges")
     parser.add_argument("--twins", default="reference,same", help="reference and/or same")
     parser.add_argument("--heldout", type=int, default=800, help="paragraphs held out (tail)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_lm_twin")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the mlxlab runs")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (both parts)")
     args = parser.parse_args()
     set_blas_threads(args.threads)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     args.out.mkdir(parents=True, exist_ok=True)
-    train_file, heldout_file = split_sample(args.out, args.heldout)
+    files = split_sample(args.out, args.heldout)
     results = {}
     for name in args.models.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            print(f"{name}: mlxlab ...", file=sys.stderr, flush=True)
-            rec = run_mlxlab(name, train_file, heldout_file, Path(tmp), args.overrides)
-        eval_steps = [s for s, _ in rec["val"]]
-        curves = {"mlxlab": {"val": rec["val"], "heldout": rec["heldout"]}}
-        twins = {"reference": REFERENCE, "same": rec["hparams"]}
-        done: dict[str, str] = {}
-        for twin in args.twins.split(","):
-            hp = {k: float(v) for k, v in twins[twin].items()}
-            key = json.dumps(hp, sort_keys=True)
-            label = f"torch:{twin}"
-            if key in done:  # the preset uses the reference values: one run serves both
-                print(f"{label} = {done[key]} (same hyperparameters)", file=sys.stderr)
-                continue
-            print(f"{name}: {label} {hp} ...", file=sys.stderr, flush=True)
-            curves[label] = run_twin(rec, hp, eval_steps, args.threads)
-            done[key] = label
-        tokens = rec["steps"] * int(rec["batches"][0]["loss_mask"].size)
-        summary = (f"{rec['steps']} steps, {tokens:,} training tokens, vocab {rec['vocab_size']}; "
-                   f"mlxlab {rec['hparams']}; "
-                   f"val windows {sum(int(b['loss_mask'].sum()) for b in rec['windows']['val']):,} "
-                   f"tokens, held-out {sum(int(b['loss_mask'].sum()) for b in rec['windows']['heldout']):,}")
-        results[name] = {"curves": curves, "summary": summary, "hparams": rec["hparams"],
-                         "twins": {k: twins[k] for k in args.twins.split(",")}}
-        (args.out / f"{name}.json").write_text(json.dumps(results[name], indent=1))
-        print(table(name, results[name]), flush=True)
-    plot(results, args.out / "lm_twin.png")
-    print(f"\nCPU: {cpu_model()}, {args.threads} thread(s); PNG: {args.out / 'lm_twin.png'}")
+        parts = {}
+        for part, fn in (("mlxlab", part_mlxlab), ("torch", part_torch)):
+            path = args.out / f"{name}.{part}.json"
+            if args.part in (part, "all"):
+                print(f"{name}: {part} ...", file=sys.stderr, flush=True)
+                path.write_text(json.dumps(fn(name, args, files), indent=1))
+            if args.part in ("report", "all"):
+                parts[part] = json.loads(path.read_text())
+        if parts:
+            results[name] = report(name, parts["mlxlab"], parts["torch"])
+            (args.out / f"{name}.json").write_text(json.dumps(results[name], indent=1))
+            print(table(name, results[name]), flush=True)
+    if results:
+        plot(results, args.out / "lm_twin.png")
+        print(f"\nCPU: {cpu_model()}, {args.threads} thread(s); PNG: {args.out / 'lm_twin.png'}")
 
 
 if __name__ == "__main__":
