@@ -55,10 +55,12 @@ def split_sample(out: Path, heldout: int) -> tuple[Path, Path]:
     paragraphs = [p.strip() for p in SAMPLE.read_text().split("\n\n") if p.strip()]
     if not 0 < heldout < len(paragraphs) // 2:
         raise SystemExit(f"--heldout must be between 1 and {len(paragraphs) // 2 - 1}, got {heldout}")
-    train, held = out / "train.txt", out / "heldout.txt"
-    train.write_text("\n\n".join(paragraphs[:-heldout]) + "\n")
-    held.write_text("\n\n".join(paragraphs[-heldout:]) + "\n")
-    return train, held
+    files = {out / "train.txt": paragraphs[:-heldout], out / "heldout.txt": paragraphs[-heldout:]}
+    for path, part in files.items():
+        text = "\n\n".join(part) + "\n"
+        if not path.is_file() or path.read_text() != text:  # the other part may be reading it
+            path.write_text(text)
+    return tuple(files)
 
 
 def windows(data, batching) -> list[dict[str, np.ndarray]]:
