@@ -52,6 +52,15 @@ TITANIC = {
                 "trainer.max_epochs=10", "trainer.learning_rate=1e-3"],
 }
 
+# Issue 11: the same student, taught by the default BERT as `mlxlab-train` trains it today
+# (corrected Adam, pre-LN, the titanic_bert preset's own epochs, lr and early stopping), with the
+# split pinned (data.seed=42) so the teacher never sees the students' validation rows.
+TITANIC_DEFAULT_TEACHER = {
+    "metric": "val/accuracy",
+    "teacher": ["experiment=titanic_bert", "data.seed=42"],
+    "student": TITANIC["student"],
+}
+
 # The same data with the roles the other way round: a cnn_hybrid teacher (hidden 64, no encoder),
 # which beats the BERT on this data, teaches a one-layer BERT of hidden size 32.
 TITANIC_CNN_TO_BERT = {
@@ -78,11 +87,13 @@ TINYSTORIES = {
                 "model.num_heads=2", "trainer.learning_rate=3e-3"],
 }
 
-TASKS = {"titanic": TITANIC, "titanic_cnn_to_bert": TITANIC_CNN_TO_BERT,
+TASKS = {"titanic": TITANIC, "titanic_default_teacher": TITANIC_DEFAULT_TEACHER,
+         "titanic_cnn_to_bert": TITANIC_CNN_TO_BERT,
          "tinystories": TINYSTORIES}
 
 QUICK = {  # a wiring check in seconds, not a measurement
     "titanic": ["trainer.max_epochs=2"],
+    "titanic_default_teacher": ["trainer.max_epochs=2"],
     "titanic_cnn_to_bert": ["trainer.max_epochs=2"],
     "tinystories": ["trainer.max_steps=20", "trainer.eval_every_steps=10"],
 }

@@ -54,6 +54,10 @@ def test_defaults_are_the_start_here_experiment(tmp_path):
         ("data.val_fraction=1.5", "data.val_fraction must be between 0 and 1"),
         ("data=streaming", "optimized_metric='val/accuracy' is not computed for lm data"),
         ("trainer.precision=fp8", "trainer.precision='fp8' is not one of"),
+        ("trainer.optimizer=adamax", "trainer.optimizer='adamax' is not one of"),
+        ("trainer.bias_correction=maybe", "trainer.bias_correction='maybe' is not one of"),
+        ("trainer.betas=[0.9,1.5]", r"trainer.betas must be two numbers in \[0, 1\)"),
+        ("trainer.eps=-1", "trainer.eps must be >= 0"),
     ],
 )
 def test_bad_values_fail_validation(tmp_path, override, message):

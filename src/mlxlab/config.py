@@ -119,6 +119,7 @@ _NUMERIC_RULES: dict[str, tuple[type, float | None]] = {
     "seed": (int, 0),
     "trainer.learning_rate": (float, 0.0),
     "trainer.weight_decay": (float, 0.0),
+    "trainer.eps": (float, 0.0),
     "trainer.max_epochs": (int, 1),
     "trainer.max_steps": (int, 1),
     "trainer.batch_size": (int, 1),
@@ -174,6 +175,13 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config group '{group}' has no _target_: pick an option, e.g. {group}=...")
     _check_choice(cfg, "trainer.precision", ("auto", "fp32", "bf16", "fp16"))
     _check_choice(cfg, "trainer.quantize_bits", (None, 2, 3, 4, 6, 8))
+    _check_choice(cfg, "trainer.optimizer", (None, "adamw", "adam", "sgd"))
+    _check_choice(cfg, "trainer.bias_correction", (None, True, False))
+    betas = OmegaConf.select(cfg, "trainer.betas", default=None)
+    if betas is not None and (
+        len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
+    ):
+        raise ConfigError(f"trainer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got {betas}")
     _check_optimized_metric(cfg)
 
 

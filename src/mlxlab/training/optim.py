@@ -28,7 +28,15 @@ def build_optimizer(
     weight_decay: float = 0.01,
     betas: tuple[float, float] = (0.9, 0.999),
     min_lr_ratio: float = 0.1,
+    eps: float = 1e-8,
+    bias_correction: bool = True,
 ) -> optim.Optimizer:
+    """The optimizer with the LR schedule applied.
+
+    Adam/AdamW correct the bias of their moment estimates by default, as PyTorch always does:
+    mlx.optimizers defaults to bias_correction=False, whose first few hundred updates are
+    several times the configured learning rate (v starts near zero). See CHANGELOG.md.
+    """
     if schedule == "cosine":
         lr = warmup_cosine(learning_rate, total_steps, warmup_steps, min_lr_ratio)
     elif schedule == "constant":
@@ -36,10 +44,12 @@ def build_optimizer(
     else:
         raise ValueError(f"unknown trainer.schedule {schedule!r}: use 'cosine' or 'constant'")
     name = name.lower()
+    adam = {"betas": [float(b) for b in betas], "eps": float(eps),
+            "bias_correction": bool(bias_correction)}
     if name == "adamw":
-        return optim.AdamW(learning_rate=lr, betas=list(betas), weight_decay=weight_decay)
+        return optim.AdamW(learning_rate=lr, weight_decay=weight_decay, **adam)
     if name == "adam":
-        return optim.Adam(learning_rate=lr, betas=list(betas))
+        return optim.Adam(learning_rate=lr, **adam)
     if name == "sgd":
         return optim.SGD(learning_rate=lr, momentum=0.9, weight_decay=weight_decay)
     raise ValueError(f"unknown trainer.optimizer {name!r}: use adamw, adam or sgd")

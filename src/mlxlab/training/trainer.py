@@ -128,6 +128,9 @@ class Trainer:
         optimizer: str = "adamw",
         learning_rate: float = 3e-4,
         weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        bias_correction: bool = True,
         schedule: str = "cosine",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
@@ -157,6 +160,7 @@ class Trainer:
         if max_epochs is None and max_steps is None:
             raise ValueError("set trainer.max_epochs or trainer.max_steps")
         self.opt_name, self.learning_rate, self.weight_decay = optimizer, learning_rate, weight_decay
+        self.adam = {"betas": tuple(betas), "eps": eps, "bias_correction": bias_correction}
         self.schedule, self.warmup_steps, self.min_lr_ratio = schedule, warmup_steps, min_lr_ratio
         self.max_epochs, self.max_steps = max_epochs, max_steps
         self.grad_clip, self.label_smoothing = grad_clip, label_smoothing
@@ -366,7 +370,7 @@ class Trainer:
         total_steps, max_epochs = self.plan(data)
         optimizer = build_optimizer(
             self.opt_name, self.learning_rate, total_steps, self.warmup_steps, self.schedule,
-            self.weight_decay, min_lr_ratio=self.min_lr_ratio,
+            self.weight_decay, min_lr_ratio=self.min_lr_ratio, **self.adam,
         )
         optimizer.init(model.trainable_parameters())
         manager = CheckpointManager(
