@@ -50,8 +50,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir, choices, _ = hydra_context(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     from mlxlab.runs import first_teacher, prepare_resume, reuse_tokenizer
+    from mlxlab.training.remote import remote_resume
 
-    resume = prepare_resume(cfg, run_dir)
+    resume = remote_resume(cfg, run_dir, prepare_resume)
     reuse_tokenizer(cfg, resume, "resume")
     reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
     tracker = instantiate(cfg.tracking)
@@ -78,6 +79,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
     from mlxlab.training.checkpoint import CheckpointError
+    from mlxlab.training.remote import RemoteError
     from mlxlab.training.trainer import TrainingError, TrainingInterrupted
 
     _, _, sweeping = hydra_context(cfg)
@@ -96,7 +98,7 @@ def main(cfg: DictConfig) -> float:
     except TrainingInterrupted as stop:
         log.error("stopped by signal; checkpoint: %s (resume with resume=auto)", stop.checkpoint)
         sys.exit(stop.exit_code)
-    except (TrainingError, CheckpointError, OSError, ValueError) as err:
+    except (TrainingError, CheckpointError, RemoteError, OSError, ValueError) as err:
         if sweeping:  # a failed trial is recorded as failed (NaN) and the sweep goes on
             log.error("trial failed: %s", err)
             return math.nan
