@@ -86,10 +86,16 @@ def _filesystem(uri: str):
             # Fail fast on a dead endpoint: our own retries (with backoff) decide how long to try.
             options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 60,
                                         "retries": {"max_attempts": 2}}
-            options["retries"] = 1
             if os.environ.get("AWS_ENDPOINT_URL"):  # emulators and S3-compatible stores
                 options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
-        fs = fsspec.filesystem(scheme, **options)
+        if scheme in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST"):
+            # gcsfs's default class also asks a gRPC control API (which emulators lack) what
+            # kind of bucket this is; the plain JSON-API class is all an emulator speaks.
+            from gcsfs.core import GCSFileSystem
+
+            fs = GCSFileSystem(**options)
+        else:
+            fs = fsspec.filesystem(scheme, **options)
     except ImportError as e:
         raise RemoteError(
             f"{scheme}:// checkpoints need {SCHEMES[scheme]} ({e}): pip install -e '.[cloud]'"
@@ -97,19 +103,26 @@ def _filesystem(uri: str):
     return fs, rest.strip("/")
 
 
-def _retry(what: str, fn: Callable[[], T], retries: int, backoff_s: float) -> T:
-    """fn(), tried `retries` + 1 times with doubling sleeps; the last error is raised."""
+def _retry(what: str, fn: Callable[[], T], retries: int, backoff_s: float,
+           missing_is_final: bool = False) -> T:
+    """fn(), tried `retries` + 1 times with doubling sleeps; the last error is raised.
+
+    `missing_is_final`: a FileNotFoundError is an answer (listing an empty prefix), not an
+    outage; elsewhere it is retried too (a restarted server can answer 404 for a while)."""
     for attempt in range(retries + 1):
         try:
             return fn()
         except FileNotFoundError:
-            raise
+            if missing_is_final or attempt == retries:
+                raise
+            log.info("%s: not found; retry %d of %d", what, attempt + 1, retries)
+            time.sleep(backoff_s * 2**attempt)
         except Exception as e:
             if attempt == retries:
                 raise
             delay = backoff_s * 2**attempt
-            log.debug("%s failed (%s: %s); retry %d in %.1fs", what, type(e).__name__, e,
-                      attempt + 1, delay)
+            log.info("%s failed (%s); retry %d of %d in %.1fs", what, type(e).__name__,
+                     attempt + 1, retries, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -139,14 +152,14 @@ class RemoteStore:
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def _try(self, what: str, fn: Callable[[], T]) -> T:
-        return _retry(what, fn, self.retries, self.backoff_s)
+    def _try(self, what: str, fn: Callable[[], T], missing_is_final: bool = False) -> T:
+        return _retry(what, fn, self.retries, self.backoff_s, missing_is_final)
 
     # -- listing
 
     def _exists(self, path: str) -> bool:
         self.fs.invalidate_cache()
-        return self._try(f"exists {path}", lambda: self.fs.exists(path))
+        return self._try(f"exists {path}", lambda: self.fs.exists(path), missing_is_final=True)
 
     def committed_steps(self) -> list[int]:
         """Remote step checkpoints with a COMMITTED marker, newest first."""
@@ -157,7 +170,8 @@ class RemoteStore:
         base = self._path(CHECKPOINTS)
         self.fs.invalidate_cache()
         try:
-            names = self._try(f"list {base}", lambda: self.fs.ls(base, detail=False))
+            names = self._try(f"list {base}", lambda: self.fs.ls(base, detail=False),
+                              missing_is_final=True)
         except FileNotFoundError:
             return []
         steps = sorted({s for s in map(_step_of, names) if s >= 0}, reverse=True)
@@ -166,6 +180,8 @@ class RemoteStore:
     # -- upload
 
     def put_file(self, local: Path, *parts: str) -> None:
+        if not local.is_file():  # rotated away locally: nothing to retry
+            raise FileNotFoundError(f"{local} is gone")
         target = self._path(*parts)
         self._try(f"upload {target}", lambda: self.fs.put_file(str(local), target))
 
@@ -339,7 +355,8 @@ class RemoteUploader:
         try:
             self.store.upload_checkpoint(path, name)
         except FileNotFoundError:
-            if name == BEST:
+            if name == BEST or path.is_dir():  # not a local rotation: a failed upload
+                self.failed[name] = "not found on the server"
                 raise
             log.info("remote checkpoints: %s was rotated away locally before its upload", name)
             self.failed.pop(name, None)
