@@ -71,8 +71,9 @@ def sweep_store(root: Path, name: str, lrs: str) -> Path:
     return root / "mlruns" / "mlflow.db"
 
 
-def file_store(root: Path) -> Path:
+def file_store(root: Path, monkeypatch) -> Path:
     """An mlruns/ file store as older MLflow versions wrote them, with a registered model."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 writes them only if told
     store = root / "mlruns"
     client = MlflowClient(store.as_uri())
     exp = client.create_experiment("legacy")
@@ -87,6 +88,7 @@ def file_store(root: Path) -> Path:
     version = client.create_model_version("legacy-model", f"{run.info.artifact_uri}/model",
                                           run_id=run.info.run_id, tags={"v": "1"})
     client.set_registered_model_alias("legacy-model", "champion", version.version)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
     return store
 
 
@@ -106,24 +108,29 @@ def all_runs(client: MlflowClient) -> list:
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
-    return [sweep_store(root / "a", "sweep_a", "0.1,0.2"),
-            sweep_store(root / "b", "sweep_b", "0.3,0.4,0.5"),
-            file_store(root / "c")]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return [sweep_store(root / "a", "sweep_a", "0.1,0.2"),
+                sweep_store(root / "b", "sweep_b", "0.3,0.4,0.5"),
+                file_store(root / "c", monkeypatch)]
 
 
-def test_merge_copies_everything_once_and_leaves_sources_alone(stores, tmp_path, capsys):
+def test_merge_copies_everything_once_and_leaves_sources_alone(stores, tmp_path, capsys,
+                                                              monkeypatch):
     central = f"sqlite:///{tmp_path}/central/mlflow.db"
     before = [digest(s) for s in stores]
     # The CLI entry point the lead wires in as `mlxlab runs merge`.
     assert main([str(stores[0]), str(stores[1]), str(stores[2].parent), "--into", central]) == 0
     printed = capsys.readouterr().out
-    assert "runs: 9 copied" in printed and "0 skipped" in printed
+    assert [digest(s) for s in stores] == before  # read through copies, never written
+    assert "runs: 8 copied" in printed and "0 skipped" in printed
 
     dest = MlflowClient(central, registry_uri=central)
     copies = {r.data.tags[SOURCE_RUN_TAG]: r for r in all_runs(dest)}
-    assert len(copies) == 9  # 2 sweeps: 2 + 3 children and their 2 parents; 1 file-store run
+    assert len(copies) == 8  # 2 sweeps: 2 + 3 children and their 2 parents; 1 file-store run
     for store in stores:
         uri = f"sqlite:///{store}" if store.suffix == ".db" else store.as_uri()
+        if store.suffix != ".db":
+            monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
         src = MlflowClient(uri)
         for run in all_runs(src):
             copy = copies[run.info.run_id]
@@ -158,13 +165,15 @@ def test_merge_copies_everything_once_and_leaves_sources_alone(stores, tmp_path,
         next(iter(r for r in copies if copies[r].info.run_name == "old-run"))].info.run_id
     assert dest.get_model_version_by_alias("legacy-model", "champion").version == version.version
     assert dest.get_registered_model("legacy-model").description == "old"
-    local = dest.download_artifacts(version.run_id, "registered_models", str(tmp_path / "m"))
-    assert (Path(local) / "legacy-model" / "v1" / "weights.txt").read_text() == "weights"
+    assert version.source == f"{dest.get_run(version.run_id).info.artifact_uri}/model"
+    local = dest.download_artifacts(version.run_id, "model", str(tmp_path / "m"))
+    assert (Path(local) / "weights.txt").read_text() == "weights"
 
+    before = [digest(s) for s in stores]
     report = merge([str(s) for s in stores], into=central)  # the second merge adds nothing
-    assert report.runs_copied == 0 and report.runs_skipped == 9
+    assert report.runs_copied == 0 and report.runs_skipped == 8
     assert report.versions_copied == 0 and report.versions_skipped == 1
-    assert len(all_runs(dest)) == 9
+    assert len(all_runs(dest)) == 8
     assert [digest(s) for s in stores] == before
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -105,8 +106,17 @@ def source_uri(source: str) -> str:
 
 @contextmanager
 def readable(uri: str) -> Iterator[str]:
-    """A URI to read `uri` through without writing to it: sqlite goes through a temp copy
-    (MLflow may create tables or upgrade the schema of a database it opens)."""
+    """A URI to read `uri` through without writing to it: sqlite and file stores go through a
+    temporary copy (MLflow may create tables or upgrade the schema of a database it opens, and
+    adds .trash/ to a file store); a server is only read."""
+    if uri.startswith("file:"):
+        with tempfile.TemporaryDirectory(prefix="mlxlab-merge-") as tmp, _file_store_allowed():
+            copy = Path(tmp) / "mlruns"
+            # hard links: metadata only is read; artifact_location still names the original
+            shutil.copytree(Path(uri.removeprefix("file://").removeprefix("file:")), copy,
+                            copy_function=_link_or_copy)
+            yield copy.as_uri()
+        return
     if not uri.startswith("sqlite:///"):
         yield uri
         return
@@ -119,6 +129,27 @@ def readable(uri: str) -> Iterator[str]:
         copy_uri = f"sqlite:///{copy}"
         _upgrade_schema(copy_uri)
         yield copy_uri
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@contextmanager
+def _file_store_allowed() -> Iterator[None]:
+    """MLflow 3 refuses file stores unless told; reading one to merge it is what it is for."""
+    saved = os.environ.get("MLFLOW_ALLOW_FILE_STORE")
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
+        else:
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = saved
 
 
 def _upgrade_schema(uri: str) -> None:
@@ -291,10 +322,24 @@ class Merger:
                 self._copy_version(src, model, version, key)
 
     def _copy_version(self, src, model, version, key: str) -> None:
-        """The version's files go into the copied run's artifacts; the new version points there."""
+        """The new version points at the same files in the copied run; files that lived outside
+        the run (MLflow 3 logged models, or no run) are copied into its artifacts first."""
+        new_run = self.run_map.get(version.run_id) if version.run_id else None
+        relative = _inside_run(src, version)
+        if new_run is None or relative is None:
+            new_run, relative = self._copy_model_files(src, model, version, key, new_run)
+        base = self.dest.get_run(new_run).info.artifact_uri.rstrip("/")
+        source = f"{base}/{relative}" if relative else base
+        tags = {**version.tags, SOURCE_VERSION_TAG: key}
+        new = self.dest.create_model_version(model.name, source, run_id=new_run, tags=tags,
+                                             description=version.description)
+        for alias in getattr(version, "aliases", []) or []:
+            self.dest.set_registered_model_alias(model.name, alias, new.version)
+
+    def _copy_model_files(self, src, model, version, key: str, new_run: str | None
+                          ) -> tuple[str, str]:
         import mlflow.artifacts
 
-        new_run = self.run_map.get(version.run_id) if version.run_id else None
         with tempfile.TemporaryDirectory(prefix="mlxlab-merge-model-") as tmp:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=src.get_model_version_download_uri(model.name, version.version),
@@ -306,12 +351,21 @@ class Merger:
                 self.dest.set_terminated(new_run)
             path = f"registered_models/{model.name}/v{version.version}"
             self.dest.log_artifacts(new_run, local, path)
-        source = f"{self.dest.get_run(new_run).info.artifact_uri}/{path}"
-        tags = {**version.tags, SOURCE_VERSION_TAG: key}
-        new = self.dest.create_model_version(model.name, source, run_id=new_run, tags=tags,
-                                             description=version.description)
-        for alias in getattr(version, "aliases", []) or []:
-            self.dest.set_registered_model_alias(model.name, alias, new.version)
+        return new_run, path
+
+
+def _inside_run(src, version) -> str | None:
+    """The version's path inside its run's artifacts ('' for the root), None if outside."""
+    if not version.run_id:
+        return None
+    source = version.source.rstrip("/")
+    prefix = f"runs:/{version.run_id}"
+    if source == prefix or source.startswith(prefix + "/"):
+        return source[len(prefix):].strip("/")
+    base = src.get_run(version.run_id).info.artifact_uri.rstrip("/")
+    if source == base or source.startswith(base + "/"):
+        return source[len(base):].strip("/")
+    return None
 
 
 def _tags(tags: dict[str, str]) -> list:
