@@ -173,6 +173,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config group '{group}' has no _target_: pick an option, e.g. {group}=...")
     _check_choice(cfg, "trainer.precision", ("auto", "fp32", "bf16", "fp16"))
     _check_choice(cfg, "trainer.quantize_bits", (None, 2, 3, 4, 6, 8))
+    _check_choice(cfg, "trainer.checkpoint.when_busy", (None, "wait", "skip"))
+    remote = OmegaConf.select(cfg, "trainer.checkpoint.remote", default=None)
+    if remote:
+        from mlxlab.training.remote import check_uri
+
+        check_uri(str(remote))
     _check_optimized_metric(cfg)
 
 

@@ -64,8 +64,8 @@ def is_remote(uri: Any) -> bool:
     return isinstance(uri, str) and uri.split("://", 1)[0].lower() in SCHEMES and "://" in uri
 
 
-def _filesystem(uri: str):
-    """(fsspec filesystem, root path without scheme) for `uri`; RemoteError naming the fix."""
+def check_uri(uri: str) -> tuple[str, str]:
+    """(scheme, rest) of a usable remote URI; RemoteError naming the fix otherwise."""
     scheme, _, rest = uri.partition("://")
     scheme = scheme.lower()
     if scheme not in SCHEMES or not rest.strip("/"):
@@ -78,6 +78,12 @@ def _filesystem(uri: str):
             f"the remote URI for {scheme}:// must not carry credentials: use the provider's "
             "standard credential chain (environment variables, config files, instance roles)"
         )
+    return scheme, rest
+
+
+def _filesystem(uri: str):
+    """(fsspec filesystem, root path without scheme) for `uri`; RemoteError naming the fix."""
+    scheme, rest = check_uri(uri)
     try:
         import fsspec
 
