@@ -124,8 +124,7 @@ class FakeGCS(Server):
         wait_for_port(self.port)
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(30)
+        stop_process(self.proc, signal.SIGINT)
 
 
 class Azurite(Server):
@@ -147,8 +146,17 @@ class Azurite(Server):
         wait_for_port(self.port)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        stop_process(self.proc, signal.SIGTERM)
+
+
+def stop_process(proc: subprocess.Popen, sig: int) -> None:
+    """Ask the server to stop; kill it if it takes long (a busy CI box), and wait for it."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
 
 
 def azurite_bin() -> Path:
