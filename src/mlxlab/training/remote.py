@@ -358,6 +358,10 @@ class RemoteUploader:
 
     def _upload(self, path: Path, name: str) -> None:
         start = time.perf_counter()
+        if name != BEST and self.store._exists(self.store._path(CHECKPOINTS, name, MARKER)):
+            # already committed there: the checkpoint this run resumed from, downloaded from it
+            self.uploaded[name] = self.store.url(CHECKPOINTS, name)
+            return
         try:
             self.store.upload_checkpoint(path, name)
         except FileNotFoundError:
