@@ -182,6 +182,12 @@ def validate(cfg: DictConfig) -> None:
         len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
     ):
         raise ConfigError(f"trainer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got {betas}")
+    _check_choice(cfg, "trainer.checkpoint.when_busy", (None, "wait", "skip"))
+    remote = OmegaConf.select(cfg, "trainer.checkpoint.remote", default=None)
+    if remote:
+        from mlxlab.training.remote import check_uri
+
+        check_uri(str(remote))
     _check_optimized_metric(cfg)
 
 

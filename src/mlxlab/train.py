@@ -150,8 +150,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         use_pretrained_tokenizer,
     )
     from mlxlab.tracking.stale import process_tags
+    from mlxlab.training.remote import remote_resume
 
-    resume = prepare_resume(cfg, run_dir)
+    resume = remote_resume(cfg, run_dir, prepare_resume)
     reuse_tokenizer(cfg, resume, "resume")
     reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
     use_pretrained_tokenizer(cfg)
@@ -187,6 +188,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
     from mlxlab.training.checkpoint import CheckpointError
+    from mlxlab.training.remote import RemoteError
     from mlxlab.training.trainer import TrainingError, TrainingInterrupted
 
     _, _, sweeping = hydra_context(cfg)
@@ -208,7 +210,7 @@ def main(cfg: DictConfig) -> float:
     except TrainingInterrupted as stop:
         log.error("stopped by signal; checkpoint: %s (resume with resume=auto)", stop.checkpoint)
         sys.exit(stop.exit_code)
-    except (TrainingError, CheckpointError, OSError, ValueError) as err:
+    except (TrainingError, CheckpointError, RemoteError, OSError, ValueError) as err:
         if sweeping:  # a failed trial is recorded as failed (NaN) and the sweep goes on
             log.error("trial failed: %s", err)
             return math.nan

@@ -179,6 +179,37 @@ def _flat_arrays(tree: Any) -> dict[str, mx.array]:
     return {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in tree_flatten(tree)}
 
 
+@dataclass
+class Snapshot:
+    """A checkpoint held in memory: evaluated arrays and the state text, taken on the training
+    thread and written by `write_snapshot` from any thread (MLX arrays are immutable, so later
+    steps never change what a snapshot holds)."""
+
+    step: int
+    model: dict[str, mx.array]
+    optimizer: dict[str, mx.array] | None
+    state_text: str
+    metric: float | None = None
+
+
+def take_snapshot(model: nn.Module, optimizer: optim.Optimizer | None, state: dict) -> Snapshot:
+    """Everything a checkpoint needs, evaluated; ValueError for a bad state before any write."""
+    step = state.get("step")
+    if not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"checkpoint state needs a non-negative int 'step', got {step!r}")
+    try:
+        state_text = json.dumps(state, indent=1, default=_json_default)  # fail before writing
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"checkpoint state is not JSON-serializable ({e}); pass plain "
+            "numbers, strings, lists and dicts (never objects)"
+        ) from e
+    model_arrays = dict(tree_flatten(model.parameters()))
+    opt_arrays = _flat_arrays(optimizer.state) if optimizer is not None else None
+    mx.eval(model_arrays, opt_arrays or {})
+    return Snapshot(int(step), model_arrays, opt_arrays, state_text)
+
+
 def save_checkpoint(
     directory: Path, model: nn.Module, optimizer: optim.Optimizer | None, state: dict
 ) -> Path:
@@ -187,30 +218,21 @@ def save_checkpoint(
     On an OSError (full disk, permissions) the temporary directory is removed and the error is
     re-raised with the checkpoint named; committed checkpoints are never touched.
     """
-    step = state.get("step")
-    if not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"checkpoint state needs a non-negative int 'step', got {step!r}")
+    return write_snapshot(directory, take_snapshot(model, optimizer, state))
+
+
+def write_snapshot(directory: Path, snap: Snapshot) -> Path:
+    """The disk half of `save_checkpoint`: temp dir, files, checksums, marker, rename."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{STEP_PREFIX}{int(step):08d}"
+    final = directory / f"{STEP_PREFIX}{snap.step:08d}"
     tmp = directory / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
     try:
-        state_text = json.dumps(state, indent=1, default=_json_default)  # fail before writing
-    except (TypeError, ValueError) as e:
-        raise ValueError(
-            f"checkpoint state is not JSON-serializable ({e}); pass plain "
-            "numbers, strings, lists and dicts (never objects)"
-        ) from e
-    try:
         tmp.mkdir()
-        model_arrays = dict(tree_flatten(model.parameters()))
-        mx.eval(model_arrays)
-        _write_safetensors(tmp / MODEL_FILE, model_arrays)
-        if optimizer is not None:
-            opt_arrays = _flat_arrays(optimizer.state)
-            mx.eval(opt_arrays)
-            _write_safetensors(tmp / OPTIMIZER_FILE, opt_arrays)
-        _write_text(tmp / STATE_FILE, state_text)
+        _write_safetensors(tmp / MODEL_FILE, snap.model)
+        if snap.optimizer is not None:
+            _write_safetensors(tmp / OPTIMIZER_FILE, snap.optimizer)
+        _write_text(tmp / STATE_FILE, snap.state_text)
         _commit(tmp)
         _swap_into_place(tmp, final)
     except OSError as e:
@@ -691,6 +713,16 @@ class CheckpointManager:
         metric: float | None = None,
     ) -> Path:
         """Write a step checkpoint; refresh best/ when `metric` improves; rotate old ones."""
+        return self.write(self.snapshot(model, optimizer, state, metric))
+
+    def snapshot(
+        self,
+        model: nn.Module,
+        optimizer: optim.Optimizer | None,
+        state: dict,
+        metric: float | None = None,
+    ) -> Snapshot:
+        """The in-memory half of `save` (on the training thread); `write` finishes it."""
         if metric is not None:
             state = {
                 **state,
@@ -700,12 +732,18 @@ class CheckpointManager:
                     "value": float(metric),
                 },
             }
-        path = save_checkpoint(self.directory, model, optimizer, state)
+        snap = take_snapshot(model, optimizer, state)
+        snap.metric = None if metric is None else float(metric)
         self._last_save_time = time.monotonic()
-        self._last_save_step = int(state["step"])
-        if metric is not None and self.is_better(metric):
+        self._last_save_step = snap.step
+        return snap
+
+    def write(self, snap: Snapshot) -> Path:
+        """The disk half of `save`: the checkpoint, best/ and rotation (any one thread)."""
+        path = write_snapshot(self.directory, snap)
+        if snap.metric is not None and self.is_better(snap.metric):
             self._refresh_best(path)
-            self.best_metric = float(metric)
+            self.best_metric = snap.metric
         self._rotate()
         return path
 

@@ -29,6 +29,7 @@ from mlxlab.data.batching import Batching
 from mlxlab.runtime import device
 from mlxlab.tracking.base import flatten_config
 from mlxlab.training import losses, metrics
+from mlxlab.training.async_writer import CheckpointWriter
 from mlxlab.training.callbacks import Callback, EarlyStopping, EvalLog, MemoryMonitor, ProgressBar
 from mlxlab.training.checkpoint import (
     CheckpointManager,
@@ -415,16 +416,18 @@ class Trainer:
                 "encoding": data.encoding_state() if hasattr(data, "encoding_state") else None,
             }
 
-        def save(metric: float | None = None) -> Path:
+        writer = self.checkpoint_writer(manager, run_dir, config)
+
+        def save(metric: float | None = None, force: bool = False) -> Path | None:
             # Metrics logged so far reach the store before the checkpoint that covers them, so a
             # SIGKILL never leaves a checkpoint whose steps are missing from the tracking data.
             tracker.flush()
-            return manager.save(model, optimizer, trainer_state(), metric=metric)
+            return writer.save(model, optimizer, trainer_state(), metric=metric, force=force)
 
-        def evaluate_and_save() -> None:
+        def evaluate_and_save(force: bool = False) -> None:
             if not has_val:  # the points where a run evaluates still checkpoint
                 run.last_eval_step = run.step
-                save()
+                save(force=force)
                 return
             results = self.evaluate(model, data, task)
             for key, value in results.items():
@@ -437,7 +440,7 @@ class Trainer:
                 run.best_metrics = {**results, "best_step": float(run.step)}
                 run.best_eval = self.last_eval
             run.last_eval_step = run.step
-            save(metric=value)
+            save(metric=value, force=force)
 
         window = LogWindow()
         window.load_state_dict(run.log_window)
@@ -467,8 +470,10 @@ class Trainer:
             elif manager.should_save(run.step):
                 save()
             if stop.requested:
-                path = save() if manager.last_saved_step != run.step else manager.latest()
-                raise TrainingInterrupted(stop.exit_code, path)
+                if manager.last_saved_step != run.step:
+                    save(force=True)
+                writer.wait()  # the emergency checkpoint is on disk before the process exits
+                raise TrainingInterrupted(stop.exit_code, manager.latest())
             return end or any(cb.should_stop for cb in callbacks)
 
         status = "FAILED"
@@ -493,7 +498,8 @@ class Trainer:
                         evaluate_and_save()  # once per epoch
                         stopped = stopped or any(cb.should_stop for cb in callbacks)
                 if run.last_eval_step != run.step:
-                    evaluate_and_save()  # the final state is always evaluated and saved
+                    evaluate_and_save(force=True)  # the final state is always evaluated and saved
+                writer.wait()
                 return self.finish(model, data, task, tracker, run_dir, run, manager)
             except (TrainingInterrupted, KeyboardInterrupt):
                 status = "KILLED"
@@ -501,7 +507,26 @@ class Trainer:
             finally:
                 for cb in callbacks:
                     cb.on_train_end()
+                writer.close(tracker)  # the last write and upload round, before the run ends
                 tracker.end("FINISHED" if run.finished else status)
+
+    def checkpoint_writer(self, manager: CheckpointManager, run_dir: Path, config: dict
+                          ) -> CheckpointWriter:
+        """Background (or inline) checkpoint writes, uploading to trainer.checkpoint.remote."""
+        uploader = None
+        if self.checkpoint.get("remote"):
+            from omegaconf import OmegaConf
+
+            from mlxlab.training.remote import RemoteStore, RemoteUploader
+
+            store = RemoteStore(self.checkpoint["remote"],
+                                retries=self.checkpoint.get("remote_retries", 5),
+                                backoff_s=self.checkpoint.get("remote_backoff_s", 1.0))
+            uploader = RemoteUploader(store, run_dir, manager.keep_last_n,
+                                      config_text=OmegaConf.to_yaml(OmegaConf.create(config)))
+        return CheckpointWriter(manager, asynchronous=self.checkpoint.get("async_write", True),
+                                when_busy=self.checkpoint.get("when_busy", "wait"),
+                                uploader=uploader)
 
     def restore(
         self, resume, model, optimizer, data, callbacks, manager, run, config, val_print=None
