@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import PYTHON
-from mlxlab.tracking.merge import SOURCE_RUN_TAG, main, merge
+from mlxlab.tracking.merge import SOURCE_RUN_TAG, main
 
 APP = """
 import hydra
@@ -170,9 +171,13 @@ def test_merge_copies_everything_once_and_leaves_sources_alone(stores, tmp_path,
     assert (Path(local) / "weights.txt").read_text() == "weights"
 
     before = [digest(s) for s in stores]
-    report = merge([str(s) for s in stores], into=central)  # the second merge adds nothing
-    assert report.runs_copied == 0 and report.runs_skipped == 8
-    assert report.versions_copied == 0 and report.versions_skipped == 1
+    # the second merge, through the installed command as a user types it, adds nothing
+    again = subprocess.run(
+        [str(Path(sys.executable).with_name("mlxlab")), "runs", "merge", *map(str, stores[:2]),
+         str(stores[2].parent), "--into", central], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "runs: 0 copied (0 of them re-copied after an interrupted merge), 8 skipped" in again.stdout, again.stdout
+    assert "registered model versions: 0 copied, 1 skipped" in again.stdout, again.stdout
     assert len(all_runs(dest)) == 8
     assert [digest(s) for s in stores] == before
 

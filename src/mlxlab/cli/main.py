@@ -2,6 +2,7 @@
 
     mlxlab train [hydra overrides]      train (same as mlxlab-train)
     mlxlab export RUN --format hf|mlx-lm --out DIR [...]
+    mlxlab runs merge SOURCE... [--into URI]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 VERBS = {
     "train": ("mlxlab.cli.train", "train a model: Hydra overrides, e.g. experiment=tinystories_nano"),
     "export": ("mlxlab.cli.export", "write a finished run as a Hugging Face or mlx-lm folder"),
+    "runs": ("mlxlab.cli.runs", "the store's runs: `mlxlab runs merge SOURCE...`"),
 }
 
 
