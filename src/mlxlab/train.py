@@ -50,13 +50,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir, choices, _ = hydra_context(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     from mlxlab.runs import first_teacher, prepare_resume, reuse_tokenizer
+    from mlxlab.runtime import distributed
+    from mlxlab.tracking.base import NullTracker
 
+    world = distributed.world(cfg.trainer.get("distributed", "auto"),
+                              cfg.trainer.get("distributed_timeout_s", 30.0))
     resume = prepare_resume(cfg, run_dir)
     reuse_tokenizer(cfg, resume, "resume")
     reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
-    tracker = instantiate(cfg.tracking)
+    tracker = instantiate(cfg.tracking) if world.is_main else NullTracker()  # rank 0 tracks
     data = instantiate(cfg.data)
-    data.setup(run_dir)
+    if world.is_main:  # rank 0 writes the tokenizer (and data caches) first
+        data.setup(run_dir)
+    world.barrier("waiting for rank 0's data setup")
+    if not world.is_main:
+        data.setup(None)
+    world.check_same(str(data.tokenizer_hash), "the tokenizer",
+                     "train it once (rank 0) and pass data.tokenizer.path=<its tokenizer.json>")
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
     trainer = instantiate(cfg.trainer)
     tags = {
@@ -64,11 +74,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "mlxlab.config_hash": run_hash,
         "mlxlab.run_dir": str(run_dir),
         "mlxlab.task_name": cfg.task_name,
+        "mlxlab.world_size": str(world.size),
         **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()},
     }
     result = trainer.fit(model, data, tracker, run_dir, config=to_container(cfg), tags=tags,
                          resume=resume)
     shown = {k: round(v, 4) for k, v in result.metrics.items()}
+    if not world.is_main:
+        return result.metrics
     print(f"validation: {shown}")
     print(f"run dir:    {run_dir}")
     print(f"mlflow run: {result.run_id or '- (tracking=none)'}")

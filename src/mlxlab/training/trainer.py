@@ -25,7 +25,7 @@ import numpy as np
 from mlx.utils import tree_map
 
 from mlxlab.data.batching import Batching
-from mlxlab.runtime import device
+from mlxlab.runtime import device, distributed
 from mlxlab.tracking.base import flatten_config
 from mlxlab.training import losses, metrics
 from mlxlab.training.callbacks import Callback, EarlyStopping, MemoryMonitor, ProgressBar
@@ -139,6 +139,9 @@ class Trainer:
         early_stopping: dict | None = None,
         checkpoint: dict | None = None,
         distill: dict | None = None,
+        distributed: str | bool = "auto",
+        distributed_timeout_s: float = 30.0,
+        shard_optimizer: bool = False,
     ) -> None:
         if max_epochs is None and max_steps is None:
             raise ValueError("set trainer.max_epochs or trainer.max_steps")
@@ -160,6 +163,11 @@ class Trainer:
         self.checkpoint = checkpoint or {}
         self.distill = distill
         self.teachers: list[nn.Module] = []
+        # Data parallelism (runtime/distributed.py): batch_size is per rank, as with torchrun.
+        self.distributed, self.distributed_timeout_s = distributed, distributed_timeout_s
+        self.shard_optimizer = shard_optimizer
+        self.world = None  # set in fit()
+        self.optimizer_shards = None
 
     # --- hooks ---------------------------------------------------------------------------
 
@@ -216,7 +224,8 @@ class Trainer:
         return choices[self.precision]
 
     def build_callbacks(self) -> list[Callback]:
-        cbs: list[Callback] = [ProgressBar(enabled=self.progress)]
+        main = self.world is None or self.world.is_main  # only rank 0 prints
+        cbs: list[Callback] = [ProgressBar(enabled=self.progress and main)]
         if self.early_stopping.get("patience", 0) > 0:
             cbs.append(EarlyStopping(
                 monitor=self.early_stopping.get("monitor", self.monitor),
@@ -240,15 +249,22 @@ class Trainer:
         state = [model.state, optimizer.state, mx.random.state]
         clip = self.grad_clip
         compile_ = partial(mx.compile, inputs=state, outputs=state) if self.compile else (lambda f: f)
+        world = self.world or distributed.World()
+        shards = self.optimizer_shards
+        update = partial(optimizer.update, model) if shards is None else partial(shards.update, model, optimizer)
 
         @compile_
         def fused_step(batch):
             (loss, aux), grads = loss_and_grad(model, batch)
             grads, norm = clip_by_global_norm(grads, clip)
-            optimizer.update(model, grads)
+            update(grads)
             return loss, norm, aux
 
-        if self.grad_accum == 1:
+        # Data parallel runs take the accumulation path below even for one micro-batch: its
+        # apply_step sums value x count over ranks, so the update is the global batch's. (With
+        # MLX 0.32 on CPU, an all_sum compiled into the same graph as the backward pass hung on
+        # the ring backend; in its own compiled function it does not.)
+        if self.grad_accum == 1 and not world.enabled:
             def step(batches):
                 loss, norm, aux = fused_step(batches[0])
                 mx.eval(loss, norm, aux, state)
@@ -264,11 +280,13 @@ class Trainer:
             return loss * n, n, weighted, tree_map(lambda g: g * n, grads)
 
         @compile_
-        def apply_step(grads, ntokens):
-            grads = tree_map(lambda g: g / ntokens, grads)
+        def apply_step(grads, ntokens, loss_sum, aux_sum):
+            summed = world.all_sum_tree({"g": grads, "n": ntokens, "l": loss_sum, "a": aux_sum})
+            grads, ntokens = tree_map(lambda g: g / summed["n"], summed["g"]), summed["n"]
             grads, norm = clip_by_global_norm(grads, clip)
-            optimizer.update(model, grads)
-            return norm
+            update(grads)
+            aux = {k: v / ntokens for k, v in summed["a"].items()} | {"ntokens": ntokens}
+            return norm, summed["l"] / ntokens, aux
 
         def step(batches):
             total_loss, total_n, total_aux, acc = 0.0, 0.0, None, None
@@ -280,21 +298,27 @@ class Trainer:
                     acc, total_aux = tree_map(mx.add, acc, grads), tree_map(mx.add, total_aux, aux_sum)
                 total_loss, total_n = total_loss + loss_sum, total_n + n
                 mx.eval(acc, total_aux, total_loss, total_n)  # one micro-batch of activations alive
-            norm = apply_step(acc, total_n)
-            loss = total_loss / total_n
-            aux = {k: v / total_n for k, v in total_aux.items()} | {"ntokens": total_n}
-            mx.eval(loss, norm, aux, state)
+            with world.guard("a training step"):
+                norm, loss, aux = apply_step(acc, total_n, total_loss, total_aux)
+                mx.eval(loss, norm, aux, state)
             return loss, norm, aux
 
         return step
 
     # --- evaluation ----------------------------------------------------------------------
 
-    def evaluate(self, model: nn.Module, data, task: str, prefix: str = "val") -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, data, task: str, prefix: str = "val", shard: bool = True
+    ) -> dict[str, float]:
+        """Validation metrics; under data parallelism each rank evaluates every N-th batch and
+        the sums (and, for classifiers, the labels and probabilities) are reduced over ranks."""
         model.eval()
         self.last_eval = None  # classification: (labels, probs), for the confusion matrix
         total, count, probs, labels = 0.0, 0.0, [], []
-        for batch in data.val_batches(self.batching):
+        world = self.world if shard and self.world is not None else distributed.World()
+        for k, batch in enumerate(data.val_batches(self.batching)):
+            if k % world.size != world.rank:
+                continue
             logits = losses.forward(model, batch).astype(mx.float32)
             ce_sum, n = losses.masked_sum(losses.token_cross_entropy(logits, batch["labels"]), batch)
             if task == "classification":
@@ -307,6 +331,13 @@ class Trainer:
             total += float(ce_sum)
             count += float(n)
         model.train()
+        if world.enabled:
+            total, count = world.sum_numbers([total, count], "evaluation")
+            if task == "classification":
+                width = data.num_labels
+                labels = [world.gather_rows(np.concatenate(labels) if labels else np.zeros(0, np.int32))]
+                probs = [world.gather_rows(
+                    np.concatenate(probs) if probs else np.zeros((0, width), np.float32))]
         if count == 0:
             raise TrainingError("the validation split is empty: raise data.val_fraction or add data")
         mean = total / count
@@ -316,6 +347,17 @@ class Trainer:
         return metrics.lm_metrics(mean, prefix=prefix)
 
     # --- the loop ------------------------------------------------------------------------
+
+    def use_global_batches(self, world: distributed.World) -> None:
+        """Data parallel: the data module batches the global batch (batch_size per rank x ranks,
+        token budgets likewise) and each rank trains on its rows, see World.shard_rows."""
+        if not world.enabled or getattr(self, "_global_batches", False):
+            return
+        self._global_batches = True
+        b = self.batching
+        b.batch_size *= world.size
+        b.max_tokens = b.max_tokens * world.size if b.max_tokens else None
+        b.max_batch_size = b.max_batch_size * world.size if b.max_batch_size else None
 
     def plan(self, data) -> tuple[int, float]:
         """(total optimizer steps, epochs): the run ends at max_steps or max_epochs, first come."""
@@ -339,14 +381,23 @@ class Trainer:
         resume: str | Path | None = None,
     ) -> FitResult:
         run_dir, task, config = Path(run_dir), data.task, config or {}
+        world = self.world = distributed.world(self.distributed, self.distributed_timeout_s)
+        self.use_global_batches(world)
         loss_fn = self.build_loss(data)
         self.fit_batch_to_memory(model, data, loss_fn)
         total_steps, max_epochs = self.plan(data)
-        optimizer = build_optimizer(
-            self.opt_name, self.learning_rate, total_steps, self.warmup_steps, self.schedule,
-            self.weight_decay, min_lr_ratio=self.min_lr_ratio,
-        )
-        optimizer.init(model.trainable_parameters())
+
+        def new_optimizer():
+            return build_optimizer(
+                self.opt_name, self.learning_rate, total_steps, self.warmup_steps, self.schedule,
+                self.weight_decay, min_lr_ratio=self.min_lr_ratio,
+            )
+
+        optimizer = new_optimizer()
+        if self.shard_optimizer and world.enabled:
+            self.optimizer_shards = distributed.OptimizerShards(world, model.trainable_parameters())
+        else:  # sharded: the full state is only built when a checkpoint is restored into it
+            optimizer.init(model.trainable_parameters())
         manager = CheckpointManager(
             run_dir / "checkpoints", keep_last_n=self.checkpoint.get("keep_last_n", 3),
             save_every_steps=self.checkpoint.get("save_every_steps"),
@@ -358,6 +409,11 @@ class Trainer:
         tags = dict(tags or {})
         if resume:
             tags.update(self.restore(resume, model, optimizer, data, callbacks, manager, run, config))
+        if self.optimizer_shards is not None:  # keep this rank's share of the (restored) state
+            sharded = new_optimizer()
+            self.optimizer_shards.adopt(
+                sharded, optimizer.state if resume else None, model.trainable_parameters())
+            optimizer = sharded
         tracker.start(params=config, tags=tags, run_id=run.run_id)
         step_fn = self.make_step(model, optimizer, loss_fn)  # compiled after any restore
         model.train()
@@ -375,11 +431,20 @@ class Trainer:
                 "encoding": data.encoding_state() if hasattr(data, "encoding_state") else None,
             }
 
-        def save(metric: float | None = None) -> Path:
+        saved_at: list[int] = []  # the same on every rank (manager state is rank 0's alone)
+
+        def save(metric: float | None = None) -> Path | None:
             # Metrics logged so far reach the store before the checkpoint that covers them, so a
             # SIGKILL never leaves a checkpoint whose steps are missing from the tracking data.
             tracker.flush()
-            return manager.save(model, optimizer, trainer_state(), metric=metric)
+            saved_at.append(run.step)
+            opt = optimizer
+            if self.optimizer_shards is not None:  # every rank takes part in the gather
+                opt = distributed.StateView(
+                    self.optimizer_shards.gathered_state(optimizer, model.trainable_parameters()))
+            if not world.is_main:
+                return None
+            return manager.save(model, opt, trainer_state(), metric=metric)
 
         def evaluate_and_save() -> None:
             results = self.evaluate(model, data, task)
@@ -417,13 +482,17 @@ class Trainer:
                 cb.on_step(run.step, logs)
             if logs:
                 tracker.log_metrics(logs, run.step)
-            if self.eval_every_steps and (run.step % self.eval_every_steps == 0 or end):
+            evaluated = bool(self.eval_every_steps and (run.step % self.eval_every_steps == 0 or end))
+            if evaluated:
                 evaluate_and_save()
-            elif manager.should_save(run.step):
+            # Ranks act on one decision (any rank's signal, rank 0's clock) at the same step.
+            stop_now, save_now = world.agree(
+                stop.requested, not evaluated and manager.should_save(run.step))
+            if save_now:
                 save()
-            if stop.requested:
-                path = save() if manager.last_saved_step != run.step else manager.latest()
-                raise TrainingInterrupted(stop.exit_code, path)
+            if stop_now:
+                path = save() if run.step not in saved_at[-1:] else manager.latest()
+                raise TrainingInterrupted(stop.exit_code if stop.requested else 143, path)
             return end or any(cb.should_stop for cb in callbacks)
 
         status = "FAILED"
@@ -435,7 +504,7 @@ class Trainer:
                 while run.epoch < max_epochs and not stopped:
                     pending: list = []
                     for batch in data.train_batches(self.batching, run.epoch):
-                        pending.append(batch)
+                        pending.append(world.shard_rows(batch))
                         if len(pending) == self.grad_accum:
                             stopped, pending = train_step(pending), []
                             if stopped:
@@ -470,7 +539,8 @@ class Trainer:
         run.step, run.epoch, run.run_id = state["step"], state["epoch"], state.get("run_id")
         run.history, run.best_metrics = state.get("history", {}), state.get("best_metrics", {})
         manager.restore_best(state.get("best_metric"))
-        manager.adopt_best(path.parent)
+        if self.world is None or self.world.is_main:  # rank 0 alone writes the run folder
+            manager.adopt_best(path.parent)
         log.info("resumed from %s at step %d (epoch %d)", path, run.step, run.epoch)
         tags = self.resume_changes(state.get("config") or {}, config)
         report = source.last_report
@@ -482,6 +552,9 @@ class Trainer:
     def finish(self, model, data, task, tracker, run_dir, run, manager) -> FitResult:
         """Best weights back in the model, optional quantized check, artifacts."""
         metrics_out = dict(run.best_metrics)
+        if self.world is not None and not self.world.is_main:  # rank 0 reports and writes
+            run.finished = True
+            return FitResult(metrics_out, run_dir, None, None, run.step, run.history)
         tracker.log_metrics({f"best/{k}": v for k, v in metrics_out.items()}, run.step)
         best = manager.best_path
         if best is not None:
@@ -532,7 +605,7 @@ class Trainer:
         bits = int(self.quantize_bits)
         nn.quantize(model, group_size=32, bits=bits,
                     class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 32 == 0)
-        return self.evaluate(model, data, task, prefix=f"val_q{bits}")
+        return self.evaluate(model, data, task, prefix=f"val_q{bits}", shard=False)
 
     @staticmethod
     def resume_changes(old: dict, new: dict) -> dict[str, str]:
