@@ -362,15 +362,13 @@ class OptimizerShards:
 
     def gathered_state(self, optimizer, params: dict) -> dict:
         """The full optimizer state (flat parameter keys) on every rank, for a checkpoint."""
-        from mlx.optimizers import Optimizer
-
         contrib = {}
         for key, value in tree_flatten(params):
             if key in optimizer.state:
                 contrib[key] = dict(optimizer.state[key])
             else:
                 slots: dict = {}
-                Optimizer.init_single(optimizer, mx.zeros_like(value), slots)
+                optimizer.init_single(mx.zeros_like(value), slots)  # zeros of the right slots
                 contrib[key] = slots
         with self.world.guard("gathering optimizer shards"):
             full = self.world.all_sum_tree(contrib)
