@@ -376,8 +376,11 @@ class OptimizerShards:
         scalars = {k: v for k, v in optimizer.state.items() if k not in contrib}
         return {**scalars, **full}
 
-    def state_bytes(self, optimizer) -> int:
-        return sum(v.nbytes for _, v in tree_flatten(optimizer.state) if isinstance(v, mx.array))
+
+
+def tree_nbytes(tree: Any) -> int:
+    """Bytes held by the arrays of a tree (e.g. an optimizer's state)."""
+    return sum(v.nbytes for _, v in tree_flatten(tree) if isinstance(v, mx.array))
 
 
 class StateView:
@@ -394,7 +397,7 @@ def rank_prefix() -> str:
 
 __all__ = [
     "EXIT_PEER_LOST", "OptimizerShards", "StateView", "Watchdog", "World", "launched",
-    "rank_prefix", "start_time", "world",
+    "rank_prefix", "start_time", "tree_nbytes", "world",
 ]
 if sys.platform != "linux":  # the launcher watch relies on getppid() changing to the reaper
     _watch_launcher = lambda: None  # noqa: E731

@@ -414,6 +414,9 @@ class Trainer:
             self.optimizer_shards.adopt(
                 sharded, optimizer.state if resume else None, model.trainable_parameters())
             optimizer = sharded
+        self.optimizer_state_mb = distributed.tree_nbytes(optimizer.state) / 2**20
+        log.info("optimizer state: %.1f MB on this rank%s", self.optimizer_state_mb,
+                 f" (sharded over {world.size} ranks)" if self.optimizer_shards else "")
         tracker.start(params=config, tags=tags, run_id=run.run_id)
         step_fn = self.make_step(model, optimizer, loss_fn)  # compiled after any restore
         model.train()
