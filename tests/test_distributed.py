@@ -135,14 +135,20 @@ def test_two_ranks_equal_one_process_with_twice_the_batch_lm(tmp_path, cli_env, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["trainer.grad_accum=2"], ["model.lora.rank=4"]],
-                         ids=["grad_accum", "lora"])
-def test_accumulation_and_lora_under_data_parallelism(tmp_path, cli_env, extra):
-    args = [*BERT, *extra]
-    run(1, [*args, "trainer.batch_size=16"], tmp_path / "one", cli_env)
-    run(2, [*args, "trainer.batch_size=8"], tmp_path / "two", cli_env)
+@pytest.mark.parametrize(
+    ("one", "two"),
+    [(["trainer.grad_accum=2", "trainer.batch_size=16"], ["trainer.grad_accum=2", "trainer.batch_size=8"]),
+     (["model.lora.rank=4", "trainer.batch_size=16"], ["model.lora.rank=4", "trainer.batch_size=8"]),
+     # token budgets are per rank, like batch_size: 2 x 256 padded tokens == 1 x 512
+     (["trainer.dynamic_batch=true", "trainer.max_tokens=512"],
+      ["trainer.dynamic_batch=true", "trainer.max_tokens=256"])],
+    ids=["grad_accum", "lora", "dynamic_batch"],
+)
+def test_accumulation_lora_dynamic_batches_under_data_parallelism(tmp_path, cli_env, one, two):
+    run(1, [*BERT, *one], tmp_path / "one", cli_env)
+    run(2, [*BERT, *two], tmp_path / "two", cli_env)
     diff = relative_difference(weights(tmp_path / "two"), weights(tmp_path / "one"))
-    report(f"bert {extra[0]} 2x8 vs 1x16", diff)
+    report(f"bert {two[0]} 2 ranks vs 1 process", diff)
     assert diff <= TOL
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -377,7 +376,6 @@ class OptimizerShards:
         return {**scalars, **full}
 
 
-
 def tree_nbytes(tree: Any) -> int:
     """Bytes held by the arrays of a tree (e.g. an optimizer's state)."""
     return sum(v.nbytes for _, v in tree_flatten(tree) if isinstance(v, mx.array))
@@ -390,14 +388,7 @@ class StateView:
         self.state = state
 
 
-def rank_prefix() -> str:
-    w = _WORLD
-    return f"[rank {w.rank}] " if w is not None and w.enabled else ""
-
-
 __all__ = [
     "EXIT_PEER_LOST", "OptimizerShards", "StateView", "Watchdog", "World", "launched",
-    "rank_prefix", "start_time", "tree_nbytes", "world",
+    "start_time", "tree_nbytes", "world",
 ]
-if sys.platform != "linux":  # the launcher watch relies on getppid() changing to the reaper
-    _watch_launcher = lambda: None  # noqa: E731

@@ -580,11 +580,15 @@ class Trainer:
         grad_fn = nn.value_and_grad(model, loss_fn)
         while True:
             device.reset_peak_memory()
-            batch = next(iter(data.train_batches(self.batching, 0)))
+            world = self.world or distributed.World()
+            batch = world.shard_rows(next(iter(data.train_batches(self.batching, 0))))
             out = grad_fn(model, batch)
             mx.eval(out)
             del out
             peak = device.peak_memory_mb()
+            if world.enabled:  # one figure for all ranks, so they all pick the same batch
+                peak = max(world.sum_numbers([peak if r == world.rank else 0.0
+                                              for r in range(world.size)], "the memory probe"))
             if peak <= self.memory_budget_mb:
                 break
             if self.batching.batch_size == 1:
