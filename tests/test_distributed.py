@@ -193,7 +193,10 @@ def test_a_killed_rank_stops_the_others_with_checkpoints_intact(tmp_path, cli_en
     killed_at = time.time()
     out, err = proc.communicate(timeout=90)
     assert time.time() - killed_at < 60
-    assert proc.returncode != 0
+    # mlx.launch itself exits 0 whatever its ranks did; it reports each rank's exit status.
+    print(err[-1500:])
+    codes = [line for line in err.splitlines() if "exited with code" in line or "was killed" in line]
+    assert len(codes) == 2 and not any("code 0" in line for line in codes), err[-3000:]
     for pid in rank_pids:  # no survivor left behind
         assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
     steps = committed_steps(run_dir)
