@@ -231,3 +231,34 @@ def test_sigterm_to_the_launcher_checkpoints_once_and_all_ranks_exit(tmp_path, c
     last = json.loads((run_dir / "checkpoints" / f"step_{steps[-1]:08d}" / "state.json").read_text())
     assert last["step"] == steps[-1]
     assert not list((run_dir / "checkpoints").glob(".tmp*"))
+
+
+@pytest.mark.slow
+def test_a_hung_rank_trips_the_watchdog_of_the_others(tmp_path, cli_env):
+    """A rank that stops answering without closing its sockets (SIGSTOP: a hung host) leaves the
+    other blocked in a collective: the watchdog ends it with one clear line and exit 75."""
+    args = [*BERT, "trainer.max_steps=100000", "trainer.batch_size=8",
+            "trainer.checkpoint.save_every_steps=3", "trainer.distributed_timeout_s=15"]
+    run_dir = tmp_path / "run"
+    proc = start(2, args, run_dir, cli_env)
+    wait_for_step(proc, run_dir, 3)
+    ranks = [int(p) for p in subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "mlxlab-train"],
+                                            capture_output=True, text=True).stdout.split()]
+    rank_pids = sorted(p for p in ranks if p != proc.pid)
+    assert len(rank_pids) == 2
+    hung = rank_pids[1]
+    os.kill(hung, signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        while subprocess.run(["kill", "-0", str(rank_pids[0])], capture_output=True).returncode == 0:
+            assert time.time() - stopped_at < 60, "the surviving rank did not exit within 60 s"
+            time.sleep(0.5)
+    finally:
+        os.kill(hung, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert "waited over 15 s for the other ranks" in err, err[-3000:]
+    assert "exited with code 75" in err
+    from mlxlab.training.checkpoint import check_committed
+
+    for step in committed_steps(run_dir):
+        assert check_committed(run_dir / "checkpoints" / f"step_{step:08d}") is None
