@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+CACHE = Path(tempfile.gettempdir()) / "mlxlab-bench-dist-cache"
 LM = ["experiment=tinystories_nano", "data.max_examples=2000", "data.val_examples=20",
       "trainer.early_stopping.patience=0", "trainer.progress=false",
       "trainer.eval_every_steps=null", "trainer.checkpoint.save_every_minutes=null",
@@ -107,6 +108,8 @@ def launch(ranks: int, threads: int, args: list[str]) -> list[dict]:
     root = tempfile.mkdtemp(prefix="mlxlab-bench-dist-")
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "BENCH_ROOT": root,
            "MLXLAB_ROOT": root}
+    if args[0] == "--worker":  # tokenizers trained once, not per launch
+        args = ["--worker", f"paths.cache_dir={CACHE}", *args[1:]]
     cmd = [sys.executable, __file__, *args]
     if ranks > 1:
         port = str(random.randint(20000, 60000))
@@ -160,8 +163,8 @@ def main() -> None:
           "training steps, per rank (MB) | ms/step |")
     print("|---|---|---|---:|")
     for shard in ("false", "true"):
-        res = launch(2, 1, ["--worker", *SMALL, "trainer.max_steps=8",
-                            f"trainer.shard_optimizer={shard}", "--probe", "8"])
+        res = launch(2, 1, ["--worker", *SMALL, "trainer.max_steps=6",
+                            f"trainer.shard_optimizer={shard}", "--probe", "6"])
         opt = " / ".join(f"{r['optimizer_mb']:.1f}" for r in res)
         peak = " / ".join(f"{r['peak_mb']:.0f}" for r in res)
         print(f"| shard_optimizer={shard} | {opt} | {peak} | {max(r['ms'] for r in res):.0f} |",
