@@ -35,7 +35,8 @@ SMALL = ["model=transformer_small", "data=streaming", "data.seq_len=64", "model.
          "trainer.early_stopping.patience=0", "trainer.progress=false",
          "trainer.eval_every_steps=null", "trainer.checkpoint.save_every_minutes=null",
          "tracking=none", "trainer.batch_size=2", "optimized_metric=val/loss",
-         "optimized_mode=min"]
+         "optimized_mode=min",
+         "trainer.distributed_timeout_s=900"]  # a first (compiling) step can take minutes here
 
 
 def worker(overrides: list[str], probe_step: int) -> None:
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--only-memory", action="store_true")
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--probe", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--allreduce", type=int, default=0, help=argparse.SUPPRESS)
@@ -135,6 +137,8 @@ def main() -> None:
     if args.worker is not None:
         return worker(args.worker, args.probe)
 
+    if args.only_memory:
+        return memory()
     tokens_per_step = 16 * 128
     steps = f"trainer.max_steps={args.steps + 3}"
     print("| pair | 1 process x 2 threads, batch 16: tokens/s | 2 ranks x 1 thread, batch 8 each: "
@@ -157,8 +161,11 @@ def main() -> None:
           f"127.0.0.1): {ms:.1f} ms median = {100 * ms / dp_step_ms:.0f}% of the 2-rank step "
           f"({dp_step_ms:.0f} ms); {reduce[0]['mb'] / ms * 1e3 / 1024:.2f} GB/s of gradients")
 
-    if args.skip_memory:
-        return
+    if not args.skip_memory:
+        memory()
+
+
+def memory() -> None:
     print("\n| transformer_small, 2 ranks | optimizer state per rank (MB) | MLX peak memory in "
           "training steps, per rank (MB) | ms/step |")
     print("|---|---|---|---:|")
