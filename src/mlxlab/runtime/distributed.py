@@ -85,11 +85,11 @@ class Watchdog:
                     os._exit(EXIT_PEER_LOST)
 
     @contextmanager
-    def guard(self, what: str) -> Iterator[None]:
+    def guard(self, what: str, scale: float = 1.0) -> Iterator[None]:
         if self._thread is None:
             self._thread = threading.Thread(target=self._watch, daemon=True, name="mlxlab-watchdog")
             self._thread.start()
-        self.what, self.deadline = what, time.monotonic() + self.timeout_s
+        self.what, self.deadline = what, time.monotonic() + self.timeout_s * scale
         try:
             yield
         finally:
@@ -135,12 +135,13 @@ class World:
         return self.rank == 0
 
     @contextmanager
-    def guard(self, what: str) -> Iterator[None]:
-        """Deadline around code that waits on other ranks (no-op in a single process)."""
+    def guard(self, what: str, scale: float = 1.0) -> Iterator[None]:
+        """Deadline (timeout_s x scale) around code that waits on other ranks (no-op in a single
+        process)."""
         if self.watchdog is None:
             yield
         else:
-            with self.watchdog.guard(what):
+            with self.watchdog.guard(what, scale):
                 yield
 
     # --- collectives (inside or outside mx.compile) ------------------------------------------

@@ -288,6 +288,8 @@ class Trainer:
             aux = {k: v / ntokens for k, v in summed["a"].items()} | {"ntokens": ntokens}
             return norm, summed["l"] / ntokens, aux
 
+        compiled: list[bool] = []
+
         def step(batches):
             total_loss, total_n, total_aux, acc = 0.0, 0.0, None, None
             for batch in batches:
@@ -298,9 +300,11 @@ class Trainer:
                     acc, total_aux = tree_map(mx.add, acc, grads), tree_map(mx.add, total_aux, aux_sum)
                 total_loss, total_n = total_loss + loss_sum, total_n + n
                 mx.eval(acc, total_aux, total_loss, total_n)  # one micro-batch of activations alive
-            with world.guard("a training step"):
+            # The first update also compiles (and a rank may still be compiling its grad step).
+            with world.guard("a training step", 1.0 if compiled else 10.0):
                 norm, loss, aux = apply_step(acc, total_n, total_loss, total_aux)
                 mx.eval(loss, norm, aux, state)
+            compiled.append(True)
             return loss, norm, aux
 
         return step
