@@ -47,6 +47,18 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("mlxlab_root", lambda: str(project_root()))
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", asset_path)
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+
+
+def run_stamp(pattern: str) -> str:
+    """Like Hydra's ${now:pattern}, but one time for all ranks of a data-parallel run (rank 0's,
+    broadcast), so `mlx.launch -n N` ranks started apart still share one run folder."""
+    from datetime import datetime
+
+    from mlxlab.runtime.distributed import start_time
+
+    return datetime.fromtimestamp(start_time()).strftime(pattern)
 
 
 register_resolvers()

@@ -149,27 +149,39 @@ def train(cfg: DictConfig) -> dict[str, float]:
         reuse_tokenizer,
         use_pretrained_tokenizer,
     )
+    from mlxlab.runtime import distributed
+    from mlxlab.tracking.base import NullTracker
     from mlxlab.tracking.stale import process_tags
     from mlxlab.training.remote import remote_resume
 
+    world = distributed.world(cfg.trainer.get("distributed", "auto"),
+                              cfg.trainer.get("distributed_timeout_s", 30.0))
     resume = remote_resume(cfg, run_dir, prepare_resume)
     reuse_tokenizer(cfg, resume, "resume")
     reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
     use_pretrained_tokenizer(cfg)
-    named = {"run_name": run_name(cfg)} if "run_name" in cfg.tracking else {}
-    tracker = instantiate(cfg.tracking, **named)
-    if hasattr(tracker, "probe"):
-        tracker.probe()  # a named store that does not answer fails here, before any training
-    if "uri" in cfg.tracking:
-        from mlxlab.tracking.stale import mark_dead_runs
+    tracker = NullTracker()  # ranks other than 0 track nothing
+    if world.is_main:
+        named = {"run_name": run_name(cfg)} if "run_name" in cfg.tracking else {}
+        tracker = instantiate(cfg.tracking, **named)
+        if hasattr(tracker, "probe"):
+            tracker.probe()  # a named store that does not answer fails here, before any training
+        if "uri" in cfg.tracking:
+            from mlxlab.tracking.stale import mark_dead_runs
 
-        try:  # earlier runs of this task killed before their first checkpoint
-            mark_dead_runs(tracker.uri, cfg.tracking.experiment_name, cfg.task_name)
-        except Exception as e:  # housekeeping never stops a run
-            log.warning("could not check for dead MLflow runs: %s", e)
+            try:  # earlier runs of this task killed before their first checkpoint
+                mark_dead_runs(tracker.uri, cfg.tracking.experiment_name, cfg.task_name)
+            except Exception as e:  # housekeeping never stops a run
+                log.warning("could not check for dead MLflow runs: %s", e)
     data = instantiate(cfg.data)
-    data.setup(run_dir)
-    keep_pretrained_files(cfg, run_dir)
+    if world.is_main:  # rank 0 writes the tokenizer (and data caches) first
+        data.setup(run_dir)
+        keep_pretrained_files(cfg, run_dir)
+    world.barrier("waiting for rank 0's data setup")
+    if not world.is_main:
+        data.setup(None)
+    world.check_same(str(data.tokenizer_hash), "the tokenizer",
+                     "train it once (rank 0) and pass data.tokenizer.path=<its tokenizer.json>")
     dataset = describe_dataset(data)
     if dataset is not None and hasattr(tracker, "set_dataset"):
         tracker.set_dataset(*dataset)
@@ -179,9 +191,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("model %s: %s parameters", cfg.model._target_.rsplit(".", 1)[-1],
              f"{config['num_parameters']:,}")
     trainer = instantiate(cfg.trainer)
-    tags = {**run_tags(cfg, choices, run_hash, run_dir), **process_tags()}
+    tags = {**run_tags(cfg, choices, run_hash, run_dir), **process_tags(),
+            "mlxlab.world_size": str(world.size)}
     result = trainer.fit(model, data, tracker, run_dir, config=config, tags=tags, resume=resume)
-    print("\n".join(summary_lines(result, tracker, cfg, run_dir)))
+    if world.is_main:
+        print("\n".join(summary_lines(result, tracker, cfg, run_dir)))
     return result.metrics
 
 

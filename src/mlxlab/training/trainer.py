@@ -26,7 +26,7 @@ import numpy as np
 from mlx.utils import tree_map
 
 from mlxlab.data.batching import Batching
-from mlxlab.runtime import device
+from mlxlab.runtime import device, distributed
 from mlxlab.tracking.base import flatten_config
 from mlxlab.training import losses, metrics
 from mlxlab.training.async_writer import CheckpointWriter
@@ -157,6 +157,9 @@ class Trainer:
         early_stopping: dict | None = None,
         checkpoint: dict | None = None,
         distill: dict | None = None,
+        distributed: str | bool = "auto",
+        distributed_timeout_s: float = 30.0,
+        shard_optimizer: bool = False,
     ) -> None:
         if max_epochs is None and max_steps is None:
             raise ValueError("set trainer.max_epochs or trainer.max_steps")
@@ -179,6 +182,11 @@ class Trainer:
         self.checkpoint = checkpoint or {}
         self.distill = distill
         self.teachers: list[nn.Module] = []
+        # Data parallelism (runtime/distributed.py): batch_size is per rank, as with torchrun.
+        self.distributed, self.distributed_timeout_s = distributed, distributed_timeout_s
+        self.shard_optimizer = shard_optimizer
+        self.world = None  # set in fit()
+        self.optimizer_shards = None
 
     # --- hooks ---------------------------------------------------------------------------
 
@@ -236,8 +244,10 @@ class Trainer:
 
     def build_callbacks(self) -> list[Callback]:
         per_epoch, epochs = getattr(self, "steps_per_epoch", None), self.max_epochs
+        main = self.world is None or self.world.is_main  # only rank 0 prints
         cbs: list[Callback] = [
-            ProgressBar(enabled=self.progress, steps_per_epoch=per_epoch, max_epochs=epochs),
+            ProgressBar(enabled=self.progress and main, steps_per_epoch=per_epoch,
+                        max_epochs=epochs),
             EvalLog(self.monitor, self.monitor_mode, steps_per_epoch=per_epoch, max_epochs=epochs),
         ]
         if self.early_stopping.get("patience", 0) > 0:
@@ -263,15 +273,22 @@ class Trainer:
         state = [model.state, optimizer.state, mx.random.state]
         clip = self.grad_clip
         compile_ = partial(mx.compile, inputs=state, outputs=state) if self.compile else (lambda f: f)
+        world = self.world or distributed.World()
+        shards = self.optimizer_shards
+        update = partial(optimizer.update, model) if shards is None else partial(shards.update, model, optimizer)
 
         @compile_
         def fused_step(batch):
             (loss, aux), grads = loss_and_grad(model, batch)
             grads, norm = clip_by_global_norm(grads, clip)
-            optimizer.update(model, grads)
+            update(grads)
             return loss, norm, aux
 
-        if self.grad_accum == 1:
+        # Data parallel runs take the accumulation path below even for one micro-batch: its
+        # apply_step sums value x count over ranks, so the update is the global batch's. (With
+        # MLX 0.32 on CPU, an all_sum compiled into the same graph as the backward pass hung on
+        # the ring backend; in its own compiled function it does not.)
+        if self.grad_accum == 1 and not world.enabled:
             def step(batches):
                 loss, norm, aux = fused_step(batches[0])
                 mx.eval(loss, norm, aux, state)
@@ -287,11 +304,15 @@ class Trainer:
             return loss * n, n, weighted, tree_map(lambda g: g * n, grads)
 
         @compile_
-        def apply_step(grads, ntokens):
-            grads = tree_map(lambda g: g / ntokens, grads)
+        def apply_step(grads, ntokens, loss_sum, aux_sum):
+            summed = world.all_sum_tree({"g": grads, "n": ntokens, "l": loss_sum, "a": aux_sum})
+            grads, ntokens = tree_map(lambda g: g / summed["n"], summed["g"]), summed["n"]
             grads, norm = clip_by_global_norm(grads, clip)
-            optimizer.update(model, grads)
-            return norm
+            update(grads)
+            aux = {k: v / ntokens for k, v in summed["a"].items()} | {"ntokens": ntokens}
+            return norm, summed["l"] / ntokens, aux
+
+        compiled: list[bool] = []
 
         def step(batches):
             total_loss, total_n, total_aux, acc = 0.0, 0.0, None, None
@@ -303,21 +324,29 @@ class Trainer:
                     acc, total_aux = tree_map(mx.add, acc, grads), tree_map(mx.add, total_aux, aux_sum)
                 total_loss, total_n = total_loss + loss_sum, total_n + n
                 mx.eval(acc, total_aux, total_loss, total_n)  # one micro-batch of activations alive
-            norm = apply_step(acc, total_n)
-            loss = total_loss / total_n
-            aux = {k: v / total_n for k, v in total_aux.items()} | {"ntokens": total_n}
-            mx.eval(loss, norm, aux, state)
+            # The first update also compiles (and a rank may still be compiling its grad step).
+            with world.guard("a training step", 1.0 if compiled else 10.0):
+                norm, loss, aux = apply_step(acc, total_n, total_loss, total_aux)
+                mx.eval(loss, norm, aux, state)
+            compiled.append(True)
             return loss, norm, aux
 
         return step
 
     # --- evaluation ----------------------------------------------------------------------
 
-    def evaluate(self, model: nn.Module, data, task: str, prefix: str = "val") -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, data, task: str, prefix: str = "val", shard: bool = True
+    ) -> dict[str, float]:
+        """Validation metrics; under data parallelism each rank evaluates every N-th batch and
+        the sums (and, for classifiers, the labels and probabilities) are reduced over ranks."""
         model.eval()
         self.last_eval = None  # classification: (labels, probs), for the confusion matrix
         total, count, probs, labels = 0.0, 0.0, [], []
-        for batch in data.val_batches(self.batching):
+        world = self.world if shard and self.world is not None else distributed.World()
+        for k, batch in enumerate(data.val_batches(self.batching)):
+            if k % world.size != world.rank:
+                continue
             logits = losses.forward(model, batch).astype(mx.float32)
             ce_sum, n = losses.masked_sum(losses.token_cross_entropy(logits, batch["labels"]), batch)
             if task == "classification":
@@ -330,6 +359,13 @@ class Trainer:
             total += float(ce_sum)
             count += float(n)
         model.train()
+        if world.enabled:
+            total, count = world.sum_numbers([total, count], "evaluation")
+            if task == "classification":
+                width = data.num_labels
+                labels = [world.gather_rows(np.concatenate(labels) if labels else np.zeros(0, np.int32))]
+                probs = [world.gather_rows(
+                    np.concatenate(probs) if probs else np.zeros((0, width), np.float32))]
         if count == 0:
             raise TrainingError(
                 "the validation split is empty: hold out more (data.val_fraction for tables, "
@@ -342,6 +378,17 @@ class Trainer:
         return metrics.lm_metrics(mean, prefix=prefix)
 
     # --- the loop ------------------------------------------------------------------------
+
+    def use_global_batches(self, world: distributed.World) -> None:
+        """Data parallel: the data module batches the global batch (batch_size per rank x ranks,
+        token budgets likewise) and each rank trains on its rows, see World.shard_rows."""
+        if not world.enabled or getattr(self, "_global_batches", False):
+            return
+        self._global_batches = True
+        b = self.batching
+        b.batch_size *= world.size
+        b.max_tokens = b.max_tokens * world.size if b.max_tokens else None
+        b.max_batch_size = b.max_batch_size * world.size if b.max_batch_size else None
 
     def plan(self, data) -> tuple[int, float]:
         """(total optimizer steps, epochs): the run ends at max_steps or max_epochs, first come."""
@@ -366,14 +413,23 @@ class Trainer:
         resume: str | Path | None = None,
     ) -> FitResult:
         run_dir, task, config = Path(run_dir), data.task, config or {}
+        world = self.world = distributed.world(self.distributed, self.distributed_timeout_s)
+        self.use_global_batches(world)
         loss_fn = self.build_loss(data)
         self.fit_batch_to_memory(model, data, loss_fn)
         total_steps, max_epochs = self.plan(data)
-        optimizer = build_optimizer(
-            self.opt_name, self.learning_rate, total_steps, self.warmup_steps, self.schedule,
-            self.weight_decay, min_lr_ratio=self.min_lr_ratio, **self.adam,
-        )
-        optimizer.init(model.trainable_parameters())
+
+        def new_optimizer():
+            return build_optimizer(
+                self.opt_name, self.learning_rate, total_steps, self.warmup_steps, self.schedule,
+                self.weight_decay, min_lr_ratio=self.min_lr_ratio, **self.adam,
+            )
+
+        optimizer = new_optimizer()
+        if self.shard_optimizer and world.enabled:
+            self.optimizer_shards = distributed.OptimizerShards(world, model.trainable_parameters())
+        else:  # sharded: the full state is only built when a checkpoint is restored into it
+            optimizer.init(model.trainable_parameters())
         manager = CheckpointManager(
             run_dir / "checkpoints", keep_last_n=self.checkpoint.get("keep_last_n", 3),
             save_every_steps=self.checkpoint.get("save_every_steps"),
@@ -393,6 +449,14 @@ class Trainer:
         if resume:
             tags.update(self.restore(resume, model, optimizer, data, callbacks, manager, run, config,
                                      val_print))
+        if self.optimizer_shards is not None:  # keep this rank's share of the (restored) state
+            sharded = new_optimizer()
+            self.optimizer_shards.adopt(
+                sharded, optimizer.state if resume else None, model.trainable_parameters())
+            optimizer = sharded
+        self.optimizer_state_mb = distributed.tree_nbytes(optimizer.state) / 2**20
+        log.info("optimizer state: %.1f MB on this rank%s", self.optimizer_state_mb,
+                 f" (sharded over {world.size} ranks)" if self.optimizer_shards else "")
         tracker.start(params=config, tags=tags, run_id=run.run_id)
         if resume and run.run_id is not None and tracker.run_id == run.run_id:
             # What the killed process logged after its checkpoint is about to be logged again.
@@ -417,12 +481,20 @@ class Trainer:
             }
 
         writer = self.checkpoint_writer(manager, run_dir, config)
+        saved_at: list[int] = []  # the same on every rank (manager state is rank 0's alone)
 
         def save(metric: float | None = None, force: bool = False) -> Path | None:
             # Metrics logged so far reach the store before the checkpoint that covers them, so a
             # SIGKILL never leaves a checkpoint whose steps are missing from the tracking data.
             tracker.flush()
-            return writer.save(model, optimizer, trainer_state(), metric=metric, force=force)
+            saved_at.append(run.step)
+            opt = optimizer
+            if self.optimizer_shards is not None:  # every rank takes part in the gather
+                opt = distributed.StateView(
+                    self.optimizer_shards.gathered_state(optimizer, model.trainable_parameters()))
+            if not world.is_main:
+                return None
+            return writer.save(model, opt, trainer_state(), metric=metric, force=force)
 
         def evaluate_and_save(force: bool = False) -> None:
             if not has_val:  # the points where a run evaluates still checkpoint
@@ -465,15 +537,20 @@ class Trainer:
                 cb.on_step(run.step, logs)
             if logs:
                 tracker.log_metrics(logs, run.step)
-            if self.eval_every_steps and (run.step % self.eval_every_steps == 0 or end):
+            evaluated = bool(self.eval_every_steps and (run.step % self.eval_every_steps == 0 or end))
+            if evaluated:
                 evaluate_and_save()
-            elif manager.should_save(run.step):
+            # Ranks act on one decision (any rank's signal, rank 0's clock) at the same step.
+            stop_now, save_now = world.agree(
+                stop.requested, not evaluated and manager.should_save(run.step))
+            if save_now:
                 save()
-            if stop.requested:
-                if manager.last_saved_step != run.step:
+            if stop_now:
+                if run.step not in saved_at[-1:]:
                     save(force=True)
                 writer.wait()  # the emergency checkpoint is on disk before the process exits
-                raise TrainingInterrupted(stop.exit_code, manager.latest())
+                raise TrainingInterrupted(stop.exit_code if stop.requested else 143,
+                                          manager.latest())
             return end or any(cb.should_stop for cb in callbacks)
 
         status = "FAILED"
@@ -485,7 +562,7 @@ class Trainer:
                 while run.epoch < max_epochs and not stopped:
                     pending: list = []
                     for batch in data.train_batches(self.batching, run.epoch):
-                        pending.append(batch)
+                        pending.append(world.shard_rows(batch))
                         if len(pending) == self.grad_accum:
                             stopped, pending = train_step(pending), []
                             if stopped:
@@ -514,7 +591,7 @@ class Trainer:
                           ) -> CheckpointWriter:
         """Background (or inline) checkpoint writes, uploading to trainer.checkpoint.remote."""
         uploader = None
-        if self.checkpoint.get("remote"):
+        if self.checkpoint.get("remote") and (self.world is None or self.world.is_main):
             from omegaconf import OmegaConf
 
             from mlxlab.training.remote import RemoteStore, RemoteUploader
@@ -543,7 +620,8 @@ class Trainer:
         run.history, run.best_metrics = state.get("history", {}), state.get("best_metrics", {})
         run.log_window = state.get("log_window")
         manager.restore_best(state.get("best_metric"))
-        manager.adopt_best(path.parent)
+        if self.world is None or self.world.is_main:  # rank 0 alone writes the run folder
+            manager.adopt_best(path.parent)
         log.info("resumed from %s at step %d (epoch %d)", path, run.step, run.epoch)
         tags = self.resume_changes(state.get("config") or {}, config)
         old_tok, new_tok = state.get("tokenizer_hash"), getattr(data, "tokenizer_hash", None)
@@ -566,6 +644,9 @@ class Trainer:
     def finish(self, model, data, task, tracker, run_dir, run, manager) -> FitResult:
         """Best weights back in the model, optional quantized check, artifacts."""
         metrics_out = dict(run.best_metrics)
+        if self.world is not None and not self.world.is_main:  # rank 0 reports and writes
+            run.finished = True
+            return FitResult(metrics_out, run_dir, None, None, run.step, run.history)
         tracker.log_metrics({f"best/{k}": v for k, v in metrics_out.items()}, run.step)
         best = manager.best_path
         if best is not None:
@@ -588,11 +669,15 @@ class Trainer:
         grad_fn = nn.value_and_grad(model, loss_fn)
         while True:
             device.reset_peak_memory()
-            batch = next(iter(data.train_batches(self.batching, 0)))
+            world = self.world or distributed.World()
+            batch = world.shard_rows(next(iter(data.train_batches(self.batching, 0))))
             out = grad_fn(model, batch)
             mx.eval(out)
             del out
             peak = device.peak_memory_mb()
+            if world.enabled:  # one figure for all ranks, so they all pick the same batch
+                peak = max(world.sum_numbers([peak if r == world.rank else 0.0
+                                              for r in range(world.size)], "the memory probe"))
             if peak <= self.memory_budget_mb:
                 break
             if self.batching.batch_size == 1:
@@ -616,7 +701,7 @@ class Trainer:
         bits = int(self.quantize_bits)
         nn.quantize(model, group_size=32, bits=bits,
                     class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 32 == 0)
-        return self.evaluate(model, data, task, prefix=f"val_q{bits}")
+        return self.evaluate(model, data, task, prefix=f"val_q{bits}", shard=False)
 
     @staticmethod
     def resume_changes(old: dict, new: dict) -> dict[str, str]:

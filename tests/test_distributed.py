@@ -1,0 +1,264 @@
+"""Data parallelism with real processes: `mlx.launch -n 2` (ring backend over localhost TCP).
+
+Equivalence is checked on the weights: N ranks x batch B and one process x batch N*B must end
+at the same parameters (fp32 summation order is the only difference).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import PYTHON
+
+BIN = Path(PYTHON).parent
+TOL = 1e-5  # relative difference of the parameters (issue 17)
+
+BERT = [
+    "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.dropout=0",
+    "trainer.max_steps=20", "trainer.warmup_steps=2", "trainer.log_every_steps=5",
+    "trainer.early_stopping.patience=0", "trainer.progress=false",
+    "trainer.checkpoint.save_every_minutes=null", "tracking=none",
+]
+LM = [
+    "experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
+    "model.max_seq_len=32", "data.seq_len=32", "data.tokenizer.max_vocab=256",
+    "data.max_examples=300", "data.val_examples=20", "data.tokenizer_sample=300",
+    "trainer.max_steps=20", "trainer.eval_every_steps=20", "trainer.warmup_steps=2",
+    "trainer.log_every_steps=5", "trainer.progress=false",
+    "trainer.checkpoint.save_every_minutes=null", "tracking=none",
+]
+
+
+def command(ranks: int, args: list[str], run_dir: Path) -> list[str]:
+    train = [str(BIN / "mlxlab-train"), *args, f"hydra.run.dir={run_dir}"]
+    if ranks == 1:
+        return train
+    # A random port: earlier runs' sockets may linger in TIME_WAIT on the default one.
+    port = str(random.randint(20000, 60000))
+    return [str(BIN / "mlx.launch"), "-n", str(ranks), "-p", port, "--", *train]
+
+
+def start(ranks: int, args: list[str], run_dir: Path, env: dict) -> subprocess.Popen:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(command(ranks, args, run_dir), cwd=run_dir.parent, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def run(ranks: int, args: list[str], run_dir: Path, env: dict) -> str:
+    proc = start(ranks, args, run_dir, env)
+    out, err = proc.communicate(timeout=900)
+    # mlx.launch (0.32) exits 0 even when a rank failed: check for the finished run's summary too.
+    assert proc.returncode == 0 and "run dir:" in out, (out + err)[-4000:]
+    return out + err
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name[5:]) for p in run_dir.glob("checkpoints/step_*/COMMITTED"))
+
+
+def weights(run_dir: Path, step: int | None = None) -> dict[str, np.ndarray]:
+    step = max(committed_steps(run_dir)) if step is None else step
+    path = run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors"
+    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
+
+
+def optimizer_state(run_dir: Path) -> dict[str, np.ndarray]:
+    step = max(committed_steps(run_dir))
+    path = run_dir / "checkpoints" / f"step_{step:08d}" / "optimizer.safetensors"
+    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
+
+
+def relative_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """||a - b|| / ||b|| over all tensors together. (Per tensor it is meaningless for tensors whose
+    gradient is exactly zero, such as attention key biases, which stay at float noise ~1e-8.)"""
+    assert a.keys() == b.keys()
+    num = sum(float(np.sum((a[k] - b[k]).astype(np.float64) ** 2)) for k in a)
+    den = sum(float(np.sum(b[k].astype(np.float64) ** 2)) for k in a)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not any(s >= step for s in committed_steps(run_dir)):
+        assert proc.poll() is None, f"the run ended before step {step}: {proc.communicate()}"
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def report(name: str, value: float) -> None:
+    """Measured figures go to stdout (pytest -s) and to a file the docs quote."""
+    print(f"{name}: {value:.3g}")
+    out = os.environ.get("MLXLAB_DIST_REPORT")
+    if out:
+        with open(out, "a") as f:
+            f.write(f"{name}\t{value:.3g}\n")
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["dp", "zero1"])
+def test_two_ranks_equal_one_process_with_twice_the_batch_bert(tmp_path, cli_env, shard):
+    args = [*BERT, f"trainer.shard_optimizer={str(shard).lower()}"]
+    run(1, [*args, "trainer.batch_size=16"], tmp_path / "one", cli_env)
+    out = run(2, [*args, "trainer.batch_size=8"], tmp_path / "two", cli_env)
+    assert "data parallel: 2 ranks" in out
+    assert committed_steps(tmp_path / "two") == committed_steps(tmp_path / "one")
+    diff = relative_difference(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    report(f"bert 2x8 vs 1x16 shard_optimizer={shard}", diff)
+    assert diff <= TOL
+    # the gathered optimizer state is the unsharded one, under the same names
+    opt_diff = relative_difference(optimizer_state(tmp_path / "two"), optimizer_state(tmp_path / "one"))
+    assert opt_diff <= 1e-4
+    assert out.count("validation:") == 1  # rank 0 alone prints
+    assert not (tmp_path / "two" / "checkpoints").with_name("rank1").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", [False, True], ids=["dp", "zero1"])
+def test_two_ranks_equal_one_process_with_twice_the_batch_lm(tmp_path, cli_env, shard):
+    args = [*LM, f"trainer.shard_optimizer={str(shard).lower()}"]
+    run(1, [*args, "trainer.batch_size=16"], tmp_path / "one", cli_env)
+    run(2, [*args, "trainer.batch_size=8"], tmp_path / "two", cli_env)
+    diff = relative_difference(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    report(f"lm 2x8 vs 1x16 shard_optimizer={shard}", diff)
+    assert diff <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("one", "two"),
+    [(["trainer.grad_accum=2", "trainer.batch_size=16"], ["trainer.grad_accum=2", "trainer.batch_size=8"]),
+     (["model.lora.rank=4", "trainer.batch_size=16"], ["model.lora.rank=4", "trainer.batch_size=8"]),
+     # token budgets are per rank, like batch_size: 2 x 256 padded tokens == 1 x 512
+     (["trainer.dynamic_batch=true", "trainer.max_tokens=512"],
+      ["trainer.dynamic_batch=true", "trainer.max_tokens=256"])],
+    ids=["grad_accum", "lora", "dynamic_batch"],
+)
+def test_accumulation_lora_dynamic_batches_under_data_parallelism(tmp_path, cli_env, one, two):
+    run(1, [*BERT, *one], tmp_path / "one", cli_env)
+    run(2, [*BERT, *two], tmp_path / "two", cli_env)
+    diff = relative_difference(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    report(f"bert {two[0]} 2 ranks vs 1 process", diff)
+    assert diff <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_sigkill_then_resume_at_another_world_size(tmp_path, cli_env, first, then):
+    args = [*BERT, "tracking=mlflow", "trainer.checkpoint.save_every_steps=4",
+            "trainer.checkpoint.keep_last_n=10", "task_name=dpresume"]
+    per_rank = {1: "trainer.batch_size=16", 2: "trainer.batch_size=8"}
+    run(1, [*args, per_rank[1]], tmp_path / "reference", cli_env)
+
+    run_dir = tmp_path / "outputs" / "killed"
+    proc = start(first, [*args, per_rank[first]], run_dir, cli_env)
+    wait_for_step(proc, run_dir, 8)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
+    proc.wait()
+    assert max(committed_steps(run_dir)) < 20
+    run(then, [*args, per_rank[then], "resume=auto"], run_dir, cli_env)
+
+    diff = relative_difference(weights(run_dir), weights(tmp_path / "reference"))
+    report(f"resume {first}->{then} ranks vs uninterrupted", diff)
+    assert diff <= TOL
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("dpresume")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlxlab.run_dir` = '{run_dir}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one MLflow run for both parts
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["killed"]  # one run folder
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_others_with_checkpoints_intact(tmp_path, cli_env):
+    args = [*BERT, "trainer.max_steps=100000", "trainer.batch_size=8",
+            "trainer.checkpoint.save_every_steps=3", "trainer.distributed_timeout_s=20"]
+    run_dir = tmp_path / "run"
+    proc = start(2, args, run_dir, cli_env)
+    wait_for_step(proc, run_dir, 3)
+    ranks = [int(p) for p in subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "mlxlab-train"],
+                                            capture_output=True, text=True).stdout.split()]
+    rank_pids = [p for p in ranks if p != proc.pid]
+    assert len(rank_pids) == 2
+    os.kill(max(rank_pids), signal.SIGKILL)  # one rank dies
+    killed_at = time.time()
+    out, err = proc.communicate(timeout=90)
+    assert time.time() - killed_at < 60
+    # mlx.launch itself exits 0 whatever its ranks did; it reports each rank's exit status.
+    print(err[-1500:])
+    codes = [line for line in err.splitlines() if "exited with code" in line or "was killed" in line]
+    assert len(codes) == 2 and not any("code 0" in line for line in codes), err[-3000:]
+    for pid in rank_pids:  # no survivor left behind
+        assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
+    steps = committed_steps(run_dir)
+    assert steps and not list((run_dir / "checkpoints").glob(".tmp*"))
+    from mlxlab.training.checkpoint import check_committed
+
+    for step in steps:
+        assert check_committed(run_dir / "checkpoints" / f"step_{step:08d}") is None
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_once_and_all_ranks_exit(tmp_path, cli_env):
+    args = [*BERT, "trainer.max_steps=100000", "trainer.batch_size=8",
+            "trainer.checkpoint.save_every_steps=5", "trainer.checkpoint.keep_last_n=1000"]
+    run_dir = tmp_path / "run"
+    proc = start(2, args, run_dir, cli_env)
+    wait_for_step(proc, run_dir, 5)
+    ranks = [int(p) for p in subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "mlxlab-train"],
+                                            capture_output=True, text=True).stdout.split()]
+    ranks = [p for p in ranks if p != proc.pid]
+    assert len(ranks) == 2
+    proc.send_signal(signal.SIGTERM)  # the launcher only, as `kill <pid>` would
+    proc.wait(timeout=120)
+    deadline = time.time() + 120
+    while any(subprocess.run(["kill", "-0", str(p)], capture_output=True).returncode == 0
+              for p in ranks):
+        assert time.time() < deadline, "ranks kept running after the launcher was stopped"
+        time.sleep(0.2)
+    steps = committed_steps(run_dir)
+    emergency = [s for s in steps if s % 5]
+    assert len(emergency) <= 1, steps  # one checkpoint at the stop step (unless it fell on a 5)
+    last = json.loads((run_dir / "checkpoints" / f"step_{steps[-1]:08d}" / "state.json").read_text())
+    assert last["step"] == steps[-1]
+    assert not list((run_dir / "checkpoints").glob(".tmp*"))
+
+
+@pytest.mark.slow
+def test_a_hung_rank_trips_the_watchdog_of_the_others(tmp_path, cli_env):
+    """A rank that stops answering without closing its sockets (SIGSTOP: a hung host) leaves the
+    other blocked in a collective: the watchdog ends it with one clear line and exit 75."""
+    args = [*BERT, "trainer.max_steps=100000", "trainer.batch_size=8",
+            "trainer.checkpoint.save_every_steps=3", "trainer.distributed_timeout_s=15"]
+    run_dir = tmp_path / "run"
+    proc = start(2, args, run_dir, cli_env)
+    wait_for_step(proc, run_dir, 3)
+    ranks = [int(p) for p in subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "mlxlab-train"],
+                                            capture_output=True, text=True).stdout.split()]
+    rank_pids = sorted(p for p in ranks if p != proc.pid)
+    assert len(rank_pids) == 2
+    hung = rank_pids[1]
+    os.kill(hung, signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        while subprocess.run(["kill", "-0", str(rank_pids[0])], capture_output=True).returncode == 0:
+            assert time.time() - stopped_at < 60, "the surviving rank did not exit within 60 s"
+            time.sleep(0.5)
+    finally:
+        os.kill(hung, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert "waited over 15 s for the other ranks" in err, err[-3000:]
+    assert "exited with code 75" in err
+    from mlxlab.training.checkpoint import check_committed
+
+    for step in committed_steps(run_dir):
+        assert check_committed(run_dir / "checkpoints" / f"step_{step:08d}") is None
