@@ -1,7 +1,13 @@
 """mlxlab's LM presets vs an independent PyTorch twin on exactly the same batches (issue 11).
 
-    python scripts/bench_lm_twin.py [--models nano,tiny] [--twins reference,same] [--out DIR]
-                                    [--heldout 800] [--threads 1] [override ...]
+    python scripts/bench_lm_twin.py [--models nano,tiny] [--part all|mlxlab|torch|report]
+                                    [--twins reference,same] [--out DIR] [--heldout 800]
+                                    [--threads 1] [override ...]
+
+`--part mlxlab` and `--part torch` can run as two processes at once (the twin rebuilds the same
+tokenizer, token stream and initial weights from the config and seed); `--part report` merges
+them and refuses unless the sha256 of the initial weights, the batches and the evaluation windows
+agree. `--part all` (default) does the three in turn.
 
 For each model (`experiment=tinystories_<model>`, the preset's own budget):
 1. The text: the shipped TinyStories sample (src/mlxlab/assets/tinystories/sample.txt), minus its
