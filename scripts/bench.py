@@ -6,6 +6,11 @@ docs/benchmarks.md (--out), between its markers. Every ratio compares numbers ta
 
     python scripts/bench.py [--quick] [--threads N] [--models nano,tiny,bert] [--repeats 3] [--write]
 
+The fair comparison on a quiet machine (what docs/benchmarks.md records):
+
+    pip install -e '.[bench]'
+    python scripts/bench.py --models nano,tiny,bert --repeats 3 --write
+
 Each training measurement runs in its own fresh process (`--worker`), one after the other, so
 no framework's threads, caches or memory high-water mark leak into the next one:
   mlxlab    the real stack: `mlxlab.train.train(cfg)` on the composed experiment config
@@ -15,8 +20,13 @@ no framework's threads, caches or memory high-water mark leak into the next one:
   mlx       the minimal loop on the same model and the same saved batches: nn.value_and_grad,
             one mx.compile'd step over [model.state, optimizer.state, mx.random.state], the
             same loss function and global-norm clip, AdamW, one mx.eval per step.
-  torch     the same architecture written in PyTorch (below), same batches, CPU eager,
-            torch.set_num_threads = the BLAS threads.
+  torch     the same architecture written in PyTorch (scripts/bench_torch.py), same batches,
+            CPU eager, torch.set_num_threads = the BLAS threads, in a process that never
+            imports mlxlab, MLX or their OpenBLAS (it checks its own memory map and fails if it
+            does): issue 12 found the old rows, which imported mlxlab, 3.7x slow.
+  torch:plain  scripts/torch_plain.py, a plain PyTorch script of the same decoder (random
+            tokens, the same batch shape), in the same rounds. When the torch row and it
+            disagree by more than the noise, no PyTorch ratio is printed and the exit code is 1.
 Variants of the mlxlab row (--variants) locate the framework overhead: `bare` (tracking=none,
 no progress bar), `replay` (the saved batches instead of the live data pipeline).
 
