@@ -1,6 +1,6 @@
-"""The fast BLAS that mlxlab loads before mlx.core, and its opt-outs.
+"""The fast BLAS that mlxlab binds into MLX (and nothing else), and its opt-outs.
 
-Each case runs in a fresh interpreter: what MLX links is decided by the first `import mlx.core`.
+Each case runs in a fresh interpreter: what a library's BLAS calls resolve to is fixed per process.
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ from pathlib import Path
 ENV = "MLXLAB_BLAS"
 FIX = "fix: `pip install ngsolve-openblas` (x86_64) or set MLXLAB_BLAS=/path/to/libopenblas.so"
 RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
+# ELF e_machine -> (GLOB_DAT, JUMP_SLOT) relocation types: the GOT entries of called functions.
+GOT_RELOCATIONS = {62: (6, 7), 183: (1025, 1026)}  # x86-64, AArch64
 
 
 @dataclass(frozen=True)
@@ -226,11 +228,15 @@ def got_slots(path: str) -> dict[str, int]:
     if 23 in tags:
         tables.append((_file_offset(loads, tags[23][0]), tags[2][0]))
     base = _load_base(path)
+    machine = struct.unpack_from("<H", elf, 0x12)[0]
+    kinds = GOT_RELOCATIONS.get(machine)
+    if kinds is None:
+        raise OSError(f"no GOT relocation types known for ELF machine {machine}")
     slots: dict[str, int] = {}
     for start, size in tables:
         for at in range(start, start + size, 24):
             r_offset, r_info, _ = struct.unpack_from("<QQq", elf, at)
-            if r_info & 0xFFFFFFFF not in (6, 7):  # R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT
+            if r_info & 0xFFFFFFFF not in kinds:
                 continue
             name_at = strtab + struct.unpack_from("<I", elf, symtab + (r_info >> 32) * syment)[0]
             slots[elf[name_at : elf.index(b"\0", name_at)].decode()] = base + r_offset
