@@ -205,6 +205,7 @@ def test_torch_training_speed_is_the_same_with_and_without_mlxlab():
                                   capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, proc.stderr
             rates[name].append(json.loads(proc.stdout.strip().splitlines()[-1])["tokens_per_s"])
-    median = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
+    # Per-round ratios (processes minutes apart on a shared box differ by far more than that).
     for name in ORDERS:
-        assert 0.8 < median[name] / median["plain"] < 1.25, rates
+        ratios = sorted(a / b for a, b in zip(rates[name], rates["plain"]))
+        assert 0.8 < ratios[len(ratios) // 2] < 1.25, rates
