@@ -6,6 +6,11 @@ docs/benchmarks.md (--out), between its markers. Every ratio compares numbers ta
 
     python scripts/bench.py [--quick] [--threads N] [--models nano,tiny,bert] [--repeats 3] [--write]
 
+The fair comparison on a quiet machine (what docs/benchmarks.md records):
+
+    pip install -e '.[bench]'
+    python scripts/bench.py --models nano,tiny,bert --repeats 3 --write
+
 Each training measurement runs in its own fresh process (`--worker`), one after the other, so
 no framework's threads, caches or memory high-water mark leak into the next one:
   mlxlab    the real stack: `mlxlab.train.train(cfg)` on the composed experiment config
@@ -15,8 +20,13 @@ no framework's threads, caches or memory high-water mark leak into the next one:
   mlx       the minimal loop on the same model and the same saved batches: nn.value_and_grad,
             one mx.compile'd step over [model.state, optimizer.state, mx.random.state], the
             same loss function and global-norm clip, AdamW, one mx.eval per step.
-  torch     the same architecture written in PyTorch (below), same batches, CPU eager,
-            torch.set_num_threads = the BLAS threads.
+  torch     the same architecture written in PyTorch (scripts/bench_torch.py), same batches,
+            CPU eager, torch.set_num_threads = the BLAS threads, in a process that never
+            imports mlxlab, MLX or their OpenBLAS (it checks its own memory map and fails if it
+            does): issue 12 found the old rows, which imported mlxlab, 3.7x slow.
+  torch:plain  scripts/torch_plain.py, a plain PyTorch script of the same decoder (random
+            tokens, the same batch shape), in the same rounds. When the torch row and it
+            disagree by more than the noise, no PyTorch ratio is printed and the exit code is 1.
 Variants of the mlxlab row (--variants) locate the framework overhead: `bare` (tracking=none,
 no progress bar), `replay` (the saved batches instead of the live data pipeline).
 
@@ -36,7 +46,6 @@ through /proc/self/clear_refs) minus its resident memory before the weights were
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -54,6 +63,14 @@ import mlx.core as mx
 # isort: on
 import numpy as np
 
+from bench_common import (
+    clock,
+    load_batches,
+    peak_rss_mb,
+    reset_peak_rss,
+    rss_mb,
+    save_batches,
+)
 from mlxlab.runtime.blas import blas_threads, set_blas_threads
 
 # name -> (experiment preset, what one example is, default timed steps). The step counts give
@@ -98,26 +115,6 @@ def machine_info(threads: int) -> dict:
     return info
 
 
-def _status_kb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return float(line.split()[1])
-    return float("nan")
-
-
-def rss_mb() -> float:
-    return _status_kb("VmRSS") / 1024
-
-
-def reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):  # 5 = reset VmHWM to the current RSS
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mb() -> float:
-    return _status_kb("VmHWM") / 1024
-
-
 # ---- 1. GEMM ---------------------------------------------------------------------------------
 
 
@@ -151,11 +148,6 @@ def gemm_section(sizes: list[int], repeats: int) -> list[dict]:
 # ---- steady-state timing shared by all workers ------------------------------------------------
 
 
-def clock() -> tuple[float, float]:
-    """(wall, CPU) seconds now; CPU = all threads of this process, steadier on a busy machine."""
-    return time.perf_counter(), time.process_time()
-
-
 def step_seconds(times: list, skip: set[int], warmup: int, steps: int) -> dict[int, tuple]:
     """times[k] = clock() when step k finished (times[0]: before step 1) -> {step: (wall, CPU)
     seconds} for steps warmup+1 .. warmup+steps not in `skip`."""
@@ -175,20 +167,6 @@ def compile_steps(shapes: list[tuple]) -> set[int]:
             seen.add(shape)
             new.add(k)
     return new
-
-
-def save_batches(path: Path, batches: list[dict]) -> None:
-    arrays = {f"{i:05d}/{k}": np.array(v) for i, b in enumerate(batches) for k, v in b.items()}
-    np.savez(path, **arrays)
-
-
-def load_batches(path: Path) -> list[dict[str, np.ndarray]]:
-    with np.load(path) as f:
-        out: dict[int, dict] = {}
-        for key in f.files:
-            i, name = key.split("/")
-            out.setdefault(int(i), {})[name] = f[key]
-    return [out[i] for i in sorted(out)]
 
 
 def shape_of(batch: dict) -> tuple:
@@ -368,202 +346,7 @@ def worker_mlx(spec: dict) -> dict:
     }
 
 
-# ---- worker: PyTorch CPU eager ----------------------------------------------------------------
-
-
-def torch_models():
-    """The mlxlab decoder and BERT classifier in PyTorch, same sizes and formulations."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    class Attention(nn.Module):
-        def __init__(self, dim, heads, bias, rope_theta=None):
-            super().__init__()
-            self.heads, self.rope_theta = heads, rope_theta
-            self.query, self.key, self.value, self.out = (
-                nn.Linear(dim, dim, bias=bias) for _ in range(4)
-            )
-            self.rope_cache: dict[int, tuple] = {}
-
-        def rope(self, x):  # MLX nn.RoPE(traditional=False): rotate the two halves of a head
-            t, d = x.shape[2], x.shape[3]
-            if t not in self.rope_cache:
-                freqs = self.rope_theta ** (-torch.arange(0, d // 2, dtype=torch.float32) / (d // 2))
-                angles = torch.arange(t, dtype=torch.float32)[:, None] * freqs[None, :]
-                self.rope_cache[t] = (angles.cos(), angles.sin())
-            cos, sin = self.rope_cache[t]
-            x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-            return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-        def forward(self, x, mask=None, causal=False):
-            b, t, d = x.shape
-
-            def heads(z):
-                return z.view(b, t, self.heads, -1).transpose(1, 2)
-
-            q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-            if self.rope_theta is not None:
-                q, k = self.rope(q), self.rope(k)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-            return self.out(o.transpose(1, 2).reshape(b, t, d))
-
-    class SwiGLU(nn.Module):
-        def __init__(self, dim, hidden):
-            super().__init__()
-            self.gate = nn.Linear(dim, hidden, bias=False)
-            self.up = nn.Linear(dim, hidden, bias=False)
-            self.down = nn.Linear(hidden, dim, bias=False)
-
-        def forward(self, x):
-            return self.down(F.silu(self.gate(x)) * self.up(x))
-
-    class DecoderBlock(nn.Module):
-        def __init__(self, dim, heads, hidden, theta):
-            super().__init__()
-            self.attention = Attention(dim, heads, bias=False, rope_theta=theta)
-            self.attention_norm, self.mlp_norm = nn.RMSNorm(dim, eps=1e-5), nn.RMSNorm(dim, eps=1e-5)
-            self.mlp = SwiGLU(dim, hidden)
-
-        def forward(self, x):
-            x = x + self.attention(self.attention_norm(x), causal=True)
-            return x + self.mlp(self.mlp_norm(x))
-
-    class Transformer(nn.Module):
-        """RMSNorm, SwiGLU, RoPE, tied embeddings: mlxlab.models.transformer.Transformer."""
-
-        def __init__(self, vocab_size, dim, num_layers, num_heads, mlp_dim=None,
-                     rope_theta=10000.0, **cfg):
-            super().__init__()
-            unsupported = {
-                k: v for k, v in cfg.items()
-                if k in ("norm", "mlp", "positions", "tie_embeddings", "num_kv_heads", "dropout")
-                and v not in ("rmsnorm", "swiglu", "rope", True, None, 0.0)
-            }
-            if unsupported:
-                raise ValueError(f"the PyTorch decoder implements the default preset only: {unsupported}")
-            hidden = mlp_dim or (int(8 * dim / 3) + 63) // 64 * 64
-            self.embed_tokens = nn.Embedding(vocab_size, dim)
-            self.layers = nn.ModuleList(
-                DecoderBlock(dim, num_heads, hidden, rope_theta) for _ in range(num_layers)
-            )
-            self.norm = nn.RMSNorm(dim, eps=1e-5)
-
-        def forward(self, input_ids, attention_mask=None):
-            h = self.embed_tokens(input_ids)
-            for layer in self.layers:
-                h = layer(h)
-            return F.linear(self.norm(h), self.embed_tokens.weight)
-
-    class EncoderBlock(nn.Module):
-        def __init__(self, dim, heads, hidden, dropout, eps, pre_norm):
-            super().__init__()
-            self.pre_norm = pre_norm
-            self.attention = Attention(dim, heads, bias=True)
-            self.attention_norm = nn.LayerNorm(dim, eps=eps)
-            self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-            self.mlp_norm = nn.LayerNorm(dim, eps=eps)
-            self.dropout = nn.Dropout(dropout)
-
-        def forward(self, x, mask):  # pre-LN (mlxlab's default) or post-LN (original BERT)
-            if self.pre_norm:
-                x = x + self.dropout(self.attention(self.attention_norm(x), mask))
-                return x + self.dropout(self.down(F.gelu(self.up(self.mlp_norm(x)))))
-            x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
-            return self.mlp_norm(x + self.dropout(self.down(F.gelu(self.up(x)))))
-
-    class BertClassifier(nn.Module):
-        """mlxlab.models.bert.BertClassifier (pre- or post-LN, exact GELU, pooler, token type 0)."""
-
-        def __init__(self, vocab_size, num_labels, hidden_size, num_layers, num_heads,
-                     intermediate_size=None, max_position=512, type_vocab_size=2, dropout=0.1,
-                     norm_position="post", pooler=True, layer_norm_eps=1e-12, **cfg):
-            super().__init__()
-            if not pooler or cfg.get("pretrained"):
-                raise ValueError("the PyTorch BERT implements the default preset only")
-            d, eps = hidden_size, layer_norm_eps
-            self.word_embeddings = nn.Embedding(vocab_size, d)
-            self.position_embeddings = nn.Embedding(max_position, d)
-            self.token_type_embeddings = nn.Embedding(type_vocab_size, d)
-            self.embed_norm, self.dropout = nn.LayerNorm(d, eps=eps), nn.Dropout(dropout)
-            self.layers = nn.ModuleList(
-                EncoderBlock(d, num_heads, intermediate_size or 4 * d, dropout, eps,
-                             norm_position == "pre")
-                for _ in range(num_layers)
-            )
-            self.final_norm = nn.LayerNorm(d, eps=eps) if norm_position == "pre" else nn.Identity()
-            self.pooler, self.classifier = nn.Linear(d, d), nn.Linear(d, num_labels)
-
-        def forward(self, input_ids, attention_mask):
-            t = input_ids.shape[1]
-            h = self.word_embeddings(input_ids) + self.position_embeddings.weight[:t]
-            h = self.dropout(self.embed_norm(h + self.token_type_embeddings.weight[0]))
-            mask = attention_mask.bool()[:, None, None, :]
-            for layer in self.layers:
-                h = layer(h, mask)
-            h = self.final_norm(h)
-            return self.classifier(self.dropout(torch.tanh(self.pooler(h[:, 0]))))
-
-    return Transformer, BertClassifier
-
-
-def worker_torch(spec: dict) -> dict:
-    import torch
-    import torch.nn.functional as F
-
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    ref = spec["reference"]
-    meta, hp = ref["meta"], ref["trainer"]
-    batches = [
-        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
-        for b in load_batches(spec["batches"])
-    ]
-    for b in batches:
-        for key in ("input_ids", "labels"):
-            b[key] = b[key].long()
-    base = rss_mb()
-    Transformer, BertClassifier = torch_models()
-    cfg = {k: v for k, v in ref["model_cfg"].items() if k not in ("_target_", "lora")}
-    if meta["task"] == "lm":
-        cfg.pop("max_seq_len", None)
-        model = Transformer(meta["vocab_size"], **cfg)
-    else:
-        model = BertClassifier(meta["vocab_size"], meta["num_labels"], **cfg)
-    model.train()
-    try:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"],
-                                      weight_decay=hp["weight_decay"], fused=True)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"],
-                                      weight_decay=hp["weight_decay"], foreach=True)
-
-    def loss_of(batch):
-        if meta["task"] == "lm":
-            logits = model(batch["input_ids"])
-            ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
-            mask = batch["loss_mask"].flatten()
-            return (ce * mask).sum() / mask.sum().clamp(min=1.0)
-        return F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-
-    times = [clock()]
-    for k, batch in enumerate(batches, start=1):
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
-        optimizer.step()
-        times.append(clock())
-        if k == spec["warmup"]:
-            reset_peak_rss()
-    return {
-        "times": times, "mx_peak_mb": None, "rss_mb": peak_rss_mb() - base,
-        "params": sum(p.numel() for p in model.parameters()),
-        "optimizer": "fused" if optimizer.defaults.get("fused") else "foreach",
-    }
-
-
-WORKERS = {"mlxlab": worker_mlxlab, "mlx": worker_mlx, "torch": worker_torch}
+WORKERS = {"mlxlab": worker_mlxlab, "mlx": worker_mlx}
 
 
 def worker_main(kind: str, spec_path: str) -> None:
@@ -574,6 +357,34 @@ def worker_main(kind: str, spec_path: str) -> None:
 
 
 # ---- the parent: run the workers, summarize ------------------------------------------------------
+
+
+SCRIPTS = Path(__file__).resolve().parent
+
+
+def worker_command(kind: str, spec: dict, spec_path: Path) -> list[str]:
+    """The worker's command line. The PyTorch ones run scripts that never import mlxlab."""
+    if kind == "torch":
+        return [sys.executable, str(SCRIPTS / "bench_torch.py"), "--spec", str(spec_path)]
+    if kind == "plain":
+        ref = spec["reference"]
+        cfg, (batch, seq) = ref["model_cfg"], common_shape(ref["shapes"])
+        return [
+            sys.executable, str(SCRIPTS / "torch_plain.py"), "--vocab", str(ref["meta"]["vocab_size"]),
+            "--dim", str(cfg["dim"]), "--layers", str(cfg["num_layers"]),
+            "--heads", str(cfg["num_heads"]), "--rope-theta", str(cfg.get("rope_theta", 1e4)),
+            "--batch", str(batch), "--seq", str(seq), "--warmup", str(spec["warmup"]),
+            "--steps", str(spec["steps"]), "--threads", str(spec["threads"]),
+        ] + (["--mlp-dim", str(cfg["mlp_dim"])] if cfg.get("mlp_dim") else [])
+    return [sys.executable, __file__, "--worker", kind, "--spec", str(spec_path)]
+
+
+def common_shape(shapes: list) -> tuple[int, int]:
+    """The batch shape most steps had (the plain PyTorch script trains on that one)."""
+    counts: dict[tuple, int] = {}
+    for shape in shapes:
+        counts[tuple(shape)] = counts.get(tuple(shape), 0) + 1
+    return max(counts, key=counts.get)
 
 
 def run_worker(kind: str, spec: dict, tmp: Path, label: str) -> dict:
@@ -587,12 +398,14 @@ def run_worker(kind: str, spec: dict, tmp: Path, label: str) -> dict:
     print(f"  running {label} ...", file=sys.stderr, flush=True)
     with open(log_path, "w") as log:
         proc = subprocess.run(
-            [sys.executable, __file__, "--worker", kind, "--spec", str(spec_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            worker_command(kind, spec, spec_path), stdout=log, stderr=subprocess.STDOUT, env=env,
+            cwd=SCRIPTS.parent,
         )
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-30:])
         raise RuntimeError(f"worker {label} failed (exit {proc.returncode}); log tail:\n{tail}")
+    if kind == "plain":  # its last output line is its JSON result
+        return json.loads(log_path.read_text().strip().splitlines()[-1])
     return json.loads(Path(spec["result"]).read_text())
 
 
@@ -641,12 +454,13 @@ def bench_round(name: str, spec: dict, args, tmp: Path, r: int) -> dict[str, dic
     numbering every other row reuses; later rounds alternate the row order (ABBA) so a slow
     drift of the machine does not always land on the same row."""
     order = ["mlxlab", *(f"mlxlab:{v}" for v in args.variants), "mlx"]
-    order += [] if args.no_torch else ["torch"]
+    order += [] if args.no_torch else ["torch", *(["torch:plain"] if has_plain(name) else [])]
     if r % 2:
         order.reverse()
     results = {}
     for impl in order:
         kind, _, variant = impl.partition(":")
+        kind = "plain" if impl == "torch:plain" else kind
         label = f"{name}-{impl.replace(':', '-')}-r{r}"
         results[impl] = run_worker(
             kind, {**spec, "variant": variant or "full", "save_batches": r == 0}, tmp, label
@@ -656,9 +470,31 @@ def bench_round(name: str, spec: dict, args, tmp: Path, r: int) -> dict[str, dic
     return results
 
 
-def bench_model(name: str, args, tmp: Path, peak: float) -> tuple[list[dict], list[tuple]]:
+def has_plain(name: str) -> bool:
+    """Models that scripts/torch_plain.py implements (the decoders)."""
+    return MODELS[name][1] == "tokens"
+
+
+def baseline_check(name: str, rows: list[float], plain: list[float]) -> dict:
+    """Does the PyTorch row (bench_torch.py on the replayed batches) run at the speed of a plain
+    PyTorch script of the same model in its own process? Noise: the larger relative spread over
+    the rounds of either, at least 10%. A harness that slowed its baseline (issue 12: 3.7x) fails
+    this, and then no PyTorch ratio is printed."""
+    per_round = [r / p for r, p in zip(rows, plain)]
+    spread = max(max(v) / min(v) - 1 for v in (rows, plain))
+    tolerance = max(0.10, spread)
+    ratio = statistics.median(per_round)
+    return {
+        "model": name, "row": statistics.median(rows), "plain": statistics.median(plain),
+        "ratio": ratio, "low": min(per_round), "high": max(per_round), "tolerance": tolerance,
+        "ok": abs(ratio - 1) <= tolerance,
+    }
+
+
+def bench_model(name: str, args, tmp: Path, peak: float) -> tuple[list[dict], list[tuple], dict]:
     """(table rows: each row's median round, ratios: median over rounds of the per-round
-    ratio, with its range). Every ratio compares two rows of the same round."""
+    ratio, with its range, the PyTorch baseline check or None). Every ratio compares two rows
+    of the same round."""
     _, unit, default_steps = MODELS[name]
     args = argparse.Namespace(**{**vars(args), "steps": args.steps or default_steps})
     root = tmp / name
@@ -667,6 +503,8 @@ def bench_model(name: str, args, tmp: Path, peak: float) -> tuple[list[dict], li
         "overrides": model_overrides(name, args), "batches": str(root / "batches.npz"),
     }
     rounds = [bench_round(name, spec, args, tmp, r) for r in range(args.repeats)]
+    plain = [results.pop("torch:plain")["tokens_per_s"] for results in rounds
+             if "torch:plain" in results]
     ref = spec["reference"]
     for results in rounds:
         for impl, res in results.items():
@@ -698,7 +536,12 @@ def bench_model(name: str, args, tmp: Path, peak: float) -> tuple[list[dict], li
         combined.append(
             (what, statistics.median(values), target, min(values), max(values), by_median)
         )
-    return rows, combined
+    check = None
+    if plain:
+        check = baseline_check(name, [s["torch"]["rate"] for s in summaries], plain)
+        if not check["ok"]:
+            combined = [c for c in combined if "PyTorch" not in c[0]]
+    return rows, combined, check
 
 
 def ratios(rows: list[dict]) -> list[tuple[str, float, float, float | None]]:
@@ -722,7 +565,8 @@ def ratios(rows: list[dict]) -> list[tuple[str, float, float, float | None]]:
         if minimal and torch:
             pair(f"{model}: minimal MLX loop / PyTorch eager", minimal, torch)
         if stack and torch:
-            pair(f"{model}: mlxlab / PyTorch eager", stack, torch, 1.0 if model == "tiny" else None)
+            target = 1.0 if model in ("nano", "tiny") else None
+            pair(f"{model}: mlxlab / PyTorch eager", stack, torch, target)
     return out
 
 
@@ -730,8 +574,33 @@ def fmt(x, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
 
 
-def report(info: dict, gemm: list[dict], rows: list[dict], ratio_rows: list[tuple], command: str,
-           args) -> str:
+def check_lines(checks: list[dict]) -> list[str]:
+    """The PyTorch baseline check table (issue 12), or nothing when no PyTorch row ran."""
+    if not checks:
+        return []
+    lines = [
+        "",
+        "PyTorch baseline check: the PyTorch row (scripts/bench_torch.py on the replayed batches, "
+        "a process without mlxlab, MLX or their BLAS) against scripts/torch_plain.py (a plain "
+        "PyTorch script of the same model and batch shape), timed in the same rounds. PyTorch "
+        "ratios are printed only when they agree within the noise (the larger spread over the "
+        "rounds of either, at least 10%).",
+        "",
+        "| model | PyTorch row tokens/s | plain script tokens/s | row / plain (median) | range "
+        "| tolerance | verdict |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in checks:
+        verdict = "agree" if c["ok"] else "DISAGREE: PyTorch ratios withheld"
+        lines.append(
+            f"| {c['model']} | {c['row']:,.0f} | {c['plain']:,.0f} | {c['ratio']:.2f} "
+            f"| {c['low']:.2f}-{c['high']:.2f} | ±{c['tolerance']:.0%} | {verdict} |"
+        )
+    return lines
+
+
+def report(info: dict, gemm: list[dict], rows: list[dict], ratio_rows: list[tuple],
+           checks: list[dict], command: str, args) -> str:
     lines = [
         f"Command: `{command}`",
         "",
@@ -769,6 +638,7 @@ def report(info: dict, gemm: list[dict], rows: list[dict], ratio_rows: list[tupl
             f"| {r['gflops']:.1f} | {r['mfu']:.1%} "
             f"| {fmt(r['mx_peak_mb'], '.0f')} | {fmt(r['rss_mb'], '.0f')} |"
         )
+    lines += check_lines(checks)
     lines += [
         "",
         "Ratios of throughput: the median over the rounds of the ratio within one round, and "
@@ -864,25 +734,29 @@ def main() -> None:
         print(f"BLAS threads: mlx {blas_threads()}, requested {args.threads}", file=sys.stderr)
         gemm = gemm_section(gemm_sizes, repeats=5 if quick else 20)
     peak = max(max(g["mlx"], g["numpy"]) for g in gemm)
-    rows, ratio_rows = [], []
+    rows, ratio_rows, checks = [], [], []
     with tempfile.TemporaryDirectory(prefix="mlxlab-bench-") as tmp_name:
         tmp = Path(tmp_name)
         try:
             for name in models:
-                model_rows, model_ratios = bench_model(name, args, tmp, peak)
+                model_rows, model_ratios, check = bench_model(name, args, tmp, peak)
                 rows += model_rows
                 ratio_rows += model_ratios
+                checks += [check] if check else []
         finally:
             if args.keep:
                 kept = Path(tempfile.mkdtemp(prefix="mlxlab-bench-kept-"))
                 subprocess.run(["cp", "-r", f"{tmp}/.", str(kept)], check=False)
                 print(f"worker logs kept in {kept}", file=sys.stderr)
     command = "python scripts/bench.py " + " ".join(sys.argv[1:])
-    text = report(info, gemm, rows, ratio_rows, command.strip(), args)
+    text = report(info, gemm, rows, ratio_rows, checks, command.strip(), args)
     print(text)
     if args.write:
         write_section(Path(args.out), text, args.threads)
         print(f"\nwritten to {args.out}", file=sys.stderr)
+    if refused := [c["model"] for c in checks if not c["ok"]]:
+        sys.exit(f"bench.py: the PyTorch row of {refused} disagrees with the plain PyTorch script "
+                 "beyond the noise; its PyTorch ratios were not printed (see the check table)")
 
 
 if __name__ == "__main__":

@@ -51,3 +51,18 @@ def test_quick_bench_writes_its_section_and_replaces_it(tmp_path):
     text = out.read_text()
     assert text.count(BEGIN) == 1 and text.count("1 interleaved round of every row") == 1
     assert text.rstrip().endswith("## Later section") and "Prose that must stay." in text
+
+
+def test_pytorch_ratios_are_withheld_when_the_baseline_disagrees_with_plain_pytorch():
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench
+
+    fair = bench.baseline_check("nano", rows=[6300.0, 6500.0], plain=[6400.0, 6350.0])
+    slowed = bench.baseline_check("nano", rows=[1725.0, 1700.0], plain=[6410.0, 6300.0])  # issue 12
+    assert fair["ok"] and not slowed["ok"]
+    assert 0.25 < slowed["ratio"] < 0.3 and slowed["tolerance"] >= 0.10
+    table = "\n".join(bench.check_lines([fair, slowed]))
+    assert "| nano | 6,400 | 6,375 |" in table and "DISAGREE: PyTorch ratios withheld" in table
+    assert bench.common_shape([[16, 128], [16, 128], [16, 64]]) == (16, 128)

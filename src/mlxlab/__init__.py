@@ -1,7 +1,7 @@
 """mlxlab: Hydra-composed MLX training with one MLflow store."""
 
-# First, before any module here imports mlx.core: on Linux CPU, MLX only uses a fast BLAS that is
-# already loaded when mlx.core is first imported (see runtime/blas.py).
+# First: on Linux CPU this points MLX's BLAS calls (and nothing else's) at OpenBLAS; it imports
+# mlx.core itself (see runtime/blas.py).
 from mlxlab.runtime.blas import setup_blas
 
 blas = setup_blas()

@@ -1,4 +1,4 @@
 """Process-level setup: BLAS loading (blas.py) and device helpers (device.py).
 
-Imports nothing here: mlxlab/__init__.py loads blas.py before anything may import mlx.core.
+Imports nothing here: mlxlab/__init__.py runs blas.py first (it imports mlx.core itself).
 """
