@@ -97,6 +97,15 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
         time.sleep(0.05)
 
 
+def rank_processes(proc: subprocess.Popen) -> list[int]:
+    """The two ranks' pids (sorted), i.e. the launcher's session less the launcher itself."""
+    found = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "mlxlab-train"],
+                           capture_output=True, text=True).stdout.split()
+    ranks = sorted(int(p) for p in found if int(p) != proc.pid)
+    assert len(ranks) == 2, found
+    return ranks
+
+
 def report(name: str, value: float) -> None:
     """Measured figures go to stdout (pytest -s) and to a file the docs quote."""
     print(f"{name}: {value:.3g}")
@@ -185,10 +194,7 @@ def test_a_killed_rank_stops_the_others_with_checkpoints_intact(tmp_path, cli_en
     run_dir = tmp_path / "run"
     proc = start(2, args, run_dir, cli_env)
     wait_for_step(proc, run_dir, 3)
-    ranks = [int(p) for p in subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "mlxlab-train"],
-                                            capture_output=True, text=True).stdout.split()]
-    rank_pids = [p for p in ranks if p != proc.pid]
-    assert len(rank_pids) == 2
+    rank_pids = rank_processes(proc)
     os.kill(max(rank_pids), signal.SIGKILL)  # one rank dies
     killed_at = time.time()
     out, err = proc.communicate(timeout=90)
@@ -214,10 +220,7 @@ def test_sigterm_to_the_launcher_checkpoints_once_and_all_ranks_exit(tmp_path, c
     run_dir = tmp_path / "run"
     proc = start(2, args, run_dir, cli_env)
     wait_for_step(proc, run_dir, 5)
-    ranks = [int(p) for p in subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "mlxlab-train"],
-                                            capture_output=True, text=True).stdout.split()]
-    ranks = [p for p in ranks if p != proc.pid]
-    assert len(ranks) == 2
+    ranks = rank_processes(proc)
     proc.send_signal(signal.SIGTERM)  # the launcher only, as `kill <pid>` would
     proc.wait(timeout=120)
     deadline = time.time() + 120
@@ -242,10 +245,7 @@ def test_a_hung_rank_trips_the_watchdog_of_the_others(tmp_path, cli_env):
     run_dir = tmp_path / "run"
     proc = start(2, args, run_dir, cli_env)
     wait_for_step(proc, run_dir, 3)
-    ranks = [int(p) for p in subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "mlxlab-train"],
-                                            capture_output=True, text=True).stdout.split()]
-    rank_pids = sorted(p for p in ranks if p != proc.pid)
-    assert len(rank_pids) == 2
+    rank_pids = rank_processes(proc)
     hung = rank_pids[1]
     os.kill(hung, signal.SIGSTOP)
     stopped_at = time.time()
