@@ -46,7 +46,8 @@ import mlxlab  # noqa: F401  (first: loads the fast BLAS before anything imports
 from mlxlab.runtime.blas import set_blas_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import compose, cpu_model, torch_models  # noqa: E402
+from bench import compose, cpu_model  # noqa: E402
+from bench_torch import torch_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "src" / "mlxlab" / "assets" / "tinystories" / "sample.txt"

@@ -25,8 +25,8 @@ from mlxlab.training.optim import build_optimizer
 from mlxlab.training.trainer import Trainer
 
 sys.path.insert(0, str(REPO / "scripts"))
-from bench import torch_models  # noqa: E402  (the PyTorch twin of mlxlab's decoder)
 from bench_lm_twin import torch_warmup_cosine  # noqa: E402
+from bench_torch import torch_models  # noqa: E402  (the PyTorch twin of mlxlab's decoder)
 
 LR, WD, WARMUP, TOTAL, MIN_RATIO = 1e-3, 0.01, 3, 10, 0.1
 
