@@ -28,6 +28,7 @@ from mlxlab.training.checkpoint import CheckpointWarning, check_committed, save_
 from mlxlab.training.remote import (
     RemoteError,
     RemoteStore,
+    RemoteUploader,
     _filesystem,
     fetch_remote_checkpoint,
 )
@@ -375,3 +376,25 @@ def test_bad_remote_uris_are_one_clear_line(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert "cannot list checkpoints at s3://nobucket/run" in out.stderr
+
+
+def test_a_step_saved_twice_is_uploaded_as_one_whole_version(tmp_path):
+    """The epoch-end save rewrites a step the periodic save just wrote: the bucket must end with
+    the last version, never a mix of the two (uploads read hard links to one version)."""
+    srv = MotoS3(tmp_path)
+    srv.start()
+    try:
+        srv.make_bucket()
+        with env_set(srv.env):
+            run = tmp_path / "run"
+            save_checkpoint(run / "checkpoints", nn.Linear(2, 2), None, {"step": 1})
+            uploader = RemoteUploader(remote_store(srv, "twice"), run, keep_last_n=2)
+            uploader.sync()
+            save_checkpoint(run / "checkpoints", nn.Linear(2, 2), None, {"step": 1, "metric": 0.5})
+            uploader.sync()
+            assert uploader.close()[0].endswith("uploaded step_00000001")
+            got = uploader.store.download_checkpoint("step_00000001", tmp_path / "dl")
+            assert json.loads((got / "state.json").read_text()) == {"step": 1, "metric": 0.5}
+            assert not list((run / "checkpoints").glob(".tmp-*"))  # staged links cleaned up
+    finally:
+        srv.stop()

@@ -195,6 +195,13 @@ class RemoteStore:
         target = self._path(*parts)
         self._try(f"upload {target}", lambda: self.fs.pipe_file(target, text.encode()))
 
+    def marker_text(self, name: str) -> str | None:
+        """The remote COMMITTED marker's text, None when there is none."""
+        marker = self._path(CHECKPOINTS, name, MARKER)
+        if not self._exists(marker):
+            return None
+        return self._try(f"read {marker}", lambda: self.fs.cat_file(marker).decode())
+
     def upload_checkpoint(self, local: Path, name: str) -> None:
         """Every file of `local`, then its COMMITTED marker: a remote copy is committed only
         once it is complete. An existing remote copy (best/) loses its marker first."""
@@ -295,6 +302,7 @@ class RemoteUploader:
         self.uploaded: dict[str, str] = {}  # checkpoint name -> remote URI
         self.failed: dict[str, str] = {}  # name -> last error
         self.skipped: list[str] = []  # rotated away locally before they could be uploaded
+        self._versions: dict[str, str | None] = {}  # name -> marker text handled
         self._best_source: str | None = None
         self._extras_done = False
         self._wake = threading.Event()
@@ -332,13 +340,16 @@ class RemoteUploader:
     def _sync(self) -> None:
         if not self._extras_done:
             self._upload_extras()
-        pending = [p for p in self._local_committed() if p.name not in self.uploaded]
+        # A step saved twice (periodic, then the epoch-end save with its metric) is a new
+        # version under the same name: the marker's text tells versions apart.
+        pending = [p for p in self._local_committed()
+                   if _marker_text(p) != self._versions.get(p.name)]
         for path in pending[: self.keep_last_n]:  # newest first; older ones rotate away anyway
             self._upload(path, path.name)
         for path in pending[self.keep_last_n:]:
             self.failed.pop(path.name, None)
             self.skipped.append(path.name)
-            self.uploaded.setdefault(path.name, "")  # never tried again
+            self._versions[path.name] = _marker_text(path)  # never tried again
         best = self.checkpoints / BEST
         if check_committed(best, full=False) is None:
             source = _best_source(best)
@@ -358,25 +369,29 @@ class RemoteUploader:
 
     def _upload(self, path: Path, name: str) -> None:
         start = time.perf_counter()
-        if name != BEST and self.store._exists(self.store._path(CHECKPOINTS, name, MARKER)):
-            # already committed there: the checkpoint this run resumed from, downloaded from it
-            self.uploaded[name] = self.store.url(CHECKPOINTS, name)
-            return
         try:
-            self.store.upload_checkpoint(path, name)
+            staged = _stage(path)
         except FileNotFoundError:
-            if name == BEST or path.is_dir():  # not a local rotation: a failed upload
-                self.failed[name] = "not found on the server"
+            if name == BEST:
                 raise
             log.info("remote checkpoints: %s was rotated away locally before its upload", name)
             self.failed.pop(name, None)
             self.skipped.append(name)
-            self.uploaded[name] = ""
+            self._versions[name] = None
             return
+        marker = _marker_text(staged)
+        try:
+            if name != BEST and self.store.marker_text(name) == marker:
+                pass  # this very version is committed there: the checkpoint resumed from
+            else:
+                self.store.upload_checkpoint(staged, name)
         except Exception as e:
             self.failed[name] = f"{type(e).__name__}: {e}"
             raise
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         self.failed.pop(name, None)
+        self._versions[name] = marker
         self.uploaded[name] = self.store.url(CHECKPOINTS, name)
         log.info("remote checkpoints: uploaded %s in %.1fs", self.uploaded[name],
                  time.perf_counter() - start)
@@ -408,6 +423,39 @@ class RemoteUploader:
         tags["mlxlab.remote.checkpoints"] = text if len(text) < 5000 else (
             f"{len(uris)} checkpoints under {self.store.url(CHECKPOINTS)}")
         return tags
+
+
+def _marker_text(path: Path) -> str | None:
+    try:
+        return (path / MARKER).read_text()
+    except OSError:
+        return None
+
+
+def _stage(path: Path) -> Path:
+    """Hard links to one version of checkpoint `path`, next to it (a `.tmp-` name, so a killed
+    run's leftovers are cleaned at the next start). Checkpoint files are never changed in place
+    and a re-save swaps in a new directory, so an unchanged directory inode means every link
+    came from the same version."""
+    for _ in range(5):
+        inode = os.stat(path).st_ino
+        staged = path.parent / f"{TMP_PREFIX}upload-{path.name}-{uuid.uuid4().hex[:8]}"
+        staged.mkdir()
+        try:
+            for f in path.iterdir():
+                try:
+                    os.link(f, staged / f.name)
+                except OSError:
+                    shutil.copy2(f, staged / f.name)
+        except FileNotFoundError:
+            shutil.rmtree(staged, ignore_errors=True)
+            if not path.is_dir():
+                raise
+            continue
+        if path.is_dir() and os.stat(path).st_ino == inode:
+            return staged
+        shutil.rmtree(staged, ignore_errors=True)
+    raise FileNotFoundError(f"{path} kept changing while being staged for upload")
 
 
 def _best_source(best: Path) -> str | None:
