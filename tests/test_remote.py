@@ -296,8 +296,9 @@ def test_server_stopped_mid_upload(server, tmp_path):
     uri = server.uri(prefix)
     env = environment(tmp_path, server.env)
     run_dir = tmp_path / "outputs" / "remote" / "outage"
-    proc = start([*ARGS, f"trainer.checkpoint.remote={uri}",
-                  "trainer.checkpoint.remote_retries=9"], run_dir, env)  # ~2 min of backoff
+    # ~2 min of backoff; a call on a connection the restarted server dropped ends after 10 s
+    proc = start([*ARGS, f"trainer.checkpoint.remote={uri}", "trainer.checkpoint.remote_retries=9",
+                  "trainer.checkpoint.remote_timeout_s=10"], run_dir, env)
     with env_set(server.env):
         store = remote_store(server, prefix)
         deadline = time.time() + 300

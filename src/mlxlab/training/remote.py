@@ -23,6 +23,7 @@ AZURE_STORAGE_CONNECTION_STRING.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -143,13 +144,37 @@ def _step_of(name: str) -> int:
         return -1
 
 
+class _Bounded:
+    """A filesystem whose network calls each end within `timeout_s`.
+
+    fsspec's async filesystems (s3fs, gcsfs, adlfs) take a `timeout` in their blocking wrappers;
+    without it a call on a connection the server dropped can wait forever (seen with gcsfs after
+    the emulator restarted), and so would the end of the run that waits for its uploads. A call
+    past the limit raises FSTimeoutError, which the retry loop treats like any other outage.
+    """
+
+    CALLS = frozenset({"exists", "ls", "put_file", "pipe_file", "cat_file", "rm_file", "rm",
+                       "get_file"})
+
+    def __init__(self, fs, timeout_s: float | None) -> None:
+        self._fs, self._timeout = fs, timeout_s
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._fs, name)
+        if name in self.CALLS and self._timeout and getattr(self._fs, "async_impl", False):
+            return functools.partial(attr, timeout=self._timeout)
+        return attr
+
+
 class RemoteStore:
     """One remote prefix: list, upload and download checkpoint directories, marker last."""
 
-    def __init__(self, uri: str, retries: int = 5, backoff_s: float = 1.0) -> None:
+    def __init__(self, uri: str, retries: int = 5, backoff_s: float = 1.0,
+                 timeout_s: float | None = 60.0) -> None:
         self.uri = uri.rstrip("/")
         self.scheme = uri.split("://", 1)[0].lower()
-        self.fs, self.root = _filesystem(uri)
+        fs, self.root = _filesystem(uri)
+        self.fs = _Bounded(fs, timeout_s)
         self.retries, self.backoff_s = int(retries), float(backoff_s)
 
     def url(self, *parts: str) -> str:
@@ -295,8 +320,10 @@ class RemoteUploader:
         run_dir: Path,
         keep_last_n: int,
         config_text: str | None = None,
+        final_wait_s: float | None = 120.0,
     ) -> None:
         self.store, self.run_dir, self.keep_last_n = store, Path(run_dir), keep_last_n
+        self.final_wait_s = final_wait_s  # how long the run's end waits for a running upload
         self.checkpoints = self.run_dir / CHECKPOINTS
         self.config_text = config_text
         self.uploaded: dict[str, str] = {}  # checkpoint name -> remote URI
@@ -397,10 +424,18 @@ class RemoteUploader:
                  time.perf_counter() - start)
 
     def close(self) -> list[str]:
-        """A final round (bounded by the retries), stop the thread; the report's lines."""
+        """A final round (bounded by the retries), stop the thread; the report's lines.
+
+        An upload round still going after `final_wait_s` is given up on (the thread is a daemon):
+        the run ends, and the report lists what was not uploaded."""
         self._stop.set()
         self._wake.set()
-        self._thread.join()
+        self._thread.join(self.final_wait_s)
+        if self._thread.is_alive():
+            log.warning("remote checkpoints: an upload is still going after %.0fs; not waiting "
+                        "longer (what it had not finished is reported as not uploaded)",
+                        self.final_wait_s)
+            return self.report()
         self.sync()
         return self.report()
 
@@ -484,7 +519,7 @@ def _newest_local_step(path: Path | None) -> int:
 
 def fetch_remote_checkpoint(
     uri: str, run_dir: Path, local: Path | None, retries: int = 2, backoff_s: float = 1.0,
-    required: bool = False,
+    required: bool = False, timeout_s: float | None = 60.0,
 ) -> Path | None:
     """Resume source after looking at `uri`: `run_dir` when a committed remote checkpoint newer
     than `local`'s newest was downloaded (and verified) into it, else `local`.
@@ -493,7 +528,7 @@ def fetch_remote_checkpoint(
     older one, as local resume does. An unreachable store warns and keeps `local`, unless
     `required` (resume=<uri> itself), where it is an error.
     """
-    store = RemoteStore(uri, retries=retries, backoff_s=backoff_s)
+    store = RemoteStore(uri, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s)
     floor = _newest_local_step(local)
     try:
         steps = store.committed_steps()
@@ -546,9 +581,12 @@ def remote_resume(cfg: Any, run_dir: Path, prepare_local: Callable[[Any, Path], 
     resume = cfg.get("resume")
     ckpt = cfg.trainer.get("checkpoint") or {}
     retries, backoff = ckpt.get("remote_retries", 5), ckpt.get("remote_backoff_s", 1.0)
+    timeout = ckpt.get("remote_timeout_s", 60.0)
     if is_remote(str(resume)):
-        return fetch_remote_checkpoint(str(resume), run_dir, None, retries, backoff, required=True)
+        return fetch_remote_checkpoint(str(resume), run_dir, None, retries, backoff, required=True,
+                                       timeout_s=timeout)
     local = prepare_local(cfg, run_dir)
     if str(resume) == "auto" and ckpt.get("remote"):
-        return fetch_remote_checkpoint(str(ckpt["remote"]), run_dir, local, retries, backoff)
+        return fetch_remote_checkpoint(str(ckpt["remote"]), run_dir, local, retries, backoff,
+                                       timeout_s=timeout)
     return local

@@ -598,9 +598,11 @@ class Trainer:
 
             store = RemoteStore(self.checkpoint["remote"],
                                 retries=self.checkpoint.get("remote_retries", 5),
-                                backoff_s=self.checkpoint.get("remote_backoff_s", 1.0))
+                                backoff_s=self.checkpoint.get("remote_backoff_s", 1.0),
+                                timeout_s=self.checkpoint.get("remote_timeout_s", 60.0))
             uploader = RemoteUploader(store, run_dir, manager.keep_last_n,
-                                      config_text=OmegaConf.to_yaml(OmegaConf.create(config)))
+                                      config_text=OmegaConf.to_yaml(OmegaConf.create(config)),
+                                      final_wait_s=self.checkpoint.get("remote_final_wait_s", 120.0))
         return CheckpointWriter(manager, asynchronous=self.checkpoint.get("async_write", True),
                                 when_busy=self.checkpoint.get("when_busy", "wait"),
                                 uploader=uploader)
