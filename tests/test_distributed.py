@@ -128,7 +128,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch_bert(tmp_path, cli_env
     # the gathered optimizer state is the unsharded one, under the same names
     opt_diff = relative_difference(optimizer_state(tmp_path / "two"), optimizer_state(tmp_path / "one"))
     assert opt_diff <= 1e-4
-    assert out.count("validation:") == 1  # rank 0 alone prints
+    assert out.count("validation (best checkpoint") == 1  # rank 0 alone prints its summary
     assert not (tmp_path / "two" / "checkpoints").with_name("rank1").exists()
 
 
