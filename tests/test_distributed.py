@@ -106,6 +106,18 @@ def rank_processes(proc: subprocess.Popen) -> list[int]:
     return ranks
 
 
+def start_long_run(tmp_path: Path, cli_env: dict, every: int, *extra: str
+                   ) -> tuple[subprocess.Popen, Path, list[int]]:
+    """2 ranks of a BERT run with no end in sight, checkpointing every `every` steps; returns
+    once the first checkpoint is committed: (launcher, run dir, rank pids)."""
+    args = [*BERT, "trainer.max_steps=100000", "trainer.batch_size=8",
+            f"trainer.checkpoint.save_every_steps={every}", *extra]
+    run_dir = tmp_path / "run"
+    proc = start(2, args, run_dir, cli_env)
+    wait_for_step(proc, run_dir, every)
+    return proc, run_dir, rank_processes(proc)
+
+
 def report(name: str, value: float) -> None:
     """Measured figures go to stdout (pytest -s) and to a file the docs quote."""
     print(f"{name}: {value:.3g}")
@@ -189,12 +201,8 @@ def test_sigkill_then_resume_at_another_world_size(tmp_path, cli_env, first, the
 
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_others_with_checkpoints_intact(tmp_path, cli_env):
-    args = [*BERT, "trainer.max_steps=100000", "trainer.batch_size=8",
-            "trainer.checkpoint.save_every_steps=3", "trainer.distributed_timeout_s=20"]
-    run_dir = tmp_path / "run"
-    proc = start(2, args, run_dir, cli_env)
-    wait_for_step(proc, run_dir, 3)
-    rank_pids = rank_processes(proc)
+    proc, run_dir, rank_pids = start_long_run(tmp_path, cli_env, 3,
+                                              "trainer.distributed_timeout_s=20")
     os.kill(max(rank_pids), signal.SIGKILL)  # one rank dies
     killed_at = time.time()
     out, err = proc.communicate(timeout=90)
@@ -215,12 +223,8 @@ def test_a_killed_rank_stops_the_others_with_checkpoints_intact(tmp_path, cli_en
 
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_checkpoints_once_and_all_ranks_exit(tmp_path, cli_env):
-    args = [*BERT, "trainer.max_steps=100000", "trainer.batch_size=8",
-            "trainer.checkpoint.save_every_steps=5", "trainer.checkpoint.keep_last_n=1000"]
-    run_dir = tmp_path / "run"
-    proc = start(2, args, run_dir, cli_env)
-    wait_for_step(proc, run_dir, 5)
-    ranks = rank_processes(proc)
+    proc, run_dir, ranks = start_long_run(tmp_path, cli_env, 5,
+                                          "trainer.checkpoint.keep_last_n=1000")
     proc.send_signal(signal.SIGTERM)  # the launcher only, as `kill <pid>` would
     proc.wait(timeout=120)
     deadline = time.time() + 120
@@ -240,12 +244,8 @@ def test_sigterm_to_the_launcher_checkpoints_once_and_all_ranks_exit(tmp_path, c
 def test_a_hung_rank_trips_the_watchdog_of_the_others(tmp_path, cli_env):
     """A rank that stops answering without closing its sockets (SIGSTOP: a hung host) leaves the
     other blocked in a collective: the watchdog ends it with one clear line and exit 75."""
-    args = [*BERT, "trainer.max_steps=100000", "trainer.batch_size=8",
-            "trainer.checkpoint.save_every_steps=3", "trainer.distributed_timeout_s=15"]
-    run_dir = tmp_path / "run"
-    proc = start(2, args, run_dir, cli_env)
-    wait_for_step(proc, run_dir, 3)
-    rank_pids = rank_processes(proc)
+    proc, run_dir, rank_pids = start_long_run(tmp_path, cli_env, 3,
+                                              "trainer.distributed_timeout_s=15")
     hung = rank_pids[1]
     os.kill(hung, signal.SIGSTOP)
     stopped_at = time.time()
