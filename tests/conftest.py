@@ -9,6 +9,8 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import sys
 import tempfile
+import time
+import urllib.request
 
 # The user-level cache (the migrated empty MLflow store new stores are copied from) is one
 # folder per test session, not the developer's ~/.cache; subprocesses inherit it.
@@ -69,3 +71,17 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     env.pop("MLFLOW_TRACKING_URI", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def wait_for_server(server, uri: str, log: Path, timeout_s: float = 180) -> None:
+    """Return once the mlflow server at `uri` answers /health; fail with its log if it exits or
+    does not answer within `timeout_s` (a fresh server builds its store on the first request)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            return
+        except OSError:
+            assert server.poll() is None, Path(log).read_text()[-3000:]
+            assert time.monotonic() < deadline, f"mlflow server did not start in {timeout_s:.0f} s"
+            time.sleep(0.5)

@@ -10,14 +10,12 @@ import importlib.util
 import os
 import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PYTHON, REPO
+from conftest import PYTHON, REPO, wait_for_server
 
 TINY = [
     "trainer.max_steps=3", "trainer.eval_every_steps=3", "trainer.warmup_steps=0",
@@ -42,15 +40,7 @@ def server(tmp_path):
                             stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "mlflow server did not start in 180 s"
-                time.sleep(0.5)
+        wait_for_server(proc, uri, tmp_path / "server.log", 180)
         yield uri
     finally:
         os.killpg(proc.pid, 15)

@@ -16,14 +16,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import FAST, PYTHON, REPO, compose_cfg
+from conftest import FAST, PYTHON, REPO, compose_cfg, wait_for_server
 from mlxlab.tracking.mlflow import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
@@ -163,15 +162,8 @@ def start_server(mlruns: Path, port: int, path: str | None = None) -> tuple[subp
     server = subprocess.Popen([str(REPO / "scripts/mlflow_server.sh")], env=env, stdout=log_file,
                               stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            return server, uri
-        except OSError:
-            assert server.poll() is None, Path(log_file.name).read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
-            time.sleep(0.5)
+    wait_for_server(server, uri, Path(log_file.name), 120)
+    return server, uri
 
 
 def stop_server(server: subprocess.Popen, sig: int = signal.SIGTERM) -> None:

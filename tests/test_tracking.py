@@ -15,13 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 import mlxlab.tracking.mlflow as mlflow_tracking
+from conftest import wait_for_server
 from mlxlab.tracking.base import NullTracker, Tracker, flatten_config
 from mlxlab.tracking.mlflow import (
     CONFIG_HASH_TAG,
@@ -629,15 +629,7 @@ def test_tracking_server_round_trip(tmp_path):
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{server_uri}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
-                time.sleep(0.5)
+        wait_for_server(server, server_uri, tmp_path / "server.log", 120)
 
         tracker = MlflowTracker(uri=server_uri, experiment_name="served")
         tracker.start({"model": {"hidden": 64}}, {"via": "server"})
