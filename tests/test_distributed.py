@@ -208,7 +208,7 @@ def test_lanes_resume_after_sigkill_and_end_epochs_together(tmp_path, cli_env):
     lane at the first document no old lane had read, and finishes."""
     args = [*LM, "data.shard_by_rank=true", "data.max_examples=6", "trainer.batch_size=4",
             "trainer.checkpoint.save_every_steps=4", "trainer.checkpoint.keep_last_n=10",
-            "trainer.distributed_timeout_s=300"]  # rank 0 trains the tokenizer on a loaded box
+            "trainer.distributed_timeout_s=300"]  # steps and saves on a loaded box
     run(2, args, tmp_path / "reference", cli_env)
     state = json.loads((tmp_path / "reference/checkpoints/step_00000020/state.json").read_text())
     assert state["epoch"] >= 2  # epochs ended (together) within the 20 steps

@@ -177,7 +177,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if world.is_main:  # rank 0 writes the tokenizer (and data caches) first
         data.setup(run_dir)
         keep_pretrained_files(cfg, run_dir)
-    world.barrier("waiting for rank 0's data setup")
+    # rank 0 may train a tokenizer or tokenize a table first: as long as a first (compiling) step
+    world.barrier("waiting for rank 0's data setup", scale=10.0)
     if not world.is_main:
         data.setup(None)
     world.check_same(str(data.tokenizer_hash), "the tokenizer",

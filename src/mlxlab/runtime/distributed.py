@@ -177,11 +177,13 @@ class World:
 
     # --- host-side agreement -----------------------------------------------------------------
 
-    def sum_numbers(self, values: list[float], what: str = "an all-reduce") -> list[float]:
-        """Sum small numbers over ranks (float64 precision is not needed: counts and flags)."""
+    def sum_numbers(self, values: list[float], what: str = "an all-reduce",
+                    scale: float = 1.0) -> list[float]:
+        """Sum small numbers over ranks (float64 precision is not needed: counts and flags);
+        waits at most timeout_s x scale."""
         if not self.enabled:
             return list(values)
-        with self.guard(what):
+        with self.guard(what, scale):
             out = self.all_sum(mx.array(values, dtype=mx.float32))
             mx.eval(out)
         return [float(x) for x in np.array(out)]
@@ -215,8 +217,8 @@ class World:
         if not np.array_equal(np.array(lo), np.array(hi)):
             raise ValueError(f"ranks disagree on {what}: {fix}")
 
-    def barrier(self, what: str = "a barrier") -> None:
-        self.sum_numbers([0.0], what)
+    def barrier(self, what: str = "a barrier", scale: float = 1.0) -> None:
+        self.sum_numbers([0.0], what, scale)
 
     # --- data --------------------------------------------------------------------------------
 
