@@ -205,12 +205,12 @@ class World:
             mx.eval(out)
         return [int(x) for x in np.array(out)]
 
-    def check_same(self, text: str, what: str, fix: str) -> None:
+    def check_same(self, text: str, what: str, fix: str, scale: float = 1.0) -> None:
         """Raise on every rank when `text` differs between ranks (e.g. the tokenizer hash)."""
         if not self.enabled:
             return
         code = np.frombuffer(text.encode()[:64].ljust(64, b"\0"), np.uint8).astype(np.float32)
-        with self.guard(what):
+        with self.guard(what, scale):
             lo, hi = mx.distributed.all_min(mx.array(code), group=self.group), mx.distributed.all_max(
                 mx.array(code), group=self.group)
             mx.eval(lo, hi)
