@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batch, Batching, bucket_length, make_batches
 from mlxlab.data.tokenizer import build_tokenizer, special_ids, tokenizer_hash
 
@@ -47,7 +48,7 @@ def read_pairs(path: str | Path, prompt_key: str, completion_key: str) -> list[t
     return pairs
 
 
-class PromptCompletion:
+class PromptCompletion(DataModule):
     """Batches of prompt/completion examples from `train_file` (and `val_file`, else the last
     `val_fraction` of the shuffled training pairs). Sequences longer than `max_length` tokens are
     cut at the end. `tokenizer.path` is the pretrained model's tokenizer.json (train.py sets it

@@ -23,6 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batch, Batching
 
 # One background thread tokenizes at ~0.5M tokens/s, far above what training consumes; the
@@ -110,7 +111,7 @@ def _threaded(produce: Iterator, prefetch: int) -> Iterator:
         thread.join(timeout=5)
 
 
-class StreamingText:
+class StreamingText(DataModule):
     """Packed language-modelling batches from a hub dataset or local txt/jsonl/parquet files.
 
     Source: `dataset_id` (+ `dataset_config`) streams from the Hugging Face hub and then

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mlxlab.data.base import DataModule
 from mlxlab.data.batching import (
     Batch,
     Batching,
@@ -148,7 +149,7 @@ def encode_texts(
     return tokens, lengths
 
 
-class TabularText:
+class TabularText(DataModule):
     """CSV classification data as text (task="classification"), see conf/data/titanic.yaml."""
 
     task = "classification"

@@ -25,6 +25,8 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
+from mlxlab.tracking import tags as T
+
 log = logging.getLogger(__name__)
 
 PREDICTOR_FILE = "predictor.json"
@@ -204,7 +206,7 @@ def register_run(
         predictor = Path(tmp) / PREDICTOR_FILE
         predictor.write_text(json.dumps(predictor_meta(state, tokenizer), indent=2, default=str))
         kwargs = {"run_id": run_id} if run_id else {"experiment_id": experiment_id}
-        with mlflow.start_run(**kwargs, tags={"mlxlab.run_dir": str(Path(run_dir).resolve())}):
+        with mlflow.start_run(**kwargs, tags={T.RUN_DIR: str(Path(run_dir).resolve())}):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=MlxlabPyfunc(),

@@ -13,14 +13,13 @@ import os
 import socket
 from pathlib import Path
 
+from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow import RUN_DIR_TAG, _retrying, resolve_uri, sqlite_path
 
 log = logging.getLogger(__name__)
 
-PID_TAG = "mlxlab.pid"
-HOST_TAG = "mlxlab.host"
-TASK_TAG = "mlxlab.task_name"
-KILLED_REASON_TAG = "mlxlab.killed_reason"
+PID_TAG, HOST_TAG, TASK_TAG = T.PID, T.HOST, T.TASK_NAME
+KILLED_REASON_TAG = T.KILLED_REASON
 
 
 def process_tags() -> dict[str, str]:

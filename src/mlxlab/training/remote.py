@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mlxlab.tracking import tags as tag_names
 from mlxlab.training.checkpoint import (
     BEST,
     MARKER,
@@ -453,9 +454,9 @@ class RemoteUploader:
     def tags(self) -> dict[str, str]:
         """MLflow tags: the prefix and the remote URI of every uploaded checkpoint."""
         uris = [uri for _, uri in sorted(self.uploaded.items()) if uri]
-        tags = {"mlxlab.remote.uri": self.store.uri}
+        tags = {tag_names.REMOTE_URI: self.store.uri}
         text = "\n".join(uris)
-        tags["mlxlab.remote.checkpoints"] = text if len(text) < 5000 else (
+        tags[tag_names.REMOTE_CHECKPOINTS] = text if len(text) < 5000 else (
             f"{len(uris)} checkpoints under {self.store.url(CHECKPOINTS)}")
         return tags
 
@@ -579,7 +580,7 @@ def remote_resume(cfg: Any, run_dir: Path, prepare_local: Callable[[Any, Path], 
     trainer.checkpoint.remote set also looks there when the local checkpoint is missing or older;
     anything else is `prepare_local(cfg, run_dir)` (runs.prepare_resume)."""
     resume = cfg.get("resume")
-    ckpt = cfg.trainer.get("checkpoint") or {}
+    ckpt = (cfg.get("callbacks") or {}).get("checkpoint") or {}
     retries, backoff = ckpt.get("remote_retries", 5), ckpt.get("remote_backoff_s", 1.0)
     timeout = ckpt.get("remote_timeout_s", 60.0)
     if is_remote(str(resume)):
