@@ -230,7 +230,7 @@ def worker_mlxlab(spec: dict) -> dict:
     root = Path(spec["root"])
     overrides = list(spec["overrides"])
     if spec["variant"] == "bare":
-        overrides += ["tracking=none", "trainer.progress=false"]
+        overrides += ["tracking=none", "callbacks.progress.enabled=false"]
     cfg = compose(root, overrides)
     rec: dict = {"times": [], "evals": [], "shapes": [], "batches": []}
 
@@ -416,8 +416,8 @@ def model_overrides(name: str, args) -> list[str]:
         f"experiment={experiment}",
         f"trainer.max_steps={total}",
         "trainer.eval_every_steps=null",  # evaluate at epoch ends only (BERT) and after the run
-        "trainer.checkpoint.save_every_minutes=null",
-        "trainer.early_stopping.patience=0",
+        "callbacks.checkpoint.save_every_minutes=null",
+        "callbacks.early_stopping.patience=0",
         "trainer.grad_accum=1",
     ]
     if name == "bert":

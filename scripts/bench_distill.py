@@ -34,8 +34,8 @@ from omegaconf import DictConfig
 from mlxlab.config import compose_config
 from mlxlab.train import train
 
-COMMON = ["tracking=none", "trainer.progress=false", "trainer.checkpoint.save_every_minutes=null",
-          "trainer.checkpoint.keep_last_n=1"]
+COMMON = ["tracking=none", "callbacks.progress.enabled=false", "callbacks.checkpoint.save_every_minutes=null",
+          "callbacks.checkpoint.keep_last_n=1"]
 
 # Titanic: the default BERT (hidden 128, 2 layers) teaches the distill_titanic cnn_hybrid student
 # (hidden 32, embeddings-only convolutions). 10 epochs x 23 steps, evaluated every epoch; no early
@@ -46,10 +46,10 @@ COMMON = ["tracking=none", "trainer.progress=false", "trainer.checkpoint.save_ev
 # (/work/notes/bench_distill.md) used, so later changes to the defaults do not move them silently.
 TITANIC = {
     "metric": "val/accuracy",
-    "teacher": ["experiment=titanic_bert", "trainer.early_stopping.patience=0", "data.seed=42",
-                "trainer.learning_rate=3e-4", "trainer.max_epochs=10", "model.norm_position=post"],
-    "student": ["experiment=distill_titanic", "trainer.early_stopping.patience=0", "data.seed=42",
-                "trainer.max_epochs=10", "trainer.learning_rate=1e-3"],
+    "teacher": ["experiment=titanic_bert", "callbacks.early_stopping.patience=0", "data.seed=42",
+                "optimizer.learning_rate=3e-4", "trainer.max_epochs=10", "model.norm_position=post"],
+    "student": ["experiment=distill_titanic", "callbacks.early_stopping.patience=0", "data.seed=42",
+                "trainer.max_epochs=10", "optimizer.learning_rate=1e-3"],
 }
 
 # Issue 11: the same student, taught by the default BERT as `mlxlab-train` trains it today
@@ -66,25 +66,25 @@ TITANIC_DEFAULT_TEACHER = {
 TITANIC_CNN_TO_BERT = {
     "metric": "val/accuracy",
     "teacher": ["model=cnn_hybrid", "model.hidden_size=64", "model.use_encoder=false",
-                "model.cnn_filters=64", "trainer.early_stopping.patience=0", "data.seed=42",
-                "trainer.max_epochs=10", "trainer.learning_rate=1e-3"],
+                "model.cnn_filters=64", "callbacks.early_stopping.patience=0", "data.seed=42",
+                "trainer.max_epochs=10", "optimizer.learning_rate=1e-3"],
     "student": ["trainer=distill", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
-                "model.norm_position=post", "trainer.early_stopping.patience=0", "data.seed=42",
-                "trainer.max_epochs=10", "trainer.learning_rate=1e-3"],
+                "model.norm_position=post", "callbacks.early_stopping.patience=0", "data.seed=42",
+                "trainer.max_epochs=10", "optimizer.learning_rate=1e-3"],
 }
 
 # TinyStories sample: a shrunken transformer_tiny teaches a shrunken transformer_nano, 200 steps
 # each; the vocabulary is capped at 2048 and the sequences at 64 tokens to fit a 2-core budget.
 # The validation set is the first 200 paragraphs whatever the seed; `seed` varies init and shuffling.
 TS_SHAPE = ["model.max_seq_len=64", "data.seq_len=64", "data.tokenizer.max_vocab=2048",
-            "trainer.batch_size=16", "trainer.eval_every_steps=100", "trainer.warmup_steps=20",
+            "trainer.batch_size=16", "trainer.eval_every_steps=100", "trainer.schedule.warmup_steps=20",
             "trainer.max_steps=200"]
 TINYSTORIES = {
     "metric": "val/loss",
     "teacher": ["experiment=tinystories_tiny", *TS_SHAPE, "model.dim=192", "model.num_layers=4",
-                "model.num_heads=6", "trainer.learning_rate=2e-3"],
+                "model.num_heads=6", "optimizer.learning_rate=2e-3"],
     "student": ["experiment=distill_tinystories", *TS_SHAPE, "model.dim=64", "model.num_layers=2",
-                "model.num_heads=2", "trainer.learning_rate=3e-3"],
+                "model.num_heads=2", "optimizer.learning_rate=3e-3"],
 }
 
 TASKS = {"titanic": TITANIC, "titanic_default_teacher": TITANIC_DEFAULT_TEACHER,

@@ -8,7 +8,7 @@
   (compiles) and evaluation steps excluded.
 - the all-reduce of one step's gradients (all parameters, fp32) on its own, 2 ranks.
 - transformer_small (seq 64, batch 2 per rank) under 2 ranks with and without
-  trainer.shard_optimizer: optimizer state per rank and MLX peak memory during training steps.
+  trainer.distributed.shard_optimizer: optimizer state per rank and MLX peak memory during training steps.
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 CACHE = Path(tempfile.gettempdir()) / "mlxlab-bench-dist-cache"
 LM = ["experiment=tinystories_nano", "data.max_examples=2000", "data.val_examples=20",
-      "trainer.early_stopping.patience=0", "trainer.progress=false",
-      "trainer.eval_every_steps=null", "trainer.checkpoint.save_every_minutes=null",
-      "tracking=none", "trainer.warmup_steps=2"]
+      "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
+      "trainer.eval_every_steps=null", "callbacks.checkpoint.save_every_minutes=null",
+      "tracking=none", "trainer.schedule.warmup_steps=2"]
 SMALL = ["model=transformer_small", "data=streaming", "data.seq_len=64", "model.max_seq_len=64",
          "data.max_examples=500", "data.val_examples=8", "data.tokenizer.max_vocab=8192",
-         "trainer.early_stopping.patience=0", "trainer.progress=false",
-         "trainer.eval_every_steps=null", "trainer.checkpoint.save_every_minutes=null",
+         "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
+         "trainer.eval_every_steps=null", "callbacks.checkpoint.save_every_minutes=null",
          "tracking=none", "trainer.batch_size=2", "optimized_metric=val/loss",
          "optimized_mode=min",
-         "trainer.distributed_timeout_s=900"]  # a first (compiling) step can take minutes here
+         "trainer.distributed.timeout_s=900"]  # a first (compiling) step can take minutes here
 
 
 def worker(overrides: list[str], probe_step: int) -> None:
@@ -171,7 +171,7 @@ def memory() -> None:
     print("|---|---|---|---:|")
     for shard in ("false", "true"):
         res = launch(2, 1, ["--worker", *SMALL, "trainer.max_steps=6",
-                            f"trainer.shard_optimizer={shard}", "--probe", "6"])
+                            f"trainer.distributed.shard_optimizer={shard}", "--probe", "6"])
         opt = " / ".join(f"{r['optimizer_mb']:.1f}" for r in res)
         peak = " / ".join(f"{r['peak_mb']:.0f}" for r in res)
         print(f"| shard_optimizer={shard} | {opt} | {peak} | {max(r['ms'] for r in res):.0f} |",

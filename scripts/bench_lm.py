@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--data-pass", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    preset = ["experiment=tinystories_nano", "trainer.progress=false", *args.overrides]
+    preset = ["experiment=tinystories_nano", "callbacks.progress.enabled=false", *args.overrides]
     if args.data_pass:
         return data_pass(args.data_pass, args.tokenizer, preset, args.root)
 
@@ -199,7 +199,7 @@ def main() -> None:
     max_steps = math.ceil(args.tokens / tokens_per_step) if args.tokens else cfg.trainer.max_steps
     log_every = int(cfg.trainer.log_every_steps)
     train_overrides = [*preset, "tracking=mlflow", f"trainer.max_steps={max_steps}",
-                       f"trainer.memory_log_every={log_every}"]
+                       f"callbacks.memory.every={log_every}"]
     env = {**os.environ, "MLXLAB_ROOT": str(args.root), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
 

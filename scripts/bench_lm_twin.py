@@ -113,7 +113,7 @@ def held_out_data(train_file: Path, heldout_file: Path, seq_len: int, tokenizer:
 
 def preset(model_name: str, train_file: Path, root: Path, overrides: list[str]):
     return compose(root, [f"experiment=tinystories_{model_name}", f"data.data_files={train_file}",
-                          "tracking=none", "trainer.progress=false", *overrides])
+                          "tracking=none", "callbacks.progress.enabled=false", *overrides])
 
 
 def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path,

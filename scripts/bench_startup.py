@@ -61,7 +61,7 @@ def make_step_timed(self, *args, **kwargs):
         os._exit(0)
     return first
 Trainer.make_step = make_step_timed
-sys.argv = ["mlxlab-train", "trainer.progress=false"]
+sys.argv = ["mlxlab-train", "callbacks.progress.enabled=false"]
 train_module.main()
 """
 

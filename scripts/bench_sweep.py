@@ -3,7 +3,7 @@
     python scripts/bench_sweep.py                     # the numbers for docs/benchmarks.md
     python scripts/bench_sweep.py --tiny              # seconds: checks the script itself
 
-1. Wall clock of a 4-job Titanic multirun (model.hidden_size x trainer.learning_rate, 2 x 2) on
+1. Wall clock of a 4-job Titanic multirun (model.hidden_size x optimizer.learning_rate, 2 x 2) on
    the joblib launcher with 1 worker, then 2 workers (then 1 again with --repeats 2, to cancel
    drift), each against a fresh sqlite store; every sweep must leave 4 finished child runs.
 2. Tracking overhead per logged step, in this process:
@@ -35,11 +35,11 @@ def sweep_args(steps: int, tiny: bool) -> list[str]:
         "--multirun",
         "hydra/launcher=joblib",
         f"model.hidden_size={sizes}",
-        "trainer.learning_rate=1e-3,3e-3",
+        "optimizer.learning_rate=1e-3,3e-3",
         f"trainer.max_steps={steps}",
         f"trainer.eval_every_steps={steps}",
-        "trainer.progress=false",
-        "trainer.checkpoint.save_every_minutes=null",
+        "callbacks.progress.enabled=false",
+        "callbacks.checkpoint.save_every_minutes=null",
     ]
     if tiny:
         args += ["model.num_layers=1", "model.num_heads=2", "trainer.batch_size=64"]
@@ -113,9 +113,9 @@ def run_overhead(steps: int, tiny: bool, repeats: int, root: Path) -> dict:
         f"trainer.max_steps={steps}",
         f"trainer.eval_every_steps={steps}",
         "trainer.log_every_steps=1",
-        "trainer.progress=false",
-        "trainer.early_stopping.patience=0",
-        "trainer.checkpoint.save_every_minutes=null",
+        "callbacks.progress.enabled=false",
+        "callbacks.early_stopping.patience=0",
+        "callbacks.checkpoint.save_every_minutes=null",
     ]
     tracking_args = {
         "mlflow": ["tracking=mlflow", f"tracking.uri={uri}"],

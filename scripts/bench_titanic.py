@@ -33,7 +33,7 @@ from mlxlab.data.tabular import read_csv
 
 def compose_default(root: Path, overrides: list[str], run_name: str) -> DictConfig:
     """The default experiment's config, rooted in `root`, writing its run to outputs/<run_name>."""
-    return compose_config(root, ["tracking=none", "trainer.progress=false", *overrides],
+    return compose_config(root, ["tracking=none", "callbacks.progress.enabled=false", *overrides],
                           root / "outputs" / run_name)
 
 

@@ -29,8 +29,8 @@ def worker(experiment: str, steps: int, tracking: str) -> None:
     root = Path(tempfile.mkdtemp(prefix="mlxlab-bench-tracking-"))
     cfg = compose_config(root, [
         f"experiment={experiment}", f"tracking={tracking}", f"trainer.max_steps={steps + 3}",
-        "trainer.max_epochs=1000", "trainer.early_stopping.patience=0", "trainer.progress=false",
-        "trainer.eval_every_steps=null", "trainer.checkpoint.save_every_minutes=null",
+        "trainer.max_epochs=1000", "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
+        "trainer.eval_every_steps=null", "callbacks.checkpoint.save_every_minutes=null",
     ])
     times, evals = [], set()
 

@@ -41,8 +41,8 @@ CASES = {
     "tinystories_nano": ["experiment=tinystories_nano"],
 }
 # Knobs the comparison must not vary: quantization and memory logging happen outside the step.
-COMMON = ["tracking=none", "trainer.progress=false", "trainer.quantize_bits=null",
-          "trainer.memory_log_every=0"]
+COMMON = ["tracking=none", "callbacks.progress.enabled=false", "trainer.quantize_bits=null",
+          "callbacks.memory.every=0"]
 
 
 def compose_cfg(root: Path, overrides: list[str]) -> DictConfig:
@@ -70,10 +70,10 @@ class Runner:
         loss_fn = self.trainer.build_loss(data)
         self.trainer.fit_batch_to_memory(self.model, data, loss_fn)  # may lower the batch size
         total = 10**6
-        optimizer = build_optimizer(self.trainer.opt_name, self.trainer.learning_rate, total,
-                                    self.trainer.warmup_steps, self.trainer.schedule,
-                                    self.trainer.weight_decay,
-                                    min_lr_ratio=self.trainer.min_lr_ratio)
+        optimizer = build_optimizer(self.trainer.opt_name, self.optimizer.learning_rate, total,
+                                    self.trainer.schedule.warmup_steps, self.trainer.schedule,
+                                    self.optimizer.weight_decay,
+                                    min_lr_ratio=self.trainer.schedule.min_lr_ratio)
         optimizer.init(self.model.trainable_parameters())
         self.step_fn = self.trainer.make_step(self.model, optimizer, loss_fn)
         self.model.train()

@@ -23,11 +23,11 @@ gen = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gen)
 
 TINY = [
-    "experiment=tinystories_nano", "tracking=none", "trainer.progress=false",
+    "experiment=tinystories_nano", "tracking=none", "callbacks.progress.enabled=false",
     "model.dim=32", "model.num_layers=1", "model.num_heads=2", "model.max_seq_len=64",
     "data.seq_len=64", "data.tokenizer.max_vocab=512", "data.tokenizer_sample=300",
     "data.val_examples=20", "trainer.batch_size=8", "trainer.max_steps=30",
-    "trainer.eval_every_steps=15", "trainer.warmup_steps=3",
+    "trainer.eval_every_steps=15", "trainer.schedule.warmup_steps=3",
 ]
 
 

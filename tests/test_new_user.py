@@ -182,7 +182,7 @@ def test_server_killed_mid_run_keeps_the_metrics_and_says_so(tmp_path, cli_env):
         run = subprocess.Popen(
             [PYTHON, "-m", "mlxlab.train", f"tracking.uri={uri}", "tracking.flush_every_steps=1",
              "tracking.connect_timeout=2", "trainer.max_epochs=100", "trainer.max_steps=600",
-             "trainer.eval_every_steps=200", "trainer.log_every_steps=1", "trainer.progress=false",
+             "trainer.eval_every_steps=200", "trainer.log_every_steps=1", "callbacks.progress.enabled=false",
              "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2"],
             cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
@@ -354,7 +354,7 @@ def test_listings_show_the_best_metric_and_say_so(tmp_path, capsys):
 
 def test_early_stopping_and_evaluations_are_logged(make_cfg, caplog):
     cfg = make_cfg(*FAST, "tracking=none", "trainer.max_steps=12", "trainer.eval_every_steps=2",
-                   "trainer.learning_rate=1e-9", "trainer.early_stopping.patience=1")
+                   "optimizer.learning_rate=1e-9", "callbacks.early_stopping.patience=1")
     with caplog.at_level(logging.INFO):
         train(cfg)
     text = caplog.text

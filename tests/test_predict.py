@@ -20,7 +20,7 @@ from predict import predict  # noqa: E402
 
 # Long enough to learn more than the majority class, so the accuracy check below has teeth.
 TINY_RUN = [*FAST, "tracking=none", "trainer.max_epochs=5", "trainer.max_steps=100",
-            "trainer.eval_every_steps=100", "trainer.learning_rate=3e-3"]  # corrected Adam: 1e-3 stays on the majority class
+            "trainer.eval_every_steps=100", "optimizer.learning_rate=3e-3"]  # corrected Adam: 1e-3 stays on the majority class
 
 
 @pytest.fixture(scope="module")

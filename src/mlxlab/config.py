@@ -227,14 +227,8 @@ def _check_optimizer(cfg: DictConfig) -> None:
         chosen = HydraConfig.get().runtime.choices.get("optimizer")
         if chosen is not None and chosen not in options:  # a custom node given in full is fine
             raise ConfigError(f"optimizer={chosen} is not an option: choose one of {options}")
-    target = str(cfg.optimizer._target_)
-    try:
-        from hydra.utils import get_class
-
-        get_class(target)
-    except Exception:
-        raise ConfigError(f"optimizer._target_={target} is not importable: choose optimizer="
-                          f"{'|'.join(options)} or a class such as mlx.optimizers.AdamW") from None
+    _check_target(cfg.optimizer, "optimizer", f"choose optimizer={'|'.join(options)} or a class "
+                  "such as mlx.optimizers.AdamW")
     if not cfg.optimizer.get("_partial_", False):
         raise ConfigError("the optimizer node needs _partial_: true (the trainer adds the "
                           "learning-rate schedule): add optimizer._partial_=true")
@@ -257,6 +251,31 @@ def _check_callbacks(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"callbacks.{name} has no _target_: give the class, e.g. "
                 f"'+callbacks.{name}={{_target_: my_pkg.MyCallback}}', or drop it with ~callbacks.{name}")
+        _check_target(entry, f"callbacks.{name}", "give an importable class (is its module on "
+                      "PYTHONPATH?)")
+
+
+def _check_target(node: DictConfig, key: str, fix: str) -> None:
+    """node._target_ imports and takes node's keys as arguments; else one line naming the key."""
+    import importlib
+    import inspect
+
+    target = str(node._target_)
+    module, _, name = target.rpartition(".")
+    try:  # (hydra.utils.get_object would also log its own multi-line report)
+        factory = getattr(importlib.import_module(module), name)
+    except Exception:
+        raise ConfigError(f"{key}._target_={target} is not importable: {fix}") from None
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no introspectable signature: the call will tell
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in node if not str(k).startswith("_") and k not in params]
+    if unknown:
+        allowed = [p for p in params if p != "self"]
+        raise ConfigError(f"{key}.{unknown[0]} is not an argument of {target}: it takes {allowed}")
 
 
 def _check_required(cfg: DictConfig) -> None:

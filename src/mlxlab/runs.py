@@ -15,7 +15,8 @@ from pathlib import Path
 import mlx.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from mlxlab.config import ConfigError, instantiate
+from mlxlab.config import instantiate
+from mlxlab.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def require_run_tokenizer(path: str | Path, kind: str) -> Path:
     """run_tokenizer(path), or an error naming what to pass; `kind` says which run it must be."""
     found = run_tokenizer(path)
     if found is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no tokenizer.json in {path} or its run directory: pass the run directory "
             f"(outputs/<task>/<time>) of a finished {kind} run, or one of its checkpoints"
         )

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mlxlab.errors import UserError
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import CHOICE_TAG_PREFIX, flatten_config
 from mlxlab.tracking.offline import SPOOL_FILE, Spool, reachable, send_spool
@@ -61,7 +62,7 @@ UNLOGGED_PARAM_ROOTS = ("paths", "tracking", "hydra")
 UNLOGGED_PARAM_KEYS = ("_target_", "_convert_", "_partial_", "_recursive_")
 
 
-class TrackingUnavailable(ConnectionError):
+class TrackingUnavailable(UserError, ConnectionError):
     """The tracking store named by the config does not answer; the message says what to do."""
 
 

@@ -53,7 +53,7 @@ class CheckpointWriter:
     ) -> None:
         if when_busy not in WHEN_BUSY:
             raise ValueError(
-                f"trainer.checkpoint.when_busy must be one of {WHEN_BUSY}, got {when_busy!r}"
+                f"callbacks.checkpoint.when_busy must be one of {WHEN_BUSY}, got {when_busy!r}"
             )
         self.manager = manager
         self.asynchronous = asynchronous
@@ -85,7 +85,7 @@ class CheckpointWriter:
             if self.when_busy == "skip" and not force:
                 log.info(
                     "checkpoint at step %s skipped: step %s is still being written "
-                    "(trainer.checkpoint.when_busy=skip)", state.get("step"), self._writing_step,
+                    "(callbacks.checkpoint.when_busy=skip)", state.get("step"), self._writing_step,
                 )
                 return None
             log.info(

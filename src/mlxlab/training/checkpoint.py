@@ -33,6 +33,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxlab.errors import UserError
 from mlxlab.training.metrics import is_better
 
 MODEL_FILE = "model.safetensors"
@@ -46,7 +47,7 @@ TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete or corrupt."""
 
 

@@ -1,6 +1,6 @@
 """Checkpoints in object storage (S3, GCS, Azure Blob) through fsspec.
 
-`trainer.checkpoint.remote=s3://bucket/prefix` (or gs://, az://, abfs://) mirrors the run
+`callbacks.checkpoint.remote=s3://bucket/prefix` (or gs://, az://, abfs://) mirrors the run
 directory's checkpoints under that prefix:
 
     <prefix>/checkpoints/step_00000120/{model,optimizer}.safetensors, state.json, checksums.json,
@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mlxlab.errors import UserError
 from mlxlab.tracking import tags as tag_names
 from mlxlab.training.checkpoint import (
     BEST,
@@ -58,7 +59,7 @@ TOKENIZER = "tokenizer.json"
 CONFIG = "config.yaml"
 
 
-class RemoteError(RuntimeError):
+class RemoteError(UserError, RuntimeError):
     """A remote URI that cannot be used (unknown scheme, missing package, credentials in it)."""
 
 
@@ -577,7 +578,7 @@ def _fetch_extras(store: RemoteStore, run_dir: Path, target: Path) -> None:
 def remote_resume(cfg: Any, run_dir: Path, prepare_local: Callable[[Any, Path], Path | None]
                   ) -> Path | None:
     """The resume source of `cfg`: `resume=<s3://...>` downloads from there; `resume=auto` with
-    trainer.checkpoint.remote set also looks there when the local checkpoint is missing or older;
+    callbacks.checkpoint.remote set also looks there when the local checkpoint is missing or older;
     anything else is `prepare_local(cfg, run_dir)` (runs.prepare_resume)."""
     resume = cfg.get("resume")
     ckpt = (cfg.get("callbacks") or {}).get("checkpoint") or {}

@@ -28,6 +28,7 @@ from mlx.utils import tree_map
 
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
+from mlxlab.errors import UserError
 from mlxlab.runtime import device, distributed
 from mlxlab.tracking.base import Tracker, flatten_config
 from mlxlab.training import losses, metrics
@@ -53,7 +54,7 @@ from mlxlab.training.signals import GracefulStop
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (NaN loss, memory budget); the message says why and what to do."""
 
 
@@ -442,7 +443,7 @@ class Trainer:
         has_val = data.has_validation
         if not has_val:
             log.info("no validation data (%s): no evaluation; checkpoints by steps (trainer."
-                     "checkpoint.save_every_steps, eval_every_steps), at epoch ends and at the "
+                     "checkpoint.save_every_steps, trainer.eval_every_steps), at epoch ends and at the "
                      "end; no best/ checkpoint: the last one is the result",
                      data.no_validation_reason)
         val_print = val_fingerprint(data) if has_val else None
@@ -524,7 +525,7 @@ class Trainer:
             loss_value = loss.item()  # already computed: the step's mx.eval synced
             if not math.isfinite(loss_value):
                 raise TrainingError(
-                    f"loss became {loss_value} at step {run.step}: lower trainer.learning_rate or "
+                    f"loss became {loss_value} at step {run.step}: lower optimizer.learning_rate or "
                     f"set trainer.grad_clip; last good checkpoint: {manager.latest()}"
                 )
             window.add(loss_value, aux)
@@ -589,7 +590,7 @@ class Trainer:
 
     def checkpoint_writer(self, manager: CheckpointManager, run_dir: Path, config: dict
                           ) -> CheckpointWriter:
-        """Background (or inline) checkpoint writes, uploading to trainer.checkpoint.remote."""
+        """Background (or inline) checkpoint writes, uploading to callbacks.checkpoint.remote."""
         uploader, policy = None, self.checkpointing
         if policy.remote and (self.world is None or self.world.is_main):
             from omegaconf import OmegaConf
