@@ -222,33 +222,28 @@ def compose(root: Path, overrides: list[str]):
 def worker_mlxlab(spec: dict) -> dict:
     from omegaconf import OmegaConf
 
+    from bench_callbacks import HOOKS, OVERRIDE, RECORD
     from mlxlab.train import train
-    from mlxlab.training.callbacks import Callback
     from mlxlab.training.trainer import Trainer
 
     warmup, steps = spec["warmup"], spec["steps"]
     root = Path(spec["root"])
-    overrides = list(spec["overrides"])
+    overrides = [*spec["overrides"], OVERRIDE]  # the step clock, as a callback of the run's config
     if spec["variant"] == "bare":
         overrides += ["tracking=none", "callbacks.progress.enabled=false"]
     cfg = compose(root, overrides)
-    rec: dict = {"times": [], "evals": [], "shapes": [], "batches": []}
+    RECORD["clock"] = clock
+    rec: dict = {"times": RECORD["times"], "evals": RECORD["evals"], "shapes": [], "batches": []}
 
-    class StepTimer(Callback):
-        def on_train_start(self, total_steps, start_step):
-            rec["times"].append(clock())
+    def on_step(step: int) -> None:
+        if step == warmup:
+            mx.reset_peak_memory()
+            reset_peak_rss()
+        if step == warmup + steps:
+            rec["mx_peak_mb"] = mx.get_peak_memory() / 2**20
+            rec["rss_peak_mb"] = peak_rss_mb()
 
-        def on_step(self, step, logs):
-            rec["times"].append(clock())
-            if step == warmup:
-                mx.reset_peak_memory()
-                reset_peak_rss()
-            if step == warmup + steps:
-                rec["mx_peak_mb"] = mx.get_peak_memory() / 2**20
-                rec["rss_peak_mb"] = peak_rss_mb()
-
-        def on_eval(self, step, metrics):
-            rec["evals"].append(step)
+    HOOKS["on_step"] = on_step
 
     def replay(batching, epoch):
         batches = [{k: mx.array(v) for k, v in b.items()} for b in load_batches(spec["batches"])]
@@ -276,8 +271,6 @@ def worker_mlxlab(spec: dict) -> dict:
                 yield batch
 
         data.train_batches = recorded
-        callbacks = self.build_callbacks
-        self.build_callbacks = lambda: [*callbacks(), StepTimer()]
         return original_fit(self, model, data, *args, **kwargs)
 
     Trainer.fit = fit
@@ -290,7 +283,8 @@ def worker_mlxlab(spec: dict) -> dict:
         "rss_mb": rec.get("rss_peak_mb", float("nan")) - rec["rss_base_mb"],
         "params": rec["params"], "flops": rec["flops"], "meta": rec["meta"],
         "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
-        "trainer": {k: cfg.trainer[k] for k in ("learning_rate", "weight_decay", "grad_clip")},
+        "trainer": {"learning_rate": cfg.optimizer.learning_rate,
+                    "weight_decay": cfg.optimizer.weight_decay, "grad_clip": cfg.trainer.grad_clip},
     }
 
 

@@ -42,42 +42,29 @@ SMALL = ["model=transformer_small", "data=streaming", "data.seq_len=64", "model.
 def worker(overrides: list[str], probe_step: int) -> None:
     """One training run (a rank when launched); prints this rank's figures as JSON."""
     import mlxlab  # noqa: F401  (fast BLAS before mlx.core)
+    from bench_callbacks import HOOKS, OVERRIDE, RECORD
     from mlxlab.config import compose_config
     from mlxlab.runtime import device, distributed
     from mlxlab.train import train
-    from mlxlab.training.callbacks import Callback
-    from mlxlab.training.trainer import Trainer
 
     root = Path(os.environ["BENCH_ROOT"])
-    cfg = compose_config(root, overrides)  # every rank: the same <root>/outputs/run
-    times: list[float] = []
+    cfg = compose_config(root, [*overrides, OVERRIDE])  # every rank: the same <root>/outputs/run
     peak: list[float] = []
-    trainers: list[Trainer] = []
 
-    class Probe(Callback):
-        def on_train_start(self, total_steps, start_step):
-            times.append(time.perf_counter())
+    def on_step(step: int) -> None:
+        if step == 3:
+            device.reset_peak_memory()  # compiles done: steady-state steps from here
+        if step == probe_step:
+            peak.append(device.peak_memory_mb())
 
-        def on_step(self, step, logs):
-            times.append(time.perf_counter())
-            if step == 3:
-                device.reset_peak_memory()  # compiles done: steady-state steps from here
-            if step == probe_step:
-                peak.append(device.peak_memory_mb())
-
-    build_callbacks = Trainer.build_callbacks
-
-    def with_probe(self):
-        trainers.append(self)
-        return [*build_callbacks(self), Probe()]
-
-    Trainer.build_callbacks = with_probe
+    HOOKS["on_step"] = on_step
     train(cfg)
+    times, trainer = RECORD["times"], RECORD["trainer"]
     ms = [1e3 * (times[k] - times[k - 1]) for k in range(4, len(times))]
     world = distributed.world("auto")
     print("RESULT " + json.dumps({
         "rank": world.rank, "size": world.size, "ms": statistics.median(ms),
-        "optimizer_mb": trainers[0].optimizer_state_mb, "peak_mb": peak[0] if peak else None,
+        "optimizer_mb": trainer.optimizer_state_mb, "peak_mb": peak[0] if peak else None,
     }), flush=True)
 
 

@@ -57,6 +57,14 @@ REFERENCE = {"learning_rate": 1e-3, "warmup_steps": 30, "min_lr_ratio": 0.1,
 HPARAMS = tuple(REFERENCE)
 
 
+def hparams(cfg) -> dict:
+    """The preset's values of HPARAMS, from the config nodes they live in."""
+    node = {"learning_rate": cfg.optimizer, "weight_decay": cfg.optimizer,
+            "warmup_steps": cfg.trainer.schedule, "min_lr_ratio": cfg.trainer.schedule,
+            "grad_clip": cfg.trainer}
+    return {k: node[k][k] for k in HPARAMS}
+
+
 def split_sample(out: Path, heldout: int) -> tuple[Path, Path]:
     """(training file, held-out file): the sample's blank-line paragraphs, the last `heldout` apart."""
     paragraphs = [p.strip() for p in SAMPLE.read_text().split("\n\n") if p.strip()]
@@ -122,11 +130,11 @@ def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path
     from mlx.utils import tree_flatten
     from omegaconf import OmegaConf
 
+    from bench_callbacks import HOOKS, OVERRIDE
     from mlxlab.train import train
-    from mlxlab.training.callbacks import Callback
     from mlxlab.training.trainer import Trainer
 
-    cfg = preset(model_name, train_file, root, overrides)
+    cfg = preset(model_name, train_file, root, [*overrides, OVERRIDE])
     rec: dict = {"batches": [], "val": [], "heldout": []}
     original_fit = Trainer.fit
 
@@ -146,16 +154,14 @@ def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path
 
         trainer = self
 
-        class HeldOut(Callback):
-            def on_eval(self, step, metrics):  # metrics: the trainer's own, on the shipped split
-                rec["val"].append((step, metrics["val/loss"]))
-                rec["heldout"].append((step, trainer.evaluate(model, held, "lm")["val/loss"]))
-                print(f"  mlxlab step {step}: val {rec['val'][-1][1]:.4f} "
-                      f"heldout {rec['heldout'][-1][1]:.4f}", file=sys.stderr, flush=True)
+        def on_eval(step, metrics):  # metrics: the trainer's own, on the shipped split
+            rec["val"].append((step, metrics["val/loss"]))
+            rec["heldout"].append((step, trainer.evaluate(model, held, "lm")["val/loss"]))
+            print(f"  mlxlab step {step}: val {rec['val'][-1][1]:.4f} "
+                  f"heldout {rec['heldout'][-1][1]:.4f}", file=sys.stderr, flush=True)
 
+        HOOKS["on_eval"] = on_eval  # called by bench_callbacks.StepClock, added by OVERRIDE
         data.train_batches = recorded
-        callbacks = self.build_callbacks
-        self.build_callbacks = lambda: [*callbacks(), HeldOut()]
         return original_fit(self, model, data, tracker, run_dir, *args, **kwargs)
 
     Trainer.fit = fit
@@ -167,7 +173,7 @@ def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path
     return {
         "curves": {"val": rec["val"], "heldout": rec["heldout"]}, "init": rec["init"],
         "windows": rec["windows"], "batches": digest(rec["batches"][:steps]), "steps": steps,
-        "hparams": {k: cfg.trainer[k] for k in HPARAMS},
+        "hparams": hparams(cfg),
         "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
     }
 
@@ -190,7 +196,7 @@ def twin_inputs(model_name: str, train_file: Path, heldout_file: Path, root: Pat
     data.setup(run_dir)
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
     init = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-    trainer = instantiate(cfg.trainer)
+    trainer = instantiate(cfg.trainer)()
     steps, batches, epoch = int(cfg.trainer.max_steps), [], 0
     while len(batches) < steps:  # the trainer's loop: epochs of the stream until max_steps
         batches += [{k: np.array(v) for k, v in b.items()}
@@ -201,7 +207,7 @@ def twin_inputs(model_name: str, train_file: Path, heldout_file: Path, root: Pat
                for name, d in (("val", data), ("heldout", held))}
     return {
         "init": init, "batches": batches[:steps], "windows": windows, "steps": steps,
-        "vocab_size": data.vocab_size, "hparams": {k: cfg.trainer[k] for k in HPARAMS},
+        "vocab_size": data.vocab_size, "hparams": hparams(cfg),
         "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
         "eval_every": int(cfg.trainer.eval_every_steps),
     }

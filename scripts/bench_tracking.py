@@ -15,38 +15,23 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
 def worker(experiment: str, steps: int, tracking: str) -> None:
     import mlxlab  # noqa: F401  (fast BLAS before mlx.core)
+    from bench_callbacks import OVERRIDE, RECORD
     from mlxlab.config import compose_config
     from mlxlab.train import train
-    from mlxlab.training.callbacks import Callback
-    from mlxlab.training.trainer import Trainer
 
     root = Path(tempfile.mkdtemp(prefix="mlxlab-bench-tracking-"))
     cfg = compose_config(root, [
         f"experiment={experiment}", f"tracking={tracking}", f"trainer.max_steps={steps + 3}",
         "trainer.max_epochs=1000", "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
-        "trainer.eval_every_steps=null", "callbacks.checkpoint.save_every_minutes=null",
+        "trainer.eval_every_steps=null", "callbacks.checkpoint.save_every_minutes=null", OVERRIDE,
     ])
-    times, evals = [], set()
-
-    class StepTimer(Callback):
-        def on_train_start(self, total_steps, start_step):
-            times.append(time.perf_counter())
-
-        def on_step(self, step, logs):
-            times.append(time.perf_counter())
-
-        def on_eval(self, step, metrics):
-            evals.add(step)
-
-    build_callbacks = Trainer.build_callbacks
-    Trainer.build_callbacks = lambda self: [*build_callbacks(self), StepTimer()]
     train(cfg)
+    times, evals = RECORD["times"], set(RECORD["evals"])
     ms = [1e3 * (times[k] - times[k - 1]) for k in range(4, len(times)) if k - 1 not in evals]
     print(f"RESULT {statistics.median(ms):.3f}")
 

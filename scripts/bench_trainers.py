@@ -34,7 +34,6 @@ from omegaconf import DictConfig
 from mlxlab.config import compose_config, instantiate
 from mlxlab.runtime import device
 from mlxlab.train import seed_everything
-from mlxlab.training.optim import build_optimizer
 
 CASES = {
     "titanic_bert": ["experiment=titanic_bert"],
@@ -66,14 +65,11 @@ class Runner:
         self.data = data
         seed_everything(cfg.seed)
         self.model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
-        self.trainer = instantiate(cfg.trainer)
+        self.trainer = instantiate(cfg.trainer)(optimizer=instantiate(cfg.optimizer))
         loss_fn = self.trainer.build_loss(data)
         self.trainer.fit_batch_to_memory(self.model, data, loss_fn)  # may lower the batch size
         total = 10**6
-        optimizer = build_optimizer(self.trainer.opt_name, self.optimizer.learning_rate, total,
-                                    self.trainer.schedule.warmup_steps, self.trainer.schedule,
-                                    self.optimizer.weight_decay,
-                                    min_lr_ratio=self.trainer.schedule.min_lr_ratio)
+        optimizer = self.trainer.build_optimizer(total)
         optimizer.init(self.model.trainable_parameters())
         self.step_fn = self.trainer.make_step(self.model, optimizer, loss_fn)
         self.model.train()
