@@ -170,3 +170,20 @@ def test_no_callbacks_still_checkpoints(make_cfg, tmp_path):
     run_dir = tmp_path / "outputs" / "run"
     assert (run_dir / "checkpoints" / "best").is_dir()
     assert any(p.name.startswith("step_") for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_a_bug_surfaces_with_its_traceback(tmp_path, cli_env):
+    """Only bad input (mlxlab.errors.UserError) becomes one `mlxlab: error:` line; an exception
+    from a bug, here a KeyError in a callback, keeps its traceback and Python's exit status."""
+    (tmp_path / "buggy.py").write_text(
+        "from mlxlab.training.callbacks import Callback\n\n\n"
+        "class Buggy(Callback):\n"
+        "    def on_step(self, step, logs):\n"
+        "        return {}['no such key']\n")
+    env = {**cli_env, "PYTHONPATH": f"{tmp_path}:{cli_env.get('PYTHONPATH', '')}"}
+    out = subprocess.run(
+        [PYTHON, "-m", "mlxlab.train", *FAST, "tracking=none", "+callbacks.bug={_target_:buggy.Buggy}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" in out.stderr and "KeyError: 'no such key'" in out.stderr
+    assert "mlxlab: error:" not in out.stderr
