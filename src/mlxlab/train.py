@@ -151,8 +151,18 @@ def summary_lines(result, tracker, cfg: DictConfig, run_dir: Path) -> list[str]:
 def build_callbacks(cfg: DictConfig) -> list:
     """The `callbacks` group's named `_target_` nodes, built in config order (None entries, as
     left by `callbacks.x=null`, are skipped)."""
-    nodes = cfg.get("callbacks") or {}
-    return [instantiate(node) for node in nodes.values() if node is not None]
+    from mlxlab.training.callbacks import Callback
+
+    built = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        callback = instantiate(node)
+        if not isinstance(callback, Callback):
+            raise ConfigError(f"callbacks.{name} built a {type(callback).__name__}, not a "
+                              "mlxlab.training.callbacks.Callback: subclass it")
+        built.append(callback)
+    return built
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -14,6 +14,8 @@ from functools import partial
 import mlx.core as mx
 import mlx.optimizers as optim
 
+from mlxlab.errors import ConfigError
+
 OptimizerFactory = Callable[..., optim.Optimizer]
 
 SCHEDULES = ("cosine", "constant")
@@ -29,7 +31,7 @@ class LRSchedule:
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
-            raise ValueError(f"trainer.schedule.name={self.name!r} is not one of {list(SCHEDULES)}")
+            raise ConfigError(f"trainer.schedule.name={self.name!r} is not one of {list(SCHEDULES)}")
 
     def __call__(self, learning_rate: float, total_steps: int):
         if self.name == "constant":
@@ -64,7 +66,7 @@ def default_optimizer() -> OptimizerFactory:
 def peak_learning_rate(factory: OptimizerFactory) -> float:
     keywords = getattr(factory, "keywords", {}) or {}
     if "learning_rate" not in keywords:
-        raise ValueError("the optimizer config needs a learning_rate, e.g. optimizer.learning_rate=3e-4")
+        raise ConfigError("the optimizer config needs a learning_rate: add +optimizer.learning_rate=3e-4")
     return float(keywords["learning_rate"])
 
 
