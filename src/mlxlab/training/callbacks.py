@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from mlxlab.errors import ConfigError
 from mlxlab.runtime import device
 from mlxlab.training.metrics import is_better
 
@@ -112,7 +113,7 @@ class EarlyStopping(Callback):
 
     def __init__(self, monitor: str, mode: str = "max", patience: int = 5, min_delta: float = 0.0):
         if mode not in ("max", "min"):
-            raise ValueError(f"callbacks.early_stopping.mode must be 'max' or 'min', got {mode!r}")
+            raise ConfigError(f"callbacks.early_stopping.mode must be 'max' or 'min', got {mode!r}")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
         self.best: float | None = None
         self.bad_evals = 0

@@ -28,7 +28,7 @@ from mlx.utils import tree_map
 
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
-from mlxlab.errors import UserError
+from mlxlab.errors import ConfigError, UserError
 from mlxlab.runtime import device, distributed
 from mlxlab.tracking.base import Tracker, flatten_config
 from mlxlab.training import losses, metrics
@@ -180,7 +180,7 @@ class Trainer:
         distributed: DistributedConfig | None = None,
     ) -> None:
         if max_epochs is None and max_steps is None:
-            raise ValueError("set trainer.max_epochs or trainer.max_steps")
+            raise ConfigError("set trainer.max_epochs or trainer.max_steps")
         self.optimizer_factory = optimizer or default_optimizer()
         self.callbacks = list(callbacks)
         self.schedule = schedule or LRSchedule()
@@ -261,7 +261,7 @@ class Trainer:
             return device.default_compute_dtype()
         choices = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
         if self.precision not in choices:
-            raise ValueError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+            raise ConfigError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         return choices[self.precision]
 
     # --- the step ------------------------------------------------------------------------
@@ -402,7 +402,7 @@ class Trainer:
         if self.max_epochs and per_epoch:
             limits.append(self.max_epochs * per_epoch)
         if not any(limits):
-            raise ValueError("this data has no known length: set trainer.max_steps")
+            raise ConfigError("this data has no known length: set trainer.max_steps")
         return min(x for x in limits if x), self.max_epochs or math.inf
 
     def fit(
