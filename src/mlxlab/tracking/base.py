@@ -70,7 +70,7 @@ class NullTracker:
 
 
 def flatten_config(cfg: Mapping, prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"trainer.learning_rate": "0.0003", ...}, the form MLflow params take.
+    """Nested config -> {"optimizer.learning_rate": "0.0003", ...}, the form MLflow params take.
 
     Lists of plain values stay one param ("[64, 128]"); lists holding dicts are indexed
     ("callbacks.0.name"). Accepts plain dicts and OmegaConf DictConfigs (resolve them first
