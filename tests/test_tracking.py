@@ -85,12 +85,12 @@ def test_flatten_config_dots_keys_and_stringifies_values():
             "trainer": {"learning_rate": 3e-4, "max_epochs": 3, "clip": None},
             "model": {"sizes": [64, 128], "lora": {"rank": 0}, "empty": {}},
             "callbacks": [{"name": "early_stop", "patience": 2}],
-            "lr_copy": "${optimizer.learning_rate}",
+            "lr_copy": "${trainer.learning_rate}",
         }
     )
     flat = flatten_config(OmegaConf.to_container(cfg, resolve=True))
     assert flat == {
-        "optimizer.learning_rate": "0.0003",
+        "trainer.learning_rate": "0.0003",
         "trainer.max_epochs": "3",
         "trainer.clip": "None",
         "model.sizes": "[64, 128]",
@@ -166,7 +166,7 @@ def test_run_holds_params_metrics_tags_and_artifacts(uri, tmp_path):
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "r1"
     assert len(run.data.params) == 252
-    assert run.data.params["optimizer.learning_rate"] == "0.0003"
+    assert run.data.params["trainer.learning_rate"] == "0.0003"
     assert run.data.params["model.knob_249"] == "249"
     assert run.data.tags["choice.model"] == "bert" and run.data.tags["stage"] == "done"
     assert steps_of(client, tracker.run_id, "train/loss") == [
@@ -416,12 +416,12 @@ def test_plots_write_pngs(tmp_path):
         tmp_path / "a" / "loss.png",
     )
     rows = [
-        {"val/accuracy": 0.7, "optimizer.learning_rate": "0.0001", "model": "bert"},
-        {"val/accuracy": 0.8, "optimizer.learning_rate": "0.01", "model": "cnn_hybrid"},
-        {"val/accuracy": None, "optimizer.learning_rate": "0.1", "model": "bert"},
+        {"val/accuracy": 0.7, "trainer.learning_rate": "0.0001", "model": "bert"},
+        {"val/accuracy": 0.8, "trainer.learning_rate": "0.01", "model": "cnn_hybrid"},
+        {"val/accuracy": None, "trainer.learning_rate": "0.1", "model": "bert"},
     ]
     sweep = sweep_plot_png(
-        rows, "val/accuracy", ["optimizer.learning_rate", "model"], tmp_path / "sweep.png"
+        rows, "val/accuracy", ["trainer.learning_rate", "model"], tmp_path / "sweep.png"
     )
     matrix = confusion_matrix_png([[50, 3], [7, 40]], tmp_path / "cm.png", ["died", "survived"])
     for png in (loss, sweep, matrix):
