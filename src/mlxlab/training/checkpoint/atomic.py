@@ -160,7 +160,7 @@ def link_files(source: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
             shutil.copy2(f, dest / f.name)
 
 
-def _flat_arrays(tree: Any) -> dict[str, mx.array]:
+def flat_arrays(tree: Any) -> dict[str, mx.array]:
     # optimizer state may hold python scalars; safetensors holds arrays only
     return {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in tree_flatten(tree)}
 
@@ -193,7 +193,7 @@ def take_snapshot(
             "numbers, strings, lists and dicts (never objects)"
         ) from e
     model_arrays = dict(tree_flatten(model.parameters()))
-    opt_arrays = _flat_arrays(optimizer.state) if optimizer is not None else None
+    opt_arrays = flat_arrays(optimizer.state) if optimizer is not None else None
     mx.eval(model_arrays, opt_arrays or {})
     return Snapshot(int(step), model_arrays, opt_arrays, state_text)
 

@@ -19,7 +19,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxlab.training.checkpoint.atomic import _flat_arrays
+from mlxlab.training.checkpoint.atomic import flat_arrays
 from mlxlab.training.checkpoint.discover import check_committed, run_checkpoint_dirs
 from mlxlab.training.checkpoint.layout import (
     MODEL_FILE,
@@ -167,7 +167,7 @@ def _restore_optimizer(
 ) -> None:
     """Fill the optimizer's state in place (compiled steps hold a reference to it)."""
     optimizer.init(model.trainable_parameters())
-    fresh, _ = _group_by_param(_flat_arrays(optimizer.state))
+    fresh, _ = _group_by_param(flat_arrays(optimizer.state))
     saved, scalars = _group_by_param(ckpt_opt)
 
     updates: dict[str, mx.array] = {}
