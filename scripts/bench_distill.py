@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 
 from mlxlab.config import compose_config
 from mlxlab.train import train
+from mlxlab.training.checkpoint import CheckpointState
 
 COMMON = ["tracking=none", "callbacks.progress.enabled=false", "callbacks.checkpoint.save_every_minutes=null",
           "callbacks.checkpoint.keep_last_n=1"]
@@ -105,8 +106,8 @@ def compose_cfg(root: Path, out: Path, overrides: list[str]) -> DictConfig:
 
 def final_metrics(run_dir: Path) -> dict[str, float]:
     """The validation metrics of the last evaluation (train() returns the best ones)."""
-    states = sorted((run_dir / "checkpoints").glob("step_*/state.json"))
-    history = json.loads(states[-1].read_text())["history"]
+    steps = sorted((run_dir / "checkpoints").glob("step_*"))
+    history = CheckpointState.read(steps[-1]).history
     return {k: v[-1][1] for k, v in history.items() if k.startswith("val/")}
 
 

@@ -60,11 +60,13 @@ def train_run(root: Path, name: str, overrides: list[str], env: dict, experiment
     """One training run through the CLI; its curve, speed and memory."""
     from mlflow.tracking import MlflowClient
 
+    from mlxlab.training.checkpoint import CheckpointState
+
     run_dir = root / "outputs" / name
     cmd = [sys.executable, "-m", "mlxlab.train", *overrides, f"hydra.run.dir={run_dir}"]
     seconds, rss_mb = run_child(cmd, env, root / f"{name}.log")
     steps = sorted((run_dir / "checkpoints").glob("step_*"))
-    history = json.loads((steps[-1] / "state.json").read_text())["history"]
+    history = CheckpointState.read(steps[-1]).history
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     (run,) = client.search_runs(
         [client.get_experiment_by_name(experiment).experiment_id],

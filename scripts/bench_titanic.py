@@ -17,7 +17,6 @@ is selected on the validation rows; "last" is the accuracy at its final evaluati
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ from omegaconf import DictConfig
 
 from mlxlab.config import compose_config, instantiate
 from mlxlab.data.tabular import read_csv
+from mlxlab.training.checkpoint import CheckpointState
 
 
 def compose_default(root: Path, overrides: list[str], run_name: str) -> DictConfig:
@@ -78,7 +78,7 @@ def run_bert(root: Path, overrides: list[str], seed: int, split_seed: int) -> di
     seconds = time.perf_counter() - start
     # The newest step checkpoint's history covers every evaluation (best/ stops at the best one).
     newest = max((Path(cfg.paths.output_dir) / "checkpoints").glob("step_*"))
-    accuracies = json.loads((newest / "state.json").read_text())["history"]["val/accuracy"]
+    accuracies = CheckpointState.read(newest).history["val/accuracy"]
     return {"seed": seed, "best": metrics["val/accuracy"], "last": accuracies[-1][1],
             "best_step": int(metrics["best_step"]), "evals": len(accuracies), "seconds": seconds}
 

@@ -41,14 +41,14 @@ class SlowWrites:
 
     def __init__(self, monkeypatch):
         self.release, self.started = threading.Event(), threading.Event()
-        real = ckpt._write_safetensors
+        real = ckpt.atomic._write_safetensors
 
         def held(path, arrays):
             self.started.set()
             assert self.release.wait(30), "the test never released the write"
             real(path, arrays)
 
-        monkeypatch.setattr(ckpt, "_write_safetensors", held)
+        monkeypatch.setattr(ckpt.atomic, "_write_safetensors", held)
 
 
 def test_background_save_matches_the_state_at_the_step_not_later(tmp_path, monkeypatch):
@@ -108,7 +108,7 @@ def test_a_failed_background_write_raises_on_the_training_thread(tmp_path, monke
     def full_disk(path, arrays):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_write_safetensors", full_disk)
+    monkeypatch.setattr(ckpt.atomic, "_write_safetensors", full_disk)
     writer.save(model, opt, {"step": 2})
     with pytest.raises(OSError, match="step_00000002.*intact") as info:
         writer.wait()

@@ -38,6 +38,19 @@ def test_option_composes_and_resolves(tmp_path, group, option):
     validate(cfg)
 
 
+@pytest.mark.parametrize(("preset", "patience", "memory_every"),
+                         [("quick", 0, 50), ("standard", 5, 0), ("production", 10, 100)])
+def test_trainer_presets_tune_trainer_and_callbacks(tmp_path, preset, patience, memory_every):
+    # the presets are global-package trainer options: callbacks compose before them, overrides after
+    cfg = compose_cfg(tmp_path, [f"trainer={preset}"])
+    assert cfg.hydra.runtime.choices.trainer == preset
+    assert cfg.callbacks.early_stopping.patience == patience
+    assert cfg.callbacks.memory.every == memory_every
+    assert cfg.trainer.batching.dynamic  # on top of trainer=optimized
+    cfg = compose_cfg(tmp_path, [f"trainer={preset}", "callbacks.early_stopping.patience=7"])
+    assert cfg.callbacks.early_stopping.patience == 7
+
+
 def test_defaults_are_the_start_here_experiment(tmp_path):
     cfg = compose_cfg(tmp_path)
     choices = cfg.hydra.runtime.choices

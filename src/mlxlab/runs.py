@@ -1,7 +1,7 @@
 """Finished runs as inputs: resume sources, distillation teachers, models for generate/predict.
 
 A run directory holds `.hydra/config.yaml`, `tokenizer.json` and `checkpoints/` (see
-training/checkpoint.py); every checkpoint's state.json carries the resolved config and the
+training/checkpoint/); every checkpoint's state.json carries the resolved config and the
 model's constructor inputs, so a model can be rebuilt from the checkpoint alone.
 """
 
@@ -24,19 +24,25 @@ log = logging.getLogger(__name__)
 def newest_committed(run: Path) -> tuple[int, Path, str | None] | None:
     """(step, checkpoint, MLflow run id) of the run folder's committed checkpoint with the highest
     step, best/ included; a step_* checkpoint wins a tie with best/ (best/ is a copy of one)."""
-    from mlxlab.training.checkpoint import BEST, STATE_FILE, STEP_PREFIX, check_committed
+    from mlxlab.training.checkpoint import (
+        BEST,
+        CheckpointError,
+        CheckpointState,
+        check_committed,
+        step_of,
+    )
 
     found = []
     for ckpt in (run / "checkpoints").glob("*"):
         if check_committed(ckpt, full=False) is not None:
             continue
         try:
-            state = json.loads((ckpt / STATE_FILE).read_text())
-            step = int(state["step"] if ckpt.name == BEST else ckpt.name[len(STEP_PREFIX):])
-        except (OSError, ValueError, KeyError, TypeError):
+            state = CheckpointState.read(ckpt)
+        except (OSError, CheckpointError, TypeError):
             continue
-        if ckpt.name == BEST or ckpt.name.startswith(STEP_PREFIX):
-            found.append((step, ckpt.name != BEST, ckpt, state.get("run_id")))
+        step = state.step if ckpt.name == BEST else step_of(ckpt)
+        if step >= 0:
+            found.append((step, ckpt.name != BEST, ckpt, state.run_id))
     if not found:
         return None
     step, _, ckpt, run_id = max(found, key=lambda f: f[:2])

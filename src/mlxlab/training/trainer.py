@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,6 +35,7 @@ from mlxlab.training.async_writer import CheckpointWriter
 from mlxlab.training.callbacks import Callback, ModelCheckpoint
 from mlxlab.training.checkpoint import (
     CheckpointManager,
+    CheckpointState,
     find_run_checkpoints,
     load_checkpoint,
     rng_state,
@@ -465,21 +465,21 @@ class Trainer:
         step_fn = self.make_step(model, optimizer, loss_fn)  # compiled after any restore
         model.train()
 
-        def trainer_state() -> dict[str, Any]:
-            return {
-                "step": run.step, "epoch": run.epoch, "data": data.state_dict(), "rng": rng_state(),
-                "callbacks": {type(cb).__name__: cb.state_dict() for cb in callbacks},
-                "run_id": tracker.run_id or run.run_id, "history": run.history,
-                "best_metrics": run.best_metrics, "best_metric": run.best_metrics.get(self.monitor),
-                "config": config,
+        def trainer_state() -> CheckpointState:
+            return CheckpointState(
+                step=run.step, epoch=run.epoch, data=data.state_dict(), rng=rng_state(),
+                callbacks={type(cb).__name__: cb.state_dict() for cb in callbacks},
+                run_id=tracker.run_id or run.run_id, history=run.history,
+                best_metrics=run.best_metrics, best_metric=run.best_metrics.get(self.monitor),
+                config=config,
                 # + what rebuilds a pretrained model without its source folder (its config)
-                "model_init": {"vocab_size": data.vocab_size, "num_labels": data.num_labels,
-                               **getattr(model, "checkpoint_init", {})},
-                "tokenizer_hash": data.tokenizer_hash,
-                "val_fingerprint": val_print, "log_window": window.state_dict(),
+                model_init={"vocab_size": data.vocab_size, "num_labels": data.num_labels,
+                            **getattr(model, "checkpoint_init", {})},
+                tokenizer_hash=data.tokenizer_hash,
+                val_fingerprint=val_print, log_window=window.state_dict(),
                 # classification: label values and columns, so predicting needs no training CSV
-                "encoding": data.encoding_state(),
-            }
+                encoding=data.encoding_state(),
+            )
 
         writer = self.checkpoint_writer(manager, run_dir, config)
         saved_at: list[int] = []  # the same on every rank (manager state is rank 0's alone)
@@ -610,30 +610,30 @@ class Trainer:
     ) -> dict:
         """Load the newest usable checkpoint of `resume` into everything; returns tags to log."""
         source = find_run_checkpoints(resume)
-        state, path = source.load_latest(model, optimizer)
-        data.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        saved = state.get("callbacks") or {}
+        raw, path = source.load_latest(model, optimizer)
+        state = CheckpointState.from_json(raw)
+        data.load_state_dict(state.data)
+        set_rng_state(state.rng)
         for cb in callbacks:
-            cb.load_state_dict(saved.get(type(cb).__name__, {}))
-        run.step, run.epoch, run.run_id = state["step"], state["epoch"], state.get("run_id")
-        run.history, run.best_metrics = state.get("history", {}), state.get("best_metrics", {})
-        run.log_window = state.get("log_window")
-        manager.restore_best(state.get("best_metric"))
+            cb.load_state_dict(state.callbacks.get(type(cb).__name__, {}))
+        run.step, run.epoch, run.run_id = state.step, state.epoch, state.run_id
+        run.history, run.best_metrics = state.history, state.best_metrics
+        run.log_window = state.log_window
+        manager.restore_best(state.best_metric)
         if self.world is None or self.world.is_main:  # rank 0 alone writes the run folder
             manager.adopt_best(path.parent)
         log.info("resumed from %s at step %d (epoch %d)", path, run.step, run.epoch)
-        tags = self.resume_changes(state.get("config") or {}, config)
-        old_tok, new_tok = state.get("tokenizer_hash"), data.tokenizer_hash
+        tags = self.resume_changes(state.config or {}, config)
+        old_tok, new_tok = state.tokenizer_hash, data.tokenizer_hash
         if old_tok != new_tok:
             log.warning("resume: the tokenizer changed (%s -> %s)", old_tok, new_tok)
             tags["resume.changed.tokenizer_hash"] = f"{old_tok} -> {new_tok}"
-        if "val_fingerprint" in state and state["val_fingerprint"] != val_print:
+        if state.validation_changed(val_print):
             # A best metric measured on other data is no bar for this data's metrics.
             log.warning("resume: the validation set changed since the checkpoint: the best metric "
                         "(%s = %s) is reset; the next evaluation sets a new best/",
                         self.monitor, run.best_metrics.get(self.monitor))
-            tags["resume.changed.validation_set"] = f"{state['val_fingerprint']} -> {val_print}"
+            tags["resume.changed.validation_set"] = f"{state.val_fingerprint} -> {val_print}"
             run.best_metrics, run.best_eval, manager.best_metric = {}, None, None
         report = source.last_report
         if report is not None and not report.exact:  # the architecture changed since then
