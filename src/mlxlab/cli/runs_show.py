@@ -145,8 +145,9 @@ def compare(args) -> int:
     rows = [["name", *(r.info.run_name or "" for r in runs)],
             ["status", *(r.info.status for r in runs)]]
     for metric in metric_names(runs):
-        rows.append([f"best {metric}", *(_best(r, metric) for r in runs)])
-        rows.append([f"last {metric}", *(_last(r, metric) for r in runs)])
+        for kind, value, key in (("best", _best, f"best/{metric}"), ("last", _last, metric)):
+            if any(key in r.data.metrics for r in runs):  # no row of dashes
+                rows.append([f"{kind} {metric}", *(value(r, metric) for r in runs)])
     keys = sorted({k for r in runs for k in r.data.params})
     if not args.all_params:
         keys = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]

@@ -47,6 +47,9 @@ def main(argv: list[str]) -> int:
     def body() -> int:
         nonlocal tmp
         env = dict(os.environ)
+        # mlflow execs `uvicorn` by name: find this environment's, also when the venv is not
+        # activated (.venv/bin/mlxlab serve ...).
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         if args.target.startswith(URI_SCHEMES):
             from mlxlab.tracking.mlflow import resolve_uri, sqlite_path
 
