@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import mlxlab
+from mlxlab.cli.main import main
 from mlxlab.inference import evaluate, load_run, predict_frame
 
 
@@ -84,7 +85,7 @@ def test_checkpoint_dir_and_extra_columns_give_the_same_predictions(classifier_r
     assert with_probability["probability"].between(0.5, 1.0).all()
 
 
-def test_bad_input_is_one_clear_line(classifier_run, tmp_path):
+def test_bad_input_is_one_clear_line(classifier_run, tmp_path, capsys):
     run_dir, _, titanic, _ = classifier_run
     no_sex = tmp_path / "no_sex.csv"
     titanic.head(5).drop(columns=["Survived", "Sex"]).to_csv(no_sex, index=False)
@@ -94,10 +95,10 @@ def test_bad_input_is_one_clear_line(classifier_run, tmp_path):
     assert last.startswith("mlxlab predict: error: ") and "lacks column(s) ['Sex']" in last
     assert not (tmp_path / "x.csv").exists()
 
-    missing = mlxlab("predict", run_dir, tmp_path / "nope.csv")
-    assert missing.returncode == 2 and "CSV not found" in missing.stderr
-    unlabelled = mlxlab("eval", run_dir, no_sex)
-    assert unlabelled.returncode == 2 and "Survived" in unlabelled.stderr
+    assert main(["predict", str(run_dir), str(tmp_path / "nope.csv")]) == 2
+    assert "CSV not found" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), str(no_sex)]) == 2  # no label column
+    assert "Survived" in capsys.readouterr().err
 
     run = load_run(run_dir)
     no_id = titanic.head(5).drop(columns=["PassengerId"])
