@@ -291,9 +291,9 @@ def unlocked(read):
 
 
 def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
-    """A run SIGKILLed before its first checkpoint is RUNNING in the store; scripts/
-    list_experiments.py and the next start of the task mark it KILLED with the reason; a live
-    run of the task stays RUNNING."""
+    """A run SIGKILLed before its first checkpoint is RUNNING in the store; `mlxlab runs
+    list` and the next start of the task mark it KILLED with the reason; a live run of the task
+    stays RUNNING."""
     from mlxlab.tracking.stale import KILLED_REASON_TAG
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
