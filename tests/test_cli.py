@@ -135,3 +135,14 @@ def test_serve_answers_invocations_like_predict(classifier_run, tmp_path):
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
     assert os.path.exists(run_dir)  # serving never touches the run folder
+
+
+def test_models_registered_before_the_move_still_unpickle():
+    """cloudpickle stores the pyfunc class by module and name; old registered models name
+    mlxlab.tracking.registry, which still resolves (lazily) to the class in serving/."""
+    import pickle
+
+    from mlxlab.serving.pyfunc import MlxlabPyfunc
+
+    # the GLOBAL opcode an old pickle uses to find the class (what find_class resolves)
+    assert pickle.loads(b"cmlxlab.tracking.registry\nMlxlabPyfunc\n.") is MlxlabPyfunc
