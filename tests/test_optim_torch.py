@@ -26,7 +26,7 @@ from mlxlab.training.losses import task_loss
 from mlxlab.training.optim import LRSchedule, build_optimizer
 from mlxlab.training.trainer import Trainer
 
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_lm_twin import torch_warmup_cosine  # noqa: E402
 from bench_torch import torch_models  # noqa: E402  (the PyTorch twin of mlxlab's decoder)
 

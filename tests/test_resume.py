@@ -16,7 +16,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from conftest import PYTHON, REPO
+from conftest import MLXLAB, PYTHON
 
 TITANIC = [
     "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
@@ -291,9 +291,9 @@ def unlocked(read):
 
 
 def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
-    """A run SIGKILLed before its first checkpoint is RUNNING in the store; scripts/
-    list_experiments.py and the next start of the task mark it KILLED with the reason; a live
-    run of the task stays RUNNING."""
+    """A run SIGKILLed before its first checkpoint is RUNNING in the store; `mlxlab runs
+    list` and the next start of the task mark it KILLED with the reason; a live run of the task
+    stays RUNNING."""
     from mlxlab.tracking.stale import KILLED_REASON_TAG
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -321,7 +321,7 @@ def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
         return run_of(run_dir).info.run_id
 
     first = killed_before_checkpoint("first")
-    listing = subprocess.run([PYTHON, str(REPO / "scripts" / "list_experiments.py"), "--uri", uri],
+    listing = subprocess.run([MLXLAB, "runs", "list", "--uri", uri],
                              env=cli_env, capture_output=True, text=True, timeout=300)
     assert listing.returncode == 0, listing.stderr[-2000:]
     marked = unlocked(lambda: client.get_run(first))

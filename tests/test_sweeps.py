@@ -16,7 +16,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import PYTHON, REPO
+from conftest import MLXLAB, PYTHON, REPO
 from mlxlab.config import config_dir
 from mlxlab.tracking.mlflow import ENV_PARENT_RUN_ID, sweep_children
 
@@ -248,7 +248,7 @@ def test_cluster_launchers_compose(compose_train, launcher, target):
 
 @pytest.mark.slow
 def test_registered_classifier_predicts_rows_in_a_fresh_process(make_cfg, tmp_path):
-    from mlxlab.tracking.registry import register_run
+    from mlxlab.serving.registry import register_run
     from mlxlab.train import train
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -308,11 +308,11 @@ except ValueError as e:
     assert [r["prediction"] for r in records] == [data.label_values[i] for i in expected]
 
 
-def test_register_model_cli_errors_clearly(tmp_path):
+def test_register_verb_errors_clearly(tmp_path):
     proc = subprocess.run(
         [
-            PYTHON,
-            str(REPO / "scripts/register_model.py"),
+            MLXLAB,
+            "register",
             str(tmp_path / "nope"),
             "--name",
             "x",
@@ -328,7 +328,7 @@ def test_register_model_cli_errors_clearly(tmp_path):
 
 @pytest.mark.slow
 def test_registered_language_model_completes_prompts(make_cfg, tmp_path):
-    from mlxlab.tracking.registry import register_run
+    from mlxlab.serving.registry import register_run
     from mlxlab.train import train
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"

@@ -106,15 +106,31 @@ def prepare_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     return path
 
 
-def load_run_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model of a finished run (its best checkpoint, else the newest) with its weights."""
-    from mlxlab.training.checkpoint import check_committed, find_run_checkpoints, load_checkpoint
+CHECKPOINT_CHOICES = ("best", "last")
 
-    candidates = sorted(find_run_checkpoints(Path(path)), key=lambda p: p.name != "best")
+
+def choose_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """The committed checkpoint of a run folder to load: `best` = best/ (else the newest, for a
+    run without validation), `last` = the newest step_*. A checkpoint folder is itself."""
+    from mlxlab.training.checkpoint import BEST, check_committed, find_run_checkpoints
+
+    if which not in CHECKPOINT_CHOICES:
+        raise ConfigError(f"checkpoint={which!r}: use one of {', '.join(CHECKPOINT_CHOICES)}")
+    candidates = find_run_checkpoints(Path(path))  # newest step first, then best/
+    if which == "best":
+        candidates = sorted(candidates, key=lambda p: p.name != BEST)
     usable = [p for p in candidates if check_committed(p, full=False) is None]
     if not usable:
         raise ConfigError(f"{path} holds no committed checkpoint: train it first or give another run")
-    checkpoint = usable[0]
+    return usable[0]
+
+
+def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, dict]:
+    """Rebuild the model of a finished run (its best checkpoint, else the newest; or the newest
+    with which="last") with its weights; state["checkpoint_path"] says which was loaded."""
+    from mlxlab.training.checkpoint import load_checkpoint
+
+    checkpoint = choose_checkpoint(path, which)
     state = json.loads((checkpoint / "state.json").read_text())
     config = state.get("config") or {}
     if "model" not in config or "model_init" not in state:

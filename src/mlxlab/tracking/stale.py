@@ -3,7 +3,7 @@
 train.py tags each run with the host and process id training it. A RUNNING run whose process is
 gone and whose run folder holds no committed checkpoint (nothing `resume=` could continue) is
 marked KILLED, with a tag saying why, by the next start of a run of the same task and by
-scripts/list_experiments.py. Runs of other hosts are left alone: their processes cannot be seen.
+`mlxlab runs list`. Runs of other hosts are left alone: their processes cannot be seen.
 """
 
 from __future__ import annotations

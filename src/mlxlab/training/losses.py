@@ -3,7 +3,7 @@
 `aux` holds scalar arrays the trainer may log (`ntokens` weights accumulation exactly). The
 cross-entropy is written as a max-shifted log-sum-exp minus the gathered target logit: on MLX's CPU
 backend `exp` is the slow kernel, and this form runs it once forward and reuses it backward
-(2x faster than nn.losses.cross_entropy, see scripts/bench_kernels.py).
+(2x faster than nn.losses.cross_entropy, see benchmarks/bench_kernels.py).
 """
 
 from __future__ import annotations

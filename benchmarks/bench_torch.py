@@ -1,13 +1,13 @@
-"""The PyTorch row of scripts/bench.py: the mlxlab decoder and BERT classifier written in
+"""The PyTorch row of benchmarks/bench.py: the mlxlab decoder and BERT classifier written in
 PyTorch, trained CPU eager on the batches the mlxlab row saved.
 
 Runs in its own process that never imports mlxlab, MLX or mlxlab's OpenBLAS (issue 12: with
 them loaded, PyTorch ran 3.7x slower, which made the old ratios an artifact); it checks that and
 fails otherwise. bench.py starts it as
 
-    python scripts/bench_torch.py --spec SPEC.json
+    python benchmarks/bench_torch.py --spec SPEC.json
 
-and a second, independent check is scripts/torch_plain.py (a plain PyTorch script of the same
+and a second, independent check is benchmarks/torch_plain.py (a plain PyTorch script of the same
 model, which bench.py times in the same rounds).
 """
 

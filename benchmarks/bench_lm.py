@@ -1,6 +1,6 @@
 """tinystories_nano on the shipped TinyStories sample: loss curve, speed, memory, data throughput.
 
-    python scripts/bench_lm.py [--tokens 614400] [--out DIR] [--root DIR] [--no-doubled-train]
+    python benchmarks/bench_lm.py [--tokens 614400] [--out DIR] [--root DIR] [--no-doubled-train]
                                [override ...]
 
 1. Training: `mlxlab-train experiment=tinystories_nano` (the real CLI, tracked in an MLflow store

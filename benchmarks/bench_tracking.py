@@ -1,7 +1,7 @@
 """What MLflow tracking costs a training step: back-to-back pairs of fresh processes that train the
 same preset with tracking=none and tracking=mlflow, each reporting its median step time.
 
-    python scripts/bench_tracking.py [--pairs 4] [--steps 200] [--experiment titanic_bert]
+    python benchmarks/bench_tracking.py [--pairs 4] [--steps 200] [--experiment titanic_bert]
 
 Pairs, not one long run each, because this shared machine drifts by several percent over minutes
 (docs/benchmarks.md): a pair's two runs see the same machine. Steps right after an evaluation

@@ -1,9 +1,9 @@
-"""Print the experiments and recent runs of the central MLflow store, or one sweep as a table.
+"""List the experiments and recent runs of the central MLflow store, or one sweep as a table.
 
-    python scripts/list_experiments.py                      # each experiment, newest runs first
-    python scripts/list_experiments.py --experiment train --limit 30
-    python scripts/list_experiments.py --sweep latest       # newest sweep, best run first
-    python scripts/list_experiments.py --sweep <parent run id> --metric val/loss
+    mlxlab runs list                                # each experiment, newest runs first
+    mlxlab runs list --experiment train --limit 30
+    mlxlab runs list --sweep latest                 # newest sweep, best run first
+    mlxlab runs list --sweep <parent run id> --metric val/loss
 
 The store is --uri, else $MLFLOW_TRACKING_URI, else <project>/mlruns/mlflow.db.
 Validation metrics are the best checkpoint's (`best/<metric>`, what a run's closing line and
@@ -12,12 +12,12 @@ the sweep table show) unless --last asks for the last logged values; every colum
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from datetime import datetime
 
+from mlxlab.cli.common import guarded, parser_for
+from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow import (
     METRIC_TAG,
     MODE_TAG,
@@ -38,8 +38,8 @@ KEY_METRICS = ["val/accuracy", "val/f1", "val/roc_auc", "val/loss", "val/perplex
 MAX_METRIC_COLUMNS = 4
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> int:
+    parser = parser_for("runs list", __doc__)
     parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     parser.add_argument("--experiment", help="only this experiment (name)")
     parser.add_argument("--limit", type=int, default=10, help="runs shown per experiment")
@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--last", action="store_true",
                         help="show the last logged metric values instead of the best checkpoint's")
     args = parser.parse_args(argv)
+    return guarded("runs list", lambda: list_runs(args))
 
+
+def list_runs(args) -> int:
     uri = resolve_uri(args.uri)
     db = sqlite_path(uri)
     if db is not None and not db.exists():  # don't create an empty store just to list it
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiment:
         experiments = [e for e in experiments if e.name == args.experiment]
         if not experiments:
-            raise SystemExit(f"no experiment named {args.experiment!r} in {uri}")
+            raise ValueError(f"no experiment named {args.experiment!r} in {uri}: "
+                             "`mlxlab runs list` shows the experiments")
     if args.sweep:
         return show_sweep(client, experiments, args.sweep, args.metric)
     print(f"MLflow store: {uri}")
@@ -127,11 +131,11 @@ def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int
     )
     print(
         f"  {len(children)} runs, sorted by the best checkpoint's {metric} ({mode}); "
-        f"dir {tags.get('mlxlab.sweep_dir', '?')}"
+        f"dir {tags.get(T.SWEEP_DIR, '?')}"
     )
     best = parent.data.metrics.get(f"best/{metric}")
     if best is not None:
-        print(f"  best {metric} = {_num(best)} (run {tags.get('mlxlab.best_run_id', '?')})")
+        print(f"  best {metric} = {_num(best)} (run {tags.get(T.BEST_RUN_ID, '?')})")
     rows = sweep_table(children, metric, keys, mode)
     header = ["rank", "run_id", "status", f"best {metric}", *keys]
     print_table(
@@ -178,7 +182,3 @@ def _sweep_role(run) -> str:
         return "parent"
     parent = run.data.tags.get(PARENT_RUN_TAG)
     return f"child of {parent[:8]}" if parent else ""
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Step stall of a checkpoint save, synchronous vs the background writer, for transformer_small.
 
-    python scripts/bench_async_checkpoint.py [--steps 24] [--every 6] [--rounds 2]
+    python benchmarks/bench_async_checkpoint.py [--steps 24] [--every 6] [--rounds 2]
 
 Builds the real `model=transformer_small` preset (vocab 32000) with AdamW, trains it with one
 compiled step on random tokens, and saves through the trainer's own CheckpointWriter every

@@ -1,8 +1,8 @@
 """A plain PyTorch training script of mlxlab's decoder (RMSNorm, SwiGLU, RoPE, tied embeddings),
 written the way a PyTorch user would, with nothing from mlxlab or the benchmark harness: the
-reference that scripts/bench.py checks its PyTorch row against (issue 12).
+reference that benchmarks/bench.py checks its PyTorch row against (issue 12).
 
-    python scripts/torch_plain.py --vocab 3776 --dim 256 --layers 4 --heads 4 --batch 16 --seq 128
+    python benchmarks/torch_plain.py --vocab 3776 --dim 256 --layers 4 --heads 4 --batch 16 --seq 128
 
 Prints one JSON line: tokens/s over the timed steps (after --warmup), and each step's seconds.
 Random tokens: the speed of a dense decoder step does not depend on the values.

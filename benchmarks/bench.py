@@ -4,12 +4,12 @@ minimal hand-written MLX loop vs the same architecture in PyTorch CPU eager, on 
 Not a test: prints a table; `--write` also puts it (with the command and the machine) into
 docs/benchmarks.md (--out), between its markers. Every ratio compares numbers taken in this run.
 
-    python scripts/bench.py [--quick] [--threads N] [--models nano,tiny,bert] [--repeats 3] [--write]
+    python benchmarks/bench.py [--quick] [--threads N] [--models nano,tiny,bert] [--repeats 3] [--write]
 
 The fair comparison on a quiet machine (what docs/benchmarks.md records):
 
     pip install -e '.[bench]'
-    python scripts/bench.py --models nano,tiny,bert --repeats 3 --write
+    python benchmarks/bench.py --models nano,tiny,bert --repeats 3 --write
 
 Each training measurement runs in its own fresh process (`--worker`), one after the other, so
 no framework's threads, caches or memory high-water mark leak into the next one:
@@ -20,11 +20,11 @@ no framework's threads, caches or memory high-water mark leak into the next one:
   mlx       the minimal loop on the same model and the same saved batches: nn.value_and_grad,
             one mx.compile'd step over [model.state, optimizer.state, mx.random.state], the
             same loss function and global-norm clip, AdamW, one mx.eval per step.
-  torch     the same architecture written in PyTorch (scripts/bench_torch.py), same batches,
+  torch     the same architecture written in PyTorch (benchmarks/bench_torch.py), same batches,
             CPU eager, torch.set_num_threads = the BLAS threads, in a process that never
             imports mlxlab, MLX or their OpenBLAS (it checks its own memory map and fails if it
             does): issue 12 found the old rows, which imported mlxlab, 3.7x slow.
-  torch:plain  scripts/torch_plain.py, a plain PyTorch script of the same decoder (random
+  torch:plain  benchmarks/torch_plain.py, a plain PyTorch script of the same decoder (random
             tokens, the same batch shape), in the same rounds. When the torch row and it
             disagree by more than the noise, no PyTorch ratio is printed and the exit code is 1.
 Variants of the mlxlab row (--variants) locate the framework overhead: `bare` (tracking=none,
@@ -465,7 +465,7 @@ def bench_round(name: str, spec: dict, args, tmp: Path, r: int) -> dict[str, dic
 
 
 def has_plain(name: str) -> bool:
-    """Models that scripts/torch_plain.py implements (the decoders)."""
+    """Models that benchmarks/torch_plain.py implements (the decoders)."""
     return MODELS[name][1] == "tokens"
 
 
@@ -574,8 +574,8 @@ def check_lines(checks: list[dict]) -> list[str]:
         return []
     lines = [
         "",
-        "PyTorch baseline check: the PyTorch row (scripts/bench_torch.py on the replayed batches, "
-        "a process without mlxlab, MLX or their BLAS) against scripts/torch_plain.py (a plain "
+        "PyTorch baseline check: the PyTorch row (benchmarks/bench_torch.py on the replayed batches, "
+        "a process without mlxlab, MLX or their BLAS) against benchmarks/torch_plain.py (a plain "
         "PyTorch script of the same model and batch shape), timed in the same rounds. PyTorch "
         "ratios are printed only when they agree within the noise (the larger spread over the "
         "rounds of either, at least 10%).",
@@ -654,15 +654,15 @@ def report(info: dict, gemm: list[dict], rows: list[dict], ratio_rows: list[tupl
 def write_section(path: Path, body: str, threads: int) -> None:
     """Replace this thread count's tables in `path` (between their markers, so the prose around
     them stays), or append them under a new heading."""
-    begin = f"<!-- scripts/bench.py threads={threads}: begin -->"
-    end = f"<!-- scripts/bench.py threads={threads}: end -->"
+    begin = f"<!-- benchmarks/bench.py threads={threads}: begin -->"
+    end = f"<!-- benchmarks/bench.py threads={threads}: end -->"
     section = f"{begin}\n{body}\n{end}\n"
     text = path.read_text() if path.exists() else ""
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + section + rest.split(end, 1)[1].lstrip("\n")
     else:
-        title = f"## Training throughput, {threads} thread{'s' if threads > 1 else ''} (scripts/bench.py)"
+        title = f"## Training throughput, {threads} thread{'s' if threads > 1 else ''} (benchmarks/bench.py)"
         text += ("\n" if text and not text.endswith("\n\n") else "") + f"{title}\n\n{section}"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -742,7 +742,7 @@ def main() -> None:
                 kept = Path(tempfile.mkdtemp(prefix="mlxlab-bench-kept-"))
                 subprocess.run(["cp", "-r", f"{tmp}/.", str(kept)], check=False)
                 print(f"worker logs kept in {kept}", file=sys.stderr)
-    command = "python scripts/bench.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/bench.py " + " ".join(sys.argv[1:])
     text = report(info, gemm, rows, ratio_rows, checks, command.strip(), args)
     print(text)
     if args.write:

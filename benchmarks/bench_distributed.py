@@ -1,6 +1,6 @@
 """Data parallelism on one machine: throughput, all-reduce cost, ZeRO-1 optimizer memory.
 
-    python scripts/bench_distributed.py [--pairs 3] [--steps 30] [--skip-memory]
+    python benchmarks/bench_distributed.py [--pairs 3] [--steps 30] [--skip-memory]
 
 - tokens/s of tinystories_nano (seq 128, global batch 16): 1 process with 2 BLAS threads and
   batch 16, against `mlx.launch -n 2` with 1 thread per rank and batch 8 per rank. Interleaved

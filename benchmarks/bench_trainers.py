@@ -1,6 +1,6 @@
 """Throughput and peak memory of trainer=optimized vs trainer=simple on the same model and data.
 
-    OPENBLAS_NUM_THREADS=1 python scripts/bench_trainers.py [--cases titanic_bert tinystories_nano]
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_trainers.py [--cases titanic_bert tinystories_nano]
         [--trainers simple optimized] [--warmup 30] [--steps 30] [--rounds 3] [--root DIR]
         [-- extra Hydra overrides for every case]
 

@@ -2,7 +2,7 @@
 
 Not a test: prints a table (best and median ms over repeats) so we pick the fastest formulation.
 
-    python scripts/bench_kernels.py [--repeats 10] [--threads N] [--torch] [--only ce,attn,...]
+    python benchmarks/bench_kernels.py [--repeats 10] [--threads N] [--torch] [--only ce,attn,...]
 
 Sections: gemm, ce (loss), attn, norm, act, step (mx.compile and bf16 vs fp32). With --torch and
 PyTorch installed (the `bench` extra), the same ops in PyTorch CPU eager for comparison.

@@ -1,6 +1,6 @@
 """Titanic validation accuracy: the default experiment (BERT on row text) vs scikit-learn baselines.
 
-    python scripts/bench_titanic.py [--seeds 1 2 3] [--root DIR] [override ...]
+    python benchmarks/bench_titanic.py [--seeds 1 2 3] [--root DIR] [override ...]
 
 Every model sees the same rows: the split is the data module's own (TabularText.setup ->
 stratified_split with data.seed and data.val_fraction). The BERT runs go through the real stack,

@@ -1,4 +1,4 @@
-"""Helpers shared by scripts/bench.py (the MLX side) and scripts/bench_torch.py (the PyTorch
+"""Helpers shared by benchmarks/bench.py (the MLX side) and benchmarks/bench_torch.py (the PyTorch
 side). Standard library and numpy only: the PyTorch worker imports this module and must never
 import mlxlab, MLX or the OpenBLAS that mlxlab loads (issue 12: that is what made the old PyTorch
 rows 3.7x slow)."""

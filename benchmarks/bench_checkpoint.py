@@ -1,6 +1,6 @@
 """Cost of one checkpoint of transformer_small (weights + AdamW state): ms to save and load, MB.
 
-    python scripts/bench_checkpoint.py [--repeats 3] [--vocab 32000]
+    python benchmarks/bench_checkpoint.py [--repeats 3] [--vocab 32000]
 
 Builds the real `model=transformer_small` preset, initializes AdamW state for it, then times
 `save_checkpoint` (temp dir, checksums, fsync, commit marker, rename) and `load_checkpoint`

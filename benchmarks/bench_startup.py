@@ -1,7 +1,7 @@
 """Time to first training step of the default run, by phase, on a fresh clone's state.
 
-    python scripts/bench_startup.py                         # this tree, 3 fresh runs
-    python scripts/bench_startup.py --repeats 5 --base /tmp/old_tree   # old and new, interleaved
+    python benchmarks/bench_startup.py                         # this tree, 3 fresh runs
+    python benchmarks/bench_startup.py --repeats 5 --base /tmp/old_tree   # old and new, interleaved
 
 Each run is `mlxlab-train` (the default experiment, the real CLI and store) in a subprocess
 rooted in an empty folder: no MLflow store, no data or tokenizer cache. The user-level cache

@@ -1,7 +1,7 @@
 """Sweep throughput and tracking overhead.
 
-    python scripts/bench_sweep.py                     # the numbers for docs/benchmarks.md
-    python scripts/bench_sweep.py --tiny              # seconds: checks the script itself
+    python benchmarks/bench_sweep.py                     # the numbers for docs/benchmarks.md
+    python benchmarks/bench_sweep.py --tiny              # seconds: checks the script itself
 
 1. Wall clock of a 4-job Titanic multirun (model.hidden_size x optimizer.learning_rate, 2 x 2) on
    the joblib launcher with 1 worker, then 2 workers (then 1 again with --repeats 2, to cancel

@@ -1,6 +1,6 @@
 """mlxlab's LM presets vs an independent PyTorch twin on exactly the same batches (issue 11).
 
-    python scripts/bench_lm_twin.py [--models nano,tiny] [--part all|mlxlab|torch|report]
+    python benchmarks/bench_lm_twin.py [--models nano,tiny] [--part all|mlxlab|torch|report]
                                     [--twins reference,same] [--out DIR] [--heldout 800]
                                     [--threads 1] [override ...]
 
@@ -18,7 +18,7 @@ For each model (`experiment=tinystories_<model>`, the preset's own budget):
    on the training text, compiled step, tracking=none). A thin wrapper around Trainer.fit records
    the initial weights and every batch the trainer consumed, and a callback scores the model on the
    held-out windows at each of the trainer's evaluations (its own val/loss is the shipped split).
-3. PyTorch (torch CPU eager, fp32): the same decoder written in PyTorch (scripts/bench.py's
+3. PyTorch (torch CPU eager, fp32): the same decoder written in PyTorch (benchmarks/bench.py's
    torch_models: RMSNorm, SwiGLU, RoPE, tied embeddings), loaded with mlxlab's initial weights,
    trained on the recorded batches in order with torch.optim.AdamW, clip_grad_norm_ and PyTorch's
    own LinearLR + CosineAnnealingLR schedulers, scored on the same windows at the same steps.

@@ -5,7 +5,7 @@ split and tokenizer (the teacher's tokenizer.json): once with `trainer=distill` 
 distillation switched off (`trainer.distill=null`, i.e. the simple loop). Prints one row per run
 and a table of mean +- std over seeds of the best and the final validation metric.
 
-    OPENBLAS_NUM_THREADS=1 python scripts/bench_distill.py [--tasks titanic tinystories]
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_distill.py [--tasks titanic tinystories]
         [--seeds 0 1 2] [--root /tmp/bench_distill] [--alpha 0.5] [--temperature 2.0] [--quick]
 
 Every run shares one validation split (Titanic: data.seed=42 pinned; TinyStories: the first 200
