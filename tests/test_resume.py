@@ -314,9 +314,18 @@ def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
         run_dir = tmp_path / name
         return start(args, run_dir, cli_env), run_dir
 
+    def wait_registered(proc: subprocess.Popen, run_dir: Path) -> None:
+        deadline = time.time() + 300
+        while run_of(run_dir) is None:
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+
     def killed_before_checkpoint(name: str) -> str:
         proc, run_dir = started(name)
-        kill_when(proc, lambda: run_of(run_dir) is not None and not committed_steps(run_dir))
+        # the store is read before the kill, not while the run is frozen: a run frozen in the
+        # middle of a write holds the store's lock
+        wait_registered(proc, run_dir)
+        kill_when(proc, lambda: not committed_steps(run_dir))
         assert run_of(run_dir).info.status == "RUNNING"
         return run_of(run_dir).info.run_id
 
@@ -330,10 +339,7 @@ def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
 
     live, live_dir = started("live")
     try:
-        deadline = time.time() + 300
-        while run_of(live_dir) is None:
-            assert live.poll() is None and time.time() < deadline
-            time.sleep(0.05)
+        wait_registered(live, live_dir)
         second = killed_before_checkpoint("second")
         run([*TITANIC, "task_name=doomed", "trainer.max_steps=1"], tmp_path / "next", cli_env)
         assert unlocked(lambda: client.get_run(second)).info.status == "KILLED"
