@@ -9,6 +9,10 @@
 - the all-reduce of one step's gradients (all parameters, fp32) on its own, 2 ranks.
 - transformer_small (seq 64, batch 2 per rank) under 2 ranks with and without
   trainer.distributed.shard_optimizer: optimizer state per rank and MLX peak memory during training steps.
+- `--only-lanes`: one epoch of streamed text (the TinyStories sample) on each of 2 ranks, the
+  whole stream (every rank tokenizes every document) against data.shard_by_rank (a lane each):
+  documents and CPU seconds spent tokenizing per rank, the epoch's wall time, and the cost of
+  one end-of-epoch vote (a tiny all-reduce; lanes cast one per batch).
 """
 
 from __future__ import annotations
@@ -92,6 +96,59 @@ def allreduce_worker(reps: int) -> None:
     print("RESULT " + json.dumps({"rank": world.rank, "ms": ms, "mb": nbytes / 2**20}), flush=True)
 
 
+class CountingTokenizer:
+    """A tokenizer that notes what it encodes and the CPU time that takes (all else passes
+    through). CPU time of the calling thread (tokenizers runs single-threaded here): on a shared
+    box wall time mostly measures waiting for a core."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.texts, self.seconds = tokenizer, [], 0.0
+
+    def encode_batch(self, texts, **kwargs):
+        start = time.thread_time()
+        out = self.tokenizer.encode_batch(texts, **kwargs)
+        self.seconds += time.thread_time() - start
+        self.texts += texts
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def lanes_worker(mode: str, data_file: str, vocab: str, record: bool) -> None:
+    """One epoch of streamed text on this rank, as the trainer reads it: `lanes` (this rank's
+    lane, data.shard_by_rank) or `whole` (the global batch of 2 x 16 windows, this rank's rows)."""
+    import mlxlab  # noqa: F401, I001  (fast BLAS before mlx.core)
+    from mlxlab.data.batching import Batching
+    from mlxlab.data.streaming import StreamingText
+    from mlxlab.runtime import distributed
+
+    world = distributed.world("auto", 600)
+    tokenizer = {"vocab_size": int(vocab), "min_vocab": 0} if vocab != "auto" else {}
+    data = StreamingText(data_files=data_file, val_examples=0, seq_len=64, shuffle_buffer=100,
+                         tokenizer=tokenizer, tokenizer_sample=500, shard_by_rank=mode == "lanes")
+    data.setup()
+    data.tokenizer = counting = CountingTokenizer(data.tokenizer)
+    lanes = data.use_world(world)
+    batching = Batching(batch_size=16 if lanes else 16 * world.size)
+    start = time.perf_counter()
+    batches = tokens = 0
+    for batch in data.train_batches(batching, 0):
+        rows = batch if lanes else world.shard_rows(batch)
+        tokens += int(rows["loss_mask"].sum().item())
+        batches += 1
+    seconds = time.perf_counter() - start
+    votes = []  # what the lanes' end-of-epoch vote (one per batch) costs on its own
+    for _ in range(20):
+        vote = time.perf_counter()
+        world.sum_numbers([1.0])
+        votes.append(time.perf_counter() - vote)
+    print("RESULT " + json.dumps({
+        "rank": world.rank, "mode": mode, "seconds": seconds, "vote_ms": 1e3 * statistics.median(votes),
+        "tokenize_s": counting.seconds, "docs": len(counting.texts), "batches": batches,
+        "tokens": tokens, "texts": counting.texts if record else None}), flush=True)
+
+
 def launch(ranks: int, threads: int, args: list[str]) -> list[dict]:
     root = tempfile.mkdtemp(prefix="mlxlab-bench-dist-")
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "BENCH_ROOT": root,
@@ -118,9 +175,17 @@ def main() -> None:
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--probe", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--allreduce", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--only-lanes", action="store_true")
+    parser.add_argument("--lanes-worker", nargs=3, metavar=("MODE", "FILE", "VOCAB"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--record", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.allreduce:
         return allreduce_worker(args.allreduce)
+    if args.lanes_worker:
+        return lanes_worker(*args.lanes_worker, args.record)
+    if args.only_lanes:
+        return lanes(args.pairs)
     if args.worker is not None:
         return worker(args.worker, args.probe)
 
@@ -163,6 +228,22 @@ def memory() -> None:
         peak = " / ".join(f"{r['peak_mb']:.0f}" for r in res)
         print(f"| shard_optimizer={shard} | {opt} | {peak} | {max(r['ms'] for r in res):.0f} |",
               flush=True)
+
+
+def lanes(pairs: int) -> None:
+    from mlxlab.data.streaming import __file__ as streaming_py
+
+    sample = str(Path(streaming_py).parents[1] / "assets/tinystories/sample.txt")
+    print("| pair | mode | documents tokenized per rank | tokenizing CPU s per rank | epoch s "
+          "(slowest rank) | batches per rank | one vote (ms) |")
+    print("|---:|---|---|---|---:|---:|---:|")
+    for k in range(1, pairs + 1):
+        for mode in ("whole", "lanes"):
+            res = launch(2, 1, ["--lanes-worker", mode, sample, "auto"])
+            tokenize = " / ".join(f"{r['tokenize_s']:.2f}" for r in res)
+            print(f"| {k} | {mode} | {' / '.join(str(r['docs']) for r in res)} | {tokenize} | "
+                  f"{max(r['seconds'] for r in res):.2f} | {res[0]['batches']} | "
+                  f"{max(r['vote_ms'] for r in res):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

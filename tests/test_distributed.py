@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -174,6 +175,59 @@ def test_accumulation_lora_dynamic_batches_under_data_parallelism(tmp_path, cli_
 
 
 @pytest.mark.slow
+def test_each_rank_tokenizes_only_its_lane_of_the_stream(tmp_path, cli_env):
+    """data.shard_by_rank with 2 real ranks reading one epoch as the trainer does: the documents
+    each rank tokenizes (seen by the real tokenizer) are disjoint and together the whole stream.
+    Every document has the same length in bytes and the tokenizer is bytes only (vocab 258), so
+    both lanes hold the same tokens and the epoch ends with both lanes read to the end."""
+    rng = random.Random(0)
+    docs = [f"document {i:04d} " + " ".join("".join(rng.choice("abcdefgh") for _ in range(5))
+                                             for _ in range(12)) for i in range(60)]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py"
+    port = str(random.randint(20000, 60000))
+    done = subprocess.run([str(BIN / "mlx.launch"), "-n", "2", "-p", port, "--", PYTHON, str(bench),
+                           "--lanes-worker", "lanes", str(data), "258", "--record"],
+                          cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
+    ranks = sorted((json.loads(line[7:]) for line in done.stdout.splitlines()
+                    if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    assert len(ranks) == 2, (done.stdout + done.stderr)[-3000:]
+    mine = [set(r["texts"]) for r in ranks]
+    assert all(len(m) == len(r["texts"]) == 30 for m, r in zip(mine, ranks))  # each read once
+    assert not mine[0] & mine[1]
+    assert mine[0] | mine[1] == set(docs)
+    assert ranks[0]["batches"] == ranks[1]["batches"]
+
+
+@pytest.mark.slow
+def test_lanes_resume_after_sigkill_and_end_epochs_together(tmp_path, cli_env):
+    """2 ranks with data.shard_by_rank over a few epochs (uneven lanes: the epoch ends when the
+    first lane runs dry), SIGKILLed after step 8 and resumed: the lanes continue where they were,
+    so the weights match an uninterrupted run. Resumed as 1 process instead, the run starts its
+    lane at the first document no old lane had read, and finishes."""
+    args = [*LM, "data.shard_by_rank=true", "data.max_examples=6", "trainer.batch_size=4",
+            "callbacks.checkpoint.save_every_steps=4", "callbacks.checkpoint.keep_last_n=10",
+            "trainer.distributed.timeout_s=300"]  # steps and saves on a loaded box
+    run(2, args, tmp_path / "reference", cli_env)
+    state = json.loads((tmp_path / "reference/checkpoints/step_00000020/state.json").read_text())
+    assert state["epoch"] >= 2  # epochs ended (together) within the 20 steps
+    run_dir = tmp_path / "killed"
+    proc = start(2, args, run_dir, cli_env)
+    wait_for_step(proc, run_dir, 8)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    shutil.copytree(run_dir, tmp_path / "killed_copy")  # the same checkpoints, resumed by 1 rank
+    run(2, [*args, "resume=auto"], run_dir, cli_env)
+    diff = relative_difference(weights(run_dir), weights(tmp_path / "reference"))
+    report("lanes: resume 2->2 ranks after SIGKILL vs uninterrupted", diff)
+    assert diff <= TOL
+    out = run(1, [*args, "resume=auto"], tmp_path / "killed_copy", cli_env)
+    assert "the lanes restart at document" in out
+    assert max(committed_steps(tmp_path / "killed_copy")) == 20
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)], ids=["2to1", "1to2"])
 def test_sigkill_then_resume_at_another_world_size(tmp_path, cli_env, first, then):
     args = [*BERT, "tracking=mlflow", "callbacks.checkpoint.save_every_steps=4",
@@ -262,3 +316,20 @@ def test_a_hung_rank_trips_the_watchdog_of_the_others(tmp_path, cli_env):
 
     for step in committed_steps(run_dir):
         assert check_committed(run_dir / "checkpoints" / f"step_{step:08d}") is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", [True, False], ids=["cached_teacher", "teacher_in_step"])
+def test_distillation_under_data_parallelism(tmp_path, cli_env, cache):
+    """trainer=distill (a tiny BERT teacher, a cnn_hybrid student): 2 ranks x 8 == 1 x 16, with the
+    teacher's probabilities looked up from the cache or computed in every step."""
+    run(1, [*BERT, "trainer.max_steps=8"], tmp_path / "teacher", cli_env)
+    student = [*BERT, "experiment=distill_titanic", "model.dropout=0",
+               f"trainer.distill.teachers=[{{run: '{tmp_path / 'teacher'}'}}]",
+               f"trainer.distill.cache_teacher={str(cache).lower()}"]
+    run(1, [*student, "trainer.batch_size=16"], tmp_path / "one", cli_env)
+    out = run(2, [*student, "trainer.batch_size=8"], tmp_path / "two", cli_env)
+    assert "data parallel: 2 ranks" in out
+    diff = relative_difference(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    report(f"distill cache_teacher={cache} 2x8 vs 1x16", diff)
+    assert diff <= TOL

@@ -207,11 +207,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if world.is_main:  # rank 0 writes the tokenizer (and data caches) first
         data.setup(run_dir)
         keep_pretrained_files(cfg, run_dir)
-    world.barrier("waiting for rank 0's data setup")
+    # rank 0 may train a tokenizer or tokenize a table first, then the others read theirs: these
+    # waits get the allowance of a first (compiling) step
+    world.barrier("waiting for rank 0's data setup", scale=10.0)
     if not world.is_main:
         data.setup(None)
-    world.check_same(str(data.tokenizer_hash), "the tokenizer",
-                     "train it once (rank 0) and pass data.tokenizer.path=<its tokenizer.json>")
+    world.check_same(str(data.tokenizer_hash), "the tokenizer",  # after the others' setup
+                     "train it once (rank 0) and pass data.tokenizer.path=<its tokenizer.json>",
+                     scale=10.0)
     dataset = describe_dataset(data)
     if dataset is not None and hasattr(tracker, "set_dataset"):
         tracker.set_dataset(*dataset)

@@ -131,6 +131,8 @@ class StreamingText(DataModule):
     Documents are stripped; empty ones are skipped. `encoding` is the text encoding of local txt,
     jsonl and csv files. `stride` < seq_len overlaps windows; positions already scored by the
     previous window get loss_mask 0, so every token is counted once.
+    Data parallel (`shard_by_rank`): see `use_world`; without it every rank packs the whole stream
+    into global batches and keeps its rows (what one process with the global batch sees).
     """
 
     task = "lm"
@@ -157,6 +159,7 @@ class StreamingText(DataModule):
         prefetch: int = 4,
         cache_dir: str | None = None,
         encoding: str = "utf-8",
+        shard_by_rank: bool = False,
     ):
         if not dataset_id and not data_files:
             raise ConfigError(
@@ -183,6 +186,9 @@ class StreamingText(DataModule):
         self.tokenizer = None
         self.tokenizer_hash: str | None = None
         self.vocab_size: int | None = None
+        self.shard_by_rank = bool(shard_by_rank)
+        self.world = None  # set by use_world when this rank reads a lane of its own
+        self.lane, self.lanes = 0, 1  # whole stream = one lane
         self._state = self._fresh_state(0)
         self._val_cache: dict[int, list[dict]] = {}
 
@@ -263,6 +269,20 @@ class StreamingText(DataModule):
 
     def _holds_out_documents(self) -> bool:
         return self.val_split is None and self.val_examples > 0 and self._held_text is None
+
+    def use_world(self, world) -> bool:
+        """Data parallel with `shard_by_rank`: rank r of N reads lane r of the (shuffled) stream,
+        the documents base + r, base + r + N, ... of the epoch, and tokenizes and packs only those
+        into batches of its own batch_size (the trainer then neither scales the batch nor splits
+        it: the global batch is the N lanes' batches side by side). All ranks still read the raw
+        stream (reading is cheap; tokenizing is not). An epoch ends for all ranks when any lane
+        runs dry (one small all-reduce per batch); the rest of the other lanes is skipped.
+        True when this data now yields per-rank batches."""
+        if not self.shard_by_rank or not world.enabled:
+            return False
+        self.world, self.lane, self.lanes = world, world.rank, world.size
+        self._state = self._fresh_state(self._state["epoch"])
+        return True
 
     def _train_stream(self, epoch: int, skip: int = 0):
         ds = self._load(self.split)
@@ -379,13 +399,16 @@ class StreamingText(DataModule):
 
     # -------------------------------------------------------------- packing
     @staticmethod
-    def _fresh_state(epoch: int) -> dict:
+    def _fresh_state(epoch: int, base: int = 0) -> dict:
+        # base: documents of the epoch before the lanes start (set by a resume at another world
+        # size); examples_consumed counts this lane's documents after base.
         return {
             "epoch": epoch,
             "examples_consumed": 0,
             "carry": [],
             "windows_done": 0,
             "batches_done": 0,
+            "base": base,
         }
 
     def _pack(self, stream, batch_size: int, state: dict) -> Iterator[tuple[dict, dict]]:
@@ -466,13 +489,25 @@ class StreamingText(DataModule):
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
         """One epoch of packed (batch_size, seq_len) batches; resumes at the loaded state."""
         state = self._state if self._state["epoch"] == epoch else self._fresh_state(epoch)
-        stream = self._train_stream(epoch, skip=state["examples_consumed"])
-        for batch, after in _threaded(
-            self._pack(stream, self.rows_per_batch(batching), state), self.prefetch
-        ):
-            self._state = after  # counted when handed out, like TabularText
+        base = state.get("base", 0)
+        stream = self._train_stream(epoch, skip=base + state["examples_consumed"] * self.lanes)
+        lane = islice(stream, self.lane, None, self.lanes) if self.lanes > 1 else stream
+        packed = _threaded(self._pack(lane, self.rows_per_batch(batching), state), self.prefetch)
+        for batch, after in packed:
+            if self.world is not None and not self._all_lanes_have_a_batch():
+                break
+            self._state = {**after, "base": base}  # counted when handed out, like TabularText
             yield self._to_mx(batch)
+        else:  # this lane ran dry: the others learn it from its vote
+            if self.world is not None:
+                self._all_lanes_have_a_batch(False)
+        packed.close()  # stops the producer of a lane that still had batches
         self._state = self._fresh_state(epoch + 1)
+
+    def _all_lanes_have_a_batch(self, mine: bool = True) -> bool:
+        """The agreed end of an epoch: every rank votes each batch, so all stop at the same one."""
+        votes = self.world.sum_numbers([float(mine)], "the end-of-epoch check of the data lanes")
+        return votes[0] == self.world.size
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
         """Held-out batches, never shuffled; packed once and kept (bounded by val_examples)."""
@@ -492,10 +527,50 @@ class StreamingText(DataModule):
         return None  # unknown for a stream
 
     def state_dict(self) -> dict:
-        return dict(self._state)
+        """This rank's position (its lane's, with shard_by_rank); `gathered_state` for a
+        checkpoint."""
+        return {**self._state, "lane": self.lane, "lanes": self.lanes}
+
+    def gathered_state(self) -> dict:
+        """The position of every lane (called by every rank; rank 0 writes it): one checkpoint
+        holds all lanes, so any rank count can resume from it."""
+        if self.world is None:
+            return self.state_dict()
+        mine = {k: v for k, v in self._state.items() if k not in ("epoch", "base")}
+        text = np.frombuffer(json.dumps(mine).encode() + b"\0", np.uint8).astype(np.int32)
+        joined = self.world.gather_rows(text, "gathering the data lanes' positions")
+        parts = bytes(joined.astype(np.uint8)).split(b"\0")[:-1]  # rank order
+        return {"epoch": self._state["epoch"], "base": self._state.get("base", 0),
+                "lanes": self.lanes, "lane_states": [json.loads(p) for p in parts]}
 
     def load_state_dict(self, state: dict) -> None:
-        self._state = {**self._fresh_state(int(state["epoch"])), **state}
+        """Resume at a saved position. Same lane count: every lane continues exactly. Another
+        count (another world size with shard_by_rank, or switching it): the new lanes start at the
+        first document that no old lane had read yet, base + r + consumed_r x N minimised over the
+        old lanes; documents a faster lane had read past it are read again, and the tokens the old
+        lanes held but had not yet put into a batch are skipped."""
+        epoch, base = int(state["epoch"]), int(state.get("base", 0))
+        lanes = int(state.get("lanes", 1))
+        own = state.get("lane_states")
+        if own is None:  # one lane's own state (a plain process, or state_dict on this rank)
+            if lanes == self.lanes and int(state.get("lane", 0)) == self.lane:
+                self._state = {**self._fresh_state(epoch, base), **state}
+                for key in ("lane", "lanes"):
+                    self._state.pop(key, None)
+                return
+            if lanes != 1:
+                raise ValueError(f"a state of lane {state.get('lane')} of {lanes} alone cannot "
+                                 "be resumed: checkpoints hold every lane (gathered_state)")
+            own = [state]
+        if len(own) == self.lanes:
+            self._state = {**self._fresh_state(epoch, base), **own[self.lane]}
+            return
+        start = min(base + r + int(s["examples_consumed"]) * len(own) for r, s in enumerate(own))
+        log.warning(
+            "data: %d lane(s) saved, %d now: the lanes restart at document %d of epoch %d (the "
+            "first one no saved lane had read; up to a batch per old lane is read again or "
+            "skipped)", len(own), self.lanes, start, epoch)
+        self._state = self._fresh_state(epoch, start)
 
 
 def token_throughput(

@@ -179,11 +179,13 @@ class World:
 
     # --- host-side agreement -----------------------------------------------------------------
 
-    def sum_numbers(self, values: list[float], what: str = "an all-reduce") -> list[float]:
-        """Sum small numbers over ranks (float64 precision is not needed: counts and flags)."""
+    def sum_numbers(self, values: list[float], what: str = "an all-reduce",
+                    scale: float = 1.0) -> list[float]:
+        """Sum small numbers over ranks (float64 precision is not needed: counts and flags);
+        waits at most timeout_s x scale."""
         if not self.enabled:
             return list(values)
-        with self.guard(what):
+        with self.guard(what, scale):
             out = self.all_sum(mx.array(values, dtype=mx.float32))
             mx.eval(out)
         return [float(x) for x in np.array(out)]
@@ -205,20 +207,20 @@ class World:
             mx.eval(out)
         return [int(x) for x in np.array(out)]
 
-    def check_same(self, text: str, what: str, fix: str) -> None:
+    def check_same(self, text: str, what: str, fix: str, scale: float = 1.0) -> None:
         """Raise on every rank when `text` differs between ranks (e.g. the tokenizer hash)."""
         if not self.enabled:
             return
         code = np.frombuffer(text.encode()[:64].ljust(64, b"\0"), np.uint8).astype(np.float32)
-        with self.guard(what):
+        with self.guard(what, scale):
             lo, hi = mx.distributed.all_min(mx.array(code), group=self.group), mx.distributed.all_max(
                 mx.array(code), group=self.group)
             mx.eval(lo, hi)
         if not np.array_equal(np.array(lo), np.array(hi)):
             raise ConfigError(f"ranks disagree on {what}: {fix}")
 
-    def barrier(self, what: str = "a barrier") -> None:
-        self.sum_numbers([0.0], what)
+    def barrier(self, what: str = "a barrier", scale: float = 1.0) -> None:
+        self.sum_numbers([0.0], what, scale)
 
     # --- data --------------------------------------------------------------------------------
 

@@ -394,6 +394,13 @@ class Trainer:
         b.max_tokens = b.max_tokens * world.size if b.max_tokens else None
         b.max_batch_size = b.max_batch_size * world.size if b.max_batch_size else None
 
+    def rows_of(self, batch: dict) -> dict:
+        """This rank's part of a batch the data module handed out (all of it when the data
+        batches per rank)."""
+        if self.world is None or getattr(self, "rank_batches", False):
+            return batch
+        return self.world.shard_rows(batch)
+
     def plan(self, data) -> tuple[int, float]:
         """(total optimizer steps, epochs): the run ends at max_steps or max_epochs, first come."""
         batches = data.num_train_batches(self.batching)
@@ -420,7 +427,10 @@ class Trainer:
         check_contract(tracker, Tracker, "tracker")
         run_dir, task, config = Path(run_dir), data.task, config or {}
         world = self.world = distributed.world(self.distributed.mode, self.distributed.timeout_s)
-        self.use_global_batches(world)
+        # data that reads a lane per rank (data.shard_by_rank) batches per rank already
+        self.rank_batches = bool(getattr(data, "use_world", lambda _: False)(world))
+        if not self.rank_batches:
+            self.use_global_batches(world)
         loss_fn = self.build_loss(data)
         self.fit_batch_to_memory(model, data, loss_fn)
         total_steps, max_epochs = self.plan(data)
@@ -466,9 +476,9 @@ class Trainer:
         step_fn = self.make_step(model, optimizer, loss_fn)  # compiled after any restore
         model.train()
 
-        def trainer_state() -> CheckpointState:
+        def trainer_state(data_state: dict) -> CheckpointState:
             return CheckpointState(
-                step=run.step, epoch=run.epoch, data=data.state_dict(), rng=rng_state(),
+                step=run.step, epoch=run.epoch, data=data_state, rng=rng_state(),
                 callbacks={type(cb).__name__: cb.state_dict() for cb in callbacks},
                 run_id=tracker.run_id or run.run_id, history=run.history,
                 best_metrics=run.best_metrics, best_metric=run.best_metrics.get(self.monitor),
@@ -494,9 +504,11 @@ class Trainer:
             if self.optimizer_shards is not None:  # every rank takes part in the gather
                 opt = distributed.StateView(
                     self.optimizer_shards.gathered_state(optimizer, model.trainable_parameters()))
+            # every rank takes part in gathering per-rank data positions (data lanes)
+            data_state = getattr(data, "gathered_state", data.state_dict)()
             if not world.is_main:
                 return None
-            return writer.save(model, opt, trainer_state(), metric=metric, force=force)
+            return writer.save(model, opt, trainer_state(data_state), metric=metric, force=force)
 
         def evaluate_and_save(force: bool = False) -> None:
             if not has_val:  # the points where a run evaluates still checkpoint
@@ -564,7 +576,7 @@ class Trainer:
                 while run.epoch < max_epochs and not stopped:
                     pending: list = []
                     for batch in data.train_batches(self.batching, run.epoch):
-                        pending.append(world.shard_rows(batch))
+                        pending.append(self.rows_of(batch))
                         if len(pending) == self.grad_accum:
                             stopped, pending = train_step(pending), []
                             if stopped:
@@ -671,7 +683,7 @@ class Trainer:
         while True:
             device.reset_peak_memory()
             world = self.world or distributed.World()
-            batch = world.shard_rows(next(iter(data.train_batches(self.batching, 0))))
+            batch = self.rows_of(next(iter(data.train_batches(self.batching, 0))))
             out = grad_fn(model, batch)
             mx.eval(out)
             del out
