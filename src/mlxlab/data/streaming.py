@@ -23,7 +23,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batch, Batching
+from mlxlab.errors import ConfigError, MissingFileError
 
 # One background thread tokenizes at ~0.5M tokens/s, far above what training consumes; the
 # tokenizers thread pool would only compete with the BLAS threads of the training step.
@@ -60,13 +62,13 @@ def _builder_for(data_files) -> str:
         files = [f for v in data_files.values() for f in (v if isinstance(v, list) else [v])]
     kinds = {BUILDERS.get(Path(str(f)).suffix.lower()) for f in files}
     if None in kinds or len(kinds) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"data.data_files={data_files}: use files of one kind, "
             f"ending in one of {sorted(BUILDERS)}"
         )
     for f in files:
         if not glob.glob(str(f)):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"data file not found: {f} (set data.data_files= to a local file)"
             )
     return kinds.pop()
@@ -110,7 +112,7 @@ def _threaded(produce: Iterator, prefetch: int) -> Iterator:
         thread.join(timeout=5)
 
 
-class StreamingText:
+class StreamingText(DataModule):
     """Packed language-modelling batches from a hub dataset or local txt/jsonl/parquet files.
 
     Source: `dataset_id` (+ `dataset_config`) streams from the Hugging Face hub and then
@@ -129,6 +131,8 @@ class StreamingText:
     Documents are stripped; empty ones are skipped. `encoding` is the text encoding of local txt,
     jsonl and csv files. `stride` < seq_len overlaps windows; positions already scored by the
     previous window get loss_mask 0, so every token is counted once.
+    Data parallel (`shard_by_rank`): see `use_world`; without it every rank packs the whole stream
+    into global batches and keeps its rows (what one process with the global batch sees).
     """
 
     task = "lm"
@@ -155,14 +159,15 @@ class StreamingText:
         prefetch: int = 4,
         cache_dir: str | None = None,
         encoding: str = "utf-8",
+        shard_by_rank: bool = False,
     ):
         if not dataset_id and not data_files:
-            raise ValueError(
+            raise ConfigError(
                 "set data.dataset_id= (a hub dataset) or data.data_files= (local files)"
             )
         self.stride = int(stride or seq_len)
         if not 1 <= self.stride <= seq_len:
-            raise ValueError(f"data.stride must be in [1, seq_len={seq_len}], got {stride}")
+            raise ConfigError(f"data.stride must be in [1, seq_len={seq_len}], got {stride}")
         self.dataset_id, self.dataset_config, self.split = dataset_id, dataset_config, split
         self.data_files = data_files
         # A hub id wins, so `data.dataset_id=...` alone switches away from the local default.
@@ -181,6 +186,9 @@ class StreamingText:
         self.tokenizer = None
         self.tokenizer_hash: str | None = None
         self.vocab_size: int | None = None
+        self.shard_by_rank = bool(shard_by_rank)
+        self.world = None  # set by use_world when this rank reads a lane of its own
+        self.lane, self.lanes = 0, 1  # whole stream = one lane
         self._state = self._fresh_state(0)
         self._val_cache: dict[int, list[dict]] = {}
 
@@ -225,7 +233,7 @@ class StreamingText:
                 )
             except StopIteration:  # the json reader infers its schema from a first record
                 empty = [f for f in self._files() if os.path.getsize(f) == 0] or self._files()
-                raise ValueError(
+                raise ConfigError(
                     f"no records in {', '.join(empty)}: the file is empty; give data.data_files= "
                     "files with text"
                 ) from None
@@ -262,6 +270,20 @@ class StreamingText:
     def _holds_out_documents(self) -> bool:
         return self.val_split is None and self.val_examples > 0 and self._held_text is None
 
+    def use_world(self, world) -> bool:
+        """Data parallel with `shard_by_rank`: rank r of N reads lane r of the (shuffled) stream,
+        the documents base + r, base + r + N, ... of the epoch, and tokenizes and packs only those
+        into batches of its own batch_size (the trainer then neither scales the batch nor splits
+        it: the global batch is the N lanes' batches side by side). All ranks still read the raw
+        stream (reading is cheap; tokenizing is not). An epoch ends for all ranks when any lane
+        runs dry (one small all-reduce per batch); the rest of the other lanes is skipped.
+        True when this data now yields per-rank batches."""
+        if not self.shard_by_rank or not world.enabled:
+            return False
+        self.world, self.lane, self.lanes = world, world.rank, world.size
+        self._state = self._fresh_state(self._state["epoch"])
+        return True
+
     def _train_stream(self, epoch: int, skip: int = 0):
         ds = self._load(self.split)
         if self._holds_out_documents():
@@ -285,7 +307,7 @@ class StreamingText:
 
     def _text(self, example: dict) -> str:
         if self.text_column not in example:
-            raise ValueError(
+            raise ConfigError(
                 f"text column {self.text_column!r} not in {self.source_name()}; "
                 f"available columns: {list(example)} (set data.text_column=)"
             )
@@ -312,7 +334,7 @@ class StreamingText:
         sample = list(islice(self.documents(self._unshuffled_train()), wanted))
         if not sample:
             held = "" if self.val_split else f" after holding out val_examples={self.val_examples}"
-            raise ValueError(
+            raise ConfigError(
                 f"no text in {self.source_name()}{held}: the source is empty "
                 "(check data.data_files= / data.dataset_id=)"
             )
@@ -363,7 +385,7 @@ class StreamingText:
             val = ([tail] if tail else []) + docs[i + 1 :]
             break
         if not train or not val:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.source_name()} is too short to hold out validation text: add text or set "
                 "data.val_examples=0 (no validation)"
             )
@@ -377,13 +399,16 @@ class StreamingText:
 
     # -------------------------------------------------------------- packing
     @staticmethod
-    def _fresh_state(epoch: int) -> dict:
+    def _fresh_state(epoch: int, base: int = 0) -> dict:
+        # base: documents of the epoch before the lanes start (set by a resume at another world
+        # size); examples_consumed counts this lane's documents after base.
         return {
             "epoch": epoch,
             "examples_consumed": 0,
             "carry": [],
             "windows_done": 0,
             "batches_done": 0,
+            "base": base,
         }
 
     def _pack(self, stream, batch_size: int, state: dict) -> Iterator[tuple[dict, dict]]:
@@ -464,13 +489,25 @@ class StreamingText:
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
         """One epoch of packed (batch_size, seq_len) batches; resumes at the loaded state."""
         state = self._state if self._state["epoch"] == epoch else self._fresh_state(epoch)
-        stream = self._train_stream(epoch, skip=state["examples_consumed"])
-        for batch, after in _threaded(
-            self._pack(stream, self.rows_per_batch(batching), state), self.prefetch
-        ):
-            self._state = after  # counted when handed out, like TabularText
+        base = state.get("base", 0)
+        stream = self._train_stream(epoch, skip=base + state["examples_consumed"] * self.lanes)
+        lane = islice(stream, self.lane, None, self.lanes) if self.lanes > 1 else stream
+        packed = _threaded(self._pack(lane, self.rows_per_batch(batching), state), self.prefetch)
+        for batch, after in packed:
+            if self.world is not None and not self._all_lanes_have_a_batch():
+                break
+            self._state = {**after, "base": base}  # counted when handed out, like TabularText
             yield self._to_mx(batch)
+        else:  # this lane ran dry: the others learn it from its vote
+            if self.world is not None:
+                self._all_lanes_have_a_batch(False)
+        packed.close()  # stops the producer of a lane that still had batches
         self._state = self._fresh_state(epoch + 1)
+
+    def _all_lanes_have_a_batch(self, mine: bool = True) -> bool:
+        """The agreed end of an epoch: every rank votes each batch, so all stop at the same one."""
+        votes = self.world.sum_numbers([float(mine)], "the end-of-epoch check of the data lanes")
+        return votes[0] == self.world.size
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
         """Held-out batches, never shuffled; packed once and kept (bounded by val_examples)."""
@@ -490,10 +527,50 @@ class StreamingText:
         return None  # unknown for a stream
 
     def state_dict(self) -> dict:
-        return dict(self._state)
+        """This rank's position (its lane's, with shard_by_rank); `gathered_state` for a
+        checkpoint."""
+        return {**self._state, "lane": self.lane, "lanes": self.lanes}
+
+    def gathered_state(self) -> dict:
+        """The position of every lane (called by every rank; rank 0 writes it): one checkpoint
+        holds all lanes, so any rank count can resume from it."""
+        if self.world is None:
+            return self.state_dict()
+        mine = {k: v for k, v in self._state.items() if k not in ("epoch", "base")}
+        text = np.frombuffer(json.dumps(mine).encode() + b"\0", np.uint8).astype(np.int32)
+        joined = self.world.gather_rows(text, "gathering the data lanes' positions")
+        parts = bytes(joined.astype(np.uint8)).split(b"\0")[:-1]  # rank order
+        return {"epoch": self._state["epoch"], "base": self._state.get("base", 0),
+                "lanes": self.lanes, "lane_states": [json.loads(p) for p in parts]}
 
     def load_state_dict(self, state: dict) -> None:
-        self._state = {**self._fresh_state(int(state["epoch"])), **state}
+        """Resume at a saved position. Same lane count: every lane continues exactly. Another
+        count (another world size with shard_by_rank, or switching it): the new lanes start at the
+        first document that no old lane had read yet, base + r + consumed_r x N minimised over the
+        old lanes; documents a faster lane had read past it are read again, and the tokens the old
+        lanes held but had not yet put into a batch are skipped."""
+        epoch, base = int(state["epoch"]), int(state.get("base", 0))
+        lanes = int(state.get("lanes", 1))
+        own = state.get("lane_states")
+        if own is None:  # one lane's own state (a plain process, or state_dict on this rank)
+            if lanes == self.lanes and int(state.get("lane", 0)) == self.lane:
+                self._state = {**self._fresh_state(epoch, base), **state}
+                for key in ("lane", "lanes"):
+                    self._state.pop(key, None)
+                return
+            if lanes != 1:
+                raise ValueError(f"a state of lane {state.get('lane')} of {lanes} alone cannot "
+                                 "be resumed: checkpoints hold every lane (gathered_state)")
+            own = [state]
+        if len(own) == self.lanes:
+            self._state = {**self._fresh_state(epoch, base), **own[self.lane]}
+            return
+        start = min(base + r + int(s["examples_consumed"]) * len(own) for r, s in enumerate(own))
+        log.warning(
+            "data: %d lane(s) saved, %d now: the lanes restart at document %d of epoch %d (the "
+            "first one no saved lane had read; up to a batch per old lane is read again or "
+            "skipped)", len(own), self.lanes, start, epoch)
+        self._state = self._fresh_state(epoch, start)
 
 
 def token_throughput(
