@@ -85,3 +85,12 @@ def wait_for_server(server, uri: str, log: Path, timeout_s: float = 180) -> None
             assert server.poll() is None, Path(log).read_text()[-3000:]
             assert time.monotonic() < deadline, f"mlflow server did not start in {timeout_s:.0f} s"
             time.sleep(0.5)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fused_kernels_built():
+    """Build mlxlab's fused CPU kernels before the first test (a fresh machine compiles them
+    once, ~1-2 min), so no subprocess test's timeout pays for it; later runs load the cache."""
+    from mlxlab import kernels
+
+    kernels.status()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxlab import kernels
+
 
 class KVCache:
     """Per-layer key/value cache for generation, filled in place.
@@ -125,7 +127,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden_dim, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down(nn.silu(self.gate(x)) * self.up(x))
+        return self.down(kernels.swiglu(self.gate(x), self.up(x)))
 
 
 class GeluMLP(nn.Module):

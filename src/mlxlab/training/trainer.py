@@ -25,6 +25,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
+from mlxlab import kernels
 from mlxlab.data.batching import Batching
 from mlxlab.runtime import device, distributed
 from mlxlab.tracking.base import flatten_config
@@ -160,6 +161,7 @@ class Trainer:
         distributed: str | bool = "auto",
         distributed_timeout_s: float = 30.0,
         shard_optimizer: bool = False,
+        fused_kernels: str | bool = "auto",
     ) -> None:
         if max_epochs is None and max_steps is None:
             raise ValueError("set trainer.max_epochs or trainer.max_steps")
@@ -186,6 +188,7 @@ class Trainer:
         self.distributed, self.distributed_timeout_s = distributed, distributed_timeout_s
         self.shard_optimizer = shard_optimizer
         self.world = None  # set in fit()
+        kernels.set_mode(fused_kernels)  # auto | on | off: fused CPU cross-entropy/SwiGLU
         self.optimizer_shards = None
 
     # --- hooks ---------------------------------------------------------------------------
