@@ -4,14 +4,18 @@ Not a test: prints a table (best and median ms over repeats) so we pick the fast
 
     python scripts/bench_kernels.py [--repeats 10] [--threads N] [--torch] [--only ce,attn,...]
 
-Sections: gemm, ce (loss), attn, norm, act, step (mx.compile and bf16 vs fp32). With --torch and
-PyTorch installed (the `bench` extra), the same ops in PyTorch CPU eager for comparison.
+Sections: gemm, ce (loss), attn, norm, act, step (mx.compile and bf16 vs fp32), fused (mlxlab's
+fused CPU kernels vs the pure-MLX ops vs PyTorch, interleaved in one process: issue 12). With
+--torch and PyTorch installed (the `bench` extra), the same ops in PyTorch CPU eager for comparison.
+
+    python scripts/bench_kernels.py --only fused --threads 2 --repeats 20
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -327,6 +331,76 @@ def torch_section() -> None:
     )
 
 
+# ---- fused CPU kernels (mlxlab.kernels) vs pure MLX vs PyTorch, interleaved --------------------
+
+
+def fused_section() -> None:
+    """Each op forward+backward three ways, timed round-robin in one process (the order rotates
+    every round) so a busy machine slows all alike; ratios are medians of per-round ratios."""
+    from mlxlab import kernels
+
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        torch = None
+    print(f"fused  mlxlab.kernels: {kernels.status()}, kernel threads "
+          f"{os.environ.get(kernels.THREADS_ENV) or 'all cores'}")
+    n, vocab, hidden = 16 * 128, 4096, 704  # nano: batch 16 x 128 tokens, SwiGLU width 704
+    logits = mx.random.normal((n, vocab))
+    targets = mx.random.randint(0, vocab, (n,)).astype(mx.int32)
+    weights = mx.ones((n,)) / n
+    gate, up, cot = (mx.random.normal((n, hidden)) for _ in range(3))
+    mx.eval(logits, targets, weights, gate, up, cot)
+
+    def ce_grad(fn):
+        grad = mx.value_and_grad(lambda x: (fn(x, targets) * weights).sum())
+        return lambda: mx.eval(grad(logits))
+
+    def swiglu_grad(fn):
+        grad = mx.value_and_grad(lambda g, u: (fn(g, u) * cot).sum(), argnums=(0, 1))
+        return lambda: mx.eval(grad(gate, up))
+
+    cases = {
+        f"cross-entropy fwd+bwd ({n}x{vocab})": {
+            "fused": ce_grad(kernels.cross_entropy), "mlx": ce_grad(kernels.mlx_cross_entropy),
+        },
+        f"SwiGLU fwd+bwd ({n}x{hidden})": {
+            "fused": swiglu_grad(kernels.swiglu), "mlx": swiglu_grad(lambda g, u: nn.silu(g) * u),
+        },
+    }
+    if torch is not None:
+        tl, tt = torch.tensor(np.array(logits)), torch.tensor(np.array(targets)).long()
+        tg, tu, tc = (torch.tensor(np.array(a)) for a in (gate, up, cot))
+
+        def torch_ce():
+            x = tl.detach().requires_grad_()
+            F.cross_entropy(x, tt).backward()
+
+        def torch_swiglu():
+            g, u = tg.detach().requires_grad_(), tu.detach().requires_grad_()
+            (F.silu(g) * u * tc).sum().backward()
+
+        first, second = cases.values()
+        first["torch"], second["torch"] = torch_ce, torch_swiglu
+    for case, fns in cases.items():
+        names = list(fns)
+        times = {name: [] for name in names}
+        for fn in fns.values():
+            fn(), fn()  # warm-up
+        for r in range(REPEATS):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                start = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - start) * 1e3)
+        for name in names:
+            note = ""
+            if name != "fused":
+                ratio = statistics.median(a / b for a, b in zip(times[name], times["fused"]))
+                note = f"{ratio:.2f}x the fused kernel's time (median of per-round ratios)"
+            row("fused", f"{case} {name}", (min(times[name]), statistics.median(times[name])), note)
+
+
 SECTIONS = {
     "gemm": gemm_section,
     "ce": ce_section,
@@ -334,6 +408,7 @@ SECTIONS = {
     "norm": norm_section,
     "act": act_section,
     "step": step_section,
+    "fused": fused_section,
     "torch": torch_section,
 }
 
@@ -349,6 +424,7 @@ def main() -> None:
     REPEATS = args.repeats
     if args.threads:
         set_blas_threads(args.threads)
+        os.environ["MLXLAB_KERNEL_THREADS"] = str(args.threads)  # read when the kernels load
         try:
             import torch
 
