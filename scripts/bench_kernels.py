@@ -383,6 +383,7 @@ def fused_section() -> None:
 
         first, second = cases.values()
         first["torch"], second["torch"] = torch_ce, torch_swiglu
+    cases["nano training step (16x128 tokens, vocab 3776)"] = nano_steps(kernels)
     for case, fns in cases.items():
         names = list(fns)
         times = {name: [] for name in names}
@@ -399,6 +400,38 @@ def fused_section() -> None:
                 ratio = statistics.median(a / b for a, b in zip(times[name], times["fused"]))
                 note = f"{ratio:.2f}x the fused kernel's time (median of per-round ratios)"
             row("fused", f"{case} {name}", (min(times[name]), statistics.median(times[name])), note)
+
+
+def nano_steps(kernels) -> dict:
+    """One compiled AdamW step of the nano decoder (bench.py's `nano`) with the kernels on and
+    one with them off: the mode is read when mx.compile traces, so each step is traced under its
+    own mode and then both run interleaved."""
+    import mlx.optimizers as optim
+
+    from mlxlab.models.transformer import Transformer
+    from mlxlab.training.losses import task_loss
+
+    ids = mx.random.randint(0, 3776, (16, 129))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mx.ones((16, 128))}
+    steps = {}
+    for name, mode in (("fused", "on"), ("mlx", "off")):
+        mx.random.seed(0)
+        model = Transformer(vocab_size=3776, dim=256, num_layers=4, num_heads=4, max_seq_len=128)
+        opt = optim.AdamW(learning_rate=1e-3)
+        loss_and_grad = nn.value_and_grad(model, task_loss("lm"))
+        state = [model.state, opt.state]
+
+        def step(model=model, opt=opt, loss_and_grad=loss_and_grad):
+            (loss, _), grads = loss_and_grad(model, batch)
+            opt.update(model, grads)
+            return loss
+
+        compiled = mx.compile(step, inputs=state, outputs=state)
+        kernels.set_mode(mode)
+        mx.eval(compiled(), state)  # traced (and compiled) under this mode
+        steps[name] = lambda compiled=compiled, state=state: mx.eval(compiled(), state)
+    kernels.set_mode("auto")
+    return steps
 
 
 SECTIONS = {

@@ -102,6 +102,8 @@ def test_the_fused_path_really_runs():
     assert kernels.status() == "fused"
     assert "MlxlabCrossEntropy" in graph_text(lambda x: kernels.cross_entropy(x, targets), logits)
     assert "MlxlabSwiGLU" in graph_text(lambda x: kernels.swiglu(x, x), logits)
+    q = logits.reshape(1, 1, 4, 8)
+    assert "MlxlabSoftmax" in graph_text(lambda x: kernels.attention(x, x, x, 0.5), q)
     kernels.set_mode("off")
     assert "Mlxlab" not in graph_text(lambda x: kernels.cross_entropy(x, targets), logits)
 
@@ -129,6 +131,43 @@ def test_swiglu_values_and_gradients_equal_mlx(shape, scale):
     fused, ref = both_paths(run, gate, up)
     for got, want in zip(fused, ref):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("b, h, t_q, t_kv, d, masked", [
+    (1, 1, 1, 1, 4, False), (2, 3, 5, 5, 8, True), (2, 2, 3, 11, 16, True), (3, 2, 17, 17, 32, False),
+])
+def test_attention_values_and_gradients_equal_mlx(b, h, t_q, t_kv, d, masked):
+    from mlxlab.models.layers import causal_additive_mask
+
+    ks = mx.random.split(mx.random.key(b * 100 + t_q * 10 + t_kv), 4)
+    q = mx.random.normal((b, h, t_q, d), key=ks[0]) * 2
+    k = mx.random.normal((b, h, t_kv, d), key=ks[1]) * 2
+    v = mx.random.normal((b, h, t_kv, d), key=ks[2])
+    cot = mx.random.normal((b, h, t_q, d), key=ks[3])
+    mask = causal_additive_mask(t_q, t_kv) if masked else None
+    scale = d**-0.5
+
+    def run(q, k, v):
+        fn = mx.value_and_grad(
+            lambda q, k, v: (kernels.attention(q, k, v, scale, mask) * cot).sum(), argnums=(0, 1, 2))
+        value, grads = fn(q, k, v)
+        return kernels.attention(q, k, v, scale, mask), value, *grads
+
+    fused, ref = both_paths(run, q, k, v)
+    for got, want in zip(fused, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_masked_softmax_gradient_reaches_the_mask():
+    module = kernels._load()
+    x, mask = mx.random.normal((2, 3, 4, 6)), mx.random.normal((4, 6))
+    cot = mx.random.normal((2, 3, 4, 6))
+
+    def grads(fn):
+        return mx.grad(lambda x, m: (fn(x, m) * cot).sum(), argnums=(0, 1))(x, mask)
+
+    for got, want in zip(grads(module.softmax), grads(lambda x, m: mx.softmax(x + m, axis=-1))):
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
 
 
 def test_other_dtypes_and_broadcasts_take_the_mlx_path():

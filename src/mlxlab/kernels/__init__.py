@@ -1,8 +1,8 @@
 """Fused CPU kernels (C++ MLX primitives in csrc/) with the pure-MLX formulation as fallback.
 
-Models and losses call `cross_entropy` and `swiglu` here; each call picks the fused primitive or
+Models and losses call `cross_entropy`, `swiglu` and `attention` here; each call picks the fused primitive or
 the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run scalar on one thread, so the
-vocabulary softmax and the SiLU of a small transformer cost several times PyTorch's (see
+vocabulary softmax, the attention softmax and the SiLU of a small transformer cost several times PyTorch's (see
 docs/benchmarks.md, issue 12). The fused kernels do the same math in one vectorized,
 multi-threaded pass, forward and backward (their VJPs are fused kernels too).
 
@@ -123,6 +123,21 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     vocab = logits.shape[-1]
     ce = module.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
     return ce.reshape(targets.shape)
+
+
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None = None
+) -> mx.array:
+    """softmax(q k^T * scale + mask) v over (B, H, T, D) heads, what
+    mx.fast.scaled_dot_product_attention computes. Fused: the two matmuls go to BLAS and the
+    masked softmax (forward and backward) to one kernel, for float32 with no mask or an additive
+    (T_q, T_kv) mask and as many key/value heads as query heads; otherwise MLX's SDPA."""
+    plain_mask = mask is None or (isinstance(mask, mx.array) and mask.ndim == 2)
+    module = _fused(q, k, v, *([mask] if isinstance(mask, mx.array) else []))
+    if module is None or not plain_mask or q.shape[1] != k.shape[1]:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    return module.softmax(scores, mask) @ v
 
 
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:

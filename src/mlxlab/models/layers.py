@@ -65,7 +65,8 @@ def causal_additive_mask(t_q: int, t_kv: int, dtype: mx.Dtype = mx.float32) -> m
 
 class Attention(nn.Module):
     """Multi-head attention (grouped-query when num_kv_heads < num_heads) over
-    `mx.fast.scaled_dot_product_attention`, with optional rotary positions and KV cache."""
+    `mx.fast.scaled_dot_product_attention` (or mlxlab.kernels' fused softmax on CPU), with
+    optional rotary positions and KV cache."""
 
     def __init__(
         self,
@@ -113,7 +114,7 @@ class Attention(nn.Module):
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        o = kernels.attention(q, k, v, self.scale, mask)
         return self.out(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 

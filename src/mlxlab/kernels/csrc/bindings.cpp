@@ -1,5 +1,6 @@
 // Python module of the fused kernels; NB_DOMAIN mlx (CMakeLists.txt) shares mx.array's type.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 
 #include "kernels.h"
 
@@ -22,6 +23,14 @@ NB_MODULE(_mlxlab_kernels, m) {
       "gate"_a,
       "up"_a,
       "silu(gate) * up for float32 arrays of one shape.");
+  m.def(
+      "softmax",
+      [](const mx::array& x, const std::optional<mx::array>& mask) {
+        return mlxlab::softmax(x, mask);
+      },
+      "x"_a,
+      "mask"_a = nb::none(),
+      "softmax(x + mask) over the last axis; mask an additive (T_q, T_kv) array or None.");
   m.def("set_num_threads", &mlxlab::set_num_threads, "n"_a);
   m.def("num_threads", &mlxlab::num_threads);
 }

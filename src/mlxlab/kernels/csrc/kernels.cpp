@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -21,9 +22,9 @@ std::atomic<int> g_threads{0};
 
 // exp(x) for float32, branch-free so that loops over it vectorize: Cody-Waite range reduction
 // x = n ln2 + r and the Cephes degree-6 polynomial for e^r (max rel. error ~2 ulp). Inputs are
-// clamped to [-87.3, 88]: below it returns ~1e-38 instead of a denormal/0, which no sum or
-// product here can tell apart.
+// clamped to [-87.3, 88]; below -87.3 it returns 0 (the true value is a denormal).
 inline float fast_exp(float x) {
+  const float x0 = x;
   // Ternaries, not fmin/fmax: those have NaN rules that block vectorization (a NaN passes
   // through here and comes out NaN).
   x = x < -87.3f ? -87.3f : x;
@@ -39,7 +40,8 @@ inline float fast_exp(float x) {
   p = p * r + 5.0000001201e-1f;
   float y = p * r * r + r + 1.0f;
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return y * std::bit_cast<float>(bits);
+  // Below the clamp the true value is < 1.2e-38: return exactly 0 so a -inf mask gives 0.
+  return x0 < -87.3f ? 0.0f : y * std::bit_cast<float>(bits);
 }
 
 inline float sigmoid(float x) {
@@ -129,6 +131,51 @@ inline void swiglu_grad_span(
     // d silu / dx = sig(x) (1 + x (1 - sig(x)))
     da[i] = gi * b[i] * sg * (1.0f + x * (1.0f - sg));
     db[i] = gi * x * sg;
+  }
+}
+
+// out = softmax(x + mask) of one row (mask may be null): max, then exp written once and summed,
+// then one scaling pass.
+inline void row_softmax(
+    const float* __restrict x, const float* __restrict mask, float* __restrict out, int64_t v) {
+  if (mask) {
+#pragma omp simd
+    for (int64_t j = 0; j < v; ++j) {
+      out[j] = x[j] + mask[j];
+    }
+  } else {
+    std::copy(x, x + v, out);
+  }
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < v; ++j) {
+    m = std::fmax(m, out[j]);
+  }
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < v; ++j) {
+    float e = fast_exp(out[j] - m);
+    out[j] = e;
+    s += e;
+  }
+  float inv = 1.0f / s;
+#pragma omp simd
+  for (int64_t j = 0; j < v; ++j) {
+    out[j] *= inv;
+  }
+}
+
+// ds = p * (dp - sum(p * dp)) of one row: the softmax VJP.
+inline void row_softmax_grad(
+    const float* __restrict p, const float* __restrict dp, float* __restrict ds, int64_t v) {
+  float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < v; ++j) {
+    dot += p[j] * dp[j];
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < v; ++j) {
+    ds[j] = p[j] * (dp[j] - dot);
   }
 }
 
@@ -392,6 +439,95 @@ void SwiGLUGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
 
 void SwiGLUGrad::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
   throw std::runtime_error("MlxlabSwiGLUGrad has no GPU kernel; use the pure-MLX path");
+}
+
+// ---- softmax with an additive mask (attention) ---------------------------------------------
+
+mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask) {
+  check_cpu_float32(x, "softmax");
+  if (x.ndim() < 2) {
+    throw std::invalid_argument("softmax: expected scores (..., T_q, T_kv)");
+  }
+  auto s = mx::to_stream(mx::Device::cpu);
+  std::vector<mx::array> inputs{mx::contiguous(x, false, s)};
+  if (mask) {
+    check_cpu_float32(*mask, "softmax mask");
+    if (mask->ndim() != 2 || mask->shape(0) != x.shape(-2) || mask->shape(1) != x.shape(-1)) {
+      throw std::invalid_argument("softmax: the mask must be (T_q, T_kv) like the scores' last axes");
+    }
+    inputs.push_back(mx::contiguous(*mask, false, s));
+  }
+  return mx::array(x.shape(), mx::float32, std::make_shared<Softmax>(s), std::move(inputs));
+}
+
+void Softmax::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& x = inputs[0];
+  auto& out = outputs[0];
+  alloc(out);
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) {
+    encoder.set_input_array(a);
+  }
+  encoder.set_output_array(out);
+  int64_t v = x.shape(-1), tq = x.shape(-2), rows = x.size() / v;
+  const float* mask = inputs.size() > 1 ? inputs[1].data<float>() : nullptr;
+  encoder.dispatch([px = x.data<float>(), mask, po = out.data<float>(), rows, tq, v]() {
+    parallel_for(rows, v, [=](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        row_softmax(px + i * v, mask ? mask + (i % tq) * v : nullptr, po + i * v, v);
+      }
+    });
+  });
+}
+
+void Softmax::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("MlxlabSoftmax has no GPU kernel; use the pure-MLX path");
+}
+
+std::vector<mx::array> Softmax::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>& outputs) {
+  auto ds = mx::array(
+      outputs[0].shape(),
+      mx::float32,
+      std::make_shared<SoftmaxGrad>(stream()),
+      {outputs[0], mx::contiguous(cotangents[0], false, stream())});
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg == 0) {
+      grads.push_back(ds);
+    } else {
+      // The mask is broadcast over the leading axes: its gradient sums them.
+      auto& mask = primals[1];
+      grads.push_back(mx::sum(mx::reshape(ds, {-1, mask.shape(0), mask.shape(1)}, stream()), 0, false, stream()));
+    }
+  }
+  return grads;
+}
+
+void SoftmaxGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& p = inputs[0];
+  auto& dp = inputs[1];
+  auto& ds = outputs[0];
+  alloc(ds);
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(p);
+  encoder.set_input_array(dp);
+  encoder.set_output_array(ds);
+  int64_t v = p.shape(-1), rows = p.size() / v;
+  encoder.dispatch([pp = p.data<float>(), pd = dp.data<float>(), po = ds.data<float>(), rows, v]() {
+    parallel_for(rows, v, [=](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        row_softmax_grad(pp + i * v, pd + i * v, po + i * v, v);
+      }
+    });
+  });
+}
+
+void SoftmaxGrad::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("MlxlabSoftmaxGrad has no GPU kernel; use the pure-MLX path");
 }
 
 } // namespace mlxlab

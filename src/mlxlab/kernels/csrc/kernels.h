@@ -7,6 +7,8 @@
 // (mlxlab/kernels/__init__.py) sends anything else to the pure-MLX formulation.
 #pragma once
 
+#include <optional>
+
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
@@ -20,6 +22,10 @@ mx::array cross_entropy(const mx::array& logits, const mx::array& targets);
 
 // silu(gate) * up, element-wise; gate and up float32 of one shape.
 mx::array swiglu(const mx::array& gate, const mx::array& up);
+
+// softmax(x + mask) over the last axis: scores (..., T_q, T_kv) float32, mask an optional additive
+// (T_q, T_kv) float32 array broadcast over the leading axes (attention's causal mask).
+mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask);
 
 // Threads the kernels split work over (default: hardware concurrency).
 void set_num_threads(int n);
@@ -83,6 +89,38 @@ class SwiGLUGrad : public mx::Primitive {
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxlabSwiGLUGrad";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return true;
+  }
+};
+
+class Softmax : public mx::Primitive {
+ public:
+  explicit Softmax(mx::Stream stream) : mx::Primitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabSoftmax";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return true;
+  }
+};
+
+// Inputs: softmax output p, cotangent dp -> d scores.
+class SoftmaxGrad : public mx::Primitive {
+ public:
+  explicit SoftmaxGrad(mx::Stream stream) : mx::Primitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabSoftmaxGrad";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     return true;
