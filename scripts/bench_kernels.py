@@ -30,6 +30,7 @@ import numpy as np
 from mlxlab.runtime.blas import blas_threads, set_blas_threads
 
 REPEATS = 10
+COMPILE = False  # --compile: the fused section's per-op rows under mx.compile
 
 
 def bench(fn, *args, repeats: int | None = None) -> tuple[float, float]:
@@ -355,10 +356,12 @@ def fused_section() -> None:
 
     def ce_grad(fn):
         grad = mx.value_and_grad(lambda x: (fn(x, targets) * weights).sum())
+        grad = mx.compile(grad) if COMPILE else grad
         return lambda: mx.eval(grad(logits))
 
     def swiglu_grad(fn):
         grad = mx.value_and_grad(lambda g, u: (fn(g, u) * cot).sum(), argnums=(0, 1))
+        grad = mx.compile(grad) if COMPILE else grad
         return lambda: mx.eval(grad(gate, up))
 
     cases = {
@@ -369,7 +372,29 @@ def fused_section() -> None:
             "fused": swiglu_grad(kernels.swiglu), "mlx": swiglu_grad(lambda g, u: nn.silu(g) * u),
         },
     }
+    q, k, v = (mx.random.normal((16, 4, 128, 64)) for _ in range(3))  # nano's heads
+    causal = mx.where(mx.tril(mx.ones((128, 128))) > 0, 0.0, -mx.inf)
+    mx.eval(q, k, v, causal)
+
+    def attn_grad(fn):
+        grad = mx.value_and_grad(lambda q, k, v: fn(q, k, v).sum(), argnums=(0, 1, 2))
+        grad = mx.compile(grad) if COMPILE else grad
+        return lambda: mx.eval(grad(q, k, v))
+
+    cases["causal attention fwd+bwd (16x4x128x64)"] = {
+        "fused": attn_grad(lambda q, k, v: kernels.attention(q, k, v, 0.125, causal)),
+        "mlx": attn_grad(
+            lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=causal)
+        ),
+    }
     if torch is not None:
+        tq, tk, tv = (torch.tensor(np.array(a)) for a in (q, k, v))
+
+        def torch_attn():
+            a, b, c = (t.detach().requires_grad_() for t in (tq, tk, tv))
+            F.scaled_dot_product_attention(a, b, c, is_causal=True).sum().backward()
+
+        cases["causal attention fwd+bwd (16x4x128x64)"]["torch"] = torch_attn
         tl, tt = torch.tensor(np.array(logits)), torch.tensor(np.array(targets)).long()
         tg, tu, tc = (torch.tensor(np.array(a)) for a in (gate, up, cot))
 
@@ -381,7 +406,7 @@ def fused_section() -> None:
             g, u = tg.detach().requires_grad_(), tu.detach().requires_grad_()
             (F.silu(g) * u * tc).sum().backward()
 
-        first, second = cases.values()
+        first, second, _ = cases.values()
         first["torch"], second["torch"] = torch_ce, torch_swiglu
     cases["nano training step (16x128 tokens, vocab 3776)"] = nano_steps(kernels)
     for case, fns in cases.items():
@@ -447,14 +472,16 @@ SECTIONS = {
 
 
 def main() -> None:
-    global REPEATS
+    global REPEATS, COMPILE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--threads", type=int, default=None, help="OpenBLAS threads")
     parser.add_argument("--torch", action="store_true", help="also time PyTorch CPU eager")
+    parser.add_argument("--compile", action="store_true",
+                        help="fused section: mx.compile the per-op MLX functions (PyTorch stays eager)")
     parser.add_argument("--only", default=",".join(k for k in SECTIONS if k != "torch"))
     args = parser.parse_args()
-    REPEATS = args.repeats
+    REPEATS, COMPILE = args.repeats, args.compile
     if args.threads:
         set_blas_threads(args.threads)
         os.environ["MLXLAB_KERNEL_THREADS"] = str(args.threads)  # read when the kernels load
