@@ -1,9 +1,9 @@
 // Fused CPU kernels for mlxlab: custom MLX primitives with eval_cpu and VJPs.
 //
 // Why: on x86, MLX's CPU element-wise transcendentals (exp, sigmoid) run scalar and on one thread,
-// so the softmax cross-entropy and SiLU of a small transformer cost several times PyTorch's. These
-// primitives do the same math in one pass per row/chunk, with a branch-free exp the compiler
-// vectorizes (AVX2/AVX-512/NEON), split over threads. Float32 only; the Python dispatch
+// so the softmax cross-entropy, attention softmax and SiLU of a small transformer cost several
+// times PyTorch's. These primitives do the same math in one pass per row/chunk, with a
+// branch-free exp the compiler vectorizes (AVX2/AVX-512/NEON), split over threads. Float32 only; the Python dispatch
 // (mlxlab/kernels/__init__.py) sends anything else to the pure-MLX formulation.
 #pragma once
 
