@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -200,7 +201,7 @@ def test_training_steps_equal_with_kernels_on_and_off(make_cfg, tmp_path):
     from mlxlab.config import instantiate
     from mlxlab.data.batching import Batching
     from mlxlab.train import seed_everything
-    from mlxlab.training.optim import build_optimizer
+    from mlxlab.training.optim import default_optimizer
     from mlxlab.training.trainer import Trainer
 
     cfg = make_cfg("experiment=tinystories_nano", "tracking=none", "model.dim=64",
@@ -213,8 +214,9 @@ def test_training_steps_equal_with_kernels_on_and_off(make_cfg, tmp_path):
     for mode in ("on", "off"):
         seed_everything(0)
         model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
-        trainer = Trainer(fused_kernels=mode, max_steps=6)
-        opt = build_optimizer("adamw", 3e-3, total_steps=6)
+        trainer = Trainer(optimizer=partial(default_optimizer(), learning_rate=3e-3), max_steps=6,
+                          fused_kernels=mode)
+        opt = trainer.build_optimizer(total_steps=6)
         opt.init(model.trainable_parameters())
         step = trainer.make_step(model, opt, losses.task_loss("lm"))
         step_losses = [step([b])[0].item() for b in batches]

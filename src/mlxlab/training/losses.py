@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab import kernels
+from mlxlab.errors import ConfigError
 
 Batch = dict[str, mx.array]
 LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]
@@ -53,7 +54,7 @@ def task_loss(task: str, label_smoothing: float = 0.0) -> LossFn:
     """Cross-entropy against batch["labels"]: per example (classification) or per scored token
     (lm). `aux["ntokens"]` is the count the mean is over."""
     if task not in ("classification", "lm"):
-        raise ValueError(f"unknown data task {task!r}: expected 'classification' or 'lm'")
+        raise ConfigError(f"unknown data task {task!r}: expected 'classification' or 'lm'")
 
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
         ce = token_cross_entropy(forward(model, batch), batch["labels"], label_smoothing)
@@ -76,10 +77,10 @@ def teacher_probabilities(
     """batch -> the teachers' softened distributions softmax(logits / T), averaged with `weights`,
     under stop_gradient (no gradient is ever computed for a teacher)."""
     if not teachers:
-        raise ValueError("distillation needs at least one teacher: set trainer.distill.teachers")
+        raise ConfigError("distillation needs at least one teacher: set trainer.distill.teachers")
     w = list(weights) if weights else [1.0] * len(teachers)
     if len(w) != len(teachers):
-        raise ValueError(f"{len(teachers)} teachers but {len(w)} weights in trainer.distill.teachers")
+        raise ConfigError(f"{len(teachers)} teachers but {len(w)} weights in trainer.distill.teachers")
     w = [x / float(sum(w)) for x in w]
 
     def probs(batch: Batch) -> mx.array:
