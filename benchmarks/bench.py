@@ -28,7 +28,9 @@ no framework's threads, caches or memory high-water mark leak into the next one:
             tokens, the same batch shape), in the same rounds. When the torch row and it
             disagree by more than the noise, no PyTorch ratio is printed and the exit code is 1.
 Variants of the mlxlab row (--variants) locate the framework overhead: `bare` (tracking=none,
-no progress bar), `replay` (the saved batches instead of the live data pipeline).
+no progress bar), `replay` (the saved batches instead of the live data pipeline), `nokernels`
+(trainer.fused_kernels=off: the pure-MLX cross-entropy and SwiGLU instead of the fused CPU
+kernels of mlxlab.kernels, which every other MLX row uses when they build; issue 12).
 
 Noise: a shared machine slows whole processes for a while (the same worker measured 79 and 110 ms
 a step minutes apart), so every row runs --repeats times in interleaved rounds (round order
@@ -71,6 +73,7 @@ from bench_common import (
     rss_mb,
     save_batches,
 )
+from mlxlab import kernels as mlxlab_kernels
 from mlxlab.runtime.blas import blas_threads, set_blas_threads
 
 # name -> (experiment preset, what one example is, default timed steps). The step counts give
@@ -80,7 +83,7 @@ MODELS = {
     "tiny": ("tinystories_tiny", "tokens", 20),
     "bert": ("titanic_bert", "samples", 200),
 }
-VARIANTS = ("bare", "replay")
+VARIANTS = ("bare", "replay", "nokernels")
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
@@ -105,6 +108,7 @@ def machine_info(threads: int) -> dict:
         "mlx": mx.__version__,
         "blas": f"{mlxlab.blas.status}: {mlxlab.blas.library} ({mlxlab.blas.detail})",
         "threads": threads,
+        "kernels": mlxlab_kernels.status(),
     }
     try:
         import torch
@@ -231,6 +235,8 @@ def worker_mlxlab(spec: dict) -> dict:
     overrides = [*spec["overrides"], OVERRIDE]  # the step clock, as a callback of the run's config
     if spec["variant"] == "bare":
         overrides += ["tracking=none", "callbacks.progress.enabled=false"]
+    if spec["variant"] == "nokernels":
+        overrides += ["trainer.fused_kernels=off"]
     cfg = compose(root, overrides)
     RECORD["clock"] = clock
     rec: dict = {"times": RECORD["times"], "evals": RECORD["evals"], "shapes": [], "batches": []}
@@ -556,6 +562,10 @@ def ratios(rows: list[dict]) -> list[tuple[str, float, float, float | None]]:
         for variant in VARIANTS:
             if (v := by.get((model, f"mlxlab:{variant}"))) and minimal:
                 pair(f"{model}: mlxlab:{variant} / minimal MLX loop", v, minimal)
+        if (plain := by.get((model, "mlxlab:nokernels"))) and stack:
+            pair(f"{model}: mlxlab / mlxlab:nokernels (fused kernels' effect)", stack, plain)
+        if plain and torch:
+            pair(f"{model}: mlxlab:nokernels / PyTorch eager", plain, torch)
         if minimal and torch:
             pair(f"{model}: minimal MLX loop / PyTorch eager", minimal, torch)
         if stack and torch:
@@ -600,7 +610,8 @@ def report(info: dict, gemm: list[dict], rows: list[dict], ratio_rows: list[tupl
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, "
         f"MLX {info['mlx']}, PyTorch {info['torch'] or '-'}; BLAS {info['blas']}; "
-        f"threads: {info['threads']} (OpenBLAS, numpy, torch.set_num_threads); "
+        f"threads: {info['threads']} (OpenBLAS, numpy, torch.set_num_threads, mlxlab.kernels); "
+        f"fused kernels: {info['kernels']}; "
         f"warmup {args.warmup} steps, then timed steps (the table's count); {args.repeats} interleaved "
         f"round{'s' if args.repeats > 1 else ''} of every row; "
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}",
@@ -723,6 +734,7 @@ def main() -> None:
     from threadpoolctl import threadpool_limits
 
     set_blas_threads(args.threads)
+    os.environ["MLXLAB_KERNEL_THREADS"] = str(args.threads)  # the workers' fused kernels too
     with threadpool_limits(limits=args.threads):  # numpy's own OpenBLAS too
         info = machine_info(args.threads)
         print(f"BLAS threads: mlx {blas_threads()}, requested {args.threads}", file=sys.stderr)

@@ -4,14 +4,18 @@ Not a test: prints a table (best and median ms over repeats) so we pick the fast
 
     python benchmarks/bench_kernels.py [--repeats 10] [--threads N] [--torch] [--only ce,attn,...]
 
-Sections: gemm, ce (loss), attn, norm, act, step (mx.compile and bf16 vs fp32). With --torch and
-PyTorch installed (the `bench` extra), the same ops in PyTorch CPU eager for comparison.
+Sections: gemm, ce (loss), attn, norm, act, step (mx.compile and bf16 vs fp32), fused (mlxlab's
+fused CPU kernels vs the pure-MLX ops vs PyTorch, interleaved in one process: issue 12). With
+--torch and PyTorch installed (the `bench` extra), the same ops in PyTorch CPU eager for comparison.
+
+    python benchmarks/bench_kernels.py --only fused --threads 2 --repeats 20
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -26,6 +30,7 @@ import numpy as np
 from mlxlab.runtime.blas import blas_threads, set_blas_threads
 
 REPEATS = 10
+COMPILE = False  # --compile: the fused section's per-op rows under mx.compile
 
 
 def bench(fn, *args, repeats: int | None = None) -> tuple[float, float]:
@@ -327,6 +332,133 @@ def torch_section() -> None:
     )
 
 
+# ---- fused CPU kernels (mlxlab.kernels) vs pure MLX vs PyTorch, interleaved --------------------
+
+
+def fused_section() -> None:
+    """Each op forward+backward three ways, timed round-robin in one process (the order rotates
+    every round) so a busy machine slows all alike; ratios are medians of per-round ratios."""
+    from mlxlab import kernels
+
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        torch = None
+    print(f"fused  mlxlab.kernels: {kernels.status()}, kernel threads "
+          f"{os.environ.get(kernels.THREADS_ENV) or 'all cores'}")
+    n, vocab, hidden = 16 * 128, 4096, 704  # nano: batch 16 x 128 tokens, SwiGLU width 704
+    logits = mx.random.normal((n, vocab))
+    targets = mx.random.randint(0, vocab, (n,)).astype(mx.int32)
+    weights = mx.ones((n,)) / n
+    gate, up, cot = (mx.random.normal((n, hidden)) for _ in range(3))
+    mx.eval(logits, targets, weights, gate, up, cot)
+
+    def ce_grad(fn):
+        grad = mx.value_and_grad(lambda x: (fn(x, targets) * weights).sum())
+        grad = mx.compile(grad) if COMPILE else grad
+        return lambda: mx.eval(grad(logits))
+
+    def swiglu_grad(fn):
+        grad = mx.value_and_grad(lambda g, u: (fn(g, u) * cot).sum(), argnums=(0, 1))
+        grad = mx.compile(grad) if COMPILE else grad
+        return lambda: mx.eval(grad(gate, up))
+
+    cases = {
+        f"cross-entropy fwd+bwd ({n}x{vocab})": {
+            "fused": ce_grad(kernels.cross_entropy), "mlx": ce_grad(kernels.mlx_cross_entropy),
+        },
+        f"SwiGLU fwd+bwd ({n}x{hidden})": {
+            "fused": swiglu_grad(kernels.swiglu), "mlx": swiglu_grad(lambda g, u: nn.silu(g) * u),
+        },
+    }
+    q, k, v = (mx.random.normal((16, 4, 128, 64)) for _ in range(3))  # nano's heads
+    causal = mx.where(mx.tril(mx.ones((128, 128))) > 0, 0.0, -mx.inf)
+    mx.eval(q, k, v, causal)
+
+    def attn_grad(fn):
+        grad = mx.value_and_grad(lambda q, k, v: fn(q, k, v).sum(), argnums=(0, 1, 2))
+        grad = mx.compile(grad) if COMPILE else grad
+        return lambda: mx.eval(grad(q, k, v))
+
+    cases["causal attention fwd+bwd (16x4x128x64)"] = {
+        "fused": attn_grad(lambda q, k, v: kernels.attention(q, k, v, 0.125, causal)),
+        "mlx": attn_grad(
+            lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=causal)
+        ),
+    }
+    if torch is not None:
+        tq, tk, tv = (torch.tensor(np.array(a)) for a in (q, k, v))
+
+        def torch_attn():
+            a, b, c = (t.detach().requires_grad_() for t in (tq, tk, tv))
+            F.scaled_dot_product_attention(a, b, c, is_causal=True).sum().backward()
+
+        cases["causal attention fwd+bwd (16x4x128x64)"]["torch"] = torch_attn
+        tl, tt = torch.tensor(np.array(logits)), torch.tensor(np.array(targets)).long()
+        tg, tu, tc = (torch.tensor(np.array(a)) for a in (gate, up, cot))
+
+        def torch_ce():
+            x = tl.detach().requires_grad_()
+            F.cross_entropy(x, tt).backward()
+
+        def torch_swiglu():
+            g, u = tg.detach().requires_grad_(), tu.detach().requires_grad_()
+            (F.silu(g) * u * tc).sum().backward()
+
+        first, second, _ = cases.values()
+        first["torch"], second["torch"] = torch_ce, torch_swiglu
+    cases["nano training step (16x128 tokens, vocab 3776)"] = nano_steps(kernels)
+    for case, fns in cases.items():
+        names = list(fns)
+        times = {name: [] for name in names}
+        for fn in fns.values():
+            fn(), fn()  # warm-up
+        for r in range(REPEATS):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                start = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - start) * 1e3)
+        for name in names:
+            note = ""
+            if name != "fused":
+                ratio = statistics.median(a / b for a, b in zip(times[name], times["fused"]))
+                note = f"{ratio:.2f}x the fused kernel's time (median of per-round ratios)"
+            row("fused", f"{case} {name}", (min(times[name]), statistics.median(times[name])), note)
+
+
+def nano_steps(kernels) -> dict:
+    """One compiled AdamW step of the nano decoder (bench.py's `nano`) with the kernels on and
+    one with them off: the mode is read when mx.compile traces, so each step is traced under its
+    own mode and then both run interleaved."""
+    import mlx.optimizers as optim
+
+    from mlxlab.models.transformer import Transformer
+    from mlxlab.training.losses import task_loss
+
+    ids = mx.random.randint(0, 3776, (16, 129))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mx.ones((16, 128))}
+    steps = {}
+    for name, mode in (("fused", "on"), ("mlx", "off")):
+        mx.random.seed(0)
+        model = Transformer(vocab_size=3776, dim=256, num_layers=4, num_heads=4, max_seq_len=128)
+        opt = optim.AdamW(learning_rate=1e-3)
+        loss_and_grad = nn.value_and_grad(model, task_loss("lm"))
+        state = [model.state, opt.state]
+
+        def step(model=model, opt=opt, loss_and_grad=loss_and_grad):
+            (loss, _), grads = loss_and_grad(model, batch)
+            opt.update(model, grads)
+            return loss
+
+        compiled = mx.compile(step, inputs=state, outputs=state)
+        kernels.set_mode(mode)
+        mx.eval(compiled(), state)  # traced (and compiled) under this mode
+        steps[name] = lambda compiled=compiled, state=state: mx.eval(compiled(), state)
+    kernels.set_mode("auto")
+    return steps
+
+
 SECTIONS = {
     "gemm": gemm_section,
     "ce": ce_section,
@@ -334,21 +466,25 @@ SECTIONS = {
     "norm": norm_section,
     "act": act_section,
     "step": step_section,
+    "fused": fused_section,
     "torch": torch_section,
 }
 
 
 def main() -> None:
-    global REPEATS
+    global REPEATS, COMPILE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--threads", type=int, default=None, help="OpenBLAS threads")
     parser.add_argument("--torch", action="store_true", help="also time PyTorch CPU eager")
+    parser.add_argument("--compile", action="store_true",
+                        help="fused section: mx.compile the per-op MLX functions (PyTorch stays eager)")
     parser.add_argument("--only", default=",".join(k for k in SECTIONS if k != "torch"))
     args = parser.parse_args()
-    REPEATS = args.repeats
+    REPEATS, COMPILE = args.repeats, args.compile
     if args.threads:
         set_blas_threads(args.threads)
+        os.environ["MLXLAB_KERNEL_THREADS"] = str(args.threads)  # read when the kernels load
         try:
             import torch
 

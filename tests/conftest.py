@@ -152,3 +152,12 @@ def tiny_lm_run(tmp_path_factory):
     metrics = train(cfg)
     GlobalHydra.instance().clear()
     return Path(cfg.paths.output_dir), metrics, firsts
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fused_kernels_built():
+    """Build mlxlab's fused CPU kernels before the first test (a fresh machine compiles them
+    once, ~1-2 min), so no subprocess test's timeout pays for it; later runs load the cache."""
+    from mlxlab import kernels
+
+    kernels.status()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxlab import kernels
 from mlxlab.errors import ConfigError
 
 
@@ -65,7 +66,8 @@ def causal_additive_mask(t_q: int, t_kv: int, dtype: mx.Dtype = mx.float32) -> m
 
 class Attention(nn.Module):
     """Multi-head attention (grouped-query when num_kv_heads < num_heads) over
-    `mx.fast.scaled_dot_product_attention`, with optional rotary positions and KV cache."""
+    `mx.fast.scaled_dot_product_attention` (or mlxlab.kernels' fused softmax on CPU), with
+    optional rotary positions and KV cache."""
 
     def __init__(
         self,
@@ -113,7 +115,7 @@ class Attention(nn.Module):
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        o = kernels.attention(q, k, v, self.scale, mask)
         return self.out(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
@@ -127,7 +129,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden_dim, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down(nn.silu(self.gate(x)) * self.up(x))
+        return self.down(kernels.swiglu(self.gate(x), self.up(x)))
 
 
 class GeluMLP(nn.Module):

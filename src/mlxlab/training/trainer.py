@@ -26,6 +26,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
+from mlxlab import kernels
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError, UserError
@@ -179,6 +180,7 @@ class Trainer:
         monitor_mode: str = "max",
         distill: DistillConfig | None = None,
         distributed: DistributedConfig | None = None,
+        fused_kernels: str | bool = "auto",
     ) -> None:
         if max_epochs is None and max_steps is None:
             raise ConfigError("set trainer.max_epochs or trainer.max_steps")
@@ -199,6 +201,7 @@ class Trainer:
         self.distributed = distributed or DistributedConfig()
         self.world = None  # set in fit()
         self.steps_per_epoch: int | None = None  # set in plan()
+        kernels.set_mode(fused_kernels)  # auto | on | off: fused CPU cross-entropy/SwiGLU
         self.optimizer_shards = None
 
     @property

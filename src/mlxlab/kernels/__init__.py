@@ -1,0 +1,148 @@
+"""Fused CPU kernels (C++ MLX primitives in csrc/) with the pure-MLX formulation as fallback.
+
+Models and losses call `cross_entropy`, `swiglu` and `attention` here; each call picks the fused primitive or
+the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run scalar on one thread, so the
+vocabulary softmax, the attention softmax and the SiLU of a small transformer cost several times PyTorch's (see
+docs/benchmarks.md, issue 12). The fused kernels do the same math in one vectorized,
+multi-threaded pass, forward and backward (their VJPs are fused kernels too).
+
+Mode (`trainer.fused_kernels`, or $MLXLAB_FUSED_KERNELS for scripts):
+  auto  fused on the CPU when the extension builds; otherwise, with one log line, pure MLX
+  on    fused on the CPU; an error when the extension cannot be built
+  off   pure MLX always
+The fused path runs only when MLX's default device is the CPU and the inputs are float32; GPU
+runs and other dtypes take the MLX ops silently. The first use on a machine compiles the
+extension (about a minute, build.py); later processes load the cached build.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import ModuleType
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxlab.kernels.build import KernelBuildError, load
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "on", "off")
+ENV = "MLXLAB_FUSED_KERNELS"
+THREADS_ENV = "MLXLAB_KERNEL_THREADS"
+
+_mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def set_mode(value: str | bool) -> None:
+    """auto | on | off (YAML's on/off arrive as booleans). `on` builds now and raises if it can't."""
+    global _mode
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    value = str(value).strip().lower()
+    if value not in MODES:
+        raise ValueError(f"fused_kernels={value!r}: expected one of {', '.join(MODES)}")
+    _mode = value
+    if value == "on":
+        _load()
+
+
+def mode() -> str:
+    return _mode
+
+
+def status() -> str:
+    """'fused' (the kernels run on CPU calls), 'off', or 'unavailable: <why>'."""
+    if _mode == "off":
+        return "off"
+    return "fused" if _load() is not None else f"unavailable: {_error}"
+
+
+def _threads() -> int:
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if env:
+        return max(1, int(env))
+    try:
+        return len(os.sched_getaffinity(0))  # respects taskset/cpusets, unlike os.cpu_count()
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _load() -> ModuleType | None:
+    """The compiled module, built on first use; None (logged once) when it cannot be had."""
+    global _module, _error
+    if _module is None and _error is None:
+        try:
+            module = load(log.warning)
+            module.set_num_threads(_threads())
+            # MLX and the module must agree on nanobind's ABI to pass mx.array; check it once.
+            module.swiglu(mx.zeros((1,)), mx.zeros((1,)))
+            _module = module
+        except (KernelBuildError, TypeError) as exc:
+            _error = str(exc).splitlines()[0]
+            if _mode == "auto":
+                log.warning(
+                    "mlxlab.kernels: fused CPU kernels unavailable (%s); using pure-MLX ops "
+                    "(set trainer.fused_kernels=off to skip the attempt)", _error,
+                )
+    if _module is None and _mode == "on":
+        raise RuntimeError(
+            f"trainer.fused_kernels=on but the fused CPU kernels are unavailable ({_error}); "
+            "fix that or use trainer.fused_kernels=auto"
+        )
+    return _module
+
+
+def _fused(*arrays: mx.array) -> ModuleType | None:
+    """The module when this call should take the fused path."""
+    if _mode == "off" or mx.default_device() != mx.cpu:
+        return None
+    if any(a.dtype != mx.float32 for a in arrays):
+        return None
+    return _load()
+
+
+def mlx_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """The pure-MLX per-row cross-entropy: a max-shifted log-sum-exp minus the target logit (on
+    MLX's CPU backend `exp` is the slow op, and this form runs it once forward and reuses it
+    backward: 2x faster than nn.losses.cross_entropy, see benchmarks/bench_kernels.py)."""
+    shift = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    lse = mx.log(mx.exp(logits - shift).sum(axis=-1)) + shift.squeeze(-1)
+    return lse - mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+
+
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Cross-entropy over the last axis, no reduction: logits (..., V) as float32, targets (...)."""
+    logits = logits.astype(mx.float32)
+    module = _fused(logits)
+    if module is None:
+        return mlx_cross_entropy(logits, targets)
+    vocab = logits.shape[-1]
+    ce = module.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+    return ce.reshape(targets.shape)
+
+
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None = None
+) -> mx.array:
+    """softmax(q k^T * scale + mask) v over (B, H, T, D) heads, what
+    mx.fast.scaled_dot_product_attention computes. Fused: the two matmuls go to BLAS and the
+    masked softmax (forward and backward) to one kernel, for float32 with no mask or an additive
+    (T_q, T_kv) mask and as many key/value heads as query heads; otherwise MLX's SDPA."""
+    plain_mask = mask is None or (isinstance(mask, mx.array) and mask.ndim == 2)
+    module = _fused(q, k, v, *([mask] if isinstance(mask, mx.array) else []))
+    if module is None or not plain_mask or q.shape[1] != k.shape[1]:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    return module.softmax(scores, mask) @ v
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up, the Llama MLP's activation."""
+    module = _fused(gate, up) if gate.shape == up.shape else None
+    if module is None:
+        return nn.silu(gate) * up
+    return module.swiglu(gate, up)

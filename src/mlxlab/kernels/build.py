@@ -1,0 +1,171 @@
+"""Build the fused CPU kernels (csrc/) once per machine and load them.
+
+The extension is compiled with CMake + Ninja against the CMake configs the installed wheels ship:
+MLX's (headers, libmlx) and nanobind's (the binding library MLX's own Python module is built
+with, so both share mx.array's type). `-march=native` makes the binary specific to the CPU, so the
+cache key holds the CPU's feature flags next to the sources', MLX's, nanobind's and Python's
+versions: a home directory shared by different machines gets one build per kind of CPU.
+
+Where: $MLXLAB_KERNELS_CACHE, else $XDG_CACHE_HOME/mlxlab/kernels, else ~/.cache/mlxlab/kernels.
+Prebuild (e.g. in a Docker image): `python -m mlxlab.kernels build`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+
+SRC = Path(__file__).parent / "csrc"
+MODULE = "_mlxlab_kernels"
+BUILD_TIMEOUT_S = 900
+
+
+class KernelBuildError(RuntimeError):
+    """The extension could not be built or loaded here; the message says why in one line."""
+
+
+def cache_root() -> Path:
+    env = os.environ.get("MLXLAB_KERNELS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mlxlab" / "kernels"
+
+
+def unsupported_reason() -> str | None:
+    """Why this platform gets no build (None: try). The kernels are CPU code for Linux and macOS
+    on x86-64 and ARM64; elsewhere the pure-MLX path runs."""
+    machine = platform.machine().lower()
+    if sys.platform not in ("linux", "darwin"):
+        return f"platform {sys.platform} (fused kernels build on Linux and macOS)"
+    if machine not in ("x86_64", "amd64", "aarch64", "arm64"):
+        return f"CPU architecture {machine} (fused kernels build for x86-64 and ARM64)"
+    for tool in ("cmake", "ninja"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not on PATH (install it, e.g. apt-get install cmake ninja-build)"
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def build_key() -> str:
+    import mlx.core as mx
+
+    digest = hashlib.sha256()
+    for path in sorted(SRC.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    for part in (mx.__version__, _version("nanobind"), sys.version, platform.machine(), _cpu_flags()):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def _module_file(directory: Path) -> Path | None:
+    found = sorted(directory.glob(f"{MODULE}*.so")) if directory.is_dir() else []
+    return found[0] if found else None
+
+
+def build(log=None) -> Path:
+    """Path of the compiled module for this machine, building it first when the cache has none.
+
+    Concurrent processes (a sweep's jobs, distributed ranks) take a file lock: one builds, the
+    others wait and load its result. A failed build raises KernelBuildError naming the log."""
+    reason = unsupported_reason()
+    if reason:
+        raise KernelBuildError(reason)
+    root = cache_root()
+    target = root / build_key()
+    existing = _module_file(target)
+    if existing:
+        return existing
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        existing = _module_file(target)
+        if existing:
+            return existing
+        if log:
+            log(f"mlxlab.kernels: compiling the fused CPU kernels once for this machine into {target}")
+        started = time.perf_counter()
+        work = Path(tempfile.mkdtemp(prefix="build-", dir=root))
+        log_file = root / "last-build.log"
+        try:
+            _cmake(work, log_file)
+            built = _module_file(work)
+            if built is None:
+                raise KernelBuildError(f"the build produced no {MODULE} module; see {log_file}")
+            staged = root / f".staged-{os.getpid()}"
+            staged.mkdir(exist_ok=True)
+            shutil.copy2(built, staged / built.name)
+            os.replace(staged, target)  # atomic: readers see the whole directory or none
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if log:
+            log(f"mlxlab.kernels: built in {time.perf_counter() - started:.0f} s")
+    return _module_file(target)
+
+
+def _cmake(work: Path, log_file: Path) -> None:
+    import mlx.core as mx
+
+    try:
+        import nanobind
+    except ImportError as exc:
+        raise KernelBuildError("nanobind is not installed (pip install nanobind)") from exc
+    mlx_prefix = Path(mx.__file__).parent  # holds share/cmake/MLX, include/, lib/libmlx
+    configure = [
+        "cmake", "-G", "Ninja", "-S", str(SRC), "-B", str(work),
+        "-DCMAKE_BUILD_TYPE=Release",
+        f"-DPython_EXECUTABLE={sys.executable}",
+        f"-Dnanobind_DIR={nanobind.cmake_dir()}",
+        f"-DCMAKE_PREFIX_PATH={mlx_prefix}",
+    ]
+    with open(log_file, "w") as out:
+        for cmd in (configure, ["cmake", "--build", str(work)]):
+            out.write("$ " + " ".join(cmd) + "\n")
+            out.flush()
+            try:
+                done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                      timeout=BUILD_TIMEOUT_S, check=False)
+            except subprocess.TimeoutExpired as exc:
+                raise KernelBuildError(f"the build ran past {BUILD_TIMEOUT_S} s; see {log_file}") from exc
+            if done.returncode != 0:
+                raise KernelBuildError(f"`{cmd[0]} {cmd[1]}` failed; see {log_file}")
+
+
+def load(log=None) -> ModuleType:
+    """Build if needed and import the compiled module."""
+    path = build(log)
+    spec = importlib.util.spec_from_file_location(MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as exc:
+        raise KernelBuildError(f"cannot import {path}: {exc}") from exc
+    return module

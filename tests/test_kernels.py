@@ -1,0 +1,250 @@
+"""The fused CPU kernels (mlxlab.kernels) equal the pure-MLX formulation: values and gradients,
+on odd sizes, large logits, masked and ignored rows; a training step with them on equals one
+with them off; a machine that cannot build them falls back with one log line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlxlab import kernels
+from mlxlab.kernels import build
+from mlxlab.training import losses
+
+PYTHON = sys.executable
+
+
+@pytest.fixture(autouse=True)
+def fused_on():
+    """Every test here needs the built kernels (a build failure fails, not skips, on a platform
+    the kernels support) and leaves the mode as it found it."""
+    reason = build.unsupported_reason()
+    if reason:
+        pytest.skip(f"fused kernels not built here: {reason}")
+    before = kernels.mode()
+    kernels.set_mode("on")
+    yield
+    kernels.set_mode(before)
+
+
+def both_paths(fn, *args):
+    """fn(*args) with the kernels on, then off: two lists of numpy arrays."""
+    out = []
+    for mode in ("on", "off"):
+        kernels.set_mode(mode)
+        out.append([np.array(a) for a in fn(*args)])
+    kernels.set_mode("on")
+    return out
+
+
+def ce_value_and_grad(logits, targets, weights):
+    def loss(x):
+        return (kernels.cross_entropy(x, targets) * weights).sum()
+
+    value, grad = mx.value_and_grad(loss)(logits)
+    return kernels.cross_entropy(logits, targets), value, grad
+
+
+@pytest.mark.parametrize(
+    "shape, scale",
+    [((1, 1), 1.0), ((3, 17), 1.0), ((5, 1001), 4.0), ((2, 7, 333), 1.0), ((64, 515), 80.0)],
+)
+def test_cross_entropy_values_and_gradients_equal_mlx(shape, scale):
+    key = mx.random.key(hash(shape) % 1000)
+    k1, k2, k3 = mx.random.split(key, 3)
+    logits = mx.random.normal(shape, key=k1) * scale + 3.0  # large, shifted logits included
+    targets = mx.random.randint(0, shape[-1], shape[:-1], key=k2).astype(mx.int32)
+    # Loss weights with masked rows (0): what masked_mean's cotangent looks like.
+    weights = mx.random.uniform(shape=shape[:-1], key=k3) * (mx.random.uniform(shape=shape[:-1]) > 0.3)
+    fused, ref = both_paths(ce_value_and_grad, logits, targets, weights)
+    for got, want in zip(fused, ref):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * scale)
+    assert fused[2].shape == shape
+
+
+def test_cross_entropy_ignores_out_of_range_targets_and_keeps_nan():
+    logits = mx.random.normal((4, 9))
+    targets = mx.array([1, -1, 9, 3], dtype=mx.int32)
+    ce, _, grad = ce_value_and_grad(logits, targets, mx.ones((4,)))
+    ce, grad = np.array(ce), np.array(grad)
+    assert ce[1] == 0 and ce[2] == 0 and ce[0] > 0 and ce[3] > 0
+    assert not grad[1].any() and not grad[2].any()
+    np.testing.assert_allclose(grad[0].sum(), 0.0, atol=1e-6)  # softmax - onehot sums to 0
+    bad = mx.where(mx.arange(9) == 4, mx.array(float("nan")), logits)
+    assert np.isnan(np.array(kernels.cross_entropy(bad, mx.array([1, 2, 3, 0])))).all()
+
+
+def test_cross_entropy_is_fused_compiles_and_takes_int64_targets():
+    logits = mx.random.normal((6, 50))
+    targets = mx.random.randint(0, 50, (6,))
+    fn = mx.compile(mx.value_and_grad(lambda x: kernels.cross_entropy(x, targets).mean()))
+    value, grad = fn(logits)
+    want = kernels.mlx_cross_entropy(logits, targets).mean()
+    assert value.item() == pytest.approx(want.item(), rel=1e-5)
+    kernels.set_mode("off")
+    np.testing.assert_allclose(np.array(fn(logits)[1]), np.array(grad), atol=1e-6)
+    kernels.set_mode("on")
+    hit = kernels.cross_entropy(logits, targets.astype(mx.int64))
+    np.testing.assert_allclose(np.array(hit), np.array(kernels.mlx_cross_entropy(logits, targets)),
+                               rtol=1e-5)
+
+
+def test_the_fused_path_really_runs():
+    """A fused graph holds the extension's primitive, the fallback MLX's ops (checked through the
+    exported graph text, so a silent fallback cannot pass the equality tests above as 'fused')."""
+    logits, targets = mx.random.normal((4, 8)), mx.array([0, 1, 2, 3])
+    assert kernels.status() == "fused"
+    assert "MlxlabCrossEntropy" in graph_text(lambda x: kernels.cross_entropy(x, targets), logits)
+    assert "MlxlabSwiGLU" in graph_text(lambda x: kernels.swiglu(x, x), logits)
+    q = logits.reshape(1, 1, 4, 8)
+    assert "MlxlabSoftmax" in graph_text(lambda x: kernels.attention(x, x, x, 0.5), q)
+    kernels.set_mode("off")
+    assert "Mlxlab" not in graph_text(lambda x: kernels.cross_entropy(x, targets), logits)
+
+
+def graph_text(fn, x) -> str:
+    import io
+
+    out = io.StringIO()
+    mx.export_to_dot(out, fn(x))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("shape, scale", [((1,), 1.0), ((7,), 3.0), ((3, 1023), 1.0), ((2, 4, 65), 30.0)])
+def test_swiglu_values_and_gradients_equal_mlx(shape, scale):
+    k1, k2, k3 = mx.random.split(mx.random.key(len(shape) * 7 + shape[-1]), 3)
+    gate = mx.random.normal(shape, key=k1) * scale
+    up = mx.random.normal(shape, key=k2)
+    cot = mx.random.normal(shape, key=k3)
+
+    def run(gate, up):
+        fn = mx.value_and_grad(lambda g, u: (kernels.swiglu(g, u) * cot).sum(), argnums=(0, 1))
+        value, (dg, du) = fn(gate, up)
+        return kernels.swiglu(gate, up), value, dg, du
+
+    fused, ref = both_paths(run, gate, up)
+    for got, want in zip(fused, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("b, h, t_q, t_kv, d, masked", [
+    (1, 1, 1, 1, 4, False), (2, 3, 5, 5, 8, True), (2, 2, 3, 11, 16, True), (3, 2, 17, 17, 32, False),
+])
+def test_attention_values_and_gradients_equal_mlx(b, h, t_q, t_kv, d, masked):
+    from mlxlab.models.layers import causal_additive_mask
+
+    ks = mx.random.split(mx.random.key(b * 100 + t_q * 10 + t_kv), 4)
+    q = mx.random.normal((b, h, t_q, d), key=ks[0]) * 2
+    k = mx.random.normal((b, h, t_kv, d), key=ks[1]) * 2
+    v = mx.random.normal((b, h, t_kv, d), key=ks[2])
+    cot = mx.random.normal((b, h, t_q, d), key=ks[3])
+    mask = causal_additive_mask(t_q, t_kv) if masked else None
+    scale = d**-0.5
+
+    def run(q, k, v):
+        fn = mx.value_and_grad(
+            lambda q, k, v: (kernels.attention(q, k, v, scale, mask) * cot).sum(), argnums=(0, 1, 2))
+        value, grads = fn(q, k, v)
+        return kernels.attention(q, k, v, scale, mask), value, *grads
+
+    fused, ref = both_paths(run, q, k, v)
+    for got, want in zip(fused, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_masked_softmax_gradient_reaches_the_mask():
+    module = kernels._load()
+    x, mask = mx.random.normal((2, 3, 4, 6)), mx.random.normal((4, 6))
+    cot = mx.random.normal((2, 3, 4, 6))
+
+    def grads(fn):
+        return mx.grad(lambda x, m: (fn(x, m) * cot).sum(), argnums=(0, 1))(x, mask)
+
+    for got, want in zip(grads(module.softmax), grads(lambda x, m: mx.softmax(x + m, axis=-1))):
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
+
+
+def test_other_dtypes_and_broadcasts_take_the_mlx_path():
+    gate = mx.random.normal((4, 8)).astype(mx.bfloat16)
+    out = kernels.swiglu(gate, gate)
+    assert out.dtype == mx.bfloat16
+    np.testing.assert_allclose(np.array(out.astype(mx.float32)),
+                               np.array((nn.silu(gate) * gate).astype(mx.float32)))
+    g32 = mx.random.normal((4, 8))
+    np.testing.assert_allclose(np.array(kernels.swiglu(g32, mx.ones((8,)))), np.array(nn.silu(g32)),
+                               rtol=1e-6)
+
+
+def test_label_smoothing_equals_the_mlx_path():
+    logits, targets = mx.random.normal((2, 5, 40)), mx.random.randint(0, 40, (2, 5))
+    fused, ref = both_paths(lambda: [losses.token_cross_entropy(logits, targets, 0.1)])
+    np.testing.assert_allclose(fused[0], ref[0], rtol=1e-5)
+
+
+def test_bad_mode_is_one_clear_error():
+    with pytest.raises(ValueError, match="fused_kernels='fast': expected one of auto, on, off"):
+        kernels.set_mode("fast")
+
+
+def test_training_steps_equal_with_kernels_on_and_off(make_cfg, tmp_path):
+    """Six real optimizer steps of a small Llama-style LM on the shipped TinyStories sample:
+    the losses and the final weights agree to float32 tolerance with the kernels on and off."""
+    from mlx.utils import tree_flatten
+
+    from mlxlab.config import instantiate
+    from mlxlab.data.batching import Batching
+    from mlxlab.train import seed_everything
+    from mlxlab.training.optim import default_optimizer
+    from mlxlab.training.trainer import Trainer
+
+    cfg = make_cfg("experiment=tinystories_nano", "tracking=none", "model.dim=64",
+                   "model.num_layers=2", "model.num_heads=2", "model.max_seq_len=32",
+                   "data.seq_len=32", "data.tokenizer.max_vocab=300")
+    data = instantiate(cfg.data)
+    data.setup(tmp_path / "run")
+    batches = [b for _, b in zip(range(6), data.train_batches(Batching(batch_size=4), 0))]
+    runs = []
+    for mode in ("on", "off"):
+        seed_everything(0)
+        model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
+        trainer = Trainer(optimizer=partial(default_optimizer(), learning_rate=3e-3), max_steps=6,
+                          fused_kernels=mode)
+        opt = trainer.build_optimizer(total_steps=6)
+        opt.init(model.trainable_parameters())
+        step = trainer.make_step(model, opt, losses.task_loss("lm"))
+        step_losses = [step([b])[0].item() for b in batches]
+        runs.append((step_losses, {k: np.array(v) for k, v in tree_flatten(model.parameters())}))
+    (loss_on, w_on), (loss_off, w_off) = runs
+    np.testing.assert_allclose(loss_on, loss_off, rtol=1e-5)
+    assert loss_on[-1] < loss_on[0]
+    # Adam divides by sqrt(v): a weight whose gradient is ~0 moves by rounding noise, so the
+    # weights get an absolute tolerance well under one step's movement (lr 3e-3).
+    for name in w_on:
+        np.testing.assert_allclose(w_on[name], w_off[name], rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_a_machine_that_cannot_build_falls_back_with_one_log_line(tmp_path):
+    """No cmake on PATH and an empty cache: auto trains on pure MLX after one warning line; on
+    is a one-line error."""
+    env = {**os.environ, "PATH": str(tmp_path), "MLXLAB_KERNELS_CACHE": str(tmp_path / "cache")}
+    snippet = (
+        "import mlx.core as mx; from mlxlab import kernels; "
+        "x = mx.random.normal((3, 5)); t = mx.array([0, 1, 2]); "
+        "print(kernels.cross_entropy(x, t).shape, kernels.status()); "
+        "print(kernels.cross_entropy(x, t).shape); kernels.set_mode('on')"
+    )
+    out = subprocess.run([PYTHON, "-c", snippet], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert out.stdout.splitlines() == ["(3,) unavailable: `cmake` is not on PATH (install it, "
+                                       "e.g. apt-get install cmake ninja-build)", "(3,)"]
+    warnings = [line for line in out.stderr.splitlines() if "using pure-MLX ops" in line]
+    assert len(warnings) == 1
+    assert "trainer.fused_kernels=on but the fused CPU kernels are unavailable" in out.stderr
