@@ -102,6 +102,7 @@ def prepare_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
 def load_run_model(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the model of a finished run (its best checkpoint, else the newest) with its weights."""
     from mlxlab.training.checkpoint import check_committed, find_run_checkpoints, load_checkpoint
+    from mlxlab.training.model_ops import apply_done
 
     candidates = sorted(find_run_checkpoints(Path(path)), key=lambda p: p.name != "best")
     usable = [p for p in candidates if check_committed(p, full=False) is None]
@@ -117,6 +118,7 @@ def load_run_model(path: str | Path) -> tuple[nn.Module, dict]:
     if "pretrained" in model_cfg:
         model_cfg.pretrained = None
     model = instantiate(model_cfg, **state["model_init"])
+    apply_done(model, state)  # scheduled operations (grown layers...) it had done
     load_checkpoint(checkpoint, model, strict=True)
     model.eval()
     state["checkpoint_path"] = str(checkpoint)

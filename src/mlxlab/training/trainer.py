@@ -32,6 +32,7 @@ from mlxlab.training import losses, metrics
 from mlxlab.training.async_writer import CheckpointWriter
 from mlxlab.training.callbacks import Callback, EarlyStopping, EvalLog, MemoryMonitor, ProgressBar
 from mlxlab.training.checkpoint import (
+    CheckpointError,
     CheckpointManager,
     find_run_checkpoints,
     load_checkpoint,
@@ -39,6 +40,7 @@ from mlxlab.training.checkpoint import (
     set_rng_state,
 )
 from mlxlab.training.metrics import is_better
+from mlxlab.training.model_ops import ModelSchedule, newest_state
 from mlxlab.training.optim import build_optimizer, clip_by_global_norm
 from mlxlab.training.signals import GracefulStop
 
@@ -160,6 +162,7 @@ class Trainer:
         distributed: str | bool = "auto",
         distributed_timeout_s: float = 30.0,
         shard_optimizer: bool = False,
+        model_schedule: list | None = None,
     ) -> None:
         if max_epochs is None and max_steps is None:
             raise ValueError("set trainer.max_epochs or trainer.max_steps")
@@ -187,6 +190,10 @@ class Trainer:
         self.shard_optimizer = shard_optimizer
         self.world = None  # set in fit()
         self.optimizer_shards = None
+        self.model_ops = ModelSchedule(model_schedule)  # scheduled model operations (model_ops.py)
+        if self.model_ops and shard_optimizer:
+            raise ValueError("trainer.model_schedule does not work with trainer.shard_optimizer yet: "
+                             "turn one of them off")
 
     # --- hooks ---------------------------------------------------------------------------
 
@@ -476,6 +483,7 @@ class Trainer:
                                **getattr(model, "checkpoint_init", {})},
                 "tokenizer_hash": getattr(data, "tokenizer_hash", None),
                 "val_fingerprint": val_print, "log_window": window.state_dict(),
+                "model_ops": self.model_ops.state_dict(),
                 # classification: label values and columns, so predicting needs no training CSV
                 "encoding": data.encoding_state() if hasattr(data, "encoding_state") else None,
             }
@@ -519,6 +527,12 @@ class Trainer:
 
         def train_step(batches: list) -> bool:
             """One optimizer update, its logging, evaluation and checkpoint; True = stop now."""
+            nonlocal step_fn
+            if self.model_ops.due(run.step):  # scheduled model operations, then a new step
+                if self.model_ops.run_due(run.step, model, optimizer, tracker):
+                    # a best/ of other weights is no bar for these: the next evaluation sets one
+                    run.best_metrics, run.best_eval, manager.best_metric = {}, None, None
+                step_fn = self.make_step(model, optimizer, loss_fn)
             loss, norm, aux = step_fn(batches)
             run.step += 1
             loss_value = loss.item()  # already computed: the step's mx.eval synced
@@ -612,7 +626,11 @@ class Trainer:
     ) -> dict:
         """Load the newest usable checkpoint of `resume` into everything; returns tags to log."""
         source = find_run_checkpoints(resume)
+        self.model_ops.restore_structure(model, newest_state(source))  # before its weights load
         state, path = source.load_latest(model, optimizer)
+        if (state.get("model_ops") or {}).get("done", []) != self.model_ops.done:
+            raise CheckpointError(f"resume: {path} was saved before or after other model "
+                                  "operations than the newest checkpoint: resume from that one")
         data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         saved = state.get("callbacks") or {}
