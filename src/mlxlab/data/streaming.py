@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxlab.data.batching import Batch, Batching
+from mlxlab.data.curriculum import Curriculum
 
 # One background thread tokenizes at ~0.5M tokens/s, far above what training consumes; the
 # tokenizers thread pool would only compete with the BLAS threads of the training step.
@@ -155,6 +156,7 @@ class StreamingText:
         prefetch: int = 4,
         cache_dir: str | None = None,
         encoding: str = "utf-8",
+        curriculum: dict | None = None,
     ):
         if not dataset_id and not data_files:
             raise ValueError(
@@ -183,6 +185,10 @@ class StreamingText:
         self.vocab_size: int | None = None
         self._state = self._fresh_state(0)
         self._val_cache: dict[int, list[dict]] = {}
+        # data/curriculum.py: the training documents are then read once and kept in memory
+        self.curriculum = Curriculum.from_config(curriculum, seed)
+        self._docs: list[str] = []
+        self._docs_per_batch = 1.0
 
     # --------------------------------------------------------------- source
     def source_name(self) -> str:
@@ -263,6 +269,9 @@ class StreamingText:
         return self.val_split is None and self.val_examples > 0 and self._held_text is None
 
     def _train_stream(self, epoch: int, skip: int = 0):
+        if self.curriculum is not None:  # the documents in the curriculum's order
+            order = self.curriculum.document_order(epoch, self._docs_per_batch)
+            return ({self.text_column: self._docs[i]} for i in order[skip:])
         ds = self._load(self.split)
         if self._holds_out_documents():
             ds = ds.skip(self.val_examples)
@@ -334,6 +343,12 @@ class StreamingText:
         self.bos_ids = start_ids(self.tokenizer)  # a pretrained tokenizer's BOS starts documents
         self.pad_id = find_token_id(self.tokenizer, PAD_TOKENS + EOT_TOKENS, "padding")
         log.info("%s: vocab %d, seq_len %d", self.source_name(), self.vocab_size, self.seq_len)
+        if self.curriculum is not None:
+            docs = self.documents(self._unshuffled_train())
+            self._docs = list(islice(docs, self.max_examples) if self.max_examples else docs)
+            ids = [np.asarray([*self.bos_ids, *e.ids, self.eot_id], np.int32) for e in
+                   self.tokenizer.encode_batch(self._docs, add_special_tokens=False)]
+            self.curriculum.fit(ids, self.vocab_size)
 
     def _unshuffled_train(self):
         """Training split before shuffling: the tokenizer sample is the same for every seed."""
@@ -464,11 +479,16 @@ class StreamingText:
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
         """One epoch of packed (batch_size, seq_len) batches; resumes at the loaded state."""
         state = self._state if self._state["epoch"] == epoch else self._fresh_state(epoch)
+        if self.curriculum is not None:  # how many documents a batch holds, for the pacing
+            per_doc = self.curriculum.lengths.mean() if len(self._docs) else 1.0
+            self._docs_per_batch = self.rows_per_batch(batching) * self.stride / per_doc
         stream = self._train_stream(epoch, skip=state["examples_consumed"])
         for batch, after in _threaded(
             self._pack(stream, self.rows_per_batch(batching), state), self.prefetch
         ):
             self._state = after  # counted when handed out, like TabularText
+            if self.curriculum is not None:
+                self.curriculum.observe(batch["labels"], batch["loss_mask"])
             yield self._to_mx(batch)
         self._state = self._fresh_state(epoch + 1)
 
@@ -490,9 +510,15 @@ class StreamingText:
         return None  # unknown for a stream
 
     def state_dict(self) -> dict:
+        if self.curriculum is not None:
+            return {**self._state, "curriculum": self.curriculum.state_dict()}
         return dict(self._state)
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        if self.curriculum is not None:
+            self.curriculum.load_state_dict(state.get("curriculum"))
+        state.pop("curriculum", None)
         self._state = {**self._fresh_state(int(state["epoch"])), **state}
 
 

@@ -43,6 +43,7 @@ from mlxlab.training.metrics import is_better
 from mlxlab.training.model_ops import ModelSchedule, newest_state
 from mlxlab.training.optim import build_optimizer, clip_by_global_norm
 from mlxlab.training.signals import GracefulStop
+from mlxlab.training.token_tracking import TokenDistributionLog
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +445,9 @@ class Trainer:
             monitor=self.monitor, mode=self.monitor_mode,
         )
         callbacks = self.build_callbacks()
+        if getattr(data, "curriculum", None) is not None:  # data/curriculum.py: pacing, tracking
+            callbacks.append(TokenDistributionLog(data, tracker, run_dir,
+                                                  total_steps * self.grad_accum, self.grad_accum))
         run = RunState()
         tags = dict(tags or {})
         has_val = getattr(data, "has_validation", True)
