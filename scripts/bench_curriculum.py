@@ -36,8 +36,7 @@ SETUPS = {
 CONDITIONS = {
     "titanic": {"none": "{score: none}", "rarity-root": "{score: rarity, pacing: root}",
                 "length-root": "{score: length, pacing: root}"},
-    "tinystories": {"none": "{score: none}", "length-root": "{score: length, pacing: root}",
-                    "rarity-root": "{score: rarity, pacing: root}"},
+    "tinystories": {"none": "{score: none}", "length-root": "{score: length, pacing: root}"},
 }
 METRICS = {"titanic": ("val/accuracy", "val/loss"), "tinystories": ("val/loss",)}
 

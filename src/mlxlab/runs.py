@@ -120,6 +120,11 @@ def load_run_model(path: str | Path) -> tuple[nn.Module, dict]:
     model = instantiate(model_cfg, **state["model_init"])
     apply_done(model, state)  # scheduled operations (grown layers...) it had done
     load_checkpoint(checkpoint, model, strict=True)
+    vocab_map = (state.get("data") or {}).get("vocab_map")
+    if vocab_map:  # trained on a shrunken vocabulary: speak the tokenizer's own ids again
+        from mlxlab.models.remapped import RemappedLM
+
+        model = RemappedLM(model, vocab_map["keep"], vocab_map["full_size"])
     model.eval()
     state["checkpoint_path"] = str(checkpoint)
     return model, state

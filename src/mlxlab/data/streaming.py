@@ -25,6 +25,7 @@ import numpy as np
 
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.curriculum import Curriculum
+from mlxlab.data.vocab_remap import VocabMap
 
 # One background thread tokenizes at ~0.5M tokens/s, far above what training consumes; the
 # tokenizers thread pool would only compete with the BLAS threads of the training step.
@@ -157,6 +158,8 @@ class StreamingText:
         cache_dir: str | None = None,
         encoding: str = "utf-8",
         curriculum: dict | None = None,
+        vocab_remap: str | None = None,
+        vocab_remap_k: int | None = None,
     ):
         if not dataset_id and not data_files:
             raise ValueError(
@@ -189,6 +192,8 @@ class StreamingText:
         self.curriculum = Curriculum.from_config(curriculum, seed)
         self._docs: list[str] = []
         self._docs_per_batch = 1.0
+        self.vocab_remap, self.vocab_remap_k = vocab_remap, vocab_remap_k  # data/vocab_remap.py
+        self.vocab_map: VocabMap | None = None
 
     # --------------------------------------------------------------- source
     def source_name(self) -> str:
@@ -343,12 +348,24 @@ class StreamingText:
         self.bos_ids = start_ids(self.tokenizer)  # a pretrained tokenizer's BOS starts documents
         self.pad_id = find_token_id(self.tokenizer, PAD_TOKENS + EOT_TOKENS, "padding")
         log.info("%s: vocab %d, seq_len %d", self.source_name(), self.vocab_size, self.seq_len)
+        if self.curriculum is None and not self.vocab_remap:
+            return
+        # Both read the training documents once: the curriculum keeps them, the map counts them.
+        docs = self.documents(self._unshuffled_train())
+        self._docs = list(islice(docs, self.max_examples) if self.max_examples else docs)
+        ids = [np.asarray([*self.bos_ids, *e.ids, self.eot_id], np.int32) for e in
+               self.tokenizer.encode_batch(self._docs, add_special_tokens=False)]
         if self.curriculum is not None:
-            docs = self.documents(self._unshuffled_train())
-            self._docs = list(islice(docs, self.max_examples) if self.max_examples else docs)
-            ids = [np.asarray([*self.bos_ids, *e.ids, self.eot_id], np.int32) for e in
-                   self.tokenizer.encode_batch(self._docs, add_special_tokens=False)]
             self.curriculum.fit(ids, self.vocab_size)
+        else:
+            self._docs = []
+        if self.vocab_remap:
+            counts = np.bincount(np.concatenate(ids), minlength=self.vocab_size)
+            self.vocab_map = VocabMap.build(self.vocab_remap, counts, self.vocab_remap_k,
+                                            [self.eot_id, self.pad_id, *self.bos_ids])
+            log.info("vocab_remap=%s: %d of %d tokens kept (+1 UNK): the model's vocabulary is %d",
+                     self.vocab_remap, self.vocab_map.size - 1, self.vocab_size, self.vocab_map.size)
+            self.full_vocab_size, self.vocab_size = self.vocab_size, self.vocab_map.size
 
     def _unshuffled_train(self):
         """Training split before shuffling: the tokenizer sample is the same for every seed."""
@@ -471,8 +488,9 @@ class StreamingText:
             return max(1, batching.max_tokens // self.seq_len)
         return batching.batch_size
 
-    @staticmethod
-    def _to_mx(batch: dict) -> Batch:
+    def _to_mx(self, batch: dict) -> Batch:
+        if self.vocab_map is not None:  # the model's ids (data/vocab_remap.py)
+            batch = self.vocab_map.remap(batch)
         return {k: mx.array(v) for k, v in batch.items()}
 
     # -------------------------------------------------------------- batches
@@ -510,14 +528,22 @@ class StreamingText:
         return None  # unknown for a stream
 
     def state_dict(self) -> dict:
+        state = dict(self._state)
         if self.curriculum is not None:
-            return {**self._state, "curriculum": self.curriculum.state_dict()}
-        return dict(self._state)
+            state["curriculum"] = self.curriculum.state_dict()
+        if self.vocab_map is not None:  # the checkpoint's map: generation maps back with it
+            state["vocab_map"] = self.vocab_map.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
         if self.curriculum is not None:
             self.curriculum.load_state_dict(state.get("curriculum"))
+        saved = state.pop("vocab_map", None)
+        mine = self.vocab_map.state_dict() if self.vocab_map is not None else None
+        if saved != mine:
+            raise ValueError("resume: the checkpoint's data.vocab_remap map differs from this "
+                             "data's (other documents or settings): resume with the same data")
         state.pop("curriculum", None)
         self._state = {**self._fresh_state(int(state["epoch"])), **state}
 
