@@ -58,13 +58,20 @@ def test_remapped_run_generates_in_the_tokenizers_ids(make_cfg, tmp_path):
     keep = np.array(state["data"]["vocab_map"]["keep"])
     assert state["model_init"]["vocab_size"] == len(keep) + 1  # the checkpoint is the small one
     prompt = keep[:5].tolist()
+    to_new = {int(o): n for n, o in enumerate(keep)}
     logits = np.array(model(mx.array([prompt])))
     assert logits.shape == (1, 5, 1024)
     dropped = np.setdiff1d(np.arange(1024), keep)
-    assert np.isneginf(logits[..., dropped]).all() and np.isfinite(logits[..., keep]).all()
+    small_logits = np.array(model.inner(mx.array([[to_new[t] for t in prompt]])))
+    np.testing.assert_array_equal(logits[..., keep], small_logits[..., :-1])
+    # UNK's probability spread evenly over the ids the model never had: a full distribution
+    spread = small_logits[..., -1:] - np.log(len(dropped))
+    np.testing.assert_allclose(logits[..., dropped], np.broadcast_to(spread, logits[..., dropped].shape))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    small = np.exp(small_logits - small_logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(probs.sum(-1) / small.sum(-1), 1.0, rtol=1e-5)
     # greedy generation through the wrapper = the small model's, mapped back to tokenizer ids
     full = [t for t, _ in zip(generate_step(model, prompt, temperature=0), range(12))]
-    to_new = {int(o): n for n, o in enumerate(keep)}
     small = [t for t, _ in zip(generate_step(model.inner, [to_new[t] for t in prompt],
                                              temperature=0), range(12))]
     assert full == keep[small].tolist()
