@@ -15,7 +15,7 @@ from mlxlab.data.curriculum import Curriculum
 from mlxlab.train import train
 
 TINY_BERT = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
-             "trainer.progress=false", "trainer.early_stopping.patience=0"]
+             "callbacks.progress.enabled=false", "callbacks.early_stopping.patience=0"]
 
 
 def synthetic(n: int = 200) -> list[np.ndarray]:

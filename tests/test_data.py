@@ -419,6 +419,26 @@ def test_streaming_resume_mid_epoch_with_shuffle(tmp_path):
     assert resumed.state_dict()["epoch"] == 2
 
 
+def test_lane_positions_resume_at_another_lane_count_from_the_first_unread_document(tmp_path):
+    """A checkpoint of 2 lanes (data.shard_by_rank under 2 ranks; lane r read documents r, r+2,
+    ...) resumed by 1 process: it continues at the first document neither lane had read, which
+    is what a whole-stream position at that document gives. The state names its lane count."""
+    files = write_txt(tmp_path / "docs.txt", DOCS)
+    batching = Batching(batch_size=2)
+    lane = {"carry": [1, 2, 3], "windows_done": 4, "batches_done": 2}
+    saved = {"epoch": 1, "base": 0, "lanes": 2, "lane_states": [
+        {**lane, "examples_consumed": 5}, {**lane, "examples_consumed": 3}]}  # next: 10 and 7
+    batches = []
+    for state in (saved, {"epoch": 1, "examples_consumed": 7, "carry": []}):
+        data = streaming(files, tmp_path, shuffle_buffer=16, seed=3, shard_by_rank=True)
+        data.setup(tmp_path / "run")
+        data.load_state_dict(state)
+        batches.append(as_numpy(data.train_batches(batching, 1)))
+    assert batches[0] and len(batches[0][0]["input_ids"]) == 2
+    assert_same_batches(*batches)
+    assert data.state_dict() == {**data._fresh_state(2), "lane": 0, "lanes": 1}
+
+
 def test_streaming_clear_errors(tmp_path):
     (tmp_path / "docs.jsonl").write_text(json.dumps({"body": "hello there"}) + "\n")
     with pytest.raises(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -26,17 +27,17 @@ TOL = 1e-5  # relative difference of the parameters (issue 17)
 
 BERT = [
     "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.dropout=0",
-    "trainer.max_steps=20", "trainer.warmup_steps=2", "trainer.log_every_steps=5",
-    "trainer.early_stopping.patience=0", "trainer.progress=false",
-    "trainer.checkpoint.save_every_minutes=null", "tracking=none",
+    "trainer.max_steps=20", "trainer.schedule.warmup_steps=2", "trainer.log_every_steps=5",
+    "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
+    "callbacks.checkpoint.save_every_minutes=null", "tracking=none",
 ]
 LM = [
     "experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
     "model.max_seq_len=32", "data.seq_len=32", "data.tokenizer.max_vocab=256",
     "data.max_examples=300", "data.val_examples=20", "data.tokenizer_sample=300",
-    "trainer.max_steps=20", "trainer.eval_every_steps=20", "trainer.warmup_steps=2",
-    "trainer.log_every_steps=5", "trainer.progress=false",
-    "trainer.checkpoint.save_every_minutes=null", "tracking=none",
+    "trainer.max_steps=20", "trainer.eval_every_steps=20", "trainer.schedule.warmup_steps=2",
+    "trainer.log_every_steps=5", "callbacks.progress.enabled=false",
+    "callbacks.checkpoint.save_every_minutes=null", "tracking=none",
 ]
 
 
@@ -111,7 +112,7 @@ def start_long_run(tmp_path: Path, cli_env: dict, every: int, *extra: str
     """2 ranks of a BERT run with no end in sight, checkpointing every `every` steps; returns
     once the first checkpoint is committed: (launcher, run dir, rank pids)."""
     args = [*BERT, "trainer.max_steps=100000", "trainer.batch_size=8",
-            f"trainer.checkpoint.save_every_steps={every}", *extra]
+            f"callbacks.checkpoint.save_every_steps={every}", *extra]
     run_dir = tmp_path / "run"
     proc = start(2, args, run_dir, cli_env)
     wait_for_step(proc, run_dir, every)
@@ -129,7 +130,7 @@ def report(name: str, value: float) -> None:
 
 @pytest.mark.parametrize("shard", [False, True], ids=["dp", "zero1"])
 def test_two_ranks_equal_one_process_with_twice_the_batch_bert(tmp_path, cli_env, shard):
-    args = [*BERT, f"trainer.shard_optimizer={str(shard).lower()}"]
+    args = [*BERT, f"trainer.distributed.shard_optimizer={str(shard).lower()}"]
     run(1, [*args, "trainer.batch_size=16"], tmp_path / "one", cli_env)
     out = run(2, [*args, "trainer.batch_size=8"], tmp_path / "two", cli_env)
     assert "data parallel: 2 ranks" in out
@@ -147,7 +148,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch_bert(tmp_path, cli_env
 @pytest.mark.slow
 @pytest.mark.parametrize("shard", [False, True], ids=["dp", "zero1"])
 def test_two_ranks_equal_one_process_with_twice_the_batch_lm(tmp_path, cli_env, shard):
-    args = [*LM, f"trainer.shard_optimizer={str(shard).lower()}"]
+    args = [*LM, f"trainer.distributed.shard_optimizer={str(shard).lower()}"]
     run(1, [*args, "trainer.batch_size=16"], tmp_path / "one", cli_env)
     run(2, [*args, "trainer.batch_size=8"], tmp_path / "two", cli_env)
     diff = relative_difference(weights(tmp_path / "two"), weights(tmp_path / "one"))
@@ -161,8 +162,8 @@ def test_two_ranks_equal_one_process_with_twice_the_batch_lm(tmp_path, cli_env, 
     [(["trainer.grad_accum=2", "trainer.batch_size=16"], ["trainer.grad_accum=2", "trainer.batch_size=8"]),
      (["model.lora.rank=4", "trainer.batch_size=16"], ["model.lora.rank=4", "trainer.batch_size=8"]),
      # token budgets are per rank, like batch_size: 2 x 256 padded tokens == 1 x 512
-     (["trainer.dynamic_batch=true", "trainer.max_tokens=512"],
-      ["trainer.dynamic_batch=true", "trainer.max_tokens=256"])],
+     (["trainer.batching.dynamic=true", "trainer.batching.max_tokens=512"],
+      ["trainer.batching.dynamic=true", "trainer.batching.max_tokens=256"])],
     ids=["grad_accum", "lora", "dynamic_batch"],
 )
 def test_accumulation_lora_dynamic_batches_under_data_parallelism(tmp_path, cli_env, one, two):
@@ -174,10 +175,63 @@ def test_accumulation_lora_dynamic_batches_under_data_parallelism(tmp_path, cli_
 
 
 @pytest.mark.slow
+def test_each_rank_tokenizes_only_its_lane_of_the_stream(tmp_path, cli_env):
+    """data.shard_by_rank with 2 real ranks reading one epoch as the trainer does: the documents
+    each rank tokenizes (seen by the real tokenizer) are disjoint and together the whole stream.
+    Every document has the same length in bytes and the tokenizer is bytes only (vocab 258), so
+    both lanes hold the same tokens and the epoch ends with both lanes read to the end."""
+    rng = random.Random(0)
+    docs = [f"document {i:04d} " + " ".join("".join(rng.choice("abcdefgh") for _ in range(5))
+                                             for _ in range(12)) for i in range(60)]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py"
+    port = str(random.randint(20000, 60000))
+    done = subprocess.run([str(BIN / "mlx.launch"), "-n", "2", "-p", port, "--", PYTHON, str(bench),
+                           "--lanes-worker", "lanes", str(data), "258", "--record"],
+                          cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
+    ranks = sorted((json.loads(line[7:]) for line in done.stdout.splitlines()
+                    if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    assert len(ranks) == 2, (done.stdout + done.stderr)[-3000:]
+    mine = [set(r["texts"]) for r in ranks]
+    assert all(len(m) == len(r["texts"]) == 30 for m, r in zip(mine, ranks))  # each read once
+    assert not mine[0] & mine[1]
+    assert mine[0] | mine[1] == set(docs)
+    assert ranks[0]["batches"] == ranks[1]["batches"]
+
+
+@pytest.mark.slow
+def test_lanes_resume_after_sigkill_and_end_epochs_together(tmp_path, cli_env):
+    """2 ranks with data.shard_by_rank over a few epochs (uneven lanes: the epoch ends when the
+    first lane runs dry), SIGKILLed after step 8 and resumed: the lanes continue where they were,
+    so the weights match an uninterrupted run. Resumed as 1 process instead, the run starts its
+    lane at the first document no old lane had read, and finishes."""
+    args = [*LM, "data.shard_by_rank=true", "data.max_examples=6", "trainer.batch_size=4",
+            "callbacks.checkpoint.save_every_steps=4", "callbacks.checkpoint.keep_last_n=10",
+            "trainer.distributed.timeout_s=300"]  # steps and saves on a loaded box
+    run(2, args, tmp_path / "reference", cli_env)
+    state = json.loads((tmp_path / "reference/checkpoints/step_00000020/state.json").read_text())
+    assert state["epoch"] >= 2  # epochs ended (together) within the 20 steps
+    run_dir = tmp_path / "killed"
+    proc = start(2, args, run_dir, cli_env)
+    wait_for_step(proc, run_dir, 8)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    shutil.copytree(run_dir, tmp_path / "killed_copy")  # the same checkpoints, resumed by 1 rank
+    run(2, [*args, "resume=auto"], run_dir, cli_env)
+    diff = relative_difference(weights(run_dir), weights(tmp_path / "reference"))
+    report("lanes: resume 2->2 ranks after SIGKILL vs uninterrupted", diff)
+    assert diff <= TOL
+    out = run(1, [*args, "resume=auto"], tmp_path / "killed_copy", cli_env)
+    assert "the lanes restart at document" in out
+    assert max(committed_steps(tmp_path / "killed_copy")) == 20
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)], ids=["2to1", "1to2"])
 def test_sigkill_then_resume_at_another_world_size(tmp_path, cli_env, first, then):
-    args = [*BERT, "tracking=mlflow", "trainer.checkpoint.save_every_steps=4",
-            "trainer.checkpoint.keep_last_n=10", "task_name=dpresume"]
+    args = [*BERT, "tracking=mlflow", "callbacks.checkpoint.save_every_steps=4",
+            "callbacks.checkpoint.keep_last_n=10", "task_name=dpresume"]
     per_rank = {1: "trainer.batch_size=16", 2: "trainer.batch_size=8"}
     run(1, [*args, per_rank[1]], tmp_path / "reference", cli_env)
 
@@ -202,7 +256,7 @@ def test_sigkill_then_resume_at_another_world_size(tmp_path, cli_env, first, the
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_others_with_checkpoints_intact(tmp_path, cli_env):
     proc, run_dir, rank_pids = start_long_run(tmp_path, cli_env, 3,
-                                              "trainer.distributed_timeout_s=20")
+                                              "trainer.distributed.timeout_s=20")
     os.kill(max(rank_pids), signal.SIGKILL)  # one rank dies
     killed_at = time.time()
     out, err = proc.communicate(timeout=90)
@@ -224,7 +278,7 @@ def test_a_killed_rank_stops_the_others_with_checkpoints_intact(tmp_path, cli_en
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_checkpoints_once_and_all_ranks_exit(tmp_path, cli_env):
     proc, run_dir, ranks = start_long_run(tmp_path, cli_env, 5,
-                                          "trainer.checkpoint.keep_last_n=1000")
+                                          "callbacks.checkpoint.keep_last_n=1000")
     proc.send_signal(signal.SIGTERM)  # the launcher only, as `kill <pid>` would
     proc.wait(timeout=120)
     deadline = time.time() + 120
@@ -245,7 +299,7 @@ def test_a_hung_rank_trips_the_watchdog_of_the_others(tmp_path, cli_env):
     """A rank that stops answering without closing its sockets (SIGSTOP: a hung host) leaves the
     other blocked in a collective: the watchdog ends it with one clear line and exit 75."""
     proc, run_dir, rank_pids = start_long_run(tmp_path, cli_env, 3,
-                                              "trainer.distributed_timeout_s=15")
+                                              "trainer.distributed.timeout_s=15")
     hung = rank_pids[1]
     os.kill(hung, signal.SIGSTOP)
     stopped_at = time.time()
@@ -262,3 +316,20 @@ def test_a_hung_rank_trips_the_watchdog_of_the_others(tmp_path, cli_env):
 
     for step in committed_steps(run_dir):
         assert check_committed(run_dir / "checkpoints" / f"step_{step:08d}") is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", [True, False], ids=["cached_teacher", "teacher_in_step"])
+def test_distillation_under_data_parallelism(tmp_path, cli_env, cache):
+    """trainer=distill (a tiny BERT teacher, a cnn_hybrid student): 2 ranks x 8 == 1 x 16, with the
+    teacher's probabilities looked up from the cache or computed in every step."""
+    run(1, [*BERT, "trainer.max_steps=8"], tmp_path / "teacher", cli_env)
+    student = [*BERT, "experiment=distill_titanic", "model.dropout=0",
+               f"trainer.distill.teachers=[{{run: '{tmp_path / 'teacher'}'}}]",
+               f"trainer.distill.cache_teacher={str(cache).lower()}"]
+    run(1, [*student, "trainer.batch_size=16"], tmp_path / "one", cli_env)
+    out = run(2, [*student, "trainer.batch_size=8"], tmp_path / "two", cli_env)
+    assert "data parallel: 2 ranks" in out
+    diff = relative_difference(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    report(f"distill cache_teacher={cache} 2x8 vs 1x16", diff)
+    assert diff <= TOL

@@ -3,9 +3,11 @@ optimizer state carried over, and a SIGKILL across the growth step resumes bitwi
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -16,7 +18,6 @@ from mlxlab.runs import load_run_model
 from mlxlab.train import train
 from mlxlab.training import losses
 from mlxlab.training.model_ops import ModelSchedule, check_schedule, grow_layers, widen_mlp
-from mlxlab.training.optim import build_optimizer
 from mlxlab.training.trainer import Trainer
 from test_resume import (
     STREAMING,
@@ -31,8 +32,8 @@ from test_resume import (
 
 LM = ["experiment=tinystories_nano", "model.dim=32", "model.num_heads=2", "model.max_seq_len=32",
       "data.seq_len=32", "data.tokenizer.max_vocab=256", "data.max_examples=200",
-      "data.val_examples=16", "trainer.batch_size=8", "trainer.warmup_steps=0",
-      "trainer.progress=false", "trainer.log_every_steps=1"]
+      "data.val_examples=16", "trainer.batch_size=8", "trainer.schedule.warmup_steps=0",
+      "callbacks.progress.enabled=false", "trainer.log_every_steps=1"]
 
 
 def lm_batch(seed: int = 0, vocab: int = 64) -> dict[str, mx.array]:
@@ -46,14 +47,18 @@ def small_lm(num_layers: int = 2) -> Transformer:
     return Transformer(vocab_size=64, dim=32, num_layers=num_layers, num_heads=2, max_seq_len=32)
 
 
+def adamw(lr: float):
+    return partial(optim.AdamW, learning_rate=lr, bias_correction=True)
+
+
 def train_steps(model, optimizer, n: int, trainer: Trainer) -> list[float]:
     step = trainer.make_step(model, optimizer, losses.task_loss("lm"))
     return [step([lm_batch(k % 2)])[0].item() for k in range(n)]  # two batches, learnable
 
 
 def test_identity_growth_keeps_the_loss_and_training_goes_on():
-    model, trainer = small_lm(2), Trainer(max_steps=20)
-    optimizer = build_optimizer("adamw", 1e-2, total_steps=20)
+    model, trainer = small_lm(2), Trainer(optimizer=adamw(1e-2), max_steps=20)
+    optimizer = trainer.build_optimizer(total_steps=20)
     optimizer.init(model.trainable_parameters())
     train_steps(model, optimizer, 5, trainer)  # trained weights, non-zero moments
     loss_fn = losses.task_loss("lm")

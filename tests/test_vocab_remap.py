@@ -20,7 +20,7 @@ from mlxlab.train import train
 LM = ["experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
       "model.max_seq_len=32", "data.seq_len=32", "data.tokenizer.max_vocab=1024",
       "data.tokenizer.vocab_size=1024", "data.max_examples=60", "data.val_examples=10",
-      "data.shuffle_buffer=0", "trainer.batch_size=4", "trainer.progress=false", "tracking=none"]
+      "data.shuffle_buffer=0", "trainer.batch_size=4", "callbacks.progress.enabled=false", "tracking=none"]
 
 
 def module(make_cfg, tmp_path, *overrides):
@@ -50,7 +50,7 @@ def test_used_tokens_shrink_the_vocabulary_and_map_back_exactly(make_cfg, tmp_pa
 
 def test_remapped_run_generates_in_the_tokenizers_ids(make_cfg, tmp_path):
     cfg = make_cfg(*LM, "data.vocab_remap=used", "trainer.max_steps=6",
-                   "trainer.eval_every_steps=6", "trainer.warmup_steps=0")
+                   "trainer.eval_every_steps=6", "trainer.schedule.warmup_steps=0")
     train(cfg)
     run_dir = Path(cfg.paths.output_dir)
     model, state = load_run_model(run_dir)

@@ -23,9 +23,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.curriculum import Curriculum
 from mlxlab.data.vocab_remap import VocabMap
+from mlxlab.errors import ConfigError, MissingFileError
 
 # One background thread tokenizes at ~0.5M tokens/s, far above what training consumes; the
 # tokenizers thread pool would only compete with the BLAS threads of the training step.
@@ -62,13 +64,13 @@ def _builder_for(data_files) -> str:
         files = [f for v in data_files.values() for f in (v if isinstance(v, list) else [v])]
     kinds = {BUILDERS.get(Path(str(f)).suffix.lower()) for f in files}
     if None in kinds or len(kinds) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"data.data_files={data_files}: use files of one kind, "
             f"ending in one of {sorted(BUILDERS)}"
         )
     for f in files:
         if not glob.glob(str(f)):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"data file not found: {f} (set data.data_files= to a local file)"
             )
     return kinds.pop()
@@ -112,7 +114,7 @@ def _threaded(produce: Iterator, prefetch: int) -> Iterator:
         thread.join(timeout=5)
 
 
-class StreamingText:
+class StreamingText(DataModule):
     """Packed language-modelling batches from a hub dataset or local txt/jsonl/parquet files.
 
     Source: `dataset_id` (+ `dataset_config`) streams from the Hugging Face hub and then
@@ -131,6 +133,8 @@ class StreamingText:
     Documents are stripped; empty ones are skipped. `encoding` is the text encoding of local txt,
     jsonl and csv files. `stride` < seq_len overlaps windows; positions already scored by the
     previous window get loss_mask 0, so every token is counted once.
+    Data parallel (`shard_by_rank`): see `use_world`; without it every rank packs the whole stream
+    into global batches and keeps its rows (what one process with the global batch sees).
     """
 
     task = "lm"
@@ -160,14 +164,15 @@ class StreamingText:
         curriculum: dict | None = None,
         vocab_remap: str | None = None,
         vocab_remap_k: int | None = None,
+        shard_by_rank: bool = False,
     ):
         if not dataset_id and not data_files:
-            raise ValueError(
+            raise ConfigError(
                 "set data.dataset_id= (a hub dataset) or data.data_files= (local files)"
             )
         self.stride = int(stride or seq_len)
         if not 1 <= self.stride <= seq_len:
-            raise ValueError(f"data.stride must be in [1, seq_len={seq_len}], got {stride}")
+            raise ConfigError(f"data.stride must be in [1, seq_len={seq_len}], got {stride}")
         self.dataset_id, self.dataset_config, self.split = dataset_id, dataset_config, split
         self.data_files = data_files
         # A hub id wins, so `data.dataset_id=...` alone switches away from the local default.
@@ -186,6 +191,9 @@ class StreamingText:
         self.tokenizer = None
         self.tokenizer_hash: str | None = None
         self.vocab_size: int | None = None
+        self.shard_by_rank = bool(shard_by_rank)
+        self.world = None  # set by use_world when this rank reads a lane of its own
+        self.lane, self.lanes = 0, 1  # whole stream = one lane
         self._state = self._fresh_state(0)
         self._val_cache: dict[int, list[dict]] = {}
         # data/curriculum.py: the training documents are then read once and kept in memory
@@ -236,7 +244,7 @@ class StreamingText:
                 )
             except StopIteration:  # the json reader infers its schema from a first record
                 empty = [f for f in self._files() if os.path.getsize(f) == 0] or self._files()
-                raise ValueError(
+                raise ConfigError(
                     f"no records in {', '.join(empty)}: the file is empty; give data.data_files= "
                     "files with text"
                 ) from None
@@ -273,6 +281,20 @@ class StreamingText:
     def _holds_out_documents(self) -> bool:
         return self.val_split is None and self.val_examples > 0 and self._held_text is None
 
+    def use_world(self, world) -> bool:
+        """Data parallel with `shard_by_rank`: rank r of N reads lane r of the (shuffled) stream,
+        the documents base + r, base + r + N, ... of the epoch, and tokenizes and packs only those
+        into batches of its own batch_size (the trainer then neither scales the batch nor splits
+        it: the global batch is the N lanes' batches side by side). All ranks still read the raw
+        stream (reading is cheap; tokenizing is not). An epoch ends for all ranks when any lane
+        runs dry (one small all-reduce per batch); the rest of the other lanes is skipped.
+        True when this data now yields per-rank batches."""
+        if not self.shard_by_rank or not world.enabled:
+            return False
+        self.world, self.lane, self.lanes = world, world.rank, world.size
+        self._state = self._fresh_state(self._state["epoch"])
+        return True
+
     def _train_stream(self, epoch: int, skip: int = 0):
         if self.curriculum is not None:  # the documents in the curriculum's order
             order = self.curriculum.document_order(epoch, self._docs_per_batch)
@@ -299,7 +321,7 @@ class StreamingText:
 
     def _text(self, example: dict) -> str:
         if self.text_column not in example:
-            raise ValueError(
+            raise ConfigError(
                 f"text column {self.text_column!r} not in {self.source_name()}; "
                 f"available columns: {list(example)} (set data.text_column=)"
             )
@@ -326,7 +348,7 @@ class StreamingText:
         sample = list(islice(self.documents(self._unshuffled_train()), wanted))
         if not sample:
             held = "" if self.val_split else f" after holding out val_examples={self.val_examples}"
-            raise ValueError(
+            raise ConfigError(
                 f"no text in {self.source_name()}{held}: the source is empty "
                 "(check data.data_files= / data.dataset_id=)"
             )
@@ -395,7 +417,7 @@ class StreamingText:
             val = ([tail] if tail else []) + docs[i + 1 :]
             break
         if not train or not val:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.source_name()} is too short to hold out validation text: add text or set "
                 "data.val_examples=0 (no validation)"
             )
@@ -409,13 +431,16 @@ class StreamingText:
 
     # -------------------------------------------------------------- packing
     @staticmethod
-    def _fresh_state(epoch: int) -> dict:
+    def _fresh_state(epoch: int, base: int = 0) -> dict:
+        # base: documents of the epoch before the lanes start (set by a resume at another world
+        # size); examples_consumed counts this lane's documents after base.
         return {
             "epoch": epoch,
             "examples_consumed": 0,
             "carry": [],
             "windows_done": 0,
             "batches_done": 0,
+            "base": base,
         }
 
     def _pack(self, stream, batch_size: int, state: dict) -> Iterator[tuple[dict, dict]]:
@@ -500,15 +525,27 @@ class StreamingText:
         if self.curriculum is not None:  # how many documents a batch holds, for the pacing
             per_doc = self.curriculum.lengths.mean() if len(self._docs) else 1.0
             self._docs_per_batch = self.rows_per_batch(batching) * self.stride / per_doc
-        stream = self._train_stream(epoch, skip=state["examples_consumed"])
-        for batch, after in _threaded(
-            self._pack(stream, self.rows_per_batch(batching), state), self.prefetch
-        ):
-            self._state = after  # counted when handed out, like TabularText
+        base = state.get("base", 0)
+        stream = self._train_stream(epoch, skip=base + state["examples_consumed"] * self.lanes)
+        lane = islice(stream, self.lane, None, self.lanes) if self.lanes > 1 else stream
+        packed = _threaded(self._pack(lane, self.rows_per_batch(batching), state), self.prefetch)
+        for batch, after in packed:
+            if self.world is not None and not self._all_lanes_have_a_batch():
+                break
+            self._state = {**after, "base": base}  # counted when handed out, like TabularText
             if self.curriculum is not None:
                 self.curriculum.observe(batch["labels"], batch["loss_mask"])
             yield self._to_mx(batch)
+        else:  # this lane ran dry: the others learn it from its vote
+            if self.world is not None:
+                self._all_lanes_have_a_batch(False)
+        packed.close()  # stops the producer of a lane that still had batches
         self._state = self._fresh_state(epoch + 1)
+
+    def _all_lanes_have_a_batch(self, mine: bool = True) -> bool:
+        """The agreed end of an epoch: every rank votes each batch, so all stop at the same one."""
+        votes = self.world.sum_numbers([float(mine)], "the end-of-epoch check of the data lanes")
+        return votes[0] == self.world.size
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
         """Held-out batches, never shuffled; packed once and kept (bounded by val_examples)."""
@@ -528,14 +565,22 @@ class StreamingText:
         return None  # unknown for a stream
 
     def state_dict(self) -> dict:
-        state = dict(self._state)
+        """This rank's position (its lane's, with shard_by_rank); `gathered_state` for a
+        checkpoint."""
+        return {**self._state, "lane": self.lane, "lanes": self.lanes, **self._policy_state()}
+
+    def _policy_state(self) -> dict:
+        """The curriculum's token counts and the vocabulary map (a checkpoint's generation maps
+        back with it), beside the position."""
+        state = {}
         if self.curriculum is not None:
             state["curriculum"] = self.curriculum.state_dict()
-        if self.vocab_map is not None:  # the checkpoint's map: generation maps back with it
+        if self.vocab_map is not None:
             state["vocab_map"] = self.vocab_map.state_dict()
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def _load_policy_state(self, state: dict) -> dict:
+        """Restore what _policy_state saved; returns the position part of `state`."""
         state = dict(state)
         if self.curriculum is not None:
             self.curriculum.load_state_dict(state.get("curriculum"))
@@ -545,7 +590,50 @@ class StreamingText:
             raise ValueError("resume: the checkpoint's data.vocab_remap map differs from this "
                              "data's (other documents or settings): resume with the same data")
         state.pop("curriculum", None)
-        self._state = {**self._fresh_state(int(state["epoch"])), **state}
+        return state
+
+    def gathered_state(self) -> dict:
+        """The position of every lane (called by every rank; rank 0 writes it): one checkpoint
+        holds all lanes, so any rank count can resume from it."""
+        if self.world is None:
+            return self.state_dict()
+        mine = {k: v for k, v in self._state.items() if k not in ("epoch", "base")}
+        text = np.frombuffer(json.dumps(mine).encode() + b"\0", np.uint8).astype(np.int32)
+        joined = self.world.gather_rows(text, "gathering the data lanes' positions")
+        parts = bytes(joined.astype(np.uint8)).split(b"\0")[:-1]  # rank order
+        return {"epoch": self._state["epoch"], "base": self._state.get("base", 0),
+                "lanes": self.lanes, "lane_states": [json.loads(p) for p in parts],
+                **self._policy_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved position. Same lane count: every lane continues exactly. Another
+        count (another world size with shard_by_rank, or switching it): the new lanes start at the
+        first document that no old lane had read yet, base + r + consumed_r x N minimised over the
+        old lanes; documents a faster lane had read past it are read again, and the tokens the old
+        lanes held but had not yet put into a batch are skipped."""
+        state = self._load_policy_state(state)
+        epoch, base = int(state["epoch"]), int(state.get("base", 0))
+        lanes = int(state.get("lanes", 1))
+        own = state.get("lane_states")
+        if own is None:  # one lane's own state (a plain process, or state_dict on this rank)
+            if lanes == self.lanes and int(state.get("lane", 0)) == self.lane:
+                self._state = {**self._fresh_state(epoch, base), **state}
+                for key in ("lane", "lanes"):
+                    self._state.pop(key, None)
+                return
+            if lanes != 1:
+                raise ValueError(f"a state of lane {state.get('lane')} of {lanes} alone cannot "
+                                 "be resumed: checkpoints hold every lane (gathered_state)")
+            own = [state]
+        if len(own) == self.lanes:
+            self._state = {**self._fresh_state(epoch, base), **own[self.lane]}
+            return
+        start = min(base + r + int(s["examples_consumed"]) * len(own) for r, s in enumerate(own))
+        log.warning(
+            "data: %d lane(s) saved, %d now: the lanes restart at document %d of epoch %d (the "
+            "first one no saved lane had read; up to a batch per old lane is read again or "
+            "skipped)", len(own), self.lanes, start, epoch)
+        self._state = self._fresh_state(epoch, start)
 
 
 def token_throughput(

@@ -81,8 +81,9 @@ def export_run(
     model, state = load_run_model(run)
     if isinstance(model, RemappedLM):
         raise ExportError(f"{run} was trained with data.vocab_remap: export of a shrunken "
-                          "vocabulary is not supported yet (a Llama layout has no way to give the "
-                          "dropped ids -inf logits); use scripts/generate.py, or retrain without it")
+                          "vocabulary is not supported yet (a Llama layout has no output bias to "
+                          "give the dropped ids their share of UNK); use mlxlab generate, or "
+                          "retrain without it")
     if dtype is None:  # the pretrained checkpoint's own dtype, else what mlxlab trained in
         source_config = getattr(model, "hf_config", None) or {}
         source = source_config.get("torch_dtype", source_config.get("dtype"))

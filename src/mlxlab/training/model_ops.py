@@ -245,9 +245,11 @@ def newest_state(candidates: Sequence) -> dict | None:
 def transfer_optimizer_state(optimizer, model: nn.Module, before: dict[str, tuple]) -> None:
     """After an operation: keep the moments of parameters whose name and shape did not change,
     fresh ones for the rest; the step count (learning-rate schedule) goes on."""
-    from mlxlab.training.checkpoint import LoadReport, _flat_arrays, _restore_optimizer
+    from mlxlab.training.checkpoint import LoadReport
+    from mlxlab.training.checkpoint.atomic import flat_arrays
+    from mlxlab.training.checkpoint.restore import _restore_optimizer
 
-    saved = _flat_arrays(optimizer.state)
+    saved = flat_arrays(optimizer.state)
     now = {k: tuple(v.shape) for k, v in tree_flatten(model.trainable_parameters())}
     kept = {k: k for k, shape in now.items() if before.get(k) == shape}
     report = LoadReport(path=None)

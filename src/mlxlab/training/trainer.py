@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,15 +26,18 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
+from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
+from mlxlab.errors import ConfigError, UserError
 from mlxlab.runtime import device, distributed
-from mlxlab.tracking.base import flatten_config
+from mlxlab.tracking.base import Tracker, flatten_config
 from mlxlab.training import losses, metrics
 from mlxlab.training.async_writer import CheckpointWriter
-from mlxlab.training.callbacks import Callback, EarlyStopping, EvalLog, MemoryMonitor, ProgressBar
+from mlxlab.training.callbacks import Callback, ModelCheckpoint
 from mlxlab.training.checkpoint import (
     CheckpointError,
     CheckpointManager,
+    CheckpointState,
     find_run_checkpoints,
     load_checkpoint,
     rng_state,
@@ -41,14 +45,20 @@ from mlxlab.training.checkpoint import (
 )
 from mlxlab.training.metrics import is_better
 from mlxlab.training.model_ops import ModelSchedule, newest_state
-from mlxlab.training.optim import build_optimizer, clip_by_global_norm
+from mlxlab.training.optim import (
+    LRSchedule,
+    OptimizerFactory,
+    build_optimizer,
+    clip_by_global_norm,
+    default_optimizer,
+)
 from mlxlab.training.signals import GracefulStop
 from mlxlab.training.token_tracking import TokenDistributionLog
 
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (NaN loss, memory budget); the message says why and what to do."""
 
 
@@ -126,75 +136,88 @@ class LogWindow:
             self.start = time.perf_counter() - state["elapsed"]
 
 
+@dataclass
+class DistillConfig:
+    """`trainer.distill` (trainer=distill): teachers are finished runs, see conf/trainer/distill.yaml."""
+
+    teachers: list[dict] = field(default_factory=list)  # [{run: <run dir>, weight: 1.0}, ...]
+    alpha: float = 0.5            # weight of the hard-label CE; (1 - alpha) on the soft KL
+    temperature: float = 2.0
+    cache_teacher: bool = True    # fixed datasets: teacher outputs computed once, looked up per step
+
+
+@dataclass
+class DistributedConfig:
+    """`trainer.distributed`: data parallelism under `mlx.launch -n N -- mlxlab train ...`."""
+
+    mode: str | bool = "auto"     # auto = on when launched with > 1 rank | on (must be launched) | off
+    timeout_s: float = 30.0       # a collective waiting longer (dead or hung rank) ends the process
+    shard_optimizer: bool = False  # ZeRO-1: each rank keeps ~1/N of the optimizer state
+
+
 class Trainer:
+    """The one loop. What it trains with comes in built: the optimizer as a partial
+    (`conf/optimizer/*.yaml`, learning_rate = the peak of `schedule`) and the callbacks
+    (`conf/callbacks/*.yaml`); the rest are the loop's own knobs (`conf/trainer/*.yaml`)."""
+
     def __init__(
         self,
-        optimizer: str = "adamw",
-        learning_rate: float = 3e-4,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        bias_correction: bool = True,
-        schedule: str = "cosine",
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.1,
+        optimizer: OptimizerFactory | None = None,
+        callbacks: Sequence[Callback] = (),
+        schedule: LRSchedule | None = None,
         max_epochs: int | None = 10,
         max_steps: int | None = None,
         batch_size: int = 32,
+        grad_accum: int = 1,
         grad_clip: float = 1.0,
         label_smoothing: float = 0.0,
         eval_every_steps: int | None = None,
         log_every_steps: int = 10,
-        grad_accum: int = 1,
-        dynamic_batch: bool = False,
-        max_batch_size: int | None = None,
-        max_tokens: int | None = None,
+        batching: dict | None = None,
         precision: str = "auto",
-        memory_budget_mb: float | None = None,
-        memory_log_every: int = 0,
-        quantize_bits: int | None = None,
         compile: bool = True,
-        progress: bool = True,
+        memory_budget_mb: float | None = None,
+        quantize_bits: int | None = None,
         monitor: str = "val/accuracy",
         monitor_mode: str = "max",
-        early_stopping: dict | None = None,
-        checkpoint: dict | None = None,
-        distill: dict | None = None,
-        distributed: str | bool = "auto",
-        distributed_timeout_s: float = 30.0,
-        shard_optimizer: bool = False,
+        distill: DistillConfig | None = None,
+        distributed: DistributedConfig | None = None,
         model_schedule: list | None = None,
     ) -> None:
         if max_epochs is None and max_steps is None:
-            raise ValueError("set trainer.max_epochs or trainer.max_steps")
-        self.opt_name, self.learning_rate, self.weight_decay = optimizer, learning_rate, weight_decay
-        self.adam = {"betas": tuple(betas), "eps": eps, "bias_correction": bias_correction}
-        self.schedule, self.warmup_steps, self.min_lr_ratio = schedule, warmup_steps, min_lr_ratio
+            raise ConfigError("set trainer.max_epochs or trainer.max_steps")
+        self.optimizer_factory = optimizer or default_optimizer()
+        self.callbacks = list(callbacks)
+        self.schedule = schedule or LRSchedule()
         self.max_epochs, self.max_steps = max_epochs, max_steps
         self.grad_clip, self.label_smoothing = grad_clip, label_smoothing
         self.eval_every_steps, self.log_every_steps = eval_every_steps, log_every_steps
         self.grad_accum = grad_accum
-        self.batching = Batching(
-            batch_size=batch_size, dynamic=dynamic_batch, max_batch_size=max_batch_size,
-            max_tokens=max_tokens,
-        )
-        self.precision = precision
-        self.memory_budget_mb, self.memory_log_every = memory_budget_mb, memory_log_every
-        self.quantize_bits, self.compile, self.progress = quantize_bits, compile, progress
+        self.batching = Batching(batch_size=batch_size, **(batching or {}))
+        self.precision, self.compile = precision, compile
+        self.memory_budget_mb, self.quantize_bits = memory_budget_mb, quantize_bits
         self.monitor, self.monitor_mode = monitor, monitor_mode
-        self.early_stopping = early_stopping or {}
-        self.checkpoint = checkpoint or {}
         self.distill = distill
         self.teachers: list[nn.Module] = []
         # Data parallelism (runtime/distributed.py): batch_size is per rank, as with torchrun.
-        self.distributed, self.distributed_timeout_s = distributed, distributed_timeout_s
-        self.shard_optimizer = shard_optimizer
+        self.distributed = distributed or DistributedConfig()
         self.world = None  # set in fit()
+        self.steps_per_epoch: int | None = None  # set in plan()
         self.optimizer_shards = None
         self.model_ops = ModelSchedule(model_schedule)  # scheduled model operations (model_ops.py)
-        if self.model_ops and shard_optimizer:
-            raise ValueError("trainer.model_schedule does not work with trainer.shard_optimizer yet: "
-                             "turn one of them off")
+        if self.model_ops and self.distributed.shard_optimizer:
+            raise ConfigError("trainer.model_schedule does not work with trainer.distributed."
+                              "shard_optimizer yet: turn one of them off")
+
+    @property
+    def checkpointing(self) -> ModelCheckpoint:
+        """The ModelCheckpoint among the callbacks, else its defaults (checkpoints always exist)."""
+        found = [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
+        return found[0] if found else ModelCheckpoint()
+
+    def build_optimizer(self, total_steps: int):
+        """The configured optimizer, its learning rate following the schedule over total_steps."""
+        return build_optimizer(self.optimizer_factory, self.schedule, total_steps)
 
     # --- hooks ---------------------------------------------------------------------------
 
@@ -204,15 +227,15 @@ class Trainer:
             from mlxlab.runs import load_teachers
 
             self.teachers, weights = load_teachers(
-                self.distill.get("teachers", []), data.vocab_size, data.num_labels
+                self.distill.teachers, data.vocab_size, data.num_labels
             )
-            temperature = self.distill.get("temperature", 2.0)
+            temperature = self.distill.temperature
             cache = None
-            if self.distill.get("cache_teacher", True):
+            if self.distill.cache_teacher:
                 probs_of = losses.teacher_probabilities(self.teachers, weights, temperature)
                 cache = self.teacher_cache(data, probs_of)
             loss_fn = losses.distillation_loss(
-                self.teachers, weights, alpha=self.distill.get("alpha", 0.5),
+                self.teachers, weights, alpha=self.distill.alpha,
                 temperature=temperature, label_smoothing=self.label_smoothing, cache=cache,
             )
         else:
@@ -228,11 +251,11 @@ class Trainer:
         None (run the teachers in every step) for data without `train_batches_in_order`, such as
         streamed text, where a vocabulary-sized distribution per token would be too big to keep.
         """
-        in_order = getattr(data, "train_batches_in_order", None)
+        in_order = data.train_batches_in_order(self.batching)
         if in_order is None:
             return None
         parts = []
-        for batch in in_order(self.batching):
+        for batch in in_order:
             probs = probs_of(batch)
             mx.eval(probs)
             parts.append((np.array(batch["index"]), np.array(probs)))
@@ -247,27 +270,8 @@ class Trainer:
             return device.default_compute_dtype()
         choices = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
         if self.precision not in choices:
-            raise ValueError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+            raise ConfigError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         return choices[self.precision]
-
-    def build_callbacks(self) -> list[Callback]:
-        per_epoch, epochs = getattr(self, "steps_per_epoch", None), self.max_epochs
-        main = self.world is None or self.world.is_main  # only rank 0 prints
-        cbs: list[Callback] = [
-            ProgressBar(enabled=self.progress and main, steps_per_epoch=per_epoch,
-                        max_epochs=epochs),
-            EvalLog(self.monitor, self.monitor_mode, steps_per_epoch=per_epoch, max_epochs=epochs),
-        ]
-        if self.early_stopping.get("patience", 0) > 0:
-            cbs.append(EarlyStopping(
-                monitor=self.early_stopping.get("monitor", self.monitor),
-                mode=self.early_stopping.get("mode", self.monitor_mode),
-                patience=self.early_stopping["patience"],
-                min_delta=self.early_stopping.get("min_delta", 0.0),
-            ))
-        if self.memory_log_every:
-            cbs.append(MemoryMonitor(self.memory_log_every))
-        return cbs
 
     # --- the step ------------------------------------------------------------------------
 
@@ -398,6 +402,13 @@ class Trainer:
         b.max_tokens = b.max_tokens * world.size if b.max_tokens else None
         b.max_batch_size = b.max_batch_size * world.size if b.max_batch_size else None
 
+    def rows_of(self, batch: dict) -> dict:
+        """This rank's part of a batch the data module handed out (all of it when the data
+        batches per rank)."""
+        if self.world is None or getattr(self, "rank_batches", False):
+            return batch
+        return self.world.shard_rows(batch)
+
     def plan(self, data) -> tuple[int, float]:
         """(total optimizer steps, epochs): the run ends at max_steps or max_epochs, first come."""
         batches = data.num_train_batches(self.batching)
@@ -407,61 +418,62 @@ class Trainer:
         if self.max_epochs and per_epoch:
             limits.append(self.max_epochs * per_epoch)
         if not any(limits):
-            raise ValueError("this data has no known length: set trainer.max_steps")
+            raise ConfigError("this data has no known length: set trainer.max_steps")
         return min(x for x in limits if x), self.max_epochs or math.inf
 
     def fit(
         self,
         model: nn.Module,
-        data,
-        tracker,
+        data: DataModule,
+        tracker: Tracker,
         run_dir: str | Path,
         config: dict | None = None,
         tags: dict | None = None,
         resume: str | Path | None = None,
     ) -> FitResult:
+        check_contract(data, DataModule, "data module")
+        check_contract(tracker, Tracker, "tracker")
         run_dir, task, config = Path(run_dir), data.task, config or {}
-        world = self.world = distributed.world(self.distributed, self.distributed_timeout_s)
-        self.use_global_batches(world)
+        world = self.world = distributed.world(self.distributed.mode, self.distributed.timeout_s)
+        # data that reads a lane per rank (data.shard_by_rank) batches per rank already
+        self.rank_batches = bool(getattr(data, "use_world", lambda _: False)(world))
+        if not self.rank_batches:
+            self.use_global_batches(world)
         loss_fn = self.build_loss(data)
         self.fit_batch_to_memory(model, data, loss_fn)
         total_steps, max_epochs = self.plan(data)
 
-        def new_optimizer():
-            return build_optimizer(
-                self.opt_name, self.learning_rate, total_steps, self.warmup_steps, self.schedule,
-                self.weight_decay, min_lr_ratio=self.min_lr_ratio, **self.adam,
-            )
-
-        optimizer = new_optimizer()
-        if self.shard_optimizer and world.enabled:
+        optimizer = self.build_optimizer(total_steps)
+        if self.distributed.shard_optimizer and world.enabled:
             self.optimizer_shards = distributed.OptimizerShards(world, model.trainable_parameters())
         else:  # sharded: the full state is only built when a checkpoint is restored into it
             optimizer.init(model.trainable_parameters())
+        policy = self.checkpointing
         manager = CheckpointManager(
-            run_dir / "checkpoints", keep_last_n=self.checkpoint.get("keep_last_n", 3),
-            save_every_steps=self.checkpoint.get("save_every_steps"),
-            save_every_minutes=self.checkpoint.get("save_every_minutes"),
+            run_dir / "checkpoints", keep_last_n=policy.keep_last_n,
+            save_every_steps=policy.save_every_steps, save_every_minutes=policy.save_every_minutes,
             monitor=self.monitor, mode=self.monitor_mode,
         )
-        callbacks = self.build_callbacks()
+        callbacks = list(self.callbacks)
         if getattr(data, "curriculum", None) is not None:  # data/curriculum.py: pacing, tracking
             callbacks.append(TokenDistributionLog(data, tracker, run_dir,
                                                   total_steps * self.grad_accum, self.grad_accum))
+        for cb in callbacks:
+            cb.setup(self, model, data)
         run = RunState()
         tags = dict(tags or {})
-        has_val = getattr(data, "has_validation", True)
+        has_val = data.has_validation
         if not has_val:
             log.info("no validation data (%s): no evaluation; checkpoints by steps (trainer."
-                     "checkpoint.save_every_steps, eval_every_steps), at epoch ends and at the "
+                     "checkpoint.save_every_steps, trainer.eval_every_steps), at epoch ends and at the "
                      "end; no best/ checkpoint: the last one is the result",
-                     getattr(data, "no_validation_reason", "none held out"))
+                     data.no_validation_reason)
         val_print = val_fingerprint(data) if has_val else None
         if resume:
             tags.update(self.restore(resume, model, optimizer, data, callbacks, manager, run, config,
                                      val_print))
         if self.optimizer_shards is not None:  # keep this rank's share of the (restored) state
-            sharded = new_optimizer()
+            sharded = self.build_optimizer(total_steps)
             self.optimizer_shards.adopt(
                 sharded, optimizer.state if resume else None, model.trainable_parameters())
             optimizer = sharded
@@ -475,22 +487,22 @@ class Trainer:
         step_fn = self.make_step(model, optimizer, loss_fn)  # compiled after any restore
         model.train()
 
-        def trainer_state() -> dict[str, Any]:
-            return {
-                "step": run.step, "epoch": run.epoch, "data": data.state_dict(), "rng": rng_state(),
-                "callbacks": {type(cb).__name__: cb.state_dict() for cb in callbacks},
-                "run_id": tracker.run_id or run.run_id, "history": run.history,
-                "best_metrics": run.best_metrics, "best_metric": run.best_metrics.get(self.monitor),
-                "config": config,
+        def trainer_state(data_state: dict) -> CheckpointState:
+            return CheckpointState(
+                step=run.step, epoch=run.epoch, data=data_state, rng=rng_state(),
+                callbacks={type(cb).__name__: cb.state_dict() for cb in callbacks},
+                run_id=tracker.run_id or run.run_id, history=run.history,
+                best_metrics=run.best_metrics, best_metric=run.best_metrics.get(self.monitor),
+                config=config,
                 # + what rebuilds a pretrained model without its source folder (its config)
-                "model_init": {"vocab_size": data.vocab_size, "num_labels": data.num_labels,
-                               **getattr(model, "checkpoint_init", {})},
-                "tokenizer_hash": getattr(data, "tokenizer_hash", None),
-                "val_fingerprint": val_print, "log_window": window.state_dict(),
-                "model_ops": self.model_ops.state_dict(),
+                model_init={"vocab_size": data.vocab_size, "num_labels": data.num_labels,
+                            **getattr(model, "checkpoint_init", {})},
+                tokenizer_hash=data.tokenizer_hash,
+                val_fingerprint=val_print, log_window=window.state_dict(),
+                extra={"model_ops": self.model_ops.state_dict()},  # training/model_ops.py
                 # classification: label values and columns, so predicting needs no training CSV
-                "encoding": data.encoding_state() if hasattr(data, "encoding_state") else None,
-            }
+                encoding=data.encoding_state(),
+            )
 
         writer = self.checkpoint_writer(manager, run_dir, config)
         saved_at: list[int] = []  # the same on every rank (manager state is rank 0's alone)
@@ -504,9 +516,11 @@ class Trainer:
             if self.optimizer_shards is not None:  # every rank takes part in the gather
                 opt = distributed.StateView(
                     self.optimizer_shards.gathered_state(optimizer, model.trainable_parameters()))
+            # every rank takes part in gathering per-rank data positions (data lanes)
+            data_state = getattr(data, "gathered_state", data.state_dict)()
             if not world.is_main:
                 return None
-            return writer.save(model, opt, trainer_state(), metric=metric, force=force)
+            return writer.save(model, opt, trainer_state(data_state), metric=metric, force=force)
 
         def evaluate_and_save(force: bool = False) -> None:
             if not has_val:  # the points where a run evaluates still checkpoint
@@ -542,7 +556,7 @@ class Trainer:
             loss_value = loss.item()  # already computed: the step's mx.eval synced
             if not math.isfinite(loss_value):
                 raise TrainingError(
-                    f"loss became {loss_value} at step {run.step}: lower trainer.learning_rate or "
+                    f"loss became {loss_value} at step {run.step}: lower optimizer.learning_rate or "
                     f"set trainer.grad_clip; last good checkpoint: {manager.latest()}"
                 )
             window.add(loss_value, aux)
@@ -580,7 +594,7 @@ class Trainer:
                 while run.epoch < max_epochs and not stopped:
                     pending: list = []
                     for batch in data.train_batches(self.batching, run.epoch):
-                        pending.append(world.shard_rows(batch))
+                        pending.append(self.rows_of(batch))
                         if len(pending) == self.grad_accum:
                             stopped, pending = train_step(pending), []
                             if stopped:
@@ -607,23 +621,20 @@ class Trainer:
 
     def checkpoint_writer(self, manager: CheckpointManager, run_dir: Path, config: dict
                           ) -> CheckpointWriter:
-        """Background (or inline) checkpoint writes, uploading to trainer.checkpoint.remote."""
-        uploader = None
-        if self.checkpoint.get("remote") and (self.world is None or self.world.is_main):
+        """Background (or inline) checkpoint writes, uploading to callbacks.checkpoint.remote."""
+        uploader, policy = None, self.checkpointing
+        if policy.remote and (self.world is None or self.world.is_main):
             from omegaconf import OmegaConf
 
             from mlxlab.training.remote import RemoteStore, RemoteUploader
 
-            store = RemoteStore(self.checkpoint["remote"],
-                                retries=self.checkpoint.get("remote_retries", 5),
-                                backoff_s=self.checkpoint.get("remote_backoff_s", 1.0),
-                                timeout_s=self.checkpoint.get("remote_timeout_s", 60.0))
+            store = RemoteStore(policy.remote, retries=policy.remote_retries,
+                                backoff_s=policy.remote_backoff_s, timeout_s=policy.remote_timeout_s)
             uploader = RemoteUploader(store, run_dir, manager.keep_last_n,
                                       config_text=OmegaConf.to_yaml(OmegaConf.create(config)),
-                                      final_wait_s=self.checkpoint.get("remote_final_wait_s", 120.0))
-        return CheckpointWriter(manager, asynchronous=self.checkpoint.get("async_write", True),
-                                when_busy=self.checkpoint.get("when_busy", "wait"),
-                                uploader=uploader)
+                                      final_wait_s=policy.remote_final_wait_s)
+        return CheckpointWriter(manager, asynchronous=policy.async_write,
+                                when_busy=policy.when_busy, uploader=uploader)
 
     def restore(
         self, resume, model, optimizer, data, callbacks, manager, run, config, val_print=None
@@ -631,33 +642,33 @@ class Trainer:
         """Load the newest usable checkpoint of `resume` into everything; returns tags to log."""
         source = find_run_checkpoints(resume)
         self.model_ops.restore_structure(model, newest_state(source))  # before its weights load
-        state, path = source.load_latest(model, optimizer)
-        if (state.get("model_ops") or {}).get("done", []) != self.model_ops.done:
+        raw, path = source.load_latest(model, optimizer)
+        state = CheckpointState.from_json(raw)
+        if (state.extra.get("model_ops") or {}).get("done", []) != self.model_ops.done:
             raise CheckpointError(f"resume: {path} was saved before or after other model "
                                   "operations than the newest checkpoint: resume from that one")
-        data.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        saved = state.get("callbacks") or {}
+        data.load_state_dict(state.data)
+        set_rng_state(state.rng)
         for cb in callbacks:
-            cb.load_state_dict(saved.get(type(cb).__name__, {}))
-        run.step, run.epoch, run.run_id = state["step"], state["epoch"], state.get("run_id")
-        run.history, run.best_metrics = state.get("history", {}), state.get("best_metrics", {})
-        run.log_window = state.get("log_window")
-        manager.restore_best(state.get("best_metric"))
+            cb.load_state_dict(state.callbacks.get(type(cb).__name__, {}))
+        run.step, run.epoch, run.run_id = state.step, state.epoch, state.run_id
+        run.history, run.best_metrics = state.history, state.best_metrics
+        run.log_window = state.log_window
+        manager.restore_best(state.best_metric)
         if self.world is None or self.world.is_main:  # rank 0 alone writes the run folder
             manager.adopt_best(path.parent)
         log.info("resumed from %s at step %d (epoch %d)", path, run.step, run.epoch)
-        tags = self.resume_changes(state.get("config") or {}, config)
-        old_tok, new_tok = state.get("tokenizer_hash"), getattr(data, "tokenizer_hash", None)
+        tags = self.resume_changes(state.config or {}, config)
+        old_tok, new_tok = state.tokenizer_hash, data.tokenizer_hash
         if old_tok != new_tok:
             log.warning("resume: the tokenizer changed (%s -> %s)", old_tok, new_tok)
             tags["resume.changed.tokenizer_hash"] = f"{old_tok} -> {new_tok}"
-        if "val_fingerprint" in state and state["val_fingerprint"] != val_print:
+        if state.validation_changed(val_print):
             # A best metric measured on other data is no bar for this data's metrics.
             log.warning("resume: the validation set changed since the checkpoint: the best metric "
                         "(%s = %s) is reset; the next evaluation sets a new best/",
                         self.monitor, run.best_metrics.get(self.monitor))
-            tags["resume.changed.validation_set"] = f"{state['val_fingerprint']} -> {val_print}"
+            tags["resume.changed.validation_set"] = f"{state.val_fingerprint} -> {val_print}"
             run.best_metrics, run.best_eval, manager.best_metric = {}, None, None
         report = source.last_report
         if report is not None and not report.exact:  # the architecture changed since then
@@ -679,7 +690,7 @@ class Trainer:
             quantized = self.quantized_metrics(model, data, task)
             tracker.log_metrics(quantized, run.step)
             metrics_out.update(quantized)
-        self.log_artifacts(tracker, run_dir, run, task, best, getattr(data, "label_names", None))
+        self.log_artifacts(tracker, run_dir, run, task, best, data.label_names)
         run.finished = True
         return FitResult(metrics_out, run_dir, tracker.run_id, best, run.step, run.history)
 
@@ -694,7 +705,7 @@ class Trainer:
         while True:
             device.reset_peak_memory()
             world = self.world or distributed.World()
-            batch = world.shard_rows(next(iter(data.train_batches(self.batching, 0))))
+            batch = self.rows_of(next(iter(data.train_batches(self.batching, 0))))
             out = grad_fn(model, batch)
             mx.eval(out)
             del out
@@ -729,11 +740,13 @@ class Trainer:
 
     @staticmethod
     def resume_changes(old: dict, new: dict) -> dict[str, str]:
-        """Tags naming each trainer, data and seed setting that differs from the checkpoint's."""
+        """Tags naming each trainer, optimizer, data and seed setting that differs from the
+        checkpoint's."""
         def settings(cfg: dict) -> dict[str, str]:
             # data.tokenizer.path is pointed at the resumed run's tokenizer (its hash is compared
             # instead); cache folders move with the project root and change no result.
-            flat = flatten_config({k: cfg[k] for k in ("trainer", "data", "seed") if k in cfg})
+            flat = flatten_config({k: cfg[k] for k in ("trainer", "optimizer", "data", "seed")
+                                   if k in cfg})
             return {k: v for k, v in flat.items()
                     if k != "data.tokenizer.path" and not k.endswith("cache_dir")}
 
@@ -766,6 +779,17 @@ class Trainer:
             tracker.log_artifact(best, "checkpoint")
         if (run_dir / "tokenizer.json").exists():
             tracker.log_artifact(run_dir / "tokenizer.json")
+
+
+def check_contract(obj: Any, protocol: type, what: str) -> None:
+    """A part that does not implement its protocol fails here, naming what it lacks."""
+    if isinstance(obj, protocol):
+        return
+    members = [m for m in dir(protocol) if not m.startswith("_")]
+    members += list(getattr(protocol, "__annotations__", {}))
+    missing = sorted({m for m in members if not hasattr(obj, m)})
+    raise TypeError(f"{type(obj).__name__} is not a {what} ({protocol.__module__}."
+                    f"{protocol.__name__}): it lacks {missing}")
 
 
 def val_fingerprint(data) -> str:
