@@ -182,7 +182,13 @@ def test_sigkills_keep_weights_and_history_exact(tmp_path, cli_env, name, args, 
     ("name", "args", "kill_after"),
     [("titanic-mid-epoch", TITANIC, 5),  # the default run keeps one; the others are slow
      pytest.param("titanic-next-epoch", TITANIC, 15, marks=pytest.mark.slow),
-     pytest.param("streaming", STREAMING, 7, marks=pytest.mark.slow)],
+     pytest.param("streaming", STREAMING, 7, marks=pytest.mark.slow),
+     # issue 19: the curriculum's draws and token counts, and a remapped vocabulary, resume too
+     pytest.param("titanic-curriculum", [*TITANIC, "data.curriculum={score: rarity}"], 5,
+                  marks=pytest.mark.slow),
+     pytest.param("streaming-curriculum-vocab-remap", [
+         *STREAMING, "data.curriculum={score: length}", "data.vocab_remap=used"], 7,
+         marks=pytest.mark.slow)],
 )
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, cli_env, name, args, kill_after):
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"

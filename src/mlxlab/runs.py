@@ -129,6 +129,7 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, di
     """Rebuild the model of a finished run (its best checkpoint, else the newest; or the newest
     with which="last") with its weights; state["checkpoint_path"] says which was loaded."""
     from mlxlab.training.checkpoint import load_checkpoint
+    from mlxlab.training.model_ops import apply_done
 
     checkpoint = choose_checkpoint(path, which)
     state = json.loads((checkpoint / "state.json").read_text())
@@ -140,7 +141,13 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, di
     if "pretrained" in model_cfg:
         model_cfg.pretrained = None
     model = instantiate(model_cfg, **state["model_init"])
+    apply_done(model, state)  # scheduled operations (grown layers...) it had done
     load_checkpoint(checkpoint, model, strict=True)
+    vocab_map = (state.get("data") or {}).get("vocab_map")
+    if vocab_map:  # trained on a shrunken vocabulary: speak the tokenizer's own ids again
+        from mlxlab.models.remapped import RemappedLM
+
+        model = RemappedLM(model, vocab_map["keep"], vocab_map["full_size"])
     model.eval()
     state["checkpoint_path"] = str(checkpoint)
     return model, state

@@ -25,6 +25,8 @@ import numpy as np
 
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batch, Batching
+from mlxlab.data.curriculum import Curriculum
+from mlxlab.data.vocab_remap import VocabMap
 from mlxlab.errors import ConfigError, MissingFileError
 
 # One background thread tokenizes at ~0.5M tokens/s, far above what training consumes; the
@@ -159,6 +161,9 @@ class StreamingText(DataModule):
         prefetch: int = 4,
         cache_dir: str | None = None,
         encoding: str = "utf-8",
+        curriculum: dict | None = None,
+        vocab_remap: str | None = None,
+        vocab_remap_k: int | None = None,
         shard_by_rank: bool = False,
     ):
         if not dataset_id and not data_files:
@@ -191,6 +196,12 @@ class StreamingText(DataModule):
         self.lane, self.lanes = 0, 1  # whole stream = one lane
         self._state = self._fresh_state(0)
         self._val_cache: dict[int, list[dict]] = {}
+        # data/curriculum.py: the training documents are then read once and kept in memory
+        self.curriculum = Curriculum.from_config(curriculum, seed)
+        self._docs: list[str] = []
+        self._docs_per_batch = 1.0
+        self.vocab_remap, self.vocab_remap_k = vocab_remap, vocab_remap_k  # data/vocab_remap.py
+        self.vocab_map: VocabMap | None = None
 
     # --------------------------------------------------------------- source
     def source_name(self) -> str:
@@ -285,6 +296,9 @@ class StreamingText(DataModule):
         return True
 
     def _train_stream(self, epoch: int, skip: int = 0):
+        if self.curriculum is not None:  # the documents in the curriculum's order
+            order = self.curriculum.document_order(epoch, self._docs_per_batch)
+            return ({self.text_column: self._docs[i]} for i in order[skip:])
         ds = self._load(self.split)
         if self._holds_out_documents():
             ds = ds.skip(self.val_examples)
@@ -356,6 +370,24 @@ class StreamingText(DataModule):
         self.bos_ids = start_ids(self.tokenizer)  # a pretrained tokenizer's BOS starts documents
         self.pad_id = find_token_id(self.tokenizer, PAD_TOKENS + EOT_TOKENS, "padding")
         log.info("%s: vocab %d, seq_len %d", self.source_name(), self.vocab_size, self.seq_len)
+        if self.curriculum is None and not self.vocab_remap:
+            return
+        # Both read the training documents once: the curriculum keeps them, the map counts them.
+        docs = self.documents(self._unshuffled_train())
+        self._docs = list(islice(docs, self.max_examples) if self.max_examples else docs)
+        ids = [np.asarray([*self.bos_ids, *e.ids, self.eot_id], np.int32) for e in
+               self.tokenizer.encode_batch(self._docs, add_special_tokens=False)]
+        if self.curriculum is not None:
+            self.curriculum.fit(ids, self.vocab_size)
+        else:
+            self._docs = []
+        if self.vocab_remap:
+            counts = np.bincount(np.concatenate(ids), minlength=self.vocab_size)
+            self.vocab_map = VocabMap.build(self.vocab_remap, counts, self.vocab_remap_k,
+                                            [self.eot_id, self.pad_id, *self.bos_ids])
+            log.info("vocab_remap=%s: %d of %d tokens kept (+1 UNK): the model's vocabulary is %d",
+                     self.vocab_remap, self.vocab_map.size - 1, self.vocab_size, self.vocab_map.size)
+            self.full_vocab_size, self.vocab_size = self.vocab_size, self.vocab_map.size
 
     def _unshuffled_train(self):
         """Training split before shuffling: the tokenizer sample is the same for every seed."""
@@ -481,14 +513,18 @@ class StreamingText(DataModule):
             return max(1, batching.max_tokens // self.seq_len)
         return batching.batch_size
 
-    @staticmethod
-    def _to_mx(batch: dict) -> Batch:
+    def _to_mx(self, batch: dict) -> Batch:
+        if self.vocab_map is not None:  # the model's ids (data/vocab_remap.py)
+            batch = self.vocab_map.remap(batch)
         return {k: mx.array(v) for k, v in batch.items()}
 
     # -------------------------------------------------------------- batches
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
         """One epoch of packed (batch_size, seq_len) batches; resumes at the loaded state."""
         state = self._state if self._state["epoch"] == epoch else self._fresh_state(epoch)
+        if self.curriculum is not None:  # how many documents a batch holds, for the pacing
+            per_doc = self.curriculum.lengths.mean() if len(self._docs) else 1.0
+            self._docs_per_batch = self.rows_per_batch(batching) * self.stride / per_doc
         base = state.get("base", 0)
         stream = self._train_stream(epoch, skip=base + state["examples_consumed"] * self.lanes)
         lane = islice(stream, self.lane, None, self.lanes) if self.lanes > 1 else stream
@@ -497,6 +533,8 @@ class StreamingText(DataModule):
             if self.world is not None and not self._all_lanes_have_a_batch():
                 break
             self._state = {**after, "base": base}  # counted when handed out, like TabularText
+            if self.curriculum is not None:
+                self.curriculum.observe(batch["labels"], batch["loss_mask"])
             yield self._to_mx(batch)
         else:  # this lane ran dry: the others learn it from its vote
             if self.world is not None:
@@ -529,7 +567,30 @@ class StreamingText(DataModule):
     def state_dict(self) -> dict:
         """This rank's position (its lane's, with shard_by_rank); `gathered_state` for a
         checkpoint."""
-        return {**self._state, "lane": self.lane, "lanes": self.lanes}
+        return {**self._state, "lane": self.lane, "lanes": self.lanes, **self._policy_state()}
+
+    def _policy_state(self) -> dict:
+        """The curriculum's token counts and the vocabulary map (a checkpoint's generation maps
+        back with it), beside the position."""
+        state = {}
+        if self.curriculum is not None:
+            state["curriculum"] = self.curriculum.state_dict()
+        if self.vocab_map is not None:
+            state["vocab_map"] = self.vocab_map.state_dict()
+        return state
+
+    def _load_policy_state(self, state: dict) -> dict:
+        """Restore what _policy_state saved; returns the position part of `state`."""
+        state = dict(state)
+        if self.curriculum is not None:
+            self.curriculum.load_state_dict(state.get("curriculum"))
+        saved = state.pop("vocab_map", None)
+        mine = self.vocab_map.state_dict() if self.vocab_map is not None else None
+        if saved != mine:
+            raise ValueError("resume: the checkpoint's data.vocab_remap map differs from this "
+                             "data's (other documents or settings): resume with the same data")
+        state.pop("curriculum", None)
+        return state
 
     def gathered_state(self) -> dict:
         """The position of every lane (called by every rank; rank 0 writes it): one checkpoint
@@ -541,7 +602,8 @@ class StreamingText(DataModule):
         joined = self.world.gather_rows(text, "gathering the data lanes' positions")
         parts = bytes(joined.astype(np.uint8)).split(b"\0")[:-1]  # rank order
         return {"epoch": self._state["epoch"], "base": self._state.get("base", 0),
-                "lanes": self.lanes, "lane_states": [json.loads(p) for p in parts]}
+                "lanes": self.lanes, "lane_states": [json.loads(p) for p in parts],
+                **self._policy_state()}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at a saved position. Same lane count: every lane continues exactly. Another
@@ -549,6 +611,7 @@ class StreamingText(DataModule):
         first document that no old lane had read yet, base + r + consumed_r x N minimised over the
         old lanes; documents a faster lane had read past it are read again, and the tokens the old
         lanes held but had not yet put into a batch are skipped."""
+        state = self._load_policy_state(state)
         epoch, base = int(state["epoch"]), int(state.get("base", 0))
         lanes = int(state.get("lanes", 1))
         own = state.get("lane_states")

@@ -21,6 +21,7 @@ from mlxlab.data.batching import (
     fixed_batches,
     make_batches,
 )
+from mlxlab.data.curriculum import Curriculum
 from mlxlab.data.tokenizer import PAD_TOKENS, build_tokenizer, find_token_id, tokenizer_hash
 from mlxlab.errors import ConfigError, MissingFileError
 
@@ -169,8 +170,10 @@ class TabularText(DataModule):
         max_length: int = 128,
         tokenizer: dict | None = None,
         cache_dir: str | None = None,
+        curriculum: dict | None = None,
     ):
         self.path = str(path)
+        self.curriculum = Curriculum.from_config(curriculum, seed)  # data/curriculum.py
         self.label_column = label_column
         self.feature_columns = list(feature_columns) if feature_columns is not None else None
         self.id_column = id_column
@@ -259,6 +262,8 @@ class TabularText(DataModule):
         self.train = (tokens[train_idx], lengths[train_idx], labels[train_idx])
         self.val = (tokens[val_idx], lengths[val_idx], labels[val_idx])
         self.train_idx, self.val_idx = train_idx, val_idx
+        if self.curriculum is not None:
+            self.curriculum.fit([tokens[i, : lengths[i]] for i in train_idx], self.vocab_size)
         log.info(
             "%s: %d train / %d val rows, %d labels, vocab %d, longest %d tokens",
             self.path,
@@ -339,10 +344,18 @@ class TabularText(DataModule):
         tokens, lengths, labels = self.train
         rng = np.random.default_rng(self.seed + epoch)
         batches = make_batches(lengths, batching, self.max_length, rng)
+        if self.curriculum is not None:
+            if batching.dynamic and self.curriculum.active:
+                raise ValueError("data.curriculum draws fixed-size batches: turn off "
+                                 "trainer.dynamic_batch or the curriculum")
+            batches = self.curriculum.epoch_batches(batches, epoch)
         start = self._batches_done if epoch == self._epoch else 0
         for k in range(start, len(batches)):
             # Counted when handed out: a checkpoint taken after this step must not replay it.
             self._epoch, self._batches_done = epoch, k + 1
+            if self.curriculum is not None:
+                index = batches[k]
+                self.curriculum.observe(tokens[index], tokens[index] != self.pad_id)
             yield collate_classification(
                 tokens, lengths, labels, batches[k], batching.bucket_multiple
             )
@@ -362,10 +375,15 @@ class TabularText(DataModule):
             yield collate_classification(tokens, lengths, labels, index, batching.bucket_multiple)
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "batches_done": self._batches_done}
+        state = {"epoch": self._epoch, "batches_done": self._batches_done}
+        if self.curriculum is not None:
+            state["curriculum"] = self.curriculum.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._epoch, self._batches_done = int(state["epoch"]), int(state["batches_done"])
+        if self.curriculum is not None:
+            self.curriculum.load_state_dict(state.get("curriculum"))
 
     # ------------------------------------------------------------ prediction
     def encode_frame(

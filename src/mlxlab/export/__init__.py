@@ -33,6 +33,7 @@ from mlxlab.export.mlx_lm import split_adapters, write_adapters
 from mlxlab.export.quality import lm_metrics, validation_batches
 from mlxlab.models.bert import BertClassifier
 from mlxlab.models.lora import LoRALinear, fuse_lora, unwrap_lora
+from mlxlab.models.remapped import RemappedLM
 from mlxlab.models.transformer import Transformer
 from mlxlab.runs import load_run_model, require_run_tokenizer
 
@@ -78,6 +79,11 @@ def export_run(
         raise FileNotFoundError(f"{run} does not exist: pass a run directory (outputs/<task>/<time>)")
     tokenizer_path = require_run_tokenizer(run, "finished")
     model, state = load_run_model(run)
+    if isinstance(model, RemappedLM):
+        raise ExportError(f"{run} was trained with data.vocab_remap: export of a shrunken "
+                          "vocabulary is not supported yet (a Llama layout has no output bias to "
+                          "give the dropped ids their share of UNK); use mlxlab generate, or "
+                          "retrain without it")
     if dtype is None:  # the pretrained checkpoint's own dtype, else what mlxlab trained in
         source_config = getattr(model, "hf_config", None) or {}
         source = source_config.get("torch_dtype", source_config.get("dtype"))

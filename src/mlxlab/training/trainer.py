@@ -36,6 +36,7 @@ from mlxlab.training import losses, metrics
 from mlxlab.training.async_writer import CheckpointWriter
 from mlxlab.training.callbacks import Callback, ModelCheckpoint
 from mlxlab.training.checkpoint import (
+    CheckpointError,
     CheckpointManager,
     CheckpointState,
     find_run_checkpoints,
@@ -44,6 +45,7 @@ from mlxlab.training.checkpoint import (
     set_rng_state,
 )
 from mlxlab.training.metrics import is_better
+from mlxlab.training.model_ops import ModelSchedule, newest_state
 from mlxlab.training.optim import (
     LRSchedule,
     OptimizerFactory,
@@ -52,6 +54,7 @@ from mlxlab.training.optim import (
     default_optimizer,
 )
 from mlxlab.training.signals import GracefulStop
+from mlxlab.training.token_tracking import TokenDistributionLog
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +184,7 @@ class Trainer:
         distill: DistillConfig | None = None,
         distributed: DistributedConfig | None = None,
         fused_kernels: str | bool = "auto",
+        model_schedule: list | None = None,
     ) -> None:
         if max_epochs is None and max_steps is None:
             raise ConfigError("set trainer.max_epochs or trainer.max_steps")
@@ -203,6 +207,10 @@ class Trainer:
         self.steps_per_epoch: int | None = None  # set in plan()
         kernels.set_mode(fused_kernels)  # auto | on | off: fused CPU cross-entropy/SwiGLU
         self.optimizer_shards = None
+        self.model_ops = ModelSchedule(model_schedule)  # scheduled model operations (model_ops.py)
+        if self.model_ops and self.distributed.shard_optimizer:
+            raise ConfigError("trainer.model_schedule does not work with trainer.distributed."
+                              "shard_optimizer yet: turn one of them off")
 
     @property
     def checkpointing(self) -> ModelCheckpoint:
@@ -449,7 +457,10 @@ class Trainer:
             save_every_steps=policy.save_every_steps, save_every_minutes=policy.save_every_minutes,
             monitor=self.monitor, mode=self.monitor_mode,
         )
-        callbacks = self.callbacks
+        callbacks = list(self.callbacks)
+        if getattr(data, "curriculum", None) is not None:  # data/curriculum.py: pacing, tracking
+            callbacks.append(TokenDistributionLog(data, tracker, run_dir,
+                                                  total_steps * self.grad_accum, self.grad_accum))
         for cb in callbacks:
             cb.setup(self, model, data)
         run = RunState()
@@ -491,6 +502,7 @@ class Trainer:
                             **getattr(model, "checkpoint_init", {})},
                 tokenizer_hash=data.tokenizer_hash,
                 val_fingerprint=val_print, log_window=window.state_dict(),
+                extra={"model_ops": self.model_ops.state_dict()},  # training/model_ops.py
                 # classification: label values and columns, so predicting needs no training CSV
                 encoding=data.encoding_state(),
             )
@@ -536,6 +548,12 @@ class Trainer:
 
         def train_step(batches: list) -> bool:
             """One optimizer update, its logging, evaluation and checkpoint; True = stop now."""
+            nonlocal step_fn
+            if self.model_ops.due(run.step):  # scheduled model operations, then a new step
+                if self.model_ops.run_due(run.step, model, optimizer, tracker):
+                    # a best/ of other weights is no bar for these: the next evaluation sets one
+                    run.best_metrics, run.best_eval, manager.best_metric = {}, None, None
+                step_fn = self.make_step(model, optimizer, loss_fn)
             loss, norm, aux = step_fn(batches)
             run.step += 1
             loss_value = loss.item()  # already computed: the step's mx.eval synced
@@ -626,8 +644,12 @@ class Trainer:
     ) -> dict:
         """Load the newest usable checkpoint of `resume` into everything; returns tags to log."""
         source = find_run_checkpoints(resume)
+        self.model_ops.restore_structure(model, newest_state(source))  # before its weights load
         raw, path = source.load_latest(model, optimizer)
         state = CheckpointState.from_json(raw)
+        if (state.extra.get("model_ops") or {}).get("done", []) != self.model_ops.done:
+            raise CheckpointError(f"resume: {path} was saved before or after other model "
+                                  "operations than the newest checkpoint: resume from that one")
         data.load_state_dict(state.data)
         set_rng_state(state.rng)
         for cb in callbacks:
