@@ -8,14 +8,12 @@ Face one plus a "quantization" entry; quantized weights are dequantized on load)
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mlxlab.errors import ConfigError
 from mlxlab.models.hf import assign_weights, read_config, weight_files
