@@ -67,6 +67,7 @@ import numpy as np
 
 from bench_common import (
     clock,
+    cpu_model,
     load_batches,
     peak_rss_mb,
     reset_peak_rss,
@@ -88,16 +89,6 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 # ---- machine and memory ----------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(threads: int) -> dict:

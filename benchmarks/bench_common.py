@@ -6,6 +6,8 @@ rows 3.7x slow)."""
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -62,3 +64,14 @@ def foreign_libraries() -> list[str]:
         return []
     found = {line.split()[-1] for line in maps.splitlines() if any(n in line for n in FOREIGN_LIBRARIES)}
     return sorted(found)
+
+
+def cpu_model() -> str:
+    """The CPU's model name and core count: every figure says which CPU it came from."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"

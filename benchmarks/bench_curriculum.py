@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import cpu_model
+
 SETUPS = {
     "titanic": [
         "trainer.max_epochs=6", "callbacks.early_stopping.patience=0",
@@ -110,12 +112,6 @@ def main() -> None:
             print(f"| {cond} | " + " | ".join(cells) + f" | {per} |")
         print()
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from bench_common import cpu_model
 from mlxlab.data.batching import Batching
 from mlxlab.data.streaming import StreamingText
 from mlxlab.data.tokenizer import build_tokenizer
@@ -105,12 +106,6 @@ def main() -> None:
     print(f"\nremapped/full: step time {statistics.median(b['times']) / statistics.median(a['times']):.2f}x, "
           f"step peak memory {b['peak_mb'] / a['peak_mb']:.2f}x, parameters {b['params'] / a['params']:.2f}x")
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    return "unknown"
 
 
 if __name__ == "__main__":
