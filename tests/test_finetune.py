@@ -70,7 +70,7 @@ def test_data_masks_the_prompt(finetuned):
 def test_lora_finetuning_lowers_the_completion_loss(finetuned):
     base = Transformer(vocab_size=1, pretrained=str(finetuned["base"]))
     tuned, state = load_run_model(finetuned["run"])
-    assert state["model_init"]["hf_config"]["model_type"] == "llama"
+    assert state.model_init["hf_config"]["model_type"] == "llama"
     data = PromptCompletion(str(finetuned["pairs"]), val_fraction=0.25,
                             tokenizer={"path": str(finetuned["run"] / "tokenizer.json")})
     data.setup(None)

@@ -74,7 +74,7 @@ def test_checkpoint_dir_and_run_dir_load_the_same_model(tiny_lm_run, loaded):
     kw = dict(max_tokens=8, temperature=0.8, seed=5)
     assert complete(again, "The dog", **kw) == complete(loaded, "The dog", **kw)
     last = load_run(tiny_lm_run[0], "last")
-    assert last.checkpoint.name.startswith("step_") and last.state["step"] == 30
+    assert last.checkpoint.name.startswith("step_") and last.state.step == 30
     frame = predict_frame(loaded, pd.DataFrame({"prompt": ["The dog"]}), max_new_tokens=6)
     assert frame["completion"].tolist() == [complete(loaded, "The dog", 6, temperature=0.0)]
 

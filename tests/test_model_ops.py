@@ -138,7 +138,7 @@ def test_growth_mid_run_is_logged_checkpointed_and_reloads(make_cfg, tmp_path):
     state = final_state(run_dir)
     assert state["model_ops"]["done"] == [0]
     model, best = load_run_model(run_dir)  # rebuilt from the config, grown, loaded strictly
-    assert len(model.layers) == 2 and best["step"] == 8  # best/ is a grown checkpoint
+    assert len(model.layers) == 2 and best.step == 8  # best/ is a grown checkpoint
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [r] = client.search_runs([client.get_experiment_by_name("tinystories_nano").experiment_id])
     [(step, count)] = [(m.step, m.value) for m in

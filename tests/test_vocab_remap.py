@@ -55,8 +55,8 @@ def test_remapped_run_generates_in_the_tokenizers_ids(make_cfg, tmp_path):
     run_dir = Path(cfg.paths.output_dir)
     model, state = load_run_model(run_dir)
     assert isinstance(model, RemappedLM) and model.vocab_size == 1024
-    keep = np.array(state["data"]["vocab_map"]["keep"])
-    assert state["model_init"]["vocab_size"] == len(keep) + 1  # the checkpoint is the small one
+    keep = np.array(state.data["vocab_map"]["keep"])
+    assert state.model_init["vocab_size"] == len(keep) + 1  # the checkpoint is the small one
     prompt = keep[:5].tolist()
     to_new = {int(o): n for n, o in enumerate(keep)}
     logits = np.array(model(mx.array([prompt])))

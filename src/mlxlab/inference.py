@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # mlx is imported through mlxlab, which loads the fast BLAS f
     import mlx.nn as nn
 
     from mlxlab.data.tabular import TabularText
+    from mlxlab.training.checkpoint import CheckpointState
 
 
 @dataclass
@@ -40,12 +41,12 @@ class LoadedRun:
     encoding: TabularText | None
     config: dict
     checkpoint: Path
-    state: dict
+    state: CheckpointState
     tokenizer_path: Path
 
     @property
     def task(self) -> str:
-        return "classification" if self.state["model_init"].get("num_labels") else "lm"
+        return "classification" if self.state.model_init.get("num_labels") else "lm"
 
 
 def load_run(
@@ -67,34 +68,34 @@ def load_run(
     tokenizer_path = Path(tokenizer_path or require_run_tokenizer(path, "mlxlab"))
     model, state = load_run_model(path, which)
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    expected = state.get("tokenizer_hash")
+    expected = state.tokenizer_hash
     if expected and tokenizer_hash(tokenizer) != expected:
         raise ValueError(
-            f"{tokenizer_path} is not the tokenizer {state['checkpoint_path']} was trained with "
+            f"{tokenizer_path} is not the tokenizer {state.path} was trained with "
             "(hash differs): use the tokenizer.json of that run"
         )
-    config = state["config"]
+    config = state.config
     encoding = None
-    if state["model_init"].get("num_labels"):
+    if state.model_init.get("num_labels"):
         encoding = _row_encoding(state, tokenizer, tokenizer_path, encoding_state)
-    return LoadedRun(model, tokenizer, encoding, config, Path(state["checkpoint_path"]), state,
+    return LoadedRun(model, tokenizer, encoding, config, state.path, state,
                      tokenizer_path)
 
 
 def _row_encoding(
-    state: dict, tokenizer: Tokenizer, tokenizer_path: Path, saved: dict | None
+    state: CheckpointState, tokenizer: Tokenizer, tokenizer_path: Path, saved: dict | None
 ) -> TabularText:
     from mlxlab.config import instantiate
     from mlxlab.data.tabular import TabularText
 
-    data_cfg = OmegaConf.create(state["config"]["data"])
+    data_cfg = OmegaConf.create(state.config["data"])
     if "label_column" not in data_cfg:
         raise ValueError(
-            f"{state['checkpoint_path']} is a classifier without a CSV data config (no "
+            f"{state.path} is a classifier without a CSV data config (no "
             "label_column): only CSV classification runs predict rows"
         )
     data_cfg.tokenizer = {**data_cfg.get("tokenizer", {}), "path": str(tokenizer_path)}
-    saved = saved or state.get("encoding")
+    saved = saved or state.encoding
     if saved is not None:  # label values and columns saved by the run
         settings = OmegaConf.to_container(data_cfg, resolve=True)
         return TabularText.from_encoding_state(settings, tokenizer, saved)
@@ -103,7 +104,7 @@ def _row_encoding(
     data = instantiate(data_cfg)
     if not Path(data.path).is_file():
         raise FileNotFoundError(
-            f"the run's training CSV {data.path} is gone and {state['checkpoint_path']} "
+            f"the run's training CSV {data.path} is gone and {state.path} "
             "predates saved label values: restore the file at that path"
         )
     data.setup(None)

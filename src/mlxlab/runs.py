@@ -7,16 +7,19 @@ model's constructor inputs, so a model can be rebuilt from the checkpoint alone.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from mlxlab.config import instantiate
 from mlxlab.errors import ConfigError, MissingFileError
+
+if TYPE_CHECKING:
+    from mlxlab.training.checkpoint import CheckpointState
 
 log = logging.getLogger(__name__)
 
@@ -125,31 +128,29 @@ def choose_checkpoint(path: str | Path, which: str = "best") -> Path:
     return usable[0]
 
 
-def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, dict]:
+def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, CheckpointState]:
     """Rebuild the model of a finished run (its best checkpoint, else the newest; or the newest
-    with which="last") with its weights; state["checkpoint_path"] says which was loaded."""
-    from mlxlab.training.checkpoint import load_checkpoint
+    with which="last") with its weights; the state's `path` says which checkpoint was loaded."""
+    from mlxlab.training.checkpoint import CheckpointState, load_checkpoint
     from mlxlab.training.model_ops import apply_done
 
     checkpoint = choose_checkpoint(path, which)
-    state = json.loads((checkpoint / "state.json").read_text())
-    config = state.get("config") or {}
-    if "model" not in config or "model_init" not in state:
+    state = CheckpointState.read(checkpoint)
+    if "model" not in state.config or not state.model_init:
         raise ConfigError(f"{checkpoint}/state.json has no model config: it is not an mlxlab run")
     # The checkpoint holds every weight, so a pretrained source folder is not needed again.
-    model_cfg = OmegaConf.create(config["model"])
+    model_cfg = OmegaConf.create(state.config["model"])
     if "pretrained" in model_cfg:
         model_cfg.pretrained = None
-    model = instantiate(model_cfg, **state["model_init"])
+    model = instantiate(model_cfg, **state.model_init)
     apply_done(model, state)  # scheduled operations (grown layers...) it had done
     load_checkpoint(checkpoint, model, strict=True)
-    vocab_map = (state.get("data") or {}).get("vocab_map")
+    vocab_map = (state.data or {}).get("vocab_map")
     if vocab_map:  # trained on a shrunken vocabulary: speak the tokenizer's own ids again
         from mlxlab.models.remapped import RemappedLM
 
         model = RemappedLM(model, vocab_map["keep"], vocab_map["full_size"])
     model.eval()
-    state["checkpoint_path"] = str(checkpoint)
     return model, state
 
 
@@ -168,7 +169,7 @@ def load_teachers(
         if not spec.get("run"):
             raise ConfigError("each trainer.distill.teachers entry needs run=<finished run dir>")
         model, state = load_run_model(spec["run"])
-        theirs = state["model_init"]
+        theirs = state.model_init
         if theirs.get("num_labels") != num_labels or theirs.get("vocab_size") != vocab_size:
             raise ConfigError(
                 f"teacher {spec['run']} was trained with vocab_size={theirs.get('vocab_size')}, "
@@ -179,7 +180,7 @@ def load_teachers(
         model.freeze()
         models.append(model)
         weights.append(float(spec.get("weight", 1.0)))
-        log.info("teacher: %s (%s)", spec["run"], state["checkpoint_path"])
+        log.info("teacher: %s (%s)", spec["run"], state.path)
     return models, weights
 
 

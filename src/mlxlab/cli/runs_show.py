@@ -12,7 +12,6 @@ $MLFLOW_TRACKING_URI, else <project>/mlruns/mlflow.db.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mlxlab.cli.common import guarded, parser_for
@@ -49,6 +48,7 @@ def _client(uri_arg: str | None):
 def checkpoints(folder: Path) -> dict[str, tuple[int, Path]]:
     """{"best": (step, path), "last": (step, path)} of a run folder's committed checkpoints."""
     from mlxlab.runs import choose_checkpoint
+    from mlxlab.training.checkpoint import CheckpointState
 
     found = {}
     for which in ("best", "last"):
@@ -56,19 +56,20 @@ def checkpoints(folder: Path) -> dict[str, tuple[int, Path]]:
             ckpt = choose_checkpoint(folder, which)
         except (FileNotFoundError, ValueError):
             continue
-        found[which] = (int(json.loads((ckpt / "state.json").read_text())["step"]), ckpt)
+        found[which] = (CheckpointState.read(ckpt).step, ckpt)
     return found
 
 
 def _resolve(client, uri: str, ref: str):
     """(MLflow run or None, run folder or None) for a run id or a run folder."""
     from mlxlab.tracking.mlflow import RUN_DIR_TAG
+    from mlxlab.training.checkpoint import CheckpointState
 
     folder = Path(ref).expanduser()
     if folder.is_dir():
         run_id = None
         for _, ckpt in checkpoints(folder).values():
-            run_id = run_id or json.loads((ckpt / "state.json").read_text()).get("run_id")
+            run_id = run_id or CheckpointState.read(ckpt).run_id
         run = None
         if run_id:
             try:

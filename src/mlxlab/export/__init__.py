@@ -93,13 +93,13 @@ def export_run(
         raise ExportError(f"{out} exists and is not empty: pick a new --out or pass --overwrite")
     run_dir = tokenizer_path.parent
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    report: dict = {"run": str(run), "checkpoint": state["checkpoint_path"], "format": fmt,
+    report: dict = {"run": str(run), "checkpoint": str(state.path), "format": fmt,
                     "dtype": dtype, "quantize": quantize}
 
     if isinstance(model, BertClassifier):
-        labels = (state.get("encoding") or {}).get("label_values")
+        labels = (state.encoding or {}).get("label_values")
         if not labels:
-            raise ExportError(f"{state['checkpoint_path']} records no label values: retrain it")
+            raise ExportError(f"{state.path} records no label values: retrain it")
         config = bert_config(model, labels)
     else:
         config = decoder_config(model, tokenizer, dtype)

@@ -13,12 +13,13 @@ from omegaconf import OmegaConf
 
 from mlxlab.config import instantiate
 from mlxlab.data.batching import Batch, Batching
+from mlxlab.training.checkpoint import CheckpointState
 from mlxlab.training.losses import masked_sum, token_cross_entropy
 
 
-def validation_batches(state: dict, tokenizer_path: Path, batch_size: int = 8) -> list[Batch]:
+def validation_batches(state: CheckpointState, tokenizer_path: Path, batch_size: int = 8) -> list[Batch]:
     """The run's validation batches, rebuilt from its data config with its tokenizer.json."""
-    data_cfg = OmegaConf.create(state["config"]["data"])
+    data_cfg = OmegaConf.create(state.config["data"])
     if "tokenizer" in data_cfg:
         data_cfg.tokenizer.path = str(tokenizer_path)
     data = instantiate(data_cfg)

@@ -51,7 +51,7 @@ def register_run(
     experiment_name = str(run.config.get("task_name") or "mlxlab")
     experiment_id = ensure_store(uri, experiment_name)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    run_id = run.state.get("run_id")
+    run_id = run.state.run_id
     if run_id:
         try:
             run_id = client.get_run(run_id).info.run_id

@@ -31,6 +31,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxlab.training.checkpoint.state import CheckpointState
+
 log = logging.getLogger("mlxlab.training")
 
 RESIDUAL_OUTPUTS = ("attention.out", "mlp.down")  # the projections that write into the residual
@@ -164,9 +166,9 @@ def check_schedule(schedule: Sequence[Mapping] | None) -> list[dict]:
     return sorted(out, key=lambda e: e["at_step"])  # stable: same-step ops keep their order
 
 
-def apply_done(model: nn.Module, state: Mapping) -> None:
+def apply_done(model: nn.Module, state: CheckpointState | None) -> None:
     """Rebuild the structure a checkpoint's model had: the operations its state says were done."""
-    saved = (state or {}).get("model_ops") or {}
+    saved = (state.model_ops if state else None) or {}
     for spec in saved.get("applied", []):
         apply_op(model, spec)
 
@@ -214,9 +216,9 @@ class ModelSchedule:
                              "model/ops_done": float(len(self.done))}, step + 1)
         return structural
 
-    def restore_structure(self, model: nn.Module, state: Mapping | None) -> None:
+    def restore_structure(self, model: nn.Module, state: CheckpointState | None) -> None:
         """Before a checkpoint's weights load: redo the operations it had done, mark them done."""
-        saved = (state or {}).get("model_ops") or {}
+        saved = (state.model_ops if state else None) or {}
         for index, spec in zip(saved.get("done", []), saved.get("applied", [])):
             if index >= len(self.ops) or self.ops[index] != spec:
                 raise ValueError(
@@ -227,17 +229,15 @@ class ModelSchedule:
             self.done.append(index)
 
 
-def newest_state(candidates: Sequence) -> dict | None:
-    """state.json of the checkpoint a resume will load (the first committed candidate)."""
-    import json
-
-    from mlxlab.training.checkpoint import STATE_FILE, check_committed
+def newest_state(candidates: Sequence) -> CheckpointState | None:
+    """The state of the checkpoint a resume will load (the first committed candidate)."""
+    from mlxlab.training.checkpoint import CheckpointError, check_committed
 
     for path in candidates:
         if check_committed(path, full=False) is None:
             try:
-                return json.loads((path / STATE_FILE).read_text())
-            except (OSError, ValueError):
+                return CheckpointState.read(path)
+            except (OSError, CheckpointError):
                 return None  # the loader reports it and falls back
     return None
 

@@ -502,7 +502,7 @@ class Trainer:
                             **getattr(model, "checkpoint_init", {})},
                 tokenizer_hash=data.tokenizer_hash,
                 val_fingerprint=val_print, log_window=window.state_dict(),
-                extra={"model_ops": self.model_ops.state_dict()},  # training/model_ops.py
+                model_ops=self.model_ops.state_dict(),  # training/model_ops.py
                 # classification: label values and columns, so predicting needs no training CSV
                 encoding=data.encoding_state(),
             )
@@ -647,7 +647,7 @@ class Trainer:
         self.model_ops.restore_structure(model, newest_state(source))  # before its weights load
         raw, path = source.load_latest(model, optimizer)
         state = CheckpointState.from_json(raw)
-        if (state.extra.get("model_ops") or {}).get("done", []) != self.model_ops.done:
+        if (state.model_ops or {}).get("done", []) != self.model_ops.done:
             raise CheckpointError(f"resume: {path} was saved before or after other model "
                                   "operations than the newest checkpoint: resume from that one")
         data.load_state_dict(state.data)

@@ -56,11 +56,14 @@ class CheckpointState:
     val_fingerprint: str | None = UNRECORDED
     log_window: dict | None = None  # LogWindow.state_dict(): steps since the last logged line
     encoding: dict | None = None  # classification: label values and columns
+    model_ops: dict | None = None  # scheduled model operations done (training/model_ops.py)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know
     version: int = STATE_VERSION
+    # the checkpoint directory it was read from (set by `read`; not written)
+    path: Path | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _UNWRITTEN}
         if self.checkpoint_metric is not None:
             out["checkpoint_metric"] = asdict(self.checkpoint_metric)
         else:
@@ -83,7 +86,7 @@ class CheckpointState:
             raw = _migrate_v1(raw)
         if not isinstance(raw.get("step"), int):
             raise CheckpointError(f"state.json has no integer step (got {raw.get('step')!r})")
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name for f in fields(cls)} - _UNWRITTEN
         kwargs = {k: v for k, v in raw.items() if k in known}
         for f in fields(cls):  # a null where a dict belongs (hand-edited, older writers)
             if kwargs.get(f.name, 0) is None and f.default_factory is dict:
@@ -96,7 +99,7 @@ class CheckpointState:
     def read(cls, checkpoint: str | Path) -> CheckpointState:
         """The state of checkpoint directory `checkpoint` (no checksum check: see
         discover.check_committed)."""
-        return cls.from_json(read_payload(checkpoint))
+        return replace(cls.from_json(read_payload(checkpoint)), path=Path(checkpoint))
 
     def with_metric(self, name: str | None, mode: str, value: float) -> CheckpointState:
         return replace(self, checkpoint_metric=MonitoredMetric(name, mode, float(value)))
@@ -104,6 +107,9 @@ class CheckpointState:
     def validation_changed(self, fingerprint: str | None) -> bool:
         """The validation set differs from the one this state's best metrics were measured on."""
         return self.val_fingerprint != UNRECORDED and self.val_fingerprint != fingerprint
+
+
+_UNWRITTEN = {"extra", "path"}
 
 
 def _migrate_v1(raw: dict[str, Any]) -> dict[str, Any]:
