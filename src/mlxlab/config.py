@@ -185,6 +185,9 @@ def validate(cfg: DictConfig) -> None:
         node = cfg.get(group)
         if node is None or "_target_" not in node:
             raise ConfigError(f"config group '{group}' has no _target_: pick an option, e.g. {group}=...")
+    tracking = cfg.get("tracking")
+    if "csv" in tracking and not str(tracking["_target_"]).endswith("build_tracker"):
+        raise ConfigError("tracking: list csv after the other tracker: tracking=[mlflow,csv]")
     _check_choice(cfg, "trainer.precision", ("auto", "fp32", "bf16", "fp16"))
     _check_choice(cfg, "trainer.quantize_bits", (None, 2, 3, 4, 6, 8))
     _check_choice(cfg, "trainer.optimizer", (None, "adamw", "adam", "sgd"))
