@@ -191,6 +191,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("model %s: %s parameters", cfg.model._target_.rsplit(".", 1)[-1],
              f"{config['num_parameters']:,}")
     trainer = instantiate(cfg.trainer)
+    trainer.extra_callbacks = tuple(  # callbacks=<option>: each entry of the node is one
+        instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node)
     tags = {**run_tags(cfg, choices, run_hash, run_dir), **process_tags(),
             "mlxlab.world_size": str(world.size)}
     result = trainer.fit(model, data, tracker, run_dir, config=config, tags=tags, resume=resume)

@@ -1,6 +1,7 @@
 """`mlxlab runs <action> ...`: the MLflow store's runs.
 
     mlxlab runs merge SOURCE... [--into URI] [--dry-run]   copy other stores into the central one
+    mlxlab runs hardest RUN [-n 20] [--epoch E]           a run's highest-loss training examples
 
 Listing runs is `scripts/list_experiments.py` until it becomes `mlxlab runs list`.
 """
@@ -12,6 +13,7 @@ import sys
 # action -> (module with main(argv) -> int, one-line help)
 ACTIONS = {
     "merge": ("mlxlab.tracking.merge", "copy experiments, runs and models from other MLflow stores"),
+    "hardest": ("mlxlab.cli.hardest", "the training examples with the highest loss (per_example_losses)"),
 }
 
 

@@ -25,8 +25,17 @@ def epoch_of(step: int, steps_per_epoch: int | None) -> int | None:
 
 class Callback:
     should_stop: bool = False
+    # True: the loss adds each example's loss to the step's outputs (see on_batch_outputs)
+    needs_example_losses: bool = False
+
+    def attach(self, trainer, model, data, tracker, run_dir) -> None:
+        """Called once in fit(), before any restore: what a callback that logs or analyses needs."""
 
     def on_train_start(self, total_steps: int | None, start_step: int) -> None: ...
+
+    def on_batch_outputs(self, step: int, batches: list, outputs: dict) -> None:
+        """After step `step`: its micro-batches and per-example outputs (losses.EXAMPLE_KEYS,
+        evaluated arrays, rows in the order of the batches); only if needs_example_losses."""
 
     def on_step(self, step: int, logs: dict[str, float]) -> None: ...
 

@@ -124,6 +124,9 @@ class LogWindow:
 
 
 class Trainer:
+    # Callbacks from the config's `callbacks` node (train.py sets them), after the built-in ones.
+    extra_callbacks: tuple[Callback, ...] = ()
+
     def __init__(
         self,
         optimizer: str = "adamw",
@@ -192,6 +195,7 @@ class Trainer:
 
     def build_loss(self, data) -> losses.LossFn:
         task = data.task
+        per_example = any(cb.needs_example_losses for cb in self.extra_callbacks)
         if self.distill:
             from mlxlab.runs import load_teachers
 
@@ -206,9 +210,10 @@ class Trainer:
             loss_fn = losses.distillation_loss(
                 self.teachers, weights, alpha=self.distill.get("alpha", 0.5),
                 temperature=temperature, label_smoothing=self.label_smoothing, cache=cache,
+                per_example=per_example,
             )
         else:
-            loss_fn = losses.task_loss(task, self.label_smoothing)
+            loss_fn = losses.task_loss(task, self.label_smoothing, per_example)
         dtype = self.compute_dtype()
         return loss_fn if dtype == mx.float32 else mixed_precision(loss_fn, dtype)
 
@@ -259,7 +264,7 @@ class Trainer:
             ))
         if self.memory_log_every:
             cbs.append(MemoryMonitor(self.memory_log_every))
-        return cbs
+        return cbs + list(self.extra_callbacks)
 
     # --- the step ------------------------------------------------------------------------
 
@@ -299,9 +304,10 @@ class Trainer:
         @compile_
         def grad_step(batch):
             (loss, aux), grads = loss_and_grad(model, batch)
+            examples = losses.pop_example_outputs(aux)  # per row: concatenated, not averaged
             n = aux["ntokens"]
             weighted = {k: v * n for k, v in aux.items() if k != "ntokens"}
-            return loss * n, n, weighted, tree_map(lambda g: g * n, grads)
+            return loss * n, n, weighted, tree_map(lambda g: g * n, grads), examples
 
         @compile_
         def apply_step(grads, ntokens, loss_sum, aux_sum):
@@ -315,9 +321,10 @@ class Trainer:
         compiled: list[bool] = []
 
         def step(batches):
-            total_loss, total_n, total_aux, acc = 0.0, 0.0, None, None
+            total_loss, total_n, total_aux, acc, examples = 0.0, 0.0, None, None, []
             for batch in batches:
-                loss_sum, n, aux_sum, grads = grad_step(batch)
+                loss_sum, n, aux_sum, grads, per_row = grad_step(batch)
+                examples.append(per_row)
                 if acc is None:
                     acc, total_aux = grads, aux_sum
                 else:
@@ -329,6 +336,8 @@ class Trainer:
                 norm, loss, aux = apply_step(acc, total_n, total_loss, total_aux)
                 mx.eval(loss, norm, aux, state)
             compiled.append(True)
+            for key in examples[0]:
+                aux[key] = mx.concatenate([e[key] for e in examples])
             return loss, norm, aux
 
         return step
@@ -437,6 +446,8 @@ class Trainer:
             monitor=self.monitor, mode=self.monitor_mode,
         )
         callbacks = self.build_callbacks()
+        for cb in callbacks:
+            cb.attach(self, model, data, tracker, run_dir)
         run = RunState()
         tags = dict(tags or {})
         has_val = getattr(data, "has_validation", True)
@@ -521,6 +532,10 @@ class Trainer:
             """One optimizer update, its logging, evaluation and checkpoint; True = stop now."""
             loss, norm, aux = step_fn(batches)
             run.step += 1
+            examples = losses.pop_example_outputs(aux)
+            if examples:
+                for cb in callbacks:
+                    cb.on_batch_outputs(run.step, batches, examples)
             loss_value = loss.item()  # already computed: the step's mx.eval synced
             if not math.isfinite(loss_value):
                 raise TrainingError(
