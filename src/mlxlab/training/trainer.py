@@ -202,6 +202,12 @@ class Trainer:
             self.teachers, weights = load_teachers(
                 self.distill.get("teachers", []), data.vocab_size, data.num_labels
             )
+            if self.distill.get("teacher_weights", "fixed") == "learned" and len(self.teachers) > 1:
+                from mlxlab.training.teacher_weights import fit_teacher_weights
+
+                rows = getattr(data, "train_batches_in_order", data.val_batches)(self.batching)
+                weights = fit_teacher_weights(self.teachers, rows)
+            self.teacher_weights = [w / sum(weights) for w in weights]
             temperature = self.distill.get("temperature", 2.0)
             cache = None
             if self.distill.get("cache_teacher", True):
@@ -468,6 +474,8 @@ class Trainer:
         self.optimizer_state_mb = distributed.tree_nbytes(optimizer.state) / 2**20
         log.info("optimizer state: %.1f MB on this rank%s", self.optimizer_state_mb,
                  f" (sharded over {world.size} ranks)" if self.optimizer_shards else "")
+        if self.distill:  # the weights each teacher had (learned ones are known only now)
+            tags["mlxlab.distill.teacher_weights"] = str([round(w, 4) for w in self.teacher_weights])
         tracker.start(params=config, tags=tags, run_id=run.run_id)
         if resume and run.run_id is not None and tracker.run_id == run.run_id:
             # What the killed process logged after its checkpoint is about to be logged again.
