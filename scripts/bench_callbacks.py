@@ -1,10 +1,15 @@
-"""Step-time cost of an optional callback: the same training run with and without it,
-alternating in one process (so a busy machine slows both alike), the median step time of each.
+"""Step-time cost of per-example loss recording and of background analysis, interleaved in one
+process so that a busy machine slows both sides alike.
 
-    python scripts/bench_callbacks.py --with callbacks=per_example_losses --rounds 4
-    python scripts/bench_callbacks.py --with callbacks=analysis --rounds 4
+    python scripts/bench_callbacks.py per_example [--steps 400]
+    python scripts/bench_callbacks.py analysis [--steps 400] [--every 10]
 
-Steps followed by an evaluation or a checkpoint are left out (StepTimer restarts after them).
+per_example: two compiled steps on the same model, one with the loss's per-example output fed to
+PerExampleLosses (its background thread running), one plain; they alternate step by step.
+analysis: blocks of 2 x `every` steps alternate between BackgroundAnalysis on (an analysis every
+`every` steps, the worker computing beside the step) and off. Both print the median and mean wall
+time per step of each side, their ratio, and for analysis the time on_step holds the training
+thread (the snapshot and hand-off: the stall).
 """
 
 from __future__ import annotations
@@ -14,65 +19,127 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-from mlxlab.training.callbacks import Callback
+# isort: off
+import mlxlab  # noqa: F401  first: loads the fast BLAS before anything imports mlx.core
 
+# isort: on
+import mlx.core as mx
 
-class StepTimer(Callback):
-    """Wall time between consecutive on_step calls, evaluation and checkpoint steps excluded."""
-
-    last_run: StepTimer | None = None
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.last: float | None = None
-        StepTimer.last_run = self
-
-    def on_step(self, step: int, logs: dict[str, float]) -> None:
-        now = time.perf_counter()
-        if self.last is not None:
-            self.times.append(now - self.last)
-        self.last = now
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.last = None
+from mlxlab.config import compose_config, instantiate
+from mlxlab.tracking.base import NullTracker
+from mlxlab.training import losses
+from mlxlab.training.optim import build_optimizer
 
 
-BASE = ["tracking=none", "trainer.progress=false", "trainer.max_epochs=2",
-        "trainer.early_stopping.patience=0", "trainer.checkpoint.save_every_minutes=null"]
+def setup(root: Path, overrides: list[str]):
+    cfg = compose_config(root, ["tracking=none", *overrides])
+    data = instantiate(cfg.data)
+    data.setup(root)
+    model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
+    trainer = instantiate(cfg.trainer)
+    trainer.plan(data)
+    return data, model, trainer
 
 
-def run_once(root: Path, name: str, overrides: list[str]) -> float:
-    from mlxlab.config import compose_config
-    from mlxlab.train import train
+def batches_forever(data, trainer):
+    epoch = 0
+    while True:
+        yield from data.train_batches(trainer.batching, epoch)
+        epoch += 1
 
-    timer = "+callbacks.step_timer._target_=__main__.StepTimer"
-    cfg = compose_config(root, [*BASE, *overrides, timer], output_dir=root / name)
-    train(cfg)
-    return statistics.median(StepTimer.last_run.times)
+
+def new_step(trainer, model, loss_fn):
+    opt = build_optimizer("adamw", 1e-4, 10_000, 0, "constant", 0.01, bias_correction=True)
+    opt.init(model.trainable_parameters())
+    return trainer.make_step(model, opt, loss_fn)
+
+
+def summary(name: str, times: list[float]) -> tuple[float, float]:
+    med, mean = statistics.median(times), statistics.fmean(times)
+    print(f"  {name:<4} median {med * 1e3:8.2f} ms  mean {mean * 1e3:8.2f} ms  ({len(times)} steps)")
+    return med, mean
+
+
+def per_example(root: Path, steps: int, overrides: list[str]) -> None:
+    from mlxlab.training.per_example import PerExampleLosses
+
+    data, model, trainer = setup(root, overrides)
+    step_on = new_step(trainer, model, losses.task_loss(data.task, per_example=True))
+    step_off = new_step(trainer, model, losses.task_loss(data.task))
+    cb = PerExampleLosses(log_artifacts=False)
+    cb.attach(SimpleNamespace(steps_per_epoch=trainer.steps_per_epoch, world=None), model, data,
+              NullTracker(), root / "run")
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    batches = batches_forever(data, trainer)
+    for i in range(steps + 20):
+        batch = next(batches)
+        side = "on" if i % 2 else "off"
+        t0 = time.perf_counter()
+        if side == "on":
+            _, _, aux = step_on([batch])
+            cb.on_batch_outputs(i // 2 + 1, [batch], losses.pop_example_outputs(aux))
+            cb.on_step(i // 2 + 1, {})
+        else:
+            step_off([batch])
+        if i >= 20:  # the first steps compile
+            times[side].append(time.perf_counter() - t0)
+    cb.on_train_end()
+    print(f"per_example: {sorted(p.name for p in (root / 'run' / 'per_example').glob('*'))[:3]}...")
+    report(times)
+
+
+def analysis(root: Path, steps: int, every: int, overrides: list[str]) -> None:
+    from mlxlab.training.analysis import BackgroundAnalysis
+
+    data, model, trainer = setup(root, overrides)
+    step = new_step(trainer, model, losses.task_loss(data.task))
+    cb = BackgroundAnalysis(every_steps=every)
+    cb.attach(SimpleNamespace(world=None), model, data, NullTracker(), root / "run")
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    stalls: list[float] = []
+    batches = batches_forever(data, trainer)
+    for i in range(steps + 20):
+        side = "on" if (i // (2 * every)) % 2 else "off"
+        t0 = time.perf_counter()
+        step([next(batches)])
+        if side == "on":
+            s0 = time.perf_counter()
+            cb.on_step(i + 1, {})
+            stalls.append(time.perf_counter() - s0)
+        if i >= 20:
+            times[side].append(time.perf_counter() - t0)
+    cb.on_train_end()
+    print(f"analysis: {len(cb.done)} analyses done, {cb.skipped} skipped (worker busy)")
+    report(times)
+    print(f"  on_step on the training thread: median {statistics.median(stalls) * 1e6:.0f} us, "
+          f"max {max(stalls) * 1e3:.2f} ms")
+
+
+def report(times: dict[str, list[float]]) -> None:
+    med_on, mean_on = summary("on", times["on"])
+    med_off, mean_off = summary("off", times["off"])
+    print(f"  on/off: median {med_on / med_off:.3f}, mean {mean_on / mean_off:.3f}")
+    n_on, n_off = len(times["on"]) // 2, len(times["off"]) // 2  # the spread: each half alone
+    halves = [statistics.median(times["on"][a:b]) / statistics.median(times["off"][c:d])
+              for (a, b), (c, d) in (((0, n_on), (0, n_off)), ((n_on, None), (n_off, None)))]
+    print(f"  on/off median, first half {halves[0]:.3f}, second half {halves[1]:.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--with", dest="feature", nargs="+", required=True,
-                        help="the overrides that switch the feature on")
-    parser.add_argument("--base", nargs="*", default=[], help="overrides for both")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("feature", choices=["per_example", "analysis"])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("overrides", nargs="*", help="config overrides (model, data, trainer)")
     args = parser.parse_args()
-    ratios = []
+    mx.random.seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for r in range(args.rounds):
-            order = ["off", "on"] if r % 2 == 0 else ["on", "off"]  # alternate who goes first
-            times = {}
-            for mode in order:
-                extra = args.feature if mode == "on" else []
-                times[mode] = run_once(root, f"r{r}-{mode}", [*args.base, *extra])
-            ratios.append(times["on"] / times["off"])
-            print(f"round {r}: step median off {times['off'] * 1e3:.2f} ms  on "
-                  f"{times['on'] * 1e3:.2f} ms  on/off {ratios[-1]:.3f}", flush=True)
-    print(f"on/off step time: median {statistics.median(ratios):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f}) over {len(ratios)} rounds")
+        if args.feature == "per_example":
+            per_example(Path(tmp), args.steps, args.overrides)
+        else:
+            analysis(Path(tmp), args.steps, args.every, args.overrides)
 
 
 if __name__ == "__main__":
