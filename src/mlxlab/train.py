@@ -119,8 +119,11 @@ def summary_lines(result, tracker, cfg: DictConfig, run_dir: Path) -> list[str]:
     if not shown:  # e.g. streamed text with data.val_examples=0
         where, shown = "none", "no validation data"
     lines = [f"validation ({where}): {shown}", f"run dir:    {run_dir}"]
+    files = [t.dir for t in getattr(tracker, "trackers", [tracker]) if getattr(t, "dir", None)]
+    if files:  # tracking=csv
+        lines.append(f"csv files:  {files[0]}")
     if not result.run_id:
-        lines.append("mlflow run: - (tracking=none)")
+        lines.append("mlflow run: -" if files else "mlflow run: - (tracking=none)")
         return lines
     uri = tracker.uri
     page = f"#/experiments/{tracker.experiment_id}/runs/{result.run_id}"
