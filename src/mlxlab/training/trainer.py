@@ -205,6 +205,8 @@ class Trainer:
             if self.distill.get("teacher_weights", "fixed") == "learned" and len(self.teachers) > 1:
                 from mlxlab.training.teacher_weights import fit_teacher_weights
 
+                # Streamed text has no in-order pass over its training rows: its validation
+                # batches are used instead (the weights then saw the validation data).
                 rows = getattr(data, "train_batches_in_order", data.val_batches)(self.batching)
                 weights = fit_teacher_weights(self.teachers, rows)
             self.teacher_weights = [w / sum(weights) for w in weights]
