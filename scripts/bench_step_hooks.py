@@ -1,8 +1,8 @@
 """Step-time cost of per-example loss recording and of background analysis, interleaved in one
 process so that a busy machine slows both sides alike.
 
-    python scripts/bench_callbacks.py per_example [--steps 400]
-    python scripts/bench_callbacks.py analysis [--steps 400] [--every 10]
+    python scripts/bench_step_hooks.py per_example [--steps 400]
+    python scripts/bench_step_hooks.py analysis [--steps 400] [--every 10]
 
 per_example: two compiled steps on the same model, one with the loss's per-example output fed to
 PerExampleLosses (its background thread running), one plain; they alternate step by step.
