@@ -9,7 +9,7 @@
 # Runs that write the sqlite file directly (the default) and runs pointed at the server see the
 # same experiments:
 #   mlxlab-train tracking.uri=http://127.0.0.1:5000
-#   MLFLOW_TRACKING_URI=http://127.0.0.1:5000 mlxlab-train --multirun trainer.learning_rate=1e-4,3e-4
+#   MLFLOW_TRACKING_URI=http://127.0.0.1:5000 mlxlab-train --multirun optimizer.learning_rate=1e-4,3e-4
 #
 # mlflow runs as `python -m mlflow` with $PYTHON, else <project>/.venv/bin/python, else the
 # python3 on PATH. For a PostgreSQL backend pass BACKEND_STORE_URI=postgresql://user:pass@host/db.

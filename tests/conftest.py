@@ -25,6 +25,8 @@ from mlxlab.config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+# The installed console script, as a user runs it (`pip install -e .` puts it beside python).
+MLXLAB = str(Path(PYTHON).parent / "mlxlab")
 
 # Small, fast settings for end-to-end runs of the real default config.
 FAST = [
@@ -32,8 +34,8 @@ FAST = [
     "trainer.max_steps=4",
     "trainer.eval_every_steps=4",
     "trainer.log_every_steps=1",
-    "trainer.warmup_steps=0",
-    "trainer.progress=false",
+    "trainer.schedule.warmup_steps=0",
+    "callbacks.progress.enabled=false",
     "model.hidden_size=32",
     "model.num_layers=1",
     "model.num_heads=2",
@@ -85,3 +87,68 @@ def wait_for_server(server, uri: str, log: Path, timeout_s: float = 180) -> None
             assert server.poll() is None, Path(log).read_text()[-3000:]
             assert time.monotonic() < deadline, f"mlflow server did not start in {timeout_s:.0f} s"
             time.sleep(0.5)
+
+
+def mlxlab(*args: str, env: dict | None = None, timeout: float = 300):
+    """`mlxlab ARGS...` as a user runs it: the installed console script in a subprocess."""
+    import subprocess
+
+    return subprocess.run([MLXLAB, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+# Long enough to learn more than the majority class, so accuracy checks have teeth (corrected
+# Adam: 1e-3 stays on the majority class).
+CLASSIFIER_RUN = [*FAST, "trainer.max_epochs=5", "trainer.max_steps=100",
+                  "trainer.eval_every_steps=100", "optimizer.learning_rate=3e-3"]
+
+LM_RUN = [
+    "experiment=tinystories_nano", "tracking=none", "callbacks.progress.enabled=false",
+    "model.dim=32", "model.num_layers=1", "model.num_heads=2", "model.max_seq_len=64",
+    "data.seq_len=64", "data.tokenizer.max_vocab=512", "data.tokenizer_sample=300",
+    "data.val_examples=20", "trainer.batch_size=8", "trainer.max_steps=30",
+    "trainer.eval_every_steps=15", "trainer.schedule.warmup_steps=3",
+]
+
+
+@pytest.fixture(scope="session")
+def classifier_run(tmp_path_factory):
+    """One tiny finished Titanic run shared by the predict/eval/runs/register tests: (run dir,
+    its best val metrics, its data rows, its MLflow store URI). Its training CSV is deleted
+    after training: using the run needs only the run folder."""
+    import shutil
+
+    import pandas as pd
+
+    from mlxlab.config import asset_path
+    from mlxlab.train import train
+
+    root = tmp_path_factory.mktemp("classifier")
+    train_csv = Path(shutil.copy(asset_path("titanic/train.csv"), root / "train.csv"))
+    titanic = pd.read_csv(train_csv)
+    uri = f"sqlite:///{root}/mlruns/mlflow.db"
+    cfg = compose_cfg(root, [*CLASSIFIER_RUN, f"data.path={train_csv}", f"tracking.uri={uri}"])
+    metrics = train(cfg)
+    GlobalHydra.instance().clear()
+    train_csv.unlink()
+    return Path(cfg.paths.output_dir), metrics, titanic, uri
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_run(tmp_path_factory):
+    """A finished tiny language-model run on short documents (first sentences of the shipped
+    TinyStories sample), so the model learns to end texts with <|endoftext|> within a few
+    steps: (run dir, its best val metrics, the corpus documents; the first 20 are its
+    validation documents)."""
+    from mlxlab.config import asset_path
+    from mlxlab.train import train
+
+    root = tmp_path_factory.mktemp("lm")
+    stories = Path(asset_path("tinystories/sample.txt")).read_text().split("\n\n")
+    firsts = [s.strip().split(". ")[0] + "." for s in stories[:800] if s.strip()]
+    corpus = root / "first_sentences.txt"
+    corpus.write_text("\n\n".join(firsts))
+    cfg = compose_cfg(root, [*LM_RUN, f"data.data_files={corpus}"])
+    metrics = train(cfg)
+    GlobalHydra.instance().clear()
+    return Path(cfg.paths.output_dir), metrics, firsts

@@ -41,14 +41,14 @@ class SlowWrites:
 
     def __init__(self, monkeypatch):
         self.release, self.started = threading.Event(), threading.Event()
-        real = ckpt._write_safetensors
+        real = ckpt.atomic._write_safetensors
 
         def held(path, arrays):
             self.started.set()
             assert self.release.wait(30), "the test never released the write"
             real(path, arrays)
 
-        monkeypatch.setattr(ckpt, "_write_safetensors", held)
+        monkeypatch.setattr(ckpt.atomic, "_write_safetensors", held)
 
 
 def test_background_save_matches_the_state_at_the_step_not_later(tmp_path, monkeypatch):
@@ -108,7 +108,7 @@ def test_a_failed_background_write_raises_on_the_training_thread(tmp_path, monke
     def full_disk(path, arrays):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_write_safetensors", full_disk)
+    monkeypatch.setattr(ckpt.atomic, "_write_safetensors", full_disk)
     writer.save(model, opt, {"step": 2})
     with pytest.raises(OSError, match="step_00000002.*intact") as info:
         writer.wait()
@@ -121,10 +121,10 @@ def test_a_failed_background_write_raises_on_the_training_thread(tmp_path, monke
 # A model big enough that a background write takes a while, so the kill lands inside one.
 KILL_DURING_WRITE = [
     "model.hidden_size=128", "model.num_layers=2", "model.num_heads=4",
-    "trainer.batch_size=64", "trainer.max_epochs=1", "trainer.warmup_steps=4",
-    "trainer.log_every_steps=1", "trainer.early_stopping.patience=0", "trainer.progress=false",
-    "trainer.checkpoint.save_every_steps=1", "trainer.checkpoint.save_every_minutes=null",
-    "trainer.checkpoint.keep_last_n=2",
+    "trainer.batch_size=64", "trainer.max_epochs=1", "trainer.schedule.warmup_steps=4",
+    "trainer.log_every_steps=1", "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
+    "callbacks.checkpoint.save_every_steps=1", "callbacks.checkpoint.save_every_minutes=null",
+    "callbacks.checkpoint.keep_last_n=2",
 ]
 LAST = 12  # 713 rows / 64
 

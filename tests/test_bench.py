@@ -1,4 +1,4 @@
-"""scripts/bench.py stays runnable: a quick two-round run on the small BERT writes a well-formed
+"""benchmarks/bench.py stays runnable: a quick two-round run on the small BERT writes a well-formed
 report between its markers and replaces it on the next run. Speed is not asserted here (that is
 what the benchmark itself reports); the figures must only be real numbers from real workers."""
 
@@ -11,13 +11,13 @@ import pytest
 
 from conftest import PYTHON, REPO
 
-BEGIN = "<!-- scripts/bench.py threads=1: begin -->"
-END = "<!-- scripts/bench.py threads=1: end -->"
+BEGIN = "<!-- benchmarks/bench.py threads=1: begin -->"
+END = "<!-- benchmarks/bench.py threads=1: end -->"
 
 
 def run_bench(out, *extra):
     done = subprocess.run(
-        [PYTHON, str(REPO / "scripts" / "bench.py"), "--quick", "--models", "bert", "--no-torch",
+        [PYTHON, str(REPO / "benchmarks" / "bench.py"), "--quick", "--models", "bert", "--no-torch",
          "--threads", "1", "--repeats", "2", "--variants", "replay", "--write", "--out", str(out),
          *extra],
         capture_output=True, text=True, timeout=600,
@@ -56,7 +56,7 @@ def test_quick_bench_writes_its_section_and_replaces_it(tmp_path):
 def test_pytorch_ratios_are_withheld_when_the_baseline_disagrees_with_plain_pytorch():
     import sys
 
-    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
     import bench
 
     fair = bench.baseline_check("nano", rows=[6300.0, 6500.0], plain=[6400.0, 6350.0])

@@ -326,7 +326,7 @@ def test_load_errors_name_the_problem(tmp_path):
 
 def test_a_save_that_runs_out_of_disk_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
     manager = trained_checkpoints(tmp_path, steps=(1,))
-    real_write, calls = ckpt._write_safetensors, []
+    real_write, calls = ckpt.atomic._write_safetensors, []
 
     def write_then_fill_disk(path, arrays):
         calls.append(path.name)
@@ -334,7 +334,7 @@ def test_a_save_that_runs_out_of_disk_leaves_previous_checkpoints_intact(tmp_pat
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, arrays)
 
-    monkeypatch.setattr(ckpt, "_write_safetensors", write_then_fill_disk)
+    monkeypatch.setattr(ckpt.atomic, "_write_safetensors", write_then_fill_disk)
     with pytest.raises(OSError, match="step_00000002.*intact") as info:
         manager.save(mlp(0), adamw(), {"step": 2})
     assert info.value.errno == errno.ENOSPC

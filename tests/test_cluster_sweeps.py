@@ -18,8 +18,8 @@ from mlflow.tracking import MlflowClient
 from conftest import PYTHON, REPO, wait_for_server
 
 TINY = [
-    "trainer.max_steps=3", "trainer.eval_every_steps=3", "trainer.warmup_steps=0",
-    "trainer.progress=false", "trainer.batch_size=64", "trainer.checkpoint.save_every_minutes=null",
+    "trainer.max_steps=3", "trainer.eval_every_steps=3", "trainer.schedule.warmup_steps=0",
+    "callbacks.progress.enabled=false", "trainer.batch_size=64", "callbacks.checkpoint.save_every_minutes=null",
     "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "data.max_length=48",
 ]
 
@@ -53,7 +53,7 @@ def sweep(tmp_path: Path, uri: str, launcher: list[str], task: str) -> None:
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
         [str(Path(PYTHON).parent / "mlxlab-train"), "--multirun", *launcher, f"tracking.uri={uri}",
-         f"task_name={task}", "trainer.learning_rate=1e-3,3e-3", *TINY],
+         f"task_name={task}", "optimizer.learning_rate=1e-3,3e-3", *TINY],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
@@ -63,7 +63,7 @@ def sweep(tmp_path: Path, uri: str, launcher: list[str], task: str) -> None:
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 2
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
-    assert {r.data.params["trainer.learning_rate"] for r in children} == {"0.001", "0.003"}
+    assert {r.data.params["optimizer.learning_rate"] for r in children} == {"0.001", "0.003"}
     assert all(r.info.status == "FINISHED" and "val/accuracy" in r.data.metrics for r in children)
 
 

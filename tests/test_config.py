@@ -12,12 +12,13 @@ from conftest import PYTHON, compose_cfg
 from mlxlab.config import ConfigError, config_dir, to_container, validate
 
 CONF = Path(config_dir())
-GROUPS = ["model", "data", "trainer", "tracking", "experiment", "hparams_search", "debug"]
+GROUPS = ["model", "data", "trainer", "optimizer", "callbacks", "tracking", "experiment",
+          "hparams_search", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
 def test_every_group_has_options():
-    for group in ["model", "data", "trainer", "tracking", "experiment"]:
+    for group in ["model", "data", "trainer", "optimizer", "callbacks", "tracking", "experiment"]:
         assert any(g == group for g, _ in OPTIONS), f"conf/{group}/ is empty"
 
 
@@ -37,6 +38,19 @@ def test_option_composes_and_resolves(tmp_path, group, option):
     validate(cfg)
 
 
+@pytest.mark.parametrize(("preset", "patience", "memory_every"),
+                         [("quick", 0, 50), ("standard", 5, 0), ("production", 10, 100)])
+def test_trainer_presets_tune_trainer_and_callbacks(tmp_path, preset, patience, memory_every):
+    # the presets are global-package trainer options: callbacks compose before them, overrides after
+    cfg = compose_cfg(tmp_path, [f"trainer={preset}"])
+    assert cfg.hydra.runtime.choices.trainer == preset
+    assert cfg.callbacks.early_stopping.patience == patience
+    assert cfg.callbacks.memory.every == memory_every
+    assert cfg.trainer.batching.dynamic  # on top of trainer=optimized
+    cfg = compose_cfg(tmp_path, [f"trainer={preset}", "callbacks.early_stopping.patience=7"])
+    assert cfg.callbacks.early_stopping.patience == 7
+
+
 def test_defaults_are_the_start_here_experiment(tmp_path):
     cfg = compose_cfg(tmp_path)
     choices = cfg.hydra.runtime.choices
@@ -48,20 +62,29 @@ def test_defaults_are_the_start_here_experiment(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("trainer.learning_rate=abc", "trainer.learning_rate must be a number"),
+        ("optimizer.learning_rate=abc", "optimizer.learning_rate must be a number"),
         ("trainer.batch_size=0", "trainer.batch_size must be >= 1"),
         ("trainer.max_epochs=2.5", "trainer.max_epochs must be an integer"),
         ("data.val_fraction=1.5", "data.val_fraction must be between 0 and 1"),
         ("data=streaming", "optimized_metric='val/accuracy' is not computed for lm data"),
         ("trainer.precision=fp8", "trainer.precision='fp8' is not one of"),
-        ("trainer.optimizer=adamax", "trainer.optimizer='adamax' is not one of"),
-        ("trainer.bias_correction=maybe", "trainer.bias_correction='maybe' is not one of"),
-        ("trainer.betas=[0.9,1.5]", r"trainer.betas must be two numbers in \[0, 1\)"),
-        ("trainer.eps=-1", "trainer.eps must be >= 0"),
+        ("trainer.schedule.name=linear", "trainer.schedule.name='linear' is not one of"),
+        ("optimizer._target_=mlx.optimizers.NoSuch", "optimizer._target_=mlx.optimizers.NoSuch is "
+         "not importable: choose optimizer=adafactor|adam|adamw|lion|sgd"),
+        ("optimizer._partial_=false", "needs _partial_: true"),
+        ("callbacks=none", None),
+        ("+callbacks.mine.every=3", r"callbacks.mine has no _target_: give the class, e.g. "
+         r"'\+callbacks.mine=\{_target_: my_pkg.MyCallback\}'"),
+        ("optimizer.bias_correction=maybe", "optimizer.bias_correction='maybe' is not one of"),
+        ("optimizer.betas=[0.9,1.5]", r"optimizer.betas must be two numbers in \[0, 1\)"),
+        ("optimizer.eps=-1", "optimizer.eps must be >= 0"),
     ],
 )
 def test_bad_values_fail_validation(tmp_path, override, message):
     cfg = compose_cfg(tmp_path, [override])
+    if message is None:  # a valid choice, listed beside the invalid ones it resembles
+        validate(cfg)
+        return
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
 
@@ -74,10 +97,10 @@ def run_cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProces
 def test_cli_prints_job_config_from_any_directory(tmp_path, cli_env):
     elsewhere = tmp_path / "somewhere" / "else"
     elsewhere.mkdir(parents=True)
-    out = run_cli(["--cfg", "job", "trainer.learning_rate=3e-4", "model.num_layers=2"], elsewhere, cli_env)
+    out = run_cli(["--cfg", "job", "optimizer.learning_rate=3e-4", "model.num_layers=2"], elsewhere, cli_env)
     assert out.returncode == 0, out.stderr
     job = OmegaConf.create(out.stdout)
-    assert job.trainer.learning_rate == 3e-4 and job.model.num_layers == 2
+    assert job.optimizer.learning_rate == 3e-4 and job.model.num_layers == 2
 
 
 def test_cli_help_lists_groups(tmp_path, cli_env):
@@ -91,17 +114,22 @@ def test_cli_help_lists_groups(tmp_path, cli_env):
         assert listed.get(group, "").split(", ") == options, (group, listed.get(group))
 
 
-def test_cli_unknown_model_option(tmp_path, cli_env):
-    out = run_cli(["model=nosuchmodel"], tmp_path, cli_env)
-    assert out.returncode != 0
-    assert "nosuchmodel" in out.stderr and "Available options" in out.stderr
+@pytest.mark.parametrize("group", ["model", "optimizer", "callbacks"])
+def test_cli_unknown_group_option_is_one_line(tmp_path, cli_env, group):
+    out = run_cli([f"{group}=nosuch", "tracking=none"], tmp_path, cli_env)
+    assert out.returncode == 2
+    options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    assert out.stderr.strip().splitlines() == [
+        f"mlxlab: error: {group}=nosuch is not an option: choose one of {options} "
+        f"(the files in conf/{group}/)"]
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_cli_non_numeric_learning_rate_is_one_line(tmp_path, cli_env):
-    out = run_cli(["trainer.learning_rate=fast", "tracking=none"], tmp_path, cli_env)
+    out = run_cli(["optimizer.learning_rate=fast", "tracking=none"], tmp_path, cli_env)
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("mlxlab: error:")]
-    assert errors == ["mlxlab: error: trainer.learning_rate must be a number, got 'fast': "
-                      "fix the override, e.g. trainer.learning_rate=3e-4"]
+    assert errors == ["mlxlab: error: optimizer.learning_rate must be a number, got 'fast': "
+                      "fix the override, e.g. optimizer.learning_rate=3e-4"]
     assert not (tmp_path / "mlruns").exists()
     assert not (tmp_path / "outputs").exists()  # no folder holding only .hydra/ and a log

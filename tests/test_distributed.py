@@ -26,17 +26,17 @@ TOL = 1e-5  # relative difference of the parameters (issue 17)
 
 BERT = [
     "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.dropout=0",
-    "trainer.max_steps=20", "trainer.warmup_steps=2", "trainer.log_every_steps=5",
-    "trainer.early_stopping.patience=0", "trainer.progress=false",
-    "trainer.checkpoint.save_every_minutes=null", "tracking=none",
+    "trainer.max_steps=20", "trainer.schedule.warmup_steps=2", "trainer.log_every_steps=5",
+    "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
+    "callbacks.checkpoint.save_every_minutes=null", "tracking=none",
 ]
 LM = [
     "experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
     "model.max_seq_len=32", "data.seq_len=32", "data.tokenizer.max_vocab=256",
     "data.max_examples=300", "data.val_examples=20", "data.tokenizer_sample=300",
-    "trainer.max_steps=20", "trainer.eval_every_steps=20", "trainer.warmup_steps=2",
-    "trainer.log_every_steps=5", "trainer.progress=false",
-    "trainer.checkpoint.save_every_minutes=null", "tracking=none",
+    "trainer.max_steps=20", "trainer.eval_every_steps=20", "trainer.schedule.warmup_steps=2",
+    "trainer.log_every_steps=5", "callbacks.progress.enabled=false",
+    "callbacks.checkpoint.save_every_minutes=null", "tracking=none",
 ]
 
 
@@ -111,7 +111,7 @@ def start_long_run(tmp_path: Path, cli_env: dict, every: int, *extra: str
     """2 ranks of a BERT run with no end in sight, checkpointing every `every` steps; returns
     once the first checkpoint is committed: (launcher, run dir, rank pids)."""
     args = [*BERT, "trainer.max_steps=100000", "trainer.batch_size=8",
-            f"trainer.checkpoint.save_every_steps={every}", *extra]
+            f"callbacks.checkpoint.save_every_steps={every}", *extra]
     run_dir = tmp_path / "run"
     proc = start(2, args, run_dir, cli_env)
     wait_for_step(proc, run_dir, every)
@@ -129,7 +129,7 @@ def report(name: str, value: float) -> None:
 
 @pytest.mark.parametrize("shard", [False, True], ids=["dp", "zero1"])
 def test_two_ranks_equal_one_process_with_twice_the_batch_bert(tmp_path, cli_env, shard):
-    args = [*BERT, f"trainer.shard_optimizer={str(shard).lower()}"]
+    args = [*BERT, f"trainer.distributed.shard_optimizer={str(shard).lower()}"]
     run(1, [*args, "trainer.batch_size=16"], tmp_path / "one", cli_env)
     out = run(2, [*args, "trainer.batch_size=8"], tmp_path / "two", cli_env)
     assert "data parallel: 2 ranks" in out
@@ -147,7 +147,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch_bert(tmp_path, cli_env
 @pytest.mark.slow
 @pytest.mark.parametrize("shard", [False, True], ids=["dp", "zero1"])
 def test_two_ranks_equal_one_process_with_twice_the_batch_lm(tmp_path, cli_env, shard):
-    args = [*LM, f"trainer.shard_optimizer={str(shard).lower()}"]
+    args = [*LM, f"trainer.distributed.shard_optimizer={str(shard).lower()}"]
     run(1, [*args, "trainer.batch_size=16"], tmp_path / "one", cli_env)
     run(2, [*args, "trainer.batch_size=8"], tmp_path / "two", cli_env)
     diff = relative_difference(weights(tmp_path / "two"), weights(tmp_path / "one"))
@@ -161,8 +161,8 @@ def test_two_ranks_equal_one_process_with_twice_the_batch_lm(tmp_path, cli_env, 
     [(["trainer.grad_accum=2", "trainer.batch_size=16"], ["trainer.grad_accum=2", "trainer.batch_size=8"]),
      (["model.lora.rank=4", "trainer.batch_size=16"], ["model.lora.rank=4", "trainer.batch_size=8"]),
      # token budgets are per rank, like batch_size: 2 x 256 padded tokens == 1 x 512
-     (["trainer.dynamic_batch=true", "trainer.max_tokens=512"],
-      ["trainer.dynamic_batch=true", "trainer.max_tokens=256"])],
+     (["trainer.batching.dynamic=true", "trainer.batching.max_tokens=512"],
+      ["trainer.batching.dynamic=true", "trainer.batching.max_tokens=256"])],
     ids=["grad_accum", "lora", "dynamic_batch"],
 )
 def test_accumulation_lora_dynamic_batches_under_data_parallelism(tmp_path, cli_env, one, two):
@@ -176,8 +176,8 @@ def test_accumulation_lora_dynamic_batches_under_data_parallelism(tmp_path, cli_
 @pytest.mark.slow
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)], ids=["2to1", "1to2"])
 def test_sigkill_then_resume_at_another_world_size(tmp_path, cli_env, first, then):
-    args = [*BERT, "tracking=mlflow", "trainer.checkpoint.save_every_steps=4",
-            "trainer.checkpoint.keep_last_n=10", "task_name=dpresume"]
+    args = [*BERT, "tracking=mlflow", "callbacks.checkpoint.save_every_steps=4",
+            "callbacks.checkpoint.keep_last_n=10", "task_name=dpresume"]
     per_rank = {1: "trainer.batch_size=16", 2: "trainer.batch_size=8"}
     run(1, [*args, per_rank[1]], tmp_path / "reference", cli_env)
 
@@ -202,7 +202,7 @@ def test_sigkill_then_resume_at_another_world_size(tmp_path, cli_env, first, the
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_others_with_checkpoints_intact(tmp_path, cli_env):
     proc, run_dir, rank_pids = start_long_run(tmp_path, cli_env, 3,
-                                              "trainer.distributed_timeout_s=20")
+                                              "trainer.distributed.timeout_s=20")
     os.kill(max(rank_pids), signal.SIGKILL)  # one rank dies
     killed_at = time.time()
     out, err = proc.communicate(timeout=90)
@@ -224,7 +224,7 @@ def test_a_killed_rank_stops_the_others_with_checkpoints_intact(tmp_path, cli_en
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_checkpoints_once_and_all_ranks_exit(tmp_path, cli_env):
     proc, run_dir, ranks = start_long_run(tmp_path, cli_env, 5,
-                                          "trainer.checkpoint.keep_last_n=1000")
+                                          "callbacks.checkpoint.keep_last_n=1000")
     proc.send_signal(signal.SIGTERM)  # the launcher only, as `kill <pid>` would
     proc.wait(timeout=120)
     deadline = time.time() + 120
@@ -245,7 +245,7 @@ def test_a_hung_rank_trips_the_watchdog_of_the_others(tmp_path, cli_env):
     """A rank that stops answering without closing its sockets (SIGSTOP: a hung host) leaves the
     other blocked in a collective: the watchdog ends it with one clear line and exit 75."""
     proc, run_dir, rank_pids = start_long_run(tmp_path, cli_env, 3,
-                                              "trainer.distributed_timeout_s=15")
+                                              "trainer.distributed.timeout_s=15")
     hung = rank_pids[1]
     os.kill(hung, signal.SIGSTOP)
     stopped_at = time.time()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,23 +18,20 @@ import pandas as pd
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import FAST, PYTHON, REPO, compose_cfg
+from conftest import FAST, PYTHON, compose_cfg
 from hf_helpers import mlx_logits, torch_logits
 from mlxlab.config import asset_path
 from mlxlab.export import ExportError, export_run
+from mlxlab.inference import load_run, sample_ids
 from mlxlab.runs import load_run_model
 from mlxlab.train import train
 
-sys.path.insert(0, str(REPO / "scripts"))
-import generate as gen  # noqa: E402
-from predict import load_classifier  # noqa: E402
-
 LM = [
-    "experiment=tinystories_nano", "tracking=none", "trainer.progress=false",
+    "experiment=tinystories_nano", "tracking=none", "callbacks.progress.enabled=false",
     "model.dim=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
     "model.max_seq_len=64", "data.seq_len=64", "data.tokenizer.max_vocab=512",
     "data.tokenizer_sample=300", "data.val_examples=20", "trainer.batch_size=8",
-    "trainer.max_steps=20", "trainer.eval_every_steps=20", "trainer.warmup_steps=2",
+    "trainer.max_steps=20", "trainer.eval_every_steps=20", "trainer.schedule.warmup_steps=2",
 ]
 PROMPT = "Once upon a time"
 
@@ -89,8 +85,9 @@ def test_decoder_export_same_greedy_continuation(lm_run, lm_export):
     import mlx_lm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model, tok, _ = gen.load_run(lm_run)
-    ours = list(gen.sample_ids(model, tok, PROMPT, max_tokens=20, temperature=0.0))
+    run = load_run(lm_run)
+    tok = run.tokenizer
+    ours = list(sample_ids(run, PROMPT, max_tokens=20, temperature=0.0))
     hf_tok = AutoTokenizer.from_pretrained(lm_export)
     prompt_ids = hf_tok(PROMPT, return_tensors="pt").input_ids
     assert prompt_ids[0].tolist() == [tok.token_to_id("<|endoftext|>"), *tok.encode(PROMPT).ids]
@@ -149,7 +146,8 @@ def test_bert_export_same_class_probabilities(bert_run, tmp_path):
 
     out = tmp_path / "bert"
     export_run(bert_run, out, "hf", "float32")
-    model, data = load_classifier(bert_run)
+    run = load_run(bert_run)
+    model, data = run.model, run.encoding
     hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert hf.config.id2label == {0: "0", 1: "1"}
     rows = pd.read_csv(asset_path("titanic/train.csv")).head(40)

@@ -39,8 +39,8 @@ def finetuned(tmp_path_factory) -> dict:
     done = subprocess.run(
         [PYTHON, "-m", "mlxlab.cli.main", "train", "experiment=finetune_completions",
          f"model.pretrained={base}", f"data.train_file={pairs}", "data.max_length=96",
-         "tracking=none", "trainer.progress=false", "trainer.max_steps=40",
-         "trainer.eval_every_steps=40", "trainer.learning_rate=3e-3", "trainer.batch_size=8",
+         "tracking=none", "callbacks.progress.enabled=false", "trainer.max_steps=40",
+         "trainer.eval_every_steps=40", "optimizer.learning_rate=3e-3", "trainer.batch_size=8",
          f"paths.root_dir={root}", f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, cwd=root,
     )
@@ -137,7 +137,7 @@ def test_round_trip_is_bit_identical(kind, tmp_path):
     base = save_tiny_model(kind, tmp_path / kind)
     cfg = compose_cfg(tmp_path, [
         "experiment=finetune_completions", f"model.pretrained={base}", "tracking=none",
-        "trainer.progress=false", "trainer.max_steps=2", "trainer.eval_every_steps=2",
+        "callbacks.progress.enabled=false", "trainer.max_steps=2", "trainer.eval_every_steps=2",
         "data.max_length=64",
     ])
     train(cfg)

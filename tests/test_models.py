@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from mlx.utils import tree_flatten
 from omegaconf import OmegaConf
 
+from mlxlab.config import compose_config
 from mlxlab.models import BertClassifier, CNNHybrid, Transformer, generate_step, num_parameters
 from mlxlab.models.hf import hf_to_mlxlab_name, load_hf_bert_weights
 from mlxlab.models.layers import KVCache
@@ -29,7 +30,12 @@ from mlxlab.models.lora import (
     save_adapters,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+def model_config(name: str):
+    """conf/model/<name>.yaml composed as train.py composes it (its defaults: the transformer
+    base, the LoRA node), as a mutable DictConfig."""
+    cfg = compose_config(Path(__file__).resolve().parents[1], [f"model={name}"])
+    return OmegaConf.create(OmegaConf.to_container(cfg.model))
 V = 97
 
 
@@ -253,7 +259,7 @@ PRESETS = {  # name: (vocab the yaml quotes, target parameters)
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_parameter_counts_without_allocating(name):
     vocab, target = PRESETS[name]
-    cfg = OmegaConf.load(CONF / f"transformer_{name}.yaml")
+    cfg = model_config(f"transformer_{name}")
     active = mx.get_active_memory()
     model = instantiate(cfg, vocab_size=vocab, num_labels=None)
     n = num_parameters(model)
@@ -264,11 +270,11 @@ def test_preset_parameter_counts_without_allocating(name):
 
 def test_classifier_configs_instantiate():
     for name in ("bert", "cnn_hybrid"):
-        model = instantiate(OmegaConf.load(CONF / f"{name}.yaml"), vocab_size=V, num_labels=2)
+        model = instantiate(model_config(name), vocab_size=V, num_labels=2)
         model.eval()
         assert model(ids((2, 12)), right_pad_mask([12, 5], 12)).shape == (2, 2)
     # LoRA through Hydra's DictConfig/ListConfig, as train.py passes it
-    cfg = OmegaConf.load(CONF / "bert.yaml")
+    cfg = model_config("bert")
     cfg.lora.rank = 4
     model = instantiate(cfg, vocab_size=V, num_labels=2)
     assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 2 * 2
@@ -278,7 +284,7 @@ def test_classifier_configs_instantiate():
         "weight",
         "bias",
     }
-    cfg = OmegaConf.load(CONF / "transformer_nano.yaml")
+    cfg = model_config("transformer_nano")
     cfg.lora.rank = 4
     model = instantiate(cfg, vocab_size=V, num_labels=None)
     assert {k.split(".")[-1] for k in adapter_parameters(model)} == {"lora_a", "lora_b"}
@@ -286,7 +292,7 @@ def test_classifier_configs_instantiate():
 
 def test_bert_default_learns():
     """A few AdamW steps on a token-presence task: gradients reach the whole model."""
-    model = instantiate(OmegaConf.load(CONF / "bert.yaml"), vocab_size=V, num_labels=2)
+    model = instantiate(model_config("bert"), vocab_size=V, num_labels=2)
     x = np.array(ids((16, 8), seed=3))
     x[x == 5] = 6
     x[::2, 4] = 5  # label = does token 5 occur

@@ -5,7 +5,6 @@ real MLflow stores (sqlite and a real `mlflow server`), real MLX training."""
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -14,7 +13,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -182,7 +180,7 @@ def test_server_killed_mid_run_keeps_the_metrics_and_says_so(tmp_path, cli_env):
         run = subprocess.Popen(
             [PYTHON, "-m", "mlxlab.train", f"tracking.uri={uri}", "tracking.flush_every_steps=1",
              "tracking.connect_timeout=2", "trainer.max_epochs=100", "trainer.max_steps=600",
-             "trainer.eval_every_steps=200", "trainer.log_every_steps=1", "trainer.progress=false",
+             "trainer.eval_every_steps=200", "trainer.log_every_steps=1", "callbacks.progress.enabled=false",
              "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2"],
             cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
@@ -271,7 +269,7 @@ def test_server_script_serves_the_store_runs_write(make_cfg, tmp_path):
 
 @pytest.mark.slow
 def test_readme_registry_lines_work_in_a_fresh_process(make_cfg, tmp_path):
-    from mlxlab.tracking.registry import register_run
+    from mlxlab.serving.registry import register_run
 
     cfg = make_cfg(*FAST)
     train(cfg)
@@ -336,14 +334,11 @@ def test_listings_show_the_best_metric_and_say_so(tmp_path, capsys):
     tracker.log_metrics({"val/accuracy": 0.9420}, step=20)  # the last is not the best
     tracker.log_metrics({"best/val/accuracy": 0.9565}, step=20)
     tracker.end()
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        list_experiments = importlib.import_module("list_experiments")
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    assert list_experiments.main(["--uri", uri]) == 0
+    from mlxlab.cli import runs_list
+
+    assert runs_list.main(["--uri", uri]) == 0
     best = capsys.readouterr().out
-    assert list_experiments.main(["--uri", uri, "--last"]) == 0
+    assert runs_list.main(["--uri", uri, "--last"]) == 0
     last = capsys.readouterr().out
     assert "best val/accuracy" in best and "0.9565" in best and "0.9420" not in best
     assert "last val/accuracy" in last and "0.9420" in last
@@ -354,7 +349,7 @@ def test_listings_show_the_best_metric_and_say_so(tmp_path, capsys):
 
 def test_early_stopping_and_evaluations_are_logged(make_cfg, caplog):
     cfg = make_cfg(*FAST, "tracking=none", "trainer.max_steps=12", "trainer.eval_every_steps=2",
-                   "trainer.learning_rate=1e-9", "trainer.early_stopping.patience=1")
+                   "optimizer.learning_rate=1e-9", "callbacks.early_stopping.patience=1")
     with caplog.at_level(logging.INFO):
         train(cfg)
     text = caplog.text

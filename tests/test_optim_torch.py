@@ -17,14 +17,16 @@ import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten
+from omegaconf import OmegaConf
 
 from conftest import REPO
+from mlxlab.config import config_dir, instantiate
 from mlxlab.models.transformer import Transformer
 from mlxlab.training.losses import task_loss
-from mlxlab.training.optim import build_optimizer
+from mlxlab.training.optim import LRSchedule, build_optimizer
 from mlxlab.training.trainer import Trainer
 
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_lm_twin import torch_warmup_cosine  # noqa: E402
 from bench_torch import torch_models  # noqa: E402  (the PyTorch twin of mlxlab's decoder)
 
@@ -36,8 +38,19 @@ def torch_schedule(optimizer: torch.optim.Optimizer):
     return torch_warmup_cosine(optimizer, TOTAL, WARMUP, MIN_RATIO)
 
 
-def mlx_optimizer(name: str = "adamw", **kwargs):
-    return build_optimizer(name, LR, TOTAL, WARMUP, "cosine", WD, min_lr_ratio=MIN_RATIO, **kwargs)
+SCHEDULE = LRSchedule("cosine", WARMUP, MIN_RATIO)
+
+
+def optimizer_factory(name: str = "adamw", **overrides):
+    """The shipped conf/optimizer/<name>.yaml node (its defaults, bias correction included), at
+    LR and WD, instantiated as train.py does: a partial awaiting the schedule."""
+    node = OmegaConf.load(f"{config_dir()}/optimizer/{name}.yaml")
+    decay = {"weight_decay": WD} if "weight_decay" in node else {}
+    return instantiate(OmegaConf.merge(node, {"learning_rate": LR, **decay, **overrides}))
+
+
+def mlx_optimizer(name: str = "adamw", schedule: LRSchedule = SCHEDULE, **overrides):
+    return build_optimizer(optimizer_factory(name, **overrides), schedule, TOTAL)
 
 
 def test_schedule_matches_pytorch():
@@ -89,7 +102,8 @@ def test_uncorrected_adam_differs_from_pytorch():
     g = np.full(4, 0.5, np.float32)
     out = {}
     for corrected in (True, False):
-        opt = build_optimizer("adamw", LR, 10, 0, "constant", 0.0, bias_correction=corrected)
+        opt = mlx_optimizer("adamw", LRSchedule("constant"), weight_decay=0.0,
+                            bias_correction=corrected)
         params = {"w": mx.array(w)}
         opt.init(params)
         out[corrected] = np.array(opt.apply_gradients({"w": mx.array(g)}, params)["w"])
@@ -122,10 +136,10 @@ def test_training_steps_match_pytorch():
     AdamW.step with PyTorch's warmup-cosine schedule: loss, gradients, norm and weights agree."""
     model, twin = shared_decoder()
     clip = 0.5  # below the gradient norm of this model, so every step clips
-    trainer = Trainer(learning_rate=LR, weight_decay=WD, warmup_steps=WARMUP, min_lr_ratio=MIN_RATIO,
-                      max_steps=TOTAL, grad_clip=clip, progress=False)
+    trainer = Trainer(optimizer=optimizer_factory("adamw"), schedule=SCHEDULE, max_steps=TOTAL,
+                      grad_clip=clip)
     loss_fn = task_loss("lm")
-    optimizer = mlx_optimizer(**trainer.adam)
+    optimizer = trainer.build_optimizer(TOTAL)
     optimizer.init(model.trainable_parameters())
     step = trainer.make_step(model, optimizer, loss_fn)
     ref = torch.optim.AdamW(twin.parameters(), lr=LR, weight_decay=WD)

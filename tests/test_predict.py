@@ -1,40 +1,16 @@
-"""scripts/predict.py: a finished Titanic run writes a Kaggle-style submission for a test CSV."""
+"""`mlxlab predict` and `mlxlab eval` on a finished Titanic run (inference.py underneath): a
+Kaggle-style submission for a test CSV, metrics on a labelled CSV, clear errors."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-from pathlib import Path
+import json
 
 import pandas as pd
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 
-from conftest import FAST, PYTHON, REPO, compose_cfg
-from mlxlab.config import asset_path
-from mlxlab.train import train
-
-sys.path.insert(0, str(REPO / "scripts"))
-from predict import predict  # noqa: E402
-
-# Long enough to learn more than the majority class, so the accuracy check below has teeth.
-TINY_RUN = [*FAST, "tracking=none", "trainer.max_epochs=5", "trainer.max_steps=100",
-            "trainer.eval_every_steps=100", "trainer.learning_rate=3e-3"]  # corrected Adam: 1e-3 stays on the majority class
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One tiny finished run: (run dir, its best val metrics, its data rows). Its training CSV
-    is deleted after training: predicting needs only the run folder."""
-    root = tmp_path_factory.mktemp("predict")
-    train_csv = Path(shutil.copy(asset_path("titanic/train.csv"), root / "train.csv"))
-    titanic = pd.read_csv(train_csv)
-    cfg = compose_cfg(root, [*TINY_RUN, f"data.path={train_csv}"])
-    metrics = train(cfg)
-    GlobalHydra.instance().clear()
-    train_csv.unlink()
-    return Path(cfg.paths.output_dir), metrics, titanic
+from conftest import mlxlab
+from mlxlab.cli.main import main
+from mlxlab.inference import evaluate, load_run, predict_frame
 
 
 def val_rows(titanic: pd.DataFrame) -> pd.DataFrame:
@@ -45,18 +21,19 @@ def val_rows(titanic: pd.DataFrame) -> pd.DataFrame:
     return titanic.iloc[val_idx].sample(frac=1.0, random_state=0)
 
 
-def test_predict_matches_the_runs_validation_accuracy(run, tmp_path):
-    run_dir, metrics, titanic = run
+def test_predict_matches_the_runs_validation_accuracy(classifier_run, tmp_path):
+    run_dir, metrics, titanic, _ = classifier_run
     rows = val_rows(titanic)
     test_csv = tmp_path / "test.csv"
     rows.drop(columns=["Survived"]).to_csv(test_csv, index=False)
     out = tmp_path / "sub" / "submission.csv"
 
-    submission = predict(run_dir, test_csv, out)
+    done = mlxlab("predict", run_dir, test_csv, "--out", out)
 
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {len(rows)} predictions to {out}" in done.stdout
     written = pd.read_csv(out)
     assert list(written.columns) == ["PassengerId", "Survived"]
-    pd.testing.assert_frame_equal(written, submission.reset_index(drop=True), check_dtype=False)
     assert written["PassengerId"].tolist() == rows["PassengerId"].tolist()  # row order kept
     assert set(written["Survived"]) <= {0, 1}
     # Same text, tokens and weights as the run's own evaluation (the best checkpoint): the
@@ -64,59 +41,77 @@ def test_predict_matches_the_runs_validation_accuracy(run, tmp_path):
     accuracy = (written["Survived"].to_numpy() == rows["Survived"].to_numpy()).mean()
     assert accuracy == pytest.approx(metrics["val/accuracy"], abs=1.01 / len(rows))
     assert accuracy > (rows["Survived"] == 0).mean() + 0.05, "the tiny run learned nothing"
+    in_process = predict_frame(load_run(run_dir), rows)
+    pd.testing.assert_frame_equal(written, in_process, check_dtype=False)
 
 
-def test_checkpoint_dir_and_extra_columns_give_the_same_predictions(run, tmp_path):
-    run_dir, _, titanic = run
+def test_eval_reports_the_runs_validation_metrics(classifier_run, tmp_path):
+    """`mlxlab eval` on the run's own validation rows gives its val/ metrics (best checkpoint);
+    the confusion matrix adds up to the rows and is drawn as a PNG with the given names."""
+    run_dir, metrics, titanic, _ = classifier_run
+    labelled = tmp_path / "val.csv"
+    val_rows(titanic).to_csv(labelled, index=False)
+    png = tmp_path / "plots" / "confusion.png"
+
+    done = mlxlab("eval", run_dir, labelled, "--json", "--confusion", png,
+                  "--label-names", "died,survived")
+
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["rows"] == len(val_rows(titanic)) and report["labels"] == ["died", "survived"]
+    for name in ("accuracy", "f1", "roc_auc", "loss"):
+        assert report[name] == pytest.approx(metrics[f"val/{name}"], abs=2e-3), name
+    cm = report["confusion"]
+    assert sum(map(sum, cm)) == report["rows"]
+    assert (cm[0][0] + cm[1][1]) / report["rows"] == pytest.approx(report["accuracy"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report["confusion_png"] == str(png)
+
+    table = mlxlab("eval", run_dir, labelled, "--checkpoint", "last")
+    assert table.returncode == 0, table.stderr
+    assert "checkpoints/step_" in table.stdout and "roc_auc" in table.stdout
+    assert "true \\ pred" in table.stdout  # the confusion matrix, with the label values
+
+
+def test_checkpoint_dir_and_extra_columns_give_the_same_predictions(classifier_run):
+    run_dir, _, titanic, _ = classifier_run
     rows = titanic.head(25).drop(columns=["Survived"])
-    plain = tmp_path / "plain.csv"
-    rows.to_csv(plain, index=False)
     # Extra columns and another column order must not change the text the model sees.
-    shuffled = tmp_path / "shuffled.csv"
-    rows.assign(Comment="extra").iloc[:, ::-1].to_csv(shuffled, index=False)
-
-    by_run = predict(run_dir, plain)
-    by_checkpoint = predict(run_dir / "checkpoints" / "best", shuffled)
+    shuffled = rows.assign(Comment="extra").iloc[:, ::-1]
+    by_run = predict_frame(load_run(run_dir), rows)
+    by_checkpoint = predict_frame(load_run(run_dir / "checkpoints" / "best"), shuffled)
     pd.testing.assert_frame_equal(by_run, by_checkpoint)
     assert len(by_run) == 25
+    with_probability = predict_frame(load_run(run_dir), rows, probability=True)
+    assert with_probability["probability"].between(0.5, 1.0).all()
 
 
-def test_cli_writes_submission_and_reports_errors(run, tmp_path):
-    run_dir, _, titanic = run
-    test_csv = tmp_path / "test.csv"
-    titanic.head(10).drop(columns=["Survived"]).to_csv(test_csv, index=False)
-    out = tmp_path / "submission.csv"
-    script = str(REPO / "scripts" / "predict.py")
-
-    done = subprocess.run([PYTHON, script, str(run_dir), str(test_csv), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "wrote 10 predictions" in done.stdout
-    written = pd.read_csv(out)
-    assert written["PassengerId"].tolist() == titanic["PassengerId"].head(10).tolist()
-    pd.testing.assert_frame_equal(written, predict(run_dir, test_csv), check_dtype=False)
-
-    bad = subprocess.run([PYTHON, script, str(run_dir), str(tmp_path / "nope.csv")],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].startswith("predict: error: test CSV not found")
-
-
-def test_missing_columns_and_paths_are_clear_errors(run, tmp_path):
-    run_dir, _, titanic = run
+def test_bad_input_is_one_clear_line(classifier_run, tmp_path, capsys):
+    run_dir, _, titanic, _ = classifier_run
     no_sex = tmp_path / "no_sex.csv"
     titanic.head(5).drop(columns=["Survived", "Sex"]).to_csv(no_sex, index=False)
-    with pytest.raises(ValueError, match=r"lacks column\(s\) \['Sex'\]"):
-        predict(run_dir, no_sex)
+    bad = mlxlab("predict", run_dir, no_sex, "--out", tmp_path / "x.csv")
+    assert bad.returncode == 2
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlxlab predict: error: ") and "lacks column(s) ['Sex']" in last
+    assert not (tmp_path / "x.csv").exists()
 
-    no_id = tmp_path / "no_id.csv"
-    titanic.head(5).drop(columns=["PassengerId"]).to_csv(no_id, index=False)
+    assert main(["predict", str(run_dir), str(tmp_path / "nope.csv")]) == 2
+    assert "CSV not found" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), str(no_sex)]) == 2  # no label column
+    assert "Survived" in capsys.readouterr().err
+
+    run = load_run(run_dir)
+    no_id = titanic.head(5).drop(columns=["PassengerId"])
     with pytest.raises(ValueError, match="PassengerId"):
-        predict(run_dir, no_id)
-
+        predict_frame(run, no_id)
+    odd = tmp_path / "odd.csv"
+    titanic.head(5).assign(Survived=7).to_csv(odd, index=False)
+    with pytest.raises(ValueError, match=r"label value\(s\) \['7'\]"):
+        evaluate(run, odd)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        predict(tmp_path / "no_run", no_sex)
+        load_run(tmp_path / "no_run")
     empty_run = tmp_path / "empty_run"
     (empty_run / "checkpoints").mkdir(parents=True)
+    (empty_run / "tokenizer.json").write_text("{}")
     with pytest.raises((FileNotFoundError, ValueError), match="no checkpoints|no committed"):
-        predict(empty_run, no_sex)
+        load_run(empty_run)

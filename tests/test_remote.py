@@ -37,10 +37,10 @@ pytest.importorskip("s3fs")
 
 ARGS = [
     "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
-    "trainer.batch_size=64", "trainer.max_epochs=2", "trainer.warmup_steps=4",  # 24 steps
-    "trainer.log_every_steps=1", "trainer.early_stopping.patience=0", "trainer.progress=false",
-    "trainer.checkpoint.save_every_steps=4", "trainer.checkpoint.save_every_minutes=null",
-    "trainer.checkpoint.keep_last_n=2", "trainer.checkpoint.remote_backoff_s=0.25",
+    "trainer.batch_size=64", "trainer.max_epochs=2", "trainer.schedule.warmup_steps=4",  # 24 steps
+    "trainer.log_every_steps=1", "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
+    "callbacks.checkpoint.save_every_steps=4", "callbacks.checkpoint.save_every_minutes=null",
+    "callbacks.checkpoint.keep_last_n=2", "callbacks.checkpoint.remote_backoff_s=0.25",
     "task_name=remote",
 ]
 LAST = 24
@@ -247,7 +247,7 @@ def test_upload_then_resume_from_the_bucket_is_bitwise_identical(server, referen
     uri = server.uri(prefix)
     env = environment(tmp_path, server.env)
     first = tmp_path / "outputs" / "remote" / "first"
-    proc = start([*ARGS, f"trainer.checkpoint.remote={uri}"], first, env)
+    proc = start([*ARGS, f"callbacks.checkpoint.remote={uri}"], first, env)
     with env_set(server.env):
         store = remote_store(server, prefix)
         deadline = time.time() + 300
@@ -269,7 +269,7 @@ def test_upload_then_resume_from_the_bucket_is_bitwise_identical(server, referen
     # GCS and Azure: resume=<the URI> itself
     second = tmp_path / "outputs" / "remote" / "second"
     resume = "resume=auto" if server.scheme == "s3" else f"resume={uri}"
-    out = finish(start([*ARGS, f"trainer.checkpoint.remote={uri}", resume], second, env))
+    out = finish(start([*ARGS, f"callbacks.checkpoint.remote={uri}", resume], second, env))
     assert f"downloaded {uri}/checkpoints/step_{max(uploaded):08d}" in out
     expected, got = last_weights(reference), last_weights(second)
     assert expected.keys() == got.keys()
@@ -297,8 +297,8 @@ def test_server_stopped_mid_upload(server, tmp_path):
     env = environment(tmp_path, server.env)
     run_dir = tmp_path / "outputs" / "remote" / "outage"
     # ~2 min of backoff; a call on a connection the restarted server dropped ends after 10 s
-    proc = start([*ARGS, f"trainer.checkpoint.remote={uri}", "trainer.checkpoint.remote_retries=9",
-                  "trainer.checkpoint.remote_timeout_s=10"], run_dir, env)
+    proc = start([*ARGS, f"callbacks.checkpoint.remote={uri}", "callbacks.checkpoint.remote_retries=9",
+                  "callbacks.checkpoint.remote_timeout_s=10"], run_dir, env)
     with env_set(server.env):
         store = remote_store(server, prefix)
         deadline = time.time() + 300
@@ -373,7 +373,7 @@ def test_bad_remote_uris_are_one_clear_line(tmp_path):
                                  "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"})
     out = subprocess.run(
         [PYTHON, "-m", "mlxlab.train", *ARGS, "resume=s3://nobucket/run",
-         "trainer.checkpoint.remote_retries=1", f"hydra.run.dir={tmp_path / 'run'}"],
+         "callbacks.checkpoint.remote_retries=1", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert "cannot list checkpoints at s3://nobucket/run" in out.stderr

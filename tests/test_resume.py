@@ -16,22 +16,22 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from conftest import PYTHON, REPO
+from conftest import MLXLAB, PYTHON
 
 TITANIC = [
     "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
     "trainer.batch_size=64",          # 713 rows -> 12 steps an epoch
-    "trainer.max_epochs=3", "trainer.warmup_steps=4", "trainer.log_every_steps=1",
-    "trainer.early_stopping.patience=0", "trainer.progress=false",
-    "trainer.checkpoint.save_every_steps=3", "trainer.checkpoint.save_every_minutes=null",
+    "trainer.max_epochs=3", "trainer.schedule.warmup_steps=4", "trainer.log_every_steps=1",
+    "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
+    "callbacks.checkpoint.save_every_steps=3", "callbacks.checkpoint.save_every_minutes=null",
 ]
 STREAMING = [
     "experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
     "model.max_seq_len=32", "data.seq_len=32", "data.tokenizer.max_vocab=256",
     "data.max_examples=300", "data.val_examples=20", "trainer.batch_size=8",
     "trainer.max_steps=24", "trainer.eval_every_steps=12", "trainer.log_every_steps=1",
-    "trainer.warmup_steps=2", "trainer.progress=false",
-    "trainer.checkpoint.save_every_steps=3", "trainer.checkpoint.save_every_minutes=null",
+    "trainer.schedule.warmup_steps=2", "callbacks.progress.enabled=false",
+    "callbacks.checkpoint.save_every_steps=3", "callbacks.checkpoint.save_every_minutes=null",
 ]
 
 
@@ -221,7 +221,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, cli_env, name, args,
 
 
 def test_sigterm_checkpoints_marks_killed_and_resume_auto_finishes(tmp_path, cli_env):
-    args = [*TITANIC, "trainer.checkpoint.save_every_steps=null", "trainer.max_epochs=40",
+    args = [*TITANIC, "callbacks.checkpoint.save_every_steps=null", "trainer.max_epochs=40",
             "task_name=sigterm"]
     run_dir = tmp_path / "outputs" / "sigterm" / "first"
     run_dir.parent.mkdir(parents=True)
@@ -310,16 +310,16 @@ def unlocked(read):
 
 
 def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
-    """A run SIGKILLed before its first checkpoint is RUNNING in the store; scripts/
-    list_experiments.py and the next start of the task mark it KILLED with the reason; a live
-    run of the task stays RUNNING."""
+    """A run SIGKILLed before its first checkpoint is RUNNING in the store; `mlxlab runs
+    list` and the next start of the task mark it KILLED with the reason; a live run of the task
+    stays RUNNING."""
     from mlxlab.tracking.stale import KILLED_REASON_TAG
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     client = MlflowClient(uri)
     # batch_size=2: ~350 steps before the first (epoch-end) checkpoint
     args = [*TITANIC, "task_name=doomed", "trainer.batch_size=2", "trainer.max_epochs=1000",
-            "trainer.checkpoint.save_every_steps=null"]
+            "callbacks.checkpoint.save_every_steps=null"]
 
     def run_of(run_dir: Path):
         if not (tmp_path / "mlruns" / "mlflow.db").exists():
@@ -333,14 +333,23 @@ def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
         run_dir = tmp_path / name
         return start(args, run_dir, cli_env), run_dir
 
+    def wait_registered(proc: subprocess.Popen, run_dir: Path) -> None:
+        deadline = time.time() + 300
+        while run_of(run_dir) is None:
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+
     def killed_before_checkpoint(name: str) -> str:
         proc, run_dir = started(name)
-        kill_when(proc, lambda: run_of(run_dir) is not None and not committed_steps(run_dir))
+        # the store is read before the kill, not while the run is frozen: a run frozen in the
+        # middle of a write holds the store's lock
+        wait_registered(proc, run_dir)
+        kill_when(proc, lambda: not committed_steps(run_dir))
         assert run_of(run_dir).info.status == "RUNNING"
         return run_of(run_dir).info.run_id
 
     first = killed_before_checkpoint("first")
-    listing = subprocess.run([PYTHON, str(REPO / "scripts" / "list_experiments.py"), "--uri", uri],
+    listing = subprocess.run([MLXLAB, "runs", "list", "--uri", uri],
                              env=cli_env, capture_output=True, text=True, timeout=300)
     assert listing.returncode == 0, listing.stderr[-2000:]
     marked = unlocked(lambda: client.get_run(first))
@@ -349,10 +358,7 @@ def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
 
     live, live_dir = started("live")
     try:
-        deadline = time.time() + 300
-        while run_of(live_dir) is None:
-            assert live.poll() is None and time.time() < deadline
-            time.sleep(0.05)
+        wait_registered(live, live_dir)
         second = killed_before_checkpoint("second")
         run([*TITANIC, "task_name=doomed", "trainer.max_steps=1"], tmp_path / "next", cli_env)
         assert unlocked(lambda: client.get_run(second)).info.status == "KILLED"
@@ -382,7 +388,7 @@ def test_resume_on_other_data_reports_it_and_resets_the_best_metric(tmp_path, cl
     other = tmp_path / "noise.txt"  # far harder than the stories: its val/loss is far higher
     other.write_text("\n\n".join(" ".join("".join(rng.choice(letters, 5)) for _ in range(30))
                                  for _ in range(200)) + "\n")
-    args = [*STREAMING, "trainer.eval_every_steps=6", "trainer.checkpoint.save_every_steps=null"]
+    args = [*STREAMING, "trainer.eval_every_steps=6", "callbacks.checkpoint.save_every_steps=null"]
     first = tmp_path / "first"
     run([*args, "trainer.max_steps=6"], first, cli_env)
     out = run([*args, "trainer.max_steps=12", f"resume={first}", f"data.data_files={other}",

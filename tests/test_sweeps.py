@@ -16,7 +16,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import PYTHON, REPO
+from conftest import MLXLAB, PYTHON, REPO
 from mlxlab.config import config_dir
 from mlxlab.tracking.mlflow import ENV_PARENT_RUN_ID, sweep_children
 
@@ -26,10 +26,10 @@ TINY = [
     "trainer.max_steps=3",
     "trainer.eval_every_steps=3",
     "trainer.log_every_steps=1",
-    "trainer.warmup_steps=0",
-    "trainer.progress=false",
+    "trainer.schedule.warmup_steps=0",
+    "callbacks.progress.enabled=false",
     "trainer.batch_size=64",
-    "trainer.checkpoint.save_every_minutes=null",
+    "callbacks.checkpoint.save_every_minutes=null",
     "model.num_layers=1",
     "model.num_heads=2",
     "data.max_length=48",
@@ -207,7 +207,7 @@ def test_hparams_search_configs(compose_train, search, metric, direction, width)
     assert cfg.optimized_metric == metric and sweeper.direction == direction
     assert sweeper.storage is None and sweeper.max_failure_rate == 1.0
     searched = set(sweeper.params)
-    assert {"trainer.learning_rate", width, "model.num_layers", "model.dropout"} <= searched
+    assert {"optimizer.learning_rate", width, "model.num_layers", "model.dropout"} <= searched
     assert "trainer.batch_size" in searched
     for choice in str(sweeper.params[width]).removeprefix("choice(").rstrip(")").split(","):
         assert int(choice) % cfg.model.num_heads == 0  # every width the search picks is valid
@@ -248,7 +248,7 @@ def test_cluster_launchers_compose(compose_train, launcher, target):
 
 @pytest.mark.slow
 def test_registered_classifier_predicts_rows_in_a_fresh_process(make_cfg, tmp_path):
-    from mlxlab.tracking.registry import register_run
+    from mlxlab.serving.registry import register_run
     from mlxlab.train import train
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -308,11 +308,11 @@ except ValueError as e:
     assert [r["prediction"] for r in records] == [data.label_values[i] for i in expected]
 
 
-def test_register_model_cli_errors_clearly(tmp_path):
+def test_register_verb_errors_clearly(tmp_path):
     proc = subprocess.run(
         [
-            PYTHON,
-            str(REPO / "scripts/register_model.py"),
+            MLXLAB,
+            "register",
             str(tmp_path / "nope"),
             "--name",
             "x",
@@ -328,7 +328,7 @@ def test_register_model_cli_errors_clearly(tmp_path):
 
 @pytest.mark.slow
 def test_registered_language_model_completes_prompts(make_cfg, tmp_path):
-    from mlxlab.tracking.registry import register_run
+    from mlxlab.serving.registry import register_run
     from mlxlab.train import train
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -372,7 +372,7 @@ def test_parallel_sweep_lands_every_run_then_resumes(tmp_path):
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
         "model.hidden_size=16,32",
-        "trainer.learning_rate=1e-3,3e-3",
+        "optimizer.learning_rate=1e-3,3e-3",
         "sweep.skip_finished=true",
         *TINY,
     ]
@@ -383,7 +383,7 @@ def test_parallel_sweep_lands_every_run_then_resumes(tmp_path):
     children = sweep_children(client, parent.info.run_id)
     assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
     assert {
-        (r.data.params["model.hidden_size"], r.data.params["trainer.learning_rate"])
+        (r.data.params["model.hidden_size"], r.data.params["optimizer.learning_rate"])
         for r in children
     } == {("16", "0.001"), ("16", "0.003"), ("32", "0.001"), ("32", "0.003")}
     assert len({r.data.tags["mlxlab.config_hash"] for r in children}) == 4
@@ -416,7 +416,7 @@ def test_titanic_optuna_sweep_with_failing_trials(tmp_path):
         "hydra.sweeper.n_trials=4",
         "hydra.sweeper.n_jobs=2",
         "hydra.sweeper.sampler.seed=16",
-        "trainer.learning_rate=choice(0.001,inf)",
+        "optimizer.learning_rate=choice(0.001,inf)",
         "model.num_heads=choice(2,3)",
         "model.hidden_size=16",
         "model.dropout=0.1",
@@ -426,7 +426,7 @@ def test_titanic_optuna_sweep_with_failing_trials(tmp_path):
     (parent,) = sweep_parents(client, "train")  # the run's task, not the preset's name
     children = sweep_children(client, parent.info.run_id)
     outcome = sorted(
-        (r.data.params["trainer.learning_rate"], r.data.params["model.num_heads"], r.info.status)
+        (r.data.params["optimizer.learning_rate"], r.data.params["model.num_heads"], r.info.status)
         for r in children
     )
     assert outcome == [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import multiprocessing
@@ -21,7 +20,8 @@ import pytest
 from omegaconf import OmegaConf
 
 import mlxlab.tracking.mlflow as mlflow_tracking
-from conftest import wait_for_server
+from conftest import MLXLAB, wait_for_server
+from mlxlab.cli import runs_list
 from mlxlab.tracking.base import NullTracker, Tracker, flatten_config
 from mlxlab.tracking.mlflow import (
     CONFIG_HASH_TAG,
@@ -517,14 +517,6 @@ def check_sweep(uri: str, n_children: int, best: float, best_params: dict, faile
     return parent.info.run_id
 
 
-def import_script(name: str):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-
-
 def test_multirun_groups_jobs_under_a_parent_run(template_db, tmp_path, capsys):
     app = write_app(tmp_path)
     uri = fresh_store(template_db, tmp_path)  # the callback adds the "demo" experiment to it
@@ -532,8 +524,7 @@ def test_multirun_groups_jobs_under_a_parent_run(template_db, tmp_path, capsys):
     parent_id = check_sweep(uri, 4, 0.4, {"best.lr": "0.2", "best.width": "2"}, failed=2)
     assert (tmp_path / "multirun/sweep/.mlflow_parent_run_id").read_text() == parent_id
 
-    list_experiments = import_script("list_experiments")
-    assert list_experiments.main(["--uri", uri, "--sweep", "latest"]) == 0
+    assert runs_list.main(["--uri", uri, "--sweep", "latest"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert parent_id in table[0]
     header = next(line for line in table if line.strip().startswith("rank"))
@@ -547,13 +538,13 @@ def test_multirun_groups_jobs_under_a_parent_run(template_db, tmp_path, capsys):
     ]
 
 
-def test_list_experiments_cli_prints_runs(uri, tmp_path, capsys):
+def test_runs_list_prints_runs(uri, tmp_path, capsys):
     tracker = MlflowTracker(uri=uri, experiment_name="listed", run_name="visible")
     tracker.start({"a": 1}, {})
     tracker.log_metrics({"val/accuracy": 0.8125, "val/loss": 0.42}, step=5)
     tracker.end()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/list_experiments.py"), "--uri", uri],
+        [MLXLAB, "runs", "list", "--uri", uri],
         capture_output=True,
         text=True,
         timeout=120,
@@ -563,8 +554,7 @@ def test_list_experiments_cli_prints_runs(uri, tmp_path, capsys):
     row = next(line for line in proc.stdout.splitlines() if tracker.run_id in line)
     assert "visible" in row and "FINISHED" in row and "0.8125" in row and "0.4200" in row
 
-    list_experiments = import_script("list_experiments")
-    assert list_experiments.main(["--uri", f"sqlite:///{tmp_path}/none/mlflow.db"]) == 0
+    assert runs_list.main(["--uri", f"sqlite:///{tmp_path}/none/mlflow.db"]) == 0
     assert "no MLflow store" in capsys.readouterr().out
     assert not (tmp_path / "none").exists()  # listing never creates a store
 

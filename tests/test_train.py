@@ -38,7 +38,7 @@ def test_default_experiment_runs_and_is_tracked(make_cfg, tmp_path):
     run = runs[0]
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert float(params["trainer.learning_rate"]) == cfg.trainer.learning_rate
+    assert float(params["optimizer.learning_rate"]) == cfg.optimizer.learning_rate
     assert params["model.hidden_size"] == "32"
     assert params["data.label_column"] == "Survived"
     assert run.data.tags["choice.model"] == "bert"
@@ -77,7 +77,7 @@ def test_unknown_label_column_is_a_clear_error(make_cfg):
 
 
 def test_multirun_jobs_group_under_one_parent(tmp_path, cli_env):
-    args = [PYTHON, "-m", "mlxlab.train", "--multirun", "trainer.learning_rate=1e-3,3e-3", *FAST]
+    args = [PYTHON, "-m", "mlxlab.train", "--multirun", "optimizer.learning_rate=1e-3,3e-3", *FAST]
     out = subprocess.run(args, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     client, runs = runs_of(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "train")
@@ -85,7 +85,7 @@ def test_multirun_jobs_group_under_one_parent(tmp_path, cli_env):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(children) == 2 and len(parents) == 1
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
-    assert {float(r.data.params["trainer.learning_rate"]) for r in children} == {1e-3, 3e-3}
+    assert {float(r.data.params["optimizer.learning_rate"]) for r in children} == {1e-3, 3e-3}
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
@@ -93,7 +93,7 @@ TINY_LM = [
     "experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
     "model.max_seq_len=32", "data.seq_len=32", "data.tokenizer.max_vocab=256",
     "data.max_examples=200", "trainer.batch_size=8", "trainer.max_steps=6",
-    "trainer.eval_every_steps=3", "trainer.progress=false", "tracking=none",
+    "trainer.eval_every_steps=3", "callbacks.progress.enabled=false", "tracking=none",
 ]
 
 
@@ -119,3 +119,71 @@ def test_dialogue_trains_as_one_document(make_cfg, tmp_path):
                    "data.max_examples=null")
     metrics = train(cfg)
     assert metrics["val/loss"] > 0 and metrics["best_step"] == 6
+
+
+USER_CALLBACK = '''
+import json
+from pathlib import Path
+
+from mlxlab.training.callbacks import Callback
+
+
+class StepLog(Callback):
+    """A user's own callback: the steps it saw, every `every`, written at the end."""
+
+    def __init__(self, path, every=1):
+        self.path, self.every, self.seen = Path(path), every, []
+
+    def setup(self, trainer, model, data):
+        self.optimizer = type(trainer.build_optimizer(1)).__name__
+
+    def on_step(self, step, logs):
+        if step % self.every == 0:
+            self.seen.append(step)
+
+    def on_train_end(self):
+        self.path.write_text(json.dumps({"steps": self.seen, "optimizer": self.optimizer}))
+'''
+
+
+def test_user_callback_and_optimizer_from_the_command_line(tmp_path, cli_env):
+    """`+callbacks.x={_target_: ...}` adds a callback of the user's own module to a real run,
+    beside the default ones; optimizer=lion picks another mlx optimizer."""
+    import json
+
+    (tmp_path / "mycallbacks.py").write_text(USER_CALLBACK)
+    env = {**cli_env, "PYTHONPATH": f"{tmp_path}:{cli_env.get('PYTHONPATH', '')}"}
+    seen = tmp_path / "seen.json"
+    out = subprocess.run(
+        [PYTHON, "-m", "mlxlab.train", *FAST, "tracking=none", "optimizer=lion",
+         f"+callbacks.steps={{_target_:mycallbacks.StepLog,path:'{seen}',every:2}}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(seen.read_text()) == {"steps": [2, 4], "optimizer": "Lion"}
+    assert "step 4/4" in out.stdout + out.stderr  # the default eval_log callback still ran
+
+
+def test_no_callbacks_still_checkpoints(make_cfg, tmp_path):
+    no_callback_keys = [o for o in FAST if not o.startswith("callbacks.")]
+    cfg = make_cfg(*no_callback_keys, "tracking=none", "callbacks=none", "optimizer=sgd")
+    train(cfg)
+    run_dir = tmp_path / "outputs" / "run"
+    assert (run_dir / "checkpoints" / "best").is_dir()
+    assert any(p.name.startswith("step_") for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_a_bug_surfaces_with_its_traceback(tmp_path, cli_env):
+    """Only bad input (mlxlab.errors.UserError) becomes one `mlxlab: error:` line; an exception
+    from a bug, here a KeyError in a callback, keeps its traceback and Python's exit status."""
+    (tmp_path / "buggy.py").write_text(
+        "from mlxlab.training.callbacks import Callback\n\n\n"
+        "class Buggy(Callback):\n"
+        "    def on_step(self, step, logs):\n"
+        "        return {}['no such key']\n")
+    env = {**cli_env, "PYTHONPATH": f"{tmp_path}:{cli_env.get('PYTHONPATH', '')}"}
+    out = subprocess.run(
+        [PYTHON, "-m", "mlxlab.train", *FAST, "tracking=none", "+callbacks.bug={_target_:buggy.Buggy}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" in out.stderr and "KeyError: 'no such key'" in out.stderr
+    assert "mlxlab: error:" not in out.stderr

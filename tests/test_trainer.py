@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,10 +18,15 @@ from mlxlab.data.batching import Batching
 from mlxlab.runtime import device
 from mlxlab.train import seed_everything, train
 from mlxlab.training import losses
-from mlxlab.training.optim import build_optimizer
-from mlxlab.training.trainer import Trainer, TrainingError
+from mlxlab.training.optim import default_optimizer
+from mlxlab.training.trainer import DistillConfig, Trainer, TrainingError
 
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.dropout=0.0"]
+
+
+def adamw(learning_rate: float):
+    """optimizer=adamw (bias-corrected AdamW) at a given peak learning rate."""
+    return partial(default_optimizer(), learning_rate=learning_rate)
 
 
 def build(make_cfg, tmp_path, *overrides):
@@ -44,8 +50,8 @@ def test_grad_accumulation_equals_one_big_batch(make_cfg, tmp_path):
     loss_fn = losses.task_loss("classification")
     results = []
     for model, accum, batches in ((model_a, 1, [batch]), (model_b, 2, halves)):
-        trainer = Trainer(grad_accum=accum, grad_clip=0.5)
-        opt = build_optimizer("adamw", 1e-2, total_steps=10)
+        trainer = Trainer(optimizer=adamw(1e-2), grad_accum=accum, grad_clip=0.5)
+        opt = trainer.build_optimizer(total_steps=10)
         opt.init(model.trainable_parameters())
         loss, _, _ = trainer.make_step(model, opt, loss_fn)(batches)
         results.append((loss.item(), params(model)))
@@ -69,9 +75,9 @@ def test_same_seed_same_run(make_cfg):
 
 
 def test_nan_loss_is_a_clear_error_and_marks_the_run_failed(make_cfg, tmp_path):
-    cfg = make_cfg(*FAST, "trainer.learning_rate=1e12", "trainer.grad_clip=0",
+    cfg = make_cfg(*FAST, "optimizer.learning_rate=1e12", "trainer.grad_clip=0",
                    "trainer.max_steps=30", "trainer.eval_every_steps=30", "model.hidden_size=32")
-    with pytest.raises(TrainingError, match="lower trainer.learning_rate"):
+    with pytest.raises(TrainingError, match="lower optimizer.learning_rate"):
         train(cfg)
     client = MlflowClient(cfg.tracking.uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])
@@ -81,7 +87,7 @@ def test_nan_loss_is_a_clear_error_and_marks_the_run_failed(make_cfg, tmp_path):
 
 def test_optimized_trainer_with_dynamic_batches_and_quantization(make_cfg):
     metrics = train(make_cfg(*FAST, "tracking=none", "trainer=optimized", "model.hidden_size=64",
-                             "trainer.memory_log_every=1"))
+                             "callbacks.memory.every=1"))
     assert 0.0 <= metrics["val_q8/accuracy"] <= 1.0
     assert abs(metrics["val_q8/loss"] - metrics["val/loss"]) < 0.2
 
@@ -114,11 +120,11 @@ def test_cnn_hybrid_trains(make_cfg):
 
 
 def test_language_model_loss_falls(make_cfg):
-    cfg = make_cfg("experiment=tinystories_nano", "tracking=none", "trainer.progress=false",
+    cfg = make_cfg("experiment=tinystories_nano", "tracking=none", "callbacks.progress.enabled=false",
                    "model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.max_seq_len=64",
                    "data.seq_len=64", "data.tokenizer.max_vocab=512", "trainer.batch_size=8",
                    "trainer.max_steps=40", "trainer.eval_every_steps=20", "trainer.log_every_steps=5",
-                   "trainer.warmup_steps=5")
+                   "trainer.schedule.warmup_steps=5")
     from mlxlab.config import to_container
 
     metrics = train(cfg)
@@ -152,10 +158,10 @@ def test_cached_teacher_probabilities_give_the_per_step_loss(make_cfg, tmp_path)
     _, data, student = build(make_cfg, tmp_path, *TINY)
     data.load_state_dict({"epoch": 0, "batches_done": 3})
     teachers = [{"run": str(teacher_cfg.paths.output_dir)}]
-    trainer = Trainer(distill={"teachers": teachers, "temperature": 2.0}, batch_size=16)
+    trainer = Trainer(distill=DistillConfig(teachers=teachers, temperature=2.0), batch_size=16)
     cached_fn = trainer.build_loss(data)
     assert data.state_dict() == {"epoch": 0, "batches_done": 3}
-    trainer.distill["cache_teacher"] = False
+    trainer.distill.cache_teacher = False
     per_step_fn = trainer.build_loss(data)
     student.eval()  # no dropout: the two losses see the same student
     for batch in list(data.train_batches(Batching(batch_size=7), 1))[:4]:
@@ -197,9 +203,9 @@ def test_resume_into_a_changed_architecture_reports_the_mapping(make_cfg, tmp_pa
 
 def test_bf16_compute_keeps_fp32_master_weights(make_cfg, tmp_path):
     _, data, model = build(make_cfg, tmp_path, *TINY)
-    trainer = Trainer(precision="bf16", grad_clip=1.0)
+    trainer = Trainer(optimizer=adamw(1e-2), precision="bf16", grad_clip=1.0)
     loss_fn = trainer.build_loss(data)
-    opt = build_optimizer("adamw", 1e-2, total_steps=10)
+    opt = trainer.build_optimizer(total_steps=10)
     opt.init(model.trainable_parameters())
     step = trainer.make_step(model, opt, loss_fn)
     before = params(model)

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 def load_model(name: str, uri: str | None = None):
     """A registered model, e.g. `mlxlab.load_model("titanic-bert@champion")`, from the project's
-    MLflow store (see mlxlab.tracking.registry.load_registered); `.predict(frame)` on it."""
-    from mlxlab.tracking.registry import load_registered
+    MLflow store (see mlxlab.serving.registry.load_registered); `.predict(frame)` on it."""
+    from mlxlab.serving.registry import load_registered
 
     return load_registered(name, uri)

@@ -15,11 +15,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mlxlab.errors import ConfigError
+
+__all__ = ["ConfigError", "compose_config", "config_hash", "instantiate", "validate"]
+
 ASSETS_DIR = Path(__file__).parent / "assets"
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message says what is wrong and how to fix it."""
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -129,19 +129,24 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
 # key -> (type, lower bound or None). Only keys present in the config are checked.
 _NUMERIC_RULES: dict[str, tuple[type, float | None]] = {
     "seed": (int, 0),
-    "trainer.learning_rate": (float, 0.0),
-    "trainer.weight_decay": (float, 0.0),
-    "trainer.eps": (float, 0.0),
+    "optimizer.learning_rate": (float, 0.0),
+    "optimizer.weight_decay": (float, 0.0),
+    "optimizer.eps": (float, 0.0),
+    "optimizer.momentum": (float, 0.0),
     "trainer.max_epochs": (int, 1),
     "trainer.max_steps": (int, 1),
     "trainer.batch_size": (int, 1),
     "trainer.max_batch_size": (int, 1),
     "trainer.grad_accum": (int, 1),
-    "trainer.warmup_steps": (int, 0),
+    "trainer.schedule.warmup_steps": (int, 0),
+    "trainer.schedule.min_lr_ratio": (float, 0.0),
     "trainer.grad_clip": (float, 0.0),
     "trainer.label_smoothing": (float, 0.0),
     "trainer.eval_every_steps": (int, 1),
     "trainer.log_every_steps": (int, 1),
+    "callbacks.early_stopping.patience": (int, 0),
+    "callbacks.checkpoint.keep_last_n": (int, 1),
+    "callbacks.memory.every": (int, 0),
     "model.hidden_size": (int, 1),
     "model.num_layers": (int, 1),
     "model.num_heads": (int, 1),
@@ -181,24 +186,28 @@ def validate(cfg: DictConfig) -> None:
     mode = cfg.get("optimized_mode", "max")
     if mode not in ("max", "min"):
         raise ConfigError(f"optimized_mode must be 'max' or 'min', got {mode!r}")
-    for group in ("model", "data", "trainer", "tracking"):
+    for group in ("model", "data", "trainer", "tracking", "optimizer"):
         node = cfg.get(group)
         if node is None or "_target_" not in node:
-            raise ConfigError(f"config group '{group}' has no _target_: pick an option, e.g. {group}=...")
+            raise ConfigError(f"config group '{group}' has no _target_: pick an option, e.g. "
+                              f"{group}={'|'.join(group_options(group)) or '...'}")
+    _check_optimizer(cfg)
+    _check_callbacks(cfg)
     tracking = cfg.get("tracking")
     if "csv" in tracking and not str(tracking["_target_"]).endswith("build_tracker"):
         raise ConfigError("tracking: list csv after the other tracker: tracking=[mlflow,csv]")
     _check_choice(cfg, "trainer.precision", ("auto", "fp32", "bf16", "fp16"))
     _check_choice(cfg, "trainer.quantize_bits", (None, 2, 3, 4, 6, 8))
-    _check_choice(cfg, "trainer.optimizer", (None, "adamw", "adam", "sgd"))
-    _check_choice(cfg, "trainer.bias_correction", (None, True, False))
-    betas = OmegaConf.select(cfg, "trainer.betas", default=None)
+    _check_choice(cfg, "trainer.schedule.name", (None, "cosine", "constant"))
+    _check_choice(cfg, "trainer.distributed.mode", (None, "auto", "on", "off", True, False))
+    _check_choice(cfg, "optimizer.bias_correction", (None, True, False))
+    betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
     if betas is not None and (
         len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
     ):
-        raise ConfigError(f"trainer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got {betas}")
-    _check_choice(cfg, "trainer.checkpoint.when_busy", (None, "wait", "skip"))
-    remote = OmegaConf.select(cfg, "trainer.checkpoint.remote", default=None)
+        raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got {betas}")
+    _check_choice(cfg, "callbacks.checkpoint.when_busy", (None, "wait", "skip"))
+    remote = OmegaConf.select(cfg, "callbacks.checkpoint.remote", default=None)
     if remote:
         from mlxlab.training.remote import check_uri
 
@@ -206,10 +215,76 @@ def validate(cfg: DictConfig) -> None:
     _check_optimized_metric(cfg)
 
 
+def group_options(group: str) -> list[str]:
+    """The options of a config group: the yaml files in conf/<group>/."""
+    folder = Path(config_dir()) / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _check_optimizer(cfg: DictConfig) -> None:
+    """optimizer=<name> must name a conf/optimizer/ option whose target is an mlx optimizer."""
+    from hydra.core.hydra_config import HydraConfig
+
+    options = group_options("optimizer")
+    if HydraConfig.initialized():
+        chosen = HydraConfig.get().runtime.choices.get("optimizer")
+        if chosen is not None and chosen not in options:  # a custom node given in full is fine
+            raise ConfigError(f"optimizer={chosen} is not an option: choose one of {options}")
+    _check_target(cfg.optimizer, "optimizer", f"choose optimizer={'|'.join(options)} or a class "
+                  "such as mlx.optimizers.AdamW")
+    if not cfg.optimizer.get("_partial_", False):
+        raise ConfigError("the optimizer node needs _partial_: true (the trainer adds the "
+                          "learning-rate schedule): add optimizer._partial_=true")
+    if "learning_rate" not in cfg.optimizer:
+        raise ConfigError("the optimizer node needs a learning_rate: add +optimizer.learning_rate=1e-3")
+
+
+def _check_callbacks(cfg: DictConfig) -> None:
+    """Every entry of callbacks is a `_target_` node (a key set on callbacks=none is not)."""
+    node = cfg.get("callbacks")
+    if node is None:
+        return
+    if not OmegaConf.is_dict(node):
+        raise ConfigError("callbacks must be a mapping of name -> {_target_: ...}: use callbacks="
+                          f"{'|'.join(group_options('callbacks'))}")
+    for name, entry in node.items():
+        if entry is None:
+            continue
+        if not OmegaConf.is_dict(entry) or "_target_" not in entry:
+            raise ConfigError(
+                f"callbacks.{name} has no _target_: give the class, e.g. "
+                f"'+callbacks.{name}={{_target_: my_pkg.MyCallback}}', or drop it with ~callbacks.{name}")
+        _check_target(entry, f"callbacks.{name}", "give an importable class (is its module on "
+                      "PYTHONPATH?)")
+
+
+def _check_target(node: DictConfig, key: str, fix: str) -> None:
+    """node._target_ imports and takes node's keys as arguments; else one line naming the key."""
+    import importlib
+    import inspect
+
+    target = str(node._target_)
+    module, _, name = target.rpartition(".")
+    try:  # (hydra.utils.get_object would also log its own multi-line report)
+        factory = getattr(importlib.import_module(module), name)
+    except Exception:
+        raise ConfigError(f"{key}._target_={target} is not importable: {fix}") from None
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no introspectable signature: the call will tell
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in node if not str(k).startswith("_") and k not in params]
+    if unknown:
+        allowed = [p for p in params if p != "self"]
+        raise ConfigError(f"{key}.{unknown[0]} is not an argument of {target}: it takes {allowed}")
+
+
 def _check_required(cfg: DictConfig) -> None:
     """Keys left `???` in the config (data=csv's path and label column) must be given."""
     missing = []
-    for group in ("model", "data", "trainer", "tracking"):
+    for group in ("model", "data", "trainer", "tracking", "optimizer"):
         node = cfg.get(group)
         if OmegaConf.is_config(node):
             keys = OmegaConf.missing_keys(node)  # full keys, e.g. "data.path"

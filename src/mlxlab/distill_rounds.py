@@ -18,13 +18,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mlxlab.config import ConfigError, to_container
+from mlxlab.config import to_container
+from mlxlab.errors import ConfigError
+from mlxlab.tracking import tags as T
 
 log = logging.getLogger("mlxlab")
 
 MANIFEST = "distill_rounds.json"
-PARENT_RUN_TAG = "mlflow.parentRunId"
-ROUND_TAG = "mlxlab.distill.round"
 
 
 def rounds_of(cfg: DictConfig) -> int:
@@ -54,9 +54,9 @@ def round_config(cfg: DictConfig, r: int, teachers: list, run_dir: Path,
         out.paths.output_dir = str(run_dir / f"round_{r}")
         if "run_name" in out.tracking:
             out.tracking.run_name = f"{name} round {r}"
-        out.tags = {**(out.get("tags") or {}), ROUND_TAG: str(r)}
+        out.tags = {**(out.get("tags") or {}), T.DISTILL_ROUND: str(r)}
         if parent_run_id:
-            out.tags[PARENT_RUN_TAG] = parent_run_id
+            out.tags[T.PARENT_RUN] = parent_run_id
     return out
 
 
@@ -81,7 +81,7 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
         raise ConfigError("trainer.distill.rounds needs trainer.distill.teachers for round 1")
     run_dir = Path(str(cfg.paths.output_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
-    parent.start(params=to_container(cfg), tags={**tags, "mlxlab.distill.rounds": str(rounds)})
+    parent.start(params=to_container(cfg), tags={**tags, T.DISTILL_ROUNDS: str(rounds)})
     manifest: dict[str, Any] = {"rounds": [], "round_teachers": mode,
                                 "teacher_weights": distill.get("teacher_weights", "fixed"),
                                 "parent_run_id": parent.run_id}

@@ -1,7 +1,7 @@
 """Finished runs as inputs: resume sources, distillation teachers, models for generate/predict.
 
 A run directory holds `.hydra/config.yaml`, `tokenizer.json` and `checkpoints/` (see
-training/checkpoint.py); every checkpoint's state.json carries the resolved config and the
+training/checkpoint/); every checkpoint's state.json carries the resolved config and the
 model's constructor inputs, so a model can be rebuilt from the checkpoint alone.
 """
 
@@ -15,7 +15,8 @@ from pathlib import Path
 import mlx.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from mlxlab.config import ConfigError, instantiate
+from mlxlab.config import instantiate
+from mlxlab.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -23,19 +24,25 @@ log = logging.getLogger(__name__)
 def newest_committed(run: Path) -> tuple[int, Path, str | None] | None:
     """(step, checkpoint, MLflow run id) of the run folder's committed checkpoint with the highest
     step, best/ included; a step_* checkpoint wins a tie with best/ (best/ is a copy of one)."""
-    from mlxlab.training.checkpoint import BEST, STATE_FILE, STEP_PREFIX, check_committed
+    from mlxlab.training.checkpoint import (
+        BEST,
+        CheckpointError,
+        CheckpointState,
+        check_committed,
+        step_of,
+    )
 
     found = []
     for ckpt in (run / "checkpoints").glob("*"):
         if check_committed(ckpt, full=False) is not None:
             continue
         try:
-            state = json.loads((ckpt / STATE_FILE).read_text())
-            step = int(state["step"] if ckpt.name == BEST else ckpt.name[len(STEP_PREFIX):])
-        except (OSError, ValueError, KeyError, TypeError):
+            state = CheckpointState.read(ckpt)
+        except (OSError, CheckpointError, TypeError):
             continue
-        if ckpt.name == BEST or ckpt.name.startswith(STEP_PREFIX):
-            found.append((step, ckpt.name != BEST, ckpt, state.get("run_id")))
+        step = state.step if ckpt.name == BEST else step_of(ckpt)
+        if step >= 0:
+            found.append((step, ckpt.name != BEST, ckpt, state.run_id))
     if not found:
         return None
     step, _, ckpt, run_id = max(found, key=lambda f: f[:2])
@@ -99,15 +106,31 @@ def prepare_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     return path
 
 
-def load_run_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model of a finished run (its best checkpoint, else the newest) with its weights."""
-    from mlxlab.training.checkpoint import check_committed, find_run_checkpoints, load_checkpoint
+CHECKPOINT_CHOICES = ("best", "last")
 
-    candidates = sorted(find_run_checkpoints(Path(path)), key=lambda p: p.name != "best")
+
+def choose_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """The committed checkpoint of a run folder to load: `best` = best/ (else the newest, for a
+    run without validation), `last` = the newest step_*. A checkpoint folder is itself."""
+    from mlxlab.training.checkpoint import BEST, check_committed, find_run_checkpoints
+
+    if which not in CHECKPOINT_CHOICES:
+        raise ConfigError(f"checkpoint={which!r}: use one of {', '.join(CHECKPOINT_CHOICES)}")
+    candidates = find_run_checkpoints(Path(path))  # newest step first, then best/
+    if which == "best":
+        candidates = sorted(candidates, key=lambda p: p.name != BEST)
     usable = [p for p in candidates if check_committed(p, full=False) is None]
     if not usable:
         raise ConfigError(f"{path} holds no committed checkpoint: train it first or give another run")
-    checkpoint = usable[0]
+    return usable[0]
+
+
+def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, dict]:
+    """Rebuild the model of a finished run (its best checkpoint, else the newest; or the newest
+    with which="last") with its weights; state["checkpoint_path"] says which was loaded."""
+    from mlxlab.training.checkpoint import load_checkpoint
+
+    checkpoint = choose_checkpoint(path, which)
     state = json.loads((checkpoint / "state.json").read_text())
     config = state.get("config") or {}
     if "model" not in config or "model_init" not in state:
@@ -166,7 +189,7 @@ def require_run_tokenizer(path: str | Path, kind: str) -> Path:
     """run_tokenizer(path), or an error naming what to pass; `kind` says which run it must be."""
     found = run_tokenizer(path)
     if found is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no tokenizer.json in {path} or its run directory: pass the run directory "
             f"(outputs/<task>/<time>) of a finished {kind} run, or one of its checkpoints"
         )

@@ -20,7 +20,15 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
-from mlxlab.config import config_dir, config_hash, instantiate, to_container, validate
+from mlxlab.config import (
+    config_dir,
+    config_hash,
+    group_options,
+    instantiate,
+    to_container,
+    validate,
+)
+from mlxlab.errors import ConfigError, UserError
 
 log = logging.getLogger("mlxlab")
 
@@ -43,13 +51,16 @@ def hydra_context(cfg: DictConfig) -> tuple[Path, dict[str, str], bool]:
     if not HydraConfig.initialized():
         return run_dir, {}, False
     hc = HydraConfig.get()
-    choices = {f"choice.{k}": str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
+    from mlxlab.tracking.tags import CHOICE_PREFIX
+
+    choices = {f"{CHOICE_PREFIX}{k}": str(v) for k, v in hc.runtime.choices.items()
+               if not k.startswith("hydra")}
     return run_dir, choices, hc.mode == RunMode.MULTIRUN
 
 
 def run_name(cfg: DictConfig) -> str:
     """tracking.run_name, else `<task_name>-<MMDD-HHMMSS>`, plus the swept overrides of a
-    multirun job (`train-1122-093012 model.hidden_size=64 trainer.learning_rate=3e-4`)."""
+    multirun job (`train-1122-093012 model.hidden_size=64 optimizer.learning_rate=3e-4`)."""
     given = cfg.tracking.get("run_name")
     if given:
         return str(given)
@@ -81,16 +92,18 @@ def git_commit(folder: Path) -> str | None:
 
 
 def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: Path) -> dict:
+    from mlxlab.tracking import tags as T
+
     tags = {
         **choices,
-        "mlxlab.config_hash": run_hash,
-        "mlxlab.run_dir": str(run_dir),
-        "mlxlab.task_name": cfg.task_name,
-        "mlxlab.overrides": " ".join(_task_overrides()),
+        T.CONFIG_HASH: run_hash,
+        T.RUN_DIR: str(run_dir),
+        T.TASK_NAME: cfg.task_name,
+        T.OVERRIDES: " ".join(_task_overrides()),
     }
     commit = git_commit(Path(__file__).parent)  # the code that trained, not the data's folder
     if commit:
-        tags["mlflow.source.git.commit"] = commit
+        tags[T.GIT_COMMIT] = commit
     return {**tags, **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()}}
 
 
@@ -138,6 +151,23 @@ def summary_lines(result, tracker, cfg: DictConfig, run_dir: Path) -> list[str]:
     return lines
 
 
+def build_callbacks(cfg: DictConfig) -> list:
+    """The `callbacks` group's named `_target_` nodes, built in config order (None entries, as
+    left by `callbacks.x=null`, are skipped)."""
+    from mlxlab.training.callbacks import Callback
+
+    built = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        callback = instantiate(node)
+        if not isinstance(callback, Callback):
+            raise ConfigError(f"callbacks.{name} built a {type(callback).__name__}, not a "
+                              "mlxlab.training.callbacks.Callback: subclass it")
+        built.append(callback)
+    return built
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from `cfg`, train, and return the best validation metrics."""
     validate(cfg)
@@ -159,10 +189,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mlxlab.runtime import distributed
     from mlxlab.tracking.base import NullTracker
     from mlxlab.tracking.stale import process_tags
+    from mlxlab.tracking.tags import WORLD_SIZE
     from mlxlab.training.remote import remote_resume
 
-    world = distributed.world(cfg.trainer.get("distributed", "auto"),
-                              cfg.trainer.get("distributed_timeout_s", 30.0))
+    world = distributed.world(cfg.trainer.distributed.mode, cfg.trainer.distributed.timeout_s)
     resume = remote_resume(cfg, run_dir, prepare_resume)
     reuse_tokenizer(cfg, resume, "resume")
     reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
@@ -197,11 +227,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     config["num_parameters"] = count_parameters(model)
     log.info("model %s: %s parameters", cfg.model._target_.rsplit(".", 1)[-1],
              f"{config['num_parameters']:,}")
-    trainer = instantiate(cfg.trainer)
-    trainer.extra_callbacks = tuple(  # callbacks=<option>: each entry of the node is one
-        instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node)
+    trainer = instantiate(cfg.trainer)(optimizer=instantiate(cfg.optimizer),
+                                       callbacks=build_callbacks(cfg))
     tags = {**run_tags(cfg, choices, run_hash, run_dir), **process_tags(),
-            "mlxlab.world_size": str(world.size)}
+            WORLD_SIZE: str(world.size)}
     result = trainer.fit(model, data, tracker, run_dir, config=config, tags=tags, resume=resume)
     if world.is_main:
         print("\n".join(summary_lines(result, tracker, cfg, run_dir)))
@@ -219,10 +248,8 @@ def train_distill_rounds(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> float:
-    from mlxlab.training.checkpoint import CheckpointError
-    from mlxlab.training.remote import RemoteError
-    from mlxlab.training.trainer import TrainingError, TrainingInterrupted
+def hydra_main(cfg: DictConfig) -> float:
+    from mlxlab.training.trainer import TrainingInterrupted
 
     _, _, sweeping = hydra_context(cfg)
     if cfg.get("sweep", {}).get("skip_finished") and sweeping:
@@ -239,17 +266,49 @@ def main(cfg: DictConfig) -> float:
                 log.warning("no %s to return: the run had no validation data", cfg.optimized_metric)
             return float(metrics.get(cfg.optimized_metric, math.nan))
         except InstantiationException as wrapped:  # a constructor's own error, e.g. a bad size
-            raise (wrapped.__cause__ or wrapped) from None
+            cause = wrapped.__cause__
+            if isinstance(cause, UserError):
+                raise cause from None
+            raise
     except TrainingInterrupted as stop:
         log.error("stopped by signal; checkpoint: %s (resume with resume=auto)", stop.checkpoint)
         sys.exit(stop.exit_code)
-    except (TrainingError, CheckpointError, RemoteError, OSError, ValueError) as err:
+    except UserError as err:  # bad input the user can fix; anything else is a bug: traceback
         if sweeping:  # a failed trial is recorded as failed (NaN) and the sweep goes on
             log.error("trial failed: %s", err)
             return math.nan
         print(f"mlxlab: error: {err}", file=sys.stderr)
         remove_unused_run_dir(cfg)
         sys.exit(2)
+
+
+# Config groups whose option a user picks on the command line (group=option).
+CHOICE_GROUPS = ("model", "data", "trainer", "optimizer", "callbacks", "tracking", "experiment",
+                 "debug", "hparams_search")
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """`optimizer=adamx` fails here with one line listing the options, not with Hydra's
+    multi-line "Could not find 'optimizer/adamx'" report."""
+    for arg in argv:
+        key, eq, value = arg.lstrip("+").partition("=")
+        if not eq or key not in CHOICE_GROUPS or "(" in value or value in ("null", ""):
+            continue
+        options = group_options(key)
+        unknown = [v for v in value.split(",") if v not in options]
+        if options and unknown:
+            raise ConfigError(f"{key}={unknown[0]} is not an option: choose one of {options} "
+                              f"(the files in conf/{key}/)")
+
+
+def main() -> None:
+    """mlxlab-train / `mlxlab train`: the group choices checked first, then the Hydra app."""
+    try:
+        check_group_choices(sys.argv[1:])
+    except ConfigError as err:
+        print(f"mlxlab: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
 
 
 def remove_unused_run_dir(cfg: DictConfig) -> None:

@@ -1,8 +1,13 @@
 """`mlxlab <verb> ...`: dispatch to a verb's module; each verb parses its own arguments.
 
     mlxlab train [hydra overrides]      train (same as mlxlab-train)
+    mlxlab eval RUN DATA [--json]        metrics of a finished run on a labelled CSV / text file
+    mlxlab predict RUN DATA.csv          a submission CSV (classifier) or completions (LM)
+    mlxlab generate RUN --prompt TEXT    sample from a language-model run
+    mlxlab register RUN --name NAME      log + register the run's model in MLflow
+    mlxlab serve RUN|MODEL_URI           MLflow's model server on 127.0.0.1
+    mlxlab runs list|show|compare|merge  the store's runs
     mlxlab export RUN --format hf|mlx-lm --out DIR [...]
-    mlxlab runs merge SOURCE... [--into URI]
 """
 
 from __future__ import annotations
@@ -13,8 +18,13 @@ import sys
 # verb -> (module with main(argv) -> int, one-line help). New verbs register here.
 VERBS = {
     "train": ("mlxlab.cli.train", "train a model: Hydra overrides, e.g. experiment=tinystories_nano"),
+    "eval": ("mlxlab.cli.eval", "metrics of a finished run on a labelled CSV or a text file"),
+    "predict": ("mlxlab.cli.predict", "predict a CSV: a submission (classifier) or completions"),
+    "generate": ("mlxlab.cli.generate", "sample text from a language-model run"),
+    "register": ("mlxlab.cli.register", "register a run's model in the MLflow model registry"),
+    "serve": ("mlxlab.cli.serve", "serve a run or a registered model over HTTP (127.0.0.1)"),
+    "runs": ("mlxlab.cli.runs", "the store's runs: list, show, compare, merge"),
     "export": ("mlxlab.cli.export", "write a finished run as a Hugging Face or mlx-lm folder"),
-    "runs": ("mlxlab.cli.runs", "the store's runs: `mlxlab runs merge SOURCE...`"),
 }
 
 

@@ -1,25 +1,31 @@
 """`mlxlab runs <action> ...`: the MLflow store's runs.
 
+    mlxlab runs list [--experiment NAME] [--sweep RUN_ID|latest] [--last]   experiments and runs
+    mlxlab runs show RUN_ID|RUN_DIR          one run: metrics (best | last), params, checkpoints
+    mlxlab runs compare RUN RUN...           runs side by side: metrics and differing params
     mlxlab runs merge SOURCE... [--into URI] [--dry-run]   copy other stores into the central one
     mlxlab runs hardest RUN [-n 20] [--epoch E]           a run's highest-loss training examples
 
-Listing runs is `scripts/list_experiments.py` until it becomes `mlxlab runs list`.
+`mlxlab runs <action> --help` for its arguments.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import sys
 
-# action -> (module with main(argv) -> int, one-line help)
+# action -> (module with main(argv) -> int, keyword arguments, one-line help)
 ACTIONS = {
-    "merge": ("mlxlab.tracking.merge", "copy experiments, runs and models from other MLflow stores"),
-    "hardest": ("mlxlab.cli.hardest", "the training examples with the highest loss (per_example_losses)"),
+    "list": ("mlxlab.cli.runs_list", {}, "experiments and recent runs, or one sweep's table"),
+    "show": ("mlxlab.cli.runs_show", {"action": "show"}, "one run: metrics, params, checkpoints"),
+    "compare": ("mlxlab.cli.runs_show", {"action": "compare"}, "runs side by side"),
+    "merge": ("mlxlab.tracking.merge", {}, "copy experiments, runs and models from other stores"),
+    "hardest": ("mlxlab.cli.hardest", {}, "the training examples with the highest loss"),
 }
 
 
 def main(argv: list[str]) -> int:
-    import importlib
-
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
@@ -28,4 +34,6 @@ def main(argv: list[str]) -> int:
         known = ", ".join(ACTIONS)
         print(f"mlxlab runs: unknown action {action!r}: use one of {known}", file=sys.stderr)
         return 2
-    return int(importlib.import_module(ACTIONS[action][0]).main(rest) or 0)
+    module, kwargs, _ = ACTIONS[action]
+    entry = functools.partial(importlib.import_module(module).main, **kwargs)
+    return int(entry(rest) or 0)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from mlxlab.errors import ConfigError
+
 Batch = dict[str, mx.array]
 
 
@@ -28,9 +30,9 @@ class Batching:
 
     def __post_init__(self):
         if self.batch_size < 1:
-            raise ValueError(f"batching.batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batching.batch_size must be >= 1, got {self.batch_size}")
         if self.bucket_multiple < 1:
-            raise ValueError(f"batching.bucket_multiple must be >= 1, got {self.bucket_multiple}")
+            raise ConfigError(f"batching.bucket_multiple must be >= 1, got {self.bucket_multiple}")
 
 
 def bucket_length(n: int, multiple: int, max_len: int | None = None) -> int:

@@ -18,8 +18,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batch, Batching, bucket_length, make_batches
 from mlxlab.data.tokenizer import build_tokenizer, special_ids, tokenizer_hash
+from mlxlab.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ def read_pairs(path: str | Path, prompt_key: str, completion_key: str) -> list[t
     """(prompt, completion) of every line of a jsonl file; a bad line is named with its number."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path} (set data.train_file= to a jsonl)")
+        raise MissingFileError(f"data file not found: {path} (set data.train_file= to a jsonl)")
     pairs = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -37,17 +39,17 @@ def read_pairs(path: str | Path, prompt_key: str, completion_key: str) -> list[t
             row = json.loads(line)
             pairs.append((str(row[prompt_key]), str(row[completion_key])))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}:{number} is not a JSON object with {prompt_key!r} and "
                 f"{completion_key!r} ({type(e).__name__}: {e}); fix the line or set "
                 "data.prompt_key= / data.completion_key="
             ) from None
     if not pairs:
-        raise ValueError(f"{path} holds no prompt/completion pairs")
+        raise ConfigError(f"{path} holds no prompt/completion pairs")
     return pairs
 
 
-class PromptCompletion:
+class PromptCompletion(DataModule):
     """Batches of prompt/completion examples from `train_file` (and `val_file`, else the last
     `val_fraction` of the shuffled training pairs). Sequences longer than `max_length` tokens are
     cut at the end. `tokenizer.path` is the pretrained model's tokenizer.json (train.py sets it
@@ -68,7 +70,7 @@ class PromptCompletion:
         tokenizer: dict | None = None,
     ):
         if max_length < 2:
-            raise ValueError(f"data.max_length={max_length} must be >= 2")
+            raise ConfigError(f"data.max_length={max_length} must be >= 2")
         self.train_file, self.val_file = train_file, val_file
         self.val_fraction, self.seed = float(val_fraction), int(seed)
         self.prompt_key, self.completion_key = prompt_key, completion_key
@@ -87,7 +89,7 @@ class PromptCompletion:
             order = np.random.default_rng(self.seed).permutation(len(pairs))
             n_val = int(round(len(pairs) * self.val_fraction))
             if n_val >= len(pairs):
-                raise ValueError(f"val_fraction={self.val_fraction} leaves no training pairs")
+                raise ConfigError(f"val_fraction={self.val_fraction} leaves no training pairs")
             val = [pairs[i] for i in order[:n_val]]
             pairs = [pairs[i] for i in order[n_val:]]
         save_to = Path(run_dir) / "tokenizer.json" if run_dir is not None else None

@@ -23,7 +23,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batch, Batching
+from mlxlab.errors import ConfigError, MissingFileError
 
 # One background thread tokenizes at ~0.5M tokens/s, far above what training consumes; the
 # tokenizers thread pool would only compete with the BLAS threads of the training step.
@@ -60,13 +62,13 @@ def _builder_for(data_files) -> str:
         files = [f for v in data_files.values() for f in (v if isinstance(v, list) else [v])]
     kinds = {BUILDERS.get(Path(str(f)).suffix.lower()) for f in files}
     if None in kinds or len(kinds) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"data.data_files={data_files}: use files of one kind, "
             f"ending in one of {sorted(BUILDERS)}"
         )
     for f in files:
         if not glob.glob(str(f)):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"data file not found: {f} (set data.data_files= to a local file)"
             )
     return kinds.pop()
@@ -110,7 +112,7 @@ def _threaded(produce: Iterator, prefetch: int) -> Iterator:
         thread.join(timeout=5)
 
 
-class StreamingText:
+class StreamingText(DataModule):
     """Packed language-modelling batches from a hub dataset or local txt/jsonl/parquet files.
 
     Source: `dataset_id` (+ `dataset_config`) streams from the Hugging Face hub and then
@@ -157,12 +159,12 @@ class StreamingText:
         encoding: str = "utf-8",
     ):
         if not dataset_id and not data_files:
-            raise ValueError(
+            raise ConfigError(
                 "set data.dataset_id= (a hub dataset) or data.data_files= (local files)"
             )
         self.stride = int(stride or seq_len)
         if not 1 <= self.stride <= seq_len:
-            raise ValueError(f"data.stride must be in [1, seq_len={seq_len}], got {stride}")
+            raise ConfigError(f"data.stride must be in [1, seq_len={seq_len}], got {stride}")
         self.dataset_id, self.dataset_config, self.split = dataset_id, dataset_config, split
         self.data_files = data_files
         # A hub id wins, so `data.dataset_id=...` alone switches away from the local default.
@@ -225,7 +227,7 @@ class StreamingText:
                 )
             except StopIteration:  # the json reader infers its schema from a first record
                 empty = [f for f in self._files() if os.path.getsize(f) == 0] or self._files()
-                raise ValueError(
+                raise ConfigError(
                     f"no records in {', '.join(empty)}: the file is empty; give data.data_files= "
                     "files with text"
                 ) from None
@@ -285,7 +287,7 @@ class StreamingText:
 
     def _text(self, example: dict) -> str:
         if self.text_column not in example:
-            raise ValueError(
+            raise ConfigError(
                 f"text column {self.text_column!r} not in {self.source_name()}; "
                 f"available columns: {list(example)} (set data.text_column=)"
             )
@@ -312,7 +314,7 @@ class StreamingText:
         sample = list(islice(self.documents(self._unshuffled_train()), wanted))
         if not sample:
             held = "" if self.val_split else f" after holding out val_examples={self.val_examples}"
-            raise ValueError(
+            raise ConfigError(
                 f"no text in {self.source_name()}{held}: the source is empty "
                 "(check data.data_files= / data.dataset_id=)"
             )
@@ -363,7 +365,7 @@ class StreamingText:
             val = ([tail] if tail else []) + docs[i + 1 :]
             break
         if not train or not val:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.source_name()} is too short to hold out validation text: add text or set "
                 "data.val_examples=0 (no validation)"
             )

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mlxlab.data.base import DataModule
 from mlxlab.data.batching import (
     Batch,
     Batching,
@@ -21,6 +22,7 @@ from mlxlab.data.batching import (
     make_batches,
 )
 from mlxlab.data.tokenizer import PAD_TOKENS, build_tokenizer, find_token_id, tokenizer_hash
+from mlxlab.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +31,13 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     """Read a CSV, naming the path and the override to fix it when it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path} (point data.path= at a CSV file)")
+        raise MissingFileError(f"data file not found: {path} (point data.path= at a CSV file)")
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {path} as CSV: {e} (check data.path=)") from e
+        raise ConfigError(f"cannot read {path} as CSV: {e} (check data.path=)") from e
     if df.empty:
-        raise ValueError(f"{path} has no data rows (check data.path=)")
+        raise ConfigError(f"{path} has no data rows (check data.path=)")
     return df
 
 
@@ -44,7 +46,7 @@ def _check_columns(
 ) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"{what} {missing} not in {source}; "
             f"available columns: {list(df.columns)} (set {override})"
         )
@@ -113,7 +115,7 @@ def stratified_split(
     Returns sorted (train_idx, val_idx). Benchmarks reuse it so baselines see the same split.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     val = []
     for c in np.unique(labels):
@@ -148,7 +150,7 @@ def encode_texts(
     return tokens, lengths
 
 
-class TabularText:
+class TabularText(DataModule):
     """CSV classification data as text (task="classification"), see conf/data/titanic.yaml."""
 
     task = "classification"
@@ -182,7 +184,7 @@ class TabularText:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         for column, edges in self.bins.items():
             if len(edges) < 2 or sorted(edges) != edges:
-                raise ValueError(f"data.bins.{column} must be >= 2 increasing edges, got {edges}")
+                raise ConfigError(f"data.bins.{column} must be >= 2 increasing edges, got {edges}")
         self.tokenizer = None
         self.tokenizer_hash: str | None = None
         self.vocab_size: int | None = None
@@ -207,7 +209,7 @@ class TabularText:
         columns = self._columns(df)
         used = template_fields(self.template) if self.template else columns
         if self.label_column in used:
-            raise ValueError(
+            raise ConfigError(
                 f"the text would contain the label column {self.label_column!r}: "
                 "remove it from data.template / data.feature_columns"
             )
@@ -232,7 +234,7 @@ class TabularText:
         values = sorted(df[self.label_column].unique().tolist())
         self._set_labels(values)
         if self.num_labels < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"label column {self.label_column!r} has {self.num_labels} distinct value(s); "
                 "need >= 2 (check data.label_column=)"
             )

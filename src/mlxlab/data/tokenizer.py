@@ -20,6 +20,8 @@ from tokenizers import (
     trainers,
 )
 
+from mlxlab.errors import ConfigError, MissingFileError
+
 log = logging.getLogger(__name__)
 
 KINDS = ("wordpiece", "bytelevel_bpe")
@@ -114,11 +116,11 @@ def build_tokenizer(
     vocab_size="auto" picks the size with `auto_vocab_size` (see its docstring for the rule).
     """
     if kind not in KINDS:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; use one of {list(KINDS)}")
+        raise ConfigError(f"unknown tokenizer kind {kind!r}; use one of {list(KINDS)}")
     save_to = Path(save_to) if save_to is not None else None
     if path:
         if not Path(path).is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"tokenizer file not found: {path} (set tokenizer.path= to a tokenizer.json)"
             )
         tok = Tokenizer.from_file(str(path))
@@ -129,12 +131,12 @@ def build_tokenizer(
         return tok
     else:
         if texts is None:
-            raise ValueError(
+            raise ConfigError(
                 "build_tokenizer needs texts to train on, or path= to a tokenizer.json"
             )
         texts = list(texts)
         if not texts:
-            raise ValueError("cannot train a tokenizer on zero texts; is the data empty?")
+            raise ConfigError("cannot train a tokenizer on zero texts; is the data empty?")
         special = list(special_tokens or DEFAULT_SPECIAL_TOKENS[kind])
         settings = [kind, vocab_size, min_vocab, max_vocab, min_frequency, special]
         cached = _cache_file(cache_dir, texts, settings) if cache_dir and not retrain else None
@@ -149,7 +151,7 @@ def build_tokenizer(
                 texts, kind, min_frequency, len(special), min_vocab, max_vocab
             )
         elif not isinstance(vocab_size, int) or vocab_size <= len(special):
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer.vocab_size must be 'auto' or an int > {len(special)}, "
                 f"got {vocab_size!r}"
             )
@@ -243,7 +245,7 @@ def find_token_id(tok: Tokenizer, candidates: Sequence[str], what: str) -> int:
         token_id = tok.token_to_id(token)
         if token_id is not None:
             return token_id
-    raise ValueError(
+    raise ConfigError(
         f"tokenizer has no {what} token (looked for {list(candidates)}); "
         "add one to tokenizer.special_tokens"
     )

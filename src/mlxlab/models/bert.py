@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxlab.errors import ConfigError
 from mlxlab.models.hf import bert_config_from_hf, check_vocab, load_hf_bert_weights
 from mlxlab.models.layers import (
     Attention,
@@ -52,7 +53,7 @@ class BertEmbeddings(nn.Module):
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
         seq_len = input_ids.shape[1]
         if seq_len > self.max_position:
-            raise ValueError(
+            raise ConfigError(
                 f"sequence length {seq_len} exceeds max_position={self.max_position}; "
                 "truncate the data (max_length) or raise model.max_position"
             )
@@ -111,9 +112,9 @@ class BertEncoder(nn.Module):
     ):
         super().__init__()
         if norm_position not in ("post", "pre"):
-            raise ValueError(f"norm_position={norm_position!r}; use 'post' (BERT) or 'pre'")
+            raise ConfigError(f"norm_position={norm_position!r}; use 'post' (BERT) or 'pre'")
         if hidden_size % num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}; "
                 "pick num_heads that divides hidden_size"
             )
@@ -198,9 +199,9 @@ class BertClassifier(nn.Module):
         )
         check_dropout(sizes["dropout"])
         if sizes["type_vocab_size"] < 0:
-            raise ValueError(f"type_vocab_size={type_vocab_size} must be >= 0 (0 = no token types)")
+            raise ConfigError(f"type_vocab_size={type_vocab_size} must be >= 0 (0 = no token types)")
         if num_labels < 2:
-            raise ValueError(f"num_labels={num_labels}; a classifier needs at least 2 labels")
+            raise ConfigError(f"num_labels={num_labels}; a classifier needs at least 2 labels")
 
         self.encoder = BertEncoder(
             vocab_size,

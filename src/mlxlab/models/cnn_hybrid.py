@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxlab.errors import ConfigError
 from mlxlab.models.bert import BertEncoder
 from mlxlab.models.layers import check_dropout, check_positive, init_normal_
 from mlxlab.models.lora import maybe_apply_lora
@@ -34,7 +35,7 @@ class CNNHybrid(nn.Module):
         super().__init__()
         kernels = [int(k) for k in cnn_kernels]
         if not kernels or min(kernels) < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"cnn_kernels={list(cnn_kernels)} must be a non-empty list of sizes >= 1"
             )
         check_positive(
@@ -46,7 +47,7 @@ class CNNHybrid(nn.Module):
         )
         check_dropout(dropout)
         if num_labels < 2:
-            raise ValueError(f"num_labels={num_labels}; a classifier needs at least 2 labels")
+            raise ConfigError(f"num_labels={num_labels}; a classifier needs at least 2 labels")
         # BertEncoder with 0 layers is exactly the BERT embedding stage (word+position+norm)
         self.encoder = BertEncoder(
             vocab_size,

@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.lora import lora_base_name_map
 
 # (HF name without the "bert." prefix, ours); the first matching rule wins.
@@ -83,13 +84,13 @@ def read_config(path: str | Path) -> dict:
     """config.json of a local Hugging Face (or mlx-lm) model folder, with a clear error."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"pretrained model folder {path} does not exist; point model.pretrained at a local "
             "folder with config.json and *.safetensors (a Hugging Face or mlx-lm model)"
         )
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing; a Hugging Face model folder has one")
+        raise MissingFileError(f"{config_file} is missing; a Hugging Face model folder has one")
     return json.loads(config_file.read_text())
 
 
@@ -101,20 +102,20 @@ def weight_files(path: Path) -> list[Path]:
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
-            raise FileNotFoundError(f"{index.name} names {missing[:3]}, missing from {path}")
+            raise MissingFileError(f"{index.name} names {missing[:3]}, missing from {path}")
         return [path / n for n in names]
     files = [f for f in sorted(path.glob("*.safetensors"))
              if not f.name.startswith(("consolidated", "adapters"))]
     if not files:
         hint = " (convert pytorch_model.bin to safetensors)" if (path / "pytorch_model.bin").exists() else ""
-        raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
+        raise MissingFileError(f"no *.safetensors weights in {path}{hint}")
     return files
 
 
 def check_vocab(vocab_size: int, checkpoint_vocab: int, source: str | Path) -> None:
     """The data's tokenizer must fit the checkpoint's embedding table."""
     if vocab_size > checkpoint_vocab:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer has {vocab_size} tokens but {source} embeds only {checkpoint_vocab}; "
             "use the checkpoint's tokenizer.json for the data"
         )
@@ -125,15 +126,15 @@ def bert_config_from_hf(path: str | Path) -> dict:
     path = Path(path)
     c = read_config(path)
     if c.get("model_type", "bert") != "bert":
-        raise ValueError(
+        raise ConfigError(
             f"{path}/config.json has model_type={c['model_type']!r}; only 'bert' is supported"
         )
     if c.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(
+        raise ConfigError(
             f"hidden_act={c['hidden_act']!r} in {path}; only exact 'gelu' is supported"
         )
     if c.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{path}: only absolute position embeddings are supported")
+        raise ConfigError(f"{path}: only absolute position embeddings are supported")
     try:
         return dict(
             vocab_size=c["vocab_size"],
@@ -148,7 +149,7 @@ def bert_config_from_hf(path: str | Path) -> dict:
             norm_position="post",
         )
     except KeyError as e:
-        raise ValueError(f"{path}/config.json lacks {e.args[0]!r}; is it a BERT config?") from None
+        raise ConfigError(f"{path}/config.json lacks {e.args[0]!r}; is it a BERT config?") from None
 
 
 def _read_weights(path: Path) -> dict[str, mx.array]:
@@ -175,7 +176,7 @@ def assign_weights(
             unused.append(name)
             continue
         if value.shape != params[ours].shape:
-            raise ValueError(
+            raise ConfigError(
                 f"{name} has shape {tuple(value.shape)} but {ours} is "
                 f"{tuple(params[ours].shape)}; the config.json does not match the weights"
             )
@@ -196,6 +197,6 @@ def load_hf_bert_weights(model: nn.Module, path: str | Path) -> dict[str, list[s
         model, _read_weights(path), hf_to_mlxlab_name, reinit=("classifier.",)
     )
     if required := [n for n in missing if not n.startswith(_OPTIONAL)]:
-        raise ValueError(f"{path} lacks {len(required)} BERT weights, e.g. {required[:3]}")
+        raise ConfigError(f"{path} lacks {len(required)} BERT weights, e.g. {required[:3]}")
     model.load_weights(list(loaded.items()), strict=False)
     return {"loaded": sorted(loaded), "missing": missing, "unused": unused}

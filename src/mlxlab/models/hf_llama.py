@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlxlab.errors import ConfigError
 from mlxlab.models.hf import assign_weights, read_config, weight_files
 from mlxlab.models.rope import check_rope_scaling
 
@@ -77,12 +78,12 @@ def decoder_kwargs(c: Mapping) -> dict:
     """Transformer keyword arguments from a Hugging Face config.json of the Llama family."""
     kind = c.get("model_type")
     if kind not in MODEL_TYPES:
-        raise ValueError(
+        raise ConfigError(
             f"config.json has model_type={kind!r}; mlxlab loads {list(MODEL_TYPES)} decoders "
             "(SmolLM is 'llama')"
         )
     if c.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={c['hidden_act']!r}: only silu (SwiGLU) is supported")
+        raise ConfigError(f"hidden_act={c['hidden_act']!r}: only silu (SwiGLU) is supported")
     rope_theta, rope_scaling = rope_settings(c)
     check_rope_scaling(rope_scaling)
     try:
@@ -92,7 +93,7 @@ def decoder_kwargs(c: Mapping) -> dict:
         if kind == "mistral" and c.get("sliding_window"):
             max_len = min(max_len, int(c["sliding_window"]))
         if kind == "qwen2" and c.get("use_sliding_window"):
-            raise ValueError("qwen2 with use_sliding_window=true is not supported")
+            raise ConfigError("qwen2 with use_sliding_window=true is not supported")
         return dict(
             vocab_size=int(c["vocab_size"]),
             dim=int(c["hidden_size"]),
@@ -115,7 +116,7 @@ def decoder_kwargs(c: Mapping) -> dict:
             mlp_bias=bool(c.get("mlp_bias", False)),
         )
     except KeyError as e:
-        raise ValueError(f"config.json lacks {e.args[0]!r}; is it a {kind} config?") from None
+        raise ConfigError(f"config.json lacks {e.args[0]!r}; is it a {kind} config?") from None
 
 
 def _dequantize(weights: dict[str, mx.array], quantization: Mapping, path: Path) -> None:
@@ -127,7 +128,7 @@ def _dequantize(weights: dict[str, mx.array], quantization: Mapping, path: Path)
         if not isinstance(spec, Mapping):
             spec = quantization
         if spec.get("mode", "affine") != "affine":
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: {module} uses quantization mode {spec['mode']!r}; only mlx-lm's "
                 "affine quantization can be dequantized (use an unquantized copy)"
             )
@@ -147,7 +148,7 @@ def read_hf_weights(path: str | Path) -> dict[str, mx.array]:
     quantization = config.get("quantization") or config.get("quantization_config")
     if quantization and any(n.endswith(".scales") for n in weights):
         if "bits" not in quantization:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} is quantized with {quantization.get('quant_method', 'an unknown method')};"
                 " only mlx-lm's quantized layout can be loaded (or an unquantized copy)"
             )
@@ -162,6 +163,6 @@ def load_hf_decoder_weights(model: nn.Module, path: str | Path) -> dict[str, lis
     path = Path(path)
     loaded, unused, missing = assign_weights(model, read_hf_weights(path), from_hf_name)
     if missing:
-        raise ValueError(f"{path} lacks {len(missing)} weights of the model, e.g. {missing[:3]}")
+        raise ConfigError(f"{path} lacks {len(missing)} weights of the model, e.g. {missing[:3]}")
     model.load_weights(list(loaded.items()), strict=False)
     return {"loaded": sorted(loaded), "unused": unused}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxlab.errors import ConfigError
+
 
 class KVCache:
     """Per-layer key/value cache for generation, filled in place.
@@ -55,7 +57,7 @@ def causal_additive_mask(t_q: int, t_kv: int, dtype: mx.Dtype = mx.float32) -> m
     """Lower-right aligned causal mask as an additive (T_q, T_kv) array of 0 / -inf.
 
     On MLX's CPU backend SDPA with this array runs ~2x faster than with mask="causal"
-    (scripts/bench_kernels.py)."""
+    (benchmarks/bench_kernels.py)."""
     q_pos = mx.arange(t_kv - t_q, t_kv)[:, None]
     allowed = q_pos >= mx.arange(t_kv)[None, :]
     return mx.where(allowed, mx.array(0.0, dtype), mx.array(-mx.inf, dtype))
@@ -80,11 +82,11 @@ class Attention(nn.Module):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
         if head_dim is None and dim % num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"dim={dim} is not divisible by num_heads={num_heads}; pick sizes so it is"
             )
         if num_heads % num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}; "
                 "use a divisor of num_heads"
             )
@@ -147,7 +149,7 @@ def make_mlp(kind: str, dim: int, hidden_dim: int | None, bias: bool) -> nn.Modu
         return SwiGLU(dim, hidden_dim or (int(8 * dim / 3) + 63) // 64 * 64, bias)
     if kind == "gelu":
         return GeluMLP(dim, hidden_dim or 4 * dim, bias)
-    raise ValueError(f"unknown mlp={kind!r}; use 'swiglu' or 'gelu'")
+    raise ConfigError(f"unknown mlp={kind!r}; use 'swiglu' or 'gelu'")
 
 
 def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
@@ -155,7 +157,7 @@ def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
         return nn.RMSNorm(dim, eps=eps)
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps)
-    raise ValueError(f"unknown norm={kind!r}; use 'rmsnorm' or 'layernorm'")
+    raise ConfigError(f"unknown norm={kind!r}; use 'rmsnorm' or 'layernorm'")
 
 
 def init_normal_(model: nn.Module, std: float = 0.02, residual_std: dict[str, float] | None = None):
@@ -177,10 +179,10 @@ def init_normal_(model: nn.Module, std: float = 0.02, residual_std: dict[str, fl
 
 def check_dropout(p: float) -> None:
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout={p} must be in [0, 1)")
+        raise ConfigError(f"dropout={p} must be in [0, 1)")
 
 
 def check_positive(**sizes: int) -> None:
     for name, v in sizes.items():
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{name}={v!r} must be a positive integer")
+            raise ConfigError(f"{name}={v!r} must be a positive integer")

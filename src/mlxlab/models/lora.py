@@ -16,6 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxlab.errors import ConfigError, MissingFileError
+
 LORA_KEYS = {"rank", "alpha", "dropout", "targets", "extra_trainable"}
 
 
@@ -57,7 +59,7 @@ class LoRALinear(nn.Module):
 
     def fuse(self) -> nn.Linear:
         if not isinstance(self.linear, nn.Linear) or "scales" in self.linear:
-            raise ValueError("cannot fuse LoRA into a quantized base layer; fuse before quantizing")
+            raise ConfigError("cannot fuse LoRA into a quantized base layer; fuse before quantizing")
         out_dims, in_dims = self.linear.weight.shape
         fused = nn.Linear(in_dims, out_dims, bias="bias" in self.linear)
         delta = (self.scale * (self.lora_a @ self.lora_b)).T
@@ -86,17 +88,17 @@ def apply_lora(
     except modules named in `extra_trainable` (e.g. a new "classifier" head).
     Returns the number of layers wrapped; rank 0 = LoRA off (nothing changes)."""
     if rank < 0:
-        raise ValueError(f"lora rank={rank} must be >= 0 (0 turns LoRA off)")
+        raise ConfigError(f"lora rank={rank} must be >= 0 (0 turns LoRA off)")
     if rank == 0:
         return 0
     targets, extra_trainable = list(targets), list(extra_trainable)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("model already has LoRA layers; fuse_lora it before applying LoRA again")
+        raise ConfigError("model already has LoRA layers; fuse_lora it before applying LoRA again")
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     wrapped = [(n, m) for n, m in linears if _matches(n, targets)]
     if not wrapped:
         names = sorted({n.split(".")[-1] for n, _ in linears})
-        raise ValueError(f"lora targets {targets} match no Linear layer; available: {names}")
+        raise ConfigError(f"lora targets {targets} match no Linear layer; available: {names}")
     model.freeze()
     model.update_modules(
         tree_unflatten([(n, LoRALinear.from_base(m, rank, alpha, dropout)) for n, m in wrapped])
@@ -105,7 +107,7 @@ def apply_lora(
     for name in extra_trainable:
         found = [n for n in modules if _matches(n, [name])]
         if not found:
-            raise ValueError(f"lora extra_trainable {name!r} names no module of the model")
+            raise ConfigError(f"lora extra_trainable {name!r} names no module of the model")
         for n in found:
             modules[n].unfreeze()
     return len(wrapped)
@@ -122,7 +124,7 @@ def maybe_apply_lora(
         return 0
     unknown = set(lora) - LORA_KEYS
     if unknown:
-        raise ValueError(f"unknown lora keys {sorted(unknown)}; allowed: {sorted(LORA_KEYS)}")
+        raise ConfigError(f"unknown lora keys {sorted(unknown)}; allowed: {sorted(LORA_KEYS)}")
     return apply_lora(
         model,
         rank=int(lora.get("rank", 0)),
@@ -166,15 +168,15 @@ def save_adapters(model: nn.Module, path: str | Path) -> None:
 def load_adapters(model: nn.Module, path: str | Path) -> None:
     """Load an adapter file written by save_adapters onto a model built with the same lora config."""
     if not any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("model has no LoRA adapters; build it with lora.rank > 0 first")
+        raise ConfigError("model has no LoRA adapters; build it with lora.rank > 0 first")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"adapter file {path} does not exist; save it with save_adapters")
+        raise MissingFileError(f"adapter file {path} does not exist; save it with save_adapters")
     weights = mx.load(str(path))
     expected = adapter_parameters(model)
     _check_subset(weights, dict(tree_flatten(model.parameters())), what="adapter")
     if missing := sorted(expected.keys() - weights.keys()):
-        raise ValueError(
+        raise ConfigError(
             f"adapter file {path} lacks {missing[:5]}; was it saved with other targets?"
         )
     model.load_weights(list(weights.items()), strict=False)
@@ -202,13 +204,13 @@ def load_base_weights(model: nn.Module, weights: str | Path | Mapping[str, mx.ar
     _check_subset(renamed, params, what="checkpoint")
     adapters = {n for n in params if n.endswith((".lora_a", ".lora_b"))}
     if missing := sorted(params.keys() - renamed.keys() - adapters):
-        raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:5]}")
+        raise ConfigError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:5]}")
     model.load_weights(list(renamed.items()), strict=False)
 
 
 def _check_subset(weights: Mapping, params: Mapping, what: str) -> None:
     if extra := sorted(weights.keys() - params.keys()):
-        raise ValueError(f"{what} has {len(extra)} names the model lacks, e.g. {extra[:5]}")
+        raise ConfigError(f"{what} has {len(extra)} names the model lacks, e.g. {extra[:5]}")
     for k, v in weights.items():
         if v.shape != params[k].shape:
-            raise ValueError(f"{what} {k} has shape {v.shape}, model expects {params[k].shape}")
+            raise ConfigError(f"{what} {k} has shape {v.shape}, model expects {params[k].shape}")

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxlab.errors import ConfigError
+
 SUPPORTED = ("default", "linear", "llama3")
 
 
@@ -52,7 +54,7 @@ def rope_type(scaling: Mapping | None) -> str:
 def check_rope_scaling(scaling: Mapping | None) -> None:
     kind = rope_type(scaling)
     if kind not in SUPPORTED:
-        raise ValueError(
+        raise ConfigError(
             f"rope_scaling type {kind!r} is not supported; mlxlab implements {list(SUPPORTED)} "
             "(a checkpoint with another type cannot be loaded exactly)"
         )

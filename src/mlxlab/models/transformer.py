@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxlab.errors import ConfigError
 from mlxlab.models.hf import check_vocab, read_config
 from mlxlab.models.hf_llama import decoder_kwargs, load_hf_decoder_weights
 from mlxlab.models.layers import (
@@ -111,14 +112,14 @@ class Transformer(nn.Module):
         )
         check_dropout(dropout)
         if positions not in ("rope", "learned"):
-            raise ValueError(f"unknown positions={positions!r}; use 'rope' or 'learned'")
+            raise ConfigError(f"unknown positions={positions!r}; use 'rope' or 'learned'")
         if head_dim is None and dim % num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"dim={dim} is not divisible by num_heads={num_heads}; pick sizes so it is"
             )
         head_dim = head_dim or dim // num_heads
         if positions == "rope" and head_dim % 2:
-            raise ValueError(f"rope needs an even head size, got {head_dim}")
+            raise ConfigError(f"rope needs an even head size, got {head_dim}")
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self.tie_embeddings = tie_embeddings
@@ -185,7 +186,7 @@ class Transformer(nn.Module):
         T = input_ids.shape[1]
         offset = cache[0].offset if cache else 0
         if offset + T > self.max_seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"sequence of {offset + T} positions exceeds max_seq_len={self.max_seq_len}; "
                 "use shorter sequences (data.seq_len) or raise model.max_seq_len"
             )
@@ -215,7 +216,7 @@ def sample_token(
 ) -> mx.array:
     """(B, V) logits -> (B,) token ids. temperature 0 = greedy; top_k 0 / top_p 1 = off."""
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(
+        raise ConfigError(
             f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}"
         )
     if temperature == 0:
@@ -248,7 +249,7 @@ def generate_step(
     (max tokens, end-of-text). Puts the model in eval mode (no dropout)."""
     tokens = mx.array(prompt_ids, dtype=mx.int32).reshape(1, -1)
     if tokens.size == 0:
-        raise ValueError("prompt_ids is empty; start from at least one token (e.g. BOS/EOS)")
+        raise ConfigError("prompt_ids is empty; start from at least one token (e.g. BOS/EOS)")
     model.eval()
     cache = model.make_cache()
     key = mx.random.key(seed)

@@ -31,6 +31,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
+from mlxlab.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Set by mlx.launch (ring, nccl) and by mpirun (MPI backend).
@@ -77,7 +79,7 @@ class Watchdog:
                     f"\nmlxlab: error: rank {self.rank}: {self.what} waited over "
                     f"{self.timeout_s:.0f} s for the other ranks: a rank died or hangs; exiting "
                     "(committed checkpoints are intact; resume with resume=auto, any world size). "
-                    "Raise trainer.distributed_timeout_s if steps or checkpoint writes are slower.\n"
+                    "Raise trainer.distributed.timeout_s if steps or checkpoint writes are slower.\n"
                 )
                 try:
                     os.write(2, msg.encode())
@@ -213,7 +215,7 @@ class World:
                 mx.array(code), group=self.group)
             mx.eval(lo, hi)
         if not np.array_equal(np.array(lo), np.array(hi)):
-            raise ValueError(f"ranks disagree on {what}: {fix}")
+            raise ConfigError(f"ranks disagree on {what}: {fix}")
 
     def barrier(self, what: str = "a barrier") -> None:
         self.sum_numbers([0.0], what)
@@ -260,7 +262,7 @@ def world(mode: str | bool | None = "auto", timeout_s: float = 30.0) -> World:
     global _WORLD
     mode = {True: "on", False: "off", None: "auto"}.get(mode, mode)  # type: ignore[arg-type]
     if mode not in ("auto", "on", "off"):
-        raise ValueError(f"trainer.distributed must be auto, on or off, got {mode!r}")
+        raise ConfigError(f"trainer.distributed.mode must be auto, on or off, got {mode!r}")
     if mode == "off":
         return World()
     if _WORLD is not None:
@@ -271,9 +273,9 @@ def world(mode: str | bool | None = "auto", timeout_s: float = 30.0) -> World:
     group = _group()
     if group is None or group.size() == 1:
         if mode == "on":
-            raise ValueError(
-                "trainer.distributed=on but this process has no peers: start it with "
-                "`mlx.launch -n 2 -- mlxlab-train ...` (or set trainer.distributed=auto)"
+            raise ConfigError(
+                "trainer.distributed.mode=on but this process has no peers: start it with "
+                "`mlx.launch -n 2 -- mlxlab-train ...` (or set trainer.distributed.mode=auto)"
             )
         _WORLD = World()
         return _WORLD

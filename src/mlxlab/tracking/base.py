@@ -6,9 +6,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-# Tag prefix for Hydra config-group choices ("choice.model" = "bert"): written by train.py,
-# read back by the sweep tables and plots to show which group option a run used.
-CHOICE_TAG_PREFIX = "choice."
+from mlxlab.tracking.tags import CHOICE_PREFIX as CHOICE_TAG_PREFIX  # noqa: F401 (re-exported)
 
 # MLflow refuses longer param values (6000 chars in MLflow 3).
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -16,11 +14,18 @@ MAX_PARAM_VALUE_LENGTH = 6000
 
 @runtime_checkable
 class Tracker(Protocol):
+    """What the trainer talks to (`tracking=mlflow|none`); a custom tracker implements these."""
+
     run_id: str | None
 
     def start(self, params: dict, tags: dict, run_id: str | None = None) -> None: ...
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def flush(self) -> None:
+        """Everything logged so far reaches the store; called before each checkpoint is
+        written, so a checkpoint never covers steps the store lacks."""
+        ...
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
 
@@ -65,7 +70,7 @@ class NullTracker:
 
 
 def flatten_config(cfg: Mapping, prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"trainer.learning_rate": "0.0003", ...}, the form MLflow params take.
+    """Nested config -> {"optimizer.learning_rate": "0.0003", ...}, the form MLflow params take.
 
     Lists of plain values stay one param ("[64, 128]"); lists holding dicts are indexed
     ("callbacks.0.name"). Accepts plain dicts and OmegaConf DictConfigs (resolve them first

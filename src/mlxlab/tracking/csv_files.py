@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from mlxlab.tracking.mlflow import RUN_DIR_TAG
+from mlxlab.tracking import tags as T
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class CsvTracker:
 
     def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
         if self.dir is None:
-            self.dir = Path(str(tags.get(RUN_DIR_TAG) or ".")) / "tracking"
+            self.dir = Path(str(tags.get(T.RUN_DIR) or ".")) / "tracking"
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "params.json").write_text(json.dumps(params, indent=1, default=str) + "\n")
         (self.dir / "params.yaml").write_text(yaml.safe_dump(json.loads(

@@ -28,6 +28,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import MAX_PARAM_VALUE_LENGTH
 from mlxlab.tracking.mlflow import (
     ENV_PARENT_RUN_ID,
@@ -113,9 +114,9 @@ class MlflowSweepCallback(Callback):
         metric = OmegaConf.select(config, "optimized_metric", default=None)
         tags = {
             ROLE_TAG: "sweep",
-            "mlxlab.sweep_dir": str(sweep_dir),
-            "mlxlab.sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_", default="")),
-            "mlxlab.overrides": " ".join(OmegaConf.select(config, "hydra.overrides.task") or []),
+            T.SWEEP_DIR: str(sweep_dir),
+            T.SWEEPER: str(OmegaConf.select(config, "hydra.sweeper._target_", default="")),
+            T.OVERRIDES: " ".join(OmegaConf.select(config, "hydra.overrides.task") or []),
             SWEEP_PARAMS_TAG: json.dumps(_override_keys(config)),
         }
         if metric:
@@ -206,7 +207,7 @@ class MlflowSweepCallback(Callback):
                 params=[Param(k.lstrip("+~"), v[:MAX_PARAM_VALUE_LENGTH]) for k, v in overrides][
                     :100
                 ],
-                tags=[RunTag("mlxlab.error", f"{type(error).__name__}: {error}"[:5000])],
+                tags=[RunTag(T.ERROR, f"{type(error).__name__}: {error}"[:5000])],
             )
             client.set_terminated(run.info.run_id, "FAILED")
 
@@ -231,9 +232,9 @@ class MlflowSweepCallback(Callback):
         children = sweep_children(client, parent_id)
         statuses = [r.info.status for r in children]
         tags = [
-            RunTag("mlxlab.num_runs", str(len(children))),
-            RunTag("mlxlab.num_finished", str(statuses.count("FINISHED"))),
-            RunTag("mlxlab.num_failed", str(statuses.count("FAILED"))),
+            RunTag(T.NUM_RUNS, str(len(children))),
+            RunTag(T.NUM_FINISHED, str(statuses.count("FINISHED"))),
+            RunTag(T.NUM_FAILED, str(statuses.count("FAILED"))),
         ]
         metric = OmegaConf.select(config, "optimized_metric", default=None)
         if not metric or not children:
@@ -247,7 +248,7 @@ class MlflowSweepCallback(Callback):
         if best is not None:
             metrics.append(Metric(f"best/{metric}", float(best[metric]), _now_ms(), 0))
             params = [Param(f"best.{k}", str(best[k])) for k in keys if best[k] is not None]
-            tags.append(RunTag("mlxlab.best_run_id", best["run_id"]))
+            tags.append(RunTag(T.BEST_RUN_ID, best["run_id"]))
             log.info("sweep best %s=%s (run %s)", metric, best[metric], best["run_id"])
         client.log_batch(parent_id, metrics=metrics, params=params[:100], tags=tags)
         with tempfile.TemporaryDirectory() as tmp:

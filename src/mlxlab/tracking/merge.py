@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
@@ -44,10 +45,8 @@ from mlxlab.tracking.mlflow import (
 
 log = logging.getLogger(__name__)
 
-SOURCE_RUN_TAG = "mlxlab.merge.source_run_id"
-SOURCE_STORE_TAG = "mlxlab.merge.source"
-COMPLETE_TAG = "mlxlab.merge.complete"
-SOURCE_VERSION_TAG = "mlxlab.merge.source_version"
+SOURCE_RUN_TAG, SOURCE_STORE_TAG = T.MERGE_SOURCE_RUN, T.MERGE_SOURCE_STORE
+COMPLETE_TAG, SOURCE_VERSION_TAG = T.MERGE_COMPLETE, T.MERGE_SOURCE_VERSION
 RUN_ID_TAGS = (PARENT_RUN_TAG, SWEEP_ID_TAG)  # tags whose value is another run's id
 
 

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mlxlab.errors import UserError
+from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import CHOICE_TAG_PREFIX, flatten_config
 from mlxlab.tracking.offline import SPOOL_FILE, Spool, reachable, send_spool
 
@@ -33,17 +35,18 @@ log = logging.getLogger(__name__)
 
 ENV_PARENT_RUN_ID = "MLXLAB_PARENT_RUN_ID"  # set by the sweep callback, read by each job
 ENV_SWEPT_KEYS = "MLXLAB_SWEPT_KEYS"  # likewise: the keys a sweep varies (JSON), for run names
-PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow UI nests runs by this tag
-SWEEP_ID_TAG = "mlxlab.sweep_id"
-ROLE_TAG = "mlxlab.role"  # "sweep" on a sweep's parent run
-SWEEP_PARAMS_TAG = "mlxlab.sweep_params"  # JSON list of the keys a sweep varies
-CONFIG_HASH_TAG = "mlxlab.config_hash"  # set by train.py; sweep.skip_finished matches on it
-RUN_DIR_TAG = "mlxlab.run_dir"  # set by train.py
+# Tag names live in tracking/tags.py; these aliases keep this module's older names importable.
+PARENT_RUN_TAG = T.PARENT_RUN
+SWEEP_ID_TAG = T.SWEEP_ID
+ROLE_TAG = T.ROLE
+SWEEP_PARAMS_TAG = T.SWEEP_PARAMS
+CONFIG_HASH_TAG = T.CONFIG_HASH
+RUN_DIR_TAG = T.RUN_DIR
 # Runs MlflowTracker started (or resumed) in this process, in order: the sweep callback reads
 # which run a job produced from it (one job at a time per process in Hydra's launchers).
 STARTED_RUN_IDS: list[str] = []
-METRIC_TAG = "mlxlab.optimized_metric"
-MODE_TAG = "mlxlab.optimized_metric_mode"
+METRIC_TAG = T.OPTIMIZED_METRIC
+MODE_TAG = T.OPTIMIZED_MODE
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow log_batch limits
@@ -53,13 +56,13 @@ MAX_METRICS_PER_BATCH = 1000
 # after that, or a server answering "database is locked", gets ~7 s more of backoff in all.
 RETRY_ATTEMPTS = 8
 # MLflow 3 opens experiments without this tag in its GenAI view; ours are model training.
-EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = T.EXPERIMENT_KIND, "custom_model_development"
 # Config parts that say where things go, not what is trained: kept out of a run's params.
 UNLOGGED_PARAM_ROOTS = ("paths", "tracking", "hydra")
 UNLOGGED_PARAM_KEYS = ("_target_", "_convert_", "_partial_", "_recursive_")
 
 
-class TrackingUnavailable(ConnectionError):
+class TrackingUnavailable(UserError, ConnectionError):
     """The tracking store named by the config does not answer; the message says what to do."""
 
 

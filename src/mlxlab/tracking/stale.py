@@ -3,7 +3,7 @@
 train.py tags each run with the host and process id training it. A RUNNING run whose process is
 gone and whose run folder holds no committed checkpoint (nothing `resume=` could continue) is
 marked KILLED, with a tag saying why, by the next start of a run of the same task and by
-scripts/list_experiments.py. Runs of other hosts are left alone: their processes cannot be seen.
+`mlxlab runs list`. Runs of other hosts are left alone: their processes cannot be seen.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ import os
 import socket
 from pathlib import Path
 
+from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow import RUN_DIR_TAG, _retrying, resolve_uri, sqlite_path
 
 log = logging.getLogger(__name__)
 
-PID_TAG = "mlxlab.pid"
-HOST_TAG = "mlxlab.host"
-TASK_TAG = "mlxlab.task_name"
-KILLED_REASON_TAG = "mlxlab.killed_reason"
+PID_TAG, HOST_TAG, TASK_TAG = T.PID, T.HOST, T.TASK_NAME
+KILLED_REASON_TAG = T.KILLED_REASON
 
 
 def process_tags() -> dict[str, str]:

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from mlxlab.training.checkpoint import STEP_PREFIX, CheckpointManager, Snapshot
+from mlxlab.training.checkpoint import CheckpointManager, Snapshot, step_name
+from mlxlab.training.checkpoint.state import StateLike, state_step
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class CheckpointWriter:
     ) -> None:
         if when_busy not in WHEN_BUSY:
             raise ValueError(
-                f"trainer.checkpoint.when_busy must be one of {WHEN_BUSY}, got {when_busy!r}"
+                f"callbacks.checkpoint.when_busy must be one of {WHEN_BUSY}, got {when_busy!r}"
             )
         self.manager = manager
         self.asynchronous = asynchronous
@@ -72,11 +73,11 @@ class CheckpointWriter:
         self,
         model: nn.Module,
         optimizer: optim.Optimizer | None,
-        state: dict,
+        state: StateLike,
         metric: float | None = None,
         force: bool = False,
     ) -> Path | None:
-        """Start writing a checkpoint of `state['step']`; its final path, or None if skipped.
+        """Start writing a checkpoint of `state`'s step; its final path, or None if skipped.
 
         `force` (final and emergency saves) waits for a busy writer even under when_busy=skip.
         """
@@ -85,16 +86,16 @@ class CheckpointWriter:
             if self.when_busy == "skip" and not force:
                 log.info(
                     "checkpoint at step %s skipped: step %s is still being written "
-                    "(trainer.checkpoint.when_busy=skip)", state.get("step"), self._writing_step,
+                    "(callbacks.checkpoint.when_busy=skip)", state_step(state), self._writing_step,
                 )
                 return None
             log.info(
                 "checkpoint at step %s waits for step %s to finish writing",
-                state.get("step"), self._writing_step,
+                state_step(state), self._writing_step,
             )
         self.wait()
         snap = self.manager.snapshot(model, optimizer, state, metric)
-        final = self.manager.directory / f"{STEP_PREFIX}{snap.step:08d}"
+        final = self.manager.directory / step_name(snap.step)
         if not self.asynchronous:
             self._write(snap)
             self.stalls.append(time.perf_counter() - start)

@@ -1,4 +1,8 @@
-"""Small hooks the one training loop calls: progress, early stopping, memory.
+"""Small hooks the one training loop calls: progress, early stopping, memory, checkpoints.
+
+They are config nodes (`conf/callbacks/default.yaml`, a dict of named `_target_` nodes as in
+lightning-hydra-template); train.py instantiates them and hands the list to the Trainer. Add your
+own from the command line: `+callbacks.mine={_target_: my_pkg.MyCallback, every: 10}`.
 
 A callback overrides only what it needs. State that must survive a resume goes through
 `state_dict()` / `load_state_dict()` and lands in the checkpoint's state.json.
@@ -9,11 +13,17 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from mlxlab.errors import ConfigError
 from mlxlab.runtime import device
 from mlxlab.training.metrics import is_better
+
+if TYPE_CHECKING:
+    from mlxlab.training.trainer import Trainer
 
 log = logging.getLogger("mlxlab.training")
 
@@ -28,8 +38,10 @@ class Callback:
     # True: the loss adds each example's loss to the step's outputs (see on_batch_outputs)
     needs_example_losses: bool = False
 
-    def attach(self, trainer, model, data, tracker, run_dir) -> None:
-        """Called once in fit(), before any restore: what a callback that logs or analyses needs."""
+    def setup(self, trainer: Trainer, model: Any, data: Any) -> None:
+        """Once per fit, after the run's length is planned and before any checkpoint is restored:
+        read what the run is (trainer.steps_per_epoch, trainer.max_epochs, trainer.world,
+        trainer.monitor, and where it goes: trainer.tracker, trainer.run_dir)."""
 
     def on_train_start(self, total_steps: int | None, start_step: int) -> None: ...
 
@@ -61,6 +73,12 @@ class ProgressBar(Callback):
         self.steps_per_epoch, self.max_epochs = steps_per_epoch, max_epochs
         self.bar: tqdm | None = None
         self.postfix: dict[str, str] = {}
+        self._shown = enabled
+
+    def setup(self, trainer: Trainer, model: Any, data: Any) -> None:
+        self.steps_per_epoch, self.max_epochs = trainer.steps_per_epoch, trainer.max_epochs
+        main = trainer.world is None or trainer.world.is_main
+        self.enabled = self._shown and main  # only rank 0 prints
 
     def on_train_start(self, total_steps: int | None, start_step: int) -> None:
         if self.enabled:
@@ -101,7 +119,7 @@ class EarlyStopping(Callback):
 
     def __init__(self, monitor: str, mode: str = "max", patience: int = 5, min_delta: float = 0.0):
         if mode not in ("max", "min"):
-            raise ValueError(f"early_stopping.mode must be 'max' or 'min', got {mode!r}")
+            raise ConfigError(f"callbacks.early_stopping.mode must be 'max' or 'min', got {mode!r}")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
         self.best: float | None = None
         self.bad_evals = 0
@@ -118,7 +136,7 @@ class EarlyStopping(Callback):
                 self.should_stop = True
                 log.info(
                     "early stopping at step %d: %s has not improved on %.4f by more than %g for "
-                    "%d evaluations (trainer.early_stopping.patience)", step, self.monitor,
+                    "%d evaluations (callbacks.early_stopping.patience)", step, self.monitor,
                     self.best, self.min_delta, self.bad_evals,
                 )
 
@@ -132,7 +150,7 @@ class EarlyStopping(Callback):
 
 
 class MemoryMonitor(Callback):
-    """Adds active/peak memory (MB) to the logged metrics every `every` steps."""
+    """Adds active/peak memory (MB) to the logged metrics every `every` steps (0: never)."""
 
     def __init__(self, every: int = 50) -> None:
         self.every = every
@@ -145,15 +163,21 @@ class MemoryMonitor(Callback):
 
 class EvalLog(Callback):
     """One log line per evaluation (step, epoch, metrics, best so far), so a run without a
-    progress bar (batch jobs, debug=fast, trainer.progress=false) still shows how it goes."""
+    progress bar (batch jobs, debug=fast, callbacks.progress.enabled=false) still shows how it
+    goes. monitor/mode default to the trainer's (optimized_metric)."""
 
-    def __init__(self, monitor: str, mode: str = "max", steps_per_epoch: int | None = None,
-                 max_epochs: float | None = None) -> None:
+    def __init__(self, monitor: str | None = None, mode: str | None = None,
+                 steps_per_epoch: int | None = None, max_epochs: float | None = None) -> None:
         self.monitor, self.mode = monitor, mode
         self.steps_per_epoch, self.max_epochs = steps_per_epoch, max_epochs
         self.total: int | None = None
         self.best: float | None = None
         self.best_step: int | None = None
+
+    def setup(self, trainer: Trainer, model: Any, data: Any) -> None:
+        self.monitor = self.monitor or trainer.monitor
+        self.mode = self.mode or trainer.monitor_mode
+        self.steps_per_epoch, self.max_epochs = trainer.steps_per_epoch, trainer.max_epochs
 
     def on_train_start(self, total_steps: int | None, start_step: int) -> None:
         self.total = total_steps
@@ -165,7 +189,7 @@ class EvalLog(Callback):
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         value = metrics.get(self.monitor)
-        if value is not None and is_better(value, self.best, self.mode):
+        if value is not None and is_better(value, self.best, self.mode or "max"):
             self.best, self.best_step = value, step
         epoch = epoch_of(step, self.steps_per_epoch)
         where = f"step {step}" + (f"/{self.total}" if self.total else "")
@@ -184,3 +208,26 @@ class EvalLog(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_step = state.get("best"), state.get("best_step")
+
+
+@dataclass
+class ModelCheckpoint(Callback):
+    """When and how the loop checkpoints (`callbacks.checkpoint.*`).
+
+    The loop's own save points (evaluations, the step/minute cadence here, epoch ends, the end,
+    a signal) write through a CheckpointManager and writer built from these settings; the best
+    checkpoint follows the trainer's monitor (optimized_metric). A run configured without this
+    callback (`callbacks=none`) checkpoints with these defaults, as Lightning's
+    enable_checkpointing does: resume and the best weights never depend on the callback list.
+    """
+
+    keep_last_n: int = 3
+    save_every_steps: int | None = None
+    save_every_minutes: float | None = 10
+    async_write: bool = True        # a background thread writes; the step only takes a snapshot
+    when_busy: str = "wait"         # wait | skip: a save due while the previous one still writes
+    remote: str | None = None       # s3://bucket/prefix | gs://... | az://...
+    remote_retries: int = 5
+    remote_backoff_s: float = 1.0
+    remote_timeout_s: float = 60.0
+    remote_final_wait_s: float = 120.0

@@ -3,7 +3,7 @@
 `aux` holds scalar arrays the trainer may log (`ntokens` weights accumulation exactly). The
 cross-entropy is written as a max-shifted log-sum-exp minus the gathered target logit: on MLX's CPU
 backend `exp` is the slow kernel, and this form runs it once forward and reuses it backward
-(2x faster than nn.losses.cross_entropy, see scripts/bench_kernels.py).
+(2x faster than nn.losses.cross_entropy, see benchmarks/bench_kernels.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlxlab.errors import ConfigError
 
 Batch = dict[str, mx.array]
 LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]
@@ -73,7 +75,7 @@ def task_loss(task: str, label_smoothing: float = 0.0, per_example: bool = False
     (lm). `aux["ntokens"]` is the count the mean is over; per_example=True adds
     `aux["example_loss"]`, each example's loss, from the values the mean is taken over."""
     if task not in ("classification", "lm"):
-        raise ValueError(f"unknown data task {task!r}: expected 'classification' or 'lm'")
+        raise ConfigError(f"unknown data task {task!r}: expected 'classification' or 'lm'")
 
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
         ce = token_cross_entropy(forward(model, batch), batch["labels"], label_smoothing)
@@ -98,10 +100,10 @@ def teacher_probabilities(
     """batch -> the teachers' softened distributions softmax(logits / T), averaged with `weights`,
     under stop_gradient (no gradient is ever computed for a teacher)."""
     if not teachers:
-        raise ValueError("distillation needs at least one teacher: set trainer.distill.teachers")
+        raise ConfigError("distillation needs at least one teacher: set trainer.distill.teachers")
     w = list(weights) if weights else [1.0] * len(teachers)
     if len(w) != len(teachers):
-        raise ValueError(f"{len(teachers)} teachers but {len(w)} weights in trainer.distill.teachers")
+        raise ConfigError(f"{len(teachers)} teachers but {len(w)} weights in trainer.distill.teachers")
     w = [x / float(sum(w)) for x in w]
 
     def probs(batch: Batch) -> mx.array:

@@ -1,9 +1,42 @@
-"""Optimizers and learning-rate schedules."""
+"""Learning-rate schedules, and the optimizer built from a config partial under one.
+
+The optimizer itself is a Hydra node (`conf/optimizer/*.yaml`: `_target_: mlx.optimizers.X`,
+`_partial_: true`): train.py instantiates it to a partial whose `learning_rate` is the peak rate,
+and the trainer calls it with `learning_rate=<schedule>` once it knows the run's length.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
 import mlx.core as mx
 import mlx.optimizers as optim
+
+from mlxlab.errors import ConfigError
+
+OptimizerFactory = Callable[..., optim.Optimizer]
+
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class LRSchedule:
+    """`trainer.schedule`: linear warmup then cosine decay to min_lr_ratio x the peak, or constant."""
+
+    name: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ConfigError(f"trainer.schedule.name={self.name!r} is not one of {list(SCHEDULES)}")
+
+    def __call__(self, learning_rate: float, total_steps: int):
+        if self.name == "constant":
+            return learning_rate
+        return warmup_cosine(learning_rate, total_steps, self.warmup_steps, self.min_lr_ratio)
 
 
 def warmup_cosine(
@@ -19,40 +52,29 @@ def warmup_cosine(
     return optim.join_schedules([warmup, decay], [warmup_steps])
 
 
-def build_optimizer(
-    name: str,
-    learning_rate: float,
-    total_steps: int,
-    warmup_steps: int = 0,
-    schedule: str = "cosine",
-    weight_decay: float = 0.01,
-    betas: tuple[float, float] = (0.9, 0.999),
-    min_lr_ratio: float = 0.1,
-    eps: float = 1e-8,
-    bias_correction: bool = True,
-) -> optim.Optimizer:
-    """The optimizer with the LR schedule applied.
+def default_optimizer() -> OptimizerFactory:
+    """What `optimizer=adamw` composes to, for a Trainer built in code without one.
 
-    Adam/AdamW correct the bias of their moment estimates by default, as PyTorch always does:
+    Adam/AdamW correct the bias of their moment estimates, as PyTorch always does:
     mlx.optimizers defaults to bias_correction=False, whose first few hundred updates are
     several times the configured learning rate (v starts near zero). See CHANGELOG.md.
     """
-    if schedule == "cosine":
-        lr = warmup_cosine(learning_rate, total_steps, warmup_steps, min_lr_ratio)
-    elif schedule == "constant":
-        lr = learning_rate
-    else:
-        raise ValueError(f"unknown trainer.schedule {schedule!r}: use 'cosine' or 'constant'")
-    name = name.lower()
-    adam = {"betas": [float(b) for b in betas], "eps": float(eps),
-            "bias_correction": bool(bias_correction)}
-    if name == "adamw":
-        return optim.AdamW(learning_rate=lr, weight_decay=weight_decay, **adam)
-    if name == "adam":
-        return optim.Adam(learning_rate=lr, **adam)
-    if name == "sgd":
-        return optim.SGD(learning_rate=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ValueError(f"unknown trainer.optimizer {name!r}: use adamw, adam or sgd")
+    return partial(optim.AdamW, learning_rate=1e-3, weight_decay=0.01, betas=[0.9, 0.999],
+                   eps=1e-8, bias_correction=True)
+
+
+def peak_learning_rate(factory: OptimizerFactory) -> float:
+    keywords = getattr(factory, "keywords", {}) or {}
+    if "learning_rate" not in keywords:
+        raise ConfigError("the optimizer config needs a learning_rate: add +optimizer.learning_rate=3e-4")
+    return float(keywords["learning_rate"])
+
+
+def build_optimizer(
+    factory: OptimizerFactory, schedule: LRSchedule, total_steps: int
+) -> optim.Optimizer:
+    """The configured optimizer with `learning_rate` replaced by the schedule over total_steps."""
+    return factory(learning_rate=schedule(peak_learning_rate(factory), total_steps))
 
 
 def clip_by_global_norm(grads, max_norm: float):

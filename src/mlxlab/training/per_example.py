@@ -46,8 +46,8 @@ class PerExampleLosses(Callback):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def attach(self, trainer, model, data, tracker, run_dir) -> None:
-        self.tracker, self.dir = tracker, Path(run_dir) / self.folder
+    def setup(self, trainer, model, data) -> None:
+        self.tracker, self.dir = trainer.tracker, Path(trainer.run_dir) / self.folder
         self.steps_per_epoch = getattr(trainer, "steps_per_epoch", None)
         self.ids = getattr(data, "train_idx", None)  # batch index -> the row of the data file
         # Rank 0 writes the run folder; under data parallelism it sees its own rows only.

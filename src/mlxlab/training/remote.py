@@ -1,6 +1,6 @@
 """Checkpoints in object storage (S3, GCS, Azure Blob) through fsspec.
 
-`trainer.checkpoint.remote=s3://bucket/prefix` (or gs://, az://, abfs://) mirrors the run
+`callbacks.checkpoint.remote=s3://bucket/prefix` (or gs://, az://, abfs://) mirrors the run
 directory's checkpoints under that prefix:
 
     <prefix>/checkpoints/step_00000120/{model,optimizer}.safetensors, state.json, checksums.json,
@@ -31,21 +31,24 @@ import re
 import shutil
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mlxlab.errors import UserError
+from mlxlab.tracking import tags as tag_names
 from mlxlab.training.checkpoint import (
     BEST,
     MARKER,
-    STATE_FILE,
-    STEP_PREFIX,
-    TMP_PREFIX,
     CheckpointWarning,
     check_committed,
+    step_name,
+    step_of,
+    swap_into_place,
 )
+from mlxlab.training.checkpoint.atomic import link_files, temp_dir
+from mlxlab.training.checkpoint.discover import is_checkpoint_dir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,7 +60,7 @@ TOKENIZER = "tokenizer.json"
 CONFIG = "config.yaml"
 
 
-class RemoteError(RuntimeError):
+class RemoteError(UserError, RuntimeError):
     """A remote URI that cannot be used (unknown scheme, missing package, credentials in it)."""
 
 
@@ -134,16 +137,6 @@ def _retry(what: str, fn: Callable[[], T], retries: int, backoff_s: float,
     raise AssertionError("unreachable")
 
 
-def _step_of(name: str) -> int:
-    name = name.rstrip("/").rsplit("/", 1)[-1]
-    if not name.startswith(STEP_PREFIX):
-        return -1
-    try:
-        return int(name[len(STEP_PREFIX):])
-    except ValueError:
-        return -1
-
-
 class _Bounded:
     """A filesystem whose network calls each end within `timeout_s`.
 
@@ -205,8 +198,8 @@ class RemoteStore:
                               missing_is_final=True)
         except FileNotFoundError:
             return []
-        steps = sorted({s for s in map(_step_of, names) if s >= 0}, reverse=True)
-        return [(s, self._exists(self._path(CHECKPOINTS, _name(s), MARKER))) for s in steps]
+        steps = sorted({s for s in map(step_of, names) if s >= 0}, reverse=True)
+        return [(s, self._exists(self._path(CHECKPOINTS, step_name(s), MARKER))) for s in steps]
 
     # -- upload
 
@@ -260,8 +253,8 @@ class RemoteStore:
                 newest = step if newest is None else newest
                 continue
             if committed or (newest is not None and step < newest):
-                self.delete_checkpoint(_name(step))
-                deleted.append(_name(step))
+                self.delete_checkpoint(step_name(step))
+                deleted.append(step_name(step))
         return deleted
 
     # -- download
@@ -270,7 +263,7 @@ class RemoteStore:
         """`<prefix>/checkpoints/<name>` into `directory/<name>`, verified; CheckpointError-like
         reasons come back as ValueError, and nothing unverified is ever left under `name`."""
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f"{TMP_PREFIX}remote-{name}-{uuid.uuid4().hex[:8]}"
+        tmp = temp_dir(directory, f"remote-{name}")
         base = self._path(CHECKPOINTS, name)
         try:
             tmp.mkdir()
@@ -284,9 +277,7 @@ class RemoteStore:
             if problem is not None:
                 raise ValueError(problem)
             final = directory / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            swap_into_place(tmp, final)
             return final
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -297,10 +288,6 @@ class RemoteStore:
             return False
         self._try(f"download {source}", lambda: self.fs.get_file(source, str(local)))
         return True
-
-
-def _name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
 
 
 # ---------------------------------------------------------------------------- uploads
@@ -360,9 +347,9 @@ class RemoteUploader:
     def _local_committed(self) -> list[Path]:
         if not self.checkpoints.is_dir():
             return []
-        dirs = [p for p in self.checkpoints.iterdir() if _step_of(p.name) >= 0]
+        dirs = [p for p in self.checkpoints.iterdir() if step_of(p.name) >= 0]
         dirs = [p for p in dirs if check_committed(p, full=False) is None]
-        return sorted(dirs, key=lambda p: _step_of(p.name), reverse=True)
+        return sorted(dirs, key=lambda p: step_of(p.name), reverse=True)
 
     def _sync(self) -> None:
         if not self._extras_done:
@@ -453,9 +440,9 @@ class RemoteUploader:
     def tags(self) -> dict[str, str]:
         """MLflow tags: the prefix and the remote URI of every uploaded checkpoint."""
         uris = [uri for _, uri in sorted(self.uploaded.items()) if uri]
-        tags = {"mlxlab.remote.uri": self.store.uri}
+        tags = {tag_names.REMOTE_URI: self.store.uri}
         text = "\n".join(uris)
-        tags["mlxlab.remote.checkpoints"] = text if len(text) < 5000 else (
+        tags[tag_names.REMOTE_CHECKPOINTS] = text if len(text) < 5000 else (
             f"{len(uris)} checkpoints under {self.store.url(CHECKPOINTS)}")
         return tags
 
@@ -474,14 +461,10 @@ def _stage(path: Path) -> Path:
     came from the same version."""
     for _ in range(5):
         inode = os.stat(path).st_ino
-        staged = path.parent / f"{TMP_PREFIX}upload-{path.name}-{uuid.uuid4().hex[:8]}"
+        staged = temp_dir(path.parent, f"upload-{path.name}")
         staged.mkdir()
         try:
-            for f in path.iterdir():
-                try:
-                    os.link(f, staged / f.name)
-                except OSError:
-                    shutil.copy2(f, staged / f.name)
+            link_files(path, staged)
         except FileNotFoundError:
             shutil.rmtree(staged, ignore_errors=True)
             if not path.is_dir():
@@ -508,12 +491,12 @@ def _newest_local_step(path: Path | None) -> int:
         return -1
     path = Path(path)
     directory = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
-    if (directory / STATE_FILE).exists():  # one checkpoint directory
-        return _step_of(directory.name)
+    if is_checkpoint_dir(directory):
+        return step_of(directory.name)
     if not directory.is_dir():
         return -1
-    steps = [_step_of(p.name) for p in directory.iterdir()
-             if _step_of(p.name) >= 0 and check_committed(p, full=False) is None]
+    steps = [step_of(p.name) for p in directory.iterdir()
+             if step_of(p.name) >= 0 and check_committed(p, full=False) is None]
     return max(steps, default=-1)
 
 
@@ -543,17 +526,17 @@ def fetch_remote_checkpoint(
         if step <= floor:
             break
         try:
-            path = store.download_checkpoint(_name(step), target)
+            path = store.download_checkpoint(step_name(step), target)
         except ValueError as e:
-            warnings.warn(f"skipping remote checkpoint {store.url(CHECKPOINTS, _name(step))}: "
+            warnings.warn(f"skipping remote checkpoint {store.url(CHECKPOINTS, step_name(step))}: "
                           f"{e}; trying the next older one", CheckpointWarning, stacklevel=2)
             continue
         except Exception as e:
             log.warning("resume: downloading %s failed (%s); trying the next older one",
-                        store.url(CHECKPOINTS, _name(step)), e)
+                        store.url(CHECKPOINTS, step_name(step)), e)
             continue
         log.info("resume: downloaded %s (newer than local step %d) to %s",
-                 store.url(CHECKPOINTS, _name(step)), floor, path)
+                 store.url(CHECKPOINTS, step_name(step)), floor, path)
         _fetch_extras(store, Path(run_dir), target)
         return Path(run_dir)
     if required and local is None:
@@ -576,10 +559,10 @@ def _fetch_extras(store: RemoteStore, run_dir: Path, target: Path) -> None:
 def remote_resume(cfg: Any, run_dir: Path, prepare_local: Callable[[Any, Path], Path | None]
                   ) -> Path | None:
     """The resume source of `cfg`: `resume=<s3://...>` downloads from there; `resume=auto` with
-    trainer.checkpoint.remote set also looks there when the local checkpoint is missing or older;
+    callbacks.checkpoint.remote set also looks there when the local checkpoint is missing or older;
     anything else is `prepare_local(cfg, run_dir)` (runs.prepare_resume)."""
     resume = cfg.get("resume")
-    ckpt = cfg.trainer.get("checkpoint") or {}
+    ckpt = (cfg.get("callbacks") or {}).get("checkpoint") or {}
     retries, backoff = ckpt.get("remote_retries", 5), ckpt.get("remote_backoff_s", 1.0)
     timeout = ckpt.get("remote_timeout_s", 60.0)
     if is_remote(str(resume)):

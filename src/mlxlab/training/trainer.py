@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,27 +26,37 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
+from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
+from mlxlab.errors import ConfigError, UserError
 from mlxlab.runtime import device, distributed
-from mlxlab.tracking.base import flatten_config
+from mlxlab.tracking import tags as T
+from mlxlab.tracking.base import Tracker, flatten_config
 from mlxlab.training import losses, metrics
 from mlxlab.training.async_writer import CheckpointWriter
-from mlxlab.training.callbacks import Callback, EarlyStopping, EvalLog, MemoryMonitor, ProgressBar
+from mlxlab.training.callbacks import Callback, ModelCheckpoint
 from mlxlab.training.checkpoint import (
     CheckpointManager,
+    CheckpointState,
     find_run_checkpoints,
     load_checkpoint,
     rng_state,
     set_rng_state,
 )
 from mlxlab.training.metrics import is_better
-from mlxlab.training.optim import build_optimizer, clip_by_global_norm
+from mlxlab.training.optim import (
+    LRSchedule,
+    OptimizerFactory,
+    build_optimizer,
+    clip_by_global_norm,
+    default_optimizer,
+)
 from mlxlab.training.signals import GracefulStop
 
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (NaN loss, memory budget); the message says why and what to do."""
 
 
@@ -123,86 +134,99 @@ class LogWindow:
             self.start = time.perf_counter() - state["elapsed"]
 
 
+@dataclass
+class DistillConfig:
+    """`trainer.distill` (trainer=distill): teachers are finished runs, see conf/trainer/distill.yaml."""
+
+    teachers: list[dict] = field(default_factory=list)  # [{run: <run dir>, weight: 1.0}, ...]
+    alpha: float = 0.5            # weight of the hard-label CE; (1 - alpha) on the soft KL
+    temperature: float = 2.0
+    cache_teacher: bool = True    # fixed datasets: teacher outputs computed once, looked up per step
+    rounds: int = 1               # > 1: rounds of distillation (distill_rounds.py, run by train.py)
+    round_teachers: str = "chain"  # chain | ensemble: who teaches round r + 1
+    teacher_weights: str = "fixed"  # fixed | learned (training/teacher_weights.py)
+
+
+@dataclass
+class DistributedConfig:
+    """`trainer.distributed`: data parallelism under `mlx.launch -n N -- mlxlab train ...`."""
+
+    mode: str | bool = "auto"     # auto = on when launched with > 1 rank | on (must be launched) | off
+    timeout_s: float = 30.0       # a collective waiting longer (dead or hung rank) ends the process
+    shard_optimizer: bool = False  # ZeRO-1: each rank keeps ~1/N of the optimizer state
+
+
 class Trainer:
-    # Callbacks from the config's `callbacks` node (train.py sets them), after the built-in ones.
-    extra_callbacks: tuple[Callback, ...] = ()
+    """The one loop. What it trains with comes in built: the optimizer as a partial
+    (`conf/optimizer/*.yaml`, learning_rate = the peak of `schedule`) and the callbacks
+    (`conf/callbacks/*.yaml`); the rest are the loop's own knobs (`conf/trainer/*.yaml`)."""
 
     def __init__(
         self,
-        optimizer: str = "adamw",
-        learning_rate: float = 3e-4,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        bias_correction: bool = True,
-        schedule: str = "cosine",
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.1,
+        optimizer: OptimizerFactory | None = None,
+        callbacks: Sequence[Callback] = (),
+        schedule: LRSchedule | None = None,
         max_epochs: int | None = 10,
         max_steps: int | None = None,
         batch_size: int = 32,
+        grad_accum: int = 1,
         grad_clip: float = 1.0,
         label_smoothing: float = 0.0,
         eval_every_steps: int | None = None,
         log_every_steps: int = 10,
-        grad_accum: int = 1,
-        dynamic_batch: bool = False,
-        max_batch_size: int | None = None,
-        max_tokens: int | None = None,
+        batching: dict | None = None,
         precision: str = "auto",
-        memory_budget_mb: float | None = None,
-        memory_log_every: int = 0,
-        quantize_bits: int | None = None,
         compile: bool = True,
-        progress: bool = True,
+        memory_budget_mb: float | None = None,
+        quantize_bits: int | None = None,
         monitor: str = "val/accuracy",
         monitor_mode: str = "max",
-        early_stopping: dict | None = None,
-        checkpoint: dict | None = None,
-        distill: dict | None = None,
-        distributed: str | bool = "auto",
-        distributed_timeout_s: float = 30.0,
-        shard_optimizer: bool = False,
+        distill: DistillConfig | None = None,
+        distributed: DistributedConfig | None = None,
     ) -> None:
         if max_epochs is None and max_steps is None:
-            raise ValueError("set trainer.max_epochs or trainer.max_steps")
-        self.opt_name, self.learning_rate, self.weight_decay = optimizer, learning_rate, weight_decay
-        self.adam = {"betas": tuple(betas), "eps": eps, "bias_correction": bias_correction}
-        self.schedule, self.warmup_steps, self.min_lr_ratio = schedule, warmup_steps, min_lr_ratio
+            raise ConfigError("set trainer.max_epochs or trainer.max_steps")
+        self.optimizer_factory = optimizer or default_optimizer()
+        self.callbacks = list(callbacks)
+        self.schedule = schedule or LRSchedule()
         self.max_epochs, self.max_steps = max_epochs, max_steps
         self.grad_clip, self.label_smoothing = grad_clip, label_smoothing
         self.eval_every_steps, self.log_every_steps = eval_every_steps, log_every_steps
         self.grad_accum = grad_accum
-        self.batching = Batching(
-            batch_size=batch_size, dynamic=dynamic_batch, max_batch_size=max_batch_size,
-            max_tokens=max_tokens,
-        )
-        self.precision = precision
-        self.memory_budget_mb, self.memory_log_every = memory_budget_mb, memory_log_every
-        self.quantize_bits, self.compile, self.progress = quantize_bits, compile, progress
+        self.batching = Batching(batch_size=batch_size, **(batching or {}))
+        self.precision, self.compile = precision, compile
+        self.memory_budget_mb, self.quantize_bits = memory_budget_mb, quantize_bits
         self.monitor, self.monitor_mode = monitor, monitor_mode
-        self.early_stopping = early_stopping or {}
-        self.checkpoint = checkpoint or {}
         self.distill = distill
         self.teachers: list[nn.Module] = []
         # Data parallelism (runtime/distributed.py): batch_size is per rank, as with torchrun.
-        self.distributed, self.distributed_timeout_s = distributed, distributed_timeout_s
-        self.shard_optimizer = shard_optimizer
+        self.distributed = distributed or DistributedConfig()
         self.world = None  # set in fit()
+        self.steps_per_epoch: int | None = None  # set in plan()
         self.optimizer_shards = None
+
+    @property
+    def checkpointing(self) -> ModelCheckpoint:
+        """The ModelCheckpoint among the callbacks, else its defaults (checkpoints always exist)."""
+        found = [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
+        return found[0] if found else ModelCheckpoint()
+
+    def build_optimizer(self, total_steps: int):
+        """The configured optimizer, its learning rate following the schedule over total_steps."""
+        return build_optimizer(self.optimizer_factory, self.schedule, total_steps)
 
     # --- hooks ---------------------------------------------------------------------------
 
     def build_loss(self, data) -> losses.LossFn:
         task = data.task
-        per_example = any(cb.needs_example_losses for cb in self.extra_callbacks)
+        per_example = any(cb.needs_example_losses for cb in self.callbacks)
         if self.distill:
             from mlxlab.runs import load_teachers
 
             self.teachers, weights = load_teachers(
-                self.distill.get("teachers", []), data.vocab_size, data.num_labels
+                self.distill.teachers, data.vocab_size, data.num_labels
             )
-            if self.distill.get("teacher_weights", "fixed") == "learned" and len(self.teachers) > 1:
+            if self.distill.teacher_weights == "learned" and len(self.teachers) > 1:
                 from mlxlab.training.teacher_weights import fit_teacher_weights
 
                 # Streamed text has no in-order pass over its training rows: its validation
@@ -210,13 +234,13 @@ class Trainer:
                 rows = getattr(data, "train_batches_in_order", data.val_batches)(self.batching)
                 weights = fit_teacher_weights(self.teachers, rows)
             self.teacher_weights = [w / sum(weights) for w in weights]
-            temperature = self.distill.get("temperature", 2.0)
+            temperature = self.distill.temperature
             cache = None
-            if self.distill.get("cache_teacher", True):
+            if self.distill.cache_teacher:
                 probs_of = losses.teacher_probabilities(self.teachers, weights, temperature)
                 cache = self.teacher_cache(data, probs_of)
             loss_fn = losses.distillation_loss(
-                self.teachers, weights, alpha=self.distill.get("alpha", 0.5),
+                self.teachers, weights, alpha=self.distill.alpha,
                 temperature=temperature, label_smoothing=self.label_smoothing, cache=cache,
                 per_example=per_example,
             )
@@ -233,11 +257,11 @@ class Trainer:
         None (run the teachers in every step) for data without `train_batches_in_order`, such as
         streamed text, where a vocabulary-sized distribution per token would be too big to keep.
         """
-        in_order = getattr(data, "train_batches_in_order", None)
+        in_order = data.train_batches_in_order(self.batching)
         if in_order is None:
             return None
         parts = []
-        for batch in in_order(self.batching):
+        for batch in in_order:
             probs = probs_of(batch)
             mx.eval(probs)
             parts.append((np.array(batch["index"]), np.array(probs)))
@@ -252,27 +276,8 @@ class Trainer:
             return device.default_compute_dtype()
         choices = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
         if self.precision not in choices:
-            raise ValueError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+            raise ConfigError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         return choices[self.precision]
-
-    def build_callbacks(self) -> list[Callback]:
-        per_epoch, epochs = getattr(self, "steps_per_epoch", None), self.max_epochs
-        main = self.world is None or self.world.is_main  # only rank 0 prints
-        cbs: list[Callback] = [
-            ProgressBar(enabled=self.progress and main, steps_per_epoch=per_epoch,
-                        max_epochs=epochs),
-            EvalLog(self.monitor, self.monitor_mode, steps_per_epoch=per_epoch, max_epochs=epochs),
-        ]
-        if self.early_stopping.get("patience", 0) > 0:
-            cbs.append(EarlyStopping(
-                monitor=self.early_stopping.get("monitor", self.monitor),
-                mode=self.early_stopping.get("mode", self.monitor_mode),
-                patience=self.early_stopping["patience"],
-                min_delta=self.early_stopping.get("min_delta", 0.0),
-            ))
-        if self.memory_log_every:
-            cbs.append(MemoryMonitor(self.memory_log_every))
-        return cbs + list(self.extra_callbacks)
 
     # --- the step ------------------------------------------------------------------------
 
@@ -416,60 +421,57 @@ class Trainer:
         if self.max_epochs and per_epoch:
             limits.append(self.max_epochs * per_epoch)
         if not any(limits):
-            raise ValueError("this data has no known length: set trainer.max_steps")
+            raise ConfigError("this data has no known length: set trainer.max_steps")
         return min(x for x in limits if x), self.max_epochs or math.inf
 
     def fit(
         self,
         model: nn.Module,
-        data,
-        tracker,
+        data: DataModule,
+        tracker: Tracker,
         run_dir: str | Path,
         config: dict | None = None,
         tags: dict | None = None,
         resume: str | Path | None = None,
     ) -> FitResult:
+        check_contract(data, DataModule, "data module")
+        check_contract(tracker, Tracker, "tracker")
         run_dir, task, config = Path(run_dir), data.task, config or {}
-        world = self.world = distributed.world(self.distributed, self.distributed_timeout_s)
+        world = self.world = distributed.world(self.distributed.mode, self.distributed.timeout_s)
         self.use_global_batches(world)
         loss_fn = self.build_loss(data)
         self.fit_batch_to_memory(model, data, loss_fn)
         total_steps, max_epochs = self.plan(data)
 
-        def new_optimizer():
-            return build_optimizer(
-                self.opt_name, self.learning_rate, total_steps, self.warmup_steps, self.schedule,
-                self.weight_decay, min_lr_ratio=self.min_lr_ratio, **self.adam,
-            )
-
-        optimizer = new_optimizer()
-        if self.shard_optimizer and world.enabled:
+        optimizer = self.build_optimizer(total_steps)
+        if self.distributed.shard_optimizer and world.enabled:
             self.optimizer_shards = distributed.OptimizerShards(world, model.trainable_parameters())
         else:  # sharded: the full state is only built when a checkpoint is restored into it
             optimizer.init(model.trainable_parameters())
+        policy = self.checkpointing
         manager = CheckpointManager(
-            run_dir / "checkpoints", keep_last_n=self.checkpoint.get("keep_last_n", 3),
-            save_every_steps=self.checkpoint.get("save_every_steps"),
-            save_every_minutes=self.checkpoint.get("save_every_minutes"),
+            run_dir / "checkpoints", keep_last_n=policy.keep_last_n,
+            save_every_steps=policy.save_every_steps, save_every_minutes=policy.save_every_minutes,
             monitor=self.monitor, mode=self.monitor_mode,
         )
-        callbacks = self.build_callbacks()
+        callbacks = self.callbacks
+        self.tracker, self.run_dir = tracker, run_dir  # for callbacks that log or write (setup)
         for cb in callbacks:
-            cb.attach(self, model, data, tracker, run_dir)
+            cb.setup(self, model, data)
         run = RunState()
         tags = dict(tags or {})
-        has_val = getattr(data, "has_validation", True)
+        has_val = data.has_validation
         if not has_val:
             log.info("no validation data (%s): no evaluation; checkpoints by steps (trainer."
-                     "checkpoint.save_every_steps, eval_every_steps), at epoch ends and at the "
+                     "checkpoint.save_every_steps, trainer.eval_every_steps), at epoch ends and at the "
                      "end; no best/ checkpoint: the last one is the result",
-                     getattr(data, "no_validation_reason", "none held out"))
+                     data.no_validation_reason)
         val_print = val_fingerprint(data) if has_val else None
         if resume:
             tags.update(self.restore(resume, model, optimizer, data, callbacks, manager, run, config,
                                      val_print))
         if self.optimizer_shards is not None:  # keep this rank's share of the (restored) state
-            sharded = new_optimizer()
+            sharded = self.build_optimizer(total_steps)
             self.optimizer_shards.adopt(
                 sharded, optimizer.state if resume else None, model.trainable_parameters())
             optimizer = sharded
@@ -477,7 +479,7 @@ class Trainer:
         log.info("optimizer state: %.1f MB on this rank%s", self.optimizer_state_mb,
                  f" (sharded over {world.size} ranks)" if self.optimizer_shards else "")
         if self.distill:  # the weights each teacher had (learned ones are known only now)
-            tags["mlxlab.distill.teacher_weights"] = str([round(w, 4) for w in self.teacher_weights])
+            tags[T.DISTILL_TEACHER_WEIGHTS] = str([round(w, 4) for w in self.teacher_weights])
         tracker.start(params=config, tags=tags, run_id=run.run_id)
         if resume and run.run_id is not None and tracker.run_id == run.run_id:
             # What the killed process logged after its checkpoint is about to be logged again.
@@ -485,21 +487,21 @@ class Trainer:
         step_fn = self.make_step(model, optimizer, loss_fn)  # compiled after any restore
         model.train()
 
-        def trainer_state() -> dict[str, Any]:
-            return {
-                "step": run.step, "epoch": run.epoch, "data": data.state_dict(), "rng": rng_state(),
-                "callbacks": {type(cb).__name__: cb.state_dict() for cb in callbacks},
-                "run_id": tracker.run_id or run.run_id, "history": run.history,
-                "best_metrics": run.best_metrics, "best_metric": run.best_metrics.get(self.monitor),
-                "config": config,
+        def trainer_state() -> CheckpointState:
+            return CheckpointState(
+                step=run.step, epoch=run.epoch, data=data.state_dict(), rng=rng_state(),
+                callbacks={type(cb).__name__: cb.state_dict() for cb in callbacks},
+                run_id=tracker.run_id or run.run_id, history=run.history,
+                best_metrics=run.best_metrics, best_metric=run.best_metrics.get(self.monitor),
+                config=config,
                 # + what rebuilds a pretrained model without its source folder (its config)
-                "model_init": {"vocab_size": data.vocab_size, "num_labels": data.num_labels,
-                               **getattr(model, "checkpoint_init", {})},
-                "tokenizer_hash": getattr(data, "tokenizer_hash", None),
-                "val_fingerprint": val_print, "log_window": window.state_dict(),
+                model_init={"vocab_size": data.vocab_size, "num_labels": data.num_labels,
+                            **getattr(model, "checkpoint_init", {})},
+                tokenizer_hash=data.tokenizer_hash,
+                val_fingerprint=val_print, log_window=window.state_dict(),
                 # classification: label values and columns, so predicting needs no training CSV
-                "encoding": data.encoding_state() if hasattr(data, "encoding_state") else None,
-            }
+                encoding=data.encoding_state(),
+            )
 
         writer = self.checkpoint_writer(manager, run_dir, config)
         saved_at: list[int] = []  # the same on every rank (manager state is rank 0's alone)
@@ -549,7 +551,7 @@ class Trainer:
             loss_value = loss.item()  # already computed: the step's mx.eval synced
             if not math.isfinite(loss_value):
                 raise TrainingError(
-                    f"loss became {loss_value} at step {run.step}: lower trainer.learning_rate or "
+                    f"loss became {loss_value} at step {run.step}: lower optimizer.learning_rate or "
                     f"set trainer.grad_clip; last good checkpoint: {manager.latest()}"
                 )
             window.add(loss_value, aux)
@@ -614,53 +616,50 @@ class Trainer:
 
     def checkpoint_writer(self, manager: CheckpointManager, run_dir: Path, config: dict
                           ) -> CheckpointWriter:
-        """Background (or inline) checkpoint writes, uploading to trainer.checkpoint.remote."""
-        uploader = None
-        if self.checkpoint.get("remote") and (self.world is None or self.world.is_main):
+        """Background (or inline) checkpoint writes, uploading to callbacks.checkpoint.remote."""
+        uploader, policy = None, self.checkpointing
+        if policy.remote and (self.world is None or self.world.is_main):
             from omegaconf import OmegaConf
 
             from mlxlab.training.remote import RemoteStore, RemoteUploader
 
-            store = RemoteStore(self.checkpoint["remote"],
-                                retries=self.checkpoint.get("remote_retries", 5),
-                                backoff_s=self.checkpoint.get("remote_backoff_s", 1.0),
-                                timeout_s=self.checkpoint.get("remote_timeout_s", 60.0))
+            store = RemoteStore(policy.remote, retries=policy.remote_retries,
+                                backoff_s=policy.remote_backoff_s, timeout_s=policy.remote_timeout_s)
             uploader = RemoteUploader(store, run_dir, manager.keep_last_n,
                                       config_text=OmegaConf.to_yaml(OmegaConf.create(config)),
-                                      final_wait_s=self.checkpoint.get("remote_final_wait_s", 120.0))
-        return CheckpointWriter(manager, asynchronous=self.checkpoint.get("async_write", True),
-                                when_busy=self.checkpoint.get("when_busy", "wait"),
-                                uploader=uploader)
+                                      final_wait_s=policy.remote_final_wait_s)
+        return CheckpointWriter(manager, asynchronous=policy.async_write,
+                                when_busy=policy.when_busy, uploader=uploader)
 
     def restore(
         self, resume, model, optimizer, data, callbacks, manager, run, config, val_print=None
     ) -> dict:
         """Load the newest usable checkpoint of `resume` into everything; returns tags to log."""
         source = find_run_checkpoints(resume)
-        state, path = source.load_latest(model, optimizer)
-        data.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        saved = state.get("callbacks") or {}
+        raw, path = source.load_latest(model, optimizer)
+        state = CheckpointState.from_json(raw)
+        data.load_state_dict(state.data)
+        set_rng_state(state.rng)
         for cb in callbacks:
-            cb.load_state_dict(saved.get(type(cb).__name__, {}))
-        run.step, run.epoch, run.run_id = state["step"], state["epoch"], state.get("run_id")
-        run.history, run.best_metrics = state.get("history", {}), state.get("best_metrics", {})
-        run.log_window = state.get("log_window")
-        manager.restore_best(state.get("best_metric"))
+            cb.load_state_dict(state.callbacks.get(type(cb).__name__, {}))
+        run.step, run.epoch, run.run_id = state.step, state.epoch, state.run_id
+        run.history, run.best_metrics = state.history, state.best_metrics
+        run.log_window = state.log_window
+        manager.restore_best(state.best_metric)
         if self.world is None or self.world.is_main:  # rank 0 alone writes the run folder
             manager.adopt_best(path.parent)
         log.info("resumed from %s at step %d (epoch %d)", path, run.step, run.epoch)
-        tags = self.resume_changes(state.get("config") or {}, config)
-        old_tok, new_tok = state.get("tokenizer_hash"), getattr(data, "tokenizer_hash", None)
+        tags = self.resume_changes(state.config or {}, config)
+        old_tok, new_tok = state.tokenizer_hash, data.tokenizer_hash
         if old_tok != new_tok:
             log.warning("resume: the tokenizer changed (%s -> %s)", old_tok, new_tok)
             tags["resume.changed.tokenizer_hash"] = f"{old_tok} -> {new_tok}"
-        if "val_fingerprint" in state and state["val_fingerprint"] != val_print:
+        if state.validation_changed(val_print):
             # A best metric measured on other data is no bar for this data's metrics.
             log.warning("resume: the validation set changed since the checkpoint: the best metric "
                         "(%s = %s) is reset; the next evaluation sets a new best/",
                         self.monitor, run.best_metrics.get(self.monitor))
-            tags["resume.changed.validation_set"] = f"{state['val_fingerprint']} -> {val_print}"
+            tags["resume.changed.validation_set"] = f"{state.val_fingerprint} -> {val_print}"
             run.best_metrics, run.best_eval, manager.best_metric = {}, None, None
         report = source.last_report
         if report is not None and not report.exact:  # the architecture changed since then
@@ -682,7 +681,7 @@ class Trainer:
             quantized = self.quantized_metrics(model, data, task)
             tracker.log_metrics(quantized, run.step)
             metrics_out.update(quantized)
-        self.log_artifacts(tracker, run_dir, run, task, best, getattr(data, "label_names", None))
+        self.log_artifacts(tracker, run_dir, run, task, best, data.label_names)
         run.finished = True
         return FitResult(metrics_out, run_dir, tracker.run_id, best, run.step, run.history)
 
@@ -732,11 +731,13 @@ class Trainer:
 
     @staticmethod
     def resume_changes(old: dict, new: dict) -> dict[str, str]:
-        """Tags naming each trainer, data and seed setting that differs from the checkpoint's."""
+        """Tags naming each trainer, optimizer, data and seed setting that differs from the
+        checkpoint's."""
         def settings(cfg: dict) -> dict[str, str]:
             # data.tokenizer.path is pointed at the resumed run's tokenizer (its hash is compared
             # instead); cache folders move with the project root and change no result.
-            flat = flatten_config({k: cfg[k] for k in ("trainer", "data", "seed") if k in cfg})
+            flat = flatten_config({k: cfg[k] for k in ("trainer", "optimizer", "data", "seed")
+                                   if k in cfg})
             return {k: v for k, v in flat.items()
                     if k != "data.tokenizer.path" and not k.endswith("cache_dir")}
 
@@ -769,6 +770,17 @@ class Trainer:
             tracker.log_artifact(best, "checkpoint")
         if (run_dir / "tokenizer.json").exists():
             tracker.log_artifact(run_dir / "tokenizer.json")
+
+
+def check_contract(obj: Any, protocol: type, what: str) -> None:
+    """A part that does not implement its protocol fails here, naming what it lacks."""
+    if isinstance(obj, protocol):
+        return
+    members = [m for m in dir(protocol) if not m.startswith("_")]
+    members += list(getattr(protocol, "__annotations__", {}))
+    missing = sorted({m for m in members if not hasattr(obj, m)})
+    raise TypeError(f"{type(obj).__name__} is not a {what} ({protocol.__module__}."
+                    f"{protocol.__name__}): it lacks {missing}")
 
 
 def val_fingerprint(data) -> str:

@@ -1,0 +1,64 @@
+"""Helpers shared by benchmarks/bench.py (the MLX side) and benchmarks/bench_torch.py (the PyTorch
+side). Standard library and numpy only: the PyTorch worker imports this module and must never
+import mlxlab, MLX or the OpenBLAS that mlxlab loads (issue 12: that is what made the old PyTorch
+rows 3.7x slow)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Libraries that only mlxlab/MLX put into a process; a baseline process must map none of them.
+FOREIGN_LIBRARIES = ("libopenblasp", "libmlx.so", "mlx_cpu.libs")
+
+
+def clock() -> tuple[float, float]:
+    """(wall, CPU) seconds now; CPU = all threads of this process, steadier on a busy machine."""
+    return time.perf_counter(), time.process_time()
+
+
+def _status_kb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):  # 5 = reset VmHWM to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    return _status_kb("VmHWM") / 1024
+
+
+def save_batches(path: Path, batches: list[dict]) -> None:
+    arrays = {f"{i:05d}/{k}": np.array(v) for i, b in enumerate(batches) for k, v in b.items()}
+    np.savez(path, **arrays)
+
+
+def load_batches(path: Path) -> list[dict[str, np.ndarray]]:
+    with np.load(path) as f:
+        out: dict[int, dict] = {}
+        for key in f.files:
+            i, name = key.split("/")
+            out.setdefault(int(i), {})[name] = f[key]
+    return [out[i] for i in sorted(out)]
+
+
+def foreign_libraries() -> list[str]:
+    """Mapped files of this process that a clean baseline must not have (mlxlab's BLAS, MLX)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    found = {line.split()[-1] for line in maps.splitlines() if any(n in line for n in FOREIGN_LIBRARIES)}
+    return sorted(found)

@@ -1,0 +1,56 @@
+"""The DataModule contract the trainer relies on (the data side of the Tracker protocol).
+
+`data=<option>` builds one of these. The trainer checks `isinstance(data, DataModule)` once and
+then calls its members directly (no hasattr probing). The optional capabilities have defaults
+here: a module that names `DataModule` as a base class inherits them, one that does not must
+define them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from mlxlab.data.batching import Batch, Batching
+
+
+@runtime_checkable
+class DataModule(Protocol):
+    task: str                     # "classification" (labels per example) | "lm" (next token)
+    vocab_size: int | None        # set by setup()
+    num_labels: int | None        # classification: set by setup(); lm: None
+    tokenizer_hash: str | None    # set by setup(); recorded in checkpoints, compared on resume
+
+    def setup(self, run_dir: str | Path | None = None) -> None:
+        """Tokenizer, splits and caches; writes tokenizer.json into run_dir (rank 0 only)."""
+        ...
+
+    def num_train_batches(self, batching: Batching) -> int | None:
+        """Batches per epoch; None for a stream of unknown length (set trainer.max_steps)."""
+        ...
+
+    def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]: ...
+
+    def val_batches(self, batching: Batching) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict:
+        """Where the data stands (epoch, position): restored on resume."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    # --- optional, with defaults -------------------------------------------------------
+
+    has_validation: bool = True   # False: nothing held out, no evaluation, checkpoints by steps
+    no_validation_reason: str = "none held out"
+    label_names: list[str] | None = None  # classification: names on the confusion matrix axes
+
+    def encoding_state(self) -> dict[str, Any] | None:
+        """What predicting needs without the training data (label values, columns)."""
+        return None
+
+    def train_batches_in_order(self, batching: Batching) -> Iterator[Batch] | None:
+        """A fixed dataset's training examples, each once, with an `index` per row (teacher
+        caching in distillation); None for streams."""
+        return None

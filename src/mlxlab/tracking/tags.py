@@ -1,0 +1,55 @@
+"""Every MLflow tag name mlxlab writes or reads, in one place.
+
+Writers (train.py, the trackers, the sweep callback, checkpoint uploads, merges) and readers
+(sweep tables, skip_finished, dead-run checks, the runs listing) import these names, so a tag
+is spelled once.
+"""
+
+from __future__ import annotations
+
+# MLflow's own
+PARENT_RUN = "mlflow.parentRunId"  # the MLflow UI nests runs by this tag
+GIT_COMMIT = "mlflow.source.git.commit"
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+# A training run (train.py)
+CONFIG_HASH = "mlxlab.config_hash"  # sweep.skip_finished matches on it
+RUN_DIR = "mlxlab.run_dir"
+TASK_NAME = "mlxlab.task_name"
+OVERRIDES = "mlxlab.overrides"  # the command line's overrides (also on a sweep's parent)
+WORLD_SIZE = "mlxlab.world_size"
+CHOICE_PREFIX = "choice."  # "choice.model" = "bert": the config-group options a run used
+
+# The process that trains a run, for dead-run detection (tracking/stale.py)
+PID = "mlxlab.pid"
+HOST = "mlxlab.host"
+KILLED_REASON = "mlxlab.killed_reason"
+
+# Sweeps (tracking/hydra_callbacks.py)
+SWEEP_ID = "mlxlab.sweep_id"
+ROLE = "mlxlab.role"  # "sweep" on a sweep's parent run
+SWEEP_PARAMS = "mlxlab.sweep_params"  # JSON list of the keys a sweep varies
+SWEEP_DIR = "mlxlab.sweep_dir"
+SWEEPER = "mlxlab.sweeper"
+OPTIMIZED_METRIC = "mlxlab.optimized_metric"
+OPTIMIZED_MODE = "mlxlab.optimized_metric_mode"
+ERROR = "mlxlab.error"  # a failed trial's exception
+NUM_RUNS = "mlxlab.num_runs"
+NUM_FINISHED = "mlxlab.num_finished"
+NUM_FAILED = "mlxlab.num_failed"
+BEST_RUN_ID = "mlxlab.best_run_id"
+
+# Checkpoint uploads (training/remote.py)
+REMOTE_URI = "mlxlab.remote.uri"
+REMOTE_CHECKPOINTS = "mlxlab.remote.checkpoints"
+
+# Store merges (tracking/merge.py)
+MERGE_SOURCE_RUN = "mlxlab.merge.source_run_id"
+MERGE_SOURCE_STORE = "mlxlab.merge.source"
+MERGE_COMPLETE = "mlxlab.merge.complete"
+MERGE_SOURCE_VERSION = "mlxlab.merge.source_version"
+
+# Distillation (training/trainer.py, distill_rounds.py)
+DISTILL_TEACHER_WEIGHTS = "mlxlab.distill.teacher_weights"  # each teacher's weight, normalized
+DISTILL_ROUNDS = "mlxlab.distill.rounds"  # on the parent run of trainer.distill.rounds > 1
+DISTILL_ROUND = "mlxlab.distill.round"  # on each round's child run

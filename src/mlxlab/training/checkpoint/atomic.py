@@ -1,0 +1,238 @@
+"""Writing a checkpoint so that a crash or a full disk never leaves a half one under its name.
+
+Files go into a temporary sibling directory, fsynced; checksums.json, then the COMMITTED marker
+last; then the directory is renamed into place (`swap_into_place`). A committed name therefore
+always points at a complete checkpoint, and files are never changed after the rename, which is
+what lets best/ and uploads share them through hard links (`link_files`).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlxlab.training.checkpoint.layout import (
+    CHECKSUMS_FILE,
+    MARKER,
+    MODEL_FILE,
+    OLD_PREFIX,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    TMP_PREFIX,
+    step_name,
+)
+from mlxlab.training.checkpoint.state import StateLike, state_payload, state_step
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _safetensors_size(path: Path) -> int:
+    """The size a safetensors file must have, from its own header."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return -1
+        (header_len,) = struct.unpack("<Q", head)
+        header = json.loads(f.read(header_len))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + header_len + max(ends, default=0)
+
+
+def _write_safetensors(path: Path, arrays: dict[str, mx.array]) -> None:
+    """mx.save_safetensors, then fsync and a size check.
+
+    The C++ writer does not report failed writes (writing to /dev/full "succeeds"), so a full
+    disk is caught by comparing the file size with the size its header promises.
+    """
+    try:
+        mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
+        _fsync_path(path)
+        expected = _safetensors_size(path)
+    except OSError:
+        raise
+    except Exception as e:  # mlx raises RuntimeError for I/O failures
+        raise OSError(errno.EIO, f"writing {path.name} failed: {e}") from e
+    actual = path.stat().st_size
+    if actual != expected:
+        raise OSError(
+            errno.ENOSPC, f"{path.name} is {actual} bytes, expected {expected} (disk full?)"
+        )
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (np.ndarray, mx.array)):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=1, default=_json_default))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _commit(tmp: Path) -> None:
+    """checksums.json, then the COMMITTED marker last, each fsynced with the directory."""
+    files = sorted(p.name for p in tmp.iterdir() if p.name not in (CHECKSUMS_FILE, MARKER))
+    sums = {
+        name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        for name in files
+    }
+    _write_json(tmp / CHECKSUMS_FILE, sums)
+    _fsync_path(tmp)
+    write_marker(tmp)
+
+
+def write_marker(tmp: Path, **info: Any) -> None:
+    """The COMMITTED marker (what makes a directory a checkpoint), fsynced with the directory."""
+    _write_json(tmp / MARKER, {"time": time.time(), **info})
+    _fsync_path(tmp)
+
+
+def temp_dir(directory: Path, name: str) -> Path:
+    """A fresh `.tmp-` sibling to build `name` in (a killed run's are removed at the next start)."""
+    return directory / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+
+
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing `final` is renamed away first and deleted after.
+
+    A process killed between the two renames leaves `.old-NAME-xxxxxxxx`, which
+    CheckpointManager puts back at its next start.
+    """
+    old = None
+    if final.exists():
+        old = final.with_name(f"{OLD_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_path(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def link_files(source: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
+    """Hard-link (else copy) the files of `source` into `dest`: checkpoint files are never
+    modified in place, so a link is a copy that costs nothing."""
+    for f in source.iterdir():
+        if f.name in skip:
+            continue
+        try:
+            os.link(f, dest / f.name)
+        except OSError:
+            shutil.copy2(f, dest / f.name)
+
+
+def flat_arrays(tree: Any) -> dict[str, mx.array]:
+    # optimizer state may hold python scalars; safetensors holds arrays only
+    return {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in tree_flatten(tree)}
+
+
+@dataclass
+class Snapshot:
+    """A checkpoint held in memory: evaluated arrays and the state text, taken on the training
+    thread and written by `write_snapshot` from any thread (MLX arrays are immutable, so later
+    steps never change what a snapshot holds)."""
+
+    step: int
+    model: dict[str, mx.array]
+    optimizer: dict[str, mx.array] | None
+    state_text: str
+    metric: float | None = None
+
+
+def take_snapshot(
+    model: nn.Module, optimizer: optim.Optimizer | None, state: StateLike
+) -> Snapshot:
+    """Everything a checkpoint needs, evaluated; ValueError for a bad state before any write."""
+    step = state_step(state)
+    if not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"checkpoint state needs a non-negative int 'step', got {step!r}")
+    try:  # fail before writing
+        state_text = json.dumps(state_payload(state), indent=1, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"checkpoint state is not JSON-serializable ({e}); pass plain "
+            "numbers, strings, lists and dicts (never objects)"
+        ) from e
+    model_arrays = dict(tree_flatten(model.parameters()))
+    opt_arrays = flat_arrays(optimizer.state) if optimizer is not None else None
+    mx.eval(model_arrays, opt_arrays or {})
+    return Snapshot(int(step), model_arrays, opt_arrays, state_text)
+
+
+def save_checkpoint(
+    directory: Path, model: nn.Module, optimizer: optim.Optimizer | None, state: StateLike
+) -> Path:
+    """Write `directory/step_{step:08d}` atomically and return its path.
+
+    `state` is a CheckpointState (the trainer's) or a plain JSON-able dict with an int "step"
+    (written verbatim). On an OSError (full disk, permissions) the temporary directory is
+    removed and the error is re-raised with the checkpoint named; committed checkpoints are
+    never touched.
+    """
+    return write_snapshot(directory, take_snapshot(model, optimizer, state))
+
+
+def write_snapshot(directory: Path, snap: Snapshot) -> Path:
+    """The disk half of `save_checkpoint`: temp dir, files, checksums, marker, rename."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / step_name(snap.step)
+    tmp = temp_dir(directory, final.name)
+    try:
+        tmp.mkdir()
+        _write_safetensors(tmp / MODEL_FILE, snap.model)
+        if snap.optimizer is not None:
+            _write_safetensors(tmp / OPTIMIZER_FILE, snap.optimizer)
+        _write_text(tmp / STATE_FILE, snap.state_text)
+        _commit(tmp)
+        swap_into_place(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        msg = (
+            f"could not write checkpoint {final} ({e.strerror or e}); it was discarded and "
+            "earlier checkpoints are intact: free disk space or check permissions"
+        )
+        raise (OSError(e.errno, msg) if e.errno else OSError(msg)) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

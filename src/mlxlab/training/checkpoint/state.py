@@ -1,0 +1,154 @@
+"""`state.json`: the trainer state a checkpoint carries, as one versioned dataclass.
+
+The trainer writes a `CheckpointState`; the trainer (resume), the checkpoint manager (best
+metric), `mlxlab.runs`, export and tracking read one back with `CheckpointState.read(path)`. No
+other module spells a state.json key.
+
+Versions: 1 is the unversioned layout every checkpoint had before the field existed; 2 adds
+`version` and writes every field. `from_json` migrates older layouts on read, so old runs resume
+and load unchanged; a state from a newer mlxlab is refused with a clear message rather than
+half-read. The low-level `save_checkpoint`/`load_checkpoint` also take and return a plain dict
+(written verbatim) for callers that checkpoint something other than a trainer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from mlxlab.training.checkpoint.layout import STATE_FILE, CheckpointError
+
+STATE_VERSION = 2
+# val_fingerprint of a state written before validation sets were fingerprinted: comparing it
+# with today's fingerprint would report a change that nobody made.
+UNRECORDED = "unrecorded"
+
+
+@dataclass
+class MonitoredMetric:
+    """The value that decided whether this checkpoint became best/."""
+
+    name: str | None
+    mode: str
+    value: float
+
+
+@dataclass
+class CheckpointState:
+    """Everything a resumed run (or a loaded one) needs besides the weights and optimizer."""
+
+    step: int
+    epoch: int = 0
+    run_id: str | None = None
+    data: dict | None = None  # the data module's position (DataModule.state_dict)
+    rng: list[int] | None = None  # rng.rng_state()
+    callbacks: dict[str, dict] = field(default_factory=dict)  # class name -> state_dict()
+    history: dict[str, list] = field(default_factory=dict)  # metric -> [[step, value], ...]
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    best_metric: float | None = None  # best_metrics[monitor] when the checkpoint was taken
+    checkpoint_metric: MonitoredMetric | None = None  # set by CheckpointManager.snapshot
+    config: dict = field(default_factory=dict)  # the resolved Hydra config
+    # what rebuilds the model without its data (vocab_size, num_labels, a pretrained config)
+    model_init: dict = field(default_factory=dict)
+    tokenizer_hash: str | None = None
+    val_fingerprint: str | None = UNRECORDED
+    log_window: dict | None = None  # LogWindow.state_dict(): steps since the last logged line
+    encoding: dict | None = None  # classification: label values and columns
+    extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know
+    version: int = STATE_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        if self.checkpoint_metric is not None:
+            out["checkpoint_metric"] = asdict(self.checkpoint_metric)
+        else:
+            del out["checkpoint_metric"]
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> CheckpointState:
+        """Any known layout, migrated to this one; CheckpointError for one that is not."""
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"state.json holds {type(raw).__name__}, not an object")
+        raw = dict(raw)
+        version = raw.get("version", 1)
+        if not isinstance(version, int) or version > STATE_VERSION:
+            raise CheckpointError(
+                f"state.json version {version!r} is newer than this mlxlab reads "
+                f"({STATE_VERSION}): upgrade mlxlab to load this checkpoint"
+            )
+        if version == 1:
+            raw = _migrate_v1(raw)
+        if not isinstance(raw.get("step"), int):
+            raise CheckpointError(f"state.json has no integer step (got {raw.get('step')!r})")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        for f in fields(cls):  # a null where a dict belongs (hand-edited, older writers)
+            if kwargs.get(f.name, 0) is None and f.default_factory is dict:
+                del kwargs[f.name]
+        metric = kwargs.get("checkpoint_metric")
+        kwargs["checkpoint_metric"] = MonitoredMetric(**metric) if metric else None
+        return cls(**kwargs, extra={k: v for k, v in raw.items() if k not in known})
+
+    @classmethod
+    def read(cls, checkpoint: str | Path) -> CheckpointState:
+        """The state of checkpoint directory `checkpoint` (no checksum check: see
+        discover.check_committed)."""
+        return cls.from_json(read_payload(checkpoint))
+
+    def with_metric(self, name: str | None, mode: str, value: float) -> CheckpointState:
+        return replace(self, checkpoint_metric=MonitoredMetric(name, mode, float(value)))
+
+    def validation_changed(self, fingerprint: str | None) -> bool:
+        """The validation set differs from the one this state's best metrics were measured on."""
+        return self.val_fingerprint != UNRECORDED and self.val_fingerprint != fingerprint
+
+
+def _migrate_v1(raw: dict[str, Any]) -> dict[str, Any]:
+    """Unversioned states: same keys as version 2, each optional (older writers left some out;
+    an absent val_fingerprint means none was recorded, not "no validation set")."""
+    raw.setdefault("val_fingerprint", UNRECORDED)
+    raw["version"] = STATE_VERSION
+    return raw
+
+
+def read_payload(checkpoint: str | Path) -> dict[str, Any]:
+    """state.json of checkpoint directory `checkpoint` as written (a dict, not migrated)."""
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({e}); resume from an older checkpoint"
+        ) from e
+
+
+# The low-level save/load API also checkpoints plain dicts (written as given, no version).
+StateLike = CheckpointState | dict
+
+
+def state_payload(state: StateLike) -> dict[str, Any]:
+    """What goes into state.json for `state`."""
+    return state.to_json() if isinstance(state, CheckpointState) else state
+
+
+def state_step(state: StateLike) -> Any:
+    return state.step if isinstance(state, CheckpointState) else state.get("step")
+
+
+def with_metric(state: StateLike, name: str | None, mode: str, value: float) -> StateLike:
+    """`state` with the metric that decides best/ recorded in it."""
+    if isinstance(state, CheckpointState):
+        return state.with_metric(name, mode, value)
+    return {**state, "checkpoint_metric": asdict(MonitoredMetric(name, mode, float(value)))}
+
+
+def metric_of(checkpoint: Path) -> float | None:
+    """The checkpoint_metric value of a checkpoint directory, None when absent or unreadable."""
+    try:
+        state = CheckpointState.read(checkpoint)
+    except (OSError, CheckpointError, TypeError):
+        return None
+    return state.checkpoint_metric.value if state.checkpoint_metric else None

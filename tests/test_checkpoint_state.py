@@ -1,0 +1,101 @@
+"""state.json as one versioned dataclass: round trip, refusal of newer versions, and resume from
+a checkpoint written in the unversioned layout of earlier mlxlab versions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from mlxlab.training.checkpoint import (
+    STATE_VERSION,
+    CheckpointError,
+    CheckpointState,
+    MonitoredMetric,
+    check_committed,
+)
+from test_resume import TITANIC, committed_steps, final_state, final_weights, run
+
+# The keys the trainer wrote into state.json before the state had a version (mlxlab <= issue 14).
+UNVERSIONED_KEYS = (
+    "step", "epoch", "data", "rng", "callbacks", "run_id", "history", "best_metrics",
+    "best_metric", "config", "model_init", "tokenizer_hash", "val_fingerprint", "log_window",
+    "encoding",
+)
+
+
+def test_state_round_trips_with_its_version_and_unknown_keys():
+    state = CheckpointState(
+        step=7, epoch=1, rng=[1, 2], history={"val/loss": [[3, 0.5]]}, best_metric=0.5,
+        checkpoint_metric=MonitoredMetric("val/loss", "min", 0.5), extra={"user": {"a": 1}},
+    )
+    raw = json.loads(json.dumps(state.to_json()))
+    assert raw["version"] == STATE_VERSION and raw["user"] == {"a": 1}
+    assert raw["checkpoint_metric"] == {"name": "val/loss", "mode": "min", "value": 0.5}
+    assert CheckpointState.from_json(raw) == state
+
+
+def test_unversioned_state_is_migrated():
+    old = {"step": 4, "epoch": 0, "history": None, "run_id": "abc"}
+    state = CheckpointState.from_json(old)
+    assert state.version == STATE_VERSION and state.history == {} and state.run_id == "abc"
+    # no fingerprint recorded: a resume must not report the validation set as changed
+    assert not state.validation_changed("0123abcd")
+    assert CheckpointState.from_json({**old, "val_fingerprint": None}).validation_changed("x")
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [({"step": 1, "version": STATE_VERSION + 1}, "newer than this mlxlab reads.*upgrade"),
+     ({"epoch": 1}, "no integer step"),
+     ([1, 2], "not an object")],
+)
+def test_unreadable_states_are_refused_clearly(raw, match):
+    with pytest.raises(CheckpointError, match=match):
+        CheckpointState.from_json(raw)
+
+
+def recommit(checkpoint) -> None:
+    """checksums.json for the files as they are now (the on-disk format, spelled out)."""
+    sums = {}
+    for f in sorted(checkpoint.iterdir()):
+        if f.name not in ("checksums.json", "COMMITTED"):
+            sums[f.name] = {"sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
+                            "bytes": f.stat().st_size}
+    (checkpoint / "checksums.json").write_text(json.dumps(sums))
+
+
+def test_a_checkpoint_in_the_unversioned_layout_resumes_bitwise(tmp_path, cli_env):
+    args = [*TITANIC, "trainer.max_epochs=1"]  # 12 steps, checkpoints at 3, 6, 9, 12
+    reference = tmp_path / "reference"
+    run(args, reference, cli_env)
+    assert final_state(reference)["version"] == STATE_VERSION
+
+    # An older mlxlab's run killed after its first kept checkpoint: that step only, no best/.
+    old = tmp_path / "old"
+    shutil.copytree(reference, old)
+    first, *later = committed_steps(old)
+    assert later, "need a checkpoint to resume from before the last step"
+    for step in later:
+        shutil.rmtree(old / "checkpoints" / f"step_{step:08d}")
+    shutil.rmtree(old / "checkpoints" / "best", ignore_errors=True)
+    ckpt = old / "checkpoints" / f"step_{first:08d}"
+    current = json.loads((ckpt / "state.json").read_text())
+    legacy = {key: current[key] for key in UNVERSIONED_KEYS}
+    (ckpt / "state.json").write_text(json.dumps(legacy, indent=1))
+    recommit(ckpt)
+    assert check_committed(ckpt) is None and "version" not in json.loads(
+        (ckpt / "state.json").read_text())
+
+    resumed = tmp_path / "resumed"
+    out = run([*args, f"resume={old}"], resumed, cli_env)
+    assert f"at step {first}" in out.stdout + out.stderr
+    expected, got = final_weights(reference), final_weights(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert np.array_equal(expected[key], got[key]), f"{key} differs after resume"
+    assert final_state(resumed)["history"] == final_state(reference)["history"]
+    assert final_state(resumed)["version"] == STATE_VERSION  # rewritten in the new layout

@@ -1,0 +1,148 @@
+"""The `mlxlab` command as a user runs it: --help on every verb, `runs list|show|compare`,
+`register` then loading the registered model, `serve` answering /invocations."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pandas as pd
+import pytest
+
+from conftest import MLXLAB, mlxlab
+from mlxlab.cli.main import VERBS, main
+from mlxlab.cli.runs import ACTIONS
+from mlxlab.inference import load_run, predict_frame
+
+
+def test_every_verb_has_help(capsys):
+    done = mlxlab("--help")
+    assert done.returncode == 0
+    assert all(f"  {verb} " in done.stdout for verb in VERBS), done.stdout
+    unknown = mlxlab("frobnicate")
+    assert unknown.returncode == 2 and "unknown command 'frobnicate'" in unknown.stderr
+    for verb in [v for v in VERBS if v not in ("train", "runs")] + [f"runs {a}" for a in ACTIONS]:
+        with pytest.raises(SystemExit) as exit_:
+            main([*verb.split(), "--help"])
+        assert exit_.value.code == 0, verb
+        assert capsys.readouterr().out.startswith(f"usage: mlxlab {verb}"), verb
+    assert main(["runs", "--help"]) == 0 and "runs compare" in capsys.readouterr().out
+
+
+def run_id_of(run_dir) -> str:
+    return json.loads((run_dir / "checkpoints" / "best" / "state.json").read_text())["run_id"]
+
+
+def test_runs_list_show_compare_make_best_and_last_explicit(classifier_run, capsys):
+    run_dir, metrics, _, uri = classifier_run
+    run_id = run_id_of(run_dir)
+
+    # in-process where a subprocess test of the same verb exists elsewhere (test_tracking)
+    assert main(["runs", "list", "--uri", uri]) == 0
+    listing = capsys.readouterr().out
+    row = next(line for line in listing.splitlines() if run_id in line)
+    assert "FINISHED" in row and f"{metrics['val/accuracy']:.4f}" in row
+    assert "best val/accuracy" in listing
+
+    show = mlxlab("runs", "show", run_dir, "--uri", uri)  # by folder: finds its MLflow run
+    assert show.returncode == 0, show.stderr
+    assert f"run {run_id}" in show.stdout and "best checkpoint: step" in show.stdout
+    assert "last checkpoint: step 100" in show.stdout
+    accuracy = next(line for line in show.stdout.splitlines() if line.split()[:1] == ["val/accuracy"])
+    assert accuracy.split()[1] == f"{metrics['val/accuracy']:.4f}"  # the best column
+    assert "optimizer.learning_rate" in show.stdout  # params
+
+    compare = mlxlab("runs", "compare", run_id, run_dir, "--uri", uri, "--all-params")
+    assert compare.returncode == 0, compare.stderr
+    lines = compare.stdout.splitlines()
+    best = next(line for line in lines if line.strip().startswith("best val/accuracy")).split()
+    assert best[2:] == [f"{metrics['val/accuracy']:.4f}"] * 2
+    assert any(line.strip().startswith("last val/accuracy") for line in lines)
+
+    assert main(["runs", "show", "no-such-run", "--uri", uri]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("mlxlab runs show: error: no-such-run is neither a run folder")
+
+
+def test_register_then_load_the_registered_model(classifier_run):
+    """`mlxlab register` logs the run's best checkpoint as a pyfunc model on its own MLflow run;
+    mlxlab.load_model gives the same predictions as `predict_frame` on the run folder."""
+    import mlxlab as package
+
+    run_dir, _, titanic, uri = classifier_run
+    done = mlxlab("register", run_dir, "--name", "titanic-tiny", "--alias", "champion",
+                  "--uri", uri)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"(run {run_id_of(run_dir)})" in done.stdout  # the training run holds the model
+    assert "mlxlab serve models:/titanic-tiny@champion" in done.stdout
+
+    rows = titanic.head(12).drop(columns=["Survived"])
+    served = package.load_model("titanic-tiny@champion", uri).predict(rows)
+    direct = predict_frame(load_run(run_dir), rows, probability=True)
+    pd.testing.assert_frame_equal(served, direct.rename(columns={"Survived": "prediction"}))
+
+
+def test_serve_bad_target_is_one_clear_line(tmp_path):
+    done = mlxlab("serve", tmp_path / "nope", "--uri", f"sqlite:///{tmp_path}/mlflow.db")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"mlxlab serve: error: {tmp_path / 'nope'}: no such run "
+                                   "folder, and not a models:/ or runs:/ URI")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_answers_invocations_like_predict(classifier_run, tmp_path):
+    """A run folder served by `mlxlab serve` answers /invocations with the run's predictions;
+    SIGTERM stops the server (its web workers too)."""
+    run_dir, _, titanic, _ = classifier_run
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([MLXLAB, "serve", str(run_dir), "--port", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no answer in 240 s"
+                time.sleep(0.5)
+        rows = titanic.head(5).drop(columns=["Survived"])
+        body = json.dumps({"dataframe_records": json.loads(rows.to_json(orient="records"))})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(),
+                                         {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+        direct = predict_frame(load_run(run_dir), rows, probability=True)
+        assert [r["prediction"] for r in answer] == direct["Survived"].tolist()
+        assert [r["PassengerId"] for r in answer] == rows["PassengerId"].tolist()
+        assert [r["probability"] for r in answer] == pytest.approx(direct["probability"].tolist())
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+    assert os.path.exists(run_dir)  # serving never touches the run folder
+
+
+def test_models_registered_before_the_move_still_unpickle():
+    """cloudpickle stores the pyfunc class by module and name; old registered models name
+    mlxlab.tracking.registry, which still resolves (lazily) to the class in serving/."""
+    import pickle
+
+    from mlxlab.serving.pyfunc import MlxlabPyfunc
+
+    # the GLOBAL opcode an old pickle uses to find the class (what find_class resolves)
+    assert pickle.loads(b"cmlxlab.tracking.registry\nMlxlabPyfunc\n.") is MlxlabPyfunc
