@@ -8,6 +8,11 @@ and a table of mean +- std over seeds of the best and the final validation metri
     OPENBLAS_NUM_THREADS=1 python benchmarks/bench_distill.py [--tasks titanic tinystories]
         [--seeds 0 1 2] [--root /tmp/bench_distill] [--alpha 0.5] [--temperature 2.0] [--quick]
 
+`--rounds` instead compares rounds of distillation (trainer.distill.rounds=2, issue 19): round 1
+(the teacher -> student), round 2 chained (round 1's student teaches a fresh student), round 2 as
+an ensemble (the teacher and round 1's student, learned weights), and the student from scratch,
+all with the same steps, split and tokenizer.
+
 Every run shares one validation split (Titanic: data.seed=42 pinned; TinyStories: the first 200
 paragraphs), so a teacher never saw the students' validation rows; by default one teacher (the
 first seed's) teaches every student seed (--no-shared-teacher trains one per seed). Never let the
@@ -143,6 +148,43 @@ def bench_task(name: str, spec: dict, seeds: list[int], root: Path, args) -> lis
     return rows
 
 
+def bench_rounds(name: str, spec: dict, seeds: list[int], root: Path, args) -> list[dict]:
+    """Per seed: rounds=2 (chain) -> round 1 and round 2 rows, then the ensemble round 2 (the
+    teacher and round 1's student, learned weights) and the scratch student."""
+    rows = []
+    extra = QUICK[name] if args.quick else []
+    knobs = [f"trainer.distill.alpha={args.alpha}", f"trainer.distill.temperature={args.temperature}"]
+    teacher_dir = root / name / "teacher"
+    teacher = run(root, teacher_dir, [*COMMON, *spec["teacher"], *extra, f"seed={seeds[0]}"])
+    rows.append({"task": name, "seed": seeds[0], "who": "teacher", **teacher})
+    for seed in seeds:
+        base = root / name / f"rounds_seed{seed}"
+        student = [*COMMON, *spec["student"], *extra, f"seed={seed}",
+                   f"data.tokenizer.path={teacher_dir / 'tokenizer.json'}", *knobs]
+        start = time.perf_counter()
+        train(compose_cfg(root, base / "chain", [
+            *student, f"trainer.distill.teachers=[{{run: '{teacher_dir}'}}]",
+            "trainer.distill.rounds=2", "trainer.distill.round_teachers=chain"]))
+        seconds = (time.perf_counter() - start) / 2
+        manifest = json.loads((base / "chain" / "distill_rounds.json").read_text())
+        for entry in manifest["rounds"]:
+            rows.append({"task": name, "seed": seed, "who": f"round {entry['round']}",
+                         "best": entry["metrics"], "final": final_metrics(Path(entry["run_dir"])),
+                         "seconds": seconds})
+        round1 = manifest["rounds"][0]["run_dir"]
+        ensemble = run(root, base / "ensemble", [
+            *student, "trainer.distill.teacher_weights=learned",
+            f"trainer.distill.teachers=[{{run: '{teacher_dir}'}},{{run: '{round1}'}}]"])
+        rows.append({"task": name, "seed": seed, "who": "round 2 ens", **ensemble})
+        scratch = run(root, base / "scratch", [*student, "trainer.distill=null"])
+        rows.append({"task": name, "seed": seed, "who": "scratch", **scratch})
+        for row in rows[-4:]:
+            m = spec["metric"]
+            print(f"[{name} seed {seed}] {row['who']:<11} best {m}={row['best'][m]:.4f} "
+                  f"final {m}={row['final'][m]:.4f} ({row['seconds']:.0f}s)", flush=True)
+    return rows
+
+
 def mean_std(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.4f} ± {spread:.4f}"
@@ -153,7 +195,7 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for task in dict.fromkeys(r["task"] for r in rows):
         metrics = ["val/accuracy", "val/loss"] if task.startswith("titanic") else ["val/loss"]
-        for who in ("teacher", "distilled", "scratch"):
+        for who in dict.fromkeys(r["who"] for r in rows if r["task"] == task):
             group = [r for r in rows if r["task"] == task and r["who"] == who]
             for m in metrics:
                 best = [r["best"][m] for r in group]
@@ -176,10 +218,13 @@ def main() -> None:
                         "split is the same for all seeds, so the teacher never saw it")
     parser.add_argument("--quick", action="store_true", help="a few steps: checks the wiring only")
     parser.add_argument("--json", type=Path, help="also write every row to this file")
+    parser.add_argument("--rounds", action="store_true",
+                        help="round 1 vs round 2 (chain, ensemble) of distillation vs scratch")
     args = parser.parse_args()
     rows = []
+    bench = bench_rounds if args.rounds else bench_task
     for name in args.tasks:
-        rows += bench_task(name, TASKS[name], args.seeds, args.root.resolve(), args)
+        rows += bench(name, TASKS[name], args.seeds, args.root.resolve(), args)
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -140,8 +140,9 @@ def resumed_step(output: str) -> int:
 def test_sigkills_keep_weights_and_history_exact(tmp_path, cli_env, name, args, log_every):
     """Killed during a checkpoint write, resumed, killed again, resumed: the weights are bitwise
     those of an uninterrupted run, and so is the whole metric history (MLflow, state.json, plot),
-    with resumes from checkpoints that are not on a multiple of log_every_steps."""
-    args = [*args, f"trainer.log_every_steps={log_every}"]
+    with resumes from checkpoints that are not on a multiple of log_every_steps. The per-example
+    losses (callbacks=per_example_losses, a background thread) are the same parquet rows too."""
+    args = [*args, f"trainer.log_every_steps={log_every}", "callbacks=per_example_losses"]
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     reference = tmp_path / "reference"
     run(args, reference, cli_env)
@@ -175,6 +176,24 @@ def test_sigkills_keep_weights_and_history_exact(tmp_path, cli_env, name, args, 
     assert_same_history(uri, reference, third, name)
     png = "plots/loss_curve.png"
     assert (third / png).read_bytes() == (reference / png).read_bytes()
+    assert_same_per_example_losses(uri, reference, third, name)
+
+
+def assert_same_per_example_losses(uri: str, reference: Path, resumed: Path, label: str) -> None:
+    """The per_example parquet artifacts of the resumed MLflow run (written by the killed and the
+    resumed processes) hold exactly the rows of the uninterrupted run's."""
+    import pandas as pd
+    from mlflow.artifacts import download_artifacts
+
+    def frames(run_dir: Path) -> dict[str, pd.DataFrame]:
+        local = Path(download_artifacts(run_id=run_id_of(run_dir), artifact_path="per_example",
+                                        dst_path=str(run_dir / "downloaded"), tracking_uri=uri))
+        return {f.name: pd.read_parquet(f) for f in sorted(local.glob("*.parquet"))}
+
+    expected, got = frames(reference), frames(resumed)
+    assert got.keys() == expected.keys() and len(expected) >= 2, (label, got.keys())
+    for name in expected:
+        pd.testing.assert_frame_equal(got[name], expected[name], check_exact=True, obj=name)
 
 
 @pytest.mark.slow

@@ -132,8 +132,11 @@ def summary_lines(result, tracker, cfg: DictConfig, run_dir: Path) -> list[str]:
     if not shown:  # e.g. streamed text with data.val_examples=0
         where, shown = "none", "no validation data"
     lines = [f"validation ({where}): {shown}", f"run dir:    {run_dir}"]
+    files = [t.dir for t in getattr(tracker, "trackers", [tracker]) if getattr(t, "dir", None)]
+    if files:  # tracking=csv
+        lines.append(f"csv files:  {files[0]}")
     if not result.run_id:
-        lines.append("mlflow run: - (tracking=none)")
+        lines.append("mlflow run: -" if files else "mlflow run: - (tracking=none)")
         return lines
     uri = tracker.uri
     page = f"#/experiments/{tracker.experiment_id}/runs/{result.run_id}"
@@ -168,6 +171,10 @@ def build_callbacks(cfg: DictConfig) -> list:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from `cfg`, train, and return the best validation metrics."""
     validate(cfg)
+    from mlxlab.distill_rounds import rounds_of
+
+    if rounds_of(cfg) > 1:
+        return train_distill_rounds(cfg)
     run_hash = config_hash(cfg)  # before the tokenizer paths below are filled in
     seed_everything(cfg.seed)
     run_dir, choices, _ = hydra_context(cfg)
@@ -231,6 +238,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if world.is_main:
         print("\n".join(summary_lines(result, tracker, cfg, run_dir)))
     return result.metrics
+
+
+def train_distill_rounds(cfg: DictConfig) -> dict[str, float]:
+    """trainer.distill.rounds > 1: one parent run, each round a child run (distill_rounds.py)."""
+    from mlxlab.distill_rounds import train_rounds
+
+    run_dir, choices, _ = hydra_context(cfg)
+    name = run_name(cfg)
+    parent = instantiate(cfg.tracking, **({"run_name": name} if "run_name" in cfg.tracking else {}))
+    return train_rounds(cfg, train, parent, run_tags(cfg, choices, config_hash(cfg), run_dir), name)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

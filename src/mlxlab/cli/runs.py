@@ -4,6 +4,7 @@
     mlxlab runs show RUN_ID|RUN_DIR          one run: metrics (best | last), params, checkpoints
     mlxlab runs compare RUN RUN...           runs side by side: metrics and differing params
     mlxlab runs merge SOURCE... [--into URI] [--dry-run]   copy other stores into the central one
+    mlxlab runs hardest RUN [-n 20] [--epoch E]           a run's highest-loss training examples
 
 `mlxlab runs <action> --help` for its arguments.
 """
@@ -20,6 +21,7 @@ ACTIONS = {
     "show": ("mlxlab.cli.runs_show", {"action": "show"}, "one run: metrics, params, checkpoints"),
     "compare": ("mlxlab.cli.runs_show", {"action": "compare"}, "runs side by side"),
     "merge": ("mlxlab.tracking.merge", {}, "copy experiments, runs and models from other stores"),
+    "hardest": ("mlxlab.cli.hardest", {}, "the training examples with the highest loss"),
 }
 
 

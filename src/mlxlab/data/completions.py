@@ -139,6 +139,7 @@ class PromptCompletion(DataModule):
             "input_ids": mx.array(tokens[:, :-1]),
             "labels": mx.array(tokens[:, 1:]),
             "loss_mask": mx.array(mask),
+            "index": mx.array(np.asarray(index, np.int32)),  # position in the split: per-example losses
         }
 
     def _lengths(self, split: tuple) -> np.ndarray:

@@ -48,3 +48,8 @@ MERGE_SOURCE_RUN = "mlxlab.merge.source_run_id"
 MERGE_SOURCE_STORE = "mlxlab.merge.source"
 MERGE_COMPLETE = "mlxlab.merge.complete"
 MERGE_SOURCE_VERSION = "mlxlab.merge.source_version"
+
+# Distillation (training/trainer.py, distill_rounds.py)
+DISTILL_TEACHER_WEIGHTS = "mlxlab.distill.teacher_weights"  # each teacher's weight, normalized
+DISTILL_ROUNDS = "mlxlab.distill.rounds"  # on the parent run of trainer.distill.rounds > 1
+DISTILL_ROUND = "mlxlab.distill.round"  # on each round's child run

@@ -35,13 +35,19 @@ def epoch_of(step: int, steps_per_epoch: int | None) -> int | None:
 
 class Callback:
     should_stop: bool = False
+    # True: the loss adds each example's loss to the step's outputs (see on_batch_outputs)
+    needs_example_losses: bool = False
 
     def setup(self, trainer: Trainer, model: Any, data: Any) -> None:
         """Once per fit, after the run's length is planned and before any checkpoint is restored:
         read what the run is (trainer.steps_per_epoch, trainer.max_epochs, trainer.world,
-        trainer.monitor)."""
+        trainer.monitor, and where it goes: trainer.tracker, trainer.run_dir)."""
 
     def on_train_start(self, total_steps: int | None, start_step: int) -> None: ...
+
+    def on_batch_outputs(self, step: int, batches: list, outputs: dict) -> None:
+        """After step `step`: its micro-batches and per-example outputs (losses.EXAMPLE_KEYS,
+        evaluated arrays, rows in the order of the batches); only if needs_example_losses."""
 
     def on_step(self, step: int, logs: dict[str, float]) -> None: ...
 

@@ -17,6 +17,23 @@ from mlxlab.errors import ConfigError
 Batch = dict[str, mx.array]
 LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]
 
+# aux keys holding one value per example (not scalars): a loss built with per_example=True adds
+# them for callbacks such as PerExampleLosses; the trainer takes them out before averaging aux.
+EXAMPLE_KEYS = ("example_loss", "example_teacher_loss")
+
+
+def per_example_mean(values: mx.array, batch: Batch) -> mx.array:
+    """One value per example: itself (classifiers) or the mean over its scored tokens (lm)."""
+    mask = batch.get("loss_mask")
+    if mask is None:
+        return values
+    return (values * mask).sum(axis=-1) / mx.maximum(mask.sum(axis=-1), 1.0)
+
+
+def pop_example_outputs(aux: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Take the per-example entries out of `aux` (what is left are scalars to average)."""
+    return {k: aux.pop(k) for k in EXAMPLE_KEYS if k in aux}
+
 
 def token_cross_entropy(logits: mx.array, targets: mx.array, label_smoothing: float = 0.0) -> mx.array:
     """Per-example cross-entropy over the last axis (no reduction); fused on CPU (mlxlab.kernels)."""
@@ -50,15 +67,18 @@ def masked_mean(values: mx.array, batch: Batch) -> tuple[mx.array, mx.array]:
     return total / mx.maximum(count, 1.0), count
 
 
-def task_loss(task: str, label_smoothing: float = 0.0) -> LossFn:
+def task_loss(task: str, label_smoothing: float = 0.0, per_example: bool = False) -> LossFn:
     """Cross-entropy against batch["labels"]: per example (classification) or per scored token
-    (lm). `aux["ntokens"]` is the count the mean is over."""
+    (lm). `aux["ntokens"]` is the count the mean is over; per_example=True adds
+    `aux["example_loss"]`, each example's loss, from the values the mean is taken over."""
     if task not in ("classification", "lm"):
         raise ConfigError(f"unknown data task {task!r}: expected 'classification' or 'lm'")
 
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
         ce = token_cross_entropy(forward(model, batch), batch["labels"], label_smoothing)
         loss, count = masked_mean(ce, batch)
+        if per_example:
+            return loss, {"ntokens": count, "example_loss": per_example_mean(mx.stop_gradient(ce), batch)}
         return loss, {"ntokens": count}
 
     return loss_fn
@@ -101,22 +121,31 @@ def distillation_loss(
     temperature: float = 2.0,
     label_smoothing: float = 0.0,
     cache: mx.array | None = None,
+    per_example: bool = False,
 ) -> LossFn:
     """alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
 
     Per example (classifiers) or per scored token (language models), as in task_loss; several
     teachers are averaged (teacher_probabilities). `cache`: the teacher probabilities of every
     training example, (N, num_labels), looked up by batch["index"] instead of running the teachers
-    in every step (Trainer.teacher_cache builds it for fixed datasets).
+    in every step (Trainer.teacher_cache builds it for fixed datasets). per_example=True adds
+    each example's hard-label CE (`example_loss`) and the teachers' (`example_teacher_loss`: the
+    CE of softmax(T * log p_T), which is the teacher's own distribution for one teacher).
     """
     probs_of = teacher_probabilities(teachers, weights, temperature)
 
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
         logits = forward(model, batch)
         probs = cache[batch["index"]] if cache is not None else probs_of(batch)
-        ce, ntokens = masked_mean(token_cross_entropy(logits, batch["labels"], label_smoothing), batch)
+        ce_all = token_cross_entropy(logits, batch["labels"], label_smoothing)
+        ce, ntokens = masked_mean(ce_all, batch)
         kl, _ = masked_mean(soft_cross_entropy_kl(logits, probs, temperature) * temperature**2, batch)
         loss = alpha * ce + (1.0 - alpha) * kl
-        return loss, {"ntokens": ntokens, "ce": ce, "kl": kl}
+        aux = {"ntokens": ntokens, "ce": ce, "kl": kl}
+        if per_example:
+            teacher = token_cross_entropy(temperature * mx.log(mx.maximum(probs, 1e-12)), batch["labels"])
+            aux["example_loss"] = per_example_mean(mx.stop_gradient(ce_all), batch)
+            aux["example_teacher_loss"] = per_example_mean(mx.stop_gradient(teacher), batch)
+        return loss, aux
 
     return loss_fn

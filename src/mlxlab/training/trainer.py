@@ -31,6 +31,7 @@ from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError, UserError
 from mlxlab.runtime import device, distributed
+from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import Tracker, flatten_config
 from mlxlab.training import losses, metrics
 from mlxlab.training.async_writer import CheckpointWriter
@@ -145,6 +146,9 @@ class DistillConfig:
     alpha: float = 0.5            # weight of the hard-label CE; (1 - alpha) on the soft KL
     temperature: float = 2.0
     cache_teacher: bool = True    # fixed datasets: teacher outputs computed once, looked up per step
+    rounds: int = 1               # > 1: rounds of distillation (distill_rounds.py, run by train.py)
+    round_teachers: str = "chain"  # chain | ensemble: who teaches round r + 1
+    teacher_weights: str = "fixed"  # fixed | learned (training/teacher_weights.py)
 
 
 @dataclass
@@ -226,12 +230,21 @@ class Trainer:
 
     def build_loss(self, data) -> losses.LossFn:
         task = data.task
+        per_example = any(cb.needs_example_losses for cb in self.callbacks)
         if self.distill:
             from mlxlab.runs import load_teachers
 
             self.teachers, weights = load_teachers(
                 self.distill.teachers, data.vocab_size, data.num_labels
             )
+            if self.distill.teacher_weights == "learned" and len(self.teachers) > 1:
+                from mlxlab.training.teacher_weights import fit_teacher_weights
+
+                # Streamed text has no in-order pass over its training rows: its validation
+                # batches are used instead (the weights then saw the validation data).
+                rows = getattr(data, "train_batches_in_order", data.val_batches)(self.batching)
+                weights = fit_teacher_weights(self.teachers, rows)
+            self.teacher_weights = [w / sum(weights) for w in weights]
             temperature = self.distill.temperature
             cache = None
             if self.distill.cache_teacher:
@@ -240,9 +253,10 @@ class Trainer:
             loss_fn = losses.distillation_loss(
                 self.teachers, weights, alpha=self.distill.alpha,
                 temperature=temperature, label_smoothing=self.label_smoothing, cache=cache,
+                per_example=per_example,
             )
         else:
-            loss_fn = losses.task_loss(task, self.label_smoothing)
+            loss_fn = losses.task_loss(task, self.label_smoothing, per_example)
         dtype = self.compute_dtype()
         return loss_fn if dtype == mx.float32 else mixed_precision(loss_fn, dtype)
 
@@ -314,9 +328,10 @@ class Trainer:
         @compile_
         def grad_step(batch):
             (loss, aux), grads = loss_and_grad(model, batch)
+            examples = losses.pop_example_outputs(aux)  # per row: concatenated, not averaged
             n = aux["ntokens"]
             weighted = {k: v * n for k, v in aux.items() if k != "ntokens"}
-            return loss * n, n, weighted, tree_map(lambda g: g * n, grads)
+            return loss * n, n, weighted, tree_map(lambda g: g * n, grads), examples
 
         @compile_
         def apply_step(grads, ntokens, loss_sum, aux_sum):
@@ -330,9 +345,10 @@ class Trainer:
         compiled: list[bool] = []
 
         def step(batches):
-            total_loss, total_n, total_aux, acc = 0.0, 0.0, None, None
+            total_loss, total_n, total_aux, acc, examples = 0.0, 0.0, None, None, []
             for batch in batches:
-                loss_sum, n, aux_sum, grads = grad_step(batch)
+                loss_sum, n, aux_sum, grads, per_row = grad_step(batch)
+                examples.append(per_row)
                 if acc is None:
                     acc, total_aux = grads, aux_sum
                 else:
@@ -344,6 +360,8 @@ class Trainer:
                 norm, loss, aux = apply_step(acc, total_n, total_loss, total_aux)
                 mx.eval(loss, norm, aux, state)
             compiled.append(True)
+            for key in examples[0]:
+                aux[key] = mx.concatenate([e[key] for e in examples])
             return loss, norm, aux
 
         return step
@@ -461,6 +479,7 @@ class Trainer:
         if getattr(data, "curriculum", None) is not None:  # data/curriculum.py: pacing, tracking
             callbacks.append(TokenDistributionLog(data, tracker, run_dir,
                                                   total_steps * self.grad_accum, self.grad_accum))
+        self.tracker, self.run_dir = tracker, run_dir  # for callbacks that log or write (setup)
         for cb in callbacks:
             cb.setup(self, model, data)
         run = RunState()
@@ -483,6 +502,8 @@ class Trainer:
         self.optimizer_state_mb = distributed.tree_nbytes(optimizer.state) / 2**20
         log.info("optimizer state: %.1f MB on this rank%s", self.optimizer_state_mb,
                  f" (sharded over {world.size} ranks)" if self.optimizer_shards else "")
+        if self.distill:  # the weights each teacher had (learned ones are known only now)
+            tags[T.DISTILL_TEACHER_WEIGHTS] = str([round(w, 4) for w in self.teacher_weights])
         tracker.start(params=config, tags=tags, run_id=run.run_id)
         if resume and run.run_id is not None and tracker.run_id == run.run_id:
             # What the killed process logged after its checkpoint is about to be logged again.
@@ -556,6 +577,10 @@ class Trainer:
                 step_fn = self.make_step(model, optimizer, loss_fn)
             loss, norm, aux = step_fn(batches)
             run.step += 1
+            examples = losses.pop_example_outputs(aux)
+            if examples:
+                for cb in callbacks:
+                    cb.on_batch_outputs(run.step, batches, examples)
             loss_value = loss.item()  # already computed: the step's mx.eval synced
             if not math.isfinite(loss_value):
                 raise TrainingError(

@@ -1,0 +1,64 @@
+"""Learned weights for an ensemble of teachers (`trainer.distill.teacher_weights=learned`).
+
+The weights w = softmax(theta) that minimise the cross-entropy of the mixture sum_k w_k p_k(x)
+(each teacher at temperature 1) on the student's training rows: a teacher that is right where the
+others are wrong gets more say. The teachers never trained on the student's validation rows
+(bench_distill pins the split), so the weights are fitted without looking at them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+
+from mlxlab.training import losses
+
+log = logging.getLogger(__name__)
+
+
+def teacher_label_probs(teachers: Sequence[nn.Module], batches: Iterable[dict],
+                        max_batches: int = 50) -> tuple[mx.array, mx.array]:
+    """(p, mask): p[k, i] = teacher k's probability of the label of row/token i, and i's weight
+    (loss_mask for language models, 1 for classifiers)."""
+    columns, masks = [], []
+    for n, batch in enumerate(batches):
+        if n == max_batches:
+            break
+        per_teacher = []
+        for teacher in teachers:
+            logp = nn.log_softmax(losses.forward(teacher, batch).astype(mx.float32), axis=-1)
+            picked = mx.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
+            per_teacher.append(mx.exp(picked).reshape(-1))
+        mask = batch.get("loss_mask")
+        masks.append(mx.ones(per_teacher[0].shape) if mask is None else mask.reshape(-1))
+        columns.append(mx.stack(per_teacher))
+        mx.eval(columns[-1], masks[-1])
+    return mx.concatenate(columns, axis=1), mx.concatenate(masks)
+
+
+def fit_teacher_weights(teachers: Sequence[nn.Module], batches: Iterable[dict],
+                        steps: int = 300, learning_rate: float = 0.1) -> list[float]:
+    """Mixture weights (summing to 1) that minimise the mixture's cross-entropy on `batches`."""
+    p, mask = teacher_label_probs(teachers, batches)
+    theta = {"theta": mx.zeros((len(teachers),))}
+
+    def nll(params: dict) -> mx.array:
+        w = mx.softmax(params["theta"])
+        mixture = (w[:, None] * p).sum(axis=0)
+        return -(mx.log(mx.maximum(mixture, 1e-12)) * mask).sum() / mx.maximum(mask.sum(), 1.0)
+
+    opt = optim.Adam(learning_rate=learning_rate)
+    grad_fn = mx.value_and_grad(nll)
+    start = float(nll(theta))
+    for _ in range(steps):
+        loss, grads = grad_fn(theta)
+        theta = opt.apply_gradients(grads, theta)
+        mx.eval(theta, opt.state)
+    weights = mx.softmax(theta["theta"]).tolist()
+    log.info("distillation: learned teacher weights %s (mixture CE %.4f -> %.4f)",
+             [round(w, 3) for w in weights], start, float(nll(theta)))
+    return weights

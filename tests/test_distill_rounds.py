@@ -1,0 +1,84 @@
+"""trainer.distill.rounds: each round's student teaches the next (chain) or joins the teachers
+(ensemble, learned weights); one parent MLflow run, a child per round, a manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import FAST
+from mlxlab.config import ConfigError
+from mlxlab.train import train
+from mlxlab.training.teacher_weights import fit_teacher_weights
+from test_losses import FixedLogits
+
+STUDENT = ["experiment=distill_titanic", "model.hidden_size=16", "model.cnn_filters=16"]
+
+
+def teacher_run(make_cfg, tmp_path: Path) -> str:
+    cfg = make_cfg(*FAST, "tracking=none", "trainer.max_steps=4", "model.hidden_size=32",
+                   "model.num_layers=1", "model.num_heads=2")
+    cfg.paths.output_dir = str(tmp_path / "outputs" / "teacher")
+    train(cfg)
+    return cfg.paths.output_dir
+
+
+@pytest.mark.parametrize(("mode", "rounds"),
+                         [("chain", 2), pytest.param("ensemble", 3, marks=pytest.mark.slow)])
+def test_rounds_are_child_runs_taught_by_the_previous_students(make_cfg, tmp_path, mode, rounds):
+    teacher = teacher_run(make_cfg, tmp_path)
+    cfg = make_cfg(*FAST, *STUDENT, f"trainer.distill.teachers=[{{run: '{teacher}'}}]",
+                   f"trainer.distill.rounds={rounds}", f"trainer.distill.round_teachers={mode}",
+                   "trainer.distill.teacher_weights=learned", "callbacks=per_example_losses")
+    last = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    manifest = json.loads((run_dir / "distill_rounds.json").read_text())
+    assert [r["round"] for r in manifest["rounds"]] == list(range(1, rounds + 1))
+    students = [str(run_dir / f"round_{r}") for r in range(1, rounds + 1)]
+    expected = [[teacher], [teacher, students[0]], [teacher, *students[:2]]] if mode == "ensemble" \
+        else [[teacher], [students[0]]]
+    assert [[t["run"] for t in r["teachers"]] for r in manifest["rounds"]] == expected
+    assert manifest["rounds"][-1]["metrics"] == last
+
+    client = MlflowClient(cfg.tracking.uri)
+    parent = client.get_run(manifest["parent_run_id"])
+    assert "distill_rounds.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    accuracy = client.get_metric_history(parent.info.run_id, "rounds/val/accuracy")
+    assert [(m.step, m.value) for m in accuracy] == [
+        (r["round"], r["metrics"]["val/accuracy"]) for r in manifest["rounds"]]
+    for entry in manifest["rounds"]:
+        child = client.get_run(entry["run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["mlxlab.distill.round"] == str(entry["round"])
+        weights = json.loads(child.data.tags["mlxlab.distill.teacher_weights"])
+        assert len(weights) == len(entry["teachers"]) and abs(sum(weights) - 1) < 1e-3
+        # each round records its teachers' per-example losses: a later round's teacher is an
+        # earlier student, so they differ from round 1's
+        frame = pd.read_parquet(Path(entry["run_dir"]) / "per_example" / "epoch_0001.parquet")
+        assert frame["teacher_loss"].notna().all()
+        entry["teacher_loss"] = frame.set_index("example_id")["teacher_loss"]
+    first, second = manifest["rounds"][0]["teacher_loss"], manifest["rounds"][1]["teacher_loss"]
+    common = first.index.intersection(second.index)
+    assert len(common) > 10 and not np.allclose(first[common], second[common])
+
+
+def test_learned_weights_favour_the_teacher_that_is_right():
+    labels = np.array([0, 1, 2, 1, 0, 2, 2, 1])
+    right = np.eye(3)[labels] * 6.0          # confident and right
+    wrong = np.eye(3)[(labels + 1) % 3] * 2.0  # fairly sure and wrong
+    batch = {"input_ids": mx.zeros((8, 4), mx.int32), "labels": mx.array(labels)}
+    weights = fit_teacher_weights([FixedLogits(wrong), FixedLogits(right)], [batch])
+    assert weights[1] > 0.95 and abs(sum(weights) - 1.0) < 1e-6
+
+
+def test_rounds_need_teachers_and_no_resume(make_cfg):
+    with pytest.raises(ConfigError, match="trainer.distill.teachers"):
+        train(make_cfg(*FAST, *STUDENT, "tracking=none", "trainer.distill.rounds=2"))
+    with pytest.raises(ConfigError, match="rounds must be an integer"):
+        train(make_cfg(*FAST, *STUDENT, "tracking=none", "trainer.distill.rounds=0"))
