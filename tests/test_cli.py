@@ -146,3 +146,24 @@ def test_models_registered_before_the_move_still_unpickle():
 
     # the GLOBAL opcode an old pickle uses to find the class (what find_class resolves)
     assert pickle.loads(b"cmlxlab.tracking.registry\nMlxlabPyfunc\n.") is MlxlabPyfunc
+
+
+def test_pointing_mlflow_at_a_store_leaves_its_globals_unset(tmp_path, monkeypatch):
+    """register/load point MLflow's fluent globals at a store for a moment; afterwards a client
+    built without a registry URI must follow its own tracking URI again, not that store (this
+    leak registered another test's model in the wrong store)."""
+    import os
+
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    from mlxlab.serving.registry import pointed_at
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    with pointed_at(f"sqlite:///{tmp_path}/store.db"):
+        assert registry_utils._registry_uri.endswith("store.db")
+    assert registry_utils._registry_uri is None and tracking_utils._tracking_uri is None
+    assert "MLFLOW_REGISTRY_URI" not in os.environ and "MLFLOW_TRACKING_URI" not in os.environ

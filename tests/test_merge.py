@@ -76,7 +76,7 @@ def file_store(root: Path, monkeypatch) -> Path:
     """An mlruns/ file store as older MLflow versions wrote them, with a registered model."""
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 writes them only if told
     store = root / "mlruns"
-    client = MlflowClient(store.as_uri())
+    client = MlflowClient(store.as_uri(), registry_uri=store.as_uri())
     exp = client.create_experiment("legacy")
     run = client.create_run(exp, run_name="old-run", tags={"origin": "file"})
     client.log_param(run.info.run_id, "lr", "0.5")

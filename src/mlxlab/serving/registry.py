@@ -105,8 +105,13 @@ def pointed_at(uri: str) -> Iterator[None]:
     globals (and the MLFLOW_TRACKING_URI env var that set_tracking_uri also sets) at `uri`,
     then put them back as they were."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # The globals as set (None = "not set: follow the default / the tracking URI"), not the
+    # getters' resolved values: restoring a resolved value would pin every later client of this
+    # process to this moment's store.
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
     saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
