@@ -10,16 +10,19 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import mlx.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mlxlab.config import instantiate
 from mlxlab.errors import ConfigError, MissingFileError
 
-if TYPE_CHECKING:
-    from mlxlab.training.checkpoint import CheckpointState
+# A finished run's model: training/run_model.py (the trainer loads teachers there); named here
+# too because inference, export and users reach finished runs through this module.
+from mlxlab.training.run_model import (  # noqa: F401
+    CHECKPOINT_CHOICES,
+    choose_checkpoint,
+    load_run_model,
+    load_teachers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,81 +110,6 @@ def prepare_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
         raise ConfigError(f"resume={resume}: no such run or checkpoint folder; use resume=auto or a "
                           "path under outputs/")
     return path
-
-
-CHECKPOINT_CHOICES = ("best", "last")
-
-
-def choose_checkpoint(path: str | Path, which: str = "best") -> Path:
-    """The committed checkpoint of a run folder to load: `best` = best/ (else the newest, for a
-    run without validation), `last` = the newest step_*. A checkpoint folder is itself."""
-    from mlxlab.training.checkpoint import BEST, check_committed, find_run_checkpoints
-
-    if which not in CHECKPOINT_CHOICES:
-        raise ConfigError(f"checkpoint={which!r}: use one of {', '.join(CHECKPOINT_CHOICES)}")
-    candidates = find_run_checkpoints(Path(path))  # newest step first, then best/
-    if which == "best":
-        candidates = sorted(candidates, key=lambda p: p.name != BEST)
-    usable = [p for p in candidates if check_committed(p, full=False) is None]
-    if not usable:
-        raise ConfigError(f"{path} holds no committed checkpoint: train it first or give another run")
-    return usable[0]
-
-
-def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, CheckpointState]:
-    """Rebuild the model of a finished run (its best checkpoint, else the newest; or the newest
-    with which="last") with its weights; the state's `path` says which checkpoint was loaded."""
-    from mlxlab.training.checkpoint import CheckpointState, load_checkpoint
-    from mlxlab.training.model_ops import apply_done
-
-    checkpoint = choose_checkpoint(path, which)
-    state = CheckpointState.read(checkpoint)
-    if "model" not in state.config or not state.model_init:
-        raise ConfigError(f"{checkpoint}/state.json has no model config: it is not an mlxlab run")
-    # The checkpoint holds every weight, so a pretrained source folder is not needed again.
-    model_cfg = OmegaConf.create(state.config["model"])
-    if "pretrained" in model_cfg:
-        model_cfg.pretrained = None
-    model = instantiate(model_cfg, **state.model_init)
-    apply_done(model, state)  # scheduled operations (grown layers...) it had done
-    load_checkpoint(checkpoint, model, strict=True)
-    vocab_map = (state.data or {}).get("vocab_map")
-    if vocab_map:  # trained on a shrunken vocabulary: speak the tokenizer's own ids again
-        from mlxlab.models.remapped import RemappedLM
-
-        model = RemappedLM(model, vocab_map["keep"], vocab_map["full_size"])
-    model.eval()
-    return model, state
-
-
-def load_teachers(
-    specs: list, vocab_size: int, num_labels: int | None
-) -> tuple[list[nn.Module], list[float]]:
-    """Teachers for distillation: each spec is {run: <run dir or checkpoint>, weight: float}.
-
-    A teacher must predict over the same outputs as the student: the same label set for
-    classifiers, the same token ids for language models (train.py points the student's data at
-    the first teacher's tokenizer.json for that).
-    """
-    models, weights = [], []
-    for spec in specs:
-        spec = {"run": spec} if isinstance(spec, str) else dict(spec)
-        if not spec.get("run"):
-            raise ConfigError("each trainer.distill.teachers entry needs run=<finished run dir>")
-        model, state = load_run_model(spec["run"])
-        theirs = state.model_init
-        if theirs.get("num_labels") != num_labels or theirs.get("vocab_size") != vocab_size:
-            raise ConfigError(
-                f"teacher {spec['run']} was trained with vocab_size={theirs.get('vocab_size')}, "
-                f"num_labels={theirs.get('num_labels')} but the student's data has "
-                f"vocab_size={vocab_size}, num_labels={num_labels}: give the student the teacher's "
-                f"tokenizer (data.tokenizer.path=<teacher run>/tokenizer.json) and the same label column"
-            )
-        model.freeze()
-        models.append(model)
-        weights.append(float(spec.get("weight", 1.0)))
-        log.info("teacher: %s (%s)", spec["run"], state.path)
-    return models, weights
 
 
 def run_tokenizer(path: str | Path) -> Path | None:

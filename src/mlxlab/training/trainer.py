@@ -232,7 +232,7 @@ class Trainer:
         task = data.task
         per_example = any(cb.needs_example_losses for cb in self.callbacks)
         if self.distill:
-            from mlxlab.runs import load_teachers
+            from mlxlab.training.run_model import load_teachers
 
             self.teachers, weights = load_teachers(
                 self.distill.teachers, data.vocab_size, data.num_labels
