@@ -23,7 +23,7 @@ VERBS = {
     "generate": ("mlxlab.cli.generate", "sample text from a language-model run"),
     "register": ("mlxlab.cli.register", "register a run's model in the MLflow model registry"),
     "serve": ("mlxlab.cli.serve", "serve a run or a registered model over HTTP (127.0.0.1)"),
-    "runs": ("mlxlab.cli.runs", "the store's runs: list, show, compare, merge"),
+    "runs": ("mlxlab.cli.runs", "the store's runs: list, show, compare, merge, hardest"),
     "export": ("mlxlab.cli.export", "write a finished run as a Hugging Face or mlx-lm folder"),
 }
 
