@@ -55,14 +55,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 60) -> None:
+def listening(port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Whether 127.0.0.1:port accepts within `timeout` (False at once if `proc` exits)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+                return True
+        if proc is not None and proc.poll() is not None:
+            return False
         time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+    return False
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    if not listening(port, timeout):
+        raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
 
 
 class Server:
@@ -118,11 +126,20 @@ class FakeGCS(Server):
 
     def start(self) -> None:
         pytest.importorskip("gcp_storage_emulator")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-             "--port", str(self.port)], cwd=self.root, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        wait_for_port(self.port)
+        log = self.root / "gcs-emulator.log"
+        # A restart right after a SIGKILL can fail to bind; the emulator then stays up without
+        # serving (its API thread died, its main thread waits for it forever): start it again.
+        for _ in range(4):
+            with log.open("ab") as out:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                     "--port", str(self.port)], cwd=self.root, stdout=out, stderr=out)
+            if listening(self.port, 20, self.proc):
+                return
+            stop_process(self.proc, signal.SIGKILL)
+            time.sleep(1)
+        raise TimeoutError(f"the GCS emulator did not serve 127.0.0.1:{self.port}:\n"
+                           f"{log.read_text(errors='replace')[-2000:]}")
 
     def stop(self) -> None:
         # A crash, not a shutdown: SIGINT lets it serve on for seconds while it winds down (the
