@@ -301,10 +301,6 @@ void CrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
   });
 }
 
-void CrossEntropy::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("MlxlabCrossEntropy has no GPU kernel; use the pure-MLX path");
-}
-
 std::vector<mx::array> CrossEntropy::vjp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& cotangents,
@@ -354,10 +350,6 @@ void CrossEntropyGrad::eval_cpu(
   });
 }
 
-void CrossEntropyGrad::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("MlxlabCrossEntropyGrad has no GPU kernel; use the pure-MLX path");
-}
-
 // ---- SwiGLU --------------------------------------------------------------------------------
 
 mx::array swiglu(const mx::array& gate, const mx::array& up) {
@@ -389,10 +381,6 @@ void SwiGLU::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
           swiglu_span(pa + begin, pb + begin, po + begin, end - begin);
         });
       });
-}
-
-void SwiGLU::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("MlxlabSwiGLU has no GPU kernel; use the pure-MLX path");
 }
 
 std::vector<mx::array> SwiGLU::vjp(
@@ -437,10 +425,6 @@ void SwiGLUGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
   });
 }
 
-void SwiGLUGrad::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("MlxlabSwiGLUGrad has no GPU kernel; use the pure-MLX path");
-}
-
 // ---- softmax with an additive mask (attention) ---------------------------------------------
 
 mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask) {
@@ -478,10 +462,6 @@ void Softmax::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
       }
     });
   });
-}
-
-void Softmax::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("MlxlabSoftmax has no GPU kernel; use the pure-MLX path");
 }
 
 std::vector<mx::array> Softmax::vjp(
@@ -526,8 +506,8 @@ void SoftmaxGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   });
 }
 
-void SoftmaxGrad::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("MlxlabSoftmaxGrad has no GPU kernel; use the pure-MLX path");
+void CpuPrimitive::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error(std::string(name()) + " has no GPU kernel; use the pure-MLX path");
 }
 
 } // namespace mlxlab

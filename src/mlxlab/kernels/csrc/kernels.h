@@ -31,100 +31,68 @@ mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask);
 void set_num_threads(int n);
 int num_threads();
 
-class CrossEntropy : public mx::Primitive {
+// What every mlxlab primitive shares: CPU only (eval_gpu throws; the Python dispatch never sends
+// GPU arrays here), and no attributes, so two of the same kind on the same inputs are equivalent.
+class CpuPrimitive : public mx::Primitive {
  public:
-  explicit CrossEntropy(mx::Stream stream) : mx::Primitive(stream) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  explicit CpuPrimitive(mx::Stream stream) : mx::Primitive(stream) {}
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  std::vector<mx::array> vjp(
-      const std::vector<mx::array>& primals,
-      const std::vector<mx::array>& cotangents,
-      const std::vector<int>& argnums,
-      const std::vector<mx::array>& outputs) override;
-  const char* name() const override {
-    return "MlxlabCrossEntropy";
-  }
   bool is_equivalent(const mx::Primitive& other) const override {
     return true;
   }
+};
+
+#define MLXLAB_PRIMITIVE_BODY(Name)                                                          \
+  explicit Name(mx::Stream stream) : CpuPrimitive(stream) {}                                 \
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override; \
+  const char* name() const override {                                                        \
+    return "Mlxlab" #Name;                                                                    \
+  }
+
+#define MLXLAB_VJP                                                                             \
+  std::vector<mx::array> vjp(                                                                  \
+      const std::vector<mx::array>& primals,                                                   \
+      const std::vector<mx::array>& cotangents,                                                \
+      const std::vector<int>& argnums,                                                         \
+      const std::vector<mx::array>& outputs) override;
+
+class CrossEntropy : public CpuPrimitive {
+ public:
+  MLXLAB_PRIMITIVE_BODY(CrossEntropy)
+  MLXLAB_VJP
 };
 
 // Inputs: logits (N, V), targets (N,), lse (N,), cotangent (N,) -> d logits (N, V).
-class CrossEntropyGrad : public mx::Primitive {
+class CrossEntropyGrad : public CpuPrimitive {
  public:
-  explicit CrossEntropyGrad(mx::Stream stream) : mx::Primitive(stream) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  const char* name() const override {
-    return "MlxlabCrossEntropyGrad";
-  }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return true;
-  }
+  MLXLAB_PRIMITIVE_BODY(CrossEntropyGrad)
 };
 
-class SwiGLU : public mx::Primitive {
+class SwiGLU : public CpuPrimitive {
  public:
-  explicit SwiGLU(mx::Stream stream) : mx::Primitive(stream) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  std::vector<mx::array> vjp(
-      const std::vector<mx::array>& primals,
-      const std::vector<mx::array>& cotangents,
-      const std::vector<int>& argnums,
-      const std::vector<mx::array>& outputs) override;
-  const char* name() const override {
-    return "MlxlabSwiGLU";
-  }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return true;
-  }
+  MLXLAB_PRIMITIVE_BODY(SwiGLU)
+  MLXLAB_VJP
 };
 
 // Inputs: gate, up, cotangent -> (d gate, d up).
-class SwiGLUGrad : public mx::Primitive {
+class SwiGLUGrad : public CpuPrimitive {
  public:
-  explicit SwiGLUGrad(mx::Stream stream) : mx::Primitive(stream) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  const char* name() const override {
-    return "MlxlabSwiGLUGrad";
-  }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return true;
-  }
+  MLXLAB_PRIMITIVE_BODY(SwiGLUGrad)
 };
 
-class Softmax : public mx::Primitive {
+class Softmax : public CpuPrimitive {
  public:
-  explicit Softmax(mx::Stream stream) : mx::Primitive(stream) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  std::vector<mx::array> vjp(
-      const std::vector<mx::array>& primals,
-      const std::vector<mx::array>& cotangents,
-      const std::vector<int>& argnums,
-      const std::vector<mx::array>& outputs) override;
-  const char* name() const override {
-    return "MlxlabSoftmax";
-  }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return true;
-  }
+  MLXLAB_PRIMITIVE_BODY(Softmax)
+  MLXLAB_VJP
 };
 
 // Inputs: softmax output p, cotangent dp -> d scores.
-class SoftmaxGrad : public mx::Primitive {
+class SoftmaxGrad : public CpuPrimitive {
  public:
-  explicit SoftmaxGrad(mx::Stream stream) : mx::Primitive(stream) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  const char* name() const override {
-    return "MlxlabSoftmaxGrad";
-  }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return true;
-  }
+  MLXLAB_PRIMITIVE_BODY(SoftmaxGrad)
 };
+
+#undef MLXLAB_PRIMITIVE_BODY
+#undef MLXLAB_VJP
 
 } // namespace mlxlab
