@@ -141,10 +141,7 @@ def bench_task(name: str, spec: dict, seeds: list[int], root: Path, args) -> lis
         rows.append({"task": name, "seed": seed, "who": "distilled", **distilled})
         scratch = run(root, base / "scratch", [*student, "trainer.distill=null"])
         rows.append({"task": name, "seed": seed, "who": "scratch", **scratch})
-        for row in rows[-3:]:
-            m = spec["metric"]
-            print(f"[{name} seed {seed}] {row['who']:<9} best {m}={row['best'][m]:.4f} "
-                  f"final {m}={row['final'][m]:.4f} ({row['seconds']:.0f}s)", flush=True)
+        print_rows(rows[-3:], name, seed, spec["metric"], width=9)
     return rows
 
 
@@ -178,11 +175,14 @@ def bench_rounds(name: str, spec: dict, seeds: list[int], root: Path, args) -> l
         rows.append({"task": name, "seed": seed, "who": "round 2 ens", **ensemble})
         scratch = run(root, base / "scratch", [*student, "trainer.distill=null"])
         rows.append({"task": name, "seed": seed, "who": "scratch", **scratch})
-        for row in rows[-4:]:
-            m = spec["metric"]
-            print(f"[{name} seed {seed}] {row['who']:<11} best {m}={row['best'][m]:.4f} "
-                  f"final {m}={row['final'][m]:.4f} ({row['seconds']:.0f}s)", flush=True)
+        print_rows(rows[-4:], name, seed, spec["metric"], width=11)
     return rows
+
+
+def print_rows(rows: list[dict], name: str, seed: int, metric: str, width: int) -> None:
+    for row in rows:
+        print(f"[{name} seed {seed}] {row['who']:<{width}} best {metric}={row['best'][metric]:.4f} "
+              f"final {metric}={row['final'][metric]:.4f} ({row['seconds']:.0f}s)", flush=True)
 
 
 def mean_std(values: list[float]) -> str:
