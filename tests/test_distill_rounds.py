@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,10 +14,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST
-from mlxlab.config import ConfigError
+from mlxlab.config import ConfigError, instantiate
+from mlxlab.distill_rounds import MANIFEST, train_rounds
+from mlxlab.tracking import tags as T
+from mlxlab.tracking.mlflow import sweep_children
 from mlxlab.train import train
 from mlxlab.training.teacher_weights import fit_teacher_weights
 from test_losses import FixedLogits
+from test_resume import metric_history
 
 STUDENT = ["experiment=distill_titanic", "model.hidden_size=16", "model.cnn_filters=16"]
 
@@ -77,7 +82,67 @@ def test_learned_weights_favour_the_teacher_that_is_right():
     assert weights[1] > 0.95 and abs(sum(weights) - 1.0) < 1e-6
 
 
-def test_rounds_need_teachers_and_no_resume(make_cfg):
+def test_resume_after_a_finished_round_skips_it_and_keeps_one_parent(make_cfg, tmp_path):
+    """The process dies right after round 1's run finished, before the manifest says so (the
+    window a SIGKILL can hit at a round boundary): the resume takes round 1 from the store as it
+    is, trains round 2 taught by it, and the store holds one parent with two children."""
+    teacher = teacher_run(make_cfg, tmp_path)
+    args = [*FAST, *STUDENT, f"trainer.distill.teachers=[{{run: '{teacher}'}}]",
+            "trainer.distill.rounds=2"]
+    outputs = tmp_path / "outputs" / "distill_titanic"
+    cfg = make_cfg(*args)
+    cfg.paths.output_dir = str(outputs / "killed")
+    returned = []
+
+    class Killed(BaseException):
+        pass
+
+    def train_then_die(round_cfg):
+        returned.append(train(round_cfg))
+        raise Killed
+
+    with pytest.raises(Killed):
+        train_rounds(cfg, train_then_die, instantiate(cfg.tracking), {})
+    killed = Path(cfg.paths.output_dir)
+    manifest = json.loads((killed / MANIFEST).read_text())
+    assert manifest["rounds"] == [] and manifest["running"]["round"] == 1
+
+    resumed = outputs / "resumed"
+    cfg = make_cfg(*args, f"resume={killed}")
+    cfg.paths.output_dir = str(resumed)
+    last = train(cfg)
+    manifest = json.loads((resumed / MANIFEST).read_text())
+    first, second = manifest["rounds"]
+    assert first["run_dir"] == str(killed / "round_1") and first["metrics"] == returned[0]
+    assert second["run_dir"] == str(resumed / "round_2") and second["metrics"] == last
+    assert second["teachers"] == [{"run": str(killed / "round_1")}]
+    assert not (resumed / "round_1").exists() and manifest["running"] is None
+
+    client = MlflowClient(cfg.tracking.uri)
+    parents = client.search_runs([client.get_experiment_by_name("distill_titanic").experiment_id],
+                                 f"tags.`{T.DISTILL_ROUNDS}` = '2'")
+    assert [p.info.run_id for p in parents] == [manifest["parent_run_id"]]
+    assert parents[0].info.status == "FINISHED"
+    children = sweep_children(client, manifest["parent_run_id"])
+    assert sorted((c.data.tags[T.DISTILL_ROUND], c.info.run_id, c.info.status) for c in children) \
+        == [("1", first["run_id"], "FINISHED"), ("2", second["run_id"], "FINISHED")]
+    for run_id in (manifest["parent_run_id"], first["run_id"], second["run_id"]):
+        metric_history(cfg.tracking.uri, run_id)  # fails on a step logged twice
+    accuracy = client.get_metric_history(manifest["parent_run_id"], "rounds/val/accuracy")
+    assert sorted((m.step, m.value) for m in accuracy) == [
+        (1, first["metrics"]["val/accuracy"]), (2, second["metrics"]["val/accuracy"])]
+
+    # Resuming with other rounds than the manifest's is one line naming the option and the fix.
+    for bad, fix in (("trainer.distill.rounds=3", "trainer.distill.rounds=2"),
+                     ("trainer.distill.round_teachers=ensemble",
+                      'trainer.distill.round_teachers="chain"')):
+        with pytest.raises(ConfigError, match=f"pass {re.escape(fix)} to resume it"):
+            train(make_cfg(*args, bad, f"resume={killed}"))
+    with pytest.raises(ConfigError, match="no distill_rounds.json"):
+        train(make_cfg(*args, f"resume={teacher}"))
+
+
+def test_rounds_need_teachers_and_a_count(make_cfg):
     with pytest.raises(ConfigError, match="trainer.distill.teachers"):
         train(make_cfg(*FAST, *STUDENT, "tracking=none", "trainer.distill.rounds=2"))
     with pytest.raises(ConfigError, match="rounds must be an integer"):
