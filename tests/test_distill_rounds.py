@@ -21,7 +21,17 @@ from mlxlab.tracking.mlflow import sweep_children
 from mlxlab.train import train
 from mlxlab.training.teacher_weights import fit_teacher_weights
 from test_losses import FixedLogits
-from test_resume import metric_history
+from test_resume import (
+    TITANIC,
+    assert_same_history,
+    assert_same_weights,
+    committed_steps,
+    kill_when,
+    metric_history,
+    resumed_step,
+    run,
+    start,
+)
 
 STUDENT = ["experiment=distill_titanic", "model.hidden_size=16", "model.cnn_filters=16"]
 
@@ -147,3 +157,56 @@ def test_rounds_need_teachers_and_a_count(make_cfg):
         train(make_cfg(*FAST, *STUDENT, "tracking=none", "trainer.distill.rounds=2"))
     with pytest.raises(ConfigError, match="rounds must be an integer"):
         train(make_cfg(*FAST, *STUDENT, "tracking=none", "trainer.distill.rounds=0"))
+
+
+ROUNDS = [
+    "experiment=distill_titanic", "model.hidden_size=16", "model.cnn_filters=16",
+    "trainer.batch_size=64", "trainer.max_epochs=2",  # 713 rows -> 12 steps an epoch
+    "trainer.schedule.warmup_steps=4", "trainer.log_every_steps=1", "trainer.distill.rounds=2",
+    "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
+    "callbacks.checkpoint.save_every_steps=3", "callbacks.checkpoint.save_every_minutes=null",
+]
+
+
+@pytest.mark.slow
+def test_sigkill_in_round_two_resumes_bitwise_under_the_same_parent(tmp_path, cli_env):
+    """Rounds killed (SIGKILL) during round 2 and resumed: round 1 is not trained again, round 2
+    continues from its checkpoint, and the final student's weights and every run's metric history
+    equal an uninterrupted run's; the store holds one parent with two children for the pair."""
+    teacher = tmp_path / "teacher"
+    run([*TITANIC, "trainer.max_steps=4", "tracking=none"], teacher, cli_env)
+    args = [*ROUNDS, f"trainer.distill.teachers=[{{run: '{teacher}'}}]"]
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    reference = tmp_path / "reference"
+    run(args, reference, cli_env)
+
+    killed = tmp_path / "killed"
+    proc = start(args, killed, cli_env)
+    kill_when(proc, lambda: any(s >= 6 for s in committed_steps(killed / "round_2")))
+    assert max(committed_steps(killed / "round_2")) < max(committed_steps(reference / "round_2"))
+    assert json.loads((killed / MANIFEST).read_text())["running"]["round"] == 2
+
+    resumed = tmp_path / "resumed"
+    out = run([*args, f"resume={killed}"], resumed, cli_env)
+    assert resumed_step(out.stdout + out.stderr) >= 6
+    assert not (resumed / "round_1").exists()  # round 1's student stayed where it was
+    for r, folder in ((1, killed / "round_1"), (2, resumed / "round_2")):
+        assert_same_weights(reference / f"round_{r}", folder, f"round {r}")
+        assert_same_history(uri, reference / f"round_{r}", folder, f"round {r}")
+
+    expected, got = (json.loads((d / MANIFEST).read_text()) for d in (reference, resumed))
+    assert [e["metrics"] for e in got["rounds"]] == [e["metrics"] for e in expected["rounds"]]
+    assert got["parent_run_id"] == json.loads((killed / MANIFEST).read_text())["parent_run_id"]
+    assert metric_history(uri, got["parent_run_id"]) == metric_history(
+        uri, expected["parent_run_id"])
+    client = MlflowClient(uri)
+    parents = client.search_runs([client.get_experiment_by_name("distill_titanic").experiment_id],
+                                 f"tags.`{T.DISTILL_ROUNDS}` = '2'")
+    assert sorted(p.info.run_id for p in parents) == sorted(
+        m["parent_run_id"] for m in (expected, got))
+    for manifest in (expected, got):
+        assert client.get_run(manifest["parent_run_id"]).info.status == "FINISHED"
+        children = sweep_children(client, manifest["parent_run_id"])
+        assert sorted((c.data.tags[T.DISTILL_ROUND], c.info.run_id, c.info.status)
+                      for c in children) == [
+            (str(e["round"]), e["run_id"], "FINISHED") for e in manifest["rounds"]]
