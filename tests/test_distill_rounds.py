@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from pathlib import Path
 
 import mlx.core as mx
@@ -168,11 +169,36 @@ ROUNDS = [
 ]
 
 
+def round_finished(store: Path, folder: Path) -> bool:
+    """Whether the MLflow run of a round's folder is FINISHED (read straight from sqlite: fast
+    enough to catch the moment between a round's end and the manifest's update)."""
+    states = [s for s in folder.glob("checkpoints/step_*/state.json")
+              if (s.parent / "COMMITTED").exists()]
+    if not states or not store.exists():
+        return False
+    run_id = json.loads(states[0].read_text())["run_id"]
+    db = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=0.05)
+    try:
+        row = db.execute("select status from runs where run_uuid = ?", (run_id,)).fetchone()
+    except sqlite3.OperationalError:  # busy: ask again
+        return False
+    finally:
+        db.close()
+    return row is not None and row[0] == "FINISHED"
+
+
+def manifest_of(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST).read_text())
+
+
 @pytest.mark.slow
-def test_sigkill_in_round_two_resumes_bitwise_under_the_same_parent(tmp_path, cli_env):
-    """Rounds killed (SIGKILL) during round 2 and resumed: round 1 is not trained again, round 2
-    continues from its checkpoint, and the final student's weights and every run's metric history
-    equal an uninterrupted run's; the store holds one parent with two children for the pair."""
+@pytest.mark.parametrize("kill", ["in round 2", "after round 1"])
+def test_sigkill_across_rounds_resumes_bitwise_under_the_same_parent(tmp_path, cli_env, kill):
+    """Rounds SIGKILLed during round 2 (after its checkpoint at step 6), or right after round 1's
+    run finished and before the manifest said so, then resumed: round 1 is not trained again,
+    round 2 continues from its checkpoint (or starts), and the final student's weights and every
+    run's metric history equal an uninterrupted run's; the store holds one parent with two
+    FINISHED children for the killed-and-resumed rounds, and no metric step twice."""
     teacher = tmp_path / "teacher"
     run([*TITANIC, "trainer.max_steps=4", "tracking=none"], teacher, cli_env)
     args = [*ROUNDS, f"trainer.distill.teachers=[{{run: '{teacher}'}}]"]
@@ -182,21 +208,28 @@ def test_sigkill_in_round_two_resumes_bitwise_under_the_same_parent(tmp_path, cl
 
     killed = tmp_path / "killed"
     proc = start(args, killed, cli_env)
-    kill_when(proc, lambda: any(s >= 6 for s in committed_steps(killed / "round_2")))
-    assert max(committed_steps(killed / "round_2")) < max(committed_steps(reference / "round_2"))
-    assert json.loads((killed / MANIFEST).read_text())["running"]["round"] == 2
+    if kill == "in round 2":
+        kill_when(proc, lambda: any(s >= 6 for s in committed_steps(killed / "round_2")))
+        assert max(committed_steps(killed / "round_2")) < max(committed_steps(reference / "round_2"))
+    else:
+        kill_when(proc, lambda: round_finished(tmp_path / "mlruns" / "mlflow.db",
+                                               killed / "round_1"))
+        assert not (killed / "round_2").exists()
+    running = manifest_of(killed)
+    assert running["running"]["round"] == len(running["rounds"]) + 1 == int(kill[-1])
 
     resumed = tmp_path / "resumed"
     out = run([*args, f"resume={killed}"], resumed, cli_env)
-    assert resumed_step(out.stdout + out.stderr) >= 6
+    if kill == "in round 2":
+        assert resumed_step(out.stdout + out.stderr) >= 6
     assert not (resumed / "round_1").exists()  # round 1's student stayed where it was
     for r, folder in ((1, killed / "round_1"), (2, resumed / "round_2")):
         assert_same_weights(reference / f"round_{r}", folder, f"round {r}")
         assert_same_history(uri, reference / f"round_{r}", folder, f"round {r}")
 
-    expected, got = (json.loads((d / MANIFEST).read_text()) for d in (reference, resumed))
+    expected, got = manifest_of(reference), manifest_of(resumed)
     assert [e["metrics"] for e in got["rounds"]] == [e["metrics"] for e in expected["rounds"]]
-    assert got["parent_run_id"] == json.loads((killed / MANIFEST).read_text())["parent_run_id"]
+    assert got["parent_run_id"] == running["parent_run_id"]
     assert metric_history(uri, got["parent_run_id"]) == metric_history(
         uri, expected["parent_run_id"])
     client = MlflowClient(uri)

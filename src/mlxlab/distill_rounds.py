@@ -71,9 +71,12 @@ def round_config(cfg: DictConfig, r: int, teachers: list, run_dir: Path,
 
 
 def child_run_id(run_dir: Path) -> str | None:
-    for state in sorted(run_dir.glob("checkpoints/*/state.json")):
-        return json.loads(state.read_text()).get("run_id")
-    return None
+    """The MLflow run id of a round's folder, from its newest committed checkpoint (a killed
+    round's folder may hold a half-written one)."""
+    from mlxlab.runs import newest_committed
+
+    newest = newest_committed(run_dir)
+    return newest[2] if newest else None
 
 
 def write_manifest(path: Path, manifest: dict) -> None:
