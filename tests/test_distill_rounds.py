@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST
-from mlxlab.config import ConfigError, instantiate
+from mlxlab.config import ConfigError, compose_config, instantiate
 from mlxlab.distill_rounds import MANIFEST, train_rounds
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow import sweep_children
@@ -119,7 +119,7 @@ def test_resume_after_a_finished_round_skips_it_and_keeps_one_parent(make_cfg, t
     assert manifest["rounds"] == [] and manifest["running"]["round"] == 1
 
     resumed = outputs / "resumed"
-    cfg = make_cfg(*args, f"resume={killed}")
+    cfg = make_cfg(*args, "resume=auto")  # finds this task's newest manifest: killed's
     cfg.paths.output_dir = str(resumed)
     last = train(cfg)
     manifest = json.loads((resumed / MANIFEST).read_text())
@@ -145,10 +145,12 @@ def test_resume_after_a_finished_round_skips_it_and_keeps_one_parent(make_cfg, t
 
     # Resuming with other rounds than the manifest's is one line naming the option and the fix.
     for bad, fix in (("trainer.distill.rounds=3", "trainer.distill.rounds=2"),
-                     ("trainer.distill.round_teachers=ensemble",
-                      'trainer.distill.round_teachers="chain"')):
-        with pytest.raises(ConfigError, match=f"pass {re.escape(fix)} to resume it"):
+                     ("trainer.distill.round_teachers=ensemble", "trainer.distill.round_teachers=chain"),
+                     (f"trainer.distill.teachers=[{{run: '{killed}'}}]",
+                      f"trainer.distill.teachers=[{{run: '{teacher}'}}]")):
+        with pytest.raises(ConfigError, match=f'pass "{re.escape(fix)}" to resume it'):
             train(make_cfg(*args, bad, f"resume={killed}"))
+        assert compose_config(tmp_path, [*args, fix])  # the override it names is one Hydra takes
     with pytest.raises(ConfigError, match="no distill_rounds.json"):
         train(make_cfg(*args, f"resume={teacher}"))
 

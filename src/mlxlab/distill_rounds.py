@@ -123,6 +123,17 @@ def find_manifest(cfg: DictConfig, run_dir: Path) -> Path | None:
                       "resume=auto")
 
 
+def override_text(value: Any) -> str:
+    """`value` as a Hydra command-line override value: chain, 2, [{run: '/a/b'}]."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {override_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(override_text(v) for v in value) + "]"
+    if isinstance(value, str) and not value.replace("_", "").isalnum():
+        return repr(value)
+    return str(value)
+
+
 def check_same_rounds(manifest: dict, source: Path, wanted: dict[str, Any]) -> None:
     """A resume continues the rounds it was started with: one line naming what differs."""
     for key, value in wanted.items():
@@ -130,9 +141,10 @@ def check_same_rounds(manifest: dict, source: Path, wanted: dict[str, Any]) -> N
         if old is not None and old != value:
             option = "trainer.distill." + ("rounds" if key == "num_rounds" else key)
             raise ConfigError(
-                f"resume={source.parent}: that run has {option}={json.dumps(old)} (its {MANIFEST})"
-                f", this config {json.dumps(value)}: pass {option}={json.dumps(old)} to resume "
-                "it, or leave out resume= to start new rounds")
+                f"resume={source.parent}: that run has {option}={override_text(old)} (its "
+                f"{MANIFEST}), this config {override_text(value)}: pass "
+                f"\"{option}={override_text(old)}\" to resume it, or leave out resume= to start "
+                "new rounds")
 
 
 def resume_source(running: dict | None, r: int, folder: Path) -> str | None:
