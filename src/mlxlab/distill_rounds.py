@@ -197,14 +197,18 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
     if source:
         check_same_rounds(previous, source, manifest)
     finished: list[dict] = list(previous.get("rounds", []))
+    manifest.update(parent_run_id=previous.get("parent_run_id"), rounds=finished,
+                    running=previous.get("running"))
+    path = run_dir / MANIFEST
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_manifest(path, manifest)  # before the parent run exists: resume= always finds one
     parent.start(params=to_container(cfg), tags={**tags, T.DISTILL_ROUNDS: str(rounds)},
-                 run_id=previous.get("parent_run_id"))
+                 run_id=manifest["parent_run_id"])
     if previous and parent.run_id == previous.get("parent_run_id"):
         # rounds/* values of a round the manifest does not hold are logged again below
         getattr(parent, "rewind", lambda step: None)(len(finished))
-    manifest.update(parent_run_id=parent.run_id, rounds=finished, running=None)
-    path = run_dir / MANIFEST
+    manifest["parent_run_id"] = parent.run_id
+    write_manifest(path, manifest)
     if finished:
         log.info("resume: rounds %s of %d are finished; their students stay in %s",
                  [e["round"] for e in finished], rounds, [e["run_dir"] for e in finished])
@@ -232,8 +236,6 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
             manifest["running"] = None
             write_manifest(path, manifest)
             parent.log_artifact(str(path))
-        if not path.is_file():  # resumed after the last round: this folder gets the manifest too
-            write_manifest(path, manifest)
         status = "FINISHED"
         return finished[-1]["metrics"]
     except (TrainingInterrupted, KeyboardInterrupt):  # SIGTERM/SIGINT: resume continues it
