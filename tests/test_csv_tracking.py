@@ -12,7 +12,7 @@ from omegaconf import open_dict
 
 from conftest import FAST, compose_cfg
 from mlxlab.config import ConfigError
-from mlxlab.tracking.csv_files import read_metrics
+from mlxlab.tracking.csv_files import CsvTracker, read_metrics
 from mlxlab.tracking.fanout import FanoutTracker, build_tracker
 from mlxlab.train import check_group_choices, train
 from mlxlab.training.callbacks import Callback
@@ -131,3 +131,23 @@ def test_command_line_accepts_a_list_of_tracking_options():
     check_group_choices(["tracking=[mlflow,csv]", "callbacks=[per_example_losses,analysis]"])
     with pytest.raises(ConfigError, match="tracking=mlflw is not an option"):
         check_group_choices(["tracking=[mlflw,csv]"])
+
+
+def test_csv_resume_into_the_same_folder_rewinds_and_drops_a_row_cut_by_a_kill(tmp_path):
+    """resume=auto can resume a run in its own folder: its rows after the checkpoint go, and so
+    does a last row a SIGKILL cut mid-write; the killed run's tags stay, its status does not."""
+    first = CsvTracker()
+    first.start({"x": 1}, {"mlxlab.run_dir": str(tmp_path), "kept": "yes"})
+    for step in range(1, 6):
+        first.log_metrics({"loss": 1.0 / step}, step)
+    first.flush()
+    with (tmp_path / "tracking" / "metrics.csv").open("a") as f:
+        f.write("6,loss,0.16\n1")  # the start of step 10's row: the process died here
+    resumed = CsvTracker()
+    resumed.continue_from(tmp_path, 3)
+    resumed.start({"x": 2}, {"mlxlab.run_dir": str(tmp_path)})
+    resumed.log_metrics({"loss": 0.5}, 4)
+    resumed.end()
+    assert read_metrics(tmp_path / "tracking")["loss"] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.5)]
+    tags = json.loads((tmp_path / "tracking" / "tags.json").read_text())
+    assert tags["kept"] == "yes" and tags["status"] == "FINISHED"
