@@ -298,7 +298,8 @@ def check_group_choices(argv: list[str]) -> None:
         if not eq or key not in CHOICE_GROUPS or "(" in value or value in ("null", ""):
             continue
         options = group_options(key)
-        unknown = [v for v in value.split(",") if v not in options]
+        # a multirun sweep (a,b) or a list of options merged into one node ([mlflow,csv])
+        unknown = [v for v in value.removeprefix("[").removesuffix("]").split(",") if v not in options]
         if options and unknown:
             raise ConfigError(f"{key}={unknown[0]} is not an option: choose one of {options} "
                               f"(the files in conf/{key}/)")

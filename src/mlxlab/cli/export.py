@@ -49,6 +49,11 @@ def main(argv: list[str]) -> int:
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2
     print(f"exported {report['checkpoint']} -> {args.out} ({args.fmt}, {report['dtype']})")
+    if report.get("vocab_remap"):
+        v = report["vocab_remap"]
+        print(f"data.vocab_remap run: tokenizer.json on the model's ids: {v['kept_tokens']} kept "
+              f"tokens, {v['unk_token']} = {v['unk_id']}, {v['intermediate_tokens']} BPE "
+              "intermediates (read as UNK); see the README on text that needs dropped tokens")
     if report.get("adapter_path"):
         print(f"adapters: {report['adapter_path']}")
     if args.quantize:
