@@ -128,7 +128,7 @@ def test_resumed_csv_run_continues_the_killed_runs_files(tmp_path):
 def test_command_line_accepts_a_list_of_tracking_options():
     """`python -m mlxlab.train tracking=[mlflow,csv]` passes the one-line group check (the
     brackets are Hydra's list syntax, not part of an option's name)."""
-    check_group_choices(["tracking=[mlflow,csv]", "callbacks=[per_example_losses,analysis]"])
+    check_group_choices(["tracking=[mlflow,csv]", "callbacks=[per_example_losses, analysis]"])
     with pytest.raises(ConfigError, match="tracking=mlflw is not an option"):
         check_group_choices(["tracking=[mlflw,csv]"])
 

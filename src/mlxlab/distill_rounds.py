@@ -123,8 +123,25 @@ def find_manifest(cfg: DictConfig, run_dir: Path) -> Path | None:
                       "resume=auto")
 
 
+def read_manifest(path: Path) -> dict:
+    """The manifest at `path`; one line (ConfigError) for a file that is not one (a manifest
+    written by hand, or by a version that did not replace it atomically, may be cut short)."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"resume: {path} cannot be read ({e}): pass another run folder, or "
+                          "leave out resume= to start new rounds") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("rounds", []), list):
+        raise ConfigError(f"resume: {path} is not a {MANIFEST} (no rounds list): pass another run "
+                          "folder, or leave out resume= to start new rounds")
+    manifest.setdefault("rounds", [])
+    return manifest
+
+
 def override_text(value: Any) -> str:
     """`value` as a Hydra command-line override value: chain, 2, [{run: '/a/b'}]."""
+    if value is None:  # Hydra reads None as the string "None"
+        return "null"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {override_text(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
@@ -193,9 +210,12 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
                                 "teacher_weights": distill.get("teacher_weights", "fixed"),
                                 "teachers": initial}
     source = find_manifest(cfg, run_dir) if cfg.get("resume") else None
-    previous = json.loads(source.read_text()) if source else {}
+    previous = read_manifest(source) if source else {}
     if source:
         check_same_rounds(previous, source, manifest)
+        # a file tracker (CsvTracker) starts its record with the killed parent's rows of the
+        # finished rounds, as the reopened MLflow parent run holds them
+        getattr(parent, "continue_from", lambda *a: None)(source.parent, len(previous["rounds"]))
     finished: list[dict] = list(previous.get("rounds", []))
     manifest.update(parent_run_id=previous.get("parent_run_id"), rounds=finished,
                     running=previous.get("running"))
