@@ -193,6 +193,8 @@ def test_csv_parent_resumed_holds_every_rounds_rows_and_bad_manifests_are_one_li
     with pytest.raises(ConfigError, match=re.escape("{run: '/t', weight: null}]\" to resume")):
         rounds(outputs / "other", accuracy, f"resume={outputs / 'killed'}",
                "trainer.distill.teachers=[{run: /u}]")
+    with pytest.raises(ConfigError, match="tracking.csv.dir names one folder"):
+        rounds(outputs / "shared", accuracy, f"tracking.csv.dir={tmp_path / 'csv'}")
     (outputs / "cut" / MANIFEST).parent.mkdir()
     (outputs / "cut" / MANIFEST).write_text('{"rounds": [{"round": 1, "run_')
     with pytest.raises(ConfigError, match=f"resume: .*{MANIFEST} cannot be read"):

@@ -205,6 +205,10 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
     initial = to_container(distill).get("teachers") or []
     if not initial:
         raise ConfigError("trainer.distill.rounds needs trainer.distill.teachers for round 1")
+    if (cfg.tracking.get("csv") or {}).get("dir"):  # the parent and each round are runs
+        raise ConfigError("trainer.distill.rounds: tracking.csv.dir names one folder for the parent "
+                          "and every round, whose rows would mix (and a resume rewinds it): leave "
+                          "it null, each run writes <its run dir>/tracking")
     run_dir = Path(str(cfg.paths.output_dir))
     manifest: dict[str, Any] = {"num_rounds": rounds, "round_teachers": mode,
                                 "teacher_weights": distill.get("teacher_weights", "fixed"),
