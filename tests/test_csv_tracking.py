@@ -128,7 +128,7 @@ def test_resumed_csv_run_continues_the_killed_runs_files(tmp_path):
 def test_command_line_accepts_a_list_of_tracking_options():
     """`python -m mlxlab.train tracking=[mlflow,csv]` passes the one-line group check (the
     brackets are Hydra's list syntax, not part of an option's name)."""
-    check_group_choices(["tracking=[mlflow,csv]", "callbacks=[per_example_losses,analysis]"])
+    check_group_choices(["tracking=[mlflow,csv]", "callbacks=[per_example_losses, analysis]"])
     with pytest.raises(ConfigError, match="tracking=mlflw is not an option"):
         check_group_choices(["tracking=[mlflw,csv]"])
 
@@ -151,3 +151,20 @@ def test_csv_resume_into_the_same_folder_rewinds_and_drops_a_row_cut_by_a_kill(t
     assert read_metrics(tmp_path / "tracking")["loss"] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.5)]
     tags = json.loads((tmp_path / "tracking" / "tags.json").read_text())
     assert tags["kept"] == "yes" and tags["status"] == "FINISHED"
+
+
+def test_csv_resume_with_one_tracking_dir_for_both_runs_rewinds_it(tmp_path):
+    """tracking.csv.dir=<one folder> for the killed run and its resume (new run folders): the
+    record is that folder, not <killed run>/tracking; the rows after the checkpoint go once."""
+    shared = tmp_path / "csv"
+    first = CsvTracker(dir=str(shared))
+    first.start({"x": 1}, {"mlxlab.run_dir": str(tmp_path / "killed")})
+    for step in range(1, 6):
+        first.log_metrics({"loss": float(step)}, step)
+    first.flush()
+    resumed = CsvTracker(dir=str(shared))
+    resumed.continue_from(tmp_path / "killed", 3)
+    resumed.start({"x": 1}, {"mlxlab.run_dir": str(tmp_path / "resumed")})
+    resumed.log_metrics({"loss": 40.0}, 4)
+    resumed.end()
+    assert read_metrics(shared)["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]

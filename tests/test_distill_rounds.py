@@ -18,6 +18,7 @@ from conftest import FAST
 from mlxlab.config import ConfigError, compose_config, instantiate
 from mlxlab.distill_rounds import MANIFEST, train_rounds
 from mlxlab.tracking import tags as T
+from mlxlab.tracking.csv_files import read_metrics
 from mlxlab.tracking.mlflow import sweep_children
 from mlxlab.train import train
 from mlxlab.training.teacher_weights import fit_teacher_weights
@@ -153,6 +154,63 @@ def test_resume_after_a_finished_round_skips_it_and_keeps_one_parent(make_cfg, t
         assert compose_config(tmp_path, [*args, fix])  # the override it names is one Hydra takes
     with pytest.raises(ConfigError, match="no distill_rounds.json"):
         train(make_cfg(*args, f"resume={teacher}"))
+
+
+def test_csv_parent_resumed_holds_every_rounds_rows_and_bad_manifests_are_one_line(make_cfg,
+                                                                                   tmp_path):
+    """tracking=csv: the resumed parent's metrics.csv (new folder) starts with the killed parent's
+    rounds/* rows of its finished rounds, as the reopened MLflow parent does, so it holds every
+    round once. Each round's training is a plain function here: what is checked is the parent's
+    record, which train_rounds writes whatever the rounds do."""
+    args = [*FAST, *STUDENT, "tracking=csv", "trainer.distill.teachers=[{run: /t, weight: null}]",
+            "trainer.distill.rounds=3"]
+    outputs = tmp_path / "outputs" / "distill_titanic"
+
+    class Killed(BaseException):
+        pass
+
+    def accuracy(round_cfg) -> dict[str, float]:
+        return {"val/accuracy": int(round_cfg.tags[T.DISTILL_ROUND]) / 10}
+
+    def die_in_round_3(round_cfg) -> dict[str, float]:
+        if round_cfg.tags[T.DISTILL_ROUND] == "3":
+            raise Killed
+        return accuracy(round_cfg)
+
+    def rounds(folder: Path, train_one, *extra: str) -> None:
+        cfg = make_cfg(*args, *extra)
+        cfg.paths.output_dir = str(folder)
+        train_rounds(cfg, train_one, instantiate(cfg.tracking), {T.RUN_DIR: str(folder)})
+
+    with pytest.raises(Killed):
+        rounds(outputs / "killed", die_in_round_3)
+    rounds(outputs / "resumed", accuracy, f"resume={outputs / 'killed'}")
+    record = outputs / "resumed" / "tracking"
+    assert read_metrics(record)["rounds/val/accuracy"] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert json.loads((record / "tags.json").read_text())["status"] == "FINISHED"
+
+    # the fix a refusal names is an override Hydra reads back as the manifest's value (null)
+    with pytest.raises(ConfigError, match=re.escape("{run: '/t', weight: null}]\" to resume")):
+        rounds(outputs / "other", accuracy, f"resume={outputs / 'killed'}",
+               "trainer.distill.teachers=[{run: /u}]")
+    with pytest.raises(ConfigError, match="tracking.csv.dir names one folder"):
+        rounds(outputs / "shared", accuracy, f"tracking.csv.dir={tmp_path / 'csv'}")
+    (outputs / "cut" / MANIFEST).parent.mkdir()
+    (outputs / "cut" / MANIFEST).write_text('{"rounds": [{"round": 1, "run_')
+    with pytest.raises(ConfigError, match=f"resume: .*{MANIFEST} cannot be read"):
+        rounds(outputs / "again", accuracy, f"resume={outputs / 'cut'}")
+
+
+def test_rounds_probe_a_store_that_does_not_answer_before_writing_anything(make_cfg):
+    from mlxlab.tracking.mlflow import TrackingUnavailable
+    from test_new_user import free_port
+
+    cfg = make_cfg(*FAST, *STUDENT, "trainer.distill.teachers=[{run: /t}]",
+                   "trainer.distill.rounds=2", f"tracking.uri=http://127.0.0.1:{free_port()}",
+                   "tracking.connect_timeout=1")
+    with pytest.raises(TrackingUnavailable, match="tracking=none"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / MANIFEST).exists()
 
 
 def test_rounds_need_teachers_and_a_count(make_cfg):

@@ -127,3 +127,27 @@ def export_checks(make_cfg, tmp_path: Path, run_dir: Path, model: RemappedLM, ke
     pieces = remapped.encode(word, add_special_tokens=False).ids
     assert len(pieces) > 1 and n not in pieces and remapped.decode(pieces) == word
     assert remapped.encode("a \u2603 b", add_special_tokens=False).ids.count(n) > 0
+
+
+def test_remapped_tokenizer_moves_a_roberta_post_processors_ids():
+    """A BPE tokenizer whose post-processor names its specials as [token, id] pairs
+    (RobertaProcessing) gets those ids moved too: the remapped tokenizer starts and ends a text
+    with the new ids of <s> and </s>, not their old ones."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    from mlxlab.export.remapped import remap_tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the cat sat on the mat"] * 20,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["<s>", "</s>"]))
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.RobertaProcessing(("</s>", eos), ("<s>", bos))
+    words = tok.encode("the cat", add_special_tokens=False).ids
+    keep = [*words, eos, bos]  # specials last: their new ids differ from the old ones
+    out, _ = remap_tokenizer(json.loads(tok.to_str()), keep)
+    remapped = Tokenizer.from_str(json.dumps(out))
+    n = len(words)
+    assert remapped.encode("the cat").ids == [n + 1, *range(n), n]

@@ -123,8 +123,25 @@ def find_manifest(cfg: DictConfig, run_dir: Path) -> Path | None:
                       "resume=auto")
 
 
+def read_manifest(path: Path) -> dict:
+    """The manifest at `path`; one line (ConfigError) for a file that is not one (a manifest
+    written by hand, or by a version that did not replace it atomically, may be cut short)."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"resume: {path} cannot be read ({e}): pass another run folder, or "
+                          "leave out resume= to start new rounds") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("rounds", []), list):
+        raise ConfigError(f"resume: {path} is not a {MANIFEST} (no rounds list): pass another run "
+                          "folder, or leave out resume= to start new rounds")
+    manifest.setdefault("rounds", [])
+    return manifest
+
+
 def override_text(value: Any) -> str:
     """`value` as a Hydra command-line override value: chain, 2, [{run: '/a/b'}]."""
+    if value is None:  # Hydra reads None as the string "None"
+        return "null"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {override_text(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
@@ -163,7 +180,7 @@ def resume_source(running: dict | None, r: int, folder: Path) -> str | None:
     return max(found)[2] if found else None
 
 
-def finished_round(parent: Any, source: str | None) -> dict[str, float] | None:
+def finished_round_metrics(parent: Any, source: str | None) -> dict[str, float] | None:
     """The metrics of a round whose child run FINISHED before the kill that kept it out of the
     manifest; None when it has still to be trained (or resumed)."""
     uri = getattr(parent, "uri", None)
@@ -188,14 +205,21 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
     initial = to_container(distill).get("teachers") or []
     if not initial:
         raise ConfigError("trainer.distill.rounds needs trainer.distill.teachers for round 1")
+    if (cfg.tracking.get("csv") or {}).get("dir"):  # the parent and each round are runs
+        raise ConfigError("trainer.distill.rounds: tracking.csv.dir names one folder for the parent "
+                          "and every round, whose rows would mix (and a resume rewinds it): leave "
+                          "it null, each run writes <its run dir>/tracking")
     run_dir = Path(str(cfg.paths.output_dir))
     manifest: dict[str, Any] = {"num_rounds": rounds, "round_teachers": mode,
                                 "teacher_weights": distill.get("teacher_weights", "fixed"),
                                 "teachers": initial}
     source = find_manifest(cfg, run_dir) if cfg.get("resume") else None
-    previous = json.loads(source.read_text()) if source else {}
+    previous = read_manifest(source) if source else {}
     if source:
         check_same_rounds(previous, source, manifest)
+        # a file tracker (CsvTracker) starts its record with the killed parent's rows of the
+        # finished rounds, as the reopened MLflow parent run holds them
+        getattr(parent, "continue_from", lambda *a: None)(source.parent, len(previous["rounds"]))
     finished: list[dict] = list(previous.get("rounds", []))
     manifest.update(parent_run_id=previous.get("parent_run_id"), rounds=finished,
                     running=previous.get("running"))
@@ -221,7 +245,7 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
             resume = resume_source(previous.get("running"), r, run_dir / f"round_{r}")
             round_cfg = round_config(cfg, r, teachers, run_dir, parent.run_id, name, resume)
             folder = Path(str(round_cfg.paths.output_dir))
-            metrics = finished_round(parent, resume)
+            metrics = finished_round_metrics(parent, resume)
             if metrics is not None:  # it finished; the kill came before the manifest said so
                 folder = Path(resume)
                 log.info("round %d finished in %s before the last run stopped", r, folder)

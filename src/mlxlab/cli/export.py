@@ -6,7 +6,9 @@
 Decoders open with transformers.AutoModelForCausalLM.from_pretrained(DIR) and mlx_lm.load(DIR);
 BERT classifiers with AutoModelForSequenceClassification. --adapters (mlx-lm) writes the base
 model to DIR and the LoRA adapters to DIR/adapters (mlx_lm.generate --adapter-path DIR/adapters).
---quantize writes mlx-lm's quantized layout and reports the perplexity it costs.
+--quantize writes mlx-lm's quantized layout and reports the perplexity it costs. A
+data.vocab_remap run exports its small model with a tokenizer.json remapped to the model's ids
+(kept tokens, <|unk|>, BPE intermediates; see the README).
 """
 
 from __future__ import annotations

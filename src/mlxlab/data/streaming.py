@@ -326,7 +326,8 @@ class StreamingText(DataModule):
         if self.text_column not in example:
             raise ConfigError(
                 f"text column {self.text_column!r} not in {self.source_name()}; "
-                f"available columns: {list(example)} (set data.text_column=)"
+                # not DOC_ID: _train_stream adds it, the file has no such column
+                f"available columns: {[c for c in example if c != DOC_ID]} (set data.text_column=)"
             )
         return str(example[self.text_column] or "").strip()
 

@@ -97,12 +97,18 @@ def remap_tokenizer(tokenizer: dict, keep: Sequence[int]) -> tuple[dict, list[st
 
 
 def _remap_ids(node: Any, vocab: dict[str, int]) -> Any:
-    """A post-processor's special tokens on the new ids (TemplateProcessing: {id, ids, tokens});
-    one that names a dropped token cannot be kept."""
+    """A post-processor's special tokens on the new ids (TemplateProcessing: {id, ids, tokens};
+    Bert/RobertaProcessing: [token, id] pairs); one that names a dropped token cannot be kept."""
     if isinstance(node, list):
         return [_remap_ids(v, vocab) for v in node]
     if not isinstance(node, dict):
         return node
+    if node.get("type") in ("BertProcessing", "RobertaProcessing"):  # sep, cls: [token, id]
+        pairs = {k: node[k] for k in ("sep", "cls") if k in node}
+        if any(t not in vocab for t, _ in pairs.values()):
+            raise ExportError(f"the tokenizer's post-processor adds {[t for t, _ in pairs.values()]}"
+                              ", which the run dropped: it cannot be exported")
+        return {**node, **{k: [t, vocab[t]] for k, (t, _) in pairs.items()}}
     if "ids" in node and "tokens" in node:
         if any(t not in vocab for t in node["tokens"]):
             raise ExportError(f"the tokenizer's post-processor adds {node['tokens']}, which the "

@@ -48,7 +48,10 @@ class CsvTracker:
 
     def continue_from(self, source_run_dir: str | Path, step: int) -> None:
         """The run resumes `source_run_dir`'s checkpoint of `step`: carry its record (at start)."""
-        self._source = (Path(source_run_dir) / "tracking", int(step))
+        # tracking.csv.dir given (self.dir is set before start only then): the killed run, resumed
+        # with the same settings, wrote its record there too, not in <its run dir>/tracking
+        record = self.dir if self.dir is not None else Path(source_run_dir) / "tracking"
+        self._source = (record, int(step))
 
     def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
         if self.dir is None:
