@@ -132,14 +132,17 @@ def torch_models():
             return self.mlp_norm(x + self.dropout(self.down(F.gelu(self.up(x)))))
 
     class BertClassifier(nn.Module):
-        """mlxlab.models.bert.BertClassifier (pre- or post-LN, exact GELU, pooler, token type 0)."""
+        """mlxlab.models.bert.BertClassifier (pre- or post-LN, exact GELU, optional pooler, token type 0)."""
 
         def __init__(self, vocab_size, num_labels, hidden_size, num_layers, num_heads,
-                     intermediate_size=None, max_position=512, type_vocab_size=2, dropout=0.1,
-                     norm_position="post", pooler=True, layer_norm_eps=1e-12, **cfg):
+                     intermediate_size=None, max_position=512, type_vocab_size=2, dropout=None,
+                     norm_position="post", pooler=None, layer_norm_eps=1e-12, **cfg):
             super().__init__()
-            if not pooler or cfg.get("pretrained"):
-                raise ValueError("the PyTorch BERT implements the default preset only")
+            if cfg.get("pretrained"):
+                raise ValueError("the PyTorch BERT implements models trained from scratch only")
+            # None = mlxlab's choice from scratch (models/bert.py; not imported here): no pooler,
+            # dropout 0.3
+            dropout = 0.3 if dropout is None else dropout
             d, eps = hidden_size, layer_norm_eps
             self.word_embeddings = nn.Embedding(vocab_size, d)
             self.position_embeddings = nn.Embedding(max_position, d)
@@ -151,7 +154,8 @@ def torch_models():
                 for _ in range(num_layers)
             )
             self.final_norm = nn.LayerNorm(d, eps=eps) if norm_position == "pre" else nn.Identity()
-            self.pooler, self.classifier = nn.Linear(d, d), nn.Linear(d, num_labels)
+            self.pooler = nn.Linear(d, d) if pooler else None
+            self.classifier = nn.Linear(d, num_labels)
 
         def forward(self, input_ids, attention_mask):
             t = input_ids.shape[1]
@@ -160,8 +164,10 @@ def torch_models():
             mask = attention_mask.bool()[:, None, None, :]
             for layer in self.layers:
                 h = layer(h, mask)
-            h = self.final_norm(h)
-            return self.classifier(self.dropout(torch.tanh(self.pooler(h[:, 0]))))
+            h = self.final_norm(h)[:, 0]
+            if self.pooler is not None:
+                h = torch.tanh(self.pooler(h))
+            return self.classifier(self.dropout(h))
 
     return Transformer, BertClassifier
 

@@ -161,3 +161,18 @@ def fused_kernels_built():
     from mlxlab import kernels
 
     kernels.status()
+
+
+# Cases slow or flaky enough for the default run's 10-minute budget that only a parameter of
+# theirs can say so. The GCS emulator restarted on its port right after a SIGKILL sometimes comes
+# back unable to read its own state file (JSONDecodeError) and serves nothing: the outage test
+# then waits out its 2-minute backoff (125 s, failed, in one default run). S3 and Azure keep the
+# outage test in the default run; the GCS case runs with -m slow.
+SLOW_CASES = ("tests/test_remote.py::test_server_stopped_mid_upload[gcs]",)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in SLOW_CASES:
+            item.add_marker(pytest.mark.slow)

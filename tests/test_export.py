@@ -134,7 +134,7 @@ def test_quantized_export_loads_in_mlx_lm_and_reports_the_cost(lm_run, lm_export
 def bert_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bert")
     cfg = compose_cfg(root, [*FAST, "tracking=none", "trainer.max_steps=10",
-                             "model.norm_position=post", f"data.path={asset_path('titanic/train.csv')}"])
+                             "model.norm_position=post", "model.pooler=true", f"data.path={asset_path('titanic/train.csv')}"])
     train(cfg)
     GlobalHydra.instance().clear()
     return Path(cfg.paths.output_dir)

@@ -486,7 +486,8 @@ def test_hf_bert_logits_match_numpy(tmp_path):
 def test_hf_weights_round_trip_by_name(tmp_path):
     hf = _write_hf_bert(tmp_path / "bert", with_classifier=False)
     model = BertClassifier(
-        vocab_size=50, num_labels=3, hidden_size=16, num_layers=2, num_heads=2, max_position=32
+        vocab_size=50, num_labels=3, hidden_size=16, num_layers=2, num_heads=2, max_position=32,
+        pooler=True,
     )
     before = np.array(model.classifier.weight)
     report = load_hf_bert_weights(model, tmp_path / "bert")
@@ -500,6 +501,23 @@ def test_hf_weights_round_trip_by_name(tmp_path):
     assert report["missing"] == ["classifier.bias", "classifier.weight"]
     assert "cls.predictions.bias" in report["unused"]
     np.testing.assert_array_equal(np.array(model.classifier.weight), before)  # kept its init
+
+
+def test_bert_pooler_and_dropout_follow_where_the_model_comes_from(tmp_path):
+    # from scratch: no pooler, dropout 0.3 (issue 11); from a checkpoint: its pooler and dropout
+    scratch = BertClassifier(50, 2, hidden_size=16, num_layers=1, num_heads=2)
+    assert "pooler" not in scratch and scratch.dropout._p_1 == pytest.approx(0.7)
+    assert scratch.architecture["pooler"] is False and scratch.architecture["dropout"] == 0.3
+    _write_hf_bert(tmp_path / "bert")
+    tuned = BertClassifier(50, 2, pretrained=str(tmp_path / "bert"))
+    assert "pooler" in tuned and tuned.architecture["dropout"] == pytest.approx(0.1)
+    # the pooler is in what rebuilds the run without the folder (run_model passes model_init)
+    assert tuned.checkpoint_init["pooler"] is True
+    rebuilt = BertClassifier(**tuned.checkpoint_init, num_labels=2)
+    names = [n for n, _ in tree_flatten(tuned.parameters())]
+    assert [n for n, _ in tree_flatten(rebuilt.parameters())] == names
+    given = BertClassifier(50, 2, pretrained=str(tmp_path / "bert"), pooler=False, dropout=0.0)
+    assert "pooler" not in given and given.architecture["dropout"] == 0.0
 
 
 def test_hf_bad_inputs(tmp_path):
