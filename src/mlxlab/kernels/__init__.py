@@ -167,7 +167,7 @@ def rope(x: mx.array, dims: int, base: float, scale: float, offset: int) -> mx.a
             x.transpose(0, 2, 1, 3), dims, traditional=False, base=base, scale=scale, offset=offset
         )
     half = dims // 2
-    # The angles as MLX's rope forms them (bitwise: tests/test_kernels_more.py).
+    # The angles as MLX's rope forms them (tests/test_kernels_step.py checks the result).
     inv_freq = mx.exp(mx.arange(half, dtype=mx.float32) * (-math.log(base) / half))
     positions = mx.arange(offset, offset + x.shape[1], dtype=mx.float32) * scale
     theta = positions[:, None] * inv_freq[None]
