@@ -7,7 +7,8 @@ slows them alike (issue 12, docs/benchmarks.md):
     python benchmarks/profile_step.py off,on-rms_norm+rope+adamw,on --threads 2 --rounds 20
 
 A variant is `off`, `on`, or `on-OP+OP` (those ops through MLX; OPs as in
-$MLXLAB_FUSED_KERNELS_SKIP). Under `perf`, the first variant then runs --steps more steps alone:
+$MLXLAB_FUSED_KERNELS_SKIP). MLXLAB_MALLOC=default leaves glibc returning freed memory (as
+before runtime/memory.py). Under `perf`, the first variant then runs --steps more steps alone:
 
     perf record -F 499 -o perf-on.data python benchmarks/profile_step.py on --steps 20
     perf report -i perf-on.data --sort dso --stdio
@@ -27,6 +28,7 @@ import mlx.core as mx
 from mlxlab import kernels
 from mlxlab.models.transformer import Transformer
 from mlxlab.runtime.blas import set_blas_threads
+from mlxlab.runtime.memory import keep_freed_memory
 from mlxlab.training import losses
 from mlxlab.training.optim import default_optimizer
 from mlxlab.training.trainer import Trainer
@@ -65,23 +67,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="then this many steps of the first")
     args = parser.parse_args()
     set_blas_threads(args.threads)
+    keep_freed_memory()  # as Trainer.fit does (MLXLAB_MALLOC=default: glibc's own behaviour)
     ids = mx.random.randint(0, 3776, (16, 129))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mx.ones((16, 128))}
     variants = args.variants.split(",")
     steps = {v: build_step(v, args.threads, batch) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.rounds):
         for v in variants if r % 2 == 0 else variants[::-1]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             steps[v]([batch])
             times[v].append(time.perf_counter() - start)
+            cpu[v].append(time.process_time() - start_cpu)
     if args.rounds:
-        base = {q: quantile(times[variants[0]], q) for q in (0.0, 0.25, 0.5)}
+        # Wall time, and the process's CPU time (user + system, all threads): on a shared
+        # machine at 1 thread the CPU time is what the step costs, whoever else runs.
+        base = {q: quantile(times[variants[0]], q) for q in (0.0, 0.5)}
+        base_cpu = quantile(cpu[variants[0]], 0.5)
         for v in variants:
-            t = {q: quantile(times[v], q) for q in (0.0, 0.25, 0.5)}
-            print(f"{v:<32} ms/step min {t[0.0] * 1e3:7.1f} p25 {t[0.25] * 1e3:7.1f} "
-                  f"median {t[0.5] * 1e3:7.1f}   {variants[0]} / this: min {base[0.0] / t[0.0]:.3f} "
-                  f"p25 {base[0.25] / t[0.25]:.3f} median {base[0.5] / t[0.5]:.3f}")
+            t = {q: quantile(times[v], q) for q in (0.0, 0.5)}
+            c = quantile(cpu[v], 0.5)
+            print(f"{v:<30} ms/step wall min {t[0.0] * 1e3:6.1f} median {t[0.5] * 1e3:6.1f}, "
+                  f"CPU median {c * 1e3:6.1f} | {variants[0]}/this: wall min {base[0.0] / t[0.0]:.3f} "
+                  f"median {base[0.5] / t[0.5]:.3f}, CPU {base_cpu / c:.3f}")
     if args.steps:
         start = time.perf_counter()
         for _ in range(args.steps):
