@@ -82,7 +82,7 @@ def test_the_new_primitives_run_and_other_ropes_keep_mlx():
     llama3 = make_rope(4, 5e5, {"rope_type": "llama3", "factor": 8.0})
     attention = Attention(12, 3, rope=llama3)
     h = mx.random.normal((2, 4, 12))
-    assert "Mlxlab" not in graph_text(lambda h: attention.heads(h.reshape(2, 4, 3, 4), 0), h)
+    assert "MlxlabRope" not in graph_text(lambda h: attention.heads(h.reshape(2, 4, 3, 4), 0), h)
 
 
 def adamw_run(cls, params, grads, bias_correction, compiled, weight_decay=0.1):
@@ -139,3 +139,21 @@ def test_the_trainer_builds_the_fused_adamw_and_falls_back_when_off():
     bf16 = {"w": p["w"].astype(mx.bfloat16)}
     out = kernels.AdamW(learning_rate=1e-3).apply_gradients({"w": g["w"].astype(mx.bfloat16)}, bf16)
     assert out["w"].dtype == mx.bfloat16  # MLX's update for other dtypes
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 9, 3, 8), (3, 33, 4, 64)])
+def test_heads_transposes_equal_mlx_exactly(shape):
+    x = mx.random.normal(shape, key=mx.random.key(shape[1]))
+    cot = mx.random.normal((shape[0], shape[1], shape[2] * shape[3]))
+
+    def run(x):
+        def f(x):
+            return kernels.merge_heads(kernels.split_heads(x) * 2.0)
+
+        value, dx = mx.value_and_grad(lambda x: (f(x) * cot).sum())(x)
+        return kernels.split_heads(x), f(x), value, dx
+
+    fused, ref = both_paths(run, x)
+    for got, want in zip(fused, ref):
+        np.testing.assert_array_equal(got, want)
+    assert "MlxlabSwapHeads" in graph_text(kernels.split_heads, x)

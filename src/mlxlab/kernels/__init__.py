@@ -1,6 +1,7 @@
 """Fused CPU kernels (C++ MLX primitives in csrc/) with the pure-MLX formulation as fallback.
 
-Models and losses call `cross_entropy`, `swiglu`, `attention`, `rms_norm` and `rope` here, and the trainer's
+Models and losses call `cross_entropy`, `swiglu`, `attention`, `rms_norm`, `rope` and
+`split_heads`/`merge_heads` here, and the trainer's
 AdamW is `AdamW` (adamw.py); each call picks the fused primitive or the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run scalar on one thread, so the
 vocabulary softmax, the attention softmax and the SiLU of a small transformer cost several times PyTorch's (see
 docs/benchmarks.md, issue 12). The fused kernels do the same math in one vectorized,
@@ -10,7 +11,8 @@ Mode (`trainer.fused_kernels`, or $MLXLAB_FUSED_KERNELS for scripts):
   auto  fused on the CPU when the extension builds; otherwise, with one log line, pure MLX
   on    fused on the CPU; an error when the extension cannot be built
   off   pure MLX always
-$MLXLAB_FUSED_KERNELS_SKIP (comma-separated: cross_entropy, swiglu, attention, rms_norm, rope, adamw)
+$MLXLAB_FUSED_KERNELS_SKIP (comma-separated: cross_entropy, swiglu, attention, rms_norm, rope, heads,
+adamw)
 leaves those ops to MLX while the others stay fused: for measuring one kernel's effect, or
 for ruling one out when a result looks wrong.
 The fused path runs only when MLX's default device is the CPU and the inputs are float32; GPU
@@ -36,7 +38,7 @@ MODES = ("auto", "on", "off")
 ENV = "MLXLAB_FUSED_KERNELS"
 THREADS_ENV = "MLXLAB_KERNEL_THREADS"
 SKIP_ENV = "MLXLAB_FUSED_KERNELS_SKIP"
-OPS = ("cross_entropy", "swiglu", "attention", "rms_norm", "rope", "adamw")
+OPS = ("cross_entropy", "swiglu", "attention", "rms_norm", "rope", "heads", "adamw")
 
 _mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
 _module: ModuleType | None = None
@@ -174,6 +176,21 @@ def rope(x: mx.array, dims: int, base: float, scale: float, offset: int) -> mx.a
     return module.rope(x, mx.cos(theta), mx.sin(theta))
 
 
+def split_heads(x: mx.array) -> mx.array:
+    """(B, T, H, D) -> (B, H, T, D) as a contiguous array: MLX's strided copy (which a matmul on
+    the transposed view makes) is single-threaded and generic; fused, one multi-threaded copy."""
+    module = _fused("heads", x) if x.ndim == 4 else None
+    return x.transpose(0, 2, 1, 3) if module is None else module.swap_heads(x, True)
+
+
+def merge_heads(x: mx.array) -> mx.array:
+    """(B, H, T, D) -> (B, T, H * D), attention's output back to the model's layout."""
+    B, H, T, D = x.shape
+    module = _fused("heads", x)
+    out = x.transpose(0, 2, 1, 3) if module is None else module.swap_heads(x, False)
+    return out.reshape(B, T, H * D)
+
+
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up, the Llama MLP's activation."""
     module = _fused("swiglu", gate, up) if gate.shape == up.shape else None
@@ -184,5 +201,5 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
 
 from mlxlab.kernels.adamw import AdamW  # noqa: E402  (uses _fused above)
 
-__all__ = ["AdamW", "attention", "cross_entropy", "mlx_cross_entropy", "mode", "rms_norm",
-           "rope", "set_mode", "status", "swiglu"]
+__all__ = ["AdamW", "attention", "cross_entropy", "mlx_cross_entropy", "merge_heads", "mode",
+           "rms_norm", "rope", "set_mode", "split_heads", "status", "swiglu"]

@@ -110,11 +110,11 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         q = self.heads(self.query(x).reshape(B, T, self.num_heads, -1), offset)
         k = self.heads(self.key(x).reshape(B, T, self.num_kv_heads, -1), offset)
-        v = self.value(x).reshape(B, T, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = kernels.split_heads(self.value(x).reshape(B, T, self.num_kv_heads, -1))
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         o = kernels.attention(q, k, v, self.scale, mask)
-        return self.out(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return self.out(kernels.merge_heads(o))
 
 
     def heads(self, x: mx.array, offset: int) -> mx.array:
@@ -123,7 +123,7 @@ class Attention(nn.Module):
         rope = self.rope
         if isinstance(rope, nn.RoPE) and not rope.traditional:
             return kernels.rope(x, rope.dims, rope.base, rope.scale, offset)
-        x = x.transpose(0, 2, 1, 3)
+        x = kernels.split_heads(x)
         return x if rope is None else rope(x, offset=offset)
 
 

@@ -69,6 +69,12 @@ NB_MODULE(_mlxlab_kernels, m) {
       "cos"_a,
       "sin"_a,
       "Rotate-half RoPE of x (B, T, H, D) with cos, sin (T, D/2), returned as (B, H, T, D).");
+  m.def(
+      "swap_heads",
+      [](const mx::array& x, bool to_heads) { return mlxlab::swap_heads(x, to_heads); },
+      "x"_a,
+      "to_heads"_a,
+      "(B, T, H, D) -> (B, H, T, D) when to_heads, else back, as one copy.");
   m.def("set_num_threads", &mlxlab::set_num_threads, "n"_a);
   m.def("num_threads", &mlxlab::num_threads);
 }

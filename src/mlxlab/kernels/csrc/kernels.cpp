@@ -853,8 +853,8 @@ inline void rotate_half(
   }
 }
 
-// Rotates every (b, t, h) vector of `in` into `out`; `in_bthd` says which of the two is laid
-// out (B, T, H, D) (the other is (B, H, T, D)).
+// Rotates every (b, t, h) vector of `in` into `out` (copies it when c is null); `in_bthd` says
+// which of the two is laid out (B, T, H, D) (the other is (B, H, T, D)).
 void rope_rows(
     const float* in,
     const float* c,
@@ -872,7 +872,11 @@ void rope_rows(
       int64_t hi = r % h, ti = (r / h) % t, bi = r / (h * t);
       const float* src = in + (in_bthd ? r : (bi * h + hi) * t + ti) * d;
       float* dst = out + (in_bthd ? (bi * h + hi) * t + ti : r) * d;
-      rotate_half(src, c + ti * half, sn + ti * half, dst, half, sign);
+      if (c) {
+        rotate_half(src, c + ti * half, sn + ti * half, dst, half, sign);
+      } else {
+        std::copy(src, src + d, dst);
+      }
     }
   });
 }
@@ -946,6 +950,46 @@ std::vector<mx::array> Rope::vjp(
 
 void RopeGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   eval_rope(stream(), inputs, outputs[0], false, -1.0f);
+}
+
+mx::array swap_heads(const mx::array& x, bool to_heads) {
+  check_cpu_float32(x, "swap_heads");
+  if (x.ndim() != 4) {
+    throw std::invalid_argument("swap_heads: expected a 4-D array");
+  }
+  auto s = mx::to_stream(mx::Device::cpu);
+  return mx::array(
+      {x.shape(0), x.shape(2), x.shape(1), x.shape(3)},
+      mx::float32,
+      std::make_shared<SwapHeads>(s, to_heads),
+      {mx::contiguous(x, false, s)});
+}
+
+void SwapHeads::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& in = inputs[0];
+  auto& out = outputs[0];
+  alloc(out);
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  const auto& bthd = to_heads_ ? in.shape() : out.shape();
+  encoder.dispatch([pi = in.data<float>(),
+                    po = out.data<float>(),
+                    b = int64_t(bthd[0]),
+                    t = int64_t(bthd[1]),
+                    h = int64_t(bthd[2]),
+                    d = int64_t(bthd[3]),
+                    in_bthd = to_heads_]() {
+    rope_rows(pi, nullptr, nullptr, po, b, t, h, d, in_bthd, 1.0f);
+  });
+}
+
+std::vector<mx::array> SwapHeads::vjp(
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>&,
+    const std::vector<mx::array>&) {
+  return {swap_heads(cotangents[0], !to_heads_)};
 }
 
 void CpuPrimitive::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {

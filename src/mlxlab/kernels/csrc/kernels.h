@@ -51,6 +51,10 @@ std::vector<mx::array> adamw(
 // (B, H, T, D), what mx.fast.rope(x.transpose(0, 2, 1, 3), D, traditional=False, ...) computes.
 mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin);
 
+// The heads transpose of attention as one multi-threaded copy: (B, T, H, D) -> (B, H, T, D) when
+// to_heads, else (B, H, T, D) -> (B, T, H, D). Its VJP is the other direction.
+mx::array swap_heads(const mx::array& x, bool to_heads);
+
 // Threads the kernels split work over (default: hardware concurrency).
 void set_num_threads(int n);
 int num_threads();
@@ -169,6 +173,22 @@ class Rope : public CpuPrimitive {
 class RopeGrad : public CpuPrimitive {
  public:
   MLXLAB_PRIMITIVE_BODY(RopeGrad)
+};
+
+class SwapHeads : public CpuPrimitive {
+ public:
+  SwapHeads(mx::Stream stream, bool to_heads) : CpuPrimitive(stream), to_heads_(to_heads) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabSwapHeads";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return to_heads_ == static_cast<const SwapHeads&>(other).to_heads_;
+  }
+  MLXLAB_VJP
+
+ private:
+  bool to_heads_;
 };
 
 #undef MLXLAB_PRIMITIVE_BODY
