@@ -21,7 +21,10 @@ class AdamW(optim.AdamW):
 
     def apply_gradients(self, gradients: dict, parameters: dict):
         self._coef = None  # the step's scalars, computed by the first apply_single of the step
-        return super().apply_gradients(gradients, parameters)
+        try:
+            return super().apply_gradients(gradients, parameters)
+        finally:
+            self._coef = None  # not kept past the step (under mx.compile it is a traced array)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         m, v = state["m"], state["v"]
