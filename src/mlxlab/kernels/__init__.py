@@ -1,20 +1,21 @@
 """Fused CPU kernels (C++ MLX primitives in csrc/) with the pure-MLX formulation as fallback.
 
 Models and losses call `cross_entropy`, `swiglu`, `attention`, `rms_norm`, `rope` and
-`split_heads`/`merge_heads` here, and the trainer's
-AdamW is `AdamW` (adamw.py); each call picks the fused primitive or the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run scalar on one thread, so the
-vocabulary softmax, the attention softmax and the SiLU of a small transformer cost several times PyTorch's (see
-docs/benchmarks.md, issue 12). The fused kernels do the same math in one vectorized,
-multi-threaded pass, forward and backward (their VJPs are fused kernels too).
+`split_heads`/`merge_heads` here, and the trainer's AdamW is `AdamW` (adamw.py); each call picks
+the fused primitive or the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run scalar on one
+thread, so the vocabulary softmax, the attention softmax and the SiLU of a small transformer cost
+several times PyTorch's, and its RMSNorm, RoPE, strided copies and AdamW update run as
+single-threaded element-wise ops (see docs/benchmarks.md, issue 12). The fused kernels do the
+same math in one vectorized, multi-threaded pass, forward and backward (their VJPs are fused
+kernels too).
 
 Mode (`trainer.fused_kernels`, or $MLXLAB_FUSED_KERNELS for scripts):
   auto  fused on the CPU when the extension builds; otherwise, with one log line, pure MLX
   on    fused on the CPU; an error when the extension cannot be built
   off   pure MLX always
-$MLXLAB_FUSED_KERNELS_SKIP (comma-separated: cross_entropy, swiglu, attention, rms_norm, rope, heads,
-adamw)
-leaves those ops to MLX while the others stay fused: for measuring one kernel's effect, or
-for ruling one out when a result looks wrong.
+$MLXLAB_FUSED_KERNELS_SKIP (comma-separated names from OPS) leaves those ops to MLX while the
+others stay fused: for measuring one kernel's effect, or for ruling one out when a result looks
+wrong.
 The fused path runs only when MLX's default device is the CPU and the inputs are float32; GPU
 runs and other dtypes take the MLX ops silently. The first use on a machine compiles the
 extension (about a minute, build.py); later processes load the cached build.
@@ -44,6 +45,9 @@ _mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
 _module: ModuleType | None = None
 _error: str | None = None
 _skip = {op.strip() for op in os.environ.get(SKIP_ENV, "").split(",") if op.strip()}
+if _skip - set(OPS):
+    log.warning("%s: unknown op(s) %s ignored; the ops are %s", SKIP_ENV,
+                ", ".join(sorted(_skip - set(OPS))), ", ".join(OPS))
 
 
 def set_mode(value: str | bool) -> None:

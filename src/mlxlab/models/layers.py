@@ -116,7 +116,6 @@ class Attention(nn.Module):
         o = kernels.attention(q, k, v, self.scale, mask)
         return self.out(kernels.merge_heads(o))
 
-
     def heads(self, x: mx.array, offset: int) -> mx.array:
         """(B, T, H, D) -> (B, H, T, D) with rotary positions applied, if any. Plain RoPE goes
         through mlxlab.kernels.rope (rotation and transpose fused on CPU)."""
