@@ -92,3 +92,44 @@ def test_lm_example_loss_is_the_mean_over_its_scored_tokens(rng):
     ce = np_cross_entropy(logits, labels)
     np.testing.assert_allclose(np.array(aux["example_loss"]),
                                (ce * mask).sum(1) / mask.sum(1), rtol=1e-5)
+
+
+STREAM = ["experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
+          "model.max_seq_len=32", "data.seq_len=32", "data.tokenizer.max_vocab=512",
+          "data.tokenizer_sample=200", "data.max_examples=40", "data.val_examples=10",
+          "trainer.batch_size=4", "trainer.max_steps=10", "trainer.eval_every_steps=10",
+          "trainer.log_every_steps=1", "trainer.schedule.warmup_steps=0",
+          "callbacks.progress.enabled=false", "callbacks=per_example_losses", "tracking=csv"]
+
+
+def test_streamed_text_windows_carry_their_documents_id(make_cfg):
+    """data=streaming: each packed window is a row whose example_id is the training document
+    its first scored token comes from, the same ids recomputed here from the documents' tokens;
+    each step's train/loss is the mean of its rows (full windows all score seq_len tokens)."""
+    from tokenizers import Tokenizer
+
+    from mlxlab.config import instantiate
+    from mlxlab.tracking.csv_files import read_metrics
+
+    cfg = make_cfg(*STREAM, "data.shuffle_buffer=0")
+    train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    frame = read_losses(sorted((run_dir / "per_example").glob("*.parquet")))
+    assert len(frame) == 40 and frame["step"].tolist() == [s for s in range(1, 11) for _ in range(4)]
+
+    data = instantiate(cfg.data)
+    data.setup(None)
+    tok = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+    doc_of_token = []
+    for i, example in enumerate(data._read(data._unshuffled_train())):
+        if i == 40:
+            break
+        text = data._text(example)
+        doc_of_token += [i] * (len(tok.encode(text, add_special_tokens=False).ids) + 1) if text else []
+    windows = np.arange(40) * 32 + 1  # window w's first label: token w * seq_len + 1
+    assert frame["example_id"].tolist() == [doc_of_token[t] for t in windows]
+    assert frame["example_id"].nunique() > 5
+
+    logged = dict(read_metrics(run_dir / "tracking")["train/loss"])
+    for step, rows in frame.groupby("step"):
+        assert abs(rows["loss"].mean() - logged[step]) < 1e-5, step

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-import pytest
 
 from mlxlab.config import instantiate
 from mlxlab.data.batching import Batching
-from mlxlab.export import ExportError, export_run
+from mlxlab.export import export_run
 from mlxlab.models.remapped import RemappedLM
 from mlxlab.models.transformer import generate_step
 from mlxlab.runs import load_run_model
@@ -75,5 +74,80 @@ def test_remapped_run_generates_in_the_tokenizers_ids(make_cfg, tmp_path):
     small = [t for t, _ in zip(generate_step(model.inner, [to_new[t] for t in prompt],
                                              temperature=0), range(12))]
     assert full == keep[small].tolist()
-    with pytest.raises(ExportError, match="vocab_remap"):
-        export_run(run_dir, tmp_path / "exported")
+    export_checks(make_cfg, tmp_path, run_dir, model, keep)
+
+
+def export_checks(make_cfg, tmp_path: Path, run_dir: Path, model: RemappedLM, keep: np.ndarray
+                  ) -> None:
+    """`mlxlab export` of the remapped run: mlx_lm.load gives the small model (+ UNK-copy rows
+    for the BPE intermediates) and a tokenizer on its ids. The kept tokens' logits are mlxlab's,
+    greedy generation picks the same tokens, and text round-trips through the tokenizer."""
+    import mlx_lm
+    from tokenizers import Tokenizer
+
+    out = tmp_path / "exported"
+    report = export_run(run_dir, out, fmt="mlx-lm")
+    n, extra = len(keep), report["vocab_remap"]["intermediate_tokens"]
+    assert report["vocab_remap"]["unk_id"] == n and extra > 0
+    exported, wrapper = mlx_lm.load(str(out))
+    original = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+    remapped = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert remapped.get_vocab_size() == n + 1 + extra == exported.args.vocab_size
+    to_new = np.full(original.get_vocab_size(), -1)
+    to_new[keep] = np.arange(n)
+
+    # Same prompt ids (in kept tokens), same logits for every kept token, UNK's for the rest.
+    prompt = "Once upon a time, there was a little"
+    ids = wrapper.encode(prompt)
+    eot = original.token_to_id("<|endoftext|>")
+    assert ids == to_new[[eot, *original.encode(prompt).ids]].tolist()
+    ours = np.array(model(mx.array([keep[ids].tolist()])))
+    theirs = np.array(exported(mx.array([ids])))
+    np.testing.assert_allclose(theirs[..., :n], ours[..., keep], atol=1e-4)
+    np.testing.assert_allclose(theirs[..., n:], np.repeat(theirs[..., n:n + 1], extra + 1, -1))
+    # Greedy: mlx-lm's tokens are mlxlab's own greedy continuation, renumbered.
+    from mlxlab.inference import load_run, sample_ids
+
+    run = load_run(run_dir)
+    mine = list(sample_ids(run, prompt, max_tokens=12, temperature=0.0))
+    got = [r.token for r in mlx_lm.stream_generate(exported, wrapper, prompt, max_tokens=len(mine))]
+    assert keep[got].tolist() == mine and len(mine) > 3
+
+    # Text of the training documents (kept tokens only) encodes to the same tokens, renumbered.
+    data = module(make_cfg, tmp_path)
+    for text in list(data.documents(data._unshuffled_train()))[:20]:
+        assert remapped.encode(text).ids == to_new[[eot, *original.encode(text).ids]].tolist()
+        assert remapped.decode(remapped.encode(text).ids) == text
+    # A dropped token made of kept characters (and not a BPE intermediate) is split into kept
+    # pieces; an unseen character becomes UNK.
+    dropped = sorted(t for t, i in original.get_vocab().items()
+                     if to_new[i] < 0 and remapped.token_to_id(t) is None and len(t) > 2
+                     and all(original.token_to_id(c) in keep for c in t))
+    word = original.decode([original.token_to_id(dropped[0])])
+    pieces = remapped.encode(word, add_special_tokens=False).ids
+    assert len(pieces) > 1 and n not in pieces and remapped.decode(pieces) == word
+    assert remapped.encode("a \u2603 b", add_special_tokens=False).ids.count(n) > 0
+
+
+def test_remapped_tokenizer_moves_a_roberta_post_processors_ids():
+    """A BPE tokenizer whose post-processor names its specials as [token, id] pairs
+    (RobertaProcessing) gets those ids moved too: the remapped tokenizer starts and ends a text
+    with the new ids of <s> and </s>, not their old ones."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    from mlxlab.export.remapped import remap_tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the cat sat on the mat"] * 20,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["<s>", "</s>"]))
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.RobertaProcessing(("</s>", eos), ("<s>", bos))
+    words = tok.encode("the cat", add_special_tokens=False).ids
+    keep = [*words, eos, bos]  # specials last: their new ids differ from the old ones
+    out, _ = remap_tokenizer(json.loads(tok.to_str()), keep)
+    remapped = Tokenizer.from_str(json.dumps(out))
+    n = len(words)
+    assert remapped.encode("the cat").ids == [n + 1, *range(n), n]

@@ -5,13 +5,22 @@ student (`round_teachers=chain`) or by the configured teachers and every student
 (`round_teachers=ensemble`, weights fixed or learned: `teacher_weights`). Each round is an
 ordinary training run (train.py's train with rounds=1) in `<run dir>/round_<r>`, a child of one
 parent run that holds the per-round metrics (rounds/<metric> at step r) and the manifest
-`distill_rounds.json`: every round's run folder, MLflow run id, teachers and best metrics.
+`distill_rounds.json`: every finished round's run folder, MLflow run id, teachers and best
+metrics, and the round under way (`running`: its folder and the checkpoint folder it resumed).
+
+`resume=<run dir>|auto` continues such a run in the new run folder: finished rounds are skipped
+(their students stay where they are and still teach), the round under way resumes from its newest
+checkpoint like any run, the rest are trained, and the parent and child MLflow runs are the same
+ones. The manifest is replaced atomically at each round's start and end, so a SIGKILL anywhere
+leaves one that resumes; a round that finished (its child run FINISHED) just before the kill is
+taken from the store instead of being trained again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,12 +55,13 @@ def round_teachers(initial: list, students: list[str], mode: str) -> list:
 
 
 def round_config(cfg: DictConfig, r: int, teachers: list, run_dir: Path,
-                 parent_run_id: str | None, name: str) -> DictConfig:
+                 parent_run_id: str | None, name: str, resume: str | None = None) -> DictConfig:
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(out):
         out.trainer.distill.rounds = 1
         out.trainer.distill.teachers = teachers
         out.paths.output_dir = str(run_dir / f"round_{r}")
+        out.resume = resume  # never the parent's resume=auto: a round resumes its own folder
         if "run_name" in out.tracking:
             out.tracking.run_name = f"{name} round {r}"
         out.tags = {**(out.get("tags") or {}), T.DISTILL_ROUND: str(r)}
@@ -61,50 +71,199 @@ def round_config(cfg: DictConfig, r: int, teachers: list, run_dir: Path,
 
 
 def child_run_id(run_dir: Path) -> str | None:
-    for state in sorted(run_dir.glob("checkpoints/*/state.json")):
-        return json.loads(state.read_text()).get("run_id")
-    return None
+    """The MLflow run id of a round's folder, from its newest committed checkpoint (a killed
+    round's folder may hold a half-written one)."""
+    from mlxlab.runs import newest_committed
+
+    newest = newest_committed(run_dir)
+    return newest[2] if newest else None
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Replace `path` atomically (temp file, fsync, rename, fsync of the folder): a kill leaves
+    the old manifest or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def find_manifest(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The manifest `resume=` continues: `<path>/distill_rounds.json` (path = the parent run
+    folder or one of its round_<r> folders), or with resume=auto this task's newest one."""
+    resume = str(cfg.resume)
+    if "://" in resume:
+        raise ConfigError(f"resume={resume}: rounds of distillation resume from a local run folder "
+                          "only: download it and pass resume=<its folder>")
+    if resume == "auto":
+        root = Path(str(cfg.paths.root_dir))
+        found = [p for base in (root / "outputs" / cfg.task_name, root / "multirun" / cfg.task_name)
+                 if base.is_dir() for p in base.glob(f"**/{MANIFEST}")]
+        found += [p for p in [run_dir / MANIFEST] if p.is_file() and p not in found]
+        if not found:
+            log.warning("resume=auto: no earlier rounds of task %r have a %s; starting fresh",
+                        cfg.task_name, MANIFEST)
+            return None
+        newest = max(found, key=lambda p: p.stat().st_mtime)
+        log.info("resume=auto: continuing the rounds of %s", newest.parent)
+        return newest
+    path = Path(resume).expanduser()
+    for folder in (path, path.parent):
+        if (folder / MANIFEST).is_file():
+            return folder / MANIFEST
+    raise ConfigError(f"resume={resume}: no {MANIFEST} there or in its parent folder: pass the run "
+                      "folder of a trainer.distill.rounds run (outputs/<task>/<time>), or "
+                      "resume=auto")
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest at `path`; one line (ConfigError) for a file that is not one (a manifest
+    written by hand, or by a version that did not replace it atomically, may be cut short)."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"resume: {path} cannot be read ({e}): pass another run folder, or "
+                          "leave out resume= to start new rounds") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("rounds", []), list):
+        raise ConfigError(f"resume: {path} is not a {MANIFEST} (no rounds list): pass another run "
+                          "folder, or leave out resume= to start new rounds")
+    manifest.setdefault("rounds", [])
+    return manifest
+
+
+def override_text(value: Any) -> str:
+    """`value` as a Hydra command-line override value: chain, 2, [{run: '/a/b'}]."""
+    if value is None:  # Hydra reads None as the string "None"
+        return "null"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {override_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(override_text(v) for v in value) + "]"
+    if isinstance(value, str) and not value.replace("_", "").isalnum():
+        return repr(value)
+    return str(value)
+
+
+def check_same_rounds(manifest: dict, source: Path, wanted: dict[str, Any]) -> None:
+    """A resume continues the rounds it was started with: one line naming what differs."""
+    for key, value in wanted.items():
+        old = manifest.get(key)
+        if old is not None and old != value:
+            option = "trainer.distill." + ("rounds" if key == "num_rounds" else key)
+            raise ConfigError(
+                f"resume={source.parent}: that run has {option}={override_text(old)} (its "
+                f"{MANIFEST}), this config {override_text(value)}: pass "
+                f"\"{option}={override_text(old)}\" to resume it, or leave out resume= to start "
+                "new rounds")
+
+
+def resume_source(running: dict | None, r: int, folder: Path) -> str | None:
+    """The folder round `r` resumes from: of the folder it trains in now and the one it resumed
+    from before, the one with the newest committed checkpoint (a round resumed into a new folder
+    holds a copy of its source's best/ before its own first checkpoint); None = start it fresh."""
+    if not running or running.get("round") != r:
+        return None
+    from mlxlab.runs import newest_committed
+
+    found = []
+    for rank, where in enumerate(running.get(k) for k in ("resumed_from", "run_dir")):
+        newest = newest_committed(Path(where)) if where else None
+        if newest is not None:
+            found.append((newest[0], rank, where))  # a tie goes to the newer folder
+    return max(found)[2] if found else None
+
+
+def finished_round_metrics(parent: Any, source: str | None) -> dict[str, float] | None:
+    """The metrics of a round whose child run FINISHED before the kill that kept it out of the
+    manifest; None when it has still to be trained (or resumed)."""
+    uri = getattr(parent, "uri", None)
+    run_id = child_run_id(Path(source)) if source else None
+    if not uri or not run_id:
+        return None  # no store to ask (tracking=none): resuming a finished round only finishes it
+    from mlxlab.tracking.mlflow import finished_run_metrics
+
+    return finished_run_metrics(uri, run_id)
 
 
 def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, float]],
                  parent: Any, tags: dict[str, str], name: str = "distill") -> dict[str, float]:
-    """Train every round; returns the last round's best metrics."""
+    """Train every round (or, with resume=, the rounds not finished); returns the last round's
+    best metrics."""
+    from mlxlab.training.trainer import TrainingInterrupted
+
     distill = cfg.trainer.distill
     rounds, mode = rounds_of(cfg), distill.get("round_teachers", "chain")
     if mode not in ("chain", "ensemble"):
         raise ConfigError(f"trainer.distill.round_teachers must be chain or ensemble, got {mode!r}")
-    if cfg.get("resume"):
-        raise ConfigError("resume with trainer.distill.rounds > 1 is not supported: resume the "
-                          "unfinished round's folder (<run dir>/round_<r>) with rounds=1")
     initial = to_container(distill).get("teachers") or []
     if not initial:
         raise ConfigError("trainer.distill.rounds needs trainer.distill.teachers for round 1")
+    if (cfg.tracking.get("csv") or {}).get("dir"):  # the parent and each round are runs
+        raise ConfigError("trainer.distill.rounds: tracking.csv.dir names one folder for the parent "
+                          "and every round, whose rows would mix (and a resume rewinds it): leave "
+                          "it null, each run writes <its run dir>/tracking")
     run_dir = Path(str(cfg.paths.output_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    parent.start(params=to_container(cfg), tags={**tags, T.DISTILL_ROUNDS: str(rounds)})
-    manifest: dict[str, Any] = {"rounds": [], "round_teachers": mode,
+    manifest: dict[str, Any] = {"num_rounds": rounds, "round_teachers": mode,
                                 "teacher_weights": distill.get("teacher_weights", "fixed"),
-                                "parent_run_id": parent.run_id}
-    students: list[str] = []
+                                "teachers": initial}
+    source = find_manifest(cfg, run_dir) if cfg.get("resume") else None
+    previous = read_manifest(source) if source else {}
+    if source:
+        check_same_rounds(previous, source, manifest)
+        # a file tracker (CsvTracker) starts its record with the killed parent's rows of the
+        # finished rounds, as the reopened MLflow parent run holds them
+        getattr(parent, "continue_from", lambda *a: None)(source.parent, len(previous["rounds"]))
+    finished: list[dict] = list(previous.get("rounds", []))
+    manifest.update(parent_run_id=previous.get("parent_run_id"), rounds=finished,
+                    running=previous.get("running"))
+    path = run_dir / MANIFEST
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_manifest(path, manifest)  # before the parent run exists: resume= always finds one
+    parent.start(params=to_container(cfg), tags={**tags, T.DISTILL_ROUNDS: str(rounds)},
+                 run_id=manifest["parent_run_id"])
+    if previous and parent.run_id == previous.get("parent_run_id"):
+        # rounds/* values of a round the manifest does not hold are logged again below
+        getattr(parent, "rewind", lambda step: None)(len(finished))
+    manifest["parent_run_id"] = parent.run_id
+    write_manifest(path, manifest)
+    if finished:
+        log.info("resume: rounds %s of %d are finished; their students stay in %s",
+                 [e["round"] for e in finished], rounds, [e["run_dir"] for e in finished])
     status = "FAILED"
     try:
-        metrics: dict[str, float] = {}
-        for r in range(1, rounds + 1):
-            teachers = round_teachers(initial, students, mode)
+        for r in range(len(finished) + 1, rounds + 1):
+            teachers = round_teachers(initial, [e["run_dir"] for e in finished], mode)
             log.info("distillation round %d/%d: teachers %s", r, rounds,
                      [t["run"] if isinstance(t, dict) else t for t in teachers])
-            round_cfg = round_config(cfg, r, teachers, run_dir, parent.run_id, name)
-            metrics = train_one(round_cfg)
+            resume = resume_source(previous.get("running"), r, run_dir / f"round_{r}")
+            round_cfg = round_config(cfg, r, teachers, run_dir, parent.run_id, name, resume)
             folder = Path(str(round_cfg.paths.output_dir))
-            students.append(str(folder))
-            manifest["rounds"].append({"round": r, "run_dir": str(folder),
-                                       "run_id": child_run_id(folder), "teachers": teachers,
-                                       "metrics": metrics})
+            metrics = finished_round_metrics(parent, resume)
+            if metrics is not None:  # it finished; the kill came before the manifest said so
+                folder = Path(resume)
+                log.info("round %d finished in %s before the last run stopped", r, folder)
+            else:
+                manifest["running"] = {"round": r, "run_dir": str(folder), "resumed_from": resume}
+                write_manifest(path, manifest)  # a kill from here on resumes this round
+                metrics = train_one(round_cfg)
             parent.log_metrics({f"rounds/{k}": float(v) for k, v in metrics.items()}, r)
-            path = run_dir / MANIFEST
-            path.write_text(json.dumps(manifest, indent=1) + "\n")  # after every round
+            parent.flush()  # in the store before the manifest counts the round as finished
+            finished.append({"round": r, "run_dir": str(folder), "run_id": child_run_id(folder),
+                             "teachers": teachers, "metrics": metrics})
+            manifest["running"] = None
+            write_manifest(path, manifest)
             parent.log_artifact(str(path))
         status = "FINISHED"
-        return metrics
+        return finished[-1]["metrics"]
+    except (TrainingInterrupted, KeyboardInterrupt):  # SIGTERM/SIGINT: resume continues it
+        status = "KILLED"
+        raise
     finally:
         parent.end(status)

@@ -247,6 +247,8 @@ def train_distill_rounds(cfg: DictConfig) -> dict[str, float]:
     run_dir, choices, _ = hydra_context(cfg)
     name = run_name(cfg)
     parent = instantiate(cfg.tracking, **({"run_name": name} if "run_name" in cfg.tracking else {}))
+    if hasattr(parent, "probe"):  # a store that does not answer fails here, before any manifest
+        parent.probe()
     return train_rounds(cfg, train, parent, run_tags(cfg, choices, config_hash(cfg), run_dir), name)
 
 
@@ -298,7 +300,9 @@ def check_group_choices(argv: list[str]) -> None:
         if not eq or key not in CHOICE_GROUPS or "(" in value or value in ("null", ""):
             continue
         options = group_options(key)
-        unknown = [v for v in value.split(",") if v not in options]
+        # a multirun sweep (a,b) or a list of options merged into one node ([mlflow,csv])
+        listed = value.removeprefix("[").removesuffix("]").split(",")
+        unknown = [v.strip() for v in listed if v.strip() not in options]  # Hydra allows "a, b"
         if options and unknown:
             raise ConfigError(f"{key}={unknown[0]} is not an option: choose one of {options} "
                               f"(the files in conf/{key}/)")

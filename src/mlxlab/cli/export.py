@@ -6,7 +6,9 @@
 Decoders open with transformers.AutoModelForCausalLM.from_pretrained(DIR) and mlx_lm.load(DIR);
 BERT classifiers with AutoModelForSequenceClassification. --adapters (mlx-lm) writes the base
 model to DIR and the LoRA adapters to DIR/adapters (mlx_lm.generate --adapter-path DIR/adapters).
---quantize writes mlx-lm's quantized layout and reports the perplexity it costs.
+--quantize writes mlx-lm's quantized layout and reports the perplexity it costs. A
+data.vocab_remap run exports its small model with a tokenizer.json remapped to the model's ids
+(kept tokens, <|unk|>, BPE intermediates; see the README).
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def main(argv: list[str]) -> int:
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2
     print(f"exported {report['checkpoint']} -> {args.out} ({args.fmt}, {report['dtype']})")
+    if report.get("vocab_remap"):
+        v = report["vocab_remap"]
+        print(f"data.vocab_remap run: tokenizer.json on the model's ids: {v['kept_tokens']} kept "
+              f"tokens, {v['unk_token']} = {v['unk_id']}, {v['intermediate_tokens']} BPE "
+              "intermediates (read as UNK); see the README on text that needs dropped tokens")
     if report.get("adapter_path"):
         print(f"adapters: {report['adapter_path']}")
     if args.quantize:

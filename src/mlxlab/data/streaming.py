@@ -298,12 +298,15 @@ class StreamingText(DataModule):
     def _train_stream(self, epoch: int, skip: int = 0):
         if self.curriculum is not None:  # the documents in the curriculum's order
             order = self.curriculum.document_order(epoch, self._docs_per_batch)
-            return ({self.text_column: self._docs[i]} for i in order[skip:])
+            return ({self.text_column: self._docs[i], DOC_ID: i} for i in order[skip:])
         ds = self._load(self.split)
         if self._holds_out_documents():
             ds = ds.skip(self.val_examples)
         if self.max_examples:
             ds = ds.take(int(self.max_examples))
+        # each document's position in the training split, before shuffling: the id its windows
+        # carry (batch["index"]) for per-example losses
+        ds = ds.map(_with_doc_id, with_indices=True)
         if self.shuffle_buffer > 1:
             ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
         if skip:
@@ -323,7 +326,8 @@ class StreamingText(DataModule):
         if self.text_column not in example:
             raise ConfigError(
                 f"text column {self.text_column!r} not in {self.source_name()}; "
-                f"available columns: {list(example)} (set data.text_column=)"
+                # not DOC_ID: _train_stream adds it, the file has no such column
+                f"available columns: {[c for c in example if c != DOC_ID]} (set data.text_column=)"
             )
         return str(example[self.text_column] or "").strip()
 
@@ -438,6 +442,7 @@ class StreamingText(DataModule):
             "epoch": epoch,
             "examples_consumed": 0,
             "carry": [],
+            "carry_docs": [],  # the document id of each carried token
             "windows_done": 0,
             "batches_done": 0,
             "base": base,
@@ -453,6 +458,9 @@ class StreamingText(DataModule):
             state["batches_done"],
         )
         buf = np.asarray(state["carry"], dtype=np.int32)
+        docs = np.asarray(state.get("carry_docs") or [-1] * len(buf), dtype=np.int64)
+        if len(docs) != len(buf):  # a checkpoint from before document ids: unknown
+            docs = np.full(len(buf), -1, np.int64)
         need = seq_len + 1 + (batch_size - 1) * stride  # tokens for one full batch of windows
         exhausted = False
         while True:
@@ -460,18 +468,23 @@ class StreamingText(DataModule):
                 chunk = list(islice(examples, self.tokenize_batch))
                 exhausted = len(chunk) < self.tokenize_batch
                 consumed += len(chunk)
-                texts = [t for t in map(self._text, chunk) if t]
-                if texts:
-                    encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-                    ids = [i for e in encodings for i in (*self.bos_ids, *e.ids, self.eot_id)]
-                    buf = np.concatenate([buf, np.asarray(ids, dtype=np.int32)])
-            rows, masks = [], []
+                kept = [(t, e.get(DOC_ID, -1)) for e, t in zip(chunk, map(self._text, chunk)) if t]
+                if kept:
+                    encodings = self.tokenizer.encode_batch([t for t, _ in kept],
+                                                            add_special_tokens=False)
+                    ids = [[*self.bos_ids, *e.ids, self.eot_id] for e in encodings]
+                    buf = np.concatenate([buf, np.asarray([i for d in ids for i in d], np.int32)])
+                    docs = np.concatenate([docs, np.repeat(np.asarray([d for _, d in kept], np.int64),
+                                                           [len(d) for d in ids])])
+            rows, masks, row_docs = [], [], []
             while len(rows) < batch_size and len(buf) >= seq_len + 1:
                 mask = np.ones(seq_len, np.float32)
-                mask[: overlap if windows_done else 0] = 0.0
+                first = overlap if windows_done else 0
+                mask[:first] = 0.0
                 rows.append(buf[: seq_len + 1])
                 masks.append(mask)
-                buf = buf[stride:]
+                row_docs.append(docs[first + 1])  # the document of the first scored label
+                buf, docs = buf[stride:], docs[stride:]
                 windows_done += 1
             scored_from = overlap if windows_done else 0
             if exhausted and len(rows) < batch_size and len(buf) - 1 > scored_from:
@@ -482,19 +495,22 @@ class StreamingText(DataModule):
                     np.concatenate([buf, np.full(seq_len + 1 - len(buf), self.pad_id, np.int32)])
                 )
                 masks.append(mask)
-                buf = buf[:0]
+                row_docs.append(docs[scored_from + 1])
+                buf, docs = buf[:0], docs[:0]
                 windows_done += 1
             if not rows:
                 return
             while len(rows) < batch_size:  # keep one batch shape: pad with rows that score nothing
                 rows.append(np.full(seq_len + 1, self.pad_id, np.int32))
                 masks.append(np.zeros(seq_len, np.float32))
+                row_docs.append(-1)
             windows = np.stack(rows)
             batches_done += 1
             batch = {
                 "input_ids": windows[:, :-1],
                 "labels": windows[:, 1:],
                 "loss_mask": np.stack(masks),
+                "index": np.asarray(row_docs, np.int64),  # -1: a padding row, or no id known
             }
             yield (
                 batch,
@@ -502,6 +518,7 @@ class StreamingText(DataModule):
                     "epoch": state["epoch"],
                     "examples_consumed": consumed,
                     "carry": buf.tolist(),
+                    "carry_docs": docs.tolist(),
                     "windows_done": windows_done,
                     "batches_done": batches_done,
                 },
@@ -634,6 +651,13 @@ class StreamingText(DataModule):
             "first one no saved lane had read; up to a batch per old lane is read again or "
             "skipped)", len(own), self.lanes, start, epoch)
         self._state = self._fresh_state(epoch, start)
+
+
+DOC_ID = "_mlxlab_doc"  # the column _train_stream adds: a document's position in the split
+
+
+def _with_doc_id(example: dict, index: int) -> dict:
+    return {DOC_ID: index}
 
 
 def token_throughput(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -31,6 +32,7 @@ from mlxlab.export.hf import (
 from mlxlab.export.mlx_lm import quantize as quantize_model
 from mlxlab.export.mlx_lm import split_adapters, write_adapters
 from mlxlab.export.quality import lm_metrics, validation_batches
+from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
 from mlxlab.models.bert import BertClassifier
 from mlxlab.models.lora import LoRALinear, fuse_lora, unwrap_lora
 from mlxlab.models.remapped import RemappedLM
@@ -79,11 +81,9 @@ def export_run(
         raise FileNotFoundError(f"{run} does not exist: pass a run directory (outputs/<task>/<time>)")
     tokenizer_path = require_run_tokenizer(run, "finished")
     model, state = load_run_model(run)
-    if isinstance(model, RemappedLM):
-        raise ExportError(f"{run} was trained with data.vocab_remap: export of a shrunken "
-                          "vocabulary is not supported yet (a Llama layout has no output bias to "
-                          "give the dropped ids their share of UNK); use mlxlab generate, or "
-                          "retrain without it")
+    remapped = None
+    if isinstance(model, RemappedLM):  # the small model + a tokenizer on its ids (remapped.py)
+        remapped, model = model, model.inner
     if dtype is None:  # the pretrained checkpoint's own dtype, else what mlxlab trained in
         source_config = getattr(model, "hf_config", None) or {}
         source = source_config.get("torch_dtype", source_config.get("dtype"))
@@ -92,10 +92,25 @@ def export_run(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty: pick a new --out or pass --overwrite")
     run_dir = tokenizer_path.parent
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
     report: dict = {"run": str(run), "checkpoint": str(state.path), "format": fmt,
                     "dtype": dtype, "quantize": quantize}
+    staging = Path(tempfile.mkdtemp(prefix="mlxlab-export-"))
+    try:
+        if remapped is not None:
+            keep = state.data["vocab_map"]["keep"]
+            tokenizer_path, report["vocab_remap"] = write_remapped_tokenizer(
+                tokenizer_path, keep, staging)
+            run_dir = staging  # the run's side files hold the full vocabulary's ids
+            add_unk_rows(model, report["vocab_remap"]["intermediate_tokens"])
+        _export(model, state, run_dir, tokenizer_path, out, fmt, dtype, quantize, lora, report)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
 
+
+def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: str, dtype: str,
+            quantize: int | None, lora: str, report: dict) -> None:
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
     if isinstance(model, BertClassifier):
         labels = (state.encoding or {}).get("label_values")
         if not labels:
@@ -141,4 +156,3 @@ def export_run(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return report

@@ -148,6 +148,8 @@ def write_tokenizer(run_dir: Path, tokenizer_path: Path, out: Path, model: nn.Mo
                 single=f"{eos} $A", pair=f"{eos} $A $B", special_tokens=[(eos, tok.token_to_id(eos))]
             )
         specials = {"bos_token": eos, "eos_token": eos, "pad_token": pad}
+        if getattr(tok.model, "unk_token", None):  # a remapped vocabulary's (export/remapped.py)
+            specials["unk_token"] = tok.model.unk_token
     tok.save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -22,6 +22,8 @@ def validation_batches(state: CheckpointState, tokenizer_path: Path, batch_size:
     data_cfg = OmegaConf.create(state.config["data"])
     if "tokenizer" in data_cfg:
         data_cfg.tokenizer.path = str(tokenizer_path)
+    if data_cfg.get("vocab_remap"):  # the export's tokenizer is on the small model's ids already
+        data_cfg.vocab_remap = None
     data = instantiate(data_cfg)
     try:
         data.setup(None)

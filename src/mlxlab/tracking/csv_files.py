@@ -8,6 +8,11 @@
 Values are written with repr(), which round-trips a float exactly, so the file holds the numbers
 MLflow holds (`tracking=[mlflow,csv]` writes both). Rows are appended as they come and flushed
 with the trainer's flush() (before every checkpoint), so a killed run keeps what it logged.
+
+A resumed run continues the killed run's record, as MLflow continues its run id: the trainer
+calls `continue_from(<killed run's folder>, <checkpoint step>)` before `start`, and `start` copies
+that folder's params, tags, artifacts and the metric rows up to the checkpoint's step (the later
+ones are logged again by the resumed run) into the new folder.
 """
 
 from __future__ import annotations
@@ -39,15 +44,24 @@ class CsvTracker:
         self._file = None
         self._writer = None
         self._lock = threading.Lock()  # log_metrics may come from callbacks' background threads
+        self._source: tuple[Path, int] | None = None  # (killed run's tracking folder, step)
+
+    def continue_from(self, source_run_dir: str | Path, step: int) -> None:
+        """The run resumes `source_run_dir`'s checkpoint of `step`: carry its record (at start)."""
+        # tracking.csv.dir given (self.dir is set before start only then): the killed run, resumed
+        # with the same settings, wrote its record there too, not in <its run dir>/tracking
+        record = self.dir if self.dir is not None else Path(source_run_dir) / "tracking"
+        self._source = (record, int(step))
 
     def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
         if self.dir is None:
             self.dir = Path(str(tags.get(T.RUN_DIR) or ".")) / "tracking"
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "params.json").write_text(json.dumps(params, indent=1, default=str) + "\n")
-        (self.dir / "params.yaml").write_text(yaml.safe_dump(json.loads(
-            json.dumps(params, default=str)), sort_keys=False))
-        self._tags: dict[str, str] = {}
+        carried = self._carry_over()
+        self._tags: dict[str, str] = dict(carried.get("tags", {}))
+        self._tags.pop("status", None)  # the killed run's end; this run sets its own at its end
+        if not carried.get("params"):
+            self._write_params(params)
         self.set_tags(tags)
         path = self.dir / "metrics.csv"
         new = not path.exists() or path.stat().st_size == 0
@@ -55,7 +69,41 @@ class CsvTracker:
         self._writer = csv.writer(self._file)
         if new:
             self._writer.writerow(HEADER)
+        if carried.get("same_folder"):  # tracking.csv.dir names one folder for both runs
+            self.rewind(self._source[1])
         log.info("csv tracking: %s", self.dir)
+
+    def _write_params(self, params: dict) -> None:
+        (self.dir / "params.json").write_text(json.dumps(params, indent=1, default=str) + "\n")
+        (self.dir / "params.yaml").write_text(yaml.safe_dump(json.loads(
+            json.dumps(params, default=str)), sort_keys=False))
+
+    def _carry_over(self) -> dict:
+        """Copy the resumed run's record into this folder: its params (write-once, as MLflow's:
+        a resume's changed settings are in its `resume.changed.*` tags), its artifacts, its
+        metric rows up to the checkpoint's step; returns what was carried."""
+        if self._source is None:
+            return {}
+        source, step = self._source
+        if source.resolve() == self.dir.resolve():
+            return {"same_folder": True, "params": True,
+                    "tags": _read_json(source / "tags.json")}
+        if not (source / "metrics.csv").is_file():
+            log.info("csv tracking: %s holds no metrics.csv; this run's record starts here", source)
+            return {}
+        rows = [HEADER] + [r for r in _rows(source / "metrics.csv") if r[0] <= step]
+        with (self.dir / "metrics.csv").open("w", newline="") as f:
+            csv.writer(f).writerows(rows)
+        params = False
+        for name in ("params.json", "params.yaml"):
+            if (source / name).is_file():
+                shutil.copy2(source / name, self.dir / name)
+                params = True
+        if (source / "artifacts").is_dir():
+            shutil.copytree(source / "artifacts", self.dir / "artifacts", dirs_exist_ok=True)
+        log.info("csv tracking: continued %s (%d metric rows up to step %d)", source,
+                 len(rows) - 1, step)
+        return {"params": params, "tags": _read_json(source / "tags.json")}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self._writer is None:
@@ -76,9 +124,7 @@ class CsvTracker:
         with self._lock:
             self._file.close()
             path = self.dir / "metrics.csv"
-            with path.open(newline="") as f:
-                rows = [r for r in csv.reader(f)]
-            kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
+            kept = [HEADER] + [r for r in _rows(path) if r[0] <= step]
             with path.open("w", newline="") as f:
                 csv.writer(f).writerows(kept)
             self._file = path.open("a", newline="")
@@ -129,6 +175,24 @@ class CsvTracker:
             if self._file is not None:
                 self._file.close()
                 self._file, self._writer = None, None
+
+
+def _rows(path: Path) -> list[list]:
+    """metrics.csv's rows as [step, name, value] (header skipped). A row cut short by a SIGKILL
+    mid-write (only ever after the last flush, so after the last checkpoint) is dropped."""
+    out = []
+    with path.open(newline="") as f:
+        for row in csv.reader(f):
+            if len(row) == 3 and row[0].isdigit() and row[2]:
+                out.append([int(row[0]), row[1], row[2]])
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # a killed run may not have written it, or only in part
+        return {}
 
 
 def read_metrics(folder: str | Path) -> dict[str, list[tuple[int, float]]]:

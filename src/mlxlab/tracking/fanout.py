@@ -14,7 +14,7 @@ from typing import Any
 from mlxlab.tracking.base import Tracker
 
 # Methods beyond the Tracker protocol that some trackers have; a missing one is skipped.
-_OPTIONAL = ("flush", "rewind", "log_dict", "log_text", "log_figure", "set_dataset")
+_OPTIONAL = ("flush", "rewind", "continue_from", "log_dict", "log_text", "log_figure", "set_dataset")
 
 
 class FanoutTracker:

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sqlite3
 import sys
@@ -758,6 +759,28 @@ def find_finished_run(uri: str | None, experiment_name: str, config_hash: str) -
         order_by=["attributes.start_time DESC"],
     )
     return runs[0] if runs else None
+
+
+def finished_run_metrics(uri: str | None, run_id: str) -> dict[str, float] | None:
+    """What the trainer returned for a run whose status is FINISHED: its best/<metric> values
+    (prefix dropped) and any quantized val_q<bits>/ ones; None for a run that did not finish or
+    a store that does not hold it. Reads only."""
+    uri = resolve_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return None
+    from mlflow import MlflowClient
+
+    try:
+        run = _retrying(MlflowClient(tracking_uri=uri).get_run, run_id)
+    except Exception:  # noqa: BLE001 - an unknown run id is "not finished" here
+        return None
+    if run.info.status != "FINISHED":
+        return None
+    metrics = run.data.metrics
+    found = {k[len("best/"):]: v for k, v in metrics.items() if k.startswith("best/")}
+    found.update({k: v for k, v in metrics.items() if re.match(r"val_q\d+/", k)})
+    return found
 
 
 def sweep_children(client: Any, parent_run_id: str) -> list:

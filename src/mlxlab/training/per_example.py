@@ -64,8 +64,8 @@ class PerExampleLosses(Callback):
             return
         if any("index" not in b for b in batches):
             if not self.warned:
-                log.warning("per-example losses: this data's batches carry no example index "
-                            "(streamed text): nothing is recorded")
+                log.warning("per-example losses: this data's batches carry no example index: "
+                            "nothing is recorded")
                 self.warned = True
             return
         epoch = _epoch_of(step, self.steps_per_epoch)
@@ -115,13 +115,18 @@ class PerExampleLosses(Callback):
         if item[0] == "rows":
             _, step, epoch, indexes, outputs = item
             index = np.concatenate([np.array(i) for i in indexes]).astype(np.int64)
+            # Streamed text: a row is a packed window, its id the document its first scored
+            # token is from; -1 marks a padding row (it scores nothing) and is left out.
+            real = index >= 0
+            index = index[real]
             ids = self.ids[index] if self.ids is not None else index
             self.rows["example_id"].extend(int(i) for i in ids)
             self.rows["epoch"].extend([epoch] * len(ids))
             self.rows["step"].extend([step] * len(ids))
             for column in ("loss", "teacher_loss"):
                 values = outputs.get(_KEY_OF[column])
-                values = np.array(values).tolist() if values is not None else [None] * len(ids)
+                values = (np.array(values)[real].tolist() if values is not None
+                          else [None] * len(ids))
                 self.rows[column].extend(values)
         else:
             epochs = sorted(set(self.rows["epoch"])) if item[1] is None else [item[1]]

@@ -93,6 +93,7 @@ class RunState:
     last_eval_step: int | None = None
     finished: bool = False
     log_window: dict | None = None  # the LogWindow at the checkpoint: steps since the last log
+    resumed_from: Path | None = None  # the run folder whose checkpoint was restored
 
 
 class LogWindow:
@@ -504,6 +505,8 @@ class Trainer:
                  f" (sharded over {world.size} ranks)" if self.optimizer_shards else "")
         if self.distill:  # the weights each teacher had (learned ones are known only now)
             tags[T.DISTILL_TEACHER_WEIGHTS] = str([round(w, 4) for w in self.teacher_weights])
+        if run.resumed_from is not None:  # file trackers (CsvTracker) carry the killed run's record
+            getattr(tracker, "continue_from", lambda *a: None)(run.resumed_from, run.step)
         tracker.start(params=config, tags=tags, run_id=run.run_id)
         if resume and run.run_id is not None and tracker.run_id == run.run_id:
             # What the killed process logged after its checkpoint is about to be logged again.
@@ -683,6 +686,8 @@ class Trainer:
         run.step, run.epoch, run.run_id = state.step, state.epoch, state.run_id
         run.history, run.best_metrics = state.history, state.best_metrics
         run.log_window = state.log_window
+        # <run dir>/checkpoints/step_N (or best): the killed run's folder, for its tracking files
+        run.resumed_from = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         manager.restore_best(state.best_metric)
         if self.world is None or self.world.is_main:  # rank 0 alone writes the run folder
             manager.adopt_best(path.parent)
