@@ -1,15 +1,21 @@
 """Fused CPU kernels (C++ MLX primitives in csrc/) with the pure-MLX formulation as fallback.
 
-Models and losses call `cross_entropy`, `swiglu` and `attention` here; each call picks the fused primitive or
-the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run scalar on one thread, so the
-vocabulary softmax, the attention softmax and the SiLU of a small transformer cost several times PyTorch's (see
-docs/benchmarks.md, issue 12). The fused kernels do the same math in one vectorized,
-multi-threaded pass, forward and backward (their VJPs are fused kernels too).
+Models and losses call `cross_entropy`, `swiglu`, `attention`, `rms_norm`, `rope` and
+`split_heads`/`merge_heads` here, and the trainer's AdamW is `AdamW` (adamw.py); each call picks
+the fused primitive or the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run scalar on one
+thread, so the vocabulary softmax, the attention softmax and the SiLU of a small transformer cost
+several times PyTorch's, and its RMSNorm, RoPE, strided copies and AdamW update run as
+single-threaded element-wise ops (see docs/benchmarks.md, issue 12). The fused kernels do the
+same math in one vectorized, multi-threaded pass, forward and backward (their VJPs are fused
+kernels too).
 
 Mode (`trainer.fused_kernels`, or $MLXLAB_FUSED_KERNELS for scripts):
   auto  fused on the CPU when the extension builds; otherwise, with one log line, pure MLX
   on    fused on the CPU; an error when the extension cannot be built
   off   pure MLX always
+$MLXLAB_FUSED_KERNELS_SKIP (comma-separated names from OPS) leaves those ops to MLX while the
+others stay fused: for measuring one kernel's effect, or for ruling one out when a result looks
+wrong.
 The fused path runs only when MLX's default device is the CPU and the inputs are float32; GPU
 runs and other dtypes take the MLX ops silently. The first use on a machine compiles the
 extension (about a minute, build.py); later processes load the cached build.
@@ -18,6 +24,7 @@ extension (about a minute, build.py); later processes load the cached build.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from types import ModuleType
 
@@ -31,10 +38,16 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "on", "off")
 ENV = "MLXLAB_FUSED_KERNELS"
 THREADS_ENV = "MLXLAB_KERNEL_THREADS"
+SKIP_ENV = "MLXLAB_FUSED_KERNELS_SKIP"
+OPS = ("cross_entropy", "swiglu", "attention", "rms_norm", "rope", "heads", "adamw")
 
 _mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
 _module: ModuleType | None = None
 _error: str | None = None
+_skip = {op.strip() for op in os.environ.get(SKIP_ENV, "").split(",") if op.strip()}
+if _skip - set(OPS):
+    log.warning("%s: unknown op(s) %s ignored; the ops are %s", SKIP_ENV,
+                ", ".join(sorted(_skip - set(OPS))), ", ".join(OPS))
 
 
 def set_mode(value: str | bool) -> None:
@@ -96,9 +109,9 @@ def _load() -> ModuleType | None:
     return _module
 
 
-def _fused(*arrays: mx.array) -> ModuleType | None:
-    """The module when this call should take the fused path."""
-    if _mode == "off" or mx.default_device() != mx.cpu:
+def _fused(op: str, *arrays: mx.array) -> ModuleType | None:
+    """The module when this call of `op` should take the fused path."""
+    if _mode == "off" or op in _skip or mx.default_device() != mx.cpu:
         return None
     if any(a.dtype != mx.float32 for a in arrays):
         return None
@@ -117,7 +130,7 @@ def mlx_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
 def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     """Cross-entropy over the last axis, no reduction: logits (..., V) as float32, targets (...)."""
     logits = logits.astype(mx.float32)
-    module = _fused(logits)
+    module = _fused("cross_entropy", logits)
     if module is None:
         return mlx_cross_entropy(logits, targets)
     vocab = logits.shape[-1]
@@ -133,16 +146,64 @@ def attention(
     masked softmax (forward and backward) to one kernel, for float32 with no mask or an additive
     (T_q, T_kv) mask and as many key/value heads as query heads; otherwise MLX's SDPA."""
     plain_mask = mask is None or (isinstance(mask, mx.array) and mask.ndim == 2)
-    module = _fused(q, k, v, *([mask] if isinstance(mask, mx.array) else []))
+    module = _fused("attention", q, k, v, *([mask] if isinstance(mask, mx.array) else []))
     if module is None or not plain_mask or q.shape[1] != k.shape[1]:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     scores = (q * scale) @ k.swapaxes(-1, -2)
     return module.softmax(scores, mask) @ v
 
 
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """x * rsqrt(mean(x^2, -1) + eps) * weight, what mx.fast.rms_norm computes. Fused: one pass
+    forward and one backward (MLX's CPU rms_norm runs as composed single-threaded ops)."""
+    module = _fused("rms_norm", x, weight) if weight.ndim == 1 and x.shape[-1:] == weight.shape else None
+    if module is None:
+        return mx.fast.rms_norm(x, weight, eps)
+    return module.rms_norm(x, weight, eps)
+
+
+def rope(x: mx.array, dims: int, base: float, scale: float, offset: int) -> mx.array:
+    """Rotary positions for heads laid out (B, T, H, D), returned as (B, H, T, D): what
+    mx.fast.rope(x.transpose(0, 2, 1, 3), dims, traditional=False, base=base, scale=scale,
+    offset=offset) computes (nn.RoPE). Fused: the rotation and the transpose copy in one pass
+    each way, for the whole head (dims == D)."""
+    module = _fused("rope", x) if x.ndim == 4 and dims == x.shape[-1] and dims % 2 == 0 else None
+    if module is None:
+        return mx.fast.rope(
+            x.transpose(0, 2, 1, 3), dims, traditional=False, base=base, scale=scale, offset=offset
+        )
+    half = dims // 2
+    # The angles as MLX's rope forms them (tests/test_kernels_step.py checks the result).
+    inv_freq = mx.exp(mx.arange(half, dtype=mx.float32) * (-math.log(base) / half))
+    positions = mx.arange(offset, offset + x.shape[1], dtype=mx.float32) * scale
+    theta = positions[:, None] * inv_freq[None]
+    return module.rope(x, mx.cos(theta), mx.sin(theta))
+
+
+def split_heads(x: mx.array) -> mx.array:
+    """(B, T, H, D) -> (B, H, T, D) as a contiguous array: MLX's strided copy (which a matmul on
+    the transposed view makes) is single-threaded and generic; fused, one multi-threaded copy."""
+    module = _fused("heads", x) if x.ndim == 4 else None
+    return x.transpose(0, 2, 1, 3) if module is None else module.swap_heads(x, True)
+
+
+def merge_heads(x: mx.array) -> mx.array:
+    """(B, H, T, D) -> (B, T, H * D), attention's output back to the model's layout."""
+    B, H, T, D = x.shape
+    module = _fused("heads", x)
+    out = x.transpose(0, 2, 1, 3) if module is None else module.swap_heads(x, False)
+    return out.reshape(B, T, H * D)
+
+
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up, the Llama MLP's activation."""
-    module = _fused(gate, up) if gate.shape == up.shape else None
+    module = _fused("swiglu", gate, up) if gate.shape == up.shape else None
     if module is None:
         return nn.silu(gate) * up
     return module.swiglu(gate, up)
+
+
+from mlxlab.kernels.adamw import AdamW  # noqa: E402  (uses _fused above)
+
+__all__ = ["AdamW", "attention", "cross_entropy", "mlx_cross_entropy", "merge_heads", "mode",
+           "rms_norm", "rope", "set_mode", "split_heads", "status", "swiglu"]

@@ -107,16 +107,23 @@ class Attention(nn.Module):
         self, x: mx.array, mask: mx.array | str | None = None, cache: KVCache | None = None
     ) -> mx.array:
         B, T, _ = x.shape
-        q = self.query(x).reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)
-        k = self.key(x).reshape(B, T, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.value(x).reshape(B, T, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        if self.rope is not None:
-            offset = cache.offset if cache is not None else 0
-            q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        offset = cache.offset if cache is not None else 0
+        q = self.heads(self.query(x).reshape(B, T, self.num_heads, -1), offset)
+        k = self.heads(self.key(x).reshape(B, T, self.num_kv_heads, -1), offset)
+        v = kernels.split_heads(self.value(x).reshape(B, T, self.num_kv_heads, -1))
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         o = kernels.attention(q, k, v, self.scale, mask)
-        return self.out(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return self.out(kernels.merge_heads(o))
+
+    def heads(self, x: mx.array, offset: int) -> mx.array:
+        """(B, T, H, D) -> (B, H, T, D) with rotary positions applied, if any. Plain RoPE goes
+        through mlxlab.kernels.rope (rotation and transpose fused on CPU)."""
+        rope = self.rope
+        if isinstance(rope, nn.RoPE) and not rope.traditional:
+            return kernels.rope(x, rope.dims, rope.base, rope.scale, offset)
+        x = kernels.split_heads(x)
+        return x if rope is None else rope(x, offset=offset)
 
 
 class SwiGLU(nn.Module):
@@ -154,9 +161,17 @@ def make_mlp(kind: str, dim: int, hidden_dim: int | None, bias: bool) -> nn.Modu
     raise ConfigError(f"unknown mlp={kind!r}; use 'swiglu' or 'gelu'")
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same weight and eps) over mlxlab.kernels.rms_norm: the fused CPU kernel
+    where it applies, mx.fast.rms_norm otherwise."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.rms_norm(x, self["weight"], self.eps)
+
+
 def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
     if kind == "rmsnorm":
-        return nn.RMSNorm(dim, eps=eps)
+        return RMSNorm(dim, eps=eps)
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps)
     raise ConfigError(f"unknown norm={kind!r}; use 'rmsnorm' or 'layernorm'")

@@ -1,4 +1,5 @@
-"""Process-level setup: BLAS loading (blas.py) and device helpers (device.py).
+"""Process-level setup: BLAS loading (blas.py), device helpers (device.py), the allocator
+setting for training (memory.py).
 
 Imports nothing here: mlxlab/__init__.py runs blas.py first (it imports mlx.core itself).
 """

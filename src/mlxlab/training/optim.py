@@ -14,6 +14,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.optimizers as optim
 
+from mlxlab import kernels
 from mlxlab.errors import ConfigError
 
 OptimizerFactory = Callable[..., optim.Optimizer]
@@ -73,7 +74,11 @@ def peak_learning_rate(factory: OptimizerFactory) -> float:
 def build_optimizer(
     factory: OptimizerFactory, schedule: LRSchedule, total_steps: int
 ) -> optim.Optimizer:
-    """The configured optimizer with `learning_rate` replaced by the schedule over total_steps."""
+    """The configured optimizer with `learning_rate` replaced by the schedule over total_steps.
+    mlx.optimizers.AdamW becomes mlxlab.kernels.AdamW: the same update and state, one fused
+    CPU kernel per parameter when trainer.fused_kernels lets the kernels run."""
+    if isinstance(factory, partial) and factory.func is optim.AdamW:
+        factory = partial(kernels.AdamW, *factory.args, **factory.keywords)
     return factory(learning_rate=schedule(peak_learning_rate(factory), total_steps))
 
 

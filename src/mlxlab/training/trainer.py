@@ -30,7 +30,7 @@ from mlxlab import kernels
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError, UserError
-from mlxlab.runtime import device, distributed
+from mlxlab.runtime import device, distributed, memory
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import Tracker, flatten_config
 from mlxlab.training import losses, metrics
@@ -511,6 +511,7 @@ class Trainer:
         if resume and run.run_id is not None and tracker.run_id == run.run_id:
             # What the killed process logged after its checkpoint is about to be logged again.
             getattr(tracker, "rewind", lambda step: None)(run.step)
+        memory.keep_freed_memory()  # steps reuse freed memory, no page faults (runtime/memory.py)
         step_fn = self.make_step(model, optimizer, loss_fn)  # compiled after any restore
         model.train()
 

@@ -1,6 +1,7 @@
 // Python module of the fused kernels; NB_DOMAIN mlx (CMakeLists.txt) shares mx.array's type.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/vector.h>
 
 #include "kernels.h"
 
@@ -31,6 +32,49 @@ NB_MODULE(_mlxlab_kernels, m) {
       "x"_a,
       "mask"_a = nb::none(),
       "softmax(x + mask) over the last axis; mask an additive (T_q, T_kv) array or None.");
+  m.def(
+      "rms_norm",
+      [](const mx::array& x, const mx::array& weight, float eps) {
+        return mlxlab::rms_norm(x, weight, eps);
+      },
+      "x"_a,
+      "weight"_a,
+      "eps"_a,
+      "x * rsqrt(mean(x^2, -1) + eps) * weight for float32 x (..., D) and weight (D,).");
+  m.def(
+      "adamw",
+      [](const mx::array& p,
+         const mx::array& g,
+         const mx::array& m,
+         const mx::array& v,
+         const mx::array& coef,
+         double b1,
+         double b2,
+         float eps) { return mlxlab::adamw(p, g, m, v, coef, b1, b2, eps); },
+      "p"_a,
+      "g"_a,
+      "m"_a,
+      "v"_a,
+      "coef"_a,
+      "b1"_a,
+      "b2"_a,
+      "eps"_a,
+      "One AdamW step: (p', m', v'); coef = (1 - lr wd, lr / (1 - b1^t), 1 / sqrt(1 - b2^t)).");
+  m.def(
+      "rope",
+      [](const mx::array& x, const mx::array& cos, const mx::array& sin) {
+        return mlxlab::rope(x, cos, sin);
+      },
+      "x"_a,
+      "cos"_a,
+      "sin"_a,
+      "Rotate-half RoPE of x (B, T, H, D) with cos, sin (T, D/2), returned as (B, H, T, D).");
+  m.def(
+      "swap_heads",
+      [](const mx::array& x, bool to_heads) { return mlxlab::swap_heads(x, to_heads); },
+      "x"_a,
+      "to_heads"_a,
+      "(B, T, H, D) -> (B, H, T, D) when to_heads, else back, as one copy.");
   m.def("set_num_threads", &mlxlab::set_num_threads, "n"_a);
   m.def("num_threads", &mlxlab::num_threads);
 }

@@ -4,13 +4,18 @@
 #include <algorithm>
 #include <atomic>
 #include <bit>
+#include <condition_variable>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #include "mlx/backend/cpu/encoder.h"
 
@@ -48,32 +53,119 @@ inline float sigmoid(float x) {
   return 1.0f / (1.0f + fast_exp(-x));
 }
 
-// Runs fn(begin, end) over [0, n) split into contiguous blocks on up to num_threads() threads
-// (the calling thread takes the first block). `cost` is the work per index in elements: small
-// jobs stay on one thread because starting a thread costs ~20 us. Threads are started per call,
-// not pooled: nothing to leak across fork() (joblib, multiprocessing).
+// A persistent pool of num_threads() - 1 workers, started on first use. Why not a thread per
+// call: a nano training step makes ~100 kernel calls of 0.05-1 ms each, and starting a thread
+// costs ~20-50 us. Workers sleep on a condition variable between calls (no spinning: on a
+// 2-core box the other core is also OpenBLAS's). fork() copies no threads: a child process
+// (DataLoader workers, joblib) sees a pool owned by another pid and starts its own.
+class Pool {
+ public:
+  // Runs job(t) for t in [0, parts): job(0) on the caller, the others on the workers; returns
+  // when all are done. False when another thread is inside run(): the caller then does the work alone.
+  bool run(int parts, const std::function<void(int)>& job) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) {
+      return false;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (static_cast<int>(workers_) < parts - 1) {
+        std::thread([this] { loop(); }).detach(); // lives as long as the process (see pool())
+        ++workers_;
+      }
+      job_ = &job;
+      parts_ = parts;
+      next_ = 1;
+      remaining_ = parts - 1;
+    }
+    wake_.notify_all();
+    job(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    // Parts no worker has picked up yet (a busy machine may not have scheduled one) are run
+    // here rather than waited for.
+    while (next_ < parts_) {
+      int t = next_++;
+      lock.unlock();
+      job(t);
+      lock.lock();
+      --remaining_;
+    }
+    done_.wait(lock, [this] { return remaining_ == 0; });
+    job_ = nullptr;
+    return true;
+  }
+
+ private:
+  void loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      wake_.wait(lock, [this] { return job_ != nullptr && next_ < parts_; });
+      int t = next_++;
+      auto* job = job_;
+      lock.unlock();
+      (*job)(t);
+      lock.lock();
+      if (--remaining_ == 0) {
+        done_.notify_one();
+      }
+    }
+  }
+
+  std::mutex busy_, mu_;
+  std::condition_variable wake_, done_;
+  int workers_ = 0;
+  const std::function<void(int)>* job_ = nullptr;
+  int parts_ = 0, next_ = 0, remaining_ = 0;
+};
+
+Pool& pool() {
+  // Never destroyed (detached workers wait on it until the process exits); one per process.
+  static std::atomic<Pool*> current{nullptr};
+  static std::atomic<pid_t> owner{0};
+  static std::mutex create;
+  pid_t pid = getpid();
+  if (owner.load() != pid) {
+    std::lock_guard<std::mutex> lock(create);
+    if (owner.load() != pid) {
+      current = new Pool(); // a forked child's copy of the parent's pool has no threads
+      owner = pid;
+    }
+  }
+  return *current.load();
+}
+
+// How many threads a job of n indices of `cost` elements each gets: jobs under kMinWork
+// elements stay on one thread (waking a worker costs ~10 us).
+int64_t plan_threads(int64_t n, int64_t cost) {
+  constexpr int64_t kMinWork = 1 << 15;
+  int64_t threads = std::min<int64_t>(num_threads(), std::max<int64_t>(1, n * cost / kMinWork));
+  return std::max<int64_t>(1, std::min(threads, n));
+}
+
+// Runs part(t) for t in [0, parts) on the pool (the calling thread included).
+void parallel_parts(int64_t parts, const std::function<void(int)>& part) {
+  if (parts <= 1 || !pool().run(static_cast<int>(parts), part)) {
+    for (int t = 0; t < parts; ++t) {
+      part(t);
+    }
+  }
+}
+
+// Runs fn(begin, end) over [0, n) split into plan_threads(n, cost) contiguous blocks.
 template <typename F>
 void parallel_for(int64_t n, int64_t cost, F&& fn) {
-  constexpr int64_t kMinWork = 1 << 16;
-  int64_t threads = std::min<int64_t>(num_threads(), std::max<int64_t>(1, n * cost / kMinWork));
-  threads = std::min(threads, n);
+  int64_t threads = plan_threads(n, cost);
   if (threads <= 1) {
     fn(int64_t{0}, n);
     return;
   }
   int64_t block = (n + threads - 1) / threads;
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int64_t t = 1; t < threads; ++t) {
+  parallel_parts(threads, [&](int t) {
     int64_t begin = t * block, end = std::min(n, begin + block);
     if (begin < end) {
-      pool.emplace_back([&fn, begin, end] { fn(begin, end); });
+      fn(begin, end);
     }
-  }
-  fn(int64_t{0}, std::min(n, block));
-  for (auto& th : pool) {
-    th.join();
-  }
+  });
 }
 
 // One row: lse = max + log(sum exp(x - max)); NaN anywhere in the row makes lse NaN (as the
@@ -83,7 +175,7 @@ inline float row_logsumexp(const float* __restrict x, int64_t v) {
   int bad = 0;
 #pragma omp simd reduction(max : m) reduction(| : bad)
   for (int64_t j = 0; j < v; ++j) {
-    m = std::fmax(m, x[j]);
+    m = x[j] > m ? x[j] : m;
     bad |= (x[j] != x[j]);
   }
   if (bad) {
@@ -149,7 +241,9 @@ inline void row_softmax(
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < v; ++j) {
-    m = std::fmax(m, out[j]);
+    // A ternary, not fmax: x86 has no instruction with fmax's NaN rule, so fmax is a libm call
+    // per element (1.3 % of a nano step's CPU); a NaN score still makes the row NaN through exp.
+    m = out[j] > m ? out[j] : m;
   }
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
@@ -504,6 +598,398 @@ void SoftmaxGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
       }
     });
   });
+}
+
+// ---- RMSNorm -------------------------------------------------------------------------------
+
+// y = x * r * w of one row, r = 1 / sqrt(mean(x^2) + eps); returns r.
+inline float row_rms_norm(
+    const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t d, float eps) {
+  float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t j = 0; j < d; ++j) {
+    ss += x[j] * x[j];
+  }
+  float r = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) {
+    y[j] = x[j] * r * w[j];
+  }
+  return r;
+}
+
+// dx = r (dy w - xhat mean(dy w xhat)) of one row, xhat = x r; adds dy xhat to dw.
+inline void row_rms_norm_grad(
+    const float* __restrict x,
+    const float* __restrict w,
+    const float* __restrict dy,
+    float r,
+    float* __restrict dx,
+    float* __restrict dw,
+    int64_t d) {
+  float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < d; ++j) {
+    dot += dy[j] * w[j] * x[j];
+  }
+  float k = dot * r * r / static_cast<float>(d);
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) {
+    dx[j] = r * (dy[j] * w[j] - x[j] * k);
+    dw[j] += dy[j] * x[j] * r;
+  }
+}
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
+  check_cpu_float32(x, "rms_norm");
+  check_cpu_float32(weight, "rms_norm weight");
+  if (x.ndim() < 1 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1)) {
+    throw std::invalid_argument("rms_norm: expected x (..., D) and weight (D,)");
+  }
+  auto s = mx::to_stream(mx::Device::cpu);
+  int rows = x.size() / x.shape(-1);
+  auto outs = mx::array::make_arrays(
+      {x.shape(), {rows}},
+      {mx::float32, mx::float32},
+      std::make_shared<RMSNorm>(s, eps),
+      {mx::contiguous(x, false, s), mx::contiguous(weight, false, s)});
+  return outs[0];
+}
+
+void RMSNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& x = inputs[0];
+  alloc(outputs[0]);
+  alloc(outputs[1]);
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_input_array(inputs[1]);
+  encoder.set_output_array(outputs[0]);
+  encoder.set_output_array(outputs[1]);
+  int64_t d = x.shape(-1), n = x.size() / d;
+  encoder.dispatch([px = x.data<float>(),
+                    pw = inputs[1].data<float>(),
+                    py = outputs[0].data<float>(),
+                    pr = outputs[1].data<float>(),
+                    n,
+                    d,
+                    eps = eps_]() {
+    parallel_for(n, d, [=](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        pr[i] = row_rms_norm(px + i * d, pw, py + i * d, d, eps);
+      }
+    });
+  });
+}
+
+std::vector<mx::array> RMSNorm::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>& outputs) {
+  auto grads = mx::array::make_arrays(
+      {primals[0].shape(), primals[1].shape()},
+      {mx::float32, mx::float32},
+      std::make_shared<RMSNormGrad>(stream()),
+      {primals[0], primals[1], outputs[1], mx::contiguous(cotangents[0], false, stream())});
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    out.push_back(grads[arg]);
+  }
+  return out;
+}
+
+void RMSNormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& x = inputs[0];
+  alloc(outputs[0]);
+  alloc(outputs[1]);
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) {
+    encoder.set_input_array(a);
+  }
+  encoder.set_output_array(outputs[0]);
+  encoder.set_output_array(outputs[1]);
+  int64_t d = x.shape(-1), n = x.size() / d;
+  encoder.dispatch([px = x.data<float>(),
+                    pw = inputs[1].data<float>(),
+                    pr = inputs[2].data<float>(),
+                    pg = inputs[3].data<float>(),
+                    pdx = outputs[0].data<float>(),
+                    pdw = outputs[1].data<float>(),
+                    n,
+                    d]() {
+    // Each block of rows sums its weight gradient into its own row of `partial`; the rows are
+    // then added in block order, so the result does not depend on which thread ran what.
+    int64_t parts = plan_threads(n, d), block = (n + parts - 1) / parts;
+    std::vector<float> partial(parts * d, 0.0f);
+    parallel_parts(parts, [&](int t) {
+      float* dw = partial.data() + t * d;
+      for (int64_t i = t * block, end = std::min(n, (t + 1) * block); i < end; ++i) {
+        row_rms_norm_grad(px + i * d, pw, pg + i * d, pr[i], pdx + i * d, dw, d);
+      }
+    });
+    std::copy(partial.begin(), partial.begin() + d, pdw);
+    for (int64_t t = 1; t < parts; ++t) {
+      for (int64_t j = 0; j < d; ++j) {
+        pdw[j] += partial[t * d + j];
+      }
+    }
+  });
+}
+
+// ---- AdamW ---------------------------------------------------------------------------------
+
+// No __restrict: p' may share p's buffer (donation, below); `omp simd` states that the
+// iterations are independent, which in-place element-wise updates are.
+// fp-contract=off: no fused multiply-adds, so the update rounds as MLX's separate ops do.
+__attribute__((optimize("fp-contract=off"))) inline void adamw_span(
+    const float* p,
+    const float* g,
+    const float* m,
+    const float* v,
+    float* po,
+    float* mo,
+    float* vo,
+    int64_t n,
+    double beta1,
+    double beta2,
+    float eps,
+    float decay,
+    float c1,
+    float c2) {
+  const float b1 = static_cast<float>(beta1), a1 = static_cast<float>(1.0 - beta1);
+  const float b2 = static_cast<float>(beta2), a2 = static_cast<float>(1.0 - beta2);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float gi = g[i];
+    float mi = b1 * m[i] + a1 * gi;
+    float vi = b2 * v[i] + a2 * (gi * gi);
+    mo[i] = mi;
+    vo[i] = vi;
+    po[i] = p[i] * decay - (c1 * mi) / (std::sqrt(vi) * c2 + eps);
+  }
+}
+
+std::vector<mx::array> adamw(
+    const mx::array& p,
+    const mx::array& g,
+    const mx::array& m,
+    const mx::array& v,
+    const mx::array& coef,
+    double b1,
+    double b2,
+    float eps) {
+  for (auto* a : {&p, &g, &m, &v, &coef}) {
+    check_cpu_float32(*a, "adamw");
+  }
+  if (g.shape() != p.shape() || m.shape() != p.shape() || v.shape() != p.shape() || coef.size() != 3) {
+    throw std::invalid_argument("adamw: p, g, m, v must have one shape and coef 3 values");
+  }
+  auto s = mx::to_stream(mx::Device::cpu);
+  std::vector<mx::array> inputs;
+  for (auto* a : {&p, &g, &m, &v, &coef}) {
+    inputs.push_back(mx::contiguous(*a, false, s));
+  }
+  return mx::array::make_arrays(
+      {p.shape(), p.shape(), p.shape()},
+      {mx::float32, mx::float32, mx::float32},
+      std::make_shared<AdamW>(s, b1, b2, eps),
+      std::move(inputs));
+}
+
+void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  // p', m', v' take over the buffers of p, m, v when nothing else holds them (as MLX's own
+  // element-wise ops do): no fresh 3 x 4 bytes per parameter each step.
+  for (int k = 0; k < 3; ++k) {
+    auto& in = inputs[k == 0 ? 0 : k + 1];
+    if (in.is_donatable() && in.flags().row_contiguous && in.nbytes() == outputs[k].nbytes()) {
+      outputs[k].copy_shared_buffer(in);
+    } else {
+      alloc(outputs[k]);
+    }
+  }
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) {
+    encoder.set_input_array(a);
+  }
+  for (auto& o : outputs) {
+    encoder.set_output_array(o);
+  }
+  encoder.dispatch([p = inputs[0].data<float>(),
+                    g = inputs[1].data<float>(),
+                    m = inputs[2].data<float>(),
+                    v = inputs[3].data<float>(),
+                    coef = inputs[4].data<float>(),
+                    po = outputs[0].data<float>(),
+                    mo = outputs[1].data<float>(),
+                    vo = outputs[2].data<float>(),
+                    n = int64_t(inputs[0].size()),
+                    b1 = b1_,
+                    b2 = b2_,
+                    eps = eps_]() {
+    float decay = coef[0], c1 = coef[1], c2 = coef[2];
+    parallel_for(n, 4, [=](int64_t begin, int64_t end) {
+      adamw_span(p + begin, g + begin, m + begin, v + begin, po + begin, mo + begin, vo + begin,
+                 end - begin, b1, b2, eps, decay, c1, c2);
+    });
+  });
+}
+
+// ---- RoPE ----------------------------------------------------------------------------------
+
+// One head vector: out = (x1 c - x2 s, x1 s + x2 c) with x1, x2 its halves; `sign` -1 applies
+// the inverse rotation (the VJP).
+inline void rotate_half(
+    const float* __restrict x,
+    const float* __restrict c,
+    const float* __restrict sn,
+    float* __restrict out,
+    int64_t half,
+    float sign) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    float x1 = x[i], x2 = x[i + half], s = sign * sn[i];
+    out[i] = x1 * c[i] - x2 * s;
+    out[i + half] = x1 * s + x2 * c[i];
+  }
+}
+
+// Rotates every (b, t, h) vector of `in` into `out` (copies it when c is null); `in_bthd` says
+// which of the two is laid out (B, T, H, D) (the other is (B, H, T, D)).
+void rope_rows(
+    const float* in,
+    const float* c,
+    const float* sn,
+    float* out,
+    int64_t b,
+    int64_t t,
+    int64_t h,
+    int64_t d,
+    bool in_bthd,
+    float sign) {
+  int64_t half = d / 2;
+  parallel_for(b * t * h, d, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t hi = r % h, ti = (r / h) % t, bi = r / (h * t);
+      const float* src = in + (in_bthd ? r : (bi * h + hi) * t + ti) * d;
+      float* dst = out + (in_bthd ? (bi * h + hi) * t + ti : r) * d;
+      if (c) {
+        rotate_half(src, c + ti * half, sn + ti * half, dst, half, sign);
+      } else {
+        std::copy(src, src + d, dst);
+      }
+    }
+  });
+}
+
+mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin) {
+  for (auto* a : {&x, &cos, &sin}) {
+    check_cpu_float32(*a, "rope");
+  }
+  if (x.ndim() != 4 || x.shape(-1) % 2 || cos.shape() != sin.shape() || cos.ndim() != 2 ||
+      cos.shape(0) != x.shape(1) || cos.shape(1) * 2 != x.shape(-1)) {
+    throw std::invalid_argument("rope: expected x (B, T, H, D) and cos, sin (T, D/2)");
+  }
+  auto s = mx::to_stream(mx::Device::cpu);
+  return mx::array(
+      {x.shape(0), x.shape(2), x.shape(1), x.shape(3)},
+      mx::float32,
+      std::make_shared<Rope>(s),
+      {mx::contiguous(x, false, s), mx::contiguous(cos, false, s), mx::contiguous(sin, false, s)});
+}
+
+// Shared by Rope (in (B, T, H, D) -> out (B, H, T, D)) and RopeGrad (the other way).
+void eval_rope(
+    const mx::Stream& stream,
+    const std::vector<mx::array>& inputs,
+    mx::array& out,
+    bool in_bthd,
+    float sign) {
+  auto& in = inputs[0];
+  alloc(out);
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (auto& a : inputs) {
+    encoder.set_input_array(a);
+  }
+  encoder.set_output_array(out);
+  const auto& bthd = in_bthd ? in.shape() : out.shape();
+  encoder.dispatch([pi = in.data<float>(),
+                    pc = inputs[1].data<float>(),
+                    ps = inputs[2].data<float>(),
+                    po = out.data<float>(),
+                    b = int64_t(bthd[0]),
+                    t = int64_t(bthd[1]),
+                    h = int64_t(bthd[2]),
+                    d = int64_t(bthd[3]),
+                    in_bthd,
+                    sign]() { rope_rows(pi, pc, ps, po, b, t, h, d, in_bthd, sign); });
+}
+
+void Rope::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  eval_rope(stream(), inputs, outputs[0], true, 1.0f);
+}
+
+std::vector<mx::array> Rope::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg == 0) {
+      grads.push_back(mx::array(
+          primals[0].shape(),
+          mx::float32,
+          std::make_shared<RopeGrad>(stream()),
+          {mx::contiguous(cotangents[0], false, stream()), primals[1], primals[2]}));
+    } else {
+      grads.push_back(mx::zeros_like(primals[arg], stream())); // the angles are constants
+    }
+  }
+  return grads;
+}
+
+void RopeGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  eval_rope(stream(), inputs, outputs[0], false, -1.0f);
+}
+
+mx::array swap_heads(const mx::array& x, bool to_heads) {
+  check_cpu_float32(x, "swap_heads");
+  if (x.ndim() != 4) {
+    throw std::invalid_argument("swap_heads: expected a 4-D array");
+  }
+  auto s = mx::to_stream(mx::Device::cpu);
+  return mx::array(
+      {x.shape(0), x.shape(2), x.shape(1), x.shape(3)},
+      mx::float32,
+      std::make_shared<SwapHeads>(s, to_heads),
+      {mx::contiguous(x, false, s)});
+}
+
+void SwapHeads::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& in = inputs[0];
+  auto& out = outputs[0];
+  alloc(out);
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  const auto& bthd = to_heads_ ? in.shape() : out.shape();
+  encoder.dispatch([pi = in.data<float>(),
+                    po = out.data<float>(),
+                    b = int64_t(bthd[0]),
+                    t = int64_t(bthd[1]),
+                    h = int64_t(bthd[2]),
+                    d = int64_t(bthd[3]),
+                    in_bthd = to_heads_]() {
+    rope_rows(pi, nullptr, nullptr, po, b, t, h, d, in_bthd, 1.0f);
+  });
+}
+
+std::vector<mx::array> SwapHeads::vjp(
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>&,
+    const std::vector<mx::array>&) {
+  return {swap_heads(cotangents[0], !to_heads_)};
 }
 
 void CpuPrimitive::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {

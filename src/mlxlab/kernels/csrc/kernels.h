@@ -27,6 +27,34 @@ mx::array swiglu(const mx::array& gate, const mx::array& up);
 // (T_q, T_kv) float32 array broadcast over the leading axes (attention's causal mask).
 mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask);
 
+// RMS normalization over the last axis: x (..., D) float32, weight (D,) float32 ->
+// x * rsqrt(mean(x^2) + eps) * weight (what mx.fast.rms_norm computes).
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps);
+
+// One AdamW step of one parameter: (p, g, m, v) float32 of one shape and coef = (decay, c1, c2)
+// float32 -> (p', m', v') with m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2,
+// p' = p decay - c1 m' / (sqrt(v') c2 + eps): mlx.optimizers.AdamW's update, with
+// decay = 1 - lr wd, c1 = lr / (1 - b1^t), c2 = 1 / sqrt(1 - b2^t) (or c1 = lr, c2 = 1 without
+// bias correction).
+std::vector<mx::array> adamw(
+    const mx::array& p,
+    const mx::array& g,
+    const mx::array& m,
+    const mx::array& v,
+    const mx::array& coef,
+    double b1,
+    double b2,
+    float eps);
+
+// Rotary embedding (rotate-half layout) fused with the move of the heads axis: x (B, T, H, D)
+// float32, cos and sin (T, D/2) float32 (of the angles (offset + t) * scale * base^(-2i/D)) ->
+// (B, H, T, D), what mx.fast.rope(x.transpose(0, 2, 1, 3), D, traditional=False, ...) computes.
+mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin);
+
+// The heads transpose of attention as one multi-threaded copy: (B, T, H, D) -> (B, H, T, D) when
+// to_heads, else (B, H, T, D) -> (B, T, H, D). Its VJP is the other direction.
+mx::array swap_heads(const mx::array& x, bool to_heads);
+
 // Threads the kernels split work over (default: hardware concurrency).
 void set_num_threads(int n);
 int num_threads();
@@ -90,6 +118,77 @@ class Softmax : public CpuPrimitive {
 class SoftmaxGrad : public CpuPrimitive {
  public:
   MLXLAB_PRIMITIVE_BODY(SoftmaxGrad)
+};
+
+// Inputs: x (N, D), weight (D,) -> (y (N, D), rstd (N,)); rstd is kept for the VJP.
+class RMSNorm : public CpuPrimitive {
+ public:
+  RMSNorm(mx::Stream stream, float eps) : CpuPrimitive(stream), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabRMSNorm";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RMSNorm&>(other).eps_;
+  }
+  MLXLAB_VJP
+
+ private:
+  float eps_;
+};
+
+// Inputs: x (N, D), weight (D,), rstd (N,), cotangent (N, D) -> (d x, d weight).
+class RMSNormGrad : public CpuPrimitive {
+ public:
+  MLXLAB_PRIMITIVE_BODY(RMSNormGrad)
+};
+
+// Inputs: p, g, m, v, coef (3,) -> (p', m', v'); see adamw() above.
+class AdamW : public CpuPrimitive {
+ public:
+  // b1, b2 as the Python floats they are: 1 - b1 is rounded to float32 once, as MLX does.
+  AdamW(mx::Stream stream, double b1, double b2, float eps)
+      : CpuPrimitive(stream), b1_(b1), b2_(b2), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabAdamW";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const AdamW&>(other);
+    return b1_ == o.b1_ && b2_ == o.b2_ && eps_ == o.eps_;
+  }
+
+ private:
+  double b1_, b2_;
+  float eps_;
+};
+
+class Rope : public CpuPrimitive {
+ public:
+  MLXLAB_PRIMITIVE_BODY(Rope)
+  MLXLAB_VJP
+};
+
+// Inputs: cotangent (B, H, T, D), cos, sin -> d x (B, T, H, D): the inverse rotation.
+class RopeGrad : public CpuPrimitive {
+ public:
+  MLXLAB_PRIMITIVE_BODY(RopeGrad)
+};
+
+class SwapHeads : public CpuPrimitive {
+ public:
+  SwapHeads(mx::Stream stream, bool to_heads) : CpuPrimitive(stream), to_heads_(to_heads) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabSwapHeads";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return to_heads_ == static_cast<const SwapHeads&>(other).to_heads_;
+  }
+  MLXLAB_VJP
+
+ private:
+  bool to_heads_;
 };
 
 #undef MLXLAB_PRIMITIVE_BODY
