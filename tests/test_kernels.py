@@ -106,6 +106,9 @@ def test_the_fused_path_really_runs():
     q = logits.reshape(1, 1, 4, 8)
     assert "MlxlabSoftmax" in graph_text(lambda x: kernels.attention(x, x, x, 0.5), q)
     kernels.set_mode("off")
+    for fn in (kernels.gelu, lambda x: kernels.dropout(x, 0.5), lambda x: kernels.layer_norm(
+            x, mx.ones((8,)), mx.zeros((8,)), 1e-5), lambda x: kernels.attention(x, x, x, 0.5)):
+        assert "Mlxlab" not in graph_text(fn, q)
     assert "Mlxlab" not in graph_text(lambda x: kernels.cross_entropy(x, targets), logits)
 
 
@@ -157,6 +160,110 @@ def test_attention_values_and_gradients_equal_mlx(b, h, t_q, t_kv, d, masked):
     fused, ref = both_paths(run, q, k, v)
     for got, want in zip(fused, ref):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("b, h, t, d, boolean", [(1, 1, 1, 4, True), (3, 4, 9, 8, True), (2, 2, 7, 16, False)])
+def test_key_padding_attention_equals_mlx(b, h, t, d, boolean):
+    """The (B, 1, 1, T) key-padding mask BERT makes runs fused (per batch row, broadcast over
+    heads and queries): values and gradients equal MLX's SDPA, padded keys get no weight."""
+    from mlxlab.models.layers import padding_mask
+
+    ks = mx.random.split(mx.random.key(b * 10 + t), 4)
+    q, k, v, cot = (mx.random.normal((b, h, t, d), key=key) for key in ks)
+    lengths = mx.array([max(1, t - 3 * i) for i in range(b)])
+    mask = padding_mask(mx.arange(t)[None] < lengths[:, None])
+    assert mask.shape == (b, 1, 1, t) and mask.dtype == mx.bool_
+    if not boolean:
+        mask = mx.where(mask, 0.0, -1e9)
+
+    def run(q, k, v):
+        fn = mx.value_and_grad(
+            lambda q, k, v: (kernels.attention(q, k, v, d**-0.5, mask) * cot).sum(), argnums=(0, 1, 2))
+        value, grads = fn(q, k, v)
+        return kernels.attention(q, k, v, d**-0.5, mask), value, *grads
+
+    fused, ref = both_paths(run, q, k, v)
+    for got, want in zip(fused, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert "MlxlabSoftmax" in graph_text(lambda x: kernels.attention(x, k, v, 0.5, mask), q)
+
+
+@pytest.mark.parametrize("shape, scale", [((1,), 1.0), ((5, 3), 0.1), ((2, 9, 513), 3.0), ((4, 100), 30.0)])
+def test_gelu_values_and_gradients_equal_mlx(shape, scale):
+    """Tails included: |x| > 4 is where the rational erf saturates."""
+    k1, k2 = mx.random.split(mx.random.key(shape[-1]))
+    x = mx.random.normal(shape, key=k1) * scale
+    cot = mx.random.normal(shape, key=k2)
+
+    def run(x):
+        value, grad = mx.value_and_grad(lambda x: (kernels.gelu(x) * cot).sum())(x)
+        return kernels.gelu(x), value, grad
+
+    fused, ref = both_paths(run, x)
+    for got, want in zip(fused, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * max(1.0, scale) * np.sqrt(x.size))
+    assert "MlxlabGelu" in graph_text(kernels.gelu, x)
+
+
+@pytest.mark.parametrize("shape, offset", [((1, 1), 0.0), ((3, 7), 2.0), ((2, 5, 128), 100.0), ((9, 333), -3.0)])
+def test_layer_norm_values_and_gradients_equal_mlx(shape, offset):
+    """Large means included (cancellation in the variance)."""
+    ks = mx.random.split(mx.random.key(shape[-1] + 1), 4)
+    x = mx.random.normal(shape, key=ks[0]) * 2 + offset
+    w = mx.random.normal(shape[-1:], key=ks[1])
+    b = mx.random.normal(shape[-1:], key=ks[2])
+    cot = mx.random.normal(shape, key=ks[3])
+
+    def run(x, w, b):
+        fn = mx.value_and_grad(lambda x, w, b: (kernels.layer_norm(x, w, b, 1e-5) * cot).sum(),
+                               argnums=(0, 1, 2))
+        value, grads = fn(x, w, b)
+        return kernels.layer_norm(x, w, b, 1e-5), value, *grads
+
+    fused, ref = both_paths(run, x, w, b)
+    for got, want in zip(fused, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert "MlxlabLayerNorm" in graph_text(lambda x: kernels.layer_norm(x, w, b, 1e-5), x)
+    # Not affine: MLX's own op.
+    np.testing.assert_allclose(np.array(kernels.layer_norm(x, None, None, 1e-5)),
+                               np.array(mx.fast.layer_norm(x, None, None, 1e-5)), rtol=1e-6)
+
+
+def test_dropout_drops_at_rate_scales_and_follows_the_seed():
+    """Keep rate 1 - p, kept values scaled by 1/(1-p), the gradient through the same mask; one
+    seed gives one mask, the next call another; neighbours independent; compiled steps advance
+    MLX's random state like the MLX path, so seeded runs repeat."""
+    x = mx.ones((64, 48, 128))
+    p = 0.3
+    mx.random.seed(7)
+    a = np.array(kernels.dropout(x, p))
+    b = np.array(kernels.dropout(x, p))
+    mx.random.seed(7)
+    np.testing.assert_array_equal(np.array(kernels.dropout(x, p)), a)
+    assert not np.array_equal(a, b)
+    kept = a != 0
+    assert abs(kept.mean() - (1 - p)) < 0.005
+    np.testing.assert_allclose(a[kept], 1 / (1 - p), rtol=1e-6)
+    flat = kept.reshape(-1).astype(np.float64)
+    assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 0.01
+    assert abs(np.corrcoef(kept[0].reshape(-1), kept[1].reshape(-1))[0, 1]) < 0.02
+
+    cot = mx.random.normal(x.shape)
+    mx.random.seed(3)
+    y, vjp = mx.vjp(lambda x: kernels.dropout(x, p), [x * 2], [cot])
+    np.testing.assert_allclose(np.array(vjp[0]), np.array(cot) * (np.array(y[0]) != 0) / (1 - p),
+                               rtol=1e-6)
+    assert "MlxlabDropout" in graph_text(lambda x: kernels.dropout(x, p), x)
+
+    state = [mx.random.state]
+    step = mx.compile(lambda x: kernels.dropout(x, p), inputs=state, outputs=state)
+    masks = []
+    for _ in range(2):
+        mx.random.seed(11)
+        masks.append([np.array(step(x)) for _ in range(2)])
+    np.testing.assert_array_equal(masks[0][0], masks[1][0])
+    np.testing.assert_array_equal(masks[0][1], masks[1][1])
+    assert not np.array_equal(masks[0][0], masks[0][1])
 
 
 def test_masked_softmax_gradient_reaches_the_mask():

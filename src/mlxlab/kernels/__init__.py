@@ -1,11 +1,13 @@
 """Fused CPU kernels (C++ MLX primitives in csrc/) with the pure-MLX formulation as fallback.
 
-Models and losses call `cross_entropy`, `swiglu`, `attention`, `rms_norm`, `rope` and
-`split_heads`/`merge_heads` here, and the trainer's AdamW is `AdamW` (adamw.py); each call picks
+Models and losses call `cross_entropy`, `swiglu`, `gelu`, `attention`, `rms_norm`, `layer_norm`,
+`dropout`, `rope` and `split_heads`/`merge_heads` here, and the trainer's AdamW is `AdamW` (adamw.py); each call picks
 the fused primitive or the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run scalar on one
 thread, so the vocabulary softmax, the attention softmax and the SiLU of a small transformer cost
-several times PyTorch's, and its RMSNorm, RoPE, strided copies and AdamW update run as
-single-threaded element-wise ops (see docs/benchmarks.md, issue 12). The fused kernels do the
+several times PyTorch's, its erf (the exact GELU) is a scalar libm call that took more than half
+of the default BERT's step, and its RMSNorm, LayerNorm, RoPE, strided copies and AdamW update run
+as single-threaded element-wise ops; its dropout draws threefry bits on one thread (see
+docs/benchmarks.md, issues 12 and 24). The fused kernels do the
 same math in one vectorized, multi-threaded pass, forward and backward (their VJPs are fused
 kernels too).
 
@@ -39,7 +41,8 @@ MODES = ("auto", "on", "off")
 ENV = "MLXLAB_FUSED_KERNELS"
 THREADS_ENV = "MLXLAB_KERNEL_THREADS"
 SKIP_ENV = "MLXLAB_FUSED_KERNELS_SKIP"
-OPS = ("cross_entropy", "swiglu", "attention", "rms_norm", "rope", "heads", "adamw")
+OPS = ("cross_entropy", "swiglu", "attention", "rms_norm", "rope", "heads", "adamw", "gelu",
+       "layer_norm", "dropout")
 
 _mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
 _module: ModuleType | None = None
@@ -143,14 +146,23 @@ def attention(
 ) -> mx.array:
     """softmax(q k^T * scale + mask) v over (B, H, T, D) heads, what
     mx.fast.scaled_dot_product_attention computes. Fused: the two matmuls go to BLAS and the
-    masked softmax (forward and backward) to one kernel, for float32 with no mask or an additive
-    (T_q, T_kv) mask and as many key/value heads as query heads; otherwise MLX's SDPA."""
-    plain_mask = mask is None or (isinstance(mask, mx.array) and mask.ndim == 2)
-    module = _fused("attention", q, k, v, *([mask] if isinstance(mask, mx.array) else []))
+    masked softmax (forward and backward) to one kernel, for float32 with no mask, an additive
+    (T_q, T_kv) mask or a key-padding mask (B, 1, 1, T_kv) (boolean, True = may attend, as
+    models.layers.padding_mask makes; or additive), and as many key/value heads as query heads;
+    otherwise MLX's SDPA."""
+    key_mask = isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1:3] == (1, 1)
+    plain_mask = mask is None or key_mask or (isinstance(mask, mx.array) and mask.ndim == 2)
+    module = _fused("attention", q, k, v)
     if module is None or not plain_mask or q.shape[1] != k.shape[1]:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if isinstance(mask, mx.array):
+        if mask.dtype == mx.bool_:
+            mask = mx.where(mask, mx.array(0.0), mx.array(-mx.inf))
+        mask = mask.astype(mx.float32)
+        if key_mask:
+            mask = mask.reshape(mask.shape[0], mask.shape[-1])
     scores = (q * scale) @ k.swapaxes(-1, -2)
-    return module.softmax(scores, mask) @ v
+    return module.softmax(scores, mask, key_mask) @ v
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
@@ -203,7 +215,38 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return module.swiglu(gate, up)
 
 
+def gelu(x: mx.array) -> mx.array:
+    """The exact GELU, x * (1 + erf(x / sqrt(2))) / 2: nn.gelu. Fused: one vectorized,
+    multi-threaded pass each way (MLX's CPU erf is scalar and single-threaded)."""
+    module = _fused("gelu", x)
+    return nn.gelu(x) if module is None else module.gelu(x)
+
+
+def dropout(x: mx.array, p: float) -> mx.array:
+    """Inverted dropout, x * keep / (1 - p), keep ~ Bernoulli(1 - p): nn.Dropout in training.
+    Fused: the keep draws come from a counter-based hash of a key drawn from MLX's global random
+    state (mx.random.randint), so seeds, mx.compile's captured state and bitwise resume work
+    as before; MLX's own draw runs threefry on one thread, 3 % of the default BERT's
+    step. The two paths draw different masks from one seed."""
+    module = _fused("dropout", x)
+    if module is None:
+        keep = 1.0 - p
+        return (mx.random.bernoulli(keep, x.shape) * x) * (1 / keep)
+    key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)  # 62 random bits
+    return module.dropout(x, key, p)
+
+
+def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis: mx.fast.layer_norm.
+    Fused for an affine norm (weight and bias (D,)): one pass forward, one backward."""
+    affine = weight is not None and bias is not None and weight.ndim == 1
+    module = _fused("layer_norm", x, weight, bias) if affine and x.shape[-1:] == weight.shape else None
+    if module is None:
+        return mx.fast.layer_norm(x, weight, bias, eps)
+    return module.layer_norm(x, weight, bias, eps)
+
+
 from mlxlab.kernels.adamw import AdamW  # noqa: E402  (uses _fused above)
 
-__all__ = ["AdamW", "attention", "cross_entropy", "mlx_cross_entropy", "merge_heads", "mode",
-           "rms_norm", "rope", "set_mode", "split_heads", "status", "swiglu"]
+__all__ = ["AdamW", "attention", "cross_entropy", "dropout", "gelu", "layer_norm", "mlx_cross_entropy",
+           "merge_heads", "mode", "rms_norm", "rope", "set_mode", "split_heads", "status", "swiglu"]

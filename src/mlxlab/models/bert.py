@@ -18,7 +18,9 @@ from mlxlab.errors import ConfigError
 from mlxlab.models.hf import bert_config_from_hf, check_vocab, load_hf_bert_weights
 from mlxlab.models.layers import (
     Attention,
+    Dropout,
     GeluMLP,
+    LayerNorm,
     check_dropout,
     check_positive,
     init_normal_,
@@ -47,8 +49,8 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(max_position, hidden_size)
         if type_vocab_size > 0:
             self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size)
-        self.norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.norm = LayerNorm(hidden_size, eps=eps)
+        self.dropout = Dropout(dropout)
 
     def __call__(self, input_ids: mx.array, token_type_ids: mx.array | None = None) -> mx.array:
         if input_ids.ndim != 2:
@@ -83,10 +85,10 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.pre_norm = norm_position == "pre"
         self.attention = Attention(hidden_size, num_heads, bias=True)
-        self.attention_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.attention_norm = LayerNorm(hidden_size, eps=eps)
         self.mlp = GeluMLP(hidden_size, intermediate_size, bias=True)
-        self.mlp_norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.mlp_norm = LayerNorm(hidden_size, eps=eps)
+        self.dropout = Dropout(dropout)
 
     def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
         if self.pre_norm:
@@ -128,7 +130,7 @@ class BertEncoder(nn.Module):
             for _ in range(num_layers)
         ]
         if norm_position == "pre":
-            self.final_norm = nn.LayerNorm(hidden_size, eps=eps)
+            self.final_norm = LayerNorm(hidden_size, eps=eps)
 
     def __call__(
         self,
@@ -229,7 +231,7 @@ class BertClassifier(nn.Module):
         )
         if pooler:
             self.pooler = nn.Linear(sizes["hidden_size"], sizes["hidden_size"])
-        self.dropout = nn.Dropout(sizes["dropout"])
+        self.dropout = Dropout(sizes["dropout"])
         self.classifier = nn.Linear(sizes["hidden_size"], num_labels)
         init_normal_(self)
         self._architecture = {**sizes, "vocab_size": vocab_size, "num_labels": num_labels,

@@ -13,7 +13,7 @@ import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
 from mlxlab.models.bert import BertEncoder
-from mlxlab.models.layers import check_dropout, check_positive, init_normal_
+from mlxlab.models.layers import Dropout, check_dropout, check_positive, init_normal_
 from mlxlab.models.lora import maybe_apply_lora
 
 
@@ -66,7 +66,7 @@ class CNNHybrid(nn.Module):
         if use_encoder:
             self.pooler = nn.Linear(hidden_size, hidden_size)
             features += hidden_size
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(features, num_labels)
         init_normal_(self)
         maybe_apply_lora(self, lora, default_extra_trainable=("classifier", "convs"))

@@ -148,7 +148,7 @@ class GeluMLP(nn.Module):
         self.down = nn.Linear(hidden_dim, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down(nn.gelu(self.up(x)))
+        return self.down(kernels.gelu(self.up(x)))
 
 
 def make_mlp(kind: str, dim: int, hidden_dim: int | None, bias: bool) -> nn.Module:
@@ -169,11 +169,31 @@ class RMSNorm(nn.RMSNorm):
         return kernels.rms_norm(x, self["weight"], self.eps)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout (same p, same training switch) over mlxlab.kernels.dropout: the fused CPU
+    kernel where it applies, MLX's Bernoulli draw otherwise."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self._p_1 == 1 or not self.training:
+            return x
+        return kernels.dropout(x, 1.0 - self._p_1)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same weight, bias and eps) over mlxlab.kernels.layer_norm: the fused CPU
+    kernel where it applies, mx.fast.layer_norm otherwise."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "weight" not in self:  # affine=False
+            return super().__call__(x)
+        return kernels.layer_norm(x, self["weight"], self.get("bias"), self.eps)
+
+
 def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
     if kind == "rmsnorm":
         return RMSNorm(dim, eps=eps)
     if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps)
+        return LayerNorm(dim, eps=eps)
     raise ConfigError(f"unknown norm={kind!r}; use 'rmsnorm' or 'layernorm'")
 
 

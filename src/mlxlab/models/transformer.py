@@ -14,6 +14,7 @@ from mlxlab.models.hf import check_vocab, read_config
 from mlxlab.models.hf_llama import decoder_kwargs, load_hf_decoder_weights
 from mlxlab.models.layers import (
     Attention,
+    Dropout,
     KVCache,
     causal_additive_mask,
     causal_padding_mask,
@@ -44,7 +45,7 @@ class DecoderBlock(nn.Module):
         self.attention_norm = make_norm(norm, dim, norm_eps)
         self.mlp = make_mlp(mlp, dim, mlp_dim, bias=mlp_bias)
         self.mlp_norm = make_norm(norm, dim, norm_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def __call__(self, x: mx.array, mask, cache: KVCache | None = None) -> mx.array:
         x = x + self.dropout(self.attention(self.attention_norm(x), mask, cache))
@@ -126,7 +127,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(vocab_size, dim)
         if positions == "learned":
             self.pos_embed = nn.Embedding(max_seq_len, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.layers = [
             DecoderBlock(
                 dim, num_heads, num_kv_heads, mlp_dim, norm, mlp,

@@ -26,12 +26,33 @@ NB_MODULE(_mlxlab_kernels, m) {
       "silu(gate) * up for float32 arrays of one shape.");
   m.def(
       "softmax",
-      [](const mx::array& x, const std::optional<mx::array>& mask) {
-        return mlxlab::softmax(x, mask);
+      [](const mx::array& x, const std::optional<mx::array>& mask, bool key_mask) {
+        return mlxlab::softmax(x, mask, key_mask);
       },
       "x"_a,
       "mask"_a = nb::none(),
-      "softmax(x + mask) over the last axis; mask an additive (T_q, T_kv) array or None.");
+      "key_mask"_a = false,
+      "softmax(x + mask) over the last axis; mask an additive (T_q, T_kv) array, with key_mask "
+      "a (B, T_kv) one, or None.");
+  m.def("gelu", [](const mx::array& x) { return mlxlab::gelu(x); }, "x"_a,
+        "The exact (erf) GELU of a float32 array.");
+  m.def(
+      "dropout",
+      [](const mx::array& x, const mx::array& key, float p) { return mlxlab::dropout(x, key, p); },
+      "x"_a,
+      "key"_a,
+      "p"_a,
+      "Inverted dropout of float32 x with drop probability p, drawn from the uint32 (2,) key.");
+  m.def(
+      "layer_norm",
+      [](const mx::array& x, const mx::array& weight, const mx::array& bias, float eps) {
+        return mlxlab::layer_norm(x, weight, bias, eps);
+      },
+      "x"_a,
+      "weight"_a,
+      "bias"_a,
+      "eps"_a,
+      "(x - mean) / sqrt(var + eps) * weight + bias over the last axis of float32 x (..., D).");
   m.def(
       "rms_norm",
       [](const mx::array& x, const mx::array& weight, float eps) {

@@ -1,5 +1,6 @@
 // Fused CPU kernels for mlxlab; see kernels.h for what and why.
 #include "kernels.h"
+#include "common.h"
 
 #include <algorithm>
 #include <atomic>
@@ -21,37 +22,12 @@
 
 namespace mlxlab {
 
+using namespace detail;
+
 namespace {
 
 std::atomic<int> g_threads{0};
 
-// exp(x) for float32, branch-free so that loops over it vectorize: Cody-Waite range reduction
-// x = n ln2 + r and the Cephes degree-6 polynomial for e^r (max rel. error ~2 ulp). Inputs are
-// clamped to [-87.3, 88]; below -87.3 it returns 0 (the true value is a denormal).
-inline float fast_exp(float x) {
-  const float x0 = x;
-  // Ternaries, not fmin/fmax: those have NaN rules that block vectorization (a NaN passes
-  // through here and comes out NaN).
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.0f ? 88.0f : x;
-  float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  float y = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  // Below the clamp the true value is < 1.2e-38: return exactly 0 so a -inf mask gives 0.
-  return x0 < -87.3f ? 0.0f : y * std::bit_cast<float>(bits);
-}
-
-inline float sigmoid(float x) {
-  return 1.0f / (1.0f + fast_exp(-x));
-}
 
 // A persistent pool of num_threads() - 1 workers, started on first use. Why not a thread per
 // call: a nano training step makes ~100 kernel calls of 0.05-1 ms each, and starting a thread
@@ -134,39 +110,6 @@ Pool& pool() {
   return *current.load();
 }
 
-// How many threads a job of n indices of `cost` elements each gets: jobs under kMinWork
-// elements stay on one thread (waking a worker costs ~10 us).
-int64_t plan_threads(int64_t n, int64_t cost) {
-  constexpr int64_t kMinWork = 1 << 15;
-  int64_t threads = std::min<int64_t>(num_threads(), std::max<int64_t>(1, n * cost / kMinWork));
-  return std::max<int64_t>(1, std::min(threads, n));
-}
-
-// Runs part(t) for t in [0, parts) on the pool (the calling thread included).
-void parallel_parts(int64_t parts, const std::function<void(int)>& part) {
-  if (parts <= 1 || !pool().run(static_cast<int>(parts), part)) {
-    for (int t = 0; t < parts; ++t) {
-      part(t);
-    }
-  }
-}
-
-// Runs fn(begin, end) over [0, n) split into plan_threads(n, cost) contiguous blocks.
-template <typename F>
-void parallel_for(int64_t n, int64_t cost, F&& fn) {
-  int64_t threads = plan_threads(n, cost);
-  if (threads <= 1) {
-    fn(int64_t{0}, n);
-    return;
-  }
-  int64_t block = (n + threads - 1) / threads;
-  parallel_parts(threads, [&](int t) {
-    int64_t begin = t * block, end = std::min(n, begin + block);
-    if (begin < end) {
-      fn(begin, end);
-    }
-  });
-}
 
 // One row: lse = max + log(sum exp(x - max)); NaN anywhere in the row makes lse NaN (as the
 // composed MLX ops would), which the max/sum reductions alone would drop.
@@ -313,11 +256,6 @@ void cross_entropy_grad_rows(
   });
 }
 
-void check_cpu_float32(const mx::array& a, const char* what) {
-  if (a.dtype() != mx::float32) {
-    throw std::invalid_argument(std::string(what) + ": mlxlab fused kernels take float32 only");
-  }
-}
 
 template <typename Fn>
 void dispatch_target_dtype(mx::Dtype dt, Fn&& fn) {
@@ -336,11 +274,26 @@ void dispatch_target_dtype(mx::Dtype dt, Fn&& fn) {
   }
 }
 
-void alloc(mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-}
 
 } // namespace
+
+namespace detail {
+
+int64_t plan_threads(int64_t n, int64_t cost) {
+  constexpr int64_t kMinWork = 1 << 15;
+  int64_t threads = std::min<int64_t>(num_threads(), std::max<int64_t>(1, n * cost / kMinWork));
+  return std::max<int64_t>(1, std::min(threads, n));
+}
+
+void parallel_parts(int64_t parts, const std::function<void(int)>& part) {
+  if (parts <= 1 || !pool().run(static_cast<int>(parts), part)) {
+    for (int t = 0; t < parts; ++t) {
+      part(t);
+    }
+  }
+}
+
+} // namespace detail
 
 void set_num_threads(int n) {
   g_threads = std::max(1, n);
@@ -521,7 +474,7 @@ void SwiGLUGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
 
 // ---- softmax with an additive mask (attention) ---------------------------------------------
 
-mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask) {
+mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask, bool key_mask) {
   check_cpu_float32(x, "softmax");
   if (x.ndim() < 2) {
     throw std::invalid_argument("softmax: expected scores (..., T_q, T_kv)");
@@ -530,12 +483,16 @@ mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask) {
   std::vector<mx::array> inputs{mx::contiguous(x, false, s)};
   if (mask) {
     check_cpu_float32(*mask, "softmax mask");
-    if (mask->ndim() != 2 || mask->shape(0) != x.shape(-2) || mask->shape(1) != x.shape(-1)) {
-      throw std::invalid_argument("softmax: the mask must be (T_q, T_kv) like the scores' last axes");
+    int rows = key_mask ? x.shape(0) : x.shape(-2);
+    if (mask->ndim() != 2 || mask->shape(0) != rows || mask->shape(1) != x.shape(-1)) {
+      throw std::invalid_argument(
+          key_mask ? "softmax: a key mask must be (B, T_kv) for scores (B, ..., T_kv)"
+                   : "softmax: the mask must be (T_q, T_kv) like the scores' last axes");
     }
     inputs.push_back(mx::contiguous(*mask, false, s));
   }
-  return mx::array(x.shape(), mx::float32, std::make_shared<Softmax>(s), std::move(inputs));
+  return mx::array(
+      x.shape(), mx::float32, std::make_shared<Softmax>(s, key_mask && mask), std::move(inputs));
 }
 
 void Softmax::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -547,12 +504,15 @@ void Softmax::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
     encoder.set_input_array(a);
   }
   encoder.set_output_array(out);
-  int64_t v = x.shape(-1), tq = x.shape(-2), rows = x.size() / v;
+  int64_t v = x.shape(-1), rows = x.size() / v;
+  // Row i of the scores reads mask row (i / per) % wrap: (T_q, T_kv) masks cycle with the query
+  // (per 1, wrap T_q), key masks stay for all rows of one batch element (per = rows / B).
+  int64_t per = key_mask_ ? rows / x.shape(0) : 1, wrap = key_mask_ ? x.shape(0) : x.shape(-2);
   const float* mask = inputs.size() > 1 ? inputs[1].data<float>() : nullptr;
-  encoder.dispatch([px = x.data<float>(), mask, po = out.data<float>(), rows, tq, v]() {
+  encoder.dispatch([px = x.data<float>(), mask, po = out.data<float>(), rows, per, wrap, v]() {
     parallel_for(rows, v, [=](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        row_softmax(px + i * v, mask ? mask + (i % tq) * v : nullptr, po + i * v, v);
+        row_softmax(px + i * v, mask ? mask + ((i / per) % wrap) * v : nullptr, po + i * v, v);
       }
     });
   });
@@ -573,9 +533,11 @@ std::vector<mx::array> Softmax::vjp(
     if (arg == 0) {
       grads.push_back(ds);
     } else {
-      // The mask is broadcast over the leading axes: its gradient sums them.
+      // The mask is broadcast over the other axes: its gradient sums them.
       auto& mask = primals[1];
-      grads.push_back(mx::sum(mx::reshape(ds, {-1, mask.shape(0), mask.shape(1)}, stream()), 0, false, stream()));
+      mx::Shape shape = key_mask_ ? mx::Shape{mask.shape(0), -1, mask.shape(1)}
+                                  : mx::Shape{-1, mask.shape(0), mask.shape(1)};
+      grads.push_back(mx::sum(mx::reshape(ds, shape, stream()), key_mask_ ? 1 : 0, false, stream()));
     }
   }
   return grads;

@@ -24,8 +24,22 @@ mx::array cross_entropy(const mx::array& logits, const mx::array& targets);
 mx::array swiglu(const mx::array& gate, const mx::array& up);
 
 // softmax(x + mask) over the last axis: scores (..., T_q, T_kv) float32, mask an optional additive
-// (T_q, T_kv) float32 array broadcast over the leading axes (attention's causal mask).
-mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask);
+// float32 array: (T_q, T_kv) broadcast over the leading axes (attention's causal mask), or with
+// key_mask (B, T_kv) broadcast over the heads and queries of scores (B, ..., T_q, T_kv) (an
+// encoder's key padding).
+mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask, bool key_mask = false);
+
+// The exact GELU, x * (1 + erf(x / sqrt(2))) / 2, element-wise on float32 (BERT's, GPT-2's MLP).
+mx::array gelu(const mx::array& x);
+
+// Inverted dropout: x * keep / (1 - p), keep drawn with probability 1 - p per element from a
+// counter-based hash of (key, index): key a uint32 (2,) array (an mx.random key), so the draw
+// is a function of MLX's random state and does not depend on the threads.
+mx::array dropout(const mx::array& x, const mx::array& key, float p);
+
+// Layer normalization over the last axis: x (..., D), weight and bias (D,), float32 ->
+// (x - mean) / sqrt(var + eps) * weight + bias (what mx.fast.layer_norm computes).
+mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, float eps);
 
 // RMS normalization over the last axis: x (..., D) float32, weight (D,) float32 ->
 // x * rsqrt(mean(x^2) + eps) * weight (what mx.fast.rms_norm computes).
@@ -110,8 +124,18 @@ class SwiGLUGrad : public CpuPrimitive {
 
 class Softmax : public CpuPrimitive {
  public:
-  MLXLAB_PRIMITIVE_BODY(Softmax)
+  Softmax(mx::Stream stream, bool key_mask) : CpuPrimitive(stream), key_mask_(key_mask) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabSoftmax";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return key_mask_ == static_cast<const Softmax&>(other).key_mask_;
+  }
   MLXLAB_VJP
+
+ private:
+  bool key_mask_; // the mask is (B, T_kv) per batch row, not (T_q, T_kv)
 };
 
 // Inputs: softmax output p, cotangent dp -> d scores.
@@ -189,6 +213,59 @@ class SwapHeads : public CpuPrimitive {
 
  private:
   bool to_heads_;
+};
+
+class Gelu : public CpuPrimitive {
+ public:
+  MLXLAB_PRIMITIVE_BODY(Gelu)
+  MLXLAB_VJP
+};
+
+// Inputs: x, cotangent -> d x.
+class GeluGrad : public CpuPrimitive {
+ public:
+  MLXLAB_PRIMITIVE_BODY(GeluGrad)
+};
+
+// Inputs: x, key -> (y, scale) with scale = keep / (1 - p): the VJP multiplies by it.
+class Dropout : public CpuPrimitive {
+ public:
+  Dropout(mx::Stream stream, float p) : CpuPrimitive(stream), p_(p) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabDropout";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return p_ == static_cast<const Dropout&>(other).p_;
+  }
+  MLXLAB_VJP
+
+ private:
+  float p_;
+};
+
+// Inputs: x (N, D), weight (D,), bias (D,) -> (y (N, D), mean (N,), rstd (N,)); mean and rstd
+// are kept for the VJP.
+class LayerNorm : public CpuPrimitive {
+ public:
+  LayerNorm(mx::Stream stream, float eps) : CpuPrimitive(stream), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabLayerNorm";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const LayerNorm&>(other).eps_;
+  }
+  MLXLAB_VJP
+
+ private:
+  float eps_;
+};
+
+// Inputs: x (N, D), weight (D,), mean (N,), rstd (N,), cotangent (N, D) -> (d x, d weight, d bias).
+class LayerNormGrad : public CpuPrimitive {
+ public:
+  MLXLAB_PRIMITIVE_BODY(LayerNormGrad)
 };
 
 #undef MLXLAB_PRIMITIVE_BODY
