@@ -66,9 +66,14 @@ def test_csv_rewind_drops_replayed_steps_and_fanout_reaches_each(tmp_path):
         assert read_metrics(tmp_path / folder)["loss"] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.5)]
 
 
-def test_csv_listed_first_is_one_clear_error(make_cfg):
-    with pytest.raises(ConfigError, match=r"tracking=\[mlflow,csv\]"):
-        train(make_cfg(*FAST, "tracking=[csv,mlflow]"))
+def test_either_order_of_mlflow_and_csv_builds_both(make_cfg):
+    """Both options name the one factory (tracking/fanout.py), so the merged node is the same."""
+    from mlxlab.config import instantiate
+
+    for order in ("[csv,mlflow]", "[mlflow,csv]"):
+        cfg = make_cfg(*FAST, f"tracking={order}", "tracking.background=false")
+        tracker = instantiate(cfg.tracking)
+        assert [type(t).__name__ for t in tracker.trackers] == ["MlflowTracker", "CsvTracker"]
 
 
 class InterruptAt(Callback):

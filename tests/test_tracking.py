@@ -574,8 +574,12 @@ def test_callback_creates_store_only_for_mlflow_tracking(template_db, tmp_path):
     callback.on_multirun_end(none_cfg)
     assert not (tmp_path / "mlruns").exists() and ENV_PARENT_RUN_ID not in os.environ
 
-    fresh_store(template_db, tmp_path)  # on_run_start adds the experiment
-    callback.on_run_start(mlflow_cfg)
+    fresh_store(template_db, tmp_path)
+    callback.on_run_start(mlflow_cfg)  # a background tracker makes the store in its own process
+    assert not client_for(f"sqlite:///{tmp_path}/mlruns/mlflow.db").get_experiment_by_name("demo")
+    with initialize_config_dir(str(tmp_path / "conf"), version_base="1.3"):
+        in_process = compose("config", ["tracking.background=false"], return_hydra_config=True)
+    callback.on_run_start(in_process)  # in-process: the callback adds the experiment, up front
     assert client_for(f"sqlite:///{tmp_path}/mlruns/mlflow.db").get_experiment_by_name("demo")
 
 

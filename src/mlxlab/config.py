@@ -193,9 +193,6 @@ def validate(cfg: DictConfig) -> None:
                               f"{group}={'|'.join(group_options(group)) or '...'}")
     _check_optimizer(cfg)
     _check_callbacks(cfg)
-    tracking = cfg.get("tracking")
-    if "csv" in tracking and not str(tracking["_target_"]).endswith("build_tracker"):
-        raise ConfigError("tracking: list csv after the other tracker: tracking=[mlflow,csv]")
     _check_choice(cfg, "trainer.precision", ("auto", "fp32", "bf16", "fp16"))
     _check_choice(cfg, "trainer.quantize_bits", (None, 2, 3, 4, 6, 8))
     _check_choice(cfg, "trainer.schedule.name", (None, "cosine", "constant"))

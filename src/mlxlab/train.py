@@ -151,6 +151,13 @@ def summary_lines(result, tracker, cfg: DictConfig, run_dir: Path) -> list[str]:
     return lines
 
 
+def build_tracker(cfg: DictConfig, name: str | None = None):
+    """The `tracking` node's tracker (tracking/fanout.py builds MLflow, CSV or both, in a
+    child process with tracking.background), named `name` or run_name(cfg)."""
+    named = {"run_name": name or run_name(cfg)} if "run_name" in cfg.tracking else {}
+    return instantiate(cfg.tracking, **named)
+
+
 def build_callbacks(cfg: DictConfig) -> list:
     """The `callbacks` group's named `_target_` nodes, built in config order (None entries, as
     left by `callbacks.x=null`, are skipped)."""
@@ -199,17 +206,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     use_pretrained_tokenizer(cfg)
     tracker = NullTracker()  # ranks other than 0 track nothing
     if world.is_main:
-        named = {"run_name": run_name(cfg)} if "run_name" in cfg.tracking else {}
-        tracker = instantiate(cfg.tracking, **named)
+        tracker = build_tracker(cfg)
         if hasattr(tracker, "probe"):
             tracker.probe()  # a named store that does not answer fails here, before any training
-        if "uri" in cfg.tracking:
-            from mlxlab.tracking.stale import mark_dead_runs
-
-            try:  # earlier runs of this task killed before their first checkpoint
-                mark_dead_runs(tracker.uri, cfg.tracking.experiment_name, cfg.task_name)
-            except Exception as e:  # housekeeping never stops a run
-                log.warning("could not check for dead MLflow runs: %s", e)
     data = instantiate(cfg.data)
     if world.is_main:  # rank 0 writes the tokenizer (and data caches) first
         data.setup(run_dir)
@@ -246,7 +245,7 @@ def train_distill_rounds(cfg: DictConfig) -> dict[str, float]:
 
     run_dir, choices, _ = hydra_context(cfg)
     name = run_name(cfg)
-    parent = instantiate(cfg.tracking, **({"run_name": name} if "run_name" in cfg.tracking else {}))
+    parent = build_tracker(cfg, name)
     if hasattr(parent, "probe"):  # a store that does not answer fails here, before any manifest
         parent.probe()
     return train_rounds(cfg, train, parent, run_tags(cfg, choices, config_hash(cfg), run_dir), name)

@@ -91,8 +91,10 @@ def _module_file(directory: Path) -> Path | None:
     return found[0] if found else None
 
 
-def build(log=None) -> Path:
+def build(log=None, rpath: bool = True) -> Path:
     """Path of the compiled module for this machine, building it first when the cache has none.
+    rpath=False leaves MLX's library folder out of the module (the install-time build runs in
+    pip's temporary build environment; at import, mlx.core has already loaded libmlx).
 
     Concurrent processes (a sweep's jobs, distributed ranks) take a file lock: one builds, the
     others wait and load its result. A failed build raises KernelBuildError naming the log."""
@@ -116,7 +118,7 @@ def build(log=None) -> Path:
         work = Path(tempfile.mkdtemp(prefix="build-", dir=root))
         log_file = root / "last-build.log"
         try:
-            _cmake(work, log_file)
+            _cmake(work, log_file, rpath)
             built = _module_file(work)
             if built is None:
                 raise KernelBuildError(f"the build produced no {MODULE} module; see {log_file}")
@@ -131,7 +133,7 @@ def build(log=None) -> Path:
     return _module_file(target)
 
 
-def _cmake(work: Path, log_file: Path) -> None:
+def _cmake(work: Path, log_file: Path, rpath: bool = True) -> None:
     import mlx.core as mx
 
     try:
@@ -145,6 +147,7 @@ def _cmake(work: Path, log_file: Path) -> None:
         f"-DPython_EXECUTABLE={sys.executable}",
         f"-Dnanobind_DIR={nanobind.cmake_dir()}",
         f"-DCMAKE_PREFIX_PATH={mlx_prefix}",
+        f"-DMLXLAB_RPATH={'ON' if rpath else 'OFF'}",
     ]
     with open(log_file, "w") as out:
         for cmd in (configure, ["cmake", "--build", str(work)]):

@@ -1,9 +1,8 @@
 """Several trackers as one (`tracking=[mlflow,csv]`): every call goes to each of them.
 
 Hydra merges the options of a list into one `tracking` node: mlflow.yaml gives its flat keys
-(uri, experiment_name, ...), csv.yaml its `csv:` block and this module's `build_tracker` as the
-`_target_` (listed last, its target wins). `build_tracker` then makes the trackers those keys
-describe. The first tracker is the primary one: its run_id and any attribute the trainer or
+(uri, experiment_name, ...), csv.yaml its `csv:` block, and both name this module's
+`build_tracker` as the `_target_`, which makes the trackers those keys describe. The first tracker is the primary one: its run_id and any attribute the trainer or
 train.py asks for beyond the protocol (uri, experiment_id, probe, offline_report) are its own.
 """
 
@@ -63,14 +62,22 @@ class FanoutTracker:
         return getattr(self.trackers[0], name)
 
 
-def build_tracker(csv: dict | None = None, **mlflow: Any) -> Any:
+def build_tracker(csv: dict | None = None, background: bool = False, **mlflow: Any) -> Any:
     """The tracker(s) a composed `tracking` node describes: MLflow when its keys are there (uri),
-    a CsvTracker for a `csv:` block; both -> a FanoutTracker with MLflow first."""
+    a CsvTracker for a `csv:` block; both -> a FanoutTracker with MLflow first. With
+    `background`, the MLflow tracker runs in a child process (tracking/background.py) and a twin
+    built here answers settings and probe()."""
     trackers: list[Any] = []
     if "uri" in mlflow:
         from mlxlab.tracking.mlflow import MlflowTracker
 
-        trackers.append(MlflowTracker(**mlflow))
+        tracker = MlflowTracker(**mlflow)
+        if background:
+            from mlxlab.tracking.background import TrackerProcess
+
+            node = {"_target_": "mlxlab.tracking.mlflow.MlflowTracker", **mlflow}
+            tracker = TrackerProcess(node, tracker)
+        trackers.append(tracker)
     if csv is not None:
         from mlxlab.tracking.csv_files import CsvTracker
 

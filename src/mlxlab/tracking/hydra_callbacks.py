@@ -85,7 +85,9 @@ class MlflowSweepCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         settings = _mlflow_settings(config)
-        if settings:
+        # A single run's background tracker creates the store in its own process, beside the
+        # run's start-up (tracking/background.py); train.py probes a server before training.
+        if settings and not OmegaConf.select(config, "tracking.background", default=False):
             require_store(settings)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

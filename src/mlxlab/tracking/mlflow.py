@@ -400,6 +400,10 @@ class MlflowTracker:
         self.experiment_id = ensure_store(self.uri, self.experiment_name, self.artifact_root)
         self._client = client = MlflowClient(tracking_uri=self.uri)
         tags = {str(k): str(v) for k, v in tags.items()}
+        # earlier runs of this task killed before their first checkpoint (tracking/stale.py)
+        from mlxlab.tracking.stale import mark_dead_runs_quietly
+
+        mark_dead_runs_quietly(self.uri, self.experiment_name, tags.get(T.TASK_NAME))
         parent = os.environ.get(ENV_PARENT_RUN_ID)
         if parent:
             tags.setdefault(PARENT_RUN_TAG, parent)

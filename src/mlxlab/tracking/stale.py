@@ -41,6 +41,15 @@ def _has_checkpoint(run_dir: str | None) -> bool:
     return bool(run_dir) and any(Path(run_dir).glob("checkpoints/*/COMMITTED"))
 
 
+def mark_dead_runs_quietly(uri: str | None, experiment_name: str | None,
+                           task_name: str | None) -> None:
+    """mark_dead_runs before a run starts: housekeeping, which never stops a run."""
+    try:
+        mark_dead_runs(uri, experiment_name, task_name)
+    except Exception as e:
+        log.warning("could not check for dead MLflow runs: %s", e)
+
+
 def mark_dead_runs(
     uri: str | None, experiment_name: str | None = None, task_name: str | None = None
 ) -> list[str]:

@@ -1,0 +1,192 @@
+"""The default experiment's whole run against a PyTorch twin's (issue 24): what a new user times.
+
+    python benchmarks/bench_default_run.py [--repeats 3] [--write]
+
+Rows, each a fresh process timed from outside (wall clock, start to exit), interleaved in
+rounds (ABBA order) so that a slow spell of a shared machine hits every row alike:
+  readme    `mlxlab-train` exactly as README.md runs it: tracked in a fresh MLflow store
+            (./mlruns of a new folder), progress bar on; the kernels are already built (pip
+            install builds them, hatch_build.py).
+  bare      the same with `tracking=none callbacks.progress.enabled=false`.
+  twin      benchmarks/torch_bert_run.py: the same BERT in plain PyTorch, same batches (dumped
+            from mlxlab's own data module for all 40 epochs, so data order and padding match),
+            the same optimizer, schedule, clip, dropout and per-epoch evaluation, in a process
+            that never imports mlxlab or MLX, torch.set_num_threads = the cores.
+The table gives each row's median wall time and its training loop's (mlxlab: first step to the
+last evaluation, from its log timestamps; twin: its own clock), median ms a step, best and last
+validation accuracy, and the ratios per round. `--write` puts it into docs/benchmarks.md between
+its markers, with the command and the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_common import cpu_model, save_batches
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench_default_run:begin -->", "<!-- bench_default_run:end -->"
+BARE = ["tracking=none", "callbacks.progress.enabled=false"]
+EVAL_LINE = re.compile(r"^\[([\d-]+ [\d:,]+)\]\[mlxlab\.training\]\[INFO\] - step (\d+)/(\d+) .*"
+                       r"val/accuracy ([\d.]+)")
+TRAINING_LINE = re.compile(r"^\[([\d-]+ [\d:,]+)\]\[mlxlab\.training\]\[INFO\] - training: ")
+
+
+def dump(folder: Path) -> None:
+    """The default run's batches (all epochs, in the order the run trains them) and settings,
+    for the twin. Runs in its own process: mlxlab is imported here only."""
+    from omegaconf import OmegaConf
+
+    import mlxlab  # noqa: F401  (the BLAS first)
+    from mlxlab.config import compose_config, instantiate
+    from mlxlab.data.batching import Batching
+
+    cfg = compose_config(folder, [])
+    data = instantiate(cfg.data)
+    data.setup(folder)
+    batching = Batching(batch_size=cfg.trainer.batch_size,
+                        **OmegaConf.to_container(cfg.trainer.batching, resolve=True))
+    epochs = int(cfg.trainer.max_epochs)
+
+    def numpy(batch: dict) -> dict:
+        import numpy as np
+
+        return {k: np.array(batch[k]) for k in ("input_ids", "attention_mask", "labels")}
+
+    train = [numpy(b) for e in range(epochs) for b in data.train_batches(batching, e)]
+    save_batches(folder / "train.npz", train)
+    save_batches(folder / "val.npz", [numpy(b) for b in data.val_batches(batching)])
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+             if k not in ("_target_", "lora", "pretrained")}
+    opt, schedule = cfg.optimizer, cfg.trainer.schedule
+    (folder / "run.json").write_text(json.dumps({
+        "vocab_size": data.vocab_size, "num_labels": data.num_labels, "model": model,
+        "epochs": epochs, "learning_rate": opt.learning_rate, "weight_decay": opt.weight_decay,
+        "betas": list(opt.betas), "eps": opt.eps, "grad_clip": cfg.trainer.grad_clip,
+        "warmup_steps": schedule.warmup_steps, "min_lr_ratio": schedule.min_lr_ratio,
+    }))
+
+
+def stamp(text: str) -> float:
+    return time.mktime(time.strptime(text[:19], "%Y-%m-%d %H:%M:%S")) + int(text[20:]) / 1000
+
+
+def run_mlxlab(extra: list[str], tmp: Path) -> dict:
+    folder = Path(tempfile.mkdtemp(dir=tmp))  # a fresh ./mlruns and ./outputs, as a new clone
+    cmd = [str(Path(sys.executable).with_name("mlxlab-train")), *extra]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    lines = (done.stdout + done.stderr).splitlines()
+    evals = [m for m in map(EVAL_LINE.match, lines) if m]
+    begin = next(stamp(m.group(1)) for m in map(TRAINING_LINE.match, lines) if m)
+    best = re.search(r"validation \(best checkpoint, step \d+\):.*val/accuracy ([\d.]+)",
+                     done.stdout)
+    steps = int(evals[-1].group(2))
+    loop = stamp(evals[-1].group(1)) - begin
+    return {"wall_s": wall, "loop_s": loop, "step_ms": None, "steps": steps,
+            "best_accuracy": float(best.group(1)), "last_accuracy": float(evals[-1].group(4))}
+
+
+def run_twin(data: Path, threads: int) -> dict:
+    cmd = [sys.executable, str(HERE / "torch_bert_run.py"), "--data", str(data),
+           "--threads", str(threads)]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"the twin failed:\n{done.stderr[-3000:]}")
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, "loop_s": res["loop_s"], "steps": len(res["step_s"]),
+            "step_ms": 1000 * statistics.median(res["step_s"]),
+            "best_accuracy": res["best_accuracy"], "last_accuracy": res["last_accuracy"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--write", action="store_true", help="put the table into docs/benchmarks.md")
+    parser.add_argument("--dump", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.dump:
+        return dump(Path(args.dump))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-default-run-"))
+    data = tmp / "twin-data"
+    data.mkdir()
+    subprocess.run([sys.executable, __file__, "--dump", str(data)], check=True,
+                   capture_output=True)
+    rows = {"readme": lambda: run_mlxlab([], tmp), "bare": lambda: run_mlxlab(BARE, tmp),
+            "twin": lambda: run_twin(data, args.threads)}
+    results: dict[str, list[dict]] = {name: [] for name in rows}
+    for r in range(args.repeats):
+        for name in (list(rows) if r % 2 == 0 else list(rows)[::-1]):
+            res = rows[name]()
+            results[name].append(res)
+            print(f"round {r + 1} {name:6s} wall {res['wall_s']:6.1f} s  loop {res['loop_s']:6.1f} s"
+                  f"  best {res['best_accuracy']:.4f}  last {res['last_accuracy']:.4f}", flush=True)
+    table = report(results, args)
+    print(table)
+    if args.write:
+        write(table)
+
+
+def report(results: dict[str, list[dict]], args) -> str:
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[name])
+
+    def ratio(a: str, b: str, key: str) -> str:
+        per_round = sorted(x[key] / y[key] for x, y in zip(results[a], results[b]))
+        return (f"{statistics.median(per_round):.2f}x "
+                f"({per_round[0]:.2f}-{per_round[-1]:.2f})")
+
+    lines = [
+        f"CPU: {cpu_model()}; {args.repeats} rounds; torch threads {args.threads}; "
+        f"command: `python benchmarks/bench_default_run.py --repeats {args.repeats} --write`",
+        "",
+        "| row | wall (s) | training loop (s) | best val acc | last val acc |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    labels = {"readme": "`mlxlab-train` as README runs it (MLflow, progress bar)",
+              "bare": "`mlxlab-train tracking=none callbacks.progress.enabled=false`",
+              "twin": "PyTorch twin (torch_bert_run.py)"}
+    def accuracies(name: str, key: str) -> str:
+        return "/".join(f"{100 * r[key]:.1f}" for r in results[name])
+
+    for name, label in labels.items():
+        lines.append(f"| {label} | {med(name, 'wall_s'):.1f} | {med(name, 'loop_s'):.1f} | "
+                     f"{accuracies(name, 'best_accuracy')} | {accuracies(name, 'last_accuracy')} |")
+    lines += [
+        "",
+        f"- readme / twin, wall: {ratio('readme', 'twin', 'wall_s')}; training loop: "
+        f"{ratio('readme', 'twin', 'loop_s')}",
+        f"- readme / bare, wall: {ratio('readme', 'bare', 'wall_s')}",
+        f"- twin step median: {med('twin', 'step_ms'):.1f} ms",
+    ]
+    return "\n".join(lines)
+
+
+def write(table: str) -> None:
+    text = DOC.read_text()
+    if BEGIN not in text:
+        raise SystemExit(f"{DOC} has no {BEGIN} marker")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    DOC.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    main()

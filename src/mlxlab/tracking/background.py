@@ -1,0 +1,210 @@
+"""A tracker that lives in a child process (`tracking.background=true`, the MLflow default).
+
+Why (issue 24): `import mlflow` and its sqlite store cost ~4 s of CPU on a 2-core box, ~10 % of
+the default experiment; in-process that time is spent before the first step, and the metric and
+checkpoint flushes hold the GIL the training loop needs. In a child process the import runs on
+the other core while this process composes, builds and compiles; the training loop then hands
+it small messages and never waits, except where the order of events matters:
+
+  flush, rewind, continue_from, end   wait for the child (a checkpoint is written only after
+                                      the metrics it covers reached the store; end returns once
+                                      the run is closed)
+  start, log_metrics, set_tags, log_artifact, log_text, log_dict, set_dataset
+                                      sent, not waited for; processed in order
+
+`probe` and the settings (uri, experiment_name, ...) are answered by a copy of the tracker built
+here, which never starts a run. What the child learns (run_id, experiment_id, offline_report)
+comes back with its replies. Its log records are re-emitted here (the run's log file keeps
+them); an exception it raises is raised here at the next call that waits. The child ignores
+SIGINT/SIGTERM (the trainer stops gracefully and ends the run itself); if this process dies
+without `end`, the child sees the pipe close, sends what it holds and marks the run KILLED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from mlxlab.tracking.base import Tracker
+from mlxlab.tracking.mlflow import STARTED_RUN_IDS
+
+log = logging.getLogger(__name__)
+
+WAITED = ("flush", "rewind", "continue_from", "end")
+SENT = ("start", "log_metrics", "set_tags", "log_artifact", "log_text", "log_dict", "log_figure",
+        "set_dataset")
+LEARNED = ("run_id", "experiment_id", "offline_report", "errors")  # read from the child
+FUNCTION = "__function__"  # a submit()ted call
+END_WAIT_S = 600  # a child still closing after this is abandoned (the run stays as it is)
+
+
+class TrackerProcess:
+    """`local` (built here from `node`) answers settings and probe; a twin built from `node` in
+    a child process does the tracking."""
+
+    def __init__(self, node: dict[str, Any], local: Tracker) -> None:
+        self.local = local
+        self.learned: dict[str, Any] = {name: getattr(local, name, None) for name in LEARNED}
+        self._unanswered = 0
+        self._error: BaseException | None = None
+        # A fresh interpreter (not fork: unsafe once MLX runs threads; not multiprocessing's
+        # spawn: it re-imports the caller's __main__, which a script without a main guard can't
+        # take), in its own session (a terminal's Ctrl-C goes to the trainer, which ends the run).
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "mlxlab.tracking.background", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), env=env, start_new_session=True)
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send(node)
+
+    def __getattr__(self, name: str) -> Any:  # what the tracker knows, or its settings
+        if name in LEARNED:
+            self._drain(block=False)
+            return self.learned[name]
+        return getattr(self.local, name)
+
+    def probe(self) -> None:
+        self.local.probe()
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> None:
+        """Run function(*args) in the child, not waited for (e.g. housekeeping that needs mlflow;
+        the function is pickled by name: a module-level function)."""
+        self._call(FUNCTION, (function, *args), {}, wait=False)
+
+    def _call(self, method: str, args: tuple, kwargs: dict, wait: bool) -> Any:
+        self._raise_pending()
+        try:
+            self._conn.send((method, args, kwargs))
+        except (BrokenPipeError, EOFError, OSError) as e:
+            raise RuntimeError(f"the tracking process has exited ({e}); see the log above") from e
+        self._unanswered += 1
+        result = self._drain(block=wait)
+        self._raise_pending()
+        return result
+
+    def _drain(self, block: bool) -> Any:
+        """Read the child's replies: all of them when `block`, else those already here. Returns
+        the last reply's result."""
+        result = None
+        while self._unanswered and (block or self._conn.poll()):
+            try:
+                result, error, learned, records = self._conn.recv()
+            except (EOFError, OSError) as e:
+                self._unanswered = 0
+                self._error = self._error or RuntimeError(f"the tracking process has exited ({e})")
+                break
+            self._unanswered -= 1
+            if learned.get("run_id") and learned["run_id"] != self.learned.get("run_id"):
+                STARTED_RUN_IDS.append(learned["run_id"])  # what the sweep callback reads
+            self.learned.update(learned)
+            for record in records:
+                logging.getLogger(record.name).handle(record)
+            if error is not None and self._error is None:
+                self._error = error
+        return result
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self._conn.closed:  # ended already
+            return
+        try:
+            self._call("end", (status,), {}, wait=True)
+        finally:
+            self._conn.close()
+            try:
+                self._process.wait(END_WAIT_S)
+            except subprocess.TimeoutExpired:
+                log.warning("the tracking process is still closing the run after %d s; left to it",
+                            END_WAIT_S)
+
+
+def _method(name: str, wait: bool):
+    def call(self: TrackerProcess, *args: Any, **kwargs: Any) -> Any:
+        return self._call(name, args, kwargs, wait)
+
+    call.__name__ = name
+    call.__doc__ = f"{name} in the tracking process ({'waits for it' if wait else 'not waited for'})."
+    return call
+
+
+for _name in WAITED[:-1]:
+    setattr(TrackerProcess, _name, _method(_name, wait=True))
+for _name in SENT:
+    setattr(TrackerProcess, _name, _method(_name, wait=False))
+
+
+class _Records(logging.Handler):
+    """Keeps the child's log records to send back with its next reply."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING and not record.name.startswith("mlxlab"):
+            return  # mlflow's and alembic's chatter, as in-process (their loggers stay quiet)
+        record.msg, record.args, record.exc_info = record.getMessage(), None, None  # picklable
+        self.records.append(record)
+
+    def take(self) -> list[logging.LogRecord]:
+        taken, self.records = self.records, []
+        return taken
+
+
+def serve(conn: Connection) -> None:
+    """The child: build the tracker from the first message (its config node), then run each
+    call as it comes, in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    node = conn.recv()
+    records = _Records()
+    root = logging.getLogger()
+    root.addHandler(records)
+    root.setLevel(logging.INFO)
+    from mlxlab.config import instantiate
+
+    tracker = instantiate(node)
+    with contextlib.suppress(ImportError):  # now, while the parent builds: start() finds it loaded
+        import mlflow  # noqa: F401
+
+    ended = False
+    while not ended:
+        try:
+            method, args, kwargs = conn.recv()
+        except (EOFError, OSError):  # the training process is gone without end()
+            getattr(tracker, "end", lambda status: None)("KILLED")
+            return
+        result = error = None
+        try:
+            if method == FUNCTION:
+                result = args[0](*args[1:])
+            else:
+                result = getattr(tracker, method)(*args, **kwargs)
+        except Exception as e:  # raised in the parent at its next waiting call
+            error = e
+        ended = method == "end"
+        learned = {name: getattr(tracker, name, None) for name in LEARNED}
+        try:
+            conn.send((result, error, learned, records.take()))
+        except (BrokenPipeError, OSError):
+            if not ended:
+                getattr(tracker, "end", lambda status: None)("KILLED")
+            return
+
+
+if __name__ == "__main__":
+    serve(Connection(int(sys.argv[1])))

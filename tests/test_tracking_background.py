@@ -1,0 +1,142 @@
+"""tracking.background: the MLflow tracker in a child process (tracking/background.py). Real
+sqlite stores, real child processes: everything lands as in-process, the training process
+never imports mlflow, the child's warnings and errors reach the parent, and a parent killed
+mid-run leaves its metrics and a KILLED run, not a RUNNING one."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from mlxlab.tracking.background import TrackerProcess
+from mlxlab.tracking.fanout import FanoutTracker, build_tracker
+from mlxlab.tracking.mlflow import ensure_store
+
+
+@pytest.fixture
+def uri(tmp_path) -> str:
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    ensure_store(uri, "exp")
+    return uri
+
+
+def client_for(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def warn_in_child(message: str) -> None:
+    logging.getLogger("mlxlab.tracking.test").warning(message)
+
+
+def fail_in_child() -> None:
+    raise ValueError("broken in the child")
+
+
+def test_a_background_run_holds_what_an_in_process_run_holds(uri, tmp_path):
+    tracker = build_tracker(uri=uri, experiment_name="exp", run_name="bg", background=True,
+                            flush_every_steps=7)
+    assert isinstance(tracker, TrackerProcess) and tracker.uri == uri
+    tracker.start({"trainer": {"lr": 0.1}}, {"owner": "tests"})
+    for step in range(30):
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    tracker.flush()  # waits: everything so far is in the store when it returns
+    client = client_for(uri)
+    assert tracker.run_id is not None
+    assert len(client.get_metric_history(tracker.run_id, "train/loss")) == 30
+    (tmp_path / "notes.txt").write_text("hello")
+    tracker.log_artifact(tmp_path / "notes.txt", "docs")
+    tracker.set_tags({"stage": "done"})
+    tracker.end()
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "bg"
+    assert run.data.params["trainer.lr"] == "0.1" and run.data.tags["stage"] == "done"
+    assert run.data.tags["owner"] == "tests"
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "docs")] == ["docs/notes.txt"]
+    assert tracker.errors == 0
+    tracker.end()  # a second end is a no-op
+
+
+def test_beside_csv_the_mlflow_tracker_alone_moves_to_the_child(uri, tmp_path):
+    tracker = build_tracker(csv={"dir": str(tmp_path / "csv")}, uri=uri, experiment_name="exp",
+                            background=True)
+    assert isinstance(tracker, FanoutTracker)
+    assert isinstance(tracker.trackers[0], TrackerProcess)
+    tracker.start({"a": 1}, {})
+    tracker.log_metrics({"val/accuracy": 0.5}, 1)
+    tracker.end()
+    assert tracker.run_id is not None
+    assert client_for(uri).get_run(tracker.run_id).data.metrics["val/accuracy"] == 0.5
+    assert "val/accuracy" in (tmp_path / "csv" / "metrics.csv").read_text()
+
+
+def test_child_warnings_are_logged_here_and_its_errors_raised_here(uri, caplog):
+    tracker = build_tracker(uri=uri, experiment_name="exp", background=True)
+    tracker.start({}, {})
+    with caplog.at_level(logging.WARNING):
+        tracker.submit(warn_in_child, "a warning from the child")
+        tracker.flush()
+    assert any(r.getMessage() == "a warning from the child" and r.name == "mlxlab.tracking.test"
+               for r in caplog.records)
+    tracker.submit(fail_in_child)
+    with pytest.raises(ValueError, match="broken in the child"):
+        tracker.flush()
+    tracker.end()
+    assert client_for(uri).get_run(tracker.run_id).info.status == "FINISHED"
+
+
+PARENT = """
+import os, sys, time
+from mlxlab.tracking.fanout import build_tracker
+tracker = build_tracker(uri=sys.argv[1], experiment_name="exp", background=True)
+tracker.start({{"a": 1}}, {{}})
+for step in range(5):
+    tracker.log_metrics({{"train/loss": float(step)}}, step)
+tracker.flush()
+print(tracker.run_id, flush=True)
+assert "mlflow" not in sys.modules, "the training process imported mlflow"
+{tail}
+"""
+
+
+def run_parent(uri: str, tmp_path: Path, tail: str) -> subprocess.Popen:
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(PARENT.format(tail=tail)))
+    return subprocess.Popen([sys.executable, str(script), uri], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_the_training_process_never_imports_mlflow(uri, tmp_path):
+    proc = run_parent(uri, tmp_path, 'tracker.end()\nassert "mlflow" not in sys.modules')
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    run = client_for(uri).get_run(out.split()[0])
+    assert run.info.status == "FINISHED"
+
+
+def test_a_killed_parent_leaves_its_metrics_and_a_killed_run(uri, tmp_path):
+    proc = run_parent(uri, tmp_path, "time.sleep(120)")
+    run_id = proc.stdout.readline().strip()
+    assert run_id, proc.stderr.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    client = client_for(uri)
+    deadline = time.monotonic() + 60
+    while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert len(client.get_metric_history(run_id, "train/loss")) == 5
+
+
+def test_settings_fail_here_before_any_child_starts(tmp_path):
+    with pytest.raises(ValueError, match="connect_timeout"):
+        build_tracker(uri=f"sqlite:///{tmp_path}/m.db", background=True, connect_timeout=0)
