@@ -355,3 +355,26 @@ def test_a_machine_that_cannot_build_falls_back_with_one_log_line(tmp_path):
     warnings = [line for line in out.stderr.splitlines() if "using pure-MLX ops" in line]
     assert len(warnings) == 1
     assert "trainer.fused_kernels=on but the fused CPU kernels are unavailable" in out.stderr
+
+
+@pytest.mark.slow
+def test_pip_install_builds_the_kernels_this_process_loads(tmp_path):
+    """hatch_build.py compiles the kernels while pip builds mlxlab (in pip's isolated build
+    environment) into the cache key this process computes, so a first run loads, not builds."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cache = tmp_path / "kernels"
+    env = {**os.environ, "MLXLAB_KERNELS_CACHE": str(cache)}
+    env.pop("MLXLAB_SKIP_KERNEL_BUILD", None)
+    done = subprocess.run([PYTHON, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
+                           str(root)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    built = list((cache / build.build_key()).glob("_mlxlab_kernels*.so"))
+    assert built, f"no kernels under {cache}: {sorted(p.name for p in cache.glob('*'))}"
+    check = subprocess.run(
+        [PYTHON, "-c", "import mlxlab, mlx.core as mx\nfrom mlxlab import kernels\n"
+         "print(kernels.status(), float(kernels.gelu(mx.array([1.0]))[0]))"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert check.stdout.split()[0] == "fused", check.stderr
+    assert "compiling" not in check.stderr  # loaded, not built

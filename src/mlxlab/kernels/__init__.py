@@ -19,8 +19,9 @@ $MLXLAB_FUSED_KERNELS_SKIP (comma-separated names from OPS) leaves those ops to 
 others stay fused: for measuring one kernel's effect, or for ruling one out when a result looks
 wrong.
 The fused path runs only when MLX's default device is the CPU and the inputs are float32; GPU
-runs and other dtypes take the MLX ops silently. The first use on a machine compiles the
-extension (about a minute, build.py); later processes load the cached build.
+runs and other dtypes take the MLX ops silently. `pip install` compiles the extension into the
+per-machine cache (hatch_build.py at the repository root, ~20-40 s); where that did not happen,
+the first use does (build.py), and later processes load the cached build.
 """
 
 from __future__ import annotations

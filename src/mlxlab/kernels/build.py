@@ -7,7 +7,8 @@ cache key holds the CPU's feature flags next to the sources', MLX's, nanobind's 
 versions: a home directory shared by different machines gets one build per kind of CPU.
 
 Where: $MLXLAB_KERNELS_CACHE, else $XDG_CACHE_HOME/mlxlab/kernels, else ~/.cache/mlxlab/kernels.
-Prebuild (e.g. in a Docker image): `python -m mlxlab.kernels build`.
+`pip install` builds it there (hatch_build.py); again by hand (e.g. in a Docker image whose
+install skipped it): `python -m mlxlab.kernels build`.
 """
 
 from __future__ import annotations
