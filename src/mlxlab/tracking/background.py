@@ -15,9 +15,14 @@ it small messages and never waits, except where the order of events matters:
 `probe` and the settings (uri, experiment_name, ...) are answered by a copy of the tracker built
 here, which never starts a run. What the child learns (run_id, experiment_id, offline_report)
 comes back with its replies. Its log records are re-emitted here (the run's log file keeps
-them); an exception it raises is raised here at the next call that waits. The child ignores
-SIGINT/SIGTERM (the trainer stops gracefully and ends the run itself); if this process dies
-without `end`, the child sees the pipe close, sends what it holds and marks the run KILLED.
+them); an exception it raises is raised here by the first call that finds its reply, at the
+latest the next call that waits. The child ignores
+SIGINT/SIGTERM (the trainer stops gracefully and ends the run itself). If this process dies
+without `end` (SIGKILL, OOM), the child sees the pipe close and exits at once, writing nothing
+more, as an in-process tracker dies with its process: what reached the store is what the last
+flush (before each checkpoint) and the background flushes sent; the run stays RUNNING until
+`resume=auto` continues it or the next run marks it (tracking/stale.py). Writing on would race
+the resumed run, which rewinds the steps after its checkpoint.
 """
 
 from __future__ import annotations
@@ -186,8 +191,7 @@ def serve(conn: Connection) -> None:
         try:
             method, args, kwargs = conn.recv()
         except (EOFError, OSError):  # the training process is gone without end()
-            getattr(tracker, "end", lambda status: None)("KILLED")
-            return
+            os._exit(0)  # now, threads and all: see the module docstring
         result = error = None
         try:
             if method == FUNCTION:
@@ -202,7 +206,7 @@ def serve(conn: Connection) -> None:
             conn.send((result, error, learned, records.take()))
         except (BrokenPipeError, OSError):
             if not ended:
-                getattr(tracker, "end", lambda status: None)("KILLED")
+                os._exit(0)
             return
 
 
