@@ -29,8 +29,8 @@ from mlxlab.training.remote import (
     RemoteError,
     RemoteStore,
     RemoteUploader,
-    _filesystem,
     fetch_remote_checkpoint,
+    open_filesystem,
 )
 
 pytest.importorskip("s3fs")
@@ -89,7 +89,7 @@ class Server:
 
     def make_bucket(self) -> None:
         with env_set(self.env):
-            fs, root = _filesystem(self.uri(""))
+            fs, root = open_filesystem(self.uri(""))
             fs.mkdir(root.split("/")[0])
 
     def uri(self, prefix: str) -> str:

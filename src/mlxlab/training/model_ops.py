@@ -14,7 +14,7 @@ grow_layers with `init: identity` appends copies of the top layer whose residual
 same function; `copy` appends copies of the top layers as they are (a stack). widen_mlp gives the
 new hidden units small random input weights and zero output weights (function kept too).
 
-The optimizer state moves by name and shape, as when resuming (checkpoint._restore_optimizer):
+The optimizer state moves by name and shape, as when resuming (checkpoint.restore_optimizer):
 unchanged parameters keep their moments, new or reshaped ones start fresh, the step count (and
 so the learning-rate schedule) goes on. The indices of the operations done land in every
 checkpoint; a resume applies them to the freshly built model before its weights are loaded, and
@@ -247,13 +247,13 @@ def transfer_optimizer_state(optimizer, model: nn.Module, before: dict[str, tupl
     fresh ones for the rest; the step count (learning-rate schedule) goes on."""
     from mlxlab.training.checkpoint import LoadReport
     from mlxlab.training.checkpoint.atomic import flat_arrays
-    from mlxlab.training.checkpoint.restore import _restore_optimizer
+    from mlxlab.training.checkpoint.restore import restore_optimizer
 
     saved = flat_arrays(optimizer.state)
     now = {k: tuple(v.shape) for k, v in tree_flatten(model.trainable_parameters())}
     kept = {k: k for k, shape in now.items() if before.get(k) == shape}
     report = LoadReport(path=None)
-    _restore_optimizer(optimizer, model, saved, kept, report)
+    restore_optimizer(optimizer, model, saved, kept, report)
     mx.eval(optimizer.state)
     log.info("model operation: optimizer state of %d parameters kept, %d fresh",
              len(report.optimizer_by_name), len(report.optimizer_fresh))

@@ -85,7 +85,7 @@ def check_uri(uri: str) -> tuple[str, str]:
     return scheme, rest
 
 
-def _filesystem(uri: str):
+def open_filesystem(uri: str):
     """(fsspec filesystem, root path without scheme) for `uri`; RemoteError naming the fix."""
     scheme, rest = check_uri(uri)
     try:
@@ -166,7 +166,7 @@ class RemoteStore:
                  timeout_s: float | None = 60.0) -> None:
         self.uri = uri.rstrip("/")
         self.scheme = uri.split("://", 1)[0].lower()
-        fs, self.root = _filesystem(uri)
+        fs, self.root = open_filesystem(uri)
         self.fs = _Bounded(fs, timeout_s)
         self.retries, self.backoff_s = int(retries), float(backoff_s)
 

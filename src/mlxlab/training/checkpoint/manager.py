@@ -12,7 +12,7 @@ import mlx.optimizers as optim
 
 from mlxlab.training.checkpoint.atomic import (
     Snapshot,
-    _fsync_path,
+    fsync_path,
     link_files,
     swap_into_place,
     take_snapshot,
@@ -154,7 +154,7 @@ class CheckpointManager:
         try:
             tmp.mkdir()
             link_files(source, tmp, skip=(MARKER,))
-            _fsync_path(tmp)
+            fsync_path(tmp)
             write_marker(tmp, source=source.name)
             swap_into_place(tmp, self.directory / BEST)
         except BaseException:
