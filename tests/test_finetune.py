@@ -164,8 +164,8 @@ def test_text_fine_tuning_documents_carry_bos_and_eos(finetuned):
     """finetune_text packs documents as <s> text </s> with the checkpoint's tokenizer."""
     from mlxlab.data.streaming import StreamingText
 
-    data = StreamingText(data_files=asset_path("tinystories/sample.txt"), seq_len=64,
-                         val_examples=0, shuffle_buffer=0,
+    data = StreamingText(source={"data_files": asset_path("tinystories/sample.txt")},
+                         splits={"val_examples": 0}, packing={"seq_len": 64}, shuffle_buffer=0,
                          tokenizer={"path": str(finetuned["base"] / "tokenizer.json")})
     data.setup(None)
     batch = next(data.train_batches(Batching(batch_size=2), 0))

@@ -154,7 +154,7 @@ _NUMERIC_RULES: dict[str, tuple[type, float | None]] = {
     "model.dropout": (float, 0.0),
     "data.val_fraction": (float, 0.0),
     "data.max_length": (int, 1),
-    "data.seq_len": (int, 1),
+    "data.packing.seq_len": (int, 1),
 }
 
 

@@ -313,18 +313,19 @@ def _evaluate_csv(run: LoadedRun, path: Path, batch_size: int) -> dict[str, Any]
 
 def _evaluate_text(run: LoadedRun, path: Path, batch_size: int) -> dict[str, Any]:
     from mlxlab.data.batching import Batching
-    from mlxlab.data.streaming import StreamingText
+    from mlxlab.data.streaming import StreamingText, regroup_flat_config
     from mlxlab.export.quality import lm_metrics
 
-    data_cfg = run.config.get("data", {})
-    seq_len = int(data_cfg.get("seq_len") or run.model.max_seq_len)
+    saved = regroup_flat_config(run.config.get("data", {}))  # runs saved before the grouping too
+    source, packing = saved.get("source") or {}, saved.get("packing") or {}
+    seq_len = int(packing.get("seq_len") or run.model.max_seq_len)
     # The whole file is the "validation split": packed unshuffled into the run's windows with
     # its tokenizer, each document after BOS (if any) and before end-of-text, as in training.
     data = StreamingText(
-        data_files=str(path), val_split="train", val_examples=0, shuffle_buffer=0,
-        seq_len=seq_len, text_column=data_cfg.get("text_column", "text"),
-        sample_by=data_cfg.get("sample_by", "paragraph"),
-        tokenizer={"path": str(run.tokenizer_path)},
+        source={"data_files": str(path), "text_column": source.get("text_column", "text"),
+                "sample_by": source.get("sample_by", "paragraph")},
+        splits={"val_split": "train", "val_examples": 0}, packing={"seq_len": seq_len},
+        shuffle_buffer=0, tokenizer={"path": str(run.tokenizer_path)},
     )
     data.setup(None)
     batches = list(data.val_batches(Batching(batch_size=max(1, min(batch_size, 8)))))

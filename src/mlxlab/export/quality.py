@@ -13,16 +13,17 @@ from omegaconf import OmegaConf
 
 from mlxlab.config import instantiate
 from mlxlab.data.batching import Batch, Batching
+from mlxlab.data.streaming import regroup_flat_config
 from mlxlab.training.checkpoint import CheckpointState
 from mlxlab.training.losses import masked_sum, token_cross_entropy
 
 
 def validation_batches(state: CheckpointState, tokenizer_path: Path, batch_size: int = 8) -> list[Batch]:
     """The run's validation batches, rebuilt from its data config with its tokenizer.json."""
-    data_cfg = OmegaConf.create(state.config["data"])
+    data_cfg = OmegaConf.create(regroup_flat_config(state.config["data"]))  # older runs' too
     if "tokenizer" in data_cfg:
         data_cfg.tokenizer.path = str(tokenizer_path)
-    if data_cfg.get("vocab_remap"):  # the export's tokenizer is on the small model's ids already
+    if "vocab_remap" in data_cfg:  # the export's tokenizer is on the small model's ids already
         data_cfg.vocab_remap = None
     data = instantiate(data_cfg)
     try:
