@@ -36,9 +36,9 @@ import mlxlab  # noqa: F401  first: loads the fast BLAS before anything imports 
 # isort: on
 from omegaconf import DictConfig
 
+from mlxlab.checkpoint import CheckpointState
 from mlxlab.config import compose_config
 from mlxlab.train import train
-from mlxlab.training.checkpoint import CheckpointState
 
 COMMON = ["tracking=none", "callbacks.progress.enabled=false", "callbacks.checkpoint.save_every_minutes=null",
           "callbacks.checkpoint.keep_last_n=1"]

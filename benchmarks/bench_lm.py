@@ -60,7 +60,7 @@ def train_run(root: Path, name: str, overrides: list[str], env: dict, experiment
     """One training run through the CLI; its curve, speed and memory."""
     from mlflow.tracking import MlflowClient
 
-    from mlxlab.training.checkpoint import CheckpointState
+    from mlxlab.checkpoint import CheckpointState
 
     run_dir = root / "outputs" / name
     cmd = [sys.executable, "-m", "mlxlab.train", *overrides, f"hydra.run.dir={run_dir}"]

@@ -269,7 +269,7 @@ def test_a_killed_rank_stops_the_others_with_checkpoints_intact(tmp_path, cli_en
         assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
     steps = committed_steps(run_dir)
     assert steps and not list((run_dir / "checkpoints").glob(".tmp*"))
-    from mlxlab.training.checkpoint import check_committed
+    from mlxlab.checkpoint import check_committed
 
     for step in steps:
         assert check_committed(run_dir / "checkpoints" / f"step_{step:08d}") is None
@@ -312,7 +312,7 @@ def test_a_hung_rank_trips_the_watchdog_of_the_others(tmp_path, cli_env):
     out, err = proc.communicate(timeout=60)
     assert "waited over 15 s for the other ranks" in err, err[-3000:]
     assert "exited with code 75" in err
-    from mlxlab.training.checkpoint import check_committed
+    from mlxlab.checkpoint import check_committed
 
     for step in committed_steps(run_dir):
         assert check_committed(run_dir / "checkpoints" / f"step_{step:08d}") is None

@@ -20,10 +20,10 @@ from mlxlab.config import asset_path
 from mlxlab.data.batching import Batching
 from mlxlab.data.completions import PromptCompletion
 from mlxlab.export import export_run
-from mlxlab.export.quality import lm_metrics
 from mlxlab.models.lora import fuse_lora
 from mlxlab.models.transformer import Transformer
 from mlxlab.runs import load_run_model
+from mlxlab.runs.evaluate import lm_metrics
 
 IDS = np.random.default_rng(3).integers(0, 500, size=(2, 24))
 

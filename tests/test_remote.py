@@ -24,14 +24,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import PYTHON, REPO
-from mlxlab.training.checkpoint import CheckpointWarning, check_committed, save_checkpoint
-from mlxlab.training.remote import (
-    RemoteError,
+from mlxlab.checkpoint import CheckpointWarning, check_committed, save_checkpoint
+from mlxlab.checkpoint.remote import (
     RemoteStore,
     RemoteUploader,
     fetch_remote_checkpoint,
     open_filesystem,
 )
+from mlxlab.errors import RemoteError
 
 pytest.importorskip("s3fs")
 

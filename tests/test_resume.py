@@ -426,8 +426,8 @@ def test_resume_auto_stays_in_the_newest_folders_run(tmp_path):
 
     import mlx.nn as nn
 
+    from mlxlab.checkpoint import CheckpointManager
     from mlxlab.runs import latest_run_with_checkpoints
-    from mlxlab.training.checkpoint import CheckpointManager
 
     model, task = nn.Linear(2, 2), tmp_path / "outputs" / "t"
 

@@ -240,7 +240,7 @@ def test_accumulation_keeps_an_epochs_last_micro_batches(make_cfg, tmp_path):
 
 
 def test_nan_never_counts_as_better():
-    from mlxlab.training.metrics import is_better
+    from mlxlab.checkpoint import is_better
 
     assert is_better(0.5, None, "max") and is_better(0.5, math.nan, "max")
     assert not is_better(math.nan, 0.5, "max") and not is_better(math.nan, None, "min")

@@ -54,8 +54,8 @@ def _client(uri_arg: str | None):
 
 def checkpoints(folder: Path) -> dict[str, tuple[int, Path]]:
     """{"best": (step, path), "last": (step, path)} of a run folder's committed checkpoints."""
+    from mlxlab.checkpoint import CheckpointState
     from mlxlab.runs import choose_checkpoint
-    from mlxlab.training.checkpoint import CheckpointState
 
     found = {}
     for which in ("best", "last"):
@@ -69,8 +69,8 @@ def checkpoints(folder: Path) -> dict[str, tuple[int, Path]]:
 
 def _resolve(client, uri: str, ref: str):
     """(MLflow run or None, run folder or None) for a run id or a run folder."""
+    from mlxlab.checkpoint import CheckpointState
     from mlxlab.tracking.mlflow import RUN_DIR_TAG
-    from mlxlab.training.checkpoint import CheckpointState
 
     folder = Path(ref).expanduser()
     if folder.is_dir():

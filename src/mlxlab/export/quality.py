@@ -3,19 +3,14 @@ model before and after, on the run's own validation data."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
 from omegaconf import OmegaConf
 
+from mlxlab.checkpoint import CheckpointState
 from mlxlab.config import instantiate
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.streaming import regroup_flat_config
-from mlxlab.training.checkpoint import CheckpointState
-from mlxlab.training.losses import masked_sum, token_cross_entropy
 
 
 def validation_batches(state: CheckpointState, tokenizer_path: Path, batch_size: int = 8) -> list[Batch]:
@@ -36,18 +31,3 @@ def validation_batches(state: CheckpointState, tokenizer_path: Path, batch_size:
     if not batches:
         raise ValueError("the run has no validation data (val_examples=0) to measure quantization on")
     return batches
-
-
-def lm_metrics(model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
-    """Token-weighted loss, perplexity and top-1 next-token accuracy over scored tokens."""
-    model.eval()
-    loss = correct = count = 0.0
-    for batch in batches:
-        logits = model(batch["input_ids"]).astype(mx.float32)
-        ce_sum, n = masked_sum(token_cross_entropy(logits, batch["labels"]), batch)
-        hits, _ = masked_sum((logits.argmax(-1) == batch["labels"]).astype(mx.float32), batch)
-        mx.eval(ce_sum, n, hits)
-        loss, correct, count = loss + ce_sum.item(), correct + hits.item(), count + n.item()
-    mean = loss / max(count, 1.0)
-    return {"loss": mean, "perplexity": math.exp(mean), "accuracy": correct / max(count, 1.0),
-            "tokens": count}

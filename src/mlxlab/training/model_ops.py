@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxlab.training.checkpoint.state import CheckpointState
+from mlxlab.checkpoint.state import CheckpointState
 
 log = logging.getLogger("mlxlab.training")
 
@@ -231,7 +231,7 @@ class ModelSchedule:
 
 def newest_state(candidates: Sequence) -> CheckpointState | None:
     """The state of the checkpoint a resume will load (the first committed candidate)."""
-    from mlxlab.training.checkpoint import CheckpointError, check_committed
+    from mlxlab.checkpoint import CheckpointError, check_committed
 
     for path in candidates:
         if check_committed(path, full=False) is None:
@@ -245,9 +245,9 @@ def newest_state(candidates: Sequence) -> CheckpointState | None:
 def transfer_optimizer_state(optimizer, model: nn.Module, before: dict[str, tuple]) -> None:
     """After an operation: keep the moments of parameters whose name and shape did not change,
     fresh ones for the rest; the step count (learning-rate schedule) goes on."""
-    from mlxlab.training.checkpoint import LoadReport
-    from mlxlab.training.checkpoint.atomic import flat_arrays
-    from mlxlab.training.checkpoint.restore import restore_optimizer
+    from mlxlab.checkpoint import LoadReport
+    from mlxlab.checkpoint.atomic import flat_arrays
+    from mlxlab.checkpoint.restore import restore_optimizer
 
     saved = flat_arrays(optimizer.state)
     now = {k: tuple(v.shape) for k, v in tree_flatten(model.trainable_parameters())}

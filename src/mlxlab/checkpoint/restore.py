@@ -19,15 +19,15 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxlab.training.checkpoint.atomic import flat_arrays
-from mlxlab.training.checkpoint.discover import check_committed, run_checkpoint_dirs
-from mlxlab.training.checkpoint.layout import (
+from mlxlab.checkpoint.atomic import flat_arrays
+from mlxlab.checkpoint.discover import check_committed, run_checkpoint_dirs
+from mlxlab.checkpoint.layout import (
     MODEL_FILE,
     OPTIMIZER_FILE,
     CheckpointError,
     CheckpointWarning,
 )
-from mlxlab.training.checkpoint.state import read_payload
+from mlxlab.checkpoint.state import read_payload
 
 
 @dataclass

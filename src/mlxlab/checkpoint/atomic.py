@@ -26,7 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlxlab.training.checkpoint.layout import (
+from mlxlab.checkpoint.layout import (
     CHECKSUMS_FILE,
     MARKER,
     MODEL_FILE,
@@ -36,7 +36,7 @@ from mlxlab.training.checkpoint.layout import (
     TMP_PREFIX,
     step_name,
 )
-from mlxlab.training.checkpoint.state import StateLike, state_payload, state_step
+from mlxlab.checkpoint.state import StateLike, state_payload, state_step
 
 
 def fsync_path(path: Path) -> None:
