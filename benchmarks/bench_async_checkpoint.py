@@ -22,9 +22,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from mlxlab.checkpoint import CheckpointManager
 from mlxlab.config import config_dir, instantiate  # imports mlxlab first: the fast BLAS before mlx
 from mlxlab.training.async_writer import CheckpointWriter
-from mlxlab.training.checkpoint import CheckpointManager
 
 
 def build(vocab: int):

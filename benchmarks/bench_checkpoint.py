@@ -18,9 +18,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from mlxlab.checkpoint import load_checkpoint, save_checkpoint
 from mlxlab.config import config_dir, instantiate  # imports mlxlab first: the fast BLAS before mlx
 from mlxlab.models import num_parameters
-from mlxlab.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def build(vocab: int):

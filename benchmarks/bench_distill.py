@@ -36,9 +36,9 @@ import mlxlab  # noqa: F401  first: loads the fast BLAS before anything imports 
 # isort: on
 from omegaconf import DictConfig
 
+from mlxlab.checkpoint import CheckpointState
 from mlxlab.config import compose_config
 from mlxlab.train import train
-from mlxlab.training.checkpoint import CheckpointState
 
 COMMON = ["tracking=none", "callbacks.progress.enabled=false", "callbacks.checkpoint.save_every_minutes=null",
           "callbacks.checkpoint.keep_last_n=1"]
@@ -82,7 +82,7 @@ TITANIC_CNN_TO_BERT = {
 # TinyStories sample: a shrunken transformer_tiny teaches a shrunken transformer_nano, 200 steps
 # each; the vocabulary is capped at 2048 and the sequences at 64 tokens to fit a 2-core budget.
 # The validation set is the first 200 paragraphs whatever the seed; `seed` varies init and shuffling.
-TS_SHAPE = ["model.max_seq_len=64", "data.seq_len=64", "data.tokenizer.max_vocab=2048",
+TS_SHAPE = ["model.max_seq_len=64", "data.packing.seq_len=64", "data.tokenizer.max_vocab=2048",
             "trainer.batch_size=16", "trainer.eval_every_steps=100", "trainer.schedule.warmup_steps=20",
             "trainer.max_steps=200"]
 TINYSTORIES = {

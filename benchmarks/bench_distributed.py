@@ -30,12 +30,13 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 CACHE = Path(tempfile.gettempdir()) / "mlxlab-bench-dist-cache"
-LM = ["experiment=tinystories_nano", "data.max_examples=2000", "data.val_examples=20",
-      "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
+LM = ["experiment=tinystories_nano", "data.splits.max_examples=2000",
+      "data.splits.val_examples=20", "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
       "trainer.eval_every_steps=null", "callbacks.checkpoint.save_every_minutes=null",
       "tracking=none", "trainer.schedule.warmup_steps=2"]
-SMALL = ["model=transformer_small", "data=streaming", "data.seq_len=64", "model.max_seq_len=64",
-         "data.max_examples=500", "data.val_examples=8", "data.tokenizer.max_vocab=8192",
+SMALL = ["model=transformer_small", "data=streaming", "data.packing.seq_len=64",
+         "model.max_seq_len=64", "data.splits.max_examples=500", "data.splits.val_examples=8",
+         "data.tokenizer.max_vocab=8192",
          "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
          "trainer.eval_every_steps=null", "callbacks.checkpoint.save_every_minutes=null",
          "tracking=none", "trainer.batch_size=2", "optimized_metric=val/loss",
@@ -125,8 +126,9 @@ def lanes_worker(mode: str, data_file: str, vocab: str, record: bool) -> None:
 
     world = distributed.world("auto", 600)
     tokenizer = {"vocab_size": int(vocab), "min_vocab": 0} if vocab != "auto" else {}
-    data = StreamingText(data_files=data_file, val_examples=0, seq_len=64, shuffle_buffer=100,
-                         tokenizer=tokenizer, tokenizer_sample=500, shard_by_rank=mode == "lanes")
+    data = StreamingText(source={"data_files": data_file}, splits={"val_examples": 0},
+                         packing={"seq_len": 64}, shuffle_buffer=100, tokenizer=tokenizer,
+                         tokenizer_sample=500, shard_by_rank=mode == "lanes")
     data.setup()
     data.tokenizer = counting = CountingTokenizer(data.tokenizer)
     lanes = data.use_world(world)
@@ -231,9 +233,9 @@ def memory() -> None:
 
 
 def lanes(pairs: int) -> None:
-    from mlxlab.data.streaming import __file__ as streaming_py
+    from mlxlab.config import asset_path
 
-    sample = str(Path(streaming_py).parents[1] / "assets/tinystories/sample.txt")
+    sample = asset_path("tinystories/sample.txt")
     print("| pair | mode | documents tokenized per rank | tokenizing CPU s per rank | epoch s "
           "(slowest rank) | batches per rank | one vote (ms) |")
     print("|---:|---|---|---|---:|---:|---:|")

@@ -9,7 +9,7 @@
    tokens/s (median of the logged windows) and MLX peak memory from its MLflow metrics, peak RSS
    from the OS (wait4) for the training process.
 2. The same run on the corpus doubled (a copy of the sample written twice into one file,
-   data.data_files=<it>): peak memory must not grow (the stream holds no corpus-sized state).
+   data.source.data_files=<it>): peak memory must not grow (the stream holds no corpus-sized state).
 3. The data module alone (tokenizer + packing, StreamingText.train_batches in its background
    thread), one full epoch of the 1x and the 2x corpus, each in its own process: tokens/s, as a
    ratio to the training tokens/s measured in step 1 (target >= 10x, so data never stalls the
@@ -60,7 +60,7 @@ def train_run(root: Path, name: str, overrides: list[str], env: dict, experiment
     """One training run through the CLI; its curve, speed and memory."""
     from mlflow.tracking import MlflowClient
 
-    from mlxlab.training.checkpoint import CheckpointState
+    from mlxlab.checkpoint import CheckpointState
 
     run_dir = root / "outputs" / name
     cmd = [sys.executable, "-m", "mlxlab.train", *overrides, f"hydra.run.dir={run_dir}"]
@@ -93,7 +93,7 @@ def data_pass(data_files: str, tokenizer: str, overrides: list[str], root: Path)
     from mlxlab.data.batching import Batching
     from mlxlab.data.streaming import token_throughput
 
-    cfg = compose(root, [*overrides, f"data.data_files={data_files}",
+    cfg = compose(root, [*overrides, f"data.source.data_files={data_files}",
                          f"data.tokenizer.path={tokenizer}"])
     data = instantiate(cfg.data)
     data.setup(None)
@@ -136,7 +136,7 @@ def plot(runs: list[dict], tokens_per_step: int, path: Path) -> None:
 
 def report(args, cfg, runs, data_runs, max_steps, tokens_per_step) -> str:
     lines = [f"command: {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}",
-             f"budget: {max_steps} steps x {cfg.trainer.batch_size} x {cfg.data.seq_len} = "
+             f"budget: {max_steps} steps x {cfg.trainer.batch_size} x {cfg.data.packing.seq_len} = "
              f"{max_steps * tokens_per_step:,} tokens; runs in {args.root}", ""]
     lines += ["| step | tokens | " + " | ".join(f"{r['name']} val loss | {r['name']} val ppl"
                                                 for r in runs) + " |",
@@ -197,7 +197,7 @@ def main() -> None:
     out = (args.out or args.root).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg = compose(args.root, preset)
-    tokens_per_step = int(cfg.trainer.batch_size) * int(cfg.data.seq_len)
+    tokens_per_step = int(cfg.trainer.batch_size) * int(cfg.data.packing.seq_len)
     max_steps = math.ceil(args.tokens / tokens_per_step) if args.tokens else cfg.trainer.max_steps
     log_every = int(cfg.trainer.log_every_steps)
     train_overrides = [*preset, "tracking=mlflow", f"trainer.max_steps={max_steps}",
@@ -205,7 +205,7 @@ def main() -> None:
     env = {**os.environ, "MLXLAB_ROOT": str(args.root), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
 
-    sample = Path(str(cfg.data.data_files))
+    sample = Path(str(cfg.data.source.data_files))
     doubled = args.root / "sample_x2.txt"
     text = sample.read_text().rstrip("\n")
     doubled.write_text(text + "\n\n" + text + "\n")  # paragraphs stay whole at the seam
@@ -216,7 +216,7 @@ def main() -> None:
     if not args.no_doubled_train:
         print("training 2x ...", flush=True)
         runs.append(train_run(args.root, "corpus_2x",
-                              [*train_overrides, f"data.data_files={doubled}",
+                              [*train_overrides, f"data.source.data_files={doubled}",
                                f"data.tokenizer.path={tokenizer}"], env, cfg.task_name))
     print("data module alone, 1x and 2x ...", flush=True)
     data_runs = [data_run(args.root, f"data_{n}", f, tokenizer, args.overrides, env)

@@ -12,8 +12,8 @@ agree. `--part all` (default) does the three in turn.
 For each model (`experiment=tinystories_<model>`, the preset's own budget):
 1. The text: the shipped TinyStories sample (src/mlxlab/assets/tinystories/sample.txt), minus its
    last --heldout paragraphs, which are written to a held-out file nobody trains on. The sample's
-   own validation split (its first data.val_examples paragraphs, held out by the data module) stays
-   as it is. Both runs train on the rest.
+   own validation split (its first data.splits.val_examples paragraphs, held out by the data
+   module) stays as it is. Both runs train on the rest.
 2. mlxlab: `mlxlab.train.train(cfg)` on the composed preset (real data module, tokenizer trained
    on the training text, compiled step, tracking=none). A thin wrapper around Trainer.fit records
    the initial weights and every batch the trainer consumed, and a callback scores the model on the
@@ -111,8 +111,8 @@ def held_out_data(train_file: Path, heldout_file: Path, seq_len: int, tokenizer:
     from mlxlab.data.streaming import StreamingText
 
     held = StreamingText(
-        data_files={"train": str(train_file), "validation": str(heldout_file)},
-        val_split="validation", val_examples=10**9, seq_len=seq_len,
+        source={"data_files": {"train": str(train_file), "validation": str(heldout_file)}},
+        splits={"val_split": "validation", "val_examples": 10**9}, packing={"seq_len": seq_len},
         tokenizer={"path": str(tokenizer)},
     )
     held.setup(None)
@@ -120,8 +120,9 @@ def held_out_data(train_file: Path, heldout_file: Path, seq_len: int, tokenizer:
 
 
 def preset(model_name: str, train_file: Path, root: Path, overrides: list[str]):
-    return compose(root, [f"experiment=tinystories_{model_name}", f"data.data_files={train_file}",
-                          "tracking=none", "callbacks.progress.enabled=false", *overrides])
+    return compose(root, [f"experiment=tinystories_{model_name}",
+                          f"data.source.data_files={train_file}", "tracking=none",
+                          "callbacks.progress.enabled=false", *overrides])
 
 
 def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path,
@@ -142,7 +143,8 @@ def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path
         if self.grad_accum != 1:
             raise SystemExit("bench_lm_twin.py replays one batch per step: use trainer.grad_accum=1")
         rec["init"] = digest(np.array(v) for _, v in tree_flatten(model.parameters()))
-        held = held_out_data(train_file, heldout_file, data.seq_len, Path(run_dir) / "tokenizer.json")
+        held = held_out_data(train_file, heldout_file, data.packing.seq_len,
+                             Path(run_dir) / "tokenizer.json")
         rec["windows"] = digest(np.array(b["input_ids"]) for d in (data, held)
                                 for b in d.val_batches(self.batching))
         live = data.train_batches
@@ -202,7 +204,7 @@ def twin_inputs(model_name: str, train_file: Path, heldout_file: Path, root: Pat
         batches += [{k: np.array(v) for k, v in b.items()}
                     for b in data.train_batches(trainer.batching, epoch)]
         epoch += 1
-    held = held_out_data(train_file, heldout_file, data.seq_len, run_dir / "tokenizer.json")
+    held = held_out_data(train_file, heldout_file, data.packing.seq_len, run_dir / "tokenizer.json")
     windows = {name: [{k: np.array(v) for k, v in b.items()} for b in d.val_batches(trainer.batching)]
                for name, d in (("val", data), ("heldout", held))}
     return {

@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from mlxlab.checkpoint import CheckpointState
 from mlxlab.config import compose_config, instantiate
 from mlxlab.data.tabular import read_csv
-from mlxlab.training.checkpoint import CheckpointState
 
 
 def compose_default(root: Path, overrides: list[str], run_name: str) -> DictConfig:

@@ -6,9 +6,9 @@ The 32k tokenizer: a byte-level BPE trained with `tokenizers` on the shipped Tin
 (its merges run out near 7.6k tokens on 0.8 MB of text) topped up to 32,000 ids with unused added
 tokens, which stands in for a general-purpose 32k tokenizer (Llama's, say) on a small corpus:
 only the tokens the corpus uses get trained either way. The data module (StreamingText on the
-first `--docs` stories, data.vocab_remap=used) gives the remapped batches; the full model gets the
-same batches mapped back to the tokenizer's ids. Both models are transformer_nano (dim 256, 4
-layers, tied embeddings, seq_len 128, batch 16) with AdamW; the steps are the trainer's compiled
+first `--docs` stories, data.vocab_remap.mode=used) gives the remapped batches; the full model
+gets the same batches mapped back to the tokenizer's ids. Both models are transformer_nano (dim
+256, 4 layers, tied embeddings, seq_len 128, batch 16) with AdamW; the steps are the trainer's compiled
 step. Step times are measured interleaved (a few steps of one model, then of the other, `--rounds`
 times) in one process, so a shared, loaded machine slows both alike; the medians are reported.
 """
@@ -63,9 +63,10 @@ def main() -> None:
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-vocab-"))
     tok = tokenizer_32k(folder)
-    data = StreamingText(data_files=str(SAMPLE), max_examples=args.docs, val_examples=0,
-                         seq_len=128, shuffle_buffer=0, tokenizer={"path": str(tok)},
-                         vocab_remap="used")
+    data = StreamingText(source={"data_files": str(SAMPLE)},
+                         splits={"max_examples": args.docs, "val_examples": 0},
+                         packing={"seq_len": 128}, shuffle_buffer=0, tokenizer={"path": str(tok)},
+                         vocab_remap={"mode": "used"})
     data.setup(folder)
     keep = data.vocab_map.keep
     batches = [b for b, _ in zip(data.train_batches(Batching(batch_size=16), 0), range(8))]

@@ -105,8 +105,8 @@ CLASSIFIER_RUN = [*FAST, "trainer.max_epochs=5", "trainer.max_steps=100",
 LM_RUN = [
     "experiment=tinystories_nano", "tracking=none", "callbacks.progress.enabled=false",
     "model.dim=32", "model.num_layers=1", "model.num_heads=2", "model.max_seq_len=64",
-    "data.seq_len=64", "data.tokenizer.max_vocab=512", "data.tokenizer_sample=300",
-    "data.val_examples=20", "trainer.batch_size=8", "trainer.max_steps=30",
+    "data.packing.seq_len=64", "data.tokenizer.max_vocab=512", "data.tokenizer_sample=300",
+    "data.splits.val_examples=20", "trainer.batch_size=8", "trainer.max_steps=30",
     "trainer.eval_every_steps=15", "trainer.schedule.warmup_steps=3",
 ]
 
@@ -148,7 +148,7 @@ def tiny_lm_run(tmp_path_factory):
     firsts = [s.strip().split(". ")[0] + "." for s in stories[:800] if s.strip()]
     corpus = root / "first_sentences.txt"
     corpus.write_text("\n\n".join(firsts))
-    cfg = compose_cfg(root, [*LM_RUN, f"data.data_files={corpus}"])
+    cfg = compose_cfg(root, [*LM_RUN, f"data.source.data_files={corpus}"])
     metrics = train(cfg)
     GlobalHydra.instance().clear()
     return Path(cfg.paths.output_dir), metrics, firsts

@@ -90,3 +90,23 @@ def test_analysis_of_an_lm_has_every_part_and_a_sample():
     text = sample_text(lm, probe, Chars(), max_tokens=5)
     prompt, sample = text.strip().split(" ||| ")
     assert prompt == "ABCDEFGH" and len(sample) == 5
+
+
+def test_attention_weights_are_what_the_forward_pass_mixes_the_values_with():
+    """Attention.weights (what the entropy is measured on) uses the layer's own projections and
+    rotary positions: mixing the values with them gives the layer's output."""
+    from mlxlab import kernels
+    from mlxlab.models.layers import Attention, padding_mask
+
+    mx.random.seed(0)
+    x = mx.random.normal((2, 6, 16))
+    keys = mx.array(np.array([[1, 1, 1, 1, 0, 0], [1] * 6]))
+    cases = [(Attention(16, 4, num_kv_heads=2, rope=nn.RoPE(4)), "causal"),
+             (Attention(16, 2, bias=True), padding_mask(keys))]
+    for attention, mask in cases:
+        p = attention.weights(x, mask)
+        assert np.allclose(np.array(p.sum(axis=-1)), 1.0, atol=1e-5)
+        _, _, v = attention.project(x)
+        v = mx.repeat(v, attention.num_heads // attention.num_kv_heads, axis=1)
+        mixed = attention.out(kernels.merge_heads(p @ v))
+        assert np.allclose(np.array(mixed), np.array(attention(x, mask)), atol=1e-5)

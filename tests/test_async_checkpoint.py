@@ -16,10 +16,10 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 
-import mlxlab.training.checkpoint as ckpt
+import mlxlab.checkpoint as ckpt
 from conftest import PYTHON
+from mlxlab.checkpoint import CheckpointManager, check_committed, load_checkpoint
 from mlxlab.training.async_writer import CheckpointWriter
-from mlxlab.training.checkpoint import CheckpointManager, check_committed, load_checkpoint
 
 
 def model_and_optimizer(seed: int = 0, width: int = 16):

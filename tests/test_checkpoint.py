@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlxlab.training import checkpoint as ckpt
-from mlxlab.training.checkpoint import (
+from mlxlab import checkpoint as ckpt
+from mlxlab.checkpoint import (
     CheckpointError,
     CheckpointManager,
     CheckpointWarning,
@@ -349,7 +349,7 @@ SHORT_WRITE = """
 import errno, resource, signal, sys
 from pathlib import Path
 import mlx.core as mx, mlx.nn as nn
-from mlxlab.training.checkpoint import save_checkpoint
+from mlxlab.checkpoint import save_checkpoint
 directory = Path(sys.argv[1])
 save_checkpoint(directory, nn.Linear(4, 4), None, {"step": 1})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over-limit writes fail with EFBIG instead

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from mlxlab.training.checkpoint import (
+from mlxlab.checkpoint import (
     STATE_VERSION,
     CheckpointError,
     CheckpointState,

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from mlxlab.data.batching import Batching, bucket_length, dynamic_batches, make_batches
-from mlxlab.data.streaming import StreamingText, token_throughput
+from mlxlab.data.streaming import StreamingText, fresh_state, regroup_flat_config, token_throughput
 from mlxlab.data.tabular import TabularText, row_texts, stratified_split
 from mlxlab.data.tokenizer import auto_vocab_size, build_tokenizer, tokenizer_hash
 
@@ -65,7 +65,7 @@ def streaming(files, tmp_path, **kw) -> StreamingText:
         prefetch=2,
         cache_dir=str(tmp_path / "cache"),
     )
-    return StreamingText(**{**args, **kw})
+    return StreamingText(**regroup_flat_config({**args, **kw}))  # flat keys, grouped
 
 
 def token_stream(batches) -> list[int]:
@@ -436,19 +436,19 @@ def test_lane_positions_resume_at_another_lane_count_from_the_first_unread_docum
         batches.append(as_numpy(data.train_batches(batching, 1)))
     assert batches[0] and len(batches[0][0]["input_ids"]) == 2
     assert_same_batches(*batches)
-    assert data.state_dict() == {**data._fresh_state(2), "lane": 0, "lanes": 1}
+    assert data.state_dict() == {**fresh_state(2), "lane": 0, "lanes": 1}
 
 
 def test_streaming_clear_errors(tmp_path):
     (tmp_path / "docs.jsonl").write_text(json.dumps({"body": "hello there"}) + "\n")
     with pytest.raises(
-        ValueError, match=r"text column 'text'.*available columns: \['body'\].*data.text_column="
+        ValueError, match=r"text column 'text'.*available columns: \['body'\].*data.source.text_column="
     ):
         streaming(tmp_path / "docs.jsonl", tmp_path).setup(tmp_path / "run")
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match=r"no text in .*empty.txt"):
         streaming(tmp_path / "empty.txt", tmp_path).setup(tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match=r"missing.txt.*data.data_files="):
+    with pytest.raises(FileNotFoundError, match=r"missing.txt.*data.source.data_files="):
         streaming(tmp_path / "missing.txt", tmp_path)
     with pytest.raises(ValueError, match="stride"):
         streaming(tmp_path / "empty.txt", tmp_path, stride=17)
@@ -480,7 +480,7 @@ def test_streaming_one_document_holds_out_its_last_tokens(tmp_path, caplog):
     data = streaming(tmp_path / "play.txt", tmp_path, sample_by="document", val_examples=200)
     with caplog.at_level(logging.WARNING, logger="mlxlab.data.streaming"):
         data.setup(tmp_path / "run")
-    assert "1 document(s), not more than data.val_examples=200" in caplog.text
+    assert "1 document(s), not more than data.splits.val_examples=200" in caplog.text
     batching = Batching(batch_size=2)
     train = data.tokenizer.decode(token_stream(as_numpy(data.train_batches(batching, 0))),
                                   skip_special_tokens=False)
@@ -508,7 +508,7 @@ def test_streaming_empty_and_undecodable_files_are_named(tmp_path):
     latin.write_bytes("Caf\u00e9 au lait.\n\nLa cr\u00e8me br\u00fbl\u00e9e.\n".encode("latin-1"))
     (tmp_path / "fine.txt").write_text("plain text\n")
     files = [str(tmp_path / "fine.txt"), str(latin)]
-    with pytest.raises(ValueError, match=r"latin.txt is not utf-8 text .*data.encoding=latin-1"):
+    with pytest.raises(ValueError, match=r"latin.txt is not utf-8 text .*data.source.encoding=latin-1"):
         streaming(latin, tmp_path, data_files=files).setup(tmp_path / "run")
     data = streaming(latin, tmp_path, encoding="latin-1")
     data.setup(tmp_path / "run3")
@@ -520,8 +520,8 @@ def test_shipped_tinystories_sample_auto_vocab_and_throughput(tmp_path):
     from mlxlab.config import asset_path
 
     data = StreamingText(
-        data_files=asset_path("tinystories/sample.txt"),
-        seq_len=128,
+        source={"data_files": asset_path("tinystories/sample.txt")},
+        packing={"seq_len": 128},
         tokenizer_sample=2000,
         cache_dir=str(tmp_path / "cache"),
     )
@@ -532,8 +532,8 @@ def test_shipped_tinystories_sample_auto_vocab_and_throughput(tmp_path):
     assert data.state_dict()["batches_done"] == 0  # measuring does not move the training position
     # The trained tokenizer is cached: a second run directory reuses it.
     again = StreamingText(
-        data_files=asset_path("tinystories/sample.txt"),
-        seq_len=128,
+        source={"data_files": asset_path("tinystories/sample.txt")},
+        packing={"seq_len": 128},
         tokenizer_sample=2000,
         cache_dir=str(tmp_path / "cache"),
     )

@@ -33,8 +33,8 @@ BERT = [
 ]
 LM = [
     "experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
-    "model.max_seq_len=32", "data.seq_len=32", "data.tokenizer.max_vocab=256",
-    "data.max_examples=300", "data.val_examples=20", "data.tokenizer_sample=300",
+    "model.max_seq_len=32", "data.packing.seq_len=32", "data.tokenizer.max_vocab=256",
+    "data.splits.max_examples=300", "data.splits.val_examples=20", "data.tokenizer_sample=300",
     "trainer.max_steps=20", "trainer.eval_every_steps=20", "trainer.schedule.warmup_steps=2",
     "trainer.log_every_steps=5", "callbacks.progress.enabled=false",
     "callbacks.checkpoint.save_every_minutes=null", "tracking=none",
@@ -206,7 +206,7 @@ def test_lanes_resume_after_sigkill_and_end_epochs_together(tmp_path, cli_env):
     first lane runs dry), SIGKILLed after step 8 and resumed: the lanes continue where they were,
     so the weights match an uninterrupted run. Resumed as 1 process instead, the run starts its
     lane at the first document no old lane had read, and finishes."""
-    args = [*LM, "data.shard_by_rank=true", "data.max_examples=6", "trainer.batch_size=4",
+    args = [*LM, "data.shard_by_rank=true", "data.splits.max_examples=6", "trainer.batch_size=4",
             "callbacks.checkpoint.save_every_steps=4", "callbacks.checkpoint.keep_last_n=10",
             "trainer.distributed.timeout_s=300"]  # steps and saves on a loaded box
     run(2, args, tmp_path / "reference", cli_env)
@@ -269,7 +269,7 @@ def test_a_killed_rank_stops_the_others_with_checkpoints_intact(tmp_path, cli_en
         assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
     steps = committed_steps(run_dir)
     assert steps and not list((run_dir / "checkpoints").glob(".tmp*"))
-    from mlxlab.training.checkpoint import check_committed
+    from mlxlab.checkpoint import check_committed
 
     for step in steps:
         assert check_committed(run_dir / "checkpoints" / f"step_{step:08d}") is None
@@ -312,7 +312,7 @@ def test_a_hung_rank_trips_the_watchdog_of_the_others(tmp_path, cli_env):
     out, err = proc.communicate(timeout=60)
     assert "waited over 15 s for the other ranks" in err, err[-3000:]
     assert "exited with code 75" in err
-    from mlxlab.training.checkpoint import check_committed
+    from mlxlab.checkpoint import check_committed
 
     for step in committed_steps(run_dir):
         assert check_committed(run_dir / "checkpoints" / f"step_{step:08d}") is None

@@ -29,8 +29,8 @@ from mlxlab.train import train
 LM = [
     "experiment=tinystories_nano", "tracking=none", "callbacks.progress.enabled=false",
     "model.dim=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-    "model.max_seq_len=64", "data.seq_len=64", "data.tokenizer.max_vocab=512",
-    "data.tokenizer_sample=300", "data.val_examples=20", "trainer.batch_size=8",
+    "model.max_seq_len=64", "data.packing.seq_len=64", "data.tokenizer.max_vocab=512",
+    "data.tokenizer_sample=300", "data.splits.val_examples=20", "trainer.batch_size=8",
     "trainer.max_steps=20", "trainer.eval_every_steps=20", "trainer.schedule.warmup_steps=2",
 ]
 PROMPT = "Once upon a time"
@@ -110,7 +110,8 @@ def test_quantized_export_loads_in_mlx_lm_and_reports_the_cost(lm_run, lm_export
     import mlx_lm
     from mlx_lm.convert import convert
 
-    from mlxlab.export.quality import lm_metrics, validation_batches
+    from mlxlab.export.quality import validation_batches
+    from mlxlab.runs.evaluate import lm_metrics
 
     out = tmp_path / "q4"
     report = export_run(lm_run, out, "mlx-lm", "float32", quantize=4)

@@ -20,10 +20,10 @@ from mlxlab.config import asset_path
 from mlxlab.data.batching import Batching
 from mlxlab.data.completions import PromptCompletion
 from mlxlab.export import export_run
-from mlxlab.export.quality import lm_metrics
 from mlxlab.models.lora import fuse_lora
 from mlxlab.models.transformer import Transformer
 from mlxlab.runs import load_run_model
+from mlxlab.runs.evaluate import lm_metrics
 
 IDS = np.random.default_rng(3).integers(0, 500, size=(2, 24))
 
@@ -164,8 +164,8 @@ def test_text_fine_tuning_documents_carry_bos_and_eos(finetuned):
     """finetune_text packs documents as <s> text </s> with the checkpoint's tokenizer."""
     from mlxlab.data.streaming import StreamingText
 
-    data = StreamingText(data_files=asset_path("tinystories/sample.txt"), seq_len=64,
-                         val_examples=0, shuffle_buffer=0,
+    data = StreamingText(source={"data_files": asset_path("tinystories/sample.txt")},
+                         splits={"val_examples": 0}, packing={"seq_len": 64}, shuffle_buffer=0,
                          tokenizer={"path": str(finetuned["base"] / "tokenizer.json")})
     data.setup(None)
     batch = next(data.train_batches(Batching(batch_size=2), 0))

@@ -313,7 +313,7 @@ def test_training_steps_equal_with_kernels_on_and_off(make_cfg, tmp_path):
 
     cfg = make_cfg("experiment=tinystories_nano", "tracking=none", "model.dim=64",
                    "model.num_layers=2", "model.num_heads=2", "model.max_seq_len=32",
-                   "data.seq_len=32", "data.tokenizer.max_vocab=300")
+                   "data.packing.seq_len=32", "data.tokenizer.max_vocab=300")
     data = instantiate(cfg.data)
     data.setup(tmp_path / "run")
     batches = [b for _, b in zip(range(6), data.train_batches(Batching(batch_size=4), 0))]

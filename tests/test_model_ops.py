@@ -31,8 +31,8 @@ from test_resume import (
 )
 
 LM = ["experiment=tinystories_nano", "model.dim=32", "model.num_heads=2", "model.max_seq_len=32",
-      "data.seq_len=32", "data.tokenizer.max_vocab=256", "data.max_examples=200",
-      "data.val_examples=16", "trainer.batch_size=8", "trainer.schedule.warmup_steps=0",
+      "data.packing.seq_len=32", "data.tokenizer.max_vocab=256", "data.splits.max_examples=200",
+      "data.splits.val_examples=16", "trainer.batch_size=8", "trainer.schedule.warmup_steps=0",
       "callbacks.progress.enabled=false", "trainer.log_every_steps=1"]
 
 

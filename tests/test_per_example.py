@@ -95,8 +95,8 @@ def test_lm_example_loss_is_the_mean_over_its_scored_tokens(rng):
 
 
 STREAM = ["experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
-          "model.max_seq_len=32", "data.seq_len=32", "data.tokenizer.max_vocab=512",
-          "data.tokenizer_sample=200", "data.max_examples=40", "data.val_examples=10",
+          "model.max_seq_len=32", "data.packing.seq_len=32", "data.tokenizer.max_vocab=512",
+          "data.tokenizer_sample=200", "data.splits.max_examples=40", "data.splits.val_examples=10",
           "trainer.batch_size=4", "trainer.max_steps=10", "trainer.eval_every_steps=10",
           "trainer.log_every_steps=1", "trainer.schedule.warmup_steps=0",
           "callbacks.progress.enabled=false", "callbacks=per_example_losses", "tracking=csv"]
@@ -121,10 +121,10 @@ def test_streamed_text_windows_carry_their_documents_id(make_cfg):
     data.setup(None)
     tok = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
     doc_of_token = []
-    for i, example in enumerate(data._read(data._unshuffled_train())):
+    for i, example in enumerate(data.source.read(data.streams.unshuffled_train())):
         if i == 40:
             break
-        text = data._text(example)
+        text = data.source.text(example)
         doc_of_token += [i] * (len(tok.encode(text, add_special_tokens=False).ids) + 1) if text else []
     windows = np.arange(40) * 32 + 1  # window w's first label: token w * seq_len + 1
     assert frame["example_id"].tolist() == [doc_of_token[t] for t in windows]

@@ -24,14 +24,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import PYTHON, REPO
-from mlxlab.training.checkpoint import CheckpointWarning, check_committed, save_checkpoint
-from mlxlab.training.remote import (
-    RemoteError,
+from mlxlab.checkpoint import CheckpointWarning, check_committed, save_checkpoint
+from mlxlab.checkpoint.remote import (
     RemoteStore,
     RemoteUploader,
-    _filesystem,
     fetch_remote_checkpoint,
+    open_filesystem,
 )
+from mlxlab.errors import RemoteError
 
 pytest.importorskip("s3fs")
 
@@ -89,7 +89,7 @@ class Server:
 
     def make_bucket(self) -> None:
         with env_set(self.env):
-            fs, root = _filesystem(self.uri(""))
+            fs, root = open_filesystem(self.uri(""))
             fs.mkdir(root.split("/")[0])
 
     def uri(self, prefix: str) -> str:

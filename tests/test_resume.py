@@ -28,8 +28,8 @@ TITANIC = [
 ]
 STREAMING = [
     "experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
-    "model.max_seq_len=32", "data.seq_len=32", "data.tokenizer.max_vocab=256",
-    "data.max_examples=300", "data.val_examples=20", "trainer.batch_size=8",
+    "model.max_seq_len=32", "data.packing.seq_len=32", "data.tokenizer.max_vocab=256",
+    "data.splits.max_examples=300", "data.splits.val_examples=20", "trainer.batch_size=8",
     "trainer.max_steps=24", "trainer.eval_every_steps=12", "trainer.log_every_steps=1",
     "trainer.schedule.warmup_steps=2", "callbacks.progress.enabled=false",
     "callbacks.checkpoint.save_every_steps=3", "callbacks.checkpoint.save_every_minutes=null",
@@ -211,7 +211,7 @@ def assert_same_per_example_losses(uri: str, reference: Path, resumed: Path, lab
      pytest.param("titanic-curriculum", [*TITANIC, "data.curriculum={score: rarity}"], 5,
                   marks=pytest.mark.slow),
      pytest.param("streaming-curriculum-vocab-remap", [
-         *STREAMING, "data.curriculum={score: length}", "data.vocab_remap=used"], 7,
+         *STREAMING, "data.curriculum={score: length}", "data.vocab_remap.mode=used"], 7,
          marks=pytest.mark.slow)],
 )
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, cli_env, name, args, kill_after):
@@ -402,17 +402,17 @@ def test_resume_on_other_data_reports_it_and_resets_the_best_metric(tmp_path, cl
     args = [*STREAMING, "trainer.eval_every_steps=6", "callbacks.checkpoint.save_every_steps=null"]
     first = tmp_path / "first"
     run([*args, "trainer.max_steps=6"], first, cli_env)
-    out = run([*args, "trainer.max_steps=12", f"resume={first}", f"data.data_files={other}",
-               "data.seq_len=16", "seed=7"], tmp_path / "second", cli_env)
+    out = run([*args, "trainer.max_steps=12", f"resume={first}", f"data.source.data_files={other}",
+               "data.packing.seq_len=16", "seed=7"], tmp_path / "second", cli_env)
     log = out.stdout + out.stderr
-    for change in ("data.data_files changed", "data.seq_len changed 32 -> 16",
+    for change in ("data.source.data_files changed", "data.packing.seq_len changed 32 -> 16",
                    "seed changed 42 -> 7", "the validation set changed"):
         assert f"resume: {change}" in log, log[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     mlflow_run = client.get_run(run_id_of(first))
     tags, metrics = mlflow_run.data.tags, mlflow_run.data.metrics
     assert tags["resume.changed.seed"] == "42 -> 7"
-    assert tags["resume.changed.data.seq_len"] == "32 -> 16"
+    assert tags["resume.changed.data.packing.seq_len"] == "32 -> 16"
     assert "resume.changed.validation_set" in tags
     val = {m.step: m.value for m in client.get_metric_history(run_id_of(first), "val/loss")}
     assert val[12] > val[6]  # the new data is harder ...
@@ -426,8 +426,8 @@ def test_resume_auto_stays_in_the_newest_folders_run(tmp_path):
 
     import mlx.nn as nn
 
+    from mlxlab.checkpoint import CheckpointManager
     from mlxlab.runs import latest_run_with_checkpoints
-    from mlxlab.training.checkpoint import CheckpointManager
 
     model, task = nn.Linear(2, 2), tmp_path / "outputs" / "t"
 

@@ -338,9 +338,9 @@ def test_registered_language_model_completes_prompts(make_cfg, tmp_path):
         "model.dim=32",
         "model.num_layers=1",
         "model.num_heads=2",
-        "data.seq_len=32",
+        "data.packing.seq_len=32",
         "model.max_seq_len=64",
-        "data.val_examples=8",
+        "data.splits.val_examples=8",
         "data.tokenizer_sample=300",
         f"tracking.uri={uri}",
     )

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import mlxlab.tracking.mlflow as mlflow_tracking
 from conftest import MLXLAB, wait_for_server
 from mlxlab.cli import runs_list
 from mlxlab.tracking.base import NullTracker, Tracker, flatten_config
@@ -34,6 +33,7 @@ from mlxlab.tracking.mlflow import (
     resolve_uri,
     sweep_children,
 )
+from mlxlab.tracking.mlflow import calls as mlflow_calls
 from mlxlab.tracking.plots import confusion_matrix_png, loss_curve_png, sweep_plot_png
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,7 +228,7 @@ def test_log_metrics_never_waits_on_a_locked_store(uri, tmp_path):
 
 def test_locked_store_errors_are_retried_with_bounded_backoff(monkeypatch):
     sleeps = []
-    monkeypatch.setattr(mlflow_tracking.time, "sleep", sleeps.append)
+    monkeypatch.setattr(mlflow_calls.time, "sleep", sleeps.append)
     calls = []
 
     def locked_twice():
@@ -237,7 +237,7 @@ def test_locked_store_errors_are_retried_with_bounded_backoff(monkeypatch):
             raise sqlite3.OperationalError("database is locked")
         return "written"
 
-    assert mlflow_tracking._retrying(locked_twice) == "written"
+    assert mlflow_calls.retrying(locked_twice) == "written"
     assert len(calls) == 3 and len(sleeps) == 2 and sleeps[0] < sleeps[1]
 
     def always_locked():
@@ -247,8 +247,8 @@ def test_locked_store_errors_are_retried_with_bounded_backoff(monkeypatch):
     calls.clear()
     sleeps.clear()
     with pytest.raises(sqlite3.OperationalError):
-        mlflow_tracking._retrying(always_locked)
-    assert len(calls) == mlflow_tracking.RETRY_ATTEMPTS and max(sleeps) <= 3.0
+        mlflow_calls.retrying(always_locked)
+    assert len(calls) == mlflow_calls.RETRY_ATTEMPTS and max(sleeps) <= 3.0
 
     def broken():
         calls.append(1)
@@ -256,7 +256,7 @@ def test_locked_store_errors_are_retried_with_bounded_backoff(monkeypatch):
 
     calls.clear()
     with pytest.raises(ValueError):
-        mlflow_tracking._retrying(broken)
+        mlflow_calls.retrying(broken)
     assert len(calls) == 1  # only lock contention is retried
 
 

@@ -91,19 +91,19 @@ def test_multirun_jobs_group_under_one_parent(tmp_path, cli_env):
 
 TINY_LM = [
     "experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
-    "model.max_seq_len=32", "data.seq_len=32", "data.tokenizer.max_vocab=256",
-    "data.max_examples=200", "trainer.batch_size=8", "trainer.max_steps=6",
+    "model.max_seq_len=32", "data.packing.seq_len=32", "data.tokenizer.max_vocab=256",
+    "data.splits.max_examples=200", "trainer.batch_size=8", "trainer.max_steps=6",
     "trainer.eval_every_steps=3", "callbacks.progress.enabled=false", "tracking=none",
 ]
 
 
 def test_streaming_without_validation_trains_and_checkpoints(make_cfg, tmp_path, caplog):
-    """data.val_examples=0: no evaluation, checkpoints where evaluations would be and at the end,
-    no best/; said at the start."""
-    cfg = make_cfg(*TINY_LM, "data.val_examples=0", "trainer.max_steps=5")
+    """data.splits.val_examples=0: no evaluation, checkpoints where evaluations would be and at
+    the end, no best/; said at the start."""
+    cfg = make_cfg(*TINY_LM, "data.splits.val_examples=0", "trainer.max_steps=5")
     with caplog.at_level("INFO", logger="mlxlab.training.trainer"):
         assert train(cfg) == {}
-    assert "no validation data (data.val_examples=0" in caplog.text
+    assert "no validation data (data.splits.val_examples=0" in caplog.text
     checkpoints = tmp_path / "outputs"
     found = sorted(p.parent.name for p in checkpoints.glob("**/checkpoints/*/COMMITTED"))
     assert found == ["step_00000003", "step_00000005"]
@@ -115,8 +115,8 @@ def test_dialogue_trains_as_one_document(make_cfg, tmp_path):
     play = tmp_path / "play.txt"
     play.write_text("\n\n".join(f"{who}: line {i} of the play, spoken with feeling."
                                 for i, who in enumerate(["ROMEO", "JULIET"] * 40)) + "\n")
-    cfg = make_cfg(*TINY_LM, f"data.data_files={play}", "data.sample_by=document",
-                   "data.max_examples=null")
+    cfg = make_cfg(*TINY_LM, f"data.source.data_files={play}", "data.source.sample_by=document",
+                   "data.splits.max_examples=null")
     metrics = train(cfg)
     assert metrics["val/loss"] > 0 and metrics["best_step"] == 6
 

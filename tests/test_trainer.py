@@ -122,7 +122,7 @@ def test_cnn_hybrid_trains(make_cfg):
 def test_language_model_loss_falls(make_cfg):
     cfg = make_cfg("experiment=tinystories_nano", "tracking=none", "callbacks.progress.enabled=false",
                    "model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.max_seq_len=64",
-                   "data.seq_len=64", "data.tokenizer.max_vocab=512", "trainer.batch_size=8",
+                   "data.packing.seq_len=64", "data.tokenizer.max_vocab=512", "trainer.batch_size=8",
                    "trainer.max_steps=40", "trainer.eval_every_steps=20", "trainer.log_every_steps=5",
                    "trainer.schedule.warmup_steps=5")
     from mlxlab.config import to_container
@@ -240,7 +240,7 @@ def test_accumulation_keeps_an_epochs_last_micro_batches(make_cfg, tmp_path):
 
 
 def test_nan_never_counts_as_better():
-    from mlxlab.training.metrics import is_better
+    from mlxlab.checkpoint import is_better
 
     assert is_better(0.5, None, "max") and is_better(0.5, math.nan, "max")
     assert not is_better(math.nan, 0.5, "max") and not is_better(math.nan, None, "min")

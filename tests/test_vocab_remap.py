@@ -17,8 +17,8 @@ from mlxlab.runs import load_run_model
 from mlxlab.train import train
 
 LM = ["experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
-      "model.max_seq_len=32", "data.seq_len=32", "data.tokenizer.max_vocab=1024",
-      "data.tokenizer.vocab_size=1024", "data.max_examples=60", "data.val_examples=10",
+      "model.max_seq_len=32", "data.packing.seq_len=32", "data.tokenizer.max_vocab=1024",
+      "data.tokenizer.vocab_size=1024", "data.splits.max_examples=60", "data.splits.val_examples=10",
       "data.shuffle_buffer=0", "trainer.batch_size=4", "callbacks.progress.enabled=false", "tracking=none"]
 
 
@@ -30,7 +30,7 @@ def module(make_cfg, tmp_path, *overrides):
 
 def test_used_tokens_shrink_the_vocabulary_and_map_back_exactly(make_cfg, tmp_path):
     plain = module(make_cfg, tmp_path)
-    remapped = module(make_cfg, tmp_path, "data.vocab_remap=used")
+    remapped = module(make_cfg, tmp_path, "data.vocab_remap.mode=used")
     vmap = remapped.vocab_map
     assert remapped.full_vocab_size == plain.vocab_size == 1024
     assert remapped.vocab_size == vmap.size < 0.6 * plain.vocab_size  # 60 stories use few
@@ -40,7 +40,7 @@ def test_used_tokens_shrink_the_vocabulary_and_map_back_exactly(make_cfg, tmp_pa
         assert ids.max() < vmap.unk  # every training token is kept: no UNK
         np.testing.assert_array_equal(vmap.keep[ids], np.array(a["input_ids"]))
         np.testing.assert_array_equal(vmap.keep[np.array(b["labels"])], np.array(a["labels"]))
-    topk = module(make_cfg, tmp_path, "data.vocab_remap=topk", "data.vocab_remap_k=40")
+    topk = module(make_cfg, tmp_path, "data.vocab_remap.mode=topk", "data.vocab_remap.k=40")
     assert topk.vocab_size <= 40 + 4  # + the kept special tokens and UNK
     ids = np.concatenate([np.array(b["input_ids"]).ravel()
                           for b in topk.train_batches(batching, 0)])
@@ -48,7 +48,7 @@ def test_used_tokens_shrink_the_vocabulary_and_map_back_exactly(make_cfg, tmp_pa
 
 
 def test_remapped_run_generates_in_the_tokenizers_ids(make_cfg, tmp_path):
-    cfg = make_cfg(*LM, "data.vocab_remap=used", "trainer.max_steps=6",
+    cfg = make_cfg(*LM, "data.vocab_remap.mode=used", "trainer.max_steps=6",
                    "trainer.eval_every_steps=6", "trainer.schedule.warmup_steps=0")
     train(cfg)
     run_dir = Path(cfg.paths.output_dir)
@@ -115,7 +115,7 @@ def export_checks(make_cfg, tmp_path: Path, run_dir: Path, model: RemappedLM, ke
 
     # Text of the training documents (kept tokens only) encodes to the same tokens, renumbered.
     data = module(make_cfg, tmp_path)
-    for text in list(data.documents(data._unshuffled_train()))[:20]:
+    for text in list(data.source.documents(data.streams.unshuffled_train()))[:20]:
         assert remapped.encode(text).ids == to_new[[eot, *original.encode(text).ids]].tolist()
         assert remapped.decode(remapped.encode(text).ids) == text
     # A dropped token made of kept characters (and not a BPE intermediate) is split into kept

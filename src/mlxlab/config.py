@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mlxlab.errors import ConfigError
+from mlxlab.errors import ConfigError, RemoteError
 
 __all__ = ["ConfigError", "compose_config", "config_hash", "instantiate", "validate"]
 
@@ -126,6 +127,37 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
 
 # --- early validation ------------------------------------------------------------------------
 
+# The facts the checks below need live here, so config imports nothing above runtime/.
+# What evaluation (training/metrics.py) reports for each data task (prefix "val/"): the names
+# optimized_metric may use.
+METRICS = {"classification": ("loss", "accuracy", "f1", "roc_auc"), "lm": ("loss", "perplexity")}
+# The object stores a checkpoint URI may name (callbacks.checkpoint.remote, resume=), and the
+# fsspec package that opens each (checkpoint/remote.py).
+REMOTE_SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+                  "abfss": "adlfs"}
+
+
+def is_remote(uri: Any) -> bool:
+    return isinstance(uri, str) and uri.split("://", 1)[0].lower() in REMOTE_SCHEMES and "://" in uri
+
+
+def check_uri(uri: str) -> tuple[str, str]:
+    """(scheme, rest) of a usable remote URI; RemoteError naming the fix otherwise."""
+    scheme, _, rest = uri.partition("://")
+    scheme = scheme.lower()
+    if scheme not in REMOTE_SCHEMES or not rest.strip("/"):
+        raise RemoteError(
+            f"remote checkpoint URI {uri!r} is not s3://bucket/prefix, gs://bucket/prefix or "
+            "az://container/prefix"
+        )
+    if re.match(r"^[^/]*@", rest) and scheme in ("s3", "gs", "gcs"):
+        raise RemoteError(
+            f"the remote URI for {scheme}:// must not carry credentials: use the provider's "
+            "standard credential chain (environment variables, config files, instance roles)"
+        )
+    return scheme, rest
+
+
 # key -> (type, lower bound or None). Only keys present in the config are checked.
 _NUMERIC_RULES: dict[str, tuple[type, float | None]] = {
     "seed": (int, 0),
@@ -154,7 +186,7 @@ _NUMERIC_RULES: dict[str, tuple[type, float | None]] = {
     "model.dropout": (float, 0.0),
     "data.val_fraction": (float, 0.0),
     "data.max_length": (int, 1),
-    "data.seq_len": (int, 1),
+    "data.packing.seq_len": (int, 1),
 }
 
 
@@ -206,8 +238,6 @@ def validate(cfg: DictConfig) -> None:
     _check_choice(cfg, "callbacks.checkpoint.when_busy", (None, "wait", "skip"))
     remote = OmegaConf.select(cfg, "callbacks.checkpoint.remote", default=None)
     if remote:
-        from mlxlab.training.remote import check_uri
-
         check_uri(str(remote))
     _check_optimized_metric(cfg)
 
@@ -303,8 +333,6 @@ def _check_choice(cfg: DictConfig, key: str, allowed: tuple) -> None:
 def _check_optimized_metric(cfg: DictConfig) -> None:
     """optimized_metric must be something evaluation computes for this data's task."""
     from hydra.utils import get_class
-
-    from mlxlab.training.metrics import METRICS
 
     try:
         task = getattr(get_class(cfg.data._target_), "task", None)

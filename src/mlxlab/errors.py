@@ -19,3 +19,7 @@ class ConfigError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the config points at does not exist."""
+
+
+class RemoteError(UserError, RuntimeError):
+    """A remote URI that cannot be used (unknown scheme, missing package, credentials in it)."""

@@ -190,6 +190,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         first_teacher,
         keep_pretrained_files,
         prepare_resume,
+        remote_resume,
         reuse_tokenizer,
         use_pretrained_tokenizer,
     )
@@ -197,7 +198,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mlxlab.tracking.base import NullTracker
     from mlxlab.tracking.stale import process_tags
     from mlxlab.tracking.tags import WORLD_SIZE
-    from mlxlab.training.remote import remote_resume
 
     world = distributed.world(cfg.trainer.distributed.mode, cfg.trainer.distributed.timeout_s)
     resume = remote_resume(cfg, run_dir, prepare_resume)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from datetime import datetime
+from typing import Any
 
 from mlxlab.cli.common import guarded, parser_for
 from mlxlab.tracking import tags as T
@@ -96,8 +97,8 @@ def list_runs(args) -> int:
                 r.info.run_id,
                 r.info.run_name or "",
                 r.info.status,
-                _time(r.info.start_time),
-                _duration(r),
+                format_time(r.info.start_time),
+                format_duration(r),
                 _sweep_role(r),
                 *(_shown(r, m, best[m]) for m in metrics),
             ]
@@ -112,9 +113,9 @@ def list_runs(args) -> int:
 def _shown(run, metric: str, best: bool) -> str:
     """The best checkpoint's value of `metric` (best=True), else its last logged value."""
     if best and f"best/{metric}" in run.data.metrics:
-        return _num(run.data.metrics[f"best/{metric}"])
+        return format_number(run.data.metrics[f"best/{metric}"])
     value = run.data.metrics.get(metric)
-    return _num(value) + ("*" if best and value is not None else "")
+    return format_number(value) + ("*" if best and value is not None else "")
 
 
 def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int:
@@ -127,7 +128,7 @@ def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int
     keys = swept_keys(children, json.loads(tags.get(SWEEP_PARAMS_TAG, "[]")))
     print(
         f"sweep {parent.info.run_id} {parent.info.run_name!r} ({parent.info.status}), "
-        f"started {_time(parent.info.start_time)}"
+        f"started {format_time(parent.info.start_time)}"
     )
     print(
         f"  {len(children)} runs, sorted by the best checkpoint's {metric} ({mode}); "
@@ -135,7 +136,7 @@ def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int
     )
     best = parent.data.metrics.get(f"best/{metric}")
     if best is not None:
-        print(f"  best {metric} = {_num(best)} (run {tags.get(T.BEST_RUN_ID, '?')})")
+        print(f"  best {metric} = {format_number(best)} (run {tags.get(T.BEST_RUN_ID, '?')})")
     rows = sweep_table(children, metric, keys, mode)
     header = ["rank", "run_id", "status", f"best {metric}", *keys]
     print_table(
@@ -145,7 +146,7 @@ def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int
                 str(i + 1),
                 row["run_id"],
                 row["status"],
-                _num(row[metric]),
+                format_number(row[metric]),
                 *(str(row[k]) for k in keys),
             ]
             for i, row in enumerate(rows)
@@ -160,17 +161,20 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
 
 
-def _num(value) -> str:
+def format_number(value: float | None) -> str:
+    """A metric value for a table: 4 decimals, or 4 significant digits when large; - for none."""
     if value is None:
         return "-"
     return f"{value:.4f}" if math.isfinite(value) and abs(value) < 1e4 else f"{value:.4g}"
 
 
-def _time(ms: int | None) -> str:
+def format_time(ms: int | None) -> str:
+    """An MLflow timestamp (ms) as local date and time; - for none."""
     return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
 
 
-def _duration(run) -> str:
+def format_duration(run: Any) -> str:
+    """How long a run took (s or min), `running` while it runs, - when it never ended."""
     if not run.info.end_time:
         return "running" if run.info.status == "RUNNING" else "-"
     seconds = (run.info.end_time - run.info.start_time) / 1000

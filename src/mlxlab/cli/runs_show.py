@@ -15,7 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlxlab.cli.common import guarded, parser_for
-from mlxlab.cli.runs_list import KEY_METRICS, _duration, _num, _time, print_table, show_sweep
+from mlxlab.cli.runs_list import (
+    KEY_METRICS,
+    format_duration,
+    format_number,
+    format_time,
+    print_table,
+    show_sweep,
+)
 
 
 def main(argv: list[str], action: str = "show") -> int:
@@ -47,8 +54,8 @@ def _client(uri_arg: str | None):
 
 def checkpoints(folder: Path) -> dict[str, tuple[int, Path]]:
     """{"best": (step, path), "last": (step, path)} of a run folder's committed checkpoints."""
+    from mlxlab.checkpoint import CheckpointState
     from mlxlab.runs import choose_checkpoint
-    from mlxlab.training.checkpoint import CheckpointState
 
     found = {}
     for which in ("best", "last"):
@@ -62,8 +69,8 @@ def checkpoints(folder: Path) -> dict[str, tuple[int, Path]]:
 
 def _resolve(client, uri: str, ref: str):
     """(MLflow run or None, run folder or None) for a run id or a run folder."""
+    from mlxlab.checkpoint import CheckpointState
     from mlxlab.tracking.mlflow import RUN_DIR_TAG
-    from mlxlab.training.checkpoint import CheckpointState
 
     folder = Path(ref).expanduser()
     if folder.is_dir():
@@ -94,11 +101,11 @@ def metric_names(runs: list) -> list[str]:
 
 
 def _best(run, metric: str) -> str:
-    return _num(run.data.metrics.get(f"best/{metric}")) if run is not None else "-"
+    return format_number(run.data.metrics.get(f"best/{metric}")) if run is not None else "-"
 
 
 def _last(run, metric: str) -> str:
-    return _num(run.data.metrics.get(metric)) if run is not None else "-"
+    return format_number(run.data.metrics.get(metric)) if run is not None else "-"
 
 
 def show(args) -> int:
@@ -109,7 +116,7 @@ def show(args) -> int:
     if run is not None:
         info = run.info
         print(f"run {info.run_id} {info.run_name!r} ({info.status}), started "
-              f"{_time(info.start_time)}, {_duration(run)}")
+              f"{format_time(info.start_time)}, {format_duration(run)}")
         print(f"  experiment {client.get_experiment(info.experiment_id).name!r}; store {uri}")
     else:
         print(f"run folder {folder}: no MLflow run of it in {uri} (trained with tracking=none?)")

@@ -1,7 +1,7 @@
 """Train with a shrunken vocabulary: only the tokens the training data uses (or its top k).
 
-`data.vocab_remap=used` keeps every token id the training documents contain; `topk` keeps the
-`data.vocab_remap_k` most frequent. The special tokens (end-of-text, padding, BOS) are always
+`data.vocab_remap.mode=used` keeps every token id the training documents contain; `topk` keeps the
+`data.vocab_remap.k` most frequent. The special tokens (end-of-text, padding, BOS) are always
 kept, and one extra id, UNK, stands for every other token (a token only the validation text or a
 prompt uses, or one cut by top-k). Kept ids are renumbered 0..n-1 in their original order, the
 batches are remapped as they are handed out, and the model is built with n + 1 rows of embedding
@@ -44,12 +44,12 @@ class VocabMap:
     def build(cls, mode: str, counts: np.ndarray, k: int | None = None,
               always: Iterable[int] = ()) -> VocabMap:
         if mode not in MODES:
-            raise ValueError(f"data.vocab_remap={mode!r}: use used or topk (or null for off)")
+            raise ValueError(f"data.vocab_remap.mode={mode!r}: use used or topk (or null for off)")
         if mode == "used":
             keep = np.flatnonzero(counts)
         else:
             if not k or k < 1:
-                raise ValueError("data.vocab_remap=topk needs data.vocab_remap_k=<tokens to keep>")
+                raise ValueError("data.vocab_remap.mode=topk needs data.vocab_remap.k=<tokens to keep>")
             used = np.flatnonzero(counts)
             keep = used[np.argsort(-counts[used], kind="stable")[:k]]
         return cls([*keep.tolist(), *always], len(counts))

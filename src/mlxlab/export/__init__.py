@@ -31,13 +31,14 @@ from mlxlab.export.hf import (
 )
 from mlxlab.export.mlx_lm import quantize as quantize_model
 from mlxlab.export.mlx_lm import split_adapters, write_adapters
-from mlxlab.export.quality import lm_metrics, validation_batches
+from mlxlab.export.quality import validation_batches
 from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
 from mlxlab.models.bert import BertClassifier
 from mlxlab.models.lora import LoRALinear, fuse_lora, unwrap_lora
 from mlxlab.models.remapped import RemappedLM
 from mlxlab.models.transformer import Transformer
 from mlxlab.runs import load_run_model, require_run_tokenizer
+from mlxlab.runs.evaluate import lm_metrics
 
 __all__ = ["ExportError", "export_run"]
 FORMATS = ("hf", "mlx-lm")

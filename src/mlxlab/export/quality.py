@@ -3,26 +3,22 @@ model before and after, on the run's own validation data."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
 from omegaconf import OmegaConf
 
+from mlxlab.checkpoint import CheckpointState
 from mlxlab.config import instantiate
 from mlxlab.data.batching import Batch, Batching
-from mlxlab.training.checkpoint import CheckpointState
-from mlxlab.training.losses import masked_sum, token_cross_entropy
+from mlxlab.data.streaming import regroup_flat_config
 
 
 def validation_batches(state: CheckpointState, tokenizer_path: Path, batch_size: int = 8) -> list[Batch]:
     """The run's validation batches, rebuilt from its data config with its tokenizer.json."""
-    data_cfg = OmegaConf.create(state.config["data"])
+    data_cfg = OmegaConf.create(regroup_flat_config(state.config["data"]))  # older runs' too
     if "tokenizer" in data_cfg:
         data_cfg.tokenizer.path = str(tokenizer_path)
-    if data_cfg.get("vocab_remap"):  # the export's tokenizer is on the small model's ids already
+    if "vocab_remap" in data_cfg:  # the export's tokenizer is on the small model's ids already
         data_cfg.vocab_remap = None
     data = instantiate(data_cfg)
     try:
@@ -35,18 +31,3 @@ def validation_batches(state: CheckpointState, tokenizer_path: Path, batch_size:
     if not batches:
         raise ValueError("the run has no validation data (val_examples=0) to measure quantization on")
     return batches
-
-
-def lm_metrics(model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
-    """Token-weighted loss, perplexity and top-1 next-token accuracy over scored tokens."""
-    model.eval()
-    loss = correct = count = 0.0
-    for batch in batches:
-        logits = model(batch["input_ids"]).astype(mx.float32)
-        ce_sum, n = masked_sum(token_cross_entropy(logits, batch["labels"]), batch)
-        hits, _ = masked_sum((logits.argmax(-1) == batch["labels"]).astype(mx.float32), batch)
-        mx.eval(ce_sum, n, hits)
-        loss, correct, count = loss + ce_sum.item(), correct + hits.item(), count + n.item()
-    mean = loss / max(count, 1.0)
-    return {"loss": mean, "perplexity": math.exp(mean), "accuracy": correct / max(count, 1.0),
-            "tokens": count}

@@ -106,6 +106,15 @@ class Attention(nn.Module):
     def __call__(
         self, x: mx.array, mask: mx.array | str | None = None, cache: KVCache | None = None
     ) -> mx.array:
+        q, k, v = self.project(x, cache)
+        o = kernels.attention(q, k, v, self.scale, mask)
+        return self.out(kernels.merge_heads(o))
+
+    def project(
+        self, x: mx.array, cache: KVCache | None = None
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values of `x` as (B, H, T, D) heads, rotary positions applied; with
+        a cache, this step's keys and values are appended and all cached ones returned."""
         B, T, _ = x.shape
         offset = cache.offset if cache is not None else 0
         q = self.heads(self.query(x).reshape(B, T, self.num_heads, -1), offset)
@@ -113,8 +122,22 @@ class Attention(nn.Module):
         v = kernels.split_heads(self.value(x).reshape(B, T, self.num_kv_heads, -1))
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = kernels.attention(q, k, v, self.scale, mask)
-        return self.out(kernels.merge_heads(o))
+        return q, k, v
+
+    def weights(self, x: mx.array, mask: mx.array | str | None = None) -> mx.array:
+        """The attention distributions (B, H, T, T) that a forward pass on `x` (no cache) mixes
+        the values with: softmax(q k^T * scale + mask) over this layer's own projections and
+        rotary positions, in float32, key heads repeated for grouped queries. The forward pass
+        never forms them (kernels.attention may fuse them away); analyses ask for them here."""
+        q, k, _ = self.project(x)
+        k = mx.repeat(k, self.num_heads // self.num_kv_heads, axis=1)
+        scores = (q * self.scale) @ k.swapaxes(-1, -2)
+        if isinstance(mask, str):  # "causal", lower-right aligned as SDPA's
+            t_q, t_kv = scores.shape[-2:]
+            mask = mx.arange(t_kv - t_q, t_kv)[:, None] >= mx.arange(t_kv)[None, :]
+        if mask is not None:
+            scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask
+        return mx.softmax(scores.astype(mx.float32), axis=-1)
 
     def heads(self, x: mx.array, offset: int) -> mx.array:
         """(B, T, H, D) -> (B, H, T, D) with rotary positions applied, if any. Plain RoPE goes

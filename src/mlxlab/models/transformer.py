@@ -189,7 +189,7 @@ class Transformer(nn.Module):
         if offset + T > self.max_seq_len:
             raise ConfigError(
                 f"sequence of {offset + T} positions exceeds max_seq_len={self.max_seq_len}; "
-                "use shorter sequences (data.seq_len) or raise model.max_seq_len"
+                "use shorter sequences (data.packing.seq_len) or raise model.max_seq_len"
             )
         h = self.embed_tokens(input_ids)
         if "pos_embed" in self:

@@ -32,7 +32,6 @@ import mmap
 import os
 import struct
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,18 +350,3 @@ def blas_threads() -> int | None:
     """OpenBLAS's current thread count, or None when no OpenBLAS was loaded by setup_blas()."""
     fn = getattr(_lib, "openblas_get_num_threads", None) if _lib is not None else None
     return int(fn()) if fn is not None else None
-
-
-def gemm_gflops(n: int = 512, repeats: int = 5) -> float:
-    """fp32 n x n matmul speed inside MLX on the CPU (best of `repeats`), in GFLOP/s."""
-    import mlx.core as mx
-
-    a = mx.random.normal((n, n), stream=mx.cpu)
-    b = mx.random.normal((n, n), stream=mx.cpu)
-    mx.eval(a, b, mx.matmul(a, b, stream=mx.cpu))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(mx.matmul(a, b, stream=mx.cpu))
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9

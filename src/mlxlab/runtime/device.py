@@ -1,4 +1,4 @@
-"""Small device helpers: which backend runs the ops, memory counters, dtype, distributed init."""
+"""Small device helpers: which backend runs the ops, memory counters, the compute dtype."""
 
 from __future__ import annotations
 
@@ -44,13 +44,3 @@ def default_compute_dtype() -> mx.Dtype:
     """fp32 on CPU (MLX's CPU bf16 matmul does not use BLAS: ~40x slower than fp32), bf16 on GPUs."""
     return mx.float32 if backend() == "cpu" else mx.bfloat16
 
-
-default_dtype_for_backend = default_compute_dtype
-
-
-def init_distributed() -> tuple[int, int]:
-    """(rank, size) of the process group; (0, 1) for a plain single process."""
-    if not mx.distributed.is_available():
-        return 0, 1
-    group = mx.distributed.init()
-    return group.rank(), group.size()

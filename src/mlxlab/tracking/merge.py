@@ -38,7 +38,7 @@ from mlxlab.tracking.mlflow import (
     MAX_TAGS_PER_BATCH,
     PARENT_RUN_TAG,
     SWEEP_ID_TAG,
-    _chunks,
+    chunks,
     ensure_store,
     resolve_uri,
 )
@@ -261,11 +261,11 @@ class Merger:
         new_id = new.info.run_id
         self.run_map[info.run_id] = new_id
         params = [Param(k, v) for k, v in data.params.items()]
-        for chunk in _chunks(params, MAX_PARAMS_PER_BATCH):
+        for chunk in chunks(params, MAX_PARAMS_PER_BATCH):
             self.dest.log_batch(new_id, params=chunk)
         for key in data.metrics:
             history = src.get_metric_history(info.run_id, key)
-            for chunk in _chunks(history, MAX_METRICS_PER_BATCH):
+            for chunk in chunks(history, MAX_METRICS_PER_BATCH):
                 self.dest.log_batch(new_id, metrics=chunk)
             self.report.metrics_copied += len(history)
         self._copy_artifacts(src, info.run_id, new_id)

@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 
 from mlxlab.tracking import tags as T
-from mlxlab.tracking.mlflow import RUN_DIR_TAG, _retrying, resolve_uri, sqlite_path
+from mlxlab.tracking.mlflow import RUN_DIR_TAG, resolve_uri, retrying, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +65,17 @@ def mark_dead_runs(
 
     client = MlflowClient(tracking_uri=uri)
     if experiment_name is None:
-        experiments = _retrying(client.search_experiments)
+        experiments = retrying(client.search_experiments)
     else:
-        found = _retrying(client.get_experiment_by_name, experiment_name)
+        found = retrying(client.get_experiment_by_name, experiment_name)
         experiments = [found] if found is not None else []
     if not experiments:
         return []
     query = "attributes.status = 'RUNNING'"
     if task_name is not None:
         query += f" and tags.`{TASK_TAG}` = '{task_name}'"
-    runs = _retrying(client.search_runs, [e.experiment_id for e in experiments], query,
-                     max_results=5000)
+    runs = retrying(client.search_runs, [e.experiment_id for e in experiments], query,
+                    max_results=5000)
     host, marked = socket.gethostname(), []
     for run in runs:
         tags = run.data.tags
@@ -86,8 +86,8 @@ def mark_dead_runs(
             continue  # resume= continues it and sets its status
         reason = (f"process {pid} on {host} ended without setting a status and left no "
                   "checkpoint (killed before its first one)")
-        _retrying(client.set_tag, run.info.run_id, KILLED_REASON_TAG, reason)
-        _retrying(client.set_terminated, run.info.run_id, "KILLED")
+        retrying(client.set_tag, run.info.run_id, KILLED_REASON_TAG, reason)
+        retrying(client.set_terminated, run.info.run_id, "KILLED")
         log.warning("MLflow run %s was left RUNNING: marked KILLED (%s)", run.info.run_id, reason)
         marked.append(run.info.run_id)
     return marked

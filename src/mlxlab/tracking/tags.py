@@ -39,7 +39,7 @@ NUM_FINISHED = "mlxlab.num_finished"
 NUM_FAILED = "mlxlab.num_failed"
 BEST_RUN_ID = "mlxlab.best_run_id"
 
-# Checkpoint uploads (training/remote.py)
+# Checkpoint uploads (checkpoint/remote.py, tagged by training/async_writer.py)
 REMOTE_URI = "mlxlab.remote.uri"
 REMOTE_CHECKPOINTS = "mlxlab.remote.checkpoints"
 

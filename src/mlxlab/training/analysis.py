@@ -171,22 +171,12 @@ _ENTROPY: dict[int, mx.array] = {}  # id(attention module) -> its last mean entr
 
 
 class _RecordingAttention(Attention):
-    """Attention that also keeps the mean entropy of its attention distributions (the worker's
-    copy of the model only: its class is swapped for one forward pass)."""
+    """Attention that also keeps the mean entropy of the distributions its forward pass mixes
+    the values with (Attention.weights: the layer's own projections), on the worker's copy of
+    the model only: its class is swapped for one forward pass."""
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        B, T, _ = x.shape
-        q = self.query(x).reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)
-        k = self.key(x).reshape(B, T, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        if self.rope is not None:
-            q, k = self.rope(q), self.rope(k)
-        k = mx.repeat(k, self.num_heads // self.num_kv_heads, axis=1)
-        scores = (q * self.scale) @ k.transpose(0, 1, 3, 2)
-        if isinstance(mask, str):  # "causal"
-            mask = mx.arange(T)[:, None] >= mx.arange(T)[None, :]
-        if mask is not None:
-            scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask
-        p = mx.softmax(scores.astype(mx.float32), axis=-1)
+        p = self.weights(x, mask)
         # Kept beside the module: an array set on an nn.Module would become one of its parameters.
         _ENTROPY[id(self)] = -(p * mx.log(mx.maximum(p, 1e-30))).sum(axis=-1).mean()
         return Attention.__call__(self, x, mask, cache)

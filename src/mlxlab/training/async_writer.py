@@ -24,8 +24,9 @@ from typing import Any, Protocol
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from mlxlab.training.checkpoint import CheckpointManager, Snapshot, step_name
-from mlxlab.training.checkpoint.state import StateLike, state_step
+from mlxlab.checkpoint import CHECKPOINTS_DIR, CheckpointManager, Snapshot, step_name
+from mlxlab.checkpoint.state import StateLike, state_step
+from mlxlab.tracking import tags as T
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,25 @@ WHEN_BUSY = ("wait", "skip")
 
 
 class Uploader(Protocol):
-    """What the writer tells after each commit (training/remote.py's RemoteUploader)."""
+    """What the writer tells after each commit (checkpoint/remote.py's RemoteUploader)."""
+
+    store: Any  # the RemoteStore it uploads to (its `uri`, `url(...)`)
+    uploaded: dict[str, str]  # checkpoint name -> its remote URI
 
     def notify(self, path: Path) -> None: ...
 
     def close(self) -> list[str]: ...
 
-    def tags(self) -> dict[str, str]: ...
+
+def upload_tags(uploader: Uploader) -> dict[str, str]:
+    """MLflow tags: the prefix and the remote URI of every uploaded checkpoint."""
+    uris = [uri for _, uri in sorted(uploader.uploaded.items()) if uri]
+    text = "\n".join(uris)
+    return {
+        T.REMOTE_URI: uploader.store.uri,
+        T.REMOTE_CHECKPOINTS: text if len(text) < 5000 else (
+            f"{len(uris)} checkpoints under {uploader.store.url(CHECKPOINTS_DIR)}"),
+    }
 
 
 class CheckpointWriter:
@@ -143,4 +156,4 @@ class CheckpointWriter:
         for line in self.uploader.close():
             log.info("%s", line)
         if tracker is not None:
-            tracker.set_tags(self.uploader.tags())
+            tracker.set_tags(upload_tags(self.uploader))

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from mlxlab.checkpoint import is_better
 from mlxlab.errors import ConfigError
 from mlxlab.runtime import device
-from mlxlab.training.metrics import is_better
 
 if TYPE_CHECKING:
     from mlxlab.training.trainer import Trainer

@@ -6,17 +6,7 @@ import math
 
 import numpy as np
 
-# What evaluation reports for each data task (prefix "val/"): names optimized_metric may use.
-METRICS = {"classification": ("loss", "accuracy", "f1", "roc_auc"), "lm": ("loss", "perplexity")}
-
-
-def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
-    """Whether `value` improves on `best` (None = nothing yet); NaN never improves anything."""
-    if value is None or math.isnan(value):
-        return False
-    if best is None or math.isnan(best):
-        return True
-    return value > best + min_delta if mode == "max" else value < best - min_delta
+# What these report for each data task is listed in config.METRICS (optimized_metric's choices).
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:

@@ -14,7 +14,7 @@ grow_layers with `init: identity` appends copies of the top layer whose residual
 same function; `copy` appends copies of the top layers as they are (a stack). widen_mlp gives the
 new hidden units small random input weights and zero output weights (function kept too).
 
-The optimizer state moves by name and shape, as when resuming (checkpoint._restore_optimizer):
+The optimizer state moves by name and shape, as when resuming (checkpoint.restore_optimizer):
 unchanged parameters keep their moments, new or reshaped ones start fresh, the step count (and
 so the learning-rate schedule) goes on. The indices of the operations done land in every
 checkpoint; a resume applies them to the freshly built model before its weights are loaded, and
@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxlab.training.checkpoint.state import CheckpointState
+from mlxlab.checkpoint.state import CheckpointState
 
 log = logging.getLogger("mlxlab.training")
 
@@ -231,7 +231,7 @@ class ModelSchedule:
 
 def newest_state(candidates: Sequence) -> CheckpointState | None:
     """The state of the checkpoint a resume will load (the first committed candidate)."""
-    from mlxlab.training.checkpoint import CheckpointError, check_committed
+    from mlxlab.checkpoint import CheckpointError, check_committed
 
     for path in candidates:
         if check_committed(path, full=False) is None:
@@ -245,15 +245,15 @@ def newest_state(candidates: Sequence) -> CheckpointState | None:
 def transfer_optimizer_state(optimizer, model: nn.Module, before: dict[str, tuple]) -> None:
     """After an operation: keep the moments of parameters whose name and shape did not change,
     fresh ones for the rest; the step count (learning-rate schedule) goes on."""
-    from mlxlab.training.checkpoint import LoadReport
-    from mlxlab.training.checkpoint.atomic import flat_arrays
-    from mlxlab.training.checkpoint.restore import _restore_optimizer
+    from mlxlab.checkpoint import LoadReport
+    from mlxlab.checkpoint.atomic import flat_arrays
+    from mlxlab.checkpoint.restore import restore_optimizer
 
     saved = flat_arrays(optimizer.state)
     now = {k: tuple(v.shape) for k, v in tree_flatten(model.trainable_parameters())}
     kept = {k: k for k, shape in now.items() if before.get(k) == shape}
     report = LoadReport(path=None)
-    _restore_optimizer(optimizer, model, saved, kept, report)
+    restore_optimizer(optimizer, model, saved, kept, report)
     mx.eval(optimizer.state)
     log.info("model operation: optimizer state of %d parameters kept, %d fresh",
              len(report.optimizer_by_name), len(report.optimizer_fresh))

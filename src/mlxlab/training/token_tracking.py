@@ -38,7 +38,7 @@ class TokenDistributionLog(Callback):
         folder.mkdir(parents=True, exist_ok=True)
         tok = getattr(self.data, "tokenizer", None)
         names = [tok.id_to_token(i) or str(i) for i in range(len(self.curriculum.seen))] if tok else None
-        texts = getattr(self.data, "_docs", None) or None
+        texts = getattr(self.data, "curriculum_documents", None) or None
         if texts is None and hasattr(self.data, "train_idx"):
             texts = [self.data.examples[i] for i in self.data.train_idx]
         png = self.curriculum.histogram_png(folder / "token_histogram.png", names)

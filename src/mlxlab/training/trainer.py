@@ -27,6 +27,16 @@ import numpy as np
 from mlx.utils import tree_map
 
 from mlxlab import kernels
+from mlxlab.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointState,
+    find_run_checkpoints,
+    is_better,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError, UserError
@@ -36,16 +46,6 @@ from mlxlab.tracking.base import Tracker, flatten_config
 from mlxlab.training import losses, metrics
 from mlxlab.training.async_writer import CheckpointWriter
 from mlxlab.training.callbacks import Callback, ModelCheckpoint
-from mlxlab.training.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    CheckpointState,
-    find_run_checkpoints,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
-)
-from mlxlab.training.metrics import is_better
 from mlxlab.training.model_ops import ModelSchedule, newest_state
 from mlxlab.training.optim import (
     LRSchedule,
@@ -233,7 +233,7 @@ class Trainer:
         task = data.task
         per_example = any(cb.needs_example_losses for cb in self.callbacks)
         if self.distill:
-            from mlxlab.training.run_model import load_teachers
+            from mlxlab.runs.model import load_teachers
 
             self.teachers, weights = load_teachers(
                 self.distill.teachers, data.vocab_size, data.num_labels
@@ -658,7 +658,7 @@ class Trainer:
         if policy.remote and (self.world is None or self.world.is_main):
             from omegaconf import OmegaConf
 
-            from mlxlab.training.remote import RemoteStore, RemoteUploader
+            from mlxlab.checkpoint.remote import RemoteStore, RemoteUploader
 
             store = RemoteStore(policy.remote, retries=policy.remote_retries,
                                 backoff_s=policy.remote_backoff_s, timeout_s=policy.remote_timeout_s)

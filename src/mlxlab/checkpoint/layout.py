@@ -1,4 +1,5 @@
-"""What a checkpoint directory is called and holds: the one place these names are spelled."""
+"""What a checkpoint directory is called and holds, and where a run folder keeps them: the one
+place these names are spelled."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from mlxlab.errors import UserError
 
+CHECKPOINTS_DIR = "checkpoints"  # a run folder's checkpoints, one directory each
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"

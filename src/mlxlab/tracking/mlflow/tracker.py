@@ -1,311 +1,49 @@
-"""MLflow tracking against one central store: a sqlite file (default) or a tracking server.
+"""MlflowTracker: the Tracker protocol (tracking/base.py) on the central MLflow store.
 
-Every run, sweep job and worker logs to the same store. MlflowClient (not the fluent
-`mlflow.start_run` API, whose active run is process-global) so several trackers can coexist.
-mlflow is imported inside functions: its first import costs seconds, and `tracking=none`
-runs should not pay it.
+MlflowClient (not the fluent `mlflow.start_run` API, whose active run is process-global) so
+several trackers can coexist. Metrics are buffered and sent by a thread; a server that stops
+answering mid-run never stops training (tracking/offline.py keeps what it did not take).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import getpass
 import json
 import logging
-import math
 import os
-import random
-import re
-import shutil
-import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlxlab.errors import UserError
 from mlxlab.tracking import tags as T
-from mlxlab.tracking.base import CHOICE_TAG_PREFIX, flatten_config
+from mlxlab.tracking.base import flatten_config
+from mlxlab.tracking.mlflow.calls import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_PER_BATCH,
+    MAX_TAGS_PER_BATCH,
+    chunks,
+    is_transient_http,
+    retrying,
+)
+from mlxlab.tracking.mlflow.server import bounded_http, probe_store
+from mlxlab.tracking.mlflow.store import ensure_store, resolve_uri, sqlite_path
+from mlxlab.tracking.mlflow.sweeps import ENV_PARENT_RUN_ID
 from mlxlab.tracking.offline import SPOOL_FILE, Spool, reachable, send_spool
 
 log = logging.getLogger(__name__)
 
-ENV_PARENT_RUN_ID = "MLXLAB_PARENT_RUN_ID"  # set by the sweep callback, read by each job
-ENV_SWEPT_KEYS = "MLXLAB_SWEPT_KEYS"  # likewise: the keys a sweep varies (JSON), for run names
-# Tag names live in tracking/tags.py; these aliases keep this module's older names importable.
-PARENT_RUN_TAG = T.PARENT_RUN
-SWEEP_ID_TAG = T.SWEEP_ID
-ROLE_TAG = T.ROLE
-SWEEP_PARAMS_TAG = T.SWEEP_PARAMS
-CONFIG_HASH_TAG = T.CONFIG_HASH
-RUN_DIR_TAG = T.RUN_DIR
 # Runs MlflowTracker started (or resumed) in this process, in order: the sweep callback reads
 # which run a job produced from it (one job at a time per process in Hydra's launchers).
 STARTED_RUN_IDS: list[str] = []
-METRIC_TAG = T.OPTIMIZED_METRIC
-MODE_TAG = T.OPTIMIZED_MODE
 STATUSES = ("FINISHED", "FAILED", "KILLED")
-
-MAX_PARAMS_PER_BATCH = 100  # MLflow log_batch limits
-MAX_TAGS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
-# MLflow already makes sqlite wait 20 s for a lock (PRAGMA busy_timeout); a store still locked
-# after that, or a server answering "database is locked", gets ~7 s more of backoff in all.
-RETRY_ATTEMPTS = 8
-# MLflow 3 opens experiments without this tag in its GenAI view; ours are model training.
-EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = T.EXPERIMENT_KIND, "custom_model_development"
 # Config parts that say where things go, not what is trained: kept out of a run's params.
 UNLOGGED_PARAM_ROOTS = ("paths", "tracking", "hydra")
 UNLOGGED_PARAM_KEYS = ("_target_", "_convert_", "_partial_", "_recursive_")
-
-
-class TrackingUnavailable(UserError, ConnectionError):
-    """The tracking store named by the config does not answer; the message says what to do."""
-
-
-_ENV_LOCK = threading.RLock()  # bounded calls may nest (end() -> a reconnect)
-
-
-@contextlib.contextmanager
-def bounded_http(timeout: float) -> Iterator[None]:
-    """MLflow's HTTP calls inside fail after one try of at most `timeout` seconds, instead of
-    its default 7 retries with backoff of up to 120 s each (minutes on a dead server)."""
-    values = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout))),
-    }
-    with _ENV_LOCK:
-        saved = {k: os.environ.get(k) for k in values}
-        os.environ.update(values)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-
-def probe_store(uri: str | None, timeout: float = 5.0, request_timeout: float = 30.0) -> None:
-    """Raise TrackingUnavailable unless the store at `uri` answers: a connection within
-    `timeout` s (a dead port fails at once), then one API reply within `request_timeout` s (a
-    fresh server builds its database on its first request).
-
-    Local sqlite stores are not probed (ensure_store creates them). A server is asked once for
-    one experiment, with MLflow's retries off, in a thread given a hard deadline.
-    """
-    uri = resolve_uri(uri)
-    if sqlite_path(uri) is not None:
-        return
-    from mlflow import MlflowClient  # imported here: its first import alone can take seconds
-
-    fix = ("start the server (scripts/mlflow_server.sh), fix tracking.uri, or train untracked "
-           "with tracking=none")
-    if uri.startswith(("http://", "https://")) and not reachable(uri, timeout):
-        raise TrackingUnavailable(
-            f"MLflow tracking server {uri} does not answer (no connection within {timeout:g} s, "
-            f"tracking.connect_timeout): {fix}"
-        )
-    outcome: dict[str, BaseException | None] = {}
-
-    def ask() -> None:
-        try:
-            with bounded_http(request_timeout):
-                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-            outcome["error"] = None
-        except Exception as e:
-            outcome["error"] = e
-
-    thread = threading.Thread(target=ask, daemon=True, name="mlflow-probe")
-    thread.start()
-    thread.join(timeout + request_timeout + 1)
-    if "error" not in outcome:
-        raise TrackingUnavailable(
-            f"MLflow tracking store {uri} did not answer within {request_timeout:g} s "
-            f"(tracking.request_timeout): {fix}"
-        )
-    error = outcome["error"]
-    if error is not None:
-        text = str(error)
-        if "timed out" in text.lower():
-            reason = f"no reply within {request_timeout:g} s, tracking.request_timeout"
-        elif "Max retries exceeded" in text or "Connection" in text:
-            reason = "the connection failed"
-        else:
-            reason = text.strip().splitlines()[0][:160]
-        raise TrackingUnavailable(f"MLflow tracking store {uri} does not answer ({reason}): {fix}")
-
-
-# --------------------------------------------------------------------------- store
-
-
-def default_store_uri(root: str | Path | None = None) -> str:
-    """sqlite URI of `<root>/mlruns/mlflow.db` (root: the project root), always absolute."""
-    from mlxlab.config import project_root  # the same root train.py's paths use
-
-    db = (Path(root) if root is not None else project_root()).resolve() / "mlruns" / "mlflow.db"
-    return f"sqlite:///{db}"
-
-
-def resolve_uri(uri: str | None) -> str:
-    """uri, else $MLFLOW_TRACKING_URI, else the default sqlite store; rejects file stores."""
-    uri = str(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri())
-    if "://" not in uri or uri.startswith("file:"):
-        raise ValueError(
-            f"tracking uri {uri!r} is a file store, which MLflow 3 no longer writes; "
-            f"use a sqlite store such as 'sqlite:///{Path(uri.removeprefix('file:')).resolve()}"
-            "/mlflow.db' or a server 'http://127.0.0.1:5000'"
-        )
-    return uri
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a sqlite URI (query string dropped), None for other backends."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).resolve()
-
-
-def ensure_store(
-    uri: str | None = None, experiment_name: str = "mlxlab", artifact_root: str | None = None
-) -> str:
-    """Create the store and the experiment if missing; return the experiment id. Idempotent.
-
-    For sqlite the schema is created under an fcntl lock next to the database file: several
-    processes migrating a fresh sqlite file at once can corrupt it. Artifacts default to
-    `<database dir>/artifacts/<experiment id>`; a tracking server picks its own.
-    """
-    uri = resolve_uri(uri)
-    db = sqlite_path(uri)
-    if db is None:
-        return _retrying(_ensure_experiment_via_client, uri, experiment_name, artifact_root)
-
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    db.parent.mkdir(parents=True, exist_ok=True)
-    root = Path(artifact_root or db.parent / "artifacts").resolve()
-    with _file_lock(db.with_name(db.name + ".lock")):
-        fresh = not db.exists() or db.stat().st_size == 0
-        if fresh:
-            _copy_store_template(db)
-        store = _retrying(SqlAlchemyStore, uri, str(root))
-        if fresh:
-            _save_store_template(db)
-        experiment = store.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            from mlflow.entities import ExperimentTag
-
-            return store.create_experiment(
-                experiment_name, tags=[ExperimentTag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)]
-            )
-        if experiment.lifecycle_stage == "deleted":
-            log.warning("restoring deleted MLflow experiment %r", experiment_name)
-            store.restore_experiment(experiment.experiment_id)
-        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before this tag was set
-            from mlflow.entities import ExperimentTag
-
-            store.set_experiment_tag(
-                experiment.experiment_id, ExperimentTag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-            )
-        return experiment.experiment_id
-
-
-def store_template_path() -> Path:
-    """An empty store migrated by this MLflow version, kept in the user's cache
-    ($MLXLAB_CACHE_DIR, else $XDG_CACHE_HOME/mlxlab, else ~/.cache/mlxlab): MLflow builds a new
-    sqlite store by running every schema migration since its first release (~10 s on 2 cores),
-    a copy takes milliseconds."""
-    import mlflow
-
-    base = os.environ.get("MLXLAB_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlxlab"
-    return Path(base) / f"mlflow-{mlflow.__version__}-empty-store.db"
-
-
-def _copy_store_template(db: Path) -> None:
-    template = store_template_path()
-    if template.is_file():
-        tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
-        shutil.copyfile(template, tmp)
-        os.replace(tmp, db)
-
-
-def _save_store_template(db: Path) -> None:
-    """The fresh store, minus its Default experiment (whose artifact folder is this store's;
-    MLflow recreates it in every copy), as the template for the next fresh store."""
-    template = store_template_path()
-    if template.is_file():
-        return
-    try:
-        template.parent.mkdir(parents=True, exist_ok=True)
-        tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
-        shutil.copyfile(db, tmp)
-        with contextlib.closing(sqlite3.connect(tmp)) as conn, conn:
-            conn.execute("DELETE FROM experiment_tags")
-            conn.execute("DELETE FROM experiments")
-        os.replace(tmp, template)
-    except (OSError, sqlite3.Error) as e:  # a read-only home: every fresh store migrates
-        log.debug("no MLflow store template at %s: %s", template, e)
-
-
-def _ensure_experiment_via_client(uri: str, name: str, artifact_root: str | None) -> str:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if EXPERIMENT_KIND_TAG not in experiment.tags:
-            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(
-            name, artifact_location=artifact_root, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-        )
-    except MlflowException as e:  # another job created it first
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return client.get_experiment_by_name(name).experiment_id
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _is_transient(error: BaseException) -> bool:
-    message = str(error).lower()
-    return "database is locked" in message or "database table is locked" in message
-
-
-def _retrying(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """fn(*args, **kwargs), retried with jittered exponential backoff while sqlite is locked."""
-    for attempt in range(RETRY_ATTEMPTS):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            if attempt == RETRY_ATTEMPTS - 1 or not _is_transient(e):
-                raise
-            time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(1.0, 1.5))
-    raise AssertionError("unreachable")
-
-
-def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-# --------------------------------------------------------------------------- tracker
 
 
 class MlflowTracker:
@@ -385,8 +123,8 @@ class MlflowTracker:
 
     def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
         """Start a run, or resume `run_id` (metrics append to it); logs params and tags."""
-        if tags.get(RUN_DIR_TAG):
-            self.spool_dir = Path(str(tags[RUN_DIR_TAG]))
+        if tags.get(T.RUN_DIR):
+            self.spool_dir = Path(str(tags[T.RUN_DIR]))
         try:
             with self._bounded():
                 self._start(params, tags, run_id)
@@ -406,22 +144,22 @@ class MlflowTracker:
         mark_dead_runs_quietly(self.uri, self.experiment_name, tags.get(T.TASK_NAME))
         parent = os.environ.get(ENV_PARENT_RUN_ID)
         if parent:
-            tags.setdefault(PARENT_RUN_TAG, parent)
-            tags.setdefault(SWEEP_ID_TAG, parent)
+            tags.setdefault(T.PARENT_RUN, parent)
+            tags.setdefault(T.SWEEP_ID, parent)
 
         logged_params: dict[str, str] = {}
         if run_id is not None:
             try:
-                run = _retrying(client.get_run, run_id)
+                run = retrying(client.get_run, run_id)
             except Exception as e:
                 log.warning("cannot resume MLflow run %s (%s); starting a new run", run_id, e)
                 run_id = None
         if run_id is not None:
-            _retrying(client.update_run, run_id, status="RUNNING")
+            retrying(client.update_run, run_id, status="RUNNING")
             logged_params = run.data.params
         else:
             run_tags = {"mlflow.user": _user(), "mlflow.source.name": Path(sys.argv[0]).name}
-            run = _retrying(
+            run = retrying(
                 client.create_run, self.experiment_id, tags=run_tags, run_name=self.run_name
             )
             run_id = run.info.run_id
@@ -448,8 +186,8 @@ class MlflowTracker:
         if changed:  # MLflow params are write-once; the new values live in the checkpoint
             log.warning("resumed run %s keeps its logged values for %s", self.run_id, changed)
         new = [Param(k, v) for k, v in flat.items() if k not in logged_params]
-        for chunk in _chunks(new, MAX_PARAMS_PER_BATCH):
-            _retrying(self._client.log_batch, self.run_id, params=chunk)
+        for chunk in chunks(new, MAX_PARAMS_PER_BATCH):
+            retrying(self._client.log_batch, self.run_id, params=chunk)
 
     def _log_dataset(self) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -478,7 +216,7 @@ class MlflowTracker:
         self.flush()
         if self.offline_since is None:
             with self._bounded():
-                self._safely("end", _retrying, self._client.set_terminated, self.run_id, status)
+                self._safely("end", retrying, self._client.set_terminated, self.run_id, status)
         if self.offline_since is not None:  # still away (or it went away just now)
             spool = self._spool()
             spool.write_status(status)
@@ -548,12 +286,12 @@ class MlflowTracker:
                 chunk = pending[i : i + MAX_METRICS_PER_BATCH]
                 try:
                     with self._bounded():
-                        _retrying(self._client.log_batch, self.run_id,
+                        retrying(self._client.log_batch, self.run_id,
                                   metrics=[Metric(*row) for row in chunk])
                 except Exception as e:
                     if self._server_lost(e):
                         self._spool().write(pending[i:])
-                    elif self.remote and _is_transient_http(e):  # slow or busy: next flush
+                    elif self.remote and is_transient_http(e):  # slow or busy: next flush
                         log.debug("MLflow server %s did not take metrics yet: %s", self.uri, e)
                         with self._pending_lock:
                             self._pending[:0] = pending[i:]
@@ -577,7 +315,7 @@ class MlflowTracker:
 
         with self._flush_lock:
             dropped = self._safely(
-                "rewind", _retrying, drop_metrics_after, self.uri, self.run_id, step
+                "rewind", retrying, drop_metrics_after, self.uri, self.run_id, step
             )
         if dropped:
             log.info("MLflow run %s: dropped %d values logged after step %d by the interrupted "
@@ -600,8 +338,8 @@ class MlflowTracker:
         from mlflow.entities import RunTag
 
         entities = [RunTag(k, v) for k, v in tags.items()]
-        for chunk in _chunks(entities, MAX_TAGS_PER_BATCH):
-            _retrying(self._client.log_batch, self.run_id, tags=chunk)
+        for chunk in chunks(entities, MAX_TAGS_PER_BATCH):
+            retrying(self._client.log_batch, self.run_id, tags=chunk)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file, or a directory's contents, under `artifact_path` of the run."""
@@ -717,12 +455,6 @@ class MlflowTracker:
         )
 
 
-def _is_transient_http(error: BaseException) -> bool:
-    """A timeout, a refused or reset connection, a 5xx: the same call may work later."""
-    text = str(error)
-    return any(m in text for m in ("timed out", "Max retries exceeded", "Connection", " 502",
-                                   " 503", " 504", "database is locked"))
-
 
 def _is_logged_param(key: str) -> bool:
     parts = key.split(".")
@@ -737,145 +469,3 @@ def _user() -> str:
     except Exception:
         return "unknown"
 
-
-# --------------------------------------------------------------------------- sweeps
-
-
-def find_finished_run(uri: str | None, experiment_name: str, config_hash: str) -> Any | None:
-    """The newest FINISHED run of the experiment tagged with this config hash, else None.
-    Reads only: a missing sqlite store or experiment is not created."""
-    uri = resolve_uri(uri)
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():
-        return None
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    experiment = _retrying(client.get_experiment_by_name, experiment_name)
-    if experiment is None:
-        return None
-    runs = _retrying(
-        client.search_runs,
-        [experiment.experiment_id],
-        filter_string=f"tags.`{CONFIG_HASH_TAG}` = '{config_hash}' "
-        "and attributes.status = 'FINISHED'",
-        max_results=1,
-        order_by=["attributes.start_time DESC"],
-    )
-    return runs[0] if runs else None
-
-
-def finished_run_metrics(uri: str | None, run_id: str) -> dict[str, float] | None:
-    """What the trainer returned for a run whose status is FINISHED: its best/<metric> values
-    (prefix dropped) and any quantized val_q<bits>/ ones; None for a run that did not finish or
-    a store that does not hold it. Reads only."""
-    uri = resolve_uri(uri)
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():
-        return None
-    from mlflow import MlflowClient
-
-    try:
-        run = _retrying(MlflowClient(tracking_uri=uri).get_run, run_id)
-    except Exception:  # noqa: BLE001 - an unknown run id is "not finished" here
-        return None
-    if run.info.status != "FINISHED":
-        return None
-    metrics = run.data.metrics
-    found = {k[len("best/"):]: v for k, v in metrics.items() if k.startswith("best/")}
-    found.update({k: v for k, v in metrics.items() if re.match(r"val_q\d+/", k)})
-    return found
-
-
-def sweep_children(client: Any, parent_run_id: str) -> list:
-    """The runs tagged with `parent_run_id` as their parent, oldest first."""
-    parent = client.get_run(parent_run_id)
-    return client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'",
-        max_results=50000,
-        order_by=["attributes.start_time ASC"],
-    )
-
-
-def run_value(run: Any, key: str) -> str | None:
-    """A run's value for a config key: its param, else a tag, else its Hydra choice tag."""
-    for source, name in (
-        (run.data.params, key),
-        (run.data.tags, key),
-        (run.data.tags, CHOICE_TAG_PREFIX + key),
-    ):
-        if name in source:
-            return source[name]
-    return None
-
-
-def swept_keys(runs: Sequence, candidates: Sequence[str] = ()) -> list[str]:
-    """Which keys a sweep varied: the candidates (the sweep's overrides) that take several
-    values across runs (all found candidates for a one-job sweep); without candidates, every
-    param that differs between runs, bar output paths."""
-    found = [k for k in candidates if any(run_value(r, k) is not None for r in runs)]
-    varying = [k for k in found if len({run_value(r, k) for r in runs}) > 1]
-    if found:
-        return varying or found
-    names = sorted({k for r in runs for k in r.data.params})
-    return [
-        k
-        for k in names
-        if len({r.data.params.get(k) for r in runs}) > 1 and "dir" not in k and "path" not in k
-    ]
-
-
-def metric_mode(metric: str, mode: str | None = None) -> str:
-    """'max' or 'min': an explicit mode ('max'/'min'/'maximize'/'minimize') wins; else losses,
-    perplexities and errors are minimized and everything else maximized."""
-    if mode:
-        mode = str(mode).lower()
-        if mode not in ("max", "min", "maximize", "minimize"):
-            raise ValueError(f"optimized metric mode must be 'max' or 'min', got {mode!r}")
-        return mode[:3]
-    lowered = metric.lower()
-    return "min" if any(w in lowered for w in ("loss", "perplexity", "error")) else "max"
-
-
-def sweep_table(runs: Sequence, metric: str, keys: Sequence[str], mode: str = "max") -> list[dict]:
-    """One row per run (run_id, name, status, metric, each key): finished runs best first,
-    then unfinished (failed, running) ones, runs without a finite metric value last in each.
-    A run's `best/<metric>` (what train.py returned, when the trainer logs it) wins over the
-    metric's last logged value."""
-    rows = []
-    for run in runs:
-        value = run.data.metrics.get(f"best/{metric}", run.data.metrics.get(metric))
-        row = {
-            "run_id": run.info.run_id,
-            "name": run.info.run_name,
-            "status": run.info.status,
-            metric: value,
-        }
-        row.update({k: run_value(run, k) for k in keys})
-        rows.append(row)
-
-    def order(row: dict) -> tuple:
-        value, unfinished = row[metric], row["status"] != "FINISHED"
-        if value is None or not math.isfinite(value):
-            return (unfinished, 1, 0.0)
-        return (unfinished, 0, -value if mode == "max" else value)
-
-    return sorted(rows, key=order)
-
-
-def find_sweep_parent(client, sweep: str, experiment_ids: list[str] | None = None):
-    """The parent run of a sweep: `sweep` is its run id, or "latest" (newest in the store)."""
-    if sweep != "latest":
-        return client.get_run(sweep)
-    if experiment_ids is None:
-        experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    parents = client.search_runs(
-        experiment_ids,
-        filter_string=f"tags.`{ROLE_TAG}` = 'sweep'",
-        max_results=1,
-        order_by=["attributes.start_time DESC"],
-    )
-    if not parents:
-        raise SystemExit("no sweep (multirun) parent run in this store")
-    return parents[0]

@@ -14,11 +14,12 @@ half-read. The low-level `save_checkpoint`/`load_checkpoint` also take and retur
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from mlxlab.training.checkpoint.layout import STATE_FILE, CheckpointError
+from mlxlab.checkpoint.layout import STATE_FILE, CheckpointError
 
 STATE_VERSION = 2
 # val_fingerprint of a state written before validation sets were fingerprinted: comparing it
@@ -33,6 +34,15 @@ class MonitoredMetric:
     name: str | None
     mode: str
     value: float
+
+
+def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` improves on `best` (None = nothing yet); NaN never improves anything."""
+    if value is None or math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
 @dataclass

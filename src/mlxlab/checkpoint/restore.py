@@ -19,15 +19,15 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxlab.training.checkpoint.atomic import flat_arrays
-from mlxlab.training.checkpoint.discover import check_committed, run_checkpoint_dirs
-from mlxlab.training.checkpoint.layout import (
+from mlxlab.checkpoint.atomic import flat_arrays
+from mlxlab.checkpoint.discover import check_committed, run_checkpoint_dirs
+from mlxlab.checkpoint.layout import (
     MODEL_FILE,
     OPTIMIZER_FILE,
     CheckpointError,
     CheckpointWarning,
 )
-from mlxlab.training.checkpoint.state import read_payload
+from mlxlab.checkpoint.state import read_payload
 
 
 @dataclass
@@ -158,14 +158,17 @@ def _load_safetensors(path: Path) -> dict[str, mx.array]:
         ) from e
 
 
-def _restore_optimizer(
+def restore_optimizer(
     optimizer: optim.Optimizer,
     model: nn.Module,
     ckpt_opt: dict,
     loaded_from: dict[str, str],
     report: LoadReport,
 ) -> None:
-    """Fill the optimizer's state in place (compiled steps hold a reference to it)."""
+    """Fill the optimizer's state in place (compiled steps hold a reference to it) from the saved
+    `ckpt_opt`, moved by parameter name (`loaded_from`: model name -> saved name), failing that
+    by shape in layer order; what finds no saved value starts fresh. Resume and scheduled model
+    operations use it."""
     optimizer.init(model.trainable_parameters())
     fresh, _ = _group_by_param(flat_arrays(optimizer.state))
     saved, scalars = _group_by_param(ckpt_opt)
@@ -265,7 +268,7 @@ def load_checkpoint(
         model.update(tree_unflatten(new_weights))
     if optimizer is not None:
         if has_opt:
-            _restore_optimizer(optimizer, model, ckpt_opt, loaded_from, report)
+            restore_optimizer(optimizer, model, ckpt_opt, loaded_from, report)
         else:
             report.notes.append(f"no {OPTIMIZER_FILE}: optimizer starts fresh")
     mx.eval(model.parameters(), optimizer.state if optimizer is not None else [])

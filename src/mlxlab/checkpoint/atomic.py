@@ -26,7 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlxlab.training.checkpoint.layout import (
+from mlxlab.checkpoint.layout import (
     CHECKSUMS_FILE,
     MARKER,
     MODEL_FILE,
@@ -36,10 +36,11 @@ from mlxlab.training.checkpoint.layout import (
     TMP_PREFIX,
     step_name,
 )
-from mlxlab.training.checkpoint.state import StateLike, state_payload, state_step
+from mlxlab.checkpoint.state import StateLike, state_payload, state_step
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries (a rename or a new file in it), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -67,7 +68,7 @@ def _write_safetensors(path: Path, arrays: dict[str, mx.array]) -> None:
     """
     try:
         mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
-        _fsync_path(path)
+        fsync_path(path)
         expected = _safetensors_size(path)
     except OSError:
         raise
@@ -117,14 +118,14 @@ def _commit(tmp: Path) -> None:
         for name in files
     }
     _write_json(tmp / CHECKSUMS_FILE, sums)
-    _fsync_path(tmp)
+    fsync_path(tmp)
     write_marker(tmp)
 
 
 def write_marker(tmp: Path, **info: Any) -> None:
     """The COMMITTED marker (what makes a directory a checkpoint), fsynced with the directory."""
     _write_json(tmp / MARKER, {"time": time.time(), **info})
-    _fsync_path(tmp)
+    fsync_path(tmp)
 
 
 def temp_dir(directory: Path, name: str) -> Path:
@@ -143,7 +144,7 @@ def swap_into_place(tmp: Path, final: Path) -> None:
         old = final.with_name(f"{OLD_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}")
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

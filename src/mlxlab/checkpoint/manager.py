@@ -10,9 +10,9 @@ from pathlib import Path
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from mlxlab.training.checkpoint.atomic import (
+from mlxlab.checkpoint.atomic import (
     Snapshot,
-    _fsync_path,
+    fsync_path,
     link_files,
     swap_into_place,
     take_snapshot,
@@ -20,16 +20,15 @@ from mlxlab.training.checkpoint.atomic import (
     write_marker,
     write_snapshot,
 )
-from mlxlab.training.checkpoint.discover import (
+from mlxlab.checkpoint.discover import (
     check_committed,
     committed_step_dirs,
     resume_candidates,
     step_dirs,
 )
-from mlxlab.training.checkpoint.layout import BEST, MARKER, OLD_PREFIX, TMP_PREFIX
-from mlxlab.training.checkpoint.restore import Checkpoints, LoadReport
-from mlxlab.training.checkpoint.state import StateLike, metric_of, with_metric
-from mlxlab.training.metrics import is_better
+from mlxlab.checkpoint.layout import BEST, MARKER, OLD_PREFIX, TMP_PREFIX
+from mlxlab.checkpoint.restore import Checkpoints, LoadReport
+from mlxlab.checkpoint.state import StateLike, is_better, metric_of, with_metric
 
 
 class CheckpointManager:
@@ -154,7 +153,7 @@ class CheckpointManager:
         try:
             tmp.mkdir()
             link_files(source, tmp, skip=(MARKER,))
-            _fsync_path(tmp)
+            fsync_path(tmp)
             write_marker(tmp, source=source.name)
             swap_into_place(tmp, self.directory / BEST)
         except BaseException:

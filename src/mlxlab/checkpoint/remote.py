@@ -27,7 +27,6 @@ import functools
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -36,9 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mlxlab.errors import UserError
-from mlxlab.tracking import tags as tag_names
-from mlxlab.training.checkpoint import (
+from mlxlab.checkpoint import (
     BEST,
     MARKER,
     CheckpointWarning,
@@ -47,45 +44,20 @@ from mlxlab.training.checkpoint import (
     step_of,
     swap_into_place,
 )
-from mlxlab.training.checkpoint.atomic import link_files, temp_dir
-from mlxlab.training.checkpoint.discover import is_checkpoint_dir
+from mlxlab.checkpoint.atomic import link_files, temp_dir
+from mlxlab.checkpoint.discover import is_checkpoint_dir
+from mlxlab.checkpoint.layout import CHECKPOINTS_DIR
+from mlxlab.config import REMOTE_SCHEMES, check_uri
+from mlxlab.errors import RemoteError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
-           "abfss": "adlfs"}
-CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer.json"
 CONFIG = "config.yaml"
 
 
-class RemoteError(UserError, RuntimeError):
-    """A remote URI that cannot be used (unknown scheme, missing package, credentials in it)."""
-
-
-def is_remote(uri: Any) -> bool:
-    return isinstance(uri, str) and uri.split("://", 1)[0].lower() in SCHEMES and "://" in uri
-
-
-def check_uri(uri: str) -> tuple[str, str]:
-    """(scheme, rest) of a usable remote URI; RemoteError naming the fix otherwise."""
-    scheme, _, rest = uri.partition("://")
-    scheme = scheme.lower()
-    if scheme not in SCHEMES or not rest.strip("/"):
-        raise RemoteError(
-            f"remote checkpoint URI {uri!r} is not s3://bucket/prefix, gs://bucket/prefix or "
-            "az://container/prefix"
-        )
-    if re.match(r"^[^/]*@", rest) and scheme in ("s3", "gs", "gcs"):
-        raise RemoteError(
-            f"the remote URI for {scheme}:// must not carry credentials: use the provider's "
-            "standard credential chain (environment variables, config files, instance roles)"
-        )
-    return scheme, rest
-
-
-def _filesystem(uri: str):
+def open_filesystem(uri: str):
     """(fsspec filesystem, root path without scheme) for `uri`; RemoteError naming the fix."""
     scheme, rest = check_uri(uri)
     try:
@@ -108,7 +80,7 @@ def _filesystem(uri: str):
             fs = fsspec.filesystem(scheme, **options)
     except ImportError as e:
         raise RemoteError(
-            f"{scheme}:// checkpoints need {SCHEMES[scheme]} ({e}): pip install -e '.[cloud]'"
+            f"{scheme}:// checkpoints need {REMOTE_SCHEMES[scheme]} ({e}): pip install -e '.[cloud]'"
         ) from e
     return fs, rest.strip("/")
 
@@ -166,7 +138,7 @@ class RemoteStore:
                  timeout_s: float | None = 60.0) -> None:
         self.uri = uri.rstrip("/")
         self.scheme = uri.split("://", 1)[0].lower()
-        fs, self.root = _filesystem(uri)
+        fs, self.root = open_filesystem(uri)
         self.fs = _Bounded(fs, timeout_s)
         self.retries, self.backoff_s = int(retries), float(backoff_s)
 
@@ -191,7 +163,7 @@ class RemoteStore:
 
     def step_dirs(self) -> list[tuple[int, bool]]:
         """(step, committed) of every remote step directory, newest first."""
-        base = self._path(CHECKPOINTS)
+        base = self._path(CHECKPOINTS_DIR)
         self.fs.invalidate_cache()
         try:
             names = self._try(f"list {base}", lambda: self.fs.ls(base, detail=False),
@@ -199,7 +171,7 @@ class RemoteStore:
         except FileNotFoundError:
             return []
         steps = sorted({s for s in map(step_of, names) if s >= 0}, reverse=True)
-        return [(s, self._exists(self._path(CHECKPOINTS, step_name(s), MARKER))) for s in steps]
+        return [(s, self._exists(self._path(CHECKPOINTS_DIR, step_name(s), MARKER))) for s in steps]
 
     # -- upload
 
@@ -215,7 +187,7 @@ class RemoteStore:
 
     def marker_text(self, name: str) -> str | None:
         """The remote COMMITTED marker's text, None when there is none."""
-        marker = self._path(CHECKPOINTS, name, MARKER)
+        marker = self._path(CHECKPOINTS_DIR, name, MARKER)
         if not self._exists(marker):
             return None
         return self._try(f"read {marker}", lambda: self.fs.cat_file(marker).decode())
@@ -223,19 +195,19 @@ class RemoteStore:
     def upload_checkpoint(self, local: Path, name: str) -> None:
         """Every file of `local`, then its COMMITTED marker: a remote copy is committed only
         once it is complete. An existing remote copy (best/) loses its marker first."""
-        marker = self._path(CHECKPOINTS, name, MARKER)
+        marker = self._path(CHECKPOINTS_DIR, name, MARKER)
         if self._exists(marker):
             self._try(f"delete {marker}", lambda: self.fs.rm_file(marker))
         files = sorted(p for p in local.iterdir() if p.is_file() and p.name != MARKER)
         if not (local / MARKER).is_file():
             raise FileNotFoundError(f"{local} is not committed")
         for f in files:
-            self.put_file(f, CHECKPOINTS, name, f.name)
-        self.put_file(local / MARKER, CHECKPOINTS, name, MARKER)
+            self.put_file(f, CHECKPOINTS_DIR, name, f.name)
+        self.put_file(local / MARKER, CHECKPOINTS_DIR, name, MARKER)
 
     def delete_checkpoint(self, name: str) -> None:
         """Marker first, so a half-deleted directory is never taken for a committed one."""
-        base = self._path(CHECKPOINTS, name)
+        base = self._path(CHECKPOINTS_DIR, name)
         marker = f"{base}/{MARKER}"
         if self._exists(marker):
             self._try(f"delete {marker}", lambda: self.fs.rm_file(marker))
@@ -264,7 +236,7 @@ class RemoteStore:
         reasons come back as ValueError, and nothing unverified is ever left under `name`."""
         directory.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(directory, f"remote-{name}")
-        base = self._path(CHECKPOINTS, name)
+        base = self._path(CHECKPOINTS_DIR, name)
         try:
             tmp.mkdir()
             self.fs.invalidate_cache()
@@ -311,7 +283,7 @@ class RemoteUploader:
     ) -> None:
         self.store, self.run_dir, self.keep_last_n = store, Path(run_dir), keep_last_n
         self.final_wait_s = final_wait_s  # how long the run's end waits for a running upload
-        self.checkpoints = self.run_dir / CHECKPOINTS
+        self.checkpoints = self.run_dir / CHECKPOINTS_DIR
         self.config_text = config_text
         self.uploaded: dict[str, str] = {}  # checkpoint name -> remote URI
         self.failed: dict[str, str] = {}  # name -> last error
@@ -371,7 +343,7 @@ class RemoteUploader:
                 self._upload(best, BEST)
                 self._best_source = source
         for name in self.store.rotate(self.keep_last_n):
-            log.info("remote checkpoints: rotated %s", self.store.url(CHECKPOINTS, name))
+            log.info("remote checkpoints: rotated %s", self.store.url(CHECKPOINTS_DIR, name))
 
     def _upload_extras(self) -> None:
         tokenizer = self.run_dir / TOKENIZER
@@ -406,7 +378,7 @@ class RemoteUploader:
             shutil.rmtree(staged, ignore_errors=True)
         self.failed.pop(name, None)
         self._versions[name] = marker
-        self.uploaded[name] = self.store.url(CHECKPOINTS, name)
+        self.uploaded[name] = self.store.url(CHECKPOINTS_DIR, name)
         log.info("remote checkpoints: uploaded %s in %.1fs", self.uploaded[name],
                  time.perf_counter() - start)
 
@@ -437,14 +409,6 @@ class RemoteUploader:
                          + ", ".join(sorted(set(self.skipped))))
         return lines
 
-    def tags(self) -> dict[str, str]:
-        """MLflow tags: the prefix and the remote URI of every uploaded checkpoint."""
-        uris = [uri for _, uri in sorted(self.uploaded.items()) if uri]
-        tags = {tag_names.REMOTE_URI: self.store.uri}
-        text = "\n".join(uris)
-        tags[tag_names.REMOTE_CHECKPOINTS] = text if len(text) < 5000 else (
-            f"{len(uris)} checkpoints under {self.store.url(CHECKPOINTS)}")
-        return tags
 
 
 def _marker_text(path: Path) -> str | None:
@@ -490,7 +454,7 @@ def _newest_local_step(path: Path | None) -> int:
     if path is None:
         return -1
     path = Path(path)
-    directory = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    directory = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
     if is_checkpoint_dir(directory):
         return step_of(directory.name)
     if not directory.is_dir():
@@ -521,26 +485,26 @@ def fetch_remote_checkpoint(
                               "check the URI, the network and the credentials") from e
         log.warning("resume: cannot reach %s (%s); resuming from local checkpoints only", uri, e)
         return local
-    target = Path(run_dir) / CHECKPOINTS
+    target = Path(run_dir) / CHECKPOINTS_DIR
     for step in steps:
         if step <= floor:
             break
         try:
             path = store.download_checkpoint(step_name(step), target)
         except ValueError as e:
-            warnings.warn(f"skipping remote checkpoint {store.url(CHECKPOINTS, step_name(step))}: "
+            warnings.warn(f"skipping remote checkpoint {store.url(CHECKPOINTS_DIR, step_name(step))}: "
                           f"{e}; trying the next older one", CheckpointWarning, stacklevel=2)
             continue
         except Exception as e:
             log.warning("resume: downloading %s failed (%s); trying the next older one",
-                        store.url(CHECKPOINTS, step_name(step)), e)
+                        store.url(CHECKPOINTS_DIR, step_name(step)), e)
             continue
         log.info("resume: downloaded %s (newer than local step %d) to %s",
-                 store.url(CHECKPOINTS, step_name(step)), floor, path)
+                 store.url(CHECKPOINTS_DIR, step_name(step)), floor, path)
         _fetch_extras(store, Path(run_dir), target)
         return Path(run_dir)
     if required and local is None:
-        raise RemoteError(f"no usable committed checkpoint under {store.url(CHECKPOINTS)}: "
+        raise RemoteError(f"no usable committed checkpoint under {store.url(CHECKPOINTS_DIR)}: "
                           "check the URI, or start without resume")
     return local
 
@@ -550,26 +514,7 @@ def _fetch_extras(store: RemoteStore, run_dir: Path, target: Path) -> None:
     try:
         if not (run_dir / TOKENIZER).exists():
             store.get_file(run_dir / TOKENIZER, TOKENIZER)
-        if not (target / BEST).exists() and store._exists(store._path(CHECKPOINTS, BEST, MARKER)):
+        if not (target / BEST).exists() and store._exists(store._path(CHECKPOINTS_DIR, BEST, MARKER)):
             store.download_checkpoint(BEST, target)
     except Exception as e:
         log.warning("resume: could not download the tokenizer or best/ from %s (%s)", store.uri, e)
-
-
-def remote_resume(cfg: Any, run_dir: Path, prepare_local: Callable[[Any, Path], Path | None]
-                  ) -> Path | None:
-    """The resume source of `cfg`: `resume=<s3://...>` downloads from there; `resume=auto` with
-    callbacks.checkpoint.remote set also looks there when the local checkpoint is missing or older;
-    anything else is `prepare_local(cfg, run_dir)` (runs.prepare_resume)."""
-    resume = cfg.get("resume")
-    ckpt = (cfg.get("callbacks") or {}).get("checkpoint") or {}
-    retries, backoff = ckpt.get("remote_retries", 5), ckpt.get("remote_backoff_s", 1.0)
-    timeout = ckpt.get("remote_timeout_s", 60.0)
-    if is_remote(str(resume)):
-        return fetch_remote_checkpoint(str(resume), run_dir, None, retries, backoff, required=True,
-                                       timeout_s=timeout)
-    local = prepare_local(cfg, run_dir)
-    if str(resume) == "auto" and ckpt.get("remote"):
-        return fetch_remote_checkpoint(str(ckpt["remote"]), run_dir, local, retries, backoff,
-                                       timeout_s=timeout)
-    return local

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlxlab.training.checkpoint.atomic import sha256
-from mlxlab.training.checkpoint.layout import (
+from mlxlab.checkpoint.atomic import sha256
+from mlxlab.checkpoint.layout import (
     BEST,
+    CHECKPOINTS_DIR,
     CHECKSUMS_FILE,
     MARKER,
     MODEL_FILE,
@@ -88,7 +89,7 @@ def run_checkpoint_dirs(path: Path) -> list[Path]:
         )
     if is_checkpoint_dir(path):
         return [path]
-    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    directory = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
     found = resume_candidates(directory)
     if not found:
         raise FileNotFoundError(

@@ -16,15 +16,15 @@ from pathlib import Path
 import mlx.nn as nn
 from omegaconf import OmegaConf
 
-from mlxlab.config import instantiate
-from mlxlab.errors import ConfigError
-from mlxlab.training.checkpoint import (
+from mlxlab.checkpoint import (
     BEST,
     CheckpointState,
     check_committed,
     find_run_checkpoints,
     load_checkpoint,
 )
+from mlxlab.config import instantiate
+from mlxlab.errors import ConfigError
 from mlxlab.training.model_ops import apply_done
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,90 @@
+"""A language-model run's continuation of a prompt: token ids sampled as the training stream
+laid documents out (after BOS, ending before end-of-text), decoded as whole text pieces."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from tokenizers import Tokenizer
+
+from mlxlab.data.tokenizer import EOT_TOKENS, find_token_id, start_ids
+from mlxlab.runs.loading import LoadedRun, require_task
+
+
+def sample_ids(
+    run: LoadedRun,
+    prompt: str,
+    max_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    top_p: float = 0.95,
+    seed: int = 0,
+) -> Iterator[int]:
+    """New token ids after `prompt`: at most `max_tokens`, ending before <|endoftext|>.
+
+    The prompt starts as every document does in the training stream: after the tokenizer's BOS
+    (a pretrained Llama's), else after the end-of-text token (ours).
+    """
+    from mlxlab.models.transformer import generate_step
+
+    require_task(run, "lm", "generating text")
+    if max_tokens < 0:
+        raise ValueError(f"--max-tokens must be >= 0, got {max_tokens}")
+    model, tokenizer = run.model, run.tokenizer
+    eot = find_token_id(tokenizer, EOT_TOKENS, "end-of-text")
+    start = start_ids(tokenizer) or [eot]
+    prompt_ids = [*start, *tokenizer.encode(prompt, add_special_tokens=False).ids]
+    if len(prompt_ids) >= model.max_seq_len:
+        raise ValueError(
+            f"the prompt is {len(prompt_ids)} tokens but the model's context is "
+            f"{model.max_seq_len}: shorten --prompt"
+        )
+    if max_tokens == 0:
+        return
+    for n, token in enumerate(generate_step(model, prompt_ids, temperature, top_k, top_p, seed), 1):
+        if token == eot:
+            return
+        yield token
+        if n >= max_tokens:
+            return
+
+
+def decode_stream(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
+    """Text pieces as the ids come, each yielded once it is whole text.
+
+    A byte-level BPE token can end inside a multi-byte character, which decodes as U+FFFD; such
+    a tail is held back until a later token completes it (or shown as is at the end).
+    """
+    seen: list[int] = []
+    shown = 0  # characters of decode(seen) already yielded
+    text = ""
+    for token in ids:
+        seen.append(token)
+        text = tokenizer.decode(seen, skip_special_tokens=False)
+        if not text.endswith("\ufffd") and len(text) > shown:
+            yield text[shown:]
+            shown = len(text)
+    if len(text) > shown:
+        yield text[shown:]
+
+
+def complete(
+    run: LoadedRun,
+    prompt: str,
+    max_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    top_p: float = 0.95,
+    seed: int = 0,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """The continuation of `prompt` (without the prompt); `on_text` sees each piece as it comes.
+    temperature=0 is greedy."""
+    pieces = []
+    ids = sample_ids(run, prompt, max_tokens, temperature, top_k, top_p, seed)
+    for piece in decode_stream(run.tokenizer, ids):
+        pieces.append(piece)
+        if on_text is not None:
+            on_text(piece)
+    return "".join(pieces)
+

@@ -1,0 +1,88 @@
+"""A run's tokenizer as the input of another run: the one a resumed run or a distilled student
+must reuse (the token ids its checkpoint was trained on), and a pretrained model folder's
+tokenizer and side files for a fine-tuning run."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from mlxlab.errors import ConfigError, MissingFileError
+
+log = logging.getLogger(__name__)
+
+
+def run_tokenizer(path: str | Path) -> Path | None:
+    """tokenizer.json of the run holding `path` (a run dir, its checkpoints/, or one checkpoint)."""
+    path = Path(str(path))
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "tokenizer.json").is_file():
+            return folder / "tokenizer.json"
+    return None
+
+
+def require_run_tokenizer(path: str | Path, kind: str) -> Path:
+    """run_tokenizer(path), or an error naming what to pass; `kind` says which run it must be."""
+    found = run_tokenizer(path)
+    if found is None:
+        raise MissingFileError(
+            f"no tokenizer.json in {path} or its run directory: pass the run directory "
+            f"(outputs/<task>/<time>) of a finished {kind} run, or one of its checkpoints"
+        )
+    return found
+
+
+def reuse_tokenizer(cfg: DictConfig, run: str | Path | None, why: str) -> None:
+    """Point data.tokenizer.path at an earlier run's tokenizer.json (unless one is set), so a
+    resumed run or a distilled student sees exactly the token ids the checkpoint was trained on."""
+    if run is None or cfg.data.get("tokenizer", {}).get("path"):
+        return
+    found = run_tokenizer(run)
+    if found is not None:
+        cfg.data.tokenizer.path = str(found)
+        log.info("%s: using the tokenizer %s", why, found)
+
+
+# What a Hugging Face folder says about its tokenizer and generation besides tokenizer.json.
+TOKENIZER_SIDE_FILES = (
+    "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    "chat_template.jinja", "chat_template.json",
+)
+
+
+def use_pretrained_tokenizer(cfg: DictConfig) -> None:
+    """Point the data at model.pretrained's tokenizer.json (unless a tokenizer is given): the
+    checkpoint's embeddings only mean something for the ids it was trained with."""
+    source = cfg.model.get("pretrained")
+    if not source or cfg.data.get("tokenizer", {}).get("path"):
+        return
+    if not Path(source).is_dir():
+        raise ConfigError(f"model.pretrained={source}: no such folder; give a local Hugging Face "
+                          "or mlx-lm model folder (config.json, *.safetensors, tokenizer.json)")
+    if not (Path(source) / "tokenizer.json").is_file():
+        raise ConfigError(f"{source} has no tokenizer.json: set data.tokenizer.path= to the "
+                          "checkpoint's tokenizer (a fast tokenizer saved by transformers)")
+    cfg.data.tokenizer.path = str(Path(source) / "tokenizer.json")
+    log.info("pretrained model: using the tokenizer %s", cfg.data.tokenizer.path)
+
+
+def keep_pretrained_files(cfg: DictConfig, run_dir: Path) -> None:
+    """Copy the pretrained folder's tokenizer side files (special tokens, chat template,
+    generation settings) into the run folder, so an export needs only the run."""
+    source = cfg.model.get("pretrained")
+    if not source:
+        return
+    for name in TOKENIZER_SIDE_FILES:
+        if (Path(source) / name).is_file() and not (run_dir / name).exists():
+            shutil.copyfile(Path(source) / name, run_dir / name)
+
+
+def first_teacher(cfg: DictConfig) -> str | None:
+    specs = (cfg.trainer.get("distill") or {}).get("teachers") or []
+    if not specs:
+        return None
+    return str(specs[0] if isinstance(specs[0], str) else specs[0].get("run"))
+

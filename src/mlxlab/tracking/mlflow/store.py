@@ -1,0 +1,162 @@
+"""The central MLflow store: where it is (`resolve_uri`: a sqlite file by default, or a
+server) and making it and the experiment exist (`ensure_store`, idempotent, safe when several
+processes create one sqlite store at once)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from mlxlab.tracking import tags as T
+from mlxlab.tracking.mlflow.calls import retrying
+
+log = logging.getLogger(__name__)
+
+# MLflow 3 opens experiments without this tag in its GenAI view; ours are model training.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = T.EXPERIMENT_KIND, "custom_model_development"
+
+
+def default_store_uri(root: str | Path | None = None) -> str:
+    """sqlite URI of `<root>/mlruns/mlflow.db` (root: the project root), always absolute."""
+    from mlxlab.config import project_root  # the same root train.py's paths use
+
+    db = (Path(root) if root is not None else project_root()).resolve() / "mlruns" / "mlflow.db"
+    return f"sqlite:///{db}"
+
+
+def resolve_uri(uri: str | None) -> str:
+    """uri, else $MLFLOW_TRACKING_URI, else the default sqlite store; rejects file stores."""
+    uri = str(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri())
+    if "://" not in uri or uri.startswith("file:"):
+        raise ValueError(
+            f"tracking uri {uri!r} is a file store, which MLflow 3 no longer writes; "
+            f"use a sqlite store such as 'sqlite:///{Path(uri.removeprefix('file:')).resolve()}"
+            "/mlflow.db' or a server 'http://127.0.0.1:5000'"
+        )
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite URI (query string dropped), None for other backends."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).resolve()
+
+
+def ensure_store(
+    uri: str | None = None, experiment_name: str = "mlxlab", artifact_root: str | None = None
+) -> str:
+    """Create the store and the experiment if missing; return the experiment id. Idempotent.
+
+    For sqlite the schema is created under an fcntl lock next to the database file: several
+    processes migrating a fresh sqlite file at once can corrupt it. Artifacts default to
+    `<database dir>/artifacts/<experiment id>`; a tracking server picks its own.
+    """
+    uri = resolve_uri(uri)
+    db = sqlite_path(uri)
+    if db is None:
+        return retrying(_ensure_experiment_via_client, uri, experiment_name, artifact_root)
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(artifact_root or db.parent / "artifacts").resolve()
+    with _file_lock(db.with_name(db.name + ".lock")):
+        fresh = not db.exists() or db.stat().st_size == 0
+        if fresh:
+            _copy_store_template(db)
+        store = retrying(SqlAlchemyStore, uri, str(root))
+        if fresh:
+            _save_store_template(db)
+        experiment = store.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            from mlflow.entities import ExperimentTag
+
+            return store.create_experiment(
+                experiment_name, tags=[ExperimentTag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)]
+            )
+        if experiment.lifecycle_stage == "deleted":
+            log.warning("restoring deleted MLflow experiment %r", experiment_name)
+            store.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before this tag was set
+            from mlflow.entities import ExperimentTag
+
+            store.set_experiment_tag(
+                experiment.experiment_id, ExperimentTag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            )
+        return experiment.experiment_id
+
+
+def store_template_path() -> Path:
+    """An empty store migrated by this MLflow version, kept in the user's cache
+    ($MLXLAB_CACHE_DIR, else $XDG_CACHE_HOME/mlxlab, else ~/.cache/mlxlab): MLflow builds a new
+    sqlite store by running every schema migration since its first release (~10 s on 2 cores),
+    a copy takes milliseconds."""
+    import mlflow
+
+    base = os.environ.get("MLXLAB_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlxlab"
+    return Path(base) / f"mlflow-{mlflow.__version__}-empty-store.db"
+
+
+def _copy_store_template(db: Path) -> None:
+    template = store_template_path()
+    if template.is_file():
+        tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+        shutil.copyfile(template, tmp)
+        os.replace(tmp, db)
+
+
+def _save_store_template(db: Path) -> None:
+    """The fresh store, minus its Default experiment (whose artifact folder is this store's;
+    MLflow recreates it in every copy), as the template for the next fresh store."""
+    template = store_template_path()
+    if template.is_file():
+        return
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+        shutil.copyfile(db, tmp)
+        with contextlib.closing(sqlite3.connect(tmp)) as conn, conn:
+            conn.execute("DELETE FROM experiment_tags")
+            conn.execute("DELETE FROM experiments")
+        os.replace(tmp, template)
+    except (OSError, sqlite3.Error) as e:  # a read-only home: every fresh store migrates
+        log.debug("no MLflow store template at %s: %s", template, e)
+
+
+def _ensure_experiment_via_client(uri: str, name: str, artifact_root: str | None) -> str:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(
+            name, artifact_location=artifact_root, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
+    except MlflowException as e:  # another job created it first
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+

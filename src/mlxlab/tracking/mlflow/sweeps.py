@@ -1,0 +1,157 @@
+"""Sweep queries: a sweep's runs and their table, the finished run of a config (for
+sweep.skip_finished and distillation rounds), and what a sweep tells its jobs. Read only: a
+missing sqlite store or experiment is not created here."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from mlxlab.tracking import tags as T
+from mlxlab.tracking.mlflow.calls import retrying
+from mlxlab.tracking.mlflow.store import resolve_uri, sqlite_path
+
+ENV_PARENT_RUN_ID = "MLXLAB_PARENT_RUN_ID"  # set by the sweep callback, read by each job
+ENV_SWEPT_KEYS = "MLXLAB_SWEPT_KEYS"  # likewise: the keys a sweep varies (JSON), for run names
+
+
+def find_finished_run(uri: str | None, experiment_name: str, config_hash: str) -> Any | None:
+    """The newest FINISHED run of the experiment tagged with this config hash, else None.
+    Reads only: a missing sqlite store or experiment is not created."""
+    uri = resolve_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = retrying(client.get_experiment_by_name, experiment_name)
+    if experiment is None:
+        return None
+    runs = retrying(
+        client.search_runs,
+        [experiment.experiment_id],
+        filter_string=f"tags.`{T.CONFIG_HASH}` = '{config_hash}' "
+        "and attributes.status = 'FINISHED'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    return runs[0] if runs else None
+
+
+def finished_run_metrics(uri: str | None, run_id: str) -> dict[str, float] | None:
+    """What the trainer returned for a run whose status is FINISHED: its best/<metric> values
+    (prefix dropped) and any quantized val_q<bits>/ ones; None for a run that did not finish or
+    a store that does not hold it. Reads only."""
+    uri = resolve_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return None
+    from mlflow import MlflowClient
+
+    try:
+        run = retrying(MlflowClient(tracking_uri=uri).get_run, run_id)
+    except Exception:  # noqa: BLE001 - an unknown run id is "not finished" here
+        return None
+    if run.info.status != "FINISHED":
+        return None
+    metrics = run.data.metrics
+    found = {k[len("best/"):]: v for k, v in metrics.items() if k.startswith("best/")}
+    found.update({k: v for k, v in metrics.items() if re.match(r"val_q\d+/", k)})
+    return found
+
+
+def sweep_children(client: Any, parent_run_id: str) -> list:
+    """The runs tagged with `parent_run_id` as their parent, oldest first."""
+    parent = client.get_run(parent_run_id)
+    return client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{T.PARENT_RUN}` = '{parent_run_id}'",
+        max_results=50000,
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+def run_value(run: Any, key: str) -> str | None:
+    """A run's value for a config key: its param, else a tag, else its Hydra choice tag."""
+    for source, name in (
+        (run.data.params, key),
+        (run.data.tags, key),
+        (run.data.tags, T.CHOICE_PREFIX + key),
+    ):
+        if name in source:
+            return source[name]
+    return None
+
+
+def swept_keys(runs: Sequence, candidates: Sequence[str] = ()) -> list[str]:
+    """Which keys a sweep varied: the candidates (the sweep's overrides) that take several
+    values across runs (all found candidates for a one-job sweep); without candidates, every
+    param that differs between runs, bar output paths."""
+    found = [k for k in candidates if any(run_value(r, k) is not None for r in runs)]
+    varying = [k for k in found if len({run_value(r, k) for r in runs}) > 1]
+    if found:
+        return varying or found
+    names = sorted({k for r in runs for k in r.data.params})
+    return [
+        k
+        for k in names
+        if len({r.data.params.get(k) for r in runs}) > 1 and "dir" not in k and "path" not in k
+    ]
+
+
+def metric_mode(metric: str, mode: str | None = None) -> str:
+    """'max' or 'min': an explicit mode ('max'/'min'/'maximize'/'minimize') wins; else losses,
+    perplexities and errors are minimized and everything else maximized."""
+    if mode:
+        mode = str(mode).lower()
+        if mode not in ("max", "min", "maximize", "minimize"):
+            raise ValueError(f"optimized metric mode must be 'max' or 'min', got {mode!r}")
+        return mode[:3]
+    lowered = metric.lower()
+    return "min" if any(w in lowered for w in ("loss", "perplexity", "error")) else "max"
+
+
+def sweep_table(runs: Sequence, metric: str, keys: Sequence[str], mode: str = "max") -> list[dict]:
+    """One row per run (run_id, name, status, metric, each key): finished runs best first,
+    then unfinished (failed, running) ones, runs without a finite metric value last in each.
+    A run's `best/<metric>` (what train.py returned, when the trainer logs it) wins over the
+    metric's last logged value."""
+    rows = []
+    for run in runs:
+        value = run.data.metrics.get(f"best/{metric}", run.data.metrics.get(metric))
+        row = {
+            "run_id": run.info.run_id,
+            "name": run.info.run_name,
+            "status": run.info.status,
+            metric: value,
+        }
+        row.update({k: run_value(run, k) for k in keys})
+        rows.append(row)
+
+    def order(row: dict) -> tuple:
+        value, unfinished = row[metric], row["status"] != "FINISHED"
+        if value is None or not math.isfinite(value):
+            return (unfinished, 1, 0.0)
+        return (unfinished, 0, -value if mode == "max" else value)
+
+    return sorted(rows, key=order)
+
+
+def find_sweep_parent(client, sweep: str, experiment_ids: list[str] | None = None):
+    """The parent run of a sweep: `sweep` is its run id, or "latest" (newest in the store)."""
+    if sweep != "latest":
+        return client.get_run(sweep)
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(
+        experiment_ids,
+        filter_string=f"tags.`{T.ROLE}` = 'sweep'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if not parents:
+        raise SystemExit("no sweep (multirun) parent run in this store")
+    return parents[0]
