@@ -1,7 +1,7 @@
 """The callback benchmark workers add to a real run: `+callbacks.bench_clock=...` (OVERRIDE).
 
 It records into RECORD (the clock at the start and after every step, the steps that evaluated,
-the trainer and model) and calls the worker's HOOKS, which the worker reads and sets around
+the run's TrainContext and model) and calls the worker's HOOKS, which the worker reads and sets around
 `train(cfg)`: the run's own config adds it, nothing in the Trainer is patched.
 """
 
@@ -17,7 +17,7 @@ from mlxlab.training.callbacks import Callback
 
 # isort: on
 
-RECORD: dict[str, Any] = {"times": [], "evals": [], "trainer": None, "model": None,
+RECORD: dict[str, Any] = {"times": [], "evals": [], "context": None, "model": None,
                           "clock": time.perf_counter}
 HOOKS: dict[str, Callable] = {}  # "on_step": f(step), "on_eval": f(step, metrics)
 
@@ -25,8 +25,8 @@ OVERRIDE = "+callbacks.bench_clock={_target_:bench_callbacks.StepClock}"
 
 
 class StepClock(Callback):
-    def setup(self, trainer: Any, model: Any, data: Any) -> None:
-        RECORD["trainer"], RECORD["model"] = trainer, model
+    def setup(self, context: Any, model: Any, data: Any) -> None:
+        RECORD["context"], RECORD["model"] = context, model
 
     def on_train_start(self, total_steps: int | None, start_step: int) -> None:
         RECORD["times"].append(RECORD["clock"]())

@@ -64,12 +64,12 @@ def worker(overrides: list[str], probe_step: int) -> None:
 
     HOOKS["on_step"] = on_step
     train(cfg)
-    times, trainer = RECORD["times"], RECORD["trainer"]
+    times, context = RECORD["times"], RECORD["context"]
     ms = [1e3 * (times[k] - times[k - 1]) for k in range(4, len(times))]
     world = distributed.world("auto")
     print("RESULT " + json.dumps({
         "rank": world.rank, "size": world.size, "ms": statistics.median(ms),
-        "optimizer_mb": trainer.optimizer_state_mb, "peak_mb": peak[0] if peak else None,
+        "optimizer_mb": context.optimizer_state_mb, "peak_mb": peak[0] if peak else None,
     }), flush=True)
 
 

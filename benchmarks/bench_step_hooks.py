@@ -28,6 +28,7 @@ import mlxlab  # noqa: F401  first: loads the fast BLAS before anything imports 
 import mlx.core as mx
 
 from mlxlab.config import compose_config, instantiate
+from mlxlab.runtime.distributed import World
 from mlxlab.tracking.base import NullTracker
 from mlxlab.training import losses
 from mlxlab.training.optim import LRSchedule, build_optimizer, default_optimizer
@@ -39,7 +40,6 @@ def setup(root: Path, overrides: list[str]):
     data.setup(root)
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
     trainer = instantiate(cfg.trainer)(optimizer=instantiate(cfg.optimizer), callbacks=[])
-    trainer.plan(data)
     return data, model, trainer
 
 
@@ -69,7 +69,7 @@ def per_example(root: Path, steps: int, overrides: list[str]) -> None:
     step_on = new_step(trainer, model, losses.task_loss(data.task, per_example=True))
     step_off = new_step(trainer, model, losses.task_loss(data.task))
     cb = PerExampleLosses(log_artifacts=False)
-    cb.setup(SimpleNamespace(steps_per_epoch=trainer.steps_per_epoch, world=None,
+    cb.setup(SimpleNamespace(steps_per_epoch=trainer.plan(data)[2], world=World(),
                              tracker=NullTracker(), run_dir=root / "run"), model, data)
     times: dict[str, list[float]] = {"on": [], "off": []}
     batches = batches_forever(data, trainer)
@@ -96,7 +96,7 @@ def analysis(root: Path, steps: int, every: int, overrides: list[str]) -> None:
     data, model, trainer = setup(root, overrides)
     step = new_step(trainer, model, losses.task_loss(data.task))
     cb = BackgroundAnalysis(every_steps=every)
-    cb.setup(SimpleNamespace(world=None, tracker=NullTracker(), run_dir=root / "run"), model, data)
+    cb.setup(SimpleNamespace(world=World(), tracker=NullTracker(), run_dir=root / "run"), model, data)
     times: dict[str, list[float]] = {"on": [], "off": []}
     stalls: list[float] = []
     batches = batches_forever(data, trainer)

@@ -67,21 +67,23 @@ class Runner:
         self.model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
         self.trainer = instantiate(cfg.trainer)(optimizer=instantiate(cfg.optimizer))
         loss_fn = self.trainer.build_loss(data)
-        self.trainer.fit_batch_to_memory(self.model, data, loss_fn)  # may lower the batch size
+        # may lower the batch size (raising grad_accum)
+        self.batching, self.grad_accum = self.trainer.fit_batch_to_memory(self.model, data, loss_fn)
         total = 10**6
         optimizer = self.trainer.build_optimizer(total)
         optimizer.init(self.model.trainable_parameters())
-        self.step_fn = self.trainer.make_step(self.model, optimizer, loss_fn)
+        self.step_fn = self.trainer.make_step(self.model, optimizer, loss_fn,
+                                              grad_accum=self.grad_accum)
         self.model.train()
         self.epoch, self.batches = 0, iter(())
 
     def next_update(self) -> list[dict]:
         pending = []
-        while len(pending) < self.trainer.grad_accum:
+        while len(pending) < self.grad_accum:
             batch = next(self.batches, None)
             if batch is None:
                 self.epoch += 1
-                self.batches = iter(self.data.train_batches(self.trainer.batching, self.epoch))
+                self.batches = iter(self.data.train_batches(self.batching, self.epoch))
                 continue
             pending.append(batch)
         return pending
@@ -117,7 +119,7 @@ def bench_case(name: str, trainers: list[str], args) -> list[dict]:
             samples[trainer].append(runner.run(args.steps))
     rows = []
     for trainer, runs in samples.items():
-        t = runners[trainer].trainer
+        t = runners[trainer]
         row = {"case": name, "trainer": trainer, "grad_accum": t.grad_accum,
                "batch_size": t.batching.batch_size, "dynamic": t.batching.dynamic}
         for key in runs[0]:

@@ -134,8 +134,8 @@ class StepLog(Callback):
     def __init__(self, path, every=1):
         self.path, self.every, self.seen = Path(path), every, []
 
-    def setup(self, trainer, model, data):
-        self.optimizer = type(trainer.build_optimizer(1)).__name__
+    def setup(self, context, model, data):
+        self.optimizer = type(context.optimizer).__name__
 
     def on_step(self, step, logs):
         if step % self.every == 0:

@@ -102,16 +102,17 @@ def test_memory_budget_halves_the_batch_and_keeps_the_effective_batch(make_cfg, 
     _, data, model = build(make_cfg, tmp_path, "model.hidden_size=64")
     loss_fn = losses.task_loss("classification")
     roomy = Trainer(batch_size=64, memory_budget_mb=1e9)
-    roomy.fit_batch_to_memory(model, data, loss_fn)
-    assert (roomy.batching.batch_size, roomy.grad_accum) == (64, 1)
+    batching, grad_accum = roomy.fit_batch_to_memory(model, data, loss_fn)
+    assert (batching.batch_size, grad_accum) == (64, 1)
 
     device.reset_peak_memory()
     batch = next(iter(data.train_batches(Batching(batch_size=64), 0)))
     mx.eval(nn.value_and_grad(model, loss_fn)(model, batch))
     tight = Trainer(batch_size=64, memory_budget_mb=device.peak_memory_mb() * 0.6)
-    tight.fit_batch_to_memory(model, data, loss_fn)
-    assert tight.batching.batch_size < 64
-    assert tight.batching.batch_size * tight.grad_accum == 64
+    batching, grad_accum = tight.fit_batch_to_memory(model, data, loss_fn)
+    assert batching.batch_size < 64
+    assert batching.batch_size * grad_accum == 64
+    assert (tight.batching.batch_size, tight.grad_accum) == (64, 1)  # the settings stay as set
 
 
 def test_cnn_hybrid_trains(make_cfg):

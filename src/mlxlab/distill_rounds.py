@@ -219,7 +219,7 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
         check_same_rounds(previous, source, manifest)
         # a file tracker (CsvTracker) starts its record with the killed parent's rows of the
         # finished rounds, as the reopened MLflow parent run holds them
-        getattr(parent, "continue_from", lambda *a: None)(source.parent, len(previous["rounds"]))
+        parent.continue_from(source.parent, len(previous["rounds"]))
     finished: list[dict] = list(previous.get("rounds", []))
     manifest.update(parent_run_id=previous.get("parent_run_id"), rounds=finished,
                     running=previous.get("running"))
@@ -230,7 +230,7 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
                  run_id=manifest["parent_run_id"])
     if previous and parent.run_id == previous.get("parent_run_id"):
         # rounds/* values of a round the manifest does not hold are logged again below
-        getattr(parent, "rewind", lambda step: None)(len(finished))
+        parent.rewind(len(finished))
     manifest["parent_run_id"] = parent.run_id
     write_manifest(path, manifest)
     if finished:

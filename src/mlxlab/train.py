@@ -123,7 +123,7 @@ def count_parameters(model) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
-def summary_lines(result, tracker, cfg: DictConfig, run_dir: Path) -> list[str]:
+def summary_lines(result, tracker) -> list[str]:
     """The end of a run: the best checkpoint's metrics, rounded, and where to look."""
     metrics = dict(result.metrics)
     step = metrics.pop("best_step", None)
@@ -131,24 +131,7 @@ def summary_lines(result, tracker, cfg: DictConfig, run_dir: Path) -> list[str]:
     shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     if not shown:  # e.g. streamed text with data.val_examples=0
         where, shown = "none", "no validation data"
-    lines = [f"validation ({where}): {shown}", f"run dir:    {run_dir}"]
-    files = [t.dir for t in getattr(tracker, "trackers", [tracker]) if getattr(t, "dir", None)]
-    if files:  # tracking=csv
-        lines.append(f"csv files:  {files[0]}")
-    if not result.run_id:
-        lines.append("mlflow run: -" if files else "mlflow run: - (tracking=none)")
-        return lines
-    uri = tracker.uri
-    page = f"#/experiments/{tracker.experiment_id}/runs/{result.run_id}"
-    if uri.startswith(("http://", "https://")):
-        lines.append(f"mlflow run: {result.run_id}, open {uri.rstrip('/')}/{page}")
-    else:
-        lines.append(f"mlflow run: {result.run_id} (experiment {cfg.tracking.experiment_name!r}); "
-                     f"open it: mlflow ui --backend-store-uri {uri}  then "
-                     f"http://127.0.0.1:5000/{page}")
-    if getattr(tracker, "offline_report", None):
-        lines.append(f"mlflow:     {tracker.offline_report}")
-    return lines
+    return [f"validation ({where}): {shown}", f"run dir:    {result.run_dir}", *tracker.summary()]
 
 
 def build_tracker(cfg: DictConfig, name: str | None = None):
@@ -171,6 +154,7 @@ def build_callbacks(cfg: DictConfig) -> list:
         if not isinstance(callback, Callback):
             raise ConfigError(f"callbacks.{name} built a {type(callback).__name__}, not a "
                               "mlxlab.training.callbacks.Callback: subclass it")
+        callback.name = name  # its state's key in checkpoints
         built.append(callback)
     return built
 
@@ -207,8 +191,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     tracker = NullTracker()  # ranks other than 0 track nothing
     if world.is_main:
         tracker = build_tracker(cfg)
-        if hasattr(tracker, "probe"):
-            tracker.probe()  # a named store that does not answer fails here, before any training
+        tracker.probe()  # a named store that does not answer fails here, before any training
     data = instantiate(cfg.data)
     if world.is_main:  # rank 0 writes the tokenizer (and data caches) first
         data.setup(run_dir)
@@ -222,7 +205,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                      "train it once (rank 0) and pass data.tokenizer.path=<its tokenizer.json>",
                      scale=10.0)
     dataset = describe_dataset(data)
-    if dataset is not None and hasattr(tracker, "set_dataset"):
+    if dataset is not None:
         tracker.set_dataset(*dataset)
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
     config = to_container(cfg)
@@ -235,7 +218,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             WORLD_SIZE: str(world.size)}
     result = trainer.fit(model, data, tracker, run_dir, config=config, tags=tags, resume=resume)
     if world.is_main:
-        print("\n".join(summary_lines(result, tracker, cfg, run_dir)))
+        print("\n".join(summary_lines(result, tracker)))
     return result.metrics
 
 
@@ -246,8 +229,7 @@ def train_distill_rounds(cfg: DictConfig) -> dict[str, float]:
     run_dir, choices, _ = hydra_context(cfg)
     name = run_name(cfg)
     parent = build_tracker(cfg, name)
-    if hasattr(parent, "probe"):  # a store that does not answer fails here, before any manifest
-        parent.probe()
+    parent.probe()  # a store that does not answer fails here, before any manifest
     return train_rounds(cfg, train, parent, run_tags(cfg, choices, config_hash(cfg), run_dir), name)
 
 

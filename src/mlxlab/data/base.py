@@ -50,6 +50,18 @@ class DataModule(Protocol):
         """What predicting needs without the training data (label values, columns)."""
         return None
 
+    curriculum: Any = None        # data/curriculum.py's Curriculum when the data paces examples
+
+    def use_world(self, world: Any) -> bool:
+        """True when this data reads a lane per rank (batches are already this rank's); else
+        the trainer batches the global batch and each rank takes its rows."""
+        return False
+
+    def gathered_state(self) -> dict:
+        """state_dict() for a checkpoint; data read in per-rank lanes gathers every rank's
+        position here (every rank calls it)."""
+        return self.state_dict()
+
     def train_batches_in_order(self, batching: Batching) -> Iterator[Batch] | None:
         """A fixed dataset's training examples, each once, with an `index` per row (teacher
         caching in distillation); None for streams."""

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from mlxlab.tracking.base import Tracker
+from mlxlab.tracking.base import BaseTracker, Tracker
 from mlxlab.tracking.mlflow import STARTED_RUN_IDS
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,12 @@ FUNCTION = "__function__"  # a submit()ted call
 END_WAIT_S = 600  # a child still closing after this is abandoned (the run stays as it is)
 
 
-class TrackerProcess:
-    """`local` (built here from `node`) answers settings and probe; a twin built from `node` in
-    a child process does the tracking."""
+class TrackerProcess(BaseTracker):
+    """`local` (built here from `node`) answers settings, probe and summary (holding what the
+    child learned); a twin built from `node` in a child process does the tracking."""
 
     def __init__(self, node: dict[str, Any], local: Tracker) -> None:
         self.local = local
-        self.learned: dict[str, Any] = {name: getattr(local, name, None) for name in LEARNED}
         self._unanswered = 0
         self._error: BaseException | None = None
         # A fresh interpreter (not fork: unsafe once MLX runs threads; not multiprocessing's
@@ -72,14 +71,21 @@ class TrackerProcess:
         self._conn = Connection(ours.detach())
         self._conn.send(node)
 
-    def __getattr__(self, name: str) -> Any:  # what the tracker knows, or its settings
+    @property
+    def run_id(self) -> str | None:
+        self._drain(block=False)
+        return self.local.run_id
+
+    def __getattr__(self, name: str) -> Any:  # its settings, or what the child learned
         if name in LEARNED:
             self._drain(block=False)
-            return self.learned[name]
         return getattr(self.local, name)
 
     def probe(self) -> None:
         self.local.probe()
+
+    def summary(self) -> list[str]:
+        return self.local.summary()
 
     def submit(self, function: Callable[..., Any], *args: Any) -> None:
         """Run function(*args) in the child, not waited for (e.g. housekeeping that needs mlflow;
@@ -109,9 +115,10 @@ class TrackerProcess:
                 self._error = self._error or RuntimeError(f"the tracking process has exited ({e})")
                 break
             self._unanswered -= 1
-            if learned.get("run_id") and learned["run_id"] != self.learned.get("run_id"):
+            if learned.get("run_id") and learned["run_id"] != self.local.run_id:
                 STARTED_RUN_IDS.append(learned["run_id"])  # what the sweep callback reads
-            self.learned.update(learned)
+            for name, value in learned.items():
+                setattr(self.local, name, value)
             for record in records:
                 logging.getLogger(record.name).handle(record)
             if error is not None and self._error is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from mlxlab.tracking.tags import CHOICE_PREFIX as CHOICE_TAG_PREFIX  # noqa: F401 (re-exported)
@@ -14,7 +15,8 @@ MAX_PARAM_VALUE_LENGTH = 6000
 
 @runtime_checkable
 class Tracker(Protocol):
-    """What the trainer talks to (`tracking=mlflow|none`); a custom tracker implements these."""
+    """What the trainer talks to (`tracking=mlflow|csv|none`). A custom tracker subclasses
+    BaseTracker (no-op defaults for what it does not need) or defines all of these."""
 
     run_id: str | None
 
@@ -33,16 +35,32 @@ class Tracker(Protocol):
 
     def end(self, status: str = "FINISHED") -> None: ...
 
+    def probe(self) -> None:
+        """Raise (one clear line) when the store named by the settings does not answer."""
+        ...
 
-class NullTracker:
-    """Same methods as MlflowTracker, no effects: `tracking=none` touches no store and no disk."""
+    def set_dataset(self, name: str, source: str, digest: str, rows: int | None) -> None: ...
 
-    def __init__(self, **_ignored: Any) -> None:
-        self.run_id: str | None = None
+    def continue_from(self, source_run_dir: str | Path, step: int) -> None:
+        """Before start() of a resumed run: the killed run's folder and its checkpoint's step."""
+        ...
+
+    def rewind(self, step: int) -> None:
+        """After start() resumed run_id: drop what was logged after `step` (it is logged again)."""
+        ...
+
+    def summary(self) -> list[str]:
+        """Lines for the end of a run: where its records are."""
+        ...
+
+
+class BaseTracker:
+    """The Tracker protocol with no effects: trackers subclass it and override what they do."""
+
+    run_id: str | None = None
 
     def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
-        # Nothing is logged, so no run id: a resumed run must not claim the source's MLflow run.
-        self.run_id = None
+        pass
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
@@ -67,6 +85,35 @@ class NullTracker:
 
     def end(self, status: str = "FINISHED") -> None:
         pass
+
+    def probe(self) -> None:
+        pass
+
+    def set_dataset(self, name: str, source: str, digest: str, rows: int | None) -> None:
+        pass
+
+    def continue_from(self, source_run_dir: str | Path, step: int) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
+        pass
+
+    def summary(self) -> list[str]:
+        return []
+
+
+class NullTracker(BaseTracker):
+    """`tracking=none`: touches no store and no disk."""
+
+    def __init__(self, **_ignored: Any) -> None:
+        self.run_id: str | None = None
+
+    def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
+        # Nothing is logged, so no run id: a resumed run must not claim the source's MLflow run.
+        self.run_id = None
+
+    def summary(self) -> list[str]:
+        return ["mlflow run: - (tracking=none)"]
 
 
 def flatten_config(cfg: Mapping, prefix: str = "") -> dict[str, str]:

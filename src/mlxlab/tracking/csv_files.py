@@ -28,13 +28,14 @@ from typing import Any
 import yaml
 
 from mlxlab.tracking import tags as T
+from mlxlab.tracking.base import BaseTracker
 
 log = logging.getLogger(__name__)
 
 HEADER = ["step", "name", "value"]
 
 
-class CsvTracker:
+class CsvTracker(BaseTracker):
     """The Tracker protocol on plain files; `dir=None` writes to `<run dir>/tracking`."""
 
     def __init__(self, dir: str | None = None, **_ignored: Any) -> None:  # noqa: A002 (config key)
@@ -167,6 +168,9 @@ class CsvTracker:
         file = self.dir / "artifacts" / artifact_file
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text(text)
+
+    def summary(self) -> list[str]:
+        return [f"csv files:  {self.dir}"] if self.dir else []
 
     def end(self, status: str = "FINISHED") -> None:
         if self.dir is not None:

@@ -2,21 +2,19 @@
 
 Hydra merges the options of a list into one `tracking` node: mlflow.yaml gives its flat keys
 (uri, experiment_name, ...), csv.yaml its `csv:` block, and both name this module's
-`build_tracker` as the `_target_`, which makes the trackers those keys describe. The first tracker is the primary one: its run_id and any attribute the trainer or
-train.py asks for beyond the protocol (uri, experiment_id, probe, offline_report) are its own.
+`build_tracker` as the `_target_`, which makes the trackers those keys describe. The first
+tracker is the primary one: its run_id is the run's.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from mlxlab.tracking.base import Tracker
-
-# Methods beyond the Tracker protocol that some trackers have; a missing one is skipped.
-_OPTIONAL = ("flush", "rewind", "continue_from", "log_dict", "log_text", "log_figure", "set_dataset")
+from mlxlab.tracking.base import BaseTracker, Tracker
 
 
-class FanoutTracker:
+class FanoutTracker(BaseTracker):
     """Calls every tracker in turn; the first one is the primary (its run_id is the run's)."""
 
     def __init__(self, trackers: list[Tracker]) -> None:
@@ -28,38 +26,51 @@ class FanoutTracker:
     def run_id(self) -> str | None:
         return self.trackers[0].run_id
 
-    def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
+    def _each(self, method: str, *args: Any, **kwargs: Any) -> None:
         for t in self.trackers:
-            t.start(params, tags, run_id)
+            getattr(t, method)(*args, **kwargs)
+
+    def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
+        self._each("start", params, tags, run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        for t in self.trackers:
-            t.log_metrics(metrics, step)
+        self._each("log_metrics", metrics, step)
+
+    def flush(self) -> None:
+        self._each("flush")
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        for t in self.trackers:
-            t.log_artifact(path, artifact_path)
+        self._each("log_artifact", path, artifact_path)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self._each("log_dict", data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._each("log_text", text, artifact_file)
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        self._each("log_figure", figure, name)
 
     def set_tags(self, tags: dict) -> None:
-        for t in self.trackers:
-            t.set_tags(tags)
+        self._each("set_tags", tags)
 
     def end(self, status: str = "FINISHED") -> None:
-        for t in self.trackers:
-            t.end(status)
+        self._each("end", status)
 
-    def __getattr__(self, name: str) -> Any:
-        if name in _OPTIONAL:
-            def call_each(*args: Any, **kwargs: Any) -> None:
-                for t in self.trackers:
-                    method = getattr(t, name, None)
-                    if method is not None:
-                        method(*args, **kwargs)
+    def probe(self) -> None:
+        self._each("probe")
 
-            return call_each
-        if name == "trackers":  # not set yet (copy/pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.trackers[0], name)
+    def set_dataset(self, name: str, source: str, digest: str, rows: int | None) -> None:
+        self._each("set_dataset", name, source, digest, rows)
+
+    def continue_from(self, source_run_dir: str | Path, step: int) -> None:
+        self._each("continue_from", source_run_dir, step)
+
+    def rewind(self, step: int) -> None:
+        self._each("rewind", step)
+
+    def summary(self) -> list[str]:  # files first, then the primary's run
+        return [line for t in [*self.trackers[1:], self.trackers[0]] for line in t.summary()]
 
 
 def build_tracker(csv: dict | None = None, background: bool = False, **mlflow: Any) -> Any:

@@ -71,11 +71,11 @@ class BackgroundAnalysis(Callback):
         self._running: Future | None = None
         self._lock = threading.Lock()
 
-    def setup(self, trainer, model, data) -> None:
-        self.enabled = trainer.world is None or trainer.world.is_main
+    def setup(self, context, model, data) -> None:
+        self.enabled = context.world.is_main
         if not self.enabled:
             return
-        self.model, self.tracker, self.task = model, trainer.tracker, data.task
+        self.model, self.tracker, self.task = model, context.tracker, data.task
         self.shadow = copy.deepcopy(model)  # the worker's own model: training's is never touched
         self.shadow.eval()
         if getattr(data, "has_validation", True):

@@ -23,7 +23,7 @@ from mlxlab.errors import ConfigError
 from mlxlab.runtime import device
 
 if TYPE_CHECKING:
-    from mlxlab.training.trainer import Trainer
+    from mlxlab.training.run import TrainContext
 
 log = logging.getLogger("mlxlab.training")
 
@@ -37,11 +37,18 @@ class Callback:
     should_stop: bool = False
     # True: the loss adds each example's loss to the step's outputs (see on_batch_outputs)
     needs_example_losses: bool = False
+    # Its key in the `callbacks` config (train.py sets it): its state's key in checkpoints, so
+    # two callbacks of one class keep two states. Built in code: the class name.
+    name: str | None = None
 
-    def setup(self, trainer: Trainer, model: Any, data: Any) -> None:
-        """Once per fit, after the run's length is planned and before any checkpoint is restored:
-        read what the run is (trainer.steps_per_epoch, trainer.max_epochs, trainer.world,
-        trainer.monitor, and where it goes: trainer.tracker, trainer.run_dir)."""
+    @property
+    def state_key(self) -> str:
+        return self.name or type(self).__name__
+
+    def setup(self, context: TrainContext, model: Any, data: Any) -> None:
+        """Once per fit, after any checkpoint is restored (load_state_dict) and before the first
+        step: read what the run is (context.steps_per_epoch, max_epochs, world, monitor, ...)
+        and where it goes (context.tracker, context.run_dir)."""
 
     def on_train_start(self, total_steps: int | None, start_step: int) -> None: ...
 
@@ -75,10 +82,9 @@ class ProgressBar(Callback):
         self.postfix: dict[str, str] = {}
         self._shown = enabled
 
-    def setup(self, trainer: Trainer, model: Any, data: Any) -> None:
-        self.steps_per_epoch, self.max_epochs = trainer.steps_per_epoch, trainer.max_epochs
-        main = trainer.world is None or trainer.world.is_main
-        self.enabled = self._shown and main  # only rank 0 prints
+    def setup(self, context: TrainContext, model: Any, data: Any) -> None:
+        self.steps_per_epoch, self.max_epochs = context.steps_per_epoch, context.max_epochs
+        self.enabled = self._shown and context.world.is_main  # only rank 0 prints
 
     def on_train_start(self, total_steps: int | None, start_step: int) -> None:
         if self.enabled:
@@ -174,10 +180,10 @@ class EvalLog(Callback):
         self.best: float | None = None
         self.best_step: int | None = None
 
-    def setup(self, trainer: Trainer, model: Any, data: Any) -> None:
-        self.monitor = self.monitor or trainer.monitor
-        self.mode = self.mode or trainer.monitor_mode
-        self.steps_per_epoch, self.max_epochs = trainer.steps_per_epoch, trainer.max_epochs
+    def setup(self, context: TrainContext, model: Any, data: Any) -> None:
+        self.monitor = self.monitor or context.monitor
+        self.mode = self.mode or context.monitor_mode
+        self.steps_per_epoch, self.max_epochs = context.steps_per_epoch, context.max_epochs
 
     def on_train_start(self, total_steps: int | None, start_step: int) -> None:
         self.total = total_steps

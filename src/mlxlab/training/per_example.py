@@ -46,12 +46,12 @@ class PerExampleLosses(Callback):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def setup(self, trainer, model, data) -> None:
-        self.tracker, self.dir = trainer.tracker, Path(trainer.run_dir) / self.folder
-        self.steps_per_epoch = getattr(trainer, "steps_per_epoch", None)
+    def setup(self, context, model, data) -> None:
+        self.tracker, self.dir = context.tracker, Path(context.run_dir) / self.folder
+        self.steps_per_epoch = context.steps_per_epoch
         self.ids = getattr(data, "train_idx", None)  # batch index -> the row of the data file
         # Rank 0 writes the run folder; under data parallelism it sees its own rows only.
-        self.enabled = trainer.world is None or trainer.world.is_main
+        self.enabled = context.world.is_main
         if self.enabled and self._thread is None:
             self._thread = threading.Thread(target=self._work, name="per-example-losses",
                                             daemon=True)

@@ -1,8 +1,9 @@
-"""The one training loop.
+"""The one training loop: the Trainer's settings and the loop over a Run's points (run.py).
 
 `trainer=simple|distill|optimized` are configurations of this class: distillation is a loss hook,
 accumulation a compiled step variant, dynamic batching a data-side batching policy, and progress,
-early stopping and memory logging are callbacks.
+early stopping and memory logging are callbacks. The settings are read, never changed: what one
+`fit` builds and changes lives in its Run, so two calls of fit behave the same.
 
 The step follows mlx-examples: `nn.value_and_grad` over a pure loss, one `mx.compile`d function
 over `[model.state, optimizer.state, mx.random.state]` (built after any checkpoint is restored,
@@ -11,10 +12,9 @@ so it never writes to stale state), and one `mx.eval` per optimizer step.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,25 +28,17 @@ from mlx.utils import tree_map
 
 from mlxlab import kernels
 from mlxlab.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    CheckpointState,
-    find_run_checkpoints,
-    is_better,
-    load_checkpoint,
     rng_state,
     set_rng_state,
 )
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
-from mlxlab.errors import ConfigError, UserError
-from mlxlab.runtime import device, distributed, memory
-from mlxlab.tracking import tags as T
+from mlxlab.errors import ConfigError
+from mlxlab.runtime import device, distributed
 from mlxlab.tracking.base import Tracker, flatten_config
 from mlxlab.training import losses, metrics
-from mlxlab.training.async_writer import CheckpointWriter
 from mlxlab.training.callbacks import Callback, ModelCheckpoint
-from mlxlab.training.model_ops import ModelSchedule, newest_state
+from mlxlab.training.model_ops import ModelSchedule
 from mlxlab.training.optim import (
     LRSchedule,
     OptimizerFactory,
@@ -54,89 +46,14 @@ from mlxlab.training.optim import (
     clip_by_global_norm,
     default_optimizer,
 )
-from mlxlab.training.signals import GracefulStop
-from mlxlab.training.token_tracking import TokenDistributionLog
+from mlxlab.training.run import (  # noqa: F401  (FitResult, TrainingInterrupted: public here too)
+    FitResult,
+    Run,
+    TrainingError,
+    TrainingInterrupted,
+)
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(UserError, RuntimeError):
-    """Training cannot go on (NaN loss, memory budget); the message says why and what to do."""
-
-
-class TrainingInterrupted(RuntimeError):
-    def __init__(self, exit_code: int, checkpoint: Path | None):
-        super().__init__(f"interrupted; checkpoint at {checkpoint}")
-        self.exit_code, self.checkpoint = exit_code, checkpoint
-
-
-@dataclass
-class FitResult:
-    metrics: dict[str, float]
-    run_dir: Path
-    run_id: str | None
-    best_checkpoint: Path | None
-    steps: int
-    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-
-
-@dataclass
-class RunState:
-    """What the loop changes as it goes; it lands in every checkpoint's state.json."""
-
-    step: int = 0
-    epoch: int = 0
-    run_id: str | None = None
-    history: dict[str, list] = field(default_factory=dict)
-    best_metrics: dict[str, float] = field(default_factory=dict)
-    best_eval: tuple | None = None  # (labels, probs) of the best evaluation: the confusion matrix
-    last_eval_step: int | None = None
-    finished: bool = False
-    log_window: dict | None = None  # the LogWindow at the checkpoint: steps since the last log
-    resumed_from: Path | None = None  # the run folder whose checkpoint was restored
-
-
-class LogWindow:
-    """Averages over the steps since the last logged line (loss, loss parts, throughput)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss, self.steps, self.count = 0.0, 0, 0.0
-        self.parts: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    def add(self, loss: float, aux: dict[str, mx.array]) -> None:
-        self.loss, self.steps = self.loss + loss, self.steps + 1
-        for key, value in aux.items():  # loss parts (e.g. distillation's ce / kl) and ntokens
-            if key == "ntokens":
-                self.count += value.item()
-            else:
-                self.parts[key] = self.parts.get(key, 0.0) + value.item()
-
-    def summary(self, task: str, grad_norm: float, lr: float) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = "train/tokens_per_sec" if task == "lm" else "train/samples_per_sec"
-        out = {
-            "train/loss": self.loss / self.steps, "train/grad_norm": grad_norm, "train/lr": lr,
-            rate: self.count / elapsed,  # real tokens (loss_mask) or examples, padding excluded
-            **{f"train/{k}": v / self.steps for k, v in self.parts.items()},
-        }
-        self.reset()
-        return out
-
-    def state_dict(self) -> dict:
-        # A checkpoint between two logged lines keeps the partial sums, so the first line after a
-        # resume averages the same steps as an uninterrupted run's (floats survive JSON exactly).
-        return {"loss": self.loss, "steps": self.steps, "count": self.count,
-                "parts": dict(self.parts), "elapsed": time.perf_counter() - self.start}
-
-    def load_state_dict(self, state: dict | None) -> None:
-        if state:
-            self.loss, self.steps, self.count = state["loss"], state["steps"], state["count"]
-            self.parts = dict(state["parts"])
-            self.start = time.perf_counter() - state["elapsed"]
 
 
 @dataclass
@@ -205,13 +122,11 @@ class Trainer:
         self.memory_budget_mb, self.quantize_bits = memory_budget_mb, quantize_bits
         self.monitor, self.monitor_mode = monitor, monitor_mode
         self.distill = distill
-        self.teachers: list[nn.Module] = []
         # Data parallelism (runtime/distributed.py): batch_size is per rank, as with torchrun.
         self.distributed = distributed or DistributedConfig()
-        self.world = None  # set in fit()
-        self.steps_per_epoch: int | None = None  # set in plan()
-        kernels.set_mode(fused_kernels)  # auto | on | off: fused CPU cross-entropy/SwiGLU
-        self.optimizer_shards = None
+        if str(fused_kernels).lower() not in ("auto", "on", "off", "true", "false"):
+            raise ConfigError(f"trainer.fused_kernels={fused_kernels!r}: expected auto, on or off")
+        self.fused_kernels = fused_kernels  # set process-wide when a fit or a step is built
         self.model_ops = ModelSchedule(model_schedule)  # scheduled model operations (model_ops.py)
         if self.model_ops and self.distributed.shard_optimizer:
             raise ConfigError("trainer.model_schedule does not work with trainer.distributed."
@@ -230,38 +145,42 @@ class Trainer:
     # --- hooks ---------------------------------------------------------------------------
 
     def build_loss(self, data) -> losses.LossFn:
-        task = data.task
+        return self.loss_setup(data, self.batching)[0]
+
+    def loss_setup(self, data, batching: Batching) -> tuple[losses.LossFn, list[float]]:
+        """The run's loss function and, distilling, each teacher's (normalized) weight."""
         per_example = any(cb.needs_example_losses for cb in self.callbacks)
+        weights: list[float] = []
         if self.distill:
             from mlxlab.runs.model import load_teachers
 
-            self.teachers, weights = load_teachers(
+            teachers, weights = load_teachers(
                 self.distill.teachers, data.vocab_size, data.num_labels
             )
-            if self.distill.teacher_weights == "learned" and len(self.teachers) > 1:
+            if self.distill.teacher_weights == "learned" and len(teachers) > 1:
                 from mlxlab.training.teacher_weights import fit_teacher_weights
 
                 # Streamed text has no in-order pass over its training rows: its validation
                 # batches are used instead (the weights then saw the validation data).
-                rows = getattr(data, "train_batches_in_order", data.val_batches)(self.batching)
-                weights = fit_teacher_weights(self.teachers, rows)
-            self.teacher_weights = [w / sum(weights) for w in weights]
+                rows = data.train_batches_in_order(batching) or data.val_batches(batching)
+                weights = fit_teacher_weights(teachers, rows)
             temperature = self.distill.temperature
             cache = None
             if self.distill.cache_teacher:
-                probs_of = losses.teacher_probabilities(self.teachers, weights, temperature)
-                cache = self.teacher_cache(data, probs_of)
+                probs_of = losses.teacher_probabilities(teachers, weights, temperature)
+                cache = self.teacher_cache(data, probs_of, batching)
             loss_fn = losses.distillation_loss(
-                self.teachers, weights, alpha=self.distill.alpha,
+                teachers, weights, alpha=self.distill.alpha,
                 temperature=temperature, label_smoothing=self.label_smoothing, cache=cache,
                 per_example=per_example,
             )
+            weights = [w / sum(weights) for w in weights]
         else:
-            loss_fn = losses.task_loss(task, self.label_smoothing, per_example)
+            loss_fn = losses.task_loss(data.task, self.label_smoothing, per_example)
         dtype = self.compute_dtype()
-        return loss_fn if dtype == mx.float32 else mixed_precision(loss_fn, dtype)
+        return (loss_fn if dtype == mx.float32 else mixed_precision(loss_fn, dtype)), weights
 
-    def teacher_cache(self, data, probs_of) -> mx.array | None:
+    def teacher_cache(self, data, probs_of, batching: Batching) -> mx.array | None:
         """The teachers' probabilities for every training example, from one pass before training.
 
         The teachers are frozen and in eval mode, so on a fixed dataset an example's soft targets
@@ -269,7 +188,7 @@ class Trainer:
         None (run the teachers in every step) for data without `train_batches_in_order`, such as
         streamed text, where a vocabulary-sized distribution per token would be too big to keep.
         """
-        in_order = data.train_batches_in_order(self.batching)
+        in_order = data.train_batches_in_order(batching)
         if in_order is None:
             return None
         parts = []
@@ -293,18 +212,21 @@ class Trainer:
 
     # --- the step ------------------------------------------------------------------------
 
-    def make_step(self, model: nn.Module, optimizer, loss_fn: losses.LossFn):
+    def make_step(self, model: nn.Module, optimizer, loss_fn: losses.LossFn,
+                   world: distributed.World | None = None, shards=None, grad_accum: int | None = None):
         """Returns step(batches) -> (loss, grad_norm, aux); one optimizer update per call.
 
         With grad_accum > 1 the gradients of the micro-batches are summed, weighted by their token
-        counts, so N micro-batches of size B give the update of one batch of N*B.
+        counts, so N micro-batches of size B give the update of one batch of N*B. `world` and
+        `shards` (distributed.OptimizerShards, ZeRO-1) are the run's; default: one process.
         """
+        kernels.set_mode(self.fused_kernels)  # the ops the step traces
+        world = world or distributed.World()
+        grad_accum = grad_accum or self.grad_accum
         loss_and_grad = nn.value_and_grad(model, loss_fn)
         state = [model.state, optimizer.state, mx.random.state]
         clip = self.grad_clip
         compile_ = partial(mx.compile, inputs=state, outputs=state) if self.compile else (lambda f: f)
-        world = self.world or distributed.World()
-        shards = self.optimizer_shards
         update = partial(optimizer.update, model) if shards is None else partial(shards.update, model, optimizer)
 
         @compile_
@@ -318,7 +240,7 @@ class Trainer:
         # apply_step sums value x count over ranks, so the update is the global batch's. (With
         # MLX 0.32 on CPU, an all_sum compiled into the same graph as the backward pass hung on
         # the ring backend; in its own compiled function it does not.)
-        if self.grad_accum == 1 and not world.enabled:
+        if grad_accum == 1 and not world.enabled:
             def step(batches):
                 loss, norm, aux = fused_step(batches[0])
                 mx.eval(loss, norm, aux, state)
@@ -369,16 +291,23 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------
 
-    def evaluate(
-        self, model: nn.Module, data, task: str, prefix: str = "val", shard: bool = True
-    ) -> dict[str, float]:
-        """Validation metrics; under data parallelism each rank evaluates every N-th batch and
-        the sums (and, for classifiers, the labels and probabilities) are reduced over ranks."""
+    def evaluate(self, model: nn.Module, data, task: str, prefix: str = "val",
+                 batching: Batching | None = None, world: distributed.World | None = None
+                 ) -> dict[str, float]:
+        """Validation metrics (see evaluate_outputs)."""
+        return self.evaluate_outputs(model, data, task, batching, world, prefix)[0]
+
+    def evaluate_outputs(
+        self, model: nn.Module, data, task: str, batching: Batching | None = None,
+        world: distributed.World | None = None, prefix: str = "val",
+    ) -> tuple[dict[str, float], tuple | None]:
+        """(validation metrics, classification's (labels, probabilities) for the confusion
+        matrix, else None). Under data parallelism (`world`) each rank evaluates every N-th batch
+        and the sums (and, for classifiers, the labels and probabilities) are reduced over ranks."""
         model.eval()
-        self.last_eval = None  # classification: (labels, probs), for the confusion matrix
         total, count, probs, labels = 0.0, 0.0, [], []
-        world = self.world if shard and self.world is not None else distributed.World()
-        for k, batch in enumerate(data.val_batches(self.batching)):
+        world = world or distributed.World()
+        for k, batch in enumerate(data.val_batches(batching or self.batching)):
             if k % world.size != world.rank:
                 continue
             logits = losses.forward(model, batch).astype(mx.float32)
@@ -407,41 +336,24 @@ class Trainer:
             )
         mean = total / count
         if task == "classification":
-            self.last_eval = (np.concatenate(labels), np.concatenate(probs))
-            return metrics.classification_metrics(*self.last_eval, loss=mean, prefix=prefix)
-        return metrics.lm_metrics(mean, prefix=prefix)
+            outputs = (np.concatenate(labels), np.concatenate(probs))
+            return metrics.classification_metrics(*outputs, loss=mean, prefix=prefix), outputs
+        return metrics.lm_metrics(mean, prefix=prefix), None
 
     # --- the loop ------------------------------------------------------------------------
 
-    def use_global_batches(self, world: distributed.World) -> None:
-        """Data parallel: the data module batches the global batch (batch_size per rank x ranks,
-        token budgets likewise) and each rank trains on its rows, see World.shard_rows."""
-        if not world.enabled or getattr(self, "_global_batches", False):
-            return
-        self._global_batches = True
-        b = self.batching
-        b.batch_size *= world.size
-        b.max_tokens = b.max_tokens * world.size if b.max_tokens else None
-        b.max_batch_size = b.max_batch_size * world.size if b.max_batch_size else None
-
-    def rows_of(self, batch: dict) -> dict:
-        """This rank's part of a batch the data module handed out (all of it when the data
-        batches per rank)."""
-        if self.world is None or getattr(self, "rank_batches", False):
-            return batch
-        return self.world.shard_rows(batch)
-
-    def plan(self, data) -> tuple[int, float]:
-        """(total optimizer steps, epochs): the run ends at max_steps or max_epochs, first come."""
-        batches = data.num_train_batches(self.batching)
-        per_epoch = math.ceil(batches / self.grad_accum) if batches else None
-        self.steps_per_epoch = per_epoch  # for the epoch the progress bar and eval lines show
+    def plan(self, data, batching: Batching | None = None, grad_accum: int | None = None
+             ) -> tuple[int, float, int | None]:
+        """(total optimizer steps, epochs, steps per epoch): the run ends at max_steps or
+        max_epochs, first come; steps per epoch is None for data of unknown length."""
+        batches = data.num_train_batches(batching or self.batching)
+        per_epoch = math.ceil(batches / (grad_accum or self.grad_accum)) if batches else None
         limits = [self.max_steps]
         if self.max_epochs and per_epoch:
             limits.append(self.max_epochs * per_epoch)
         if not any(limits):
             raise ConfigError("this data has no known length: set trainer.max_steps")
-        return min(x for x in limits if x), self.max_epochs or math.inf
+        return min(x for x in limits if x), self.max_epochs or math.inf, per_epoch
 
     def fit(
         self,
@@ -453,294 +365,59 @@ class Trainer:
         tags: dict | None = None,
         resume: str | Path | None = None,
     ) -> FitResult:
+        """Train `model` on `data`, tracked by `tracker`, checkpointed under `run_dir`; `resume`
+        (a run or checkpoint folder) continues where it stopped. Returns the best evaluation."""
         check_contract(data, DataModule, "data module")
         check_contract(tracker, Tracker, "tracker")
-        run_dir, task, config = Path(run_dir), data.task, config or {}
-        world = self.world = distributed.world(self.distributed.mode, self.distributed.timeout_s)
-        # data that reads a lane per rank (data.shard_by_rank) batches per rank already
-        self.rank_batches = bool(getattr(data, "use_world", lambda _: False)(world))
-        if not self.rank_batches:
-            self.use_global_batches(world)
-        loss_fn = self.build_loss(data)
-        self.fit_batch_to_memory(model, data, loss_fn)
-        total_steps, max_epochs = self.plan(data)
-
-        optimizer = self.build_optimizer(total_steps)
-        if self.distributed.shard_optimizer and world.enabled:
-            self.optimizer_shards = distributed.OptimizerShards(world, model.trainable_parameters())
-        else:  # sharded: the full state is only built when a checkpoint is restored into it
-            optimizer.init(model.trainable_parameters())
-        policy = self.checkpointing
-        manager = CheckpointManager(
-            run_dir / "checkpoints", keep_last_n=policy.keep_last_n,
-            save_every_steps=policy.save_every_steps, save_every_minutes=policy.save_every_minutes,
-            monitor=self.monitor, mode=self.monitor_mode,
-        )
-        callbacks = list(self.callbacks)
-        if getattr(data, "curriculum", None) is not None:  # data/curriculum.py: pacing, tracking
-            callbacks.append(TokenDistributionLog(data, tracker, run_dir,
-                                                  total_steps * self.grad_accum, self.grad_accum))
-        self.tracker, self.run_dir = tracker, run_dir  # for callbacks that log or write (setup)
-        for cb in callbacks:
-            cb.setup(self, model, data)
-        run = RunState()
-        tags = dict(tags or {})
-        has_val = data.has_validation
-        if not has_val:
-            log.info("no validation data (%s): no evaluation; checkpoints by steps (trainer."
-                     "checkpoint.save_every_steps, trainer.eval_every_steps), at epoch ends and at the "
-                     "end; no best/ checkpoint: the last one is the result",
-                     data.no_validation_reason)
-        val_print = val_fingerprint(data) if has_val else None
-        if resume:
-            tags.update(self.restore(resume, model, optimizer, data, callbacks, manager, run, config,
-                                     val_print))
-        if self.optimizer_shards is not None:  # keep this rank's share of the (restored) state
-            sharded = self.build_optimizer(total_steps)
-            self.optimizer_shards.adopt(
-                sharded, optimizer.state if resume else None, model.trainable_parameters())
-            optimizer = sharded
-        self.optimizer_state_mb = distributed.tree_nbytes(optimizer.state) / 2**20
-        log.info("optimizer state: %.1f MB on this rank%s", self.optimizer_state_mb,
-                 f" (sharded over {world.size} ranks)" if self.optimizer_shards else "")
-        if self.distill:  # the weights each teacher had (learned ones are known only now)
-            tags[T.DISTILL_TEACHER_WEIGHTS] = str([round(w, 4) for w in self.teacher_weights])
-        if run.resumed_from is not None:  # file trackers (CsvTracker) carry the killed run's record
-            getattr(tracker, "continue_from", lambda *a: None)(run.resumed_from, run.step)
-        tracker.start(params=config, tags=tags, run_id=run.run_id)
-        if resume and run.run_id is not None and tracker.run_id == run.run_id:
-            # What the killed process logged after its checkpoint is about to be logged again.
-            getattr(tracker, "rewind", lambda step: None)(run.step)
-        memory.keep_freed_memory()  # steps reuse freed memory, no page faults (runtime/memory.py)
-        step_fn = self.make_step(model, optimizer, loss_fn)  # compiled after any restore
-        model.train()
-
-        def trainer_state(data_state: dict) -> CheckpointState:
-            return CheckpointState(
-                step=run.step, epoch=run.epoch, data=data_state, rng=rng_state(),
-                callbacks={type(cb).__name__: cb.state_dict() for cb in callbacks},
-                run_id=tracker.run_id or run.run_id, history=run.history,
-                best_metrics=run.best_metrics, best_metric=run.best_metrics.get(self.monitor),
-                config=config,
-                # + what rebuilds a pretrained model without its source folder (its config)
-                model_init={"vocab_size": data.vocab_size, "num_labels": data.num_labels,
-                            **getattr(model, "checkpoint_init", {})},
-                tokenizer_hash=data.tokenizer_hash,
-                val_fingerprint=val_print, log_window=window.state_dict(),
-                model_ops=self.model_ops.state_dict(),  # training/model_ops.py
-                # classification: label values and columns, so predicting needs no training CSV
-                encoding=data.encoding_state(),
-            )
-
-        writer = self.checkpoint_writer(manager, run_dir, config)
-        saved_at: list[int] = []  # the same on every rank (manager state is rank 0's alone)
-
-        def save(metric: float | None = None, force: bool = False) -> Path | None:
-            # Metrics logged so far reach the store before the checkpoint that covers them, so a
-            # SIGKILL never leaves a checkpoint whose steps are missing from the tracking data.
-            tracker.flush()
-            saved_at.append(run.step)
-            opt = optimizer
-            if self.optimizer_shards is not None:  # every rank takes part in the gather
-                opt = distributed.StateView(
-                    self.optimizer_shards.gathered_state(optimizer, model.trainable_parameters()))
-            # every rank takes part in gathering per-rank data positions (data lanes)
-            data_state = getattr(data, "gathered_state", data.state_dict)()
-            if not world.is_main:
-                return None
-            return writer.save(model, opt, trainer_state(data_state), metric=metric, force=force)
-
-        def evaluate_and_save(force: bool = False) -> None:
-            if not has_val:  # the points where a run evaluates still checkpoint
-                run.last_eval_step = run.step
-                save(force=force)
-                return
-            results = self.evaluate(model, data, task)
-            for key, value in results.items():
-                run.history.setdefault(key, []).append((run.step, value))
-            tracker.log_metrics(results, run.step)
-            for cb in callbacks:
-                cb.on_eval(run.step, results)
-            value = results.get(self.monitor, math.nan)
-            if is_better(value, run.best_metrics.get(self.monitor), self.monitor_mode):
-                run.best_metrics = {**results, "best_step": float(run.step)}
-                run.best_eval = self.last_eval
-            run.last_eval_step = run.step
-            save(metric=value, force=force)
-
-        window = LogWindow()
-        window.load_state_dict(run.log_window)
-
-        def train_step(batches: list) -> bool:
-            """One optimizer update, its logging, evaluation and checkpoint; True = stop now."""
-            nonlocal step_fn
-            if self.model_ops.due(run.step):  # scheduled model operations, then a new step
-                if self.model_ops.run_due(run.step, model, optimizer, tracker):
-                    # a best/ of other weights is no bar for these: the next evaluation sets one
-                    run.best_metrics, run.best_eval, manager.best_metric = {}, None, None
-                step_fn = self.make_step(model, optimizer, loss_fn)
-            loss, norm, aux = step_fn(batches)
-            run.step += 1
-            examples = losses.pop_example_outputs(aux)
-            if examples:
-                for cb in callbacks:
-                    cb.on_batch_outputs(run.step, batches, examples)
-            loss_value = loss.item()  # already computed: the step's mx.eval synced
-            if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f"loss became {loss_value} at step {run.step}: lower optimizer.learning_rate or "
-                    f"set trainer.grad_clip; last good checkpoint: {manager.latest()}"
-                )
-            window.add(loss_value, aux)
-            end = run.step >= total_steps
-            logs: dict[str, float] = {}
-            if run.step % self.log_every_steps == 0 or end:
-                logs = window.summary(task, norm.item(), float(optimizer.learning_rate))
-                run.history.setdefault("train/loss", []).append((run.step, logs["train/loss"]))
-            for cb in callbacks:
-                cb.on_step(run.step, logs)
-            if logs:
-                tracker.log_metrics(logs, run.step)
-            evaluated = bool(self.eval_every_steps and (run.step % self.eval_every_steps == 0 or end))
-            if evaluated:
-                evaluate_and_save()
-            # Ranks act on one decision (any rank's signal, rank 0's clock) at the same step.
-            stop_now, save_now = world.agree(
-                stop.requested, not evaluated and manager.should_save(run.step))
-            if save_now:
-                save()
-            if stop_now:
-                if run.step not in saved_at[-1:]:
-                    save(force=True)
-                writer.wait()  # the emergency checkpoint is on disk before the process exits
-                raise TrainingInterrupted(stop.exit_code if stop.requested else 143,
-                                          manager.latest())
-            return end or any(cb.should_stop for cb in callbacks)
-
-        status = "FAILED"
-        with GracefulStop() as stop:
+        run = Run(self, model, data, tracker, Path(run_dir), config or {}, dict(tags or {}), resume)
+        state, status = run.state, "FAILED"
+        with run.stop:  # SIGTERM/SIGINT: finish the step, checkpoint, leave (Run.interrupt)
             try:
-                for cb in callbacks:
-                    cb.on_train_start(total_steps, run.step)
-                stopped = run.step >= total_steps  # a finished run resumed: nothing left to train
-                while run.epoch < max_epochs and not stopped:
+                for cb in run.callbacks:
+                    cb.on_train_start(run.total_steps, state.step)
+                stopped = state.step >= run.total_steps  # a finished run resumed: nothing left
+                while state.epoch < run.max_epochs and not stopped:
                     pending: list = []
-                    for batch in data.train_batches(self.batching, run.epoch):
-                        pending.append(self.rows_of(batch))
-                        if len(pending) == self.grad_accum:
-                            stopped, pending = train_step(pending), []
+                    for batch in data.train_batches(run.batching, state.epoch):
+                        pending.append(run.rows_of(batch))
+                        if len(pending) == run.grad_accum:
+                            stopped, pending = run.train_step(pending), []
                             if stopped:
                                 break
                     else:  # a whole epoch: its last micro-batches make one smaller update
                         if pending:
-                            stopped = train_step(pending)
-                        run.epoch += 1
-                    if not self.eval_every_steps and run.last_eval_step != run.step:
-                        evaluate_and_save()  # once per epoch
-                        stopped = stopped or any(cb.should_stop for cb in callbacks)
-                if run.last_eval_step != run.step:
-                    evaluate_and_save(force=True)  # the final state is always evaluated and saved
-                writer.wait()
-                return self.finish(model, data, task, tracker, run_dir, run, manager)
+                            stopped = run.train_step(pending)
+                        state.epoch += 1
+                    if not self.eval_every_steps and state.last_eval_step != state.step:
+                        run.evaluate_and_save()  # once per epoch
+                        stopped = stopped or run.should_stop()
+                if state.last_eval_step != state.step:
+                    run.evaluate_and_save(force=True)  # the final state is always evaluated, saved
+                return run.finish()
             except (TrainingInterrupted, KeyboardInterrupt):
                 status = "KILLED"
                 raise
             finally:
-                for cb in callbacks:
-                    cb.on_train_end()
-                writer.close(tracker)  # the last write and upload round, before the run ends
-                tracker.end("FINISHED" if run.finished else status)
-
-    def checkpoint_writer(self, manager: CheckpointManager, run_dir: Path, config: dict
-                          ) -> CheckpointWriter:
-        """Background (or inline) checkpoint writes, uploading to callbacks.checkpoint.remote."""
-        uploader, policy = None, self.checkpointing
-        if policy.remote and (self.world is None or self.world.is_main):
-            from omegaconf import OmegaConf
-
-            from mlxlab.checkpoint.remote import RemoteStore, RemoteUploader
-
-            store = RemoteStore(policy.remote, retries=policy.remote_retries,
-                                backoff_s=policy.remote_backoff_s, timeout_s=policy.remote_timeout_s)
-            uploader = RemoteUploader(store, run_dir, manager.keep_last_n,
-                                      config_text=OmegaConf.to_yaml(OmegaConf.create(config)),
-                                      final_wait_s=policy.remote_final_wait_s)
-        return CheckpointWriter(manager, asynchronous=policy.async_write,
-                                when_busy=policy.when_busy, uploader=uploader)
-
-    def restore(
-        self, resume, model, optimizer, data, callbacks, manager, run, config, val_print=None
-    ) -> dict:
-        """Load the newest usable checkpoint of `resume` into everything; returns tags to log."""
-        source = find_run_checkpoints(resume)
-        self.model_ops.restore_structure(model, newest_state(source))  # before its weights load
-        raw, path = source.load_latest(model, optimizer)
-        state = CheckpointState.from_json(raw)
-        if (state.model_ops or {}).get("done", []) != self.model_ops.done:
-            raise CheckpointError(f"resume: {path} was saved before or after other model "
-                                  "operations than the newest checkpoint: resume from that one")
-        data.load_state_dict(state.data)
-        set_rng_state(state.rng)
-        for cb in callbacks:
-            cb.load_state_dict(state.callbacks.get(type(cb).__name__, {}))
-        run.step, run.epoch, run.run_id = state.step, state.epoch, state.run_id
-        run.history, run.best_metrics = state.history, state.best_metrics
-        run.log_window = state.log_window
-        # <run dir>/checkpoints/step_N (or best): the killed run's folder, for its tracking files
-        run.resumed_from = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        manager.restore_best(state.best_metric)
-        if self.world is None or self.world.is_main:  # rank 0 alone writes the run folder
-            manager.adopt_best(path.parent)
-        log.info("resumed from %s at step %d (epoch %d)", path, run.step, run.epoch)
-        tags = self.resume_changes(state.config or {}, config)
-        old_tok, new_tok = state.tokenizer_hash, data.tokenizer_hash
-        if old_tok != new_tok:
-            log.warning("resume: the tokenizer changed (%s -> %s)", old_tok, new_tok)
-            tags["resume.changed.tokenizer_hash"] = f"{old_tok} -> {new_tok}"
-        if state.validation_changed(val_print):
-            # A best metric measured on other data is no bar for this data's metrics.
-            log.warning("resume: the validation set changed since the checkpoint: the best metric "
-                        "(%s = %s) is reset; the next evaluation sets a new best/",
-                        self.monitor, run.best_metrics.get(self.monitor))
-            tags["resume.changed.validation_set"] = f"{state.val_fingerprint} -> {val_print}"
-            run.best_metrics, run.best_eval, manager.best_metric = {}, None, None
-        report = source.last_report
-        if report is not None and not report.exact:  # the architecture changed since then
-            log.warning("resume: weights did not all match:\n%s", report.summary())
-            tags["resume.load_report"] = report.summary()[:5000]
-        return tags
-
-    def finish(self, model, data, task, tracker, run_dir, run, manager) -> FitResult:
-        """Best weights back in the model, optional quantized check, artifacts."""
-        metrics_out = dict(run.best_metrics)
-        if self.world is not None and not self.world.is_main:  # rank 0 reports and writes
-            run.finished = True
-            return FitResult(metrics_out, run_dir, None, None, run.step, run.history)
-        tracker.log_metrics({f"best/{k}": v for k, v in metrics_out.items()}, run.step)
-        best = manager.best_path
-        if best is not None:
-            load_checkpoint(best, model)
-        if self.quantize_bits:
-            quantized = self.quantized_metrics(model, data, task)
-            tracker.log_metrics(quantized, run.step)
-            metrics_out.update(quantized)
-        self.log_artifacts(tracker, run_dir, run, task, best, data.label_names)
-        run.finished = True
-        return FitResult(metrics_out, run_dir, tracker.run_id, best, run.step, run.history)
+                run.close(status)
 
     # --- extras --------------------------------------------------------------------------
 
-    def fit_batch_to_memory(self, model: nn.Module, data, loss_fn) -> None:
-        """Under trainer.memory_budget_mb, halve the batch (raising grad_accum) until it fits."""
+    def fit_batch_to_memory(self, model: nn.Module, data, loss_fn, batching: Batching | None = None,
+                            world: distributed.World | None = None, rows_of=None
+                            ) -> tuple[Batching, int]:
+        """(batching, grad_accum) for the run: under trainer.memory_budget_mb the batch is halved
+        (grad_accum doubled, the same effective batch) until one step fits. `rows_of` takes this
+        rank's rows of a batch (Run.rows_of)."""
+        batching, grad_accum = batching or self.batching, self.grad_accum
         if not self.memory_budget_mb:
-            return
+            return batching, grad_accum
         saved_rng, saved_data = rng_state(), data.state_dict()
         grad_fn = nn.value_and_grad(model, loss_fn)
+        world = world or distributed.World()
         while True:
             device.reset_peak_memory()
-            world = self.world or distributed.World()
-            batch = self.rows_of(next(iter(data.train_batches(self.batching, 0))))
-            out = grad_fn(model, batch)
+            batch = next(iter(data.train_batches(batching, 0)))
+            out = grad_fn(model, rows_of(batch) if rows_of else batch)
             mx.eval(out)
             del out
             peak = device.peak_memory_mb()
@@ -749,28 +426,31 @@ class Trainer:
                                               for r in range(world.size)], "the memory probe"))
             if peak <= self.memory_budget_mb:
                 break
-            if self.batching.batch_size == 1:
+            if batching.batch_size == 1:
                 raise TrainingError(
                     f"one example needs {peak:.0f} MB, over trainer.memory_budget_mb="
                     f"{self.memory_budget_mb}: use a smaller model or raise the budget"
                 )
-            self.batching.batch_size //= 2
-            if self.batching.max_tokens:  # dynamic batches are sized by their token budget
-                self.batching.max_tokens = max(1, self.batching.max_tokens // 2)
-            self.grad_accum *= 2
+            # dynamic batches are sized by their token budget
+            batching = dataclasses.replace(
+                batching, batch_size=batching.batch_size // 2,
+                max_tokens=max(1, batching.max_tokens // 2) if batching.max_tokens else None)
+            grad_accum *= 2
             log.warning(
                 "step peak memory %.0f MB is over the budget of %.0f MB: batch_size -> %d, "
                 "grad_accum -> %d (same effective batch)", peak, self.memory_budget_mb,
-                self.batching.batch_size, self.grad_accum,
+                batching.batch_size, grad_accum,
             )
         set_rng_state(saved_rng)
         data.load_state_dict(saved_data)
+        return batching, grad_accum
 
-    def quantized_metrics(self, model: nn.Module, data, task: str) -> dict[str, float]:
+    def quantized_metrics(self, model: nn.Module, data, task: str,
+                          batching: Batching | None = None) -> dict[str, float]:
         bits = int(self.quantize_bits)
         nn.quantize(model, group_size=32, bits=bits,
                     class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 32 == 0)
-        return self.evaluate(model, data, task, prefix=f"val_q{bits}", shard=False)
+        return self.evaluate(model, data, task, prefix=f"val_q{bits}", batching=batching)
 
     @staticmethod
     def resume_changes(old: dict, new: dict) -> dict[str, str]:
@@ -792,28 +472,6 @@ class Trainer:
                 changes[f"resume.changed.{key}"] = f"{before[key]} -> {value}"
         return changes
 
-    def log_artifacts(self, tracker, run_dir: Path, run: RunState, task: str, best: Path | None,
-                      label_names: list[str] | None = None) -> None:
-        from mlxlab.tracking import plots
-
-        plot_dir = run_dir / "plots"
-        plot_dir.mkdir(parents=True, exist_ok=True)
-        tracker.log_artifact(plots.loss_curve_png(run.history, plot_dir / "loss_curve.png"), "plots")
-        if task == "classification" and run.best_eval is not None:
-            labels, probs = run.best_eval
-            cm = metrics.confusion_matrix(labels, probs.argmax(axis=1), probs.shape[1])
-            step = int(run.best_metrics.get("best_step", run.step))
-            png = plots.confusion_matrix_png(cm, plot_dir / "confusion_matrix.png",
-                                             label_names or None,
-                                             title=f"validation confusion matrix, step {step}")
-            tracker.log_artifact(png, "plots")
-        if (run_dir / ".hydra").is_dir():
-            tracker.log_artifact(run_dir / ".hydra", ".hydra")
-        if best is not None:
-            tracker.log_artifact(best, "checkpoint")
-        if (run_dir / "tokenizer.json").exists():
-            tracker.log_artifact(run_dir / "tokenizer.json")
-
 
 def check_contract(obj: Any, protocol: type, what: str) -> None:
     """A part that does not implement its protocol fails here, naming what it lacks."""
@@ -824,18 +482,6 @@ def check_contract(obj: Any, protocol: type, what: str) -> None:
     missing = sorted({m for m in members if not hasattr(obj, m)})
     raise TypeError(f"{type(obj).__name__} is not a {what} ({protocol.__module__}."
                     f"{protocol.__name__}): it lacks {missing}")
-
-
-def val_fingerprint(data) -> str:
-    """A hash of the validation batches, cut with one fixed batching so that the run's own batch
-    size does not count: equal fingerprints mean metrics measured on the same examples."""
-    h = hashlib.sha256()
-    for batch in data.val_batches(Batching(batch_size=64)):
-        for key in sorted(batch):
-            value = np.array(batch[key])
-            h.update(f"{key}{value.dtype}{value.shape}".encode())
-            h.update(value.tobytes())
-    return h.hexdigest()[:16]
 
 
 def mixed_precision(loss_fn: losses.LossFn, dtype: mx.Dtype) -> losses.LossFn:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxlab.tracking import tags as T
-from mlxlab.tracking.base import flatten_config
+from mlxlab.tracking.base import BaseTracker, flatten_config
 from mlxlab.tracking.mlflow.calls import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
@@ -46,7 +46,7 @@ UNLOGGED_PARAM_ROOTS = ("paths", "tracking", "hydra")
 UNLOGGED_PARAM_KEYS = ("_target_", "_convert_", "_partial_", "_recursive_")
 
 
-class MlflowTracker:
+class MlflowTracker(BaseTracker):
     """The Tracker of docs/architecture.md on MLflow; logging errors warn once, never raise.
 
     log_metrics only appends to a buffer; a background thread sends it with log_batch every
@@ -237,6 +237,19 @@ class MlflowTracker:
                 + (f" (not uploaded: {', '.join(sorted(set(self.skipped)))})" if self.skipped else "")
             )
             log.info("%s", self.offline_report)
+
+    def summary(self) -> list[str]:
+        if not self.run_id:
+            return ["mlflow run: -"]
+        page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        if self.remote:
+            lines = [f"mlflow run: {self.run_id}, open {self.uri.rstrip('/')}/{page}"]
+        else:
+            lines = [f"mlflow run: {self.run_id} (experiment {self.experiment_name!r}); open it: "
+                     f"mlflow ui --backend-store-uri {self.uri}  then http://127.0.0.1:5000/{page}"]
+        if self.offline_report:
+            lines.append(f"mlflow:     {self.offline_report}")
+        return lines
 
     def _end_at_exit(self) -> None:  # the process is leaving without end(): keep the metrics
         self.end("FAILED")
