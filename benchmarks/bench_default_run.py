@@ -157,8 +157,9 @@ def report(results: dict[str, list[dict]], args) -> str:
         f"CPU: {cpu_model()}; {args.repeats} rounds; torch threads {args.threads}; "
         f"command: `python benchmarks/bench_default_run.py --repeats {args.repeats} --write`",
         "",
-        "| row | wall (s) | training loop (s) | best val acc | last val acc |",
-        "|---|---:|---:|---:|---:|",
+        "| row | wall (s) | training loop (s) | steps | loop ms / step | best val acc (%) | "
+        "last val acc (%) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     labels = {"readme": "`mlxlab-train` as README runs it (MLflow, progress bar)",
               "bare": "`mlxlab-train tracking=none callbacks.progress.enabled=false`",
@@ -167,7 +168,9 @@ def report(results: dict[str, list[dict]], args) -> str:
         return "/".join(f"{100 * r[key]:.1f}" for r in results[name])
 
     for name, label in labels.items():
+        per_step = statistics.median(1000 * r["loop_s"] / r["steps"] for r in results[name])
         lines.append(f"| {label} | {med(name, 'wall_s'):.1f} | {med(name, 'loop_s'):.1f} | "
+                     f"{med(name, 'steps'):.0f} | {per_step:.1f} | "
                      f"{accuracies(name, 'best_accuracy')} | {accuracies(name, 'last_accuracy')} |")
     lines += [
         "",

@@ -129,7 +129,7 @@ def summary_lines(result, tracker) -> list[str]:
     step = metrics.pop("best_step", None)
     where = f"best checkpoint, step {int(step)}" if step is not None else "best checkpoint"
     shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-    if not shown:  # e.g. streamed text with data.val_examples=0
+    if not shown:  # e.g. streamed text with data.splits.val_examples=0
         where, shown = "none", "no validation data"
     return [f"validation ({where}): {shown}", f"run dir:    {result.run_dir}", *tracker.summary()]
 
@@ -248,7 +248,7 @@ def hydra_main(cfg: DictConfig) -> float:
     try:
         try:
             metrics = train(cfg)
-            if cfg.optimized_metric not in metrics:  # e.g. streamed text with data.val_examples=0
+            if cfg.optimized_metric not in metrics:  # e.g. streamed text with data.splits.val_examples=0
                 log.warning("no %s to return: the run had no validation data", cfg.optimized_metric)
             return float(metrics.get(cfg.optimized_metric, math.nan))
         except InstantiationException as wrapped:  # a constructor's own error, e.g. a bad size

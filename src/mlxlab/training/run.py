@@ -33,6 +33,7 @@ from mlxlab.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from mlxlab.checkpoint.layout import CHECKPOINTS_DIR
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.errors import UserError
@@ -182,7 +183,7 @@ class Run:
         self.val_print = val_fingerprint(data) if self.has_val else None
         policy = trainer.checkpointing
         self.manager = CheckpointManager(
-            run_dir / "checkpoints", keep_last_n=policy.keep_last_n,
+            run_dir / CHECKPOINTS_DIR, keep_last_n=policy.keep_last_n,
             save_every_steps=policy.save_every_steps, save_every_minutes=policy.save_every_minutes,
             monitor=trainer.monitor, mode=trainer.monitor_mode)
         self.optimizer, self.shards = self.build_optimizer(resume, tags)
@@ -272,7 +273,7 @@ class Run:
         state.history, state.best_metrics = saved.history, saved.best_metrics
         self.window.load_state_dict(saved.log_window)
         # <run dir>/checkpoints/step_N (or best): the killed run's folder, for its tracking files
-        state.resumed_from = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        state.resumed_from = path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path.parent
         self.manager.restore_best(saved.best_metric)
         if self.world.is_main:  # rank 0 alone writes the run folder
             self.manager.adopt_best(path.parent)

@@ -332,7 +332,7 @@ class Trainer:
         if count == 0:
             raise TrainingError(
                 "the validation split is empty: hold out more (data.val_fraction for tables, "
-                "data.val_examples for streamed text) or add data"
+                "data.splits.val_examples for streamed text) or add data"
             )
         mean = total / count
         if task == "classification":
