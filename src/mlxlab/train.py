@@ -135,8 +135,10 @@ def summary_lines(result, tracker, cfg: DictConfig, run_dir: Path) -> list[str]:
     files = [t.dir for t in getattr(tracker, "trackers", [tracker]) if getattr(t, "dir", None)]
     if files:  # tracking=csv
         lines.append(f"csv files:  {files[0]}")
+    lines += [t.summary_line for t in getattr(tracker, "trackers", [tracker])
+              if getattr(t, "summary_line", None)]  # tracking=wandb
     if not result.run_id:
-        lines.append("mlflow run: -" if files else "mlflow run: - (tracking=none)")
+        lines.append("mlflow run: -" if len(lines) > 2 else "mlflow run: - (tracking=none)")
         return lines
     uri = tracker.uri
     page = f"#/experiments/{tracker.experiment_id}/runs/{result.run_id}"
