@@ -136,8 +136,8 @@ class WandbTracker:
         self.run.log({k: float(v) for k, v in metrics.items()}, step=int(step))
 
     def flush(self) -> None:
-        """Nothing to do: run.log hands each row to wandb's service process at once, and that
-        process outlives this one long enough to write it."""
+        """Nothing to force: run.log hands each row to wandb's service process at once (a
+        separate process, which writes the run's log and uploads it)."""
 
     def set_tags(self, tags: dict) -> None:
         if self.run is None:
