@@ -7,6 +7,11 @@ and a table of mean +- std over seeds of the best and the final validation metri
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/bench_distill.py [--tasks titanic tinystories]
         [--seeds 0 1 2] [--root /tmp/bench_distill] [--alpha 0.5] [--temperature 2.0] [--quick]
+        [--loss kl reverse_kl mse] [--kl-scale t2 none]
+
+`--loss` / `--kl-scale` with several values compare the distillation loss forms (issue 26): every
+form (trainer.distill.loss x trainer.distill.kl_scale; mse once, it has no KL to scale) trains a
+student from the same teacher, seed and steps, one row each ("kl t2", "kl none", "mse", ...).
 
 `--rounds` instead compares rounds of distillation (trainer.distill.rounds=2, issue 19): round 1
 (the teacher -> student), round 2 chained (round 1's student teaches a fresh student), round 2 as
@@ -122,10 +127,17 @@ def run(root: Path, out: Path, overrides: list[str]) -> dict:
     return {"best": best, "final": final_metrics(out), "seconds": time.perf_counter() - start}
 
 
+def loss_forms(args) -> list[tuple[str, str]]:
+    """(trainer.distill.loss, trainer.distill.kl_scale) pairs to train; mse once (no KL)."""
+    forms = [(loss, scale) for loss in args.loss for scale in args.kl_scale]
+    return list(dict.fromkeys((loss, "t2" if loss == "mse" else scale) for loss, scale in forms))
+
+
 def bench_task(name: str, spec: dict, seeds: list[int], root: Path, args) -> list[dict]:
     rows = []
     extra = QUICK[name] if args.quick else []
     knobs = [f"trainer.distill.alpha={args.alpha}", f"trainer.distill.temperature={args.temperature}"]
+    forms = loss_forms(args)
     teacher_dir = None
     for seed in seeds:
         base = root / name / f"seed{seed}"
@@ -136,12 +148,15 @@ def bench_task(name: str, spec: dict, seeds: list[int], root: Path, args) -> lis
         tokenizer = teacher_dir / "tokenizer.json"
         student = [*COMMON, *spec["student"], *extra, f"seed={seed}",
                    f"data.tokenizer.path={tokenizer}"]
-        distilled = run(root, base / "distilled", [
-            *student, *knobs, f"trainer.distill.teachers=[{{run: '{teacher_dir}'}}]"])
-        rows.append({"task": name, "seed": seed, "who": "distilled", **distilled})
+        for loss, scale in forms:
+            who = "distilled" if len(forms) == 1 else "mse" if loss == "mse" else f"{loss} {scale}"
+            distilled = run(root, base / who.replace(" ", "_"), [
+                *student, *knobs, f"trainer.distill.teachers=[{{run: '{teacher_dir}'}}]",
+                f"trainer.distill.loss={loss}", f"trainer.distill.kl_scale={scale}"])
+            rows.append({"task": name, "seed": seed, "who": who, **distilled})
         scratch = run(root, base / "scratch", [*student, "trainer.distill=null"])
         rows.append({"task": name, "seed": seed, "who": "scratch", **scratch})
-        print_rows(rows[-3:], name, seed, spec["metric"], width=9)
+        print_rows(rows[-(len(forms) + 2):], name, seed, spec["metric"], width=13)
     return rows
 
 
@@ -213,6 +228,10 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/bench_distill"))
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--loss", nargs="+", default=["kl"], choices=["kl", "reverse_kl", "mse"],
+                        help="trainer.distill.loss; several: one student per form")
+    parser.add_argument("--kl-scale", nargs="+", default=["t2"], choices=["t2", "none"],
+                        help="trainer.distill.kl_scale; several: one student per form")
     parser.add_argument("--shared-teacher", action=argparse.BooleanOptionalAction, default=True,
                         help="one teacher (first seed) for every student seed; the validation "
                         "split is the same for all seeds, so the teacher never saw it")

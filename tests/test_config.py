@@ -89,6 +89,14 @@ def test_bad_values_fail_validation(tmp_path, override, message):
         validate(cfg)
 
 
+def test_unknown_decoder_mlp_fails_validation_before_anything_is_built(tmp_path):
+    cfg = compose_cfg(tmp_path, ["experiment=tinystories_nano", "model.mlp=tanh"])
+    with pytest.raises(ConfigError, match=r"model.mlp='tanh' is not one of \[None, 'swiglu', "
+                       r"'geglu', 'gelu', 'relu', 'silu'\]"):
+        validate(cfg)
+    validate(compose_cfg(tmp_path, ["experiment=tinystories_nano", "model.mlp=geglu"]))
+
+
 def run_cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, "-m", "mlxlab.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)

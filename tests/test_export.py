@@ -103,6 +103,36 @@ def test_decoder_export_same_greedy_continuation(lm_run, lm_export):
     assert text == tok.decode(ours)
 
 
+def test_geglu_decoder_exports_to_hf_as_gelu_llama_and_mlx_lm_refuses_it(tmp_path):
+    """model.mlp=geglu is a Llama with hidden_act=gelu: transformers gives the same logits; mlx-lm
+    (whose Llama MLP is always silu) is refused with one line; the plain MLPs have no Llama form."""
+    from transformers import AutoModelForCausalLM
+
+    from mlxlab.export.hf import decoder_config
+    from mlxlab.models.transformer import Transformer
+
+    cfg = compose_cfg(tmp_path, [*LM, "model.mlp=geglu", "trainer.max_steps=4",
+                                 "trainer.eval_every_steps=4"])
+    train(cfg)
+    GlobalHydra.instance().clear()
+    run = Path(cfg.paths.output_dir)
+    report = export_run(run, tmp_path / "hf", "hf", dtype="float32")
+    assert report["format"] == "hf"
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_act"] == "gelu"
+    model, _ = load_run_model(run)
+    assert model.architecture["mlp"] == "geglu"
+    ids = np.random.default_rng(1).integers(0, model.vocab_size, size=(2, 32))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert np.abs(torch_logits(hf, ids) - mlx_logits(model, ids)).max() <= 1e-4
+    with pytest.raises(ExportError, match=r"^mlp=geglu has no mlx-lm equivalent .*--format hf$"):
+        export_run(run, tmp_path / "mlx", "mlx-lm")
+    assert not (tmp_path / "mlx").exists()
+    for kind in ("relu", "silu", "gelu"):
+        with pytest.raises(ExportError, match=f"mlp={kind}, .*no Llama equivalent.*gated MLP"):
+            decoder_config(Transformer(vocab_size=64, dim=32, num_layers=1, mlp=kind), None,
+                           "float32")
+
+
 def test_quantized_export_loads_in_mlx_lm_and_reports_the_cost(lm_run, lm_export, tmp_path):
     """--quantize 4 writes what mlx_lm.convert -q writes (same tensors); the perplexity it
     reports is what mlx-lm's own forward of the folder gives on the run's validation data."""

@@ -98,6 +98,21 @@ def test_mlx_lm_layout_and_quantized_checkpoint(checkpoints, tmp_path):
     assert not any(n.endswith(".scales") for n in weights)
 
 
+def test_gelu_llama_imports_as_geglu(tmp_path):
+    """A Llama with hidden_act=gelu (transformers' exact GELU in the gated MLP) is mlp=geglu with
+    the same logits; the tanh GELUs are refused with one line."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model("llama", tmp_path / "gelu", hidden_act="gelu")
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    ours = Transformer(vocab_size=1, pretrained=str(path))
+    assert ours.architecture["mlp"] == "geglu"
+    assert np.abs(torch_logits(ref, IDS) - mlx_logits(ours, IDS)).max() <= 1e-4
+    config = json.loads((path / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"hidden_act='gelu_pytorch_tanh': only silu \(mlp=swiglu\)"):
+        Transformer(vocab_size=1, hf_config={**config, "hidden_act": "gelu_pytorch_tanh"})
+
+
 def test_unsupported_configs_are_refused(checkpoints, tmp_path):
     config = json.loads((checkpoints["llama"] / "config.json").read_text())
     config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}

@@ -107,6 +107,49 @@ def test_decoder_shapes(kw):
     assert model(ids((2, 7))).shape == (2, 7, V)
 
 
+def _np_gelu(x):
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+_NP_ACTIVATIONS = {
+    "swiglu": lambda g, u: g / (1 + np.exp(-g)) * u,
+    "geglu": lambda g, u: _np_gelu(g) * u,
+    "gelu": _np_gelu,
+    "relu": lambda x: np.maximum(x, 0.0),
+    "silu": lambda x: x / (1 + np.exp(-x)),
+}
+
+
+@pytest.mark.parametrize("kind", list(_NP_ACTIVATIONS))
+def test_every_decoder_mlp_computes_its_activation(kind):
+    """model.mlp: gated kinds are down(act(gate x) * up x), plain ones down(act(up x)), each
+    against NumPy; all default to ~8*dim^2 parameters, so switching keeps the model size."""
+    from mlxlab.models.layers import make_mlp
+
+    mlp = make_mlp(kind, 24, None, bias=True)
+    randomize(mlp)
+    x = np.random.default_rng(0).normal(size=(3, 24)).astype(np.float32) * 2
+    p = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(mlp.parameters())}
+
+    def dense(h, name):
+        return h @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+
+    act = _NP_ACTIVATIONS[kind]
+    hidden = act(dense(x, "gate"), dense(x, "up")) if "gate" in mlp else act(dense(x, "up"))
+    np.testing.assert_allclose(np.array(mlp(mx.array(x))), dense(hidden, "down"), atol=1e-4,
+                               rtol=1e-4)
+    assert ("gate" in mlp) == kind.endswith("glu")
+    assert abs(num_parameters(mlp) - 8 * 24 * 24) / (8 * 24 * 24) < 0.2
+    model = tiny_decoder(mlp=kind)
+    assert model(ids((2, 7))).shape == (2, 7, V) and model.architecture["mlp"] == kind
+
+
+def test_unknown_mlp_fails_with_the_choices():
+    with pytest.raises(ValueError, match=r"unknown mlp='tanh'; use one of \['swiglu', 'geglu', "
+                       r"'gelu', 'relu', 'silu'\]"):
+        tiny_decoder(mlp="tanh")
+
+
 @pytest.mark.parametrize("use_encoder", [True, False])
 def test_cnn_hybrid_shapes_and_short_sequences(use_encoder):
     model = CNNHybrid(

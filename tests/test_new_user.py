@@ -447,3 +447,87 @@ def test_a_new_store_is_a_copy_of_the_migrated_template(tmp_path, monkeypatch):
     client = MlflowClient(f"sqlite:///{tmp_path}/b/mlflow.db")
     assert client.get_experiment("0").artifact_location == str(tmp_path / "b/artifacts/0")
     assert [e.name for e in client.search_experiments()] == ["second", "Default"]
+
+
+# ------------------------------------------------- 14. users of the old scripts (issue 26)
+
+
+def migration_rows() -> list[tuple[str, list[str]]]:
+    """(old flags, mlxlab overrides) of the README's migration table; "—" rows map to none."""
+    section = README[README.index("## Coming from the old training scripts"):]
+    section = section[:section.index("### Your own presets")]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`--"):
+            continue
+        overrides = " ".join(re.findall(r"`([^`]+)`", cells[1])).split()
+        rows.append((cells[0], overrides))
+    return rows
+
+
+def test_every_key_of_the_migration_table_composes(tmp_path):
+    """Each old flag's mlxlab overrides compose with the real config (Hydra refuses a key the
+    config does not have) and pass validation (a wrong group option or value fails there)."""
+    from omegaconf import OmegaConf
+
+    from mlxlab.config import validate
+
+    rows = migration_rows()
+    flags = " ".join(old for old, _ in rows)
+    for flag in ("--train", "--epochs", "--batch-size", "--model-type", "--no-mlflow",
+                 "--config configs/production.json", "--resume", "--dataset-id",
+                 "--auto-vocab-size", "--cloud-provider"):
+        assert flag in flags, f"the migration table lacks {flag}"
+    # Rows merged into as few compositions as their keys allow (one per distinct group option).
+    batches: list[dict[str, str]] = []
+    for _, overrides in rows:
+        pairs = dict(o.partition("=")[::2] for o in overrides)
+        lm = any(k == "data" and v == "streaming" or k == "model" and v.startswith("transformer")
+                 for k, v in pairs.items())
+        if lm:
+            pairs = {"data": "streaming", "optimized_metric": "val/loss", "optimized_mode": "min",
+                     **pairs}
+        # a row's keys mean the default option of their group where the row names none
+        defaults = {"model": "bert", "data": "titanic", "trainer": "simple", "tracking": "mlflow"}
+        pairs = {**{g: o for g, o in defaults.items()
+                    if any(k.startswith(f"{g}.") for k in pairs)}, **pairs}
+        for batch in batches:
+            if batch["__lm"] == lm and all(batch.get(k, v) == v for k, v in pairs.items()):
+                batch.update(pairs)
+                break
+        else:
+            batches.append({"__lm": lm, **pairs})
+    assert len(batches) < len(rows) / 4
+    for batch in batches:
+        overrides = [f"{k}={v}" for k, v in batch.items() if k != "__lm"]
+        cfg = compose_cfg(tmp_path, overrides)
+        validate(cfg)
+        for key in batch:
+            if "." in key and not key.startswith("hydra."):
+                assert OmegaConf.select(cfg, key, throw_on_missing=False) is not None, key
+
+
+def test_readme_config_dir_preset_runs_through_the_cli(tmp_path, cli_env):
+    """The README's `--config-dir` example verbatim: its preset file in a folder of the user's
+    own, its command (plus short-run overrides) through the real CLI in a subprocess."""
+    from omegaconf import OmegaConf
+
+    preset = readme_block("saved as `my_conf/experiment/my_preset.yaml`", "yaml")
+    command = readme_block("runs with", "bash").strip()
+    assert command == "mlxlab-train --config-dir ./my_conf experiment=my_preset"
+    (tmp_path / "my_conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "my_conf" / "experiment" / "my_preset.yaml").write_text(preset)
+    short = ["trainer.max_epochs=1", "trainer.max_steps=3", "callbacks.progress.enabled=false"]
+    out = cli([*command.split()[1:], *short], tmp_path, cli_env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "my_preset").iterdir()  # the preset's task_name
+    job = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert job["model"]["_target_"] == "mlxlab.models.cnn_hybrid.CNNHybrid"
+    assert job["model"]["cnn_filters"] == 64 and job["optimizer"]["learning_rate"] == 3e-4
+    assert job["trainer"]["label_smoothing"] == 0.1 and job["trainer"]["max_steps"] == 3
+    assert (run_dir / "tracking" / "metrics.csv").is_file()  # the preset's tracking=csv
+    assert not (tmp_path / "mlruns").exists()
+    assert list((run_dir / "checkpoints").glob("step_*"))
+    bad = cli(["--config-dir", "./my_conf", "experiment=my_presett"], tmp_path, cli_env)
+    assert bad.returncode == 2 and "'my_preset'" in bad.stderr.strip().splitlines()[-1]

@@ -171,6 +171,44 @@ def test_cached_teacher_probabilities_give_the_per_step_loss(make_cfg, tmp_path)
         assert aux_c["kl"].item() == pytest.approx(aux_d["kl"].item(), rel=1e-4)
 
 
+def test_distillation_loss_form_is_a_config_choice(make_cfg, tmp_path):
+    """trainer.distill.loss / kl_scale reach the loss: a student trains with reverse_kl and with
+    mse (train/<loss> logged, cached teacher targets = the teachers run in the step), and a
+    misspelled form fails at validation with one line naming the key."""
+    from mlxlab.config import ConfigError, validate
+    from mlxlab.tracking.csv_files import read_metrics
+
+    teacher_cfg = make_cfg(*FAST, "tracking=none", "trainer.max_steps=8", "trainer.eval_every_steps=8")
+    train(teacher_cfg)
+    teachers = f"trainer.distill.teachers=[{{run: '{teacher_cfg.paths.output_dir}'}}]"
+    for form in (["trainer.distill.loss=reverse_kl", "trainer.distill.kl_scale=none"],
+                 ["trainer.distill.loss=mse"]):
+        cfg = make_cfg(*FAST, "tracking=csv", "experiment=distill_titanic", teachers, *form)
+        name = form[0].split("=")[1]
+        cfg.paths.output_dir = str(tmp_path / "outputs" / name)
+        metrics = train(cfg)
+        assert 0.0 <= metrics["val/accuracy"] <= 1.0
+        logged = read_metrics(tmp_path / "outputs" / name / "tracking")
+        assert f"train/{name}" in logged and "train/kl" not in logged
+        assert all(math.isfinite(v) for _, v in logged[f"train/{name}"])
+
+    _, data, student = build(make_cfg, tmp_path, *TINY)
+    student.eval()
+    batch = next(iter(data.train_batches(Batching(batch_size=7), 1)))
+    for loss in ("reverse_kl", "mse"):
+        trainer = Trainer(distill=DistillConfig(teachers=[{"run": str(teacher_cfg.paths.output_dir)}],
+                                                loss=loss), batch_size=16)
+        cached, aux_c = trainer.build_loss(data)(student, batch)
+        trainer.distill.cache_teacher = False
+        direct, aux_d = trainer.build_loss(data)(student, batch)
+        assert cached.item() == pytest.approx(direct.item(), rel=1e-5)
+        assert aux_c[loss].item() == pytest.approx(aux_d[loss].item(), rel=1e-4)
+
+    bad = make_cfg(*FAST, "trainer=distill", "trainer.distill.kl_scale=T2")
+    with pytest.raises(ConfigError, match=r"trainer.distill.kl_scale='T2' is not one of"):
+        validate(bad)
+
+
 def test_distillation_rejects_a_teacher_with_other_labels(make_cfg, tmp_path):
     teacher_cfg = make_cfg(*FAST, "tracking=none")
     train(teacher_cfg)

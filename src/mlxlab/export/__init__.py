@@ -59,6 +59,10 @@ def _check_options(model, fmt: str, dtype: str, quantize: int | None, lora: str)
             )
     elif not isinstance(model, Transformer):
         raise ExportError(f"a {type(model).__name__} run has no Hugging Face equivalent")
+    elif fmt == "mlx-lm" and model.architecture["mlp"] != "swiglu":
+        # mlx-lm's llama/qwen2/mistral MLP is silu(gate) * up whatever config.json says
+        raise ExportError(f"mlp={model.architecture['mlp']} has no mlx-lm equivalent (its Llama "
+                          "MLP is always swiglu): export it with --format hf")
     if fmt == "hf" and (quantize or lora == "adapters"):
         raise ExportError(
             "--quantize and --adapters write mlx-lm's layouts: use --format mlx-lm "

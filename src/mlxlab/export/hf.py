@@ -24,6 +24,9 @@ from mlxlab.models.hf_llama import to_hf_name as decoder_hf_name
 from mlxlab.models.transformer import Transformer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# Gated decoder MLPs as a Llama config.json's hidden_act: transformers' LlamaMLP (and Qwen2's,
+# Mistral's) computes down(act(gate(x)) * up(x)) with ACT2FN[hidden_act]; "gelu" is the exact GELU.
+HF_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
 SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
               "chat_template.jinja", "chat_template.json")
 
@@ -45,10 +48,11 @@ def decoder_config(model: Transformer, tokenizer: Tokenizer, dtype: str) -> dict
         for key in ("quantization", "quantization_config"):
             config.pop(key, None)
     else:
-        if (a["norm"], a["mlp"], a["positions"]) != ("rmsnorm", "swiglu", "rope"):
+        if (a["norm"], a["positions"]) != ("rmsnorm", "rope") or a["mlp"] not in HF_ACTIVATIONS:
             raise ExportError(
                 f"norm={a['norm']}, mlp={a['mlp']}, positions={a['positions']} has no Llama "
-                "equivalent: only rmsnorm + swiglu + rope decoders export (the model defaults)"
+                "equivalent: only rmsnorm + rope decoders with a gated MLP (mlp=swiglu, the "
+                "default, or geglu) export"
             )
         if a["qkv_bias"] and not a["out_bias"] and not a["mlp_bias"]:
             kind, extra = "qwen2", {"use_sliding_window": False}
@@ -73,7 +77,7 @@ def decoder_config(model: Transformer, tokenizer: Tokenizer, dtype: str) -> dict
             "rope_theta": a["rope_theta"],
             "rope_scaling": a["rope_scaling"],
             "tie_word_embeddings": a["tie_embeddings"],
-            "hidden_act": "silu",
+            "hidden_act": HF_ACTIVATIONS[a["mlp"]],
             "bos_token_id": bos,
             "eos_token_id": eos,
             **extra,

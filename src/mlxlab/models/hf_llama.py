@@ -1,6 +1,7 @@
 """Hugging Face / mlx-lm Llama-family decoders <-> mlxlab's Transformer: config and weight names.
 
-Covers model_type llama (SmolLM too), mistral and qwen2: RMSNorm, SwiGLU, rotary positions,
+Covers model_type llama (SmolLM too), mistral and qwen2: RMSNorm, SwiGLU (GeGLU for
+hidden_act=gelu), rotary positions,
 grouped-query attention, tied or untied embeddings, q/k/v biases (qwen2) and the rope scaling
 variants of models/rope.py. The same names serve mlx-lm folders (its config.json is the Hugging
 Face one plus a "quantization" entry; quantized weights are dequantized on load).
@@ -20,6 +21,9 @@ from mlxlab.models.hf import assign_weights, read_config, weight_files
 from mlxlab.models.rope import check_rope_scaling
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+# hidden_act -> model.mlp: these model types' MLP is down(act(gate(x)) * up(x)); transformers'
+# "gelu" is the exact (erf) GELU, the one mlxlab's geglu uses (gelu_new / gelu_pytorch_tanh are not).
+IMPORTED_MLPS = {"silu": "swiglu", "gelu": "geglu"}
 # Our path inside a decoder layer -> the Hugging Face one.
 _LAYER_NAMES = {
     "attention.query": "self_attn.q_proj",
@@ -80,8 +84,10 @@ def decoder_kwargs(c: Mapping) -> dict:
             f"config.json has model_type={kind!r}; mlxlab loads {list(MODEL_TYPES)} decoders "
             "(SmolLM is 'llama')"
         )
-    if c.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"hidden_act={c['hidden_act']!r}: only silu (SwiGLU) is supported")
+    act = c.get("hidden_act", "silu")
+    if act not in IMPORTED_MLPS:
+        raise ConfigError(f"hidden_act={act!r}: only silu (mlp=swiglu) and the exact gelu "
+                          "(mlp=geglu) are supported")
     rope_theta, rope_scaling = rope_settings(c)
     check_rope_scaling(rope_scaling)
     try:
@@ -103,7 +109,7 @@ def decoder_kwargs(c: Mapping) -> dict:
             max_seq_len=max_len,
             norm="rmsnorm",
             norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            mlp="swiglu",
+            mlp=IMPORTED_MLPS[act],
             positions="rope",
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,

@@ -162,6 +162,14 @@ class SwiGLU(nn.Module):
         return self.down(kernels.swiglu(self.gate(x), self.up(x)))
 
 
+class GeGLU(SwiGLU):
+    """down(gelu(gate(x)) * up(x)) with the exact GELU (Shazeer 2020; Gemma uses the tanh form):
+    SwiGLU's weights and names, so HF exports it as a Llama with hidden_act=gelu."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down(kernels.gelu(self.gate(x)) * self.up(x))
+
+
 class GeluMLP(nn.Module):
     """down(gelu(up(x))) with the exact (erf) GELU, as in BERT and GPT-2."""
 
@@ -171,17 +179,44 @@ class GeluMLP(nn.Module):
         self.down = nn.Linear(hidden_dim, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down(kernels.gelu(self.up(x)))
+        return self.down(self.activation(self.up(x)))
+
+    @staticmethod
+    def activation(x: mx.array) -> mx.array:
+        return kernels.gelu(x)
+
+
+class ReluMLP(GeluMLP):
+    """down(relu(up(x))), the original transformer's MLP."""
+
+    @staticmethod
+    def activation(x: mx.array) -> mx.array:
+        return nn.relu(x)
+
+
+class SiluMLP(GeluMLP):
+    """down(silu(up(x))): SwiGLU's activation without the gate."""
+
+    @staticmethod
+    def activation(x: mx.array) -> mx.array:
+        return nn.silu(x)
+
+
+# model.mlp: gated kinds have gate/up/down projections, plain ones up/down.
+GATED_MLPS = {"swiglu": SwiGLU, "geglu": GeGLU}
+PLAIN_MLPS = {"gelu": GeluMLP, "relu": ReluMLP, "silu": SiluMLP}
+MLP_KINDS = (*GATED_MLPS, *PLAIN_MLPS)
 
 
 def make_mlp(kind: str, dim: int, hidden_dim: int | None, bias: bool) -> nn.Module:
-    """SwiGLU hidden defaults to 8/3*dim rounded up to a multiple of 64, GELU to 4*dim:
-    both give ~8*dim^2 parameters, so switching `mlp` keeps the model size."""
-    if kind == "swiglu":
-        return SwiGLU(dim, hidden_dim or (int(8 * dim / 3) + 63) // 64 * 64, bias)
-    if kind == "gelu":
-        return GeluMLP(dim, hidden_dim or 4 * dim, bias)
-    raise ConfigError(f"unknown mlp={kind!r}; use 'swiglu' or 'gelu'")
+    """Gated MLPs (swiglu, geglu) default to a hidden 8/3*dim rounded up to a multiple of 64,
+    plain ones (gelu, relu, silu) to 4*dim: all give ~8*dim^2 parameters, so switching `mlp`
+    keeps the model size."""
+    if kind in GATED_MLPS:
+        return GATED_MLPS[kind](dim, hidden_dim or (int(8 * dim / 3) + 63) // 64 * 64, bias)
+    if kind in PLAIN_MLPS:
+        return PLAIN_MLPS[kind](dim, hidden_dim or 4 * dim, bias)
+    raise ConfigError(f"unknown mlp={kind!r}; use one of {list(MLP_KINDS)}")
 
 
 class RMSNorm(nn.RMSNorm):

@@ -1,9 +1,10 @@
-"""Several trackers as one (`tracking=[mlflow,csv]`): every call goes to each of them.
+"""Several trackers as one (`tracking=[mlflow,csv]`, `[mlflow,wandb]`, ...): every call goes to
+each of them.
 
 Hydra merges the options of a list into one `tracking` node: mlflow.yaml gives its flat keys
-(uri, experiment_name, ...), csv.yaml its `csv:` block, and both name this module's
-`build_tracker` as the `_target_`, which makes the trackers those keys describe. The first
-tracker is the primary one: its run_id is the run's.
+(uri, experiment_name, ...), csv.yaml its `csv:` block, wandb.yaml its `wandb:` block, and all
+name this module's `build_tracker` as the `_target_`, which makes the trackers those keys
+describe. The first tracker is the primary one: its run_id is the run's.
 """
 
 from __future__ import annotations
@@ -73,12 +74,15 @@ class FanoutTracker(BaseTracker):
         return [line for t in [*self.trackers[1:], self.trackers[0]] for line in t.summary()]
 
 
-def build_tracker(csv: dict | None = None, background: bool = False, **mlflow: Any) -> Any:
+def build_tracker(csv: dict | None = None, background: bool = False, wandb: dict | None = None,
+                  **mlflow: Any) -> Any:
     """The tracker(s) a composed `tracking` node describes: MLflow when its keys are there (uri),
-    a CsvTracker for a `csv:` block; both -> a FanoutTracker with MLflow first. With
-    `background`, the MLflow tracker runs in a child process (tracking/background.py) and a twin
-    built here answers settings and probe()."""
+    a CsvTracker for a `csv:` block, a WandbTracker for a `wandb:` block; several -> a
+    FanoutTracker with MLflow first (the primary: its run id is the run's), then csv, then wandb.
+    With `background`, the MLflow tracker runs in a child process (tracking/background.py) and a
+    twin built here answers settings and probe()."""
     trackers: list[Any] = []
+    run_name = mlflow.get("run_name")  # the run's name (train.run_name), for wandb too
     if "uri" in mlflow:
         from mlxlab.tracking.mlflow import MlflowTracker
 
@@ -93,7 +97,11 @@ def build_tracker(csv: dict | None = None, background: bool = False, **mlflow: A
         from mlxlab.tracking.csv_files import CsvTracker
 
         trackers.append(CsvTracker(**csv))
+    if wandb is not None:
+        from mlxlab.tracking.wandb_tracker import WandbTracker  # imports wandb (an extra)
+
+        trackers.append(WandbTracker(**{"run_name": run_name, **wandb}))
     if not trackers:
-        raise ValueError("tracking: nothing to track to: use tracking=mlflow, tracking=csv or "
-                         "tracking=[mlflow,csv]")
+        raise ValueError("tracking: nothing to track to: use tracking=mlflow, tracking=csv, "
+                         "tracking=wandb or a list of them, e.g. tracking=[mlflow,csv]")
     return trackers[0] if len(trackers) == 1 else FanoutTracker(trackers)

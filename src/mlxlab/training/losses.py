@@ -84,6 +84,22 @@ def task_loss(task: str, label_smoothing: float = 0.0, per_example: bool = False
     return loss_fn
 
 
+# trainer.distill.loss: the soft term (conf/trainer/distill.yaml). kl and reverse_kl compare the
+# distributions at temperature T; mse compares the raw logits (no temperature).
+DISTILL_LOSSES = ("kl", "reverse_kl", "mse")
+# trainer.distill.kl_scale: t2 multiplies a KL by T^2 (Hinton et al. 2015: the soft gradients,
+# which scale as 1/T^2, keep their size as T changes); none is the plain alpha*CE + (1-alpha)*KL.
+KL_SCALES = ("t2", "none")
+
+
+def check_distill_form(loss: str, kl_scale: str) -> None:
+    """One line naming the key for an unknown trainer.distill.loss or trainer.distill.kl_scale."""
+    if loss not in DISTILL_LOSSES:
+        raise ConfigError(f"trainer.distill.loss={loss!r} is not one of {list(DISTILL_LOSSES)}")
+    if kl_scale not in KL_SCALES:
+        raise ConfigError(f"trainer.distill.kl_scale={kl_scale!r} is not one of {list(KL_SCALES)}")
+
+
 def soft_cross_entropy_kl(student: mx.array, teacher_probs: mx.array, temperature: float) -> mx.array:
     """KL(teacher || student) at temperature T, per position (no reduction)."""
     log_p_student = nn.log_softmax(student.astype(mx.float32) / temperature, axis=-1)
@@ -91,17 +107,51 @@ def soft_cross_entropy_kl(student: mx.array, teacher_probs: mx.array, temperatur
     return (teacher_probs * (log_p_teacher - log_p_student)).sum(axis=-1)
 
 
-def teacher_probabilities(
-    teachers: Sequence[nn.Module], weights: Sequence[float] | None, temperature: float
+def reverse_kl(student: mx.array, teacher_probs: mx.array, temperature: float) -> mx.array:
+    """KL(student || teacher) at temperature T, per position (no reduction): mode-seeking, the
+    student is pushed off the tokens the teacher finds unlikely rather than made to cover all."""
+    log_p_student = nn.log_softmax(student.astype(mx.float32) / temperature, axis=-1)
+    log_p_teacher = mx.log(mx.maximum(teacher_probs, 1e-12))
+    return (mx.exp(log_p_student) * (log_p_student - log_p_teacher)).sum(axis=-1)
+
+
+def logit_mse(student: mx.array, teacher_logits: mx.array) -> mx.array:
+    """Mean over classes of (student logit - teacher logit)^2, per position (no reduction): the
+    large-T limit of T^2 * KL, up to a factor 2 and the logits' means (Hinton et al. 2015)."""
+    return mx.square(student.astype(mx.float32) - teacher_logits).mean(axis=-1)
+
+
+def teacher_logits(
+    teachers: Sequence[nn.Module], weights: Sequence[float] | None
 ) -> Callable[[Batch], mx.array]:
-    """batch -> the teachers' softened distributions softmax(logits / T), averaged with `weights`,
-    under stop_gradient (no gradient is ever computed for a teacher)."""
+    """batch -> the teachers' logits averaged with `weights` (loss=mse), under stop_gradient."""
+    w = _normalized_weights(teachers, weights)
+
+    def logits(batch: Batch) -> mx.array:
+        out = None
+        for weight, teacher in zip(w, teachers):
+            z = weight * mx.stop_gradient(forward(teacher, batch)).astype(mx.float32)
+            out = z if out is None else out + z
+        return out
+
+    return logits
+
+
+def _normalized_weights(teachers: Sequence[nn.Module], weights: Sequence[float] | None) -> list[float]:
     if not teachers:
         raise ConfigError("distillation needs at least one teacher: set trainer.distill.teachers")
     w = list(weights) if weights else [1.0] * len(teachers)
     if len(w) != len(teachers):
         raise ConfigError(f"{len(teachers)} teachers but {len(w)} weights in trainer.distill.teachers")
-    w = [x / float(sum(w)) for x in w]
+    return [x / float(sum(w)) for x in w]
+
+
+def teacher_probabilities(
+    teachers: Sequence[nn.Module], weights: Sequence[float] | None, temperature: float
+) -> Callable[[Batch], mx.array]:
+    """batch -> the teachers' softened distributions softmax(logits / T), averaged with `weights`,
+    under stop_gradient (no gradient is ever computed for a teacher)."""
+    w = _normalized_weights(teachers, weights)
 
     def probs(batch: Batch) -> mx.array:
         out = None
@@ -114,6 +164,17 @@ def teacher_probabilities(
     return probs
 
 
+def teacher_targets(
+    teachers: Sequence[nn.Module], weights: Sequence[float] | None, temperature: float,
+    loss: str = "kl",
+) -> Callable[[Batch], mx.array]:
+    """What the soft term of `loss` compares the student with: the teachers' probabilities at T
+    (kl, reverse_kl) or their logits (mse). Trainer.teacher_cache keeps these per example."""
+    if loss == "mse":
+        return teacher_logits(teachers, weights)
+    return teacher_probabilities(teachers, weights, temperature)
+
+
 def distillation_loss(
     teachers: Sequence[nn.Module],
     weights: Sequence[float] | None = None,
@@ -122,30 +183,48 @@ def distillation_loss(
     label_smoothing: float = 0.0,
     cache: mx.array | None = None,
     per_example: bool = False,
+    loss: str = "kl",
+    kl_scale: str = "t2",
 ) -> LossFn:
-    """alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+    """alpha * CE(student, labels) + (1 - alpha) * soft term, where the soft term is `loss`:
+
+    - kl (default): T^2 * KL(softmax(teacher/T) || softmax(student/T)) (Hinton's form); with
+      kl_scale="none" the KL alone, the form alpha*CE + (1-alpha)*KL;
+    - reverse_kl: KL(softmax(student/T) || softmax(teacher/T)), times T^2 unless kl_scale="none";
+    - mse: the mean squared difference of the raw logits (temperature and kl_scale unused).
 
     Per example (classifiers) or per scored token (language models), as in task_loss; several
-    teachers are averaged (teacher_probabilities). `cache`: the teacher probabilities of every
-    training example, (N, num_labels), looked up by batch["index"] instead of running the teachers
-    in every step (Trainer.teacher_cache builds it for fixed datasets). per_example=True adds
-    each example's hard-label CE (`example_loss`) and the teachers' (`example_teacher_loss`: the
-    CE of softmax(T * log p_T), which is the teacher's own distribution for one teacher).
+    teachers are averaged (teacher_targets). `cache`: the teacher targets of every training
+    example, (N, num_labels), looked up by batch["index"] instead of running the teachers in every
+    step (Trainer.teacher_cache builds it for fixed datasets). aux holds `ce` and the soft term
+    under the loss's name (kl, reverse_kl, mse). per_example=True adds each example's hard-label
+    CE (`example_loss`) and the teachers' (`example_teacher_loss`: the CE of softmax(T * log p_T),
+    which is the teacher's own distribution for one teacher; of the logits for mse).
     """
-    probs_of = teacher_probabilities(teachers, weights, temperature)
+    check_distill_form(loss, kl_scale)
+    targets_of = teacher_targets(teachers, weights, temperature, loss)
+    scale = temperature**2 if kl_scale == "t2" else 1.0
+
+    def soft_term(logits: mx.array, targets: mx.array) -> mx.array:
+        if loss == "mse":
+            return logit_mse(logits, targets)
+        divergence = soft_cross_entropy_kl if loss == "kl" else reverse_kl
+        return divergence(logits, targets, temperature) * scale
 
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
         logits = forward(model, batch)
-        probs = cache[batch["index"]] if cache is not None else probs_of(batch)
+        targets = cache[batch["index"]] if cache is not None else targets_of(batch)
         ce_all = token_cross_entropy(logits, batch["labels"], label_smoothing)
         ce, ntokens = masked_mean(ce_all, batch)
-        kl, _ = masked_mean(soft_cross_entropy_kl(logits, probs, temperature) * temperature**2, batch)
-        loss = alpha * ce + (1.0 - alpha) * kl
-        aux = {"ntokens": ntokens, "ce": ce, "kl": kl}
+        soft, _ = masked_mean(soft_term(logits, targets), batch)
+        total = alpha * ce + (1.0 - alpha) * soft
+        aux = {"ntokens": ntokens, "ce": ce, loss: soft}
         if per_example:
-            teacher = token_cross_entropy(temperature * mx.log(mx.maximum(probs, 1e-12)), batch["labels"])
+            teacher_logits_ = targets if loss == "mse" else (
+                temperature * mx.log(mx.maximum(targets, 1e-12)))
+            teacher = token_cross_entropy(teacher_logits_, batch["labels"])
             aux["example_loss"] = per_example_mean(mx.stop_gradient(ce_all), batch)
             aux["example_teacher_loss"] = per_example_mean(mx.stop_gradient(teacher), batch)
-        return loss, aux
+        return total, aux
 
     return loss_fn

@@ -67,6 +67,8 @@ class DistillConfig:
     rounds: int = 1               # > 1: rounds of distillation (distill_rounds.py, run by train.py)
     round_teachers: str = "chain"  # chain | ensemble: who teaches round r + 1
     teacher_weights: str = "fixed"  # fixed | learned (training/teacher_weights.py)
+    loss: str = "kl"              # kl | reverse_kl | mse: the soft term (losses.distillation_loss)
+    kl_scale: str = "t2"          # t2: the KL times T^2 (Hinton) | none: alpha*CE + (1-alpha)*KL
 
 
 @dataclass
@@ -167,12 +169,13 @@ class Trainer:
             temperature = self.distill.temperature
             cache = None
             if self.distill.cache_teacher:
-                probs_of = losses.teacher_probabilities(teachers, weights, temperature)
+                probs_of = losses.teacher_targets(teachers, weights, temperature,
+                                                  self.distill.loss)
                 cache = self.teacher_cache(data, probs_of, batching)
             loss_fn = losses.distillation_loss(
                 teachers, weights, alpha=self.distill.alpha,
                 temperature=temperature, label_smoothing=self.label_smoothing, cache=cache,
-                per_example=per_example,
+                per_example=per_example, loss=self.distill.loss, kl_scale=self.distill.kl_scale,
             )
             weights = [w / sum(weights) for w in weights]
         else:
