@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from mlxlab.training.checkpoint import CheckpointState
 from omegaconf import open_dict
 
 from conftest import FAST, PYTHON, compose_cfg
 from mlxlab.config import ConfigError, instantiate
 from mlxlab.train import train
-from mlxlab.training.checkpoint import CheckpointState
 from test_csv_tracking import RESUMABLE
 
 pytest.importorskip("wandb")

@@ -229,12 +229,8 @@ def validate(cfg: DictConfig) -> None:
     _check_choice(cfg, "trainer.quantize_bits", (None, 2, 3, 4, 6, 8))
     _check_choice(cfg, "trainer.schedule.name", (None, "cosine", "constant"))
     _check_choice(cfg, "trainer.distributed.mode", (None, "auto", "on", "off", True, False))
-    from mlxlab.models.layers import MLP_KINDS  # imports mlx: only once a run is validated
-    from mlxlab.training.losses import DISTILL_LOSSES, KL_SCALES
-
-    _check_choice(cfg, "model.mlp", (None, *MLP_KINDS))
-    _check_choice(cfg, "trainer.distill.loss", (None, *DISTILL_LOSSES))
-    _check_choice(cfg, "trainer.distill.kl_scale", (None, *KL_SCALES))
+    # model.mlp and trainer.distill.{loss,kl_scale} are checked by their owners when built
+    # (models/layers.py make_mlp, training/losses.py distillation_loss): one list of choices.
     _check_choice(cfg, "optimizer.bias_correction", (None, True, False))
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
     if betas is not None and (
