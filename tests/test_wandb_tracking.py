@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from mlxlab.training.checkpoint import CheckpointState
+from mlxlab.checkpoint import CheckpointState
 from omegaconf import open_dict
 
 from conftest import FAST, PYTHON, compose_cfg
