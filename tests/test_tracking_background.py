@@ -48,11 +48,13 @@ def test_a_background_run_holds_what_an_in_process_run_holds(uri, tmp_path):
                             flush_every_steps=7)
     assert isinstance(tracker, TrackerProcess) and tracker.uri == uri
     tracker.start({"trainer": {"lr": 0.1}}, {"owner": "tests"})
+    started = tracker.run_id  # read at once (distill_rounds does): waits for the start
+    assert started is not None
     for step in range(30):
         tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
     tracker.flush()  # waits: everything so far is in the store when it returns
     client = client_for(uri)
-    assert tracker.run_id is not None
+    assert tracker.run_id == started
     assert len(client.get_metric_history(tracker.run_id, "train/loss")) == 30
     (tmp_path / "notes.txt").write_text("hello")
     tracker.log_artifact(tmp_path / "notes.txt", "docs")

@@ -10,7 +10,8 @@ it small messages and never waits, except where the order of events matters:
                                       the metrics it covers reached the store; end returns once
                                       the run is closed)
   start, log_metrics, set_tags, log_artifact, log_text, log_dict, set_dataset
-                                      sent, not waited for; processed in order
+                                      sent, not waited for; processed in order (run_id, read
+                                      after start, waits for the start's reply)
 
 `probe` and the settings (uri, experiment_name, ...) are answered by a copy of the tracker built
 here, which never starts a run. What the child learns (run_id, experiment_id, offline_report)
@@ -44,7 +45,7 @@ from mlxlab.tracking.mlflow import STARTED_RUN_IDS
 log = logging.getLogger(__name__)
 
 WAITED = ("flush", "rewind", "continue_from", "end")
-SENT = ("start", "log_metrics", "set_tags", "log_artifact", "log_text", "log_dict", "log_figure",
+SENT = ("log_metrics", "set_tags", "log_artifact", "log_text", "log_dict", "log_figure",
         "set_dataset")
 LEARNED = ("run_id", "experiment_id", "offline_report", "errors")  # read from the child
 FUNCTION = "__function__"  # a submit()ted call
@@ -58,6 +59,7 @@ class TrackerProcess(BaseTracker):
     def __init__(self, node: dict[str, Any], local: Tracker) -> None:
         self.local = local
         self._unanswered = 0
+        self._start_pending = False
         self._error: BaseException | None = None
         # A fresh interpreter (not fork: unsafe once MLX runs threads; not multiprocessing's
         # spawn: it re-imports the caller's __main__, which a script without a main guard can't
@@ -71,9 +73,15 @@ class TrackerProcess(BaseTracker):
         self._conn = Connection(ours.detach())
         self._conn.send(node)
 
+    def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
+        """Sent, not waited for; the first read of run_id after it waits for the child's reply."""
+        self._call("start", (params, tags, run_id), {}, wait=False)
+        self._start_pending = True
+
     @property
     def run_id(self) -> str | None:
-        self._drain(block=False)
+        self._drain(block=self._start_pending)  # a run started, its id not known yet: wait
+        self._start_pending = False
         return self.local.run_id
 
     def __getattr__(self, name: str) -> Any:  # its settings, or what the child learned
