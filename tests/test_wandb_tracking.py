@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from mlxlab.checkpoint import CheckpointState
 from omegaconf import open_dict
 
 from conftest import FAST, PYTHON, compose_cfg
+from mlxlab.checkpoint import CheckpointState
 from mlxlab.config import ConfigError, instantiate
 from mlxlab.train import train
 from test_csv_tracking import RESUMABLE

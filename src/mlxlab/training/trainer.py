@@ -70,6 +70,14 @@ class DistillConfig:
     loss: str = "kl"              # kl | reverse_kl | mse: the soft term (losses.distillation_loss)
     kl_scale: str = "t2"          # t2: the KL times T^2 (Hinton) | none: alpha*CE + (1-alpha)*KL
 
+    def __post_init__(self) -> None:  # the owner checks its choices (one list: losses.py)
+        if self.loss not in losses.DISTILL_LOSSES:
+            raise ConfigError(f"trainer.distill.loss={self.loss!r} is not one of "
+                              f"{list(losses.DISTILL_LOSSES)}")
+        if self.kl_scale not in losses.KL_SCALES:
+            raise ConfigError(f"trainer.distill.kl_scale={self.kl_scale!r} is not one of "
+                              f"{list(losses.KL_SCALES)}")
+
 
 @dataclass
 class DistributedConfig:
