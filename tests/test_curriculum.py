@@ -89,3 +89,17 @@ def test_curriculum_run_logs_kl_and_artifacts(make_cfg, tmp_path):
     assert competence[0] < 1.0 == competence[-1]
     names = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "curriculum")}
     assert {"token_histogram.png", "outliers.json", "summary.json"} <= names
+
+
+def test_curriculum_with_dynamic_batches_is_one_clear_error(make_cfg):
+    """Issue 26 item 9: the key it names exists, and it is a user error (one line), not a
+    traceback."""
+    from mlxlab.errors import ConfigError
+    from mlxlab.train import train
+
+    cfg = make_cfg("tracking=none", "callbacks.progress.enabled=false", "trainer.max_steps=2",
+                   "data.curriculum={score: length, pacing: linear}",
+                   "trainer.batching.dynamic=true")
+    with pytest.raises(ConfigError, match=r"set trainer.batching.dynamic=false or "
+                                          r"data.curriculum=null"):
+        train(cfg)

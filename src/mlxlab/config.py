@@ -168,7 +168,7 @@ _NUMERIC_RULES: dict[str, tuple[type, float | None]] = {
     "trainer.max_epochs": (int, 1),
     "trainer.max_steps": (int, 1),
     "trainer.batch_size": (int, 1),
-    "trainer.max_batch_size": (int, 1),
+    "trainer.batching.max_batch_size": (int, 1),
     "trainer.grad_accum": (int, 1),
     "trainer.schedule.warmup_steps": (int, 0),
     "trainer.schedule.min_lr_ratio": (float, 0.0),

@@ -346,8 +346,8 @@ class TabularText(DataModule):
         batches = make_batches(lengths, batching, self.max_length, rng)
         if self.curriculum is not None:
             if batching.dynamic and self.curriculum.active:
-                raise ValueError("data.curriculum draws fixed-size batches: turn off "
-                                 "trainer.dynamic_batch or the curriculum")
+                raise ConfigError("data.curriculum draws fixed-size batches: set "
+                                  "trainer.batching.dynamic=false or data.curriculum=null")
             batches = self.curriculum.epoch_batches(batches, epoch)
         start = self._batches_done if epoch == self._epoch else 0
         for k in range(start, len(batches)):
