@@ -106,7 +106,8 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     runs = offline_runs(shared)
     reference = next(r for r in runs if r.config["mlxlab_tags"]["mlxlab.run_dir"] == str(
         out / "reference"))
-    first, second = offline_runs(shared, runs[1].id)
+    killed_id = next(r.id for r in runs if r.config["mlxlab_tags"]["mlxlab.run_dir"] == str(killed))
+    first, second = offline_runs(shared, killed_id)
     assert first.id == second.id != reference.id  # one wandb run, written by two processes
     assert second.config["mlxlab_tags"]["mlxlab.run_dir"] == str(resumed)
     assert first.exit_code == 1 and second.exit_code == 0

@@ -90,11 +90,19 @@ def read_offline_run(folder: Path) -> OfflineRun:
     return run
 
 
+def _start_order(folder: Path) -> tuple[str, int]:
+    """offline-run-<time>-<id>[-<n>]: by start time, then the suffix of a same-second restart."""
+    parts = folder.name.split("-")  # offline, run, time, id[, n]
+    return parts[2], int(parts[4]) if len(parts) > 4 else 0
+
+
 def offline_runs(root: Path, run_id: str | None = None, timeout_s: float = 60) -> list[OfflineRun]:
     """Every finished offline run under root/wandb (of one id: a resumed run has a folder per
     process), oldest first. wandb's service process writes the log after run.finish() returns:
     each is read again until it holds the run's exit record (or `timeout_s` passes)."""
-    folders = sorted(Path(root, "wandb").glob(f"offline-run-*-{run_id or '*'}"))
+    # A folder is offline-run-<time>-<id>, with "-1", "-2".. added when a second process of the
+    # same run starts within the same second: match on the id read from the log, not the name.
+    folders = sorted(Path(root, "wandb").glob("offline-run-*"), key=_start_order)
     deadline = time.monotonic() + timeout_s
     runs = []
     for folder in folders:
@@ -102,5 +110,6 @@ def offline_runs(root: Path, run_id: str | None = None, timeout_s: float = 60) -
         while run.exit_code is None and time.monotonic() < deadline:
             time.sleep(0.2)
             run = read_offline_run(folder)
-        runs.append(run)
+        if run_id is None or run.id == run_id:
+            runs.append(run)
     return runs
