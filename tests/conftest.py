@@ -127,7 +127,8 @@ def classifier_run(tmp_path_factory):
     train_csv = Path(shutil.copy(asset_path("titanic/train.csv"), root / "train.csv"))
     titanic = pd.read_csv(train_csv)
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
-    cfg = compose_cfg(root, [*CLASSIFIER_RUN, f"data.path={train_csv}", f"tracking.uri={uri}"])
+    cfg = compose_cfg(root, [*CLASSIFIER_RUN, f"data.path={train_csv}", f"tracking.uri={uri}",
+                             "trainer.quantize_bits=4"])  # + checkpoints/quantized
     metrics = train(cfg)
     GlobalHydra.instance().clear()
     train_csv.unlink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
 
 from conftest import FAST, compose_cfg
+from mlxlab.checkpoint import CheckpointState
 from mlxlab.config import ConfigError
 from mlxlab.tracking.csv_files import CsvTracker, read_metrics
 from mlxlab.tracking.fanout import FanoutTracker, build_tracker
@@ -173,3 +175,39 @@ def test_csv_resume_with_one_tracking_dir_for_both_runs_rewinds_it(tmp_path):
     resumed.log_metrics({"loss": 40.0}, 4)
     resumed.end()
     assert read_metrics(shared)["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_resume_rebuilds_the_trained_model_not_todays_defaults(tmp_path, caplog):
+    """A run of its own model size and learning rate, stopped at step 10 and resumed naming
+    neither: the resumed run builds the checkpoint's model (every weight loads) and logs what an
+    uninterrupted run logs. A setting the resume names wins, with a warning and a tag."""
+    out = tmp_path / "outputs"
+    trained = ["model.hidden_size=24", "model.num_layers=1", "model.num_heads=2",
+               "optimizer.learning_rate=3e-3"]
+    common = [o for o in RESUMABLE if not o.startswith("model.")]  # the defaults: 128 wide, 2 deep
+
+    def run(folder: Path, *extra: str) -> None:
+        cfg = compose_cfg(tmp_path, [*common, "tracking=csv", *extra])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(folder)
+        train(cfg)
+
+    run(out / "reference", *trained)
+    killed = out / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run(killed, *trained, "+callbacks.stop={_target_: test_csv_tracking.InterruptAt, step: 10}")
+    resumed = out / "resumed"
+    with caplog.at_level(logging.WARNING):
+        run(resumed, f"resume={killed}")
+    assert not [r for r in caplog.records if "weights did not all match" in r.message]
+    assert_same_csv_metrics(out / "reference" / "tracking", resumed / "tracking")
+    state = CheckpointState.read(sorted((resumed / "checkpoints").glob("step_*"))[-1])
+    assert (state.config["model"]["hidden_size"], state.config["optimizer"]["learning_rate"]) == (
+        24, 3e-3)
+
+    run(out / "deeper", f"resume={killed}", "model.num_layers=2", "trainer.max_steps=11")
+    tags = json.loads((out / "deeper" / "tracking" / "tags.json").read_text())
+    assert tags["resume.changed.model.num_layers"] == "1 -> 2"
+    assert tags["resume.changed.trainer.max_steps"] == "12 -> 11"
+    assert "resume.changed.model.hidden_size" not in tags  # not named: still the checkpoint's 24
+    assert "resume.load_report" in tags  # the asked-for second layer starts fresh, reported

@@ -4,6 +4,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -539,3 +540,30 @@ def test_shipped_tinystories_sample_auto_vocab_and_throughput(tmp_path):
     )
     again.setup(tmp_path / "run2")
     assert tokenizer_hash(again.tokenizer) == tokenizer_hash(data.tokenizer)
+
+
+def test_epochs_alone_bound_a_streamed_run(make_cfg, caplog):
+    """trainer.max_epochs=2 without max_steps on streamed text: one pass counts an epoch (the
+    batches an epoch then yields), the run trains exactly two, evaluates at each epoch's end and
+    its log lines name the epoch."""
+    from conftest import LM_RUN
+    from mlxlab.checkpoint import CheckpointState
+    from mlxlab.config import instantiate
+    from mlxlab.data.batching import Batching
+    from mlxlab.train import train
+
+    args = [*LM_RUN, "trainer.max_steps=null", "trainer.max_epochs=2", "trainer.log_every_steps=5",
+            "trainer.eval_every_steps=null", "data.splits.max_examples=40"]
+    cfg = make_cfg(*args)
+    data = instantiate(cfg.data)
+    data.setup(None)
+    per_epoch = sum(1 for _ in data.train_batches(Batching(cfg.trainer.batch_size), 0))
+    with caplog.at_level(logging.INFO, logger="mlxlab"):
+        train(make_cfg(*args))
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"an epoch is {per_epoch} batches of 8 rows" in log
+    run_dir = Path(cfg.paths.output_dir)
+    last = CheckpointState.read(sorted((run_dir / "checkpoints").glob("step_*"))[-1])
+    assert last.step == 2 * per_epoch  # exactly two epochs
+    assert [s for s, _ in last.history["val/loss"]] == [per_epoch, 2 * per_epoch]
+    assert "epoch 2/2" in log, log[-2000:]

@@ -115,3 +115,36 @@ def test_bad_input_is_one_clear_line(classifier_run, tmp_path, capsys):
     (empty_run / "tokenizer.json").write_text("{}")
     with pytest.raises((FileNotFoundError, ValueError), match="no checkpoints|no committed"):
         load_run(empty_run)
+
+
+def test_quantized_checkpoint_is_smaller_and_scores_what_the_run_logged(classifier_run, tmp_path):
+    """trainer.quantize_bits=4 (the shared run): checkpoints/quantized holds the best weights
+    packed to 4 bits, smaller than the float ones; `mlxlab eval --checkpoint quantized` on the
+    validation rows gives the val_q4/ metrics the run logged, and predict writes from it."""
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.checkpoint import CheckpointState
+
+    run_dir, metrics, titanic, uri = classifier_run
+    quantized, best = run_dir / "checkpoints" / "quantized", run_dir / "checkpoints" / "best"
+    assert CheckpointState.read(quantized).extra["quantization"] == {"bits": 4, "group_size": 32}
+    # 32 wide: the float embedding table is most of it; the Linear weights shrink ~6x
+    assert metrics["model/q4_size_mb"] < 0.8 * metrics["model/size_mb"]
+    assert (quantized / "model.safetensors").stat().st_size < 0.8 * (
+        best / "model.safetensors").stat().st_size
+    client = MlflowClient(uri)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.metrics["val_q4/accuracy"] == metrics["val_q4/accuracy"]
+    assert "checkpoint_quantized" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    labelled = tmp_path / "val.csv"
+    val_rows(titanic).to_csv(labelled, index=False)
+    done = mlxlab("eval", run_dir, labelled, "--json", "--checkpoint", "quantized")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    for name in ("accuracy", "loss"):
+        assert report[name] == pytest.approx(metrics[f"val_q4/{name}"], abs=2e-3), name
+    out = tmp_path / "submission.csv"
+    done = mlxlab("predict", run_dir, labelled, "--out", out, "--checkpoint", "quantized")
+    assert done.returncode == 0, done.stderr
+    assert len(pd.read_csv(out)) == len(val_rows(titanic))

@@ -446,3 +446,44 @@ def test_resume_auto_stays_in_the_newest_folders_run(tmp_path):
     assert latest_run_with_checkpoints(tmp_path, "t", here) == r1.resolve()
     fresh = folder("fresh", "B", [10], age=0)  # a new run killed early: continue it
     assert latest_run_with_checkpoints(tmp_path, "t", here) == fresh.resolve()
+
+
+def test_sigusr1_checkpoints_requeues_the_slurm_job_and_the_requeued_start_resumes(
+        tmp_path, cli_env):
+    """What `sbatch --signal=USR1@90` and trainer.requeue=true do: SIGUSR1 checkpoints the step
+    and stops; the run calls `scontrol requeue $SLURM_JOB_ID` (here a recording stand-in on
+    PATH: no Slurm on this machine); the job's next start (SLURM_RESTART_COUNT=1, the same
+    command line) resumes from that checkpoint into the same MLflow run and finishes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    scontrol.chmod(0o755)
+    env = {**cli_env, "PATH": f"{bin_dir}:{cli_env['PATH']}", "SLURM_JOB_ID": "4242"}
+    args = [*TITANIC, "callbacks.checkpoint.save_every_steps=null", "trainer.max_epochs=4",
+            "task_name=preempted", "trainer.requeue=true"]
+    first = tmp_path / "outputs" / "preempted" / "first"
+    first.parent.mkdir(parents=True)
+    proc = start(args, first, env)
+    while not (first / "checkpoints").is_dir():  # training has started
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR1, err[-2000:]
+    assert "SIGUSR1 received" in err
+    assert calls.read_text().split() == ["requeue", "4242"]
+    stopped_at = max(committed_steps(first))
+    assert stopped_at < 48
+
+    again = tmp_path / "outputs" / "preempted" / "second"
+    out = run(args, again, {**env, "SLURM_RESTART_COUNT": "1"})  # the same command line
+    log = out.stdout + out.stderr
+    assert "a requeued Slurm job: resume=auto" in log
+    assert f"at step {stopped_at}" in log, log[-3000:]
+    assert max(committed_steps(again)) == 48
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    [finished] = client.search_runs([client.get_experiment_by_name("preempted").experiment_id])
+    assert finished.info.status == "FINISHED"
+    assert calls.read_text().split() == ["requeue", "4242"]  # a finished run requeues nothing

@@ -232,6 +232,7 @@ def validate(cfg: DictConfig) -> None:
     # model.mlp and trainer.distill.{loss,kl_scale} are checked by their owners when built
     # (models/layers.py make_mlp, training/losses.py distillation_loss): one list of choices.
     _check_choice(cfg, "optimizer.bias_correction", (None, True, False))
+    _check_choice(cfg, "trainer.requeue", (None, True, False))
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
     if betas is not None and (
         len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)

@@ -166,25 +166,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if rounds_of(cfg) > 1:
         return train_distill_rounds(cfg)
-    run_hash = config_hash(cfg)  # before the tokenizer paths below are filled in
-    seed_everything(cfg.seed)
     run_dir, choices, _ = hydra_context(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     from mlxlab.runs import (
         first_teacher,
         keep_pretrained_files,
         prepare_resume,
+        rebuild_from_checkpoint,
         remote_resume,
         reuse_tokenizer,
         use_pretrained_tokenizer,
     )
-    from mlxlab.runtime import distributed
+    from mlxlab.runtime import distributed, slurm
     from mlxlab.tracking.base import NullTracker
     from mlxlab.tracking.stale import process_tags
     from mlxlab.tracking.tags import WORLD_SIZE
 
     world = distributed.world(cfg.trainer.distributed.mode, cfg.trainer.distributed.timeout_s)
+    if cfg.trainer.get("requeue") and not cfg.get("resume") and slurm.restarted():
+        log.info("trainer.requeue: a requeued Slurm job: resume=auto")
+        cfg.resume = "auto"
     resume = remote_resume(cfg, run_dir, prepare_resume)
+    if resume is not None:  # what was trained, with what this command line names on top
+        rebuild_from_checkpoint(cfg, resume, _task_overrides())
+        validate(cfg)
+    run_hash = config_hash(cfg)  # before the tokenizer paths below are filled in
+    seed_everything(cfg.seed)
     reuse_tokenizer(cfg, resume, "resume")
     reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
     use_pretrained_tokenizer(cfg)
@@ -258,6 +265,10 @@ def hydra_main(cfg: DictConfig) -> float:
             raise
     except TrainingInterrupted as stop:
         log.error("stopped by signal; checkpoint: %s (resume with resume=auto)", stop.checkpoint)
+        if stop.requeue:
+            from mlxlab.runtime import slurm
+
+            slurm.requeue()
         sys.exit(stop.exit_code)
     except UserError as err:  # bad input the user can fix; anything else is a bug: traceback
         if sweeping:  # a failed trial is recorded as failed (NaN) and the sweep goes on

@@ -33,6 +33,7 @@ from mlxlab.checkpoint.layout import (
     MODEL_FILE,
     OLD_PREFIX,
     OPTIMIZER_FILE,
+    QUANTIZED,
     STATE_FILE,
     STEP_PREFIX,
     TMP_PREFIX,
@@ -53,7 +54,7 @@ from mlxlab.checkpoint.rng import rng_state, set_rng_state
 from mlxlab.checkpoint.state import STATE_VERSION, CheckpointState, MonitoredMetric, is_better
 
 __all__ = [
-    "BEST", "CHECKPOINTS_DIR", "CHECKSUMS_FILE", "MARKER", "MODEL_FILE", "OLD_PREFIX",
+    "BEST", "QUANTIZED", "CHECKPOINTS_DIR", "CHECKSUMS_FILE", "MARKER", "MODEL_FILE", "OLD_PREFIX",
     "OPTIMIZER_FILE", "STATE_FILE", "STATE_VERSION", "STEP_PREFIX", "TMP_PREFIX",
     "CheckpointError", "CheckpointManager", "CheckpointState", "CheckpointWarning", "Checkpoints",
     "LoadReport", "MonitoredMetric", "Snapshot", "check_committed", "committed_step_dirs",

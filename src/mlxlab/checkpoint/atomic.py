@@ -212,11 +212,12 @@ def save_checkpoint(
     return write_snapshot(directory, take_snapshot(model, optimizer, state))
 
 
-def write_snapshot(directory: Path, snap: Snapshot) -> Path:
-    """The disk half of `save_checkpoint`: temp dir, files, checksums, marker, rename."""
+def write_snapshot(directory: Path, snap: Snapshot, name: str | None = None) -> Path:
+    """The disk half of `save_checkpoint`: temp dir, files, checksums, marker, rename; into
+    directory/step_<step>, or directory/<name> (replaced whole)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / step_name(snap.step)
+    final = directory / (name or step_name(snap.step))
     tmp = temp_dir(directory, final.name)
     try:
         tmp.mkdir()

@@ -14,6 +14,7 @@ STATE_FILE = "state.json"
 CHECKSUMS_FILE = "checksums.json"
 MARKER = "COMMITTED"
 BEST = "best"
+QUANTIZED = "quantized"  # trainer.quantize_bits: the best weights quantized (not resumable)
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"

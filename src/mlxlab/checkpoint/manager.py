@@ -122,6 +122,11 @@ class CheckpointManager:
         """Write a step checkpoint; refresh best/ when `metric` improves; rotate old ones."""
         return self.write(self.snapshot(model, optimizer, state, metric))
 
+    def save_named(self, name: str, model: nn.Module, state: StateLike) -> Path:
+        """A checkpoint of weights and state under its own name (e.g. `quantized`), outside the
+        step rotation and resume: replaced whole by the next save of that name."""
+        return write_snapshot(self.directory, take_snapshot(model, None, state), name=name)
+
     def snapshot(
         self,
         model: nn.Module,

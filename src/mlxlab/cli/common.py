@@ -6,7 +6,10 @@ import argparse
 import sys
 from collections.abc import Callable
 
-CHECKPOINT_HELP = "which checkpoint of a run folder: best (default; the newest if none) or last"
+# runs.model.CHECKPOINT_CHOICES (not imported: `mlxlab <verb> --help` loads no MLX)
+CHECKPOINT_CHOICES = ("best", "last", "quantized")
+CHECKPOINT_HELP = ("which checkpoint of a run folder: best (default; the newest if none), last, "
+                   "or quantized (the best weights quantized, from trainer.quantize_bits)")
 
 
 def parser_for(verb: str, doc: str) -> argparse.ArgumentParser:
@@ -19,7 +22,7 @@ def parser_for(verb: str, doc: str) -> argparse.ArgumentParser:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run directory (outputs/<task>/<time>) or a checkpoint dir")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",
                         help=CHECKPOINT_HELP)
 
 

@@ -12,7 +12,7 @@ else <project>/mlruns/mlflow.db.
 
 from __future__ import annotations
 
-from mlxlab.cli.common import CHECKPOINT_HELP, guarded, parser_for
+from mlxlab.cli.common import CHECKPOINT_CHOICES, CHECKPOINT_HELP, guarded, parser_for
 
 
 def main(argv: list[str]) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
                         help="register a sweep's best run instead")
     parser.add_argument("--name", required=True, help="registered model name")
     parser.add_argument("--alias", default="champion", help="alias for the new version ('' = none)")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",
                         help=CHECKPOINT_HELP)
     parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mlxlab.cli.common import CHECKPOINT_HELP, guarded, parser_for
+from mlxlab.cli.common import CHECKPOINT_CHOICES, CHECKPOINT_HELP, guarded, parser_for
 
 URI_SCHEMES = ("models:/", "runs:/")
 
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=5001, help="default 5001 (5000 is the "
                         "tracking server's)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",
                         help=CHECKPOINT_HELP)
     parser.add_argument("--uri", help="tracking URI for models:/ and runs:/ targets")
     parser.add_argument("--workers", type=int, default=1)

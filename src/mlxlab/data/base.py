@@ -52,6 +52,11 @@ class DataModule(Protocol):
 
     curriculum: Any = None        # data/curriculum.py's Curriculum when the data paces examples
 
+    def count_train_batches(self, batching: Batching) -> int | None:
+        """Batches per epoch, counted by a pass over the data where num_train_batches does not
+        know (a stream): asked only for a run bounded by trainer.max_epochs alone."""
+        return self.num_train_batches(batching)
+
     def use_world(self, world: Any) -> bool:
         """True when this data reads a lane per rank (batches are already this rank's); else
         the trainer batches the global batch and each rank takes its rows."""

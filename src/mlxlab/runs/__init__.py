@@ -5,7 +5,8 @@ every checkpoint's state.json carries the resolved config and the model's constr
 so a model is rebuilt from the checkpoint alone. A module per job:
 
 - discovery: the run folder `resume=auto` continues (committed checkpoints, lineage);
-- resume: the resume source, local or in object storage (`prepare_resume`, `remote_resume`);
+- resume: the resume source, local or in object storage (`prepare_resume`, `remote_resume`),
+  and the run's config rebuilt from its checkpoint (`rebuild_from_checkpoint`);
 - tokenizer: a run's or a pretrained folder's tokenizer reused by a new run;
 - model: a run's model from one of its checkpoints (`load_run_model`), distillation teachers;
 - finished: the finished run of a config in the tracking store (sweep.skip_finished);
@@ -18,7 +19,7 @@ Imported here: what a training run needs (light); the using modules (pandas) loa
 from mlxlab.runs.discovery import latest_run_with_checkpoints, newest_committed
 from mlxlab.runs.finished import finished_metric
 from mlxlab.runs.model import CHECKPOINT_CHOICES, choose_checkpoint, load_run_model, load_teachers
-from mlxlab.runs.resume import prepare_resume, remote_resume
+from mlxlab.runs.resume import prepare_resume, rebuild_from_checkpoint, remote_resume
 from mlxlab.runs.tokenizer import (
     TOKENIZER_SIDE_FILES,
     first_teacher,
@@ -32,6 +33,6 @@ from mlxlab.runs.tokenizer import (
 __all__ = [
     "CHECKPOINT_CHOICES", "TOKENIZER_SIDE_FILES", "choose_checkpoint", "finished_metric",
     "first_teacher", "keep_pretrained_files", "latest_run_with_checkpoints", "load_run_model",
-    "load_teachers", "newest_committed", "prepare_resume", "remote_resume",
+    "load_teachers", "newest_committed", "prepare_resume", "rebuild_from_checkpoint", "remote_resume",
     "require_run_tokenizer", "reuse_tokenizer", "run_tokenizer", "use_pretrained_tokenizer",
 ]

@@ -18,25 +18,36 @@ from omegaconf import OmegaConf
 
 from mlxlab.checkpoint import (
     BEST,
+    CHECKPOINTS_DIR,
+    QUANTIZED,
     CheckpointState,
     check_committed,
     find_run_checkpoints,
     load_checkpoint,
 )
+from mlxlab.checkpoint.discover import is_checkpoint_dir
 from mlxlab.config import instantiate
 from mlxlab.errors import ConfigError
+from mlxlab.models.quantize import quantize_linears
 from mlxlab.training.model_ops import apply_done
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_CHOICES = ("best", "last")
+CHECKPOINT_CHOICES = ("best", "last", QUANTIZED)  # cli/common.py spells them again
 
 
 def choose_checkpoint(path: str | Path, which: str = "best") -> Path:
     """The committed checkpoint of a run folder to load: `best` = best/ (else the newest, for a
-    run without validation), `last` = the newest step_*. A checkpoint folder is itself."""
+    run without validation), `last` = the newest step_*, `quantized` = the best weights
+    quantized (trainer.quantize_bits). A checkpoint folder is itself."""
     if which not in CHECKPOINT_CHOICES:
         raise ConfigError(f"checkpoint={which!r}: use one of {', '.join(CHECKPOINT_CHOICES)}")
+    if which == QUANTIZED and not is_checkpoint_dir(Path(path)):
+        found = Path(path) / CHECKPOINTS_DIR / QUANTIZED
+        if check_committed(found, full=False) is not None:
+            raise ConfigError(f"{path} has no quantized checkpoint: train with "
+                              "trainer.quantize_bits=4 (or 8) to save one")
+        return found
     candidates = find_run_checkpoints(Path(path))  # newest step first, then best/
     if which == "best":
         candidates = sorted(candidates, key=lambda p: p.name != BEST)
@@ -59,6 +70,9 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, Ch
         model_cfg.pretrained = None
     model = instantiate(model_cfg, **state.model_init)
     apply_done(model, state)  # scheduled operations (grown layers...) it had done
+    quantization = state.extra.get("quantization")
+    if quantization:  # packed weights: quantize the float model the same way, then load
+        quantize_linears(model, **quantization)
     load_checkpoint(checkpoint, model, strict=True)
     vocab_map = (state.data or {}).get("vocab_map")
     if vocab_map:  # trained on a shrunken vocabulary: speak the tokenizer's own ids again

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from mlxlab.checkpoint.remote import fetch_remote_checkpoint
 from mlxlab.config import is_remote
@@ -57,3 +57,111 @@ def remote_resume(
         return fetch_remote_checkpoint(str(ckpt["remote"]), run_dir, local, retries, backoff,
                                        timeout_s=timeout)
     return local
+
+
+# What a run trained: a resume rebuilds these from the checkpoint's resolved config, and takes
+# from this command line only what the user names on it (`model.num_layers=4`, `data=csv`, ...).
+TRAINED = ("model", "data", "trainer", "optimizer", "seed")
+# ...except what describes this launch rather than the run: these stay as composed now.
+LAUNCH_KEYS = ("trainer.distributed", "data.cache_dir", "data.tokenizer.path")
+# Choices that set keys across groups (`# @package _global_`): naming one on a resume asks for
+# the run as that file composes it today.
+GLOBAL_CHOICES = ("experiment", "debug", "hparams_search")
+
+
+def rebuild_from_checkpoint(cfg: DictConfig, source: Path, overrides: list[str]) -> list[str]:
+    """Make `cfg` the resumed checkpoint's own settings (TRAINED) with `overrides`, the user's
+    command line, on top; returns the trained keys the command line set. A checkpoint without
+    a config (written before it carried one) leaves `cfg` as composed."""
+    from mlxlab.checkpoint.restore import find_run_checkpoints
+    from mlxlab.training.model_ops import newest_state
+
+    state = newest_state(find_run_checkpoints(source))
+    saved = (state.config if state is not None else None) or {}
+    if not all(k in saved for k in TRAINED):
+        log.warning("resume: %s holds no run config; the model and data are built from this "
+                    "command line", source)
+        return []
+    named = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    if any(key in GLOBAL_CHOICES for key in named):
+        log.info("resume: %s named: the run is built from this command line, not the checkpoint",
+                 [k for k in named if k in GLOBAL_CHOICES][0])
+        return []
+    base = OmegaConf.create({k: _with_new_keys(cfg, k, saved[k]) for k in TRAINED})
+    _keep_interpolations(cfg, base, OmegaConf.create(saved))
+    trained = [k for k in named if k.split(".", 1)[0] in TRAINED]
+    for key in [*LAUNCH_KEYS, *trained]:
+        _copy_key(cfg, base, key)
+    with open_dict(cfg):
+        for key in TRAINED:
+            cfg[key] = base[key]
+    if trained:
+        log.info("resume: the checkpoint's settings, with %s from the command line",
+                 ", ".join(trained))
+    return trained
+
+
+def _with_new_keys(cfg: DictConfig, group: str, saved: Any) -> Any:
+    """The checkpoint's node for `group`, plus today's defaults for keys added since it was
+    written (when it builds the same class: another class's keys would not fit)."""
+    now = cfg.get(group)
+    if not isinstance(saved, dict) or not isinstance(now, DictConfig):
+        return saved
+    if saved.get("_target_") != now.get("_target_"):
+        return saved
+    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.to_container(now), saved))
+
+
+def _copy_key(src: DictConfig, dst: DictConfig, key: str) -> None:
+    """dst[key] = src[key] (a whole node for `model`, a leaf for `model.num_layers`); removed
+    from dst when src no longer has it (`~key`)."""
+    parent, _, leaf = key.rpartition(".")
+    if OmegaConf.select(src, key, default=_MISSING) is _MISSING:
+        node = OmegaConf.select(dst, parent) if parent else dst
+        if isinstance(node, DictConfig) and leaf in node:
+            with open_dict(node):
+                node.pop(leaf)
+        return
+    value = OmegaConf.select(src, key)
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=False)
+    with open_dict(dst):
+        OmegaConf.update(dst, key, value, merge=False, force_add=True)
+
+
+_MISSING = object()
+
+
+def _keep_interpolations(cfg: DictConfig, base: DictConfig, saved: DictConfig) -> None:
+    """The checkpoint's config is resolved: `data.seed: ${seed}` came back as 42. Where today's
+    config links a key to another and the checkpoint's value is what that link gave then, keep
+    the link, so that `seed=7` on the resume moves data.seed with it."""
+    links = [found for group in TRAINED if isinstance(cfg.get(group), DictConfig)
+             for found in _links(cfg[group], f"{group}.")]
+    links += [(k, cfg._get_node(k)._value()) for k in TRAINED
+              if k in cfg and OmegaConf.is_interpolation(cfg, k)]
+    for key, link in links:
+        if OmegaConf.select(saved, key) is None:
+            continue
+        probe = saved.copy()
+        with open_dict(probe):
+            OmegaConf.update(probe, key, link, merge=False, force_add=True)
+        try:
+            then = OmegaConf.select(probe, key, throw_on_resolution_failure=True)
+        except Exception:  # noqa: BLE001 (a link to a key the old config lacks)
+            continue
+        if then == OmegaConf.select(saved, key):
+            with open_dict(base):
+                OmegaConf.update(base, key, link, merge=False)
+
+
+def _links(node: DictConfig, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, "${...}") of every interpolated leaf under `node`."""
+    found = []
+    for key in node:
+        dotted = f"{prefix}{key}"
+        if OmegaConf.is_interpolation(node, key):
+            found.append((dotted, node._get_node(key)._value()))
+        elif isinstance(node._get_node(key), DictConfig) and node[key] is not None:
+            found += _links(node[key], f"{dotted}.")
+    return found

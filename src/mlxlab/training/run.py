@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +34,11 @@ from mlxlab.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from mlxlab.checkpoint.layout import CHECKPOINTS_DIR
+from mlxlab.checkpoint.layout import CHECKPOINTS_DIR, QUANTIZED
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.errors import UserError
+from mlxlab.models.quantize import GROUP_SIZE, parameter_mb
 from mlxlab.runtime import distributed, memory
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import Tracker
@@ -102,9 +104,12 @@ class TrainingError(UserError, RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    def __init__(self, exit_code: int, checkpoint: Path | None):
+    """A stop signal, after its checkpoint; `requeue`: the job asks to be started again
+    (SIGUSR1 with trainer.requeue)."""
+
+    def __init__(self, exit_code: int, checkpoint: Path | None, requeue: bool = False):
         super().__init__(f"interrupted; checkpoint at {checkpoint}")
-        self.exit_code, self.checkpoint = exit_code, checkpoint
+        self.exit_code, self.checkpoint, self.requeue = exit_code, checkpoint, requeue
 
 
 class LogWindow:
@@ -168,7 +173,7 @@ class Run:
         self.batching, self.grad_accum = trainer.fit_batch_to_memory(
             model, data, self.loss_fn, batching, self.world, self.rows_of)
         self.total_steps, self.max_epochs, self.steps_per_epoch = trainer.plan(
-            data, self.batching, self.grad_accum)
+            data, self.batching, self.grad_accum, self.world if self.rank_batches else None)
         self.state, self.window = RunState(), LogWindow()
         self.callbacks = list(trainer.callbacks)
         if data.curriculum is not None:  # data/curriculum.py: pacing, tracking
@@ -418,8 +423,9 @@ class Run:
         if self.state.step not in self.saved_at[-1:]:
             self.save(force=True)
         self.writer.wait()  # the emergency checkpoint is on disk before the process exits
+        warned = self.stop.signum == getattr(signal, "SIGUSR1", None)  # Slurm's time-limit warning
         raise TrainingInterrupted(self.stop.exit_code if self.stop.requested else 143,
-                                  self.manager.latest())
+                                  self.manager.latest(), requeue=warned and self.trainer.requeue)
 
     def should_stop(self) -> bool:
         return any(cb.should_stop for cb in self.callbacks)
@@ -437,14 +443,33 @@ class Run:
         if best is not None:
             load_checkpoint(best, self.model)
         if self.trainer.quantize_bits:
-            quantized = self.trainer.quantized_metrics(self.model, self.data, self.task,
-                                                       self.batching)
-            tracker.log_metrics(quantized, state.step)
-            metrics_out.update(quantized)
+            metrics_out.update(self.save_quantized(metrics_out))
         self.log_artifacts(best)
         state.finished = True
         return FitResult(metrics_out, self.run_dir, tracker.run_id, best, state.step,
                          state.history)
+
+    def save_quantized(self, float_metrics: dict[str, float]) -> dict[str, float]:
+        """trainer.quantize_bits: the best weights quantized, evaluated, and saved beside the
+        float ones as checkpoints/quantized (what `mlxlab predict/eval/serve --checkpoint
+        quantized` load); the sizes and metrics of both, logged and in the run's metrics."""
+        bits, model = int(self.trainer.quantize_bits), self.model
+        float_mb = parameter_mb(model)
+        results = self.trainer.quantized_metrics(model, self.data, self.task, self.batching)
+        results["model/size_mb"] = float_mb
+        results[f"model/q{bits}_size_mb"] = parameter_mb(model)
+        self.tracker.log_metrics(results, self.state.step)
+        state = self.checkpoint_state(self.data.state_dict())
+        state.extra["quantization"] = {"bits": bits, "group_size": GROUP_SIZE}
+        path = self.manager.save_named(QUANTIZED, model, state)
+        monitor = self.trainer.monitor
+        quantized_monitor = monitor.replace("val/", f"val_q{bits}/", 1)
+        log.info("quantized to %d bits: %.2f MB (float %.2f MB); %s %.4f (float %.4f); saved %s",
+                 bits, results[f"model/q{bits}_size_mb"], float_mb, quantized_monitor,
+                 results.get(quantized_monitor, math.nan), float_metrics.get(monitor, math.nan),
+                 path)
+        self.tracker.log_artifact(path, "checkpoint_quantized")
+        return results
 
     def close(self, status: str) -> None:
         """Always, last: callbacks end, the last checkpoint writes and uploads, the run ends."""

@@ -1,4 +1,7 @@
-"""SIGTERM/SIGINT: finish the current step, checkpoint, then stop.
+"""SIGTERM/SIGINT/SIGUSR1: finish the current step, checkpoint, then stop.
+
+SIGUSR1 is what Slurm sends ahead of a job's time limit (`sbatch --signal=USR1@90`); with
+trainer.requeue the stopped run requeues its job (runtime/slurm.py).
 
 The first signal only sets a flag the loop reads between steps. A second SIGINT exits at once;
 that is safe because checkpoints are written to a temporary folder and renamed into place, so
@@ -12,6 +15,10 @@ import signal
 import sys
 import threading
 from types import FrameType
+
+# SIGUSR1 does not exist on Windows
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None))
+                     if s is not None)
 
 
 class GracefulStop:
@@ -33,7 +40,7 @@ class GracefulStop:
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

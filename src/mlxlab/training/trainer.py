@@ -34,6 +34,7 @@ from mlxlab.checkpoint import (
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
+from mlxlab.models.quantize import quantize_linears
 from mlxlab.runtime import device, distributed
 from mlxlab.tracking.base import Tracker, flatten_config
 from mlxlab.training import losses, metrics
@@ -117,6 +118,7 @@ class Trainer:
         distributed: DistributedConfig | None = None,
         fused_kernels: str | bool = "auto",
         model_schedule: list | None = None,
+        requeue: bool = False,
     ) -> None:
         if max_epochs is None and max_steps is None:
             raise ConfigError("set trainer.max_epochs or trainer.max_steps")
@@ -138,6 +140,7 @@ class Trainer:
             raise ConfigError(f"trainer.fused_kernels={fused_kernels!r}: expected auto, on or off")
         self.fused_kernels = fused_kernels  # set process-wide when a fit or a step is built
         self.model_ops = ModelSchedule(model_schedule)  # scheduled model operations (model_ops.py)
+        self.requeue = requeue  # SIGUSR1 (Slurm's time-limit warning): requeue the job (slurm.py)
         if self.model_ops and self.distributed.shard_optimizer:
             raise ConfigError("trainer.model_schedule does not work with trainer.distributed."
                               "shard_optimizer yet: turn one of them off")
@@ -353,17 +356,30 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------
 
-    def plan(self, data, batching: Batching | None = None, grad_accum: int | None = None
-             ) -> tuple[int, float, int | None]:
+    def plan(self, data, batching: Batching | None = None, grad_accum: int | None = None,
+             world: distributed.World | None = None) -> tuple[int, float, int | None]:
         """(total optimizer steps, epochs, steps per epoch): the run ends at max_steps or
-        max_epochs, first come; steps per epoch is None for data of unknown length."""
-        batches = data.num_train_batches(batching or self.batching)
+        max_epochs, first come. A stream's epoch is counted (one pass) only when max_epochs
+        alone bounds the run; with max_steps its steps per epoch stay None (unknown)."""
+        batching = batching or self.batching
+        batches = data.num_train_batches(batching)
+        if batches is None and self.max_epochs and not self.max_steps:
+            batches = data.count_train_batches(batching)
+            if batches is not None and world is not None and world.enabled:
+                # lanes of a stream: an epoch ends for all when the shortest lane runs dry
+                counts = world.sum_numbers([batches if r == world.rank else 0.0
+                                            for r in range(world.size)], "the epoch's length")
+                batches = int(min(counts))
+            if not batches:
+                raise ConfigError("the training split holds no full batch: lower "
+                                  "trainer.batch_size or data.packing.seq_len")
         per_epoch = math.ceil(batches / (grad_accum or self.grad_accum)) if batches else None
         limits = [self.max_steps]
         if self.max_epochs and per_epoch:
             limits.append(self.max_epochs * per_epoch)
         if not any(limits):
-            raise ConfigError("this data has no known length: set trainer.max_steps")
+            raise ConfigError("this data has no known length: set trainer.max_steps or "
+                              "trainer.max_epochs")
         return min(x for x in limits if x), self.max_epochs or math.inf, per_epoch
 
     def fit(
@@ -458,19 +474,19 @@ class Trainer:
 
     def quantized_metrics(self, model: nn.Module, data, task: str,
                           batching: Batching | None = None) -> dict[str, float]:
+        """Quantize `model` in place (models/quantize.py) and evaluate it: val_q<bits>/*."""
         bits = int(self.quantize_bits)
-        nn.quantize(model, group_size=32, bits=bits,
-                    class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 32 == 0)
+        quantize_linears(model, bits)
         return self.evaluate(model, data, task, prefix=f"val_q{bits}", batching=batching)
 
     @staticmethod
     def resume_changes(old: dict, new: dict) -> dict[str, str]:
-        """Tags naming each trainer, optimizer, data and seed setting that differs from the
+        """Tags naming each model, trainer, optimizer, data and seed setting that differs from the
         checkpoint's."""
         def settings(cfg: dict) -> dict[str, str]:
             # data.tokenizer.path is pointed at the resumed run's tokenizer (its hash is compared
             # instead); cache folders move with the project root and change no result.
-            flat = flatten_config({k: cfg[k] for k in ("trainer", "optimizer", "data", "seed")
+            flat = flatten_config({k: cfg[k] for k in ("model", "trainer", "optimizer", "data", "seed")
                                    if k in cfg})
             return {k: v for k, v in flat.items()
                     if k != "data.tokenizer.path" and not k.endswith("cache_dir")}

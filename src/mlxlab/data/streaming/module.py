@@ -85,6 +85,7 @@ class StreamingText(DataModule):
         self.special_ids: SpecialIds | None = None
         self._state = fresh_state(0)
         self._val_cache: dict[int, list[dict]] = {}
+        self._epoch_batches: dict[int, int] = {}  # rows per batch -> batches in an epoch
 
     # ------------------------------------------------------------------ what it holds
     @property
@@ -199,7 +200,21 @@ class StreamingText(DataModule):
             yield self._to_mx(batch)
 
     def num_train_batches(self, batching: Batching) -> None:
-        return None  # unknown for a stream
+        return None  # unknown for a stream until counted (count_train_batches)
+
+    def count_train_batches(self, batching: Batching) -> int:
+        """Batches in one pass over (this lane of) the training split: tokenized and packed once,
+        as an epoch is, for a run bounded by trainer.max_epochs alone (its schedule and bar)."""
+        rows = self.rows_per_batch(batching)
+        if rows not in self._epoch_batches:
+            start = time.perf_counter()
+            log.info("data: counting an epoch of %s (trainer.max_epochs without max_steps)",
+                     self.source_name())
+            stream = self.lanes.take(self._train_stream(0))
+            self._epoch_batches[rows] = sum(1 for _ in self._pack(stream, rows, fresh_state(0)))
+            log.info("data: an epoch is %d batches of %d rows (counted in %.1f s)",
+                     self._epoch_batches[rows], rows, time.perf_counter() - start)
+        return self._epoch_batches[rows]
 
     # ------------------------------------------------------------------- position
     def use_world(self, world: Any) -> bool:
