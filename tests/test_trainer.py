@@ -151,6 +151,79 @@ def test_distillation_from_a_finished_run(make_cfg, tmp_path):
     assert client.get_metric_history(run.info.run_id, "train/ce")
 
 
+def test_a_hugging_face_classifier_teaches_as_the_run_it_was_exported_from(make_cfg, tmp_path):
+    """trainer.distill.teachers may name a Hugging Face folder: a run exported as a
+    BertForSequenceClassification teaches a student as the run itself does (the same train/kl at
+    every step); a folder whose labels are not the student's is one line naming them."""
+    import json
+    from pathlib import Path
+
+    from mlxlab.errors import ConfigError
+    from mlxlab.export import export_run
+    from mlxlab.tracking.csv_files import read_metrics
+
+    teacher_cfg = make_cfg(*FAST, "tracking=none", "trainer.max_steps=8",
+                           "trainer.eval_every_steps=8", "model.norm_position=post",
+                           "model.pooler=true")
+    train(teacher_cfg)
+    run, folder = teacher_cfg.paths.output_dir, tmp_path / "hf_teacher"
+    export_run(run, folder, fmt="hf")
+
+    def student(teacher, name: str) -> dict:
+        cfg = make_cfg(*FAST, "experiment=distill_titanic", "tracking=csv",
+                       f"trainer.distill.teachers=[{{run: '{teacher}'}}]")
+        cfg.paths.output_dir = str(tmp_path / "outputs" / name)
+        train(cfg)
+        return read_metrics(Path(cfg.paths.output_dir) / "tracking")
+
+    from_run, from_folder = student(run, "from_run"), student(folder, "from_folder")
+    assert [s for s, _ in from_folder["train/kl"]] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(from_run["train/kl"], from_folder["train/kl"], strict=True):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {"0": "a", "1": "b", "2": "c"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="has 3 trained labels .* the student's data has 2"):
+        student(folder, "three_labels")
+
+
+def test_a_hugging_face_decoder_teaches_a_student_of_its_tokenizer(make_cfg, tmp_path):
+    """A Llama folder written by transformers, its embedding table padded past its tokenizer
+    (600 rows, 512 ids), teaches a from-scratch student: its logits are transformers' cut to the
+    tokenizer's ids, the student trains on the folder's tokenizer and logs the KL; a classifier
+    student is refused in one line."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from hf_helpers import mlx_logits, save_tiny_model, torch_logits
+    from mlxlab.errors import ConfigError
+    from mlxlab.runs.model import load_teachers
+
+    folder = save_tiny_model("llama", tmp_path / "llama", vocab_size=600)
+    [teacher], _ = load_teachers([{"run": str(folder)}], 512, None)
+    ids = np.random.default_rng(0).integers(0, 512, (2, 12))
+    expected = torch_logits(AutoModelForCausalLM.from_pretrained(folder), ids)[..., :512]
+    np.testing.assert_allclose(mlx_logits(teacher, ids), expected, atol=2e-4)
+
+    cfg = make_cfg("experiment=distill_tinystories", "tracking=csv", "model.dim=32",
+                   "model.num_layers=1", "model.num_heads=2", "model.max_seq_len=32",
+                   "data.packing.seq_len=32", "data.splits.val_examples=10",
+                   "data.splits.max_examples=100", "trainer.batch_size=4", "trainer.max_steps=3",
+                   "trainer.eval_every_steps=3", "trainer.log_every_steps=1",
+                   "callbacks.progress.enabled=false", f"trainer.distill.teachers=[{{run: '{folder}'}}]")
+    train(cfg)
+    from pathlib import Path
+
+    from mlxlab.tracking.csv_files import read_metrics
+
+    logged = read_metrics(Path(cfg.paths.output_dir) / "tracking")
+    assert [s for s, _ in logged["train/kl"]] == [1, 2, 3]
+    assert Path(cfg.data.tokenizer.path) == folder / "tokenizer.json"
+    with pytest.raises(ConfigError, match="is a llama decoder but the student is a classifier"):
+        load_teachers([{"run": str(folder)}], 512, 2)
+
+
 def test_cached_teacher_probabilities_give_the_per_step_loss(make_cfg, tmp_path):
     """The cache (one teacher pass before training) equals running the teacher in the step, for
     rows batched and padded differently, and the pass leaves the data position where it was."""

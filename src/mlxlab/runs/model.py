@@ -20,6 +20,7 @@ from mlxlab.checkpoint import (
     BEST,
     CHECKPOINTS_DIR,
     QUANTIZED,
+    STATE_FILE,
     CheckpointState,
     check_committed,
     find_run_checkpoints,
@@ -84,9 +85,11 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, Ch
 
 
 def load_teachers(
-    specs: list, vocab_size: int, num_labels: int | None
+    specs: list, vocab_size: int, num_labels: int | None, label_names: list[str] | None = None
 ) -> tuple[list[nn.Module], list[float]]:
-    """Teachers for distillation: each spec is {run: <run dir or checkpoint>, weight: float}.
+    """Teachers for distillation: each spec is {run: <folder>, weight: float}, the folder a
+    finished mlxlab run (or one of its checkpoints) or a Hugging Face / mlx-lm model folder (a
+    BertForSequenceClassification, or a Llama-family decoder).
 
     A teacher must predict over the same outputs as the student: the same label set for
     classifiers, the same token ids for language models (train.py points the student's data at
@@ -96,18 +99,74 @@ def load_teachers(
     for spec in specs:
         spec = {"run": spec} if isinstance(spec, str) else dict(spec)
         if not spec.get("run"):
-            raise ConfigError("each trainer.distill.teachers entry needs run=<finished run dir>")
-        model, state = load_run_model(spec["run"])
-        theirs = state.model_init
-        if theirs.get("num_labels") != num_labels or theirs.get("vocab_size") != vocab_size:
-            raise ConfigError(
-                f"teacher {spec['run']} was trained with vocab_size={theirs.get('vocab_size')}, "
-                f"num_labels={theirs.get('num_labels')} but the student's data has "
-                f"vocab_size={vocab_size}, num_labels={num_labels}: give the student the teacher's "
-                f"tokenizer (data.tokenizer.path=<teacher run>/tokenizer.json) and the same label column"
-            )
+            raise ConfigError("each trainer.distill.teachers entry needs run=<finished run dir or "
+                              "Hugging Face model folder>")
+        if is_pretrained_folder(spec["run"]):
+            model = pretrained_teacher(Path(spec["run"]), vocab_size, num_labels, label_names)
+            where = "a pretrained folder"
+        else:
+            model, state = load_run_model(spec["run"])
+            check_teacher_outputs(spec["run"], state.model_init, vocab_size, num_labels)
+            where = str(state.path)
         model.freeze()
         models.append(model)
         weights.append(float(spec.get("weight", 1.0)))
-        log.info("teacher: %s (%s)", spec["run"], state.path)
+        log.info("teacher: %s (%s)", spec["run"], where)
     return models, weights
+
+
+def check_teacher_outputs(source: str, theirs: dict, vocab_size: int, num_labels: int | None
+                          ) -> None:
+    if theirs.get("num_labels") != num_labels or theirs.get("vocab_size") != vocab_size:
+        raise ConfigError(
+            f"teacher {source} was trained with vocab_size={theirs.get('vocab_size')}, "
+            f"num_labels={theirs.get('num_labels')} but the student's data has "
+            f"vocab_size={vocab_size}, num_labels={num_labels}: give the student the teacher's "
+            f"tokenizer (data.tokenizer.path=<teacher run>/tokenizer.json) and the same label column"
+        )
+
+
+def is_pretrained_folder(path: str | Path) -> bool:
+    """A Hugging Face / mlx-lm model folder (config.json), not an mlxlab run or checkpoint."""
+    path = Path(str(path))
+    return (path / "config.json").is_file() and not (path / CHECKPOINTS_DIR).is_dir() \
+        and not (path / STATE_FILE).is_file()  # a checkpoint has model.safetensors too
+
+
+def pretrained_teacher(folder: Path, vocab_size: int, num_labels: int | None,
+                       label_names: list[str] | None) -> nn.Module:
+    """A BERT classifier with its trained head (its labels the student's, in the same order), or
+    a decoder whose embedding table covers the student's token ids (a padded table's extra rows
+    are cut from its logits). Anything else: one line naming the mismatch."""
+    from mlxlab.models.bert import BertClassifier
+    from mlxlab.models.hf import read_config
+    from mlxlab.models.remapped import FirstLogits
+    from mlxlab.models.transformer import Transformer
+
+    config = read_config(folder)
+    kind = config.get("model_type")
+    if kind == "bert":
+        if num_labels is None:
+            raise ConfigError(f"teacher {folder} is a BERT classifier but the student is a "
+                              "language model: give a decoder folder or a finished LM run")
+        theirs = [str(v) for _, v in sorted((config.get("id2label") or {}).items(),
+                                             key=lambda kv: int(kv[0]))]
+        if len(theirs) != num_labels:
+            raise ConfigError(
+                f"teacher {folder} has {len(theirs) or 'no'} trained labels (config.json "
+                f"id2label) but the student's data has {num_labels}: give a classifier "
+                "fine-tuned on the same label column")
+        default = [f"LABEL_{i}" for i in range(num_labels)]
+        if label_names and theirs != default and theirs != [str(n) for n in label_names]:
+            raise ConfigError(f"teacher {folder} orders its labels {theirs}, the student's data "
+                              f"{list(label_names)}: they must be the same labels in one order")
+        model = BertClassifier(vocab_size=vocab_size, num_labels=num_labels, pretrained=str(folder))
+    else:
+        if num_labels is not None:
+            raise ConfigError(f"teacher {folder} is a {kind} decoder but the student is a "
+                              "classifier: give a BERT classifier folder or a finished run")
+        model = Transformer(vocab_size=vocab_size, pretrained=str(folder))
+        if model.vocab_size != vocab_size:  # check_vocab refused a smaller table already
+            model = FirstLogits(model, vocab_size)
+    model.eval()
+    return model

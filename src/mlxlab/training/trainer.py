@@ -168,7 +168,7 @@ class Trainer:
             from mlxlab.runs.model import load_teachers
 
             teachers, weights = load_teachers(
-                self.distill.teachers, data.vocab_size, data.num_labels
+                self.distill.teachers, data.vocab_size, data.num_labels, data.label_names
             )
             if self.distill.teacher_weights == "learned" and len(teachers) > 1:
                 from mlxlab.training.teacher_weights import fit_teacher_weights
