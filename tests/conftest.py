@@ -169,7 +169,11 @@ def fused_kernels_built():
 # back unable to read its own state file (JSONDecodeError) and serves nothing: the outage test
 # then waits out its 2-minute backoff (125 s, failed, in one default run). S3 and Azure keep the
 # outage test in the default run; the GCS case runs with -m slow.
-SLOW_CASES = ("tests/test_remote.py::test_server_stopped_mid_upload[gcs]",)
+# Azure's cases are the slowest of the three clouds (Azurite's start-up ~15 s, its outage test
+# ~15 s) and run the same upload/resume code as S3's, which stay: they run with -m slow.
+SLOW_CASES = ("tests/test_remote.py::test_server_stopped_mid_upload[gcs]",
+              "tests/test_remote.py::test_server_stopped_mid_upload[azure]",
+              "tests/test_remote.py::test_upload_then_resume_from_the_bucket_is_bitwise_identical[azure]")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
