@@ -69,6 +69,31 @@ def test_a_background_run_holds_what_an_in_process_run_holds(uri, tmp_path):
     tracker.end()  # a second end is a no-op
 
 
+def test_a_flush_barrier_returns_at_once_and_its_wait_at_the_stored_metrics(uri):
+    """What a checkpoint save does: flush_barrier() sends the flush without waiting; its wait,
+    called from another thread (the checkpoint writer's), returns once every metric logged
+    before it is in the store, while this thread goes on logging."""
+    import threading
+
+    tracker = build_tracker(uri=uri, experiment_name="exp", run_name="barrier", background=True,
+                            flush_every_steps=1000)
+    tracker.start({}, {})
+    run_id = tracker.run_id
+    for step in range(20):
+        tracker.log_metrics({"train/loss": float(step)}, step)
+    stored = tracker.flush_barrier()
+    seen: list[int] = []
+    writer = threading.Thread(target=lambda: (stored(), seen.append(len(
+        client_for(uri).get_metric_history(run_id, "train/loss")))))
+    writer.start()
+    for step in range(20, 40):  # the training thread, meanwhile
+        tracker.log_metrics({"train/loss": float(step)}, step)
+    writer.join(60)
+    assert seen and seen[0] >= 20
+    tracker.end()
+    assert len(client_for(uri).get_metric_history(run_id, "train/loss")) == 40
+
+
 def test_beside_csv_the_mlflow_tracker_alone_moves_to_the_child(uri, tmp_path):
     tracker = build_tracker(csv={"dir": str(tmp_path / "csv")}, uri=uri, experiment_name="exp",
                             background=True)

@@ -6,9 +6,11 @@ checkpoint flushes hold the GIL the training loop needs. In a child process the 
 the other core while this process composes, builds and compiles; the training loop then hands
 it small messages and never waits, except where the order of events matters:
 
-  flush, rewind, continue_from, end   wait for the child (a checkpoint is written only after
-                                      the metrics it covers reached the store; end returns once
-                                      the run is closed)
+  flush, rewind, continue_from, end   wait for the child (end returns once the run is closed)
+  flush_barrier                       sent; the checkpoint writer's thread waits for its reply
+                                      before it commits, so a checkpoint is committed only after
+                                      the metrics it covers reached the store, and the training
+                                      thread never waits on the store's writes
   start, log_metrics, set_tags, log_artifact, log_text, log_dict, set_dataset
                                       sent, not waited for; processed in order (run_id, read
                                       after start, waits for the start's reply)
@@ -35,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -58,7 +61,9 @@ class TrackerProcess(BaseTracker):
 
     def __init__(self, node: dict[str, Any], local: Tracker) -> None:
         self.local = local
-        self._unanswered = 0
+        self._sent = self._received = 0  # calls sent, replies read (each call gets one, in order)
+        self._reading = threading.Lock()  # a checkpoint writer's flush_barrier reads replies too
+        self._gone = False  # the child exited: no reply will come
         self._start_pending = False
         self._error: BaseException | None = None
         # A fresh interpreter (not fork: unsafe once MLX runs threads; not multiprocessing's
@@ -106,31 +111,50 @@ class TrackerProcess(BaseTracker):
             self._conn.send((method, args, kwargs))
         except (BrokenPipeError, EOFError, OSError) as e:
             raise RuntimeError(f"the tracking process has exited ({e}); see the log above") from e
-        self._unanswered += 1
+        self._sent += 1
         result = self._drain(block=wait)
         self._raise_pending()
         return result
 
+    def flush_barrier(self) -> Callable[[], None]:
+        """Sends a flush and returns at once; the returned wait (the checkpoint writer's thread
+        calls it) returns when the child answered it: the metrics before it are in the store."""
+        self._call("flush", (), {}, wait=False)
+        target = self._sent
+
+        def wait() -> None:
+            self._read_until(target)
+            if self._gone:
+                raise RuntimeError("the tracking process exited before the metrics this "
+                                   "checkpoint covers reached the store; see the log above")
+
+        return wait
+
     def _drain(self, block: bool) -> Any:
         """Read the child's replies: all of them when `block`, else those already here. Returns
         the last reply's result."""
+        return self._read_until(self._sent, block)
+
+    def _read_until(self, target: int, block: bool = True) -> Any:
         result = None
-        while self._unanswered and (block or self._conn.poll()):
-            try:
-                result, error, learned, records = self._conn.recv()
-            except (EOFError, OSError) as e:
-                self._unanswered = 0
-                self._error = self._error or RuntimeError(f"the tracking process has exited ({e})")
-                break
-            self._unanswered -= 1
-            if learned.get("run_id") and learned["run_id"] != self.local.run_id:
-                STARTED_RUN_IDS.append(learned["run_id"])  # what the sweep callback reads
-            for name, value in learned.items():
-                setattr(self.local, name, value)
-            for record in records:
-                logging.getLogger(record.name).handle(record)
-            if error is not None and self._error is None:
-                self._error = error
+        with self._reading:
+            while self._received < target and (block or self._conn.poll()):
+                try:
+                    result, error, learned, records = self._conn.recv()
+                except (EOFError, OSError) as e:
+                    self._received, self._gone = self._sent, True  # nothing more will come
+                    self._error = self._error or RuntimeError(
+                        f"the tracking process has exited ({e})")
+                    return None
+                self._received += 1
+                if learned.get("run_id") and learned["run_id"] != self.local.run_id:
+                    STARTED_RUN_IDS.append(learned["run_id"])  # what the sweep callback reads
+                for name, value in learned.items():
+                    setattr(self.local, name, value)
+                for record in records:
+                    logging.getLogger(record.name).handle(record)
+                if error is not None and self._error is None:
+                    self._error = error
         return result
 
     def _raise_pending(self) -> None:
@@ -167,6 +191,9 @@ for _name in SENT:
     setattr(TrackerProcess, _name, _method(_name, wait=False))
 
 
+CHILD_NICENESS = 10  # os.nice increment of the tracking process
+
+
 class _Records(logging.Handler):
     """Keeps the child's log records to send back with its next reply."""
 
@@ -190,6 +217,11 @@ def serve(conn: Connection) -> None:
     call as it comes, in order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Below the training's priority: on a machine whose cores the step's threads fill, the
+    # tracker's work (mlflow's import, the store's writes) waits for a free moment instead of
+    # slowing steps; a waited call (flush, end) leaves the training idle, so it runs at once.
+    with contextlib.suppress(OSError, AttributeError):  # no os.nice on Windows
+        os.nice(CHILD_NICENESS)
     node = conn.recv()
     records = _Records()
     root = logging.getLogger()
@@ -220,9 +252,13 @@ def serve(conn: Connection) -> None:
         try:
             conn.send((result, error, learned, records.take()))
         except (BrokenPipeError, OSError):
-            if not ended:
-                os._exit(0)
-            return
+            os._exit(0)
+    # The run is closed and its reply sent: leave without the interpreter's teardown (mlflow's
+    # atexit hooks, ~0.8 s the training process would otherwise wait out before it exits).
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

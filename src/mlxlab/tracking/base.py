@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,6 +27,12 @@ class Tracker(Protocol):
     def flush(self) -> None:
         """Everything logged so far reaches the store; called before each checkpoint is
         written, so a checkpoint never covers steps the store lacks."""
+        ...
+
+    def flush_barrier(self) -> Callable[[], None]:
+        """flush() without holding up the caller: returns a wait that returns once everything
+        logged before the call reached the store (the checkpoint writer calls it before it
+        commits, off the training thread)."""
         ...
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
@@ -54,6 +60,10 @@ class Tracker(Protocol):
         ...
 
 
+def _flushed() -> None:
+    pass
+
+
 class BaseTracker:
     """The Tracker protocol with no effects: trackers subclass it and override what they do."""
 
@@ -67,6 +77,11 @@ class BaseTracker:
 
     def flush(self) -> None:
         pass
+
+    def flush_barrier(self) -> Callable[[], None]:
+        """A tracker that writes in the caller's thread flushes now; nothing is left to wait."""
+        self.flush()
+        return _flushed
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         pass

@@ -9,6 +9,7 @@ describe. The first tracker is the primary one: its run_id is the run's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,15 @@ class FanoutTracker(BaseTracker):
 
     def flush(self) -> None:
         self._each("flush")
+
+    def flush_barrier(self) -> Callable[[], None]:
+        waits = [t.flush_barrier() for t in self.trackers]
+
+        def wait() -> None:
+            for each in waits:
+                each()
+
+        return wait
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._each("log_artifact", path, artifact_path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -89,10 +90,12 @@ class CheckpointWriter:
         state: StateLike,
         metric: float | None = None,
         force: bool = False,
+        before_write: Callable[[], None] | None = None,
     ) -> Path | None:
         """Start writing a checkpoint of `state`'s step; its final path, or None if skipped.
 
         `force` (final and emergency saves) waits for a busy writer even under when_busy=skip.
+        `before_write` runs first, on the writing thread (the tracker's flush barrier).
         """
         start = time.perf_counter()
         if self.busy:
@@ -110,21 +113,23 @@ class CheckpointWriter:
         snap = self.manager.snapshot(model, optimizer, state, metric)
         final = self.manager.directory / step_name(snap.step)
         if not self.asynchronous:
-            self._write(snap)
+            self._write(snap, before_write)
             self.stalls.append(time.perf_counter() - start)
             self._raise_error()
             return final
         self._writing_step = snap.step
         # Not a daemon: an interpreter that exits (even on an exception) finishes the write first.
         self._thread = threading.Thread(
-            target=self._write, args=(snap,), name=f"checkpoint-{snap.step}"
+            target=self._write, args=(snap, before_write), name=f"checkpoint-{snap.step}"
         )
         self._thread.start()
         self.stalls.append(time.perf_counter() - start)
         return final
 
-    def _write(self, snap: Snapshot) -> None:
+    def _write(self, snap: Snapshot, before_write: Callable[[], None] | None = None) -> None:
         try:
+            if before_write is not None:
+                before_write()
             path = self.manager.write(snap)
         except BaseException as e:  # re-raised on the training thread
             self._error = e

@@ -337,9 +337,11 @@ class Run:
         )
 
     def save(self, metric: float | None = None, force: bool = False) -> Path | None:
-        # Metrics logged so far reach the store before the checkpoint that covers them, so a
-        # SIGKILL never leaves a checkpoint whose steps are missing from the tracking data.
-        self.tracker.flush()
+        # Metrics logged so far reach the store before the checkpoint that covers them is
+        # committed, so a SIGKILL never leaves a checkpoint whose steps are missing from the
+        # tracking data; the writer waits for that (off this thread when it writes in the
+        # background), the training goes on.
+        stored = self.tracker.flush_barrier()
         self.saved_at.append(self.state.step)
         opt = self.optimizer
         if self.shards is not None:  # every rank takes part in the gather
@@ -350,7 +352,7 @@ class Run:
         if not self.world.is_main:
             return None
         return self.writer.save(self.model, opt, self.checkpoint_state(data_state), metric=metric,
-                                force=force)
+                                force=force, before_write=stored)
 
     def evaluate_and_save(self, force: bool = False) -> None:
         state = self.state
