@@ -178,6 +178,12 @@ class Snapshot:
     state_text: str
     metric: float | None = None
 
+    def update_state(self, **fields: Any) -> None:
+        """Set state fields known only after the snapshot was taken (the tracker's run id)."""
+        state = json.loads(self.state_text)
+        state.update(fields)
+        self.state_text = json.dumps(state, indent=1, default=_json_default)
+
 
 def take_snapshot(
     model: nn.Module, optimizer: optim.Optimizer | None, state: StateLike

@@ -90,12 +90,13 @@ class CheckpointWriter:
         state: StateLike,
         metric: float | None = None,
         force: bool = False,
-        before_write: Callable[[], None] | None = None,
+        before_write: Callable[[], dict | None] | None = None,
     ) -> Path | None:
         """Start writing a checkpoint of `state`'s step; its final path, or None if skipped.
 
         `force` (final and emergency saves) waits for a busy writer even under when_busy=skip.
-        `before_write` runs first, on the writing thread (the tracker's flush barrier).
+        `before_write` runs first, on the writing thread (the tracker's flush barrier); the
+        state fields it returns are set in the checkpoint (what was not known at the step).
         """
         start = time.perf_counter()
         if self.busy:
@@ -126,10 +127,12 @@ class CheckpointWriter:
         self.stalls.append(time.perf_counter() - start)
         return final
 
-    def _write(self, snap: Snapshot, before_write: Callable[[], None] | None = None) -> None:
+    def _write(self, snap: Snapshot, before_write: Callable[[], dict | None] | None = None
+               ) -> None:
         try:
-            if before_write is not None:
-                before_write()
+            late = before_write() if before_write is not None else None
+            if late:
+                snap.update_state(**late)
             path = self.manager.write(snap)
         except BaseException as e:  # re-raised on the training thread
             self._error = e

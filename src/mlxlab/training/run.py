@@ -323,7 +323,7 @@ class Run:
         return CheckpointState(
             step=state.step, epoch=state.epoch, data=data_state, rng=rng_state(),
             callbacks={cb.state_key: cb.state_dict() for cb in self.callbacks},
-            run_id=self.tracker.run_id or state.run_id, history=state.history,
+            run_id=state.run_id, history=state.history,  # the tracker's: Run.save, later
             best_metrics=state.best_metrics,
             best_metric=state.best_metrics.get(self.trainer.monitor), config=self.config,
             # + what rebuilds a pretrained model without its source folder (its config)
@@ -351,8 +351,16 @@ class Run:
         data_state = self.data.gathered_state()
         if not self.world.is_main:
             return None
-        return self.writer.save(self.model, opt, self.checkpoint_state(data_state), metric=metric,
-                                force=force, before_write=stored)
+        state = self.checkpoint_state(data_state)
+
+        def before_write() -> dict:
+            stored()
+            # Read only now: a tracker starting its run in a child process may not have
+            # answered with the run's id at the first checkpoint (issue 24); the step won't wait.
+            return {"run_id": self.tracker.run_id or state.run_id}
+
+        return self.writer.save(self.model, opt, state, metric=metric, force=force,
+                                before_write=before_write)
 
     def evaluate_and_save(self, force: bool = False) -> None:
         state = self.state
@@ -462,6 +470,7 @@ class Run:
         results[f"model/q{bits}_size_mb"] = parameter_mb(model)
         self.tracker.log_metrics(results, self.state.step)
         state = self.checkpoint_state(self.data.state_dict())
+        state.run_id = self.tracker.run_id or state.run_id
         state.extra["quantization"] = {"bits": bits, "group_size": GROUP_SIZE}
         path = self.manager.save_named(QUANTIZED, model, state)
         monitor = self.trainer.monitor
