@@ -179,3 +179,32 @@ def test_a_killed_parent_leaves_what_it_flushed_and_its_child_exits(uri, tmp_pat
 def test_settings_fail_here_before_any_child_starts(tmp_path):
     with pytest.raises(ValueError, match="connect_timeout"):
         build_tracker(uri=f"sqlite:///{tmp_path}/m.db", background=True, connect_timeout=0)
+
+
+def test_mlxlab_train_starts_the_tracking_process_before_composing(uri, tmp_path):
+    """mlxlab-train starts the MLflow child first thing (its imports overlap Hydra's), unless the
+    command line tracks otherwise or this is not the tracking rank; the tracker adopts it, and
+    one never adopted exits with its parent."""
+    from mlxlab.tracking import background
+    from mlxlab.train import tracks_in_a_child
+
+    assert tracks_in_a_child([]) and tracks_in_a_child(["tracking=[mlflow,csv]", "seed=3"])
+    for argv in (["tracking=none"], ["tracking=csv"], ["tracking.background=false"],
+                 ["--multirun", "seed=1,2"], ["--cfg", "job"]):
+        assert not tracks_in_a_child(argv), argv
+    background.prestart()
+    warm = background._WARM[0][0].pid
+    tracker = build_tracker(uri=uri, experiment_name="exp", run_name="warm", background=True)
+    assert tracker._process.pid == warm and not background._WARM
+    tracker.start({}, {})
+    assert tracker.run_id is not None
+    tracker.end()
+
+    code = ("import time; from mlxlab.tracking import background; background.prestart(); "
+            "print(background._WARM[0][0].pid, flush=True); time.sleep(1)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    child = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(child), "an unused prestarted tracking process outlived its parent"

@@ -46,6 +46,15 @@ def launched() -> bool:
     return any(os.environ.get(k) is not None for k in LAUNCH_ENV)
 
 
+def launched_rank() -> int | None:
+    """This process's rank as its launcher set it (before any group is initialized), else None."""
+    for key in LAUNCH_ENV:
+        value = os.environ.get(key)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return None
+
+
 _GROUP: Any = None
 _WORLD: World | None = None
 

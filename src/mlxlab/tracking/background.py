@@ -66,16 +66,7 @@ class TrackerProcess(BaseTracker):
         self._gone = False  # the child exited: no reply will come
         self._start_pending = False
         self._error: BaseException | None = None
-        # A fresh interpreter (not fork: unsafe once MLX runs threads; not multiprocessing's
-        # spawn: it re-imports the caller's __main__, which a script without a main guard can't
-        # take), in its own session (a terminal's Ctrl-C goes to the trainer, which ends the run).
-        ours, theirs = socket.socketpair()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "mlxlab.tracking.background", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),), env=env, start_new_session=True)
-        theirs.close()
-        self._conn = Connection(ours.detach())
+        self._process, self._conn = _WARM.pop() if _WARM else _spawn()
         self._conn.send(node)
 
     def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
@@ -176,6 +167,33 @@ class TrackerProcess(BaseTracker):
                             END_WAIT_S)
 
 
+def _spawn() -> tuple[subprocess.Popen, Connection]:
+    """The tracking process and this end of its connection. A fresh interpreter (not fork:
+    unsafe once MLX runs threads; not multiprocessing's spawn: it re-imports the caller's
+    __main__, which a script without a main guard can't take), in its own session (a terminal's
+    Ctrl-C goes to the trainer, which ends the run)."""
+    ours, theirs = socket.socketpair()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlxlab.tracking.background", str(theirs.fileno())],
+        pass_fds=(theirs.fileno(),), env=env, start_new_session=True)
+    theirs.close()
+    return process, Connection(ours.detach())
+
+
+# A tracking process started ahead of its tracker (prestart), taken by the first TrackerProcess.
+_WARM: list[tuple[subprocess.Popen, Connection]] = []
+
+
+def prestart() -> None:
+    """Start the tracking process now, before the config is composed: its imports (mlflow,
+    sqlalchemy: ~2 s of CPU) then run while this process is still single-threaded, not beside
+    the first training steps. The first TrackerProcess takes it; one never taken sees this
+    process exit and exits too."""
+    if not _WARM:
+        _WARM.append(_spawn())
+
+
 def _method(name: str, wait: bool):
     def call(self: TrackerProcess, *args: Any, **kwargs: Any) -> Any:
         return self._call(name, args, kwargs, wait)
@@ -222,7 +240,13 @@ def serve(conn: Connection) -> None:
     # slowing steps; a waited call (flush, end) leaves the training idle, so it runs at once.
     with contextlib.suppress(OSError, AttributeError):  # no os.nice on Windows
         os.nice(CHILD_NICENESS)
-    node = conn.recv()
+    with contextlib.suppress(ImportError):  # first: a prestarted process has time for it now
+        import mlflow  # noqa: F401
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    try:
+        node = conn.recv()
+    except (EOFError, OSError):  # prestarted, never used: the training process is gone
+        os._exit(0)
     records = _Records()
     root = logging.getLogger()
     root.addHandler(records)
@@ -230,8 +254,6 @@ def serve(conn: Connection) -> None:
     from mlxlab.config import instantiate
 
     tracker = instantiate(node)
-    with contextlib.suppress(ImportError):  # now, while the parent builds: start() finds it loaded
-        import mlflow  # noqa: F401
 
     ended = False
     while not ended:
