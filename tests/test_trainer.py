@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 from conftest import FAST
 from mlxlab.config import instantiate
 from mlxlab.data.batching import Batching
+from mlxlab.runs import load_teachers
 from mlxlab.runtime import device
 from mlxlab.train import seed_everything, train
 from mlxlab.training import losses
@@ -232,7 +233,8 @@ def test_cached_teacher_probabilities_give_the_per_step_loss(make_cfg, tmp_path)
     _, data, student = build(make_cfg, tmp_path, *TINY)
     data.load_state_dict({"epoch": 0, "batches_done": 3})
     teachers = [{"run": str(teacher_cfg.paths.output_dir)}]
-    trainer = Trainer(distill=DistillConfig(teachers=teachers, temperature=2.0), batch_size=16)
+    trainer = Trainer(distill=DistillConfig(teachers=teachers, temperature=2.0), batch_size=16,
+                      load_teachers=load_teachers)
     cached_fn = trainer.build_loss(data)
     assert data.state_dict() == {"epoch": 0, "batches_done": 3}
     trainer.distill.cache_teacher = False
@@ -271,7 +273,8 @@ def test_distillation_loss_form_is_a_config_choice(make_cfg, tmp_path):
     student.eval()
     batch = next(iter(data.train_batches(Batching(batch_size=7), 1)))
     for loss in ("reverse_kl", "mse"):
-        trainer = Trainer(distill=DistillConfig(teachers=[{"run": str(teacher_cfg.paths.output_dir)}],
+        trainer = Trainer(load_teachers=load_teachers,
+                          distill=DistillConfig(teachers=[{"run": str(teacher_cfg.paths.output_dir)}],
                                                 loss=loss), batch_size=16)
         cached, aux_c = trainer.build_loss(data)(student, batch)
         trainer.distill.cache_teacher = False

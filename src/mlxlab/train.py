@@ -171,6 +171,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mlxlab.runs import (
         first_teacher,
         keep_pretrained_files,
+        load_teachers,
         prepare_resume,
         rebuild_from_checkpoint,
         remote_resume,
@@ -220,7 +221,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("model %s: %s parameters", cfg.model._target_.rsplit(".", 1)[-1],
              f"{config['num_parameters']:,}")
     trainer = instantiate(cfg.trainer)(optimizer=instantiate(cfg.optimizer),
-                                       callbacks=build_callbacks(cfg))
+                                       callbacks=build_callbacks(cfg), load_teachers=load_teachers)
     tags = {**run_tags(cfg, choices, run_hash, run_dir), **process_tags(),
             WORLD_SIZE: str(world.size)}
     result = trainer.fit(model, data, tracker, run_dir, config=config, tags=tags, resume=resume)

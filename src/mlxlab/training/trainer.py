@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -80,6 +80,11 @@ class DistillConfig:
                               f"{list(losses.KL_SCALES)}")
 
 
+# (teacher specs, vocab_size, num_labels, label_names) -> (frozen teacher models, weights)
+TeacherLoader = Callable[[list, int, "int | None", "list[str] | None"],
+                         tuple[list[nn.Module], list[float]]]
+
+
 @dataclass
 class DistributedConfig:
     """`trainer.distributed`: data parallelism under `mlx.launch -n N -- mlxlab train ...`."""
@@ -119,6 +124,7 @@ class Trainer:
         fused_kernels: str | bool = "auto",
         model_schedule: list | None = None,
         requeue: bool = False,
+        load_teachers: TeacherLoader | None = None,
     ) -> None:
         if max_epochs is None and max_steps is None:
             raise ConfigError("set trainer.max_epochs or trainer.max_steps")
@@ -141,6 +147,9 @@ class Trainer:
         self.fused_kernels = fused_kernels  # set process-wide when a fit or a step is built
         self.model_ops = ModelSchedule(model_schedule)  # scheduled model operations (model_ops.py)
         self.requeue = requeue  # SIGUSR1 (Slurm's time-limit warning): requeue the job (slurm.py)
+        # distill.teachers -> models: handed in (train.py gives runs.load_teachers), so the loop
+        # never reaches up into finished runs itself
+        self.load_teachers = load_teachers
         if self.model_ops and self.distributed.shard_optimizer:
             raise ConfigError("trainer.model_schedule does not work with trainer.distributed."
                               "shard_optimizer yet: turn one of them off")
@@ -165,9 +174,10 @@ class Trainer:
         per_example = any(cb.needs_example_losses for cb in self.callbacks)
         weights: list[float] = []
         if self.distill:
-            from mlxlab.runs.model import load_teachers
-
-            teachers, weights = load_teachers(
+            if self.load_teachers is None:
+                raise ConfigError("a distilling Trainer needs load_teachers= (e.g. "
+                                  "mlxlab.runs.load_teachers), which builds its teachers")
+            teachers, weights = self.load_teachers(
                 self.distill.teachers, data.vocab_size, data.num_labels, data.label_names
             )
             if self.distill.teacher_weights == "learned" and len(teachers) > 1:
