@@ -34,15 +34,15 @@ def environment_uses(path: Path) -> list[int]:
     os.unsetenv, or those names imported from os."""
     tree = ast.parse(path.read_text(), str(path))
     names = {"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"}
-    lines = []
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and node.attr in names
-                and isinstance(node.value, ast.Name) and node.value.id == "os"):
-            lines.append(node.lineno)
-        elif (isinstance(node, ast.ImportFrom) and node.module == "os"
-              and any(alias.name in names for alias in node.names)):
-            lines.append(node.lineno)
-    return lines
+    def touches(node: ast.AST) -> bool:
+        if isinstance(node, ast.Attribute):
+            return (node.attr in names and isinstance(node.value, ast.Name)
+                    and node.value.id == "os")
+        if isinstance(node, ast.ImportFrom):
+            return node.module == "os" and any(alias.name in names for alias in node.names)
+        return False
+
+    return [node.lineno for node in ast.walk(tree) if touches(node)]
 
 
 def test_only_settings_and_the_listed_library_modules_touch_the_environment():
