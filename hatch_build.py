@@ -4,8 +4,9 @@
 It runs in pip's isolated build environment, which holds the same MLX and nanobind releases that
 the install resolves (build-system.requires mirrors the runtime pins), and writes into the
 per-machine kernel cache that mlxlab.kernels.build reads (~/.cache/mlxlab/kernels, or
-$MLXLAB_KERNELS_CACHE). When the build environment's MLX differs from the installed one (an
-older MLX already in the environment), the cache key differs and the first run builds as before.
+$MLXLAB_KERNELS_CACHE; src/mlxlab/runtime/settings.py reads the environment, here as at run
+time). When the build environment's MLX differs from the installed one (an older MLX already in
+the environment), the cache key differs and the first run builds as before.
 Nothing here can fail an install: any problem is one printed line, and the kernels build on first
 use instead. MLXLAB_SKIP_KERNEL_BUILD=1 skips it (e.g. for a wheel built on another machine).
 """
@@ -13,9 +14,9 @@ use instead. MLXLAB_SKIP_KERNEL_BUILD=1 skips it (e.g. for a wheel built on anot
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
@@ -24,16 +25,30 @@ class KernelPrebuildHook(BuildHookInterface):
     PLUGIN_NAME = "mlxlab-kernels"
 
     def initialize(self, version: str, build_data: dict) -> None:
-        if self.target_name != "wheel" or os.environ.get("MLXLAB_SKIP_KERNEL_BUILD") == "1":
+        if self.target_name != "wheel":
             return
         try:
-            path = Path(self.root) / "src" / "mlxlab" / "kernels" / "build.py"
-            spec = importlib.util.spec_from_file_location("_mlxlab_kernel_build", path)
-            build = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(build)
+            # mlxlab is not importable here: its environment settings and the kernel build are
+            # files that import nothing of it, loaded on their own.
+            source = Path(self.root) / "src" / "mlxlab"
+            settings = _load("_mlxlab_settings", source / "runtime" / "settings.py").read()
+            if settings.skip_kernel_build:  # MLXLAB_SKIP_KERNEL_BUILD=1
+                return
+            build = _load("_mlxlab_kernel_build", source / "kernels" / "build.py")
             if build.unsupported_reason() is None:
-                print(f"mlxlab: fused CPU kernels ready in {build.build(print, rpath=False)}", file=sys.stderr)
+                built = build.build(settings.kernels_cache, print, rpath=False)
+                print(f"mlxlab: fused CPU kernels ready in {built}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001  (never fail an install over an optional speed-up)
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             print(f"mlxlab: fused CPU kernels not prebuilt ({first}); they build on first use",
                   file=sys.stderr)
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    """The module in the file `path`, loaded under `name` (registered first: dataclasses look
+    their module up while the class is made)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

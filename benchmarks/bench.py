@@ -725,6 +725,7 @@ def main() -> None:
     from threadpoolctl import threadpool_limits
 
     set_blas_threads(args.threads)
+    mlxlab_kernels.set_threads(args.threads)
     os.environ["MLXLAB_KERNEL_THREADS"] = str(args.threads)  # the workers' fused kernels too
     with threadpool_limits(limits=args.threads):  # numpy's own OpenBLAS too
         info = machine_info(args.threads)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import time
 
@@ -345,8 +344,7 @@ def fused_section() -> None:
         import torch.nn.functional as F
     except ImportError:
         torch = None
-    print(f"fused  mlxlab.kernels: {kernels.status()}, kernel threads "
-          f"{os.environ.get(kernels.THREADS_ENV) or 'all cores'}")
+    print(f"fused  mlxlab.kernels: {kernels.status()}, kernel threads {kernels.threads()}")
     n, vocab, hidden = 16 * 128, 4096, 704  # nano: batch 16 x 128 tokens, SwiGLU width 704
     logits = mx.random.normal((n, vocab))
     targets = mx.random.randint(0, vocab, (n,)).astype(mx.int32)
@@ -484,7 +482,9 @@ def main() -> None:
     REPEATS, COMPILE = args.repeats, args.compile
     if args.threads:
         set_blas_threads(args.threads)
-        os.environ["MLXLAB_KERNEL_THREADS"] = str(args.threads)  # read when the kernels load
+        from mlxlab import kernels
+
+        kernels.set_threads(args.threads)
         try:
             import torch
 

@@ -38,9 +38,9 @@ def build_step(variant: str, threads: int, batch: dict):
     """The trainer's compiled step for one variant, compiled and warmed up."""
     mode, _, skip = variant.partition("-")
     kernels.set_mode(mode)
-    kernels._skip = set(skip.split("+")) - {""}  # read while the step is traced (first call)
+    kernels.set_skip(skip.split("+"))  # read while the step is traced (first call)
     if mode != "off":
-        kernels._load().set_num_threads(threads)
+        kernels.set_threads(threads)
     mx.random.seed(1)
     model = Transformer(vocab_size=3776, dim=256, num_layers=4, num_heads=4, max_seq_len=128)
     trainer = Trainer(optimizer=partial(default_optimizer(), learning_rate=1e-3), max_steps=300,

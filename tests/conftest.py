@@ -22,6 +22,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 from mlxlab.config import compose_config
+from mlxlab.runtime import settings
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -47,6 +48,13 @@ def compose_cfg(root: Path, overrides: list[str] | tuple[str, ...] = ()) -> Dict
     with open_dict(cfg):
         cfg.paths.cache_dir = str(root / "cache")
     return cfg
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings():
+    """Each test starts from mlxlab's variables as the environment holds them now (read once per
+    process otherwise: runtime/settings.py); a test that changes one calls settings.reload()."""
+    settings.reload()
 
 
 @pytest.fixture(autouse=True)

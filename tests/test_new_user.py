@@ -21,6 +21,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import FAST, PYTHON, REPO, compose_cfg, wait_for_server
+from mlxlab.runtime import settings
 from mlxlab.tracking.mlflow import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
@@ -433,6 +434,7 @@ def test_a_new_store_is_a_copy_of_the_migrated_template(tmp_path, monkeypatch):
     import sqlite3
 
     monkeypatch.setenv("MLXLAB_CACHE_DIR", str(tmp_path / "cache"))
+    settings.reload()  # mlxlab reads its variables once (runtime/settings.py)
     ensure_store(f"sqlite:///{tmp_path}/a/mlflow.db", "first")  # migrates, keeps a template
     assert store_template_path().is_file()
     start = time.monotonic()

@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from conftest import MLXLAB, PYTHON, REPO
 from mlxlab.config import config_dir
-from mlxlab.tracking.mlflow import ENV_PARENT_RUN_ID, sweep_children
+from mlxlab.tracking.mlflow import sweep_children
 
 # The tiniest real training: a 1-layer BERT of width 16, 3 steps on the shipped Titanic CSV.
 TINY = [
@@ -38,7 +38,6 @@ TINY = [
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    monkeypatch.delenv(ENV_PARENT_RUN_ID, raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
 
@@ -50,7 +49,7 @@ def client_for(uri: str):
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> str:
-    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != ENV_PARENT_RUN_ID}
+    env = {**os.environ, **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return proc.stdout + proc.stderr

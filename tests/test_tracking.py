@@ -21,10 +21,10 @@ from omegaconf import OmegaConf
 
 from conftest import MLXLAB, wait_for_server
 from mlxlab.cli import runs_list
+from mlxlab.runtime import settings
 from mlxlab.tracking.base import NullTracker, Tracker, flatten_config
 from mlxlab.tracking.mlflow import (
     CONFIG_HASH_TAG,
-    ENV_PARENT_RUN_ID,
     PARENT_RUN_TAG,
     SWEEP_ID_TAG,
     MlflowTracker,
@@ -38,12 +38,6 @@ from mlxlab.tracking.plots import confusion_matrix_png, loss_curve_png, sweep_pl
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    monkeypatch.delenv(ENV_PARENT_RUN_ID, raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -295,17 +289,33 @@ def test_logging_failures_warn_once_and_never_raise(uri, tmp_path, caplog):
         broken.end("DONE")
 
 
-def test_child_run_tags_its_sweep_parent_from_env(uri, monkeypatch):
+def test_child_run_tags_its_sweep_parent_and_joins_the_jobs_run_list(uri, tmp_path):
+    """A multirun job's tracker is given the sweep's parent run and its job folder (fanout's
+    build_tracker reads them from the sweep folder): the run is the parent's child, and its id
+    is in the job folder's run list, where the sweep callback finds which run the job made."""
+    from mlxlab.tracking.sweep_folder import job_runs
+
     experiment_id = ensure_store(uri, "exp")
     client = client_for(uri)
     parent = client.create_run(experiment_id, run_name="sweep").info.run_id
-    monkeypatch.setenv(ENV_PARENT_RUN_ID, parent)
-    child = MlflowTracker(uri=uri, experiment_name="exp")
+    job = tmp_path / "multirun" / "0"
+    child = MlflowTracker(uri=uri, experiment_name="exp", parent_run_id=parent,
+                          sweep_job_dir=str(job))
     child.start({"lr": 0.1}, {})
     child.end()
+    resumed = MlflowTracker(uri=uri, experiment_name="exp", parent_run_id=parent,
+                            sweep_job_dir=str(job))
+    resumed.start({"lr": 0.1}, {}, run_id=child.run_id)
+    resumed.end()
     tags = client.get_run(child.run_id).data.tags
     assert tags[PARENT_RUN_TAG] == parent and tags[SWEEP_ID_TAG] == parent
     assert [r.info.run_id for r in sweep_children(client, parent)] == [child.run_id]
+    assert job_runs(job) == [child.run_id, child.run_id]
+    alone = MlflowTracker(uri=uri, experiment_name="exp")  # not a sweep's job: no parent
+    alone.start({"lr": 0.1}, {})
+    alone.end()
+    assert PARENT_RUN_TAG not in client.get_run(alone.run_id).data.tags
+    assert job_runs(job) == [child.run_id, child.run_id]
 
 
 def test_resume_appends_to_the_same_run(uri, caplog):
@@ -387,6 +397,7 @@ def test_default_uri_comes_from_env_then_project(tmp_path, monkeypatch):
     monkeypatch.chdir(project / "sub" / "dir")  # from anywhere inside the project: its store
     assert resolve_uri(None) == f"sqlite:///{project}/mlruns/mlflow.db"
     monkeypatch.setenv("MLXLAB_ROOT", str(tmp_path / "elsewhere"))
+    settings.reload()  # mlxlab reads its variables once (runtime/settings.py)
     assert resolve_uri(None) == f"sqlite:///{tmp_path}/elsewhere/mlruns/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
     assert resolve_uri(None) == f"sqlite:///{tmp_path}/env.db"
@@ -486,7 +497,7 @@ def write_app(root: Path) -> Path:
 
 
 def run_app(app: Path, *overrides: str, env: dict | None = None) -> None:
-    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != ENV_PARENT_RUN_ID}
+    env = {**os.environ, **(env or {})}
     proc = subprocess.run(
         [sys.executable, str(app), *overrides],
         cwd=app.parent,
@@ -523,6 +534,12 @@ def test_multirun_groups_jobs_under_a_parent_run(template_db, tmp_path, capsys):
     run_app(app, "--multirun", "lr=0.1,0.2", "width=2,3", "+fail_width=3")
     parent_id = check_sweep(uri, 4, 0.4, {"best.lr": "0.2", "best.width": "2"}, failed=2)
     assert (tmp_path / "multirun/sweep/.mlflow_parent_run_id").read_text() == parent_id
+    # each job's folder lists the run its tracker started: how the callback found it
+    listed = [(tmp_path / f"multirun/sweep/{n}/.mlflow_run_ids").read_text().split()
+              for n in range(4)]
+    children = sweep_children(client_for(uri), parent_id)
+    assert [len(ids) for ids in listed] == [1, 1, 1, 1]
+    assert sorted(i for ids in listed for i in ids) == sorted(r.info.run_id for r in children)
 
     assert runs_list.main(["--uri", uri, "--sweep", "latest"]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -572,7 +589,10 @@ def test_callback_creates_store_only_for_mlflow_tracking(template_db, tmp_path):
     callback.on_run_start(none_cfg)
     callback.on_multirun_start(none_cfg)
     callback.on_multirun_end(none_cfg)
-    assert not (tmp_path / "mlruns").exists() and ENV_PARENT_RUN_ID not in os.environ
+    assert not (tmp_path / "mlruns").exists()
+    # the swept keys (for run names) are written for any tracking; a parent run only for MLflow
+    assert (tmp_path / "multirun/sweep/.mlxlab_swept_keys.json").is_file()
+    assert not (tmp_path / "multirun/sweep/.mlflow_parent_run_id").exists()
 
     fresh_store(template_db, tmp_path)
     callback.on_run_start(mlflow_cfg)  # a background tracker makes the store in its own process

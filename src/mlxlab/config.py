@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mlxlab.errors import ConfigError, RemoteError
+from mlxlab.runtime import settings
 
 __all__ = ["ConfigError", "compose_config", "config_hash", "instantiate", "validate"]
 
@@ -25,9 +25,9 @@ ASSETS_DIR = Path(__file__).parent / "assets"
 
 def project_root(start: Path | None = None) -> Path:
     """$MLXLAB_ROOT, else the nearest folder at or above `start` holding pyproject.toml or .git."""
-    env = os.environ.get("MLXLAB_ROOT")
-    if env:
-        return Path(env).expanduser().resolve()
+    given = settings.current().root
+    if given is not None:
+        return given.resolve()
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "pyproject.toml").exists() or (folder / ".git").exists():

@@ -180,14 +180,16 @@ def resume_source(running: dict | None, r: int, folder: Path) -> str | None:
     return max(found)[2] if found else None
 
 
-def finished_round_metrics(parent: Any, source: str | None) -> dict[str, float] | None:
+def finished_round_metrics(tracking: Any, source: str | None) -> dict[str, float] | None:
     """The metrics of a round whose child run FINISHED before the kill that kept it out of the
-    manifest; None when it has still to be trained (or resumed)."""
-    uri = getattr(parent, "uri", None)
+    manifest, asked of the MLflow store the `tracking` node writes to; None when it has still to
+    be trained (or resumed)."""
+    from mlxlab.tracking.mlflow import finished_run_metrics, tracked_store
+
+    uri = tracked_store(tracking)
     run_id = child_run_id(Path(source)) if source else None
     if not uri or not run_id:
         return None  # no store to ask (tracking=none): resuming a finished round only finishes it
-    from mlxlab.tracking.mlflow import finished_run_metrics
 
     return finished_run_metrics(uri, run_id)
 
@@ -245,7 +247,7 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
             resume = resume_source(previous.get("running"), r, run_dir / f"round_{r}")
             round_cfg = round_config(cfg, r, teachers, run_dir, parent.run_id, name, resume)
             folder = Path(str(round_cfg.paths.output_dir))
-            metrics = finished_round_metrics(parent, resume)
+            metrics = finished_round_metrics(cfg.tracking, resume)
             if metrics is not None:  # it finished; the kill came before the manifest said so
                 folder = Path(resume)
                 log.info("round %d finished in %s before the last run stopped", r, folder)

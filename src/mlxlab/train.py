@@ -6,14 +6,13 @@ No training logic, file formats or MLflow calls live here: see docs/architecture
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -58,19 +57,24 @@ def hydra_context(cfg: DictConfig) -> tuple[Path, dict[str, str], bool]:
     return run_dir, choices, hc.mode == RunMode.MULTIRUN
 
 
-def run_name(cfg: DictConfig) -> str:
-    """tracking.run_name, else `<task_name>-<MMDD-HHMMSS>`, plus the swept overrides of a
-    multirun job (`train-1122-093012 model.hidden_size=64 optimizer.learning_rate=3e-4`)."""
+def run_name(cfg: DictConfig, swept: Sequence[str] = ()) -> str:
+    """tracking.run_name, else `<task_name>-<MMDD-HHMMSS>` plus the overrides of a multirun job
+    that set the `swept` keys (`train-1122-093012 model.hidden_size=64 optimizer.learning_rate=3e-4`)."""
     given = cfg.tracking.get("run_name")
     if given:
         return str(given)
-    from mlxlab.tracking.mlflow import ENV_SWEPT_KEYS
-
     name = f"{cfg.task_name}-{time.strftime('%m%d-%H%M%S')}"
-    swept = json.loads(os.environ.get(ENV_SWEPT_KEYS) or "[]")
     overrides = [str(o).lstrip("+~") for o in _task_overrides()]
     shown = [o for o in overrides if o.split("=", 1)[0] in swept]
     return " ".join([name, *shown])[:250]
+
+
+def swept_keys() -> tuple[str, ...]:
+    """The keys this multirun job's sweep varies (its sweep folder says), else none."""
+    from mlxlab.tracking.sweep_folder import current_job
+
+    job = current_job()
+    return job.swept_keys if job is not None else ()
 
 
 def _task_overrides() -> list[str]:
@@ -136,8 +140,9 @@ def summary_lines(result, tracker) -> list[str]:
 
 def build_tracker(cfg: DictConfig, name: str | None = None):
     """The `tracking` node's tracker (tracking/fanout.py builds MLflow, CSV or both, in a
-    child process with tracking.background), named `name` or run_name(cfg)."""
-    named = {"run_name": name or run_name(cfg)} if "run_name" in cfg.tracking else {}
+    child process with tracking.background; in a multirun job, a child of the sweep's parent
+    run), named `name` or run_name(cfg) with the keys the sweep folder says are swept."""
+    named = {"run_name": name or run_name(cfg, swept_keys())} if "run_name" in cfg.tracking else {}
     return instantiate(cfg.tracking, **named)
 
 
@@ -235,7 +240,7 @@ def train_distill_rounds(cfg: DictConfig) -> dict[str, float]:
     from mlxlab.distill_rounds import train_rounds
 
     run_dir, choices, _ = hydra_context(cfg)
-    name = run_name(cfg)
+    name = run_name(cfg, swept_keys())
     parent = build_tracker(cfg, name)
     parent.probe()  # a store that does not answer fails here, before any manifest
     return train_rounds(cfg, train, parent, run_tags(cfg, choices, config_hash(cfg), run_dir), name)

@@ -11,13 +11,14 @@ docs/benchmarks.md, issues 12 and 24). The fused kernels do the
 same math in one vectorized, multi-threaded pass, forward and backward (their VJPs are fused
 kernels too).
 
-Mode (`trainer.fused_kernels`, or $MLXLAB_FUSED_KERNELS for scripts):
+Mode (`trainer.fused_kernels` -> set_mode, or $MLXLAB_FUSED_KERNELS for scripts):
   auto  fused on the CPU when the extension builds; otherwise, with one log line, pure MLX
   on    fused on the CPU; an error when the extension cannot be built
   off   pure MLX always
-$MLXLAB_FUSED_KERNELS_SKIP (comma-separated names from OPS) leaves those ops to MLX while the
-others stay fused: for measuring one kernel's effect, or for ruling one out when a result looks
-wrong.
+set_skip (default $MLXLAB_FUSED_KERNELS_SKIP: comma-separated names from OPS) leaves those ops
+to MLX while the others stay fused: for measuring one kernel's effect, or for ruling one out when
+a result looks wrong. set_threads (default $MLXLAB_KERNEL_THREADS, else the usable cores) sets
+their threads. The variables are read once, by runtime/settings.py.
 The fused path runs only when MLX's default device is the CPU and the inputs are float32; GPU
 runs and other dtypes take the MLX ops silently. `pip install` compiles the extension into the
 per-machine cache (hatch_build.py at the repository root, ~20-40 s); where that did not happen,
@@ -29,29 +30,37 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterable
 from types import ModuleType
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.kernels.build import KernelBuildError, load
+from mlxlab.runtime import settings
 
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
-ENV = "MLXLAB_FUSED_KERNELS"
-THREADS_ENV = "MLXLAB_KERNEL_THREADS"
-SKIP_ENV = "MLXLAB_FUSED_KERNELS_SKIP"
 OPS = ("cross_entropy", "swiglu", "attention", "rms_norm", "rope", "heads", "adamw", "gelu",
        "layer_norm", "dropout")
 
-_mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
+# What set_mode, set_skip and set_threads chose; None: what the environment says (settings).
+_mode: str | None = None
+_skip: frozenset[str] | None = None
+_threads: int | None = None
 _module: ModuleType | None = None
 _error: str | None = None
-_skip = {op.strip() for op in os.environ.get(SKIP_ENV, "").split(",") if op.strip()}
-if _skip - set(OPS):
-    log.warning("%s: unknown op(s) %s ignored; the ops are %s", SKIP_ENV,
-                ", ".join(sorted(_skip - set(OPS))), ", ".join(OPS))
+
+
+def _warn_unknown(ops: Iterable[str], source: str) -> None:
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        log.warning("%s: unknown op(s) %s ignored; the ops are %s", source, ", ".join(unknown),
+                    ", ".join(OPS))
+
+
+_warn_unknown(settings.current().fused_kernels_skip, "MLXLAB_FUSED_KERNELS_SKIP")
 
 
 def set_mode(value: str | bool) -> None:
@@ -68,24 +77,48 @@ def set_mode(value: str | bool) -> None:
 
 
 def mode() -> str:
-    return _mode
+    return _mode or settings.current().fused_kernels
 
 
-def status() -> str:
-    """'fused' (the kernels run on CPU calls), 'off', or 'unavailable: <why>'."""
-    if _mode == "off":
-        return "off"
-    return "fused" if _load() is not None else f"unavailable: {_error}"
+def set_skip(ops: Iterable[str] | None) -> None:
+    """Leave `ops` (names from OPS) to MLX; None: $MLXLAB_FUSED_KERNELS_SKIP's. Read when a
+    call is traced: set it before a compiled step's first call."""
+    global _skip
+    _skip = None if ops is None else frozenset(op for op in ops if op)
+    if _skip is not None:
+        _warn_unknown(_skip, "kernels.set_skip")
 
 
-def _threads() -> int:
-    env = os.environ.get(THREADS_ENV, "").strip()
-    if env:
-        return max(1, int(env))
+def skipped() -> frozenset[str]:
+    return settings.current().fused_kernels_skip if _skip is None else _skip
+
+
+def set_threads(count: int | None) -> None:
+    """The kernels' threads (at least 1); None: $MLXLAB_KERNEL_THREADS, else the usable cores.
+    Applies at once when the kernels are loaded, else when they load."""
+    global _threads
+    _threads = None if count is None else max(1, int(count))
+    if _module is not None:
+        _module.set_num_threads(threads())
+
+
+def threads() -> int:
+    """How many threads the fused kernels run on."""
+    if _threads is not None:
+        return _threads
+    if settings.current().kernel_threads is not None:
+        return settings.current().kernel_threads
     try:
         return len(os.sched_getaffinity(0))  # respects taskset/cpusets, unlike os.cpu_count()
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def status() -> str:
+    """'fused' (the kernels run on CPU calls), 'off', or 'unavailable: <why>'."""
+    if mode() == "off":
+        return "off"
+    return "fused" if _load() is not None else f"unavailable: {_error}"
 
 
 def _load() -> ModuleType | None:
@@ -93,19 +126,19 @@ def _load() -> ModuleType | None:
     global _module, _error
     if _module is None and _error is None:
         try:
-            module = load(log.warning)
-            module.set_num_threads(_threads())
+            module = load(settings.current().kernels_cache, log.warning)
+            module.set_num_threads(threads())
             # MLX and the module must agree on nanobind's ABI to pass mx.array; check it once.
             module.swiglu(mx.zeros((1,)), mx.zeros((1,)))
             _module = module
         except (KernelBuildError, TypeError) as exc:
             _error = str(exc).splitlines()[0]
-            if _mode == "auto":
+            if mode() == "auto":
                 log.warning(
                     "mlxlab.kernels: fused CPU kernels unavailable (%s); using pure-MLX ops "
                     "(set trainer.fused_kernels=off to skip the attempt)", _error,
                 )
-    if _module is None and _mode == "on":
+    if _module is None and mode() == "on":
         raise RuntimeError(
             f"trainer.fused_kernels=on but the fused CPU kernels are unavailable ({_error}); "
             "fix that or use trainer.fused_kernels=auto"
@@ -115,7 +148,7 @@ def _load() -> ModuleType | None:
 
 def _fused(op: str, *arrays: mx.array) -> ModuleType | None:
     """The module when this call of `op` should take the fused path."""
-    if _mode == "off" or op in _skip or mx.default_device() != mx.cpu:
+    if mode() == "off" or op in skipped() or mx.default_device() != mx.cpu:
         return None
     if any(a.dtype != mx.float32 for a in arrays):
         return None
@@ -250,4 +283,5 @@ def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps:
 from mlxlab.kernels.adamw import AdamW  # noqa: E402  (uses _fused above)
 
 __all__ = ["AdamW", "attention", "cross_entropy", "dropout", "gelu", "layer_norm", "mlx_cross_entropy",
-           "merge_heads", "mode", "rms_norm", "rope", "set_mode", "split_heads", "status", "swiglu"]
+           "merge_heads", "mode", "rms_norm", "rope", "set_mode", "set_skip", "set_threads",
+           "skipped", "split_heads", "status", "swiglu", "threads"]

@@ -9,6 +9,7 @@ import sys
 
 from mlxlab import kernels
 from mlxlab.kernels.build import KernelBuildError, build
+from mlxlab.runtime import settings
 
 
 def main() -> int:
@@ -18,7 +19,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "build":
         try:
-            print(build(logging.getLogger("mlxlab.kernels").info))
+            print(build(settings.current().kernels_cache, logging.getLogger("mlxlab.kernels").info))
         except KernelBuildError as exc:
             print(f"mlxlab.kernels: build failed: {exc}", file=sys.stderr)
             return 1

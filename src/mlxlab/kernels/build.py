@@ -6,9 +6,11 @@ with, so both share mx.array's type). `-march=native` makes the binary specific 
 cache key holds the CPU's feature flags next to the sources', MLX's, nanobind's and Python's
 versions: a home directory shared by different machines gets one build per kind of CPU.
 
-Where: $MLXLAB_KERNELS_CACHE, else $XDG_CACHE_HOME/mlxlab/kernels, else ~/.cache/mlxlab/kernels.
-`pip install` builds it there (hatch_build.py); again by hand (e.g. in a Docker image whose
-install skipped it): `python -m mlxlab.kernels build`.
+Where: the `cache` folder its caller passes: $MLXLAB_KERNELS_CACHE, else
+$XDG_CACHE_HOME/mlxlab/kernels, else ~/.cache/mlxlab/kernels (runtime/settings.py reads them).
+`pip install` builds it there (hatch_build.py, which loads this file and settings.py on their own:
+it imports nothing of mlxlab); again by hand (e.g. in a Docker image whose install skipped it):
+`python -m mlxlab.kernels build`.
 """
 
 from __future__ import annotations
@@ -34,14 +36,6 @@ BUILD_TIMEOUT_S = 900
 
 class KernelBuildError(RuntimeError):
     """The extension could not be built or loaded here; the message says why in one line."""
-
-
-def cache_root() -> Path:
-    env = os.environ.get("MLXLAB_KERNELS_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mlxlab" / "kernels"
 
 
 def unsupported_reason() -> str | None:
@@ -92,8 +86,9 @@ def _module_file(directory: Path) -> Path | None:
     return found[0] if found else None
 
 
-def build(log=None, rpath: bool = True) -> Path:
-    """Path of the compiled module for this machine, building it first when the cache has none.
+def build(cache: Path, log=None, rpath: bool = True) -> Path:
+    """Path of the compiled module for this machine, building it first when the folder `cache`
+    has none.
     rpath=False leaves MLX's library folder out of the module (the install-time build runs in
     pip's temporary build environment; at import, mlx.core has already loaded libmlx).
 
@@ -102,7 +97,7 @@ def build(log=None, rpath: bool = True) -> Path:
     reason = unsupported_reason()
     if reason:
         raise KernelBuildError(reason)
-    root = cache_root()
+    root = Path(cache)
     target = root / build_key()
     existing = _module_file(target)
     if existing:
@@ -163,9 +158,9 @@ def _cmake(work: Path, log_file: Path, rpath: bool = True) -> None:
                 raise KernelBuildError(f"`{cmd[0]} {cmd[1]}` failed; see {log_file}")
 
 
-def load(log=None) -> ModuleType:
-    """Build if needed and import the compiled module."""
-    path = build(log)
+def load(cache: Path, log=None) -> ModuleType:
+    """Build into `cache` if needed and import the compiled module."""
+    path = build(cache, log)
     spec = importlib.util.spec_from_file_location(MODULE, path)
     module = importlib.util.module_from_spec(spec)
     try:

@@ -36,6 +36,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlxlab.runtime import settings
+
 ENV = "MLXLAB_BLAS"
 FIX = "fix: `pip install ngsolve-openblas` (x86_64) or set MLXLAB_BLAS=/path/to/libopenblas.so"
 RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
@@ -75,7 +77,7 @@ def setup_blas() -> BlasInfo:
 
 
 def _setup() -> BlasInfo:
-    choice = os.environ.get(ENV, "").strip()
+    choice = settings.current().blas
     if not sys.platform.startswith("linux"):
         return BlasInfo("skipped", detail="not Linux: MLX uses Accelerate/Metal")
     if choice.lower() == "off":

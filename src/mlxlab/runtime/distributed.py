@@ -32,27 +32,22 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from mlxlab.errors import ConfigError
+from mlxlab.runtime import settings
 
 log = logging.getLogger(__name__)
 
-# Set by mlx.launch (ring, nccl) and by mpirun (MPI backend).
-LAUNCH_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 EXIT_PEER_LOST = 75  # a collective timed out: a peer died or hangs
 BUCKET_BYTES = 32 << 20  # all-reduce granularity (nn.average_gradients uses the same)
 
 
 def launched() -> bool:
-    """True in a process started by mlx.launch or mpirun."""
-    return any(os.environ.get(k) is not None for k in LAUNCH_ENV)
+    """True in a process started by mlx.launch or mpirun (runtime/settings.py)."""
+    return settings.current().launched
 
 
 def launched_rank() -> int | None:
     """This process's rank as its launcher set it (before any group is initialized), else None."""
-    for key in LAUNCH_ENV:
-        value = os.environ.get(key)
-        if value is not None and value.strip().isdigit():
-            return int(value)
-    return None
+    return settings.current().launched_rank
 
 
 _GROUP: Any = None

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import platform
 import sys
 
+from mlxlab.runtime import settings
+
 log = logging.getLogger(__name__)
 
-ENV = "MLXLAB_MALLOC"
 # mallopt(3) parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -36,7 +36,7 @@ def keep_freed_memory() -> bool:
     global _done
     if _done:
         return True
-    if os.environ.get(ENV, "").strip().lower() == "default":
+    if not settings.current().keep_freed_memory:  # MLXLAB_MALLOC=default
         return False
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False

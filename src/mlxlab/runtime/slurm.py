@@ -8,20 +8,21 @@ requeued start (Slurm sets SLURM_RESTART_COUNT) resumes with resume=auto by itse
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
+
+from mlxlab.runtime import settings
 
 log = logging.getLogger(__name__)
 
 
 def job_id() -> str | None:
-    return os.environ.get("SLURM_JOB_ID") or None
+    return settings.current().slurm_job_id
 
 
 def restarted() -> bool:
     """True in a requeued job's later starts."""
-    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    return settings.current().slurm_restart_count > 0
 
 
 def requeue(timeout_s: float = 30.0) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import mlflow.pyfunc
 
 from mlxlab.tracking import tags as T
+from mlxlab.tracking.mlflow.environment import set_for_the_call
 
 log = logging.getLogger(__name__)
 
@@ -112,19 +112,14 @@ def pointed_at(uri: str) -> Iterator[None]:
     # getters' resolved values: restoring a resolved value would pin every later client of this
     # process to this moment's store.
     saved = tracking_utils._tracking_uri, registry_utils._registry_uri
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        mlflow.set_registry_uri(saved[1])
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with set_for_the_call({}, keep=("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")):
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved[0])
+            mlflow.set_registry_uri(saved[1])
 
 
 def load_registered(name: str, uri: str | None = None) -> Any:

@@ -43,7 +43,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from mlxlab.tracking.base import BaseTracker, Tracker
-from mlxlab.tracking.mlflow import STARTED_RUN_IDS
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +137,6 @@ class TrackerProcess(BaseTracker):
                         f"the tracking process has exited ({e})")
                     return None
                 self._received += 1
-                if learned.get("run_id") and learned["run_id"] != self.local.run_id:
-                    STARTED_RUN_IDS.append(learned["run_id"])  # what the sweep callback reads
                 for name, value in learned.items():
                     setattr(self.local, name, value)
                 for record in records:

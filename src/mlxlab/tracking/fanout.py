@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxlab.tracking.base import BaseTracker, Tracker
+from mlxlab.tracking.sweep_folder import current_job
 
 
 class FanoutTracker(BaseTracker):
@@ -90,12 +91,14 @@ def build_tracker(csv: dict | None = None, background: bool = False, wandb: dict
     a CsvTracker for a `csv:` block, a WandbTracker for a `wandb:` block; several -> a
     FanoutTracker with MLflow first (the primary: its run id is the run's), then csv, then wandb.
     With `background`, the MLflow tracker runs in a child process (tracking/background.py) and a
-    twin built here answers settings and probe()."""
+    twin built here answers settings and probe(). In a Hydra multirun job, the MLflow tracker is
+    given the sweep's parent run and the job's folder (sweep_folder.py), unless they are named."""
     trackers: list[Any] = []
     run_name = mlflow.get("run_name")  # the run's name (train.run_name), for wandb too
     if "uri" in mlflow:
         from mlxlab.tracking.mlflow import MlflowTracker
 
+        mlflow = {**sweep_arguments(), **mlflow}
         tracker = MlflowTracker(**mlflow)
         if background:
             from mlxlab.tracking.background import TrackerProcess
@@ -115,3 +118,15 @@ def build_tracker(csv: dict | None = None, background: bool = False, wandb: dict
         raise ValueError("tracking: nothing to track to: use tracking=mlflow, tracking=csv, "
                          "tracking=wandb or a list of them, e.g. tracking=[mlflow,csv]")
     return trackers[0] if len(trackers) == 1 else FanoutTracker(trackers)
+
+
+def sweep_arguments() -> dict[str, str]:
+    """MlflowTracker's sweep arguments for this process's multirun job (none outside one): read
+    here, in the job's process, so that a tracker in a child process gets them as arguments."""
+    job = current_job()
+    if job is None:
+        return {}
+    found = {"sweep_job_dir": str(job.job_dir)}
+    if job.parent_run_id:
+        found["parent_run_id"] = job.parent_run_id
+    return found

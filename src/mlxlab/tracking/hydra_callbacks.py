@@ -7,7 +7,9 @@ Registered in conf/hydra/default.yaml:
         mlflow_sweep:
           _target_: mlxlab.tracking.hydra_callbacks.MlflowSweepCallback
 
-Does nothing unless `config.tracking` is the MLflow tracker (tracking=none touches no store).
+Besides the swept keys (every multirun, for run names), does nothing unless `config.tracking` is
+the MLflow tracker (tracking=none touches no store). What it tells the jobs goes through files
+in the sweep folder (tracking/sweep_folder.py), which every launcher's jobs can read.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import atexit
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -31,32 +32,32 @@ from omegaconf import DictConfig, OmegaConf
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import MAX_PARAM_VALUE_LENGTH
 from mlxlab.tracking.mlflow import (
-    ENV_PARENT_RUN_ID,
-    ENV_SWEPT_KEYS,
     METRIC_TAG,
     MODE_TAG,
     PARENT_RUN_TAG,
     ROLE_TAG,
     RUN_DIR_TAG,
-    STARTED_RUN_IDS,
     SWEEP_ID_TAG,
     SWEEP_PARAMS_TAG,
     TrackingUnavailable,
     ensure_store,
     metric_mode,
     probe_store,
-    resolve_uri,
     sweep_children,
     sweep_table,
     swept_keys,
+    tracked_store,
+)
+from mlxlab.tracking.sweep_folder import (
+    begin_sweep,
+    clear_job_runs,
+    job_of,
+    job_runs,
+    sweep_dir_of,
+    write_parent_run,
 )
 
 log = logging.getLogger(__name__)
-
-# The parent run id also goes into the sweep dir: launchers that reuse worker processes
-# started before this sweep (joblib/loky) would otherwise see a stale environment.
-PARENT_ID_FILE = ".mlflow_parent_run_id"
-SWEPT_KEYS_FILE = ".mlxlab_swept_keys.json"  # likewise the swept keys, for the jobs' run names
 
 
 def require_store(settings: dict[str, Any]) -> None:
@@ -80,8 +81,7 @@ class TrialFailed(RuntimeError):
 
 class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
-        self._parent: dict[str, Any] | None = None  # uri, run_id, previous env value
-        self._runs_before = 0  # len(STARTED_RUN_IDS) when the current job started
+        self._parent: dict[str, Any] | None = None  # uri, run_id (in the launching process)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         settings = _mlflow_settings(config)
@@ -91,16 +91,13 @@ class MlflowSweepCallback(Callback):
             require_store(settings)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Create the store once, before any worker runs, and the sweep's parent run."""
-        swept = json.dumps(_swept_keys(config))
-        os.environ[ENV_SWEPT_KEYS] = swept
+        """The swept keys into the sweep folder; create the store once, before any worker runs,
+        and the sweep's parent run."""
+        begin_sweep(sweep_dir_of(config.hydra), _swept_keys(config))
         settings = _mlflow_settings(config)
         if not settings:
             return
         require_store(settings)
-        (_sweep_dir(config) / PARENT_ID_FILE).unlink(missing_ok=True)  # a reused sweep dir's
-        _sweep_dir(config).mkdir(parents=True, exist_ok=True)
-        (_sweep_dir(config) / SWEPT_KEYS_FILE).write_text(swept)
         try:
             self._start_parent(config, settings)
         except Exception as e:  # jobs still train (and track, if the store comes back)
@@ -112,7 +109,7 @@ class MlflowSweepCallback(Callback):
         experiment_id = ensure_store(
             settings["uri"], settings["experiment_name"], settings["artifact_root"]
         )
-        sweep_dir = _sweep_dir(config)
+        sweep_dir = sweep_dir_of(config.hydra)
         metric = OmegaConf.select(config, "optimized_metric", default=None)
         tags = {
             ROLE_TAG: "sweep",
@@ -130,27 +127,15 @@ class MlflowSweepCallback(Callback):
         run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         run_id = run.info.run_id
 
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PARENT_ID_FILE).write_text(run_id)
-        self._parent = {
-            "uri": settings["uri"],
-            "run_id": run_id,
-            "previous_env": os.environ.get(ENV_PARENT_RUN_ID),
-        }
-        os.environ[ENV_PARENT_RUN_ID] = run_id  # inherited by in-process jobs and new workers
+        write_parent_run(sweep_dir, run_id)  # what each job's MLflow tracker is given
+        self._parent = {"uri": settings["uri"], "run_id": run_id}
         atexit.register(self._end_parent, "FAILED")  # the sweep raised: don't leave it RUNNING
         log.info("MLflow sweep parent run %s (%s)", run_id, settings["uri"])
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._runs_before = len(STARTED_RUN_IDS)
-        if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
-            return
-        id_file = _sweep_dir(config) / PARENT_ID_FILE
-        if id_file.is_file():
-            os.environ[ENV_PARENT_RUN_ID] = id_file.read_text().strip()
-        swept_file = _sweep_dir(config) / SWEPT_KEYS_FILE
-        if swept_file.is_file():
-            os.environ[ENV_SWEPT_KEYS] = swept_file.read_text()
+        """In the job's process (wherever the launcher runs it), before the job."""
+        if OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN:
+            clear_job_runs(job_of(config.hydra).job_dir)
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         """A sweep job's outcome onto its MLflow run: `best/<metric>` = the value the job
@@ -167,11 +152,12 @@ class MlflowSweepCallback(Callback):
                 f"{OmegaConf.select(config, 'optimized_metric')} = {value}: trial failed"
             )
         settings = _mlflow_settings(config)
-        parent_id = os.environ.get(ENV_PARENT_RUN_ID)
-        if not settings or not parent_id:
+        job = job_of(config.hydra)
+        if not settings or not job.parent_run_id:
             return
         try:
-            self._record_job(config, settings["uri"], parent_id, value, failed, job_return)
+            self._record_job(config, settings["uri"], job.parent_run_id, job_runs(job.job_dir),
+                             value, failed, job_return)
         except Exception as e:  # the job itself is done; its bookkeeping must not fail it
             log.warning("MLflow: recording the job's outcome failed: %s: %s", type(e).__name__, e)
 
@@ -180,15 +166,16 @@ class MlflowSweepCallback(Callback):
         config: DictConfig,
         uri: str,
         parent_id: str,
+        runs: list[str],
         value: Any,
         failed: bool,
         job_return: Any,
     ) -> None:
+        """`runs`: what this job's trackers started (sweep_folder.job_runs)."""
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param, RunTag
 
         client = MlflowClient(tracking_uri=uri)
-        runs = STARTED_RUN_IDS[self._runs_before :]  # what this job's trackers started
         metric = OmegaConf.select(config, "optimized_metric", default=None)
         if runs and not failed and metric:
             client.log_batch(
@@ -256,7 +243,7 @@ class MlflowSweepCallback(Callback):
         with tempfile.TemporaryDirectory() as tmp:
             png = sweep_plot_png(rows, metric, keys, Path(tmp) / f"sweep_{_safe(metric)}.png")
             client.log_artifact(parent_id, str(png), "plots")
-        optuna_results = _sweep_dir(config) / "optimization_results.yaml"
+        optuna_results = sweep_dir_of(config.hydra) / "optimization_results.yaml"
         if optuna_results.is_file():  # Optuna's own verdict, next to the table's
             client.log_artifact(parent_id, str(optuna_results))
             found = OmegaConf.to_container(OmegaConf.load(optuna_results))
@@ -273,10 +260,6 @@ class MlflowSweepCallback(Callback):
             return
         parent, self._parent = self._parent, None
         atexit.unregister(self._end_parent)
-        if parent["previous_env"] is None:
-            os.environ.pop(ENV_PARENT_RUN_ID, None)
-        else:
-            os.environ[ENV_PARENT_RUN_ID] = parent["previous_env"]
         from mlflow import MlflowClient
 
         MlflowClient(tracking_uri=parent["uri"]).set_terminated(parent["run_id"], status)
@@ -285,24 +268,16 @@ class MlflowSweepCallback(Callback):
 def _mlflow_settings(config: DictConfig) -> dict[str, Any] | None:
     """ensure_store arguments when the composed tracking config is the MLflow tracker."""
     tracking = OmegaConf.select(config, "tracking")
-    if not isinstance(tracking, DictConfig):
-        return None
-    target = str(tracking.get("_target_", ""))
-    if not (target.endswith("MlflowTracker") or "uri" in tracking):
+    uri = tracked_store(tracking)
+    if uri is None:
         return None
     return {
-        "uri": resolve_uri(tracking.get("uri")),
+        "uri": uri,
         "experiment_name": str(tracking.get("experiment_name") or "mlxlab"),
         "artifact_root": tracking.get("artifact_root"),
         "connect_timeout": float(tracking.get("connect_timeout") or 5.0),
         "request_timeout": float(tracking.get("request_timeout") or 30.0),
     }
-
-
-def _sweep_dir(config: DictConfig) -> Path:
-    sweep_dir = Path(str(config.hydra.sweep.dir))
-    cwd = OmegaConf.select(config, "hydra.runtime.cwd", default=None) or os.getcwd()
-    return (Path(cwd) / sweep_dir).resolve()
 
 
 def _override_keys(config: DictConfig) -> list[str]:

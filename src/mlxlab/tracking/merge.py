@@ -27,7 +27,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from mlxlab.tracking.mlflow import (
     ensure_store,
     resolve_uri,
 )
+from mlxlab.tracking.mlflow.environment import set_for_the_call
 
 log = logging.getLogger(__name__)
 
@@ -137,18 +138,9 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-@contextmanager
-def _file_store_allowed() -> Iterator[None]:
+def _file_store_allowed() -> AbstractContextManager[None]:
     """MLflow 3 refuses file stores unless told; reading one to merge it is what it is for."""
-    saved = os.environ.get("MLFLOW_ALLOW_FILE_STORE")
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
-        else:
-            os.environ["MLFLOW_ALLOW_FILE_STORE"] = saved
+    return set_for_the_call({"MLFLOW_ALLOW_FILE_STORE": "true"})
 
 
 def _upgrade_schema(uri: str) -> None:

@@ -31,10 +31,9 @@ from mlxlab.tracking.mlflow.store import (
     resolve_uri,
     sqlite_path,
     store_template_path,
+    tracked_store,
 )
 from mlxlab.tracking.mlflow.sweeps import (
-    ENV_PARENT_RUN_ID,
-    ENV_SWEPT_KEYS,
     find_finished_run,
     find_sweep_parent,
     finished_run_metrics,
@@ -44,7 +43,7 @@ from mlxlab.tracking.mlflow.sweeps import (
     sweep_table,
     swept_keys,
 )
-from mlxlab.tracking.mlflow.tracker import STARTED_RUN_IDS, STATUSES, MlflowTracker
+from mlxlab.tracking.mlflow.tracker import STATUSES, MlflowTracker
 
 # Tag names live in tracking/tags.py; these aliases keep this package's older names importable.
 PARENT_RUN_TAG = T.PARENT_RUN
@@ -57,12 +56,12 @@ METRIC_TAG = T.OPTIMIZED_METRIC
 MODE_TAG = T.OPTIMIZED_MODE
 
 __all__ = [
-    "CONFIG_HASH_TAG", "ENV_PARENT_RUN_ID", "ENV_SWEPT_KEYS", "EXPERIMENT_KIND",
+    "CONFIG_HASH_TAG", "EXPERIMENT_KIND",
     "EXPERIMENT_KIND_TAG", "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH", "MAX_TAGS_PER_BATCH",
     "METRIC_TAG", "MODE_TAG", "PARENT_RUN_TAG", "RETRY_ATTEMPTS", "ROLE_TAG", "RUN_DIR_TAG",
-    "STARTED_RUN_IDS", "STATUSES", "SWEEP_ID_TAG", "SWEEP_PARAMS_TAG", "MlflowTracker",
+    "STATUSES", "SWEEP_ID_TAG", "SWEEP_PARAMS_TAG", "MlflowTracker",
     "TrackingUnavailable", "bounded_http", "chunks", "default_store_uri", "ensure_store",
     "find_finished_run", "find_sweep_parent", "finished_run_metrics", "metric_mode",
     "probe_store", "resolve_uri", "retrying", "run_value", "sqlite_path", "store_template_path",
-    "sweep_children", "sweep_table", "swept_keys",
+    "sweep_children", "sweep_table", "swept_keys", "tracked_store",
 ]

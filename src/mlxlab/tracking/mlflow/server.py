@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
-from collections.abc import Iterator
 
 from mlxlab.errors import UserError
+from mlxlab.tracking.mlflow.environment import set_for_the_call
 from mlxlab.tracking.mlflow.store import resolve_uri, sqlite_path
 from mlxlab.tracking.offline import reachable
 
@@ -18,28 +17,14 @@ class TrackingUnavailable(UserError, ConnectionError):
     """The tracking store named by the config does not answer; the message says what to do."""
 
 
-_ENV_LOCK = threading.RLock()  # bounded calls may nest (end() -> a reconnect)
-
-
-@contextlib.contextmanager
-def bounded_http(timeout: float) -> Iterator[None]:
+def bounded_http(timeout: float) -> contextlib.AbstractContextManager[None]:
     """MLflow's HTTP calls inside fail after one try of at most `timeout` seconds, instead of
-    its default 7 retries with backoff of up to 120 s each (minutes on a dead server)."""
-    values = {
+    its default 7 retries with backoff of up to 120 s each (minutes on a dead server). MLflow
+    reads both only from the environment; bounded calls may nest (end() -> a reconnect)."""
+    return set_for_the_call({
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout))),
-    }
-    with _ENV_LOCK:
-        saved = {k: os.environ.get(k) for k in values}
-        os.environ.update(values)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    })
 
 
 def probe_store(uri: str | None, timeout: float = 5.0, request_timeout: float = 30.0) -> None:

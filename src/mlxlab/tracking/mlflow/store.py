@@ -10,10 +10,13 @@ import logging
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+from mlxlab.runtime import settings
 from mlxlab.tracking import tags as T
+from mlxlab.tracking.mlflow import environment
 from mlxlab.tracking.mlflow.calls import retrying
 
 log = logging.getLogger(__name__)
@@ -30,9 +33,21 @@ def default_store_uri(root: str | Path | None = None) -> str:
     return f"sqlite:///{db}"
 
 
+def tracked_store(tracking: Any) -> str | None:
+    """The store a composed `tracking` node's MLflow tracker writes to (resolve_uri of its uri),
+    None when the node builds no MLflow tracker (tracking=none, csv, wandb). The node builds one
+    when it has MLflow's keys (tracking/fanout.py) or names MlflowTracker itself."""
+    if not isinstance(tracking, Mapping):
+        return None
+    if "uri" not in tracking and not str(tracking.get("_target_", "")).endswith("MlflowTracker"):
+        return None
+    return resolve_uri(tracking.get("uri"))
+
+
 def resolve_uri(uri: str | None) -> str:
-    """uri, else $MLFLOW_TRACKING_URI, else the default sqlite store; rejects file stores."""
-    uri = str(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri())
+    """uri, else $MLFLOW_TRACKING_URI (MLflow's default store, read now: environment.py), else
+    the default sqlite store; rejects file stores."""
+    uri = str(uri or environment.tracking_uri() or default_store_uri())
     if "://" not in uri or uri.startswith("file:"):
         raise ValueError(
             f"tracking uri {uri!r} is a file store, which MLflow 3 no longer writes; "
@@ -100,9 +115,7 @@ def store_template_path() -> Path:
     a copy takes milliseconds."""
     import mlflow
 
-    base = os.environ.get("MLXLAB_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlxlab"
-    return Path(base) / f"mlflow-{mlflow.__version__}-empty-store.db"
+    return settings.current().cache_dir / f"mlflow-{mlflow.__version__}-empty-store.db"
 
 
 def _copy_store_template(db: Path) -> None:

@@ -1,6 +1,6 @@
 """Sweep queries: a sweep's runs and their table, the finished run of a config (for
-sweep.skip_finished and distillation rounds), and what a sweep tells its jobs. Read only: a
-missing sqlite store or experiment is not created here."""
+sweep.skip_finished and distillation rounds). Read only: a missing sqlite store or experiment is
+not created here."""
 
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ from typing import Any
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow.calls import retrying
 from mlxlab.tracking.mlflow.store import resolve_uri, sqlite_path
-
-ENV_PARENT_RUN_ID = "MLXLAB_PARENT_RUN_ID"  # set by the sweep callback, read by each job
-ENV_SWEPT_KEYS = "MLXLAB_SWEPT_KEYS"  # likewise: the keys a sweep varies (JSON), for run names
 
 
 def find_finished_run(uri: str | None, experiment_name: str, config_hash: str) -> Any | None:

@@ -12,7 +12,6 @@ import contextlib
 import getpass
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -32,14 +31,11 @@ from mlxlab.tracking.mlflow.calls import (
 )
 from mlxlab.tracking.mlflow.server import bounded_http, probe_store
 from mlxlab.tracking.mlflow.store import ensure_store, resolve_uri, sqlite_path
-from mlxlab.tracking.mlflow.sweeps import ENV_PARENT_RUN_ID
 from mlxlab.tracking.offline import SPOOL_FILE, Spool, reachable, send_spool
+from mlxlab.tracking.sweep_folder import record_job_run
 
 log = logging.getLogger(__name__)
 
-# Runs MlflowTracker started (or resumed) in this process, in order: the sweep callback reads
-# which run a job produced from it (one job at a time per process in Hydra's launchers).
-STARTED_RUN_IDS: list[str] = []
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 # Config parts that say where things go, not what is trained: kept out of a run's params.
 UNLOGGED_PARAM_ROOTS = ("paths", "tracking", "hydra")
@@ -56,6 +52,10 @@ class MlflowTracker(BaseTracker):
     A tracking server that stops answering mid-run never stops training: each call to it fails
     after one try of `connect_timeout` seconds, metrics then go to `<run dir>/mlflow_offline.jsonl`
     and are sent when the server answers again; `offline_report` says which happened.
+
+    In a multirun job (tracking/fanout.py's build_tracker fills these in from the sweep folder):
+    `parent_run_id` is the sweep's parent run, tagged on this run as its parent; the run's id is
+    added to `sweep_job_dir`'s run list, where the sweep callback reads which run the job made.
     """
 
     def __init__(
@@ -69,6 +69,8 @@ class MlflowTracker(BaseTracker):
         async_logging: bool = True,
         connect_timeout: float = 5.0,
         request_timeout: float = 30.0,
+        parent_run_id: str | None = None,
+        sweep_job_dir: str | None = None,
     ) -> None:
         if connect_timeout <= 0 or request_timeout <= 0:
             raise ValueError("tracking.connect_timeout and tracking.request_timeout must be > 0 "
@@ -87,6 +89,8 @@ class MlflowTracker(BaseTracker):
         self.async_logging = async_logging
         self.connect_timeout = float(connect_timeout)
         self.request_timeout = float(request_timeout)
+        self.parent_run_id = parent_run_id
+        self.sweep_job_dir = sweep_job_dir
         self.remote = self.uri.startswith(("http://", "https://"))
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -142,10 +146,9 @@ class MlflowTracker(BaseTracker):
         from mlxlab.tracking.stale import mark_dead_runs_quietly
 
         mark_dead_runs_quietly(self.uri, self.experiment_name, tags.get(T.TASK_NAME))
-        parent = os.environ.get(ENV_PARENT_RUN_ID)
-        if parent:
-            tags.setdefault(T.PARENT_RUN, parent)
-            tags.setdefault(T.SWEEP_ID, parent)
+        if self.parent_run_id:  # a sweep's job (a distillation round keeps its own parent)
+            tags.setdefault(T.PARENT_RUN, self.parent_run_id)
+            tags.setdefault(T.SWEEP_ID, self.parent_run_id)
 
         logged_params: dict[str, str] = {}
         if run_id is not None:
@@ -164,7 +167,8 @@ class MlflowTracker(BaseTracker):
             )
             run_id = run.info.run_id
         self.run_id, self._active = run_id, True
-        STARTED_RUN_IDS.append(run_id)
+        if self.sweep_job_dir:
+            record_job_run(self.sweep_job_dir, run_id)
         self._safely("log params", self._log_params, params, logged_params)
         self._safely("set_tags", self._log_tags, tags)
         if self.dataset is not None and not logged_params:

@@ -1,0 +1,126 @@
+"""Every environment variable mlxlab itself interprets, read once into one `Settings`.
+
+`current()` reads the environment on first use and keeps what it read for the process; every
+other module takes its value from there (or from an argument its caller took from there), so a
+variable means the same everywhere and no module reads the environment on its own. `reload()`
+reads it again: for tests that change the environment in-process (a child process reads its
+own at start).
+
+| variable | meaning | default |
+|---|---|---|
+| MLXLAB_ROOT | the project root: `paths.root_dir`, the default store `<root>/mlruns/mlflow.db` | the nearest folder at or above the working directory holding pyproject.toml or .git |
+| MLXLAB_BLAS | `off`: MLX keeps its reference BLAS; a path: that BLAS library serves MLX | the bundled OpenBLAS (ngsolve-openblas) |
+| MLXLAB_MALLOC | `default`: glibc gives freed memory back while training (runtime/memory.py) | freed memory stays in the heap |
+| MLXLAB_FUSED_KERNELS | `auto`, `on` or `off`: the fused CPU kernels, for scripts (`trainer.fused_kernels` sets the mode of a run) | auto |
+| MLXLAB_FUSED_KERNELS_SKIP | comma-separated kernel names left to MLX (kernels.OPS) | none |
+| MLXLAB_KERNEL_THREADS | threads of the fused kernels | the cores this process may use |
+| MLXLAB_KERNELS_CACHE | where the compiled kernels are kept (one build per kind of CPU) | `$XDG_CACHE_HOME/mlxlab/kernels`, else `~/.cache/mlxlab/kernels` |
+| MLXLAB_SKIP_KERNEL_BUILD | `1`: `pip install` does not compile the kernels (hatch_build.py) | they are compiled |
+| MLXLAB_CACHE_DIR | the user-level cache: the migrated empty MLflow store new stores are copied from | `$XDG_CACHE_HOME/mlxlab`, else `~/.cache/mlxlab` |
+| XDG_CACHE_HOME | where both caches above go when not named | `~/.cache` |
+| SLURM_JOB_ID | the Slurm job `trainer.requeue` puts back in the queue | none: not a Slurm job |
+| SLURM_RESTART_COUNT | above 0: a requeued start, which `trainer.requeue` resumes (`resume=auto`) | 0 |
+| MLX_RANK, OMPI_COMM_WORLD_RANK, PMI_RANK | set by `mlx.launch` / `mpirun`: this process is one rank of a data-parallel run (mx.distributed reads them too) | not launched |
+
+A sweep tells its jobs nothing through the environment: the parent run and the swept keys are
+files in the sweep folder (tracking/sweep_folder.py).
+
+Read or set where a library needs them, not here (the modules tests/test_environment.py allows):
+
+| module | variables | why |
+|---|---|---|
+| tracking/mlflow/environment.py | MLFLOW_TRACKING_URI, MLFLOW_REGISTRY_URI, MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_ALLOW_FILE_STORE | MLflow's own: its default store (which `mlflow.set_tracking_uri` changes while the process runs, so it is read at each use; conf/tracking/mlflow.yaml reads it too), and settings MLflow takes only from the environment, set for the length of a call |
+| tracking/wandb_tracker.py | WANDB_DIR, WANDB_MODE | wandb's own; read at each run's start, as wandb reads them, because wandb's process-wide setup keeps the first run's |
+| checkpoint/remote.py | AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST | the object-store clients' own (S3-compatible stores, the GCS emulator), read when a filesystem opens, beside the credential chains (AWS_*, GOOGLE_*, AZURE_*) the clients read themselves |
+| data/streaming/prefetch.py | TOKENIZERS_PARALLELISM | set (to false, unless set) for the tokenizers library before its thread pool starts |
+| tracking/background.py, cli/serve.py | the whole environment | copied for a child process (the tracking process, MLflow's model server) |
+
+Standard library only, and no import of mlxlab: hatch_build.py loads this file on its own while
+pip builds the wheel (MLXLAB_KERNELS_CACHE, MLXLAB_SKIP_KERNEL_BUILD).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+# Set by mlx.launch (ring, nccl) and by mpirun (MPI backend), in the order they are looked at.
+LAUNCH_RANK_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the environment says, parsed (the table in this module's docstring)."""
+
+    root: Path | None  # MLXLAB_ROOT as given (resolved where used: it may be relative)
+    blas: str  # MLXLAB_BLAS: "" (the bundled OpenBLAS), "off" or a library's path
+    keep_freed_memory: bool  # not MLXLAB_MALLOC=default
+    fused_kernels: str  # MLXLAB_FUSED_KERNELS, lower case, "auto" when unset
+    fused_kernels_skip: frozenset[str]  # MLXLAB_FUSED_KERNELS_SKIP
+    kernel_threads: int | None  # MLXLAB_KERNEL_THREADS (at least 1); None: the usable cores
+    kernels_cache: Path  # MLXLAB_KERNELS_CACHE or its default
+    skip_kernel_build: bool  # MLXLAB_SKIP_KERNEL_BUILD=1
+    cache_dir: Path  # MLXLAB_CACHE_DIR or its default
+    slurm_job_id: str | None  # SLURM_JOB_ID
+    slurm_restart_count: int  # SLURM_RESTART_COUNT
+    launched: bool  # a launcher set one of LAUNCH_RANK_VARIABLES
+    launched_rank: int | None  # the first of them holding a number
+
+
+def read(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from `environ` (default: this process's environment)."""
+    env = os.environ if environ is None else environ
+    root = env.get("MLXLAB_ROOT")
+    user_cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    ranks = [env[name] for name in LAUNCH_RANK_VARIABLES if env.get(name) is not None]
+    numbered = [int(value) for value in ranks if value.strip().isdigit()]
+    return Settings(
+        root=Path(root).expanduser() if root else None,
+        blas=env.get("MLXLAB_BLAS", "").strip(),
+        keep_freed_memory=env.get("MLXLAB_MALLOC", "").strip().lower() != "default",
+        fused_kernels=env.get("MLXLAB_FUSED_KERNELS", "auto").strip().lower() or "auto",
+        fused_kernels_skip=frozenset(
+            op.strip() for op in env.get("MLXLAB_FUSED_KERNELS_SKIP", "").split(",") if op.strip()
+        ),
+        kernel_threads=_whole_number(env, "MLXLAB_KERNEL_THREADS", minimum=1),
+        kernels_cache=Path(env.get("MLXLAB_KERNELS_CACHE") or user_cache / "mlxlab" / "kernels"
+                           ).expanduser(),
+        skip_kernel_build=env.get("MLXLAB_SKIP_KERNEL_BUILD") == "1",
+        cache_dir=Path(env.get("MLXLAB_CACHE_DIR") or user_cache / "mlxlab"),
+        slurm_job_id=env.get("SLURM_JOB_ID") or None,
+        slurm_restart_count=_whole_number(env, "SLURM_RESTART_COUNT") or 0,
+        launched=bool(ranks),
+        launched_rank=numbered[0] if numbered else None,
+    )
+
+
+def _whole_number(env: Mapping[str, str], name: str, minimum: int | None = None) -> int | None:
+    """The variable as an int (None when unset or blank), raised to `minimum`."""
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a whole number: set a number or unset it") from None
+    return number if minimum is None else max(minimum, number)
+
+
+_current: Settings | None = None
+
+
+def current() -> Settings:
+    """The process's settings, read from the environment on the first call."""
+    global _current
+    if _current is None:
+        _current = read()
+    return _current
+
+
+def reload() -> Settings:
+    """Read the environment again (tests that change it in-process); returns the new settings."""
+    global _current
+    _current = read()
+    return _current

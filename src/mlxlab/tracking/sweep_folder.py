@@ -1,0 +1,99 @@
+"""What a multirun tells its jobs: files in the sweep folder, never the environment.
+
+The sweep callback (hydra_callbacks.py) writes the sweep's files before any job starts, in the
+process that launches the jobs; a job reads them where it runs: in that process (Hydra's basic
+launcher), in worker processes started before or after (joblib), or on other hosts sharing the
+sweep folder (submitit, Ray). Hydra tells each job where its sweep folder and its own folder are
+(HydraConfig), so nothing else has to.
+
+  <sweep dir>/.mlxlab_swept_keys.json  the keys the multirun varies (a JSON list): run names
+  <sweep dir>/.mlflow_parent_run_id    the sweep's MLflow parent run: each job's run is its child
+  <job dir>/.mlflow_run_ids            the MLflow runs the job's trackers started (or resumed),
+                                       one id a line, in order: the callback logs the job's
+                                       outcome on the last one, or records a job that made none
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+PARENT_ID_FILE = ".mlflow_parent_run_id"
+SWEPT_KEYS_FILE = ".mlxlab_swept_keys.json"
+JOB_RUNS_FILE = ".mlflow_run_ids"
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """One multirun job's view of its sweep."""
+
+    sweep_dir: Path
+    job_dir: Path
+    parent_run_id: str | None  # None: no MLflow parent run (tracking without MLflow, or it failed)
+    swept_keys: tuple[str, ...]
+
+
+def sweep_dir_of(hydra: DictConfig) -> Path:
+    """The sweep folder a composed `hydra` node names, absolute (relative to the launch folder)."""
+    cwd = OmegaConf.select(hydra, "runtime.cwd", default=None) or os.getcwd()
+    return (Path(cwd) / str(hydra.sweep.dir)).resolve()
+
+
+def job_of(hydra: DictConfig) -> SweepJob:
+    """The sweep facts of the job whose `hydra` node this is (its runtime.output_dir set)."""
+    sweep_dir = sweep_dir_of(hydra)
+    parent = sweep_dir / PARENT_ID_FILE
+    swept = sweep_dir / SWEPT_KEYS_FILE
+    return SweepJob(
+        sweep_dir=sweep_dir,
+        job_dir=Path(str(hydra.runtime.output_dir)),
+        parent_run_id=(parent.read_text().strip() or None) if parent.is_file() else None,
+        swept_keys=tuple(json.loads(swept.read_text())) if swept.is_file() else (),
+    )
+
+
+def current_job() -> SweepJob | None:
+    """This process's multirun job, from Hydra's job context; None outside a multirun job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.MULTIRUN or OmegaConf.select(hydra, "runtime.output_dir") is None:
+        return None
+    return job_of(hydra)
+
+
+def begin_sweep(sweep_dir: Path, swept_keys: list[str]) -> None:
+    """Before any job: the swept keys written, a reused folder's parent run id removed."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / PARENT_ID_FILE).unlink(missing_ok=True)
+    (sweep_dir / SWEPT_KEYS_FILE).write_text(json.dumps(swept_keys))
+
+
+def write_parent_run(sweep_dir: Path, run_id: str) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / PARENT_ID_FILE).write_text(run_id)
+
+
+def clear_job_runs(job_dir: Path) -> None:
+    """At a job's start: a rerun job in the same folder starts a new list."""
+    (Path(job_dir) / JOB_RUNS_FILE).unlink(missing_ok=True)
+
+
+def record_job_run(job_dir: str | Path, run_id: str) -> None:
+    """Add a run a tracker of this job started (written by the tracker, in whichever process)."""
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(job_dir) / JOB_RUNS_FILE, "a") as f:
+        f.write(run_id + "\n")
+
+
+def job_runs(job_dir: Path) -> list[str]:
+    """The runs the job's trackers started, in order."""
+    path = Path(job_dir) / JOB_RUNS_FILE
+    return path.read_text().split() if path.is_file() else []
