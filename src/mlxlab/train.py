@@ -109,11 +109,11 @@ def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: P
 
 def describe_dataset(data) -> tuple[str, str, str, int | None] | None:
     """(name, source, digest, rows) of a file-backed dataset, for the run's MLflow input."""
-    path = Path(str(getattr(data, "path", "") or ""))
+    path = Path(str(data.path or ""))  # DataModule.path: None unless read from one file
     if not path.is_file():
         return None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    rows = getattr(data, "examples", None)
+    rows = data.examples
     return path.stem, str(path.resolve()), digest, len(rows) if rows is not None else None
 
 

@@ -32,6 +32,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.checkpoint.state import CheckpointState
+from mlxlab.models.base import Model
 
 log = logging.getLogger("mlxlab.training")
 
@@ -61,7 +62,7 @@ def _zero_residual_outputs(block: nn.Module) -> None:
             module.update(tree_unflatten(list(params.items())))
 
 
-def grow_layers(model: nn.Module, num_layers: int, init: str = "identity") -> None:
+def grow_layers(model: Model, num_layers: int, init: str = "identity") -> None:
     layers = _layers(model)
     old = len(layers)
     if num_layers <= old:
@@ -75,10 +76,10 @@ def grow_layers(model: nn.Module, num_layers: int, init: str = "identity") -> No
         if init == "identity":
             _zero_residual_outputs(block)
         layers.append(block)
-    _set_architecture(model, num_layers=num_layers)
+    model.update_architecture(num_layers=num_layers)  # what export describes
 
 
-def widen_mlp(model: nn.Module, mlp_dim: int, init_std: float = 0.02, seed: int = 0) -> None:
+def widen_mlp(model: Model, mlp_dim: int, init_std: float = 0.02, seed: int = 0) -> None:
     """Every MLP's hidden width -> mlp_dim; the new units' output weights are zero."""
     key = mx.random.key(seed)  # its own key: the run's RNG stream is not consumed
     found = False
@@ -103,7 +104,7 @@ def widen_mlp(model: nn.Module, mlp_dim: int, init_std: float = 0.02, seed: int 
             [down.weight, mx.zeros((down.weight.shape[0], extra), down.weight.dtype)], axis=1)
     if not found:
         raise ValueError(f"{type(model).__name__} has no up/down MLP: widen_mlp cannot apply")
-    _set_architecture(model, mlp_dim=mlp_dim)
+    model.update_architecture(mlp_dim=mlp_dim)
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
@@ -122,12 +123,6 @@ def unfreeze_lora_base(model: nn.Module) -> None:
         raise ValueError("unfreeze_lora_base: the model has no LoRA layers (model.lora.rank=0)")
     for m in wrapped:
         m.linear.unfreeze()
-
-
-def _set_architecture(model: nn.Module, **changes: int) -> None:
-    arch = getattr(model, "_architecture", None)
-    if isinstance(arch, dict):  # what export describes
-        arch.update(changes)
 
 
 def apply_op(model: nn.Module, spec: Mapping) -> None:

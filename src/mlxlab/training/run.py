@@ -328,7 +328,7 @@ class Run:
             best_metric=state.best_metrics.get(self.trainer.monitor), config=self.config,
             # + what rebuilds a pretrained model without its source folder (its config)
             model_init={"vocab_size": data.vocab_size, "num_labels": data.num_labels,
-                        **getattr(self.model, "checkpoint_init", {})},
+                        **self.model.checkpoint_init},
             tokenizer_hash=data.tokenizer_hash,
             val_fingerprint=self.val_print, log_window=self.window.state_dict(),
             model_ops=self.trainer.model_ops.state_dict(),  # training/model_ops.py

@@ -34,6 +34,7 @@ from mlxlab.checkpoint import (
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
+from mlxlab.models.base import Model
 from mlxlab.models.quantize import quantize_linears
 from mlxlab.runtime import device, distributed
 from mlxlab.tracking.base import Tracker, flatten_config
@@ -404,6 +405,9 @@ class Trainer:
     ) -> FitResult:
         """Train `model` on `data`, tracked by `tracker`, checkpointed under `run_dir`; `resume`
         (a run or checkpoint folder) continues where it stopped. Returns the best evaluation."""
+        if not isinstance(model, Model):
+            raise TypeError(f"{type(model).__name__} is not a model of mlxlab: subclass "
+                            "mlxlab.models.base.Model (its optional members have defaults)")
         check_contract(data, DataModule, "data module")
         check_contract(tracker, Tracker, "tracker")
         run = Run(self, model, data, tracker, Path(run_dir), config or {}, dict(tags or {}), resume)
