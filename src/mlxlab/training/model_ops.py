@@ -32,6 +32,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.checkpoint.state import CheckpointState
+from mlxlab.errors import ConfigError
 from mlxlab.models.base import Model
 
 log = logging.getLogger("mlxlab.training")
@@ -140,23 +141,23 @@ def apply_op(model: nn.Module, spec: Mapping) -> None:
 
 
 def check_schedule(schedule: Sequence[Mapping] | None) -> list[dict]:
-    """The schedule as plain dicts, sorted by step; ValueError naming a bad entry and the fix."""
+    """The schedule as plain dicts, sorted by step; ConfigError (a ValueError) naming a bad entry and the fix."""
     out = []
     for i, entry in enumerate(schedule or []):
         entry = dict(entry)
         op, step = entry.get("op"), entry.get("at_step")
         where = f"trainer.model_schedule[{i}]"
         if op not in OPS:
-            raise ValueError(f"{where}: op={op!r} is unknown; use one of {sorted(OPS)}")
+            raise ConfigError(f"{where}: op={op!r} is unknown; use one of {sorted(OPS)}")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"{where}: needs at_step=<int >= 0> (the optimizer step), got {step!r}")
+            raise ConfigError(f"{where}: needs at_step=<int >= 0> (the optimizer step), got {step!r}")
         extra = set(entry) - OPS[op] - {"op", "at_step"}
         if extra:
-            raise ValueError(f"{where}: {op} takes {sorted(OPS[op]) or 'no arguments'}, "
+            raise ConfigError(f"{where}: {op} takes {sorted(OPS[op]) or 'no arguments'}, "
                              f"not {sorted(extra)}")
         needed = {"grow_layers": "num_layers", "widen_mlp": "mlp_dim", "set_dropout": "p"}.get(op)
         if needed and needed not in entry:
-            raise ValueError(f"{where}: {op} needs {needed}=...")
+            raise ConfigError(f"{where}: {op} needs {needed}=...")
         out.append(entry)
     return sorted(out, key=lambda e: e["at_step"])  # stable: same-step ops keep their order
 
