@@ -250,7 +250,7 @@ def worker_mlxlab(spec: dict) -> dict:
     original_fit = Trainer.fit
 
     def fit(self, model, data, *args, **kwargs):
-        if self.grad_accum != 1:
+        if self.settings.grad_accum != 1:
             raise ValueError("bench.py times one batch per step: use trainer.grad_accum=1")
         rec["rss_base_mb"] = rss_mb()
         rec["params"] = sum(v.size for _, v in _flat(model.parameters()))

@@ -140,7 +140,7 @@ def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path
     original_fit = Trainer.fit
 
     def fit(self, model, data, tracker, run_dir, *args, **kwargs):
-        if self.grad_accum != 1:
+        if self.settings.grad_accum != 1:
             raise SystemExit("bench_lm_twin.py replays one batch per step: use trainer.grad_accum=1")
         rec["init"] = digest(np.array(v) for _, v in tree_flatten(model.parameters()))
         held = held_out_data(train_file, heldout_file, data.packing.seq_len,
@@ -189,6 +189,7 @@ def twin_inputs(model_name: str, train_file: Path, heldout_file: Path, root: Pat
 
     from mlxlab.config import instantiate
     from mlxlab.train import seed_everything
+    from mlxlab.training.trainer import Trainer
 
     cfg = preset(model_name, train_file, root, overrides)
     seed_everything(cfg.seed)
@@ -198,7 +199,7 @@ def twin_inputs(model_name: str, train_file: Path, heldout_file: Path, root: Pat
     data.setup(run_dir)
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
     init = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-    trainer = instantiate(cfg.trainer)()
+    trainer = Trainer(instantiate(cfg.trainer))
     steps, batches, epoch = int(cfg.trainer.max_steps), [], 0
     while len(batches) < steps:  # the trainer's loop: epochs of the stream until max_steps
         batches += [{k: np.array(v) for k, v in b.items()}

@@ -32,6 +32,7 @@ from mlxlab.runtime.distributed import World
 from mlxlab.tracking.base import NullTracker
 from mlxlab.training import losses
 from mlxlab.training.optim import LRSchedule, build_optimizer, default_optimizer
+from mlxlab.training.trainer import Trainer
 
 
 def setup(root: Path, overrides: list[str]):
@@ -39,7 +40,7 @@ def setup(root: Path, overrides: list[str]):
     data = instantiate(cfg.data)
     data.setup(root)
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
-    trainer = instantiate(cfg.trainer)(optimizer=instantiate(cfg.optimizer), callbacks=[])
+    trainer = Trainer(instantiate(cfg.trainer), optimizer=instantiate(cfg.optimizer))
     return data, model, trainer
 
 

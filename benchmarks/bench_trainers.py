@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from mlxlab.config import compose_config, instantiate
 from mlxlab.runtime import device
 from mlxlab.train import seed_everything
+from mlxlab.training.trainer import Trainer
 
 CASES = {
     "titanic_bert": ["experiment=titanic_bert"],
@@ -65,7 +66,7 @@ class Runner:
         self.data = data
         seed_everything(cfg.seed)
         self.model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
-        self.trainer = instantiate(cfg.trainer)(optimizer=instantiate(cfg.optimizer))
+        self.trainer = Trainer(instantiate(cfg.trainer), optimizer=instantiate(cfg.optimizer))
         loss_fn = self.trainer.build_loss(data)
         # may lower the batch size (raising grad_accum)
         self.batching, self.grad_accum = self.trainer.fit_batch_to_memory(self.model, data, loss_fn)

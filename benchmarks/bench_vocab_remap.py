@@ -34,6 +34,7 @@ from mlxlab.models.transformer import Transformer
 from mlxlab.runtime import device
 from mlxlab.training import losses
 from mlxlab.training.optim import default_optimizer
+from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.trainer import Trainer
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src/mlxlab/assets/tinystories/sample.txt"
@@ -77,7 +78,7 @@ def main() -> None:
                             ("remapped (used)", data.vocab_size, batches)):
         mx.random.seed(0)
         model = Transformer(vocab_size=vocab, dim=256, num_layers=4, num_heads=4, max_seq_len=128)
-        trainer = Trainer(optimizer=default_optimizer(), max_steps=1000)  # AdamW 1e-3
+        trainer = Trainer(TrainerSettings(max_steps=1000), optimizer=default_optimizer())  # AdamW 1e-3
         opt = trainer.build_optimizer(total_steps=1000)
         opt.init(model.trainable_parameters())
         step = trainer.make_step(model, opt, losses.task_loss("lm"))

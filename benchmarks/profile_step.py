@@ -31,6 +31,7 @@ from mlxlab.runtime.blas import set_blas_threads
 from mlxlab.runtime.memory import keep_freed_memory
 from mlxlab.training import losses
 from mlxlab.training.optim import default_optimizer
+from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.trainer import Trainer
 
 
@@ -43,8 +44,8 @@ def build_step(variant: str, threads: int, batch: dict):
         kernels.set_threads(threads)
     mx.random.seed(1)
     model = Transformer(vocab_size=3776, dim=256, num_layers=4, num_heads=4, max_seq_len=128)
-    trainer = Trainer(optimizer=partial(default_optimizer(), learning_rate=1e-3), max_steps=300,
-                      fused_kernels=mode)
+    trainer = Trainer(TrainerSettings(max_steps=300, fused_kernels=mode),
+                      optimizer=partial(default_optimizer(), learning_rate=1e-3))
     optimizer = trainer.build_optimizer(total_steps=300)
     optimizer.init(model.trainable_parameters())
     step = trainer.make_step(model, optimizer, losses.task_loss("lm"))

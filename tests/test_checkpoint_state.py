@@ -99,3 +99,37 @@ def test_a_checkpoint_in_the_unversioned_layout_resumes_bitwise(tmp_path, cli_en
         assert np.array_equal(expected[key], got[key]), f"{key} differs after resume"
     assert final_state(resumed)["history"] == final_state(reference)["history"]
     assert final_state(resumed)["version"] == STATE_VERSION  # rewritten in the new layout
+
+
+def test_a_checkpoint_whose_config_builds_the_trainer_as_a_partial_resumes(make_cfg, tmp_path):
+    """Configs saved before the trainer's settings had a class of their own (issue 25) build
+    `mlxlab.training.trainer.Trainer` as a partial, with _target_ nodes for schedule and
+    distributed: a resume from such a checkpoint builds today's TrainerSettings from them."""
+    from pathlib import Path
+
+    from conftest import FAST
+    from mlxlab.train import train
+
+    first = make_cfg(*FAST, "tracking=none")
+    train(first)
+    source = Path(first.paths.output_dir)
+    rewritten = 0
+    for state_file in sorted(source.glob("checkpoints/*/state.json")):
+        state = json.loads(state_file.read_text())
+        trainer = state["config"]["trainer"]
+        if trainer.get("_target_") != "mlxlab.training.trainer.Trainer":  # best/: a hard link
+            trainer.update({"_target_": "mlxlab.training.trainer.Trainer", "_partial_": True})
+            trainer["schedule"]["_target_"] = "mlxlab.training.optim.LRSchedule"
+            trainer["distributed"]["_target_"] = "mlxlab.training.trainer.DistributedConfig"
+            state_file.write_text(json.dumps(state))
+            rewritten += 1
+        recommit(state_file.parent)
+    assert rewritten
+    second = make_cfg(*FAST, "tracking=none", f"resume={source}", "trainer.max_steps=6",
+                      "trainer.eval_every_steps=6")
+    second.paths.output_dir = str(tmp_path / "outputs" / "second")
+    assert "val/accuracy" in train(second)
+    assert second.trainer._target_ == "mlxlab.training.settings.TrainerSettings"
+    assert "_partial_" not in second.trainer
+    steps = sorted(Path(second.paths.output_dir).glob("checkpoints/step_*"))
+    assert json.loads((steps[-1] / "state.json").read_text())["step"] == 6

@@ -309,6 +309,7 @@ def test_training_steps_equal_with_kernels_on_and_off(make_cfg, tmp_path):
     from mlxlab.data.batching import Batching
     from mlxlab.train import seed_everything
     from mlxlab.training.optim import default_optimizer
+    from mlxlab.training.settings import TrainerSettings
     from mlxlab.training.trainer import Trainer
 
     cfg = make_cfg("experiment=tinystories_nano", "tracking=none", "model.dim=64",
@@ -321,8 +322,8 @@ def test_training_steps_equal_with_kernels_on_and_off(make_cfg, tmp_path):
     for mode in ("on", "off"):
         seed_everything(0)
         model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
-        trainer = Trainer(optimizer=partial(default_optimizer(), learning_rate=3e-3), max_steps=6,
-                          fused_kernels=mode)
+        trainer = Trainer(TrainerSettings(max_steps=6, fused_kernels=mode),
+                          optimizer=partial(default_optimizer(), learning_rate=3e-3))
         opt = trainer.build_optimizer(total_steps=6)
         opt.init(model.trainable_parameters())
         step = trainer.make_step(model, opt, losses.task_loss("lm"))

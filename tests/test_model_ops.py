@@ -18,6 +18,7 @@ from mlxlab.runs import load_run_model
 from mlxlab.train import train
 from mlxlab.training import losses
 from mlxlab.training.model_ops import ModelSchedule, check_schedule, grow_layers, widen_mlp
+from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.trainer import Trainer
 from test_resume import (
     STREAMING,
@@ -57,7 +58,7 @@ def train_steps(model, optimizer, n: int, trainer: Trainer) -> list[float]:
 
 
 def test_identity_growth_keeps_the_loss_and_training_goes_on():
-    model, trainer = small_lm(2), Trainer(optimizer=adamw(1e-2), max_steps=20)
+    model, trainer = small_lm(2), Trainer(TrainerSettings(max_steps=20), optimizer=adamw(1e-2))
     optimizer = trainer.build_optimizer(total_steps=20)
     optimizer.init(model.trainable_parameters())
     train_steps(model, optimizer, 5, trainer)  # trained weights, non-zero moments

@@ -24,6 +24,7 @@ from mlxlab.config import config_dir, instantiate
 from mlxlab.models.transformer import Transformer
 from mlxlab.training.losses import task_loss
 from mlxlab.training.optim import LRSchedule, build_optimizer
+from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.trainer import Trainer
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -136,8 +137,8 @@ def test_training_steps_match_pytorch():
     AdamW.step with PyTorch's warmup-cosine schedule: loss, gradients, norm and weights agree."""
     model, twin = shared_decoder()
     clip = 0.5  # below the gradient norm of this model, so every step clips
-    trainer = Trainer(optimizer=optimizer_factory("adamw"), schedule=SCHEDULE, max_steps=TOTAL,
-                      grad_clip=clip)
+    trainer = Trainer(TrainerSettings(schedule=SCHEDULE, max_steps=TOTAL, grad_clip=clip),
+                      optimizer=optimizer_factory("adamw"))
     loss_fn = task_loss("lm")
     optimizer = trainer.build_optimizer(TOTAL)
     optimizer.init(model.trainable_parameters())

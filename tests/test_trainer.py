@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import partial
 
 import mlx.core as mx
@@ -20,7 +21,8 @@ from mlxlab.runtime import device
 from mlxlab.train import seed_everything, train
 from mlxlab.training import losses
 from mlxlab.training.optim import default_optimizer
-from mlxlab.training.trainer import DistillConfig, Trainer, TrainingError
+from mlxlab.training.settings import DistillConfig, TrainerSettings
+from mlxlab.training.trainer import Trainer, TrainingError
 
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.dropout=0.0"]
 
@@ -51,7 +53,7 @@ def test_grad_accumulation_equals_one_big_batch(make_cfg, tmp_path):
     loss_fn = losses.task_loss("classification")
     results = []
     for model, accum, batches in ((model_a, 1, [batch]), (model_b, 2, halves)):
-        trainer = Trainer(optimizer=adamw(1e-2), grad_accum=accum, grad_clip=0.5)
+        trainer = Trainer(TrainerSettings(grad_accum=accum, grad_clip=0.5), optimizer=adamw(1e-2))
         opt = trainer.build_optimizer(total_steps=10)
         opt.init(model.trainable_parameters())
         loss, _, _ = trainer.make_step(model, opt, loss_fn)(batches)
@@ -102,18 +104,18 @@ def test_memory_budget_too_small_is_a_clear_error(make_cfg):
 def test_memory_budget_halves_the_batch_and_keeps_the_effective_batch(make_cfg, tmp_path):
     _, data, model = build(make_cfg, tmp_path, "model.hidden_size=64")
     loss_fn = losses.task_loss("classification")
-    roomy = Trainer(batch_size=64, memory_budget_mb=1e9)
+    roomy = Trainer(TrainerSettings(batch_size=64, memory_budget_mb=1e9))
     batching, grad_accum = roomy.fit_batch_to_memory(model, data, loss_fn)
     assert (batching.batch_size, grad_accum) == (64, 1)
 
     device.reset_peak_memory()
     batch = next(iter(data.train_batches(Batching(batch_size=64), 0)))
     mx.eval(nn.value_and_grad(model, loss_fn)(model, batch))
-    tight = Trainer(batch_size=64, memory_budget_mb=device.peak_memory_mb() * 0.6)
+    tight = Trainer(TrainerSettings(batch_size=64, memory_budget_mb=device.peak_memory_mb() * 0.6))
     batching, grad_accum = tight.fit_batch_to_memory(model, data, loss_fn)
     assert batching.batch_size < 64
     assert batching.batch_size * grad_accum == 64
-    assert (tight.batching.batch_size, tight.grad_accum) == (64, 1)  # the settings stay as set
+    assert (tight.batching.batch_size, tight.settings.grad_accum) == (64, 1)  # settings as set
 
 
 def test_cnn_hybrid_trains(make_cfg):
@@ -233,12 +235,12 @@ def test_cached_teacher_probabilities_give_the_per_step_loss(make_cfg, tmp_path)
     _, data, student = build(make_cfg, tmp_path, *TINY)
     data.load_state_dict({"epoch": 0, "batches_done": 3})
     teachers = [{"run": str(teacher_cfg.paths.output_dir)}]
-    trainer = Trainer(distill=DistillConfig(teachers=teachers, temperature=2.0), batch_size=16,
-                      load_teachers=load_teachers)
+    distill = DistillConfig(teachers=teachers, temperature=2.0)
+    trainer = Trainer(TrainerSettings(distill=distill, batch_size=16), load_teachers=load_teachers)
     cached_fn = trainer.build_loss(data)
     assert data.state_dict() == {"epoch": 0, "batches_done": 3}
-    trainer.distill.cache_teacher = False
-    per_step_fn = trainer.build_loss(data)
+    per_step = TrainerSettings(distill=replace(distill, cache_teacher=False), batch_size=16)
+    per_step_fn = Trainer(per_step, load_teachers=load_teachers).build_loss(data)
     student.eval()  # no dropout: the two losses see the same student
     for batch in list(data.train_batches(Batching(batch_size=7), 1))[:4]:
         (cached, aux_c), (direct, aux_d) = cached_fn(student, batch), per_step_fn(student, batch)
@@ -273,17 +275,19 @@ def test_distillation_loss_form_is_a_config_choice(make_cfg, tmp_path):
     student.eval()
     batch = next(iter(data.train_batches(Batching(batch_size=7), 1)))
     for loss in ("reverse_kl", "mse"):
-        trainer = Trainer(load_teachers=load_teachers,
-                          distill=DistillConfig(teachers=[{"run": str(teacher_cfg.paths.output_dir)}],
-                                                loss=loss), batch_size=16)
-        cached, aux_c = trainer.build_loss(data)(student, batch)
-        trainer.distill.cache_teacher = False
-        direct, aux_d = trainer.build_loss(data)(student, batch)
+        distill = DistillConfig(teachers=[{"run": str(teacher_cfg.paths.output_dir)}], loss=loss)
+        cached, aux_c = Trainer(TrainerSettings(distill=distill, batch_size=16),
+                                load_teachers=load_teachers).build_loss(data)(student, batch)
+        direct_settings = TrainerSettings(distill=replace(distill, cache_teacher=False),
+                                          batch_size=16)
+        direct, aux_d = Trainer(direct_settings,
+                                load_teachers=load_teachers).build_loss(data)(student, batch)
         assert cached.item() == pytest.approx(direct.item(), rel=1e-5)
         assert aux_c[loss].item() == pytest.approx(aux_d[loss].item(), rel=1e-4)
 
     bad = make_cfg(*FAST, "trainer=distill", "trainer.distill.kl_scale=T2")
-    validate(bad)  # the owner (DistillConfig) checks it, as the trainer is built
+    with pytest.raises(ConfigError, match=r"^trainer.distill.kl_scale='T2' is not one of"):
+        validate(bad)  # the owner (DistillConfig) checks it: validate builds the settings
     with pytest.raises(InstantiationException) as raised:
         instantiate(bad.trainer)
     assert isinstance(raised.value.__cause__, ConfigError)
@@ -323,7 +327,7 @@ def test_resume_into_a_changed_architecture_reports_the_mapping(make_cfg, tmp_pa
 
 def test_bf16_compute_keeps_fp32_master_weights(make_cfg, tmp_path):
     _, data, model = build(make_cfg, tmp_path, *TINY)
-    trainer = Trainer(optimizer=adamw(1e-2), precision="bf16", grad_clip=1.0)
+    trainer = Trainer(TrainerSettings(precision="bf16", grad_clip=1.0), optimizer=adamw(1e-2))
     loss_fn = trainer.build_loss(data)
     opt = trainer.build_optimizer(total_steps=10)
     opt.init(model.trainable_parameters())

@@ -158,26 +158,16 @@ def check_uri(uri: str) -> tuple[str, str]:
     return scheme, rest
 
 
-# key -> (type, lower bound or None). Only keys present in the config are checked.
+# key -> (type, lower bound or None). Only keys present in the config are checked. The keys of
+# settings that are typed dataclasses (trainer.*: training/settings.py; callbacks.checkpoint.*:
+# training/callbacks.py ModelCheckpoint) are checked by their owners, built below.
 _NUMERIC_RULES: dict[str, tuple[type, float | None]] = {
     "seed": (int, 0),
     "optimizer.learning_rate": (float, 0.0),
     "optimizer.weight_decay": (float, 0.0),
     "optimizer.eps": (float, 0.0),
     "optimizer.momentum": (float, 0.0),
-    "trainer.max_epochs": (int, 1),
-    "trainer.max_steps": (int, 1),
-    "trainer.batch_size": (int, 1),
-    "trainer.batching.max_batch_size": (int, 1),
-    "trainer.grad_accum": (int, 1),
-    "trainer.schedule.warmup_steps": (int, 0),
-    "trainer.schedule.min_lr_ratio": (float, 0.0),
-    "trainer.grad_clip": (float, 0.0),
-    "trainer.label_smoothing": (float, 0.0),
-    "trainer.eval_every_steps": (int, 1),
-    "trainer.log_every_steps": (int, 1),
     "callbacks.early_stopping.patience": (int, 0),
-    "callbacks.checkpoint.keep_last_n": (int, 1),
     "callbacks.memory.every": (int, 0),
     "model.hidden_size": (int, 1),
     "model.num_layers": (int, 1),
@@ -188,9 +178,14 @@ _NUMERIC_RULES: dict[str, tuple[type, float | None]] = {
     "data.max_length": (int, 1),
     "data.packing.seq_len": (int, 1),
 }
+# Config nodes built by validate() so that their classes check their own fields (__post_init__)
+# before anything heavy is built: one line naming the key, from the owner.
+SETTINGS_NODES = ("trainer", "callbacks.checkpoint")
 
 
-def _number(key: str, value: Any, kind: type) -> float:
+def check_number(key: str, value: Any, kind: type, low: float | None = None) -> None:
+    """`value` of config key `key` is a `kind` (int or float) >= `low`; else one ConfigError line
+    naming the key and the fix. The settings dataclasses call it for their numeric fields."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(
             f"{key} must be a number, got {value!r}: fix the override, e.g. {key}=3e-4"
@@ -199,7 +194,14 @@ def _number(key: str, value: Any, kind: type) -> float:
         )
     if kind is int and float(value) != int(value):
         raise ConfigError(f"{key} must be an integer, got {value!r}")
-    return float(value)
+    if low is not None and float(value) < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value!r}")
+
+
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
+    """`value` of config key `key` is one of `allowed`; else one ConfigError line listing them."""
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -207,11 +209,8 @@ def validate(cfg: DictConfig) -> None:
     _check_required(cfg)
     for key, (kind, low) in _NUMERIC_RULES.items():
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
-        if value is None:
-            continue
-        number = _number(key, value, kind)
-        if low is not None and number < low:
-            raise ConfigError(f"{key} must be >= {low}, got {value!r}")
+        if value is not None:
+            check_number(key, value, kind, low)
     fraction = OmegaConf.select(cfg, "data.val_fraction", default=None)
     if fraction is not None and not 0.0 < float(fraction) < 1.0:
         raise ConfigError(f"data.val_fraction must be between 0 and 1, got {fraction}")
@@ -225,23 +224,14 @@ def validate(cfg: DictConfig) -> None:
                               f"{group}={'|'.join(group_options(group)) or '...'}")
     _check_optimizer(cfg)
     _check_callbacks(cfg)
-    _check_choice(cfg, "trainer.precision", ("auto", "fp32", "bf16", "fp16"))
-    _check_choice(cfg, "trainer.quantize_bits", (None, 2, 3, 4, 6, 8))
-    _check_choice(cfg, "trainer.schedule.name", (None, "cosine", "constant"))
-    _check_choice(cfg, "trainer.distributed.mode", (None, "auto", "on", "off", True, False))
-    # model.mlp and trainer.distill.{loss,kl_scale} are checked by their owners when built
-    # (models/layers.py make_mlp, training/losses.py distillation_loss): one list of choices.
+    _check_settings(cfg)
+    # model.mlp is checked by its owner when the model is built (models/layers.py make_mlp).
     _check_choice(cfg, "optimizer.bias_correction", (None, True, False))
-    _check_choice(cfg, "trainer.requeue", (None, True, False))
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
     if betas is not None and (
         len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
     ):
         raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got {betas}")
-    _check_choice(cfg, "callbacks.checkpoint.when_busy", (None, "wait", "skip"))
-    remote = OmegaConf.select(cfg, "callbacks.checkpoint.remote", default=None)
-    if remote:
-        check_uri(str(remote))
     _check_optimized_metric(cfg)
 
 
@@ -328,9 +318,27 @@ def _check_required(cfg: DictConfig) -> None:
 
 
 def _check_choice(cfg: DictConfig, key: str, allowed: tuple) -> None:
-    value = OmegaConf.select(cfg, key, default=None)
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+    check_choice(key, OmegaConf.select(cfg, key, default=None), allowed)
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    """Build each of SETTINGS_NODES (its keys checked against its class first): the owner's
+    __post_init__ raises the one line for a bad value, unwrapped from Hydra's report."""
+    from hydra.errors import InstantiationException
+
+    from mlxlab.errors import UserError
+
+    for key in SETTINGS_NODES:
+        node = OmegaConf.select(cfg, key, default=None)
+        if not OmegaConf.is_dict(node) or "_target_" not in node:
+            continue  # a missing trainer _target_ is reported above; callbacks=none has none
+        _check_target(node, key, "give an importable class")
+        try:
+            instantiate(node)
+        except InstantiationException as wrapped:
+            if isinstance(wrapped.__cause__, UserError):
+                raise wrapped.__cause__ from None
+            raise
 
 
 def _check_optimized_metric(cfg: DictConfig) -> None:

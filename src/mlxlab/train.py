@@ -113,11 +113,11 @@ def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: P
 
 def describe_dataset(data) -> tuple[str, str, str, int | None] | None:
     """(name, source, digest, rows) of a file-backed dataset, for the run's MLflow input."""
-    path = Path(str(getattr(data, "path", "") or ""))
+    path = Path(str(data.path or ""))  # DataModule.path: None unless read from one file
     if not path.is_file():
         return None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    rows = getattr(data, "examples", None)
+    rows = data.examples
     return path.stem, str(path.resolve()), digest, len(rows) if rows is not None else None
 
 
@@ -187,15 +187,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mlxlab.tracking.base import NullTracker
     from mlxlab.tracking.stale import process_tags
     from mlxlab.tracking.tags import WORLD_SIZE
+    from mlxlab.training.callbacks import checkpoint_policy
+    from mlxlab.training.trainer import Trainer
 
-    world = distributed.world(cfg.trainer.distributed.mode, cfg.trainer.distributed.timeout_s)
-    if cfg.trainer.get("requeue") and not cfg.get("resume") and slurm.restarted():
+    settings = instantiate(cfg.trainer)  # TrainerSettings: checked by validate() above
+    world = distributed.world(settings.distributed.mode, settings.distributed.timeout_s)
+    if settings.requeue and not cfg.get("resume") and slurm.restarted():
         log.info("trainer.requeue: a requeued Slurm job: resume=auto")
         cfg.resume = "auto"
-    resume = remote_resume(cfg, run_dir, prepare_resume)
+    callbacks = build_callbacks(cfg)
+    resume = remote_resume(cfg.get("resume"), run_dir, checkpoint_policy(callbacks),
+                           lambda: prepare_resume(cfg, run_dir))
     if resume is not None:  # what was trained, with what this command line names on top
         rebuild_from_checkpoint(cfg, resume, _task_overrides())
         validate(cfg)
+        settings = instantiate(cfg.trainer)
     run_hash = config_hash(cfg)  # before the tokenizer paths below are filled in
     seed_everything(cfg.seed)
     reuse_tokenizer(cfg, resume, "resume")
@@ -225,8 +231,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     config["num_parameters"] = count_parameters(model)
     log.info("model %s: %s parameters", cfg.model._target_.rsplit(".", 1)[-1],
              f"{config['num_parameters']:,}")
-    trainer = instantiate(cfg.trainer)(optimizer=instantiate(cfg.optimizer),
-                                       callbacks=build_callbacks(cfg), load_teachers=load_teachers)
+    trainer = Trainer(settings, optimizer=instantiate(cfg.optimizer), callbacks=callbacks,
+                      load_teachers=load_teachers)
     tags = {**run_tags(cfg, choices, run_hash, run_dir), **process_tags(),
             WORLD_SIZE: str(world.size)}
     result = trainer.fit(model, data, tracker, run_dir, config=config, tags=tags, resume=resume)

@@ -45,6 +45,15 @@ class DataModule(Protocol):
     has_validation: bool = True   # False: nothing held out, no evaluation, checkpoints by steps
     no_validation_reason: str = "none held out"
     label_names: list[str] | None = None  # classification: names on the confusion matrix axes
+    tokenizer: Any = None         # the tokenizers.Tokenizer, after setup (samples, token names)
+    # A dataset read from one file: its path (the run's MLflow dataset input), every row of it
+    # as text, and the training rows' positions in it (a batch's `index` -> the file's row).
+    path: str | None = None
+    examples: list[str] | None = None
+    train_idx: Any = None         # a numpy int array, after setup
+    # The training documents a curriculum keeps (its outlier report names them); None: the
+    # rows of `examples` at `train_idx` are the documents.
+    curriculum_documents: list[str] | None = None
 
     def encoding_state(self) -> dict[str, Any] | None:
         """What predicting needs without the training data (label values, columns)."""

@@ -90,7 +90,7 @@ def export_run(
     if isinstance(model, RemappedLM):  # the small model + a tokenizer on its ids (remapped.py)
         remapped, model = model, model.inner
     if dtype is None:  # the pretrained checkpoint's own dtype, else what mlxlab trained in
-        source_config = getattr(model, "hf_config", None) or {}
+        source_config = model.hf_config or {}
         source = source_config.get("torch_dtype", source_config.get("dtype"))
         dtype = source if source in DTYPES else "float32"
     _check_options(model, fmt, dtype, quantize, lora)

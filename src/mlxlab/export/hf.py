@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 from tokenizers import Tokenizer, processors
 
 from mlxlab.data.tokenizer import EOT_TOKENS, PAD_TOKENS, find_token_id, start_ids
+from mlxlab.models.base import Model
 from mlxlab.models.bert import BertClassifier
 from mlxlab.models.hf import mlxlab_to_hf_name as bert_hf_name
 from mlxlab.models.hf_llama import to_hf_name as decoder_hf_name
@@ -129,7 +130,7 @@ def hf_weights(model: nn.Module, dtype: str) -> dict[str, mx.array]:
     return out
 
 
-def write_tokenizer(run_dir: Path, tokenizer_path: Path, out: Path, model: nn.Module) -> None:
+def write_tokenizer(run_dir: Path, tokenizer_path: Path, out: Path, model: Model) -> None:
     """tokenizer.json + tokenizer_config.json (+ the pretrained folder's side files). A tokenizer
     trained here gets a post-processor that starts texts with end-of-text, as mlxlab's training
     and generation do, so transformers and mlx-lm encode prompts to the same ids."""
@@ -157,7 +158,7 @@ def write_tokenizer(run_dir: Path, tokenizer_path: Path, out: Path, model: nn.Mo
     tok.save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": int(getattr(model, "max_seq_len", 512)),
+        "model_max_length": int(model.max_seq_len),  # models/base.py: 512 unless the model's
         "clean_up_tokenization_spaces": False,
         **specials,
     })

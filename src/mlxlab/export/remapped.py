@@ -129,7 +129,7 @@ def add_unk_rows(model: Any, count: int) -> None:
     model.embed_tokens.weight = grown(model.embed_tokens.weight)
     if not model.tie_embeddings:
         model.lm_head.weight = grown(model.lm_head.weight)
-    model._architecture["vocab_size"] += count
+    model.update_architecture(vocab_size=model.architecture["vocab_size"] + count)
 
 
 def write_remapped_tokenizer(tokenizer_path: Path, keep: Sequence[int], folder: Path) -> tuple[

@@ -19,6 +19,8 @@ from mlxlab import kernels
 class AdamW(optim.AdamW):
     """mlx.optimizers.AdamW (same arguments and state) with the fused CPU update."""
 
+    _coef: mx.array | None = None  # the step's scalars while a step applies (apply_gradients)
+
     def apply_gradients(self, gradients: dict, parameters: dict):
         self._coef = None  # the step's scalars, computed by the first apply_single of the step
         try:
@@ -31,7 +33,7 @@ class AdamW(optim.AdamW):
         module = kernels._fused("adamw", gradient, parameter, m, v)
         if module is None or not gradient.shape == parameter.shape == m.shape == v.shape:
             return super().apply_single(gradient, parameter, state)
-        if getattr(self, "_coef", None) is None:
+        if self._coef is None:
             self._coef = self._step_coefficients()
         b1, b2 = self.betas
         parameter, state["m"], state["v"] = module.adamw(

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
+from mlxlab.models.base import Model
 from mlxlab.models.hf import bert_config_from_hf, check_vocab, load_hf_bert_weights
 from mlxlab.models.layers import (
     Attention,
@@ -145,7 +146,7 @@ class BertEncoder(nn.Module):
         return self.final_norm(h) if "final_norm" in self else h
 
 
-class BertClassifier(nn.Module):
+class BertClassifier(Model):
     """BERT encoder -> [CLS] (position 0) -> pooler (dense + tanh) -> dropout -> classifier.
 
     Position 0 is read as the sequence summary, so batches must be right-padded and should
@@ -172,11 +173,6 @@ class BertClassifier(nn.Module):
         lora: Mapping | None = None,
     ):
         super().__init__()
-        # None = the choice that trains best where the model comes from: a pretrained
-        # checkpoint keeps its own dropout and pooler (its weights load); from scratch,
-        # dropout 0.3 and no pooler (Titanic, issue 11: the pooler's tanh made 3 of 8 seeds stop
-        # on the 80.3 % "women survive" plateau; 0.3 beat 0.1 and 0.2 over 8 seeds).
-        auto = {"dropout": SCRATCH_DROPOUT, "pooler": False}
         sizes = dict(
             hidden_size=hidden_size,
             num_layers=num_layers,
@@ -188,35 +184,23 @@ class BertClassifier(nn.Module):
             layer_norm_eps=layer_norm_eps,
             norm_position=norm_position,
         )
-        self._checkpoint_init = {}  # "_": not a parameter
+        vocab_size, sizes, pooler, self._checkpoint_init = resolve_bert_sizes(
+            vocab_size, num_labels, sizes, pooler, pretrained)
+        self.build_layers(vocab_size, num_labels, sizes, pooler)
+        self._architecture = {**sizes, "vocab_size": vocab_size, "num_labels": num_labels,
+                              "pooler": pooler}
         if pretrained:
-            hf = bert_config_from_hf(pretrained)
-            check_vocab(vocab_size, hf["vocab_size"], pretrained)
-            vocab_size = hf.pop("vocab_size")
-            # dropout is a training choice, not a size: a given one wins over the checkpoint's
-            auto = {"dropout": hf.pop("dropout"), "pooler": True}
-            pooler = auto["pooler"] if pooler is None else pooler
-            # a finished run is rebuilt with these when the folder is no longer given
-            self._checkpoint_init = {**hf, "vocab_size": vocab_size, "pooler": pooler}
-            changed = {k: (sizes[k], v) for k, v in hf.items() if sizes[k] != v}
-            if changed:
-                log.info("pretrained %s overrides %s", pretrained, changed)
-            sizes.update(hf)
-        if sizes["dropout"] is None:
-            sizes["dropout"] = auto["dropout"]
-        pooler = auto["pooler"] if pooler is None else pooler
-        check_positive(
-            vocab_size=vocab_size,
-            num_labels=num_labels,
-            **{k: sizes[k] for k in ("hidden_size", "num_layers", "num_heads")},
-            **{k: sizes[k] for k in ("intermediate_size", "max_position")},
-        )
-        check_dropout(sizes["dropout"])
-        if sizes["type_vocab_size"] < 0:
-            raise ConfigError(f"type_vocab_size={type_vocab_size} must be >= 0 (0 = no token types)")
-        if num_labels < 2:
-            raise ConfigError(f"num_labels={num_labels}; a classifier needs at least 2 labels")
+            report = load_hf_bert_weights(self, pretrained)
+            log.info(
+                "loaded %d tensors from %s; kept the fresh init for %s",
+                len(report["loaded"]),
+                pretrained,
+                report["missing"] or "nothing",
+            )
+        maybe_apply_lora(self, lora, default_extra_trainable=("classifier",))
 
+    def build_layers(self, vocab_size: int, num_labels: int, sizes: dict, pooler: bool) -> None:
+        """Encoder, optional pooler, dropout and classifier, then their initial weights."""
         self.encoder = BertEncoder(
             vocab_size,
             sizes["hidden_size"],
@@ -234,28 +218,11 @@ class BertClassifier(nn.Module):
         self.dropout = Dropout(sizes["dropout"])
         self.classifier = nn.Linear(sizes["hidden_size"], num_labels)
         init_normal_(self)
-        self._architecture = {**sizes, "vocab_size": vocab_size, "num_labels": num_labels,
-                              "pooler": pooler}
-
-        if pretrained:
-            report = load_hf_bert_weights(self, pretrained)
-            log.info(
-                "loaded %d tensors from %s; kept the fresh init for %s",
-                len(report["loaded"]),
-                pretrained,
-                report["missing"] or "nothing",
-            )
-        maybe_apply_lora(self, lora, default_extra_trainable=("classifier",))
 
     @property
     def checkpoint_init(self) -> dict:
-        """Sizes a checkpoint keeps besides the config (a pretrained folder's), see Trainer."""
+        """Sizes a checkpoint keeps besides the config (a pretrained folder's), see Model."""
         return dict(self._checkpoint_init)
-
-    @property
-    def architecture(self) -> dict:
-        """Every resolved size and choice: what export describes."""
-        return dict(self._architecture)
 
     def __call__(
         self,
@@ -267,3 +234,44 @@ class BertClassifier(nn.Module):
         if "pooler" in self:
             h = mx.tanh(self.pooler(h))
         return self.classifier(self.dropout(h))
+
+
+def resolve_bert_sizes(vocab_size: int, num_labels: int, sizes: dict, pooler: bool | None,
+                       pretrained: str | None) -> tuple[int, dict, bool, dict]:
+    """(vocab_size, sizes, pooler, checkpoint_init) of a BertClassifier: a pretrained folder's
+    config overrides the given sizes, None picks dropout and pooler, and every size is checked."""
+    # None = the choice that trains best where the model comes from: a pretrained
+    # checkpoint keeps its own dropout and pooler (its weights load); from scratch,
+    # dropout 0.3 and no pooler (Titanic, issue 11: the pooler's tanh made 3 of 8 seeds stop
+    # on the 80.3 % "women survive" plateau; 0.3 beat 0.1 and 0.2 over 8 seeds).
+    auto = {"dropout": SCRATCH_DROPOUT, "pooler": False}
+    sizes, checkpoint_init = dict(sizes), {}
+    if pretrained:
+        hf = bert_config_from_hf(pretrained)
+        check_vocab(vocab_size, hf["vocab_size"], pretrained)
+        vocab_size = hf.pop("vocab_size")
+        # dropout is a training choice, not a size: a given one wins over the checkpoint's
+        auto = {"dropout": hf.pop("dropout"), "pooler": True}
+        pooler = auto["pooler"] if pooler is None else pooler
+        # a finished run is rebuilt with these when the folder is no longer given
+        checkpoint_init = {**hf, "vocab_size": vocab_size, "pooler": pooler}
+        changed = {k: (sizes[k], v) for k, v in hf.items() if sizes[k] != v}
+        if changed:
+            log.info("pretrained %s overrides %s", pretrained, changed)
+        sizes.update(hf)
+    if sizes["dropout"] is None:
+        sizes["dropout"] = auto["dropout"]
+    pooler = auto["pooler"] if pooler is None else pooler
+    check_positive(
+        vocab_size=vocab_size,
+        num_labels=num_labels,
+        **{k: sizes[k] for k in ("hidden_size", "num_layers", "num_heads")},
+        **{k: sizes[k] for k in ("intermediate_size", "max_position")},
+    )
+    check_dropout(sizes["dropout"])
+    if sizes["type_vocab_size"] < 0:
+        raise ConfigError(f"type_vocab_size={sizes['type_vocab_size']} must be >= 0 (0 = no "
+                          "token types)")
+    if num_labels < 2:
+        raise ConfigError(f"num_labels={num_labels}; a classifier needs at least 2 labels")
+    return vocab_size, sizes, pooler, checkpoint_init

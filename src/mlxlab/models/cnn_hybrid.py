@@ -12,12 +12,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
+from mlxlab.models.base import Model
 from mlxlab.models.bert import BertEncoder
 from mlxlab.models.layers import Dropout, check_dropout, check_positive, init_normal_
 from mlxlab.models.lora import maybe_apply_lora
 
 
-class CNNHybrid(nn.Module):
+class CNNHybrid(Model):
     def __init__(
         self,
         vocab_size: int,

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxlab.models.base import Model
 
-class RemappedLM(nn.Module):
+
+class RemappedLM(Model):
     def __init__(self, inner: nn.Module, keep: Sequence[int], full_size: int) -> None:
         super().__init__()
         self.inner = inner
@@ -43,7 +45,7 @@ class RemappedLM(nn.Module):
         return mx.put_along_axis(full, index, logits[..., :-1], axis=-1)
 
 
-class FirstLogits(nn.Module):
+class FirstLogits(Model):
     """A model whose embedding table is padded past its tokenizer (rows no token id reaches):
     its logits cut to the first `vocab_size`, the ids a student trained on that tokenizer has.
     The padded rows were never targets, so the distribution over real ids barely moves."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
+from mlxlab.models.base import Model
 from mlxlab.models.hf import check_vocab, read_config
 from mlxlab.models.hf_llama import decoder_kwargs, load_hf_decoder_weights
 from mlxlab.models.layers import (
@@ -30,29 +32,54 @@ from mlxlab.models.rope import make_rope
 log = logging.getLogger(__name__)
 
 
-class DecoderBlock(nn.Module):
-    """Pre-norm: x = x + attn(norm(x)); x = x + mlp(norm(x))."""
+@dataclass(frozen=True)
+class DecoderArgs:
+    """A Transformer's sizes and choices resolved (a pretrained config.json applied, head_dim
+    filled in): what its layers are built from, as mlx-lm's ModelArgs. The Transformer's own
+    arguments are the `model.*` keys; see resolve_decoder_args."""
 
-    def __init__(
-        self, dim, num_heads, num_kv_heads, mlp_dim, norm, mlp, rope, dropout,
-        head_dim=None, norm_eps=1e-5, qkv_bias=False, out_bias=False, mlp_bias=False,
-    ):
+    vocab_size: int
+    dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None    # None: num_heads (no grouped-query attention)
+    head_dim: int
+    mlp_dim: int | None         # None: the MLP's own default width
+    max_seq_len: int
+    norm: str
+    norm_eps: float
+    mlp: str
+    positions: str              # rope | learned
+    rope_theta: float
+    rope_scaling: Mapping | None
+    tie_embeddings: bool
+    qkv_bias: bool
+    out_bias: bool
+    mlp_bias: bool
+    dropout: float
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm: x = x + attn(norm(x)); x = x + mlp(norm(x)). `rope`: None = no rotary positions
+    (the model adds learned ones instead)."""
+
+    def __init__(self, a: DecoderArgs, rope: nn.Module | None) -> None:
         super().__init__()
         self.attention = Attention(
-            dim, num_heads, num_kv_heads, bias=qkv_bias, rope=rope, head_dim=head_dim,
-            out_bias=out_bias,
+            a.dim, a.num_heads, a.num_kv_heads, bias=a.qkv_bias, rope=rope, head_dim=a.head_dim,
+            out_bias=a.out_bias,
         )
-        self.attention_norm = make_norm(norm, dim, norm_eps)
-        self.mlp = make_mlp(mlp, dim, mlp_dim, bias=mlp_bias)
-        self.mlp_norm = make_norm(norm, dim, norm_eps)
-        self.dropout = Dropout(dropout)
+        self.attention_norm = make_norm(a.norm, a.dim, a.norm_eps)
+        self.mlp = make_mlp(a.mlp, a.dim, a.mlp_dim, bias=a.mlp_bias)
+        self.mlp_norm = make_norm(a.norm, a.dim, a.norm_eps)
+        self.dropout = Dropout(a.dropout)
 
     def __call__(self, x: mx.array, mask, cache: KVCache | None = None) -> mx.array:
         x = x + self.dropout(self.attention(self.attention_norm(x), mask, cache))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
-class Transformer(nn.Module):
+class Transformer(Model):
     """`model(input_ids, attention_mask=None, cache=None) -> (B, T, vocab_size)` logits.
 
     With `cache` (from make_cache()) the new positions continue after what the cache holds;
@@ -94,68 +121,44 @@ class Transformer(nn.Module):
         if pretrained:
             hf_config = read_config(pretrained)
         self._hf_config = dict(hf_config) if hf_config else None  # "_": not a parameter
-        if hf_config:
-            hf = decoder_kwargs(hf_config)
-            check_vocab(vocab_size, hf["vocab_size"], pretrained or "the checkpoint")
-            vocab_size, dim, num_layers = hf["vocab_size"], hf["dim"], hf["num_layers"]
-            num_heads, num_kv_heads, head_dim = hf["num_heads"], hf["num_kv_heads"], hf["head_dim"]
-            mlp_dim, max_seq_len, norm_eps = hf["mlp_dim"], hf["max_seq_len"], hf["norm_eps"]
-            norm, mlp, positions = hf["norm"], hf["mlp"], hf["positions"]
-            rope_theta, rope_scaling = hf["rope_theta"], hf["rope_scaling"]
-            tie_embeddings, qkv_bias = hf["tie_embeddings"], hf["qkv_bias"]
-            out_bias, mlp_bias = hf["out_bias"], hf["mlp_bias"]
-        check_positive(
-            vocab_size=vocab_size,
-            dim=dim,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            max_seq_len=max_seq_len,
-        )
-        check_dropout(dropout)
-        if positions not in ("rope", "learned"):
-            raise ConfigError(f"unknown positions={positions!r}; use 'rope' or 'learned'")
-        if head_dim is None and dim % num_heads:
-            raise ConfigError(
-                f"dim={dim} is not divisible by num_heads={num_heads}; pick sizes so it is"
-            )
-        head_dim = head_dim or dim // num_heads
-        if positions == "rope" and head_dim % 2:
-            raise ConfigError(f"rope needs an even head size, got {head_dim}")
-        self.vocab_size = vocab_size
-        self.max_seq_len = max_seq_len
-        self.tie_embeddings = tie_embeddings
-        self.embed_tokens = nn.Embedding(vocab_size, dim)
-        if positions == "learned":
-            self.pos_embed = nn.Embedding(max_seq_len, dim)
-        self.dropout = Dropout(dropout)
-        self.layers = [
-            DecoderBlock(
-                dim, num_heads, num_kv_heads, mlp_dim, norm, mlp,
-                # None = no rotary positions (the model adds learned ones instead)
-                make_rope(head_dim, rope_theta, rope_scaling) if positions == "rope" else None,
-                dropout, head_dim, norm_eps, qkv_bias, out_bias, mlp_bias,
-            )
-            for _ in range(num_layers)
-        ]
-        self.norm = make_norm(norm, dim, norm_eps)
-        if not tie_embeddings:
-            self.lm_head = nn.Linear(dim, vocab_size, bias=False)
-        # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * num_layers)
-        res = 0.02 / (2 * num_layers) ** 0.5
-        init_normal_(self, 0.02, {"attention.out": res, "mlp.down": res})
-        self._architecture = dict(
+        a = resolve_decoder_args(dict(
             vocab_size=vocab_size, dim=dim, num_layers=num_layers, num_heads=num_heads,
-            num_kv_heads=num_kv_heads or num_heads, head_dim=head_dim,
-            mlp_dim=int(self.layers[0].mlp.up.weight.shape[0]), max_seq_len=max_seq_len,
-            norm=norm, norm_eps=norm_eps, mlp=mlp, positions=positions, rope_theta=rope_theta,
-            rope_scaling=dict(rope_scaling) if rope_scaling else None,
-            tie_embeddings=tie_embeddings, qkv_bias=qkv_bias, out_bias=out_bias,
-            mlp_bias=mlp_bias,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, mlp_dim=mlp_dim,
+            max_seq_len=max_seq_len, norm=norm, norm_eps=norm_eps, mlp=mlp, positions=positions,
+            rope_theta=rope_theta, rope_scaling=rope_scaling, tie_embeddings=tie_embeddings,
+            qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=mlp_bias, dropout=dropout,
+        ), hf_config, pretrained)
+        self.vocab_size, self.max_seq_len = a.vocab_size, a.max_seq_len
+        self.tie_embeddings = a.tie_embeddings
+        self.build_layers(a)
+        self._architecture = dict(
+            {k: v for k, v in asdict(a).items() if k != "dropout"},
+            num_kv_heads=a.num_kv_heads or a.num_heads,
+            mlp_dim=int(self.layers[0].mlp.up.weight.shape[0]),
+            rope_scaling=dict(a.rope_scaling) if a.rope_scaling else None,
         )
         if pretrained:
             report = load_hf_decoder_weights(self, pretrained)
             log.info("loaded %d tensors from %s", len(report["loaded"]), pretrained)
         maybe_apply_lora(self, lora)
+
+    def build_layers(self, a: DecoderArgs) -> None:
+        """Embeddings, decoder blocks, final norm and (untied) head, then their initial weights."""
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.dim)
+        if a.positions == "learned":
+            self.pos_embed = nn.Embedding(a.max_seq_len, a.dim)
+        self.dropout = Dropout(a.dropout)
+        self.layers = [
+            DecoderBlock(a, make_rope(a.head_dim, a.rope_theta, a.rope_scaling)
+                         if a.positions == "rope" else None)
+            for _ in range(a.num_layers)
+        ]
+        self.norm = make_norm(a.norm, a.dim, a.norm_eps)
+        if not a.tie_embeddings:
+            self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
+        # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * num_layers)
+        res = 0.02 / (2 * a.num_layers) ** 0.5
+        init_normal_(self, 0.02, {"attention.out": res, "mlp.down": res})
 
     @property
     def checkpoint_init(self) -> dict:
@@ -167,11 +170,6 @@ class Transformer(nn.Module):
     def hf_config(self) -> dict | None:
         """The config.json of the pretrained checkpoint this model started from, if any."""
         return dict(self._hf_config) if self._hf_config else None
-
-    @property
-    def architecture(self) -> dict:
-        """Every resolved size and choice (defaults filled in): what export describes."""
-        return dict(self._architecture)
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
@@ -210,6 +208,35 @@ class Transformer(nn.Module):
             h = layer(h, mask, c)
         h = self.norm(h)
         return self.embed_tokens.as_linear(h) if self.tie_embeddings else self.lm_head(h)
+
+
+
+def resolve_decoder_args(a: dict, hf_config: Mapping | None, source: str | None) -> DecoderArgs:
+    """A Transformer's constructor arguments resolved: a pretrained config.json (`hf_config`,
+    from the folder `source`) sets every size, then the sizes are checked and head_dim filled."""
+    a = dict(a)
+    if hf_config:
+        hf = decoder_kwargs(hf_config)
+        check_vocab(a["vocab_size"], hf["vocab_size"], source or "the checkpoint")
+        for key in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                    "mlp_dim", "max_seq_len", "norm_eps", "norm", "mlp", "positions",
+                    "rope_theta", "rope_scaling", "tie_embeddings", "qkv_bias", "out_bias",
+                    "mlp_bias"):
+            a[key] = hf[key]
+    check_positive(**{k: a[k] for k in ("vocab_size", "dim", "num_layers", "num_heads",
+                                        "max_seq_len")})
+    check_dropout(a["dropout"])
+    if a["positions"] not in ("rope", "learned"):
+        raise ConfigError(f"unknown positions={a['positions']!r}; use 'rope' or 'learned'")
+    dim, num_heads = a["dim"], a["num_heads"]
+    if a["head_dim"] is None and dim % num_heads:
+        raise ConfigError(
+            f"dim={dim} is not divisible by num_heads={num_heads}; pick sizes so it is"
+        )
+    a["head_dim"] = a["head_dim"] or dim // num_heads
+    if a["positions"] == "rope" and a["head_dim"] % 2:
+        raise ConfigError(f"rope needs an even head size, got {a['head_dim']}")
+    return DecoderArgs(**a)
 
 
 def sample_token(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -15,6 +15,9 @@ from mlxlab.checkpoint.remote import fetch_remote_checkpoint
 from mlxlab.config import is_remote
 from mlxlab.errors import ConfigError
 from mlxlab.runs.discovery import latest_run_with_checkpoints
+
+if TYPE_CHECKING:
+    from mlxlab.training.callbacks import ModelCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +42,20 @@ def prepare_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
 
 
 def remote_resume(
-    cfg: Any, run_dir: Path,
-    prepare_local: Callable[[Any, Path], Path | None] = prepare_resume,
+    resume: Any, run_dir: Path, policy: ModelCheckpoint,
+    prepare_local: Callable[[], Path | None],
 ) -> Path | None:
-    """The resume source of `cfg`: `resume=<s3://...>` downloads from there; `resume=auto` with
-    callbacks.checkpoint.remote set also looks there when the local checkpoint is missing or older;
-    anything else is `prepare_local(cfg, run_dir)` (prepare_resume)."""
-    resume = cfg.get("resume")
-    ckpt = (cfg.get("callbacks") or {}).get("checkpoint") or {}
-    retries, backoff = ckpt.get("remote_retries", 5), ckpt.get("remote_backoff_s", 1.0)
-    timeout = ckpt.get("remote_timeout_s", 60.0)
+    """The resume source of `resume=`: `resume=<s3://...>` downloads from there; `resume=auto`
+    with a remote in `policy` (the run's callbacks.checkpoint settings) also looks there when the
+    local checkpoint is missing or older; anything else is `prepare_local()` (prepare_resume)."""
+    retries, backoff = policy.remote_retries, policy.remote_backoff_s
     if is_remote(str(resume)):
         return fetch_remote_checkpoint(str(resume), run_dir, None, retries, backoff, required=True,
-                                       timeout_s=timeout)
-    local = prepare_local(cfg, run_dir)
-    if str(resume) == "auto" and ckpt.get("remote"):
-        return fetch_remote_checkpoint(str(ckpt["remote"]), run_dir, local, retries, backoff,
-                                       timeout_s=timeout)
+                                       timeout_s=policy.remote_timeout_s)
+    local = prepare_local()
+    if str(resume) == "auto" and policy.remote:
+        return fetch_remote_checkpoint(str(policy.remote), run_dir, local, retries, backoff,
+                                       timeout_s=policy.remote_timeout_s)
     return local
 
 
@@ -64,6 +64,9 @@ def remote_resume(
 TRAINED = ("model", "data", "trainer", "optimizer", "seed")
 # ...except what describes this launch rather than the run: these stay as composed now.
 LAUNCH_KEYS = ("trainer.distributed", "data.cache_dir", "data.tokenizer.path")
+# Targets of checkpoints' configs that name classes since replaced: a resume builds today's. The
+# trainer node was a partial of the Trainer itself before its settings had a class of their own.
+RENAMED_TARGETS = {"mlxlab.training.trainer.Trainer": "mlxlab.training.settings.TrainerSettings"}
 # Choices that set keys across groups (`# @package _global_`): naming one on a resume asks for
 # the run as that file composes it today.
 GLOBAL_CHOICES = ("experiment", "debug", "hparams_search")
@@ -107,6 +110,9 @@ def _with_new_keys(cfg: DictConfig, group: str, saved: Any) -> Any:
     now = cfg.get(group)
     if not isinstance(saved, dict) or not isinstance(now, DictConfig):
         return saved
+    if saved.get("_target_") in RENAMED_TARGETS:  # a node of a class since renamed
+        saved = {**{k: v for k, v in saved.items() if k != "_partial_"},
+                 "_target_": RENAMED_TARGETS[saved["_target_"]]}
     if saved.get("_target_") != now.get("_target_"):
         return saved
     return OmegaConf.to_container(OmegaConf.merge(OmegaConf.to_container(now), saved))

@@ -33,6 +33,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxlab.data.batching import Batching
+from mlxlab.models.base import Model
 from mlxlab.models.layers import Attention
 from mlxlab.training import losses
 from mlxlab.training.callbacks import Callback
@@ -78,10 +79,10 @@ class BackgroundAnalysis(Callback):
         self.model, self.tracker, self.task = model, context.tracker, data.task
         self.shadow = copy.deepcopy(model)  # the worker's own model: training's is never touched
         self.shadow.eval()
-        if getattr(data, "has_validation", True):
+        if data.has_validation:
             self.probe = next(iter(data.val_batches(Batching(batch_size=self.probe_batch_size))),
                               None)
-        self.tokenizer = getattr(data, "tokenizer", None)
+        self.tokenizer = data.tokenizer
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="analysis")
 
     # --- the training thread --------------------------------------------------------------
@@ -122,7 +123,7 @@ class BackgroundAnalysis(Callback):
             self.tracker.log_metrics(metrics, step)
             if self.task == "lm" and self.sample_tokens and self.probe is not None:
                 text = sample_text(self.shadow, self.probe, self.tokenizer, self.sample_tokens)
-                if text is not None and hasattr(self.tracker, "log_text"):
+                if text is not None:
                     self.tracker.log_text(text, f"samples/step_{step:06d}.txt")
             self.done.append(step)
         except Exception as e:
@@ -235,11 +236,11 @@ def embedding_statistics(model: nn.Module, max_rows: int = 4096) -> dict[str, fl
             "analysis/embedding/effective_rank": rank}
 
 
-def sample_text(model: nn.Module, probe: dict, tokenizer, max_tokens: int) -> str | None:
+def sample_text(model: Model, probe: dict, tokenizer, max_tokens: int) -> str | None:
     """Greedy continuation of the probe's first 8 tokens (seeded, so steps compare)."""
     from mlxlab.models.transformer import generate_step
 
-    if not hasattr(model, "make_cache") or tokenizer is None:
+    if tokenizer is None or model.make_cache() is None:  # (models/base.py: None = no decoder)
         return None
     prompt = np.array(probe["input_ids"][0, :8]).tolist()
     out: list[int] = []

@@ -27,6 +27,7 @@ import mlx.optimizers as optim
 
 from mlxlab.checkpoint import CHECKPOINTS_DIR, CheckpointManager, Snapshot, step_name
 from mlxlab.checkpoint.state import StateLike, state_step
+from mlxlab.config import check_choice
 from mlxlab.tracking import tags as T
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,7 @@ class CheckpointWriter:
         when_busy: str = "wait",
         uploader: Uploader | None = None,
     ) -> None:
-        if when_busy not in WHEN_BUSY:
-            raise ValueError(
-                f"callbacks.checkpoint.when_busy must be one of {WHEN_BUSY}, got {when_busy!r}"
-            )
+        check_choice("callbacks.checkpoint.when_busy", when_busy, WHEN_BUSY)
         self.manager = manager
         self.asynchronous = asynchronous
         self.when_busy = when_busy

@@ -13,14 +13,17 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from mlxlab.checkpoint import is_better
+from mlxlab.config import check_choice, check_number, check_uri
 from mlxlab.errors import ConfigError
 from mlxlab.runtime import device
+from mlxlab.training.async_writer import WHEN_BUSY
 
 if TYPE_CHECKING:
     from mlxlab.training.run import TrainContext
@@ -227,13 +230,25 @@ class ModelCheckpoint(Callback):
     enable_checkpointing does: resume and the best weights never depend on the callback list.
     """
 
-    keep_last_n: int = 3
-    save_every_steps: int | None = None
-    save_every_minutes: float | None = 10
+    keep_last_n: int = 3            # step checkpoints kept (best/ apart)
+    save_every_steps: int | None = None     # a checkpoint every N optimizer steps
+    save_every_minutes: float | None = 10   # ... and every N minutes of wall clock
     async_write: bool = True        # a background thread writes; the step only takes a snapshot
     when_busy: str = "wait"         # wait | skip: a save due while the previous one still writes
     remote: str | None = None       # s3://bucket/prefix | gs://... | az://...
-    remote_retries: int = 5
+    remote_retries: int = 5         # per file, with doubling backoff from remote_backoff_s
     remote_backoff_s: float = 1.0
-    remote_timeout_s: float = 60.0
-    remote_final_wait_s: float = 120.0
+    remote_timeout_s: float = 60.0  # each network call; one past it counts as a failed try
+    remote_final_wait_s: float = 120.0  # the run's end waits at most this long for an upload
+
+    def __post_init__(self) -> None:  # the owner checks its keys (config.validate builds it)
+        check_number("callbacks.checkpoint.keep_last_n", self.keep_last_n, int, 1)
+        check_choice("callbacks.checkpoint.when_busy", self.when_busy, WHEN_BUSY)
+        if self.remote:
+            check_uri(str(self.remote))
+
+
+def checkpoint_policy(callbacks: Sequence[Callback]) -> ModelCheckpoint:
+    """The ModelCheckpoint among `callbacks`, else its defaults (checkpoints always exist)."""
+    found = [cb for cb in callbacks if isinstance(cb, ModelCheckpoint)]
+    return found[0] if found else ModelCheckpoint()

@@ -32,6 +32,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.checkpoint.state import CheckpointState
+from mlxlab.errors import ConfigError
+from mlxlab.models.base import Model
 
 log = logging.getLogger("mlxlab.training")
 
@@ -61,7 +63,7 @@ def _zero_residual_outputs(block: nn.Module) -> None:
             module.update(tree_unflatten(list(params.items())))
 
 
-def grow_layers(model: nn.Module, num_layers: int, init: str = "identity") -> None:
+def grow_layers(model: Model, num_layers: int, init: str = "identity") -> None:
     layers = _layers(model)
     old = len(layers)
     if num_layers <= old:
@@ -75,10 +77,10 @@ def grow_layers(model: nn.Module, num_layers: int, init: str = "identity") -> No
         if init == "identity":
             _zero_residual_outputs(block)
         layers.append(block)
-    _set_architecture(model, num_layers=num_layers)
+    model.update_architecture(num_layers=num_layers)  # what export describes
 
 
-def widen_mlp(model: nn.Module, mlp_dim: int, init_std: float = 0.02, seed: int = 0) -> None:
+def widen_mlp(model: Model, mlp_dim: int, init_std: float = 0.02, seed: int = 0) -> None:
     """Every MLP's hidden width -> mlp_dim; the new units' output weights are zero."""
     key = mx.random.key(seed)  # its own key: the run's RNG stream is not consumed
     found = False
@@ -103,7 +105,7 @@ def widen_mlp(model: nn.Module, mlp_dim: int, init_std: float = 0.02, seed: int 
             [down.weight, mx.zeros((down.weight.shape[0], extra), down.weight.dtype)], axis=1)
     if not found:
         raise ValueError(f"{type(model).__name__} has no up/down MLP: widen_mlp cannot apply")
-    _set_architecture(model, mlp_dim=mlp_dim)
+    model.update_architecture(mlp_dim=mlp_dim)
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
@@ -124,12 +126,6 @@ def unfreeze_lora_base(model: nn.Module) -> None:
         m.linear.unfreeze()
 
 
-def _set_architecture(model: nn.Module, **changes: int) -> None:
-    arch = getattr(model, "_architecture", None)
-    if isinstance(arch, dict):  # what export describes
-        arch.update(changes)
-
-
 def apply_op(model: nn.Module, spec: Mapping) -> None:
     args = {k: v for k, v in spec.items() if k not in ("op", "at_step")}
     op = spec["op"]
@@ -145,23 +141,23 @@ def apply_op(model: nn.Module, spec: Mapping) -> None:
 
 
 def check_schedule(schedule: Sequence[Mapping] | None) -> list[dict]:
-    """The schedule as plain dicts, sorted by step; ValueError naming a bad entry and the fix."""
+    """The schedule as plain dicts, sorted by step; ConfigError (a ValueError) naming a bad entry and the fix."""
     out = []
     for i, entry in enumerate(schedule or []):
         entry = dict(entry)
         op, step = entry.get("op"), entry.get("at_step")
         where = f"trainer.model_schedule[{i}]"
         if op not in OPS:
-            raise ValueError(f"{where}: op={op!r} is unknown; use one of {sorted(OPS)}")
+            raise ConfigError(f"{where}: op={op!r} is unknown; use one of {sorted(OPS)}")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"{where}: needs at_step=<int >= 0> (the optimizer step), got {step!r}")
+            raise ConfigError(f"{where}: needs at_step=<int >= 0> (the optimizer step), got {step!r}")
         extra = set(entry) - OPS[op] - {"op", "at_step"}
         if extra:
-            raise ValueError(f"{where}: {op} takes {sorted(OPS[op]) or 'no arguments'}, "
+            raise ConfigError(f"{where}: {op} takes {sorted(OPS[op]) or 'no arguments'}, "
                              f"not {sorted(extra)}")
         needed = {"grow_layers": "num_layers", "widen_mlp": "mlp_dim", "set_dropout": "p"}.get(op)
         if needed and needed not in entry:
-            raise ValueError(f"{where}: {op} needs {needed}=...")
+            raise ConfigError(f"{where}: {op} needs {needed}=...")
         out.append(entry)
     return sorted(out, key=lambda e: e["at_step"])  # stable: same-step ops keep their order
 

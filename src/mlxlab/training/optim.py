@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from mlxlab import kernels
+from mlxlab.config import check_choice, check_number
 from mlxlab.errors import ConfigError
 
 OptimizerFactory = Callable[..., optim.Optimizer]
@@ -22,17 +23,18 @@ OptimizerFactory = Callable[..., optim.Optimizer]
 SCHEDULES = ("cosine", "constant")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LRSchedule:
     """`trainer.schedule`: linear warmup then cosine decay to min_lr_ratio x the peak, or constant."""
 
-    name: str = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
+    name: str = "cosine"      # cosine | constant
+    warmup_steps: int = 0     # linear warmup from peak / warmup_steps to the peak
+    min_lr_ratio: float = 0.1  # cosine ends at this fraction of the peak
 
     def __post_init__(self) -> None:
-        if self.name not in SCHEDULES:
-            raise ConfigError(f"trainer.schedule.name={self.name!r} is not one of {list(SCHEDULES)}")
+        check_choice("trainer.schedule.name", self.name, SCHEDULES)
+        check_number("trainer.schedule.warmup_steps", self.warmup_steps, int, 0)
+        check_number("trainer.schedule.min_lr_ratio", self.min_lr_ratio, float, 0.0)
 
     def __call__(self, learning_rate: float, total_steps: int):
         if self.name == "constant":

@@ -49,7 +49,7 @@ class PerExampleLosses(Callback):
     def setup(self, context, model, data) -> None:
         self.tracker, self.dir = context.tracker, Path(context.run_dir) / self.folder
         self.steps_per_epoch = context.steps_per_epoch
-        self.ids = getattr(data, "train_idx", None)  # batch index -> the row of the data file
+        self.ids = data.train_idx  # batch index -> the row of the data file (None: no file rows)
         # Rank 0 writes the run folder; under data parallelism it sees its own rows only.
         self.enabled = context.world.is_main
         if self.enabled and self._thread is None:

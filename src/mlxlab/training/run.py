@@ -44,7 +44,7 @@ from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import Tracker
 from mlxlab.training import losses, metrics
 from mlxlab.training.async_writer import CheckpointWriter
-from mlxlab.training.model_ops import newest_state
+from mlxlab.training.model_ops import ModelSchedule, newest_state
 from mlxlab.training.signals import GracefulStop
 from mlxlab.training.token_tracking import TokenDistributionLog
 
@@ -162,9 +162,12 @@ class Run:
     def __init__(self, trainer: Trainer, model: nn.Module, data: DataModule, tracker: Tracker,
                  run_dir: Path, config: dict, tags: dict, resume: str | Path | None) -> None:
         self.trainer, self.model, self.data, self.tracker = trainer, model, data, tracker
+        self.settings = settings = trainer.settings  # read, never changed
         self.run_dir, self.config, self.task = run_dir, config, data.task
-        kernels.set_mode(trainer.fused_kernels)  # process-wide: the ops the step traces
-        self.world = distributed.world(trainer.distributed.mode, trainer.distributed.timeout_s)
+        kernels.set_mode(settings.fused_kernels)  # process-wide: the ops the step traces
+        self.world = distributed.world(settings.distributed.mode, settings.distributed.timeout_s)
+        # scheduled model operations (model_ops.py): which are done is this run's to change
+        self.model_ops = ModelSchedule(settings.model_schedule)
         # data that reads a lane per rank (data.shard_by_rank) batches per rank already
         self.rank_batches = data.use_world(self.world)
         batching = trainer.batching if self.rank_batches else global_batching(
@@ -190,7 +193,7 @@ class Run:
         self.manager = CheckpointManager(
             run_dir / CHECKPOINTS_DIR, keep_last_n=policy.keep_last_n,
             save_every_steps=policy.save_every_steps, save_every_minutes=policy.save_every_minutes,
-            monitor=trainer.monitor, mode=trainer.monitor_mode)
+            monitor=settings.monitor, mode=settings.monitor_mode)
         self.optimizer, self.shards = self.build_optimizer(resume, tags)
         self.start_tracking(tags, resume)
         memory.keep_freed_memory()  # steps reuse freed memory, no page faults (runtime/memory.py)
@@ -206,10 +209,10 @@ class Run:
     def build_optimizer(self, resume: str | Path | None, tags: dict):
         """The optimizer (sharded over ranks with ZeRO-1), any checkpoint restored into it and
         everything else, and the callbacks set up: (optimizer, shards or None)."""
-        trainer, model = self.trainer, self.model
+        trainer, model, settings = self.trainer, self.model, self.settings
         optimizer = trainer.build_optimizer(self.total_steps)
         shards = None
-        if trainer.distributed.shard_optimizer and self.world.enabled:
+        if settings.distributed.shard_optimizer and self.world.enabled:
             shards = distributed.OptimizerShards(self.world, model.trainable_parameters())
         else:  # sharded: the full state is only built when a checkpoint is restored into it
             optimizer.init(model.trainable_parameters())
@@ -225,7 +228,7 @@ class Run:
         self.context = TrainContext(
             world=self.world, task=self.task, total_steps=self.total_steps,
             steps_per_epoch=self.steps_per_epoch, max_epochs=self.max_epochs,
-            monitor=trainer.monitor, monitor_mode=trainer.monitor_mode, tracker=self.tracker,
+            monitor=settings.monitor, monitor_mode=settings.monitor_mode, tracker=self.tracker,
             run_dir=self.run_dir, batch_size=self.batching.batch_size, grad_accum=self.grad_accum,
             optimizer=optimizer, optimizer_state_mb=state_mb)
         for cb in self.callbacks:
@@ -233,7 +236,7 @@ class Run:
         return optimizer, shards
 
     def start_tracking(self, tags: dict, resume: str | Path | None) -> None:
-        if self.trainer.distill:  # the weights each teacher had (learned ones are known only now)
+        if self.settings.distill:  # the weights each teacher had (learned ones are known only now)
             tags[T.DISTILL_TEACHER_WEIGHTS] = str([round(w, 4) for w in self.teacher_weights])
         state, tracker = self.state, self.tracker
         if state.resumed_from is not None:  # file trackers (CsvTracker) carry the killed run's record
@@ -263,10 +266,10 @@ class Run:
         """Load the newest usable checkpoint of `resume` into everything; returns tags to log."""
         trainer, model, data, state = self.trainer, self.model, self.data, self.state
         source = find_run_checkpoints(resume)
-        trainer.model_ops.restore_structure(model, newest_state(source))  # before its weights load
+        self.model_ops.restore_structure(model, newest_state(source))  # before its weights load
         raw, path = source.load_latest(model, optimizer)
         saved = CheckpointState.from_json(raw)
-        if (saved.model_ops or {}).get("done", []) != trainer.model_ops.done:
+        if (saved.model_ops or {}).get("done", []) != self.model_ops.done:
             raise CheckpointError(f"resume: {path} was saved before or after other model "
                                   "operations than the newest checkpoint: resume from that one")
         data.load_state_dict(saved.data)
@@ -298,7 +301,7 @@ class Run:
             # A best metric measured on other data is no bar for this data's metrics.
             log.warning("resume: the validation set changed since the checkpoint: the best metric "
                         "(%s = %s) is reset; the next evaluation sets a new best/",
-                        self.trainer.monitor, self.state.best_metrics.get(self.trainer.monitor))
+                        self.settings.monitor, self.state.best_metrics.get(self.settings.monitor))
             tags["resume.changed.validation_set"] = f"{saved.val_fingerprint} -> {self.val_print}"
             self.forget_best()
         report = source.last_report
@@ -325,13 +328,13 @@ class Run:
             callbacks={cb.state_key: cb.state_dict() for cb in self.callbacks},
             run_id=state.run_id, history=state.history,  # the tracker's: Run.save, later
             best_metrics=state.best_metrics,
-            best_metric=state.best_metrics.get(self.trainer.monitor), config=self.config,
+            best_metric=state.best_metrics.get(self.settings.monitor), config=self.config,
             # + what rebuilds a pretrained model without its source folder (its config)
             model_init={"vocab_size": data.vocab_size, "num_labels": data.num_labels,
-                        **getattr(self.model, "checkpoint_init", {})},
+                        **self.model.checkpoint_init},
             tokenizer_hash=data.tokenizer_hash,
             val_fingerprint=self.val_print, log_window=self.window.state_dict(),
-            model_ops=self.trainer.model_ops.state_dict(),  # training/model_ops.py
+            model_ops=self.model_ops.state_dict(),  # training/model_ops.py
             # classification: label values and columns, so predicting needs no training CSV
             encoding=data.encoding_state(),
         )
@@ -375,9 +378,9 @@ class Run:
         self.tracker.log_metrics(results, state.step)
         for cb in self.callbacks:
             cb.on_eval(state.step, results)
-        monitor = self.trainer.monitor
+        monitor = self.settings.monitor
         value = results.get(monitor, math.nan)
-        if is_better(value, state.best_metrics.get(monitor), self.trainer.monitor_mode):
+        if is_better(value, state.best_metrics.get(monitor), self.settings.monitor_mode):
             state.best_metrics = {**results, "best_step": float(state.step)}
             state.best_eval = outputs
         state.last_eval_step = state.step
@@ -385,9 +388,9 @@ class Run:
 
     def train_step(self, batches: list) -> bool:
         """One optimizer update, its logging, evaluation and checkpoint; True = stop now."""
-        trainer, state = self.trainer, self.state
-        if trainer.model_ops.due(state.step):  # scheduled model operations, then a new step
-            if trainer.model_ops.run_due(state.step, self.model, self.optimizer, self.tracker):
+        trainer, settings, state = self.trainer, self.settings, self.state
+        if self.model_ops.due(state.step):  # scheduled model operations, then a new step
+            if self.model_ops.run_due(state.step, self.model, self.optimizer, self.tracker):
                 self.forget_best()
             self.step_fn = trainer.make_step(self.model, self.optimizer, self.loss_fn, self.world,
                                              self.shards, self.grad_accum)
@@ -402,14 +405,14 @@ class Run:
         self.window.add(loss_value, aux)
         end = state.step >= self.total_steps
         logs: dict[str, float] = {}
-        if state.step % trainer.log_every_steps == 0 or end:
+        if state.step % settings.log_every_steps == 0 or end:
             logs = self.window.summary(self.task, norm.item(), float(self.optimizer.learning_rate))
             state.history.setdefault("train/loss", []).append((state.step, logs["train/loss"]))
         for cb in self.callbacks:
             cb.on_step(state.step, logs)
         if logs:
             self.tracker.log_metrics(logs, state.step)
-        every = trainer.eval_every_steps
+        every = settings.eval_every_steps
         evaluated = bool(every and (state.step % every == 0 or end))
         if evaluated:
             self.evaluate_and_save()
@@ -435,7 +438,7 @@ class Run:
         self.writer.wait()  # the emergency checkpoint is on disk before the process exits
         warned = self.stop.signum == getattr(signal, "SIGUSR1", None)  # Slurm's time-limit warning
         raise TrainingInterrupted(self.stop.exit_code if self.stop.requested else 143,
-                                  self.manager.latest(), requeue=warned and self.trainer.requeue)
+                                  self.manager.latest(), requeue=warned and self.settings.requeue)
 
     def should_stop(self) -> bool:
         return any(cb.should_stop for cb in self.callbacks)
@@ -452,7 +455,7 @@ class Run:
         best = self.manager.best_path
         if best is not None:
             load_checkpoint(best, self.model)
-        if self.trainer.quantize_bits:
+        if self.settings.quantize_bits:
             metrics_out.update(self.save_quantized(metrics_out))
         self.log_artifacts(best)
         state.finished = True
@@ -463,7 +466,7 @@ class Run:
         """trainer.quantize_bits: the best weights quantized, evaluated, and saved beside the
         float ones as checkpoints/quantized (what `mlxlab predict/eval/serve --checkpoint
         quantized` load); the sizes and metrics of both, logged and in the run's metrics."""
-        bits, model = int(self.trainer.quantize_bits), self.model
+        bits, model = int(self.settings.quantize_bits), self.model
         float_mb = parameter_mb(model)
         results = self.trainer.quantized_metrics(model, self.data, self.task, self.batching)
         results["model/size_mb"] = float_mb
@@ -473,7 +476,7 @@ class Run:
         state.run_id = self.tracker.run_id or state.run_id
         state.extra["quantization"] = {"bits": bits, "group_size": GROUP_SIZE}
         path = self.manager.save_named(QUANTIZED, model, state)
-        monitor = self.trainer.monitor
+        monitor = self.settings.monitor
         quantized_monitor = monitor.replace("val/", f"val_q{bits}/", 1)
         log.info("quantized to %d bits: %.2f MB (float %.2f MB); %s %.4f (float %.4f); saved %s",
                  bits, results[f"model/q{bits}_size_mb"], float_mb, quantized_monitor,

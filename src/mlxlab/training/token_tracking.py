@@ -36,11 +36,11 @@ class TokenDistributionLog(Callback):
             return
         folder = self.run_dir / "curriculum"
         folder.mkdir(parents=True, exist_ok=True)
-        tok = getattr(self.data, "tokenizer", None)
+        tok, data = self.data.tokenizer, self.data
         names = [tok.id_to_token(i) or str(i) for i in range(len(self.curriculum.seen))] if tok else None
-        texts = getattr(self.data, "curriculum_documents", None) or None
-        if texts is None and hasattr(self.data, "train_idx"):
-            texts = [self.data.examples[i] for i in self.data.train_idx]
+        texts = data.curriculum_documents or None
+        if texts is None and data.train_idx is not None:
+            texts = [data.examples[i] for i in data.train_idx]
         png = self.curriculum.histogram_png(folder / "token_histogram.png", names)
         out = folder / "outliers.json"
         out.write_text(json.dumps(self.curriculum.outliers(texts), indent=1))

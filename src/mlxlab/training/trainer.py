@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,13 @@ from mlxlab.checkpoint import (
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
+from mlxlab.models.base import Model
 from mlxlab.models.quantize import quantize_linears
 from mlxlab.runtime import device, distributed
 from mlxlab.tracking.base import Tracker, flatten_config
 from mlxlab.training import losses, metrics
-from mlxlab.training.callbacks import Callback, ModelCheckpoint
-from mlxlab.training.model_ops import ModelSchedule
+from mlxlab.training.callbacks import Callback, ModelCheckpoint, checkpoint_policy
 from mlxlab.training.optim import (
-    LRSchedule,
     OptimizerFactory,
     build_optimizer,
     clip_by_global_norm,
@@ -53,31 +51,13 @@ from mlxlab.training.run import (  # noqa: F401  (FitResult, TrainingInterrupted
     TrainingError,
     TrainingInterrupted,
 )
+from mlxlab.training.settings import (  # noqa: F401  (configs saved before settings.py
+    DistillConfig,  # name mlxlab.training.trainer.DistillConfig: they keep building)
+    DistributedConfig,
+    TrainerSettings,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DistillConfig:
-    """`trainer.distill` (trainer=distill): teachers are finished runs, see conf/trainer/distill.yaml."""
-
-    teachers: list[dict] = field(default_factory=list)  # [{run: <run dir>, weight: 1.0}, ...]
-    alpha: float = 0.5            # weight of the hard-label CE; (1 - alpha) on the soft KL
-    temperature: float = 2.0
-    cache_teacher: bool = True    # fixed datasets: teacher outputs computed once, looked up per step
-    rounds: int = 1               # > 1: rounds of distillation (distill_rounds.py, run by train.py)
-    round_teachers: str = "chain"  # chain | ensemble: who teaches round r + 1
-    teacher_weights: str = "fixed"  # fixed | learned (training/teacher_weights.py)
-    loss: str = "kl"              # kl | reverse_kl | mse: the soft term (losses.distillation_loss)
-    kl_scale: str = "t2"          # t2: the KL times T^2 (Hinton) | none: alpha*CE + (1-alpha)*KL
-
-    def __post_init__(self) -> None:  # the owner checks its choices (one list: losses.py)
-        if self.loss not in losses.DISTILL_LOSSES:
-            raise ConfigError(f"trainer.distill.loss={self.loss!r} is not one of "
-                              f"{list(losses.DISTILL_LOSSES)}")
-        if self.kl_scale not in losses.KL_SCALES:
-            raise ConfigError(f"trainer.distill.kl_scale={self.kl_scale!r} is not one of "
-                              f"{list(losses.KL_SCALES)}")
 
 
 # (teacher specs, vocab_size, num_labels, label_names) -> (frozen teacher models, weights)
@@ -85,84 +65,36 @@ TeacherLoader = Callable[[list, int, "int | None", "list[str] | None"],
                          tuple[list[nn.Module], list[float]]]
 
 
-@dataclass
-class DistributedConfig:
-    """`trainer.distributed`: data parallelism under `mlx.launch -n N -- mlxlab train ...`."""
-
-    mode: str | bool = "auto"     # auto = on when launched with > 1 rank | on (must be launched) | off
-    timeout_s: float = 30.0       # a collective waiting longer (dead or hung rank) ends the process
-    shard_optimizer: bool = False  # ZeRO-1: each rank keeps ~1/N of the optimizer state
-
-
 class Trainer:
-    """The one loop. What it trains with comes in built: the optimizer as a partial
-    (`conf/optimizer/*.yaml`, learning_rate = the peak of `schedule`) and the callbacks
-    (`conf/callbacks/*.yaml`); the rest are the loop's own knobs (`conf/trainer/*.yaml`)."""
+    """The one loop. Its knobs come in one frozen `TrainerSettings` (`conf/trainer/*.yaml`,
+    training/settings.py); what it trains with comes in built: the optimizer as a partial
+    (`conf/optimizer/*.yaml`, learning_rate = the peak of `settings.schedule`), the callbacks
+    (`conf/callbacks/*.yaml`) and, for distillation, `load_teachers`, which turns
+    `trainer.distill.teachers` into models (train.py gives runs.load_teachers, so the loop never
+    reaches up into finished runs itself)."""
 
     def __init__(
         self,
+        settings: TrainerSettings | None = None,
         optimizer: OptimizerFactory | None = None,
         callbacks: Sequence[Callback] = (),
-        schedule: LRSchedule | None = None,
-        max_epochs: int | None = 10,
-        max_steps: int | None = None,
-        batch_size: int = 32,
-        grad_accum: int = 1,
-        grad_clip: float = 1.0,
-        label_smoothing: float = 0.0,
-        eval_every_steps: int | None = None,
-        log_every_steps: int = 10,
-        batching: dict | None = None,
-        precision: str = "auto",
-        compile: bool = True,
-        memory_budget_mb: float | None = None,
-        quantize_bits: int | None = None,
-        monitor: str = "val/accuracy",
-        monitor_mode: str = "max",
-        distill: DistillConfig | None = None,
-        distributed: DistributedConfig | None = None,
-        fused_kernels: str | bool = "auto",
-        model_schedule: list | None = None,
-        requeue: bool = False,
         load_teachers: TeacherLoader | None = None,
     ) -> None:
-        if max_epochs is None and max_steps is None:
-            raise ConfigError("set trainer.max_epochs or trainer.max_steps")
+        self.settings = settings or TrainerSettings()
         self.optimizer_factory = optimizer or default_optimizer()
         self.callbacks = list(callbacks)
-        self.schedule = schedule or LRSchedule()
-        self.max_epochs, self.max_steps = max_epochs, max_steps
-        self.grad_clip, self.label_smoothing = grad_clip, label_smoothing
-        self.eval_every_steps, self.log_every_steps = eval_every_steps, log_every_steps
-        self.grad_accum = grad_accum
-        self.batching = Batching(batch_size=batch_size, **(batching or {}))
-        self.precision, self.compile = precision, compile
-        self.memory_budget_mb, self.quantize_bits = memory_budget_mb, quantize_bits
-        self.monitor, self.monitor_mode = monitor, monitor_mode
-        self.distill = distill
-        # Data parallelism (runtime/distributed.py): batch_size is per rank, as with torchrun.
-        self.distributed = distributed or DistributedConfig()
-        if str(fused_kernels).lower() not in ("auto", "on", "off", "true", "false"):
-            raise ConfigError(f"trainer.fused_kernels={fused_kernels!r}: expected auto, on or off")
-        self.fused_kernels = fused_kernels  # set process-wide when a fit or a step is built
-        self.model_ops = ModelSchedule(model_schedule)  # scheduled model operations (model_ops.py)
-        self.requeue = requeue  # SIGUSR1 (Slurm's time-limit warning): requeue the job (slurm.py)
-        # distill.teachers -> models: handed in (train.py gives runs.load_teachers), so the loop
-        # never reaches up into finished runs itself
         self.load_teachers = load_teachers
-        if self.model_ops and self.distributed.shard_optimizer:
-            raise ConfigError("trainer.model_schedule does not work with trainer.distributed."
-                              "shard_optimizer yet: turn one of them off")
+        # batch_size is per rank under data parallelism, as with torchrun (Run scales it)
+        self.batching = self.settings.data_batching()
 
     @property
     def checkpointing(self) -> ModelCheckpoint:
         """The ModelCheckpoint among the callbacks, else its defaults (checkpoints always exist)."""
-        found = [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
-        return found[0] if found else ModelCheckpoint()
+        return checkpoint_policy(self.callbacks)
 
     def build_optimizer(self, total_steps: int):
         """The configured optimizer, its learning rate following the schedule over total_steps."""
-        return build_optimizer(self.optimizer_factory, self.schedule, total_steps)
+        return build_optimizer(self.optimizer_factory, self.settings.schedule, total_steps)
 
     # --- hooks ---------------------------------------------------------------------------
 
@@ -172,35 +104,35 @@ class Trainer:
     def loss_setup(self, data, batching: Batching) -> tuple[losses.LossFn, list[float]]:
         """The run's loss function and, distilling, each teacher's (normalized) weight."""
         per_example = any(cb.needs_example_losses for cb in self.callbacks)
+        distill, smoothing = self.settings.distill, self.settings.label_smoothing
         weights: list[float] = []
-        if self.distill:
+        if distill:
             if self.load_teachers is None:
                 raise ConfigError("a distilling Trainer needs load_teachers= (e.g. "
                                   "mlxlab.runs.load_teachers), which builds its teachers")
             teachers, weights = self.load_teachers(
-                self.distill.teachers, data.vocab_size, data.num_labels, data.label_names
+                distill.teachers, data.vocab_size, data.num_labels, data.label_names
             )
-            if self.distill.teacher_weights == "learned" and len(teachers) > 1:
+            if distill.teacher_weights == "learned" and len(teachers) > 1:
                 from mlxlab.training.teacher_weights import fit_teacher_weights
 
                 # Streamed text has no in-order pass over its training rows: its validation
                 # batches are used instead (the weights then saw the validation data).
                 rows = data.train_batches_in_order(batching) or data.val_batches(batching)
                 weights = fit_teacher_weights(teachers, rows)
-            temperature = self.distill.temperature
             cache = None
-            if self.distill.cache_teacher:
-                probs_of = losses.teacher_targets(teachers, weights, temperature,
-                                                  self.distill.loss)
+            if distill.cache_teacher:
+                probs_of = losses.teacher_targets(teachers, weights, distill.temperature,
+                                                  distill.loss)
                 cache = self.teacher_cache(data, probs_of, batching)
             loss_fn = losses.distillation_loss(
-                teachers, weights, alpha=self.distill.alpha,
-                temperature=temperature, label_smoothing=self.label_smoothing, cache=cache,
-                per_example=per_example, loss=self.distill.loss, kl_scale=self.distill.kl_scale,
+                teachers, weights, alpha=distill.alpha, temperature=distill.temperature,
+                label_smoothing=smoothing, cache=cache, per_example=per_example,
+                loss=distill.loss, kl_scale=distill.kl_scale,
             )
             weights = [w / sum(weights) for w in weights]
         else:
-            loss_fn = losses.task_loss(data.task, self.label_smoothing, per_example)
+            loss_fn = losses.task_loss(data.task, smoothing, per_example)
         dtype = self.compute_dtype()
         return (loss_fn if dtype == mx.float32 else mixed_precision(loss_fn, dtype)), weights
 
@@ -227,12 +159,10 @@ class Trainer:
         return mx.array(table)
 
     def compute_dtype(self) -> mx.Dtype:
-        if self.precision == "auto":
+        if self.settings.precision == "auto":
             return device.default_compute_dtype()
-        choices = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
-        if self.precision not in choices:
-            raise ConfigError(f"trainer.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        return choices[self.precision]
+        # the choices are checked by TrainerSettings (settings.PRECISIONS)
+        return {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}[self.settings.precision]
 
     # --- the step ------------------------------------------------------------------------
 
@@ -244,13 +174,14 @@ class Trainer:
         counts, so N micro-batches of size B give the update of one batch of N*B. `world` and
         `shards` (distributed.OptimizerShards, ZeRO-1) are the run's; default: one process.
         """
-        kernels.set_mode(self.fused_kernels)  # the ops the step traces
+        kernels.set_mode(self.settings.fused_kernels)  # the ops the step traces
         world = world or distributed.World()
-        grad_accum = grad_accum or self.grad_accum
+        grad_accum = grad_accum or self.settings.grad_accum
         loss_and_grad = nn.value_and_grad(model, loss_fn)
         state = [model.state, optimizer.state, mx.random.state]
-        clip = self.grad_clip
-        compile_ = partial(mx.compile, inputs=state, outputs=state) if self.compile else (lambda f: f)
+        clip = self.settings.grad_clip
+        compile_ = (partial(mx.compile, inputs=state, outputs=state) if self.settings.compile
+                    else (lambda f: f))
         update = partial(optimizer.update, model) if shards is None else partial(shards.update, model, optimizer)
 
         @compile_
@@ -371,9 +302,10 @@ class Trainer:
         """(total optimizer steps, epochs, steps per epoch): the run ends at max_steps or
         max_epochs, first come. A stream's epoch is counted (one pass) only when max_epochs
         alone bounds the run; with max_steps its steps per epoch stay None (unknown)."""
-        batching = batching or self.batching
+        batching, settings = batching or self.batching, self.settings
+        max_epochs, max_steps = settings.max_epochs, settings.max_steps
         batches = data.num_train_batches(batching)
-        if batches is None and self.max_epochs and not self.max_steps:
+        if batches is None and max_epochs and not max_steps:
             batches = data.count_train_batches(batching)
             if batches is not None and world is not None and world.enabled:
                 # lanes of a stream: an epoch ends for all when the shortest lane runs dry
@@ -383,14 +315,14 @@ class Trainer:
             if not batches:
                 raise ConfigError("the training split holds no full batch: lower "
                                   "trainer.batch_size or data.packing.seq_len")
-        per_epoch = math.ceil(batches / (grad_accum or self.grad_accum)) if batches else None
-        limits = [self.max_steps]
-        if self.max_epochs and per_epoch:
-            limits.append(self.max_epochs * per_epoch)
+        per_epoch = math.ceil(batches / (grad_accum or settings.grad_accum)) if batches else None
+        limits = [max_steps]
+        if max_epochs and per_epoch:
+            limits.append(max_epochs * per_epoch)
         if not any(limits):
             raise ConfigError("this data has no known length: set trainer.max_steps or "
                               "trainer.max_epochs")
-        return min(x for x in limits if x), self.max_epochs or math.inf, per_epoch
+        return min(x for x in limits if x), max_epochs or math.inf, per_epoch
 
     def fit(
         self,
@@ -404,6 +336,9 @@ class Trainer:
     ) -> FitResult:
         """Train `model` on `data`, tracked by `tracker`, checkpointed under `run_dir`; `resume`
         (a run or checkpoint folder) continues where it stopped. Returns the best evaluation."""
+        if not isinstance(model, Model):
+            raise TypeError(f"{type(model).__name__} is not a model of mlxlab: subclass "
+                            "mlxlab.models.base.Model (its optional members have defaults)")
         check_contract(data, DataModule, "data module")
         check_contract(tracker, Tracker, "tracker")
         run = Run(self, model, data, tracker, Path(run_dir), config or {}, dict(tags or {}), resume)
@@ -425,7 +360,7 @@ class Trainer:
                         if pending:
                             stopped = run.train_step(pending)
                         state.epoch += 1
-                    if not self.eval_every_steps and state.last_eval_step != state.step:
+                    if not self.settings.eval_every_steps and state.last_eval_step != state.step:
                         run.evaluate_and_save()  # once per epoch
                         stopped = stopped or run.should_stop()
                 if state.last_eval_step != state.step:
@@ -445,8 +380,9 @@ class Trainer:
         """(batching, grad_accum) for the run: under trainer.memory_budget_mb the batch is halved
         (grad_accum doubled, the same effective batch) until one step fits. `rows_of` takes this
         rank's rows of a batch (Run.rows_of)."""
-        batching, grad_accum = batching or self.batching, self.grad_accum
-        if not self.memory_budget_mb:
+        batching, grad_accum = batching or self.batching, self.settings.grad_accum
+        budget = self.settings.memory_budget_mb
+        if not budget:
             return batching, grad_accum
         saved_rng, saved_data = rng_state(), data.state_dict()
         grad_fn = nn.value_and_grad(model, loss_fn)
@@ -461,12 +397,12 @@ class Trainer:
             if world.enabled:  # one figure for all ranks, so they all pick the same batch
                 peak = max(world.sum_numbers([peak if r == world.rank else 0.0
                                               for r in range(world.size)], "the memory probe"))
-            if peak <= self.memory_budget_mb:
+            if peak <= budget:
                 break
             if batching.batch_size == 1:
                 raise TrainingError(
                     f"one example needs {peak:.0f} MB, over trainer.memory_budget_mb="
-                    f"{self.memory_budget_mb}: use a smaller model or raise the budget"
+                    f"{budget}: use a smaller model or raise the budget"
                 )
             # dynamic batches are sized by their token budget
             batching = dataclasses.replace(
@@ -475,7 +411,7 @@ class Trainer:
             grad_accum *= 2
             log.warning(
                 "step peak memory %.0f MB is over the budget of %.0f MB: batch_size -> %d, "
-                "grad_accum -> %d (same effective batch)", peak, self.memory_budget_mb,
+                "grad_accum -> %d (same effective batch)", peak, budget,
                 batching.batch_size, grad_accum,
             )
         set_rng_state(saved_rng)
@@ -485,7 +421,7 @@ class Trainer:
     def quantized_metrics(self, model: nn.Module, data, task: str,
                           batching: Batching | None = None) -> dict[str, float]:
         """Quantize `model` in place (models/quantize.py) and evaluate it: val_q<bits>/*."""
-        bits = int(self.quantize_bits)
+        bits = int(self.settings.quantize_bits)
         quantize_linears(model, bits)
         return self.evaluate(model, data, task, prefix=f"val_q{bits}", batching=batching)
 

@@ -1,0 +1,136 @@
+"""Audit src/mlxlab against three house rules (docs/architecture.md, "House rules, measured"):
+
+1. no function longer than MAX_LINES lines (its `def` line to its last line);
+2. no `__init__` with more than MAX_ARGS arguments (self not counted; a settings dataclass has
+   no hand-written `__init__`: its fields are its keys, one per user setting);
+3. no hasattr/getattr probe of a protocol member: every `hasattr(x, name)` and every
+   `getattr(x, name, default)` is listed, and each must be an allowed one.
+
+The allowed exceptions live in one place, the table under that heading in docs/architecture.md,
+each with its reason: this script reads them from there, so the docs and the check cannot
+disagree. Prints the three lists (plus the two-argument getattr calls, dispatch by name, for
+the record) and exits 1 when something breaks a rule without a row in the table; a row that
+matches nothing is reported as stale (exit 0: remove it).
+
+    python scripts/audit_house.py [--root <repository>]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_LINES = 80
+MAX_ARGS = 12
+HEADING = "## House rules, measured"
+KINDS = ("long function", "constructor", "probe")
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str      # one of KINDS, or "dispatch" (a two-argument getattr: listed, never a breach)
+    path: str      # relative to src/mlxlab, e.g. "models/bert.py"
+    what: str      # the function's qualified name, or the call's source text
+    line: int
+    detail: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.kind, self.path, self.what
+
+
+class Visitor(ast.NodeVisitor):
+    def __init__(self, path: str) -> None:
+        self.path, self.scope, self.found = path, [], []
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self.scope.append(node.name)
+        self.generic_visit(node)
+        self.scope.pop()
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        name = ".".join([*self.scope, node.name])
+        lines = node.end_lineno - node.lineno + 1
+        if lines > MAX_LINES:
+            self.found.append(Finding("long function", self.path, name, node.lineno,
+                                      f"{lines} lines"))
+        if node.name == "__init__":
+            a = node.args
+            count = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) - 1  # minus self
+            count += (a.vararg is not None) + (a.kwarg is not None)
+            if count > MAX_ARGS:
+                self.found.append(Finding("constructor", self.path, name, node.lineno,
+                                          f"{count} arguments"))
+        self.scope.append(node.name)
+        self.generic_visit(node)
+        self.scope.pop()
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Call(self, node: ast.Call) -> None:
+        if isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr"):
+            probe = node.func.id == "hasattr" or len(node.args) > 2
+            self.found.append(Finding("probe" if probe else "dispatch", self.path,
+                                      ast.unparse(node), node.lineno))
+        self.generic_visit(node)
+
+
+def audit(package: Path) -> list[Finding]:
+    found: list[Finding] = []
+    for file in sorted(package.rglob("*.py")):
+        visitor = Visitor(file.relative_to(package).as_posix())
+        visitor.visit(ast.parse(file.read_text(), str(file)))
+        found += visitor.found
+    return found
+
+
+def allowed(docs: Path) -> dict[tuple[str, str, str], str]:
+    """(kind, path, what) -> why, from the table under HEADING: `| kind | `path` | `what` | why |`."""
+    text = docs.read_text()
+    if HEADING not in text:
+        raise SystemExit(f"{docs} has no '{HEADING}' section: the allowlist lives there")
+    rows = {}
+    for line in text.split(HEADING, 1)[1].split("\n## ", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[0] in KINDS:
+            kind, path, what = cells[0], cells[1].strip("`"), cells[2].strip("`")
+            rows[(kind, path, what)] = " | ".join(cells[3:])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1],
+                        help="the repository (default: this script's)")
+    args = parser.parse_args(argv)
+    found = audit(args.root / "src" / "mlxlab")
+    allow = allowed(args.root / "docs" / "architecture.md")
+    breaches = []
+    titles = {"long function": f"functions over {MAX_LINES} lines",
+              "constructor": f"__init__ with over {MAX_ARGS} arguments",
+              "probe": "hasattr / getattr-with-default probes",
+              "dispatch": "getattr(x, name) dispatch by name (not probes; for the record)"}
+    for kind, title in titles.items():
+        rows = [f for f in found if f.kind == kind]
+        print(f"{title}: {len(rows)}")
+        for f in rows:
+            mark = "allowed" if f.key in allow else ("" if kind == "dispatch" else "BREACH")
+            if mark == "BREACH":
+                breaches.append(f)
+            detail = f" ({f.detail})" if f.detail else ""
+            print(f"  {mark:8} {f.path}:{f.line}  {f.what}{detail}")
+    stale = sorted(set(allow) - {f.key for f in found})
+    for kind, path, what in stale:
+        print(f"stale allowlist row (matches nothing; remove it): {kind} | {path} | {what}")
+    if breaches:
+        print(f"{len(breaches)} breach(es): fix them, or add a row with the reason under "
+              f"'{HEADING}' in docs/architecture.md", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

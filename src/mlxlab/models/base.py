@@ -1,0 +1,51 @@
+"""The members the rest of mlxlab may ask of any model, with defaults (the model side of the
+DataModule and Tracker contracts).
+
+Every model mlxlab builds subclasses `Model`; the trainer refuses one that does not (a TypeError
+naming this class), and then calls these members directly: no hasattr probing. A model
+overrides what it has: a pretrained one its `checkpoint_init` and `hf_config`, a decoder its
+`make_cache` and `max_seq_len`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.nn as nn
+
+
+class Model(nn.Module):
+    """An `nn.Module` whose `model(input_ids, attention_mask=None) -> logits` the trainer calls."""
+
+    # The longest sequence the model takes (export's tokenizer_config model_max_length).
+    max_seq_len: int = 512
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Every resolved size and choice (defaults filled in): what export describes. "_": a
+        # Python dict beside the parameters, not one of them.
+        self._architecture: dict[str, Any] = {}
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        return dict(self._architecture)
+
+    def update_architecture(self, **changes: Any) -> None:
+        """Sizes a model operation changed (training/model_ops.py: grown layers, a wider MLP)."""
+        self._architecture.update(changes)
+
+    @property
+    def checkpoint_init(self) -> dict[str, Any]:
+        """Constructor arguments a checkpoint keeps besides the config (state.json's model_init),
+        so the model is rebuilt without the pretrained folder it came from."""
+        return {}
+
+    @property
+    def hf_config(self) -> dict[str, Any] | None:
+        """The config.json of the pretrained checkpoint this model started from, if any."""
+        return None
+
+    def make_cache(self) -> list | None:
+        """Per-layer KV caches for token-by-token generation (`model(ids, cache=...)`); None:
+        the model does not generate."""
+        return None
