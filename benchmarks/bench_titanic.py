@@ -80,7 +80,8 @@ def run_bert(root: Path, overrides: list[str], seed: int, split_seed: int) -> di
     newest = max((Path(cfg.paths.output_dir) / "checkpoints").glob("step_*"))
     accuracies = CheckpointState.read(newest).history["val/accuracy"]
     return {"seed": seed, "best": metrics["val/accuracy"], "last": accuracies[-1][1],
-            "best_step": int(metrics["best_step"]), "evals": len(accuracies), "seconds": seconds}
+            "best_step": int(metrics["best_step"]), "last_step": int(accuracies[-1][0]),
+            "evals": len(accuracies), "seconds": seconds}
 
 
 def mean_std(values: list[float]) -> str:
@@ -108,8 +109,11 @@ def main() -> None:
 
     runs = [run_bert(root, args.overrides, s, split_seed) for s in args.seeds]
     for r in runs:
+        # the last evaluation's step is where the run ended (early stopping: `patience`
+        # evaluations after the best one)
         print(f"  seed {r['seed']}: best {100 * r['best']:.1f} (step {r['best_step']}), "
-              f"last {100 * r['last']:.1f}, {r['evals']} evals, {r['seconds']:.0f}s")
+              f"last {100 * r['last']:.1f} (step {r['last_step']}), {r['evals']} evals, "
+              f"{r['seconds']:.0f}s")
 
     target = max(base.values()) - 0.02
     best_mean = statistics.mean(r["best"] for r in runs)

@@ -64,6 +64,7 @@ def test_defaults_are_the_start_here_experiment(tmp_path):
     [
         ("optimizer.learning_rate=abc", "optimizer.learning_rate must be a number"),
         ("trainer.batch_size=0", "trainer.batch_size must be >= 1"),
+        ("trainer.batching.max_batch_size=0", "trainer.batching.max_batch_size must be >= 1"),
         ("trainer.max_epochs=2.5", "trainer.max_epochs must be an integer"),
         ("data.val_fraction=1.5", "data.val_fraction must be between 0 and 1"),
         ("data=streaming", "optimized_metric='val/accuracy' is not computed for lm data"),

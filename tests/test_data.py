@@ -542,28 +542,36 @@ def test_shipped_tinystories_sample_auto_vocab_and_throughput(tmp_path):
     assert tokenizer_hash(again.tokenizer) == tokenizer_hash(data.tokenizer)
 
 
-def test_epochs_alone_bound_a_streamed_run(make_cfg, caplog):
-    """trainer.max_epochs=2 without max_steps on streamed text: one pass counts an epoch (the
-    batches an epoch then yields), the run trains exactly two, evaluates at each epoch's end and
-    its log lines name the epoch."""
+@pytest.mark.parametrize("max_steps", ["null", "1000", "3"])
+def test_epochs_bound_a_streamed_run(make_cfg, caplog, capsys, max_steps):
+    """trainer.max_epochs=2 on streamed text, alone or beside the preset's max_steps: one pass
+    counts an epoch (the batches an epoch then yields), the run trains exactly two, evaluates at
+    each epoch's end and its log lines and bar name the epoch. A max_steps reached first ends the
+    run there (the count stops once an epoch is longer than max_steps / max_epochs)."""
     from conftest import LM_RUN
     from mlxlab.checkpoint import CheckpointState
     from mlxlab.config import instantiate
     from mlxlab.data.batching import Batching
     from mlxlab.train import train
 
-    args = [*LM_RUN, "trainer.max_steps=null", "trainer.max_epochs=2", "trainer.log_every_steps=5",
-            "trainer.eval_every_steps=null", "data.splits.max_examples=40"]
+    args = [*LM_RUN, f"trainer.max_steps={max_steps}", "trainer.max_epochs=2",
+            "trainer.log_every_steps=5", "trainer.eval_every_steps=null",
+            "data.splits.max_examples=40", "callbacks.progress.enabled=true"]
     cfg = make_cfg(*args)
     data = instantiate(cfg.data)
     data.setup(None)
     per_epoch = sum(1 for _ in data.train_batches(Batching(cfg.trainer.batch_size), 0))
     with caplog.at_level(logging.INFO, logger="mlxlab"):
         train(make_cfg(*args))
-    log = "\n".join(r.getMessage() for r in caplog.records)
-    assert f"an epoch is {per_epoch} batches of 8 rows" in log
+    log, bar = "\n".join(r.getMessage() for r in caplog.records), capsys.readouterr().err
     run_dir = Path(cfg.paths.output_dir)
     last = CheckpointState.read(sorted((run_dir / "checkpoints").glob("step_*"))[-1])
+    if max_steps == "3":
+        assert per_epoch > 3 and last.step == 3
+        assert "trainer.max_steps ends the run first" in log
+        return
+    assert f"an epoch is {per_epoch} batches of 8 rows" in log
     assert last.step == 2 * per_epoch  # exactly two epochs
     assert [s for s, _ in last.history["val/loss"]] == [per_epoch, 2 * per_epoch]
     assert "epoch 2/2" in log, log[-2000:]
+    assert f"{2 * per_epoch}/{2 * per_epoch}" in bar and "epoch=2/2" in bar, bar[-1000:]

@@ -266,6 +266,70 @@ def test_dropout_drops_at_rate_scales_and_follows_the_seed():
     assert not np.array_equal(masks[0][0], masks[0][1])
 
 
+def test_default_bert_fused_equals_mlx_and_drops_out_only_in_training():
+    """The default experiment's BERT (hidden 128, 2 layers, 4 heads, dropout 0.3) on a padded
+    batch of its shape: in eval mode the fused model's logits and gradients are MLX's (dropout
+    off: seeds change nothing); in training each of its dropouts draws its own mask, another one
+    each step (also compiled over MLX's random state, as the trainer compiles), keeping 1 - p
+    scaled by 1 / (1 - p)."""
+    from mlx.utils import tree_flatten
+
+    from mlxlab.models.bert import BertClassifier
+
+    mx.random.seed(0)
+    model = BertClassifier(vocab_size=128, num_labels=2)
+    ids = mx.random.randint(1, 128, (32, 32))
+    lengths = mx.array([32 - (i % 12) for i in range(32)])
+    mask = mx.arange(32)[None] < lengths[:, None]
+    labels = mx.arange(32) % 2
+
+    def loss(m):
+        return nn.losses.cross_entropy(m(ids, attention_mask=mask), labels).mean()
+
+    def eval_outputs():
+        model.eval()
+        mx.random.seed(1)
+        logits = model(ids, attention_mask=mask)
+        mx.random.seed(2)
+        again = model(ids, attention_mask=mask)
+        grads = nn.value_and_grad(model, loss)(model)[1]
+        return [logits, again, *(g for _, g in sorted(tree_flatten(grads)))]
+
+    fused, ref = both_paths(eval_outputs)
+    np.testing.assert_array_equal(fused[0], fused[1])
+    for got, want in zip(fused, ref):  # key biases get ~1e-12 of rounding: atol
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+    model.train()
+    masks, original = [], kernels.dropout
+
+    def recording(x, p):
+        y = original(x, p)
+        masks.append((np.array(y), np.array(x), p))
+        return y
+
+    kernels.dropout = recording
+    try:
+        for _ in range(2):
+            model(ids, attention_mask=mask)
+    finally:
+        kernels.dropout = original
+    assert len(masks) == 2 * 6  # embeddings, 2 per layer, the head: each step
+    kept = [y != 0 for y, _, _ in masks]
+    for (y, x, p), keep in zip(masks, kept):
+        assert abs(keep.mean() - (1 - p)) < 0.02
+        np.testing.assert_allclose(y[keep], x[keep] / (1 - p), rtol=1e-5)
+    shapes = [k.shape for k in kept]
+    for i in range(len(kept)):
+        for j in range(i + 1, len(kept)):
+            if shapes[i] == shapes[j]:
+                r = np.corrcoef(kept[i].reshape(-1), kept[j].reshape(-1))[0, 1]
+                assert abs(r) < 0.03, (i, j, r)
+    state = [model.state, mx.random.state]
+    step = mx.compile(lambda i: model(i, attention_mask=mask), inputs=state, outputs=state)
+    assert not np.array_equal(np.array(step(ids)), np.array(step(ids)))
+
+
 def test_masked_softmax_gradient_reaches_the_mask():
     module = kernels._load()
     x, mask = mx.random.normal((2, 3, 4, 6)), mx.random.normal((4, 6))

@@ -148,3 +148,17 @@ def test_quantized_checkpoint_is_smaller_and_scores_what_the_run_logged(classifi
     done = mlxlab("predict", run_dir, labelled, "--out", out, "--checkpoint", "quantized")
     assert done.returncode == 0, done.stderr
     assert len(pd.read_csv(out)) == len(val_rows(titanic))
+
+    # what `mlxlab serve RUN --checkpoint quantized` serves (its model folder, loaded by MLflow
+    # as the server loads it): the quantized weights' answers, not the float ones'
+    import mlflow
+
+    from mlxlab.serving.registry import save_run_model
+
+    rows = val_rows(titanic).head(20).drop(columns=["Survived"])
+    served = mlflow.pyfunc.load_model(str(save_run_model(run_dir, tmp_path / "served",
+                                                         "quantized"))).predict(rows)
+    direct = predict_frame(load_run(run_dir, "quantized"), rows, probability=True)
+    assert served["probability"].tolist() == direct["probability"].tolist()
+    floats = predict_frame(load_run(run_dir), rows, probability=True)["probability"]
+    assert served["probability"].tolist() != floats.tolist()

@@ -487,3 +487,30 @@ def test_sigusr1_checkpoints_requeues_the_slurm_job_and_the_requeued_start_resum
     [finished] = client.search_runs([client.get_experiment_by_name("preempted").experiment_id])
     assert finished.info.status == "FINISHED"
     assert calls.read_text().split() == ["requeue", "4242"]  # a finished run requeues nothing
+
+
+def test_resume_naming_the_trained_preset_rebuilds_the_checkpoints_model(tmp_path, cli_env):
+    """`debug=fast model.num_layers=3`, then `debug=fast resume=auto` (a preset has to be named
+    again: it sets the task whose runs resume=auto searches): the preset is the one the run was
+    trained with, so the resume builds the checkpoint's 3 layers, every weight loads and no model
+    change is reported. Naming another preset asks for the run as that one composes it."""
+    tiny = ["model.hidden_size=32", "model.num_heads=2", "tracking=csv"]
+    outputs = tmp_path / "outputs" / "debug"
+    outputs.mkdir(parents=True)
+    run(["debug=fast", *tiny, "model.num_layers=3"], outputs / "trained", cli_env)
+
+    resumed = outputs / "resumed"
+    out = run(["debug=fast", "resume=auto", "trainer.max_steps=6", "tracking=csv"], resumed,
+              cli_env)
+    log = out.stdout + out.stderr
+    assert "weights did not all match" not in log, log[-3000:]
+    assert final_state(resumed)["config"]["model"]["num_layers"] == 3
+    assert final_state(resumed)["step"] == 6
+    tags = json.loads((resumed / "tracking" / "tags.json").read_text())
+    assert tags["resume.changed.trainer.max_steps"] == "4 -> 6"
+    assert not [t for t in tags if t.startswith("resume.changed.model")], tags
+
+    other = run(["debug=overfit", "resume=auto", "trainer.max_steps=8",
+                 "tracking=csv"], outputs / "other", cli_env)
+    assert "debug named: the run is built from this command line" in other.stdout + other.stderr
+    assert final_state(outputs / "other")["config"]["model"]["num_layers"] == 2

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from conftest import FAST, PYTHON
 from mlxlab.train import train
@@ -104,6 +106,12 @@ def test_streaming_without_validation_trains_and_checkpoints(make_cfg, tmp_path,
     with caplog.at_level("INFO", logger="mlxlab.training.trainer"):
         assert train(cfg) == {}
     assert "no validation data (data.splits.val_examples=0" in caplog.text
+    # every key the line names is one the config has (issue 26 item 9: it named trainer.checkpoint.*)
+    line = next(r.getMessage() for r in caplog.records if "no validation data" in r.getMessage())
+    named = re.findall(r"\b(?:trainer|callbacks|data)\.[\w.]*\w", line)
+    assert "callbacks.checkpoint.save_every_steps" in named
+    for key in named:
+        assert OmegaConf.select(cfg, key, default="absent") != "absent", key
     checkpoints = tmp_path / "outputs"
     found = sorted(p.parent.name for p in checkpoints.glob("**/checkpoints/*/COMMITTED"))
     assert found == ["step_00000003", "step_00000005"]

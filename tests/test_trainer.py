@@ -157,7 +157,8 @@ def test_distillation_from_a_finished_run(make_cfg, tmp_path):
 def test_a_hugging_face_classifier_teaches_as_the_run_it_was_exported_from(make_cfg, tmp_path):
     """trainer.distill.teachers may name a Hugging Face folder: a run exported as a
     BertForSequenceClassification teaches a student as the run itself does (the same train/kl at
-    every step); a folder whose labels are not the student's is one line naming them."""
+    every step); a folder without its tokenizer or whose labels are not the student's is one line
+    naming that."""
     import json
     from pathlib import Path
 
@@ -183,6 +184,12 @@ def test_a_hugging_face_classifier_teaches_as_the_run_it_was_exported_from(make_
     assert [s for s, _ in from_folder["train/kl"]] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(from_run["train/kl"], from_folder["train/kl"], strict=True):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+
+    # without its tokenizer.json the student would train a tokenizer of its own (other ids)
+    (folder / "tokenizer.json").rename(tmp_path / "teacher_tokenizer.json")
+    with pytest.raises(ConfigError, match="has no tokenizer.json: .* set data.tokenizer.path="):
+        student(folder, "no_tokenizer")
+    (tmp_path / "teacher_tokenizer.json").rename(folder / "tokenizer.json")
 
     config = json.loads((folder / "config.json").read_text())
     config["id2label"] = {"0": "a", "1": "b", "2": "c"}

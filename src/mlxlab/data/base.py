@@ -61,9 +61,10 @@ class DataModule(Protocol):
 
     curriculum: Any = None        # data/curriculum.py's Curriculum when the data paces examples
 
-    def count_train_batches(self, batching: Batching) -> int | None:
+    def count_train_batches(self, batching: Batching, limit: int | None = None) -> int | None:
         """Batches per epoch, counted by a pass over the data where num_train_batches does not
-        know (a stream): asked only for a run bounded by trainer.max_epochs alone."""
+        know (a stream): asked for a run bounded by trainer.max_epochs. With `limit`, a count
+        past it stops there and gives limit + 1 (max_steps ends that run before its epochs)."""
         return self.num_train_batches(batching)
 
     def use_world(self, world: Any) -> bool:

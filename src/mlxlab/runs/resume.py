@@ -67,8 +67,9 @@ LAUNCH_KEYS = ("trainer.distributed", "data.cache_dir", "data.tokenizer.path")
 # Targets of checkpoints' configs that name classes since replaced: a resume builds today's. The
 # trainer node was a partial of the Trainer itself before its settings had a class of their own.
 RENAMED_TARGETS = {"mlxlab.training.trainer.Trainer": "mlxlab.training.settings.TrainerSettings"}
-# Choices that set keys across groups (`# @package _global_`): naming one on a resume asks for
-# the run as that file composes it today.
+# Choices that set keys across groups (`# @package _global_`): naming one the run was not trained
+# with asks for the run as that file composes it today. Naming the trained one again is no
+# change (a preset's task_name is where resume=auto looks: `experiment=X resume=auto`).
 GLOBAL_CHOICES = ("experiment", "debug", "hparams_search")
 
 
@@ -86,9 +87,11 @@ def rebuild_from_checkpoint(cfg: DictConfig, source: Path, overrides: list[str])
                     "command line", source)
         return []
     named = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
-    if any(key in GLOBAL_CHOICES for key in named):
+    presets = changed_presets([k for k in named if k in GLOBAL_CHOICES], source,
+                              Path(cfg.paths.output_dir))
+    if presets:
         log.info("resume: %s named: the run is built from this command line, not the checkpoint",
-                 [k for k in named if k in GLOBAL_CHOICES][0])
+                 presets[0])
         return []
     base = OmegaConf.create({k: _with_new_keys(cfg, k, saved[k]) for k in TRAINED})
     _keep_interpolations(cfg, base, OmegaConf.create(saved))
@@ -102,6 +105,24 @@ def rebuild_from_checkpoint(cfg: DictConfig, source: Path, overrides: list[str])
         log.info("resume: the checkpoint's settings, with %s from the command line",
                  ", ".join(trained))
     return trained
+
+
+def changed_presets(presets: list[str], source: Path, this_run: Path) -> list[str]:
+    """Of the GLOBAL_CHOICES named now, those whose option differs from the one the resumed run
+    was launched with (its run folder's .hydra/hydra.yaml); all of them when that is unknown: a
+    checkpoint without its run folder, or this launch's own folder, whose .hydra Hydra rewrote."""
+    if not presets:
+        return []
+    from hydra.core.hydra_config import HydraConfig
+
+    source = source.resolve()  # a run folder, its checkpoints/ or one checkpoint in it
+    folder = next((f for f in [source, *source.parents][:3]
+                   if (f / ".hydra" / "hydra.yaml").is_file()), None)
+    if folder is None or folder.resolve() == this_run.resolve() or not HydraConfig.initialized():
+        return presets
+    trained = OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra.runtime.choices
+    now = HydraConfig.get().runtime.choices
+    return [k for k in presets if trained.get(k) != now.get(k)]
 
 
 def _with_new_keys(cfg: DictConfig, group: str, saved: Any) -> Any:

@@ -81,8 +81,19 @@ def keep_pretrained_files(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def first_teacher(cfg: DictConfig) -> str | None:
+    """The first distillation teacher's folder, whose tokenizer the student reuses (unless
+    data.tokenizer.path is set). A Hugging Face / mlx-lm teacher folder without tokenizer.json
+    is refused then: a tokenizer the student trained itself would give the teacher other ids."""
     specs = (cfg.trainer.get("distill") or {}).get("teachers") or []
-    if not specs:
-        return None
-    return str(specs[0] if isinstance(specs[0], str) else specs[0].get("run"))
+    folders = [str(s if isinstance(s, str) else s.get("run")) for s in specs]
+    if cfg.data.get("tokenizer", {}).get("path"):
+        return folders[0] if folders else None
+    from mlxlab.runs.model import is_pretrained_folder
+
+    for folder in folders:
+        if is_pretrained_folder(folder) and not (Path(folder) / "tokenizer.json").is_file():
+            raise ConfigError(f"teacher {folder} has no tokenizer.json: the student must read "
+                              "the token ids it was trained on; set data.tokenizer.path= to its "
+                              "tokenizer (a fast tokenizer saved by transformers)")
+    return folders[0] if folders else None
 

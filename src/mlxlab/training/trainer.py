@@ -300,22 +300,27 @@ class Trainer:
     def plan(self, data, batching: Batching | None = None, grad_accum: int | None = None,
              world: distributed.World | None = None) -> tuple[int, float, int | None]:
         """(total optimizer steps, epochs, steps per epoch): the run ends at max_steps or
-        max_epochs, first come. A stream's epoch is counted (one pass) only when max_epochs
-        alone bounds the run; with max_steps its steps per epoch stay None (unknown)."""
+        max_epochs, first come. A stream's epoch is counted (one pass) when max_epochs is set,
+        as far as it could end the run before max_steps; past that its steps per epoch stay
+        None (unknown)."""
         batching, settings = batching or self.batching, self.settings
         max_epochs, max_steps = settings.max_epochs, settings.max_steps
+        accum = grad_accum or settings.grad_accum
         batches = data.num_train_batches(batching)
-        if batches is None and max_epochs and not max_steps:
-            batches = data.count_train_batches(batching)
+        if batches is None and max_epochs:
+            limit = math.ceil(max_steps * accum / max_epochs) if max_steps else None
+            batches = data.count_train_batches(batching, limit)
             if batches is not None and world is not None and world.enabled:
                 # lanes of a stream: an epoch ends for all when the shortest lane runs dry
                 counts = world.sum_numbers([batches if r == world.rank else 0.0
                                             for r in range(world.size)], "the epoch's length")
                 batches = int(min(counts))
-            if not batches:
+            if limit is not None and batches is not None and batches > limit:
+                batches = None  # max_steps comes first
+            elif not batches:
                 raise ConfigError("the training split holds no full batch: lower "
                                   "trainer.batch_size or data.packing.seq_len")
-        per_epoch = math.ceil(batches / (grad_accum or settings.grad_accum)) if batches else None
+        per_epoch = math.ceil(batches / accum) if batches else None
         limits = [max_steps]
         if max_epochs and per_epoch:
             limits.append(max_epochs * per_epoch)

@@ -202,19 +202,25 @@ class StreamingText(DataModule):
     def num_train_batches(self, batching: Batching) -> None:
         return None  # unknown for a stream until counted (count_train_batches)
 
-    def count_train_batches(self, batching: Batching) -> int:
+    def count_train_batches(self, batching: Batching, limit: int | None = None) -> int:
         """Batches in one pass over (this lane of) the training split: tokenized and packed once,
-        as an epoch is, for a run bounded by trainer.max_epochs alone (its schedule and bar)."""
+        as an epoch is, for a run bounded by trainer.max_epochs (its schedule and bar). With
+        `limit` (what max_steps leaves an epoch), the pass stops at limit + 1 batches."""
         rows = self.rows_per_batch(batching)
-        if rows not in self._epoch_batches:
-            start = time.perf_counter()
-            log.info("data: counting an epoch of %s (trainer.max_epochs without max_steps)",
-                     self.source_name())
-            stream = self.lanes.take(self._train_stream(0))
-            self._epoch_batches[rows] = sum(1 for _ in self._pack(stream, rows, fresh_state(0)))
-            log.info("data: an epoch is %d batches of %d rows (counted in %.1f s)",
-                     self._epoch_batches[rows], rows, time.perf_counter() - start)
-        return self._epoch_batches[rows]
+        if rows in self._epoch_batches:
+            return self._epoch_batches[rows]
+        start = time.perf_counter()
+        log.info("data: counting an epoch of %s (trainer.max_epochs)", self.source_name())
+        batches = self._pack(self.lanes.take(self._train_stream(0)), rows, fresh_state(0))
+        count = sum(1 for _ in islice(batches, None if limit is None else limit + 1))
+        if limit is not None and count > limit:
+            log.info("data: an epoch is more than %d batches of %d rows: trainer.max_steps ends "
+                     "the run first", limit, rows)
+            return count
+        self._epoch_batches[rows] = count
+        log.info("data: an epoch is %d batches of %d rows (counted in %.1f s)", count, rows,
+                 time.perf_counter() - start)
+        return count
 
     # ------------------------------------------------------------------- position
     def use_world(self, world: Any) -> bool:
