@@ -1,7 +1,7 @@
 """Any CSV by overrides alone: `mlxlab-train data=csv` on public tables vs scikit-learn baselines.
 
-    OPENBLAS_NUM_THREADS=1 nice -n 5 python benchmarks/bench_tabular.py [--tables iris wine ...]
-        [--seeds 1 2 3] [--jobs 2] [--root DIR] [--write] [override ...]
+    OPENBLAS_NUM_THREADS=1 nice -n 5 python benchmarks/bench_tabular.py [override ...]
+        [--tables iris wine ...] [--seeds 1 2 3] [--jobs 2] [--root DIR] [--write]
 
 Tables that install with the project's dependencies: iris, wine and breast cancer (files inside
 scikit-learn, label values by their target names) and the Titanic file shipped with mlxlab (its
@@ -190,8 +190,8 @@ def main() -> None:
     shown = " ".join(args.overrides) or "(none: the defaults)"
     tables = "" if args.tables == list(TABLES) else f"--tables {' '.join(args.tables)} "
     command = ("OPENBLAS_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/bench_tabular.py "
-               f"{tables}--seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs} "
-               + " ".join(args.overrides)).strip()
+               + "".join(f"{o} " for o in args.overrides)  # first: --seeds would take them
+               + f"{tables}--seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs}")
     text = (f"Validation accuracy (%), mean ± std over seeds {', '.join(map(str, args.seeds))} "
             f"(each seed its own split), overrides: {shown}.\n`{command}` on {cpu_model()}, "
             f"{time.strftime('%Y-%m-%d')}, load {os.getloadavg()[0]:.1f}.\n\n"
