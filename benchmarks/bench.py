@@ -73,6 +73,7 @@ from bench_common import (
     reset_peak_rss,
     rss_mb,
     save_batches,
+    write_between_markers,
 )
 from mlxlab import kernels as mlxlab_kernels
 from mlxlab.runtime.blas import blas_threads, set_blas_threads
@@ -656,18 +657,8 @@ def report(info: dict, gemm: list[dict], rows: list[dict], ratio_rows: list[tupl
 def write_section(path: Path, body: str, threads: int) -> None:
     """Replace this thread count's tables in `path` (between their markers, so the prose around
     them stays), or append them under a new heading."""
-    begin = f"<!-- benchmarks/bench.py threads={threads}: begin -->"
-    end = f"<!-- benchmarks/bench.py threads={threads}: end -->"
-    section = f"{begin}\n{body}\n{end}\n"
-    text = path.read_text() if path.exists() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        title = f"## Training throughput, {threads} thread{'s' if threads > 1 else ''} (benchmarks/bench.py)"
-        text += ("\n" if text and not text.endswith("\n\n") else "") + f"{title}\n\n{section}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    title = f"## Training throughput, {threads} thread{'s' if threads > 1 else ''} (benchmarks/bench.py)"
+    write_between_markers(path, f"benchmarks/bench.py threads={threads}", body, title)
 
 
 def main() -> None:

@@ -75,3 +75,18 @@ def cpu_model() -> str:
     except OSError:
         pass
     return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def write_between_markers(path: Path, marker: str, body: str, title: str) -> None:
+    """Put `body` into the markdown file `path` between `<!-- {marker}: begin/end -->` (so the
+    prose around it stays), or append it under `title` when the markers are not there yet."""
+    begin, end = f"<!-- {marker}: begin -->", f"<!-- {marker}: end -->"
+    section = f"{begin}\n{body}\n{end}\n"
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text += ("\n" if text and not text.endswith("\n\n") else "") + f"{title}\n\n{section}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

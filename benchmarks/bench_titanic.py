@@ -46,26 +46,47 @@ def titanic_features(df: pd.DataFrame, train_idx: np.ndarray) -> pd.DataFrame:
     return pd.concat([x, onehot], axis=1)
 
 
-def baselines(data) -> dict[str, float]:
-    """Validation accuracy of the scikit-learn baselines on the data module's own split."""
+def baseline_models() -> dict:
+    """The two classical references, fitted fresh for every table."""
     from sklearn.ensemble import GradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    return {
+        "logistic regression": make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
+        "gradient boosting": GradientBoostingClassifier(random_state=0),
+    }
+
+
+def baselines(data, features=None) -> dict[str, float]:
+    """Validation accuracy of the scikit-learn baselines on the data module's own split (after
+    data.setup()): `features(df, train_idx)` builds their inputs (default: titanic_features)."""
     df = read_csv(data.path)
     df = df[df[data.label_column].notna()].reset_index(drop=True)  # as setup() does
     y = df[data.label_column].map({v: i for i, v in enumerate(data.label_values)}).to_numpy()
     if not np.array_equal(y[data.val_idx], data.val[2]):
         raise RuntimeError("baseline rows differ from the data module's validation rows")
-    x = titanic_features(df, data.train_idx)
+    x = (features or titanic_features)(df, data.train_idx)
     tr, va = data.train_idx, data.val_idx
-    models = {
-        "logistic regression": make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
-        "gradient boosting": GradientBoostingClassifier(random_state=0),
-    }
     return {name: float(m.fit(x.iloc[tr], y[tr]).score(x.iloc[va], y[va]))
-            for name, m in models.items()}
+            for name, m in baseline_models().items()}
+
+
+def split_module(root: Path, overrides: list[str]):
+    """The data module of the composed config, set up: its train_idx/val_idx are the split
+    every model of the benchmark sees."""
+    data = instantiate(compose_default(root, overrides, "bench_split").data)
+    data.setup(None)
+    return data
+
+
+def accuracy_history(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, val accuracy) of every evaluation of a finished run: the newest step
+    checkpoint's history covers them all (best/ stops at the best one)."""
+    newest = max((Path(run_dir) / "checkpoints").glob("step_*"))
+    return [(int(step), float(acc)) for step, acc in
+            CheckpointState.read(newest).history["val/accuracy"]]
 
 
 def run_bert(root: Path, overrides: list[str], seed: int, split_seed: int) -> dict:
@@ -76,9 +97,7 @@ def run_bert(root: Path, overrides: list[str], seed: int, split_seed: int) -> di
     start = time.perf_counter()
     metrics = train(cfg)
     seconds = time.perf_counter() - start
-    # The newest step checkpoint's history covers every evaluation (best/ stops at the best one).
-    newest = max((Path(cfg.paths.output_dir) / "checkpoints").glob("step_*"))
-    accuracies = CheckpointState.read(newest).history["val/accuracy"]
+    accuracies = accuracy_history(Path(cfg.paths.output_dir))
     return {"seed": seed, "best": metrics["val/accuracy"], "last": accuracies[-1][1],
             "best_step": int(metrics["best_step"]), "last_step": int(accuracies[-1][0]),
             "evals": len(accuracies), "seconds": seconds}
@@ -99,10 +118,8 @@ def main() -> None:
     args = parser.parse_args()
     root = (args.root or Path(tempfile.mkdtemp(prefix="bench_titanic_"))).resolve()
 
-    cfg = compose_default(root, args.overrides, "bench_split")
-    split_seed = int(cfg.data.seed)
-    data = instantiate(cfg.data)
-    data.setup(None)
+    data = split_module(root, args.overrides)
+    split_seed = int(data.settings.seed)
     base = baselines(data)
     print(f"split: data.seed={split_seed}, {len(data.train_idx)} train / {len(data.val_idx)} val "
           f"rows of {data.path}")

@@ -9,6 +9,7 @@ import os
 import string
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,8 @@ from mlxlab.data.batching import (
     make_batches,
 )
 from mlxlab.data.curriculum import Curriculum
+from mlxlab.data.numeric import NumericEncoding, fit_bins, row_number_columns
+from mlxlab.data.tabular_settings import AUTO_MAX_LENGTH, TabularSettings
 from mlxlab.data.tokenizer import PAD_TOKENS, build_tokenizer, find_token_id, tokenizer_hash
 from mlxlab.errors import ConfigError, MissingFileError
 
@@ -93,16 +96,24 @@ def row_texts(
     template: str | None = None,
     missing_value: str = "unknown",
     bins: dict[str, Sequence[float]] | None = None,
+    numeric: NumericEncoding | None = None,
 ) -> list[str]:
     """Serialize each row to text.
 
     With a template (a Python format string over column names) every field is a string, already
     binned and with missing values replaced. Without one: "col: value. col: value. ..." over
-    `columns`.
+    `columns`. A column in `bins` (hand-made edges) is written as its "lo-hi" range; one in the
+    learnt `numeric` bins as its bin's words (numeric.py); any other as its value.
     """
     bins = bins or {}
+    learnt = numeric.edges if numeric is not None else {}
     used = template_fields(template) if template else list(columns)
-    cells = {c: _column_strings(df[c], missing_value, bins.get(c)) for c in dict.fromkeys(used)}
+    cells = {}
+    for c in dict.fromkeys(used):
+        if c in learnt and c not in bins:
+            cells[c] = numeric.words(c, df[c], missing_value)
+        else:
+            cells[c] = _column_strings(df[c], missing_value, bins.get(c))
     if template:
         return [template.format(**{c: cells[c][i] for c in cells}) for i in range(len(df))]
     return [". ".join(f"{c}: {cells[c][i]}" for c in used) for i in range(len(df))]
@@ -152,42 +163,20 @@ def encode_texts(
 
 
 class TabularText(DataModule):
-    """CSV classification data as text (task="classification"), see conf/data/titanic.yaml."""
+    """CSV classification data as text (task="classification"), see conf/data/csv.yaml."""
 
     task = "classification"
 
-    def __init__(
-        self,
-        path: str,
-        label_column: str,
-        feature_columns: Sequence[str] | None = None,
-        id_column: str | None = None,
-        template: str | None = None,
-        missing_value: str = "unknown",
-        bins: dict[str, Sequence[float]] | None = None,
-        val_fraction: float = 0.2,
-        seed: int = 0,
-        max_length: int = 128,
-        tokenizer: dict | None = None,
-        cache_dir: str | None = None,
-        curriculum: dict | None = None,
-    ):
-        self.path = str(path)
-        self.curriculum = Curriculum.from_config(curriculum, seed)  # data/curriculum.py
-        self.label_column = label_column
-        self.feature_columns = list(feature_columns) if feature_columns is not None else None
-        self.id_column = id_column
-        self.template = template
-        self.missing_value = missing_value
-        self.bins = {k: [float(x) for x in v] for k, v in (bins or {}).items()}
-        self.val_fraction = float(val_fraction)
-        self.seed = int(seed)
-        self.max_length = int(max_length)
-        self.tokenizer_cfg = {"kind": "wordpiece", **dict(tokenizer or {})}
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        for column, edges in self.bins.items():
-            if len(edges) < 2 or sorted(edges) != edges:
-                raise ConfigError(f"data.bins.{column} must be >= 2 increasing edges, got {edges}")
+    def __init__(self, settings: TabularSettings | None = None, /, **keys: Any) -> None:
+        """`settings`, or its fields as keyword arguments (Hydra passes the flat data.* keys)."""
+        if settings is not None and keys:
+            raise ConfigError(f"give TabularText settings or keys, not both (got {sorted(keys)})")
+        self.settings = settings if settings is not None else TabularSettings.from_keys(keys)
+        s = self.settings
+        self.curriculum = Curriculum.from_config(s.curriculum, s.seed)  # data/curriculum.py
+        self.cache_dir = Path(s.cache_dir) if s.cache_dir else None
+        self.max_length: int | None = s.max_length  # None until setup() fits the longest row
+        self.numeric: NumericEncoding | None = None  # quantile bins learnt by setup()
         self.tokenizer = None
         self.tokenizer_hash: str | None = None
         self.vocab_size: int | None = None
@@ -197,61 +186,84 @@ class TabularText(DataModule):
         self.cache_hit = False
         self._epoch, self._batches_done = 0, 0
 
+    @property
+    def path(self) -> str:
+        return self.settings.path
+
+    @property
+    def label_column(self) -> str:
+        return self.settings.label_column
+
+    @property
+    def id_column(self) -> str | None:
+        return self.settings.id_column
+
     # ---------------------------------------------------------------- setup
     def _columns(self, df: pd.DataFrame) -> list[str]:
-        """Feature columns: given, or every column but the label and the id."""
-        if self.feature_columns is not None:
-            _check_columns(
-                df, self.feature_columns, "feature columns", "data.feature_columns=[...]", self.path
-            )
-            return self.feature_columns
-        return [c for c in df.columns if c not in (self.label_column, self.id_column)]
-
-    def texts(self, df: pd.DataFrame) -> list[str]:
-        """The text each row of `df` is serialized to (train, val or a test CSV without labels)."""
-        columns = self._columns(df)
-        used = template_fields(self.template) if self.template else columns
-        if self.label_column in used:
+        """What a row's text is built from: the template's fields, the given feature columns, or
+        every column but the label, the id and (numeric=bins) row numbers nobody named."""
+        s = self.settings
+        if s.template:
+            columns = list(dict.fromkeys(template_fields(s.template)))
+            _check_columns(df, columns, "template columns", "data.template=", s.path)
+        elif s.feature_columns is not None:
+            columns = list(s.feature_columns)
+            _check_columns(df, columns, "feature columns", "data.feature_columns=[...]", s.path)
+        else:
+            columns = [c for c in df.columns if c not in (s.label_column, s.id_column)]
+            if s.numeric == "bins":
+                left_out = row_number_columns(df, columns)
+                if left_out:
+                    log.info("left out of the text: %s (distinct running numbers, one per row); "
+                             "list them in data.feature_columns to keep them", left_out)
+                columns = [c for c in columns if c not in left_out]
+        if s.label_column in columns:
             raise ConfigError(
-                f"the text would contain the label column {self.label_column!r}: "
+                f"the text would contain the label column {s.label_column!r}: "
                 "remove it from data.template / data.feature_columns"
             )
-        if self.template:
-            _check_columns(
-                df, template_fields(self.template), "template columns", "data.template=", self.path
-            )
-        _check_columns(df, list(self.bins), "binned columns", "data.bins=", self.path)
-        return row_texts(df, columns, self.template, self.missing_value, self.bins)
+        _check_columns(df, list(s.bins), "binned columns", "data.bins=", s.path)
+        return columns
+
+    def texts(self, df: pd.DataFrame) -> list[str]:
+        """The text each row of `df` is serialized to (train, val or a test CSV without labels);
+        after setup() or from_encoding_state()."""
+        s = self.settings
+        _check_columns(df, self.columns, "columns", "data.path=", "the CSV")
+        return row_texts(df, self.columns, s.template, s.missing_value, s.bins, self.numeric)
 
     def setup(self, run_dir: str | Path | None = None) -> None:
-        df = read_csv(self.path)
-        _check_columns(df, [self.label_column], "label column", "data.label_column=", self.path)
-        if self.id_column is not None:
-            _check_columns(
-                df, [self.id_column], "id column", "data.id_column= (or null)", self.path
-            )
-        if df[self.label_column].isna().any():
-            n = int(df[self.label_column].isna().sum())
-            log.warning("dropping %d rows with no %s", n, self.label_column)
-            df = df[df[self.label_column].notna()].reset_index(drop=True)
-        values = sorted(df[self.label_column].unique().tolist())
+        s = self.settings
+        df = read_csv(s.path)
+        _check_columns(df, [s.label_column], "label column", "data.label_column=", s.path)
+        if s.id_column is not None:
+            _check_columns(df, [s.id_column], "id column", "data.id_column= (or null)", s.path)
+        if df[s.label_column].isna().any():
+            n = int(df[s.label_column].isna().sum())
+            log.warning("dropping %d rows with no %s", n, s.label_column)
+            df = df[df[s.label_column].notna()].reset_index(drop=True)
+        values = sorted(df[s.label_column].unique().tolist())
         self._set_labels(values)
         if self.num_labels < 2:
             raise ConfigError(
-                f"label column {self.label_column!r} has {self.num_labels} distinct value(s); "
+                f"label column {s.label_column!r} has {self.num_labels} distinct value(s); "
                 "need >= 2 (check data.label_column=)"
             )
-        labels = df[self.label_column].map({v: i for i, v in enumerate(values)}).to_numpy(np.int32)
+        labels = df[s.label_column].map({v: i for i, v in enumerate(values)}).to_numpy(np.int32)
+        train_idx, val_idx = stratified_split(labels, s.val_fraction, s.seed)
+        self.columns = self._columns(df)  # a CSV to predict needs these
+        if s.numeric == "bins":  # edges from the training rows only: validation rows unseen
+            unbinned = [c for c in self.columns if c not in s.bins]
+            self.numeric = fit_bins(df, train_idx, unbinned, s.numeric_bins, s.numeric_words)
+            if self.numeric.edges:
+                log.info("numeric columns in %d quantile bins: %s", s.numeric_bins,
+                         list(self.numeric.edges))
         texts = self.texts(df)
-        self.columns = (  # what a row's text is built from: a CSV to predict needs these
-            list(dict.fromkeys(template_fields(self.template))) if self.template else self._columns(df)
-        )
-        train_idx, val_idx = stratified_split(labels, self.val_fraction, self.seed)
 
         save_to = Path(run_dir) / "tokenizer.json" if run_dir is not None else None
         self.tokenizer = build_tokenizer(
             [texts[i] for i in train_idx], save_to=save_to,
-            cache_dir=self.cache_dir / "tokenizers" if self.cache_dir else None, **self.tokenizer_cfg
+            cache_dir=self.cache_dir / "tokenizers" if self.cache_dir else None, **s.tokenizer
         )
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)  # recorded in checkpoints
@@ -266,7 +278,7 @@ class TabularText(DataModule):
             self.curriculum.fit([tokens[i, : lengths[i]] for i in train_idx], self.vocab_size)
         log.info(
             "%s: %d train / %d val rows, %d labels, vocab %d, longest %d tokens",
-            self.path,
+            s.path,
             len(train_idx),
             len(val_idx),
             self.num_labels,
@@ -281,58 +293,69 @@ class TabularText(DataModule):
 
     def encoding_state(self) -> dict:
         """What setup() learnt from the training CSV that encoding new rows and naming predictions
-        needs. Saved in every checkpoint's state.json, so prediction and serving need only the run
-        folder (see from_encoding_state)."""
+        needs: label values, columns, the numeric bins (edges from the training rows) and the
+        row length. Saved in every checkpoint's state.json, so prediction and serving need only
+        the run folder (see from_encoding_state)."""
         return {
             "label_values": [v.item() if hasattr(v, "item") else v for v in self.label_values],
             "columns": list(self.columns),
             "pad_id": int(self.pad_id),
+            "numeric": self.numeric.state() if self.numeric is not None else None,
+            "max_length": self.max_length,
         }
 
     @classmethod
     def from_encoding_state(cls, settings: dict, tokenizer, state: dict) -> TabularText:
         """A module that encodes rows like the run did (encode_frame, submission) from the run's
-        data config, its tokenizer and encoding_state(), without the training CSV."""
-        data = cls(**{k: v for k, v in settings.items() if not k.startswith("_")})
+        data config, its tokenizer and encoding_state(), without the training CSV. A run saved
+        before numeric bins has no "numeric" entry: its numbers stay text, as it trained."""
+        data = cls(**settings)
         data.tokenizer, data.tokenizer_hash = tokenizer, tokenizer_hash(tokenizer)
         data.vocab_size, data.pad_id = tokenizer.get_vocab_size(), int(state["pad_id"])
         data.columns = list(state["columns"])
+        numeric = state.get("numeric")
+        data.numeric = NumericEncoding.from_state(numeric) if numeric else None
+        data.max_length = int(state.get("max_length") or data.max_length or AUTO_MAX_LENGTH)
         data._set_labels(list(state["label_values"]))
         return data
 
     def cache_key(self) -> str:
-        """Hash of the file bytes, the tokenizer and every setting that changes the token arrays."""
+        """Hash of the file bytes, the tokenizer and everything that changes the token arrays
+        (the settings, the columns, the learnt bins)."""
         h = hashlib.sha256(Path(self.path).read_bytes())
         settings = {
-            "label_column": self.label_column,
-            "feature_columns": self.feature_columns,
-            "id_column": self.id_column,
-            "template": self.template,
-            "missing_value": self.missing_value,
-            "bins": self.bins,
-            "max_length": self.max_length,
+            **{k: v for k, v in self.settings.keys().items()
+               if k not in ("path", "cache_dir", "curriculum", "val_fraction", "seed")},
+            "columns": self.columns,
+            "numeric_edges": self.numeric.state() if self.numeric is not None else None,
             "tokenizer": self.tokenizer_hash,
         }
         h.update(json.dumps(settings, sort_keys=True).encode())
         return h.hexdigest()[:24]
 
     def _tokenize_cached(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token arrays of every row, from the cache when the same file and settings were
+        tokenized before; max_length=null becomes the longest row (up to AUTO_MAX_LENGTH)."""
         cache = self.cache_dir / "tabular" / f"{self.cache_key()}.npz" if self.cache_dir else None
+        self.cache_hit = False
         if cache is not None and cache.is_file():
             with np.load(cache) as f:
                 tokens, lengths = f["tokens"], f["lengths"]
-            if len(tokens) == len(texts):
-                self.cache_hit = True
-                log.info("cache hit: %s", cache)
-                return tokens, lengths
-        self.cache_hit = False
-        tokens, lengths = encode_texts(self.tokenizer, texts, self.max_length, self.pad_id)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, tokens=tokens, lengths=lengths)
-            os.replace(tmp, cache)  # atomic: parallel jobs never read half a file
-            log.info("cached tokens: %s", cache)
+            self.cache_hit = len(tokens) == len(texts)
+        if self.cache_hit:
+            log.info("cache hit: %s", cache)
+        else:
+            width = self.max_length or AUTO_MAX_LENGTH
+            tokens, lengths = encode_texts(self.tokenizer, texts, width, self.pad_id)
+            if self.max_length is None:
+                tokens = tokens[:, : int(lengths.max())]
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+                np.savez(tmp, tokens=tokens, lengths=lengths)
+                os.replace(tmp, cache)  # atomic: parallel jobs never read half a file
+                log.info("cached tokens: %s", cache)
+        self.max_length = int(tokens.shape[1])
         return tokens, lengths
 
     # -------------------------------------------------------------- batches
@@ -342,7 +365,7 @@ class TabularText(DataModule):
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
         """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done."""
         tokens, lengths, labels = self.train
-        rng = np.random.default_rng(self.seed + epoch)
+        rng = np.random.default_rng(self.settings.seed + epoch)
         batches = make_batches(lengths, batching, self.max_length, rng)
         if self.curriculum is not None:
             if batching.dynamic and self.curriculum.active:
