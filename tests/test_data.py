@@ -228,7 +228,7 @@ def test_titanic_setup_batches_and_cache_hit(titanic_csv, tmp_path, caplog):
     data.setup(tmp_path / "run1")
     assert data.num_labels == 2 and data.label_names == ["0", "1"] and not data.cache_hit
     assert (tmp_path / "run1" / "tokenizer.json").is_file()
-    assert data.examples[0] == "class 3. sex male. age 18-30. fare q1. embarked S."  # Fare: learnt bins
+    assert data.examples[0] == "class 3. sex male. age 18-30. fare q2. embarked S."  # Fare: learnt bins (16)
     assert "age unknown" in data.examples[5]  # row 6 has no Age
     assert len(data.val_idx) == 178  # round(0.2 * 549) + round(0.2 * 342)
     batching = Batching(batch_size=32)

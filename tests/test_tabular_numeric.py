@@ -77,7 +77,7 @@ def test_setup_bins_measurements_keeps_codes_and_drops_running_ids(tmp_path):
     first = data.examples[0]
     assert first.startswith("count: ") and "code: " in first
     height_word = first.split("height: ")[1].split(".")[0]
-    assert height_word in {f"q{i}" for i in range(1, 9)}  # a bin word, not "170.3"
+    assert height_word in {f"q{i}" for i in range(data.settings.numeric_bins)}  # a bin word, not "170.3"
     assert data.max_length == int(data.train[1].max())  # null: the longest row, no padding
     # Named by the user, the running id is a feature again (and a number, so binned).
     kept = module(path, feature_columns=["row", "height"])
@@ -92,7 +92,7 @@ def test_bin_edges_come_from_training_rows_only(tmp_path):
     data = module(write(tmp_path, frame), seed=0)
     assert np.array_equal(data.val_idx, val_idx)
     train_heights = frame["height"].to_numpy(float)[train_idx]
-    assert data.numeric.edges["height"] == pytest.approx(quantile_edges(train_heights, 8))
+    assert data.numeric.edges["height"] == pytest.approx(quantile_edges(train_heights, data.settings.numeric_bins))
     assert max(data.numeric.edges["height"]) < 1000.0
     # Other validation values: the same edges and the same training texts.
     frame.loc[val_idx, "height"] = -5.0

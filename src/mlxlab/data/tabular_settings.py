@@ -27,7 +27,7 @@ class TabularSettings:
     missing_value: str = "unknown"              # what a blank/NaN cell becomes
     bins: Mapping[str, tuple[float, ...]] = field(default_factory=dict)  # hand-made edges
     numeric: str = "bins"                       # bins: quantile bin words | text: as written
-    numeric_bins: int = 8                       # quantile bins per numeric column
+    numeric_bins: int = 16                      # quantile bins per numeric column
     numeric_words: str = "q"                    # how a bin is written (numeric.WORDINGS)
     val_fraction: float = 0.2                   # seeded, stratified by label
     seed: int = 0                               # the split and the batch order
