@@ -43,7 +43,7 @@ def _tree_words(index: int, count: int) -> str:
 
 # How bin k (0-based) of a column with `count` bins is written.
 WORDINGS = {
-    "q": lambda index, count: f"q{index + 1}",     # one word per bin: q1 .. q8
+    "q": lambda index, count: f"q{index + 1}",     # one word per bin: q1 .. q<bins>
     "tree": _tree_words,                            # log2(bins) words shared by adjacent bins
 }
 MODES = ("bins", "text")
