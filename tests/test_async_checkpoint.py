@@ -145,6 +145,7 @@ def train(args, run_dir, env) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_background_write_then_resume_is_bitwise_identical(tmp_path, cli_env):
     reference = tmp_path / "reference"
     out = train(KILL_DURING_WRITE, reference, cli_env).communicate(timeout=600)

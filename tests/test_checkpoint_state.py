@@ -68,6 +68,7 @@ def recommit(checkpoint) -> None:
     (checkpoint / "checksums.json").write_text(json.dumps(sums))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_in_the_unversioned_layout_resumes_bitwise(tmp_path, cli_env):
     args = [*TITANIC, "trainer.max_epochs=1"]  # 12 steps, checkpoints at 3, 6, 9, 12
     reference = tmp_path / "reference"

@@ -94,6 +94,7 @@ def test_learned_weights_favour_the_teacher_that_is_right():
     assert weights[1] > 0.95 and abs(sum(weights) - 1.0) < 1e-6
 
 
+@pytest.mark.slow
 def test_resume_after_a_finished_round_skips_it_and_keeps_one_parent(make_cfg, tmp_path):
     """The process dies right after round 1's run finished, before the manifest says so (the
     window a SIGKILL can hit at a round boundary): the resume takes round 1 from the store as it

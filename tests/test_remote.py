@@ -259,18 +259,45 @@ def remote_store(server: Server, prefix: str) -> RemoteStore:
     return RemoteStore(server.uri(prefix), retries=2, backoff_s=0.1)
 
 
+HOLD_MODULE = '''
+import time
+
+from mlxlab.training.callbacks import Callback
+
+
+class Hold(Callback):
+    """Stops the loop at `step` (the uploads go on) until the test kills the run."""
+
+    def __init__(self, step: int, max_s: float = 600.0) -> None:
+        self.step, self.max_s = step, max_s
+
+    def on_step(self, step: int, logs: dict) -> None:
+        if step == self.step:
+            deadline = time.monotonic() + self.max_s
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+'''
+
+
 def test_upload_then_resume_from_the_bucket_is_bitwise_identical(server, reference, tmp_path):
     prefix = f"run-{time.time_ns()}"
     uri = server.uri(prefix)
     env = environment(tmp_path, server.env)
+    # The run holds at step 8 (a callback of the test's own, as a user adds one), so the kill
+    # below lands mid-run however slow the uploads are next to 24 tiny steps (a busy CI box once
+    # uploaded nothing before the run's last step).
+    (tmp_path / "holdpoint.py").write_text(HOLD_MODULE)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
     first = tmp_path / "outputs" / "remote" / "first"
-    proc = start([*ARGS, f"callbacks.checkpoint.remote={uri}"], first, env)
+    proc = start([*ARGS, f"callbacks.checkpoint.remote={uri}",
+                  "+callbacks.hold={_target_: holdpoint.Hold, step: 8}"], first, env)
     with env_set(server.env):
         store = remote_store(server, prefix)
         deadline = time.time() + 300
         while not store.committed_steps():  # the first committed upload, then the disk is lost
-            assert proc.poll() is None, "the run finished before its first upload was seen"
-            assert time.time() < deadline
+            assert proc.poll() is None, "the run ended before its first upload was seen:\n" + (
+                proc.communicate()[1][-3000:])
+            assert time.time() < deadline, "no committed upload within 300 s"
             time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

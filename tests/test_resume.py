@@ -320,6 +320,7 @@ def unlocked(read):
     raise AssertionError("the store stayed locked for 10 s")
 
 
+@pytest.mark.slow
 def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
     """A run SIGKILLed before its first checkpoint is RUNNING in the store; `mlxlab runs
     list` and the next start of the task mark it KILLED with the reason; a live run of the task
@@ -379,6 +380,7 @@ def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
         live.wait()
 
 
+@pytest.mark.slow
 def test_tracking_none_resume_does_not_claim_the_source_mlflow_run(tmp_path, cli_env):
     args = [*TITANIC, "trainer.max_epochs=1"]
     source = tmp_path / "source"
@@ -391,6 +393,7 @@ def test_tracking_none_resume_does_not_claim_the_source_mlflow_run(tmp_path, cli
     assert run_id_of(tmp_path / "again") == source_id  # a later tracked resume continues it
 
 
+@pytest.mark.slow
 def test_resume_on_other_data_reports_it_and_resets_the_best_metric(tmp_path, cli_env):
     """Changed data and seed are reported like changed hyperparameters, and best/ metrics are
     measured on the new validation set only, never compared across data sets."""
@@ -448,6 +451,7 @@ def test_resume_auto_stays_in_the_newest_folders_run(tmp_path):
     assert latest_run_with_checkpoints(tmp_path, "t", here) == fresh.resolve()
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_requeues_the_slurm_job_and_the_requeued_start_resumes(
         tmp_path, cli_env):
     """What `sbatch --signal=USR1@90` and trainer.requeue=true do: SIGUSR1 checkpoints the step
@@ -489,6 +493,7 @@ def test_sigusr1_checkpoints_requeues_the_slurm_job_and_the_requeued_start_resum
     assert calls.read_text().split() == ["requeue", "4242"]  # a finished run requeues nothing
 
 
+@pytest.mark.slow
 def test_resume_naming_the_trained_preset_rebuilds_the_checkpoints_model(tmp_path, cli_env):
     """`debug=fast model.num_layers=3`, then `debug=fast resume=auto` (a preset has to be named
     again: it sets the task whose runs resume=auto searches): the preset is the one the run was
