@@ -273,9 +273,7 @@ class Hold(Callback):
 
     def on_step(self, step: int, logs: dict) -> None:
         if step == self.step:
-            deadline = time.monotonic() + self.max_s
-            while time.monotonic() < deadline:
-                time.sleep(0.05)
+            time.sleep(self.max_s)
 '''
 
 

@@ -77,7 +77,7 @@ def test_setup_bins_measurements_keeps_codes_and_drops_running_ids(tmp_path):
     first = data.examples[0]
     assert first.startswith("count: ") and "code: " in first
     height_word = first.split("height: ")[1].split(".")[0]
-    assert height_word in {f"q{i}" for i in range(data.settings.numeric_bins)}  # a bin word, not "170.3"
+    assert height_word in {f"q{i}" for i in range(1, data.settings.numeric_bins + 1)}  # a bin word, not "170.3"
     assert data.max_length == int(data.train[1].max())  # null: the longest row, no padding
     # Named by the user, the running id is a feature again (and a number, so binned).
     kept = module(path, feature_columns=["row", "height"])
