@@ -229,6 +229,38 @@ def test_layer_norm_values_and_gradients_equal_mlx(shape, offset):
                                np.array(mx.fast.layer_norm(x, None, None, 1e-5)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape, p", [((1,), 0.3), ((3,), 0.3), ((7, 5), 0.1), ((64, 47, 128), 0.3),
+                                      ((1000, 1001), 0.25), ((6, 9), 0.5), ((4, 33), 0.9)])
+def test_dropout_is_nn_dropout_to_the_bit(shape, p):
+    """The fused dropout draws MLX's own threefry bits with the key nn.Dropout's draw would take:
+    outputs, gradients and the random state after it are nn.Dropout's to the bit, eager and under
+    mx.compile over the random state (odd sizes cover RandomBits' middle word, small ones the
+    scalar tail, (64, 47, 128) the vector blocks over two threads)."""
+    ref = nn.Dropout(p)
+    x = mx.random.normal(shape, key=mx.random.key(len(shape)))
+    cot = mx.random.normal(shape, key=mx.random.key(9))
+
+    def draws(fn):
+        mx.random.seed(11)
+        out = [fn(x) for _ in range(3)]
+        y, vjp = mx.vjp(fn, [x], [cot])
+        return [np.array(a).view(np.uint32) for a in (*out, y[0], vjp[0], mx.random.state[0])]
+
+    fused = draws(lambda x: kernels.dropout(x, p))
+    for got, want in zip(fused, draws(ref)):
+        np.testing.assert_array_equal(got, want)
+    assert "MlxlabDropout" in graph_text(lambda x: kernels.dropout(x, p), x)
+
+    def compiled(fn):
+        step = mx.compile(fn, inputs=mx.random.state, outputs=mx.random.state)
+        mx.random.seed(5)
+        return [np.array(step(x)).view(np.uint32) for _ in range(3)]
+
+    twice = compiled(lambda x: kernels.dropout(kernels.dropout(x, p), p))
+    for got, want in zip(twice, compiled(lambda x: ref(ref(x)))):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_dropout_drops_at_rate_scales_and_follows_the_seed():
     """Keep rate 1 - p, kept values scaled by 1/(1-p), the gradient through the same mask; one
     seed gives one mask, the next call another; neighbours independent; compiled steps advance
@@ -269,7 +301,8 @@ def test_dropout_drops_at_rate_scales_and_follows_the_seed():
 def test_default_bert_fused_equals_mlx_and_drops_out_only_in_training():
     """The default experiment's BERT (hidden 128, 2 layers, 4 heads, dropout 0.3) on a padded
     batch of its shape: in eval mode the fused model's logits and gradients are MLX's (dropout
-    off: seeds change nothing); in training each of its dropouts draws its own mask, another one
+    off: seeds change nothing), and in training too for one seed (the same dropout masks); each
+    of its dropouts draws its own mask, another one
     each step (also compiled over MLX's random state, as the trainer compiles), keeping 1 - p
     scaled by 1 / (1 - p)."""
     from mlx.utils import tree_flatten
@@ -301,6 +334,15 @@ def test_default_bert_fused_equals_mlx_and_drops_out_only_in_training():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
 
     model.train()
+
+    def train_outputs():  # the same seed draws the same masks on both paths
+        mx.random.seed(3)
+        loss_value, grads = nn.value_and_grad(model, loss)(model)
+        return [loss_value, *(g for _, g in sorted(tree_flatten(grads)))]
+
+    fused, ref = both_paths(train_outputs)
+    for got, want in zip(fused, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
     masks, original = [], kernels.dropout
 
     def recording(x, p):

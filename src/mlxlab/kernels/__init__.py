@@ -7,9 +7,9 @@ thread, so the vocabulary softmax, the attention softmax and the SiLU of a small
 several times PyTorch's, its erf (the exact GELU) is a scalar libm call that took more than half
 of the default BERT's step, and its RMSNorm, LayerNorm, RoPE, strided copies and AdamW update run
 as single-threaded element-wise ops; its dropout draws threefry bits on one thread (see
-docs/benchmarks.md, issues 12 and 24). The fused kernels do the
-same math in one vectorized, multi-threaded pass, forward and backward (their VJPs are fused
-kernels too).
+docs/benchmarks.md, issues 12 and 24). The fused kernels do the same math in one vectorized,
+multi-threaded pass, forward and backward (their VJPs are fused kernels too); the dropout kernel
+draws MLX's own bits, so its masks are nn.Dropout's.
 
 Mode (`trainer.fused_kernels` -> set_mode, or $MLXLAB_FUSED_KERNELS for scripts):
   auto  fused on the CPU when the extension builds; otherwise, with one log line, pure MLX
@@ -256,18 +256,27 @@ def gelu(x: mx.array) -> mx.array:
     return nn.gelu(x) if module is None else module.gelu(x)
 
 
+def _next_key() -> mx.array:
+    """The key MLX's next draw without a key would use, advancing the global state as that draw
+    does: MLX's key sequence splits the state key in two, keeps the first half as the new state
+    and draws with the second (mlx/random.cpp KeySequence::next). A zero-size draw advances it."""
+    key = mx.random.split(mx.random.state[0])[1]
+    mx.random.uniform(shape=(0,))
+    return key
+
+
 def dropout(x: mx.array, p: float) -> mx.array:
-    """Inverted dropout, x * keep / (1 - p), keep ~ Bernoulli(1 - p): nn.Dropout in training.
-    Fused: the keep draws come from a counter-based hash of a key drawn from MLX's global random
-    state (mx.random.randint), so seeds, mx.compile's captured state and bitwise resume work
-    as before; MLX's own draw runs threefry on one thread, 3 % of the default BERT's
-    step. The two paths draw different masks from one seed."""
+    """Inverted dropout, (keep * x) / (1 - p), keep ~ Bernoulli(1 - p): nn.Dropout in training.
+    Fused: the kernel draws MLX's own threefry bits from the key MLX's draw would take (one draw
+    from the global random state, as nn.Dropout makes), so its masks and outputs are nn.Dropout's
+    to the bit (a seed trains the same run on either path, give or take other kernels' rounding),
+    and mx.compile's captured state and bitwise resume work unchanged; MLX's own draw runs
+    threefry on one thread, the kernel vectorized on all cores."""
+    keep = 1.0 - p
     module = _fused("dropout", x)
     if module is None:
-        keep = 1.0 - p
         return (mx.random.bernoulli(keep, x.shape) * x) * (1 / keep)
-    key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)  # 62 random bits
-    return module.dropout(x, key, p)
+    return module.dropout(x, _next_key(), keep, 1 / keep)
 
 
 def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:

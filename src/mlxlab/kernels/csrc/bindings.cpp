@@ -38,11 +38,14 @@ NB_MODULE(_mlxlab_kernels, m) {
         "The exact (erf) GELU of a float32 array.");
   m.def(
       "dropout",
-      [](const mx::array& x, const mx::array& key, float p) { return mlxlab::dropout(x, key, p); },
+      [](const mx::array& x, const mx::array& key, float keep, float scale) {
+        return mlxlab::dropout(x, key, keep, scale);
+      },
       "x"_a,
       "key"_a,
-      "p"_a,
-      "Inverted dropout of float32 x with drop probability p, drawn from the uint32 (2,) key.");
+      "keep"_a,
+      "scale"_a,
+      "(mx.random.bernoulli(keep, x.shape, key) * x) * scale for float32 x, to the bit.");
   m.def(
       "layer_norm",
       [](const mx::array& x, const mx::array& weight, const mx::array& bias, float eps) {

@@ -32,10 +32,10 @@ mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask, bool
 // The exact GELU, x * (1 + erf(x / sqrt(2))) / 2, element-wise on float32 (BERT's, GPT-2's MLP).
 mx::array gelu(const mx::array& x);
 
-// Inverted dropout: x * keep / (1 - p), keep drawn with probability 1 - p per element from a
-// counter-based hash of (key, index): key a uint32 (2,) array (an mx.random key), so the draw
-// is a function of MLX's random state and does not depend on the threads.
-mx::array dropout(const mx::array& x, const mx::array& key, float p);
+// Inverted dropout: x * mask * scale with mask ~ Bernoulli(keep) drawn as
+// mx.random.bernoulli(keep, x.shape, key) draws it (MLX's threefry bits, to the bit), scale
+// 1 / keep: nn.Dropout's output for the same key, on all cores.
+mx::array dropout(const mx::array& x, const mx::array& key, float keep, float scale);
 
 // Layer normalization over the last axis: x (..., D), weight and bias (D,), float32 ->
 // (x - mean) / sqrt(var + eps) * weight + bias (what mx.fast.layer_norm computes).
@@ -230,18 +230,20 @@ class GeluGrad : public CpuPrimitive {
 // Inputs: x, key -> (y, scale) with scale = keep / (1 - p): the VJP multiplies by it.
 class Dropout : public CpuPrimitive {
  public:
-  Dropout(mx::Stream stream, float p) : CpuPrimitive(stream), p_(p) {}
+  Dropout(mx::Stream stream, float keep, float scale)
+      : CpuPrimitive(stream), keep_(keep), scale_(scale) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxlabDropout";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return p_ == static_cast<const Dropout&>(other).p_;
+    auto& o = static_cast<const Dropout&>(other);
+    return keep_ == o.keep_ && scale_ == o.scale_;
   }
   MLXLAB_VJP
 
  private:
-  float p_;
+  float keep_, scale_;
 };
 
 // Inputs: x (N, D), weight (D,), bias (D,) -> (y (N, D), mean (N,), rstd (N,)); mean and rstd
