@@ -67,6 +67,18 @@ def test_every_example_once_per_epoch_and_the_step_loss_is_their_mean(make_cfg, 
     assert bad.returncode == 2 and "callbacks=per_example_losses" in bad.stderr
 
 
+def test_accumulated_steps_record_every_row_of_their_micro_batches(make_cfg):
+    """trainer.grad_accum=2: a step's rows are its two micro-batches' (the per-row losses are
+    concatenated after the update, and evaluated there: the writer thread has no MLX stream)."""
+    cfg = make_cfg(*FAST, *SMALL, "trainer.grad_accum=2", "tracking=none")
+    train(cfg)
+    frame = read_losses(sorted((Path(cfg.paths.output_dir) / "per_example").glob("*.parquet")))
+    for epoch, rows in frame.groupby("epoch"):
+        assert rows["example_id"].is_unique and len(rows) == 713, epoch
+    sizes = frame.groupby("step").size()
+    assert sizes.max() == 128 and len(sizes) == frame["step"].max()
+
+
 def test_distillation_adds_each_examples_teacher_loss(rng):
     student, teacher = rng.normal(size=(6, 3)), rng.normal(size=(6, 3)) * 2
     labels = rng.integers(0, 3, 6)

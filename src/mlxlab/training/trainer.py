@@ -236,10 +236,10 @@ class Trainer:
             # The first update also compiles (and a rank may still be compiling its grad step).
             with world.guard("a training step", 1.0 if compiled else 10.0):
                 norm, loss, aux = apply_step(acc, total_n, total_loss, total_aux)
+                for key in examples[0]:  # evaluated here: callbacks may read them on a thread
+                    aux[key] = mx.concatenate([e[key] for e in examples])  # with no MLX stream
                 mx.eval(loss, norm, aux, state)
             compiled.append(True)
-            for key in examples[0]:
-                aux[key] = mx.concatenate([e[key] for e in examples])
             return loss, norm, aux
 
         return step
