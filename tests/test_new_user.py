@@ -171,6 +171,18 @@ def stop_server(server: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     server.wait(timeout=30)
 
 
+def wait_for_metrics(uri: str, timeout: float = 60.0) -> None:
+    """Until the server holds a run with a train/loss value (the tracking process starts the run
+    after this process logs "training: ..."; killing the server before that tests start-up)."""
+    client, deadline = MlflowClient(uri), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids = [e.experiment_id for e in client.search_experiments()]
+        if any("train/loss" in r.data.metrics for r in client.search_runs(ids)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no run with train/loss on {uri} within {timeout:g} s")
+
+
 @pytest.mark.slow
 def test_server_killed_mid_run_keeps_the_metrics_and_says_so(tmp_path, cli_env):
     mlruns = tmp_path / "srv"
@@ -188,6 +200,7 @@ def test_server_killed_mid_run_keeps_the_metrics_and_says_so(tmp_path, cli_env):
         for line in run.stdout:  # training has started, tracked: the server goes away
             lines.append(line)
             if "training: 600 steps" in line:
+                wait_for_metrics(uri)  # the tracking process has started the run: now mid-run
                 stop_server(server, signal.SIGKILL)
                 break
         start = time.monotonic()
