@@ -5,8 +5,6 @@
 #include "kernels.h"
 
 #include <cstring>
-#include <tuple>
-#include <utility>
 #include <vector>
 
 #include "mlx/backend/cpu/encoder.h"
@@ -121,28 +119,11 @@ inline void row_layer_norm_grad(
   }
 }
 
-// MLX's threefry2x32 (mlx/backend/cpu/threefry.cpp): 20 rounds, the key injected every 4.
-// One counter pair (c0, c1), for the few words a vector block does not cover.
-inline std::pair<uint32_t, uint32_t> threefry(uint32_t k0, uint32_t k1, uint32_t c0, uint32_t c1) {
-  const uint32_t ks[3] = {k0, k1, k0 ^ k1 ^ 0x1BD11BDAu};
-  constexpr int rotations[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};
-  c0 += ks[0];
-  c1 += ks[1];
-  for (uint32_t i = 0; i < 5; ++i) {
-    for (int r : rotations[i % 2]) {
-      c0 += c1;
-      c1 = (c1 << r) | (c1 >> (32 - r));
-      c1 ^= c0;
-    }
-    c0 += ks[(i + 1) % 3];
-    c1 += ks[(i + 2) % 3] + i + 1;
-  }
-  return {c0, c1};
-}
-
-// The same on the 32 counter pairs (c + i, c + i + offset), i in [0, 32), as four 8-lane vectors
-// interleaved round by round: each pair's 20 rounds are one dependency chain, and four chains in
-// flight run ~4x the throughput of a one-vector loop (AVX2, measured).
+// MLX's threefry2x32 (mlx/backend/cpu/threefry.cpp: 20 rounds, the key injected every 4) on the
+// 32 counter pairs (c + i, c + i + offset), i in [0, 32), as four 8-lane vectors interleaved
+// round by round: each pair's 20 rounds are one dependency chain, and four chains in flight run
+// ~2x the throughput of a one-vector loop (AVX2, measured). A caller short of 32 words uses the
+// first ones (unsigned counters wrap as MLX's do).
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 constexpr int64_t kThreefryBlock = 32;
 
@@ -291,21 +272,15 @@ void Dropout::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
     const uint32_t k0 = key[0], k1 = key[1];
     const int64_t half = n / 2, offset = half + n % 2;
     if (n % 2) {
-      uint32_t middle = threefry(k0, k1, static_cast<uint32_t>(half), 0).first;
-      dropout_apply(px + half, &middle, py + half, ps + half, 1, threshold, keep_scale);
+      uint32_t middle[kThreefryBlock], unused[kThreefryBlock];
+      threefry_block(k0, k1, uint32_t(half), uint32_t(-half), middle, unused);  // (n / 2, 0)
+      dropout_apply(px + half, middle, py + half, ps + half, 1, threshold, keep_scale);
     }
     parallel_for(half, 8, [=](int64_t begin, int64_t end) {
       uint32_t first[kThreefryBlock], second[kThreefryBlock];
       for (int64_t at = begin; at < end; at += kThreefryBlock) {
         const int64_t m = std::min(kThreefryBlock, end - at);
-        if (m == kThreefryBlock) {
-          threefry_block(k0, k1, uint32_t(at), uint32_t(offset), first, second);
-        } else {
-          for (int64_t i = 0; i < m; ++i) {
-            std::tie(first[i], second[i]) =
-                threefry(k0, k1, uint32_t(at + i), uint32_t(at + i + offset));
-          }
-        }
+        threefry_block(k0, k1, uint32_t(at), uint32_t(offset), first, second);
         dropout_apply(px + at, first, py + at, ps + at, m, threshold, keep_scale);
         dropout_apply(px + at + offset, second, py + at + offset, ps + at + offset, m, threshold,
                       keep_scale);

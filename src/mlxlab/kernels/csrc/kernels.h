@@ -227,7 +227,7 @@ class GeluGrad : public CpuPrimitive {
   MLXLAB_PRIMITIVE_BODY(GeluGrad)
 };
 
-// Inputs: x, key -> (y, scale) with scale = keep / (1 - p): the VJP multiplies by it.
+// Inputs: x, key -> (y, scale) with scale = mask / keep: the VJP multiplies by it.
 class Dropout : public CpuPrimitive {
  public:
   Dropout(mx::Stream stream, float keep, float scale)
