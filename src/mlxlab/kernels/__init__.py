@@ -183,7 +183,7 @@ def attention(
     masked softmax (forward and backward) to one kernel, for float32 with no mask, an additive
     (T_q, T_kv) mask or a key-padding mask (B, 1, 1, T_kv) (boolean, True = may attend, as
     models.layers.padding_mask makes; or additive), and as many key/value heads as query heads;
-    otherwise MLX's SDPA."""
+    otherwise MLX's SDPA. The fused softmax is MLX's op for op, so the result is MLX's to the bit."""
     key_mask = isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1:3] == (1, 1)
     plain_mask = mask is None or key_mask or (isinstance(mask, mx.array) and mask.ndim == 2)
     module = _fused("attention", q, k, v)
@@ -191,7 +191,10 @@ def attention(
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     if isinstance(mask, mx.array):
         if mask.dtype == mx.bool_:
-            mask = mx.where(mask, mx.array(0.0), mx.array(-mx.inf))
+            # MLX puts float32's lowest where the mask is false; adding it to a score gives
+            # that lowest exactly, so this is the same softmax (a row with no key left is
+            # uniform, as MLX's, not NaN).
+            mask = mx.where(mask, mx.array(0.0), mx.array(mx.finfo(mx.float32).min))
         mask = mask.astype(mx.float32)
         if key_mask:
             mask = mask.reshape(mask.shape[0], mask.shape[-1])

@@ -3,6 +3,7 @@
 // took more than half of its training step. These run vectorized and over the pool.
 #include "common.h"
 #include "kernels.h"
+#include "mlx_math.h"
 
 #include <cstring>
 #include <vector>
@@ -15,107 +16,149 @@ using namespace detail;
 
 namespace {
 
-// erf(x) for float32 as a branch-free rational function of x on [-4, 4] (erf is +-1 to float
-// precision beyond): the minimax fit Eigen uses for its vectorized erf, max error a few ulp.
-inline float fast_erf(float x) {
-  x = x < -4.0f ? -4.0f : x; // ternaries, not fmin/fmax: they vectorize and keep a NaN a NaN
-  x = x > 4.0f ? 4.0f : x;
-  const float x2 = x * x;
-  float p = -2.72614225801306e-10f;
-  p = p * x2 + 2.77068142495902e-08f;
-  p = p * x2 - 2.10102402082508e-06f;
-  p = p * x2 - 5.69250639462346e-05f;
-  p = p * x2 - 7.34990630326855e-04f;
-  p = p * x2 - 2.95459980854025e-03f;
-  p = p * x2 - 1.60960333262415e-02f;
-  float q = -1.45660718464996e-05f;
-  q = q * x2 - 2.13374055278905e-04f;
-  q = q * x2 - 1.68282697438203e-03f;
-  q = q * x2 - 7.37332916720468e-03f;
-  q = q * x2 - 1.42647390514189e-02f;
-  return x * p / q;
-}
-
-constexpr float kInvSqrt2 = 0.70710678118654752f;
-constexpr float kInvSqrt2Pi = 0.39894228040143268f;
-
+// nn.gelu, x * (1 + erf(x / sqrt 2)) / 2, op for op as MLX's compiled graph computes it.
 inline void gelu_span(const float* __restrict x, float* __restrict y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    y[i] = 0.5f * x[i] * (1.0f + fast_erf(x[i] * kInvSqrt2));
+    y[i] = x[i] * (1.0f + mlx_erf(x[i] / kMlxSqrt2)) * 0.5f; // / 2 exactly, as MLX divides
   }
 }
 
-// d gelu / dx = (1 + erf(x / sqrt 2)) / 2 + x phi(x), phi the standard normal density.
+// nn.gelu's gradient as MLX's autodiff builds it from the forward's ops: (g / 2) through the
+// product x (1 + erf u) to x (`product`), and through erf's VJP (2 / sqrt pi) g' exp(-u^2) and
+// u = x / sqrt 2 to x (`erf_path`). The two are returned apart: see Gelu::vjp.
 inline void gelu_grad_span(
-    const float* __restrict x, const float* __restrict g, float* __restrict dx, int64_t n) {
+    const float* __restrict x,
+    const float* __restrict g,
+    float* __restrict product,
+    float* __restrict erf_path,
+    int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    float xi = x[i];
-    float cdf = 0.5f * (1.0f + fast_erf(xi * kInvSqrt2));
-    dx[i] = g[i] * (cdf + xi * kInvSqrt2Pi * fast_exp(-0.5f * xi * xi));
+    const float xi = x[i], u = xi / kMlxSqrt2;
+    const float gm = g[i] * 0.5f; // MLX divides by 2: the same number
+    product[i] = (1.0f + mlx_erf(u)) * gm;
+    erf_path[i] = kMlx2OverSqrtPi * (xi * gm) * mlx_exp(-(u * u)) / kMlxSqrt2;
   }
 }
 
-// y = (x - mean) r w + b of one row, r = 1 / sqrt(var + eps), var the biased variance (two
-// passes over the row, as MLX's layer_norm); stores mean and r.
-inline void row_layer_norm(
+// LayerNorm as MLX's CPU runs mx.fast.layer_norm (its fallback: mean, centre, mean of squares,
+// rsqrt, scale, shift), op for op, and its gradient as MLX's autodiff builds it from those ops.
+// MLX sums a row in order from the first element (one accumulator on x86), and the weight and
+// bias gradients over the rows in order from the first row; so do these. An in-order sum is one
+// chain of dependent adds, so rows go in groups of kRows whose chains interleave. c = 1 / d as
+// MLX's NumberOfElements makes it.
+constexpr int64_t kRows = 8;
+
+// out[r] = a[r][0] + a[r][1] + ... in that order, for `rows` <= kRows rows `stride` apart.
+inline void sums_in_order(const float* __restrict a, int64_t stride, int64_t rows, int64_t d,
+                          float* __restrict out) {
+  if (rows == kRows) {
+    float s[kRows] = {};
+    for (int64_t j = 0; j < d; ++j) {
+      for (int64_t r = 0; r < kRows; ++r) {
+        s[r] += a[r * stride + j];
+      }
+    }
+    std::copy(s, s + kRows, out);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float s = 0.0f;
+    for (int64_t j = 0; j < d; ++j) {
+      s += a[r * stride + j];
+    }
+    out[r] = s;
+  }
+}
+
+// Rows [0, rows) of x: y = (x - mu) r w + b, mu = sum(x) c, r = 1 / sqrt(sum((x - mu)^2) c +
+// eps); stores mu and ve = var + eps for the gradient. `scratch` holds kRows * d floats.
+inline void rows_layer_norm(
     const float* __restrict x,
     const float* __restrict w,
     const float* __restrict b,
     float* __restrict y,
-    float* mean_out,
-    float* rstd_out,
+    float* __restrict scratch,
+    float* __restrict mean_out,
+    float* __restrict ve_out,
+    int64_t rows,
     int64_t d,
+    float c,
     float eps) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < d; ++j) {
-    s += x[j];
-  }
-  const float mean = s / static_cast<float>(d);
-  float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t j = 0; j < d; ++j) {
-    float c = x[j] - mean;
-    ss += c * c;
-  }
-  const float r = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+  float mu[kRows], ve[kRows];
+  sums_in_order(x, d, rows, d, mu);
+  for (int64_t r = 0; r < rows; ++r) {
+    mu[r] = mu[r] * c;
+    const float* xr = x + r * d;
+    float* sq = scratch + r * d;
+    const float m = mu[r];
 #pragma omp simd
-  for (int64_t j = 0; j < d; ++j) {
-    y[j] = (x[j] - mean) * r * w[j] + b[j];
+    for (int64_t j = 0; j < d; ++j) {
+      const float xc = xr[j] - m;
+      sq[j] = xc * xc;
+    }
   }
-  *mean_out = mean;
-  *rstd_out = r;
+  sums_in_order(scratch, d, rows, d, ve);
+  for (int64_t r = 0; r < rows; ++r) {
+    ve[r] = ve[r] * c + eps;
+    const float m = mu[r], rs = 1.0f / std::sqrt(ve[r]);
+    const float* xr = x + r * d;
+    float* yr = y + r * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      yr[j] = (xr[j] - m) * rs * w[j] + b[j];
+    }
+    mean_out[r] = m;
+    ve_out[r] = ve[r];
+  }
 }
 
-// dx = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) of one row, dxhat = dy w, xhat =
-// (x - mean) r; adds dy xhat to dw and dy to db.
-inline void row_layer_norm_grad(
+// x's gradient for rows [0, rows) in its two parts: gxc = r gxn + xc (2 c d ve) (through
+// xc = x - mu: via xc r and via the square; gxn = w g, gr = sum(xc gxn), d ve = (-0.5 gr)
+// (r / ve), rsqrt's VJP) into dx, and gs1 = c sum(-gxc) (through the mean, one number a row)
+// into gs1. `scratch` holds kRows * d floats.
+inline void rows_layer_norm_grad(
     const float* __restrict x,
     const float* __restrict w,
-    const float* __restrict dy,
-    float mean,
-    float r,
+    const float* __restrict g,
+    const float* __restrict mean,
+    const float* __restrict ve,
+    float c,
     float* __restrict dx,
-    float* __restrict dw,
-    float* __restrict db,
+    float* __restrict gs1,
+    float* __restrict scratch,
+    int64_t rows,
     int64_t d) {
-  float sum_g = 0.0f, sum_gx = 0.0f;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-  for (int64_t j = 0; j < d; ++j) {
-    float g = dy[j] * w[j];
-    sum_g += g;
-    sum_gx += g * (x[j] - mean) * r;
-  }
-  const float inv_d = 1.0f / static_cast<float>(d);
-  const float a = sum_g * inv_d, c = sum_gx * inv_d;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    const float* gr = g + r * d;
+    float* t = scratch + r * d;
+    const float m = mean[r];
 #pragma omp simd
-  for (int64_t j = 0; j < d; ++j) {
-    float xhat = (x[j] - mean) * r;
-    dx[j] = r * (dy[j] * w[j] - a - xhat * c);
-    dw[j] += dy[j] * xhat;
-    db[j] += dy[j];
+    for (int64_t j = 0; j < d; ++j) {
+      t[j] = (xr[j] - m) * (w[j] * gr[j]);
+    }
+  }
+  float sums[kRows];
+  sums_in_order(scratch, d, rows, d, sums);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    const float* gr = g + r * d;
+    float* dxr = dx + r * d;
+    float* t = scratch + r * d;
+    const float m = mean[r], rs = 1.0f / std::sqrt(ve[r]);
+    const float two_gs2 = 2.0f * (c * ((-0.5f * sums[r]) * (rs / ve[r])));
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      const float gxc = rs * (w[j] * gr[j]) + (xr[j] - m) * two_gs2;
+      dxr[j] = gxc;
+      t[j] = -gxc;
+    }
+  }
+  sums_in_order(scratch, d, rows, d, sums);
+  for (int64_t r = 0; r < rows; ++r) {
+    gs1[r] = c * sums[r];
   }
 }
 
@@ -177,6 +220,36 @@ inline void dropout_apply(
   }
 }
 
+// `a` itself when row-contiguous, else a row-contiguous copy made on the encoder (kept alive
+// until the kernel has run; libmlx does not export its own CPU copy). The two-input primitives below take x as it is, not through
+// mx::contiguous: a Contiguous node would add x's two gradient parts before MLX adds them to
+// the rest of x's gradient, in another order than MLX's own graph.
+mx::array row_contiguous(const mx::array& a, mx::cpu::CommandEncoder& encoder) {
+  if (a.flags().row_contiguous) {
+    return a;
+  }
+  mx::array copy(a.shape(), mx::float32, nullptr, {});
+  alloc(copy);
+  encoder.set_input_array(a);
+  encoder.set_output_array(copy);
+  encoder.add_temporary(copy);
+  encoder.dispatch([src = a.data<float>(), dst = copy.data<float>(), shape = a.shape(),
+                    strides = a.strides(), n = int64_t(a.size())]() {
+    std::vector<int64_t> index(shape.size(), 0);
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t offset = 0;
+      for (size_t k = 0; k < shape.size(); ++k) {
+        offset += index[k] * strides[k];
+      }
+      dst[i] = src[offset];
+      for (int64_t k = int64_t(shape.size()) - 1; k >= 0 && ++index[k] == shape[k]; --k) {
+        index[k] = 0;
+      }
+    }
+  });
+  return copy;
+}
+
 void set_arrays(mx::cpu::CommandEncoder& encoder, const std::vector<mx::array>& inputs,
                 std::vector<mx::array>& outputs) {
   for (auto& a : inputs) {
@@ -192,18 +265,21 @@ void set_arrays(mx::cpu::CommandEncoder& encoder, const std::vector<mx::array>& 
 
 // ---- GELU ----------------------------------------------------------------------------------
 
+// x enters twice: MLX's graph reaches x through the product and through erf(x / sqrt 2), and
+// its autodiff adds those two gradients to whatever else x's gradient holds one after the
+// other, product first. Gelu::vjp returns them as the gradients of inputs 0 and 1, which MLX
+// adds in that order: the same sums in the same order, so x's gradient is MLX's to the bit.
 mx::array gelu(const mx::array& x) {
   check_cpu_float32(x, "gelu");
   auto s = mx::to_stream(mx::Device::cpu);
-  return mx::array(x.shape(), mx::float32, std::make_shared<Gelu>(s), {mx::contiguous(x, false, s)});
+  return mx::array(x.shape(), mx::float32, std::make_shared<Gelu>(s), {x, x});
 }
 
 void Gelu::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  set_arrays(encoder, inputs, outputs);
-  encoder.dispatch([px = inputs[0].data<float>(),
-                    py = outputs[0].data<float>(),
-                    n = int64_t(inputs[0].size())]() {
+  mx::array x = row_contiguous(inputs[0], encoder);
+  set_arrays(encoder, {x}, outputs);
+  encoder.dispatch([px = x.data<float>(), py = outputs[0].data<float>(), n = int64_t(x.size())]() {
     // cost 8: an erf is several multiply-adds and a division; small arrays stay on one thread
     parallel_for(n, 8, [=](int64_t begin, int64_t end) {
       gelu_span(px + begin, py + begin, end - begin);
@@ -214,24 +290,31 @@ void Gelu::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>
 std::vector<mx::array> Gelu::vjp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& cotangents,
-    const std::vector<int>&,
+    const std::vector<int>& argnums,
     const std::vector<mx::array>&) {
-  return {mx::array(
-      primals[0].shape(),
-      mx::float32,
+  auto parts = mx::array::make_arrays(
+      {primals[0].shape(), primals[0].shape()},
+      {mx::float32, mx::float32},
       std::make_shared<GeluGrad>(stream()),
-      {primals[0], mx::contiguous(cotangents[0], false, stream())})};
+      {primals[0], mx::contiguous(cotangents[0], false, stream())});
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    grads.push_back(parts[arg]);
+  }
+  return grads;
 }
 
 void GeluGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  set_arrays(encoder, inputs, outputs);
-  encoder.dispatch([px = inputs[0].data<float>(),
+  mx::array x = row_contiguous(inputs[0], encoder);
+  set_arrays(encoder, {x, inputs[1]}, outputs);
+  encoder.dispatch([px = x.data<float>(),
                     pg = inputs[1].data<float>(),
-                    pd = outputs[0].data<float>(),
-                    n = int64_t(inputs[0].size())]() {
+                    pp = outputs[0].data<float>(),
+                    pe = outputs[1].data<float>(),
+                    n = int64_t(x.size())]() {
     parallel_for(n, 12, [=](int64_t begin, int64_t end) {
-      gelu_grad_span(px + begin, pg + begin, pd + begin, end - begin);
+      gelu_grad_span(px + begin, pg + begin, pp + begin, pe + begin, end - begin);
     });
   });
 }
@@ -304,6 +387,9 @@ std::vector<mx::array> Dropout::vjp(
 
 // ---- LayerNorm -----------------------------------------------------------------------------
 
+// x enters twice, as in gelu: MLX's graph reaches x through x - mean (gxc) and through the mean
+// (gs1, one number a row), and adds them to x's gradient in that order; LayerNorm::vjp returns
+// them as the gradients of inputs 0 and 1.
 mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, float eps) {
   for (auto* a : {&x, &weight, &bias}) {
     check_cpu_float32(*a, "layer_norm");
@@ -318,26 +404,30 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
       {x.shape(), {rows}, {rows}},
       {mx::float32, mx::float32, mx::float32},
       std::make_shared<LayerNorm>(s, eps),
-      {mx::contiguous(x, false, s), mx::contiguous(weight, false, s), mx::contiguous(bias, false, s)});
+      {x, x, mx::contiguous(weight, false, s), mx::contiguous(bias, false, s)});
   return outs[0];
 }
 
 void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  set_arrays(encoder, inputs, outputs);
-  int64_t d = inputs[0].shape(-1), n = inputs[0].size() / d;
-  encoder.dispatch([px = inputs[0].data<float>(),
-                    pw = inputs[1].data<float>(),
-                    pb = inputs[2].data<float>(),
+  mx::array x = row_contiguous(inputs[0], encoder);
+  set_arrays(encoder, {x, inputs[2], inputs[3]}, outputs);
+  int64_t d = x.shape(-1), n = x.size() / d;
+  encoder.dispatch([px = x.data<float>(),
+                    pw = inputs[2].data<float>(),
+                    pb = inputs[3].data<float>(),
                     py = outputs[0].data<float>(),
                     pm = outputs[1].data<float>(),
-                    pr = outputs[2].data<float>(),
+                    pve = outputs[2].data<float>(),
                     n,
                     d,
                     eps = eps_]() {
+    const float c = static_cast<float>(1.0 / static_cast<double>(d));
     parallel_for(n, d, [=](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        row_layer_norm(px + i * d, pw, pb, py + i * d, pm + i, pr + i, d, eps);
+      std::vector<float> scratch(kRows * d);
+      for (int64_t i = begin; i < end; i += kRows) {
+        rows_layer_norm(px + i * d, pw, pb, py + i * d, scratch.data(), pm + i, pve + i,
+                        std::min(kRows, end - i), d, c, eps);
       }
     });
   });
@@ -348,51 +438,63 @@ std::vector<mx::array> LayerNorm::vjp(
     const std::vector<mx::array>& cotangents,
     const std::vector<int>& argnums,
     const std::vector<mx::array>& outputs) {
+  auto& x = primals[0];
   auto grads = mx::array::make_arrays(
-      {primals[0].shape(), primals[1].shape(), primals[2].shape()},
-      {mx::float32, mx::float32, mx::float32},
+      {x.shape(), outputs[1].shape(), primals[2].shape(), primals[3].shape()},
+      {mx::float32, mx::float32, mx::float32, mx::float32},
       std::make_shared<LayerNormGrad>(stream()),
-      {primals[0], primals[1], outputs[1], outputs[2],
-       mx::contiguous(cotangents[0], false, stream())});
+      {x, primals[2], outputs[1], outputs[2], mx::contiguous(cotangents[0], false, stream())});
+  mx::Shape row_shape = x.shape();
+  row_shape.back() = 1;
+  auto through_mean =
+      mx::broadcast_to(mx::reshape(grads[1], row_shape, stream()), x.shape(), stream());
   std::vector<mx::array> out;
   for (int arg : argnums) {
-    out.push_back(grads[arg]);
+    out.push_back(arg == 1 ? through_mean : grads[arg]);
   }
   return out;
 }
 
 void LayerNormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  set_arrays(encoder, inputs, outputs);
-  int64_t d = inputs[0].shape(-1), n = inputs[0].size() / d;
-  encoder.dispatch([px = inputs[0].data<float>(),
+  mx::array x = row_contiguous(inputs[0], encoder);
+  set_arrays(encoder, {x, inputs[1], inputs[2], inputs[3], inputs[4]}, outputs);
+  int64_t d = x.shape(-1), n = x.size() / d;
+  encoder.dispatch([px = x.data<float>(),
                     pw = inputs[1].data<float>(),
                     pm = inputs[2].data<float>(),
-                    pr = inputs[3].data<float>(),
+                    pve = inputs[3].data<float>(),
                     pg = inputs[4].data<float>(),
                     pdx = outputs[0].data<float>(),
-                    pdw = outputs[1].data<float>(),
-                    pdb = outputs[2].data<float>(),
+                    pgs1 = outputs[1].data<float>(),
+                    pdw = outputs[2].data<float>(),
+                    pdb = outputs[3].data<float>(),
                     n,
                     d]() {
-    // As RMSNormGrad: each block of rows sums its weight and bias gradients into its own row of
-    // `partial`, added in block order afterwards, so the result does not depend on the threads.
-    int64_t parts = plan_threads(n, d), block = (n + parts - 1) / parts;
-    std::vector<float> partial(parts * 2 * d, 0.0f);
-    parallel_parts(parts, [&](int t) {
-      float* dw = partial.data() + t * 2 * d;
-      for (int64_t i = t * block, end = std::min(n, (t + 1) * block); i < end; ++i) {
-        row_layer_norm_grad(px + i * d, pw, pg + i * d, pm[i], pr[i], pdx + i * d, dw, dw + d, d);
+    const float c = static_cast<float>(1.0 / static_cast<double>(d));
+    parallel_for(n, d, [=](int64_t begin, int64_t end) {
+      std::vector<float> scratch(kRows * d);
+      for (int64_t i = begin; i < end; i += kRows) {
+        rows_layer_norm_grad(px + i * d, pw, pg + i * d, pm + i, pve + i, c, pdx + i * d,
+                             pgs1 + i, scratch.data(), std::min(kRows, end - i), d);
       }
     });
-    std::fill(pdw, pdw + d, 0.0f);
-    std::fill(pdb, pdb + d, 0.0f);
-    for (int64_t t = 0; t < parts; ++t) {
-      for (int64_t j = 0; j < d; ++j) {
-        pdw[j] += partial[t * 2 * d + j];
-        pdb[j] += partial[t * 2 * d + d + j];
+    // dw = sum over rows of xn g, db = sum of g, each column summed from the first row on as
+    // MLX's reduction does: the threads split the columns, not the rows.
+    parallel_for(d, 4 * n, [=](int64_t begin, int64_t end) {
+      std::fill(pdw + begin, pdw + end, 0.0f);
+      std::fill(pdb + begin, pdb + end, 0.0f);
+      for (int64_t i = 0; i < n; ++i) {
+        const float* x = px + i * d;
+        const float* g = pg + i * d;
+        const float mu = pm[i], r = 1.0f / std::sqrt(pve[i]);
+#pragma omp simd
+        for (int64_t j = begin; j < end; ++j) {
+          pdw[j] = pdw[j] + (x[j] - mu) * r * g[j];
+          pdb[j] = pdb[j] + g[j];
+        }
       }
-    }
+    });
   });
 }
 

@@ -215,13 +215,14 @@ class SwapHeads : public CpuPrimitive {
   bool to_heads_;
 };
 
+// Inputs: x, x (see gelu) -> y.
 class Gelu : public CpuPrimitive {
  public:
   MLXLAB_PRIMITIVE_BODY(Gelu)
   MLXLAB_VJP
 };
 
-// Inputs: x, cotangent -> d x.
+// Inputs: x, cotangent -> x's gradient in two parts (see gelu).
 class GeluGrad : public CpuPrimitive {
  public:
   MLXLAB_PRIMITIVE_BODY(GeluGrad)
@@ -246,8 +247,8 @@ class Dropout : public CpuPrimitive {
   float keep_, scale_;
 };
 
-// Inputs: x (N, D), weight (D,), bias (D,) -> (y (N, D), mean (N,), rstd (N,)); mean and rstd
-// are kept for the VJP.
+// Inputs: x (N, D) twice (see layer_norm), weight (D,), bias (D,) -> (y (N, D), mean (N,),
+// var + eps (N,)); the row statistics are kept for the VJP.
 class LayerNorm : public CpuPrimitive {
  public:
   LayerNorm(mx::Stream stream, float eps) : CpuPrimitive(stream), eps_(eps) {}
@@ -264,7 +265,8 @@ class LayerNorm : public CpuPrimitive {
   float eps_;
 };
 
-// Inputs: x (N, D), weight (D,), mean (N,), rstd (N,), cotangent (N, D) -> (d x, d weight, d bias).
+// Inputs: x (N, D), weight (D,), mean (N,), var + eps (N,), cotangent (N, D) -> (x's gradient
+// through x - mean (N, D), through the mean (N,), d weight, d bias).
 class LayerNormGrad : public CpuPrimitive {
  public:
   MLXLAB_PRIMITIVE_BODY(LayerNormGrad)
