@@ -254,7 +254,8 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
 
 def gelu(x: mx.array) -> mx.array:
     """The exact GELU, x * (1 + erf(x / sqrt(2))) / 2: nn.gelu. Fused: one vectorized,
-    multi-threaded pass each way (MLX's CPU erf is scalar and single-threaded)."""
+    multi-threaded pass each way (MLX's CPU erf is scalar and single-threaded) computing MLX's
+    own erf and exp op for op, so values and gradients are nn.gelu's to the bit."""
     module = _fused("gelu", x)
     return nn.gelu(x) if module is None else module.gelu(x)
 
@@ -284,7 +285,9 @@ def dropout(x: mx.array, p: float) -> mx.array:
 
 def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:
     """(x - mean) / sqrt(var + eps) * weight + bias over the last axis: mx.fast.layer_norm.
-    Fused for an affine norm (weight and bias (D,)): one pass forward, one backward."""
+    Fused for an affine norm (weight and bias (D,)): one pass forward, one backward, each
+    MLX's CPU formula and autodiff gradient op for op with its sums in MLX's order, so values
+    and gradients are mx.fast.layer_norm's to the bit."""
     affine = weight is not None and bias is not None and weight.ndim == 1
     module = _fused("layer_norm", x, weight, bias) if affine and x.shape[-1:] == weight.shape else None
     if module is None:
