@@ -411,36 +411,47 @@ def test_bad_mode_is_one_clear_error():
         kernels.set_mode("fast")
 
 
-def test_training_steps_equal_with_kernels_on_and_off(make_cfg, tmp_path):
-    """Six real optimizer steps of a small Llama-style LM on the shipped TinyStories sample:
-    the losses and the final weights agree to float32 tolerance with the kernels on and off."""
+def trainer_steps(cfg, data, batches, task: str, lr: float, seed: int, mode: str = "on"):
+    """The losses of len(batches) optimizer steps of the trainer's compiled step from `seed`,
+    and the weights after them (numpy, by name)."""
     from mlx.utils import tree_flatten
 
     from mlxlab.config import instantiate
-    from mlxlab.data.batching import Batching
     from mlxlab.train import seed_everything
     from mlxlab.training.optim import default_optimizer
     from mlxlab.training.settings import TrainerSettings
     from mlxlab.training.trainer import Trainer
 
+    seed_everything(seed)
+    model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
+    model.train()
+    trainer = Trainer(TrainerSettings(max_steps=len(batches), fused_kernels=mode),
+                      optimizer=partial(default_optimizer(), learning_rate=lr))
+    opt = trainer.build_optimizer(total_steps=len(batches))
+    opt.init(model.trainable_parameters())
+    step = trainer.make_step(model, opt, losses.task_loss(task))
+    step_losses = [step([b])[0].item() for b in batches]
+    return step_losses, {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+def first_batches(cfg, tmp_path, count: int, batch_size: int):
+    from mlxlab.config import instantiate
+    from mlxlab.data.batching import Batching
+
+    data = instantiate(cfg.data)
+    data.setup(tmp_path / "run")
+    return data, [b for _, b in zip(range(count), data.train_batches(Batching(batch_size=batch_size), 0))]
+
+
+def test_training_steps_equal_with_kernels_on_and_off(make_cfg, tmp_path):
+    """Six real optimizer steps of a small Llama-style LM on the shipped TinyStories sample:
+    the losses and the final weights agree to float32 tolerance with the kernels on and off."""
     cfg = make_cfg("experiment=tinystories_nano", "tracking=none", "model.dim=64",
                    "model.num_layers=2", "model.num_heads=2", "model.max_seq_len=32",
                    "data.packing.seq_len=32", "data.tokenizer.max_vocab=300")
-    data = instantiate(cfg.data)
-    data.setup(tmp_path / "run")
-    batches = [b for _, b in zip(range(6), data.train_batches(Batching(batch_size=4), 0))]
-    runs = []
-    for mode in ("on", "off"):
-        seed_everything(0)
-        model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
-        trainer = Trainer(TrainerSettings(max_steps=6, fused_kernels=mode),
-                          optimizer=partial(default_optimizer(), learning_rate=3e-3))
-        opt = trainer.build_optimizer(total_steps=6)
-        opt.init(model.trainable_parameters())
-        step = trainer.make_step(model, opt, losses.task_loss("lm"))
-        step_losses = [step([b])[0].item() for b in batches]
-        runs.append((step_losses, {k: np.array(v) for k, v in tree_flatten(model.parameters())}))
-    (loss_on, w_on), (loss_off, w_off) = runs
+    data, batches = first_batches(cfg, tmp_path, 6, 4)
+    (loss_on, w_on), (loss_off, w_off) = (
+        trainer_steps(cfg, data, batches, "lm", 3e-3, 0, mode) for mode in ("on", "off"))
     np.testing.assert_allclose(loss_on, loss_off, rtol=1e-5)
     assert loss_on[-1] < loss_on[0]
     # Adam divides by sqrt(v): a weight whose gradient is ~0 moves by rounding noise, so the
@@ -458,33 +469,13 @@ def test_the_default_experiment_trains_the_same_run_with_its_encoder_kernels_on_
     ten optimizer steps from one seed give the same losses and weights to the bit with the
     encoder's fused kernels (GELU, LayerNorm, dropout, attention) on and left to MLX, so a
     seed's results do not depend on them. (The cross-entropy kernel is not MLX's to the bit.)"""
-    from mlx.utils import tree_flatten
-
-    from mlxlab.config import instantiate
-    from mlxlab.data.batching import Batching
-    from mlxlab.train import seed_everything
-    from mlxlab.training.optim import default_optimizer
-    from mlxlab.training.settings import TrainerSettings
-    from mlxlab.training.trainer import Trainer
-
     cfg = make_cfg("tracking=none")
-    data = instantiate(cfg.data)
-    data.setup(tmp_path / "run")
-    batches = [b for _, b in zip(range(10), data.train_batches(Batching(batch_size=32), 0))]
+    data, batches = first_batches(cfg, tmp_path, 10, 32)
     runs = []
     try:
         for skip in ((), ENCODER_KERNELS):
             kernels.set_skip(skip)
-            seed_everything(5)
-            model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
-            model.train()
-            trainer = Trainer(TrainerSettings(max_steps=10, fused_kernels="on"),
-                              optimizer=partial(default_optimizer(), learning_rate=1e-3))
-            opt = trainer.build_optimizer(total_steps=10)
-            opt.init(model.trainable_parameters())
-            step = trainer.make_step(model, opt, losses.task_loss("classification"))
-            step_losses = [step([b])[0].item() for b in batches]
-            runs.append((step_losses, {k: np.array(v) for k, v in tree_flatten(model.parameters())}))
+            runs.append(trainer_steps(cfg, data, batches, "classification", 1e-3, 5))
     finally:
         kernels.set_skip(None)
     (loss_on, w_on), (loss_off, w_off) = runs
