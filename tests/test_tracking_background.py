@@ -43,6 +43,10 @@ def fail_in_child() -> None:
     raise ValueError("broken in the child")
 
 
+def busy_in_child(seconds: float) -> None:
+    time.sleep(seconds)  # a child still importing mlflow, or writing a slow store
+
+
 def test_a_background_run_holds_what_an_in_process_run_holds(uri, tmp_path):
     tracker = build_tracker(uri=uri, experiment_name="exp", run_name="bg", background=True,
                             flush_every_steps=7)
@@ -92,6 +96,49 @@ def test_a_flush_barrier_returns_at_once_and_its_wait_at_the_stored_metrics(uri)
     assert seen and seen[0] >= 20
     tracker.end()
     assert len(client_for(uri).get_metric_history(run_id, "train/loss")) == 40
+
+
+def test_the_training_thread_never_waits_while_a_barrier_waits_on_a_busy_child(uri):
+    """A checkpoint writer's barrier waits for the child's reply holding the reply lock; the
+    training thread's sends (log_metrics, set_tags, a run_id already known) must not queue
+    behind it (they did: every logged step waited for the slow child, issue 24)."""
+    import threading
+
+    tracker = build_tracker(uri=uri, experiment_name="exp", run_name="busy", background=True)
+    tracker.start({}, {})
+    run_id = tracker.run_id
+    tracker.submit(busy_in_child, 3.0)
+    stored = tracker.flush_barrier()
+    writer = threading.Thread(target=stored)
+    writer.start()
+    time.sleep(0.3)  # the writer is in its wait, holding the lock
+    started = time.perf_counter()
+    for step in range(10):
+        tracker.log_metrics({"train/loss": float(step)}, step)
+    tracker.set_tags({"stage": "busy"})
+    assert tracker.run_id == run_id
+    took = time.perf_counter() - started
+    assert took < 1.0, f"the training thread waited {took:.2f} s for the busy child"
+    assert writer.is_alive(), "the child answered before the sends were timed"
+    writer.join(60)
+    tracker.end()
+    assert len(client_for(uri).get_metric_history(run_id, "train/loss")) == 10
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+@pytest.mark.parametrize("users", [None, "false"])
+def test_the_tracking_process_sends_no_mlflow_telemetry_unless_the_user_asks(uri, monkeypatch,
+                                                                             users):
+    """MLflow 3 posts usage telemetry over the network; a training run makes no network call
+    the user did not ask for. A user's own MLFLOW_DISABLE_TELEMETRY wins."""
+    if users is None:
+        monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", users)
+    tracker = build_tracker(uri=uri, experiment_name="exp", background=True)
+    environ = Path(f"/proc/{tracker._process.pid}/environ").read_bytes().split(b"\0")
+    tracker.end()
+    assert f"MLFLOW_DISABLE_TELEMETRY={users or 'true'}".encode() in environ
 
 
 def test_beside_csv_the_mlflow_tracker_alone_moves_to_the_child(uri, tmp_path):

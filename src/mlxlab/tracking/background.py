@@ -31,6 +31,7 @@ the resumed run, which rewinds the steps after its checkpoint.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -126,23 +127,32 @@ class TrackerProcess(BaseTracker):
         return self._read_until(self._sent, block)
 
     def _read_until(self, target: int, block: bool = True) -> Any:
+        # Not waiting: if a checkpoint writer's barrier is reading (it may wait on a child that
+        # is still starting), leave the replies to it rather than wait for the lock it holds.
+        if not self._reading.acquire(blocking=block):
+            return None
+        try:
+            return self._read_replies(target, block)
+        finally:
+            self._reading.release()
+
+    def _read_replies(self, target: int, block: bool) -> Any:
         result = None
-        with self._reading:
-            while self._received < target and (block or self._conn.poll()):
-                try:
-                    result, error, learned, records = self._conn.recv()
-                except (EOFError, OSError) as e:
-                    self._received, self._gone = self._sent, True  # nothing more will come
-                    self._error = self._error or RuntimeError(
-                        f"the tracking process has exited ({e})")
-                    return None
-                self._received += 1
-                for name, value in learned.items():
-                    setattr(self.local, name, value)
-                for record in records:
-                    logging.getLogger(record.name).handle(record)
-                if error is not None and self._error is None:
-                    self._error = error
+        while self._received < target and (block or self._conn.poll()):
+            try:
+                result, error, learned, records = self._conn.recv()
+            except (EOFError, OSError) as e:
+                self._received, self._gone = self._sent, True  # nothing more will come
+                self._error = self._error or RuntimeError(
+                    f"the tracking process has exited ({e})")
+                return None
+            self._received += 1
+            for name, value in learned.items():
+                setattr(self.local, name, value)
+            for record in records:
+                logging.getLogger(record.name).handle(record)
+            if error is not None and self._error is None:
+                self._error = error
         return result
 
     def _raise_pending(self) -> None:
@@ -168,9 +178,19 @@ def _spawn() -> tuple[subprocess.Popen, Connection]:
     """The tracking process and this end of its connection. A fresh interpreter (not fork:
     unsafe once MLX runs threads; not multiprocessing's spawn: it re-imports the caller's
     __main__, which a script without a main guard can't take), in its own session (a terminal's
-    Ctrl-C goes to the trainer, which ends the run)."""
+    Ctrl-C goes to the trainer, which ends the run).
+
+    A session of its own is also, on Linux with CONFIG_SCHED_AUTOGROUP (most distributions),
+    a scheduler group of its own, which gets an equal share of the CPU whatever the child's
+    niceness: its start-up (~1.7 s of CPU past the trainer's own) runs beside the first steps.
+    Tried (issue 24): a process group in the trainer's session, where the niceness counts; the
+    child's start-up then waits for idle CPU, the first checkpoint's flush barrier waits on it,
+    and the third checkpoint waits on that write: the same cost, paid later and logged."""
     ours, theirs = socket.socketpair()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    # MLflow 3 sends usage telemetry over the network unless told not to; a training run makes no
+    # network calls the user did not ask for. MLFLOW_DISABLE_TELEMETRY=false set by the user wins.
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     process = subprocess.Popen(
         [sys.executable, "-m", "mlxlab.tracking.background", str(theirs.fileno())],
         pass_fds=(theirs.fileno(),), env=env, start_new_session=True)
@@ -235,11 +255,14 @@ def serve(conn: Connection) -> None:
     # Below the training's priority: on a machine whose cores the step's threads fill, the
     # tracker's work (mlflow's import, the store's writes) waits for a free moment instead of
     # slowing steps; a waited call (flush, end) leaves the training idle, so it runs at once.
+    # (Where the scheduler compares the two: not across Linux autogroups, see _spawn.)
     with contextlib.suppress(OSError, AttributeError):  # no os.nice on Windows
         os.nice(CHILD_NICENESS)
     with contextlib.suppress(ImportError):  # first: a prestarted process has time for it now
         import mlflow  # noqa: F401
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+        import mlxlab.tracking.mlflow  # noqa: F401
     try:
         node = conn.recv()
     except (EOFError, OSError):  # prestarted, never used: the training process is gone
@@ -248,9 +271,7 @@ def serve(conn: Connection) -> None:
     root = logging.getLogger()
     root.addHandler(records)
     root.setLevel(logging.INFO)
-    from mlxlab.config import instantiate
-
-    tracker = instantiate(node)
+    tracker = build(node)
 
     ended = False
     while not ended:
@@ -278,6 +299,15 @@ def serve(conn: Connection) -> None:
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     os._exit(0)
+
+
+def build(node: dict[str, Any]) -> Tracker:
+    """The tracker `node` names: its `_target_` called with its other keys. The node is flat
+    (fanout.build_tracker makes it), so Hydra's instantiate is not needed, nor hydra's and
+    omegaconf's imports (~0.4 s of CPU this process would spend beside the first steps)."""
+    module, _, name = node["_target_"].rpartition(".")
+    kwargs = {key: value for key, value in node.items() if key != "_target_"}
+    return getattr(importlib.import_module(module), name)(**kwargs)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:  # omegaconf is imported where it is used: the tracking process never needs it
+    from omegaconf import DictConfig
 
 PARENT_ID_FILE = ".mlflow_parent_run_id"
 SWEPT_KEYS_FILE = ".mlxlab_swept_keys.json"
@@ -39,6 +41,8 @@ class SweepJob:
 
 def sweep_dir_of(hydra: DictConfig) -> Path:
     """The sweep folder a composed `hydra` node names, absolute (relative to the launch folder)."""
+    from omegaconf import OmegaConf
+
     cwd = OmegaConf.select(hydra, "runtime.cwd", default=None) or os.getcwd()
     return (Path(cwd) / str(hydra.sweep.dir)).resolve()
 
@@ -60,6 +64,7 @@ def current_job() -> SweepJob | None:
     """This process's multirun job, from Hydra's job context; None outside a multirun job."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf import OmegaConf
 
     if not HydraConfig.initialized():
         return None
