@@ -191,6 +191,9 @@ def _spawn() -> tuple[subprocess.Popen, Connection]:
     # MLflow 3 sends usage telemetry over the network unless told not to; a training run makes no
     # network calls the user did not ask for. MLFLOW_DISABLE_TELEMETRY=false set by the user wins.
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # It multiplies no matrices: loading OpenBLAS (and its threads) would cost ~0.2 s of CPU
+    # beside the first training steps (runtime/blas.py).
+    env["MLXLAB_BLAS"] = "off"
     process = subprocess.Popen(
         [sys.executable, "-m", "mlxlab.tracking.background", str(theirs.fileno())],
         pass_fds=(theirs.fileno(),), env=env, start_new_session=True)
