@@ -13,9 +13,15 @@ rounds (ABBA order) so that a slow spell of a shared machine hits every row alik
             the same optimizer, schedule, clip, dropout and per-epoch evaluation, in a process
             that never imports mlxlab or MLX, torch.set_num_threads = the cores.
 The table gives each row's median wall time and its training loop's (mlxlab: first step to the
-last evaluation, from its log timestamps; twin: its own clock), median ms a step, best and last
+last evaluation, from its log timestamps; twin: its own clock), its first epoch's (mlxlab: to the
+first evaluation, the step's and evaluation's compiles included), median ms a step, best and last
 validation accuracy, and the ratios per round. `--write` puts it into docs/benchmarks.md between
 its markers, with the command and the CPU.
+
+Short runs locate a difference between the mlxlab rows with less of a shared machine's drift
+(the twin needs the full run's batches, so it is left out):
+
+    python benchmarks/bench_default_run.py --rows readme,bare --epochs 8 --repeats 6
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from bench_common import cpu_model, save_batches
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench_default_run:begin -->", "<!-- bench_default_run:end -->"
+MARKER = "bench_default_run"  # docs/benchmarks.md: <!-- MARKER:begin --> ... <!-- MARKER:end -->
+SHORT_MARKER = "bench_default_run_short"  # the same for --rows / --epochs runs
 BARE = ["tracking=none", "callbacks.progress.enabled=false"]
 EVAL_LINE = re.compile(r"^\[([\d-]+ [\d:,]+)\]\[mlxlab\.training\]\[INFO\] - step (\d+)/(\d+) .*"
                        r"val/accuracy ([\d.]+)")
@@ -93,11 +100,12 @@ def run_mlxlab(extra: list[str], tmp: Path) -> dict:
     lines = (done.stdout + done.stderr).splitlines()
     evals = [m for m in map(EVAL_LINE.match, lines) if m]
     begin = next(stamp(m.group(1)) for m in map(TRAINING_LINE.match, lines) if m)
+    first = stamp(evals[0].group(1)) - begin
     best = re.search(r"validation \(best checkpoint, step \d+\):.*val/accuracy ([\d.]+)",
                      done.stdout)
     steps = int(evals[-1].group(2))
     loop = stamp(evals[-1].group(1)) - begin
-    return {"wall_s": wall, "loop_s": loop, "step_ms": None, "steps": steps,
+    return {"wall_s": wall, "loop_s": loop, "first_epoch_s": first, "step_ms": None, "steps": steps,
             "best_accuracy": float(best.group(1)), "last_accuracy": float(evals[-1].group(4))}
 
 
@@ -110,7 +118,8 @@ def run_twin(data: Path, threads: int) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"the twin failed:\n{done.stderr[-3000:]}")
     res = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"wall_s": wall, "loop_s": res["loop_s"], "steps": len(res["step_s"]),
+    return {"wall_s": wall, "loop_s": res["loop_s"], "first_epoch_s": None,
+            "steps": len(res["step_s"]),
             "step_ms": 1000 * statistics.median(res["step_s"]),
             "best_accuracy": res["best_accuracy"], "last_accuracy": res["last_accuracy"]}
 
@@ -120,17 +129,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--write", action="store_true", help="put the table into docs/benchmarks.md")
+    parser.add_argument("--rows", default="readme,bare,twin", help="a subset, in this order")
+    parser.add_argument("--epochs", type=int, help="trainer.max_epochs for the mlxlab rows "
+                        "(the default run's 40 when not given; not with the twin)")
     parser.add_argument("--dump", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dump:
         return dump(Path(args.dump))
+    names = args.rows.split(",")
+    if not set(names) <= {"readme", "bare", "twin"} or not names:
+        parser.error(f"--rows {args.rows}: choose from readme, bare, twin")
+    if args.epochs and "twin" in names:
+        parser.error("--epochs shortens the mlxlab rows only: leave the twin out (--rows readme,bare)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-default-run-"))
+    extra = [f"trainer.max_epochs={args.epochs}"] if args.epochs else []
+    every = {"readme": lambda: run_mlxlab(extra, tmp), "bare": lambda: run_mlxlab(BARE + extra, tmp),
+             "twin": lambda: run_twin(data, args.threads)}
+    rows = {name: every[name] for name in names}
     data = tmp / "twin-data"
-    data.mkdir()
-    subprocess.run([sys.executable, __file__, "--dump", str(data)], check=True,
-                   capture_output=True)
-    rows = {"readme": lambda: run_mlxlab([], tmp), "bare": lambda: run_mlxlab(BARE, tmp),
-            "twin": lambda: run_twin(data, args.threads)}
+    if "twin" in rows:
+        data.mkdir()
+        subprocess.run([sys.executable, __file__, "--dump", str(data)], check=True,
+                       capture_output=True)
     results: dict[str, list[dict]] = {name: [] for name in rows}
     for r in range(args.repeats):
         for name in (list(rows) if r % 2 == 0 else list(rows)[::-1]):
@@ -141,7 +161,8 @@ def main() -> None:
     table = report(results, args)
     print(table)
     if args.write:
-        write(table)
+        full = args.rows == "readme,bare,twin" and not args.epochs
+        write(table, MARKER if full else SHORT_MARKER)
 
 
 def report(results: dict[str, list[dict]], args) -> str:
@@ -153,42 +174,57 @@ def report(results: dict[str, list[dict]], args) -> str:
         return (f"{statistics.median(per_round):.2f}x "
                 f"({per_round[0]:.2f}-{per_round[-1]:.2f})")
 
+    command = "python benchmarks/bench_default_run.py"
+    if args.rows != "readme,bare,twin":
+        command += f" --rows {args.rows}"
+    if args.epochs:
+        command += f" --epochs {args.epochs}"
     lines = [
         f"CPU: {cpu_model()}; {args.repeats} rounds; torch threads {args.threads}; "
-        f"command: `python benchmarks/bench_default_run.py --repeats {args.repeats} --write`",
+        f"command: `{command} --repeats {args.repeats} --write`",
         "",
-        "| row | wall (s) | training loop (s) | steps | loop ms / step | best val acc (%) | "
-        "last val acc (%) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| row | wall (s) | training loop (s) | first epoch (s) | steps | loop ms / step | "
+        "best val acc (%) | last val acc (%) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     labels = {"readme": "`mlxlab-train` as README runs it (MLflow, progress bar)",
               "bare": "`mlxlab-train tracking=none callbacks.progress.enabled=false`",
               "twin": "PyTorch twin (torch_bert_run.py)"}
+
     def accuracies(name: str, key: str) -> str:
         return "/".join(f"{100 * r[key]:.1f}" for r in results[name])
 
-    for name, label in labels.items():
+    for name in results:
         per_step = statistics.median(1000 * r["loop_s"] / r["steps"] for r in results[name])
-        lines.append(f"| {label} | {med(name, 'wall_s'):.1f} | {med(name, 'loop_s'):.1f} | "
-                     f"{med(name, 'steps'):.0f} | {per_step:.1f} | "
+        first = ("-" if results[name][0]["first_epoch_s"] is None
+                 else f"{med(name, 'first_epoch_s'):.2f}")
+        lines.append(f"| {labels[name]} | {med(name, 'wall_s'):.1f} | {med(name, 'loop_s'):.1f} | "
+                     f"{first} | {med(name, 'steps'):.0f} | {per_step:.1f} | "
                      f"{accuracies(name, 'best_accuracy')} | {accuracies(name, 'last_accuracy')} |")
-    lines += [
-        "",
-        f"- readme / twin, wall: {ratio('readme', 'twin', 'wall_s')}; training loop: "
-        f"{ratio('readme', 'twin', 'loop_s')}",
-        f"- readme / bare, wall: {ratio('readme', 'bare', 'wall_s')}",
-        f"- twin step median: {med('twin', 'step_ms'):.1f} ms",
-    ]
+    lines.append("")
+    if {"readme", "twin"} <= set(results):
+        lines.append(f"- readme / twin, wall: {ratio('readme', 'twin', 'wall_s')}; training loop: "
+                     f"{ratio('readme', 'twin', 'loop_s')}")
+    if {"bare", "twin"} <= set(results):
+        lines.append(f"- bare / twin, wall: {ratio('bare', 'twin', 'wall_s')}")
+    if {"readme", "bare"} <= set(results):
+        extra = sorted(x["wall_s"] - y["wall_s"] for x, y in zip(results["readme"], results["bare"]))
+        lines.append(f"- readme / bare, wall: {ratio('readme', 'bare', 'wall_s')}; readme - bare "
+                     f"per round {statistics.median(extra):+.1f} s ({extra[0]:+.1f} to "
+                     f"{extra[-1]:+.1f})")
+    if "twin" in results:
+        lines.append(f"- twin step median: {med('twin', 'step_ms'):.1f} ms")
     return "\n".join(lines)
 
 
-def write(table: str) -> None:
+def write(table: str, marker: str = MARKER) -> None:
     text = DOC.read_text()
-    if BEGIN not in text:
-        raise SystemExit(f"{DOC} has no {BEGIN} marker")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    DOC.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    if begin not in text:
+        raise SystemExit(f"{DOC} has no {begin} marker")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    DOC.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
 
 
 if __name__ == "__main__":
