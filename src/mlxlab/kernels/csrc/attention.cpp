@@ -96,12 +96,8 @@ mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask, bool
 void Softmax::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& x = inputs[0];
   auto& out = outputs[0];
-  alloc(out);
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) {
-    encoder.set_input_array(a);
-  }
-  encoder.set_output_array(out);
+  set_arrays(encoder, inputs, outputs);
   int64_t v = x.shape(-1), rows = x.size() / v;
   // Row i of the scores reads mask row (i / per) % wrap: (T_q, T_kv) masks cycle with the query
   // (per 1, wrap T_q), key masks stay for all rows of one batch element (per = rows / B).
@@ -145,11 +141,8 @@ void SoftmaxGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   auto& p = inputs[0];
   auto& dp = inputs[1];
   auto& ds = outputs[0];
-  alloc(ds);
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(p);
-  encoder.set_input_array(dp);
-  encoder.set_output_array(ds);
+  set_arrays(encoder, inputs, outputs);
   int64_t v = p.shape(-1), rows = p.size() / v;
   encoder.dispatch([pp = p.data<float>(), pd = dp.data<float>(), po = ds.data<float>(), rows, v]() {
     parallel_for(rows, v, [=](int64_t begin, int64_t end) {

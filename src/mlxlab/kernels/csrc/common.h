@@ -9,9 +9,11 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "mlx/array.h"
 #include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
 
 namespace mx = mlx::core;
 
@@ -78,6 +80,19 @@ inline void check_cpu_float32(const mx::array& a, const char* what) {
 
 inline void alloc(mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
+}
+
+// A primitive's eval_cpu: its inputs registered with the encoder, its outputs allocated and
+// registered (the encoder keeps them alive until the dispatched work ran).
+inline void set_arrays(mx::cpu::CommandEncoder& encoder, const std::vector<mx::array>& inputs,
+                       std::vector<mx::array>& outputs) {
+  for (auto& a : inputs) {
+    encoder.set_input_array(a);
+  }
+  for (auto& a : outputs) {
+    alloc(a);
+    encoder.set_output_array(a);
+  }
 }
 
 } // namespace mlxlab::detail

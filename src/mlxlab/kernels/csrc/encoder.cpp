@@ -250,17 +250,6 @@ mx::array row_contiguous(const mx::array& a, mx::cpu::CommandEncoder& encoder) {
   return copy;
 }
 
-void set_arrays(mx::cpu::CommandEncoder& encoder, const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) {
-  for (auto& a : inputs) {
-    encoder.set_input_array(a);
-  }
-  for (auto& a : outputs) {
-    alloc(a);
-    encoder.set_output_array(a);
-  }
-}
-
 } // namespace
 
 // ---- GELU ----------------------------------------------------------------------------------
