@@ -135,6 +135,44 @@ def test_mlx_imported_first_still_gets_openblas(default):
     assert result["gemm_s"] < 4 * default["gemm_s"]
 
 
+# CPU time of the process while its main thread sleeps after some two-thread matrix products:
+# what OpenBLAS's idle worker spends waiting for more work.
+IDLE_PROBE = textwrap.dedent(
+    """
+    import json, time
+    import mlxlab
+    import mlx.core as mx
+
+    x = mx.random.normal((512, 512))
+    for _ in range(5):
+        mx.eval(x @ x)
+    started = time.process_time()
+    time.sleep(0.4)
+    print(json.dumps({"idle_cpu_s": time.process_time() - started}))
+    """
+)
+
+
+@pytest.mark.parametrize("timeout", [None, "30"])
+def test_idle_blas_threads_sleep_instead_of_spinning(timeout):
+    # OpenBLAS spins 2**28 cycles (~0.1 s) after each product unless told otherwise; mlxlab sets
+    # OPENBLAS_THREAD_TIMEOUT=4 (runtime/blas.py: the step's other work needs that core). A
+    # user's value wins: 30 spins ~0.4 s, so the spinning worker's CPU shows during the sleep.
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}
+    env.pop("MLXLAB_BLAS", None)
+    env.pop("OPENBLAS_THREAD_TIMEOUT", None)
+    if timeout is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = timeout
+    proc = subprocess.run([sys.executable, "-c", IDLE_PROBE], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    idle = json.loads(proc.stdout.strip().splitlines()[-1])["idle_cpu_s"]
+    if timeout is None:
+        assert idle < 0.03, f"OpenBLAS's idle thread used {idle:.3f} s of CPU in a 0.4 s sleep"
+    else:
+        assert idle > 0.06, f"OPENBLAS_THREAD_TIMEOUT={timeout} was not honoured ({idle:.3f} s)"
+
+
 def test_device_helpers_on_this_cpu_machine():
     import mlx.core as mx
 

@@ -26,6 +26,7 @@ LIBRARY_ENVIRONMENT = {
     "data/streaming/prefetch.py",  # tokenizers'
     "tracking/background.py",  # a child process's copy of the environment
     "cli/serve.py",  # likewise
+    "runtime/blas.py",  # OpenBLAS's, set before it loads
 }
 
 

@@ -31,6 +31,7 @@ the resumed run, which rewinds the steps after its checkpoint.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -261,11 +262,17 @@ def serve(conn: Connection) -> None:
     # (Where the scheduler compares the two: not across Linux autogroups, see _spawn.)
     with contextlib.suppress(OSError, AttributeError):  # no os.nice on Windows
         os.nice(CHILD_NICENESS)
+    # The imports leave ~430,000 objects for the cyclic collector, hardly any of them garbage:
+    # without its passes over them they take ~10 % less CPU (2.35 -> 2.1 s here), CPU that the
+    # first training steps share. Frozen afterwards, later collections skip them too.
+    gc.disable()
     with contextlib.suppress(ImportError):  # first: a prestarted process has time for it now
         import mlflow  # noqa: F401
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
         import mlxlab.tracking.mlflow  # noqa: F401
+    gc.freeze()
+    gc.enable()
     try:
         node = conn.recv()
     except (EOFError, OSError):  # prestarted, never used: the training process is gone
