@@ -139,7 +139,7 @@ def test_mlx_imported_first_still_gets_openblas(default):
 # what OpenBLAS's idle worker spends waiting for more work.
 IDLE_PROBE = textwrap.dedent(
     """
-    import json, time
+    import json, os, time
     import mlxlab
     import mlx.core as mx
 
@@ -148,7 +148,8 @@ IDLE_PROBE = textwrap.dedent(
         mx.eval(x @ x)
     started = time.process_time()
     time.sleep(0.4)
-    print(json.dumps({"idle_cpu_s": time.process_time() - started}))
+    print(json.dumps({"idle_cpu_s": time.process_time() - started,
+                      "environment": os.environ.get("OPENBLAS_THREAD_TIMEOUT")}))
     """
 )
 
@@ -166,7 +167,10 @@ def test_idle_blas_threads_sleep_instead_of_spinning(timeout):
     proc = subprocess.run([sys.executable, "-c", IDLE_PROBE], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    idle = json.loads(proc.stdout.strip().splitlines()[-1])["idle_cpu_s"]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    idle = result["idle_cpu_s"]
+    # set for OpenBLAS's load only: numpy's OpenBLAS and child processes keep their default
+    assert result["environment"] == timeout
     if timeout is None:
         assert idle < 0.03, f"OpenBLAS's idle thread used {idle:.3f} s of CPU in a 0.4 s sleep"
     else:

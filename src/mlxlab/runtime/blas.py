@@ -104,16 +104,14 @@ def _setup() -> BlasInfo:
         path, status = _bundled_openblas(), "loaded"
         if path is None:
             return BlasInfo("missing", detail="the ngsolve-openblas package is not installed")
-    # OpenBLAS reads this once, when it loads (see SPIN_EXPONENT): set it first.
-    os.environ.setdefault(THREAD_TIMEOUT, str(SPIN_EXPONENT))
     try:
         try:
-            lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
+            lib = _load(path)
         except OSError as e:
             if "libgfortran.so.5" not in str(e) or reference is None:
                 raise
             _load_gfortran(reference.parent)
-            lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
+            lib = _load(path)
     except OSError as e:
         return BlasInfo("failed", detail=f"could not load {path}: {e}")
     global _lib
@@ -127,6 +125,20 @@ def _setup() -> BlasInfo:
     if "cblas_sgemm" not in bound:
         return BlasInfo("failed", detail=f"{path} does not export cblas_sgemm")
     return BlasInfo(status, _mapped_file(bound["cblas_sgemm"]), _openblas_config(lib))
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    """Load the BLAS library out of the global symbol scope, its idle threads sleeping at once
+    (SPIN_EXPONENT) unless the user set OPENBLAS_THREAD_TIMEOUT. OpenBLAS reads the variable
+    while it loads; it is taken out again afterwards, so that no other library's OpenBLAS in
+    this process (numpy's), nor any child process, runs with it."""
+    users = THREAD_TIMEOUT in os.environ
+    os.environ.setdefault(THREAD_TIMEOUT, str(SPIN_EXPONENT))
+    try:
+        return ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
+    finally:
+        if not users:
+            del os.environ[THREAD_TIMEOUT]
 
 
 def _mlx_reference_blas() -> Path | None:
