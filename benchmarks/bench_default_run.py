@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench_common import cpu_model, save_batches
@@ -89,11 +90,13 @@ def stamp(text: str) -> float:
     return time.mktime(time.strptime(text[:19], "%Y-%m-%d %H:%M:%S")) + int(text[20:]) / 1000
 
 
-def run_mlxlab(extra: list[str], tmp: Path) -> dict:
+def run_mlxlab(extra: list[str], tmp: Path, env: dict[str, str] | None = None) -> dict:
+    """`mlxlab-train *extra` in a fresh folder under tmp (environment: `env`, else this
+    process's), timed from outside; the loop and first epoch from its log."""
     folder = Path(tempfile.mkdtemp(dir=tmp))  # a fresh ./mlruns and ./outputs, as a new clone
     cmd = [str(Path(sys.executable).with_name("mlxlab-train")), *extra]
     started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -151,18 +154,27 @@ def main() -> None:
         data.mkdir()
         subprocess.run([sys.executable, __file__, "--dump", str(data)], check=True,
                        capture_output=True)
-    results: dict[str, list[dict]] = {name: [] for name in rows}
-    for r in range(args.repeats):
-        for name in (list(rows) if r % 2 == 0 else list(rows)[::-1]):
-            res = rows[name]()
-            results[name].append(res)
-            print(f"round {r + 1} {name:6s} wall {res['wall_s']:6.1f} s  loop {res['loop_s']:6.1f} s"
-                  f"  best {res['best_accuracy']:.4f}  last {res['last_accuracy']:.4f}", flush=True)
+    results = interleave(rows, args.repeats)
     table = report(results, args)
     print(table)
     if args.write:
         full = args.rows == "readme,bare,twin" and not args.epochs
         write(table, MARKER if full else SHORT_MARKER)
+
+
+def interleave(rows: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
+    """Each row's runs over `repeats` rounds, the order reversed every other round (ABBA), so a
+    slow spell of a shared machine hits every row alike; prints each run as it ends."""
+    results: dict[str, list[dict]] = {name: [] for name in rows}
+    for r in range(repeats):
+        for name in (list(rows) if r % 2 == 0 else list(rows)[::-1]):
+            res = rows[name]()
+            results[name].append(res)
+            first = "" if res["first_epoch_s"] is None else f"  first epoch {res['first_epoch_s']:5.2f} s"
+            print(f"round {r + 1} {name:6s} wall {res['wall_s']:6.1f} s  loop {res['loop_s']:6.1f} s"
+                  f"{first}  best {res['best_accuracy']:.4f}  last {res['last_accuracy']:.4f}",
+                  flush=True)
+    return results
 
 
 def report(results: dict[str, list[dict]], args) -> str:

@@ -16,10 +16,11 @@ import argparse
 import os
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from bench_common import cpu_model
-from bench_default_run import BARE, run_mlxlab
+from bench_default_run import BARE, interleave, run_mlxlab
 
 
 def parse(variants: str) -> list[tuple[str, dict[str, str]]]:
@@ -37,23 +38,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    rows = [(f"{name}/{kind}", env, kind) for name, env in parse(args.variants)
-            for kind in ("readme", "bare")]
-    results: dict[str, list[dict]] = {key: [] for key, _, _ in rows}
-    base = dict(os.environ)
+    epochs = [f"trainer.max_epochs={args.epochs}"]
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.repeats):
-            for key, env, kind in rows if i % 2 == 0 else rows[::-1]:
-                os.environ.clear()
-                os.environ.update({**base, **env})
-                extra = [f"trainer.max_epochs={args.epochs}", *(BARE if kind == "bare" else [])]
-                run = run_mlxlab(extra, Path(tmp))
-                results[key].append(run)
-                print(f"round {i + 1} {key:24s} wall {run['wall_s']:6.2f} s  loop "
-                      f"{run['loop_s']:6.2f} s  first epoch {run['first_epoch_s']:5.2f} s  best "
-                      f"{run['best_accuracy']:.4f}", flush=True)
-    os.environ.clear()
-    os.environ.update(base)
+        def row(env: dict[str, str], extra: list[str]) -> Callable[[], dict]:
+            return lambda: run_mlxlab(extra, Path(tmp), env={**os.environ, **env})
+
+        rows = {f"{name}/{kind}": row(env, epochs + (BARE if kind == "bare" else []))
+                for name, env in parse(args.variants) for kind in ("readme", "bare")}
+        results = interleave(rows, args.repeats)
     print(f"\nCPU: {cpu_model()}; {args.repeats} rounds; {args.epochs} epochs; medians")
     print("| row | wall (s) | training loop (s) | first epoch (s) |\n|---|---:|---:|---:|")
     for key, runs in results.items():

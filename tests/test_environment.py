@@ -26,7 +26,7 @@ LIBRARY_ENVIRONMENT = {
     "data/streaming/prefetch.py",  # tokenizers'
     "tracking/background.py",  # a child process's copy of the environment
     "cli/serve.py",  # likewise
-    "runtime/blas.py",  # OpenBLAS's, set before it loads
+    "runtime/blas.py",  # OpenBLAS's, set while it loads
 }
 
 
