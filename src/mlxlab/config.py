@@ -110,7 +110,8 @@ def to_container(cfg: DictConfig | Mapping, skip: tuple[str, ...] = ()) -> dict:
 
 
 def config_hash(
-    cfg: DictConfig, ignore: tuple[str, ...] = ("resume", "sweep", "tags", "paths", "tracking")
+    cfg: DictConfig,
+    ignore: tuple[str, ...] = ("resume", "sweep", "tags", "paths", "tracking", "replicates"),
 ) -> str:
     """Stable hash of the resolved config minus keys that don't change what is trained."""
     data = to_container(cfg, skip=ignore)
@@ -163,6 +164,8 @@ def check_uri(uri: str) -> tuple[str, str]:
 # training/callbacks.py ModelCheckpoint) are checked by their owners, built below.
 _NUMERIC_RULES: dict[str, tuple[type, float | None]] = {
     "seed": (int, 0),
+    "split_seed": (int, 0),
+    "replicates": (int, 1),
     "optimizer.learning_rate": (float, 0.0),
     "optimizer.weight_decay": (float, 0.0),
     "optimizer.eps": (float, 0.0),
@@ -233,6 +236,19 @@ def validate(cfg: DictConfig) -> None:
     ):
         raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got {betas}")
     _check_optimized_metric(cfg)
+    _check_replicates(cfg)
+
+
+def _check_replicates(cfg: DictConfig) -> None:
+    """replicates=N is a multirun of N seeds per config (search/sweeper.py expands it)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    n = cfg.get("replicates", 1) or 1
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if n > 1 and not multirun:
+        raise ConfigError(f"replicates={n} runs each config on {n} seeds: add --multirun (-m), "
+                          f"e.g. mlxlab-train -m replicates={n}")
 
 
 def group_options(group: str) -> list[str]:

@@ -146,9 +146,10 @@ def build_tracker(cfg: DictConfig, name: str | None = None):
     return instantiate(cfg.tracking, **named)
 
 
-def build_callbacks(cfg: DictConfig) -> list:
+def build_callbacks(cfg: DictConfig, trial=None) -> list:
     """The `callbacks` group's named `_target_` nodes, built in config order (None entries, as
-    left by `callbacks.x=null`, are skipped)."""
+    left by `callbacks.x=null`, are skipped); a search's trial adds the reporter that feeds its
+    pruner (search/pruning.py)."""
     from mlxlab.training.callbacks import Callback
 
     built = []
@@ -161,6 +162,12 @@ def build_callbacks(cfg: DictConfig) -> list:
                               "mlxlab.training.callbacks.Callback: subclass it")
         callback.name = name  # its state's key in checkpoints
         built.append(callback)
+    if trial is not None:
+        from mlxlab.search.pruning import TrialReporter
+
+        reporter = TrialReporter(trial)
+        reporter.name = "search_trial"
+        built.append(reporter)
     return built
 
 
@@ -195,7 +202,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if settings.requeue and not cfg.get("resume") and slurm.restarted():
         log.info("trainer.requeue: a requeued Slurm job: resume=auto")
         cfg.resume = "auto"
-    callbacks = build_callbacks(cfg)
+    from mlxlab.search.trial_link import current_trial
+
+    trial = current_trial()  # a search's job: which trial it trains
+    callbacks = build_callbacks(cfg, trial)
     resume = remote_resume(cfg.get("resume"), run_dir, checkpoint_policy(callbacks),
                            lambda: prepare_resume(cfg, run_dir))
     if resume is not None:  # what was trained, with what this command line names on top
@@ -234,7 +244,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = Trainer(settings, optimizer=instantiate(cfg.optimizer), callbacks=callbacks,
                       load_teachers=load_teachers)
     tags = {**run_tags(cfg, choices, run_hash, run_dir), **process_tags(),
-            WORLD_SIZE: str(world.size)}
+            WORLD_SIZE: str(world.size), **(trial.tags() if trial is not None else {})}
     result = trainer.fit(model, data, tracker, run_dir, config=config, tags=tags, resume=resume)
     if world.is_main:
         print("\n".join(summary_lines(result, tracker)))
@@ -285,6 +295,9 @@ def hydra_main(cfg: DictConfig) -> float:
     except UserError as err:  # bad input the user can fix; anything else is a bug: traceback
         if sweeping:  # a failed trial is recorded as failed (NaN) and the sweep goes on
             log.error("trial failed: %s", err)
+            from mlxlab.search.trial_link import record_failure
+
+            record_failure(str(err))  # a search's trial: the reason on its Optuna trial
             return math.nan
         print(f"mlxlab: error: {err}", file=sys.stderr)
         remove_unused_run_dir(cfg)

@@ -2,6 +2,7 @@
 
     mlxlab runs list [--experiment NAME] [--sweep RUN_ID|latest] [--last]   experiments and runs
     mlxlab runs show RUN_ID|RUN_DIR          one run: metrics (best | last), params, checkpoints
+    mlxlab runs compare latest [--baseline g1]  configs of a sweep: differences, tests, verdict
     mlxlab runs compare RUN RUN...           runs side by side: metrics and differing params
     mlxlab runs merge SOURCE... [--into URI] [--dry-run]   copy other stores into the central one
     mlxlab runs hardest RUN [-n 20] [--epoch E]           a run's highest-loss training examples
@@ -19,7 +20,7 @@ import sys
 ACTIONS = {
     "list": ("mlxlab.cli.runs_list", {}, "experiments and recent runs, or one sweep's table"),
     "show": ("mlxlab.cli.runs_show", {"action": "show"}, "one run: metrics, params, checkpoints"),
-    "compare": ("mlxlab.cli.runs_show", {"action": "compare"}, "runs side by side"),
+    "compare": ("mlxlab.cli.runs_compare", {}, "configs compared (intervals, tests), or runs"),
     "merge": ("mlxlab.tracking.merge", {}, "copy experiments, runs and models from other stores"),
     "hardest": ("mlxlab.cli.hardest", {}, "the training examples with the highest loss"),
 }

@@ -33,6 +33,7 @@ from mlxlab.tracking.mlflow import (
     sweep_table,
     swept_keys,
 )
+from mlxlab.tracking.mlflow.replicates import group_runs
 from mlxlab.tracking.stale import mark_dead_runs
 
 KEY_METRICS = ["val/accuracy", "val/f1", "val/roc_auc", "val/loss", "val/perplexity", "train/loss"]
@@ -137,22 +138,44 @@ def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int
     best = parent.data.metrics.get(f"best/{metric}")
     if best is not None:
         print(f"  best {metric} = {format_number(best)} (run {tags.get(T.BEST_RUN_ID, '?')})")
+    groups = group_runs(children, keys)
+    if any(len(g.runs) > 1 for g in groups):
+        print_groups(groups, metric)
+    gid = {r.info.run_id: g.gid for g in groups for r in g.runs}
     rows = sweep_table(children, metric, keys, mode)
-    header = ["rank", "run_id", "status", f"best {metric}", *keys]
+    header = ["rank", "run_id", "group", "status", f"best {metric}", "seed",
+              *(k for k in keys if k != "seed")]
     print_table(
         header,
         [
             [
                 str(i + 1),
                 row["run_id"],
-                row["status"],
+                gid.get(row["run_id"], "-"),
+                _state(row),
                 format_number(row[metric]),
-                *(str(row[k]) for k in keys),
+                str(row.get("seed") or "-"),
+                *(str(row[k]) for k in keys if k != "seed"),
             ]
             for i, row in enumerate(rows)
         ],
     )
     return 0
+
+
+def print_groups(groups: list, metric: str) -> None:
+    """Configs of the sweep (runs differing only in the seed): mean, 95 % interval, n."""
+    print(f"\n  configs (groups of seeds): {metric}, mean ± 95 % CI half-width (n); "
+          "`mlxlab runs compare` tests them")
+    print_table(["group", "config", "best checkpoint", "last logged"], [
+        [g.gid, g.label, g.summary(metric, "best").text(), g.summary(metric, "last").text()]
+        for g in groups])
+    print()
+
+
+def _state(row: dict) -> str:
+    """The run's status, PRUNED for a search's pruned trial."""
+    return row.get("state") or row["status"]
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:

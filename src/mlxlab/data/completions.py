@@ -68,11 +68,13 @@ class PromptCompletion(DataModule):
         max_length: int = 512,
         seed: int = 0,
         tokenizer: dict | None = None,
+        split_seed: int | None = None,
     ):
         if max_length < 2:
             raise ConfigError(f"data.max_length={max_length} must be >= 2")
         self.train_file, self.val_file = train_file, val_file
         self.val_fraction, self.seed = float(val_fraction), int(seed)
+        self.split_seed = int(seed if split_seed is None else split_seed)  # None: as before
         self.prompt_key, self.completion_key = prompt_key, completion_key
         self.max_length = int(max_length)
         self.tokenizer_cfg = {"kind": "bytelevel_bpe", "min_vocab": 512, **dict(tokenizer or {})}
@@ -86,7 +88,7 @@ class PromptCompletion(DataModule):
         if self.val_file:
             val = read_pairs(self.val_file, self.prompt_key, self.completion_key)
         else:
-            order = np.random.default_rng(self.seed).permutation(len(pairs))
+            order = np.random.default_rng(self.split_seed).permutation(len(pairs))
             n_val = int(round(len(pairs) * self.val_fraction))
             if n_val >= len(pairs):
                 raise ConfigError(f"val_fraction={self.val_fraction} leaves no training pairs")

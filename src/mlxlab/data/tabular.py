@@ -250,7 +250,7 @@ class TabularText(DataModule):
                 "need >= 2 (check data.label_column=)"
             )
         labels = df[s.label_column].map({v: i for i, v in enumerate(values)}).to_numpy(np.int32)
-        train_idx, val_idx = stratified_split(labels, s.val_fraction, s.seed)
+        train_idx, val_idx = stratified_split(labels, s.val_fraction, s.split_seed)
         self.columns = self._columns(df)  # a CSV to predict needs these
         if s.numeric == "bins":  # edges from the training rows only: validation rows unseen
             unbinned = [c for c in self.columns if c not in s.bins]
@@ -325,7 +325,7 @@ class TabularText(DataModule):
         h = hashlib.sha256(Path(self.path).read_bytes())
         settings = {
             **{k: v for k, v in self.settings.keys().items()
-               if k not in ("path", "cache_dir", "curriculum", "val_fraction", "seed")},
+               if k not in ("path", "cache_dir", "curriculum", "val_fraction", "seed", "split_seed")},
             "columns": self.columns,
             "numeric_edges": self.numeric.state() if self.numeric is not None else None,
             "tokenizer": self.tokenizer_hash,

@@ -30,7 +30,8 @@ class TabularSettings:
     numeric_bins: int = 16                      # quantile bins per numeric column
     numeric_words: str = "q"                    # how a bin is written (numeric.WORDINGS)
     val_fraction: float = 0.2                   # seeded, stratified by label
-    seed: int = 0                               # the split and the batch order
+    seed: int = 0                               # the batch order
+    split_seed: int | None = None               # the train/validation split; None = seed
     max_length: int | None = None               # tokens per row; None = the longest row
     tokenizer: Mapping[str, Any] = field(default_factory=dict)
     cache_dir: str | None = None                # tokenized arrays, keyed by file and settings
@@ -60,6 +61,9 @@ class TabularSettings:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         put("val_fraction", float(self.val_fraction))
         put("seed", int(self.seed))
+        # A fixed split seed scores every seed's run on the same rows (paired comparisons,
+        # issue 38); a config saved before it had the key splits by `seed`, as it trained.
+        put("split_seed", int(self.seed if self.split_seed is None else self.split_seed))
         if self.max_length is not None:
             if isinstance(self.max_length, bool) or int(self.max_length) < 3:
                 raise ConfigError(f"data.max_length must be an integer >= 3 ([CLS], a token, "

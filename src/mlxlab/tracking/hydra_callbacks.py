@@ -48,11 +48,13 @@ from mlxlab.tracking.mlflow import (
     swept_keys,
     tracked_store,
 )
+from mlxlab.tracking.mlflow.replicates import log_summary
 from mlxlab.tracking.sweep_folder import (
     begin_sweep,
     clear_job_runs,
     job_of,
     job_runs,
+    read_parent_run,
     sweep_dir_of,
     write_parent_run,
 )
@@ -75,10 +77,6 @@ def require_store(settings: dict[str, Any]) -> None:
         sys.exit(2)
 
 
-class TrialFailed(RuntimeError):
-    """A sweep job that returned a non-finite metric (NaN loss, a bad combination)."""
-
-
 class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self._parent: dict[str, Any] | None = None  # uri, run_id (in the launching process)
@@ -92,16 +90,39 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """The swept keys into the sweep folder; create the store once, before any worker runs,
-        and the sweep's parent run."""
-        begin_sweep(sweep_dir_of(config.hydra), _swept_keys(config))
+        and the sweep's parent run (a resumed search's: the one it had)."""
+        resumable = _is_search(config)  # its folder is the study's: a restart finds it again
+        begin_sweep(sweep_dir_of(config.hydra), _swept_keys(config), keep_parent=resumable)
         settings = _mlflow_settings(config)
         if not settings:
             return
         require_store(settings)
         try:
-            self._start_parent(config, settings)
+            if not (resumable and self._resume_parent(config, settings)):
+                self._start_parent(config, settings)
         except Exception as e:  # jobs still train (and track, if the store comes back)
             log.warning("MLflow sweep parent run not created: %s: %s", type(e).__name__, e)
+
+    def _resume_parent(self, config: DictConfig, settings: dict[str, Any]) -> bool:
+        """A search started again in its study's folder continues its parent run."""
+        from mlflow import MlflowClient
+
+        sweep_dir = sweep_dir_of(config.hydra)
+        run_id = read_parent_run(sweep_dir)
+        if run_id is None:
+            return False
+        client = MlflowClient(tracking_uri=settings["uri"])
+        try:
+            previous = client.get_run(run_id).info.status
+            client.update_run(run_id, status="RUNNING")
+        except Exception:  # noqa: BLE001 - a store that lost it: a new parent run
+            return False
+        write_parent_run(sweep_dir, run_id)
+        # a start that fails (e.g. refused settings) leaves the earlier starts' status as it was
+        self._parent = {"uri": settings["uri"], "run_id": run_id, "previous": previous}
+        atexit.register(self._end_parent, "FAILED")
+        log.info("MLflow sweep parent run %s resumed (%s)", run_id, settings["uri"])
+        return True
 
     def _start_parent(self, config: DictConfig, settings: dict[str, Any]) -> None:
         from mlflow import MlflowClient
@@ -118,6 +139,8 @@ class MlflowSweepCallback(Callback):
             T.OVERRIDES: " ".join(OmegaConf.select(config, "hydra.overrides.task") or []),
             SWEEP_PARAMS_TAG: json.dumps(_override_keys(config)),
         }
+        if _is_search(config):
+            tags[T.STUDY] = str(OmegaConf.select(config, "hydra.sweeper.study_name"))
         if metric:
             tags[METRIC_TAG] = str(metric)
             tags[MODE_TAG] = metric_mode(str(metric), _mode(config))
@@ -144,13 +167,6 @@ class MlflowSweepCallback(Callback):
         if job_return is None or OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
             return
         value, failed = _job_outcome(job_return)
-        if failed and _is_optuna(config) and job_return.status == JobStatus.COMPLETED:
-            # optuna<3 raises on a NaN objective and the plugin then crashes the whole sweep;
-            # a failed job is what it handles: the trial is told FAIL and the search goes on.
-            job_return.status = JobStatus.FAILED
-            job_return.return_value = TrialFailed(
-                f"{OmegaConf.select(config, 'optimized_metric')} = {value}: trial failed"
-            )
         settings = _mlflow_settings(config)
         job = job_of(config.hydra)
         if not settings or not job.parent_run_id:
@@ -243,8 +259,14 @@ class MlflowSweepCallback(Callback):
         with tempfile.TemporaryDirectory() as tmp:
             png = sweep_plot_png(rows, metric, keys, Path(tmp) / f"sweep_{_safe(metric)}.png")
             client.log_artifact(parent_id, str(png), "plots")
+            group = log_summary(client, parent_id, children, keys, metric, mode, Path(tmp),
+                                _now_ms())
+        if group is not None:
+            summary = group.summary(metric)
+            log.info("sweep best config (mean of %d seed(s)): %s: %s %s", summary.n, group.label,
+                     metric, summary.text())
         optuna_results = sweep_dir_of(config.hydra) / "optimization_results.yaml"
-        if optuna_results.is_file():  # Optuna's own verdict, next to the table's
+        if optuna_results.is_file():  # the search's own verdict, next to the table's
             client.log_artifact(parent_id, str(optuna_results))
             found = OmegaConf.to_container(OmegaConf.load(optuna_results))
             params = [
@@ -253,6 +275,11 @@ class MlflowSweepCallback(Callback):
             metrics = []
             if _finite(found.get("best_value")):
                 metrics = [Metric("optuna/best_value", float(found["best_value"]), _now_ms(), 0)]
+            for state, count in (found.get("trials") or {}).items():
+                metrics.append(Metric(f"search/trials_{state}", float(count), _now_ms(), 0))
+            if found.get("steps_trained") is not None:
+                metrics.append(Metric("search/steps_trained", float(found["steps_trained"]),
+                                      _now_ms(), 0))
             client.log_batch(parent_id, metrics=metrics, params=params[:100])
 
     def _end_parent(self, status: str) -> None:
@@ -262,6 +289,8 @@ class MlflowSweepCallback(Callback):
         atexit.unregister(self._end_parent)
         from mlflow import MlflowClient
 
+        if status == "FAILED" and parent.get("previous"):
+            status = parent["previous"]
         MlflowClient(tracking_uri=parent["uri"]).set_terminated(parent["run_id"], status)
 
 
@@ -325,8 +354,9 @@ def _job_outcome(job_return: Any) -> tuple[Any, bool]:
         return value, False  # not a metric (an app returning None): nothing to judge
 
 
-def _is_optuna(config: DictConfig) -> bool:
-    return "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).lower()
+def _is_search(config: DictConfig) -> bool:
+    """An Optuna search of mlxlab's sweeper (search/sweeper.py): resumable from its folder."""
+    return bool(OmegaConf.select(config, "hydra.sweeper.n_trials", default=None))
 
 
 def _mode(config: DictConfig) -> str | None:

@@ -77,6 +77,55 @@ def sweep_plot_png(
     return _save(fig, path, title)
 
 
+def replicates_png(
+    groups: Sequence[tuple[str, Mapping[object, float]]], metric: str, path: str | Path
+) -> Path:
+    """Each group's seeds as dots and its mean with the 95 % interval as whiskers.
+
+    `groups` are (label, {seed: value}) pairs; a group of one value gets a dot and no whisker.
+    """
+    import numpy as np
+
+    from mlxlab.stats import summarize
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups) + 2), 4.5))
+    jitter = np.random.default_rng(0)  # the same picture for the same numbers
+    for i, (_, values) in enumerate(groups):
+        ys = [v for v in values.values() if math.isfinite(v)]
+        if not ys:
+            continue
+        ax.scatter(i + jitter.uniform(-0.12, 0.12, len(ys)), ys, s=18, alpha=0.55,
+                   color="tab:blue", zorder=2)
+        s = summarize(ys)
+        if s.n >= 2:
+            ax.errorbar([i + 0.28], [s.mean], yerr=[[s.mean - s.low], [s.high - s.mean]],
+                        fmt="o", color="black", capsize=6, zorder=3)
+            ax.annotate(f"{s.mean:.4f}\n±{s.half_width:.4f}", (i + 0.34, s.mean), fontsize=8,
+                        va="center")
+    labels = [_wrap(label) for label, _ in groups]
+    ax.set_xticks(range(len(groups)), labels, rotation=20 if len(groups) > 3 else 0, ha="right"
+                  if len(groups) > 3 else "center", fontsize=8)
+    ax.set_xlim(-0.6, len(groups) - 0.2)
+    ax.set_ylabel(f"{metric} (best checkpoint)")
+    ax.grid(alpha=0.3, axis="y")
+    n = max((len(v) for _, v in groups), default=0)
+    title = f"{metric}: seeds (dots), mean and 95 % CI (bars), up to {n} seeds per config"
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path, title, description="; ".join(label for label, _ in groups))
+
+
+def _wrap(label: str, width: int = 28) -> str:
+    words, lines, line = label.split(" "), [], ""
+    for word in words:
+        if line and len(line) + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join([*lines, line])
+
+
 def confusion_matrix_png(
     matrix: Sequence[Sequence[int]], path: str | Path, labels: Sequence[str] | None = None,
     title: str = "confusion matrix",

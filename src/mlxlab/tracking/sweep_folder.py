@@ -50,12 +50,11 @@ def sweep_dir_of(hydra: DictConfig) -> Path:
 def job_of(hydra: DictConfig) -> SweepJob:
     """The sweep facts of the job whose `hydra` node this is (its runtime.output_dir set)."""
     sweep_dir = sweep_dir_of(hydra)
-    parent = sweep_dir / PARENT_ID_FILE
     swept = sweep_dir / SWEPT_KEYS_FILE
     return SweepJob(
         sweep_dir=sweep_dir,
         job_dir=Path(str(hydra.runtime.output_dir)),
-        parent_run_id=(parent.read_text().strip() or None) if parent.is_file() else None,
+        parent_run_id=read_parent_run(sweep_dir),
         swept_keys=tuple(json.loads(swept.read_text())) if swept.is_file() else (),
     )
 
@@ -74,11 +73,19 @@ def current_job() -> SweepJob | None:
     return job_of(hydra)
 
 
-def begin_sweep(sweep_dir: Path, swept_keys: list[str]) -> None:
-    """Before any job: the swept keys written, a reused folder's parent run id removed."""
+def begin_sweep(sweep_dir: Path, swept_keys: list[str], keep_parent: bool = False) -> None:
+    """Before any job: the swept keys written, a reused folder's parent run id removed (kept
+    for a search started again in its study's folder: it continues that parent run)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / PARENT_ID_FILE).unlink(missing_ok=True)
+    if not keep_parent:
+        (sweep_dir / PARENT_ID_FILE).unlink(missing_ok=True)
     (sweep_dir / SWEPT_KEYS_FILE).write_text(json.dumps(swept_keys))
+
+
+def read_parent_run(sweep_dir: Path) -> str | None:
+    """The parent run id a sweep folder holds (a search's folder keeps it across starts)."""
+    path = Path(sweep_dir) / PARENT_ID_FILE
+    return (path.read_text().strip() or None) if path.is_file() else None
 
 
 def write_parent_run(sweep_dir: Path, run_id: str) -> None:

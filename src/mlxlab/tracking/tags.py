@@ -53,3 +53,14 @@ MERGE_SOURCE_VERSION = "mlxlab.merge.source_version"
 DISTILL_TEACHER_WEIGHTS = "mlxlab.distill.teacher_weights"  # each teacher's weight, normalized
 DISTILL_ROUNDS = "mlxlab.distill.rounds"  # on the parent run of trainer.distill.rounds > 1
 DISTILL_ROUND = "mlxlab.distill.round"  # on each round's child run
+
+# Replicates and comparisons (tracking/mlflow/replicates.py, cli/runs_compare.py)
+VAL_FINGERPRINT = "mlxlab.val_fingerprint"  # the validation rows a run is scored on (a hash)
+GROUP_PREFIX = "group."  # params on a sweep's parent: "group.g1" = "model.pooler=true"
+BEST_GROUP = "mlxlab.best_group"  # the group with the best mean of the optimized metric
+
+# The search (search/): a trial's MLflow run
+STUDY = "mlxlab.search.study"
+TRIAL_NUMBER = "mlxlab.search.trial"
+TRIAL_STATE = "mlxlab.search.state"  # PRUNED on a pruned trial's run
+PRUNED_AT_STEP = "mlxlab.search.pruned_at_step"

@@ -238,6 +238,8 @@ class Run:
     def start_tracking(self, tags: dict, resume: str | Path | None) -> None:
         if self.settings.distill:  # the weights each teacher had (learned ones are known only now)
             tags[T.DISTILL_TEACHER_WEIGHTS] = str([round(w, 4) for w in self.teacher_weights])
+        if self.val_print is not None:  # runs scored on the same rows compare row by row
+            tags[T.VAL_FINGERPRINT] = self.val_print
         state, tracker = self.state, self.tracker
         if state.resumed_from is not None:  # file trackers (CsvTracker) carry the killed run's record
             tracker.continue_from(state.resumed_from, state.step)
@@ -508,12 +510,30 @@ class Run:
                                              self.data.label_names or None,
                                              title=f"validation confusion matrix, step {step}")
             tracker.log_artifact(png, "plots")
+            # per-row predictions: `mlxlab runs compare` tests two configs row by row from these
+            tracker.log_artifact(write_predictions(labels, probs, run_dir), "predictions")
         if (run_dir / ".hydra").is_dir():
             tracker.log_artifact(run_dir / ".hydra", ".hydra")
         if best is not None:
             tracker.log_artifact(best, "checkpoint")
         if (run_dir / "tokenizer.json").exists():
             tracker.log_artifact(run_dir / "tokenizer.json")
+
+
+PREDICTIONS_FILE = "predictions/val_best.csv"
+
+
+def write_predictions(labels: np.ndarray, probs: np.ndarray, run_dir: Path) -> Path:
+    """The best checkpoint's validation predictions, a row per example in the validation
+    order: its label, the predicted label and that label's probability."""
+    path = run_dir / PREDICTIONS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    predicted = probs.argmax(axis=1)
+    lines = ["row,label,prediction,probability"]
+    lines += [f"{i},{int(y)},{int(p)},{float(probs[i, p]):.6g}"
+              for i, (y, p) in enumerate(zip(labels, predicted))]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def val_fingerprint(data: DataModule) -> str:

@@ -123,7 +123,9 @@ def sweep_table(runs: Sequence, metric: str, keys: Sequence[str], mode: str = "m
             "run_id": run.info.run_id,
             "name": run.info.run_name,
             "status": run.info.status,
+            "state": run.data.tags.get(T.TRIAL_STATE),  # PRUNED: a search stopped it early
             metric: value,
+            "seed": run.data.params.get("seed"),
         }
         row.update({k: run_value(run, k) for k in keys})
         rows.append(row)

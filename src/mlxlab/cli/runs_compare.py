@@ -1,0 +1,209 @@
+"""Is one config better than another, by how much, and how sure are we?
+
+    mlxlab runs compare latest                   # every config of the newest sweep, pairwise
+    mlxlab runs compare latest --baseline g1     # each config against g1
+    mlxlab runs compare latest:g1 latest:g2      # two configs of one sweep
+    mlxlab runs compare <sweep id> <sweep id>    # two sweeps of one config each, seed by seed
+    mlxlab runs compare <run id> <run id> ...    # single runs side by side (metrics, params)
+
+A config is a group of a sweep's runs that differ only in the seed (`mlxlab-train -m
+replicates=10 model.pooler=null,true`); SWEEP:GROUP names one by its id (g1) or its swept
+values (latest:model.pooler=true). For each pair: the difference of the means with its 95 %
+interval, the paired t test and the Wilcoxon signed-rank test over the seeds both ran (Welch's
+t when they share fewer than two), for classifiers scored on the same validation rows a
+paired bootstrap over the rows and McNemar's test per seed, and a verdict; with more than one
+pair, Holm-corrected p-values. When no difference is detected it says how many seeds would
+resolve one (--delta, default the observed difference). --json prints it all as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mlxlab.cli.common import guarded, parser_for
+from mlxlab.cli.runs_list import format_number, print_table
+from mlxlab.stats import summarize
+from mlxlab.tracking import tags as T
+
+GROUP_SEPARATOR = ":"
+
+
+def main(argv: list[str]) -> int:
+    parser = parser_for("runs compare", __doc__)
+    parser.add_argument("refs", nargs="+", metavar="SWEEP[:GROUP]|RUN",
+                        help="sweeps (run id or latest), groups of a sweep, or runs")
+    parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    parser.add_argument("--metric", help="metric (default: the one the sweep optimized)")
+    parser.add_argument("--last", action="store_true",
+                        help="compare the last logged values, not the best checkpoint's")
+    parser.add_argument("--baseline", metavar="GROUP",
+                        help="compare every other group against this one (g1, or swept values)")
+    parser.add_argument("--delta", type=float,
+                        help="the difference a power estimate is for (default: the observed one)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--all-params", action="store_true",
+                        help="runs side by side: every param, not only those that differ")
+    args = parser.parse_args(argv)
+    return guarded("runs compare", lambda: run(args))
+
+
+def run(args) -> int:
+    from mlxlab.cli.runs_show import _client
+
+    client, uri = _client(args.uri)
+    if not any(_is_sweep_ref(client, ref) for ref in args.refs):
+        from mlxlab.cli.runs_show import compare as side_by_side
+
+        if len(args.refs) < 2:
+            raise ValueError("compare needs two or more runs, or a sweep (e.g. latest)")
+        args.runs = args.refs
+        return side_by_side(args)
+    groups, metric, mode = resolve_groups(client, args.refs, args.metric)
+    baseline = pick(groups, args.baseline) if args.baseline else None
+    if len(groups) < 2:
+        raise ValueError(f"one config ({groups[0].gid}: {groups[0].label}) found: compare needs "
+                         "two, e.g. a sweep over two values with replicates=N")
+    from mlxlab.tracking.mlflow.comparisons import compare_groups, verdict
+
+    which = "last" if args.last else "best"
+    # the row-level tests compare correctness: they answer for accuracy
+    rows_client = client if metric.endswith("accuracy") else None
+    results = compare_groups(groups, metric, which, baseline, args.delta, rows_client)
+    if args.json:
+        print(json.dumps(as_json(groups, results, metric, which, mode), indent=2, default=str))
+        return 0
+    print(f"{metric} ({'last logged' if args.last else 'best checkpoint'}), "
+          f"{'higher' if mode == 'max' else 'lower'} is better; means with 95 % intervals")
+    print_table(["group", "config", "n", "mean", "95 % CI", "sd"], [
+        [g.gid, g.label, str(s.n), format_number(s.mean),
+         f"[{format_number(s.low)}, {format_number(s.high)}]", format_number(s.std)]
+        for g in groups for s in [summarize(g.metric(metric, which).values())]])
+    several = len(results) > 1
+    for c in results:
+        d = c.diff
+        print(f"\n{c.b.gid} - {c.a.gid}: {d.diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}]  "
+              + (f"paired t p={d.t_p:.3g}" if d.paired else f"Welch t p={d.t_p:.3g}")
+              + (f" (Holm {c.t_p_holm:.3g})" if several else "")
+              + (f", Wilcoxon p={d.wilcoxon_p:.3g}" if d.wilcoxon_p is not None else "")
+              + (f" (Holm {c.wilcoxon_p_holm:.3g})" if several and c.wilcoxon_p_holm is not None
+                 else "")
+              + (f", {d.n_pairs} seed pairs" if d.paired else f", n={d.n_a} and {d.n_b}"))
+        print_rows(c.rows)
+        print(f"  verdict: {verdict(c, metric, mode)}")
+    return 0
+
+
+def print_rows(rows: dict[str, Any] | None) -> None:
+    if not rows:
+        return
+    if "skipped" in rows:
+        print(f"  per row: {rows['skipped']}")
+        return
+    b = rows["bootstrap"]
+    print(f"  per row ({rows['rows']} validation rows, correctness averaged over seeds): "
+          f"accuracy {b['diff']:+.4f} [{b['ci_low']:+.4f}, {b['ci_high']:+.4f}], paired "
+          f"bootstrap p={b['p']:.3g}")
+    for m in rows.get("mcnemar", [])[:3]:
+        print(f"  McNemar, seed {m['seed']}: {m['only_a']} rows only A right, {m['only_b']} only "
+              f"B right, exact p={m['p']:.3g}")
+    if len(rows.get("mcnemar", [])) > 3:
+        print(f"  ... {len(rows['mcnemar']) - 3} more seeds in --json")
+
+
+def as_json(groups, results, metric: str, which: str, mode: str) -> dict[str, Any]:
+    return {
+        "metric": metric, "which": which, "mode": mode,
+        "groups": [{"group": g.gid, "config": g.label, "values": g.metric(metric, which),
+                    **summarize(g.metric(metric, which).values()).as_dict()} for g in groups],
+        "comparisons": [{**c.as_dict(), "verdict": _verdict(c, metric, mode)} for c in results],
+    }
+
+
+def _verdict(c, metric: str, mode: str) -> str:
+    from mlxlab.tracking.mlflow.comparisons import verdict
+
+    return verdict(c, metric, mode)
+
+
+# --- which groups ------------------------------------------------------------------------------
+
+
+def _is_sweep_ref(client: Any, ref: str) -> bool:
+    sweep = ref.split(GROUP_SEPARATOR, 1)[0]
+    if sweep == "latest" or GROUP_SEPARATOR in ref:
+        return True
+    try:
+        return client.get_run(sweep).data.tags.get(T.ROLE) == "sweep"
+    except Exception:  # noqa: BLE001 - a run folder or an unknown id: not a sweep
+        return False
+
+
+def resolve_groups(client: Any, refs: list[str], metric: str | None):
+    """The groups the references name, the metric and its mode (from the first sweep)."""
+    from mlxlab.tracking.mlflow import find_sweep_parent, metric_mode
+
+    groups, seen = [], {}
+    for ref in refs:
+        sweep, _, name = ref.partition(GROUP_SEPARATOR)
+        if sweep not in seen:
+            parent = find_sweep_parent(client, sweep)
+            seen[sweep] = (parent, sweep_groups(client, parent))
+        parent, found = seen[sweep]
+        if name:
+            groups.append(pick(found, name))
+        elif len(refs) == 1:
+            groups.extend(found)
+        elif len(found) == 1:
+            groups.append(found[0])
+        else:
+            listed = "; ".join(f"{g.gid}: {g.label}" for g in found)
+            raise ValueError(f"sweep {parent.info.run_id[:12]} has {len(found)} configs "
+                             f"({listed}): name one, e.g. {sweep}:{found[0].gid}")
+    if len(seen) > 1:  # the same gid in two sweeps: say which sweep
+        for g in groups:
+            g.gid = f"{g.gid}@{_sweep_of(g)[:8]}"
+    first = next(iter(seen.values()))[0]
+    optimized = first.data.tags.get(T.OPTIMIZED_METRIC)
+    metric = metric or optimized or "val/accuracy"
+    mode = metric_mode(metric, first.data.tags.get(T.OPTIMIZED_MODE) if metric == optimized
+                       else None)
+    return groups, metric, mode
+
+
+def sweep_groups(client: Any, parent: Any) -> list:
+    from mlxlab.tracking.mlflow import sweep_children, swept_keys
+    from mlxlab.tracking.mlflow.replicates import group_runs
+
+    children = sweep_children(client, parent.info.run_id)
+    if not children:
+        raise ValueError(f"sweep {parent.info.run_id} has no runs")
+    keys = swept_keys(children, json.loads(parent.data.tags.get(T.SWEEP_PARAMS, "[]")))
+    return group_runs(children, keys)
+
+
+def pick(groups: list, name: str):
+    """A group by id (g2) or by its swept values (model.pooler=true; null and None alike)."""
+    for g in groups:
+        if g.gid.split("@")[0] == name:
+            return g
+    wanted = _normal(name)
+    matches = [g for g in groups if wanted and set(wanted) <= set(_normal(g.label))]
+    if len(matches) == 1:
+        return matches[0]
+    listed = "; ".join(f"{g.gid}: {g.label}" for g in groups)
+    raise ValueError(f"{name!r} names {'no' if not matches else 'more than one'} config of the "
+                     f"sweep: use one of {listed}")
+
+
+def _normal(label: str) -> list[str]:
+    out = []
+    for part in label.split():
+        key, _, value = part.partition("=")
+        value = {"none": "null", "true": "true", "false": "false"}.get(value.lower(), value)
+        out.append(f"{key}={value}")
+    return out
+
+
+def _sweep_of(group) -> str:
+    return group.runs[0].data.tags.get(T.PARENT_RUN, "") if group.runs else ""

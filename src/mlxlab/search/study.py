@@ -1,0 +1,196 @@
+"""The search's Optuna study: where it is stored, who runs which trial, what a restart resumes.
+
+The study lives in an RDB storage (Optuna's own distributed mode): by default a sqlite file
+beside the MLflow store (`<root>/mlruns/optuna.db`), or any database URL
+(`hydra.sweeper.storage=postgresql://user@host/db`) that sweepers on several machines share.
+`study_name` names it; the same command started again loads it (`load_if_exists`): finished
+trials stay finished, and the count of trials is the one asked for over all starts.
+
+A study remembers what it searches (`SPEC_ATTR`: space, fixed overrides, direction, sampler,
+pruner): a start with other settings under the same name is refused with one line, so one
+study never mixes two searches.
+
+A trial records the process running it (host, boot, pid) and a heartbeat. A trial left RUNNING
+by a process that died (SIGKILL, OOM, a lost node) is *stale*: on this host when its process is
+gone, elsewhere when its heartbeat stopped for `STALE_AFTER_S`. A start claims stale trials and
+runs them again under their own number and params (its job folder, and so its checkpoint, is
+the same): they resume, and the search's sequence of trials is the uninterrupted one's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlxlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SPEC_ATTR = "mlxlab:spec"
+OWNER_ATTR = "mlxlab:owner"            # {"host", "boot", "pid"} of the process running a trial
+HEARTBEAT_ATTR = "mlxlab:heartbeat"    # time.time() of the owner's last beat
+ATTEMPTS_ATTR = "mlxlab:attempts"      # starts of this trial (a stale one is started again)
+PRUNED_AT_ATTR = "pruned_at_step"      # user attrs, shown by optuna-dashboard too
+STEPS_ATTR = "steps_trained"
+FAIL_REASON_ATTR = "fail_reason"
+HEARTBEAT_S = 20.0
+STALE_AFTER_S = 120.0
+MAX_ATTEMPTS = 3  # a trial whose process died this often (e.g. killed out of memory) fails
+
+
+def default_storage(root: str | Path, tracking_uri: str | None) -> str:
+    """sqlite beside the MLflow store: its folder when the store is a sqlite file, else
+    `<root>/mlruns/optuna.db`."""
+    folder = Path(root) / "mlruns"
+    if tracking_uri and tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(folder / 'optuna.db').resolve()}"
+
+
+def open_storage(url: str) -> Any:
+    """Optuna's RDBStorage for `url`; sqlite waits on a lock held by a parallel trial instead of
+    failing, and a database that cannot be reached is one line."""
+    import optuna
+
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    try:
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except Exception as err:  # a driver missing, a server down, bad credentials
+        raise ConfigError(f"hydra.sweeper.storage={_safe_url(url)} cannot be opened "
+                          f"({type(err).__name__}: {str(err).splitlines()[0]}); fix the URL, "
+                          "start the database, or leave it null for sqlite beside the MLflow "
+                          "store") from None
+
+
+def _safe_url(url: str) -> str:
+    """The URL without a password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def spec_digest(spec: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_or_create(storage: Any, name: str, direction: str, spec: Mapping[str, Any]) -> Any:
+    """The study `name`, created with `spec` or checked against it."""
+    import optuna
+
+    study = optuna.create_study(storage=storage, study_name=name, direction=direction,
+                                load_if_exists=True)
+    digest = spec_digest(spec)
+    saved = study.user_attrs.get(SPEC_ATTR)
+    if saved is None:
+        study.set_user_attr(SPEC_ATTR, {"digest": digest, "spec": json.loads(
+            json.dumps(spec, default=str))})
+    elif saved.get("digest") != digest:
+        changed = _changed_keys(saved.get("spec", {}), spec)
+        raise ConfigError(
+            f"study {name!r} in {_safe_url(storage.url)} was started with other search settings "
+            f"({', '.join(changed) or 'see its user attrs'} differ): name a new study with "
+            "hydra.sweeper.study_name=<name>, or run the same command to resume this one")
+    return study
+
+
+def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    new = json.loads(json.dumps(new, default=str))
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+# --- who runs a trial ---------------------------------------------------------------------
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def this_process() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale(trial: Any, now: float | None = None) -> bool:
+    """A RUNNING trial whose process is gone (this host) or silent (another host)."""
+    owner = trial.system_attrs.get(OWNER_ATTR)
+    if not owner:  # asked, never started (its sweeper died between ask and launch)
+        return time.time() - trial.datetime_start.timestamp() > STALE_AFTER_S \
+            if trial.datetime_start else True
+    me = this_process()
+    if owner.get("host") == me["host"] and owner.get("boot") == me["boot"]:
+        return owner.get("pid") != me["pid"] and not _alive(int(owner.get("pid", -1)))
+    beat = float(trial.system_attrs.get(HEARTBEAT_ATTR, 0.0))
+    return (now or time.time()) - beat > STALE_AFTER_S
+
+
+def claim(storage: Any, trial_id: int) -> int:
+    """This process runs the trial now: owner, heartbeat, attempts + 1 (returned)."""
+    attempts = int(storage.get_trial_system_attrs(trial_id).get(ATTEMPTS_ATTR, 0)) + 1
+    storage.set_trial_system_attr(trial_id, OWNER_ATTR, this_process())
+    storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+    storage.set_trial_system_attr(trial_id, ATTEMPTS_ATTR, attempts)
+    return attempts
+
+
+class Heartbeat:
+    """A thread that beats for the trials this process runs, so sweepers elsewhere see them
+    alive (and stop seeing them when this process dies)."""
+
+    def __init__(self, storage: Any, every_s: float = HEARTBEAT_S) -> None:
+        self.storage, self.every_s = storage, every_s
+        self.trial_ids: set[int] = set()
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="mlxlab-search-heartbeat",
+                                       daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+    def add(self, trial_id: int) -> None:
+        with self.lock:
+            self.trial_ids.add(trial_id)
+
+    def remove(self, trial_id: int) -> None:
+        with self.lock:
+            self.trial_ids.discard(trial_id)
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            with self.lock:
+                ids = list(self.trial_ids)
+            for trial_id in ids:
+                try:
+                    self.storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+                except Exception as err:  # a finished trial, a database hiccup: next beat
+                    log.debug("heartbeat for trial %s: %s", trial_id, err)

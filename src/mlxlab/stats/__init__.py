@@ -1,0 +1,30 @@
+"""Statistics for choosing between configs: replicates summarized, groups compared.
+
+Pure numbers in, numbers out (numpy and scipy): no MLflow, no MLX, nothing of mlxlab above it,
+so the sweep's parent run (tracking/), `mlxlab runs list` and `mlxlab runs compare` (cli/)
+and the search (search/) all call the same code.
+
+- intervals.py: `summarize` (n, mean, std, Student-t interval), `bands` (per-step intervals);
+- paired.py: `compare` (paired t + Wilcoxon across seeds, Welch when unpaired), `holm`,
+  `mcnemar_exact` and `paired_bootstrap` (per validation row), `seeds_needed` (power).
+"""
+
+from mlxlab.stats.intervals import CONFIDENCE, Summary, bands, summarize
+from mlxlab.stats.paired import (
+    ALPHA,
+    POWER,
+    Difference,
+    compare,
+    holm,
+    mcnemar_exact,
+    paired_bootstrap,
+    power_paired_t,
+    seeds_needed,
+    wilcoxon_signed_rank,
+)
+
+__all__ = [
+    "ALPHA", "CONFIDENCE", "POWER", "Difference", "Summary", "bands", "compare", "holm",
+    "mcnemar_exact", "paired_bootstrap", "power_paired_t", "seeds_needed", "summarize",
+    "wilcoxon_signed_rank",
+]
