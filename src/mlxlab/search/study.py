@@ -35,7 +35,8 @@ from mlxlab.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SPEC_ATTR = "mlxlab:spec"
-OWNER_ATTR = "mlxlab:owner"            # {"host", "boot", "pid"} of the process running a trial
+OWNER_ATTR = "mlxlab:owner"            # {"host", "boot", "pid"} of the sweeper running a trial
+WORKER_ATTR = "mlxlab:worker"          # ... of the job's process (a launcher's worker)
 HEARTBEAT_ATTR = "mlxlab:heartbeat"    # time.time() of the owner's last beat
 ATTEMPTS_ATTR = "mlxlab:attempts"      # starts of this trial (a stale one is started again)
 PRUNED_AT_ATTR = "pruned_at_step"      # user attrs, shown by optuna-dashboard too
@@ -135,17 +136,42 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def is_stale(trial: Any, now: float | None = None) -> bool:
-    """A RUNNING trial whose process is gone (this host) or silent (another host)."""
-    owner = trial.system_attrs.get(OWNER_ATTR)
+def on_this_machine(process: dict[str, Any]) -> bool:
+    me = this_process()
+    return process.get("host") == me["host"] and process.get("boot") == me["boot"]
+
+
+def process_alive(process: dict[str, Any] | None) -> bool | None:
+    """Whether a recorded process of this machine lives; None for another machine's."""
+    if not process:
+        return False
+    if not on_this_machine(process):
+        return None
+    return _alive(int(process.get("pid", -1)))
+
+
+def sweeper_gone(trial: Any, now: float | None = None) -> bool:
+    """The sweeper running a RUNNING trial is gone (this machine) or silent (another)."""
+    attrs = trial.system_attrs
+    owner = attrs.get(OWNER_ATTR)
     if not owner:  # asked, never started (its sweeper died between ask and launch)
         return time.time() - trial.datetime_start.timestamp() > STALE_AFTER_S \
             if trial.datetime_start else True
-    me = this_process()
-    if owner.get("host") == me["host"] and owner.get("boot") == me["boot"]:
-        return owner.get("pid") != me["pid"] and not _alive(int(owner.get("pid", -1)))
-    beat = float(trial.system_attrs.get(HEARTBEAT_ATTR, 0.0))
-    return (now or time.time()) - beat > STALE_AFTER_S
+    if owner.get("pid") == os.getpid() and on_this_machine(owner):
+        return False  # ours
+    alive = process_alive(owner)
+    if alive is None:  # another machine's sweeper: its heartbeat tells
+        alive = (now or time.time()) - float(attrs.get(HEARTBEAT_ATTR, 0.0)) <= STALE_AFTER_S
+    return not alive
+
+
+def heartbeat_age(storage: Any, trial_id: int) -> float:
+    return time.time() - float(storage.get_trial_system_attrs(trial_id).get(HEARTBEAT_ATTR, 0.0))
+
+
+def worker_alive(trial: Any) -> bool:
+    """The trial's job process still runs here (its sweeper died; it is stopping itself)."""
+    return process_alive(trial.system_attrs.get(WORKER_ATTR)) is True
 
 
 def claim(storage: Any, trial_id: int) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -117,6 +118,13 @@ class Sweeper(BasicSweeper):
         """Trials at once: n_jobs, but one where the launcher runs jobs in this process
         (Hydra's basic launcher: a job's signal handlers need the main thread)."""
         in_process = type(self.launcher).__name__ == "BasicLauncher"
+        workers = getattr(self.launcher, "joblib", {}).get("n_jobs") if type(
+            self.launcher).__name__ == "JoblibLauncher" else None
+        if workers is not None and workers != -1 and workers < max(2, self.n_jobs):
+            # joblib runs a single worker's jobs in this process, and no more at once than it has
+            raise ConfigError(f"hydra.launcher.n_jobs={workers}: give joblib at least "
+                              f"{max(2, self.n_jobs)} workers (>= hydra.sweeper.n_jobs, and 2 so "
+                              "trials run in worker processes)")
         if in_process and self.n_jobs > 1:
             log.warning("search: hydra.sweeper.n_jobs=%d runs one trial at a time with Hydra's "
                         "basic launcher (jobs in this process); use hydra/launcher=joblib "
@@ -188,12 +196,22 @@ class Search:
     # --- trials ------------------------------------------------------------------------------
 
     def stale_trials(self) -> list:
+        """RUNNING trials whose sweeper died: each is run again once its job's process (a
+        launcher's worker, which stops itself when its sweeper is gone) has ended."""
         from optuna.trial import TrialState
 
         running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        stale = [t for t in running if S.is_stale(t)]
+        stale = [t for t in running if S.sweeper_gone(t)]
         for t in stale:
-            log.info("search: trial %d was left running by a process that is gone: running it "
+            deadline = time.monotonic() + S.STALE_AFTER_S
+            while S.worker_alive(self.storage.get_trial(t._trial_id)):
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"trial {t.number}'s process still runs although the "
+                                      "search that started it is gone: stop it, then start "
+                                      "the search again")
+                log.info("search: waiting for trial %d's process to save and stop", t.number)
+                time.sleep(2.0)
+            log.info("search: trial %d was left running by a search that is gone: running it "
                      "again (from its checkpoint, if it has one)", t.number)
         return stale
 
@@ -255,7 +273,13 @@ class Search:
             result = self.sweeper.launch_one(overrides, number)
         finally:
             self.heartbeat.remove(trial_id)
-        return result if isinstance(result, Outcome) else self.outcome(trial_id, result)
+        if isinstance(result, Outcome):  # the job's process died: its MLflow runs say why
+            from mlxlab.tracking.hydra_callbacks import record_crashed_job
+
+            record_crashed_job(self.config, self.sweep_dir / str(number), number, overrides,
+                               result.reason or "")
+            return result
+        return self.outcome(trial_id, result)
 
     def resume_override(self, subdir: str) -> list[str]:
         """`resume=<the job folder>` when an interrupted start left a checkpoint there."""

@@ -217,7 +217,8 @@ class MlflowSweepCallback(Callback):
             client.set_terminated(run.info.run_id, "FAILED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Log the best child's metric and params and a metric-vs-params PNG on the parent."""
+        """Log the best child's metric and params, a metric-vs-params PNG and the groups of
+        replicates on the parent."""
         if self._parent is None:
             return
         try:
@@ -292,6 +293,39 @@ class MlflowSweepCallback(Callback):
         if status == "FAILED" and parent.get("previous"):
             status = parent["previous"]
         MlflowClient(tracking_uri=parent["uri"]).set_terminated(parent["run_id"], status)
+
+
+def record_crashed_job(config: DictConfig, job_dir: Path, job_num: int, overrides: list[str],
+                       reason: str) -> None:
+    """A job whose process died (a launcher's worker killed out of memory, a segfault): the
+    runs it started are marked FAILED with the reason, or one FAILED run records it. Called by
+    the search (search/sweeper.py), which sees the crash where Hydra's on_job_end never runs."""
+    settings = _mlflow_settings(config)
+    parent_id = read_parent_run(sweep_dir_of(config.hydra))
+    if not settings or not parent_id:
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+
+    try:
+        client = MlflowClient(tracking_uri=settings["uri"])
+        runs = job_runs(job_dir)
+        for run_id in runs:
+            client.set_tag(run_id, T.ERROR, reason[:5000])
+            client.set_terminated(run_id, "FAILED")
+        if runs:
+            return
+        parent = client.get_run(parent_id)
+        run = client.create_run(
+            parent.info.experiment_id, run_name=f"failed job {job_num}",
+            tags={PARENT_RUN_TAG: parent_id, SWEEP_ID_TAG: parent_id, RUN_DIR_TAG: str(job_dir)})
+        pairs = [o.split("=", 1) for o in overrides if "=" in o]
+        client.log_batch(run.info.run_id, params=[
+            Param(k.lstrip("+~"), v[:MAX_PARAM_VALUE_LENGTH]) for k, v in pairs][:100],
+            tags=[RunTag(T.ERROR, reason[:5000])])
+        client.set_terminated(run.info.run_id, "FAILED")
+    except Exception as e:  # noqa: BLE001 - the search goes on; the trial's state says it
+        log.warning("MLflow: recording the crashed job failed: %s: %s", type(e).__name__, e)
 
 
 def _mlflow_settings(config: DictConfig) -> dict[str, Any] | None:

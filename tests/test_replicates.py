@@ -1,0 +1,112 @@
+"""Replicates end to end: a real grid of tiny trainings on 3 seeds per config, the parent run's
+group summary checked against scipy on the children's own values, `mlxlab runs list --sweep`,
+and `mlxlab runs compare` (paired t, Wilcoxon, McNemar per seed, the verdict) against scipy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.stats as st
+
+from conftest import PYTHON
+from test_sweeps import TINY, client_for, mlxlab_train, run, sweep_parents, training_runs
+
+GRID = [*TINY, "trainer.max_steps=12", "trainer.eval_every_steps=4", "tracking.background=false"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("replicates")
+    mlxlab_train(root, "-m", *GRID, "replicates=3", "model.pooler=null,true")
+    client = client_for(f"sqlite:///{root}/mlruns/mlflow.db")
+    (parent,) = sweep_parents(client, "train")
+    children = training_runs(client, "train")
+    return root, client, client.get_run(parent.info.run_id), children
+
+
+def values(children, pooler: str, key: str) -> dict[str, float]:
+    return {r.data.params["seed"]: r.data.metrics[key] for r in children
+            if r.data.params["model.pooler"] == pooler}
+
+
+def test_replicates_share_validation_rows_and_form_groups(sweep):
+    _, _, parent, children = sweep
+    assert sorted(r.data.params["seed"] for r in children) == ["42", "42", "43", "43", "44", "44"]
+    assert len({r.data.tags["mlxlab.val_fingerprint"] for r in children}) == 1  # split_seed
+    assert parent.data.params["group.g1"] == "model.pooler=None"
+    assert parent.data.params["group.g2"] == "model.pooler=True"
+
+
+def test_the_parent_run_holds_each_groups_interval(sweep):
+    _, client, parent, children = sweep
+    m = parent.data.metrics
+    for gid, pooler in (("g1", "None"), ("g2", "True")):
+        for which, key in (("best", "best/val/loss"), ("last", "val/loss")):
+            x = np.array(list(values(children, pooler, key).values()))
+            low, high = st.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=st.sem(x))
+            prefix = f"{gid}/{which}/val/loss"
+            assert m[f"{prefix}/n"] == 3
+            assert m[f"{prefix}/mean"] == pytest.approx(x.mean())
+            assert m[f"{prefix}/std"] == pytest.approx(x.std(ddof=1))
+            assert (m[f"{prefix}/ci_low"], m[f"{prefix}/ci_high"]) == (
+                pytest.approx(low), pytest.approx(high))
+    # per-step bands of the validation curve, as ordinary metrics MLflow charts draw
+    band = client.get_metric_history(parent.info.run_id, "g1/val/loss/mean")
+    assert [p.step for p in band] == [4, 8, 12]
+    at8 = [client.get_metric_history(r.info.run_id, "val/loss") for r in children
+           if r.data.params["model.pooler"] == "None"]
+    assert band[1].value == pytest.approx(np.mean([[p.value for p in h if p.step == 8][0]
+                                                    for h in at8]))
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "replicates")}
+    assert artifacts == {"replicates/groups.csv", "replicates/groups.md"}
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/replicates_val_accuracy.png" in plots
+
+
+def test_runs_list_prints_the_grouped_table(sweep):
+    root, *_ = sweep
+    out = run([PYTHON, "-m", "mlxlab.cli.main", "runs", "list", "--sweep", "latest"], root,
+              {"MLXLAB_ROOT": str(root)})
+    assert "configs (groups of seeds)" in out
+    assert "g1     model.pooler=None" in out and "(95% CI, n=3)" in out
+
+
+def test_runs_compare_matches_scipy_and_tests_row_by_row(sweep):
+    root, _, _, children = sweep
+    out = run([PYTHON, "-m", "mlxlab.cli.main", "runs", "compare", "latest", "--metric",
+               "val/loss", "--json"], root, {"MLXLAB_ROOT": str(root)})
+    result = json.loads(out[out.index("{"):])
+    a, b = values(children, "None", "best/val/loss"), values(children, "True", "best/val/loss")
+    seeds = sorted(a)
+    xa, xb = np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
+    (c,) = result["comparisons"]
+    assert (c["a"], c["b"], c["paired"], c["n_pairs"]) == ("g1", "g2", True, 3)
+    assert c["diff"] == pytest.approx((xb - xa).mean())
+    assert c["t_p"] == pytest.approx(st.ttest_rel(xb, xa).pvalue)
+    assert c["wilcoxon_p"] == pytest.approx(st.wilcoxon(xb, xa, method="exact").pvalue)
+    assert c["seeds_needed"] is None or c["seeds_needed"] >= 2
+    assert "no detectable difference" in c["verdict"] or "beats" in c["verdict"]
+    assert c["rows"] is None  # row-level tests answer for accuracy only
+
+    out = run([PYTHON, "-m", "mlxlab.cli.main", "runs", "compare", "latest:model.pooler=null",
+               "latest:g2", "--json"], root, {"MLXLAB_ROOT": str(root)})
+    rows = json.loads(out[out.index("{"):])["comparisons"][0]["rows"]
+    assert rows["rows"] == 178  # Titanic's validation rows
+    for m in rows["mcnemar"]:  # each seed's pair of runs, from their stored predictions
+        ra, rb = (next(r for r in children if r.data.params["seed"] == m["seed"]
+                       and r.data.params["model.pooler"] == p) for p in ("None", "True"))
+        ca, cb = (_correct(r) for r in (ra, rb))
+        only_a, only_b = int((ca & ~cb).sum()), int((~ca & cb).sum())
+        assert (m["only_a"], m["only_b"]) == (only_a, only_b)
+        expected = st.binomtest(min(only_a, only_b), only_a + only_b).pvalue if only_a + only_b else 1.0
+        assert m["p"] == pytest.approx(min(1.0, expected))
+
+
+def _correct(run) -> np.ndarray:
+    from pathlib import Path
+
+    data = np.genfromtxt(Path(run.data.tags["mlxlab.run_dir"]) / "predictions/val_best.csv",
+                         delimiter=",", names=True)
+    return data["label"] == data["prediction"]
