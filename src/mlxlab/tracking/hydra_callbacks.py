@@ -344,11 +344,12 @@ def _mlflow_settings(config: DictConfig) -> dict[str, Any] | None:
 
 
 def _override_keys(config: DictConfig) -> list[str]:
-    """Config keys the multirun command line and the sweeper's search space set."""
+    """Config keys the multirun command line and the sweeper's search space set (not
+    `replicates`: the sweeper turns it into seeds, and its jobs all have replicates=1)."""
     keys = []
     for override in OmegaConf.select(config, "hydra.overrides.task") or []:
         key = str(override).split("=", 1)[0].lstrip("+~")
-        if key and key.split(".")[0].split("/")[0] != "hydra" and key not in keys:
+        if key and key.split(".")[0].split("/")[0] != "hydra" and key not in (*keys, "replicates"):
             keys.append(key)
     params = OmegaConf.select(config, "hydra.sweeper.params")
     for key in params or {}:
@@ -374,6 +375,8 @@ def _swept_keys(config: DictConfig) -> list[str]:
     for key in OmegaConf.select(config, "hydra.sweeper.params") or {}:
         if str(key) not in keys:
             keys.append(str(key))
+    if (OmegaConf.select(config, "replicates", default=1) or 1) > 1 and "seed" not in keys:
+        keys.append("seed")  # the sweeper turns replicates=N into a seed sweep
     return keys
 
 
