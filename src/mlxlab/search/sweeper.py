@@ -314,10 +314,12 @@ class Search:
 
         if outcome.reason:
             self.storage.set_trial_user_attr(trial._trial_id, S.FAIL_REASON_ATTR, outcome.reason)
+        # skip_if_finished: a sweeper elsewhere that took the trial over may have told it
         if outcome.state == "COMPLETE":
-            self.study.tell(trial.number, outcome.value)
+            self.study.tell(trial.number, outcome.value, skip_if_finished=True)
         else:
-            self.study.tell(trial.number, state=getattr(TrialState, outcome.state))
+            self.study.tell(trial.number, state=getattr(TrialState, outcome.state),
+                            skip_if_finished=True)
         shown = {"COMPLETE": f"{self.metric} {outcome.value:.4f}" if outcome.value is not None
                  else "", "PRUNED": "pruned", "FAIL": f"failed: {outcome.reason}"}
         log.info("search: trial %d %s%s", trial.number, shown[outcome.state], self.best_text())
@@ -367,11 +369,13 @@ class Search:
         top = sorted(complete, key=lambda t: t.value, reverse=s.direction == "maximize")
         base = int(OmegaConf.select(self.config, "seed", default=0))
         fixed = [o for o in self.fixed if o.partition("=")[0].lstrip("+~") != "seed"]
-        jobs = []
+        jobs, done = [], self.study.user_attrs
         for trial in top[: s.rerun_top_k]:
             for seed in range(base + 1, base + s.rerun_seeds):
                 key = RERUN_ATTR.format(number=trial.number, seed=seed)
-                if key not in self.study.user_attrs:
+                claimed = done.get(key)  # a value, or {"owner": ...} while a sweeper runs it
+                if key not in done or (isinstance(claimed, dict)
+                                       and S.process_alive(claimed.get("owner")) is False):
                     jobs.append((key, trial, seed))
         log.info("search: re-running the best %d trials on %d seeds each (%d runs left)",
                  min(s.rerun_top_k, len(top)), s.rerun_seeds, len(jobs))
@@ -381,6 +385,9 @@ class Search:
                          f"seed={seed}", f"hydra.sweep.subdir={subdir}",
                          *self.resume_override(subdir)]
             clear_link(self.sweep_dir, RERUN_JOB_NUM + i)
+            if key in self.study.user_attrs and not isinstance(self.study.user_attrs[key], dict):
+                continue  # another sweeper of this study ran it meanwhile
+            self.study.set_user_attr(key, {"owner": S.this_process()})
             result = s.launch_one(overrides, RERUN_JOB_NUM + i)
             value = None if isinstance(result, Outcome) else self.rerun_value(result)
             self.study.set_user_attr(key, value)
