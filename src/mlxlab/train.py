@@ -188,6 +188,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mlxlab.tracking.stale import process_tags
     from mlxlab.tracking.tags import WORLD_SIZE
     from mlxlab.training.callbacks import checkpoint_policy
+    from mlxlab.training.startup import prepare_device
     from mlxlab.training.trainer import Trainer
 
     settings = instantiate(cfg.trainer)  # TrainerSettings: checked by validate() above
@@ -203,6 +204,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         validate(cfg)
         settings = instantiate(cfg.trainer)
     run_hash = config_hash(cfg)  # before the tokenizer paths below are filled in
+    # the device line, and MLX's CUDA kernel cache in paths.cache_dir before any kernel compiles
+    prepare_device(cfg.paths.cache_dir, settings.fused_kernels)
     seed_everything(cfg.seed)
     reuse_tokenizer(cfg, resume, "resume")
     reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
