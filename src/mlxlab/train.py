@@ -286,12 +286,15 @@ def hydra_main(cfg: DictConfig) -> float:
             slurm.requeue()
         sys.exit(stop.exit_code)
     except UserError as err:  # bad input the user can fix; anything else is a bug: traceback
+        from mlxlab.runtime import failures
+
         if sweeping:  # a failed trial is recorded as failed (NaN) and the sweep goes on
             log.error("trial failed: %s", err)
+            failures.cleanup_done()  # its cleanup is over: a device failure's watchdog stands down
             return math.nan
-        print(f"mlxlab: error: {err}", file=sys.stderr)
         remove_unused_run_dir(cfg)
-        sys.exit(2)
+        # sys.exit, or os._exit after a device failure (MLX's teardown can hang then: mlx#2821)
+        failures.leave(2, f"mlxlab: error: {err}")
 
 
 # Config groups whose option a user picks on the command line (group=option).
