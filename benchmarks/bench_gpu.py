@@ -25,6 +25,12 @@ note, so the whole fits a 25-minute window):
 
 Prints one markdown report; --write puts it into docs/benchmarks.md between the markers
 `<!-- bench_gpu: begin/end -->` of the GPU section, and everything lands in --out as JSON.
+
+The device tool runs one command for at most 10 minutes, so a window runs the parts in turn
+(`--parts mlx`, then `--parts torch`, then `--parts runs,pytest`; the first includes the
+machine's first NVRTC compiles): each call adds its parts to <out>/bench_gpu.json and prints the
+report so far; `--from-json FILE --write` renders a fetched JSON into docs/benchmarks.md here.
+benchmarks/gpu_window.sh holds the exact calls (docs/benchmarks.md, GPU section).
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ PEAKS = [
     ("T4", {"fp32": 8.1, "tf32": 8.1, "bf16": 0.0}),  # no bf16 tensor cores (SM 7.5)
 ]
 # Each part's share of the window (fractions of --budget-min); the rest is slack.
-SHARES = {"gemm": 0.04, "mlx": 0.30, "torch": 0.30, "default": 0.08, "lora": 0.06, "pytest": 0.12}
+SHARES = {"gemm": 0.04, "mlx": 0.30, "torch": 0.30, "default": 0.08, "lora": 0.06, "pytest": 0.20}
 FULL = {"vocab": 32768, "seq": 1024, "batch": {"nano": 32, "small": 16, "medium": 8, "large": 4},
         "warmup": 3, "steps": 20, "gemm": [2048, 4096, 8192], "lora": (1024, 8)}
 DRY = {"vocab": 512, "seq": 32, "batch": {p: 2 for p in PRESETS}, "warmup": 1, "steps": 2,
@@ -323,12 +329,21 @@ def fmt(x, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+NOT_RUN = {"mlx": {"device": "(the mlx part did not run)", "backend": "?", "name": "?",
+                  "kernel_cache_empty": False, "gemm_tflops": {}, "rows": []},
+           "torch": {"skipped": "the torch part did not run"},
+           "default": {"skipped": "not run"}, "lora": {"skipped": "not run"},
+           "pytest": {"summary": "not run"}}
+
+
 def report(res: dict) -> str:
+    res = {**NOT_RUN, **res}
     mlx, torch_res = res["mlx"], res["torch"]
     peaks = peak_for(mlx["name"]) if mlx["backend"] == "cuda" else None
     gemm_best = mlx["gemm_tflops"]
     out = [f"`python benchmarks/bench_gpu.py{' --dry-run' if res['dry_run'] else ''}` "
-           f"({time.strftime('%Y-%m-%d', time.gmtime())}, {res['total_s']:.0f} s)", "",
+           f"({time.strftime('%Y-%m-%d', time.gmtime())}, {res.get('total_s', 0):.0f} s over "
+           f"the parts: {', '.join(res.get('parts', []))})", "",
            f"- {mlx['device']}",
            f"- MLX's CUDA kernel cache was {'empty: this run paid the compiles' if mlx['kernel_cache_empty'] else 'filled'}"
            if mlx["backend"] == "cuda" else "- (CPU: no kernel cache)",
@@ -406,6 +421,10 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="the table into docs/benchmarks.md")
     parser.add_argument("--budget-min", type=float, default=25.0)
     parser.add_argument("--out", default="gpu-bench", help="folder for the JSON and the runs")
+    parser.add_argument("--parts", default="mlx,torch,runs,pytest",
+                        help="comma-separated: mlx (device, GEMM, presets), torch (the twin), "
+                        "runs (default experiment, LoRA), pytest (-m gpu); added to <out>/bench_gpu.json")
+    parser.add_argument("--from-json", help="render this bench_gpu.json (with --write: into the docs)")
     parser.add_argument("--mlx-worker", help=argparse.SUPPRESS)
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -414,41 +433,62 @@ def main() -> None:
         if spec_path:
             print("RESULT " + json.dumps(worker(json.loads(Path(spec_path).read_text()))), flush=True)
             return
+    if args.from_json:
+        emit(json.loads(Path(args.from_json).read_text()), args.write)
+        return
     started = time.monotonic()
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - {"mlx", "torch", "runs", "pytest"}
+    if unknown:
+        parser.error(f"--parts: unknown {sorted(unknown)}; choose from mlx, torch, runs, pytest")
     sizes = DRY if args.dry_run else FULL
     budget = {part: share * args.budget_min * 60 for part, share in SHARES.items()}
     if args.dry_run:
         budget = {part: max(seconds, 60.0) for part, seconds in budget.items()}
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    saved = out / "bench_gpu.json"
+    res: dict = json.loads(saved.read_text()) if saved.exists() else {}
+    if res.get("dry_run", args.dry_run) != args.dry_run:
+        res = {}  # a dry run's figures never mix with a GPU's
+    res["dry_run"] = args.dry_run
     model_overrides = DRY_MODEL if args.dry_run else []
     spec = {"vocab": sizes["vocab"], "seq": sizes["seq"], "batch": sizes["batch"],
             "warmup": sizes["warmup"], "steps": sizes["steps"], "gemm": sizes["gemm"],
             "seed": 0, "budget": budget, "dry_run": args.dry_run,
             "model_overrides": model_overrides, "cache_dir": str(REPO / ".cache" / "mlxlab")}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    res: dict = {"dry_run": args.dry_run}
-    # a first run on a new GPU compiles MLX's kernels (~3 min) inside this part: its timeout allows it
-    res["mlx"] = run_worker("mlx", spec, out, budget["gemm"] + budget["mlx"] + 300, env)
-    if "error" in res["mlx"]:
-        raise SystemExit(f"bench_gpu: the MLX part failed: {res['mlx']['error']}")
-    models = []
-    from bench import compose
+    if "mlx" in parts:
+        # a first run on a new GPU compiles MLX's kernels (~3 min) inside this part: its timeout allows it
+        res["mlx"] = run_worker("mlx", spec, out, budget["gemm"] + budget["mlx"] + 300, env)
+        if "error" in res["mlx"]:
+            raise SystemExit(f"bench_gpu: the MLX part failed: {res['mlx']['error']}")
+    if "torch" in parts:
+        from bench import compose
 
-    for preset in PRESETS:
-        cfg = compose(out / "cfg", [f"model=transformer_{preset}", *model_overrides])
-        model_cfg = {k: v for k, v in dict(cfg.model).items()
-                     if k not in ("_target_", "lora", "max_seq_len")}
-        models.append({"preset": preset, "cfg": model_cfg, "batch": sizes["batch"][preset]})
-    res["torch"] = run_worker("torch", {**spec, "models": models}, out, budget["torch"] + 120, env)
-    res["default"] = default_experiment(args.dry_run, out, budget["default"])
-    res["lora"] = lora(args.dry_run, out, budget["lora"], sizes["lora"])
-    res["pytest"] = gpu_tests(out, budget["pytest"])
-    res["total_s"] = time.monotonic() - started
-    (out / "bench_gpu.json").write_text(json.dumps(res, indent=2))
+        models = []
+        for preset in PRESETS:
+            cfg = compose(out / "cfg", [f"model=transformer_{preset}", *model_overrides])
+            model_cfg = {k: v for k, v in dict(cfg.model).items()
+                         if k not in ("_target_", "lora", "max_seq_len")}
+            models.append({"preset": preset, "cfg": model_cfg, "batch": sizes["batch"][preset]})
+        res["torch"] = run_worker("torch", {**spec, "models": models}, out, budget["torch"] + 120,
+                                  env)
+    if "runs" in parts:
+        res["default"] = default_experiment(args.dry_run, out, budget["default"])
+        res["lora"] = lora(args.dry_run, out, budget["lora"], sizes["lora"])
+    if "pytest" in parts:
+        res["pytest"] = gpu_tests(out, budget["pytest"])
+    res["parts"] = sorted(set(res.get("parts", [])) | set(parts))
+    res["total_s"] = res.get("total_s", 0.0) + time.monotonic() - started
+    saved.write_text(json.dumps(res, indent=2))
+    emit(res, args.write)
+
+
+def emit(res: dict, write: bool) -> None:
     text = report(res)
     print(text)
-    if args.write:
+    if write:
         from bench_common import write_between_markers
 
         write_between_markers(REPO / "docs" / "benchmarks.md", "bench_gpu", text,
