@@ -424,7 +424,8 @@ def main() -> None:
     parser.add_argument("--parts", default="mlx,torch,runs,pytest",
                         help="comma-separated: mlx (device, GEMM, presets), torch (the twin), "
                         "runs (default experiment, LoRA), pytest (-m gpu); added to <out>/bench_gpu.json")
-    parser.add_argument("--from-json", help="render this bench_gpu.json (with --write: into the docs)")
+    parser.add_argument("--from-json", nargs="+", help="render these bench_gpu.json files, merged "
+                        "in order (with --write: into the docs)")
     parser.add_argument("--mlx-worker", help=argparse.SUPPRESS)
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -433,8 +434,13 @@ def main() -> None:
         if spec_path:
             print("RESULT " + json.dumps(worker(json.loads(Path(spec_path).read_text()))), flush=True)
             return
-    if args.from_json:
-        emit(json.loads(Path(args.from_json).read_text()), args.write)
+    if args.from_json:  # the windows' calls, each a machine's figures so far: later ones win
+        merged: dict = {}
+        for path in args.from_json:
+            res = json.loads(Path(path).read_text())
+            merged = {**merged, **res, "parts": sorted(set(merged.get("parts", [])) | set(res.get("parts", []))),
+                      "total_s": merged.get("total_s", 0.0) + res.get("total_s", 0.0)}
+        emit(merged, args.write)
         return
     started = time.monotonic()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
