@@ -257,28 +257,37 @@ def torch_worker(spec: dict) -> dict:
 # ---- runs of the real command ------------------------------------------------------------------
 
 
+def run_train(root: Path, overrides: list[str], timeout: float):
+    """`python -m mlxlab.train` rooted in `root`: (its output, {"wall_s"}) or (None, why not)."""
+    started = time.monotonic()
+    try:
+        out = subprocess.run([sys.executable, "-m", "mlxlab.train", *overrides], cwd=root,
+                             capture_output=True, text=True, timeout=timeout,
+                             env={**os.environ, "MLXLAB_ROOT": str(root)})
+    except subprocess.TimeoutExpired:
+        return None, {"skipped": f"over its time budget ({timeout:.0f} s)"}
+    if out.returncode != 0:
+        return None, {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return out, {"wall_s": time.monotonic() - started}
+
+
 def default_experiment(dry: bool, root: Path, timeout: float) -> dict:
     run_dir = root / "default"
     extra = ["trainer.max_epochs=1", "trainer.max_steps=4", *[o.replace("dim", "hidden_size")
                                                                 for o in DRY_MODEL]] if dry else []
-    cmd = [sys.executable, "-m", "mlxlab.train", "tracking=csv", "callbacks.progress.enabled=false",
-           f"hydra.run.dir={run_dir}", *extra]
-    started = time.monotonic()
-    try:
-        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
-                             env={**os.environ, "MLXLAB_ROOT": str(root)})
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"over its time budget ({timeout:.0f} s)"}
-    wall = time.monotonic() - started
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    out, res = run_train(root, ["tracking=csv", "callbacks.progress.enabled=false",
+                                f"hydra.run.dir={run_dir}", *extra], timeout)
+    if out is None:
+        return res
     tags = json.loads((run_dir / "tracking" / "tags.json").read_text())
     summary = [line for line in out.stdout.splitlines() if line.startswith("validation")]
-    return {"wall_s": wall, "compile_s": float(tags.get("mlxlab.compile_s", "nan")),
+    return {**res, "compile_s": float(tags.get("mlxlab.compile_s", "nan")),
             "summary": summary[0] if summary else ""}
 
 
 def lora(dry: bool, root: Path, timeout: float, sizes: tuple[int, int]) -> dict:
+    import csv
+
     sys.path.insert(0, str(REPO / "scripts"))
     from tiny_hf_model import save_tiny_llama_without_torch
 
@@ -287,25 +296,17 @@ def lora(dry: bool, root: Path, timeout: float, sizes: tuple[int, int]) -> dict:
                                          heads=max(2, hidden // 64), kv_heads=max(1, hidden // 256))
     run_dir = root / "lora"
     steps = 4 if dry else 100
-    cmd = [sys.executable, "-m", "mlxlab.train", "experiment=finetune_completions",
-           f"model.pretrained={base}", "tracking=csv", "callbacks.progress.enabled=false",
-           f"trainer.max_steps={steps}", f"trainer.eval_every_steps={steps}",
-           "trainer.log_every_steps=10" if not dry else "trainer.log_every_steps=2",
-           f"hydra.run.dir={run_dir}"]
-    started = time.monotonic()
-    try:
-        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
-                             env={**os.environ, "MLXLAB_ROOT": str(root)})
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"over its time budget ({timeout:.0f} s)"}
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    import csv
-
+    out, res = run_train(root, [
+        "experiment=finetune_completions", f"model.pretrained={base}", "tracking=csv",
+        "callbacks.progress.enabled=false", f"trainer.max_steps={steps}",
+        f"trainer.eval_every_steps={steps}", f"trainer.log_every_steps={2 if dry else 10}",
+        f"hydra.run.dir={run_dir}"], timeout)
+    if out is None:
+        return res
     with open(run_dir / "tracking" / "metrics.csv") as f:  # the first window holds the compile
         rates = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "train/tokens_per_sec"]
-    return {"wall_s": time.monotonic() - started, "steps": steps, "hidden": hidden,
-            "layers": layers, "tokens_per_s": statistics.median(rates[1:] or rates or [0.0])}
+    return {**res, "steps": steps, "hidden": hidden, "layers": layers,
+            "tokens_per_s": statistics.median(rates[1:] or rates or [0.0])}
 
 
 def gpu_tests(root: Path, timeout: float) -> dict:
