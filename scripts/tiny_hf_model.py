@@ -4,8 +4,11 @@ model.safetensors and a tokenizer trained on the shipped TinyStories sample. For
 
     python scripts/tiny_hf_model.py llama /tmp/tiny-llama [--seed 0]
     (llama | qwen2 | mistral | llama3: llama with llama3 rope scaling, tied embeddings)
+    python scripts/tiny_hf_model.py llama /tmp/tiny-llama --no-torch [--hidden 512 --layers 8]
 
-Needs transformers and torch (the dev extra).
+Needs transformers and torch (the dev extra); `--no-torch` writes a Llama with MLX and
+tokenizers only (`save_tiny_llama_without_torch`), for a machine without PyTorch (a GPU box
+with the CUDA MLX wheels alone: benchmarks/bench_gpu.py).
 """
 
 from __future__ import annotations
@@ -83,12 +86,76 @@ def save_tiny_model(kind: str, path: str | Path, seed: int = 0, **overrides) -> 
     return path
 
 
+def save_tiny_llama_without_torch(path: str | Path, seed: int = 0, hidden: int = 64,
+                                  layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                                  intermediate: int | None = None, vocab_size: int = 512) -> Path:
+    """A Llama folder in Hugging Face's layout (config.json, model.safetensors under HF's weight
+    names, tokenizer.json and its config) with random N(0, 0.2) matrices, written with MLX and
+    tokenizers: what `model=hf_decoder model.pretrained=<path>` loads, no PyTorch needed."""
+    import json
+
+    import mlx.core as mx
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = tiny_tokenizer("llama", vocab_size)
+    vocab, head_dim = tok.get_vocab_size(), hidden // heads
+    intermediate = intermediate or int(hidden * 2.5)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "bos_token_id": tok.token_to_id("<s>"), "eos_token_id": tok.token_to_id("</s>"),
+        "tie_word_embeddings": False, "torch_dtype": "float32",
+    }
+    key = mx.random.key(seed)
+
+    def normal(*shape: int) -> mx.array:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        return 0.2 * mx.random.normal(shape, key=sub)
+
+    weights = {"model.embed_tokens.weight": normal(vocab, hidden),
+               "model.norm.weight": mx.ones((hidden,)), "lm_head.weight": normal(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        weights.update({
+            p + "self_attn.q_proj.weight": normal(heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": normal(kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": normal(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": normal(hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": normal(intermediate, hidden),
+            p + "mlp.up_proj.weight": normal(intermediate, hidden),
+            p + "mlp.down_proj.weight": normal(hidden, intermediate),
+            p + "input_layernorm.weight": mx.ones((hidden,)),
+            p + "post_attention_layernorm.weight": mx.ones((hidden,)),
+        })
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tok.save(str(path / "tokenizer.json"))
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {**specials, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    (path / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("out")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-torch", action="store_true",
+                        help="llama only: write it with MLX (no transformers/torch)")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
+    if args.no_torch:
+        if args.kind != "llama":
+            parser.error("--no-torch writes llama only")
+        print(save_tiny_llama_without_torch(args.out, args.seed, args.hidden, args.layers))
+        return
     print(save_tiny_model(args.kind, args.out, args.seed))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 # Tests start subprocesses next to the main process on small CI machines: one BLAS thread each
@@ -17,6 +18,8 @@ import urllib.request
 os.environ.setdefault("MLXLAB_CACHE_DIR", tempfile.mkdtemp(prefix="mlxlab-test-cache-"))
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -28,6 +31,37 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 # The installed console script, as a user runs it (`pip install -e .` puts it beside python).
 MLXLAB = str(Path(PYTHON).parent / "mlxlab")
+
+# Where MLX computes. On the CPU a resumed or repeated run is bitwise the same; on a GPU MLX's
+# kernels are not reproducible to the bit (the same seeded config differed at the 4th decimal of
+# val/loss in two processes on an H100: docs/benchmarks.md, GPU), so the tests that compare runs
+# compare to GPU_RTOL there (item 4 of issue 40: `pytest -m gpu` on the GPU machine reports how
+# far apart they are, tests/test_gpu.py).
+ON_GPU = mx.default_device().type == mx.DeviceType.gpu
+GPU_RTOL, GPU_ATOL = 1e-3, 1e-5
+
+
+def same_array(a, b) -> bool:
+    """Bitwise on the CPU; to GPU_RTOL on a GPU."""
+    a, b = np.asarray(a), np.asarray(b)
+    if not ON_GPU:
+        return np.array_equal(a, b)
+    return a.shape == b.shape and np.allclose(a, b, rtol=GPU_RTOL, atol=GPU_ATOL, equal_nan=True)
+
+
+def same_values(a, b) -> bool:
+    """Nested lists / tuples / dicts of numbers: equal (NaN equal to NaN) on the CPU, to GPU_RTOL
+    on a GPU; anything else must be equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float | int) or isinstance(b, float) and isinstance(a, int):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return a == b if not ON_GPU else math.isclose(a, b, rel_tol=GPU_RTOL, abs_tol=GPU_ATOL)
+    return a == b
+
 
 # Small, fast settings for end-to-end runs of the real default config.
 FAST = [
@@ -191,6 +225,10 @@ SLOW_CASES = ("tests/test_remote.py::test_server_stopped_mid_upload[gcs]",
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config, items):
+    no_gpu = pytest.mark.skip(reason="needs a GPU: MLX's default device here is the CPU")
     for item in items:
         if item.nodeid in SLOW_CASES:
             item.add_marker(pytest.mark.slow)
+        # tests marked `gpu` run where MLX's default device is a GPU, and are skipped elsewhere
+        if "gpu" in item.keywords and not ON_GPU:
+            item.add_marker(no_gpu)

@@ -1,9 +1,21 @@
 """mlxlab: Hydra-composed MLX training with one MLflow store."""
 
-# First: on Linux CPU this points MLX's BLAS calls (and nothing else's) at OpenBLAS; it imports
-# mlx.core itself (see runtime/blas.py).
+import sys
+
+from mlxlab.runtime.backend import MissingBackend, one_line_hook, require_backend
 from mlxlab.runtime.blas import setup_blas
 
+try:
+    # pip installed MLX without a backend (Linux without an extra, or a second backend
+    # uninstalled, which deletes the first one's libmlx.so too): one line naming the extras, not
+    # the loader's "libmlx.so: cannot open shared object file" from inside mlx.core.
+    require_backend()
+except MissingBackend:
+    sys.excepthook = one_line_hook(sys.excepthook)
+    raise
+
+# On Linux CPU this points MLX's BLAS calls (and nothing else's) at OpenBLAS; MLX already loaded
+# changes nothing there (runtime/blas.py rebinds libmlx's own symbol slots).
 blas = setup_blas()
 
 __version__ = "0.1.0"

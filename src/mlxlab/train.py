@@ -195,6 +195,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mlxlab.tracking.stale import process_tags
     from mlxlab.tracking.tags import WORLD_SIZE
     from mlxlab.training.callbacks import checkpoint_policy
+    from mlxlab.training.startup import prepare_device
     from mlxlab.training.trainer import Trainer
 
     settings = instantiate(cfg.trainer)  # TrainerSettings: checked by validate() above
@@ -213,6 +214,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         validate(cfg)
         settings = instantiate(cfg.trainer)
     run_hash = config_hash(cfg)  # before the tokenizer paths below are filled in
+    # the device line, and MLX's CUDA kernel cache in paths.cache_dir before any kernel compiles
+    prepare_device(cfg.paths.cache_dir, settings.fused_kernels)
     seed_everything(cfg.seed)
     reuse_tokenizer(cfg, resume, "resume")
     reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
@@ -293,15 +296,18 @@ def hydra_main(cfg: DictConfig) -> float:
             slurm.requeue()
         sys.exit(stop.exit_code)
     except UserError as err:  # bad input the user can fix; anything else is a bug: traceback
+        from mlxlab.runtime import failures
+
         if sweeping:  # a failed trial is recorded as failed (NaN) and the sweep goes on
             log.error("trial failed: %s", err)
             from mlxlab.search.trial_link import record_failure
 
             record_failure(str(err))  # a search's trial: the reason on its Optuna trial
+            failures.cleanup_done()  # its cleanup is over: a device failure's watchdog stands down
             return math.nan
-        print(f"mlxlab: error: {err}", file=sys.stderr)
         remove_unused_run_dir(cfg)
-        sys.exit(2)
+        # sys.exit, or os._exit after a device failure (MLX's teardown can hang then: mlx#2821)
+        failures.leave(2, f"mlxlab: error: {err}")
 
 
 # Config groups whose option a user picks on the command line (group=option).

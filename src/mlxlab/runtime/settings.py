@@ -33,6 +33,7 @@ Read or set where a library needs them, not here (the modules tests/test_environ
 | tracking/wandb_tracker.py | WANDB_DIR, WANDB_MODE | wandb's own; read at each run's start, as wandb reads them, because wandb's process-wide setup keeps the first run's |
 | checkpoint/remote.py | AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST | the object-store clients' own (S3-compatible stores, the GCS emulator), read when a filesystem opens, beside the credential chains (AWS_*, GOOGLE_*, AZURE_*) the clients read themselves |
 | data/streaming/prefetch.py | TOKENIZERS_PARALLELISM | set (to false, unless set) for the tokenizers library before its thread pool starts |
+| runtime/device.py | MLX_PTX_CACHE_DIR | MLX's own, read when MLX first compiles a CUDA kernel: set (to `<paths.cache_dir>/mlx/<version>/ptx`, unless set) before a run evaluates anything, so the kernels a first run compiles for minutes outlive a cleaned /tmp |
 | runtime/blas.py | OPENBLAS_THREAD_TIMEOUT | OpenBLAS's own, read once when it loads: set (to 4, unless set) while setup_blas loads MLX's OpenBLAS and removed again, so its idle threads sleep instead of spinning between a step's matrix products and nothing else's BLAS changes |
 | tracking/background.py, cli/serve.py | the whole environment | copied for a child process (the tracking process, MLflow's model server) |
 

@@ -18,6 +18,7 @@ RUN_DIR = "mlxlab.run_dir"
 TASK_NAME = "mlxlab.task_name"
 OVERRIDES = "mlxlab.overrides"  # the command line's overrides (also on a sweep's parent)
 WORLD_SIZE = "mlxlab.world_size"
+COMPILE_S = "mlxlab.compile_s"  # seconds the first step spent compiling (MLX; on a GPU its kernels)
 CHOICE_PREFIX = "choice."  # "choice.model" = "bert": the config-group options a run used
 
 # The process that trains a run, for dead-run detection (tracking/stale.py)

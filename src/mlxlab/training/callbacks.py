@@ -59,6 +59,11 @@ class Callback:
         """After step `step`: its micro-batches and per-example outputs (losses.EXAMPLE_KEYS,
         evaluated arrays, rows in the order of the batches); only if needs_example_losses."""
 
+    def on_compiled(self, step: int, seconds: float) -> None:
+        """Step `step` (the first of a process, or after the step was rebuilt) compiled the
+        step function, and on a GPU maybe MLX's kernels: `seconds` that are not a step's time.
+        Called before on_step."""
+
     def on_step(self, step: int, logs: dict[str, float]) -> None: ...
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
@@ -95,6 +100,14 @@ class ProgressBar(Callback):
                 total=total_steps, initial=start_step, unit=self.unit, dynamic_ncols=True,
                 file=sys.stderr, mininterval=0.5, desc="train",
             )
+
+    def on_compiled(self, step: int, seconds: float) -> None:
+        # The compile's minutes are not a step's time: the bar's clock skips them (tqdm's pause),
+        # so its rate never reads "184 s/step" and its ETA counts steps that run.
+        if self.bar is not None:
+            self.bar.unpause()
+            if seconds >= 5:  # a GPU's first run: say where the wait went
+                self.postfix["compiled"] = f"{seconds:.0f}s"
 
     def on_step(self, step: int, logs: dict[str, float]) -> None:
         if self.bar is None:

@@ -120,13 +120,21 @@ class LogWindow:
 
     def reset(self) -> None:
         self.loss, self.steps, self.count = 0.0, 0, 0.0
+        self.left_out_s, self.left_out_count = 0.0, 0.0  # compiling steps: not in the rate
         self.parts: dict[str, float] = {}
         self.start = time.perf_counter()
 
-    def add(self, loss: float, aux: dict[str, mx.array]) -> None:
+    def add(self, loss: float, aux: dict[str, mx.array], left_out_s: float | None = None) -> None:
+        """One step's loss and parts; `left_out_s`: the step compiled, so neither its time
+        (that many seconds) nor its tokens count in the throughput."""
         self.loss, self.steps = self.loss + loss, self.steps + 1
+        if left_out_s is not None:
+            self.start += left_out_s
+            self.left_out_s += left_out_s
         for key, value in aux.items():  # loss parts (e.g. distillation's ce / kl) and ntokens
-            if key == "ntokens":
+            if key == "ntokens" and left_out_s is not None:
+                self.left_out_count += value.item()
+            elif key == "ntokens":
                 self.count += value.item()
             else:
                 self.parts[key] = self.parts.get(key, 0.0) + value.item()
@@ -136,9 +144,13 @@ class LogWindow:
         rate = "train/tokens_per_sec" if task == "lm" else "train/samples_per_sec"
         out = {
             "train/loss": self.loss / self.steps, "train/grad_norm": grad_norm, "train/lr": lr,
-            rate: self.count / elapsed,  # real tokens (loss_mask) or examples, padding excluded
             **{f"train/{k}": v / self.steps for k, v in self.parts.items()},
         }
+        # real tokens (loss_mask) or examples, padding excluded, compiling steps left out; a
+        # window of compiling steps only (log_every_steps=1's first) gives its own rate, so that
+        # a resumed run logs the same keys at the same steps as an uninterrupted one
+        out[rate] = (self.count / elapsed if self.count else
+                     self.left_out_count / max(elapsed + self.left_out_s, 1e-9))
         self.reset()
         return out
 
@@ -199,6 +211,7 @@ class Run:
         memory.keep_freed_memory()  # steps reuse freed memory, no page faults (runtime/memory.py)
         self.step_fn = trainer.make_step(model, self.optimizer, self.loss_fn, self.world,
                                          self.shards, self.grad_accum)  # compiled after any restore
+        self.compiling = True  # the next step compiles (and on a GPU, MLX's kernels)
         self.writer = self.checkpoint_writer()
         self.saved_at: list[int] = []  # the same on every rank (manager state is rank 0's alone)
         self.stop = GracefulStop()  # fit() enters it (signal handlers) around the loop
@@ -396,15 +409,18 @@ class Run:
                 self.forget_best()
             self.step_fn = trainer.make_step(self.model, self.optimizer, self.loss_fn, self.world,
                                              self.shards, self.grad_accum)
+            self.compiling = True
+        started = time.perf_counter()
         loss, norm, aux = self.step_fn(batches)
         state.step += 1
+        compiled_s = self.compiled(time.perf_counter() - started) if self.compiling else None
         examples = losses.pop_example_outputs(aux)
         if examples:
             for cb in self.callbacks:
                 cb.on_batch_outputs(state.step, batches, examples)
         loss_value = loss.item()  # already computed: the step's mx.eval synced
         self.check_loss(loss_value)
-        self.window.add(loss_value, aux)
+        self.window.add(loss_value, aux, left_out_s=compiled_s)
         end = state.step >= self.total_steps
         logs: dict[str, float] = {}
         if state.step % settings.log_every_steps == 0 or end:
@@ -426,6 +442,22 @@ class Run:
         if stop_now:
             self.interrupt()
         return end or self.should_stop()
+
+    def compiled(self, seconds: float) -> float:
+        """A step that compiled took `seconds`: said (when long), tagged (mlxlab.compile_s) and
+        left out of the throughput (the bar's rate too, Callback.on_compiled). On a GPU the first
+        step of a machine also compiles MLX's CUDA kernels: minutes, not a step's time."""
+        self.compiling = False
+        if seconds > 5.0:
+            log.info("step %d compiled in %.1f s (MLX's compile%s); left out of the throughput "
+                     "(tag %s)", self.state.step, seconds,
+                     "" if mx.default_device() == mx.cpu else " and its GPU kernels", T.COMPILE_S)
+        # a tag, not a metric: a resumed run compiles again at another step, and its metric
+        # history must stay the uninterrupted run's
+        self.tracker.set_tags({T.COMPILE_S: f"{seconds:.3f}"})
+        for cb in self.callbacks:
+            cb.on_compiled(self.state.step, seconds)
+        return seconds
 
     def check_loss(self, value: float) -> None:
         if not math.isfinite(value):

@@ -35,7 +35,7 @@ from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
 from mlxlab.models.base import Model
 from mlxlab.models.quantize import quantize_linears
-from mlxlab.runtime import device, distributed
+from mlxlab.runtime import device, distributed, failures
 from mlxlab.tracking.base import Tracker, flatten_config
 from mlxlab.training import losses, metrics
 from mlxlab.training.callbacks import Callback, ModelCheckpoint, checkpoint_policy
@@ -374,6 +374,12 @@ class Trainer:
             except (TrainingInterrupted, KeyboardInterrupt):
                 status = "KILLED"
                 raise
+            except RuntimeError as err:  # MLX out of memory: one line, and an end within seconds
+                failure = failures.device_failure(  # the last checkpoint, once written
+                    err, state.step, lambda: run.writer.wait() or run.manager.latest())
+                if failure is None:
+                    raise
+                raise failure from err  # the watchdog now bounds run.close below
             finally:
                 run.close(status)
 
