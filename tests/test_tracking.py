@@ -524,7 +524,7 @@ def check_sweep(uri: str, n_children: int, best: float, best_params: dict, faile
     assert parent.data.metrics["best/val/accuracy"] == pytest.approx(best)
     assert {k: v for k, v in parent.data.params.items() if k.startswith("best.")} == best_params
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "plots")]
-    assert artifacts == ["plots/sweep_val_accuracy.png"]
+    assert artifacts == ["plots/replicates_val_accuracy.png", "plots/sweep_val_accuracy.png"]
     return parent.info.run_id
 
 
