@@ -343,9 +343,8 @@ def group_page(group: Group, defaults: dict[str, str], groups: list[Group]) -> s
     selectable = bool(chosen) and not users
     out = [f"# {group.name}\n"]
     if selectable:
-        out.append("Choose an option on the command line as its heading below shows "
-                   f"(`{group.name}=<option>`). The default (conf/train.yaml): "
-                   f"{', '.join(chosen)}.\n")
+        out.append("Choose an option on the command line as its heading shows. The default "
+                   f"(conf/train.yaml): {', '.join(chosen)}.\n")
     if users:
         out.append("Not chosen on its own: included by " + ", ".join(users) +
                    "; its keys below are relative to that node.\n")
