@@ -108,6 +108,11 @@ def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: P
     commit = git_commit(Path(__file__).parent)  # the code that trained, not the data's folder
     if commit:
         tags[T.GIT_COMMIT] = commit
+    from mlxlab.search.trial_link import current_trial
+
+    trial = current_trial()  # a search's trial: its study and number on the run
+    if trial is not None:
+        tags.update(trial.tags())
     return {**tags, **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()}}
 
 
@@ -146,10 +151,11 @@ def build_tracker(cfg: DictConfig, name: str | None = None):
     return instantiate(cfg.tracking, **named)
 
 
-def build_callbacks(cfg: DictConfig, trial=None) -> list:
+def build_callbacks(cfg: DictConfig) -> list:
     """The `callbacks` group's named `_target_` nodes, built in config order (None entries, as
     left by `callbacks.x=null`, are skipped); a search's trial adds the reporter that feeds its
     pruner (search/pruning.py)."""
+    from mlxlab.search.trial_link import current_trial
     from mlxlab.training.callbacks import Callback
 
     built = []
@@ -162,6 +168,7 @@ def build_callbacks(cfg: DictConfig, trial=None) -> list:
                               "mlxlab.training.callbacks.Callback: subclass it")
         callback.name = name  # its state's key in checkpoints
         built.append(callback)
+    trial = current_trial()  # a search's job: which trial it trains
     if trial is not None:
         from mlxlab.search.pruning import TrialReporter
 
@@ -203,10 +210,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if settings.requeue and not cfg.get("resume") and slurm.restarted():
         log.info("trainer.requeue: a requeued Slurm job: resume=auto")
         cfg.resume = "auto"
-    from mlxlab.search.trial_link import current_trial
-
-    trial = current_trial()  # a search's job: which trial it trains
-    callbacks = build_callbacks(cfg, trial)
+    callbacks = build_callbacks(cfg)
     resume = remote_resume(cfg.get("resume"), run_dir, checkpoint_policy(callbacks),
                            lambda: prepare_resume(cfg, run_dir))
     if resume is not None:  # what was trained, with what this command line names on top
@@ -247,7 +251,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = Trainer(settings, optimizer=instantiate(cfg.optimizer), callbacks=callbacks,
                       load_teachers=load_teachers)
     tags = {**run_tags(cfg, choices, run_hash, run_dir), **process_tags(),
-            WORLD_SIZE: str(world.size), **(trial.tags() if trial is not None else {})}
+            WORLD_SIZE: str(world.size)}
     result = trainer.fit(model, data, tracker, run_dir, config=config, tags=tags, resume=resume)
     if world.is_main:
         print("\n".join(summary_lines(result, tracker)))
