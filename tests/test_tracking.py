@@ -545,8 +545,9 @@ def test_multirun_groups_jobs_under_a_parent_run(template_db, tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert parent_id in table[0]
     header = next(line for line in table if line.strip().startswith("rank"))
-    assert header.split() == ["rank", "run_id", "status", "best", "val/accuracy", "lr", "width"]
-    ranked = [line.split()[2:] for line in table[table.index(header) + 2 :]]
+    assert header.split() == ["rank", "run_id", "group", "status", "best", "val/accuracy", "lr",
+                              "width"]
+    ranked = [line.split()[3:] for line in table[table.index(header) + 2 :]]
     assert ranked == [  # finished runs best first (by best/val/accuracy), then the failed ones
         ["FINISHED", "0.4000", "0.2", "2"],
         ["FINISHED", "0.2000", "0.1", "2"],

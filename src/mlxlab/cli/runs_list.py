@@ -143,23 +143,14 @@ def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int
         print_groups(groups, metric)
     gid = {r.info.run_id: g.gid for g in groups for r in g.runs}
     rows = sweep_table(children, metric, keys, mode)
-    header = ["rank", "run_id", "group", "status", f"best {metric}", "seed",
+    seeds = any(row.get("seed") for row in rows)  # a seed column where the runs logged one
+    header = ["rank", "run_id", "group", "status", f"best {metric}", *(["seed"] if seeds else []),
               *(k for k in keys if k != "seed")]
-    print_table(
-        header,
-        [
-            [
-                str(i + 1),
-                row["run_id"],
-                gid.get(row["run_id"], "-"),
-                _state(row),
-                format_number(row[metric]),
-                str(row.get("seed") or "-"),
-                *(str(row[k]) for k in keys if k != "seed"),
-            ]
-            for i, row in enumerate(rows)
-        ],
-    )
+    print_table(header, [
+        [str(i + 1), row["run_id"], gid.get(row["run_id"], "-"), _state(row),
+         format_number(row[metric]), *([str(row.get("seed") or "-")] if seeds else []),
+         *(str(row[k]) for k in keys if k != "seed")]
+        for i, row in enumerate(rows)])
     return 0
 
 
