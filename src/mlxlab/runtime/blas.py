@@ -36,7 +36,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxlab.runtime import settings
+from mlxlab.runtime import cpu, settings
 
 ENV = "MLXLAB_BLAS"
 FIX = "fix: `pip install ngsolve-openblas` (x86_64) or set MLXLAB_BLAS=/path/to/libopenblas.so"
@@ -49,6 +49,18 @@ RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
 # docs/benchmarks.md "OpenBLAS's idle threads sleep"): steps ~4 % faster, the same results to
 # the bit (scheduling only), LM presets unchanged. A user's OPENBLAS_THREAD_TIMEOUT wins.
 THREAD_TIMEOUT, SPIN_EXPONENT = "OPENBLAS_THREAD_TIMEOUT", 4
+# Which of its kernels a DYNAMIC_ARCH OpenBLAS runs: on every x86-64-v3 CPU (runtime/cpu.py) its
+# AVX2 ones ("Haswell"), AVX-512 CPUs included, unless OPENBLAS_CORETYPE is set. Why: OpenBLAS's
+# AVX-512 sgemm (its SkylakeX/Cooperlake cores, which it picks on AVX-512 CPUs) gives a product
+# different last bits depending on whether B comes transposed or not, where its AVX2 kernels give
+# the same bits either way. MLX hands BLAS a strided view copied (B not transposed) and a
+# contiguous array's transpose as it is (B transposed), so on an AVX-512 CPU the fused kernels'
+# contiguous heads (kernels.split_heads) changed the attention's products in the last bit and the
+# default experiment stopped training the same run with its kernels on and off (issue 39). The
+# AVX2 kernels also make MLX's products the same bits on every x86-64-v3 CPU for a given thread
+# count (OpenBLAS's "Zen" core, which AMD's AVX2 CPUs get, computes the same bits as "Haswell").
+# The cost on an AVX-512 CPU is measured in docs/benchmarks.md ("One ISA level").
+CORETYPE, AVX2_CORE = "OPENBLAS_CORETYPE", "Haswell"
 # ELF e_machine -> (GLOB_DAT, JUMP_SLOT) relocation types: the GOT entries of called functions.
 GOT_RELOCATIONS = {62: (6, 7), 183: (1025, 1026)}  # x86-64, AArch64
 
@@ -68,6 +80,10 @@ class BlasInfo:
 
 _info: BlasInfo | None = None
 _lib: ctypes.CDLL | None = None  # the library we loaded, for its thread-count controls
+_prefix = ""  # what its names carry before the standard ones (scipy-openblas32: "scipy_")
+# Prefixes a BLAS library's names may carry: none (reference BLAS, most OpenBLAS builds) and
+# "scipy_" (scipy-openblas32, whose names are scipy_cblas_sgemm, scipy_sgetrf_, ...).
+PREFIXES = ("", "scipy_")
 
 
 def setup_blas() -> BlasInfo:
@@ -114,31 +130,40 @@ def _setup() -> BlasInfo:
             lib = _load(path)
     except OSError as e:
         return BlasInfo("failed", detail=f"could not load {path}: {e}")
-    global _lib
-    _lib = lib
+    global _lib, _prefix
+    _lib, _prefix = lib, _symbol_prefix(lib)
     import mlx.core  # noqa: F401  (loads libmlx, bound to the reference BLAS; rebound below)
 
     try:
-        bound = _rebind(loaded_path("libmlx.so"), lib)
+        bound = _rebind(loaded_path("libmlx.so"), lib, _prefix)
     except OSError as e:
         return BlasInfo("failed", detail=f"could not point MLX at {path}: {e}")
     if "cblas_sgemm" not in bound:
         return BlasInfo("failed", detail=f"{path} does not export cblas_sgemm")
-    return BlasInfo(status, _mapped_file(bound["cblas_sgemm"]), _openblas_config(lib))
+    return BlasInfo(status, _mapped_file(bound["cblas_sgemm"]), _openblas_config())
+
+
+def load_environment() -> dict[str, str]:
+    """The OpenBLAS variables setup_blas sets while MLX's OpenBLAS loads, where the user set
+    none: its idle threads sleep at once (SPIN_EXPONENT), and on an x86-64-v3 CPU it runs its
+    AVX2 kernels (AVX2_CORE)."""
+    defaults = {THREAD_TIMEOUT: str(SPIN_EXPONENT)}
+    if cpu.isa_level() == cpu.X86_64_V3:
+        defaults[CORETYPE] = AVX2_CORE
+    return {name: value for name, value in defaults.items() if name not in os.environ}
 
 
 def _load(path: Path) -> ctypes.CDLL:
-    """Load the BLAS library out of the global symbol scope, its idle threads sleeping at once
-    (SPIN_EXPONENT) unless the user set OPENBLAS_THREAD_TIMEOUT. OpenBLAS reads the variable
-    while it loads; it is taken out again afterwards, so that no other library's OpenBLAS in
-    this process (numpy's), nor any child process, runs with it."""
-    users = THREAD_TIMEOUT in os.environ
-    os.environ.setdefault(THREAD_TIMEOUT, str(SPIN_EXPONENT))
+    """Load the BLAS library out of the global symbol scope with load_environment()'s variables.
+    OpenBLAS reads them while it loads; they are taken out again afterwards, so that no other
+    library's OpenBLAS in this process (numpy's), nor any child process, runs with them."""
+    added = load_environment()
+    os.environ.update(added)
     try:
         return ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
     finally:
-        if not users:
-            del os.environ[THREAD_TIMEOUT]
+        for name in added:
+            del os.environ[name]
 
 
 def _mlx_reference_blas() -> Path | None:
@@ -272,19 +297,24 @@ def calls_into(path: str, symbol: str) -> str | None:
     return None if slot is None else _mapped_file(ctypes.c_void_p.from_address(slot).value or 0)
 
 
-def _rebind(path: str, blas: ctypes.CDLL) -> dict[str, int]:
+def _symbol_prefix(lib: ctypes.CDLL) -> str:
+    """The prefix of `lib`'s BLAS names (PREFIXES), found by its cblas_sgemm."""
+    return next((p for p in PREFIXES if hasattr(lib, p + "cblas_sgemm")), "")
+
+
+def _rebind(path: str, blas: ctypes.CDLL, prefix: str = "") -> dict[str, int]:
     """Point `path`'s (already loaded, already bound) BLAS/LAPACK slots at `blas`'s functions.
 
-    For each BLAS-named symbol the library calls and `blas` defines, writes that function's
-    address into the library's GOT slot. Returns {symbol: new address}. Nothing outside `path`
-    changes: other libraries keep whatever they were bound to.
+    For each BLAS-named symbol the library calls and `blas` defines (as `prefix` + the name),
+    writes that function's address into the library's GOT slot. Returns {symbol: new address}.
+    Nothing outside `path` changes: other libraries keep whatever they were bound to.
     """
     bound: dict[str, int] = {}
     for name, slot in got_slots(path).items():
         if not _is_blas_name(name):
             continue
         try:
-            target = ctypes.cast(getattr(blas, name), ctypes.c_void_p).value
+            target = ctypes.cast(getattr(blas, prefix + name), ctypes.c_void_p).value
         except AttributeError:
             continue
         _write_pointer(slot, target)
@@ -345,13 +375,24 @@ def _mapped_file(address: int) -> str | None:
     return None
 
 
-def _openblas_config(lib: ctypes.CDLL) -> str:
-    try:
-        get_config = lib.openblas_get_config
-    except AttributeError:
+def _openblas(name: str):
+    """The loaded OpenBLAS's function `name` (its prefix added), or None."""
+    return getattr(_lib, _prefix + name, None) if _lib is not None else None
+
+
+def _openblas_config() -> str:
+    """OpenBLAS's one-line build description, with the kernels it runs here (its core)."""
+    get_config, get_core = _openblas("openblas_get_config"), _openblas("openblas_get_corename")
+    if get_config is None:
         return ""
     get_config.restype = ctypes.c_char_p
-    return get_config().decode()
+    config = get_config().decode()
+    if get_core is not None:
+        get_core.restype = ctypes.c_char_p
+        core = get_core().decode()
+        if core.lower() not in config.lower():
+            config = f"{config} (running {core})"
+    return config
 
 
 def set_blas_threads(n: int) -> bool:
@@ -363,7 +404,7 @@ def set_blas_threads(n: int) -> bool:
     """
     if n < 1:
         raise ValueError(f"BLAS threads must be >= 1, got {n}")
-    fn = getattr(_lib, "openblas_set_num_threads", None) if _lib is not None else None
+    fn = _openblas("openblas_set_num_threads")
     if fn is None:
         return False
     fn(int(n))
@@ -372,5 +413,5 @@ def set_blas_threads(n: int) -> bool:
 
 def blas_threads() -> int | None:
     """OpenBLAS's current thread count, or None when no OpenBLAS was loaded by setup_blas()."""
-    fn = getattr(_lib, "openblas_get_num_threads", None) if _lib is not None else None
+    fn = _openblas("openblas_get_num_threads")
     return int(fn()) if fn is not None else None
