@@ -48,6 +48,7 @@ from mlxlab.tracking.mlflow import (
     swept_keys,
     tracked_store,
 )
+from mlxlab.tracking.source import source_tags
 from mlxlab.tracking.sweep_folder import (
     begin_sweep,
     clear_job_runs,
@@ -117,6 +118,7 @@ class MlflowSweepCallback(Callback):
             T.SWEEPER: str(OmegaConf.select(config, "hydra.sweeper._target_", default="")),
             T.OVERRIDES: " ".join(OmegaConf.select(config, "hydra.overrides.task") or []),
             SWEEP_PARAMS_TAG: json.dumps(_override_keys(config)),
+            **source_tags(),  # the sweep's Source and command line, as its jobs get them
         }
         if metric:
             tags[METRIC_TAG] = str(metric)
