@@ -35,7 +35,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench_common import cpu_model
-from bench_default_run import BARE, HERE, TRAINING_LINE, interleave, run_mlxlab, run_twin, stamp
+from bench_default_run import (
+    BARE,
+    HERE,
+    TRAINING_LINE,
+    children_cpu,
+    interleave,
+    run_mlxlab,
+    run_twin,
+    stamp,
+)
 
 STEP_LINE = re.compile(r"^\[([\d-]+ [\d:,]+)\]\[mlxlab\.training\]\[INFO\] - step (\d+)/")
 NANO = {"vocab": 3776, "dim": 256, "layers": 4, "heads": 4, "batch": 16, "seq": 128}  # the preset
@@ -55,15 +64,16 @@ def run_nano(extra: list[str], tmp: Path, env: dict[str, str]) -> dict:
     the training loop from its log (first line to the last step's)."""
     folder = Path(tempfile.mkdtemp(dir=tmp))
     cmd = [str(Path(sys.executable).with_name("mlxlab-train")), "experiment=tinystories_nano", *extra]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), children_cpu()
     done = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, children_cpu() - cpu
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     lines = (done.stdout + done.stderr).splitlines()
     begin = next(stamp(m.group(1)) for m in map(TRAINING_LINE.match, lines) if m)
     last = [m for m in map(STEP_LINE.match, lines) if m][-1]
-    return {"wall_s": wall, "loop_s": stamp(last.group(1)) - begin, "first_epoch_s": math.nan,
+    return {"wall_s": wall, "cpu_s": cpu, "loop_s": stamp(last.group(1)) - begin,
+            "first_epoch_s": math.nan,
             "best_accuracy": math.nan, "last_accuracy": math.nan}
 
 
@@ -71,11 +81,11 @@ def run_plain_twin(steps: int, threads: int) -> dict:
     """benchmarks/torch_plain.py at nano's shapes for `steps` steps, timed from outside."""
     cmd = [sys.executable, str(HERE / "torch_plain.py"), *(f"--{k}={v}" for k, v in NANO.items()),
            f"--steps={steps}", f"--threads={threads}"]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), children_cpu()
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, children_cpu() - cpu
     res = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"wall_s": wall, "loop_s": sum(res["step_s"]), "first_epoch_s": math.nan,
+    return {"wall_s": wall, "cpu_s": cpu, "loop_s": sum(res["step_s"]), "first_epoch_s": math.nan,
             "best_accuracy": math.nan, "last_accuracy": math.nan}
 
 
@@ -114,16 +124,21 @@ def main() -> None:
         results = interleave(rows, args.repeats)
     what = f"nano, {args.nano} steps" if args.nano else f"{args.epochs} epochs"
     print(f"\nCPU: {cpu_model()}; {args.threads} thread(s); {args.repeats} rounds; {what}; medians")
-    print("| row | wall (s) | training loop (s) | first epoch (s) | wall / twin (per round) |\n"
-          "|---|---:|---:|---:|---|")
+    print("| row | wall (s) | CPU (s) | training loop (s) | first epoch (s) | wall / twin | "
+          "CPU / twin |\n|---|---:|---:|---:|---:|---|---|")
+
+    def versus(runs: list[dict], key: str) -> str:
+        # per round, median (range): the twin ran in the same rounds
+        per_round = sorted(r[key] / t[key] for r, t in zip(runs, results["twin"]))
+        return f"{statistics.median(per_round):.2f}x ({per_round[0]:.2f}-{per_round[-1]:.2f})"
+
     for key, runs in results.items():
-        med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "loop_s", "first_epoch_s")}
-        vs = "-"
-        if "twin" in results and key != "twin":
-            per_round = sorted(r["wall_s"] / t["wall_s"] for r, t in zip(runs, results["twin"]))
-            vs = f"{statistics.median(per_round):.2f}x ({per_round[0]:.2f}-{per_round[-1]:.2f})"
-        print(f"| {key} | {med['wall_s']:.2f} | {med['loop_s']:.2f} | {med['first_epoch_s']:.2f} "
-              f"| {vs} |")
+        med = {k: statistics.median(r[k] for r in runs)
+               for k in ("wall_s", "cpu_s", "loop_s", "first_epoch_s")}
+        twin = "twin" in results and key != "twin"
+        print(f"| {key} | {med['wall_s']:.2f} | {med['cpu_s']:.2f} | {med['loop_s']:.2f} | "
+              f"{med['first_epoch_s']:.2f} | {versus(runs, 'wall_s') if twin else '-'} | "
+              f"{versus(runs, 'cpu_s') if twin else '-'} |")
 
 
 if __name__ == "__main__":
