@@ -133,8 +133,8 @@ def main() -> None:
         return f"{statistics.median(per_round):.2f}x ({per_round[0]:.2f}-{per_round[-1]:.2f})"
 
     for key, runs in results.items():
-        med = {k: statistics.median(r[k] for r in runs)
-               for k in ("wall_s", "cpu_s", "loop_s", "first_epoch_s")}
+        med = {k: statistics.median(math.nan if r[k] is None else r[k] for r in runs)
+               for k in ("wall_s", "cpu_s", "loop_s", "first_epoch_s")}  # the twin: no first epoch
         twin = "twin" in results and key != "twin"
         print(f"| {key} | {med['wall_s']:.2f} | {med['cpu_s']:.2f} | {med['loop_s']:.2f} | "
               f"{med['first_epoch_s']:.2f} | {versus(runs, 'wall_s') if twin else '-'} | "
