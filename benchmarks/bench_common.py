@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 # Libraries that only mlxlab/MLX put into a process; a baseline process must map none of them.
-FOREIGN_LIBRARIES = ("libopenblasp", "libmlx.so", "mlx_cpu.libs")
+FOREIGN_LIBRARIES = ("libopenblasp", "libscipy_openblas.so", "libmlx.so", "mlx_cpu.libs")
 
 
 def clock() -> tuple[float, float]:

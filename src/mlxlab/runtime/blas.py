@@ -14,12 +14,15 @@ OpenBLAS, whose own thread pool then fought PyTorch's OpenMP pool (3.7x slower t
 on a Xeon). Binding per library also makes the import order irrelevant: MLX imported before
 mlxlab gets OpenBLAS all the same.
 
-The OpenBLAS comes from the `ngsolve-openblas` wheel (x86_64 Linux): plain `cblas_*` names,
-DYNAMIC_ARCH (safe on any x86-64 CPU), 13 MB. Other wheels were worse: `scipy-openblas32`
-prefixes its symbols (`scipy_cblas_sgemm`), `cmeel-openblas` is built for AVX-512 only,
-`mkl` is ~800 MB and runs its generic kernels on AMD. The wheel needs libgfortran.so.5 (two
-string helpers of its LAPACK part), which fresh machines lack; mlx-cpu bundles one under a
-hashed file and soname, so we load that copy under the standard soname, patched in memory.
+The OpenBLAS comes from the `scipy-openblas32` wheel (x86_64 Linux): the OpenBLAS its own
+maintainers build for NumPy and SciPy, DYNAMIC_ARCH (safe on any x86-64 CPU), 25 MB, needing
+nothing beyond glibc (its LAPACK's Fortran runtime is inside). Its names carry a `scipy_` prefix
+(`scipy_cblas_sgemm`), which the rebinding maps (PREFIXES). Until issue 39 it was
+`ngsolve-openblas` (a wheel made for NGSolve), which needed libgfortran.so.5: fresh machines lack
+it, so mlx-cpu's hashed copy was loaded under the standard soname, patched in memory; the two
+run the same kernels at the same speed and give the same bits (docs/benchmarks.md, "BLAS
+wheels"). Others: `cmeel-openblas` is built for AVX-512 only, `mkl` is ~800 MB and runs its
+generic kernels on AMD.
 
 MLXLAB_BLAS=off keeps MLX's reference BLAS; MLXLAB_BLAS=/path/to/libblas.so loads that library.
 """
@@ -39,7 +42,7 @@ from pathlib import Path
 from mlxlab.runtime import cpu, settings
 
 ENV = "MLXLAB_BLAS"
-FIX = "fix: `pip install ngsolve-openblas` (x86_64) or set MLXLAB_BLAS=/path/to/libopenblas.so"
+FIX = "fix: `pip install scipy-openblas32` (x86_64) or set MLXLAB_BLAS=/path/to/libopenblas.so"
 RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
 # How long an idle OpenBLAS thread spins before it sleeps: 2**N CPU cycles (OpenBLAS takes 4-30,
 # default 28, ~0.1 s). A small model's step is dozens of small products with element-wise ops
@@ -119,15 +122,9 @@ def _setup() -> BlasInfo:
     else:
         path, status = _bundled_openblas(), "loaded"
         if path is None:
-            return BlasInfo("missing", detail="the ngsolve-openblas package is not installed")
+            return BlasInfo("missing", detail="the scipy-openblas32 package is not installed")
     try:
-        try:
-            lib = _load(path)
-        except OSError as e:
-            if "libgfortran.so.5" not in str(e) or reference is None:
-                raise
-            _load_gfortran(reference.parent)
-            lib = _load(path)
+        lib = _load(path)
     except OSError as e:
         return BlasInfo("failed", detail=f"could not load {path}: {e}")
     global _lib, _prefix
@@ -180,37 +177,11 @@ def _mlx_reference_blas() -> Path | None:
 
 def _bundled_openblas() -> Path | None:
     # find_spec, not import: the package's __init__ loads the library itself and prints errors.
-    spec = importlib.util.find_spec("ngsolve_openblas")
+    spec = importlib.util.find_spec("scipy_openblas32")
     if spec is None or not spec.submodule_search_locations:
         return None
-    found = sorted(Path(spec.submodule_search_locations[0]).glob("libopenblas*.so*"))
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("lib/libscipy_openblas*.so*"))
     return found[0] if found else None
-
-
-def _load_gfortran(libs_dir: Path) -> None:
-    """Make mlx-cpu's libgfortran copy resident under the soname libgfortran.so.5.
-
-    Called when the system has none: the loader then reuses this copy for OpenBLAS's dependency
-    (it matches DT_NEEDED by soname among all loaded objects, so RTLD_LOCAL is enough).
-    """
-    copies = sorted(libs_dir.glob("libgfortran*.so.5*"))
-    if not copies:
-        raise OSError(f"no libgfortran.so.5 on the system nor in {libs_dir}")
-    data = bytearray(copies[0].read_bytes())
-    soname_at, needed = _elf_dynamic(data)
-    for name in needed:  # its hashed siblings (libquadmath-*.so): load them by path first
-        if (libs_dir / name).is_file():
-            ctypes.CDLL(str(libs_dir / name), mode=ctypes.RTLD_LOCAL)
-    new = b"libgfortran.so.5\0"
-    if data.index(b"\0", soname_at) - soname_at < len(new) - 1:
-        raise OSError(f"cannot rename the soname of {copies[0]}")
-    data[soname_at : soname_at + len(new)] = new
-    fd = os.memfd_create("libgfortran.so.5")
-    try:
-        os.write(fd, data)
-        ctypes.CDLL(f"/proc/self/fd/{fd}", mode=ctypes.RTLD_LOCAL)
-    finally:
-        os.close(fd)  # the loader keeps its own mapping
 
 
 def _elf_tables(elf: bytes) -> tuple[list[tuple[int, int, int]], dict[int, list[int]]]:
@@ -241,19 +212,6 @@ def _elf_tables(elf: bytes) -> tuple[list[tuple[int, int, int]], dict[int, list[
 
 def _file_offset(loads: list[tuple[int, int, int]], vaddr: int) -> int:
     return next(off + vaddr - va for va, off, size in loads if va <= vaddr < va + size)
-
-
-def _elf_dynamic(elf: bytes) -> tuple[int, list[str]]:
-    """File offset of DT_SONAME's string and the DT_NEEDED names of a little-endian ELF64 .so."""
-    loads, tags = _elf_tables(elf)
-    strtab = _file_offset(loads, tags[5][0])  # DT_STRTAB
-
-    def string(at: int) -> str:
-        return elf[strtab + at : elf.index(b"\0", strtab + at)].decode()
-
-    if 14 not in tags:  # DT_SONAME
-        raise OSError("no soname")
-    return strtab + tags[14][0], [string(v) for v in tags.get(1, [])]  # DT_NEEDED
 
 
 def _is_blas_name(name: str) -> bool:

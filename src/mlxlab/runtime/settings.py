@@ -9,7 +9,7 @@ own at start).
 | variable | meaning | default |
 |---|---|---|
 | MLXLAB_ROOT | the project root: `paths.root_dir`, the default store `<root>/mlruns/mlflow.db` | the nearest folder at or above the working directory holding pyproject.toml or .git |
-| MLXLAB_BLAS | `off`: MLX keeps its reference BLAS; a path: that BLAS library serves MLX | the bundled OpenBLAS (ngsolve-openblas) |
+| MLXLAB_BLAS | `off`: MLX keeps its reference BLAS; a path: that BLAS library serves MLX | the bundled OpenBLAS (scipy-openblas32) |
 | MLXLAB_MALLOC | `default`: glibc gives freed memory back while training (runtime/memory.py) | freed memory stays in the heap |
 | MLXLAB_FUSED_KERNELS | `auto`, `on` or `off`: the fused CPU kernels, for scripts (`trainer.fused_kernels` sets the mode of a run) | auto |
 | MLXLAB_FUSED_KERNELS_SKIP | comma-separated kernel names left to MLX (kernels.OPS) | none |
