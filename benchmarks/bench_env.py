@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,11 +38,11 @@ from bench_default_run import (
     BARE,
     HERE,
     TRAINING_LINE,
-    children_cpu,
     interleave,
     run_mlxlab,
     run_twin,
     stamp,
+    timed,
 )
 
 STEP_LINE = re.compile(r"^\[([\d-]+ [\d:,]+)\]\[mlxlab\.training\]\[INFO\] - step (\d+)/")
@@ -64,11 +63,7 @@ def run_nano(extra: list[str], tmp: Path, env: dict[str, str]) -> dict:
     the training loop from its log (first line to the last step's)."""
     folder = Path(tempfile.mkdtemp(dir=tmp))
     cmd = [str(Path(sys.executable).with_name("mlxlab-train")), "experiment=tinystories_nano", *extra]
-    started, cpu = time.perf_counter(), children_cpu()
-    done = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, env=env)
-    wall, cpu = time.perf_counter() - started, children_cpu() - cpu
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    done, wall, cpu = timed(cmd, cwd=folder, env=env)
     lines = (done.stdout + done.stderr).splitlines()
     begin = next(stamp(m.group(1)) for m in map(TRAINING_LINE.match, lines) if m)
     last = [m for m in map(STEP_LINE.match, lines) if m][-1]
@@ -81,9 +76,7 @@ def run_plain_twin(steps: int, threads: int) -> dict:
     """benchmarks/torch_plain.py at nano's shapes for `steps` steps, timed from outside."""
     cmd = [sys.executable, str(HERE / "torch_plain.py"), *(f"--{k}={v}" for k, v in NANO.items()),
            f"--steps={steps}", f"--threads={threads}"]
-    started, cpu = time.perf_counter(), children_cpu()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    wall, cpu = time.perf_counter() - started, children_cpu() - cpu
+    done, wall, cpu = timed(cmd)
     res = json.loads(done.stdout.strip().splitlines()[-1])
     return {"wall_s": wall, "cpu_s": cpu, "loop_s": sum(res["step_s"]), "first_epoch_s": math.nan,
             "best_accuracy": math.nan, "last_accuracy": math.nan}
