@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from mlxlab.tracking import tags as T
 from mlxlab.tracking.background import TrackerProcess
 from mlxlab.tracking.fanout import FanoutTracker, build_tracker
 from mlxlab.tracking.mlflow import ensure_store
+from mlxlab.tracking.source import command_line, entry_point, source_tags
 
 
 @pytest.fixture
@@ -71,6 +73,27 @@ def test_a_background_run_holds_what_an_in_process_run_holds(uri, tmp_path):
     assert [a.path for a in client.list_artifacts(tracker.run_id, "docs")] == ["docs/notes.txt"]
     assert tracker.errors == 0
     tracker.end()  # a second end is a no-op
+
+
+def test_a_background_runs_source_is_the_training_process_entry_point(uri):
+    """The child creates the MLflow run; its Source (mlflow.source.name) is what the training
+    process names (its entry point), not the child's own file, background.py (issue 39)."""
+    tracker = build_tracker(uri=uri, experiment_name="exp", run_name="src", background=True)
+    tracker.start({}, source_tags(["/venv/bin/mlxlab-train", "seed=3", "+tags.note=a b"]))
+    tracker.end()
+    tags = client_for(uri).get_run(tracker.run_id).data.tags
+    assert tags[T.SOURCE_NAME] == "mlxlab-train"
+    assert tags[T.COMMAND] == "mlxlab-train seed=3 '+tags.note=a b'"
+
+
+def test_the_source_is_the_entry_point_as_typed():
+    import mlxlab.train
+
+    assert entry_point("/venv/bin/mlxlab-train") == "mlxlab-train"
+    assert entry_point("mlxlab train") == "mlxlab train"  # cli/train.py's argv[0]
+    assert entry_point(mlxlab.train.__file__) == "python -m mlxlab.train"
+    assert entry_point("/elsewhere/script.py") == "script.py"
+    assert command_line(["mlxlab train", "seed=1"]) == "mlxlab train seed=1"
 
 
 def test_a_flush_barrier_returns_at_once_and_its_wait_at_the_stored_metrics(uri):

@@ -97,6 +97,7 @@ def git_commit(folder: Path) -> str | None:
 
 def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: Path) -> dict:
     from mlxlab.tracking import tags as T
+    from mlxlab.tracking.source import source_tags
 
     tags = {
         **choices,
@@ -104,6 +105,7 @@ def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: P
         T.RUN_DIR: str(run_dir),
         T.TASK_NAME: cfg.task_name,
         T.OVERRIDES: " ".join(_task_overrides()),
+        **source_tags(),  # Source: mlxlab-train / mlxlab train, and the command line as typed
     }
     commit = git_commit(Path(__file__).parent)  # the code that trained, not the data's folder
     if commit:
@@ -193,14 +195,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         load_teachers,
         prepare_resume,
         rebuild_from_checkpoint,
+        record_resume,
         remote_resume,
+        resumed_run_folder,
         reuse_tokenizer,
         use_pretrained_tokenizer,
     )
     from mlxlab.runtime import distributed, slurm
     from mlxlab.tracking.base import NullTracker
     from mlxlab.tracking.stale import process_tags
-    from mlxlab.tracking.tags import WORLD_SIZE
+    from mlxlab.tracking.tags import RESUMED_FROM, WORLD_SIZE
     from mlxlab.training.callbacks import checkpoint_policy
     from mlxlab.training.startup import prepare_device
     from mlxlab.training.trainer import Trainer
@@ -217,6 +221,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         rebuild_from_checkpoint(cfg, resume, _task_overrides())
         validate(cfg)
         settings = instantiate(cfg.trainer)
+        record_resume(cfg, run_dir, resume)  # the run folder's config: what this run trains
     run_hash = config_hash(cfg)  # before the tokenizer paths below are filled in
     # the device line, and MLX's CUDA kernel cache in paths.cache_dir before any kernel compiles
     prepare_device(cfg.paths.cache_dir, settings.fused_kernels)
@@ -252,6 +257,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                       load_teachers=load_teachers)
     tags = {**run_tags(cfg, choices, run_hash, run_dir), **process_tags(),
             WORLD_SIZE: str(world.size)}
+    if resume is not None:
+        tags[RESUMED_FROM] = str(resumed_run_folder(resume))
     result = trainer.fit(model, data, tracker, run_dir, config=config, tags=tags, resume=resume)
     if world.is_main:
         print("\n".join(summary_lines(result, tracker)))

@@ -21,8 +21,11 @@ a result looks wrong. set_threads (default $MLXLAB_KERNEL_THREADS, else the usab
 their threads. The variables are read once, by runtime/settings.py.
 The fused path runs only when MLX's default device is the CPU and the inputs are float32; GPU
 runs and other dtypes take the MLX ops silently. `pip install` compiles the extension into the
-per-machine cache (hatch_build.py at the repository root, ~20-40 s); where that did not happen,
-the first use does (build.py), and later processes load the cached build.
+cache (hatch_build.py at the repository root, ~20-40 s); where that did not happen, the first
+use does (build.py), and later processes load the cached build. It is built for one fixed
+instruction-set level (isa_level: x86-64-v3 on x86-64), never for the building CPU, so it is
+the same program, with the same results, on every CPU at that level; a CPU below it runs the
+pure-MLX ops after one log line.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.kernels.build import KernelBuildError, load
-from mlxlab.runtime import settings
+from mlxlab.runtime import cpu, settings
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +124,21 @@ def status() -> str:
     return "fused" if _load() is not None else f"unavailable: {_error}"
 
 
+def isa_level() -> str:
+    """The fixed instruction-set level the kernels are built for on this CPU (runtime/cpu.py:
+    x86-64-v3 or armv8-a); KernelBuildError on a CPU below it, which runs the pure-MLX ops."""
+    level = cpu.isa_level()
+    if level is None:
+        raise KernelBuildError(cpu.below_level_reason())
+    return level
+
+
 def _load() -> ModuleType | None:
     """The compiled module, built on first use; None (logged once) when it cannot be had."""
     global _module, _error
     if _module is None and _error is None:
         try:
-            module = load(settings.current().kernels_cache, log.warning)
+            module = load(settings.current().kernels_cache, isa_level(), log.warning)
             module.set_num_threads(threads())
             # MLX and the module must agree on nanobind's ABI to pass mx.array; check it once.
             module.swiglu(mx.zeros((1,)), mx.zeros((1,)))
@@ -297,6 +309,7 @@ def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps:
 
 from mlxlab.kernels.adamw import AdamW  # noqa: E402  (uses _fused above)
 
-__all__ = ["AdamW", "attention", "cross_entropy", "dropout", "gelu", "layer_norm", "mlx_cross_entropy",
+__all__ = ["AdamW", "attention", "cross_entropy", "dropout", "gelu", "isa_level", "layer_norm",
+           "mlx_cross_entropy",
            "merge_heads", "mode", "rms_norm", "rope", "set_mode", "set_skip", "set_threads",
            "skipped", "split_heads", "status", "swiglu", "threads"]

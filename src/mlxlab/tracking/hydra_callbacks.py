@@ -49,6 +49,7 @@ from mlxlab.tracking.mlflow import (
     tracked_store,
 )
 from mlxlab.tracking.mlflow.replicates import log_summary
+from mlxlab.tracking.source import source_tags
 from mlxlab.tracking.sweep_folder import (
     begin_sweep,
     clear_job_runs,
@@ -138,6 +139,7 @@ class MlflowSweepCallback(Callback):
             T.SWEEPER: str(OmegaConf.select(config, "hydra.sweeper._target_", default="")),
             T.OVERRIDES: " ".join(OmegaConf.select(config, "hydra.overrides.task") or []),
             SWEEP_PARAMS_TAG: json.dumps(_override_keys(config)),
+            **source_tags(),  # the sweep's Source and command line, as its jobs get them
         }
         if _is_search(config):
             tags[T.STUDY] = str(OmegaConf.select(config, "hydra.sweeper.study_name"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 # MLflow's own
 PARENT_RUN = "mlflow.parentRunId"  # the MLflow UI nests runs by this tag
 GIT_COMMIT = "mlflow.source.git.commit"
+SOURCE_NAME = "mlflow.source.name"  # the run page's "Source": the entry point (tracking/source.py)
 EXPERIMENT_KIND = "mlflow.experimentKind"
 
 # A training run (train.py)
@@ -19,6 +20,8 @@ TASK_NAME = "mlxlab.task_name"
 OVERRIDES = "mlxlab.overrides"  # the command line's overrides (also on a sweep's parent)
 WORLD_SIZE = "mlxlab.world_size"
 COMPILE_S = "mlxlab.compile_s"  # seconds the first step spent compiling (MLX; on a GPU its kernels)
+COMMAND = "mlxlab.command"  # the command line as typed (tracking/source.py), the latest for a resumed run
+RESUMED_FROM = "mlxlab.resumed_from"  # a resumed run: the run folder (or checkpoint) it went on from
 CHOICE_PREFIX = "choice."  # "choice.model" = "bert": the config-group options a run used
 
 # The process that trains a run, for dead-run detection (tracking/stale.py)

@@ -161,7 +161,10 @@ class MlflowTracker(BaseTracker):
             retrying(client.update_run, run_id, status="RUNNING")
             logged_params = run.data.params
         else:
-            run_tags = {"mlflow.user": _user(), "mlflow.source.name": Path(sys.argv[0]).name}
+            # The Source the training process named (tracking/source.py): this process may be
+            # the tracking child, whose own argv[0] is background.py.
+            source = tags.get(T.SOURCE_NAME) or Path(sys.argv[0]).name
+            run_tags = {"mlflow.user": _user(), T.SOURCE_NAME: source}
             run = retrying(
                 client.create_run, self.experiment_id, tags=run_tags, run_name=self.run_name
             )
