@@ -125,6 +125,34 @@ def test_file_store_uri_is_rejected_with_a_fix(tmp_path):
         MlflowTracker(uri=f"sqlite:///{tmp_path}/x.db", flush_every_steps=0)
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"uri": "mlruns"}, "is a file store, which MLflow 3 no longer writes"),
+    ({"connect_timeout": 0}, r"tracking\.connect_timeout must be > 0 seconds, got 0"),
+    ({"request_timeout": "slow"}, r"tracking\.request_timeout must be a number, got 'slow'"),
+    ({"flush_every_seconds": -1}, r"tracking\.flush_every_seconds must be > 0 seconds"),
+    ({"flush_every_steps": 0}, r"tracking\.flush_every_steps must be >= 1"),
+])
+def test_a_bad_mlflow_setting_is_one_config_error(tmp_path, setting, message):
+    """A typo in tracking.* is the user's to fix: a ConfigError (train.py prints one line)."""
+    from mlxlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        MlflowTracker(**{"uri": f"sqlite:///{tmp_path}/x.db", **setting})
+
+
+def test_cli_bad_tracking_setting_is_one_line(tmp_path, cli_env):
+    """End to end: the tracker's ConfigError, raised inside Hydra's instantiate, leaves
+    mlxlab-train as one `mlxlab: error:` line and exit 2, with no run folder and no store."""
+    out = subprocess.run([sys.executable, "-m", "mlxlab.train", "tracking.connect_timeout=0",
+                          "trainer.max_steps=1"], cwd=tmp_path, env=cli_env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("mlxlab: error:")]
+    assert errors == ["mlxlab: error: tracking.connect_timeout must be > 0 seconds, got 0"]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlruns").exists()
+
+
 # --------------------------------------------------------------------------- one run
 
 

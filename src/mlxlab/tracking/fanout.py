@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlxlab.errors import ConfigError
 from mlxlab.tracking.base import BaseTracker, Tracker
 from mlxlab.tracking.sweep_folder import current_job
 
@@ -115,7 +116,7 @@ def build_tracker(csv: dict | None = None, background: bool = False, wandb: dict
 
         trackers.append(WandbTracker(**{"run_name": run_name, **wandb}))
     if not trackers:
-        raise ValueError("tracking: nothing to track to: use tracking=mlflow, tracking=csv, "
+        raise ConfigError("tracking: nothing to track to: use tracking=mlflow, tracking=csv, "
                          "tracking=wandb or a list of them, e.g. tracking=[mlflow,csv]")
     return trackers[0] if len(trackers) == 1 else FanoutTracker(trackers)
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from mlxlab.errors import ConfigError
 from mlxlab.runtime import settings
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow import environment
@@ -49,7 +50,7 @@ def resolve_uri(uri: str | None) -> str:
     the default sqlite store; rejects file stores."""
     uri = str(uri or environment.tracking_uri() or default_store_uri())
     if "://" not in uri or uri.startswith("file:"):
-        raise ValueError(
+        raise ConfigError(
             f"tracking uri {uri!r} is a file store, which MLflow 3 no longer writes; "
             f"use a sqlite store such as 'sqlite:///{Path(uri.removeprefix('file:')).resolve()}"
             "/mlflow.db' or a server 'http://127.0.0.1:5000'"

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mlxlab.errors import ConfigError
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import BaseTracker, flatten_config
 from mlxlab.tracking.mlflow.calls import (
@@ -33,6 +34,7 @@ from mlxlab.tracking.mlflow.server import bounded_http, probe_store
 from mlxlab.tracking.mlflow.store import ensure_store, resolve_uri, sqlite_path
 from mlxlab.tracking.offline import SPOOL_FILE, Spool, reachable, send_spool
 from mlxlab.tracking.sweep_folder import record_job_run
+from mlxlab.validation import check_number
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +74,13 @@ class MlflowTracker(BaseTracker):
         parent_run_id: str | None = None,
         sweep_job_dir: str | None = None,
     ) -> None:
-        if connect_timeout <= 0 or request_timeout <= 0:
-            raise ValueError("tracking.connect_timeout and tracking.request_timeout must be > 0 "
-                             f"seconds, got {connect_timeout} and {request_timeout}")
-        if flush_every_steps < 1 or flush_every_seconds <= 0:
-            raise ValueError(
-                "tracking.flush_every_steps must be >= 1 and tracking.flush_every_seconds > 0, "
-                f"got {flush_every_steps} and {flush_every_seconds}"
-            )
+        for key, value in (("connect_timeout", connect_timeout),
+                           ("request_timeout", request_timeout),
+                           ("flush_every_seconds", flush_every_seconds)):
+            check_number(f"tracking.{key}", value, float)
+            if value <= 0:
+                raise ConfigError(f"tracking.{key} must be > 0 seconds, got {value}")
+        check_number("tracking.flush_every_steps", flush_every_steps, int, 1)
         self.uri = resolve_uri(uri)
         self.experiment_name = str(experiment_name)
         self.run_name = run_name
