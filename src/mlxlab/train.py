@@ -199,7 +199,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     from mlxlab.runtime import distributed, slurm
     from mlxlab.tracking.base import NullTracker
-    from mlxlab.tracking.stale import process_tags
+    from mlxlab.tracking.mlflow.stale import process_tags
     from mlxlab.tracking.tags import WORLD_SIZE
     from mlxlab.training.callbacks import checkpoint_policy
     from mlxlab.training.startup import prepare_device
@@ -351,7 +351,7 @@ def main() -> None:
         print(f"mlxlab: error: {err}", file=sys.stderr)
         sys.exit(2)
     if tracks_in_a_child(sys.argv[1:]):
-        from mlxlab.tracking import background
+        from mlxlab.tracking.mlflow import background
 
         background.prestart()  # its imports overlap Hydra's composing and ours
     hydra_main()

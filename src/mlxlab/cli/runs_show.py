@@ -23,6 +23,7 @@ from mlxlab.cli.runs_list import (
     print_table,
     show_sweep,
 )
+from mlxlab.tracking import tags as T
 
 
 def main(argv: list[str], action: str = "show") -> int:
@@ -70,7 +71,6 @@ def checkpoints(folder: Path) -> dict[str, tuple[int, Path]]:
 def _resolve(client, uri: str, ref: str):
     """(MLflow run or None, run folder or None) for a run id or a run folder."""
     from mlxlab.checkpoint import CheckpointState
-    from mlxlab.tracking.mlflow import RUN_DIR_TAG
 
     folder = Path(ref).expanduser()
     if folder.is_dir():
@@ -89,7 +89,7 @@ def _resolve(client, uri: str, ref: str):
     except Exception:
         raise ValueError(f"{ref} is neither a run folder nor a run id in {uri}: `mlxlab runs "
                          "list` shows the run ids") from None
-    tagged = run.data.tags.get(RUN_DIR_TAG)
+    tagged = run.data.tags.get(T.RUN_DIR)
     return run, Path(tagged) if tagged and Path(tagged).is_dir() else None
 
 
@@ -109,8 +109,6 @@ def _last(run, metric: str) -> str:
 
 
 def show(args) -> int:
-    from mlxlab.tracking.mlflow import ROLE_TAG
-
     client, uri = _client(args.uri)
     run, folder = _resolve(client, uri, args.runs)
     if run is not None:
@@ -136,7 +134,7 @@ def show(args) -> int:
     if run.data.params:
         print("\nparams")
         print_table(["param", "value"], [[k, v] for k, v in sorted(run.data.params.items())])
-    if run.data.tags.get(ROLE_TAG) == "sweep":
+    if run.data.tags.get(T.ROLE) == "sweep":
         print()
         show_sweep(client, [client.get_experiment(run.info.experiment_id)], run.info.run_id, None)
     return 0

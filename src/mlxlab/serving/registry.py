@@ -86,16 +86,16 @@ def best_run_dir(uri: str, sweep: str) -> str:
     """The run folder of a sweep's best child (`latest` = the newest sweep in the store)."""
     from mlflow import MlflowClient
 
-    from mlxlab.tracking.mlflow import RUN_DIR_TAG, find_sweep_parent
+    from mlxlab.tracking.mlflow import find_sweep_parent
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = find_sweep_parent(client, sweep)
     best = parent.data.tags.get(T.BEST_RUN_ID)
     if not best:
         raise ValueError(f"sweep {parent.info.run_id} has no best run (still running, or all failed)")
-    run_dir = client.get_run(best).data.tags.get(RUN_DIR_TAG)
+    run_dir = client.get_run(best).data.tags.get(T.RUN_DIR)
     if not run_dir:
-        raise ValueError(f"run {best} has no {RUN_DIR_TAG} tag: pass its run folder instead")
+        raise ValueError(f"run {best} has no {T.RUN_DIR} tag: pass its run folder instead")
     return run_dir
 
 

@@ -91,7 +91,7 @@ def build_tracker(csv: dict | None = None, background: bool = False, wandb: dict
     """The tracker(s) a composed `tracking` node describes: MLflow when its keys are there (uri),
     a CsvTracker for a `csv:` block, a WandbTracker for a `wandb:` block; several -> a
     FanoutTracker with MLflow first (the primary: its run id is the run's), then csv, then wandb.
-    With `background`, the MLflow tracker runs in a child process (tracking/background.py) and a
+    With `background`, the MLflow tracker runs in a child process (tracking/mlflow/background.py) and a
     twin built here answers settings and probe(). In a Hydra multirun job, the MLflow tracker is
     given the sweep's parent run and the job's folder (sweep_folder.py), unless they are named."""
     trackers: list[Any] = []
@@ -102,7 +102,7 @@ def build_tracker(csv: dict | None = None, background: bool = False, wandb: dict
         mlflow = {**sweep_arguments(), **mlflow}
         tracker = MlflowTracker(**mlflow)
         if background:
-            from mlxlab.tracking.background import TrackerProcess
+            from mlxlab.tracking.mlflow.background import TrackerProcess
 
             node = {"_target_": "mlxlab.tracking.mlflow.MlflowTracker", **mlflow}
             tracker = TrackerProcess(node, tracker)

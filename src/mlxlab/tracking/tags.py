@@ -21,12 +21,12 @@ WORLD_SIZE = "mlxlab.world_size"
 COMPILE_S = "mlxlab.compile_s"  # seconds the first step spent compiling (MLX; on a GPU its kernels)
 CHOICE_PREFIX = "choice."  # "choice.model" = "bert": the config-group options a run used
 
-# The process that trains a run, for dead-run detection (tracking/stale.py)
+# The process that trains a run, for dead-run detection (tracking/mlflow/stale.py)
 PID = "mlxlab.pid"
 HOST = "mlxlab.host"
 KILLED_REASON = "mlxlab.killed_reason"
 
-# Sweeps (tracking/hydra_callbacks.py)
+# Sweeps (tracking/mlflow/hydra_callbacks.py)
 SWEEP_ID = "mlxlab.sweep_id"
 ROLE = "mlxlab.role"  # "sweep" on a sweep's parent run
 SWEEP_PARAMS = "mlxlab.sweep_params"  # JSON list of the keys a sweep varies
@@ -44,7 +44,7 @@ BEST_RUN_ID = "mlxlab.best_run_id"
 REMOTE_URI = "mlxlab.remote.uri"
 REMOTE_CHECKPOINTS = "mlxlab.remote.checkpoints"
 
-# Store merges (tracking/merge.py)
+# Store merges (tracking/mlflow/merge.py)
 MERGE_SOURCE_RUN = "mlxlab.merge.source_run_id"
 MERGE_SOURCE_STORE = "mlxlab.merge.source"
 MERGE_COMPLETE = "mlxlab.merge.complete"

@@ -23,7 +23,7 @@ from mlxlab.tracking.mlflow.calls import retrying
 log = logging.getLogger(__name__)
 
 # MLflow 3 opens experiments without this tag in its GenAI view; ours are model training.
-EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = T.EXPERIMENT_KIND, "custom_model_development"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def default_store_uri(root: str | Path | None = None) -> str:
@@ -95,16 +95,16 @@ def ensure_store(
             from mlflow.entities import ExperimentTag
 
             return store.create_experiment(
-                experiment_name, tags=[ExperimentTag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)]
+                experiment_name, tags=[ExperimentTag(T.EXPERIMENT_KIND, EXPERIMENT_KIND)]
             )
         if experiment.lifecycle_stage == "deleted":
             log.warning("restoring deleted MLflow experiment %r", experiment_name)
             store.restore_experiment(experiment.experiment_id)
-        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before this tag was set
+        if T.EXPERIMENT_KIND not in experiment.tags:  # made before this tag was set
             from mlflow.entities import ExperimentTag
 
             store.set_experiment_tag(
-                experiment.experiment_id, ExperimentTag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                experiment.experiment_id, ExperimentTag(T.EXPERIMENT_KIND, EXPERIMENT_KIND)
             )
         return experiment.experiment_id
 
@@ -152,12 +152,12 @@ def _ensure_experiment_via_client(uri: str, name: str, artifact_root: str | None
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
-        if EXPERIMENT_KIND_TAG not in experiment.tags:
-            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        if T.EXPERIMENT_KIND not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, T.EXPERIMENT_KIND, EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
         return client.create_experiment(
-            name, artifact_location=artifact_root, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            name, artifact_location=artifact_root, tags={T.EXPERIMENT_KIND: EXPERIMENT_KIND}
         )
     except MlflowException as e:  # another job created it first
         if e.error_code != "RESOURCE_ALREADY_EXISTS":

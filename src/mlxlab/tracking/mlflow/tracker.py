@@ -2,7 +2,7 @@
 
 MlflowClient (not the fluent `mlflow.start_run` API, whose active run is process-global) so
 several trackers can coexist. Metrics are buffered and sent by a thread; a server that stops
-answering mid-run never stops training (tracking/offline.py keeps what it did not take).
+answering mid-run never stops training (tracking/mlflow/offline.py keeps what it did not take).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from mlxlab.tracking.mlflow.calls import (
     is_transient_http,
     retrying,
 )
+from mlxlab.tracking.mlflow.offline import SPOOL_FILE, Spool, reachable, send_spool
 from mlxlab.tracking.mlflow.server import bounded_http, probe_store
 from mlxlab.tracking.mlflow.store import ensure_store, resolve_uri, sqlite_path
-from mlxlab.tracking.offline import SPOOL_FILE, Spool, reachable, send_spool
 from mlxlab.tracking.sweep_folder import record_job_run
 from mlxlab.validation import check_number
 
@@ -143,8 +143,8 @@ class MlflowTracker(BaseTracker):
         self.experiment_id = ensure_store(self.uri, self.experiment_name, self.artifact_root)
         self._client = client = MlflowClient(tracking_uri=self.uri)
         tags = {str(k): str(v) for k, v in tags.items()}
-        # earlier runs of this task killed before their first checkpoint (tracking/stale.py)
-        from mlxlab.tracking.stale import mark_dead_runs_quietly
+        # earlier runs of this task killed before their first checkpoint (tracking/mlflow/stale.py)
+        from mlxlab.tracking.mlflow.stale import mark_dead_runs_quietly
 
         mark_dead_runs_quietly(self.uri, self.experiment_name, tags.get(T.TASK_NAME))
         if self.parent_run_id:  # a sweep's job (a distillation round keeps its own parent)
@@ -228,7 +228,7 @@ class MlflowTracker(BaseTracker):
             self.offline_report = (
                 f"MLflow server {self.uri} has not answered since step {self.offline_since}: "
                 f"{spool.metrics} metric values and the final status {status} are in {spool.path}; "
-                f"send them when it is back: python -m mlxlab.tracking.offline {spool.path}"
+                f"send them when it is back: python -m mlxlab.tracking.mlflow.offline {spool.path}"
                 + (f" (not uploaded: {', '.join(sorted(set(self.skipped)))}; they are in the run "
                    "directory)" if self.skipped else "")
             )
@@ -329,7 +329,7 @@ class MlflowTracker(BaseTracker):
                         "cannot be removed from %s; replayed steps may appear twice",
                         self.run_id, step, self.uri)
             return
-        from mlxlab.tracking.rewind import drop_metrics_after
+        from mlxlab.tracking.mlflow.rewind import drop_metrics_after
 
         with self._flush_lock:
             dropped = self._safely(
