@@ -4,7 +4,7 @@ Every run, sweep job and worker logs to the same store. Everything that only mak
 MLflow lives here, a module per job:
 
 - store: where the store is (`resolve_uri`, `sqlite_path`), creating it (`ensure_store`) and
-  whether a `tracking` node writes to it (`tracked_store`);
+  whether a `tracking` node builds an MLflow tracker (`builds_mlflow`, `tracked_store`);
 - server: a tracking server that may not answer (`probe_store`, `bounded_http`);
 - calls: calling it (`retrying` while sqlite is locked, `chunks` within batch limits);
 - tracker: `MlflowTracker`, the Tracker of docs/architecture.md;
@@ -34,6 +34,7 @@ from mlxlab.tracking.mlflow.calls import (
 from mlxlab.tracking.mlflow.server import TrackingUnavailable, bounded_http, probe_store
 from mlxlab.tracking.mlflow.store import (
     EXPERIMENT_KIND,
+    builds_mlflow,
     default_store_uri,
     ensure_store,
     resolve_uri,
@@ -56,7 +57,7 @@ from mlxlab.tracking.mlflow.tracker import STATUSES, MlflowTracker
 __all__ = [
     "EXPERIMENT_KIND", "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH", "MAX_TAGS_PER_BATCH",
     "RETRY_ATTEMPTS", "STATUSES", "MlflowTracker", "TrackingUnavailable", "bounded_http",
-    "chunks", "default_store_uri", "ensure_store", "find_finished_run", "find_sweep_parent",
+    "builds_mlflow", "chunks", "default_store_uri", "ensure_store", "find_finished_run", "find_sweep_parent",
     "finished_run_metrics", "metric_mode", "probe_store", "resolve_uri", "retrying", "run_value",
     "sqlite_path", "store_template_path", "sweep_children", "sweep_table", "swept_keys",
     "tracked_store",

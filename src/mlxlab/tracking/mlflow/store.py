@@ -34,15 +34,25 @@ def default_store_uri(root: str | Path | None = None) -> str:
     return f"sqlite:///{db}"
 
 
+def builds_mlflow(tracking: Any) -> bool:
+    """Whether a composed `tracking` node builds an MLflow tracker: it has MLflow's settings
+    (mlflow.yaml always sets `uri`) or names MlflowTracker itself. The one place this is
+    decided (fanout.build_tracker, tracked_store, runs' skip_finished ask here).
+
+    Why by a key and not a `kind:` per option: Hydra merges a list of options
+    (tracking=[mlflow,csv]) into one node, where each option's `kind` would overwrite the
+    last; what survives the merge is what only each option has: MLflow's flat settings (kept
+    flat: `tracking.uri=` in every command line and saved run), csv.yaml's `csv:` block,
+    wandb.yaml's `wandb:` block."""
+    if not isinstance(tracking, Mapping):
+        return False
+    return "uri" in tracking or str(tracking.get("_target_", "")).endswith("MlflowTracker")
+
+
 def tracked_store(tracking: Any) -> str | None:
     """The store a composed `tracking` node's MLflow tracker writes to (resolve_uri of its uri),
-    None when the node builds no MLflow tracker (tracking=none, csv, wandb). The node builds one
-    when it has MLflow's keys (tracking/fanout.py) or names MlflowTracker itself."""
-    if not isinstance(tracking, Mapping):
-        return None
-    if "uri" not in tracking and not str(tracking.get("_target_", "")).endswith("MlflowTracker"):
-        return None
-    return resolve_uri(tracking.get("uri"))
+    None when the node builds no MLflow tracker (tracking=none, csv, wandb)."""
+    return resolve_uri(tracking.get("uri")) if builds_mlflow(tracking) else None
 
 
 def resolve_uri(uri: str | None) -> str:
