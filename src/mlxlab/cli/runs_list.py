@@ -54,7 +54,7 @@ def list_runs(args) -> int:
     if db is not None and not db.exists():  # don't create an empty store just to list it
         print(f"no MLflow store at {db} (run a training first, or pass --uri)")
         return 0
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # ~2 s to import: not for --help or a usage error
 
     client = MlflowClient(tracking_uri=uri)
     mark_dead_runs(uri, args.experiment)  # RUNNING runs whose process died without a checkpoint

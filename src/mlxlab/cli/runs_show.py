@@ -24,6 +24,7 @@ from mlxlab.cli.runs_list import (
     show_sweep,
 )
 from mlxlab.tracking import tags as T
+from mlxlab.tracking.mlflow import resolve_uri, sqlite_path
 
 
 def main(argv: list[str], action: str = "show") -> int:
@@ -42,9 +43,7 @@ def main(argv: list[str], action: str = "show") -> int:
 
 
 def _client(uri_arg: str | None):
-    from mlflow import MlflowClient
-
-    from mlxlab.tracking.mlflow import resolve_uri, sqlite_path
+    from mlflow import MlflowClient  # ~2 s to import: not for --help or a usage error
 
     uri = resolve_uri(uri_arg)
     db = sqlite_path(uri)
@@ -55,6 +54,7 @@ def _client(uri_arg: str | None):
 
 def checkpoints(folder: Path) -> dict[str, tuple[int, Path]]:
     """{"best": (step, path), "last": (step, path)} of a run folder's committed checkpoints."""
+    # checkpoint/ and runs/ load MLX (~0.2 s): only for a run folder
     from mlxlab.checkpoint import CheckpointState
     from mlxlab.runs import choose_checkpoint
 
@@ -70,7 +70,7 @@ def checkpoints(folder: Path) -> dict[str, tuple[int, Path]]:
 
 def _resolve(client, uri: str, ref: str):
     """(MLflow run or None, run folder or None) for a run id or a run folder."""
-    from mlxlab.checkpoint import CheckpointState
+    from mlxlab.checkpoint import CheckpointState  # loads MLX (~0.1 s): as checkpoints() below
 
     folder = Path(ref).expanduser()
     if folder.is_dir():

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -35,6 +36,7 @@ from mlxlab.tracking.mlflow.replicates import log_summary
 from mlxlab.tracking.mlflow.server import TrackingUnavailable, probe_store
 from mlxlab.tracking.mlflow.store import ensure_store, tracked_store
 from mlxlab.tracking.mlflow.sweeps import metric_mode, sweep_children, sweep_table, swept_keys
+from mlxlab.tracking.plots import sweep_plot_png
 from mlxlab.tracking.sweep_folder import (
     begin_sweep,
     clear_job_runs,
@@ -217,8 +219,6 @@ class MlflowSweepCallback(Callback):
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param, RunTag
 
-        from mlxlab.tracking.plots import sweep_plot_png
-
         client = MlflowClient(tracking_uri=self._parent["uri"])
         parent_id = self._parent["run_id"]
         children = sweep_children(client, parent_id)
@@ -347,8 +347,6 @@ def _override_keys(config: DictConfig) -> list[str]:
 def _swept_keys(config: DictConfig) -> list[str]:
     """Keys the multirun varies: command-line sweeps (a,b / range() / choice()...) and the
     sweeper's search space."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     overrides = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task") or []]
     keys = []
     try:

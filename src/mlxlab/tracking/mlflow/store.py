@@ -28,7 +28,9 @@ EXPERIMENT_KIND = "custom_model_development"
 
 def default_store_uri(root: str | Path | None = None) -> str:
     """sqlite URI of `<root>/mlruns/mlflow.db` (root: the project root), always absolute."""
-    from mlxlab.config import project_root  # the same root train.py's paths use
+    # the same root train.py's paths use; imported here, as config imports omegaconf, which the
+    # tracking process (background.py) is never given a reason to load
+    from mlxlab.config import project_root
 
     db = (Path(root) if root is not None else project_root()).resolve() / "mlruns" / "mlflow.db"
     return f"sqlite:///{db}"

@@ -31,7 +31,9 @@ from mlxlab.tracking.mlflow.calls import (
     retrying,
 )
 from mlxlab.tracking.mlflow.offline import SPOOL_FILE, Spool, reachable, send_spool
+from mlxlab.tracking.mlflow.rewind import drop_metrics_after
 from mlxlab.tracking.mlflow.server import bounded_http, probe_store
+from mlxlab.tracking.mlflow.stale import mark_dead_runs_quietly
 from mlxlab.tracking.mlflow.store import ensure_store, resolve_uri, sqlite_path
 from mlxlab.tracking.sweep_folder import record_job_run
 from mlxlab.validation import check_number
@@ -143,9 +145,7 @@ class MlflowTracker(BaseTracker):
         self.experiment_id = ensure_store(self.uri, self.experiment_name, self.artifact_root)
         self._client = client = MlflowClient(tracking_uri=self.uri)
         tags = {str(k): str(v) for k, v in tags.items()}
-        # earlier runs of this task killed before their first checkpoint (tracking/mlflow/stale.py)
-        from mlxlab.tracking.mlflow.stale import mark_dead_runs_quietly
-
+        # earlier runs of this task killed before their first checkpoint
         mark_dead_runs_quietly(self.uri, self.experiment_name, tags.get(T.TASK_NAME))
         if self.parent_run_id:  # a sweep's job (a distillation round keeps its own parent)
             tags.setdefault(T.PARENT_RUN, self.parent_run_id)
@@ -329,8 +329,6 @@ class MlflowTracker(BaseTracker):
                         "cannot be removed from %s; replayed steps may appear twice",
                         self.run_id, step, self.uri)
             return
-        from mlxlab.tracking.mlflow.rewind import drop_metrics_after
-
         with self._flush_lock:
             dropped = self._safely(
                 "rewind", retrying, drop_metrics_after, self.uri, self.run_id, step
