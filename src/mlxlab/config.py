@@ -186,23 +186,24 @@ def check_uri(uri: str) -> tuple[str, str]:
 @dataclass(frozen=True)
 class TopKeys:
     """The top-level keys of conf/train.yaml that a value can get wrong (task_name, resume, tags,
-    sweep and paths are read where they are used). None: the key is absent or null."""
+    sweep and paths are read where they are used). A number left null is not checked."""
 
     seed: int | None = None              # weights, dropout and batch order
     split_seed: int | None = None        # the validation rows (null: seed)
     replicates: int | None = None        # --multirun: seeds per config
-    optimized_mode: str | None = None    # max | min
+    optimized_mode: str = "max"          # max | min
 
     def __post_init__(self) -> None:
         for key, low in (("seed", 0), ("split_seed", 0), ("replicates", 1)):
             if getattr(self, key) is not None:
                 check_number(key, getattr(self, key), int, low)
-        if self.optimized_mode not in (None, "max", "min"):
+        if self.optimized_mode not in ("max", "min"):
             raise ConfigError(f"optimized_mode must be 'max' or 'min', got {self.optimized_mode!r}")
 
     @classmethod
     def of(cls, cfg: DictConfig) -> TopKeys:
-        return cls(**{f.name: cfg.get(f.name) for f in fields(cls)})
+        """The keys as `cfg` has them (an absent one: its default here)."""
+        return cls(**{f.name: cfg.get(f.name, f.default) for f in fields(cls)})
 
 
 # The optimizer node's keys mlxlab checks (conf/optimizer/*.yaml; which keys a class takes is
