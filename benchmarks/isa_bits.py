@@ -41,7 +41,7 @@ def value_and_grads(fn, *args):
 
 def main() -> None:
     kernels.set_mode("on")
-    out = {"isa": kernels._load().isa(), "blas": mlxlab.blas.detail}
+    out = {"isa": kernels.extension().isa(), "blas": mlxlab.blas.detail}
     mx.random.seed(0)
     x, g = mx.random.normal((8, 33, 64)), mx.random.normal((8, 33, 64))
     w, b = mx.random.normal((64,)), mx.random.normal((64,))

@@ -379,7 +379,7 @@ def test_default_bert_fused_equals_mlx_and_drops_out_only_in_training():
 
 
 def test_masked_softmax_gradient_reaches_the_mask():
-    module = kernels._load()
+    module = kernels.extension()
     x, mask = mx.random.normal((2, 3, 4, 6)), mx.random.normal((4, 6))
     cot = mx.random.normal((2, 3, 4, 6))
 
@@ -492,7 +492,7 @@ def test_kernels_are_built_for_one_fixed_isa_level_not_for_this_cpu():
     """The module is compiled for x86-64-v3 (AVX2 + FMA, no AVX-512) on every x86-64 machine,
     AVX-512 ones included, and with no FMA contraction: the same program and the same results
     whichever CPU built it (issue 39; -march=native made it a different program per CPU)."""
-    features = set(kernels._load().isa())
+    features = set(kernels.extension().isa())
     if cpu.isa_level() == cpu.X86_64_V3:
         assert {"avx2", "fma"} <= features and "avx512f" not in features, features
     else:

@@ -278,7 +278,7 @@ def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
     """A run SIGKILLed before its first checkpoint is RUNNING in the store; `mlxlab runs
     list` and the next start of the task mark it KILLED with the reason; a live run of the task
     stays RUNNING."""
-    from mlxlab.tracking.stale import KILLED_REASON_TAG
+    from mlxlab.tracking import tags as T
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     client = MlflowClient(uri)
@@ -319,7 +319,7 @@ def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
     assert listing.returncode == 0, listing.stderr[-2000:]
     marked = unlocked(lambda: client.get_run(first))
     assert marked.info.status == "KILLED"
-    assert "left no checkpoint" in marked.data.tags[KILLED_REASON_TAG]
+    assert "left no checkpoint" in marked.data.tags[T.KILLED_REASON]
 
     live, live_dir = started("live")
     try:

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from mlxlab.config import (
@@ -25,6 +24,7 @@ from mlxlab.config import (
     group_options,
     instantiate,
     to_container,
+    unwrapped,
     validate,
 )
 from mlxlab.errors import ConfigError, UserError
@@ -203,7 +203,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     from mlxlab.runtime import distributed, slurm
     from mlxlab.tracking.base import NullTracker
-    from mlxlab.tracking.stale import process_tags
+    from mlxlab.tracking.mlflow.stale import process_tags
     from mlxlab.tracking.tags import RESUMED_FROM, WORLD_SIZE
     from mlxlab.training.callbacks import checkpoint_policy
     from mlxlab.training.startup import prepare_device
@@ -289,16 +289,11 @@ def hydra_main(cfg: DictConfig) -> float:
             log.info("skip_finished: this config already has a finished run; skipping")
             return done
     try:
-        try:
+        with unwrapped():  # a constructor's own error (a bad size) as itself, not Hydra's report
             metrics = train(cfg)
-            if cfg.optimized_metric not in metrics:  # e.g. streamed text with data.splits.val_examples=0
-                log.warning("no %s to return: the run had no validation data", cfg.optimized_metric)
-            return float(metrics.get(cfg.optimized_metric, math.nan))
-        except InstantiationException as wrapped:  # a constructor's own error, e.g. a bad size
-            cause = wrapped.__cause__
-            if isinstance(cause, UserError):
-                raise cause from None
-            raise
+        if cfg.optimized_metric not in metrics:  # e.g. streamed text with data.splits.val_examples=0
+            log.warning("no %s to return: the run had no validation data", cfg.optimized_metric)
+        return float(metrics.get(cfg.optimized_metric, math.nan))
     except TrainingInterrupted as stop:
         log.error("stopped by signal; checkpoint: %s (resume with resume=auto)", stop.checkpoint)
         if stop.requeue:
@@ -363,7 +358,7 @@ def main() -> None:
         print(f"mlxlab: error: {err}", file=sys.stderr)
         sys.exit(2)
     if tracks_in_a_child(sys.argv[1:]):
-        from mlxlab.tracking import background
+        from mlxlab.tracking.mlflow import background
 
         background.prestart()  # its imports overlap Hydra's composing and ours
     hydra_main()

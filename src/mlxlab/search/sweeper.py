@@ -274,7 +274,7 @@ class Search:
         finally:
             self.heartbeat.remove(trial_id)
         if isinstance(result, Outcome):  # the job's process died: its MLflow runs say why
-            from mlxlab.tracking.hydra_callbacks import record_crashed_job
+            from mlxlab.tracking.mlflow.hydra_callbacks import record_crashed_job
 
             record_crashed_job(self.config, self.sweep_dir / str(number), number, overrides,
                                result.reason or "")

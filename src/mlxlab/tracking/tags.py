@@ -24,12 +24,12 @@ COMMAND = "mlxlab.command"  # the command line as typed (tracking/source.py), th
 RESUMED_FROM = "mlxlab.resumed_from"  # a resumed run: the run folder (or checkpoint) it went on from
 CHOICE_PREFIX = "choice."  # "choice.model" = "bert": the config-group options a run used
 
-# The process that trains a run, for dead-run detection (tracking/stale.py)
+# The process that trains a run, for dead-run detection (tracking/mlflow/stale.py)
 PID = "mlxlab.pid"
 HOST = "mlxlab.host"
 KILLED_REASON = "mlxlab.killed_reason"
 
-# Sweeps (tracking/hydra_callbacks.py)
+# Sweeps (tracking/mlflow/hydra_callbacks.py)
 SWEEP_ID = "mlxlab.sweep_id"
 ROLE = "mlxlab.role"  # "sweep" on a sweep's parent run
 SWEEP_PARAMS = "mlxlab.sweep_params"  # JSON list of the keys a sweep varies
@@ -47,7 +47,7 @@ BEST_RUN_ID = "mlxlab.best_run_id"
 REMOTE_URI = "mlxlab.remote.uri"
 REMOTE_CHECKPOINTS = "mlxlab.remote.checkpoints"
 
-# Store merges (tracking/merge.py)
+# Store merges (tracking/mlflow/merge.py)
 MERGE_SOURCE_RUN = "mlxlab.merge.source_run_id"
 MERGE_SOURCE_STORE = "mlxlab.merge.source"
 MERGE_COMPLETE = "mlxlab.merge.complete"
