@@ -95,7 +95,8 @@ def git_commit(folder: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: Path) -> dict:
+def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: Path,
+             resumed_from: Path | None = None) -> dict:
     from mlxlab.tracking import tags as T
     from mlxlab.tracking.source import source_tags
 
@@ -115,6 +116,8 @@ def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: P
     trial = current_trial()  # a search's trial: its study and number on the run
     if trial is not None:
         tags.update(trial.tags())
+    if resumed_from is not None:  # the run folder (or checkpoint) this run goes on from
+        tags[T.RESUMED_FROM] = str(resumed_from)
     return {**tags, **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()}}
 
 
@@ -204,7 +207,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mlxlab.runtime import distributed, slurm
     from mlxlab.tracking.base import NullTracker
     from mlxlab.tracking.mlflow.stale import process_tags
-    from mlxlab.tracking.tags import RESUMED_FROM, WORLD_SIZE
+    from mlxlab.tracking.tags import WORLD_SIZE
     from mlxlab.training.callbacks import checkpoint_policy
     from mlxlab.training.startup import prepare_device
     from mlxlab.training.trainer import Trainer
@@ -255,10 +258,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
              f"{config['num_parameters']:,}")
     trainer = Trainer(settings, optimizer=instantiate(cfg.optimizer), callbacks=callbacks,
                       load_teachers=load_teachers)
-    tags = {**run_tags(cfg, choices, run_hash, run_dir), **process_tags(),
+    resumed_from = resumed_run_folder(resume) if resume is not None else None
+    tags = {**run_tags(cfg, choices, run_hash, run_dir, resumed_from), **process_tags(),
             WORLD_SIZE: str(world.size)}
-    if resume is not None:
-        tags[RESUMED_FROM] = str(resumed_run_folder(resume))
     result = trainer.fit(model, data, tracker, run_dir, config=config, tags=tags, resume=resume)
     if world.is_main:
         print("\n".join(summary_lines(result, tracker)))
