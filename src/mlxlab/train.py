@@ -131,6 +131,13 @@ def describe_dataset(data) -> tuple[str, str, str, int | None] | None:
     return path.stem, str(path.resolve()), digest, len(rows) if rows is not None else None
 
 
+def track_dataset(tracker, data) -> None:
+    """The run's MLflow input: a file-backed dataset's name, source, digest and rows."""
+    dataset = describe_dataset(data)
+    if dataset is not None:
+        tracker.set_dataset(*dataset)
+
+
 def count_parameters(model) -> int:
     from mlx.utils import tree_flatten
 
@@ -248,9 +255,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     world.check_same(str(data.tokenizer_hash), "the tokenizer",  # after the others' setup
                      "train it once (rank 0) and pass data.tokenizer.path=<its tokenizer.json>",
                      scale=10.0)
-    dataset = describe_dataset(data)
-    if dataset is not None:
-        tracker.set_dataset(*dataset)
+    track_dataset(tracker, data)
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
     config = to_container(cfg)
     config["num_parameters"] = count_parameters(model)
