@@ -1,6 +1,6 @@
 """What a new user trips over (issue 13): run names, a tracking server that is down or goes away,
-README recipes run verbatim, listings that say which metric they show, silent runs. Real Hydra,
-real MLflow stores (sqlite and a real `mlflow server`), real MLX training."""
+README and docs recipes run verbatim, listings that say which metric they show, silent runs.
+Real Hydra, real MLflow stores (sqlite and a real `mlflow server`), real MLX training."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ from mlxlab.tracking.mlflow.offline import SPOOL_FILE, read_spool
 from mlxlab.train import seed_everything, train
 
 README = (REPO / "README.md").read_text()
+# The README is a quickstart; the recipes below live on the docs site's guide pages.
+TRAINING_GUIDE = (REPO / "docs" / "guide" / "training.md").read_text()
+SCALING_GUIDE = (REPO / "docs" / "guide" / "scaling.md").read_text()
 
 
 def free_port() -> int:
@@ -48,11 +51,12 @@ def cli(args: list[str], cwd: Path, env: dict, timeout: float = 300) -> subproce
                           capture_output=True, text=True, timeout=timeout)
 
 
-def readme_block(after: str, language: str) -> str:
-    """The first ```<language> block of the README after the line containing `after`."""
-    rest = README[README.index(after):]
+def doc_block(after: str, language: str, text: str = README) -> str:
+    """The first ```<language> block of `text` (the README, or a docs page) after the line
+    containing `after`."""
+    rest = text[text.index(after):]
     match = re.search(rf"```{language}\n(.*?)```", rest, re.S)
-    assert match, f"no ```{language} block after {after!r} in the README"
+    assert match, f"no ```{language} block after {after!r}"
     return match.group(1)
 
 
@@ -288,14 +292,14 @@ def test_readme_registry_lines_work_in_a_fresh_process(make_cfg, tmp_path):
     cfg = make_cfg(*FAST)
     train(cfg)
     (tmp_path / "pyproject.toml").write_text("")  # the user's project folder
-    register = readme_block("### Model registry", "bash").splitlines()[0]
+    register = doc_block("## Model registry", "bash", SCALING_GUIDE).splitlines()[0]
     name = re.search(r"--name (\S+)", register).group(1)
     alias = re.search(r"--alias (\S+)", register).group(1)
     register_run(cfg.paths.output_dir, name, alias, cfg.tracking.uri)  # what that line runs
     rows = REPO / "src/mlxlab/assets/titanic/train.csv"
     (tmp_path / "test.csv").write_text("\n".join(rows.read_text().splitlines()[:9]))
 
-    snippet = readme_block("Then, in any process", "python")
+    snippet = doc_block("Then, in any process", "python", SCALING_GUIDE)
     env = {k: v for k, v in os.environ.items() if k not in ("MLXLAB_ROOT", "MLFLOW_TRACKING_URI")}
     out = subprocess.run([PYTHON, "-c", snippet], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
@@ -391,7 +395,7 @@ def test_first_install_command_pulls_what_the_readme_sweeps_need():
     pyproject = (REPO / "pyproject.toml").read_text()  # no tomllib: Python 3.10 is supported
     block = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.S | re.M).group(1)
     names = {re.split(r"[<>=;\s\[]", d, maxsplit=1)[0] for d in re.findall(r'^\s*"([^"]+)"', block, re.M)}
-    sweeps = readme_block("## Sweeps", "bash")
+    sweeps = doc_block("## Sweeps", "bash")
     assert "hydra/launcher=joblib" in sweeps and "hydra-joblib-launcher" in names
     assert "hparams_search=" in sweeps and "optuna" in names  # mlxlab's own sweeper over Optuna
 
@@ -468,9 +472,10 @@ def test_a_new_store_is_a_copy_of_the_migrated_template(tmp_path, monkeypatch):
 
 
 def migration_rows() -> list[tuple[str, list[str]]]:
-    """(old flags, mlxlab overrides) of the README's migration table; "—" rows map to none."""
-    section = README[README.index("## Coming from the old training scripts"):]
-    section = section[:section.index("### Your own presets")]
+    """(old flags, mlxlab overrides) of the migration table (docs/guide/training.md); "—" rows
+    map to none."""
+    section = TRAINING_GUIDE[TRAINING_GUIDE.index("## Coming from the old training scripts"):]
+    section = section[:section.index("## Your own presets")]
     rows = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -524,12 +529,13 @@ def test_every_key_of_the_migration_table_composes(tmp_path):
 
 
 def test_readme_config_dir_preset_runs_through_the_cli(tmp_path, cli_env):
-    """The README's `--config-dir` example verbatim: its preset file in a folder of the user's
-    own, its command (plus short-run overrides) through the real CLI in a subprocess."""
+    """The `--config-dir` example of docs/guide/training.md verbatim: its preset file in a folder
+    of the user's own, its command (plus short-run overrides) through the real CLI in a
+    subprocess."""
     from omegaconf import OmegaConf
 
-    preset = readme_block("saved as `my_conf/experiment/my_preset.yaml`", "yaml")
-    command = readme_block("runs with", "bash").strip()
+    preset = doc_block("saved as `my_conf/experiment/my_preset.yaml`", "yaml", TRAINING_GUIDE)
+    command = doc_block("runs with", "bash", TRAINING_GUIDE).strip()
     assert command == "mlxlab-train --config-dir ./my_conf experiment=my_preset"
     (tmp_path / "my_conf" / "experiment").mkdir(parents=True)
     (tmp_path / "my_conf" / "experiment" / "my_preset.yaml").write_text(preset)

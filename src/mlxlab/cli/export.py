@@ -8,7 +8,7 @@ BERT classifiers with AutoModelForSequenceClassification. --adapters (mlx-lm) wr
 model to DIR and the LoRA adapters to DIR/adapters (mlx_lm.generate --adapter-path DIR/adapters).
 --quantize writes mlx-lm's quantized layout and reports the perplexity it costs. A
 data.vocab_remap run exports its small model with a tokenizer.json remapped to the model's ids
-(kept tokens, <|unk|>, BPE intermediates; see the README).
+(kept tokens, <|unk|>, BPE intermediates; see docs/guide/training.md, Vocabulary remapping).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def main(argv: list[str]) -> int:
         v = report["vocab_remap"]
         print(f"data.vocab_remap run: tokenizer.json on the model's ids: {v['kept_tokens']} kept "
               f"tokens, {v['unk_token']} = {v['unk_id']}, {v['intermediate_tokens']} BPE "
-              "intermediates (read as UNK); see the README on text that needs dropped tokens")
+              "intermediates (read as UNK); see docs/guide/training.md on text that needs dropped "
+              "tokens")
     if report.get("adapter_path"):
         print(f"adapters: {report['adapter_path']}")
     if args.quantize:
