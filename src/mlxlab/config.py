@@ -161,7 +161,7 @@ def check_uri(uri: str) -> tuple[str, str]:
 
 # key -> (type, lower bound or None). Only keys present in the config are checked. The keys of
 # settings that are typed dataclasses (trainer.*: training/settings.py; callbacks.checkpoint.*:
-# training/callbacks.py ModelCheckpoint) are checked by their owners, built below.
+# training/settings.py CheckpointPolicy) are checked by their owners, built below.
 _NUMERIC_RULES: dict[str, tuple[type, float | None]] = {
     "seed": (int, 0),
     "split_seed": (int, 0),
