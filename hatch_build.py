@@ -3,7 +3,7 @@
 
 It runs in pip's isolated build environment, which holds the same MLX and nanobind releases that
 the install resolves (build-system.requires mirrors the runtime pins), and writes into the
-per-machine kernel cache that mlxlab.kernels.build reads (~/.cache/mlxlab/kernels, or
+kernel cache (one build per ISA level) that mlxlab.kernels.build reads (~/.cache/mlxlab/kernels, or
 $MLXLAB_KERNELS_CACHE; src/mlxlab/runtime/settings.py reads the environment, here as at run
 time). When the build environment's MLX differs from the installed one (an older MLX already in
 the environment), the cache key differs and the first run builds as before.
@@ -35,8 +35,13 @@ class KernelPrebuildHook(BuildHookInterface):
             if settings.skip_kernel_build:  # MLXLAB_SKIP_KERNEL_BUILD=1
                 return
             build = _load("_mlxlab_kernel_build", source / "kernels" / "build.py")
-            if build.unsupported_reason() is None:
-                built = build.build(settings.kernels_cache, print, rpath=False)
+            cpu = _load("_mlxlab_cpu", source / "runtime" / "cpu.py")
+            level = cpu.isa_level()  # the fixed level the kernels are built for (None: below it)
+            if level is None:
+                print(f"mlxlab: fused CPU kernels not built ({cpu.below_level_reason()}); MLX's "
+                      "own ops run instead", file=sys.stderr)
+            elif build.unsupported_reason() is None:
+                built = build.build(settings.kernels_cache, level, print, rpath=False)
                 print(f"mlxlab: fused CPU kernels ready in {built}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001  (never fail an install over an optional speed-up)
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 # Libraries that only mlxlab/MLX put into a process; a baseline process must map none of them.
-FOREIGN_LIBRARIES = ("libopenblasp", "libmlx.so", "mlx_cpu.libs")
+FOREIGN_LIBRARIES = ("libopenblasp", "libscipy_openblas.so", "libmlx.so", "mlx_cpu.libs")
 
 
 def clock() -> tuple[float, float]:
@@ -67,14 +67,17 @@ def foreign_libraries() -> list[str]:
 
 
 def cpu_model() -> str:
-    """The CPU's model name and core count: every figure says which CPU it came from."""
+    """The CPU's model name, core count and widest vector ISA: every figure says which CPU it
+    came from (OpenBLAS picks its GEMM kernels by CPU, so last bits and speeds differ by CPU)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+        return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                 platform.machine())
+    flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return f"{model} x{os.cpu_count()}" + (f" ({isa})" if isa else "")
 
 
 def write_between_markers(path: Path, marker: str, body: str, title: str) -> None:

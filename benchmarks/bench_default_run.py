@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -86,6 +87,24 @@ def dump(folder: Path) -> None:
     }))
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children: a run's own work, which
+    a busy machine's waiting for a core does not inflate as it does its wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run `cmd` (subprocess.run's keyword arguments, output captured as text): (its result, wall
+    seconds, CPU seconds); a failed run ends the benchmark with its stderr's tail."""
+    started, cpu = time.perf_counter(), children_cpu()
+    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    wall, cpu = time.perf_counter() - started, children_cpu() - cpu
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return done, wall, cpu
+
+
 def stamp(text: str) -> float:
     return time.mktime(time.strptime(text[:19], "%Y-%m-%d %H:%M:%S")) + int(text[20:]) / 1000
 
@@ -95,11 +114,7 @@ def run_mlxlab(extra: list[str], tmp: Path, env: dict[str, str] | None = None) -
     process's), timed from outside; the loop and first epoch from its log."""
     folder = Path(tempfile.mkdtemp(dir=tmp))  # a fresh ./mlruns and ./outputs, as a new clone
     cmd = [str(Path(sys.executable).with_name("mlxlab-train")), *extra]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    done, wall, cpu = timed(cmd, cwd=folder, env=env)
     lines = (done.stdout + done.stderr).splitlines()
     evals = [m for m in map(EVAL_LINE.match, lines) if m]
     begin = next(stamp(m.group(1)) for m in map(TRAINING_LINE.match, lines) if m)
@@ -108,20 +123,17 @@ def run_mlxlab(extra: list[str], tmp: Path, env: dict[str, str] | None = None) -
                      done.stdout)
     steps = int(evals[-1].group(2))
     loop = stamp(evals[-1].group(1)) - begin
-    return {"wall_s": wall, "loop_s": loop, "first_epoch_s": first, "step_ms": None, "steps": steps,
+    return {"wall_s": wall, "cpu_s": cpu, "loop_s": loop, "first_epoch_s": first, "step_ms": None,
+            "steps": steps,
             "best_accuracy": float(best.group(1)), "last_accuracy": float(evals[-1].group(4))}
 
 
 def run_twin(data: Path, threads: int) -> dict:
     cmd = [sys.executable, str(HERE / "torch_bert_run.py"), "--data", str(data),
            "--threads", str(threads)]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"the twin failed:\n{done.stderr[-3000:]}")
+    done, wall, cpu = timed(cmd, env={**os.environ, "PYTHONPATH": str(HERE)})
     res = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"wall_s": wall, "loop_s": res["loop_s"], "first_epoch_s": None,
+    return {"wall_s": wall, "cpu_s": cpu, "loop_s": res["loop_s"], "first_epoch_s": None,
             "steps": len(res["step_s"]),
             "step_ms": 1000 * statistics.median(res["step_s"]),
             "best_accuracy": res["best_accuracy"], "last_accuracy": res["last_accuracy"]}

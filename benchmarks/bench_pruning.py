@@ -10,7 +10,9 @@ trial and its winner's replicates, and the paired comparison of the two winners:
         --trials 16 --steps 150 --eval-every 25 --seeds 5 [--pruner hyperband]
 
 The question it answers (issue 38): total training steps with pruning <= 50 % of the unpruned
-search's, and the pruned search's winner inside the unpruned winner's interval.
+search's, and the pruned search's winner inside the unpruned winner's interval. A study that is
+already complete in --root is not run again (the sweeper resumes it: nothing is left), so a
+second call with another --pruner reuses the unpruned search.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ def search(root: Path, name: str, pruner: str, args: argparse.Namespace) -> floa
     if pruner == "hyperband":
         cmd.append(f"hydra.sweeper.pruner_args={{min_resource: {args.eval_every}, "
                    f"max_resource: {args.steps}, reduction_factor: 3}}")
+    elif pruner == "successive_halving":
+        cmd.append(f"hydra.sweeper.pruner_args={{min_resource: {args.eval_every}, "
+                   "reduction_factor: 3}")
     elif pruner == "median":
         cmd.append("hydra.sweeper.pruner_args={n_startup_trials: 5, n_warmup_steps: "
                    f"{args.eval_every}}}")

@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     set_blas_threads(args.threads)
     kernels.set_mode("on")
-    kernels._load().set_num_threads(args.threads)
+    kernels.extension().set_num_threads(args.threads)
     x, w, dy = mx.random.normal((16, 128, 256)), mx.random.normal((256,)), mx.random.normal((16, 128, 256))
     q, dq = mx.random.normal((16, 128, 4, 64)), mx.random.normal((16, 4, 128, 64))
     grads = mlx.utils.tree_map(lambda p: mx.random.normal(p.shape) * 1e-3, nano().trainable_parameters())

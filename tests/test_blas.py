@@ -13,12 +13,14 @@ import textwrap
 
 import pytest
 
+from mlxlab.runtime import cpu
+
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the BLAS swap is Linux-only")
 
 # Prints what got loaded, which libraries are mapped, GEMM error vs numpy and the best GEMM time.
 PROBE = textwrap.dedent(
     """
-    import ctypes, json, time
+    import ctypes, json, os, time
     import mlxlab
     import mlx.core as mx
     import numpy as np
@@ -40,9 +42,16 @@ PROBE = textwrap.dedent(
         mx.eval(x @ x)
         best = min(best, time.perf_counter() - t)
     maps = open("/proc/self/maps").read()
+    # The default run's attention scores with K's heads contiguous (B^T to BLAS) and strided
+    # (MLX copies them: B as it is): what kernels.split_heads changes.
+    q = mx.random.normal((32, 32, 4, 32)).transpose(0, 2, 1, 3)
+    k = mx.random.normal((32, 32, 4, 32)).transpose(0, 2, 1, 3)
+    nt, nn = q @ mx.contiguous(k).swapaxes(-1, -2), q @ k.swapaxes(-1, -2)
     print(json.dumps({
         "status": mlxlab.blas.status, "library": mlxlab.blas.library, "fast": mlxlab.blas.fast,
-        "openblas_mapped": "libopenblas" in maps, "threads": threads,
+        "detail": mlxlab.blas.detail, "coretype_env": os.environ.get("OPENBLAS_CORETYPE"),
+        "nt_equals_nn": bool(np.array_equal(np.array(nt), np.array(nn))),
+        "openblas_mapped": "/libscipy_openblas.so" in maps, "threads": threads,
         "global_blas": [n for n in ("cblas_sgemm", "sgemm_") if hasattr(ctypes.CDLL(None), n)],
         "max_rel_err": float(np.abs(got - want).max() / np.abs(want).max()),
         "gemm_s": best,
@@ -81,7 +90,8 @@ def opted_out() -> dict:
 def test_default_loads_openblas_and_gemm_matches_numpy(default):
     assert default["status"] == "loaded", default
     assert default["fast"]
-    assert "libopenblas" in default["library"]
+    assert default["library"].endswith("libscipy_openblas.so")  # scipy-openblas32's
+    assert "libgfortran" not in default["stderr"]
     assert default["openblas_mapped"]
     assert default["max_rel_err"] < 1e-4
     assert "reference BLAS" not in default["stderr"]
@@ -92,6 +102,25 @@ def test_openblas_stays_out_of_the_global_symbol_scope(default):
     # Libraries loaded later (PyTorch's libtorch_cpu calls its own sgemm_ through its PLT) must
     # not resolve their BLAS names into mlxlab's OpenBLAS (issue 12): only libmlx is rebound.
     assert default["global_blas"] == []
+
+
+def test_openblas_runs_its_avx2_kernels_on_every_x86_64_v3_cpu(default):
+    # OpenBLAS picks its AVX-512 kernels on an AVX-512 CPU, whose sgemm gives a product other
+    # last bits when B comes transposed; MLX hands the fused kernels' contiguous heads to BLAS
+    # as B^T and its own strided heads as B, so the fused and MLX attentions differed there
+    # (issue 39). mlxlab loads MLX's OpenBLAS with its AVX2 kernels on every x86-64-v3 CPU.
+    if cpu.isa_level() != cpu.X86_64_V3:
+        pytest.skip("not an x86-64-v3 CPU: OpenBLAS keeps its own choice")
+    assert "Haswell" in default["detail"], default["detail"]
+    assert default["nt_equals_nn"]
+    assert default["coretype_env"] is None  # set for OpenBLAS's load only
+
+
+def test_a_users_openblas_coretype_wins():
+    result = probe(OPENBLAS_CORETYPE="Sandybridge")
+    assert "Sandybridge" in result["detail"], result["detail"]
+    assert result["coretype_env"] == "Sandybridge"
+    assert result["max_rel_err"] < 1e-4
 
 
 def test_opt_out_keeps_the_reference_blas(opted_out):
@@ -220,7 +249,7 @@ def test_torch_keeps_its_own_blas_next_to_mlxlab(order):
     # PyTorch's BLAS calls land in its own libtorch_cpu (MKL inside); before the fix they were
     # interposed by the OpenBLAS that mlxlab had put into the global scope.
     assert got["torch"] == {s: got["torch_lib"] for s in got["torch"]}, got
-    assert "libopenblas" in got["mlx"]
+    assert got["mlx"].endswith("libscipy_openblas.so")
 
 
 @pytest.mark.slow

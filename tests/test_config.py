@@ -152,3 +152,29 @@ def test_cli_non_numeric_learning_rate_is_one_line(tmp_path, cli_env):
                       "fix the override, e.g. optimizer.learning_rate=3e-4"]
     assert not (tmp_path / "mlruns").exists()
     assert not (tmp_path / "outputs").exists()  # no folder holding only .hydra/ and a log
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["+trainer.batching.dynamc=true"],
+     r"trainer\.batching\.dynamc is not a setting of trainer\.batching: it takes \['dynamic'"),
+    (["data=streaming", "optimized_metric=val/loss", "+data.packing.sq_len=3"],
+     r"data\.packing\.sq_len is not a setting of data\.packing: it takes \['seq_len'"),
+    (["+data.nmeric=text"], r"data\.nmeric is not a setting of data=csv: it takes \['path'"),
+    (["data.curriculum={strat: 0.1}"],
+     r"data\.curriculum\.strat is not a setting of data\.curriculum: it takes \['score'"),
+])
+def test_every_node_names_an_unknown_key_the_same_way(tmp_path, overrides, message):
+    """One helper (validation.record) builds each config node into its record: the trainer's
+    groups, the streamed data's groups, the CSV settings and the curriculum."""
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_cfg(tmp_path, overrides))
+
+
+def test_record_builds_a_mapping_and_keeps_anything_else():
+    from mlxlab.data.streaming import Packing
+    from mlxlab.validation import record
+
+    built = record(Packing, {"_target_": "ignored", "seq_len": 8}, "data.packing")
+    assert (built.seq_len, built.stride) == (8, 8)
+    assert record(Packing, built, "data.packing") is built
+    assert record(Packing, None, "data.packing") is None  # the caller says what None means

@@ -103,3 +103,30 @@ def test_curriculum_with_dynamic_batches_is_one_clear_error(make_cfg):
     with pytest.raises(ConfigError, match=r"set trainer.batching.dynamic=false or "
                                           r"data.curriculum=null"):
         train(cfg)
+
+
+@pytest.mark.parametrize(("node", "message"), [
+    ({"score": "lenght"}, r"data\.curriculum\.score='lenght': use one of length, rarity, none"),
+    ({"pacing": "fast"}, r"data\.curriculum\.pacing='fast': use root or linear"),
+    ({"start": 0}, r"data\.curriculum needs 0 < start <= 1"),
+    ({"start": "early"}, r"data\.curriculum\.start must be a number, got 'early'"),
+    ({"strat": 0.1}, r"data\.curriculum\.strat is not a setting of data\.curriculum: it takes "
+                     r"\['score', 'pacing', 'start'"),
+])
+def test_a_bad_curriculum_is_one_config_error(node, message):
+    """A typo in data.curriculum is the user's to fix: a ConfigError (train.py prints one line),
+    never a ValueError's or TypeError's traceback."""
+    from mlxlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        Curriculum.from_config(node, seed=0)
+
+
+def test_a_bad_curriculum_fails_validation_before_anything_is_built(tmp_path):
+    from conftest import compose_cfg
+    from mlxlab.config import validate
+    from mlxlab.errors import ConfigError
+
+    cfg = compose_cfg(tmp_path, ["data.curriculum={score: lenght}"])
+    with pytest.raises(ConfigError, match="data.curriculum.score='lenght'"):
+        validate(cfg)

@@ -24,7 +24,7 @@ LIBRARY_ENVIRONMENT = {
     "tracking/wandb_tracker.py",  # wandb's
     "checkpoint/remote.py",  # the object-store clients'
     "data/streaming/prefetch.py",  # tokenizers'
-    "tracking/background.py",  # a child process's copy of the environment
+    "tracking/mlflow/background.py",  # a child process's copy of the environment
     "cli/serve.py",  # likewise
     "runtime/blas.py",  # OpenBLAS's, set while it loads
     "runtime/device.py",  # MLX's MLX_PTX_CACHE_DIR, set before a run compiles CUDA kernels

@@ -16,6 +16,7 @@ import pytest
 
 from mlxlab import kernels
 from mlxlab.kernels import build
+from mlxlab.runtime import cpu
 from mlxlab.training import losses
 
 PYTHON = sys.executable
@@ -378,7 +379,7 @@ def test_default_bert_fused_equals_mlx_and_drops_out_only_in_training():
 
 
 def test_masked_softmax_gradient_reaches_the_mask():
-    module = kernels._load()
+    module = kernels.extension()
     x, mask = mx.random.normal((2, 3, 4, 6)), mx.random.normal((4, 6))
     cot = mx.random.normal((2, 3, 4, 6))
 
@@ -461,7 +462,9 @@ def test_training_steps_equal_with_kernels_on_and_off(make_cfg, tmp_path):
         np.testing.assert_allclose(w_on[name], w_off[name], rtol=1e-4, atol=1e-4, err_msg=name)
 
 
-ENCODER_KERNELS = ("gelu", "layer_norm", "dropout", "attention")
+# The default BERT's fused ops; "heads" (its contiguous heads) changes which form of the attention's
+# products MLX hands BLAS, which on an AVX-512 OpenBLAS changed their last bits (issue 39).
+ENCODER_KERNELS = ("gelu", "layer_norm", "dropout", "attention", "heads")
 
 
 def test_the_default_experiment_trains_the_same_run_with_its_encoder_kernels_on_and_off(
@@ -484,6 +487,37 @@ def test_the_default_experiment_trains_the_same_run_with_its_encoder_kernels_on_
     assert loss_on[-1] < loss_on[0]
     for name in w_on:
         np.testing.assert_array_equal(w_on[name], w_off[name], err_msg=name)
+
+
+def test_kernels_are_built_for_one_fixed_isa_level_not_for_this_cpu():
+    """The module is compiled for x86-64-v3 (AVX2 + FMA, no AVX-512) on every x86-64 machine,
+    AVX-512 ones included, and with no FMA contraction: the same program and the same results
+    whichever CPU built it (issue 39; -march=native made it a different program per CPU)."""
+    features = set(kernels.extension().isa())
+    if cpu.isa_level() == cpu.X86_64_V3:
+        assert {"avx2", "fma"} <= features and "avx512f" not in features, features
+    else:
+        assert "avx512f" not in features and "sve" not in features, features
+
+
+@pytest.mark.parametrize("machine, flags, level", [
+    ("x86_64", cpu.X86_64_V3_FLAGS | {"avx512f", "avx512bw"}, "x86-64-v3"),  # AVX-512: still v3
+    ("x86_64", cpu.X86_64_V3_FLAGS, "x86-64-v3"),
+    ("x86_64", cpu.X86_64_V3_FLAGS - {"avx2", "fma", "bmi2"}, None),  # e.g. Sandy Bridge
+    ("aarch64", frozenset(), "armv8-a"),
+    ("riscv64", frozenset(), None),
+])
+def test_isa_level_is_one_fixed_level_per_architecture(machine, flags, level):
+    assert cpu.isa_level(machine, flags) == level
+    if level is None and machine == "x86_64":
+        assert cpu.below_level_reason(machine, flags) == (
+            "this CPU is below x86-64-v3 (no avx2, bmi2, fma)")
+
+
+def test_this_machines_cpuinfo_is_read():
+    if sys.platform.startswith("linux") and cpu.isa_level() == cpu.X86_64_V3:
+        assert {"avx2", "fma"} <= cpu.cpu_flags()
+    assert cpu.cpu_flags("processor : 0\nflags\t\t: fpu avx2 fma\n") == {"fpu", "avx2", "fma"}
 
 
 def test_a_machine_that_cannot_build_falls_back_with_one_log_line(tmp_path):
@@ -519,7 +553,7 @@ def test_pip_install_builds_the_kernels_this_process_loads(tmp_path):
     done = subprocess.run([PYTHON, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
                            str(root)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    built = list((cache / build.build_key()).glob("_mlxlab_kernels*.so"))
+    built = list((cache / build.build_key(kernels.isa_level())).glob("_mlxlab_kernels*.so"))
     assert built, f"no kernels under {cache}: {sorted(p.name for p in cache.glob('*'))}"
     check = subprocess.run(
         [PYTHON, "-c", "import mlxlab, mlx.core as mx\nfrom mlxlab import kernels\n"

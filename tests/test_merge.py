@@ -1,4 +1,4 @@
-"""`mlxlab runs merge` (mlxlab.tracking.merge): two stores with real Hydra sweeps (parent and
+"""`mlxlab runs merge` (mlxlab.tracking.mlflow.merge): two stores with real Hydra sweeps (parent and
 children through the real MlflowSweepCallback) and an old-style mlruns/ file store, merged into a
 central store; every run's metric history, params, tags, artifacts and links compared with the
 source; a second merge adds nothing; the sources are left byte-for-byte untouched."""
@@ -15,7 +15,8 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import PYTHON
-from mlxlab.tracking.merge import SOURCE_RUN_TAG, main
+from mlxlab.tracking import tags as T
+from mlxlab.tracking.mlflow.merge import main
 
 APP = """
 import hydra
@@ -54,7 +55,7 @@ hydra:
   sweep: {{dir: {root}/multirun/sweep, subdir: "${{hydra:job.num}}"}}
   callbacks:
     mlflow_sweep:
-      _target_: mlxlab.tracking.hydra_callbacks.MlflowSweepCallback
+      _target_: mlxlab.tracking.mlflow.hydra_callbacks.MlflowSweepCallback
 """
 
 
@@ -126,7 +127,7 @@ def test_merge_copies_everything_once_and_leaves_sources_alone(stores, tmp_path,
     assert "runs: 8 copied" in printed and "0 skipped" in printed
 
     dest = MlflowClient(central, registry_uri=central)
-    copies = {r.data.tags[SOURCE_RUN_TAG]: r for r in all_runs(dest)}
+    copies = {r.data.tags[T.MERGE_SOURCE_RUN]: r for r in all_runs(dest)}
     assert len(copies) == 8  # 2 sweeps: 2 + 3 children and their 2 parents; 1 file-store run
     for store in stores:
         uri = f"sqlite:///{store}" if store.suffix == ".db" else store.as_uri()

@@ -22,16 +22,16 @@ from mlflow import MlflowClient
 
 from conftest import FAST, PYTHON, REPO, compose_cfg, wait_for_server
 from mlxlab.runtime import settings
+from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow import (
     EXPERIMENT_KIND,
-    EXPERIMENT_KIND_TAG,
     MlflowTracker,
     TrackingUnavailable,
     ensure_store,
     probe_store,
     store_template_path,
 )
-from mlxlab.tracking.offline import SPOOL_FILE, read_spool
+from mlxlab.tracking.mlflow.offline import SPOOL_FILE, read_spool
 from mlxlab.train import seed_everything, train
 
 README = (REPO / "README.md").read_text()
@@ -89,7 +89,7 @@ def test_sweep_runs_have_distinct_names_params_inputs_and_log_lines(tmp_path, cl
     assert out.returncode == 0, out.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     experiment = client.get_experiment_by_name("train")
-    assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND  # not the GenAI view
+    assert experiment.tags[T.EXPERIMENT_KIND] == EXPERIMENT_KIND  # not the GenAI view
     runs = [r for r in client.search_runs([experiment.experiment_id])
             if r.data.tags.get("mlxlab.role") != "sweep"]
     names = sorted(r.info.run_name for r in runs)
@@ -219,7 +219,7 @@ def test_server_killed_mid_run_keeps_the_metrics_and_says_so(tmp_path, cli_env):
 
     server, uri = start_server(mlruns, port)  # back: the file is sent as the run's end said
     try:
-        send = subprocess.run([PYTHON, "-m", "mlxlab.tracking.offline", str(spool)],
+        send = subprocess.run([PYTHON, "-m", "mlxlab.tracking.mlflow.offline", str(spool)],
                               capture_output=True, text=True, timeout=120)
         assert send.returncode == 0, send.stderr[-2000:]
         client = MlflowClient(uri)
@@ -393,7 +393,7 @@ def test_first_install_command_pulls_what_the_readme_sweeps_need():
     names = {re.split(r"[<>=;\s\[]", d, maxsplit=1)[0] for d in re.findall(r'^\s*"([^"]+)"', block, re.M)}
     sweeps = readme_block("## Sweeps", "bash")
     assert "hydra/launcher=joblib" in sweeps and "hydra-joblib-launcher" in names
-    assert "hparams_search=" in sweeps and "hydra-optuna-sweeper" in names
+    assert "hparams_search=" in sweeps and "optuna" in names  # mlxlab's own sweeper over Optuna
 
 
 # --------------------------------------------------------------------------- 9. plots

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -277,7 +278,7 @@ def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
     """A run SIGKILLed before its first checkpoint is RUNNING in the store; `mlxlab runs
     list` and the next start of the task mark it KILLED with the reason; a live run of the task
     stays RUNNING."""
-    from mlxlab.tracking.stale import KILLED_REASON_TAG
+    from mlxlab.tracking import tags as T
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     client = MlflowClient(uri)
@@ -318,7 +319,7 @@ def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
     assert listing.returncode == 0, listing.stderr[-2000:]
     marked = unlocked(lambda: client.get_run(first))
     assert marked.info.status == "KILLED"
-    assert "left no checkpoint" in marked.data.tags[KILLED_REASON_TAG]
+    assert "left no checkpoint" in marked.data.tags[T.KILLED_REASON]
 
     live, live_dir = started("live")
     try:
@@ -471,3 +472,51 @@ def test_resume_naming_the_trained_preset_rebuilds_the_checkpoints_model(tmp_pat
                  "tracking=csv"], outputs / "other", cli_env)
     assert "debug named: the run is built from this command line" in other.stdout + other.stderr
     assert final_state(outputs / "other")["config"]["model"]["num_layers"] == 2
+
+
+def test_a_resumed_runs_folder_and_mlflow_run_say_what_it_trained(tmp_path, cli_env):
+    """`mlxlab train debug=fast model.num_layers=3`, then `mlxlab-train debug=fast resume=auto
+    trainer.max_steps=6`: the resumed run trains the checkpoint's 3 layers, and its folder's
+    .hydra/config.yaml says so (with max_steps 6), not today's 2 (issue 39); .hydra/
+    resumed_from.yaml and the MLflow tag name the run it went on from; the MLflow run's params
+    and `mlxlab runs show` say 3 layers. The run's Source is the entry point as typed, not the
+    tracking process's file (background.py), and its command line is a tag."""
+    from mlxlab.tracking import tags as T
+
+    outputs = tmp_path / "outputs" / "debug"
+    outputs.mkdir(parents=True)
+    trained, resumed = outputs / "trained", outputs / "resumed"
+    tiny = ["model.hidden_size=32", "model.num_heads=2"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+
+    def launch(command: list[str], run_dir: Path) -> None:
+        done = subprocess.run([*command, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=cli_env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+    launch([MLXLAB, "train", "debug=fast", *tiny, "model.num_layers=3"], trained)
+    run = client.get_run(run_id_of(trained))
+    assert run.data.tags[T.SOURCE_NAME] == "mlxlab train"
+    assert run.data.tags[T.COMMAND] == (f"mlxlab train debug=fast {' '.join(tiny)} "
+                                        f"model.num_layers=3 hydra.run.dir={trained}")
+
+    entry = str(Path(MLXLAB).with_name("mlxlab-train"))
+    launch([entry, "debug=fast", "resume=auto", "trainer.max_steps=6"], resumed)
+    config = yaml.safe_load((resumed / ".hydra" / "config.yaml").read_text())
+    assert config["model"]["num_layers"] == 3 and config["model"]["hidden_size"] == 32
+    assert config["trainer"]["max_steps"] == 6
+    assert final_state(resumed)["config"]["model"]["num_layers"] == 3
+    record = yaml.safe_load((resumed / ".hydra" / "resumed_from.yaml").read_text())
+    assert record["run_dir"] == str(trained.resolve()) and record["resume"] == "auto"
+
+    assert run_id_of(resumed) == run.info.run_id  # the MLflow run goes on
+    run = client.get_run(run.info.run_id)
+    assert run.data.params["model.num_layers"] == "3"
+    assert run.data.tags[T.RESUMED_FROM] == str(trained.resolve())
+    assert run.data.tags[T.SOURCE_NAME] == "mlxlab-train"
+    assert run.data.tags[T.COMMAND] == ("mlxlab-train debug=fast resume=auto trainer.max_steps=6 "
+                                        f"hydra.run.dir={resumed}")
+    shown = subprocess.run([MLXLAB, "runs", "show", str(resumed)], cwd=tmp_path, env=cli_env,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"model\.num_layers\s+3\b", shown.stdout), shown.stdout

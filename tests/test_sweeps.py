@@ -130,7 +130,7 @@ hydra:
     sampler: {{seed: 22, n_startup_trials: 8}}
   callbacks:
     mlflow_sweep:
-      _target_: mlxlab.tracking.hydra_callbacks.MlflowSweepCallback
+      _target_: mlxlab.tracking.mlflow.hydra_callbacks.MlflowSweepCallback
 """
 
 

@@ -22,11 +22,9 @@ from omegaconf import OmegaConf
 from conftest import MLXLAB, wait_for_server
 from mlxlab.cli import runs_list
 from mlxlab.runtime import settings
+from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import NullTracker, Tracker, flatten_config
 from mlxlab.tracking.mlflow import (
-    CONFIG_HASH_TAG,
-    PARENT_RUN_TAG,
-    SWEEP_ID_TAG,
     MlflowTracker,
     ensure_store,
     find_finished_run,
@@ -123,6 +121,34 @@ def test_file_store_uri_is_rejected_with_a_fix(tmp_path):
         MlflowTracker(uri=str(tmp_path / "mlruns"))
     with pytest.raises(ValueError, match="flush_every_steps"):
         MlflowTracker(uri=f"sqlite:///{tmp_path}/x.db", flush_every_steps=0)
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"uri": "mlruns"}, "is a file store, which MLflow 3 no longer writes"),
+    ({"connect_timeout": 0}, r"tracking\.connect_timeout must be > 0 seconds, got 0"),
+    ({"request_timeout": "slow"}, r"tracking\.request_timeout must be a number, got 'slow'"),
+    ({"flush_every_seconds": -1}, r"tracking\.flush_every_seconds must be > 0 seconds"),
+    ({"flush_every_steps": 0}, r"tracking\.flush_every_steps must be >= 1"),
+])
+def test_a_bad_mlflow_setting_is_one_config_error(tmp_path, setting, message):
+    """A typo in tracking.* is the user's to fix: a ConfigError (train.py prints one line)."""
+    from mlxlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        MlflowTracker(**{"uri": f"sqlite:///{tmp_path}/x.db", **setting})
+
+
+def test_cli_bad_tracking_setting_is_one_line(tmp_path, cli_env):
+    """End to end: the tracker's ConfigError, raised inside Hydra's instantiate, leaves
+    mlxlab-train as one `mlxlab: error:` line and exit 2, with no run folder and no store."""
+    out = subprocess.run([sys.executable, "-m", "mlxlab.train", "tracking.connect_timeout=0",
+                          "trainer.max_steps=1"], cwd=tmp_path, env=cli_env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("mlxlab: error:")]
+    assert errors == ["mlxlab: error: tracking.connect_timeout must be > 0 seconds, got 0"]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlruns").exists()
 
 
 # --------------------------------------------------------------------------- one run
@@ -308,13 +334,13 @@ def test_child_run_tags_its_sweep_parent_and_joins_the_jobs_run_list(uri, tmp_pa
     resumed.start({"lr": 0.1}, {}, run_id=child.run_id)
     resumed.end()
     tags = client.get_run(child.run_id).data.tags
-    assert tags[PARENT_RUN_TAG] == parent and tags[SWEEP_ID_TAG] == parent
+    assert tags[T.PARENT_RUN] == parent and tags[T.SWEEP_ID] == parent
     assert [r.info.run_id for r in sweep_children(client, parent)] == [child.run_id]
     assert job_runs(job) == [child.run_id, child.run_id]
     alone = MlflowTracker(uri=uri, experiment_name="exp")  # not a sweep's job: no parent
     alone.start({"lr": 0.1}, {})
     alone.end()
-    assert PARENT_RUN_TAG not in client.get_run(alone.run_id).data.tags
+    assert T.PARENT_RUN not in client.get_run(alone.run_id).data.tags
     assert job_runs(job) == [child.run_id, child.run_id]
 
 
@@ -411,10 +437,10 @@ def test_find_finished_run_matches_the_config_hash(uri, tmp_path):
     assert find_finished_run(f"sqlite:///{tmp_path}/none.db", "exp", "h") is None
     assert not (tmp_path / "none.db").exists()
     done = MlflowTracker(uri=uri, experiment_name="exp")
-    done.start({}, {CONFIG_HASH_TAG: "abc"})
+    done.start({}, {T.CONFIG_HASH: "abc"})
     done.end()
     failed = MlflowTracker(uri=uri, experiment_name="exp")
-    failed.start({}, {CONFIG_HASH_TAG: "def"})
+    failed.start({}, {T.CONFIG_HASH: "def"})
     failed.end("FAILED")
     assert find_finished_run(uri, "exp", "abc").info.run_id == done.run_id
     assert find_finished_run(uri, "exp", "def") is None  # failed runs are re-run
@@ -484,7 +510,7 @@ hydra:
   sweep: {{dir: {root}/multirun/sweep, subdir: "${{hydra:job.num}}"}}
   callbacks:
     mlflow_sweep:
-      _target_: mlxlab.tracking.hydra_callbacks.MlflowSweepCallback
+      _target_: mlxlab.tracking.mlflow.hydra_callbacks.MlflowSweepCallback
 """
 
 
@@ -524,7 +550,7 @@ def check_sweep(uri: str, n_children: int, best: float, best_params: dict, faile
     assert parent.data.metrics["best/val/accuracy"] == pytest.approx(best)
     assert {k: v for k, v in parent.data.params.items() if k.startswith("best.")} == best_params
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "plots")]
-    assert artifacts == ["plots/sweep_val_accuracy.png"]
+    assert artifacts == ["plots/replicates_val_accuracy.png", "plots/sweep_val_accuracy.png"]
     return parent.info.run_id
 
 
@@ -545,8 +571,9 @@ def test_multirun_groups_jobs_under_a_parent_run(template_db, tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert parent_id in table[0]
     header = next(line for line in table if line.strip().startswith("rank"))
-    assert header.split() == ["rank", "run_id", "status", "best", "val/accuracy", "lr", "width"]
-    ranked = [line.split()[2:] for line in table[table.index(header) + 2 :]]
+    assert header.split() == ["rank", "run_id", "group", "status", "best", "val/accuracy", "lr",
+                              "width"]
+    ranked = [line.split()[3:] for line in table[table.index(header) + 2 :]]
     assert ranked == [  # finished runs best first (by best/val/accuracy), then the failed ones
         ["FINISHED", "0.4000", "0.2", "2"],
         ["FINISHED", "0.2000", "0.1", "2"],
@@ -579,7 +606,7 @@ def test_runs_list_prints_runs(uri, tmp_path, capsys):
 def test_callback_creates_store_only_for_mlflow_tracking(template_db, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from mlxlab.tracking.hydra_callbacks import MlflowSweepCallback
+    from mlxlab.tracking.mlflow.hydra_callbacks import MlflowSweepCallback
 
     write_app(tmp_path)
     with initialize_config_dir(str(tmp_path / "conf"), version_base="1.3"):

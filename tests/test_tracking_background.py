@@ -1,4 +1,4 @@
-"""tracking.background: the MLflow tracker in a child process (tracking/background.py). Real
+"""tracking.background: the MLflow tracker in a child process (tracking/mlflow/background.py). Real
 sqlite stores, real child processes: everything lands as in-process, the training process
 never imports mlflow, the child's warnings and errors reach the parent, and a parent killed
 mid-run leaves what it flushed and a RUNNING run, as an in-process tracker does (the resumed run
@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from mlxlab.tracking.background import TrackerProcess
+from mlxlab.tracking import tags as T
 from mlxlab.tracking.fanout import FanoutTracker, build_tracker
 from mlxlab.tracking.mlflow import ensure_store
+from mlxlab.tracking.mlflow.background import TrackerProcess
+from mlxlab.tracking.source import command_line, entry_point, source_tags
 
 
 @pytest.fixture
@@ -71,6 +73,27 @@ def test_a_background_run_holds_what_an_in_process_run_holds(uri, tmp_path):
     assert [a.path for a in client.list_artifacts(tracker.run_id, "docs")] == ["docs/notes.txt"]
     assert tracker.errors == 0
     tracker.end()  # a second end is a no-op
+
+
+def test_a_background_runs_source_is_the_training_process_entry_point(uri):
+    """The child creates the MLflow run; its Source (mlflow.source.name) is what the training
+    process names (its entry point), not the child's own file, background.py (issue 39)."""
+    tracker = build_tracker(uri=uri, experiment_name="exp", run_name="src", background=True)
+    tracker.start({}, source_tags(["/venv/bin/mlxlab-train", "seed=3", "+tags.note=a b"]))
+    tracker.end()
+    tags = client_for(uri).get_run(tracker.run_id).data.tags
+    assert tags[T.SOURCE_NAME] == "mlxlab-train"
+    assert tags[T.COMMAND] == "mlxlab-train seed=3 '+tags.note=a b'"
+
+
+def test_the_source_is_the_entry_point_as_typed():
+    import mlxlab.train
+
+    assert entry_point("/venv/bin/mlxlab-train") == "mlxlab-train"
+    assert entry_point("mlxlab train") == "mlxlab train"  # cli/train.py's argv[0]
+    assert entry_point(mlxlab.train.__file__) == "python -m mlxlab.train"
+    assert entry_point("/elsewhere/script.py") == "script.py"
+    assert command_line(["mlxlab train", "seed=1"]) == "mlxlab train seed=1"
 
 
 def test_a_flush_barrier_returns_at_once_and_its_wait_at_the_stored_metrics(uri):
@@ -218,7 +241,7 @@ def test_a_killed_parent_leaves_what_it_flushed_and_its_child_exits(uri, tmp_pat
         time.sleep(0.1)
     assert not alive(child), "the tracking process outlived its parent"
     run = client_for(uri).get_run(run_id)
-    assert run.info.status == "RUNNING"  # as in-process: settled by resume or tracking/stale.py
+    assert run.info.status == "RUNNING"  # as in-process: settled by resume or tracking/mlflow/stale.py
     assert len(client_for(uri).get_metric_history(run_id, "train/loss")) == 5
     assert "late" not in run.data.metrics
 
@@ -232,7 +255,7 @@ def test_mlxlab_train_starts_the_tracking_process_before_composing(uri, tmp_path
     """mlxlab-train starts the MLflow child first thing (its imports overlap Hydra's), unless the
     command line tracks otherwise or this is not the tracking rank; the tracker adopts it, and
     one never adopted exits with its parent."""
-    from mlxlab.tracking import background
+    from mlxlab.tracking.mlflow import background
     from mlxlab.train import tracks_in_a_child
 
     assert tracks_in_a_child([]) and tracks_in_a_child(["tracking=[mlflow,csv]", "seed=3"])
@@ -247,7 +270,7 @@ def test_mlxlab_train_starts_the_tracking_process_before_composing(uri, tmp_path
     assert tracker.run_id is not None
     tracker.end()
 
-    code = ("import time; from mlxlab.tracking import background; background.prestart(); "
+    code = ("import time; from mlxlab.tracking.mlflow import background; background.prestart(); "
             "print(background._WARM[0][0].pid, flush=True); time.sleep(1)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     child = int(out.stdout.split()[0])

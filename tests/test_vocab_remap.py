@@ -7,9 +7,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
-from mlxlab.config import instantiate
+from mlxlab.config import instantiate, validate
 from mlxlab.data.batching import Batching
+from mlxlab.data.vocab_remap import VocabRemap
+from mlxlab.errors import ConfigError
 from mlxlab.export import export_run
 from mlxlab.models.remapped import RemappedLM
 from mlxlab.models.transformer import generate_step
@@ -151,3 +154,23 @@ def test_remapped_tokenizer_moves_a_roberta_post_processors_ids():
     remapped = Tokenizer.from_str(json.dumps(out))
     n = len(words)
     assert remapped.encode("the cat").ids == [n + 1, *range(n), n]
+
+
+@pytest.mark.parametrize(("node", "message"), [
+    ({"mode": "usd"}, r"data\.vocab_remap\.mode='usd': use used or topk \(or null for off\)"),
+    ({"mode": "topk"}, r"data\.vocab_remap\.mode=topk needs data\.vocab_remap\.k=<tokens to keep>"),
+    ({"mode": "topk", "k": 0}, r"needs data\.vocab_remap\.k=.*got k=0"),
+])
+def test_a_bad_vocab_remap_is_one_config_error(node, message):
+    """A typo in data.vocab_remap is the user's to fix: a ConfigError from its settings record
+    (train.py prints one line), not a ValueError's traceback after the documents were read."""
+    with pytest.raises(ConfigError, match=message):
+        VocabRemap(**node)
+    assert VocabRemap(mode="topk", k=5).k == 5 and VocabRemap().mode is None
+
+
+def test_a_bad_vocab_remap_fails_validation_before_anything_is_built(make_cfg):
+    with pytest.raises(ConfigError, match="data.vocab_remap.mode='usd'"):
+        validate(make_cfg(*LM, "data.vocab_remap.mode=usd"))
+    with pytest.raises(ConfigError, match=r"data\.vocab_remap\.kk is not a setting"):
+        validate(make_cfg(*LM, "+data.vocab_remap.kk=3"))

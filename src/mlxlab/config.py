@@ -2,23 +2,34 @@
 
 Validation runs before anything heavy is built, so a typo in an override fails in milliseconds
 with a one-line message that names the key and the fix.
+
+Hydra itself is imported inside the functions that compose, instantiate or check with it: this
+module is also imported for its facts alone (REMOTE_SCHEMES, check_uri, project_root) by code
+that never composes a config (checkpoint uploads, the verbs), and hydra's import costs ~0.1 s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
+import inspect
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mlxlab.errors import ConfigError, RemoteError
+from mlxlab.errors import ConfigError, RemoteError, UserError
 from mlxlab.runtime import settings
+from mlxlab.validation import check_choice, check_number
 
-__all__ = ["ConfigError", "compose_config", "config_hash", "instantiate", "validate"]
+__all__ = ["ConfigError", "check_choice", "check_number", "compose_config", "config_hash",
+           "instantiate", "unwrapped", "validate"]
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 
@@ -55,9 +66,7 @@ def register_resolvers() -> None:
 def run_stamp(pattern: str) -> str:
     """Like Hydra's ${now:pattern}, but one time for all ranks of a data-parallel run (rank 0's,
     broadcast), so `mlx.launch -n N` ranks started apart still share one run folder."""
-    from datetime import datetime
-
-    from mlxlab.runtime.distributed import start_time
+    from mlxlab.runtime.distributed import start_time  # MLX's distributed: when stamping
 
     return datetime.fromtimestamp(start_time()).strftime(pattern)
 
@@ -126,6 +135,21 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
     return hydra_instantiate(node, _convert_="all", **kwargs)
 
 
+@contextlib.contextmanager
+def unwrapped() -> Iterator[None]:
+    """A UserError raised by a constructor Hydra called (a settings record's check, a model's
+    size) comes out of the block as itself, not inside Hydra's multi-line
+    InstantiationException: what train.py prints as one line. Any other error is left as is."""
+    from hydra.errors import InstantiationException
+
+    try:
+        yield
+    except InstantiationException as wrapped:
+        if isinstance(wrapped.__cause__, UserError):
+            raise wrapped.__cause__ from None
+        raise
+
+
 # --- early validation ------------------------------------------------------------------------
 
 # The facts the checks below need live here, so config imports nothing above runtime/.
@@ -159,67 +183,48 @@ def check_uri(uri: str) -> tuple[str, str]:
     return scheme, rest
 
 
-# key -> (type, lower bound or None). Only keys present in the config are checked. The keys of
-# settings that are typed dataclasses (trainer.*: training/settings.py; callbacks.checkpoint.*:
-# training/settings.py CheckpointPolicy) are checked by their owners, built below.
-_NUMERIC_RULES: dict[str, tuple[type, float | None]] = {
-    "seed": (int, 0),
-    "split_seed": (int, 0),
-    "replicates": (int, 1),
-    "optimizer.learning_rate": (float, 0.0),
-    "optimizer.weight_decay": (float, 0.0),
-    "optimizer.eps": (float, 0.0),
-    "optimizer.momentum": (float, 0.0),
-    "callbacks.early_stopping.patience": (int, 0),
-    "callbacks.memory.every": (int, 0),
-    "model.hidden_size": (int, 1),
-    "model.num_layers": (int, 1),
-    "model.num_heads": (int, 1),
-    "model.dim": (int, 1),
-    "model.dropout": (float, 0.0),
-    "data.val_fraction": (float, 0.0),
-    "data.max_length": (int, 1),
-    "data.packing.seq_len": (int, 1),
-}
-# Config nodes built by validate() so that their classes check their own fields (__post_init__)
-# before anything heavy is built: one line naming the key, from the owner.
-SETTINGS_NODES = ("trainer", "callbacks.checkpoint")
+@dataclass(frozen=True)
+class TopKeys:
+    """The top-level keys of conf/train.yaml that a value can get wrong (task_name, resume, tags,
+    sweep and paths are read where they are used). A number left null is not checked."""
+
+    seed: int | None = None              # weights, dropout and batch order
+    split_seed: int | None = None        # the validation rows (null: seed)
+    replicates: int | None = None        # --multirun: seeds per config
+    optimized_mode: str = "max"          # max | min
+
+    def __post_init__(self) -> None:
+        for key, low in (("seed", 0), ("split_seed", 0), ("replicates", 1)):
+            if getattr(self, key) is not None:
+                check_number(key, getattr(self, key), int, low)
+        if self.optimized_mode not in ("max", "min"):
+            raise ConfigError(f"optimized_mode must be 'max' or 'min', got {self.optimized_mode!r}")
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> TopKeys:
+        """The keys as `cfg` has them (an absent one: its default here)."""
+        return cls(**{f.name: cfg.get(f.name, f.default) for f in fields(cls)})
 
 
-def check_number(key: str, value: Any, kind: type, low: float | None = None) -> None:
-    """`value` of config key `key` is a `kind` (int or float) >= `low`; else one ConfigError line
-    naming the key and the fix. The settings dataclasses call it for their numeric fields."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(
-            f"{key} must be a number, got {value!r}: fix the override, e.g. {key}=3e-4"
-            if kind is float
-            else f"{key} must be an integer, got {value!r}: fix the override, e.g. {key}=4"
-        )
-    if kind is int and float(value) != int(value):
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if low is not None and float(value) < low:
-        raise ConfigError(f"{key} must be >= {low}, got {value!r}")
-
-
-def check_choice(key: str, value: Any, allowed: tuple) -> None:
-    """`value` of config key `key` is one of `allowed`; else one ConfigError line listing them."""
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+# The optimizer node's keys mlxlab checks (conf/optimizer/*.yaml; which keys a class takes is
+# checked against its signature): (key, type, lower bound).
+OPTIMIZER_NUMBERS = (("learning_rate", float, 0.0), ("weight_decay", float, 0.0),
+                     ("eps", float, 0.0), ("momentum", float, 0.0))
+# The keys of the two shipped callbacks that do not check their own yet (training/callbacks.py
+# EarlyStopping and MemoryMonitor; every other callback and record checks its keys itself):
+# (callback, key, type, lower bound).
+CALLBACK_NUMBERS = (("early_stopping", "patience", int, 0), ("memory", "every", int, 0))
+# Config nodes built by validate() so that their classes check their own keys (settings records'
+# __post_init__, the data modules' settings) before anything heavy is built: one line naming the
+# key, from the owner. The model is checked by its constructor when it is built (its sizes need
+# the data's vocabulary).
+SETTINGS_NODES = ("trainer", "callbacks.checkpoint", "data")
 
 
 def validate(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key and the fix, before anything is built."""
     _check_required(cfg)
-    for key, (kind, low) in _NUMERIC_RULES.items():
-        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
-        if value is not None:
-            check_number(key, value, kind, low)
-    fraction = OmegaConf.select(cfg, "data.val_fraction", default=None)
-    if fraction is not None and not 0.0 < float(fraction) < 1.0:
-        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {fraction}")
-    mode = cfg.get("optimized_mode", "max")
-    if mode not in ("max", "min"):
-        raise ConfigError(f"optimized_mode must be 'max' or 'min', got {mode!r}")
+    TopKeys.of(cfg)
     for group in ("model", "data", "trainer", "tracking", "optimizer"):
         node = cfg.get(group)
         if node is None or "_target_" not in node:
@@ -227,15 +232,8 @@ def validate(cfg: DictConfig) -> None:
                               f"{group}={'|'.join(group_options(group)) or '...'}")
     _check_optimizer(cfg)
     _check_callbacks(cfg)
-    _check_settings(cfg)
-    # model.mlp is checked by its owner when the model is built (models/layers.py make_mlp).
-    _check_choice(cfg, "optimizer.bias_correction", (None, True, False))
-    betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
-    if betas is not None and (
-        len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
-    ):
-        raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got {betas}")
     _check_optimized_metric(cfg)
+    _check_settings(cfg)
     _check_replicates(cfg)
 
 
@@ -258,21 +256,27 @@ def group_options(group: str) -> list[str]:
 
 
 def _check_optimizer(cfg: DictConfig) -> None:
-    """optimizer=<name> must name a conf/optimizer/ option whose target is an mlx optimizer."""
-    from hydra.core.hydra_config import HydraConfig
-
+    """The optimizer node: an importable mlx optimizer taking its keys (which option names it is
+    Hydra's and train.py's: an unknown `optimizer=` never composes), partial, with a learning
+    rate, and the values of the keys OPTIMIZER_NUMBERS names, bias_correction and betas."""
+    node = cfg.optimizer
     options = group_options("optimizer")
-    if HydraConfig.initialized():
-        chosen = HydraConfig.get().runtime.choices.get("optimizer")
-        if chosen is not None and chosen not in options:  # a custom node given in full is fine
-            raise ConfigError(f"optimizer={chosen} is not an option: choose one of {options}")
-    _check_target(cfg.optimizer, "optimizer", f"choose optimizer={'|'.join(options)} or a class "
+    _check_target(node, "optimizer", f"choose optimizer={'|'.join(options)} or a class "
                   "such as mlx.optimizers.AdamW")
-    if not cfg.optimizer.get("_partial_", False):
+    if not node.get("_partial_", False):
         raise ConfigError("the optimizer node needs _partial_: true (the trainer adds the "
                           "learning-rate schedule): add optimizer._partial_=true")
-    if "learning_rate" not in cfg.optimizer:
+    if "learning_rate" not in node:
         raise ConfigError("the optimizer node needs a learning_rate: add +optimizer.learning_rate=1e-3")
+    for key, kind, low in OPTIMIZER_NUMBERS:
+        if node.get(key) is not None:
+            check_number(f"optimizer.{key}", node.get(key), kind, low)
+    check_choice("optimizer.bias_correction", node.get("bias_correction"), (None, True, False))
+    betas = node.get("betas")
+    if betas is not None and (
+        len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
+    ):
+        raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got {betas}")
 
 
 def _check_callbacks(cfg: DictConfig) -> None:
@@ -292,13 +296,14 @@ def _check_callbacks(cfg: DictConfig) -> None:
                 f"'+callbacks.{name}={{_target_: my_pkg.MyCallback}}', or drop it with ~callbacks.{name}")
         _check_target(entry, f"callbacks.{name}", "give an importable class (is its module on "
                       "PYTHONPATH?)")
+    for name, key, kind, low in CALLBACK_NUMBERS:
+        value = OmegaConf.select(node, f"{name}.{key}", default=None)
+        if value is not None:
+            check_number(f"callbacks.{name}.{key}", value, kind, low)
 
 
 def _check_target(node: DictConfig, key: str, fix: str) -> None:
     """node._target_ imports and takes node's keys as arguments; else one line naming the key."""
-    import importlib
-    import inspect
-
     target = str(node._target_)
     module, _, name = target.rpartition(".")
     try:  # (hydra.utils.get_object would also log its own multi-line report)
@@ -333,28 +338,16 @@ def _check_required(cfg: DictConfig) -> None:
     raise ConfigError(f"{', '.join(missing)} must be set: add {fixes} to the command line")
 
 
-def _check_choice(cfg: DictConfig, key: str, allowed: tuple) -> None:
-    check_choice(key, OmegaConf.select(cfg, key, default=None), allowed)
-
-
 def _check_settings(cfg: DictConfig) -> None:
     """Build each of SETTINGS_NODES (its keys checked against its class first): the owner's
-    __post_init__ raises the one line for a bad value, unwrapped from Hydra's report."""
-    from hydra.errors import InstantiationException
-
-    from mlxlab.errors import UserError
-
+    check raises the one line for a bad value, unwrapped from Hydra's report."""
     for key in SETTINGS_NODES:
         node = OmegaConf.select(cfg, key, default=None)
         if not OmegaConf.is_dict(node) or "_target_" not in node:
             continue  # a missing trainer _target_ is reported above; callbacks=none has none
         _check_target(node, key, "give an importable class")
-        try:
+        with unwrapped():
             instantiate(node)
-        except InstantiationException as wrapped:
-            if isinstance(wrapped.__cause__, UserError):
-                raise wrapped.__cause__ from None
-            raise
 
 
 def _check_optimized_metric(cfg: DictConfig) -> None:

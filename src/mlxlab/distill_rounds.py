@@ -29,7 +29,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mlxlab.config import to_container
 from mlxlab.errors import ConfigError
+from mlxlab.runs import newest_committed
 from mlxlab.tracking import tags as T
+from mlxlab.tracking.mlflow import finished_run_metrics, tracked_store
+from mlxlab.training.trainer import TrainingInterrupted
 
 log = logging.getLogger("mlxlab")
 
@@ -37,12 +40,10 @@ MANIFEST = "distill_rounds.json"
 
 
 def rounds_of(cfg: DictConfig) -> int:
-    distill = cfg.trainer.get("distill") or {}
-    rounds = distill.get("rounds", 1)
-    rounds = 1 if rounds is None else rounds
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ConfigError(f"trainer.distill.rounds must be an integer >= 1, got {rounds!r}")
-    return rounds
+    """trainer.distill.rounds: 1 without distillation (DistillConfig checks the value when
+    config.validate builds the trainer node)."""
+    rounds = (cfg.trainer.get("distill") or {}).get("rounds", 1)
+    return 1 if rounds is None else rounds
 
 
 def round_teachers(initial: list, students: list[str], mode: str) -> list:
@@ -73,8 +74,6 @@ def round_config(cfg: DictConfig, r: int, teachers: list, run_dir: Path,
 def child_run_id(run_dir: Path) -> str | None:
     """The MLflow run id of a round's folder, from its newest committed checkpoint (a killed
     round's folder may hold a half-written one)."""
-    from mlxlab.runs import newest_committed
-
     newest = newest_committed(run_dir)
     return newest[2] if newest else None
 
@@ -170,8 +169,6 @@ def resume_source(running: dict | None, r: int, folder: Path) -> str | None:
     holds a copy of its source's best/ before its own first checkpoint); None = start it fresh."""
     if not running or running.get("round") != r:
         return None
-    from mlxlab.runs import newest_committed
-
     found = []
     for rank, where in enumerate(running.get(k) for k in ("resumed_from", "run_dir")):
         newest = newest_committed(Path(where)) if where else None
@@ -184,8 +181,6 @@ def finished_round_metrics(tracking: Any, source: str | None) -> dict[str, float
     """The metrics of a round whose child run FINISHED before the kill that kept it out of the
     manifest, asked of the MLflow store the `tracking` node writes to; None when it has still to
     be trained (or resumed)."""
-    from mlxlab.tracking.mlflow import finished_run_metrics, tracked_store
-
     uri = tracked_store(tracking)
     run_id = child_run_id(Path(source)) if source else None
     if not uri or not run_id:
@@ -198,12 +193,8 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
                  parent: Any, tags: dict[str, str], name: str = "distill") -> dict[str, float]:
     """Train every round (or, with resume=, the rounds not finished); returns the last round's
     best metrics."""
-    from mlxlab.training.trainer import TrainingInterrupted
-
     distill = cfg.trainer.distill
     rounds, mode = rounds_of(cfg), distill.get("round_teachers", "chain")
-    if mode not in ("chain", "ensemble"):
-        raise ConfigError(f"trainer.distill.round_teachers must be chain or ensemble, got {mode!r}")
     initial = to_container(distill).get("teachers") or []
     if not initial:
         raise ConfigError("trainer.distill.rounds needs trainer.distill.teachers for round 1")

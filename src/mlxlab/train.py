@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import hydra
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from mlxlab.config import (
@@ -26,6 +25,7 @@ from mlxlab.config import (
     group_options,
     instantiate,
     to_container,
+    unwrapped,
     validate,
 )
 from mlxlab.errors import ConfigError, UserError
@@ -101,6 +101,7 @@ def git_commit(folder: Path) -> str | None:
 
 def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: Path) -> dict:
     from mlxlab.tracking import tags as T
+    from mlxlab.tracking.source import source_tags
 
     tags = {
         **choices,
@@ -108,10 +109,16 @@ def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: P
         T.RUN_DIR: str(run_dir),
         T.TASK_NAME: cfg.task_name,
         T.OVERRIDES: " ".join(_task_overrides()),
+        **source_tags(),  # Source: mlxlab-train / mlxlab train, and the command line as typed
     }
     commit = git_commit(Path(__file__).parent)  # the code that trained, not the data's folder
     if commit:
         tags[T.GIT_COMMIT] = commit
+    from mlxlab.search.trial_link import current_trial
+
+    trial = current_trial()  # a search's trial: its study and number on the run
+    if trial is not None:
+        tags.update(trial.tags())
     return {**tags, **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()}}
 
 
@@ -150,11 +157,12 @@ def build_tracker(cfg: DictConfig, name: str | None = None):
     return instantiate(cfg.tracking, **named)
 
 
-def build_callbacks(cfg: DictConfig, trial=None) -> tuple[list, CheckpointPolicy]:
+def build_callbacks(cfg: DictConfig) -> tuple[list, CheckpointPolicy]:
     """The `callbacks` group's named `_target_` nodes, built in config order (None entries, as
     left by `callbacks.x=null`, are skipped), and apart from them the checkpoint policy
     (`callbacks.checkpoint`: a settings record, its defaults when absent); a search's trial adds
     the reporter that feeds its pruner (search/pruning.py)."""
+    from mlxlab.search.trial_link import current_trial
     from mlxlab.training.callbacks import Callback
     from mlxlab.training.settings import CheckpointPolicy
 
@@ -171,6 +179,7 @@ def build_callbacks(cfg: DictConfig, trial=None) -> tuple[list, CheckpointPolicy
                               "mlxlab.training.callbacks.Callback: subclass it")
         callback.name = name  # its state's key in checkpoints
         built.append(callback)
+    trial = current_trial()  # a search's job: which trial it trains
     if trial is not None:
         from mlxlab.search.pruning import TrialReporter
 
@@ -195,14 +204,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         load_teachers,
         prepare_resume,
         rebuild_from_checkpoint,
+        record_resume,
         remote_resume,
+        resumed_run_folder,
         reuse_tokenizer,
         use_pretrained_tokenizer,
     )
     from mlxlab.runtime import distributed, slurm
     from mlxlab.tracking.base import NullTracker
-    from mlxlab.tracking.stale import process_tags
-    from mlxlab.tracking.tags import WORLD_SIZE
+    from mlxlab.tracking.mlflow.stale import process_tags
+    from mlxlab.tracking.tags import RESUMED_FROM, WORLD_SIZE
     from mlxlab.training.startup import prepare_device
     from mlxlab.training.trainer import Trainer
 
@@ -211,16 +222,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if settings.requeue and not cfg.get("resume") and slurm.restarted():
         log.info("trainer.requeue: a requeued Slurm job: resume=auto")
         cfg.resume = "auto"
-    from mlxlab.search.trial_link import current_trial
-
-    trial = current_trial()  # a search's job: which trial it trains
-    callbacks, checkpointing = build_callbacks(cfg, trial)
+    callbacks, checkpointing = build_callbacks(cfg)
     resume = remote_resume(cfg.get("resume"), run_dir, checkpointing,
                            lambda: prepare_resume(cfg, run_dir))
     if resume is not None:  # what was trained, with what this command line names on top
         rebuild_from_checkpoint(cfg, resume, _task_overrides())
         validate(cfg)
         settings = instantiate(cfg.trainer)
+        record_resume(cfg, run_dir, resume)  # the run folder's config: what this run trains
     run_hash = config_hash(cfg)  # before the tokenizer paths below are filled in
     # the device line, and MLX's CUDA kernel cache in paths.cache_dir before any kernel compiles
     prepare_device(cfg.paths.cache_dir, settings.fused_kernels)
@@ -255,7 +264,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = Trainer(settings, optimizer=instantiate(cfg.optimizer), callbacks=callbacks,
                       load_teachers=load_teachers, checkpointing=checkpointing)
     tags = {**run_tags(cfg, choices, run_hash, run_dir), **process_tags(),
-            WORLD_SIZE: str(world.size), **(trial.tags() if trial is not None else {})}
+            WORLD_SIZE: str(world.size)}
+    if resume is not None:
+        tags[RESUMED_FROM] = str(resumed_run_folder(resume))
     result = trainer.fit(model, data, tracker, run_dir, config=config, tags=tags, resume=resume)
     if world.is_main:
         print("\n".join(summary_lines(result, tracker)))
@@ -286,16 +297,11 @@ def hydra_main(cfg: DictConfig) -> float:
             log.info("skip_finished: this config already has a finished run; skipping")
             return done
     try:
-        try:
+        with unwrapped():  # a constructor's own error (a bad size) as itself, not Hydra's report
             metrics = train(cfg)
-            if cfg.optimized_metric not in metrics:  # e.g. streamed text with data.splits.val_examples=0
-                log.warning("no %s to return: the run had no validation data", cfg.optimized_metric)
-            return float(metrics.get(cfg.optimized_metric, math.nan))
-        except InstantiationException as wrapped:  # a constructor's own error, e.g. a bad size
-            cause = wrapped.__cause__
-            if isinstance(cause, UserError):
-                raise cause from None
-            raise
+        if cfg.optimized_metric not in metrics:  # e.g. streamed text with data.splits.val_examples=0
+            log.warning("no %s to return: the run had no validation data", cfg.optimized_metric)
+        return float(metrics.get(cfg.optimized_metric, math.nan))
     except TrainingInterrupted as stop:
         log.error("stopped by signal; checkpoint: %s (resume with resume=auto)", stop.checkpoint)
         if stop.requeue:
@@ -360,7 +366,7 @@ def main() -> None:
         print(f"mlxlab: error: {err}", file=sys.stderr)
         sys.exit(2)
     if tracks_in_a_child(sys.argv[1:]):
-        from mlxlab.tracking import background
+        from mlxlab.tracking.mlflow import background
 
         background.prestart()  # its imports overlap Hydra's composing and ours
     hydra_main()

@@ -21,7 +21,7 @@ ACTIONS = {
     "list": ("mlxlab.cli.runs_list", {}, "experiments and recent runs, or one sweep's table"),
     "show": ("mlxlab.cli.runs_show", {"action": "show"}, "one run: metrics, params, checkpoints"),
     "compare": ("mlxlab.cli.runs_compare", {}, "configs compared (intervals, tests), or runs"),
-    "merge": ("mlxlab.tracking.merge", {}, "copy experiments, runs and models from other stores"),
+    "merge": ("mlxlab.tracking.mlflow.merge", {}, "copy experiments, runs and models from other stores"),
     "hardest": ("mlxlab.cli.hardest", {}, "the training examples with the highest loss"),
 }
 

@@ -67,8 +67,8 @@ def run(args) -> int:
     from mlxlab.tracking.mlflow.comparisons import compare_groups, verdict
 
     which = "last" if args.last else "best"
-    # the row-level tests compare correctness: they answer for accuracy
-    rows_client = client if metric.endswith("accuracy") else None
+    # the row-level tests compare the best checkpoints' correctness: they answer for accuracy
+    rows_client = client if metric.endswith("accuracy") and not args.last else None
     results = compare_groups(groups, metric, which, baseline, args.delta, rows_client)
     if args.json:
         print(json.dumps(as_json(groups, results, metric, which, mode), indent=2, default=str))

@@ -20,11 +20,6 @@ from typing import Any
 from mlxlab.cli.common import guarded, parser_for
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow import (
-    METRIC_TAG,
-    MODE_TAG,
-    PARENT_RUN_TAG,
-    ROLE_TAG,
-    SWEEP_PARAMS_TAG,
     find_sweep_parent,
     metric_mode,
     resolve_uri,
@@ -34,7 +29,7 @@ from mlxlab.tracking.mlflow import (
     swept_keys,
 )
 from mlxlab.tracking.mlflow.replicates import group_runs
-from mlxlab.tracking.stale import mark_dead_runs
+from mlxlab.tracking.mlflow.stale import mark_dead_runs
 
 KEY_METRICS = ["val/accuracy", "val/f1", "val/roc_auc", "val/loss", "val/perplexity", "train/loss"]
 MAX_METRIC_COLUMNS = 4
@@ -59,7 +54,7 @@ def list_runs(args) -> int:
     if db is not None and not db.exists():  # don't create an empty store just to list it
         print(f"no MLflow store at {db} (run a training first, or pass --uri)")
         return 0
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # ~2 s to import: not for --help or a usage error
 
     client = MlflowClient(tracking_uri=uri)
     mark_dead_runs(uri, args.experiment)  # RUNNING runs whose process died without a checkpoint
@@ -124,9 +119,9 @@ def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int
     tags = parent.data.tags
     children = sweep_children(client, parent.info.run_id)
     present = [m for m in KEY_METRICS if any(m in r.data.metrics for r in children)]
-    metric = metric or tags.get(METRIC_TAG) or (present[0] if present else "val/accuracy")
-    mode = tags.get(MODE_TAG) or metric_mode(metric)
-    keys = swept_keys(children, json.loads(tags.get(SWEEP_PARAMS_TAG, "[]")))
+    metric = metric or tags.get(T.OPTIMIZED_METRIC) or (present[0] if present else "val/accuracy")
+    mode = tags.get(T.OPTIMIZED_MODE) or metric_mode(metric)
+    keys = swept_keys(children, json.loads(tags.get(T.SWEEP_PARAMS, "[]")))
     print(
         f"sweep {parent.info.run_id} {parent.info.run_name!r} ({parent.info.status}), "
         f"started {format_time(parent.info.start_time)}"
@@ -143,23 +138,14 @@ def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int
         print_groups(groups, metric)
     gid = {r.info.run_id: g.gid for g in groups for r in g.runs}
     rows = sweep_table(children, metric, keys, mode)
-    header = ["rank", "run_id", "group", "status", f"best {metric}", "seed",
+    seeds = any(row.get("seed") for row in rows)  # a seed column where the runs logged one
+    header = ["rank", "run_id", "group", "status", f"best {metric}", *(["seed"] if seeds else []),
               *(k for k in keys if k != "seed")]
-    print_table(
-        header,
-        [
-            [
-                str(i + 1),
-                row["run_id"],
-                gid.get(row["run_id"], "-"),
-                _state(row),
-                format_number(row[metric]),
-                str(row.get("seed") or "-"),
-                *(str(row[k]) for k in keys if k != "seed"),
-            ]
-            for i, row in enumerate(rows)
-        ],
-    )
+    print_table(header, [
+        [str(i + 1), row["run_id"], gid.get(row["run_id"], "-"), _state(row),
+         format_number(row[metric]), *([str(row.get("seed") or "-")] if seeds else []),
+         *(str(row[k]) for k in keys if k != "seed")]
+        for i, row in enumerate(rows)])
     return 0
 
 
@@ -205,7 +191,7 @@ def format_duration(run: Any) -> str:
 
 
 def _sweep_role(run) -> str:
-    if run.data.tags.get(ROLE_TAG) == "sweep":
+    if run.data.tags.get(T.ROLE) == "sweep":
         return "parent"
-    parent = run.data.tags.get(PARENT_RUN_TAG)
+    parent = run.data.tags.get(T.PARENT_RUN)
     return f"child of {parent[:8]}" if parent else ""

@@ -23,6 +23,8 @@ from mlxlab.cli.runs_list import (
     print_table,
     show_sweep,
 )
+from mlxlab.tracking import tags as T
+from mlxlab.tracking.mlflow import resolve_uri, sqlite_path
 
 
 def main(argv: list[str], action: str = "show") -> int:
@@ -41,9 +43,7 @@ def main(argv: list[str], action: str = "show") -> int:
 
 
 def _client(uri_arg: str | None):
-    from mlflow import MlflowClient
-
-    from mlxlab.tracking.mlflow import resolve_uri, sqlite_path
+    from mlflow import MlflowClient  # ~2 s to import: not for --help or a usage error
 
     uri = resolve_uri(uri_arg)
     db = sqlite_path(uri)
@@ -54,6 +54,7 @@ def _client(uri_arg: str | None):
 
 def checkpoints(folder: Path) -> dict[str, tuple[int, Path]]:
     """{"best": (step, path), "last": (step, path)} of a run folder's committed checkpoints."""
+    # checkpoint/ and runs/ load MLX (~0.2 s): only for a run folder
     from mlxlab.checkpoint import CheckpointState
     from mlxlab.runs import choose_checkpoint
 
@@ -69,8 +70,7 @@ def checkpoints(folder: Path) -> dict[str, tuple[int, Path]]:
 
 def _resolve(client, uri: str, ref: str):
     """(MLflow run or None, run folder or None) for a run id or a run folder."""
-    from mlxlab.checkpoint import CheckpointState
-    from mlxlab.tracking.mlflow import RUN_DIR_TAG
+    from mlxlab.checkpoint import CheckpointState  # loads MLX (~0.1 s): as checkpoints() below
 
     folder = Path(ref).expanduser()
     if folder.is_dir():
@@ -89,7 +89,7 @@ def _resolve(client, uri: str, ref: str):
     except Exception:
         raise ValueError(f"{ref} is neither a run folder nor a run id in {uri}: `mlxlab runs "
                          "list` shows the run ids") from None
-    tagged = run.data.tags.get(RUN_DIR_TAG)
+    tagged = run.data.tags.get(T.RUN_DIR)
     return run, Path(tagged) if tagged and Path(tagged).is_dir() else None
 
 
@@ -109,8 +109,6 @@ def _last(run, metric: str) -> str:
 
 
 def show(args) -> int:
-    from mlxlab.tracking.mlflow import ROLE_TAG
-
     client, uri = _client(args.uri)
     run, folder = _resolve(client, uri, args.runs)
     if run is not None:
@@ -136,7 +134,7 @@ def show(args) -> int:
     if run.data.params:
         print("\nparams")
         print_table(["param", "value"], [[k, v] for k, v in sorted(run.data.params.items())])
-    if run.data.tags.get(ROLE_TAG) == "sweep":
+    if run.data.tags.get(T.ROLE) == "sweep":
         print()
         show_sweep(client, [client.get_experiment(run.info.experiment_id)], run.info.run_id, None)
     return 0

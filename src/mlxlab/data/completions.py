@@ -22,6 +22,7 @@ from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batch, Batching, bucket_length, make_batches
 from mlxlab.data.tokenizer import build_tokenizer, special_ids, tokenizer_hash
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.validation import check_fraction, check_number
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,8 @@ class PromptCompletion(DataModule):
         tokenizer: dict | None = None,
         split_seed: int | None = None,
     ):
-        if max_length < 2:
-            raise ConfigError(f"data.max_length={max_length} must be >= 2")
+        check_number("data.max_length", max_length, int, 2)
+        check_fraction("data.val_fraction", val_fraction)
         self.train_file, self.val_file = train_file, val_file
         self.val_fraction, self.seed = float(val_fraction), int(seed)
         self.split_seed = int(seed if split_seed is None else split_seed)  # None: as before

@@ -23,25 +23,48 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mlxlab.errors import ConfigError
+from mlxlab.validation import check_number, record
+
 SCORES = ("length", "rarity", "none")
 PACINGS = ("root", "linear")
+
+
+@dataclass(frozen=True)
+class CurriculumSettings:
+    """`data.curriculum`, each key checked once (one ConfigError line naming it)."""
+
+    score: str = "length"      # length | rarity | none (only track the tokens trained on)
+    pacing: str = "root"       # root | linear: how the competence grows
+    start: float = 0.2         # the competence at the first batch
+    full_at: float = 0.5       # the share of training at which every example is drawn
+    rare_mass: float = 0.05    # the corpus's rarest tokens, by mass: the outliers' measure
+    outliers: int = 20         # examples listed as outliers at the end
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ConfigError(f"data.curriculum.score={self.score!r}: use one of "
+                              f"{', '.join(SCORES)}")
+        if self.pacing not in PACINGS:
+            raise ConfigError(f"data.curriculum.pacing={self.pacing!r}: use root or linear")
+        for key in ("start", "full_at", "rare_mass"):
+            check_number(f"data.curriculum.{key}", getattr(self, key), float)
+        check_number("data.curriculum.outliers", self.outliers, int, 0)
+        if not 0 < self.start <= 1 or not 0 < self.full_at <= 1:
+            raise ConfigError(f"data.curriculum needs 0 < start <= 1 and 0 < full_at <= 1, got "
+                              f"start={self.start}, full_at={self.full_at}")
 
 
 class Curriculum:
     def __init__(self, score: str = "length", pacing: str = "root", start: float = 0.2,
                  full_at: float = 0.5, seed: int = 0, rare_mass: float = 0.05,
                  outliers: int = 20) -> None:
-        if score not in SCORES:
-            raise ValueError(f"data.curriculum.score={score!r}: use one of {', '.join(SCORES)}")
-        if pacing not in PACINGS:
-            raise ValueError(f"data.curriculum.pacing={pacing!r}: use root or linear")
-        if not 0 < start <= 1 or not 0 < full_at <= 1:
-            raise ValueError(f"data.curriculum needs 0 < start <= 1 and 0 < full_at <= 1, got "
-                             f"start={start}, full_at={full_at}")
+        CurriculumSettings(score, pacing, start, full_at, rare_mass, outliers)  # the checks
         self.score, self.pacing, self.start, self.full_at = score, pacing, start, full_at
         self.seed, self.rare_mass, self.num_outliers = int(seed), rare_mass, int(outliers)
         self.total_batches: int | None = None
@@ -49,9 +72,11 @@ class Curriculum:
 
     @classmethod
     def from_config(cls, cfg: Mapping | None, seed: int) -> Curriculum | None:
+        """The `data.curriculum` node's curriculum (None: off); a key it does not have is one
+        ConfigError naming it (validation.record)."""
         if not cfg:
             return None
-        return cls(seed=seed, **dict(cfg))
+        return cls(seed=seed, **asdict(record(CurriculumSettings, cfg, "data.curriculum")))
 
     @property
     def active(self) -> bool:
@@ -134,7 +159,7 @@ class Curriculum:
     def histogram_png(self, path: Path, names: Sequence[str] | None = None, top: int = 40) -> Path:
         """Seen vs corpus frequency of the `top` most common corpus tokens, and the whole rank
         -frequency curve of both (log scale)."""
-        import matplotlib
+        import matplotlib  # ~0.8 s to import: only when the histogram is drawn
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

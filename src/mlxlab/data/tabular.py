@@ -125,9 +125,8 @@ def stratified_split(
     """Seeded stratified split: each class contributes round(n_class * val_fraction) rows to val.
 
     Returns sorted (train_idx, val_idx). Benchmarks reuse it so baselines see the same split.
+    (`data.val_fraction` is checked by its owner, TabularSettings.)
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     val = []
     for c in np.unique(labels):

@@ -13,6 +13,7 @@ from typing import Any
 
 from mlxlab.data.numeric import MODES, WORDINGS
 from mlxlab.errors import ConfigError
+from mlxlab.validation import check_fraction, check_number, record
 
 AUTO_MAX_LENGTH = 512  # max_length=null fits the longest row up to this (BERT's position table)
 
@@ -54,18 +55,19 @@ class TabularSettings:
         if self.numeric_words not in WORDINGS:
             raise ConfigError(
                 f"data.numeric_words={self.numeric_words!r}: use one of {list(WORDINGS)}")
-        if isinstance(self.numeric_bins, bool) or int(self.numeric_bins) < 2:
+        check_number("data.numeric_bins", self.numeric_bins, int)
+        if int(self.numeric_bins) < 2:
             raise ConfigError(f"data.numeric_bins must be an integer >= 2, got {self.numeric_bins!r}")
         put("numeric_bins", int(self.numeric_bins))
-        if not 0.0 <= float(self.val_fraction) < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        check_fraction("data.val_fraction", self.val_fraction)
         put("val_fraction", float(self.val_fraction))
         put("seed", int(self.seed))
         # A fixed split seed scores every seed's run on the same rows (paired comparisons,
         # issue 38); a config saved before it had the key splits by `seed`, as it trained.
         put("split_seed", int(self.seed if self.split_seed is None else self.split_seed))
         if self.max_length is not None:
-            if isinstance(self.max_length, bool) or int(self.max_length) < 3:
+            check_number("data.max_length", self.max_length, int)
+            if int(self.max_length) < 3:
                 raise ConfigError(f"data.max_length must be an integer >= 3 ([CLS], a token, "
                                   f"[SEP]) or null, got {self.max_length!r}")
             put("max_length", int(self.max_length))
@@ -75,16 +77,11 @@ class TabularSettings:
     def from_keys(cls, keys: Mapping[str, Any]) -> TabularSettings:
         """From the flat `data.*` keys (Hydra's node, a saved run's config); `_`-keys such as
         `_target_` are Hydra's and skipped. An unknown key is one line naming the known ones."""
-        known = [f.name for f in fields(cls)]
-        given = {k: v for k, v in keys.items() if not str(k).startswith("_")}
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            raise ConfigError(f"data.{unknown[0]} is not a setting of data=csv: it takes {known}")
-        missing = [k for k in ("path", "label_column") if given.get(k) is None]
+        missing = [k for k in ("path", "label_column") if keys.get(k) is None]
         if missing:
             raise ConfigError(f"data=csv needs {', '.join('data.' + k for k in missing)} "
                               "(e.g. data.path=my.csv data.label_column=target)")
-        return cls(**given)
+        return record(cls, keys, "data", owner="data=csv")
 
     def keys(self) -> dict[str, Any]:
         """The settings as flat JSON-able keys (the cache key hashes these)."""

@@ -107,8 +107,8 @@ def build_tokenizer(
     `cache_dir` (unless `retrain`); else a new tokenizer is trained on `texts`. The result is
     written to `save_to`. The log line says which of these happened.
 
-    kind="wordpiece": BERT style, [PAD]=0 [UNK] [CLS] [SEP] [MASK], lowercase, whitespace +
-    punctuation split, post-processor wraps every text as [CLS] ... [SEP]; the vocabulary is
+    kind="wordpiece": BERT style, `[PAD]=0 [UNK] [CLS] [SEP] [MASK]`, lowercase, whitespace +
+    punctuation split, post-processor wraps every text as `[CLS] ... [SEP]`; the vocabulary is
     whole words + characters, built deterministically (see `_wordpiece_vocab`).
     kind="bytelevel_bpe": GPT style, <|endoftext|> and <|pad|>, no special tokens added on encode;
     trained by tokenizers' BpeTrainer, which may stop below vocab_size when merges run out.

@@ -18,12 +18,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+from mlxlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 MODES = ("used", "topk")
+
+
+@dataclass(frozen=True)
+class VocabRemap:
+    """`data.vocab_remap`: mode None = off; `used` keeps the tokens the training documents use,
+    `topk` the `k` most frequent (the rest -> one UNK id). Checked once, here."""
+
+    mode: str | None = None
+    k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in MODES:
+            raise ConfigError(f"data.vocab_remap.mode={self.mode!r}: use used or topk (or null "
+                              "for off)")
+        if self.mode == "topk" and (isinstance(self.k, bool) or not isinstance(self.k, int)
+                                    or self.k < 1):
+            raise ConfigError("data.vocab_remap.mode=topk needs data.vocab_remap.k=<tokens to "
+                              f"keep> (an integer >= 1), got k={self.k!r}")
 
 
 class VocabMap:
@@ -41,17 +62,12 @@ class VocabMap:
         return len(self.keep) + 1
 
     @classmethod
-    def build(cls, mode: str, counts: np.ndarray, k: int | None = None,
-              always: Iterable[int] = ()) -> VocabMap:
-        if mode not in MODES:
-            raise ValueError(f"data.vocab_remap.mode={mode!r}: use used or topk (or null for off)")
-        if mode == "used":
-            keep = np.flatnonzero(counts)
-        else:
-            if not k or k < 1:
-                raise ValueError("data.vocab_remap.mode=topk needs data.vocab_remap.k=<tokens to keep>")
-            used = np.flatnonzero(counts)
-            keep = used[np.argsort(-counts[used], kind="stable")[:k]]
+    def build(cls, remap: VocabRemap, counts: np.ndarray, always: Iterable[int] = ()) -> VocabMap:
+        """The map `remap` asks for (a mode, not None) over the training token `counts`; the
+        `always` ids (the special tokens) are kept whatever their count."""
+        keep = used = np.flatnonzero(counts)
+        if remap.mode == "topk":
+            keep = used[np.argsort(-counts[used], kind="stable")[: remap.k]]
         return cls([*keep.tolist(), *always], len(counts))
 
     def remap(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

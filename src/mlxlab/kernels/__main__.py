@@ -19,7 +19,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "build":
         try:
-            print(build(settings.current().kernels_cache, logging.getLogger("mlxlab.kernels").info))
+            print(build(settings.current().kernels_cache, kernels.isa_level(),
+                        logging.getLogger("mlxlab.kernels").info))
         except KernelBuildError as exc:
             print(f"mlxlab.kernels: build failed: {exc}", file=sys.stderr)
             return 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.optimizers as optim
 
-from mlxlab import kernels
+from mlxlab.kernels.dispatch import fused
 
 
 class AdamW(optim.AdamW):
@@ -30,7 +30,7 @@ class AdamW(optim.AdamW):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         m, v = state["m"], state["v"]
-        module = kernels._fused("adamw", gradient, parameter, m, v)
+        module = fused("adamw", gradient, parameter, m, v)
         if module is None or not gradient.shape == parameter.shape == m.shape == v.shape:
             return super().apply_single(gradient, parameter, state)
         if self._coef is None:

@@ -1,10 +1,13 @@
-"""Build the fused CPU kernels (csrc/) once per machine and load them.
+"""Build the fused CPU kernels (csrc/) once per ISA level and load them.
 
 The extension is compiled with CMake + Ninja against the CMake configs the installed wheels ship:
 MLX's (headers, libmlx) and nanobind's (the binding library MLX's own Python module is built
-with, so both share mx.array's type). `-march=native` makes the binary specific to the CPU, so the
-cache key holds the CPU's feature flags next to the sources', MLX's, nanobind's and Python's
-versions: a home directory shared by different machines gets one build per kind of CPU.
+with, so both share mx.array's type), for one fixed instruction-set level that the caller names
+(runtime/cpu.py: x86-64-v3 on x86-64, armv8-a on ARM64), never for the building machine's CPU
+(-march=native made the kernels a different program, with different last bits, on each kind of
+CPU; issue 39). The cache key holds that level next to the sources', MLX's, nanobind's and
+Python's versions: every machine at that level uses the same build, and a home directory shared
+by different machines gets one build per level.
 
 Where: the `cache` folder its caller passes: $MLXLAB_KERNELS_CACHE, else
 $XDG_CACHE_HOME/mlxlab/kernels, else ~/.cache/mlxlab/kernels (runtime/settings.py reads them).
@@ -40,7 +43,8 @@ class KernelBuildError(RuntimeError):
 
 def unsupported_reason() -> str | None:
     """Why this platform gets no build (None: try). The kernels are CPU code for Linux and macOS
-    on x86-64 and ARM64; elsewhere the pure-MLX path runs."""
+    on x86-64 and ARM64; elsewhere the pure-MLX path runs. (An x86-64 CPU below x86-64-v3 has no
+    level to build for: the caller finds that with runtime/cpu.py.)"""
     machine = platform.machine().lower()
     if sys.platform not in ("linux", "darwin"):
         return f"platform {sys.platform} (fused kernels build on Linux and macOS)"
@@ -52,16 +56,6 @@ def unsupported_reason() -> str | None:
     return None
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
@@ -69,14 +63,16 @@ def _version(dist: str) -> str:
         return "?"
 
 
-def build_key() -> str:
+def build_key(isa: str) -> str:
+    """The cache folder's name for a build of these sources for the level `isa`, against this
+    MLX, nanobind and Python: the same on every machine at that level."""
     import mlx.core as mx
 
     digest = hashlib.sha256()
     for path in sorted(SRC.iterdir()):
         if path.is_file():
             digest.update(path.name.encode() + path.read_bytes())
-    for part in (mx.__version__, _version("nanobind"), sys.version, platform.machine(), _cpu_flags()):
+    for part in (mx.__version__, _version("nanobind"), sys.version, platform.machine(), isa):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
@@ -86,9 +82,9 @@ def _module_file(directory: Path) -> Path | None:
     return found[0] if found else None
 
 
-def build(cache: Path, log=None, rpath: bool = True) -> Path:
-    """Path of the compiled module for this machine, building it first when the folder `cache`
-    has none.
+def build(cache: Path, isa: str, log=None, rpath: bool = True) -> Path:
+    """Path of the compiled module for the level `isa` (runtime/cpu.py's isa_level()), building
+    it first when the folder `cache` has none.
     rpath=False leaves MLX's library folder out of the module (the install-time build runs in
     pip's temporary build environment; at import, mlx.core has already loaded libmlx).
 
@@ -98,7 +94,7 @@ def build(cache: Path, log=None, rpath: bool = True) -> Path:
     if reason:
         raise KernelBuildError(reason)
     root = Path(cache)
-    target = root / build_key()
+    target = root / build_key(isa)
     existing = _module_file(target)
     if existing:
         return existing
@@ -109,12 +105,12 @@ def build(cache: Path, log=None, rpath: bool = True) -> Path:
         if existing:
             return existing
         if log:
-            log(f"mlxlab.kernels: compiling the fused CPU kernels once for this machine into {target}")
+            log(f"mlxlab.kernels: compiling the fused CPU kernels once for {isa} into {target}")
         started = time.perf_counter()
         work = Path(tempfile.mkdtemp(prefix="build-", dir=root))
         log_file = root / "last-build.log"
         try:
-            _cmake(work, log_file, rpath)
+            _cmake(work, log_file, isa, rpath)
             built = _module_file(work)
             if built is None:
                 raise KernelBuildError(f"the build produced no {MODULE} module; see {log_file}")
@@ -129,7 +125,7 @@ def build(cache: Path, log=None, rpath: bool = True) -> Path:
     return _module_file(target)
 
 
-def _cmake(work: Path, log_file: Path, rpath: bool = True) -> None:
+def _cmake(work: Path, log_file: Path, isa: str, rpath: bool = True) -> None:
     import mlx.core as mx
 
     try:
@@ -144,9 +140,11 @@ def _cmake(work: Path, log_file: Path, rpath: bool = True) -> None:
         f"-Dnanobind_DIR={nanobind.cmake_dir()}",
         f"-DCMAKE_PREFIX_PATH={mlx_prefix}",
         f"-DMLXLAB_RPATH={'ON' if rpath else 'OFF'}",
+        f"-DMLXLAB_ISA={isa}",
     ]
     with open(log_file, "w") as out:
-        for cmd in (configure, ["cmake", "--build", str(work)]):
+        # --verbose: the log keeps every compiler command line (the flags the build used)
+        for cmd in (configure, ["cmake", "--build", str(work), "--verbose"]):
             out.write("$ " + " ".join(cmd) + "\n")
             out.flush()
             try:
@@ -158,9 +156,9 @@ def _cmake(work: Path, log_file: Path, rpath: bool = True) -> None:
                 raise KernelBuildError(f"`{cmd[0]} {cmd[1]}` failed; see {log_file}")
 
 
-def load(cache: Path, log=None) -> ModuleType:
-    """Build into `cache` if needed and import the compiled module."""
-    path = build(cache, log)
+def load(cache: Path, isa: str, log=None) -> ModuleType:
+    """Build for the level `isa` into `cache` if needed and import the compiled module."""
+    path = build(cache, isa, log)
     spec = importlib.util.spec_from_file_location(MODULE, path)
     module = importlib.util.module_from_spec(spec)
     try:

@@ -43,6 +43,8 @@ class CNNHybrid(Model):
             vocab_size=vocab_size,
             num_labels=num_labels,
             hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
             cnn_filters=cnn_filters,
             max_position=max_position,
         )

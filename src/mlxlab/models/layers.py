@@ -7,6 +7,7 @@ import mlx.nn as nn
 
 from mlxlab import kernels
 from mlxlab.errors import ConfigError
+from mlxlab.validation import check_number
 
 
 class KVCache:
@@ -273,6 +274,7 @@ def init_normal_(model: nn.Module, std: float = 0.02, residual_std: dict[str, fl
 
 
 def check_dropout(p: float) -> None:
+    check_number("model.dropout", p, float)
     if not 0.0 <= p < 1.0:
         raise ConfigError(f"dropout={p} must be in [0, 1)")
 

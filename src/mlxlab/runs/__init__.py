@@ -6,7 +6,8 @@ so a model is rebuilt from the checkpoint alone. A module per job:
 
 - discovery: the run folder `resume=auto` continues (committed checkpoints, lineage);
 - resume: the resume source, local or in object storage (`prepare_resume`, `remote_resume`),
-  and the run's config rebuilt from its checkpoint (`rebuild_from_checkpoint`);
+  and the run's config rebuilt from its checkpoint (`rebuild_from_checkpoint`), written into the
+  resumed run's folder with the run it goes on from (`record_resume`, `resumed_run_folder`);
 - tokenizer: a run's or a pretrained folder's tokenizer reused by a new run;
 - model: a run's model from one of its checkpoints (`load_run_model`), distillation teachers;
 - finished: the finished run of a config in the tracking store (sweep.skip_finished);
@@ -19,7 +20,13 @@ Imported here: what a training run needs (light); the using modules (pandas) loa
 from mlxlab.runs.discovery import latest_run_with_checkpoints, newest_committed
 from mlxlab.runs.finished import finished_metric
 from mlxlab.runs.model import CHECKPOINT_CHOICES, choose_checkpoint, load_run_model, load_teachers
-from mlxlab.runs.resume import prepare_resume, rebuild_from_checkpoint, remote_resume
+from mlxlab.runs.resume import (
+    prepare_resume,
+    rebuild_from_checkpoint,
+    record_resume,
+    remote_resume,
+    resumed_run_folder,
+)
 from mlxlab.runs.tokenizer import (
     TOKENIZER_SIDE_FILES,
     first_teacher,
@@ -33,6 +40,7 @@ from mlxlab.runs.tokenizer import (
 __all__ = [
     "CHECKPOINT_CHOICES", "TOKENIZER_SIDE_FILES", "choose_checkpoint", "finished_metric",
     "first_teacher", "keep_pretrained_files", "latest_run_with_checkpoints", "load_run_model",
-    "load_teachers", "newest_committed", "prepare_resume", "rebuild_from_checkpoint", "remote_resume",
+    "load_teachers", "newest_committed", "prepare_resume", "rebuild_from_checkpoint", "record_resume", "remote_resume",
+    "resumed_run_folder",
     "require_run_tokenizer", "reuse_tokenizer", "run_tokenizer", "use_pretrained_tokenizer",
 ]

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from mlxlab.config import config_hash
+from mlxlab.tracking.mlflow import find_finished_run, tracked_store
+
 
 def finished_metric(cfg: DictConfig) -> float | None:
-    """For sweep.skip_finished: the metric of a finished run with this config hash, if any."""
-    from mlxlab.config import config_hash
-    from mlxlab.tracking.mlflow import find_finished_run  # mlflow only when asked
-
-    if "uri" not in cfg.tracking:
+    """For sweep.skip_finished: the metric of a finished run with this config hash, if any
+    (mlflow itself is imported by the lookup, when asked)."""
+    uri = tracked_store(cfg.tracking)
+    if uri is None:
         return None
-    run = find_finished_run(cfg.tracking.uri, cfg.tracking.experiment_name, config_hash(cfg))
+    run = find_finished_run(uri, cfg.tracking.experiment_name, config_hash(cfg))
     if run is None:
         return None
     metrics = run.data.metrics

@@ -5,6 +5,7 @@ checkpoint/remote.py downloads a newer committed checkpoint into the run folder)
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,6 +108,32 @@ def rebuild_from_checkpoint(cfg: DictConfig, source: Path, overrides: list[str])
     return trained
 
 
+def resumed_run_folder(source: Path) -> Path:
+    """The run folder a resume source belongs to (a run folder, its checkpoints/ or one
+    checkpoint in it), else the source itself (a checkpoint copied elsewhere)."""
+    source = Path(source).resolve()
+    return next((f for f in [source, *source.parents][:3]
+                 if (f / ".hydra").is_dir() or (f / "checkpoints").is_dir()), source)
+
+
+def record_resume(cfg: DictConfig, run_dir: Path, source: Path) -> None:
+    """Make the run folder say what this resumed run trains. Hydra wrote .hydra/config.yaml from
+    this command line's composition before the run began; rebuild_from_checkpoint has since made
+    `cfg` the checkpoint's settings with the command line's on top (issue 39: a 3-layer run
+    resumed with `resume=auto` trained 3 layers while its config.yaml said today's 2). That is
+    written over it, and .hydra/resumed_from.yaml names the run this one goes on from."""
+    hydra_dir = run_dir / ".hydra"
+    if not hydra_dir.is_dir():  # not launched through Hydra's app (train(cfg) from a script)
+        return
+    record = {"run_dir": str(resumed_run_folder(source)), "source": str(Path(source).resolve()),
+              "resume": str(cfg.get("resume"))}
+    for name, text in (("config.yaml", OmegaConf.to_yaml(cfg)),
+                       ("resumed_from.yaml", OmegaConf.to_yaml(record))):
+        staged = hydra_dir / f".{name}.{os.getpid()}"
+        staged.write_text(text)
+        os.replace(staged, hydra_dir / name)  # ranks sharing the folder write the same text
+
+
 def changed_presets(presets: list[str], source: Path, this_run: Path) -> list[str]:
     """Of the GLOBAL_CHOICES named now, those whose option differs from the one the resumed run
     was launched with (its run folder's .hydra/hydra.yaml); all of them when that is unknown: a
@@ -115,10 +142,9 @@ def changed_presets(presets: list[str], source: Path, this_run: Path) -> list[st
         return []
     from hydra.core.hydra_config import HydraConfig
 
-    source = source.resolve()  # a run folder, its checkpoints/ or one checkpoint in it
-    folder = next((f for f in [source, *source.parents][:3]
-                   if (f / ".hydra" / "hydra.yaml").is_file()), None)
-    if folder is None or folder.resolve() == this_run.resolve() or not HydraConfig.initialized():
+    folder = resumed_run_folder(source)
+    if (not (folder / ".hydra" / "hydra.yaml").is_file() or folder == this_run.resolve()
+            or not HydraConfig.initialized()):
         return presets
     trained = OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra.runtime.choices
     now = HydraConfig.get().runtime.choices

@@ -14,12 +14,15 @@ OpenBLAS, whose own thread pool then fought PyTorch's OpenMP pool (3.7x slower t
 on a Xeon). Binding per library also makes the import order irrelevant: MLX imported before
 mlxlab gets OpenBLAS all the same.
 
-The OpenBLAS comes from the `ngsolve-openblas` wheel (x86_64 Linux): plain `cblas_*` names,
-DYNAMIC_ARCH (safe on any x86-64 CPU), 13 MB. Other wheels were worse: `scipy-openblas32`
-prefixes its symbols (`scipy_cblas_sgemm`), `cmeel-openblas` is built for AVX-512 only,
-`mkl` is ~800 MB and runs its generic kernels on AMD. The wheel needs libgfortran.so.5 (two
-string helpers of its LAPACK part), which fresh machines lack; mlx-cpu bundles one under a
-hashed file and soname, so we load that copy under the standard soname, patched in memory.
+The OpenBLAS comes from the `scipy-openblas32` wheel (x86_64 Linux): the OpenBLAS its own
+maintainers build for NumPy and SciPy, DYNAMIC_ARCH (safe on any x86-64 CPU), 25 MB, needing
+nothing beyond glibc (its LAPACK's Fortran runtime is inside). Its names carry a `scipy_` prefix
+(`scipy_cblas_sgemm`), which the rebinding maps (PREFIXES). Until issue 39 it was
+`ngsolve-openblas` (a wheel made for NGSolve), which needed libgfortran.so.5: fresh machines lack
+it, so mlx-cpu's hashed copy was loaded under the standard soname, patched in memory; the two
+run the same kernels at the same speed and give the same bits (docs/benchmarks.md, "BLAS
+wheels"). Others: `cmeel-openblas` is built for AVX-512 only, `mkl` is ~800 MB and runs its
+generic kernels on AMD.
 
 MLXLAB_BLAS=off keeps MLX's reference BLAS; MLXLAB_BLAS=/path/to/libblas.so loads that library.
 """
@@ -36,10 +39,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxlab.runtime import settings
+from mlxlab.runtime import cpu, settings
 
 ENV = "MLXLAB_BLAS"
-FIX = "fix: `pip install ngsolve-openblas` (x86_64) or set MLXLAB_BLAS=/path/to/libopenblas.so"
+FIX = "fix: `pip install scipy-openblas32` (x86_64) or set MLXLAB_BLAS=/path/to/libopenblas.so"
 RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
 # How long an idle OpenBLAS thread spins before it sleeps: 2**N CPU cycles (OpenBLAS takes 4-30,
 # default 28, ~0.1 s). A small model's step is dozens of small products with element-wise ops
@@ -49,6 +52,18 @@ RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
 # docs/benchmarks.md "OpenBLAS's idle threads sleep"): steps ~4 % faster, the same results to
 # the bit (scheduling only), LM presets unchanged. A user's OPENBLAS_THREAD_TIMEOUT wins.
 THREAD_TIMEOUT, SPIN_EXPONENT = "OPENBLAS_THREAD_TIMEOUT", 4
+# Which of its kernels a DYNAMIC_ARCH OpenBLAS runs: on every x86-64-v3 CPU (runtime/cpu.py) its
+# AVX2 ones ("Haswell"), AVX-512 CPUs included, unless OPENBLAS_CORETYPE is set. Why: OpenBLAS's
+# AVX-512 sgemm (its SkylakeX/Cooperlake cores, which it picks on AVX-512 CPUs) gives a product
+# different last bits depending on whether B comes transposed or not, where its AVX2 kernels give
+# the same bits either way. MLX hands BLAS a strided view copied (B not transposed) and a
+# contiguous array's transpose as it is (B transposed), so on an AVX-512 CPU the fused kernels'
+# contiguous heads (kernels.split_heads) changed the attention's products in the last bit and the
+# default experiment stopped training the same run with its kernels on and off (issue 39). The
+# AVX2 kernels also make MLX's products the same bits on every x86-64-v3 CPU for a given thread
+# count (OpenBLAS's "Zen" core, which AMD's AVX2 CPUs get, computes the same bits as "Haswell").
+# The cost on an AVX-512 CPU is measured in docs/benchmarks.md ("One ISA level").
+CORETYPE, AVX2_CORE = "OPENBLAS_CORETYPE", "Haswell"
 # ELF e_machine -> (GLOB_DAT, JUMP_SLOT) relocation types: the GOT entries of called functions.
 GOT_RELOCATIONS = {62: (6, 7), 183: (1025, 1026)}  # x86-64, AArch64
 
@@ -68,6 +83,10 @@ class BlasInfo:
 
 _info: BlasInfo | None = None
 _lib: ctypes.CDLL | None = None  # the library we loaded, for its thread-count controls
+_prefix = ""  # what its names carry before the standard ones (scipy-openblas32: "scipy_")
+# Prefixes a BLAS library's names may carry: none (reference BLAS, most OpenBLAS builds) and
+# "scipy_" (scipy-openblas32, whose names are scipy_cblas_sgemm, scipy_sgetrf_, ...).
+PREFIXES = ("", "scipy_")
 
 
 def setup_blas() -> BlasInfo:
@@ -103,42 +122,45 @@ def _setup() -> BlasInfo:
     else:
         path, status = _bundled_openblas(), "loaded"
         if path is None:
-            return BlasInfo("missing", detail="the ngsolve-openblas package is not installed")
+            return BlasInfo("missing", detail="the scipy-openblas32 package is not installed")
     try:
-        try:
-            lib = _load(path)
-        except OSError as e:
-            if "libgfortran.so.5" not in str(e) or reference is None:
-                raise
-            _load_gfortran(reference.parent)
-            lib = _load(path)
+        lib = _load(path)
     except OSError as e:
         return BlasInfo("failed", detail=f"could not load {path}: {e}")
-    global _lib
-    _lib = lib
+    global _lib, _prefix
+    _lib, _prefix = lib, _symbol_prefix(lib)
     import mlx.core  # noqa: F401  (loads libmlx, bound to the reference BLAS; rebound below)
 
     try:
-        bound = _rebind(loaded_path("libmlx.so"), lib)
+        bound = _rebind(loaded_path("libmlx.so"), lib, _prefix)
     except OSError as e:
         return BlasInfo("failed", detail=f"could not point MLX at {path}: {e}")
     if "cblas_sgemm" not in bound:
         return BlasInfo("failed", detail=f"{path} does not export cblas_sgemm")
-    return BlasInfo(status, _mapped_file(bound["cblas_sgemm"]), _openblas_config(lib))
+    return BlasInfo(status, _mapped_file(bound["cblas_sgemm"]), _openblas_config())
+
+
+def load_environment() -> dict[str, str]:
+    """The OpenBLAS variables setup_blas sets while MLX's OpenBLAS loads, where the user set
+    none: its idle threads sleep at once (SPIN_EXPONENT), and on an x86-64-v3 CPU it runs its
+    AVX2 kernels (AVX2_CORE)."""
+    defaults = {THREAD_TIMEOUT: str(SPIN_EXPONENT)}
+    if cpu.isa_level() == cpu.X86_64_V3:
+        defaults[CORETYPE] = AVX2_CORE
+    return {name: value for name, value in defaults.items() if name not in os.environ}
 
 
 def _load(path: Path) -> ctypes.CDLL:
-    """Load the BLAS library out of the global symbol scope, its idle threads sleeping at once
-    (SPIN_EXPONENT) unless the user set OPENBLAS_THREAD_TIMEOUT. OpenBLAS reads the variable
-    while it loads; it is taken out again afterwards, so that no other library's OpenBLAS in
-    this process (numpy's), nor any child process, runs with it."""
-    users = THREAD_TIMEOUT in os.environ
-    os.environ.setdefault(THREAD_TIMEOUT, str(SPIN_EXPONENT))
+    """Load the BLAS library out of the global symbol scope with load_environment()'s variables.
+    OpenBLAS reads them while it loads; they are taken out again afterwards, so that no other
+    library's OpenBLAS in this process (numpy's), nor any child process, runs with them."""
+    added = load_environment()
+    os.environ.update(added)
     try:
         return ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
     finally:
-        if not users:
-            del os.environ[THREAD_TIMEOUT]
+        for name in added:
+            del os.environ[name]
 
 
 def _mlx_reference_blas() -> Path | None:
@@ -155,37 +177,11 @@ def _mlx_reference_blas() -> Path | None:
 
 def _bundled_openblas() -> Path | None:
     # find_spec, not import: the package's __init__ loads the library itself and prints errors.
-    spec = importlib.util.find_spec("ngsolve_openblas")
+    spec = importlib.util.find_spec("scipy_openblas32")
     if spec is None or not spec.submodule_search_locations:
         return None
-    found = sorted(Path(spec.submodule_search_locations[0]).glob("libopenblas*.so*"))
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("lib/libscipy_openblas*.so*"))
     return found[0] if found else None
-
-
-def _load_gfortran(libs_dir: Path) -> None:
-    """Make mlx-cpu's libgfortran copy resident under the soname libgfortran.so.5.
-
-    Called when the system has none: the loader then reuses this copy for OpenBLAS's dependency
-    (it matches DT_NEEDED by soname among all loaded objects, so RTLD_LOCAL is enough).
-    """
-    copies = sorted(libs_dir.glob("libgfortran*.so.5*"))
-    if not copies:
-        raise OSError(f"no libgfortran.so.5 on the system nor in {libs_dir}")
-    data = bytearray(copies[0].read_bytes())
-    soname_at, needed = _elf_dynamic(data)
-    for name in needed:  # its hashed siblings (libquadmath-*.so): load them by path first
-        if (libs_dir / name).is_file():
-            ctypes.CDLL(str(libs_dir / name), mode=ctypes.RTLD_LOCAL)
-    new = b"libgfortran.so.5\0"
-    if data.index(b"\0", soname_at) - soname_at < len(new) - 1:
-        raise OSError(f"cannot rename the soname of {copies[0]}")
-    data[soname_at : soname_at + len(new)] = new
-    fd = os.memfd_create("libgfortran.so.5")
-    try:
-        os.write(fd, data)
-        ctypes.CDLL(f"/proc/self/fd/{fd}", mode=ctypes.RTLD_LOCAL)
-    finally:
-        os.close(fd)  # the loader keeps its own mapping
 
 
 def _elf_tables(elf: bytes) -> tuple[list[tuple[int, int, int]], dict[int, list[int]]]:
@@ -216,19 +212,6 @@ def _elf_tables(elf: bytes) -> tuple[list[tuple[int, int, int]], dict[int, list[
 
 def _file_offset(loads: list[tuple[int, int, int]], vaddr: int) -> int:
     return next(off + vaddr - va for va, off, size in loads if va <= vaddr < va + size)
-
-
-def _elf_dynamic(elf: bytes) -> tuple[int, list[str]]:
-    """File offset of DT_SONAME's string and the DT_NEEDED names of a little-endian ELF64 .so."""
-    loads, tags = _elf_tables(elf)
-    strtab = _file_offset(loads, tags[5][0])  # DT_STRTAB
-
-    def string(at: int) -> str:
-        return elf[strtab + at : elf.index(b"\0", strtab + at)].decode()
-
-    if 14 not in tags:  # DT_SONAME
-        raise OSError("no soname")
-    return strtab + tags[14][0], [string(v) for v in tags.get(1, [])]  # DT_NEEDED
 
 
 def _is_blas_name(name: str) -> bool:
@@ -272,19 +255,24 @@ def calls_into(path: str, symbol: str) -> str | None:
     return None if slot is None else _mapped_file(ctypes.c_void_p.from_address(slot).value or 0)
 
 
-def _rebind(path: str, blas: ctypes.CDLL) -> dict[str, int]:
+def _symbol_prefix(lib: ctypes.CDLL) -> str:
+    """The prefix of `lib`'s BLAS names (PREFIXES), found by its cblas_sgemm."""
+    return next((p for p in PREFIXES if hasattr(lib, p + "cblas_sgemm")), "")
+
+
+def _rebind(path: str, blas: ctypes.CDLL, prefix: str = "") -> dict[str, int]:
     """Point `path`'s (already loaded, already bound) BLAS/LAPACK slots at `blas`'s functions.
 
-    For each BLAS-named symbol the library calls and `blas` defines, writes that function's
-    address into the library's GOT slot. Returns {symbol: new address}. Nothing outside `path`
-    changes: other libraries keep whatever they were bound to.
+    For each BLAS-named symbol the library calls and `blas` defines (as `prefix` + the name),
+    writes that function's address into the library's GOT slot. Returns {symbol: new address}.
+    Nothing outside `path` changes: other libraries keep whatever they were bound to.
     """
     bound: dict[str, int] = {}
     for name, slot in got_slots(path).items():
         if not _is_blas_name(name):
             continue
         try:
-            target = ctypes.cast(getattr(blas, name), ctypes.c_void_p).value
+            target = ctypes.cast(getattr(blas, prefix + name), ctypes.c_void_p).value
         except AttributeError:
             continue
         _write_pointer(slot, target)
@@ -345,13 +333,24 @@ def _mapped_file(address: int) -> str | None:
     return None
 
 
-def _openblas_config(lib: ctypes.CDLL) -> str:
-    try:
-        get_config = lib.openblas_get_config
-    except AttributeError:
+def _openblas(name: str):
+    """The loaded OpenBLAS's function `name` (its prefix added), or None."""
+    return getattr(_lib, _prefix + name, None) if _lib is not None else None
+
+
+def _openblas_config() -> str:
+    """OpenBLAS's one-line build description, with the kernels it runs here (its core)."""
+    get_config, get_core = _openblas("openblas_get_config"), _openblas("openblas_get_corename")
+    if get_config is None:
         return ""
     get_config.restype = ctypes.c_char_p
-    return get_config().decode()
+    config = get_config().decode()
+    if get_core is not None:
+        get_core.restype = ctypes.c_char_p
+        core = get_core().decode()
+        if core.lower() not in config.lower():
+            config = f"{config} (running {core})"
+    return config
 
 
 def set_blas_threads(n: int) -> bool:
@@ -363,7 +362,7 @@ def set_blas_threads(n: int) -> bool:
     """
     if n < 1:
         raise ValueError(f"BLAS threads must be >= 1, got {n}")
-    fn = getattr(_lib, "openblas_set_num_threads", None) if _lib is not None else None
+    fn = _openblas("openblas_set_num_threads")
     if fn is None:
         return False
     fn(int(n))
@@ -372,5 +371,5 @@ def set_blas_threads(n: int) -> bool:
 
 def blas_threads() -> int | None:
     """OpenBLAS's current thread count, or None when no OpenBLAS was loaded by setup_blas()."""
-    fn = getattr(_lib, "openblas_get_num_threads", None) if _lib is not None else None
+    fn = _openblas("openblas_get_num_threads")
     return int(fn()) if fn is not None else None

@@ -9,12 +9,12 @@ own at start).
 | variable | meaning | default |
 |---|---|---|
 | MLXLAB_ROOT | the project root: `paths.root_dir`, the default store `<root>/mlruns/mlflow.db` | the nearest folder at or above the working directory holding pyproject.toml or .git |
-| MLXLAB_BLAS | `off`: MLX keeps its reference BLAS; a path: that BLAS library serves MLX | the bundled OpenBLAS (ngsolve-openblas) |
+| MLXLAB_BLAS | `off`: MLX keeps its reference BLAS; a path: that BLAS library serves MLX | the bundled OpenBLAS (scipy-openblas32) |
 | MLXLAB_MALLOC | `default`: glibc gives freed memory back while training (runtime/memory.py) | freed memory stays in the heap |
 | MLXLAB_FUSED_KERNELS | `auto`, `on` or `off`: the fused CPU kernels, for scripts (`trainer.fused_kernels` sets the mode of a run) | auto |
 | MLXLAB_FUSED_KERNELS_SKIP | comma-separated kernel names left to MLX (kernels.OPS) | none |
 | MLXLAB_KERNEL_THREADS | threads of the fused kernels | the cores this process may use |
-| MLXLAB_KERNELS_CACHE | where the compiled kernels are kept (one build per kind of CPU) | `$XDG_CACHE_HOME/mlxlab/kernels`, else `~/.cache/mlxlab/kernels` |
+| MLXLAB_KERNELS_CACHE | where the compiled kernels are kept (one build per ISA level, runtime/cpu.py) | `$XDG_CACHE_HOME/mlxlab/kernels`, else `~/.cache/mlxlab/kernels` |
 | MLXLAB_SKIP_KERNEL_BUILD | `1`: `pip install` does not compile the kernels (hatch_build.py) | they are compiled |
 | MLXLAB_CACHE_DIR | the user-level cache: the migrated empty MLflow store new stores are copied from | `$XDG_CACHE_HOME/mlxlab`, else `~/.cache/mlxlab` |
 | XDG_CACHE_HOME | where both caches above go when not named | `~/.cache` |
@@ -34,8 +34,8 @@ Read or set where a library needs them, not here (the modules tests/test_environ
 | checkpoint/remote.py | AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST | the object-store clients' own (S3-compatible stores, the GCS emulator), read when a filesystem opens, beside the credential chains (AWS_*, GOOGLE_*, AZURE_*) the clients read themselves |
 | data/streaming/prefetch.py | TOKENIZERS_PARALLELISM | set (to false, unless set) for the tokenizers library before its thread pool starts |
 | runtime/device.py | MLX_PTX_CACHE_DIR | MLX's own, read when MLX first compiles a CUDA kernel: set (to `<paths.cache_dir>/mlx/<version>/ptx`, unless set) before a run evaluates anything, so the kernels a first run compiles for minutes outlive a cleaned /tmp |
-| runtime/blas.py | OPENBLAS_THREAD_TIMEOUT | OpenBLAS's own, read once when it loads: set (to 4, unless set) while setup_blas loads MLX's OpenBLAS and removed again, so its idle threads sleep instead of spinning between a step's matrix products and nothing else's BLAS changes |
-| tracking/background.py, cli/serve.py | the whole environment | copied for a child process (the tracking process, MLflow's model server) |
+| runtime/blas.py | OPENBLAS_THREAD_TIMEOUT, OPENBLAS_CORETYPE | OpenBLAS's own, read once when it loads: set (to 4, and on an x86-64-v3 CPU to Haswell, each unless set) while setup_blas loads MLX's OpenBLAS and removed again, so its idle threads sleep instead of spinning between a step's matrix products, it runs the same AVX2 kernels on every x86-64-v3 CPU (runtime/cpu.py), and nothing else's BLAS changes |
+| tracking/mlflow/background.py, cli/serve.py | the whole environment | copied for a child process (the tracking process, MLflow's model server) |
 
 Standard library only, and no import of mlxlab: hatch_build.py loads this file on its own while
 pip builds the wheel (MLXLAB_KERNELS_CACHE, MLXLAB_SKIP_KERNEL_BUILD).

@@ -118,8 +118,8 @@ class Sweeper(BasicSweeper):
         """Trials at once: n_jobs, but one where the launcher runs jobs in this process
         (Hydra's basic launcher: a job's signal handlers need the main thread)."""
         in_process = type(self.launcher).__name__ == "BasicLauncher"
-        workers = getattr(self.launcher, "joblib", {}).get("n_jobs") if type(
-            self.launcher).__name__ == "JoblibLauncher" else None
+        joblib = type(self.launcher).__name__ == "JoblibLauncher"
+        workers = self.launcher.joblib.get("n_jobs") if joblib else None
         if workers is not None and workers != -1 and workers < max(2, self.n_jobs):
             # joblib runs a single worker's jobs in this process, and no more at once than it has
             raise ConfigError(f"hydra.launcher.n_jobs={workers}: give joblib at least "
@@ -274,7 +274,7 @@ class Search:
         finally:
             self.heartbeat.remove(trial_id)
         if isinstance(result, Outcome):  # the job's process died: its MLflow runs say why
-            from mlxlab.tracking.hydra_callbacks import record_crashed_job
+            from mlxlab.tracking.mlflow.hydra_callbacks import record_crashed_job
 
             record_crashed_job(self.config, self.sweep_dir / str(number), number, overrides,
                                result.reason or "")

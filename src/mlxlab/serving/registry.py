@@ -18,8 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+from mlflow import MlflowClient
+from mlflow.tracking._model_registry import utils as registry_utils
+from mlflow.tracking._tracking_service import utils as tracking_utils
 
+from mlxlab.serving.pyfunc import log_kwargs
 from mlxlab.tracking import tags as T
+from mlxlab.tracking.mlflow import ensure_store, find_sweep_parent, resolve_uri, sqlite_path
 from mlxlab.tracking.mlflow.environment import set_for_the_call
 
 log = logging.getLogger(__name__)
@@ -36,12 +41,7 @@ def register_run(
     MLflow run (a new run when it has none in this store), register it as `name` and point
     `alias` at the new version; returns the ModelVersion. Load it with
     `mlflow.pyfunc.load_model(f"models:/{name}@{alias}")`."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from mlxlab.inference import load_run
-    from mlxlab.serving.pyfunc import log_kwargs
-    from mlxlab.tracking.mlflow import ensure_store, resolve_uri
+    from mlxlab.inference import load_run  # MLX and the models (~0.8 s): only when used
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -73,8 +73,7 @@ def register_run(
 def save_run_model(run_dir: str | Path, out: str | Path, which: str = "best") -> Path:
     """Write the run's pyfunc model to the folder `out` (no store, no registry): what
     `mlflow models serve -m out` serves."""
-    from mlxlab.inference import load_run
-    from mlxlab.serving.pyfunc import log_kwargs
+    from mlxlab.inference import load_run  # MLX and the models (~0.8 s): only when used
 
     run = load_run(run_dir, which)
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,18 +83,14 @@ def save_run_model(run_dir: str | Path, out: str | Path, which: str = "best") ->
 
 def best_run_dir(uri: str, sweep: str) -> str:
     """The run folder of a sweep's best child (`latest` = the newest sweep in the store)."""
-    from mlflow import MlflowClient
-
-    from mlxlab.tracking.mlflow import RUN_DIR_TAG, find_sweep_parent
-
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = find_sweep_parent(client, sweep)
     best = parent.data.tags.get(T.BEST_RUN_ID)
     if not best:
         raise ValueError(f"sweep {parent.info.run_id} has no best run (still running, or all failed)")
-    run_dir = client.get_run(best).data.tags.get(RUN_DIR_TAG)
+    run_dir = client.get_run(best).data.tags.get(T.RUN_DIR)
     if not run_dir:
-        raise ValueError(f"run {best} has no {RUN_DIR_TAG} tag: pass its run folder instead")
+        raise ValueError(f"run {best} has no {T.RUN_DIR} tag: pass its run folder instead")
     return run_dir
 
 
@@ -104,10 +99,6 @@ def pointed_at(uri: str) -> Iterator[None]:
     """MLflow's fluent API (log_model, pyfunc.load_model) has no store argument: point its
     globals (and the MLFLOW_TRACKING_URI env var that set_tracking_uri also sets) at `uri`,
     then put them back as they were."""
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
     # The globals as set (None = "not set: follow the default / the tracking URI"), not the
     # getters' resolved values: restoring a resolved value would pin every later client of this
     # process to this moment's store.
@@ -129,8 +120,6 @@ def load_registered(name: str, uri: str | None = None) -> Any:
     `uri`, else $MLFLOW_TRACKING_URI, else <project>/mlruns/mlflow.db: the one training and
     `mlxlab register` write, whatever the working directory (no stray ./mlflow.db).
     """
-    from mlxlab.tracking.mlflow import resolve_uri, sqlite_path
-
     uri = resolve_uri(uri)
     db = sqlite_path(uri)
     if db is not None and not db.exists():

@@ -10,15 +10,21 @@ describe. The first tracker is the primary one: its run_id is the run's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from mlxlab.tracking.base import BaseTracker, Tracker
+from mlxlab.errors import ConfigError
+from mlxlab.tracking.base import METHODS, BaseTracker, Tracker
+from mlxlab.tracking.csv_files import CsvTracker
+from mlxlab.tracking.mlflow.background import TrackerProcess
+from mlxlab.tracking.mlflow.store import builds_mlflow
+from mlxlab.tracking.mlflow.tracker import MlflowTracker
 from mlxlab.tracking.sweep_folder import current_job
+from mlxlab.tracking.wandb_tracker import WandbTracker  # wandb itself: when one is built
 
 
 class FanoutTracker(BaseTracker):
-    """Calls every tracker in turn; the first one is the primary (its run_id is the run's)."""
+    """Calls every tracker in turn; the first one is the primary (its run_id is the run's). The
+    interface's methods (base.METHODS) but flush_barrier and summary are `_each`'s, below."""
 
     def __init__(self, trackers: list[Tracker]) -> None:
         if not trackers:
@@ -29,19 +35,6 @@ class FanoutTracker(BaseTracker):
     def run_id(self) -> str | None:
         return self.trackers[0].run_id
 
-    def _each(self, method: str, *args: Any, **kwargs: Any) -> None:
-        for t in self.trackers:
-            getattr(t, method)(*args, **kwargs)
-
-    def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
-        self._each("start", params, tags, run_id)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._each("log_metrics", metrics, step)
-
-    def flush(self) -> None:
-        self._each("flush")
-
     def flush_barrier(self) -> Callable[[], None]:
         waits = [t.flush_barrier() for t in self.trackers]
 
@@ -51,72 +44,51 @@ class FanoutTracker(BaseTracker):
 
         return wait
 
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self._each("log_artifact", path, artifact_path)
-
-    def log_dict(self, data: dict, artifact_file: str) -> None:
-        self._each("log_dict", data, artifact_file)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._each("log_text", text, artifact_file)
-
-    def log_figure(self, figure: Any, name: str) -> None:
-        self._each("log_figure", figure, name)
-
-    def set_tags(self, tags: dict) -> None:
-        self._each("set_tags", tags)
-
-    def end(self, status: str = "FINISHED") -> None:
-        self._each("end", status)
-
-    def probe(self) -> None:
-        self._each("probe")
-
-    def set_dataset(self, name: str, source: str, digest: str, rows: int | None) -> None:
-        self._each("set_dataset", name, source, digest, rows)
-
-    def continue_from(self, source_run_dir: str | Path, step: int) -> None:
-        self._each("continue_from", source_run_dir, step)
-
-    def rewind(self, step: int) -> None:
-        self._each("rewind", step)
-
     def summary(self) -> list[str]:  # files first, then the primary's run
         return [line for t in [*self.trackers[1:], self.trackers[0]] for line in t.summary()]
 
 
+def _each(name: str) -> Callable[..., None]:
+    """The interface method `name` called on every tracker, in order."""
+
+    def call(self: FanoutTracker, *args: Any, **kwargs: Any) -> None:
+        for tracker in self.trackers:
+            getattr(tracker, name)(*args, **kwargs)
+
+    call.__name__, call.__doc__ = name, getattr(BaseTracker, name).__doc__
+    return call
+
+
+for _name in METHODS:
+    if _name not in vars(FanoutTracker):
+        setattr(FanoutTracker, _name, _each(_name))
+
+
 def build_tracker(csv: dict | None = None, background: bool = False, wandb: dict | None = None,
                   **mlflow: Any) -> Any:
-    """The tracker(s) a composed `tracking` node describes: MLflow when its keys are there (uri),
-    a CsvTracker for a `csv:` block, a WandbTracker for a `wandb:` block; several -> a
-    FanoutTracker with MLflow first (the primary: its run id is the run's), then csv, then wandb.
-    With `background`, the MLflow tracker runs in a child process (tracking/background.py) and a
-    twin built here answers settings and probe(). In a Hydra multirun job, the MLflow tracker is
-    given the sweep's parent run and the job's folder (sweep_folder.py), unless they are named."""
+    """The tracker(s) a composed `tracking` node describes: MLflow when its settings are there
+    (mlflow/store.py `builds_mlflow`), a CsvTracker for a `csv:` block, a WandbTracker for a
+    `wandb:` block; several -> a FanoutTracker with MLflow first (the primary: its run id is the
+    run's), then csv, then wandb. With `background`, the MLflow tracker runs in a child process
+    (tracking/mlflow/background.py) and a twin built here answers settings and probe(). In a
+    Hydra multirun job, the MLflow tracker is given the sweep's parent run and the job's folder
+    (sweep_folder.py), unless they are named."""
     trackers: list[Any] = []
     run_name = mlflow.get("run_name")  # the run's name (train.run_name), for wandb too
-    if "uri" in mlflow:
-        from mlxlab.tracking.mlflow import MlflowTracker
-
+    if builds_mlflow(mlflow):
         mlflow = {**sweep_arguments(), **mlflow}
         tracker = MlflowTracker(**mlflow)
         if background:
-            from mlxlab.tracking.background import TrackerProcess
-
             node = {"_target_": "mlxlab.tracking.mlflow.MlflowTracker", **mlflow}
             tracker = TrackerProcess(node, tracker)
         trackers.append(tracker)
     if csv is not None:
-        from mlxlab.tracking.csv_files import CsvTracker
-
         trackers.append(CsvTracker(**csv))
     if wandb is not None:
-        from mlxlab.tracking.wandb_tracker import WandbTracker  # imports wandb (an extra)
-
         trackers.append(WandbTracker(**{"run_name": run_name, **wandb}))
     if not trackers:
-        raise ValueError("tracking: nothing to track to: use tracking=mlflow, tracking=csv, "
-                         "tracking=wandb or a list of them, e.g. tracking=[mlflow,csv]")
+        raise ConfigError("tracking: nothing to track to: use tracking=mlflow, tracking=csv, "
+                          "tracking=wandb or a list of them, e.g. tracking=[mlflow,csv]")
     return trackers[0] if len(trackers) == 1 else FanoutTracker(trackers)
 
 

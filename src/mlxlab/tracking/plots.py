@@ -110,7 +110,7 @@ def replicates_png(
     ax.set_ylabel(f"{metric} (best checkpoint)")
     ax.grid(alpha=0.3, axis="y")
     n = max((len(v) for _, v in groups), default=0)
-    title = f"{metric}: seeds (dots), mean and 95 % CI (bars), up to {n} seeds per config"
+    title = f"{metric} by config: seeds (dots), mean and 95 % CI (bars)\nup to {n} seeds per config"
     ax.set_title(title, fontsize=10)
     return _save(fig, path, title, description="; ".join(label for label, _ in groups))
 

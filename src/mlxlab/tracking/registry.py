@@ -1,19 +1,14 @@
-"""The old home of the MLflow model, kept as a name only: models registered before it moved to
-serving/ were pickled as `mlxlab.tracking.registry.MlxlabPyfunc` and unpickle through here.
-Nothing in mlxlab imports this module; tracking/ itself stays free of data/, models/, training/
-(the lookup below happens only when an old model is loaded)."""
+"""The old home of the MLflow model, kept as names only: models registered before it moved to
+serving/ were pickled as `mlxlab.tracking.registry.MlxlabPyfunc` and unpickle through here (a
+pickle names a class by module; MLflow's loader, not mlxlab, opens it, so the module must be
+importable at this path).
 
-from __future__ import annotations
+The one arrow up from tracking/ in the house, written as a plain import so the contract sees it:
+pyproject.toml's layers contract ignores exactly these two imports, and docs/architecture.md
+lists them with this reason. Nothing in mlxlab imports this module.
+"""
 
-from typing import Any
+from mlxlab.serving.pyfunc import MlxlabPyfunc
+from mlxlab.serving.registry import load_registered, register_run
 
-_MOVED = {"MlxlabPyfunc": "mlxlab.serving.pyfunc", "register_run": "mlxlab.serving.registry",
-          "load_registered": "mlxlab.serving.registry"}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(_MOVED[name]), name)
+__all__ = ["MlxlabPyfunc", "load_registered", "register_run"]

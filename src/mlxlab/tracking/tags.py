@@ -10,6 +10,7 @@ from __future__ import annotations
 # MLflow's own
 PARENT_RUN = "mlflow.parentRunId"  # the MLflow UI nests runs by this tag
 GIT_COMMIT = "mlflow.source.git.commit"
+SOURCE_NAME = "mlflow.source.name"  # the run page's "Source": the entry point (tracking/source.py)
 EXPERIMENT_KIND = "mlflow.experimentKind"
 
 # A training run (train.py)
@@ -19,14 +20,16 @@ TASK_NAME = "mlxlab.task_name"
 OVERRIDES = "mlxlab.overrides"  # the command line's overrides (also on a sweep's parent)
 WORLD_SIZE = "mlxlab.world_size"
 COMPILE_S = "mlxlab.compile_s"  # seconds the first step spent compiling (MLX; on a GPU its kernels)
+COMMAND = "mlxlab.command"  # the command line as typed (tracking/source.py), the latest for a resumed run
+RESUMED_FROM = "mlxlab.resumed_from"  # a resumed run: the run folder (or checkpoint) it went on from
 CHOICE_PREFIX = "choice."  # "choice.model" = "bert": the config-group options a run used
 
-# The process that trains a run, for dead-run detection (tracking/stale.py)
+# The process that trains a run, for dead-run detection (tracking/mlflow/stale.py)
 PID = "mlxlab.pid"
 HOST = "mlxlab.host"
 KILLED_REASON = "mlxlab.killed_reason"
 
-# Sweeps (tracking/hydra_callbacks.py)
+# Sweeps (tracking/mlflow/hydra_callbacks.py)
 SWEEP_ID = "mlxlab.sweep_id"
 ROLE = "mlxlab.role"  # "sweep" on a sweep's parent run
 SWEEP_PARAMS = "mlxlab.sweep_params"  # JSON list of the keys a sweep varies
@@ -44,7 +47,7 @@ BEST_RUN_ID = "mlxlab.best_run_id"
 REMOTE_URI = "mlxlab.remote.uri"
 REMOTE_CHECKPOINTS = "mlxlab.remote.checkpoints"
 
-# Store merges (tracking/merge.py)
+# Store merges (tracking/mlflow/merge.py)
 MERGE_SOURCE_RUN = "mlxlab.merge.source_run_id"
 MERGE_SOURCE_STORE = "mlxlab.merge.source"
 MERGE_COMPLETE = "mlxlab.merge.complete"

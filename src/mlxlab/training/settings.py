@@ -14,9 +14,7 @@ changes lives in its RunState (state.py).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from mlxlab import kernels
 from mlxlab.config import check_choice, check_number, check_uri
@@ -25,6 +23,7 @@ from mlxlab.errors import ConfigError
 from mlxlab.training.losses import check_distill_form
 from mlxlab.training.model_ops import check_schedule
 from mlxlab.training.optim import LRSchedule
+from mlxlab.validation import record
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUANTIZE_BITS = (None, 2, 3, 4, 6, 8)  # what mlx.nn.quantize supports
@@ -109,7 +108,7 @@ class TrainerSettings:
     def __post_init__(self) -> None:
         for name, kind in (("schedule", LRSchedule), ("batching", BatchingSettings),
                            ("distill", DistillConfig), ("distributed", DistributedConfig)):
-            object.__setattr__(self, name, built(f"trainer.{name}", kind, getattr(self, name)))
+            object.__setattr__(self, name, record(kind, getattr(self, name), f"trainer.{name}"))
         if self.max_epochs is None and self.max_steps is None:
             raise ConfigError("set trainer.max_epochs or trainer.max_steps")
         for key, kind, low in NUMBERS:
@@ -138,18 +137,6 @@ NUMBERS = (
     ("grad_accum", int, 1), ("grad_clip", float, 0.0), ("label_smoothing", float, 0.0),
     ("eval_every_steps", int, 1), ("log_every_steps", int, 1),
 )
-
-
-def built(key: str, kind: type, value: Any) -> Any:
-    """A nested group as its class: a mapping is built (an unknown key named in one line), an
-    instance or None is kept."""
-    if not isinstance(value, Mapping):
-        return value
-    names = [f.name for f in dataclasses.fields(kind)]
-    unknown = [k for k in value if k not in names and not str(k).startswith("_")]
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]} is not a setting of {key}: it takes {names}")
-    return kind(**{k: v for k, v in value.items() if not str(k).startswith("_")})
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,14 @@ from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.curriculum import Curriculum
 from mlxlab.data.streaming.lanes import Lanes
 from mlxlab.data.streaming.packing import Packer, Packing, SpecialIds, fresh_state
-from mlxlab.data.streaming.policies import DocumentPolicies, VocabRemap
+from mlxlab.data.streaming.policies import DocumentPolicies
 from mlxlab.data.streaming.prefetch import threaded
 from mlxlab.data.streaming.settings import settings
 from mlxlab.data.streaming.source import DOC_ID, TextSource
 from mlxlab.data.streaming.splits import Splits, SplitStreams
 from mlxlab.data.streaming.tokenizing import DEFAULTS, reuses_tokenizer, special_ids, tokenizer_for
 from mlxlab.data.tokenizer import tokenizer_hash
-from mlxlab.data.vocab_remap import VocabMap
+from mlxlab.data.vocab_remap import VocabMap, VocabRemap
 from mlxlab.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ import numpy as np
 
 from mlxlab.data.streaming.source import DOC_ID
 from mlxlab.errors import ConfigError
+from mlxlab.validation import check_number
 
 
 @dataclass
@@ -28,9 +29,8 @@ class Packing:
 
     def __post_init__(self) -> None:
         given = self.stride
+        check_number("data.packing.seq_len", self.seq_len, int, 1)
         self.seq_len = int(self.seq_len)
-        if self.seq_len < 1:
-            raise ConfigError(f"data.packing.seq_len must be >= 1, got {self.seq_len}")
         self.stride = int(given or self.seq_len)
         if not 1 <= self.stride <= self.seq_len:
             raise ConfigError(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -16,18 +15,9 @@ import numpy as np
 from mlxlab.data.curriculum import Curriculum
 from mlxlab.data.streaming.packing import SpecialIds
 from mlxlab.data.streaming.tokenizing import encode_documents
-from mlxlab.data.vocab_remap import VocabMap
+from mlxlab.data.vocab_remap import VocabMap, VocabRemap
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class VocabRemap:
-    """`data.vocab_remap`: mode None = off; `used` keeps the tokens the training documents use,
-    `topk` the `k` most frequent (the rest -> one UNK id)."""
-
-    mode: str | None = None
-    k: int | None = None
 
 
 class DocumentPolicies:
@@ -57,8 +47,7 @@ class DocumentPolicies:
         if not self.vocab_remap.mode:
             return vocab_size
         counts = np.bincount(np.concatenate(encoded), minlength=vocab_size)
-        self.vocab_map = VocabMap.build(self.vocab_remap.mode, counts, self.vocab_remap.k,
-                                        [ids.eot, ids.pad, *ids.bos])
+        self.vocab_map = VocabMap.build(self.vocab_remap, counts, [ids.eot, ids.pad, *ids.bos])
         log.info("vocab_remap=%s: %d of %d tokens kept (+1 UNK): the model's vocabulary is %d",
                  self.vocab_remap.mode, self.vocab_map.size - 1, vocab_size, self.vocab_map.size)
         return self.vocab_map.size

@@ -10,10 +10,9 @@ keep a flat `data` node (`data.seq_len`, `data.val_examples`, ...) in their chec
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any, TypeVar
 
-from mlxlab.errors import ConfigError
+from mlxlab.validation import record
 
 S = TypeVar("S")
 
@@ -38,19 +37,10 @@ FLAT_KEYS = {
 
 
 def settings(kind: type[S], value: S | Mapping[str, Any] | None, group: str) -> S:
-    """The `data.<group>` settings: `value` itself when it is one, the dataclass made from a
-    mapping of its fields, or its defaults for None. A key it does not have is a ConfigError
-    that names it and the keys the group takes."""
-    if value is None:
-        return kind()
-    if isinstance(value, kind):
-        return value
-    known = [f.name for f in fields(kind) if f.init]
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise ConfigError(f"data.{group}.{unknown[0]} is not a setting of data.{group}: it takes "
-                          f"{known}")
-    return kind(**value)
+    """The `data.<group>` settings: `value` itself when it is one, the record built from a
+    mapping of its fields (validation.record: a key it does not have is one ConfigError naming
+    it and the keys the group takes), or its defaults for None."""
+    return record(kind, {} if value is None else value, f"data.{group}")
 
 
 def regroup_flat_config(node: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 // Python module of the fused kernels; NB_DOMAIN mlx (CMakeLists.txt) shares mx.array's type.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include "kernels.h"
@@ -99,6 +100,33 @@ NB_MODULE(_mlxlab_kernels, m) {
       "x"_a,
       "to_heads"_a,
       "(B, T, H, D) -> (B, H, T, D) when to_heads, else back, as one copy.");
+  m.def(
+      "isa",
+      []() {
+        // What the compiler was told it may use (its predefined macros): a test checks that the
+        // build is the fixed level's (x86-64-v3: AVX2 and FMA, no AVX-512), whatever CPU built it.
+        std::vector<std::string> features;
+#ifdef __AVX2__
+        features.push_back("avx2");
+#endif
+#ifdef __FMA__
+        features.push_back("fma");
+#endif
+#ifdef __AVX512F__
+        features.push_back("avx512f");
+#endif
+#ifdef __ARM_NEON
+        features.push_back("neon");
+#endif
+#ifdef __ARM_FEATURE_SVE
+        features.push_back("sve");
+#endif
+#ifdef __FP_FAST_FMAF
+        features.push_back("fp_fast_fmaf");
+#endif
+        return features;
+      },
+      "The instruction-set features the module was compiled for.");
   m.def("set_num_threads", &mlxlab::set_num_threads, "n"_a);
   m.def("num_threads", &mlxlab::num_threads);
 }

@@ -1,6 +1,5 @@
 """How mlxlab calls MLflow: retried while a sqlite store is locked, in batches within
-`log_batch`'s limits. Every part of the mlflow package (and tracking/stale.py, merge.py) calls
-the store through these."""
+`log_batch`'s limits. Every module of this package calls the store through these."""
 
 from __future__ import annotations
 

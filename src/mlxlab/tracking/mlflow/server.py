@@ -9,8 +9,8 @@ import threading
 
 from mlxlab.errors import UserError
 from mlxlab.tracking.mlflow.environment import set_for_the_call
+from mlxlab.tracking.mlflow.offline import reachable
 from mlxlab.tracking.mlflow.store import resolve_uri, sqlite_path
-from mlxlab.tracking.offline import reachable
 
 
 class TrackingUnavailable(UserError, ConnectionError):

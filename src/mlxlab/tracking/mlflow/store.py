@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from mlxlab.errors import ConfigError
 from mlxlab.runtime import settings
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow import environment
@@ -22,26 +23,38 @@ from mlxlab.tracking.mlflow.calls import retrying
 log = logging.getLogger(__name__)
 
 # MLflow 3 opens experiments without this tag in its GenAI view; ours are model training.
-EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = T.EXPERIMENT_KIND, "custom_model_development"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def default_store_uri(root: str | Path | None = None) -> str:
     """sqlite URI of `<root>/mlruns/mlflow.db` (root: the project root), always absolute."""
-    from mlxlab.config import project_root  # the same root train.py's paths use
+    # the same root train.py's paths use; imported here, as config imports omegaconf, which the
+    # tracking process (background.py) is never given a reason to load
+    from mlxlab.config import project_root
 
     db = (Path(root) if root is not None else project_root()).resolve() / "mlruns" / "mlflow.db"
     return f"sqlite:///{db}"
 
 
+def builds_mlflow(tracking: Any) -> bool:
+    """Whether a composed `tracking` node builds an MLflow tracker: it has MLflow's settings
+    (mlflow.yaml always sets `uri`) or names MlflowTracker itself. The one place this is
+    decided (fanout.build_tracker, tracked_store, runs' skip_finished ask here).
+
+    Why by a key and not a `kind:` per option: Hydra merges a list of options
+    (tracking=[mlflow,csv]) into one node, where each option's `kind` would overwrite the
+    last; what survives the merge is what only each option has: MLflow's flat settings (kept
+    flat: `tracking.uri=` in every command line and saved run), csv.yaml's `csv:` block,
+    wandb.yaml's `wandb:` block."""
+    if not isinstance(tracking, Mapping):
+        return False
+    return "uri" in tracking or str(tracking.get("_target_", "")).endswith("MlflowTracker")
+
+
 def tracked_store(tracking: Any) -> str | None:
     """The store a composed `tracking` node's MLflow tracker writes to (resolve_uri of its uri),
-    None when the node builds no MLflow tracker (tracking=none, csv, wandb). The node builds one
-    when it has MLflow's keys (tracking/fanout.py) or names MlflowTracker itself."""
-    if not isinstance(tracking, Mapping):
-        return None
-    if "uri" not in tracking and not str(tracking.get("_target_", "")).endswith("MlflowTracker"):
-        return None
-    return resolve_uri(tracking.get("uri"))
+    None when the node builds no MLflow tracker (tracking=none, csv, wandb)."""
+    return resolve_uri(tracking.get("uri")) if builds_mlflow(tracking) else None
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -49,7 +62,7 @@ def resolve_uri(uri: str | None) -> str:
     the default sqlite store; rejects file stores."""
     uri = str(uri or environment.tracking_uri() or default_store_uri())
     if "://" not in uri or uri.startswith("file:"):
-        raise ValueError(
+        raise ConfigError(
             f"tracking uri {uri!r} is a file store, which MLflow 3 no longer writes; "
             f"use a sqlite store such as 'sqlite:///{Path(uri.removeprefix('file:')).resolve()}"
             "/mlflow.db' or a server 'http://127.0.0.1:5000'"
@@ -94,16 +107,16 @@ def ensure_store(
             from mlflow.entities import ExperimentTag
 
             return store.create_experiment(
-                experiment_name, tags=[ExperimentTag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)]
+                experiment_name, tags=[ExperimentTag(T.EXPERIMENT_KIND, EXPERIMENT_KIND)]
             )
         if experiment.lifecycle_stage == "deleted":
             log.warning("restoring deleted MLflow experiment %r", experiment_name)
             store.restore_experiment(experiment.experiment_id)
-        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before this tag was set
+        if T.EXPERIMENT_KIND not in experiment.tags:  # made before this tag was set
             from mlflow.entities import ExperimentTag
 
             store.set_experiment_tag(
-                experiment.experiment_id, ExperimentTag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                experiment.experiment_id, ExperimentTag(T.EXPERIMENT_KIND, EXPERIMENT_KIND)
             )
         return experiment.experiment_id
 
@@ -151,12 +164,12 @@ def _ensure_experiment_via_client(uri: str, name: str, artifact_root: str | None
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
-        if EXPERIMENT_KIND_TAG not in experiment.tags:
-            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        if T.EXPERIMENT_KIND not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, T.EXPERIMENT_KIND, EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
         return client.create_experiment(
-            name, artifact_location=artifact_root, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            name, artifact_location=artifact_root, tags={T.EXPERIMENT_KIND: EXPERIMENT_KIND}
         )
     except MlflowException as e:  # another job created it first
         if e.error_code != "RESOURCE_ALREADY_EXISTS":

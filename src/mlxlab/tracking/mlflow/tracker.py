@@ -2,7 +2,7 @@
 
 MlflowClient (not the fluent `mlflow.start_run` API, whose active run is process-global) so
 several trackers can coexist. Metrics are buffered and sent by a thread; a server that stops
-answering mid-run never stops training (tracking/offline.py keeps what it did not take).
+answering mid-run never stops training (tracking/mlflow/offline.py keeps what it did not take).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mlxlab.errors import ConfigError
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import BaseTracker, flatten_config
 from mlxlab.tracking.mlflow.calls import (
@@ -29,10 +30,13 @@ from mlxlab.tracking.mlflow.calls import (
     is_transient_http,
     retrying,
 )
+from mlxlab.tracking.mlflow.offline import SPOOL_FILE, Spool, reachable, send_spool
+from mlxlab.tracking.mlflow.rewind import drop_metrics_after
 from mlxlab.tracking.mlflow.server import bounded_http, probe_store
+from mlxlab.tracking.mlflow.stale import mark_dead_runs_quietly
 from mlxlab.tracking.mlflow.store import ensure_store, resolve_uri, sqlite_path
-from mlxlab.tracking.offline import SPOOL_FILE, Spool, reachable, send_spool
 from mlxlab.tracking.sweep_folder import record_job_run
+from mlxlab.validation import check_number
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +76,13 @@ class MlflowTracker(BaseTracker):
         parent_run_id: str | None = None,
         sweep_job_dir: str | None = None,
     ) -> None:
-        if connect_timeout <= 0 or request_timeout <= 0:
-            raise ValueError("tracking.connect_timeout and tracking.request_timeout must be > 0 "
-                             f"seconds, got {connect_timeout} and {request_timeout}")
-        if flush_every_steps < 1 or flush_every_seconds <= 0:
-            raise ValueError(
-                "tracking.flush_every_steps must be >= 1 and tracking.flush_every_seconds > 0, "
-                f"got {flush_every_steps} and {flush_every_seconds}"
-            )
+        for key, value in (("connect_timeout", connect_timeout),
+                           ("request_timeout", request_timeout),
+                           ("flush_every_seconds", flush_every_seconds)):
+            check_number(f"tracking.{key}", value, float)
+            if value <= 0:
+                raise ConfigError(f"tracking.{key} must be > 0 seconds, got {value}")
+        check_number("tracking.flush_every_steps", flush_every_steps, int, 1)
         self.uri = resolve_uri(uri)
         self.experiment_name = str(experiment_name)
         self.run_name = run_name
@@ -142,9 +145,7 @@ class MlflowTracker(BaseTracker):
         self.experiment_id = ensure_store(self.uri, self.experiment_name, self.artifact_root)
         self._client = client = MlflowClient(tracking_uri=self.uri)
         tags = {str(k): str(v) for k, v in tags.items()}
-        # earlier runs of this task killed before their first checkpoint (tracking/stale.py)
-        from mlxlab.tracking.stale import mark_dead_runs_quietly
-
+        # earlier runs of this task killed before their first checkpoint
         mark_dead_runs_quietly(self.uri, self.experiment_name, tags.get(T.TASK_NAME))
         if self.parent_run_id:  # a sweep's job (a distillation round keeps its own parent)
             tags.setdefault(T.PARENT_RUN, self.parent_run_id)
@@ -161,7 +162,10 @@ class MlflowTracker(BaseTracker):
             retrying(client.update_run, run_id, status="RUNNING")
             logged_params = run.data.params
         else:
-            run_tags = {"mlflow.user": _user(), "mlflow.source.name": Path(sys.argv[0]).name}
+            # The Source the training process named (tracking/source.py): this process may be
+            # the tracking child, whose own argv[0] is background.py.
+            source = tags.get(T.SOURCE_NAME) or Path(sys.argv[0]).name
+            run_tags = {"mlflow.user": _user(), T.SOURCE_NAME: source}
             run = retrying(
                 client.create_run, self.experiment_id, tags=run_tags, run_name=self.run_name
             )
@@ -227,7 +231,7 @@ class MlflowTracker(BaseTracker):
             self.offline_report = (
                 f"MLflow server {self.uri} has not answered since step {self.offline_since}: "
                 f"{spool.metrics} metric values and the final status {status} are in {spool.path}; "
-                f"send them when it is back: python -m mlxlab.tracking.offline {spool.path}"
+                f"send them when it is back: python -m mlxlab.tracking.mlflow.offline {spool.path}"
                 + (f" (not uploaded: {', '.join(sorted(set(self.skipped)))}; they are in the run "
                    "directory)" if self.skipped else "")
             )
@@ -328,8 +332,6 @@ class MlflowTracker(BaseTracker):
                         "cannot be removed from %s; replayed steps may appear twice",
                         self.run_id, step, self.uri)
             return
-        from mlxlab.tracking.rewind import drop_metrics_after
-
         with self._flush_lock:
             dropped = self._safely(
                 "rewind", retrying, drop_metrics_after, self.uri, self.run_id, step

@@ -24,7 +24,7 @@ SIGINT/SIGTERM (the trainer stops gracefully and ends the run itself). If this p
 without `end` (SIGKILL, OOM), the child sees the pipe close and exits at once, writing nothing
 more, as an in-process tracker dies with its process: what reached the store is what the last
 flush (before each checkpoint) and the background flushes sent; the run stays RUNNING until
-`resume=auto` continues it or the next run marks it (tracking/stale.py). Writing on would race
+`resume=auto` continues it or the next run marks it (tracking/mlflow/stale.py). Writing on would race
 the resumed run, which rewinds the steps after its checkpoint.
 """
 
@@ -196,7 +196,7 @@ def _spawn() -> tuple[subprocess.Popen, Connection]:
     # beside the first training steps (runtime/blas.py).
     env["MLXLAB_BLAS"] = "off"
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlxlab.tracking.background", str(theirs.fileno())],
+        [sys.executable, "-m", "mlxlab.tracking.mlflow.background", str(theirs.fileno())],
         pass_fds=(theirs.fileno(),), env=env, start_new_session=True)
     theirs.close()
     return process, Connection(ours.detach())

@@ -14,17 +14,15 @@ import socket
 from pathlib import Path
 
 from mlxlab.tracking import tags as T
-from mlxlab.tracking.mlflow import RUN_DIR_TAG, resolve_uri, retrying, sqlite_path
+from mlxlab.tracking.mlflow.calls import retrying
+from mlxlab.tracking.mlflow.store import resolve_uri, sqlite_path
 
 log = logging.getLogger(__name__)
-
-PID_TAG, HOST_TAG, TASK_TAG = T.PID, T.HOST, T.TASK_NAME
-KILLED_REASON_TAG = T.KILLED_REASON
 
 
 def process_tags() -> dict[str, str]:
     """Tags naming the process that trains a run (read back by `mark_dead_runs`)."""
-    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    return {T.PID: str(os.getpid()), T.HOST: socket.gethostname()}
 
 
 def _alive(pid: int) -> bool:
@@ -73,20 +71,20 @@ def mark_dead_runs(
         return []
     query = "attributes.status = 'RUNNING'"
     if task_name is not None:
-        query += f" and tags.`{TASK_TAG}` = '{task_name}'"
+        query += f" and tags.`{T.TASK_NAME}` = '{task_name}'"
     runs = retrying(client.search_runs, [e.experiment_id for e in experiments], query,
                     max_results=5000)
     host, marked = socket.gethostname(), []
     for run in runs:
         tags = run.data.tags
-        pid = tags.get(PID_TAG, "")
-        if tags.get(HOST_TAG) != host or not pid.isdigit() or _alive(int(pid)):
+        pid = tags.get(T.PID, "")
+        if tags.get(T.HOST) != host or not pid.isdigit() or _alive(int(pid)):
             continue
-        if _has_checkpoint(tags.get(RUN_DIR_TAG)):
+        if _has_checkpoint(tags.get(T.RUN_DIR)):
             continue  # resume= continues it and sets its status
         reason = (f"process {pid} on {host} ended without setting a status and left no "
                   "checkpoint (killed before its first one)")
-        retrying(client.set_tag, run.info.run_id, KILLED_REASON_TAG, reason)
+        retrying(client.set_tag, run.info.run_id, T.KILLED_REASON, reason)
         retrying(client.set_terminated, run.info.run_id, "KILLED")
         log.warning("MLflow run %s was left RUNNING: marked KILLED (%s)", run.info.run_id, reason)
         marked.append(run.info.run_id)

@@ -1,4 +1,4 @@
-"""Merge other MLflow stores into the central one: `python -m mlxlab.tracking.merge SOURCE...`.
+"""Merge other MLflow stores into the central one: `python -m mlxlab.tracking.mlflow.merge SOURCE...`.
 
 A SOURCE is a sqlite file (`mlflow.db`), an `mlruns/` file store, a folder holding either, or a
 tracking URI (`sqlite:///...`, `file:...`, `http(s)://...`). Everything in it is copied into the
@@ -32,23 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxlab.tracking import tags as T
-from mlxlab.tracking.mlflow import (
+from mlxlab.tracking.mlflow.calls import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
     MAX_TAGS_PER_BATCH,
-    PARENT_RUN_TAG,
-    SWEEP_ID_TAG,
     chunks,
-    ensure_store,
-    resolve_uri,
 )
 from mlxlab.tracking.mlflow.environment import set_for_the_call
+from mlxlab.tracking.mlflow.store import ensure_store, resolve_uri
 
 log = logging.getLogger(__name__)
 
-SOURCE_RUN_TAG, SOURCE_STORE_TAG = T.MERGE_SOURCE_RUN, T.MERGE_SOURCE_STORE
-COMPLETE_TAG, SOURCE_VERSION_TAG = T.MERGE_COMPLETE, T.MERGE_SOURCE_VERSION
-RUN_ID_TAGS = (PARENT_RUN_TAG, SWEEP_ID_TAG)  # tags whose value is another run's id
+RUN_ID_TAGS = (T.PARENT_RUN, T.SWEEP_ID)  # tags whose value is another run's id
 
 
 class MergeError(RuntimeError):
@@ -177,8 +172,8 @@ def _all_runs(client, experiment_ids: list[str]) -> list:
 
 def _merged_runs(dest, experiment_id: str) -> dict[str, object]:
     """Source run id -> its copy in `experiment_id` of the destination."""
-    return {r.data.tags[SOURCE_RUN_TAG]: r for r in _all_runs(dest, [experiment_id])
-            if SOURCE_RUN_TAG in r.data.tags}
+    return {r.data.tags[T.MERGE_SOURCE_RUN]: r for r in _all_runs(dest, [experiment_id])
+            if T.MERGE_SOURCE_RUN in r.data.tags}
 
 
 class Merger:
@@ -223,7 +218,7 @@ class Merger:
         copies = []
         for run in sorted(runs, key=lambda r: r.info.start_time or 0):
             done = merged.get(run.info.run_id)
-            if done is not None and done.data.tags.get(COMPLETE_TAG) == "true":
+            if done is not None and done.data.tags.get(T.MERGE_COMPLETE) == "true":
                 self.run_map[run.info.run_id] = done.info.run_id
                 self.report.runs_skipped += 1
                 continue
@@ -239,7 +234,7 @@ class Merger:
             links = {k: self.run_map.get(v, v) for k, v in run.data.tags.items() if k in RUN_ID_TAGS}
             if links:
                 self.dest.log_batch(new_id, tags=_tags(links))
-            self.dest.set_tag(new_id, COMPLETE_TAG, "true")
+            self.dest.set_tag(new_id, T.MERGE_COMPLETE, "true")
             self.report.runs_copied += 1
 
     def _copy_run(self, src, run, exp_id: str, uri: str) -> str:
@@ -247,7 +242,7 @@ class Merger:
 
         info, data = run.info, run.data
         tags = {k: v for k, v in data.tags.items() if k not in RUN_ID_TAGS}
-        tags.update({SOURCE_RUN_TAG: info.run_id, SOURCE_STORE_TAG: uri, COMPLETE_TAG: "false"})
+        tags.update({T.MERGE_SOURCE_RUN: info.run_id, T.MERGE_SOURCE_STORE: uri, T.MERGE_COMPLETE: "false"})
         new = self.dest.create_run(exp_id, start_time=info.start_time, tags=tags,
                                    run_name=info.run_name)
         new_id = new.info.run_id
@@ -297,7 +292,7 @@ class Merger:
                                                   description=model.description)
         done = set()
         if not self.dry_run or model.name not in self.report.models_created:
-            done = {v.tags.get(SOURCE_VERSION_TAG) for v in
+            done = {v.tags.get(T.MERGE_SOURCE_VERSION) for v in
                     self.dest.search_model_versions(f"name='{model.name}'")}
         for version in versions:
             key = f"{model.name}/{version.version}"
@@ -321,7 +316,7 @@ class Merger:
             new_run, relative = self._copy_model_files(src, model, version, key, new_run)
         base = self.dest.get_run(new_run).info.artifact_uri.rstrip("/")
         source = f"{base}/{relative}" if relative else base
-        tags = {**version.tags, SOURCE_VERSION_TAG: key}
+        tags = {**version.tags, T.MERGE_SOURCE_VERSION: key}
         new = self.dest.create_model_version(model.name, source, run_id=new_run, tags=tags,
                                              description=version.description)
         for alias in getattr(version, "aliases", []) or []:

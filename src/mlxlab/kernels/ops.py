@@ -1,0 +1,151 @@
+"""The fused ops: each computes what its MLX formulation computes, through the compiled kernel
+when dispatch.fused says so (CPU, float32, mode not off, op not skipped), else with MLX's ops."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxlab.kernels.dispatch import fused
+
+
+def mlx_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """The pure-MLX per-row cross-entropy: a max-shifted log-sum-exp minus the target logit (on
+    MLX's CPU backend `exp` is the slow op, and this form runs it once forward and reuses it
+    backward: 2x faster than nn.losses.cross_entropy, see benchmarks/bench_kernels.py)."""
+    shift = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    lse = mx.log(mx.exp(logits - shift).sum(axis=-1)) + shift.squeeze(-1)
+    return lse - mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+
+
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Cross-entropy over the last axis, no reduction: logits (..., V) as float32, targets (...)."""
+    logits = logits.astype(mx.float32)
+    module = fused("cross_entropy", logits)
+    if module is None:
+        return mlx_cross_entropy(logits, targets)
+    vocab = logits.shape[-1]
+    ce = module.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+    return ce.reshape(targets.shape)
+
+
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None = None
+) -> mx.array:
+    """softmax(q k^T * scale + mask) v over (B, H, T, D) heads, what
+    mx.fast.scaled_dot_product_attention computes. Fused: the two matmuls go to BLAS and the
+    masked softmax (forward and backward) to one kernel, for float32 with no mask, an additive
+    (T_q, T_kv) mask or a key-padding mask (B, 1, 1, T_kv) (boolean, True = may attend, as
+    models.layers.padding_mask makes; or additive), and as many key/value heads as query heads;
+    otherwise MLX's SDPA. The fused softmax is MLX's op for op, so the result is MLX's to the bit."""
+    key_mask = isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1:3] == (1, 1)
+    plain_mask = mask is None or key_mask or (isinstance(mask, mx.array) and mask.ndim == 2)
+    module = fused("attention", q, k, v)
+    if module is None or not plain_mask or q.shape[1] != k.shape[1]:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if isinstance(mask, mx.array):
+        if mask.dtype == mx.bool_:
+            # MLX puts float32's lowest where the mask is false; adding it to a score gives
+            # that lowest exactly, so this is the same softmax (a row with no key left is
+            # uniform, as MLX's, not NaN).
+            mask = mx.where(mask, mx.array(0.0), mx.array(mx.finfo(mx.float32).min))
+        mask = mask.astype(mx.float32)
+        if key_mask:
+            mask = mask.reshape(mask.shape[0], mask.shape[-1])
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    return module.softmax(scores, mask, key_mask) @ v
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """x * rsqrt(mean(x^2, -1) + eps) * weight, what mx.fast.rms_norm computes. Fused: one pass
+    forward and one backward (MLX's CPU rms_norm runs as composed single-threaded ops)."""
+    module = fused("rms_norm", x, weight) if weight.ndim == 1 and x.shape[-1:] == weight.shape else None
+    if module is None:
+        return mx.fast.rms_norm(x, weight, eps)
+    return module.rms_norm(x, weight, eps)
+
+
+def rope(x: mx.array, dims: int, base: float, scale: float, offset: int) -> mx.array:
+    """Rotary positions for heads laid out (B, T, H, D), returned as (B, H, T, D): what
+    mx.fast.rope(x.transpose(0, 2, 1, 3), dims, traditional=False, base=base, scale=scale,
+    offset=offset) computes (nn.RoPE). Fused: the rotation and the transpose copy in one pass
+    each way, for the whole head (dims == D)."""
+    module = fused("rope", x) if x.ndim == 4 and dims == x.shape[-1] and dims % 2 == 0 else None
+    if module is None:
+        return mx.fast.rope(
+            x.transpose(0, 2, 1, 3), dims, traditional=False, base=base, scale=scale, offset=offset
+        )
+    half = dims // 2
+    # The angles as MLX's rope forms them (tests/test_kernels_step.py checks the result).
+    inv_freq = mx.exp(mx.arange(half, dtype=mx.float32) * (-math.log(base) / half))
+    positions = mx.arange(offset, offset + x.shape[1], dtype=mx.float32) * scale
+    theta = positions[:, None] * inv_freq[None]
+    return module.rope(x, mx.cos(theta), mx.sin(theta))
+
+
+def split_heads(x: mx.array) -> mx.array:
+    """(B, T, H, D) -> (B, H, T, D) as a contiguous array: MLX's strided copy (which a matmul on
+    the transposed view makes) is single-threaded and generic; fused, one multi-threaded copy."""
+    module = fused("heads", x) if x.ndim == 4 else None
+    return x.transpose(0, 2, 1, 3) if module is None else module.swap_heads(x, True)
+
+
+def merge_heads(x: mx.array) -> mx.array:
+    """(B, H, T, D) -> (B, T, H * D), attention's output back to the model's layout."""
+    B, H, T, D = x.shape
+    module = fused("heads", x)
+    out = x.transpose(0, 2, 1, 3) if module is None else module.swap_heads(x, False)
+    return out.reshape(B, T, H * D)
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up, the Llama MLP's activation."""
+    module = fused("swiglu", gate, up) if gate.shape == up.shape else None
+    if module is None:
+        return nn.silu(gate) * up
+    return module.swiglu(gate, up)
+
+
+def gelu(x: mx.array) -> mx.array:
+    """The exact GELU, x * (1 + erf(x / sqrt(2))) / 2: nn.gelu. Fused: one vectorized,
+    multi-threaded pass each way (MLX's CPU erf is scalar and single-threaded) computing MLX's
+    own erf and exp op for op, so values and gradients are nn.gelu's to the bit."""
+    module = fused("gelu", x)
+    return nn.gelu(x) if module is None else module.gelu(x)
+
+
+def _next_key() -> mx.array:
+    """The key MLX's next draw without a key would use, advancing the global state as that draw
+    does: MLX's key sequence splits the state key in two, keeps the first half as the new state
+    and draws with the second (mlx/random.cpp KeySequence::next). A zero-size draw advances it."""
+    key = mx.random.split(mx.random.state[0])[1]
+    mx.random.uniform(shape=(0,))
+    return key
+
+
+def dropout(x: mx.array, p: float) -> mx.array:
+    """Inverted dropout, (keep * x) / (1 - p), keep ~ Bernoulli(1 - p): nn.Dropout in training.
+    Fused: the kernel draws MLX's own threefry bits from the key MLX's draw would take (one draw
+    from the global random state, as nn.Dropout makes), so its masks and outputs are nn.Dropout's
+    to the bit (a seed trains the same run on either path, give or take other kernels' rounding),
+    and mx.compile's captured state and bitwise resume work unchanged; MLX's own draw runs
+    threefry on one thread, the kernel vectorized on all cores."""
+    keep = 1.0 - p
+    module = fused("dropout", x)
+    if module is None:
+        return (mx.random.bernoulli(keep, x.shape) * x) * (1 / keep)
+    return module.dropout(x, _next_key(), keep, 1 / keep)
+
+
+def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis: mx.fast.layer_norm.
+    Fused for an affine norm (weight and bias (D,)): one pass forward, one backward, each
+    MLX's CPU formula and autodiff gradient op for op with its sums in MLX's order, so values
+    and gradients are mx.fast.layer_norm's to the bit."""
+    affine = weight is not None and bias is not None and weight.ndim == 1
+    module = fused("layer_norm", x, weight, bias) if affine and x.shape[-1:] == weight.shape else None
+    if module is None:
+        return mx.fast.layer_norm(x, weight, bias, eps)
+    return module.layer_norm(x, weight, bias, eps)

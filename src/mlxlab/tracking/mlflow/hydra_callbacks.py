@@ -1,0 +1,402 @@
+"""Hydra callback: create the MLflow store before any job, group a multirun under a parent run.
+
+Registered in conf/hydra/default.yaml:
+
+    hydra:
+      callbacks:
+        mlflow_sweep:
+          _target_: mlxlab.tracking.mlflow.hydra_callbacks.MlflowSweepCallback
+
+Besides the swept keys (every multirun, for run names), does nothing unless `config.tracking` is
+the MLflow tracker (tracking=none touches no store). What it tells the jobs goes through files
+in the sweep folder (tracking/sweep_folder.py), which every launcher's jobs can read.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from mlxlab.tracking import tags as T
+from mlxlab.tracking.base import MAX_PARAM_VALUE_LENGTH
+from mlxlab.tracking.mlflow.replicates import log_summary
+from mlxlab.tracking.mlflow.server import TrackingUnavailable, probe_store
+from mlxlab.tracking.mlflow.store import ensure_store, tracked_store
+from mlxlab.tracking.mlflow.sweeps import metric_mode, sweep_children, sweep_table, swept_keys
+from mlxlab.tracking.plots import sweep_plot_png
+from mlxlab.tracking.source import source_tags
+from mlxlab.tracking.sweep_folder import (
+    begin_sweep,
+    clear_job_runs,
+    job_of,
+    job_runs,
+    read_parent_run,
+    sweep_dir_of,
+    write_parent_run,
+)
+
+log = logging.getLogger(__name__)
+
+
+def require_store(settings: dict[str, Any]) -> None:
+    """Probe the store (bounded by tracking.connect_timeout) and create it; on failure one line
+    on stderr and exit 2, before any job runs: a named store that does not answer must not
+    give an untracked run that looks successful."""
+    try:
+        probe_store(settings["uri"], settings["connect_timeout"], settings["request_timeout"])
+        ensure_store(settings["uri"], settings["experiment_name"], settings["artifact_root"])
+    except Exception as e:
+        message = str(e) if isinstance(e, TrackingUnavailable) else (
+            f"MLflow store {settings['uri']} cannot be used ({type(e).__name__}: {e}); fix "
+            "tracking.uri or train untracked with tracking=none")
+        print(f"mlxlab: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+class MlflowSweepCallback(Callback):
+    def __init__(self) -> None:
+        self._parent: dict[str, Any] | None = None  # uri, run_id (in the launching process)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        settings = _mlflow_settings(config)
+        # A single run's background tracker creates the store in its own process, beside the
+        # run's start-up (tracking/mlflow/background.py); train.py probes a server before training.
+        if settings and not OmegaConf.select(config, "tracking.background", default=False):
+            require_store(settings)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """The swept keys into the sweep folder; create the store once, before any worker runs,
+        and the sweep's parent run (a resumed search's: the one it had)."""
+        resumable = _is_search(config)  # its folder is the study's: a restart finds it again
+        begin_sweep(sweep_dir_of(config.hydra), _swept_keys(config), keep_parent=resumable)
+        settings = _mlflow_settings(config)
+        if not settings:
+            return
+        require_store(settings)
+        try:
+            if not (resumable and self._resume_parent(config, settings)):
+                self._start_parent(config, settings)
+        except Exception as e:  # jobs still train (and track, if the store comes back)
+            log.warning("MLflow sweep parent run not created: %s: %s", type(e).__name__, e)
+
+    def _resume_parent(self, config: DictConfig, settings: dict[str, Any]) -> bool:
+        """A search started again in its study's folder continues its parent run."""
+        from mlflow import MlflowClient
+
+        sweep_dir = sweep_dir_of(config.hydra)
+        run_id = read_parent_run(sweep_dir)
+        if run_id is None:
+            return False
+        client = MlflowClient(tracking_uri=settings["uri"])
+        try:
+            previous = client.get_run(run_id).info.status
+            client.update_run(run_id, status="RUNNING")
+        except Exception:  # noqa: BLE001 - a store that lost it: a new parent run
+            return False
+        write_parent_run(sweep_dir, run_id)
+        # a start that fails (e.g. refused settings) leaves the earlier starts' status as it was
+        self._parent = {"uri": settings["uri"], "run_id": run_id, "previous": previous}
+        atexit.register(self._end_parent, "FAILED")
+        log.info("MLflow sweep parent run %s resumed (%s)", run_id, settings["uri"])
+        return True
+
+    def _start_parent(self, config: DictConfig, settings: dict[str, Any]) -> None:
+        from mlflow import MlflowClient
+
+        experiment_id = ensure_store(
+            settings["uri"], settings["experiment_name"], settings["artifact_root"]
+        )
+        sweep_dir = sweep_dir_of(config.hydra)
+        metric = OmegaConf.select(config, "optimized_metric", default=None)
+        tags = {
+            T.ROLE: "sweep",
+            T.SWEEP_DIR: str(sweep_dir),
+            T.SWEEPER: str(OmegaConf.select(config, "hydra.sweeper._target_", default="")),
+            T.OVERRIDES: " ".join(OmegaConf.select(config, "hydra.overrides.task") or []),
+            T.SWEEP_PARAMS: json.dumps(_override_keys(config)),
+            **source_tags(),  # the sweep's Source and command line, as its jobs get them
+        }
+        if _is_search(config):
+            tags[T.STUDY] = str(OmegaConf.select(config, "hydra.sweeper.study_name"))
+        if metric:
+            tags[T.OPTIMIZED_METRIC] = str(metric)
+            tags[T.OPTIMIZED_MODE] = metric_mode(str(metric), _mode(config))
+        job_name = OmegaConf.select(config, "hydra.job.name", default="sweep")
+        run_name = f"{job_name} sweep {sweep_dir.parent.name}/{sweep_dir.name}"
+        client = MlflowClient(tracking_uri=settings["uri"])
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run_id = run.info.run_id
+
+        write_parent_run(sweep_dir, run_id)  # what each job's MLflow tracker is given
+        self._parent = {"uri": settings["uri"], "run_id": run_id}
+        atexit.register(self._end_parent, "FAILED")  # the sweep raised: don't leave it RUNNING
+        log.info("MLflow sweep parent run %s (%s)", run_id, settings["uri"])
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """In the job's process (wherever the launcher runs it), before the job."""
+        if OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN:
+            clear_job_runs(job_of(config.hydra).job_dir)
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        """A sweep job's outcome onto its MLflow run: `best/<metric>` = the value the job
+        returned (what sweepers rank by), or a FAILED run for a job that failed before its
+        tracker started (a bad combination raising in a constructor)."""
+        if job_return is None or OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
+            return
+        value, failed = _job_outcome(job_return)
+        settings = _mlflow_settings(config)
+        job = job_of(config.hydra)
+        if not settings or not job.parent_run_id:
+            return
+        try:
+            self._record_job(config, settings["uri"], job.parent_run_id, job_runs(job.job_dir),
+                             value, failed, job_return)
+        except Exception as e:  # the job itself is done; its bookkeeping must not fail it
+            log.warning("MLflow: recording the job's outcome failed: %s: %s", type(e).__name__, e)
+
+    def _record_job(
+        self,
+        config: DictConfig,
+        uri: str,
+        parent_id: str,
+        runs: list[str],
+        value: Any,
+        failed: bool,
+        job_return: Any,
+    ) -> None:
+        """`runs`: what this job's trackers started (sweep_folder.job_runs)."""
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param, RunTag
+
+        client = MlflowClient(tracking_uri=uri)
+        metric = OmegaConf.select(config, "optimized_metric", default=None)
+        if runs and not failed and metric:
+            client.log_batch(
+                runs[-1], metrics=[Metric(f"best/{metric}", float(value), _now_ms(), 0)]
+            )
+        elif failed and not runs:  # nothing tracked this job: record it, so the sweep shows it
+            error = job_return._return_value if job_return.status == JobStatus.FAILED else value
+            parent = client.get_run(parent_id)
+            run_dir = str(OmegaConf.select(config, "hydra.runtime.output_dir"))
+            run = client.create_run(
+                parent.info.experiment_id,
+                run_name=f"failed job {OmegaConf.select(config, 'hydra.job.num')}",
+                tags={T.PARENT_RUN: parent_id, T.SWEEP_ID: parent_id, T.RUN_DIR: run_dir},
+            )
+            overrides = [str(o).split("=", 1) for o in config.hydra.overrides.task if "=" in str(o)]
+            client.log_batch(
+                run.info.run_id,
+                params=[Param(k.lstrip("+~"), v[:MAX_PARAM_VALUE_LENGTH]) for k, v in overrides][
+                    :100
+                ],
+                tags=[RunTag(T.ERROR, f"{type(error).__name__}: {error}"[:5000])],
+            )
+            client.set_terminated(run.info.run_id, "FAILED")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Log the best child's metric and params, a metric-vs-params PNG and the groups of
+        replicates on the parent."""
+        if self._parent is None:
+            return
+        try:
+            self._summarize(config)
+        except Exception as e:  # the jobs are done and logged; a summary failure must not hide it
+            log.warning("MLflow sweep summary failed: %s: %s", type(e).__name__, e)
+        self._end_parent("FINISHED")
+
+    def _summarize(self, config: DictConfig) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param, RunTag
+
+        client = MlflowClient(tracking_uri=self._parent["uri"])
+        parent_id = self._parent["run_id"]
+        children = sweep_children(client, parent_id)
+        statuses = [r.info.status for r in children]
+        tags = [
+            RunTag(T.NUM_RUNS, str(len(children))),
+            RunTag(T.NUM_FINISHED, str(statuses.count("FINISHED"))),
+            RunTag(T.NUM_FAILED, str(statuses.count("FAILED"))),
+        ]
+        metric = OmegaConf.select(config, "optimized_metric", default=None)
+        if not metric or not children:
+            client.log_batch(parent_id, tags=tags)
+            return
+        mode = metric_mode(str(metric), _mode(config))
+        keys = swept_keys(children, _override_keys(config))
+        rows = sweep_table(children, metric, keys, mode)  # best first, no-metric runs last
+        best = next((r for r in rows if r["status"] == "FINISHED" and _finite(r[metric])), None)
+        metrics, params = [], []
+        if best is not None:
+            metrics.append(Metric(f"best/{metric}", float(best[metric]), _now_ms(), 0))
+            params = [Param(f"best.{k}", str(best[k])) for k in keys if best[k] is not None]
+            tags.append(RunTag(T.BEST_RUN_ID, best["run_id"]))
+            log.info("sweep best %s=%s (run %s)", metric, best[metric], best["run_id"])
+        client.log_batch(parent_id, metrics=metrics, params=params[:100], tags=tags)
+        with tempfile.TemporaryDirectory() as tmp:
+            png = sweep_plot_png(rows, metric, keys, Path(tmp) / f"sweep_{_safe(metric)}.png")
+            client.log_artifact(parent_id, str(png), "plots")
+            group = log_summary(client, parent_id, children, keys, metric, mode, Path(tmp),
+                                _now_ms())
+        if group is not None:
+            summary = group.summary(metric)
+            log.info("sweep best config (mean of %d seed(s)): %s: %s %s", summary.n, group.label,
+                     metric, summary.text())
+        optuna_results = sweep_dir_of(config.hydra) / "optimization_results.yaml"
+        if optuna_results.is_file():  # the search's own verdict, next to the table's
+            client.log_artifact(parent_id, str(optuna_results))
+            found = OmegaConf.to_container(OmegaConf.load(optuna_results))
+            params = [
+                Param(f"optuna.best.{k}", str(v)) for k, v in found.get("best_params", {}).items()
+            ]
+            metrics = []
+            if _finite(found.get("best_value")):
+                metrics = [Metric("optuna/best_value", float(found["best_value"]), _now_ms(), 0)]
+            for state, count in (found.get("trials") or {}).items():
+                metrics.append(Metric(f"search/trials_{state}", float(count), _now_ms(), 0))
+            if found.get("steps_trained") is not None:
+                metrics.append(Metric("search/steps_trained", float(found["steps_trained"]),
+                                      _now_ms(), 0))
+            client.log_batch(parent_id, metrics=metrics, params=params[:100])
+
+    def _end_parent(self, status: str) -> None:
+        if self._parent is None:
+            return
+        parent, self._parent = self._parent, None
+        atexit.unregister(self._end_parent)
+        from mlflow import MlflowClient
+
+        if status == "FAILED" and parent.get("previous"):
+            status = parent["previous"]
+        MlflowClient(tracking_uri=parent["uri"]).set_terminated(parent["run_id"], status)
+
+
+def record_crashed_job(config: DictConfig, job_dir: Path, job_num: int, overrides: list[str],
+                       reason: str) -> None:
+    """A job whose process died (a launcher's worker killed out of memory, a segfault): the
+    runs it started are marked FAILED with the reason, or one FAILED run records it. Called by
+    the search (search/sweeper.py), which sees the crash where Hydra's on_job_end never runs."""
+    settings = _mlflow_settings(config)
+    parent_id = read_parent_run(sweep_dir_of(config.hydra))
+    if not settings or not parent_id:
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+
+    try:
+        client = MlflowClient(tracking_uri=settings["uri"])
+        runs = job_runs(job_dir)
+        for run_id in runs:
+            client.set_tag(run_id, T.ERROR, reason[:5000])
+            client.set_terminated(run_id, "FAILED")
+        if runs:
+            return
+        parent = client.get_run(parent_id)
+        run = client.create_run(
+            parent.info.experiment_id, run_name=f"failed job {job_num}",
+            tags={T.PARENT_RUN: parent_id, T.SWEEP_ID: parent_id, T.RUN_DIR: str(job_dir)})
+        pairs = [o.split("=", 1) for o in overrides if "=" in o]
+        client.log_batch(run.info.run_id, params=[
+            Param(k.lstrip("+~"), v[:MAX_PARAM_VALUE_LENGTH]) for k, v in pairs][:100],
+            tags=[RunTag(T.ERROR, reason[:5000])])
+        client.set_terminated(run.info.run_id, "FAILED")
+    except Exception as e:  # noqa: BLE001 - the search goes on; the trial's state says it
+        log.warning("MLflow: recording the crashed job failed: %s: %s", type(e).__name__, e)
+
+
+def _mlflow_settings(config: DictConfig) -> dict[str, Any] | None:
+    """ensure_store arguments when the composed tracking config is the MLflow tracker."""
+    tracking = OmegaConf.select(config, "tracking")
+    uri = tracked_store(tracking)
+    if uri is None:
+        return None
+    return {
+        "uri": uri,
+        "experiment_name": str(tracking.get("experiment_name") or "mlxlab"),
+        "artifact_root": tracking.get("artifact_root"),
+        "connect_timeout": float(tracking.get("connect_timeout") or 5.0),
+        "request_timeout": float(tracking.get("request_timeout") or 30.0),
+    }
+
+
+def _override_keys(config: DictConfig) -> list[str]:
+    """Config keys the multirun command line and the sweeper's search space set (not
+    `replicates`: the sweeper turns it into seeds, and its jobs all have replicates=1)."""
+    keys = []
+    for override in OmegaConf.select(config, "hydra.overrides.task") or []:
+        key = str(override).split("=", 1)[0].lstrip("+~")
+        if key and key.split(".")[0].split("/")[0] != "hydra" and key not in (*keys, "replicates"):
+            keys.append(key)
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    for key in params or {}:
+        if key not in keys:
+            keys.append(str(key))
+    return keys
+
+
+def _swept_keys(config: DictConfig) -> list[str]:
+    """Keys the multirun varies: command-line sweeps (a,b / range() / choice()...) and the
+    sweeper's search space."""
+    overrides = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task") or []]
+    keys = []
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # Hydra parsed them already; never fail a sweep over its run names
+        parsed = []
+    for override in parsed:
+        if override.is_sweep_override():
+            keys.append(override.get_key_element().lstrip("+~"))
+    for key in OmegaConf.select(config, "hydra.sweeper.params") or {}:
+        if str(key) not in keys:
+            keys.append(str(key))
+    if (OmegaConf.select(config, "replicates", default=1) or 1) > 1 and "seed" not in keys:
+        keys.append("seed")  # the sweeper turns replicates=N into a seed sweep
+    return keys
+
+
+def _job_outcome(job_return: Any) -> tuple[Any, bool]:
+    """(the value the job returned, whether it failed): raised, or returned a non-finite number."""
+    if job_return.status != JobStatus.COMPLETED:
+        return None, True
+    value = job_return._return_value  # the property would raise for failed jobs
+    try:
+        return value, not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return value, False  # not a metric (an app returning None): nothing to judge
+
+
+def _is_search(config: DictConfig) -> bool:
+    """An Optuna search of mlxlab's sweeper (search/sweeper.py): resumable from its folder."""
+    return bool(OmegaConf.select(config, "hydra.sweeper.n_trials", default=None))
+
+
+def _mode(config: DictConfig) -> str | None:
+    mode = OmegaConf.select(config, "optimized_mode", default=None)
+    direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None)
+    if mode is None and isinstance(direction, str):
+        mode = direction
+    return mode
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
