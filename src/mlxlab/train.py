@@ -99,7 +99,8 @@ def git_commit(folder: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: Path) -> dict:
+def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: Path,
+             resumed_from: Path | None = None) -> dict:
     from mlxlab.tracking import tags as T
     from mlxlab.tracking.source import source_tags
 
@@ -119,6 +120,8 @@ def run_tags(cfg: DictConfig, choices: dict[str, str], run_hash: str, run_dir: P
     trial = current_trial()  # a search's trial: its study and number on the run
     if trial is not None:
         tags.update(trial.tags())
+    if resumed_from is not None:  # the run folder (or checkpoint) this run goes on from
+        tags[T.RESUMED_FROM] = str(resumed_from)
     return {**tags, **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()}}
 
 
@@ -130,6 +133,13 @@ def describe_dataset(data) -> tuple[str, str, str, int | None] | None:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     rows = data.examples
     return path.stem, str(path.resolve()), digest, len(rows) if rows is not None else None
+
+
+def track_dataset(tracker, data) -> None:
+    """The run's MLflow input: a file-backed dataset's name, source, digest and rows."""
+    dataset = describe_dataset(data)
+    if dataset is not None:
+        tracker.set_dataset(*dataset)
 
 
 def count_parameters(model) -> int:
@@ -213,7 +223,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mlxlab.runtime import distributed, slurm
     from mlxlab.tracking.base import NullTracker
     from mlxlab.tracking.mlflow.stale import process_tags
-    from mlxlab.tracking.tags import RESUMED_FROM, WORLD_SIZE
+    from mlxlab.tracking.tags import WORLD_SIZE
     from mlxlab.training.startup import prepare_device
     from mlxlab.training.trainer import Trainer
 
@@ -253,9 +263,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     world.check_same(str(data.tokenizer_hash), "the tokenizer",  # after the others' setup
                      "train it once (rank 0) and pass data.tokenizer.path=<its tokenizer.json>",
                      scale=10.0)
-    dataset = describe_dataset(data)
-    if dataset is not None:
-        tracker.set_dataset(*dataset)
+    track_dataset(tracker, data)
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
     config = to_container(cfg)
     config["num_parameters"] = count_parameters(model)
@@ -263,10 +271,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
              f"{config['num_parameters']:,}")
     trainer = Trainer(settings, optimizer=instantiate(cfg.optimizer), callbacks=callbacks,
                       load_teachers=load_teachers, checkpointing=checkpointing)
-    tags = {**run_tags(cfg, choices, run_hash, run_dir), **process_tags(),
+    resumed_from = resumed_run_folder(resume) if resume is not None else None
+    tags = {**run_tags(cfg, choices, run_hash, run_dir, resumed_from), **process_tags(),
             WORLD_SIZE: str(world.size)}
-    if resume is not None:
-        tags[RESUMED_FROM] = str(resumed_run_folder(resume))
     result = trainer.fit(model, data, tracker, run_dir, config=config, tags=tags, resume=resume)
     if world.is_main:
         print("\n".join(summary_lines(result, tracker)))
