@@ -30,7 +30,8 @@ The device tool runs one command for at most 10 minutes, so a window runs the pa
 (`--parts mlx`, then `--parts torch`, then `--parts runs,pytest`; the first includes the
 machine's first NVRTC compiles): each call adds its parts to <out>/bench_gpu.json and prints the
 report so far; `--from-json FILE --write` renders a fetched JSON into docs/benchmarks.md here.
-benchmarks/gpu_window.sh holds the exact calls (docs/benchmarks.md, GPU section).
+benchmarks/gpu_window.sh holds the exact calls (docs/benchmarks-history.md, "The window's
+procedure").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Time the ops of a nano training step that part 3b of issue 12 fused (RMSNorm, RoPE with the
 heads transpose, the AdamW update), each through `mlxlab.kernels` traced once with the kernels
 off (MLX's ops) and once on (the fused primitives), forward + backward under mx.compile, best of
-interleaved rounds (docs/benchmarks.md):
+interleaved rounds (docs/benchmarks-history.md, issue 12 part 3b):
 
     python benchmarks/bench_step_ops.py --threads 1
     python benchmarks/bench_step_ops.py --threads 2

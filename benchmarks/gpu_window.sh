@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# A GPU window for issue 40, in the device tool's terms (docs/benchmarks.md, GPU section: the
-# calls in order). The GPU machine has Python 3.12, CUDA 13 libraries (the nvidia-* wheels MLX's
-# CUDA build asks for), PyTorch with CUDA, numpy, pandas, tokenizers, pytest; it lacks MLX,
-# hydra-core, omegaconf and antlr4, and has no network. A call carries at most 64 MiB and runs
-# at most 10 minutes, and the machine is given back 30 s after a call: the calls follow each other.
+# A GPU window for issue 40, in the device tool's terms (docs/benchmarks-history.md, "The
+# window's procedure": the calls in order). The GPU machine has Python 3.12, CUDA 13 libraries
+# (the nvidia-* wheels MLX's CUDA build asks for), PyTorch with CUDA, numpy, pandas, tokenizers,
+# pytest; it lacks MLX, hydra-core, omegaconf and antlr4, and has no network. A call carries at
+# most 64 MiB and runs at most 10 minutes, and the machine is given back 30 s after a call: the
+# calls follow each other.
 #
 #   bash benchmarks/gpu_window.sh prepare        # here: wheels into .whl/a (<= 55 MiB) and .whl/b
 #   bash benchmarks/gpu_window.sh install        # there: join the MLX CUDA wheel, install to /tmp/site

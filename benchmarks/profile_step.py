@@ -2,7 +2,7 @@
 trainer's own step: AdamW with bias correction under a warmup-cosine schedule, gradient
 clipping) with mlxlab's fused CPU kernels on, off, or on with some of them left to MLX: each
 variant is built in this one process and timed a step at a time in rotation, so a busy machine
-slows them alike (issue 12, docs/benchmarks.md):
+slows them alike (issue 12, docs/benchmarks-history.md):
 
     python benchmarks/profile_step.py off,on-rms_norm+rope+adamw,on --threads 2 --rounds 20
 

@@ -216,25 +216,32 @@ def _free_port() -> int:
 
 
 def _postgres(tmp_path: Path) -> str:
-    """A PostgreSQL server of its own on 127.0.0.1 (stopped at the end of the test session)."""
-    data, port = tmp_path / "pgdata", _free_port()
-    user = "postgres" if os.geteuid() == 0 else None
-    pre = (lambda: os.setuid(_uid("postgres"))) if user else None
-    if user:
-        shutil.chown(tmp_path, "postgres")
-    subprocess.run(["initdb", "-D", str(data), "-U", "mlxlab", "--auth=trust"], check=True,
-                   capture_output=True, preexec_fn=pre)
-    subprocess.run(["pg_ctl", "-D", str(data), "-o", f"-p {port} -k {tmp_path} -h 127.0.0.1",
-                    "-l", str(tmp_path / "pg.log"), "-w", "start"], check=True,
-                   capture_output=True, preexec_fn=pre)
+    """A PostgreSQL server of its own on 127.0.0.1 (stopped at the end of the test session).
+    As root, the server runs as the `postgres` user, in a folder that user can reach (pytest's
+    tmp folders are root's alone)."""
     import atexit
+    import tempfile
 
+    port = _free_port()
+    home = Path(tempfile.mkdtemp(prefix="mlxlab-pg-"))
+    pre = None
+    if os.geteuid() == 0:
+        import pwd
+
+        user = pwd.getpwnam("postgres")
+        home.chmod(0o755)
+        os.chown(home, user.pw_uid, user.pw_gid)
+
+        def pre() -> None:
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+
+    data = home / "data"
+    subprocess.run(["initdb", "-D", str(data), "-U", "mlxlab", "--auth=trust"], check=True,
+                   capture_output=True, preexec_fn=pre, cwd=home)
+    subprocess.run(["pg_ctl", "-D", str(data), "-o", f"-p {port} -k {home} -h 127.0.0.1",
+                    "-l", str(home / "pg.log"), "-w", "start"], check=True,
+                   capture_output=True, preexec_fn=pre, cwd=home)
     atexit.register(subprocess.run, ["pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
-                    capture_output=True, preexec_fn=pre)
+                    capture_output=True, preexec_fn=pre, cwd=home)
     return f"postgresql+psycopg2://mlxlab@127.0.0.1:{port}/postgres"
-
-
-def _uid(name: str) -> int:
-    import pwd
-
-    return pwd.getpwnam(name).pw_uid

@@ -20,8 +20,8 @@ nothing beyond glibc (its LAPACK's Fortran runtime is inside). Its names carry a
 (`scipy_cblas_sgemm`), which the rebinding maps (PREFIXES). Until issue 39 it was
 `ngsolve-openblas` (a wheel made for NGSolve), which needed libgfortran.so.5: fresh machines lack
 it, so mlx-cpu's hashed copy was loaded under the standard soname, patched in memory; the two
-run the same kernels at the same speed and give the same bits (docs/benchmarks.md, "BLAS
-wheels"). Others: `cmeel-openblas` is built for AVX-512 only, `mkl` is ~800 MB and runs its
+run the same kernels at the same speed and give the same bits (docs/benchmarks-history.md,
+"BLAS wheels"). Others: `cmeel-openblas` is built for AVX-512 only, `mkl` is ~800 MB and runs its
 generic kernels on AMD.
 
 MLXLAB_BLAS=off keeps MLX's reference BLAS; MLXLAB_BLAS=/path/to/libblas.so loads that library.
@@ -49,8 +49,9 @@ RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
 # and fused kernels between them: at 28 the worker never sleeps, and spins on a core that the
 # kernels' own threads, the data pipeline and the tracking process need. At 4 it sleeps at once
 # and is woken for the next product. Measured on the default experiment (2-core EPYC,
-# docs/benchmarks.md "OpenBLAS's idle threads sleep"): steps ~4 % faster, the same results to
-# the bit (scheduling only), LM presets unchanged. A user's OPENBLAS_THREAD_TIMEOUT wins.
+# docs/benchmarks-history.md "OpenBLAS's idle threads sleep"): steps ~4 % faster, the same
+# results to the bit (scheduling only), LM presets unchanged. A user's OPENBLAS_THREAD_TIMEOUT
+# wins.
 THREAD_TIMEOUT, SPIN_EXPONENT = "OPENBLAS_THREAD_TIMEOUT", 4
 # Which of its kernels a DYNAMIC_ARCH OpenBLAS runs: on every x86-64-v3 CPU (runtime/cpu.py) its
 # AVX2 ones ("Haswell"), AVX-512 CPUs included, unless OPENBLAS_CORETYPE is set. Why: OpenBLAS's
@@ -62,7 +63,7 @@ THREAD_TIMEOUT, SPIN_EXPONENT = "OPENBLAS_THREAD_TIMEOUT", 4
 # default experiment stopped training the same run with its kernels on and off (issue 39). The
 # AVX2 kernels also make MLX's products the same bits on every x86-64-v3 CPU for a given thread
 # count (OpenBLAS's "Zen" core, which AMD's AVX2 CPUs get, computes the same bits as "Haswell").
-# The cost on an AVX-512 CPU is measured in docs/benchmarks.md ("One ISA level").
+# The cost on an AVX-512 CPU is measured in docs/benchmarks-history.md ("One ISA level").
 CORETYPE, AVX2_CORE = "OPENBLAS_CORETYPE", "Haswell"
 # ELF e_machine -> (GLOB_DAT, JUMP_SLOT) relocation types: the GOT entries of called functions.
 GOT_RELOCATIONS = {62: (6, 7), 183: (1025, 1026)}  # x86-64, AArch64

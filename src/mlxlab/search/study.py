@@ -57,21 +57,28 @@ def default_storage(root: str | Path, tracking_uri: str | None) -> str:
     return f"sqlite:///{(folder / 'optuna.db').resolve()}"
 
 
-def open_storage(url: str) -> Any:
+def open_storage(url: str, attempts: int = 3) -> Any:
     """Optuna's RDBStorage for `url`; sqlite waits on a lock held by a parallel trial instead of
-    failing, and a database that cannot be reached is one line."""
+    failing, and a database that cannot be reached is one line. Sweepers started at once on a
+    new database race to create Optuna's tables (the loser's CREATE fails): it tries again."""
     import optuna
 
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    try:
-        return optuna.storages.RDBStorage(url, **kwargs)
-    except Exception as err:  # a driver missing, a server down, bad credentials
-        raise ConfigError(f"hydra.sweeper.storage={_safe_url(url)} cannot be opened "
-                          f"({type(err).__name__}: {str(err).splitlines()[0]}); fix the URL, "
-                          "start the database, or leave it null for sqlite beside the MLflow "
-                          "store") from None
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as err:  # a driver missing, a server down, bad credentials, the race
+            racing = any(w in str(err).lower() for w in ("already exists", "duplicate key"))
+            if racing and attempt + 1 < attempts:
+                time.sleep(1.0 + attempt)
+                continue
+            raise ConfigError(f"hydra.sweeper.storage={_safe_url(url)} cannot be opened "
+                              f"({type(err).__name__}: {str(err).splitlines()[0]}); fix the URL, "
+                              "start the database, or leave it null for sqlite beside the "
+                              "MLflow store") from None
+    raise AssertionError("unreachable")
 
 
 def _safe_url(url: str) -> str:
