@@ -10,7 +10,7 @@ note, so the whole fits a 25-minute window):
 2. GEMM: the best matmul TFLOP/s MLX reaches at fp32 and bf16 (n = 2048, 4096, 8192).
 3. LM presets (model=transformer_nano|small|medium|large, vocab 32768, seq 1024) at fp32 and
    bf16 (trainer.precision=bf16: bf16 compute over fp32 masters), through mlxlab's own compiled
-   step (Trainer.make_step, AdamW, clip 1.0) on fixed random token batches: tokens/s, MFU =
+   step (training/step.py make_step, AdamW, clip 1.0) on fixed random token batches: tokens/s, MFU =
    model FLOPs/s (bench.py's count: 6 x matmul params x tokens + attention) over the GPU's dense
    peak for the dtype (PEAKS; fp32 over TF32's when the fp32 GEMM shows tensor cores) and over
    the best GEMM of part 2, MLX peak memory.
@@ -115,10 +115,11 @@ def lm_rows(spec: dict) -> list[dict]:
     from mlx.utils import tree_flatten
 
     from bench import compose, matmul_params, step_flops
+    from mlxlab import kernels
     from mlxlab.config import instantiate
     from mlxlab.training import losses
     from mlxlab.training.settings import TrainerSettings
-    from mlxlab.training.trainer import Trainer, mixed_precision
+    from mlxlab.training.step import make_step, mixed_precision
 
     rows, deadline = [], spec["deadline"]
     root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
@@ -134,15 +135,15 @@ def lm_rows(spec: dict) -> list[dict]:
                 mx.random.seed(0)
                 model = instantiate(cfg.model, vocab_size=spec["vocab"], num_labels=None)
                 model.train()
-                trainer = Trainer(TrainerSettings(precision=dtype, grad_clip=1.0,
-                                                  fused_kernels="auto"))
+                settings = TrainerSettings(precision=dtype, grad_clip=1.0, fused_kernels="auto")
+                kernels.set_mode(settings.fused_kernels)  # as the loop sets it
                 import mlx.optimizers as optim
 
                 optimizer = optim.AdamW(learning_rate=1e-4, weight_decay=0.01)
                 loss_fn = losses.task_loss("lm")
                 if dtype == "bf16":
                     loss_fn = mixed_precision(loss_fn, mx.bfloat16)
-                step = trainer.make_step(model, optimizer, loss_fn)
+                step = make_step(model, optimizer, loss_fn, settings)
                 batch_rows, seq = spec["batch"][preset], spec["seq"]
                 rng = np.random.default_rng(spec["seed"])
                 per_token, per_sample, layers, dim = matmul_params(model, "lm")

@@ -26,8 +26,8 @@ For each model (`experiment=tinystories_<model>`, the preset's own budget):
    (lr 1e-3, 30 warmup steps, cosine to 0.1 x lr, weight decay 0.01, clip 1.0); `same` = the
    preset's own (framework vs framework; identical to `reference` while the preset uses them).
 
-Losses are token-weighted mean cross-entropy over the windows' loss_mask, as Trainer.evaluate
-computes them. Prints a table per model and writes <out>/<model>.json and <out>/lm_twin.png.
+Losses are token-weighted mean cross-entropy over the windows' loss_mask, as the loop's evaluate
+(training/evaluate.py) computes them. Prints a table per model and writes <out>/<model>.json and <out>/lm_twin.png.
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path
 
     from bench_callbacks import HOOKS, OVERRIDE
     from mlxlab.train import train
+    from mlxlab.training.evaluate import evaluate
     from mlxlab.training.trainer import Trainer
 
     cfg = preset(model_name, train_file, root, [*overrides, OVERRIDE])
@@ -146,7 +147,7 @@ def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path
         held = held_out_data(train_file, heldout_file, data.packing.seq_len,
                              Path(run_dir) / "tokenizer.json")
         rec["windows"] = digest(np.array(b["input_ids"]) for d in (data, held)
-                                for b in d.val_batches(self.batching))
+                                for b in d.val_batches(self.settings.data_batching()))
         live = data.train_batches
 
         def recorded(batching, epoch):
@@ -154,11 +155,11 @@ def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path
                 rec["batches"].append(np.array(batch["input_ids"]))
                 yield batch
 
-        trainer = self
+        batching = self.settings.data_batching()
 
         def on_eval(step, metrics):  # metrics: the trainer's own, on the shipped split
             rec["val"].append((step, metrics["val/loss"]))
-            rec["heldout"].append((step, trainer.evaluate(model, held, "lm")["val/loss"]))
+            rec["heldout"].append((step, evaluate(model, held, batching).metrics["val/loss"]))
             print(f"  mlxlab step {step}: val {rec['val'][-1][1]:.4f} "
                   f"heldout {rec['heldout'][-1][1]:.4f}", file=sys.stderr, flush=True)
 
@@ -189,7 +190,6 @@ def twin_inputs(model_name: str, train_file: Path, heldout_file: Path, root: Pat
 
     from mlxlab.config import instantiate
     from mlxlab.train import seed_everything
-    from mlxlab.training.trainer import Trainer
 
     cfg = preset(model_name, train_file, root, overrides)
     seed_everything(cfg.seed)
@@ -199,14 +199,14 @@ def twin_inputs(model_name: str, train_file: Path, heldout_file: Path, root: Pat
     data.setup(run_dir)
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
     init = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-    trainer = Trainer(instantiate(cfg.trainer))
+    batching = instantiate(cfg.trainer).data_batching()  # TrainerSettings
     steps, batches, epoch = int(cfg.trainer.max_steps), [], 0
     while len(batches) < steps:  # the trainer's loop: epochs of the stream until max_steps
         batches += [{k: np.array(v) for k, v in b.items()}
-                    for b in data.train_batches(trainer.batching, epoch)]
+                    for b in data.train_batches(batching, epoch)]
         epoch += 1
     held = held_out_data(train_file, heldout_file, data.packing.seq_len, run_dir / "tokenizer.json")
-    windows = {name: [{k: np.array(v) for k, v in b.items()} for b in d.val_batches(trainer.batching)]
+    windows = {name: [{k: np.array(v) for k, v in b.items()} for b in d.val_batches(batching)]
                for name, d in (("val", data), ("heldout", held))}
     return {
         "init": init, "batches": batches[:steps], "windows": windows, "steps": steps,

@@ -32,7 +32,8 @@ from mlxlab.runtime.distributed import World
 from mlxlab.tracking.base import NullTracker
 from mlxlab.training import losses
 from mlxlab.training.optim import LRSchedule, build_optimizer, default_optimizer
-from mlxlab.training.trainer import Trainer
+from mlxlab.training.plan import plan
+from mlxlab.training.step import make_step
 
 
 def setup(root: Path, overrides: list[str]):
@@ -40,21 +41,20 @@ def setup(root: Path, overrides: list[str]):
     data = instantiate(cfg.data)
     data.setup(root)
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
-    trainer = Trainer(instantiate(cfg.trainer), optimizer=instantiate(cfg.optimizer))
-    return data, model, trainer
+    return data, model, instantiate(cfg.trainer)  # TrainerSettings
 
 
-def batches_forever(data, trainer):
+def batches_forever(data, settings):
     epoch = 0
     while True:
-        yield from data.train_batches(trainer.batching, epoch)
+        yield from data.train_batches(settings.data_batching(), epoch)
         epoch += 1
 
 
-def new_step(trainer, model, loss_fn):
+def new_step(settings, model, loss_fn):
     opt = build_optimizer(default_optimizer(), LRSchedule("constant"), 10_000)
     opt.init(model.trainable_parameters())
-    return trainer.make_step(model, opt, loss_fn)
+    return make_step(model, opt, loss_fn, settings)
 
 
 def summary(name: str, times: list[float]) -> tuple[float, float]:
@@ -66,14 +66,14 @@ def summary(name: str, times: list[float]) -> tuple[float, float]:
 def per_example(root: Path, steps: int, overrides: list[str]) -> None:
     from mlxlab.training.per_example import PerExampleLosses
 
-    data, model, trainer = setup(root, overrides)
-    step_on = new_step(trainer, model, losses.task_loss(data.task, per_example=True))
-    step_off = new_step(trainer, model, losses.task_loss(data.task))
+    data, model, settings = setup(root, overrides)
+    step_on = new_step(settings, model, losses.task_loss(data.task, per_example=True))
+    step_off = new_step(settings, model, losses.task_loss(data.task))
     cb = PerExampleLosses(log_artifacts=False)
-    cb.setup(SimpleNamespace(steps_per_epoch=trainer.plan(data)[2], world=World(),
+    cb.setup(SimpleNamespace(steps_per_epoch=plan(data, settings, settings.data_batching()).steps_per_epoch, world=World(),
                              tracker=NullTracker(), run_dir=root / "run"), model, data)
     times: dict[str, list[float]] = {"on": [], "off": []}
-    batches = batches_forever(data, trainer)
+    batches = batches_forever(data, settings)
     for i in range(steps + 20):
         batch = next(batches)
         side = "on" if i % 2 else "off"
@@ -94,13 +94,13 @@ def per_example(root: Path, steps: int, overrides: list[str]) -> None:
 def analysis(root: Path, steps: int, every: int, overrides: list[str]) -> None:
     from mlxlab.training.analysis import BackgroundAnalysis
 
-    data, model, trainer = setup(root, overrides)
-    step = new_step(trainer, model, losses.task_loss(data.task))
+    data, model, settings = setup(root, overrides)
+    step = new_step(settings, model, losses.task_loss(data.task))
     cb = BackgroundAnalysis(every_steps=every)
     cb.setup(SimpleNamespace(world=World(), tracker=NullTracker(), run_dir=root / "run"), model, data)
     times: dict[str, list[float]] = {"on": [], "off": []}
     stalls: list[float] = []
-    batches = batches_forever(data, trainer)
+    batches = batches_forever(data, settings)
     for i in range(steps + 20):
         side = "on" if (i // (2 * every)) % 2 else "off"
         t0 = time.perf_counter()

@@ -5,7 +5,7 @@
         [-- extra Hydra overrides for every case]
 
 For each case (a model + data pair) each trainer config builds its own model from the same seed
-and runs its real step (Trainer.build_loss / make_step, the data module's own batches, the
+and runs its real step (distill.build_loss, step.make_step, the data module's own batches, the
 optimized trainer's accumulation, dynamic batching and memory budget) for --warmup untimed
 optimizer steps (compiling every shape), then --steps timed ones. The trainers take turns for
 --rounds rounds so load drift on a shared machine hits all of them; each number is the median
@@ -34,7 +34,10 @@ from omegaconf import DictConfig
 from mlxlab.config import compose_config, instantiate
 from mlxlab.runtime import device
 from mlxlab.train import seed_everything
-from mlxlab.training.trainer import Trainer
+from mlxlab.training.distill import build_loss
+from mlxlab.training.optim import build_optimizer
+from mlxlab.training.plan import fit_batch_to_memory
+from mlxlab.training.step import make_step, with_precision
 
 CASES = {
     "titanic_bert": ["experiment=titanic_bert"],
@@ -66,15 +69,17 @@ class Runner:
         self.data = data
         seed_everything(cfg.seed)
         self.model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
-        self.trainer = Trainer(instantiate(cfg.trainer), optimizer=instantiate(cfg.optimizer))
-        loss_fn = self.trainer.build_loss(data)
+        settings = instantiate(cfg.trainer)
+        batching = settings.data_batching()
+        loss_fn = with_precision(build_loss(settings, data, batching)[0], settings.precision)
         # may lower the batch size (raising grad_accum)
-        self.batching, self.grad_accum = self.trainer.fit_batch_to_memory(self.model, data, loss_fn)
+        self.batching, self.grad_accum = fit_batch_to_memory(self.model, data, loss_fn, settings,
+                                                             batching)
         total = 10**6
-        optimizer = self.trainer.build_optimizer(total)
+        optimizer = build_optimizer(instantiate(cfg.optimizer), settings.schedule, total)
         optimizer.init(self.model.trainable_parameters())
-        self.step_fn = self.trainer.make_step(self.model, optimizer, loss_fn,
-                                              grad_accum=self.grad_accum)
+        self.step_fn = make_step(self.model, optimizer, loss_fn, settings,
+                                 grad_accum=self.grad_accum)
         self.model.train()
         self.epoch, self.batches = 0, iter(())
 

@@ -33,9 +33,9 @@ from mlxlab.data.tokenizer import build_tokenizer
 from mlxlab.models.transformer import Transformer
 from mlxlab.runtime import device
 from mlxlab.training import losses
-from mlxlab.training.optim import default_optimizer
+from mlxlab.training.optim import build_optimizer, default_optimizer
 from mlxlab.training.settings import TrainerSettings
-from mlxlab.training.trainer import Trainer
+from mlxlab.training.step import make_step
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src/mlxlab/assets/tinystories/sample.txt"
 FULL = 32000
@@ -78,10 +78,10 @@ def main() -> None:
                             ("remapped (used)", data.vocab_size, batches)):
         mx.random.seed(0)
         model = Transformer(vocab_size=vocab, dim=256, num_layers=4, num_heads=4, max_seq_len=128)
-        trainer = Trainer(TrainerSettings(max_steps=1000), optimizer=default_optimizer())  # AdamW 1e-3
-        opt = trainer.build_optimizer(total_steps=1000)
+        settings = TrainerSettings(max_steps=1000)
+        opt = build_optimizer(default_optimizer(), settings.schedule, total_steps=1000)  # AdamW 1e-3
         opt.init(model.trainable_parameters())
-        step = trainer.make_step(model, opt, losses.task_loss("lm"))
+        step = make_step(model, opt, losses.task_loss("lm"), settings)
         mx.eval(model.parameters(), opt.state)
         device.reset_peak_memory()
         step([bs[0]])  # compiles; its peak is the step's working set plus weights and state

@@ -30,9 +30,9 @@ from mlxlab.models.transformer import Transformer
 from mlxlab.runtime.blas import set_blas_threads
 from mlxlab.runtime.memory import keep_freed_memory
 from mlxlab.training import losses
-from mlxlab.training.optim import default_optimizer
+from mlxlab.training.optim import build_optimizer, default_optimizer
 from mlxlab.training.settings import TrainerSettings
-from mlxlab.training.trainer import Trainer
+from mlxlab.training.step import make_step
 
 
 def build_step(variant: str, threads: int, batch: dict):
@@ -44,11 +44,11 @@ def build_step(variant: str, threads: int, batch: dict):
         kernels.set_threads(threads)
     mx.random.seed(1)
     model = Transformer(vocab_size=3776, dim=256, num_layers=4, num_heads=4, max_seq_len=128)
-    trainer = Trainer(TrainerSettings(max_steps=300, fused_kernels=mode),
-                      optimizer=partial(default_optimizer(), learning_rate=1e-3))
-    optimizer = trainer.build_optimizer(total_steps=300)
+    settings = TrainerSettings(max_steps=300, fused_kernels=mode)
+    optimizer = build_optimizer(partial(default_optimizer(), learning_rate=1e-3), settings.schedule,
+                                total_steps=300)
     optimizer.init(model.trainable_parameters())
-    step = trainer.make_step(model, optimizer, losses.task_loss("lm"))
+    step = make_step(model, optimizer, losses.task_loss("lm"), settings)
     for _ in range(2):  # compile + warm-up
         loss = step([batch])[0]
     print(f"{variant}: loss after 2 steps {loss.item():.6f}", flush=True)
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="then this many steps of the first")
     args = parser.parse_args()
     set_blas_threads(args.threads)
-    keep_freed_memory()  # as Trainer.fit does (MLXLAB_MALLOC=default: glibc's own behaviour)
+    keep_freed_memory()  # as the loop does (MLXLAB_MALLOC=default: glibc's own behaviour)
     ids = mx.random.randint(0, 3776, (16, 129))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mx.ones((16, 128))}
     variants = args.variants.split(",")

@@ -20,7 +20,9 @@ def audit(root: Path) -> subprocess.CompletedProcess:
 def test_the_package_keeps_the_house_rules():
     out = audit(ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "functions over 80 lines: 0" in out.stdout
+    # one: the training loop, read top to bottom (training/loop.py Fit.run, its row in the docs)
+    assert "functions over 80 lines: 1" in out.stdout
+    assert "allowed  training/loop.py" in out.stdout and "Fit.run" in out.stdout
     assert "BREACH" not in out.stdout
     # the contracts' optional members are called, never probed
     for gone in ("checkpoint_init", "hf_config", "make_cache", "max_seq_len", "train_idx",

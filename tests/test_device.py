@@ -15,7 +15,7 @@ import pytest
 from conftest import FAST, compose_cfg
 from mlxlab.runtime import device
 from mlxlab.training.callbacks import ProgressBar
-from mlxlab.training.run import LogWindow
+from mlxlab.training.state import LogWindow
 
 EPYC = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512bw\n"
 

@@ -19,17 +19,6 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "mlxlab"
 
-# Cycles that live wholly inside src/mlxlab/training/, which issue-41-training's restructuring
-# (loop, step, evaluate, checkpointing: the Run never sees the Trainer) breaks; each entry is the
-# modules of one cycle group. Remove an entry when its cycle is gone (the test says so); nothing
-# outside training/ may be added here.
-KNOWN_IN_TRAINING: set[frozenset[str]] = {
-    # run -> trainer -> run (Run uses the Trainer, trainer.py imports Run), with callbacks and
-    # token_tracking on the loop through them
-    frozenset({"mlxlab.training.callbacks", "mlxlab.training.run",
-               "mlxlab.training.token_tracking", "mlxlab.training.trainer"}),
-}
-
 
 def module_files() -> dict[str, Path]:
     """Every module of the package, by dotted name (a package by its own name, for __init__)."""
@@ -145,13 +134,9 @@ def describe(graph: dict[str, set[str]], group: frozenset[str]) -> str:
 def test_the_package_has_no_import_cycles():
     graph = import_graph()
     assert len(graph) > 100 and "mlxlab.tracking.base" in graph  # it read the package
-    groups = cycle_groups(graph)
-    new = [g for g in groups if g not in KNOWN_IN_TRAINING]
-    assert not new, "import cycles (break each; see docs/architecture.md):\n" + "\n".join(
-        describe(graph, g) for g in new)
-    gone = KNOWN_IN_TRAINING - set(groups)
-    assert not gone, f"fixed: remove from KNOWN_IN_TRAINING: {[sorted(g) for g in gone]}"
-    assert all(m.startswith(f"{PACKAGE}.training.") for g in KNOWN_IN_TRAINING for m in g)
+    groups = cycle_groups(graph)  # none, training/'s (run <-> trainer) included since issue 41
+    assert not groups, "import cycles (break each; see docs/architecture.md):\n" + "\n".join(
+        describe(graph, g) for g in groups)
 
 
 def test_every_kind_of_import_is_an_edge(tmp_path, monkeypatch):

@@ -419,18 +419,19 @@ def trainer_steps(cfg, data, batches, task: str, lr: float, seed: int, mode: str
 
     from mlxlab.config import instantiate
     from mlxlab.train import seed_everything
-    from mlxlab.training.optim import default_optimizer
+    from mlxlab.training.optim import build_optimizer, default_optimizer
     from mlxlab.training.settings import TrainerSettings
-    from mlxlab.training.trainer import Trainer
+    from mlxlab.training.step import make_step
 
     seed_everything(seed)
+    kernels.set_mode(mode)  # as the loop sets it, once, before its step is built
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
     model.train()
-    trainer = Trainer(TrainerSettings(max_steps=len(batches), fused_kernels=mode),
-                      optimizer=partial(default_optimizer(), learning_rate=lr))
-    opt = trainer.build_optimizer(total_steps=len(batches))
+    settings = TrainerSettings(max_steps=len(batches), fused_kernels=mode)
+    opt = build_optimizer(partial(default_optimizer(), learning_rate=lr), settings.schedule,
+                          total_steps=len(batches))
     opt.init(model.trainable_parameters())
-    step = trainer.make_step(model, opt, losses.task_loss(task))
+    step = make_step(model, opt, losses.task_loss(task), settings)
     step_losses = [step([b])[0].item() for b in batches]
     return step_losses, {k: np.array(v) for k, v in tree_flatten(model.parameters())}
 

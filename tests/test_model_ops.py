@@ -18,8 +18,9 @@ from mlxlab.runs import load_run_model
 from mlxlab.train import train
 from mlxlab.training import losses
 from mlxlab.training.model_ops import ModelSchedule, check_schedule, grow_layers, widen_mlp
+from mlxlab.training.optim import build_optimizer
 from mlxlab.training.settings import TrainerSettings
-from mlxlab.training.trainer import Trainer
+from mlxlab.training.step import make_step
 from test_resume import (
     STREAMING,
     assert_same_history,
@@ -52,16 +53,16 @@ def adamw(lr: float):
     return partial(optim.AdamW, learning_rate=lr, bias_correction=True)
 
 
-def train_steps(model, optimizer, n: int, trainer: Trainer) -> list[float]:
-    step = trainer.make_step(model, optimizer, losses.task_loss("lm"))
+def train_steps(model, optimizer, n: int, settings: TrainerSettings) -> list[float]:
+    step = make_step(model, optimizer, losses.task_loss("lm"), settings)
     return [step([lm_batch(k % 2)])[0].item() for k in range(n)]  # two batches, learnable
 
 
 def test_identity_growth_keeps_the_loss_and_training_goes_on():
-    model, trainer = small_lm(2), Trainer(TrainerSettings(max_steps=20), optimizer=adamw(1e-2))
-    optimizer = trainer.build_optimizer(total_steps=20)
+    model, settings = small_lm(2), TrainerSettings(max_steps=20)
+    optimizer = build_optimizer(adamw(1e-2), settings.schedule, total_steps=20)
     optimizer.init(model.trainable_parameters())
-    train_steps(model, optimizer, 5, trainer)  # trained weights, non-zero moments
+    train_steps(model, optimizer, 5, settings)  # trained weights, non-zero moments
     loss_fn = losses.task_loss("lm")
     batch = lm_batch(0)
     before = loss_fn(model, batch)[0].item()
@@ -89,7 +90,7 @@ def test_identity_growth_keeps_the_loss_and_training_goes_on():
 
     out_before = np.array(model.layers[3].attention.out.weight)
     assert not out_before.any()
-    losses_after = train_steps(model, optimizer, 8, trainer)  # a step rebuilt over the new model
+    losses_after = train_steps(model, optimizer, 8, settings)  # a step rebuilt over the new model
     assert np.isfinite(losses_after).all()
     assert np.array(model.layers[3].attention.out.weight).any()  # the new layers learn
     assert loss_fn(model, batch)[0].item() < before

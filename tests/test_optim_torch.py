@@ -25,7 +25,7 @@ from mlxlab.models.transformer import Transformer
 from mlxlab.training.losses import task_loss
 from mlxlab.training.optim import LRSchedule, build_optimizer
 from mlxlab.training.settings import TrainerSettings
-from mlxlab.training.trainer import Trainer
+from mlxlab.training.step import make_step
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_lm_twin import torch_warmup_cosine  # noqa: E402
@@ -133,16 +133,15 @@ def torch_lm_loss(twin, batch):
 
 
 def test_training_steps_match_pytorch():
-    """Trainer.make_step (the compiled step fit runs) against loss.backward, clip_grad_norm_ and
+    """make_step (the compiled step fit runs) against loss.backward, clip_grad_norm_ and
     AdamW.step with PyTorch's warmup-cosine schedule: loss, gradients, norm and weights agree."""
     model, twin = shared_decoder()
     clip = 0.5  # below the gradient norm of this model, so every step clips
-    trainer = Trainer(TrainerSettings(schedule=SCHEDULE, max_steps=TOTAL, grad_clip=clip),
-                      optimizer=optimizer_factory("adamw"))
+    settings = TrainerSettings(schedule=SCHEDULE, max_steps=TOTAL, grad_clip=clip)
     loss_fn = task_loss("lm")
-    optimizer = trainer.build_optimizer(TOTAL)
+    optimizer = build_optimizer(optimizer_factory("adamw"), settings.schedule, TOTAL)
     optimizer.init(model.trainable_parameters())
-    step = trainer.make_step(model, optimizer, loss_fn)
+    step = make_step(model, optimizer, loss_fn, settings)
     ref = torch.optim.AdamW(twin.parameters(), lr=LR, weight_decay=WD)
     sched = torch_schedule(ref)
     rng = np.random.default_rng(1)

@@ -6,6 +6,7 @@ half-written is ever taken for committed)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -419,6 +420,54 @@ def test_bad_remote_uris_are_one_clear_line(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert "cannot list checkpoints at s3://nobucket/run" in out.stderr
+
+
+BROKEN_S3FS = 'raise ImportError("s3fs is broken in this environment")\n'
+
+
+def test_a_remote_that_fails_at_the_start_ends_the_tracked_run(make_cfg, tmp_path, monkeypatch):
+    """A remote whose filesystem cannot be opened when the checkpoint writer is built (its
+    package fails to import, as when s3fs is missing or broken) fails after the tracker's run
+    has started: the error is one line, and the MLflow run is FAILED when train() returns, not
+    left RUNNING until the process exits (issue 41: everything after the tracker's start is inside
+    the loop's try/finally). In-process tracking, as sweeps and distillation rounds run it."""
+    from mlxlab.train import train
+
+    known = importlib.import_module("fsspec.registry")._registry  # classes fsspec imported
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # `import s3fs` fails,
+    monkeypatch.delitem(known, "s3", raising=False)  # even when an earlier test imported it
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = make_cfg(*ARGS, "trainer.max_epochs=1", f"tracking.uri={uri}", "tracking.background=false",
+                   "callbacks.checkpoint.remote=s3://bucket/prefix")
+    with pytest.raises(RemoteError, match="s3:// checkpoints need s3fs") as raised:
+        train(cfg)
+    assert "\n" not in str(raised.value)
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("remote").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_a_remote_that_fails_at_the_start_is_one_line_and_a_failed_run(tmp_path):
+    """The same from the command line, tracking in its background process (the default): exit 2,
+    one line, and the run recorded FAILED (before, the training process left before its tracking
+    process had written the run, and the store had no run at all)."""
+    fake = tmp_path / "fake_packages"
+    fake.mkdir()
+    (fake / "s3fs.py").write_text(BROKEN_S3FS)
+    env = environment(tmp_path, {"PYTHONPATH": os.pathsep.join(
+        filter(None, [str(fake), os.environ.get("PYTHONPATH")]))})
+    out = subprocess.run(
+        [PYTHON, "-m", "mlxlab.train", *ARGS, "trainer.max_epochs=1",
+         "callbacks.checkpoint.remote=s3://bucket/prefix", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    [error] = [line for line in out.stderr.splitlines() if line.startswith("mlxlab: error:")]
+    assert "s3:// checkpoints need s3fs" in error
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    experiment = client.get_experiment_by_name("remote")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    assert [run.info.status for run in runs] == ["FAILED"]
 
 
 def test_a_step_saved_twice_is_uploaded_as_one_whole_version(tmp_path):

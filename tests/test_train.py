@@ -103,7 +103,7 @@ def test_streaming_without_validation_trains_and_checkpoints(make_cfg, tmp_path,
     """data.splits.val_examples=0: no evaluation, checkpoints where evaluations would be and at
     the end, no best/; said at the start."""
     cfg = make_cfg(*TINY_LM, "data.splits.val_examples=0", "trainer.max_steps=5")
-    with caplog.at_level("INFO", logger="mlxlab.training.trainer"):
+    with caplog.at_level("INFO", logger="mlxlab.training"):
         assert train(cfg) == {}
     assert "no validation data (data.splits.val_examples=0" in caplog.text
     # every key the line names is one the config has (issue 26 item 9: it named trainer.checkpoint.*)

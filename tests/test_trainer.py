@@ -20,9 +20,12 @@ from mlxlab.runs import load_teachers
 from mlxlab.runtime import device
 from mlxlab.train import seed_everything, train
 from mlxlab.training import losses
-from mlxlab.training.optim import default_optimizer
+from mlxlab.training.distill import build_loss
+from mlxlab.training.optim import build_optimizer, default_optimizer
+from mlxlab.training.plan import fit_batch_to_memory
 from mlxlab.training.settings import DistillConfig, TrainerSettings
-from mlxlab.training.trainer import Trainer, TrainingError
+from mlxlab.training.step import make_step, with_precision
+from mlxlab.training.trainer import TrainingError
 
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.dropout=0.0"]
 
@@ -53,10 +56,10 @@ def test_grad_accumulation_equals_one_big_batch(make_cfg, tmp_path):
     loss_fn = losses.task_loss("classification")
     results = []
     for model, accum, batches in ((model_a, 1, [batch]), (model_b, 2, halves)):
-        trainer = Trainer(TrainerSettings(grad_accum=accum, grad_clip=0.5), optimizer=adamw(1e-2))
-        opt = trainer.build_optimizer(total_steps=10)
+        settings = TrainerSettings(grad_accum=accum, grad_clip=0.5)
+        opt = build_optimizer(adamw(1e-2), settings.schedule, total_steps=10)
         opt.init(model.trainable_parameters())
-        loss, _, _ = trainer.make_step(model, opt, loss_fn)(batches)
+        loss, _, _ = make_step(model, opt, loss_fn, settings)(batches)
         results.append((loss.item(), params(model)))
     (loss_a, pa), (loss_b, pb) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
@@ -104,18 +107,18 @@ def test_memory_budget_too_small_is_a_clear_error(make_cfg):
 def test_memory_budget_halves_the_batch_and_keeps_the_effective_batch(make_cfg, tmp_path):
     _, data, model = build(make_cfg, tmp_path, "model.hidden_size=64")
     loss_fn = losses.task_loss("classification")
-    roomy = Trainer(TrainerSettings(batch_size=64, memory_budget_mb=1e9))
-    batching, grad_accum = roomy.fit_batch_to_memory(model, data, loss_fn)
+    roomy = TrainerSettings(batch_size=64, memory_budget_mb=1e9)
+    batching, grad_accum = fit_batch_to_memory(model, data, loss_fn, roomy, roomy.data_batching())
     assert (batching.batch_size, grad_accum) == (64, 1)
 
     device.reset_peak_memory()
     batch = next(iter(data.train_batches(Batching(batch_size=64), 0)))
     mx.eval(nn.value_and_grad(model, loss_fn)(model, batch))
-    tight = Trainer(TrainerSettings(batch_size=64, memory_budget_mb=device.peak_memory_mb() * 0.6))
-    batching, grad_accum = tight.fit_batch_to_memory(model, data, loss_fn)
+    tight = TrainerSettings(batch_size=64, memory_budget_mb=device.peak_memory_mb() * 0.6)
+    batching, grad_accum = fit_batch_to_memory(model, data, loss_fn, tight, tight.data_batching())
     assert batching.batch_size < 64
     assert batching.batch_size * grad_accum == 64
-    assert (tight.batching.batch_size, tight.settings.grad_accum) == (64, 1)  # settings as set
+    assert (tight.batch_size, tight.grad_accum) == (64, 1)  # settings as set
 
 
 def test_cnn_hybrid_trains(make_cfg):
@@ -243,11 +246,11 @@ def test_cached_teacher_probabilities_give_the_per_step_loss(make_cfg, tmp_path)
     data.load_state_dict({"epoch": 0, "batches_done": 3})
     teachers = [{"run": str(teacher_cfg.paths.output_dir)}]
     distill = DistillConfig(teachers=teachers, temperature=2.0)
-    trainer = Trainer(TrainerSettings(distill=distill, batch_size=16), load_teachers=load_teachers)
-    cached_fn = trainer.build_loss(data)
+    cached = TrainerSettings(distill=distill, batch_size=16)
+    cached_fn, _ = build_loss(cached, data, cached.data_batching(), load_teachers)
     assert data.state_dict() == {"epoch": 0, "batches_done": 3}
     per_step = TrainerSettings(distill=replace(distill, cache_teacher=False), batch_size=16)
-    per_step_fn = Trainer(per_step, load_teachers=load_teachers).build_loss(data)
+    per_step_fn, _ = build_loss(per_step, data, per_step.data_batching(), load_teachers)
     student.eval()  # no dropout: the two losses see the same student
     for batch in list(data.train_batches(Batching(batch_size=7), 1))[:4]:
         (cached, aux_c), (direct, aux_d) = cached_fn(student, batch), per_step_fn(student, batch)
@@ -283,12 +286,11 @@ def test_distillation_loss_form_is_a_config_choice(make_cfg, tmp_path):
     batch = next(iter(data.train_batches(Batching(batch_size=7), 1)))
     for loss in ("reverse_kl", "mse"):
         distill = DistillConfig(teachers=[{"run": str(teacher_cfg.paths.output_dir)}], loss=loss)
-        cached, aux_c = Trainer(TrainerSettings(distill=distill, batch_size=16),
-                                load_teachers=load_teachers).build_loss(data)(student, batch)
-        direct_settings = TrainerSettings(distill=replace(distill, cache_teacher=False),
-                                          batch_size=16)
-        direct, aux_d = Trainer(direct_settings,
-                                load_teachers=load_teachers).build_loss(data)(student, batch)
+        for_cached = TrainerSettings(distill=distill, batch_size=16)
+        cached_fn, _ = build_loss(for_cached, data, for_cached.data_batching(), load_teachers)
+        direct = TrainerSettings(distill=replace(distill, cache_teacher=False), batch_size=16)
+        direct_fn, _ = build_loss(direct, data, direct.data_batching(), load_teachers)
+        (cached, aux_c), (direct, aux_d) = cached_fn(student, batch), direct_fn(student, batch)
         assert cached.item() == pytest.approx(direct.item(), rel=1e-5)
         assert aux_c[loss].item() == pytest.approx(aux_d[loss].item(), rel=1e-4)
 
@@ -334,11 +336,12 @@ def test_resume_into_a_changed_architecture_reports_the_mapping(make_cfg, tmp_pa
 
 def test_bf16_compute_keeps_fp32_master_weights(make_cfg, tmp_path):
     _, data, model = build(make_cfg, tmp_path, *TINY)
-    trainer = Trainer(TrainerSettings(precision="bf16", grad_clip=1.0), optimizer=adamw(1e-2))
-    loss_fn = trainer.build_loss(data)
-    opt = trainer.build_optimizer(total_steps=10)
+    settings = TrainerSettings(precision="bf16", grad_clip=1.0)
+    loss_fn = with_precision(build_loss(settings, data, settings.data_batching())[0],
+                             settings.precision)
+    opt = build_optimizer(adamw(1e-2), settings.schedule, total_steps=10)
     opt.init(model.trainable_parameters())
-    step = trainer.make_step(model, opt, loss_fn)
+    step = make_step(model, opt, loss_fn, settings)
     before = params(model)
     batches = iter(data.train_batches(Batching(batch_size=16), 0))
     losses_seen = [step([next(batches)])[0].item() for _ in range(3)]

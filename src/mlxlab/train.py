@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig
@@ -28,6 +29,9 @@ from mlxlab.config import (
     validate,
 )
 from mlxlab.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from mlxlab.training.settings import CheckpointPolicy
 
 log = logging.getLogger("mlxlab")
 
@@ -163,18 +167,23 @@ def build_tracker(cfg: DictConfig, name: str | None = None):
     return instantiate(cfg.tracking, **named)
 
 
-def build_callbacks(cfg: DictConfig) -> list:
+def build_callbacks(cfg: DictConfig) -> tuple[list, CheckpointPolicy]:
     """The `callbacks` group's named `_target_` nodes, built in config order (None entries, as
-    left by `callbacks.x=null`, are skipped); a search's trial adds the reporter that feeds its
-    pruner (search/pruning.py)."""
+    left by `callbacks.x=null`, are skipped), and apart from them the checkpoint policy
+    (`callbacks.checkpoint`: a settings record, its defaults when absent); a search's trial adds
+    the reporter that feeds its pruner (search/pruning.py)."""
     from mlxlab.search.trial_link import current_trial
     from mlxlab.training.callbacks import Callback
+    from mlxlab.training.settings import CheckpointPolicy
 
-    built = []
+    built, policy = [], None
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None:
             continue
         callback = instantiate(node)
+        if isinstance(callback, CheckpointPolicy):
+            policy = policy or callback
+            continue
         if not isinstance(callback, Callback):
             raise ConfigError(f"callbacks.{name} built a {type(callback).__name__}, not a "
                               "mlxlab.training.callbacks.Callback: subclass it")
@@ -187,7 +196,7 @@ def build_callbacks(cfg: DictConfig) -> list:
         reporter = TrialReporter(trial)
         reporter.name = "search_trial"
         built.append(reporter)
-    return built
+    return built, policy or CheckpointPolicy()
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -215,7 +224,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mlxlab.tracking.base import NullTracker
     from mlxlab.tracking.mlflow.stale import process_tags
     from mlxlab.tracking.tags import WORLD_SIZE
-    from mlxlab.training.callbacks import checkpoint_policy
     from mlxlab.training.startup import prepare_device
     from mlxlab.training.trainer import Trainer
 
@@ -224,8 +232,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if settings.requeue and not cfg.get("resume") and slurm.restarted():
         log.info("trainer.requeue: a requeued Slurm job: resume=auto")
         cfg.resume = "auto"
-    callbacks = build_callbacks(cfg)
-    resume = remote_resume(cfg.get("resume"), run_dir, checkpoint_policy(callbacks),
+    callbacks, checkpointing = build_callbacks(cfg)
+    resume = remote_resume(cfg.get("resume"), run_dir, checkpointing,
                            lambda: prepare_resume(cfg, run_dir))
     if resume is not None:  # what was trained, with what this command line names on top
         rebuild_from_checkpoint(cfg, resume, _task_overrides())
@@ -262,7 +270,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("model %s: %s parameters", cfg.model._target_.rsplit(".", 1)[-1],
              f"{config['num_parameters']:,}")
     trainer = Trainer(settings, optimizer=instantiate(cfg.optimizer), callbacks=callbacks,
-                      load_teachers=load_teachers)
+                      load_teachers=load_teachers, checkpointing=checkpointing)
     resumed_from = resumed_run_folder(resume) if resume is not None else None
     tags = {**run_tags(cfg, choices, run_hash, run_dir, resumed_from), **process_tags(),
             WORLD_SIZE: str(world.size)}

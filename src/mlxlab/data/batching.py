@@ -103,7 +103,7 @@ def collate_classification(
     `tokens` is (N, max_len) already filled with the pad id after each row's length, so slicing
     to the bucket length is the whole padding step. `labels=None` (prediction) leaves them out.
     `index` goes into the batch too: per-example values can then be computed once and looked up
-    (distillation's teacher probabilities, see Trainer.teacher_cache).
+    (distillation's teacher probabilities, see training/distill.py teacher_cache).
     """
     batch_lengths = lengths[index]
     width = bucket_length(int(batch_lengths.max()), multiple, tokens.shape[1])

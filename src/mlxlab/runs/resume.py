@@ -18,7 +18,7 @@ from mlxlab.errors import ConfigError
 from mlxlab.runs.discovery import latest_run_with_checkpoints
 
 if TYPE_CHECKING:
-    from mlxlab.training.callbacks import ModelCheckpoint
+    from mlxlab.training.settings import CheckpointPolicy
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def prepare_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
 
 
 def remote_resume(
-    resume: Any, run_dir: Path, policy: ModelCheckpoint,
+    resume: Any, run_dir: Path, policy: CheckpointPolicy,
     prepare_local: Callable[[], Path | None],
 ) -> Path | None:
     """The resume source of `resume=`: `resume=<s3://...>` downloads from there; `resume=auto`

@@ -33,7 +33,7 @@ from mlxlab.training.callbacks import Callback
 
 if TYPE_CHECKING:
     from mlxlab.search.trial_link import TrialLink
-    from mlxlab.training.run import TrainContext
+    from mlxlab.training.state import TrainContext
 
 log = logging.getLogger("mlxlab.search")
 

@@ -29,10 +29,9 @@ from mlxlab.checkpoint import CHECKPOINTS_DIR, CheckpointManager, Snapshot, step
 from mlxlab.checkpoint.state import StateLike, state_step
 from mlxlab.config import check_choice
 from mlxlab.tracking import tags as T
+from mlxlab.training.settings import WHEN_BUSY
 
 log = logging.getLogger(__name__)
-
-WHEN_BUSY = ("wait", "skip")
 
 
 class Uploader(Protocol):

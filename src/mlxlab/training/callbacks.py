@@ -1,8 +1,10 @@
-"""Small hooks the one training loop calls: progress, early stopping, memory, checkpoints.
+"""Small hooks the one training loop calls: progress, eval lines, early stopping, memory.
 
 They are config nodes (`conf/callbacks/default.yaml`, a dict of named `_target_` nodes as in
 lightning-hydra-template); train.py instantiates them and hands the list to the Trainer. Add your
 own from the command line: `+callbacks.mine={_target_: my_pkg.MyCallback, every: 10}`.
+`callbacks.checkpoint` sits among them in the config but is no callback: it is the checkpoint
+policy, a settings record the loop reads (settings.py `CheckpointPolicy`).
 
 A callback overrides only what it needs. State that must survive a resume goes through
 `state_dict()` / `load_state_dict()` and lands in the checkpoint's state.json.
@@ -13,20 +15,15 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from mlxlab.checkpoint import is_better
-from mlxlab.config import check_choice, check_number, check_uri
 from mlxlab.errors import ConfigError
 from mlxlab.runtime import device
-from mlxlab.training.async_writer import WHEN_BUSY
-
-if TYPE_CHECKING:
-    from mlxlab.training.run import TrainContext
+from mlxlab.training.settings import CheckpointPolicy
+from mlxlab.training.state import TrainContext
 
 log = logging.getLogger("mlxlab.training")
 
@@ -232,36 +229,6 @@ class EvalLog(Callback):
         self.best, self.best_step = state.get("best"), state.get("best_step")
 
 
-@dataclass
-class ModelCheckpoint(Callback):
-    """When and how the loop checkpoints (`callbacks.checkpoint.*`).
-
-    The loop's own save points (evaluations, the step/minute cadence here, epoch ends, the end,
-    a signal) write through a CheckpointManager and writer built from these settings; the best
-    checkpoint follows the trainer's monitor (optimized_metric). A run configured without this
-    callback (`callbacks=none`) checkpoints with these defaults, as Lightning's
-    enable_checkpointing does: resume and the best weights never depend on the callback list.
-    """
-
-    keep_last_n: int = 3            # step checkpoints kept (best/ apart)
-    save_every_steps: int | None = None     # a checkpoint every N optimizer steps
-    save_every_minutes: float | None = 10   # ... and every N minutes of wall clock
-    async_write: bool = True        # a background thread writes; the step only takes a snapshot
-    when_busy: str = "wait"         # wait | skip: a save due while the previous one still writes
-    remote: str | None = None       # s3://bucket/prefix | gs://... | az://...
-    remote_retries: int = 5         # per file, with doubling backoff from remote_backoff_s
-    remote_backoff_s: float = 1.0
-    remote_timeout_s: float = 60.0  # each network call; one past it counts as a failed try
-    remote_final_wait_s: float = 120.0  # the run's end waits at most this long for an upload
-
-    def __post_init__(self) -> None:  # the owner checks its keys (config.validate builds it)
-        check_number("callbacks.checkpoint.keep_last_n", self.keep_last_n, int, 1)
-        check_choice("callbacks.checkpoint.when_busy", self.when_busy, WHEN_BUSY)
-        if self.remote:
-            check_uri(str(self.remote))
-
-
-def checkpoint_policy(callbacks: Sequence[Callback]) -> ModelCheckpoint:
-    """The ModelCheckpoint among `callbacks`, else its defaults (checkpoints always exist)."""
-    found = [cb for cb in callbacks if isinstance(cb, ModelCheckpoint)]
-    return found[0] if found else ModelCheckpoint()
+# The checkpoint policy's old name: `_target_: mlxlab.training.callbacks.ModelCheckpoint` (configs
+# written before issue 41) builds the settings record it always was; it is no callback.
+ModelCheckpoint = CheckpointPolicy

@@ -1,4 +1,5 @@
-"""The Trainer's settings: one frozen, typed record per `trainer.*` group, each owning its checks.
+"""The Trainer's settings: one frozen, typed record per `trainer.*` group, each owning its checks,
+and the checkpoint policy (`callbacks.checkpoint.*`, `CheckpointPolicy`).
 
 `conf/trainer/*.yaml` builds a `TrainerSettings` (its `_target_`); the YAML stays as flat as the
 keys are (`trainer.max_epochs`, `trainer.batch_size`), and the groups that nest there nest here
@@ -7,7 +8,7 @@ may come as a mapping (the YAML's plain node, or code's `batching={"dynamic": Tr
 into its class here. Every check sits in the `__post_init__` of the record that owns the key and
 raises one ConfigError line naming it; config.validate builds the record before anything heavy
 is built, so a bad override fails there. Nothing here changes after it is built: what one fit
-changes lives in its Run (run.py).
+changes lives in its RunState (state.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from mlxlab import kernels
-from mlxlab.config import check_choice, check_number
+from mlxlab.config import check_choice, check_number, check_uri
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
 from mlxlab.training.losses import check_distill_form
@@ -27,6 +28,7 @@ from mlxlab.validation import record
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUANTIZE_BITS = (None, 2, 3, 4, 6, 8)  # what mlx.nn.quantize supports
 DISTRIBUTED_MODES = ("auto", "on", "off", True, False)  # YAML's on/off arrive as booleans
+WHEN_BUSY = ("wait", "skip")  # callbacks.checkpoint.when_busy (async_writer.py)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class TrainerSettings:
-    """Every `trainer.*` key (conf/trainer/simple.yaml), read by the Trainer and its Run, never
+    """Every `trainer.*` key (conf/trainer/simple.yaml), read by the Trainer and its loop, never
     changed. Defaults are those of a Trainer built in code; the YAML sets its own."""
 
     schedule: LRSchedule = field(default_factory=LRSchedule)  # the learning rate over the run
@@ -135,3 +137,34 @@ NUMBERS = (
     ("grad_accum", int, 1), ("grad_clip", float, 0.0), ("label_smoothing", float, 0.0),
     ("eval_every_steps", int, 1), ("log_every_steps", int, 1),
 )
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When and how the loop checkpoints (`callbacks.checkpoint.*`).
+
+    A settings record the loop reads, not a callback: its save points (evaluations, the
+    step/minute cadence here, epoch ends, the end, a signal) write through a CheckpointManager
+    and writer built from it (checkpointing.py); the best checkpoint follows the trainer's
+    monitor (optimized_metric). It stays under `callbacks` in the config, where it has always
+    been; train.py hands it to the Trainer apart from the callbacks. A run without it
+    (`callbacks=none`) checkpoints with these defaults, as Lightning's enable_checkpointing does:
+    resume and the best weights never depend on the callback list.
+    """
+
+    keep_last_n: int = 3            # step checkpoints kept (best/ apart)
+    save_every_steps: int | None = None     # a checkpoint every N optimizer steps
+    save_every_minutes: float | None = 10   # ... and every N minutes of wall clock
+    async_write: bool = True        # a background thread writes; the step only takes a snapshot
+    when_busy: str = "wait"         # wait | skip: a save due while the previous one still writes
+    remote: str | None = None       # s3://bucket/prefix | gs://... | az://...
+    remote_retries: int = 5         # per file, with doubling backoff from remote_backoff_s
+    remote_backoff_s: float = 1.0
+    remote_timeout_s: float = 60.0  # each network call; one past it counts as a failed try
+    remote_final_wait_s: float = 120.0  # the run's end waits at most this long for an upload
+
+    def __post_init__(self) -> None:  # the owner checks its keys (config.validate builds it)
+        check_number("callbacks.checkpoint.keep_last_n", self.keep_last_n, int, 1)
+        check_choice("callbacks.checkpoint.when_busy", self.when_busy, WHEN_BUSY)
+        if self.remote:
+            check_uri(str(self.remote))

@@ -16,9 +16,8 @@ import sys
 import threading
 from types import FrameType
 
-# SIGUSR1 does not exist on Windows
-STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None))
-                     if s is not None)
+SIGUSR1 = getattr(signal, "SIGUSR1", None)  # Slurm's time-limit warning; Windows has none
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, SIGUSR1) if s is not None)
 
 
 class GracefulStop:
@@ -38,16 +37,22 @@ class GracefulStop:
         name = signal.Signals(signum).name
         sys.stderr.write(f"\n{name} received: finishing this step and writing a checkpoint...\n")
 
-    def __enter__(self) -> GracefulStop:
+    def arm(self) -> None:
+        """From now on the stop signals set the flag (only the main thread can handle them)."""
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def disarm(self) -> None:
+        """The handlers from before arm() again (nothing, if it was never armed)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
+
+    @property
+    def time_limit_warning(self) -> bool:
+        """The signal was SIGUSR1: Slurm's warning ahead of the job's time limit (requeue)."""
+        return self.signum is not None and self.signum == SIGUSR1
 
     @property
     def exit_code(self) -> int:

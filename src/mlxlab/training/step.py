@@ -1,0 +1,127 @@
+"""The training step: one compiled optimizer update, and the precision it computes in.
+
+mlx-examples style: `nn.value_and_grad` over a pure loss, one `mx.compile`d function over
+`[model.state, optimizer.state, mx.random.state]` (built after any checkpoint is restored, so it
+never writes to stale state), and one `mx.eval` per optimizer step. Gradient accumulation is a
+compiled variant of the same step, not a second loop. The fused kernels' mode
+(`trainer.fused_kernels`) is process-wide: the loop sets it once, before it builds a step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+from mlxlab.runtime import device, distributed
+from mlxlab.training import losses
+from mlxlab.training.optim import clip_by_global_norm
+from mlxlab.training.settings import TrainerSettings
+
+DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}  # settings.PRECISIONS
+
+
+def make_step(model: nn.Module, optimizer, loss_fn: losses.LossFn, settings: TrainerSettings,
+              world: distributed.World | None = None, shards=None, grad_accum: int | None = None):
+    """Returns step(batches) -> (loss, grad_norm, aux); one optimizer update per call.
+
+    With grad_accum > 1 (default: the settings') the gradients of the micro-batches are summed,
+    weighted by their token counts, so N micro-batches of size B give the update of one batch of
+    N*B. `world` and `shards` (distributed.OptimizerShards, ZeRO-1) are the run's; default: one
+    process. `settings` gives grad_clip and compile.
+    """
+    world = world or distributed.World()
+    grad_accum = grad_accum or settings.grad_accum
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+    clip = settings.grad_clip
+    compile_ = (partial(mx.compile, inputs=state, outputs=state) if settings.compile
+                else (lambda f: f))
+    update = partial(optimizer.update, model) if shards is None else partial(shards.update, model, optimizer)
+
+    @compile_
+    def fused_step(batch):
+        (loss, aux), grads = loss_and_grad(model, batch)
+        grads, norm = clip_by_global_norm(grads, clip)
+        update(grads)
+        return loss, norm, aux
+
+    # Data parallel runs take the accumulation path below even for one micro-batch: its
+    # apply_step sums value x count over ranks, so the update is the global batch's. (With
+    # MLX 0.32 on CPU, an all_sum compiled into the same graph as the backward pass hung on
+    # the ring backend; in its own compiled function it does not.)
+    if grad_accum == 1 and not world.enabled:
+        def step(batches):
+            loss, norm, aux = fused_step(batches[0])
+            mx.eval(loss, norm, aux, state)
+            return loss, norm, aux
+
+        return step
+
+    @compile_
+    def grad_step(batch):
+        (loss, aux), grads = loss_and_grad(model, batch)
+        examples = losses.pop_example_outputs(aux)  # per row: concatenated, not averaged
+        n = aux["ntokens"]
+        weighted = {k: v * n for k, v in aux.items() if k != "ntokens"}
+        return loss * n, n, weighted, tree_map(lambda g: g * n, grads), examples
+
+    @compile_
+    def apply_step(grads, ntokens, loss_sum, aux_sum):
+        summed = world.all_sum_tree({"g": grads, "n": ntokens, "l": loss_sum, "a": aux_sum})
+        grads, ntokens = tree_map(lambda g: g / summed["n"], summed["g"]), summed["n"]
+        grads, norm = clip_by_global_norm(grads, clip)
+        update(grads)
+        aux = {k: v / ntokens for k, v in summed["a"].items()} | {"ntokens": ntokens}
+        return norm, summed["l"] / ntokens, aux
+
+    compiled: list[bool] = []
+
+    def step(batches):
+        total_loss, total_n, total_aux, acc, examples = 0.0, 0.0, None, None, []
+        for batch in batches:
+            loss_sum, n, aux_sum, grads, per_row = grad_step(batch)
+            examples.append(per_row)
+            if acc is None:
+                acc, total_aux = grads, aux_sum
+            else:
+                acc, total_aux = tree_map(mx.add, acc, grads), tree_map(mx.add, total_aux, aux_sum)
+            total_loss, total_n = total_loss + loss_sum, total_n + n
+            mx.eval(acc, total_aux, total_loss, total_n)  # one micro-batch of activations alive
+        # The first update also compiles (and a rank may still be compiling its grad step).
+        with world.guard("a training step", 1.0 if compiled else 10.0):
+            norm, loss, aux = apply_step(acc, total_n, total_loss, total_aux)
+            for key in examples[0]:  # evaluated here: callbacks may read them on a thread
+                aux[key] = mx.concatenate([e[key] for e in examples])  # with no MLX stream
+            mx.eval(loss, norm, aux, state)
+        compiled.append(True)
+        return loss, norm, aux
+
+    return step
+
+
+def compute_dtype(precision: str) -> mx.Dtype:
+    """trainer.precision as a dtype: auto = what the device computes fastest (fp32 on the CPU)."""
+    return device.default_compute_dtype() if precision == "auto" else DTYPES[precision]
+
+
+def with_precision(loss_fn: losses.LossFn, precision: str) -> losses.LossFn:
+    """`loss_fn` computing in trainer.precision (itself when that is fp32)."""
+    dtype = compute_dtype(precision)
+    return loss_fn if dtype == mx.float32 else mixed_precision(loss_fn, dtype)
+
+
+def mixed_precision(loss_fn: losses.LossFn, dtype: mx.Dtype) -> losses.LossFn:
+    """Compute in `dtype` while gradients flow back to the fp32 master weights."""
+
+    def wrapped(model: nn.Module, batch):
+        master = model.trainable_parameters()
+        model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+                              master))
+        loss, aux = loss_fn(model, batch)
+        model.update(master)
+        return loss.astype(mx.float32), aux
+
+    return wrapped
