@@ -13,10 +13,10 @@ from omegaconf import open_dict
 
 from conftest import FAST, compose_cfg
 from mlxlab.checkpoint import CheckpointState
-from mlxlab.config import ConfigError
+from mlxlab.config import ConfigError, check_group_choices
 from mlxlab.tracking.csv_files import CsvTracker, read_metrics
 from mlxlab.tracking.fanout import FanoutTracker, build_tracker
-from mlxlab.train import check_group_choices, train
+from mlxlab.train import train
 from mlxlab.training.callbacks import Callback
 
 

@@ -256,7 +256,7 @@ def test_mlxlab_train_starts_the_tracking_process_before_composing(uri, tmp_path
     command line tracks otherwise or this is not the tracking rank; the tracker adopts it, and
     one never adopted exits with its parent."""
     from mlxlab.tracking.mlflow import background
-    from mlxlab.train import tracks_in_a_child
+    from mlxlab.tracking.mlflow.background import tracks_in_a_child
 
     assert tracks_in_a_child([]) and tracks_in_a_child(["tracking=[mlflow,csv]", "seed=3"])
     for argv in (["tracking=none"], ["tracking=csv"], ["tracking.background=false"],

@@ -366,3 +366,37 @@ def _check_optimized_metric(cfg: DictConfig) -> None:
             f"optimized_metric={cfg.get('optimized_metric')!r} is not computed for {task} data: "
             f"choose one of {names}"
         )
+
+
+# Config groups whose option a user picks on the command line (group=option).
+CHOICE_GROUPS = ("model", "data", "trainer", "optimizer", "callbacks", "tracking", "experiment",
+                 "debug", "hparams_search")
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """`optimizer=adamx` fails here with one line listing the options, not with Hydra's
+    multi-line "Could not find 'optimizer/adamx'" report. A user's own config folder
+    (`--config-dir ./my_conf`) adds its files to the options."""
+    own = _config_dirs(argv)
+    for arg in argv:
+        key, eq, value = arg.lstrip("+").partition("=")
+        if not eq or key not in CHOICE_GROUPS or "(" in value or value in ("null", ""):
+            continue
+        options = sorted({*group_options(key), *(p.stem for d in own for p in d.glob(f"{key}/*.yaml"))})
+        # a multirun sweep (a,b) or a list of options merged into one node ([mlflow,csv])
+        listed = value.removeprefix("[").removesuffix("]").split(",")
+        unknown = [v.strip() for v in listed if v.strip() not in options]  # Hydra allows "a, b"
+        if options and unknown:
+            raise ConfigError(f"{key}={unknown[0]} is not an option: choose one of {options} "
+                              f"(the files in conf/{key}/)")
+
+
+def _config_dirs(argv: list[str]) -> list[Path]:
+    """The folders Hydra's --config-dir / -cd add to the config search path."""
+    dirs = []
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag in ("--config-dir", "-cd"):
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            dirs.append(Path(value).expanduser())
+    return dirs

@@ -4,7 +4,8 @@ A run folder holds `.hydra/config.yaml`, `tokenizer.json` and `checkpoints/` (ch
 every checkpoint's state.json carries the resolved config and the model's constructor inputs,
 so a model is rebuilt from the checkpoint alone. A module per job:
 
-- discovery: the run folder `resume=auto` continues (committed checkpoints, lineage);
+- discovery: the run folder `resume=auto` continues (committed checkpoints, lineage), and a
+  failed start's empty output folder removed (`remove_unused_run_dir`);
 - resume: the resume source, local or in object storage (`prepare_resume`, `remote_resume`),
   and the run's config rebuilt from its checkpoint (`rebuild_from_checkpoint`), written into the
   resumed run's folder with the run it goes on from (`record_resume`, `resumed_run_folder`);
@@ -17,7 +18,11 @@ so a model is rebuilt from the checkpoint alone. A module per job:
 Imported here: what a training run needs (light); the using modules (pandas) load on their own.
 """
 
-from mlxlab.runs.discovery import latest_run_with_checkpoints, newest_committed
+from mlxlab.runs.discovery import (
+    latest_run_with_checkpoints,
+    newest_committed,
+    remove_unused_run_dir,
+)
 from mlxlab.runs.finished import finished_metric
 from mlxlab.runs.model import CHECKPOINT_CHOICES, choose_checkpoint, load_run_model, load_teachers
 from mlxlab.runs.resume import (
@@ -38,6 +43,7 @@ from mlxlab.runs.tokenizer import (
 )
 
 __all__ = [
+    "remove_unused_run_dir",
     "CHECKPOINT_CHOICES", "TOKENIZER_SIDE_FILES", "choose_checkpoint", "finished_metric",
     "first_teacher", "keep_pretrained_files", "latest_run_with_checkpoints", "load_run_model",
     "load_teachers", "newest_committed", "prepare_resume", "rebuild_from_checkpoint", "record_resume", "remote_resume",

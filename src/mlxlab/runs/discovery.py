@@ -4,7 +4,9 @@ folders, read from their state.json (checkpoint/), and the lineage of the newest
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
+from typing import Any
 
 from mlxlab.checkpoint import (
     BEST,
@@ -77,3 +79,19 @@ def latest_run_with_checkpoints(root: Path, task_name: str, run_dir: Path) -> Pa
                  len(candidates) - len(lineage), task_name)
     return chosen
 
+
+def remove_unused_run_dir(cfg: Any) -> None:
+    """A run that failed before it made anything (bad config, no tracking server) leaves no
+    output folder holding only Hydra's `.hydra/` and log: remove it and its emptied parents."""
+    run_dir = Path(str(cfg.paths.output_dir))
+    if not run_dir.is_dir():
+        return
+    made = [p.name for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
+    if made:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    outputs = Path(str(cfg.paths.root_dir)) / "outputs"
+    for parent in run_dir.parents:
+        if outputs not in (parent, *parent.parents) or any(parent.iterdir()):
+            break
+        parent.rmdir()

@@ -74,7 +74,7 @@ def build_tracker(csv: dict | None = None, background: bool = False, wandb: dict
     Hydra multirun job, the MLflow tracker is given the sweep's parent run and the job's folder
     (sweep_folder.py), unless they are named."""
     trackers: list[Any] = []
-    run_name = mlflow.get("run_name")  # the run's name (train.run_name), for wandb too
+    run_name = mlflow.get("run_name")  # the run's name (tracking/run_info.py run_name), for wandb too
     if builds_mlflow(mlflow):
         mlflow = {**sweep_arguments(), **mlflow}
         tracker = MlflowTracker(**mlflow)

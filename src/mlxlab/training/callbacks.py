@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -232,3 +233,25 @@ class EvalLog(Callback):
 # The checkpoint policy's old name: `_target_: mlxlab.training.callbacks.ModelCheckpoint` (configs
 # written before issue 41) builds the settings record it always was; it is no callback.
 ModelCheckpoint = CheckpointPolicy
+
+
+def from_config(nodes: Mapping[str, Any] | None, build: Callable[[Any], Any]
+                ) -> tuple[list[Callback], CheckpointPolicy]:
+    """The `callbacks` group's named `_target_` nodes, each made by `build` (config.instantiate),
+    in config order (None entries, as left by `callbacks.x=null`, are skipped), and apart from
+    them the checkpoint policy (`callbacks.checkpoint`: a settings record, its defaults when
+    absent)."""
+    built, policy = [], None
+    for name, node in (nodes or {}).items():
+        if node is None:
+            continue
+        callback = build(node)
+        if isinstance(callback, CheckpointPolicy):
+            policy = policy or callback
+            continue
+        if not isinstance(callback, Callback):
+            raise ConfigError(f"callbacks.{name} built a {type(callback).__name__}, not a "
+                              "mlxlab.training.callbacks.Callback: subclass it")
+        callback.name = name  # its state's key in checkpoints
+        built.append(callback)
+    return built, policy or CheckpointPolicy()

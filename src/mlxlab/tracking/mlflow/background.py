@@ -322,3 +322,23 @@ def build(node: dict[str, Any]) -> Tracker:
 
 if __name__ == "__main__":
     serve(Connection(int(sys.argv[1])))
+
+
+def tracks_in_a_child(argv: list[str]) -> bool:
+    """Whether this command line will track with MLflow in a child process (the default:
+    tracking=mlflow, tracking.background=true) from this process: one run, this rank the
+    first. A wrong guess costs only an idle child that exits with this process."""
+    from mlxlab.runtime import distributed
+
+    if any(a in ("-m", "--multirun", "--help", "-h", "--cfg", "-c", "--info") or
+           a.startswith(("--cfg=", "--info=", "hydra/launcher=")) for a in argv):
+        return False
+    if distributed.launched_rank() not in (None, 0):
+        return False
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == "tracking" and "mlflow" not in value:
+            return False
+        if key == "tracking.background" and value.lower() in ("false", "0", "no", "off"):
+            return False
+    return True
