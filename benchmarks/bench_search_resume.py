@@ -27,7 +27,7 @@ def command(name: str, trials: int) -> list[str]:
     return [sys.executable, "-m", "mlxlab.train", "-m", "hparams_search=titanic_optuna",
             f"hydra.sweeper.n_trials={trials}", f"hydra.sweeper.study_name={name}",
             f"hydra.sweep.dir=multirun/{name}", "hydra.sweeper.sampler.seed=7",
-            "callbacks.progress.enabled=false", "trainer.max_epochs=12",
+            "callbacks.progress.enabled=false", "trainer.max_epochs=20",
             "callbacks.checkpoint.save_every_steps=20"]
 
 
