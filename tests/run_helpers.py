@@ -20,10 +20,14 @@ TITANIC = [
     "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
     "callbacks.checkpoint.save_every_steps=3", "callbacks.checkpoint.save_every_minutes=null",
 ]
-STREAMING = [
+# A language model small enough for a test: a 32-wide layer over 300 examples.
+TINY_LM = [
     "experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
     "model.max_seq_len=32", "data.packing.seq_len=32", "data.tokenizer.max_vocab=256",
-    "data.splits.max_examples=300", "data.splits.val_examples=20", "trainer.batch_size=8",
+    "data.splits.max_examples=300", "data.splits.val_examples=20",
+]
+STREAMING = [
+    *TINY_LM, "trainer.batch_size=8",
     "trainer.max_steps=24", "trainer.eval_every_steps=12", "trainer.log_every_steps=1",
     "trainer.schedule.warmup_steps=2", "callbacks.progress.enabled=false",
     "callbacks.checkpoint.save_every_steps=3", "callbacks.checkpoint.save_every_minutes=null",

@@ -21,6 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import PYTHON
+from run_helpers import TINY_LM
 
 BIN = Path(PYTHON).parent
 TOL = 1e-5  # relative difference of the parameters (issue 17)
@@ -32,9 +33,7 @@ BERT = [
     "callbacks.checkpoint.save_every_minutes=null", "tracking=none",
 ]
 LM = [
-    "experiment=tinystories_nano", "model.dim=32", "model.num_layers=1", "model.num_heads=2",
-    "model.max_seq_len=32", "data.packing.seq_len=32", "data.tokenizer.max_vocab=256",
-    "data.splits.max_examples=300", "data.splits.val_examples=20", "data.tokenizer_sample=300",
+    *TINY_LM, "data.tokenizer_sample=300",
     "trainer.max_steps=20", "trainer.eval_every_steps=20", "trainer.schedule.warmup_steps=2",
     "trainer.log_every_steps=5", "callbacks.progress.enabled=false",
     "callbacks.checkpoint.save_every_minutes=null", "tracking=none",
