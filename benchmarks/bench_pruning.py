@@ -8,6 +8,9 @@ trial and its winner's replicates, and the paired comparison of the two winners:
 
     .venv/bin/python benchmarks/bench_pruning.py --root /tmp/bench_pruning \
         --trials 16 --steps 150 --eval-every 25 --seeds 5 [--pruner hyperband]
+    .venv/bin/python benchmarks/bench_pruning.py --root /tmp/bench_pruning300 --trials 16 \
+        --steps 300 --eval-every 10 --seeds 5 --pruner successive_halving \
+        --min-resource 20 --reduction-factor 4 --label min20_rf4
 
 The question it answers (issue 38): total training steps with pruning <= 50 % of the unpruned
 search's, and the pruned search's winner inside the unpruned winner's interval. A study that is
@@ -41,12 +44,13 @@ def search(root: Path, name: str, pruner: str, args: argparse.Namespace) -> floa
         f"trainer.max_steps={args.steps}", f"trainer.eval_every_steps={args.eval_every}",
         "trainer.schedule.warmup_steps=15", "callbacks.progress.enabled=false",
     ]
+    rung = args.min_resource or args.eval_every
     if pruner == "hyperband":
-        cmd.append(f"hydra.sweeper.pruner_args={{min_resource: {args.eval_every}, "
-                   f"max_resource: {args.steps}, reduction_factor: 3}}")
+        cmd.append(f"hydra.sweeper.pruner_args={{min_resource: {rung}, "
+                   f"max_resource: {args.steps}, reduction_factor: {args.reduction_factor}}}")
     elif pruner == "successive_halving":
-        cmd.append(f"hydra.sweeper.pruner_args={{min_resource: {args.eval_every}, "
-                   "reduction_factor: 3}")
+        cmd.append(f"hydra.sweeper.pruner_args={{min_resource: {rung}, "
+                   f"reduction_factor: {args.reduction_factor}}}")
     elif pruner == "median":
         cmd.append("hydra.sweeper.pruner_args={n_startup_trials: 5, n_warmup_steps: "
                    f"{args.eval_every}}}")
@@ -84,10 +88,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--sampler-seed", type=int, default=42)
     parser.add_argument("--pruner", default="hyperband")
+    parser.add_argument("--min-resource", type=int, default=None,
+                        help="the first rung's step (default: --eval-every); put it after the "
+                             "warm-up, where the losses already rank the trials")
+    parser.add_argument("--reduction-factor", type=int, default=3)
+    parser.add_argument("--label", default="",
+                        help="appended to the pruned study's name, to run another pruner setting "
+                             "in the same --root (the unpruned search is reused)")
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
     results = []
-    for name, pruner in (("unpruned", "none"), (f"pruned_{args.pruner}", args.pruner)):
+    pruned = f"pruned_{args.pruner}" + (f"_{args.label}" if args.label else "")
+    for name, pruner in (("unpruned", "none"), (pruned, args.pruner)):
         wall = search(args.root, name, pruner, args)
         results.append(summarize(args.root, name, wall))
         print(json.dumps(results[-1]), flush=True)
