@@ -33,7 +33,8 @@ SPACE = ["optimizer.learning_rate=tag(log,interval(3e-4,1e-2))", "model.dim=choi
 
 
 def search(root: Path, name: str, pruner: str, args: argparse.Namespace) -> float:
-    """One search (a study called `name` in root/mlruns/optuna.db); its wall seconds."""
+    """One search (a study called `name` in root/mlruns/optuna.db); its wall seconds. The log
+    is appended to: a resumed or reused search keeps what the first start wrote."""
     cmd = [
         sys.executable, "-m", "mlxlab.train", "-m", "experiment=tinystories_nano", *SPACE,
         f"hydra.sweeper.n_trials={args.trials}", f"hydra.sweeper.study_name={name}",
@@ -56,7 +57,7 @@ def search(root: Path, name: str, pruner: str, args: argparse.Namespace) -> floa
                    f"{args.eval_every}}}")
     env = {**os.environ, "MLXLAB_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    with open(root / f"{name}.log", "w") as log:
+    with open(root / f"{name}.log", "a") as log:
         subprocess.run(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     return time.perf_counter() - start
 
