@@ -1,19 +1,28 @@
-"""The chat renderer (mlxlab/data/chat.py) against transformers' apply_chat_template, on real
-template styles (ChatML, Llama-3, Qwen2.5 with tools and a default system prompt, Mistral)
+"""Chat data. The renderer (mlxlab/data/chat.py) against transformers' apply_chat_template, on
+real template styles (ChatML, Llama-3, Qwen2.5 with tools and a default system prompt, Mistral)
 written into tiny tokenizer folders by transformers itself: rendered text and token ids byte
-for byte, and the assistant mask against transformers' `{% generation %}` mask."""
+for byte, and the assistant mask against transformers' `{% generation %}` mask. Then data=chat
+(data/completions.py): assistant-only loss checked by hand, truncation, formats per file, and
+experiment=finetune_chat end to end into a real MLflow store."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from hf_helpers import tiny
+from hf_helpers import save_tiny_model, tiny
+from mlxlab.config import asset_path
+from mlxlab.data.batching import Batching
 from mlxlab.data.chat import encode_chat, load_chat_template
+from mlxlab.data.completions import PromptCompletion
 from mlxlab.errors import ConfigError
+from mlxlab.models.transformer import Transformer
+from mlxlab.training.losses import task_loss
 
 transformers = pytest.importorskip("transformers")
 
@@ -213,3 +222,198 @@ def test_a_token_across_the_boundary_is_the_assistants(tmp_path, folders):
     offsets = tok.encode(chat.text, add_special_tokens=False).offsets
     first = int(np.argmax(chat.assistant_mask))
     assert offsets[first][0] < chat.spans[0][0] < offsets[first][1]  # it straddles the boundary
+
+
+# --- data=chat: the fine-tuning data module on chat files ------------------------------------
+
+def story_chats(n: int) -> list[dict]:
+    """`n` chats from the shipped prompt/completion pairs: a system turn on every third, two
+    exchanges on every other one."""
+    pairs = [json.loads(line) for line in
+             Path(asset_path("tinystories/pairs.jsonl")).read_text().splitlines()]
+    chats = []
+    for k in range(n):
+        a, b = pairs[2 * k], pairs[2 * k + 1]
+        messages = [{"role": "user", "content": a["prompt"]},
+                    {"role": "assistant", "content": a["completion"].strip()}]
+        if k % 2:
+            messages += [{"role": "user", "content": b["prompt"]},
+                         {"role": "assistant", "content": b["completion"].strip()}]
+        if k % 3 == 0:
+            messages.insert(0, {"role": "system", "content": "Tell a story."})
+        chats.append({"messages": messages})
+    return chats
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> dict:
+    """A tiny random Llama whose tokenizer has ChatML's tokens and template, and chats."""
+    root = tmp_path_factory.mktemp("chatml")
+    folder = save_tiny_model("llama", root / "tiny-chatml", chat="chatml")
+    return {"folder": folder, "root": root,
+            "chats": write_jsonl(root / "chats.jsonl", story_chats(40))}
+
+
+def chat_data(folder: Path, train: Path, **kwargs) -> PromptCompletion:
+    data = PromptCompletion(str(train), tokenizer={"path": str(folder / "tokenizer.json")},
+                            **kwargs)
+    data.setup(None)
+    return data
+
+
+def test_chat_rows_score_every_assistant_turn(chat_model):
+    """A batch of chats scores exactly the assistant replies and their <|im_end|>: the labels
+    under the loss mask decode to the replies, one <|im_end|> per turn."""
+    data = chat_data(chat_model["folder"], chat_model["chats"], val_fraction=0.25)
+    tok = data.tokenizer
+    end = tok.token_to_id("<|im_end|>")
+    assert len(data.train[0]) == 30 and len(data.val[0]) == 10
+    replies = {"".join(m["content"] for m in c["messages"] if m["role"] == "assistant"): c
+               for c in story_chats(40)}
+    seen = 0
+    for batch in data.val_batches(Batching(batch_size=4)):
+        labels, mask = np.array(batch["labels"]), np.array(batch["loss_mask"])
+        for r in range(len(labels)):
+            scored = labels[r][mask[r] == 1]
+            chat = replies[tok.decode(scored.tolist(), skip_special_tokens=True)]
+            turns = sum(m["role"] == "assistant" for m in chat["messages"])
+            assert (scored == end).sum() == turns and scored[-1] == end
+            seen += 1
+    assert seen == 10
+
+
+def test_masked_loss_equals_a_hand_computation(chat_model, tmp_path):
+    """One two-turn chat: the text written out by hand is the template's; its ids are the
+    pieces' ids; the mean cross-entropy over the assistant tokens (replies + <|im_end|>), from
+    the model's logits in float64, is the training loss."""
+    system, q1, a1, q2, a2 = ("Be kind.", "Who is Tim?", "Tim is a dog.", "And Sue?",
+                              "Sue is his friend.")
+    chat = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": q1},
+                         {"role": "assistant", "content": a1}, {"role": "user", "content": q2},
+                         {"role": "assistant", "content": a2}]}
+    pieces = [(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{q1}<|im_end|>\n"
+               "<|im_start|>assistant\n", False), (f"{a1}<|im_end|>", True),
+              (f"\n<|im_start|>user\n{q2}<|im_end|>\n<|im_start|>assistant\n", False),
+              (f"{a2}<|im_end|>", True), ("\n", False)]
+    folder = chat_model["folder"]
+    data = chat_data(folder, chat_model["chats"],
+                     val_file=str(write_jsonl(tmp_path / "one.jsonl", [chat])))
+    tok = data.tokenizer
+    ids, target = [], []
+    for text, scored in pieces:
+        piece = tok.encode(text, add_special_tokens=False).ids
+        ids += piece
+        target += [scored] * len(piece)
+    assert data.val[0][0].tolist() == ids and data.val[1][0].tolist() == target
+    assert encode_chat(tok, load_chat_template(folder), chat["messages"]).text == \
+        "".join(t for t, _ in pieces)
+    batch = next(data.val_batches(Batching(batch_size=1)))
+    model = Transformer(vocab_size=1, pretrained=str(folder))
+    model.eval()
+    loss, aux = task_loss("lm")(model, batch)
+    logits = np.array(model(mx.array([ids[:-1]])).astype(mx.float32), np.float64)[0]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    positions = [t for t in range(len(ids) - 1) if target[t + 1]]
+    hand = -np.mean([logp[t, ids[t + 1]] for t in positions])
+    assert int(aux["ntokens"]) == len(positions) == sum(target)
+    assert abs(float(loss) - hand) < 1e-5, (float(loss), hand)
+
+
+def test_too_long_rows_are_cut_or_dropped_and_counted(chat_model, caplog):
+    """Chats longer than max_length are cut (their assistant tokens past the cut go) or dropped,
+    as data.too_long says, with the count in the log; a cut chat whose replies all lie past the
+    cut is dropped too, counted apart."""
+    folder, chats = chat_model["folder"], chat_model["chats"]
+    short = write_jsonl(chat_model["root"] / "short.jsonl", [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi"}]}])
+    full = chat_data(folder, chats, val_file=str(short), max_length=4096)
+    lengths = np.array([len(r) for r in full.train[0]])
+    first_scored = np.array([int(np.argmax(t[1:])) + 1 for t in full.train[1]])
+    long = int((lengths > 101).sum())
+    assert 0 < long < len(lengths)
+    with caplog.at_level("WARNING"):
+        cut = chat_data(folder, chats, val_file=str(short), max_length=100)
+    assert f"{long} of 40 rows are longer than max_length=100 tokens and were cut" in caplog.text
+    assert max(len(r) for r in cut.train[0]) == 101 and len(cut.train[0]) == 40
+    kept = [t[: len(r)] for r, t in zip(cut.train[0], full.train[1])]
+    assert all((t == k).all() for t, k in zip(cut.train[1], kept))  # the mask is cut with them
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        dropped = chat_data(folder, chats, val_file=str(short), max_length=100, too_long="drop")
+    assert f"{long} of 40 rows are longer than max_length=100 tokens and were dropped" in \
+        caplog.text
+    assert len(dropped.train[0]) == 40 - long and max(len(r) for r in dropped.train[0]) <= 101
+    empty = int((first_scored > 30).sum())  # all replies beyond the first 31 tokens
+    assert 0 < empty < 40
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        tight = chat_data(folder, chats, val_file=str(short), max_length=30)
+    assert f"{empty} of 40 rows have no token to learn" in caplog.text
+    assert len(tight.train[0]) == 40 - empty
+    with pytest.raises(ConfigError, match="data.too_long"):
+        PromptCompletion(str(chats), too_long="shorten")
+
+
+def test_formats_are_detected_per_file(chat_model, tmp_path):
+    """prompt/completion and text files still train (text: every token after BOS scored); a file
+    mixing formats, a chat file without a model, and a bad row are one clear error each."""
+    folder = chat_model["folder"]
+    pairs = Path(asset_path("tinystories/pairs.jsonl"))
+    data = chat_data(folder, pairs, val_file=str(chat_model["chats"]))
+    assert len(data.train[0]) == 400 and len(data.val[0]) == 40  # pairs to train, chats to check
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "Tim ran."}, {"text": "Sue sat."}])
+    ids, targets = chat_data(folder, text, val_file=str(text)).train
+    assert targets[0].tolist() == [False] + [True] * (len(ids[0]) - 1)
+    assert (ids[0][0], ids[0][-1]) == (data.tokenizer.token_to_id("<s>"),
+                                       data.tokenizer.token_to_id("</s>"))
+    assert data.tokenizer.decode(ids[0].tolist(), skip_special_tokens=True) == "Tim ran."
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [*story_chats(2), {"prompt": "a", "completion": "b"}])
+    with pytest.raises(ConfigError, match=r"mixed.jsonl mixes formats: line 1 is chat, line 3 "
+                                          r"is completions; keep one format per file"):
+        chat_data(folder, mixed)
+    with pytest.raises(ConfigError, match="holds chats.*model.pretrained="):
+        PromptCompletion(str(chat_model["chats"])).setup(None)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}])
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: 'messages' must be a non-empty list"):
+        chat_data(folder, bad)
+    refused = write_jsonl(tmp_path / "refused.jsonl", story_chats(2)[::-1])  # line 2: system
+    with pytest.raises(ConfigError, match=r"refused.jsonl:2: .*roles must alternate"):
+        PromptCompletion(str(refused), tokenizer={"path": str(folder / "tokenizer.json")},
+                         chat_template=str(write_template(tmp_path))).setup(None)
+
+
+def write_template(tmp_path: Path) -> Path:
+    (tmp_path / "mistral.jinja").write_text(tiny.MISTRAL)
+    return tmp_path / "mistral.jinja"
+
+
+def test_finetune_chat_trains_and_is_tracked(chat_model, make_cfg, tmp_path):
+    """experiment=finetune_chat on the tiny ChatML Llama and 40 chats: LoRA trains, the
+    assistant-token loss falls, and the run is in a real MLflow store with its metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.train import train
+
+    cfg = make_cfg("experiment=finetune_chat", f"model.pretrained={chat_model['folder']}",
+                   f"data.train_file={chat_model['chats']}", "data.val_fraction=0.2",
+                   "trainer.max_steps=10", "trainer.eval_every_steps=5", "trainer.batch_size=8",
+                   "trainer.log_every_steps=1", "optimizer.learning_rate=1e-2",
+                   "callbacks.progress.enabled=false")
+    metrics = train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment_name)
+                              .experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.tags["choice.data"] == "chat"
+    assert run.data.params["data.too_long"] == "truncate"
+    val = client.get_metric_history(run.info.run_id, "val/loss")
+    assert [m.step for m in val] == [5, 10] and val[-1].value == metrics["val/loss"]
+    assert val[1].value < val[0].value
+    train_loss = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(train_loss) == 10 and np.mean(train_loss[-3:]) < np.mean(train_loss[:3]) - 0.1
+    assert (Path(cfg.paths.output_dir) / "tokenizer_config.json").is_file()  # template kept

@@ -67,6 +67,15 @@ NO_TEMPLATE_FIX = (
 Message = Mapping[str, Any]
 
 
+class ChatError(ConfigError):
+    """A chat `encode_chats` could not render (the template refused it): `index` is its place in
+    the list and `reason` the template's complaint, so a caller can name the row."""
+
+    def __init__(self, reason: str, index: int):
+        super().__init__(f"chat {index}: {reason}")
+        self.reason, self.index = reason, index
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     """A model's chat template(s) and what its templates read. `templates` maps a name to Jinja
@@ -226,9 +235,14 @@ def encode_chat(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence
 def encode_chats(tokenizer: Tokenizer, template: ChatTemplate, chats: Sequence[Mapping],
                  add_generation_prompt: bool = False, **kwargs: Any) -> list[EncodedChat]:
     """`encode_chat` for many chats ({"messages": [...], "tools": [...] or absent}), tokenized
-    in one batch."""
-    rendered = [template.render_with_spans(chat["messages"], chat.get("tools"),
-                                           add_generation_prompt, **kwargs) for chat in chats]
+    in one batch. A chat the template refuses raises ChatError (a ConfigError) naming it."""
+    rendered = []
+    for index, chat in enumerate(chats):
+        try:
+            rendered.append(template.render_with_spans(chat["messages"], chat.get("tools"),
+                                                       add_generation_prompt, **kwargs))
+        except ConfigError as e:
+            raise ChatError(str(e), index) from None
     encodings = tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
     return [
         EncodedChat(text, np.asarray(enc.ids, np.int32), spans_to_mask(enc.offsets, spans), spans)
