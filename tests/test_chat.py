@@ -8,6 +8,7 @@ experiment=finetune_chat end to end into a real MLflow store."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from conftest import PYTHON
 from hf_helpers import save_tiny_model, tiny
 from mlxlab.config import asset_path
 from mlxlab.data.batching import Batching
@@ -388,6 +390,22 @@ def test_formats_are_detected_per_file(chat_model, tmp_path):
                          chat_template=str(write_template(tmp_path))).setup(None)
 
 
+def test_a_template_file_is_the_runs(chat_model, tmp_path):
+    """data.chat_template=<file>: the chats are rendered with it (ChatML with {% generation %}
+    tags: the same ids and masks as the model's own ChatML) and the run folder keeps it as its
+    chat_template.jinja, so an export carries the template the run trained with."""
+    folder, chats = chat_model["folder"], chat_model["chats"]
+    (tmp_path / "tagged.jinja").write_text(tagged(tiny.CHATML))
+    (tmp_path / "run").mkdir()
+    data = PromptCompletion(str(chats), tokenizer={"path": str(folder / "tokenizer.json")},
+                            chat_template=str(tmp_path / "tagged.jinja"))
+    data.setup(tmp_path / "run")
+    own = chat_data(folder, chats)
+    assert all((a == b).all() for a, b in zip(data.train[0] + data.train[1],
+                                              own.train[0] + own.train[1]))
+    assert (tmp_path / "run" / "chat_template.jinja").read_text() == tagged(tiny.CHATML)
+
+
 def write_template(tmp_path: Path) -> Path:
     (tmp_path / "mistral.jinja").write_text(tiny.MISTRAL)
     return tmp_path / "mistral.jinja"
@@ -417,3 +435,20 @@ def test_finetune_chat_trains_and_is_tracked(chat_model, make_cfg, tmp_path):
     train_loss = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert len(train_loss) == 10 and np.mean(train_loss[-3:]) < np.mean(train_loss[:3]) - 0.1
     assert (Path(cfg.paths.output_dir) / "tokenizer_config.json").is_file()  # template kept
+
+
+def test_a_bad_chat_file_fails_in_one_line(chat_model, tmp_path):
+    """`mlxlab train experiment=finetune_chat` on a file mixing formats: exit 2 and one line
+    naming the file, the lines and the fix."""
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [*story_chats(1), {"prompt": "a",
+                                                                      "completion": "b"}])
+    done = subprocess.run(
+        [PYTHON, "-m", "mlxlab.cli.main", "train", "experiment=finetune_chat",
+         f"model.pretrained={chat_model['folder']}", f"data.train_file={mixed}", "tracking=none",
+         f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"mlxlab: error: {mixed} mixes formats: line 1 is chat, line 2 is completions; keep one "
+        "format per file"]

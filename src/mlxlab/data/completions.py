@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batch, Batching, bucket_length, make_batches
-from mlxlab.data.chat import ChatError, encode_chats, load_chat_template
+from mlxlab.data.chat import TEMPLATE_FILE, ChatError, encode_chats, load_chat_template
 from mlxlab.data.tokenizer import build_tokenizer, special_ids, tokenizer_hash
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.validation import check_choice, check_fraction, check_number
@@ -174,6 +175,8 @@ class PromptCompletion(DataModule):
             train, val = train.take(order[n_val:]), train.take(order[:n_val])
         self._setup_tokenizer(train, run_dir)
         self.train, self.val = self._encode(train), self._encode(val)
+        if self.template is not None and self.chat_template and run_dir is not None:
+            self._keep_template(Path(run_dir) / TEMPLATE_FILE)
         if not self.train[0]:
             raise ConfigError(f"{self.train_file}: no training row is left to learn from (see "
                               "the counts above); raise data.max_length or set "
@@ -204,6 +207,12 @@ class PromptCompletion(DataModule):
             self.template = load_chat_template(source, self.chat_template,
                                                self.chat_template_name)
         return self.template
+
+    def _keep_template(self, kept: Path) -> None:
+        """The run folder's chat template is the one it trained with (data.chat_template): an
+        export hands that one on (the pretrained folder's is copied only where none is)."""
+        if not (kept.exists() and kept.samefile(self.chat_template)):
+            shutil.copyfile(self.chat_template, kept)
 
     def _encode(self, rows: Rows) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Token arrays (at most max_length + 1) and their target masks, for the rows kept."""
