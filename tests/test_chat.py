@@ -229,22 +229,10 @@ def test_a_token_across_the_boundary_is_the_assistants(tmp_path, folders):
 # --- data=chat: the fine-tuning data module on chat files ------------------------------------
 
 def story_chats(n: int) -> list[dict]:
-    """`n` chats from the shipped prompt/completion pairs: a system turn on every third, two
-    exchanges on every other one."""
-    pairs = [json.loads(line) for line in
-             Path(asset_path("tinystories/pairs.jsonl")).read_text().splitlines()]
-    chats = []
-    for k in range(n):
-        a, b = pairs[2 * k], pairs[2 * k + 1]
-        messages = [{"role": "user", "content": a["prompt"]},
-                    {"role": "assistant", "content": a["completion"].strip()}]
-        if k % 2:
-            messages += [{"role": "user", "content": b["prompt"]},
-                         {"role": "assistant", "content": b["completion"].strip()}]
-        if k % 3 == 0:
-            messages.insert(0, {"role": "system", "content": "Tell a story."})
-        chats.append({"messages": messages})
-    return chats
+    """The first `n` of the shipped chats (assets/tinystories/chats.jsonl: the prompt/completion
+    pairs as chats, a system turn on every third, two exchanges on every other one)."""
+    lines = Path(asset_path("tinystories/chats.jsonl")).read_text().splitlines()[:n]
+    return [json.loads(line) for line in lines]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
