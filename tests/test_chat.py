@@ -226,6 +226,47 @@ def test_a_token_across_the_boundary_is_the_assistants(tmp_path, folders):
     assert offsets[first][0] < chat.spans[0][0] < offsets[first][1]  # it straddles the boundary
 
 
+REASONING = """{%- set ns = namespace(last_query=-1) %}
+{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}{%- endfor %}
+{%- for m in messages %}
+    {%- if m.role == 'assistant' %}
+        {{- '<|im_start|>assistant\\n' }}
+        {%- if loop.index0 > ns.last_query and m.reasoning_content is defined %}
+            {{- '<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' }}
+        {%- endif %}
+        {{- m.content + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
+
+
+def test_a_template_that_drops_earlier_reasoning(tmp_path, folders):
+    """Qwen3's way: reasoning written only for the turns after the last user message, so an
+    earlier turn reads otherwise once the chat goes on (rendering turn by turn cannot end it).
+    Its span is found by a marker after its content: the mask equals transformers' on the same
+    template with {% generation %} around each reply (reasoning included where written)."""
+    plain = REASONING
+    marked = REASONING.replace("{{- '<|im_start|>assistant\\n' }}\n        {%- if loop",
+                               "{{- '<|im_start|>assistant\\n' }}{% generation %}\n        {%- if loop")
+    marked = marked.replace("{{- m.content + '<|im_end|>\\n' }}",
+                            "{{- m.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}")
+    assert marked.count("generation %}") == 2
+    (tmp_path / "plain.jinja").write_text(plain)
+    messages = [dict(m, reasoning_content=f"thought {k}") if m["role"] == "assistant" else m
+                for k, m in enumerate(TURNS)]
+    folder = folders["chatml"]
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    chat = encode_chat(tok, load_chat_template(folder, tmp_path / "plain.jinja"), messages)
+    ids, expected = hf_mask(folder, marked, messages)
+    assert chat.ids.tolist() == ids and chat.assistant_mask.astype(int).tolist() == expected
+    assert [chat.text[a:b] for a, b in chat.spans] == [
+        TURNS[1]["content"] + "<|im_end|>",
+        "<think>\nthought 3\n</think>\n\n" + TURNS[3]["content"] + "<|im_end|>"]
+
+
 # --- data=chat: the fine-tuning data module on chat files ------------------------------------
 
 def story_chats(n: int) -> list[dict]:

@@ -19,12 +19,15 @@ False: the template writes BOS itself) and marks the assistant's tokens:
 - a template with `{% generation %} ... {% endgeneration %}` marks them itself (transformers'
   `return_assistant_tokens_mask`);
 - any other template is rendered once per assistant turn: the conversation before the turn with
-  the generation prompt (where the model starts writing) and the conversation up to the turn's
-  end (where it stops). Both must be prefixes of the whole chat, which every common template
-  satisfies (a template that renders earlier turns differently, dropping their reasoning say,
-  is refused with the fix: `{% generation %}` tags). Whitespace the template writes after the
-  turn's last special token (ChatML's newline after <|im_end|>) is not the assistant's: it ends
-  at its end-of-turn token, which is what generation stops on.
+  the generation prompt (where the model starts writing: where that text stops agreeing with
+  the whole chat) and the conversation up to the turn's end (where it stops: a prefix of the
+  whole chat in every common template). Whitespace the template writes after the turn's last
+  special token (ChatML's newline after <|im_end|>) is not the assistant's: it ends at its
+  end-of-turn token, which is what generation stops on. A template that writes a turn otherwise
+  once later turns follow it (Qwen3 drops earlier turns' reasoning) is rendered once more with a
+  marker after the turn's content: the content ends where the marker appears, and the turn at
+  the end-of-turn token after it; where even that fails (content that is not a string) the chat
+  is refused with the fix: `{% generation %}` tags.
 A token is the assistant's when its characters overlap an assistant span, as transformers
 counts them, so a token that merges the last prompt character with the first reply character
 is trained on.
@@ -58,6 +61,8 @@ SPECIAL_TOKEN_KEYS = (
     "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
 )
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+# put after a reply's content to find where it ends (a private-use character no text holds)
+MARKER = "\ue000"
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 NO_TEMPLATE_FIX = (
     "give the folder a chat_template.jinja (or a chat_template in tokenizer_config.json), or "
@@ -127,15 +132,38 @@ class ChatTemplate:
                 continue
             before = self._render(source, messages[:i], tools, True, kwargs)[0]
             through = self._render(source, messages[: i + 1], tools, False, kwargs)[0]
-            if not text.startswith(through):
-                raise ConfigError(
-                    f"the chat template of {self.source} renders assistant turn {i} differently "
-                    "once later turns follow it, so its tokens cannot be found turn by turn; "
-                    "wrap the assistant's reply in a copy of the template with "
-                    "{% generation %}...{% endgeneration %} and set data.chat_template=<file>")
-            start = _common_prefix(before, through)
-            spans.append((start, self._end_of_turn(through, start)))
+            if text.startswith(through):
+                start = _common_prefix(before, through)
+                spans.append((start, self._end_of_turn(through, start)))
+            else:  # the template writes this turn otherwise once later turns follow it
+                start = _common_prefix(before, text)
+                spans.append((start, self._end_of_reply(source, messages, i, text, tools,
+                                                        add_generation_prompt, kwargs, start)))
         return text, spans
+
+    def _end_of_reply(self, source: str, messages: Sequence[Message], i: int, text: str,
+                      tools, add_generation_prompt: bool, kwargs: dict, start: int) -> int:
+        """Where assistant turn `i` ends in `text` when the template writes it otherwise as the
+        last turn (Qwen3 drops earlier turns' reasoning): the chat rendered again with a marker
+        after the turn's content shows where the content ends in `text`; the turn's end-of-turn
+        token follows it (after spaces at most)."""
+        content = messages[i].get("content")
+        if isinstance(content, str):
+            marked = [*messages[:i], {**messages[i], "content": content + MARKER},
+                      *messages[i + 1:]]
+            other = self._render(source, marked, tools, add_generation_prompt, kwargs)[0]
+            end = _common_prefix(text, other)
+            if end >= start and other[:end] + other[end + len(MARKER):] == text:
+                gap = len(text) - end - len(text[end:].lstrip(" "))
+                for token in sorted(self.control_tokens, key=len, reverse=True):
+                    if text.startswith(token, end + gap):
+                        return end + gap + len(token)
+                return end
+        raise ConfigError(
+            f"the chat template of {self.source} writes assistant turn {i} otherwise once later "
+            "turns follow it, and where the turn ends cannot be found; wrap the assistant's "
+            "reply in a copy of the template with {% generation %}...{% endgeneration %} and "
+            "set data.chat_template=<file>")
 
     def _end_of_turn(self, text: str, start: int) -> int:
         """Where the assistant turn that starts at `start` and runs to the end of `text` ends:
