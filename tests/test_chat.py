@@ -114,6 +114,44 @@ def test_tools_equal_transformers(folders):
     spans = [chat.text[a:b] for a, b in chat.spans]
     assert spans == ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
                      '</tool_call><|im_end|>', "It is 18 degrees and cloudy in Paris.<|im_end|>"]
+    # a chat file's "tools" reach the template the same way through data=chat
+    rows = write_jsonl(folder / "tools.jsonl", [{"messages": TOOL_CHAT, "tools": TOOLS}])
+    data = chat_data(folder, rows, val_file=str(rows), max_length=4096)
+    assert data.train[0][0].tolist() == ids
+    assert data.train[1][0].tolist() == chat.assistant_mask.tolist()
+
+
+WHITESPACE = """{# block tags on their own lines: trim_blocks and lstrip_blocks decide the text #}
+{% set ns = namespace(n=0) %}
+{% for m in messages %}
+    {% if m.role == 'system' %}{% continue %}{% endif %}
+    {% set ns.n = ns.n + 1 %}
+<{{ m.role }}>
+    {{ m.content | trim }}
+</{{ m.role }}>
+{% endfor %}
+Today: {{ strftime_now('%Y-%m-%d') }}
+{{ dict(turns=ns.n, eos=eos_token) | tojson(indent=2) }} {{ {'x': '<b>&é'} | tojson }}
+{% if add_generation_prompt %}
+<assistant>
+{% endif %}
+"""
+
+
+def test_the_jinja_environment_equals_transformers(tmp_path, folders):
+    """A template on many lines (trim_blocks, lstrip_blocks), with loop controls, namespace,
+    dict, strftime_now and tojson (indent; HTML and non-ASCII kept): the same text as
+    transformers renders."""
+    (tmp_path / "ws.jinja").write_text(WHITESPACE)
+    folder = folders["chatml"]
+    template = load_chat_template(folder, tmp_path / "ws.jinja")
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    for prompt in (False, True):
+        ours_text = template.render([SYSTEM, *TURNS], add_generation_prompt=prompt)
+        assert ours_text == hf.apply_chat_template([SYSTEM, *TURNS], chat_template=WHITESPACE,
+                                                   tokenize=False, add_generation_prompt=prompt)
+    assert '"turns": 4' in ours_text and '"<b>&é"' in ours_text
+    assert ours_text.startswith("<user>\n    Tell me about Tim.\n</user>\n<assistant>\n")
 
 
 def test_named_templates_pick_tool_use(tmp_path, folders):
