@@ -241,6 +241,10 @@ def test_assistant_spans_are_the_replies(folders, style):
     tok = Tokenizer.from_file(str(folders[style] / "tokenizer.json"))
     assert tok.decode(chat.ids[chat.assistant_mask].tolist(), skip_special_tokens=True) == \
         "".join(r.strip() for r in replies)
+    for k, reply in enumerate(replies):  # turns: each reply alone (the last: a DPO completion)
+        assert tok.decode(chat.ids[chat.turns == k].tolist(), skip_special_tokens=True) == \
+            reply.strip()
+    assert chat.turns.max() == len(replies) - 1 and ((chat.turns >= 0) == chat.assistant_mask).all()
 
 
 def test_a_token_across_the_boundary_is_the_assistants(tmp_path, folders):

@@ -200,12 +200,15 @@ class ChatTemplate:
 class EncodedChat:
     """A rendered, tokenized chat: `ids` (int32) are transformers' `apply_chat_template` ids;
     `assistant_mask[t]` is True where token t is the assistant's (its reply and end-of-turn
-    token); `spans` are the assistant turns' character spans in `text`."""
+    token); `turns[t]` says which assistant turn (0, 1, ... in order; -1: none), so
+    `turns == turns.max()` is the last reply alone (a preference pair's completion); `spans` are
+    the assistant turns' character spans in `text`."""
 
     text: str
     ids: np.ndarray
     assistant_mask: np.ndarray
     spans: list[tuple[int, int]]
+    turns: np.ndarray
 
 
 def load_chat_template(source: str | Path, template_file: str | Path | None = None,
@@ -238,7 +241,12 @@ def load_chat_template(source: str | Path, template_file: str | Path | None = No
         if isinstance(entry, str):
             templates["default"] = entry
         elif isinstance(entry, list):
-            templates = {str(t["name"]): str(t["template"]) for t in entry}
+            try:
+                templates = {str(t["name"]): str(t["template"]) for t in entry}
+            except (KeyError, TypeError):
+                raise ConfigError(f"{folder}/tokenizer_config.json: chat_template must be a "
+                                  "string or a list of {\"name\", \"template\"} objects; fix "
+                                  "the file or set data.chat_template=<file.jinja>") from None
     if not templates:
         raise ConfigError(f"{folder} has no chat template (no {TEMPLATE_FILE}, no chat_template "
                           f"in tokenizer_config.json): {NO_TEMPLATE_FIX}")
@@ -272,25 +280,28 @@ def encode_chats(tokenizer: Tokenizer, template: ChatTemplate, chats: Sequence[M
         except ConfigError as e:
             raise ChatError(str(e), index) from None
     encodings = tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-    return [
-        EncodedChat(text, np.asarray(enc.ids, np.int32), spans_to_mask(enc.offsets, spans), spans)
-        for (text, spans), enc in zip(rendered, encodings)
-    ]
+    chats_out = []
+    for (text, spans), enc in zip(rendered, encodings):
+        turns = spans_to_turns(enc.offsets, spans)
+        chats_out.append(EncodedChat(text, np.asarray(enc.ids, np.int32), turns >= 0, spans,
+                                     turns))
+    return chats_out
 
 
-def spans_to_mask(offsets: Sequence[tuple[int, int]],
-                  spans: Sequence[tuple[int, int]]) -> np.ndarray:
-    """True for every token whose characters [start, end) overlap one of `spans` (both in
-    order), as transformers builds `assistant_masks`."""
-    mask = np.zeros(len(offsets), bool)
+def spans_to_turns(offsets: Sequence[tuple[int, int]],
+                   spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """For every token, the index of the span its characters [start, end) overlap (spans and
+    tokens both in order), else -1: `>= 0` is transformers' `assistant_masks`."""
+    turns = np.full(len(offsets), -1, np.int32)
     k = 0
     for t, (start, end) in enumerate(offsets):
         while k < len(spans) and start >= spans[k][1]:
             k += 1
         if k == len(spans):
             break
-        mask[t] = end > spans[k][0]
-    return mask
+        if end > spans[k][0]:
+            turns[t] = k
+    return turns
 
 
 def _read_json(path: Path) -> dict:
