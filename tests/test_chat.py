@@ -429,6 +429,13 @@ def test_too_long_rows_are_cut_or_dropped_and_counted(chat_model, caplog):
         tight = chat_data(folder, chats, val_file=str(short), max_length=30)
     assert f"{empty} of 40 rows have no token to learn" in caplog.text
     assert len(tight.train[0]) == 40 - empty
+    with pytest.raises(ConfigError, match=r"chats.jsonl: no training row is left .* raise "
+                                          r"data.max_length"):
+        chat_data(folder, chats, val_file=str(short), max_length=8, too_long="drop")
+    fits = len(full.val[0][0]) - 1  # the short chat fits, none of the others
+    assert lengths.min() > fits + 1
+    with pytest.raises(ConfigError, match=r"chats.jsonl: no validation row is left"):
+        chat_data(folder, short, val_file=str(chats), max_length=fits, too_long="drop")
     with pytest.raises(ConfigError, match="data.too_long"):
         PromptCompletion(str(chats), too_long="shorten")
 

@@ -177,10 +177,12 @@ class PromptCompletion(DataModule):
         self.train, self.val = self._encode(train), self._encode(val)
         if self.template is not None and self.chat_template and run_dir is not None:
             self._keep_template(Path(run_dir) / TEMPLATE_FILE)
-        if not self.train[0]:
-            raise ConfigError(f"{self.train_file}: no training row is left to learn from (see "
-                              "the counts above); raise data.max_length or set "
-                              "data.too_long=truncate")
+        for split, (kept, _), source in (("training", self.train, train),
+                                         ("validation", self.val, val)):
+            if not kept and source.rows:  # (an empty held-out split is as before)
+                raise ConfigError(f"{source.path}: no {split} row is left to learn from (see "
+                                  "the counts above); raise data.max_length or set "
+                                  "data.too_long=truncate")
         log.info("%s: %s rows, %d train / %d val, vocab %d", self.train_file, train.format,
                  len(self.train[0]), len(self.val[0]), self.vocab_size)
 
@@ -234,8 +236,8 @@ class PromptCompletion(DataModule):
                         "(data.too_long=%s)", rows.path, long, len(ids), self.max_length,
                         "cut" if self.too_long == "truncate" else "dropped", self.too_long)
         if empty:
-            log.warning("%s: %d of %d rows have no token to learn (no assistant turn%s) and "
-                        "were dropped", rows.path, empty, len(ids),
+            log.warning("%s: %d of %d rows have no token to learn%s (no assistant turn, or "
+                        "no completion) and were dropped", rows.path, empty, len(ids),
                         " within max_length" if long else "")
         return kept_ids, kept_targets
 
