@@ -333,7 +333,8 @@ def _check_required(cfg: DictConfig) -> None:
     if not missing:
         return
     example = {"data.path": "data.path=my.csv", "data.label_column": "data.label_column=target",
-               "model.pretrained": "model.pretrained=/path/to/hf_model_folder"}
+               "model.pretrained": "model.pretrained=/path/to/hf_model_folder",
+               "data.train_file": "data.train_file=train.jsonl"}
     fixes = " ".join(example.get(k, f"{k}=...") for k in missing)
     raise ConfigError(f"{', '.join(missing)} must be set: add {fixes} to the command line")
 

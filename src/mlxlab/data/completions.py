@@ -1,18 +1,26 @@
-"""Prompt/completion pairs for supervised fine-tuning (task="lm"), loss on the completion only.
+"""Supervised fine-tuning rows from jsonl (task="lm"): chats, prompt/completion pairs or text,
+the loss on what the model should learn to write.
 
-The jsonl format is mlx-lm's: one {"prompt": ..., "completion": ...} object per line. Each
-example becomes [BOS] prompt completion EOS (BOS only where the tokenizer adds one, as a
-pretrained Llama's does); labels are the inputs shifted by one and `loss_mask` is 1 only on the
-completion and its EOS, so the model learns to answer, not to repeat prompts. Examples are
-right-padded: with causal attention the padding after a sequence never changes what comes
-before it, so batches need no attention mask.
+Three row formats, mlx-lm's (and TRL's): the format is detected per file, one format a file.
+- chat: {"messages": [{"role": ..., "content": ...}, ...], "tools": [...] (optional)}, rendered
+  with the model's own chat template (data/chat.py: as transformers' apply_chat_template renders
+  it) and scored on every assistant turn with its end-of-turn token;
+- completions: {"prompt": ..., "completion": ...}: [BOS] prompt completion EOS (BOS only where
+  the tokenizer adds one, as a pretrained Llama's does), scored on the completion and its EOS;
+- text: {"text": ...}: [BOS] text EOS, scored on every token after BOS.
+Every row becomes token ids and a per-token target mask; labels are the inputs shifted by one and
+`loss_mask` is the target mask of the token each position predicts. A row longer than
+max_length + 1 tokens is cut or dropped (data.too_long), counted in the log; a row left with no
+target token is dropped, counted too. Rows are right-padded: with causal attention the padding
+after a sequence never changes what comes before it, so batches need no attention mask.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,41 +28,103 @@ import numpy as np
 
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batch, Batching, bucket_length, make_batches
+from mlxlab.data.chat import TEMPLATE_FILE, ChatError, encode_chats, load_chat_template
 from mlxlab.data.tokenizer import build_tokenizer, special_ids, tokenizer_hash
 from mlxlab.errors import ConfigError, MissingFileError
-from mlxlab.validation import check_fraction, check_number
+from mlxlab.validation import check_choice, check_fraction, check_number
 
 log = logging.getLogger(__name__)
 
+TOO_LONG = ("truncate", "drop")
+Row = tuple[int, dict]  # (line number in its file, the JSON object)
 
-def read_pairs(path: str | Path, prompt_key: str, completion_key: str) -> list[tuple[str, str]]:
-    """(prompt, completion) of every line of a jsonl file; a bad line is named with its number."""
+
+class Rows:
+    """The rows of one jsonl file and their format ("chat", "completions" or "text")."""
+
+    def __init__(self, path: str | Path, fmt: str, rows: list[Row]):
+        self.path, self.format, self.rows = str(path), fmt, rows
+
+    def take(self, index: Sequence[int]) -> Rows:
+        return Rows(self.path, self.format, [self.rows[i] for i in index])
+
+    def texts(self, keys: dict[str, str]) -> list[str]:
+        """The rows' text, for training a tokenizer when no model gives one."""
+        if self.format == "completions":
+            return [r[keys["prompt"]] + r[keys["completion"]] for _, r in self.rows]
+        return [r[keys["text"]] for _, r in self.rows]
+
+
+def row_format(row: dict, keys: dict[str, str]) -> str | None:
+    """Which format a JSON object is in (None: none of them)."""
+    if keys["messages"] in row:
+        return "chat"
+    if keys["prompt"] in row and keys["completion"] in row:
+        return "completions"
+    if keys["text"] in row:
+        return "text"
+    return None
+
+
+def read_rows(path: str | Path, keys: dict[str, str]) -> Rows:
+    """Every line of a jsonl file, its format detected from the keys; a bad line, or a line in
+    another format than the first, is named with its number."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"data file not found: {path} (set data.train_file= to a jsonl)")
-    pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    expected = (f"{keys['messages']!r} (chat), {keys['prompt']!r} and {keys['completion']!r}, "
+                f"or {keys['text']!r}")
+    rows: list[Row] = []
+    first: tuple[int, str] | None = None
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            pairs.append((str(row[prompt_key]), str(row[completion_key])))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ConfigError(
-                f"{path}:{number} is not a JSON object with {prompt_key!r} and "
-                f"{completion_key!r} ({type(e).__name__}: {e}); fix the line or set "
-                "data.prompt_key= / data.completion_key="
-            ) from None
-    if not pairs:
-        raise ConfigError(f"{path} holds no prompt/completion pairs")
-    return pairs
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{number} is not JSON ({e}); fix the line") from None
+        fmt = row_format(row, keys) if isinstance(row, dict) else None
+        if fmt is None:
+            raise ConfigError(f"{path}:{number} is not a JSON object with {expected}; fix the "
+                              "line or set data.messages_key= / prompt_key= / completion_key= / "
+                              "text_key=")
+        if first is None:
+            first = (number, fmt)
+        elif fmt != first[1]:
+            raise ConfigError(f"{path} mixes formats: line {first[0]} is {first[1]}, line "
+                              f"{number} is {fmt}; keep one format per file")
+        _check_row(path, number, fmt, row, keys)
+        rows.append((number, row))
+    if first is None:
+        raise ConfigError(f"{path} holds no rows")
+    return Rows(path, first[1], rows)
+
+
+def _check_row(path: Path, number: int, fmt: str, row: dict, keys: dict[str, str]) -> None:
+    where = f"{path}:{number}"
+    if fmt == "chat":
+        messages = row[keys["messages"]]
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and "role" in m for m in messages
+        ):
+            raise ConfigError(f"{where}: {keys['messages']!r} must be a non-empty list of "
+                              "{\"role\": ..., \"content\": ...} objects")
+        if not isinstance(row.get("tools", []), list | type(None)):
+            raise ConfigError(f"{where}: 'tools' must be a list of JSON schemas")
+        return
+    for key in (("prompt", "completion") if fmt == "completions" else ("text",)):
+        if not isinstance(row[keys[key]], str):
+            raise ConfigError(f"{where}: {keys[key]!r} must be a string")
 
 
 class PromptCompletion(DataModule):
-    """Batches of prompt/completion examples from `train_file` (and `val_file`, else the last
-    `val_fraction` of the shuffled training pairs). Sequences longer than `max_length` tokens are
-    cut at the end. `tokenizer.path` is the pretrained model's tokenizer.json (train.py sets it
-    from model.pretrained); without one a byte-level BPE is trained on the texts."""
+    """Batches of fine-tuning rows from `train_file` (and `val_file`, else the last
+    `val_fraction` of the shuffled training rows), each file chat, prompt/completion or text
+    (module docstring). `tokenizer.path` is the pretrained model's tokenizer.json (train.py sets
+    it from model.pretrained); its folder gives chat rows their template unless
+    `chat_template` names a .jinja file (`chat_template_name`: one of the model's named
+    templates). Without a tokenizer a byte-level BPE is trained on the texts (not for chats:
+    they need the model's template and tokens)."""
 
     task = "lm"
     num_labels = None
@@ -70,74 +140,145 @@ class PromptCompletion(DataModule):
         seed: int = 0,
         tokenizer: dict | None = None,
         split_seed: int | None = None,
+        messages_key: str = "messages",
+        text_key: str = "text",
+        too_long: str = "truncate",
+        chat_template: str | None = None,
+        chat_template_name: str | None = None,
     ):
         check_number("data.max_length", max_length, int, 2)
         check_fraction("data.val_fraction", val_fraction)
+        check_choice("data.too_long", too_long, TOO_LONG)
         self.train_file, self.val_file = train_file, val_file
         self.val_fraction, self.seed = float(val_fraction), int(seed)
         self.split_seed = int(seed if split_seed is None else split_seed)  # None: as before
-        self.prompt_key, self.completion_key = prompt_key, completion_key
-        self.max_length = int(max_length)
+        self.keys = {"prompt": prompt_key, "completion": completion_key,
+                     "messages": messages_key, "text": text_key}
+        self.max_length, self.too_long = int(max_length), too_long
+        self.chat_template, self.chat_template_name = chat_template, chat_template_name
         self.tokenizer_cfg = {"kind": "bytelevel_bpe", "min_vocab": 512, **dict(tokenizer or {})}
         self.tokenizer = None
         self.tokenizer_hash: str | None = None
         self.vocab_size: int | None = None
+        self.template = None
         self._epoch, self._batches_done = 0, 0
 
     def setup(self, run_dir: str | Path | None = None) -> None:
-        pairs = read_pairs(self.train_file, self.prompt_key, self.completion_key)
+        train = read_rows(self.train_file, self.keys)
         if self.val_file:
-            val = read_pairs(self.val_file, self.prompt_key, self.completion_key)
+            val = read_rows(self.val_file, self.keys)
         else:
-            order = np.random.default_rng(self.split_seed).permutation(len(pairs))
-            n_val = int(round(len(pairs) * self.val_fraction))
-            if n_val >= len(pairs):
-                raise ConfigError(f"val_fraction={self.val_fraction} leaves no training pairs")
-            val = [pairs[i] for i in order[:n_val]]
-            pairs = [pairs[i] for i in order[n_val:]]
+            order = np.random.default_rng(self.split_seed).permutation(len(train.rows))
+            n_val = int(round(len(train.rows) * self.val_fraction))
+            if n_val >= len(train.rows):
+                raise ConfigError(f"val_fraction={self.val_fraction} leaves no training rows")
+            train, val = train.take(order[n_val:]), train.take(order[:n_val])
+        self._setup_tokenizer(train, run_dir)
+        self.train, self.val = self._encode(train), self._encode(val)
+        if self.template is not None and self.chat_template and run_dir is not None:
+            self._keep_template(Path(run_dir) / TEMPLATE_FILE)
+        for split, (kept, _), source in (("training", self.train, train),
+                                         ("validation", self.val, val)):
+            if not kept and source.rows:  # (an empty held-out split is as before)
+                raise ConfigError(f"{source.path}: no {split} row is left to learn from (see "
+                                  "the counts above); raise data.max_length or set "
+                                  "data.too_long=truncate")
+        log.info("%s: %s rows, %d train / %d val, vocab %d", self.train_file, train.format,
+                 len(self.train[0]), len(self.val[0]), self.vocab_size)
+
+    def _setup_tokenizer(self, train: Rows, run_dir: str | Path | None) -> None:
+        if train.format == "chat" and not self.tokenizer_cfg.get("path"):
+            raise ConfigError(f"{train.path} holds chats, which are rendered with a model's chat "
+                              "template and tokenizer: set model.pretrained=<model folder> (or "
+                              "data.tokenizer.path=<its tokenizer.json>)")
         save_to = Path(run_dir) / "tokenizer.json" if run_dir is not None else None
-        self.tokenizer = build_tokenizer(
-            [p + c for p, c in pairs], save_to=save_to, **self.tokenizer_cfg
-        )
+        texts = None if self.tokenizer_cfg.get("path") else train.texts(self.keys)
+        self.tokenizer = build_tokenizer(texts, save_to=save_to, **self.tokenizer_cfg)
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)
         self.eot_id, self.pad_id, self.bos_ids = special_ids(self.tokenizer)
-        self.train = self._encode(pairs)
-        self.val = self._encode(val)
-        log.info("%s: %d train / %d val pairs, vocab %d", self.train_file, len(pairs), len(val),
-                 self.vocab_size)
 
-    def _encode(self, pairs: list[tuple[str, str]]) -> tuple[list[np.ndarray], np.ndarray]:
-        """Token arrays ([BOS] prompt completion EOS, at most max_length + 1) and the index where
-        each completion starts."""
-        if not pairs:
-            return [], np.zeros(0, np.int64)
-        prompts = self.tokenizer.encode_batch([p for p, _ in pairs], add_special_tokens=False)
-        completions = self.tokenizer.encode_batch([c for _, c in pairs], add_special_tokens=False)
-        rows, starts, cut = [], [], 0
-        for p, c in zip(prompts, completions):
-            head = [*self.bos_ids, *p.ids]
-            ids = np.asarray([*head, *c.ids, self.eot_id], np.int32)
-            cut += len(ids) > self.max_length + 1
-            rows.append(ids[: self.max_length + 1])
-            starts.append(len(head))
-        if cut:
-            log.warning("%d of %d examples are longer than max_length=%d tokens and were cut",
-                        cut, len(pairs), self.max_length)
-        return rows, np.asarray(starts)
+    def _chat_template(self):
+        if self.template is None:
+            source = self.tokenizer_cfg.get("path")
+            if not source:  # a val file of chats beside a train file of another format
+                raise ConfigError("chat rows need the model's tokenizer and chat template: set "
+                                  "model.pretrained=<model folder>")
+            self.template = load_chat_template(source, self.chat_template,
+                                               self.chat_template_name)
+        return self.template
+
+    def _keep_template(self, kept: Path) -> None:
+        """The run folder's chat template is the one it trained with (data.chat_template): an
+        export hands that one on (the pretrained folder's is copied only where none is)."""
+        if not (kept.exists() and kept.samefile(self.chat_template)):
+            shutil.copyfile(self.chat_template, kept)
+
+    def _encode(self, rows: Rows) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Token arrays (at most max_length + 1) and their target masks, for the rows kept."""
+        ids, targets = self._tokenize(rows)
+        kept_ids, kept_targets, long, empty = [], [], 0, 0
+        for tokens, target in zip(ids, targets):
+            if len(tokens) > self.max_length + 1:
+                long += 1
+                if self.too_long == "drop":
+                    continue
+                tokens, target = tokens[: self.max_length + 1], target[: self.max_length + 1]
+            if not target[1:].any():  # nothing to predict: no assistant turn (left)
+                empty += 1
+                continue
+            kept_ids.append(tokens)
+            kept_targets.append(target)
+        if long:
+            log.warning("%s: %d of %d rows are longer than max_length=%d tokens and were %s "
+                        "(data.too_long=%s)", rows.path, long, len(ids), self.max_length,
+                        "cut" if self.too_long == "truncate" else "dropped", self.too_long)
+        if empty:
+            log.warning("%s: %d of %d rows have no token to learn%s (no assistant turn, or "
+                        "no completion) and were dropped", rows.path, empty, len(ids),
+                        " within max_length" if long else "")
+        return kept_ids, kept_targets
+
+    def _tokenize(self, rows: Rows) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Every row's token ids and its target mask (True: a token the model learns)."""
+        if not rows.rows:
+            return [], []
+        if rows.format == "chat":
+            chats = [{"messages": r[self.keys["messages"]], "tools": r.get("tools")}
+                     for _, r in rows.rows]
+            try:
+                encoded = encode_chats(self.tokenizer, self._chat_template(), chats)
+            except ChatError as e:
+                raise ConfigError(f"{rows.path}:{rows.rows[e.index][0]}: {e.reason}") from None
+            return [c.ids for c in encoded], [c.assistant_mask for c in encoded]
+        if rows.format == "completions":
+            heads = [r[self.keys["prompt"]] for _, r in rows.rows]
+            tails = [r[self.keys["completion"]] for _, r in rows.rows]
+        else:  # text: every token after BOS is learnt
+            heads, tails = [""] * len(rows.rows), [r[self.keys["text"]] for _, r in rows.rows]
+        encode = self.tokenizer.encode_batch
+        ids, targets = [], []
+        for head, tail in zip(encode(heads, add_special_tokens=False),
+                              encode(tails, add_special_tokens=False)):
+            start = len(self.bos_ids) + len(head.ids)
+            tokens = np.asarray([*self.bos_ids, *head.ids, *tail.ids, self.eot_id], np.int32)
+            target = np.zeros(len(tokens), bool)
+            target[start:] = True
+            ids.append(tokens)
+            targets.append(target)
+        return ids, targets
 
     def _collate(self, split: tuple, index: np.ndarray, multiple: int) -> Batch:
-        rows, starts = split
+        rows, targets = split
         width = bucket_length(max(len(rows[i]) - 1 for i in index), multiple, self.max_length)
         tokens = np.full((len(index), width + 1), self.pad_id, np.int32)
         mask = np.zeros((len(index), width), np.float32)
         for r, i in enumerate(index):
             ids = rows[i]
             tokens[r, : len(ids)] = ids
-            # label position t predicts token t + 1: completion tokens are labels from start - 1
-            mask[r, max(starts[i] - 1, 0) : len(ids) - 1] = 1.0
+            mask[r, : len(ids) - 1] = targets[i][1:]  # label position t predicts token t + 1
         return {
             "input_ids": mx.array(tokens[:, :-1]),
             "labels": mx.array(tokens[:, 1:]),
