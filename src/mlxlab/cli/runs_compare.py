@@ -5,6 +5,11 @@
     mlxlab runs compare latest:g1 latest:g2      # two configs of one sweep
     mlxlab runs compare <sweep id> <sweep id>    # two sweeps of one config each, seed by seed
     mlxlab runs compare <run id> <run id> ...    # single runs side by side (metrics, params)
+    mlxlab runs compare <base eval run> <fine-tune run> --json   # evaluation tasks, per example
+
+Two runs that scored the same evaluation tasks (`mlxlab eval`, or training with eval.tasks) are
+paired example by example instead: McNemar's exact test for accuracies, a paired bootstrap for
+continuous scores, B - A with its 95 % interval and a verdict (cli/runs_compare_tasks.py).
 
 A config is a group of a sweep's runs that differ only in the seed (`mlxlab-train -m
 replicates=10 model.pooler=null,true`); SWEEP:GROUP names one by its id (g1) or its swept
@@ -55,6 +60,12 @@ def run(args) -> int:
     if not any(_is_sweep_ref(client, ref) for ref in args.refs):
         from mlxlab.cli.runs_show import compare as side_by_side
 
+        if len(args.refs) == 2:  # two runs that scored evaluation tasks: paired by example
+            from mlxlab.cli.runs_compare_tasks import compare_examples
+
+            done = compare_examples(client, uri, args.refs, args.last, args.metric, args.json)
+            if done is not None:
+                return done
         if len(args.refs) < 2:
             raise ValueError("compare needs two or more runs, or a sweep (e.g. latest)")
         args.runs = args.refs
