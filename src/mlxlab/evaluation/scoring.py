@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from tokenizers import Tokenizer
 
@@ -31,6 +30,7 @@ from mlxlab.data.tokenizer import EOT_TOKENS, find_token_id, start_ids
 from mlxlab.errors import ConfigError
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, Example, Task
+from mlxlab.models.base import Model
 
 TARGET_DELIMITER = " "  # lm-eval's default between a prompt and a choice
 
@@ -66,14 +66,14 @@ class Prompts:
         return ids or [self.eot]
 
 
-def score_task(model: nn.Module, tokenizer: Tokenizer, task: Task,
+def score_task(model: Model, tokenizer: Tokenizer, task: Task,
                settings: TaskSettings | None = None,
                render: Callable[[str], str] | None = None) -> TaskScores:
     """`task` scored on `model` (left in the mode it was in). `render` formats a chat model's
     prompts (None: plain prompts)."""
     settings = settings or TaskSettings()
     prompts = Prompts(tokenizer, render)
-    was_training = getattr(model, "training", False)
+    was_training = model.training
     model.eval()
     try:
         if task.kind == MULTIPLE_CHOICE:
@@ -86,13 +86,11 @@ def score_task(model: nn.Module, tokenizer: Tokenizer, task: Task,
             model.train()
 
 
-def _context_length(model: nn.Module) -> int:
-    length = getattr(model, "max_seq_len", None) or getattr(getattr(model, "inner", None),
-                                                            "max_seq_len", None)
-    if not length:
-        raise ConfigError(f"a {type(model).__name__} has no max_seq_len: task scoring needs a "
-                          "language model")
-    return int(length)
+def _context_length(model: Model) -> int:
+    if not isinstance(model, Model):
+        raise TypeError(f"{type(model).__name__} is not a model of mlxlab (models/base.py "
+                        "Model): task scoring reads its max_seq_len and make_cache")
+    return int(model.max_seq_len)
 
 
 # --- multiple choice -------------------------------------------------------------------------
@@ -109,7 +107,7 @@ def encode_pair(prompts: Prompts, context: str, continuation: str) -> tuple[list
     return head, whole[len(head):]
 
 
-def loglikelihoods(model: nn.Module, requests: Sequence[tuple[list[int], list[int]]],
+def loglikelihoods(model: Model, requests: Sequence[tuple[list[int], list[int]]],
                    batch_size: int) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), whether greedy decoding gives the continuation) of
     each (context ids, continuation ids), in the order given. Right-padded batches: under causal
@@ -153,7 +151,7 @@ def loglikelihoods(model: nn.Module, requests: Sequence[tuple[list[int], list[in
     return out
 
 
-def _multiple_choice(model: nn.Module, prompts: Prompts, task: Task, batch_size: int
+def _multiple_choice(model: Model, prompts: Prompts, task: Task, batch_size: int
                      ) -> TaskScores:
     requests, owner = [], []
     for k, ex in enumerate(task.examples):
@@ -179,13 +177,13 @@ def _multiple_choice(model: nn.Module, prompts: Prompts, task: Task, batch_size:
 # --- generation -------------------------------------------------------------------------------
 
 
-def greedy_ids(model: nn.Module, prompt: list[int], max_new_tokens: int, eot: int,
+def greedy_ids(model: Model, prompt: list[int], max_new_tokens: int, eot: int,
                done: Callable[[list[int]], bool] = lambda ids: False) -> list[int]:
     """Greedy continuation of `prompt`: at most `max_new_tokens`, ending before end-of-text or
     once `done(ids)`; with the model's KV cache where it has one."""
     limit = _context_length(model)
     prompt = prompt[-max(1, limit - max_new_tokens):]
-    cache = model.make_cache() if hasattr(model, "make_cache") else None
+    cache = model.make_cache()  # None: a model without one recomputes the whole sequence
     out: list[int] = []
     tokens = mx.array([prompt], dtype=mx.int32)
     while len(out) < max_new_tokens and len(prompt) + len(out) < limit:
@@ -206,7 +204,7 @@ def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-def _generation(model: nn.Module, prompts: Prompts, task: Task, settings: TaskSettings
+def _generation(model: Model, prompts: Prompts, task: Task, settings: TaskSettings
                 ) -> TaskScores:
     tok, rows = prompts.tokenizer, []
     for ex in task.examples:
@@ -231,7 +229,7 @@ def generation_scores(output: str, example: Example) -> dict[str, float]:
 # --- perplexity -------------------------------------------------------------------------------
 
 
-def _perplexity(model: nn.Module, prompts: Prompts, task: Task, batch_size: int) -> TaskScores:
+def _perplexity(model: Model, prompts: Prompts, task: Task, batch_size: int) -> TaskScores:
     """Each text after BOS, in windows of the model's context (each window predicts its own
     tokens from its own start): summed negative log-likelihood, tokens, UTF-8 bytes."""
     limit = _context_length(model)
@@ -259,7 +257,7 @@ def _means(rows: list[dict], keys: Sequence[str]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
 
 
-def score_tasks(model: nn.Module, tokenizer: Tokenizer, tasks: Sequence[Task],
+def score_tasks(model: Model, tokenizer: Tokenizer, tasks: Sequence[Task],
                 settings: TaskSettings | None = None,
                 render: Callable[[str], str] | None = None) -> list[TaskScores]:
     """Every task scored (score_task)."""
