@@ -352,3 +352,19 @@ def test_paired_scores_match_counts_and_continuous_bootstrap():
     loss = pair_task(pa, pb)[0]
     assert loss.test == "bootstrap" and loss.diff < 0 and loss.high < 0
     assert "B is better" in loss.as_dict()["verdict"]  # lower loss is better
+
+
+@pytest.mark.slow
+def test_acc_and_acc_norm_equal_lm_eval_harness(tmp_path):
+    """benchmarks/bench_eval_tasks.py: a 100-question task scored by mlxlab and by lm-eval 0.4's
+    `hf` model on the same folder; acc and acc_norm agree on every example (exit 0)."""
+    pytest.importorskip("lm_eval")
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_eval_tasks", REPO / "benchmarks" / "bench_eval_tasks.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--out", str(tmp_path)]) == 0
