@@ -5,6 +5,8 @@ model.safetensors and a tokenizer trained on the shipped TinyStories sample. For
     python scripts/tiny_hf_model.py llama /tmp/tiny-llama [--seed 0]
     (llama | qwen2 | mistral | llama3: llama with llama3 rope scaling, tied embeddings)
     python scripts/tiny_hf_model.py llama /tmp/tiny-llama --no-torch [--hidden 512 --layers 8]
+    python scripts/tiny_hf_model.py llama /tmp/tiny-chat --chat chatml   (a chat template:
+    chatml | llama3 | qwen2.5 | mistral, with its special tokens in the tokenizer)
 
 Needs transformers and torch (the dev extra); `--no-torch` writes a Llama with MLX and
 tokenizers only (`save_tiny_llama_without_torch`), for a machine without PyTorch (a GPU box
@@ -23,12 +25,100 @@ from mlxlab.data.tokenizer import build_tokenizer
 
 KINDS = ("llama", "qwen2", "mistral", "llama3")
 
+# Real chat templates, verbatim from the models' tokenizer_config.json (ChatML as OpenHermes /
+# TRL write it; Meta-Llama-3-8B-Instruct; Qwen2.5-7B-Instruct, with tools and a default system
+# prompt; Mistral-7B-Instruct-v0.1), with the special tokens each one writes and ends turns on.
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | "
+    "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+QWEN25 = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
+    "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant "
+    "roles are supported!') }}{% endif %}{% endfor %}"
+)
+# style: (template, added special tokens, bos, eos)
+CHAT_STYLES = {
+    "chatml": (CHATML, ["<|im_start|>", "<|im_end|>"], "<s>", "<|im_end|>"),
+    "llama3": (LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                        "<|end_header_id|>", "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>"),
+    "qwen2.5": (QWEN25, ["<|im_start|>", "<|im_end|>"], None, "<|im_end|>"),
+    "mistral": (MISTRAL, [], "<s>", "</s>"),
+}
 
-def tiny_tokenizer(kind: str, vocab_size: int = 512):
+
+def tiny_tokenizer(kind: str, vocab_size: int = 512, chat: str | None = None):
     """A byte-level BPE in the family's style: Llama/Mistral <s> BOS + </s> EOS, Qwen2
-    <|endoftext|> and no BOS."""
+    <|endoftext|> and no BOS; with `chat`, that chat style's special tokens too."""
     stories = Path(asset_path("tinystories/sample.txt")).read_text().split("\n\n")[:400]
     specials = ["<|endoftext|>"] if kind == "qwen2" else ["<s>", "</s>"]
+    specials += CHAT_STYLES[chat][1] if chat else []
     tok = build_tokenizer(stories, vocab_size=vocab_size, kind="bytelevel_bpe",
                           special_tokens=specials)
     if kind != "qwen2":
@@ -38,7 +128,25 @@ def tiny_tokenizer(kind: str, vocab_size: int = 512):
     return tok
 
 
-def save_tiny_model(kind: str, path: str | Path, seed: int = 0, **overrides) -> Path:
+def save_chat_tokenizer(style: str, path: str | Path, kind: str = "llama",
+                        save_jinja: bool = True) -> Path:
+    """A tiny tokenizer folder (tokenizer.json, tokenizer_config.json) with the chat `style`'s
+    template and special tokens, written by transformers as a real model's is (the template in
+    chat_template.jinja, or in tokenizer_config.json with save_jinja=False)."""
+    from transformers import PreTrainedTokenizerFast
+
+    template, _, bos, eos = CHAT_STYLES[style]
+    tok = tiny_tokenizer("qwen2" if style == "qwen2.5" else kind, chat=style)
+    specials = {"eos_token": eos, "pad_token": eos}
+    if bos is not None:
+        specials["bos_token"] = bos
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, **specials)
+    fast.save_pretrained(path, save_jinja_files=save_jinja)
+    return Path(path)
+
+
+def save_tiny_model(kind: str, path: str | Path, seed: int = 0, chat: str | None = None,
+                    **overrides) -> Path:
     import torch
     from transformers import (
         AutoModelForCausalLM,
@@ -51,7 +159,7 @@ def save_tiny_model(kind: str, path: str | Path, seed: int = 0, **overrides) -> 
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: use one of {list(KINDS)}")
     path = Path(path)
-    tok = tiny_tokenizer(kind)
+    tok = tiny_tokenizer(kind, chat=chat)
     eos = "<|endoftext|>" if kind == "qwen2" else "</s>"
     common = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=160,
@@ -82,7 +190,10 @@ def save_tiny_model(kind: str, path: str | Path, seed: int = 0, **overrides) -> 
     specials = {"eos_token": eos, "pad_token": eos}
     if kind != "qwen2":
         specials["bos_token"] = "<s>"
-    PreTrainedTokenizerFast(tokenizer_object=tok, **specials).save_pretrained(path)
+    if chat:  # the chat style's end of turn is the EOS generation stops on
+        specials["eos_token"] = CHAT_STYLES[chat][3]
+    template = {"chat_template": CHAT_STYLES[chat][0]} if chat else {}
+    PreTrainedTokenizerFast(tokenizer_object=tok, **specials, **template).save_pretrained(path)
     return path
 
 
@@ -150,13 +261,15 @@ def main() -> None:
                         help="llama only: write it with MLX (no transformers/torch)")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--chat", choices=list(CHAT_STYLES), default=None,
+                        help="add this chat template and its special tokens")
     args = parser.parse_args()
     if args.no_torch:
         if args.kind != "llama":
             parser.error("--no-torch writes llama only")
         print(save_tiny_llama_without_torch(args.out, args.seed, args.hidden, args.layers))
         return
-    print(save_tiny_model(args.kind, args.out, args.seed))
+    print(save_tiny_model(args.kind, args.out, args.seed, chat=args.chat))
 
 
 if __name__ == "__main__":
