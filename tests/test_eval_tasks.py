@@ -368,3 +368,51 @@ def test_acc_and_acc_norm_equal_lm_eval_harness(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.main(["--out", str(tmp_path)]) == 0
+
+
+def test_chat_models_see_prompts_through_their_template(tmp_path):
+    """A tiny Llama with a ChatML template: each choice's log-likelihood is that of the choice
+    right after transformers' apply_chat_template(user turn, add_generation_prompt=True); greedy
+    generation stops at the template's <|im_end|>; eval.chat=plain writes plain prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = save_tiny_model("llama", tmp_path / "tiny-chat", chat="chatml")
+    rows = [{"prompt": "Name a colour.", "choices": ["red", "a blue sky"], "answer": 0},
+            {"prompt": "Who is Lily?", "choices": ["a girl", "a dog"], "answer": 1}]
+    task = read_task(write_jsonl(tmp_path / "chat_mc.jsonl", rows))
+    source = load_eval_model(folder)
+    assert source.template is not None
+    scores = score_task(source.model, source.tokenizer, task, template=source.template)
+    assert scores.prompts == "chat template"
+    model = AutoModelForCausalLM.from_pretrained(folder).float().eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    for ex, row in zip(task.examples, scores.rows):
+        head = tok.apply_chat_template([{"role": "user", "content": ex.prompt}],
+                                       add_generation_prompt=True, tokenize=False)
+        assert head.endswith("<|im_start|>assistant\n")
+        theirs = []
+        for choice in ex.choices:  # lm-eval's pair: the trailing newline moves onto the choice
+            context, continuation = head[:-1], "\n" + choice
+            h = tok(context, add_special_tokens=False)["input_ids"]
+            w = tok(context + continuation, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([w[:-1]])).logits[0].float(), -1)
+            theirs.append(float(sum(logp[len(h) - 1 + j, t] for j, t in enumerate(w[len(h):]))))
+        np.testing.assert_allclose(row["loglikelihoods"], theirs, atol=1e-4)
+    from mlxlab.evaluation.scoring import Prompts
+
+    assert Prompts(source.tokenizer, source.template).eot == tok.convert_tokens_to_ids("<|im_end|>")
+    plain = load_eval_model(folder, chat="plain")
+    assert plain.template is None
+    assert score_task(plain.model, plain.tokenizer, task).prompts == "plain"
+    with pytest.raises(ConfigError, match="no chat template"):
+        load_eval_model(save_tiny_model("llama", tmp_path / "no-chat"), chat="template")
+
+
+def test_runs_scored_with_different_prompts_are_not_paired():
+    rows = [{"id": "0", "acc": 1.0, "acc_norm": 1.0}]
+    a = SavedTask("t", "multiple_choice", {}, rows, "plain")
+    b = SavedTask("t", "multiple_choice", {}, rows, "chat template")
+    with pytest.raises(ValueError, match="score both the same way"):
+        pair_task(a, b)

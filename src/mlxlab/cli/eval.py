@@ -52,6 +52,9 @@ def main(argv: list[str]) -> int:
     tasks.add_argument("--stop", action="append", metavar="TEXT",
                        help="generation tasks: end the answer at TEXT (repeatable; default a "
                        "newline; --stop '' for end-of-text only)")
+    tasks.add_argument("--chat", choices=["auto", "template", "plain"], default="auto",
+                       help="prompts through the model's chat template: auto (if it has one), "
+                       "template (it must), plain (never)")
     tasks.add_argument("--out", metavar="DIR", help="also keep the per-example scores here")
     tasks.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or the "
                        "project's mlruns store)")
@@ -129,7 +132,7 @@ def eval_tasks(args) -> int:
         raise ValueError("--confusion and --label-names are for classifier runs, not tasks")
     stop = ("\n",) if args.stop is None else tuple(s for s in args.stop if s)
     settings = TaskSettings(tasks=tuple(args.data), batch_size=args.batch_size or 16,
-                            max_new_tokens=args.max_new_tokens, stop=stop)
+                            max_new_tokens=args.max_new_tokens, stop=stop, chat=args.chat)
     tasks = read_tasks(list(args.data))
     tracker = None
     if not args.no_track:
@@ -139,13 +142,14 @@ def eval_tasks(args) -> int:
                                 run_name=f"eval-{Path(args.run).expanduser().resolve().name}",
                                 async_logging=False)
         tracker.probe()  # a store that does not answer fails now, not after the scoring
-    source = load_eval_model(args.run, args.checkpoint)
+    source = load_eval_model(args.run, args.checkpoint, args.chat)
     with tempfile.TemporaryDirectory(prefix="mlxlab-eval-") as tmp:
         folder = Path(args.out).expanduser() if args.out else Path(tmp) / "eval_tasks"
         scores = evaluate_tasks(source, tasks, settings, folder)
         run_id = log_eval_run(tracker, source, tasks, settings, scores, folder) \
             if tracker is not None else None
     report = {"model": str(source.path), "kind": source.kind,
+              "prompts": "plain" if source.template is None else "chat template",
               "checkpoint": str(source.checkpoint) if source.checkpoint else None,
               "run_id": run_id, "tasks": {}}
     for s in scores:
@@ -159,7 +163,7 @@ def eval_tasks(args) -> int:
 
 def task_table(report: dict) -> str:
     """Each task's metrics with their 95 % intervals, then where the run was logged."""
-    lines = [f"model  {report['model']} ({report['kind']}"
+    lines = [f"model  {report['model']} ({report['kind']}, {report['prompts']} prompts"
              + (f", {report['checkpoint']})" if report["checkpoint"] else ")")]
     for name, task in report["tasks"].items():
         lines.append(f"\n{name} ({task['kind']}, {task['n']} examples)")

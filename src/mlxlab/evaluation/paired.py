@@ -49,6 +49,9 @@ def pair_task(a: SavedTask, b: SavedTask, rounds: int = 10_000, seed: int = 0
     another kind, or no shared ids, is a ValueError naming why."""
     if a.kind != b.kind:
         raise ValueError(f"task {a.task}: one run scored it as {a.kind}, the other as {b.kind}")
+    if a.prompts != b.prompts:
+        raise ValueError(f"task {a.task}: A's prompts were {a.prompts}, B's {b.prompts}: score "
+                         "both the same way (eval.chat / mlxlab eval --chat)")
     rows_a, rows_b = a.by_id(), b.by_id()
     ids = [i for i in rows_a if i in rows_b]
     if not ids:

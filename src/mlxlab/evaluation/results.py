@@ -1,7 +1,8 @@
 """Per-example scores on disk: one folder per evaluation, a `<task>.jsonl` of rows (id and
 scores) per task and `summary.json` (each task's kind, metrics and example count). A training run
 keeps `eval_tasks/best/` and `eval_tasks/last/` in its folder and its MLflow artifacts; `mlxlab
-eval` logs `eval_tasks/`. Pairing two runs (paired.py) and the model card (export/) read them.
+eval` logs `eval_tasks/`. Pairing two runs (paired.py) and the model card (export/) read them; the summary
+says how prompts were written (plain, or through the model's chat template).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def write_scores(scores: Sequence[TaskScores], folder: str | Path, step: int | N
     summary = {"step": step, "tasks": {}}
     for s in scores:
         _write(folder / f"{s.task}.jsonl", "".join(json.dumps(r) + "\n" for r in s.rows))
-        summary["tasks"][s.task] = {"kind": s.kind, "metrics": s.metrics, "n": len(s.rows)}
+        summary["tasks"][s.task] = {"kind": s.kind, "metrics": s.metrics, "n": len(s.rows),
+                                    "prompts": s.prompts}
     _write(folder / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return folder
 
@@ -51,6 +53,7 @@ class SavedTask:
     kind: str
     metrics: dict[str, float]
     rows: list[dict]
+    prompts: str = "plain"
 
     def by_id(self) -> dict[str, dict]:
         return {str(r["id"]): r for r in self.rows}
@@ -66,7 +69,8 @@ def read_scores(folder: str | Path) -> dict[str, SavedTask]:
     for name, info in summary["tasks"].items():
         lines = (folder / f"{name}.jsonl").read_text().splitlines()
         out[name] = SavedTask(name, info["kind"], info["metrics"],
-                              [json.loads(line) for line in lines if line.strip()])
+                              [json.loads(line) for line in lines if line.strip()],
+                              info.get("prompts", "plain"))
     return out
 
 

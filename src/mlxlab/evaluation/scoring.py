@@ -5,7 +5,8 @@ The model is any mlxlab decoder (`model(input_ids) -> logits`: a training run's 
 evaluation, a finished run's, a Hugging Face / mlx-lm / exported folder's) and the tokenizer the
 `tokenizers` one it reads ids of. Prompts are plain text after the tokenizer's BOS, as the
 training data lays them out (data/completions.py), or, for a chat model, its chat template's
-rendering of one user turn (`Prompts.render`).
+rendering of one user turn with the generation prompt (data/chat.py, `chat_template`): the
+answer follows the assistant turn's start, and generation stops at the template's end of turn.
 
 Multiple choice follows lm-eval-harness (`HFLM._encode_pair`, `_loglikelihood_tokens`,
 `ConfigurableTask.process_results`): the continuation is " " + choice (trailing whitespace of
@@ -20,14 +21,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from tokenizers import Tokenizer
 
+from mlxlab.data.chat import ChatTemplate, load_chat_template
 from mlxlab.data.tokenizer import EOT_TOKENS, find_token_id, start_ids
-from mlxlab.errors import ConfigError
+from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, Example, Task
 from mlxlab.models.base import Model
@@ -43,22 +46,30 @@ class TaskScores:
     kind: str
     metrics: dict[str, float]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    prompts: str = "plain"  # "plain" | "chat template": how the prompts were written
 
 
 class Prompts:
     """How a prompt becomes ids: plain text after BOS (the tokenizer's start ids, else its
-    end-of-text as lm-eval's prefix token), or `render(prompt) -> text` for a chat model (the
-    template writes its own BOS and the assistant turn's start; its special tokens are parsed)."""
+    end-of-text as lm-eval's prefix token), or, with a chat `template`, the user turn rendered
+    with the generation prompt (the template writes its own BOS and the assistant turn's start;
+    its special tokens are parsed; its eos_token ends a generation)."""
 
-    def __init__(self, tokenizer: Tokenizer, render: Callable[[str], str] | None = None) -> None:
-        self.tokenizer, self.render = tokenizer, render
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate | None = None) -> None:
+        self.tokenizer, self.template = tokenizer, template
         self.eot = find_token_id(tokenizer, EOT_TOKENS, "end-of-text")
-        self.start = [] if render is not None else start_ids(tokenizer)
+        end_of_turn = template.special_tokens.get("eos_token") if template is not None else None
+        if end_of_turn and tokenizer.token_to_id(end_of_turn) is not None:
+            self.eot = tokenizer.token_to_id(end_of_turn)
+        self.start = [] if template is not None else start_ids(tokenizer)
         # a chat template's assistant turn begins right after it: no space before the answer
-        self.delimiter = "" if render is not None else TARGET_DELIMITER
+        self.delimiter = "" if template is not None else TARGET_DELIMITER
 
     def text(self, prompt: str) -> str:
-        return self.render(prompt) if self.render is not None else prompt
+        if self.template is None:
+            return prompt
+        return self.template.render([{"role": "user", "content": prompt}],
+                                    add_generation_prompt=True)
 
     def encode(self, text: str) -> list[int]:
         """`text` after the start ids (BOS); an empty result starts from end-of-text."""
@@ -68,19 +79,22 @@ class Prompts:
 
 def score_task(model: Model, tokenizer: Tokenizer, task: Task,
                settings: TaskSettings | None = None,
-               render: Callable[[str], str] | None = None) -> TaskScores:
-    """`task` scored on `model` (left in the mode it was in). `render` formats a chat model's
-    prompts (None: plain prompts)."""
+               template: ChatTemplate | None = None) -> TaskScores:
+    """`task` scored on `model` (left in the mode it was in). `template`: a chat model's chat
+    template, through which its prompts are rendered (None: plain prompts; chat_template)."""
     settings = settings or TaskSettings()
-    prompts = Prompts(tokenizer, render)
+    prompts = Prompts(tokenizer, template)
     was_training = model.training
     model.eval()
     try:
         if task.kind == MULTIPLE_CHOICE:
-            return _multiple_choice(model, prompts, task, settings.batch_size)
-        if task.kind == GENERATION:
-            return _generation(model, prompts, task, settings)
-        return _perplexity(model, prompts, task, settings.batch_size)
+            scores = _multiple_choice(model, prompts, task, settings.batch_size)
+        elif task.kind == GENERATION:
+            scores = _generation(model, prompts, task, settings)
+        else:
+            scores = _perplexity(model, prompts, task, settings.batch_size)
+        scores.prompts = "plain" if template is None else "chat template"
+        return scores
     finally:
         if was_training:
             model.train()
@@ -259,9 +273,23 @@ def _means(rows: list[dict], keys: Sequence[str]) -> dict[str, float]:
 
 def score_tasks(model: Model, tokenizer: Tokenizer, tasks: Sequence[Task],
                 settings: TaskSettings | None = None,
-                render: Callable[[str], str] | None = None) -> list[TaskScores]:
+                template: ChatTemplate | None = None) -> list[TaskScores]:
     """Every task scored (score_task)."""
-    return [score_task(model, tokenizer, t, settings, render) for t in tasks]
+    return [score_task(model, tokenizer, t, settings, template) for t in tasks]
+
+
+def chat_template(folder: str | Path, mode: str = "auto") -> ChatTemplate | None:
+    """The chat template prompts go through for the model whose tokenizer files are in `folder`
+    (eval.chat): "auto" its own template if it has one, else plain prompts; "template" its
+    template or a ConfigError saying how to give one; "plain" never a template."""
+    if mode == "plain":
+        return None
+    try:
+        return load_chat_template(folder)
+    except (ConfigError, MissingFileError):
+        if mode == "template":
+            raise
+        return None
 
 
 def metric_keys(scores: Sequence[TaskScores], prefix: str = "eval") -> dict[str, float]:

@@ -18,9 +18,10 @@ from pathlib import Path
 import mlx.nn as nn
 from tokenizers import Tokenizer
 
+from mlxlab.data.chat import ChatTemplate
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.evaluation.results import FOLDER, write_scores
-from mlxlab.evaluation.scoring import TaskScores, metric_keys, score_tasks
+from mlxlab.evaluation.scoring import TaskScores, chat_template, metric_keys, score_tasks
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import Task
 from mlxlab.runs.loading import load_run, require_task
@@ -41,11 +42,12 @@ class EvalModel:
     kind: str
     checkpoint: Path | None = None
     run_id: str | None = None
+    template: ChatTemplate | None = None  # a chat model's: its prompts go through it
 
 
-def load_eval_model(path: str | Path, which: str = "best") -> EvalModel:
+def load_eval_model(path: str | Path, which: str = "best", chat: str = "auto") -> EvalModel:
     """The decoder in a Hugging Face / mlx-lm / exported folder, or a finished run's (its `which`
-    checkpoint), with the tokenizer it reads."""
+    checkpoint), with the tokenizer it reads and, per `chat` (eval.chat), its chat template."""
     path = Path(path).expanduser().resolve()
     if not path.exists():
         raise MissingFileError(f"{path} does not exist: give a Hugging Face or mlx-lm model "
@@ -62,16 +64,18 @@ def load_eval_model(path: str | Path, which: str = "best") -> EvalModel:
         model = Transformer(vocab_size=1, pretrained=str(path))
         model.eval()
         kind = "export" if (path / "export_report.json").is_file() else "pretrained"
-        return EvalModel(model, Tokenizer.from_file(str(path / "tokenizer.json")), path, kind)
+        return EvalModel(model, Tokenizer.from_file(str(path / "tokenizer.json")), path, kind,
+                         template=chat_template(path, chat))
     run = load_run(path, which)
     require_task(run, "lm", "scoring evaluation tasks")
-    return EvalModel(run.model, run.tokenizer, path, "run", run.checkpoint, run.state.run_id)
+    return EvalModel(run.model, run.tokenizer, path, "run", run.checkpoint, run.state.run_id,
+                     chat_template(run.tokenizer_path.parent, chat))
 
 
 def evaluate_tasks(source: EvalModel, tasks: Sequence[Task], settings: TaskSettings,
                    folder: str | Path) -> list[TaskScores]:
     """Every task scored on the model, the per-example scores written to `folder`."""
-    scores = score_tasks(source.model, source.tokenizer, tasks, settings)
+    scores = score_tasks(source.model, source.tokenizer, tasks, settings, source.template)
     write_scores(scores, folder)
     return scores
 
@@ -96,7 +100,8 @@ def log_eval_run(tracker, source: EvalModel, tasks: Sequence[Task], settings: Ta
               "tasks": ",".join(str(t.path) for t in tasks),
               "eval.batch_size": settings.batch_size,
               "eval.max_new_tokens": settings.max_new_tokens,
-              "eval.stop": repr(list(settings.stop))}
+              "eval.stop": repr(list(settings.stop)),
+              "prompts": "plain" if source.template is None else "chat template"}
     tracker.start(params, eval_tags(source))
     status = "FAILED"
     try:

@@ -7,7 +7,8 @@ Each evaluation logs `eval/<task>/<metric>` at its step and writes the per-examp
 (optimized_metric) also to `eval_tasks/best/`, so the best folder matches the best checkpoint.
 Both folders are logged as artifacts when the run ends; `mlxlab runs compare` pairs them with
 another run's, `mlxlab export` writes them into the model card. Rank 0 scores (the others would
-compute the same numbers).
+compute the same numbers). A chat model (a pretrained folder with a chat template, whose side files
+the run folder keeps) sees the prompts through its template (eval.chat).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from mlxlab.checkpoint import is_better
 from mlxlab.errors import ConfigError
 from mlxlab.evaluation.results import FOLDER, write_scores
-from mlxlab.evaluation.scoring import metric_keys, score_tasks
+from mlxlab.evaluation.scoring import chat_template, metric_keys, score_tasks
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import read_tasks
 from mlxlab.training.callbacks import Callback
@@ -37,6 +38,7 @@ class TaskEvaluation(Callback):
         self.model = self.tokenizer = self.tracker = self.folder = None
         self.monitor, self.mode = None, "max"
         self.enabled = True
+        self.template = None
         self.best: float | None = None
         self.best_step: int | None = None
 
@@ -49,11 +51,14 @@ class TaskEvaluation(Callback):
         self.tracker, self.folder = context.tracker, Path(context.run_dir) / FOLDER
         self.monitor, self.mode = context.monitor, context.monitor_mode
         self.enabled = context.world.is_main
+        # a chat model's template: the run folder holds the pretrained folder's side files
+        self.template = chat_template(context.run_dir, self.settings.chat)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        scores = score_tasks(self.model, self.tokenizer, self.tasks, self.settings)
+        scores = score_tasks(self.model, self.tokenizer, self.tasks, self.settings,
+                             self.template)
         logged = metric_keys(scores)
         self.tracker.log_metrics(logged, step)
         write_scores(scores, self.folder / "last", step)
