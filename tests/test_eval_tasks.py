@@ -416,3 +416,50 @@ def test_runs_scored_with_different_prompts_are_not_paired():
     b = SavedTask("t", "multiple_choice", {}, rows, "chat template")
     with pytest.raises(ValueError, match="score both the same way"):
         pair_task(a, b)
+
+
+def test_replicates_pair_over_examples_averaged_over_seeds():
+    from mlxlab.evaluation.paired import pair_replicates
+    from mlxlab.stats import mcnemar_exact, paired_bootstrap
+
+    rng = np.random.default_rng(0)
+
+    def group(p: float) -> dict:
+        return {str(s): {"mc": SavedTask("mc", "multiple_choice", {}, [
+            {"id": f"q{i}", "acc": float(rng.random() < p), "acc_norm": 0.0}
+            for i in range(60)])} for s in (1, 2, 3)}
+
+    a, b = group(0.3), group(0.8)
+    acc = pair_replicates(a, b)[0]
+    ma = np.array([[r["acc"] for r in a[s]["mc"].rows] for s in a])
+    mb = np.array([[r["acc"] for r in b[s]["mc"].rows] for s in b])
+    assert (acc.n, acc.seeds_a, acc.seeds_b) == (60, 3, 3)
+    assert (acc.diff, acc.low, acc.high, acc.p) == pytest.approx(paired_bootstrap(ma, mb))
+    assert [m["seed"] for m in acc.mcnemar] == ["1", "2", "3"]
+    assert acc.mcnemar[0]["p"] == pytest.approx(mcnemar_exact(ma[0] > 0.5, mb[0] > 0.5)[2])
+    assert "B is better on mc acc" in acc.as_dict()["verdict"]
+
+
+@pytest.mark.slow
+def test_runs_compare_of_a_sweep_pairs_tasks_over_seeds(world, tmp_path):
+    """Two learning rates x 2 seeds of the fine-tune, each scoring the task: `runs compare
+    latest --json` carries the per-example comparison of the two configs over their seeds."""
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    done = subprocess.run(
+        [PYTHON, "-m", "mlxlab.cli.main", "train", "--multirun", "replicates=2",
+         "optimizer.learning_rate=1e-4,1e-2", "experiment=finetune_completions",
+         f"model.pretrained={world['base']}", f"data.train_file={world['pairs']}",
+         f"data.val_file={world['val']}", "data.max_length=32", f"tracking.uri={uri}",
+         "callbacks.progress.enabled=false", "trainer.max_steps=20",
+         "trainer.eval_every_steps=20", "trainer.batch_size=8", f"eval.tasks=[{world['mc']}]",
+         f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([PYTHON, "-m", "mlxlab.cli.main", "runs", "compare", "latest",
+                           "--uri", uri, "--json"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    tasks = out["comparisons"][0]["tasks"]
+    acc = next(t for t in tasks if t["metric"] == "acc")
+    assert (acc["n"], acc["seeds_a"], acc["seeds_b"]) == (100, 2, 2)
+    assert len(acc["mcnemar"]) == 2 and acc["low"] <= acc["diff"] <= acc["high"]

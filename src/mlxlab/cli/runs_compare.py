@@ -81,8 +81,15 @@ def run(args) -> int:
     # the row-level tests compare the best checkpoints' correctness: they answer for accuracy
     rows_client = client if metric.endswith("accuracy") and not args.last else None
     results = compare_groups(groups, metric, which, baseline, args.delta, rows_client)
+    from mlxlab.cli.runs_compare_tasks import print_replicate_tasks, replicate_tasks
+
+    tasks = [replicate_tasks(client, c.a, c.b, which) for c in results]  # evaluation tasks
     if args.json:
-        print(json.dumps(as_json(groups, results, metric, which, mode), indent=2, default=str))
+        out = as_json(groups, results, metric, which, mode)
+        for entry, paired in zip(out["comparisons"], tasks):
+            if paired:
+                entry["tasks"] = [p.as_dict() for p in paired]
+        print(json.dumps(out, indent=2, default=str))
         return 0
     print(f"{metric} ({'last logged' if args.last else 'best checkpoint'}), "
           f"{'higher' if mode == 'max' else 'lower'} is better; means with 95 % intervals")
@@ -91,7 +98,7 @@ def run(args) -> int:
          f"[{format_number(s.low)}, {format_number(s.high)}]", format_number(s.std)]
         for g in groups for s in [summarize(g.metric(metric, which).values())]])
     several = len(results) > 1
-    for c in results:
+    for c, paired in zip(results, tasks):
         d = c.diff
         print(f"\n{c.b.gid} - {c.a.gid}: {d.diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}]  "
               + (f"paired t p={d.t_p:.3g}" if d.paired else f"Welch t p={d.t_p:.3g}")
@@ -101,6 +108,7 @@ def run(args) -> int:
                  else "")
               + (f", {d.n_pairs} seed pairs" if d.paired else f", n={d.n_a} and {d.n_b}"))
         print_rows(c.rows)
+        print_replicate_tasks(paired)
         print(f"  verdict: {verdict(c, metric, mode)}")
     return 0
 

@@ -4,6 +4,10 @@ paired example by example (evaluation/paired.py), B against A.
     mlxlab runs compare <base eval run> <fine-tune run>          # the best evaluation's scores
     mlxlab runs compare <run> <run> --last --json                # the last evaluation's
 
+Two configs of a sweep whose runs scored tasks (`mlxlab runs compare latest:g1 latest:g2`) get
+the same over their seeds (`replicate_tasks`): each example's score averaged over a group's
+seeds, a paired bootstrap over the examples, McNemar's test per seed both ran.
+
 A and B are MLflow run ids or run folders: an `mlxlab eval` run, or a training run with
 eval.tasks (its best evaluation, or --last). For each task both scored and each score: the
 examples both have (by id), A's and B's means, B - A with its 95 % interval (paired bootstrap
@@ -60,3 +64,37 @@ def _name(run: Any, ref: str) -> str:
     if run is None:
         return ref
     return f"{run.info.run_id} ({run.info.run_name})"
+
+
+def replicate_tasks(client: Any, a: Any, b: Any, which: str) -> list | None:
+    """Two groups of a sweep (tracking/mlflow/replicates.py Group) paired over the examples of
+    the tasks their finished runs scored (evaluation/paired.py pair_replicates); None when
+    they scored none."""
+    from mlxlab.evaluation.paired import pair_replicates
+    from mlxlab.runs.task_scores import run_scores
+    from mlxlab.tracking.mlflow.replicates import seed_of
+
+    def scores(group: Any) -> dict:
+        found = {}
+        for run in group.runs:
+            if run.info.status == "FINISHED" and any(m.startswith("eval/") for m in run.data.metrics):
+                saved = run_scores(client, run, None, which)
+                if saved:
+                    found[seed_of(run)] = saved
+        return found
+
+    a_scores, b_scores = scores(a), scores(b)
+    if not a_scores or not b_scores:
+        return None
+    return pair_replicates(a_scores, b_scores) or None
+
+
+def print_replicate_tasks(paired: list | None) -> None:
+    for p in paired or []:
+        from mlxlab.evaluation.paired import replicate_verdict
+
+        print(f"  task {p.task} {p.metric}: A {p.a:.4f}, B {p.b:.4f} (per example, averaged "
+              f"over seeds); {replicate_verdict(p)}")
+        for m in p.mcnemar[:3]:
+            print(f"    McNemar, seed {m['seed']}: {m['only_a']} only A right, {m['only_b']} "
+                  f"only B right, exact p={m['p']:.3g}")

@@ -91,3 +91,80 @@ def verdict(s: PairedScore, alpha: float = ALPHA) -> str:
         return f"no difference detected on {s.task} {s.metric}: {change} ({test})"
     better = "B" if (s.diff > 0) == s.higher_is_better else "A"
     return f"{better} is better on {s.task} {s.metric}: {change} ({test})"
+
+
+@dataclass(frozen=True)
+class ReplicatePaired:
+    """Two groups of replicate runs (seeds) on one score of one task: each example's score
+    averaged over a group's seeds, B - A over the `n` examples every run scored with a paired
+    bootstrap interval and p; McNemar's exact test per seed both groups ran (right/wrong scores)."""
+
+    task: str
+    metric: str
+    n: int
+    seeds_a: int
+    seeds_b: int
+    a: float
+    b: float
+    diff: float
+    low: float
+    high: float
+    p: float
+    mcnemar: tuple[dict, ...] = ()
+    higher_is_better: bool = True
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["mcnemar"] = list(self.mcnemar)
+        return {**out, "verdict": replicate_verdict(self)}
+
+
+def pair_replicates(a: Mapping[str, Mapping[str, SavedTask]],
+                    b: Mapping[str, Mapping[str, SavedTask]], rounds: int = 10_000,
+                    seed: int = 0) -> list[ReplicatePaired]:
+    """Groups of runs, each {seed: {task: SavedTask}}: every task all their runs scored, each
+    paired score over the examples every run has."""
+    runs = [*a.values(), *b.values()]
+    if not a or not b:
+        return []
+    common = [t for t in next(iter(a.values())) if all(t in r for r in runs)]
+    out = []
+    for task in common:
+        tasks = [r[task] for r in runs]
+        kinds, prompts = {t.kind for t in tasks}, {t.prompts for t in tasks}
+        if len(kinds) > 1 or len(prompts) > 1:
+            raise ValueError(f"task {task}: the runs scored it as {sorted(kinds)} with "
+                             f"{sorted(prompts)} prompts: score every run the same way")
+        ids = [i for i in tasks[0].by_id() if all(i in t.by_id() for t in tasks[1:])]
+        if not ids:
+            continue
+        kind = tasks[0].kind
+        for metric in PAIRED_SCORES[kind]:
+            ma, mb = (_matrix(group, task, metric, ids) for group in (a, b))
+            diff, low, high, p = paired_bootstrap(ma, mb, rounds=rounds, seed=seed)
+            per_seed = []
+            if metric in BINARY_SCORES:
+                for s in sorted(set(a) & set(b)):
+                    only_a, only_b, mp = mcnemar_exact(
+                        [a[s][task].by_id()[i][metric] > 0.5 for i in ids],
+                        [b[s][task].by_id()[i][metric] > 0.5 for i in ids])
+                    per_seed.append({"seed": s, "only_a": only_a, "only_b": only_b, "p": mp})
+            out.append(ReplicatePaired(task, metric, len(ids), len(a), len(b),
+                                       float(ma.mean()), float(mb.mean()), diff, low, high,
+                                       float(p), tuple(per_seed), metric not in LOWER_IS_BETTER))
+    return out
+
+
+def _matrix(group: Mapping[str, Mapping[str, SavedTask]], task: str, metric: str,
+            ids: list[str]) -> np.ndarray:
+    """(runs, examples) of one score: a group's runs in seed order, the examples in `ids`'."""
+    return np.array([[float(r[task].by_id()[i][metric]) for i in ids] for r in group.values()])
+
+
+def replicate_verdict(s: ReplicatePaired, alpha: float = ALPHA) -> str:
+    change = (f"{s.diff:+.4f} [{s.low:+.4f}, {s.high:+.4f}] over {s.n} examples, "
+              f"{s.seeds_a} and {s.seeds_b} seeds (paired bootstrap p={s.p:.3g})")
+    if s.p >= alpha or s.diff == 0:
+        return f"no difference detected on {s.task} {s.metric}: {change}"
+    better = "B" if (s.diff > 0) == s.higher_is_better else "A"
+    return f"{better} is better on {s.task} {s.metric}: {change}"
