@@ -463,3 +463,29 @@ def test_runs_compare_of_a_sweep_pairs_tasks_over_seeds(world, tmp_path):
     acc = next(t for t in tasks if t["metric"] == "acc")
     assert (acc["n"], acc["seeds_a"], acc["seeds_b"]) == (100, 2, 2)
     assert len(acc["mcnemar"]) == 2 and acc["low"] <= acc["diff"] <= acc["high"]
+
+
+def test_a_chat_models_run_scores_its_tasks_through_the_template(tmp_path):
+    """Fine-tuning a ChatML model: the run folder keeps its template, and the evaluations score
+    the task through it (the per-example files say so; the logged values are those of the
+    template's prompts, recomputed here on the run's best checkpoint)."""
+    base = save_tiny_model("llama", tmp_path / "tiny-chat", chat="chatml")
+    files = make_tasks(tmp_path)
+    mc10 = write_jsonl(tmp_path / "mc10.jsonl",
+                       [json.loads(line) for line in files["mc"].read_text().splitlines()[:10]])
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [PYTHON, "-m", "mlxlab.cli.main", "train", "experiment=finetune_completions",
+         f"model.pretrained={base}", f"data.train_file={files['pairs']}",
+         f"data.val_file={files['val']}", "data.max_length=32", "tracking=none",
+         "callbacks.progress.enabled=false", "trainer.max_steps=4", "trainer.eval_every_steps=2",
+         "trainer.batch_size=8", f"eval.tasks=[{mc10}]", f"paths.root_dir={tmp_path}",
+         f"hydra.run.dir={run_dir}"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = read_scores(run_dir / "eval_tasks" / "best")["mc10"]
+    assert best.prompts == "chat template"
+    source = load_eval_model(run_dir)
+    again = score_task(source.model, source.tokenizer, read_task(mc10), template=source.template)
+    assert again.prompts == "chat template"
+    np.testing.assert_allclose([r["loglikelihoods"] for r in again.rows],
+                               [r["loglikelihoods"] for r in best.rows], atol=1e-5)
