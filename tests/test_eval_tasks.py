@@ -489,3 +489,14 @@ def test_a_chat_models_run_scores_its_tasks_through_the_template(tmp_path):
     assert again.prompts == "chat template"
     np.testing.assert_allclose([r["loglikelihoods"] for r in again.rows],
                                [r["loglikelihoods"] for r in best.rows], atol=1e-5)
+
+
+def test_mlxlab_eval_bad_task_file_is_one_line_exit_2(tmp_path, capsys):
+    from mlxlab.cli.main import main
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "choices": ["x"], "answer": 0}])
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert main(["eval", str(tmp_path / "model"), str(bad), "--no-track"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.jsonl:1: choices must be a list" in err[0]
