@@ -123,6 +123,8 @@ def config_hash(
     ignore: tuple[str, ...] = ("resume", "sweep", "tags", "paths", "tracking", "replicates"),
 ) -> str:
     """Stable hash of the resolved config minus keys that don't change what is trained."""
+    if not (cfg.get("eval") or {}).get("tasks"):  # no tasks: hashed as before `eval` existed
+        ignore = (*ignore, "eval")
     data = to_container(cfg, skip=ignore)
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -218,7 +220,7 @@ CALLBACK_NUMBERS = (("early_stopping", "patience", int, 0), ("memory", "every", 
 # __post_init__, the data modules' settings) before anything heavy is built: one line naming the
 # key, from the owner. The model is checked by its constructor when it is built (its sizes need
 # the data's vocabulary).
-SETTINGS_NODES = ("trainer", "callbacks.checkpoint", "data")
+SETTINGS_NODES = ("trainer", "callbacks.checkpoint", "data", "eval")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -84,12 +84,20 @@ def build_tracker(cfg: DictConfig, name: str | None = None):
 
 def build_callbacks(cfg: DictConfig) -> tuple[list, CheckpointPolicy]:
     """The `callbacks` group's callbacks and, apart, the checkpoint policy
-    (training/callbacks.py from_config); a search's trial adds the reporter that feeds its
-    pruner (search/pruning.py)."""
+    (training/callbacks.py from_config); `eval.tasks` adds the task scoring
+    (training/task_evaluation.py); a search's trial adds the reporter that feeds its pruner
+    (search/pruning.py)."""
     from mlxlab.search.trial_link import current_trial
     from mlxlab.training.callbacks import from_config
 
     callbacks, policy = from_config(cfg.get("callbacks"), instantiate)
+    tasks = instantiate(cfg.eval) if cfg.get("eval") else None
+    if tasks is not None and tasks.tasks:  # evaluation tasks: one more evaluation, by a hook
+        from mlxlab.training.task_evaluation import TaskEvaluation
+
+        scoring = TaskEvaluation(tasks)
+        scoring.name = "eval_tasks"
+        callbacks.append(scoring)
     trial = current_trial()  # a search's job: which trial it trains
     if trial is not None:
         from mlxlab.search.pruning import TrialReporter

@@ -10,6 +10,19 @@ Classifier: the CSV needs the training columns and the label column; prints loss
 confusion matrix. Language model: the file (txt paragraphs, or jsonl/parquet with the run's text
 column) is packed into the run's windows as training's validation is; prints the token-weighted
 loss, perplexity and next-token accuracy. --json prints one JSON object instead of the table.
+
+Evaluation tasks on any language model (docs/guide/evaluation.md):
+
+    mlxlab eval models/tiny-llama mc.jsonl qa.jsonl          # a Hugging Face / mlx-lm folder
+    mlxlab eval outputs/finetune_completions/<time> mc.jsonl  # a finished run (--checkpoint last)
+    mlxlab eval exported/ft mc.jsonl --json                   # a folder `mlxlab export` wrote
+
+A task is a jsonl of prompt/choices/answer (multiple choice: acc, acc_norm as lm-eval-harness),
+prompt/answer (generation: exact_match, contains) or text rows (perplexity). Each task's metrics
+print with 95 % intervals over its examples; the run is logged to the MLflow store (--uri) with
+eval/<task>/<metric> and the per-example scores as artifacts, which `mlxlab runs compare A B`
+pairs example by example. A run and one text file keep the report above; --tasks scores a text
+jsonl as a perplexity task instead.
 """
 
 from __future__ import annotations
@@ -22,14 +35,39 @@ from mlxlab.cli.common import add_run_arguments, guarded, parser_for
 def main(argv: list[str]) -> int:
     parser = parser_for("eval", __doc__)
     add_run_arguments(parser)
-    parser.add_argument("data", help="labelled CSV (classifier) or text file (language model)")
+    parser.add_argument("data", nargs="+", help="labelled CSV (classifier) or text file "
+                        "(language model); or task jsonl files")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.add_argument("--confusion", metavar="PNG", help="classifier: write the confusion "
                         "matrix as a PNG")
     parser.add_argument("--label-names", metavar="A,B,...", help="names for the labels in the "
                         "table and PNG, in the order of the training label values")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="rows (tasks: sequences) scored at once (default 64; tasks 16)")
+    tasks = parser.add_argument_group("evaluation tasks")
+    tasks.add_argument("--tasks", action="store_true", help="score the files as tasks even for "
+                       "a run and one text jsonl (a perplexity task)")
+    tasks.add_argument("--max-new-tokens", type=int, default=32,
+                       help="generation tasks: greedy decoding's token limit")
+    tasks.add_argument("--stop", action="append", metavar="TEXT",
+                       help="generation tasks: end the answer at TEXT (repeatable; default a "
+                       "newline; --stop '' for end-of-text only)")
+    tasks.add_argument("--chat", choices=["auto", "template", "plain"], default="auto",
+                       help="prompts through the model's chat template: auto (if it has one), "
+                       "template (it must), plain (never)")
+    tasks.add_argument("--out", metavar="DIR", help="also keep the per-example scores here")
+    tasks.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or the "
+                       "project's mlruns store)")
+    tasks.add_argument("--experiment", default="eval", help="MLflow experiment (default: eval)")
+    tasks.add_argument("--no-track", action="store_true", help="log nothing to MLflow")
     args = parser.parse_args(argv)
+    if is_task_call(args):
+        return guarded("eval", lambda: eval_tasks(args))
+    if len(args.data) > 1:
+        parser.error("one data file for a run's loss/accuracy report; task files are .jsonl "
+                     "rows of prompt/choices/answer, prompt/answer or text")
+    args.data = args.data[0]
+    args.batch_size = args.batch_size or 64
 
     def body() -> int:
         from mlxlab.inference import evaluate, load_run
@@ -54,6 +92,88 @@ def main(argv: list[str]) -> int:
         return 0
 
     return guarded("eval", body)
+
+
+def is_task_call(args) -> bool:
+    """Task files (the new use) rather than one data file for a run's report (the old one):
+    --tasks, several files, a model folder that is no run, or a jsonl of prompt rows."""
+    from pathlib import Path
+
+    if args.tasks or len(args.data) > 1:
+        return True
+    model = Path(args.run).expanduser()
+    if (model / "config.json").is_file() and not (model / "checkpoints").is_dir() \
+            and not (model / "state.json").is_file():
+        return True
+    path = Path(args.data[0]).expanduser()
+    if path.suffix != ".jsonl" or not path.is_file():
+        return False
+    with path.open() as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(row, dict) and "prompt" in row and ("choices" in row or "answer" in row) \
+        and "completion" not in row
+
+
+def eval_tasks(args) -> int:
+    """`mlxlab eval MODEL TASK...`: score, print, log (runs/task_eval.py)."""
+    import tempfile
+    from pathlib import Path
+
+    from mlxlab.evaluation.results import intervals
+    from mlxlab.evaluation.settings import TaskSettings
+    from mlxlab.evaluation.tasks import read_tasks
+    from mlxlab.runs.task_eval import evaluate_tasks, load_eval_model, log_eval_run
+
+    if args.confusion or args.label_names:
+        raise ValueError("--confusion and --label-names are for classifier runs, not tasks")
+    stop = ("\n",) if args.stop is None else tuple(s for s in args.stop if s)
+    settings = TaskSettings(tasks=tuple(args.data), batch_size=args.batch_size or 16,
+                            max_new_tokens=args.max_new_tokens, stop=stop, chat=args.chat)
+    tasks = read_tasks(list(args.data))
+    tracker = None
+    if not args.no_track:
+        from mlxlab.tracking.mlflow.tracker import MlflowTracker
+
+        tracker = MlflowTracker(uri=args.uri, experiment_name=args.experiment,
+                                run_name=f"eval-{Path(args.run).expanduser().resolve().name}",
+                                async_logging=False)
+        tracker.probe()  # a store that does not answer fails now, not after the scoring
+    source = load_eval_model(args.run, args.checkpoint, args.chat)
+    with tempfile.TemporaryDirectory(prefix="mlxlab-eval-") as tmp:
+        folder = Path(args.out).expanduser() if args.out else Path(tmp) / "eval_tasks"
+        scores = evaluate_tasks(source, tasks, settings, folder)
+        run_id = log_eval_run(tracker, source, tasks, settings, scores, folder) \
+            if tracker is not None else None
+    report = {"model": str(source.path), "kind": source.kind,
+              "prompts": "plain" if source.template is None else "chat template",
+              "checkpoint": str(source.checkpoint) if source.checkpoint else None,
+              "run_id": run_id, "tasks": {}}
+    for s in scores:
+        bounds = intervals(s)
+        report["tasks"][s.task] = {"kind": s.kind, "n": len(s.rows), "metrics": {
+            k: {"value": v, "low": bounds.get(k, (v, None, None))[1],
+                "high": bounds.get(k, (v, None, None))[2]} for k, v in s.metrics.items()}}
+    print(json.dumps(report) if args.json else task_table(report))
+    return 0
+
+
+def task_table(report: dict) -> str:
+    """Each task's metrics with their 95 % intervals, then where the run was logged."""
+    lines = [f"model  {report['model']} ({report['kind']}, {report['prompts']} prompts"
+             + (f", {report['checkpoint']})" if report["checkpoint"] else ")")]
+    for name, task in report["tasks"].items():
+        lines.append(f"\n{name} ({task['kind']}, {task['n']} examples)")
+        for metric, m in task["metrics"].items():
+            ci = f"  [{m['low']:.4f}, {m['high']:.4f}]" if m["low"] is not None else ""
+            lines.append(f"  {metric:<14}{m['value']:.4f}{ci}")
+    if report["run_id"]:
+        lines.append(f"\nmlflow run: {report['run_id']} (pair it with another: mlxlab runs "
+                     "compare A B)")
+    return "\n".join(lines)
 
 
 def table(report: dict) -> str:

@@ -5,6 +5,11 @@
     mlxlab runs compare latest:g1 latest:g2      # two configs of one sweep
     mlxlab runs compare <sweep id> <sweep id>    # two sweeps of one config each, seed by seed
     mlxlab runs compare <run id> <run id> ...    # single runs side by side (metrics, params)
+    mlxlab runs compare <base eval run> <fine-tune run> --json   # evaluation tasks, per example
+
+Two runs that scored the same evaluation tasks (`mlxlab eval`, or training with eval.tasks) are
+paired example by example instead: McNemar's exact test for accuracies, a paired bootstrap for
+continuous scores, B - A with its 95 % interval and a verdict (cli/runs_compare_tasks.py).
 
 A config is a group of a sweep's runs that differ only in the seed (`mlxlab-train -m
 replicates=10 model.pooler=null,true`); SWEEP:GROUP names one by its id (g1) or its swept
@@ -55,6 +60,12 @@ def run(args) -> int:
     if not any(_is_sweep_ref(client, ref) for ref in args.refs):
         from mlxlab.cli.runs_show import compare as side_by_side
 
+        if len(args.refs) == 2:  # two runs that scored evaluation tasks: paired by example
+            from mlxlab.cli.runs_compare_tasks import compare_examples
+
+            done = compare_examples(client, uri, args.refs, args.last, args.metric, args.json)
+            if done is not None:
+                return done
         if len(args.refs) < 2:
             raise ValueError("compare needs two or more runs, or a sweep (e.g. latest)")
         args.runs = args.refs
@@ -70,8 +81,15 @@ def run(args) -> int:
     # the row-level tests compare the best checkpoints' correctness: they answer for accuracy
     rows_client = client if metric.endswith("accuracy") and not args.last else None
     results = compare_groups(groups, metric, which, baseline, args.delta, rows_client)
+    from mlxlab.cli.runs_compare_tasks import print_replicate_tasks, replicate_tasks
+
+    tasks = [replicate_tasks(client, c.a, c.b, which) for c in results]  # evaluation tasks
     if args.json:
-        print(json.dumps(as_json(groups, results, metric, which, mode), indent=2, default=str))
+        out = as_json(groups, results, metric, which, mode)
+        for entry, paired in zip(out["comparisons"], tasks):
+            if paired:
+                entry["tasks"] = [p.as_dict() for p in paired]
+        print(json.dumps(out, indent=2, default=str))
         return 0
     print(f"{metric} ({'last logged' if args.last else 'best checkpoint'}), "
           f"{'higher' if mode == 'max' else 'lower'} is better; means with 95 % intervals")
@@ -80,7 +98,7 @@ def run(args) -> int:
          f"[{format_number(s.low)}, {format_number(s.high)}]", format_number(s.std)]
         for g in groups for s in [summarize(g.metric(metric, which).values())]])
     several = len(results) > 1
-    for c in results:
+    for c, paired in zip(results, tasks):
         d = c.diff
         print(f"\n{c.b.gid} - {c.a.gid}: {d.diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}]  "
               + (f"paired t p={d.t_p:.3g}" if d.paired else f"Welch t p={d.t_p:.3g}")
@@ -90,6 +108,7 @@ def run(args) -> int:
                  else "")
               + (f", {d.n_pairs} seed pairs" if d.paired else f", n={d.n_a} and {d.n_b}"))
         print_rows(c.rows)
+        print_replicate_tasks(paired)
         print(f"  verdict: {verdict(c, metric, mode)}")
     return 0
 

@@ -7,6 +7,8 @@ Decoders open with transformers.AutoModelForCausalLM and mlx_lm.load; BERT class
 AutoModelForSequenceClassification. LoRA runs are fused into the weights, or (mlx-lm) kept as
 adapters beside the base model. `quantize` writes mlx-lm's quantized layout and measures the
 perplexity and next-token accuracy it costs on the run's validation data (export_report.json).
+A run that scored evaluation tasks (eval.tasks) gets a README.md model card with their scores
+(model_card.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from mlxlab.export.hf import (
 )
 from mlxlab.export.mlx_lm import quantize as quantize_model
 from mlxlab.export.mlx_lm import split_adapters, write_adapters
+from mlxlab.export.model_card import model_card
 from mlxlab.export.quality import validation_batches
 from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
 from mlxlab.models.bert import BertClassifier
@@ -107,14 +110,17 @@ def export_run(
                 tokenizer_path, keep, staging)
             run_dir = staging  # the run's side files hold the full vocabulary's ids
             add_unk_rows(model, report["vocab_remap"]["intermediate_tokens"])
-        _export(model, state, run_dir, tokenizer_path, out, fmt, dtype, quantize, lora, report)
+        card = model_card(tokenizer_path.parent, out.name, state.config, state.run_id,
+                          state.step)  # the run's task scores; None when it scored none
+        _export(model, state, run_dir, tokenizer_path, out, fmt, dtype, quantize, lora, report,
+                card)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
 
 
 def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: str, dtype: str,
-            quantize: int | None, lora: str, report: dict) -> None:
+            quantize: int | None, lora: str, report: dict, card: str | None = None) -> None:
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     if isinstance(model, BertClassifier):
         labels = (state.encoding or {}).get("label_values")
@@ -155,6 +161,9 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
             write_adapters(*adapters, len(model.layers), tmp / "adapters", DTYPES[dtype])
             report["adapter_path"] = str(out / "adapters")
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if card is not None:  # the model card: task scores with intervals (model_card.py)
+            (tmp / "README.md").write_text(card)
+            report["model_card"] = str(out / "README.md")
         if out.exists():
             shutil.rmtree(out)  # empty, or --overwrite
         os.replace(tmp, out)

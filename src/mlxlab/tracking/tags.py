@@ -63,6 +63,12 @@ VAL_FINGERPRINT = "mlxlab.val_fingerprint"  # the validation rows a run is score
 GROUP_PREFIX = "group."  # params on a sweep's parent: "group.g1" = "model.pooler=true"
 BEST_GROUP = "mlxlab.best_group"  # the group with the best mean of the optimized metric
 
+# `mlxlab eval MODEL TASK...` (runs/task_eval.py): its run has ROLE "eval" and says what it scored
+EVAL_MODEL = "mlxlab.eval.model"  # the scored folder's absolute path
+EVAL_MODEL_KIND = "mlxlab.eval.model_kind"  # pretrained | export | run
+EVAL_CHECKPOINT = "mlxlab.eval.checkpoint"  # a run's checkpoint folder that was scored
+EVAL_SOURCE_RUN = "mlxlab.eval.source_run_id"  # a scored run's own MLflow run, when tracked
+
 # The search (search/): a trial's MLflow run
 STUDY = "mlxlab.search.study"
 TRIAL_NUMBER = "mlxlab.search.trial"

@@ -1,0 +1,170 @@
+"""Two models' scores on the same task, paired example by example (by id).
+
+Right/wrong scores (acc, acc_norm, exact_match, contains) get McNemar's exact test (the
+binomial test on the examples only one model got right); every score gets a paired bootstrap
+over the examples for the difference's 95 % interval (and, for continuous scores such as a
+perplexity task's per-text loss, its p-value). `mlxlab runs compare A B` prints them with a
+one-line verdict each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from mlxlab.evaluation.results import SavedTask
+from mlxlab.evaluation.tasks import BINARY_SCORES, PAIRED_SCORES
+from mlxlab.stats import ALPHA, mcnemar_exact, paired_bootstrap
+
+LOWER_IS_BETTER = ("loss",)
+
+
+@dataclass(frozen=True)
+class PairedScore:
+    """B against A on one score of one task over the `n` examples both scored."""
+
+    task: str
+    metric: str
+    test: str            # "mcnemar" | "bootstrap"
+    n: int
+    a: float             # A's mean over the paired examples
+    b: float
+    diff: float          # b - a
+    low: float           # the difference's 95 % interval (paired bootstrap over examples)
+    high: float
+    p: float
+    only_a: int | None = None   # McNemar: examples only A got right
+    only_b: int | None = None
+    higher_is_better: bool = True
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "verdict": verdict(self)}
+
+
+def pair_task(a: SavedTask, b: SavedTask, rounds: int = 10_000, seed: int = 0
+              ) -> list[PairedScore]:
+    """Each paired score of the task (PAIRED_SCORES) over the examples both have; a task of
+    another kind, or no shared ids, is a ValueError naming why."""
+    if a.kind != b.kind:
+        raise ValueError(f"task {a.task}: one run scored it as {a.kind}, the other as {b.kind}")
+    if a.prompts != b.prompts:
+        raise ValueError(f"task {a.task}: A's prompts were {a.prompts}, B's {b.prompts}: score "
+                         "both the same way (eval.chat / mlxlab eval --chat)")
+    rows_a, rows_b = a.by_id(), b.by_id()
+    ids = [i for i in rows_a if i in rows_b]
+    if not ids:
+        raise ValueError(f"task {a.task}: the two runs share no example ids")
+    out = []
+    for metric in PAIRED_SCORES[a.kind]:
+        va = np.array([float(rows_a[i][metric]) for i in ids])
+        vb = np.array([float(rows_b[i][metric]) for i in ids])
+        diff, low, high, p = paired_bootstrap(va, vb, rounds=rounds, seed=seed)
+        only_a = only_b = None
+        test = "bootstrap"
+        if metric in BINARY_SCORES:
+            only_a, only_b, p = mcnemar_exact(va > 0.5, vb > 0.5)
+            test = "mcnemar"
+        out.append(PairedScore(a.task, metric, test, len(ids), float(va.mean()), float(vb.mean()),
+                               diff, low, high, float(p), only_a, only_b,
+                               metric not in LOWER_IS_BETTER))
+    return out
+
+
+def pair_runs(a: Mapping[str, SavedTask], b: Mapping[str, SavedTask], rounds: int = 10_000
+              ) -> list[PairedScore]:
+    """Every task both runs scored, paired (pair_task); none in common is a ValueError."""
+    common = [t for t in a if t in b]
+    if not common:
+        raise ValueError(f"the runs scored no task in common (A: {sorted(a) or 'none'}, B: "
+                         f"{sorted(b) or 'none'}): score both on the same task files")
+    return [s for t in common for s in pair_task(a[t], b[t], rounds)]
+
+
+def verdict(s: PairedScore, alpha: float = ALPHA) -> str:
+    """One line: which is better on this score and how sure, or that no difference shows."""
+    test = (f"McNemar exact p={s.p:.3g}, {s.only_a} only A right, {s.only_b} only B right"
+            if s.test == "mcnemar" else f"paired bootstrap p={s.p:.3g}")
+    change = f"{s.diff:+.4f} [{s.low:+.4f}, {s.high:+.4f}] over {s.n} examples"
+    if s.p >= alpha or s.diff == 0:
+        return f"no difference detected on {s.task} {s.metric}: {change} ({test})"
+    better = "B" if (s.diff > 0) == s.higher_is_better else "A"
+    return f"{better} is better on {s.task} {s.metric}: {change} ({test})"
+
+
+@dataclass(frozen=True)
+class ReplicatePaired:
+    """Two groups of replicate runs (seeds) on one score of one task: each example's score
+    averaged over a group's seeds, B - A over the `n` examples every run scored with a paired
+    bootstrap interval and p; McNemar's exact test per seed both groups ran (right/wrong scores)."""
+
+    task: str
+    metric: str
+    n: int
+    seeds_a: int
+    seeds_b: int
+    a: float
+    b: float
+    diff: float
+    low: float
+    high: float
+    p: float
+    mcnemar: tuple[dict, ...] = ()
+    higher_is_better: bool = True
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["mcnemar"] = list(self.mcnemar)
+        return {**out, "verdict": replicate_verdict(self)}
+
+
+def pair_replicates(a: Mapping[str, Mapping[str, SavedTask]],
+                    b: Mapping[str, Mapping[str, SavedTask]], rounds: int = 10_000,
+                    seed: int = 0) -> list[ReplicatePaired]:
+    """Groups of runs, each {seed: {task: SavedTask}}: every task all their runs scored, each
+    paired score over the examples every run has."""
+    runs = [*a.values(), *b.values()]
+    if not a or not b:
+        return []
+    common = [t for t in next(iter(a.values())) if all(t in r for r in runs)]
+    out = []
+    for task in common:
+        tasks = [r[task] for r in runs]
+        kinds, prompts = {t.kind for t in tasks}, {t.prompts for t in tasks}
+        if len(kinds) > 1 or len(prompts) > 1:
+            raise ValueError(f"task {task}: the runs scored it as {sorted(kinds)} with "
+                             f"{sorted(prompts)} prompts: score every run the same way")
+        ids = [i for i in tasks[0].by_id() if all(i in t.by_id() for t in tasks[1:])]
+        if not ids:
+            continue
+        kind = tasks[0].kind
+        for metric in PAIRED_SCORES[kind]:
+            ma, mb = (_matrix(group, task, metric, ids) for group in (a, b))
+            diff, low, high, p = paired_bootstrap(ma, mb, rounds=rounds, seed=seed)
+            per_seed = []
+            if metric in BINARY_SCORES:
+                for s in sorted(set(a) & set(b)):
+                    only_a, only_b, mp = mcnemar_exact(
+                        [a[s][task].by_id()[i][metric] > 0.5 for i in ids],
+                        [b[s][task].by_id()[i][metric] > 0.5 for i in ids])
+                    per_seed.append({"seed": s, "only_a": only_a, "only_b": only_b, "p": mp})
+            out.append(ReplicatePaired(task, metric, len(ids), len(a), len(b),
+                                       float(ma.mean()), float(mb.mean()), diff, low, high,
+                                       float(p), tuple(per_seed), metric not in LOWER_IS_BETTER))
+    return out
+
+
+def _matrix(group: Mapping[str, Mapping[str, SavedTask]], task: str, metric: str,
+            ids: list[str]) -> np.ndarray:
+    """(runs, examples) of one score: a group's runs in seed order, the examples in `ids`'."""
+    return np.array([[float(r[task].by_id()[i][metric]) for i in ids] for r in group.values()])
+
+
+def replicate_verdict(s: ReplicatePaired, alpha: float = ALPHA) -> str:
+    change = (f"{s.diff:+.4f} [{s.low:+.4f}, {s.high:+.4f}] over {s.n} examples, "
+              f"{s.seeds_a} and {s.seeds_b} seeds (paired bootstrap p={s.p:.3g})")
+    if s.p >= alpha or s.diff == 0:
+        return f"no difference detected on {s.task} {s.metric}: {change}"
+    better = "B" if (s.diff > 0) == s.higher_is_better else "A"
+    return f"{better} is better on {s.task} {s.metric}: {change}"

@@ -1,0 +1,101 @@
+"""Per-example scores on disk: one folder per evaluation, a `<task>.jsonl` of rows (id and
+scores) per task and `summary.json` (each task's kind, metrics and example count). A training run
+keeps `eval_tasks/best/` and `eval_tasks/last/` in its folder and its MLflow artifacts; `mlxlab
+eval` logs `eval_tasks/`. Pairing two runs (paired.py) and the model card (export/) read them; the summary
+says how prompts were written (plain, or through the model's chat template).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlxlab.evaluation.scoring import TaskScores
+from mlxlab.evaluation.tasks import BINARY_SCORES, PERPLEXITY
+from mlxlab.stats import CONFIDENCE, summarize
+
+FOLDER = "eval_tasks"
+SUMMARY = "summary.json"
+
+
+def write_scores(scores: Sequence[TaskScores], folder: str | Path, step: int | None = None
+                 ) -> Path:
+    """Write each task's rows and the summary into `folder` (replaced whole, atomically enough
+    for a reader: each file renamed into place)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = {"step": step, "tasks": {}}
+    for s in scores:
+        _write(folder / f"{s.task}.jsonl", "".join(json.dumps(r) + "\n" for r in s.rows))
+        summary["tasks"][s.task] = {"kind": s.kind, "metrics": s.metrics, "n": len(s.rows),
+                                    "prompts": s.prompts}
+    _write(folder / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return folder
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class SavedTask:
+    """A task's scores read back: kind, metrics, rows (one dict per example)."""
+
+    task: str
+    kind: str
+    metrics: dict[str, float]
+    rows: list[dict]
+    prompts: str = "plain"
+
+    def by_id(self) -> dict[str, dict]:
+        return {str(r["id"]): r for r in self.rows}
+
+
+def read_scores(folder: str | Path) -> dict[str, SavedTask]:
+    """The tasks of a folder write_scores wrote; {} when there is none."""
+    folder = Path(folder)
+    if not (folder / SUMMARY).is_file():
+        return {}
+    summary = json.loads((folder / SUMMARY).read_text())
+    out = {}
+    for name, info in summary["tasks"].items():
+        lines = (folder / f"{name}.jsonl").read_text().splitlines()
+        out[name] = SavedTask(name, info["kind"], info["metrics"],
+                              [json.loads(line) for line in lines if line.strip()],
+                              info.get("prompts", "plain"))
+    return out
+
+
+def intervals(task: SavedTask | TaskScores, confidence: float = CONFIDENCE, rounds: int = 2000,
+              seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """(value, low, high) of each metric over the task's examples: Student-t over the 0/1
+    scores for accuracies; a bootstrap over texts of the token-weighted loss for perplexity
+    tasks (perplexity and bits per byte follow from the loss's bounds)."""
+    rows = task.rows
+    if task.kind != PERPLEXITY:
+        out = {}
+        for key in task.metrics:
+            if key in BINARY_SCORES:
+                s = summarize([float(r[key]) for r in rows])
+                out[key] = (s.mean, s.low, s.high)
+        return out
+    nll = np.array([r["nll"] for r in rows], np.float64)
+    tokens = np.array([r["tokens"] for r in rows], np.float64)
+    nbytes = float(sum(r["bytes"] for r in rows))
+    picks = np.random.default_rng(seed).integers(0, len(rows), size=(rounds, len(rows)))
+    losses = nll[picks].sum(axis=1) / tokens[picks].sum(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = (float(v) for v in np.quantile(losses, [tail, 1 - tail]))
+    loss = float(nll.sum() / tokens.sum())
+    per_byte = tokens.sum() / nbytes / math.log(2)
+    return {"loss": (loss, low, high),
+            "perplexity": (math.exp(loss), math.exp(low), math.exp(high)),
+            "bits_per_byte": (loss * per_byte, low * per_byte, high * per_byte)}

@@ -1,0 +1,297 @@
+"""A task scored on a loaded language model: each example's scores kept, the task's metrics
+computed from them.
+
+The model is any mlxlab decoder (`model(input_ids) -> logits`: a training run's model at an
+evaluation, a finished run's, a Hugging Face / mlx-lm / exported folder's) and the tokenizer the
+`tokenizers` one it reads ids of. Prompts are plain text after the tokenizer's BOS, as the
+training data lays them out (data/completions.py), or, for a chat model, its chat template's
+rendering of one user turn with the generation prompt (data/chat.py, `chat_template`): the
+answer follows the assistant turn's start, and generation stops at the template's end of turn.
+
+Multiple choice follows lm-eval-harness (`HFLM._encode_pair`, `_loglikelihood_tokens`,
+`ConfigurableTask.process_results`): the continuation is " " + choice (trailing whitespace of
+the prompt moves onto it), its ids are those of prompt + continuation after the prompt's ids,
+inputs longer than the model's context keep their last max_seq_len tokens, the log-likelihood is
+the float32 log-softmax summed over the continuation; acc is the argmax (the first of equals),
+acc_norm the argmax of log-likelihood / len(choice) in characters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from tokenizers import Tokenizer
+
+from mlxlab.data.chat import ChatTemplate, load_chat_template
+from mlxlab.data.tokenizer import EOT_TOKENS, find_token_id, start_ids
+from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.evaluation.settings import TaskSettings
+from mlxlab.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, Example, Task
+from mlxlab.models.base import Model
+
+TARGET_DELIMITER = " "  # lm-eval's default between a prompt and a choice
+
+
+@dataclass
+class TaskScores:
+    """A task's metrics (`acc`, ...) and one row of scores per example, in the task's order."""
+
+    task: str
+    kind: str
+    metrics: dict[str, float]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    prompts: str = "plain"  # "plain" | "chat template": how the prompts were written
+
+
+class Prompts:
+    """How a prompt becomes ids: plain text after BOS (the tokenizer's start ids, else its
+    end-of-text as lm-eval's prefix token), or, with a chat `template`, the user turn rendered
+    with the generation prompt (the template writes its own BOS and the assistant turn's start;
+    its special tokens are parsed; its eos_token ends a generation)."""
+
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate | None = None) -> None:
+        self.tokenizer, self.template = tokenizer, template
+        self.eot = find_token_id(tokenizer, EOT_TOKENS, "end-of-text")
+        end_of_turn = template.special_tokens.get("eos_token") if template is not None else None
+        if end_of_turn and tokenizer.token_to_id(end_of_turn) is not None:
+            self.eot = tokenizer.token_to_id(end_of_turn)
+        self.start = [] if template is not None else start_ids(tokenizer)
+        # a chat template's assistant turn begins right after it: no space before the answer
+        self.delimiter = "" if template is not None else TARGET_DELIMITER
+
+    def text(self, prompt: str) -> str:
+        if self.template is None:
+            return prompt
+        return self.template.render([{"role": "user", "content": prompt}],
+                                    add_generation_prompt=True)
+
+    def encode(self, text: str) -> list[int]:
+        """`text` after the start ids (BOS); an empty result starts from end-of-text."""
+        ids = [*self.start, *self.tokenizer.encode(text, add_special_tokens=False).ids]
+        return ids or [self.eot]
+
+
+def score_task(model: Model, tokenizer: Tokenizer, task: Task,
+               settings: TaskSettings | None = None,
+               template: ChatTemplate | None = None) -> TaskScores:
+    """`task` scored on `model` (left in the mode it was in). `template`: a chat model's chat
+    template, through which its prompts are rendered (None: plain prompts; chat_template)."""
+    settings = settings or TaskSettings()
+    prompts = Prompts(tokenizer, template)
+    was_training = model.training
+    model.eval()
+    try:
+        if task.kind == MULTIPLE_CHOICE:
+            scores = _multiple_choice(model, prompts, task, settings.batch_size)
+        elif task.kind == GENERATION:
+            scores = _generation(model, prompts, task, settings)
+        else:
+            scores = _perplexity(model, prompts, task, settings.batch_size)
+        scores.prompts = "plain" if template is None else "chat template"
+        return scores
+    finally:
+        if was_training:
+            model.train()
+
+
+def _context_length(model: Model) -> int:
+    if not isinstance(model, Model):
+        raise TypeError(f"{type(model).__name__} is not a model of mlxlab (models/base.py "
+                        "Model): task scoring reads its max_seq_len and make_cache")
+    return int(model.max_seq_len)
+
+
+# --- multiple choice -------------------------------------------------------------------------
+
+
+def encode_pair(prompts: Prompts, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's _encode_pair: (context ids, continuation ids), the continuation's ids those of
+    the whole text after the context's."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = prompts.encode(context + continuation)
+    head = prompts.encode(context)
+    return head, whole[len(head):]
+
+
+def loglikelihoods(model: Model, requests: Sequence[tuple[list[int], list[int]]],
+                   batch_size: int) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), whether greedy decoding gives the continuation) of
+    each (context ids, continuation ids), in the order given. Right-padded batches: under causal
+    attention the padding after a row never changes the row."""
+    limit = _context_length(model)
+    inputs, targets = [], []
+    for context, continuation in requests:
+        if not continuation:
+            raise ConfigError("a choice encodes to no tokens after its prompt: give non-empty "
+                              "choices")
+        whole = (context + continuation)[-(limit + 1):]
+        if len(continuation) > len(whole) - 1:
+            raise ConfigError(f"a choice of {len(continuation)} tokens does not fit the model's "
+                              f"context of {limit}")
+        inputs.append(whole[:-1])
+        targets.append(len(continuation))
+    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))  # similar lengths batched
+    out: list[tuple[float, bool]] = [(math.nan, False)] * len(inputs)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(inputs[i]) for i in rows)
+        ids = np.zeros((len(rows), width), np.int32)
+        labels = np.zeros((len(rows), width), np.int32)
+        mask = np.zeros((len(rows), width), np.float32)
+        for r, i in enumerate(rows):
+            context, continuation = requests[i]
+            whole = (context + continuation)[-(limit + 1):]
+            n = len(whole) - 1
+            ids[r, :n] = whole[:-1]
+            labels[r, :n] = whole[1:]
+            mask[r, n - targets[i]:n] = 1.0
+        logits = model(mx.array(ids)).astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        picked = mx.take_along_axis(logprobs, mx.array(labels)[..., None], axis=-1)[..., 0]
+        m = mx.array(mask)
+        total = (picked * m).sum(axis=-1)
+        greedy = ((logits.argmax(axis=-1) == mx.array(labels)) | (m == 0)).all(axis=-1)
+        mx.eval(total, greedy)
+        for r, i in enumerate(rows):
+            out[i] = (float(total[r].item()), bool(greedy[r].item()))
+    return out
+
+
+def _multiple_choice(model: Model, prompts: Prompts, task: Task, batch_size: int
+                     ) -> TaskScores:
+    requests, owner = [], []
+    for k, ex in enumerate(task.examples):
+        context = prompts.text(ex.prompt)
+        for choice in ex.choices:
+            requests.append(encode_pair(prompts, context, prompts.delimiter + choice))
+            owner.append(k)
+    results = loglikelihoods(model, requests, batch_size)
+    rows, at = [], 0
+    for ex in task.examples:
+        lls = np.array([ll for ll, _ in results[at:at + len(ex.choices)]])
+        greedy = [g for _, g in results[at:at + len(ex.choices)]]
+        at += len(ex.choices)
+        lengths = np.array([float(len(c)) for c in ex.choices])
+        pred, pred_norm = int(np.argmax(lls)), int(np.argmax(lls / lengths))
+        rows.append({"id": ex.id, "acc": float(pred == ex.answer),
+                     "acc_norm": float(pred_norm == ex.answer), "pred": pred,
+                     "pred_norm": pred_norm, "answer": ex.answer,
+                     "loglikelihoods": lls.tolist(), "greedy": greedy})
+    return TaskScores(task.name, task.kind, _means(rows, ("acc", "acc_norm")), rows)
+
+
+# --- generation -------------------------------------------------------------------------------
+
+
+def greedy_ids(model: Model, prompt: list[int], max_new_tokens: int, eot: int,
+               done: Callable[[list[int]], bool] = lambda ids: False) -> list[int]:
+    """Greedy continuation of `prompt`: at most `max_new_tokens`, ending before end-of-text or
+    once `done(ids)`; with the model's KV cache where it has one."""
+    limit = _context_length(model)
+    prompt = prompt[-max(1, limit - max_new_tokens):]
+    cache = model.make_cache()  # None: a model without one recomputes the whole sequence
+    out: list[int] = []
+    tokens = mx.array([prompt], dtype=mx.int32)
+    while len(out) < max_new_tokens and len(prompt) + len(out) < limit:
+        logits = model(tokens, cache=cache) if cache is not None else model(tokens)
+        token = int(logits[0, -1].argmax().item())
+        if token == eot:
+            break
+        out.append(token)
+        if done(out):
+            break
+        tokens = (mx.array([[token]], dtype=mx.int32) if cache is not None
+                  else mx.array([prompt + out], dtype=mx.int32))
+    return out
+
+
+def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    cuts = [text.index(s) for s in stop if s and s in text]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def _generation(model: Model, prompts: Prompts, task: Task, settings: TaskSettings
+                ) -> TaskScores:
+    tok, rows = prompts.tokenizer, []
+    for ex in task.examples:
+        def stopped(ids: list[int]) -> bool:
+            return _cut(tok.decode(ids), settings.stop)[1]
+
+        ids = greedy_ids(model, prompts.encode(prompts.text(ex.prompt)), settings.max_new_tokens,
+                         prompts.eot, stopped)
+        output, _ = _cut(tok.decode(ids), settings.stop)
+        rows.append({"id": ex.id, **generation_scores(output, ex), "output": output})
+    return TaskScores(task.name, task.kind, _means(rows, ("exact_match", "contains")), rows)
+
+
+def generation_scores(output: str, example: Example) -> dict[str, float]:
+    """exact_match: the output, stripped, is an accepted answer (stripped); contains: an
+    accepted answer (stripped) is in the output."""
+    answers = [a.strip() for a in example.answer]
+    return {"exact_match": float(output.strip() in answers),
+            "contains": float(any(a in output for a in answers))}
+
+
+# --- perplexity -------------------------------------------------------------------------------
+
+
+def _perplexity(model: Model, prompts: Prompts, task: Task, batch_size: int) -> TaskScores:
+    """Each text after BOS, in windows of the model's context (each window predicts its own
+    tokens from its own start): summed negative log-likelihood, tokens, UTF-8 bytes."""
+    limit = _context_length(model)
+    rows = []
+    for ex in task.examples:
+        ids = prompts.encode(ex.text)
+        if len(ids) < 2:
+            raise ConfigError(f"task {task.name}, example {ex.id}: the text is too short to score "
+                              "(one token)")
+        windows = [ids[s:s + limit + 1] for s in range(0, len(ids) - 1, limit)]
+        nll = -sum(ll for ll, _ in loglikelihoods(model, [(w[:1], w[1:]) for w in windows],
+                                                   batch_size))
+        tokens = len(ids) - 1
+        rows.append({"id": ex.id, "loss": nll / tokens, "nll": nll, "tokens": tokens,
+                     "bytes": len(ex.text.encode())})
+    nll = sum(r["nll"] for r in rows)
+    tokens = sum(r["tokens"] for r in rows)
+    loss = nll / tokens
+    metrics = {"loss": loss, "perplexity": math.exp(loss),
+               "bits_per_byte": nll / math.log(2) / sum(r["bytes"] for r in rows)}
+    return TaskScores(task.name, task.kind, metrics, rows)
+
+
+def _means(rows: list[dict], keys: Sequence[str]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+def score_tasks(model: Model, tokenizer: Tokenizer, tasks: Sequence[Task],
+                settings: TaskSettings | None = None,
+                template: ChatTemplate | None = None) -> list[TaskScores]:
+    """Every task scored (score_task)."""
+    return [score_task(model, tokenizer, t, settings, template) for t in tasks]
+
+
+def chat_template(folder: str | Path, mode: str = "auto") -> ChatTemplate | None:
+    """The chat template prompts go through for the model whose tokenizer files are in `folder`
+    (eval.chat): "auto" its own template if it has one, else plain prompts; "template" its
+    template or a ConfigError saying how to give one; "plain" never a template."""
+    if mode == "plain":
+        return None
+    try:
+        return load_chat_template(folder)
+    except (ConfigError, MissingFileError):
+        if mode == "template":
+            raise
+        return None
+
+
+def metric_keys(scores: Sequence[TaskScores], prefix: str = "eval") -> dict[str, float]:
+    """The tasks' metrics as `<prefix>/<task>/<metric>` (what is logged to MLflow)."""
+    return {f"{prefix}/{s.task}/{k}": v for s in scores for k, v in s.metrics.items()}

@@ -1,0 +1,113 @@
+"""Evaluation tasks on any model: `mlxlab eval MODEL TASK...`.
+
+MODEL is a Hugging Face or mlx-lm folder (a pretrained checkpoint, or what `mlxlab export`
+wrote) or a finished run (its best or last checkpoint). The tasks are scored as a training run
+scores them at an evaluation (evaluation/scoring.py), the per-example scores written to a folder
+(evaluation/results.py) and the whole logged as an MLflow run of its own (tag mlxlab.role=eval,
+metrics eval/<task>/<metric> at step 0, the folder as the artifacts eval_tasks/), so a base model
+and its fine-tunes sit side by side in the store and `mlxlab runs compare` pairs them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.nn as nn
+from tokenizers import Tokenizer
+
+from mlxlab.data.chat import ChatTemplate
+from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.evaluation.results import FOLDER, write_scores
+from mlxlab.evaluation.scoring import TaskScores, chat_template, metric_keys, score_tasks
+from mlxlab.evaluation.settings import TaskSettings
+from mlxlab.evaluation.tasks import Task
+from mlxlab.runs.loading import load_run, require_task
+from mlxlab.runs.model import is_pretrained_folder
+from mlxlab.tracking import tags as T
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalModel:
+    """A model to score and where it came from: `kind` pretrained | export | run; a run's
+    `checkpoint` and MLflow `run_id` (None elsewhere)."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    path: Path
+    kind: str
+    checkpoint: Path | None = None
+    run_id: str | None = None
+    template: ChatTemplate | None = None  # a chat model's: its prompts go through it
+
+
+def load_eval_model(path: str | Path, which: str = "best", chat: str = "auto") -> EvalModel:
+    """The decoder in a Hugging Face / mlx-lm / exported folder, or a finished run's (its `which`
+    checkpoint), with the tokenizer it reads and, per `chat` (eval.chat), its chat template."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise MissingFileError(f"{path} does not exist: give a Hugging Face or mlx-lm model "
+                               "folder, an `mlxlab export` folder or a finished run folder")
+    if is_pretrained_folder(path):
+        from mlxlab.models.transformer import Transformer
+
+        if not (path / "tokenizer.json").is_file():
+            raise ConfigError(f"{path} has no tokenizer.json: scoring needs the model's fast "
+                              "tokenizer (saved by transformers) beside it")
+        if (path / "adapters").is_dir():
+            raise ConfigError(f"{path} holds a base model and LoRA adapters (mlxlab export "
+                              "--adapters): score the run itself, or an export with --fuse-lora")
+        model = Transformer(vocab_size=1, pretrained=str(path))
+        model.eval()
+        kind = "export" if (path / "export_report.json").is_file() else "pretrained"
+        return EvalModel(model, Tokenizer.from_file(str(path / "tokenizer.json")), path, kind,
+                         template=chat_template(path, chat))
+    run = load_run(path, which)
+    require_task(run, "lm", "scoring evaluation tasks")
+    return EvalModel(run.model, run.tokenizer, path, "run", run.checkpoint, run.state.run_id,
+                     chat_template(run.tokenizer_path.parent, chat))
+
+
+def evaluate_tasks(source: EvalModel, tasks: Sequence[Task], settings: TaskSettings,
+                   folder: str | Path) -> list[TaskScores]:
+    """Every task scored on the model, the per-example scores written to `folder`."""
+    scores = score_tasks(source.model, source.tokenizer, tasks, settings, source.template)
+    write_scores(scores, folder)
+    return scores
+
+
+def eval_tags(source: EvalModel) -> dict[str, str]:
+    """What the eval run says about the model it scored (tracking/tags.py EVAL_*)."""
+    tags = {T.ROLE: "eval", T.EVAL_MODEL: str(source.path), T.EVAL_MODEL_KIND: source.kind}
+    if source.checkpoint is not None:
+        tags[T.EVAL_CHECKPOINT] = str(source.checkpoint)
+    if source.run_id:
+        tags[T.EVAL_SOURCE_RUN] = source.run_id
+    return tags
+
+
+def log_eval_run(tracker, source: EvalModel, tasks: Sequence[Task], settings: TaskSettings,
+                 scores: Sequence[TaskScores], folder: str | Path) -> str | None:
+    """The scores as a finished run of `tracker` (started here): params (the model, tasks and
+    settings), tags (eval_tags), metrics at step 0, the folder as artifacts eval_tasks/.
+    Returns the run's id."""
+    params = {"model": str(source.path), "model_kind": source.kind,
+              "checkpoint": str(source.checkpoint or ""),
+              "tasks": ",".join(str(t.path) for t in tasks),
+              "eval.batch_size": settings.batch_size,
+              "eval.max_new_tokens": settings.max_new_tokens,
+              "eval.stop": repr(list(settings.stop)),
+              "prompts": "plain" if source.template is None else "chat template"}
+    tracker.start(params, eval_tags(source))
+    status = "FAILED"
+    try:
+        tracker.log_metrics(metric_keys(scores), 0)
+        tracker.log_artifact(str(folder), FOLDER)
+        status = "FINISHED"
+    finally:
+        tracker.end(status)
+    return tracker.run_id

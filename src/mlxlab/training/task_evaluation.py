@@ -1,0 +1,82 @@
+"""Evaluation tasks inside a training run: `eval.tasks=[a.jsonl, b.jsonl]` scores every task at
+each evaluation of the validation split, as one more evaluation hooked onto it (a callback's
+on_eval, not a second loop).
+
+Each evaluation logs `eval/<task>/<metric>` at its step and writes the per-example scores to
+`<run dir>/eval_tasks/last/`; the evaluation that is best by the run's monitor
+(optimized_metric) also to `eval_tasks/best/`, so the best folder matches the best checkpoint.
+Both folders are logged as artifacts when the run ends; `mlxlab runs compare` pairs them with
+another run's, `mlxlab export` writes them into the model card. Rank 0 scores (the others would
+compute the same numbers). A chat model (a pretrained folder with a chat template, whose side files
+the run folder keeps) sees the prompts through its template (eval.chat).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from mlxlab.checkpoint import is_better
+from mlxlab.errors import ConfigError
+from mlxlab.evaluation.results import FOLDER, write_scores
+from mlxlab.evaluation.scoring import chat_template, metric_keys, score_tasks
+from mlxlab.evaluation.settings import TaskSettings
+from mlxlab.evaluation.tasks import read_tasks
+from mlxlab.training.callbacks import Callback
+from mlxlab.training.state import TrainContext
+
+log = logging.getLogger("mlxlab.training")
+
+
+class TaskEvaluation(Callback):
+    """Scores `settings.tasks` on the training model at each evaluation (see the module)."""
+
+    def __init__(self, settings: TaskSettings) -> None:
+        self.settings = settings
+        self.tasks: list = []
+        self.model = self.tokenizer = self.tracker = self.folder = None
+        self.monitor, self.mode = None, "max"
+        self.enabled = True
+        self.template = None
+        self.best: float | None = None
+        self.best_step: int | None = None
+
+    def setup(self, context: TrainContext, model: Any, data: Any) -> None:
+        if context.task != "lm":
+            raise ConfigError(f"eval.tasks scores language models; this run's data is "
+                              f"{context.task}: drop eval.tasks or train a language model")
+        self.tasks = read_tasks(list(self.settings.tasks))
+        self.model, self.tokenizer = model, data.tokenizer
+        self.tracker, self.folder = context.tracker, Path(context.run_dir) / FOLDER
+        self.monitor, self.mode = context.monitor, context.monitor_mode
+        self.enabled = context.world.is_main
+        # a chat model's template: the run folder holds the pretrained folder's side files
+        self.template = chat_template(context.run_dir, self.settings.chat)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        scores = score_tasks(self.model, self.tokenizer, self.tasks, self.settings,
+                             self.template)
+        logged = metric_keys(scores)
+        self.tracker.log_metrics(logged, step)
+        write_scores(scores, self.folder / "last", step)
+        value = metrics.get(self.monitor)
+        if value is not None and is_better(value, self.best, self.mode):
+            self.best, self.best_step = value, step
+            write_scores(scores, self.folder / "best", step)
+        log.info("step %d tasks: %s", step, "  ".join(f"{k[5:]} {v:.4f}" for k, v in logged.items()))
+
+    def on_train_end(self) -> None:
+        if not self.enabled or self.folder is None:
+            return
+        for which in ("best", "last"):
+            if (self.folder / which).is_dir():
+                self.tracker.log_artifact(str(self.folder / which), f"{FOLDER}/{which}")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step = state.get("best"), state.get("best_step")
