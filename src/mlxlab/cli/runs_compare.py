@@ -85,7 +85,8 @@ def run(args) -> int:
         print(f"\n{c.b.gid} - {c.a.gid}: {d.diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}]  "
               + (f"paired t p={d.t_p:.3g}" if d.paired else f"Welch t p={d.t_p:.3g}")
               + (f" (Holm {c.t_p_holm:.3g})" if several else "")
-              + (f", Wilcoxon p={d.wilcoxon_p:.3g}" if d.wilcoxon_p is not None else "")
+              + (f", Wilcoxon p={d.wilcoxon_p:.3g} ({d.wilcoxon_method}, n={d.wilcoxon_n})"
+                 if d.wilcoxon_p is not None else "")
               + (f" (Holm {c.wilcoxon_p_holm:.3g})" if several and c.wilcoxon_p_holm is not None
                  else "")
               + (f", {d.n_pairs} seed pairs" if d.paired else f", n={d.n_a} and {d.n_b}"))
