@@ -33,7 +33,7 @@ import json, os, sys, time
 marks = {"start": time.time()}
 import mlxlab.train as train_module
 import mlxlab.tracking.mlflow.tracker as tracking_mlflow  # the tracker creates the store
-import mlxlab.tracking.mlflow.hydra_callbacks as callbacks
+import mlxlab.sweeps.callback as callbacks
 from mlxlab.data.tabular import TabularText
 try:  # the step builder the loop calls (by its module's name)
     import mlxlab.training.loop as step_owner

@@ -49,7 +49,8 @@ def sweep_args(steps: int, tiny: bool) -> list[str]:
 def time_sweep(workers: int, steps: int, tiny: bool, root: Path) -> float:
     from mlflow import MlflowClient
 
-    from mlxlab.tracking.mlflow import ensure_store, sweep_children
+    from mlxlab.sweeps.store import sweep_children
+    from mlxlab.tracking.mlflow import ensure_store
 
     root.mkdir(parents=True)
     uri = f"sqlite:///{root}/mlruns/mlflow.db"

@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 from conftest import FAST
 from mlxlab.config import ConfigError, compose_config, instantiate
 from mlxlab.distill_rounds import MANIFEST, train_rounds
+from mlxlab.sweeps.store import sweep_children
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.csv_files import read_metrics
-from mlxlab.tracking.mlflow import sweep_children
 from mlxlab.train import train
 from mlxlab.training.teacher_weights import fit_teacher_weights
 from test_losses import FixedLogits

@@ -55,7 +55,7 @@ hydra:
   sweep: {{dir: {root}/multirun/sweep, subdir: "${{hydra:job.num}}"}}
   callbacks:
     mlflow_sweep:
-      _target_: mlxlab.tracking.mlflow.hydra_callbacks.MlflowSweepCallback
+      _target_: mlxlab.sweeps.callback.MlflowSweepCallback
 """
 
 

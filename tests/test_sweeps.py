@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from conftest import MLXLAB, PYTHON, REPO
 from mlxlab.config import config_dir
-from mlxlab.tracking.mlflow import sweep_children
+from mlxlab.sweeps.store import sweep_children
 
 # The tiniest real training: a 1-layer BERT of width 16, 3 steps on the shipped Titanic CSV.
 TINY = [
@@ -130,7 +130,7 @@ hydra:
     sampler: {{seed: 22, n_startup_trials: 8}}
   callbacks:
     mlflow_sweep:
-      _target_: mlxlab.tracking.mlflow.hydra_callbacks.MlflowSweepCallback
+      _target_: mlxlab.sweeps.callback.MlflowSweepCallback
 """
 
 

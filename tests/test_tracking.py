@@ -22,15 +22,10 @@ from omegaconf import OmegaConf
 from conftest import MLXLAB, wait_for_server
 from mlxlab.cli import runs_list
 from mlxlab.runtime import settings
+from mlxlab.sweeps.store import find_finished_run, sweep_children
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import NullTracker, Tracker, flatten_config
-from mlxlab.tracking.mlflow import (
-    MlflowTracker,
-    ensure_store,
-    find_finished_run,
-    resolve_uri,
-    sweep_children,
-)
+from mlxlab.tracking.mlflow import MlflowTracker, ensure_store, resolve_uri
 from mlxlab.tracking.mlflow import calls as mlflow_calls
 from mlxlab.tracking.plots import confusion_matrix_png, loss_curve_png, sweep_plot_png
 
@@ -319,7 +314,7 @@ def test_child_run_tags_its_sweep_parent_and_joins_the_jobs_run_list(uri, tmp_pa
     """A multirun job's tracker is given the sweep's parent run and its job folder (fanout's
     build_tracker reads them from the sweep folder): the run is the parent's child, and its id
     is in the job folder's run list, where the sweep callback finds which run the job made."""
-    from mlxlab.tracking.sweep_folder import job_runs
+    from mlxlab.sweeps.folder import job_runs
 
     experiment_id = ensure_store(uri, "exp")
     client = client_for(uri)
@@ -510,7 +505,7 @@ hydra:
   sweep: {{dir: {root}/multirun/sweep, subdir: "${{hydra:job.num}}"}}
   callbacks:
     mlflow_sweep:
-      _target_: mlxlab.tracking.mlflow.hydra_callbacks.MlflowSweepCallback
+      _target_: mlxlab.sweeps.callback.MlflowSweepCallback
 """
 
 
@@ -606,7 +601,7 @@ def test_runs_list_prints_runs(uri, tmp_path, capsys):
 def test_callback_creates_store_only_for_mlflow_tracking(template_db, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from mlxlab.tracking.mlflow.hydra_callbacks import MlflowSweepCallback
+    from mlxlab.sweeps.callback import MlflowSweepCallback
 
     write_app(tmp_path)
     with initialize_config_dir(str(tmp_path / "conf"), version_base="1.3"):

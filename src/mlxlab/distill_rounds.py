@@ -30,8 +30,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mlxlab.config import to_container
 from mlxlab.errors import ConfigError
 from mlxlab.runs import newest_committed
+from mlxlab.sweeps.store import finished_run_metrics
 from mlxlab.tracking import tags as T
-from mlxlab.tracking.mlflow import finished_run_metrics, tracked_store
+from mlxlab.tracking.mlflow import tracked_store
 from mlxlab.training.trainer import TrainingInterrupted
 
 log = logging.getLogger("mlxlab")

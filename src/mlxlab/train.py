@@ -28,7 +28,6 @@ from mlxlab.tracking.run_info import (
     run_name,
     run_tags,
     summary_lines,
-    swept_keys,
     task_overrides,
     track_dataset,
 )
@@ -72,10 +71,15 @@ def count_parameters(model) -> int:
 
 def build_tracker(cfg: DictConfig, name: str | None = None):
     """The `tracking` node's tracker (tracking/fanout.py builds MLflow, CSV or both, in a
-    child process with tracking.background; in a multirun job, a child of the sweep's parent
-    run), named `name` or run_name(cfg) with the keys the sweep folder says are swept."""
-    named = {"run_name": name or run_name(cfg, swept_keys())} if "run_name" in cfg.tracking else {}
-    return instantiate(cfg.tracking, **named)
+    child process with tracking.background), named `name` or run_name(cfg) with the keys the
+    sweep folder says are swept; in a multirun job, the sweep folder's parent run and job
+    folder are handed to it (sweeps/folder.py reads them, here, once)."""
+    from mlxlab.sweeps.folder import current_job, tracker_arguments
+
+    job = current_job()
+    swept = job.swept_keys if job is not None else ()
+    named = {"run_name": name or run_name(cfg, swept)} if "run_name" in cfg.tracking else {}
+    return instantiate(cfg.tracking, **named, **tracker_arguments(job, cfg.tracking))
 
 
 def build_callbacks(cfg: DictConfig) -> tuple[list, CheckpointPolicy]:
@@ -190,10 +194,17 @@ def train_distill_rounds(cfg: DictConfig) -> dict[str, float]:
     from mlxlab.distill_rounds import train_rounds
 
     run_dir, choices, _ = hydra_context(cfg)
-    name = run_name(cfg, swept_keys())
+    name = run_name(cfg, swept_keys_of_this_job())
     parent = build_tracker(cfg, name)
     parent.probe()  # a store that does not answer fails here, before any manifest
     return train_rounds(cfg, train, parent, run_tags(cfg, choices, config_hash(cfg), run_dir), name)
+
+
+def swept_keys_of_this_job() -> tuple[str, ...]:
+    from mlxlab.sweeps.folder import current_job
+
+    job = current_job()
+    return job.swept_keys if job is not None else ()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

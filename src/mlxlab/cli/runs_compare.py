@@ -64,7 +64,7 @@ def run(args) -> int:
     if len(groups) < 2:
         raise ValueError(f"one config ({groups[0].gid}: {groups[0].label}) found: compare needs "
                          "two, e.g. a sweep over two values with replicates=N")
-    from mlxlab.tracking.mlflow.comparisons import compare_groups, verdict
+    from mlxlab.sweeps.compare import compare_groups, verdict
 
     which = "last" if args.last else "best"
     # the row-level tests compare the best checkpoints' correctness: they answer for accuracy
@@ -122,7 +122,7 @@ def as_json(groups, results, metric: str, which: str, mode: str) -> dict[str, An
 
 
 def _verdict(c, metric: str, mode: str) -> str:
-    from mlxlab.tracking.mlflow.comparisons import verdict
+    from mlxlab.sweeps.compare import verdict
 
     return verdict(c, metric, mode)
 
@@ -142,7 +142,7 @@ def _is_sweep_ref(client: Any, ref: str) -> bool:
 
 def resolve_groups(client: Any, refs: list[str], metric: str | None):
     """The groups the references name, the metric and its mode (from the first sweep)."""
-    from mlxlab.tracking.mlflow import find_sweep_parent, metric_mode
+    from mlxlab.sweeps.store import find_sweep_parent, metric_mode
 
     groups, seen = [], {}
     for ref in refs:
@@ -173,8 +173,8 @@ def resolve_groups(client: Any, refs: list[str], metric: str | None):
 
 
 def sweep_groups(client: Any, parent: Any) -> list:
-    from mlxlab.tracking.mlflow import sweep_children, swept_keys
-    from mlxlab.tracking.mlflow.replicates import group_runs
+    from mlxlab.sweeps.groups import group_runs
+    from mlxlab.sweeps.store import sweep_children, swept_keys
 
     children = sweep_children(client, parent.info.run_id)
     if not children:

@@ -18,17 +18,16 @@ from datetime import datetime
 from typing import Any
 
 from mlxlab.cli.common import guarded, parser_for
-from mlxlab.tracking import tags as T
-from mlxlab.tracking.mlflow import (
+from mlxlab.sweeps.groups import group_runs
+from mlxlab.sweeps.store import (
     find_sweep_parent,
     metric_mode,
-    resolve_uri,
-    sqlite_path,
     sweep_children,
     sweep_table,
     swept_keys,
 )
-from mlxlab.tracking.mlflow.replicates import group_runs
+from mlxlab.tracking import tags as T
+from mlxlab.tracking.mlflow import resolve_uri, sqlite_path
 from mlxlab.tracking.mlflow.stale import mark_dead_runs
 
 KEY_METRICS = ["val/accuracy", "val/f1", "val/roc_auc", "val/loss", "val/perplexity", "train/loss"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from mlxlab.config import config_hash
-from mlxlab.tracking.mlflow import find_finished_run, tracked_store
+from mlxlab.sweeps.store import find_finished_run
+from mlxlab.tracking.mlflow import tracked_store
 
 
 def finished_metric(cfg: DictConfig) -> float | None:

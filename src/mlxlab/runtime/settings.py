@@ -23,7 +23,7 @@ own at start).
 | MLX_RANK, OMPI_COMM_WORLD_RANK, PMI_RANK | set by `mlx.launch` / `mpirun`: this process is one rank of a data-parallel run (mx.distributed reads them too) | not launched |
 
 A sweep tells its jobs nothing through the environment: the parent run and the swept keys are
-files in the sweep folder (tracking/sweep_folder.py).
+files in the sweep folder (sweeps/folder.py).
 
 Read or set where a library needs them, not here (the modules tests/test_environment.py allows):
 

@@ -6,7 +6,7 @@ Every `--multirun` goes through it (conf/hydra/sweeper/mlxlab.yaml, the default)
   `range()`, `choice()`) as a cartesian product; `replicates=N` runs each config on the seeds
   seed, seed+1, ..., seed+N-1 (`seed=range(...)` written for you). Configs that differ only in
   the seed are one group of replicates: the sweep's parent run summarizes each group
-  (tracking/mlflow/replicates.py) and `mlxlab runs compare` tests them against each other.
+  (sweeps/groups.py) and `mlxlab runs compare` tests them against each other.
 - A search (`hydra.sweeper.n_trials` set, as conf/hparams_search/* do): Optuna over
   `hydra.sweeper.params`, with the study in RDB storage (search/study.py) so a killed search
   resumes, pruning fed by the trainer's evaluations (search/pruning.py), trials launched one
@@ -274,7 +274,7 @@ class Search:
         finally:
             self.heartbeat.remove(trial_id)
         if isinstance(result, Outcome):  # the job's process died: its MLflow runs say why
-            from mlxlab.tracking.mlflow.hydra_callbacks import record_crashed_job
+            from mlxlab.sweeps.callback import record_crashed_job
 
             record_crashed_job(self.config, self.sweep_dir / str(number), number, overrides,
                                result.reason or "")

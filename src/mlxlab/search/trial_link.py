@@ -5,7 +5,7 @@ study's storage and name, the trial, the metric to report and the pruner's setti
 (train.py, in whichever process or host the launcher runs it) reads its own file through
 Hydra's job context, reports each evaluation to the trial and stops when the pruner says so
 (search/pruning.py). Files, not the environment, as the rest of the sweep folder
-(tracking/sweep_folder.py): every launcher's jobs see the folder.
+(sweeps/folder.py): every launcher's jobs see the folder.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def clear_link(sweep_dir: Path, job_num: int) -> None:
 
 def current_trial() -> TrialLink | None:
     """This job's trial, when a search launched it; None otherwise (a grid job, a single run)."""
-    from mlxlab.tracking.sweep_folder import current_job
+    from mlxlab.sweeps.folder import current_job
 
     job = current_job()
     if job is None:

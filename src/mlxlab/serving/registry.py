@@ -23,8 +23,9 @@ from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from mlxlab.serving.pyfunc import log_kwargs
+from mlxlab.sweeps.store import find_sweep_parent
 from mlxlab.tracking import tags as T
-from mlxlab.tracking.mlflow import ensure_store, find_sweep_parent, resolve_uri, sqlite_path
+from mlxlab.tracking.mlflow import ensure_store, resolve_uri, sqlite_path
 from mlxlab.tracking.mlflow.environment import set_for_the_call
 
 log = logging.getLogger(__name__)

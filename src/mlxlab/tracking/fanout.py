@@ -18,7 +18,6 @@ from mlxlab.tracking.csv_files import CsvTracker
 from mlxlab.tracking.mlflow.background import TrackerProcess
 from mlxlab.tracking.mlflow.store import builds_mlflow
 from mlxlab.tracking.mlflow.tracker import MlflowTracker
-from mlxlab.tracking.sweep_folder import current_job
 from mlxlab.tracking.wandb_tracker import WandbTracker  # wandb itself: when one is built
 
 
@@ -70,13 +69,13 @@ def build_tracker(csv: dict | None = None, background: bool = False, wandb: dict
     (mlflow/store.py `builds_mlflow`), a CsvTracker for a `csv:` block, a WandbTracker for a
     `wandb:` block; several -> a FanoutTracker with MLflow first (the primary: its run id is the
     run's), then csv, then wandb. With `background`, the MLflow tracker runs in a child process
-    (tracking/mlflow/background.py) and a twin built here answers settings and probe(). In a
-    Hydra multirun job, the MLflow tracker is given the sweep's parent run and the job's folder
-    (sweep_folder.py), unless they are named."""
+    (tracking/mlflow/background.py) and a twin built here answers settings and probe(). A
+    multirun job's sweep parent run and job folder come in `mlflow` (`parent_run_id`,
+    `sweep_job_dir`): train.py reads them from the sweep folder (sweeps/folder.py) and passes
+    them, so no tracker reads a sweep's files itself."""
     trackers: list[Any] = []
     run_name = mlflow.get("run_name")  # the run's name (tracking/run_info.py run_name), for wandb too
     if builds_mlflow(mlflow):
-        mlflow = {**sweep_arguments(), **mlflow}
         tracker = MlflowTracker(**mlflow)
         if background:
             node = {"_target_": "mlxlab.tracking.mlflow.MlflowTracker", **mlflow}
@@ -91,14 +90,3 @@ def build_tracker(csv: dict | None = None, background: bool = False, wandb: dict
                           "tracking=wandb or a list of them, e.g. tracking=[mlflow,csv]")
     return trackers[0] if len(trackers) == 1 else FanoutTracker(trackers)
 
-
-def sweep_arguments() -> dict[str, str]:
-    """MlflowTracker's sweep arguments for this process's multirun job (none outside one): read
-    here, in the job's process, so that a tracker in a child process gets them as arguments."""
-    job = current_job()
-    if job is None:
-        return {}
-    found = {"sweep_job_dir": str(job.job_dir)}
-    if job.parent_run_id:
-        found["parent_run_id"] = job.parent_run_id
-    return found

@@ -1,8 +1,10 @@
 """What a training run says about itself: its name, its tags, its dataset, its closing lines.
 
 train.py wires the parts; these are the facts it hands the tracker and prints, read from the
-composed config and Hydra's job context (the command line's overrides, a multirun job's swept
-keys), from git, and from the data module.
+composed config and Hydra's job context (the command line's overrides; a multirun job's swept
+keys are given by train.py, which reads the sweep folder), from git, and from the data module.
+It also keeps the job folder's list of the runs a job's trackers started (`record_job_run`,
+written by the tracker in whichever process it runs; sweeps/folder.py reads it).
 """
 
 from __future__ import annotations
@@ -25,14 +27,6 @@ def task_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     return list(HydraConfig.get().overrides.task or [])
-
-
-def swept_keys() -> tuple[str, ...]:
-    """The keys this multirun job's sweep varies (its sweep folder says), else none."""
-    from mlxlab.tracking.sweep_folder import current_job
-
-    job = current_job()
-    return job.swept_keys if job is not None else ()
 
 
 def run_name(cfg: Any, swept: Sequence[str] = ()) -> str:
@@ -105,3 +99,14 @@ def summary_lines(result: Any, tracker: Any) -> list[str]:
     if not shown:  # e.g. streamed text with data.splits.val_examples=0
         where, shown = "none", "no validation data"
     return [f"validation ({where}): {shown}", f"run dir:    {result.run_dir}", *tracker.summary()]
+
+
+JOB_RUNS_FILE = ".mlflow_run_ids"
+
+
+def record_job_run(job_dir: str | Path, run_id: str) -> None:
+    """Add a run a tracker of this job started, to <job dir>/.mlflow_run_ids (one id a line):
+    the sweep callback logs the job's outcome on the last one (sweeps/folder.py job_runs)."""
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(job_dir) / JOB_RUNS_FILE, "a") as f:
+        f.write(run_id + "\n")

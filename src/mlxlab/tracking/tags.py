@@ -29,7 +29,7 @@ PID = "mlxlab.pid"
 HOST = "mlxlab.host"
 KILLED_REASON = "mlxlab.killed_reason"
 
-# Sweeps (tracking/mlflow/hydra_callbacks.py)
+# Sweeps (sweeps/callback.py)
 SWEEP_ID = "mlxlab.sweep_id"
 ROLE = "mlxlab.role"  # "sweep" on a sweep's parent run
 SWEEP_PARAMS = "mlxlab.sweep_params"  # JSON list of the keys a sweep varies
@@ -58,7 +58,7 @@ DISTILL_TEACHER_WEIGHTS = "mlxlab.distill.teacher_weights"  # each teacher's wei
 DISTILL_ROUNDS = "mlxlab.distill.rounds"  # on the parent run of trainer.distill.rounds > 1
 DISTILL_ROUND = "mlxlab.distill.round"  # on each round's child run
 
-# Replicates and comparisons (tracking/mlflow/replicates.py, cli/runs_compare.py)
+# Replicates and comparisons (sweeps/groups.py, sweeps/compare.py)
 VAL_FINGERPRINT = "mlxlab.val_fingerprint"  # the validation rows a run is scored on (a hash)
 GROUP_PREFIX = "group."  # params on a sweep's parent: "group.g1" = "model.pooler=true"
 BEST_GROUP = "mlxlab.best_group"  # the group with the best mean of the optimized metric

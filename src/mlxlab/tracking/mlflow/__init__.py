@@ -12,8 +12,6 @@ MLflow lives here, a module per job:
 - rewind: a resumed run's metric history cut back to its checkpoint (sqlite);
 - stale: runs left RUNNING by a process that died, marked KILLED;
 - background: the tracker in a child process (`tracking.background`);
-- sweeps, replicates, comparisons: queries over a sweep's runs, groups of seeds, paired tests;
-- hydra_callbacks: the Hydra callback that creates the store and a sweep's parent run;
 - merge: `mlxlab runs merge`, other stores copied into this one.
 
 Modules here import their siblings, never this __init__ (so none of them closes a loop through
@@ -42,23 +40,13 @@ from mlxlab.tracking.mlflow.store import (
     store_template_path,
     tracked_store,
 )
-from mlxlab.tracking.mlflow.sweeps import (
-    find_finished_run,
-    find_sweep_parent,
-    finished_run_metrics,
-    metric_mode,
-    run_value,
-    sweep_children,
-    sweep_table,
-    swept_keys,
-)
 from mlxlab.tracking.mlflow.tracker import STATUSES, MlflowTracker
 
 __all__ = [
     "EXPERIMENT_KIND", "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH", "MAX_TAGS_PER_BATCH",
     "RETRY_ATTEMPTS", "STATUSES", "MlflowTracker", "TrackingUnavailable", "bounded_http",
-    "builds_mlflow", "chunks", "default_store_uri", "ensure_store", "find_finished_run", "find_sweep_parent",
-    "finished_run_metrics", "metric_mode", "probe_store", "resolve_uri", "retrying", "run_value",
-    "sqlite_path", "store_template_path", "sweep_children", "sweep_table", "swept_keys",
+    "builds_mlflow", "chunks", "default_store_uri", "ensure_store",
+    "probe_store", "resolve_uri", "retrying",
+    "sqlite_path", "store_template_path",
     "tracked_store",
 ]

@@ -35,7 +35,7 @@ from mlxlab.tracking.mlflow.rewind import drop_metrics_after
 from mlxlab.tracking.mlflow.server import bounded_http, probe_store
 from mlxlab.tracking.mlflow.stale import mark_dead_runs_quietly
 from mlxlab.tracking.mlflow.store import ensure_store, resolve_uri, sqlite_path
-from mlxlab.tracking.sweep_folder import record_job_run
+from mlxlab.tracking.run_info import record_job_run
 from mlxlab.validation import check_number
 
 log = logging.getLogger(__name__)

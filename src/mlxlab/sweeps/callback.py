@@ -5,11 +5,11 @@ Registered in conf/hydra/default.yaml:
     hydra:
       callbacks:
         mlflow_sweep:
-          _target_: mlxlab.tracking.mlflow.hydra_callbacks.MlflowSweepCallback
+          _target_: mlxlab.sweeps.callback.MlflowSweepCallback
 
 Besides the swept keys (every multirun, for run names), does nothing unless `config.tracking` is
 the MLflow tracker (tracking=none touches no store). What it tells the jobs goes through files
-in the sweep folder (tracking/sweep_folder.py), which every launcher's jobs can read.
+in the sweep folder (sweeps/folder.py), which every launcher's jobs can read.
 """
 
 from __future__ import annotations
@@ -30,15 +30,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from mlxlab.tracking import tags as T
-from mlxlab.tracking.base import MAX_PARAM_VALUE_LENGTH
-from mlxlab.tracking.mlflow.replicates import log_summary
-from mlxlab.tracking.mlflow.server import TrackingUnavailable, probe_store
-from mlxlab.tracking.mlflow.store import ensure_store, tracked_store
-from mlxlab.tracking.mlflow.sweeps import metric_mode, sweep_children, sweep_table, swept_keys
-from mlxlab.tracking.plots import sweep_plot_png
-from mlxlab.tracking.source import source_tags
-from mlxlab.tracking.sweep_folder import (
+from mlxlab.sweeps.folder import (
     begin_sweep,
     clear_job_runs,
     job_of,
@@ -47,6 +39,14 @@ from mlxlab.tracking.sweep_folder import (
     sweep_dir_of,
     write_parent_run,
 )
+from mlxlab.sweeps.groups import log_summary
+from mlxlab.sweeps.store import metric_mode, sweep_children, sweep_table, swept_keys
+from mlxlab.tracking import tags as T
+from mlxlab.tracking.base import MAX_PARAM_VALUE_LENGTH
+from mlxlab.tracking.mlflow.server import TrackingUnavailable, probe_store
+from mlxlab.tracking.mlflow.store import ensure_store, tracked_store
+from mlxlab.tracking.plots import sweep_plot_png
+from mlxlab.tracking.source import source_tags
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class MlflowSweepCallback(Callback):
         failed: bool,
         job_return: Any,
     ) -> None:
-        """`runs`: what this job's trackers started (sweep_folder.job_runs)."""
+        """`runs`: what this job's trackers started (folder.job_runs)."""
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param, RunTag
 

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from mlxlab import stats
+from mlxlab.sweeps.groups import Group, seed_of
 from mlxlab.tracking import tags as T
-from mlxlab.tracking.mlflow.replicates import Group, seed_of
 
 PREDICTIONS = "predictions/val_best.csv"
 

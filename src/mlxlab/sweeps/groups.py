@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from mlxlab.stats import Summary, bands, summarize
+from mlxlab.sweeps.store import run_value
 from mlxlab.tracking import tags as T
-from mlxlab.tracking.mlflow.sweeps import run_value
 
 SEED_KEY = "seed"
 WHICH = ("best", "last")  # the best checkpoint's value, the last logged one

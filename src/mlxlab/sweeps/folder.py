@@ -1,6 +1,6 @@
 """What a multirun tells its jobs: files in the sweep folder, never the environment.
 
-The sweep callback (hydra_callbacks.py) writes the sweep's files before any job starts, in the
+The sweep callback (callback.py) writes the sweep's files before any job starts, in the
 process that launches the jobs; a job reads them where it runs: in that process (Hydra's basic
 launcher), in worker processes started before or after (joblib), or on other hosts sharing the
 sweep folder (submitit, Ray). Hydra tells each job where its sweep folder and its own folder are
@@ -19,14 +19,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from mlxlab.tracking.run_info import JOB_RUNS_FILE  # the tracker writes the list (record_job_run)
 
 if TYPE_CHECKING:  # omegaconf is imported where it is used: the tracking process never needs it
     from omegaconf import DictConfig
 
 PARENT_ID_FILE = ".mlflow_parent_run_id"
 SWEPT_KEYS_FILE = ".mlxlab_swept_keys.json"
-JOB_RUNS_FILE = ".mlflow_run_ids"
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,21 @@ def current_job() -> SweepJob | None:
     return job_of(hydra)
 
 
+def tracker_arguments(job: SweepJob | None, tracking: Any) -> dict[str, str]:
+    """What an MLflow tracker of this job is handed (its `parent_run_id`, `sweep_job_dir`):
+    none outside a multirun job, none for a `tracking` node without MLflow, and none the node
+    names itself. Read here, in the job's process, so a tracker in a child process gets them
+    as arguments and no tracker reads the sweep folder."""
+    from mlxlab.tracking.mlflow.store import builds_mlflow
+
+    if job is None or not builds_mlflow(tracking):
+        return {}
+    found = {"sweep_job_dir": str(job.job_dir)}
+    if job.parent_run_id:
+        found["parent_run_id"] = job.parent_run_id
+    return {k: v for k, v in found.items() if tracking.get(k) is None}
+
+
 def begin_sweep(sweep_dir: Path, swept_keys: list[str], keep_parent: bool = False) -> None:
     """Before any job: the swept keys written, a reused folder's parent run id removed (kept
     for a search started again in its study's folder: it continues that parent run)."""
@@ -96,13 +112,6 @@ def write_parent_run(sweep_dir: Path, run_id: str) -> None:
 def clear_job_runs(job_dir: Path) -> None:
     """At a job's start: a rerun job in the same folder starts a new list."""
     (Path(job_dir) / JOB_RUNS_FILE).unlink(missing_ok=True)
-
-
-def record_job_run(job_dir: str | Path, run_id: str) -> None:
-    """Add a run a tracker of this job started (written by the tracker, in whichever process)."""
-    Path(job_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(job_dir) / JOB_RUNS_FILE, "a") as f:
-        f.write(run_id + "\n")
 
 
 def job_runs(job_dir: Path) -> list[str]:
