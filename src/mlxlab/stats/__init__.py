@@ -23,11 +23,13 @@ from mlxlab.stats.paired import (
     paired_bootstrap,
     power_paired_t,
     seeds_needed,
+    smallest_signed_rank_p,
     wilcoxon_signed_rank,
 )
 
 __all__ = [
     "ALPHA", "CONFIDENCE", "POWER", "Difference", "Summary", "bands", "compare", "holm",
-    "mcnemar_exact", "paired_bootstrap", "power_paired_t", "seeds_needed", "summarize",
+    "mcnemar_exact", "paired_bootstrap", "power_paired_t", "seeds_needed",
+    "smallest_signed_rank_p", "summarize",
     "Wilcoxon", "wilcoxon_signed_rank",
 ]

@@ -100,8 +100,13 @@ class Wilcoxon:
 
     @property
     def smallest_p(self) -> float:
-        """The smallest two-sided p any n non-zero pairs can give: 2 / 2^n."""
-        return min(1.0, 2.0 / 2.0**self.n)
+        return smallest_signed_rank_p(self.n)
+
+
+def smallest_signed_rank_p(n: int) -> float:
+    """The smallest two-sided p the signed-rank test can give on n non-zero pairs: 2 / 2^n
+    (every sign alike), however large the differences."""
+    return min(1.0, 2.0 / 2.0**n)
 
 
 def paired_t(diffs: Sequence[float], confidence: float = CONFIDENCE

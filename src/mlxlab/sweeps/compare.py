@@ -132,7 +132,8 @@ def verdict(c: Comparison, metric: str, mode: str, alpha: float = stats.ALPHA) -
            else f"unpaired (Welch), p={_p(c.t_p_holm)}")
     if c.wilcoxon_p_holm is not None:
         how += f", Wilcoxon p={_p(c.wilcoxon_p_holm)} ({d.wilcoxon_method}, n={d.wilcoxon_n})"
-    interval = f"{_n(abs(d.diff))} (95 % CI of B-A {_n(d.low)} to {_n(d.high)}; {how})"
+    interval = (f"{_n(abs(d.diff))} (95 % CI of {c.b.gid}-{c.a.gid} {_n(d.low)} to "
+                f"{_n(d.high)}; {how})")
     if c.t_p_holm < alpha:
         b_better = (d.diff > 0) == (mode == "max")
         better, worse = (c.b, c.a) if b_better else (c.a, c.b)
