@@ -14,6 +14,7 @@ and the search (search/) all call the same code.
 from mlxlab.stats.intervals import CONFIDENCE, Summary, bands, summarize
 from mlxlab.stats.paired import (
     ALPHA,
+    CONVENTIONS,
     POWER,
     Difference,
     Wilcoxon,
@@ -28,7 +29,7 @@ from mlxlab.stats.paired import (
 )
 
 __all__ = [
-    "ALPHA", "CONFIDENCE", "POWER", "Difference", "Summary", "bands", "compare", "holm",
+    "ALPHA", "CONFIDENCE", "CONVENTIONS", "POWER", "Difference", "Summary", "bands", "compare", "holm",
     "mcnemar_exact", "paired_bootstrap", "power_paired_t", "seeds_needed",
     "smallest_signed_rank_p", "summarize",
     "Wilcoxon", "wilcoxon_signed_rank",

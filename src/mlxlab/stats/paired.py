@@ -61,6 +61,18 @@ EXACT_PERMUTATION_MAX_N = 12
 TIE_TOLERANCE = 1e-9
 BOOTSTRAP_ROUNDS = 10_000
 PERMUTATION_ROUNDS = 9_999
+# The conventions above in one paragraph, for readers of the store (the sweep parent's
+# description and comparison.json, sweeps/verdict.py)
+CONVENTIONS = (
+    "Seeds pair up across configs (same seed, same validation rows). Paired t test "
+    "(scipy.stats.ttest_rel; assumes roughly normal per-seed differences) with its Student-t "
+    "interval; Wilcoxon signed-rank (scipy.stats.wilcoxon; assumes symmetry) with zero "
+    "differences dropped (zero_method='wilcox'), exact, or with ties or zeros the exact "
+    "permutation distribution (up to 12 non-zero pairs). Per validation row: McNemar's exact "
+    "binomial test per seed pair, a paired percentile bootstrap interval and a randomization "
+    "test over rows. Holm's correction over several comparisons; a config is called better "
+    "only when every Holm-adjusted paired t p < alpha. Seeds needed: "
+    "the power of the paired t test at the observed spread (80 %, alpha 0.05).")
 
 
 @dataclass(frozen=True)

@@ -37,14 +37,7 @@ COMPARISON_FILE = "comparison.json"
 NO_DIFFERENCE = "no detectable difference"
 TOO_FEW = "too few replicates"
 MAX_NOTE = 7900  # MLflow keeps tag values up to 8000 characters
-CONVENTIONS = (
-    "Seeds pair up across configs (same seed, same validation rows). Paired t test "
-    "(scipy.stats.ttest_rel; assumes roughly normal per-seed differences) with its Student-t "
-    "interval; Wilcoxon signed-rank (scipy.stats.wilcoxon; assumes symmetry) with zero "
-    "differences dropped (zero_method='wilcox'), exact, or with ties or zeros the exact "
-    "permutation distribution; Holm's correction over the comparisons with the leader; the "
-    "leader is called better only when every Holm-adjusted paired t p < alpha. Seeds needed: "
-    "the power of the paired t test at the observed spread (80 %, alpha 0.05).")
+
 
 
 def assess(groups: Sequence[Group], metric: str, mode: str, which: str = "best",
@@ -58,7 +51,7 @@ def assess(groups: Sequence[Group], metric: str, mode: str, which: str = "best",
                         else summaries[g.gid].mean)
     result: dict[str, Any] = {
         "metric": metric, "which": which, "mode": mode, "alpha": alpha,
-        "conventions": CONVENTIONS,
+        "conventions": stats.CONVENTIONS,
         "groups": [{"group": g.gid, "config": g.label, "values": g.metric(metric, which),
                     **summaries[g.gid].as_dict()} for g in groups],
     }
@@ -148,7 +141,7 @@ def markdown(result: dict[str, Any], command: str | None = None) -> str:
                          f"difference of {abs(c['delta']):.4f} with 80 % power")
         if len(result["comparisons"]) > 1:  # one comparison: its verdict heads the note
             lines.append(f"- verdict: {_escape(c['verdict'])}")
-    lines += ["", f"_Tests_: {CONVENTIONS}",
+    lines += ["", f"_Tests_: {stats.CONVENTIONS}",
               f"The same numbers: artifact `{COMPARISON_FILE}`; per-step bands: "
               f"`plots/bands_{_safe(metric)}.png`."]
     if command:
