@@ -22,6 +22,7 @@ its MLflow description, tags mlxlab.verdict and mlxlab.leader, comparison.json a
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from mlxlab.cli.common import guarded, parser_for
@@ -75,7 +76,13 @@ def run(args) -> int:
     # the row-level tests compare the best checkpoints' correctness: they answer for accuracy
     rows_client = client if metric.endswith("accuracy") and not args.last else None
     results = compare_groups(groups, metric, which, baseline, args.delta, rows_client)
-    recorded = None if args.no_record else record_verdict(client, args.refs, metric, mode, which)
+    recorded = None
+    if not args.no_record:
+        try:
+            recorded = record_verdict(client, args.refs, metric, mode, which)
+        except Exception as e:  # noqa: BLE001 - a read-only store: the comparison still prints
+            print(f"mlxlab runs compare: warning: the verdict was not recorded on the sweep's "
+                  f"parent run ({type(e).__name__}: {e}); --no-record skips it", file=sys.stderr)
     if args.json:
         out = as_json(groups, results, metric, which, mode)
         if recorded is not None:  # what the parent run now holds (comparison.json)
