@@ -45,7 +45,8 @@ class DevTools:
     def __init__(self, websocket_url: str) -> None:
         import websocket  # websocket-client: only this script needs it
 
-        self.ws = websocket.create_connection(websocket_url, timeout=60)
+        # no Origin header: Chromium >= 111 refuses DevTools websockets that send one
+        self.ws = websocket.create_connection(websocket_url, timeout=60, suppress_origin=True)
         self.next_id = 0
 
     def call(self, method: str, **params: Any) -> dict:

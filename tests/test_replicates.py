@@ -5,6 +5,8 @@ and `mlxlab runs compare` (paired t, Wilcoxon, McNemar per seed, the verdict) ag
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,7 +64,55 @@ def test_the_parent_run_holds_each_groups_interval(sweep):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "replicates")}
     assert artifacts == {"replicates/groups.csv", "replicates/groups.md"}
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert "plots/replicates_val_accuracy.png" in plots
+    assert {"plots/replicates_val_accuracy.png", "plots/bands_val_accuracy.png"} <= plots
+
+
+def test_each_child_says_its_group_and_its_configs_seed_count(sweep):
+    _, _, _, children = sweep
+    for r in children:
+        assert r.data.tags["mlxlab.group"] == {"None": "g1", "True": "g2"}[
+            r.data.params["model.pooler"]]
+        assert r.data.params["replicates"] == "3"  # the sweep's, not 1 (issue 48)
+
+
+def test_the_parent_run_holds_the_verdict_and_names_no_bare_winner(sweep):
+    """Issue 48: the parent's description (MLflow's Overview), tags and comparison.json say
+    what the paired test says, with scipy's numbers on the children's own values."""
+    _, client, parent, children = sweep
+    tags, params = parent.data.tags, parent.data.params
+    assert "mlxlab.best_group" not in tags and not any(k.startswith("best.") for k in params)
+    assert "best/val/accuracy" not in parent.data.metrics
+    a, b = (values(children, p, "best/val/accuracy") for p in ("None", "True"))
+    seeds = sorted(a)
+    xa, xb = np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
+    leader, other = ("g1", xa), ("g2", xb)
+    if xb.mean() > xa.mean():
+        leader, other = ("g2", xb), ("g1", xa)
+    differ = np.ptp(other[1] - leader[1]) > 0
+    p = st.ttest_rel(other[1], leader[1]).pvalue if differ else None
+
+    path = client.download_artifacts(parent.info.run_id, "comparison.json", str(
+        Path(tempfile.mkdtemp())))
+    result = json.loads(Path(path).read_text())
+    assert result["metric"] == "val/accuracy" and result["leader"] == leader[0]
+    (c,) = result["comparisons"]
+    assert (c["a"], c["b"], c["n_pairs"]) == (leader[0], other[0], 3)
+    assert c["diff"] == pytest.approx((other[1] - leader[1]).mean())
+    if differ:
+        assert c["t_p"] == pytest.approx(p)
+    if p is None or p >= 0.05:
+        assert tags["mlxlab.verdict"] == "no detectable difference"
+        assert tags["mlxlab.leader"].startswith(f"{leader[0]} (not significant): val/accuracy")
+    else:
+        assert tags["mlxlab.verdict"] == f"{leader[0]} better than {other[0]}"
+    assert "(95% CI, n=3)" in tags["mlxlab.leader"]
+    note = tags["mlflow.note.content"]  # the markdown MLflow shows on the run's Overview
+    assert note.startswith(f"### Verdict on val/accuracy: {tags['mlxlab.verdict']}")
+    for g in result["groups"]:
+        assert f"| {g['group']}" in note and g["n"] == 3
+    assert "paired t test: p = " in note and "Wilcoxon signed-rank (" in note
+    assert "McNemar (exact binomial), seed 42" in note  # accuracy: the per-row tests too
+    assert c["rows"]["rows"] == 178
 
 
 def test_runs_list_prints_the_grouped_table(sweep):
@@ -74,7 +124,7 @@ def test_runs_list_prints_the_grouped_table(sweep):
 
 
 def test_runs_compare_matches_scipy_and_tests_row_by_row(sweep):
-    root, _, _, children = sweep
+    root, client, _, children = sweep
     out = run([PYTHON, "-m", "mlxlab.cli.main", "runs", "compare", "latest", "--metric",
                "val/loss", "--json"], root, {"MLXLAB_ROOT": str(root)})
     result = json.loads(out[out.index("{"):])
@@ -92,7 +142,16 @@ def test_runs_compare_matches_scipy_and_tests_row_by_row(sweep):
 
     out = run([PYTHON, "-m", "mlxlab.cli.main", "runs", "compare", "latest:model.pooler=null",
                "latest:g2", "--json"], root, {"MLXLAB_ROOT": str(root)})
-    rows = json.loads(out[out.index("{"):])["comparisons"][0]["rows"]
+    printed = json.loads(out[out.index("{"):])
+    rows = printed["comparisons"][0]["rows"]
+    recorded = printed["sweep_verdict"]  # runs compare wrote the sweep's verdict again
+    parent = client.get_run(recorded.pop("parent_run_id"))
+    stored = json.loads(Path(client.download_artifacts(
+        parent.info.run_id, "comparison.json", tempfile.mkdtemp())).read_text())
+    assert recorded["verdict"] == stored["verdict"] == parent.data.tags["mlxlab.verdict"]
+    assert [g["mean"] for g in recorded["groups"]] == [g["mean"] for g in stored["groups"]]
+    assert "Recorded by `mlxlab runs compare latest:model.pooler=null latest:g2`" in (
+        parent.data.tags["mlflow.note.content"])
     assert rows["rows"] == 178  # Titanic's validation rows
     for m in rows["mcnemar"]:  # each seed's pair of runs, from their stored predictions
         ra, rb = (next(r for r in children if r.data.params["seed"] == m["seed"]

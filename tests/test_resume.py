@@ -520,3 +520,37 @@ def test_a_resumed_runs_folder_and_mlflow_run_say_what_it_trained(tmp_path, cli_
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     assert re.search(r"model\.num_layers\s+3\b", shown.stdout), shown.stdout
+
+
+BEST_EARLY = [*TITANIC[:3], "trainer.max_steps=12", "trainer.eval_every_steps=2",
+              "trainer.schedule.warmup_steps=4", "trainer.log_every_steps=2",
+              "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
+              "callbacks.checkpoint.save_every_steps=2",
+              "callbacks.checkpoint.save_every_minutes=null"]
+
+
+def best_step(run_dir: Path) -> int:
+    return int(json.loads((run_dir / "checkpoints/best/state.json").read_text())
+               ["best_metrics"]["best_step"])
+
+
+def test_a_run_killed_after_its_best_evaluation_writes_the_same_predictions(tmp_path, cli_env):
+    """Issue 48: predictions/val_best.csv (what McNemar and the row bootstrap read) is written
+    from the best evaluation, which a resume used to forget: a run SIGKILLed after its best
+    evaluation and resumed writes the file byte for byte as an uninterrupted run does."""
+    reference = tmp_path / "reference"
+    run(BEST_EARLY, reference, cli_env)
+    best = best_step(reference)  # this tiny Titanic model's best accuracy comes early (step 2)
+    assert best < 8, "the premise: the best evaluation happens before the kill point"
+
+    killed = tmp_path / "killed"
+    proc = start(BEST_EARLY, killed, cli_env)
+    kill_when(proc, lambda: any(s >= best + 4 for s in committed_steps(killed)))
+    assert not (killed / "predictions").exists()
+
+    resumed = tmp_path / "resumed"
+    run([*BEST_EARLY, f"resume={killed}"], resumed, cli_env)
+    assert best_step(resumed) == best < min(committed_steps(resumed))  # no new best after it
+    expected = (reference / "predictions/val_best.csv").read_bytes()
+    assert (resumed / "predictions/val_best.csv").read_bytes() == expected
+    assert len(expected.splitlines()) == 179  # a header and Titanic's 178 validation rows

@@ -45,8 +45,9 @@ def study(root: Path, name: str):
 
 def test_replicates_become_a_seed_range():
     assert replicate_arguments(["replicates=3", "model.pooler=null,true"], 1, 42) == [
-        "model.pooler=null,true", "seed=range(42,45)"]
-    assert replicate_arguments(["a=1"], 4, 7) == ["a=1", "seed=range(7,11)"]  # from a config file
+        "model.pooler=null,true", "seed=range(42,45)", "replicates=3"]  # jobs log replicates=3
+    assert replicate_arguments(["a=1"], 4, 7) == [  # from a config file
+        "a=1", "seed=range(7,11)", "replicates=4"]
     assert replicate_arguments(["replicates=1", "a=1,2"], 1, 42) == ["a=1,2"]
     with pytest.raises(ConfigError, match="give one or the other"):
         replicate_arguments(["replicates=3", "seed=1,2"], 1, 42)
@@ -245,3 +246,37 @@ def _postgres(tmp_path: Path) -> str:
     atexit.register(subprocess.run, ["pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
                     capture_output=True, preexec_fn=pre, cwd=home)
     return f"postgresql+psycopg2://mlxlab@127.0.0.1:{port}/postgres"
+
+
+@pytest.mark.slow  # 4 tiny trainings: ~35 s of CPU
+def test_a_searchs_best_trials_rerun_carry_their_interval_and_a_verdict(tmp_path):
+    """Issue 48: once the top-k trials are re-run on more seeds, the parent's leader tag carries
+    the interval of the leading config (n = rerun_seeds) and the verdict compares it with the
+    other re-run config, paired seed by seed; no bare winner is named."""
+    import json
+    import tempfile
+
+    mlxlab_train(
+        tmp_path, "-m", *SEARCH, "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=41",
+        "hydra.sweeper.pruner=none", "hydra.sweeper.rerun_top_k=2",
+        "hydra.sweeper.rerun_seeds=2", "optimizer.learning_rate=choice(0.003,1e-8)")
+    client = client_for(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (parent,) = sweep_parents(client, "train")
+    parent = client.get_run(parent.info.run_id)
+    children = training_runs(client, "train")
+    assert len(children) == 4
+    by_group = {}
+    for r in children:
+        by_group.setdefault(r.data.tags["mlxlab.group"], set()).add(r.data.params["seed"])
+    assert sorted(by_group) == ["g1", "g2"] and all(len(s) == 2 for s in by_group.values())
+    tags = parent.data.tags
+    assert "(95% CI, n=2)" in tags["mlxlab.leader"]
+    result = json.loads(Path(client.download_artifacts(
+        parent.info.run_id, "comparison.json", tempfile.mkdtemp())).read_text())
+    (c,) = result["comparisons"]
+    assert c["paired"] and c["n_pairs"] == 2 and result["leader"] == c["a"]
+    if result["significant"]:
+        assert tags["mlxlab.verdict"] == f"{c['a']} better than {c['b']}"
+    else:
+        assert tags["mlxlab.verdict"] == "no detectable difference"
+        assert "(not significant)" in tags["mlxlab.leader"]

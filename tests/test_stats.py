@@ -1,11 +1,14 @@
 """stats/: every interval and p-value checked against scipy.stats (or a simulation) on the
 same numbers."""
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 import scipy.stats as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st_h
 
 from mlxlab import stats
 
@@ -49,12 +52,99 @@ def test_paired_t_and_wilcoxon_match_scipy():
     assert d.wilcoxon_p == pytest.approx(st.wilcoxon(B, A, method="exact").pvalue)
 
 
-def test_wilcoxon_with_ties_and_zeros_matches_scipys_normal_approximation():
-    diffs = [0.01, 0.02, 0.02, -0.01, 0.03, 0.0, 0.02, -0.02, 0.04, 0.01, 0.0, 0.03]
-    ours = stats.wilcoxon_signed_rank(diffs)
-    theirs = st.wilcoxon(diffs, zero_method="wilcox", correction=False, method="approx").pvalue
-    assert ours == pytest.approx(theirs)
-    assert stats.wilcoxon_signed_rank([0.0, 0.0]) == 1.0
+def _exact_signed_rank_p(k: list[int]) -> float:
+    """Independent of scipy: enumerate every sign pattern of the non-zero integer differences'
+    midranks; two-sided p = share of patterns whose W+ lies at least as far from its mean."""
+    nz = [x for x in k if x != 0]
+    ranks = st.rankdata(np.abs(nz))
+    observed = ranks[np.array(nz) > 0].sum()
+    centre = ranks.sum() / 2
+    w = [sum(r for r, s in zip(ranks, signs) if s) for signs in itertools.product((0, 1),
+                                                                                   repeat=len(nz))]
+    return float(np.mean([abs(x - centre) >= abs(observed - centre) - 1e-9 for x in w]))
+
+
+@pytest.mark.parametrize(("steps", "expected"), [
+    ((1, 1, 2, 2), 0.125),          # issue 48: the normal approximation said 0.063
+    ((0, 0, 1, 2, 3, -1), 0.375),   # issue 48: it said 0.197; scipy's exact permutation 0.375
+])
+def test_wilcoxon_on_tied_and_zero_accuracy_steps_is_exact(steps, expected):
+    base = np.array([0.8146, 0.5, 0.8090, 0.6011, 0.7, 0.9])[: len(steps)]
+    a = {seed: x for seed, x in enumerate(base)}
+    b = {seed: x + k / 178 for seed, (x, k) in enumerate(zip(base, steps))}  # float noise
+    d = stats.compare(a, b)
+    n = sum(k != 0 for k in steps)
+    assert d.wilcoxon_p == pytest.approx(expected) == _exact_signed_rank_p(list(steps))
+    assert d.wilcoxon_p == pytest.approx(st.wilcoxon(np.array(steps) / 178,
+                                                     method=st.PermutationMethod()).pvalue)
+    assert (d.wilcoxon_n, d.wilcoxon_method) == (n, "exact permutation")
+    assert d.wilcoxon_p >= 2 / 2**n
+    assert stats.wilcoxon_signed_rank([0.0, 0.0]).p == 1.0
+
+
+def _two_sided_tests_on(k_a: list[int], k_b: list[int]):
+    """What scipy says on the integer counts (no float noise: ties and zeros are exact)."""
+    kd = np.array(k_b) - np.array(k_a)
+    nz = kd[kd != 0]
+    ties = len(np.unique(np.abs(nz))) < len(nz) or len(nz) < len(kd)
+    method = (st.PermutationMethod(n_resamples=np.inf)
+              if ties and len(nz) <= stats.paired.EXACT_PERMUTATION_MAX_N else "auto")
+    return nz, st.wilcoxon(kd, method=method).pvalue if len(nz) else 1.0
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st_h.integers(2, 8).flatmap(lambda n: st_h.tuples(
+    st_h.lists(st_h.integers(120, 160), min_size=n, max_size=n),
+    st_h.lists(st_h.integers(-3, 3), min_size=n, max_size=n))))
+def test_every_p_value_and_interval_equals_scipys_on_tied_paired_samples(sample):
+    """Accuracy on 178 rows for n seeds of A, and B a few rows off (ties and zeros are the
+    rule, not the exception): every number compare() gives is scipy's on the same pairs."""
+    k_a, steps = sample
+    k_b = [x + s for x, s in zip(k_a, steps)]
+    a = {seed: x / 178 for seed, x in enumerate(k_a)}
+    b = {seed: x / 178 for seed, x in enumerate(k_b)}
+    d = stats.compare(a, b)
+    xa, xb = np.array(k_a) / 178, np.array(k_b) / 178
+    assert d.paired and d.n_pairs == len(k_a)
+    assert d.diff == pytest.approx((xb - xa).mean(), abs=1e-12)
+    if np.ptp(np.array(steps)) > 0:  # scipy's t is undefined when every pair differs equally
+        ref = st.ttest_rel(xb, xa)
+        ci = ref.confidence_interval(0.95)
+        assert d.t_p == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-12)
+        assert (d.low, d.high) == (pytest.approx(ci.low, abs=1e-12),
+                                   pytest.approx(ci.high, abs=1e-12))
+    nz, p = _two_sided_tests_on(k_a, k_b)
+    assert d.wilcoxon_n == len(nz)
+    assert d.wilcoxon_p == pytest.approx(p, rel=1e-9)
+    if len(nz):
+        assert d.wilcoxon_p >= 2 / 2 ** len(nz) - 1e-12  # never below what n pairs allow
+        assert d.wilcoxon_p == pytest.approx(_exact_signed_rank_p(list(np.array(steps))))
+    s = stats.summarize(a.values())
+    if np.ptp(xa) > 0:
+        low, high = st.t.interval(0.95, len(xa) - 1, loc=xa.mean(), scale=st.sem(xa))
+        assert (s.low, s.high) == (pytest.approx(low), pytest.approx(high))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st_h.lists(st_h.tuples(st_h.booleans(), st_h.booleans()), min_size=2, max_size=60))
+def test_mcnemar_and_row_bootstrap_equal_scipys_on_any_rows(rows):
+    a, b = np.array(rows, bool).T
+    only_a, only_b, p = stats.mcnemar_exact(a, b)
+    assert (only_a, only_b) == (int((a & ~b).sum()), int((~a & b).sum()))
+    assert p == (st.binomtest(only_b, only_a + only_b).pvalue if only_a + only_b else 1.0)
+    diff, low, high, p = stats.paired_bootstrap(a[None], b[None], rounds=500)
+    assert diff == pytest.approx(b.mean() - a.mean())
+    if only_a + only_b == 0:
+        assert (low, high, p) == (diff, diff, 1.0)
+        return
+    x, y = a.astype(float), b.astype(float)
+    ci = st.bootstrap((x, y), lambda u, v, axis=-1: (v - u).mean(axis), paired=True,
+                      n_resamples=500, method="percentile",
+                      rng=np.random.default_rng(0)).confidence_interval
+    ref_p = st.permutation_test((x, y), lambda u, v, axis=-1: (v - u).mean(axis),
+                                permutation_type="samples", n_resamples=9999,
+                                rng=np.random.default_rng(0)).pvalue
+    assert (low, high, p) == (pytest.approx(ci.low), pytest.approx(ci.high), pytest.approx(ref_p))
 
 
 def test_unpaired_groups_get_welchs_test():

@@ -167,10 +167,10 @@ def test_optuna_sweep_records_failed_trials_and_logs_the_best(tmp_path):
     assert parent.info.status == "FINISHED"
     tags, params, metrics = parent.data.tags, parent.data.params, parent.data.metrics
     assert (tags["mlxlab.num_runs"], tags["mlxlab.num_failed"]) == ("4", "2")
-    assert tags["mlxlab.best_run_id"] == good["0.2"].info.run_id
-    assert metrics["best/val/accuracy"] == pytest.approx(0.4)
+    assert tags["mlxlab.top_run_id"] == good["0.2"].info.run_id
+    assert metrics["top_run/val/accuracy"] == pytest.approx(0.4)
     assert metrics["optuna/best_value"] == pytest.approx(0.4)
-    assert params["best.lr"] == "0.2" and params["best.width"] == "2"
+    assert params["top_run.lr"] == "0.2" and params["top_run.width"] == "2"
     assert params["optuna.best.lr"] == "0.2" and params["optuna.best.width"] == "2"
     results = yaml.safe_load((tmp_path / "multirun/sweep/optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(0.4)
@@ -437,7 +437,7 @@ def test_titanic_optuna_sweep_with_failing_trials(tmp_path):
     ]
     good = next(r for r in children if r.info.status == "FINISHED")
     parent = client.get_run(parent.info.run_id)
-    best = parent.data.metrics["best/val/accuracy"]
+    best = parent.data.metrics["top_run/val/accuracy"]
     assert best == pytest.approx(good.data.metrics["best/val/accuracy"])
     assert parent.data.metrics["optuna/best_value"] == pytest.approx(best)
     assert parent.data.params["optuna.best.model.num_heads"] == "2"

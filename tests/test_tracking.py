@@ -542,10 +542,14 @@ def check_sweep(uri: str, n_children: int, best: float, best_params: dict, faile
     assert statuses == ["FAILED"] * failed + ["FINISHED"] * (n_children - failed)
     assert parent.data.tags["mlxlab.num_failed"] == str(failed)
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["best/val/accuracy"] == pytest.approx(best)
-    assert {k: v for k, v in parent.data.params.items() if k.startswith("best.")} == best_params
+    # one seed's maximum is the top run, never "best" (issue 48)
+    assert parent.data.metrics["top_run/val/accuracy"] == pytest.approx(best)
+    assert "best/val/accuracy" not in parent.data.metrics
+    assert {k: v for k, v in parent.data.params.items() if k.startswith("top_run.")} == best_params
+    assert not any(k.startswith("best.") for k in parent.data.params)
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "plots")]
-    assert artifacts == ["plots/replicates_val_accuracy.png", "plots/sweep_val_accuracy.png"]
+    assert artifacts == ["plots/bands_val_accuracy.png", "plots/replicates_val_accuracy.png",
+                         "plots/sweep_val_accuracy.png"]
     return parent.info.run_id
 
 
@@ -553,7 +557,7 @@ def test_multirun_groups_jobs_under_a_parent_run(template_db, tmp_path, capsys):
     app = write_app(tmp_path)
     uri = fresh_store(template_db, tmp_path)  # the callback adds the "demo" experiment to it
     run_app(app, "--multirun", "lr=0.1,0.2", "width=2,3", "+fail_width=3")
-    parent_id = check_sweep(uri, 4, 0.4, {"best.lr": "0.2", "best.width": "2"}, failed=2)
+    parent_id = check_sweep(uri, 4, 0.4, {"top_run.lr": "0.2", "top_run.width": "2"}, failed=2)
     assert (tmp_path / "multirun/sweep/.mlflow_parent_run_id").read_text() == parent_id
     # each job's folder lists the run its tracker started: how the callback found it
     listed = [(tmp_path / f"multirun/sweep/{n}/.mlflow_run_ids").read_text().split()
@@ -637,7 +641,7 @@ def test_parallel_joblib_multirun_groups_all_jobs(tmp_path):
         "hydra.launcher.n_jobs=2",
     )
     check_sweep(
-        f"sqlite:///{tmp_path}/mlruns/mlflow.db", 4, 0.6, {"best.lr": "0.2", "best.width": "3"}
+        f"sqlite:///{tmp_path}/mlruns/mlflow.db", 4, 0.6, {"top_run.lr": "0.2", "top_run.width": "3"}
     )
 
 
@@ -685,7 +689,7 @@ def test_tracking_server_round_trip(tmp_path):
 
         app = write_app(tmp_path / "app")  # a 2-job multirun through the server
         run_app(app, "--multirun", "lr=0.1,0.3", env={"MLFLOW_TRACKING_URI": server_uri})
-        check_sweep(server_uri, 2, 0.6, {"best.lr": "0.3"})
+        check_sweep(server_uri, 2, 0.6, {"top_run.lr": "0.3"})
         assert not (tmp_path / "app/mlruns").exists()
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -58,6 +58,9 @@ class CheckpointState:
     history: dict[str, list] = field(default_factory=dict)  # metric -> [[step, value], ...]
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_metric: float | None = None  # best_metrics[monitor] when the checkpoint was taken
+    # the best evaluation's per-row results (labels, probabilities: what predictions/val_best.csv
+    # and the confusion matrix are written from), so a resumed run still has them
+    best_eval: dict | None = None
     checkpoint_metric: MonitoredMetric | None = None  # set by CheckpointManager.snapshot
     config: dict = field(default_factory=dict)  # the resolved Hydra config
     # what rebuilds the model without its data (vocab_size, num_labels, a pretrained config)

@@ -18,12 +18,16 @@ interval, the paired t test and the Wilcoxon signed-rank test over the seeds bot
 t when they share fewer than two), for classifiers scored on the same validation rows a
 paired bootstrap over the rows and McNemar's test per seed, and a verdict; with more than one
 pair, Holm-corrected p-values. When no difference is detected it says how many seeds would
-resolve one (--delta, default the observed difference). --json prints it all as JSON.
+resolve one (--delta, default the observed difference). --json prints it all as JSON. The
+sweep's verdict (its leader against every other config) is written onto the sweep's parent run:
+its MLflow description, tags mlxlab.verdict and mlxlab.leader, comparison.json and a band PNG
+(--no-record leaves the store as it is).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from mlxlab.cli.common import guarded, parser_for
@@ -49,6 +53,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--all-params", action="store_true",
                         help="runs side by side: every param, not only those that differ")
+    parser.add_argument("--no-record", action="store_true",
+                        help="do not write the verdict onto the sweep's parent run")
     args = parser.parse_args(argv)
     return guarded("runs compare", lambda: run(args))
 
@@ -84,11 +90,20 @@ def run(args) -> int:
     from mlxlab.cli.runs_compare_tasks import print_replicate_tasks, replicate_tasks
 
     tasks = [replicate_tasks(client, c.a, c.b, which) for c in results]  # evaluation tasks
+    recorded = None
+    if not args.no_record:
+        try:
+            recorded = record_verdict(client, args.refs, metric, mode, which)
+        except Exception as e:  # noqa: BLE001 - a read-only store: the comparison still prints
+            print(f"mlxlab runs compare: warning: the verdict was not recorded on the sweep's "
+                  f"parent run ({type(e).__name__}: {e}); --no-record skips it", file=sys.stderr)
     if args.json:
         out = as_json(groups, results, metric, which, mode)
         for entry, paired in zip(out["comparisons"], tasks):
             if paired:
                 entry["tasks"] = [p.as_dict() for p in paired]
+        if recorded is not None:  # what the parent run now holds (comparison.json)
+            out["sweep_verdict"] = {"parent_run_id": recorded[0], **recorded[1]}
         print(json.dumps(out, indent=2, default=str))
         return 0
     print(f"{metric} ({'last logged' if args.last else 'best checkpoint'}), "
@@ -103,14 +118,43 @@ def run(args) -> int:
         print(f"\n{c.b.gid} - {c.a.gid}: {d.diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}]  "
               + (f"paired t p={d.t_p:.3g}" if d.paired else f"Welch t p={d.t_p:.3g}")
               + (f" (Holm {c.t_p_holm:.3g})" if several else "")
-              + (f", Wilcoxon p={d.wilcoxon_p:.3g}" if d.wilcoxon_p is not None else "")
+              + (f", Wilcoxon p={d.wilcoxon_p:.3g} ({d.wilcoxon_method}, n={d.wilcoxon_n})"
+                 if d.wilcoxon_p is not None else "")
               + (f" (Holm {c.wilcoxon_p_holm:.3g})" if several and c.wilcoxon_p_holm is not None
                  else "")
               + (f", {d.n_pairs} seed pairs" if d.paired else f", n={d.n_a} and {d.n_b}"))
         print_rows(c.rows)
         print_replicate_tasks(paired)
         print(f"  verdict: {verdict(c, metric, mode)}")
+    if recorded is not None:
+        parent_id, result = recorded
+        print(f"\nsweep verdict ({len(result['comparisons'])} comparison(s) with the leader): "
+              f"{result['verdict']}; leader {result['leader']}; recorded on parent run "
+              f"{parent_id} (its description, tags mlxlab.verdict / mlxlab.leader, "
+              f"comparison.json)")
     return 0
+
+
+def record_verdict(client: Any, refs: list[str], metric: str, mode: str, which: str
+                   ) -> tuple[str, dict] | None:
+    """The verdict of the one sweep `refs` name, over all its configs, onto its parent run
+    (sweeps/verdict.py); None when the refs name several sweeps."""
+    import shlex
+    import tempfile
+    from pathlib import Path
+
+    from mlxlab.sweeps.store import find_sweep_parent
+    from mlxlab.sweeps.verdict import record
+
+    sweeps = {ref.split(GROUP_SEPARATOR, 1)[0] for ref in refs}
+    if len(sweeps) != 1:
+        return None
+    parent = find_sweep_parent(client, sweeps.pop())
+    command = "`mlxlab runs compare " + " ".join(shlex.quote(r) for r in refs) + "`"
+    with tempfile.TemporaryDirectory() as tmp:
+        result = record(client, parent.info.run_id, sweep_groups(client, parent), metric, mode,
+                        Path(tmp), which, command=command)
+    return parent.info.run_id, result
 
 
 def print_rows(rows: dict[str, Any] | None) -> None:
@@ -122,7 +166,7 @@ def print_rows(rows: dict[str, Any] | None) -> None:
     b = rows["bootstrap"]
     print(f"  per row ({rows['rows']} validation rows, correctness averaged over seeds): "
           f"accuracy {b['diff']:+.4f} [{b['ci_low']:+.4f}, {b['ci_high']:+.4f}], paired "
-          f"bootstrap p={b['p']:.3g}")
+          f"bootstrap interval, randomization test p={b['p']:.3g}")
     for m in rows.get("mcnemar", [])[:3]:
         print(f"  McNemar, seed {m['seed']}: {m['only_a']} rows only A right, {m['only_b']} only "
               f"B right, exact p={m['p']:.3g}")

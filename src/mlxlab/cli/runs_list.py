@@ -129,9 +129,13 @@ def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int
         f"  {len(children)} runs, sorted by the best checkpoint's {metric} ({mode}); "
         f"dir {tags.get(T.SWEEP_DIR, '?')}"
     )
-    best = parent.data.metrics.get(f"best/{metric}")
-    if best is not None:
-        print(f"  best {metric} = {format_number(best)} (run {tags.get(T.BEST_RUN_ID, '?')})")
+    top = parent.data.metrics.get(f"top_run/{metric}", parent.data.metrics.get(f"best/{metric}"))
+    if top is not None:  # one seed's maximum; the verdict says whether any config is better
+        top_id = tags.get(T.TOP_RUN_ID, tags.get(T.BEST_RUN_ID, "?"))
+        print(f"  top single run {metric} = {format_number(top)} (run {top_id})")
+    if tags.get(T.VERDICT):
+        print(f"  verdict on {tags.get(T.VERDICT_METRIC, metric)}: {tags[T.VERDICT]}; "
+              f"leader {tags.get(T.LEADER, '-')}")
     groups = group_runs(children, keys)
     if any(len(g.runs) > 1 for g in groups):
         print_groups(groups, metric)

@@ -86,7 +86,8 @@ def best_run_dir(uri: str, sweep: str) -> str:
     """The run folder of a sweep's best child (`latest` = the newest sweep in the store)."""
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = find_sweep_parent(client, sweep)
-    best = parent.data.tags.get(T.BEST_RUN_ID)
+    # the top single run (TOP_RUN_ID; BEST_RUN_ID in stores from before issue 48)
+    best = parent.data.tags.get(T.TOP_RUN_ID) or parent.data.tags.get(T.BEST_RUN_ID)
     if not best:
         raise ValueError(f"sweep {parent.info.run_id} has no best run (still running, or all failed)")
     run_dir = client.get_run(best).data.tags.get(T.RUN_DIR)

@@ -1,6 +1,8 @@
 """Statistics for choosing between configs: replicates summarized, groups compared.
 
-Pure numbers in, numbers out (numpy and scipy): no MLflow, no MLX, nothing of mlxlab above it,
+Pure numbers in, numbers out: thin calls into `scipy.stats`, with the project's conventions
+(which seeds pair up, the zero-difference and tie rules, exact vs approximate) stated once in
+paired.py's docstring: no MLflow, no MLX, nothing of mlxlab above it,
 so the sweep's parent run (tracking/), `mlxlab runs list` and `mlxlab runs compare` (cli/)
 and the search (search/) all call the same code.
 
@@ -12,19 +14,23 @@ and the search (search/) all call the same code.
 from mlxlab.stats.intervals import CONFIDENCE, Summary, bands, summarize
 from mlxlab.stats.paired import (
     ALPHA,
+    CONVENTIONS,
     POWER,
     Difference,
+    Wilcoxon,
     compare,
     holm,
     mcnemar_exact,
     paired_bootstrap,
     power_paired_t,
     seeds_needed,
+    smallest_signed_rank_p,
     wilcoxon_signed_rank,
 )
 
 __all__ = [
-    "ALPHA", "CONFIDENCE", "POWER", "Difference", "Summary", "bands", "compare", "holm",
-    "mcnemar_exact", "paired_bootstrap", "power_paired_t", "seeds_needed", "summarize",
-    "wilcoxon_signed_rank",
+    "ALPHA", "CONFIDENCE", "CONVENTIONS", "POWER", "Difference", "Summary", "bands", "compare", "holm",
+    "mcnemar_exact", "paired_bootstrap", "power_paired_t", "seeds_needed",
+    "smallest_signed_rank_p", "summarize",
+    "Wilcoxon", "wilcoxon_signed_rank",
 ]

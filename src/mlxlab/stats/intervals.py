@@ -17,10 +17,10 @@ CONFIDENCE = 0.95
 
 
 def t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t with `df` degrees of freedom."""
-    from scipy.special import stdtrit
+    """The p-quantile of Student's t with `df` degrees of freedom (scipy.stats.t)."""
+    from scipy.stats import t
 
-    return float(stdtrit(df, p))
+    return float(t.ppf(p, df))
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,13 @@ def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> Summar
     mean = float(x.mean())
     if n == 1:
         return Summary(1, mean, math.nan, math.nan, math.nan, confidence)
+    from scipy.stats import sem, t
+
     std = float(x.std(ddof=1))
-    half = t_quantile(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
-    return Summary(n, mean, std, mean - half, mean + half, confidence)
+    if std == 0:  # every replicate equal: scipy's interval is (nan, nan); the mean is exact
+        return Summary(n, mean, 0.0, mean, mean, confidence)
+    low, high = t.interval(confidence, n - 1, loc=mean, scale=sem(x))
+    return Summary(n, mean, std, float(low), float(high), confidence)
 
 
 def bands(curves: Sequence[Mapping[int, float]], confidence: float = CONFIDENCE

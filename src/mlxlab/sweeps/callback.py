@@ -39,8 +39,9 @@ from mlxlab.sweeps.folder import (
     sweep_dir_of,
     write_parent_run,
 )
-from mlxlab.sweeps.groups import log_summary
+from mlxlab.sweeps.groups import group_runs, log_summary
 from mlxlab.sweeps.store import metric_mode, sweep_children, sweep_table, swept_keys
+from mlxlab.sweeps.verdict import leader_tag, record
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import MAX_PARAM_VALUE_LENGTH
 from mlxlab.tracking.mlflow.server import TrackingUnavailable, probe_store
@@ -207,8 +208,8 @@ class MlflowSweepCallback(Callback):
             client.set_terminated(run.info.run_id, "FAILED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Log the best child's metric and params, a metric-vs-params PNG and the groups of
-        replicates on the parent."""
+        """Log the top child's metric and params, a metric-vs-params PNG, the groups of
+        replicates and the verdict (sweeps/verdict.py) on the parent."""
         if self._parent is None:
             return
         try:
@@ -237,23 +238,22 @@ class MlflowSweepCallback(Callback):
         mode = metric_mode(str(metric), _mode(config))
         keys = swept_keys(children, _override_keys(config))
         rows = sweep_table(children, metric, keys, mode)  # best first, no-metric runs last
-        best = next((r for r in rows if r["status"] == "FINISHED" and _finite(r[metric])), None)
+        top = next((r for r in rows if r["status"] == "FINISHED" and _finite(r[metric])), None)
         metrics, params = [], []
-        if best is not None:
-            metrics.append(Metric(f"best/{metric}", float(best[metric]), _now_ms(), 0))
-            params = [Param(f"best.{k}", str(best[k])) for k in keys if best[k] is not None]
-            tags.append(RunTag(T.BEST_RUN_ID, best["run_id"]))
-            log.info("sweep best %s=%s (run %s)", metric, best[metric], best["run_id"])
+        if top is not None:  # one seed's maximum: named top_run, never "best" (issue 48)
+            metrics.append(Metric(f"top_run/{metric}", float(top[metric]), _now_ms(), 0))
+            params = [Param(f"top_run.{k}", str(top[k])) for k in keys if top[k] is not None]
+            tags.append(RunTag(T.TOP_RUN_ID, top["run_id"]))
+            log.info("sweep top single run %s=%s (run %s)", metric, top[metric], top["run_id"])
         client.log_batch(parent_id, metrics=metrics, params=params[:100], tags=tags)
         with tempfile.TemporaryDirectory() as tmp:
             png = sweep_plot_png(rows, metric, keys, Path(tmp) / f"sweep_{_safe(metric)}.png")
             client.log_artifact(parent_id, str(png), "plots")
-            group = log_summary(client, parent_id, children, keys, metric, mode, Path(tmp),
-                                _now_ms())
-        if group is not None:
-            summary = group.summary(metric)
-            log.info("sweep best config (mean of %d seed(s)): %s: %s %s", summary.n, group.label,
-                     metric, summary.text())
+            log_summary(client, parent_id, children, keys, metric, mode, Path(tmp), _now_ms())
+            result = record(client, parent_id, group_runs(children, keys), metric, mode,
+                            Path(tmp), command="the sweep's end")
+        log.info("sweep verdict on %s: %s; leader %s", metric, result["verdict"],
+                 leader_tag(result))
         optuna_results = sweep_dir_of(config.hydra) / "optimization_results.yaml"
         if optuna_results.is_file():  # the search's own verdict, next to the table's
             client.log_artifact(parent_id, str(optuna_results))

@@ -44,7 +44,8 @@ class Comparison:
         return {"a": self.a.gid, "b": self.b.gid, "diff": d.diff, "ci_low": d.low,
                 "ci_high": d.high, "paired": d.paired, "n_pairs": d.n_pairs,
                 "t_p": d.t_p, "t_p_holm": self.t_p_holm, "wilcoxon_p": d.wilcoxon_p,
-                "wilcoxon_p_holm": self.wilcoxon_p_holm, "sd_diff": d.sd_diff,
+                "wilcoxon_p_holm": self.wilcoxon_p_holm, "wilcoxon_n": d.wilcoxon_n,
+                "wilcoxon_method": d.wilcoxon_method, "sd_diff": d.sd_diff,
                 "rows": self.rows, "delta": self.delta, "seeds_needed": self.seeds_needed}
 
 
@@ -130,8 +131,9 @@ def verdict(c: Comparison, metric: str, mode: str, alpha: float = stats.ALPHA) -
     how = (f"paired over {d.n_pairs} seeds, t p={_p(c.t_p_holm)}" if d.paired
            else f"unpaired (Welch), p={_p(c.t_p_holm)}")
     if c.wilcoxon_p_holm is not None:
-        how += f", Wilcoxon p={_p(c.wilcoxon_p_holm)}"
-    interval = f"{_n(abs(d.diff))} (95 % CI of B-A {_n(d.low)} to {_n(d.high)}; {how})"
+        how += f", Wilcoxon p={_p(c.wilcoxon_p_holm)} ({d.wilcoxon_method}, n={d.wilcoxon_n})"
+    interval = (f"{_n(abs(d.diff))} (95 % CI of {c.b.gid}-{c.a.gid} {_n(d.low)} to "
+                f"{_n(d.high)}; {how})")
     if c.t_p_holm < alpha:
         b_better = (d.diff > 0) == (mode == "max")
         better, worse = (c.b, c.a) if b_better else (c.a, c.b)

@@ -5,7 +5,8 @@ order, labelled by the swept values: `model.pooler=true`). For the optimized met
 other validation metrics, each group gets n, mean, std and the 95 % interval of the best
 checkpoint's value (`best/<metric>`) and of the last logged one; per evaluation step, the mean
 and interval of each curve. The parent run holds them as ordinary MLflow metrics (so MLflow's
-own charts draw the bands), a table (CSV and markdown) and a PNG; `mlxlab runs list --sweep`
+own charts draw each band's mean, ci_low and ci_high as three lines; sweeps/verdict.py draws
+them as one shaded band in a PNG), a table (CSV and markdown) and a PNG; `mlxlab runs list --sweep`
 and `mlxlab runs compare` read the same groups.
 """
 
@@ -173,8 +174,9 @@ def summary_metrics(client: Any, groups: Sequence[Group], metrics: Sequence[str]
 
 def log_summary(client: Any, parent_id: str, runs: Sequence, keys: Sequence[str], metric: str,
                 mode: str, folder: Path, now_ms: int) -> Group | None:
-    """Everything above onto the parent run; returns the winning group (None: no values)."""
-    from mlflow.entities import Param, RunTag
+    """Everything above onto the parent run, each child tagged with its group; returns the
+    group with the best mean (None: no values), which only sweeps/verdict.py may call better."""
+    from mlflow.entities import Param
 
     from mlxlab.tracking.mlflow.calls import chunks
     from mlxlab.tracking.plots import replicates_png
@@ -183,8 +185,10 @@ def log_summary(client: Any, parent_id: str, runs: Sequence, keys: Sequence[str]
     metrics = monitored(runs, metric)
     best = winner(groups, metric, mode)
     params = [Param(f"{T.GROUP_PREFIX}{g.gid}", g.label[:6000]) for g in groups][:100]
-    tags = [RunTag(T.BEST_GROUP, f"{best.gid} {best.label}"[:5000])] if best else []
-    client.log_batch(parent_id, params=params, tags=tags)
+    client.log_batch(parent_id, params=params)
+    for g in groups:  # each child says which config it replicates (the parent's group.gN)
+        for run in g.runs:
+            client.set_tag(run.info.run_id, T.GROUP, g.gid)
     for part in chunks(summary_metrics(client, groups, metrics, now_ms), 1000):
         client.log_batch(parent_id, metrics=part)
     rows = table_rows(groups, metrics)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _pyplot():
@@ -111,6 +112,34 @@ def replicates_png(
     ax.grid(alpha=0.3, axis="y")
     n = max((len(v) for _, v in groups), default=0)
     title = f"{metric} by config: seeds (dots), mean and 95 % CI (bars)\nup to {n} seeds per config"
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path, title, description="; ".join(label for label, _ in groups))
+
+
+def bands_png(groups: Sequence[tuple[str, Mapping[int, Any]]], metric: str,
+              path: str | Path) -> Path:
+    """Each group's curve over the evaluation steps: the mean across its seeds as a line and
+    the 95 % interval as a shaded band (MLflow's charts draw a band's mean, ci_low and ci_high
+    as three separate lines). `groups` are (label, {step: stats.Summary}) pairs."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    n = 0
+    for label, band in groups:
+        steps = sorted(band)
+        if not steps:
+            continue
+        mean = [band[s].mean for s in steps]
+        low = [band[s].low if math.isfinite(band[s].low) else band[s].mean for s in steps]
+        high = [band[s].high if math.isfinite(band[s].high) else band[s].mean for s in steps]
+        (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=_wrap(label, 40))
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        n = max(n, max(band[s].n for s in steps))
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    title = (f"{metric} per evaluation: mean across seeds (line), 95 % CI (band)\n"
+             f"up to {n} seeds per config; n counts the seeds that reached each step")
     ax.set_title(title, fontsize=10)
     return _save(fig, path, title, description="; ".join(label for label, _ in groups))
 

@@ -41,6 +41,10 @@ ERROR = "mlxlab.error"  # a failed trial's exception
 NUM_RUNS = "mlxlab.num_runs"
 NUM_FINISHED = "mlxlab.num_finished"
 NUM_FAILED = "mlxlab.num_failed"
+# the single child with the top value of the optimized metric: one seed's maximum, which the
+# verdict below may not confirm (export/serve a sweep's "best" model from it); stores from
+# before issue 48 call it BEST_RUN_ID
+TOP_RUN_ID = "mlxlab.top_run_id"
 BEST_RUN_ID = "mlxlab.best_run_id"
 
 # Checkpoint uploads (checkpoint/remote.py, tagged by training/async_writer.py)
@@ -61,7 +65,14 @@ DISTILL_ROUND = "mlxlab.distill.round"  # on each round's child run
 # Replicates and comparisons (sweeps/groups.py, sweeps/compare.py)
 VAL_FINGERPRINT = "mlxlab.val_fingerprint"  # the validation rows a run is scored on (a hash)
 GROUP_PREFIX = "group."  # params on a sweep's parent: "group.g1" = "model.pooler=true"
-BEST_GROUP = "mlxlab.best_group"  # the group with the best mean of the optimized metric
+GROUP = "mlxlab.group"  # on each child of a sweep: its group ("g1"); the config is group.g1
+# The verdict on a sweep's parent (sweeps/verdict.py): never a bare winner where the test finds
+# none. VERDICT: "no detectable difference" | "g1 better than g2" | "too few replicates";
+# LEADER: "g1 (not significant)" | "g1 (significant)"; the note is the run's MLflow description
+VERDICT = "mlxlab.verdict"
+LEADER = "mlxlab.leader"
+VERDICT_METRIC = "mlxlab.verdict.metric"
+NOTE = "mlflow.note.content"  # markdown MLflow shows as the run's description (Overview tab)
 
 # `mlxlab eval MODEL TASK...` (runs/task_eval.py): its run has ROLE "eval" and says what it scored
 EVAL_MODEL = "mlxlab.eval.model"  # the scored folder's absolute path

@@ -78,6 +78,7 @@ def checkpoint_state(state: RunState, data_state: dict, *, model: nn.Module, dat
         run_id=state.run_id, history=state.history,  # the tracker's: set when it is written
         best_metrics=state.best_metrics,
         best_metric=state.best_metrics.get(monitor), config=config,
+        best_eval=state.best_eval.state_dict() if state.best_eval is not None else None,
         # + what rebuilds a pretrained model without its source folder (its config)
         model_init={"vocab_size": data.vocab_size, "num_labels": data.num_labels,
                     **model.checkpoint_init},

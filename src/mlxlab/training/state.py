@@ -53,6 +53,25 @@ class Evaluation:
     labels: np.ndarray | None = None   # classification: each validation row's label,
     probs: np.ndarray | None = None    # and its predicted probabilities (rows x labels)
 
+    def state_dict(self) -> dict:
+        """For a checkpoint's state.json: the arrays as lists (floats survive JSON exactly) with
+        their dtypes, so a restored Evaluation writes byte-identical predictions."""
+        def arr(a: np.ndarray | None) -> dict | None:
+            return None if a is None else {"dtype": str(a.dtype), "values": a.tolist()}
+
+        return {"metrics": dict(self.metrics), "labels": arr(self.labels),
+                "probs": arr(self.probs)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict | None) -> Evaluation | None:
+        if not state:
+            return None
+
+        def arr(a: dict | None) -> np.ndarray | None:
+            return None if a is None else np.asarray(a["values"], dtype=a["dtype"])
+
+        return cls(dict(state["metrics"]), arr(state.get("labels")), arr(state.get("probs")))
+
 
 @dataclass
 class FitResult:
@@ -151,6 +170,9 @@ class RunState:
         """Continue from checkpoint `path`, whose state.json is `saved`."""
         self.step, self.epoch, self.run_id = saved.step, saved.epoch, saved.run_id
         self.history, self.best_metrics = saved.history, saved.best_metrics
+        # what predictions/val_best.csv is written from: a run resumed after its best
+        # evaluation evaluates no better one, and must still write it (issue 48)
+        self.best_eval = Evaluation.from_state_dict(saved.best_eval)
         self.window.load_state_dict(saved.log_window)
         # <run dir>/checkpoints/step_N (or best): the killed run's folder, for its tracking files
         self.resumed_from = path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path.parent
