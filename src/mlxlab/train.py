@@ -89,15 +89,11 @@ def build_callbacks(cfg: DictConfig) -> tuple[list, CheckpointPolicy]:
     (search/pruning.py)."""
     from mlxlab.search.trial_link import current_trial
     from mlxlab.training.callbacks import from_config
+    from mlxlab.training.task_evaluation import task_scoring
 
     callbacks, policy = from_config(cfg.get("callbacks"), instantiate)
-    tasks = instantiate(cfg.eval) if cfg.get("eval") else None
-    if tasks is not None and tasks.tasks:  # evaluation tasks: one more evaluation, by a hook
-        from mlxlab.training.task_evaluation import TaskEvaluation
-
-        scoring = TaskEvaluation(tasks)
-        scoring.name = "eval_tasks"
-        callbacks.append(scoring)
+    # evaluation tasks: one more evaluation, by a hook
+    callbacks += task_scoring(instantiate(cfg.eval) if cfg.get("eval") else None)
     trial = current_trial()  # a search's job: which trial it trains
     if trial is not None:
         from mlxlab.search.pruning import TrialReporter

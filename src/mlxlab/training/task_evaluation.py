@@ -80,3 +80,12 @@ class TaskEvaluation(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_step = state.get("best"), state.get("best_step")
+
+
+def task_scoring(settings: TaskSettings | None) -> list[Callback]:
+    """The callbacks `eval.tasks` adds to a run: one TaskEvaluation, or none without tasks."""
+    if settings is None or not settings.tasks:
+        return []
+    scoring = TaskEvaluation(settings)
+    scoring.name = "eval_tasks"
+    return [scoring]
