@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -164,15 +164,8 @@ class PromptCompletion(DataModule):
         self._epoch, self._batches_done = 0, 0
 
     def setup(self, run_dir: str | Path | None = None) -> None:
-        train = read_rows(self.train_file, self.keys)
-        if self.val_file:
-            val = read_rows(self.val_file, self.keys)
-        else:
-            order = np.random.default_rng(self.split_seed).permutation(len(train.rows))
-            n_val = int(round(len(train.rows) * self.val_fraction))
-            if n_val >= len(train.rows):
-                raise ConfigError(f"val_fraction={self.val_fraction} leaves no training rows")
-            train, val = train.take(order[n_val:]), train.take(order[:n_val])
+        train, val = self._split(read_rows(self.train_file, self.keys),
+                                 lambda path: read_rows(path, self.keys))
         self._setup_tokenizer(train, run_dir)
         self.train, self.val = self._encode(train), self._encode(val)
         if self.template is not None and self.chat_template and run_dir is not None:
@@ -185,6 +178,17 @@ class PromptCompletion(DataModule):
                                   "data.too_long=truncate")
         log.info("%s: %s rows, %d train / %d val, vocab %d", self.train_file, train.format,
                  len(self.train[0]), len(self.val[0]), self.vocab_size)
+
+    def _split(self, train: Rows, read: Callable[[str], Rows]) -> tuple[Rows, Rows]:
+        """(training, validation) rows: val_file read with `read`, else the last val_fraction
+        of the training rows shuffled with split_seed."""
+        if self.val_file:
+            return train, read(self.val_file)
+        order = np.random.default_rng(self.split_seed).permutation(len(train.rows))
+        n_val = int(round(len(train.rows) * self.val_fraction))
+        if n_val >= len(train.rows):
+            raise ConfigError(f"val_fraction={self.val_fraction} leaves no training rows")
+        return train.take(order[n_val:]), train.take(order[:n_val])
 
     def _setup_tokenizer(self, train: Rows, run_dir: str | Path | None) -> None:
         if train.format == "chat" and not self.tokenizer_cfg.get("path"):
