@@ -131,3 +131,170 @@ def test_a_bad_row_names_its_line_and_the_fix(pref_model, tmp_path):
         pairs_data(pref_model["folder"], bad)
     with pytest.raises(ConfigError, match="data.keys has unknown keys"):
         PreferencePairs(str(bad), keys={"answer": "x"})
+
+
+# --- the reference model ---------------------------------------------------------------------
+
+
+def loss_parts(folder: Path, data: PreferencePairs, reference: str, rank: int = 8) -> dict:
+    """The first training batch's loss and metrics with `reference`, on the tiny Llama with
+    LoRA (rank 8) or without (rank 0), its adapters given weights so policy != reference."""
+    import mlx.core as mx
+
+    from mlxlab.models.transformer import Transformer
+    from mlxlab.training.preference import build_preference_loss
+    from mlxlab.training.settings import PreferenceConfig
+
+    mx.random.seed(0)
+    model = Transformer(
+        vocab_size=data.vocab_size,
+        pretrained=str(folder),
+        lora={"rank": rank, "targets": ["query", "value"]} if rank else None,
+    )
+    batching = Batching(batch_size=8)
+    loss_fn = build_preference_loss(PreferenceConfig(reference=reference), data, batching, model)
+    # the policy moves away from the reference (as training does), after the reference is built
+    model.update(
+        tree_map_params(
+            model,
+            lambda name, p: (
+                p + 0.05
+                if name.endswith("lora_b") or (not rank and name.endswith("query.weight"))
+                else p
+            ),
+        )
+    )
+    batch = next(iter(data.val_batches(batching)))
+    loss, aux = loss_fn(model, batch)
+    return {"loss": loss.item(), **{k: v.item() for k, v in aux.items()}}
+
+
+def tree_map_params(model, fn):
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    return tree_unflatten([(n, fn(n, p)) for n, p in tree_flatten(model.parameters())])
+
+
+def test_the_reference_is_the_base_model_with_adapters_off_a_copy_or_cached(pref_model, tmp_path):
+    """DPO against the adapters switched off, against log-probs cached before training (read
+    back from data.cache_dir by a second build), and, without LoRA, against a frozen copy: the
+    reference's log-probs are the starting model's in each, so the reward of a pair is beta x
+    the policy's change; and a changed policy moves the rewards off zero."""
+    folder = pref_model["folder"]
+    data = pairs_data(
+        folder,
+        pref_model["train"],
+        val_file=str(pref_model["val"]),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    adapters = loss_parts(folder, data, "adapters")
+    cached = loss_parts(folder, data, "cached")
+    assert list((tmp_path / "cache" / "preference_reference").glob("*.npz"))
+    again = loss_parts(folder, data, "cached")  # read from the file this time
+    for key in adapters:
+        assert cached[key] == pytest.approx(adapters[key], abs=2e-5), key
+        assert again[key] == cached[key], key
+    assert abs(adapters["rewards/margin"]) > 1e-3 and adapters["ntokens"] == 8
+    copy = loss_parts(folder, data, "copy", rank=0)
+    assert abs(copy["rewards/chosen"]) > 1e-3 and copy["logps/chosen"] != adapters["logps/chosen"]
+    with pytest.raises(ConfigError, match="reference=adapters needs LoRA adapters"):
+        loss_parts(folder, data, "adapters", rank=0)
+
+
+# --- experiment=dpo_chat / orpo_chat: the one loop, a real MLflow store -----------------------
+
+REWARDS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margin",
+    "rewards/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+def preference_args(model: dict, *extra: str) -> list[str]:
+    return [
+        f"model.pretrained={model['folder']}",
+        f"data.train_file={model['train']}",
+        f"data.val_file={model['val']}",
+        "trainer.batch_size=8",
+        "trainer.max_steps=40",
+        "trainer.eval_every_steps=20",
+        "trainer.log_every_steps=1",
+        "trainer.schedule.warmup_steps=0",
+        "callbacks.progress.enabled=false",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(("experiment", "lr"), [("dpo_chat", "3e-3"), ("orpo_chat", "3e-3")])
+def test_preference_experiments_train_and_log_the_rewards(pref_model, make_cfg, experiment, lr):
+    """40 steps of LoRA on 240 generated pairs: every reward metric at every step in MLflow
+    (train/ and, at the evaluations, val/), DPO's mean margin over its last 10 logged steps
+    above its first 10's, and the held-out pairs' accuracy up; ORPO adds its NLL term."""
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.train import train
+
+    cfg = make_cfg(
+        f"experiment={experiment}", f"optimizer.learning_rate={lr}", *preference_args(pref_model)
+    )
+    metrics = train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id]
+    )[0]
+    assert (
+        run.info.status == "FINISHED"
+        and run.data.tags["choice.trainer"] == experiment.split("_")[0]
+    )
+
+    def history(key: str) -> list[float]:
+        rows = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        return [v for _, v in rows]
+
+    for key in REWARDS:
+        assert len(history(f"train/{key}")) == 40, key
+        assert len(history(f"val/{key}")) == 2, key
+    margin, accuracy = history("train/rewards/margin"), history("val/rewards/accuracy")
+    assert np.mean(margin[-10:]) > np.mean(margin[:10]), margin
+    assert accuracy[-1] >= 0.9 and metrics["val/rewards/accuracy"] == max(accuracy)
+    if experiment == "orpo_chat":
+        nll = history("train/nll_loss")
+        assert len(nll) == 40 and np.mean(nll[-10:]) < np.mean(nll[:10])
+
+
+def test_a_sigkilled_dpo_run_resumes_bitwise(pref_model, tmp_path, cli_env):
+    """experiment=dpo_chat with the reference cached in data.cache_dir, SIGKILLed after its
+    checkpoint at step 9 and resumed: the weights, the whole MLflow history (rewards included)
+    and state.json's equal an uninterrupted run's; the resumed run reads the reference log-probs
+    the killed run computed."""
+    from run_helpers import committed_steps, kill_when, run, start
+    from test_resume import assert_same_history, assert_same_weights, run_id_of
+
+    args = [
+        "experiment=dpo_chat",
+        "optimizer.learning_rate=3e-3",
+        *preference_args(
+            pref_model,
+            "trainer.max_steps=16",
+            "trainer.eval_every_steps=8",
+            "trainer.log_every_steps=2",
+            "trainer.preference.reference=cached",
+            "callbacks.checkpoint.save_every_steps=3",
+            "callbacks.checkpoint.save_every_minutes=null",
+        ),
+    ]
+    killed = tmp_path / "killed"
+    proc = start(args, killed, cli_env)
+    kill_when(proc, lambda: any(s >= 9 for s in committed_steps(killed)))
+    assert max(committed_steps(killed)) < 16
+    resumed = tmp_path / "resumed"
+    out = run([*args, f"resume={killed}"], resumed, cli_env)
+    assert "reference log-probs of 240 + 40 pairs read from" in out.stdout + out.stderr
+    reference = tmp_path / "reference"
+    run(args, reference, cli_env)
+    assert_same_weights(reference, resumed, "dpo")
+    assert run_id_of(resumed) == run_id_of(killed)
+    assert_same_history(f"sqlite:///{tmp_path}/mlruns/mlflow.db", reference, resumed, "dpo")
