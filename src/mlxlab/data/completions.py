@@ -22,6 +22,7 @@ import logging
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -66,6 +67,17 @@ def row_format(row: dict, keys: dict[str, str]) -> str | None:
     return None
 
 
+def jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, JSON value) of each non-empty line; a line that is not JSON is named."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{number} is not JSON ({e}); fix the line") from None
+
+
 def read_rows(path: str | Path, keys: dict[str, str]) -> Rows:
     """Every line of a jsonl file, its format detected from the keys; a bad line, or a line in
     another format than the first, is named with its number."""
@@ -76,13 +88,7 @@ def read_rows(path: str | Path, keys: dict[str, str]) -> Rows:
                 f"or {keys['text']!r}")
     rows: list[Row] = []
     first: tuple[int, str] | None = None
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{number} is not JSON ({e}); fix the line") from None
+    for number, row in jsonl_lines(path):
         fmt = row_format(row, keys) if isinstance(row, dict) else None
         if fmt is None:
             raise ConfigError(f"{path}:{number} is not a JSON object with {expected}; fix the "

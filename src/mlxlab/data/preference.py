@@ -24,7 +24,6 @@ resumes it are data=completions' (this module subclasses PromptCompletion).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 
 from mlxlab.data.batching import Batch, Batching, bucket_length, make_batches
 from mlxlab.data.chat import TEMPLATE_FILE, ChatError, encode_chats
-from mlxlab.data.completions import PromptCompletion, Rows
+from mlxlab.data.completions import PromptCompletion, Rows, jsonl_lines
 from mlxlab.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
@@ -70,13 +69,7 @@ def read_pairs(path: str | Path, keys: dict[str, str]) -> Rows:
             f"{keys['prompt']!r}/{keys['chosen']!r}/{keys['rejected']!r} rows)"
         )
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{number} is not JSON ({e}); fix the line") from None
+    for number, row in jsonl_lines(path):
         try:
             pair_messages(row, keys)
         except ValueError as e:
