@@ -248,14 +248,47 @@ class Fit:
                 raise
             raise failure from err  # the watchdog now bounds the cleanup below
         finally:  # always, last: callbacks end, the last checkpoint writes and uploads, run ends
-            if set_up:
-                for cb in callbacks:
-                    cb.on_train_end()
-            if writer is not None:
-                writer.close(tracker)  # the last write and upload round, before the run ends
-            if tracked:
-                tracker.end("FINISHED" if state.finished else status)
-            stop.disarm()
+            finished = state is not None and state.finished
+            try:
+                self._close(callbacks if set_up else [], writer, tracker if tracked else None,
+                            "FINISHED" if finished else status, raise_first=finished)
+            finally:
+                stop.disarm()  # last: a second Ctrl-C while closing still exits at once
+
+    def _close(self, callbacks: Sequence[Callback], writer: CheckpointWriter | None,
+               tracker: Tracker | None, status: str, raise_first: bool) -> None:
+        """The end of a fit, each step guarded: the callbacks' on_train_end, the writer's close
+        (the last write and upload round), then the tracked run's end. A step that fails does
+        not skip the next ones: the run still ends, FAILED, with the first failure tagged; that
+        failure is raised after, unless another exception is already on its way out
+        (`raise_first` false: the run did not finish), which it must not replace."""
+        failures: list[tuple[str, BaseException]] = []
+        steps: list[tuple[str, Any]] = [(f"{type(cb).__name__}.on_train_end", cb.on_train_end)
+                                        for cb in callbacks]
+        if writer is not None:
+            steps.append(("the checkpoint writer's close", lambda: writer.close(tracker)))
+        for what, close in steps:
+            try:
+                close()
+            except Exception as err:  # noqa: BLE001 - the next steps and the run's end go on
+                log.error("closing the run: %s failed: %s: %s", what, type(err).__name__, err)
+                failures.append((what, err))
+        if tracker is not None:
+            if failures:
+                what, err = failures[0]
+                status = "KILLED" if status == "KILLED" else "FAILED"
+                try:
+                    tracker.set_tags({T.ERROR: f"{what}: {type(err).__name__}: {err}"[:5000]})
+                except Exception as tag_err:  # noqa: BLE001 - the status below matters more
+                    log.error("closing the run: its error tag failed: %s", tag_err)
+            try:
+                tracker.end(status)
+            except Exception as err:  # noqa: BLE001 - reported below, like the others
+                log.error("closing the run: ending the tracked run (%s) failed: %s: %s", status,
+                          type(err).__name__, err)
+                failures.append(("the tracked run's end", err))
+        if failures and raise_first:
+            raise failures[0][1]
 
     def _start_tracking(self, teacher_weights: list[float]) -> None:
         """The tracked run starts (or a resumed one continues), with the tags only the fit knows."""
