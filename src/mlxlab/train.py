@@ -216,13 +216,12 @@ def hydra_main(cfg: DictConfig) -> float:
     from mlxlab.training.trainer import TrainingInterrupted
 
     _, _, sweeping = hydra_context(cfg)
-    if cfg.get("sweep", {}).get("skip_finished") and sweeping:
-        from mlxlab.runs import finished_metric
+    if sweeping:  # a continued sweep: a finished job is kept, a killed one resumes
+        from mlxlab.sweeps.jobs import continue_job
 
-        done = finished_metric(cfg)
-        if done is not None:
-            log.info("skip_finished: this config already has a finished run; skipping")
-            return done
+        kept = continue_job(cfg)
+        if kept is not None:
+            return kept
     try:
         with unwrapped():  # a constructor's own error (a bad size) as itself, not Hydra's report
             metrics = train(cfg)
@@ -230,7 +229,9 @@ def hydra_main(cfg: DictConfig) -> float:
             log.warning("no %s to return: the run had no validation data", cfg.optimized_metric)
         return float(metrics.get(cfg.optimized_metric, math.nan))
     except TrainingInterrupted as stop:
-        log.error("stopped by signal; checkpoint: %s (resume with resume=auto)", stop.checkpoint)
+        from mlxlab.runs.command import stopped_hint
+
+        log.error("%s", stopped_hint(stop.checkpoint, stop.exit_code))
         if stop.requeue:
             from mlxlab.runtime import slurm
 
