@@ -32,6 +32,7 @@ from mlxlab.runs.resume import (
 )
 from mlxlab.runs.tokenizer import (
     TOKENIZER_SIDE_FILES,
+    choose_tokenizer,
     first_teacher,
     keep_pretrained_files,
     require_run_tokenizer,
@@ -43,7 +44,7 @@ from mlxlab.runs.tokenizer import (
 __all__ = [
     "remove_unused_run_dir",
     "CHECKPOINT_CHOICES", "TOKENIZER_SIDE_FILES", "choose_checkpoint",
-    "first_teacher", "keep_pretrained_files", "latest_run_with_checkpoints", "load_run_model",
+    "choose_tokenizer", "first_teacher", "keep_pretrained_files", "latest_run_with_checkpoints", "load_run_model",
     "load_teachers", "newest_committed", "prepare_resume", "rebuild_from_checkpoint", "record_resume", "remote_resume",
     "resumed_run_folder",
     "require_run_tokenizer", "reuse_tokenizer", "run_tokenizer", "use_pretrained_tokenizer",
