@@ -212,3 +212,37 @@ def test_resume_on_a_multirun_is_refused_before_anything_starts(tmp_path):
         )
     )
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_a_continued_grid_says_what_an_uninterrupted_one_says(tmp_path):
+    """Issue 48 item 4: the groups and the verdict of a grid killed in its 4th job and continued
+    equal an uninterrupted grid's with the same seeds: every per-seed value bitwise."""
+    killed_root, whole_root = tmp_path / "killed", tmp_path / "whole"
+    killed_root.mkdir()
+    whole_root.mkdir()
+    interrupt_4th_job(killed_root, signal.SIGKILL)
+    sweep(killed_root)
+    sweep(whole_root)
+
+    def outcome(root: Path) -> tuple[dict, dict, dict]:
+        client = store(root)
+        experiment = client.get_experiment_by_name("train")
+        (parent,) = client.search_runs([experiment.experiment_id], f"tags.`{T.ROLE}` = 'sweep'")
+        children = client.search_runs(
+            [experiment.experiment_id], f"tags.`{T.PARENT_RUN}` = '{parent.info.run_id}'"
+        )
+        values = {
+            (r.data.params["model.pooler"], r.data.params["seed"]): (
+                r.data.metrics["best/val/loss"],
+                r.data.metrics["val/accuracy"],
+            )
+            for r in children
+        }
+        groups = {k: v for k, v in parent.data.metrics.items() if k.startswith(("g1/", "g2/"))}
+        verdict = {k: parent.data.tags[k] for k in (T.VERDICT, T.LEADER)}
+        return values, groups, verdict
+
+    continued, whole = outcome(killed_root), outcome(whole_root)
+    assert len(continued[0]) == 6 and continued[0] == whole[0]  # bitwise, seed by seed
+    assert continued[1] == whole[1] and continued[2] == whole[2]

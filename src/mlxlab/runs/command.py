@@ -9,12 +9,15 @@ every job from one run; the callback refuses it.
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from pathlib import Path
 
 from mlxlab.sweeps.folder import current_job, record_stop, sweep_command
 from mlxlab.tracking.source import command_line
+
+log = logging.getLogger("mlxlab")
 
 
 def signal_name(exit_code: int) -> str:
@@ -23,6 +26,18 @@ def signal_name(exit_code: int) -> str:
         return signal.Signals(exit_code - 128).name
     except ValueError:
         return "a signal"
+
+
+def leave_after_signal(checkpoint: Path | None, exit_code: int, requeue: bool) -> None:
+    """A run stopped by a signal (after its checkpoint): the hint logged, the Slurm job
+    requeued when it asked (SIGUSR1 with trainer.requeue), and the process left with the
+    signal's exit code."""
+    log.error("%s", stopped_hint(checkpoint, exit_code))
+    if requeue:
+        from mlxlab.runtime import slurm
+
+        slurm.requeue()
+    sys.exit(exit_code)
 
 
 def stopped_hint(checkpoint: Path | None, exit_code: int) -> str:

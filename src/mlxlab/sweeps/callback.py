@@ -82,6 +82,11 @@ class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self._parent: ParentRun | None = None  # in the launching process
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a launcher's worker process gets (joblib pickles the callbacks): no parent run,
+        whose heartbeat thread and client are the launching process's."""
+        return {**self.__dict__, "_parent": None}
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         settings = _mlflow_settings(config)
         # A single run's background tracker creates the store in its own process, beside the

@@ -78,6 +78,12 @@ def current_job() -> SweepJob | None:
     return job_of(hydra)
 
 
+def swept_keys_here() -> tuple[str, ...]:
+    """The keys this process's multirun job varies (none outside one): its run's name."""
+    job = current_job()
+    return job.swept_keys if job is not None else ()
+
+
 def tracker_arguments(job: SweepJob | None, tracking: Any) -> dict[str, str]:
     """What an MLflow tracker of this job is handed (its `parent_run_id`, `sweep_job_dir`):
     none outside a multirun job, none for a `tracking` node without MLflow, and none the node

@@ -1,5 +1,5 @@
-"""Sweep queries: a sweep's runs and their table, the finished run of a config (for
-sweep.skip_finished and distillation rounds). Read only: a missing sqlite store or experiment is
+"""Sweep queries: a sweep's runs and their table, a finished run's metrics (distillation
+rounds). Read only: a missing sqlite store or experiment is
 not created here."""
 
 from __future__ import annotations
@@ -12,30 +12,6 @@ from typing import Any
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow.calls import retrying
 from mlxlab.tracking.mlflow.store import resolve_uri, sqlite_path
-
-
-def find_finished_run(uri: str | None, experiment_name: str, config_hash: str) -> Any | None:
-    """The newest FINISHED run of the experiment tagged with this config hash, else None.
-    Reads only: a missing sqlite store or experiment is not created."""
-    uri = resolve_uri(uri)
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():
-        return None
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    experiment = retrying(client.get_experiment_by_name, experiment_name)
-    if experiment is None:
-        return None
-    runs = retrying(
-        client.search_runs,
-        [experiment.experiment_id],
-        filter_string=f"tags.`{T.CONFIG_HASH}` = '{config_hash}' "
-        "and attributes.status = 'FINISHED'",
-        max_results=1,
-        order_by=["attributes.start_time DESC"],
-    )
-    return runs[0] if runs else None
 
 
 def finished_run_metrics(uri: str | None, run_id: str) -> dict[str, float] | None:
