@@ -168,7 +168,7 @@ def _state(row: dict) -> str:
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(header)]
     for line in [header, ["-" * w for w in widths], *rows]:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxlab.errors import ConfigError
+from mlxlab.runtime.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,28 @@ def default_storage(root: str | Path, tracking_uri: str | None) -> str:
     return f"sqlite:///{(folder / 'optuna.db').resolve()}"
 
 
+def lock_path(url: str, root: str | Path) -> Path:
+    """The file lock that orders this storage's creation and its trials' numbering between
+    sweepers of this machine: beside a sqlite file, else under `<root>/mlruns`, named by the
+    URL. (Sweepers on several machines share a database server: its own transactions order
+    them, and a lost race to create the tables is retried, open_storage.)"""
+    if url.startswith("sqlite:///"):
+        db = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+        return db.with_name(db.name + ".lock")
+    return Path(root) / "mlruns" / f".optuna-{hashlib.sha256(url.encode()).hexdigest()[:12]}.lock"
+
+
+def open_study(url: str, root: str | Path, name: str, direction: str,
+               spec: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(storage, study): both created if missing, one sweeper at a time. Optuna creates its
+    schema without guarding against another process doing the same (two sweepers started at
+    once on a fresh root: `UNIQUE constraint failed: alembic_version.version_num`), and two
+    fresh starts would both record the study's spec."""
+    with file_lock(lock_path(url, root), what=f"the Optuna storage {_safe_url(url)}"):
+        storage = open_storage(url)
+        return storage, load_or_create(storage, name, direction, spec)
+
+
 def open_storage(url: str, attempts: int = 3) -> Any:
     """Optuna's RDBStorage for `url`; sqlite waits on a lock held by a parallel trial instead of
     failing, and a database that cannot be reached is one line. Sweepers started at once on a
@@ -70,15 +93,28 @@ def open_storage(url: str, attempts: int = 3) -> Any:
         try:
             return optuna.storages.RDBStorage(url, **kwargs)
         except Exception as err:  # a driver missing, a server down, bad credentials, the race
-            racing = any(w in str(err).lower() for w in ("already exists", "duplicate key"))
+            racing = any(w in str(err).lower() for w in (
+                "already exists", "duplicate key", "unique constraint"))
             if racing and attempt + 1 < attempts:
                 time.sleep(1.0 + attempt)
                 continue
             raise ConfigError(f"hydra.sweeper.storage={_safe_url(url)} cannot be opened "
-                              f"({type(err).__name__}: {str(err).splitlines()[0]}); fix the URL, "
-                              "start the database, or leave it null for sqlite beside the "
-                              "MLflow store") from None
+                              f"({type(err).__name__}: {str(err).splitlines()[0]}); "
+                              f"{_storage_fix(url, err)}") from None
     raise AssertionError("unreachable")
+
+
+def _storage_fix(url: str, err: Exception) -> str:
+    """What to do: a sqlite file that is not a database (corrupt, or another program's) is
+    not fixed by the URL; a new study file or removing it is."""
+    text = str(err).lower()
+    if url.startswith("sqlite") and any(w in text for w in (
+            "not a database", "malformed", "file is encrypted", "no such table", "alembic")):
+        path = url.removeprefix("sqlite:///").split("?", 1)[0]
+        return (f"the file is not a usable Optuna database: remove {path} (its study's trials "
+                "are lost) or point hydra.sweeper.storage=sqlite:///<new file> for a new study")
+    return ("fix the URL, start the database, or leave it null for sqlite beside the MLflow "
+            "store")
 
 
 def _safe_url(url: str) -> str:

@@ -17,11 +17,15 @@ Every `--multirun` goes through it (conf/hydra/sweeper/mlxlab.yaml, the default)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +35,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import DictConfig, OmegaConf
 
 from mlxlab.errors import ConfigError
+from mlxlab.runtime.locks import file_lock
 from mlxlab.search import study as S
 from mlxlab.search.pruning import PRUNERS, make_pruner
 from mlxlab.search.space import override_text, split_space
@@ -165,11 +170,13 @@ class Search:
         self.sweep_dir = Path(str(self.config.hydra.sweep.dir))
         root = str(OmegaConf.select(self.config, "paths.root_dir"))
         self.storage_url = sweeper.storage_url or S.default_storage(root, _tracking_uri(self.config))
-        self.storage = S.open_storage(self.storage_url)
+        self.lock = S.lock_path(self.storage_url, root)
         self.name = sweeper.study_name or str(OmegaConf.select(self.config, "task_name"))
-        self.study = S.load_or_create(self.storage, self.name, sweeper.direction, self.spec())
+        self.storage, self.study = S.open_study(self.storage_url, root, self.name,
+                                                sweeper.direction, self.spec())
         self.study.pruner = make_pruner(sweeper.pruner["name"], sweeper.pruner["args"])
         self.heartbeat = S.Heartbeat(self.storage)
+        self.running: dict[int, Any] = {}  # trial number -> trial, while its job runs
 
     def spec(self) -> dict[str, Any]:
         s = self.sweeper
@@ -189,7 +196,11 @@ class Search:
                  "once", self.name, S._safe_url(self.storage_url), done, s.n_trials,
                  len(trials) - done, s.pruner["name"], s.slots())
         with self.heartbeat:
-            self.run_trials()
+            try:
+                with stop_signals_interrupt():
+                    self.run_trials()
+            except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C, SIGTERM, a job's exit
+                self.stopped(stop)
             self.write_results()
             if s.rerun_top_k:
                 self.rerun_best()
@@ -221,11 +232,7 @@ class Search:
         queue, slots = deque(self.stale_trials()), self.sweeper.slots()
 
         def next_trial() -> Any:
-            if queue:
-                return queue.popleft()
-            if len(self.study.get_trials(deepcopy=False)) >= self.sweeper.n_trials:
-                return None
-            return self.ask()
+            return queue.popleft() if queue else self.ask()
 
         if slots == 1:
             while (trial := next_trial()) is not None:
@@ -243,11 +250,25 @@ class Search:
                     self.tell(running.pop(future), future.result())
 
     def ask(self) -> Any:
-        """A new trial, sampled by a sampler seeded for its number: with the same seed and
-        history a resumed search asks what the uninterrupted one asked."""
-        number = len(self.study.get_trials(deepcopy=False))
-        self.study.sampler = self.make_sampler(number)
-        return self.study.ask(fixed_distributions=self.space)
+        """A new trial, or None when the study has its n_trials, sampled by a sampler seeded
+        for the trial's number: with the same seed and history a resumed search asks what the
+        uninterrupted one asked, and sweepers sharing the study never sample alike.
+
+        The number is the one the storage gives the new trial (counted and created under the
+        study's file lock, so sweepers started together make n_trials in all, not one each
+        past the count they read); the sampler is seeded for it only then, and the trial's
+        params are drawn after (what Study.ask does in one call, with the sampler it has)."""
+        import optuna
+
+        with file_lock(self.lock, what=f"study {self.name!r}"):
+            if len(self.study.get_trials(deepcopy=False)) >= self.sweeper.n_trials:
+                return None
+            trial_id = self.storage.create_new_trial(self.study._study_id)
+        self.study.sampler = self.make_sampler(self.storage.get_trial_number_from_id(trial_id))
+        trial = optuna.Trial(self.study, trial_id)
+        for name, distribution in self.space.items():
+            trial._suggest(name, distribution)
+        return trial
 
     def make_sampler(self, number: int) -> Any:
         from hydra.utils import instantiate
@@ -257,7 +278,36 @@ class Search:
             cfg["seed"] = int(cfg["seed"]) + number
         return instantiate(cfg)
 
+    def stopped(self, stop: BaseException) -> None:
+        """A signal stopped the search: each trial it was running ends FAIL with the reason
+        (and its checkpoint's folder), its MLflow runs KILLED, then the process leaves with the
+        signal's code and one line, no traceback; the sweep's parent ends KILLED at exit
+        (search/checks.py end_interrupted_parent)."""
+        from mlxlab.search.checks import store_uri
+
+        code = stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 130
+        reason = f"stopped by a signal (exit {code}) while running"
+        uri = store_uri(self.config)
+        for number, trial in sorted(self.running.items()):
+            job_dir = self.sweep_dir / str(number)
+            self.storage.set_trial_user_attr(trial._trial_id, S.FAIL_REASON_ATTR,
+                                             f"{reason}; its checkpoints are in {job_dir}")
+            self.study.tell(number, state=_fail_state(), skip_if_finished=True)
+            if uri is not None:
+                kill_job_runs(uri, job_dir, reason)
+        print(f"mlxlab: search stopped by a signal: trial(s) {sorted(self.running) or '-'} "
+              f"marked FAIL, their runs KILLED; the same command continues study {self.name!r}",
+              file=sys.stderr)
+        sys.exit(code)
+
     def run_trial(self, trial: Any) -> Outcome:
+        number = trial.number
+        self.running[number] = trial
+        outcome = self._run_trial(trial)  # a signal leaves it in `running`, for stopped()
+        self.running.pop(number, None)
+        return outcome
+
+    def _run_trial(self, trial: Any) -> Outcome:
         trial_id, number = trial._trial_id, trial.number
         attempts = S.claim(self.storage, trial_id)
         if attempts > S.MAX_ATTEMPTS:
@@ -407,6 +457,48 @@ class Search:
         except (TypeError, ValueError):
             return None
         return value if math.isfinite(value) else None
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM stops the search as Ctrl-C does (a KeyboardInterrupt where the search waits),
+    instead of ending the process with no cleanup; the previous handler after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fail_state() -> Any:
+    from optuna.trial import TrialState
+
+    return TrialState.FAIL
+
+
+def kill_job_runs(uri: str, job_dir: Path, reason: str) -> None:
+    """The MLflow runs a stopped job's trackers started end KILLED (those still RUNNING: a job
+    that saved and ended its run itself already says KILLED)."""
+    from mlflow import MlflowClient
+
+    from mlxlab.sweeps.folder import job_runs
+    from mlxlab.tracking import tags as T
+
+    client = MlflowClient(tracking_uri=uri)
+    for run_id in job_runs(job_dir):
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, T.ERROR, reason)
+                client.set_terminated(run_id, "KILLED")
+        except Exception as err:  # noqa: BLE001 - the process is leaving; the next run marks it
+            log.warning("MLflow: run %s not marked KILLED: %s", run_id, err)
 
 
 def _direction(direction: str) -> str:

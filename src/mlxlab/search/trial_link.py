@@ -82,7 +82,13 @@ def current_trial() -> TrialLink | None:
 
 def record_failure(reason: str) -> None:
     """A trial's job failed on bad input (train.py's UserError funnel returns NaN to the
-    sweeper): the reason goes on the trial, where the sweeper and the summary read it."""
+    sweeper): the reason goes on the trial, where the sweeper and the summary read it, and in
+    the job's folder, where the sweep's checks put it on the job's MLflow run (search/checks.py)."""
+    from mlxlab.sweeps.folder import current_job, write_job_failure
+
+    job = current_job()
+    if job is not None:
+        write_job_failure(job.job_dir, reason)
     link = current_trial()
     if link is not None:
         from mlxlab.search.study import FAIL_REASON_ATTR

@@ -32,6 +32,7 @@ PARENT_ID_FILE = ".mlflow_parent_run_id"
 SWEPT_KEYS_FILE = ".mlxlab_swept_keys.json"
 COMMAND_FILE = ".mlxlab_command"
 STOPPED_FILE = ".mlxlab_stopped"
+JOB_FAILURE_FILE = ".mlxlab_job_failure"  # in a job's folder: why the job failed (one line)
 
 
 @dataclass(frozen=True)
@@ -162,3 +163,14 @@ def job_runs(job_dir: Path) -> list[str]:
     """The runs the job's trackers started, in order."""
     path = Path(job_dir) / JOB_RUNS_FILE
     return path.read_text().split() if path.is_file() else []
+
+
+def write_job_failure(job_dir: Path, reason: str) -> None:
+    """Why this job failed, for its MLflow run (train.py returns NaN to the sweeper, which
+    carries no reason)."""
+    (Path(job_dir) / JOB_FAILURE_FILE).write_text(reason[:5000])
+
+
+def read_job_failure(job_dir: Path) -> str | None:
+    path = Path(job_dir) / JOB_FAILURE_FILE
+    return path.read_text() if path.is_file() else None

@@ -13,6 +13,8 @@ from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow.calls import retrying
 from mlxlab.tracking.mlflow.store import resolve_uri, sqlite_path
 
+LATEST_CANDIDATES = 50  # newest sweeps looked at for "latest" (skipping failed and empty ones)
+
 
 def finished_run_metrics(uri: str | None, run_id: str) -> dict[str, float] | None:
     """What the trainer returned for a run whose status is FINISHED: its best/<metric> values
@@ -116,17 +118,24 @@ def sweep_table(runs: Sequence, metric: str, keys: Sequence[str], mode: str = "m
 
 
 def find_sweep_parent(client, sweep: str, experiment_ids: list[str] | None = None):
-    """The parent run of a sweep: `sweep` is its run id, or "latest" (newest in the store)."""
+    """The parent run of a sweep: `sweep` is its run id, or "latest": the newest sweep that
+    did not fail and has runs (a sweep refused at its start, or one that failed before any job
+    ran, is never `latest`: it would hide the good sweep before it)."""
     if sweep != "latest":
         return client.get_run(sweep)
     if experiment_ids is None:
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
     parents = client.search_runs(
         experiment_ids,
-        filter_string=f"tags.`{T.ROLE}` = 'sweep'",
-        max_results=1,
+        filter_string=f"tags.`{T.ROLE}` = 'sweep' and attributes.status != 'FAILED'",
+        max_results=LATEST_CANDIDATES,
         order_by=["attributes.start_time DESC"],
     )
-    if not parents:
-        raise SystemExit("no sweep (multirun) parent run in this store")
-    return parents[0]
+    for parent in parents:
+        if client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`{T.PARENT_RUN}` = '{parent.info.run_id}'",
+            max_results=1,
+        ):
+            return parent
+    raise SystemExit("no sweep (multirun) parent run with runs in this store")

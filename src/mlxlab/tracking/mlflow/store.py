@@ -5,17 +5,17 @@ processes create one sqlite store at once)."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from mlxlab.errors import ConfigError
 from mlxlab.runtime import settings
+from mlxlab.runtime.locks import file_lock
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow import environment
 from mlxlab.tracking.mlflow.calls import retrying
@@ -77,6 +77,32 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).resolve()
 
 
+def check_writable(uri: str) -> None:
+    """A sqlite store (or the folder it will be made in) that this process cannot write fails
+    here, in one line: a real write, rolled back (a table made in a transaction needs the
+    database file and its journal beside it writable; permission bits say nothing for root
+    and read-only mounts). Before, jobs trained untracked with MLflow's tracebacks."""
+    db = sqlite_path(uri)
+    if db is None:  # a server: probe_store asks it
+        return
+    try:
+        if db.is_file():
+            with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("CREATE TABLE mlxlab_write_probe (x)")
+                conn.execute("ROLLBACK")
+        else:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            probe = db.with_name(f".mlxlab-write-probe-{os.getpid()}")
+            probe.write_text("")
+            probe.unlink()
+    except (OSError, sqlite3.Error) as err:
+        raise ConfigError(
+            f"MLflow store {db} cannot be written ({type(err).__name__}: {err}): give this user "
+            f"write access to {db.parent}, point tracking.uri at a writable store, or train "
+            "untracked with tracking=none") from None
+
+
 def ensure_store(
     uri: str | None = None, experiment_name: str = "mlxlab", artifact_root: str | None = None
 ) -> str:
@@ -95,7 +121,7 @@ def ensure_store(
 
     db.parent.mkdir(parents=True, exist_ok=True)
     root = Path(artifact_root or db.parent / "artifacts").resolve()
-    with _file_lock(db.with_name(db.name + ".lock")):
+    with file_lock(db.with_name(db.name + ".lock"), what=f"the MLflow store {db}"):
         fresh = not db.exists() or db.stat().st_size == 0
         if fresh:
             _copy_store_template(db)
@@ -175,14 +201,3 @@ def _ensure_experiment_via_client(uri: str, name: str, artifact_root: str | None
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         return client.get_experiment_by_name(name).experiment_id
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-

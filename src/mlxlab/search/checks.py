@@ -1,0 +1,311 @@
+"""Bad input fails first: the Hydra callback that checks a sweep before anything of it exists.
+
+Registered FIRST in conf/hydra/default.yaml (`sweep_checks`), so its on_multirun_start runs
+before the sweep callback's (store, parent run, sweep folder) and before Hydra builds the
+sweeper (the study): a bad `replicates`, `hydra.sweeper.n_trials` or a sweep value of the wrong
+type (`trainer.max_epochs=two,3`) is one line, exit 2, and no parent run, multirun folder or
+study is left behind. Each job's config is composed as the launcher will compose it and goes
+through config.validate, the check every run passes: a covering set of jobs, so every value of
+every swept key is checked at least once (not the whole product: a grid of 1000 jobs is
+checked in as many compositions as its longest sweep has values).
+
+It also keeps what the sweep callback (sweeps/callback.py) does not:
+- a store this process cannot write stops the command (one line, exit 2) instead of training
+  untracked (tracking/mlflow/store.py check_writable, a real write);
+- sweepers started at the same moment on one sweep folder (the same search in N processes)
+  make its parent run one at a time: the start lock taken here is held through the sweep
+  callback's start and released by `SweepStarted`, registered after it;
+- a job's failure reason (train.py's UserError funnel returns NaN, which says nothing) reaches
+  its MLflow run's `mlxlab.error` tag (Hydra calls on_job_end last-registered first: this runs
+  after the sweep callback recorded the job);
+- a sweep stopped by a signal ends its parent run KILLED, not FAILED: the exit handler set here
+  runs after the sweep callback's (atexit runs the last registered first).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mlxlab.errors import ConfigError, UserError
+from mlxlab.runtime.locks import file_lock
+from mlxlab.sweeps.folder import (
+    JOB_FAILURE_FILE,
+    job_of,
+    job_runs,
+    read_job_failure,
+    read_parent_run,
+    sweep_dir_of,
+)
+from mlxlab.tracking import tags as T
+from mlxlab.validation import check_number
+
+log = logging.getLogger(__name__)
+
+START_LOCK = ".mlxlab_start.lock"  # in the sweep folder
+_start = contextlib.ExitStack()  # the start lock, from SweepChecks to SweepStarted
+
+
+def fail(message: str) -> None:
+    """One line on stderr and exit 2, as mlxlab-train's own errors."""
+    print(f"mlxlab: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# --- the sweep's own settings ----------------------------------------------------------------
+
+
+def check_settings(config: DictConfig) -> None:
+    """replicates and the sweeper's numbers, as the user typed them."""
+    replicates = OmegaConf.select(config, "replicates", default=None)
+    if replicates is not None:
+        _whole("replicates", replicates, 1, "seeds per config, e.g. replicates=3")
+    sweeper = OmegaConf.select(config, "hydra.sweeper") or {}
+    n_trials = sweeper.get("n_trials")
+    if n_trials is not None:
+        _whole(
+            "hydra.sweeper.n_trials",
+            n_trials,
+            1,
+            "trials over all starts of the study, e.g. hydra.sweeper.n_trials=20 (null: a grid)",
+        )
+    for key, low, example in (
+        ("n_jobs", 1, "trials at once"),
+        ("rerun_top_k", 0, "0: none"),
+        ("rerun_seeds", 1, "seeds per re-run config"),
+    ):
+        if sweeper.get(key) is not None:
+            _whole(f"hydra.sweeper.{key}", sweeper.get(key), low, example)
+    if n_trials is not None and int(replicates or 1) > 1:
+        raise ConfigError(
+            "replicates= is for grids; a search re-runs its best trials on more "
+            "seeds with hydra.sweeper.rerun_top_k=K hydra.sweeper.rerun_seeds=N"
+        )
+
+
+def _whole(key: str, value: Any, low: int, what: str) -> None:
+    try:
+        check_number(key, value, int, low)
+    except ConfigError:
+        raise ConfigError(f"{key}={value}: give a whole number >= {low} ({what})") from None
+
+
+# --- each job's config -------------------------------------------------------------------------
+
+
+def covering_jobs(config: DictConfig) -> list[list[str]]:
+    """Override lists of jobs that together take every value of every swept key: job i takes
+    each sweep's i-th value (its last, once it has no more). A search's space gives its choices
+    and its ranges' two ends."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task") or []]
+    task = [o for o in task if o.split("=", 1)[0].lstrip("+~") != "replicates"]
+    if OmegaConf.select(config, "hydra.sweeper.n_trials", default=None) is not None:
+        return _search_jobs(config, task)
+    lists: list[list[str]] = []
+    for override in OverridesParser.create().parse_overrides(task):
+        key = override.get_key_element()
+        if override.is_sweep_override() and override.is_discrete_sweep():
+            lists.append([f"{key}={v}" for v in override.sweep_string_iterator()])
+        elif not override.is_sweep_override():
+            lists.append([f"{key}={override.get_value_element_as_str()}"])
+    width = max((len(values) for values in lists), default=1)
+    return [[values[min(i, len(values) - 1)] for values in lists] for i in range(width)]
+
+
+def _search_jobs(config: DictConfig, task: list[str]) -> list[list[str]]:
+    from optuna.distributions import CategoricalDistribution
+
+    from mlxlab.search.space import override_text, split_space
+
+    space, fixed = split_space(OmegaConf.select(config, "hydra.sweeper.params"), task)
+    values = {
+        key: list(d.choices) if isinstance(d, CategoricalDistribution) else [d.low, d.high]
+        for key, d in space.items()
+    }
+    width = max((len(v) for v in values.values()), default=1)
+    return [
+        [*fixed, *(override_text(k, v[min(i, len(v) - 1)]) for k, v in values.items())]
+        for i in range(width)
+    ]
+
+
+def check_jobs(config: DictConfig) -> None:
+    """Each covering job composed (as the launcher composes it) and validated."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mlxlab.config import unwrapped, validate
+
+    loader = GlobalHydra.instance().config_loader()
+    for overrides in covering_jobs(config):
+        try:
+            job = loader.load_sweep_config(config, list(overrides))
+        except Exception as err:  # noqa: BLE001 - Hydra's own type and grammar errors
+            raise ConfigError(
+                f"a job of this sweep does not compose: {_first_line(err)}; fix its sweep values"
+            ) from None
+        with open_dict(job):
+            job.replicates = 1  # the grid's jobs get replicates=N: the sweeper ran them as seeds
+        try:
+            with unwrapped():
+                validate(job)
+        except UserError as err:
+            swept = " ".join(o for o in overrides if o.split("=", 1)[0] in _varied(config))
+            where = f" (in the job {swept})" if swept else ""
+            raise ConfigError(f"{err}{where}; nothing was started") from None
+
+
+def _varied(config: DictConfig) -> set[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task") or []]
+    keys = {
+        o.get_key_element()
+        for o in OverridesParser.create().parse_overrides(task)
+        if o.is_sweep_override()
+    }
+    return keys | {str(k) for k in OmegaConf.select(config, "hydra.sweeper.params") or {}}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+# --- the store -----------------------------------------------------------------------------------
+
+
+def store_uri(config: DictConfig) -> str | None:
+    from mlxlab.tracking.mlflow import tracked_store
+
+    return tracked_store(OmegaConf.select(config, "tracking"))
+
+
+def check_store(config: DictConfig) -> None:
+    from mlxlab.tracking.mlflow.store import check_writable
+
+    uri = store_uri(config)
+    if uri is not None:
+        check_writable(uri)
+
+
+def check_study_storage(config: DictConfig) -> None:
+    """A search's Optuna storage opens (made if missing, under its lock) before the sweep's
+    parent run exists: a corrupt optuna.db or a database that does not answer is one line and
+    leaves nothing behind."""
+    if OmegaConf.select(config, "hydra.sweeper.n_trials", default=None) is None:
+        return
+    from mlxlab.search import study as S
+
+    root = str(OmegaConf.select(config, "paths.root_dir"))
+    url = OmegaConf.select(config, "hydra.sweeper.storage", default=None) or S.default_storage(
+        root, store_uri(config)
+    )
+    with file_lock(S.lock_path(url, root), what=f"the Optuna storage {S._safe_url(url)}"):
+        S.open_storage(url)
+
+
+# --- the callbacks -------------------------------------------------------------------------------
+
+
+class SweepChecks(Callback):
+    """First of conf/hydra/default.yaml's callbacks."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_store(config)
+        except UserError as err:
+            fail(str(err))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_settings(config)
+            check_jobs(config)
+            check_store(config)
+            check_study_storage(config)
+        except UserError as err:
+            fail(str(err))
+        sweep_dir = sweep_dir_of(config.hydra)
+        _start.enter_context(file_lock(sweep_dir / START_LOCK, what=f"the sweep {sweep_dir}"))
+        uri = store_uri(config)
+        if uri is not None:
+            atexit.register(end_interrupted_parent, uri, sweep_dir)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if OmegaConf.select(config, "hydra.mode") is not None and _in_multirun(config):
+            (job_of(config.hydra).job_dir / JOB_FAILURE_FILE).unlink(missing_ok=True)
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if job_return is None or not _in_multirun(config):
+            return
+        reason = read_job_failure(job_of(config.hydra).job_dir)
+        uri = store_uri(config)
+        if reason is None or uri is None:
+            return
+        try:
+            tag_job_failure(uri, config, reason)
+        except Exception as err:  # noqa: BLE001 - bookkeeping must not fail the job
+            log.warning("MLflow: the job's failure reason was not recorded: %s", err)
+
+
+class SweepStarted(Callback):
+    """Last of conf/hydra/default.yaml's callbacks: the sweep has its parent run; the next
+    sweeper of this folder may start."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _start.close()
+
+
+def _in_multirun(config: DictConfig) -> bool:
+    from hydra.types import RunMode
+
+    return OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN
+
+
+def tag_job_failure(uri: str, config: DictConfig, reason: str) -> None:
+    """`mlxlab.error` = the reason on this job's runs: the ones its trackers started, or the
+    FAILED run the sweep callback made for a job that failed before tracking."""
+    from mlflow import MlflowClient
+
+    job = job_of(config.hydra)
+    client = MlflowClient(tracking_uri=uri)
+    run_ids = job_runs(job.job_dir)
+    if not run_ids and job.parent_run_id:
+        parent = client.get_run(job.parent_run_id)
+        found = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`{T.PARENT_RUN}` = '{job.parent_run_id}' and "
+            f"tags.`{T.RUN_DIR}` = '{job.job_dir}'",
+            max_results=10,
+        )
+        run_ids = [r.info.run_id for r in found]
+    for run_id in run_ids:
+        client.set_tag(run_id, T.ERROR, reason[:5000])
+
+
+def end_interrupted_parent(uri: str, sweep_dir: Path) -> None:
+    """At exit: a sweep whose parent did not finish and one of whose runs a signal stopped
+    (KILLED) ends KILLED, not FAILED (a signal is not a failure: its runs can continue)."""
+    parent_id = read_parent_run(sweep_dir)
+    if parent_id is None:
+        return
+    try:
+        from mlflow import MlflowClient
+
+        from mlxlab.sweeps.store import sweep_children
+
+        client = MlflowClient(tracking_uri=uri)
+        if client.get_run(parent_id).info.status == "FINISHED":
+            return
+        if any(r.info.status == "KILLED" for r in sweep_children(client, parent_id)):
+            client.set_terminated(parent_id, "KILLED")
+    except Exception as err:  # noqa: BLE001 - the process is leaving; say it, do not raise
+        log.warning("MLflow: the stopped sweep's parent run was not marked KILLED: %s", err)

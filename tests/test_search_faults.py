@@ -1,0 +1,328 @@
+"""Issue 47 items 3 and 4: parallel starts, bad input first, faults loud (search/checks.py,
+runtime/locks.py, search/study.py, search/sweeper.py).
+
+Real `mlxlab-train` processes on a real root (sqlite MLflow store, Optuna sqlite study, Hydra
+multirun). Each bad input: exit 2, its one line, and the store exactly as before (the database's
+bytes, the root's folders: no parent run, no multirun folder, no study). The parallel start and
+the Ctrl-C of a search train for real and are `slow`."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO
+
+SMALL = [
+    "debug=fast",
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "trainer.max_steps=2",
+    "trainer.eval_every_steps=2",
+]
+SEARCH = ["hparams_search=titanic_optuna", *SMALL]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+
+
+def env_for(root: Path) -> dict[str, str]:
+    return {**os.environ, "MLXLAB_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+
+
+def train(root: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, "-m", "mlxlab.train", *args],
+        cwd=root,
+        env=env_for(root),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under root (bar the lock files a start may leave) and its content's hash."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
+
+
+@pytest.fixture(scope="module")
+def grid_with_a_failing_job(tmp_path_factory):
+    """A real grid: model.hidden_size=33 is not divisible by the 2 heads (the model's
+    constructor refuses it: config checks cannot know), 32 trains. Its store is also the one the bad inputs below must leave unchanged."""
+    root = tmp_path_factory.mktemp("grid")
+    proc = train(root, "-m", *SMALL, "model.hidden_size=32,33")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns/mlflow.db")
+    return root, client
+
+
+@pytest.fixture
+def root(grid_with_a_failing_job, tmp_path) -> Path:
+    """A root whose store holds a user's earlier sweep (the grid below)."""
+    shutil.copytree(grid_with_a_failing_job[0] / "mlruns", tmp_path / "mlruns")
+    return tmp_path
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- bad input first
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["-m", *SMALL, "model.num_layers=1,2", "replicates=0"],
+            "mlxlab: error: replicates=0: give a whole number >= 1 (seeds per config",
+        ),
+        (
+            ["-m", *SMALL, "model.num_layers=1,2", "replicates=abc"],
+            "mlxlab: error: replicates=abc: give a whole number >= 1",
+        ),
+        (
+            ["-m", *SEARCH, "hydra.sweeper.n_trials=abc"],
+            "mlxlab: error: hydra.sweeper.n_trials=abc: give a whole number >= 1",
+        ),
+        (
+            ["-m", *SEARCH, "hydra.sweeper.n_trials=0"],
+            "mlxlab: error: hydra.sweeper.n_trials=0: give a whole number >= 1",
+        ),
+        (
+            ["-m", *SEARCH, "hydra.sweeper.n_trials=-2"],
+            "mlxlab: error: hydra.sweeper.n_trials=-2: give a whole number >= 1",
+        ),
+        (
+            ["-m", *SMALL, "trainer.max_epochs=two,3"],
+            "mlxlab: error: trainer.max_epochs must be an integer, got 'two': fix the override, e.g. "
+            "trainer.max_epochs=4 (in the job trainer.max_epochs=two); nothing was started",
+        ),
+        (
+            ["-m", *SEARCH, "hydra.sweeper.n_trials=2", "replicates=3"],
+            "mlxlab: error: replicates= is for grids; a search re-runs its best trials",
+        ),
+    ],
+    ids=[
+        "replicates=0",
+        "replicates=abc",
+        "n_trials=abc",
+        "n_trials=0",
+        "n_trials=-2",
+        "max_epochs=two,3",
+        "replicates-in-a-search",
+    ],
+)
+def test_bad_sweep_input_is_one_line_and_leaves_the_store_unchanged(root, args, line):
+    before = snapshot(root)
+    proc = train(root, *args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert error_lines(proc) == [error_lines(proc)[0]] and error_lines(proc)[0].startswith(line), (
+        proc.stderr[-3000:]
+    )
+    assert snapshot(root) == before  # no parent run (the database's bytes), no study
+    assert sorted(p.name for p in root.iterdir()) == ["mlruns"]  # no multirun/, no outputs/
+    assert not (root / "mlruns" / "optuna.db").exists()
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder` read-only for the processes started inside: a read-only bind mount when this is
+    root (permission bits do not stop root), else the bits."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [folder, *folder.rglob("*")]}
+        for p in modes:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    mounted = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"no read-only bind mount here: {mounted.stderr.decode().strip()}")
+    try:
+        remount = subprocess.run(
+            ["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True
+        )
+        if remount.returncode != 0:
+            pytest.skip(f"no read-only remount here: {remount.stderr.decode().strip()}")
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("multirun", [True, False], ids=["sweep", "single-run"])
+def test_a_store_that_cannot_be_written_stops_within_seconds(root, multirun):
+    before = snapshot(root)
+    args = ["-m", *SMALL, "model.num_layers=1,2"] if multirun else SMALL
+    with read_only(root / "mlruns"):
+        started = time.monotonic()
+        proc = train(root, *args)
+        took = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = error_lines(proc)  # was: every job trained untracked, ~310 lines of tracebacks
+    assert line.startswith(
+        f"mlxlab: error: MLflow store {root / 'mlruns' / 'mlflow.db'} cannot "
+        "be written (OperationalError: attempt to write a readonly database)"
+    )
+    assert "tracking=none" in line
+    assert took < 20, took  # a process start and one write: no training
+    assert snapshot(root) == before and sorted(p.name for p in root.iterdir()) == ["mlruns"]
+
+
+def test_a_corrupt_study_database_names_the_right_fix(root):
+    db = root / "mlruns" / "optuna.db"
+    db.write_bytes(b"this is not sqlite" * 1000)
+    before = snapshot(root)
+    proc = train(root, "-m", *SEARCH, "hydra.sweeper.n_trials=2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = error_lines(proc)
+    assert "file is not a database" in line
+    assert f"remove {db}" in line and "hydra.sweeper.storage=sqlite:///<new file>" in line
+    assert "start the database" not in line  # was the fix it named
+    assert snapshot(root) == before  # no parent run made before the study failed to open
+    assert sorted(p.name for p in root.iterdir()) == ["mlruns"]
+
+
+# --------------------------------------------------------------------------- a job that fails
+
+
+def runs_of(client) -> list:
+    return client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], max_results=1000
+    )
+
+
+def test_a_failed_jobs_reason_reaches_its_mlflow_run(grid_with_a_failing_job):
+    _, client = grid_with_a_failing_job
+    (failed,) = [
+        r
+        for r in runs_of(client)
+        if r.info.status == "FAILED" and r.data.tags.get("mlxlab.role") != "sweep"
+    ]
+    assert failed.data.tags["mlxlab.error"] == (  # was "float: nan"
+        "hidden_size=33 is not divisible by num_heads=2; pick num_heads that divides hidden_size"
+    )
+
+
+def test_a_failed_or_empty_sweep_is_never_latest(grid_with_a_failing_job, capsys):
+    """Newer than the real sweep: a FAILED parent with no runs (what a refused start left
+    before this check) and a FINISHED one with none (n_trials=-2 made it). `mlxlab runs list`
+    in this process (the same reads; a process would add MLflow's import)."""
+    from mlxlab.cli import runs_list
+
+    root, client = grid_with_a_failing_job
+    (good,) = [r for r in runs_of(client) if r.data.tags.get("mlxlab.role") == "sweep"]
+    empty = []
+    for status in ("FAILED", "FINISHED"):
+        run = client.create_run(
+            good.info.experiment_id, run_name=f"empty {status}", tags={"mlxlab.role": "sweep"}
+        )
+        client.set_terminated(run.info.run_id, status)
+        empty.append(run.info.run_id)
+    uri = f"sqlite:///{root}/mlruns/mlflow.db"
+    assert runs_list.main(["--uri", uri, "--sweep", "latest"]) == 0
+    assert capsys.readouterr().out.startswith(f"sweep {good.info.run_id} ")
+    assert runs_list.main(["--uri", uri, "--sweep", empty[1]]) == 0  # was a TypeError
+    assert "0 runs" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- parallel starts
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location(
+        "bench_parallel_start", REPO / "benchmarks" / "bench_parallel_start.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_two_searches_started_at_the_same_moment_share_one_study(tmp_path):
+    """Both processes wait at a file barrier until both are up, then start Hydra together on
+    a fresh root (no store, no study): 8 trials in all, 8 parameter sets (the sampler's seed
+    is fixed: each trial's is seed + its number), one parent, nothing RUNNING."""
+    bench = bench_module()
+    procs = bench.start_together(tmp_path, 2, bench.search_args(8, 2), REPO / "src")
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
+    found = bench.check_round(tmp_path, 8)
+    assert (
+        found["trials"],
+        found["distinct"],
+        found["parents"],
+        found["running"],
+        found["running_trials"],
+    ) == (8, 8, 1, 0, 0), found
+
+
+# --------------------------------------------------------------------------- Ctrl-C of a search
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_search_ends_its_trial_runs_and_parent_killed(tmp_path):
+    import optuna
+    from mlflow import MlflowClient
+
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "mlxlab.train",
+            "-m",
+            *SEARCH,
+            "hydra.sweeper.n_trials=3",
+            "trainer.max_epochs=50",
+            "trainer.max_steps=400",
+            "trainer.eval_every_steps=100",
+        ],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # its own process group: Ctrl-C reaches the workers
+    job = tmp_path / "multirun" / "debug" / "study_debug" / "0"
+    deadline = time.monotonic() + 300
+    while not any(job.glob("checkpoints/step_*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert any(job.glob("checkpoints/step_*")), "the first trial never checkpointed"
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "mlxlab: search stopped by a signal: trial(s) [0] marked FAIL" in err
+    study = optuna.load_study(study_name="debug", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    (trial,) = study.trials
+    assert trial.state.name == "FAIL"
+    assert trial.user_attrs["fail_reason"].startswith("stopped by a signal (exit 130)")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = runs_of(client)
+    parents = [r.info.status for r in runs if r.data.tags.get("mlxlab.role") == "sweep"]
+    jobs = [r.info.status for r in runs if r.data.tags.get("mlxlab.role") != "sweep"]
+    assert (parents, jobs) == (["KILLED"], ["KILLED"])  # was FAILED and RUNNING
