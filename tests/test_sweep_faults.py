@@ -108,7 +108,7 @@ def store(root: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
 
 
-def check_continued(root: Path, folder: Path, step: int, signalled: float, out: str) -> None:
+def check_continued(root: Path, folder: Path, step: int, continued_at: float, out: str) -> None:
     """After the same command again: what the issue asks of a continued grid."""
     client = store(root)
     (experiment,) = [e for e in client.search_experiments() if e.name == "train"]
@@ -129,7 +129,7 @@ def check_continued(root: Path, folder: Path, step: int, signalled: float, out: 
     # by the continuing command, the first of them the checkpoint's step + 1
     history = client.get_metric_history(resumed.info.run_id, "train/loss")
     assert sorted(p.step for p in history) == list(range(1, 13))
-    after = sorted(p.step for p in history if p.timestamp / 1000 > signalled)
+    after = sorted(p.step for p in history if p.timestamp / 1000 > continued_at)
     assert after[0] == step + 1 and after == list(range(step + 1, 13))
 
     compared = subprocess.run(
@@ -159,14 +159,15 @@ def check_continued(root: Path, folder: Path, step: int, signalled: float, out: 
 
 
 def test_a_sigkilled_grid_continues_with_the_same_command(tmp_path):
-    folder, step, killed_at, _ = interrupt_4th_job(tmp_path, signal.SIGKILL)
+    folder, step, _, _ = interrupt_4th_job(tmp_path, signal.SIGKILL)
     client = store(tmp_path)
     assert {
         r.info.status
         for r in client.search_runs([client.get_experiment_by_name("train").experiment_id])
     } == {"FINISHED", "RUNNING"}
+    continued_at = time.time()
     out = sweep(tmp_path)  # the same command
-    check_continued(tmp_path, folder, step, killed_at, out)
+    check_continued(tmp_path, folder, step, continued_at, out)
     (parent,) = client.search_runs(
         [client.get_experiment_by_name("train").experiment_id], f"tags.`{T.ROLE}` = 'sweep'"
     )
@@ -181,7 +182,7 @@ def test_a_sigkilled_grid_continues_with_the_same_command(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_ends_the_parent_killed_and_prints_the_command_that_continues(tmp_path):
-    folder, step, stopped_at, out = interrupt_4th_job(tmp_path, signal.SIGINT)
+    folder, step, _, out = interrupt_4th_job(tmp_path, signal.SIGINT)
     client = store(tmp_path)
     (parent,) = client.search_runs(
         [client.get_experiment_by_name("train").experiment_id], f"tags.`{T.ROLE}` = 'sweep'"
@@ -191,7 +192,8 @@ def test_ctrl_c_ends_the_parent_killed_and_prints_the_command_that_continues(tmp
     hint = next(line for line in out.splitlines() if "stopped by SIGINT; checkpoint:" in line)
     assert hint.endswith("with the same command: python -m mlxlab.train " + " ".join(GRID))
     assert "resume=auto" not in hint
-    check_continued(tmp_path, folder, step, stopped_at, sweep(tmp_path))
+    continued_at = time.time()
+    check_continued(tmp_path, folder, step, continued_at, sweep(tmp_path))
 
 
 def test_resume_on_a_multirun_is_refused_before_anything_starts(tmp_path):
