@@ -453,10 +453,13 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from mlxlab.sweeps.folder import current_job, tracker_arguments
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg):
-    tracker = instantiate(cfg.tracking)
+    # as train.py: the job's parent run and folder are handed to the tracker
+    tracker = instantiate(cfg.tracking, **tracker_arguments(current_job(), cfg.tracking))
     tracker.start(OmegaConf.to_container(cfg, resolve=True), {"app": "demo"})
     for step in range(3):
         tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step)

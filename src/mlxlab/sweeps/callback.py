@@ -95,11 +95,10 @@ class MlflowSweepCallback(Callback):
             require_store(settings)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Before any job: `resume=` refused; the store created and its dead runs marked; a
+        """Before any job (after search/checks.py refused bad input such as `resume=`): the store created and its dead runs marked; a
         grid's unfinished sweep with this identity found and continued in its folder (one that
         finished: one line, exit 0); the swept keys into the sweep folder; the sweep's parent run
         (a continued sweep's or a resumed search's: the one it had)."""
-        refuse_resume(config)
         search = _is_search(config)  # its folder is the study's: a restart finds it again
         settings = _mlflow_settings(config)
         found = None
@@ -356,17 +355,6 @@ def record_crashed_job(config: DictConfig, job_dir: Path, job_num: int, override
         client.set_terminated(run.info.run_id, "FAILED")
     except Exception as e:  # noqa: BLE001 - the search goes on; the trial's state says it
         log.warning("MLflow: recording the crashed job failed: %s: %s", type(e).__name__, e)
-
-
-def refuse_resume(config: DictConfig) -> None:
-    """`resume=` on a --multirun would continue every job from one run: refused with one line
-    (exit 2) before anything starts; the same sweep command continues a sweep job by job."""
-    resume = OmegaConf.select(config, "resume", default=None)
-    if resume:
-        print(f"mlxlab: error: resume={resume} on a --multirun would continue every job from one "
-              "run; run the same sweep command without resume=: it continues the sweep, each "
-              "killed job from its own checkpoint", file=sys.stderr)
-        sys.exit(2)
 
 
 def continuing_command() -> str:

@@ -91,9 +91,11 @@ def check_writable(uri: str) -> None:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute("CREATE TABLE mlxlab_write_probe (x)")
                 conn.execute("ROLLBACK")
-        else:
-            db.parent.mkdir(parents=True, exist_ok=True)
-            probe = db.with_name(f".mlxlab-write-probe-{os.getpid()}")
+        else:  # the nearest folder that exists: checking creates nothing
+            folder = db.parent
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
+            probe = folder / f".mlxlab-write-probe-{os.getpid()}"
             probe.write_text("")
             probe.unlink()
     except (OSError, sqlite3.Error) as err:
