@@ -386,3 +386,62 @@ def test_ipo_simpo_and_a_full_dpo_with_a_frozen_copy_train(pref_model, make_cfg,
         assert len(history(f"train/{key}")) == 8 and len(history(f"val/{key}")) == 1, key
     margin = history("train/rewards/margin")
     assert np.mean(margin[-3:]) > np.mean(margin[:3]), margin
+
+
+# --- the search, replicates and runs compare on a preference metric ----------------------------
+
+
+@pytest.mark.slow
+def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pref_model, tmp_path):
+    """hparams_search=dpo_optuna: 3 real trials over trainer.preference.beta and the learning
+    rate, each child run scored by val/rewards/accuracy, the parent holding the best; then
+    `-m replicates=2 trainer.preference.beta=0.05,0.5` and `mlxlab runs compare latest` on
+    val/rewards/accuracy (the sweep's own metric): two groups of two seeds, a verdict."""
+    from conftest import PYTHON
+    from mlxlab.sweeps.store import sweep_children
+    from test_sweeps import client_for, mlxlab_train, run, sweep_parents
+
+    short = [
+        a
+        for a in preference_args(pref_model, "trainer.max_steps=8", "trainer.eval_every_steps=4")
+        if not a.startswith("trainer.log_every_steps")
+    ] + ["trainer.log_every_steps=4", "callbacks.checkpoint.save_every_minutes=null"]
+    mlxlab_train(
+        tmp_path,
+        "--multirun",
+        "hparams_search=dpo_optuna",
+        "hydra.sweeper.n_trials=3",
+        # trials in this process: with the joblib launcher every search here (titanic_optuna
+        # too) stopped at "PicklingError: Could not pickle the task" on 2026-11-25
+        "hydra/launcher=basic",
+        "hydra.sweeper.sampler.seed=0",
+        "optimizer.learning_rate=tag(log,interval(1e-3,1e-2))",
+        *short,
+    )
+    client = client_for(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (parent,) = sweep_parents(client, "dpo_chat")
+    children = sweep_children(client, parent.info.run_id)
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    scores = [r.data.metrics["best/val/rewards/accuracy"] for r in children]
+    betas = {r.data.params["trainer.preference.beta"] for r in children}
+    assert len(betas) == 3 and all(0.01 <= float(b) <= 1.0 for b in betas)
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.metrics["optuna/best_value"] == pytest.approx(max(scores))
+    assert "optuna.best.trainer.preference.beta" in parent.data.params
+
+    mlxlab_train(
+        tmp_path,
+        "--multirun",
+        "experiment=dpo_chat",
+        "replicates=2",
+        "trainer.preference.beta=0.05,0.5",
+        "optimizer.learning_rate=3e-3",
+        *short,
+    )
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    compare = [PYTHON, "-m", "mlxlab.cli.main", "runs", "compare", "latest", "--uri", uri]
+    out = run([*compare, "--json"], cwd=tmp_path)  # stdout, then the log lines of stderr
+    report, _ = json.JSONDecoder().raw_decode(out[out.index("{") :])
+    text = json.dumps(report)
+    assert "val/rewards/accuracy" in text and "trainer.preference.beta" in text, text[:2000]
+    print(run(compare, cwd=tmp_path))
