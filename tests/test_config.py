@@ -30,7 +30,7 @@ def test_option_composes_and_resolves(tmp_path, group, option):
     if option == "csv":  # the generic CSV option has no file or label column of its own
         extra = ["data.path=my.csv", "data.label_column=target"]
     if option in ("hf_decoder", "finetune_completions", "finetune_text", "finetune_chat",
-                  "dpo_chat", "orpo_chat"):
+                  "dpo_chat", "orpo_chat", "dpo_optuna"):
         extra.append("model.pretrained=/a/hf/folder")  # left for the user to set (???)
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     container = to_container(cfg)  # every interpolation outside Hydra's own node resolves

@@ -232,8 +232,9 @@ class World:
         """This rank's contiguous rows of a global batch (sizes differ by at most one).
 
         A rank left without rows (a global batch smaller than the world) gets the first row with
-        loss_mask 0: it counts 0 in the loss and the gradient, and keeps the step's collectives
-        matched across ranks.
+        its loss masks 0 (`loss_mask`, and a preference batch's `chosen_loss_mask` and
+        `rejected_loss_mask`): it counts 0 in the loss and the gradient, and keeps the step's
+        collectives matched across ranks.
         """
         if not self.enabled:
             return batch
@@ -242,8 +243,9 @@ class World:
         if hi > lo:
             return {k: v[lo:hi] for k, v in batch.items()}
         one = {k: v[:1] for k, v in batch.items()}
-        mask = one.get("loss_mask")
-        one["loss_mask"] = mx.zeros(one["labels"].shape if mask is None else mask.shape, mx.float32)
+        masks = [k for k in one if k == "loss_mask" or k.endswith("_loss_mask")]
+        for key in masks or ["loss_mask"]:  # no mask yet (classification): one from the labels
+            one[key] = mx.zeros(one[key if masks else "labels"].shape, mx.float32)
         return one
 
     def gather_rows(self, array: np.ndarray, what: str = "gathering evaluation rows") -> np.ndarray:

@@ -14,7 +14,8 @@ The reference model (DPO, IPO) is, by trainer.preference.reference:
   reads the same file (the step is then the same to the bit);
 - auto: adapters when the model has LoRA layers, else copy.
 The step's `aux["ntokens"]` is the number of pairs (the loss is a mean over pairs, and gradient
-accumulation weights micro-batches by it), so the logged rate is pairs per second.
+accumulation and data parallelism weight micro-batches by it; a masked padding row counts 0), so
+the logged rate is pairs per second.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from mlxlab.data.batching import Batching
 from mlxlab.data.preference import SIDES, PreferencePairs
@@ -89,6 +90,10 @@ def reference_model(
     frozen = copy.deepcopy(model)
     frozen.freeze()
     frozen.eval()
+    # Arrays of their own, computed now: the compiled step reads them as constants. The arrays
+    # deepcopy gives (even evaluated) made mx.compile refuse the step ("uncaptured inputs").
+    frozen.update(tree_map(mx.array, frozen.parameters()))
+    mx.eval(frozen.parameters())
     return frozen, nullcontext
 
 
@@ -147,7 +152,11 @@ def build_preference_loss(
             label_smoothing=config.label_smoothing,
             gamma=config.gamma,
         )
-        aux = {"ntokens": mx.array(float(policy.chosen.shape[0])), **metrics}
+        # pairs with a reply to score: all of a batch's (the data drops pairs without), none of
+        # the row a rank without rows trains on under data parallelism (World.shard_rows masks
+        # it), so that rank's loss and gradient weigh 0
+        pairs = (policy.chosen_tokens > 0).astype(mx.float32).sum()
+        aux = {"ntokens": pairs, **metrics}
         if per_example:
             aux["example_loss"] = per_pair
         return loss, aux

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mlxlab.errors import ConfigError
 
@@ -103,12 +104,20 @@ def ipo(
     )
 
 
+# The largest mean log-prob log(1 - P) is taken at: log(1 - 2^-24). At 0 (P = 1: a reply the model
+# is certain of, or the masked padding row of a rank without rows under data parallelism, whose
+# mean is 0) log(1 - P) is -inf, the loss NaN, and so is its gradient, even weighted by 0.
+LOG_P_MAX = float(np.log1p(-(2.0**-24)))
+
+
 def log_odds(chosen_mean: mx.array, rejected_mean: mx.array) -> mx.array:
     """log odds(y_w) - log odds(y_l), odds(y) = P(y) / (1 - P(y)) with P the per-token mean
     probability exp(mean log-prob) (ORPO, eq. 3)."""
-    return (chosen_mean - rejected_mean) - (
-        mx.log1p(-mx.exp(chosen_mean)) - mx.log1p(-mx.exp(rejected_mean))
-    )
+
+    def log_1m_p(mean: mx.array) -> mx.array:
+        return mx.log1p(-mx.exp(mx.minimum(mean, LOG_P_MAX)))
+
+    return (chosen_mean - rejected_mean) - (log_1m_p(chosen_mean) - log_1m_p(rejected_mean))
 
 
 def orpo(chosen_mean: mx.array, rejected_mean: mx.array, beta: float = 0.1) -> PairLoss:
