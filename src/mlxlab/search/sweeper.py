@@ -263,8 +263,11 @@ class Search:
         with file_lock(self.lock, what=f"study {self.name!r}"):
             if len(self.study.get_trials(deepcopy=False)) >= self.sweeper.n_trials:
                 return None
-            trial_id = self.storage.create_new_trial(self.study._study_id)
-        self.study.sampler = self.make_sampler(self.storage.get_trial_number_from_id(trial_id))
+            # through the study's own storage (Optuna wraps the RDB storage in a cache that
+            # must see the trial made, or the params' writes do not find it)
+            storage = self.study._storage
+            trial_id = storage.create_new_trial(self.study._study_id)
+        self.study.sampler = self.make_sampler(storage.get_trial_number_from_id(trial_id))
         trial = optuna.Trial(self.study, trial_id)
         for name, distribution in self.space.items():
             trial._suggest(name, distribution)
