@@ -9,7 +9,7 @@ One random Llama (`scripts/tiny_hf_model.py`'s no-torch writer: hidden 512, 8 la
 positions (mlxlab data.max_length=512; mlx-lm --max-seq-length 513, which cuts rows to 513 tokens
 and trains on 512 positions). Two data sets, the same jsonl for both tools:
 - long: `{"text": ...}` rows of >= 600 tokens (TinyStories sentences), every position trained;
-- chat: `{"messages": [system, user, assistant]}` rows of ~500 tokens in the ChatML template,
+- chat: `{"messages": [system, user, assistant]}` rows of < 512 tokens in the ChatML template,
   the loss on the assistant turn only (one assistant turn a chat, so mlxlab's mask — every
   assistant turn with its end-of-turn token — and mlx-lm's --mask-prompt — everything after the
   last prompt — train the same tokens up to the newline after <|im_end|>).
@@ -30,6 +30,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -103,12 +104,13 @@ def write_data(root: Path, n_train: int = 160, n_val: int = 8) -> dict[str, Path
                 for _ in range(n):
                     if kind == "long":
                         row = {"text": take(520)}
-                    else:  # ~200 prompt + ~220 reply words: ~500 tokens in the template
+                    else:  # ~90 prompt + ~100 reply words: under 512 tokens in the template
+                        # (~2 tokens a word with the 512-token BPE): nothing is cut
                         row = {
                             "messages": [
                                 {"role": "system", "content": "Continue the story."},
-                                {"role": "user", "content": take(190)},
-                                {"role": "assistant", "content": take(200)},
+                                {"role": "user", "content": take(90)},
+                                {"role": "assistant", "content": take(100)},
                             ]
                         }
                     f.write(json.dumps(row) + "\n")
@@ -126,6 +128,7 @@ def prepare(work: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def run_mlxlab(model: Path, data: Path, kind: str, steps: int, out: Path) -> list[dict]:
+    shutil.rmtree(out, ignore_errors=True)  # its metrics.csv appends
     exp = "finetune_chat" if kind == "chat" else "finetune_completions"
     cmd = [
         sys.executable,
