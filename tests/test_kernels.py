@@ -163,6 +163,14 @@ def test_attention_values_and_gradients_equal_mlx(b, h, t_q, t_kv, d, masked):
         np.testing.assert_array_equal(got, want)
 
 
+def attention_and_grads(scale, mask, cot, q, k, v):
+    """kernels.attention's output, and the value and (q, k, v) gradients of its sum against cot."""
+    fn = mx.value_and_grad(
+        lambda q, k, v: (kernels.attention(q, k, v, scale, mask) * cot).sum(), argnums=(0, 1, 2))
+    value, grads = fn(q, k, v)
+    return kernels.attention(q, k, v, scale, mask), value, *grads
+
+
 @pytest.mark.parametrize("b, h, h_kv, t_q, t_kv, d, mask_kind", [
     (2, 4, 2, 9, 9, 8, "causal"), (1, 6, 2, 5, 5, 16, None), (2, 4, 1, 1, 7, 8, None),
     (3, 4, 2, 6, 6, 8, "keys"),
@@ -181,13 +189,7 @@ def test_grouped_query_attention_equals_mlx(b, h, h_kv, t_q, t_kv, d, mask_kind)
     mask = {"causal": causal_additive_mask(t_q, t_kv), None: None,
             "keys": padding_mask(mx.arange(t_kv)[None] < mx.array([t_kv, 2, 4])[:b, None])}[mask_kind]
 
-    def run(q, k, v):
-        fn = mx.value_and_grad(
-            lambda q, k, v: (kernels.attention(q, k, v, d**-0.5, mask) * cot).sum(), argnums=(0, 1, 2))
-        value, grads = fn(q, k, v)
-        return kernels.attention(q, k, v, d**-0.5, mask), value, *grads
-
-    fused, ref = both_paths(run, q, k, v)
+    fused, ref = both_paths(partial(attention_and_grads, d**-0.5, mask, cot), q, k, v)
     for got, want in zip(fused, ref):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert "MlxlabSoftmax" in graph_text(lambda x: kernels.attention(x, k, v, 0.5, mask), q)
@@ -208,13 +210,7 @@ def test_key_padding_attention_equals_mlx(b, h, t, d, boolean):
     if not boolean:
         mask = mx.where(mask, 0.0, -1e9)
 
-    def run(q, k, v):
-        fn = mx.value_and_grad(
-            lambda q, k, v: (kernels.attention(q, k, v, d**-0.5, mask) * cot).sum(), argnums=(0, 1, 2))
-        value, grads = fn(q, k, v)
-        return kernels.attention(q, k, v, d**-0.5, mask), value, *grads
-
-    fused, ref = both_paths(run, q, k, v)
+    fused, ref = both_paths(partial(attention_and_grads, d**-0.5, mask, cot), q, k, v)
     for got, want in zip(fused, ref):
         assert np.isfinite(got).all()
         np.testing.assert_array_equal(got, want)
