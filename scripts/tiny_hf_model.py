@@ -199,17 +199,19 @@ def save_tiny_model(kind: str, path: str | Path, seed: int = 0, chat: str | None
 
 def save_tiny_llama_without_torch(path: str | Path, seed: int = 0, hidden: int = 64,
                                   layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                                  intermediate: int | None = None, vocab_size: int = 512) -> Path:
+                                  intermediate: int | None = None, vocab_size: int = 512,
+                                  chat: str | None = None) -> Path:
     """A Llama folder in Hugging Face's layout (config.json, model.safetensors under HF's weight
     names, tokenizer.json and its config) with random N(0, 0.2) matrices, written with MLX and
-    tokenizers: what `model=hf_decoder model.pretrained=<path>` loads, no PyTorch needed."""
+    tokenizers: what `model=hf_decoder model.pretrained=<path>` loads, no PyTorch needed. `chat`:
+    a CHAT_STYLES template in tokenizer_config.json, its special tokens in the tokenizer."""
     import json
 
     import mlx.core as mx
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = tiny_tokenizer("llama", vocab_size)
+    tok = tiny_tokenizer("llama", vocab_size, chat=chat)
     vocab, head_dim = tok.get_vocab_size(), hidden // heads
     intermediate = intermediate or int(hidden * 2.5)
     config = {
@@ -246,8 +248,12 @@ def save_tiny_llama_without_torch(path: str | Path, seed: int = 0, hidden: int =
     (path / "config.json").write_text(json.dumps(config, indent=2))
     tok.save(str(path / "tokenizer.json"))
     specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>"}
+    template = {}
+    if chat:  # the chat style's end of turn is the EOS generation stops on
+        specials["eos_token"] = CHAT_STYLES[chat][3]
+        template = {"chat_template": CHAT_STYLES[chat][0]}
     (path / "tokenizer_config.json").write_text(json.dumps(
-        {**specials, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+        {**specials, **template, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
     (path / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
     return path
 

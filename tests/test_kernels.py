@@ -163,6 +163,38 @@ def test_attention_values_and_gradients_equal_mlx(b, h, t_q, t_kv, d, masked):
         np.testing.assert_array_equal(got, want)
 
 
+def attention_and_grads(scale, mask, cot, q, k, v):
+    """kernels.attention's output, and the value and (q, k, v) gradients of its sum against cot."""
+    fn = mx.value_and_grad(
+        lambda q, k, v: (kernels.attention(q, k, v, scale, mask) * cot).sum(), argnums=(0, 1, 2))
+    value, grads = fn(q, k, v)
+    return kernels.attention(q, k, v, scale, mask), value, *grads
+
+
+@pytest.mark.parametrize("b, h, h_kv, t_q, t_kv, d, mask_kind", [
+    (2, 4, 2, 9, 9, 8, "causal"), (1, 6, 2, 5, 5, 16, None), (2, 4, 1, 1, 7, 8, None),
+    (3, 4, 2, 6, 6, 8, "keys"),
+])
+def test_grouped_query_attention_equals_mlx(b, h, h_kv, t_q, t_kv, d, mask_kind):
+    """Grouped-query heads (h = group * h_kv) run fused, the group's queries stacked on one key
+    head (no repeated keys): values and gradients equal MLX's SDPA's to float32 rounding (the
+    products sum in another blocking), and the fused softmax is in the graph."""
+    from mlxlab.models.layers import causal_additive_mask, padding_mask
+
+    ks = mx.random.split(mx.random.key(h * 10 + t_q), 4)
+    q = mx.random.normal((b, h, t_q, d), key=ks[0]) * 2
+    k = mx.random.normal((b, h_kv, t_kv, d), key=ks[1]) * 2
+    v = mx.random.normal((b, h_kv, t_kv, d), key=ks[2])
+    cot = mx.random.normal((b, h, t_q, d), key=ks[3])
+    mask = {"causal": causal_additive_mask(t_q, t_kv), None: None,
+            "keys": padding_mask(mx.arange(t_kv)[None] < mx.array([t_kv, 2, 4])[:b, None])}[mask_kind]
+
+    fused, ref = both_paths(partial(attention_and_grads, d**-0.5, mask, cot), q, k, v)
+    for got, want in zip(fused, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert "MlxlabSoftmax" in graph_text(lambda x: kernels.attention(x, k, v, 0.5, mask), q)
+
+
 @pytest.mark.parametrize("b, h, t, d, boolean", [(1, 1, 1, 4, True), (3, 4, 9, 8, True), (2, 2, 7, 16, False)])
 def test_key_padding_attention_equals_mlx(b, h, t, d, boolean):
     """The (B, 1, 1, T) key-padding mask BERT makes runs fused (per batch row, broadcast over
@@ -178,13 +210,7 @@ def test_key_padding_attention_equals_mlx(b, h, t, d, boolean):
     if not boolean:
         mask = mx.where(mask, 0.0, -1e9)
 
-    def run(q, k, v):
-        fn = mx.value_and_grad(
-            lambda q, k, v: (kernels.attention(q, k, v, d**-0.5, mask) * cot).sum(), argnums=(0, 1, 2))
-        value, grads = fn(q, k, v)
-        return kernels.attention(q, k, v, d**-0.5, mask), value, *grads
-
-    fused, ref = both_paths(run, q, k, v)
+    fused, ref = both_paths(partial(attention_and_grads, d**-0.5, mask, cot), q, k, v)
     for got, want in zip(fused, ref):
         assert np.isfinite(got).all()
         np.testing.assert_array_equal(got, want)

@@ -38,12 +38,13 @@ def attention(
     mx.fast.scaled_dot_product_attention computes. Fused: the two matmuls go to BLAS and the
     masked softmax (forward and backward) to one kernel, for float32 with no mask, an additive
     (T_q, T_kv) mask or a key-padding mask (B, 1, 1, T_kv) (boolean, True = may attend, as
-    models.layers.padding_mask makes; or additive), and as many key/value heads as query heads;
-    otherwise MLX's SDPA. The fused softmax is MLX's op for op, so the result is MLX's to the bit."""
+    models.layers.padding_mask makes; or additive), with as many key/value heads as query heads or
+    a divisor of them (grouped-query attention); otherwise MLX's SDPA. The fused softmax is MLX's op for op, so the result is MLX's to the bit."""
     key_mask = isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1:3] == (1, 1)
     plain_mask = mask is None or key_mask or (isinstance(mask, mx.array) and mask.ndim == 2)
     module = fused("attention", q, k, v)
-    if module is None or not plain_mask or q.shape[1] != k.shape[1]:
+    grouped = k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0
+    if module is None or not plain_mask or not grouped:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     if isinstance(mask, mx.array):
         if mask.dtype == mx.bool_:
@@ -54,8 +55,19 @@ def attention(
         mask = mask.astype(mx.float32)
         if key_mask:
             mask = mask.reshape(mask.shape[0], mask.shape[-1])
-    scores = (q * scale) @ k.swapaxes(-1, -2)
-    return module.softmax(scores, mask, key_mask) @ v
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    if group == 1:
+        scores = (q * scale) @ k.swapaxes(-1, -2)
+        return module.softmax(scores, mask, key_mask) @ v
+    # Grouped-query attention: query head h reads key/value head h // group (SDPA's rule). The
+    # group's queries are stacked along T, (B, H_kv, group * T, D), so each product runs once
+    # per key/value head over all its queries, with no repeated keys or values: SDPA's CPU path
+    # runs MLX's scalar softmax, and repeating k and v costs copies and a wider backward.
+    grouped_q = (q * scale).reshape(B, H // group, group * T, D)
+    scores = (grouped_q @ k.swapaxes(-1, -2)).reshape(B, H, T, -1)
+    probs = module.softmax(scores, mask, key_mask).reshape(B, H // group, group * T, -1)
+    return (probs @ v).reshape(B, H, T, D)
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
