@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -267,7 +268,7 @@ def test_two_searches_started_at_the_same_moment_share_one_study(tmp_path):
     a fresh root (no store, no study): 8 trials in all, 8 parameter sets (the sampler's seed
     is fixed: each trial's is seed + its number), one parent, nothing RUNNING."""
     bench = bench_module()
-    procs = bench.start_together(tmp_path, 2, bench.search_args(8, 2), REPO / "src")
+    procs = bench.start_together([tmp_path, tmp_path], bench.search_args(8, 2), REPO / "src")
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
     found = bench.check_round(tmp_path, 8)
@@ -278,6 +279,26 @@ def test_two_searches_started_at_the_same_moment_share_one_study(tmp_path):
         found["running"],
         found["running_trials"],
     ) == (8, 8, 1, 0, 0), found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("initdb") is None, reason="needs PostgreSQL's initdb and pg_ctl")
+def test_two_searches_started_together_on_postgresql_make_n_trials(tmp_path):
+    """The same on a real PostgreSQL server (as two machines would: each its own sweep folder,
+    so its own parent run): the count and creation of a trial under the server's advisory lock."""
+    from test_search import _postgres
+
+    url = _postgres(tmp_path)
+    bench = bench_module()
+    args = [*bench.search_args(4, 2), f"hydra.sweeper.storage={url}"]
+    procs = bench.start_together([tmp_path / "machine0", tmp_path / "machine1"], args, REPO / "src")
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
+    import optuna
+
+    trials = optuna.load_study(study_name="debug", storage=url).trials
+    assert len(trials) == 4 and all(t.state.is_finished() for t in trials)
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 4
 
 
 # --------------------------------------------------------------------------- Ctrl-C of a search
