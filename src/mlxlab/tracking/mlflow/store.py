@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -91,11 +92,11 @@ def check_writable(uri: str) -> None:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute("CREATE TABLE mlxlab_write_probe (x)")
                 conn.execute("ROLLBACK")
-        else:
-            db.parent.mkdir(parents=True, exist_ok=True)
-            probe = db.with_name(f".mlxlab-write-probe-{os.getpid()}")
-            probe.write_text("")
-            probe.unlink()
+        else:  # the folder it will be made in (nothing made here: a bad input may follow)
+            folder = next(p for p in (db.parent, *db.parent.parents) if p.exists())
+            handle, probe = tempfile.mkstemp(prefix=".mlxlab-write-probe-", dir=folder)
+            os.close(handle)
+            os.unlink(probe)
     except (OSError, sqlite3.Error) as err:
         raise ConfigError(
             f"MLflow store {db} cannot be written ({type(err).__name__}: {err}): give this user "
