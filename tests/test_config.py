@@ -25,11 +25,12 @@ def test_every_group_has_options():
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_resolves(tmp_path, group, option):
     # language-model data reports val/loss and val/perplexity, not the default val/accuracy
-    lm_data = ("streaming", "completions", "chat")
+    lm_data = ("streaming", "completions", "chat", "preference")  # preference: val/loss too
     extra = ["optimized_metric=val/loss", "optimized_mode=min"] if option in lm_data else []
     if option == "csv":  # the generic CSV option has no file or label column of its own
         extra = ["data.path=my.csv", "data.label_column=target"]
-    if option in ("hf_decoder", "finetune_completions", "finetune_text", "finetune_chat"):
+    if option in ("hf_decoder", "finetune_completions", "finetune_text", "finetune_chat",
+                  "dpo_chat", "orpo_chat"):
         extra.append("model.pretrained=/a/hf/folder")  # left for the user to set (???)
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     container = to_container(cfg)  # every interpolation outside Hydra's own node resolves

@@ -319,7 +319,8 @@ def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
     assert listing.returncode == 0, listing.stderr[-2000:]
     marked = unlocked(lambda: client.get_run(first))
     assert marked.info.status == "KILLED"
-    assert "left no checkpoint" in marked.data.tags[T.KILLED_REASON]
+    assert "is gone" in marked.data.tags[T.KILLED_REASON]
+    assert marked.data.tags[T.RESUMABLE] == "false" and marked.data.tags[T.KILLED_AT]
 
     live, live_dir = started("live")
     try:

@@ -365,8 +365,10 @@ print("RESULT", out.to_json(orient="records"))
 @pytest.mark.slow
 def test_parallel_sweep_lands_every_run_then_resumes(tmp_path):
     """2 models x 2 learning rates on 2 joblib workers: exactly 4 finished child runs under one
-    parent. Re-running with sweep.skip_finished=true runs nothing; after one run is deleted from
-    the store, exactly that one runs again."""
+    parent. The same command again (sweep.skip_finished=true, from before issue 47, changes
+    nothing) says the sweep finished and runs nothing; after one run is deleted from the store,
+    the sweep is unfinished: the same command runs exactly that one again, under the same
+    parent."""
     command = [
         "--multirun",
         "hydra/launcher=joblib",
@@ -392,12 +394,14 @@ def test_parallel_sweep_lands_every_run_then_resumes(tmp_path):
     assert parent.info.status == "FINISHED" and parent.data.tags["mlxlab.num_finished"] == "4"
 
     out = mlxlab_train(tmp_path, *command)  # everything finished already: 0 new jobs
-    assert out.count("already has a finished run; skipping") == 4
+    assert f"sweep {parent.info.run_id} " in out and "already finished" in out
     assert len(training_runs(client, "train")) == 4
 
     client.delete_run(children[0].info.run_id)
     out = mlxlab_train(tmp_path, *command)  # the deleted one runs again, only it
-    assert out.count("already has a finished run; skipping") == 3
+    assert out.count("kept, not run again") == 3
+    (again,) = sweep_parents(client, "train")
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
     runs = training_runs(client, "train")
     assert len(runs) == 4
     (new,) = [r for r in runs if r.info.run_id not in {c.info.run_id for c in children}]

@@ -157,7 +157,10 @@ def unwrapped() -> Iterator[None]:
 # The facts the checks below need live here, so config imports nothing above runtime/.
 # What evaluation (training/metrics.py) reports for each data task (prefix "val/"): the names
 # optimized_metric may use.
-METRICS = {"classification": ("loss", "accuracy", "f1", "roc_auc"), "lm": ("loss", "perplexity")}
+METRICS = {"classification": ("loss", "accuracy", "f1", "roc_auc"), "lm": ("loss", "perplexity"),
+           # preference losses (training/preference_losses.py), TRL's names; ORPO adds nll_loss
+           "preference": ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen",
+                          "rewards/rejected", "logps/chosen", "logps/rejected", "nll_loss")}
 # The object stores a checkpoint URI may name (callbacks.checkpoint.remote, resume=), and the
 # fsspec package that opens each (checkpoint/remote.py).
 REMOTE_SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",

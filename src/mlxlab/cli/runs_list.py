@@ -56,7 +56,7 @@ def list_runs(args) -> int:
     from mlflow import MlflowClient  # ~2 s to import: not for --help or a usage error
 
     client = MlflowClient(tracking_uri=uri)
-    mark_dead_runs(uri, args.experiment)  # RUNNING runs whose process died without a checkpoint
+    mark_dead_runs(uri, args.experiment)  # RUNNING runs whose process died: KILLED
     experiments = client.search_experiments()
     if args.experiment:
         experiments = [e for e in experiments if e.name == args.experiment]

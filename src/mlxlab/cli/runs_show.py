@@ -25,6 +25,7 @@ from mlxlab.cli.runs_list import (
 )
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow import resolve_uri, sqlite_path
+from mlxlab.tracking.mlflow.stale import mark_dead_runs_quietly
 
 
 def main(argv: list[str], action: str = "show") -> int:
@@ -49,6 +50,7 @@ def _client(uri_arg: str | None):
     db = sqlite_path(uri)
     if db is not None and not db.exists():
         raise FileNotFoundError(f"no MLflow store at {db}: train a tracked run first, or pass --uri")
+    mark_dead_runs_quietly(uri)  # what it shows says the truth about runs whose process died
     return MlflowClient(tracking_uri=uri), uri
 
 

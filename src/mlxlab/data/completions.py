@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -66,6 +67,17 @@ def row_format(row: dict, keys: dict[str, str]) -> str | None:
     return None
 
 
+def jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, JSON value) of each non-empty line; a line that is not JSON is named."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{number} is not JSON ({e}); fix the line") from None
+
+
 def read_rows(path: str | Path, keys: dict[str, str]) -> Rows:
     """Every line of a jsonl file, its format detected from the keys; a bad line, or a line in
     another format than the first, is named with its number."""
@@ -76,13 +88,7 @@ def read_rows(path: str | Path, keys: dict[str, str]) -> Rows:
                 f"or {keys['text']!r}")
     rows: list[Row] = []
     first: tuple[int, str] | None = None
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{number} is not JSON ({e}); fix the line") from None
+    for number, row in jsonl_lines(path):
         fmt = row_format(row, keys) if isinstance(row, dict) else None
         if fmt is None:
             raise ConfigError(f"{path}:{number} is not a JSON object with {expected}; fix the "
@@ -164,15 +170,8 @@ class PromptCompletion(DataModule):
         self._epoch, self._batches_done = 0, 0
 
     def setup(self, run_dir: str | Path | None = None) -> None:
-        train = read_rows(self.train_file, self.keys)
-        if self.val_file:
-            val = read_rows(self.val_file, self.keys)
-        else:
-            order = np.random.default_rng(self.split_seed).permutation(len(train.rows))
-            n_val = int(round(len(train.rows) * self.val_fraction))
-            if n_val >= len(train.rows):
-                raise ConfigError(f"val_fraction={self.val_fraction} leaves no training rows")
-            train, val = train.take(order[n_val:]), train.take(order[:n_val])
+        train, val = self._split(read_rows(self.train_file, self.keys),
+                                 lambda path: read_rows(path, self.keys))
         self._setup_tokenizer(train, run_dir)
         self.train, self.val = self._encode(train), self._encode(val)
         if self.template is not None and self.chat_template and run_dir is not None:
@@ -185,6 +184,17 @@ class PromptCompletion(DataModule):
                                   "data.too_long=truncate")
         log.info("%s: %s rows, %d train / %d val, vocab %d", self.train_file, train.format,
                  len(self.train[0]), len(self.val[0]), self.vocab_size)
+
+    def _split(self, train: Rows, read: Callable[[str], Rows]) -> tuple[Rows, Rows]:
+        """(training, validation) rows: val_file read with `read`, else the last val_fraction
+        of the training rows shuffled with split_seed."""
+        if self.val_file:
+            return train, read(self.val_file)
+        order = np.random.default_rng(self.split_seed).permutation(len(train.rows))
+        n_val = int(round(len(train.rows) * self.val_fraction))
+        if n_val >= len(train.rows):
+            raise ConfigError(f"val_fraction={self.val_fraction} leaves no training rows")
+        return train.take(order[n_val:]), train.take(order[:n_val])
 
     def _setup_tokenizer(self, train: Rows, run_dir: str | Path | None) -> None:
         if train.format == "chat" and not self.tokenizer_cfg.get("path"):

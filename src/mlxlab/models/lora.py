@@ -3,13 +3,15 @@
 Naming: wrapping `layers.0.attention.query` moves its base weight to
 `layers.0.attention.query.linear.weight` and adds `...query.lora_a` / `...query.lora_b`.
 `lora_base_name_map` / `load_base_weights` load a plain checkpoint into a wrapped model;
-`fuse_lora` goes the other way for export.
+`fuse_lora` goes the other way for export. `adapters_off` runs the base model without copying
+it: preference tuning's reference model (training/preference.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -51,9 +53,12 @@ class LoRALinear(nn.Module):
         bound = 1 / math.sqrt(input_dims)
         self.lora_a = mx.random.uniform(-bound, bound, (input_dims, rank))
         self.lora_b = mx.zeros((rank, output_dims))
+        self.adapter_on = True  # a plain attribute, not a parameter: adapters_off flips it
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)
+        if not self.adapter_on:
+            return y
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b
         return y + (self.scale * z).astype(y.dtype)
 
@@ -67,6 +72,22 @@ class LoRALinear(nn.Module):
         if "bias" in self.linear:
             fused.bias = self.linear.bias
         return fused
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[int]:
+    """Inside the block `model` computes as its base weights alone (every LoRALinear skips its
+    adapter); yields how many layers were switched. The same arrays, no copy: DPO's reference
+    model is the policy with its adapters off. Tracing under mx.compile sees the switch, so one
+    compiled step holds both forwards."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.adapter_on = False
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer.adapter_on = True
 
 
 def _matches(name: str, targets: Iterable[str]) -> bool:

@@ -11,7 +11,6 @@ so a model is rebuilt from the checkpoint alone. A module per job:
   resumed run's folder with the run it goes on from (`record_resume`, `resumed_run_folder`);
 - tokenizer: a run's or a pretrained folder's tokenizer reused by a new run;
 - model: a run's model from one of its checkpoints (`load_run_model`), distillation teachers;
-- finished: the finished run of a config in the tracking store (sweep.skip_finished);
 - loading, predict, generate, evaluate: using a run (`load_run`, `predict_frame`, `complete`,
   `evaluate`); mlxlab.inference names these four for scripts.
 
@@ -23,7 +22,6 @@ from mlxlab.runs.discovery import (
     newest_committed,
     remove_unused_run_dir,
 )
-from mlxlab.runs.finished import finished_metric
 from mlxlab.runs.model import CHECKPOINT_CHOICES, choose_checkpoint, load_run_model, load_teachers
 from mlxlab.runs.resume import (
     prepare_resume,
@@ -34,6 +32,7 @@ from mlxlab.runs.resume import (
 )
 from mlxlab.runs.tokenizer import (
     TOKENIZER_SIDE_FILES,
+    choose_tokenizer,
     first_teacher,
     keep_pretrained_files,
     require_run_tokenizer,
@@ -44,8 +43,8 @@ from mlxlab.runs.tokenizer import (
 
 __all__ = [
     "remove_unused_run_dir",
-    "CHECKPOINT_CHOICES", "TOKENIZER_SIDE_FILES", "choose_checkpoint", "finished_metric",
-    "first_teacher", "keep_pretrained_files", "latest_run_with_checkpoints", "load_run_model",
+    "CHECKPOINT_CHOICES", "TOKENIZER_SIDE_FILES", "choose_checkpoint",
+    "choose_tokenizer", "first_teacher", "keep_pretrained_files", "latest_run_with_checkpoints", "load_run_model",
     "load_teachers", "newest_committed", "prepare_resume", "rebuild_from_checkpoint", "record_resume", "remote_resume",
     "resumed_run_folder",
     "require_run_tokenizer", "reuse_tokenizer", "run_tokenizer", "use_pretrained_tokenizer",

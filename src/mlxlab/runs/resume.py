@@ -60,6 +60,27 @@ def remote_resume(
     return local
 
 
+def resolve_resume(cfg: DictConfig, run_dir: Path, policy: CheckpointPolicy,
+                   requeue: bool = False) -> Path | None:
+    """The run's resume source, and `cfg` made what it trains: `resume=` (local, remote, auto;
+    `requeue`: a requeued Slurm job resumes by itself) found, the checkpoint's settings with
+    this command line's named keys on top (rebuild_from_checkpoint), checked again, and
+    written over the run folder's config (record_resume). None: a fresh run, `cfg` unchanged."""
+    from mlxlab.config import validate
+    from mlxlab.runtime import slurm
+    from mlxlab.tracking.run_info import task_overrides
+
+    if requeue and not cfg.get("resume") and slurm.restarted():
+        log.info("trainer.requeue: a requeued Slurm job: resume=auto")
+        cfg.resume = "auto"
+    resume = remote_resume(cfg.get("resume"), run_dir, policy, lambda: prepare_resume(cfg, run_dir))
+    if resume is not None:  # what was trained, with what this command line names on top
+        rebuild_from_checkpoint(cfg, resume, task_overrides())
+        validate(cfg)
+        record_resume(cfg, run_dir, resume)  # the run folder's config: what this run trains
+    return resume
+
+
 # What a run trained: a resume rebuilds these from the checkpoint's resolved config, and takes
 # from this command line only what the user names on it (`model.num_layers=4`, `data=csv`, ...).
 TRAINED = ("model", "data", "trainer", "optimizer", "seed")

@@ -97,3 +97,11 @@ def first_teacher(cfg: DictConfig) -> str | None:
                               "tokenizer (a fast tokenizer saved by transformers)")
     return folders[0] if folders else None
 
+
+
+def choose_tokenizer(cfg: DictConfig, resume: Path | None) -> None:
+    """The tokenizer a new run must use, in order: a resumed run's, the first distillation
+    teacher's, model.pretrained's (each unless data.tokenizer.path is set already)."""
+    reuse_tokenizer(cfg, resume, "resume")
+    reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
+    use_pretrained_tokenizer(cfg)

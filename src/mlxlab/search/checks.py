@@ -63,7 +63,15 @@ def fail(message: str) -> None:
 
 
 def check_settings(config: DictConfig) -> None:
-    """replicates and the sweeper's numbers, as the user typed them."""
+    """resume=, replicates and the sweeper's numbers, as the user typed them."""
+    resume = OmegaConf.select(config, "resume", default=None)
+    if resume:
+        # one run folder for every job: the same sweep command continues a sweep job by job
+        raise ConfigError(
+            f"resume={resume} on a --multirun would continue every job from one run; run the "
+            "same sweep command without resume=: it continues the sweep, each killed job from "
+            "its own checkpoint"
+        )
     replicates = OmegaConf.select(config, "replicates", default=None)
     if replicates is not None:
         _whole("replicates", replicates, 1, "seeds per config, e.g. replicates=3")
@@ -234,7 +242,10 @@ class SweepChecks(Callback):
         except UserError as err:
             fail(str(err))
         sweep_dir = sweep_dir_of(config.hydra)
-        _start.enter_context(file_lock(sweep_dir / START_LOCK, what=f"the sweep {sweep_dir}"))
+        if OmegaConf.select(config, "hydra.sweeper.n_trials", default=None):
+            # only a search's folder is shared by processes (the study's name names it); a
+            # grid's is new (its start stamp) or, continued, the sweep callback finds the old one
+            _start.enter_context(file_lock(sweep_dir / START_LOCK, what=f"the sweep {sweep_dir}"))
         uri = store_uri(config)
         if uri is not None:
             atexit.register(end_interrupted_parent, uri, sweep_dir)

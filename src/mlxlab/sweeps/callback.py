@@ -14,7 +14,6 @@ in the sweep folder (sweeps/folder.py), which every launcher's jobs can read.
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from mlxlab.sweeps.folder import (
     begin_sweep,
     clear_job_runs,
+    continue_in,
     job_of,
     job_runs,
     read_parent_run,
@@ -40,14 +40,25 @@ from mlxlab.sweeps.folder import (
     write_parent_run,
 )
 from mlxlab.sweeps.groups import group_runs, log_summary
+from mlxlab.sweeps.identity import (
+    STEERING,
+    FoundSweep,
+    find_sweep,
+    override_key,
+    sweep_identity,
+    wants_fresh,
+)
+from mlxlab.sweeps.jobs import job_runs_of
+from mlxlab.sweeps.parent import ParentRun, launcher_tags
 from mlxlab.sweeps.store import metric_mode, sweep_children, sweep_table, swept_keys
 from mlxlab.sweeps.verdict import leader_tag, record
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import MAX_PARAM_VALUE_LENGTH
 from mlxlab.tracking.mlflow.server import TrackingUnavailable, probe_store
+from mlxlab.tracking.mlflow.stale import mark_dead_runs_quietly
 from mlxlab.tracking.mlflow.store import ensure_store, tracked_store
 from mlxlab.tracking.plots import sweep_plot_png
-from mlxlab.tracking.source import source_tags
+from mlxlab.tracking.source import command_line, source_tags
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +80,12 @@ def require_store(settings: dict[str, Any]) -> None:
 
 class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
-        self._parent: dict[str, Any] | None = None  # uri, run_id (in the launching process)
+        self._parent: ParentRun | None = None  # in the launching process
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a launcher's worker process gets (joblib pickles the callbacks): no parent run,
+        whose heartbeat thread and client are the launching process's."""
+        return {**self.__dict__, "_parent": None}
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         settings = _mlflow_settings(config)
@@ -79,38 +95,72 @@ class MlflowSweepCallback(Callback):
             require_store(settings)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """The swept keys into the sweep folder; create the store once, before any worker runs,
-        and the sweep's parent run (a resumed search's: the one it had)."""
-        resumable = _is_search(config)  # its folder is the study's: a restart finds it again
-        begin_sweep(sweep_dir_of(config.hydra), _swept_keys(config), keep_parent=resumable)
+        """Before any job (after search/checks.py refused bad input such as `resume=`): the store created and its dead runs marked; a
+        grid's unfinished sweep with this identity found and continued in its folder (one that
+        finished: one line, exit 0); the swept keys into the sweep folder; the sweep's parent run
+        (a continued sweep's or a resumed search's: the one it had)."""
+        search = _is_search(config)  # its folder is the study's: a restart finds it again
         settings = _mlflow_settings(config)
+        found = None
+        if settings:
+            require_store(settings)
+            mark_dead_runs_quietly(settings["uri"], settings["experiment_name"])
+            if not search and not wants_fresh(config):
+                found = self._unfinished_sweep(config, settings)
+        if found is not None and found.sweep_dir:
+            continue_in(config, Path(found.sweep_dir))
+        sweep_dir = sweep_dir_of(config.hydra)
+        begin_sweep(sweep_dir, _swept_keys(config), keep_parent=search or found is not None,
+                    command=continuing_command())
         if not settings:
             return
-        require_store(settings)
         try:
-            if not (resumable and self._resume_parent(config, settings)):
+            if found is not None:
+                self._parent = ParentRun.adopt(settings["uri"], found.run_id, sweep_dir,
+                                               settings["heartbeat"])
+                write_parent_run(sweep_dir, found.run_id)
+                log.info("sweep %s continues in %s: finished jobs are kept, killed ones resume "
+                         "from their checkpoints, the rest run", found.run_id, sweep_dir)
+            elif not (search and self._resume_parent(config, settings)):
                 self._start_parent(config, settings)
         except Exception as e:  # jobs still train (and track, if the store comes back)
             log.warning("MLflow sweep parent run not created: %s: %s", type(e).__name__, e)
 
-    def _resume_parent(self, config: DictConfig, settings: dict[str, Any]) -> bool:
-        """A search started again in its study's folder continues its parent run."""
+    def _unfinished_sweep(self, config: DictConfig, settings: dict[str, Any]) -> FoundSweep | None:
+        """The newest sweep of this identity when it is unfinished; a finished one: one line,
+        exit 0; one whose launcher is alive: one line, exit 2."""
         from mlflow import MlflowClient
 
+        client = MlflowClient(tracking_uri=settings["uri"])
+        experiment = client.get_experiment_by_name(settings["experiment_name"])
+        identity = sweep_identity(config, settings["uri"])
+        found = find_sweep(client, experiment.experiment_id, identity) if experiment else None
+        if found is None:
+            return None
+        where = f"sweep {found.run_id} ({found.sweep_dir})"
+        if found.finished:
+            print(f"mlxlab: {where} already finished; add sweep.fresh=true to start a new one")
+            sys.exit(0)
+        if found.run.info.status == "RUNNING":  # stale.py found its launcher alive
+            tags = found.run.data.tags
+            print(f"mlxlab: error: {where} is running now (process {tags.get(T.PID, '?')} on "
+                  f"{tags.get(T.HOST, '?')}); wait for it, or add sweep.fresh=true to start "
+                  "another", file=sys.stderr)
+            sys.exit(2)
+        return found
+
+    def _resume_parent(self, config: DictConfig, settings: dict[str, Any]) -> bool:
+        """A search started again in its study's folder continues its parent run."""
         sweep_dir = sweep_dir_of(config.hydra)
         run_id = read_parent_run(sweep_dir)
         if run_id is None:
             return False
-        client = MlflowClient(tracking_uri=settings["uri"])
         try:
-            previous = client.get_run(run_id).info.status
-            client.update_run(run_id, status="RUNNING")
+            self._parent = ParentRun.adopt(settings["uri"], run_id, sweep_dir,
+                                           settings["heartbeat"])
         except Exception:  # noqa: BLE001 - a store that lost it: a new parent run
             return False
         write_parent_run(sweep_dir, run_id)
-        # a start that fails (e.g. refused settings) leaves the earlier starts' status as it was
-        self._parent = {"uri": settings["uri"], "run_id": run_id, "previous": previous}
-        atexit.register(self._end_parent, "FAILED")
         log.info("MLflow sweep parent run %s resumed (%s)", run_id, settings["uri"])
         return True
 
@@ -128,6 +178,9 @@ class MlflowSweepCallback(Callback):
             T.SWEEPER: str(OmegaConf.select(config, "hydra.sweeper._target_", default="")),
             T.OVERRIDES: " ".join(OmegaConf.select(config, "hydra.overrides.task") or []),
             T.SWEEP_PARAMS: json.dumps(_override_keys(config)),
+            T.SWEEP_IDENTITY: sweep_identity(config, settings["uri"]),
+            T.TASK_NAME: str(OmegaConf.select(config, "task_name", default="")),
+            **launcher_tags(settings["heartbeat"]),
             **source_tags(),  # the sweep's Source and command line, as its jobs get them
         }
         if _is_search(config):
@@ -142,8 +195,7 @@ class MlflowSweepCallback(Callback):
         run_id = run.info.run_id
 
         write_parent_run(sweep_dir, run_id)  # what each job's MLflow tracker is given
-        self._parent = {"uri": settings["uri"], "run_id": run_id}
-        atexit.register(self._end_parent, "FAILED")  # the sweep raised: don't leave it RUNNING
+        self._parent = ParentRun(settings["uri"], run_id, sweep_dir, settings["heartbeat"])
         log.info("MLflow sweep parent run %s (%s)", run_id, settings["uri"])
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -209,25 +261,26 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Log the top child's metric and params, a metric-vs-params PNG, the groups of
-        replicates and the verdict (sweeps/verdict.py) on the parent."""
+        replicates and the verdict (sweeps/verdict.py) on the parent; end it FINISHED when every
+        job is (a search: when its trials are told), else FAILED."""
         if self._parent is None:
             return
         try:
             self._summarize(config)
         except Exception as e:  # the jobs are done and logged; a summary failure must not hide it
             log.warning("MLflow sweep summary failed: %s: %s", type(e).__name__, e)
-        self._end_parent("FINISHED")
+        parent, self._parent = self._parent, None
+        parent.end("FINISHED" if _is_search(config) else parent.status_of_jobs())
 
     def _summarize(self, config: DictConfig) -> None:
-        from mlflow import MlflowClient
         from mlflow.entities import Metric, Param, RunTag
 
-        client = MlflowClient(tracking_uri=self._parent["uri"])
-        parent_id = self._parent["run_id"]
+        client = self._parent.client
+        parent_id = self._parent.run_id
         children = sweep_children(client, parent_id)
-        statuses = [r.info.status for r in children]
+        statuses = [r.info.status for r in job_runs_of(children)]  # a job's earlier tries: history
         tags = [
-            RunTag(T.NUM_RUNS, str(len(children))),
+            RunTag(T.NUM_RUNS, str(len(statuses))),
             RunTag(T.NUM_FINISHED, str(statuses.count("FINISHED"))),
             RunTag(T.NUM_FAILED, str(statuses.count("FAILED"))),
         ]
@@ -271,18 +324,6 @@ class MlflowSweepCallback(Callback):
                                       _now_ms(), 0))
             client.log_batch(parent_id, metrics=metrics, params=params[:100])
 
-    def _end_parent(self, status: str) -> None:
-        if self._parent is None:
-            return
-        parent, self._parent = self._parent, None
-        atexit.unregister(self._end_parent)
-        from mlflow import MlflowClient
-
-        if status == "FAILED" and parent.get("previous"):
-            status = parent["previous"]
-        MlflowClient(tracking_uri=parent["uri"]).set_terminated(parent["run_id"], status)
-
-
 def record_crashed_job(config: DictConfig, job_dir: Path, job_num: int, overrides: list[str],
                        reason: str) -> None:
     """A job whose process died (a launcher's worker killed out of memory, a segfault): the
@@ -316,6 +357,12 @@ def record_crashed_job(config: DictConfig, job_dir: Path, job_num: int, override
         log.warning("MLflow: recording the crashed job failed: %s: %s", type(e).__name__, e)
 
 
+def continuing_command() -> str:
+    """This launch's command line without `sweep.fresh=...`: the command that continues it."""
+    argv = [a for a in sys.argv if override_key(a) != "sweep.fresh"]
+    return command_line(argv)
+
+
 def _mlflow_settings(config: DictConfig) -> dict[str, Any] | None:
     """ensure_store arguments when the composed tracking config is the MLflow tracker."""
     tracking = OmegaConf.select(config, "tracking")
@@ -328,16 +375,19 @@ def _mlflow_settings(config: DictConfig) -> dict[str, Any] | None:
         "artifact_root": tracking.get("artifact_root"),
         "connect_timeout": float(tracking.get("connect_timeout") or 5.0),
         "request_timeout": float(tracking.get("request_timeout") or 30.0),
+        "heartbeat": float(tracking.get("heartbeat_every_seconds") or 30.0),
     }
 
 
 def _override_keys(config: DictConfig) -> list[str]:
     """Config keys the multirun command line and the sweeper's search space set (not
-    `replicates`: the sweeper turns it into seeds, and its jobs all have replicates=1)."""
+    `replicates`: the sweeper turns it into seeds; not the keys that steer continuing, which
+    never make groups)."""
     keys = []
     for override in OmegaConf.select(config, "hydra.overrides.task") or []:
-        key = str(override).split("=", 1)[0].lstrip("+~")
-        if key and key.split(".")[0].split("/")[0] != "hydra" and key not in (*keys, "replicates"):
+        key = override_key(override)
+        if (key and key.split(".")[0].split("/")[0] != "hydra"
+                and key not in (*keys, "replicates", *STEERING)):
             keys.append(key)
     params = OmegaConf.select(config, "hydra.sweeper.params")
     for key in params or {}:

@@ -8,6 +8,8 @@ sweep folder (submitit, Ray). Hydra tells each job where its sweep folder and it
 
   <sweep dir>/.mlxlab_swept_keys.json  the keys the multirun varies (a JSON list): run names
   <sweep dir>/.mlflow_parent_run_id    the sweep's MLflow parent run: each job's run is its child
+  <sweep dir>/.mlxlab_command          the command that continues the sweep (a stopped job's hint)
+  <sweep dir>/.mlxlab_stopped          a job stopped by a signal (its name): the parent ends KILLED
   <job dir>/.mlflow_run_ids            the MLflow runs the job's trackers started (or resumed),
                                        one id a line, in order: the callback logs the job's
                                        outcome on the last one, or records a job that made none
@@ -28,6 +30,8 @@ if TYPE_CHECKING:  # omegaconf is imported where it is used: the tracking proces
 
 PARENT_ID_FILE = ".mlflow_parent_run_id"
 SWEPT_KEYS_FILE = ".mlxlab_swept_keys.json"
+COMMAND_FILE = ".mlxlab_command"
+STOPPED_FILE = ".mlxlab_stopped"
 JOB_FAILURE_FILE = ".mlxlab_job_failure"  # in a job's folder: why the job failed (one line)
 
 
@@ -75,6 +79,12 @@ def current_job() -> SweepJob | None:
     return job_of(hydra)
 
 
+def swept_keys_here() -> tuple[str, ...]:
+    """The keys this process's multirun job varies (none outside one): its run's name."""
+    job = current_job()
+    return job.swept_keys if job is not None else ()
+
+
 def tracker_arguments(job: SweepJob | None, tracking: Any) -> dict[str, str]:
     """What an MLflow tracker of this job is handed (its `parent_run_id`, `sweep_job_dir`):
     none outside a multirun job, none for a `tracking` node without MLflow, and none the node
@@ -90,13 +100,47 @@ def tracker_arguments(job: SweepJob | None, tracking: Any) -> dict[str, str]:
     return {k: v for k, v in found.items() if tracking.get(k) is None}
 
 
-def begin_sweep(sweep_dir: Path, swept_keys: list[str], keep_parent: bool = False) -> None:
-    """Before any job: the swept keys written, a reused folder's parent run id removed (kept
-    for a search started again in its study's folder: it continues that parent run)."""
+def begin_sweep(
+    sweep_dir: Path, swept_keys: list[str], keep_parent: bool = False, command: str = ""
+) -> None:
+    """Before any job: the swept keys and the command that continues the sweep written, an
+    earlier start's stop removed, a reused folder's parent run id removed (kept for a sweep
+    started again in its folder: it continues that parent run)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not keep_parent:
         (sweep_dir / PARENT_ID_FILE).unlink(missing_ok=True)
+    (sweep_dir / STOPPED_FILE).unlink(missing_ok=True)
     (sweep_dir / SWEPT_KEYS_FILE).write_text(json.dumps(swept_keys))
+    (sweep_dir / COMMAND_FILE).write_text(command)
+
+
+def continue_in(config: DictConfig, sweep_dir: Path) -> None:
+    """Make the launch about to start use `sweep_dir`, an earlier start's sweep folder: each
+    job's folder is then the one its earlier try trained in (and checkpointed). Hydra composes
+    every job's config again from the multirun's `hydra.overrides.hydra` (the launcher's
+    load_sweep_config), so the folder goes there too, not only into this config."""
+    from omegaconf import open_dict, read_write
+
+    quoted = "'" + str(sweep_dir).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.sweep.dir = str(sweep_dir)
+        config.hydra.overrides.hydra.append(f"hydra.sweep.dir={quoted}")
+
+
+def sweep_command(sweep_dir: Path) -> str | None:
+    """The command that continues the sweep in `sweep_dir` (None: not written)."""
+    path = Path(sweep_dir) / COMMAND_FILE
+    return (path.read_text().strip() or None) if path.is_file() else None
+
+
+def record_stop(sweep_dir: Path, signal_name: str) -> None:
+    """A job stopped by a signal: the launcher's parent run ends KILLED, not FAILED."""
+    (Path(sweep_dir) / STOPPED_FILE).write_text(signal_name)
+
+
+def stopped_by(sweep_dir: Path) -> str | None:
+    path = Path(sweep_dir) / STOPPED_FILE
+    return (path.read_text().strip() or "a signal") if path.is_file() else None
 
 
 def read_parent_run(sweep_dir: Path) -> str | None:

@@ -1,5 +1,5 @@
-"""Sweep queries: a sweep's runs and their table, the finished run of a config (for
-sweep.skip_finished and distillation rounds). Read only: a missing sqlite store or experiment is
+"""Sweep queries: a sweep's runs and their table, a finished run's metrics (distillation
+rounds). Read only: a missing sqlite store or experiment is
 not created here."""
 
 from __future__ import annotations
@@ -14,30 +14,6 @@ from mlxlab.tracking.mlflow.calls import retrying
 from mlxlab.tracking.mlflow.store import resolve_uri, sqlite_path
 
 LATEST_CANDIDATES = 50  # newest sweeps looked at for "latest" (skipping failed and empty ones)
-
-
-def find_finished_run(uri: str | None, experiment_name: str, config_hash: str) -> Any | None:
-    """The newest FINISHED run of the experiment tagged with this config hash, else None.
-    Reads only: a missing sqlite store or experiment is not created."""
-    uri = resolve_uri(uri)
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():
-        return None
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    experiment = retrying(client.get_experiment_by_name, experiment_name)
-    if experiment is None:
-        return None
-    runs = retrying(
-        client.search_runs,
-        [experiment.experiment_id],
-        filter_string=f"tags.`{T.CONFIG_HASH}` = '{config_hash}' "
-        "and attributes.status = 'FINISHED'",
-        max_results=1,
-        order_by=["attributes.start_time DESC"],
-    )
-    return runs[0] if runs else None
 
 
 def finished_run_metrics(uri: str | None, run_id: str) -> dict[str, float] | None:
@@ -142,24 +118,28 @@ def sweep_table(runs: Sequence, metric: str, keys: Sequence[str], mode: str = "m
 
 
 def find_sweep_parent(client, sweep: str, experiment_ids: list[str] | None = None):
-    """The parent run of a sweep: `sweep` is its run id, or "latest": the newest sweep that
-    did not fail and has runs (a sweep refused at its start, or one that failed before any job
-    ran, is never `latest`: it would hide the good sweep before it)."""
+    """The parent run of a sweep: `sweep` is its run id, or "latest": the newest sweep with a
+    job that finished or still runs. A sweep refused at its start, one that failed before any
+    job ran, or one whose every job failed is never `latest`: it would hide the good sweep
+    before it. A sweep with some failed jobs still is (its parent says FAILED, its finished
+    jobs compare)."""
     if sweep != "latest":
         return client.get_run(sweep)
     if experiment_ids is None:
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
     parents = client.search_runs(
         experiment_ids,
-        filter_string=f"tags.`{T.ROLE}` = 'sweep' and attributes.status != 'FAILED'",
+        filter_string=f"tags.`{T.ROLE}` = 'sweep'",
         max_results=LATEST_CANDIDATES,
         order_by=["attributes.start_time DESC"],
     )
     for parent in parents:
-        if client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.`{T.PARENT_RUN}` = '{parent.info.run_id}'",
-            max_results=1,
-        ):
-            return parent
-    raise SystemExit("no sweep (multirun) parent run with runs in this store")
+        for status in ("FINISHED", "RUNNING"):
+            if client.search_runs(
+                [parent.info.experiment_id],
+                filter_string=f"tags.`{T.PARENT_RUN}` = '{parent.info.run_id}' "
+                f"and attributes.status = '{status}'",
+                max_results=1,
+            ):
+                return parent
+    raise SystemExit("no sweep (multirun) parent run with a finished job in this store")

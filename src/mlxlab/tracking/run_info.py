@@ -29,6 +29,21 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task or [])
 
 
+def hydra_context(cfg: Any) -> tuple[Path, dict[str, str], bool]:
+    """The run folder, the chosen config-group options (as `choice.*` tags) and whether this is
+    a multirun's job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    run_dir = Path(cfg.paths.output_dir)
+    if not HydraConfig.initialized():
+        return run_dir, {}, False
+    hc = HydraConfig.get()
+    choices = {f"{T.CHOICE_PREFIX}{k}": str(v) for k, v in hc.runtime.choices.items()
+               if not k.startswith("hydra")}
+    return run_dir, choices, hc.mode == RunMode.MULTIRUN
+
+
 def run_name(cfg: Any, swept: Sequence[str] = ()) -> str:
     """tracking.run_name, else `<task_name>-<MMDD-HHMMSS>` plus the overrides of a multirun job
     that set the `swept` keys (`train-1122-093012 model.hidden_size=64 optimizer.learning_rate=3e-4`)."""

@@ -27,7 +27,13 @@ CHOICE_PREFIX = "choice."  # "choice.model" = "bert": the config-group options a
 # The process that trains a run, for dead-run detection (tracking/mlflow/stale.py)
 PID = "mlxlab.pid"
 HOST = "mlxlab.host"
+PROCESS_START = "mlxlab.process_start"  # the process's start (boot id:ticks): a reused pid differs
+HEARTBEAT = "mlxlab.heartbeat"  # unix seconds, rewritten by the tracking side while the run lives
+HEARTBEAT_EVERY = "mlxlab.heartbeat_every_s"  # the interval it promises (runs of other hosts)
+KILLED_AT = "mlxlab.killed_at"  # when a dead process's run was marked KILLED (UTC, ISO 8601)
 KILLED_REASON = "mlxlab.killed_reason"
+RESUMABLE = "mlxlab.resumable"  # "true": a committed checkpoint can continue the KILLED run
+SWEEP_IDENTITY = "mlxlab.sweep_identity"  # on a sweep's parent: what the user asked (sweeps/identity.py)
 
 # Sweeps (sweeps/callback.py)
 SWEEP_ID = "mlxlab.sweep_id"

@@ -1,4 +1,5 @@
-"""The loss a fit trains with: the task's cross-entropy, or distillation from teachers
+"""The loss a fit trains with: the task's cross-entropy, a preference loss (preference.py), or
+distillation from teachers
 (trainer.distill): the teachers loaded by the loader train.py hands the Trainer, weighted
 (fixed or learned, teacher_weights.py), and on fixed datasets their probabilities computed once
 before training and looked up in each step (`teacher_cache`)."""
@@ -15,6 +16,7 @@ import numpy as np
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
 from mlxlab.training import losses
+from mlxlab.training.preference import build_preference_loss
 from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.teacher_weights import fit_teacher_weights
 
@@ -26,12 +28,18 @@ TeacherLoader = Callable[[list, int, "int | None", "list[str] | None"],
 
 
 def build_loss(settings: TrainerSettings, data, batching: Batching,
-               load_teachers: TeacherLoader | None = None, per_example: bool = False
-               ) -> tuple[losses.LossFn, list[float]]:
+               load_teachers: TeacherLoader | None = None, per_example: bool = False,
+               model: nn.Module | None = None) -> tuple[losses.LossFn, list[float]]:
     """The run's loss function (fp32: the step wraps it in trainer.precision) and, distilling,
     each teacher's normalized weight. `per_example`: the loss also returns each example's value
-    (a callback's needs_example_losses)."""
+    (a callback's needs_example_losses). `model`, before any checkpoint is restored into it:
+    a preference loss's reference (training/preference.py)."""
     distill, smoothing = settings.distill, settings.label_smoothing
+    if settings.preference is not None:
+        return build_preference_loss(settings.preference, data, batching, model, per_example), []
+    if data.task == "preference":
+        raise ConfigError("preference pairs train with a preference loss: set trainer=dpo or "
+                          "trainer=orpo (or experiment=dpo_chat / orpo_chat)")
     if not distill:
         return losses.task_loss(data.task, smoothing, per_example), []
     if load_teachers is None:

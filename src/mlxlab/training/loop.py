@@ -77,6 +77,7 @@ class Fit:
     # What run() builds and its save and evaluation points (_save, _evaluate_and_save) read.
     world: distributed.World
     batching: Batching              # after any memory fitting
+    loss_fn: losses.LossFn          # what the step trains (evaluation scores preference pairs by it)
     state: RunState
     optimizer: Any
     shards: distributed.OptimizerShards | None
@@ -118,8 +119,8 @@ class Fit:
             batching = batching if rank_batches else global_batching(batching, world)
             loss_fn, teacher_weights = build_loss(
                 settings, data, batching, self.load_teachers,
-                per_example=any(cb.needs_example_losses for cb in callbacks))
-            loss_fn = with_precision(loss_fn, settings.precision)
+                per_example=any(cb.needs_example_losses for cb in callbacks), model=model)
+            loss_fn = self.loss_fn = with_precision(loss_fn, settings.precision)
             self.batching, grad_accum = fit_batch_to_memory(model, data, loss_fn, settings, batching,
                                                             world, rows_of)
             total_steps, max_epochs, steps_per_epoch = plan(
@@ -336,7 +337,7 @@ class Fit:
         if not self.data.has_validation:  # the points where a run evaluates still checkpoint
             self._save(force=force)
             return
-        result = evaluate(self.model, self.data, self.batching, self.world)
+        result = evaluate(self.model, self.data, self.batching, self.world, loss_fn=self.loss_fn)
         for key, value in result.metrics.items():
             state.history.setdefault(key, []).append((state.step, value))
         self.tracker.log_metrics(result.metrics, state.step)

@@ -23,6 +23,7 @@ from mlxlab.errors import ConfigError
 from mlxlab.training.losses import check_distill_form
 from mlxlab.training.model_ops import check_schedule
 from mlxlab.training.optim import LRSchedule
+from mlxlab.training.preference_losses import check_loss_name
 from mlxlab.validation import record
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -66,6 +67,33 @@ class DistillConfig:
         check_choice("trainer.distill.teacher_weights", self.teacher_weights, ("fixed", "learned"))
 
 
+REFERENCES = ("auto", "adapters", "copy", "cached")  # trainer.preference.reference
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """`trainer.preference` (trainer=dpo | orpo): the preference loss and its reference model,
+    see conf/trainer/dpo.yaml and training/preference.py."""
+
+    loss: str = "sigmoid"         # sigmoid (DPO) | ipo | orpo | simpo (preference_losses.py)
+    beta: float = 0.1             # DPO/IPO's beta, ORPO's lambda, SimPO's beta (TRL's names)
+    label_smoothing: float = 0.0  # sigmoid and simpo: the chance a preference is flipped
+    gamma: float = 0.5            # simpo: the target reward margin
+    reference: str = "auto"       # auto | adapters | copy | cached (sigmoid and ipo only)
+
+    def __post_init__(self) -> None:
+        check_loss_name(self.loss)
+        check_number("trainer.preference.beta", self.beta, float, 0.0)
+        if self.beta <= 0:
+            raise ConfigError(f"trainer.preference.beta must be > 0, got {self.beta}")
+        check_number("trainer.preference.label_smoothing", self.label_smoothing, float, 0.0)
+        if self.label_smoothing >= 0.5:
+            raise ConfigError("trainer.preference.label_smoothing must be below 0.5, got "
+                              f"{self.label_smoothing}")
+        check_number("trainer.preference.gamma", self.gamma, float)
+        check_choice("trainer.preference.reference", self.reference, REFERENCES)
+
+
 @dataclass(frozen=True)
 class DistributedConfig:
     """`trainer.distributed`: data parallelism under `mlx.launch -n N -- mlxlab train ...`."""
@@ -101,13 +129,15 @@ class TrainerSettings:
     monitor: str = "val/accuracy"     # the metric that picks the best checkpoint
     monitor_mode: str = "max"         # max | min: which way `monitor` improves
     distill: DistillConfig | None = None  # None: plain training; else the distillation loss
+    preference: PreferenceConfig | None = None  # a preference loss on data=preference pairs
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     model_schedule: list | None = None  # scheduled model operations (training/model_ops.py)
     requeue: bool = False             # SIGUSR1 (Slurm's time-limit warning): requeue the job
 
     def __post_init__(self) -> None:
         for name, kind in (("schedule", LRSchedule), ("batching", BatchingSettings),
-                           ("distill", DistillConfig), ("distributed", DistributedConfig)):
+                           ("distill", DistillConfig), ("preference", PreferenceConfig),
+                           ("distributed", DistributedConfig)):
             object.__setattr__(self, name, record(kind, getattr(self, name), f"trainer.{name}"))
         if self.max_epochs is None and self.max_steps is None:
             raise ConfigError("set trainer.max_epochs or trainer.max_steps")
@@ -121,6 +151,8 @@ class TrainerSettings:
         if str(self.fused_kernels).lower() not in (*kernels.MODES, "true", "false"):
             raise ConfigError(f"trainer.fused_kernels={self.fused_kernels!r}: expected auto, on "
                               "or off")
+        if self.distill and self.preference:
+            raise ConfigError("trainer.distill and trainer.preference are two losses: set one")
         object.__setattr__(self, "model_schedule", check_schedule(self.model_schedule) or None)
         if self.model_schedule and self.distributed.shard_optimizer:
             raise ConfigError("trainer.model_schedule does not work with trainer.distributed."

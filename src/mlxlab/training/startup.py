@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from mlxlab import kernels
 from mlxlab.runtime import backend, blas, device, settings
@@ -55,3 +56,17 @@ def prepare_device(cache_dir: str | Path, fused_mode: str = "auto") -> device.De
         if cache.files == 0:
             log.info("%s", device.compile_notice(cache))
     return described
+
+
+def setup_data(data: Any, world: Any, run_dir: Path) -> None:
+    """`data.setup` on every rank of `world` (runtime/distributed.py): rank 0 first, writing the
+    tokenizer and data caches into `run_dir`, then the others, which read what it wrote (these
+    waits get the allowance of a first, compiling step); all ranks must end with one tokenizer."""
+    if world.is_main:
+        data.setup(run_dir)
+    world.barrier("waiting for rank 0's data setup", scale=10.0)
+    if not world.is_main:
+        data.setup(None)
+    world.check_same(str(data.tokenizer_hash), "the tokenizer",  # after the others' setup
+                     "train it once (rank 0) and pass data.tokenizer.path=<its tokenizer.json>",
+                     scale=10.0)

@@ -1,9 +1,18 @@
-"""Runs left RUNNING by a process that died before it could end them (SIGKILL, OOM, power loss).
+"""Nothing RUNNING for ever: runs whose process died without ending them, marked KILLED.
 
-train.py tags each run with the host and process id training it. A RUNNING run whose process is
-gone and whose run folder holds no committed checkpoint (nothing `resume=` could continue) is
-marked KILLED, with a tag saying why, by the next start of a run of the same task and by
-`mlxlab runs list`. Runs of other hosts are left alone: their processes cannot be seen.
+A run says which process trains it (train.py tags the host, the pid and the process's start
+time: a pid the system gave to another process since has another start time), and the tracking
+side rewrites a heartbeat tag (heartbeat.py). A RUNNING run is dead when
+
+- of this host: its pid is gone, or now belongs to a process started at another time;
+- of another host (its process cannot be seen from here): its heartbeat is older than
+  STALE_BEATS intervals.
+
+A dead run is marked KILLED with tags saying when (`mlxlab.killed_at`), why
+(`mlxlab.killed_reason`) and whether a committed checkpoint can continue it
+(`mlxlab.resumable`); a resume sets it RUNNING again. Every command that opens the store runs
+this: a run's start, `mlxlab runs list|show|compare`, a sweep's start. A run with neither a
+live-process record nor a heartbeat (written before either existed) is left as it is.
 """
 
 from __future__ import annotations
@@ -11,7 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow.calls import retrying
@@ -19,10 +31,40 @@ from mlxlab.tracking.mlflow.store import resolve_uri, sqlite_path
 
 log = logging.getLogger(__name__)
 
+STALE_BEATS = 4  # heartbeats missed before another host's run is judged dead
+
+
+def process_start(pid: int, method: str | None = None) -> str | None:
+    """When process `pid` started, as a stamp naming how it was read: `proc:<boot id>:<clock
+    ticks since boot>` (Linux's /proc, exact), else `psutil:<seconds since the epoch>` (macOS);
+    None when the process is gone or neither way is there. `method` reads it the way a stored
+    stamp was read, so the two compare."""
+    if method in (None, "proc"):
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            # the command name (field 2) may hold spaces and parentheses: count after its end
+            return f"proc:{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
+        except (OSError, IndexError):
+            if method == "proc" or Path("/proc/self/stat").is_file():
+                return None
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        return f"psutil:{psutil.Process(pid).create_time():.0f}"
+    except psutil.Error:
+        return None
+
 
 def process_tags() -> dict[str, str]:
     """Tags naming the process that trains a run (read back by `mark_dead_runs`)."""
-    return {T.PID: str(os.getpid()), T.HOST: socket.gethostname()}
+    tags = {T.PID: str(os.getpid()), T.HOST: socket.gethostname()}
+    start = process_start(os.getpid())
+    if start is not None:
+        tags[T.PROCESS_START] = start
+    return tags
 
 
 def _alive(pid: int) -> bool:
@@ -35,29 +77,64 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _has_checkpoint(run_dir: str | None) -> bool:
+def dead_reason(tags: dict[str, str], host: str, now: float) -> str | None:
+    """Why the run these tags describe has no live process, or None (alive, or unknown)."""
+    pid = tags.get(T.PID, "")
+    if tags.get(T.HOST) == host and pid.isdigit():
+        if not _alive(int(pid)):
+            return f"process {pid} on {host} is gone"
+        stamp = tags.get(T.PROCESS_START)
+        if stamp:
+            now_stamp = process_start(int(pid), stamp.split(":", 1)[0])
+            if now_stamp is not None and not _same_start(stamp, now_stamp):
+                return (
+                    f"process {pid} on {host} is another process now (the run's started "
+                    f"{stamp}, it {now_stamp})"
+                )
+        return None
+    beat, every = tags.get(T.HEARTBEAT), tags.get(T.HEARTBEAT_EVERY)
+    try:
+        age, interval = now - float(beat), float(every)
+    except (TypeError, ValueError):
+        return None  # no heartbeat to judge by
+    if age > STALE_BEATS * interval:
+        return (
+            f"no heartbeat from {tags.get(T.HOST, 'its host')} for {age:.0f} s (one every "
+            f"{interval:g} s expected)"
+        )
+    return None
+
+
+def _same_start(a: str, b: str) -> bool:
+    if a.startswith("psutil:") and b.startswith("psutil:"):  # seconds from the boot time: +-1
+        return abs(float(a.split(":")[1]) - float(b.split(":")[1])) <= 1
+    return a == b
+
+
+def has_checkpoint(run_dir: str | None) -> bool:
+    """A committed checkpoint in the run folder: `resume=` can continue the run."""
     return bool(run_dir) and any(Path(run_dir).glob("checkpoints/*/COMMITTED"))
 
 
-def mark_dead_runs_quietly(uri: str | None, experiment_name: str | None,
-                           task_name: str | None) -> None:
-    """mark_dead_runs before a run starts: housekeeping, which never stops a run."""
+def mark_dead_runs_quietly(
+    uri: str | None, experiment_name: str | None = None, task_name: str | None = None
+) -> list[str]:
+    """mark_dead_runs as housekeeping, which never stops the command that runs it."""
     try:
-        mark_dead_runs(uri, experiment_name, task_name)
+        return mark_dead_runs(uri, experiment_name, task_name)
     except Exception as e:
         log.warning("could not check for dead MLflow runs: %s", e)
+        return []
 
 
 def mark_dead_runs(
     uri: str | None, experiment_name: str | None = None, task_name: str | None = None
 ) -> list[str]:
-    """Mark this host's dead RUNNING runs without a checkpoint as KILLED; returns their ids.
-
-    Only sqlite stores that exist are read (a tracking server is never waited on here).
-    """
+    """Mark the store's RUNNING runs whose process is dead as KILLED; returns their ids.
+    A sqlite store that does not exist is not created."""
     uri = resolve_uri(uri)
     db = sqlite_path(uri)
-    if db is None or not db.exists():
+    if db is not None and not db.exists():
         return []
     from mlflow import MlflowClient
 
@@ -72,20 +149,38 @@ def mark_dead_runs(
     query = "attributes.status = 'RUNNING'"
     if task_name is not None:
         query += f" and tags.`{T.TASK_NAME}` = '{task_name}'"
-    runs = retrying(client.search_runs, [e.experiment_id for e in experiments], query,
-                    max_results=5000)
-    host, marked = socket.gethostname(), []
+    runs = retrying(
+        client.search_runs, [e.experiment_id for e in experiments], query, max_results=5000
+    )
+    host, now = socket.gethostname(), time.time()
+    marked = []
     for run in runs:
-        tags = run.data.tags
-        pid = tags.get(T.PID, "")
-        if tags.get(T.HOST) != host or not pid.isdigit() or _alive(int(pid)):
-            continue
-        if _has_checkpoint(tags.get(T.RUN_DIR)):
-            continue  # resume= continues it and sets its status
-        reason = (f"process {pid} on {host} ended without setting a status and left no "
-                  "checkpoint (killed before its first one)")
-        retrying(client.set_tag, run.info.run_id, T.KILLED_REASON, reason)
-        retrying(client.set_terminated, run.info.run_id, "KILLED")
-        log.warning("MLflow run %s was left RUNNING: marked KILLED (%s)", run.info.run_id, reason)
-        marked.append(run.info.run_id)
+        reason = dead_reason(run.data.tags, host, now)
+        if reason is not None:
+            mark_killed(client, run, reason)
+            marked.append(run.info.run_id)
     return marked
+
+
+def mark_killed(client: Any, run: Any, reason: str) -> None:
+    """`run` KILLED, with when, why and whether a committed checkpoint can continue it."""
+    from mlflow.entities import RunTag
+
+    resumable = has_checkpoint(run.data.tags.get(T.RUN_DIR))
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    retrying(
+        client.log_batch,
+        run.info.run_id,
+        tags=[
+            RunTag(T.KILLED_AT, when),
+            RunTag(T.KILLED_REASON, reason),
+            RunTag(T.RESUMABLE, str(resumable).lower()),
+        ],
+    )
+    retrying(client.set_terminated, run.info.run_id, "KILLED")
+    log.warning(
+        "MLflow run %s was left RUNNING: marked KILLED (%s%s)",
+        run.info.run_id,
+        reason,
+        "; a checkpoint can continue it" if resumable else "",
+    )

@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import sqlite3
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -92,11 +91,13 @@ def check_writable(uri: str) -> None:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute("CREATE TABLE mlxlab_write_probe (x)")
                 conn.execute("ROLLBACK")
-        else:  # the folder it will be made in (nothing made here: a bad input may follow)
-            folder = next(p for p in (db.parent, *db.parent.parents) if p.exists())
-            handle, probe = tempfile.mkstemp(prefix=".mlxlab-write-probe-", dir=folder)
-            os.close(handle)
-            os.unlink(probe)
+        else:  # the nearest folder that exists: checking creates nothing
+            folder = db.parent
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
+            probe = folder / f".mlxlab-write-probe-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
     except (OSError, sqlite3.Error) as err:
         raise ConfigError(
             f"MLflow store {db} cannot be written ({type(err).__name__}: {err}): give this user "

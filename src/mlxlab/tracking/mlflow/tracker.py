@@ -30,6 +30,7 @@ from mlxlab.tracking.mlflow.calls import (
     is_transient_http,
     retrying,
 )
+from mlxlab.tracking.mlflow.heartbeat import Heartbeat, heartbeat_tags
 from mlxlab.tracking.mlflow.offline import SPOOL_FILE, Spool, reachable, send_spool
 from mlxlab.tracking.mlflow.rewind import drop_metrics_after
 from mlxlab.tracking.mlflow.server import bounded_http, probe_store
@@ -75,10 +76,12 @@ class MlflowTracker(BaseTracker):
         request_timeout: float = 30.0,
         parent_run_id: str | None = None,
         sweep_job_dir: str | None = None,
+        heartbeat_every_seconds: float = 30.0,
     ) -> None:
         for key, value in (("connect_timeout", connect_timeout),
                            ("request_timeout", request_timeout),
-                           ("flush_every_seconds", flush_every_seconds)):
+                           ("flush_every_seconds", flush_every_seconds),
+                           ("heartbeat_every_seconds", heartbeat_every_seconds)):
             check_number(f"tracking.{key}", value, float)
             if value <= 0:
                 raise ConfigError(f"tracking.{key} must be > 0 seconds, got {value}")
@@ -94,6 +97,8 @@ class MlflowTracker(BaseTracker):
         self.request_timeout = float(request_timeout)
         self.parent_run_id = parent_run_id
         self.sweep_job_dir = sweep_job_dir
+        self.heartbeat_every_seconds = float(heartbeat_every_seconds)
+        self._heartbeat: Heartbeat | None = None
         self.remote = self.uri.startswith(("http://", "https://"))
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -145,7 +150,8 @@ class MlflowTracker(BaseTracker):
         self.experiment_id = ensure_store(self.uri, self.experiment_name, self.artifact_root)
         self._client = client = MlflowClient(tracking_uri=self.uri)
         tags = {str(k): str(v) for k, v in tags.items()}
-        # earlier runs of this task killed before their first checkpoint
+        tags.update(heartbeat_tags(self.heartbeat_every_seconds))
+        # earlier runs of this task whose process died without ending them
         mark_dead_runs_quietly(self.uri, self.experiment_name, tags.get(T.TASK_NAME))
         if self.parent_run_id:  # a sweep's job (a distillation round keeps its own parent)
             tags.setdefault(T.PARENT_RUN, self.parent_run_id)
@@ -184,6 +190,8 @@ class MlflowTracker(BaseTracker):
                 target=self._flush_loop, daemon=True, name="mlflow-flush"
             )
             self._thread.start()
+        self._heartbeat = Heartbeat(client, run_id, self.heartbeat_every_seconds)
+        self._heartbeat.start()
         atexit.register(self._end_at_exit)
 
     def _log_params(self, params: dict, logged_params: Mapping[str, str]) -> None:
@@ -216,6 +224,9 @@ class MlflowTracker(BaseTracker):
             return
         self._active = False
         atexit.unregister(self._end_at_exit)
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if self._thread is not None:
             self._stop.set()
             self._wake.set()

@@ -1,0 +1,119 @@
+"""Which jobs of a continued sweep are kept, resumed or run.
+
+A grid's job is its config (the `mlxlab.config_hash` tag: the seed in it, the sweep's steering
+keys, paths and tracking out of it) under the sweep's parent run. When the same command
+continues a sweep (identity.py), each job asks here before it trains:
+
+- keep: a FINISHED run of its config is already under the parent: not trained again, the value
+  it returned is returned (one log line);
+- resume: its newest run is KILLED (its process died, stale.py, or a signal stopped it) and its
+  folder holds a committed checkpoint: the job resumes from there into that same run, bitwise as
+  `resume=` does for a single run;
+- run: anything else (never started, FAILED, killed before its first checkpoint).
+
+A new sweep's parent has no children, so every job runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from mlxlab.config import config_hash
+from mlxlab.tracking import tags as T
+from mlxlab.tracking.mlflow.calls import retrying
+from mlxlab.tracking.mlflow.stale import has_checkpoint
+
+log = logging.getLogger("mlxlab")
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    action: str  # "keep" | "resume" | "run"
+    run_id: str | None = None
+    run_dir: Path | None = None  # resume: the folder whose checkpoint it continues
+    value: float | None = None  # keep: the finished run's optimized metric
+
+
+def job_key(run: Any) -> str:
+    """The job a run belongs to: its config hash (a run the callback recorded for a job that
+    failed before tracking has none: it is a job of its own)."""
+    return run.data.tags.get(T.CONFIG_HASH) or run.info.run_id
+
+
+def job_runs_of(children: list) -> list:
+    """The newest run of each job among a sweep's children (oldest first): what the sweep's
+    table counts, where an earlier try of a job (killed before its checkpoint, failed) is
+    history."""
+    newest: dict[str, Any] = {}
+    for run in children:
+        key = job_key(run)
+        if key not in newest or run.info.start_time >= newest[key].info.start_time:
+            newest[key] = run
+    return sorted(newest.values(), key=lambda r: r.info.start_time)
+
+
+def plan_job(client: Any, parent_run_id: str, cfg: DictConfig) -> JobPlan:
+    """What this job does in its sweep (see the module's docstring)."""
+    parent = retrying(client.get_run, parent_run_id)
+    runs = retrying(
+        client.search_runs,
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{T.PARENT_RUN}` = '{parent_run_id}' and "
+        f"tags.`{T.CONFIG_HASH}` = '{config_hash(cfg)}'",
+        max_results=100,
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in runs:
+        if run.info.status == "FINISHED":
+            metrics = run.data.metrics
+            metric = str(cfg.optimized_metric)
+            value = metrics.get(f"best/{metric}", metrics.get(metric, float("nan")))
+            return JobPlan("keep", run.info.run_id, value=float(value))
+    if runs and runs[0].info.status == "KILLED":
+        run_dir = runs[0].data.tags.get(T.RUN_DIR)
+        if has_checkpoint(run_dir):
+            return JobPlan("resume", runs[0].info.run_id, Path(str(run_dir)))
+    return JobPlan("run")
+
+
+def continue_job(cfg: DictConfig) -> float | None:
+    """In a grid's job with an MLflow parent run: the value of a kept job (the caller returns it
+    without training), else None, with `cfg.resume` set to a killed job's folder. A search's
+    trials are the search's to resume (search/sweeper.py), a single run's are `resume=`'s."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from mlxlab.sweeps.folder import current_job
+    from mlxlab.tracking.mlflow.store import tracked_store
+
+    job = current_job()
+    uri = tracked_store(cfg.tracking)
+    if (
+        job is None
+        or not job.parent_run_id
+        or uri is None
+        or OmegaConf.select(HydraConfig.get(), "sweeper.n_trials", default=None)
+    ):
+        return None
+    from mlflow import MlflowClient
+
+    plan = plan_job(MlflowClient(tracking_uri=uri), job.parent_run_id, cfg)
+    if plan.action == "keep":
+        log.info(
+            "sweep: job %s finished as run %s: kept, not run again", job.job_dir.name, plan.run_id
+        )
+        return plan.value
+    if plan.action == "resume":
+        log.info(
+            "sweep: job %s was killed: its run %s resumes from %s",
+            job.job_dir.name,
+            plan.run_id,
+            plan.run_dir,
+        )
+        cfg.resume = str(plan.run_dir)
+    return None

@@ -1,0 +1,300 @@
+"""Preference tuning (issue 50): data=preference renders pairs as data=chat renders chats, and
+experiment=dpo_chat / orpo_chat train through the one loop on a tiny random Llama with a ChatML
+template, logging the reward metrics to a real MLflow store; a SIGKILLed DPO run resumes
+bitwise."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hf_helpers import save_tiny_model
+from mlxlab.data.batching import Batching
+from mlxlab.data.chat import encode_chat, load_chat_template
+from mlxlab.data.preference import PreferencePairs
+from mlxlab.errors import ConfigError
+
+WORDS = ["cat", "dog", "sun", "tree", "ball", "milk", "red", "big", "hat", "cup"]
+
+
+def generated_pairs(n: int, seed: int = 0) -> list[dict]:
+    """`n` pairs a model can learn to tell apart: the chosen reply repeats one pattern
+    ("yes yes yes"), the rejected one is random words; prompts are random words too. Every
+    fourth pair is conversational (TRL's form), the rest strings (mlx-lm-lora's)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(WORDS, 4))
+        chosen = " ".join(["yes"] * int(rng.integers(2, 5)))
+        rejected = " ".join(rng.choice(WORDS, int(rng.integers(2, 5))))
+        if i % 4 == 3:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
+        else:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pref_model(tmp_path_factory) -> dict:
+    """A tiny random Llama with ChatML's tokens and template, 240 training and 40 held-out
+    generated pairs."""
+    root = tmp_path_factory.mktemp("preference")
+    folder = save_tiny_model("llama", root / "tiny-chatml", chat="chatml")
+    return {
+        "folder": folder,
+        "root": root,
+        "train": write_jsonl(root / "train.jsonl", generated_pairs(240)),
+        "val": write_jsonl(root / "val.jsonl", generated_pairs(40, seed=1)),
+    }
+
+
+def pairs_data(folder: Path, train: Path, **kwargs) -> PreferencePairs:
+    data = PreferencePairs(str(train), tokenizer={"path": str(folder / "tokenizer.json")}, **kwargs)
+    data.setup(None)
+    return data
+
+
+# --- data=preference --------------------------------------------------------------------------
+
+
+def test_each_side_is_the_chat_renderers_chat_scored_on_its_reply(pref_model, tmp_path):
+    """Every form of a row gives the ids encode_chat gives for prompt + reply (data=chat's one
+    renderer), and the completion mask is the reply and its <|im_end|> alone."""
+    system = {"role": "system", "content": "be kind"}
+    user = {"role": "user", "content": "hi there"}
+    yes, no = {"role": "assistant", "content": "yes yes"}, {"role": "assistant", "content": "no"}
+    rows = [
+        {"prompt": "hi there", "chosen": "yes yes", "rejected": "no", "system": "be kind"},
+        {"prompt": [system, user], "chosen": [yes], "rejected": no},
+        {"chosen": [system, user, yes], "rejected": [system, user, no]},
+    ]  # implicit prompt
+    folder = pref_model["folder"]
+    data = pairs_data(
+        folder, write_jsonl(tmp_path / "p.jsonl", rows), val_file=str(tmp_path / "p.jsonl")
+    )
+    template = load_chat_template(folder)
+    for side, reply in (("chosen", yes), ("rejected", no)):
+        expected = encode_chat(data.tokenizer, template, [system, user, reply])
+        for i in range(3):
+            ids, mask = data.val.ids[side][i], data.val.masks[side][i]
+            assert np.array_equal(ids, expected.ids), (side, i)
+            learnt = data.tokenizer.decode(
+                [int(t) for t, m in zip(ids, mask) if m], skip_special_tokens=False
+            )
+            assert learnt == reply["content"] + "<|im_end|>"
+
+    batch = next(iter(data.val_batches(Batching(batch_size=3))))
+    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape
+    assert batch["index"].tolist() == [0, 1, 2]
+    # labels are the inputs shifted by one; the mask sits on the positions predicting the reply
+    ids = np.array(batch["chosen_input_ids"])
+    assert np.array_equal(np.array(batch["chosen_labels"])[:, :-1], ids[:, 1:])
+
+
+def test_long_pairs_are_cut_or_dropped_and_counted(pref_model, caplog):
+    folder, train = pref_model["folder"], pref_model["train"]
+    full = pairs_data(folder, train)
+    longest = int(full.train.lengths().max())
+    with caplog.at_level(logging.WARNING):
+        cut = pairs_data(folder, train, max_length=longest - 3)
+        dropped = pairs_data(folder, train, max_length=longest - 3, too_long="drop")
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("were cut (data.too_long=truncate)" in line for line in lines)
+    n_long = int(lines[0].split(": ")[1].split(" of ")[0])
+    assert n_long > 0 and len(dropped.train) == len(full.train) - n_long
+    assert len(cut.train) == len(full.train)
+    assert max(len(ids) for ids in cut.train.ids["chosen"]) <= longest - 2
+
+
+def test_a_bad_row_names_its_line_and_the_fix(pref_model, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*generated_pairs(2), {"prompt": "a", "chosen": "b"}])
+    with pytest.raises(
+        ConfigError,
+        match=r"bad.jsonl:3: not a JSON object with 'chosen' and "
+        r"'rejected'; fix the line",
+    ):
+        pairs_data(pref_model["folder"], bad)
+    with pytest.raises(ConfigError, match="data.keys has unknown keys"):
+        PreferencePairs(str(bad), keys={"answer": "x"})
+
+
+# --- the reference model ---------------------------------------------------------------------
+
+
+def loss_parts(folder: Path, data: PreferencePairs, reference: str, rank: int = 8) -> dict:
+    """The first training batch's loss and metrics with `reference`, on the tiny Llama with
+    LoRA (rank 8) or without (rank 0), its adapters given weights so policy != reference."""
+    import mlx.core as mx
+
+    from mlxlab.models.transformer import Transformer
+    from mlxlab.training.preference import build_preference_loss
+    from mlxlab.training.settings import PreferenceConfig
+
+    mx.random.seed(0)
+    model = Transformer(
+        vocab_size=data.vocab_size,
+        pretrained=str(folder),
+        lora={"rank": rank, "targets": ["query", "value"]} if rank else None,
+    )
+    batching = Batching(batch_size=8)
+    loss_fn = build_preference_loss(PreferenceConfig(reference=reference), data, batching, model)
+    # the policy moves away from the reference (as training does), after the reference is built
+    model.update(
+        tree_map_params(
+            model,
+            lambda name, p: (
+                p + 0.05
+                if name.endswith("lora_b") or (not rank and name.endswith("query.weight"))
+                else p
+            ),
+        )
+    )
+    batch = next(iter(data.val_batches(batching)))
+    loss, aux = loss_fn(model, batch)
+    return {"loss": loss.item(), **{k: v.item() for k, v in aux.items()}}
+
+
+def tree_map_params(model, fn):
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    return tree_unflatten([(n, fn(n, p)) for n, p in tree_flatten(model.parameters())])
+
+
+def test_the_reference_is_the_base_model_with_adapters_off_a_copy_or_cached(pref_model, tmp_path):
+    """DPO against the adapters switched off, against log-probs cached before training (read
+    back from data.cache_dir by a second build), and, without LoRA, against a frozen copy: the
+    reference's log-probs are the starting model's in each, so the reward of a pair is beta x
+    the policy's change; and a changed policy moves the rewards off zero."""
+    folder = pref_model["folder"]
+    data = pairs_data(
+        folder,
+        pref_model["train"],
+        val_file=str(pref_model["val"]),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    adapters = loss_parts(folder, data, "adapters")
+    cached = loss_parts(folder, data, "cached")
+    assert list((tmp_path / "cache" / "preference_reference").glob("*.npz"))
+    again = loss_parts(folder, data, "cached")  # read from the file this time
+    for key in adapters:
+        assert cached[key] == pytest.approx(adapters[key], abs=2e-5), key
+        assert again[key] == cached[key], key
+    assert abs(adapters["rewards/margin"]) > 1e-3 and adapters["ntokens"] == 8
+    copy = loss_parts(folder, data, "copy", rank=0)
+    assert abs(copy["rewards/chosen"]) > 1e-3 and copy["logps/chosen"] != adapters["logps/chosen"]
+    with pytest.raises(ConfigError, match="reference=adapters needs LoRA adapters"):
+        loss_parts(folder, data, "adapters", rank=0)
+
+
+# --- experiment=dpo_chat / orpo_chat: the one loop, a real MLflow store -----------------------
+
+REWARDS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margin",
+    "rewards/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+def preference_args(model: dict, *extra: str) -> list[str]:
+    return [
+        f"model.pretrained={model['folder']}",
+        f"data.train_file={model['train']}",
+        f"data.val_file={model['val']}",
+        "trainer.batch_size=8",
+        "trainer.max_steps=40",
+        "trainer.eval_every_steps=20",
+        "trainer.log_every_steps=1",
+        "trainer.schedule.warmup_steps=0",
+        "callbacks.progress.enabled=false",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(("experiment", "lr"), [("dpo_chat", "3e-3"), ("orpo_chat", "3e-3")])
+def test_preference_experiments_train_and_log_the_rewards(pref_model, make_cfg, experiment, lr):
+    """40 steps of LoRA on 240 generated pairs: every reward metric at every step in MLflow
+    (train/ and, at the evaluations, val/), DPO's mean margin over its last 10 logged steps
+    above its first 10's, and the held-out pairs' accuracy up; ORPO adds its NLL term."""
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.train import train
+
+    cfg = make_cfg(
+        f"experiment={experiment}", f"optimizer.learning_rate={lr}", *preference_args(pref_model)
+    )
+    metrics = train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id]
+    )[0]
+    assert (
+        run.info.status == "FINISHED"
+        and run.data.tags["choice.trainer"] == experiment.split("_")[0]
+    )
+
+    def history(key: str) -> list[float]:
+        rows = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        return [v for _, v in rows]
+
+    for key in REWARDS:
+        assert len(history(f"train/{key}")) == 40, key
+        assert len(history(f"val/{key}")) == 2, key
+    margin, accuracy = history("train/rewards/margin"), history("val/rewards/accuracy")
+    assert np.mean(margin[-10:]) > np.mean(margin[:10]), margin
+    assert accuracy[-1] >= 0.9 and metrics["val/rewards/accuracy"] == max(accuracy)
+    if experiment == "orpo_chat":
+        nll = history("train/nll_loss")
+        assert len(nll) == 40 and np.mean(nll[-10:]) < np.mean(nll[:10])
+
+
+def test_a_sigkilled_dpo_run_resumes_bitwise(pref_model, tmp_path, cli_env):
+    """experiment=dpo_chat with the reference cached in data.cache_dir, SIGKILLed after its
+    checkpoint at step 9 and resumed: the weights, the whole MLflow history (rewards included)
+    and state.json's equal an uninterrupted run's; the resumed run reads the reference log-probs
+    the killed run computed."""
+    from run_helpers import committed_steps, kill_when, run, start
+    from test_resume import assert_same_history, assert_same_weights, run_id_of
+
+    args = [
+        "experiment=dpo_chat",
+        "optimizer.learning_rate=3e-3",
+        *preference_args(
+            pref_model,
+            "trainer.max_steps=16",
+            "trainer.eval_every_steps=8",
+            "trainer.log_every_steps=2",
+            "trainer.preference.reference=cached",
+            "callbacks.checkpoint.save_every_steps=3",
+            "callbacks.checkpoint.save_every_minutes=null",
+        ),
+    ]
+    killed = tmp_path / "killed"
+    proc = start(args, killed, cli_env)
+    kill_when(proc, lambda: any(s >= 9 for s in committed_steps(killed)))
+    assert max(committed_steps(killed)) < 16
+    resumed = tmp_path / "resumed"
+    out = run([*args, f"resume={killed}"], resumed, cli_env)
+    assert "reference log-probs of 240 + 40 pairs read from" in out.stdout + out.stderr
+    reference = tmp_path / "reference"
+    run(args, reference, cli_env)
+    assert_same_weights(reference, resumed, "dpo")
+    assert run_id_of(resumed) == run_id_of(killed)
+    assert_same_history(f"sqlite:///{tmp_path}/mlruns/mlflow.db", reference, resumed, "dpo")

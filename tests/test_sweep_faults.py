@@ -1,0 +1,250 @@
+"""A killed grid continues (issue 47): real `mlxlab-train -m` processes on Titanic, 2 configs x
+3 seeds, killed (SIGKILL, or Ctrl-C's SIGINT) in the middle of the 4th job once it committed a
+checkpoint, then the same command again: one parent, each (config, seed) FINISHED exactly once,
+the killed job resumed into its own run from its checkpoint, nothing RUNNING, and `mlxlab runs
+compare latest` agreeing with scipy on its per-seed values."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats as st
+from mlflow import MlflowClient
+
+from conftest import MLXLAB, PYTHON
+from mlxlab.tracking import tags as T
+from run_helpers import committed_steps, kill_when
+
+# 6 jobs of 12 steps, a checkpoint every 3: a job is ~1 s of training after its start-up
+GRID = [
+    "-m",
+    "trainer.max_epochs=1",
+    "trainer.max_steps=12",
+    "trainer.eval_every_steps=6",
+    "trainer.log_every_steps=1",
+    "trainer.schedule.warmup_steps=0",
+    "trainer.batch_size=32",
+    "callbacks.progress.enabled=false",
+    "callbacks.checkpoint.save_every_steps=3",
+    "callbacks.checkpoint.save_every_minutes=null",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "data.max_length=48",
+    "tracking.background=false",
+    "optimizer.learning_rate=3e-3",
+    "replicates=3",
+    "model.pooler=null,true",
+]
+KILLED_JOB = "3"  # the 4th job
+
+
+def env_for(root: Path) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "MLXLAB_ROOT": str(root),
+        "PYTHONUNBUFFERED": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def start_sweep(root: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [PYTHON, "-m", "mlxlab.train", *GRID, *extra],
+        cwd=root,
+        env=env_for(root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def sweep(root: Path, *extra: str) -> str:
+    proc = start_sweep(root, *extra)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def job_dir(root: Path, job: str) -> Path | None:
+    found = sorted((root / "multirun" / "train").glob(f"*/{job}"))
+    return found[-1] if found else None
+
+
+def interrupt_4th_job(root: Path, how: signal.Signals) -> tuple[Path, int, float]:
+    """Start the sweep; stop it by `how` once its 4th job committed a checkpoint. Returns the
+    job's folder, its newest committed step, and when the signal went."""
+    proc = start_sweep(root)
+
+    def checkpointed() -> bool:
+        folder = job_dir(root, KILLED_JOB)
+        return folder is not None and bool(committed_steps(folder))
+
+    if how == signal.SIGKILL:
+        kill_when(proc, checkpointed, timeout=300)
+        sent, out = time.time(), proc.stdout.read()
+    else:
+        deadline = time.time() + 300
+        while not checkpointed():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.01)
+        sent = time.time()
+        proc.send_signal(how)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + how, out[-3000:]
+    folder = job_dir(root, KILLED_JOB)
+    return folder, max(committed_steps(folder)), sent, out
+
+
+def store(root: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+
+
+def check_continued(root: Path, folder: Path, step: int, continued_at: float, out: str) -> None:
+    """After the same command again: what the issue asks of a continued grid."""
+    client = store(root)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "train"]
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get(T.ROLE) == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get(T.PARENT_RUN) == parents[0].info.run_id]
+    jobs = sorted((r.data.params["model.pooler"], r.data.params["seed"]) for r in children)
+    assert jobs == sorted((p, s) for p in ("None", "True") for s in ("42", "43", "44"))
+    assert {r.info.status for r in children} == {"FINISHED"}  # each job once, finished
+    assert not [
+        r for r in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+    ]
+    assert out.count("kept, not run again") == 3, out[-4000:]
+    (resumed,) = [r for r in children if r.data.tags[T.RUN_DIR] == str(folder)]
+    assert f"its run {resumed.info.run_id} resumes from {folder}" in out
+    # the killed run's own history goes on: every step once, those after the checkpoint logged
+    # by the continuing command, the first of them the checkpoint's step + 1
+    history = client.get_metric_history(resumed.info.run_id, "train/loss")
+    assert sorted(p.step for p in history) == list(range(1, 13))
+    after = sorted(p.step for p in history if p.timestamp / 1000 > continued_at)
+    assert after[0] == step + 1 and after == list(range(step + 1, 13))
+
+    compared = subprocess.run(
+        [MLXLAB, "runs", "compare", "latest", "--metric", "val/loss", "--json"],
+        cwd=root,
+        env=env_for(root),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    result = json.loads(compared.stdout[compared.stdout.index("{") :])
+    (c,) = result["comparisons"]
+    per_seed = {
+        p: {
+            r.data.params["seed"]: r.data.metrics["best/val/loss"]
+            for r in children
+            if r.data.params["model.pooler"] == p
+        }
+        for p in ("None", "True")
+    }
+    a = np.array([per_seed["None"][s] for s in sorted(per_seed["None"])])
+    b = np.array([per_seed["True"][s] for s in sorted(per_seed["True"])])
+    assert c["n_pairs"] == 3
+    assert c["t_p"] == pytest.approx(st.ttest_rel(b, a).pvalue)
+    assert c["wilcoxon_p"] == pytest.approx(st.wilcoxon(b, a, method="exact").pvalue)
+
+
+def test_a_sigkilled_grid_continues_with_the_same_command(tmp_path):
+    folder, step, _, _ = interrupt_4th_job(tmp_path, signal.SIGKILL)
+    client = store(tmp_path)
+    assert {
+        r.info.status
+        for r in client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    } == {"FINISHED", "RUNNING"}
+    continued_at = time.time()
+    out = sweep(tmp_path)  # the same command
+    check_continued(tmp_path, folder, step, continued_at, out)
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("train").experiment_id], f"tags.`{T.ROLE}` = 'sweep'"
+    )
+    assert parent.data.tags[T.KILLED_REASON].startswith("process ")  # its launcher died
+    again = sweep(tmp_path)  # a finished sweep: one line, nothing trained
+    assert (
+        f"sweep {parent.info.run_id} ({folder.parent}) already finished; add "
+        "sweep.fresh=true to start a new one" in again
+    )
+    assert len(client.search_runs([parent.info.experiment_id])) == 7
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_parent_killed_and_prints_the_command_that_continues(tmp_path):
+    folder, step, _, out = interrupt_4th_job(tmp_path, signal.SIGINT)
+    client = store(tmp_path)
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("train").experiment_id], f"tags.`{T.ROLE}` = 'sweep'"
+    )
+    assert parent.info.status == "KILLED", out[-3000:]
+    assert parent.data.tags[T.KILLED_REASON] == "a job was stopped by SIGINT"
+    hint = next(line for line in out.splitlines() if "stopped by SIGINT; checkpoint:" in line)
+    assert hint.endswith("with the same command: python -m mlxlab.train " + " ".join(GRID))
+    assert "resume=auto" not in hint
+    continued_at = time.time()
+    check_continued(tmp_path, folder, step, continued_at, sweep(tmp_path))
+
+
+def test_resume_on_a_multirun_is_refused_before_anything_starts(tmp_path):
+    proc = subprocess.run(
+        [PYTHON, "-m", "mlxlab.train", *GRID, "resume=auto"],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "mlxlab: error: resume=auto on a --multirun would continue every job from one run;"
+        )
+    )
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_a_continued_grid_says_what_an_uninterrupted_one_says(tmp_path):
+    """Issue 48 item 4: the groups and the verdict of a grid killed in its 4th job and continued
+    equal an uninterrupted grid's with the same seeds: every per-seed value bitwise."""
+    killed_root, whole_root = tmp_path / "killed", tmp_path / "whole"
+    killed_root.mkdir()
+    whole_root.mkdir()
+    interrupt_4th_job(killed_root, signal.SIGKILL)
+    sweep(killed_root)
+    sweep(whole_root)
+
+    def outcome(root: Path) -> tuple[dict, dict, dict]:
+        client = store(root)
+        experiment = client.get_experiment_by_name("train")
+        (parent,) = client.search_runs([experiment.experiment_id], f"tags.`{T.ROLE}` = 'sweep'")
+        children = client.search_runs(
+            [experiment.experiment_id], f"tags.`{T.PARENT_RUN}` = '{parent.info.run_id}'"
+        )
+        values = {
+            (r.data.params["model.pooler"], r.data.params["seed"]): (
+                r.data.metrics["best/val/loss"],
+                r.data.metrics["val/accuracy"],
+            )
+            for r in children
+        }
+        groups = {k: v for k, v in parent.data.metrics.items() if k.startswith(("g1/", "g2/"))}
+        verdict = {k: parent.data.tags[k] for k in (T.VERDICT, T.LEADER)}
+        return values, groups, verdict
+
+    continued, whole = outcome(killed_root), outcome(whole_root)
+    assert len(continued[0]) == 6 and continued[0] == whole[0]  # bitwise, seed by seed
+    assert continued[1] == whole[1] and continued[2] == whole[2]
