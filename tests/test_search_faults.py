@@ -347,3 +347,42 @@ def test_ctrl_c_of_a_search_ends_its_trial_runs_and_parent_killed(tmp_path):
     parents = [r.info.status for r in runs if r.data.tags.get("mlxlab.role") == "sweep"]
     jobs = [r.info.status for r in runs if r.data.tags.get("mlxlab.role") != "sweep"]
     assert (parents, jobs) == (["KILLED"], ["KILLED"])  # was FAILED and RUNNING
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_grid_ends_its_parent_killed(tmp_path):
+    """A grid's job stopped by Ctrl-C saves, ends its run KILLED and exits 130; the sweep's
+    parent ends KILLED too (search/checks.py end_interrupted_parent), not FAILED."""
+    from mlflow import MlflowClient
+
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "mlxlab.train",
+            "-m",
+            *SMALL,
+            "model.dropout=0.0,0.1",
+            "trainer.max_epochs=50",
+            "trainer.max_steps=400",
+            "trainer.eval_every_steps=100",
+        ],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("multirun/*/*/0/checkpoints/step_*")):
+        assert time.monotonic() < deadline, "the first job never checkpointed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = runs_of(client)
+    parents = [r.info.status for r in runs if r.data.tags.get("mlxlab.role") == "sweep"]
+    jobs = [r.info.status for r in runs if r.data.tags.get("mlxlab.role") != "sweep"]
+    assert (parents, jobs) == (["KILLED"], ["KILLED"])  # the parent was FAILED
