@@ -251,7 +251,7 @@ class SweepChecks(Callback):
             atexit.register(end_interrupted_parent, uri, sweep_dir)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if OmegaConf.select(config, "hydra.mode") is not None and _in_multirun(config):
+        if _in_multirun(config):  # a failure file left by an earlier start of this folder
             (job_of(config.hydra).job_dir / JOB_FAILURE_FILE).unlink(missing_ok=True)
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
