@@ -302,9 +302,19 @@ def tag_job_failure(uri: str, config: DictConfig, reason: str) -> None:
         client.set_tag(run_id, T.ERROR, reason[:5000])
 
 
+_stopped_by_signal: list[bool] = []  # set by the search when a signal stopped it
+
+
+def mark_stopped_by_signal() -> None:
+    """This process's sweep was stopped by a signal (the search saw it): its parent ends
+    KILLED at exit, whatever its jobs' runs say (a job that was not signalled may finish)."""
+    _stopped_by_signal.append(True)
+
+
 def end_interrupted_parent(uri: str, sweep_dir: Path) -> None:
-    """At exit: a sweep whose parent did not finish and one of whose runs a signal stopped
-    (KILLED) ends KILLED, not FAILED (a signal is not a failure: its runs can continue)."""
+    """At exit: a sweep whose parent did not finish and that a signal stopped (the search said
+    so, or one of its runs ended KILLED) ends KILLED, not FAILED (a signal is not a failure:
+    its runs can continue)."""
     parent_id = read_parent_run(sweep_dir)
     if parent_id is None:
         return
@@ -316,7 +326,9 @@ def end_interrupted_parent(uri: str, sweep_dir: Path) -> None:
         client = MlflowClient(tracking_uri=uri)
         if client.get_run(parent_id).info.status == "FINISHED":
             return
-        if any(r.info.status == "KILLED" for r in sweep_children(client, parent_id)):
+        if _stopped_by_signal or any(
+            r.info.status == "KILLED" for r in sweep_children(client, parent_id)
+        ):
             client.set_terminated(parent_id, "KILLED")
     except Exception as err:  # noqa: BLE001 - the process is leaving; say it, do not raise
         log.warning("MLflow: the stopped sweep's parent run was not marked KILLED: %s", err)

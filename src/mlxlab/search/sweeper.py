@@ -283,9 +283,12 @@ class Search:
         (and its checkpoint's folder), its MLflow runs KILLED, then the process leaves with the
         signal's code and one line, no traceback; the sweep's parent ends KILLED at exit
         (search/checks.py end_interrupted_parent)."""
-        from mlxlab.search.checks import store_uri
+        from mlxlab.search.checks import mark_stopped_by_signal, store_uri
 
         code = stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 130
+        if isinstance(stop, KeyboardInterrupt) and stop.args == ("SIGTERM",):
+            code = 128 + signal.SIGTERM  # as a process ended by SIGTERM reports it
+        mark_stopped_by_signal()
         reason = f"stopped by a signal (exit {code}) while running"
         uri = store_uri(self.config)
         for number, trial in sorted(self.running.items()):
