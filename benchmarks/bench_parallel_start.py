@@ -53,31 +53,35 @@ def search_args(n_trials: int, steps: int) -> list[str]:
     ]
 
 
-def start_together(root: Path, procs: int, args: list[str], src: Path) -> list[subprocess.Popen]:
-    barrier = root / "barrier"
-    env = {
-        **os.environ,
-        "MLXLAB_ROOT": str(root),
-        "PYTHONPATH": str(src),
-        "OPENBLAS_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    started = [
-        subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, str(barrier), *args],
-            cwd=root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+def start_together(roots: list[Path], args: list[str], src: Path) -> list[subprocess.Popen]:
+    """One process per entry of `roots` (its MLXLAB_ROOT and folder; a root may repeat), all
+    released together once every one is up."""
+    barrier = roots[0] / "barrier"
+    started = []
+    for root in roots:
+        root.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "MLXLAB_ROOT": str(root),
+            "PYTHONPATH": str(src),
+            "OPENBLAS_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.pop("MLFLOW_TRACKING_URI", None)
+        started.append(
+            subprocess.Popen(
+                [sys.executable, "-c", LAUNCH, str(barrier), *args],
+                cwd=root,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         )
-        for _ in range(procs)
-    ]
     deadline = time.monotonic() + 120
-    while len(list(root.glob("barrier.*"))) < procs and time.monotonic() < deadline:
+    while len(list(roots[0].glob("barrier.*"))) < len(roots) and time.monotonic() < deadline:
         time.sleep(0.01)
-    (root / "barrier.go").touch()
+    (roots[0] / "barrier.go").touch()
     return started
 
 
@@ -130,7 +134,7 @@ def main() -> None:
             root = Path(tmp)
             begin = time.perf_counter()
             procs = start_together(
-                root, opts.procs, search_args(opts.n_trials, opts.steps), opts.src
+                [root] * opts.procs, search_args(opts.n_trials, opts.steps), opts.src
             )
             outputs = [p.communicate(timeout=1800)[0] for p in procs]
             codes = [p.returncode for p in procs]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -267,7 +268,7 @@ def test_two_searches_started_at_the_same_moment_share_one_study(tmp_path):
     a fresh root (no store, no study): 8 trials in all, 8 parameter sets (the sampler's seed
     is fixed: each trial's is seed + its number), one parent, nothing RUNNING."""
     bench = bench_module()
-    procs = bench.start_together(tmp_path, 2, bench.search_args(8, 2), REPO / "src")
+    procs = bench.start_together([tmp_path, tmp_path], bench.search_args(8, 2), REPO / "src")
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
     found = bench.check_round(tmp_path, 8)
@@ -280,49 +281,80 @@ def test_two_searches_started_at_the_same_moment_share_one_study(tmp_path):
     ) == (8, 8, 1, 0, 0), found
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("initdb") is None, reason="needs PostgreSQL's initdb and pg_ctl")
+def test_two_searches_started_together_on_postgresql_make_n_trials(tmp_path):
+    """The same on a real PostgreSQL server (as two machines would: each its own sweep folder,
+    so its own parent run): the count and creation of a trial under the server's advisory lock."""
+    from test_search import _postgres
+
+    url = _postgres(tmp_path)
+    bench = bench_module()
+    args = [*bench.search_args(4, 2), f"hydra.sweeper.storage={url}"]
+    procs = bench.start_together([tmp_path / "machine0", tmp_path / "machine1"], args, REPO / "src")
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
+    import optuna
+
+    trials = optuna.load_study(study_name="debug", storage=url).trials
+    assert len(trials) == 4 and all(t.state.is_finished() for t in trials)
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 4
+
+
 # --------------------------------------------------------------------------- Ctrl-C of a search
+
+
+LONG = ["trainer.max_epochs=50", "trainer.max_steps=400", "trainer.eval_every_steps=100"]
+
+
+def ctrl_c_after_first_checkpoint(root: Path, *args: str) -> tuple[int, str]:
+    """`mlxlab-train -m ARGS` in its own process group, sent SIGINT (what a terminal's Ctrl-C
+    sends to the group, workers too) once job 0 has a checkpoint: (exit code, stderr)."""
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "mlxlab.train", "-m", *args, *LONG],
+        cwd=root,
+        env=env_for(root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not list(root.glob("multirun/*/*/0/checkpoints/step_*")):
+        assert time.monotonic() < deadline, "the first job never checkpointed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def parent_and_job_statuses(root: Path) -> tuple[list[str], list[str]]:
+    from mlflow import MlflowClient
+
+    runs = runs_of(MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns/mlflow.db"))
+    parents = [r.info.status for r in runs if r.data.tags.get("mlxlab.role") == "sweep"]
+    return parents, [r.info.status for r in runs if r.data.tags.get("mlxlab.role") != "sweep"]
 
 
 @pytest.mark.slow
 def test_ctrl_c_of_a_search_ends_its_trial_runs_and_parent_killed(tmp_path):
     import optuna
-    from mlflow import MlflowClient
 
-    proc = subprocess.Popen(
-        [
-            PYTHON,
-            "-m",
-            "mlxlab.train",
-            "-m",
-            *SEARCH,
-            "hydra.sweeper.n_trials=3",
-            "trainer.max_epochs=50",
-            "trainer.max_steps=400",
-            "trainer.eval_every_steps=100",
-        ],
-        cwd=tmp_path,
-        env=env_for(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )  # its own process group: Ctrl-C reaches the workers
-    job = tmp_path / "multirun" / "debug" / "study_debug" / "0"
-    deadline = time.monotonic() + 300
-    while not any(job.glob("checkpoints/step_*")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert any(job.glob("checkpoints/step_*")), "the first trial never checkpointed"
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-3000:]
+    code, err = ctrl_c_after_first_checkpoint(tmp_path, *SEARCH, "hydra.sweeper.n_trials=3")
+    assert code == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert "mlxlab: search stopped by a signal: trial(s) [0] marked FAIL" in err
     study = optuna.load_study(study_name="debug", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
     (trial,) = study.trials
     assert trial.state.name == "FAIL"
     assert trial.user_attrs["fail_reason"].startswith("stopped by a signal (exit 130)")
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    runs = runs_of(client)
-    parents = [r.info.status for r in runs if r.data.tags.get("mlxlab.role") == "sweep"]
-    jobs = [r.info.status for r in runs if r.data.tags.get("mlxlab.role") != "sweep"]
-    assert (parents, jobs) == (["KILLED"], ["KILLED"])  # was FAILED and RUNNING
+    assert parent_and_job_statuses(tmp_path) == (["KILLED"], ["KILLED"])  # FAILED, RUNNING
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_grid_ends_its_parent_killed(tmp_path):
+    """A grid's job stopped by Ctrl-C saves, ends its run KILLED and exits 130; the sweep's
+    parent ends KILLED too (search/checks.py end_interrupted_parent), not FAILED."""
+    code, err = ctrl_c_after_first_checkpoint(tmp_path, *SMALL, "model.dropout=0.0,0.1")
+    assert code == 130, err[-3000:]
+    assert parent_and_job_statuses(tmp_path) == (["KILLED"], ["KILLED"])  # the parent was FAILED

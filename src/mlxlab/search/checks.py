@@ -28,6 +28,7 @@ import atexit
 import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,27 +149,69 @@ def _search_jobs(config: DictConfig, task: list[str]) -> list[list[str]]:
 
 def check_jobs(config: DictConfig) -> None:
     """Each covering job composed (as the launcher composes it) and validated."""
-    from hydra.core.global_hydra import GlobalHydra
-
     from mlxlab.config import unwrapped, validate
 
-    loader = GlobalHydra.instance().config_loader()
+    first: tuple[list[str], DictConfig] | None = None
     for overrides in covering_jobs(config):
-        try:
-            job = loader.load_sweep_config(config, list(overrides))
-        except Exception as err:  # noqa: BLE001 - Hydra's own type and grammar errors
-            raise ConfigError(
-                f"a job of this sweep does not compose: {_first_line(err)}; fix its sweep values"
-            ) from None
-        with open_dict(job):
-            job.replicates = 1  # the grid's jobs get replicates=N: the sweeper ran them as seeds
-        try:
-            with unwrapped():
-                validate(job)
-        except UserError as err:
-            swept = " ".join(o for o in overrides if o.split("=", 1)[0] in _varied(config))
-            where = f" (in the job {swept})" if swept else ""
-            raise ConfigError(f"{err}{where}; nothing was started") from None
+        with _job_config(config, overrides, first) as job:
+            first = first or (overrides, job)
+            with open_dict(job):
+                job.replicates = 1  # a grid's jobs get replicates=N: the sweeper ran them as seeds
+            try:
+                with unwrapped():
+                    validate(job)
+            except UserError as err:
+                swept = " ".join(o for o in overrides if o.split("=", 1)[0] in _varied(config))
+                where = f" (in the job {swept})" if swept else ""
+                raise ConfigError(f"{err}{where}; nothing was started") from None
+
+
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def _job_config(
+    config: DictConfig, overrides: list[str], first: tuple[list[str], DictConfig] | None
+) -> Iterator[DictConfig]:
+    """A job's config: composed by Hydra (~0.1 s), or, when it differs from the first job only
+    in values of keys the first has (a seed, a learning rate: no config group, nothing added
+    or removed), the first job's with those values set as Hydra sets them, and set back after
+    (~15 ms a job instead of ~100 ms: a sweep of 400 values is checked in ~6 s on 2 cores)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if first is not None:
+        base = first[1]
+        parsed = OverridesParser.create().parse_overrides(
+            [o for o in overrides if o not in first[0]]
+        )
+        before = {
+            o.get_key_element(): OmegaConf.select(base, o.get_key_element(), default=_ABSENT)
+            for o in parsed
+        }
+        if all(
+            not o.is_add()
+            and not o.is_delete()
+            and "/" not in o.get_key_element()
+            and not isinstance(before[o.get_key_element()], DictConfig)
+            and before[o.get_key_element()] is not _ABSENT
+            for o in parsed
+        ):
+            for override in parsed:
+                OmegaConf.update(base, override.get_key_element(), override.value(), merge=False)
+            try:
+                yield base
+            finally:
+                for key, value in before.items():
+                    OmegaConf.update(base, key, value, merge=False)
+            return
+    try:
+        job = GlobalHydra.instance().config_loader().load_sweep_config(config, list(overrides))
+    except Exception as err:  # noqa: BLE001 - Hydra's own type and grammar errors
+        raise ConfigError(
+            f"a job of this sweep does not compose: {_first_line(err)}; fix its sweep values"
+        ) from None
+    yield job
 
 
 def _varied(config: DictConfig) -> set[str]:
@@ -251,7 +294,7 @@ class SweepChecks(Callback):
             atexit.register(end_interrupted_parent, uri, sweep_dir)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if OmegaConf.select(config, "hydra.mode") is not None and _in_multirun(config):
+        if _in_multirun(config):  # a failure file left by an earlier start of this folder
             (job_of(config.hydra).job_dir / JOB_FAILURE_FILE).unlink(missing_ok=True)
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
@@ -302,9 +345,19 @@ def tag_job_failure(uri: str, config: DictConfig, reason: str) -> None:
         client.set_tag(run_id, T.ERROR, reason[:5000])
 
 
+_stopped_by_signal: list[bool] = []  # set by the search when a signal stopped it
+
+
+def mark_stopped_by_signal() -> None:
+    """This process's sweep was stopped by a signal (the search saw it): its parent ends
+    KILLED at exit, whatever its jobs' runs say (a job that was not signalled may finish)."""
+    _stopped_by_signal.append(True)
+
+
 def end_interrupted_parent(uri: str, sweep_dir: Path) -> None:
-    """At exit: a sweep whose parent did not finish and one of whose runs a signal stopped
-    (KILLED) ends KILLED, not FAILED (a signal is not a failure: its runs can continue)."""
+    """At exit: a sweep whose parent did not finish and that a signal stopped (the search said
+    so, or one of its runs ended KILLED) ends KILLED, not FAILED (a signal is not a failure:
+    its runs can continue)."""
     parent_id = read_parent_run(sweep_dir)
     if parent_id is None:
         return
@@ -316,7 +369,9 @@ def end_interrupted_parent(uri: str, sweep_dir: Path) -> None:
         client = MlflowClient(tracking_uri=uri)
         if client.get_run(parent_id).info.status == "FINISHED":
             return
-        if any(r.info.status == "KILLED" for r in sweep_children(client, parent_id)):
+        if _stopped_by_signal or any(
+            r.info.status == "KILLED" for r in sweep_children(client, parent_id)
+        ):
             client.set_terminated(parent_id, "KILLED")
     except Exception as err:  # noqa: BLE001 - the process is leaving; say it, do not raise
         log.warning("MLflow: the stopped sweep's parent run was not marked KILLED: %s", err)

@@ -19,6 +19,7 @@ the same): they resume, and the search's sequence of trials is the uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,36 @@ def lock_path(url: str, root: str | Path) -> Path:
         db = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
         return db.with_name(db.name + ".lock")
     return Path(root) / "mlruns" / f".optuna-{hashlib.sha256(url.encode()).hexdigest()[:12]}.lock"
+
+
+@contextlib.contextmanager
+def trial_lock(storage: Any, url: str, root: str | Path, name: str,
+               timeout_s: float = 120.0) -> Iterator[None]:
+    """Held while a sweeper counts the study's trials and creates the next one, so sweepers
+    started together make n_trials in all. sqlite: the file lock beside the database (one
+    machine); PostgreSQL: an advisory lock in the server, which orders sweepers on every
+    machine sharing it (polled up to `timeout_s`, then one line); other servers: the file lock
+    (sweepers of one machine)."""
+    if storage.engine.dialect.name != "postgresql":
+        with file_lock(lock_path(url, root), timeout_s, what=f"study {name!r}"):
+            yield
+        return
+    from sqlalchemy import text
+
+    key = int.from_bytes(hashlib.sha256(f"mlxlab:{name}".encode()).digest()[:8], "big",
+                         signed=True)
+    deadline = time.monotonic() + timeout_s
+    with storage.engine.connect() as conn:
+        while not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+            if time.monotonic() > deadline:
+                raise ConfigError(f"study {name!r}: another sweeper held its advisory lock in "
+                                  f"{_safe_url(url)} for over {timeout_s:.0f} s; stop it, or "
+                                  "start again")
+            time.sleep(0.05)
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
 
 
 def open_study(url: str, root: str | Path, name: str, direction: str,

@@ -35,7 +35,6 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import DictConfig, OmegaConf
 
 from mlxlab.errors import ConfigError
-from mlxlab.runtime.locks import file_lock
 from mlxlab.search import study as S
 from mlxlab.search.pruning import PRUNERS, make_pruner
 from mlxlab.search.space import override_text, split_space
@@ -170,7 +169,7 @@ class Search:
         self.sweep_dir = Path(str(self.config.hydra.sweep.dir))
         root = str(OmegaConf.select(self.config, "paths.root_dir"))
         self.storage_url = sweeper.storage_url or S.default_storage(root, _tracking_uri(self.config))
-        self.lock = S.lock_path(self.storage_url, root)
+        self.root = root
         self.name = sweeper.study_name or str(OmegaConf.select(self.config, "task_name"))
         self.storage, self.study = S.open_study(self.storage_url, root, self.name,
                                                 sweeper.direction, self.spec())
@@ -255,12 +254,13 @@ class Search:
         uninterrupted one asked, and sweepers sharing the study never sample alike.
 
         The number is the one the storage gives the new trial (counted and created under the
-        study's file lock, so sweepers started together make n_trials in all, not one each
+        study's lock (study.trial_lock: a file lock, PostgreSQL's advisory lock), so sweepers
+        started together make n_trials in all, not one each
         past the count they read); the sampler is seeded for it only then, and the trial's
         params are drawn after (what Study.ask does in one call, with the sampler it has)."""
         import optuna
 
-        with file_lock(self.lock, what=f"study {self.name!r}"):
+        with S.trial_lock(self.storage, self.storage_url, self.root, self.name):
             if len(self.study.get_trials(deepcopy=False)) >= self.sweeper.n_trials:
                 return None
             # through the study's own storage (Optuna wraps the RDB storage in a cache that
@@ -286,9 +286,12 @@ class Search:
         (and its checkpoint's folder), its MLflow runs KILLED, then the process leaves with the
         signal's code and one line, no traceback; the sweep's parent ends KILLED at exit
         (search/checks.py end_interrupted_parent)."""
-        from mlxlab.search.checks import store_uri
+        from mlxlab.search.checks import mark_stopped_by_signal, store_uri
 
         code = stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 130
+        if isinstance(stop, KeyboardInterrupt) and stop.args == ("SIGTERM",):
+            code = 128 + signal.SIGTERM  # as a process ended by SIGTERM reports it
+        mark_stopped_by_signal()
         reason = f"stopped by a signal (exit {code}) while running"
         uri = store_uri(self.config)
         for number, trial in sorted(self.running.items()):
