@@ -23,10 +23,13 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from mlxlab.sweeps.folder import current_job, tracker_arguments
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg):
-    tracker = instantiate(cfg.tracking)
+    # as train.py: the job's parent run and folder are handed to the tracker
+    tracker = instantiate(cfg.tracking, **tracker_arguments(current_job(), cfg.tracking))
     tracker.start(OmegaConf.to_container(cfg, resolve=True), {"mlxlab.run_dir": "x"})
     for step in range(1, 31):  # a long enough history, logged in several batches
         tracker.log_metrics({"train/loss": cfg.lr / step, "val/accuracy": cfg.lr * step}, step)

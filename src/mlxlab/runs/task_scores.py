@@ -4,13 +4,13 @@ or the MLflow run's artifacts (a training run's `eval_tasks/best|last/`, an `mlx
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from mlxlab.evaluation.results import FOLDER, SavedTask, read_scores
 from mlxlab.tracking import tags as T
+from mlxlab.tracking.mlflow.environment import set_for_the_call
 
 WHICH = ("best", "last")
 
@@ -32,11 +32,12 @@ def run_scores(client: Any, run: Any, folder: Path | None = None, which: str = "
             return found
     if run is None:
         return {}
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar on stderr
     path = FOLDER if run.data.tags.get(T.ROLE) == "eval" else f"{FOLDER}/{which}"
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # no progress bar on stderr
     with tempfile.TemporaryDirectory(prefix="mlxlab-scores-") as tmp:
         try:
-            local = client.download_artifacts(run.info.run_id, path, tmp)
+            with set_for_the_call(quiet):
+                local = client.download_artifacts(run.info.run_id, path, tmp)
         except Exception:  # noqa: BLE001 - no such artifact (a run that scored no task)
             return {}
         return read_scores(local)

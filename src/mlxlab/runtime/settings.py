@@ -29,7 +29,7 @@ Read or set where a library needs them, not here (the modules tests/test_environ
 
 | module | variables | why |
 |---|---|---|
-| tracking/mlflow/environment.py | MLFLOW_TRACKING_URI, MLFLOW_REGISTRY_URI, MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_ALLOW_FILE_STORE | MLflow's own: its default store (which `mlflow.set_tracking_uri` changes while the process runs, so it is read at each use; conf/tracking/mlflow.yaml reads it too), and settings MLflow takes only from the environment, set for the length of a call |
+| tracking/mlflow/environment.py | MLFLOW_TRACKING_URI, MLFLOW_REGISTRY_URI, MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_ALLOW_FILE_STORE, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR | MLflow's own: its default store (which `mlflow.set_tracking_uri` changes while the process runs, so it is read at each use; conf/tracking/mlflow.yaml reads it too), and settings MLflow takes only from the environment, set for the length of a call |
 | tracking/wandb_tracker.py | WANDB_DIR, WANDB_MODE | wandb's own; read at each run's start, as wandb reads them, because wandb's process-wide setup keeps the first run's |
 | checkpoint/remote.py | AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST | the object-store clients' own (S3-compatible stores, the GCS emulator), read when a filesystem opens, beside the credential chains (AWS_*, GOOGLE_*, AZURE_*) the clients read themselves |
 | data/streaming/prefetch.py | TOKENIZERS_PARALLELISM | set (to false, unless set) for the tokenizers library before its thread pool starts |
