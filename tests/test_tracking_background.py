@@ -159,6 +159,9 @@ def test_the_tracking_process_sends_no_mlflow_telemetry_unless_the_user_asks(uri
     else:
         monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", users)
     tracker = build_tracker(uri=uri, experiment_name="exp", background=True)
+    # the child answered (it runs its own program): its environ is readable, not mid-exec
+    tracker.start({}, {})
+    tracker.flush()
     environ = Path(f"/proc/{tracker._process.pid}/environ").read_bytes().split(b"\0")
     tracker.end()
     assert f"MLFLOW_DISABLE_TELEMETRY={users or 'true'}".encode() in environ
