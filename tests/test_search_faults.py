@@ -354,7 +354,8 @@ def test_ctrl_c_of_a_search_ends_its_trial_runs_and_parent_killed(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_of_a_grid_ends_its_parent_killed(tmp_path):
     """A grid's job stopped by Ctrl-C saves, ends its run KILLED and exits 130; the sweep's
-    parent ends KILLED too (search/checks.py end_interrupted_parent), not FAILED."""
+    parent ends KILLED too (the stop written into the sweep folder: sweeps/parent.py), not
+    FAILED."""
     code, err = ctrl_c_after_first_checkpoint(tmp_path, *SMALL, "model.dropout=0.0,0.1")
     assert code == 130, err[-3000:]
     assert parent_and_job_statuses(tmp_path) == (["KILLED"], ["KILLED"])  # the parent was FAILED

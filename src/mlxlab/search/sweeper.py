@@ -284,16 +284,17 @@ class Search:
     def stopped(self, stop: BaseException) -> None:
         """A signal stopped the search: each trial it was running ends FAIL with the reason
         (and its checkpoint's folder), its MLflow runs KILLED, then the process leaves with the
-        signal's code and one line, no traceback; the sweep's parent ends KILLED at exit
-        (search/checks.py end_interrupted_parent)."""
-        from mlxlab.search.checks import mark_stopped_by_signal, store_uri
+        signal's code and one line, no traceback; the stop is written into the sweep folder, so
+        the sweep's parent ends KILLED at exit (sweeps/parent.py, as a grid's job's stop does),
+        even when no job of it was signalled (a trial in a launcher's worker)."""
+        from mlxlab.sweeps.folder import record_stop
 
         code = stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 130
         if isinstance(stop, KeyboardInterrupt) and stop.args == ("SIGTERM",):
             code = 128 + signal.SIGTERM  # as a process ended by SIGTERM reports it
-        mark_stopped_by_signal()
+        record_stop(self.sweep_dir, code)
         reason = f"stopped by a signal (exit {code}) while running"
-        uri = store_uri(self.config)
+        uri = _tracking_uri(self.config)
         for number, trial in sorted(self.running.items()):
             job_dir = self.sweep_dir / str(number)
             self.storage.set_trial_user_attr(trial._trial_id, S.FAIL_REASON_ATTR,
@@ -332,10 +333,10 @@ class Search:
         finally:
             self.heartbeat.remove(trial_id)
         if isinstance(result, Outcome):  # the job's process died: its MLflow runs say why
-            from mlxlab.sweeps.callback import record_crashed_job
+            from mlxlab.sweeps.callback import record_failed_job
 
-            record_crashed_job(self.config, self.sweep_dir / str(number), number, overrides,
-                               result.reason or "")
+            record_failed_job(self.config, self.sweep_dir / str(number), number, overrides,
+                              result.reason or "", crashed=True)
             return result
         return self.outcome(trial_id, result)
 
