@@ -1,5 +1,5 @@
-"""Issue 47 items 3 and 4: parallel starts, bad input first, faults loud (search/checks.py,
-runtime/locks.py, search/study.py, search/sweeper.py).
+"""Issue 47 items 3 and 4: parallel starts, bad input first, faults loud (sweeps/checks.py,
+runtime/locks.py, sweeps/search/study.py, sweeps/search/sweeper.py).
 
 Real `mlxlab-train` processes on a real root (sqlite MLflow store, Optuna sqlite study, Hydra
 multirun). Each bad input: exit 2, its one line, and the store exactly as before (the database's

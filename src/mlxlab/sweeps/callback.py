@@ -422,7 +422,7 @@ def _job_outcome(job_return: Any) -> tuple[Any, bool]:
 
 
 def _is_search(config: DictConfig) -> bool:
-    """An Optuna search of mlxlab's sweeper (search/sweeper.py): resumable from its folder."""
+    """An Optuna search of mlxlab's sweeper (sweeps/search/sweeper.py): resumable from its folder."""
     return bool(OmegaConf.select(config, "hydra.sweeper.n_trials", default=None))
 
 

@@ -84,7 +84,7 @@ def plan_job(client: Any, parent_run_id: str, cfg: DictConfig) -> JobPlan:
 def continue_job(cfg: DictConfig) -> float | None:
     """In a grid's job with an MLflow parent run: the value of a kept job (the caller returns it
     without training), else None, with `cfg.resume` set to a killed job's folder. A search's
-    trials are the search's to resume (search/sweeper.py), a single run's are `resume=`'s."""
+    trials are the search's to resume (sweeps/search/sweeper.py), a single run's are `resume=`'s."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 

@@ -8,8 +8,8 @@ Every `--multirun` goes through it (conf/hydra/sweeper/mlxlab.yaml, the default)
   the seed are one group of replicates: the sweep's parent run summarizes each group
   (sweeps/groups.py) and `mlxlab runs compare` tests them against each other.
 - A search (`hydra.sweeper.n_trials` set, as conf/hparams_search/* do): Optuna over
-  `hydra.sweeper.params`, with the study in RDB storage (search/study.py) so a killed search
-  resumes, pruning fed by the trainer's evaluations (search/pruning.py), trials launched one
+  `hydra.sweeper.params`, with the study in RDB storage (sweeps/search/study.py) so a killed search
+  resumes, pruning fed by the trainer's evaluations (sweeps/search/pruning.py), trials launched one
   at a time per free slot (`n_jobs` slots, through any launcher that runs jobs in other
   processes: joblib, submitit, ray), and optionally its top-k trials re-run on more seeds
   before a winner is named by the mean.
@@ -35,10 +35,10 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import DictConfig, OmegaConf
 
 from mlxlab.errors import ConfigError
-from mlxlab.search import study as S
-from mlxlab.search.pruning import PRUNERS, make_pruner
-from mlxlab.search.space import override_text, split_space
-from mlxlab.search.trial_link import TrialLink, clear_link, write_link
+from mlxlab.sweeps.search import study as S
+from mlxlab.sweeps.search.pruning import PRUNERS, make_pruner
+from mlxlab.sweeps.search.space import override_text, split_space
+from mlxlab.sweeps.search.trial_link import TrialLink, clear_link, write_link
 
 log = logging.getLogger("mlxlab.search")
 

@@ -117,7 +117,7 @@ def covering_jobs(config: DictConfig) -> list[list[str]]:
 def _search_jobs(config: DictConfig, task: list[str]) -> list[list[str]]:
     from optuna.distributions import CategoricalDistribution
 
-    from mlxlab.search.space import override_text, split_space
+    from mlxlab.sweeps.search.space import override_text, split_space
 
     space, fixed = split_space(OmegaConf.select(config, "hydra.sweeper.params"), task)
     values = {
@@ -239,8 +239,8 @@ def check_study_storage(config: DictConfig) -> None:
     leaves nothing behind."""
     if OmegaConf.select(config, "hydra.sweeper.n_trials", default=None) is None:
         return
-    from mlxlab.search import study as S
     from mlxlab.sweeps.callback import mlflow_settings
+    from mlxlab.sweeps.search import study as S
 
     root = str(OmegaConf.select(config, "paths.root_dir"))
     settings = mlflow_settings(config)
