@@ -41,8 +41,11 @@ class JobPlan:
 
 def job_key(run: Any) -> str:
     """The job a run belongs to: its config hash (a run the callback recorded for a job that
-    failed before tracking has none: it is a job of its own)."""
-    return run.data.tags.get(T.CONFIG_HASH) or run.info.run_id
+    failed before tracking has none: it is a job of its own), and a search's trial number: two
+    trials that drew the same params are two jobs (a resumed trial keeps its number)."""
+    key = run.data.tags.get(T.CONFIG_HASH) or run.info.run_id
+    trial = run.data.tags.get(T.TRIAL_NUMBER)
+    return key if trial is None else f"{key} trial {trial}"
 
 
 def job_runs_of(children: list) -> list:
