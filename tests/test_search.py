@@ -1,4 +1,4 @@
-"""The search (search/): mlxlab's Hydra sweeper over Optuna with a study in RDB storage.
+"""The search (sweeps/search/): mlxlab's Hydra sweeper over Optuna with a study in RDB storage.
 
 Real Hydra multiruns of real (tiny) training, a real sqlite MLflow store and Optuna study in a
 temp folder, real joblib worker processes; the PostgreSQL test starts a real server (slow)."""
@@ -17,8 +17,8 @@ import pytest
 
 from conftest import PYTHON
 from mlxlab.errors import ConfigError
-from mlxlab.search.space import override_text, split_space
-from mlxlab.search.sweeper import replicate_arguments
+from mlxlab.sweeps.search.space import override_text, split_space
+from mlxlab.sweeps.search.sweeper import replicate_arguments
 from test_sweeps import TINY, client_for, mlxlab_train, run, sweep_parents, training_runs
 
 SEARCH = [
@@ -69,7 +69,7 @@ def test_search_space_in_hydras_grammar():
 
 
 def test_a_study_refuses_other_settings_under_its_name(tmp_path):
-    from mlxlab.search import study as S
+    from mlxlab.sweeps.search import study as S
 
     storage = S.open_storage(f"sqlite:///{tmp_path}/optuna.db")
     S.load_or_create(storage, "s", "maximize", {"space": {"a": "1"}})
@@ -79,7 +79,7 @@ def test_a_study_refuses_other_settings_under_its_name(tmp_path):
 
 
 def test_a_database_that_cannot_be_reached_is_one_line():
-    from mlxlab.search import study as S
+    from mlxlab.sweeps.search import study as S
 
     port = _free_port()
     with pytest.raises(ConfigError, match=r"storage=postgresql://me:\*\*\*@127.0.0.1"):
@@ -107,6 +107,28 @@ def test_the_split_seed_keeps_the_validation_rows_across_seeds(tmp_path):
 
     assert val_rows(1, 42) == val_rows(2, 42)
     assert val_rows(1, None) != val_rows(2, None)  # split_seed=null: the rows move with the seed
+
+
+def test_configs_naming_the_search_before_it_moved_still_resolve():
+    """The search moved from mlxlab/search/ into sweeps/search/ (its checks to sweeps/): a
+    user's hydra config copied before names `mlxlab.search.checks.SweepChecks` as a callback's
+    `_target_`, a script imports `mlxlab.search.sweeper`. Both reach the classes at their new
+    homes (mlxlab/moved.py), as Hydra resolves a `_target_`."""
+    from hydra.utils import get_class, instantiate
+
+    from mlxlab.sweeps.checks import SweepChecks, SweepStarted
+    from mlxlab.sweeps.search import study
+    from mlxlab.sweeps.search.sweeper import Sweeper
+
+    assert type(instantiate({"_target_": "mlxlab.search.checks.SweepChecks"})) is SweepChecks
+    assert get_class("mlxlab.search.checks.SweepStarted") is SweepStarted
+    assert get_class("mlxlab.search.sweeper.Sweeper") is Sweeper
+    from mlxlab.search.study import open_study  # an import statement through the old package
+    from mlxlab.search.trial_link import current_trial
+
+    assert open_study is study.open_study and current_trial.__module__.startswith("mlxlab.sweeps")
+    with pytest.raises(ImportError):  # only the moved modules are names
+        from mlxlab.search.nosuch import thing  # noqa: F401
 
 
 # --------------------------------------------------------------------------- real searches
@@ -173,8 +195,11 @@ def test_a_killed_search_resumes_with_the_trials_it_would_have_run(tmp_path):
     killed = study(tmp_path, "killed").trials
     assert [t.state.name for t in killed] == ["COMPLETE"] * 3
 
+    # the uninterrupted one with two trial slots (joblib's 2 workers): the trials it asks are
+    # the same (a sampler seeded per trial number); two slots once broke ask() with a KeyError
+    # in Optuna's cached storage (a trial made beside the cache, not through it)
     mlxlab_train(tmp_path, "-m", *args, "hydra.sweeper.study_name=whole",
-                 "hydra.sweep.dir=multirun/whole")
+                 "hydra.sweep.dir=multirun/whole", "hydra.sweeper.n_jobs=2")
     whole = study(tmp_path, "whole").trials
     assert [t.params for t in killed] == [t.params for t in whole]
     assert [t.value for t in killed] == pytest.approx([t.value for t in whole], abs=1e-6)

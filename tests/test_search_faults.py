@@ -1,5 +1,5 @@
-"""Issue 47 items 3 and 4: parallel starts, bad input first, faults loud (search/checks.py,
-runtime/locks.py, search/study.py, search/sweeper.py).
+"""Issue 47 items 3 and 4: parallel starts, bad input first, faults loud (sweeps/checks.py,
+runtime/locks.py, sweeps/search/study.py, sweeps/search/sweeper.py).
 
 Real `mlxlab-train` processes on a real root (sqlite MLflow store, Optuna sqlite study, Hydra
 multirun). Each bad input: exit 2, its one line, and the store exactly as before (the database's
@@ -354,7 +354,8 @@ def test_ctrl_c_of_a_search_ends_its_trial_runs_and_parent_killed(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_of_a_grid_ends_its_parent_killed(tmp_path):
     """A grid's job stopped by Ctrl-C saves, ends its run KILLED and exits 130; the sweep's
-    parent ends KILLED too (search/checks.py end_interrupted_parent), not FAILED."""
+    parent ends KILLED too (the stop written into the sweep folder: sweeps/parent.py), not
+    FAILED."""
     code, err = ctrl_c_after_first_checkpoint(tmp_path, *SMALL, "model.dropout=0.0,0.1")
     assert code == 130, err[-3000:]
     assert parent_and_job_statuses(tmp_path) == (["KILLED"], ["KILLED"])  # the parent was FAILED

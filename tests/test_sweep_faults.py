@@ -6,6 +6,7 @@ compare latest` agreeing with scipy on its per-seed values."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -108,8 +109,11 @@ def store(root: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
 
 
-def check_continued(root: Path, folder: Path, step: int, continued_at: float, out: str) -> None:
-    """After the same command again: what the issue asks of a continued grid."""
+def check_finished_once(root: Path, out: str, kept: int) -> list:
+    """After the same command again: one parent, FINISHED, with each (config, seed) job
+    FINISHED exactly once, `kept` of them kept (not run again), nothing RUNNING in the store,
+    and `mlxlab runs compare latest` agreeing with scipy on its per-seed values. Returns the
+    parent's children."""
     client = store(root)
     (experiment,) = [e for e in client.search_experiments() if e.name == "train"]
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
@@ -122,15 +126,7 @@ def check_continued(root: Path, folder: Path, step: int, continued_at: float, ou
     assert not [
         r for r in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
     ]
-    assert out.count("kept, not run again") == 3, out[-4000:]
-    (resumed,) = [r for r in children if r.data.tags[T.RUN_DIR] == str(folder)]
-    assert f"its run {resumed.info.run_id} resumes from {folder}" in out
-    # the killed run's own history goes on: every step once, those after the checkpoint logged
-    # by the continuing command, the first of them the checkpoint's step + 1
-    history = client.get_metric_history(resumed.info.run_id, "train/loss")
-    assert sorted(p.step for p in history) == list(range(1, 13))
-    after = sorted(p.step for p in history if p.timestamp / 1000 > continued_at)
-    assert after[0] == step + 1 and after == list(range(step + 1, 13))
+    assert out.count("kept, not run again") == kept, out[-4000:]
 
     compared = subprocess.run(
         [MLXLAB, "runs", "compare", "latest", "--metric", "val/loss", "--json"],
@@ -156,6 +152,21 @@ def check_continued(root: Path, folder: Path, step: int, continued_at: float, ou
     assert c["n_pairs"] == 3
     assert c["t_p"] == pytest.approx(st.ttest_rel(b, a).pvalue)
     assert c["wilcoxon_p"] == pytest.approx(st.wilcoxon(b, a, method="exact").pvalue)
+    return children
+
+
+def check_continued(root: Path, folder: Path, step: int, continued_at: float, out: str) -> None:
+    """After the same command again: what the issue asks of a continued grid, and the killed
+    job resumed into its own run."""
+    children = check_finished_once(root, out, kept=3)
+    (resumed,) = [r for r in children if r.data.tags[T.RUN_DIR] == str(folder)]
+    assert f"its run {resumed.info.run_id} resumes from {folder}" in out
+    # the killed run's own history goes on: every step once, those after the checkpoint logged
+    # by the continuing command, the first of them the checkpoint's step + 1
+    history = store(root).get_metric_history(resumed.info.run_id, "train/loss")
+    assert sorted(p.step for p in history) == list(range(1, 13))
+    after = sorted(p.step for p in history if p.timestamp / 1000 > continued_at)
+    assert after[0] == step + 1 and after == list(range(step + 1, 13))
 
 
 def test_a_sigkilled_grid_continues_with_the_same_command(tmp_path):
@@ -194,6 +205,51 @@ def test_ctrl_c_ends_the_parent_killed_and_prints_the_command_that_continues(tmp
     assert "resume=auto" not in hint
     continued_at = time.time()
     check_continued(tmp_path, folder, step, continued_at, sweep(tmp_path))
+
+
+def closing(root: Path) -> bool:
+    """Every job's run FINISHED while the sweep's parent is still RUNNING: the launcher is in
+    its closing step (the last job's outcome, the summary, groups, verdict, the parent's end).
+    Read with sqlite itself: a frozen writer's lock makes it answer False, not wait."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{root}/mlruns/mlflow.db?mode=ro", uri=True, timeout=0.05)
+        ) as db:
+            parent = db.execute(
+                "SELECT r.run_uuid, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                "WHERE t.key = ? AND t.value = 'sweep'",
+                (T.ROLE,),
+            ).fetchall()
+            if len(parent) != 1 or parent[0][1] != "RUNNING":
+                return False
+            (finished,) = db.execute(
+                "SELECT COUNT(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                "WHERE t.key = ? AND t.value = ? AND r.status = 'FINISHED'",
+                (T.PARENT_RUN, parent[0][0]),
+            ).fetchone()
+            return finished == 6
+    except sqlite3.Error:  # not made yet, or locked by the frozen launcher
+        return False
+
+
+@pytest.mark.slow
+def test_a_grid_killed_while_its_parent_closes_finishes_with_the_same_command(tmp_path):
+    """Issue 47: SIGKILL of the launcher after its 6 jobs finished, while the parent run closes
+    (kill_when freezes it and checks again, so the kill lands in that step); the same command
+    keeps every job, ends the parent FINISHED, leaves nothing RUNNING."""
+    proc = start_sweep(tmp_path)
+    kill_when(proc, lambda: closing(tmp_path), timeout=400)
+    proc.stdout.read()
+    client = store(tmp_path)
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("train").experiment_id], f"tags.`{T.ROLE}` = 'sweep'"
+    )
+    assert parent.info.status == "RUNNING"  # killed before its end: the closing step's kill
+    out = sweep(tmp_path)  # the same command
+    check_finished_once(tmp_path, out, kept=6)
+    assert "resumes from" not in out  # nothing trained again
 
 
 def test_resume_on_a_multirun_is_refused_before_anything_starts(tmp_path):

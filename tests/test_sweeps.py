@@ -86,12 +86,15 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from mlxlab.sweeps.folder import current_job, tracker_arguments
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg):
     if cfg.width == 4:  # a bad combination: fails before any tracking, like a constructor would
         raise ValueError("width=4 is not divisible by heads=3")
-    tracker = instantiate(cfg.tracking)
+    # its sweep's parent run and job folder, handed to the tracker as train.py hands them
+    tracker = instantiate(cfg.tracking, **tracker_arguments(current_job(), cfg.tracking))
     tracker.start(OmegaConf.to_container(cfg, resolve=True), {"mlxlab.run_dir": "x"})
     accuracy = cfg.lr * cfg.width
     tracker.log_metrics({"val/accuracy": accuracy / 2}, 1)  # the last value is not the best
@@ -137,7 +140,8 @@ hydra:
 @pytest.mark.slow
 def test_optuna_sweep_records_failed_trials_and_logs_the_best(tmp_path):
     """4 trials (one at a time with the basic launcher): one NaN, one raising before tracking
-    started (recorded by the callback), two good. Seed 22 draws exactly that."""
+    started (recorded by the callback), two good. Seed 22 (trial k's sampler seeded 22 + k)
+    draws (width, lr) = (3, 0.2), (2, 0.2), (2, 0.1), (4, 0.1): exactly that."""
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf/config.yaml").write_text(
         OPTUNA_CONFIG.format(root=tmp_path, conf=REPO / "conf")

@@ -243,7 +243,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_replicates(cfg: DictConfig) -> None:
-    """replicates=N is a multirun of N seeds per config (search/sweeper.py expands it)."""
+    """replicates=N is a multirun of N seeds per config (sweeps/search/sweeper.py expands it)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

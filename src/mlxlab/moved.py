@@ -4,7 +4,8 @@ keeps working, and no module of mlxlab imports through them.
 Who still names an old path: a model registered before serving/ existed (cloudpickle stored its
 class as `mlxlab.tracking.registry.MlxlabPyfunc`, and MLflow's loader, not mlxlab, unpickles it),
 a user's hydra config copied before a sweep's files moved to sweeps/ (a callback `_target_` of
-`mlxlab.tracking.mlflow.hydra_callbacks.MlflowSweepCallback`), a script importing a query.
+`mlxlab.tracking.mlflow.hydra_callbacks.MlflowSweepCallback`, or `mlxlab.search.checks.SweepChecks`
+from before the search moved to sweeps/search/), a script importing a query.
 
 Why a table and not a module left at each old path: such a module re-exports from where the code
 went, which is above it (tracking/registry.py -> serving/, tracking/hydra_callbacks.py ->
@@ -31,6 +32,14 @@ MOVED: dict[str, tuple[str, ...]] = {
     "mlxlab.tracking.mlflow.sweeps": ("mlxlab.sweeps.store",),
     "mlxlab.tracking.mlflow.replicates": ("mlxlab.sweeps.groups",),
     "mlxlab.tracking.mlflow.comparisons": ("mlxlab.sweeps.compare",),
+    # the Optuna search moved into the sweep's room (a user's config names the checks callbacks)
+    "mlxlab.search": ("mlxlab.sweeps.search",),
+    "mlxlab.search.sweeper": ("mlxlab.sweeps.search.sweeper",),
+    "mlxlab.search.study": ("mlxlab.sweeps.search.study",),
+    "mlxlab.search.space": ("mlxlab.sweeps.search.space",),
+    "mlxlab.search.trial_link": ("mlxlab.sweeps.search.trial_link",),
+    "mlxlab.search.pruning": ("mlxlab.sweeps.search.pruning",),
+    "mlxlab.search.checks": ("mlxlab.sweeps.checks",),
 }
 
 
@@ -46,6 +55,8 @@ def alias_module(name: str, homes: tuple[str, ...]) -> types.ModuleType:
         raise AttributeError(f"module {name!r} (moved to {homes[0]}) has no attribute {attr!r}")
 
     module.__getattr__ = __getattr__  # type: ignore[method-assign]
+    if any(old.startswith(name + ".") for old in MOVED):
+        module.__path__ = []  # a package: Python imports `name.child` only below one
     return module
 
 

@@ -46,8 +46,8 @@ def build_tracker(cfg: DictConfig, name: str | None = None):
 
 def build_callbacks(cfg: DictConfig) -> tuple[list, CheckpointPolicy]:
     """The `callbacks` group's callbacks and, apart, the checkpoint policy; `eval.tasks` adds
-    the task scoring; a search's trial, the reporter that feeds its pruner (search/pruning.py)."""
-    from mlxlab.search.trial_link import current_trial
+    the task scoring; a search's trial, the reporter that feeds its pruner (sweeps/search/pruning.py)."""
+    from mlxlab.sweeps.search.trial_link import current_trial
     from mlxlab.training.callbacks import from_config
     from mlxlab.training.task_evaluation import task_scoring
 
@@ -56,7 +56,7 @@ def build_callbacks(cfg: DictConfig) -> tuple[list, CheckpointPolicy]:
     callbacks += task_scoring(instantiate(cfg.eval) if cfg.get("eval") else None)
     trial = current_trial()  # a search's job: which trial it trains
     if trial is not None:
-        from mlxlab.search.pruning import TrialReporter
+        from mlxlab.sweeps.search.pruning import TrialReporter
 
         reporter = TrialReporter(trial)
         reporter.name = "search_trial"
@@ -121,7 +121,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def trial_tags() -> dict[str, str]:
     """A search's trial: its study and number on the run (none outside a search)."""
-    from mlxlab.search.trial_link import current_trial
+    from mlxlab.sweeps.search.trial_link import current_trial
 
     trial = current_trial()
     return trial.tags() if trial is not None else {}
@@ -166,7 +166,7 @@ def hydra_main(cfg: DictConfig) -> float:
 
         if sweeping:  # a failed trial is recorded as failed (NaN) and the sweep goes on
             log.error("trial failed: %s", err)
-            from mlxlab.search.trial_link import record_failure
+            from mlxlab.sweeps.search.trial_link import record_failure
 
             record_failure(str(err))  # a search's trial: the reason on its Optuna trial
             failures.cleanup_done()  # its cleanup is over: a device failure's watchdog stands down

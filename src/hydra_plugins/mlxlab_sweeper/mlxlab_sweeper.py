@@ -2,7 +2,7 @@
 
 Hydra builds sweepers only from classes defined under `hydra_plugins`, and imports every module
 there whenever any Hydra app starts: this adapter imports nothing of mlxlab (nor MLX) until a
-sweep actually uses it, then hands everything to mlxlab.search.sweeper.Sweeper.
+sweep actually uses it, then hands everything to mlxlab.sweeps.search.sweeper.Sweeper.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class MlxlabSweeper(Sweeper):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
-        from mlxlab.search.sweeper import Sweeper as Impl
+        from mlxlab.sweeps.search.sweeper import Sweeper as Impl
 
         self.impl = Impl(**self.settings)
         self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)

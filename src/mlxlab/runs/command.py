@@ -10,22 +10,13 @@ every job from one run; the callback refuses it.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
 
-from mlxlab.sweeps.folder import current_job, record_stop, sweep_command
+from mlxlab.sweeps.folder import current_job, record_stop, signal_name, sweep_command
 from mlxlab.tracking.source import command_line
 
 log = logging.getLogger("mlxlab")
-
-
-def signal_name(exit_code: int) -> str:
-    """SIGTERM for 143: a stop's exit code is 128 + its signal."""
-    try:
-        return signal.Signals(exit_code - 128).name
-    except ValueError:
-        return "a signal"
 
 
 def leave_after_signal(checkpoint: Path | None, exit_code: int, requeue: bool) -> None:
@@ -50,7 +41,7 @@ def stopped_hint(checkpoint: Path | None, exit_code: int) -> str:
         argv = [a for a in sys.argv if not a.lstrip("+~").startswith("resume=")]
         command = " ".join(a for a in [command_line(argv), "resume=auto"] if a)
         return f"stopped by {name}; checkpoint: {checkpoint}; resume with: {command}"
-    record_stop(job.sweep_dir, name)
+    record_stop(job.sweep_dir, exit_code)
     command = sweep_command(job.sweep_dir) or "the same sweep command"
     return (
         f"stopped by {name}; checkpoint: {checkpoint}; continue the sweep (this job from its "

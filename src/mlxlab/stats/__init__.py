@@ -4,7 +4,7 @@ Pure numbers in, numbers out: thin calls into `scipy.stats`, with the project's 
 (which seeds pair up, the zero-difference and tie rules, exact vs approximate) stated once in
 paired.py's docstring: no MLflow, no MLX, nothing of mlxlab above it,
 so the sweep's parent run (tracking/), `mlxlab runs list` and `mlxlab runs compare` (cli/)
-and the search (search/) all call the same code.
+and the search (sweeps/search/) all call the same code.
 
 - intervals.py: `summarize` (n, mean, std, Student-t interval), `bands` (per-step intervals);
 - paired.py: `compare` (paired t + Wilcoxon across seeds, Welch when unpaired), `holm`,

@@ -31,10 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlxlab.sweeps.folder import (
     begin_sweep,
-    clear_job_runs,
+    clear_job_files,
     continue_in,
     job_of,
     job_runs,
+    read_job_failure,
     read_parent_run,
     sweep_dir_of,
     write_parent_run,
@@ -54,7 +55,7 @@ from mlxlab.sweeps.store import metric_mode, sweep_children, sweep_table, swept_
 from mlxlab.sweeps.verdict import leader_tag, record
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import MAX_PARAM_VALUE_LENGTH
-from mlxlab.tracking.mlflow.server import TrackingUnavailable, probe_store
+from mlxlab.tracking.mlflow.server import TrackingUnavailable
 from mlxlab.tracking.mlflow.stale import mark_dead_runs_quietly
 from mlxlab.tracking.mlflow.store import ensure_store, tracked_store
 from mlxlab.tracking.plots import sweep_plot_png
@@ -63,12 +64,10 @@ from mlxlab.tracking.source import command_line, source_tags
 log = logging.getLogger(__name__)
 
 
-def require_store(settings: dict[str, Any]) -> None:
-    """Probe the store (bounded by tracking.connect_timeout) and create it; on failure one line
-    on stderr and exit 2, before any job runs: a named store that does not answer must not
-    give an untracked run that looks successful."""
+def create_store(settings: dict[str, Any]) -> None:
+    """Create the store and the experiment (checked first by the sweep's checks: checks.py);
+    a store that cannot be made is one line on stderr and exit 2, before any job runs."""
     try:
-        probe_store(settings["uri"], settings["connect_timeout"], settings["request_timeout"])
         ensure_store(settings["uri"], settings["experiment_name"], settings["artifact_root"])
     except Exception as e:
         message = str(e) if isinstance(e, TrackingUnavailable) else (
@@ -88,22 +87,23 @@ class MlflowSweepCallback(Callback):
         return {**self.__dict__, "_parent": None}
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        settings = _mlflow_settings(config)
+        settings = mlflow_settings(config)
         # A single run's background tracker creates the store in its own process, beside the
         # run's start-up (tracking/mlflow/background.py); train.py probes a server before training.
         if settings and not OmegaConf.select(config, "tracking.background", default=False):
-            require_store(settings)
+            create_store(settings)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Before any job (after search/checks.py refused bad input such as `resume=`): the store created and its dead runs marked; a
+        """Before any job (after checks.py refused bad input and a store that does not answer or
+        cannot be written): the store created and its dead runs marked; a
         grid's unfinished sweep with this identity found and continued in its folder (one that
         finished: one line, exit 0); the swept keys into the sweep folder; the sweep's parent run
         (a continued sweep's or a resumed search's: the one it had)."""
         search = _is_search(config)  # its folder is the study's: a restart finds it again
-        settings = _mlflow_settings(config)
+        settings = mlflow_settings(config)
         found = None
         if settings:
-            require_store(settings)
+            create_store(settings)
             mark_dead_runs_quietly(settings["uri"], settings["experiment_name"])
             if not search and not wants_fresh(config):
                 found = self._unfinished_sweep(config, settings)
@@ -201,63 +201,44 @@ class MlflowSweepCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """In the job's process (wherever the launcher runs it), before the job."""
         if OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN:
-            clear_job_runs(job_of(config.hydra).job_dir)
+            clear_job_files(job_of(config.hydra).job_dir)
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         """A sweep job's outcome onto its MLflow run: `best/<metric>` = the value the job
-        returned (what sweepers rank by), or a FAILED run for a job that failed before its
-        tracker started (a bad combination raising in a constructor)."""
+        returned (what sweepers rank by); a failed job's reason (the one train.py wrote into
+        its folder, else what it raised) onto its runs, or a FAILED run for a job that failed
+        before its tracker started (a bad combination raising in a constructor)."""
         if job_return is None or OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
             return
         value, failed = _job_outcome(job_return)
-        settings = _mlflow_settings(config)
+        settings = mlflow_settings(config)
         job = job_of(config.hydra)
         if not settings or not job.parent_run_id:
             return
         try:
-            self._record_job(config, settings["uri"], job.parent_run_id, job_runs(job.job_dir),
-                             value, failed, job_return)
+            if not failed:
+                self._record_value(config, settings["uri"], job_runs(job.job_dir), value)
+                return
+            error = job_return._return_value if job_return.status == JobStatus.FAILED else value
+            reason = read_job_failure(job.job_dir)
+            overrides = [str(o) for o in config.hydra.overrides.task]
+            record_failed_job(config, job.job_dir, int(config.hydra.job.num), overrides,
+                              reason or f"{type(error).__name__}: {error}",
+                              quiet_if_tracked=reason is None)
         except Exception as e:  # the job itself is done; its bookkeeping must not fail it
             log.warning("MLflow: recording the job's outcome failed: %s: %s", type(e).__name__, e)
 
-    def _record_job(
-        self,
-        config: DictConfig,
-        uri: str,
-        parent_id: str,
-        runs: list[str],
-        value: Any,
-        failed: bool,
-        job_return: Any,
-    ) -> None:
-        """`runs`: what this job's trackers started (folder.job_runs)."""
+    @staticmethod
+    def _record_value(config: DictConfig, uri: str, runs: list[str], value: Any) -> None:
+        """`runs`: what this job's trackers started (folder.job_runs); the value on the last."""
         from mlflow import MlflowClient
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric
 
-        client = MlflowClient(tracking_uri=uri)
         metric = OmegaConf.select(config, "optimized_metric", default=None)
-        if runs and not failed and metric:
-            client.log_batch(
+        if runs and metric:
+            MlflowClient(tracking_uri=uri).log_batch(
                 runs[-1], metrics=[Metric(f"best/{metric}", float(value), _now_ms(), 0)]
             )
-        elif failed and not runs:  # nothing tracked this job: record it, so the sweep shows it
-            error = job_return._return_value if job_return.status == JobStatus.FAILED else value
-            parent = client.get_run(parent_id)
-            run_dir = str(OmegaConf.select(config, "hydra.runtime.output_dir"))
-            run = client.create_run(
-                parent.info.experiment_id,
-                run_name=f"failed job {OmegaConf.select(config, 'hydra.job.num')}",
-                tags={T.PARENT_RUN: parent_id, T.SWEEP_ID: parent_id, T.RUN_DIR: run_dir},
-            )
-            overrides = [str(o).split("=", 1) for o in config.hydra.overrides.task if "=" in str(o)]
-            client.log_batch(
-                run.info.run_id,
-                params=[Param(k.lstrip("+~"), v[:MAX_PARAM_VALUE_LENGTH]) for k, v in overrides][
-                    :100
-                ],
-                tags=[RunTag(T.ERROR, f"{type(error).__name__}: {error}"[:5000])],
-            )
-            client.set_terminated(run.info.run_id, "FAILED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Log the top child's metric and params, a metric-vs-params PNG, the groups of
@@ -324,37 +305,50 @@ class MlflowSweepCallback(Callback):
                                       _now_ms(), 0))
             client.log_batch(parent_id, metrics=metrics, params=params[:100])
 
-def record_crashed_job(config: DictConfig, job_dir: Path, job_num: int, overrides: list[str],
-                       reason: str) -> None:
-    """A job whose process died (a launcher's worker killed out of memory, a segfault): the
-    runs it started are marked FAILED with the reason, or one FAILED run records it. Called by
-    the search (search/sweeper.py), which sees the crash where Hydra's on_job_end never runs."""
-    settings = _mlflow_settings(config)
+
+def record_failed_job(config: DictConfig, job_dir: Path, job_num: int, overrides: list[str],
+                      reason: str, quiet_if_tracked: bool = False, crashed: bool = False) -> None:
+    """A sweep job that failed, in the store: `reason` (`mlxlab.error`) on the runs its
+    trackers started, which end FAILED when its process `crashed` (a launcher's worker killed
+    out of memory, a segfault: nothing ended them; the search sees that, where Hydra's
+    on_job_end never runs); or, when it started none, one FAILED run with its overrides as
+    params, so the sweep shows it. `quiet_if_tracked`: a reason that says nothing more than the
+    runs themselves (a NaN) is not written on them."""
+    settings = mlflow_settings(config)
     parent_id = read_parent_run(sweep_dir_of(config.hydra))
     if not settings or not parent_id:
         return
     from mlflow import MlflowClient
-    from mlflow.entities import Param, RunTag
 
     try:
-        client = MlflowClient(tracking_uri=settings["uri"])
-        runs = job_runs(job_dir)
-        for run_id in runs:
-            client.set_tag(run_id, T.ERROR, reason[:5000])
+        _record_failed_job(MlflowClient(tracking_uri=settings["uri"]), parent_id, job_dir,
+                           job_num, overrides, reason, quiet_if_tracked, crashed)
+    except Exception as e:  # noqa: BLE001 - the sweep goes on; the job's own state says it
+        log.warning("MLflow: recording the failed job %d failed: %s: %s", job_num,
+                    type(e).__name__, e)
+
+
+def _record_failed_job(client: Any, parent_id: str, job_dir: Path, job_num: int,
+                       overrides: list[str], reason: str, quiet_if_tracked: bool,
+                       crashed: bool) -> None:
+    from mlflow.entities import Param, RunTag
+
+    runs = job_runs(job_dir)
+    for run_id in [] if quiet_if_tracked else runs:
+        client.set_tag(run_id, T.ERROR, reason[:5000])
+        if crashed:
             client.set_terminated(run_id, "FAILED")
-        if runs:
-            return
-        parent = client.get_run(parent_id)
-        run = client.create_run(
-            parent.info.experiment_id, run_name=f"failed job {job_num}",
-            tags={T.PARENT_RUN: parent_id, T.SWEEP_ID: parent_id, T.RUN_DIR: str(job_dir)})
-        pairs = [o.split("=", 1) for o in overrides if "=" in o]
-        client.log_batch(run.info.run_id, params=[
-            Param(k.lstrip("+~"), v[:MAX_PARAM_VALUE_LENGTH]) for k, v in pairs][:100],
-            tags=[RunTag(T.ERROR, reason[:5000])])
-        client.set_terminated(run.info.run_id, "FAILED")
-    except Exception as e:  # noqa: BLE001 - the search goes on; the trial's state says it
-        log.warning("MLflow: recording the crashed job failed: %s: %s", type(e).__name__, e)
+    if runs:
+        return
+    parent = client.get_run(parent_id)
+    run = client.create_run(
+        parent.info.experiment_id, run_name=f"failed job {job_num}",
+        tags={T.PARENT_RUN: parent_id, T.SWEEP_ID: parent_id, T.RUN_DIR: str(job_dir)})
+    pairs = [o.split("=", 1) for o in overrides if "=" in o]
+    client.log_batch(run.info.run_id, params=[
+        Param(k.lstrip("+~"), v[:MAX_PARAM_VALUE_LENGTH]) for k, v in pairs][:100],
+        tags=[RunTag(T.ERROR, reason[:5000])])
+    client.set_terminated(run.info.run_id, "FAILED")
 
 
 def continuing_command() -> str:
@@ -363,7 +357,7 @@ def continuing_command() -> str:
     return command_line(argv)
 
 
-def _mlflow_settings(config: DictConfig) -> dict[str, Any] | None:
+def mlflow_settings(config: DictConfig) -> dict[str, Any] | None:
     """ensure_store arguments when the composed tracking config is the MLflow tracker."""
     tracking = OmegaConf.select(config, "tracking")
     uri = tracked_store(tracking)
@@ -428,7 +422,7 @@ def _job_outcome(job_return: Any) -> tuple[Any, bool]:
 
 
 def _is_search(config: DictConfig) -> bool:
-    """An Optuna search of mlxlab's sweeper (search/sweeper.py): resumable from its folder."""
+    """An Optuna search of mlxlab's sweeper (sweeps/search/sweeper.py): resumable from its folder."""
     return bool(OmegaConf.select(config, "hydra.sweeper.n_trials", default=None))
 
 

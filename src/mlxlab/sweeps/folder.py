@@ -9,16 +9,19 @@ sweep folder (submitit, Ray). Hydra tells each job where its sweep folder and it
   <sweep dir>/.mlxlab_swept_keys.json  the keys the multirun varies (a JSON list): run names
   <sweep dir>/.mlflow_parent_run_id    the sweep's MLflow parent run: each job's run is its child
   <sweep dir>/.mlxlab_command          the command that continues the sweep (a stopped job's hint)
-  <sweep dir>/.mlxlab_stopped          a job stopped by a signal (its name): the parent ends KILLED
+  <sweep dir>/.mlxlab_stopped          the sweep stopped by a signal (its name): the parent ends KILLED
   <job dir>/.mlflow_run_ids            the MLflow runs the job's trackers started (or resumed),
                                        one id a line, in order: the callback logs the job's
                                        outcome on the last one, or records a job that made none
+  <job dir>/.mlxlab_job_failure        why the job failed (train.py's NaN carries no reason):
+                                       the callback puts it on the job's MLflow runs
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,9 +136,19 @@ def sweep_command(sweep_dir: Path) -> str | None:
     return (path.read_text().strip() or None) if path.is_file() else None
 
 
-def record_stop(sweep_dir: Path, signal_name: str) -> None:
-    """A job stopped by a signal: the launcher's parent run ends KILLED, not FAILED."""
-    (Path(sweep_dir) / STOPPED_FILE).write_text(signal_name)
+def signal_name(exit_code: int) -> str:
+    """SIGTERM for 143: a stop's exit code is 128 + its signal."""
+    try:
+        return signal.Signals(exit_code - 128).name
+    except ValueError:
+        return "a signal"
+
+
+def record_stop(sweep_dir: Path, exit_code: int) -> None:
+    """The sweep was stopped by a signal (a grid's job that saved and left, or the search's
+    own process): the launcher's parent run ends KILLED, not FAILED (parent.py, at exit). The
+    one way a stop reaches the parent, for grids and searches, whatever the launcher."""
+    (Path(sweep_dir) / STOPPED_FILE).write_text(signal_name(exit_code))
 
 
 def stopped_by(sweep_dir: Path) -> str | None:
@@ -154,9 +167,11 @@ def write_parent_run(sweep_dir: Path, run_id: str) -> None:
     (sweep_dir / PARENT_ID_FILE).write_text(run_id)
 
 
-def clear_job_runs(job_dir: Path) -> None:
-    """At a job's start: a rerun job in the same folder starts a new list."""
+def clear_job_files(job_dir: Path) -> None:
+    """At a job's start: a job run again in the same folder (a continued sweep, a search's
+    restart) starts a new list of runs and has no failure yet."""
     (Path(job_dir) / JOB_RUNS_FILE).unlink(missing_ok=True)
+    (Path(job_dir) / JOB_FAILURE_FILE).unlink(missing_ok=True)
 
 
 def job_runs(job_dir: Path) -> list[str]:

@@ -41,8 +41,11 @@ class JobPlan:
 
 def job_key(run: Any) -> str:
     """The job a run belongs to: its config hash (a run the callback recorded for a job that
-    failed before tracking has none: it is a job of its own)."""
-    return run.data.tags.get(T.CONFIG_HASH) or run.info.run_id
+    failed before tracking has none: it is a job of its own), and a search's trial number: two
+    trials that drew the same params are two jobs (a resumed trial keeps its number)."""
+    key = run.data.tags.get(T.CONFIG_HASH) or run.info.run_id
+    trial = run.data.tags.get(T.TRIAL_NUMBER)
+    return key if trial is None else f"{key} trial {trial}"
 
 
 def job_runs_of(children: list) -> list:
@@ -84,7 +87,7 @@ def plan_job(client: Any, parent_run_id: str, cfg: DictConfig) -> JobPlan:
 def continue_job(cfg: DictConfig) -> float | None:
     """In a grid's job with an MLflow parent run: the value of a kept job (the caller returns it
     without training), else None, with `cfg.resume` set to a killed job's folder. A search's
-    trials are the search's to resume (search/sweeper.py), a single run's are `resume=`'s."""
+    trials are the search's to resume (sweeps/search/sweeper.py), a single run's are `resume=`'s."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 

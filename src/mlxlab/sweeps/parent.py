@@ -3,8 +3,9 @@
 The launching process holds it: its host, pid and start time are the parent's tags, and a
 heartbeat thread rewrites its heartbeat tag (tracking/mlflow/stale.py judges a parent whose
 launcher died as it judges any run: KILLED). It ends FINISHED when every job is (the callback
-decides), KILLED when a job was stopped by a signal (a job writes that into the sweep folder:
-folder.record_stop), FAILED when the launch raised; a search started again returns to the
+decides), KILLED when a signal stopped the sweep (a grid's job that saved and left, or the
+search's own process, writes that into the sweep folder: folder.record_stop; the one way, for
+grids and searches), FAILED when the launch raised; a search started again returns to the
 status its earlier start left when this start fails before its jobs.
 """
 

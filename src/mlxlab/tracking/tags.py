@@ -86,7 +86,7 @@ EVAL_MODEL_KIND = "mlxlab.eval.model_kind"  # pretrained | export | run
 EVAL_CHECKPOINT = "mlxlab.eval.checkpoint"  # a run's checkpoint folder that was scored
 EVAL_SOURCE_RUN = "mlxlab.eval.source_run_id"  # a scored run's own MLflow run, when tracked
 
-# The search (search/): a trial's MLflow run
+# The search (sweeps/search/): a trial's MLflow run
 STUDY = "mlxlab.search.study"
 TRIAL_NUMBER = "mlxlab.search.trial"
 TRIAL_STATE = "mlxlab.search.state"  # PRUNED on a pruned trial's run

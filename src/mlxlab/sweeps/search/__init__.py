@@ -1,4 +1,4 @@
-"""Multiruns that choose between configs: replicates, the Optuna search, pruning.
+"""The sweeper of every multirun (part of sweeps/): replicates, the Optuna search, pruning.
 
 - sweeper.py: the Hydra sweeper every `--multirun` uses (conf/hydra/sweeper/mlxlab.yaml): a
   grid with `replicates=N`, or an Optuna search (`hydra.sweeper.n_trials`);

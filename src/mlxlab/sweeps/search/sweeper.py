@@ -8,8 +8,8 @@ Every `--multirun` goes through it (conf/hydra/sweeper/mlxlab.yaml, the default)
   the seed are one group of replicates: the sweep's parent run summarizes each group
   (sweeps/groups.py) and `mlxlab runs compare` tests them against each other.
 - A search (`hydra.sweeper.n_trials` set, as conf/hparams_search/* do): Optuna over
-  `hydra.sweeper.params`, with the study in RDB storage (search/study.py) so a killed search
-  resumes, pruning fed by the trainer's evaluations (search/pruning.py), trials launched one
+  `hydra.sweeper.params`, with the study in RDB storage (sweeps/search/study.py) so a killed search
+  resumes, pruning fed by the trainer's evaluations (sweeps/search/pruning.py), trials launched one
   at a time per free slot (`n_jobs` slots, through any launcher that runs jobs in other
   processes: joblib, submitit, ray), and optionally its top-k trials re-run on more seeds
   before a winner is named by the mean.
@@ -35,10 +35,10 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import DictConfig, OmegaConf
 
 from mlxlab.errors import ConfigError
-from mlxlab.search import study as S
-from mlxlab.search.pruning import PRUNERS, make_pruner
-from mlxlab.search.space import override_text, split_space
-from mlxlab.search.trial_link import TrialLink, clear_link, write_link
+from mlxlab.sweeps.search import study as S
+from mlxlab.sweeps.search.pruning import PRUNERS, make_pruner
+from mlxlab.sweeps.search.space import override_text, split_space
+from mlxlab.sweeps.search.trial_link import TrialLink, clear_link, write_link
 
 log = logging.getLogger("mlxlab.search")
 
@@ -284,16 +284,17 @@ class Search:
     def stopped(self, stop: BaseException) -> None:
         """A signal stopped the search: each trial it was running ends FAIL with the reason
         (and its checkpoint's folder), its MLflow runs KILLED, then the process leaves with the
-        signal's code and one line, no traceback; the sweep's parent ends KILLED at exit
-        (search/checks.py end_interrupted_parent)."""
-        from mlxlab.search.checks import mark_stopped_by_signal, store_uri
+        signal's code and one line, no traceback; the stop is written into the sweep folder, so
+        the sweep's parent ends KILLED at exit (sweeps/parent.py, as a grid's job's stop does),
+        even when no job of it was signalled (a trial in a launcher's worker)."""
+        from mlxlab.sweeps.folder import record_stop
 
         code = stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 130
         if isinstance(stop, KeyboardInterrupt) and stop.args == ("SIGTERM",):
             code = 128 + signal.SIGTERM  # as a process ended by SIGTERM reports it
-        mark_stopped_by_signal()
+        record_stop(self.sweep_dir, code)
         reason = f"stopped by a signal (exit {code}) while running"
-        uri = store_uri(self.config)
+        uri = _tracking_uri(self.config)
         for number, trial in sorted(self.running.items()):
             job_dir = self.sweep_dir / str(number)
             self.storage.set_trial_user_attr(trial._trial_id, S.FAIL_REASON_ATTR,
@@ -332,10 +333,10 @@ class Search:
         finally:
             self.heartbeat.remove(trial_id)
         if isinstance(result, Outcome):  # the job's process died: its MLflow runs say why
-            from mlxlab.sweeps.callback import record_crashed_job
+            from mlxlab.sweeps.callback import record_failed_job
 
-            record_crashed_job(self.config, self.sweep_dir / str(number), number, overrides,
-                               result.reason or "")
+            record_failed_job(self.config, self.sweep_dir / str(number), number, overrides,
+                              result.reason or "", crashed=True)
             return result
         return self.outcome(trial_id, result)
 

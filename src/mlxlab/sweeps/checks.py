@@ -9,27 +9,21 @@ through config.validate, the check every run passes: a covering set of jobs, so 
 every swept key is checked at least once (not the whole product: a grid of 1000 jobs is
 checked in as many compositions as its longest sweep has values).
 
-It also keeps what the sweep callback (sweeps/callback.py) does not:
-- a store this process cannot write stops the command (one line, exit 2) instead of training
-  untracked (tracking/mlflow/store.py check_writable, a real write);
-- sweepers started at the same moment on one sweep folder (the same search in N processes)
-  make its parent run one at a time: the start lock taken here is held through the sweep
-  callback's start and released by `SweepStarted`, registered after it;
-- a job's failure reason (train.py's UserError funnel returns NaN, which says nothing) reaches
-  its MLflow run's `mlxlab.error` tag (Hydra calls on_job_end last-registered first: this runs
-  after the sweep callback recorded the job);
-- a sweep stopped by a signal ends its parent run KILLED, not FAILED: the exit handler set here
-  runs after the sweep callback's (atexit runs the last registered first).
+The MLflow store is checked here, and only here, before anything exists (nothing made): a
+server that does not answer, or a store this process cannot write (tracking/mlflow/store.py
+check_writable, a real write), stops the command (one line, exit 2) instead of training
+untracked; the sweep callback (callback.py) then creates it. Sweepers started at the same moment
+on one sweep folder (the same search in N processes) make its parent run one at a time: the
+start lock taken here is held through the sweep callback's start and released by
+`SweepStarted`, registered after it. (A job's failure reason and a signal's stop reach the store
+through the sweep callback and the parent run: callback.py, parent.py.)
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import logging
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -37,18 +31,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mlxlab.errors import ConfigError, UserError
 from mlxlab.runtime.locks import file_lock
-from mlxlab.sweeps.folder import (
-    JOB_FAILURE_FILE,
-    job_of,
-    job_runs,
-    read_job_failure,
-    read_parent_run,
-    sweep_dir_of,
-)
-from mlxlab.tracking import tags as T
+from mlxlab.sweeps.folder import sweep_dir_of
 from mlxlab.validation import check_number
-
-log = logging.getLogger(__name__)
 
 START_LOCK = ".mlxlab_start.lock"  # in the sweep folder
 _start = contextlib.ExitStack()  # the start lock, from SweepChecks to SweepStarted
@@ -133,7 +117,7 @@ def covering_jobs(config: DictConfig) -> list[list[str]]:
 def _search_jobs(config: DictConfig, task: list[str]) -> list[list[str]]:
     from optuna.distributions import CategoricalDistribution
 
-    from mlxlab.search.space import override_text, split_space
+    from mlxlab.sweeps.search.space import override_text, split_space
 
     space, fixed = split_space(OmegaConf.select(config, "hydra.sweeper.params"), task)
     values = {
@@ -234,18 +218,19 @@ def _first_line(err: BaseException) -> str:
 # --- the store -----------------------------------------------------------------------------------
 
 
-def store_uri(config: DictConfig) -> str | None:
-    from mlxlab.tracking.mlflow import tracked_store
-
-    return tracked_store(OmegaConf.select(config, "tracking"))
-
-
-def check_store(config: DictConfig) -> None:
+def check_store(config: DictConfig, probe: bool = True) -> None:
+    """The MLflow store usable, nothing made: a server answers within tracking.connect_timeout
+    (`probe`), a sqlite store (or the folder it will be made in) takes a write."""
+    from mlxlab.sweeps.callback import mlflow_settings
+    from mlxlab.tracking.mlflow.server import probe_store
     from mlxlab.tracking.mlflow.store import check_writable
 
-    uri = store_uri(config)
-    if uri is not None:
-        check_writable(uri)
+    settings = mlflow_settings(config)
+    if settings is None:
+        return
+    if probe:
+        probe_store(settings["uri"], settings["connect_timeout"], settings["request_timeout"])
+    check_writable(settings["uri"])
 
 
 def check_study_storage(config: DictConfig) -> None:
@@ -254,11 +239,13 @@ def check_study_storage(config: DictConfig) -> None:
     leaves nothing behind."""
     if OmegaConf.select(config, "hydra.sweeper.n_trials", default=None) is None:
         return
-    from mlxlab.search import study as S
+    from mlxlab.sweeps.callback import mlflow_settings
+    from mlxlab.sweeps.search import study as S
 
     root = str(OmegaConf.select(config, "paths.root_dir"))
+    settings = mlflow_settings(config)
     url = OmegaConf.select(config, "hydra.sweeper.storage", default=None) or S.default_storage(
-        root, store_uri(config)
+        root, settings and settings["uri"]
     )
     with file_lock(S.lock_path(url, root), what=f"the Optuna storage {S._safe_url(url)}"):
         S.open_storage(url)
@@ -271,8 +258,10 @@ class SweepChecks(Callback):
     """First of conf/hydra/default.yaml's callbacks."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # a background tracker's process is probed by train.py, through the tracker
+        background = bool(OmegaConf.select(config, "tracking.background", default=False))
         try:
-            check_store(config)
+            check_store(config, probe=not background)
         except UserError as err:
             fail(str(err))
 
@@ -284,30 +273,11 @@ class SweepChecks(Callback):
             check_study_storage(config)
         except UserError as err:
             fail(str(err))
-        sweep_dir = sweep_dir_of(config.hydra)
         if OmegaConf.select(config, "hydra.sweeper.n_trials", default=None):
             # only a search's folder is shared by processes (the study's name names it); a
             # grid's is new (its start stamp) or, continued, the sweep callback finds the old one
+            sweep_dir = sweep_dir_of(config.hydra)
             _start.enter_context(file_lock(sweep_dir / START_LOCK, what=f"the sweep {sweep_dir}"))
-        uri = store_uri(config)
-        if uri is not None:
-            atexit.register(end_interrupted_parent, uri, sweep_dir)
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if _in_multirun(config):  # a failure file left by an earlier start of this folder
-            (job_of(config.hydra).job_dir / JOB_FAILURE_FILE).unlink(missing_ok=True)
-
-    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
-        if job_return is None or not _in_multirun(config):
-            return
-        reason = read_job_failure(job_of(config.hydra).job_dir)
-        uri = store_uri(config)
-        if reason is None or uri is None:
-            return
-        try:
-            tag_job_failure(uri, config, reason)
-        except Exception as err:  # noqa: BLE001 - bookkeeping must not fail the job
-            log.warning("MLflow: the job's failure reason was not recorded: %s", err)
 
 
 class SweepStarted(Callback):
@@ -316,62 +286,3 @@ class SweepStarted(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _start.close()
-
-
-def _in_multirun(config: DictConfig) -> bool:
-    from hydra.types import RunMode
-
-    return OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN
-
-
-def tag_job_failure(uri: str, config: DictConfig, reason: str) -> None:
-    """`mlxlab.error` = the reason on this job's runs: the ones its trackers started, or the
-    FAILED run the sweep callback made for a job that failed before tracking."""
-    from mlflow import MlflowClient
-
-    job = job_of(config.hydra)
-    client = MlflowClient(tracking_uri=uri)
-    run_ids = job_runs(job.job_dir)
-    if not run_ids and job.parent_run_id:
-        parent = client.get_run(job.parent_run_id)
-        found = client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.`{T.PARENT_RUN}` = '{job.parent_run_id}' and "
-            f"tags.`{T.RUN_DIR}` = '{job.job_dir}'",
-            max_results=10,
-        )
-        run_ids = [r.info.run_id for r in found]
-    for run_id in run_ids:
-        client.set_tag(run_id, T.ERROR, reason[:5000])
-
-
-_stopped_by_signal: list[bool] = []  # set by the search when a signal stopped it
-
-
-def mark_stopped_by_signal() -> None:
-    """This process's sweep was stopped by a signal (the search saw it): its parent ends
-    KILLED at exit, whatever its jobs' runs say (a job that was not signalled may finish)."""
-    _stopped_by_signal.append(True)
-
-
-def end_interrupted_parent(uri: str, sweep_dir: Path) -> None:
-    """At exit: a sweep whose parent did not finish and that a signal stopped (the search said
-    so, or one of its runs ended KILLED) ends KILLED, not FAILED (a signal is not a failure:
-    its runs can continue)."""
-    parent_id = read_parent_run(sweep_dir)
-    if parent_id is None:
-        return
-    try:
-        from mlflow import MlflowClient
-
-        from mlxlab.sweeps.store import sweep_children
-
-        client = MlflowClient(tracking_uri=uri)
-        if client.get_run(parent_id).info.status == "FINISHED":
-            return
-        if _stopped_by_signal or any(
-            r.info.status == "KILLED" for r in sweep_children(client, parent_id)
-        ):
-            client.set_terminated(parent_id, "KILLED")
-    except Exception as err:  # noqa: BLE001 - the process is leaving; say it, do not raise
-        log.warning("MLflow: the stopped sweep's parent run was not marked KILLED: %s", err)

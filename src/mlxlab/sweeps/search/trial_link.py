@@ -4,7 +4,7 @@ The sweeper writes `<sweep dir>/.mlxlab_trials/<job num>.json` before it launche
 study's storage and name, the trial, the metric to report and the pruner's settings. The job
 (train.py, in whichever process or host the launcher runs it) reads its own file through
 Hydra's job context, reports each evaluation to the trial and stops when the pruner says so
-(search/pruning.py). Files, not the environment, as the rest of the sweep folder
+(sweeps/search/pruning.py). Files, not the environment, as the rest of the sweep folder
 (sweeps/folder.py): every launcher's jobs see the folder.
 """
 
@@ -37,7 +37,7 @@ class TrialLink:
         return {T.STUDY: self.study_name, T.TRIAL_NUMBER: str(self.number)}
 
     def storage_handle(self) -> Any:
-        from mlxlab.search.study import open_storage
+        from mlxlab.sweeps.search.study import open_storage
 
         return open_storage(self.storage)
 
@@ -83,7 +83,7 @@ def current_trial() -> TrialLink | None:
 def record_failure(reason: str) -> None:
     """A trial's job failed on bad input (train.py's UserError funnel returns NaN to the
     sweeper): the reason goes on the trial, where the sweeper and the summary read it, and in
-    the job's folder, where the sweep's checks put it on the job's MLflow run (search/checks.py)."""
+    the job's folder, where the sweep's checks put it on the job's MLflow run (sweeps/checks.py)."""
     from mlxlab.sweeps.folder import current_job, write_job_failure
 
     job = current_job()
@@ -91,6 +91,6 @@ def record_failure(reason: str) -> None:
         write_job_failure(job.job_dir, reason)
     link = current_trial()
     if link is not None:
-        from mlxlab.search.study import FAIL_REASON_ATTR
+        from mlxlab.sweeps.search.study import FAIL_REASON_ATTR
 
         link.set_attr(FAIL_REASON_ATTR, reason[:2000])

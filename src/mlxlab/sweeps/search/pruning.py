@@ -18,7 +18,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from mlxlab.errors import ConfigError
-from mlxlab.search.study import (
+from mlxlab.sweeps.search.study import (
     OWNER_ATTR,
     PRUNED_AT_ATTR,
     STALE_AFTER_S,
@@ -32,7 +32,7 @@ from mlxlab.tracking import tags as T
 from mlxlab.training.callbacks import Callback
 
 if TYPE_CHECKING:
-    from mlxlab.search.trial_link import TrialLink
+    from mlxlab.sweeps.search.trial_link import TrialLink
     from mlxlab.training.state import TrainContext
 
 log = logging.getLogger("mlxlab.search")
