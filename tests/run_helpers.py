@@ -3,6 +3,7 @@ Nothing here imports MLflow or datasets, so the GPU tests need neither."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -59,18 +60,27 @@ def final_weights(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 
-def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
+def kill_when(proc: subprocess.Popen, condition, timeout: float = 300, group: bool = False) -> None:
     """SIGKILL `proc` at the first moment `condition()` holds. The process is frozen (SIGSTOP)
-    and the condition checked again before the kill, so it holds at the moment of death."""
+    and the condition checked again before the kill, so it holds at the moment of death.
+    `group`: its whole process group (a launcher and its worker processes; `proc` started
+    with start_new_session=True)."""
+
+    def send(sig: signal.Signals) -> None:
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+
     deadline = time.time() + timeout
     while True:
         assert proc.poll() is None, "the run finished before it could be killed"
         assert time.time() < deadline, "timed out waiting to kill"
         if condition():
-            proc.send_signal(signal.SIGSTOP)
+            send(signal.SIGSTOP)
             if condition():
-                proc.send_signal(signal.SIGKILL)
+                send(signal.SIGKILL)
                 proc.wait()
                 return
-            proc.send_signal(signal.SIGCONT)
+            send(signal.SIGCONT)
         time.sleep(0.002)

@@ -57,7 +57,7 @@ def env_for(root: Path) -> dict[str, str]:
     return env
 
 
-def start_sweep(root: Path, *extra: str) -> subprocess.Popen:
+def start_sweep(root: Path, *extra: str, new_session: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
         [PYTHON, "-m", "mlxlab.train", *GRID, *extra],
         cwd=root,
@@ -65,6 +65,7 @@ def start_sweep(root: Path, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=new_session,  # its own process group: a launcher and its workers
     )
 
 
@@ -80,21 +81,23 @@ def job_dir(root: Path, job: str) -> Path | None:
     return found[-1] if found else None
 
 
+def killed_job_checkpointed(root: Path) -> bool:
+    """The 4th job committed a checkpoint: the moment the tests stop the sweep."""
+    folder = job_dir(root, KILLED_JOB)
+    return folder is not None and bool(committed_steps(folder))
+
+
 def interrupt_4th_job(root: Path, how: signal.Signals) -> tuple[Path, int, float]:
     """Start the sweep; stop it by `how` once its 4th job committed a checkpoint. Returns the
     job's folder, its newest committed step, and when the signal went."""
     proc = start_sweep(root)
 
-    def checkpointed() -> bool:
-        folder = job_dir(root, KILLED_JOB)
-        return folder is not None and bool(committed_steps(folder))
-
     if how == signal.SIGKILL:
-        kill_when(proc, checkpointed, timeout=300)
+        kill_when(proc, lambda: killed_job_checkpointed(root), timeout=300)
         sent, out = time.time(), proc.stdout.read()
     else:
         deadline = time.time() + 300
-        while not checkpointed():
+        while not killed_job_checkpointed(root):
             assert proc.poll() is None and time.time() < deadline
             time.sleep(0.01)
         sent = time.time()
@@ -109,20 +112,24 @@ def store(root: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
 
 
-def check_finished_once(root: Path, out: str, kept: int) -> list:
+def check_finished_once(root: Path, out: str, kept: int, rerun: int = 0) -> list:
     """After the same command again: one parent, FINISHED, with each (config, seed) job
     FINISHED exactly once, `kept` of them kept (not run again), nothing RUNNING in the store,
-    and `mlxlab runs compare latest` agreeing with scipy on its per-seed values. Returns the
-    parent's children."""
+    and `mlxlab runs compare latest` agreeing with scipy on its per-seed values. `rerun`: jobs
+    killed before their first checkpoint, run again in a new run (the killed one stays KILLED,
+    as history). Returns the parent's FINISHED children."""
     client = store(root)
     (experiment,) = [e for e in client.search_experiments() if e.name == "train"]
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get(T.ROLE) == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get(T.PARENT_RUN) == parents[0].info.run_id]
+    history = [r for r in children if r.info.status != "FINISHED"]
+    assert len(history) == rerun, [(r.info.run_id, r.info.status) for r in history]
+    assert {(r.info.status, r.data.tags[T.RESUMABLE]) for r in history} <= {("KILLED", "false")}
+    children = [r for r in children if r.info.status == "FINISHED"]
     jobs = sorted((r.data.params["model.pooler"], r.data.params["seed"]) for r in children)
     assert jobs == sorted((p, s) for p in ("None", "True") for s in ("42", "43", "44"))
-    assert {r.info.status for r in children} == {"FINISHED"}  # each job once, finished
     assert not [
         r for r in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
     ]
@@ -250,6 +257,39 @@ def test_a_grid_killed_while_its_parent_closes_finishes_with_the_same_command(tm
     out = sweep(tmp_path)  # the same command
     check_finished_once(tmp_path, out, kept=6)
     assert "resumes from" not in out  # nothing trained again
+
+
+@pytest.mark.slow
+def test_a_joblib_grid_killed_with_its_workers_continues_with_the_same_command(tmp_path):
+    """The joblib launcher (two jobs at once in worker processes), its process group SIGKILLed
+    (the launcher and its workers: a closed laptop, an OOM kill of the session) once the 4th
+    job committed a checkpoint; the same command again: each job that had committed one
+    resumes into its own run, one killed before its first runs again, finished ones are kept;
+    each dead run marked KILLED once (a resumed run is never judged by its killed process while
+    a sibling job starts beside it), nothing RUNNING, `runs compare latest` exits 0."""
+    joblib = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    proc = start_sweep(tmp_path, *joblib, new_session=True)
+    kill_when(proc, lambda: killed_job_checkpointed(tmp_path), timeout=300, group=True)
+    proc.stdout.read()
+    client = store(tmp_path)
+    experiment_id = client.get_experiment_by_name("train").experiment_id
+    runs = client.search_runs([experiment_id])
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    running = [r for r in runs if r.info.status == "RUNNING"]
+    resumable = {
+        r.info.run_id: r.data.tags[T.RUN_DIR]
+        for r in running
+        if r.data.tags.get(T.RUN_DIR) and committed_steps(Path(r.data.tags[T.RUN_DIR]))
+    }
+    assert len(running) >= 3 and str(job_dir(tmp_path, KILLED_JOB)) in resumable.values()
+
+    out = sweep(tmp_path, *joblib)  # the same command
+    rerun = len(running) - 1 - len(resumable)  # the parent is not a job
+    children = check_finished_once(tmp_path, out, kept=len(finished), rerun=rerun)
+    for run_id, folder in resumable.items():
+        assert f"its run {run_id} resumes from {folder}" in out
+        assert run_id in {r.info.run_id for r in children}
+    assert out.count("was left RUNNING: marked KILLED") == len(running), out[-4000:]
 
 
 def test_resume_on_a_multirun_is_refused_before_anything_starts(tmp_path):

@@ -59,9 +59,9 @@ class ParentRun:
 
         client = MlflowClient(tracking_uri=uri)
         previous = retrying(client.get_run, run_id).info.status
-        retrying(client.update_run, run_id, status="RUNNING")
-        for key, value in launcher_tags(heartbeat_every_s).items():
+        for key, value in launcher_tags(heartbeat_every_s).items():  # before RUNNING (stale.py)
             retrying(client.set_tag, run_id, key, value)
+        retrying(client.update_run, run_id, status="RUNNING")
         return cls(uri, run_id, sweep_dir, heartbeat_every_s, previous)
 
     def end(self, status: str) -> None:

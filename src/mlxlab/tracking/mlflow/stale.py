@@ -32,6 +32,9 @@ from mlxlab.tracking.mlflow.store import resolve_uri, sqlite_path
 log = logging.getLogger(__name__)
 
 STALE_BEATS = 4  # heartbeats missed before another host's run is judged dead
+# the tags a RUNNING run is judged by (dead_reason): a resumed run gets its new process's
+# before it is RUNNING again, so no check in between reads the killed process's
+LIVENESS_TAGS = (T.PID, T.HOST, T.PROCESS_START, T.HEARTBEAT, T.HEARTBEAT_EVERY)
 
 
 def process_start(pid: int, method: str | None = None) -> str | None:

@@ -34,7 +34,7 @@ from mlxlab.tracking.mlflow.heartbeat import Heartbeat, heartbeat_tags
 from mlxlab.tracking.mlflow.offline import SPOOL_FILE, Spool, reachable, send_spool
 from mlxlab.tracking.mlflow.rewind import drop_metrics_after
 from mlxlab.tracking.mlflow.server import bounded_http, probe_store
-from mlxlab.tracking.mlflow.stale import mark_dead_runs_quietly
+from mlxlab.tracking.mlflow.stale import LIVENESS_TAGS, mark_dead_runs_quietly
 from mlxlab.tracking.mlflow.store import ensure_store, resolve_uri, sqlite_path
 from mlxlab.tracking.run_info import record_job_run
 from mlxlab.validation import check_number
@@ -146,6 +146,7 @@ class MlflowTracker(BaseTracker):
 
     def _start(self, params: dict, tags: dict, run_id: str | None) -> None:
         from mlflow import MlflowClient
+        from mlflow.entities import RunTag
 
         self.experiment_id = ensure_store(self.uri, self.experiment_name, self.artifact_root)
         self._client = client = MlflowClient(tracking_uri=self.uri)
@@ -165,13 +166,23 @@ class MlflowTracker(BaseTracker):
                 log.warning("cannot resume MLflow run %s (%s); starting a new run", run_id, e)
                 run_id = None
         if run_id is not None:
+            # this process's liveness tags before RUNNING: a sibling job starting now (a joblib
+            # worker's) would judge the run by its killed process's pid and mark it KILLED again
+            alive = [RunTag(k, tags[k]) for k in LIVENESS_TAGS if k in tags]
+            retrying(client.log_batch, run_id, tags=alive)
             retrying(client.update_run, run_id, status="RUNNING")
             logged_params = run.data.params
         else:
             # The Source the training process named (tracking/source.py): this process may be
             # the tracking child, whose own argv[0] is background.py.
             source = tags.get(T.SOURCE_NAME) or Path(sys.argv[0]).name
-            run_tags = {"mlflow.user": _user(), T.SOURCE_NAME: source}
+            # with its liveness tags from the first moment: a kill before the rest are logged
+            # leaves a run the next check can judge, not one RUNNING for ever
+            run_tags = {
+                "mlflow.user": _user(),
+                T.SOURCE_NAME: source,
+                **{k: tags[k] for k in LIVENESS_TAGS if k in tags},
+            }
             run = retrying(
                 client.create_run, self.experiment_id, tags=run_tags, run_name=self.run_name
             )
