@@ -7,6 +7,7 @@ compare latest` agreeing with scipy on its per-seed values."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -259,16 +260,37 @@ def test_a_grid_killed_while_its_parent_closes_finishes_with_the_same_command(tm
     assert "resumes from" not in out  # nothing trained again
 
 
+# launchers that run jobs in other processes: joblib's workers (two jobs at once), and
+# submitit's local executor (each job its own process, all at once; its logs in the sweep
+# folder's .submitit/, the launcher's output has none of the jobs' lines)
+LAUNCHERS = [
+    pytest.param(("hydra/launcher=joblib", "hydra.launcher.n_jobs=2"), id="joblib"),
+    pytest.param(
+        ("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15"),
+        id="submitit_local",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+            reason="needs the slurm extra: pip install -e '.[slurm]'",
+        ),
+    ),
+]
+
+
+def submitit_logs(root: Path) -> dict[Path, str]:
+    """The jobs' own logs a submitit launch wrote (one folder per job)."""
+    return {p: p.read_text() for p in (root / "multirun").glob("*/*/.submitit/*/*_log.*")}
+
+
 @pytest.mark.slow
-def test_a_joblib_grid_killed_with_its_workers_continues_with_the_same_command(tmp_path):
-    """The joblib launcher (two jobs at once in worker processes), its process group SIGKILLed
-    (the launcher and its workers: a closed laptop, an OOM kill of the session) once the 4th
-    job committed a checkpoint; the same command again: each job that had committed one
-    resumes into its own run, one killed before its first runs again, finished ones are kept;
-    each dead run marked KILLED once (a resumed run is never judged by its killed process while
-    a sibling job starts beside it), nothing RUNNING, `runs compare latest` exits 0."""
-    joblib = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
-    proc = start_sweep(tmp_path, *joblib, new_session=True)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_grid_killed_with_its_workers_continues_with_the_same_command(tmp_path, launcher):
+    """A launcher whose jobs run in other processes, its process group SIGKILLed (the launcher
+    and its workers: a closed laptop, an OOM kill of the session) once the 4th job committed a
+    checkpoint; the same command again: each job that had committed one resumes into its own
+    run, one killed before its first runs again, finished ones are kept; each dead run marked
+    KILLED once (a resumed run is never judged by its killed process while a sibling job starts
+    beside it), nothing RUNNING, `runs compare latest` exits 0."""
+    proc = start_sweep(tmp_path, *launcher, new_session=True)
     kill_when(proc, lambda: killed_job_checkpointed(tmp_path), timeout=300, group=True)
     proc.stdout.read()
     client = store(tmp_path)
@@ -282,9 +304,12 @@ def test_a_joblib_grid_killed_with_its_workers_continues_with_the_same_command(t
         if r.data.tags.get(T.RUN_DIR) and committed_steps(Path(r.data.tags[T.RUN_DIR]))
     }
     assert len(running) >= 3 and str(job_dir(tmp_path, KILLED_JOB)) in resumable.values()
+    # a job killed before its parent tag (right after its run was made) is no child: no re-run
+    rerun = len([r for r in running if r.data.tags.get(T.PARENT_RUN)]) - len(resumable)
+    earlier = submitit_logs(tmp_path)
 
-    out = sweep(tmp_path, *joblib)  # the same command
-    rerun = len(running) - 1 - len(resumable)  # the parent is not a job
+    out = sweep(tmp_path, *launcher)  # the same command
+    out += "".join(text for p, text in submitit_logs(tmp_path).items() if p not in earlier)
     children = check_finished_once(tmp_path, out, kept=len(finished), rerun=rerun)
     for run_id, folder in resumable.items():
         assert f"its run {run_id} resumes from {folder}" in out
