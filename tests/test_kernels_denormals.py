@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import CLASSIFIER_RUN
 from mlxlab import kernels
 from mlxlab.errors import ConfigError
 from mlxlab.kernels import build
@@ -83,8 +84,6 @@ def test_peaked_attention_gradients_are_unchanged_by_the_flush():
 
 
 def test_a_fit_flushes_during_its_run_and_restores_after(make_cfg, monkeypatch):
-    from tests.conftest import CLASSIFIER_RUN  # noqa: PLC0415
-
     from mlxlab.train import train
 
     calls = []
