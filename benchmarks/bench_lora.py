@@ -4,7 +4,8 @@
                                     [--steps 12] [--rounds 2] [--work DIR]
 
 One random Llama (`scripts/tiny_hf_model.py`'s no-torch writer: hidden 512, 8 layers, 4 query /
-2 key-value heads, ~22.6M parameters, a ChatML template), LoRA rank 8 (scale 2: mlxlab's alpha
+2 key-value heads, ~22.6M parameters, a ChatML template; weights N(0, --init-std): 0.2, the
+default, makes attention so peaked that the backward makes denormal floats, 0.02 does not), LoRA rank 8 (scale 2: mlxlab's alpha
 16) on q/k/v/o of every layer, batch 4, Adam(W) at lr 2e-4, no weight decay, sequences of 512
 positions (mlxlab data.max_length=512; mlx-lm --max-seq-length 513, which cuts rows to 513 tokens
 and trains on 512 positions). Two data sets, the same jsonl for both tools:
@@ -118,12 +119,13 @@ def write_data(root: Path, n_train: int = 160, n_val: int = 8) -> dict[str, Path
     return out
 
 
-def prepare(work: Path) -> tuple[Path, dict[str, Path]]:
+def prepare(work: Path, std: float = 0.2) -> tuple[Path, dict[str, Path]]:
+    """The model folder (weights N(0, std)) and the data sets, written once under `work`."""
     from tiny_hf_model import save_tiny_llama_without_torch
 
-    model = work / "llama"
+    model = work / ("llama" if std == 0.2 else f"llama-std{std:g}")
     if not (model / "config.json").exists():
-        save_tiny_llama_without_torch(model, intermediate=None, **MODEL)
+        save_tiny_llama_without_torch(model, intermediate=None, std=std, **MODEL)
     return model, write_data(work / "data")
 
 
@@ -251,9 +253,16 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=2, help="first steps left out (compiling)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--work", default=None)
+    p.add_argument(
+        "--init-std",
+        type=float,
+        default=0.2,
+        help="the random weights' std: 0.2 (peaked attention, denormals in the backward) or "
+        "0.02 (a trained model's scale)",
+    )
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_lora_"))
-    model, data = prepare(work)
+    model, data = prepare(work, args.init_std)
     tools = args.tools.split(",")
     results: dict[tuple[str, str], list[dict]] = {}
     for rnd in range(args.rounds):
@@ -270,8 +279,8 @@ def main() -> None:
                 results.setdefault((kind, tool), []).append(s)
                 print(json.dumps({"round": rnd, "rows": kind, "tool": tool, **s}), flush=True)
     print(
-        f"\n{cpu_model()}, {os.cpu_count()} cores; {args.steps} steps, the first {args.skip} "
-        f"left out; median of {args.rounds} rounds\n"
+        f"\n{cpu_model()}, {os.cpu_count()} cores; weights N(0, {args.init_std:g}); {args.steps} "
+        f"steps, the first {args.skip} left out; median of {args.rounds} rounds\n"
     )
     print("| rows | tool | tokens/s | peak MB | mlxlab's tokens/s ratio | mlxlab's peak ratio |")
     print("|---|---|---|---|---|---|")

@@ -4,6 +4,9 @@ bench_lora.py's random Llama (hidden 512, 8 layers, 4/2 heads, LoRA rank 8 on q/
 
     python benchmarks/profile_lora.py [--rounds 5] [--work DIR]
 
+Denormals are flushed as the trainer does (trainer.flush_denormals, kernels/denormals.py); the
+step and the forward + backward are also timed without the flush, each call switching it.
+
 Parts (each compiled, forward + backward to its inputs as the step needs it, times 8 layers
 where per layer): the frozen projections (x @ W^T forward, dX = dY @ W backward: no weight
 gradient), the LoRA adapters (forward, dX, dA, dB), the attention core (scores, masked softmax,
@@ -61,6 +64,19 @@ def grad_fn(f, argnums, *args):
     mx.eval(cot, *args)
     g = mx.compile(mx.value_and_grad(lambda *a: (f(*a) * cot).sum(), argnums=argnums))
     return lambda: mx.eval(g(*args))
+
+
+def unflushed(fn):
+    """fn with the flush off for its call (the mode is the MLX CPU thread's: one call each way)."""
+
+    def call():
+        kernels.flush_denormals(False)
+        try:
+            fn()
+        finally:
+            kernels.flush_denormals(True)
+
+    return call
 
 
 def parts(m: Transformer) -> dict[str, tuple[object, float, int]]:  # noqa: PLR0914
@@ -154,10 +170,17 @@ def main() -> None:
     fwd = mx.compile(lambda b: loss_fn(model, b)[0])
     lg = nn.value_and_grad(model, loss_fn)
     vg = mx.compile(lambda b: lg(model, b))
+    kernels.flush_denormals(True)  # as the trainer's loop (trainer.flush_denormals=true)
     entries = {
         "step (trainer's, compiled)": (lambda: step([batch]), None, 1),
+        "step, denormals not flushed": (unflushed(lambda: step([batch])), None, 1),
         "forward (loss)": (lambda: mx.eval(fwd(batch)), None, 1),
         "forward + backward": (lambda: mx.eval(vg(batch)), None, 1),
+        "forward + backward, denormals not flushed": (
+            unflushed(lambda: mx.eval(vg(batch))),
+            None,
+            1,
+        ),
     }
     entries.update(parts(model))
     gemm = {}

@@ -200,9 +200,10 @@ def save_tiny_model(kind: str, path: str | Path, seed: int = 0, chat: str | None
 def save_tiny_llama_without_torch(path: str | Path, seed: int = 0, hidden: int = 64,
                                   layers: int = 2, heads: int = 4, kv_heads: int = 2,
                                   intermediate: int | None = None, vocab_size: int = 512,
-                                  chat: str | None = None) -> Path:
+                                  chat: str | None = None, std: float = 0.2) -> Path:
     """A Llama folder in Hugging Face's layout (config.json, model.safetensors under HF's weight
-    names, tokenizer.json and its config) with random N(0, 0.2) matrices, written with MLX and
+    names, tokenizer.json and its config) with random N(0, std) matrices (0.2: attention so
+    peaked that a backward makes denormals; 0.02: a trained model's scale), written with MLX and
     tokenizers: what `model=hf_decoder model.pretrained=<path>` loads, no PyTorch needed. `chat`:
     a CHAT_STYLES template in tokenizer_config.json, its special tokens in the tokenizer."""
     import json
@@ -227,7 +228,7 @@ def save_tiny_llama_without_torch(path: str | Path, seed: int = 0, hidden: int =
     def normal(*shape: int) -> mx.array:
         nonlocal key
         key, sub = mx.random.split(key)
-        return 0.2 * mx.random.normal(shape, key=sub)
+        return std * mx.random.normal(shape, key=sub)
 
     weights = {"model.embed_tokens.weight": normal(vocab, hidden),
                "model.norm.weight": mx.ones((hidden,)), "lm_head.weight": normal(vocab, hidden)}

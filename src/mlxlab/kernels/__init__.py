@@ -27,12 +27,14 @@ instruction-set level (isa_level: x86-64-v3 on x86-64), never for the building C
 the same program, with the same results, on every CPU at that level; a CPU below it runs the
 pure-MLX ops after one log line.
 
-A module per job, imported one way (ops, adamw -> dispatch -> build): dispatch.py (mode, skip,
-threads, the extension and `fused`, which path a call takes), ops.py (the ops), adamw.py (the
-optimizer), build.py (compiling the extension). This __init__ only names them.
+A module per job, imported one way (ops, adamw, denormals -> dispatch -> build): dispatch.py
+(mode, skip, threads, the extension and `fused`, which path a call takes), ops.py (the ops),
+adamw.py (the optimizer), denormals.py (flush-to-zero on MLX's CPU thread,
+trainer.flush_denormals), build.py (compiling the extension). This __init__ only names them.
 """
 
 from mlxlab.kernels.adamw import AdamW
+from mlxlab.kernels.denormals import flush_denormals
 from mlxlab.kernels.dispatch import (
     MODES,
     OPS,
@@ -60,7 +62,8 @@ from mlxlab.kernels.ops import (
     swiglu,
 )
 
-__all__ = ["MODES", "OPS", "AdamW", "attention", "cross_entropy", "dropout", "extension", "gelu",
+__all__ = ["MODES", "OPS", "AdamW", "attention", "cross_entropy", "dropout", "extension",
+           "flush_denormals", "gelu",
            "isa_level", "layer_norm", "merge_heads", "mlx_cross_entropy", "mode", "rms_norm", "rope",
            "set_mode", "set_skip", "set_threads", "skipped", "split_heads", "status", "swiglu",
            "threads"]

@@ -105,9 +105,13 @@ class Fit:
         check_parts(model, data, tracker)
         stop, status, tracked, set_up = GracefulStop(), "FAILED", False, False
         state = manager = writer = None  # what the except and finally clauses below close
+        was_flushing = None  # the denormal mode before this run, restored at its end
         try:
             # --- what this run trains with ---------------------------------------------------
             kernels.set_mode(settings.fused_kernels)  # process-wide: the ops the step traces
+            if settings.flush_denormals and mx.default_device() == mx.cpu:
+                # x86 runs arithmetic on denormal floats ~100x slower (kernels/denormals.py)
+                was_flushing = kernels.flush_denormals(True)
             world = self.world = distributed.world(settings.distributed.mode,
                                                    settings.distributed.timeout_s)
             self.model_ops = ModelSchedule(settings.model_schedule)  # which are done: this run's
@@ -253,6 +257,8 @@ class Fit:
                 self._close(callbacks if set_up else [], writer, tracker if tracked else None,
                             "FINISHED" if finished else status, raise_first=finished)
             finally:
+                if was_flushing is False:
+                    kernels.flush_denormals(False)
                 stop.disarm()  # last: a second Ctrl-C while closing still exits at once
 
     def _close(self, callbacks: Sequence[Callback], writer: CheckpointWriter | None,

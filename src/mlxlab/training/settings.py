@@ -126,6 +126,7 @@ class TrainerSettings:
     memory_budget_mb: float | None = None  # halve the batch (doubling grad_accum) until a step fits
     quantize_bits: int | None = None  # 2-8: quantize the best checkpoint, log its metrics too
     fused_kernels: str | bool = "auto"  # auto | on | off: the fused CPU kernels (kernels/)
+    flush_denormals: bool = True      # CPU: floats below 1.2e-38 are 0 (kernels/denormals.py)
     monitor: str = "val/accuracy"     # the metric that picks the best checkpoint
     monitor_mode: str = "max"         # max | min: which way `monitor` improves
     distill: DistillConfig | None = None  # None: plain training; else the distillation loss
@@ -148,6 +149,7 @@ class TrainerSettings:
         check_choice("trainer.precision", self.precision, PRECISIONS)
         check_choice("trainer.quantize_bits", self.quantize_bits, QUANTIZE_BITS)
         check_choice("trainer.requeue", self.requeue, (None, True, False))
+        check_choice("trainer.flush_denormals", self.flush_denormals, (True, False))
         if str(self.fused_kernels).lower() not in (*kernels.MODES, "true", "false"):
             raise ConfigError(f"trainer.fused_kernels={self.fused_kernels!r}: expected auto, on "
                               "or off")

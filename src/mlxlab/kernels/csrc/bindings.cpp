@@ -127,6 +127,8 @@ NB_MODULE(_mlxlab_kernels, m) {
         return features;
       },
       "The instruction-set features the module was compiled for.");
+  m.def("flush_denormals", &mlxlab::flush_denormals, "on"_a,
+        "Sets (on) or clears FTZ/DAZ on MLX's CPU stream thread once evaluated; 1.0 where it was on.");
   m.def("set_num_threads", &mlxlab::set_num_threads, "n"_a);
   m.def("num_threads", &mlxlab::num_threads);
 }

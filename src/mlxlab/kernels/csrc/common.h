@@ -78,6 +78,11 @@ inline void check_cpu_float32(const mx::array& a, const char* what) {
   }
 }
 
+// The thread's floating-point control state (x86 MXCSR, arm64 FPCR; 0 elsewhere), read and
+// set by the kernels' pool to give its workers the caller's denormal mode (fp_mode.cpp).
+uint64_t fp_state();
+void set_fp_state(uint64_t state);
+
 inline void alloc(mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
 }

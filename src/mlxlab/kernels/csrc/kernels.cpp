@@ -50,6 +50,7 @@ class Pool {
         ++workers_;
       }
       job_ = &job;
+      fp_state_ = fp_state(); // the caller's denormal mode, for the workers (fp_mode.cpp)
       parts_ = parts;
       next_ = 1;
       remaining_ = parts - 1;
@@ -78,7 +79,11 @@ class Pool {
       wake_.wait(lock, [this] { return job_ != nullptr && next_ < parts_; });
       int t = next_++;
       auto* job = job_;
+      uint64_t state = fp_state_;
       lock.unlock();
+      if (fp_state() != state) {
+        set_fp_state(state);
+      }
       (*job)(t);
       lock.lock();
       if (--remaining_ == 0) {
@@ -92,6 +97,7 @@ class Pool {
   int workers_ = 0;
   const std::function<void(int)>* job_ = nullptr;
   int parts_ = 0, next_ = 0, remaining_ = 0;
+  uint64_t fp_state_ = 0;
 };
 
 Pool& pool() {

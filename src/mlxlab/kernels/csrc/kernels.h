@@ -69,6 +69,10 @@ mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin);
 // to_heads, else (B, H, T, D) -> (B, T, H, D). Its VJP is the other direction.
 mx::array swap_heads(const mx::array& x, bool to_heads);
 
+// Sets (on) or clears flush-to-zero and denormals-are-zero on the thread of MLX's CPU stream
+// (fp_mode.cpp): a float32 scalar, 1 where the mode was on before, evaluated for its effect.
+mx::array flush_denormals(bool on);
+
 // Threads the kernels split work over (default: hardware concurrency).
 void set_num_threads(int n);
 int num_threads();
@@ -274,5 +278,22 @@ class LayerNormGrad : public CpuPrimitive {
 
 #undef MLXLAB_PRIMITIVE_BODY
 #undef MLXLAB_VJP
+
+// No inputs; sets the mode of the thread it runs on. Not equivalent to another (never merged
+// away by compile: each call is an effect).
+class FlushDenormals : public CpuPrimitive {
+ public:
+  FlushDenormals(mx::Stream stream, bool on) : CpuPrimitive(stream), on_(on) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabFlushDenormals";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return false;
+  }
+
+ private:
+  bool on_;
+};
 
 } // namespace mlxlab
