@@ -72,12 +72,24 @@ def test_peaked_attention_gradients_are_unchanged_by_the_flush():
         f = mx.grad(lambda q, k, v: (kernels.attention(q, k, v, 0.25) * cot).sum(), (0, 1, 2))
         return [np.array(g) for g in f(q, k, v)]
 
+    # the case is real: the score gradients p * (dp - sum p dp) of these inputs are denormal
+    # in places (float64 here, so nothing is flushed on the way)
+    q64, k64, v64, cot64 = (np.array(a, dtype=np.float64) for a in (q, k, v, cot))
+    scores = q64 @ k64.swapaxes(-1, -2) * 0.25
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dp = cot64 @ v64.swapaxes(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdims=True))
+    tiny = np.finfo(np.float32).tiny
+    assert ((np.abs(ds) < tiny) & (ds != 0)).sum() > 100
+
     kernels.set_mode("on")
     try:
         plain = grads()
         kernels.flush_denormals(True)
         flushed = grads()
     finally:
+        kernels.flush_denormals(False)  # the next test on this worker starts unflushed
         kernels.set_mode("auto")
     for a, b in zip(plain, flushed):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-30)

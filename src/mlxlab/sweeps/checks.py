@@ -181,14 +181,22 @@ def _job_config(
             and before[o.get_key_element()] is not _ABSENT
             for o in parsed
         ):
-            for override in parsed:
-                OmegaConf.update(base, override.get_key_element(), override.value(), merge=False)
             try:
-                yield base
+                for override in parsed:
+                    OmegaConf.update(
+                        base, override.get_key_element(), override.value(), merge=False
+                    )
+                updated = True
+            except Exception:  # noqa: BLE001 - a typed node refused it: Hydra composes below
+                updated = False
+            try:
+                if updated:
+                    yield base
             finally:
                 for key, value in before.items():
                     OmegaConf.update(base, key, value, merge=False)
-            return
+            if updated:
+                return
     try:
         job = GlobalHydra.instance().config_loader().load_sweep_config(config, list(overrides))
     except Exception as err:  # noqa: BLE001 - Hydra's own type and grammar errors

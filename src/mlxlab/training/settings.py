@@ -92,6 +92,15 @@ class PreferenceConfig:
                               f"{self.label_smoothing}")
         check_number("trainer.preference.gamma", self.gamma, float)
         check_choice("trainer.preference.reference", self.reference, REFERENCES)
+        # a setting the chosen loss would ignore is a mistake to say, not to swallow
+        if self.label_smoothing > 0 and self.loss not in ("sigmoid", "simpo"):
+            raise ConfigError(
+                f"trainer.preference.label_smoothing={self.label_smoothing} has no meaning for "
+                f"loss={self.loss}: use loss=sigmoid or simpo, or label_smoothing=0")
+        if self.reference != "auto" and self.loss not in ("sigmoid", "ipo"):
+            raise ConfigError(
+                f"trainer.preference.reference={self.reference}: loss={self.loss} uses no "
+                "reference model; leave reference=auto, or use loss=sigmoid or ipo")
 
 
 @dataclass(frozen=True)
