@@ -445,3 +445,20 @@ def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pre
     text = json.dumps(report)
     assert "val/rewards/accuracy" in text and "trainer.preference.beta" in text, text[:2000]
     print(run(compare, cwd=tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"loss": "ipo", "label_smoothing": 0.1}, r"label_smoothing=0.1 has no meaning for loss=ipo"),
+        ({"loss": "orpo", "reference": "cached"}, r"loss=orpo uses no reference model"),
+        ({"loss": "simpo", "reference": "copy"}, r"loss=simpo uses no reference model"),
+    ],
+)
+def test_a_setting_the_loss_would_ignore_is_one_config_error(setting, message):
+    from mlxlab.errors import ConfigError
+    from mlxlab.training.settings import PreferenceConfig
+
+    with pytest.raises(ConfigError, match=message):
+        PreferenceConfig(**setting)
+    PreferenceConfig(loss=setting["loss"])  # the same loss with the defaults is fine
