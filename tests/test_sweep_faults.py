@@ -369,3 +369,33 @@ def test_a_continued_grid_says_what_an_uninterrupted_one_says(tmp_path):
     continued, whole = outcome(killed_root), outcome(whole_root)
     assert len(continued[0]) == 6 and continued[0] == whole[0]  # bitwise, seed by seed
     assert continued[1] == whole[1] and continued[2] == whole[2]
+
+
+def test_a_job_whose_run_still_runs_is_refused_not_trained_twice(tmp_path, make_cfg):
+    """A worker that outlived its killed launcher (or a run of another host with a fresh
+    heartbeat) is RUNNING under the parent: the same command must not train that job beside it
+    (two runs of one job) nor resume into it (two writers): the plan is `busy`. A FINISHED run
+    of the config is kept, a KILLED one without a checkpoint runs again."""
+    from mlxlab.config import config_hash
+    from mlxlab.sweeps.jobs import plan_job
+
+    cfg = make_cfg("tracking=none")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    experiment = client.create_experiment("busy")
+    parent = client.create_run(experiment, run_name="sweep").info.run_id
+
+    def child(status: str) -> str:
+        run = client.create_run(experiment, tags={T.PARENT_RUN: parent,
+                                                  T.CONFIG_HASH: config_hash(cfg),
+                                                  T.RUN_DIR: str(tmp_path / "job")})
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    killed = child("KILLED")
+    assert plan_job(client, parent, cfg).action == "run"  # no checkpoint in its folder
+    running = child("RUNNING")
+    plan = plan_job(client, parent, cfg)
+    assert (plan.action, plan.run_id) == ("busy", running) and running != killed
+    client.set_terminated(running, "FINISHED")
+    assert plan_job(client, parent, cfg).action == "keep"

@@ -145,13 +145,13 @@ def hydra_main(cfg: DictConfig) -> float:
     from mlxlab.training.trainer import TrainingInterrupted
 
     _, _, sweeping = hydra_context(cfg)
-    if sweeping:  # a continued sweep: a finished job is kept, a killed one resumes
-        from mlxlab.sweeps.jobs import continue_job
-
-        kept = continue_job(cfg)
-        if kept is not None:
-            return kept
     try:
+        if sweeping:  # a continued sweep: a finished job is kept, a killed one resumes
+            from mlxlab.sweeps.jobs import continue_job
+
+            kept = continue_job(cfg)
+            if kept is not None:
+                return kept
         with unwrapped():  # a constructor's own error (a bad size) as itself, not Hydra's report
             metrics = train(cfg)
         if cfg.optimized_metric not in metrics:  # e.g. streamed text with data.splits.val_examples=0

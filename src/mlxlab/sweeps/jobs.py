@@ -9,7 +9,10 @@ continues a sweep (identity.py), each job asks here before it trains:
 - resume: its newest run is KILLED (its process died, stale.py, or a signal stopped it) and its
   folder holds a committed checkpoint: the job resumes from there into that same run, bitwise as
   `resume=` does for a single run;
-- run: anything else (never started, FAILED, killed before its first checkpoint).
+- run: anything else (never started, FAILED, killed before its first checkpoint);
+- busy: its newest run is still RUNNING (a worker that outlived its killed launcher, a run of
+  another host whose heartbeat is fresh): the job fails with one line instead of training
+  beside it.
 
 A new sweep's parent has no children, so every job runs.
 """
@@ -24,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from mlxlab.config import config_hash
+from mlxlab.errors import UserError
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow.calls import retrying
 from mlxlab.tracking.mlflow.stale import has_checkpoint
@@ -77,6 +81,11 @@ def plan_job(client: Any, parent_run_id: str, cfg: DictConfig) -> JobPlan:
             metric = str(cfg.optimized_metric)
             value = metrics.get(f"best/{metric}", metrics.get(metric, float("nan")))
             return JobPlan("keep", run.info.run_id, value=float(value))
+    if runs and runs[0].info.status == "RUNNING":
+        # alive: its process is on this host, or another host's heartbeat is fresh (stale.py
+        # marked the dead ones before the sweep started): training it again beside it would
+        # make two runs of one job, and resuming into it two writers of one run
+        return JobPlan("busy", runs[0].info.run_id, Path(str(runs[0].data.tags.get(T.RUN_DIR))))
     if runs and runs[0].info.status == "KILLED":
         run_dir = runs[0].data.tags.get(T.RUN_DIR)
         if has_checkpoint(run_dir):
@@ -111,6 +120,12 @@ def continue_job(cfg: DictConfig) -> float | None:
             "sweep: job %s finished as run %s: kept, not run again", job.job_dir.name, plan.run_id
         )
         return plan.value
+    if plan.action == "busy":
+        raise UserError(
+            f"sweep: job {job.job_dir.name}'s run {plan.run_id} is still RUNNING (a process "
+            f"writing {plan.run_dir} is alive, or its host's heartbeat is recent): stop that "
+            "process or let it finish, then run the same sweep command again"
+        )
     if plan.action == "resume":
         log.info(
             "sweep: job %s was killed: its run %s resumes from %s",
