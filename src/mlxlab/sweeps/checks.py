@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -241,6 +242,20 @@ def check_store(config: DictConfig, probe: bool = True) -> None:
     check_writable(settings["uri"])
 
 
+def grid_start_lock(config: DictConfig) -> Path | None:
+    """The lock two starts of one grid command take to find and continue its sweep in turn,
+    named by the sweep's identity under `<root>/multirun/`; None untracked or with
+    `sweep.fresh=true` (a new sweep shares nothing)."""
+    from mlxlab.sweeps.callback import mlflow_settings
+    from mlxlab.sweeps.identity import sweep_identity, wants_fresh
+
+    settings = mlflow_settings(config)
+    if settings is None or wants_fresh(config):
+        return None
+    root = Path(str(OmegaConf.select(config, "paths.root_dir")))
+    return root / "multirun" / f".mlxlab_start_{sweep_identity(config, settings['uri'])}.lock"
+
+
 def check_study_storage(config: DictConfig) -> None:
     """A search's Optuna storage opens (made if missing, under its lock) before the sweep's
     parent run exists: a corrupt optuna.db or a database that does not answer is one line and
@@ -282,10 +297,15 @@ class SweepChecks(Callback):
         except UserError as err:
             fail(str(err))
         if OmegaConf.select(config, "hydra.sweeper.n_trials", default=None):
-            # only a search's folder is shared by processes (the study's name names it); a
-            # grid's is new (its start stamp) or, continued, the sweep callback finds the old one
+            # a search's folder is shared by processes (the study's name names it)
             sweep_dir = sweep_dir_of(config.hydra)
             _start.enter_context(file_lock(sweep_dir / START_LOCK, what=f"the sweep {sweep_dir}"))
+        else:
+            # a grid's folder is new (its start stamp), but two starts of one command find the
+            # same unfinished sweep: one at a time, the second sees it RUNNING (sweeps/callback.py)
+            lock = grid_start_lock(config)
+            if lock is not None:
+                _start.enter_context(file_lock(lock, what="the sweep's start"))
 
 
 class SweepStarted(Callback):
