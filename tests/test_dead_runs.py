@@ -127,3 +127,25 @@ def test_a_sigkilled_run_is_killed_resumable_and_a_resume_finishes_it(tmp_path, 
     assert after.info.status == "FINISHED"
     assert int(after.data.tags[T.PID]) != int(before.data.tags[T.PID])  # the resuming process
     assert os.path.isdir(killed / "checkpoints")
+
+
+def test_a_run_of_another_pid_namespace_on_this_host_is_judged_by_its_heartbeat(tmp_path):
+    """Containers sharing a hostname (host networking) do not see each other's pids: a run
+    tagged with another pid namespace is not judged by a pid this process cannot see (that
+    would mark a live run KILLED), but by its heartbeat, as a run of another host."""
+    from mlxlab.tracking.mlflow.stale import pid_namespace
+
+    if pid_namespace() is None:
+        pytest.skip("no /proc/self/ns/pid here")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    host, now = socket.gethostname(), time.time()
+    gone_pid = str(2**22 + 12345)  # above pid_max's default ceiling: no such process here
+    other = {T.HOST: host, T.PID: gone_pid, T.PID_NAMESPACE: "pid:[1]", T.HEARTBEAT_EVERY: "30"}
+    beating = _running_run(client, {**other, T.HEARTBEAT: f"{now:.0f}"})
+    silent = _running_run(client, {**other, T.HEARTBEAT: f"{now - 121:.0f}"})
+    ours = _running_run(client, {T.HOST: host, T.PID: gone_pid, T.PID_NAMESPACE: pid_namespace()})
+    assert sorted(mark_dead_runs(uri)) == sorted([silent, ours])
+    assert client.get_run(beating).info.status == "RUNNING"
+    assert "no heartbeat" in client.get_run(silent).data.tags[T.KILLED_REASON]
+    assert "is gone" in client.get_run(ours).data.tags[T.KILLED_REASON]

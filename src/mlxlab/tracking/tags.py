@@ -27,6 +27,7 @@ CHOICE_PREFIX = "choice."  # "choice.model" = "bert": the config-group options a
 # The process that trains a run, for dead-run detection (tracking/mlflow/stale.py)
 PID = "mlxlab.pid"
 HOST = "mlxlab.host"
+PID_NAMESPACE = "mlxlab.pid_namespace"  # Linux: containers sharing a hostname see other pids
 PROCESS_START = "mlxlab.process_start"  # the process's start (boot id:ticks): a reused pid differs
 HEARTBEAT = "mlxlab.heartbeat"  # unix seconds, rewritten by the tracking side while the run lives
 HEARTBEAT_EVERY = "mlxlab.heartbeat_every_s"  # the interval it promises (runs of other hosts)

@@ -4,7 +4,8 @@ A run says which process trains it (train.py tags the host, the pid and the proc
 time: a pid the system gave to another process since has another start time), and the tracking
 side rewrites a heartbeat tag (heartbeat.py). A RUNNING run is dead when
 
-- of this host: its pid is gone, or now belongs to a process started at another time;
+- of this host (and, on Linux, this pid namespace: containers sharing a hostname do not see
+  each other's pids): its pid is gone, or now belongs to a process started at another time;
 - of another host (its process cannot be seen from here): its heartbeat is older than
   STALE_BEATS intervals.
 
@@ -34,7 +35,9 @@ log = logging.getLogger(__name__)
 STALE_BEATS = 4  # heartbeats missed before another host's run is judged dead
 # the tags a RUNNING run is judged by (dead_reason): a resumed run gets its new process's
 # before it is RUNNING again, so no check in between reads the killed process's
-LIVENESS_TAGS = (T.PID, T.HOST, T.PROCESS_START, T.HEARTBEAT, T.HEARTBEAT_EVERY)
+LIVENESS_TAGS = (
+    T.PID, T.HOST, T.PID_NAMESPACE, T.PROCESS_START, T.HEARTBEAT, T.HEARTBEAT_EVERY
+)
 
 
 def process_start(pid: int, method: str | None = None) -> str | None:
@@ -61,9 +64,20 @@ def process_start(pid: int, method: str | None = None) -> str | None:
         return None
 
 
+def pid_namespace() -> str | None:
+    """This process's pid namespace on Linux (`pid:[inode]`), None elsewhere."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def process_tags() -> dict[str, str]:
     """Tags naming the process that trains a run (read back by `mark_dead_runs`)."""
     tags = {T.PID: str(os.getpid()), T.HOST: socket.gethostname()}
+    namespace = pid_namespace()
+    if namespace is not None:
+        tags[T.PID_NAMESPACE] = namespace
     start = process_start(os.getpid())
     if start is not None:
         tags[T.PROCESS_START] = start
@@ -83,7 +97,10 @@ def _alive(pid: int) -> bool:
 def dead_reason(tags: dict[str, str], host: str, now: float) -> str | None:
     """Why the run these tags describe has no live process, or None (alive, or unknown)."""
     pid = tags.get(T.PID, "")
-    if tags.get(T.HOST) == host and pid.isdigit():
+    namespace = tags.get(T.PID_NAMESPACE)
+    # its pid means something here only on this host and in this pid namespace
+    visible = namespace is None or namespace == pid_namespace()
+    if tags.get(T.HOST) == host and pid.isdigit() and visible:
         if not _alive(int(pid)):
             return f"process {pid} on {host} is gone"
         stamp = tags.get(T.PROCESS_START)
