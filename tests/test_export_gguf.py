@@ -1,0 +1,251 @@
+"""`mlxlab export --format gguf`: one file that llama.cpp, Ollama and LM Studio read.
+
+Checked against independent readers, never against our own writer: transformers' GGUF loader
+(`from_pretrained(..., gguf_file=)`, which undoes llama.cpp's layout) gives the logits of the
+model the file came from; MLX's own GGUF reader (`mx.load`) gives each quantized tensor as the
+`gguf` package dequantizes it; transformers' GGUF tokenizer encodes text to the ids of the
+model's own tokenizer. llama.cpp itself (llama-cpp-python) scores an export in
+benchmarks/bench_gguf.py (a source build: minutes, not the default run).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import PYTHON, compose_cfg
+from hf_helpers import mlx_logits, tiny
+from mlxlab.config import asset_path
+from mlxlab.export.gguf import GGUFExportError, write_gguf
+from mlxlab.runs import load_run_model
+from mlxlab.train import train
+
+KINDS = ("llama", "qwen2", "qwen3", "gemma3_text", "phi3")
+# Sizes transformers' GGUF loader can read back: it takes head_dim from hidden/heads for Qwen3
+# (real Qwen3 checkpoints have head_dim 128) and Gemma 3's query scale from its default 256.
+EXTRA = {
+    "llama": {},
+    "qwen2": {"tie_word_embeddings": True},
+    "qwen3": {"head_dim": 128},
+    "gemma3_text": {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 128,
+                    "tie_word_embeddings": True},
+    "phi3": {"pad_token_id": 0},
+}
+IDS = np.array([[5, 17, 99, 3, 250, 31, 7, 8, 64, 120, 11, 2]])
+
+
+def save_tiny(kind: str, path: Path):
+    """A tiny random decoder of `kind` saved by transformers, with a ChatML byte-level BPE."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = tiny.tiny_tokenizer("qwen2" if kind.startswith("qwen") else "llama", chat="chatml")
+    config = AutoConfig.for_model(kind, **{
+        "vocab_size": tok.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, **EXTRA[kind]})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # norms away from their init, so a norm stored wrongly shows
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.normal_(0.0 if kind == "gemma3_text" else 1.0, 0.1)
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                            chat_template=tiny.CHATML).save_pretrained(path)
+    return model
+
+
+def logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+def from_gguf(folder: Path, name: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("gguf")
+    return {kind: (root / kind, save_tiny(kind, root / kind)) for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_f32_and_f16_load_in_transformers_with_the_same_logits(models, kind):
+    import torch
+
+    folder, model = models[kind]
+    write_gguf(folder, folder / "f32.gguf", "f32")
+    assert np.abs(logits(from_gguf(folder, "f32.gguf"), IDS) - logits(model, IDS)).max() <= 1e-4
+    write_gguf(folder, folder / "f16.gguf", "f16")
+    # the same model with its matrices rounded to f16, as the file stores them
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(p.half().float())
+    assert np.abs(logits(from_gguf(folder, "f16.gguf"), IDS) - logits(model, IDS)).max() <= 1e-3
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_1"])
+def test_quantized_tensors_load_in_mlx_as_the_package_dequantizes_them(models, quant):
+    import gguf
+
+    folder, _ = models["qwen3"]
+    file = folder / f"{quant}.gguf"
+    report = write_gguf(folder, file, quant)
+    assert report["tensor_types"][quant.upper()] == 16  # 7 a layer, the embedding, the output
+    loaded = mx.load(str(file))
+    reader = gguf.GGUFReader(file)
+    checked = 0
+    for t in reader.tensors:
+        if t.tensor_type.name != quant.upper():
+            continue
+        reference = gguf.quants.dequantize(t.data, t.tensor_type)
+        base = t.name.removesuffix(".weight")
+        ours = mx.dequantize(loaded[t.name], loaded[base + ".scales"], loaded[base + ".biases"],
+                             group_size=32, bits=8 if quant == "q8_0" else 4)
+        # MLX keeps the file's f16 block scales and rebuilds w = scale * q + bias in f16: the
+        # product (up to the block's range, <= 2B for B its largest |w|) and the sum (<= B) each
+        # round by half an f16 ulp: at most 3 * 2**-11 * B
+        blocks = np.abs(reference).reshape(-1, 32).max(axis=1, keepdims=True)
+        error = np.abs(np.array(ours.astype(mx.float32)) - reference).reshape(-1, 32)
+        assert (error <= 3 * 2**-11 * blocks + 1e-7).all()
+        checked += 1
+    assert checked == 16
+
+
+def test_the_vocabulary_encodes_as_the_models_tokenizer(models):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    folder, _ = models["qwen2"]
+    write_gguf(folder, folder / "tok.gguf", "q8_0")
+    theirs = AutoTokenizer.from_pretrained(folder, gguf_file="tok.gguf")
+    ours = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    stories = Path(asset_path("tinystories/sample.txt")).read_text().split("\n\n")[400:650]
+    texts = stories + ["<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n",
+                       "naïve café — 42 + 7 = 49\t\n  spaces", "<|im_end|><|im_start|>"]
+    assert len(texts) > 250
+    for text in texts:
+        assert theirs.encode(text, add_special_tokens=False) == \
+            ours.encode(text, add_special_tokens=False).ids, text
+
+
+def test_the_file_carries_the_chat_template_and_special_tokens(models):
+    import gguf
+
+    folder, _ = models["llama"]
+    write_gguf(folder, folder / "meta.gguf", "f16", description="scores")
+    fields = gguf.GGUFReader(folder / "meta.gguf").fields
+
+    def value(key):
+        field = fields[key]
+        return field.contents()
+
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    im_end = next(t["id"] for t in tok["added_tokens"] if t["content"] == "<|im_end|>")
+    assert value("tokenizer.chat_template") == tiny.CHATML
+    assert value("tokenizer.ggml.eos_token_id") == im_end
+    assert value("general.description") == "scores"
+    assert value("llama.rope.dimension_count") == 16 and value("general.architecture") == "llama"
+
+
+# --- a run trained here, through the command line ---------------------------------------------
+
+LM = [
+    "experiment=tinystories_nano", "tracking=none", "callbacks.progress.enabled=false",
+    "model.dim=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+    "model.max_seq_len=64", "data.packing.seq_len=64", "data.tokenizer.max_vocab=512",
+    "data.tokenizer_sample=300", "data.splits.val_examples=20", "trainer.batch_size=8",
+    "trainer.max_steps=10", "trainer.eval_every_steps=10", "trainer.schedule.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory) -> Path:
+    cfg = compose_cfg(tmp_path_factory.mktemp("lm"), LM)
+    train(cfg)
+    GlobalHydra.instance().clear()
+    return Path(cfg.paths.output_dir)
+
+
+def export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "mlxlab.cli.main", "export", *args],
+                          capture_output=True, text=True)
+
+
+def test_a_run_exports_to_gguf_with_mlxlabs_logits_and_a_modelfile(lm_run, tmp_path):
+    out = tmp_path / "run.gguf"
+    done = export(str(lm_run), "--format", "gguf", "--quant", "f32", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"-> {out} (llama, f32" in done.stdout
+    model, _ = load_run_model(lm_run)
+    ids = np.random.default_rng(1).integers(0, model.vocab_size, size=(2, 40))
+    theirs = logits(from_gguf(out.parent, out.name), ids)
+    assert np.abs(theirs - mlx_logits(model, ids)).max() <= 1e-3
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./run.gguf\n")
+
+
+def test_a_chatml_model_gets_ollamas_chatml_template_and_stop(models, tmp_path):
+    folder, _ = models["qwen3"]
+    out = tmp_path / "chat.gguf"
+    done = export(str(folder), "--format", "gguf", "--quant", "q4_0", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert "TEMPLATE \"\"\"{{- range .Messages }}<|im_start|>{{ .Role }}" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "(chat template: chatml)" in done.stdout
+
+
+@pytest.mark.parametrize("case", ["classifier", "unknown_arch", "k_quant", "dtype"])
+def test_bad_requests_are_one_line_exit_2_and_leave_no_file(case, models, tmp_path):
+    folder, _ = models["llama"]
+    out = tmp_path / "x.gguf"
+    if case == "classifier":  # a BERT folder: no decoder
+        bert = tmp_path / "bert"
+        bert.mkdir()
+        (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+        mx.save_safetensors(str(bert / "model.safetensors"), {"w": mx.zeros((2, 2))})
+        args, expect = [str(bert)], "model_type='bert' has no GGUF export here"
+    elif case == "unknown_arch":
+        other = tmp_path / "other"
+        other.mkdir()
+        for f in folder.iterdir():
+            (other / f.name).write_bytes(f.read_bytes())
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**config, "model_type": "olmo2"}))
+        args, expect = [str(other)], "model_type='olmo2' has no GGUF export here"
+    elif case == "k_quant":
+        args, expect = [str(folder), "--quant", "q4_k"], "--quant 'q4_k'"
+    else:
+        args, expect = [str(folder), "--dtype", "float16"], "--dtype do not apply to --format gguf"
+    done = export(*args, "--format", "gguf", "--out", str(out))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], done.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_quantized_folder_is_refused_with_the_fix(models, tmp_path):
+    folder, _ = models["llama"]
+    q = tmp_path / "q"
+    q.mkdir()
+    for f in folder.iterdir():
+        (q / f.name).write_bytes(f.read_bytes())
+    config = json.loads((q / "config.json").read_text())
+    (q / "config.json").write_text(json.dumps({**config, "quantization": {"bits": 4}}))
+    with pytest.raises(GGUFExportError, match="holds quantized weights"):
+        write_gguf(q, tmp_path / "q.gguf", "q4_0")
