@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,11 +27,12 @@ from mlxlab.export.gguf import GGUFExportError, write_gguf
 from mlxlab.runs import load_run_model
 from mlxlab.train import train
 
-KINDS = ("llama", "qwen2", "qwen3", "gemma3_text", "phi3")
+KINDS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 # Sizes transformers' GGUF loader can read back: it takes head_dim from hidden/heads for Qwen3
 # (real Qwen3 checkpoints have head_dim 128) and Gemma 3's query scale from its default 256.
 EXTRA = {
     "llama": {},
+    "mistral": {"sliding_window": None},
     "qwen2": {"tie_word_embeddings": True},
     "qwen3": {"head_dim": 128},
     "gemma3_text": {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 128,
@@ -69,11 +71,16 @@ def logits(model, ids: np.ndarray) -> np.ndarray:
         return model(torch.tensor(ids)).logits.float().numpy()
 
 
-def from_gguf(folder: Path, name: str):
+def from_gguf(file: Path):
+    """transformers' model from the GGUF alone (a folder holding nothing else, so neither the
+    config nor the tokenizer comes from the source folder's files)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    alone = Path(tempfile.mkdtemp(prefix="gguf-alone-"))
+    (alone / file.name).write_bytes(file.read_bytes())
+    return AutoModelForCausalLM.from_pretrained(alone, gguf_file=file.name,
+                                                dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +94,17 @@ def test_f32_and_f16_load_in_transformers_with_the_same_logits(models, kind):
     import torch
 
     folder, model = models[kind]
-    write_gguf(folder, folder / "f32.gguf", "f32")
-    assert np.abs(logits(from_gguf(folder, "f32.gguf"), IDS) - logits(model, IDS)).max() <= 1e-4
-    write_gguf(folder, folder / "f16.gguf", "f16")
+    # transformers reads a "llama" file whose general.name says Mistral as model_type mistral,
+    # which its GGUF loader then does not know: a neutral name
+    write_gguf(folder, folder / "f32.gguf", "f32", name="tiny")
+    assert np.abs(logits(from_gguf(folder / "f32.gguf"), IDS) - logits(model, IDS)).max() <= 1e-4
+    write_gguf(folder, folder / "f16.gguf", "f16", name="tiny")
     # the same model with its matrices rounded to f16, as the file stores them
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.copy_(p.half().float())
-    assert np.abs(logits(from_gguf(folder, "f16.gguf"), IDS) - logits(model, IDS)).max() <= 1e-3
+    assert np.abs(logits(from_gguf(folder / "f16.gguf"), IDS) - logits(model, IDS)).max() <= 1e-3
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_1"])
@@ -131,8 +140,9 @@ def test_the_vocabulary_encodes_as_the_models_tokenizer(models):
     from transformers import AutoTokenizer
 
     folder, _ = models["qwen2"]
-    write_gguf(folder, folder / "tok.gguf", "q8_0")
-    theirs = AutoTokenizer.from_pretrained(folder, gguf_file="tok.gguf")
+    alone = Path(tempfile.mkdtemp(prefix="gguf-tok-"))
+    write_gguf(folder, alone / "tok.gguf", "q8_0")
+    theirs = AutoTokenizer.from_pretrained(alone, gguf_file="tok.gguf")
     ours = Tokenizer.from_file(str(folder / "tokenizer.json"))
     stories = Path(asset_path("tinystories/sample.txt")).read_text().split("\n\n")[400:650]
     texts = stories + ["<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n",
@@ -193,7 +203,7 @@ def test_a_run_exports_to_gguf_with_mlxlabs_logits_and_a_modelfile(lm_run, tmp_p
     assert f"-> {out} (llama, f32" in done.stdout
     model, _ = load_run_model(lm_run)
     ids = np.random.default_rng(1).integers(0, model.vocab_size, size=(2, 40))
-    theirs = logits(from_gguf(out.parent, out.name), ids)
+    theirs = logits(from_gguf(out), ids)
     assert np.abs(theirs - mlx_logits(model, ids)).max() <= 1e-3
     modelfile = (tmp_path / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./run.gguf\n")

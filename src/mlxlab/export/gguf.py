@@ -89,7 +89,6 @@ class Architecture:
     rope_dims: bool = False         # writes rope.dimension_count (head_dim * partial rotary)
     head_dims: bool = False         # writes attention.key_length / value_length (head_dim)
     sliding_window: bool = False    # writes attention.sliding_window
-    experts: bool = False           # writes expert_count / expert_used_count
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -97,7 +96,6 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": Architecture("LLAMA", _llama_tensor, rope_dims=True),
     "qwen2": Architecture("QWEN2"),
     "qwen3": Architecture("QWEN3", head_dims=True),
-    "qwen3_moe": Architecture("QWEN3MOE", head_dims=True, experts=True),
     "gemma3_text": Architecture("GEMMA3", _gemma_tensor, head_dims=True, sliding_window=True),
     "phi3": Architecture("PHI3", rope_dims=True),
 }
@@ -225,7 +223,7 @@ def _write_hparams(writer, config: dict, arch: Architecture, file_type) -> None:
     writer.add_context_length(c.get("max_position_embeddings", 2048))
     writer.add_embedding_length(c["hidden_size"])
     writer.add_block_count(c["num_hidden_layers"])
-    writer.add_feed_forward_length(c.get("intermediate_size") or c.get("moe_intermediate_size"))
+    writer.add_feed_forward_length(c["intermediate_size"])
     writer.add_head_count(c["num_attention_heads"])
     writer.add_head_count_kv(c.get("num_key_value_heads", c["num_attention_heads"]))
     writer.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
@@ -240,10 +238,6 @@ def _write_hparams(writer, config: dict, arch: Architecture, file_type) -> None:
         writer.add_value_length(_head_dim(c))
     if arch.sliding_window and c.get("sliding_window"):
         writer.add_sliding_window(c["sliding_window"])
-    if arch.experts:
-        writer.add_expert_count(c.get("num_experts", c.get("num_local_experts")))
-        writer.add_expert_used_count(c["num_experts_per_tok"])
-        writer.add_expert_feed_forward_length(c["moe_intermediate_size"])
     scaling = c.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) == "linear":
         writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
