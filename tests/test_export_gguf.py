@@ -23,7 +23,7 @@ from hydra.core.global_hydra import GlobalHydra
 from conftest import PYTHON, compose_cfg
 from hf_helpers import mlx_logits, tiny
 from mlxlab.config import asset_path
-from mlxlab.export.gguf import GGUFExportError, write_gguf
+from mlxlab.export.gguf import write_gguf
 from mlxlab.runs import load_run_model
 from mlxlab.train import train
 
@@ -221,7 +221,9 @@ def test_a_chatml_model_gets_ollamas_chatml_template_and_stop(models, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["classifier", "unknown_arch", "k_quant", "dtype"])
-def test_bad_requests_are_one_line_exit_2_and_leave_no_file(case, models, tmp_path):
+def test_bad_requests_are_one_line_exit_2_and_leave_no_file(case, models, tmp_path, capsys):
+    from mlxlab.cli.export import main
+
     folder, _ = models["llama"]
     out = tmp_path / "x.gguf"
     if case == "classifier":  # a BERT folder: no decoder
@@ -242,20 +244,60 @@ def test_bad_requests_are_one_line_exit_2_and_leave_no_file(case, models, tmp_pa
         args, expect = [str(folder), "--quant", "q4_k"], "--quant 'q4_k'"
     else:
         args, expect = [str(folder), "--dtype", "float16"], "--dtype do not apply to --format gguf"
-    done = export(*args, "--format", "gguf", "--out", str(out))
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and expect in lines[0], done.stderr
+    if case == "dtype":  # the real command line once
+        done = export(*args, "--format", "gguf", "--out", str(out))
+        code, err = done.returncode, done.stderr
+    else:
+        code, err = main([*args, "--format", "gguf", "--out", str(out)]), capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], err
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
 
 
-def test_a_quantized_folder_is_refused_with_the_fix(models, tmp_path):
-    folder, _ = models["llama"]
-    q = tmp_path / "q"
-    q.mkdir()
-    for f in folder.iterdir():
-        (q / f.name).write_bytes(f.read_bytes())
-    config = json.loads((q / "config.json").read_text())
-    (q / "config.json").write_text(json.dumps({**config, "quantization": {"bits": 4}}))
-    with pytest.raises(GGUFExportError, match="holds quantized weights"):
-        write_gguf(q, tmp_path / "q.gguf", "q4_0")
+@pytest.fixture(scope="module")
+def q4_folder(models, tmp_path_factory) -> Path:
+    """mlx_lm.convert's 4-bit folder (group size 32, f16 scales) of the tiny llama."""
+    from mlx_lm.convert import convert
+
+    out = tmp_path_factory.mktemp("q4") / "llama-q4"
+    convert(str(models["llama"][0]), str(out), quantize=True, q_group_size=32, q_bits=4,
+            dtype="float16")
+    return out
+
+
+def test_an_mlx_lm_4bit_folder_goes_to_q4_1_without_a_float_round_trip(q4_folder, tmp_path):
+    import gguf
+
+    report = write_gguf(q4_folder, tmp_path / "q.gguf", "q4_1")
+    assert report["tensor_types"]["Q4_1 (direct)"] == 16  # every matrix, embedding included
+    source = mx.load(str(q4_folder / "model.safetensors"))
+    config = json.loads((q4_folder / "config.json").read_text())
+    from mlxlab.export.gguf import _permute_rotary
+
+    for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors:
+        if t.name != "blk.1.attn_q.weight" and t.name != "blk.0.ffn_down.weight":
+            continue
+        hf = {"blk.1.attn_q.weight": "model.layers.1.self_attn.q_proj",
+              "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj"}[t.name]
+        # the folder's own nibbles, f16 scales and biases, computed in float32 as gguf does
+        ours = np.array(mx.dequantize(source[hf + ".weight"],
+                                      source[hf + ".scales"].astype(mx.float32),
+                                      source[hf + ".biases"].astype(mx.float32),
+                                      group_size=32, bits=4))
+        if "attn_q" in t.name:
+            ours = _permute_rotary(ours, config["num_attention_heads"])
+        # the same nibbles, scales and minimums: equal up to a fused multiply-add's last bit
+        assert np.allclose(gguf.quants.dequantize(t.data, t.tensor_type), ours, rtol=1e-6,
+                           atol=1e-7)
+
+
+def test_an_mlx_lm_4bit_folder_loads_in_transformers(q4_folder, tmp_path):
+    import mlx_lm
+
+    write_gguf(q4_folder, tmp_path / "q.gguf", "q4_1")
+    theirs = logits(from_gguf(tmp_path / "q.gguf"), IDS)
+    model, _ = mlx_lm.load(str(q4_folder))
+    model.set_dtype(mx.float32)  # the same dequantized weights, computed in float32
+    ours = np.array(model(mx.array(IDS)).astype(mx.float32))
+    assert np.abs(theirs - ours).max() <= 2e-3

@@ -198,8 +198,8 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
         else:
             folder = staging / source.name
             report = export_run(source, folder, fmt="hf", dtype="float32", lora="fuse")
-        card = folder / "README.md"
-        description = _card_text(card) if card.is_file() else None
+        card = report.get("model_card")  # a run's task scores (a folder's README is not ours)
+        description = _card_text(folder / "README.md") if card else None
         report.update(write_gguf(folder, out, quant, description=description, name=source.name))
         report.update(write_modelfile(folder, out))
     finally:

@@ -7,8 +7,10 @@ the C code).
 
     write_gguf(folder, "model.gguf", quant="q8_0", description=None) -> report dict
 
-The folder is what `mlxlab export --format hf` writes (LoRA already fused) or a pretrained float
-folder. What differs per architecture is in `ARCHITECTURES`: the GGUF architecture, and the few
+The folder is what `mlxlab export --format hf` writes (LoRA already fused), a pretrained float
+folder, or an mlx-lm quantized folder: its 4-bit weights at group size 32 go out as Q4_1 block for
+block (the same affine layout: no round trip through float), other quantized weights through
+float into the asked type. What differs per architecture is in `ARCHITECTURES`: the GGUF architecture, and the few
 tensors llama.cpp stores differently from transformers (Llama's query/key rows interleaved for
 its rotary layout; Gemma's norms stored as 1 + w). Everything else is the `gguf` package's:
 the tensor-name map, the writer, the special-token and merges reader, the quantizers.
@@ -117,35 +119,68 @@ def architecture_of(config: dict) -> Architecture:
 
 # --- reading the folder -----------------------------------------------------------------------
 
-def _read_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(transformers name, float32 array) of every safetensors tensor in the folder."""
-    from safetensors.numpy import load_file
+def _read_tensors(folder: Path, quantization: dict | None
+                  ) -> Iterator[tuple[str, np.ndarray | None, tuple | None]]:
+    """(transformers name, float32 array, None) of each tensor in the folder's safetensors; for
+    a weight mlx-lm quantized, (name, None, (packed, scales, biases, group_size, bits)) instead,
+    its scales and biases not listed apart."""
+    import mlx.core as mx  # reads bf16 and mlx-lm's packed uint32 weights alike
 
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(f for f in folder.glob("*.safetensors") if not f.name.startswith("adapters"))
     if not files:
         raise GGUFExportError(f"no *.safetensors in {folder}")
     for file in files:
-        import mlx.core as mx  # reads bf16, which numpy's safetensors reader cannot
-
-        if _has_bf16(file):
-            for name, value in mx.load(str(file)).items():
-                yield name, np.array(value.astype(mx.float32))
-        else:
-            for name, value in load_file(str(file)).items():
-                yield name, value.astype(np.float32)
-
-
-def _has_bf16(file: Path) -> bool:
-    with open(file, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values())
+        tensors = mx.load(str(file))
+        for name, value in tensors.items():
+            base = name.rsplit(".", 1)[0]
+            if name.endswith((".scales", ".biases")) and base + ".weight" in tensors:
+                continue
+            if value.dtype == mx.uint32 and base + ".scales" in tensors:
+                layer = (quantization or {}).get(base, quantization) or {}
+                yield name, None, (value, tensors[base + ".scales"], tensors[base + ".biases"],
+                                   layer.get("group_size", 64), layer.get("bits", 4))
+            else:
+                yield name, np.array(value.astype(mx.float32)), None
 
 
-def _check_float(config: dict, folder: Path) -> None:
-    if "quantization" in config or "quantization_config" in config:
-        raise GGUFExportError(
-            f"{folder} holds quantized weights; export the run (it dequantizes the fused model) "
-            "or pass a float folder")
+def _check_quantized(config: dict) -> None:
+    q = config.get("quantization")
+    if "quantization_config" in config and q is None:
+        raise GGUFExportError("the folder's quantization_config is not mlx-lm's layout: export a "
+                              "float folder")
+    if q is not None and q.get("mode", "affine") != "affine":
+        raise GGUFExportError(f"mlx-lm quantization mode {q['mode']!r} has no GGUF type: export a "
+                              "float folder")
+
+
+def _dequantize(packed: tuple) -> np.ndarray:
+    import mlx.core as mx
+
+    w, scales, biases, group_size, bits = packed
+    return np.array(mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+                    .astype(mx.float32))
+
+
+def _as_q4_1(packed: tuple, rows: Callable[[np.ndarray], np.ndarray]):
+    """mlx-lm's 4-bit affine layout at group size 32 is GGUF's Q4_1 block for block: w = scale * q
+    + bias = d * q + m. Repacked without going through float: MLX keeps 8 values in a uint32,
+    lowest nibble first; a Q4_1 block is d, m (f16) and 16 bytes whose low nibbles are values
+    0-15 and high nibbles values 16-31. `rows` reorders rows (Llama's rotary interleave)."""
+    w, scales, biases, _, _ = packed
+    q = np.array(w).view(np.uint8)  # little-endian: byte k holds values 2k (low), 2k+1 (high)
+    values = np.stack([q & 0xF, q >> 4], axis=-1).reshape(q.shape[0], -1)  # (out, in)
+    values = rows(values)
+    blocks = values.reshape(values.shape[0], -1, 32)
+    nibbles = (blocks[..., :16] | (blocks[..., 16:] << 4)).astype(np.uint8)
+    d = rows(np.array(scales.astype(_mx().float16))).view(np.uint8).reshape(*blocks.shape[:2], 2)
+    m = rows(np.array(biases.astype(_mx().float16))).view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return np.concatenate([d, m, nibbles], axis=-1).reshape(values.shape[0], -1)
+
+
+def _mx():
+    import mlx.core as mx
+
+    return mx
 
 
 # --- the tokenizer ----------------------------------------------------------------------------
@@ -282,20 +317,29 @@ def _encode(w: np.ndarray, qtype):
 
 
 def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype) -> dict:
+    """Every tensor under llama.cpp's name and layout; returns how many went out as which type
+    ("Q4_1 (direct)": an mlx-lm 4-bit weight repacked without a float round trip)."""
     g = _gguf()
     name_map = g.get_tensor_name_map(g.MODEL_ARCH[arch.gguf_arch], config["num_hidden_layers"])
     counts: dict[str, int] = {}
     tied = config.get("tie_word_embeddings", False)
-    for name, w in _read_tensors(folder):
+    for name, w, packed in _read_tensors(folder, config.get("quantization")):
         if tied and name == "lm_head.weight":
             continue  # the GGUF reads the embedding as the output (no output.weight)
         base, _, suffix = name.rpartition(".")
         gguf_name = name_map.get_name(base)
         if gguf_name is None:
             raise GGUFExportError(f"tensor {name} has no llama.cpp name for {arch.gguf_arch}")
-        data, kind = _encode(arch.tensor(name, w, config), qtype)
+        if packed is not None and qtype == g.GGMLQuantizationType.Q4_1 and packed[3:] == (32, 4):
+            rows = lambda a, name=name: arch.tensor(name, a, config)  # noqa: E731
+            data, kind, label = _as_q4_1(packed, rows), qtype, "Q4_1 (direct)"
+        else:
+            if packed is not None:
+                w = _dequantize(packed)  # another group size or type: through float
+            data, kind = _encode(arch.tensor(name, w, config), qtype)
+            label = kind.name
         writer.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=kind)
-        counts[kind.name] = counts.get(kind.name, 0) + 1
+        counts[label] = counts.get(label, 0) + 1
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) == "llama3":
         writer.add_tensor(g.TENSOR_NAMES[g.MODEL_TENSOR.ROPE_FREQS] + ".weight",
@@ -315,7 +359,7 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
         raise GGUFExportError(f"--quant {quant!r}: the gguf package writes {list(QUANTS)} "
                               "(K-quants need llama.cpp's llama-quantize)")
     config = json.loads((folder / "config.json").read_text())
-    _check_float(config, folder)
+    _check_quantized(config)
     arch = architecture_of(config)
     qtype, file_type = _types()[quant]
     out.parent.mkdir(parents=True, exist_ok=True)
