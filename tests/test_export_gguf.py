@@ -301,3 +301,20 @@ def test_an_mlx_lm_4bit_folder_loads_in_transformers(q4_folder, tmp_path):
     model.set_dtype(mx.float32)  # the same dequantized weights, computed in float32
     ours = np.array(model(mx.array(IDS)).astype(mx.float32))
     assert np.abs(theirs - ours).max() <= 2e-3
+
+
+@pytest.mark.slow
+def test_llama_cpp_scores_an_f16_export_as_mlxlab_does(lm_run, tmp_path):
+    """llama.cpp itself (llama-cpp-python, a source build: not in the dev extra)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import mlx.core as mx
+
+    out = tmp_path / "m.gguf"
+    assert export(str(lm_run), "--format", "gguf", "--quant", "f16", "--out", str(out)).returncode == 0
+    model, _ = load_run_model(lm_run)
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, model.vocab_size, size=40)]
+    llm = llama_cpp.Llama(str(out), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    assert np.abs(theirs - mlx_logits(model, np.array([ids]))[0]).max() <= 1e-2
+    assert int(np.argmax(theirs[-1])) == int(mx.argmax(model(mx.array([ids]))[0, -1]))
