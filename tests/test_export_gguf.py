@@ -153,6 +153,49 @@ def test_the_vocabulary_encodes_as_the_models_tokenizer(models):
             ours.encode(text, add_special_tokens=False).ids, text
 
 
+def spm_style_tokenizer():
+    """A sentencepiece-style BPE as Llama 2's, Mistral's and Gemma's tokenizer.json are: "▁" for
+    the space (Metaspace), byte fallback to <0xNN> tokens, <unk> <s> </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
+                                                 split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    stories = Path(asset_path("tinystories/sample.txt")).read_text().split("\n\n")[:400]
+    tok.train_from_iterator(stories, trainers.BpeTrainer(vocab_size=600, special_tokens=specials))
+    return tok
+
+
+def test_a_sentencepiece_style_vocabulary_encodes_as_the_models_tokenizer(tmp_path):
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    tok = spm_style_tokenizer()
+    folder = tmp_path / "spm"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    alone = Path(tempfile.mkdtemp(prefix="gguf-spm-"))
+    report = write_gguf(folder, alone / "spm.gguf", "f16")
+    assert report["vocab"]["model"] == "llama"
+    theirs = AutoTokenizer.from_pretrained(alone, gguf_file="spm.gguf")
+    stories = Path(asset_path("tinystories/sample.txt")).read_text().split("\n\n")[400:600]
+    for text in stories + ["naïve café 😀", "two  spaces\n\nnewlines"]:
+        assert theirs.encode(text, add_special_tokens=False) == \
+            tok.encode(text, add_special_tokens=False).ids, text
+
+
 def test_the_file_carries_the_chat_template_and_special_tokens(models):
     import gguf
 

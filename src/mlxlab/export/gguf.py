@@ -213,17 +213,10 @@ def _pre_tokenizer(tokenizer_json: dict) -> str:
                           "byte-level BPE vocabularies, as Llama 3, Qwen and Phi-4 use)")
 
 
-def _write_vocab(writer, folder: Path, vocab_size: int) -> dict:
-    """tokens, token types, merges, pre-tokenizer, special ids and the chat template."""
-    g = _gguf()
-    file = folder / "tokenizer.json"
-    if not file.is_file():
-        raise GGUFExportError(f"{folder} has no tokenizer.json (a GGUF carries its tokenizer)")
-    spec = json.loads(file.read_text())
-    if (spec.get("model") or {}).get("type") != "BPE":
-        raise GGUFExportError("only BPE tokenizers (tokenizer.json model.type BPE) export to GGUF "
-                              "here; a sentencepiece model needs llama.cpp's converter")
-    pre = _pre_tokenizer(spec)
+def _token_table(spec: dict, vocab_size: int, kind_of, g) -> tuple[list[str], list]:
+    """Tokens in id order (ids the file's tokenizer does not use: `[PADn]`, UNUSED) and their
+    GGUF types: added special tokens CONTROL, other added tokens USER_DEFINED, `kind_of(text)`
+    for the model's own vocabulary."""
     vocab: dict[str, int] = dict(spec["model"]["vocab"])
     added = {t["content"]: t for t in spec.get("added_tokens", [])}
     for content, token in added.items():
@@ -234,17 +227,69 @@ def _write_vocab(writer, folder: Path, vocab_size: int) -> dict:
     for text, index in vocab.items():
         tokens[index] = text
         token = added.get(text)
-        types[index] = (g.TokenType.NORMAL if token is None else
+        types[index] = (kind_of(text) if token is None else
                         g.TokenType.CONTROL if token.get("special") else g.TokenType.USER_DEFINED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = g.SpecialVocab(folder, load_merges=True, n_vocab=size)
+    return tokens, types
+
+
+def _write_vocab(writer, folder: Path, vocab_size: int) -> dict:
+    """tokens, token types, merges or scores, pre-tokenizer, special ids and the chat template.
+
+    Two kinds of BPE: byte-level (GPT-2's byte alphabet: Llama 3, Qwen, Phi-4), written as
+    llama.cpp's "gpt2" model with its merges and pre-tokenizer; and sentencepiece-style with
+    byte fallback (a "▁" for the space, `<0xNN>` byte tokens: Llama 2, Mistral, Gemma's
+    tokenizer.json), written as its "llama" model, where merge order is the score (-id: a BPE
+    vocabulary numbers its tokens in the order their merges were learned)."""
+    g = _gguf()
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        raise GGUFExportError(f"{folder} has no tokenizer.json (a GGUF carries its tokenizer)")
+    spec = json.loads(file.read_text())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise GGUFExportError("only BPE tokenizers (tokenizer.json model.type BPE) export to GGUF "
+                              "here; a unigram sentencepiece model needs llama.cpp's converter")
+    if model.get("byte_fallback"):
+        unk = model.get("unk_token")
+
+        def kind_of(text: str):
+            if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+                return g.TokenType.BYTE
+            return g.TokenType.UNKNOWN if text == unk else g.TokenType.NORMAL
+
+        tokens, types = _token_table(spec, vocab_size, kind_of, g)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(_prepends_space(spec))
+        special = g.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens))
+        pre, merges = "default", 0
+    else:
+        pre = _pre_tokenizer(spec)
+        tokens, types = _token_table(spec, vocab_size, lambda text: g.TokenType.NORMAL, g)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        special = g.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+        merges = len(special.merges)
     special.add_to_gguf(writer)  # merges, bos/eos/pad/unk ids, add_bos flag, chat template
-    return {"tokens": size, "pre_tokenizer": pre, "merges": len(special.merges),
-            "special": dict(special.special_token_ids),
+    return {"tokens": len(tokens), "model": "llama" if model.get("byte_fallback") else "gpt2",
+            "pre_tokenizer": pre, "merges": merges, "special": dict(special.special_token_ids),
             "chat_template": bool(special.chat_template)}
+
+
+def _prepends_space(spec: dict) -> bool:
+    """Whether the tokenizer puts "▁" before the text (sentencepiece's add_dummy_prefix): a
+    Metaspace pre-tokenizer that prepends, or a normalizer that does."""
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "Metaspace":
+        return pre.get("prepend_scheme", "always") != "never"
+    norm = spec.get("normalizer") or {}
+    parts = norm.get("normalizers", [norm])
+    return any(p.get("type") == "Prepend" for p in parts)
 
 
 # --- metadata ---------------------------------------------------------------------------------
