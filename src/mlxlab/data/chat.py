@@ -18,16 +18,13 @@ dependency only (tests/test_chat.py checks the parity).
 False: the template writes BOS itself) and marks the assistant's tokens:
 - a template with `{% generation %} ... {% endgeneration %}` marks them itself (transformers'
   `return_assistant_tokens_mask`);
-- any other template is rendered once per assistant turn: the conversation before the turn with
-  the generation prompt (where the model starts writing: where that text stops agreeing with
-  the whole chat) and the conversation up to the turn's end (where it stops: a prefix of the
-  whole chat in every common template). Whitespace the template writes after the turn's last
-  special token (ChatML's newline after <|im_end|>) is not the assistant's: it ends at its
-  end-of-turn token, which is what generation stops on. A template that writes a turn otherwise
-  once later turns follow it (Qwen3 drops earlier turns' reasoning) is rendered once more with a
-  marker after the turn's content: the content ends where the marker appears, and the turn at
-  the end-of-turn token after it; where even that fails (content that is not a string) the chat
-  is refused with the fix: `{% generation %}` tags.
+- any other template's turns are inferred and checked against its own rendering
+  (data/chat_spans.py): each reply with its end-of-turn token, or the chat is refused with the
+  fix (`{% generation %}` tags), never a silent mask over user text.
+The end-of-turn tokens (`ChatTemplate.stop_tokens`) are the template's own (the control token it
+writes after a reply) and the model folder's EOS (config.json and generation_config.json
+eos_token_id, tokenizer_config.json eos_token): what the mask ends on and what generation stops
+on, for any model, not a fixed list.
 A token is the assistant's when its characters overlap an assistant span, as transformers
 counts them, so a token that merges the last prompt character with the first reply character
 is trained on.
@@ -42,7 +39,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +49,8 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from mlxlab.data.chat_spans import assistant_spans, end_of_turn_token
+from mlxlab.data.tokenizer import model_end_tokens
 from mlxlab.errors import ConfigError, MissingFileError
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -61,8 +60,6 @@ SPECIAL_TOKEN_KEYS = (
     "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
 )
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-# put after a reply's content to find where it ends (a private-use character no text holds)
-MARKER = "\ue000"
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 NO_TEMPLATE_FIX = (
     "give the folder a chat_template.jinja (or a chat_template in tokenizer_config.json), or "
@@ -86,12 +83,30 @@ class ChatTemplate:
     """A model's chat template(s) and what its templates read. `templates` maps a name to Jinja
     source (one unnamed template is "default"); `special_tokens` are the named ones transformers
     passes (bos_token, eos_token, ...); `control_tokens` are the tokenizer's added tokens (where
-    an assistant turn may end)."""
+    a prompt or an assistant turn may end); `end_tokens` the model folder's end-of-text tokens
+    (its config's EOS ids and eos_token: tokenizer.model_end_tokens)."""
 
     templates: Mapping[str, str]
     special_tokens: Mapping[str, str] = field(default_factory=dict)
     control_tokens: frozenset[str] = frozenset()
     source: str = "<string>"
+    end_tokens: tuple[str, ...] = ()
+
+    @cached_property
+    def stop_tokens(self) -> tuple[str, ...]:
+        """The tokens an assistant turn ends on, generation's stop tokens: the control token the
+        default template writes after a reply (Phi-3's <|end|>, Gemma's <end_of_turn>), then
+        the folder's end-of-text tokens and eos_token."""
+        try:
+            source = self.select()
+        except ConfigError:
+            source = next(iter(self.templates.values()))
+        return self._stop_tokens_of(source)
+
+    def _stop_tokens_of(self, source: str) -> tuple[str, ...]:
+        own = end_of_turn_token(self._renderer(source, None, {}), self.control_tokens)
+        named = self.special_tokens.get("eos_token")
+        return tuple(dict.fromkeys(t for t in (own, *self.end_tokens, named) if t))
 
     def select(self, name: str | None = None, tools: Sequence | None = None) -> str:
         """The Jinja source to use, as transformers picks it: the template `name` if given,
@@ -126,54 +141,17 @@ class ChatTemplate:
         if _has_generation_tag(source):
             return self._render(source, messages, tools, add_generation_prompt, kwargs, True)
         text = self._render(source, messages, tools, add_generation_prompt, kwargs)[0]
-        spans = []
-        for i, message in enumerate(messages):
-            if message.get("role") != "assistant":
-                continue
-            before = self._render(source, messages[:i], tools, True, kwargs)[0]
-            through = self._render(source, messages[: i + 1], tools, False, kwargs)[0]
-            if text.startswith(through):
-                start = _common_prefix(before, through)
-                spans.append((start, self._end_of_turn(through, start)))
-            else:  # the template writes this turn otherwise once later turns follow it
-                start = _common_prefix(before, text)
-                spans.append((start, self._end_of_reply(source, messages, i, text, tools,
-                                                        add_generation_prompt, kwargs, start)))
-        return text, spans
+        ends = (self.stop_tokens if source == self.templates.get("default")
+                else self._stop_tokens_of(source))
+        return text, assistant_spans(self._renderer(source, tools, kwargs), messages, text,
+                                     add_generation_prompt, ends, self.control_tokens,
+                                     self.source)
 
-    def _end_of_reply(self, source: str, messages: Sequence[Message], i: int, text: str,
-                      tools, add_generation_prompt: bool, kwargs: dict, start: int) -> int:
-        """Where assistant turn `i` ends in `text` when the template writes it otherwise as the
-        last turn (Qwen3 drops earlier turns' reasoning): the chat rendered again with a marker
-        after the turn's content shows where the content ends in `text`; the turn's end-of-turn
-        token follows it (after spaces at most)."""
-        content = messages[i].get("content")
-        if isinstance(content, str):
-            marked = [*messages[:i], {**messages[i], "content": content + MARKER},
-                      *messages[i + 1:]]
-            other = self._render(source, marked, tools, add_generation_prompt, kwargs)[0]
-            end = _common_prefix(text, other)
-            if end >= start and other[:end] + other[end + len(MARKER):] == text:
-                gap = len(text) - end - len(text[end:].lstrip(" "))
-                for token in sorted(self.control_tokens, key=len, reverse=True):
-                    if text.startswith(token, end + gap):
-                        return end + gap + len(token)
-                return end
-        raise ConfigError(
-            f"the chat template of {self.source} writes assistant turn {i} otherwise once later "
-            "turns follow it, and where the turn ends cannot be found; wrap the assistant's "
-            "reply in a copy of the template with {% generation %}...{% endgeneration %} and "
-            "set data.chat_template=<file>")
-
-    def _end_of_turn(self, text: str, start: int) -> int:
-        """Where the assistant turn that starts at `start` and runs to the end of `text` ends:
-        after its last control token when only whitespace follows that, else at the end."""
-        stripped = text.rstrip()
-        if start < len(stripped) < len(text) and any(
-            stripped.endswith(token) for token in self.control_tokens
-        ):
-            return len(stripped)
-        return len(text)
+    def _renderer(self, source: str, tools, kwargs: dict):
+        """`(messages, add_generation_prompt) -> text` with this template, tools and kwargs."""
+        def render(messages: Sequence[Message], add_generation_prompt: bool) -> str:
+            return self._render(source, messages, tools, add_generation_prompt, kwargs)[0]
+        return render
 
     def _render(self, source: str, messages: Sequence[Message], tools, add_generation_prompt,
                 kwargs: dict, track: bool = False) -> tuple[str, list[tuple[int, int]]]:
@@ -252,10 +230,11 @@ def load_chat_template(source: str | Path, template_file: str | Path | None = No
                           f"in tokenizer_config.json): {NO_TEMPLATE_FIX}")
     special = _special_tokens(folder, config)
     template = ChatTemplate(templates, special, _control_tokens(folder, config, special),
-                            str(template_file or folder))
+                            str(template_file or folder), tuple(model_end_tokens(folder)))
     if name is not None:
         template = ChatTemplate({"default": template.select(name)}, special,
-                                template.control_tokens, f"{template.source} ({name})")
+                                template.control_tokens, f"{template.source} ({name})",
+                                template.end_tokens)
     return template
 
 
@@ -339,14 +318,6 @@ def _control_tokens(folder: Path, config: dict, special: Mapping[str, str]) -> f
         spec = _read_json(folder / "tokenizer.json")
         tokens |= {t.get("content", "") for t in spec.get("added_tokens") or []}
     return frozenset(t for t in tokens if t and not t.isspace())
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _has_generation_tag(source: str) -> bool:
