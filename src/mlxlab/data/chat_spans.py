@@ -71,33 +71,54 @@ def _turn_span(render: Render, messages: Sequence[Message], i: int, text: str,
     if (in_text is None) != (in_through is None):
         return None
     end_t = first_end(through, in_through[1] if in_through else start, ends)
+    if not _parts_in_prompt(render, messages[:i], before, start):
+        # the template writes the prompt otherwise once the reply follows (Mistral v0.3 moves
+        # the system prompt onto the last user turn): the turn right after `before`'s ending
+        return _moved_turn(text, through, before, in_text, in_through, end_t, control, floor)
     if end_t is None:  # no end token after the reply: the turn as the template ends it alone
         if text.startswith(through) and start >= floor:
             return start, _end_of_turn(through, start, control)
         return None
-    if text[:start] == through[:start] and start >= floor:
-        if in_text is None:  # no content to mark (a tool call alone): the whole turn must agree
-            return (start, end_t) if text[start:end_t] == through[start:end_t] else None
-        a, b = in_text
-        end = first_end(text, b, ends)
-        if start <= a and end is not None and text[b:end] == through[in_through[1]:end_t]:
-            return start, end
-        return None
-    return _moved_turn(text, through, start, in_text, in_through, end_t, control, floor)
+    if text[:start] != through[:start] or start < floor:  # the prompt reads otherwise in the chat
+        return _moved_turn(text, through, before, in_text, in_through, end_t, control, floor)
+    if in_text is None:  # no content to mark (a tool call alone): the whole turn must agree
+        return (start, end_t) if text[start:end_t] == through[start:end_t] else None
+    a, b = in_text
+    end = first_end(text, b, ends)
+    if start <= a and end is not None and text[b:end] == through[in_through[1]:end_t]:
+        return start, end
+    return None
 
 
-def _moved_turn(text: str, through: str, start: int, in_text, in_through, end_t: int,
-                control: Collection[str], floor: int) -> tuple[int, int] | None:
-    """The turn where the prompt before it reads otherwise in the whole chat (Mistral's system
-    prompt and tools move to the last user turn): the turn as `through` writes it, found around
-    its content in `text`, right after the control token that ends the prompt in `through`."""
-    if in_text is None:
+def _parts_in_prompt(render: Render, messages: Sequence[Message], before: str,
+                     start: int) -> bool:
+    """Whether the generation prompt and the turn part (at `start`) only within what the
+    generation prompt adds to the chat before the turn: not inside the earlier messages."""
+    try:
+        plain = render(messages, False)
+    except ConfigError:
+        return True
+    return start >= _common_prefix(before, plain)
+
+
+def _moved_turn(text: str, through: str, before: str, in_text, in_through,
+                end_t: int | None, control: Collection[str], floor: int
+                ) -> tuple[int, int] | None:
+    """The turn where the prompt before it reads otherwise in the whole chat (Mistral v0.3
+    writes the system prompt and tools onto the last user turn only): the prompt's ending
+    (`before` from its last control token on: `[/INST]`) and what the template writes between it
+    and the content (` `), the content and what follows it up to the end token, all as the
+    template writes the turn alone, found around the content in `text`."""
+    if in_text is None or end_t is None:
         return None
     (a, b), (a_t, b_t) = in_text, in_through
-    lead, tail = through[start:a_t], through[b_t:end_t]
-    cue = _prompt_cue(through[:start], control)
+    cue = _prompt_cue(before, control)
+    at = through.rfind(cue, 0, a_t) if cue else -1
+    if at < 0:
+        return None
+    lead, tail = through[at + len(cue):a_t], through[b_t:end_t]
     s, e = a - len(lead), b + len(tail)
-    if (cue and s >= floor and text[s:a] == lead and text[b:e] == tail
+    if (s >= floor and text[s:a] == lead and text[b:e] == tail
             and text[a:b] == through[a_t:b_t] and text[:s].endswith(cue)):
         return s, e
     return None
