@@ -65,40 +65,43 @@ def _turn_span(render: Render, messages: Sequence[Message], i: int, text: str,
                floor: int) -> tuple[int, int] | None:
     before = render(messages[:i], True)
     through = render(messages[: i + 1], False)
-    start = _common_prefix(before, through)
+    start = _common_prefix(before, through)  # where the reply starts in the turn written alone
     in_text = content_span(render, messages, i, text, add_generation_prompt)
     in_through = content_span(render, messages[: i + 1], i, through, False)
     if (in_text is None) != (in_through is None):
         return None
     end_t = first_end(through, in_through[1] if in_through else start, ends)
-    if not _parts_in_prompt(render, messages[:i], before, start):
-        # the template writes the prompt otherwise once the reply follows (Mistral v0.3 moves
-        # the system prompt onto the last user turn): the turn right after `before`'s ending
-        return _moved_turn(text, through, before, in_text, in_through, end_t, control, floor)
     if end_t is None:  # no end token after the reply: the turn as the template ends it alone
         if text.startswith(through) and start >= floor:
             return start, _end_of_turn(through, start, control)
         return None
-    if text[:start] != through[:start] or start < floor:  # the prompt reads otherwise in the chat
+    prompt = _prompt_start(render, messages[:i], before)
+    s = _common_prefix(before, text)  # where the reply starts in the whole chat
+    if start < prompt or s < prompt or s < floor:
+        # the generation prompt does not match the whole chat before the turn (Mistral v0.3
+        # writes the system prompt and tools onto the last user turn only): the turn is found
+        # right after the prompt's ending, as the template writes it alone
         return _moved_turn(text, through, before, in_text, in_through, end_t, control, floor)
-    if in_text is None:  # no content to mark (a tool call alone): the whole turn must agree
-        return (start, end_t) if text[start:end_t] == through[start:end_t] else None
+    if in_text is None:  # no content to mark (a tool call alone): up to the first end token,
+        # the turn ends as the template writes it alone (Qwen3 drops an earlier turn's
+        # reasoning block, so the whole chat may hold less before it)
+        end = first_end(text, s, ends)
+        ok = end is not None and through[start:end_t].endswith(text[s:end])
+        return (s, end) if ok else None
     a, b = in_text
     end = first_end(text, b, ends)
-    if start <= a and end is not None and text[b:end] == through[in_through[1]:end_t]:
-        return start, end
+    if s <= a and end is not None and text[b:end] == through[in_through[1]:end_t]:
+        return s, end
     return None
 
 
-def _parts_in_prompt(render: Render, messages: Sequence[Message], before: str,
-                     start: int) -> bool:
-    """Whether the generation prompt and the turn part (at `start`) only within what the
-    generation prompt adds to the chat before the turn: not inside the earlier messages."""
+def _prompt_start(render: Render, messages: Sequence[Message], before: str) -> int:
+    """Where the generation prompt's own text begins in `before` (the chat before the turn
+    rendered with it): where `before` and the same chat rendered without it part."""
     try:
-        plain = render(messages, False)
+        return _common_prefix(before, render(messages, False))
     except ConfigError:
-        return True
-    return start >= _common_prefix(before, plain)
+        return 0
 
 
 def _moved_turn(text: str, through: str, before: str, in_text, in_through,
@@ -109,11 +112,16 @@ def _moved_turn(text: str, through: str, before: str, in_text, in_through,
     (`before` from its last control token on: `[/INST]`) and what the template writes between it
     and the content (` `), the content and what follows it up to the end token, all as the
     template writes the turn alone, found around the content in `text`."""
-    if in_text is None or end_t is None:
-        return None
-    (a, b), (a_t, b_t) = in_text, in_through
     cue = _prompt_cue(before, control)
-    at = through.rfind(cue, 0, a_t) if cue else -1
+    if end_t is None or not cue:
+        return None
+    if in_text is None:  # no content (a tool call alone): the whole turn right after the cue
+        at = through.rfind(cue, 0, end_t)
+        turn = through[at + len(cue):end_t] if at >= 0 else ""
+        found = text.find(cue + turn, floor) if turn else -1
+        return (found + len(cue), found + len(cue) + len(turn)) if found >= 0 else None
+    (a, b), (a_t, b_t) = in_text, in_through
+    at = through.rfind(cue, 0, a_t)
     if at < 0:
         return None
     lead, tail = through[at + len(cue):a_t], through[b_t:end_t]
