@@ -120,7 +120,7 @@ def test_generation_tags_mask_equals_transformers(folders):
         assert chat.assistant_mask.astype(int).tolist() == list(out["assistant_masks"])
 
 
-MISTRAL_TOOL_CHAT = [
+TOOL_CHAT = [
     {"role": "user", "content": "Weather in Paris?"},
     {"role": "assistant", "tool_calls": [{"id": "call00001", "type": "function", "function": {
         "name": "get_weather", "arguments": {"city": "Paris"}}}]},
@@ -133,18 +133,17 @@ def test_tool_calls_are_the_assistants(folders):
     """A tool-call turn (no content) is the assistant's up to its end token: Mistral v0.3's
     [TOOL_CALLS] block and </s>, Qwen3's <tool_call> block and <|im_end|>; texts and ids equal
     transformers'."""
-    mistral = folders["mistral-v0.3"]
-    chat = ours(mistral, MISTRAL_TOOL_CHAT, tools=TOOLS)
-    assert (chat.text, chat.ids.tolist()) == theirs(mistral, MISTRAL_TOOL_CHAT, tools=TOOLS)
-    assert_mask_is(mistral, chat, [
-        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": '
-        '"call00001"}]</s>', " It is 18 degrees.</s>"])
-    qwen = folders["qwen3"]
-    chat = ours(qwen, MISTRAL_TOOL_CHAT, tools=TOOLS)
-    assert (chat.text, chat.ids.tolist()) == theirs(qwen, MISTRAL_TOOL_CHAT, tools=TOOLS)
-    assert_mask_is(qwen, chat, [
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-        "<|im_end|>", "<think>\n\n</think>\n\nIt is 18 degrees.<|im_end|>"])
+    expected = {
+        "mistral-v0.3": ['[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, '
+                         '"id": "call00001"}]</s>', " It is 18 degrees.</s>"],
+        "qwen3": ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                  "</tool_call><|im_end|>", "<think>\n\n</think>\n\nIt is 18 degrees.<|im_end|>"],
+    }
+    for style, replies in expected.items():
+        chat = ours(folders[style], TOOL_CHAT, tools=TOOLS)
+        assert (chat.text, chat.ids.tolist()) == theirs(folders[style], TOOL_CHAT,
+                                                        tools=TOOLS)
+        assert_mask_is(folders[style], chat, replies)
 
 
 def test_qwen3_thinking(folders):
