@@ -183,10 +183,18 @@ def test_no_template_is_a_clear_error(tmp_path, folders):
         load_chat_template(folder)
 
 
-def test_template_errors_are_user_errors(folders):
-    """A template's raise_exception (Mistral's role alternation) is one ConfigError."""
+def test_template_errors_are_user_errors(folders, tmp_path):
+    """A template's raise_exception (Mistral's role alternation), a template that does not
+    parse, and a message that is not an object: one ConfigError each, from transformers' own
+    renderer."""
     with pytest.raises(ConfigError, match="roles must alternate"):
         ours(folders["mistral"], [SYSTEM, *TURNS])
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.content }}")
+    broken = load_chat_template(folders["chatml"], tmp_path / "broken.jinja")
+    with pytest.raises(ConfigError, match=r"does not parse \(line 1: .*\); fix the template"):
+        broken.render(TURNS)
+    with pytest.raises(ConfigError, match="refused a chat: .*dict"):
+        ours(folders["chatml"], [TURNS[0], "Tim had a ball."])
 
 
 def tagged(template: str) -> str:

@@ -4,15 +4,13 @@ tokens of the result are the assistant's.
 A Hugging Face model folder carries its chat template in `chat_template.jinja` (transformers
 >= 4.43 writes that file), in `additional_chat_templates/<name>.jinja`, or in
 tokenizer_config.json's `chat_template` (one string, or a list of {"name", "template"}).
-`load_chat_template` reads them in transformers' order; `ChatTemplate.render` gives the text
-`tokenizer.apply_chat_template(messages, tools=..., tokenize=False)` gives, byte for byte:
-the same sandboxed Jinja environment (trim_blocks, lstrip_blocks, loop controls,
-`raise_exception`, a `tojson` that keeps non-ASCII and HTML characters, `strftime_now`,
-`namespace`, `dict`), the same variables (messages, tools, documents=None,
-add_generation_prompt and the tokenizer's named special tokens: bos_token, eos_token, ...), and
-the same clean-up of messages (keys whose value is null dropped; reasoning under
-`reasoning_content`, `thinking` and `reasoning`). transformers is not imported: it is a test
-dependency only (tests/test_chat.py checks the parity).
+`load_chat_template` reads them in transformers' order, with the named special tokens
+(bos_token, eos_token, ...) transformers hands every template; `ChatTemplate.render` renders
+with transformers' own renderer (`render_jinja_template`, what `apply_chat_template(messages,
+tools=..., tokenize=False)` calls: its sandbox, its message clean-up, its `{% generation %}`
+tracking), so the text is transformers' by construction, not by a second renderer kept in step.
+transformers is imported on the first render (it costs seconds; the commands that never render a
+chat do not pay them).
 
 `encode_chat` tokenizes the text in one piece (the ids transformers gives, add_special_tokens
 False: the template writes BOS itself) and marks the assistant's tokens:
@@ -34,19 +32,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
 import numpy as np
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from mlxlab.data.chat_spans import assistant_spans, end_of_turn_token
@@ -59,7 +52,6 @@ TEMPLATE_DIR = "additional_chat_templates"
 SPECIAL_TOKEN_KEYS = (
     "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
 )
-REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 NO_TEMPLATE_FIX = (
     "give the folder a chat_template.jinja (or a chat_template in tokenizer_config.json), or "
@@ -155,23 +147,21 @@ class ChatTemplate:
 
     def _render(self, source: str, messages: Sequence[Message], tools, add_generation_prompt,
                 kwargs: dict, track: bool = False) -> tuple[str, list[tuple[int, int]]]:
-        compiled = _compile(source)
-        variables = dict(
-            messages=_clean_messages(messages), tools=_plain(tools), documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **{**self.special_tokens, **_plain(kwargs)},  # kwargs win, as in transformers
-        )
+        """transformers' rendering of one chat, and with `track` the character spans of its
+        {% generation %} blocks; the template's refusals as ConfigErrors."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
         try:
-            if not track:
-                return compiled.render(**variables), []
-            blocks: list[str] = []
-            spans: list[tuple[int, int]] = []
-            with compiled.environment.track_generation(blocks, spans):
-                for block in compiled.generate(**variables):
-                    blocks.append(block)
-            return "".join(blocks), spans
-        except jinja2.TemplateError as e:
+            texts, spans = render_jinja_template(
+                [list(messages)], tools=tools, chat_template=source,
+                return_assistant_tokens_mask=track, add_generation_prompt=add_generation_prompt,
+                **{**self.special_tokens, **kwargs})  # kwargs win, as in transformers
+        except jinja2.TemplateSyntaxError as e:
+            raise ConfigError(f"the chat template of {self.source} does not parse (line "
+                              f"{e.lineno}: {e.message}); fix the template") from None
+        except (jinja2.TemplateError, TypeError, ValueError) as e:
             raise ConfigError(f"the chat template of {self.source} refused a chat: {e}") from None
+        return texts[0], [tuple(span) for span in spans[0]] if track else []
 
 
 @dataclass(frozen=True)
@@ -322,134 +312,3 @@ def _control_tokens(folder: Path, config: dict, special: Mapping[str, str]) -> f
 
 def _has_generation_tag(source: str) -> bool:
     return GENERATION_TAG.search(source) is not None
-
-
-def _clean_messages(messages: Sequence[Message]) -> list[dict]:
-    """transformers' message clean-up: keys whose value is None dropped (templates test for a
-    missing key, not a null one); reasoning copied to `thinking` and `reasoning_content`."""
-    cleaned = []
-    for message in messages:
-        if not isinstance(message, Mapping):
-            raise ConfigError(f"a chat message must be a JSON object, got {message!r}")
-        message = {k: _plain(v) for k, v in message.items() if v is not None}
-        reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None),
-                         None)
-        if reasoning is not None:
-            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        cleaned.append(message)
-    return cleaned
-
-
-def _plain(value: Any) -> Any:
-    """Plain JSON types only, so the sandbox sees no object with methods of its own (numpy
-    scalars become numbers, anything else a placeholder naming its type, as in transformers)."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    for kind in (str, int, float):  # subclasses (enums, ...) back to the base type
-        if isinstance(value, kind):
-            return kind(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    return f"<{type(value).__name__}>"
-
-
-class GenerationTracker(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}`: records the character span of its output while
-    a tracker is active (transformers' AssistantTracker)."""
-
-    tags = {"generation"}
-
-    def __init__(self, environment):
-        super().__init__(environment)
-        environment.extend(track_generation=self.track_generation)
-        self._tracking: ContextVar = ContextVar("generation_tracker", default=None)
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_generation"), [], [], body) \
-            .set_lineno(lineno)
-
-    def _generation(self, caller) -> str:
-        output = caller()
-        if (tracking := self._tracking.get()) is not None:
-            blocks, spans = tracking
-            start = len("".join(blocks))
-            spans.append((start, start + len(output)))
-        return output
-
-    @contextmanager
-    def track_generation(self, blocks: list, spans: list) -> Iterator[None]:
-        token = self._tracking.set((blocks, spans))
-        try:
-            yield
-        finally:
-            self._tracking.reset(token)
-
-
-class TemplateDict:
-    """`dict(...)` and `dict.fromkeys(...)` in a template, without the type itself."""
-
-    def __call__(self, *args, **kwargs):
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args, **kwargs):
-        return dict.fromkeys(*args, **kwargs)
-
-
-class TemplateNamespace(jinja2.utils.Namespace):
-    """`namespace(...)` refusing underscore names, which could reach CPython internals."""
-
-    def __init__(*args, **kwargs):  # Namespace's signature: namespace(self=...) still works
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name, value):
-        TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name):
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(
-                f"chat templates cannot set underscore-prefixed attributes ({name!r})")
-
-
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # Jinja's own tojson escapes HTML characters; templates expect plain json.dumps
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
-@lru_cache(maxsize=32)
-def _compile(source: str) -> jinja2.Template:
-    """The template compiled in transformers' sandbox (one environment per template source)."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True,
-        extensions=[GenerationTracker, jinja2.ext.loopcontrols],
-    )
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
-                       dict=TemplateDict(), namespace=TemplateNamespace)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise ConfigError(f"the chat template does not parse (line {e.lineno}: {e.message}); "
-                          "fix the template") from None
