@@ -18,6 +18,7 @@ from chat_fixtures import STYLES, TEMPLATES, base_tokenizer, save_style
 from hf_helpers import save_tiny_model
 from mlxlab.data.chat import encode_chat, load_chat_template
 from mlxlab.data.completions import PromptCompletion
+from mlxlab.data.streaming.tokenizing import special_ids as streaming_ids
 from mlxlab.data.tokenizer import model_end_tokens, special_ids
 from mlxlab.errors import ConfigError
 from mlxlab.evaluation.scoring import Prompts, greedy_ids
@@ -197,6 +198,8 @@ def test_end_tokens_come_from_the_model_folder(folders):
     assert special_ids(tok, gemma)[:2] == (tok.token_to_id("<eos>"), tok.token_to_id("<pad>"))
     with pytest.raises(ConfigError, match="no end-of-text"):  # a fixed list alone refuses it
         special_ids(tok)
+    streams = streaming_ids(tok, {"path": str(gemma / "tokenizer.json")})  # streamed text too
+    assert (streams.eot, streams.bos) == (tok.token_to_id("<eos>"), [])
 
 
 def write_jsonl(path, rows):
