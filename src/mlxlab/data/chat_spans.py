@@ -67,7 +67,10 @@ def _turn_span(render: Render, messages: Sequence[Message], i: int, text: str,
     through = render(messages[: i + 1], False)
     start = _common_prefix(before, through)  # where the reply starts in the turn written alone
     in_text = content_span(render, messages, i, text, add_generation_prompt)
-    in_through = content_span(render, messages[: i + 1], i, through, False)
+    if in_text is not None and in_text[1] <= len(through) and text.startswith(through):
+        in_through = in_text  # the whole chat begins with the turn as written alone
+    else:
+        in_through = content_span(render, messages[: i + 1], i, through, False)
     if (in_text is None) != (in_through is None):
         return None
     end_t = first_end(through, in_through[1] if in_through else start, ends)
@@ -75,8 +78,10 @@ def _turn_span(render: Render, messages: Sequence[Message], i: int, text: str,
         if text.startswith(through) and start >= floor:
             return start, _end_of_turn(through, start, control)
         return None
-    prompt = _prompt_start(render, messages[:i], before)
     s = _common_prefix(before, text)  # where the reply starts in the whole chat
+    # where the generation prompt's own text begins (0 where `before` is all there is before
+    # the reply, written alone and in the whole chat alike: nothing to check)
+    prompt = 0 if start == s == len(before) else _prompt_start(render, messages[:i], before)
     if start < prompt or s < prompt or s < floor:
         # the generation prompt does not match the whole chat before the turn (Mistral v0.3
         # writes the system prompt and tools onto the last user turn only): the turn is found
