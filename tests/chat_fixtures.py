@@ -92,3 +92,31 @@ def save_style(style: str, folder: Path, base: Tokenizer) -> Path:
         extra = {"model_type": spec["model_type"]} if name == "config.json" else {}
         (folder / name).write_text(json.dumps({**extra, "eos_token_id": eos}))
     return folder
+
+
+# the chat every style is checked on (tests/test_chat_templates.py, benchmarks/bench_chat_masks.py)
+SYSTEM = {"role": "system", "content": "Be kind."}
+TURNS = [{"role": "user", "content": "Who is Tim?"},
+         {"role": "assistant", "content": "Tim is a dog."},
+         {"role": "user", "content": "And Sue?"},
+         {"role": "assistant", "content": "  Sue is his friend. "}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+WITH_TOOLS = ("llama3.2", "mistral-v0.3", "qwen3")  # templates that write `tools`
+# each assistant turn as the template writes it, up to its end-of-turn token, by hand
+REPLIES = {
+    "llama3.2": ["Tim is a dog.<|eot_id|>", "Sue is his friend.<|eot_id|>"],
+    # the reply's leading space is the model's: the prompt ends at [/INST]
+    "mistral-v0.3": [" Tim is a dog.</s>", " Sue is his friend.</s>"],
+    # the last turn opens an (empty) reasoning block, which the model writes
+    "qwen3": ["Tim is a dog.<|im_end|>",
+              "<think>\n\n</think>\n\n  Sue is his friend. <|im_end|>"],
+    "gemma3": ["Tim is a dog.<end_of_turn>", "Sue is his friend.<end_of_turn>"],
+    # the tags wrap the newline after <end_of_turn> too
+    "gemma3-tagged": ["Tim is a dog.<end_of_turn>\n", "Sue is his friend.<end_of_turn>\n"],
+    # every turn ends at <|end|>, the last one too (not at the chat's closing <|endoftext|>)
+    "phi3.5": ["Tim is a dog.<|end|>", "  Sue is his friend. <|end|>"],
+    "smollm2": ["Tim is a dog.<|im_end|>", "  Sue is his friend. <|im_end|>"],
+}
