@@ -5,20 +5,23 @@ before one token is trained on.
 For assistant turn i the template is rendered three ways: the chat before the turn with the
 generation prompt (`before`: what the model is given), the chat up to the turn's end (`through`:
 the turn as its last message), and the whole chat with two markers around the turn's content
-(where the reply's own words lie in the whole chat). The turn starts where `before` and `through`
-part (the model writes from there) and ends at its end-of-turn token: the first of the model's end
-tokens (`ends`: the template's end of turn, the config's EOS ids) after the content, which is what
-generation stops on. Whitespace or an end-of-text the template writes after that token (ChatML's
-newline, Phi-3's `\\n<|endoftext|>` at the chat's end) is not the assistant's.
+(where the reply's own words lie in the whole chat). The turn starts where `before` and the
+whole chat part (the model writes from there) and ends at its end-of-turn token: the first of
+the stop tokens (`ends`: the template's end of turn, the model folder's EOS) after the content,
+which is what generation stops on. Whitespace or an end-of-text the template writes after that
+token (ChatML's newline, Phi-3's `\n<|endoftext|>` at the chat's end) is not the assistant's.
 
 Checks, so user text is never trained on silently:
-- the prompt must read in the whole chat as `before` writes it. Where it does not (Mistral v0.3
-  writes the system prompt and the tools into the last user turn only, so every earlier turn's
-  prompt reads otherwise), the turn is looked up as `through` writes it: the same words before
-  the content, the same content, the same end, right after the same prompt-ending control token
-  (`[/INST]`); else the chat is refused;
+- `before` and the whole chat, and `before` and `through`, may part only within what the
+  generation prompt adds (where `before` parts from the same chat rendered without it): Qwen3's
+  `enable_thinking=False` adds an empty reasoning block that an earlier turn does not hold, which
+  is the prompt's. Where they part earlier (Mistral v0.3 writes the system prompt and the tools
+  onto the last user turn only, so every earlier turn's prompt reads otherwise), the turn is
+  looked up as `through` writes it: right after the control token that ends `before`
+  (`[/INST]`), the same words before the content, the same content, the same end; else the chat
+  is refused;
 - what follows the content up to the end token must be what the template writes after it when
-  the turn is last;
+  the turn is written alone (a turn with no content to mark, a tool call, must end as it does);
 - spans start after the previous one ends, and before the reply's content.
 A turn none of these place is a ConfigError naming the template and the fix: `{% generation %}`
 tags in a copy of the template (data.chat_template=).
