@@ -221,6 +221,9 @@ def test_generation_stops_at_the_templates_end_of_turn(folders, tmp_path):
         prompts = Prompts(tok, load_chat_template(folder))
         assert prompts.eot == tok.token_to_id(first)
         assert prompts.stops == {tok.token_to_id(t) for t in load_chat_template(folder).stop_tokens}
+    gemma = Tokenizer.from_file(str(folders["gemma3"] / "tokenizer.json"))
+    plain = Prompts(gemma)  # plain prompts (eval.chat=plain): no end-of-text on the old list
+    assert plain.stops == frozenset() and plain.encode("Tim") == gemma.encode("Tim").ids
     from mlxlab.runs.task_eval import load_eval_model
 
     source = load_eval_model(save_tiny_model("llama", tmp_path / "tiny"), chat="plain")

@@ -29,7 +29,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mlxlab.data.chat import ChatTemplate, load_chat_template
-from mlxlab.data.tokenizer import EOT_TOKENS, find_token_id, start_ids
+from mlxlab.data.tokenizer import EOT_TOKENS, start_ids
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, Example, Task
@@ -59,10 +59,12 @@ class Prompts:
 
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate | None = None) -> None:
         self.tokenizer, self.template = tokenizer, template
-        ends = template.stop_tokens if template is not None else ()
+        ends = template.stop_tokens if template is not None else EOT_TOKENS
         stops = [i for i in (tokenizer.token_to_id(t) for t in ends) if i is not None]
-        self.eot = stops[0] if stops else find_token_id(tokenizer, EOT_TOKENS, "end-of-text")
-        self.stops = frozenset(stops or [self.eot])
+        # a plain prompt of a tokenizer none of EOT_TOKENS names (Gemma's <eos>) has no stop id:
+        # its generations end at max_new_tokens or the task's stop strings, its prompts after BOS
+        self.eot: int | None = stops[0] if stops else None
+        self.stops = frozenset(stops[:1] if template is None else stops)
         self.start = [] if template is not None else start_ids(tokenizer)
         # a chat template's assistant turn begins right after it: no space before the answer
         self.delimiter = "" if template is not None else TARGET_DELIMITER
@@ -76,6 +78,10 @@ class Prompts:
     def encode(self, text: str) -> list[int]:
         """`text` after the start ids (BOS); an empty result starts from end-of-text."""
         ids = [*self.start, *self.tokenizer.encode(text, add_special_tokens=False).ids]
+        if not ids and self.eot is None:
+            raise ConfigError("an empty prompt needs a token to start from, and this tokenizer "
+                              "adds no BOS and has none of the end-of-text tokens "
+                              f"{list(EOT_TOKENS)}: give the example a prompt")
         return ids or [self.eot]
 
 
