@@ -50,6 +50,13 @@ STYLES = {
                           tokens=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
                           config=["<eos>"], generation=["<eos>", "<end_of_turn>"],
                           model_type="gemma3_text"),
+    # microsoft/Phi-3-mini-4k-instruct: eos_token <|endoftext|>; generation stops at <|end|>,
+    # <|assistant|> and <|endoftext|> (generation_config.json)
+    "phi3": dict(template="phi3.jinja", bos="<s>", eos="<|endoftext|>",
+                 tokens=["<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>",
+                         "<|assistant|>", "<|end|>"],
+                 config=["<|endoftext|>"], generation=["<|endoftext|>", "<|assistant|>", "<|end|>"],
+                 model_type="phi3"),
     # microsoft/Phi-3.5-mini-instruct: eos_token <|endoftext|>, turns end at <|end|>; config.json
     # only (no generation_config.json), so the template itself must say where a turn ends
     "phi3.5": dict(template="phi3_5.jinja", bos="<s>", eos="<|endoftext|>",
@@ -117,6 +124,7 @@ REPLIES = {
     # the tags wrap the newline after <end_of_turn> too
     "gemma3-tagged": ["Tim is a dog.<end_of_turn>\n", "Sue is his friend.<end_of_turn>\n"],
     # every turn ends at <|end|>, the last one too (not at the chat's closing <|endoftext|>)
+    "phi3": ["Tim is a dog.<|end|>", "  Sue is his friend. <|end|>"],
     "phi3.5": ["Tim is a dog.<|end|>", "  Sue is his friend. <|end|>"],
     "smollm2": ["Tim is a dog.<|im_end|>", "  Sue is his friend. <|im_end|>"],
 }

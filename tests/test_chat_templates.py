@@ -175,6 +175,7 @@ def test_end_tokens_come_from_the_model_folder(folders):
     gemma, phi = folders["gemma3"], folders["phi3.5"]
     assert model_end_tokens(gemma) == ["<eos>", "<end_of_turn>"]
     assert model_end_tokens(phi) == ["<|endoftext|>"]
+    assert model_end_tokens(folders["phi3"]) == ["<|endoftext|>", "<|assistant|>", "<|end|>"]
     assert load_chat_template(phi).stop_tokens == ("<|end|>", "<|endoftext|>")
     assert load_chat_template(gemma).stop_tokens == ("<end_of_turn>", "<eos>")
     tok = Tokenizer.from_file(str(gemma / "tokenizer.json"))
