@@ -168,7 +168,7 @@ def test_a_turn_that_cannot_be_placed_is_refused(folders):
         f" {[part]}</s>" for part in (parts[2]["content"][0], parts[4]["content"][0])]
 
 
-def test_end_tokens_come_from_the_model_folder(folders):
+def test_end_tokens_come_from_the_model_folder(folders, tmp_path):
     """config.json and generation_config.json eos_token_id, tokenizer_config.json eos_token:
     Gemma's <eos> and <end_of_turn> (on no fixed list), Phi-3's <|endoftext|>; the template's
     own end of turn comes first among a chat's stop tokens (Phi-3's <|end|>)."""
@@ -184,6 +184,11 @@ def test_end_tokens_come_from_the_model_folder(folders):
         special_ids(tok)
     streams = streaming_ids(tok, {"path": str(gemma / "tokenizer.json")})  # streamed text too
     assert (streams.eot, streams.bos) == (tok.token_to_id("<eos>"), [])
+    bare = tmp_path / "bare"  # a folder naming no end-of-text its tokenizer holds: one line
+    bare.mkdir()
+    (bare / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<missing>"}))
+    with pytest.raises(ConfigError, match=r"bare names no end-of-text token .*eos_token_id"):
+        special_ids(tok, bare)
 
 
 def write_jsonl(path, rows):

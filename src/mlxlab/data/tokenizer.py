@@ -312,9 +312,13 @@ def special_ids(tok: Tokenizer, folder: str | Path | None = None) -> tuple[int, 
     EOS; BOS from start_ids."""
     named = model_end_tokens(folder, tok) if folder is not None else []
     known = [t for t in named if tok.token_to_id(t) is not None]
-    eot = tok.token_to_id(known[0]) if known else find_token_id(
-        tok, EOT_TOKENS, "end-of-text" + (f" (and {folder} names none in config.json, "
-                                          "generation_config.json or tokenizer_config.json)"
-                                          if folder is not None else ""))
+    if known:
+        eot = tok.token_to_id(known[0])
+    elif folder is not None and not any(tok.token_to_id(t) is not None for t in EOT_TOKENS):
+        raise ConfigError(f"{folder} names no end-of-text token the tokenizer holds (config.json "
+                          "and generation_config.json eos_token_id, tokenizer_config.json "
+                          "eos_token): set one there")
+    else:
+        eot = find_token_id(tok, EOT_TOKENS, "end-of-text")
     pad = next((tok.token_to_id(t) for t in PAD_TOKENS if tok.token_to_id(t) is not None), eot)
     return eot, pad, start_ids(tok)
