@@ -187,7 +187,13 @@ class Preference(Objective):
         self._reference_of = reference_of
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
+        """The loss of a training batch."""
         return self._pair_loss(model, batch, "train")
+
+    def loss_on(self, split: str) -> losses.LossFn:
+        """The loss of a batch of `split` ("train" | "val"): a cached reference's table is per
+        split (a batch's `index` is its pairs' places in their split)."""
+        return lambda model, batch: self._pair_loss(model, batch, split)
 
     def _pair_loss(self, model: nn.Module, batch: Batch,
                    split: str) -> tuple[mx.array, dict[str, mx.array]]:
@@ -220,8 +226,8 @@ class Preference(Objective):
     def evaluate(self, model: nn.Module, data: Any, batching: Batching,
                  world: distributed.World | None = None, prefix: str = "val") -> Evaluation:
         """The loss and its metrics (rewards/accuracy, ...) averaged over the validation pairs."""
-        return evaluate_by_loss(model, data.val_batches(batching),
-                                lambda m, b: self._pair_loss(m, b, "val"), world, prefix)
+        return evaluate_by_loss(model, data.val_batches(batching), self.loss_on("val"), world,
+                                prefix)
 
     @classmethod
     def metric_directions(cls, task: str) -> dict[str, str]:
