@@ -164,3 +164,43 @@ def test_arrays_in_an_objectives_state_come_back_to_the_bit():
         assert back.dtype == original.dtype and back.shape == original.shape
         assert back.tobytes() == original.tobytes()
     assert pack_array(None) is None and unpack_array(None) is None
+
+
+def test_a_resume_trains_the_checkpoints_objective(make_cfg, tmp_path):
+    """`resume=<run>` alone (no objective named) continues with the objective the run trained:
+    the objective node is a trained setting the checkpoint's config rebuilds, as the model is."""
+    cfg = make_cfg(*FAST, *OBJECTIVE, "tracking=none")
+    cfg.paths.output_dir = str(tmp_path / "first")
+    train(cfg)
+    assert state_of(tmp_path / "first", 4)["objective"]["done"] == 2
+    cfg = make_cfg(*FAST, "tracking=none", "trainer.max_steps=6", f"resume={tmp_path / 'first'}")
+    cfg.paths.output_dir = str(tmp_path / "second")
+    train(cfg)
+    assert cfg.objective._target_ == "test_objectives.Repeating"
+    assert state_of(tmp_path / "second", 6)["objective"]["done"] == 2
+
+
+@pytest.mark.parametrize(("trainer", "objective"), [
+    ({"max_steps": 4, "label_smoothing": 0.1, "distill": None},
+     {"_target_": "mlxlab.objectives.supervised.Supervised", "label_smoothing": 0.1}),
+    ({"max_steps": 4, "label_smoothing": 0.0, "distill": {"teachers": [{"run": "t"}], "alpha": 0.3}},
+     {"_target_": "mlxlab.objectives.distill.Distill", "label_smoothing": 0.0,
+      "teachers": [{"run": "t"}], "alpha": 0.3}),
+    ({"max_steps": 4, "label_smoothing": 0.0, "distill": None,
+      "preference": {"loss": "orpo", "beta": 0.2}},
+     {"_target_": "mlxlab.objectives.preference.Preference", "loss": "orpo", "beta": 0.2}),
+])
+def test_a_checkpoint_from_before_objectives_resumes_with_its_objective(trainer, objective):
+    """Checkpoints written before issue 55 kept the objective in their trainer node: a resume
+    reads it as today's objective node, the trainer node left with the loop's settings."""
+    from mlxlab.config import instantiate
+    from mlxlab.runs.resume import migrate_objective
+
+    migrated = migrate_objective({"model": {}, "trainer": dict(trainer)})
+    assert migrated["objective"] == objective
+    assert migrated["trainer"] == {"max_steps": 4}
+    from omegaconf import OmegaConf
+
+    built = instantiate(OmegaConf.create(migrated["objective"]))
+    check_objective(built)
+    assert migrate_objective(migrated) is migrated  # today's config: as it is
