@@ -264,13 +264,7 @@ def cache_reference(
                 split: {side: saved[f"{split}/{side}"] for side in SIDES}
                 for split in ("train", "val")
             }
-        log.info(
-            "preference: reference log-probs of %d + %d pairs read from %s",
-            len(tables["train"]["chosen"]),
-            len(tables["val"]["chosen"]),
-            path,
-        )
-        return tables
+        return said(tables, "read from", path)
     training = ref.training
     ref.eval()
     tables = {}
@@ -293,10 +287,12 @@ def cache_reference(
         partial = path.with_suffix(".tmp.npz")
         np.savez(partial, **{f"{s}/{side}": tables[s][side] for s in tables for side in SIDES})
         partial.replace(path)  # whole or absent: a killed write leaves no half file
-        log.info(
-            "preference: reference log-probs of %d + %d pairs computed, kept in %s",
-            len(tables["train"]["chosen"]),
-            len(tables["val"]["chosen"]),
-            path,
-        )
+        said(tables, "computed, kept in", path)
+    return tables
+
+
+def said(tables: Tables, how: str, path: Path) -> Tables:
+    """One log line for the reference log-probs read or written at `path`."""
+    log.info("preference: reference log-probs of %d + %d pairs %s %s",
+             len(tables["train"]["chosen"]), len(tables["val"]["chosen"]), how, path)
     return tables
