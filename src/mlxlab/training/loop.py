@@ -11,12 +11,13 @@ gets its status: FINISHED, KILLED on a signal, FAILED otherwise.
 
 What the run trains toward is its `Objective` (objectives/base.py): the loop takes its batches
 from `objective.train_batches`, trains `objective.loss`, evaluates with `objective.evaluate`,
-checkpoints `objective.state_dict()`, and never asks which objective it is (a test holds it to
-that: tests/test_objectives.py). The other parts it calls live beside it, a module each, and
-never call back into it: plan.py (the run's length, batching, memory fitting), step.py (the
-compiled step, precision), checkpointing.py (writer, checkpoint state, resume), artifacts.py
-(what a finished run leaves); state.py holds what the loop changes (RunState) and what callbacks
-see (TrainContext). The constructor only keeps its arguments.
+checkpoints `objective.state_dict()`, and never asks which objective it is (rule 4 of
+scripts/audit_house.py fails on a branch; tests/test_objectives.py trains one the loop never
+named). The other parts it calls live beside it, a module each, and never call back into it:
+plan.py (the run's length, batching, memory fitting), step.py (the compiled step, precision),
+checkpointing.py (writer, checkpoint state, resume), artifacts.py (what a finished run leaves);
+state.py holds what the loop changes (RunState) and what callbacks see (TrainContext). The
+constructor only keeps its arguments.
 """
 
 from __future__ import annotations
