@@ -22,7 +22,8 @@ state, artifacts and analysis ask nothing else about which objective runs:
 3. **its evaluation**: `evaluate(model, data, batching, world, prefix)` -> `Evaluation`, the
    metrics `<prefix>/<name>` on the validation split; `metric_directions(task)` names them with
    which way each improves ("min" | "max"): what `optimized_metric` may be (config.validate asks
-   the class, before anything is built) and what picks the best checkpoint.
+   the class, before anything is built) and what picks the best checkpoint; `check_data(task)`
+   says in one line when the objective does not train on such data.
 4. **its state**: `state_dict()` / `load_state_dict(state)`, JSON-able (floats survive JSON
    exactly; `pack_array` / `unpack_array` keep an array's dtype and bits). training/checkpointing
    writes it into every checkpoint's state.json (`CheckpointState.objective`) and restores it on
@@ -87,6 +88,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxlab.data.batching import Batch, Batching
+from mlxlab.errors import ConfigError
 from mlxlab.runtime import distributed
 
 LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]
@@ -188,6 +190,14 @@ class Objective:
         """The validation metrics (without the `val/` prefix) that evaluate reports on data of
         `task`, each with "min" or "max"; {} when the objective does not train on such data."""
         return {}
+
+    @classmethod
+    def check_data(cls, task: str) -> None:
+        """One ConfigError line when the objective does not train on data of `task` (config.validate
+        asks the class before anything is built); default: when it names no metrics for it."""
+        if not cls.metric_directions(task):
+            raise ConfigError(f"objective {cls.__name__} does not train on {task} data: pick the "
+                              "objective for it (conf/objective/)")
 
     def tags(self) -> dict[str, str]:
         """Run tags known after setup (tracking/tags.py names)."""

@@ -69,3 +69,7 @@ class Supervised(Objective):
     @classmethod
     def metric_directions(cls, task: str) -> dict[str, str]:
         return dict(METRICS.get(task, {}))
+
+    @classmethod
+    def check_data(cls, task: str) -> None:
+        check_task(task, cls.name)
