@@ -75,7 +75,7 @@ class Repeating(Objective):
     def loss(self, model, batch):
         return self._loss(model, batch)
 
-    def evaluate(self, model, data, batching, world=None, prefix="val"):
+    def evaluate(self, model, data, batching, world=None, prefix="val", step=None):
         return evaluate_cross_entropy(model, data, batching, world, prefix)
 
     @classmethod

@@ -19,8 +19,9 @@ state, artifacts and analysis ask nothing else about which objective runs:
    key named `loss_mask` or `*_loss_mask`) must add 0 to both. Per-example values (one per row,
    callbacks' needs_example_losses) go in `aux` under the keys of losses.EXAMPLE_KEYS when
    `ObjectiveSetup.per_example` is true.
-3. **its evaluation**: `evaluate(model, data, batching, world, prefix)` -> `Evaluation`, the
-   metrics `<prefix>/<name>` on the validation split; `metric_directions(task)` names them with
+3. **its evaluation**: `evaluate(model, data, batching, world, prefix, step)` -> `Evaluation`,
+   the metrics `<prefix>/<name>` on the validation split (`step`: the optimizer step, for files
+   it writes beside them through `ObjectiveSetup.tracker` / `run_dir`); `metric_directions(task)` names them with
    which way each improves ("min" | "max"): what `optimized_metric` may be (config.validate asks
    the class, before anything is built) and what picks the best checkpoint; `check_data(task)`
    says in one line when the objective does not train on such data.
@@ -181,8 +182,11 @@ class Objective:
         return 1
 
     def evaluate(self, model: nn.Module, data: Any, batching: Batching,
-                 world: distributed.World | None = None, prefix: str = "val") -> Evaluation:
-        """The metrics `<prefix>/<name>` on data's validation batches (rank-reduced)."""
+                 world: distributed.World | None = None, prefix: str = "val",
+                 step: int | None = None) -> Evaluation:
+        """The metrics `<prefix>/<name>` on data's validation batches (rank-reduced); `step`: the
+        optimizer step evaluated (for what the objective writes beside the metrics, e.g. sample
+        completions as an artifact; None outside a fit)."""
         raise NotImplementedError(f"{type(self).__name__}.evaluate")
 
     @classmethod

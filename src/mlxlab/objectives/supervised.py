@@ -63,7 +63,8 @@ class Supervised(Objective):
         return self._loss(model, batch)
 
     def evaluate(self, model: nn.Module, data: Any, batching: Batching,
-                 world: distributed.World | None = None, prefix: str = "val") -> Evaluation:
+                 world: distributed.World | None = None, prefix: str = "val",
+                 step: int | None = None) -> Evaluation:
         return evaluate_cross_entropy(model, data, batching, world, prefix)
 
     @classmethod
