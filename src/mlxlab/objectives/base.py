@@ -21,10 +21,11 @@ state, artifacts and analysis ask nothing else about which objective runs:
    `ObjectiveSetup.per_example` is true.
 3. **its evaluation**: `evaluate(model, data, batching, world, prefix, step)` -> `Evaluation`,
    the metrics `<prefix>/<name>` on the validation split (`step`: the optimizer step, for files
-   it writes beside them through `ObjectiveSetup.tracker` / `run_dir`); `metric_directions(task)` names them with
-   which way each improves ("min" | "max"): what `optimized_metric` may be (config.validate asks
-   the class, before anything is built) and what picks the best checkpoint; `check_data(task)`
-   says in one line when the objective does not train on such data.
+   it writes beside them through `ObjectiveSetup.tracker` / `run_dir`);
+   `metric_directions(task)` names them with which way each improves ("min" | "max"): what
+   `optimized_metric` may be (config.validate asks the class, before anything is built) and
+   what picks the best checkpoint; `check_data(task)` says in one line when the objective does
+   not train on such data.
 4. **its state**: `state_dict()` / `load_state_dict(state)`, JSON-able (floats survive JSON
    exactly; `pack_array` / `unpack_array` keep an array's dtype and bits). training/checkpointing
    writes it into every checkpoint's state.json (`CheckpointState.objective`) and restores it on
@@ -49,7 +50,10 @@ Lifecycle, in the order the loop calls it (Fit.run):
 Configuration: `conf/objective/<name>.yaml` is one node whose `_target_` is the objective class
 and whose keys are its constructor's arguments (`objective=dpo objective.beta=0.2`). The
 constructor only checks and keeps them (config.validate builds it before anything heavy, so a
-bad value is one ConfigError line naming `objective.<key>`); `setup` does the work.
+bad value is one ConfigError line naming `objective.<key>`); `setup` does the work. A new
+objective's module goes into the import contract "objectives/ in one direction" (pyproject.toml:
+in the top layer beside distill and preference, or below them if they use it) and is named in
+scripts/audit_house.py OBJECTIVE_WORDS if its name is new, so that the loop never asks for it.
 
 Making batches (GRPO and any other objective that generates its training data):
 - `train_batches` is a generator the loop drains one optimizer step at a time; the loop
