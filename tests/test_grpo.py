@@ -266,3 +266,90 @@ def test_the_state_carries_the_next_batches_to_the_bit(tiny):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
+
+
+# --- experiment=grpo_arithmetic: the one loop, a real MLflow store ------------------------------
+
+TRL_METRICS = ("reward", "reward_std", "rewards/exact_answer/mean", "rewards/variety/mean",
+               "frac_reward_zero_std", "kl", "clip_ratio/region_mean", "completions/mean_length",
+               "entropy")
+
+
+def grpo_args(tiny: dict, *extra: str) -> list[str]:
+    """experiment=grpo_arithmetic on the tiny Llama: 2 prompts x 4 completions of 4 tokens a
+    step, mu = 2, beta > 0, two rewards (the exact answer and a varied one, so that the
+    advantages are not all 0 on a random model)."""
+    return [
+        "experiment=grpo_arithmetic",
+        f"model.pretrained={tiny['folder']}",
+        f"data.train_file={tiny['prompts']}",
+        "data.val_file=null",
+        "model.lora.rank=4",
+        "objective.num_generations=4",
+        "objective.num_iterations=2",
+        "objective.beta=0.04",
+        "objective.max_completion_length=4",
+        "objective.log_completions=3",
+        "objective.rewards=[{_target_: mlxlab.objectives.rewards.exact_answer},"
+        "{_target_: test_grpo.char_variety, name: variety, weight: 0.5}]",
+        "optimizer.learning_rate=3e-3",
+        "trainer.batch_size=2",
+        "trainer.max_steps=8",
+        "trainer.eval_every_steps=4",
+        "trainer.log_every_steps=1",
+        "callbacks.progress.enabled=false",
+        *extra,
+    ]
+
+
+def test_a_grpo_run_logs_trls_metrics_and_samples_to_mlflow(tiny, make_cfg):
+    """8 steps through mlxlab-train's train(): every TRL metric at every step in MLflow
+    (train/...), val/reward at both evaluations, and the sample completions of each evaluation
+    as an artifact."""
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.train import train
+
+    cfg = make_cfg(*grpo_args(tiny))
+    train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])[0]
+    assert run.info.status == "FINISHED"
+
+    def history(key: str) -> list[float]:
+        return [m.value for m in client.get_metric_history(run.info.run_id, key)]
+
+    for key in TRL_METRICS:
+        # the rollouts' metrics come once per generation (every mu = 2 steps), the loss's each step
+        assert len(history(f"train/{key}")) in (4, 8), key
+    assert len(history("val/reward")) == 2
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "grpo_samples")]
+    assert samples == ["grpo_samples/eval_0001.jsonl", "grpo_samples/eval_0002.jsonl"]
+    local = client.download_artifacts(run.info.run_id, samples[-1])
+    rows = [json.loads(line) for line in Path(local).read_text().splitlines()]
+    assert len(rows) == 3 and {"prompt", "completion", "reward", "exact_answer"} <= set(rows[0])
+
+
+def test_a_sigkilled_grpo_run_resumes_bitwise(tiny, tmp_path, cli_env):
+    """experiment=grpo_arithmetic (mu = 2, beta > 0) SIGKILLed after its checkpoint at step 5,
+    between the two passes over a generation, and resumed: the weights, the whole MLflow history
+    (rewards, KL, clip ratios) and state.json equal an uninterrupted run's."""
+    from run_helpers import committed_steps, kill_when, run, start
+    from test_resume import assert_same_history, assert_same_weights, run_id_of
+
+    args = grpo_args(tiny, "trainer.max_steps=10", "trainer.eval_every_steps=5",
+                     "trainer.log_every_steps=2", "callbacks.checkpoint.save_every_steps=5",
+                     "callbacks.checkpoint.save_every_minutes=null")
+    cli_env["PYTHONPATH"] = f"{Path(__file__).parent}:{cli_env.get('PYTHONPATH', '')}"
+    killed = tmp_path / "killed"
+    proc = start(args, killed, cli_env)
+    kill_when(proc, lambda: any(s >= 5 for s in committed_steps(killed)))
+    assert max(committed_steps(killed)) < 10
+    resumed = tmp_path / "resumed"
+    run([*args, f"resume={killed}"], resumed, cli_env)
+    reference = tmp_path / "reference"
+    run(args, reference, cli_env)
+    assert_same_weights(reference, resumed, "grpo")
+    assert run_id_of(resumed) == run_id_of(killed)
+    assert_same_history(f"sqlite:///{tmp_path}/mlruns/mlflow.db", reference, resumed, "grpo")
