@@ -30,7 +30,7 @@ import mlx.core as mx
 from mlxlab.config import compose_config, instantiate
 from mlxlab.runtime.distributed import World
 from mlxlab.tracking.base import NullTracker
-from mlxlab.training import losses
+from mlxlab.objectives import losses
 from mlxlab.training.optim import LRSchedule, build_optimizer, default_optimizer
 from mlxlab.training.plan import plan
 from mlxlab.training.step import make_step

@@ -24,7 +24,7 @@ from mlxlab.data.chat import encode_chat, load_chat_template
 from mlxlab.data.completions import PromptCompletion
 from mlxlab.errors import ConfigError
 from mlxlab.models.transformer import Transformer
-from mlxlab.training.losses import task_loss
+from mlxlab.objectives.losses import task_loss
 
 transformers = pytest.importorskip("transformers")
 

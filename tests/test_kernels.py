@@ -17,7 +17,7 @@ import pytest
 from mlxlab import kernels
 from mlxlab.kernels import build
 from mlxlab.runtime import cpu
-from mlxlab.training import losses
+from mlxlab.objectives import losses
 
 PYTHON = sys.executable
 

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 from mlxlab.models.transformer import Transformer
 from mlxlab.runs import load_run_model
 from mlxlab.train import train
-from mlxlab.training import losses
+from mlxlab.objectives import losses
 from mlxlab.training.model_ops import ModelSchedule, check_schedule, grow_layers, widen_mlp
 from mlxlab.training.optim import build_optimizer
 from mlxlab.training.settings import TrainerSettings

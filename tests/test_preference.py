@@ -281,7 +281,7 @@ def test_a_sigkilled_dpo_run_resumes_bitwise(pref_model, tmp_path, cli_env):
             "trainer.max_steps=16",
             "trainer.eval_every_steps=8",
             "trainer.log_every_steps=2",
-            "trainer.preference.reference=cached",
+            "objective.reference=cached",
             "callbacks.checkpoint.save_every_steps=3",
             "callbacks.checkpoint.save_every_minutes=null",
         ),
@@ -350,12 +350,12 @@ def test_a_rank_without_rows_of_a_pair_batch_weighs_nothing(pref_model, loss):
     [
         ("ipo", ()),
         ("simpo", ()),
-        ("sigmoid", ("model.lora.rank=0", "trainer.preference.reference=copy")),
+        ("sigmoid", ("model.lora.rank=0", "objective.reference=copy")),
     ],
     ids=["ipo", "simpo", "dpo_full_copy"],
 )
 def test_ipo_simpo_and_a_full_dpo_with_a_frozen_copy_train(pref_model, make_cfg, loss, extra):
-    """trainer=dpo trainer.preference.loss=ipo|simpo, and DPO without LoRA against a frozen
+    """objective=dpo objective.loss=ipo|simpo, and DPO without LoRA against a frozen
     copy of the starting model: 8 steps through the one loop, the reward metrics in MLflow at
     each step, the margin up from the first logged step to the last."""
     from mlflow.tracking import MlflowClient
@@ -364,7 +364,7 @@ def test_ipo_simpo_and_a_full_dpo_with_a_frozen_copy_train(pref_model, make_cfg,
 
     cfg = make_cfg(
         "experiment=dpo_chat",
-        f"trainer.preference.loss={loss}",
+        f"objective.loss={loss}",
         "optimizer.learning_rate=3e-3" if loss != "sigmoid" else "optimizer.learning_rate=1e-3",
         *preference_args(pref_model, "trainer.max_steps=8", "trainer.eval_every_steps=8"),
         *extra,
@@ -374,7 +374,7 @@ def test_ipo_simpo_and_a_full_dpo_with_a_frozen_copy_train(pref_model, make_cfg,
     run = client.search_runs(
         [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id]
     )[0]
-    assert run.info.status == "FINISHED" and run.data.params["trainer.preference.loss"] == loss
+    assert run.info.status == "FINISHED" and run.data.params["objective.loss"] == loss
 
     def history(key: str) -> list[float]:
         return [
@@ -393,9 +393,9 @@ def test_ipo_simpo_and_a_full_dpo_with_a_frozen_copy_train(pref_model, make_cfg,
 
 @pytest.mark.slow
 def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pref_model, tmp_path):
-    """hparams_search=dpo_optuna: 3 real trials over trainer.preference.beta and the learning
+    """hparams_search=dpo_optuna: 3 real trials over objective.beta and the learning
     rate, each child run scored by val/rewards/accuracy, the parent holding the best; then
-    `-m replicates=2 trainer.preference.beta=0.05,0.5` and `mlxlab runs compare latest` on
+    `-m replicates=2 objective.beta=0.05,0.5` and `mlxlab runs compare latest` on
     val/rewards/accuracy (the sweep's own metric): two groups of two seeds, a verdict."""
     from conftest import PYTHON
     from mlxlab.sweeps.store import sweep_children
@@ -423,18 +423,18 @@ def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pre
     children = sweep_children(client, parent.info.run_id)
     assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
     scores = [r.data.metrics["best/val/rewards/accuracy"] for r in children]
-    betas = {r.data.params["trainer.preference.beta"] for r in children}
+    betas = {r.data.params["objective.beta"] for r in children}
     assert len(betas) == 3 and all(0.01 <= float(b) <= 1.0 for b in betas)
     parent = client.get_run(parent.info.run_id)
     assert parent.data.metrics["optuna/best_value"] == pytest.approx(max(scores))
-    assert "optuna.best.trainer.preference.beta" in parent.data.params
+    assert "optuna.best.objective.beta" in parent.data.params
 
     mlxlab_train(
         tmp_path,
         "--multirun",
         "experiment=dpo_chat",
         "replicates=2",
-        "trainer.preference.beta=0.05,0.5",
+        "objective.beta=0.05,0.5",
         "optimizer.learning_rate=3e-3",
         *short,
     )
@@ -443,7 +443,7 @@ def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pre
     out = run([*compare, "--json"], cwd=tmp_path)  # stdout, then the log lines of stderr
     report, _ = json.JSONDecoder().raw_decode(out[out.index("{") :])
     text = json.dumps(report)
-    assert "val/rewards/accuracy" in text and "trainer.preference.beta" in text, text[:2000]
+    assert "val/rewards/accuracy" in text and "objective.beta" in text, text[:2000]
     print(run(compare, cwd=tmp_path))
 
 
