@@ -7,6 +7,7 @@ MLflow store, SIGKILL + resume) are at the end."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -97,8 +97,9 @@ def test_loss_and_gradient_equal_trls(loss_type, beta, mu_old):
                            None if old is None else mx.array(old), mx.array(ref), beta,
                            eps_low, eps_high, MAX_COMPLETION)
 
-    (got, metrics) = ours(mx.array(logps))
+    got, metrics, (tokens, completions) = ours(mx.array(logps))
     grad = mx.grad(lambda x: ours(x)[0])(mx.array(logps))
+    assert (tokens.item(), completions.item()) == (mask.sum(), N)
     assert abs(got.item() - want) <= 1e-5 * max(1.0, abs(want))
     np.testing.assert_allclose(np.array(grad), want_grad, rtol=1e-5, atol=1e-6)
     assert np.abs(want_grad).sum() > 0  # the case exercises a gradient

@@ -202,15 +202,13 @@ class GRPO(Objective):
         mask = batch["loss_mask"]
         logps, entropy = token_logps(model(batch["input_ids"]), batch["labels"],
                                      self.temperature)
-        loss, metrics = policy_loss(
+        loss, metrics, (tokens, completions) = policy_loss(
             self.loss_type, logps, batch["advantages"], mask, batch.get("old_logps"),
             batch.get("ref_logps"), self.beta, self.eps_low, self.eps_high,
             self.sampling.max_new_tokens)
-        tokens = mask.sum()
         metrics["entropy"] = mx.stop_gradient((entropy * mask).sum() / mx.maximum(tokens, 1.0))
         # what the loss is a mean over: tokens (dapo), else completions (a padding row: none)
-        count = tokens if self.loss_type == "dapo" else (mask.sum(axis=-1) > 0).sum()
-        return loss, {"ntokens": count.astype(mx.float32), **metrics}
+        return loss, {"ntokens": tokens if self.loss_type == "dapo" else completions, **metrics}
 
     # --- logs and evaluation --------------------------------------------------------------------
 

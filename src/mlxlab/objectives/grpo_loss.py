@@ -100,17 +100,24 @@ def policy_loss(
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
     max_completion_length: int = 1,
-) -> tuple[mx.array, dict[str, mx.array]]:
+) -> tuple[mx.array, dict[str, mx.array], tuple[mx.array, mx.array]]:
     """The loss of completions scored token by token: `logps`, `mask` (1: a completion token),
     `old_logps`, `ref_logps` shaped (N, T), `advantages` (N,). Returns (loss, TRL's metrics of
-    it: kl, clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean)."""
+    it: kl, clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean, (the completion
+    tokens, the completions with a token)).
+
+    The counts are the arrays the loss divides by, handed out rather than summed again by the
+    caller: MLX 0.32's mx.compile fails ("_Map_base::at") on a step whose aux output repeats a
+    sum the differentiated loss also computes."""
     mask = mask.astype(mx.float32)
+    row_tokens = mask.sum(axis=-1)
+    all_tokens = row_tokens.sum()
     old = mx.stop_gradient(logps) if old_logps is None else old_logps
     adv = advantages[:, None]
     coef_1 = mx.exp(logps - old)
     coef_2 = mx.clip(coef_1, 1 - epsilon_low, 1 + epsilon_high)
     per_token = -mx.minimum(coef_1 * adv, coef_2 * adv)
-    tokens = mx.maximum(mask.sum(), 1.0)
+    tokens = mx.maximum(all_tokens, 1.0)
     metrics: dict[str, mx.array] = {}
     if beta != 0.0:
         if ref_logps is None:
@@ -121,7 +128,7 @@ def policy_loss(
         metrics["kl"] = mx.stop_gradient((kl * mask).sum() / tokens)
     masked = per_token * mask
     if loss_type == "grpo":
-        loss = (masked.sum(axis=-1) / mx.maximum(mask.sum(axis=-1), 1.0)).mean()
+        loss = (masked.sum(axis=-1) / mx.maximum(row_tokens, 1.0)).mean()
     elif loss_type == "dr_grpo":
         loss = masked.sum() / (per_token.shape[0] * max_completion_length)
     elif loss_type == "dapo":
@@ -133,4 +140,5 @@ def policy_loss(
     region = mx.maximum(low, high)
     for name, clipped in (("low", low), ("high", high), ("region", region)):
         metrics[f"clip_ratio/{name}_mean"] = mx.stop_gradient((clipped * mask).sum() / tokens)
-    return loss, metrics
+    completions = (row_tokens > 0).astype(mx.float32).sum()
+    return loss, metrics, (all_tokens, completions)
