@@ -303,15 +303,20 @@ def grpo_args(tiny: dict, *extra: str) -> list[str]:
     ]
 
 
-def test_a_grpo_run_logs_trls_metrics_and_samples_to_mlflow(tiny, make_cfg):
+@pytest.mark.slow  # ~1 min on 2 loaded cores (train + export)
+def test_a_grpo_run_logs_trls_metrics_and_samples_to_mlflow(tiny, make_cfg, tmp_path):
     """8 steps through mlxlab-train's train(): every TRL metric at every step in MLflow
-    (train/...), val/reward at both evaluations, and the sample completions of each evaluation
-    as an artifact."""
+    (train/...), val/reward and an evaluation task at both evaluations, the sample completions
+    of each evaluation as an artifact; the run exports as a transformers folder."""
     from mlflow.tracking import MlflowClient
 
+    from mlxlab.export import export_run
     from mlxlab.train import train
 
-    cfg = make_cfg(*grpo_args(tiny))
+    task = tmp_path / "sums.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n"
+                            for a in range(5)))
+    cfg = make_cfg(*grpo_args(tiny, f"eval.tasks=[{task}]", "eval.max_new_tokens=3"))
     train(cfg)
     client = MlflowClient(cfg.tracking.uri)
     run = client.search_runs(
@@ -330,8 +335,12 @@ def test_a_grpo_run_logs_trls_metrics_and_samples_to_mlflow(tiny, make_cfg):
     local = client.download_artifacts(run.info.run_id, samples[-1])
     rows = [json.loads(line) for line in Path(local).read_text().splitlines()]
     assert len(rows) == 3 and {"prompt", "completion", "reward", "exact_answer"} <= set(rows[0])
+    assert len(history("eval/sums/exact_match")) == 2
+    report = export_run(run.data.tags["mlxlab.run_dir"], tmp_path / "exported", "hf")
+    assert (tmp_path / "exported" / "config.json").is_file() and report["format"] == "hf"
 
 
+@pytest.mark.slow  # three runs in subprocesses
 def test_a_sigkilled_grpo_run_resumes_bitwise(tiny, tmp_path, cli_env):
     """experiment=grpo_arithmetic (mu = 2, beta > 0) SIGKILLed after its checkpoint at step 5,
     between the two passes over a generation, and resumed: the weights, the whole MLflow history
