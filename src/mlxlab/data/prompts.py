@@ -101,6 +101,7 @@ class PromptRows(PromptCompletion):
                          max_length=max_length, seed=seed, tokenizer=tokenizer,
                          split_seed=split_seed, messages_key=messages_key, too_long="drop",
                          chat_template=chat_template, chat_template_name=chat_template_name)
+        self._chat_eos: str | None = None  # a chat template's eos_token: a chat's end of turn
 
     def setup(self, run_dir: str | Path | None = None) -> None:
         def read(path):
@@ -173,7 +174,7 @@ class PromptRows(PromptCompletion):
         """The tokens a completion ends with: the tokenizer's end-of-text, the chat template's
         eos_token (a chat's end of turn) and the pretrained folder's eos_token_id(s)."""
         ids = {self.eot_id}
-        eos = getattr(self, "_chat_eos", None)
+        eos = self._chat_eos
         if eos and self.tokenizer.token_to_id(eos) is not None:
             ids.add(self.tokenizer.token_to_id(eos))
         folder = Path(self.tokenizer_cfg["path"])

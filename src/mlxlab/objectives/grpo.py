@@ -37,6 +37,7 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mlxlab.data.batching import Batch, Batching
+from mlxlab.data.prompts import PromptRows
 from mlxlab.errors import ConfigError
 from mlxlab.models.lora import LoRALinear, adapters_off
 from mlxlab.objectives.base import Evaluation, Objective, ObjectiveSetup, pack_array, unpack_array
@@ -104,7 +105,7 @@ class GRPO(Objective):
 
     def setup(self, setup: ObjectiveSetup) -> None:
         data, model = setup.data, setup.model
-        if not hasattr(data, "prompts") or not hasattr(data, "stop_ids"):
+        if not isinstance(data, PromptRows):
             raise ConfigError(f"objective=grpo samples completions of prompts, not of "
                               f"{type(data).__name__}: set data=prompts (or experiment=grpo_*)")
         if self.beta and not any(isinstance(m, LoRALinear) for m in model.modules()):
@@ -112,7 +113,7 @@ class GRPO(Objective):
                               "model with its LoRA adapters off: set model.lora.rank > 0, or "
                               "objective.beta=0")
         self.width = batch_width(data.longest_prompt(), self.sampling.max_new_tokens,
-                                 getattr(model, "max_seq_len", None))
+                                 model.max_seq_len)
         self.stop_ids, self.pad_id = data.stop_ids(), data.pad_id
         self.decode = data.tokenizer.decode
         self.tracker = setup.tracker

@@ -2,13 +2,13 @@
 the training batch they make.
 
 Sampling: the G completions of every prompt of one length run as one batch of rows through
-the model's `make_cache()` (mlxlab's decoders and mlx-lm's models have one; a model without it
-gets mlx-lm's `make_prompt_cache`): the prompts once, then one token per step for every row until
-each row has sampled a stop token or `max_new_tokens`. The rows of a batch have prompts of one
-length, so no row is padded and any causal model (learned or rotary positions) samples as it
-would alone. Each token is drawn with models.transformer.sample_token (temperature, top-k, top-p) from
-a key split off the caller's: the same key gives the same completions, so a generator whose key
-is checkpointed resumes to the same bits.
+the model's `make_cache()` (mlxlab's decoders have one, as mlx-lm's models do): the prompts
+once, then one token per step for every row until each row has sampled a stop token or
+`max_new_tokens`. The rows of a batch have prompts of one length, so no row is padded and any
+causal model (learned or rotary positions) samples as it would alone. Each token is drawn with
+models.transformer.sample_token (temperature, top-k, top-p) from a key split off the caller's:
+the same key gives the same completions, so a generator whose key is checkpointed resumes to
+the same bits.
 
 The batch: row r is prompt r // G followed by its completion (up to and with its stop token),
 right-padded to one width for the run (the longest prompt + max_new_tokens: one compiled
@@ -41,10 +41,14 @@ class Sampling:
 
 
 def make_cache(model: nn.Module) -> list:
-    if hasattr(model, "make_cache"):
-        return model.make_cache()
-    from mlx_lm.models.cache import make_prompt_cache
-    return make_prompt_cache(model)
+    """The model's KV cache (models/base.py `Model.make_cache`); a model without one (None)
+    cannot sample completions."""
+    cache = model.make_cache()
+    if cache is None:
+        raise ConfigError(f"{type(model).__name__} has no KV cache (make_cache) to sample "
+                          "completions with: objective=grpo trains a decoder (model=hf_decoder "
+                          "or transformer)")
+    return cache
 
 
 def sample_rows(model: nn.Module, prompts: np.ndarray, sampling: Sampling,
