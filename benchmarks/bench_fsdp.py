@@ -63,8 +63,8 @@ def worker(args) -> None:
     from mlx.utils import tree_flatten, tree_map
 
     import mlxlab  # noqa: F401  (fast BLAS before mlx.core)
-    from mlxlab.runtime import distributed
     from mlxlab.objectives import losses
+    from mlxlab.runtime import distributed
 
     mode = args.worker
     world = distributed.world("auto")

@@ -142,8 +142,7 @@ def loss_parts(folder: Path, data: PreferencePairs, reference: str, rank: int = 
     import mlx.core as mx
 
     from mlxlab.models.transformer import Transformer
-    from mlxlab.training.preference import build_preference_loss
-    from mlxlab.training.settings import PreferenceConfig
+    from mlxlab.objectives.preference import Preference
 
     mx.random.seed(0)
     model = Transformer(
@@ -152,7 +151,9 @@ def loss_parts(folder: Path, data: PreferencePairs, reference: str, rank: int = 
         lora={"rank": rank, "targets": ["query", "value"]} if rank else None,
     )
     batching = Batching(batch_size=8)
-    loss_fn = build_preference_loss(PreferenceConfig(reference=reference), data, batching, model)
+    objective = Preference(reference=reference)
+    objective_loss(objective, data, batching, model)
+    loss_fn = objective.loss_on("val")  # (a cached reference keeps a table per split)
     # the policy moves away from the reference (as training does), after the reference is built
     model.update(
         tree_map_params(
@@ -167,6 +168,15 @@ def loss_parts(folder: Path, data: PreferencePairs, reference: str, rank: int = 
     batch = next(iter(data.val_batches(batching)))
     loss, aux = loss_fn(model, batch)
     return {"loss": loss.item(), **{k: v.item() for k, v in aux.items()}}
+
+
+def objective_loss(objective, data, batching, model):
+    """`objective`'s loss on `data`, set up as a fit sets it up (its reference from `model`)."""
+    from mlxlab.objectives.base import ObjectiveSetup
+    from mlxlab.runtime.distributed import World
+
+    objective.setup(ObjectiveSetup(model=model, data=data, batching=batching, world=World()))
+    return objective.loss
 
 
 def tree_map_params(model, fn):
@@ -247,7 +257,7 @@ def test_preference_experiments_train_and_log_the_rewards(pref_model, make_cfg, 
     )[0]
     assert (
         run.info.status == "FINISHED"
-        and run.data.tags["choice.trainer"] == experiment.split("_")[0]
+        and run.data.tags["choice.objective"] == experiment.split("_")[0]
     )
 
     def history(key: str) -> list[float]:
@@ -314,9 +324,8 @@ def test_a_rank_without_rows_of_a_pair_batch_weighs_nothing(pref_model, loss):
     from mlx.utils import tree_flatten
 
     from mlxlab.models.transformer import Transformer
+    from mlxlab.objectives.preference import Preference
     from mlxlab.runtime.distributed import World
-    from mlxlab.training.preference import build_preference_loss
-    from mlxlab.training.settings import PreferenceConfig
 
     data = pairs_data(pref_model["folder"], pref_model["train"])
     model = Transformer(
@@ -325,7 +334,7 @@ def test_a_rank_without_rows_of_a_pair_batch_weighs_nothing(pref_model, loss):
         lora={"rank": 4, "targets": ["query", "value"]},
     )
     batching = Batching(batch_size=1)
-    loss_fn = build_preference_loss(PreferenceConfig(loss=loss), data, batching, model)
+    loss_fn = objective_loss(Preference(loss=loss), data, batching, model)
     batch = next(iter(data.val_batches(batching)))
     step = nn.value_and_grad(model, loss_fn)
     counted = []
@@ -457,8 +466,8 @@ def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pre
 )
 def test_a_setting_the_loss_would_ignore_is_one_config_error(setting, message):
     from mlxlab.errors import ConfigError
-    from mlxlab.training.settings import PreferenceConfig
+    from mlxlab.objectives.preference import Preference
 
     with pytest.raises(ConfigError, match=message):
-        PreferenceConfig(**setting)
-    PreferenceConfig(loss=setting["loss"])  # the same loss with the defaults is fine
+        Preference(**setting)
+    Preference(loss=setting["loss"])  # the same loss with the defaults is fine

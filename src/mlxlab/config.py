@@ -358,9 +358,9 @@ def _check_optimized_metric(cfg: DictConfig) -> None:
     try:
         task = getattr(get_class(cfg.data._target_), "task", None)
         objective = get_class(cfg.objective._target_)
+        metrics = objective.metric_directions(task)
     except Exception:  # an unknown target fails at instantiation with Hydra's own message
         return
-    metrics = getattr(objective, "metric_directions", lambda task: {})(task)
     if not metrics:
         return  # data the objective does not train on: its setup says so, in one line
     names = [f"val/{m}" for m in metrics]

@@ -187,7 +187,13 @@ class Preference(Objective):
         self._reference_of = reference_of
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
+        """The loss of a training batch."""
         return self._pair_loss(model, batch, "train")
+
+    def loss_on(self, split: str) -> losses.LossFn:
+        """The loss of a batch of `split` ("train" | "val"): a cached reference's table is per
+        split (a batch's `index` is its pairs' places in their split)."""
+        return lambda model, batch: self._pair_loss(model, batch, split)
 
     def _pair_loss(self, model: nn.Module, batch: Batch,
                    split: str) -> tuple[mx.array, dict[str, mx.array]]:
@@ -220,8 +226,8 @@ class Preference(Objective):
     def evaluate(self, model: nn.Module, data: Any, batching: Batching,
                  world: distributed.World | None = None, prefix: str = "val") -> Evaluation:
         """The loss and its metrics (rewards/accuracy, ...) averaged over the validation pairs."""
-        return evaluate_by_loss(model, data.val_batches(batching),
-                                lambda m, b: self._pair_loss(m, b, "val"), world, prefix)
+        return evaluate_by_loss(model, data.val_batches(batching), self.loss_on("val"), world,
+                                prefix)
 
     @classmethod
     def metric_directions(cls, task: str) -> dict[str, str]:
@@ -258,13 +264,7 @@ def cache_reference(
                 split: {side: saved[f"{split}/{side}"] for side in SIDES}
                 for split in ("train", "val")
             }
-        log.info(
-            "preference: reference log-probs of %d + %d pairs read from %s",
-            len(tables["train"]["chosen"]),
-            len(tables["val"]["chosen"]),
-            path,
-        )
-        return tables
+        return said(tables, "read from", path)
     training = ref.training
     ref.eval()
     tables = {}
@@ -287,10 +287,12 @@ def cache_reference(
         partial = path.with_suffix(".tmp.npz")
         np.savez(partial, **{f"{s}/{side}": tables[s][side] for s in tables for side in SIDES})
         partial.replace(path)  # whole or absent: a killed write leaves no half file
-        log.info(
-            "preference: reference log-probs of %d + %d pairs computed, kept in %s",
-            len(tables["train"]["chosen"]),
-            len(tables["val"]["chosen"]),
-            path,
-        )
+        said(tables, "computed, kept in", path)
+    return tables
+
+
+def said(tables: Tables, how: str, path: Path) -> Tables:
+    """One log line for the reference log-probs read or written at `path`."""
+    log.info("preference: reference log-probs of %d + %d pairs %s %s",
+             len(tables["train"]["chosen"]), len(tables["val"]["chosen"]), how, path)
     return tables

@@ -11,12 +11,13 @@ gets its status: FINISHED, KILLED on a signal, FAILED otherwise.
 
 What the run trains toward is its `Objective` (objectives/base.py): the loop takes its batches
 from `objective.train_batches`, trains `objective.loss`, evaluates with `objective.evaluate`,
-checkpoints `objective.state_dict()`, and never asks which objective it is (a test holds it to
-that: tests/test_objectives.py). The other parts it calls live beside it, a module each, and
-never call back into it: plan.py (the run's length, batching, memory fitting), step.py (the
-compiled step, precision), checkpointing.py (writer, checkpoint state, resume), artifacts.py
-(what a finished run leaves); state.py holds what the loop changes (RunState) and what callbacks
-see (TrainContext). The constructor only keeps its arguments.
+checkpoints `objective.state_dict()`, and never asks which objective it is (rule 4 of
+scripts/audit_house.py fails on a branch; tests/test_objectives.py trains one the loop never
+named). The other parts it calls live beside it, a module each, and never call back into it:
+plan.py (the run's length, batching, memory fitting), step.py (the compiled step, precision),
+checkpointing.py (writer, checkpoint state, resume), artifacts.py (what a finished run leaves);
+state.py holds what the loop changes (RunState) and what callbacks see (TrainContext). The
+constructor only keeps its arguments.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -78,10 +79,23 @@ from mlxlab.training.token_tracking import TokenDistributionLog
 log = logging.getLogger(__name__)
 
 
+class FitParts(Protocol):
+    """What a fit takes from its Trainer (trainer.py): the settings and the parts it was built
+    with."""
+
+    settings: TrainerSettings
+    optimizer_factory: OptimizerFactory
+    callbacks: Sequence[Callback]
+    load_teachers: TeacherLoader | None
+    checkpointing: CheckpointPolicy
+    objective: Objective
+
+
 class Fit:
-    """One fit of `model` to `data` toward `objective` under `settings`, tracked by `tracker`,
-    checkpointed under `run_dir` as `checkpointing` says; `resume` (a run or checkpoint folder)
-    continues where it stopped. `run()` trains and returns the best evaluation."""
+    """One fit of `model` to `data` by `trainer`'s parts (its objective, settings, optimizer,
+    callbacks, checkpoint policy), tracked by `tracker`, checkpointed under `run_dir`; `resume`
+    (a run or checkpoint folder) continues where it stopped. `run()` trains and returns the best
+    evaluation."""
 
     # What run()'s pieces build, in order, and the save and evaluation points read.
     world: distributed.World
@@ -103,16 +117,13 @@ class Fit:
     step_fn: Any                    # the compiled step (rebuilt after a model operation)
     compiling: bool                 # the next step compiles (left out of the throughput)
 
-    def __init__(self, settings: TrainerSettings, optimizer: OptimizerFactory,
-                 callbacks: Sequence[Callback], load_teachers: TeacherLoader | None,
-                 checkpointing: CheckpointPolicy, model: nn.Module, data: DataModule,
-                 tracker: Tracker, run_dir: Path, config: dict, tags: dict,
-                 resume: str | Path | None, objective: Objective) -> None:
-        self.settings, self.optimizer_factory = settings, optimizer
-        self.callbacks = list(callbacks)  # this fit's: a data curriculum adds its own
-        self.load_teachers, self.checkpointing = load_teachers, checkpointing
+    def __init__(self, trainer: FitParts, model: nn.Module, data: DataModule, tracker: Tracker,
+                 run_dir: Path, config: dict, tags: dict, resume: str | Path | None) -> None:
+        self.settings, self.optimizer_factory = trainer.settings, trainer.optimizer_factory
+        self.callbacks = list(trainer.callbacks)  # this fit's: a data curriculum adds its own
+        self.load_teachers, self.checkpointing = trainer.load_teachers, trainer.checkpointing
+        self.objective = trainer.objective
         self.model, self.data, self.tracker = model, data, tracker
-        self.objective = objective
         self.run_dir, self.config, self.tags, self.resume = run_dir, config, tags, resume
 
     def run(self) -> FitResult:

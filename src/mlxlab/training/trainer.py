@@ -73,6 +73,5 @@ class Trainer:
     ) -> FitResult:
         """Train `model` on `data`, tracked by `tracker`, checkpointed under `run_dir`; `resume`
         (a run or checkpoint folder) continues where it stopped. Returns the best evaluation."""
-        return Fit(self.settings, self.optimizer_factory, self.callbacks, self.load_teachers,
-                   self.checkpointing, model, data, tracker, Path(run_dir), config or {},
-                   dict(tags or {}), resume, self.objective).run()
+        return Fit(self, model, data, tracker, Path(run_dir), config or {}, dict(tags or {}),
+                   resume).run()
