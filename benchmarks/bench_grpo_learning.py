@@ -70,7 +70,7 @@ def train(*args: str) -> list[str]:
 
 
 def line_value(out: str, prefix: str) -> str:
-    return next(line for line in out.splitlines() if line.startswith(prefix)).split()[1]
+    return next(line for line in out.splitlines() if line.startswith(prefix))[len(prefix):].strip()
 
 
 def main() -> None:
@@ -111,7 +111,7 @@ def main() -> None:
         "eval", str(sft_dir), str(heldout), "--tasks", "--max-new-tokens", "8", "--uri", uri,
         "--experiment", "grpo_copy_base", "--json"), env, out / "base_eval.log")
     report, _ = json.JSONDecoder().raw_decode(eval_out[eval_out.index("{"):])
-    base_acc = report["tasks"]["heldout"]["metrics"]["exact_match"]
+    base_acc = report["tasks"]["heldout"]["metrics"]["exact_match"]["value"]
     base_run = report.get("run_id")
     print(f"base: held-out exact match {base_acc:.3f} (run {base_run})", flush=True)
     if not 0.10 <= base_acc <= 0.70:
