@@ -363,3 +363,26 @@ def test_a_sigkilled_grpo_run_resumes_bitwise(tiny, tmp_path, cli_env):
     assert_same_weights(reference, resumed, "grpo")
     assert run_id_of(resumed) == run_id_of(killed)
     assert_same_history(f"sqlite:///{tmp_path}/mlruns/mlflow.db", reference, resumed, "grpo")
+
+
+@pytest.mark.slow  # ~8 min on 2 loaded cores: an SFT, a base evaluation, three GRPO runs
+def test_grpo_beats_its_base_over_three_seeds(tmp_path):
+    """benchmarks/bench_grpo_learning.py end to end (docs/benchmarks.md, "GRPO: learning,
+    proven"): the base starts between 10 % and 70 % on the 200 held-out prompts, and
+    `mlxlab runs compare <base run> <grpo sweep>` finds the three seeds better, the paired
+    interval over the examples above zero."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_grpo_learning.py"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert 0.10 <= results["base_exact_match"] <= 0.70
+    compare = json.loads(results["compare"])
+    (exact,) = [p for p in compare["paired"] if p["metric"] == "exact_match"]
+    assert exact["n"] == 200 and exact["seeds_b"] == 3 and exact["low"] > 0, exact
+    assert len(compare["per_seed"]) == 3
