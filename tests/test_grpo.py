@@ -386,3 +386,26 @@ def test_grpo_beats_its_base_over_three_seeds(tmp_path):
     (exact,) = [p for p in compare["paired"] if p["metric"] == "exact_match"]
     assert exact["n"] == 200 and exact["seeds_b"] == 3 and exact["low"] > 0, exact
     assert len(compare["per_seed"]) == 3
+
+
+@pytest.mark.slow  # two short trials in one process
+def test_optuna_searches_beta_the_learning_rate_and_g(tiny, tmp_path):
+    """hparams_search=grpo_optuna: two real trials over objective.beta, the learning rate and
+    objective.num_generations, each child run scored by val/reward, the parent holding the best."""
+    from mlxlab.sweeps.store import sweep_children
+    from test_sweeps import client_for, mlxlab_train, sweep_parents
+
+    args = [a for a in grpo_args(tiny, "trainer.max_steps=4", "trainer.eval_every_steps=2")
+            if not a.startswith(("experiment=", "objective.rewards=", "objective.beta=",
+                                 "objective.num_generations=", "optimizer.learning_rate="))]
+    mlxlab_train(tmp_path, "--multirun", "hparams_search=grpo_optuna",
+                 "hydra.sweeper.n_trials=2", "hydra/launcher=basic",
+                 "hydra.sweeper.sampler.seed=0", *args)
+    client = client_for(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (parent,) = sweep_parents(client, "grpo_arithmetic")
+    children = sweep_children(client, parent.info.run_id)
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    for key in ("objective.beta", "optimizer.learning_rate", "objective.num_generations"):
+        assert len({r.data.params[key] for r in children}) == 2, key
+    scores = [r.data.metrics["best/val/reward"] for r in children]
+    assert client.get_run(parent.info.run_id).data.metrics["optuna/best_value"] == max(scores)
