@@ -13,13 +13,14 @@ from conftest import PYTHON, compose_cfg
 from mlxlab.config import ConfigError, config_dir, to_container, validate
 
 CONF = Path(config_dir())
-GROUPS = ["model", "data", "trainer", "optimizer", "callbacks", "tracking", "experiment",
-          "hparams_search", "debug"]
+GROUPS = ["model", "data", "objective", "trainer", "preset", "optimizer", "callbacks", "tracking",
+          "experiment", "hparams_search", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
 def test_every_group_has_options():
-    for group in ["model", "data", "trainer", "optimizer", "callbacks", "tracking", "experiment"]:
+    for group in ["model", "data", "objective", "trainer", "preset", "optimizer", "callbacks",
+                  "tracking", "experiment"]:
         assert any(g == group for g, _ in OPTIONS), f"conf/{group}/ is empty"
 
 
@@ -30,8 +31,10 @@ def test_option_composes_and_resolves(tmp_path, group, option):
     extra = ["optimized_metric=val/loss", "optimized_mode=min"] if option in lm_data else []
     if option == "csv":  # the generic CSV option has no file or label column of its own
         extra = ["data.path=my.csv", "data.label_column=target"]
+    if option == "preference" or option in ("dpo", "orpo"):  # pairs train with a pair objective
+        extra = ["experiment=dpo_chat", f"{group}={option}"]
     if option in ("hf_decoder", "finetune_completions", "finetune_text", "finetune_chat",
-                  "dpo_chat", "orpo_chat", "dpo_optuna"):
+                  "dpo_chat", "orpo_chat", "dpo_optuna", "preference", "dpo", "orpo"):
         extra.append("model.pretrained=/a/hf/folder")  # left for the user to set (???)
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     container = to_container(cfg)  # every interpolation outside Hydra's own node resolves

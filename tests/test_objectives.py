@@ -75,7 +75,7 @@ class Repeating(Objective):
     def loss(self, model, batch):
         return self._loss(model, batch)
 
-    def evaluate(self, model, data, batching, world=None, prefix="val"):
+    def evaluate(self, model, data, batching, world=None, prefix="val", step=None):
         return evaluate_cross_entropy(model, data, batching, world, prefix)
 
     @classmethod
@@ -204,3 +204,19 @@ def test_a_checkpoint_from_before_objectives_resumes_with_its_objective(trainer,
     built = instantiate(OmegaConf.create(migrated["objective"]))
     check_objective(built)
     assert migrate_objective(migrated) is migrated  # today's config: as it is
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["experiment=dpo_chat", "model.pretrained=/a/folder", "objective=supervised"],
+     "^preference pairs train with a preference objective: set objective=dpo or objective=orpo"),
+    (["objective=dpo"], "^objective Preference does not train on classification data"),
+    (["objective=distill", "optimized_metric=val/rewards/accuracy"],
+     r"^optimized_metric='val/rewards/accuracy' is not computed for classification data by "
+     r"objective Distill: choose one of \['val/loss', 'val/accuracy'"),
+])
+def test_an_objective_on_data_it_does_not_train_on_is_one_line_before_anything_is_built(
+        make_cfg, overrides, message):
+    from mlxlab.config import validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(make_cfg(*overrides))

@@ -351,6 +351,28 @@ def test_a_rank_without_rows_of_a_pair_batch_weighs_nothing(pref_model, loss):
     assert counted[0] == (0.0, 0.0) and counted[1][0] == 1.0 and counted[1][1] > 0, counted
 
 
+def test_dpo_chat_with_the_quick_preset_is_a_20_step_dpo_run(pref_model, make_cfg):
+    """Issue 55's new user: `experiment=dpo_chat trainer=quick` used to drop DPO and exit 2;
+    the axes compose now, so `experiment=dpo_chat preset=quick` trains DPO for the preset's 20
+    steps, evaluated at 10 and 20, its rewards logged."""
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.train import train
+
+    args = [a for a in preference_args(pref_model) if not a.startswith(("trainer.max_steps",
+                                                                       "trainer.eval_every"))]
+    cfg = make_cfg("experiment=dpo_chat", "preset=quick", *args)
+    metrics = train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])
+    tags = run.data.tags
+    assert (tags["choice.objective"], tags["choice.preset"]) == ("dpo", "quick")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/rewards/accuracy")]
+    assert steps == [10, 20] and "val/rewards/accuracy" in metrics
+    assert len(client.get_metric_history(run.info.run_id, "train/rewards/margin")) == 20
+
+
 # --- the other losses and a full fine-tune, through the one loop -------------------------------
 
 

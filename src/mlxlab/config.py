@@ -351,20 +351,21 @@ def _check_settings(cfg: DictConfig) -> None:
 
 
 def _check_optimized_metric(cfg: DictConfig) -> None:
-    """optimized_metric must be something the objective's evaluation computes for this data's
-    task: the objective class names them (Objective.metric_directions, objectives/base.py)."""
+    """The objective trains on this data's task, and optimized_metric is something its
+    evaluation computes for it: the objective class says both (Objective.check_data and
+    metric_directions, objectives/base.py)."""
     from hydra.utils import get_class
 
     try:
         task = getattr(get_class(cfg.data._target_), "task", None)
         objective = get_class(cfg.objective._target_)
-        metrics = objective.metric_directions(task)
+        check_data, metrics = objective.check_data, objective.metric_directions(task)
     except Exception:  # an unknown target fails at instantiation with Hydra's own message
         return
-    if not metrics:
-        return  # data the objective does not train on: its setup says so, in one line
+    if task is not None:
+        check_data(task)
     names = [f"val/{m}" for m in metrics]
-    if cfg.get("optimized_metric") not in names:
+    if names and cfg.get("optimized_metric") not in names:
         raise ConfigError(
             f"optimized_metric={cfg.get('optimized_metric')!r} is not computed for {task} data "
             f"by objective {objective.__name__}: choose one of {names}"

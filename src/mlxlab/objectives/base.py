@@ -19,10 +19,13 @@ state, artifacts and analysis ask nothing else about which objective runs:
    key named `loss_mask` or `*_loss_mask`) must add 0 to both. Per-example values (one per row,
    callbacks' needs_example_losses) go in `aux` under the keys of losses.EXAMPLE_KEYS when
    `ObjectiveSetup.per_example` is true.
-3. **its evaluation**: `evaluate(model, data, batching, world, prefix)` -> `Evaluation`, the
-   metrics `<prefix>/<name>` on the validation split; `metric_directions(task)` names them with
-   which way each improves ("min" | "max"): what `optimized_metric` may be (config.validate asks
-   the class, before anything is built) and what picks the best checkpoint.
+3. **its evaluation**: `evaluate(model, data, batching, world, prefix, step)` -> `Evaluation`,
+   the metrics `<prefix>/<name>` on the validation split (`step`: the optimizer step, for files
+   it writes beside them through `ObjectiveSetup.tracker` / `run_dir`);
+   `metric_directions(task)` names them with which way each improves ("min" | "max"): what
+   `optimized_metric` may be (config.validate asks the class, before anything is built) and
+   what picks the best checkpoint; `check_data(task)` says in one line when the objective does
+   not train on such data.
 4. **its state**: `state_dict()` / `load_state_dict(state)`, JSON-able (floats survive JSON
    exactly; `pack_array` / `unpack_array` keep an array's dtype and bits). training/checkpointing
    writes it into every checkpoint's state.json (`CheckpointState.objective`) and restores it on
@@ -47,7 +50,10 @@ Lifecycle, in the order the loop calls it (Fit.run):
 Configuration: `conf/objective/<name>.yaml` is one node whose `_target_` is the objective class
 and whose keys are its constructor's arguments (`objective=dpo objective.beta=0.2`). The
 constructor only checks and keeps them (config.validate builds it before anything heavy, so a
-bad value is one ConfigError line naming `objective.<key>`); `setup` does the work.
+bad value is one ConfigError line naming `objective.<key>`); `setup` does the work. A new
+objective's module goes into the import contract "objectives/ in one direction" (pyproject.toml:
+in the top layer beside distill and preference, or below them if they use it) and is named in
+scripts/audit_house.py OBJECTIVE_WORDS if its name is new, so that the loop never asks for it.
 
 Making batches (GRPO and any other objective that generates its training data):
 - `train_batches` is a generator the loop drains one optimizer step at a time; the loop
@@ -87,6 +93,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxlab.data.batching import Batch, Batching
+from mlxlab.errors import ConfigError
 from mlxlab.runtime import distributed
 
 LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]
@@ -179,8 +186,11 @@ class Objective:
         return 1
 
     def evaluate(self, model: nn.Module, data: Any, batching: Batching,
-                 world: distributed.World | None = None, prefix: str = "val") -> Evaluation:
-        """The metrics `<prefix>/<name>` on data's validation batches (rank-reduced)."""
+                 world: distributed.World | None = None, prefix: str = "val",
+                 step: int | None = None) -> Evaluation:
+        """The metrics `<prefix>/<name>` on data's validation batches (rank-reduced); `step`: the
+        optimizer step evaluated (for what the objective writes beside the metrics, e.g. sample
+        completions as an artifact; None outside a fit)."""
         raise NotImplementedError(f"{type(self).__name__}.evaluate")
 
     @classmethod
@@ -188,6 +198,14 @@ class Objective:
         """The validation metrics (without the `val/` prefix) that evaluate reports on data of
         `task`, each with "min" or "max"; {} when the objective does not train on such data."""
         return {}
+
+    @classmethod
+    def check_data(cls, task: str) -> None:
+        """One ConfigError line when the objective does not train on data of `task` (config.validate
+        asks the class before anything is built); default: when it names no metrics for it."""
+        if not cls.metric_directions(task):
+            raise ConfigError(f"objective {cls.__name__} does not train on {task} data: pick the "
+                              "objective for it (conf/objective/)")
 
     def tags(self) -> dict[str, str]:
         """Run tags known after setup (tracking/tags.py names)."""

@@ -224,7 +224,8 @@ class Preference(Objective):
                          policy.chosen_tokens, policy.rejected_tokens)
 
     def evaluate(self, model: nn.Module, data: Any, batching: Batching,
-                 world: distributed.World | None = None, prefix: str = "val") -> Evaluation:
+                 world: distributed.World | None = None, prefix: str = "val",
+                 step: int | None = None) -> Evaluation:
         """The loss and its metrics (rewards/accuracy, ...) averaged over the validation pairs."""
         return evaluate_by_loss(model, data.val_batches(batching), self.loss_on("val"), world,
                                 prefix)

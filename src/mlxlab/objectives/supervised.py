@@ -63,9 +63,14 @@ class Supervised(Objective):
         return self._loss(model, batch)
 
     def evaluate(self, model: nn.Module, data: Any, batching: Batching,
-                 world: distributed.World | None = None, prefix: str = "val") -> Evaluation:
+                 world: distributed.World | None = None, prefix: str = "val",
+                 step: int | None = None) -> Evaluation:
         return evaluate_cross_entropy(model, data, batching, world, prefix)
 
     @classmethod
     def metric_directions(cls, task: str) -> dict[str, str]:
         return dict(METRICS.get(task, {}))
+
+    @classmethod
+    def check_data(cls, task: str) -> None:
+        check_task(task, cls.name)

@@ -404,7 +404,8 @@ class Fit:
         if not self.data.has_validation:  # the points where a run evaluates still checkpoint
             self._save(force=force)
             return
-        result = self.objective.evaluate(self.model, self.data, self.batching, self.world)
+        result = self.objective.evaluate(self.model, self.data, self.batching, self.world,
+                                         step=state.step)
         for key, value in result.metrics.items():
             state.history.setdefault(key, []).append((state.step, value))
         self.tracker.log_metrics(result.metrics, state.step)
@@ -439,7 +440,8 @@ class Fit:
             load_checkpoint(best, model)
         if self.settings.quantize_bits:
             def evaluate(m: nn.Module, prefix: str) -> Evaluation:
-                return self.objective.evaluate(m, self.data, self.batching, prefix=prefix)
+                return self.objective.evaluate(m, self.data, self.batching, prefix=prefix,
+                                               step=state.step)
 
             best_metrics.update(save_quantized(
                 model, evaluate, int(self.settings.quantize_bits),
