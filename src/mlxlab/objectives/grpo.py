@@ -252,6 +252,8 @@ class GRPO(Objective):
 
     @classmethod
     def metric_directions(cls, task: str) -> dict[str, str]:
+        if task != "lm":  # prompts for a language model (data=prompts) only
+            return {}
         out = {"reward": "max", "reward_std": "min", "completions/mean_length": "min"}
         return out | {f"rewards/{name}/mean": "max" for name in BUILTIN_REWARDS}
 
