@@ -331,7 +331,7 @@ def test_a_grpo_run_logs_trls_metrics_and_samples_to_mlflow(tiny, make_cfg, tmp_
         assert len(history(f"train/{key}")) in (4, 8), key
     assert len(history("val/reward")) == 2
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "grpo_samples")]
-    assert samples == ["grpo_samples/eval_0001.jsonl", "grpo_samples/eval_0002.jsonl"]
+    assert samples == ["grpo_samples/step_00000004.jsonl", "grpo_samples/step_00000008.jsonl"]
     local = client.download_artifacts(run.info.run_id, samples[-1])
     rows = [json.loads(line) for line in Path(local).read_text().splitlines()]
     assert len(rows) == 3 and {"prompt", "completion", "reward", "exact_answer"} <= set(rows[0])

@@ -12,15 +12,14 @@ policy with its LoRA adapters off: models/lora.py `adapters_off`, no second copy
 once per generation outside the step. The loss (grpo_loss.py) is TRL's: grpo, dr_grpo or dapo.
 
 Everything that decides the next batch is in `state_dict`: the generator's key, the buffer and
-how many of its passes are done, the metric sums since the last logged line, the evaluations
-done. A run SIGKILLed between two steps resumes to the same bits (tests/test_grpo.py).
+how many of its passes are done, the metric sums since the last logged line. A run SIGKILLed between two steps resumes to the same bits (tests/test_grpo.py).
 
 Metrics are TRL's names: per step (train/...) reward, reward_std, rewards/<fn>/mean and /std,
 frac_reward_zero_std, completions/mean_length, /min_length, /max_length, /clipped_ratio (from
 the rollouts, objective.logs) and kl, entropy, clip_ratio/low_mean, /high_mean, /region_mean
 (from the loss); at each evaluation val/reward, val/rewards/<fn>/mean, ... on one completion
 of every validation prompt (eval_temperature 0: greedy), with sample completions logged as the
-artifact grpo_samples/eval_<k>.jsonl.
+artifact grpo_samples/step_<step>.jsonl.
 """
 
 from __future__ import annotations
@@ -97,7 +96,6 @@ class GRPO(Objective):
         self._passes = 0
         self._sums: dict[str, float] = {}
         self._fills = 0
-        self._evaluations = 0
         self.width = 0
         self.tracker = None
 
@@ -122,8 +120,7 @@ class GRPO(Objective):
         buffer = None if self._buffer is None else {
             k: pack_array(v) for k, v in self._buffer.items()}
         return {"key": pack_array(np.array(self._key)), "buffer": buffer, "passes": self._passes,
-                "sums": dict(self._sums), "fills": self._fills,
-                "evaluations": self._evaluations}
+                "sums": dict(self._sums), "fills": self._fills}
 
     def load_state_dict(self, state: dict) -> None:
         self._key = mx.array(unpack_array(state["key"]))
@@ -131,7 +128,6 @@ class GRPO(Objective):
         self._buffer = None if buffer is None else {k: unpack_array(v) for k, v in buffer.items()}
         self._passes, self._fills = int(state["passes"]), int(state["fills"])
         self._sums = {k: float(v) for k, v in state["sums"].items()}
-        self._evaluations = int(state["evaluations"])
 
     # --- the batches it makes -------------------------------------------------------------------
 
@@ -231,23 +227,24 @@ class GRPO(Objective):
         return out
 
     def evaluate(self, model: nn.Module, data: Any, batching: Batching,
-                 world: distributed.World | None = None, prefix: str = "val") -> Evaluation:
+                 world: distributed.World | None = None, prefix: str = "val",
+                 step: int | None = None) -> Evaluation:
         """One completion of every validation prompt (eval_temperature; 0 is greedy), scored by
-        the rewards; sample completions logged as an artifact."""
+        the rewards; sample completions logged as the artifact grpo_samples/step_<step>.jsonl
+        (an evaluation outside a fit, step None, logs none)."""
         n = len(data.val)
         prompts, ids, columns = data.prompts("val", np.arange(n))
         completions = sample_completions(model, ids, 1, self.eval_sampling, self.stop_ids,
                                          mx.random.key(self.seed))
         table, rewards, texts = self._score(prompts, completions, columns, 1)
         metrics = rollout_metrics(table, rewards, self.rewards, completions, self.stop_ids)
-        self._evaluations += 1
-        if self.tracker is not None and self.log_completions:
+        if self.tracker is not None and self.log_completions and step is not None:
             rows = [{"prompt": p, "completion": t, "reward": float(r),
                      **{rw.name: float(v) for rw, v in zip(self.rewards, line)}}
                     for p, t, r, line in list(zip(prompts, texts, rewards, table))
                     [: self.log_completions]]
             self.tracker.log_text("".join(json.dumps(r) + "\n" for r in rows),
-                                  f"{SAMPLES}/eval_{self._evaluations:04d}.jsonl")
+                                  f"{SAMPLES}/step_{step:08d}.jsonl")
         return Evaluation({f"{prefix}/{k}": v for k, v in metrics.items()})
 
     @classmethod
