@@ -27,6 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxlab.errors import ConfigError
+from mlxlab.models.layers import KVCache
 from mlxlab.models.transformer import sample_token
 
 
@@ -57,6 +58,9 @@ def sample_rows(model: nn.Module, prompts: np.ndarray, sampling: Sampling,
     stop token when it sampled one. The model runs as it is (the caller sets eval mode)."""
     rows = prompts.shape[0]
     cache = make_cache(model)
+    for layer_cache in cache:  # one buffer of the positions this batch needs, not 256-chunks
+        if isinstance(layer_cache, KVCache):
+            layer_cache.step = prompts.shape[1] + sampling.max_new_tokens
     logits = model(mx.array(prompts.astype(np.int32)), cache=cache)[:, -1]
     out = np.zeros((rows, sampling.max_new_tokens), np.int32)
     lengths = np.full(rows, sampling.max_new_tokens)
