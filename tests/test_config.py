@@ -33,8 +33,11 @@ def test_option_composes_and_resolves(tmp_path, group, option):
         extra = ["data.path=my.csv", "data.label_column=target"]
     if option == "preference" or option in ("dpo", "orpo"):  # pairs train with a pair objective
         extra = ["experiment=dpo_chat", f"{group}={option}"]
+    if option in ("prompts", "grpo"):  # prompts are completed by objective=grpo (and back)
+        extra = ["experiment=grpo_arithmetic", f"{group}={option}"]
     if option in ("hf_decoder", "finetune_completions", "finetune_text", "finetune_chat",
-                  "dpo_chat", "orpo_chat", "dpo_optuna", "preference", "dpo", "orpo"):
+                  "dpo_chat", "orpo_chat", "dpo_optuna", "preference", "dpo", "orpo", "prompts",
+                  "grpo", "grpo_arithmetic", "grpo_copy", "grpo_optuna"):
         extra.append("model.pretrained=/a/hf/folder")  # left for the user to set (???)
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     container = to_container(cfg)  # every interpolation outside Hydra's own node resolves
