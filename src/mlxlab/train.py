@@ -49,11 +49,14 @@ def build_callbacks(cfg: DictConfig) -> tuple[list, CheckpointPolicy]:
     the task scoring; a search's trial, the reporter that feeds its pruner (sweeps/search/pruning.py)."""
     from mlxlab.sweeps.search.trial_link import current_trial
     from mlxlab.training.callbacks import from_config
+    from mlxlab.training.memory_watch import StepMark, SystemMemory
     from mlxlab.training.task_evaluation import task_scoring
 
     callbacks, policy = from_config(cfg.get("callbacks"), instantiate)
     # evaluation tasks: one more evaluation, by a hook
     callbacks += task_scoring(instantiate(cfg.eval) if cfg.get("eval") else None)
+    # memory under system/ in the tracker; each step for a supervising parent (runtime/supervise.py)
+    callbacks += [SystemMemory(), StepMark()]
     trial = current_trial()  # a search's job: which trial it trains
     if trial is not None:
         from mlxlab.sweeps.search.pruning import TrialReporter
@@ -142,9 +145,11 @@ def train_distill_rounds(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def hydra_main(cfg: DictConfig) -> float:
+    from mlxlab.runtime import supervise
     from mlxlab.training.trainer import TrainingInterrupted
 
     _, _, sweeping = hydra_context(cfg)
+    supervise.set_sweeping(sweeping)  # a restart after running out of memory reruns the sweep
     try:
         if sweeping:  # a continued sweep: a finished job is kept, a killed one resumes
             from mlxlab.sweeps.jobs import continue_job
@@ -178,15 +183,20 @@ def hydra_main(cfg: DictConfig) -> float:
         failures.leave(2, f"mlxlab: error: {err}")
 
 
-def main() -> None:
-    """mlxlab-train / `mlxlab train`: the group choices checked first, then the Hydra app."""
+def main(supervised: bool = True) -> None:
+    """mlxlab-train / `mlxlab train`: the group choices checked first, then the Hydra app, in a
+    child process under a parent that restarts it at half the micro-batch when it runs out of
+    memory (runtime/supervise.py); `python -m mlxlab.train` (that child) trains in-process."""
     from mlxlab.config import check_group_choices
+    from mlxlab.runtime import supervise
 
     try:
         check_group_choices(sys.argv[1:])
     except ConfigError as err:
         print(f"mlxlab: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if supervised and supervise.wanted():
+        sys.exit(supervise.main(sys.argv[1:]))
     from mlxlab.tracking.mlflow import background
 
     if background.tracks_in_a_child(sys.argv[1:]):
@@ -195,4 +205,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(supervised=False)

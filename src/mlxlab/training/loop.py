@@ -51,9 +51,10 @@ from mlxlab.training.checkpointing import (
 )
 from mlxlab.training.distill import TeacherLoader, build_loss
 from mlxlab.training.evaluate import evaluate
+from mlxlab.training.micro_batch import Fitting, plan_micro_batch
 from mlxlab.training.model_ops import ModelSchedule
 from mlxlab.training.optim import OptimizerFactory, build_optimizer
-from mlxlab.training.plan import fit_batch_to_memory, global_batching, plan, steps_of
+from mlxlab.training.plan import global_batching, plan, steps_of
 from mlxlab.training.settings import CheckpointPolicy, TrainerSettings
 from mlxlab.training.signals import GracefulStop
 from mlxlab.training.state import (
@@ -125,8 +126,9 @@ class Fit:
                 settings, data, batching, self.load_teachers,
                 per_example=any(cb.needs_example_losses for cb in callbacks), model=model)
             loss_fn = self.loss_fn = with_precision(loss_fn, settings.precision)
-            self.batching, grad_accum = fit_batch_to_memory(model, data, loss_fn, settings, batching,
-                                                            world, rows_of)
+            self.batching, grad_accum = plan_micro_batch(Fitting(  # training/micro_batch.py
+                model, data, loss_fn, settings, world, rows_of, self.optimizer_factory,
+                self.run_dir, self.resume, self.config, self.tags), batching, rank_batches)
             total_steps, max_epochs, steps_per_epoch = plan(
                 data, settings, self.batching, grad_accum, world if rank_batches else None)
             state = self.state = RunState()
@@ -146,7 +148,8 @@ class Fit:
             if self.resume:
                 saved, report = restore(self.resume, model=model, optimizer=optimizer, data=data,
                                         callbacks=callbacks, state=state, manager=manager,
-                                        model_ops=self.model_ops, world=world)
+                                        model_ops=self.model_ops, world=world,
+                                        rows=self.batching.batch_size)
                 self.tags.update(resume_tags(saved, report, self.config, data, self.val_print,
                                              state, manager, settings.monitor))
             if self.shards is not None:  # keep this rank's share of the (restored) state

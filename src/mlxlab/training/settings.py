@@ -133,6 +133,12 @@ class TrainerSettings:
     precision: str = "auto"           # auto (fp32 on CPU, bf16 where faster) | fp32 | bf16 | fp16
     compile: bool = True              # mx.compile the step
     memory_budget_mb: float | None = None  # halve the batch (doubling grad_accum) until a step fits
+    # rows per forward/backward pass: None = batch_size; N (dividing batch_size x grad_accum);
+    # "auto" = the largest power of two whose step fits trainer.memory_limit (micro_batch.py).
+    # The effective batch (batch_size x grad_accum) never changes: grad_accum follows.
+    micro_batch: int | str | None = None
+    memory_limit: float | None = None  # GB (> 1) or a fraction (<= 1) of the device's memory
+    oom_restarts: int = 3             # restarts at half the micro-batch after running out
     quantize_bits: int | None = None  # 2-8: quantize the best checkpoint, log its metrics too
     fused_kernels: str | bool = "auto"  # auto | on | off: the fused CPU kernels (kernels/)
     flush_denormals: bool = True      # CPU: floats below 1.2e-38 are 0 (kernels/denormals.py)
@@ -162,6 +168,7 @@ class TrainerSettings:
         if str(self.fused_kernels).lower() not in (*kernels.MODES, "true", "false"):
             raise ConfigError(f"trainer.fused_kernels={self.fused_kernels!r}: expected auto, on "
                               "or off")
+        check_micro_batch(self)
         if self.distill and self.preference:
             raise ConfigError("trainer.distill and trainer.preference are two losses: set one")
         object.__setattr__(self, "model_schedule", check_schedule(self.model_schedule) or None)
@@ -172,6 +179,30 @@ class TrainerSettings:
     def data_batching(self) -> Batching:
         """The batching the data module is asked for: batch_size with trainer.batching."""
         return Batching(batch_size=self.batch_size, **dataclasses.asdict(self.batching))
+
+
+def check_micro_batch(settings: TrainerSettings) -> None:
+    """trainer.micro_batch, memory_limit and oom_restarts (training/micro_batch.py reads them)."""
+    micro, effective = settings.micro_batch, settings.batch_size * settings.grad_accum
+    if micro is not None and micro != "auto":
+        check_number("trainer.micro_batch", micro, int, 1)
+        if effective % int(micro):
+            raise ConfigError(
+                f"trainer.micro_batch={micro} does not divide the effective batch "
+                f"(trainer.batch_size x trainer.grad_accum = {effective}): use a divisor of it, "
+                "or micro_batch=auto")
+    if micro is not None and settings.batching.dynamic:
+        raise ConfigError("trainer.micro_batch needs fixed batches: set trainer.batching."
+                          "dynamic=false or trainer.micro_batch=null")
+    if micro is not None and settings.memory_budget_mb:
+        raise ConfigError("trainer.micro_batch and trainer.memory_budget_mb both size the "
+                          "micro-batch: set one (micro_batch=auto with trainer.memory_limit)")
+    if settings.memory_limit is not None:
+        check_number("trainer.memory_limit", settings.memory_limit, float, 0.0)
+        if settings.memory_limit <= 0:
+            raise ConfigError(f"trainer.memory_limit must be > 0 (GB, or a fraction <= 1 of the "
+                              f"device's memory), got {settings.memory_limit}")
+    check_number("trainer.oom_restarts", settings.oom_restarts, int, 0)
 
 
 # (field, type, lower bound) of TrainerSettings' numeric keys; None values are not checked.
