@@ -38,6 +38,7 @@ from mlx.utils import tree_map
 from mlxlab.checkpoint import rng_state, set_rng_state
 from mlxlab.data.batching import Batching
 from mlxlab.runtime import device, distributed, failures, supervise
+from mlxlab.tracking import tags as T
 from mlxlab.training.checkpointing import PLAN_KEY
 from mlxlab.training.optim import OptimizerFactory, build_optimizer
 from mlxlab.training.plan import fit_batch_to_memory, global_batching
@@ -46,8 +47,6 @@ from mlxlab.training.state import TrainingError
 
 log = logging.getLogger(__name__)
 
-OOM_RESTARTS_TAG = "mlxlab.oom_restarts"  # how often the run restarted after running out
-MICRO_BATCH_TAG = "mlxlab.micro_batch"  # the micro-batch it trains with now
 SCAN_ROWS = 256  # rows per batch when the data is read once for its longest row
 GB = 1e9
 
@@ -98,7 +97,7 @@ def plan_micro_batch(fit: Fitting, batching: Batching, rank_batches: bool) -> tu
     apply_memory_limit(settings)
     record["micro_batch"], record["grad_accum"] = micro, effective // micro
     fit.config[PLAN_KEY] = record
-    fit.tags[MICRO_BATCH_TAG] = str(micro)
+    fit.tags[T.MICRO_BATCH], fit.tags[T.GRAD_ACCUM] = str(micro), str(effective // micro)
     report(fit, micro, effective // micro)
     rows = dataclasses.replace(settings.data_batching(), batch_size=micro)
     return (rows if rank_batches else global_batching(rows, fit.world)), effective // micro
@@ -128,8 +127,8 @@ def restarted(note: dict, run_dir: Path, tags: dict) -> int:
                     last["step"], last["micro_batch"], micro, last["grad_accum"],
                     note["grad_accum"], last["steps_lost"], last["checkpoint_step"], len(events),
                     supervise.NOTE)
-        tags[OOM_RESTARTS_TAG] = str(len(events))
-        tags[f"mlxlab.oom_restart.{len(events)}"] = (
+        tags[T.OOM_RESTARTS] = str(len(events))
+        tags[f"{T.OOM_RESTARTS[:-1]}.{len(events)}"] = (
             f"step {last['step']} ({last['how']}): micro-batch {last['micro_batch']} -> {micro}, "
             f"{last['steps_lost']} step(s) lost")
     return micro
