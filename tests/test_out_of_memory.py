@@ -22,12 +22,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import FAST, PYTHON
+from conftest import FAST, PYTHON, compose_cfg
 from mlxlab.errors import ConfigError
 from mlxlab.runtime import supervise
 from mlxlab.training.checkpointing import rescaled_position
 from mlxlab.training.micro_batch import candidates
-from mlxlab.training.settings import TrainerSettings
+from mlxlab.training.settings import TrainerSettings, memory_limit
 
 MLXLAB_TRAIN = str(Path(PYTHON).parent / "mlxlab-train")
 ROWS, BATCH, LONG_STEP = 160, 32, 4  # 5 steps an epoch; the 4th step's rows are long
@@ -51,8 +51,12 @@ def test_micro_batch_settings_are_checked_in_one_line():
         TrainerSettings(batch_size=32, micro_batch="auto", batching={"dynamic": True})
     with pytest.raises(ConfigError, match="both size the micro-batch"):
         TrainerSettings(micro_batch="auto", memory_budget_mb=100)
-    with pytest.raises(ConfigError, match="memory_limit must be > 0"):
+    with pytest.raises(ConfigError, match="memory_limit=0: give GB"):
         TrainerSettings(memory_limit=0)
+    with pytest.raises(ConfigError, match="give GB"):
+        TrainerSettings(memory_limit="lots")
+    assert memory_limit(12) == ("bytes", 12e9) and memory_limit(0.8) == ("fraction", 0.8)
+    assert memory_limit("512MB") == ("bytes", 512e6) and memory_limit("80%") == ("fraction", 0.8)
     with pytest.raises(ConfigError, match="micro_batch must be an integer"):
         TrainerSettings(micro_batch="big")
     assert TrainerSettings(batch_size=16, grad_accum=3, micro_batch=8).micro_batch == 8
@@ -269,10 +273,10 @@ def test_auto_picks_the_largest_power_of_two_that_fits_the_limit(tmp_path, make_
     files = long_rows_data(tmp_path, seed=42, long_step=None)
 
     def run(*more: str) -> tuple[float, dict]:
-        cfg = make_cfg(*[a for a in finetune_args(files, tmp_path, "x") if not
+        cfg = compose_cfg(tmp_path / more[0].rsplit("=", 1)[1], [*[a for a in finetune_args(files, tmp_path, "x") if not
                          a.startswith(("tracking.", "paths.root_dir"))], "tracking=none",
                        "trainer.batch_size=16", "trainer.max_steps=1",
-                       "trainer.eval_every_steps=1", *more)
+                       "trainer.eval_every_steps=1", *more])
         from mlxlab.runs import load_run_model
 
         mx.reset_peak_memory()
@@ -286,10 +290,10 @@ def test_auto_picks_the_largest_power_of_two_that_fits_the_limit(tmp_path, make_
     peak4, _ = run("trainer.micro_batch=4")
     peak8, _ = run("trainer.micro_batch=8")
     assert peak8 > peak4 * 1.3  # the rows' memory dominates
-    limit_gb = (peak4 + peak8) / 2 / 1e9
-    peak, plan = run("trainer.micro_batch=auto", f"trainer.memory_limit={limit_gb}")
+    limit_mb = (peak4 + peak8) / 2 / 1e6
+    peak, plan = run("trainer.micro_batch=auto", f"trainer.memory_limit={limit_mb:.3f}MB")
     assert plan["chosen_by"] == "auto" and plan["micro_batch"] == 4 and plan["grad_accum"] == 4
-    assert peak <= limit_gb * 1e9
+    assert peak <= limit_mb * 1e6
     assert "8:" in plan["tried"]  # 8 was measured (or predicted) over the limit, and said so
 
 

@@ -42,13 +42,16 @@ from mlxlab.tracking import tags as T
 from mlxlab.training.checkpointing import PLAN_KEY
 from mlxlab.training.optim import OptimizerFactory, build_optimizer
 from mlxlab.training.plan import fit_batch_to_memory, global_batching
-from mlxlab.training.settings import TrainerSettings
+from mlxlab.training.settings import TrainerSettings, memory_limit
 from mlxlab.training.state import TrainingError
 
 log = logging.getLogger(__name__)
 
 SCAN_ROWS = 256  # rows per batch when the data is read once for its longest row
 GB = 1e9
+# A size predicted over this many times the limit is not tried: the search itself must not run
+# out (MLX's CPU backend does not raise, it faults); a closer one is measured.
+PREDICTED_OVER = 1.5
 
 
 @dataclasses.dataclass
@@ -154,12 +157,12 @@ def saved_plan(resume: str | Path | None, settings: TrainerSettings) -> dict | N
 
 
 def memory_limit_bytes(settings: TrainerSettings) -> float:
-    """trainer.memory_limit in bytes: GB above 1, else a fraction of the device's memory; null:
+    """trainer.memory_limit in bytes (settings.memory_limit reads GB, fractions, units); null:
     MLX's own limit (Metal's recommended working set; on the CPU a share of RAM)."""
-    limit = settings.memory_limit
-    if limit is None:
+    if settings.memory_limit is None:
         return float(mx.get_memory_limit())
-    return float(limit) * GB if limit > 1 else float(limit) * device_memory_bytes()
+    kind, value = memory_limit(settings.memory_limit)
+    return value if kind == "bytes" else value * device_memory_bytes()
 
 
 def device_memory_bytes() -> float:
@@ -188,8 +191,9 @@ def candidates(effective: int) -> list[int]:
 
 def search(fit: Fitting, effective: int) -> tuple[int, str, float]:
     """trainer.micro_batch=auto: (the chosen micro-batch, what was tried, the limit in bytes).
-    Sizes are tried upward; one predicted past the limit (memory grows with the rows: the last
-    two measures extrapolated) is not run, so the search itself does not run out."""
+    Sizes are tried upward until one is over the limit; one predicted well past it (memory grows
+    with the rows: the last two measures extrapolated) is not run, so that the search itself does
+    not run out."""
     limit = memory_limit_bytes(fit.settings)
     width = longest_row(fit.data)
     tried: list[str] = []
@@ -199,7 +203,7 @@ def search(fit: Fitting, effective: int) -> tuple[int, str, float]:
         for m in candidates(effective):
             if len(peaks) >= 2:  # the rows' part doubles with the rows
                 predicted = peaks[-1] + 2 * (peaks[-1] - peaks[-2])
-                if predicted > limit:
+                if predicted > PREDICTED_OVER * limit:  # a close call is measured
                     tried.append(f"{m}:skipped(~{predicted / GB:.3f}GB)")
                     break
             peak = probe(fit, m, width)
@@ -219,7 +223,7 @@ def search(fit: Fitting, effective: int) -> tuple[int, str, float]:
             f"trainer.micro_batch=auto: one row of {width} positions does not fit "
             f"{limit / GB:.2f} GB ({summary}): raise trainer.memory_limit, lower data.max_length, "
             "or use a smaller model")
-    log.info("trainer.micro_batch=auto: %d rows x grad_accum %d (effective batch %d) fit %.2f GB "
+    log.info("trainer.micro_batch=auto: %d rows x grad_accum %d (effective batch %d) fit %.3f GB "
              "at rows of %d positions; tried %s", chosen, effective // chosen, effective,
              limit / GB, width, summary)
     return chosen, summary, limit

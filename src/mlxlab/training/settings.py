@@ -137,7 +137,8 @@ class TrainerSettings:
     # "auto" = the largest power of two whose step fits trainer.memory_limit (micro_batch.py).
     # The effective batch (batch_size x grad_accum) never changes: grad_accum follows.
     micro_batch: int | str | None = None
-    memory_limit: float | None = None  # GB (> 1) or a fraction (<= 1) of the device's memory
+    memory_limit: float | str | None = None  # GB (> 1), a fraction (<= 1) of the device's
+    # memory, or "<n>GB", "<n>MB", "<n>%"
     oom_restarts: int = 3             # restarts at half the micro-batch after running out
     quantize_bits: int | None = None  # 2-8: quantize the best checkpoint, log its metrics too
     fused_kernels: str | bool = "auto"  # auto | on | off: the fused CPU kernels (kernels/)
@@ -198,11 +199,29 @@ def check_micro_batch(settings: TrainerSettings) -> None:
         raise ConfigError("trainer.micro_batch and trainer.memory_budget_mb both size the "
                           "micro-batch: set one (micro_batch=auto with trainer.memory_limit)")
     if settings.memory_limit is not None:
-        check_number("trainer.memory_limit", settings.memory_limit, float, 0.0)
-        if settings.memory_limit <= 0:
-            raise ConfigError(f"trainer.memory_limit must be > 0 (GB, or a fraction <= 1 of the "
-                              f"device's memory), got {settings.memory_limit}")
+        memory_limit(settings.memory_limit)
     check_number("trainer.oom_restarts", settings.oom_restarts, int, 0)
+
+
+LIMIT_UNITS = {"gb": ("bytes", 1e9), "mb": ("bytes", 1e6), "%": ("fraction", 0.01)}
+
+
+def memory_limit(value: float | str) -> tuple[str, float]:
+    """trainer.memory_limit as ("bytes", n) or ("fraction", f) of the device's memory: a number
+    above 1 is GB, one up to 1 a fraction; "0.5GB", "512MB" and "80%" say which."""
+    text = str(value).strip().lower().replace(" ", "")
+    unit = next((u for u in LIMIT_UNITS if text.endswith(u)), None)
+    try:
+        number = float(text[: -len(unit)] if unit else text)
+    except ValueError:
+        number = -1.0
+    if isinstance(value, bool) or number <= 0 or (unit == "%" and number > 100):
+        raise ConfigError(f"trainer.memory_limit={value!r}: give GB (e.g. 12), a fraction of the "
+                          "device's memory (0.8), or 512MB, 0.5GB, 80%")
+    if unit is None:
+        return ("bytes", number * 1e9) if number > 1 else ("fraction", number)
+    kind, scale = LIMIT_UNITS[unit]
+    return kind, number * scale
 
 
 # (field, type, lower bound) of TrainerSettings' numeric keys; None values are not checked.
