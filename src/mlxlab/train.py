@@ -197,6 +197,7 @@ def main(supervised: bool = True) -> None:
         sys.exit(2)
     if supervised and supervise.wanted():
         sys.exit(supervise.main(sys.argv[1:]))
+    supervise.as_typed()  # a supervised child: the entry point the user typed, for the tags
     from mlxlab.tracking.mlflow import background
 
     if background.tracks_in_a_child(sys.argv[1:]):

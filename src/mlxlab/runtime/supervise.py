@@ -47,6 +47,7 @@ from pathlib import Path
 
 ENV = "MLXLAB_SUPERVISOR"      # the folder the parent shares with its child
 OFF_ENV = "MLXLAB_SUPERVISE"   # "0": train in-process, no parent
+ARGV0_ENV = "MLXLAB_ARGV0"     # the command the user typed (the child's argv[0] is -m's path)
 OOM_EXIT = 3                   # the child's exit after MLX raised out of memory under a parent
 NOTE = "memory_restarts.json"  # in the run folder: the halved plan and each restart
 CRASHES = {signal.SIGSEGV: "SIGSEGV", signal.SIGBUS: "SIGBUS", signal.SIGKILL: "SIGKILL"}
@@ -66,6 +67,13 @@ def folder() -> Path | None:
     """The folder shared with a supervising parent (None: no parent)."""
     path = os.environ.get(ENV)
     return Path(path) if path else None
+
+
+def as_typed() -> None:
+    """The child's argv[0] as the user typed it (`mlxlab-train`, `mlxlab train`): what the run's
+    Source and command tags name (tracking/source.py), not `python -m mlxlab.train`."""
+    if folder() is not None and os.environ.get(ARGV0_ENV):
+        sys.argv[0] = os.environ[ARGV0_ENV]
 
 
 def set_sweeping(sweeping: bool) -> None:
@@ -246,7 +254,7 @@ def main(argv: list[str]) -> int:
     extra: list[str] = []
     with tempfile.TemporaryDirectory(prefix="mlxlab-supervisor-") as tmp:
         shared = Path(tmp)
-        env = {**os.environ, ENV: str(shared)}
+        env = {**os.environ, ENV: str(shared), ARGV0_ENV: sys.argv[0]}
         while True:
             for name in ("run.json", "oom.json", "step"):
                 (shared / name).unlink(missing_ok=True)
