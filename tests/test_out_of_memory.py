@@ -13,6 +13,7 @@ trainer.memory_limit with the peaks MLX reports for real runs at fixed micro-bat
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -344,3 +345,33 @@ def test_a_sweep_whose_config_runs_out_of_memory_finishes_every_job_once(tmp_pat
     assert compared.returncode == 0, compared.stderr[-3000:]
     verdict = json.loads(compared.stdout)
     assert verdict, compared.stdout  # the sweep's groups compared: two seeds each
+
+
+def test_mlxs_raised_out_of_memory_restarts_under_the_parent_until_its_bound(tmp_path, cli_env):
+    """MLX on Metal/CUDA raises when memory runs out (reproduced after step 6, as tests/
+    test_failures.py does: MLX's CPU backend cannot raise it): under mlxlab-train's parent the
+    child records it and exits, the parent restarts it from its step-4 checkpoint at half the
+    micro-batch; failing again past trainer.oom_restarts=1, the run ends with one line, exit 2,
+    naming the checkpoint."""
+    tests = Path(__file__).resolve().parent
+    env = {**cli_env, "PYTHONPATH": f"{tests}{os.pathsep}{cli_env.get('PYTHONPATH', '')}"}
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [MLXLAB_TRAIN, *FAST, "trainer.max_steps=8", "trainer.eval_every_steps=null",
+         "trainer.batch_size=16", "trainer.oom_restarts=1", "tracking=csv",
+         "callbacks.checkpoint.save_every_steps=4", "callbacks.checkpoint.save_every_minutes=null",
+         "callbacks.checkpoint.async_write=false", f"hydra.run.dir={run_dir}",
+         "+callbacks.fail={_target_: failure_helpers.FailAt, step: 6}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert ("out of memory (out of memory) at step 7 with micro-batch 16 x grad_accum 1: "
+            "restarting from the checkpoint of step 4 with micro-batch 8 x grad_accum 2") \
+        in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlxlab: error: the run ran out of memory (out of memory) at step 7 "
+                           "with micro-batch 8 x grad_accum 2 and is not restarted: "
+                           "trainer.oom_restarts=1 restarts were made"), last
+    assert f"last: step 4 in {run_dir}" in last
+    note = supervise.read_note(run_dir)
+    assert [e["micro_batch"] for e in note["restarts"]] == [16]
+    assert "Traceback" not in out.stderr
