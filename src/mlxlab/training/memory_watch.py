@@ -12,6 +12,8 @@ Both are added to every run by train.py.
 
 from __future__ import annotations
 
+import resource
+import sys
 from typing import Any
 
 import mlx.core as mx
@@ -35,16 +37,9 @@ def memory_now() -> dict[str, float]:
 
 
 def peak_rss_mb() -> float:
-    """The process's largest resident size so far (psutil's peak where the OS keeps one)."""
-    info = psutil.Process().memory_info()
-    peak = getattr(info, "peak_wset", None) or getattr(info, "peak_rss", None)
-    if peak is None:
-        import resource
-
-        # ru_maxrss: KiB on Linux, bytes on macOS
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak = kib * (1 if psutil.MACOS else 1024)
-    return peak / MB
+    """The process's largest resident size so far (getrusage: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (MB if sys.platform == "darwin" else 1024)
 
 
 class SystemMemory(Callback):

@@ -37,6 +37,7 @@ from mlx.utils import tree_map
 
 from mlxlab.checkpoint import rng_state, set_rng_state
 from mlxlab.data.batching import Batching
+from mlxlab.data.streaming.module import StreamingText
 from mlxlab.runtime import device, distributed, failures, supervise
 from mlxlab.tracking import tags as T
 from mlxlab.training.checkpointing import PLAN_KEY
@@ -264,9 +265,8 @@ def probe(fit: Fitting, rows: int, width: int) -> float | None:
 def longest_row(data) -> int:
     """The widest batch the data makes (positions): a packed stream's seq_len, else one pass
     over the training split in large batches (its position is put back by the caller)."""
-    seq_len = getattr(data, "seq_len", None)
-    if isinstance(seq_len, int):
-        return seq_len
+    if isinstance(data, StreamingText):  # windows of seq_len, every one
+        return data.seq_len
     widest = 1
     for batch in data.train_batches(Batching(batch_size=SCAN_ROWS), 0):
         widest = max([widest, *(int(v.shape[1]) for v in batch.values() if _positions(v))])
