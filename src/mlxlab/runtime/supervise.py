@@ -55,6 +55,9 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signa
 # Launchers whose ranks must stay the processes they started: a restarted rank alone can't rejoin
 RANK_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_STEP_ID")
 PR_SET_PDEATHSIG = 1
+# Restarts one command may make in all (a sweep's jobs each have trainer.oom_restarts): a bound
+# should a child keep dying without reading its note
+MAX_RESTARTS = 100
 
 
 # --- the child's side ---------------------------------------------------------------------------
@@ -244,7 +247,9 @@ def restart_note(run: dict, how: str, step: int | None, when: str) -> tuple[dict
             f"grad_accum {accum} and is not restarted: {why}. Lower the model's size or "
             f"data.max_length, or raise trainer.memory_limit; committed checkpoints are intact "
             f"(last: {checkpoint} in {run_dir}; resume with resume={run_dir})")
-    note.update(exhausted=line, micro_batch=micro, grad_accum=accum)
+    note.update(micro_batch=micro, grad_accum=accum)
+    if run["sweep"]:  # the job's next start fails with the line; the sweep goes on
+        note["exhausted"] = line
     return note, line
 
 
@@ -252,6 +257,7 @@ def main(argv: list[str]) -> int:
     """Run `python -m mlxlab.train argv` until it ends other than out of memory."""
     child = _Child()
     extra: list[str] = []
+    restarts = 0
     with tempfile.TemporaryDirectory(prefix="mlxlab-supervisor-") as tmp:
         shared = Path(tmp)
         env = {**os.environ, ENV: str(shared), ARGV0_ENV: sys.argv[0]}
@@ -260,8 +266,9 @@ def main(argv: list[str]) -> int:
                 (shared / name).unlink(missing_ok=True)
             code = child.run([*argv, *extra], env)
             how = out_of_memory(code, shared, child.signalled)
-            if how is None:
+            if how is None or restarts >= MAX_RESTARTS:
                 return _exit_status(code)
+            restarts += 1
             run = json.loads((shared / "run.json").read_text())
             done = _last_step(shared)  # the step that failed is the one after it
             step = done + 1 if done is not None else None

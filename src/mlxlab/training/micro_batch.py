@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def plan_micro_batch(fit: Fitting, batching: Batching, rank_batches: bool) -> tu
     data batches globally (not `rank_batches`)."""
     settings = fit.settings
     effective = settings.batch_size * settings.grad_accum
-    note = supervise.read_note(fit.run_dir)
+    note = restart_note(fit.run_dir, fit.resume, effective)
     saved = saved_plan(fit.resume, settings)
     record: dict = {"effective_batch": effective}
     if note is not None:
@@ -138,6 +139,20 @@ def restarted(note: dict, run_dir: Path, tags: dict) -> int:
     return micro
 
 
+def restart_note(run_dir: Path, resume: str | Path | None, effective: int) -> dict | None:
+    """The parent's note for this run: in its folder, or in the folder it resumes (a sweep's
+    job resumed into another folder); one for another effective batch is not this run's."""
+    folders = [Path(run_dir)]
+    if resume:
+        source = Path(resume)
+        folders += [source, *list(source.parents)[:2]]
+    for folder in folders:
+        note = supervise.read_note(folder)
+        if note is not None and effective % int(note.get("micro_batch") or effective + 1) == 0:
+            return note
+    return None
+
+
 def saved_plan(resume: str | Path | None, settings: TrainerSettings) -> dict | None:
     """The resumed checkpoint's batch plan, when trainer.micro_batch is what it was then."""
     if not resume:
@@ -195,7 +210,7 @@ def search(fit: Fitting, effective: int) -> tuple[int, str, float]:
     Sizes are tried upward until one is over the limit; one predicted well past it (memory grows
     with the rows: the last two measures extrapolated) is not run, so that the search itself does
     not run out."""
-    limit = memory_limit_bytes(fit.settings)
+    limit, started = memory_limit_bytes(fit.settings), time.perf_counter()
     width = longest_row(fit.data)
     tried: list[str] = []
     chosen, peaks = None, []
@@ -225,8 +240,8 @@ def search(fit: Fitting, effective: int) -> tuple[int, str, float]:
             f"{limit / GB:.2f} GB ({summary}): raise trainer.memory_limit, lower data.max_length, "
             "or use a smaller model")
     log.info("trainer.micro_batch=auto: %d rows x grad_accum %d (effective batch %d) fit %.3f GB "
-             "at rows of %d positions; tried %s", chosen, effective // chosen, effective,
-             limit / GB, width, summary)
+             "at rows of %d positions; tried %s (%.1f s)", chosen, effective // chosen, effective,
+             limit / GB, width, summary, time.perf_counter() - started)
     return chosen, summary, limit
 
 
