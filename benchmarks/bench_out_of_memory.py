@@ -39,7 +39,7 @@ def timed(command: list[str], env: dict, cwd: Path, limit_kb: int | None = None)
     else:
         done = t.under_address_limit(command[1:], env, cwd, limit_kb, command=command[:1])
     assert done.returncode == 0, done.stderr[-3000:]
-    return time.perf_counter() - started, done.stderr
+    return time.perf_counter() - started, done.stdout + done.stderr
 
 
 def restart_cost(root: Path, env: dict, pairs: int) -> None:
@@ -99,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("/tmp/bench_oom"))
     parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--skip-restart", action="store_true", help="parts 2 and 3 only")
     args = parser.parse_args()
     shutil.rmtree(args.root, ignore_errors=True)
     args.root.mkdir(parents=True)
@@ -107,7 +108,8 @@ def main() -> None:
     env = {**os.environ, "MLXLAB_ROOT": str(args.root), "MALLOC_ARENA_MAX": "1",
            "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    restart_cost(args.root, env, args.pairs)
+    if not args.skip_restart:
+        restart_cost(args.root, env, args.pairs)
     auto_choice(args.root, env)
     parent_cost(args.root, env, args.pairs + 1)
 

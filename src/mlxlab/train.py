@@ -187,16 +187,17 @@ def main(supervised: bool = True) -> None:
     """mlxlab-train / `mlxlab train`: the group choices checked first, then the Hydra app, in a
     child process under a parent that restarts it at half the micro-batch when it runs out of
     memory (runtime/supervise.py); `python -m mlxlab.train` (that child) trains in-process."""
-    from mlxlab.config import check_group_choices
     from mlxlab.runtime import supervise
+
+    if supervised and supervise.wanted():  # the child checks, composes and trains
+        sys.exit(supervise.main(sys.argv[1:]))
+    from mlxlab.config import check_group_choices
 
     try:
         check_group_choices(sys.argv[1:])
     except ConfigError as err:
         print(f"mlxlab: error: {err}", file=sys.stderr)
         sys.exit(2)
-    if supervised and supervise.wanted():
-        sys.exit(supervise.main(sys.argv[1:]))
     supervise.as_typed()  # a supervised child: the entry point the user typed, for the tags
     from mlxlab.tracking.mlflow import background
 
