@@ -276,8 +276,8 @@ def test_auto_picks_the_largest_power_of_two_that_fits_the_limit(tmp_path, make_
 
     files = long_rows_data(tmp_path, seed=42, long_step=None)
 
-    def run(*more: str) -> tuple[float, dict]:
-        cfg = compose_cfg(tmp_path / more[0].rsplit("=", 1)[1], [*[a for a in finetune_args(files, tmp_path, "x") if not
+    def run(*more: str, folder: str | None = None) -> tuple[float, dict]:
+        cfg = compose_cfg(tmp_path / (folder or more[0].rsplit("=", 1)[1]), [*[a for a in finetune_args(files, tmp_path, "x") if not
                          a.startswith(("tracking.", "paths.root_dir"))], "tracking=none",
                        "trainer.batch_size=16", "trainer.max_steps=1",
                        "trainer.eval_every_steps=1", *more])
@@ -299,6 +299,13 @@ def test_auto_picks_the_largest_power_of_two_that_fits_the_limit(tmp_path, make_
     assert plan["chosen_by"] == "auto" and plan["micro_batch"] == 4 and plan["grad_accum"] == 4
     assert peak <= limit_mb * 1e6
     assert "8:" in plan["tried"]  # 8 was measured (or predicted) over the limit, and said so
+
+    # resumed (two more steps), the run keeps its choice instead of searching again
+    checkpointed = tmp_path / "auto" / "outputs" / "run"  # compose_cfg's run folder
+    _, resumed = run("trainer.micro_batch=auto", f"trainer.memory_limit={limit_mb:.3f}MB",
+                     f"resume={checkpointed}", "trainer.max_steps=2", folder="resumed")
+    assert resumed["chosen_by"] == "resumed" and resumed["micro_batch"] == 4
+    assert resumed["tried"] == plan["tried"]
 
 
 @pytest.mark.slow

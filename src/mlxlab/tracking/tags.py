@@ -26,7 +26,8 @@ RESUMED_FROM = "mlxlab.resumed_from"  # a resumed run: the run folder (or checkp
 # of memory (runtime/supervise.py): tags, since MLflow params are written once
 MICRO_BATCH = "mlxlab.micro_batch"
 GRAD_ACCUM = "mlxlab.grad_accum"  # micro_batch x grad_accum: the effective batch, unchanged
-OOM_RESTARTS = "mlxlab.oom_restarts"  # how often it restarted; each: mlxlab.oom_restart.<n>
+OOM_RESTARTS = "mlxlab.oom_restarts"  # how often it restarted
+OOM_RESTART_PREFIX = "mlxlab.oom_restart."  # + n: what restart n was (step, how, micro-batch)
 CHOICE_PREFIX = "choice."  # "choice.model" = "bert": the config-group options a run used
 
 # The process that trains a run, for dead-run detection (tracking/mlflow/stale.py)

@@ -133,7 +133,7 @@ def restarted(note: dict, run_dir: Path, tags: dict) -> int:
                     note["grad_accum"], last["steps_lost"], last["checkpoint_step"], len(events),
                     supervise.NOTE)
         tags[T.OOM_RESTARTS] = str(len(events))
-        tags[f"{T.OOM_RESTARTS[:-1]}.{len(events)}"] = (
+        tags[f"{T.OOM_RESTART_PREFIX}{len(events)}"] = (
             f"step {last['step']} ({last['how']}): micro-batch {last['micro_batch']} -> {micro}, "
             f"{last['steps_lost']} step(s) lost")
     return micro
