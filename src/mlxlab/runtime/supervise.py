@@ -16,6 +16,10 @@ Parent and child share a folder named by MLXLAB_SUPERVISOR:
 - oom.json: MLX's raising out of memory (Metal, CUDA) under a parent: the child writes it and
   exits with OOM_EXIT at once, as a crash would (runtime/failures.py).
 
+A launcher's worker processes (hydra/launcher=joblib) are not the parent's child: their out of
+memory stays their job's (a failed trial, as without a parent); the parent restarts sweeps whose
+jobs run in its child (Hydra's basic launcher, the default).
+
 On an out of memory (OOM_EXIT, SIGSEGV, SIGBUS, SIGKILL not sent by the parent) the parent writes
 the run folder's memory_restarts.json (NOTE: the halved plan and each restart, an event a human
 can read) and runs the child again: a single run with `hydra.run.dir=` and `resume=` naming the
@@ -46,6 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ENV = "MLXLAB_SUPERVISOR"      # the folder the parent shares with its child
+PID_ENV = "MLXLAB_SUPERVISOR_PID"  # the parent's pid: only its own child talks to it
 OFF_ENV = "MLXLAB_SUPERVISE"   # "0": train in-process, no parent
 ARGV0_ENV = "MLXLAB_ARGV0"     # the command the user typed (the child's argv[0] is -m's path)
 OOM_EXIT = 3                   # the child's exit after MLX raised out of memory under a parent
@@ -67,9 +72,13 @@ _step_map: mmap.mmap | None = None
 
 
 def folder() -> Path | None:
-    """The folder shared with a supervising parent (None: no parent)."""
+    """The folder shared with a supervising parent (None: no parent). Only the parent's own
+    child has one: a launcher's worker processes (joblib's) inherit the variables, but their
+    out of memory is their job's (a failed trial), not a restart of the whole command."""
     path = os.environ.get(ENV)
-    return Path(path) if path else None
+    if not path or os.environ.get(PID_ENV) != str(os.getppid()):
+        return None
+    return Path(path)
 
 
 def as_typed() -> None:
@@ -147,8 +156,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 def wanted() -> bool:
     """Whether this start supervises (else it trains in-process)."""
-    if os.environ.get(OFF_ENV, "1").lower() in ("0", "false", "off", "no") or folder():
-        return False
+    if os.environ.get(OFF_ENV, "1").lower() in ("0", "false", "off", "no") or os.environ.get(ENV):
+        return False  # off, or already under a parent
     return not any(os.environ.get(k) for k in RANK_ENV)
 
 
@@ -231,7 +240,7 @@ def restart_note(run: dict, how: str, step: int | None, when: str) -> tuple[dict
     done = len(note["restarts"])
     why = None
     if not run["restartable"]:
-        why = "its data's batches can't be split (trainer.batching.dynamic)"
+        why = "its batches can't be split (trainer.batching.dynamic, or data parallel ranks)"
     elif micro <= 1:
         why = "the micro-batch is already 1"
     elif done >= int(run["oom_restarts"]):
@@ -260,7 +269,7 @@ def main(argv: list[str]) -> int:
     restarts = 0
     with tempfile.TemporaryDirectory(prefix="mlxlab-supervisor-") as tmp:
         shared = Path(tmp)
-        env = {**os.environ, ENV: str(shared), ARGV0_ENV: sys.argv[0]}
+        env = {**os.environ, ENV: str(shared), PID_ENV: str(os.getpid()), ARGV0_ENV: sys.argv[0]}
         while True:
             for name in ("run.json", "oom.json", "step"):
                 (shared / name).unlink(missing_ok=True)
