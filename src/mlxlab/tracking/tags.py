@@ -22,6 +22,12 @@ WORLD_SIZE = "mlxlab.world_size"
 COMPILE_S = "mlxlab.compile_s"  # seconds the first step spent compiling (MLX; on a GPU its kernels)
 COMMAND = "mlxlab.command"  # the command line as typed (tracking/source.py), the latest for a resumed run
 RESUMED_FROM = "mlxlab.resumed_from"  # a resumed run: the run folder (or checkpoint) it went on from
+# The micro-batch a run trains with (training/micro_batch.py) and its restarts after running out
+# of memory (runtime/supervise.py): tags, since MLflow params are written once
+MICRO_BATCH = "mlxlab.micro_batch"
+GRAD_ACCUM = "mlxlab.grad_accum"  # micro_batch x grad_accum: the effective batch, unchanged
+OOM_RESTARTS = "mlxlab.oom_restarts"  # how often it restarted
+OOM_RESTART_PREFIX = "mlxlab.oom_restart."  # + n: what restart n was (step, how, micro-batch)
 CHOICE_PREFIX = "choice."  # "choice.model" = "bert": the config-group options a run used
 
 # The process that trains a run, for dead-run detection (tracking/mlflow/stale.py)
