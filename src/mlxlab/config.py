@@ -232,6 +232,7 @@ def validate(cfg: DictConfig) -> None:
     _check_optimizer(cfg)
     _check_callbacks(cfg)
     _check_optimized_metric(cfg)
+    _check_memory_probe(cfg)
     _check_settings(cfg)
     _check_replicates(cfg)
 
@@ -370,6 +371,27 @@ def _check_optimized_metric(cfg: DictConfig) -> None:
             f"optimized_metric={cfg.get('optimized_metric')!r} is not computed for {task} data "
             f"by objective {objective.__name__}: choose one of {names}"
         )
+
+
+def _check_memory_probe(cfg: DictConfig) -> None:
+    """The memory probes (trainer.memory_budget_mb, trainer.micro_batch=auto) step on the data
+    module's batches; an objective that makes its own (GRPO's rollouts) would be measured on
+    the wrong ones, so the two are refused together rather than the setting ignored."""
+    from hydra.utils import get_class
+
+    try:
+        objective = get_class(cfg.objective._target_)
+    except Exception:  # an unknown target fails at instantiation with Hydra's own message
+        return
+    trainer = cfg.get("trainer") or {}
+    probes = [f"trainer.{key}={trainer.get(key)}" for key in ("memory_budget_mb", "micro_batch")
+              if trainer.get(key) not in (None, 0) and (key != "micro_batch"
+                                                       or trainer.get(key) == "auto")]
+    if getattr(objective, "makes_batches", False) and probes:
+        raise ConfigError(
+            f"{', '.join(probes)}: objective {objective.name} makes its batches while it trains, "
+            "and the memory probe measures the data's: set trainer.memory_budget_mb=null and a "
+            "fixed trainer.micro_batch (preset=production sets memory_budget_mb=8000)")
 
 
 # Config groups whose option a user picks on the command line (group=option).
