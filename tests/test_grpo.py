@@ -414,9 +414,9 @@ def test_optuna_searches_beta_the_learning_rate_and_g(tiny, tmp_path):
 @pytest.mark.parametrize("override", ["preset=production", "trainer.micro_batch=auto"])
 def test_a_memory_probe_under_grpo_is_one_line_not_a_crash(tmp_path, override):
     """The probes step on the data's batches; GRPO trains on rollouts it makes (issue 55/56)."""
-    from conftest import compose_cfg
     from hydra.core.global_hydra import GlobalHydra
 
+    from conftest import compose_cfg
     from mlxlab.config import validate
     from mlxlab.errors import ConfigError
 
