@@ -38,6 +38,8 @@ STALE_BEATS = 4  # heartbeats missed before another host's run is judged dead
 LIVENESS_TAGS = (
     T.PID, T.HOST, T.PID_NAMESPACE, T.PROCESS_START, T.HEARTBEAT, T.HEARTBEAT_EVERY
 )
+# what mark_killed says of a dead run: gone once a continuation takes the run up again
+KILLED_TAGS = (T.KILLED_AT, T.KILLED_REASON, T.RESUMABLE)
 
 
 def process_start(pid: int, method: str | None = None) -> str | None:
@@ -204,3 +206,12 @@ def mark_killed(client: Any, run: Any, reason: str) -> None:
         reason,
         "; a checkpoint can continue it" if resumable else "",
     )
+
+
+def clear_killed(client: Any, run: Any) -> None:
+    """A run a continuation takes up (a resume, an adopted parent, a replayed offline file):
+    its KILLED tags go, so a run that then finishes does not say it was killed and resumable
+    (issue 59). Killed again, mark_killed writes them anew."""
+    for key in KILLED_TAGS:
+        if key in run.data.tags:
+            retrying(client.delete_tag, run.info.run_id, key)

@@ -31,10 +31,10 @@ from mlxlab.tracking.mlflow.calls import (
     retrying,
 )
 from mlxlab.tracking.mlflow.heartbeat import Heartbeat, heartbeat_tags
-from mlxlab.tracking.mlflow.offline import SPOOL_FILE, Spool, reachable, send_spool
+from mlxlab.tracking.mlflow.offline import SPOOL_FILE, Spool, reachable, send_spool, spool_of
 from mlxlab.tracking.mlflow.rewind import drop_metrics_after
 from mlxlab.tracking.mlflow.server import bounded_http, probe_store
-from mlxlab.tracking.mlflow.stale import LIVENESS_TAGS, mark_dead_runs_quietly
+from mlxlab.tracking.mlflow.stale import LIVENESS_TAGS, clear_killed, mark_dead_runs_quietly
 from mlxlab.tracking.mlflow.store import ensure_store, resolve_uri, sqlite_path
 from mlxlab.tracking.run_info import record_job_run
 from mlxlab.validation import check_number
@@ -122,6 +122,7 @@ class MlflowTracker(BaseTracker):
         self.skipped: list[str] = []  # calls left out while the server was away
         self.offline_report: str | None = None
         self._last_step = 0
+        self._unsent_spool: Path | None = None  # a resumed run's earlier offline file
 
     # -- lifecycle
 
@@ -171,7 +172,11 @@ class MlflowTracker(BaseTracker):
             alive = [RunTag(k, tags[k]) for k in LIVENESS_TAGS if k in tags]
             retrying(client.log_batch, run_id, tags=alive)
             retrying(client.update_run, run_id, status="RUNNING")
+            clear_killed(client, run)
             logged_params = run.data.params
+            # what the interrupted process kept while the server was away: sent at rewind (up to
+            # the checkpoint it resumes from), else at the end (issue 59)
+            self._unsent_spool = spool_of(run)
         else:
             # The Source the training process named (tracking/source.py): this process may be
             # the tracking child, whose own argv[0] is background.py.
@@ -244,6 +249,7 @@ class MlflowTracker(BaseTracker):
             self._thread.join()
             self._thread = None
         self.flush()
+        self._send_earlier_spool(None)  # resumed without a rewind
         if self.offline_since is None:
             with self._bounded():
                 self._safely("end", retrying, self._client.set_terminated, self.run_id, status)
@@ -349,6 +355,7 @@ class MlflowTracker(BaseTracker):
         MLflow offers no way to delete values on a server)."""
         if not self._active:
             return
+        self._send_earlier_spool(step)
         if sqlite_path(self.uri) is None:
             log.warning("MLflow run %s: values logged after step %d before the interruption "
                         "cannot be removed from %s; replayed steps may appear twice",
@@ -362,6 +369,19 @@ class MlflowTracker(BaseTracker):
             log.info("MLflow run %s: dropped %d values logged after step %d by the interrupted "
                      "run; they are logged again as the steps are replayed",
                      self.run_id, dropped, step)
+
+    def _send_earlier_spool(self, upto: int | None) -> None:
+        """A resumed run's values kept offline by its interrupted process, sent once (steps up
+        to `upto`, the checkpoint's: the later ones are trained and logged again)."""
+        path, self._unsent_spool = self._unsent_spool, None
+        if path is None:
+            return
+        with self._flush_lock, self._bounded():
+            sent = self._safely("send offline metrics", send_spool, path, self._client,
+                                set_status=False, upto=upto)
+        if sent:
+            log.info("MLflow run %s: %d metric values its interrupted process kept while the "
+                     "server was away were sent from %s", self.run_id, sent, path)
 
     def _flush_loop(self) -> None:
         while not self._stop.is_set():
