@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlxlab.errors import ConfigError
+from mlxlab.errors import ConfigError, UserError
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import BaseTracker, flatten_config
 from mlxlab.tracking.mlflow.calls import (
@@ -33,7 +33,7 @@ from mlxlab.tracking.mlflow.calls import (
 from mlxlab.tracking.mlflow.heartbeat import Heartbeat, heartbeat_tags
 from mlxlab.tracking.mlflow.offline import SPOOL_FILE, Spool, reachable, send_spool, spool_of
 from mlxlab.tracking.mlflow.rewind import drop_metrics_after
-from mlxlab.tracking.mlflow.server import bounded_http, probe_store
+from mlxlab.tracking.mlflow.server import TrackingUnavailable, bounded_http, probe_store
 from mlxlab.tracking.mlflow.stale import LIVENESS_TAGS, clear_killed, mark_dead_runs_quietly
 from mlxlab.tracking.mlflow.store import ensure_store, resolve_uri, sqlite_path
 from mlxlab.tracking.run_info import record_job_run
@@ -135,15 +135,21 @@ class MlflowTracker(BaseTracker):
         self.dataset = {"name": name, "source": source, "digest": digest, "rows": rows}
 
     def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
-        """Start a run, or resume `run_id` (metrics append to it); logs params and tags."""
+        """Start a run, or resume `run_id` (metrics append to it); logs params and tags. A run
+        that cannot be started raises TrackingUnavailable (one line): never trained untracked."""
         if tags.get(T.RUN_DIR):
             self.spool_dir = Path(str(tags[T.RUN_DIR]))
         try:
             with self._bounded():
                 self._start(params, tags, run_id)
-        except Exception as e:
-            self._warn("start", e)
+        except Exception as e:  # a run asked to be tracked is tracked or fails (issue 59)
             self.run_id, self._active = None, False
+            if isinstance(e, UserError):
+                raise
+            text = (str(e).strip().splitlines() or [""])[0][:300]
+            raise TrackingUnavailable(
+                f"MLflow store {self.uri} could not start the run ({type(e).__name__}: {text}): "
+                "fix tracking.uri, or train untracked with tracking=none") from None
 
     def _start(self, params: dict, tags: dict, run_id: str | None) -> None:
         from mlflow import MlflowClient
