@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mlxlab.errors import DISK_FULL
 from mlxlab.sweeps.folder import (
     begin_sweep,
     clear_job_files,
@@ -58,7 +59,7 @@ from mlxlab.tracking.base import MAX_PARAM_VALUE_LENGTH
 from mlxlab.tracking.mlflow.calls import MAX_TAGS_PER_BATCH, chunks
 from mlxlab.tracking.mlflow.offline import replay_ended_run
 from mlxlab.tracking.mlflow.server import TrackingUnavailable, bounded_http
-from mlxlab.tracking.mlflow.stale import mark_dead_runs_quietly
+from mlxlab.tracking.mlflow.stale import has_checkpoint, mark_dead_runs_quietly
 from mlxlab.tracking.mlflow.store import ensure_store, tracked_store
 from mlxlab.tracking.plots import sweep_plot_png
 from mlxlab.tracking.source import command_line, source_tags
@@ -219,7 +220,8 @@ class MlflowSweepCallback(Callback):
             return
         try:
             if not failed:
-                self._record_value(config, settings["uri"], job_runs(job.job_dir), value)
+                with bounded_http(settings["request_timeout"]):  # a server away: no minutes
+                    self._record_value(config, settings["uri"], job_runs(job.job_dir), value)
                 return
             error = job_return._return_value if job_return.status == JobStatus.FAILED else value
             reason = read_job_failure(job.job_dir)
@@ -262,6 +264,7 @@ class MlflowSweepCallback(Callback):
                 status = "FINISHED" if _is_search(config) else parent.status_of_jobs()
                 status = parent.end(status)
             except Exception as e:  # noqa: BLE001 - the store is away: the parent stays open
+                parent.abandon()
                 log.warning("MLflow sweep parent run %s not ended: %s: %s", parent.run_id,
                             type(e).__name__, e)
         if status not in ("FINISHED", "KILLED"):  # KILLED: a signal's exit code says it
@@ -377,8 +380,13 @@ def _record_failed_job(client: Any, parent_id: str, job_dir: Path, job_num: int,
     from mlflow.entities import Param, RunTag
 
     runs = job_runs(job_dir)
+    # a full disk stopped it after a committed checkpoint: the same command resumes it there
+    # (sweeps/jobs.py), as it resumes a killed job
+    resumable = reason.startswith(DISK_FULL) and has_checkpoint(job_dir)
     for run_id in [] if quiet_if_tracked else runs:
         client.set_tag(run_id, T.ERROR, reason[:5000])
+        if resumable:
+            client.set_tag(run_id, T.RESUMABLE, "true")
         if crashed:
             client.set_terminated(run_id, "FAILED")
     if runs:

@@ -6,8 +6,9 @@ continues a sweep (identity.py), each job asks here before it trains:
 
 - keep: a FINISHED run of its config is already under the parent: not trained again, the value
   it returned is returned (one log line);
-- resume: its newest run is KILLED (its process died, stale.py, or a signal stopped it) and its
-  folder holds a committed checkpoint: the job resumes from there into that same run, bitwise as
+- resume: its newest run is KILLED (its process died, stale.py, or a signal stopped it), or
+  FAILED on a full disk (tagged resumable, callback.py), and its folder holds a committed
+  checkpoint: the job resumes from there into that same run, bitwise as
   `resume=` does for a single run;
 - adopt: none of its runs is under the parent, but a FINISHED job of an earlier sweep of the
   same task in the same store trained its config and seed (a sweep grown by more replicates or
@@ -94,8 +95,10 @@ def plan_job(client: Any, parent_run_id: str, cfg: DictConfig) -> JobPlan:
         # marked the dead ones before the sweep started): training it again beside it would
         # make two runs of one job, and resuming into it two writers of one run
         return JobPlan("busy", runs[0].info.run_id, Path(str(runs[0].data.tags.get(T.RUN_DIR))))
-    if runs and runs[0].info.status == "KILLED":
-        run_dir = runs[0].data.tags.get(T.RUN_DIR)
+    newest = runs[0] if runs else None
+    if newest is not None and (newest.info.status == "KILLED" or (
+            newest.info.status == "FAILED" and newest.data.tags.get(T.RESUMABLE) == "true")):
+        run_dir = runs[0].data.tags.get(T.RUN_DIR)  # (FAILED and resumable: a full disk)
         if has_checkpoint(run_dir):
             return JobPlan("resume", runs[0].info.run_id, Path(str(run_dir)))
     earlier = None if runs else finished_elsewhere(client, parent, cfg)

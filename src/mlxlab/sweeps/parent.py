@@ -90,6 +90,15 @@ class ParentRun:
         log.info("MLflow sweep parent run %s: %s", self.run_id, status)
         return status
 
+    def abandon(self) -> None:
+        """The store does not answer at the sweep's end: the parent is left as it is (its
+        heartbeat stops; the next command that opens the store judges it by its dead
+        launcher), with no end at exit that would wait on the store."""
+        atexit.unregister(self.end)
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+
     def status_of_jobs(self) -> str:
         """FINISHED when every job's newest run is, else FAILED (a job failed or never ran)."""
         from mlxlab.sweeps.jobs import job_runs_of
