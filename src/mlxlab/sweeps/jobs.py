@@ -49,6 +49,7 @@ class JobPlan:
     run_id: str | None = None
     run_dir: Path | None = None  # resume: the folder whose checkpoint it continues
     value: float | None = None  # keep: the finished run's optimized metric
+    status: str | None = None  # resume: the run's status (KILLED, or FAILED on a full disk)
 
 
 def job_key(run: Any) -> str:
@@ -98,9 +99,10 @@ def plan_job(client: Any, parent_run_id: str, cfg: DictConfig) -> JobPlan:
     newest = runs[0] if runs else None
     if newest is not None and (newest.info.status == "KILLED" or (
             newest.info.status == "FAILED" and newest.data.tags.get(T.RESUMABLE) == "true")):
-        run_dir = runs[0].data.tags.get(T.RUN_DIR)  # (FAILED and resumable: a full disk)
+        run_dir = newest.data.tags.get(T.RUN_DIR)  # (FAILED and resumable: a full disk)
         if has_checkpoint(run_dir):
-            return JobPlan("resume", runs[0].info.run_id, Path(str(run_dir)))
+            return JobPlan("resume", newest.info.run_id, Path(str(run_dir)),
+                           status=newest.info.status)
     earlier = None if runs else finished_elsewhere(client, parent, cfg)
     if earlier is not None:
         return JobPlan("adopt", earlier.info.run_id, value=_value(earlier, cfg))
@@ -176,11 +178,8 @@ def continue_job(cfg: DictConfig) -> float | None:
             "process or let it finish, then run the same sweep command again"
         )
     if plan.action == "resume":
-        log.info(
-            "sweep: job %s was killed: its run %s resumes from %s",
-            job.job_dir.name,
-            plan.run_id,
-            plan.run_dir,
-        )
+        log.info("sweep: job %s was %s: its run %s resumes from %s", job.job_dir.name,
+                 "killed" if plan.status == "KILLED" else "stopped by a full disk", plan.run_id,
+                 plan.run_dir)
         cfg.resume = str(plan.run_dir)
     return None
