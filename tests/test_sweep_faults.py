@@ -190,7 +190,12 @@ def test_a_sigkilled_grid_continues_with_the_same_command(tmp_path):
     (parent,) = client.search_runs(
         [client.get_experiment_by_name("train").experiment_id], f"tags.`{T.ROLE}` = 'sweep'"
     )
-    assert parent.data.tags[T.KILLED_REASON].startswith("process ")  # its launcher died
+    # its launcher died: said when the continuing command marked it; the FINISHED parent no
+    # longer says it was killed (issue 59 item 7), nor does the resumed job's run
+    assert f"MLflow run {parent.info.run_id} was left RUNNING: marked KILLED (process " in out
+    resumed = client.search_runs([parent.info.experiment_id], f"tags.`{T.RUN_DIR}` = '{folder}'")
+    for run in (parent, *resumed):
+        assert not {T.KILLED_AT, T.KILLED_REASON, T.RESUMABLE} & set(run.data.tags), run.data.tags
     again = sweep(tmp_path)  # a finished sweep: one line, nothing trained
     assert (
         f"sweep {parent.info.run_id} ({folder.parent}) already finished; add "
