@@ -76,14 +76,8 @@ def job_runs_of(children: list) -> list:
 def plan_job(client: Any, parent_run_id: str, cfg: DictConfig) -> JobPlan:
     """What this job does in its sweep (see the module's docstring)."""
     parent = retrying(client.get_run, parent_run_id)
-    runs = retrying(
-        client.search_runs,
-        [parent.info.experiment_id],
-        filter_string=f"tags.`{T.PARENT_RUN}` = '{parent_run_id}' and "
-        f"tags.`{T.CONFIG_HASH}` = '{config_hash(cfg)}'",
-        max_results=100,
-        order_by=["attributes.start_time DESC"],
-    )
+    runs = _newest_first(client, parent, f"tags.`{T.PARENT_RUN}` = '{parent_run_id}' and "
+                         f"tags.`{T.CONFIG_HASH}` = '{config_hash(cfg)}'")
     if runs and runs[0].info.status != "FINISHED" and replay_ended_run(client, runs[0]):
         # its process ended it while the server was away: the metrics it kept and its status
         # are sent now, and it is judged as it ended (issue 59)
@@ -109,6 +103,12 @@ def plan_job(client: Any, parent_run_id: str, cfg: DictConfig) -> JobPlan:
     return JobPlan("run")
 
 
+def _newest_first(client: Any, parent: Any, query: str) -> list:
+    """The runs of the parent's experiment that `query` selects, newest first (100 at most)."""
+    return retrying(client.search_runs, [parent.info.experiment_id], filter_string=query,
+                    max_results=100, order_by=["attributes.start_time DESC"])
+
+
 def _value(run: Any, cfg: DictConfig) -> float:
     """A finished job's optimized metric: the value its job returned (`best/<metric>`)."""
     metrics, metric = run.data.metrics, str(cfg.optimized_metric)
@@ -121,14 +121,8 @@ def finished_elsewhere(client: Any, parent: Any, cfg: DictConfig) -> Any | None:
     task = parent.data.tags.get(T.TASK_NAME)
     if not task:
         return None
-    runs = retrying(
-        client.search_runs,
-        [parent.info.experiment_id],
-        filter_string=f"tags.`{T.CONFIG_HASH}` = '{config_hash(cfg)}' and "
-        f"tags.`{T.TASK_NAME}` = '{task}' and attributes.status = 'FINISHED'",
-        max_results=100,
-        order_by=["attributes.start_time DESC"],
-    )
+    runs = _newest_first(client, parent, f"tags.`{T.CONFIG_HASH}` = '{config_hash(cfg)}' and "
+                         f"tags.`{T.TASK_NAME}` = '{task}' and attributes.status = 'FINISHED'")
     for run in runs:
         tags = run.data.tags
         if (tags.get(T.PARENT_RUN) not in (None, parent.info.run_id)
