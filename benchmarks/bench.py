@@ -302,7 +302,7 @@ def worker_mlx(spec: dict) -> dict:
     import mlx.optimizers as optim
     from hydra.utils import instantiate
 
-    from mlxlab.training.losses import task_loss
+    from mlxlab.objectives.losses import task_loss
 
     ref = spec["reference"]  # what the mlxlab worker recorded
     meta, hp = ref["meta"], ref["trainer"]

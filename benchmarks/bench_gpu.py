@@ -117,7 +117,7 @@ def lm_rows(spec: dict) -> list[dict]:
     from bench import compose, matmul_params, step_flops
     from mlxlab import kernels
     from mlxlab.config import instantiate
-    from mlxlab.training import losses
+    from mlxlab.objectives import losses
     from mlxlab.training.settings import TrainerSettings
     from mlxlab.training.step import make_step, mixed_precision
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,13 +13,14 @@ from conftest import PYTHON, compose_cfg
 from mlxlab.config import ConfigError, config_dir, to_container, validate
 
 CONF = Path(config_dir())
-GROUPS = ["model", "data", "trainer", "optimizer", "callbacks", "tracking", "experiment",
-          "hparams_search", "debug"]
+GROUPS = ["model", "data", "objective", "trainer", "preset", "optimizer", "callbacks", "tracking",
+          "experiment", "hparams_search", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
 def test_every_group_has_options():
-    for group in ["model", "data", "trainer", "optimizer", "callbacks", "tracking", "experiment"]:
+    for group in ["model", "data", "objective", "trainer", "preset", "optimizer", "callbacks",
+                  "tracking", "experiment"]:
         assert any(g == group for g, _ in OPTIONS), f"conf/{group}/ is empty"
 
 
@@ -29,8 +31,10 @@ def test_option_composes_and_resolves(tmp_path, group, option):
     extra = ["optimized_metric=val/loss", "optimized_mode=min"] if option in lm_data else []
     if option == "csv":  # the generic CSV option has no file or label column of its own
         extra = ["data.path=my.csv", "data.label_column=target"]
+    if option == "preference" or option in ("dpo", "orpo"):  # pairs train with a pair objective
+        extra = ["experiment=dpo_chat", f"{group}={option}"]
     if option in ("hf_decoder", "finetune_completions", "finetune_text", "finetune_chat",
-                  "dpo_chat", "orpo_chat", "dpo_optuna"):
+                  "dpo_chat", "orpo_chat", "dpo_optuna", "preference", "dpo", "orpo"):
         extra.append("model.pretrained=/a/hf/folder")  # left for the user to set (???)
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     container = to_container(cfg)  # every interpolation outside Hydra's own node resolves
@@ -41,15 +45,56 @@ def test_option_composes_and_resolves(tmp_path, group, option):
 
 @pytest.mark.parametrize(("preset", "patience", "memory_every"),
                          [("quick", 0, 50), ("standard", 5, 0), ("production", 10, 100)])
-def test_trainer_presets_tune_trainer_and_callbacks(tmp_path, preset, patience, memory_every):
-    # the presets are global-package trainer options: callbacks compose before them, overrides after
-    cfg = compose_cfg(tmp_path, [f"trainer={preset}"])
-    assert cfg.hydra.runtime.choices.trainer == preset
-    assert cfg.callbacks.early_stopping.patience == patience
-    assert cfg.callbacks.memory.every == memory_every
-    assert cfg.trainer.batching.dynamic  # on top of trainer=optimized
-    cfg = compose_cfg(tmp_path, [f"trainer={preset}", "callbacks.early_stopping.patience=7"])
+def test_run_length_presets_tune_trainer_and_callbacks(tmp_path, preset, patience, memory_every):
+    # run-length presets are a group of their own (global package): they compose with either
+    # trainer, callbacks compose before them, overrides after
+    for trainer in ("simple", "optimized"):
+        cfg = compose_cfg(tmp_path, [f"preset={preset}", f"trainer={trainer}"])
+        choices = cfg.hydra.runtime.choices
+        assert (choices.preset, choices.trainer) == (preset, trainer)
+        assert cfg.callbacks.early_stopping.patience == patience
+        assert cfg.callbacks.memory.every == memory_every
+        assert cfg.trainer.batching.dynamic == (trainer == "optimized")
+    cfg = compose_cfg(tmp_path, [f"preset={preset}", "callbacks.early_stopping.patience=7"])
     assert cfg.callbacks.early_stopping.patience == 7
+
+
+@pytest.mark.parametrize(("experiment", "objective", "loss"),
+                         [("dpo_chat", "dpo", "sigmoid"), ("orpo_chat", "orpo", "orpo"),
+                          ("distill_titanic", "distill", "kl")])
+def test_an_experiments_objective_keeps_a_run_length_preset(tmp_path, experiment, objective, loss):
+    """The axes compose (issue 55): `experiment=dpo_chat preset=quick` is a 20-step DPO run,
+    where `trainer=quick` used to drop DPO; the preset's length wins over the experiment's."""
+    pretrained = ["model.pretrained=/a/hf/folder"] if experiment.endswith("_chat") else []
+    cfg = compose_cfg(tmp_path, [f"experiment={experiment}", "preset=quick", *pretrained])
+    assert cfg.hydra.runtime.choices.objective == objective and cfg.objective.loss == loss
+    assert (cfg.trainer.max_steps, cfg.trainer.eval_every_steps) == (20, 10)
+    assert cfg.trainer._target_.endswith("TrainerSettings") and "distill" not in cfg.trainer
+    validate(cfg)
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("trainer=dpo", "write objective=dpo"), ("trainer=orpo", "write objective=orpo"),
+    ("trainer=distill", "write objective=distill"), ("trainer=quick", "write preset=quick"),
+    ("trainer=standard", "write preset=standard"), ("trainer=production", "write preset=production"),
+    ("trainer.preference.beta=0.2", "write objective.beta=0.2"),
+    ("trainer.distill.teachers=[{run: a}]", "write objective.teachers=[{run: a}]"),
+    ("trainer.label_smoothing=0.1", "write objective.label_smoothing=0.1"),
+])
+def test_an_old_spelling_names_the_new_one(old, new):
+    from mlxlab.config import check_group_choices
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(old.split('=')[0])}.* moved: "
+                                          f"{re.escape(new)}"):
+        check_group_choices(["experiment=dpo_chat", old])
+
+
+def test_cli_old_trainer_choice_is_one_line(tmp_path, cli_env):
+    out = run_cli(["trainer=quick", "tracking=none"], tmp_path, cli_env)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "mlxlab: error: trainer=quick moved: write preset=quick (trainer=optimized preset=quick "
+        "is what it was) (the objective and the run's length are groups of their own now)"]
 
 
 def test_defaults_are_the_start_here_experiment(tmp_path):

@@ -166,12 +166,6 @@ def unwrapped() -> Iterator[None]:
 # --- early validation ------------------------------------------------------------------------
 
 # The facts the checks below need live here, so config imports nothing above runtime/.
-# What evaluation (training/metrics.py) reports for each data task (prefix "val/"): the names
-# optimized_metric may use.
-METRICS = {"classification": ("loss", "accuracy", "f1", "roc_auc"), "lm": ("loss", "perplexity"),
-           # preference losses (training/preference_losses.py), TRL's names; ORPO adds nll_loss
-           "preference": ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen",
-                          "rewards/rejected", "logps/chosen", "logps/rejected", "nll_loss")}
 # The object stores a checkpoint URI may name (callbacks.checkpoint.remote, resume=), and the
 # fsspec package that opens each (checkpoint/remote.py).
 REMOTE_SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
@@ -234,14 +228,14 @@ CALLBACK_NUMBERS = (("early_stopping", "patience", int, 0), ("memory", "every", 
 # __post_init__, the data modules' settings) before anything heavy is built: one line naming the
 # key, from the owner. The model is checked by its constructor when it is built (its sizes need
 # the data's vocabulary).
-SETTINGS_NODES = ("trainer", "callbacks.checkpoint", "data", "eval")
+SETTINGS_NODES = ("trainer", "objective", "callbacks.checkpoint", "data", "eval")
 
 
 def validate(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key and the fix, before anything is built."""
     _check_required(cfg)
     TopKeys.of(cfg)
-    for group in ("model", "data", "trainer", "tracking", "optimizer"):
+    for group in ("model", "data", "objective", "trainer", "tracking", "optimizer"):
         node = cfg.get(group)
         if node is None or "_target_" not in node:
             raise ConfigError(f"config group '{group}' has no _target_: pick an option, e.g. "
@@ -341,7 +335,7 @@ def _check_target(node: DictConfig, key: str, fix: str) -> None:
 def _check_required(cfg: DictConfig) -> None:
     """Keys left `???` in the config (data=csv's path and label column) must be given."""
     missing = []
-    for group in ("model", "data", "trainer", "tracking", "optimizer"):
+    for group in ("model", "data", "objective", "trainer", "tracking", "optimizer"):
         node = cfg.get(group)
         if OmegaConf.is_config(node):
             keys = OmegaConf.missing_keys(node)  # full keys, e.g. "data.path"
@@ -368,26 +362,58 @@ def _check_settings(cfg: DictConfig) -> None:
 
 
 def _check_optimized_metric(cfg: DictConfig) -> None:
-    """optimized_metric must be something evaluation computes for this data's task."""
+    """The objective trains on this data's task, and optimized_metric is something its
+    evaluation computes for it: the objective class says both (Objective.check_data and
+    metric_directions, objectives/base.py)."""
     from hydra.utils import get_class
 
     try:
         task = getattr(get_class(cfg.data._target_), "task", None)
+        objective = get_class(cfg.objective._target_)
+        check_data, metrics = objective.check_data, objective.metric_directions(task)
     except Exception:  # an unknown target fails at instantiation with Hydra's own message
         return
-    if task not in METRICS:
-        return
-    names = [f"val/{m}" for m in METRICS[task]]
-    if cfg.get("optimized_metric") not in names:
+    if task is not None:
+        check_data(task)
+    names = [f"val/{m}" for m in metrics]
+    if names and cfg.get("optimized_metric") not in names:
         raise ConfigError(
-            f"optimized_metric={cfg.get('optimized_metric')!r} is not computed for {task} data: "
-            f"choose one of {names}"
+            f"optimized_metric={cfg.get('optimized_metric')!r} is not computed for {task} data "
+            f"by objective {objective.__name__}: choose one of {names}"
         )
 
 
 # Config groups whose option a user picks on the command line (group=option).
-CHOICE_GROUPS = ("model", "data", "trainer", "optimizer", "callbacks", "tracking", "experiment",
-                 "debug", "hparams_search")
+CHOICE_GROUPS = ("model", "data", "objective", "trainer", "preset", "optimizer", "callbacks",
+                 "tracking", "experiment", "debug", "hparams_search")
+# Choices and keys of earlier versions, when `trainer` held the objective and the run length too
+# (issue 55): each answers with the new spelling.
+MOVED_CHOICES = {
+    "trainer=distill": "objective=distill",
+    "trainer=dpo": "objective=dpo",
+    "trainer=orpo": "objective=orpo",
+    "trainer=quick": "preset=quick (trainer=optimized preset=quick is what it was)",
+    "trainer=standard": "preset=standard (trainer=optimized preset=standard is what it was)",
+    "trainer=production": "preset=production (trainer=optimized preset=production "
+                          "objective.label_smoothing=0.05 is what it was)",
+}
+MOVED_KEYS = {"trainer.distill.": "objective.", "trainer.preference.": "objective.",
+              "trainer.label_smoothing": "objective.label_smoothing"}
+
+
+def check_moved(arg: str) -> None:
+    """One line naming the new spelling of an old choice or key (MOVED_CHOICES, MOVED_KEYS)."""
+    key, eq, value = arg.lstrip("+~").partition("=")
+    for option in value.removeprefix("[").removesuffix("]").split(","):
+        new = MOVED_CHOICES.get(f"{key}={option.strip()}")
+        if eq and new:
+            raise ConfigError(f"{key}={option.strip()} moved: write {new} (the objective and "
+                              "the run's length are groups of their own now)")
+    for old, new in MOVED_KEYS.items():
+        if key == old or (old.endswith(".") and key.startswith(old)):
+            raise ConfigError(f"{key} moved: write {new + key[len(old):] if old.endswith('.') else new}"
+                              f"{'=' + value if eq else ''} (the objective's settings are the "
+                              "`objective` node now: conf/objective/)")
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -396,6 +422,7 @@ def check_group_choices(argv: list[str]) -> None:
     (`--config-dir ./my_conf`) adds its files to the options."""
     own = _config_dirs(argv)
     for arg in argv:
+        check_moved(arg)
         key, eq, value = arg.lstrip("+").partition("=")
         if not eq or key not in CHOICE_GROUPS or "(" in value or value in ("null", ""):
             continue

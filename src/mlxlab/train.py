@@ -109,7 +109,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("model %s: %s parameters", cfg.model._target_.rsplit(".", 1)[-1],
              f"{config['num_parameters']:,}")
     trainer = Trainer(settings, optimizer=instantiate(cfg.optimizer), callbacks=callbacks,
-                      load_teachers=load_teachers, checkpointing=checkpointing)
+                      load_teachers=load_teachers, checkpointing=checkpointing,
+                      objective=instantiate(cfg.objective))
     resumed_from = resumed_run_folder(resume) if resume is not None else None
     tags = {**run_tags(cfg, choices, run_hash, run_dir, resumed_from, trial_tags()),
             **process_tags(), WORLD_SIZE: str(world.size)}
@@ -128,7 +129,7 @@ def trial_tags() -> dict[str, str]:
 
 
 def train_distill_rounds(cfg: DictConfig) -> dict[str, float]:
-    """trainer.distill.rounds > 1: one parent run, each round a child run (distill_rounds.py)."""
+    """objective.rounds > 1: one parent run, each round a child run (distill_rounds.py)."""
     from mlxlab.distill_rounds import train_rounds
 
     run_dir, choices, _ = hydra_context(cfg)

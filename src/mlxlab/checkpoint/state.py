@@ -70,6 +70,7 @@ class CheckpointState:
     log_window: dict | None = None  # LogWindow.state_dict(): steps since the last logged line
     encoding: dict | None = None  # classification: label values and columns
     model_ops: dict | None = None  # scheduled model operations done (training/model_ops.py)
+    objective: dict = field(default_factory=dict)  # the objective's state_dict() (objectives/)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know
     version: int = STATE_VERSION
     # the checkpoint directory it was read from (set by `read`; not written)

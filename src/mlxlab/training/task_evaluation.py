@@ -43,7 +43,7 @@ class TaskEvaluation(Callback):
         self.best_step: int | None = None
 
     def setup(self, context: TrainContext, model: Any, data: Any) -> None:
-        if context.task not in ("lm", "preference"):  # preference pairs tune a language model
+        if context.task == "classification":  # every other task tunes a language model
             raise ConfigError(f"eval.tasks scores language models; this run's data is "
                               f"{context.task}: drop eval.tasks or train a language model")
         self.tasks = read_tasks(list(self.settings.tasks))
