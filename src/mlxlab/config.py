@@ -61,6 +61,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("asset", asset_path)
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+    if not OmegaConf.has_resolver("sweep_folder"):
+        OmegaConf.register_new_resolver("sweep_folder", sweep_folder, use_cache=True)
 
 
 def run_stamp(pattern: str) -> str:
@@ -69,6 +71,15 @@ def run_stamp(pattern: str) -> str:
     from mlxlab.runtime.distributed import start_time  # MLX's distributed: when stamping
 
     return datetime.fromtimestamp(start_time()).strftime(pattern)
+
+
+def sweep_folder(n_trials: Any, study_name: Any, pattern: str) -> str:
+    """A multirun's folder under multirun/<task>/ (conf/hydra/default.yaml): a search's is its
+    study's, `study_<name>`, as the hparams_search presets name it, so the same command finds
+    the folder (and the killed trial's checkpoint) again, preset or not; a grid's is stamped
+    with its start (a grid continued by the same command finds its folder by its identity,
+    sweeps/identity.py)."""
+    return f"study_{study_name}" if n_trials else run_stamp(pattern)
 
 
 register_resolvers()

@@ -224,6 +224,11 @@ def main(supervised: bool = True) -> None:
     if background.tracks_in_a_child(sys.argv[1:]):
         background.prestart()  # its imports overlap Hydra's composing and ours
     hydra_main()
+    sweeps = sys.modules.get("mlxlab.sweeps.callback")  # loaded: a multirun's callback ran
+    failure = sweeps.sweep_failure() if sweeps is not None else None
+    if failure:  # a sweep whose parent did not finish does not exit 0 (issue 59)
+        print(f"mlxlab: error: {failure}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
