@@ -5,9 +5,10 @@ from mlx.utils import tree_flatten
 
 from mlxlab.models.bert import BertClassifier
 from mlxlab.models.cnn_hybrid import CNNHybrid
-from mlxlab.models.transformer import Transformer, generate_step
+from mlxlab.models.generation import generate_tokens
+from mlxlab.models.transformer import Transformer
 
-__all__ = ["BertClassifier", "CNNHybrid", "Transformer", "generate_step", "num_parameters"]
+__all__ = ["BertClassifier", "CNNHybrid", "Transformer", "generate_tokens", "num_parameters"]
 
 
 def num_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -220,7 +220,7 @@ def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mappin
                           "is quantized: train LoRA adapters (model.lora.rank=8) or give a float "
                           "folder")
     maybe_apply_lora(model, lora_targets(lora))
-    if rebuilt:
+    if rebuilt or lora is None:  # a checkpoint's rebuild, a teacher or a model to score
         return
     base = f"{model.quantized_bits()}-bit quantized" if model.quantized else str(_float_dtype(model))
     what = (f"{lora.get('kind', 'lora')} adapters (rank {rank}, float32) on the frozen {base} "
