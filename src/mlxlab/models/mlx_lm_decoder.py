@@ -86,12 +86,16 @@ def load_folder(path: str | Path) -> tuple[nn.Module, dict]:
                           f"({first[:200]})") from None
 
 
-def build_from_config(config: Mapping, quantized_layers: Mapping | None) -> nn.Module:
+def build_from_config(config: Mapping, quantized_layers: Mapping | None,
+                      weight_names: list[str] | None) -> nn.Module:
     """The same mlx-lm model without its folder (a checkpoint rebuilds it): the architecture from
-    config.json, the layers that were quantized quantized again as they were; the weights come
-    from the checkpoint."""
+    config.json, shaped by mlx-lm's `sanitize` as the folder's weights shaped it (Gemma 3 drops
+    its lm_head when the folder has none: the names say so), the layers that were quantized
+    quantized again as they were; the weights come from the checkpoint."""
     model_class, args_class = model_classes(config, "the checkpoint's config")
     model = model_class(args_class.from_dict(dict(config)))
+    if weight_names and hasattr(model, "sanitize"):
+        model.sanitize({name: mx.zeros((1,)) for name in weight_names})
     if quantized_layers:
         nn.quantize(model, class_predicate=lambda p, _: dict(quantized_layers[p])
                     if p in quantized_layers else False)
@@ -133,6 +137,7 @@ class MLXLMDecoder(Model):
         dropout: float = 0.0,
         hf_config: Mapping | None = None,
         quantized_layers: Mapping | None = None,
+        weight_names: list[str] | None = None,
     ):
         super().__init__()
         if dropout:
@@ -141,7 +146,8 @@ class MLXLMDecoder(Model):
         if pretrained:
             lm, config = load_folder(pretrained)
         elif hf_config:
-            lm, config = build_from_config(hf_config, quantized_layers), dict(hf_config)
+            lm = build_from_config(hf_config, quantized_layers, weight_names)
+            config = dict(hf_config)
         else:
             raise ConfigError("model.pretrained=??? : point it at a local model folder "
                               "(config.json, *.safetensors, tokenizer.json)")
@@ -157,17 +163,23 @@ class MLXLMDecoder(Model):
             "num_layers": len(lm.layers), "hidden_size": config.get("hidden_size"),
             "max_seq_len": self.max_seq_len}
         self._quantized_layers = dict(quantized_layers or {})
+        # mlx-lm's names of the folder's weights: what its sanitize saw (build_from_config)
+        self._weight_names = sorted(n for n, _ in tree_flatten(lm.parameters()))
         prepare_for_training(self, quantize=quantize, lora=lora, rebuilt=not pretrained)
 
     @property
     def layers(self) -> list:
-        """The decoder blocks (what grad checkpointing wraps)."""
+        """The decoder blocks (mlx-lm's `model.layers`; export counts them)."""
         return self.lm.layers
+
+    def blocks(self) -> list:
+        return list(self.lm.layers)
 
     @property
     def checkpoint_init(self) -> dict[str, Any]:
         return {"hf_config": dict(self._hf_config),
-                "quantized_layers": dict(self._quantized_layers)}
+                "quantized_layers": dict(self._quantized_layers),
+                "weight_names": list(self._weight_names)}
 
     @property
     def hf_config(self) -> dict[str, Any]:

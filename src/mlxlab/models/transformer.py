@@ -147,6 +147,9 @@ class Transformer(Model):
         res = 0.02 / (2 * a.num_layers) ** 0.5
         init_normal_(self, 0.02, {"attention.out": res, "mlp.down": res})
 
+    def blocks(self) -> list:
+        return list(self.layers)
+
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
