@@ -23,7 +23,7 @@ from mlxlab.errors import ConfigError
 from mlxlab.evaluation.results import read_scores
 from mlxlab.export import export_run
 from mlxlab.models import num_parameters
-from mlxlab.models.lora import DoRALinear, LoRALinear
+from mlxlab.models.lora import AdapterLayer, LoRALinear
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.runs import load_run_model
 from mlxlab.tracking.csv_files import read_metrics
@@ -54,26 +54,34 @@ def mc_task(path: Path) -> Path:
                                "answer": i % 4} for i in range(8)])
 
 
-def train_chat(make_cfg, folder: Path, root: Path, *overrides: str) -> tuple[dict, Path]:
-    """experiment=finetune_chat on 16 chats for 3 steps, scoring a multiple-choice task."""
+def train_chat(folder: Path, root: Path, *overrides: str) -> tuple[dict, Path]:
+    """experiment=finetune_chat on 16 chats for 3 steps, scoring a multiple-choice task; the run
+    folder is root/outputs/run."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import compose_cfg
     from mlxlab.train import train
 
+    root.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(root / "chats.jsonl", chats(16, system="mistral" not in folder.name))
-    cfg = make_cfg("experiment=finetune_chat", f"model.pretrained={folder}",
+    cfg = compose_cfg(root, ["experiment=finetune_chat", f"model.pretrained={folder}",
                    f"data.train_file={data}", "data.val_fraction=0.25", "data.max_length=96",
                    "trainer.max_steps=3", "trainer.eval_every_steps=3", "trainer.batch_size=4",
                    "optimizer.learning_rate=1e-2", "tracking=csv",
                    "callbacks.progress.enabled=false", f"eval.tasks=[{mc_task(root / 'mc.jsonl')}]",
-                   *overrides)
-    return train(cfg), Path(cfg.paths.output_dir)
+                   *overrides])
+    try:
+        return train(cfg), Path(cfg.paths.output_dir)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 @pytest.mark.parametrize("kind", list(ARCHS))
-def test_each_architecture_trains_scores_and_exports(kind, make_cfg, tmp_path):
+def test_each_architecture_trains_scores_and_exports(kind, tmp_path):
     from transformers import AutoModelForCausalLM
 
     folder = save_tiny_model(kind, tmp_path / f"tiny-{kind}", chat=ARCHS[kind])
-    metrics, run = train_chat(make_cfg, folder, tmp_path)
+    metrics, run = train_chat(folder, tmp_path)
     assert np.isfinite(metrics["val/loss"])
     logged = read_metrics(run / "tracking")  # the task scored at the evaluation, 8 questions
     assert [s for s, _ in logged["eval/mc/acc"]] == [3]
@@ -105,12 +113,11 @@ def q4_folder(tmp_path_factory) -> Path:
     return root / "qwen3-4bit"
 
 
-def test_a_4bit_folder_trains_qlora_and_its_adapters_load_in_mlx_lm(q4_folder, make_cfg,
-                                                                     tmp_path, caplog):
+def test_a_4bit_folder_trains_qlora_and_its_adapters_load_in_mlx_lm(q4_folder, tmp_path, caplog):
     import mlx_lm
 
     with caplog.at_level("INFO", logger="mlxlab.models.mlx_lm_decoder"):
-        metrics, run = train_chat(make_cfg, q4_folder, tmp_path)
+        metrics, run = train_chat(q4_folder, tmp_path)
     assert np.isfinite(metrics["val/loss"])
     said = [r.getMessage() for r in caplog.records if "trainable" in r.getMessage()]
     model, _ = load_run_model(run)
@@ -154,7 +161,8 @@ def test_quantize_at_load_dora_and_the_refusals(q4_folder, tmp_path):
     packed = MLXLMDecoder(vocab_size=1, pretrained=str(float_folder), quantize=4,
                           lora={"rank": 4, "targets": ["query", "value"], "kind": "dora"})
     q = packed.lm.model.layers[0].self_attn.q_proj
-    assert isinstance(q, DoRALinear) and isinstance(q.linear, nn.QuantizedLinear)
+    assert type(q).__name__ == "DoRALinear" and isinstance(q, AdapterLayer)
+    assert isinstance(q.linear, nn.QuantizedLinear)
     assert packed.hf_config["quantization"]["bits"] == 4
     assert num_parameters(packed, trainable_only=True) == sum(
         v.size for n, v in tree_flatten(packed.parameters()) if n.endswith((".lora_a", ".lora_b",
@@ -181,19 +189,27 @@ def test_quantize_at_load_dora_and_the_refusals(q4_folder, tmp_path):
         MLXLMDecoder(vocab_size=10**6, pretrained=str(float_folder))
 
 
-def test_full_fine_tuning_and_grad_checkpoint(q4_folder, make_cfg, tmp_path):
+def test_full_fine_tuning_grad_checkpoint_and_dora(q4_folder, tmp_path, caplog):
     """Rank 0 trains every float parameter; trainer.grad_checkpoint=true recomputes the blocks
-    in the backward and gives the same losses (to float rounding)."""
-    folder = q4_folder.parent / "qwen3"
-    plain, _ = train_chat(make_cfg, folder, tmp_path / "a", "model.lora.rank=0",
-                          "eval.tasks=[]") if (tmp_path / "a").mkdir() is None else None
-    from hydra.core.global_hydra import GlobalHydra
+    in the backward and gives the same losses (to float rounding); a DoRA run's adapter folder
+    loads in mlx-lm with mlxlab's logits."""
+    import mlx_lm
 
-    GlobalHydra.instance().clear()
-    (tmp_path / "b").mkdir()
-    recomputed, run = train_chat(make_cfg, folder, tmp_path / "b", "model.lora.rank=0",
-                                 "eval.tasks=[]", "trainer.grad_checkpoint=true")
+    folder = q4_folder.parent / "qwen3"
+    plain, _ = train_chat(folder, tmp_path / "a", "model.lora.rank=0", "eval.tasks=[]")
+    with caplog.at_level("INFO", logger="mlxlab.training.loop"):
+        recomputed, run = train_chat(folder, tmp_path / "b", "model.lora.rank=0",
+                                     "eval.tasks=[]", "trainer.grad_checkpoint=true")
+    assert "gradient checkpointing: 2 blocks recompute their activations in the backward" in \
+        caplog.messages
     assert recomputed["val/loss"] == pytest.approx(plain["val/loss"], rel=1e-4)
     model, _ = load_run_model(run)
     assert num_parameters(model) == num_parameters(MLXLMDecoder(1, pretrained=str(folder)))
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+    _, run = train_chat(folder, tmp_path / "c", "model.lora.kind=dora", "eval.tasks=[]")
+    export_run(run, tmp_path / "dora", "mlx-lm", "float32", lora="adapters")
+    config = json.loads((tmp_path / "dora" / "adapters" / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "dora"
+    theirs, _ = mlx_lm.load(str(tmp_path / "dora"), adapter_path=str(tmp_path / "dora" / "adapters"))
+    model, _ = load_run_model(run)
+    assert np.abs(np.array(theirs(mx.array(IDS))) - mlx_logits(model, IDS)).max() <= 1e-4

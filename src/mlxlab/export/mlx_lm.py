@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxlab.export.hf import decoder_name
-from mlxlab.models.lora import ADAPTER_LAYERS, DoRALinear
+from mlxlab.models.lora import AdapterLayer, LoRALinear
 
 GROUP_SIZE = 64  # mlx_lm.convert's default q_group_size
 
@@ -33,7 +33,7 @@ def quantize(model: nn.Module, bits: int, group_size: int = GROUP_SIZE) -> dict:
 def split_adapters(model: nn.Module) -> tuple[dict[str, mx.array], dict]:
     """(adapter weights under mlx-lm's names, adapter_config.json) of a LoRA / DoRA model: what
     `mlx_lm.generate --adapter-path` and `mlx_lm.utils.load_adapters` read."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
     if not layers:
         raise ValueError("--adapters needs a LoRA run (model.lora.rank > 0); this run has none")
     leaves = (".lora_a", ".lora_b", ".m")
@@ -46,7 +46,7 @@ def split_adapters(model: nn.Module) -> tuple[dict[str, mx.array], dict]:
     settings = {"rank": int(first.lora_a.shape[1]), "scale": float(first.scale),
                 "dropout": 1.0 - first.dropout._p_1,  # nn.Dropout keeps 1 - p
                 "keys": keys}
-    config = {"fine_tune_type": "dora" if isinstance(first, DoRALinear) else "lora",
+    config = {"fine_tune_type": "lora" if isinstance(first, LoRALinear) else "dora",
               "num_layers": len(model.layers), "lora_parameters": settings}
     return adapters, config
 

@@ -1,14 +1,51 @@
-"""Shared building blocks: attention (with mlx-lm's KV cache), MLPs, norms, masks, init."""
+"""Shared building blocks: attention (+ KV cache), MLPs, norms, masks, init."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache
 
 from mlxlab import kernels
 from mlxlab.errors import ConfigError
 from mlxlab.validation import check_number
+
+
+class KVCache:
+    """Per-layer key/value cache for generation, filled in place; mlx-lm's KVCache interface
+    (update_and_fetch, offset, state), so mlx-lm's generate_step drives it.
+
+    Buffers grow in chunks of `step` positions (mlx-lm style) so decoding one token at a time
+    does not reallocate on every step.
+    """
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0  # number of positions already cached
+
+    @property
+    def state(self) -> list[mx.array]:
+        """The arrays it holds (mlx-lm's cache interface: its generate_step evaluates them)."""
+        return [] if self.keys is None else [self.keys, self.values]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append keys/values (B, H_kv, T, D) and return everything cached so far."""
+        prev = self.offset
+        if self.keys is None or prev + keys.shape[2] > self.keys.shape[2]:
+            n_new = (self.step + keys.shape[2] - 1) // self.step * self.step
+            k_new = mx.zeros((*keys.shape[:2], n_new, keys.shape[3]), keys.dtype)
+            v_new = mx.zeros((*values.shape[:2], n_new, values.shape[3]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = k_new, v_new
+            else:
+                self.keys = mx.concatenate([self.keys[..., :prev, :], k_new], axis=2)
+                self.values = mx.concatenate([self.values[..., :prev, :], v_new], axis=2)
+        self.offset += keys.shape[2]
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
 
 def padding_mask(attention_mask: mx.array) -> mx.array:

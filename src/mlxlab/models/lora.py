@@ -1,5 +1,5 @@
 """LoRA / DoRA: low-rank adapters on frozen nn.Linear or quantized nn.QuantizedLinear layers
-(Hu et al. 2021; QLoRA when the base is quantized), built on mlx-lm's adapter layers.
+(Hu et al. 2021; QLoRA when the base is quantized); mlx-lm's layers, names and math.
 
 Naming: wrapping `layers.0.attention.query` moves its base weight to
 `layers.0.attention.query.linear.weight` and adds `...query.lora_a` / `...query.lora_b`.
@@ -10,6 +10,7 @@ it: preference tuning's reference model (training/preference.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,80 +19,129 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_lm.tuner.dora import DoRALinear as _MLXDoRALinear
-from mlx_lm.tuner.lora import LoRALinear as _MLXLoRALinear
-
 from mlxlab.errors import ConfigError, MissingFileError
 
 LORA_KEYS = {"rank", "alpha", "dropout", "targets", "extra_trainable", "kind"}
 
 
-class LoRALinear(_MLXLoRALinear):
-    """y = linear(x) + (alpha / rank) * dropout(x) @ A @ B, with `linear` frozen: mlx-lm's
-    layer (the same names, shapes and math, so its adapter files are ours), on an nn.Linear or a
-    quantized nn.QuantizedLinear base (QLoRA: the base stays packed, the adapters are float),
-    plus the `adapter_on` switch adapters_off flips.
+class AdapterLayer(nn.Module):
+    """What every adapter layer kind has (lora.kind): a frozen base `linear` (nn.Linear, or
+    nn.QuantizedLinear: QLoRA) and the `adapter_on` switch adapters_off flips."""
+
+    adapter_on: bool = True
+
+
+class LoRALinear(AdapterLayer):
+    """y = linear(x) + (alpha / rank) * dropout(x) @ A @ B, with `linear` frozen, float or
+    quantized (the base stays packed, the adapters train in float32). mlx-lm's LoRALinear: the
+    same names, shapes, init and math, so its adapter files are ours; written here because
+    importing mlx-lm costs seconds (it imports transformers), which every classifier and
+    from-scratch run would pay for a 30-line layer.
 
     B starts at zero, so wrapping a model does not change its outputs.
     """
 
-    @classmethod
-    def from_base(cls, linear: nn.Module, rank: int, alpha: float, dropout: float
-                  ) -> LoRALinear:
-        layer = cls(_input_dims(linear), linear.weight.shape[0], rank, alpha, dropout)
-        layer.linear = linear
-        layer.linear.freeze()
-        return layer
+    @staticmethod
+    def from_base(linear: nn.Module, rank: int, alpha: float, dropout: float) -> LoRALinear:
+        lora = LoRALinear(input_dims(linear), linear.weight.shape[0], rank, alpha, dropout,
+                          bias="bias" in linear)
+        lora.linear = linear
+        lora.linear.freeze()
+        return lora
 
-    def __init__(self, input_dims: int, output_dims: int, rank: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.0, bias: bool = False):
-        super().__init__(input_dims, output_dims, r=rank, dropout=dropout, scale=alpha / rank,
-                         bias=bias)
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.linear = nn.Linear(input_dims, output_dims, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = alpha / rank
+        bound = 1 / math.sqrt(input_dims)
+        self.lora_a = mx.random.uniform(-bound, bound, (input_dims, rank))
+        self.lora_b = mx.zeros((rank, output_dims))
         self.adapter_on = True  # a plain attribute, not a parameter: adapters_off flips it
 
     def __call__(self, x: mx.array) -> mx.array:
-        return super().__call__(x) if self.adapter_on else self.linear(x)
+        y = self.linear(x)
+        if not self.adapter_on:
+            return y
+        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
+        return y + (self.scale * z).astype(y.dtype)
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        """The base with W + scale * (A @ B)^T merged in; a quantized base is dequantized,
+        merged and quantized again as it was (mlx-lm's fuse), or left float with `dequantize`."""
+        weight = dequantized_weight(self.linear)
+        out_dims, in_dims = weight.shape
+        fused = nn.Linear(in_dims, out_dims, bias="bias" in self.linear)
+        delta = (self.scale * (self.lora_a @ self.lora_b)).T
+        fused.weight = weight + delta.astype(weight.dtype)
+        if "bias" in self.linear:
+            fused.bias = self.linear.bias
+        return _requantized(fused, self.linear, dequantize)
 
 
-class DoRALinear(_MLXDoRALinear):
-    """DoRA (Liu et al. 2024, lora.kind=dora): mlx-lm's weight-decomposed adapter (a learned
-    magnitude `m` per output row over the LoRA-updated direction), with the same `adapter_on`
-    switch: off, the layer is its base alone."""
+def _dora_class() -> type:
+    """mlx-lm's DoRALinear with the adapter switch, built on first use (importing mlx-lm is
+    slow; only DoRA runs pay it)."""
+    global DoRALinear
+    if DoRALinear is None:
+        from mlx_lm.tuner.dora import DoRALinear as MLXDoRA
 
-    @classmethod
-    def from_base(cls, linear: nn.Module, rank: int, alpha: float, dropout: float
-                  ) -> DoRALinear:
-        layer = cls(_input_dims(linear), linear.weight.shape[0], rank, alpha, dropout)
-        layer.set_linear(linear)
-        layer.linear.freeze()
-        return layer
+        def __call__(self, x: mx.array) -> mx.array:
+            return MLXDoRA.__call__(self, x) if self.adapter_on else self.linear(x)
 
-    def __init__(self, input_dims: int, output_dims: int, rank: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.0, bias: bool = False):
-        super().__init__(input_dims, output_dims, r=rank, dropout=dropout, scale=alpha / rank,
-                         bias=bias)
-        self.adapter_on = True
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return super().__call__(x) if self.adapter_on else self.linear(x)
+        DoRALinear = type("DoRALinear", (AdapterLayer, MLXDoRA), {"__call__": __call__})
+    return DoRALinear
 
 
-# Every adapter layer kind (lora.kind): what adapters_off, fuse_lora and export look for.
-ADAPTER_LAYERS = (LoRALinear, DoRALinear)
-LORA_KINDS = {"lora": LoRALinear, "dora": DoRALinear}
-# The base layers an adapter wraps: float, or quantized (QLoRA).
-ADAPTABLE = (nn.Linear, nn.QuantizedLinear)
+DoRALinear: type | None = None  # DoRA (Liu et al. 2024, lora.kind=dora): see _dora_class
 
 
-def _input_dims(linear: nn.Module) -> int:
+def dora_from_base(linear: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
+    """A DoRA layer on `linear` (float or quantized): a learned magnitude `m` per output row
+    over the LoRA-updated direction; starts equal to the base."""
+    layer = _dora_class()(input_dims(linear), linear.weight.shape[0], r=rank, dropout=dropout,
+                          scale=alpha / rank)
+    layer.set_linear(linear)  # (mlx-lm's from_base builds its own class, not this one)
+    layer.linear.freeze()
+    return layer
+
+
+def input_dims(linear: nn.Module) -> int:
     """A Linear's input size; a quantized one packs 32 // bits weights in each uint32."""
     in_dims = linear.weight.shape[1]
     return in_dims * 32 // linear.bits if isinstance(linear, nn.QuantizedLinear) else in_dims
 
 
+def dequantized_weight(linear: nn.Module) -> mx.array:
+    if not isinstance(linear, nn.QuantizedLinear):
+        return linear.weight
+    return mx.dequantize(linear.weight, linear.scales, linear.biases, group_size=linear.group_size,
+                         bits=linear.bits, mode=linear.mode)
+
+
+def _requantized(fused: nn.Linear, base: nn.Module, dequantize: bool) -> nn.Module:
+    if dequantize or not isinstance(base, nn.QuantizedLinear):
+        return fused
+    return nn.QuantizedLinear.from_linear(fused, base.group_size, base.bits, mode=base.mode)
+
+
+# lora.kind -> how an adapter layer of that kind wraps its base
+LORA_KINDS = {"lora": LoRALinear.from_base, "dora": dora_from_base}
+# The base layers an adapter wraps: float, or quantized (QLoRA).
+ADAPTABLE = (nn.Linear, nn.QuantizedLinear)
+
+
 def has_adapters(model: nn.Module) -> bool:
     """Whether the model holds LoRA or DoRA layers."""
-    return any(isinstance(m, ADAPTER_LAYERS) for m in model.modules())
+    return any(isinstance(m, AdapterLayer) for m in model.modules())
 
 
 @contextmanager
@@ -100,7 +150,7 @@ def adapters_off(model: nn.Module) -> Iterator[int]:
     adapter); yields how many layers were switched. The same arrays, no copy: DPO's reference
     model is the policy with its adapters off. Tracing under mx.compile sees the switch, so one
     compiled step holds both forwards."""
-    layers = [m for m in model.modules() if isinstance(m, ADAPTER_LAYERS)]
+    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
     for layer in layers:
         layer.adapter_on = False
     try:
@@ -146,8 +196,7 @@ def apply_lora(
         raise ConfigError(f"lora targets {targets} match no Linear layer; available: {names}")
     model.freeze()
     model.update_modules(
-        tree_unflatten([(n, LORA_KINDS[kind].from_base(m, rank, alpha, dropout))
-                        for n, m in wrapped])
+        tree_unflatten([(n, LORA_KINDS[kind](m, rank, alpha, dropout)) for n, m in wrapped])
     )
     modules = dict(model.named_modules())
     for name in extra_trainable:
@@ -188,7 +237,7 @@ def fuse_lora(model: nn.Module, dequantize: bool = False) -> nn.Module:
     dequantized, merged and quantized again as it was (mlx-lm's fuse), or left float with
     `dequantize`."""
     fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules()
-             if isinstance(m, ADAPTER_LAYERS)]
+             if isinstance(m, AdapterLayer)]
     if fused:
         model.update_modules(tree_unflatten(fused))
     model.unfreeze()
@@ -198,7 +247,7 @@ def fuse_lora(model: nn.Module, dequantize: bool = False) -> nn.Module:
 def unwrap_lora(model: nn.Module) -> nn.Module:
     """Replace every adapter layer by its base layer (in place), dropping the adapters, and
     unfreeze: the base model an adapter file is applied to."""
-    base = [(n, m.linear) for n, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)]
+    base = [(n, m.linear) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
     if base:
         model.update_modules(tree_unflatten(base))
     model.unfreeze()
@@ -237,7 +286,7 @@ def lora_base_name_map(model: nn.Module) -> dict[str, str]:
     E.g. "layers.0.attention.query.weight" -> "layers.0.attention.query.linear.weight"."""
     mapping = {}
     for name, m in model.named_modules():
-        if isinstance(m, ADAPTER_LAYERS):
+        if isinstance(m, AdapterLayer):
             for p in m.linear.parameters():
                 mapping[f"{name}.{p}"] = f"{name}.linear.{p}"
     return mapping

@@ -227,7 +227,7 @@ def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mappin
                                                      int(quantize))
         model._quantized_layers = quantized_layer_specs(model.lm)
     rank = int((lora or {}).get("rank", 0))
-    if model.quantized and rank == 0:
+    if model.quantized and lora is not None and rank == 0:  # (None: not trained here)
         raise ConfigError("full fine-tuning (model.lora.rank=0) needs a float base and this one "
                           "is quantized: train LoRA adapters (model.lora.rank=8) or give a float "
                           "folder")

@@ -1,5 +1,6 @@
 """Decoder-only transformer language model trained from scratch (the transformer_* presets;
-Llama-style by default: RMSNorm, SwiGLU, RoPE), with mlx-lm's KV cache for generation.
+Llama-style by default: RMSNorm, SwiGLU, RoPE), with a KV cache (mlx-lm's interface, so
+mlx-lm's generate_step drives it) for generation.
 
 Pretrained folders load through mlx-lm's own model code instead (models/mlx_lm_decoder.py);
 this one stays for the presets because it is faster on them (docs/architecture.md).
@@ -12,13 +13,13 @@ from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache
 
 from mlxlab.errors import ConfigError
 from mlxlab.models.base import Model
 from mlxlab.models.layers import (
     Attention,
     Dropout,
+    KVCache,
     causal_additive_mask,
     causal_padding_mask,
     check_dropout,
