@@ -213,3 +213,32 @@ def test_full_fine_tuning_grad_checkpoint_and_dora(q4_folder, tmp_path, caplog):
     theirs, _ = mlx_lm.load(str(tmp_path / "dora"), adapter_path=str(tmp_path / "dora" / "adapters"))
     model, _ = load_run_model(run)
     assert np.abs(np.array(theirs(mx.array(IDS))) - mlx_logits(model, IDS)).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_a_qwen3_moe_run_sigkilled_mid_run_resumes_bitwise(tmp_path, cli_env):
+    """A MoE decoder (qwen3_moe: router, stacked experts, q/k norms) LoRA-trained on chats,
+    SIGKILLed after its step-4 checkpoint, resumed: weights and the whole metric history are
+    bitwise those of an uninterrupted run."""
+    from run_helpers import committed_steps, kill_when, run, start
+    from test_resume import assert_same_history, assert_same_weights, run_id_of
+
+    folder = save_tiny_model("qwen3_moe", tmp_path / "tiny-moe", chat="chatml")
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(24))
+    args = ["experiment=finetune_chat", f"model.pretrained={folder}", f"data.train_file={data}",
+            "data.val_fraction=0.25", "data.max_length=64", "trainer.batch_size=4",
+            "trainer.max_steps=10", "trainer.eval_every_steps=5", "trainer.log_every_steps=1",
+            "optimizer.learning_rate=1e-2", "callbacks.progress.enabled=false",
+            "callbacks.checkpoint.save_every_steps=2", "callbacks.checkpoint.save_every_minutes=null"]
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    reference = tmp_path / "reference"
+    run(args, reference, cli_env)
+    killed = tmp_path / "killed"
+    proc = start(args, killed, cli_env)
+    kill_when(proc, lambda: any(s >= 4 for s in committed_steps(killed)))
+    assert max(committed_steps(killed)) < max(committed_steps(reference))
+    resumed = tmp_path / "resumed"
+    run([*args, f"resume={killed}"], resumed, cli_env)
+    assert_same_weights(reference, resumed, "qwen3_moe")
+    assert run_id_of(resumed) == run_id_of(killed)
+    assert_same_history(uri, reference, resumed, "qwen3_moe")
