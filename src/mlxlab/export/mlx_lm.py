@@ -13,21 +13,17 @@ from mlx.utils import tree_flatten
 
 from mlxlab.export.hf import decoder_name
 from mlxlab.models.lora import AdapterLayer, LoRALinear
-
-GROUP_SIZE = 64  # mlx_lm.convert's default q_group_size
+from mlxlab.models.mlx_lm_decoder import GROUP_SIZE, MLXLMDecoder, quantize_as_convert
 
 
 def quantize(model: nn.Module, bits: int, group_size: int = GROUP_SIZE) -> dict:
-    """Quantize in place as mlx_lm.convert does (every Linear and Embedding whose input size
-    is a multiple of group_size); returns config.json's "quantization" entry."""
+    """Quantize in place with mlx-lm's own quantize_model (what `mlx_lm.convert -q` runs: every
+    Linear and Embedding whose input size is a multiple of group_size, per the architecture's
+    quant_predicate where it has one); returns config.json's "quantization" entry."""
     if bits not in (4, 8):
         raise ValueError(f"--quantize {bits}: use 4 or 8")
-    nn.quantize(
-        model, group_size=group_size, bits=bits,
-        class_predicate=lambda _, m: hasattr(m, "to_quantized")
-        and m.weight.shape[-1] % group_size == 0,
-    )
-    return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    target = model.lm if isinstance(model, MLXLMDecoder) else model  # mlx-lm's own names
+    return quantize_as_convert(target, {}, bits, group_size)["quantization"]
 
 
 def split_adapters(model: nn.Module) -> tuple[dict[str, mx.array], dict]:

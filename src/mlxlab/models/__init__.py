@@ -19,7 +19,7 @@ def num_parameters(model: nn.Module, trainable_only: bool = False) -> int:
         return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
     for _, m in model.named_modules():
-        if hasattr(m, "bits") and "scales" in m:  # QuantizedLinear / Embedding / SwitchLinear
+        if "scales" in m:  # QuantizedLinear / Embedding / SwitchLinear
             packed = m.weight.size + m.scales.size + (m.biases.size if "biases" in m else 0)
             total += m.weight.size * 32 // m.bits - packed
     return total

@@ -102,10 +102,23 @@ def build_from_config(config: Mapping, quantized_layers: Mapping | None,
     return model
 
 
+def quantize_as_convert(module: nn.Module, config: Mapping, bits: int,
+                        group_size: int = GROUP_SIZE) -> dict:
+    """Quantize `module` (an mlx-lm model) in place with mlx-lm's own quantize_model, what
+    `mlx_lm.convert -q` runs (every Linear / Embedding whose input size is a multiple of
+    group_size, per the architecture's quant_predicate); returns `config` with its
+    "quantization" entry."""
+    from mlx_lm.utils import quantize_model
+
+    with contextlib.redirect_stdout(io.StringIO()):  # its "[INFO] Quantized" print
+        _, config = quantize_model(module, dict(config), group_size, bits)
+    return config
+
+
 def quantized_layer_specs(model: nn.Module) -> dict[str, dict]:
     """{module path: {group_size, bits, mode}} of every quantized layer."""
     return {name: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
-            for name, m in model.named_modules() if hasattr(m, "bits") and "scales" in m}
+            for name, m in model.named_modules() if "scales" in m}
 
 
 def lora_targets(lora: Mapping | None) -> Mapping | None:
@@ -220,11 +233,7 @@ def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mappin
             raise ConfigError("model.quantize is set but the folder is already quantized: "
                               "leave model.quantize=null to train it as it is")
         if quantize:
-            from mlx_lm.utils import quantize_model
-
-            with contextlib.redirect_stdout(io.StringIO()):  # its "[INFO] Quantized" print
-                _, model._hf_config = quantize_model(model.lm, model._hf_config, GROUP_SIZE,
-                                                     int(quantize))
+            model._hf_config = quantize_as_convert(model.lm, model._hf_config, int(quantize))
         model._quantized_layers = quantized_layer_specs(model.lm)
     rank = int((lora or {}).get("rank", 0))
     if model.quantized and lora is not None and rank == 0:  # (None: not trained here)

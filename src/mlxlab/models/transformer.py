@@ -32,7 +32,6 @@ from mlxlab.models.lora import maybe_apply_lora
 from mlxlab.models.rope import make_rope
 
 
-
 @dataclass(frozen=True)
 class DecoderArgs:
     """A Transformer's sizes and choices resolved (head_dim filled in): what its layers are
