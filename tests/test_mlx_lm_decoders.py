@@ -232,3 +232,31 @@ def test_a_qwen3_moe_run_sigkilled_mid_run_resumes_bitwise(tmp_path, cli_env):
     assert_same_weights(reference, resumed, "qwen3_moe")
     assert run_id_of(resumed) == run_id_of(killed)
     assert_same_history(uri, reference, resumed, "qwen3_moe")
+
+
+def test_grad_checkpoint_keeps_the_gradients_and_refuses_a_model_without_blocks():
+    """A from-scratch Transformer's blocks recomputed in the backward give the same gradients;
+    only these instances change class (a second model of the class is untouched); a model
+    without decoder blocks is one line."""
+    from mlxlab.models.bert import BertClassifier
+    from mlxlab.models.grad_checkpoint import checkpoint_blocks
+    from mlxlab.models.transformer import Transformer
+
+    def grads(model):
+        ids = mx.array(IDS[:, :16] % 64)
+        loss = lambda m: nn.losses.cross_entropy(m(ids)[:, :-1], ids[:, 1:]).mean()  # noqa: E731
+        return dict(tree_flatten(nn.value_and_grad(model, loss)(model)[1]))
+
+    mx.random.seed(0)
+    plain = Transformer(vocab_size=64, dim=32, num_layers=2, num_heads=2, max_seq_len=32)
+    mx.random.seed(0)
+    wrapped = Transformer(vocab_size=64, dim=32, num_layers=2, num_heads=2, max_seq_len=32)
+    assert checkpoint_blocks(wrapped) == 2
+    assert type(wrapped.layers[0]).__name__ == "CheckpointedDecoderBlock"
+    assert type(plain.layers[0]).__name__ == "DecoderBlock"
+    expected, got = grads(plain), grads(wrapped)
+    assert expected.keys() == got.keys()
+    assert all(np.allclose(np.array(expected[k]), np.array(got[k]), atol=1e-6) for k in expected)
+    with pytest.raises(ConfigError, match="has no decoder blocks to recompute"):
+        checkpoint_blocks(BertClassifier(vocab_size=64, num_labels=2, hidden_size=32,
+                                         num_layers=1, num_heads=2))
