@@ -27,8 +27,8 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxlab.errors import ConfigError
-from mlxlab.models.layers import KVCache
 from mlxlab.models.generation import sample_token
+from mlxlab.models.layers import KVCache
 
 
 @dataclass(frozen=True)
