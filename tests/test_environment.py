@@ -26,6 +26,7 @@ LIBRARY_ENVIRONMENT = {
     "data/streaming/prefetch.py",  # tokenizers'
     "tracking/mlflow/background.py",  # a child process's copy of the environment
     "cli/serve.py",  # likewise
+    "runtime/supervise.py",  # likewise: the supervised training child's
     "runtime/blas.py",  # OpenBLAS's, set while it loads
     "runtime/device.py",  # MLX's MLX_PTX_CACHE_DIR, set before a run compiles CUDA kernels
 }
@@ -87,6 +88,11 @@ SAMPLES = {
     "MLX_RANK": ("1", ("launched_rank", 1)),
     "OMPI_COMM_WORLD_RANK": ("3", ("launched_rank", 3)),
     "PMI_RANK": ("5", ("launched_rank", 5)),
+    "SLURM_STEP_ID": ("0", ("slurm_step", True)),
+    "MLXLAB_SUPERVISE": ("off", ("supervise", False)),
+    "MLXLAB_SUPERVISOR": ("/s", ("supervisor", "/s")),
+    "MLXLAB_SUPERVISOR_PID": ("77", ("supervisor_pid", "77")),
+    "MLXLAB_ARGV0": ("mlxlab-train", ("argv0", "mlxlab-train")),
 }
 
 

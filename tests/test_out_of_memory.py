@@ -390,12 +390,18 @@ def test_mlxs_raised_out_of_memory_restarts_under_the_parent_until_its_bound(tmp
 def test_only_the_parents_own_child_reports_to_it(tmp_path, monkeypatch):
     """A launcher's worker (joblib's) inherits the parent's variables; its out of memory stays
     its job's (a failed trial), so it neither reports a plan nor ends its process for a restart."""
+    from mlxlab.runtime import settings
+
     monkeypatch.setenv(supervise.ENV, str(tmp_path))
     monkeypatch.setenv(supervise.PID_ENV, str(os.getppid()))
+    settings.reload()  # a child reads its environment at start
     assert supervise.folder() == tmp_path  # the child the parent started
     monkeypatch.setenv(supervise.PID_ENV, str(os.getpid()))  # a grandchild's view
+    settings.reload()
     assert supervise.folder() is None
     supervise.report_run(tmp_path, 8, 2, 3, True)
     assert not (tmp_path / "run.json").exists()
     assert supervise.report_oom(3, "[malloc] Unable to allocate") is False
     assert not supervise.wanted()  # under a parent: never a second one
+    monkeypatch.undo()
+    settings.reload()

@@ -233,8 +233,8 @@ def disk_full(directory: Path, final: Path, snap: Snapshot) -> DiskFull:
     return DiskFull(
         errno.ENOSPC,
         f"{DISK_FULL} checkpoint {final} needs {needed / 2**20:.1f} MB, {free / 2**20:.1f} MB "
-        f"free in {directory}: free space there (or set paths.output_dir to a larger disk), "
-        f"{after}")
+        f"free in {directory}; the checkpoints committed before it are intact: free space there "
+        f"(or set paths.output_dir to a larger disk), {after}")
 
 
 def write_snapshot(directory: Path, snap: Snapshot, name: str | None = None) -> Path:

@@ -21,6 +21,9 @@ own at start).
 | SLURM_JOB_ID | the Slurm job `trainer.requeue` puts back in the queue | none: not a Slurm job |
 | SLURM_RESTART_COUNT | above 0: a requeued start, which `trainer.requeue` resumes (`resume=auto`) | 0 |
 | MLX_RANK, OMPI_COMM_WORLD_RANK, PMI_RANK | set by `mlx.launch` / `mpirun`: this process is one rank of a data-parallel run (mx.distributed reads them too) | not launched |
+| SLURM_STEP_ID | set inside a Slurm step: `mlxlab-train` runs there without a supervising parent | none |
+| MLXLAB_SUPERVISE | `0` (false, off, no): `mlxlab-train` trains in-process, no supervising parent (runtime/supervise.py) | supervised |
+| MLXLAB_SUPERVISOR, MLXLAB_SUPERVISOR_PID, MLXLAB_ARGV0 | set by the supervising parent for its child: the folder they share, the parent's pid (only its own child answers), the command the user typed | none: no parent |
 
 A sweep tells its jobs nothing through the environment: the parent run and the swept keys are
 files in the sweep folder (sweeps/folder.py).
@@ -35,7 +38,7 @@ Read or set where a library needs them, not here (the modules tests/test_environ
 | data/streaming/prefetch.py | TOKENIZERS_PARALLELISM | set (to false, unless set) for the tokenizers library before its thread pool starts |
 | runtime/device.py | MLX_PTX_CACHE_DIR | MLX's own, read when MLX first compiles a CUDA kernel: set (to `<paths.cache_dir>/mlx/<version>/ptx`, unless set) before a run evaluates anything, so the kernels a first run compiles for minutes outlive a cleaned /tmp |
 | runtime/blas.py | OPENBLAS_THREAD_TIMEOUT, OPENBLAS_CORETYPE | OpenBLAS's own, read once when it loads: set (to 4, and on an x86-64-v3 CPU to Haswell, each unless set) while setup_blas loads MLX's OpenBLAS and removed again, so its idle threads sleep instead of spinning between a step's matrix products, it runs the same AVX2 kernels on every x86-64-v3 CPU (runtime/cpu.py), and nothing else's BLAS changes |
-| tracking/mlflow/background.py, cli/serve.py | the whole environment | copied for a child process (the tracking process, MLflow's model server) |
+| tracking/mlflow/background.py, cli/serve.py, runtime/supervise.py | the whole environment | copied for a child process (the tracking process, MLflow's model server, the supervised training child with the three supervisor variables added) |
 
 Standard library only, and no import of mlxlab: hatch_build.py loads this file on its own while
 pip builds the wheel (MLXLAB_KERNELS_CACHE, MLXLAB_SKIP_KERNEL_BUILD).
@@ -69,6 +72,11 @@ class Settings:
     slurm_restart_count: int  # SLURM_RESTART_COUNT
     launched: bool  # a launcher set one of LAUNCH_RANK_VARIABLES
     launched_rank: int | None  # the first of them holding a number
+    slurm_step: bool  # SLURM_STEP_ID set: inside a Slurm step
+    supervise: bool  # not MLXLAB_SUPERVISE=0 (false, off, no)
+    supervisor: str | None  # MLXLAB_SUPERVISOR: the folder a supervising parent shares
+    supervisor_pid: str | None  # MLXLAB_SUPERVISOR_PID
+    argv0: str | None  # MLXLAB_ARGV0
 
 
 def read(environ: Mapping[str, str] | None = None) -> Settings:
@@ -95,6 +103,11 @@ def read(environ: Mapping[str, str] | None = None) -> Settings:
         slurm_restart_count=_whole_number(env, "SLURM_RESTART_COUNT") or 0,
         launched=bool(ranks),
         launched_rank=numbered[0] if numbered else None,
+        slurm_step=bool(env.get("SLURM_STEP_ID")),
+        supervise=env.get("MLXLAB_SUPERVISE", "1").strip().lower() not in ("0", "false", "off", "no"),
+        supervisor=env.get("MLXLAB_SUPERVISOR") or None,
+        supervisor_pid=env.get("MLXLAB_SUPERVISOR_PID") or None,
+        argv0=env.get("MLXLAB_ARGV0") or None,
     )
 
 

@@ -49,6 +49,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mlxlab.runtime import settings
+
 ENV = "MLXLAB_SUPERVISOR"      # the folder the parent shares with its child
 PID_ENV = "MLXLAB_SUPERVISOR_PID"  # the parent's pid: only its own child talks to it
 OFF_ENV = "MLXLAB_SUPERVISE"   # "0": train in-process, no parent
@@ -58,7 +60,6 @@ NOTE = "memory_restarts.json"  # in the run folder: the halved plan and each res
 CRASHES = {signal.SIGSEGV: "SIGSEGV", signal.SIGBUS: "SIGBUS", signal.SIGKILL: "SIGKILL"}
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 # Launchers whose ranks must stay the processes they started: a restarted rank alone can't rejoin
-RANK_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_STEP_ID")
 PR_SET_PDEATHSIG = 1
 # Restarts one command may make in all (a sweep's jobs each have trainer.oom_restarts): a bound
 # should a child keep dying without reading its note
@@ -75,17 +76,17 @@ def folder() -> Path | None:
     """The folder shared with a supervising parent (None: no parent). Only the parent's own
     child has one: a launcher's worker processes (joblib's) inherit the variables, but their
     out of memory is their job's (a failed trial), not a restart of the whole command."""
-    path = os.environ.get(ENV)
-    if not path or os.environ.get(PID_ENV) != str(os.getppid()):
+    env = settings.current()
+    if not env.supervisor or env.supervisor_pid != str(os.getppid()):
         return None
-    return Path(path)
+    return Path(env.supervisor)
 
 
 def as_typed() -> None:
     """The child's argv[0] as the user typed it (`mlxlab-train`, `mlxlab train`): what the run's
     Source and command tags name (tracking/source.py), not `python -m mlxlab.train`."""
-    if folder() is not None and os.environ.get(ARGV0_ENV):
-        sys.argv[0] = os.environ[ARGV0_ENV]
+    if folder() is not None and settings.current().argv0:
+        sys.argv[0] = settings.current().argv0
 
 
 def set_sweeping(sweeping: bool) -> None:
@@ -156,9 +157,10 @@ def _write_json(path: Path, data: dict) -> None:
 
 def wanted() -> bool:
     """Whether this start supervises (else it trains in-process)."""
-    if os.environ.get(OFF_ENV, "1").lower() in ("0", "false", "off", "no") or os.environ.get(ENV):
+    env = settings.current()
+    if not env.supervise or env.supervisor:
         return False  # off, or already under a parent
-    return not any(os.environ.get(k) for k in RANK_ENV)
+    return not (env.launched or env.slurm_step)  # a rank of mlx.launch / mpirun, a Slurm step
 
 
 def committed_steps(run_dir: Path) -> list[int]:
