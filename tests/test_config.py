@@ -68,7 +68,7 @@ def test_defaults_are_the_start_here_experiment(tmp_path):
         ("trainer.batching.max_batch_size=0", "trainer.batching.max_batch_size must be >= 1"),
         ("trainer.max_epochs=2.5", "trainer.max_epochs must be an integer"),
         ("data.val_fraction=1.5", "data.val_fraction must be between 0 and 1"),
-        ("data=streaming", "optimized_metric='val/accuracy' is not computed for lm data"),
+        ("data=streaming", "optimized_metric='val/accuracy' is not logged for lm data"),
         ("trainer.precision=fp8", "trainer.precision='fp8' is not one of"),
         ("trainer.schedule.name=linear", "trainer.schedule.name='linear' is not one of"),
         ("optimizer._target_=mlx.optimizers.NoSuch", "optimizer._target_=mlx.optimizers.NoSuch is "

@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -156,11 +157,69 @@ def unwrapped() -> Iterator[None]:
 
 # The facts the checks below need live here, so config imports nothing above runtime/.
 # What evaluation (training/metrics.py) reports for each data task (prefix "val/"): the names
-# optimized_metric may use.
+# optimized_metric may use. A preference run logs its loss's metrics (OBJECTIVE_METRICS).
 METRICS = {"classification": ("loss", "accuracy", "f1", "roc_auc"), "lm": ("loss", "perplexity"),
-           # preference losses (training/preference_losses.py), TRL's names; ORPO adds nll_loss
+           # preference losses (training/preference_losses.py), TRL's names
            "preference": ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen",
-                          "rewards/rejected", "logps/chosen", "logps/rejected", "nll_loss")}
+                          "rewards/rejected", "logps/chosen", "logps/rejected")}
+# What an objective (trainer.preference.loss) logs on top of its data task's METRICS: ORPO its
+# supervised term and odds ratio (pair_loss's `extra`).
+OBJECTIVE_METRICS = {"orpo": ("nll_loss", "log_odds_ratio", "log_odds_chosen")}
+
+
+@dataclass(frozen=True)
+class MetricDefinition:
+    """Which way a metric improves and the values it can take: the best checkpoint, a sweep's
+    verdict and `mlxlab runs compare` read the direction from here, never from the name, and
+    a mean's interval is cut to the range (stats.summarize)."""
+
+    mode: str                            # max | min
+    low: float = -math.inf
+    high: float = math.inf
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        return None if (self.low, self.high) == (-math.inf, math.inf) else (self.low, self.high)
+
+
+_UNIT = MetricDefinition("max", 0.0, 1.0)
+# Every metric mlxlab logs under val/ and train/ (and the evaluation tasks' scores, eval/<task>/),
+# by its name after that prefix. A DPO run's rewards are beta * log-ratios: the chosen's up and
+# the rejected's down are what the loss asks for.
+METRIC_DEFINITIONS = {
+    "loss": MetricDefinition("min", 0.0), "perplexity": MetricDefinition("min", 1.0),
+    "accuracy": _UNIT, "f1": _UNIT, "roc_auc": _UNIT,
+    "rewards/accuracy": _UNIT, "rewards/margin": MetricDefinition("max"),
+    "rewards/chosen": MetricDefinition("max"), "rewards/rejected": MetricDefinition("min"),
+    "logps/chosen": MetricDefinition("max", high=0.0),
+    "logps/rejected": MetricDefinition("min", high=0.0),
+    "nll_loss": MetricDefinition("min", 0.0), "log_odds_ratio": MetricDefinition("max", high=0.0),
+    "log_odds_chosen": MetricDefinition("max"),
+    # evaluation tasks (evaluation/tasks.py METRICS)
+    "acc": _UNIT, "acc_norm": _UNIT, "exact_match": _UNIT, "contains": _UNIT,
+    "bits_per_byte": MetricDefinition("min", 0.0),
+}
+# Two evaluations equal on the monitored metric: the one with the lower validation loss is the
+# better checkpoint (and of two equal on both, the later: it trained longer).
+TIE_BREAK = "val/loss"
+
+
+def run_metrics(task: str, objective: str | None = None) -> tuple[str, ...]:
+    """The val/ metrics a run of this data task and objective logs (its optimized_metric's
+    choices); () for a task mlxlab does not know."""
+    names = (*METRICS.get(task, ()), *OBJECTIVE_METRICS.get(objective or "", ()))
+    return tuple(f"val/{m}" for m in names)
+
+
+def metric_definition(metric: str) -> MetricDefinition | None:
+    """The definition of a logged metric (`val/loss`, `best/val/rewards/accuracy`,
+    `eval/<task>/acc`), None for one mlxlab does not define."""
+    name = metric.removeprefix("best/")
+    if name.startswith("eval/"):
+        name = name.split("/", 2)[-1]
+    else:
+        name = re.sub(r"^(val|train|val_q\d+)/", "", name)
+    return METRIC_DEFINITIONS.get(name)
 # The object stores a checkpoint URI may name (callbacks.checkpoint.remote, resume=), and the
 # fsspec package that opens each (checkpoint/remote.py).
 REMOTE_SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
@@ -357,7 +416,8 @@ def _check_settings(cfg: DictConfig) -> None:
 
 
 def _check_optimized_metric(cfg: DictConfig) -> None:
-    """optimized_metric must be something evaluation computes for this data's task."""
+    """optimized_metric must be a metric the run logs: its data task's, and its objective's
+    (ORPO's nll_loss is not logged by DPO)."""
     from hydra.utils import get_class
 
     try:
@@ -366,10 +426,13 @@ def _check_optimized_metric(cfg: DictConfig) -> None:
         return
     if task not in METRICS:
         return
-    names = [f"val/{m}" for m in METRICS[task]]
+    objective = OmegaConf.select(cfg, "trainer.preference.loss", default=None) \
+        if task == "preference" else None
+    names = list(run_metrics(task, objective))
     if cfg.get("optimized_metric") not in names:
+        what = f"{task} data" + (f" with trainer.preference.loss={objective}" if objective else "")
         raise ConfigError(
-            f"optimized_metric={cfg.get('optimized_metric')!r} is not computed for {task} data: "
+            f"optimized_metric={cfg.get('optimized_metric')!r} is not logged for {what}: "
             f"choose one of {names}"
         )
 

@@ -14,11 +14,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from mlxlab.config import metric_definition
 from mlxlab.evaluation.results import SavedTask
 from mlxlab.evaluation.tasks import BINARY_SCORES, PAIRED_SCORES
 from mlxlab.stats import ALPHA, mcnemar_exact, paired_bootstrap
 
-LOWER_IS_BETTER = ("loss",)
+
+def higher_is_better(score: str) -> bool:
+    """A task score's direction from its definition (config.METRIC_DEFINITIONS)."""
+    definition = metric_definition(f"eval/task/{score}")
+    return definition is None or definition.mode == "max"
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ def pair_task(a: SavedTask, b: SavedTask, rounds: int = 10_000, seed: int = 0
             test = "mcnemar"
         out.append(PairedScore(a.task, metric, test, len(ids), float(va.mean()), float(vb.mean()),
                                diff, low, high, float(p), only_a, only_b,
-                               metric not in LOWER_IS_BETTER))
+                               higher_is_better(metric)))
     return out
 
 
@@ -151,7 +156,7 @@ def pair_replicates(a: Mapping[str, Mapping[str, SavedTask]],
                     per_seed.append({"seed": s, "only_a": only_a, "only_b": only_b, "p": mp})
             out.append(ReplicatePaired(task, metric, len(ids), len(a), len(b),
                                        float(ma.mean()), float(mb.mean()), diff, low, high,
-                                       float(p), tuple(per_seed), metric not in LOWER_IS_BETTER))
+                                       float(p), tuple(per_seed), higher_is_better(metric)))
     return out
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from mlxlab import stats
 from mlxlab.stats import bands
 from mlxlab.sweeps.compare import Comparison, compare_groups, verdict
-from mlxlab.sweeps.groups import Group, curve
+from mlxlab.sweeps.groups import Group, curve, metric_bounds
 from mlxlab.tracking import tags as T
 
 COMPARISON_FILE = "comparison.json"
@@ -91,7 +91,7 @@ def leader_tag(result: dict[str, Any]) -> str:
         return "none (no config has two finished seeds)"
     g = next(g for g in result["groups"] if g["group"] == gid)
     word = "significant" if result["significant"] else "not significant"
-    return f"{gid} ({word}): {result['metric']} {_summary_text(g)}"
+    return f"{gid} ({word}): {result['metric']} {_summary_text(g, result['metric'])}"
 
 
 def tags(result: dict[str, Any]) -> dict[str, str]:
@@ -110,7 +110,7 @@ def markdown(result: dict[str, Any], command: str | None = None) -> str:
              "| group | config | mean ± 95 % CI | n |", "|---|---|---|---|"]
     for g in result["groups"]:
         lead = " **(leader)**" if g["group"] == result["leader"] else ""
-        lines.append(f"| {g['group']}{lead} | `{g['config']}` | {_summary_text(g, n=False)} "
+        lines.append(f"| {g['group']}{lead} | `{g['config']}` | {_summary_text(g, metric, n=False)} "
                      f"| {g['n']} |")
     for c in result["comparisons"]:
         lines += ["", f"**{c['b']} − {c['a']}**: {_num(c['diff'])}, 95 % CI "
@@ -164,7 +164,8 @@ def record(client: Any, parent_id: str, groups: Sequence[Group], metric: str, mo
     path.write_text(json.dumps(_finite(result), indent=2, default=str) + "\n")
     client.log_artifact(parent_id, str(path))
     curves = [(g.label, bands([curve(client, r.info.run_id, metric) for r in g.runs
-                               if r.info.status == "FINISHED"])) for g in groups]
+                               if r.info.status == "FINISHED"], bounds=metric_bounds(metric)))
+              for g in groups]
     png = bands_png([(label, b) for label, b in curves if b], metric,
                     folder / f"bands_{_safe(metric)}.png")
     client.log_artifact(parent_id, str(png), "plots")
@@ -182,12 +183,13 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _summary_text(g: dict[str, Any], n: bool = True) -> str:
+def _summary_text(g: dict[str, Any], metric: str, n: bool = True) -> str:
     nan = math.nan
     s = stats.Summary(int(g["n"]), *(nan if g[k] is None else g[k]
-                                     for k in ("mean", "std", "ci_low", "ci_high")))
+                                     for k in ("mean", "std", "ci_low", "ci_high")),
+                      cut=metric_bounds(metric) if g.get("ci_cut") else None)
     text = s.text()
-    return text if n else text.split(" (")[0]
+    return text if n or s.cut else text.split(" (")[0]
 
 
 def _num(x: float | None) -> str:

@@ -1,0 +1,131 @@
+"""Issue 58: verdicts right at the edges. Intervals of task accuracies inside [0, 1] (scipy's
+Wilson interval), a metric's direction from its definition (never its name), `runs compare
+--metric` leaving the sweep's recorded verdict alone, a verdict at n = 2 that says first that
+the tests cannot reach the level, ties that stay ties, and a model card that pairs like with
+like. The sweeps here are real MLflow stores written with MLflow's client (a parent run and its
+children as the sweep callback tags them); the trainings behind such numbers are tested in
+test_replicates.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import scipy.stats as st
+
+from mlxlab.evaluation.results import SavedTask, intervals
+
+
+def mc_task(right: int, n: int, name: str = "mc", prompts: str = "plain",
+            first_id: int = 0) -> SavedTask:
+    rows = [{"id": str(first_id + i), "acc": float(i < right), "acc_norm": float(i < right)}
+            for i in range(n)]
+    return SavedTask(name, "multiple_choice", {"acc": right / n, "acc_norm": right / n}, rows,
+                     prompts)
+
+
+@pytest.mark.parametrize(("right", "n"), [(0, 10), (3, 40), (40, 40)])
+def test_a_task_accuracys_interval_is_scipys_wilson_interval(right, n):
+    """`mlxlab eval` and the model card print intervals(task): 3/40 gave [-0.010, 0.160] and 0/10
+    gave [0, 0] (a normal approximation); now scipy's Wilson interval."""
+    value, low, high = intervals(mc_task(right, n))["acc"]
+    ci = st.binomtest(right, n).proportion_ci(0.95, method="wilson")
+    assert value == right / n
+    assert (low, high) == (pytest.approx(ci.low, abs=1e-12), pytest.approx(ci.high, abs=1e-12))
+    assert 0 <= low < high <= 1
+
+
+# --- sweeps in a real MLflow store ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory) -> str:
+    """One sqlite store for the module (building its tables takes seconds); a sweep each."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+
+
+def write_sweep(uri: str, key: str, values: dict[str, dict[int, dict[str, float]]],
+                optimized: str, mode: str) -> str:
+    """A sweep's parent run and one FINISHED child per (value of `key`, seed) with the given
+    best/<metric> values, tagged as the sweep callback tags them; the parent's run id."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    from mlxlab.tracking import tags as T
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment(f"sweep-{len(client.search_experiments())}")
+    parent = client.create_run(exp, tags={T.ROLE: "sweep", T.OPTIMIZED_METRIC: optimized,
+                                          T.OPTIMIZED_MODE: mode,
+                                          T.SWEEP_PARAMS: json.dumps([key])}).info.run_id
+    for value, seeds in values.items():
+        for seed, metrics in seeds.items():
+            run = client.create_run(exp, tags={T.PARENT_RUN: parent}).info.run_id
+            client.log_batch(run, metrics=[Metric(f"best/{k}", v, 0, 1) for k, v in metrics.items()]
+                             + [Metric(k, v, 0, 1) for k, v in metrics.items()],
+                             params=[Param("seed", str(seed)), Param(key, value)],
+                             tags=[RunTag(T.ROLE, "train")])
+            client.set_terminated(run, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    return parent
+
+
+def compare(capsys, uri: str, sweep: str, *args: str) -> tuple[int, str, str]:
+    """`mlxlab runs compare SWEEP ARGS`: exit code, stdout, stderr's last line."""
+    from mlxlab.cli.runs_compare import main
+
+    code = main([sweep, "--uri", uri, *args])
+    out = capsys.readouterr()
+    return code, out.out, (out.err.strip().splitlines() or [""])[-1]
+
+
+@pytest.fixture
+def dpo_sweep(uri):
+    """Two betas x 3 seeds of a DPO sweep: val/rewards/accuracy (its optimized metric) about
+    equal, val/logps/rejected clearly lower (better: the rejected replies lost probability)
+    under beta=0.5."""
+    rejected = {"0.1": [-40.0, -41.0, -42.5], "0.5": [-50.0, -51.5, -52.0]}
+    accuracy = {"0.1": [0.80, 0.85, 0.90], "0.5": [0.85, 0.80, 0.90]}
+    parent = write_sweep(uri, "trainer.preference.beta", {
+        beta: {42 + i: {"val/rewards/accuracy": accuracy[beta][i],
+                        "val/logps/rejected": rejected[beta][i]} for i in range(3)}
+        for beta in ("0.1", "0.5")}, "val/rewards/accuracy", "max")
+    return parent
+
+
+def test_a_lower_is_better_metric_gets_the_right_verdict_and_leaves_the_recorded_one(
+        uri, dpo_sweep, capsys):
+    """Issue 58: `--metric val/logps/rejected` was read as higher-is-better (its name has no
+    "loss"), and the comparison overwrote the sweep's recorded verdict on its own metric."""
+    from mlflow import MlflowClient
+
+    parent = dpo_sweep
+    client = MlflowClient(tracking_uri=uri)
+    code, out, _ = compare(capsys, uri, parent)  # the sweep's own metric: recorded on the parent
+    assert code == 0 and "recorded on parent run" in out
+    recorded = client.get_run(parent).data.tags
+    assert recorded["mlxlab.verdict.metric"] == "val/rewards/accuracy (best)"
+
+    code, out, _ = compare(capsys, uri, parent, "--metric", "val/logps/rejected")
+    assert code == 0 and "lower is better" in out, out
+    assert "g2 (trainer.preference.beta=0.5) beats g1" in out, out
+    assert "left as it is: --record replaces it" in out
+    assert client.get_run(parent).data.tags == recorded  # the sweep's verdict untouched
+
+    code, out, _ = compare(capsys, uri, parent, "--metric", "val/logps/rejected", "--mode", "max")
+    assert "higher is better" in out and "g1 (trainer.preference.beta=0.1) beats g2" in out
+
+    code, out, _ = compare(capsys, uri, parent, "--metric", "val/logps/rejected", "--record")
+    now = client.get_run(parent).data.tags
+    assert now["mlxlab.verdict.metric"] == "val/logps/rejected (best)"
+    assert now["mlxlab.verdict"] == "g2 better than g1"
+
+
+def test_a_metric_mlxlab_does_not_define_needs_its_mode(uri, capsys):
+    parent = write_sweep(uri, "lr", {v: {s: {"val/accuracy": 0.5 + s / 1000, "val/custom_error": s / 100}
+                                for s in (1, 2)} for v in ("1", "2")}, "val/accuracy", "max")
+    code, _, err = compare(capsys, uri, parent, "--metric", "val/custom_error")
+    assert code == 2 and err.startswith("mlxlab runs compare: error: ")
+    assert "which way val/custom_error improves is not known" in err and "--mode min|max" in err
+    code, out, _ = compare(capsys, uri, parent, "--metric", "val/custom_error", "--mode", "min")
+    assert code == 0 and "lower is better" in out
