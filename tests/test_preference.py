@@ -462,3 +462,43 @@ def test_a_setting_the_loss_would_ignore_is_one_config_error(setting, message):
     with pytest.raises(ConfigError, match=message):
         PreferenceConfig(**setting)
     PreferenceConfig(loss=setting["loss"])  # the same loss with the defaults is fine
+
+
+# --- issue 58: a saturating monitor, settings the run would ignore, pairs that cannot teach ---
+
+
+def test_a_saturated_monitor_keeps_the_later_lower_loss_checkpoint_and_says_so(
+        pref_model, make_cfg, caplog):
+    """DPO's val/rewards/accuracy reaches 1.0 on 8 easy held-out pairs and stays there while
+    the validation loss keeps falling: the best checkpoint is not the first evaluation at 1.0
+    (ties went to the earliest step) but the one with the lowest val/loss; the log and the
+    run's tag mlxlab.best_checkpoint say that a tie was broken and how."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.checkpoint import CheckpointState
+    from mlxlab.train import train
+
+    val = write_jsonl(pref_model["root"] / "val8.jsonl", generated_pairs(8, seed=3))
+    cfg = make_cfg("experiment=dpo_chat", "optimizer.learning_rate=3e-3",
+                   *preference_args(pref_model, "trainer.eval_every_steps=8"),
+                   f"data.val_file={val}")
+    with caplog.at_level(logging.INFO, logger="mlxlab"):
+        metrics = train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])[0]
+    history = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
+               for k in ("val/rewards/accuracy", "val/loss")}
+    saturated = [s for s, v in sorted(history["val/rewards/accuracy"].items()) if v == 1.0]
+    assert len(saturated) >= 2, history  # the monitor ties at 1.0
+    lowest = min(saturated, key=lambda s: (history["val/loss"][s], -s))
+    assert metrics["best_step"] == lowest != saturated[0], history
+    best = CheckpointState.read(Path(cfg.paths.output_dir) / "checkpoints" / "best")
+    assert best.step == lowest
+    tag = run.data.tags["mlxlab.best_checkpoint"]
+    assert tag.startswith(f"step {lowest}: val/rewards/accuracy 1 ties step ") and \
+        "the lower val/loss" in tag, tag
+    assert any("ties step" in r.getMessage() and "val/loss" in r.getMessage()
+               for r in caplog.records)

@@ -81,14 +81,16 @@ def compare(capsys, uri: str, sweep: str, *args: str) -> tuple[int, str, str]:
 
 @pytest.fixture
 def dpo_sweep(uri):
-    """Two betas x 3 seeds of a DPO sweep: val/rewards/accuracy (its optimized metric) about
+    """Two betas x 6 seeds of a DPO sweep: val/rewards/accuracy (its optimized metric) about
     equal, val/logps/rejected clearly lower (better: the rejected replies lost probability)
     under beta=0.5."""
-    rejected = {"0.1": [-40.0, -41.0, -42.5], "0.5": [-50.0, -51.5, -52.0]}
-    accuracy = {"0.1": [0.80, 0.85, 0.90], "0.5": [0.85, 0.80, 0.90]}
+    rejected = {"0.1": [-40.0, -41.0, -42.5, -40.5, -41.5, -39.0],
+                "0.5": [-50.0, -51.5, -52.0, -49.0, -50.5, -48.5]}
+    accuracy = {"0.1": [0.80, 0.85, 0.90, 0.85, 0.80, 0.90],
+                "0.5": [0.85, 0.80, 0.90, 0.80, 0.85, 0.85]}
     parent = write_sweep(uri, "trainer.preference.beta", {
         beta: {42 + i: {"val/rewards/accuracy": accuracy[beta][i],
-                        "val/logps/rejected": rejected[beta][i]} for i in range(3)}
+                        "val/logps/rejected": rejected[beta][i]} for i in range(6)}
         for beta in ("0.1", "0.5")}, "val/rewards/accuracy", "max")
     return parent
 
@@ -129,3 +131,49 @@ def test_a_metric_mlxlab_does_not_define_needs_its_mode(uri, capsys):
     assert "which way val/custom_error improves is not known" in err and "--mode min|max" in err
     code, out, _ = compare(capsys, uri, parent, "--metric", "val/custom_error", "--mode", "min")
     assert code == 0 and "lower is better" in out
+
+
+def test_a_verdict_at_two_seeds_says_first_that_the_tests_cannot_reach_the_level(uri, capsys):
+    """3 configs x 2 seeds: the paired t test (one degree of freedom) gives p < 0.05 after Holm,
+    but the signed-rank test's smallest p at n = 2 is 0.5. The verdict says that first, calls
+    no config better, and the seeds needed are those at which both tests can (6 and up),
+    never the 2 already run."""
+    from mlflow import MlflowClient
+
+    from mlxlab import stats
+
+    acc = {"a": [0.800, 0.810], "b": [0.840, 0.8505], "c": [0.801, 0.812]}
+    parent = write_sweep(uri, "model.pooler", {
+        v: {42 + i: {"val/accuracy": acc[v][i]} for i in range(2)} for v in acc},
+        "val/accuracy", "max")
+    code, out, _ = compare(capsys, uri, parent, "--json")
+    result = json.loads(out)
+    assert min(c["t_p_holm"] for c in result["comparisons"]) < 0.05  # t alone would call it
+    for c in result["comparisons"]:
+        assert c["verdict"].startswith("too few seeds to settle it: at 2 seed pairs the "
+                                       "Wilcoxon signed-rank test's smallest p is 0.5"), c
+        assert "beats" not in c["verdict"]
+        assert c["seeds_needed"] is None or c["seeds_needed"] >= 6
+    assert stats.smallest_signed_rank_p(6) < 0.05 <= stats.smallest_signed_rank_p(5)
+    tags = MlflowClient(tracking_uri=uri).get_run(parent).data.tags
+    assert tags["mlxlab.verdict"] == "too few replicates"
+    note = tags["mlflow.note.content"]
+    assert note.split("\n")[2].startswith("too few seeds to settle it"), note
+    assert "seeds needed: 2 " not in note
+
+
+def test_two_configs_with_equal_means_tie_and_none_is_the_leader(uri, capsys):
+    """Equal means (0.8052 and 0.8052) made one of them "(leader)" by the order of a sort."""
+    from mlflow import MlflowClient
+
+    acc = {"a": [0.8000, 0.8104, 0.8052], "b": [0.8104, 0.8000, 0.8052]}
+    parent = write_sweep(uri, "model.pooler", {
+        v: {42 + i: {"val/accuracy": acc[v][i]} for i in range(3)} for v in acc},
+        "val/accuracy", "max")
+    code, out, _ = compare(capsys, uri, parent)
+    assert code == 0 and "leader g1" not in out and "leader g2" not in out, out
+    tags = MlflowClient(tracking_uri=uri).get_run(parent).data.tags
+    assert "(leader)" not in tags["mlflow.note.content"]
+    assert tags["mlxlab.leader"].startswith("none: g1 and g2 tie at val/accuracy 0.8052"), tags
+    assert "g1 (tied)" in tags["mlflow.note.content"] or "| g1 (tied)" in tags[
+        "mlflow.note.content"]

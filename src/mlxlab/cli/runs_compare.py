@@ -141,9 +141,11 @@ def run(args) -> int:
         print_replicate_tasks(paired)
         print(f"  verdict: {verdict(c, metric, mode)}")
     if recorded is not None:
+        from mlxlab.sweeps.verdict import leader_tag
+
         parent_id, result = recorded
         print(f"\nsweep verdict ({len(result['comparisons'])} comparison(s) with the leader): "
-              f"{result['verdict']}; leader {result['leader']}; recorded on parent run "
+              f"{result['verdict']}; leader {leader_tag(result).split(':')[0]}; recorded on parent run "
               f"{parent_id} (its description, tags mlxlab.verdict / mlxlab.leader, "
               f"comparison.json)")
     elif not own and not args.no_record:

@@ -25,13 +25,15 @@ from mlxlab.stats.paired import (
     paired_bootstrap,
     power_paired_t,
     seeds_needed,
+    signed_rank_reach,
     smallest_signed_rank_p,
+    snap_ties,
     wilcoxon_signed_rank,
 )
 
 __all__ = [
     "ALPHA", "CONFIDENCE", "CONVENTIONS", "POWER", "Difference", "Summary", "bands", "compare", "holm",
     "mcnemar_exact", "paired_bootstrap", "power_paired_t", "proportion_interval", "seeds_needed",
-    "smallest_signed_rank_p", "summarize",
+    "signed_rank_reach", "smallest_signed_rank_p", "snap_ties", "summarize",
     "Wilcoxon", "wilcoxon_signed_rank",
 ]

@@ -29,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab import kernels
-from mlxlab.checkpoint import CheckpointManager, is_better, load_checkpoint
+from mlxlab.checkpoint import CheckpointManager, load_checkpoint
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.models.base import Model
@@ -44,6 +44,7 @@ from mlxlab.training.checkpointing import (
     build_manager,
     build_writer,
     checkpoint_state,
+    choose_best,
     forget_best,
     restore,
     resume_tags,
@@ -309,7 +310,8 @@ class Fit:
         if self.resume and state.run_id is not None and tracker.run_id == state.run_id:
             tracker.rewind(state.step)  # what the killed process logged after its checkpoint
 
-    def _save(self, metric: float | None = None, force: bool = False) -> Path | None:
+    def _save(self, metric: float | None = None, force: bool = False,
+              best: bool | None = None) -> Path | None:
         """A checkpoint of this step (rank 0 writes; every rank takes part in the gathers)."""
         # Metrics logged so far reach the store before the checkpoint that covers them is
         # committed, so a SIGKILL never leaves a checkpoint whose steps are missing from the
@@ -333,7 +335,7 @@ class Fit:
             return {"run_id": self.tracker.run_id or state.run_id}
 
         return self.writer.save(self.model, optimizer, state, metric=metric, force=force,
-                                before_write=before_write)
+                                before_write=before_write, best=best)
 
     def _evaluate_and_save(self, force: bool = False) -> None:
         """An evaluation (metrics logged, callbacks told, the best kept) and its checkpoint; a
@@ -350,10 +352,16 @@ class Fit:
         for cb in self.callbacks:
             cb.on_eval(state.step, result.metrics)
         value = result.metrics.get(settings.monitor, math.nan)
-        if is_better(value, state.best_metrics.get(settings.monitor), settings.monitor_mode):
+        choice = choose_best(result.metrics, state.best_metrics, settings.monitor,
+                             settings.monitor_mode, state.step)
+        if choice.tie:  # a saturated monitor: which checkpoint the tie-break kept, and why
+            log.info("best checkpoint: %s", choice.tie)
+        if choice.better:
             state.best_metrics = {**result.metrics, "best_step": float(state.step)}
             state.best_eval = result
-        self._save(metric=value, force=force)
+            self.tracker.set_tags({T.BEST_CHECKPOINT: choice.tie or
+                                   f"step {state.step}: {settings.monitor} {value:.6g}"})
+        self._save(metric=value, force=force, best=choice.better)
 
     def _interrupt(self, stop: GracefulStop) -> None:
         """A signal: checkpoint this step (once), wait until it is on disk, leave the loop."""
