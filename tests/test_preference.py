@@ -15,7 +15,7 @@ import pytest
 from hf_helpers import save_tiny_model
 from mlxlab.data.batching import Batching
 from mlxlab.data.chat import encode_chat, load_chat_template
-from mlxlab.data.preference import PreferencePairs
+from mlxlab.data.preference import KEYS, PreferencePairs
 from mlxlab.errors import ConfigError
 
 WORDS = ["cat", "dog", "sun", "tree", "ball", "milk", "red", "big", "hat", "cup"]
@@ -453,6 +453,8 @@ def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pre
         ({"loss": "ipo", "label_smoothing": 0.1}, r"label_smoothing=0.1 has no meaning for loss=ipo"),
         ({"loss": "orpo", "reference": "cached"}, r"loss=orpo uses no reference model"),
         ({"loss": "simpo", "reference": "copy"}, r"loss=simpo uses no reference model"),
+        ({"loss": "sigmoid", "gamma": 1.0}, r"gamma=1.0 is SimPO's target margin and has no "
+         r"meaning for loss=sigmoid"),
     ],
 )
 def test_a_setting_the_loss_would_ignore_is_one_config_error(setting, message):
@@ -502,3 +504,50 @@ def test_a_saturated_monitor_keeps_the_later_lower_loss_checkpoint_and_says_so(
         "the lower val/loss" in tag, tag
     assert any("ties step" in r.getMessage() and "val/loss" in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["trainer.label_smoothing=0.3"],
+         "trainer.label_smoothing=0.3 smooths the cross-entropy's targets, which a preference "
+         "loss does not compute: use trainer.preference.label_smoothing="),
+        (["optimized_metric=val/nll_loss"],
+         "optimized_metric='val/nll_loss' is not logged for preference data with "
+         "trainer.preference.loss=sigmoid: choose one of ['val/loss', 'val/rewards/accuracy'"),
+        (["trainer.beta=0.3"], "trainer.beta is not a key of trainer: did you mean "
+         "trainer.preference.beta=0.3?"),
+        (["data.keys.rejected=chosen"], "240 of 240 pairs have the same chosen and rejected "
+         "reply"),
+    ],
+)
+def test_a_setting_the_run_would_ignore_is_one_line_exit_2_and_nothing_created(
+        pref_model, tmp_path, cli_env, extra, message):
+    """Issue 58: each was accepted and trained on (identical metrics; no best checkpoint and
+    "the run had no validation data"; Hydra's multi-line "not in struct" with exit 1; zero
+    gradient, accuracy 0, exit 0)."""
+    import subprocess
+
+    from conftest import PYTHON
+
+    proc = subprocess.run(
+        [PYTHON, "-m", "mlxlab.train", "experiment=dpo_chat", "tracking=none",
+         *preference_args(pref_model), *extra],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("mlxlab: error: "), proc.stderr[-3000:]
+    assert message in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_few_pairs_with_equal_replies_are_a_warning_naming_the_first(tmp_path, caplog):
+    from mlxlab.data.preference import read_pairs
+
+    rows = generated_pairs(10)
+    rows[6] = {**rows[6], "rejected": rows[6]["chosen"]}
+    with caplog.at_level(logging.WARNING):
+        read = read_pairs(write_jsonl(tmp_path / "pairs.jsonl", rows), dict(KEYS))
+    assert len(read.rows) == 10
+    assert "1 of 10 pairs have the same chosen and rejected reply (line 7 the first)" in caplog.text

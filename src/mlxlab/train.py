@@ -178,12 +178,29 @@ def hydra_main(cfg: DictConfig) -> float:
         failures.leave(2, f"mlxlab: error: {err}")
 
 
+def check_trainer_keys(argv: list[str]) -> None:
+    """`trainer.beta=0.3` under trainer=dpo is one line naming the key it means
+    (trainer.preference.beta), not Hydra's multi-line "Key 'beta' is not in struct"."""
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        name = key.removeprefix("trainer.")
+        if not eq or name == key or "." in name:
+            continue
+        from mlxlab.training.settings import nested_keys  # only for a trainer.<key> override
+
+        homes = nested_keys(name)
+        if homes:
+            raise ConfigError(f"{key} is not a key of trainer: did you mean "
+                              + " or ".join(f"{h}={value}" for h in homes) + "?")
+
+
 def main() -> None:
     """mlxlab-train / `mlxlab train`: the group choices checked first, then the Hydra app."""
     from mlxlab.config import check_group_choices
 
     try:
         check_group_choices(sys.argv[1:])
+        check_trainer_keys(sys.argv[1:])
     except ConfigError as err:
         print(f"mlxlab: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -68,6 +68,7 @@ class DistillConfig:
 
 
 REFERENCES = ("auto", "adapters", "copy", "cached")  # trainer.preference.reference
+GAMMA = 0.5  # trainer.preference.gamma's default (conf/trainer/dpo.yaml): another value is SimPO's
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class PreferenceConfig:
     loss: str = "sigmoid"         # sigmoid (DPO) | ipo | orpo | simpo (preference_losses.py)
     beta: float = 0.1             # DPO/IPO's beta, ORPO's lambda, SimPO's beta (TRL's names)
     label_smoothing: float = 0.0  # sigmoid and simpo: the chance a preference is flipped
-    gamma: float = 0.5            # simpo: the target reward margin
+    gamma: float = GAMMA          # simpo: the target reward margin
     reference: str = "auto"       # auto | adapters | copy | cached (sigmoid and ipo only)
 
     def __post_init__(self) -> None:
@@ -97,6 +98,10 @@ class PreferenceConfig:
             raise ConfigError(
                 f"trainer.preference.label_smoothing={self.label_smoothing} has no meaning for "
                 f"loss={self.loss}: use loss=sigmoid or simpo, or label_smoothing=0")
+        if self.gamma != GAMMA and self.loss != "simpo":
+            raise ConfigError(
+                f"trainer.preference.gamma={self.gamma} is SimPO's target margin and has no "
+                f"meaning for loss={self.loss}: use loss=simpo, or leave gamma at {GAMMA}")
         if self.reference != "auto" and self.loss not in ("sigmoid", "ipo"):
             raise ConfigError(
                 f"trainer.preference.reference={self.reference}: loss={self.loss} uses no "
@@ -145,9 +150,7 @@ class TrainerSettings:
     requeue: bool = False             # SIGUSR1 (Slurm's time-limit warning): requeue the job
 
     def __post_init__(self) -> None:
-        for name, kind in (("schedule", LRSchedule), ("batching", BatchingSettings),
-                           ("distill", DistillConfig), ("preference", PreferenceConfig),
-                           ("distributed", DistributedConfig)):
+        for name, kind in NESTED:
             object.__setattr__(self, name, record(kind, getattr(self, name), f"trainer.{name}"))
         if self.max_epochs is None and self.max_steps is None:
             raise ConfigError("set trainer.max_epochs or trainer.max_steps")
@@ -164,6 +167,12 @@ class TrainerSettings:
                               "or off")
         if self.distill and self.preference:
             raise ConfigError("trainer.distill and trainer.preference are two losses: set one")
+        if self.preference and self.label_smoothing:  # the preference loss computes no CE
+            raise ConfigError(
+                f"trainer.label_smoothing={self.label_smoothing} smooths the cross-entropy's "
+                "targets, which a preference loss does not compute: use "
+                "trainer.preference.label_smoothing= (the chance a preference is flipped, "
+                "loss=sigmoid or simpo), or trainer.label_smoothing=0")
         object.__setattr__(self, "model_schedule", check_schedule(self.model_schedule) or None)
         if self.model_schedule and self.distributed.shard_optimizer:
             raise ConfigError("trainer.model_schedule does not work with trainer.distributed."
@@ -172,6 +181,21 @@ class TrainerSettings:
     def data_batching(self) -> Batching:
         """The batching the data module is asked for: batch_size with trainer.batching."""
         return Batching(batch_size=self.batch_size, **dataclasses.asdict(self.batching))
+
+
+# The records nested under trainer (trainer.<field>.<key>), built into their classes above.
+NESTED = (("schedule", LRSchedule), ("batching", BatchingSettings), ("distill", DistillConfig),
+          ("preference", PreferenceConfig), ("distributed", DistributedConfig))
+
+
+def nested_keys(name: str) -> list[str]:
+    """The full keys of `trainer.<name>` when it is not a key of trainer itself but of a record
+    nested under it (trainer.beta -> trainer.preference.beta); [] otherwise. What train.py's
+    check of the command line names, instead of Hydra's "Key 'beta' is not in struct"."""
+    if name in {f.name for f in dataclasses.fields(TrainerSettings)}:
+        return []
+    return [f"trainer.{group}.{name}" for group, kind in NESTED
+            if name in {f.name for f in dataclasses.fields(kind)}]
 
 
 # (field, type, lower bound) of TrainerSettings' numeric keys; None values are not checked.
