@@ -9,6 +9,7 @@ test_replicates.py."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import scipy.stats as st
@@ -177,3 +178,99 @@ def test_two_configs_with_equal_means_tie_and_none_is_the_leader(uri, capsys):
     assert tags["mlxlab.leader"].startswith("none: g1 and g2 tie at val/accuracy 0.8052"), tags
     assert "g1 (tied)" in tags["mlflow.note.content"] or "| g1 (tied)" in tags[
         "mlflow.note.content"]
+
+
+# --- the model card: like with like -----------------------------------------------------------
+
+
+def log_base_eval(uri: str, model: str, task: SavedTask) -> str:
+    """An `mlxlab eval` run of the base model as runs/task_eval.py logs it: tags and the
+    eval_tasks/ folder; its run id."""
+    import tempfile
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from mlxlab.evaluation.results import write_scores
+    from mlxlab.evaluation.scoring import TaskScores
+    from mlxlab.tracking import tags as T
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("evals") or client.create_experiment("evals")
+    exp = exp if isinstance(exp, str) else exp.experiment_id
+    run = client.create_run(exp, tags={T.ROLE: "eval", T.EVAL_MODEL: model}).info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        write_scores([TaskScores(task.task, task.kind, task.metrics, task.rows, task.prompts)],
+                     Path(tmp))
+        client.log_artifacts(run, tmp, "eval_tasks")
+    client.set_terminated(run, "FINISHED")
+    return run
+
+
+def card_row(card: str, task: str, metric: str) -> list[str]:
+    row = next(line for line in card.splitlines() if line.startswith(f"| {task} | {metric} |"))
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_the_model_card_pairs_evaluations_of_the_same_prompts_and_examples(uri, tmp_path):
+    """Issue 58: the card took the newest base evaluation whatever its prompt mode (a plain
+    0.575 beside the fine-tune's 0.65 scored through the template, where the template's base
+    is 0.300). Now the base that scored the same task, prompts and example ids."""
+    from mlxlab.evaluation.results import write_scores
+    from mlxlab.evaluation.scoring import TaskScores
+    from mlxlab.export.model_card import model_card
+
+    base = tmp_path / "base-model"
+    base.mkdir()
+    like = log_base_eval(uri, str(base.resolve()), mc_task(12, 40, prompts="chat template"))
+    unlike = log_base_eval(uri, str(base.resolve()), mc_task(23, 40, prompts="plain"))
+    run_dir = tmp_path / "run"
+    mine = mc_task(26, 40, prompts="chat template")
+    write_scores([TaskScores(mine.task, mine.kind, mine.metrics, mine.rows, mine.prompts)],
+                 run_dir / "eval_tasks" / "best")
+    config = {"model": {"pretrained": str(base)}, "tracking": {"uri": uri}}
+    card = model_card(run_dir, "tuned", config, "r1", 600)
+    cells = card_row(card, "mc", "acc")
+    assert (float(cells[3]), float(cells[5])) == (0.65, 0.3), card
+    assert float(cells[6].split()[0]) == pytest.approx(0.65 - 0.3)  # score - base as shown
+    assert like in card and unlike not in card
+
+    other = mc_task(26, 40, prompts="chat template", first_id=100)  # other example ids
+    write_scores([TaskScores(other.task, other.kind, other.metrics, other.rows, other.prompts)],
+                 run_dir / "eval_tasks" / "best")
+    card = model_card(run_dir, "tuned", config, "r1", 600)
+    assert "0.3000" not in card and "0.5750" not in card
+    assert "mc: no evaluation of the base model scored the same examples with chat template " \
+           "prompts" in card, card
+
+
+def test_the_cards_loss_difference_is_the_difference_of_the_token_weighted_losses(uri, tmp_path):
+    """A perplexity task's loss is token-weighted; the card's difference was the mean of the
+    per-text differences (+0.1233 beside scores that differ by +0.1240)."""
+    from mlxlab.evaluation.results import write_scores
+    from mlxlab.evaluation.scoring import TaskScores
+    from mlxlab.export.model_card import model_card
+
+    def ppl(nlls: list[float], tokens: list[int]) -> TaskScores:
+        rows = [{"id": str(i), "nll": n, "tokens": t, "bytes": 4 * t, "loss": n / t}
+                for i, (n, t) in enumerate(zip(nlls, tokens))]
+        loss = sum(nlls) / sum(tokens)
+        return TaskScores("text", "perplexity", {"loss": loss, "perplexity": math.exp(loss),
+                                                 "bits_per_byte": loss / 4 / math.log(2)},
+                          rows, "plain")
+
+    tokens = [5, 40, 12, 3, 30, 8]
+    base_scores = ppl([15.0, 100.0, 30.0, 12.0, 66.0, 20.0], tokens)
+    mine = ppl([16.0, 104.0, 33.0, 9.0, 70.0, 22.0], tokens)
+    base = tmp_path / "base-model"
+    base.mkdir()
+    log_base_eval(uri, str(base.resolve()), SavedTask(
+        "text", "perplexity", base_scores.metrics, base_scores.rows, "plain"))
+    write_scores([mine], tmp_path / "run" / "eval_tasks" / "best")
+    card = model_card(tmp_path / "run", "tuned", {"model": {"pretrained": str(base)},
+                                                  "tracking": {"uri": uri}}, "r1", 10)
+    cells = card_row(card, "text", "loss")
+    shown = float(cells[6].split()[0])
+    assert shown == pytest.approx(mine.metrics["loss"] - base_scores.metrics["loss"], abs=1e-4)
+    low, high = (float(x) for x in cells[6].split("[")[1].rstrip("]").split(","))
+    assert low <= shown <= high

@@ -17,7 +17,7 @@ import numpy as np
 from mlxlab.config import metric_definition
 from mlxlab.evaluation.results import SavedTask
 from mlxlab.evaluation.tasks import BINARY_SCORES, PAIRED_SCORES
-from mlxlab.stats import ALPHA, mcnemar_exact, paired_bootstrap
+from mlxlab.stats import ALPHA, CONFIDENCE, mcnemar_exact, paired_bootstrap
 
 
 def higher_is_better(score: str) -> bool:
@@ -75,6 +75,33 @@ def pair_task(a: SavedTask, b: SavedTask, rounds: int = 10_000, seed: int = 0
                                diff, low, high, float(p), only_a, only_b,
                                higher_is_better(metric)))
     return out
+
+
+def pair_weighted_loss(a: SavedTask, b: SavedTask, rounds: int = 2000, seed: int = 0
+                       ) -> PairedScore:
+    """B - A on a perplexity task's reported loss, the token-weighted mean (sum of the texts'
+    NLL over the sum of their tokens), over the texts both scored: what the model card shows
+    beside the two losses (the mean of per-text differences, pair_task's, is another number).
+    A paired percentile bootstrap over texts for the interval; for p, the paired randomization
+    test (each text's two scores swapped with probability 1/2)."""
+    rows_a, rows_b = a.by_id(), b.by_id()
+    ids = [i for i in rows_a if i in rows_b]
+    if not ids:
+        raise ValueError(f"task {a.task}: the two runs share no example ids")
+    na, ta, nb, tb = (np.array([float(rows[i][k]) for i in ids]) for rows, k in (
+        (rows_a, "nll"), (rows_a, "tokens"), (rows_b, "nll"), (rows_b, "tokens")))
+    loss_a, loss_b = na.sum() / ta.sum(), nb.sum() / tb.sum()
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(ids), size=(rounds, len(ids)))
+    boot = nb[picks].sum(1) / tb[picks].sum(1) - na[picks].sum(1) / ta[picks].sum(1)
+    low, high = (float(v) for v in np.quantile(boot, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2]))
+    swap = rng.random((rounds, len(ids))) < 0.5
+    flipped = (np.where(swap, na, nb).sum(1) / np.where(swap, ta, tb).sum(1)
+               - np.where(swap, nb, na).sum(1) / np.where(swap, tb, ta).sum(1))
+    diff = float(loss_b - loss_a)
+    p = (1 + int((np.abs(flipped) >= abs(diff) - 1e-15).sum())) / (rounds + 1)
+    return PairedScore(a.task, "loss", "bootstrap", len(ids), float(loss_a), float(loss_b), diff,
+                       low, high, float(p), higher_is_better=False)
 
 
 def pair_runs(a: Mapping[str, SavedTask], b: Mapping[str, SavedTask], rounds: int = 10_000
