@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.validation import utf8_text
 
 MULTIPLE_CHOICE, GENERATION, PERPLEXITY = "multiple_choice", "generation", "perplexity"
 # The per-example scores of each kind and the task metrics computed from them.
@@ -88,7 +89,7 @@ def read_task(path: str | Path) -> Task:
         raise ConfigError(f"task file {path}: its name {name!r} becomes the metric "
                           f"eval/{name}/...; rename it to letters, digits, '_', '-', '.'")
     kind, examples, seen = None, [], {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(utf8_text(path).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
