@@ -102,15 +102,8 @@ def run(args) -> int:
     from mlxlab.cli.runs_compare_tasks import print_replicate_tasks, replicate_tasks
 
     tasks = [replicate_tasks(client, c.a, c.b, which) for c in results]  # evaluation tasks
-    recorded = None
-    # the sweep's recorded verdict is on its own metric: another one replaces it only if asked
     own = metric == optimized and not args.last
-    if args.record or (own and not args.no_record):
-        try:
-            recorded = record_verdict(client, args.refs, metric, mode, which)
-        except Exception as e:  # noqa: BLE001 - a read-only store: the comparison still prints
-            print(f"mlxlab runs compare: warning: the verdict was not recorded on the sweep's "
-                  f"parent run ({type(e).__name__}: {e}); --no-record skips it", file=sys.stderr)
+    recorded = maybe_record(client, args, metric, mode, which, own)
     if args.json:
         out = as_json(groups, results, metric, which, mode)
         for entry, paired in zip(out["comparisons"], tasks):
@@ -152,6 +145,20 @@ def run(args) -> int:
         print(f"\nthe sweep's recorded verdict (on {optimized}, best checkpoints) is left as it "
               "is: --record replaces it with this comparison's")
     return 0
+
+
+def maybe_record(client: Any, args, metric: str, mode: str, which: str, own: bool
+                 ) -> tuple[str, dict] | None:
+    """The verdict recorded on the sweep's parent run when it is on the sweep's own metric
+    (`own`) or --record asks; a store that refuses the write is a warning."""
+    if not (args.record or (own and not args.no_record)):
+        return None
+    try:
+        return record_verdict(client, args.refs, metric, mode, which)
+    except Exception as e:  # noqa: BLE001 - a read-only store: the comparison still prints
+        print(f"mlxlab runs compare: warning: the verdict was not recorded on the sweep's "
+              f"parent run ({type(e).__name__}: {e}); --no-record skips it", file=sys.stderr)
+        return None
 
 
 def record_verdict(client: Any, refs: list[str], metric: str, mode: str, which: str
