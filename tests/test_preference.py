@@ -504,6 +504,9 @@ def test_a_saturated_monitor_keeps_the_later_lower_loss_checkpoint_and_says_so(
         "the lower val/loss" in tag, tag
     assert any("ties step" in r.getMessage() and "val/loss" in r.getMessage()
                for r in caplog.records)
+    last = [r.getMessage() for r in caplog.records if "| best val/rewards/accuracy" in
+            r.getMessage()][-1]  # the evaluation line names the same best step
+    assert last.endswith(f"| best val/rewards/accuracy 1.0000 (step {lowest})"), last
 
 
 @pytest.mark.parametrize(

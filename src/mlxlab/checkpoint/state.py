@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from mlxlab.checkpoint.layout import STATE_FILE, CheckpointError
+from mlxlab.config import TIE_BREAK
 
 STATE_VERSION = 2
 # val_fingerprint of a state written before validation sets were fingerprinted: comparing it
@@ -43,6 +45,39 @@ def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.
     if best is None or math.isnan(best):
         return True
     return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+@dataclass(frozen=True)
+class BestChoice:
+    """Whether an evaluation's checkpoint becomes best/, and when a tie on the monitor decided
+    it, the sentence the log and the run's tag (mlxlab.best_checkpoint) say."""
+
+    better: bool
+    tie: str | None = None
+
+
+def choose_best(metrics: Mapping[str, float], best: Mapping[str, float], monitor: str,
+                mode: str, step: int) -> BestChoice:
+    """The monitor improves on the best so far; or it equals it (a monitor that saturates: DPO's
+    val/rewards/accuracy at 1.0 from the first evaluation on) and the tie-break metric
+    (config.TIE_BREAK, the validation loss) is lower, or equal too and this step is the later.
+    Ties going to the earliest step made "best" an accident of when the monitor saturated."""
+    value, previous = metrics.get(monitor, math.nan), best.get(monitor)
+    if is_better(value, previous, mode):
+        return BestChoice(True)
+    if previous is None or not math.isfinite(value) or not math.isclose(
+            value, previous, rel_tol=1e-9, abs_tol=1e-12):
+        return BestChoice(False)
+    head = f"step {step}: {monitor} {value:.6g} ties step {int(best.get('best_step', -1))}"
+    new, old = metrics.get(TIE_BREAK), best.get(TIE_BREAK)
+    if monitor == TIE_BREAK or new is None or old is None:
+        return BestChoice(True, f"{head}; the later is kept (no {TIE_BREAK} to break the tie)")
+    if new <= old:
+        return BestChoice(True, f"{head}; the lower {TIE_BREAK} ({new:.6g} <= {old:.6g}) makes "
+                                "it the best checkpoint")
+    return BestChoice(False, f"{head}; the best checkpoint stays at step "
+                             f"{int(best.get('best_step', -1))} (the lower {TIE_BREAK}, "
+                             f"{old:.6g} < {new:.6g})")
 
 
 @dataclass

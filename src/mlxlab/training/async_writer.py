@@ -92,7 +92,7 @@ class CheckpointWriter:
     ) -> Path | None:
         """Start writing a checkpoint of `state`'s step; its final path, or None if skipped.
         `best`: whether it becomes best/, decided by the trainer (a tie on the monitor broken by
-        the loss, checkpointing.choose_best); None lets the manager compare `metric`.
+        the loss, checkpoint.choose_best); None lets the manager compare `metric`.
 
         `force` (final and emergency saves) waits for a busy writer even under when_busy=skip.
         `before_write` runs first, on the writing thread (the tracker's flush barrier); the

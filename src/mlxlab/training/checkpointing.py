@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlx.nn as nn
@@ -25,12 +23,10 @@ from mlxlab.checkpoint import (
     CheckpointState,
     LoadReport,
     find_run_checkpoints,
-    is_better,
     rng_state,
     set_rng_state,
 )
 from mlxlab.checkpoint.layout import CHECKPOINTS_DIR
-from mlxlab.config import TIE_BREAK
 from mlxlab.data.batching import Batching
 from mlxlab.runtime import distributed
 from mlxlab.tracking.base import flatten_config
@@ -41,39 +37,6 @@ from mlxlab.training.settings import CheckpointPolicy, TrainerSettings
 from mlxlab.training.state import RunState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BestChoice:
-    """Whether an evaluation's checkpoint becomes best/, and when a tie on the monitor decided
-    it, the sentence the log and the run's tag (mlxlab.best_checkpoint) say."""
-
-    better: bool
-    tie: str | None = None
-
-
-def choose_best(metrics: Mapping[str, float], best: Mapping[str, float], monitor: str,
-                mode: str, step: int) -> BestChoice:
-    """The monitor improves on the best so far; or it equals it (a monitor that saturates: DPO's
-    val/rewards/accuracy at 1.0 from the first evaluation on) and the tie-break metric
-    (config.TIE_BREAK, the validation loss) is lower, or equal too and this step is the later.
-    Ties going to the earliest step made "best" an accident of when the monitor saturated."""
-    value, previous = metrics.get(monitor, math.nan), best.get(monitor)
-    if is_better(value, previous, mode):
-        return BestChoice(True)
-    if previous is None or not math.isfinite(value) or not math.isclose(
-            value, previous, rel_tol=1e-9, abs_tol=1e-12):
-        return BestChoice(False)
-    head = f"step {step}: {monitor} {value:.6g} ties step {int(best.get('best_step', -1))}"
-    new, old = metrics.get(TIE_BREAK), best.get(TIE_BREAK)
-    if monitor == TIE_BREAK or new is None or old is None:
-        return BestChoice(True, f"{head}; the later is kept (no {TIE_BREAK} to break the tie)")
-    if new <= old:
-        return BestChoice(True, f"{head}; the lower {TIE_BREAK} ({new:.6g} <= {old:.6g}) makes "
-                                "it the best checkpoint")
-    return BestChoice(False, f"{head}; the best checkpoint stays at step "
-                             f"{int(best.get('best_step', -1))} (the lower {TIE_BREAK}, "
-                             f"{old:.6g} < {new:.6g})")
 
 
 def build_manager(policy: CheckpointPolicy, run_dir: Path,

@@ -29,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab import kernels
-from mlxlab.checkpoint import CheckpointManager, load_checkpoint
+from mlxlab.checkpoint import CheckpointManager, choose_best, load_checkpoint
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.models.base import Model
@@ -44,7 +44,6 @@ from mlxlab.training.checkpointing import (
     build_manager,
     build_writer,
     checkpoint_state,
-    choose_best,
     forget_best,
     restore,
     resume_tags,
