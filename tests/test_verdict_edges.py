@@ -143,7 +143,7 @@ def test_a_verdict_at_two_seeds_says_first_that_the_tests_cannot_reach_the_level
 
     from mlxlab import stats
 
-    acc = {"a": [0.800, 0.810], "b": [0.840, 0.8505], "c": [0.801, 0.812]}
+    acc = {"a": [0.800, 0.810], "b": [0.960, 0.9705], "c": [0.801, 0.812]}
     parent = write_sweep(uri, "model.pooler", {
         v: {42 + i: {"val/accuracy": acc[v][i]} for i in range(2)} for v in acc},
         "val/accuracy", "max")
@@ -156,9 +156,13 @@ def test_a_verdict_at_two_seeds_says_first_that_the_tests_cannot_reach_the_level
         assert "beats" not in c["verdict"]
         assert c["seeds_needed"] is None or c["seeds_needed"] >= 6
     assert stats.smallest_signed_rank_p(6) < 0.05 <= stats.smallest_signed_rank_p(5)
+    # b's Student-t bound over 2 seeds would be 1.032: cut to 1 and said, never printed
+    (b,) = [g for g in result["groups"] if g["config"] == "model.pooler=b"]
+    assert b["ci_high"] == 1.0 and b["ci_cut"] is True
     tags = MlflowClient(tracking_uri=uri).get_run(parent).data.tags
     assert tags["mlxlab.verdict"] == "too few replicates"
     note = tags["mlflow.note.content"]
+    assert "1.0000] (95% Student-t CI cut to [0, 1], n=2)" in note and "1.03" not in note
     assert note.split("\n")[2].startswith("too few seeds to settle it"), note
     assert "seeds needed: 2 " not in note
 

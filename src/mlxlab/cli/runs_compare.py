@@ -114,7 +114,8 @@ def run(args) -> int:
         print(json.dumps(out, indent=2, default=str))
         return 0
     print(f"{metric} ({'last logged' if args.last else 'best checkpoint'}), "
-          f"{'higher' if mode == 'max' else 'lower'} is better; means with 95 % intervals")
+          f"{'higher' if mode == 'max' else 'lower'} is better; means with 95 % Student-t "
+          "intervals over seeds (cut to the metric's range where they would leave it)")
     print_table(["group", "config", "n", "mean", "95 % CI", "sd"], [
         [g.gid, g.label, str(s.n), format_number(s.mean),
          f"[{format_number(s.low)}, {format_number(s.high)}]", format_number(s.std)]

@@ -120,7 +120,8 @@ def markdown(result: dict[str, Any], command: str | None = None) -> str:
     better = "higher" if result["mode"] == "max" else "lower"
     lines = [f"### Verdict on {metric}: {result['verdict']}", "",
              f"{_escape(result['summary'])}", "",
-             f"{metric} ({what}; {better} is better), mean ± 95 % CI over seeds:", "",
+             f"{metric} ({what}; {better} is better), mean ± 95 % Student-t CI over seeds "
+             "(cut to the metric's range where it would leave it):", "",
              "| group | config | mean ± 95 % CI | n |", "|---|---|---|---|"]
     for g in result["groups"]:
         lead = (" **(leader)**" if g["group"] == result["leader"] else
