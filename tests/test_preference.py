@@ -484,7 +484,8 @@ def test_a_saturated_monitor_keeps_the_later_lower_loss_checkpoint_and_says_so(
 
     val = write_jsonl(pref_model["root"] / "val8.jsonl", generated_pairs(8, seed=3))
     cfg = make_cfg("experiment=dpo_chat", "optimizer.learning_rate=3e-3",
-                   *preference_args(pref_model, "trainer.eval_every_steps=8"),
+                   *preference_args(pref_model, "trainer.eval_every_steps=8",
+                                    "trainer.max_steps=24"),
                    f"data.val_file={val}")
     with caplog.at_level(logging.INFO, logger="mlxlab"):
         metrics = train(cfg)
