@@ -2,7 +2,7 @@
 minimal hand-written MLX loop vs the same architecture in PyTorch CPU eager, on this machine.
 
 Not a test: prints a table; `--write` also puts it (with the command and the machine) into
-docs/benchmarks.md (--out), between its markers. Every ratio compares numbers taken in this run.
+docs/benchmarks-history.md (--out), between its markers. Every ratio compares numbers taken in this run.
 
     python benchmarks/bench.py [--quick] [--threads N] [--models nano,tiny,bert] [--repeats 3] [--write]
 
@@ -66,6 +66,7 @@ import mlx.core as mx
 import numpy as np
 
 from bench_common import (
+    TABLES_PAGE,
     clock,
     cpu_model,
     load_batches,
@@ -86,7 +87,7 @@ MODELS = {
     "bert": ("titanic_bert", "samples", 200),
 }
 VARIANTS = ("bare", "replay", "nokernels")
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+DEFAULT_OUT = TABLES_PAGE
 
 
 # ---- machine and memory ----------------------------------------------------------------------
@@ -302,7 +303,7 @@ def worker_mlx(spec: dict) -> dict:
     import mlx.optimizers as optim
     from hydra.utils import instantiate
 
-    from mlxlab.training.losses import task_loss
+    from mlxlab.objectives.losses import task_loss
 
     ref = spec["reference"]  # what the mlxlab worker recorded
     meta, hp = ref["meta"], ref["trainer"]
@@ -684,7 +685,7 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[],
                         help="extra Hydra override for every row (repeatable)")
     parser.add_argument("--write", action="store_true", help="put the report into --out")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="default: docs/benchmarks.md")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="default: docs/benchmarks-history.md")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)

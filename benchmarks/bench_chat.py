@@ -5,7 +5,7 @@ and do they agree on every chat (issue 49)?
 
 For each template style (ChatML, Llama-3, Qwen2.5 as in scripts/tiny_hf_model.py, each in a tiny
 tokenizer folder written by transformers) and the shipped chats (assets/tinystories/chats.jsonl):
-- mlxlab: `encode_chats` (text, ids and the assistant mask, found turn by turn: two more renders
+- mlxlab: `encode_chats` (text, ids and the assistant mask, found turn by turn: three more renders
   per assistant turn);
 - transformers: `apply_chat_template(..., return_dict=True)` chat by chat (ids, no mask: its
   mask needs {% generation %} tags these templates lack; the text is compared untimed), and,

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+# The page whose `<!-- marker: begin/end -->` pairs a script's `--write` fills: the history page,
+# since docs/benchmarks.md keeps only the current figures in compact tables (issue 55).
+TABLES_PAGE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-history.md"
+
 # Libraries that only mlxlab/MLX put into a process; a baseline process must map none of them.
 FOREIGN_LIBRARIES = ("libopenblasp", "libscipy_openblas.so", "libmlx.so", "mlx_cpu.libs")
 

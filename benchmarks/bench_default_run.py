@@ -15,7 +15,7 @@ rounds (ABBA order) so that a slow spell of a shared machine hits every row alik
 The table gives each row's median wall time and its training loop's (mlxlab: first step to the
 last evaluation, from its log timestamps; twin: its own clock), its first epoch's (mlxlab: to the
 first evaluation, the step's and evaluation's compiles included), median ms a step, best and last
-validation accuracy, and the ratios per round. `--write` puts it into docs/benchmarks.md between
+validation accuracy, and the ratios per round. `--write` puts it into docs/benchmarks-history.md between
 its markers, with the command and the CPU.
 
 Short runs locate a difference between the mlxlab rows with less of a shared machine's drift
@@ -39,12 +39,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_common import cpu_model, save_batches
+from bench_common import TABLES_PAGE, cpu_model, save_batches
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-DOC = ROOT / "docs" / "benchmarks.md"
-MARKER = "bench_default_run"  # docs/benchmarks.md: <!-- MARKER:begin --> ... <!-- MARKER:end -->
+DOC = TABLES_PAGE
+MARKER = "bench_default_run"  # DOC: <!-- MARKER:begin --> ... <!-- MARKER:end -->
 SHORT_MARKER = "bench_default_run_short"  # the same for --rows / --epochs runs
 BARE = ["tracking=none", "callbacks.progress.enabled=false"]
 EVAL_LINE = re.compile(r"^\[([\d-]+ [\d:,]+)\]\[mlxlab\.training\]\[INFO\] - step (\d+)/(\d+) .*"
@@ -143,7 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--write", action="store_true", help="put the table into docs/benchmarks.md")
+    parser.add_argument("--write", action="store_true", help="put the table into docs/benchmarks-history.md")
     parser.add_argument("--rows", default="readme,bare,twin", help="a subset, in this order")
     parser.add_argument("--epochs", type=int, help="trainer.max_epochs for the mlxlab rows "
                         "(the default run's 40 when not given; not with the twin)")

@@ -1,8 +1,8 @@
 """Does distillation help? Teacher -> distilled student vs the same student from scratch.
 
 For each task and seed: train a teacher, then the student twice with the same config, steps, data
-split and tokenizer (the teacher's tokenizer.json): once with `trainer=distill` and once with the
-distillation switched off (`trainer.distill=null`, i.e. the simple loop). Prints one row per run
+split and tokenizer (the teacher's tokenizer.json): once with `objective=distill` and once with the
+distillation switched off (`objective=supervised`). Prints one row per run
 and a table of mean +- std over seeds of the best and the final validation metric.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/bench_distill.py [--tasks titanic tinystories]
@@ -10,10 +10,10 @@ and a table of mean +- std over seeds of the best and the final validation metri
         [--loss kl reverse_kl mse] [--kl-scale t2 none]
 
 `--loss` / `--kl-scale` with several values compare the distillation loss forms (issue 26): every
-form (trainer.distill.loss x trainer.distill.kl_scale; mse once, it has no KL to scale) trains a
+form (objective.loss x objective.kl_scale; mse once, it has no KL to scale) trains a
 student from the same teacher, seed and steps, one row each ("kl t2", "kl none", "mse", ...).
 
-`--rounds` instead compares rounds of distillation (trainer.distill.rounds=2, issue 19): round 1
+`--rounds` instead compares rounds of distillation (objective.rounds=2, issue 19): round 1
 (the teacher -> student), round 2 chained (round 1's student teaches a fresh student), round 2 as
 an ensemble (the teacher and round 1's student, learned weights), and the student from scratch,
 all with the same steps, split and tokenizer.
@@ -79,7 +79,7 @@ TITANIC_CNN_TO_BERT = {
     "teacher": ["model=cnn_hybrid", "model.hidden_size=64", "model.use_encoder=false",
                 "model.cnn_filters=64", "callbacks.early_stopping.patience=0", "data.seed=42",
                 "trainer.max_epochs=10", "optimizer.learning_rate=1e-3"],
-    "student": ["trainer=distill", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+    "student": ["objective=distill", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
                 "model.norm_position=post", "callbacks.early_stopping.patience=0", "data.seed=42",
                 "trainer.max_epochs=10", "optimizer.learning_rate=1e-3"],
 }
@@ -128,7 +128,7 @@ def run(root: Path, out: Path, overrides: list[str]) -> dict:
 
 
 def loss_forms(args) -> list[tuple[str, str]]:
-    """(trainer.distill.loss, trainer.distill.kl_scale) pairs to train; mse once (no KL)."""
+    """(objective.loss, objective.kl_scale) pairs to train; mse once (no KL)."""
     forms = [(loss, scale) for loss in args.loss for scale in args.kl_scale]
     return list(dict.fromkeys((loss, "t2" if loss == "mse" else scale) for loss, scale in forms))
 
@@ -136,7 +136,7 @@ def loss_forms(args) -> list[tuple[str, str]]:
 def bench_task(name: str, spec: dict, seeds: list[int], root: Path, args) -> list[dict]:
     rows = []
     extra = QUICK[name] if args.quick else []
-    knobs = [f"trainer.distill.alpha={args.alpha}", f"trainer.distill.temperature={args.temperature}"]
+    knobs = [f"objective.alpha={args.alpha}", f"objective.temperature={args.temperature}"]
     forms = loss_forms(args)
     teacher_dir = None
     for seed in seeds:
@@ -151,10 +151,10 @@ def bench_task(name: str, spec: dict, seeds: list[int], root: Path, args) -> lis
         for loss, scale in forms:
             who = "distilled" if len(forms) == 1 else "mse" if loss == "mse" else f"{loss} {scale}"
             distilled = run(root, base / who.replace(" ", "_"), [
-                *student, *knobs, f"trainer.distill.teachers=[{{run: '{teacher_dir}'}}]",
-                f"trainer.distill.loss={loss}", f"trainer.distill.kl_scale={scale}"])
+                *student, *knobs, f"objective.teachers=[{{run: '{teacher_dir}'}}]",
+                f"objective.loss={loss}", f"objective.kl_scale={scale}"])
             rows.append({"task": name, "seed": seed, "who": who, **distilled})
-        scratch = run(root, base / "scratch", [*student, "trainer.distill=null"])
+        scratch = run(root, base / "scratch", [*student, "objective=supervised"])
         rows.append({"task": name, "seed": seed, "who": "scratch", **scratch})
         print_rows(rows[-(len(forms) + 2):], name, seed, spec["metric"], width=13)
     return rows
@@ -165,7 +165,7 @@ def bench_rounds(name: str, spec: dict, seeds: list[int], root: Path, args) -> l
     teacher and round 1's student, learned weights) and the scratch student."""
     rows = []
     extra = QUICK[name] if args.quick else []
-    knobs = [f"trainer.distill.alpha={args.alpha}", f"trainer.distill.temperature={args.temperature}"]
+    knobs = [f"objective.alpha={args.alpha}", f"objective.temperature={args.temperature}"]
     teacher_dir = root / name / "teacher"
     teacher = run(root, teacher_dir, [*COMMON, *spec["teacher"], *extra, f"seed={seeds[0]}"])
     rows.append({"task": name, "seed": seeds[0], "who": "teacher", **teacher})
@@ -175,8 +175,8 @@ def bench_rounds(name: str, spec: dict, seeds: list[int], root: Path, args) -> l
                    f"data.tokenizer.path={teacher_dir / 'tokenizer.json'}", *knobs]
         start = time.perf_counter()
         train(compose_cfg(root, base / "chain", [
-            *student, f"trainer.distill.teachers=[{{run: '{teacher_dir}'}}]",
-            "trainer.distill.rounds=2", "trainer.distill.round_teachers=chain"]))
+            *student, f"objective.teachers=[{{run: '{teacher_dir}'}}]",
+            "objective.rounds=2", "objective.round_teachers=chain"]))
         seconds = (time.perf_counter() - start) / 2
         manifest = json.loads((base / "chain" / "distill_rounds.json").read_text())
         for entry in manifest["rounds"]:
@@ -185,10 +185,10 @@ def bench_rounds(name: str, spec: dict, seeds: list[int], root: Path, args) -> l
                          "seconds": seconds})
         round1 = manifest["rounds"][0]["run_dir"]
         ensemble = run(root, base / "ensemble", [
-            *student, "trainer.distill.teacher_weights=learned",
-            f"trainer.distill.teachers=[{{run: '{teacher_dir}'}},{{run: '{round1}'}}]"])
+            *student, "objective.teacher_weights=learned",
+            f"objective.teachers=[{{run: '{teacher_dir}'}},{{run: '{round1}'}}]"])
         rows.append({"task": name, "seed": seed, "who": "round 2 ens", **ensemble})
-        scratch = run(root, base / "scratch", [*student, "trainer.distill=null"])
+        scratch = run(root, base / "scratch", [*student, "objective=supervised"])
         rows.append({"task": name, "seed": seed, "who": "scratch", **scratch})
         print_rows(rows[-4:], name, seed, spec["metric"], width=11)
     return rows
@@ -229,9 +229,9 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--loss", nargs="+", default=["kl"], choices=["kl", "reverse_kl", "mse"],
-                        help="trainer.distill.loss; several: one student per form")
+                        help="objective.loss; several: one student per form")
     parser.add_argument("--kl-scale", nargs="+", default=["t2"], choices=["t2", "none"],
-                        help="trainer.distill.kl_scale; several: one student per form")
+                        help="objective.kl_scale; several: one student per form")
     parser.add_argument("--shared-teacher", action=argparse.BooleanOptionalAction, default=True,
                         help="one teacher (first seed) for every student seed; the validation "
                         "split is the same for all seeds, so the teacher never saw it")

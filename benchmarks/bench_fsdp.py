@@ -63,8 +63,8 @@ def worker(args) -> None:
     from mlx.utils import tree_flatten, tree_map
 
     import mlxlab  # noqa: F401  (fast BLAS before mlx.core)
+    from mlxlab.objectives import losses
     from mlxlab.runtime import distributed
-    from mlxlab.training import losses
 
     mode = args.worker
     world = distributed.world("auto")
@@ -150,7 +150,7 @@ def reference(args, out: Path) -> None:
     from mlx.utils import tree_flatten
 
     import mlxlab  # noqa: F401
-    from mlxlab.training import losses
+    from mlxlab.objectives import losses
 
     model = build(args)
     optimizer = optim.AdamW(learning_rate=1e-3, weight_decay=0.01)

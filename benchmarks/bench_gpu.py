@@ -23,13 +23,13 @@ note, so the whole fits a 25-minute window):
    (scripts/tiny_hf_model.py --no-torch; hidden 1024, 8 layers), experiment=finetune_completions.
 7. `pytest -m gpu` (tests/test_gpu.py), its figures (determinism) collected.
 
-Prints one markdown report; --write puts it into docs/benchmarks.md between the markers
-`<!-- bench_gpu: begin/end -->` of the GPU section, and everything lands in --out as JSON.
+Prints one markdown report; --write puts it into docs/benchmarks-history.md between the markers
+`<!-- bench_gpu: begin/end -->` ("Tables the scripts write"), and everything lands in --out as JSON.
 
 The device tool runs one command for at most 10 minutes, so a window runs the parts in turn
 (`--parts mlx`, then `--parts torch`, then `--parts runs,pytest`; the first includes the
 machine's first NVRTC compiles): each call adds its parts to <out>/bench_gpu.json and prints the
-report so far; `--from-json FILE --write` renders a fetched JSON into docs/benchmarks.md here.
+report so far; `--from-json FILE --write` renders a fetched JSON into docs/benchmarks-history.md here.
 benchmarks/gpu_window.sh holds the exact calls (docs/benchmarks-history.md, "The window's
 procedure").
 """
@@ -117,7 +117,7 @@ def lm_rows(spec: dict) -> list[dict]:
     from bench import compose, matmul_params, step_flops
     from mlxlab import kernels
     from mlxlab.config import instantiate
-    from mlxlab.training import losses
+    from mlxlab.objectives import losses
     from mlxlab.training.settings import TrainerSettings
     from mlxlab.training.step import make_step, mixed_precision
 
@@ -421,7 +421,7 @@ def run_worker(kind: str, spec: dict, tmp: Path, timeout: float, env: dict) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="the whole path on the CPU, tiny")
-    parser.add_argument("--write", action="store_true", help="the table into docs/benchmarks.md")
+    parser.add_argument("--write", action="store_true", help="the table into docs/benchmarks-history.md")
     parser.add_argument("--budget-min", type=float, default=25.0)
     parser.add_argument("--out", default="gpu-bench", help="folder for the JSON and the runs")
     parser.add_argument("--parts", default="mlx,torch,runs,pytest",
@@ -498,9 +498,9 @@ def emit(res: dict, write: bool) -> None:
     text = report(res)
     print(text)
     if write:
-        from bench_common import write_between_markers
+        from bench_common import TABLES_PAGE, write_between_markers
 
-        write_between_markers(REPO / "docs" / "benchmarks.md", "bench_gpu", text,
+        write_between_markers(TABLES_PAGE, "bench_gpu", text,
                               "### `benchmarks/bench_gpu.py`")
 
 

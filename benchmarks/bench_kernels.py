@@ -432,7 +432,7 @@ def nano_steps(kernels) -> dict:
     import mlx.optimizers as optim
 
     from mlxlab.models.transformer import Transformer
-    from mlxlab.training.losses import task_loss
+    from mlxlab.objectives.losses import task_loss
 
     ids = mx.random.randint(0, 3776, (16, 129))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mx.ones((16, 128))}

@@ -27,7 +27,7 @@ For each model (`experiment=tinystories_<model>`, the preset's own budget):
    preset's own (framework vs framework; identical to `reference` while the preset uses them).
 
 Losses are token-weighted mean cross-entropy over the windows' loss_mask, as the loop's evaluate
-(training/evaluate.py) computes them. Prints a table per model and writes <out>/<model>.json and <out>/lm_twin.png.
+(objectives/evaluation.py) computes them. Prints a table per model and writes <out>/<model>.json and <out>/lm_twin.png.
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path
     from omegaconf import OmegaConf
 
     from bench_callbacks import HOOKS, OVERRIDE
+    from mlxlab.objectives.evaluation import evaluate_cross_entropy as evaluate
     from mlxlab.train import train
-    from mlxlab.training.evaluate import evaluate
     from mlxlab.training.trainer import Trainer
 
     cfg = preset(model_name, train_file, root, [*overrides, OVERRIDE])

@@ -19,7 +19,7 @@ The script writes (in --work):
 
 Variants, interleaved round by round:
 - mlxlab: `experiment=dpo_chat` (reference = the adapters off), as shipped (its OpenBLAS);
-- cached: the same with `trainer.preference.reference=cached` (reference log-probs computed
+- cached: the same with `objective.reference=cached` (reference log-probs computed
   once before training; no reference forward in the step);
 - lora_openblas: mlx-lm-lora's `mlx_lm_lora.train --train-mode dpo` with mlxlab's OpenBLAS
   given to its MLX (the same libscipy_openblas and kernels, bound as mlxlab binds it:
@@ -243,7 +243,7 @@ def run_mlxlab(
         f"model.lora.alpha={SCALE * RANK:g}",
         "model.lora.targets=[query,key,value,out,gate,up,down]",
         f"data.max_length={MAX_LENGTH}",
-        f"trainer.preference.beta={BETA}",
+        f"objective.beta={BETA}",
         f"optimizer.learning_rate={LR}",
         "trainer.schedule.warmup_steps=0",
         "callbacks.progress.enabled=false",
@@ -252,7 +252,7 @@ def run_mlxlab(
         f"hydra.run.dir={root}/run",
     ]
     if cached:
-        args += ["trainer.preference.reference=cached", f"data.cache_dir={work / 'cache'}"]
+        args += ["objective.reference=cached", f"data.cache_dir={work / 'cache'}"]
     env = dict(os.environ, MLXLAB_ROOT=str(root), PYTHONPATH=str(REPO / "src"))
     env.pop("MLFLOW_TRACKING_URI", None)
     out = timed_run(

@@ -28,9 +28,9 @@ import mlxlab  # noqa: F401  first: loads the fast BLAS before anything imports 
 import mlx.core as mx
 
 from mlxlab.config import compose_config, instantiate
+from mlxlab.objectives import losses
 from mlxlab.runtime.distributed import World
 from mlxlab.tracking.base import NullTracker
-from mlxlab.training import losses
 from mlxlab.training.optim import LRSchedule, build_optimizer, default_optimizer
 from mlxlab.training.plan import plan
 from mlxlab.training.step import make_step

@@ -35,12 +35,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench_common import cpu_model, write_between_markers
+from bench_common import TABLES_PAGE, cpu_model, write_between_markers
 from bench_titanic import accuracy_history, baselines, mean_std, split_module
 from mlxlab.config import asset_path
 from mlxlab.data.numeric import numeric_values
 
-REPO = Path(__file__).resolve().parents[1]
 TITANIC_COLUMNS = "[Pclass,Sex,Age,SibSp,Parch,Fare,Embarked]"
 # name -> (scikit-learn loader or None for the shipped Titanic, label column, extra overrides)
 TABLES = {
@@ -158,7 +157,7 @@ def main() -> None:
                         help="tables, runs, caches and results.jsonl (default: a new temp folder)")
     parser.add_argument("--write", action="store_true",
                         help="put the table into --out between its markers")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--out", type=Path, default=TABLES_PAGE)
     args = parser.parse_args()
     root = (args.root or Path(tempfile.mkdtemp(prefix="bench_tabular_"))).resolve()
     results = root / "results.jsonl"

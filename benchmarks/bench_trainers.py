@@ -5,7 +5,7 @@
         [-- extra Hydra overrides for every case]
 
 For each case (a model + data pair) each trainer config builds its own model from the same seed
-and runs its real step (distill.build_loss, step.make_step, the data module's own batches, the
+and runs its real step (the objective's loss, step.make_step, the data module's own batches, the
 optimized trainer's accumulation, dynamic batching and memory budget) for --warmup untimed
 optimizer steps (compiling every shape), then --steps timed ones. The trainers take turns for
 --rounds rounds so load drift on a shared machine hits all of them; each number is the median
@@ -32,9 +32,10 @@ import mlx.core as mx
 from omegaconf import DictConfig
 
 from mlxlab.config import compose_config, instantiate
+from mlxlab.objectives.base import ObjectiveSetup
 from mlxlab.runtime import device
+from mlxlab.runtime.distributed import World
 from mlxlab.train import seed_everything
-from mlxlab.training.distill import build_loss
 from mlxlab.training.optim import build_optimizer
 from mlxlab.training.plan import fit_batch_to_memory
 from mlxlab.training.step import make_step, with_precision
@@ -71,7 +72,10 @@ class Runner:
         self.model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
         settings = instantiate(cfg.trainer)
         batching = settings.data_batching()
-        loss_fn = with_precision(build_loss(settings, data, batching)[0], settings.precision)
+        objective = instantiate(cfg.objective)
+        objective.setup(ObjectiveSetup(model=self.model, data=data, batching=batching,
+                                       world=World()))
+        loss_fn = with_precision(objective.loss, settings.precision)
         # may lower the batch size (raising grad_accum)
         self.batching, self.grad_accum = fit_batch_to_memory(self.model, data, loss_fn, settings,
                                                              batching)

@@ -31,8 +31,8 @@ from mlxlab.data.batching import Batching
 from mlxlab.data.streaming import StreamingText
 from mlxlab.data.tokenizer import build_tokenizer
 from mlxlab.models.transformer import Transformer
+from mlxlab.objectives import losses
 from mlxlab.runtime import device
-from mlxlab.training import losses
 from mlxlab.training.optim import build_optimizer, default_optimizer
 from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.step import make_step

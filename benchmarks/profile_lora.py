@@ -36,7 +36,7 @@ import mlx.nn as nn
 from mlxlab import kernels
 from mlxlab.models.layers import causal_additive_mask
 from mlxlab.models.transformer import Transformer
-from mlxlab.training import losses
+from mlxlab.objectives import losses
 from mlxlab.training.optim import build_optimizer, default_optimizer
 from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.step import make_step

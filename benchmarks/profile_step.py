@@ -27,9 +27,9 @@ import mlx.core as mx
 # isort: on
 from mlxlab import kernels
 from mlxlab.models.transformer import Transformer
+from mlxlab.objectives import losses
 from mlxlab.runtime.blas import set_blas_threads
 from mlxlab.runtime.memory import keep_freed_memory
-from mlxlab.training import losses
 from mlxlab.training.optim import build_optimizer, default_optimizer
 from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.step import make_step

@@ -1,10 +1,16 @@
-"""Audit src/mlxlab against three house rules (docs/architecture.md, "House rules, measured"):
+"""Audit src/mlxlab against four house rules (docs/architecture.md, "House rules, measured"):
 
 1. no function longer than MAX_LINES lines (its `def` line to its last line);
 2. no `__init__` with more than MAX_ARGS arguments (self not counted; a settings dataclass has
    no hand-written `__init__`: its fields are its keys, one per user setting);
 3. no hasattr/getattr probe of a protocol member: every `hasattr(x, name)` and every
-   `getattr(x, name, default)` is listed, and each must be an allowed one.
+   `getattr(x, name, default)` is listed, and each must be an allowed one;
+4. no branch on the objective in the modules that must not know which one runs (OBJECTIVE_BLIND:
+   the loop, the step, the plan, checkpoint state, artifacts, analysis, task evaluation, the
+   checkpoint room): no import of an objective's own module (objectives/ but the interface and
+   the shared losses, metrics and evaluations), no read of an attribute named after an
+   objective (`settings.distill`), no comparison with an objective's name (`task ==
+   "preference"`). What differs between objectives belongs to the Objective (objectives/base.py).
 
 The allowed exceptions live in one place, the table under that heading in docs/architecture.md,
 each with its reason: this script reads them from there, so the docs and the check cannot
@@ -26,7 +32,14 @@ from pathlib import Path
 MAX_LINES = 80
 MAX_ARGS = 12
 HEADING = "## House rules, measured"
-KINDS = ("long function", "constructor", "probe")
+KINDS = ("long function", "constructor", "probe", "objective branch")
+# Rule 4: the modules that never ask which objective runs, and what asking looks like.
+OBJECTIVE_BLIND = ("training/loop.py", "training/step.py", "training/plan.py",
+                   "training/checkpointing.py", "training/state.py", "training/artifacts.py",
+                   "training/analysis.py", "training/task_evaluation.py", "checkpoint/")
+OBJECTIVE_SHARED = ("base", "losses", "metrics", "evaluation")  # objectives/ modules all may use
+OBJECTIVE_WORDS = ("supervised", "distill", "distillation", "preference", "dpo", "orpo", "ipo",
+                   "simpo", "grpo", "rewards")
 
 
 @dataclass(frozen=True)
@@ -70,12 +83,54 @@ class Visitor(ast.NodeVisitor):
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
+    def blind(self) -> bool:
+        return any(self.path == m or (m.endswith("/") and self.path.startswith(m))
+                   for m in OBJECTIVE_BLIND)
+
+    def branch(self, node: ast.AST) -> None:
+        self.found.append(Finding("objective branch", self.path, ast.unparse(node), node.lineno))
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        module = node.module or ""
+        names = [f"{module}.{a.name}" for a in node.names] if module in (
+            "mlxlab.objectives", "mlxlab.training", "mlxlab") else [module]
+        if self.blind() and any(objective_module(n) for n in names):
+            self.branch(node)
+
+    def visit_Import(self, node: ast.Import) -> None:
+        if self.blind() and any(objective_module(a.name) for a in node.names):
+            self.branch(node)
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
+        if self.blind() and node.attr in OBJECTIVE_WORDS:
+            self.branch(node)
+        self.generic_visit(node)
+
+    def visit_Compare(self, node: ast.Compare) -> None:
+        constants = [c for c in [node.left, *node.comparators] for c in
+                     (c.elts if isinstance(c, (ast.Tuple, ast.List, ast.Set)) else [c])]
+        if self.blind() and any(isinstance(c, ast.Constant) and c.value in OBJECTIVE_WORDS
+                                for c in constants):
+            self.branch(node)
+        self.generic_visit(node)
+
     def visit_Call(self, node: ast.Call) -> None:
         if isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr"):
             probe = node.func.id == "hasattr" or len(node.args) > 2
             self.found.append(Finding("probe" if probe else "dispatch", self.path,
                                       ast.unparse(node), node.lineno))
         self.generic_visit(node)
+
+
+def objective_module(name: str) -> bool:
+    """An objective's own module: under objectives/ but the shared ones, or any module of mlxlab
+    named after an objective (training/distill.py, distill_rounds.py, grpo_loss.py)."""
+    parts = name.split(".")
+    if parts[0] != "mlxlab" or len(parts) < 2:
+        return False
+    if parts[1] == "objectives" and len(parts) > 2:
+        return parts[2] not in OBJECTIVE_SHARED
+    return any(part.split("_")[0] in OBJECTIVE_WORDS for part in parts[1:])
 
 
 def audit(package: Path) -> list[Finding]:
@@ -112,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     titles = {"long function": f"functions over {MAX_LINES} lines",
               "constructor": f"__init__ with over {MAX_ARGS} arguments",
               "probe": "hasattr / getattr-with-default probes",
+              "objective branch": "branches on the objective where none may be",
               "dispatch": "getattr(x, name) dispatch by name (not probes; for the record)"}
     for kind, title in titles.items():
         rows = [f for f in found if f.kind == kind]

@@ -24,7 +24,7 @@ from mlxlab.data.chat import encode_chat, load_chat_template
 from mlxlab.data.completions import PromptCompletion
 from mlxlab.errors import ConfigError
 from mlxlab.models.transformer import Transformer
-from mlxlab.training.losses import task_loss
+from mlxlab.objectives.losses import task_loss
 
 transformers = pytest.importorskip("transformers")
 
@@ -183,10 +183,18 @@ def test_no_template_is_a_clear_error(tmp_path, folders):
         load_chat_template(folder)
 
 
-def test_template_errors_are_user_errors(folders):
-    """A template's raise_exception (Mistral's role alternation) is one ConfigError."""
+def test_template_errors_are_user_errors(folders, tmp_path):
+    """A template's raise_exception (Mistral's role alternation), a template that does not
+    parse, and a message that is not an object: one ConfigError each, from transformers' own
+    renderer."""
     with pytest.raises(ConfigError, match="roles must alternate"):
         ours(folders["mistral"], [SYSTEM, *TURNS])
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.content }}")
+    broken = load_chat_template(folders["chatml"], tmp_path / "broken.jinja")
+    with pytest.raises(ConfigError, match=r"does not parse \(line 1: .*\); fix the template"):
+        broken.render(TURNS)
+    with pytest.raises(ConfigError, match="refused a chat: .*dict"):
+        ours(folders["chatml"], [TURNS[0], "Tim had a ball."])
 
 
 def tagged(template: str) -> str:
@@ -571,3 +579,28 @@ def test_mlxlab_eval_names_a_task_file_that_is_not_utf8(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"mlxlab eval: error: {task}:2: byte 0xe9 is not UTF-8 (invalid continuation "
                    "byte): save the file as UTF-8, e.g. iconv -f latin1 -t utf-8"], err
+
+
+def test_a_chat_whose_turns_cannot_be_placed_fails_in_one_line(chat_model, tmp_path):
+    """`mlxlab-train experiment=finetune_chat` with Mistral v0.3's real template
+    (data.chat_template=) on this ChatML tokenizer, where [INST] is plain text, and chats with a
+    system prompt: the template writes an earlier turn's prompt otherwise in the whole chat, so
+    which tokens are the assistant's cannot be told: exit 2 and one line naming the chat, the
+    template problem and the fix, instead of training on 'Who is Tim?[/INST]'."""
+    template = Path(__file__).parent / "chat_templates" / "mistral_v0_3.jinja"
+    rows = write_jsonl(tmp_path / "system.jsonl", [{"messages": [
+        {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Who is Tim?"},
+        {"role": "assistant", "content": "Tim is a dog."}, {"role": "user", "content": "Sue?"},
+        {"role": "assistant", "content": "His friend."}]}] * 4)
+    done = subprocess.run(
+        [str(Path(PYTHON).parent / "mlxlab-train"), "experiment=finetune_chat",
+         f"model.pretrained={chat_model['folder']}", f"data.train_file={rows}",
+         f"data.chat_template={template}", "tracking=none", f"paths.root_dir={tmp_path}",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mlxlab: error: {rows}:")  # its line
+    assert "writes assistant turn 2 so that which tokens are the assistant's cannot be told" \
+        in lines[0] and "{% generation %}" in lines[0] and "data.chat_template=" in lines[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,13 +13,14 @@ from conftest import PYTHON, compose_cfg
 from mlxlab.config import ConfigError, config_dir, to_container, validate
 
 CONF = Path(config_dir())
-GROUPS = ["model", "data", "trainer", "optimizer", "callbacks", "tracking", "experiment",
-          "hparams_search", "debug"]
+GROUPS = ["model", "data", "objective", "trainer", "preset", "optimizer", "callbacks", "tracking",
+          "experiment", "hparams_search", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
 def test_every_group_has_options():
-    for group in ["model", "data", "trainer", "optimizer", "callbacks", "tracking", "experiment"]:
+    for group in ["model", "data", "objective", "trainer", "preset", "optimizer", "callbacks",
+                  "tracking", "experiment"]:
         assert any(g == group for g, _ in OPTIONS), f"conf/{group}/ is empty"
 
 
@@ -29,8 +31,13 @@ def test_option_composes_and_resolves(tmp_path, group, option):
     extra = ["optimized_metric=val/loss", "optimized_mode=min"] if option in lm_data else []
     if option == "csv":  # the generic CSV option has no file or label column of its own
         extra = ["data.path=my.csv", "data.label_column=target"]
+    if option == "preference" or option in ("dpo", "orpo"):  # pairs train with a pair objective
+        extra = ["experiment=dpo_chat", f"{group}={option}"]
+    if option in ("prompts", "grpo"):  # prompts are completed by objective=grpo (and back)
+        extra = ["experiment=grpo_arithmetic", f"{group}={option}"]
     if option in ("hf_decoder", "finetune_completions", "finetune_text", "finetune_chat",
-                  "dpo_chat", "orpo_chat", "dpo_optuna"):
+                  "dpo_chat", "orpo_chat", "dpo_optuna", "preference", "dpo", "orpo", "prompts",
+                  "grpo", "grpo_arithmetic", "grpo_copy", "grpo_optuna"):
         extra.append("model.pretrained=/a/hf/folder")  # left for the user to set (???)
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     container = to_container(cfg)  # every interpolation outside Hydra's own node resolves
@@ -41,15 +48,90 @@ def test_option_composes_and_resolves(tmp_path, group, option):
 
 @pytest.mark.parametrize(("preset", "patience", "memory_every"),
                          [("quick", 0, 50), ("standard", 5, 0), ("production", 10, 100)])
-def test_trainer_presets_tune_trainer_and_callbacks(tmp_path, preset, patience, memory_every):
-    # the presets are global-package trainer options: callbacks compose before them, overrides after
-    cfg = compose_cfg(tmp_path, [f"trainer={preset}"])
-    assert cfg.hydra.runtime.choices.trainer == preset
-    assert cfg.callbacks.early_stopping.patience == patience
-    assert cfg.callbacks.memory.every == memory_every
-    assert cfg.trainer.batching.dynamic  # on top of trainer=optimized
-    cfg = compose_cfg(tmp_path, [f"trainer={preset}", "callbacks.early_stopping.patience=7"])
+def test_run_length_presets_tune_trainer_and_callbacks(tmp_path, preset, patience, memory_every):
+    # run-length presets are a group of their own (global package): they compose with either
+    # trainer, callbacks compose before them, overrides after
+    for trainer in ("simple", "optimized"):
+        cfg = compose_cfg(tmp_path, [f"preset={preset}", f"trainer={trainer}"])
+        choices = cfg.hydra.runtime.choices
+        assert (choices.preset, choices.trainer) == (preset, trainer)
+        assert cfg.callbacks.early_stopping.patience == patience
+        assert cfg.callbacks.memory.every == memory_every
+        assert cfg.trainer.batching.dynamic == (trainer == "optimized")
+    cfg = compose_cfg(tmp_path, [f"preset={preset}", "callbacks.early_stopping.patience=7"])
     assert cfg.callbacks.early_stopping.patience == 7
+
+
+@pytest.mark.parametrize(("experiment", "objective", "loss"),
+                         [("dpo_chat", "dpo", "sigmoid"), ("orpo_chat", "orpo", "orpo"),
+                          ("distill_titanic", "distill", "kl")])
+def test_an_experiments_objective_keeps_a_run_length_preset(tmp_path, experiment, objective, loss):
+    """The axes compose (issue 55): `experiment=dpo_chat preset=quick` is a 20-step DPO run,
+    where `trainer=quick` used to drop DPO; the preset's length wins over the experiment's."""
+    pretrained = ["model.pretrained=/a/hf/folder"] if experiment.endswith("_chat") else []
+    cfg = compose_cfg(tmp_path, [f"experiment={experiment}", "preset=quick", *pretrained])
+    assert cfg.hydra.runtime.choices.objective == objective and cfg.objective.loss == loss
+    assert (cfg.trainer.max_steps, cfg.trainer.eval_every_steps) == (20, 10)
+    assert cfg.trainer._target_.endswith("TrainerSettings") and "distill" not in cfg.trainer
+    validate(cfg)
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("trainer=dpo", "write objective=dpo"), ("trainer=orpo", "write objective=orpo"),
+    ("trainer=distill", "write objective=distill"), ("trainer=quick", "write preset=quick"),
+    ("trainer=standard", "write preset=standard"), ("trainer=production", "write preset=production"),
+    ("trainer.preference.beta=0.2", "write objective.beta=0.2"),
+    ("trainer.distill.teachers=[{run: a}]", "write objective.teachers=[{run: a}]"),
+    ("trainer.label_smoothing=0.1", "write objective.label_smoothing=0.1"),
+])
+def test_an_old_spelling_names_the_new_one(old, new):
+    from mlxlab.config import check_group_choices
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(old.split('=')[0])}.* moved: "
+                                          f"{re.escape(new)}"):
+        check_group_choices(["experiment=dpo_chat", old])
+
+
+@pytest.mark.parametrize(("experiment", "allowed"), [("orpo_chat", True), ("dpo_chat", False)])
+def test_an_optimized_metric_only_another_loss_logs_is_refused(tmp_path, experiment, allowed):
+    """Issue 58: ORPO logs val/nll_loss, DPO (the same objective class) does not; under DPO it
+    was accepted, never logged, and no best checkpoint was kept."""
+    cfg = compose_cfg(tmp_path, [f"experiment={experiment}", "model.pretrained=/a/hf/folder",
+                                 "optimized_metric=val/nll_loss", "optimized_mode=min"])
+    if allowed:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError, match=re.escape(
+            "optimized_metric='val/nll_loss' is not computed for preference data by objective "
+            "Preference(loss=sigmoid): choose one of ['val/loss', 'val/rewards/accuracy'")):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["trainer.beta=0.3"], "trainer.beta is not a key of trainer: did you mean objective.beta=0.3? "
+     "(a setting of objective=dpo|grpo|orpo)"),
+    (["experiment=grpo_arithmetic", "objective.gamma=1.0"], "objective.gamma is not a setting of "
+     "objective=grpo (a setting of objective=dpo|orpo)"),
+    (["objective.beta=0.2"], "objective.beta is not a setting of objective=supervised"),
+    (["experiment=dpo_chat", "objective=supervised", "objective.loss=ipo"],
+     "objective.loss is not a setting of objective=supervised"),
+])
+def test_a_key_the_run_has_not_names_the_key_meant(argv, message):
+    """Issue 58: Hydra's multi-line "Key 'beta' is not in struct" (exit 1) gave no hint."""
+    from mlxlab.train import check_misplaced_keys
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        check_misplaced_keys(argv)
+    check_misplaced_keys(["experiment=dpo_chat", "objective.beta=0.2", "trainer.max_steps=3"])
+    check_misplaced_keys(["objective=grpo", "+objective.extra=1"])  # added on purpose: its class says
+
+
+def test_cli_old_trainer_choice_is_one_line(tmp_path, cli_env):
+    out = run_cli(["trainer=quick", "tracking=none"], tmp_path, cli_env)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "mlxlab: error: trainer=quick moved: write preset=quick (trainer=optimized preset=quick "
+        "is what it was) (the objective and the run's length are groups of their own now)"]
 
 
 def test_defaults_are_the_start_here_experiment(tmp_path):
@@ -68,7 +150,7 @@ def test_defaults_are_the_start_here_experiment(tmp_path):
         ("trainer.batching.max_batch_size=0", "trainer.batching.max_batch_size must be >= 1"),
         ("trainer.max_epochs=2.5", "trainer.max_epochs must be an integer"),
         ("data.val_fraction=1.5", "data.val_fraction must be between 0 and 1"),
-        ("data=streaming", "optimized_metric='val/accuracy' is not logged for lm data"),
+        ("data=streaming", "optimized_metric='val/accuracy' is not computed for lm data"),
         ("trainer.precision=fp8", "trainer.precision='fp8' is not one of"),
         ("trainer.schedule.name=linear", "trainer.schedule.name='linear' is not one of"),
         ("optimizer._target_=mlx.optimizers.NoSuch", "optimizer._target_=mlx.optimizers.NoSuch is "

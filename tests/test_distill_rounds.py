@@ -1,4 +1,4 @@
-"""trainer.distill.rounds: each round's student teaches the next (chain) or joins the teachers
+"""objective.rounds: each round's student teaches the next (chain) or joins the teachers
 (ensemble, learned weights); one parent MLflow run, a child per round, a manifest."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from mlflow.tracking import MlflowClient
 from conftest import FAST
 from mlxlab.config import ConfigError, compose_config, instantiate
 from mlxlab.distill_rounds import MANIFEST, train_rounds
+from mlxlab.objectives.teacher_weights import fit_teacher_weights
 from mlxlab.sweeps.store import sweep_children
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.csv_files import read_metrics
 from mlxlab.train import train
-from mlxlab.training.teacher_weights import fit_teacher_weights
 from test_losses import FixedLogits
 from test_resume import (
     TITANIC,
@@ -50,9 +50,9 @@ def teacher_run(make_cfg, tmp_path: Path) -> str:
                          [("chain", 2), pytest.param("ensemble", 3, marks=pytest.mark.slow)])
 def test_rounds_are_child_runs_taught_by_the_previous_students(make_cfg, tmp_path, mode, rounds):
     teacher = teacher_run(make_cfg, tmp_path)
-    cfg = make_cfg(*FAST, *STUDENT, f"trainer.distill.teachers=[{{run: '{teacher}'}}]",
-                   f"trainer.distill.rounds={rounds}", f"trainer.distill.round_teachers={mode}",
-                   "trainer.distill.teacher_weights=learned", "callbacks=per_example_losses")
+    cfg = make_cfg(*FAST, *STUDENT, f"objective.teachers=[{{run: '{teacher}'}}]",
+                   f"objective.rounds={rounds}", f"objective.round_teachers={mode}",
+                   "objective.teacher_weights=learned", "callbacks=per_example_losses")
     last = train(cfg)
     run_dir = Path(cfg.paths.output_dir)
     manifest = json.loads((run_dir / "distill_rounds.json").read_text())
@@ -100,8 +100,8 @@ def test_resume_after_a_finished_round_skips_it_and_keeps_one_parent(make_cfg, t
     window a SIGKILL can hit at a round boundary): the resume takes round 1 from the store as it
     is, trains round 2 taught by it, and the store holds one parent with two children."""
     teacher = teacher_run(make_cfg, tmp_path)
-    args = [*FAST, *STUDENT, f"trainer.distill.teachers=[{{run: '{teacher}'}}]",
-            "trainer.distill.rounds=2"]
+    args = [*FAST, *STUDENT, f"objective.teachers=[{{run: '{teacher}'}}]",
+            "objective.rounds=2"]
     outputs = tmp_path / "outputs" / "distill_titanic"
     cfg = make_cfg(*args)
     cfg.paths.output_dir = str(outputs / "killed")
@@ -146,10 +146,10 @@ def test_resume_after_a_finished_round_skips_it_and_keeps_one_parent(make_cfg, t
         (1, first["metrics"]["val/accuracy"]), (2, second["metrics"]["val/accuracy"])]
 
     # Resuming with other rounds than the manifest's is one line naming the option and the fix.
-    for bad, fix in (("trainer.distill.rounds=3", "trainer.distill.rounds=2"),
-                     ("trainer.distill.round_teachers=ensemble", "trainer.distill.round_teachers=chain"),
-                     (f"trainer.distill.teachers=[{{run: '{killed}'}}]",
-                      f"trainer.distill.teachers=[{{run: '{teacher}'}}]")):
+    for bad, fix in (("objective.rounds=3", "objective.rounds=2"),
+                     ("objective.round_teachers=ensemble", "objective.round_teachers=chain"),
+                     (f"objective.teachers=[{{run: '{killed}'}}]",
+                      f"objective.teachers=[{{run: '{teacher}'}}]")):
         with pytest.raises(ConfigError, match=f'pass "{re.escape(fix)}" to resume it'):
             train(make_cfg(*args, bad, f"resume={killed}"))
         assert compose_config(tmp_path, [*args, fix])  # the override it names is one Hydra takes
@@ -163,8 +163,8 @@ def test_csv_parent_resumed_holds_every_rounds_rows_and_bad_manifests_are_one_li
     rounds/* rows of its finished rounds, as the reopened MLflow parent does, so it holds every
     round once. Each round's training is a plain function here: what is checked is the parent's
     record, which train_rounds writes whatever the rounds do."""
-    args = [*FAST, *STUDENT, "tracking=csv", "trainer.distill.teachers=[{run: /t, weight: null}]",
-            "trainer.distill.rounds=3"]
+    args = [*FAST, *STUDENT, "tracking=csv", "objective.teachers=[{run: /t, weight: null}]",
+            "objective.rounds=3"]
     outputs = tmp_path / "outputs" / "distill_titanic"
 
     class Killed(BaseException):
@@ -193,7 +193,7 @@ def test_csv_parent_resumed_holds_every_rounds_rows_and_bad_manifests_are_one_li
     # the fix a refusal names is an override Hydra reads back as the manifest's value (null)
     with pytest.raises(ConfigError, match=re.escape("{run: '/t', weight: null}]\" to resume")):
         rounds(outputs / "other", accuracy, f"resume={outputs / 'killed'}",
-               "trainer.distill.teachers=[{run: /u}]")
+               "objective.teachers=[{run: /u}]")
     with pytest.raises(ConfigError, match="tracking.csv.dir names one folder"):
         rounds(outputs / "shared", accuracy, f"tracking.csv.dir={tmp_path / 'csv'}")
     (outputs / "cut" / MANIFEST).parent.mkdir()
@@ -206,8 +206,8 @@ def test_rounds_probe_a_store_that_does_not_answer_before_writing_anything(make_
     from mlxlab.tracking.mlflow import TrackingUnavailable
     from test_new_user import free_port
 
-    cfg = make_cfg(*FAST, *STUDENT, "trainer.distill.teachers=[{run: /t}]",
-                   "trainer.distill.rounds=2", f"tracking.uri=http://127.0.0.1:{free_port()}",
+    cfg = make_cfg(*FAST, *STUDENT, "objective.teachers=[{run: /t}]",
+                   "objective.rounds=2", f"tracking.uri=http://127.0.0.1:{free_port()}",
                    "tracking.connect_timeout=1")
     with pytest.raises(TrackingUnavailable, match="tracking=none"):
         train(cfg)
@@ -215,16 +215,16 @@ def test_rounds_probe_a_store_that_does_not_answer_before_writing_anything(make_
 
 
 def test_rounds_need_teachers_and_a_count(make_cfg):
-    with pytest.raises(ConfigError, match="trainer.distill.teachers"):
-        train(make_cfg(*FAST, *STUDENT, "tracking=none", "trainer.distill.rounds=2"))
+    with pytest.raises(ConfigError, match="objective.teachers"):
+        train(make_cfg(*FAST, *STUDENT, "tracking=none", "objective.rounds=2"))
     with pytest.raises(ConfigError, match="rounds must be an integer"):
-        train(make_cfg(*FAST, *STUDENT, "tracking=none", "trainer.distill.rounds=0"))
+        train(make_cfg(*FAST, *STUDENT, "tracking=none", "objective.rounds=0"))
 
 
 ROUNDS = [
     "experiment=distill_titanic", "model.hidden_size=16", "model.cnn_filters=16",
     "trainer.batch_size=64", "trainer.max_epochs=2",  # 713 rows -> 12 steps an epoch
-    "trainer.schedule.warmup_steps=4", "trainer.log_every_steps=1", "trainer.distill.rounds=2",
+    "trainer.schedule.warmup_steps=4", "trainer.log_every_steps=1", "objective.rounds=2",
     "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
     "callbacks.checkpoint.save_every_steps=3", "callbacks.checkpoint.save_every_minutes=null",
 ]
@@ -262,7 +262,7 @@ def test_sigkill_across_rounds_resumes_bitwise_under_the_same_parent(tmp_path, c
     FINISHED children for the killed-and-resumed rounds, and no metric step twice."""
     teacher = tmp_path / "teacher"
     run([*TITANIC, "trainer.max_steps=4", "tracking=none"], teacher, cli_env)
-    args = [*ROUNDS, f"trainer.distill.teachers=[{{run: '{teacher}'}}]"]
+    args = [*ROUNDS, f"objective.teachers=[{{run: '{teacher}'}}]"]
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     reference = tmp_path / "reference"
     run(args, reference, cli_env)

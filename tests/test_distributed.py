@@ -320,12 +320,12 @@ def test_a_hung_rank_trips_the_watchdog_of_the_others(tmp_path, cli_env):
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", [True, False], ids=["cached_teacher", "teacher_in_step"])
 def test_distillation_under_data_parallelism(tmp_path, cli_env, cache):
-    """trainer=distill (a tiny BERT teacher, a cnn_hybrid student): 2 ranks x 8 == 1 x 16, with the
+    """objective=distill (a tiny BERT teacher, a cnn_hybrid student): 2 ranks x 8 == 1 x 16, with the
     teacher's probabilities looked up from the cache or computed in every step."""
     run(1, [*BERT, "trainer.max_steps=8"], tmp_path / "teacher", cli_env)
     student = [*BERT, "experiment=distill_titanic", "model.dropout=0",
-               f"trainer.distill.teachers=[{{run: '{tmp_path / 'teacher'}'}}]",
-               f"trainer.distill.cache_teacher={str(cache).lower()}"]
+               f"objective.teachers=[{{run: '{tmp_path / 'teacher'}'}}]",
+               f"objective.cache_teacher={str(cache).lower()}"]
     run(1, [*student, "trainer.batch_size=16"], tmp_path / "one", cli_env)
     out = run(2, [*student, "trainer.batch_size=8"], tmp_path / "two", cli_env)
     assert "data parallel: 2 ranks" in out

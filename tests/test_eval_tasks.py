@@ -463,6 +463,19 @@ def test_runs_compare_of_a_sweep_pairs_tasks_over_seeds(world, tmp_path):
     acc = next(t for t in tasks if t["metric"] == "acc")
     assert (acc["n"], acc["seeds_a"], acc["seeds_b"]) == (100, 2, 2)
     assert len(acc["mcnemar"]) == 2 and acc["low"] <= acc["diff"] <= acc["high"]
+    # the base model against one config's seeds (`runs compare BASE SWEEP:GROUP`, issue 55)
+    done = subprocess.run([PYTHON, "-m", "mlxlab.cli.main", "eval", str(world["base"]),
+                           str(world["mc"]), "--uri", uri, "--json"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    base = json.loads(done.stdout.strip().splitlines()[-1])["run_id"]
+    done = subprocess.run([PYTHON, "-m", "mlxlab.cli.main", "runs", "compare", base,
+                           "latest:g2", "--uri", uri, "--json"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    acc = next(t for t in out["paired"] if t["metric"] == "acc")
+    assert (acc["n"], acc["seeds_a"], acc["seeds_b"]) == (100, 1, 2)
+    assert acc["low"] <= acc["diff"] <= acc["high"] and len(out["per_seed"]) == 2
 
 
 def test_a_chat_models_run_scores_its_tasks_through_the_template(tmp_path):

@@ -18,6 +18,7 @@ from mlxlab.tracking.mlflow import MlflowTracker
 from mlxlab.training.callbacks import Callback
 from mlxlab.training.loop import Fit
 from mlxlab.training.settings import CheckpointPolicy, TrainerSettings
+from mlxlab.training.trainer import Trainer
 
 
 class BucketGone(OSError):
@@ -66,11 +67,7 @@ def fit_with(make_cfg, tmp_path, uploader: GoneUploader | None, fails: bool):
     callbacks = [EndsBadly(box, uploader, fails), EndsBadly(box, None, False)]
     settings = TrainerSettings(max_steps=4, max_epochs=1, eval_every_steps=4)
     fit = Fit(
-        settings,
-        instantiate(cfg.optimizer),
-        callbacks,
-        None,
-        CheckpointPolicy(),
+        Trainer(settings, instantiate(cfg.optimizer), callbacks, None, CheckpointPolicy()),
         model,
         data,
         tracker,

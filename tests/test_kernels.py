@@ -16,8 +16,8 @@ import pytest
 
 from mlxlab import kernels
 from mlxlab.kernels import build
+from mlxlab.objectives import losses
 from mlxlab.runtime import cpu
-from mlxlab.training import losses
 
 PYTHON = sys.executable
 

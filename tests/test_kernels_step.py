@@ -168,7 +168,7 @@ def test_lora_step_on_a_grouped_query_llama_equals_mlx():
 
     from mlxlab.models.lora import LoRALinear
     from mlxlab.models.transformer import Transformer
-    from mlxlab.training import losses
+    from mlxlab.objectives import losses
 
     mx.random.seed(3)
     model = Transformer(vocab_size=61, dim=32, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -8,7 +8,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlxlab.training import losses
+from mlxlab.objectives import losses
 
 
 class FixedLogits(nn.Module):
@@ -111,7 +111,7 @@ def test_distillation_gradient_reaches_the_student_only(rng):
 
 
 def test_plain_kl_form_is_alpha_ce_plus_one_minus_alpha_kl(rng):
-    """trainer.distill.kl_scale=none: the simplified form alpha*CE + (1-alpha)*KL, no T^2; the
+    """objective.kl_scale=none: the simplified form alpha*CE + (1-alpha)*KL, no T^2; the
     default (t2) is exactly T^2 times that KL."""
     alpha, temperature = 0.3, 3.0
     student, teacher = (rng.normal(size=(3, 5, 11)).astype(np.float32) * 2 for _ in range(2))
@@ -176,7 +176,7 @@ def test_mse_distillation_compares_the_weighted_teacher_logits(rng):
 
 def test_unknown_distillation_form_is_one_clear_line():
     teacher = FixedLogits(np.zeros((2, 3), np.float32))
-    with pytest.raises(ValueError, match=r"trainer.distill.loss='js' is not one of \['kl', "):
+    with pytest.raises(ValueError, match=r"objective.loss='js' is not one of \['kl', "):
         losses.distillation_loss([teacher], loss="js")
-    with pytest.raises(ValueError, match=r"trainer.distill.kl_scale='T' is not one of \['t2', "):
+    with pytest.raises(ValueError, match=r"objective.kl_scale='T' is not one of \['t2', "):
         losses.distillation_loss([teacher], kl_scale="T")

@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 from mlx.utils import tree_flatten
 
 from mlxlab.models.transformer import Transformer
+from mlxlab.objectives import losses
 from mlxlab.runs import load_run_model
 from mlxlab.train import train
-from mlxlab.training import losses
 from mlxlab.training.model_ops import ModelSchedule, check_schedule, grow_layers, widen_mlp
 from mlxlab.training.optim import build_optimizer
 from mlxlab.training.settings import TrainerSettings

@@ -546,7 +546,7 @@ def test_readme_config_dir_preset_runs_through_the_cli(tmp_path, cli_env):
     job = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert job["model"]["_target_"] == "mlxlab.models.cnn_hybrid.CNNHybrid"
     assert job["model"]["cnn_filters"] == 64 and job["optimizer"]["learning_rate"] == 3e-4
-    assert job["trainer"]["label_smoothing"] == 0.1 and job["trainer"]["max_steps"] == 3
+    assert job["objective"]["label_smoothing"] == 0.1 and job["trainer"]["max_steps"] == 3
     assert (run_dir / "tracking" / "metrics.csv").is_file()  # the preset's tracking=csv
     assert not (tmp_path / "mlruns").exists()
     assert list((run_dir / "checkpoints").glob("step_*"))

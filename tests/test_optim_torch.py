@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from conftest import REPO
 from mlxlab.config import config_dir, instantiate
 from mlxlab.models.transformer import Transformer
-from mlxlab.training.losses import task_loss
+from mlxlab.objectives.losses import task_loss
 from mlxlab.training.optim import LRSchedule, build_optimizer
 from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.step import make_step

@@ -12,8 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST, PYTHON
+from mlxlab.objectives import losses
 from mlxlab.train import train
-from mlxlab.training import losses
 from mlxlab.training.per_example import hardest, read_losses
 from test_losses import FixedLogits, np_cross_entropy
 

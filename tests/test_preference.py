@@ -142,8 +142,7 @@ def loss_parts(folder: Path, data: PreferencePairs, reference: str, rank: int = 
     import mlx.core as mx
 
     from mlxlab.models.transformer import Transformer
-    from mlxlab.training.preference import build_preference_loss
-    from mlxlab.training.settings import PreferenceConfig
+    from mlxlab.objectives.preference import Preference
 
     mx.random.seed(0)
     model = Transformer(
@@ -152,7 +151,9 @@ def loss_parts(folder: Path, data: PreferencePairs, reference: str, rank: int = 
         lora={"rank": rank, "targets": ["query", "value"]} if rank else None,
     )
     batching = Batching(batch_size=8)
-    loss_fn = build_preference_loss(PreferenceConfig(reference=reference), data, batching, model)
+    objective = Preference(reference=reference)
+    objective_loss(objective, data, batching, model)
+    loss_fn = objective.loss_on("val")  # (a cached reference keeps a table per split)
     # the policy moves away from the reference (as training does), after the reference is built
     model.update(
         tree_map_params(
@@ -167,6 +168,15 @@ def loss_parts(folder: Path, data: PreferencePairs, reference: str, rank: int = 
     batch = next(iter(data.val_batches(batching)))
     loss, aux = loss_fn(model, batch)
     return {"loss": loss.item(), **{k: v.item() for k, v in aux.items()}}
+
+
+def objective_loss(objective, data, batching, model):
+    """`objective`'s loss on `data`, set up as a fit sets it up (its reference from `model`)."""
+    from mlxlab.objectives.base import ObjectiveSetup
+    from mlxlab.runtime.distributed import World
+
+    objective.setup(ObjectiveSetup(model=model, data=data, batching=batching, world=World()))
+    return objective.loss
 
 
 def tree_map_params(model, fn):
@@ -247,7 +257,7 @@ def test_preference_experiments_train_and_log_the_rewards(pref_model, make_cfg, 
     )[0]
     assert (
         run.info.status == "FINISHED"
-        and run.data.tags["choice.trainer"] == experiment.split("_")[0]
+        and run.data.tags["choice.objective"] == experiment.split("_")[0]
     )
 
     def history(key: str) -> list[float]:
@@ -281,7 +291,7 @@ def test_a_sigkilled_dpo_run_resumes_bitwise(pref_model, tmp_path, cli_env):
             "trainer.max_steps=16",
             "trainer.eval_every_steps=8",
             "trainer.log_every_steps=2",
-            "trainer.preference.reference=cached",
+            "objective.reference=cached",
             "callbacks.checkpoint.save_every_steps=3",
             "callbacks.checkpoint.save_every_minutes=null",
         ),
@@ -314,9 +324,8 @@ def test_a_rank_without_rows_of_a_pair_batch_weighs_nothing(pref_model, loss):
     from mlx.utils import tree_flatten
 
     from mlxlab.models.transformer import Transformer
+    from mlxlab.objectives.preference import Preference
     from mlxlab.runtime.distributed import World
-    from mlxlab.training.preference import build_preference_loss
-    from mlxlab.training.settings import PreferenceConfig
 
     data = pairs_data(pref_model["folder"], pref_model["train"])
     model = Transformer(
@@ -325,7 +334,7 @@ def test_a_rank_without_rows_of_a_pair_batch_weighs_nothing(pref_model, loss):
         lora={"rank": 4, "targets": ["query", "value"]},
     )
     batching = Batching(batch_size=1)
-    loss_fn = build_preference_loss(PreferenceConfig(loss=loss), data, batching, model)
+    loss_fn = objective_loss(Preference(loss=loss), data, batching, model)
     batch = next(iter(data.val_batches(batching)))
     step = nn.value_and_grad(model, loss_fn)
     counted = []
@@ -342,6 +351,28 @@ def test_a_rank_without_rows_of_a_pair_batch_weighs_nothing(pref_model, loss):
     assert counted[0] == (0.0, 0.0) and counted[1][0] == 1.0 and counted[1][1] > 0, counted
 
 
+def test_dpo_chat_with_the_quick_preset_is_a_20_step_dpo_run(pref_model, make_cfg):
+    """Issue 55's new user: `experiment=dpo_chat trainer=quick` used to drop DPO and exit 2;
+    the axes compose now, so `experiment=dpo_chat preset=quick` trains DPO for the preset's 20
+    steps, evaluated at 10 and 20, its rewards logged."""
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.train import train
+
+    args = [a for a in preference_args(pref_model) if not a.startswith(("trainer.max_steps",
+                                                                       "trainer.eval_every"))]
+    cfg = make_cfg("experiment=dpo_chat", "preset=quick", *args)
+    metrics = train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])
+    tags = run.data.tags
+    assert (tags["choice.objective"], tags["choice.preset"]) == ("dpo", "quick")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/rewards/accuracy")]
+    assert steps == [10, 20] and "val/rewards/accuracy" in metrics
+    assert len(client.get_metric_history(run.info.run_id, "train/rewards/margin")) == 20
+
+
 # --- the other losses and a full fine-tune, through the one loop -------------------------------
 
 
@@ -350,12 +381,12 @@ def test_a_rank_without_rows_of_a_pair_batch_weighs_nothing(pref_model, loss):
     [
         ("ipo", ()),
         ("simpo", ()),
-        ("sigmoid", ("model.lora.rank=0", "trainer.preference.reference=copy")),
+        ("sigmoid", ("model.lora.rank=0", "objective.reference=copy")),
     ],
     ids=["ipo", "simpo", "dpo_full_copy"],
 )
 def test_ipo_simpo_and_a_full_dpo_with_a_frozen_copy_train(pref_model, make_cfg, loss, extra):
-    """trainer=dpo trainer.preference.loss=ipo|simpo, and DPO without LoRA against a frozen
+    """objective=dpo objective.loss=ipo|simpo, and DPO without LoRA against a frozen
     copy of the starting model: 8 steps through the one loop, the reward metrics in MLflow at
     each step, the margin up from the first logged step to the last."""
     from mlflow.tracking import MlflowClient
@@ -364,7 +395,7 @@ def test_ipo_simpo_and_a_full_dpo_with_a_frozen_copy_train(pref_model, make_cfg,
 
     cfg = make_cfg(
         "experiment=dpo_chat",
-        f"trainer.preference.loss={loss}",
+        f"objective.loss={loss}",
         "optimizer.learning_rate=3e-3" if loss != "sigmoid" else "optimizer.learning_rate=1e-3",
         *preference_args(pref_model, "trainer.max_steps=8", "trainer.eval_every_steps=8"),
         *extra,
@@ -374,7 +405,7 @@ def test_ipo_simpo_and_a_full_dpo_with_a_frozen_copy_train(pref_model, make_cfg,
     run = client.search_runs(
         [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id]
     )[0]
-    assert run.info.status == "FINISHED" and run.data.params["trainer.preference.loss"] == loss
+    assert run.info.status == "FINISHED" and run.data.params["objective.loss"] == loss
 
     def history(key: str) -> list[float]:
         return [
@@ -393,9 +424,9 @@ def test_ipo_simpo_and_a_full_dpo_with_a_frozen_copy_train(pref_model, make_cfg,
 
 @pytest.mark.slow
 def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pref_model, tmp_path):
-    """hparams_search=dpo_optuna: 3 real trials over trainer.preference.beta and the learning
+    """hparams_search=dpo_optuna: 3 real trials over objective.beta and the learning
     rate, each child run scored by val/rewards/accuracy, the parent holding the best; then
-    `-m replicates=2 trainer.preference.beta=0.05,0.5` and `mlxlab runs compare latest` on
+    `-m replicates=2 objective.beta=0.05,0.5` and `mlxlab runs compare latest` on
     val/rewards/accuracy (the sweep's own metric): two groups of two seeds, a verdict."""
     from conftest import PYTHON
     from mlxlab.sweeps.store import sweep_children
@@ -423,18 +454,18 @@ def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pre
     children = sweep_children(client, parent.info.run_id)
     assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
     scores = [r.data.metrics["best/val/rewards/accuracy"] for r in children]
-    betas = {r.data.params["trainer.preference.beta"] for r in children}
+    betas = {r.data.params["objective.beta"] for r in children}
     assert len(betas) == 3 and all(0.01 <= float(b) <= 1.0 for b in betas)
     parent = client.get_run(parent.info.run_id)
     assert parent.data.metrics["optuna/best_value"] == pytest.approx(max(scores))
-    assert "optuna.best.trainer.preference.beta" in parent.data.params
+    assert "optuna.best.objective.beta" in parent.data.params
 
     mlxlab_train(
         tmp_path,
         "--multirun",
         "experiment=dpo_chat",
         "replicates=2",
-        "trainer.preference.beta=0.05,0.5",
+        "objective.beta=0.05,0.5",
         "optimizer.learning_rate=3e-3",
         *short,
     )
@@ -443,7 +474,7 @@ def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pre
     out = run([*compare, "--json"], cwd=tmp_path)  # stdout, then the log lines of stderr
     report, _ = json.JSONDecoder().raw_decode(out[out.index("{") :])
     text = json.dumps(report)
-    assert "val/rewards/accuracy" in text and "trainer.preference.beta" in text, text[:2000]
+    assert "val/rewards/accuracy" in text and "objective.beta" in text, text[:2000]
     print(run(compare, cwd=tmp_path))
 
 
@@ -459,11 +490,11 @@ def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pre
 )
 def test_a_setting_the_loss_would_ignore_is_one_config_error(setting, message):
     from mlxlab.errors import ConfigError
-    from mlxlab.training.settings import PreferenceConfig
+    from mlxlab.objectives.preference import Preference
 
     with pytest.raises(ConfigError, match=message):
-        PreferenceConfig(**setting)
-    PreferenceConfig(loss=setting["loss"])  # the same loss with the defaults is fine
+        Preference(**setting)
+    Preference(loss=setting["loss"])  # the same loss with the defaults is fine
 
 
 # --- issue 58: a saturating monitor, settings the run would ignore, pairs that cannot teach ---
@@ -513,14 +544,19 @@ def test_a_saturated_monitor_keeps_the_later_lower_loss_checkpoint_and_says_so(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["trainer.label_smoothing=0.3"],
-         "trainer.label_smoothing=0.3 smooths the cross-entropy's targets, which a preference "
-         "loss does not compute: use trainer.preference.label_smoothing="),
+        (["trainer.label_smoothing=0.3"],  # issue 55's old spelling: its new one
+         "trainer.label_smoothing moved: write objective.label_smoothing=0.3"),
+        (["objective=orpo", "objective.label_smoothing=0.3"],
+         "objective.label_smoothing=0.3 has no meaning for loss=orpo"),
+        (["objective.gamma=1.0"], "objective.gamma=1.0 is SimPO's target margin and has no "
+         "meaning for loss=sigmoid"),
+        (["objective=grpo", "objective.label_smoothing=0.1"], "objective.label_smoothing is "
+         "not a setting of objective=grpo (a setting of objective=distill|dpo|orpo|supervised)"),
         (["optimized_metric=val/nll_loss"],
-         "optimized_metric='val/nll_loss' is not logged for preference data with "
-         "trainer.preference.loss=sigmoid: choose one of ['val/loss', 'val/rewards/accuracy'"),
+         "optimized_metric='val/nll_loss' is not computed for preference data by objective "
+         "Preference(loss=sigmoid): choose one of ['val/loss', 'val/rewards/accuracy'"),
         (["trainer.beta=0.3"], "trainer.beta is not a key of trainer: did you mean "
-         "trainer.preference.beta=0.3?"),
+         "objective.beta=0.3?"),
         (["data.keys.rejected=chosen"], "240 of 240 pairs have the same chosen and rejected "
          "reply"),
     ],

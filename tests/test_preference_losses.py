@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlxlab.errors import ConfigError
-from mlxlab.training.preference_losses import PairLogps, pair_loss
+from mlxlab.objectives.preference_losses import PairLogps, pair_loss
 
 
 def logsig(x: np.ndarray) -> np.ndarray:
@@ -162,7 +162,7 @@ def test_orpo_adds_the_nll_and_reports_the_log_odds(pairs):
 
 def test_bad_names_and_a_missing_reference_are_config_errors(pairs):
     policy = PairLogps(*(mx.array([-1.0]) for _ in range(4)))
-    with pytest.raises(ConfigError, match="trainer.preference.loss='kto' is not one of"):
+    with pytest.raises(ConfigError, match="objective.loss='kto' is not one of"):
         pair_loss("kto", policy)
     with pytest.raises(ConfigError, match="reference"):
         pair_loss("sigmoid", policy)

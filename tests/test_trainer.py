@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from functools import partial
 
 import mlx.core as mx
@@ -16,14 +15,17 @@ from mlx.utils import tree_flatten
 from conftest import FAST
 from mlxlab.config import instantiate
 from mlxlab.data.batching import Batching
+from mlxlab.objectives import losses
+from mlxlab.objectives.base import ObjectiveSetup
+from mlxlab.objectives.distill import Distill
+from mlxlab.objectives.supervised import Supervised
 from mlxlab.runs import load_teachers
 from mlxlab.runtime import device
+from mlxlab.runtime.distributed import World
 from mlxlab.train import seed_everything, train
-from mlxlab.training import losses
-from mlxlab.training.distill import build_loss
 from mlxlab.training.optim import build_optimizer, default_optimizer
 from mlxlab.training.plan import fit_batch_to_memory
-from mlxlab.training.settings import DistillConfig, TrainerSettings
+from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.step import make_step, with_precision
 from mlxlab.training.trainer import TrainingError
 
@@ -42,6 +44,13 @@ def build(make_cfg, tmp_path, *overrides):
     seed_everything(cfg.seed)
     model = instantiate(cfg.model, vocab_size=data.vocab_size, num_labels=data.num_labels)
     return cfg, data, model
+
+
+def objective_loss(objective, data, model, batch_size: int = 32):
+    """The loss `objective` trains `model` on `data` with, set up as a fit sets it up."""
+    objective.setup(ObjectiveSetup(model=model, data=data, batching=Batching(batch_size=batch_size),
+                                   world=World(), load_teachers=load_teachers))
+    return objective.loss
 
 
 def params(model) -> dict[str, np.ndarray]:
@@ -146,7 +155,7 @@ def test_distillation_from_a_finished_run(make_cfg, tmp_path):
     train(teacher_cfg)
     teacher_dir = teacher_cfg.paths.output_dir
     student_cfg = make_cfg(*FAST, "experiment=distill_titanic",
-                           f"trainer.distill.teachers=[{{run: '{teacher_dir}'}}]")
+                           f"objective.teachers=[{{run: '{teacher_dir}'}}]")
     student_cfg.paths.output_dir = str(tmp_path / "outputs" / "student")
     metrics = train(student_cfg)
     assert 0.0 <= metrics["val/accuracy"] <= 1.0
@@ -158,7 +167,7 @@ def test_distillation_from_a_finished_run(make_cfg, tmp_path):
 
 
 def test_a_hugging_face_classifier_teaches_as_the_run_it_was_exported_from(make_cfg, tmp_path):
-    """trainer.distill.teachers may name a Hugging Face folder: a run exported as a
+    """objective.teachers may name a Hugging Face folder: a run exported as a
     BertForSequenceClassification teaches a student as the run itself does (the same train/kl at
     every step); a folder without its tokenizer or whose labels are not the student's is one line
     naming that."""
@@ -178,7 +187,7 @@ def test_a_hugging_face_classifier_teaches_as_the_run_it_was_exported_from(make_
 
     def student(teacher, name: str) -> dict:
         cfg = make_cfg(*FAST, "experiment=distill_titanic", "tracking=csv",
-                       f"trainer.distill.teachers=[{{run: '{teacher}'}}]")
+                       f"objective.teachers=[{{run: '{teacher}'}}]")
         cfg.paths.output_dir = str(tmp_path / "outputs" / name)
         train(cfg)
         return read_metrics(Path(cfg.paths.output_dir) / "tracking")
@@ -224,7 +233,7 @@ def test_a_hugging_face_decoder_teaches_a_student_of_its_tokenizer(make_cfg, tmp
                    "data.packing.seq_len=32", "data.splits.val_examples=10",
                    "data.splits.max_examples=100", "trainer.batch_size=4", "trainer.max_steps=3",
                    "trainer.eval_every_steps=3", "trainer.log_every_steps=1",
-                   "callbacks.progress.enabled=false", f"trainer.distill.teachers=[{{run: '{folder}'}}]")
+                   "callbacks.progress.enabled=false", f"objective.teachers=[{{run: '{folder}'}}]")
     train(cfg)
     from pathlib import Path
 
@@ -245,12 +254,10 @@ def test_cached_teacher_probabilities_give_the_per_step_loss(make_cfg, tmp_path)
     _, data, student = build(make_cfg, tmp_path, *TINY)
     data.load_state_dict({"epoch": 0, "batches_done": 3})
     teachers = [{"run": str(teacher_cfg.paths.output_dir)}]
-    distill = DistillConfig(teachers=teachers, temperature=2.0)
-    cached = TrainerSettings(distill=distill, batch_size=16)
-    cached_fn, _ = build_loss(cached, data, cached.data_batching(), load_teachers)
+    cached_fn = objective_loss(Distill(teachers=teachers, temperature=2.0), data, student, 16)
     assert data.state_dict() == {"epoch": 0, "batches_done": 3}
-    per_step = TrainerSettings(distill=replace(distill, cache_teacher=False), batch_size=16)
-    per_step_fn, _ = build_loss(per_step, data, per_step.data_batching(), load_teachers)
+    per_step_fn = objective_loss(Distill(teachers=teachers, temperature=2.0, cache_teacher=False),
+                                 data, student, 16)
     student.eval()  # no dropout: the two losses see the same student
     for batch in list(data.train_batches(Batching(batch_size=7), 1))[:4]:
         (cached, aux_c), (direct, aux_d) = cached_fn(student, batch), per_step_fn(student, batch)
@@ -259,7 +266,7 @@ def test_cached_teacher_probabilities_give_the_per_step_loss(make_cfg, tmp_path)
 
 
 def test_distillation_loss_form_is_a_config_choice(make_cfg, tmp_path):
-    """trainer.distill.loss / kl_scale reach the loss: a student trains with reverse_kl and with
+    """objective.loss / kl_scale reach the loss: a student trains with reverse_kl and with
     mse (train/<loss> logged, cached teacher targets = the teachers run in the step), and a
     misspelled form fails at validation with one line naming the key."""
     from hydra.errors import InstantiationException
@@ -269,9 +276,9 @@ def test_distillation_loss_form_is_a_config_choice(make_cfg, tmp_path):
 
     teacher_cfg = make_cfg(*FAST, "tracking=none", "trainer.max_steps=8", "trainer.eval_every_steps=8")
     train(teacher_cfg)
-    teachers = f"trainer.distill.teachers=[{{run: '{teacher_cfg.paths.output_dir}'}}]"
-    for form in (["trainer.distill.loss=reverse_kl", "trainer.distill.kl_scale=none"],
-                 ["trainer.distill.loss=mse"]):
+    teachers = f"objective.teachers=[{{run: '{teacher_cfg.paths.output_dir}'}}]"
+    for form in (["objective.loss=reverse_kl", "objective.kl_scale=none"],
+                 ["objective.loss=mse"]):
         cfg = make_cfg(*FAST, "tracking=csv", "experiment=distill_titanic", teachers, *form)
         name = form[0].split("=")[1]
         cfg.paths.output_dir = str(tmp_path / "outputs" / name)
@@ -285,30 +292,29 @@ def test_distillation_loss_form_is_a_config_choice(make_cfg, tmp_path):
     student.eval()
     batch = next(iter(data.train_batches(Batching(batch_size=7), 1)))
     for loss in ("reverse_kl", "mse"):
-        distill = DistillConfig(teachers=[{"run": str(teacher_cfg.paths.output_dir)}], loss=loss)
-        for_cached = TrainerSettings(distill=distill, batch_size=16)
-        cached_fn, _ = build_loss(for_cached, data, for_cached.data_batching(), load_teachers)
-        direct = TrainerSettings(distill=replace(distill, cache_teacher=False), batch_size=16)
-        direct_fn, _ = build_loss(direct, data, direct.data_batching(), load_teachers)
+        teachers = [{"run": str(teacher_cfg.paths.output_dir)}]
+        cached_fn = objective_loss(Distill(teachers=teachers, loss=loss), data, student, 16)
+        direct_fn = objective_loss(Distill(teachers=teachers, loss=loss, cache_teacher=False),
+                                   data, student, 16)
         (cached, aux_c), (direct, aux_d) = cached_fn(student, batch), direct_fn(student, batch)
         assert cached.item() == pytest.approx(direct.item(), rel=1e-5)
         assert aux_c[loss].item() == pytest.approx(aux_d[loss].item(), rel=1e-4)
 
-    bad = make_cfg(*FAST, "trainer=distill", "trainer.distill.kl_scale=T2")
-    with pytest.raises(ConfigError, match=r"^trainer.distill.kl_scale='T2' is not one of"):
+    bad = make_cfg(*FAST, "objective=distill", "objective.kl_scale=T2")
+    with pytest.raises(ConfigError, match=r"^objective.kl_scale='T2' is not one of"):
         validate(bad)  # the owner (DistillConfig) checks it: validate builds the settings
     with pytest.raises(InstantiationException) as raised:
-        instantiate(bad.trainer)
+        instantiate(bad.objective)
     assert isinstance(raised.value.__cause__, ConfigError)
-    assert str(raised.value.__cause__).startswith("trainer.distill.kl_scale='T2' is not one of")
+    assert str(raised.value.__cause__).startswith("objective.kl_scale='T2' is not one of")
 
 
 def test_distillation_rejects_a_teacher_with_other_labels(make_cfg, tmp_path):
     teacher_cfg = make_cfg(*FAST, "tracking=none")
     train(teacher_cfg)
-    student_cfg = make_cfg(*FAST, "tracking=none", "trainer=distill", "data.label_column=Pclass",
+    student_cfg = make_cfg(*FAST, "tracking=none", "objective=distill", "data.label_column=Pclass",
                            "data.template=null", "data.feature_columns=[Sex,Age]",
-                           f"trainer.distill.teachers=[{{run: '{teacher_cfg.paths.output_dir}'}}]")
+                           f"objective.teachers=[{{run: '{teacher_cfg.paths.output_dir}'}}]")
     student_cfg.paths.output_dir = str(tmp_path / "outputs" / "student")
     with pytest.raises(ValueError, match="num_labels=2 but the student's data has .*num_labels=3"):
         train(student_cfg)
@@ -337,8 +343,7 @@ def test_resume_into_a_changed_architecture_reports_the_mapping(make_cfg, tmp_pa
 def test_bf16_compute_keeps_fp32_master_weights(make_cfg, tmp_path):
     _, data, model = build(make_cfg, tmp_path, *TINY)
     settings = TrainerSettings(precision="bf16", grad_clip=1.0)
-    loss_fn = with_precision(build_loss(settings, data, settings.data_batching())[0],
-                             settings.precision)
+    loss_fn = with_precision(objective_loss(Supervised(), data, model), settings.precision)
     opt = build_optimizer(adamw(1e-2), settings.schedule, total_steps=10)
     opt.init(model.trainable_parameters())
     step = make_step(model, opt, loss_fn, settings)
@@ -359,7 +364,7 @@ def test_two_weighted_teachers(make_cfg, tmp_path):
         train(cfg)
         teachers.append(cfg.paths.output_dir)
     spec = ",".join(f"{{run: '{t}', weight: {w}}}" for t, w in zip(teachers, (0.7, 0.3)))
-    student = make_cfg(*FAST, "tracking=none", "trainer=distill", f"trainer.distill.teachers=[{spec}]")
+    student = make_cfg(*FAST, "tracking=none", "objective=distill", f"objective.teachers=[{spec}]")
     student.paths.output_dir = str(tmp_path / "outputs" / "student")
     assert 0.0 <= train(student)["val/accuracy"] <= 1.0
 

@@ -89,7 +89,7 @@ def dpo_sweep(uri):
                 "0.5": [-50.0, -51.5, -52.0, -49.0, -50.5, -48.5]}
     accuracy = {"0.1": [0.80, 0.85, 0.90, 0.85, 0.80, 0.90],
                 "0.5": [0.85, 0.80, 0.90, 0.80, 0.85, 0.85]}
-    parent = write_sweep(uri, "trainer.preference.beta", {
+    parent = write_sweep(uri, "objective.beta", {
         beta: {42 + i: {"val/rewards/accuracy": accuracy[beta][i],
                         "val/logps/rejected": rejected[beta][i]} for i in range(6)}
         for beta in ("0.1", "0.5")}, "val/rewards/accuracy", "max")
@@ -111,12 +111,12 @@ def test_a_lower_is_better_metric_gets_the_right_verdict_and_leaves_the_recorded
 
     code, out, _ = compare(capsys, uri, parent, "--metric", "val/logps/rejected")
     assert code == 0 and "lower is better" in out, out
-    assert "g2 (trainer.preference.beta=0.5) beats g1" in out, out
+    assert "g2 (objective.beta=0.5) beats g1" in out, out
     assert "left as it is: --record replaces it" in out
     assert client.get_run(parent).data.tags == recorded  # the sweep's verdict untouched
 
     code, out, _ = compare(capsys, uri, parent, "--metric", "val/logps/rejected", "--mode", "max")
-    assert "higher is better" in out and "g1 (trainer.preference.beta=0.1) beats g2" in out
+    assert "higher is better" in out and "g1 (objective.beta=0.1) beats g2" in out
 
     code, out, _ = compare(capsys, uri, parent, "--metric", "val/logps/rejected", "--record")
     now = client.get_run(parent).data.tags
@@ -278,3 +278,44 @@ def test_the_cards_loss_difference_is_the_difference_of_the_token_weighted_losse
     assert shown == pytest.approx(mine.metrics["loss"] - base_scores.metrics["loss"], abs=1e-4)
     low, high = (float(x) for x in cells[6].split("[")[1].rstrip("]").split(","))
     assert low <= shown <= high
+
+
+# --- a metric's definition: the objectives' own ------------------------------------------------
+
+
+def test_a_logged_metrics_definition_is_the_objective_that_computes_it():
+    """Issue 58: the direction and range come from the objectives' metric definitions (and the
+    evaluation tasks'), never from the name: no table of their own in config.py."""
+    from mlxlab.objectives.catalog import metric_definition
+    from mlxlab.objectives.preference import Preference
+
+    rejected = metric_definition("best/val/logps/rejected")
+    assert (rejected.mode, rejected.high) == ("min", 0.0)
+    assert metric_definition("val/rewards/accuracy").bounds == (0.0, 1.0)
+    assert metric_definition("val_q4/loss").mode == "min"
+    assert metric_definition("eval/mc/acc").bounds == (0.0, 1.0)
+    assert metric_definition("eval/text/perplexity").low == 1.0
+    assert metric_definition("val/reward").mode == "max"  # GRPO's
+    assert metric_definition("val/custom_error") is None
+    # one class, two losses: ORPO's own metrics are reported by ORPO only
+    assert "nll_loss" in Preference(loss="orpo").reported_metrics("preference")
+    assert "nll_loss" not in Preference(loss="sigmoid").reported_metrics("preference")
+    assert Preference.tie_break("preference") == "loss"
+
+
+def test_a_tie_on_the_monitor_goes_to_the_better_tie_break_or_else_the_later_step():
+    from mlxlab.checkpoint import choose_best
+
+    best = {"val/rewards/accuracy": 1.0, "val/loss": 0.27, "best_step": 50.0}
+    loss = ("val/loss", "min")
+    lower = choose_best({"val/rewards/accuracy": 1.0, "val/loss": 0.14}, best,
+                        "val/rewards/accuracy", "max", 600, loss)
+    assert lower.better and "the lower val/loss (0.14 vs 0.27)" in lower.tie
+    higher = choose_best({"val/rewards/accuracy": 1.0, "val/loss": 0.30}, best,
+                         "val/rewards/accuracy", "max", 600, loss)
+    assert not higher.better and "stays at step 50" in higher.tie
+    # no tie-break metric (GRPO reports no loss): the later evaluation
+    later = choose_best({"val/rewards/accuracy": 1.0}, best, "val/rewards/accuracy", "max", 600)
+    assert later.better and "the later is kept" in later.tie
+    assert not choose_best({"val/rewards/accuracy": 0.9, "val/loss": 0.1}, best,
+                           "val/rewards/accuracy", "max", 600, loss).better

@@ -15,7 +15,6 @@ import hashlib
 import importlib
 import inspect
 import json
-import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -156,70 +155,6 @@ def unwrapped() -> Iterator[None]:
 # --- early validation ------------------------------------------------------------------------
 
 # The facts the checks below need live here, so config imports nothing above runtime/.
-# What evaluation (training/metrics.py) reports for each data task (prefix "val/"): the names
-# optimized_metric may use. A preference run logs its loss's metrics (OBJECTIVE_METRICS).
-METRICS = {"classification": ("loss", "accuracy", "f1", "roc_auc"), "lm": ("loss", "perplexity"),
-           # preference losses (training/preference_losses.py), TRL's names
-           "preference": ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen",
-                          "rewards/rejected", "logps/chosen", "logps/rejected")}
-# What an objective (trainer.preference.loss) logs on top of its data task's METRICS: ORPO its
-# supervised term and odds ratio (pair_loss's `extra`).
-OBJECTIVE_METRICS = {"orpo": ("nll_loss", "log_odds_ratio", "log_odds_chosen")}
-
-
-@dataclass(frozen=True)
-class MetricDefinition:
-    """Which way a metric improves and the values it can take: the best checkpoint, a sweep's
-    verdict and `mlxlab runs compare` read the direction from here, never from the name, and
-    a mean's interval is cut to the range (stats.summarize)."""
-
-    mode: str                            # max | min
-    low: float = -math.inf
-    high: float = math.inf
-
-    @property
-    def bounds(self) -> tuple[float, float] | None:
-        return None if (self.low, self.high) == (-math.inf, math.inf) else (self.low, self.high)
-
-
-_UNIT = MetricDefinition("max", 0.0, 1.0)
-# Every metric mlxlab logs under val/ and train/ (and the evaluation tasks' scores, eval/<task>/),
-# by its name after that prefix. A DPO run's rewards are beta * log-ratios: the chosen's up and
-# the rejected's down are what the loss asks for.
-METRIC_DEFINITIONS = {
-    "loss": MetricDefinition("min", 0.0), "perplexity": MetricDefinition("min", 1.0),
-    "accuracy": _UNIT, "f1": _UNIT, "roc_auc": _UNIT,
-    "rewards/accuracy": _UNIT, "rewards/margin": MetricDefinition("max"),
-    "rewards/chosen": MetricDefinition("max"), "rewards/rejected": MetricDefinition("min"),
-    "logps/chosen": MetricDefinition("max", high=0.0),
-    "logps/rejected": MetricDefinition("min", high=0.0),
-    "nll_loss": MetricDefinition("min", 0.0), "log_odds_ratio": MetricDefinition("max", high=0.0),
-    "log_odds_chosen": MetricDefinition("max"),
-    # evaluation tasks (evaluation/tasks.py METRICS)
-    "acc": _UNIT, "acc_norm": _UNIT, "exact_match": _UNIT, "contains": _UNIT,
-    "bits_per_byte": MetricDefinition("min", 0.0),
-}
-# Two evaluations equal on the monitored metric: the one with the lower validation loss is the
-# better checkpoint (and of two equal on both, the later: it trained longer).
-TIE_BREAK = "val/loss"
-
-
-def run_metrics(task: str, objective: str | None = None) -> tuple[str, ...]:
-    """The val/ metrics a run of this data task and objective logs (its optimized_metric's
-    choices); () for a task mlxlab does not know."""
-    names = (*METRICS.get(task, ()), *OBJECTIVE_METRICS.get(objective or "", ()))
-    return tuple(f"val/{m}" for m in names)
-
-
-def metric_definition(metric: str) -> MetricDefinition | None:
-    """The definition of a logged metric (`val/loss`, `best/val/rewards/accuracy`,
-    `eval/<task>/acc`), None for one mlxlab does not define."""
-    name = metric.removeprefix("best/")
-    if name.startswith("eval/"):
-        name = name.split("/", 2)[-1]
-    else:
-        name = re.sub(r"^(val|train|val_q\d+)/", "", name)
-    return METRIC_DEFINITIONS.get(name)
 # The object stores a checkpoint URI may name (callbacks.checkpoint.remote, resume=), and the
 # fsspec package that opens each (checkpoint/remote.py).
 REMOTE_SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
@@ -282,14 +217,14 @@ CALLBACK_NUMBERS = (("early_stopping", "patience", int, 0), ("memory", "every", 
 # __post_init__, the data modules' settings) before anything heavy is built: one line naming the
 # key, from the owner. The model is checked by its constructor when it is built (its sizes need
 # the data's vocabulary).
-SETTINGS_NODES = ("trainer", "callbacks.checkpoint", "data", "eval")
+SETTINGS_NODES = ("trainer", "objective", "callbacks.checkpoint", "data", "eval")
 
 
 def validate(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key and the fix, before anything is built."""
     _check_required(cfg)
     TopKeys.of(cfg)
-    for group in ("model", "data", "trainer", "tracking", "optimizer"):
+    for group in ("model", "data", "objective", "trainer", "tracking", "optimizer"):
         node = cfg.get(group)
         if node is None or "_target_" not in node:
             raise ConfigError(f"config group '{group}' has no _target_: pick an option, e.g. "
@@ -389,7 +324,7 @@ def _check_target(node: DictConfig, key: str, fix: str) -> None:
 def _check_required(cfg: DictConfig) -> None:
     """Keys left `???` in the config (data=csv's path and label column) must be given."""
     missing = []
-    for group in ("model", "data", "trainer", "tracking", "optimizer"):
+    for group in ("model", "data", "objective", "trainer", "tracking", "optimizer"):
         node = cfg.get(group)
         if OmegaConf.is_config(node):
             keys = OmegaConf.missing_keys(node)  # full keys, e.g. "data.path"
@@ -416,30 +351,65 @@ def _check_settings(cfg: DictConfig) -> None:
 
 
 def _check_optimized_metric(cfg: DictConfig) -> None:
-    """optimized_metric must be a metric the run logs: its data task's, and its objective's
-    (ORPO's nll_loss is not logged by DPO)."""
+    """The objective trains on this data's task, and optimized_metric is something its
+    evaluation computes for it: the objective class says both (Objective.check_data and
+    metric_directions, objectives/base.py), and the objective built from its node what it
+    reports as configured (reported_metrics)."""
     from hydra.utils import get_class
 
     try:
         task = getattr(get_class(cfg.data._target_), "task", None)
+        objective = get_class(cfg.objective._target_)
+        check_data, metrics = objective.check_data, objective.metric_directions(task)
     except Exception:  # an unknown target fails at instantiation with Hydra's own message
         return
-    if task not in METRICS:
-        return
-    objective = OmegaConf.select(cfg, "trainer.preference.loss", default=None) \
-        if task == "preference" else None
-    names = list(run_metrics(task, objective))
-    if cfg.get("optimized_metric") not in names:
-        what = f"{task} data" + (f" with trainer.preference.loss={objective}" if objective else "")
+    if task is not None:
+        check_data(task)
+    names, what = [f"val/{m}" for m in metrics], objective.__name__
+    if names and cfg.get("optimized_metric") in names:
+        # the class names every metric of its kind; the objective as configured may log fewer
+        # (ORPO's nll_loss is not DPO's): a monitor never logged keeps no best checkpoint
+        with unwrapped():
+            built = instantiate(cfg.objective)
+        names, what = [f"val/{m}" for m in built.reported_metrics(task)], repr(built)
+    if names and cfg.get("optimized_metric") not in names:
         raise ConfigError(
-            f"optimized_metric={cfg.get('optimized_metric')!r} is not logged for {what}: "
-            f"choose one of {names}"
+            f"optimized_metric={cfg.get('optimized_metric')!r} is not computed for {task} data "
+            f"by objective {what}: choose one of {names}"
         )
 
 
 # Config groups whose option a user picks on the command line (group=option).
-CHOICE_GROUPS = ("model", "data", "trainer", "optimizer", "callbacks", "tracking", "experiment",
-                 "debug", "hparams_search")
+CHOICE_GROUPS = ("model", "data", "objective", "trainer", "preset", "optimizer", "callbacks",
+                 "tracking", "experiment", "debug", "hparams_search")
+# Choices and keys of earlier versions, when `trainer` held the objective and the run length too
+# (issue 55): each answers with the new spelling.
+MOVED_CHOICES = {
+    "trainer=distill": "objective=distill",
+    "trainer=dpo": "objective=dpo",
+    "trainer=orpo": "objective=orpo",
+    "trainer=quick": "preset=quick (trainer=optimized preset=quick is what it was)",
+    "trainer=standard": "preset=standard (trainer=optimized preset=standard is what it was)",
+    "trainer=production": "preset=production (trainer=optimized preset=production "
+                          "objective.label_smoothing=0.05 is what it was)",
+}
+MOVED_KEYS = {"trainer.distill.": "objective.", "trainer.preference.": "objective.",
+              "trainer.label_smoothing": "objective.label_smoothing"}
+
+
+def check_moved(arg: str) -> None:
+    """One line naming the new spelling of an old choice or key (MOVED_CHOICES, MOVED_KEYS)."""
+    key, eq, value = arg.lstrip("+~").partition("=")
+    for option in value.removeprefix("[").removesuffix("]").split(","):
+        new = MOVED_CHOICES.get(f"{key}={option.strip()}")
+        if eq and new:
+            raise ConfigError(f"{key}={option.strip()} moved: write {new} (the objective and "
+                              "the run's length are groups of their own now)")
+    for old, new in MOVED_KEYS.items():
+        if key == old or (old.endswith(".") and key.startswith(old)):
+            raise ConfigError(f"{key} moved: write {new + key[len(old):] if old.endswith('.') else new}"
+                              f"{'=' + value if eq else ''} (the objective's settings are the "
+                              "`objective` node now: conf/objective/)")
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -448,6 +418,7 @@ def check_group_choices(argv: list[str]) -> None:
     (`--config-dir ./my_conf`) adds its files to the options."""
     own = _config_dirs(argv)
     for arg in argv:
+        check_moved(arg)
         key, eq, value = arg.lstrip("+").partition("=")
         if not eq or key not in CHOICE_GROUPS or "(" in value or value in ("null", ""):
             continue
@@ -458,6 +429,56 @@ def check_group_choices(argv: list[str]) -> None:
         if options and unknown:
             raise ConfigError(f"{key}={unknown[0]} is not an option: choose one of {options} "
                               f"(the files in conf/{key}/)")
+
+
+def _yaml(group: str, option: str) -> dict | None:
+    """conf/<group>/<option>.yaml as a plain mapping (interpolations kept), None when absent."""
+    path = Path(config_dir()) / group / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return node if isinstance(node, dict) else {}
+
+
+def objective_keys(option: str) -> set[str] | None:
+    """The keys `objective=<option>` takes (its file's, with those of the files it extends:
+    orpo extends dpo); None for an option conf/objective/ does not hold."""
+    node = _yaml("objective", option)
+    if node is None:
+        return None
+    keys = {str(k) for k in node if k != "defaults" and not str(k).startswith("_")}
+    for parent in node.get("defaults") or []:
+        if isinstance(parent, str) and parent != "_self_":
+            keys |= objective_keys(parent) or set()
+    return keys
+
+
+def chosen_objective(argv: list[str]) -> str | None:
+    """The objective option a command line runs: its objective=, else its experiment's (and
+    the experiments that one extends), else conf/train.yaml's; None when it cannot be told (a
+    sweep over objectives, a user's own config folder)."""
+    if _config_dirs(argv):
+        return None
+    choices = dict(arg.lstrip("+").split("=", 1) for arg in argv if "=" in arg)
+    value = choices.get("objective") or _experiment_objective(choices.get("experiment"))
+    value = value or next((d["objective"] for d in (_yaml(".", "train") or {}).get("defaults", [])
+                           if isinstance(d, dict) and "objective" in d), None)
+    return value if value and "," not in str(value) and "(" not in str(value) else None
+
+
+def _experiment_objective(name: str | None, depth: int = 0) -> str | None:
+    """The objective an experiment's defaults pick (override /objective: dpo), or one of the
+    experiments it extends."""
+    node = _yaml("experiment", name) if name and depth < 8 else None
+    for entry in (node or {}).get("defaults") or []:
+        if isinstance(entry, dict):
+            found = next((v for k, v in entry.items() if str(k).split()[-1].strip("/") ==
+                          "objective"), None)
+        else:
+            found = _experiment_objective(str(entry), depth + 1) if entry != "_self_" else None
+        if found:
+            return str(found)
+    return None
 
 
 def _config_dirs(argv: list[str]) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Rounds of distillation (`trainer.distill.rounds=R`, born-again networks).
+"""Rounds of distillation (`objective=distill objective.rounds=R`, born-again networks).
 
 Round 1 distils the configured teachers into a fresh student; round r + 1 is taught by round r's
 student (`round_teachers=chain`) or by the configured teachers and every student so far
@@ -41,9 +41,9 @@ MANIFEST = "distill_rounds.json"
 
 
 def rounds_of(cfg: DictConfig) -> int:
-    """trainer.distill.rounds: 1 without distillation (DistillConfig checks the value when
-    config.validate builds the trainer node)."""
-    rounds = (cfg.trainer.get("distill") or {}).get("rounds", 1)
+    """objective.rounds: 1 for an objective without rounds (DistillConfig checks the value when
+    config.validate builds the objective node)."""
+    rounds = (cfg.get("objective") or {}).get("rounds", 1)
     return 1 if rounds is None else rounds
 
 
@@ -60,8 +60,8 @@ def round_config(cfg: DictConfig, r: int, teachers: list, run_dir: Path,
                  parent_run_id: str | None, name: str, resume: str | None = None) -> DictConfig:
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(out):
-        out.trainer.distill.rounds = 1
-        out.trainer.distill.teachers = teachers
+        out.objective.rounds = 1
+        out.objective.teachers = teachers
         out.paths.output_dir = str(run_dir / f"round_{r}")
         out.resume = resume  # never the parent's resume=auto: a round resumes its own folder
         if "run_name" in out.tracking:
@@ -119,7 +119,7 @@ def find_manifest(cfg: DictConfig, run_dir: Path) -> Path | None:
         if (folder / MANIFEST).is_file():
             return folder / MANIFEST
     raise ConfigError(f"resume={resume}: no {MANIFEST} there or in its parent folder: pass the run "
-                      "folder of a trainer.distill.rounds run (outputs/<task>/<time>), or "
+                      "folder of an objective.rounds run (outputs/<task>/<time>), or "
                       "resume=auto")
 
 
@@ -156,7 +156,7 @@ def check_same_rounds(manifest: dict, source: Path, wanted: dict[str, Any]) -> N
     for key, value in wanted.items():
         old = manifest.get(key)
         if old is not None and old != value:
-            option = "trainer.distill." + ("rounds" if key == "num_rounds" else key)
+            option = "objective." + ("rounds" if key == "num_rounds" else key)
             raise ConfigError(
                 f"resume={source.parent}: that run has {option}={override_text(old)} (its "
                 f"{MANIFEST}), this config {override_text(value)}: pass "
@@ -194,13 +194,13 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
                  parent: Any, tags: dict[str, str], name: str = "distill") -> dict[str, float]:
     """Train every round (or, with resume=, the rounds not finished); returns the last round's
     best metrics."""
-    distill = cfg.trainer.distill
+    distill = cfg.objective
     rounds, mode = rounds_of(cfg), distill.get("round_teachers", "chain")
     initial = to_container(distill).get("teachers") or []
     if not initial:
-        raise ConfigError("trainer.distill.rounds needs trainer.distill.teachers for round 1")
+        raise ConfigError("objective.rounds needs objective.teachers for round 1")
     if (cfg.tracking.get("csv") or {}).get("dir"):  # the parent and each round are runs
-        raise ConfigError("trainer.distill.rounds: tracking.csv.dir names one folder for the parent "
+        raise ConfigError("objective.rounds: tracking.csv.dir names one folder for the parent "
                           "and every round, whose rows would mix (and a resume rewinds it): leave "
                           "it null, each run writes <its run dir>/tracking")
     run_dir = Path(str(cfg.paths.output_dir))

@@ -40,6 +40,15 @@ MOVED: dict[str, tuple[str, ...]] = {
     "mlxlab.search.trial_link": ("mlxlab.sweeps.search.trial_link",),
     "mlxlab.search.pruning": ("mlxlab.sweeps.search.pruning",),
     "mlxlab.search.checks": ("mlxlab.sweeps.checks",),
+    # the objectives left training/ for a room of their own (issue 55): a script importing the
+    # losses or metrics, a config naming a loss's module
+    "mlxlab.training.losses": ("mlxlab.objectives.losses",),
+    "mlxlab.training.metrics": ("mlxlab.objectives.metrics",),
+    "mlxlab.training.evaluate": ("mlxlab.objectives.evaluation",),
+    "mlxlab.training.distill": ("mlxlab.objectives.distill",),
+    "mlxlab.training.teacher_weights": ("mlxlab.objectives.teacher_weights",),
+    "mlxlab.training.preference": ("mlxlab.objectives.preference",),
+    "mlxlab.training.preference_losses": ("mlxlab.objectives.preference_losses",),
 }
 
 

@@ -109,7 +109,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("model %s: %s parameters", cfg.model._target_.rsplit(".", 1)[-1],
              f"{config['num_parameters']:,}")
     trainer = Trainer(settings, optimizer=instantiate(cfg.optimizer), callbacks=callbacks,
-                      load_teachers=load_teachers, checkpointing=checkpointing)
+                      load_teachers=load_teachers, checkpointing=checkpointing,
+                      objective=instantiate(cfg.objective))
     resumed_from = resumed_run_folder(resume) if resume is not None else None
     tags = {**run_tags(cfg, choices, run_hash, run_dir, resumed_from, trial_tags()),
             **process_tags(), WORLD_SIZE: str(world.size)}
@@ -128,7 +129,7 @@ def trial_tags() -> dict[str, str]:
 
 
 def train_distill_rounds(cfg: DictConfig) -> dict[str, float]:
-    """trainer.distill.rounds > 1: one parent run, each round a child run (distill_rounds.py)."""
+    """objective.rounds > 1: one parent run, each round a child run (distill_rounds.py)."""
     from mlxlab.distill_rounds import train_rounds
 
     run_dir, choices, _ = hydra_context(cfg)
@@ -178,20 +179,39 @@ def hydra_main(cfg: DictConfig) -> float:
         failures.leave(2, f"mlxlab: error: {err}")
 
 
-def check_trainer_keys(argv: list[str]) -> None:
-    """`trainer.beta=0.3` under trainer=dpo is one line naming the key it means
-    (trainer.preference.beta), not Hydra's multi-line "Key 'beta' is not in struct"."""
+def check_misplaced_keys(argv: list[str]) -> None:
+    """A key where the run has none is one line naming the key meant, not Hydra's multi-line
+    "Key 'beta' is not in struct" (exit 1): `trainer.beta=0.3` (the objective's: objective.beta),
+    `objective.label_smoothing=0.1` under objective=grpo (a setting of other objectives).
+    Old spellings (trainer.preference.beta) are config.check_moved's."""
+    from mlxlab.config import chosen_objective, group_options, objective_keys
+
+    def takers(name: str) -> str:
+        return "|".join(o for o in group_options("objective") if name in (objective_keys(o) or ()))
+
     for arg in argv:
         key, eq, value = arg.partition("=")
-        name = key.removeprefix("trainer.")
-        if not eq or name == key or "." in name:
-            continue
-        from mlxlab.training.settings import nested_keys  # only for a trainer.<key> override
+        group, dot, name = key.partition(".")
+        if not (eq and dot and name) or "." in name or group not in ("trainer", "objective"):
+            continue  # (+key= adds a key on purpose: its class says whether it takes it)
+        if group == "trainer" and takers(name) and name not in trainer_keys():
+            raise ConfigError(f"{key} is not a key of trainer: did you mean objective.{name}="
+                              f"{value}? (a setting of objective={takers(name)})")
+        chosen = chosen_objective(argv) if group == "objective" else None
+        keys = objective_keys(chosen) if chosen else None
+        if keys is not None and name not in keys:
+            where = (f"a setting of objective={takers(name)}" if takers(name)
+                     else f"it takes {sorted(keys)}")
+            raise ConfigError(f"{key} is not a setting of objective={chosen} ({where}): drop it, "
+                              "or choose the objective it belongs to")
 
-        homes = nested_keys(name)
-        if homes:
-            raise ConfigError(f"{key} is not a key of trainer: did you mean "
-                              + " or ".join(f"{h}={value}" for h in homes) + "?")
+
+def trainer_keys() -> set[str]:
+    from dataclasses import fields
+
+    from mlxlab.training.settings import TrainerSettings  # only for a trainer.<key> override
+
+    return {f.name for f in fields(TrainerSettings)}
 
 
 def main() -> None:
@@ -200,7 +220,7 @@ def main() -> None:
 
     try:
         check_group_choices(sys.argv[1:])
-        check_trainer_keys(sys.argv[1:])
+        check_misplaced_keys(sys.argv[1:])
     except ConfigError as err:
         print(f"mlxlab: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from mlxlab.checkpoint.layout import STATE_FILE, CheckpointError
-from mlxlab.config import TIE_BREAK
 
 STATE_VERSION = 2
 # val_fingerprint of a state written before validation sets were fingerprinted: comparing it
@@ -57,11 +56,12 @@ class BestChoice:
 
 
 def choose_best(metrics: Mapping[str, float], best: Mapping[str, float], monitor: str,
-                mode: str, step: int) -> BestChoice:
+                mode: str, step: int, tie_break: tuple[str, str] | None = None) -> BestChoice:
     """The monitor improves on the best so far; or it equals it (a monitor that saturates: DPO's
     val/rewards/accuracy at 1.0 from the first evaluation on) and the tie-break metric
-    (config.TIE_BREAK, the validation loss) is lower, or equal too and this step is the later.
-    Ties going to the earliest step made "best" an accident of when the monitor saturated."""
+    (`tie_break`: its name and mode, the objective's loss, Objective.tie_break) is better or
+    equal, equal meaning the later step. Ties going to the earliest step made "best" an
+    accident of when the monitor saturated."""
     value, previous = metrics.get(monitor, math.nan), best.get(monitor)
     if is_better(value, previous, mode):
         return BestChoice(True)
@@ -69,15 +69,18 @@ def choose_best(metrics: Mapping[str, float], best: Mapping[str, float], monitor
             value, previous, rel_tol=1e-9, abs_tol=1e-12):
         return BestChoice(False)
     head = f"step {step}: {monitor} {value:.6g} ties step {int(best.get('best_step', -1))}"
-    new, old = metrics.get(TIE_BREAK), best.get(TIE_BREAK)
-    if monitor == TIE_BREAK or new is None or old is None:
-        return BestChoice(True, f"{head}; the later is kept (no {TIE_BREAK} to break the tie)")
-    if new <= old:
-        return BestChoice(True, f"{head}; the lower {TIE_BREAK} ({new:.6g} <= {old:.6g}) makes "
-                                "it the best checkpoint")
+    name, tie_mode = tie_break or (None, "min")
+    new, old = metrics.get(name or ""), best.get(name or "")
+    if name is None or monitor == name or new is None or old is None:
+        return BestChoice(True, f"{head}; the later is kept (no {name or 'tie-break metric'} "
+                                "to break the tie)")
+    word = "lower" if tie_mode == "min" else "higher"
+    if not is_better(old, new, tie_mode):  # the new one is as good or better: it trained longer
+        return BestChoice(True, f"{head}; the {word} {name} ({new:.6g} vs {old:.6g}) makes it "
+                                "the best checkpoint")
     return BestChoice(False, f"{head}; the best checkpoint stays at step "
-                             f"{int(best.get('best_step', -1))} (the lower {TIE_BREAK}, "
-                             f"{old:.6g} < {new:.6g})")
+                             f"{int(best.get('best_step', -1))} (the {word} {name}, "
+                             f"{old:.6g} vs {new:.6g})")
 
 
 @dataclass
@@ -105,6 +108,7 @@ class CheckpointState:
     log_window: dict | None = None  # LogWindow.state_dict(): steps since the last logged line
     encoding: dict | None = None  # classification: label values and columns
     model_ops: dict | None = None  # scheduled model operations done (training/model_ops.py)
+    objective: dict = field(default_factory=dict)  # the objective's state_dict() (objectives/)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know
     version: int = STATE_VERSION
     # the checkpoint directory it was read from (set by `read`; not written)

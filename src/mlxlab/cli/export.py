@@ -1,4 +1,5 @@
-"""`mlxlab export RUN --format hf|mlx-lm --out DIR`: a finished run for transformers or mlx-lm.
+"""`mlxlab export RUN --format hf|mlx-lm|gguf --out DIR`: a finished run for transformers, mlx-lm
+or llama.cpp / Ollama.
 
     mlxlab export outputs/finetune_completions/<time> --format mlx-lm --out exported/ft
         [--dtype float16|bfloat16|float32] [--quantize 4|8] [--fuse-lora | --adapters]
@@ -9,6 +10,12 @@ model to DIR and the LoRA adapters to DIR/adapters (mlx_lm.generate --adapter-pa
 --quantize writes mlx-lm's quantized layout and reports the perplexity it costs. A
 data.vocab_remap run exports its small model with a tokenizer.json remapped to the model's ids
 (kept tokens, <|unk|>, BPE intermediates; see docs/guide/training.md, Vocabulary remapping).
+
+    mlxlab export outputs/finetune_chat/<time> --format gguf --quant q8_0 --out exported/ft.gguf
+    mlxlab export /path/to/float/hf/folder --format gguf --quant f16 --out model.gguf
+
+--format gguf writes one GGUF file (f32, f16, bf16, q8_0, q4_0, q4_1) that llama.cpp, Ollama and
+LM Studio load, and an Ollama Modelfile beside it (`ollama create NAME -f Modelfile`).
 """
 
 from __future__ import annotations
@@ -24,8 +31,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
     )
     parser.add_argument("run", help="run directory (outputs/<task>/<time>) or a checkpoint dir")
-    parser.add_argument("--format", choices=["hf", "mlx-lm"], default="hf", dest="fmt")
-    parser.add_argument("--out", required=True, help="folder to write (new or empty)")
+    parser.add_argument("--format", choices=["hf", "mlx-lm", "gguf"], default="hf", dest="fmt")
+    parser.add_argument("--out", required=True,
+                        help="folder to write (new or empty); --format gguf: the .gguf file")
+    parser.add_argument("--quant", default=None,
+                        help="--format gguf: f32, f16 (default), bf16, q8_0, q4_0 or q4_1")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                         help="weights dtype (default: the pretrained checkpoint's, else float32)")
     parser.add_argument("--quantize", type=int, choices=[4, 8], default=None,
@@ -42,6 +52,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.fmt == "gguf":
+        return _gguf(args)
+    if args.quant is not None:
+        print("mlxlab export: error: --quant is for --format gguf (mlx-lm takes --quantize 4|8)",
+              file=sys.stderr)
+        return 2
     from mlxlab.export import export_run
 
     try:
@@ -66,4 +82,27 @@ def main(argv: list[str]) -> int:
               f"({100 * report['perplexity_increase']:+.2f}%), next-token accuracy "
               f"{b['accuracy']:.4f} -> {a['accuracy']:.4f}")
     print(json.dumps({k: report[k] for k in ("format", "dtype", "quantize", "lora")}))
+    return 0
+
+
+def _gguf(args: argparse.Namespace) -> int:
+    """--format gguf: the options the other formats take are refused, not ignored."""
+    from mlxlab.export import export_gguf
+
+    ignored = [flag for flag, given in (("--dtype", args.dtype), ("--quantize", args.quantize),
+                                        ("--adapters", args.lora == "adapters")) if given]
+    if ignored:
+        print(f"mlxlab export: error: {', '.join(ignored)} do not apply to --format gguf "
+              "(it fuses LoRA; pick the weights' type with --quant)", file=sys.stderr)
+        return 2
+    try:
+        report = export_gguf(args.run, args.out, args.quant or "f16", overwrite=args.overwrite)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mlxlab export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {report.get('checkpoint', report.get('source'))} -> {report['gguf']} "
+          f"({report['architecture']}, {report['quant']}, {report['bytes'] / 2**20:.1f} MiB)")
+    style = report["chat_style"] or "none recognised: the GGUF's own template"
+    print(f"Ollama: {report['modelfile']} (chat template: {style}); "
+          f"ollama create NAME -f {report['modelfile']}")
     return 0

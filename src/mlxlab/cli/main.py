@@ -7,7 +7,7 @@
     mlxlab register RUN --name NAME      log + register the run's model in MLflow
     mlxlab serve RUN|MODEL_URI           MLflow's model server on 127.0.0.1
     mlxlab runs list|show|compare|merge  the store's runs
-    mlxlab export RUN --format hf|mlx-lm --out DIR [...]
+    mlxlab export RUN --format hf|mlx-lm|gguf --out DIR|FILE.gguf [...]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ VERBS = {
     "register": ("mlxlab.cli.register", "register a run's model in the MLflow model registry"),
     "serve": ("mlxlab.cli.serve", "serve a run or a registered model over HTTP (127.0.0.1)"),
     "runs": ("mlxlab.cli.runs", "the store's runs: list, show, compare, merge, hardest"),
-    "export": ("mlxlab.cli.export", "write a finished run as a Hugging Face or mlx-lm folder"),
+    "export": ("mlxlab.cli.export", "write a finished run as a Hugging Face or mlx-lm folder, or a GGUF file"),
 }
 
 

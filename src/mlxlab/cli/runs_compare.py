@@ -6,6 +6,7 @@
     mlxlab runs compare <sweep id> <sweep id>    # two sweeps of one config each, seed by seed
     mlxlab runs compare <run id> <run id> ...    # single runs side by side (metrics, params)
     mlxlab runs compare <base eval run> <fine-tune run> --json   # evaluation tasks, per example
+    mlxlab runs compare <base eval run> latest   # the base against a sweep's seeds, per example
 
 Two runs that scored the same evaluation tasks (`mlxlab eval`, or training with eval.tasks) are
 paired example by example instead: McNemar's exact test for accuracies, a paired bootstrap for
@@ -21,8 +22,8 @@ pair, Holm-corrected p-values. When no difference is detected it says how many s
 resolve one (--delta, default the observed difference). --json prints it all as JSON.
 
 Which way the metric improves is the sweep's optimized_mode for its optimized metric, else the
-metric's definition (config.METRIC_DEFINITIONS: val/logps/rejected is lower-is-better), never a
-guess from its name; --mode min|max says it for any metric. On the sweep's own metric (its
+metric's definition (its objective's, objectives/catalog.py: val/logps/rejected is
+lower-is-better), never a guess from its name; --mode min|max says it for any metric. On the sweep's own metric (its
 optimized_metric, best checkpoints) the sweep's verdict (its leader against every other config)
 is written again onto the sweep's parent run: its MLflow description, tags mlxlab.verdict and
 mlxlab.leader, comparison.json and a band PNG (--no-record leaves the store as it is). A
@@ -75,7 +76,10 @@ def run(args) -> int:
     from mlxlab.cli.runs_show import _client
 
     client, uri = _client(args.uri)
-    if not any(_is_sweep_ref(client, ref) for ref in args.refs):
+    sweeps = [_is_sweep_ref(client, ref) for ref in args.refs]
+    if len(args.refs) == 2 and sweeps.count(True) == 1:  # a base run against a sweep's config
+        return run_against_sweep(client, uri, args, sweeps)
+    if not any(sweeps):
         from mlxlab.cli.runs_show import compare as side_by_side
 
         if len(args.refs) == 2:  # two runs that scored evaluation tasks: paired by example
@@ -160,6 +164,20 @@ def maybe_record(client: Any, args, metric: str, mode: str, which: str, own: boo
         print(f"mlxlab runs compare: warning: the verdict was not recorded on the sweep's "
               f"parent run ({type(e).__name__}: {e}); --no-record skips it", file=sys.stderr)
         return None
+
+
+def run_against_sweep(client: Any, uri: str, args, sweeps: list[bool]) -> int:
+    """`compare <run> <sweep>` (either order): the run's evaluation-task scores against the
+    sweep's one config over its seeds (runs_compare_tasks.compare_run_with_sweep)."""
+    from mlxlab.cli.runs_compare_tasks import compare_run_with_sweep
+
+    run_ref, sweep_ref = args.refs if sweeps[1] else args.refs[::-1]
+    groups, *_ = resolve_groups(client, [sweep_ref], args.metric, args.mode)
+    if len(groups) != 1:
+        raise ValueError(f"{sweep_ref} has {len(groups)} configs: name one to compare the run "
+                         f"with, e.g. {sweep_ref}:{groups[0].gid}")
+    return compare_run_with_sweep(client, uri, run_ref, groups[0],
+                                  "last" if args.last else "best", args.metric, args.json)
 
 
 def record_verdict(client: Any, refs: list[str], metric: str, mode: str, which: str

@@ -71,22 +71,68 @@ def replicate_tasks(client: Any, a: Any, b: Any, which: str) -> list | None:
     the tasks their finished runs scored (evaluation/paired.py pair_replicates); None when
     they scored none."""
     from mlxlab.evaluation.paired import pair_replicates
-    from mlxlab.runs.task_scores import run_scores
-    from mlxlab.tracking.mlflow.replicates import seed_of
 
-    def scores(group: Any) -> dict:
-        found = {}
-        for run in group.runs:
-            if run.info.status == "FINISHED" and any(m.startswith("eval/") for m in run.data.metrics):
-                saved = run_scores(client, run, None, which)
-                if saved:
-                    found[seed_of(run)] = saved
-        return found
-
-    a_scores, b_scores = scores(a), scores(b)
+    a_scores, b_scores = group_scores(client, a, which), group_scores(client, b, which)
     if not a_scores or not b_scores:
         return None
     return pair_replicates(a_scores, b_scores) or None
+
+
+def group_scores(client: Any, group: Any, which: str) -> dict:
+    """{seed: {task: SavedTask}} of a group's finished runs that scored evaluation tasks."""
+    from mlxlab.runs.task_scores import run_scores
+    from mlxlab.tracking.mlflow.replicates import seed_of
+
+    found = {}
+    for run in group.runs:
+        if run.info.status == "FINISHED" and any(m.startswith("eval/") for m in run.data.metrics):
+            saved = run_scores(client, run, None, which)
+            if saved:
+                found[seed_of(run)] = saved
+    return found
+
+
+def compare_run_with_sweep(client: Any, uri: str, run_ref: str, group: Any, which: str,
+                           metric: str | None, as_json: bool) -> int:
+    """`mlxlab runs compare <base run> <sweep>`: a run that scored evaluation tasks (a base
+    model's `mlxlab eval`, or a training run with eval.tasks) against one config of a sweep over
+    its seeds, on the examples all of them scored: each example's score averaged over the seeds,
+    B - A with its paired bootstrap interval over the examples, and each seed against the base
+    on its own (McNemar's exact test for right/wrong scores)."""
+    from mlxlab.cli.runs_show import _resolve
+    from mlxlab.evaluation.paired import pair_replicates, pair_runs, replicate_verdict, verdict
+    from mlxlab.runs.task_scores import run_scores
+
+    run, folder = _resolve(client, uri, run_ref)
+    base, seeds = run_scores(client, run, folder, which), group_scores(client, group, which)
+    if not base or not seeds:
+        raise ValueError(f"{run_ref if not base else 'the sweep'} scored no evaluation task: "
+                         "score both with the same eval.tasks (or mlxlab eval --tasks)")
+    wanted = (metric or "").removeprefix("eval/")
+
+    def keep(p: Any) -> bool:
+        return not wanted or f"{p.task}/{p.metric}" == wanted or p.metric == wanted
+
+    paired = [p for p in pair_replicates({"base": base}, seeds) if keep(p)]
+    per_seed = {s: [p for p in pair_runs(base, scores) if keep(p)] for s, scores in seeds.items()}
+    if as_json:
+        print(json.dumps({"a": _name(run, run_ref), "b": group.label, "which": which,
+                          "paired": [p.as_dict() for p in paired],
+                          "per_seed": {s: [p.as_dict() for p in ps] for s, ps in per_seed.items()}},
+                         indent=2, default=str))
+        return 0
+    print(f"A = {_name(run, run_ref)}\nB = {group.gid}: {group.label}, {len(seeds)} seeds\n"
+          f"task scores paired by example id, B averaged over its seeds; B - A with its 95 % "
+          f"interval (paired bootstrap over the examples)")
+    print_table(["task", "score", "n", "A", "B", "B - A", "95 % CI", "p"], [
+        [p.task, p.metric, str(p.n), f"{p.a:.4f}", f"{p.b:.4f}", f"{p.diff:+.4f}",
+         f"[{p.low:+.4f}, {p.high:+.4f}]", f"{p.p:.3g}"] for p in paired])
+    for p in paired:
+        print(f"  verdict: {replicate_verdict(p)}")
+    for s, ps in per_seed.items():
+        for p in ps:
+            print(f"  seed {s}: {verdict(p)}")
+    return 0
 
 
 def print_replicate_tasks(paired: list | None) -> None:

@@ -4,30 +4,25 @@ tokens of the result are the assistant's.
 A Hugging Face model folder carries its chat template in `chat_template.jinja` (transformers
 >= 4.43 writes that file), in `additional_chat_templates/<name>.jinja`, or in
 tokenizer_config.json's `chat_template` (one string, or a list of {"name", "template"}).
-`load_chat_template` reads them in transformers' order; `ChatTemplate.render` gives the text
-`tokenizer.apply_chat_template(messages, tools=..., tokenize=False)` gives, byte for byte:
-the same sandboxed Jinja environment (trim_blocks, lstrip_blocks, loop controls,
-`raise_exception`, a `tojson` that keeps non-ASCII and HTML characters, `strftime_now`,
-`namespace`, `dict`), the same variables (messages, tools, documents=None,
-add_generation_prompt and the tokenizer's named special tokens: bos_token, eos_token, ...), and
-the same clean-up of messages (keys whose value is null dropped; reasoning under
-`reasoning_content`, `thinking` and `reasoning`). transformers is not imported: it is a test
-dependency only (tests/test_chat.py checks the parity).
+`load_chat_template` reads them in transformers' order, with the named special tokens
+(bos_token, eos_token, ...) transformers hands every template; `ChatTemplate.render` renders
+with transformers' own renderer (`render_jinja_template`, what `apply_chat_template(messages,
+tools=..., tokenize=False)` calls: its sandbox, its message clean-up, its `{% generation %}`
+tracking), so the text is transformers' by construction, not by a second renderer kept in step.
+transformers is imported on the first render (it costs seconds; the commands that never render a
+chat do not pay them).
 
 `encode_chat` tokenizes the text in one piece (the ids transformers gives, add_special_tokens
 False: the template writes BOS itself) and marks the assistant's tokens:
 - a template with `{% generation %} ... {% endgeneration %}` marks them itself (transformers'
   `return_assistant_tokens_mask`);
-- any other template is rendered once per assistant turn: the conversation before the turn with
-  the generation prompt (where the model starts writing: where that text stops agreeing with
-  the whole chat) and the conversation up to the turn's end (where it stops: a prefix of the
-  whole chat in every common template). Whitespace the template writes after the turn's last
-  special token (ChatML's newline after <|im_end|>) is not the assistant's: it ends at its
-  end-of-turn token, which is what generation stops on. A template that writes a turn otherwise
-  once later turns follow it (Qwen3 drops earlier turns' reasoning) is rendered once more with a
-  marker after the turn's content: the content ends where the marker appears, and the turn at
-  the end-of-turn token after it; where even that fails (content that is not a string) the chat
-  is refused with the fix: `{% generation %}` tags.
+- any other template's turns are inferred and checked against its own rendering
+  (data/chat_spans.py): each reply with its end-of-turn token, or the chat is refused with the
+  fix (`{% generation %}` tags), never a silent mask over user text.
+The end-of-turn tokens (`ChatTemplate.stop_tokens`) are the template's own (the control token it
+writes after a reply) and the model folder's EOS (config.json and generation_config.json
+eos_token_id, tokenizer_config.json eos_token): what the mask ends on and what generation stops
+on, for any model, not a fixed list.
 A token is the assistant's when its characters overlap an assistant span, as transformers
 counts them, so a token that merges the last prompt character with the first reply character
 is trained on.
@@ -37,21 +32,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from functools import lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
 import numpy as np
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from mlxlab.data.chat_spans import assistant_spans, end_of_turn_token
+from mlxlab.data.tokenizer import model_end_tokens
 from mlxlab.errors import ConfigError, MissingFileError
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -60,9 +52,6 @@ TEMPLATE_DIR = "additional_chat_templates"
 SPECIAL_TOKEN_KEYS = (
     "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
 )
-REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-# put after a reply's content to find where it ends (a private-use character no text holds)
-MARKER = "\ue000"
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 NO_TEMPLATE_FIX = (
     "give the folder a chat_template.jinja (or a chat_template in tokenizer_config.json), or "
@@ -86,12 +75,30 @@ class ChatTemplate:
     """A model's chat template(s) and what its templates read. `templates` maps a name to Jinja
     source (one unnamed template is "default"); `special_tokens` are the named ones transformers
     passes (bos_token, eos_token, ...); `control_tokens` are the tokenizer's added tokens (where
-    an assistant turn may end)."""
+    a prompt or an assistant turn may end); `end_tokens` the model folder's end-of-text tokens
+    (its config's EOS ids and eos_token: tokenizer.model_end_tokens)."""
 
     templates: Mapping[str, str]
     special_tokens: Mapping[str, str] = field(default_factory=dict)
     control_tokens: frozenset[str] = frozenset()
     source: str = "<string>"
+    end_tokens: tuple[str, ...] = ()
+
+    @cached_property
+    def stop_tokens(self) -> tuple[str, ...]:
+        """The tokens an assistant turn ends on, generation's stop tokens: the control token the
+        default template writes after a reply (Phi-3's <|end|>, Gemma's <end_of_turn>), then
+        the folder's end-of-text tokens and eos_token."""
+        try:
+            source = self.select()
+        except ConfigError:
+            source = next(iter(self.templates.values()))
+        return self._stop_tokens_of(source)
+
+    def _stop_tokens_of(self, source: str) -> tuple[str, ...]:
+        own = end_of_turn_token(self._renderer(source, None, {}), self.control_tokens)
+        named = self.special_tokens.get("eos_token")
+        return tuple(dict.fromkeys(t for t in (own, *self.end_tokens, named) if t))
 
     def select(self, name: str | None = None, tools: Sequence | None = None) -> str:
         """The Jinja source to use, as transformers picks it: the template `name` if given,
@@ -126,74 +133,35 @@ class ChatTemplate:
         if _has_generation_tag(source):
             return self._render(source, messages, tools, add_generation_prompt, kwargs, True)
         text = self._render(source, messages, tools, add_generation_prompt, kwargs)[0]
-        spans = []
-        for i, message in enumerate(messages):
-            if message.get("role") != "assistant":
-                continue
-            before = self._render(source, messages[:i], tools, True, kwargs)[0]
-            through = self._render(source, messages[: i + 1], tools, False, kwargs)[0]
-            if text.startswith(through):
-                start = _common_prefix(before, through)
-                spans.append((start, self._end_of_turn(through, start)))
-            else:  # the template writes this turn otherwise once later turns follow it
-                start = _common_prefix(before, text)
-                spans.append((start, self._end_of_reply(source, messages, i, text, tools,
-                                                        add_generation_prompt, kwargs, start)))
-        return text, spans
+        ends = (self.stop_tokens if source == self.templates.get("default")
+                else self._stop_tokens_of(source))
+        return text, assistant_spans(self._renderer(source, tools, kwargs), messages, text,
+                                     add_generation_prompt, ends, self.control_tokens,
+                                     self.source)
 
-    def _end_of_reply(self, source: str, messages: Sequence[Message], i: int, text: str,
-                      tools, add_generation_prompt: bool, kwargs: dict, start: int) -> int:
-        """Where assistant turn `i` ends in `text` when the template writes it otherwise as the
-        last turn (Qwen3 drops earlier turns' reasoning): the chat rendered again with a marker
-        after the turn's content shows where the content ends in `text`; the turn's end-of-turn
-        token follows it (after spaces at most)."""
-        content = messages[i].get("content")
-        if isinstance(content, str):
-            marked = [*messages[:i], {**messages[i], "content": content + MARKER},
-                      *messages[i + 1:]]
-            other = self._render(source, marked, tools, add_generation_prompt, kwargs)[0]
-            end = _common_prefix(text, other)
-            if end >= start and other[:end] + other[end + len(MARKER):] == text:
-                gap = len(text) - end - len(text[end:].lstrip(" "))
-                for token in sorted(self.control_tokens, key=len, reverse=True):
-                    if text.startswith(token, end + gap):
-                        return end + gap + len(token)
-                return end
-        raise ConfigError(
-            f"the chat template of {self.source} writes assistant turn {i} otherwise once later "
-            "turns follow it, and where the turn ends cannot be found; wrap the assistant's "
-            "reply in a copy of the template with {% generation %}...{% endgeneration %} and "
-            "set data.chat_template=<file>")
-
-    def _end_of_turn(self, text: str, start: int) -> int:
-        """Where the assistant turn that starts at `start` and runs to the end of `text` ends:
-        after its last control token when only whitespace follows that, else at the end."""
-        stripped = text.rstrip()
-        if start < len(stripped) < len(text) and any(
-            stripped.endswith(token) for token in self.control_tokens
-        ):
-            return len(stripped)
-        return len(text)
+    def _renderer(self, source: str, tools, kwargs: dict):
+        """`(messages, add_generation_prompt) -> text` with this template, tools and kwargs."""
+        def render(messages: Sequence[Message], add_generation_prompt: bool) -> str:
+            return self._render(source, messages, tools, add_generation_prompt, kwargs)[0]
+        return render
 
     def _render(self, source: str, messages: Sequence[Message], tools, add_generation_prompt,
                 kwargs: dict, track: bool = False) -> tuple[str, list[tuple[int, int]]]:
-        compiled = _compile(source)
-        variables = dict(
-            messages=_clean_messages(messages), tools=_plain(tools), documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **{**self.special_tokens, **_plain(kwargs)},  # kwargs win, as in transformers
-        )
+        """transformers' rendering of one chat, and with `track` the character spans of its
+        {% generation %} blocks; the template's refusals as ConfigErrors."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
         try:
-            if not track:
-                return compiled.render(**variables), []
-            blocks: list[str] = []
-            spans: list[tuple[int, int]] = []
-            with compiled.environment.track_generation(blocks, spans):
-                for block in compiled.generate(**variables):
-                    blocks.append(block)
-            return "".join(blocks), spans
-        except (jinja2.TemplateError, TypeError) as e:  # TypeError: a value of another type
+            texts, spans = render_jinja_template(
+                [list(messages)], tools=tools, chat_template=source,
+                return_assistant_tokens_mask=track, add_generation_prompt=add_generation_prompt,
+                **{**self.special_tokens, **kwargs})  # kwargs win, as in transformers
+        except jinja2.TemplateSyntaxError as e:
+            raise ConfigError(f"the chat template of {self.source} does not parse (line "
+                              f"{e.lineno}: {e.message}); fix the template") from None
+        except (jinja2.TemplateError, TypeError, ValueError) as e:
             raise ConfigError(f"the chat template of {self.source} refused a chat: {e}") from None
+        return texts[0], [tuple(span) for span in spans[0]] if track else []
 
 
 @dataclass(frozen=True)
@@ -252,10 +220,11 @@ def load_chat_template(source: str | Path, template_file: str | Path | None = No
                           f"in tokenizer_config.json): {NO_TEMPLATE_FIX}")
     special = _special_tokens(folder, config)
     template = ChatTemplate(templates, special, _control_tokens(folder, config, special),
-                            str(template_file or folder))
+                            str(template_file or folder), tuple(model_end_tokens(folder)))
     if name is not None:
         template = ChatTemplate({"default": template.select(name)}, special,
-                                template.control_tokens, f"{template.source} ({name})")
+                                template.control_tokens, f"{template.source} ({name})",
+                                template.end_tokens)
     return template
 
 
@@ -356,144 +325,5 @@ def _control_tokens(folder: Path, config: dict, special: Mapping[str, str]) -> f
     return frozenset(t for t in tokens if t and not t.isspace())
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _has_generation_tag(source: str) -> bool:
     return GENERATION_TAG.search(source) is not None
-
-
-def _clean_messages(messages: Sequence[Message]) -> list[dict]:
-    """transformers' message clean-up: keys whose value is None dropped (templates test for a
-    missing key, not a null one); reasoning copied to `thinking` and `reasoning_content`."""
-    cleaned = []
-    for message in messages:
-        if not isinstance(message, Mapping):
-            raise ConfigError(f"a chat message must be a JSON object, got {message!r}")
-        message = {k: _plain(v) for k, v in message.items() if v is not None}
-        reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None),
-                         None)
-        if reasoning is not None:
-            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        cleaned.append(message)
-    return cleaned
-
-
-def _plain(value: Any) -> Any:
-    """Plain JSON types only, so the sandbox sees no object with methods of its own (numpy
-    scalars become numbers, anything else a placeholder naming its type, as in transformers)."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    for kind in (str, int, float):  # subclasses (enums, ...) back to the base type
-        if isinstance(value, kind):
-            return kind(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    return f"<{type(value).__name__}>"
-
-
-class GenerationTracker(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}`: records the character span of its output while
-    a tracker is active (transformers' AssistantTracker)."""
-
-    tags = {"generation"}
-
-    def __init__(self, environment):
-        super().__init__(environment)
-        environment.extend(track_generation=self.track_generation)
-        self._tracking: ContextVar = ContextVar("generation_tracker", default=None)
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_generation"), [], [], body) \
-            .set_lineno(lineno)
-
-    def _generation(self, caller) -> str:
-        output = caller()
-        if (tracking := self._tracking.get()) is not None:
-            blocks, spans = tracking
-            start = len("".join(blocks))
-            spans.append((start, start + len(output)))
-        return output
-
-    @contextmanager
-    def track_generation(self, blocks: list, spans: list) -> Iterator[None]:
-        token = self._tracking.set((blocks, spans))
-        try:
-            yield
-        finally:
-            self._tracking.reset(token)
-
-
-class TemplateDict:
-    """`dict(...)` and `dict.fromkeys(...)` in a template, without the type itself."""
-
-    def __call__(self, *args, **kwargs):
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args, **kwargs):
-        return dict.fromkeys(*args, **kwargs)
-
-
-class TemplateNamespace(jinja2.utils.Namespace):
-    """`namespace(...)` refusing underscore names, which could reach CPython internals."""
-
-    def __init__(*args, **kwargs):  # Namespace's signature: namespace(self=...) still works
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name, value):
-        TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name):
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(
-                f"chat templates cannot set underscore-prefixed attributes ({name!r})")
-
-
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # Jinja's own tojson escapes HTML characters; templates expect plain json.dumps
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
-@lru_cache(maxsize=32)
-def _compile(source: str) -> jinja2.Template:
-    """The template compiled in transformers' sandbox (one environment per template source)."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True,
-        extensions=[GenerationTracker, jinja2.ext.loopcontrols],
-    )
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
-                       dict=TemplateDict(), namespace=TemplateNamespace)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise ConfigError(f"the chat template does not parse (line {e.lineno}: {e.message}); "
-                          "fix the template") from None

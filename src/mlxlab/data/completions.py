@@ -208,7 +208,9 @@ class PromptCompletion(DataModule):
         self.tokenizer.no_truncation()
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)
-        self.eot_id, self.pad_id, self.bos_ids = special_ids(self.tokenizer)
+        # a pretrained tokenizer's folder names its end of text (config.json, tokenizer_config)
+        folder = Path(self.tokenizer_cfg["path"]).parent if self.tokenizer_cfg.get("path") else None
+        self.eot_id, self.pad_id, self.bos_ids = special_ids(self.tokenizer, folder)
 
     def _chat_template(self):
         if self.template is None:

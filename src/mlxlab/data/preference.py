@@ -14,10 +14,9 @@ Each side is rendered and tokenized exactly as data=chat renders a chat (data/ch
 prompt with their end-of-turn tokens (`EncodedChat.turns`). A batch holds both sides of each of
 its pairs, padded to one length bucket (`chosen_*` and `rejected_*` arrays of the same shape,
 each side as an lm batch: input_ids, labels, loss_mask) and `index`, the pair's place in its
-split; with a cached reference, `ref_chosen_logps` and `ref_rejected_logps` (one value a pair,
-training/preference.py computes them once). A pair longer than max_length + 1 tokens on
-either side is cut (data.too_long=truncate) or dropped, and a pair left with nothing to learn on
-a side is dropped, each counted in the log. The batching, shuffling and the data position that
+split (what a cached reference's table, kept by objectives/preference.py, is looked up by).
+A pair longer than max_length + 1 tokens on either side is cut (data.too_long=truncate) or
+dropped, and a pair left with nothing to learn on a side is dropped, each counted in the log. The batching, shuffling and the data position that
 resumes it are data=completions' (this module subclasses PromptCompletion).
 """
 
@@ -45,12 +44,10 @@ SIDES = ("chosen", "rejected")
 
 @dataclass
 class EncodedPairs:
-    """One split's pairs: token ids and completion masks of each side, and where the reference
-    log-probs are cached (trainer.preference.reference=cached), one value a pair."""
+    """One split's pairs: token ids and completion masks of each side."""
 
     ids: dict[str, list[np.ndarray]]
     masks: dict[str, list[np.ndarray]]
-    reference: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.ids["chosen"])
@@ -148,7 +145,7 @@ class PreferencePairs(PromptCompletion):
     """Batches of preference pairs from `train_file` (and `val_file`, else the last
     `val_fraction` of the shuffled training rows): the module docstring. `keys` renames the
     row keys (prompt, chosen, rejected, system); `cache_dir` keeps the reference log-probs
-    (trainer.preference.reference=cached), keyed by the pairs' tokens and the reference
+    (objective.reference=cached), keyed by the pairs' tokens and the reference
     weights. The tokenizer and chat template are the pretrained model's (model.pretrained)
     unless data.chat_template names a .jinja file."""
 
@@ -293,14 +290,12 @@ class PreferencePairs(PromptCompletion):
                 f"{side}_labels": mx.array(tokens[:, 1:]),
                 f"{side}_loss_mask": mx.array(mask),
             }
-            if split.reference is not None:
-                batch[f"ref_{side}_logps"] = mx.array(split.reference[side][index])
         return batch
 
     def _lengths(self, split: EncodedPairs) -> np.ndarray:
         return split.lengths()
 
-    # --- the reference log-probs, cached (trainer.preference.reference=cached) -------------------
+    # --- every pair in order: a cached reference's pass (objective.reference=cached) ------------
 
     def splits_in_order(self, batching: Batching) -> dict[str, list[Batch]]:
         """Every pair of each split once, unshuffled, for computing reference log-probs; the
@@ -312,11 +307,6 @@ class PreferencePairs(PromptCompletion):
             ]
             for name, split in (("train", self.train), ("val", self.val))
         }
-
-    def set_reference(self, tables: dict[str, dict[str, np.ndarray]]) -> None:
-        """The reference log-probs of every pair: {"train"|"val": {"chosen": (N,), ...}}."""
-        for name, split in (("train", self.train), ("val", self.val)):
-            split.reference = {side: np.asarray(tables[name][side], np.float32) for side in SIDES}
 
     def fingerprint(self) -> str:
         """A hash of every pair's tokens and masks in both splits (the reference cache's key)."""

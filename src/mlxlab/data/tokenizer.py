@@ -30,8 +30,11 @@ DEFAULT_SPECIAL_TOKENS = {
     "bytelevel_bpe": ["<|endoftext|>", "<|pad|>"],
 }
 PAD_TOKENS = ("[PAD]", "<|pad|>", "<pad>")
-# End of text: ours and Qwen2/SmolLM, Llama 2/Mistral, Llama 3, BERT.
+# End of text of a tokenizer with no model folder to name it (ours, BERT's), and the last resort
+# for a folder whose config names none: ours and Qwen2/SmolLM, Llama 2/Mistral, Llama 3, BERT.
 EOT_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "[SEP]")
+# where a model folder names its end-of-text ids, in the order they are taken
+EOS_ID_FILES = ("config.json", "generation_config.json")
 
 
 def _normalizer_and_pre_tokenizer(kind: str):
@@ -270,8 +273,52 @@ def start_ids(tok: Tokenizer) -> list[int]:
     return []
 
 
-def special_ids(tok: Tokenizer) -> tuple[int, int, list[int]]:
-    """(end-of-text id, padding id, start ids) of a language-model tokenizer: EOS from
-    EOT_TOKENS, padding from PAD_TOKENS (else EOS), BOS from start_ids."""
-    eot = find_token_id(tok, EOT_TOKENS, "end-of-text")
-    return eot, find_token_id(tok, PAD_TOKENS + EOT_TOKENS, "padding"), start_ids(tok)
+def model_end_tokens(folder: str | Path, tok: Tokenizer | None = None) -> list[str]:
+    """The end-of-text tokens a model folder names, in order: config.json's eos_token_id (or its
+    text_config's), generation_config.json's (an id or a list: where generation stops), then
+    tokenizer_config.json's eos_token; ids turned into tokens with `tok` (else the folder's
+    tokenizer.json). Gemma's <eos> and <end_of_turn>, Llama 3's <|eot_id|>, Phi-3's <|end|>:
+    whatever the model says, not a fixed list."""
+    folder = Path(folder)
+    ids: list[int] = []
+    for name in EOS_ID_FILES:
+        config = _json_or_empty(folder / name)
+        value = config.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id"))
+        ids += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
+    if ids and tok is None and (folder / "tokenizer.json").is_file():
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokens = [t for t in (tok.id_to_token(i) for i in ids) if t] if tok is not None else []
+    named = _json_or_empty(folder / "tokenizer_config.json").get("eos_token")
+    if isinstance(named, dict):
+        named = named.get("content")
+    if isinstance(named, str) and named:
+        tokens.append(named)
+    return list(dict.fromkeys(tokens))
+
+
+def _json_or_empty(path: Path) -> dict:
+    """A JSON object file's content; {} where the file is missing or holds no object (what it
+    names is then taken from the other files)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def special_ids(tok: Tokenizer, folder: str | Path | None = None) -> tuple[int, int, list[int]]:
+    """(end-of-text id, padding id, start ids) of a language-model tokenizer: EOS the first the
+    model `folder` names (model_end_tokens), else from EOT_TOKENS; padding from PAD_TOKENS, else
+    EOS; BOS from start_ids."""
+    named = model_end_tokens(folder, tok) if folder is not None else []
+    known = [t for t in named if tok.token_to_id(t) is not None]
+    if known:
+        eot = tok.token_to_id(known[0])
+    elif folder is not None and not any(tok.token_to_id(t) is not None for t in EOT_TOKENS):
+        raise ConfigError(f"{folder} names no end-of-text token the tokenizer holds (config.json "
+                          "and generation_config.json eos_token_id, tokenizer_config.json "
+                          "eos_token): set one there")
+    else:
+        eot = find_token_id(tok, EOT_TOKENS, "end-of-text")
+    pad = next((tok.token_to_id(t) for t in PAD_TOKENS if tok.token_to_id(t) is not None), eot)
+    return eot, pad, start_ids(tok)

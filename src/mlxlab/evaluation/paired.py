@@ -14,15 +14,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mlxlab.config import metric_definition
 from mlxlab.evaluation.results import SavedTask
-from mlxlab.evaluation.tasks import BINARY_SCORES, PAIRED_SCORES
+from mlxlab.evaluation.tasks import BINARY_SCORES, PAIRED_SCORES, SCORE_DEFINITIONS
 from mlxlab.stats import ALPHA, CONFIDENCE, mcnemar_exact, paired_bootstrap
 
 
 def higher_is_better(score: str) -> bool:
-    """A task score's direction from its definition (config.METRIC_DEFINITIONS)."""
-    definition = metric_definition(f"eval/task/{score}")
+    """A task score's direction from its definition (tasks.SCORE_DEFINITIONS)."""
+    definition = SCORE_DEFINITIONS.get(score)
     return definition is None or definition.mode == "max"
 
 

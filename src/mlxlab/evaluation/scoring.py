@@ -19,7 +19,7 @@ acc_norm the argmax of log-likelihood / len(choice) in characters.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mlxlab.data.chat import ChatTemplate, load_chat_template
-from mlxlab.data.tokenizer import EOT_TOKENS, find_token_id, start_ids
+from mlxlab.data.tokenizer import EOT_TOKENS, start_ids
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, Example, Task
@@ -53,14 +53,18 @@ class Prompts:
     """How a prompt becomes ids: plain text after BOS (the tokenizer's start ids, else its
     end-of-text as lm-eval's prefix token), or, with a chat `template`, the user turn rendered
     with the generation prompt (the template writes its own BOS and the assistant turn's start;
-    its special tokens are parsed; its eos_token ends a generation)."""
+    its special tokens are parsed). A generation stops at any of `stops`: with a template, its
+    end of turn and the model's end-of-text tokens (ChatTemplate.stop_tokens: Phi-3's <|end|>,
+    Gemma's <end_of_turn>), else the end-of-text."""
 
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate | None = None) -> None:
         self.tokenizer, self.template = tokenizer, template
-        self.eot = find_token_id(tokenizer, EOT_TOKENS, "end-of-text")
-        end_of_turn = template.special_tokens.get("eos_token") if template is not None else None
-        if end_of_turn and tokenizer.token_to_id(end_of_turn) is not None:
-            self.eot = tokenizer.token_to_id(end_of_turn)
+        ends = template.stop_tokens if template is not None else EOT_TOKENS
+        stops = [i for i in (tokenizer.token_to_id(t) for t in ends) if i is not None]
+        # a plain prompt of a tokenizer none of EOT_TOKENS names (Gemma's <eos>) has no stop id:
+        # its generations end at max_new_tokens or the task's stop strings, its prompts after BOS
+        self.eot: int | None = stops[0] if stops else None
+        self.stops = frozenset(stops[:1] if template is None else stops)
         self.start = [] if template is not None else start_ids(tokenizer)
         # a chat template's assistant turn begins right after it: no space before the answer
         self.delimiter = "" if template is not None else TARGET_DELIMITER
@@ -74,6 +78,10 @@ class Prompts:
     def encode(self, text: str) -> list[int]:
         """`text` after the start ids (BOS); an empty result starts from end-of-text."""
         ids = [*self.start, *self.tokenizer.encode(text, add_special_tokens=False).ids]
+        if not ids and self.eot is None:
+            raise ConfigError("an empty prompt needs a token to start from, and this tokenizer "
+                              "adds no BOS and has none of the end-of-text tokens "
+                              f"{list(EOT_TOKENS)}: give the example a prompt")
         return ids or [self.eot]
 
 
@@ -191,10 +199,12 @@ def _multiple_choice(model: Model, prompts: Prompts, task: Task, batch_size: int
 # --- generation -------------------------------------------------------------------------------
 
 
-def greedy_ids(model: Model, prompt: list[int], max_new_tokens: int, eot: int,
+def greedy_ids(model: Model, prompt: list[int], max_new_tokens: int, eot: int | Collection[int],
                done: Callable[[list[int]], bool] = lambda ids: False) -> list[int]:
-    """Greedy continuation of `prompt`: at most `max_new_tokens`, ending before end-of-text or
-    once `done(ids)`; with the model's KV cache where it has one."""
+    """Greedy continuation of `prompt`: at most `max_new_tokens`, ending before end-of-text
+    (`eot`: one id, or several: any of them) or once `done(ids)`; with the model's KV cache
+    where it has one."""
+    stops = {eot} if isinstance(eot, int) else set(eot)
     limit = _context_length(model)
     prompt = prompt[-max(1, limit - max_new_tokens):]
     cache = model.make_cache()  # None: a model without one recomputes the whole sequence
@@ -203,7 +213,7 @@ def greedy_ids(model: Model, prompt: list[int], max_new_tokens: int, eot: int,
     while len(out) < max_new_tokens and len(prompt) + len(out) < limit:
         logits = model(tokens, cache=cache) if cache is not None else model(tokens)
         token = int(logits[0, -1].argmax().item())
-        if token == eot:
+        if token in stops:
             break
         out.append(token)
         if done(out):
@@ -226,7 +236,7 @@ def _generation(model: Model, prompts: Prompts, task: Task, settings: TaskSettin
             return _cut(tok.decode(ids), settings.stop)[1]
 
         ids = greedy_ids(model, prompts.encode(prompts.text(ex.prompt)), settings.max_new_tokens,
-                         prompts.eot, stopped)
+                         prompts.stops, stopped)
         output, _ = _cut(tok.decode(ids), settings.stop)
         rows.append({"id": ex.id, **generation_scores(output, ex), "output": output})
     return TaskScores(task.name, task.kind, _means(rows, ("exact_match", "contains")), rows)

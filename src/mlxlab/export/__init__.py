@@ -3,7 +3,10 @@
     export_run(run, out, fmt="hf" | "mlx-lm", dtype=None | "float16" | ..., quantize=None | 4 | 8,
                lora="fuse" | "adapters")
 
-Decoders open with transformers.AutoModelForCausalLM and mlx_lm.load; BERT classifiers with
+    export_gguf(run_or_folder, "model.gguf", quant="f16" | "bf16" | "q8_0" | "q4_0" | "q4_1")
+
+Decoders open with transformers.AutoModelForCausalLM and mlx_lm.load (GGUF: llama.cpp, Ollama,
+LM Studio; gguf.py); BERT classifiers with
 AutoModelForSequenceClassification. LoRA runs are fused into the weights, or (mlx-lm) kept as
 adapters beside the base model. `quantize` writes mlx-lm's quantized layout and measures the
 perplexity and next-token accuracy it costs on the run's validation data (export_report.json).
@@ -43,7 +46,7 @@ from mlxlab.models.transformer import Transformer
 from mlxlab.runs import load_run_model, require_run_tokenizer
 from mlxlab.runs.evaluate import lm_metrics
 
-__all__ = ["ExportError", "export_run"]
+__all__ = ["ExportError", "export_gguf", "export_run"]
 FORMATS = ("hf", "mlx-lm")
 
 
@@ -170,3 +173,43 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
+                overwrite: bool = False) -> dict:
+    """A finished decoder run (LoRA fused, best checkpoint) or a float pretrained folder as one
+    GGUF file, with an Ollama Modelfile beside it. A run goes through the float Hugging Face
+    folder `export_run` writes (a temporary one), so the GGUF holds exactly the weights and
+    tokenizer that folder holds; the run's model card (task scores) becomes its description."""
+    from mlxlab.export.gguf import GGUFExportError, write_gguf
+    from mlxlab.export.ollama import write_modelfile
+
+    source, out = Path(source).expanduser(), Path(out).expanduser()
+    if out.suffix != ".gguf":
+        raise GGUFExportError(f"--out {out}: a GGUF export is one file; name it *.gguf")
+    if out.exists() and not overwrite:
+        raise GGUFExportError(f"{out} exists: pick a new --out or pass --overwrite")
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist: pass a run directory or a model folder")
+    staging = Path(tempfile.mkdtemp(prefix="mlxlab-gguf-"))
+    try:
+        if (source / "config.json").is_file() and any(source.glob("*.safetensors")):
+            folder, report = source, {"source": str(source)}  # a pretrained folder
+        else:
+            folder = staging / source.name
+            report = export_run(source, folder, fmt="hf", dtype="float32", lora="fuse")
+        card = report.get("model_card")  # a run's task scores (a folder's README is not ours)
+        description = _card_text(folder / "README.md") if card else None
+        report.update(write_gguf(folder, out, quant, description=description, name=source.name))
+        report.update(write_modelfile(folder, out))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _card_text(card: Path) -> str:
+    """The model card without its YAML front matter: GGUF's general.description."""
+    text = card.read_text()
+    if text.startswith("---"):
+        text = text.split("---", 2)[-1]
+    return text.strip()

@@ -12,9 +12,9 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxlab.data.batching import Batch
+from mlxlab.objectives.losses import masked_sum, token_cross_entropy
 from mlxlab.runs.loading import LoadedRun
 from mlxlab.runs.predict import class_probabilities, training_columns
-from mlxlab.training.losses import masked_sum, token_cross_entropy
 
 
 def evaluate(run: LoadedRun, data: str | Path, batch_size: int = 64) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def evaluate(run: LoadedRun, data: str | Path, batch_size: int = 64) -> dict[str
 
 def _evaluate_csv(run: LoadedRun, path: Path, batch_size: int) -> dict[str, Any]:
     from mlxlab.data.tabular import read_csv
-    from mlxlab.training.metrics import classification_metrics, confusion_matrix
+    from mlxlab.objectives.metrics import classification_metrics, confusion_matrix
 
     enc = run.encoding
     if path.suffix.lower() not in (".csv", ".tsv", ".txt"):

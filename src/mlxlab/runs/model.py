@@ -99,7 +99,7 @@ def load_teachers(
     for spec in specs:
         spec = {"run": spec} if isinstance(spec, str) else dict(spec)
         if not spec.get("run"):
-            raise ConfigError("each trainer.distill.teachers entry needs run=<finished run dir or "
+            raise ConfigError("each objective.teachers entry needs run=<finished run dir or "
                               "Hugging Face model folder>")
         if is_pretrained_folder(spec["run"]):
             model = pretrained_teacher(Path(spec["run"]), vocab_size, num_labels, label_names)

@@ -83,7 +83,7 @@ def resolve_resume(cfg: DictConfig, run_dir: Path, policy: CheckpointPolicy,
 
 # What a run trained: a resume rebuilds these from the checkpoint's resolved config, and takes
 # from this command line only what the user names on it (`model.num_layers=4`, `data=csv`, ...).
-TRAINED = ("model", "data", "trainer", "optimizer", "seed")
+TRAINED = ("model", "data", "objective", "trainer", "optimizer", "seed")
 # ...except what describes this launch rather than the run: these stay as composed now.
 LAUNCH_KEYS = ("trainer.distributed", "data.cache_dir", "data.tokenizer.path")
 # Targets of checkpoints' configs that name classes since replaced: a resume builds today's. The
@@ -92,7 +92,7 @@ RENAMED_TARGETS = {"mlxlab.training.trainer.Trainer": "mlxlab.training.settings.
 # Choices that set keys across groups (`# @package _global_`): naming one the run was not trained
 # with asks for the run as that file composes it today. Naming the trained one again is no
 # change (a preset's task_name is where resume=auto looks: `experiment=X resume=auto`).
-GLOBAL_CHOICES = ("experiment", "debug", "hparams_search")
+GLOBAL_CHOICES = ("experiment", "preset", "debug", "hparams_search")
 
 
 def rebuild_from_checkpoint(cfg: DictConfig, source: Path, overrides: list[str]) -> list[str]:
@@ -103,7 +103,7 @@ def rebuild_from_checkpoint(cfg: DictConfig, source: Path, overrides: list[str])
     from mlxlab.training.model_ops import newest_state
 
     state = newest_state(find_run_checkpoints(source))
-    saved = (state.config if state is not None else None) or {}
+    saved = migrate_objective((state.config if state is not None else None) or {})
     if not all(k in saved for k in TRAINED):
         log.warning("resume: %s holds no run config; the model and data are built from this "
                     "command line", source)
@@ -127,6 +127,28 @@ def rebuild_from_checkpoint(cfg: DictConfig, source: Path, overrides: list[str])
         log.info("resume: the checkpoint's settings, with %s from the command line",
                  ", ".join(trained))
     return trained
+
+
+def migrate_objective(saved: dict) -> dict:
+    """A config saved before objectives/ (issue 55) held the objective in its trainer node
+    (`trainer.label_smoothing`, `trainer.distill`, `trainer.preference`): the same run's config
+    with those keys as today's `objective` node. Any other config comes back as it is."""
+    trainer = saved.get("trainer")
+    if "objective" in saved or not isinstance(trainer, dict):
+        return saved
+    trainer = dict(trainer)
+    smoothing = trainer.pop("label_smoothing", 0.0)
+    distill, preference = trainer.pop("distill", None), trainer.pop("preference", None)
+    if preference:
+        objective = {"_target_": "mlxlab.objectives.preference.Preference",
+                     **{k: v for k, v in preference.items() if not k.startswith("_")}}
+    elif distill:
+        objective = {"_target_": "mlxlab.objectives.distill.Distill", "label_smoothing": smoothing,
+                     **{k: v for k, v in distill.items() if not k.startswith("_")}}
+    else:
+        objective = {"_target_": "mlxlab.objectives.supervised.Supervised",
+                     "label_smoothing": smoothing}
+    return {**saved, "trainer": trainer, "objective": objective}
 
 
 def resumed_run_folder(source: Path) -> Path:

@@ -84,7 +84,7 @@ def first_teacher(cfg: DictConfig) -> str | None:
     """The first distillation teacher's folder, whose tokenizer the student reuses (unless
     data.tokenizer.path is set). A Hugging Face / mlx-lm teacher folder without tokenizer.json
     is refused then: a tokenizer the student trained itself would give the teacher other ids."""
-    specs = (cfg.trainer.get("distill") or {}).get("teachers") or []
+    specs = (cfg.get("objective") or {}).get("teachers") or []
     folders = [str(s if isinstance(s, str) else s.get("run")) for s in specs]
     if cfg.data.get("tokenizer", {}).get("path"):
         return folders[0] if folders else None

@@ -75,7 +75,7 @@ def _g(x: float) -> str:
 def summarize(values: Iterable[float], confidence: float = CONFIDENCE,
               bounds: tuple[float, float] | None = None) -> Summary:
     """Summary of the finite values (NaN and inf, failed runs, are left out). `bounds`: the
-    range the metric's values can take (config.metric_definition); a t bound past it is cut to
+    range the metric's values can take (its MetricDefinition.bounds); a t bound past it is cut to
     it (module docstring)."""
     x = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     n = len(x)

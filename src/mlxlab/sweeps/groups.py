@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxlab.config import metric_definition
 from mlxlab.stats import Summary, bands, summarize
 from mlxlab.sweeps.store import run_value
 from mlxlab.tracking import tags as T
@@ -56,6 +55,8 @@ class Group:
 
 def metric_bounds(metric: str) -> tuple[float, float] | None:
     """The range a metric's values can take (an accuracy's [0, 1]), None when unbounded."""
+    from mlxlab.objectives.catalog import metric_definition  # the objectives' imports: when asked
+
     definition = metric_definition(metric)
     return definition.bounds if definition is not None else None
 

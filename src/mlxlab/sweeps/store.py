@@ -9,7 +9,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from mlxlab.config import metric_definition
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow.calls import retrying
 from mlxlab.tracking.mlflow.store import resolve_uri, sqlite_path
@@ -80,14 +79,16 @@ def swept_keys(runs: Sequence, candidates: Sequence[str] = ()) -> list[str]:
 
 def metric_mode(metric: str, mode: str | None = None) -> str:
     """'max' or 'min': an explicit mode ('max'/'min'/'maximize'/'minimize') wins; else the
-    metric's definition (config.METRIC_DEFINITIONS: `val/logps/rejected` is lower-is-better
-    though its name says nothing of it); a metric mlxlab does not define is a ValueError
+    metric's definition (objectives/catalog.py: `val/logps/rejected` is lower-is-better though
+    its name says nothing of it); a metric mlxlab does not define is a ValueError
     asking for the mode, never a guess from its name."""
     if mode:
         mode = str(mode).lower()
         if mode not in ("max", "min", "maximize", "minimize"):
             raise ValueError(f"optimized metric mode must be 'max' or 'min', got {mode!r}")
         return mode[:3]
+    from mlxlab.objectives.catalog import metric_definition  # the objectives' imports: when asked
+
     definition = metric_definition(metric)
     if definition is None:
         raise ValueError(f"which way {metric} improves is not known to mlxlab: say it with "

@@ -69,7 +69,7 @@ MERGE_SOURCE_VERSION = "mlxlab.merge.source_version"
 
 # Distillation (training/trainer.py, distill_rounds.py)
 DISTILL_TEACHER_WEIGHTS = "mlxlab.distill.teacher_weights"  # each teacher's weight, normalized
-DISTILL_ROUNDS = "mlxlab.distill.rounds"  # on the parent run of trainer.distill.rounds > 1
+DISTILL_ROUNDS = "mlxlab.distill.rounds"  # on the parent run of objective.rounds > 1
 DISTILL_ROUND = "mlxlab.distill.round"  # on each round's child run
 
 # Replicates and comparisons (sweeps/groups.py, sweeps/compare.py)

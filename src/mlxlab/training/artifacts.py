@@ -14,11 +14,10 @@ import numpy as np
 
 from mlxlab.checkpoint import CheckpointManager, CheckpointState
 from mlxlab.checkpoint.layout import QUANTIZED
-from mlxlab.data.batching import Batching
 from mlxlab.models.quantize import GROUP_SIZE, parameter_mb, quantize_linears
+from mlxlab.objectives import metrics
+from mlxlab.objectives.base import Evaluation
 from mlxlab.tracking.base import Tracker
-from mlxlab.training import metrics
-from mlxlab.training.evaluate import evaluate
 from mlxlab.training.state import RunState
 
 log = logging.getLogger(__name__)
@@ -66,16 +65,18 @@ def write_predictions(labels: np.ndarray, probs: np.ndarray, run_dir: Path) -> P
     return path
 
 
-def save_quantized(model: nn.Module, data, batching: Batching, bits: int, monitor: str,
-                   float_metrics: dict[str, float], state_now: Callable[[], CheckpointState],
-                   manager: CheckpointManager, tracker: Tracker, step: int) -> dict[str, float]:
-    """trainer.quantize_bits: `model` (the best weights) quantized in place, evaluated, and saved
+def save_quantized(model: nn.Module, evaluate: Callable[[nn.Module, str], Evaluation], bits: int,
+                   monitor: str, float_metrics: dict[str, float],
+                   state_now: Callable[[], CheckpointState], manager: CheckpointManager,
+                   tracker: Tracker, step: int) -> dict[str, float]:
+    """trainer.quantize_bits: `model` (the best weights) quantized in place, evaluated (by
+    `evaluate(model, prefix)`, the run's objective's evaluation), and saved
     beside the float ones as checkpoints/quantized (what `mlxlab predict/eval/serve --checkpoint
     quantized` load) with the state `state_now()` gives then; the sizes and metrics of both,
     logged and returned."""
     float_mb = parameter_mb(model)
     quantize_linears(model, bits)
-    results = evaluate(model, data, batching, prefix=f"val_q{bits}").metrics
+    results = evaluate(model, f"val_q{bits}").metrics
     results["model/size_mb"] = float_mb
     results[f"model/q{bits}_size_mb"] = parameter_mb(model)
     tracker.log_metrics(results, step)

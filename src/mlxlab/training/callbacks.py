@@ -27,6 +27,8 @@ from mlxlab.training.settings import CheckpointPolicy
 from mlxlab.training.state import TrainContext
 
 log = logging.getLogger("mlxlab.training")
+# where a best value restored from a checkpoint before issue 58 waits for setup to name its monitor
+MONITOR = "_monitor"
 
 
 def epoch_of(step: int, steps_per_epoch: int | None) -> int | None:
@@ -192,10 +194,14 @@ class EvalLog(Callback):
         self.steps_per_epoch, self.max_epochs = steps_per_epoch, max_epochs
         self.total: int | None = None
         self.best_metrics: dict[str, float] = {}  # the best evaluation's, as the loop picks it
+        self.tie_break: tuple[str, str] | None = None
 
     def setup(self, context: TrainContext, model: Any, data: Any) -> None:
         self.monitor = self.monitor or context.monitor
         self.mode = self.mode or context.monitor_mode
+        self.tie_break = context.tie_break
+        if MONITOR in self.best_metrics:  # restored from a checkpoint before issue 58
+            self.best_metrics[self.monitor] = self.best_metrics.pop(MONITOR)
         self.steps_per_epoch, self.max_epochs = context.steps_per_epoch, context.max_epochs
 
     def on_train_start(self, total_steps: int | None, start_step: int) -> None:
@@ -207,8 +213,9 @@ class EvalLog(Callback):
         log.info("training: %s steps%s%s", total_steps, epochs, start)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        # the loop's rule (a tie on the monitor broken by val/loss): the line names its best
-        if choose_best(metrics, self.best_metrics, self.monitor, self.mode or "max", step).better:
+        # the loop's rule (a tie on the monitor broken by the objective's loss): the line names its best
+        if choose_best(metrics, self.best_metrics, self.monitor, self.mode or "max", step,
+                       self.tie_break).better:
             self.best_metrics = {**metrics, "best_step": float(step)}
         epoch = epoch_of(step, self.steps_per_epoch)
         where = f"step {step}" + (f"/{self.total}" if self.total else "")
@@ -228,9 +235,10 @@ class EvalLog(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.best_metrics = dict(state.get("best_metrics") or {})
-        if not self.best_metrics and state.get("best") is not None and self.monitor:
-            # a checkpoint from before issue 58 kept the monitor's value and step only
-            self.best_metrics = {self.monitor: state["best"], "best_step": state["best_step"]}
+        if not self.best_metrics and state.get("best") is not None:
+            # a checkpoint from before issue 58 kept the monitor's value and step only (the
+            # monitor is known at setup, after the restore)
+            self.best_metrics = {MONITOR: state["best"], "best_step": state["best_step"]}
 
 
 # The checkpoint policy's old name: `_target_: mlxlab.training.callbacks.ModelCheckpoint` (configs

@@ -28,6 +28,7 @@ from mlxlab.checkpoint import (
 )
 from mlxlab.checkpoint.layout import CHECKPOINTS_DIR
 from mlxlab.data.batching import Batching
+from mlxlab.objectives.base import Objective
 from mlxlab.runtime import distributed
 from mlxlab.tracking.base import flatten_config
 from mlxlab.training.async_writer import CheckpointWriter
@@ -69,7 +70,8 @@ def build_writer(policy: CheckpointPolicy, manager: CheckpointManager, run_dir: 
 
 def checkpoint_state(state: RunState, data_state: dict, *, model: nn.Module, data,
                      callbacks: Sequence[Callback], monitor: str, config: dict,
-                     val_print: str | None, model_ops: ModelSchedule) -> CheckpointState:
+                     val_print: str | None, model_ops: ModelSchedule,
+                     objective: Objective) -> CheckpointState:
     """Everything a checkpoint of this fit at `state.step` holds beside the arrays; `data_state`:
     where the data stream is (every lane's, gathered)."""
     return CheckpointState(
@@ -85,6 +87,7 @@ def checkpoint_state(state: RunState, data_state: dict, *, model: nn.Module, dat
         tokenizer_hash=data.tokenizer_hash,
         val_fingerprint=val_print, log_window=state.window.state_dict(),
         model_ops=model_ops.state_dict(),  # training/model_ops.py
+        objective=objective.state_dict(),  # a rollout buffer, a generator's RNG (objectives/)
         # classification: label values and columns, so predicting needs no training CSV
         encoding=data.encoding_state(),
     )
@@ -92,10 +95,11 @@ def checkpoint_state(state: RunState, data_state: dict, *, model: nn.Module, dat
 
 def restore(resume: str | Path, *, model: nn.Module, optimizer, data,
             callbacks: Sequence[Callback], state: RunState, manager: CheckpointManager,
-            model_ops: ModelSchedule, world: distributed.World
+            model_ops: ModelSchedule, world: distributed.World, objective: Objective
             ) -> tuple[CheckpointState, LoadReport | None]:
     """Load the newest usable checkpoint of `resume` (a run or checkpoint folder) into
-    everything; (its state.json, how its weights matched the model's)."""
+    everything (the objective after its setup); (its state.json, how its weights matched the
+    model's)."""
     source = find_run_checkpoints(resume)
     model_ops.restore_structure(model, newest_state(source))  # before its weights load
     raw, path = source.load_latest(model, optimizer)
@@ -105,6 +109,7 @@ def restore(resume: str | Path, *, model: nn.Module, optimizer, data,
                               "operations than the newest checkpoint: resume from that one")
     data.load_state_dict(saved.data)
     set_rng_state(saved.rng)
+    objective.load_state_dict(saved.objective)
     for cb in callbacks:
         cb.load_state_dict(saved.callbacks.get(cb.state_key, saved.callbacks.get(
             type(cb).__name__, {})))  # checkpoints before issue 25 keyed by class name
@@ -140,12 +145,13 @@ def resume_tags(saved: CheckpointState, report: LoadReport | None, config: dict,
 
 
 def resume_changes(old: dict, new: dict) -> dict[str, str]:
-    """Tags naming each model, trainer, optimizer, data and seed setting that differs from the
-    checkpoint's."""
+    """Tags naming each model, objective, trainer, optimizer, data and seed setting that differs
+    from the checkpoint's."""
     def settings(cfg: dict) -> dict[str, str]:
         # data.tokenizer.path is pointed at the resumed run's tokenizer (its hash is compared
         # instead); cache folders move with the project root and change no result.
-        flat = flatten_config({k: cfg[k] for k in ("model", "trainer", "optimizer", "data", "seed")
+        flat = flatten_config({k: cfg[k] for k in ("model", "objective", "trainer", "optimizer",
+                                                   "data", "seed")
                                if k in cfg})
         return {k: v for k, v in flat.items()
                 if k != "data.tokenizer.path" and not k.endswith("cache_dir")}

@@ -1,19 +1,23 @@
 """The training loop: `Fit`, one call of `Trainer.fit`.
 
-Read `Fit.run` top to bottom: it is the whole loop, in the order things happen (as mlx-lm's
-`train()` and torchtune's recipes keep theirs): what the run trains with, any checkpoint
-restored, tracking started, then epochs of optimizer steps with their logging, evaluations and
-checkpoints, then the best weights back and the artifacts. One try/finally holds it all, so
-however the run ends (finished, an error, a signal, a failure to build the checkpoint writer
-after the tracked run started) the callbacks end, the last checkpoint is written and uploaded,
-and the tracked run gets its status: FINISHED, KILLED on a signal, FAILED otherwise. `run` is
-the one function over the house's 80 lines (docs/architecture.md, "House rules, measured").
+Read `Fit.run` and the pieces it calls in order, as torchtune's recipes keep their phases:
+`_prepare` (what the run trains with: the objective set up, the batching, the run's length),
+`_restore` (the optimizer and any checkpoint), `_start` (callbacks, tracking, the compiled step),
+`_epochs` of `_step`s with their logging, evaluations and checkpoints, then `_finish` (the best
+weights back and the artifacts). One try/finally in `run` holds them all, so however the run
+ends (finished, an error, a signal, a failure to build the checkpoint writer after the tracked
+run started) the callbacks end, the last checkpoint is written and uploaded, and the tracked run
+gets its status: FINISHED, KILLED on a signal, FAILED otherwise.
 
-The parts it calls live beside it, a module each, and never call back into it: plan.py (the
-run's length, batching, memory fitting), distill.py (the loss), step.py (the compiled step,
-precision), evaluate.py, checkpointing.py (writer, checkpoint state, resume), artifacts.py (what
-a finished run leaves); state.py holds what the loop changes (RunState) and what callbacks see
-(TrainContext). The constructor only keeps its arguments.
+What the run trains toward is its `Objective` (objectives/base.py): the loop takes its batches
+from `objective.train_batches`, trains `objective.loss`, evaluates with `objective.evaluate`,
+checkpoints `objective.state_dict()`, and never asks which objective it is (rule 4 of
+scripts/audit_house.py fails on a branch; tests/test_objectives.py trains one the loop never
+named). The other parts it calls live beside it, a module each, and never call back into it:
+plan.py (the run's length, batching, memory fitting), step.py (the compiled step, precision),
+checkpointing.py (writer, checkpoint state, resume), artifacts.py (what a finished run leaves);
+state.py holds what the loop changes (RunState) and what callbacks see (TrainContext). The
+constructor only keeps its arguments.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,10 +37,18 @@ from mlxlab.checkpoint import CheckpointManager, choose_best, load_checkpoint
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.models.base import Model
+from mlxlab.objectives import losses
+from mlxlab.objectives.base import (
+    Evaluation,
+    LossFn,
+    Objective,
+    ObjectiveSetup,
+    TeacherLoader,
+    check_objective,
+)
 from mlxlab.runtime import distributed, failures, memory
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import Tracker
-from mlxlab.training import losses
 from mlxlab.training.artifacts import log_artifacts, save_quantized
 from mlxlab.training.async_writer import CheckpointWriter
 from mlxlab.training.callbacks import Callback
@@ -49,8 +61,6 @@ from mlxlab.training.checkpointing import (
     resume_tags,
     validation_fingerprint,
 )
-from mlxlab.training.distill import TeacherLoader, build_loss
-from mlxlab.training.evaluate import evaluate
 from mlxlab.training.model_ops import ModelSchedule
 from mlxlab.training.optim import OptimizerFactory, build_optimizer
 from mlxlab.training.plan import fit_batch_to_memory, global_batching, plan, steps_of
@@ -69,15 +79,33 @@ from mlxlab.training.token_tracking import TokenDistributionLog
 log = logging.getLogger(__name__)
 
 
-class Fit:
-    """One fit of `model` to `data` under `settings`, tracked by `tracker`, checkpointed under
-    `run_dir` as `checkpointing` says; `resume` (a run or checkpoint folder) continues where it
-    stopped. `run()` trains and returns the best evaluation."""
+class FitParts(Protocol):
+    """What a fit takes from its Trainer (trainer.py): the settings and the parts it was built
+    with."""
 
-    # What run() builds and its save and evaluation points (_save, _evaluate_and_save) read.
+    settings: TrainerSettings
+    optimizer_factory: OptimizerFactory
+    callbacks: Sequence[Callback]
+    load_teachers: TeacherLoader | None
+    checkpointing: CheckpointPolicy
+    objective: Objective
+
+
+class Fit:
+    """One fit of `model` to `data` by `trainer`'s parts (its objective, settings, optimizer,
+    callbacks, checkpoint policy), tracked by `tracker`, checkpointed under `run_dir`; `resume`
+    (a run or checkpoint folder) continues where it stopped. `run()` trains and returns the best
+    evaluation."""
+
+    # What run()'s pieces build, in order, and the save and evaluation points read.
     world: distributed.World
+    rows_of: Any                    # this rank's rows of a batch (identity: data batches per rank)
     batching: Batching              # after any memory fitting
-    loss_fn: losses.LossFn          # what the step trains (evaluation scores preference pairs by it)
+    grad_accum: int
+    loss_fn: LossFn                 # the objective's loss in trainer.precision: what the step trains
+    total_steps: int
+    max_epochs: float
+    steps_per_epoch: int | None
     state: RunState
     optimizer: Any
     shards: distributed.OptimizerShards | None
@@ -86,180 +114,219 @@ class Fit:
     model_ops: ModelSchedule
     val_print: str | None           # the validation set's fingerprint (None: no validation)
     saved_at: list[int]             # the steps saved, the same on every rank
+    step_fn: Any                    # the compiled step (rebuilt after a model operation)
+    compiling: bool                 # the next step compiles (left out of the throughput)
+    tie_break: tuple[str, str] | None  # (metric, mode) breaking a tie on the monitor
 
-    def __init__(self, settings: TrainerSettings, optimizer: OptimizerFactory,
-                 callbacks: Sequence[Callback], load_teachers: TeacherLoader | None,
-                 checkpointing: CheckpointPolicy, model: nn.Module, data: DataModule,
-                 tracker: Tracker, run_dir: Path, config: dict, tags: dict,
-                 resume: str | Path | None) -> None:
-        self.settings, self.optimizer_factory = settings, optimizer
-        self.callbacks = list(callbacks)  # this fit's: a data curriculum adds its own
-        self.load_teachers, self.checkpointing = load_teachers, checkpointing
+    def __init__(self, trainer: FitParts, model: nn.Module, data: DataModule, tracker: Tracker,
+                 run_dir: Path, config: dict, tags: dict, resume: str | Path | None) -> None:
+        self.settings, self.optimizer_factory = trainer.settings, trainer.optimizer_factory
+        self.callbacks = list(trainer.callbacks)  # this fit's: a data curriculum adds its own
+        self.load_teachers, self.checkpointing = trainer.load_teachers, trainer.checkpointing
+        self.objective = trainer.objective
         self.model, self.data, self.tracker = model, data, tracker
         self.run_dir, self.config, self.tags, self.resume = run_dir, config, tags, resume
 
     def run(self) -> FitResult:
-        """Train; returns the best evaluation's metrics and where the best weights are."""
-        model, data, tracker, settings, callbacks = (
-            self.model, self.data, self.tracker, self.settings, self.callbacks)
-        check_parts(model, data, tracker)
-        stop, status, tracked, set_up = GracefulStop(), "FAILED", False, False
-        state = manager = writer = None  # what the except and finally clauses below close
-        was_flushing = None  # the denormal mode before this run, restored at its end
+        """Train; returns the best evaluation's metrics and where the best weights are. Its
+        pieces, in order: _prepare (what the run trains with), _restore (the optimizer and any
+        checkpoint), _start (callbacks, tracking, the step), _epochs, _finish; however it ends,
+        _close ends the callbacks, the writer and the tracked run."""
+        check_parts(self.model, self.data, self.tracker)
+        check_objective(self.objective)
+        self.stop, status = GracefulStop(), "FAILED"
+        self.state = self.manager = self.writer = None  # what the clauses below close
+        self.set_up = self.tracked = False
+        self.was_flushing = None  # the denormal mode before this run, restored at its end
         try:
-            # --- what this run trains with ---------------------------------------------------
-            kernels.set_mode(settings.fused_kernels)  # process-wide: the ops the step traces
-            if settings.flush_denormals and mx.default_device() == mx.cpu:
-                # x86 runs arithmetic on denormal floats ~100x slower (kernels/denormals.py)
-                was_flushing = kernels.flush_denormals(True)
-            world = self.world = distributed.world(settings.distributed.mode,
-                                                   settings.distributed.timeout_s)
-            self.model_ops = ModelSchedule(settings.model_schedule)  # which are done: this run's
-            # batch_size is per rank, as with torchrun; data that reads a lane per rank
-            # (data.shard_by_rank) batches per rank already, other data the global batch
-            rank_batches = data.use_world(world)
-            rows_of = (lambda batch: batch) if rank_batches else world.shard_rows
-            batching = settings.data_batching()
-            batching = batching if rank_batches else global_batching(batching, world)
-            loss_fn, teacher_weights = build_loss(
-                settings, data, batching, self.load_teachers,
-                per_example=any(cb.needs_example_losses for cb in callbacks), model=model)
-            loss_fn = self.loss_fn = with_precision(loss_fn, settings.precision)
-            self.batching, grad_accum = fit_batch_to_memory(model, data, loss_fn, settings, batching,
-                                                            world, rows_of)
-            total_steps, max_epochs, steps_per_epoch = plan(
-                data, settings, self.batching, grad_accum, world if rank_batches else None)
-            state = self.state = RunState()
-            if data.curriculum is not None:  # data/curriculum.py: pacing, tracking
-                callbacks.append(TokenDistributionLog(data, tracker, self.run_dir,
-                                                      total_steps * grad_accum, grad_accum))
-            self.val_print = validation_fingerprint(data)  # None: no validation data, said once
-            manager = self.manager = build_manager(self.checkpointing, self.run_dir, settings)
-
-            # --- the optimizer (sharded over ranks with ZeRO-1), any checkpoint restored -------
-            optimizer = build_optimizer(self.optimizer_factory, settings.schedule, total_steps)
-            self.shards = None
-            if settings.distributed.shard_optimizer and world.enabled:
-                self.shards = distributed.OptimizerShards(world, model.trainable_parameters())
-            else:  # sharded: the full state is only built when a checkpoint is restored into it
-                optimizer.init(model.trainable_parameters())
-            if self.resume:
-                saved, report = restore(self.resume, model=model, optimizer=optimizer, data=data,
-                                        callbacks=callbacks, state=state, manager=manager,
-                                        model_ops=self.model_ops, world=world)
-                self.tags.update(resume_tags(saved, report, self.config, data, self.val_print,
-                                             state, manager, settings.monitor))
-            if self.shards is not None:  # keep this rank's share of the (restored) state
-                sharded = build_optimizer(self.optimizer_factory, settings.schedule, total_steps)
-                self.shards.adopt(sharded, optimizer.state if self.resume else None,
-                                  model.trainable_parameters())
-                optimizer = sharded
-            self.optimizer = optimizer
-            state_mb = distributed.tree_nbytes(optimizer.state) / 2**20
-            log.info("optimizer state: %.1f MB on this rank%s", state_mb,
-                     f" (sharded over {world.size} ranks)" if self.shards else "")
-            context = TrainContext(
-                world=world, task=data.task, total_steps=total_steps,
-                steps_per_epoch=steps_per_epoch, max_epochs=max_epochs, monitor=settings.monitor,
-                monitor_mode=settings.monitor_mode, tracker=tracker, run_dir=self.run_dir,
-                batch_size=self.batching.batch_size, grad_accum=grad_accum, optimizer=optimizer,
-                optimizer_state_mb=state_mb)
-            set_up = True  # from here on the callbacks are ended, however the run ends
-            for cb in callbacks:
-                cb.setup(context, model, data)
-
-            # --- tracking: the run starts in the store (the finally below ends it) ------------
-            tracked = True  # (ending a tracker whose start failed is a no-op)
-            self._start_tracking(teacher_weights)
-            memory.keep_freed_memory()  # steps reuse freed memory, no page faults
-            # compiled after any restore; the next step compiles (and on a GPU, MLX's kernels)
-            step_fn, compiling = make_step(model, optimizer, loss_fn, settings, world, self.shards,
-                                           grad_accum), True
-            writer = self.writer = build_writer(self.checkpointing, manager, self.run_dir,
-                                                self.config, world)
-            self.saved_at = []
-            model.train()
-
-            # --- epochs of optimizer steps --------------------------------------------------
-            stop.arm()  # SIGTERM/SIGINT/SIGUSR1: finish the step, checkpoint, leave
-            for cb in callbacks:
-                cb.on_train_start(total_steps, state.step)
-            stopped = state.step >= total_steps  # a finished run resumed: nothing left
-            while state.epoch < max_epochs and not stopped:
-                for batches in steps_of(data.train_batches(self.batching, state.epoch), grad_accum,
-                                        rows_of):
-                    if self.model_ops.due(state.step):  # scheduled model operations, a new step
-                        if self.model_ops.run_due(state.step, model, optimizer, tracker):
-                            forget_best(state, manager)
-                        step_fn, compiling = make_step(model, optimizer, loss_fn, settings, world,
-                                                       self.shards, grad_accum), True
-                    started = time.perf_counter()
-                    loss, norm, aux = step_fn(batches)
-                    state.step += 1
-                    # a step that compiled: said, tagged, and left out of the throughput
-                    compiled_s = self._compiled(time.perf_counter() - started) if compiling else None
-                    compiling = False
-                    examples = losses.pop_example_outputs(aux)
-                    if examples:
-                        for cb in callbacks:
-                            cb.on_batch_outputs(state.step, batches, examples)
-                    loss_value = loss.item()  # already computed: the step's mx.eval synced
-                    check_loss(loss_value, state.step, manager)
-                    state.window.add(loss_value, aux, left_out_s=compiled_s)
-                    end = state.step >= total_steps
-                    logs: dict[str, float] = {}
-                    if state.step % settings.log_every_steps == 0 or end:
-                        logs = state.window.summary(data.task, norm.item(),
-                                                    float(optimizer.learning_rate))
-                        state.history.setdefault("train/loss", []).append(
-                            (state.step, logs["train/loss"]))
-                    for cb in callbacks:
-                        cb.on_step(state.step, logs)
-                    if logs:
-                        tracker.log_metrics(logs, state.step)
-                    every = settings.eval_every_steps
-                    evaluated = bool(every and (state.step % every == 0 or end))
-                    if evaluated:
-                        self._evaluate_and_save()
-                    # Ranks act on one decision (any rank's signal, rank 0's clock) at one step.
-                    stop_now, save_now = world.agree(
-                        stop.requested, not evaluated and manager.should_save(state.step))
-                    if save_now:
-                        self._save()
-                    if stop_now:  # a signal: this step checkpointed (once), on disk, then leave
-                        self._interrupt(stop)
-                    stopped = end or any(cb.should_stop for cb in callbacks)
-                    if stopped and len(batches) == grad_accum:  # an epoch's last, smaller step
-                        break                                    # still ends its epoch
-                else:
-                    state.epoch += 1
-                if not settings.eval_every_steps and state.last_eval_step != state.step:
-                    self._evaluate_and_save()  # once per epoch
-                    stopped = stopped or any(cb.should_stop for cb in callbacks)
-            if state.last_eval_step != state.step:
-                self._evaluate_and_save(force=True)  # the final state is always evaluated, saved
-
+            self._prepare()
+            self._restore()
+            self._start()
+            self._epochs()
             return self._finish()  # the best weights back, quantized check, artifacts
         except (TrainingInterrupted, KeyboardInterrupt):
             status = "KILLED"
             raise
         except RuntimeError as err:  # MLX out of memory: one line, and an end within seconds
             def last_checkpoint():  # once written
-                return (writer and writer.wait()) or (manager and manager.latest())
+                return (self.writer and self.writer.wait()) or (
+                    self.manager and self.manager.latest())
 
-            failure = failures.device_failure(err, state.step if state else 0, last_checkpoint)
+            failure = failures.device_failure(err, self.state.step if self.state else 0,
+                                              last_checkpoint)
             if failure is None:
                 raise
             raise failure from err  # the watchdog now bounds the cleanup below
         finally:  # always, last: callbacks end, the last checkpoint writes and uploads, run ends
-            finished = state is not None and state.finished
+            finished = self.state is not None and self.state.finished
             try:
-                self._close(callbacks if set_up else [], writer, tracker if tracked else None,
+                self._close(self.callbacks if self.set_up else [], self.writer,
+                            self.tracker if self.tracked else None,
                             "FINISHED" if finished else status, raise_first=finished)
             finally:
-                if was_flushing is False:
+                if self.was_flushing is False:
                     kernels.flush_denormals(False)
-                stop.disarm()  # last: a second Ctrl-C while closing still exits at once
+                self.stop.disarm()  # last: a second Ctrl-C while closing still exits at once
+
+    def _prepare(self) -> None:
+        """What this run trains with: the world, the objective set up (before any restore), the
+        batching fitted to memory, the run's length, its checkpoint manager."""
+        model, data, settings, objective = self.model, self.data, self.settings, self.objective
+        kernels.set_mode(settings.fused_kernels)  # process-wide: the ops the step traces
+        if settings.flush_denormals and mx.default_device() == mx.cpu:
+            # x86 runs arithmetic on denormal floats ~100x slower (kernels/denormals.py)
+            self.was_flushing = kernels.flush_denormals(True)
+        world = self.world = distributed.world(settings.distributed.mode,
+                                               settings.distributed.timeout_s)
+        self.model_ops = ModelSchedule(settings.model_schedule)  # which are done: this run's
+        # batch_size is per rank, as with torchrun; data that reads a lane per rank
+        # (data.shard_by_rank) batches per rank already, other data the global batch
+        rank_batches = data.use_world(world)
+        self.rows_of = (lambda batch: batch) if rank_batches else world.shard_rows
+        batching = settings.data_batching()
+        batching = batching if rank_batches else global_batching(batching, world)
+        objective.setup(ObjectiveSetup(
+            model=model, data=data, batching=batching, world=world,
+            per_example=any(cb.needs_example_losses for cb in self.callbacks),
+            load_teachers=self.load_teachers, run_dir=self.run_dir, tracker=self.tracker))
+        self.loss_fn = with_precision(objective.loss, settings.precision)
+        tie = objective.tie_break(data.task)  # what decides between evaluations equal on the monitor
+        self.tie_break = (f"val/{tie}", objective.metric_directions(data.task).get(tie, "min")) \
+            if tie else None
+        self.batching, self.grad_accum = fit_batch_to_memory(
+            model, data, self.loss_fn, settings, batching, world, self.rows_of)
+        self.total_steps, self.max_epochs, self.steps_per_epoch = plan(
+            data, settings, self.batching, self.grad_accum, world if rank_batches else None,
+            per_data_batch=objective.batches_per_data_batch())
+        self.state = RunState()
+        if data.curriculum is not None:  # data/curriculum.py: pacing, tracking
+            self.callbacks.append(TokenDistributionLog(
+                data, self.tracker, self.run_dir, self.total_steps * self.grad_accum,
+                self.grad_accum))
+        self.val_print = validation_fingerprint(data)  # None: no validation data, said once
+        self.manager = build_manager(self.checkpointing, self.run_dir, settings)
+
+    def _restore(self) -> None:
+        """The optimizer (sharded over ranks with ZeRO-1), any checkpoint restored into it, the
+        model, the data position, the objective, the callbacks and the RunState."""
+        model, settings, world = self.model, self.settings, self.world
+        optimizer = build_optimizer(self.optimizer_factory, settings.schedule, self.total_steps)
+        self.shards = None
+        if settings.distributed.shard_optimizer and world.enabled:
+            self.shards = distributed.OptimizerShards(world, model.trainable_parameters())
+        else:  # sharded: the full state is only built when a checkpoint is restored into it
+            optimizer.init(model.trainable_parameters())
+        if self.resume:
+            saved, report = restore(self.resume, model=model, optimizer=optimizer, data=self.data,
+                                    callbacks=self.callbacks, state=self.state,
+                                    manager=self.manager, model_ops=self.model_ops, world=world,
+                                    objective=self.objective)
+            self.tags.update(resume_tags(saved, report, self.config, self.data, self.val_print,
+                                         self.state, self.manager, settings.monitor))
+        if self.shards is not None:  # keep this rank's share of the (restored) state
+            sharded = build_optimizer(self.optimizer_factory, settings.schedule, self.total_steps)
+            self.shards.adopt(sharded, optimizer.state if self.resume else None,
+                              model.trainable_parameters())
+            optimizer = sharded
+        self.optimizer = optimizer
+
+    def _start(self) -> None:
+        """The callbacks set up, the tracked run started (or continued), the step compiled,
+        the checkpoint writer built."""
+        state_mb = distributed.tree_nbytes(self.optimizer.state) / 2**20
+        log.info("optimizer state: %.1f MB on this rank%s", state_mb,
+                 f" (sharded over {self.world.size} ranks)" if self.shards else "")
+        context = TrainContext(
+            world=self.world, task=self.data.task, total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch, max_epochs=self.max_epochs,
+            monitor=self.settings.monitor, monitor_mode=self.settings.monitor_mode,
+            tracker=self.tracker, run_dir=self.run_dir, batch_size=self.batching.batch_size,
+            grad_accum=self.grad_accum, optimizer=self.optimizer, optimizer_state_mb=state_mb,
+            tie_break=self.tie_break)
+        self.set_up = True  # from here on the callbacks are ended, however the run ends
+        for cb in self.callbacks:
+            cb.setup(context, self.model, self.data)
+        self.tracked = True  # (ending a tracker whose start failed is a no-op)
+        self._start_tracking()
+        memory.keep_freed_memory()  # steps reuse freed memory, no page faults
+        self._compile()  # after any restore; the next step compiles (on a GPU, MLX's kernels too)
+        self.writer = build_writer(self.checkpointing, self.manager, self.run_dir, self.config,
+                                   self.world)
+        self.saved_at = []
+        self.model.train()
+
+    def _compile(self) -> None:
+        self.step_fn = make_step(self.model, self.optimizer, self.loss_fn, self.settings,
+                                 self.world, self.shards, self.grad_accum)
+        self.compiling = True
+
+    def _epochs(self) -> None:
+        """Epochs of optimizer steps, each evaluated and checkpointed as the settings say; the
+        final state is always evaluated and saved."""
+        state, settings = self.state, self.settings
+        self.stop.arm()  # SIGTERM/SIGINT/SIGUSR1: finish the step, checkpoint, leave
+        for cb in self.callbacks:
+            cb.on_train_start(self.total_steps, state.step)
+        stopped = state.step >= self.total_steps  # a finished run resumed: nothing left
+        while state.epoch < self.max_epochs and not stopped:
+            batches = self.objective.train_batches(self.data, self.batching, state.epoch,
+                                                   self.model)
+            for micro in steps_of(batches, self.grad_accum, self.rows_of):
+                stopped = self._step(micro)
+                if stopped and len(micro) == self.grad_accum:  # an epoch's last, smaller step
+                    break                                       # still ends its epoch
+            else:
+                state.epoch += 1
+            if not settings.eval_every_steps and state.last_eval_step != state.step:
+                self._evaluate_and_save()  # once per epoch
+                stopped = stopped or any(cb.should_stop for cb in self.callbacks)
+        if state.last_eval_step != state.step:
+            self._evaluate_and_save(force=True)  # the final state is always evaluated, saved
+
+    def _step(self, batches: list[dict]) -> bool:
+        """One optimizer step on `batches` (its micro-batches), its logs, any evaluation and
+        checkpoint it is due; True when the run should stop after it."""
+        state, settings, model, optimizer = self.state, self.settings, self.model, self.optimizer
+        if self.model_ops.due(state.step):  # scheduled model operations, a new step
+            if self.model_ops.run_due(state.step, model, optimizer, self.tracker):
+                forget_best(state, self.manager)
+            self._compile()
+        started = time.perf_counter()
+        loss, norm, aux = self.step_fn(batches)
+        state.step += 1
+        # a step that compiled: said, tagged, and left out of the throughput
+        compiled_s = self._compiled(time.perf_counter() - started) if self.compiling else None
+        self.compiling = False
+        examples = losses.pop_example_outputs(aux)
+        if examples:
+            for cb in self.callbacks:
+                cb.on_batch_outputs(state.step, batches, examples)
+        loss_value = loss.item()  # already computed: the step's mx.eval synced
+        check_loss(loss_value, state.step, self.manager)
+        state.window.add(loss_value, aux, left_out_s=compiled_s)
+        end = state.step >= self.total_steps
+        logs: dict[str, float] = {}
+        if state.step % settings.log_every_steps == 0 or end:
+            logs = state.window.summary(self.data.task, norm.item(),
+                                        float(optimizer.learning_rate))
+            logs.update({f"train/{k}": v for k, v in self.objective.logs().items()})
+            state.history.setdefault("train/loss", []).append((state.step, logs["train/loss"]))
+        for cb in self.callbacks:
+            cb.on_step(state.step, logs)
+        if logs:
+            self.tracker.log_metrics(logs, state.step)
+        every = settings.eval_every_steps
+        evaluated = bool(every and (state.step % every == 0 or end))
+        if evaluated:
+            self._evaluate_and_save()
+        # Ranks act on one decision (any rank's signal, rank 0's clock) at one step.
+        stop_now, save_now = self.world.agree(
+            self.stop.requested, not evaluated and self.manager.should_save(state.step))
+        if save_now:
+            self._save()
+        if stop_now:  # a signal: this step checkpointed (once), on disk, then leave
+            self._interrupt(self.stop)
+        return end or any(cb.should_stop for cb in self.callbacks)
 
     def _close(self, callbacks: Sequence[Callback], writer: CheckpointWriter | None,
                tracker: Tracker | None, status: str, raise_first: bool) -> None:
@@ -296,11 +363,10 @@ class Fit:
         if failures and raise_first:
             raise failures[0][1]
 
-    def _start_tracking(self, teacher_weights: list[float]) -> None:
+    def _start_tracking(self) -> None:
         """The tracked run starts (or a resumed one continues), with the tags only the fit knows."""
-        state, tracker, settings = self.state, self.tracker, self.settings
-        if settings.distill:  # the weights each teacher had (learned ones are known only now)
-            self.tags[T.DISTILL_TEACHER_WEIGHTS] = str([round(w, 4) for w in teacher_weights])
+        state, tracker = self.state, self.tracker
+        self.tags.update(self.objective.tags())  # known after its setup (teachers' weights)
         if self.val_print is not None:  # runs scored on the same rows compare row by row
             self.tags[T.VAL_FINGERPRINT] = self.val_print
         if state.resumed_from is not None:  # file trackers carry the killed run's record
@@ -344,7 +410,8 @@ class Fit:
         if not self.data.has_validation:  # the points where a run evaluates still checkpoint
             self._save(force=force)
             return
-        result = evaluate(self.model, self.data, self.batching, self.world, loss_fn=self.loss_fn)
+        result = self.objective.evaluate(self.model, self.data, self.batching, self.world,
+                                         step=state.step)
         for key, value in result.metrics.items():
             state.history.setdefault(key, []).append((state.step, value))
         self.tracker.log_metrics(result.metrics, state.step)
@@ -352,7 +419,7 @@ class Fit:
             cb.on_eval(state.step, result.metrics)
         value = result.metrics.get(settings.monitor, math.nan)
         choice = choose_best(result.metrics, state.best_metrics, settings.monitor,
-                             settings.monitor_mode, state.step)
+                             settings.monitor_mode, state.step, self.tie_break)
         if choice.tie:  # a saturated monitor: which checkpoint the tie-break kept, and why
             log.info("best checkpoint: %s", choice.tie)
         if choice.better:
@@ -384,8 +451,12 @@ class Fit:
         if best is not None:
             load_checkpoint(best, model)
         if self.settings.quantize_bits:
+            def evaluate(m: nn.Module, prefix: str) -> Evaluation:
+                return self.objective.evaluate(m, self.data, self.batching, prefix=prefix,
+                                               step=state.step)
+
             best_metrics.update(save_quantized(
-                model, self.data, self.batching, int(self.settings.quantize_bits),
+                model, evaluate, int(self.settings.quantize_bits),
                 self.settings.monitor, best_metrics, self._quantized_state, self.manager, tracker,
                 state.step))
         log_artifacts(tracker, self.run_dir, state, self.data, best)
@@ -412,7 +483,7 @@ class Fit:
         return checkpoint_state(self.state, data_state, model=self.model, data=self.data,
                                 callbacks=self.callbacks, monitor=self.settings.monitor,
                                 config=self.config, val_print=self.val_print,
-                                model_ops=self.model_ops)
+                                model_ops=self.model_ops, objective=self.objective)
 
     def _quantized_state(self):
         state = self._checkpoint_state(self.data.state_dict())

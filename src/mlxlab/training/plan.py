@@ -86,16 +86,17 @@ def fit_batch_to_memory(model: nn.Module, data, loss_fn, settings: TrainerSettin
 
 
 def plan(data, settings: TrainerSettings, batching: Batching, grad_accum: int | None = None,
-         world: distributed.World | None = None) -> Plan:
+         world: distributed.World | None = None, per_data_batch: int = 1) -> Plan:
     """The run ends at max_steps or max_epochs, first come. A stream's epoch is counted (one
     pass) when max_epochs is set, as far as it could end the run before max_steps; past that its
     steps per epoch stay None (unknown). `world`: lanes of a stream (data.shard_by_rank), whose
-    epoch ends for all ranks when the shortest lane runs dry."""
+    epoch ends for all ranks when the shortest lane runs dry. `per_data_batch`: the batches the
+    objective trains on per batch of the data (Objective.batches_per_data_batch)."""
     max_epochs, max_steps = settings.max_epochs, settings.max_steps
     accum = grad_accum or settings.grad_accum
     batches = data.num_train_batches(batching)
     if batches is None and max_epochs:
-        limit = math.ceil(max_steps * accum / max_epochs) if max_steps else None
+        limit = math.ceil(max_steps * accum / max_epochs / per_data_batch) if max_steps else None
         batches = data.count_train_batches(batching, limit)
         if batches is not None and world is not None and world.enabled:
             counts = world.sum_numbers([batches if r == world.rank else 0.0
@@ -106,7 +107,7 @@ def plan(data, settings: TrainerSettings, batching: Batching, grad_accum: int | 
         elif not batches:
             raise ConfigError("the training split holds no full batch: lower "
                               "trainer.batch_size or data.packing.seq_len")
-    per_epoch = math.ceil(batches / accum) if batches else None
+    per_epoch = math.ceil(batches * per_data_batch / accum) if batches else None
     limits = [max_steps]
     if max_epochs and per_epoch:
         limits.append(max_epochs * per_epoch)

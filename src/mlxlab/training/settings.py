@@ -3,7 +3,8 @@ and the checkpoint policy (`callbacks.checkpoint.*`, `CheckpointPolicy`).
 
 `conf/trainer/*.yaml` builds a `TrainerSettings` (its `_target_`); the YAML stays as flat as the
 keys are (`trainer.max_epochs`, `trainer.batch_size`), and the groups that nest there nest here
-(`trainer.schedule`, `trainer.batching`, `trainer.distill`, `trainer.distributed`). A nested group
+(`trainer.schedule`, `trainer.batching`, `trainer.distributed`). What the run trains toward
+is not here: it is the `objective` node (objectives/, conf/objective/). A nested group
 may come as a mapping (the YAML's plain node, or code's `batching={"dynamic": True}`): it is built
 into its class here. Every check sits in the `__post_init__` of the record that owns the key and
 raises one ConfigError line naming it; config.validate builds the record before anything heavy
@@ -20,10 +21,8 @@ from mlxlab import kernels
 from mlxlab.config import check_choice, check_number, check_uri
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
-from mlxlab.training.losses import check_distill_form
 from mlxlab.training.model_ops import check_schedule
 from mlxlab.training.optim import LRSchedule
-from mlxlab.training.preference_losses import check_loss_name
 from mlxlab.validation import record
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -43,69 +42,6 @@ class BatchingSettings:
     def __post_init__(self) -> None:
         if self.max_batch_size is not None:
             check_number("trainer.batching.max_batch_size", self.max_batch_size, int, 1)
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """`trainer.distill` (trainer=distill): teachers are finished runs, see conf/trainer/distill.yaml."""
-
-    teachers: list[dict] = field(default_factory=list)  # [{run: <run dir>, weight: 1.0}, ...]
-    alpha: float = 0.5            # weight of the hard-label CE; (1 - alpha) on the soft KL
-    temperature: float = 2.0      # softens both distributions (kl, reverse_kl)
-    cache_teacher: bool = True    # fixed datasets: teacher outputs computed once, looked up per step
-    rounds: int = 1               # > 1: rounds of distillation (distill_rounds.py, run by train.py)
-    round_teachers: str = "chain"  # chain | ensemble: who teaches round r + 1
-    teacher_weights: str = "fixed"  # fixed | learned (training/teacher_weights.py)
-    loss: str = "kl"              # kl | reverse_kl | mse: the soft term (losses.distillation_loss)
-    kl_scale: str = "t2"          # t2: the KL times T^2 (Hinton) | none: alpha*CE + (1-alpha)*KL
-
-    def __post_init__(self) -> None:
-        check_distill_form(self.loss, self.kl_scale)  # one list of forms: losses.py
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
-            raise ConfigError(f"trainer.distill.rounds must be an integer >= 1, got {self.rounds!r}")
-        check_choice("trainer.distill.round_teachers", self.round_teachers, ("chain", "ensemble"))
-        check_choice("trainer.distill.teacher_weights", self.teacher_weights, ("fixed", "learned"))
-
-
-REFERENCES = ("auto", "adapters", "copy", "cached")  # trainer.preference.reference
-GAMMA = 0.5  # trainer.preference.gamma's default (conf/trainer/dpo.yaml): another value is SimPO's
-
-
-@dataclass(frozen=True)
-class PreferenceConfig:
-    """`trainer.preference` (trainer=dpo | orpo): the preference loss and its reference model,
-    see conf/trainer/dpo.yaml and training/preference.py."""
-
-    loss: str = "sigmoid"         # sigmoid (DPO) | ipo | orpo | simpo (preference_losses.py)
-    beta: float = 0.1             # DPO/IPO's beta, ORPO's lambda, SimPO's beta (TRL's names)
-    label_smoothing: float = 0.0  # sigmoid and simpo: the chance a preference is flipped
-    gamma: float = GAMMA          # simpo: the target reward margin
-    reference: str = "auto"       # auto | adapters | copy | cached (sigmoid and ipo only)
-
-    def __post_init__(self) -> None:
-        check_loss_name(self.loss)
-        check_number("trainer.preference.beta", self.beta, float, 0.0)
-        if self.beta <= 0:
-            raise ConfigError(f"trainer.preference.beta must be > 0, got {self.beta}")
-        check_number("trainer.preference.label_smoothing", self.label_smoothing, float, 0.0)
-        if self.label_smoothing >= 0.5:
-            raise ConfigError("trainer.preference.label_smoothing must be below 0.5, got "
-                              f"{self.label_smoothing}")
-        check_number("trainer.preference.gamma", self.gamma, float)
-        check_choice("trainer.preference.reference", self.reference, REFERENCES)
-        # a setting the chosen loss would ignore is a mistake to say, not to swallow
-        if self.label_smoothing > 0 and self.loss not in ("sigmoid", "simpo"):
-            raise ConfigError(
-                f"trainer.preference.label_smoothing={self.label_smoothing} has no meaning for "
-                f"loss={self.loss}: use loss=sigmoid or simpo, or label_smoothing=0")
-        if self.gamma != GAMMA and self.loss != "simpo":
-            raise ConfigError(
-                f"trainer.preference.gamma={self.gamma} is SimPO's target margin and has no "
-                f"meaning for loss={self.loss}: use loss=simpo, or leave gamma at {GAMMA}")
-        if self.reference != "auto" and self.loss not in ("sigmoid", "ipo"):
-            raise ConfigError(
-                f"trainer.preference.reference={self.reference}: loss={self.loss} uses no "
-                "reference model; leave reference=auto, or use loss=sigmoid or ipo")
 
 
 @dataclass(frozen=True)
@@ -131,7 +67,6 @@ class TrainerSettings:
     batch_size: int = 32              # examples per micro-batch, per rank under data parallelism
     grad_accum: int = 1               # micro-batches per optimizer step
     grad_clip: float = 1.0            # global-norm clip; 0 disables
-    label_smoothing: float = 0.0      # of the cross-entropy targets
     eval_every_steps: int | None = None  # None: once per epoch (and at the end)
     log_every_steps: int = 10         # train/* metrics averaged over this many steps
     batching: BatchingSettings = field(default_factory=BatchingSettings)  # dynamic batches
@@ -143,14 +78,13 @@ class TrainerSettings:
     flush_denormals: bool = True      # CPU: floats below 1.2e-38 are 0 (kernels/denormals.py)
     monitor: str = "val/accuracy"     # the metric that picks the best checkpoint
     monitor_mode: str = "max"         # max | min: which way `monitor` improves
-    distill: DistillConfig | None = None  # None: plain training; else the distillation loss
-    preference: PreferenceConfig | None = None  # a preference loss on data=preference pairs
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     model_schedule: list | None = None  # scheduled model operations (training/model_ops.py)
     requeue: bool = False             # SIGUSR1 (Slurm's time-limit warning): requeue the job
 
     def __post_init__(self) -> None:
-        for name, kind in NESTED:
+        for name, kind in (("schedule", LRSchedule), ("batching", BatchingSettings),
+                           ("distributed", DistributedConfig)):
             object.__setattr__(self, name, record(kind, getattr(self, name), f"trainer.{name}"))
         if self.max_epochs is None and self.max_steps is None:
             raise ConfigError("set trainer.max_epochs or trainer.max_steps")
@@ -165,14 +99,6 @@ class TrainerSettings:
         if str(self.fused_kernels).lower() not in (*kernels.MODES, "true", "false"):
             raise ConfigError(f"trainer.fused_kernels={self.fused_kernels!r}: expected auto, on "
                               "or off")
-        if self.distill and self.preference:
-            raise ConfigError("trainer.distill and trainer.preference are two losses: set one")
-        if self.preference and self.label_smoothing:  # the preference loss computes no CE
-            raise ConfigError(
-                f"trainer.label_smoothing={self.label_smoothing} smooths the cross-entropy's "
-                "targets, which a preference loss does not compute: use "
-                "trainer.preference.label_smoothing= (the chance a preference is flipped, "
-                "loss=sigmoid or simpo), or trainer.label_smoothing=0")
         object.__setattr__(self, "model_schedule", check_schedule(self.model_schedule) or None)
         if self.model_schedule and self.distributed.shard_optimizer:
             raise ConfigError("trainer.model_schedule does not work with trainer.distributed."
@@ -183,25 +109,10 @@ class TrainerSettings:
         return Batching(batch_size=self.batch_size, **dataclasses.asdict(self.batching))
 
 
-# The records nested under trainer (trainer.<field>.<key>), built into their classes above.
-NESTED = (("schedule", LRSchedule), ("batching", BatchingSettings), ("distill", DistillConfig),
-          ("preference", PreferenceConfig), ("distributed", DistributedConfig))
-
-
-def nested_keys(name: str) -> list[str]:
-    """The full keys of `trainer.<name>` when it is not a key of trainer itself but of a record
-    nested under it (trainer.beta -> trainer.preference.beta); [] otherwise. What train.py's
-    check of the command line names, instead of Hydra's "Key 'beta' is not in struct"."""
-    if name in {f.name for f in dataclasses.fields(TrainerSettings)}:
-        return []
-    return [f"trainer.{group}.{name}" for group, kind in NESTED
-            if name in {f.name for f in dataclasses.fields(kind)}]
-
-
 # (field, type, lower bound) of TrainerSettings' numeric keys; None values are not checked.
 NUMBERS = (
     ("max_epochs", int, 1), ("max_steps", int, 1), ("batch_size", int, 1),
-    ("grad_accum", int, 1), ("grad_clip", float, 0.0), ("label_smoothing", float, 0.0),
+    ("grad_accum", int, 1), ("grad_clip", float, 0.0),
     ("eval_every_steps", int, 1), ("log_every_steps", int, 1),
 )
 

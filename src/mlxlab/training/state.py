@@ -1,6 +1,7 @@
 """What one fit changes and what it tells others: `RunState` (lands in every checkpoint) with its
 `LogWindow` (the averages since the last logged line), `TrainContext` (the frozen view callbacks
-get), `Evaluation` and `FitResult`, and the two ways a fit ends early (`TrainingError`,
+get), `FitResult` (and `Evaluation`, which objectives/base.py defines: an objective's evaluate
+returns it), and the two ways a fit ends early (`TrainingError`,
 `TrainingInterrupted`).
 
 The floor of training/ beside settings.py: it imports no other module of training/, so callbacks
@@ -15,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
-import numpy as np
 
 from mlxlab.checkpoint.layout import CHECKPOINTS_DIR
 from mlxlab.errors import UserError
+from mlxlab.objectives.base import Evaluation  # noqa: F401  (public here too, as before)
 from mlxlab.runtime import distributed
 from mlxlab.tracking.base import Tracker
 
@@ -31,7 +32,7 @@ class TrainContext:
     """What a callback may know about the run it is in (Callback.setup receives it)."""
 
     world: distributed.World
-    task: str                      # "classification" | "lm"
+    task: str                      # the data's: "classification" | "lm" | "preference" | ...
     total_steps: int
     steps_per_epoch: int | None    # None: data of unknown length
     max_epochs: float              # math.inf when only max_steps bounds the run
@@ -43,34 +44,9 @@ class TrainContext:
     grad_accum: int
     optimizer: Any                 # the run's mlx.optimizers optimizer (its learning_rate, state)
     optimizer_state_mb: float      # this rank's share of the optimizer state
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """What evaluate() (evaluate.py) measured on the validation split."""
-
-    metrics: dict[str, float]          # <prefix>/loss, /accuracy, ... (training/metrics.py)
-    labels: np.ndarray | None = None   # classification: each validation row's label,
-    probs: np.ndarray | None = None    # and its predicted probabilities (rows x labels)
-
-    def state_dict(self) -> dict:
-        """For a checkpoint's state.json: the arrays as lists (floats survive JSON exactly) with
-        their dtypes, so a restored Evaluation writes byte-identical predictions."""
-        def arr(a: np.ndarray | None) -> dict | None:
-            return None if a is None else {"dtype": str(a.dtype), "values": a.tolist()}
-
-        return {"metrics": dict(self.metrics), "labels": arr(self.labels),
-                "probs": arr(self.probs)}
-
-    @classmethod
-    def from_state_dict(cls, state: dict | None) -> Evaluation | None:
-        if not state:
-            return None
-
-        def arr(a: dict | None) -> np.ndarray | None:
-            return None if a is None else np.asarray(a["values"], dtype=a["dtype"])
-
-        return cls(dict(state["metrics"]), arr(state.get("labels")), arr(state.get("probs")))
+    # the metric (and its mode) that breaks a tie on the monitor: the objective's loss
+    # (Objective.tie_break, checkpoint.choose_best); None: the later evaluation
+    tie_break: tuple[str, str] | None = None
 
 
 @dataclass

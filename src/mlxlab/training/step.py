@@ -15,8 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from mlxlab.objectives import losses
 from mlxlab.runtime import device, distributed
-from mlxlab.training import losses
 from mlxlab.training.optim import clip_by_global_norm
 from mlxlab.training.settings import TrainerSettings
 

@@ -1,9 +1,10 @@
 """The Trainer: the settings of the one training loop and what train.py built for it; `fit` runs
 the loop (loop.py `Fit`).
 
-`trainer=simple|distill|optimized` are configurations of its settings: distillation is a loss
-(distill.py), accumulation a compiled step variant (step.py), dynamic batching a data-side
-batching policy, and progress, early stopping and memory logging are callbacks. The settings
+`trainer=simple|optimized` are configurations of its settings: what it trains toward is an
+objective (objectives/: supervised, distillation, preference, ...; `objective=<name>`),
+accumulation a compiled step variant (step.py), dynamic batching a data-side batching policy, and
+progress, early stopping and memory logging are callbacks. The settings
 are read, never changed: what one `fit` builds and changes lives in that fit, so two calls of
 fit behave the same.
 """
@@ -16,14 +17,14 @@ from pathlib import Path
 import mlx.nn as nn
 
 from mlxlab.data.base import DataModule
+from mlxlab.objectives.base import Objective, TeacherLoader
+from mlxlab.objectives.supervised import Supervised
 from mlxlab.tracking.base import Tracker
 from mlxlab.training.callbacks import Callback
-from mlxlab.training.distill import TeacherLoader
 from mlxlab.training.loop import Fit
 from mlxlab.training.optim import OptimizerFactory, default_optimizer
-from mlxlab.training.settings import (  # noqa: F401  (configs saved before settings.py
+from mlxlab.training.settings import (  # noqa: F401  (public here too, as before)
     CheckpointPolicy,
-    DistillConfig,  # name mlxlab.training.trainer.DistillConfig: they keep building)
     DistributedConfig,
     TrainerSettings,
 )
@@ -38,10 +39,11 @@ class Trainer:
     """The one loop. Its knobs come in one frozen `TrainerSettings` (`conf/trainer/*.yaml`,
     training/settings.py); what it trains with comes in built: the optimizer as a partial
     (`conf/optimizer/*.yaml`, learning_rate = the peak of `settings.schedule`), the callbacks
-    (`conf/callbacks/*.yaml`), for distillation `load_teachers`, which turns
-    `trainer.distill.teachers` into models (train.py gives runs.load_teachers, so the loop never
-    reaches up into finished runs itself), and the checkpoint policy (`callbacks.checkpoint`;
-    its defaults when not given: checkpoints always exist)."""
+    (`conf/callbacks/*.yaml`), the objective (`conf/objective/*.yaml`; supervised training of
+    the data's labels when not given), `load_teachers`, which turns an objective's finished
+    runs (`objective.teachers`) into models (train.py gives runs.load_teachers, so neither the
+    loop nor the objectives reach up into finished runs themselves), and the checkpoint policy
+    (`callbacks.checkpoint`; its defaults when not given: checkpoints always exist)."""
 
     def __init__(
         self,
@@ -50,12 +52,14 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         load_teachers: TeacherLoader | None = None,
         checkpointing: CheckpointPolicy | None = None,
+        objective: Objective | None = None,
     ) -> None:
         self.settings = settings or TrainerSettings()
         self.optimizer_factory = optimizer or default_optimizer()
         self.callbacks = list(callbacks)
         self.load_teachers = load_teachers
         self.checkpointing = checkpointing or CheckpointPolicy()
+        self.objective = objective if objective is not None else Supervised()
 
     def fit(
         self,
@@ -69,6 +73,5 @@ class Trainer:
     ) -> FitResult:
         """Train `model` on `data`, tracked by `tracker`, checkpointed under `run_dir`; `resume`
         (a run or checkpoint folder) continues where it stopped. Returns the best evaluation."""
-        return Fit(self.settings, self.optimizer_factory, self.callbacks, self.load_teachers,
-                   self.checkpointing, model, data, tracker, Path(run_dir), config or {},
-                   dict(tags or {}), resume).run()
+        return Fit(self, model, data, tracker, Path(run_dir), config or {}, dict(tags or {}),
+                   resume).run()

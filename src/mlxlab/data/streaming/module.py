@@ -136,7 +136,7 @@ class StreamingText(DataModule):
         self.tokenizer = tokenizer_for(self.tokenizer_cfg, sample, save_to, self.cache_dir)
         self.vocab_size = self.full_vocab_size = self.tokenizer.get_vocab_size()
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)  # recorded in checkpoints
-        self.special_ids = special_ids(self.tokenizer)
+        self.special_ids = special_ids(self.tokenizer, self.tokenizer_cfg)
         log.info("%s: vocab %d, seq_len %d", self.source_name(), self.vocab_size, self.seq_len)
         if self.policies.reads_documents:
             documents = self.source.documents(self.streams.unshuffled_train())

@@ -12,13 +12,8 @@ from typing import Any
 import numpy as np
 
 from mlxlab.data.streaming.packing import SpecialIds
-from mlxlab.data.tokenizer import (
-    EOT_TOKENS,
-    PAD_TOKENS,
-    build_tokenizer,
-    find_token_id,
-    start_ids,
-)
+from mlxlab.data.tokenizer import build_tokenizer
+from mlxlab.data.tokenizer import special_ids as lm_special_ids
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +48,13 @@ def tokenizer_for(cfg: dict, sample: list[str], save_to: Path | None, cache_dir:
     return tokenizer
 
 
-def special_ids(tokenizer: Any) -> SpecialIds:
-    return SpecialIds(
-        eot=find_token_id(tokenizer, EOT_TOKENS, "end-of-text"),
-        bos=start_ids(tokenizer),  # a pretrained tokenizer's BOS starts documents
-        pad=find_token_id(tokenizer, PAD_TOKENS + EOT_TOKENS, "padding"),
-    )
+def special_ids(tokenizer: Any, cfg: dict | None = None) -> SpecialIds:
+    """End-of-text, start and padding ids of the streams: a given tokenizer's (data.tokenizer.path)
+    as its model folder names them (config.json, tokenizer_config.json: Gemma's <eos>), a trained
+    one's from EOT_TOKENS; a pretrained tokenizer's BOS starts documents."""
+    path = (cfg or {}).get("path")
+    eot, pad, bos = lm_special_ids(tokenizer, Path(path).parent if path else None)
+    return SpecialIds(eot=eot, bos=bos, pad=pad)
 
 
 def encode_documents(tokenizer: Any, ids: SpecialIds, docs: list[str]) -> list[np.ndarray]:

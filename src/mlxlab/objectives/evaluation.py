@@ -1,7 +1,9 @@
-"""Evaluation on the validation split: one function, `evaluate`, whose result (state.py
-`Evaluation`) carries both the metrics and, for classifiers, each row's label and probabilities
-(the confusion matrix and the predictions file of the best evaluation are drawn from them,
-artifacts.py)."""
+"""Evaluation on the validation split, two ways an objective's `evaluate` uses: by the
+cross-entropy of the data's task (`evaluate_cross_entropy`: classification metrics with each
+row's label and probabilities, from which training/artifacts.py draws the confusion matrix and the
+predictions file of the best evaluation; perplexity for language models), and by the objective's
+own loss and its aux metrics (`evaluate_by_loss`: preference pairs, anything whose quality its
+loss terms describe)."""
 
 from __future__ import annotations
 
@@ -10,20 +12,23 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxlab.data.batching import Batching
+from mlxlab.errors import UserError
+from mlxlab.objectives import losses, metrics
+from mlxlab.objectives.base import Evaluation, LossFn
 from mlxlab.runtime import distributed
-from mlxlab.training import losses, metrics
-from mlxlab.training.state import Evaluation, TrainingError
 
 
-def evaluate(model: nn.Module, data, batching: Batching, world: distributed.World | None = None,
-             prefix: str = "val", loss_fn: losses.LossFn | None = None) -> Evaluation:
-    """`model` on `data`'s validation batches, as `data.task` scores them. Under data parallelism
-    (`world`) each rank evaluates every N-th batch and the sums (and, for classifiers, the labels
-    and probabilities) are reduced over ranks. Preference pairs are scored by the run's
-    `loss_fn`: its loss and metrics (rewards/accuracy, ...) averaged over the pairs."""
+class EmptyValidation(UserError, RuntimeError):
+    """The validation split holds nothing to score; the message says how to hold some out."""
+
+
+def evaluate_cross_entropy(model: nn.Module, data, batching: Batching,
+                           world: distributed.World | None = None,
+                           prefix: str = "val") -> Evaluation:
+    """`model` on `data`'s validation batches, as `data.task` (classification | lm) scores them.
+    Under data parallelism (`world`) each rank evaluates every N-th batch and the sums (and, for
+    classifiers, the labels and probabilities) are reduced over ranks."""
     world = world or distributed.World()
-    if data.task == "preference":
-        return evaluate_loss(model, data.val_batches(batching), loss_fn, world, prefix)
     model.eval()
     total, count, probs, labels = 0.0, 0.0, [], []
     classifier = data.task == "classification"
@@ -50,7 +55,7 @@ def evaluate(model: nn.Module, data, batching: Batching, world: distributed.Worl
             probs = [world.gather_rows(
                 np.concatenate(probs) if probs else np.zeros((0, width), np.float32))]
     if count == 0:
-        raise TrainingError(
+        raise EmptyValidation(
             "the validation split is empty: hold out more (data.val_fraction for tables, "
             "data.splits.val_examples for streamed text) or add data"
         )
@@ -62,13 +67,11 @@ def evaluate(model: nn.Module, data, batching: Batching, world: distributed.Worl
                       all_labels, all_probs)
 
 
-def evaluate_loss(model: nn.Module, batches, loss_fn: losses.LossFn | None,
-                  world: distributed.World, prefix: str = "val") -> Evaluation:
+def evaluate_by_loss(model: nn.Module, batches, loss_fn: LossFn,
+                     world: distributed.World | None = None, prefix: str = "val") -> Evaluation:
     """The loss and its aux metrics over `batches`, each batch weighted by its aux["ntokens"]
     (the count its means are over: pairs for a preference loss), reduced over ranks."""
-    if loss_fn is None:
-        raise TrainingError("evaluating preference pairs needs the run's loss: "
-                            "evaluate(..., loss_fn=...)")
+    world = world or distributed.World()
     model.eval()
     sums: dict[str, float] = {}
     for k, batch in enumerate(batches):
@@ -89,6 +92,6 @@ def evaluate_loss(model: nn.Module, batches, loss_fn: losses.LossFn | None,
         sums = dict(zip(keys, world.sum_numbers([sums.get(k, 0.0) for k in keys], "evaluation")))
     count = sums.pop("ntokens", 0.0)
     if count == 0:
-        raise TrainingError("the validation split is empty: set data.val_file or raise "
+        raise EmptyValidation("the validation split is empty: set data.val_file or raise "
                             "data.val_fraction")
     return Evaluation({f"{prefix}/{k}": v / count for k, v in sums.items()})

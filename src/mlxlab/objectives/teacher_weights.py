@@ -1,4 +1,4 @@
-"""Learned weights for an ensemble of teachers (`trainer.distill.teacher_weights=learned`).
+"""Learned weights for an ensemble of teachers (`objective=distill objective.teacher_weights=learned`).
 
 The weights w = softmax(theta) that minimise the cross-entropy of the mixture sum_k w_k p_k(x)
 (each teacher at temperature 1) on the student's training rows: a teacher that is right where the
@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from mlxlab.training import losses
+from mlxlab.objectives import losses
 
 log = logging.getLogger(__name__)
 

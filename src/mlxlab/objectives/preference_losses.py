@@ -22,7 +22,7 @@ import numpy as np
 
 from mlxlab.errors import ConfigError
 
-# trainer.preference.loss: sigmoid = DPO (TRL's loss_type name), ipo, orpo, simpo
+# objective.loss: sigmoid = DPO (TRL's loss_type name), ipo, orpo, simpo
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "orpo", "simpo")
 # the losses that compare with a reference model (orpo and simpo need none)
 NEEDS_REFERENCE = ("sigmoid", "ipo")
@@ -55,7 +55,7 @@ class PairLoss(NamedTuple):
 def check_loss_name(name: str) -> None:
     if name not in PREFERENCE_LOSSES:
         raise ConfigError(
-            f"trainer.preference.loss={name!r} is not one of {list(PREFERENCE_LOSSES)}"
+            f"objective.loss={name!r} is not one of {list(PREFERENCE_LOSSES)}"
         )
 
 
@@ -162,7 +162,7 @@ def pair_loss(
     the log-probs reported are those the loss reads (sums for DPO, means for the others)."""
     check_loss_name(name)
     if name in NEEDS_REFERENCE and reference is None:
-        raise ConfigError(f"trainer.preference.loss={name} compares with a reference model")
+        raise ConfigError(f"objective.loss={name} compares with a reference model")
     extra: dict[str, mx.array] = {}
     if name == "sigmoid":
         chosen, rejected = policy.chosen, policy.rejected
@@ -173,7 +173,7 @@ def pair_loss(
         out = ipo(chosen, rejected, ref_chosen, ref_rejected, beta)
     elif name == "orpo":
         if chosen_nll is None:
-            raise ConfigError("trainer.preference.loss=orpo needs the chosen completions' NLL")
+            raise ConfigError("objective.loss=orpo needs the chosen completions' NLL")
         chosen, rejected = policy.means()
         out = orpo(chosen, rejected, beta)
         ratio = log_odds(chosen, rejected)

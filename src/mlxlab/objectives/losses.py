@@ -84,20 +84,20 @@ def task_loss(task: str, label_smoothing: float = 0.0, per_example: bool = False
     return loss_fn
 
 
-# trainer.distill.loss: the soft term (conf/trainer/distill.yaml). kl and reverse_kl compare the
+# objective.loss: the soft term (conf/objective/distill.yaml). kl and reverse_kl compare the
 # distributions at temperature T; mse compares the raw logits (no temperature).
 DISTILL_LOSSES = ("kl", "reverse_kl", "mse")
-# trainer.distill.kl_scale: t2 multiplies a KL by T^2 (Hinton et al. 2015: the soft gradients,
+# objective.kl_scale: t2 multiplies a KL by T^2 (Hinton et al. 2015: the soft gradients,
 # which scale as 1/T^2, keep their size as T changes); none is the plain alpha*CE + (1-alpha)*KL.
 KL_SCALES = ("t2", "none")
 
 
 def check_distill_form(loss: str, kl_scale: str) -> None:
-    """One line naming the key for an unknown trainer.distill.loss or trainer.distill.kl_scale."""
+    """One line naming the key for an unknown objective.loss or objective.kl_scale."""
     if loss not in DISTILL_LOSSES:
-        raise ConfigError(f"trainer.distill.loss={loss!r} is not one of {list(DISTILL_LOSSES)}")
+        raise ConfigError(f"objective.loss={loss!r} is not one of {list(DISTILL_LOSSES)}")
     if kl_scale not in KL_SCALES:
-        raise ConfigError(f"trainer.distill.kl_scale={kl_scale!r} is not one of {list(KL_SCALES)}")
+        raise ConfigError(f"objective.kl_scale={kl_scale!r} is not one of {list(KL_SCALES)}")
 
 
 def soft_cross_entropy_kl(student: mx.array, teacher_probs: mx.array, temperature: float) -> mx.array:
@@ -139,10 +139,10 @@ def teacher_logits(
 
 def _normalized_weights(teachers: Sequence[nn.Module], weights: Sequence[float] | None) -> list[float]:
     if not teachers:
-        raise ConfigError("distillation needs at least one teacher: set trainer.distill.teachers")
+        raise ConfigError("distillation needs at least one teacher: set objective.teachers")
     w = list(weights) if weights else [1.0] * len(teachers)
     if len(w) != len(teachers):
-        raise ConfigError(f"{len(teachers)} teachers but {len(w)} weights in trainer.distill.teachers")
+        raise ConfigError(f"{len(teachers)} teachers but {len(w)} weights in objective.teachers")
     return [x / float(sum(w)) for x in w]
 
 
@@ -169,7 +169,7 @@ def teacher_targets(
     loss: str = "kl",
 ) -> Callable[[Batch], mx.array]:
     """What the soft term of `loss` compares the student with: the teachers' probabilities at T
-    (kl, reverse_kl) or their logits (mse). distill.teacher_cache keeps these per example."""
+    (kl, reverse_kl) or their logits (mse). objectives/distill.py teacher_cache keeps these per example."""
     if loss == "mse":
         return teacher_logits(teachers, weights)
     return teacher_probabilities(teachers, weights, temperature)
@@ -196,7 +196,7 @@ def distillation_loss(
     Per example (classifiers) or per scored token (language models), as in task_loss; several
     teachers are averaged (teacher_targets). `cache`: the teacher targets of every training
     example, (N, num_labels), looked up by batch["index"] instead of running the teachers in every
-    step (distill.teacher_cache builds it for fixed datasets). aux holds `ce` and the soft term
+    step (objectives/distill.py teacher_cache builds it for fixed datasets). aux holds `ce` and the soft term
     under the loss's name (kl, reverse_kl, mse). per_example=True adds each example's hard-label
     CE (`example_loss`) and the teachers' (`example_teacher_loss`: the CE of softmax(T * log p_T),
     which is the teacher's own distribution for one teacher; of the logits for mse).

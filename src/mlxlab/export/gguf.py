@@ -1,0 +1,432 @@
+"""A float Hugging Face decoder folder as one GGUF file, the format llama.cpp, Ollama and LM Studio
+read: tensors renamed and laid out as llama.cpp's own converter (convert_hf_to_gguf.py) writes
+them, its metadata keys, the tokenizer as a GGUF vocabulary (tokens, token types, merges,
+pre-tokenizer, special tokens, chat template), and the weights in F32 / F16 / BF16 / Q8_0 /
+Q4_0 / Q4_1, quantized by the `gguf` package (llama.cpp's own Python; its Q8_0 is bit-exact with
+the C code).
+
+    write_gguf(folder, "model.gguf", quant="q8_0", description=None) -> report dict
+
+The folder is what `mlxlab export --format hf` writes (LoRA already fused), a pretrained float
+folder, or an mlx-lm quantized folder: its 4-bit weights at group size 32 go out as Q4_1 block for
+block (the same affine layout: no round trip through float), other quantized weights through
+float into the asked type. What differs per architecture is in `ARCHITECTURES`: the GGUF architecture, and the few
+tensors llama.cpp stores differently from transformers (Llama's query/key rows interleaved for
+its rotary layout; Gemma's norms stored as 1 + w). Everything else is the `gguf` package's:
+the tensor-name map, the writer, the special-token and merges reader, the quantizers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlxlab.errors import ConfigError
+
+# --quant -> (GGML tensor type for 2-D weights, llama.cpp's file type); 1-D tensors (norms,
+# biases) stay F32 as llama.cpp keeps them.
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+
+
+class GGUFExportError(ConfigError):
+    """The folder cannot be written as GGUF; the message says what is possible."""
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as err:  # pragma: no cover - gguf is a dependency of the export path
+        raise GGUFExportError("GGUF export needs the `gguf` package: pip install gguf") from err
+    return gguf
+
+
+def _types() -> dict[str, tuple]:
+    g = _gguf()
+    T, F = g.GGMLQuantizationType, g.LlamaFileType
+    return {"f32": (T.F32, F.ALL_F32), "f16": (T.F16, F.MOSTLY_F16),
+            "bf16": (T.BF16, F.MOSTLY_BF16), "q8_0": (T.Q8_0, F.MOSTLY_Q8_0),
+            "q4_0": (T.Q4_0, F.MOSTLY_Q4_0), "q4_1": (T.Q4_1, F.MOSTLY_Q4_1)}
+
+
+# --- per-architecture differences -------------------------------------------------------------
+
+def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """transformers' Llama keeps each head's rotary pairs as two halves; llama.cpp's LLAMA graph
+    rotates adjacent pairs, so its converter interleaves the rows of q_proj and k_proj (the
+    inverse of what transformers' GGUF loader undoes)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _llama_tensor(name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    if name.endswith("self_attn.q_proj.weight"):
+        return _permute_rotary(w, config["num_attention_heads"])
+    if name.endswith("self_attn.k_proj.weight"):
+        return _permute_rotary(w, config.get("num_key_value_heads",
+                                             config["num_attention_heads"]))
+    return w
+
+
+def _gemma_tensor(name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's by weight
+    return w + 1 if name.endswith("norm.weight") else w
+
+
+def _same(name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    return w
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one transformers model_type becomes llama.cpp's architecture."""
+
+    gguf_arch: str                  # gguf.MODEL_ARCH member name
+    tensor: Callable[[str, np.ndarray, dict], np.ndarray] = _same
+    rope_dims: bool = False         # writes rope.dimension_count (head_dim * partial rotary)
+    head_dims: bool = False         # writes attention.key_length / value_length (head_dim)
+    sliding_window: bool = False    # writes attention.sliding_window
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("LLAMA", _llama_tensor, rope_dims=True),
+    "mistral": Architecture("LLAMA", _llama_tensor, rope_dims=True),
+    "qwen2": Architecture("QWEN2"),
+    "qwen3": Architecture("QWEN3", head_dims=True),
+    "gemma3_text": Architecture("GEMMA3", _gemma_tensor, head_dims=True, sliding_window=True),
+    "phi3": Architecture("PHI3", rope_dims=True),
+}
+
+
+def architecture_of(config: dict) -> Architecture:
+    kind = config.get("model_type")
+    if kind not in ARCHITECTURES:
+        raise GGUFExportError(
+            f"model_type={kind!r} has no GGUF export here; mlxlab writes GGUF for "
+            f"{sorted(ARCHITECTURES)} (others: --format hf, then llama.cpp's convert_hf_to_gguf.py)")
+    scaling = config.get("rope_scaling") or {}
+    kind_of_scaling = scaling.get("rope_type", scaling.get("type"))
+    if kind_of_scaling not in (None, "default", "linear", "llama3"):
+        raise GGUFExportError(f"rope_scaling type {kind_of_scaling!r} is not written to GGUF "
+                              "here (default, linear and llama3 are)")
+    return ARCHITECTURES[kind]
+
+
+# --- reading the folder -----------------------------------------------------------------------
+
+def _read_tensors(folder: Path, quantization: dict | None
+                  ) -> Iterator[tuple[str, np.ndarray | None, tuple | None]]:
+    """(transformers name, float32 array, None) of each tensor in the folder's safetensors; for
+    a weight mlx-lm quantized, (name, None, (packed, scales, biases, group_size, bits)) instead,
+    its scales and biases not listed apart."""
+    import mlx.core as mx  # reads bf16 and mlx-lm's packed uint32 weights alike
+
+    files = sorted(f for f in folder.glob("*.safetensors") if not f.name.startswith("adapters"))
+    if not files:
+        raise GGUFExportError(f"no *.safetensors in {folder}")
+    for file in files:
+        tensors = mx.load(str(file))
+        for name, value in tensors.items():
+            base = name.rsplit(".", 1)[0]
+            if name.endswith((".scales", ".biases")) and base + ".weight" in tensors:
+                continue
+            if value.dtype == mx.uint32 and base + ".scales" in tensors:
+                layer = (quantization or {}).get(base, quantization) or {}
+                yield name, None, (value, tensors[base + ".scales"], tensors[base + ".biases"],
+                                   layer.get("group_size", 64), layer.get("bits", 4))
+            else:
+                yield name, np.array(value.astype(mx.float32)), None
+
+
+def _check_quantized(config: dict) -> None:
+    q = config.get("quantization")
+    if "quantization_config" in config and q is None:
+        raise GGUFExportError("the folder's quantization_config is not mlx-lm's layout: export a "
+                              "float folder")
+    if q is not None and q.get("mode", "affine") != "affine":
+        raise GGUFExportError(f"mlx-lm quantization mode {q['mode']!r} has no GGUF type: export a "
+                              "float folder")
+
+
+def _dequantize(packed: tuple) -> np.ndarray:
+    import mlx.core as mx
+
+    w, scales, biases, group_size, bits = packed
+    return np.array(mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+                    .astype(mx.float32))
+
+
+def _as_q4_1(packed: tuple, rows: Callable[[np.ndarray], np.ndarray]):
+    """mlx-lm's 4-bit affine layout at group size 32 is GGUF's Q4_1 block for block: w = scale * q
+    + bias = d * q + m. Repacked without going through float: MLX keeps 8 values in a uint32,
+    lowest nibble first; a Q4_1 block is d, m (f16) and 16 bytes whose low nibbles are values
+    0-15 and high nibbles values 16-31. `rows` reorders rows (Llama's rotary interleave)."""
+    w, scales, biases, _, _ = packed
+    q = np.array(w).view(np.uint8)  # little-endian: byte k holds values 2k (low), 2k+1 (high)
+    values = np.stack([q & 0xF, q >> 4], axis=-1).reshape(q.shape[0], -1)  # (out, in)
+    values = rows(values)
+    blocks = values.reshape(values.shape[0], -1, 32)
+    nibbles = (blocks[..., :16] | (blocks[..., 16:] << 4)).astype(np.uint8)
+    d = rows(np.array(scales.astype(_mx().float16))).view(np.uint8).reshape(*blocks.shape[:2], 2)
+    m = rows(np.array(biases.astype(_mx().float16))).view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return np.concatenate([d, m, nibbles], axis=-1).reshape(values.shape[0], -1)
+
+
+def _mx():
+    import mlx.core as mx
+
+    return mx
+
+
+# --- the tokenizer ----------------------------------------------------------------------------
+
+_PRE_TOKENIZERS = {
+    # tokenizer.json's split pattern -> llama.cpp's pre-tokenizer name (tokenizer.ggml.pre)
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+
+
+def _pre_tokenizer(tokenizer_json: dict) -> str:
+    """llama.cpp's name for how this tokenizer splits text before merging: GPT-2's byte-level
+    regex, or a Split pattern it knows; anything else is refused (llama.cpp would split text
+    differently and encode other ids)."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    for part in parts:
+        if part.get("type") == "Split":
+            pattern = part.get("pattern", {}).get("Regex")
+            if pattern in _PRE_TOKENIZERS:
+                return _PRE_TOKENIZERS[pattern]
+            raise GGUFExportError(f"tokenizer.json splits text with a pattern llama.cpp has no "
+                                  f"name for ({str(pattern)[:40]}...): not exported")
+    if any(p.get("type") == "ByteLevel" and p.get("use_regex", True) for p in parts):
+        return "gpt-2"
+    raise GGUFExportError("tokenizer.json is not a byte-level BPE (GGUF export here writes "
+                          "byte-level BPE vocabularies, as Llama 3, Qwen and Phi-4 use)")
+
+
+def _token_table(spec: dict, vocab_size: int, kind_of, g) -> tuple[list[str], list]:
+    """Tokens in id order (ids the file's tokenizer does not use: `[PADn]`, UNUSED) and their
+    GGUF types: added special tokens CONTROL, other added tokens USER_DEFINED, `kind_of(text)`
+    for the model's own vocabulary."""
+    vocab: dict[str, int] = dict(spec["model"]["vocab"])
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    for content, token in added.items():
+        vocab[content] = token["id"]
+    size = max(vocab_size, max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [g.TokenType.UNUSED] * size
+    for text, index in vocab.items():
+        tokens[index] = text
+        token = added.get(text)
+        types[index] = (kind_of(text) if token is None else
+                        g.TokenType.CONTROL if token.get("special") else g.TokenType.USER_DEFINED)
+    return tokens, types
+
+
+def _write_vocab(writer, folder: Path, vocab_size: int) -> dict:
+    """tokens, token types, merges or scores, pre-tokenizer, special ids and the chat template.
+
+    Two kinds of BPE: byte-level (GPT-2's byte alphabet: Llama 3, Qwen, Phi-4), written as
+    llama.cpp's "gpt2" model with its merges and pre-tokenizer; and sentencepiece-style with
+    byte fallback (a "▁" for the space, `<0xNN>` byte tokens: Llama 2, Mistral, Gemma's
+    tokenizer.json), written as its "llama" model, where merge order is the score (-id: a BPE
+    vocabulary numbers its tokens in the order their merges were learned)."""
+    g = _gguf()
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        raise GGUFExportError(f"{folder} has no tokenizer.json (a GGUF carries its tokenizer)")
+    spec = json.loads(file.read_text())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise GGUFExportError("only BPE tokenizers (tokenizer.json model.type BPE) export to GGUF "
+                              "here; a unigram sentencepiece model needs llama.cpp's converter")
+    if model.get("byte_fallback"):
+        unk = model.get("unk_token")
+
+        def kind_of(text: str):
+            if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+                return g.TokenType.BYTE
+            return g.TokenType.UNKNOWN if text == unk else g.TokenType.NORMAL
+
+        tokens, types = _token_table(spec, vocab_size, kind_of, g)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(_prepends_space(spec))
+        special = g.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens))
+        pre, merges = "default", 0
+    else:
+        pre = _pre_tokenizer(spec)
+        tokens, types = _token_table(spec, vocab_size, lambda text: g.TokenType.NORMAL, g)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        special = g.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+        merges = len(special.merges)
+    special.add_to_gguf(writer)  # merges, bos/eos/pad/unk ids, add_bos flag, chat template
+    return {"tokens": len(tokens), "model": "llama" if model.get("byte_fallback") else "gpt2",
+            "pre_tokenizer": pre, "merges": merges, "special": dict(special.special_token_ids),
+            "chat_template": bool(special.chat_template)}
+
+
+def _prepends_space(spec: dict) -> bool:
+    """Whether the tokenizer puts "▁" before the text (sentencepiece's add_dummy_prefix): a
+    Metaspace pre-tokenizer that prepends, or a normalizer that does."""
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "Metaspace":
+        return pre.get("prepend_scheme", "always") != "never"
+    norm = spec.get("normalizer") or {}
+    parts = norm.get("normalizers", [norm])
+    return any(p.get("type") == "Prepend" for p in parts)
+
+
+# --- metadata ---------------------------------------------------------------------------------
+
+def _head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def _write_hparams(writer, config: dict, arch: Architecture, file_type) -> None:
+    c = config
+    writer.add_context_length(c.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(c["hidden_size"])
+    writer.add_block_count(c["num_hidden_layers"])
+    writer.add_feed_forward_length(c["intermediate_size"])
+    writer.add_head_count(c["num_attention_heads"])
+    writer.add_head_count_kv(c.get("num_key_value_heads", c["num_attention_heads"]))
+    writer.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
+    rope = c.get("rope_parameters") or {}
+    writer.add_rope_freq_base(float(c.get("rope_theta", rope.get("rope_theta", 10000.0))))
+    writer.add_vocab_size(c["vocab_size"])
+    writer.add_file_type(file_type)
+    if arch.rope_dims:
+        writer.add_rope_dimension_count(int(_head_dim(c) * c.get("partial_rotary_factor", 1.0)))
+    if arch.head_dims:
+        writer.add_key_length(_head_dim(c))
+        writer.add_value_length(_head_dim(c))
+    if arch.sliding_window and c.get("sliding_window"):
+        writer.add_sliding_window(c["sliding_window"])
+    scaling = c.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) == "linear":
+        writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+
+
+def _llama3_rope_factors(config: dict) -> np.ndarray:
+    """llama.cpp keeps Llama 3's frequency-dependent rope scaling as a tensor (rope_freqs) of
+    one factor per rotary frequency, computed as its converter computes it."""
+    s, dim = config["rope_scaling"], _head_dim(config)
+    base = float(config.get("rope_theta", 10000.0))
+    factor, low, high = s.get("factor", 8.0), s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old = s.get("original_max_position_embeddings", 8192)
+    factors = []
+    for freq in 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float32) / dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+# --- tensors ----------------------------------------------------------------------------------
+
+def _encode(w: np.ndarray, qtype):
+    """(data, raw dtype) for the writer: 1-D tensors in F32; a 2-D one whose rows are not whole
+    32-value blocks falls back to F16, as llama.cpp's converter does."""
+    g = _gguf()
+    T = g.GGMLQuantizationType
+    if w.ndim <= 1 or qtype == T.F32:
+        return w.astype(np.float32), T.F32
+    if qtype == T.F16:
+        return w.astype(np.float16), T.F16
+    block = g.GGML_QUANT_SIZES[qtype][0]
+    if w.shape[-1] % block:
+        return w.astype(np.float16), T.F16
+    return g.quants.quantize(w, qtype), qtype
+
+
+def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype) -> dict:
+    """Every tensor under llama.cpp's name and layout; returns how many went out as which type
+    ("Q4_1 (direct)": an mlx-lm 4-bit weight repacked without a float round trip)."""
+    g = _gguf()
+    name_map = g.get_tensor_name_map(g.MODEL_ARCH[arch.gguf_arch], config["num_hidden_layers"])
+    counts: dict[str, int] = {}
+    tied = config.get("tie_word_embeddings", False)
+    for name, w, packed in _read_tensors(folder, config.get("quantization")):
+        if tied and name == "lm_head.weight":
+            continue  # the GGUF reads the embedding as the output (no output.weight)
+        base, _, suffix = name.rpartition(".")
+        gguf_name = name_map.get_name(base)
+        if gguf_name is None:
+            raise GGUFExportError(f"tensor {name} has no llama.cpp name for {arch.gguf_arch}")
+        if packed is not None and qtype == g.GGMLQuantizationType.Q4_1 and packed[3:] == (32, 4):
+            rows = lambda a, name=name: arch.tensor(name, a, config)  # noqa: E731
+            data, kind, label = _as_q4_1(packed, rows), qtype, "Q4_1 (direct)"
+        else:
+            if packed is not None:
+                w = _dequantize(packed)  # another group size or type: through float
+            data, kind = _encode(arch.tensor(name, w, config), qtype)
+            label = kind.name
+        writer.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=kind)
+        counts[label] = counts.get(label, 0) + 1
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        writer.add_tensor(g.TENSOR_NAMES[g.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                          _llama3_rope_factors(config))
+        counts["F32"] = counts.get("F32", 0) + 1
+    return counts
+
+
+def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
+               description: str | None = None, name: str | None = None) -> dict:
+    """Write the float decoder folder as one GGUF file at `out` (written beside it under a
+    temporary name, then renamed: an interrupted export leaves no half file); returns what was
+    written (architecture, tensor types, vocabulary)."""
+    g = _gguf()
+    folder, out = Path(folder), Path(out)
+    if quant not in QUANTS:
+        raise GGUFExportError(f"--quant {quant!r}: the gguf package writes {list(QUANTS)} "
+                              "(K-quants need llama.cpp's llama-quantize)")
+    config = json.loads((folder / "config.json").read_text())
+    _check_quantized(config)
+    arch = architecture_of(config)
+    qtype, file_type = _types()[quant]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    writer = g.GGUFWriter(str(partial), g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]])
+    try:
+        writer.add_name(name or folder.name)
+        if description:
+            writer.add_description(description)
+        _write_hparams(writer, config, arch, file_type)
+        vocab = _write_vocab(writer, folder, config["vocab_size"])
+        writer.add_quantization_version(g.GGML_QUANT_VERSION)
+        tensors = _write_tensors(writer, folder, config, arch, qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, out)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    return {"gguf": str(out), "architecture": g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]],
+            "quant": quant, "tensor_types": tensors, "vocab": vocab,
+            "bytes": out.stat().st_size}

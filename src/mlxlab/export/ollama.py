@@ -1,0 +1,92 @@
+"""An Ollama `Modelfile` beside an exported GGUF: `ollama create NAME -f Modelfile` then runs it.
+
+Ollama's TEMPLATE is a Go template, not Jinja, so a model's chat template cannot be translated in
+general. The common styles can: the folder's template is rendered on a fixed probe chat and the
+text compared with what each known style writes; a match gets that style's Go template, written
+by hand below after Ollama's own library templates. No match: no TEMPLATE line, and a comment
+says so (Ollama then falls back on the template the GGUF carries, `tokenizer.chat_template`,
+for the templates it recognises). The stop tokens are the style's end of turn and the
+tokenizer's end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlxlab.data.chat import load_chat_template
+from mlxlab.errors import ConfigError
+
+PROBE = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "USR"},
+         {"role": "assistant", "content": "ANS"}]
+
+# style -> (what the Jinja template renders for PROBE (a substring test), Go template, stops)
+STYLES: dict[str, tuple[str, str, list[str]]] = {
+    "chatml": (
+        "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nUSR<|im_end|>\n"
+        "<|im_start|>assistant\nANS<|im_end|>",
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+        "{{ end }}<|im_start|>assistant\n",
+        ["<|im_end|>"]),
+    "llama3": (
+        "<|start_header_id|>system<|end_header_id|>\n\nSYS<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nUSR<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nANS<|eot_id|>",
+        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+        "{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+        ["<|eot_id|>"]),
+    "gemma": (
+        "<start_of_turn>user\nSYS\n\nUSR<end_of_turn>\n<start_of_turn>model\nANS<end_of_turn>",
+        # Gemma has no system turn: its template puts the system text before the first user
+        # message (a Go template variable carries it there)
+        "{{- $sys := \"\" }}{{- range .Messages }}{{- if eq .Role \"system\" }}"
+        "{{ $sys = .Content }}{{- else if eq .Role \"user\" }}<start_of_turn>user\n"
+        "{{ if $sys }}{{ $sys }}\n\n{{ $sys = \"\" }}{{ end }}{{ .Content }}<end_of_turn>\n"
+        "{{ else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}"
+        "<end_of_turn>\n{{ end }}{{- end }}<start_of_turn>model\n",
+        ["<end_of_turn>"]),
+    "phi3": (
+        "<|system|>\nSYS<|end|>\n<|user|>\nUSR<|end|>\n<|assistant|>\nANS<|end|>",
+        "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
+        ["<|end|>"]),
+}
+
+
+def chat_style(folder: Path) -> str | None:
+    """The known style the folder's chat template writes, or None (no template, or another)."""
+    try:
+        rendered = load_chat_template(folder).render(PROBE)
+    except (ConfigError, Exception):  # noqa: BLE001 - a template that cannot render PROBE
+        return None
+    for name, (probe_text, _, _) in STYLES.items():
+        if probe_text in rendered:
+            return name
+    return None
+
+
+def _eos(folder: Path) -> str | None:
+    file = folder / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    token = json.loads(file.read_text()).get("eos_token")
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def write_modelfile(folder: Path, gguf_file: Path) -> dict:
+    """Modelfile beside `gguf_file` (FROM it by its file name); returns the style and stops."""
+    style = chat_style(folder)
+    stops: list[str] = list(STYLES[style][2]) if style else []
+    eos = _eos(folder)
+    if eos and eos not in stops:
+        stops.append(eos)
+    lines = [f"FROM ./{gguf_file.name}", ""]
+    if style:
+        lines += [f'TEMPLATE """{STYLES[style][1]}"""', ""]
+    else:
+        lines += ["# No TEMPLATE: the model's chat template is none of the styles mlxlab",
+                  "# translates (ChatML, Llama 3, Gemma, Phi-3); Ollama reads the Jinja template",
+                  "# the GGUF carries (tokenizer.chat_template) where it recognises it.", ""]
+    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
+    path = gguf_file.with_name("Modelfile")
+    path.write_text("\n".join(lines) + "\n")
+    return {"modelfile": str(path), "chat_style": style, "stop": stops}

@@ -1,0 +1,279 @@
+"""GRPO (Shao et al. 2024) as an objective of the one loop: online RL with verifiable rewards,
+the first objective that makes its own batches (objective=grpo, data=prompts).
+
+Per batch of prompts the data module hands out (data/prompts.py): G = num_generations
+completions of each are sampled from the training model (rollouts.py: KV cache, temperature,
+top-p, top-k, the objective's own mx.random key), scored by the rewards (rewards.py: weighted
+`(prompts, completions, **columns)` callables), turned into group-normalised advantages, and
+the rollout batch is kept in a buffer that `num_iterations` (mu) optimizer steps read, as TRL's
+GRPOTrainer buffers a generation for mu passes. With mu > 1 the buffer holds the log-probs at
+generation time (the old policy of the clipped ratio); with beta > 0 the reference's (the
+policy with its LoRA adapters off: models/lora.py `adapters_off`, no second copy), computed
+once per generation outside the step. The loss (grpo_loss.py) is TRL's: grpo, dr_grpo or dapo.
+
+Everything that decides the next batch is in `state_dict`: the generator's key, the buffer and
+how many of its passes are done, the metric sums since the last logged line. A run SIGKILLed between two steps resumes to the same bits (tests/test_grpo.py).
+
+Metrics are TRL's names: per step (train/...) reward, reward_std, rewards/<fn>/mean and /std,
+frac_reward_zero_std, completions/mean_length, /min_length, /max_length, /clipped_ratio (from
+the rollouts, objective.logs) and kl, entropy, clip_ratio/low_mean, /high_mean, /region_mean
+(from the loss); at each evaluation val/reward, val/rewards/<fn>/mean, ... on one completion
+of every validation prompt (eval_temperature 0: greedy), with sample completions logged as the
+artifact grpo_samples/step_<step>.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from mlxlab.data.batching import Batch, Batching
+from mlxlab.data.prompts import PromptRows
+from mlxlab.errors import ConfigError
+from mlxlab.models.lora import LoRALinear, adapters_off
+from mlxlab.objectives.base import Evaluation, Objective, ObjectiveSetup, pack_array, unpack_array
+from mlxlab.objectives.grpo_loss import (
+    check_loss_settings,
+    group_advantages,
+    policy_loss,
+    token_logps,
+)
+from mlxlab.objectives.rewards import build_rewards, score, total
+from mlxlab.objectives.rollouts import Sampling, batch_width, rollout_batch, sample_completions
+from mlxlab.runtime import distributed
+from mlxlab.stats import MetricDefinition
+from mlxlab.validation import check_number
+
+log = logging.getLogger(__name__)
+
+SAMPLES = "grpo_samples"
+BUILTIN_REWARDS = ("exact_answer", "numeric_answer", "regex_format", "length")
+
+
+class GRPO(Objective):
+    """Group relative policy optimization on data=prompts (module docstring); the arguments
+    are TRL's GRPOConfig names (epsilon: the lower clip, epsilon_high: the upper, default
+    epsilon)."""
+
+    name = "grpo"
+
+    def __init__(self, rewards: Sequence[Mapping], num_generations: int = 8,
+                 num_iterations: int = 1, loss_type: str = "dapo", beta: float = 0.0,
+                 epsilon: float = 0.2, epsilon_high: float | None = None,
+                 scale_rewards: str = "group", max_completion_length: int = 64,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 eval_temperature: float = 0.0, log_completions: int = 8, seed: int = 0) -> None:
+        check_number("objective.num_generations", num_generations, int, 2)
+        check_number("objective.num_iterations", num_iterations, int, 1)
+        check_number("objective.max_completion_length", max_completion_length, int, 1)
+        check_number("objective.log_completions", log_completions, int, 0)
+        if temperature <= 0 or eval_temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ConfigError(f"objective: need temperature > 0 (got {temperature}), "
+                              f"eval_temperature >= 0 ({eval_temperature}), 0 < top_p <= 1 "
+                              f"({top_p}), top_k >= 0 ({top_k})")
+        epsilon_high = epsilon if epsilon_high is None else epsilon_high
+        check_loss_settings(loss_type, scale_rewards, epsilon, epsilon_high, beta)
+        if isinstance(rewards, DictConfig | ListConfig):
+            rewards = OmegaConf.to_container(rewards, resolve=True)
+        self.rewards = build_rewards(rewards)
+        self.group, self.mu, self.loss_type = int(num_generations), int(num_iterations), loss_type
+        self.beta, self.eps_low, self.eps_high = float(beta), float(epsilon), float(epsilon_high)
+        self.scale_rewards, self.temperature = scale_rewards, float(temperature)
+        self.sampling = Sampling(int(max_completion_length), float(temperature), float(top_p),
+                                 int(top_k))
+        self.eval_sampling = Sampling(int(max_completion_length), float(eval_temperature),
+                                      float(top_p), int(top_k))
+        self.log_completions, self.seed = int(log_completions), int(seed)
+        self._key = mx.random.key(self.seed)
+        self._buffer: dict[str, np.ndarray] | None = None
+        self._passes = 0
+        self._sums: dict[str, float] = {}
+        self._fills = 0
+        self.width = 0
+        self.tracker = None
+
+    # --- setup and state ------------------------------------------------------------------------
+
+    def setup(self, setup: ObjectiveSetup) -> None:
+        data, model = setup.data, setup.model
+        if not isinstance(data, PromptRows):
+            raise ConfigError(f"objective=grpo samples completions of prompts, not of "
+                              f"{type(data).__name__}: set data=prompts (or experiment=grpo_*)")
+        if self.beta and not any(isinstance(m, LoRALinear) for m in model.modules()):
+            raise ConfigError(f"objective.beta={self.beta} measures the KL to the reference, the "
+                              "model with its LoRA adapters off: set model.lora.rank > 0, or "
+                              "objective.beta=0")
+        self.width = batch_width(data.longest_prompt(), self.sampling.max_new_tokens,
+                                 model.max_seq_len)
+        self.stop_ids, self.pad_id = data.stop_ids(), data.pad_id
+        self.decode = data.tokenizer.decode
+        self.tracker = setup.tracker
+
+    def state_dict(self) -> dict:
+        buffer = None if self._buffer is None else {
+            k: pack_array(v) for k, v in self._buffer.items()}
+        return {"key": pack_array(np.array(self._key)), "buffer": buffer, "passes": self._passes,
+                "sums": dict(self._sums), "fills": self._fills}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._key = mx.array(unpack_array(state["key"]))
+        buffer = state.get("buffer")
+        self._buffer = None if buffer is None else {k: unpack_array(v) for k, v in buffer.items()}
+        self._passes, self._fills = int(state["passes"]), int(state["fills"])
+        self._sums = {k: float(v) for k, v in state["sums"].items()}
+
+    # --- the batches it makes -------------------------------------------------------------------
+
+    def batches_per_data_batch(self) -> int:
+        return self.mu
+
+    def train_batches(self, data: Any, batching: Batching, epoch: int,
+                      model: nn.Module) -> Iterator[Batch]:
+        """The buffer's passes left (a resumed run's first), then per batch of prompts: a
+        generation and its mu passes."""
+        yield from self._drain()
+        for prompt_batch in data.train_batches(batching, epoch):
+            self._fill(model, data, np.array(prompt_batch["index"]))
+            yield from self._drain()
+
+    def _drain(self) -> Iterator[Batch]:
+        while self._buffer is not None and self._passes < self.mu:
+            self._passes += 1  # counted when handed out, as the data module counts its batches
+            yield {k: mx.array(v) for k, v in self._buffer.items()}
+
+    def _fill(self, model: nn.Module, data: Any, index: np.ndarray) -> None:
+        """One generation: completions sampled, scored, the rollout batch buffered."""
+        prompts, ids, columns = data.prompts("train", index)
+        self._key, key = mx.random.split(self._key)
+        completions = sample_completions(model, ids, self.group, self.sampling, self.stop_ids,
+                                         key)
+        table, rewards, texts = self._score(prompts, completions, columns, self.group)
+        advantages, std_zero = group_advantages(rewards, self.group, self.scale_rewards)
+        batch = rollout_batch(ids, completions, self.group, self.width, self.pad_id)
+        batch["advantages"] = advantages
+        if self.mu > 1:  # the old policy of the clipped ratio: the model at generation time
+            batch["old_logps"] = self._logps(model, batch)
+        if self.beta:
+            with adapters_off(model):
+                batch["ref_logps"] = self._logps(model, batch)
+        self._buffer, self._passes = batch, 0
+        self._add_logs(table, rewards, std_zero, completions)
+
+    def _score(self, prompts: list, completions: list[np.ndarray], columns: dict[str, list],
+               group: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(each reward of each completion, their weighted sum, the completions as text)."""
+        stops = set(self.stop_ids)
+        texts = [self.decode([t for t in c.tolist() if t not in stops], skip_special_tokens=True)
+                 for c in completions]
+        repeated = {k: [v for v in values for _ in range(group)] for k, values in columns.items()}
+        prompts = [p for p in prompts for _ in range(group)]
+        table = score(self.rewards, prompts, texts, repeated)
+        return table, total(table, self.rewards), texts
+
+    def _logps(self, model: nn.Module, batch: dict[str, np.ndarray], rows: int = 16
+               ) -> np.ndarray:
+        """The model's log-prob of each label token (eval mode, no gradient), `rows` at a time."""
+        training = model.training
+        model.eval()
+        try:
+            parts = []
+            for start in range(0, len(batch["input_ids"]), rows):
+                logits = model(mx.array(batch["input_ids"][start:start + rows]))
+                logps, _ = token_logps(logits, mx.array(batch["labels"][start:start + rows]),
+                                       self.temperature)
+                parts.append(np.array(logps, np.float32))
+            return np.concatenate(parts)
+        finally:
+            model.train(training)
+
+    # --- the loss (compiled by the step) --------------------------------------------------------
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
+        mask = batch["loss_mask"]
+        logps, entropy = token_logps(model(batch["input_ids"]), batch["labels"],
+                                     self.temperature)
+        loss, metrics, (tokens, completions) = policy_loss(
+            self.loss_type, logps, batch["advantages"], mask, batch.get("old_logps"),
+            batch.get("ref_logps"), self.beta, self.eps_low, self.eps_high,
+            self.sampling.max_new_tokens)
+        metrics["entropy"] = mx.stop_gradient((entropy * mask).sum() / mx.maximum(tokens, 1.0))
+        # what the loss is a mean over: tokens (dapo), else completions (a padding row: none)
+        return loss, {"ntokens": tokens if self.loss_type == "dapo" else completions, **metrics}
+
+    # --- logs and evaluation --------------------------------------------------------------------
+
+    def _add_logs(self, table: np.ndarray, rewards: np.ndarray, std_zero: np.ndarray,
+                  completions: list[np.ndarray]) -> None:
+        for key, value in rollout_metrics(table, rewards, self.rewards, completions,
+                                          self.stop_ids).items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self._sums["frac_reward_zero_std"] = (self._sums.get("frac_reward_zero_std", 0.0)
+                                              + float(std_zero.mean()))
+        self._fills += 1
+
+    def logs(self) -> dict[str, float]:
+        """The rollouts' metrics averaged over the generations since the last logged line."""
+        if not self._fills:
+            return {}
+        out = {k: v / self._fills for k, v in self._sums.items()}
+        self._sums, self._fills = {}, 0
+        return out
+
+    def evaluate(self, model: nn.Module, data: Any, batching: Batching,
+                 world: distributed.World | None = None, prefix: str = "val",
+                 step: int | None = None) -> Evaluation:
+        """One completion of every validation prompt (eval_temperature; 0 is greedy), scored by
+        the rewards; sample completions logged as the artifact grpo_samples/step_<step>.jsonl
+        (an evaluation outside a fit, step None, logs none)."""
+        n = len(data.val)
+        prompts, ids, columns = data.prompts("val", np.arange(n))
+        completions = sample_completions(model, ids, 1, self.eval_sampling, self.stop_ids,
+                                         mx.random.key(self.seed))
+        table, rewards, texts = self._score(prompts, completions, columns, 1)
+        metrics = rollout_metrics(table, rewards, self.rewards, completions, self.stop_ids)
+        if self.tracker is not None and self.log_completions and step is not None:
+            rows = [{"prompt": p, "completion": t, "reward": float(r),
+                     **{rw.name: float(v) for rw, v in zip(self.rewards, line)}}
+                    for p, t, r, line in list(zip(prompts, texts, rewards, table))
+                    [: self.log_completions]]
+            self.tracker.log_text("".join(json.dumps(r) + "\n" for r in rows),
+                                  f"{SAMPLES}/step_{step:08d}.jsonl")
+        return Evaluation({f"{prefix}/{k}": v for k, v in metrics.items()})
+
+    @classmethod
+    def metric_definitions(cls, task: str) -> dict[str, MetricDefinition]:
+        if task != "lm":  # prompts for a language model (data=prompts) only
+            return {}
+        out = {"reward": MetricDefinition("max"), "reward_std": MetricDefinition("min", 0.0),
+               "completions/mean_length": MetricDefinition("min", 0.0)}
+        return out | {f"rewards/{name}/mean": MetricDefinition("max") for name in BUILTIN_REWARDS}
+
+
+def rollout_metrics(table: np.ndarray, rewards: np.ndarray, specs: Sequence,
+                    completions: list[np.ndarray], stop_ids: Sequence[int]) -> dict[str, float]:
+    """TRL's per-generation metrics of scored completions (NaN-aware: a reward's None left out)."""
+    lengths = np.asarray([len(c) for c in completions], np.float32)
+    stops = set(stop_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a reward that judged nothing: NaN
+        out = {"reward": float(np.nanmean(rewards)),
+               "reward_std": float(np.nanstd(rewards, ddof=1)) if len(rewards) > 1 else 0.0}
+        for k, spec in enumerate(specs):
+            out[f"rewards/{spec.name}/mean"] = float(np.nanmean(table[:, k]))
+            out[f"rewards/{spec.name}/std"] = (float(np.nanstd(table[:, k], ddof=1))
+                                               if len(table) > 1 else 0.0)
+    out |= {"completions/mean_length": float(lengths.mean()),
+            "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            # the completions that ended without a stop token (cut at max_completion_length)
+            "completions/clipped_ratio": float(np.mean([not (len(c) and int(c[-1]) in stops)
+                                                        for c in completions]))}
+    return out

@@ -1,0 +1,175 @@
+"""GRPO's rewards: Python callables `(prompts, completions, **columns) -> list[float]`, as TRL's
+GRPOTrainer calls its reward functions, weighted and summed.
+
+`objective.rewards` lists them, each a Hydra `_target_` with its arguments and an optional
+`weight` (default 1):
+
+    rewards:
+      - {_target_: mlxlab.objectives.rewards.exact_answer, weight: 1.0}
+      - {_target_: mlxlab.objectives.rewards.regex_format, pattern: "^\\d+$", weight: 0.2}
+
+A `_target_` that names a function of (prompts, completions, **columns) is that reward; one that
+names a factory (a class, or a function taking the arguments given) is called with them and must
+return such a function. `columns` are the prompt rows' other keys (e.g. `answer`), one value per
+completion. A reward may return None for a completion it does not judge (TRL's convention: it is
+left out of that reward's mean; a completion no reward judges has advantage 0).
+
+The built-ins cover verifiable tasks: `exact_answer` (the completion, stripped, equals the
+row's answer), `numeric_answer` (the last number in the completion equals the answer's),
+`regex_format` (the completion matches a pattern), `length` (a reward that falls off past a
+target length, for keeping answers short).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from hydra.utils import get_object
+
+from mlxlab.errors import ConfigError
+
+RewardFn = Callable[..., list]
+NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A reward function, its weight and the name its metrics log under (rewards/<name>/mean)."""
+
+    name: str
+    fn: RewardFn
+    weight: float
+
+
+def exact_answer(prompts: Sequence, completions: Sequence[str], answer: Sequence,
+                 **_: Any) -> list[float]:
+    """1 where the completion, stripped, is the row's answer (as text), else 0."""
+    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+def _last_number(text: str) -> float | None:
+    found = NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def numeric_answer(prompts: Sequence, completions: Sequence[str], answer: Sequence,
+                   **_: Any) -> list[float]:
+    """1 where the last number in the completion equals the answer's number (GSM8K style:
+    "... so the total is 1,234." for 1234), else 0."""
+    out = []
+    for completion, a in zip(completions, answer):
+        got, want = _last_number(completion), _last_number(str(a))
+        out.append(float(got is not None and want is not None and abs(got - want) < 1e-9))
+    return out
+
+
+def regex_format(pattern: str, flags: str = "") -> RewardFn:
+    """A reward of 1 where the whole completion (stripped) matches `pattern`; `flags` letters of
+    re's (i: ignore case, s: dot matches newline, m: multiline)."""
+    bits = 0
+    for letter in flags:
+        if letter not in "ism":
+            raise ConfigError(f"regex_format flags={flags!r}: use letters of 'ism'")
+        bits |= {"i": re.IGNORECASE, "s": re.DOTALL, "m": re.MULTILINE}[letter]
+    try:
+        compiled = re.compile(pattern, bits)
+    except re.error as e:
+        raise ConfigError(f"regex_format pattern {pattern!r} is not a regular expression: "
+                          f"{e}") from None
+
+    def regex_format(prompts: Sequence, completions: Sequence[str], **_: Any) -> list[float]:
+        return [float(compiled.fullmatch(c.strip()) is not None) for c in completions]
+
+    return regex_format
+
+
+def length(target: int, unit: str = "chars") -> RewardFn:
+    """A reward of 1 up to `target` characters (or words: unit=words), falling linearly to 0 at
+    twice the target."""
+    if target <= 0 or unit not in ("chars", "words"):
+        raise ConfigError(f"length target={target} must be > 0 and unit={unit!r} chars | words")
+
+    def length(prompts: Sequence, completions: Sequence[str], **_: Any) -> list[float]:
+        sizes = [len(c) if unit == "chars" else len(c.split()) for c in completions]
+        return [float(min(1.0, max(0.0, 2.0 - n / target))) for n in sizes]
+
+    return length
+
+
+def build_rewards(specs: Sequence[Mapping] | None) -> list[Reward]:
+    """The rewards objective.rewards lists (module docstring); a bad entry is one line."""
+    if not specs:
+        raise ConfigError("objective.rewards is empty: list at least one reward, e.g. "
+                          "[{_target_: mlxlab.objectives.rewards.exact_answer}]")
+    rewards, names = [], set()
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        target = spec.pop("_target_", None)
+        if not target:
+            raise ConfigError(f"objective.rewards[{i}] has no _target_: name a reward function "
+                              "(e.g. mlxlab.objectives.rewards.exact_answer)")
+        weight = float(spec.pop("weight", 1.0))
+        name = str(spec.pop("name", "") or target.rsplit(".", 1)[-1])
+        try:
+            obj = get_object(target)
+        except Exception as e:  # noqa: BLE001 - Hydra raises several kinds for a bad path
+            raise ConfigError(f"objective.rewards[{i}]: _target_ {target!r} cannot be imported "
+                              f"({e})") from None
+        fn = obj(**spec) if spec or _is_factory(obj) else obj
+        if not callable(fn):
+            raise ConfigError(f"objective.rewards[{i}]: {target} did not give a callable")
+        if name in names:
+            raise ConfigError(f"objective.rewards[{i}]: two rewards are named {name!r}; give one "
+                              "a `name:`")
+        names.add(name)
+        rewards.append(Reward(name, fn, weight))
+    return rewards
+
+
+def _is_factory(obj: Any) -> bool:
+    """A class, or a function without a `completions` parameter, makes the reward function."""
+    if inspect.isclass(obj):
+        return True
+    try:
+        return "completions" not in inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def score(rewards: Sequence[Reward], prompts: Sequence, completions: Sequence[str],
+          columns: Mapping[str, Sequence]) -> np.ndarray:
+    """(completions, rewards) float32: each reward's value of each completion, NaN where it
+    returned None. A reward that returns the wrong count or a non-number is named."""
+    table = np.full((len(completions), len(rewards)), np.nan, np.float32)
+    for k, reward in enumerate(rewards):
+        values = reward.fn(prompts=list(prompts), completions=list(completions), **columns)
+        if values is None or len(values) != len(completions):
+            raise ConfigError(f"reward {reward.name!r} returned "
+                              f"{'None' if values is None else len(values)} values for "
+                              f"{len(completions)} completions: return one float per completion")
+        for i, v in enumerate(values):
+            if v is not None:
+                try:
+                    table[i, k] = float(v)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"reward {reward.name!r} returned {v!r}: return floats "
+                                      "(or None to abstain)") from None
+    return table
+
+
+def total(table: np.ndarray, rewards: Sequence[Reward]) -> np.ndarray:
+    """The weighted sum per completion (NaN where no reward judged it), as TRL sums them."""
+    weights = np.asarray([r.weight for r in rewards], np.float32)
+    summed = np.nansum(table * weights[None, :], axis=1).astype(np.float32)
+    summed[np.isnan(table).all(axis=1)] = np.nan
+    return summed

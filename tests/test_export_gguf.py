@@ -1,0 +1,363 @@
+"""`mlxlab export --format gguf`: one file that llama.cpp, Ollama and LM Studio read.
+
+Checked against independent readers, never against our own writer: transformers' GGUF loader
+(`from_pretrained(..., gguf_file=)`, which undoes llama.cpp's layout) gives the logits of the
+model the file came from; MLX's own GGUF reader (`mx.load`) gives each quantized tensor as the
+`gguf` package dequantizes it; transformers' GGUF tokenizer encodes text to the ids of the
+model's own tokenizer. llama.cpp itself (llama-cpp-python) scores an export in
+benchmarks/bench_gguf.py (a source build: minutes, not the default run).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import PYTHON, compose_cfg
+from hf_helpers import mlx_logits, tiny
+from mlxlab.config import asset_path
+from mlxlab.export.gguf import write_gguf
+from mlxlab.runs import load_run_model
+from mlxlab.train import train
+
+KINDS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+# Sizes transformers' GGUF loader can read back: it takes head_dim from hidden/heads for Qwen3
+# (real Qwen3 checkpoints have head_dim 128) and Gemma 3's query scale from its default 256.
+EXTRA = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {"tie_word_embeddings": True},
+    "qwen3": {"head_dim": 128},
+    "gemma3_text": {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 128,
+                    "tie_word_embeddings": True},
+    "phi3": {"pad_token_id": 0},
+}
+IDS = np.array([[5, 17, 99, 3, 250, 31, 7, 8, 64, 120, 11, 2]])
+
+
+def save_tiny(kind: str, path: Path):
+    """A tiny random decoder of `kind` saved by transformers, with a ChatML byte-level BPE."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = tiny.tiny_tokenizer("qwen2" if kind.startswith("qwen") else "llama", chat="chatml")
+    config = AutoConfig.for_model(kind, **{
+        "vocab_size": tok.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, **EXTRA[kind]})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # norms away from their init, so a norm stored wrongly shows
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.normal_(0.0 if kind == "gemma3_text" else 1.0, 0.1)
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                            chat_template=tiny.CHATML).save_pretrained(path)
+    return model
+
+
+def logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+def from_gguf(file: Path):
+    """transformers' model from the GGUF alone (a folder holding nothing else, so neither the
+    config nor the tokenizer comes from the source folder's files)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    alone = Path(tempfile.mkdtemp(prefix="gguf-alone-"))
+    (alone / file.name).write_bytes(file.read_bytes())
+    return AutoModelForCausalLM.from_pretrained(alone, gguf_file=file.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("gguf")
+    return {kind: (root / kind, save_tiny(kind, root / kind)) for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_f32_and_f16_load_in_transformers_with_the_same_logits(models, kind):
+    import torch
+
+    folder, model = models[kind]
+    # transformers reads a "llama" file whose general.name says Mistral as model_type mistral,
+    # which its GGUF loader then does not know: a neutral name
+    write_gguf(folder, folder / "f32.gguf", "f32", name="tiny")
+    assert np.abs(logits(from_gguf(folder / "f32.gguf"), IDS) - logits(model, IDS)).max() <= 1e-4
+    write_gguf(folder, folder / "f16.gguf", "f16", name="tiny")
+    # the same model with its matrices rounded to f16, as the file stores them
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(p.half().float())
+    assert np.abs(logits(from_gguf(folder / "f16.gguf"), IDS) - logits(model, IDS)).max() <= 1e-3
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_1"])
+def test_quantized_tensors_load_in_mlx_as_the_package_dequantizes_them(models, quant):
+    import gguf
+
+    folder, _ = models["qwen3"]
+    file = folder / f"{quant}.gguf"
+    report = write_gguf(folder, file, quant)
+    assert report["tensor_types"][quant.upper()] == 16  # 7 a layer, the embedding, the output
+    loaded = mx.load(str(file))
+    reader = gguf.GGUFReader(file)
+    checked = 0
+    for t in reader.tensors:
+        if t.tensor_type.name != quant.upper():
+            continue
+        reference = gguf.quants.dequantize(t.data, t.tensor_type)
+        base = t.name.removesuffix(".weight")
+        ours = mx.dequantize(loaded[t.name], loaded[base + ".scales"], loaded[base + ".biases"],
+                             group_size=32, bits=8 if quant == "q8_0" else 4)
+        # MLX keeps the file's f16 block scales and rebuilds w = scale * q + bias in f16: the
+        # product (up to the block's range, <= 2B for B its largest |w|) and the sum (<= B) each
+        # round by half an f16 ulp: at most 3 * 2**-11 * B
+        blocks = np.abs(reference).reshape(-1, 32).max(axis=1, keepdims=True)
+        error = np.abs(np.array(ours.astype(mx.float32)) - reference).reshape(-1, 32)
+        assert (error <= 3 * 2**-11 * blocks + 1e-7).all()
+        checked += 1
+    assert checked == 16
+
+
+def test_the_vocabulary_encodes_as_the_models_tokenizer(models):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    folder, _ = models["qwen2"]
+    alone = Path(tempfile.mkdtemp(prefix="gguf-tok-"))
+    write_gguf(folder, alone / "tok.gguf", "q8_0")
+    theirs = AutoTokenizer.from_pretrained(alone, gguf_file="tok.gguf")
+    ours = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    stories = Path(asset_path("tinystories/sample.txt")).read_text().split("\n\n")[400:650]
+    texts = stories + ["<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n",
+                       "naïve café — 42 + 7 = 49\t\n  spaces", "<|im_end|><|im_start|>"]
+    assert len(texts) > 250
+    for text in texts:
+        assert theirs.encode(text, add_special_tokens=False) == \
+            ours.encode(text, add_special_tokens=False).ids, text
+
+
+def spm_style_tokenizer():
+    """A sentencepiece-style BPE as Llama 2's, Mistral's and Gemma's tokenizer.json are: "▁" for
+    the space (Metaspace), byte fallback to <0xNN> tokens, <unk> <s> </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
+                                                 split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    stories = Path(asset_path("tinystories/sample.txt")).read_text().split("\n\n")[:400]
+    tok.train_from_iterator(stories, trainers.BpeTrainer(vocab_size=600, special_tokens=specials))
+    return tok
+
+
+def test_a_sentencepiece_style_vocabulary_encodes_as_the_models_tokenizer(tmp_path):
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    tok = spm_style_tokenizer()
+    folder = tmp_path / "spm"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    alone = Path(tempfile.mkdtemp(prefix="gguf-spm-"))
+    report = write_gguf(folder, alone / "spm.gguf", "f16")
+    assert report["vocab"]["model"] == "llama"
+    theirs = AutoTokenizer.from_pretrained(alone, gguf_file="spm.gguf")
+    stories = Path(asset_path("tinystories/sample.txt")).read_text().split("\n\n")[400:600]
+    for text in stories + ["naïve café 😀", "two  spaces\n\nnewlines"]:
+        assert theirs.encode(text, add_special_tokens=False) == \
+            tok.encode(text, add_special_tokens=False).ids, text
+
+
+def test_the_file_carries_the_chat_template_and_special_tokens(models):
+    import gguf
+
+    folder, _ = models["llama"]
+    write_gguf(folder, folder / "meta.gguf", "f16", description="scores")
+    fields = gguf.GGUFReader(folder / "meta.gguf").fields
+
+    def value(key):
+        field = fields[key]
+        return field.contents()
+
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    im_end = next(t["id"] for t in tok["added_tokens"] if t["content"] == "<|im_end|>")
+    assert value("tokenizer.chat_template") == tiny.CHATML
+    assert value("tokenizer.ggml.eos_token_id") == im_end
+    assert value("general.description") == "scores"
+    assert value("llama.rope.dimension_count") == 16 and value("general.architecture") == "llama"
+
+
+# --- a run trained here, through the command line ---------------------------------------------
+
+LM = [
+    "experiment=tinystories_nano", "tracking=none", "callbacks.progress.enabled=false",
+    "model.dim=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+    "model.max_seq_len=64", "data.packing.seq_len=64", "data.tokenizer.max_vocab=512",
+    "data.tokenizer_sample=300", "data.splits.val_examples=20", "trainer.batch_size=8",
+    "trainer.max_steps=10", "trainer.eval_every_steps=10", "trainer.schedule.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory) -> Path:
+    cfg = compose_cfg(tmp_path_factory.mktemp("lm"), LM)
+    train(cfg)
+    GlobalHydra.instance().clear()
+    return Path(cfg.paths.output_dir)
+
+
+def export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "mlxlab.cli.main", "export", *args],
+                          capture_output=True, text=True)
+
+
+def test_a_run_exports_to_gguf_with_mlxlabs_logits_and_a_modelfile(lm_run, tmp_path):
+    out = tmp_path / "run.gguf"
+    done = export(str(lm_run), "--format", "gguf", "--quant", "f32", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"-> {out} (llama, f32" in done.stdout
+    model, _ = load_run_model(lm_run)
+    ids = np.random.default_rng(1).integers(0, model.vocab_size, size=(2, 40))
+    theirs = logits(from_gguf(out), ids)
+    assert np.abs(theirs - mlx_logits(model, ids)).max() <= 1e-3
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./run.gguf\n")
+
+
+def test_a_chatml_model_gets_ollamas_chatml_template_and_stop(models, tmp_path):
+    folder, _ = models["qwen3"]
+    out = tmp_path / "chat.gguf"
+    done = export(str(folder), "--format", "gguf", "--quant", "q4_0", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert "TEMPLATE \"\"\"{{- range .Messages }}<|im_start|>{{ .Role }}" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "(chat template: chatml)" in done.stdout
+
+
+@pytest.mark.parametrize("case", ["classifier", "unknown_arch", "k_quant", "dtype"])
+def test_bad_requests_are_one_line_exit_2_and_leave_no_file(case, models, tmp_path, capsys):
+    from mlxlab.cli.export import main
+
+    folder, _ = models["llama"]
+    out = tmp_path / "x.gguf"
+    if case == "classifier":  # a BERT folder: no decoder
+        bert = tmp_path / "bert"
+        bert.mkdir()
+        (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+        mx.save_safetensors(str(bert / "model.safetensors"), {"w": mx.zeros((2, 2))})
+        args, expect = [str(bert)], "model_type='bert' has no GGUF export here"
+    elif case == "unknown_arch":
+        other = tmp_path / "other"
+        other.mkdir()
+        for f in folder.iterdir():
+            (other / f.name).write_bytes(f.read_bytes())
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**config, "model_type": "olmo2"}))
+        args, expect = [str(other)], "model_type='olmo2' has no GGUF export here"
+    elif case == "k_quant":
+        args, expect = [str(folder), "--quant", "q4_k"], "--quant 'q4_k'"
+    else:
+        args, expect = [str(folder), "--dtype", "float16"], "--dtype do not apply to --format gguf"
+    if case == "dtype":  # the real command line once
+        done = export(*args, "--format", "gguf", "--out", str(out))
+        code, err = done.returncode, done.stderr
+    else:
+        code, err = main([*args, "--format", "gguf", "--out", str(out)]), capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], err
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+@pytest.fixture(scope="module")
+def q4_folder(models, tmp_path_factory) -> Path:
+    """mlx_lm.convert's 4-bit folder (group size 32, f16 scales) of the tiny llama."""
+    from mlx_lm.convert import convert
+
+    out = tmp_path_factory.mktemp("q4") / "llama-q4"
+    convert(str(models["llama"][0]), str(out), quantize=True, q_group_size=32, q_bits=4,
+            dtype="float16")
+    return out
+
+
+def test_an_mlx_lm_4bit_folder_goes_to_q4_1_without_a_float_round_trip(q4_folder, tmp_path):
+    import gguf
+
+    report = write_gguf(q4_folder, tmp_path / "q.gguf", "q4_1")
+    assert report["tensor_types"]["Q4_1 (direct)"] == 16  # every matrix, embedding included
+    source = mx.load(str(q4_folder / "model.safetensors"))
+    config = json.loads((q4_folder / "config.json").read_text())
+    from mlxlab.export.gguf import _permute_rotary
+
+    for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors:
+        if t.name != "blk.1.attn_q.weight" and t.name != "blk.0.ffn_down.weight":
+            continue
+        hf = {"blk.1.attn_q.weight": "model.layers.1.self_attn.q_proj",
+              "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj"}[t.name]
+        # the folder's own nibbles, f16 scales and biases, computed in float32 as gguf does
+        ours = np.array(mx.dequantize(source[hf + ".weight"],
+                                      source[hf + ".scales"].astype(mx.float32),
+                                      source[hf + ".biases"].astype(mx.float32),
+                                      group_size=32, bits=4))
+        if "attn_q" in t.name:
+            ours = _permute_rotary(ours, config["num_attention_heads"])
+        # the same nibbles, scales and minimums: equal up to a fused multiply-add's last bit
+        assert np.allclose(gguf.quants.dequantize(t.data, t.tensor_type), ours, rtol=1e-6,
+                           atol=1e-7)
+
+
+def test_an_mlx_lm_4bit_folder_loads_in_transformers(q4_folder, tmp_path):
+    import mlx_lm
+
+    write_gguf(q4_folder, tmp_path / "q.gguf", "q4_1")
+    theirs = logits(from_gguf(tmp_path / "q.gguf"), IDS)
+    model, _ = mlx_lm.load(str(q4_folder))
+    model.set_dtype(mx.float32)  # the same dequantized weights, computed in float32
+    ours = np.array(model(mx.array(IDS)).astype(mx.float32))
+    assert np.abs(theirs - ours).max() <= 2e-3
+
+
+@pytest.mark.slow
+def test_llama_cpp_scores_an_f16_export_as_mlxlab_does(lm_run, tmp_path):
+    """llama.cpp itself (llama-cpp-python, a source build: not in the dev extra)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import mlx.core as mx
+
+    out = tmp_path / "m.gguf"
+    assert export(str(lm_run), "--format", "gguf", "--quant", "f16", "--out", str(out)).returncode == 0
+    model, _ = load_run_model(lm_run)
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, model.vocab_size, size=40)]
+    llm = llama_cpp.Llama(str(out), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    assert np.abs(theirs - mlx_logits(model, np.array([ids]))[0]).max() <= 1e-2
+    assert int(np.argmax(theirs[-1])) == int(mx.argmax(model(mx.array([ids]))[0, -1]))
