@@ -242,6 +242,8 @@ def check_contents(messages: Sequence[Mapping]) -> None:
     "text": ...}, what multimodal templates read) or absent (a tool call); anything else (a
     number) is a ConfigError here, not a TypeError from inside the template."""
     for j, message in enumerate(messages):
+        if not isinstance(message, Mapping):  # not an object: the renderer's own line says so
+            continue
         content = message.get("content")
         if content is None or isinstance(content, str) or (
                 isinstance(content, list) and all(isinstance(c, Mapping) for c in content)):
