@@ -35,7 +35,7 @@ while not os.path.exists(barrier + ".go"):
     time.sleep(0.002)
 sys.argv = ["mlxlab-train", *sys.argv[2:]]
 from mlxlab.train import main
-main()
+main(supervised=False)  # the Hydra app in this process (its imports are done), no parent
 """
 
 

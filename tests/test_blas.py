@@ -62,8 +62,9 @@ PROBE = textwrap.dedent(
 
 def probe(prelude: str = "", **env: str) -> dict:
     run_env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", **env}  # 1 thread: stable on busy CPUs
-    if "MLXLAB_BLAS" not in env:
-        run_env.pop("MLXLAB_BLAS", None)
+    for own in ("MLXLAB_BLAS", "OPENBLAS_CORETYPE"):  # a machine's own setting (some images set
+        if own not in env:                            # OPENBLAS_CORETYPE) is not the default's
+            run_env.pop(own, None)
     proc = subprocess.run(
         [sys.executable, "-c", prelude + PROBE],
         env=run_env,

@@ -409,3 +409,18 @@ def test_optuna_searches_beta_the_learning_rate_and_g(tiny, tmp_path):
         assert len({r.data.params[key] for r in children}) == 2, key
     scores = [r.data.metrics["best/val/reward"] for r in children]
     assert client.get_run(parent.info.run_id).data.metrics["optuna/best_value"] == max(scores)
+
+
+@pytest.mark.parametrize("override", ["preset=production", "trainer.micro_batch=auto"])
+def test_a_memory_probe_under_grpo_is_one_line_not_a_crash(tmp_path, override):
+    """The probes step on the data's batches; GRPO trains on rollouts it makes (issue 55/56)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import compose_cfg
+    from mlxlab.config import validate
+    from mlxlab.errors import ConfigError
+
+    cfg = compose_cfg(tmp_path, ["experiment=grpo_copy", "model.pretrained=/nowhere", override])
+    GlobalHydra.instance().clear()
+    with pytest.raises(ConfigError, match="objective grpo makes its batches while it trains"):
+        validate(cfg)

@@ -458,7 +458,7 @@ def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pre
     assert len(betas) == 3 and all(0.01 <= float(b) <= 1.0 for b in betas)
     parent = client.get_run(parent.info.run_id)
     assert parent.data.metrics["optuna/best_value"] == pytest.approx(max(scores))
-    assert "optuna.best.objective.beta" in parent.data.params
+    assert "optuna.best.objective.beta" in parent.data.tags  # tags: issue 59
 
     mlxlab_train(
         tmp_path,

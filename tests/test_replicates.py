@@ -37,8 +37,8 @@ def test_replicates_share_validation_rows_and_form_groups(sweep):
     _, _, parent, children = sweep
     assert sorted(r.data.params["seed"] for r in children) == ["42", "42", "43", "43", "44", "44"]
     assert len({r.data.tags["mlxlab.val_fingerprint"] for r in children}) == 1  # split_seed
-    assert parent.data.params["group.g1"] == "model.pooler=None"
-    assert parent.data.params["group.g2"] == "model.pooler=True"
+    assert parent.data.tags["group.g1"] == "model.pooler=None"
+    assert parent.data.tags["group.g2"] == "model.pooler=True"
 
 
 def test_the_parent_run_holds_each_groups_interval(sweep):

@@ -35,6 +35,7 @@ def run_id_of(run_dir: Path) -> str:
 
 
 TIMING = ("train/samples_per_sec", "train/tokens_per_sec")  # wall-clock rates: steps only
+MEASURED = "system/"  # the process's memory (training/memory_watch.py): steps only, like rates
 
 
 def metric_history(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -45,7 +46,8 @@ def metric_history(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
         rows = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
         steps = [step for step, _ in rows]
         assert len(steps) == len(set(steps)), f"{key}: steps logged twice: {steps}"
-        history[key] = [(step, math.nan if key in TIMING else value) for step, value in rows]
+        measured = key in TIMING or key.startswith(MEASURED)
+        history[key] = [(step, math.nan if measured else value) for step, value in rows]
     return history
 
 

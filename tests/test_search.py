@@ -304,3 +304,43 @@ def test_a_searchs_best_trials_rerun_carry_their_interval_and_a_verdict(tmp_path
     assert not result["significant"] and tags["mlxlab.verdict"] == "too few replicates"
     assert "(not significant)" in tags["mlxlab.leader"] or tags["mlxlab.leader"].startswith(
         "none: ")
+
+
+@pytest.mark.slow
+def test_a_search_without_a_preset_resumes_in_its_study_folder(tmp_path):
+    """Issue 59 item 3: a search from the command line alone (no hparams_search preset, Hydra's
+    basic launcher: trials in the sweeper's process), SIGKILLed while trial 1 trains after its
+    first checkpoint, then the same command: the study's folder found again (not a new stamped
+    one), trial 1 resumed from its checkpoint into its own run, one parent, 3 trials exactly."""
+    args = [*TINY, "trainer.max_steps=12", "trainer.eval_every_steps=6",
+            "callbacks.checkpoint.save_every_steps=3", "tracking.background=false",
+            "optimizer.learning_rate=tag(log,interval(1e-4,3e-3))", "model.dropout=interval(0,0.3)",
+            "hydra.sweeper.n_trials=3"]
+    env = {**os.environ, "MLXLAB_ROOT": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [PYTHON, "-m", "mlxlab.train", "-m", *args]
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("multirun/train/*/1/checkpoints/step_*/COMMITTED")):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (folder,) = tmp_path.glob("multirun/train/*")
+    assert folder.name == "study_train"  # the study's folder, as the presets name it
+    out = run(cmd, tmp_path, env)
+    assert "multirun/train/study_train/1 resumes from its checkpoint" in out, out[-4000:]
+    assert [f.name for f in tmp_path.glob("multirun/train/*")] == ["study_train"]
+    assert [t.state.name for t in study(tmp_path, "train").trials] == ["COMPLETE"] * 3
+    client = client_for(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (parent,) = sweep_parents(client, "train")
+    assert parent.info.status == "FINISHED"
+    children = training_runs(client, "train")
+    assert sorted(r.data.tags["mlxlab.search.trial"] for r in children) == ["0", "1", "2"]
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    (resumed,) = [r for r in children if r.data.tags["mlxlab.search.trial"] == "1"]
+    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 13))  # one history, each step once
+    assert not {"mlxlab.killed_reason", "mlxlab.killed_at"} & set(resumed.data.tags)

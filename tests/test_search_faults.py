@@ -70,7 +70,11 @@ def grid_with_a_failing_job(tmp_path_factory):
     constructor refuses it: config checks cannot know), 32 trains. Its store is also the one the bad inputs below must leave unchanged."""
     root = tmp_path_factory.mktemp("grid")
     proc = train(root, "-m", *SMALL, "model.hidden_size=32,33")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the other job trained; the sweep whose parent FAILED says so and exits 1 (issue 59)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlxlab: error: sweep ") and " ended FAILED: " in last, last
+    assert "the same command continues it: " in last
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns/mlflow.db")

@@ -190,7 +190,12 @@ def test_a_sigkilled_grid_continues_with_the_same_command(tmp_path):
     (parent,) = client.search_runs(
         [client.get_experiment_by_name("train").experiment_id], f"tags.`{T.ROLE}` = 'sweep'"
     )
-    assert parent.data.tags[T.KILLED_REASON].startswith("process ")  # its launcher died
+    # its launcher died: said when the continuing command marked it; the FINISHED parent no
+    # longer says it was killed (issue 59 item 7), nor does the resumed job's run
+    assert f"MLflow run {parent.info.run_id} was left RUNNING: marked KILLED (process " in out
+    resumed = client.search_runs([parent.info.experiment_id], f"tags.`{T.RUN_DIR}` = '{folder}'")
+    for run in (parent, *resumed):
+        assert not {T.KILLED_AT, T.KILLED_REASON, T.RESUMABLE} & set(run.data.tags), run.data.tags
     again = sweep(tmp_path)  # a finished sweep: one line, nothing trained
     assert (
         f"sweep {parent.info.run_id} ({folder.parent}) already finished; add "
@@ -399,3 +404,53 @@ def test_a_job_whose_run_still_runs_is_refused_not_trained_twice(tmp_path, make_
     assert (plan.action, plan.run_id) == ("busy", running) and running != killed
     client.set_terminated(running, "FINISHED")
     assert plan_job(client, parent, cfg).action == "keep"
+
+
+def grid_args(**changes: str) -> list[str]:
+    """GRID with some of its keys set otherwise (`replicates`, ...: the key with `.` as `__`)."""
+    changed = {key.replace("__", "."): value for key, value in changes.items()}
+    out = [a for a in GRID if a.split("=", 1)[0] not in changed]
+    return [*out, *(f"{k}={v}" for k, v in changed.items())]
+
+
+def run_grid(root: Path, args: list[str]) -> str:
+    proc = subprocess.run([PYTHON, "-m", "mlxlab.train", *args], cwd=root, env=env_for(root),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_grown_sweep_adopts_its_finished_jobs_and_trains_only_the_new_ones(tmp_path):
+    """Issue 59 item 5: replicates=2, then replicates=3 (one more seed), then another learning
+    rate: each grown sweep keeps (adopts) the jobs already FINISHED under the same config and
+    seed, trains only its new ones, says so, and `runs compare` sees the whole grown sweep."""
+    run_grid(tmp_path, grid_args(replicates="2"))
+    grown = run_grid(tmp_path, grid_args(replicates="3"))
+    assert grown.count("adopted, not run again") == 4, grown[-4000:]
+    assert "sweep: 4 of 6 jobs adopted from earlier sweeps" in grown
+    wider = run_grid(tmp_path, grid_args(replicates="3", optimizer__learning_rate="3e-3,1e-3"))
+    assert wider.count("adopted, not run again") == 6, wider[-4000:]
+
+    client = store(tmp_path)
+    experiment = client.get_experiment_by_name("train")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    jobs = [r for r in runs if r.data.tags.get(T.ROLE) != "sweep"]
+    trained = sorted((r.data.params["optimizer.learning_rate"], r.data.params["model.pooler"],
+                      r.data.params["seed"]) for r in jobs)
+    # every (config, seed) trained once: 4 + 2 + 6 runs, not 4 + 6 + 12
+    assert trained == sorted((lr, p, s) for lr in ("0.003", "0.001") for p in ("None", "True")
+                             for s in ("42", "43", "44"))
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    from mlxlab.sweeps.store import sweep_children
+
+    parents = sorted((r for r in runs if r.data.tags.get(T.ROLE) == "sweep"),
+                     key=lambda r: r.info.start_time)
+    assert [len(sweep_children(client, p.info.run_id)) for p in parents] == [4, 6, 12]
+    assert parents[-1].data.tags[T.NUM_FINISHED] == "12"
+    compared = subprocess.run(
+        [MLXLAB, "runs", "compare", "latest", "--metric", "val/loss", "--json"], cwd=tmp_path,
+        env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    result = json.loads(compared.stdout[compared.stdout.index("{"):])
+    assert {c["n_pairs"] for c in result["comparisons"]} == {3}

@@ -174,8 +174,9 @@ def test_optuna_sweep_records_failed_trials_and_logs_the_best(tmp_path):
     assert tags["mlxlab.top_run_id"] == good["0.2"].info.run_id
     assert metrics["top_run/val/accuracy"] == pytest.approx(0.4)
     assert metrics["optuna/best_value"] == pytest.approx(0.4)
-    assert params["top_run.lr"] == "0.2" and params["top_run.width"] == "2"
-    assert params["optuna.best.lr"] == "0.2" and params["optuna.best.width"] == "2"
+    assert tags["top_run.lr"] == "0.2" and tags["top_run.width"] == "2"  # tags: issue 59
+    assert tags["optuna.best.lr"] == "0.2" and tags["optuna.best.width"] == "2"
+    assert not params
     results = yaml.safe_load((tmp_path / "multirun/sweep/optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(0.4)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -448,5 +449,5 @@ def test_titanic_optuna_sweep_with_failing_trials(tmp_path):
     best = parent.data.metrics["top_run/val/accuracy"]
     assert best == pytest.approx(good.data.metrics["best/val/accuracy"])
     assert parent.data.metrics["optuna/best_value"] == pytest.approx(best)
-    assert parent.data.params["optuna.best.model.num_heads"] == "2"
+    assert parent.data.tags["optuna.best.model.num_heads"] == "2"
     assert math.isfinite(best) and parent.data.tags["mlxlab.num_failed"] == "3"

@@ -122,7 +122,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
 def test_missing_wandb_package_is_one_line_naming_the_extra(tmp_path):
     """Without the package, `mlxlab-train tracking=wandb` stops before training with one line."""
     code = ("import sys; sys.modules['wandb'] = None  # what an uninstalled package gives\n"
-            "from mlxlab.train import main; main()")
+            "from mlxlab.train import main; main(supervised=False)")  # in this process
     env = {**os.environ, "MLXLAB_ROOT": str(tmp_path)}
     done = subprocess.run([PYTHON, "-c", code, *FAST, "tracking=wandb"], capture_output=True,
                           text=True, timeout=300, env=env, cwd=tmp_path)

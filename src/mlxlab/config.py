@@ -61,6 +61,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("asset", asset_path)
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+    if not OmegaConf.has_resolver("sweep_folder"):
+        OmegaConf.register_new_resolver("sweep_folder", sweep_folder, use_cache=True)
 
 
 def run_stamp(pattern: str) -> str:
@@ -69,6 +71,15 @@ def run_stamp(pattern: str) -> str:
     from mlxlab.runtime.distributed import start_time  # MLX's distributed: when stamping
 
     return datetime.fromtimestamp(start_time()).strftime(pattern)
+
+
+def sweep_folder(n_trials: Any, study_name: Any, pattern: str) -> str:
+    """A multirun's folder under multirun/<task>/ (conf/hydra/default.yaml): a search's is its
+    study's, `study_<name>`, as the hparams_search presets name it, so the same command finds
+    the folder (and the killed trial's checkpoint) again, preset or not; a grid's is stamped
+    with its start (a grid continued by the same command finds its folder by its identity,
+    sweeps/identity.py)."""
+    return f"study_{study_name}" if n_trials else run_stamp(pattern)
 
 
 register_resolvers()
@@ -232,6 +243,7 @@ def validate(cfg: DictConfig) -> None:
     _check_optimizer(cfg)
     _check_callbacks(cfg)
     _check_optimized_metric(cfg)
+    _check_memory_probe(cfg)
     _check_settings(cfg)
     _check_replicates(cfg)
 
@@ -377,6 +389,27 @@ def _check_optimized_metric(cfg: DictConfig) -> None:
             f"optimized_metric={cfg.get('optimized_metric')!r} is not computed for {task} data "
             f"by objective {what}: choose one of {names}"
         )
+
+
+def _check_memory_probe(cfg: DictConfig) -> None:
+    """The memory probes (trainer.memory_budget_mb, trainer.micro_batch=auto) step on the data
+    module's batches; an objective that makes its own (GRPO's rollouts) would be measured on
+    the wrong ones, so the two are refused together rather than the setting ignored."""
+    from hydra.utils import get_class
+
+    try:
+        objective = get_class(cfg.objective._target_)
+    except Exception:  # an unknown target fails at instantiation with Hydra's own message
+        return
+    trainer = cfg.get("trainer") or {}
+    probes = [f"trainer.{key}={trainer.get(key)}" for key in ("memory_budget_mb", "micro_batch")
+              if trainer.get(key) not in (None, 0) and (key != "micro_batch"
+                                                       or trainer.get(key) == "auto")]
+    if getattr(objective, "makes_batches", False) and probes:
+        raise ConfigError(
+            f"{', '.join(probes)}: objective {objective.name} makes its batches while it trains, "
+            "and the memory probe measures the data's: set trainer.memory_budget_mb=null and a "
+            "fixed trainer.micro_batch (preset=production sets memory_budget_mb=8000)")
 
 
 # Config groups whose option a user picks on the command line (group=option).

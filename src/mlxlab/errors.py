@@ -23,3 +23,14 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class RemoteError(UserError, RuntimeError):
     """A remote URI that cannot be used (unknown scheme, missing package, credentials in it)."""
+
+
+DISK_FULL = "disk full:"  # how a DiskFull's message starts (a sweep's job reads it back)
+
+
+class DiskFull(UserError, OSError):
+    """A write that found no space left (ENOSPC): the message names the folder, the space it
+    needs and what to do; what was committed before it is intact and resumable."""
+
+    def __str__(self) -> str:  # the message alone, not OSError's "[Errno 28] ..."
+        return self.strerror or super().__str__()

@@ -10,14 +10,14 @@ import math
 import sys
 from typing import TYPE_CHECKING
 
-import hydra
-from omegaconf import DictConfig
-
-from mlxlab.config import config_dir, config_hash, instantiate, to_container, unwrapped, validate
 from mlxlab.errors import ConfigError, UserError
-from mlxlab.tracking.run_info import hydra_context, run_name, run_tags, summary_lines, track_dataset
 
+# Hydra, the config and the tracking helpers are imported where they are used: `mlxlab-train`'s
+# supervising parent runs this module's main() and must start its child without them (~0.8 s of
+# wall time on a loaded 2-core machine, docs/benchmarks.md)
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from mlxlab.training.settings import CheckpointPolicy
 
 log = logging.getLogger("mlxlab")
@@ -37,7 +37,9 @@ def build_tracker(cfg: DictConfig, name: str | None = None):
     child process with tracking.background), named `name` or run_name(cfg) with the keys the
     sweep folder says are swept; in a multirun job, the sweep folder's parent run and job
     folder are handed to it (sweeps/folder.py reads them, here, once)."""
+    from mlxlab.config import instantiate
     from mlxlab.sweeps.folder import current_job, swept_keys_here, tracker_arguments
+    from mlxlab.tracking.run_info import run_name
 
     named = {"run_name": name or run_name(cfg, swept_keys_here())} if "run_name" in cfg.tracking \
         else {}
@@ -47,13 +49,17 @@ def build_tracker(cfg: DictConfig, name: str | None = None):
 def build_callbacks(cfg: DictConfig) -> tuple[list, CheckpointPolicy]:
     """The `callbacks` group's callbacks and, apart, the checkpoint policy; `eval.tasks` adds
     the task scoring; a search's trial, the reporter that feeds its pruner (sweeps/search/pruning.py)."""
+    from mlxlab.config import instantiate
     from mlxlab.sweeps.search.trial_link import current_trial
     from mlxlab.training.callbacks import from_config
+    from mlxlab.training.memory_watch import StepMark, SystemMemory
     from mlxlab.training.task_evaluation import task_scoring
 
     callbacks, policy = from_config(cfg.get("callbacks"), instantiate)
     # evaluation tasks: one more evaluation, by a hook
     callbacks += task_scoring(instantiate(cfg.eval) if cfg.get("eval") else None)
+    # memory under system/ in the tracker; each step for a supervising parent (runtime/supervise.py)
+    callbacks += [SystemMemory(), StepMark()]
     trial = current_trial()  # a search's job: which trial it trains
     if trial is not None:
         from mlxlab.sweeps.search.pruning import TrialReporter
@@ -66,6 +72,9 @@ def build_callbacks(cfg: DictConfig) -> tuple[list, CheckpointPolicy]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from `cfg`, train, and return the best validation metrics."""
+    from mlxlab.config import config_hash, instantiate, to_container, validate
+    from mlxlab.tracking.run_info import hydra_context, run_tags, summary_lines, track_dataset
+
     validate(cfg)
     from mlxlab.distill_rounds import rounds_of
 
@@ -130,7 +139,9 @@ def trial_tags() -> dict[str, str]:
 
 def train_distill_rounds(cfg: DictConfig) -> dict[str, float]:
     """objective.rounds > 1: one parent run, each round a child run (distill_rounds.py)."""
+    from mlxlab.config import config_hash
     from mlxlab.distill_rounds import train_rounds
+    from mlxlab.tracking.run_info import hydra_context, run_name, run_tags
 
     run_dir, choices, _ = hydra_context(cfg)
     from mlxlab.sweeps.folder import swept_keys_here
@@ -141,11 +152,24 @@ def train_distill_rounds(cfg: DictConfig) -> dict[str, float]:
     return train_rounds(cfg, train, parent, run_tags(cfg, choices, config_hash(cfg), run_dir), name)
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def hydra_main(cfg: DictConfig) -> float:
+def hydra_main() -> None:
+    """The Hydra app: composes the config from sys.argv and runs `hydra_job` (one run, or each
+    job of a sweep)."""
+    import hydra
+
+    from mlxlab.config import config_dir
+
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(hydra_job)()
+
+
+def hydra_job(cfg: DictConfig) -> float:
+    from mlxlab.config import unwrapped
+    from mlxlab.runtime import supervise
+    from mlxlab.tracking.run_info import hydra_context
     from mlxlab.training.trainer import TrainingInterrupted
 
     _, _, sweeping = hydra_context(cfg)
+    supervise.set_sweeping(sweeping)  # a restart after running out of memory reruns the sweep
     try:
         if sweeping:  # a continued sweep: a finished job is kept, a killed one resumes
             from mlxlab.sweeps.jobs import continue_job
@@ -214,8 +238,14 @@ def trainer_keys() -> set[str]:
     return {f.name for f in fields(TrainerSettings)}
 
 
-def main() -> None:
-    """mlxlab-train / `mlxlab train`: the group choices checked first, then the Hydra app."""
+def main(supervised: bool = True) -> None:
+    """mlxlab-train / `mlxlab train`: the group choices checked first, then the Hydra app, in a
+    child process under a parent that restarts it at half the micro-batch when it runs out of
+    memory (runtime/supervise.py); `python -m mlxlab.train` (that child) trains in-process."""
+    from mlxlab.runtime import supervise
+
+    if supervised and supervise.wanted():  # the child checks, composes and trains
+        sys.exit(supervise.main(sys.argv[1:]))
     from mlxlab.config import check_group_choices
 
     try:
@@ -224,12 +254,18 @@ def main() -> None:
     except ConfigError as err:
         print(f"mlxlab: error: {err}", file=sys.stderr)
         sys.exit(2)
+    supervise.as_typed()  # a supervised child: the entry point the user typed, for the tags
     from mlxlab.tracking.mlflow import background
 
     if background.tracks_in_a_child(sys.argv[1:]):
         background.prestart()  # its imports overlap Hydra's composing and ours
     hydra_main()
+    sweeps = sys.modules.get("mlxlab.sweeps.callback")  # loaded: a multirun's callback ran
+    failure = sweeps.sweep_failure() if sweeps is not None else None
+    if failure:  # a sweep whose parent did not finish does not exit 0 (issue 59)
+        print(f"mlxlab: error: {failure}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    main(supervised=False)

@@ -37,6 +37,7 @@ from mlxlab.checkpoint.layout import (
     step_name,
 )
 from mlxlab.checkpoint.state import StateLike, state_payload, state_step
+from mlxlab.errors import DISK_FULL, DiskFull
 
 
 def fsync_path(path: Path) -> None:
@@ -72,8 +73,10 @@ def _write_safetensors(path: Path, arrays: dict[str, mx.array]) -> None:
         expected = _safetensors_size(path)
     except OSError:
         raise
-    except Exception as e:  # mlx raises RuntimeError for I/O failures
-        raise OSError(errno.EIO, f"writing {path.name} failed: {e}") from e
+    except Exception as e:  # mlx raises RuntimeError for I/O failures, without their errno
+        needed = sum(a.nbytes for a in arrays.values())
+        code = errno.ENOSPC if shutil.disk_usage(path.parent).free < needed else errno.EIO
+        raise OSError(code, f"writing {path.name} failed: {e}") from e
     actual = path.stat().st_size
     if actual != expected:
         raise OSError(
@@ -219,6 +222,22 @@ def save_checkpoint(
     return write_snapshot(directory, take_snapshot(model, optimizer, state))
 
 
+def disk_full(directory: Path, final: Path, snap: Snapshot) -> DiskFull:
+    """One line for a checkpoint that found the disk full: the folder, the space it needs, what
+    is free, and what to do (the run resumes from its newest committed checkpoint)."""
+    needed = sum(a.nbytes for part in (snap.model, snap.optimizer or {}) for a in part.values())
+    free = shutil.disk_usage(directory).free
+    committed = sorted(p.name for p in directory.glob("step_*") if (p / MARKER).is_file())
+    after = (f"then resume={directory.parent} (a sweep's job: the same sweep command) continues "
+             f"from {committed[-1]}" if committed else "then run it again (nothing was "
+             "committed yet)")
+    return DiskFull(
+        errno.ENOSPC,
+        f"{DISK_FULL} checkpoint {final} needs {needed / 2**20:.1f} MB, {free / 2**20:.1f} MB "
+        f"free in {directory}: free space there (or set paths.output_dir to a larger disk), "
+        f"{after}")
+
+
 def write_snapshot(directory: Path, snap: Snapshot, name: str | None = None) -> Path:
     """The disk half of `save_checkpoint`: temp dir, files, checksums, marker, rename; into
     directory/step_<step>, or directory/<name> (replaced whole)."""
@@ -236,6 +255,8 @@ def write_snapshot(directory: Path, snap: Snapshot, name: str | None = None) -> 
         swap_into_place(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise disk_full(directory, final, snap) from None
         msg = (
             f"could not write checkpoint {final} ({e.strerror or e}); it was discarded and "
             "earlier checkpoints are intact: free disk space or check permissions"

@@ -1,4 +1,5 @@
-"""`mlxlab train [overrides]`: the Hydra training app (mlxlab-train) under the mlxlab command."""
+"""`mlxlab train [overrides]`: mlxlab-train under the mlxlab command (its supervising parent, which
+runs the Hydra training app as its child: runtime/supervise.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    from mlxlab.train import main as hydra_main
+    from mlxlab.train import main as train_main
 
     # Hydra reads its overrides (and --help, --multirun, ...) from sys.argv
     sys.argv = ["mlxlab train", *argv]
-    hydra_main()
+    train_main()
     return 0

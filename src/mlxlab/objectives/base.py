@@ -172,6 +172,9 @@ class Objective:
 
     name: ClassVar[str] = "objective"       # conf/objective/<name>.yaml; the run's tag
     needs_teachers: ClassVar[bool] = False  # True: setup needs ObjectiveSetup.load_teachers
+    # True: train_batches makes batches the data module does not hold (rollouts), so a memory
+    # probe over the data's batches does not measure them (config.py refuses the two together)
+    makes_batches: ClassVar[bool] = False
 
     def setup(self, setup: ObjectiveSetup) -> None:
         """Build what the loss needs from the run's parts (teachers, a reference, caches);

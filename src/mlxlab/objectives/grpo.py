@@ -64,6 +64,7 @@ class GRPO(Objective):
     epsilon)."""
 
     name = "grpo"
+    makes_batches = True
 
     def __init__(self, rewards: Sequence[Mapping], num_generations: int = 8,
                  num_iterations: int = 1, loss_type: str = "dapo", beta: float = 0.0,

@@ -13,6 +13,10 @@ What this module does for the raising kind:
   says what to change and names the last committed checkpoint, and arms a watchdog: if the
   cleanup after it (the last checkpoint write, the tracker's end) is not done within
   `CLEANUP_S`, the process prints the line and exits anyway;
+- under mlxlab-train's supervising parent (runtime/supervise.py) an out of memory is not the
+  end: it is recorded for the parent and the process exits at once with `supervise.OOM_EXIT`,
+  as the CPU backend's crash would end it; the parent restarts the run at half the
+  micro-batch from its last committed checkpoint;
 - `leave(code)`: train.py's exit; after a device failure it is `os._exit` once the line is out,
   so MLX's teardown is never run.
 """
@@ -28,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlxlab.errors import UserError
+from mlxlab.runtime import supervise
 
 # Lower-cased pieces of the messages MLX's allocators and CUDA raise on exhausted memory
 # (mlx/allocator.cpp "[malloc] Unable to allocate N bytes."; Metal "[metal::malloc] Attempting to
@@ -107,6 +112,9 @@ def device_failure(exc: BaseException, step: int, last_checkpoint: Callable[[], 
            "trainer.memory_budget_mb, or use a smaller model" if kind == "out of memory" else
            "the GPU's state is lost after such an error; start a new process")
     what = "out of memory" if kind == "out of memory" else "into an error"
+    if kind == "out of memory" and supervise.report_oom(step, first):
+        end_process(f"mlxlab: the device ran out of memory at step {step + 1} ({first}): "
+                    "restarting at half the micro-batch", supervise.OOM_EXIT)
 
     def message(checkpoint: str) -> str:
         return (f"the device ran {what} at step {step} ({first}): {fix}; committed checkpoints "

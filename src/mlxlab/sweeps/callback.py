@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mlxlab.errors import DISK_FULL
 from mlxlab.sweeps.folder import (
     begin_sweep,
     clear_job_files,
@@ -55,8 +56,10 @@ from mlxlab.sweeps.store import metric_mode, sweep_children, sweep_table, swept_
 from mlxlab.sweeps.verdict import leader_tag, record
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import MAX_PARAM_VALUE_LENGTH
-from mlxlab.tracking.mlflow.server import TrackingUnavailable
-from mlxlab.tracking.mlflow.stale import mark_dead_runs_quietly
+from mlxlab.tracking.mlflow.calls import MAX_TAGS_PER_BATCH, chunks
+from mlxlab.tracking.mlflow.offline import replay_ended_run
+from mlxlab.tracking.mlflow.server import TrackingUnavailable, bounded_http
+from mlxlab.tracking.mlflow.stale import has_checkpoint, mark_dead_runs_quietly
 from mlxlab.tracking.mlflow.store import ensure_store, tracked_store
 from mlxlab.tracking.plots import sweep_plot_png
 from mlxlab.tracking.source import command_line, source_tags
@@ -217,7 +220,8 @@ class MlflowSweepCallback(Callback):
             return
         try:
             if not failed:
-                self._record_value(config, settings["uri"], job_runs(job.job_dir), value)
+                with bounded_http(settings["request_timeout"]):  # a server away: no minutes
+                    self._record_value(config, settings["uri"], job_runs(job.job_dir), value)
                 return
             error = job_return._return_value if job_return.status == JobStatus.FAILED else value
             reason = read_job_failure(job.job_dir)
@@ -241,25 +245,54 @@ class MlflowSweepCallback(Callback):
             )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Log the top child's metric and params, a metric-vs-params PNG, the groups of
-        replicates and the verdict (sweeps/verdict.py) on the parent; end it FINISHED when every
-        job is (a search: when its trials are told), else FAILED."""
+        """Send what jobs ended offline kept (their server was away), then log the top child's
+        metric and params, a metric-vs-params PNG, the groups of replicates and the verdict
+        (sweeps/verdict.py) on the parent; end it FINISHED when every job is (a search: when its
+        trials are told), else FAILED, and then the command exits 1 (sweep_failure)."""
         if self._parent is None:
             return
-        try:
-            self._summarize(config)
-        except Exception as e:  # the jobs are done and logged; a summary failure must not hide it
-            log.warning("MLflow sweep summary failed: %s: %s", type(e).__name__, e)
-        parent, self._parent = self._parent, None
-        parent.end("FINISHED" if _is_search(config) else parent.status_of_jobs())
+        settings = mlflow_settings(config) or {}
+        parent, status = self._parent, None
+        with bounded_http(settings.get("request_timeout", 30.0)):  # a server away: no minutes
+            try:
+                self._replay_offline_jobs()
+                self._summarize(config)
+            except Exception as e:  # the jobs are done and logged; a summary failure must not hide it
+                log.warning("MLflow sweep summary failed: %s: %s", type(e).__name__, e)
+            self._parent = None
+            try:
+                status = "FINISHED" if _is_search(config) else parent.status_of_jobs()
+                status = parent.end(status)
+            except Exception as e:  # noqa: BLE001 - the store is away: the parent stays open
+                parent.abandon()
+                log.warning("MLflow sweep parent run %s not ended: %s: %s", parent.run_id,
+                            type(e).__name__, e)
+        if status not in ("FINISHED", "KILLED"):  # KILLED: a signal's exit code says it
+            _FAILED.append(
+                f"sweep {parent.run_id} ended {status or 'unrecorded (the store did not answer)'}"
+                f": not every job finished (see above); the same command continues it: "
+                f"{continuing_command()}")
+
+    def _replay_offline_jobs(self) -> None:
+        """Jobs whose runs ended while the tracking server was away left their metrics and final
+        status in their folders (tracking/mlflow/offline.py); the server answers now: sent."""
+        client = self._parent.client
+        for run in job_runs_of(sweep_children(client, self._parent.run_id)):
+            if run.info.status != "FINISHED":
+                replay_ended_run(client, run)
 
     def _summarize(self, config: DictConfig) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, RunTag
 
         client = self._parent.client
         parent_id = self._parent.run_id
         children = sweep_children(client, parent_id)
-        statuses = [r.info.status for r in job_runs_of(children)]  # a job's earlier tries: history
+        jobs = job_runs_of(children)  # a job's earlier tries: history
+        statuses = [r.info.status for r in jobs]
+        adopted = sum(f"{T.ADOPTED_BY_PREFIX}{parent_id}" in r.data.tags for r in jobs)
+        if adopted:  # a grown sweep (sweeps/jobs.py): say what it trained
+            log.info("sweep: %d of %d jobs adopted from earlier sweeps (same config and seed), "
+                     "%d trained or kept by this sweep", adopted, len(jobs), len(jobs) - adopted)
         tags = [
             RunTag(T.NUM_RUNS, str(len(statuses))),
             RunTag(T.NUM_FINISHED, str(statuses.count("FINISHED"))),
@@ -273,13 +306,18 @@ class MlflowSweepCallback(Callback):
         keys = swept_keys(children, _override_keys(config))
         rows = sweep_table(children, metric, keys, mode)  # best first, no-metric runs last
         top = next((r for r in rows if r["status"] == "FINISHED" and _finite(r[metric])), None)
-        metrics, params = [], []
+        metrics = []
         if top is not None:  # one seed's maximum: named top_run, never "best" (issue 48)
             metrics.append(Metric(f"top_run/{metric}", float(top[metric]), _now_ms(), 0))
-            params = [Param(f"top_run.{k}", str(top[k])) for k in keys if top[k] is not None]
+            # tags, not params: a continuation may move the top run to another config, and
+            # MLflow refuses to change a param (the whole summary was then skipped, issue 59)
+            tags += [RunTag(f"{T.TOP_RUN_PREFIX}{k}", str(top[k])) for k in keys
+                     if top[k] is not None]
             tags.append(RunTag(T.TOP_RUN_ID, top["run_id"]))
             log.info("sweep top single run %s=%s (run %s)", metric, top[metric], top["run_id"])
-        client.log_batch(parent_id, metrics=metrics, params=params[:100], tags=tags)
+        for part in chunks(tags, MAX_TAGS_PER_BATCH):
+            client.log_batch(parent_id, tags=part)
+        client.log_batch(parent_id, metrics=metrics)
         with tempfile.TemporaryDirectory() as tmp:
             png = sweep_plot_png(rows, metric, keys, Path(tmp) / f"sweep_{_safe(metric)}.png")
             client.log_artifact(parent_id, str(png), "plots")
@@ -292,9 +330,8 @@ class MlflowSweepCallback(Callback):
         if optuna_results.is_file():  # the search's own verdict, next to the table's
             client.log_artifact(parent_id, str(optuna_results))
             found = OmegaConf.to_container(OmegaConf.load(optuna_results))
-            params = [
-                Param(f"optuna.best.{k}", str(v)) for k, v in found.get("best_params", {}).items()
-            ]
+            best = [RunTag(f"{T.OPTUNA_BEST_PREFIX}{k}", str(v))
+                    for k, v in found.get("best_params", {}).items()]
             metrics = []
             if _finite(found.get("best_value")):
                 metrics = [Metric("optuna/best_value", float(found["best_value"]), _now_ms(), 0)]
@@ -303,7 +340,16 @@ class MlflowSweepCallback(Callback):
             if found.get("steps_trained") is not None:
                 metrics.append(Metric("search/steps_trained", float(found["steps_trained"]),
                                       _now_ms(), 0))
-            client.log_batch(parent_id, metrics=metrics, params=params[:100])
+            client.log_batch(parent_id, metrics=metrics, tags=best[:MAX_TAGS_PER_BATCH])
+
+
+# why this process's sweep did not finish (on_multirun_end): train.main exits 1 with it
+_FAILED: list[str] = []
+
+
+def sweep_failure() -> str | None:
+    """Why the sweep this process launched ended other than FINISHED, None if it did not."""
+    return _FAILED[-1] if _FAILED else None
 
 
 def record_failed_job(config: DictConfig, job_dir: Path, job_num: int, overrides: list[str],
@@ -334,8 +380,13 @@ def _record_failed_job(client: Any, parent_id: str, job_dir: Path, job_num: int,
     from mlflow.entities import Param, RunTag
 
     runs = job_runs(job_dir)
+    # a full disk stopped it after a committed checkpoint: the same command resumes it there
+    # (sweeps/jobs.py), as it resumes a killed job
+    resumable = reason.startswith(DISK_FULL) and has_checkpoint(job_dir)
     for run_id in [] if quiet_if_tracked else runs:
         client.set_tag(run_id, T.ERROR, reason[:5000])
+        if resumable:
+            client.set_tag(run_id, T.RESUMABLE, "true")
         if crashed:
             client.set_terminated(run_id, "FAILED")
     if runs:

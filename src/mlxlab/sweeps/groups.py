@@ -186,16 +186,18 @@ def log_summary(client: Any, parent_id: str, runs: Sequence, keys: Sequence[str]
                 mode: str, folder: Path, now_ms: int) -> Group | None:
     """Everything above onto the parent run, each child tagged with its group; returns the
     group with the best mean (None: no values), which only sweeps/verdict.py may call better."""
-    from mlflow.entities import Param
+    from mlflow.entities import RunTag
 
-    from mlxlab.tracking.mlflow.calls import chunks
+    from mlxlab.tracking.mlflow.calls import MAX_TAGS_PER_BATCH, chunks
     from mlxlab.tracking.plots import replicates_png
 
     groups = group_runs(runs, keys)
     metrics = monitored(runs, metric)
     best = winner(groups, metric, mode)
-    params = [Param(f"{T.GROUP_PREFIX}{g.gid}", g.label[:6000]) for g in groups][:100]
-    client.log_batch(parent_id, params=params)
+    # tags, not params: a continued sweep may label its groups otherwise (issue 59)
+    labels = [RunTag(f"{T.GROUP_PREFIX}{g.gid}", g.label[:6000]) for g in groups]
+    for part in chunks(labels, MAX_TAGS_PER_BATCH):
+        client.log_batch(parent_id, tags=part)
     for g in groups:  # each child says which config it replicates (the parent's group.gN)
         for run in g.runs:
             client.set_tag(run.info.run_id, T.GROUP, g.gid)

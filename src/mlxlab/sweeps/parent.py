@@ -21,7 +21,7 @@ from mlxlab.sweeps.folder import stopped_by
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow.calls import retrying
 from mlxlab.tracking.mlflow.heartbeat import Heartbeat, heartbeat_tags
-from mlxlab.tracking.mlflow.stale import process_tags
+from mlxlab.tracking.mlflow.stale import clear_killed, process_tags
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +58,20 @@ class ParentRun:
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        previous = retrying(client.get_run, run_id).info.status
+        run = retrying(client.get_run, run_id)
         for key, value in launcher_tags(heartbeat_every_s).items():  # before RUNNING (stale.py)
             retrying(client.set_tag, run_id, key, value)
         retrying(client.update_run, run_id, status="RUNNING")
+        clear_killed(client, run)
+        previous = run.info.status
         return cls(uri, run_id, sweep_dir, heartbeat_every_s, previous)
 
-    def end(self, status: str) -> None:
-        """The final status, once; FAILED becomes KILLED after a job's signal, or the earlier
-        start's status for a search whose start failed."""
+    def end(self, status: str) -> str | None:
+        """The final status, once (returned; None when ended already); FAILED becomes KILLED
+        after a job's signal, or the earlier start's status for a search whose start failed."""
         atexit.unregister(self.end)
         if self._heartbeat is None:
-            return
+            return None
         self._heartbeat.stop()
         self._heartbeat = None
         stopped = stopped_by(self.sweep_dir)
@@ -86,6 +88,16 @@ class ParentRun:
             status = self.previous
         retrying(self.client.set_terminated, self.run_id, status)
         log.info("MLflow sweep parent run %s: %s", self.run_id, status)
+        return status
+
+    def abandon(self) -> None:
+        """The store does not answer at the sweep's end: the parent is left as it is (its
+        heartbeat stops; the next command that opens the store judges it by its dead
+        launcher), with no end at exit that would wait on the store."""
+        atexit.unregister(self.end)
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
 
     def status_of_jobs(self) -> str:
         """FINISHED when every job's newest run is, else FAILED (a job failed or never ran)."""

@@ -39,14 +39,16 @@ def finished_run_metrics(uri: str | None, run_id: str) -> dict[str, float] | Non
 
 
 def sweep_children(client: Any, parent_run_id: str) -> list:
-    """The runs tagged with `parent_run_id` as their parent, oldest first."""
+    """The runs tagged with `parent_run_id` as their parent, and the finished jobs of earlier
+    sweeps it adopted (sweeps/jobs.py: a grown sweep), oldest first."""
     parent = client.get_run(parent_run_id)
-    return client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`{T.PARENT_RUN}` = '{parent_run_id}'",
-        max_results=50000,
-        order_by=["attributes.start_time ASC"],
-    )
+    found = {}
+    for query in (f"tags.`{T.PARENT_RUN}` = '{parent_run_id}'",
+                  f"tags.`{T.ADOPTED_BY_PREFIX}{parent_run_id}` = 'true'"):
+        for run in client.search_runs([parent.info.experiment_id], filter_string=query,
+                                      max_results=50000):
+            found[run.info.run_id] = run
+    return sorted(found.values(), key=lambda r: r.info.start_time)
 
 
 def run_value(run: Any, key: str) -> str | None:

@@ -22,6 +22,12 @@ WORLD_SIZE = "mlxlab.world_size"
 COMPILE_S = "mlxlab.compile_s"  # seconds the first step spent compiling (MLX; on a GPU its kernels)
 COMMAND = "mlxlab.command"  # the command line as typed (tracking/source.py), the latest for a resumed run
 RESUMED_FROM = "mlxlab.resumed_from"  # a resumed run: the run folder (or checkpoint) it went on from
+# The micro-batch a run trains with (training/micro_batch.py) and its restarts after running out
+# of memory (runtime/supervise.py): tags, since MLflow params are written once
+MICRO_BATCH = "mlxlab.micro_batch"
+GRAD_ACCUM = "mlxlab.grad_accum"  # micro_batch x grad_accum: the effective batch, unchanged
+OOM_RESTARTS = "mlxlab.oom_restarts"  # how often it restarted
+OOM_RESTART_PREFIX = "mlxlab.oom_restart."  # + n: what restart n was (step, how, micro-batch)
 CHOICE_PREFIX = "choice."  # "choice.model" = "bert": the config-group options a run used
 
 # The process that trains a run, for dead-run detection (tracking/mlflow/stale.py)
@@ -38,6 +44,10 @@ SWEEP_IDENTITY = "mlxlab.sweep_identity"  # on a sweep's parent: what the user a
 
 # Sweeps (sweeps/callback.py)
 SWEEP_ID = "mlxlab.sweep_id"
+# On a FINISHED job of an earlier sweep that a grown sweep (same task, config and seed) kept
+# instead of training it again: "mlxlab.adopted_by.<parent run id>" = "true" (sweeps/jobs.py);
+# the grown sweep's children are its own runs and these (sweeps/store.py sweep_children)
+ADOPTED_BY_PREFIX = "mlxlab.adopted_by."
 ROLE = "mlxlab.role"  # "sweep" on a sweep's parent run
 SWEEP_PARAMS = "mlxlab.sweep_params"  # JSON list of the keys a sweep varies
 SWEEP_DIR = "mlxlab.sweep_dir"
@@ -74,7 +84,10 @@ DISTILL_ROUND = "mlxlab.distill.round"  # on each round's child run
 
 # Replicates and comparisons (sweeps/groups.py, sweeps/compare.py)
 VAL_FINGERPRINT = "mlxlab.val_fingerprint"  # the validation rows a run is scored on (a hash)
-GROUP_PREFIX = "group."  # params on a sweep's parent: "group.g1" = "model.pooler=true"
+# On a sweep's parent, tags (never params: a continuation may change them, issue 59):
+GROUP_PREFIX = "group."  # "group.g1" = "model.pooler=true"
+TOP_RUN_PREFIX = "top_run."  # "top_run.<key>": the top single run's value of a swept key
+OPTUNA_BEST_PREFIX = "optuna.best."  # "optuna.best.<key>": the search's best params
 GROUP = "mlxlab.group"  # on each child of a sweep: its group ("g1"); the config is group.g1
 # The verdict on a sweep's parent (sweeps/verdict.py): never a bare winner where the test finds
 # none. VERDICT: "no detectable difference" | "g1 better than g2" | "too few replicates";

@@ -35,9 +35,12 @@ from mlxlab.training.async_writer import CheckpointWriter
 from mlxlab.training.callbacks import Callback
 from mlxlab.training.model_ops import ModelSchedule, newest_state
 from mlxlab.training.settings import CheckpointPolicy, TrainerSettings
-from mlxlab.training.state import RunState
+from mlxlab.training.state import RunState, TrainingError
 
 log = logging.getLogger(__name__)
+
+# The run config's record of its micro-batch (training/micro_batch.py; MLflow params batch_plan.*)
+PLAN_KEY = "batch_plan"
 
 
 def build_manager(policy: CheckpointPolicy, run_dir: Path,
@@ -95,11 +98,12 @@ def checkpoint_state(state: RunState, data_state: dict, *, model: nn.Module, dat
 
 def restore(resume: str | Path, *, model: nn.Module, optimizer, data,
             callbacks: Sequence[Callback], state: RunState, manager: CheckpointManager,
-            model_ops: ModelSchedule, world: distributed.World, objective: Objective
-            ) -> tuple[CheckpointState, LoadReport | None]:
+            model_ops: ModelSchedule, world: distributed.World, objective: Objective,
+            rows: int | None = None) -> tuple[CheckpointState, LoadReport | None]:
     """Load the newest usable checkpoint of `resume` (a run or checkpoint folder) into
     everything (the objective after its setup); (its state.json, how its weights matched the
-    model's)."""
+    model's). `rows`: this fit's micro-batch, where the data's position is counted in batches
+    of another (rescaled_position)."""
     source = find_run_checkpoints(resume)
     model_ops.restore_structure(model, newest_state(source))  # before its weights load
     raw, path = source.load_latest(model, optimizer)
@@ -107,7 +111,7 @@ def restore(resume: str | Path, *, model: nn.Module, optimizer, data,
     if (saved.model_ops or {}).get("done", []) != model_ops.done:
         raise CheckpointError(f"resume: {path} was saved before or after other model "
                               "operations than the newest checkpoint: resume from that one")
-    data.load_state_dict(saved.data)
+    data.load_state_dict(rescaled_position(saved.data, saved.config, rows))
     set_rng_state(saved.rng)
     objective.load_state_dict(saved.objective)
     for cb in callbacks:
@@ -187,3 +191,24 @@ def validation_fingerprint(data) -> str | None:
             h.update(f"{key}{value.dtype}{value.shape}".encode())
             h.update(value.tobytes())
     return h.hexdigest()[:16]
+
+
+def rescaled_position(data_state: dict, config: dict | None, rows: int | None) -> dict:
+    """A checkpoint's data position for a fit of `rows` rows per micro-batch. Fixed datasets
+    count the batches handed out this epoch (`batches_done`), in the checkpoint's micro-batch;
+    a checkpoint is taken after whole optimizer steps, so the same rows are `batches_done` x
+    theirs / ours batches of ours. (A packed stream counts documents and windows: unchanged.)"""
+    config = config or {}
+    plan = config.get(PLAN_KEY) or {}
+    was = plan.get("micro_batch") or (config.get("trainer") or {}).get("batch_size")
+    if (not rows or not was or int(was) == rows or "batches_done" not in data_state
+            or "examples_consumed" in data_state):
+        return data_state
+    done = int(data_state["batches_done"]) * int(was)
+    if done % rows:
+        raise TrainingError(f"resume: the checkpoint's data position ({data_state['batches_done']} "
+                            f"batches of {was}) is not whole batches of {rows}: resume with "
+                            f"trainer.micro_batch={was}")
+    log.info("resume: the data position, %s batches of %s rows, is %d of %d", data_state[
+        "batches_done"], was, done // rows, rows)
+    return {**data_state, "batches_done": done // rows}

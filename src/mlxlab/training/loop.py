@@ -61,9 +61,10 @@ from mlxlab.training.checkpointing import (
     resume_tags,
     validation_fingerprint,
 )
+from mlxlab.training.micro_batch import Fitting, plan_micro_batch
 from mlxlab.training.model_ops import ModelSchedule
 from mlxlab.training.optim import OptimizerFactory, build_optimizer
-from mlxlab.training.plan import fit_batch_to_memory, global_batching, plan, steps_of
+from mlxlab.training.plan import global_batching, plan, steps_of
 from mlxlab.training.settings import CheckpointPolicy, TrainerSettings
 from mlxlab.training.signals import GracefulStop
 from mlxlab.training.state import (
@@ -193,8 +194,9 @@ class Fit:
         tie = objective.tie_break(data.task)  # what decides between evaluations equal on the monitor
         self.tie_break = (f"val/{tie}", objective.metric_directions(data.task).get(tie, "min")) \
             if tie else None
-        self.batching, self.grad_accum = fit_batch_to_memory(
-            model, data, self.loss_fn, settings, batching, world, self.rows_of)
+        self.batching, self.grad_accum = plan_micro_batch(Fitting(  # training/micro_batch.py
+            model, data, self.loss_fn, settings, world, self.rows_of, self.optimizer_factory,
+            self.run_dir, self.resume, self.config, self.tags), batching, rank_batches)
         self.total_steps, self.max_epochs, self.steps_per_epoch = plan(
             data, settings, self.batching, self.grad_accum, world if rank_batches else None,
             per_data_batch=objective.batches_per_data_batch())
@@ -220,7 +222,7 @@ class Fit:
             saved, report = restore(self.resume, model=model, optimizer=optimizer, data=self.data,
                                     callbacks=self.callbacks, state=self.state,
                                     manager=self.manager, model_ops=self.model_ops, world=world,
-                                    objective=self.objective)
+                                    objective=self.objective, rows=self.batching.batch_size)
             self.tags.update(resume_tags(saved, report, self.config, self.data, self.val_print,
                                          self.state, self.manager, settings.monitor))
         if self.shards is not None:  # keep this rank's share of the (restored) state

@@ -73,6 +73,13 @@ class TrainerSettings:
     precision: str = "auto"           # auto (fp32 on CPU, bf16 where faster) | fp32 | bf16 | fp16
     compile: bool = True              # mx.compile the step
     memory_budget_mb: float | None = None  # halve the batch (doubling grad_accum) until a step fits
+    # rows per forward/backward pass: None = batch_size; N (dividing batch_size x grad_accum);
+    # "auto" = the largest power of two whose step fits trainer.memory_limit (micro_batch.py).
+    # The effective batch (batch_size x grad_accum) never changes: grad_accum follows.
+    micro_batch: int | str | None = None
+    memory_limit: float | str | None = None  # GB (> 1), a fraction (<= 1) of the device's
+    # memory, or "<n>GB", "<n>MB", "<n>%"
+    oom_restarts: int = 3             # restarts at half the micro-batch after running out
     quantize_bits: int | None = None  # 2-8: quantize the best checkpoint, log its metrics too
     fused_kernels: str | bool = "auto"  # auto | on | off: the fused CPU kernels (kernels/)
     flush_denormals: bool = True      # CPU: floats below 1.2e-38 are 0 (kernels/denormals.py)
@@ -99,6 +106,7 @@ class TrainerSettings:
         if str(self.fused_kernels).lower() not in (*kernels.MODES, "true", "false"):
             raise ConfigError(f"trainer.fused_kernels={self.fused_kernels!r}: expected auto, on "
                               "or off")
+        check_micro_batch(self)
         object.__setattr__(self, "model_schedule", check_schedule(self.model_schedule) or None)
         if self.model_schedule and self.distributed.shard_optimizer:
             raise ConfigError("trainer.model_schedule does not work with trainer.distributed."
@@ -107,6 +115,48 @@ class TrainerSettings:
     def data_batching(self) -> Batching:
         """The batching the data module is asked for: batch_size with trainer.batching."""
         return Batching(batch_size=self.batch_size, **dataclasses.asdict(self.batching))
+
+
+def check_micro_batch(settings: TrainerSettings) -> None:
+    """trainer.micro_batch, memory_limit and oom_restarts (training/micro_batch.py reads them)."""
+    micro, effective = settings.micro_batch, settings.batch_size * settings.grad_accum
+    if micro is not None and micro != "auto":
+        check_number("trainer.micro_batch", micro, int, 1)
+        if effective % int(micro):
+            raise ConfigError(
+                f"trainer.micro_batch={micro} does not divide the effective batch "
+                f"(trainer.batch_size x trainer.grad_accum = {effective}): use a divisor of it, "
+                "or micro_batch=auto")
+    if micro is not None and settings.batching.dynamic:
+        raise ConfigError("trainer.micro_batch needs fixed batches: set trainer.batching."
+                          "dynamic=false or trainer.micro_batch=null")
+    if micro is not None and settings.memory_budget_mb:
+        raise ConfigError("trainer.micro_batch and trainer.memory_budget_mb both size the "
+                          "micro-batch: set one (micro_batch=auto with trainer.memory_limit)")
+    if settings.memory_limit is not None:
+        memory_limit(settings.memory_limit)
+    check_number("trainer.oom_restarts", settings.oom_restarts, int, 0)
+
+
+LIMIT_UNITS = {"gb": ("bytes", 1e9), "mb": ("bytes", 1e6), "%": ("fraction", 0.01)}
+
+
+def memory_limit(value: float | str) -> tuple[str, float]:
+    """trainer.memory_limit as ("bytes", n) or ("fraction", f) of the device's memory: a number
+    above 1 is GB, one up to 1 a fraction; "0.5GB", "512MB" and "80%" say which."""
+    text = str(value).strip().lower().replace(" ", "")
+    unit = next((u for u in LIMIT_UNITS if text.endswith(u)), None)
+    try:
+        number = float(text[: -len(unit)] if unit else text)
+    except ValueError:
+        number = -1.0
+    if isinstance(value, bool) or number <= 0 or (unit == "%" and number > 100):
+        raise ConfigError(f"trainer.memory_limit={value!r}: give GB (e.g. 12), a fraction of the "
+                          "device's memory (0.8), or 512MB, 0.5GB, 80%")
+    if unit is None:
+        return ("bytes", number * 1e9) if number > 1 else ("fraction", number)
+    kind, scale = LIMIT_UNITS[unit]
+    return kind, number * scale
 
 
 # (field, type, lower bound) of TrainerSettings' numeric keys; None values are not checked.

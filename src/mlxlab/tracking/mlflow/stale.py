@@ -38,6 +38,9 @@ STALE_BEATS = 4  # heartbeats missed before another host's run is judged dead
 LIVENESS_TAGS = (
     T.PID, T.HOST, T.PID_NAMESPACE, T.PROCESS_START, T.HEARTBEAT, T.HEARTBEAT_EVERY
 )
+# what a run's interrupted end said of it (mark_killed; a sweep's failed job: its error, and
+# resumable after a full disk): gone once a continuation takes the run up again
+ENDED_TAGS = (T.KILLED_AT, T.KILLED_REASON, T.RESUMABLE, T.ERROR)
 
 
 def process_start(pid: int, method: str | None = None) -> str | None:
@@ -204,3 +207,12 @@ def mark_killed(client: Any, run: Any, reason: str) -> None:
         reason,
         "; a checkpoint can continue it" if resumable else "",
     )
+
+
+def clear_killed(client: Any, run: Any) -> None:
+    """A run a continuation takes up (a resume, an adopted parent, a replayed offline file):
+    the tags of its interrupted end go, so a run that then finishes does not say it was killed,
+    failed or resumable (issue 59). Killed again, mark_killed writes them anew."""
+    for key in ENDED_TAGS:
+        if key in run.data.tags:
+            retrying(client.delete_tag, run.info.run_id, key)

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -124,12 +125,11 @@ def ensure_store(
     db.parent.mkdir(parents=True, exist_ok=True)
     root = Path(artifact_root or db.parent / "artifacts").resolve()
     with file_lock(db.with_name(db.name + ".lock"), what=f"the MLflow store {db}"):
-        fresh = not db.exists() or db.stat().st_size == 0
-        if fresh:
-            _copy_store_template(db)
+        if db.exists() and db.stat().st_size > 0:
+            wait_for_schema(db)  # another process (a server starting on it) may migrate it
+        if not db.exists() or db.stat().st_size == 0:
+            _make_fresh_store(db, root)  # whole, in one rename: a server opening it sees all
         store = retrying(SqlAlchemyStore, uri, str(root))
-        if fresh:
-            _save_store_template(db)
         experiment = store.get_experiment_by_name(experiment_name)
         if experiment is None:
             from mlflow.entities import ExperimentTag
@@ -149,6 +149,85 @@ def ensure_store(
         return experiment.experiment_id
 
 
+# A tracking server started on this sqlite file migrates it (~10 s on 2 cores) without our lock:
+# its schema is waited for up to SCHEMA_WAIT_S; one whose migration made no step for
+# SCHEMA_STALL_S was left half-made (its migrating process stopped) and is repaired or refused.
+SCHEMA_WAIT_S = 100.0
+SCHEMA_STALL_S = 30.0
+
+
+def schema_state(db: Path) -> tuple[str | None, bool]:
+    """(the store's alembic revision, whether every table of MLflow's models exists), read with
+    sqlite3 alone: opening it with MLflow would start migrating it beside its other migrator."""
+    from mlflow.store.db.base_sql_model import Base
+
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE "
+                                                   "type = 'table'")}
+        revision = None
+        if "alembic_version" in tables:
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+            revision = row[0] if row else None
+    return revision, set(Base.metadata.tables) <= tables
+
+
+def wait_for_schema(db: Path, wait_s: float = SCHEMA_WAIT_S,
+                    stall_s: float = SCHEMA_STALL_S) -> None:
+    """Return once the sqlite store `db` holds this MLflow's whole schema: at once for a
+    finished store; while another process migrates it, when it is done (bounded); a
+    half-made one (no step for `stall_s`) is moved aside when it holds no run (the caller makes
+    it anew), else refused with one line (never trained beside untracked, issue 59)."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    head, started = None, time.monotonic()
+    last, since = None, started
+    while True:
+        try:
+            state = schema_state(db)
+        except sqlite3.Error as err:  # locked by the migrating process, or not a database yet
+            state = ("?", str(err))
+        if state[1] is True:
+            head = head or _get_latest_schema_revision()
+            if state[0] == head:
+                return
+        now = time.monotonic()
+        if state != last:
+            if last is None:
+                log.warning("MLflow store %s is being created by another process (a tracking "
+                            "server starting on it?): waiting for its schema", db)
+            last, since = state, now
+        elif now - since >= stall_s or now - started >= wait_s:
+            _half_made(db, state[0], head or _get_latest_schema_revision())
+            return
+        time.sleep(0.25)
+
+
+def _half_made(db: Path, revision: str | None, head: str) -> None:
+    """A store whose migration stopped half-way: moved aside when it holds no run, else one
+    line saying how to finish it."""
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+        try:
+            runs = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+        except sqlite3.Error:
+            runs = 0
+    if runs:
+        raise ConfigError(
+            f"MLflow store {db} has schema revision {revision}, MLflow {_version()} needs {head} "
+            "(a migration that stopped half-way, or a store of another MLflow version): back it "
+            f"up, then run `mlflow db upgrade sqlite:///{db}`, or point tracking.uri at another "
+            "store")
+    aside = db.with_name(f"{db.name}.half-made-{int(time.time())}")
+    os.replace(db, aside)
+    log.warning("MLflow store %s was left half-made (schema revision %s, its migration stopped) "
+                "and held no run: moved to %s and made anew", db, revision, aside)
+
+
+def _version() -> str:
+    import mlflow
+
+    return mlflow.__version__
+
+
 def store_template_path() -> Path:
     """An empty store migrated by this MLflow version, kept in the user's cache
     ($MLXLAB_CACHE_DIR, else $XDG_CACHE_HOME/mlxlab, else ~/.cache/mlxlab): MLflow builds a new
@@ -159,12 +238,30 @@ def store_template_path() -> Path:
     return settings.current().cache_dir / f"mlflow-{mlflow.__version__}-empty-store.db"
 
 
-def _copy_store_template(db: Path) -> None:
+def _copy_store_template(db: Path) -> bool:
     template = store_template_path()
     if template.is_file():
         tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
         shutil.copyfile(template, tmp)
         os.replace(tmp, db)
+        return True
+    return False
+
+
+def _make_fresh_store(db: Path, root: Path) -> None:
+    """A new store at `db`: the template's copy, else one migrated beside it (and kept as the
+    template), renamed into place when whole: never a half-made file another process (a tracking
+    server started at the same moment) could open and migrate too."""
+    if _copy_store_template(db):
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.new")
+    tmp.unlink(missing_ok=True)
+    store = retrying(SqlAlchemyStore, f"sqlite:///{tmp}", str(root))
+    store.engine.dispose()
+    _save_store_template(tmp)
+    os.replace(tmp, db)
 
 
 def _save_store_template(db: Path) -> None:

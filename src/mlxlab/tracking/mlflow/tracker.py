@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlxlab.errors import ConfigError
+from mlxlab.errors import ConfigError, UserError
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import BaseTracker, flatten_config
 from mlxlab.tracking.mlflow.calls import (
@@ -31,10 +31,10 @@ from mlxlab.tracking.mlflow.calls import (
     retrying,
 )
 from mlxlab.tracking.mlflow.heartbeat import Heartbeat, heartbeat_tags
-from mlxlab.tracking.mlflow.offline import SPOOL_FILE, Spool, reachable, send_spool
+from mlxlab.tracking.mlflow.offline import SPOOL_FILE, Spool, reachable, send_spool, spool_of
 from mlxlab.tracking.mlflow.rewind import drop_metrics_after
-from mlxlab.tracking.mlflow.server import bounded_http, probe_store
-from mlxlab.tracking.mlflow.stale import LIVENESS_TAGS, mark_dead_runs_quietly
+from mlxlab.tracking.mlflow.server import TrackingUnavailable, bounded_http, probe_store
+from mlxlab.tracking.mlflow.stale import LIVENESS_TAGS, clear_killed, mark_dead_runs_quietly
 from mlxlab.tracking.mlflow.store import ensure_store, resolve_uri, sqlite_path
 from mlxlab.tracking.run_info import record_job_run
 from mlxlab.validation import check_number
@@ -122,6 +122,7 @@ class MlflowTracker(BaseTracker):
         self.skipped: list[str] = []  # calls left out while the server was away
         self.offline_report: str | None = None
         self._last_step = 0
+        self._unsent_spool: Path | None = None  # a resumed run's earlier offline file
 
     # -- lifecycle
 
@@ -134,15 +135,21 @@ class MlflowTracker(BaseTracker):
         self.dataset = {"name": name, "source": source, "digest": digest, "rows": rows}
 
     def start(self, params: dict, tags: dict, run_id: str | None = None) -> None:
-        """Start a run, or resume `run_id` (metrics append to it); logs params and tags."""
+        """Start a run, or resume `run_id` (metrics append to it); logs params and tags. A run
+        that cannot be started raises TrackingUnavailable (one line): never trained untracked."""
         if tags.get(T.RUN_DIR):
             self.spool_dir = Path(str(tags[T.RUN_DIR]))
         try:
             with self._bounded():
                 self._start(params, tags, run_id)
-        except Exception as e:
-            self._warn("start", e)
+        except Exception as e:  # a run asked to be tracked is tracked or fails (issue 59)
             self.run_id, self._active = None, False
+            if isinstance(e, UserError):
+                raise
+            text = (str(e).strip().splitlines() or [""])[0][:300]
+            raise TrackingUnavailable(
+                f"MLflow store {self.uri} could not start the run ({type(e).__name__}: {text}): "
+                "fix tracking.uri, or train untracked with tracking=none") from None
 
     def _start(self, params: dict, tags: dict, run_id: str | None) -> None:
         from mlflow import MlflowClient
@@ -171,7 +178,11 @@ class MlflowTracker(BaseTracker):
             alive = [RunTag(k, tags[k]) for k in LIVENESS_TAGS if k in tags]
             retrying(client.log_batch, run_id, tags=alive)
             retrying(client.update_run, run_id, status="RUNNING")
+            clear_killed(client, run)
             logged_params = run.data.params
+            # what the interrupted process kept while the server was away: sent at rewind (up to
+            # the checkpoint it resumes from), else at the end (issue 59)
+            self._unsent_spool = spool_of(run)
         else:
             # The Source the training process named (tracking/source.py): this process may be
             # the tracking child, whose own argv[0] is background.py.
@@ -244,6 +255,7 @@ class MlflowTracker(BaseTracker):
             self._thread.join()
             self._thread = None
         self.flush()
+        self._send_earlier_spool(None)  # resumed without a rewind
         if self.offline_since is None:
             with self._bounded():
                 self._safely("end", retrying, self._client.set_terminated, self.run_id, status)
@@ -349,6 +361,7 @@ class MlflowTracker(BaseTracker):
         MLflow offers no way to delete values on a server)."""
         if not self._active:
             return
+        self._send_earlier_spool(step)
         if sqlite_path(self.uri) is None:
             log.warning("MLflow run %s: values logged after step %d before the interruption "
                         "cannot be removed from %s; replayed steps may appear twice",
@@ -362,6 +375,19 @@ class MlflowTracker(BaseTracker):
             log.info("MLflow run %s: dropped %d values logged after step %d by the interrupted "
                      "run; they are logged again as the steps are replayed",
                      self.run_id, dropped, step)
+
+    def _send_earlier_spool(self, upto: int | None) -> None:
+        """A resumed run's values kept offline by its interrupted process, sent once (steps up
+        to `upto`, the checkpoint's: the later ones are trained and logged again)."""
+        path, self._unsent_spool = self._unsent_spool, None
+        if path is None:
+            return
+        with self._flush_lock, self._bounded():
+            sent = self._safely("send offline metrics", send_spool, path, self._client,
+                                set_status=False, upto=upto)
+        if sent:
+            log.info("MLflow run %s: %d metric values its interrupted process kept while the "
+                     "server was away were sent from %s", self.run_id, sent, path)
 
     def _flush_loop(self) -> None:
         while not self._stop.is_set():
