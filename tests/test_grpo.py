@@ -155,11 +155,11 @@ def test_a_prompt_file_without_prompts_names_the_line(tiny, tmp_path):
 
 
 def lora_model(tiny: dict, data: PromptRows, rank: int = 4):
-    from mlxlab.models.transformer import Transformer
+    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 
     mx.random.seed(0)
-    return Transformer(vocab_size=data.vocab_size, pretrained=str(tiny["folder"]),
-                       lora={"rank": rank, "targets": ["query", "value"]} if rank else None)
+    return MLXLMDecoder(vocab_size=data.vocab_size, pretrained=str(tiny["folder"]),
+                        lora={"rank": rank, "targets": ["query", "value"]} if rank else None)
 
 
 def test_cached_sampling_picks_the_uncached_models_tokens_and_a_key_repeats_it(tiny):

@@ -38,7 +38,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.prompts import PromptRows
 from mlxlab.errors import ConfigError
-from mlxlab.models.lora import LoRALinear, adapters_off
+from mlxlab.models.lora import adapters_off, has_adapters
 from mlxlab.objectives.base import Evaluation, Objective, ObjectiveSetup, pack_array, unpack_array
 from mlxlab.objectives.grpo_loss import (
     check_loss_settings,
@@ -108,7 +108,7 @@ class GRPO(Objective):
         if not isinstance(data, PromptRows):
             raise ConfigError(f"objective=grpo samples completions of prompts, not of "
                               f"{type(data).__name__}: set data=prompts (or experiment=grpo_*)")
-        if self.beta and not any(isinstance(m, LoRALinear) for m in model.modules()):
+        if self.beta and not has_adapters(model):
             raise ConfigError(f"objective.beta={self.beta} measures the KL to the reference, the "
                               "model with its LoRA adapters off: set model.lora.rank > 0, or "
                               "objective.beta=0")

@@ -37,6 +37,7 @@ from mlxlab.checkpoint import CheckpointManager, choose_best, load_checkpoint
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.models.base import Model
+from mlxlab.models.grad_checkpoint import checkpoint_blocks
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import (
     Evaluation,
@@ -174,6 +175,9 @@ class Fit:
         batching fitted to memory, the run's length, its checkpoint manager."""
         model, data, settings, objective = self.model, self.data, self.settings, self.objective
         kernels.set_mode(settings.fused_kernels)  # process-wide: the ops the step traces
+        if settings.grad_checkpoint:  # before the memory fit measures a step
+            log.info("gradient checkpointing: %d blocks recompute their activations in the "
+                     "backward", checkpoint_blocks(model))
         if settings.flush_denormals and mx.default_device() == mx.cpu:
             # x86 runs arithmetic on denormal floats ~100x slower (kernels/denormals.py)
             self.was_flushing = kernels.flush_denormals(True)
