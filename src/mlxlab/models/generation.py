@@ -42,3 +42,30 @@ def generate_tokens(
     sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0, top_k=top_k)
     for token, _ in generate_step(prompt, model, max_tokens=room, sampler=sampler):
         yield int(token)
+
+
+def sample_token(
+    logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, key=None
+) -> mx.array:
+    """(B, V) logits -> (B,) token ids from an explicit key (mlx-lm's sampler draws from the
+    global generator; GRPO's rollouts need their own key to resume bitwise). temperature 0 =
+    greedy; top_k 0 / top_p 1 = off."""
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ConfigError(
+            f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}"
+        )
+    if temperature == 0:
+        return mx.argmax(logits, axis=-1)
+    logits = logits.astype(mx.float32) / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = mx.topk(logits, top_k, axis=-1).min(axis=-1, keepdims=True)
+        logits = mx.where(logits < kth, -mx.inf, logits)
+    if top_p < 1:
+        # keep the smallest set of most likely tokens whose mass reaches top_p
+        order = mx.argsort(-logits, axis=-1)
+        sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+        probs = mx.softmax(sorted_logits, axis=-1)
+        mass_before = mx.cumsum(probs, axis=-1) - probs
+        sorted_logits = mx.where(mass_before >= top_p, -mx.inf, sorted_logits)
+        logits = mx.put_along_axis(logits, order, sorted_logits, axis=-1)
+    return mx.random.categorical(logits, key=key)
