@@ -540,6 +540,47 @@ def test_a_bad_chat_file_fails_in_one_line(chat_model, tmp_path):
         "format per file"]
 
 
+@pytest.mark.parametrize("case", ["latin1", "content_int"])
+def test_a_chat_file_that_cannot_render_is_one_line_and_leaves_no_run_folder(
+        chat_model, tmp_path, case):
+    """Issue 58: a non-UTF-8 byte (a 25-line UnicodeDecodeError traceback, exit 1) and
+    `"content": 5` (Jinja's TypeError) fail in one line naming the file and line, exit 2, and
+    the failed run leaves no empty run folder behind."""
+    rows = story_chats(3)
+    bad = tmp_path / "bad.jsonl"
+    if case == "latin1":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        bad.write_bytes(text.encode() + b'{"messages": [{"role": "user", "content": "caf'
+ + b"\xe9" + b'"}]}\n')
+        expected = f"{bad}:4: byte 0xe9 is not UTF-8"
+    else:
+        rows[1]["messages"][0]["content"] = 5
+        write_jsonl(bad, rows)
+        expected = f"{bad}:2: message 1 (user) has content 5"
+    done = subprocess.run(
+        [PYTHON, "-m", "mlxlab.cli.main", "train", "experiment=finetune_chat",
+         f"model.pretrained={chat_model['folder']}", f"data.train_file={bad}", "tracking=none",
+         f"paths.root_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mlxlab: error: {expected}"), lines
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_mlxlab_eval_names_a_task_file_that_is_not_utf8(tmp_path, capsys):
+    from mlxlab.cli.eval import main
+
+    task = tmp_path / "mc.jsonl"
+    task.write_bytes(b'{"prompt": "2+2=", "choices": ["4", "5"], "answer": 0}\n'
+                     b'{"prompt": "caf\xe9", "choices": ["a", "b"], "answer": 1}\n')
+    assert main([str(tmp_path / "no-model"), str(task), "--tasks", "--no-track"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mlxlab eval: error: {task}:2: byte 0xe9 is not UTF-8 (invalid continuation "
+                   "byte): save the file as UTF-8, e.g. iconv -f latin1 -t utf-8"], err
+
+
 def test_a_chat_whose_turns_cannot_be_placed_fails_in_one_line(chat_model, tmp_path):
     """`mlxlab-train experiment=finetune_chat` with Mistral v0.3's real template
     (data.chat_template=) on this ChatML tokenizer, where [INST] is plain text, and chats with a

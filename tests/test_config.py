@@ -92,6 +92,40 @@ def test_an_old_spelling_names_the_new_one(old, new):
         check_group_choices(["experiment=dpo_chat", old])
 
 
+@pytest.mark.parametrize(("experiment", "allowed"), [("orpo_chat", True), ("dpo_chat", False)])
+def test_an_optimized_metric_only_another_loss_logs_is_refused(tmp_path, experiment, allowed):
+    """Issue 58: ORPO logs val/nll_loss, DPO (the same objective class) does not; under DPO it
+    was accepted, never logged, and no best checkpoint was kept."""
+    cfg = compose_cfg(tmp_path, [f"experiment={experiment}", "model.pretrained=/a/hf/folder",
+                                 "optimized_metric=val/nll_loss", "optimized_mode=min"])
+    if allowed:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError, match=re.escape(
+            "optimized_metric='val/nll_loss' is not computed for preference data by objective "
+            "Preference(loss=sigmoid): choose one of ['val/loss', 'val/rewards/accuracy'")):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["trainer.beta=0.3"], "trainer.beta is not a key of trainer: did you mean objective.beta=0.3? "
+     "(a setting of objective=dpo|grpo|orpo)"),
+    (["experiment=grpo_arithmetic", "objective.gamma=1.0"], "objective.gamma is not a setting of "
+     "objective=grpo (a setting of objective=dpo|orpo)"),
+    (["objective.beta=0.2"], "objective.beta is not a setting of objective=supervised"),
+    (["experiment=dpo_chat", "objective=supervised", "objective.loss=ipo"],
+     "objective.loss is not a setting of objective=supervised"),
+])
+def test_a_key_the_run_has_not_names_the_key_meant(argv, message):
+    """Issue 58: Hydra's multi-line "Key 'beta' is not in struct" (exit 1) gave no hint."""
+    from mlxlab.train import check_misplaced_keys
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        check_misplaced_keys(argv)
+    check_misplaced_keys(["experiment=dpo_chat", "objective.beta=0.2", "trainer.max_steps=3"])
+    check_misplaced_keys(["objective=grpo", "+objective.extra=1"])  # added on purpose: its class says
+
+
 def test_cli_old_trainer_choice_is_one_line(tmp_path, cli_env):
     out = run_cli(["trainer=quick", "tracking=none"], tmp_path, cli_env)
     assert out.returncode == 2

@@ -15,7 +15,7 @@ import pytest
 from hf_helpers import save_tiny_model
 from mlxlab.data.batching import Batching
 from mlxlab.data.chat import encode_chat, load_chat_template
-from mlxlab.data.preference import PreferencePairs
+from mlxlab.data.preference import KEYS, PreferencePairs
 from mlxlab.errors import ConfigError
 
 WORDS = ["cat", "dog", "sun", "tree", "ball", "milk", "red", "big", "hat", "cup"]
@@ -484,6 +484,8 @@ def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pre
         ({"loss": "ipo", "label_smoothing": 0.1}, r"label_smoothing=0.1 has no meaning for loss=ipo"),
         ({"loss": "orpo", "reference": "cached"}, r"loss=orpo uses no reference model"),
         ({"loss": "simpo", "reference": "copy"}, r"loss=simpo uses no reference model"),
+        ({"loss": "sigmoid", "gamma": 1.0}, r"gamma=1.0 is SimPO's target margin and has no "
+         r"meaning for loss=sigmoid"),
     ],
 )
 def test_a_setting_the_loss_would_ignore_is_one_config_error(setting, message):
@@ -493,3 +495,99 @@ def test_a_setting_the_loss_would_ignore_is_one_config_error(setting, message):
     with pytest.raises(ConfigError, match=message):
         Preference(**setting)
     Preference(loss=setting["loss"])  # the same loss with the defaults is fine
+
+
+# --- issue 58: a saturating monitor, settings the run would ignore, pairs that cannot teach ---
+
+
+def test_a_saturated_monitor_keeps_the_later_lower_loss_checkpoint_and_says_so(
+        pref_model, make_cfg, caplog):
+    """DPO's val/rewards/accuracy reaches 1.0 on 8 easy held-out pairs and stays there while
+    the validation loss keeps falling: the best checkpoint is not the first evaluation at 1.0
+    (ties went to the earliest step) but the one with the lowest val/loss; the log and the
+    run's tag mlxlab.best_checkpoint say that a tie was broken and how."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.checkpoint import CheckpointState
+    from mlxlab.train import train
+
+    val = write_jsonl(pref_model["root"] / "val8.jsonl", generated_pairs(8, seed=3))
+    cfg = make_cfg("experiment=dpo_chat", "optimizer.learning_rate=3e-3",
+                   *preference_args(pref_model, "trainer.eval_every_steps=8",
+                                    "trainer.max_steps=24"),
+                   f"data.val_file={val}")
+    with caplog.at_level(logging.INFO, logger="mlxlab"):
+        metrics = train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])[0]
+    history = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
+               for k in ("val/rewards/accuracy", "val/loss")}
+    saturated = [s for s, v in sorted(history["val/rewards/accuracy"].items()) if v == 1.0]
+    assert len(saturated) >= 2, history  # the monitor ties at 1.0
+    lowest = min(saturated, key=lambda s: (history["val/loss"][s], -s))
+    assert metrics["best_step"] == lowest != saturated[0], history
+    best = CheckpointState.read(Path(cfg.paths.output_dir) / "checkpoints" / "best")
+    assert best.step == lowest
+    tag = run.data.tags["mlxlab.best_checkpoint"]
+    assert tag.startswith(f"step {lowest}: val/rewards/accuracy 1 ties step ") and \
+        "the lower val/loss" in tag, tag
+    assert any("ties step" in r.getMessage() and "val/loss" in r.getMessage()
+               for r in caplog.records)
+    last = [r.getMessage() for r in caplog.records if "| best val/rewards/accuracy" in
+            r.getMessage()][-1]  # the evaluation line names the same best step
+    assert last.endswith(f"| best val/rewards/accuracy 1.0000 (step {lowest})"), last
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["trainer.label_smoothing=0.3"],  # issue 55's old spelling: its new one
+         "trainer.label_smoothing moved: write objective.label_smoothing=0.3"),
+        (["objective=orpo", "objective.label_smoothing=0.3"],
+         "objective.label_smoothing=0.3 has no meaning for loss=orpo"),
+        (["objective.gamma=1.0"], "objective.gamma=1.0 is SimPO's target margin and has no "
+         "meaning for loss=sigmoid"),
+        (["objective=grpo", "objective.label_smoothing=0.1"], "objective.label_smoothing is "
+         "not a setting of objective=grpo (a setting of objective=distill|dpo|orpo|supervised)"),
+        (["optimized_metric=val/nll_loss"],
+         "optimized_metric='val/nll_loss' is not computed for preference data by objective "
+         "Preference(loss=sigmoid): choose one of ['val/loss', 'val/rewards/accuracy'"),
+        (["trainer.beta=0.3"], "trainer.beta is not a key of trainer: did you mean "
+         "objective.beta=0.3?"),
+        (["data.keys.rejected=chosen"], "240 of 240 pairs have the same chosen and rejected "
+         "reply"),
+    ],
+)
+def test_a_setting_the_run_would_ignore_is_one_line_exit_2_and_nothing_created(
+        pref_model, tmp_path, cli_env, extra, message):
+    """Issue 58: each was accepted and trained on (identical metrics; no best checkpoint and
+    "the run had no validation data"; Hydra's multi-line "not in struct" with exit 1; zero
+    gradient, accuracy 0, exit 0)."""
+    import subprocess
+
+    from conftest import PYTHON
+
+    proc = subprocess.run(
+        [PYTHON, "-m", "mlxlab.train", "experiment=dpo_chat", "tracking=none",
+         *preference_args(pref_model), *extra],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("mlxlab: error: "), proc.stderr[-3000:]
+    assert message in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_few_pairs_with_equal_replies_are_a_warning_naming_the_first(tmp_path, caplog):
+    from mlxlab.data.preference import read_pairs
+
+    rows = generated_pairs(10)
+    rows[6] = {**rows[6], "rejected": rows[6]["chosen"]}
+    with caplog.at_level(logging.WARNING):
+        read = read_pairs(write_jsonl(tmp_path / "pairs.jsonl", rows), dict(KEYS))
+    assert len(read.rows) == 10
+    assert "1 of 10 pairs have the same chosen and rejected reply (line 7 the first)" in caplog.text

@@ -94,18 +94,22 @@ def test_the_parent_run_holds_the_verdict_and_names_no_bare_winner(sweep):
     path = client.download_artifacts(parent.info.run_id, "comparison.json", str(
         Path(tempfile.mkdtemp())))
     result = json.loads(Path(path).read_text())
-    assert result["metric"] == "val/accuracy" and result["leader"] == leader[0]
+    tie = xa.mean() == pytest.approx(xb.mean(), rel=1e-9)  # a tie is a tie (issue 58)
+    assert result["metric"] == "val/accuracy" and result["baseline"] == leader[0]
+    assert result["leader"] == (None if tie else leader[0])
     (c,) = result["comparisons"]
     assert (c["a"], c["b"], c["n_pairs"]) == (leader[0], other[0], 3)
     assert c["diff"] == pytest.approx((other[1] - leader[1]).mean())
     if differ:
         assert c["t_p"] == pytest.approx(p)
-    if p is None or p >= 0.05:
-        assert tags["mlxlab.verdict"] == "no detectable difference"
-        assert tags["mlxlab.leader"].startswith(f"{leader[0]} (not significant): val/accuracy")
+    # 3 seed pairs: too few for the signed-rank test to reach 0.05 (issue 58), whatever t says
+    assert tags["mlxlab.verdict"] == "too few replicates"
+    assert c["verdict"].startswith("too few seeds to settle it: at 3 seed pairs")
+    if tie:
+        assert tags["mlxlab.leader"].startswith("none: g1 and g2 tie at val/accuracy")
     else:
-        assert tags["mlxlab.verdict"] == f"{leader[0]} better than {other[0]}"
-    assert "(95% CI, n=3)" in tags["mlxlab.leader"]
+        assert tags["mlxlab.leader"].startswith(f"{leader[0]} (not significant): val/accuracy")
+        assert "n=3)" in tags["mlxlab.leader"]
     note = tags["mlflow.note.content"]  # the markdown MLflow shows on the run's Overview
     assert note.startswith(f"### Verdict on val/accuracy: {tags['mlxlab.verdict']}")
     for g in result["groups"]:
@@ -136,8 +140,8 @@ def test_runs_compare_matches_scipy_and_tests_row_by_row(sweep):
     assert c["diff"] == pytest.approx((xb - xa).mean())
     assert c["t_p"] == pytest.approx(st.ttest_rel(xb, xa).pvalue)
     assert c["wilcoxon_p"] == pytest.approx(st.wilcoxon(xb, xa, method="exact").pvalue)
-    assert c["seeds_needed"] is None or c["seeds_needed"] >= 2
-    assert "no detectable difference" in c["verdict"] or "beats" in c["verdict"]
+    assert c["seeds_needed"] is None or c["seeds_needed"] >= 6  # both tests can reach 0.05
+    assert "no detectable difference" in c["verdict"] or "is ahead of" in c["verdict"]
     assert c["rows"] is None  # row-level tests answer for accuracy only
 
     out = run([PYTHON, "-m", "mlxlab.cli.main", "runs", "compare", "latest:model.pooler=null",

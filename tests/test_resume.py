@@ -525,7 +525,12 @@ def test_a_resumed_runs_folder_and_mlflow_run_say_what_it_trained(tmp_path, cli_
     assert re.search(r"model\.num_layers\s+3\b", shown.stdout), shown.stdout
 
 
-BEST_EARLY = [*TITANIC[:3], "trainer.max_steps=12", "trainer.eval_every_steps=2",
+# A monitor whose best is the first evaluation, for a run killed after it: this tiny model's
+# accuracy and F1 plateau (it predicts the majority class) and a tie now goes to the lower
+# val/loss, late (issue 58); its ROC-AUC rises at every evaluation, so its lowest is the first.
+BEST_EARLY = [*TITANIC[:3], "optimized_metric=val/roc_auc", "optimized_mode=min",
+              "trainer.max_steps=12",
+              "trainer.eval_every_steps=2",
               "trainer.schedule.warmup_steps=4", "trainer.log_every_steps=2",
               "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
               "callbacks.checkpoint.save_every_steps=2",
@@ -543,7 +548,7 @@ def test_a_run_killed_after_its_best_evaluation_writes_the_same_predictions(tmp_
     evaluation and resumed writes the file byte for byte as an uninterrupted run does."""
     reference = tmp_path / "reference"
     run(BEST_EARLY, reference, cli_env)
-    best = best_step(reference)  # this tiny Titanic model's best accuracy comes early (step 2)
+    best = best_step(reference)  # the first evaluation's (step 2): BEST_EARLY
     assert best < 8, "the premise: the best evaluation happens before the kill point"
 
     killed = tmp_path / "killed"

@@ -295,16 +295,15 @@ def test_a_searchs_best_trials_rerun_carry_their_interval_and_a_verdict(tmp_path
         by_group.setdefault(r.data.tags["mlxlab.group"], set()).add(r.data.params["seed"])
     assert sorted(by_group) == ["g1", "g2"] and all(len(s) == 2 for s in by_group.values())
     tags = parent.data.tags
-    assert "(95% CI, n=2)" in tags["mlxlab.leader"]
+    assert "n=2)" in tags["mlxlab.leader"]
     result = json.loads(Path(client.download_artifacts(
         parent.info.run_id, "comparison.json", tempfile.mkdtemp())).read_text())
     (c,) = result["comparisons"]
-    assert c["paired"] and c["n_pairs"] == 2 and result["leader"] == c["a"]
-    if result["significant"]:
-        assert tags["mlxlab.verdict"] == f"{c['a']} better than {c['b']}"
-    else:
-        assert tags["mlxlab.verdict"] == "no detectable difference"
-        assert "(not significant)" in tags["mlxlab.leader"]
+    assert c["paired"] and c["n_pairs"] == 2 and result["baseline"] == c["a"]
+    # two seed pairs: the signed-rank test cannot reach 0.05 (issue 58): never "better"
+    assert not result["significant"] and tags["mlxlab.verdict"] == "too few replicates"
+    assert "(not significant)" in tags["mlxlab.leader"] or tags["mlxlab.leader"].startswith(
+        "none: ")
 
 
 @pytest.mark.slow

@@ -197,3 +197,32 @@ def test_seeds_needed_reaches_the_power_a_simulation_measures():
     p = st.ttest_1samp(diffs, 0.0, axis=1).pvalue
     assert (p < 0.05).mean() == pytest.approx(0.8, abs=0.03)
     assert stats.seeds_needed(0.0, sd) is None and stats.seeds_needed(1e-9, 1.0) is None
+
+
+# --- issue 58: intervals inside what is possible ---------------------------------------------
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 10), (3, 40), (40, 40), (1, 1)])
+def test_a_proportions_interval_is_scipys_wilson_interval_inside_0_1(k, n):
+    """A proportion (k right of n examples) gets Wilson's score interval, scipy's
+    binomtest(k, n).proportion_ci(method="wilson"): never below 0 or above 1, and not of zero
+    width at 0/n or n/n (where a normal approximation gives [0, 0] and [1, 1])."""
+    low, high = stats.proportion_interval(k, n)
+    ci = st.binomtest(k, n).proportion_ci(0.95, method="wilson")
+    assert (low, high) == (pytest.approx(ci.low, abs=1e-12), pytest.approx(ci.high, abs=1e-12))
+    assert 0.0 <= low <= k / n <= high <= 1.0 and high - low > 0
+
+
+def test_a_mean_of_bounded_values_over_few_seeds_is_cut_to_the_range_and_says_so():
+    """Two seeds' accuracy 0.9 and 1.0: Student-t's interval reaches 1.58; the summary with the
+    metric's range keeps the t bounds that are possible and says the interval was cut."""
+    raw = stats.summarize([0.9, 1.0])
+    assert raw.high > 1.0
+    s = stats.summarize([0.9, 1.0], bounds=(0.0, 1.0))
+    assert (s.low, s.high) == (pytest.approx(max(0.0, raw.low)), 1.0)
+    assert s.cut and s.as_dict()["ci_cut"] is True
+    text = s.text()
+    assert "Student-t" in text and "cut to [0, 1]" in text and "n=2" in text
+    assert "1.5" not in text
+    inside = stats.summarize(A, bounds=(0.0, 1.0))  # a t interval inside the range is left alone
+    assert not inside.cut and inside.text().endswith("(95% CI, n=10)")

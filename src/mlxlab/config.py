@@ -365,7 +365,8 @@ def _check_settings(cfg: DictConfig) -> None:
 def _check_optimized_metric(cfg: DictConfig) -> None:
     """The objective trains on this data's task, and optimized_metric is something its
     evaluation computes for it: the objective class says both (Objective.check_data and
-    metric_directions, objectives/base.py)."""
+    metric_directions, objectives/base.py), and the objective built from its node what it
+    reports as configured (reported_metrics)."""
     from hydra.utils import get_class
 
     try:
@@ -376,11 +377,17 @@ def _check_optimized_metric(cfg: DictConfig) -> None:
         return
     if task is not None:
         check_data(task)
-    names = [f"val/{m}" for m in metrics]
+    names, what = [f"val/{m}" for m in metrics], objective.__name__
+    if names and cfg.get("optimized_metric") in names:
+        # the class names every metric of its kind; the objective as configured may log fewer
+        # (ORPO's nll_loss is not DPO's): a monitor never logged keeps no best checkpoint
+        with unwrapped():
+            built = instantiate(cfg.objective)
+        names, what = [f"val/{m}" for m in built.reported_metrics(task)], repr(built)
     if names and cfg.get("optimized_metric") not in names:
         raise ConfigError(
             f"optimized_metric={cfg.get('optimized_metric')!r} is not computed for {task} data "
-            f"by objective {objective.__name__}: choose one of {names}"
+            f"by objective {what}: choose one of {names}"
         )
 
 
@@ -455,6 +462,56 @@ def check_group_choices(argv: list[str]) -> None:
         if options and unknown:
             raise ConfigError(f"{key}={unknown[0]} is not an option: choose one of {options} "
                               f"(the files in conf/{key}/)")
+
+
+def _yaml(group: str, option: str) -> dict | None:
+    """conf/<group>/<option>.yaml as a plain mapping (interpolations kept), None when absent."""
+    path = Path(config_dir()) / group / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return node if isinstance(node, dict) else {}
+
+
+def objective_keys(option: str) -> set[str] | None:
+    """The keys `objective=<option>` takes (its file's, with those of the files it extends:
+    orpo extends dpo); None for an option conf/objective/ does not hold."""
+    node = _yaml("objective", option)
+    if node is None:
+        return None
+    keys = {str(k) for k in node if k != "defaults" and not str(k).startswith("_")}
+    for parent in node.get("defaults") or []:
+        if isinstance(parent, str) and parent != "_self_":
+            keys |= objective_keys(parent) or set()
+    return keys
+
+
+def chosen_objective(argv: list[str]) -> str | None:
+    """The objective option a command line runs: its objective=, else its experiment's (and
+    the experiments that one extends), else conf/train.yaml's; None when it cannot be told (a
+    sweep over objectives, a user's own config folder)."""
+    if _config_dirs(argv):
+        return None
+    choices = dict(arg.lstrip("+").split("=", 1) for arg in argv if "=" in arg)
+    value = choices.get("objective") or _experiment_objective(choices.get("experiment"))
+    value = value or next((d["objective"] for d in (_yaml(".", "train") or {}).get("defaults", [])
+                           if isinstance(d, dict) and "objective" in d), None)
+    return value if value and "," not in str(value) and "(" not in str(value) else None
+
+
+def _experiment_objective(name: str | None, depth: int = 0) -> str | None:
+    """The objective an experiment's defaults pick (override /objective: dpo), or one of the
+    experiments it extends."""
+    node = _yaml("experiment", name) if name and depth < 8 else None
+    for entry in (node or {}).get("defaults") or []:
+        if isinstance(entry, dict):
+            found = next((v for k, v in entry.items() if str(k).split()[-1].strip("/") ==
+                          "objective"), None)
+        else:
+            found = _experiment_objective(str(entry), depth + 1) if entry != "_self_" else None
+        if found:
+            return str(found)
+    return None
 
 
 def _config_dirs(argv: list[str]) -> list[Path]:

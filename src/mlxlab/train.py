@@ -203,6 +203,41 @@ def hydra_job(cfg: DictConfig) -> float:
         failures.leave(2, f"mlxlab: error: {err}")
 
 
+def check_misplaced_keys(argv: list[str]) -> None:
+    """A key where the run has none is one line naming the key meant, not Hydra's multi-line
+    "Key 'beta' is not in struct" (exit 1): `trainer.beta=0.3` (the objective's: objective.beta),
+    `objective.label_smoothing=0.1` under objective=grpo (a setting of other objectives).
+    Old spellings (trainer.preference.beta) are config.check_moved's."""
+    from mlxlab.config import chosen_objective, group_options, objective_keys
+
+    def takers(name: str) -> str:
+        return "|".join(o for o in group_options("objective") if name in (objective_keys(o) or ()))
+
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        group, dot, name = key.partition(".")
+        if not (eq and dot and name) or "." in name or group not in ("trainer", "objective"):
+            continue  # (+key= adds a key on purpose: its class says whether it takes it)
+        if group == "trainer" and takers(name) and name not in trainer_keys():
+            raise ConfigError(f"{key} is not a key of trainer: did you mean objective.{name}="
+                              f"{value}? (a setting of objective={takers(name)})")
+        chosen = chosen_objective(argv) if group == "objective" else None
+        keys = objective_keys(chosen) if chosen else None
+        if keys is not None and name not in keys:
+            where = (f"a setting of objective={takers(name)}" if takers(name)
+                     else f"it takes {sorted(keys)}")
+            raise ConfigError(f"{key} is not a setting of objective={chosen} ({where}): drop it, "
+                              "or choose the objective it belongs to")
+
+
+def trainer_keys() -> set[str]:
+    from dataclasses import fields
+
+    from mlxlab.training.settings import TrainerSettings  # only for a trainer.<key> override
+
+    return {f.name for f in fields(TrainerSettings)}
+
+
 def main(supervised: bool = True) -> None:
     """mlxlab-train / `mlxlab train`: the group choices checked first, then the Hydra app, in a
     child process under a parent that restarts it at half the micro-batch when it runs out of
@@ -215,6 +250,7 @@ def main(supervised: bool = True) -> None:
 
     try:
         check_group_choices(sys.argv[1:])
+        check_misplaced_keys(sys.argv[1:])
     except ConfigError as err:
         print(f"mlxlab: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 from mlxlab.errors import ConfigError
 
-__all__ = ["check_choice", "check_fraction", "check_number", "record"]
+__all__ = ["check_choice", "check_fraction", "check_number", "record", "utf8_text"]
 
 R = TypeVar("R")
 
@@ -63,3 +64,16 @@ def check_choice(key: str, value: Any, allowed: tuple) -> None:
     """`value` of config key `key` is one of `allowed`; else one ConfigError line listing them."""
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+
+
+def utf8_text(path: str | Path) -> str:
+    """The text of a file the user gave (a data or task file), read as UTF-8; a byte that is
+    not UTF-8 is one ConfigError naming the file, the line and the fix, not a
+    UnicodeDecodeError's position in bytes."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8 ({e.reason}): "
+                          "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None

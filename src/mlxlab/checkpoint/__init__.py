@@ -51,14 +51,21 @@ from mlxlab.checkpoint.restore import (
     load_first_usable,
 )
 from mlxlab.checkpoint.rng import rng_state, set_rng_state
-from mlxlab.checkpoint.state import STATE_VERSION, CheckpointState, MonitoredMetric, is_better
+from mlxlab.checkpoint.state import (
+    STATE_VERSION,
+    BestChoice,
+    CheckpointState,
+    MonitoredMetric,
+    choose_best,
+    is_better,
+)
 
 __all__ = [
     "BEST", "QUANTIZED", "CHECKPOINTS_DIR", "CHECKSUMS_FILE", "MARKER", "MODEL_FILE", "OLD_PREFIX",
     "OPTIMIZER_FILE", "STATE_FILE", "STATE_VERSION", "STEP_PREFIX", "TMP_PREFIX",
     "CheckpointError", "CheckpointManager", "CheckpointState", "CheckpointWarning", "Checkpoints",
     "LoadReport", "MonitoredMetric", "Snapshot", "check_committed", "committed_step_dirs",
-    "find_run_checkpoints", "is_better", "load_checkpoint", "load_first_usable", "rng_state",
+    "BestChoice", "choose_best", "find_run_checkpoints", "is_better", "load_checkpoint", "load_first_usable", "rng_state",
     "save_checkpoint", "set_rng_state", "step_dirs", "step_name", "step_of", "swap_into_place",
     "take_snapshot", "write_snapshot",
 ]

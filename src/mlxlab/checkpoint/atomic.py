@@ -180,6 +180,7 @@ class Snapshot:
     optimizer: dict[str, mx.array] | None
     state_text: str
     metric: float | None = None
+    best: bool | None = None  # becomes best/ (None: the manager compares `metric`)
 
     def update_state(self, **fields: Any) -> None:
         """Set state fields known only after the snapshot was taken (the tracker's run id)."""

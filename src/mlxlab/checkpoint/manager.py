@@ -133,12 +133,16 @@ class CheckpointManager:
         optimizer: optim.Optimizer | None,
         state: StateLike,
         metric: float | None = None,
+        best: bool | None = None,
     ) -> Snapshot:
-        """The in-memory half of `save` (on the training thread); `write` finishes it."""
+        """The in-memory half of `save` (on the training thread); `write` finishes it. `best`:
+        the caller's decision whether it becomes best/ (a tie broken by another metric); None
+        compares `metric` with the best so far."""
         if metric is not None:
             state = with_metric(state, self.monitor, self.mode, metric)
         snap = take_snapshot(model, optimizer, state)
         snap.metric = None if metric is None else float(metric)
+        snap.best = best
         self._last_save_time = time.monotonic()
         self._last_save_step = snap.step
         return snap
@@ -146,7 +150,9 @@ class CheckpointManager:
     def write(self, snap: Snapshot) -> Path:
         """The disk half of `save`: the checkpoint, best/ and rotation (any one thread)."""
         path = write_snapshot(self.directory, snap)
-        if snap.metric is not None and self.is_better(snap.metric):
+        better = snap.best if snap.best is not None else (
+            snap.metric is not None and self.is_better(snap.metric))
+        if better:
             self._refresh_best(path)
             self.best_metric = snap.metric
         self._rotate()

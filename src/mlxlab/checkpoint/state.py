@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,43 @@ def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.
     if best is None or math.isnan(best):
         return True
     return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+@dataclass(frozen=True)
+class BestChoice:
+    """Whether an evaluation's checkpoint becomes best/, and when a tie on the monitor decided
+    it, the sentence the log and the run's tag (mlxlab.best_checkpoint) say."""
+
+    better: bool
+    tie: str | None = None
+
+
+def choose_best(metrics: Mapping[str, float], best: Mapping[str, float], monitor: str,
+                mode: str, step: int, tie_break: tuple[str, str] | None = None) -> BestChoice:
+    """The monitor improves on the best so far; or it equals it (a monitor that saturates: DPO's
+    val/rewards/accuracy at 1.0 from the first evaluation on) and the tie-break metric
+    (`tie_break`: its name and mode, the objective's loss, Objective.tie_break) is better or
+    equal, equal meaning the later step. Ties going to the earliest step made "best" an
+    accident of when the monitor saturated."""
+    value, previous = metrics.get(monitor, math.nan), best.get(monitor)
+    if is_better(value, previous, mode):
+        return BestChoice(True)
+    if previous is None or not math.isfinite(value) or not math.isclose(
+            value, previous, rel_tol=1e-9, abs_tol=1e-12):
+        return BestChoice(False)
+    head = f"step {step}: {monitor} {value:.6g} ties step {int(best.get('best_step', -1))}"
+    name, tie_mode = tie_break or (None, "min")
+    new, old = metrics.get(name or ""), best.get(name or "")
+    if name is None or monitor == name or new is None or old is None:
+        return BestChoice(True, f"{head}; the later is kept (no {name or 'tie-break metric'} "
+                                "to break the tie)")
+    word = "lower" if tie_mode == "min" else "higher"
+    if not is_better(old, new, tie_mode):  # the new one is as good or better: it trained longer
+        return BestChoice(True, f"{head}; the {word} {name} ({new:.6g} vs {old:.6g}) makes it "
+                                "the best checkpoint")
+    return BestChoice(False, f"{head}; the best checkpoint stays at step "
+                             f"{int(best.get('best_step', -1))} (the {word} {name}, "
+                             f"{old:.6g} vs {new:.6g})")
 
 
 @dataclass

@@ -108,7 +108,7 @@ def is_task_call(args) -> bool:
     path = Path(args.data[0]).expanduser()
     if path.suffix != ".jsonl" or not path.is_file():
         return False
-    with path.open() as f:
+    with path.open(encoding="utf-8", errors="replace") as f:  # a bad byte: read_task names it
         first = next((line for line in f if line.strip()), "")
     try:
         row = json.loads(first)

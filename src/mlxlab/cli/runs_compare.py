@@ -19,10 +19,16 @@ interval, the paired t test and the Wilcoxon signed-rank test over the seeds bot
 t when they share fewer than two), for classifiers scored on the same validation rows a
 paired bootstrap over the rows and McNemar's test per seed, and a verdict; with more than one
 pair, Holm-corrected p-values. When no difference is detected it says how many seeds would
-resolve one (--delta, default the observed difference). --json prints it all as JSON. The
-sweep's verdict (its leader against every other config) is written onto the sweep's parent run:
-its MLflow description, tags mlxlab.verdict and mlxlab.leader, comparison.json and a band PNG
-(--no-record leaves the store as it is).
+resolve one (--delta, default the observed difference). --json prints it all as JSON.
+
+Which way the metric improves is the sweep's optimized_mode for its optimized metric, else the
+metric's definition (its objective's, objectives/catalog.py: val/logps/rejected is
+lower-is-better), never a guess from its name; --mode min|max says it for any metric. On the sweep's own metric (its
+optimized_metric, best checkpoints) the sweep's verdict (its leader against every other config)
+is written again onto the sweep's parent run: its MLflow description, tags mlxlab.verdict and
+mlxlab.leader, comparison.json and a band PNG (--no-record leaves the store as it is). A
+comparison on another metric, or of the last logged values, leaves the recorded verdict alone
+unless --record asks for it to be replaced.
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ from typing import Any
 
 from mlxlab.cli.common import guarded, parser_for
 from mlxlab.cli.runs_list import format_number, print_table
-from mlxlab.stats import summarize
 from mlxlab.tracking import tags as T
 
 GROUP_SEPARATOR = ":"
@@ -54,8 +59,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--all-params", action="store_true",
                         help="runs side by side: every param, not only those that differ")
-    parser.add_argument("--no-record", action="store_true",
+    parser.add_argument("--mode", choices=("min", "max"),
+                        help="which way the metric improves (default: the sweep's optimized_mode "
+                        "for its metric, else the metric's definition)")
+    record = parser.add_mutually_exclusive_group()
+    record.add_argument("--no-record", action="store_true",
                         help="do not write the verdict onto the sweep's parent run")
+    record.add_argument("--record", action="store_true",
+                        help="write this comparison's verdict onto the sweep's parent run even "
+                        "on another metric than the sweep's (replacing the recorded one)")
     args = parser.parse_args(argv)
     return guarded("runs compare", lambda: run(args))
 
@@ -80,7 +92,7 @@ def run(args) -> int:
             raise ValueError("compare needs two or more runs, or a sweep (e.g. latest)")
         args.runs = args.refs
         return side_by_side(args)
-    groups, metric, mode = resolve_groups(client, args.refs, args.metric)
+    groups, metric, mode, optimized = resolve_groups(client, args.refs, args.metric, args.mode)
     baseline = pick(groups, args.baseline) if args.baseline else None
     if len(groups) < 2:
         raise ValueError(f"one config ({groups[0].gid}: {groups[0].label}) found: compare needs "
@@ -94,13 +106,8 @@ def run(args) -> int:
     from mlxlab.cli.runs_compare_tasks import print_replicate_tasks, replicate_tasks
 
     tasks = [replicate_tasks(client, c.a, c.b, which) for c in results]  # evaluation tasks
-    recorded = None
-    if not args.no_record:
-        try:
-            recorded = record_verdict(client, args.refs, metric, mode, which)
-        except Exception as e:  # noqa: BLE001 - a read-only store: the comparison still prints
-            print(f"mlxlab runs compare: warning: the verdict was not recorded on the sweep's "
-                  f"parent run ({type(e).__name__}: {e}); --no-record skips it", file=sys.stderr)
+    own = metric == optimized and not args.last
+    recorded = maybe_record(client, args, metric, mode, which, own)
     if args.json:
         out = as_json(groups, results, metric, which, mode)
         for entry, paired in zip(out["comparisons"], tasks):
@@ -111,11 +118,12 @@ def run(args) -> int:
         print(json.dumps(out, indent=2, default=str))
         return 0
     print(f"{metric} ({'last logged' if args.last else 'best checkpoint'}), "
-          f"{'higher' if mode == 'max' else 'lower'} is better; means with 95 % intervals")
+          f"{'higher' if mode == 'max' else 'lower'} is better; means with 95 % Student-t "
+          "intervals over seeds (cut to the metric's range where they would leave it)")
     print_table(["group", "config", "n", "mean", "95 % CI", "sd"], [
         [g.gid, g.label, str(s.n), format_number(s.mean),
          f"[{format_number(s.low)}, {format_number(s.high)}]", format_number(s.std)]
-        for g in groups for s in [summarize(g.metric(metric, which).values())]])
+        for g in groups for s in [g.summary(metric, which)]])
     several = len(results) > 1
     for c, paired in zip(results, tasks):
         d = c.diff
@@ -131,12 +139,31 @@ def run(args) -> int:
         print_replicate_tasks(paired)
         print(f"  verdict: {verdict(c, metric, mode)}")
     if recorded is not None:
+        from mlxlab.sweeps.verdict import leader_tag
+
         parent_id, result = recorded
         print(f"\nsweep verdict ({len(result['comparisons'])} comparison(s) with the leader): "
-              f"{result['verdict']}; leader {result['leader']}; recorded on parent run "
+              f"{result['verdict']}; leader {leader_tag(result).split(':')[0]}; recorded on parent run "
               f"{parent_id} (its description, tags mlxlab.verdict / mlxlab.leader, "
               f"comparison.json)")
+    elif not own and not args.no_record:
+        print(f"\nthe sweep's recorded verdict (on {optimized}, best checkpoints) is left as it "
+              "is: --record replaces it with this comparison's")
     return 0
+
+
+def maybe_record(client: Any, args, metric: str, mode: str, which: str, own: bool
+                 ) -> tuple[str, dict] | None:
+    """The verdict recorded on the sweep's parent run when it is on the sweep's own metric
+    (`own`) or --record asks; a store that refuses the write is a warning."""
+    if not (args.record or (own and not args.no_record)):
+        return None
+    try:
+        return record_verdict(client, args.refs, metric, mode, which)
+    except Exception as e:  # noqa: BLE001 - a read-only store: the comparison still prints
+        print(f"mlxlab runs compare: warning: the verdict was not recorded on the sweep's "
+              f"parent run ({type(e).__name__}: {e}); --no-record skips it", file=sys.stderr)
+        return None
 
 
 def run_against_sweep(client: Any, uri: str, args, sweeps: list[bool]) -> int:
@@ -145,7 +172,7 @@ def run_against_sweep(client: Any, uri: str, args, sweeps: list[bool]) -> int:
     from mlxlab.cli.runs_compare_tasks import compare_run_with_sweep
 
     run_ref, sweep_ref = args.refs if sweeps[1] else args.refs[::-1]
-    groups, _, _ = resolve_groups(client, [sweep_ref], args.metric)
+    groups, *_ = resolve_groups(client, [sweep_ref], args.metric, args.mode)
     if len(groups) != 1:
         raise ValueError(f"{sweep_ref} has {len(groups)} configs: name one to compare the run "
                          f"with, e.g. {sweep_ref}:{groups[0].gid}")
@@ -196,7 +223,7 @@ def as_json(groups, results, metric: str, which: str, mode: str) -> dict[str, An
     return {
         "metric": metric, "which": which, "mode": mode,
         "groups": [{"group": g.gid, "config": g.label, "values": g.metric(metric, which),
-                    **summarize(g.metric(metric, which).values()).as_dict()} for g in groups],
+                    **g.summary(metric, which).as_dict()} for g in groups],
         "comparisons": [{**c.as_dict(), "verdict": _verdict(c, metric, mode)} for c in results],
     }
 
@@ -220,8 +247,9 @@ def _is_sweep_ref(client: Any, ref: str) -> bool:
         return False
 
 
-def resolve_groups(client: Any, refs: list[str], metric: str | None):
-    """The groups the references name, the metric and its mode (from the first sweep)."""
+def resolve_groups(client: Any, refs: list[str], metric: str | None, mode: str | None = None):
+    """The groups the references name, the metric, its mode (given, else the first sweep's for
+    its optimized metric, else the metric's definition) and the sweep's optimized metric."""
     from mlxlab.sweeps.store import find_sweep_parent, metric_mode
 
     groups, seen = [], {}
@@ -247,9 +275,9 @@ def resolve_groups(client: Any, refs: list[str], metric: str | None):
     first = next(iter(seen.values()))[0]
     optimized = first.data.tags.get(T.OPTIMIZED_METRIC)
     metric = metric or optimized or "val/accuracy"
-    mode = metric_mode(metric, first.data.tags.get(T.OPTIMIZED_MODE) if metric == optimized
-                       else None)
-    return groups, metric, mode
+    mode = metric_mode(metric, mode or (first.data.tags.get(T.OPTIMIZED_MODE)
+                                        if metric == optimized else None))
+    return groups, metric, mode, optimized or "val/accuracy"
 
 
 def sweep_groups(client: Any, parent: Any) -> list:

@@ -119,7 +119,9 @@ def show_sweep(client, experiments: list, sweep: str, metric: str | None) -> int
     children = sweep_children(client, parent.info.run_id)
     present = [m for m in KEY_METRICS if any(m in r.data.metrics for r in children)]
     metric = metric or tags.get(T.OPTIMIZED_METRIC) or (present[0] if present else "val/accuracy")
-    mode = tags.get(T.OPTIMIZED_MODE) or metric_mode(metric)
+    # the sweep's mode is its optimized metric's; another metric's comes from its definition
+    mode = metric_mode(metric, tags.get(T.OPTIMIZED_MODE)
+                       if metric == tags.get(T.OPTIMIZED_METRIC) else None)
     keys = swept_keys(children, json.loads(tags.get(T.SWEEP_PARAMS, "[]")))
     print(
         f"sweep {parent.info.run_id} {parent.info.run_name!r} ({parent.info.status}), "

@@ -237,6 +237,22 @@ def encode_chat(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence
                         add_generation_prompt, **kwargs)[0]
 
 
+def check_contents(messages: Sequence[Mapping]) -> None:
+    """Each message's content is text: a string, a list of content parts ({"type": "text",
+    "text": ...}, what multimodal templates read) or absent (a tool call); anything else (a
+    number) is a ConfigError here, not a TypeError from inside the template."""
+    for j, message in enumerate(messages):
+        if not isinstance(message, Mapping):  # not an object: the renderer's own line says so
+            continue
+        content = message.get("content")
+        if content is None or isinstance(content, str) or (
+                isinstance(content, list) and all(isinstance(c, Mapping) for c in content)):
+            continue
+        raise ConfigError(f"message {j + 1} ({message.get('role')}) has content {content!r}: a "
+                          "message's content is a string (or a list of {\"type\": \"text\", "
+                          "\"text\": ...} parts)")
+
+
 def encode_chats(tokenizer: Tokenizer, template: ChatTemplate, chats: Sequence[Mapping],
                  add_generation_prompt: bool = False, **kwargs: Any) -> list[EncodedChat]:
     """`encode_chat` for many chats ({"messages": [...], "tools": [...] or absent}), tokenized
@@ -244,6 +260,7 @@ def encode_chats(tokenizer: Tokenizer, template: ChatTemplate, chats: Sequence[M
     rendered = []
     for index, chat in enumerate(chats):
         try:
+            check_contents(chat["messages"])
             rendered.append(template.render_with_spans(chat["messages"], chat.get("tools"),
                                                        add_generation_prompt, **kwargs))
         except ConfigError as e:

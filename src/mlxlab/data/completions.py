@@ -32,7 +32,7 @@ from mlxlab.data.batching import Batch, Batching, bucket_length, make_batches
 from mlxlab.data.chat import TEMPLATE_FILE, ChatError, encode_chats, load_chat_template
 from mlxlab.data.tokenizer import build_tokenizer, special_ids, tokenizer_hash
 from mlxlab.errors import ConfigError, MissingFileError
-from mlxlab.validation import check_choice, check_fraction, check_number
+from mlxlab.validation import check_choice, check_fraction, check_number, utf8_text
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def row_format(row: dict, keys: dict[str, str]) -> str | None:
 
 def jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, JSON value) of each non-empty line; a line that is not JSON is named."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(utf8_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

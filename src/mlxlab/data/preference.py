@@ -76,7 +76,28 @@ def read_pairs(path: str | Path, keys: dict[str, str]) -> Rows:
         rows.append((number, row))
     if not rows:
         raise ConfigError(f"{path} holds no rows")
+    check_distinct(path, rows, keys)
     return Rows(path, "preference", rows)
+
+
+# Above this share of pairs whose two replies are the same, the file cannot teach a preference.
+EQUAL_PAIRS_MAX = 0.5
+
+
+def check_distinct(path: Path, rows: list[tuple[int, Any]], keys: dict[str, str]) -> None:
+    """A pair whose chosen and rejected replies are the same teaches nothing (its loss has no
+    gradient, its reward accuracy is 0): most or all such pairs (what a key typo such as
+    data.keys.rejected=chosen makes) are a ConfigError, a few a warning naming the first."""
+    same = [number for number, row in rows
+            if (sides := pair_messages(row, keys))[1] == sides[2]]
+    if not same:
+        return
+    what = (f"{path}: {len(same)} of {len(rows)} pairs have the same chosen and rejected reply "
+            f"(line {same[0]} the first), which teaches no preference")
+    if len(same) > EQUAL_PAIRS_MAX * len(rows):
+        raise ConfigError(f"{what}: check data.keys.chosen / data.keys.rejected "
+                          f"({keys['chosen']!r} / {keys['rejected']!r} now) and the file")
+    log.warning("%s; they train on nothing", what)
 
 
 def _turns(value: Any, role: str, what: str) -> list[dict]:

@@ -15,10 +15,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from mlxlab.evaluation.results import SavedTask
-from mlxlab.evaluation.tasks import BINARY_SCORES, PAIRED_SCORES
-from mlxlab.stats import ALPHA, mcnemar_exact, paired_bootstrap
+from mlxlab.evaluation.tasks import BINARY_SCORES, PAIRED_SCORES, SCORE_DEFINITIONS
+from mlxlab.stats import ALPHA, CONFIDENCE, mcnemar_exact, paired_bootstrap
 
-LOWER_IS_BETTER = ("loss",)
+
+def higher_is_better(score: str) -> bool:
+    """A task score's direction from its definition (tasks.SCORE_DEFINITIONS)."""
+    definition = SCORE_DEFINITIONS.get(score)
+    return definition is None or definition.mode == "max"
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,35 @@ def pair_task(a: SavedTask, b: SavedTask, rounds: int = 10_000, seed: int = 0
             test = "mcnemar"
         out.append(PairedScore(a.task, metric, test, len(ids), float(va.mean()), float(vb.mean()),
                                diff, low, high, float(p), only_a, only_b,
-                               metric not in LOWER_IS_BETTER))
+                               higher_is_better(metric)))
     return out
+
+
+def pair_weighted_loss(a: SavedTask, b: SavedTask, rounds: int = 2000, seed: int = 0
+                       ) -> PairedScore:
+    """B - A on a perplexity task's reported loss, the token-weighted mean (sum of the texts'
+    NLL over the sum of their tokens), over the texts both scored: what the model card shows
+    beside the two losses (the mean of per-text differences, pair_task's, is another number).
+    A paired percentile bootstrap over texts for the interval; for p, the paired randomization
+    test (each text's two scores swapped with probability 1/2)."""
+    rows_a, rows_b = a.by_id(), b.by_id()
+    ids = [i for i in rows_a if i in rows_b]
+    if not ids:
+        raise ValueError(f"task {a.task}: the two runs share no example ids")
+    na, ta, nb, tb = (np.array([float(rows[i][k]) for i in ids]) for rows, k in (
+        (rows_a, "nll"), (rows_a, "tokens"), (rows_b, "nll"), (rows_b, "tokens")))
+    loss_a, loss_b = na.sum() / ta.sum(), nb.sum() / tb.sum()
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(ids), size=(rounds, len(ids)))
+    boot = nb[picks].sum(1) / tb[picks].sum(1) - na[picks].sum(1) / ta[picks].sum(1)
+    low, high = (float(v) for v in np.quantile(boot, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2]))
+    swap = rng.random((rounds, len(ids))) < 0.5
+    flipped = (np.where(swap, na, nb).sum(1) / np.where(swap, ta, tb).sum(1)
+               - np.where(swap, nb, na).sum(1) / np.where(swap, tb, ta).sum(1))
+    diff = float(loss_b - loss_a)
+    p = (1 + int((np.abs(flipped) >= abs(diff) - 1e-15).sum())) / (rounds + 1)
+    return PairedScore(a.task, "loss", "bootstrap", len(ids), float(loss_a), float(loss_b), diff,
+                       low, high, float(p), higher_is_better=False)
 
 
 def pair_runs(a: Mapping[str, SavedTask], b: Mapping[str, SavedTask], rounds: int = 10_000
@@ -151,7 +182,7 @@ def pair_replicates(a: Mapping[str, Mapping[str, SavedTask]],
                     per_seed.append({"seed": s, "only_a": only_a, "only_b": only_b, "p": mp})
             out.append(ReplicatePaired(task, metric, len(ids), len(a), len(b),
                                        float(ma.mean()), float(mb.mean()), diff, low, high,
-                                       float(p), tuple(per_seed), metric not in LOWER_IS_BETTER))
+                                       float(p), tuple(per_seed), higher_is_better(metric)))
     return out
 
 

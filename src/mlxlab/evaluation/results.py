@@ -18,7 +18,7 @@ import numpy as np
 
 from mlxlab.evaluation.scoring import TaskScores
 from mlxlab.evaluation.tasks import BINARY_SCORES, PERPLEXITY
-from mlxlab.stats import CONFIDENCE, summarize
+from mlxlab.stats import CONFIDENCE, proportion_interval
 
 FOLDER = "eval_tasks"
 SUMMARY = "summary.json"
@@ -76,16 +76,18 @@ def read_scores(folder: str | Path) -> dict[str, SavedTask]:
 
 def intervals(task: SavedTask | TaskScores, confidence: float = CONFIDENCE, rounds: int = 2000,
               seed: int = 0) -> dict[str, tuple[float, float, float]]:
-    """(value, low, high) of each metric over the task's examples: Student-t over the 0/1
-    scores for accuracies; a bootstrap over texts of the token-weighted loss for perplexity
-    tasks (perplexity and bits per byte follow from the loss's bounds)."""
+    """(value, low, high) of each metric over the task's examples: Wilson's interval of k right
+    of n for accuracies (stats.proportion_interval: inside [0, 1], honest at 0/n and n/n); a
+    bootstrap over texts of the token-weighted loss for perplexity tasks (perplexity and bits
+    per byte follow from the loss's bounds)."""
     rows = task.rows
     if task.kind != PERPLEXITY:
         out = {}
         for key in task.metrics:
             if key in BINARY_SCORES:
-                s = summarize([float(r[key]) for r in rows])
-                out[key] = (s.mean, s.low, s.high)
+                right = sum(float(r[key]) > 0.5 for r in rows)
+                low, high = proportion_interval(right, len(rows), confidence)
+                out[key] = (right / len(rows) if rows else math.nan, low, high)
         return out
     nll = np.array([r["nll"] for r in rows], np.float64)
     tokens = np.array([r["tokens"] for r in rows], np.float64)

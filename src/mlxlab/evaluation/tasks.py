@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.stats import LOSS, UNIT, MetricDefinition
+from mlxlab.validation import utf8_text
 
 MULTIPLE_CHOICE, GENERATION, PERPLEXITY = "multiple_choice", "generation", "perplexity"
 # The per-example scores of each kind and the task metrics computed from them.
@@ -31,6 +33,11 @@ METRICS = {
     GENERATION: ("exact_match", "contains"),
     PERPLEXITY: ("loss", "perplexity", "bits_per_byte"),
 }
+# Each score's direction and range (eval/<task>/<score>): what runs compare, the model card's
+# pairing and a mean's interval read (objectives.catalog.metric_definition).
+SCORE_DEFINITIONS = {"acc": UNIT, "acc_norm": UNIT, "exact_match": UNIT, "contains": UNIT,
+                     "loss": LOSS, "perplexity": MetricDefinition("min", 1.0),
+                     "bits_per_byte": LOSS}
 # Per-example scores that are right/wrong (paired by McNemar's test); the others are continuous.
 BINARY_SCORES = ("acc", "acc_norm", "exact_match", "contains")
 # The per-example score of each kind that pairs two runs (perplexity: each text's loss).
@@ -88,7 +95,7 @@ def read_task(path: str | Path) -> Task:
         raise ConfigError(f"task file {path}: its name {name!r} becomes the metric "
                           f"eval/{name}/...; rename it to letters, digits, '_', '-', '.'")
     kind, examples, seen = None, [], {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(utf8_text(path).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

@@ -3,8 +3,13 @@
 Written when the run scored tasks (eval.tasks): the best evaluation's metrics with their 95 %
 intervals over the examples, in the card's YAML `model-index` (what the hub shows as the
 evaluation results) and in a table. Where the MLflow store holds an `mlxlab eval` run of the
-base model (model.pretrained) on the same task, its scores sit beside them with the paired
-difference (B - base, 95 % interval, McNemar's p) over the examples both scored.
+base model (model.pretrained) that scored the same task the same way (its kind, its prompts:
+plain or through the chat template, and the same example ids), the newest such run's scores sit
+beside them with the difference (this model - base, 95 % interval, p) over those examples; a
+task no such run scored shows no base score, and a line under the table says why. The
+difference is the shown score minus the shown base score: for accuracies the mean of the
+per-example differences (McNemar's exact test), for a perplexity task's token-weighted loss the
+difference of the two token-weighted losses (evaluation/paired.py pair_weighted_loss).
 """
 
 from __future__ import annotations
@@ -13,20 +18,25 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mlxlab.evaluation.paired import pair_task
+from mlxlab.evaluation.paired import pair_task, pair_weighted_loss
 from mlxlab.evaluation.results import SavedTask, intervals
+from mlxlab.evaluation.tasks import PERPLEXITY
 from mlxlab.runs.task_scores import folder_scores, run_scores
 from mlxlab.tracking import tags as T
 
 log = logging.getLogger(__name__)
 
 
-def base_scores(config: dict, store_uri: str | None) -> tuple[dict[str, SavedTask], str | None]:
-    """The newest finished `mlxlab eval` run of the run's base model (model.pretrained) in the
-    store: its scores and run id; ({}, None) when there is none or no store."""
+# The newest base-model evaluations looked through for one that scored a task like this run
+BASE_RUNS = 20
+
+
+def base_evaluations(config: dict, store_uri: str | None) -> list[tuple[str, dict[str, SavedTask]]]:
+    """The finished `mlxlab eval` runs of the run's base model (model.pretrained) in the store,
+    newest first: (run id, scores); [] when there is none or no store."""
     pretrained = (config.get("model") or {}).get("pretrained")
     if not pretrained:
-        return {}, None
+        return []
     try:
         from mlflow import MlflowClient  # ~2 s: only for a run that scored tasks
 
@@ -35,19 +45,36 @@ def base_scores(config: dict, store_uri: str | None) -> tuple[dict[str, SavedTas
         uri = resolve_uri(store_uri)
         db = sqlite_path(uri)
         if db is not None and not db.exists():
-            return {}, None
+            return []
         client = MlflowClient(tracking_uri=uri)
         path = str(Path(pretrained).expanduser().resolve()).replace("'", "\\'")
         runs = client.search_runs(
             [e.experiment_id for e in client.search_experiments()],
             f"tags.`{T.EVAL_MODEL}` = '{path}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=1)
+            order_by=["attributes.start_time DESC"], max_results=BASE_RUNS)
+        return [(r.info.run_id, run_scores(client, r)) for r in runs]
     except Exception as err:  # noqa: BLE001 - the card is written without the base's scores
         log.warning("model card: the store was not read for the base model's scores (%s)", err)
-        return {}, None
-    if not runs:
-        return {}, None
-    return run_scores(client, runs[0]), runs[0].info.run_id
+        return []
+
+
+def like_base(task: SavedTask, evaluations: list[tuple[str, dict[str, SavedTask]]]
+              ) -> tuple[SavedTask | None, str | None, str | None]:
+    """The newest base evaluation that scored `task` like this run did (same kind, prompts and
+    example ids): (its scores, its run id, None), else (None, None, why none is shown)."""
+    scored = [(run, found[task.task]) for run, found in evaluations if task.task in found]
+    ids = set(task.by_id())
+    for run, base in scored:
+        if base.kind == task.kind and base.prompts == task.prompts and set(base.by_id()) == ids:
+            return base, run, None
+    if not scored:
+        return None, None, None  # no evaluation of the base on this task: nothing to explain
+    return None, None, (f"{task.task}: no evaluation of the base model scored the same examples "
+                        f"with {task.prompts} prompts (its {len(scored)} evaluation(s) of "
+                        f"{task.task}: " + ", ".join(f"{b.prompts} prompts, {len(b.rows)} "
+                                                     f"examples" for _, b in scored[:3])
+                        + f"); score it like this model: mlxlab eval <base> {task.task}.jsonl "
+                        f"--chat {'template' if task.prompts != 'plain' else 'plain'}")
 
 
 def model_card(run_dir: Path, name: str, config: dict, run_id: str | None,
@@ -57,7 +84,12 @@ def model_card(run_dir: Path, name: str, config: dict, run_id: str | None,
     if not scores:
         return None
     tracking = config.get("tracking") or {}
-    base, base_run = base_scores(config, tracking.get("uri") if isinstance(tracking, dict) else None)
+    evaluations = base_evaluations(config, tracking.get("uri") if isinstance(tracking, dict)
+                                   else None)
+    paired = {name: like_base(task, evaluations) for name, task in scores.items()}
+    base = {name: b for name, (b, _, _) in paired.items() if b is not None}
+    base_runs = sorted({run for _, run, _ in paired.values() if run})
+    unpaired = [why for _, _, why in paired.values() if why]
     pretrained = (config.get("model") or {}).get("pretrained")
     lines = ["---", "library_name: transformers", "tags: [mlxlab, mlx]"]
     if pretrained:
@@ -81,20 +113,23 @@ def model_card(run_dir: Path, name: str, config: dict, run_id: str | None,
     for task in scores.values():
         lines += _rows(task, base.get(task.task), bool(base))
     if base:
-        lines += ["", f"Base model: {pretrained}, scored by `mlxlab eval` (MLflow run {base_run}); "
-                  "the difference is this model's minus the base's over the examples both scored "
-                  "(paired bootstrap interval; McNemar's exact test for right/wrong scores)."]
+        lines += ["", f"Base model: {pretrained}, scored by `mlxlab eval` (MLflow run "
+                  f"{', '.join(base_runs)}) on the same examples with the same prompts; the "
+                  "difference is this model's score minus the base's (paired bootstrap "
+                  "interval over the examples; McNemar's exact test for right/wrong scores, a "
+                  "randomization test for a token-weighted loss)."]
+    if unpaired:
+        lines += ["", "No base score is shown for " + "; ".join(unpaired) + "."]
     return "\n".join(lines) + "\n"
 
 
 def _rows(task: SavedTask, base: SavedTask | None, with_base: bool) -> list[str]:
     bounds = intervals(task)
     paired: dict[str, Any] = {}
-    if base is not None and base.kind == task.kind:
-        try:
-            paired = {p.metric: p for p in pair_task(base, task)}
-        except ValueError:  # no shared ids: the base's scores are shown unpaired
-            paired = {}
+    if base is not None:  # like_base: same kind, prompts and example ids
+        paired = {p.metric: p for p in pair_task(base, task)}
+        if task.kind == PERPLEXITY:  # the shown loss is token-weighted: so is its difference
+            paired["loss"] = pair_weighted_loss(base, task)
     rows = []
     for metric, value in task.metrics.items():
         _, low, high = bounds.get(metric, (value, None, None))

@@ -22,10 +22,15 @@ state, artifacts and analysis ask nothing else about which objective runs:
 3. **its evaluation**: `evaluate(model, data, batching, world, prefix, step)` -> `Evaluation`,
    the metrics `<prefix>/<name>` on the validation split (`step`: the optimizer step, for files
    it writes beside them through `ObjectiveSetup.tracker` / `run_dir`);
-   `metric_directions(task)` names them with which way each improves ("min" | "max"): what
-   `optimized_metric` may be (config.validate asks the class, before anything is built) and
-   what picks the best checkpoint; `check_data(task)` says in one line when the objective does
-   not train on such data.
+   `metric_definitions(task)` names them with which way each improves ("min" | "max") and
+   the range of their values (stats.MetricDefinition; `metric_directions(task)` is the
+   directions alone): what `optimized_metric` may be (config.validate asks the class, before
+   anything is built, then `reported_metrics`, the configured objective's own: ORPO's nll_loss
+   is not DPO's), what picks the best checkpoint, which way `mlxlab runs compare` and a sweep's
+   verdict read a metric and where a mean's interval is cut (objectives/catalog.py reads every
+   objective's); `tie_break(task)` names the metric that decides between evaluations equal on
+   the monitor (the loss: a saturated monitor such as DPO's reward accuracy ties early);
+   `check_data(task)` says in one line when the objective does not train on such data.
 4. **its state**: `state_dict()` / `load_state_dict(state)`, JSON-able (floats survive JSON
    exactly; `pack_array` / `unpack_array` keep an array's dtype and bits). training/checkpointing
    writes it into every checkpoint's state.json (`CheckpointState.objective`) and restores it on
@@ -95,6 +100,7 @@ import numpy as np
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.errors import ConfigError
 from mlxlab.runtime import distributed
+from mlxlab.stats import MetricDefinition
 
 LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]
 # (teacher specs, vocab_size, num_labels, label_names) -> (frozen teacher models, weights):
@@ -102,7 +108,6 @@ LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]
 # runs.load_teachers; the objectives never reach up into run folders themselves)
 TeacherLoader = Callable[[list, int, "int | None", "list[str] | None"],
                          tuple[list[nn.Module], list[float]]]
-DIRECTIONS = ("min", "max")
 
 
 @dataclass(frozen=True)
@@ -197,10 +202,27 @@ class Objective:
         raise NotImplementedError(f"{type(self).__name__}.evaluate")
 
     @classmethod
-    def metric_directions(cls, task: str) -> dict[str, str]:
+    def metric_definitions(cls, task: str) -> dict[str, MetricDefinition]:
         """The validation metrics (without the `val/` prefix) that evaluate reports on data of
-        `task`, each with "min" or "max"; {} when the objective does not train on such data."""
+        `task`, each with its direction and range; {} when the objective does not train on such
+        data. A subclass overrides this or, directions only, metric_directions."""
         return {}
+
+    @classmethod
+    def metric_directions(cls, task: str) -> dict[str, str]:
+        """metric_definitions' names, each with "min" or "max"."""
+        return {name: d.mode for name, d in cls.metric_definitions(task).items()}
+
+    def reported_metrics(self, task: str) -> dict[str, str]:
+        """What this objective, as configured, reports (a subset of metric_directions: the
+        Preference class names ORPO's nll_loss, which its DPO loss does not log)."""
+        return self.metric_directions(task)
+
+    @classmethod
+    def tie_break(cls, task: str) -> str | None:
+        """The metric that picks between evaluations equal on the monitor (the best checkpoint,
+        checkpoint.choose_best): the loss when the objective reports one."""
+        return "loss" if "loss" in cls.metric_directions(task) else None
 
     @classmethod
     def check_data(cls, task: str) -> None:
@@ -209,6 +231,9 @@ class Objective:
         if not cls.metric_directions(task):
             raise ConfigError(f"objective {cls.__name__} does not train on {task} data: pick the "
                               "objective for it (conf/objective/)")
+
+    def __repr__(self) -> str:  # what config.validate's line names
+        return type(self).__name__
 
     def tags(self) -> dict[str, str]:
         """Run tags known after setup (tracking/tags.py names)."""

@@ -49,6 +49,7 @@ from mlxlab.objectives.grpo_loss import (
 from mlxlab.objectives.rewards import build_rewards, score, total
 from mlxlab.objectives.rollouts import Sampling, batch_width, rollout_batch, sample_completions
 from mlxlab.runtime import distributed
+from mlxlab.stats import MetricDefinition
 from mlxlab.validation import check_number
 
 log = logging.getLogger(__name__)
@@ -249,11 +250,12 @@ class GRPO(Objective):
         return Evaluation({f"{prefix}/{k}": v for k, v in metrics.items()})
 
     @classmethod
-    def metric_directions(cls, task: str) -> dict[str, str]:
+    def metric_definitions(cls, task: str) -> dict[str, MetricDefinition]:
         if task != "lm":  # prompts for a language model (data=prompts) only
             return {}
-        out = {"reward": "max", "reward_std": "min", "completions/mean_length": "min"}
-        return out | {f"rewards/{name}/mean": "max" for name in BUILTIN_REWARDS}
+        out = {"reward": MetricDefinition("max"), "reward_std": MetricDefinition("min", 0.0),
+               "completions/mean_length": MetricDefinition("min", 0.0)}
+        return out | {f"rewards/{name}/mean": MetricDefinition("max") for name in BUILTIN_REWARDS}
 
 
 def rollout_metrics(table: np.ndarray, rewards: np.ndarray, specs: Sequence,

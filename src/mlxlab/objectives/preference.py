@@ -48,6 +48,7 @@ from mlxlab.objectives.preference_losses import (
     pair_loss,
 )
 from mlxlab.runtime import distributed
+from mlxlab.stats import LOG_PROB, LOSS, UNIT, MetricDefinition
 from mlxlab.validation import check_choice, check_number, record
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,18 @@ Batch = dict[str, mx.array]
 CACHE_FOLDER = "preference_reference"
 REFERENCES = ("auto", "adapters", "copy", "cached")  # objective.reference
 Tables = dict[str, dict[str, np.ndarray]]  # split -> side -> one reference log-prob a pair
-# What evaluate reports on preference pairs (prefix "val/"), TRL's names (preference_losses.py;
-# ORPO adds nll_loss), and which way each improves.
-METRICS = {"loss": "min", "rewards/accuracy": "max", "rewards/margin": "max",
-           "rewards/chosen": "max", "rewards/rejected": "min", "logps/chosen": "max",
-           "logps/rejected": "min", "nll_loss": "min"}
+# What evaluate reports on preference pairs (prefix "val/"), TRL's names (preference_losses.py),
+# which way each improves and its range. The rewards are beta * log-ratios: the chosen's up and
+# the rejected's down are what the loss asks for.
+METRICS = {"loss": LOSS, "rewards/accuracy": UNIT, "rewards/margin": MetricDefinition("max"),
+           "rewards/chosen": MetricDefinition("max"),
+           "rewards/rejected": MetricDefinition("min"), "logps/chosen": LOG_PROB,
+           "logps/rejected": MetricDefinition("min", high=0.0)}
+# What loss=orpo reports besides (pair_loss's `extra`): its supervised term and odds ratio.
+ORPO_METRICS = {"nll_loss": LOSS, "log_odds_ratio": LOG_PROB,
+                "log_odds_chosen": MetricDefinition("max")}
+# objective.gamma's default (conf/objective/dpo.yaml): another value is SimPO's
+GAMMA = 0.5
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,7 @@ class PreferenceConfig:
     loss: str = "sigmoid"         # sigmoid (DPO) | ipo | orpo | simpo (preference_losses.py)
     beta: float = 0.1             # DPO/IPO's beta, ORPO's lambda, SimPO's beta (TRL's names)
     label_smoothing: float = 0.0  # sigmoid and simpo: the chance a preference is flipped
-    gamma: float = 0.5            # simpo: the target reward margin
+    gamma: float = GAMMA          # simpo: the target reward margin
     reference: str = "auto"       # auto | adapters | copy | cached (sigmoid and ipo only)
 
     def __post_init__(self) -> None:
@@ -90,6 +98,10 @@ class PreferenceConfig:
             raise ConfigError(
                 f"objective.label_smoothing={self.label_smoothing} has no meaning for "
                 f"loss={self.loss}: use loss=sigmoid or simpo, or label_smoothing=0")
+        if self.gamma != GAMMA and self.loss != "simpo":
+            raise ConfigError(
+                f"objective.gamma={self.gamma} is SimPO's target margin and has no meaning "
+                f"for loss={self.loss}: use objective.loss=simpo, or leave gamma at {GAMMA}")
         if self.reference != "auto" and self.loss not in ("sigmoid", "ipo"):
             raise ConfigError(
                 f"objective.reference={self.reference}: loss={self.loss} uses no "
@@ -227,8 +239,18 @@ class Preference(Objective):
                                 prefix)
 
     @classmethod
-    def metric_directions(cls, task: str) -> dict[str, str]:
-        return dict(METRICS) if task == "preference" else {}
+    def metric_definitions(cls, task: str) -> dict[str, MetricDefinition]:
+        """Every preference loss's metrics, ORPO's own among them (reported_metrics: this one's)."""
+        return {**METRICS, **ORPO_METRICS} if task == "preference" else {}
+
+    def reported_metrics(self, task: str) -> dict[str, str]:
+        directions = self.metric_directions(task)
+        if self.config.loss == "orpo":
+            return directions
+        return {name: mode for name, mode in directions.items() if name not in ORPO_METRICS}
+
+    def __repr__(self) -> str:
+        return f"Preference(loss={self.config.loss})"
 
 
 def reference_key(data: PreferencePairs, batching: Batching, ref: nn.Module) -> str:

@@ -15,13 +15,14 @@ from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, Objective, ObjectiveSetup
 from mlxlab.objectives.evaluation import evaluate_cross_entropy
 from mlxlab.runtime import distributed
+from mlxlab.stats import LOSS, UNIT, MetricDefinition
 from mlxlab.validation import check_number
 
-# What evaluate_cross_entropy reports for each data task (prefix "val/"), and which way each
-# improves: the names optimized_metric may use (training/metrics.py computes them).
+# What evaluate_cross_entropy reports for each data task (prefix "val/"), which way each
+# improves and its range: the names optimized_metric may use (objectives/metrics.py computes them).
 METRICS = {
-    "classification": {"loss": "min", "accuracy": "max", "f1": "max", "roc_auc": "max"},
-    "lm": {"loss": "min", "perplexity": "min"},
+    "classification": {"loss": LOSS, "accuracy": UNIT, "f1": UNIT, "roc_auc": UNIT},
+    "lm": {"loss": LOSS, "perplexity": MetricDefinition("min", 1.0)},
 }
 # data tasks this objective does not train on, and the objective that does
 OTHER_TASKS = {"preference": "preference pairs train with a preference objective: set "
@@ -68,7 +69,7 @@ class Supervised(Objective):
         return evaluate_cross_entropy(model, data, batching, world, prefix)
 
     @classmethod
-    def metric_directions(cls, task: str) -> dict[str, str]:
+    def metric_definitions(cls, task: str) -> dict[str, MetricDefinition]:
         return dict(METRICS.get(task, {}))
 
     @classmethod

@@ -17,6 +17,7 @@ from mlxlab.checkpoint import (
     check_committed,
     step_of,
 )
+from mlxlab.data.chat import TEMPLATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +81,20 @@ def latest_run_with_checkpoints(root: Path, task_name: str, run_dir: Path) -> Pa
     return chosen
 
 
+# What the data setup copies into a run folder before it reads a row (the tokenizer and chat
+# template the run will be loaded with): copies of inputs, not something the run made.
+INPUT_COPIES = ("tokenizer.json", TEMPLATE_FILE)
+
+
 def remove_unused_run_dir(cfg: Any) -> None:
-    """A run that failed before it made anything (bad config, no tracking server) leaves no
-    output folder holding only Hydra's `.hydra/` and log: remove it and its emptied parents."""
+    """A run that failed before it made anything (bad config, no tracking server, a data file
+    that cannot be read) leaves no output folder holding only Hydra's `.hydra/`, its log and
+    copies of its inputs: remove it and its emptied parents."""
     run_dir = Path(str(cfg.paths.output_dir))
     if not run_dir.is_dir():
         return
-    made = [p.name for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
+    made = [p.name for p in run_dir.iterdir()
+            if p.name != ".hydra" and p.suffix != ".log" and p.name not in INPUT_COPIES]
     if made:
         return
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -6,12 +6,16 @@ paired.py's docstring: no MLflow, no MLX, nothing of mlxlab above it,
 so the sweep's parent run (tracking/), `mlxlab runs list` and `mlxlab runs compare` (cli/)
 and the search (sweeps/search/) all call the same code.
 
-- intervals.py: `summarize` (n, mean, std, Student-t interval), `bands` (per-step intervals);
+- intervals.py: `summarize` (n, mean, std, Student-t interval, cut to the metric's range),
+  `bands` (per-step intervals), `proportion_interval` (Wilson's, for k of n examples);
+- definitions.py: `MetricDefinition`, a metric's direction and range (the tables live with
+  what computes each metric: objectives/, evaluation/tasks.py);
 - paired.py: `compare` (paired t + Wilcoxon across seeds, Welch when unpaired), `holm`,
   `mcnemar_exact` and `paired_bootstrap` (per validation row), `seeds_needed` (power).
 """
 
-from mlxlab.stats.intervals import CONFIDENCE, Summary, bands, summarize
+from mlxlab.stats.definitions import LOG_PROB, LOSS, UNIT, MetricDefinition
+from mlxlab.stats.intervals import CONFIDENCE, Summary, bands, proportion_interval, summarize
 from mlxlab.stats.paired import (
     ALPHA,
     CONVENTIONS,
@@ -24,13 +28,16 @@ from mlxlab.stats.paired import (
     paired_bootstrap,
     power_paired_t,
     seeds_needed,
+    signed_rank_reach,
     smallest_signed_rank_p,
+    snap_ties,
     wilcoxon_signed_rank,
 )
 
 __all__ = [
-    "ALPHA", "CONFIDENCE", "CONVENTIONS", "POWER", "Difference", "Summary", "bands", "compare", "holm",
-    "mcnemar_exact", "paired_bootstrap", "power_paired_t", "seeds_needed",
-    "smallest_signed_rank_p", "summarize",
+    "ALPHA", "CONFIDENCE", "CONVENTIONS", "LOG_PROB", "LOSS", "POWER", "UNIT", "Difference",
+    "MetricDefinition", "Summary", "bands", "compare", "holm",
+    "mcnemar_exact", "paired_bootstrap", "power_paired_t", "proportion_interval", "seeds_needed",
+    "signed_rank_reach", "smallest_signed_rank_p", "snap_ties", "summarize",
     "Wilcoxon", "wilcoxon_signed_rank",
 ]

@@ -71,8 +71,9 @@ CONVENTIONS = (
     "permutation distribution (up to 12 non-zero pairs). Per validation row: McNemar's exact "
     "binomial test per seed pair, a paired percentile bootstrap interval and a randomization "
     "test over rows. Holm's correction over several comparisons; a config is called better "
-    "only when every Holm-adjusted paired t p < alpha. Seeds needed: "
-    "the power of the paired t test at the observed spread (80 %, alpha 0.05).")
+    "only when every Holm-adjusted paired t p < alpha and there are enough seed pairs for the "
+    "signed-rank test to reach alpha at all (6 at 0.05). Seeds needed: the power of the paired "
+    "t test at the observed spread (80 %, alpha 0.05), and at least those 6.")
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,16 @@ def smallest_signed_rank_p(n: int) -> float:
     """The smallest two-sided p the signed-rank test can give on n non-zero pairs: 2 / 2^n
     (every sign alike), however large the differences."""
     return min(1.0, 2.0 / 2.0**n)
+
+
+def signed_rank_reach(alpha: float = ALPHA) -> int:
+    """The fewest non-zero pairs at which the signed-rank test can give p < alpha at all (6 at
+    0.05: 2/2^6 = 0.031, where 5 pairs give at best 0.0625). Below it a verdict cannot be
+    confirmed by both tests, whatever the data."""
+    n = 1
+    while smallest_signed_rank_p(n) >= alpha:
+        n += 1
+    return n
 
 
 def paired_t(diffs: Sequence[float], confidence: float = CONFIDENCE
@@ -277,11 +288,12 @@ def power_paired_t(n: int, delta: float, sd: float, alpha: float = ALPHA) -> flo
 
 def seeds_needed(delta: float, sd: float, alpha: float = ALPHA, power: float = POWER) -> int | None:
     """The fewest seed pairs at which the paired t test detects `delta` with `power`, given
-    differences spreading by `sd` (observed); None if more than MAX_SEEDS would be needed
-    or the spread is unknown."""
+    differences spreading by `sd` (observed), and the signed-rank test can reach alpha at all
+    (signed_rank_reach: never 2, where its smallest p is 0.5); None if more than MAX_SEEDS
+    would be needed or the spread is unknown."""
     if not (math.isfinite(sd) and sd > 0 and math.isfinite(delta) and delta != 0):
         return None
-    lo, hi = 2, 2
+    lo = hi = signed_rank_reach(alpha)
     while power_paired_t(hi, delta, sd, alpha) < power:
         lo, hi = hi, hi * 2
         if hi > MAX_SEEDS:

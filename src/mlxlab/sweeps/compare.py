@@ -125,8 +125,27 @@ def _predictions_file(client: Any, run: Any) -> Path | None:
 # --- words -------------------------------------------------------------------------------------
 
 
+def too_few(c: Comparison, alpha: float = stats.ALPHA) -> str | None:
+    """What a verdict says first when its seed pairs are too few for the signed-rank test to
+    reach alpha at all (stats.signed_rank_reach), else None."""
+    d = c.diff
+    reach = stats.signed_rank_reach(alpha)
+    if not d.paired or d.n_pairs >= reach:
+        return None
+    return (f"too few seeds to settle it: at {d.n_pairs} seed pairs the Wilcoxon signed-rank "
+            f"test's smallest p is {_p(stats.smallest_signed_rank_p(d.n_pairs))} (it can reach "
+            f"p < {alpha:g} from {reach} pairs), so no config is called better")
+
+
 def verdict(c: Comparison, metric: str, mode: str, alpha: float = stats.ALPHA) -> str:
-    """One line: which is better, by how much and how sure, or what would resolve it."""
+    """One line: which is better, by how much and how sure, or what would resolve it; first,
+    when the seeds are too few for both tests to reach alpha, that they are."""
+    head = too_few(c, alpha)
+    line = _verdict(c, metric, mode, alpha, head is not None)
+    return f"{head}; {line}" if head else line
+
+
+def _verdict(c: Comparison, metric: str, mode: str, alpha: float, unsettled: bool) -> str:
     d = c.diff
     how = (f"paired over {d.n_pairs} seeds, t p={_p(c.t_p_holm)}" if d.paired
            else f"unpaired (Welch), p={_p(c.t_p_holm)}")
@@ -140,16 +159,22 @@ def verdict(c: Comparison, metric: str, mode: str, alpha: float = stats.ALPHA) -
         note = ""
         if c.wilcoxon_p_holm is not None and c.wilcoxon_p_holm >= alpha:
             note = " (Wilcoxon does not confirm it at this n)"
-        return (f"{better.gid} ({better.label}) beats {worse.gid} ({worse.label}) on {metric} "
-                f"by {interval}{note}")
-    needed = ""
-    if c.seeds_needed is not None and c.delta:
-        needed = (f"; {c.seeds_needed} seeds per config would detect a difference of "
-                  f"{_n(c.delta)} with 80 % power (sd of the per-seed differences {_n(d.sd_diff)})")
-    elif d.paired and c.delta:
-        needed = "; more than 10,000 seeds would be needed to detect it"
+        word = "is ahead of" if unsettled else "beats"
+        return (f"{better.gid} ({better.label}) {word} {worse.gid} ({worse.label}) on {metric} "
+                f"by {interval}{note}{_needed(c) if unsettled else ''}")
     return (f"no detectable difference between {c.a.gid} and {c.b.gid} on {metric}: "
-            f"{interval}{needed}")
+            f"{interval}{_needed(c)}")
+
+
+def _needed(c: Comparison) -> str:
+    """How many seeds would settle it (stats.seeds_needed: never fewer than both tests need)."""
+    d = c.diff
+    if c.seeds_needed is not None and c.delta:
+        return (f"; {c.seeds_needed} seeds per config would detect a difference of "
+                f"{_n(c.delta)} with 80 % power (sd of the per-seed differences {_n(d.sd_diff)})")
+    if d.paired and c.delta:
+        return "; more than 10,000 seeds would be needed to detect it"
+    return ""
 
 
 def _p(p: float) -> str:

@@ -49,7 +49,16 @@ class Group:
         return found
 
     def summary(self, metric: str, which: str = "best") -> Summary:
-        return summarize(self.metric(metric, which).values())
+        """n, mean, std and the t interval over the seeds, cut to the metric's range."""
+        return summarize(self.metric(metric, which).values(), bounds=metric_bounds(metric))
+
+
+def metric_bounds(metric: str) -> tuple[float, float] | None:
+    """The range a metric's values can take (an accuracy's [0, 1]), None when unbounded."""
+    from mlxlab.objectives.catalog import metric_definition  # the objectives' imports: when asked
+
+    definition = metric_definition(metric)
+    return definition.bounds if definition is not None else None
 
 
 def seed_of(run: Any) -> str:
@@ -160,12 +169,13 @@ def summary_metrics(client: Any, groups: Sequence[Group], metrics: Sequence[str]
                 if not s.n:
                     continue
                 for name, value in s.as_dict().items():
-                    if math.isfinite(value):
+                    if not isinstance(value, bool) and math.isfinite(value):  # not ci_cut
                         out.append(Metric(f"{g.gid}/{which}/{metric}/{name}", float(value), now_ms, 0))
             finished = [r for r in g.runs if r.info.status == "FINISHED"]
             if len(finished) < 2:
                 continue
-            for step, s in bands([curve(client, r.info.run_id, metric) for r in finished]).items():
+            for step, s in bands([curve(client, r.info.run_id, metric) for r in finished],
+                                   bounds=metric_bounds(metric)).items():
                 for name, value in (("mean", s.mean), ("ci_low", s.low), ("ci_high", s.high)):
                     if math.isfinite(value):
                         out.append(Metric(f"{g.gid}/{metric}/{name}", float(value), now_ms, step))

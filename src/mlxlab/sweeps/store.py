@@ -80,15 +80,22 @@ def swept_keys(runs: Sequence, candidates: Sequence[str] = ()) -> list[str]:
 
 
 def metric_mode(metric: str, mode: str | None = None) -> str:
-    """'max' or 'min': an explicit mode ('max'/'min'/'maximize'/'minimize') wins; else losses,
-    perplexities and errors are minimized and everything else maximized."""
+    """'max' or 'min': an explicit mode ('max'/'min'/'maximize'/'minimize') wins; else the
+    metric's definition (objectives/catalog.py: `val/logps/rejected` is lower-is-better though
+    its name says nothing of it); a metric mlxlab does not define is a ValueError
+    asking for the mode, never a guess from its name."""
     if mode:
         mode = str(mode).lower()
         if mode not in ("max", "min", "maximize", "minimize"):
             raise ValueError(f"optimized metric mode must be 'max' or 'min', got {mode!r}")
         return mode[:3]
-    lowered = metric.lower()
-    return "min" if any(w in lowered for w in ("loss", "perplexity", "error")) else "max"
+    from mlxlab.objectives.catalog import metric_definition  # the objectives' imports: when asked
+
+    definition = metric_definition(metric)
+    if definition is None:
+        raise ValueError(f"which way {metric} improves is not known to mlxlab: say it with "
+                         "--mode min|max")
+    return definition.mode
 
 
 def sweep_table(runs: Sequence, metric: str, keys: Sequence[str], mode: str = "max") -> list[dict]:

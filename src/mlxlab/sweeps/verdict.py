@@ -16,7 +16,11 @@ parent run gets the comparison of its configs (groups of seeds) on one metric:
 The leader is the config with the best mean among those with at least two finished seeds (a
 search's re-run trials); every other such config is compared with it (compare.compare_groups:
 paired t + Wilcoxon over seeds, the per-row tests for accuracy, Holm over the comparisons). The
-leader is called better only when every comparison's Holm-adjusted paired t p is below alpha.
+leader is called better only when every comparison's Holm-adjusted paired t p is below alpha
+and the seed pairs are enough for the signed-rank test to reach alpha at all (6 at 0.05):
+below that the verdict is "too few replicates" and each comparison's line says why first.
+Configs whose means are equal tie: none of them is the leader (`mlxlab.leader` says "none: g1
+and g2 tie ..."); the first of them is the baseline the others are compared with.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from typing import Any
 
 from mlxlab import stats
 from mlxlab.stats import bands
-from mlxlab.sweeps.compare import Comparison, compare_groups, verdict
-from mlxlab.sweeps.groups import Group, curve
+from mlxlab.sweeps.compare import Comparison, compare_groups, too_few, verdict
+from mlxlab.sweeps.groups import Group, curve, metric_bounds
 from mlxlab.tracking import tags as T
 
 COMPARISON_FILE = "comparison.json"
@@ -61,18 +65,24 @@ def assess(groups: Sequence[Group], metric: str, mode: str, which: str = "best",
                 "verdict": TOO_FEW, "summary": f"{TOO_FEW}: a comparison needs two configs with "
                 f"at least two finished seeds each (replicates=N)", "comparisons": []}
     leader = replicated[0]
+    # configs whose mean equals the best one's: a tie, never a leader by the order of a sort
+    tied = [g.gid for g in replicated if stats.snap_ties(
+        [summaries[g.gid].mean - summaries[leader.gid].mean], summaries[leader.gid].mean)[0] == 0]
     # each other config as B against the leader as A: diff = other - leader
     rows_client = client if metric.endswith("accuracy") and which == "best" else None
     comparisons = compare_groups(replicated, metric, which, baseline=leader,
                                  client=rows_client)
-    significant = all(c.t_p_holm < alpha for c in comparisons)
+    # too few seed pairs for the signed-rank test to reach alpha: the verdict says so first
+    unsettled = any(too_few(c, alpha) for c in comparisons)
+    significant = all(c.t_p_holm < alpha for c in comparisons) and not unsettled
     runner_up = comparisons[0].b
     if significant:
         word = (f"{leader.gid} better than {runner_up.gid}" if len(comparisons) == 1
                 else f"{leader.gid} better than every other config")
     else:
-        word = NO_DIFFERENCE
-    return {**result, "leader": leader.gid, "significant": significant, "verdict": word,
+        word = TOO_FEW if unsettled else NO_DIFFERENCE
+    return {**result, "leader": None if len(tied) > 1 else leader.gid, "baseline": leader.gid,
+            "tied": tied if len(tied) > 1 else [], "significant": significant, "verdict": word,
             "summary": "; ".join(verdict(c, metric, mode, alpha) for c in comparisons),
             "comparisons": [{**c.as_dict(), "verdict": verdict(c, metric, mode, alpha),
                              **_tests(c)} for c in comparisons]}
@@ -87,11 +97,15 @@ def _tests(c: Comparison) -> dict[str, Any]:
 def leader_tag(result: dict[str, Any]) -> str:
     """`g1 (not significant): val/accuracy 0.8146 ± 0.0123 (95% CI, n=3)`."""
     gid = result["leader"]
+    if result.get("tied"):
+        g = next(g for g in result["groups"] if g["group"] == result["tied"][0])
+        names = ", ".join(result["tied"][:-1]) + f" and {result['tied'][-1]}"
+        return f"none: {names} tie at {result['metric']} {g['mean']:.4f}"
     if gid is None:
         return "none (no config has two finished seeds)"
     g = next(g for g in result["groups"] if g["group"] == gid)
     word = "significant" if result["significant"] else "not significant"
-    return f"{gid} ({word}): {result['metric']} {_summary_text(g)}"
+    return f"{gid} ({word}): {result['metric']} {_summary_text(g, result['metric'])}"
 
 
 def tags(result: dict[str, Any]) -> dict[str, str]:
@@ -106,11 +120,13 @@ def markdown(result: dict[str, Any], command: str | None = None) -> str:
     better = "higher" if result["mode"] == "max" else "lower"
     lines = [f"### Verdict on {metric}: {result['verdict']}", "",
              f"{_escape(result['summary'])}", "",
-             f"{metric} ({what}; {better} is better), mean ± 95 % CI over seeds:", "",
+             f"{metric} ({what}; {better} is better), mean ± 95 % Student-t CI over seeds "
+             "(cut to the metric's range where it would leave it):", "",
              "| group | config | mean ± 95 % CI | n |", "|---|---|---|---|"]
     for g in result["groups"]:
-        lead = " **(leader)**" if g["group"] == result["leader"] else ""
-        lines.append(f"| {g['group']}{lead} | `{g['config']}` | {_summary_text(g, n=False)} "
+        lead = (" **(leader)**" if g["group"] == result["leader"] else
+                " (tied)" if g["group"] in result.get("tied", ()) else "")
+        lines.append(f"| {g['group']}{lead} | `{g['config']}` | {_summary_text(g, metric, n=False)} "
                      f"| {g['n']} |")
     for c in result["comparisons"]:
         lines += ["", f"**{c['b']} − {c['a']}**: {_num(c['diff'])}, 95 % CI "
@@ -164,7 +180,8 @@ def record(client: Any, parent_id: str, groups: Sequence[Group], metric: str, mo
     path.write_text(json.dumps(_finite(result), indent=2, default=str) + "\n")
     client.log_artifact(parent_id, str(path))
     curves = [(g.label, bands([curve(client, r.info.run_id, metric) for r in g.runs
-                               if r.info.status == "FINISHED"])) for g in groups]
+                               if r.info.status == "FINISHED"], bounds=metric_bounds(metric)))
+              for g in groups]
     png = bands_png([(label, b) for label, b in curves if b], metric,
                     folder / f"bands_{_safe(metric)}.png")
     client.log_artifact(parent_id, str(png), "plots")
@@ -182,12 +199,13 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _summary_text(g: dict[str, Any], n: bool = True) -> str:
+def _summary_text(g: dict[str, Any], metric: str, n: bool = True) -> str:
     nan = math.nan
     s = stats.Summary(int(g["n"]), *(nan if g[k] is None else g[k]
-                                     for k in ("mean", "std", "ci_low", "ci_high")))
+                                     for k in ("mean", "std", "ci_low", "ci_high")),
+                      cut=metric_bounds(metric) if g.get("ci_cut") else None)
     text = s.text()
-    return text if n else text.split(" (")[0]
+    return text if n or s.cut else text.split(" (")[0]
 
 
 def _num(x: float | None) -> str:

@@ -63,6 +63,9 @@ NUM_FAILED = "mlxlab.num_failed"
 # before issue 48 call it BEST_RUN_ID
 TOP_RUN_ID = "mlxlab.top_run_id"
 BEST_RUN_ID = "mlxlab.best_run_id"
+# on a training run: which evaluation's checkpoint is best/ and, when the monitor tied (a
+# saturated accuracy), how the tie was broken (checkpoint/state.py choose_best)
+BEST_CHECKPOINT = "mlxlab.best_checkpoint"
 
 # Checkpoint uploads (checkpoint/remote.py, tagged by training/async_writer.py)
 REMOTE_URI = "mlxlab.remote.uri"

@@ -88,8 +88,11 @@ class CheckpointWriter:
         metric: float | None = None,
         force: bool = False,
         before_write: Callable[[], dict | None] | None = None,
+        best: bool | None = None,
     ) -> Path | None:
         """Start writing a checkpoint of `state`'s step; its final path, or None if skipped.
+        `best`: whether it becomes best/, decided by the trainer (a tie on the monitor broken by
+        the loss, checkpoint.choose_best); None lets the manager compare `metric`.
 
         `force` (final and emergency saves) waits for a busy writer even under when_busy=skip.
         `before_write` runs first, on the writing thread (the tracker's flush barrier); the
@@ -108,7 +111,7 @@ class CheckpointWriter:
                 state_step(state), self._writing_step,
             )
         self.wait()
-        snap = self.manager.snapshot(model, optimizer, state, metric)
+        snap = self.manager.snapshot(model, optimizer, state, metric, best)
         final = self.manager.directory / step_name(snap.step)
         if not self.asynchronous:
             self._write(snap, before_write)

@@ -20,13 +20,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mlxlab.checkpoint import is_better
+from mlxlab.checkpoint import choose_best, is_better
 from mlxlab.errors import ConfigError
 from mlxlab.runtime import device
 from mlxlab.training.settings import CheckpointPolicy
 from mlxlab.training.state import TrainContext
 
 log = logging.getLogger("mlxlab.training")
+# where a best value restored from a checkpoint before issue 58 waits for setup to name its monitor
+MONITOR = "_monitor"
 
 
 def epoch_of(step: int, steps_per_epoch: int | None) -> int | None:
@@ -191,12 +193,15 @@ class EvalLog(Callback):
         self.monitor, self.mode = monitor, mode
         self.steps_per_epoch, self.max_epochs = steps_per_epoch, max_epochs
         self.total: int | None = None
-        self.best: float | None = None
-        self.best_step: int | None = None
+        self.best_metrics: dict[str, float] = {}  # the best evaluation's, as the loop picks it
+        self.tie_break: tuple[str, str] | None = None
 
     def setup(self, context: TrainContext, model: Any, data: Any) -> None:
         self.monitor = self.monitor or context.monitor
         self.mode = self.mode or context.monitor_mode
+        self.tie_break = context.tie_break
+        if MONITOR in self.best_metrics:  # restored from a checkpoint before issue 58
+            self.best_metrics[self.monitor] = self.best_metrics.pop(MONITOR)
         self.steps_per_epoch, self.max_epochs = context.steps_per_epoch, context.max_epochs
 
     def on_train_start(self, total_steps: int | None, start_step: int) -> None:
@@ -208,9 +213,10 @@ class EvalLog(Callback):
         log.info("training: %s steps%s%s", total_steps, epochs, start)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        value = metrics.get(self.monitor)
-        if value is not None and is_better(value, self.best, self.mode or "max"):
-            self.best, self.best_step = value, step
+        # the loop's rule (a tie on the monitor broken by the objective's loss): the line names its best
+        if choose_best(metrics, self.best_metrics, self.monitor, self.mode or "max", step,
+                       self.tie_break).better:
+            self.best_metrics = {**metrics, "best_step": float(step)}
         epoch = epoch_of(step, self.steps_per_epoch)
         where = f"step {step}" + (f"/{self.total}" if self.total else "")
         if epoch is not None:
@@ -219,15 +225,20 @@ class EvalLog(Callback):
                 where += f"/{self.max_epochs}"
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         best = ""
-        if self.best is not None:
-            best = f"  | best {self.monitor} {self.best:.4f} (step {self.best_step})"
+        if self.monitor in self.best_metrics:
+            best = (f"  | best {self.monitor} {self.best_metrics[self.monitor]:.4f} "
+                    f"(step {int(self.best_metrics['best_step'])})")
         log.info("%s  %s%s", where, shown, best)
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step}
+        return {"best_metrics": self.best_metrics}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best, self.best_step = state.get("best"), state.get("best_step")
+        self.best_metrics = dict(state.get("best_metrics") or {})
+        if not self.best_metrics and state.get("best") is not None:
+            # a checkpoint from before issue 58 kept the monitor's value and step only (the
+            # monitor is known at setup, after the restore)
+            self.best_metrics = {MONITOR: state["best"], "best_step": state["best_step"]}
 
 
 # The checkpoint policy's old name: `_target_: mlxlab.training.callbacks.ModelCheckpoint` (configs

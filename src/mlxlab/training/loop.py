@@ -33,7 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab import kernels
-from mlxlab.checkpoint import CheckpointManager, is_better, load_checkpoint
+from mlxlab.checkpoint import CheckpointManager, choose_best, load_checkpoint
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.models.base import Model
@@ -118,6 +118,7 @@ class Fit:
     saved_at: list[int]             # the steps saved, the same on every rank
     step_fn: Any                    # the compiled step (rebuilt after a model operation)
     compiling: bool                 # the next step compiles (left out of the throughput)
+    tie_break: tuple[str, str] | None  # (metric, mode) breaking a tie on the monitor
 
     def __init__(self, trainer: FitParts, model: nn.Module, data: DataModule, tracker: Tracker,
                  run_dir: Path, config: dict, tags: dict, resume: str | Path | None) -> None:
@@ -194,6 +195,9 @@ class Fit:
             per_example=any(cb.needs_example_losses for cb in self.callbacks),
             load_teachers=self.load_teachers, run_dir=self.run_dir, tracker=self.tracker))
         self.loss_fn = with_precision(objective.loss, settings.precision)
+        tie = objective.tie_break(data.task)  # what decides between evaluations equal on the monitor
+        self.tie_break = (f"val/{tie}", objective.metric_directions(data.task).get(tie, "min")) \
+            if tie else None
         self.batching, self.grad_accum = plan_micro_batch(Fitting(  # training/micro_batch.py
             model, data, self.loss_fn, settings, world, self.rows_of, self.optimizer_factory,
             self.run_dir, self.resume, self.config, self.tags), batching, rank_batches)
@@ -243,7 +247,8 @@ class Fit:
             steps_per_epoch=self.steps_per_epoch, max_epochs=self.max_epochs,
             monitor=self.settings.monitor, monitor_mode=self.settings.monitor_mode,
             tracker=self.tracker, run_dir=self.run_dir, batch_size=self.batching.batch_size,
-            grad_accum=self.grad_accum, optimizer=self.optimizer, optimizer_state_mb=state_mb)
+            grad_accum=self.grad_accum, optimizer=self.optimizer, optimizer_state_mb=state_mb,
+            tie_break=self.tie_break)
         self.set_up = True  # from here on the callbacks are ended, however the run ends
         for cb in self.callbacks:
             cb.setup(context, self.model, self.data)
@@ -376,7 +381,8 @@ class Fit:
         if self.resume and state.run_id is not None and tracker.run_id == state.run_id:
             tracker.rewind(state.step)  # what the killed process logged after its checkpoint
 
-    def _save(self, metric: float | None = None, force: bool = False) -> Path | None:
+    def _save(self, metric: float | None = None, force: bool = False,
+              best: bool | None = None) -> Path | None:
         """A checkpoint of this step (rank 0 writes; every rank takes part in the gathers)."""
         # Metrics logged so far reach the store before the checkpoint that covers them is
         # committed, so a SIGKILL never leaves a checkpoint whose steps are missing from the
@@ -400,7 +406,7 @@ class Fit:
             return {"run_id": self.tracker.run_id or state.run_id}
 
         return self.writer.save(self.model, optimizer, state, metric=metric, force=force,
-                                before_write=before_write)
+                                before_write=before_write, best=best)
 
     def _evaluate_and_save(self, force: bool = False) -> None:
         """An evaluation (metrics logged, callbacks told, the best kept) and its checkpoint; a
@@ -418,10 +424,16 @@ class Fit:
         for cb in self.callbacks:
             cb.on_eval(state.step, result.metrics)
         value = result.metrics.get(settings.monitor, math.nan)
-        if is_better(value, state.best_metrics.get(settings.monitor), settings.monitor_mode):
+        choice = choose_best(result.metrics, state.best_metrics, settings.monitor,
+                             settings.monitor_mode, state.step, self.tie_break)
+        if choice.tie:  # a saturated monitor: which checkpoint the tie-break kept, and why
+            log.info("best checkpoint: %s", choice.tie)
+        if choice.better:
             state.best_metrics = {**result.metrics, "best_step": float(state.step)}
             state.best_eval = result
-        self._save(metric=value, force=force)
+            self.tracker.set_tags({T.BEST_CHECKPOINT: choice.tie or
+                                   f"step {state.step}: {settings.monitor} {value:.6g}"})
+        self._save(metric=value, force=force, best=choice.better)
 
     def _interrupt(self, stop: GracefulStop) -> None:
         """A signal: checkpoint this step (once), wait until it is on disk, leave the loop."""

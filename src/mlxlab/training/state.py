@@ -44,6 +44,9 @@ class TrainContext:
     grad_accum: int
     optimizer: Any                 # the run's mlx.optimizers optimizer (its learning_rate, state)
     optimizer_state_mb: float      # this rank's share of the optimizer state
+    # the metric (and its mode) that breaks a tie on the monitor: the objective's loss
+    # (Objective.tie_break, checkpoint.choose_best); None: the later evaluation
+    tie_break: tuple[str, str] | None = None
 
 
 @dataclass

@@ -4,7 +4,8 @@ on_eval, not a second loop).
 
 Each evaluation logs `eval/<task>/<metric>` at its step and writes the per-example scores to
 `<run dir>/eval_tasks/last/`; the evaluation that is best by the run's monitor
-(optimized_metric) also to `eval_tasks/best/`, so the best folder matches the best checkpoint.
+(optimized_metric), a tie on it broken as the loop breaks it (checkpoint.choose_best), also to
+`eval_tasks/best/`, so the best folder matches the best checkpoint.
 Both folders are logged as artifacts when the run ends; `mlxlab runs compare` pairs them with
 another run's, `mlxlab export` writes them into the model card. Rank 0 scores (the others would
 compute the same numbers). A chat model (a pretrained folder with a chat template, whose side files
@@ -17,13 +18,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mlxlab.checkpoint import is_better
+from mlxlab.checkpoint import choose_best
 from mlxlab.errors import ConfigError
 from mlxlab.evaluation.results import FOLDER, write_scores
 from mlxlab.evaluation.scoring import chat_template, metric_keys, score_tasks
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import read_tasks
-from mlxlab.training.callbacks import Callback
+from mlxlab.training.callbacks import MONITOR, Callback
 from mlxlab.training.state import TrainContext
 
 log = logging.getLogger("mlxlab.training")
@@ -39,8 +40,8 @@ class TaskEvaluation(Callback):
         self.monitor, self.mode = None, "max"
         self.enabled = True
         self.template = None
-        self.best: float | None = None
-        self.best_step: int | None = None
+        self.best_metrics: dict[str, float] = {}  # the best evaluation's, as the loop picks it
+        self.tie_break: tuple[str, str] | None = None
 
     def setup(self, context: TrainContext, model: Any, data: Any) -> None:
         if context.task == "classification":  # every other task tunes a language model
@@ -50,6 +51,9 @@ class TaskEvaluation(Callback):
         self.model, self.tokenizer = model, data.tokenizer
         self.tracker, self.folder = context.tracker, Path(context.run_dir) / FOLDER
         self.monitor, self.mode = context.monitor, context.monitor_mode
+        self.tie_break = context.tie_break
+        if MONITOR in self.best_metrics:  # restored from a checkpoint before issue 58
+            self.best_metrics[self.monitor] = self.best_metrics.pop(MONITOR)
         self.enabled = context.world.is_main
         # a chat model's template: the run folder holds the pretrained folder's side files
         self.template = chat_template(context.run_dir, self.settings.chat)
@@ -62,9 +66,9 @@ class TaskEvaluation(Callback):
         logged = metric_keys(scores)
         self.tracker.log_metrics(logged, step)
         write_scores(scores, self.folder / "last", step)
-        value = metrics.get(self.monitor)
-        if value is not None and is_better(value, self.best, self.mode):
-            self.best, self.best_step = value, step
+        if choose_best(metrics, self.best_metrics, self.monitor, self.mode, step,
+                       self.tie_break).better:
+            self.best_metrics = {**metrics, "best_step": float(step)}
             write_scores(scores, self.folder / "best", step)
         log.info("step %d tasks: %s", step, "  ".join(f"{k[5:]} {v:.4f}" for k, v in logged.items()))
 
@@ -76,10 +80,14 @@ class TaskEvaluation(Callback):
                 self.tracker.log_artifact(str(self.folder / which), f"{FOLDER}/{which}")
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step}
+        return {"best_metrics": self.best_metrics}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best, self.best_step = state.get("best"), state.get("best_step")
+        self.best_metrics = dict(state.get("best_metrics") or {})
+        if not self.best_metrics and state.get("best") is not None:
+            # a checkpoint from before issue 58 kept the monitor's value and step only (the
+            # monitor is known at setup, after the restore)
+            self.best_metrics = {MONITOR: state["best"], "best_step": state["best_step"]}
 
 
 def task_scoring(settings: TaskSettings | None) -> list[Callback]:
