@@ -17,7 +17,6 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from mlxlab import kernels
-from mlxlab.kernels import build
 from mlxlab.models.quantized_cpu import (
     CpuQuantizedEmbedding,
     CpuQuantizedLinear,
@@ -28,15 +27,8 @@ from mlxlab.runtime import blas
 RTOL = 2e-5  # float32 GEMMs summing in another order than MLX's quantized matmul
 
 
-@pytest.fixture(autouse=True)
-def fused_on():
-    reason = build.unsupported_reason()
-    if reason:
-        pytest.skip(f"fused kernels not built here: {reason}")
-    before = kernels.mode()
-    kernels.set_mode("on")
-    yield
-    kernels.set_mode(before)
+# Every test here needs the built kernels and leaves their mode as it found it (conftest.py).
+pytestmark = pytest.mark.usefixtures("fused_kernels_on")
 
 
 def close(a: mx.array, b: mx.array, rtol: float = RTOL) -> float:

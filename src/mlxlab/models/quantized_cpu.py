@@ -62,7 +62,7 @@ class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
 
 def _switchable(module: nn.Module) -> bool:
     """An affine-quantized layer (mlx's other modes, mxfp4/nvfp4, have no biases to add)."""
-    return getattr(module, "mode", "affine") == "affine" and module.get("biases") is not None
+    return module.mode == "affine" and module.get("biases") is not None
 
 
 def _dora_class() -> tuple[type, type] | None:
