@@ -16,24 +16,31 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlxlab import kernels
 from mlxlab.models.quantized_cpu import quantized_product
 
-__all__ = ["CpuQuantizedDoRALinear", "DoRALinear"]
+__all__ = ["CpuQuantizedDoRALinear", "DoRALinear", "quantized_dora"]
+
+
+def quantized_dora(layer: DoRALinear, x: mx.array) -> mx.array:
+    """DoRALinear.__call__ (mlx-lm 0.32) of `layer` (a DoRALinear or a class built on it) on a
+    quantized base, with the base product and the dequantize made cheap on the CPU and
+    memory-flat."""
+    base = layer.linear
+    y = quantized_product(x, base)
+    z = (layer.dropout(x) @ layer.lora_a) @ layer.lora_b
+    out = y + (layer.scale * z).astype(x.dtype)
+    # The norm of the adapted weight, without a gradient, as mlx-lm takes it.
+    weight = kernels.dequantize(base["weight"], base["scales"], base["biases"], base.group_size,
+                                base.bits, mx.float32)
+    adapted = weight + (layer.scale * layer.lora_b.T) @ layer.lora_a.T
+    denom = mx.stop_gradient(mx.linalg.norm(adapted, axis=1))
+    out = (layer.m / denom).astype(x.dtype) * out
+    return out + base["bias"] if "bias" in base else out
 
 
 class CpuQuantizedDoRALinear(DoRALinear):
-    """DoRALinear.__call__ (mlx-lm 0.32) with the base product and the dequantize made cheap on
-    the CPU and memory-flat; on another device, mlx-lm's own."""
+    """mlx-lm's DoRALinear on a quantized base computing quantized_dora on the CPU; on another
+    device, mlx-lm's own."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if mx.default_device() != mx.cpu:
             return super().__call__(x)
-        base = self.linear
-        y = quantized_product(x, base)
-        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
-        out = y + (self.scale * z).astype(x.dtype)
-        # The norm of the adapted weight, without a gradient, as mlx-lm takes it.
-        weight = kernels.dequantize(base["weight"], base["scales"], base["biases"],
-                                    base.group_size, base.bits, mx.float32)
-        adapted = weight + (self.scale * self.lora_b.T) @ self.lora_a.T
-        denom = mx.stop_gradient(mx.linalg.norm(adapted, axis=1))
-        out = (self.m / denom).astype(x.dtype) * out
-        return out + base["bias"] if "bias" in base else out
+        return quantized_dora(self, x)
