@@ -14,17 +14,19 @@ fused product (use_fast_cpu_quantized), 4 and 8 bits, group 64.
 Models: random decoders built locally with transformers (never downloaded), weights N(0, 0.02),
 float32, a ChatML tokenizer of 512 tokens (scripts/tiny_hf_model.py), and their 4-bit folders
 written by `mlx_lm.convert -q` (group 64, float32 scales). `speed`: llama, qwen3 and gemma3_text of
-hidden 512, 4 layers, 8 heads (4 key-value heads), MLP 1536. `memory`: a 302M-parameter llama
+hidden 512, 4 layers (gemma3_text 6: mlx-lm's Gemma 3 needs one full-attention layer in 6),
+8 heads (4 key-value heads), MLP 1536. `memory`: a 302M-parameter llama
 (hidden 1024, 18 layers, 16 heads, MLP 4096).
 Training: bench_lora.py's settings and code: LoRA rank 8 (scale 2) on q/k/v/o of every layer,
 Adam at lr 2e-4, the same `long` text rows for every run (every position trained), batch and
-sequence set here (speed: batch 4 x 256; memory: batch 2 x 256), each tool in its own process:
+sequence set here (speed: batch 4 x 256; memory: batch 2 x 128), each tool in its own process:
 - `mlx-lm`: mlx_lm.lora's own training (mlx_lm.lora.run's body), MLX pointed at the same OpenBLAS
   as mlxlab's (runtime/blas.py, nothing else of mlxlab): 4-bit runs on MLX's quantized matmul.
 - `mlx-lm+fast`: the same, with `mlxlab.models.quantized_cpu.use_fast_cpu_quantized(model)`
   called on the loaded model (mlxlab's fused CPU quantized product; a float model is unchanged).
-- `mlxlab`: `mlxlab.train experiment=finetune_completions model.pretrained=<folder>` (llama only:
-  mlxlab's own decoder; it dequantizes a 4-bit folder at load, issue 54).
+- `mlxlab`: `mlxlab.train experiment=finetune_completions model.pretrained=<folder>`: the folder
+  through mlx-lm's model code (model=hf_decoder), a 4-bit one kept packed and switched to the CPU
+  quantized product (models/mlx_lm_decoder.prepare_for_training).
 tokens/s: the median of the per-step rates after the first `--skip` steps; first step: its
 seconds (compiling included); peak: MLX's peak memory (mx.get_peak_memory, each tool's own
 report) and the process's peak resident memory (VmHWM; the issue's "today" figures). Rounds
@@ -49,7 +51,7 @@ from bench_common import cpu_model  # noqa: E402
 
 ARCHS = ("llama", "qwen3", "gemma3_text")
 SPEED = dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536, batch=4, seq=256)
-MEMORY = dict(hidden=1024, layers=18, heads=16, kv_heads=16, intermediate=4096, batch=2, seq=256)
+MEMORY = dict(hidden=1024, layers=18, heads=16, kv_heads=16, intermediate=4096, batch=2, seq=128)
 
 
 def save_decoder(arch: str, path: Path, shape: dict) -> Path:
@@ -66,8 +68,10 @@ def save_decoder(arch: str, path: Path, shape: dict) -> Path:
                   intermediate_size=shape["intermediate"], max_position_embeddings=4096,
                   head_dim=shape["hidden"] // shape["heads"], tie_word_embeddings=False)
     config = {"llama": LlamaConfig, "qwen3": Qwen3Config, "gemma3_text": Gemma3TextConfig}[arch]
-    if arch == "gemma3_text":  # Gemma ties its output head to the embedding
-        common.update(tie_word_embeddings=True, sliding_window=128)
+    if arch == "gemma3_text":  # Gemma ties its output head to the embedding; mlx-lm's Gemma 3
+        # takes one full-attention layer in every 6 (its cache list needs >= 6 layers)
+        common.update(tie_word_embeddings=True, sliding_window=128,
+                      num_hidden_layers=max(6, shape["layers"]))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config(**common)).float()
     with torch.no_grad():
@@ -215,8 +219,6 @@ def main() -> None:
         folder = save_decoder(arch, Path(args.work) / f"{arch}-{args.what}", shape)
         for precision, model in (("float", folder), ("4-bit", quantized_folder(folder))):
             for tool in tools:
-                if tool == "mlxlab" and arch != "llama":
-                    continue  # mlxlab's own decoder loads llama, mistral and qwen2 only
                 if tool == "mlx-lm+fast" and precision == "float":
                     continue  # nothing to switch: the float run is mlx-lm's
                 runs.append((f"{arch} {precision}", tool, model))

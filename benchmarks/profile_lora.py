@@ -19,6 +19,7 @@ Each round times every entry once, in turn; the table gives medians of wall and 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
 import sys
@@ -154,9 +155,14 @@ def main() -> None:
     folder, _ = prepare(work)
     kernels.set_mode("auto")
     mx.random.seed(0)
+    # mlxlab's own Transformer at the folder's shape (its layers are what `parts` times; the
+    # pretrained path now runs mlx-lm's llama: benchmarks/bench_lora_step.py times that step)
+    c = json.loads((folder / "config.json").read_text())
     model = Transformer(
-        vocab_size=0,
-        pretrained=str(folder),
+        vocab_size=c["vocab_size"], dim=c["hidden_size"], num_layers=c["num_hidden_layers"],
+        num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"],
+        mlp_dim=c["intermediate_size"], max_seq_len=SEQ + 1, norm_eps=c["rms_norm_eps"],
+        tie_embeddings=False,
         lora={"rank": RANK, "alpha": 16.0, "targets": ["query", "key", "value", "out"]},
     )
     settings = TrainerSettings(max_steps=100)

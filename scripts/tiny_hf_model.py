@@ -1,9 +1,14 @@
-"""Write a tiny random-weight Llama-family checkpoint with transformers (no download): config.json,
+"""Write a tiny random-weight decoder checkpoint with transformers (no download): config.json,
 model.safetensors and a tokenizer trained on the shipped TinyStories sample. For trying
 `model.pretrained=` and `mlxlab export` offline, and for the parity tests.
 
     python scripts/tiny_hf_model.py llama /tmp/tiny-llama [--seed 0]
-    (llama | qwen2 | mistral | llama3: llama with llama3 rope scaling, tied embeddings)
+    (llama | qwen2 | mistral | llama3: llama with llama3 rope scaling, tied embeddings |
+     qwen3 | gemma3_text | phi3 | olmo2 | qwen3_moe | mixtral)
+
+config.json is written as the hub's checkpoints carry it (transformers 4's keys): transformers 5
+writes `rope_parameters` and `num_local_experts` where those have `rope_theta` / `rope_scaling` /
+`num_experts`, and mlx-lm reads the hub's.
     python scripts/tiny_hf_model.py llama /tmp/tiny-llama --no-torch [--hidden 512 --layers 8]
     python scripts/tiny_hf_model.py llama /tmp/tiny-chat --chat chatml   (a chat template:
     chatml | llama3 | qwen2.5 | mistral, with its special tokens in the tokenizer)
@@ -23,7 +28,8 @@ from tokenizers import processors
 from mlxlab.config import asset_path
 from mlxlab.data.tokenizer import build_tokenizer
 
-KINDS = ("llama", "qwen2", "mistral", "llama3")
+KINDS = ("llama", "qwen2", "mistral", "llama3", "qwen3", "gemma3_text", "phi3", "olmo2",
+         "qwen3_moe", "mixtral")
 
 # Real chat templates, verbatim from the models' tokenizer_config.json (ChatML as OpenHermes /
 # TRL write it; Meta-Llama-3-8B-Instruct; Qwen2.5-7B-Instruct, with tools and a default system
@@ -103,6 +109,16 @@ MISTRAL = (
     "{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant "
     "roles are supported!') }}{% endif %}{% endfor %}"
 )
+GEMMA = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == "
+    "'assistant' else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] "
+    "| trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+PHI3 = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + "
+    "'<|end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 # style: (template, added special tokens, bos, eos)
 CHAT_STYLES = {
     "chatml": (CHATML, ["<|im_start|>", "<|im_end|>"], "<s>", "<|im_end|>"),
@@ -110,6 +126,8 @@ CHAT_STYLES = {
                         "<|end_header_id|>", "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>"),
     "qwen2.5": (QWEN25, ["<|im_start|>", "<|im_end|>"], None, "<|im_end|>"),
     "mistral": (MISTRAL, [], "<s>", "</s>"),
+    "gemma": (GEMMA, ["<start_of_turn>", "<end_of_turn>"], "<s>", "<end_of_turn>"),
+    "phi3": (PHI3, ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<s>", "<|end|>"),
 }
 
 
@@ -145,41 +163,94 @@ def save_chat_tokenizer(style: str, path: str | Path, kind: str = "llama",
     return Path(path)
 
 
-def save_tiny_model(kind: str, path: str | Path, seed: int = 0, chat: str | None = None,
-                    **overrides) -> Path:
-    import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        LlamaConfig,
-        MistralConfig,
-        PreTrainedTokenizerFast,
-        Qwen2Config,
-    )
+def _config(kind: str, tok, eos: str, overrides: dict):
+    """The transformers config of a tiny `kind`: hidden 64, 2 layers, 4 query / 2 key-value heads
+    (head size 16), untied unless the family ties."""
+    import transformers as t
 
-    if kind not in KINDS:
-        raise ValueError(f"kind {kind!r}: use one of {list(KINDS)}")
-    path = Path(path)
-    tok = tiny_tokenizer(kind, chat=chat)
-    eos = "<|endoftext|>" if kind == "qwen2" else "</s>"
     common = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=160,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
         max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
         eos_token_id=tok.token_to_id(eos), tie_word_embeddings=False,
     )
+    bos = {"bos_token_id": tok.token_to_id("<s>"), "pad_token_id": tok.token_to_id(eos)}
+    gqa = {"num_key_value_heads": 2, "head_dim": 16}
     if kind == "qwen2":
-        config = Qwen2Config(**{**common, "rope_theta": 1e6, "num_key_value_heads": 2,
+        return t.Qwen2Config(**{**common, "rope_theta": 1e6, "num_key_value_heads": 2,
                                 "tie_word_embeddings": True, **overrides})
-    elif kind == "mistral":
-        config = MistralConfig(**{**common, "num_key_value_heads": 1, "sliding_window": None,
+    if kind == "mistral":
+        return t.MistralConfig(**{**common, "num_key_value_heads": 1, "sliding_window": None,
                                   "bos_token_id": tok.token_to_id("<s>"), **overrides})
-    else:
-        extra = {"bos_token_id": tok.token_to_id("<s>"), "num_key_value_heads": 2}
-        if kind == "llama3":
-            extra.update(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling={
-                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-        config = LlamaConfig(**{**common, **extra, **overrides})
+    if kind == "qwen3":
+        return t.Qwen3Config(**{**common, **bos, **gqa, "rope_theta": 1e6,
+                                "tie_word_embeddings": True, **overrides})
+    if kind == "gemma3_text":  # a sliding-window layer, then a global one (hub: 5 to 1)
+        return t.Gemma3TextConfig(**{**common, **bos, **gqa, "sliding_window": 16,
+                                     "layer_types": ["sliding_attention", "full_attention"],
+                                     "query_pre_attn_scalar": 16, "tie_word_embeddings": True,
+                                     "hidden_activation": "gelu_pytorch_tanh", **overrides})
+    if kind == "phi3":  # fused qkv_proj and gate_up_proj
+        return t.Phi3Config(**{**common, **bos, "num_key_value_heads": 2, **overrides})
+    if kind == "olmo2":  # norms after attention and MLP, q/k norms over all heads
+        return t.Olmo2Config(**{**common, **bos, "num_key_value_heads": 2, **overrides})
+    if kind == "qwen3_moe":
+        return t.Qwen3MoeConfig(**{**common, **bos, **gqa, "num_experts": 4,
+                                   "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                   "decoder_sparse_step": 1, "mlp_only_layers": [],
+                                   "norm_topk_prob": True, **overrides})
+    if kind == "mixtral":
+        return t.MixtralConfig(**{**common, **bos, **gqa, "num_local_experts": 4,
+                                  "num_experts_per_tok": 2, "intermediate_size": 64, **overrides})
+    extra = {"bos_token_id": tok.token_to_id("<s>"), "num_key_value_heads": 2}
+    if kind == "llama3":
+        extra.update(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    return t.LlamaConfig(**{**common, **extra, **overrides})
+
+
+def hub_config(config: dict) -> dict:
+    """A transformers 5 config.json in the keys the hub's checkpoints carry (and mlx-lm reads):
+    rope_parameters -> rope_theta (+ rope_scaling, + Gemma 3's rope_local_base_freq and
+    sliding_window_pattern), num_local_experts -> num_experts for the Qwen MoE family."""
+    c = dict(config)
+    params = c.pop("rope_parameters", None) or {}
+    if "full_attention" in params:  # Gemma 3: a global and a local rope
+        c["rope_local_base_freq"] = params["sliding_attention"]["rope_theta"]
+        params = params["full_attention"]
+    if params:
+        c["rope_theta"] = params["rope_theta"]
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        c["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+        if "partial_rotary_factor" in scaling:
+            c["partial_rotary_factor"] = scaling["partial_rotary_factor"]
+    if c.get("model_type") == "gemma3_text":
+        types = c.pop("layer_types", None) or []
+        c.pop("_sliding_window_pattern", None)
+        c["sliding_window_pattern"] = (types.index("full_attention") + 1
+                                       if "full_attention" in types else len(types) + 1)
+    if c.get("model_type") in ("qwen3_moe", "qwen2_moe", "olmoe") and "num_local_experts" in c:
+        c["num_experts"] = c.pop("num_local_experts")
+    return c
+
+
+def save_tiny_model(kind: str, path: str | Path, seed: int = 0, chat: str | None = None,
+                    **overrides) -> Path:
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: use one of {list(KINDS)}")
+    path = Path(path)
+    family = "qwen2" if kind in ("qwen2", "qwen3", "qwen3_moe") else "llama"
+    tok = tiny_tokenizer(family, chat=chat)
+    eos = "<|endoftext|>" if family == "qwen2" else "</s>"
+    if family == "qwen2" and kind != "qwen2":  # no BOS, but a pad/bos id the config can name
+        overrides = {"bos_token_id": None, "pad_token_id": tok.token_to_id(eos), **overrides}
+    config = _config(kind, tok, eos, overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():  # larger than the 0.02 init, so logits differ clearly between tokens
@@ -187,8 +258,10 @@ def save_tiny_model(kind: str, path: str | Path, seed: int = 0, chat: str | None
             if p.dim() > 1:
                 p.normal_(0.0, 0.2)
     model.save_pretrained(path, safe_serialization=True)
+    config_file = path / "config.json"
+    config_file.write_text(json.dumps(hub_config(json.loads(config_file.read_text())), indent=2))
     specials = {"eos_token": eos, "pad_token": eos}
-    if kind != "qwen2":
+    if family != "qwen2":
         specials["bos_token"] = "<s>"
     if chat:  # the chat style's end of turn is the EOS generation stops on
         specials["eos_token"] = CHAT_STYLES[chat][3]

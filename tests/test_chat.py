@@ -23,7 +23,7 @@ from mlxlab.data.batching import Batching
 from mlxlab.data.chat import encode_chat, load_chat_template
 from mlxlab.data.completions import PromptCompletion
 from mlxlab.errors import ConfigError
-from mlxlab.models.transformer import Transformer
+from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.training.losses import task_loss
 
 transformers = pytest.importorskip("transformers")
@@ -386,7 +386,7 @@ def test_masked_loss_equals_a_hand_computation(chat_model, tmp_path):
     assert encode_chat(tok, load_chat_template(folder), chat["messages"]).text == \
         "".join(t for t, _ in pieces)
     batch = next(data.val_batches(Batching(batch_size=1)))
-    model = Transformer(vocab_size=1, pretrained=str(folder))
+    model = MLXLMDecoder(vocab_size=1, pretrained=str(folder))
     model.eval()
     loss, aux = task_loss("lm")(model, batch)
     logits = np.array(model(mx.array([ids[:-1]])).astype(mx.float32), np.float64)[0]

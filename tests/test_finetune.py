@@ -21,7 +21,7 @@ from mlxlab.data.batching import Batching
 from mlxlab.data.completions import PromptCompletion
 from mlxlab.export import export_run
 from mlxlab.models.lora import fuse_lora
-from mlxlab.models.transformer import Transformer
+from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.runs import load_run_model
 from mlxlab.runs.evaluate import lm_metrics
 
@@ -68,7 +68,7 @@ def test_data_masks_the_prompt(finetuned):
 
 
 def test_lora_finetuning_lowers_the_completion_loss(finetuned):
-    base = Transformer(vocab_size=1, pretrained=str(finetuned["base"]))
+    base = MLXLMDecoder(vocab_size=1, pretrained=str(finetuned["base"]))
     tuned, state = load_run_model(finetuned["run"])
     assert state.model_init["hf_config"]["model_type"] == "llama"
     data = PromptCompletion(str(finetuned["pairs"]), val_fraction=0.25,
@@ -112,7 +112,7 @@ def test_adapters_and_fused_exports_agree_in_mlx_lm(finetuned, tmp_path):
     # size (typically to 1e-6)
     assert np.abs(f - a).max() <= 1e-4 * np.abs(a).max()
     assert np.median(np.abs(f - a)) <= 1e-5
-    assert np.abs(ours - mlx_logits(Transformer(1, pretrained=str(finetuned["base"])), IDS)).max() > 1e-2
+    assert np.abs(ours - mlx_logits(MLXLMDecoder(1, pretrained=str(finetuned["base"])), IDS)).max() > 1e-2
     hf = AutoModelForCausalLM.from_pretrained(fused_dir).eval()
     assert np.abs(torch_logits(hf, IDS) - f).max() <= 1e-4  # the fused export, in transformers
     for name in ("tokenizer_config.json", "tokenizer.json"):

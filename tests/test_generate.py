@@ -14,7 +14,7 @@ from conftest import mlxlab
 from mlxlab.cli.main import main
 from mlxlab.data.tokenizer import build_tokenizer
 from mlxlab.inference import complete, decode_stream, load_run, predict_frame, sample_ids
-from mlxlab.models.transformer import generate_step
+from mlxlab.models.generation import generate_tokens
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_same_seed_same_text_other_seed_other_text(loaded):
 
 
 def test_stops_at_max_tokens_or_end_of_text(loaded):
-    """The ids are generate_step's raw samples, cut before the first <|endoftext|> or after
+    """The ids are generate_tokens's raw samples, cut before the first <|endoftext|> or after
     max_tokens; both stops occur among these seeds."""
     model, tok = loaded.model, loaded.tokenizer
     eot = tok.token_to_id("<|endoftext|>")
@@ -41,7 +41,7 @@ def test_stops_at_max_tokens_or_end_of_text(loaded):
     for seed in range(64):  # until both stops occurred (how often depends on the training)
         if stops == {"eot", "max"}:
             break
-        raw = list(islice(generate_step(model, prompt_ids, 1.0, 0, 1.0, seed), 12))
+        raw = list(islice(generate_tokens(model, prompt_ids, 1.0, 0, 1.0, seed), 12))
         ids = list(sample_ids(loaded, "Once upon a time", 12, 1.0, 0, 1.0, seed))
         cut = raw.index(eot) if eot in raw else 12
         assert ids == raw[:cut]

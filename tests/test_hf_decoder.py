@@ -1,18 +1,21 @@
-"""Llama-family checkpoints in: tiny random llama / qwen2 (q/k/v biases) / mistral (GQA) /
-llama3 rope scaling saved by transformers give the same logits in mlxlab's Transformer; the
-mlx-lm layout (quantized too) and sharded checkpoints load; unsupported configs are refused."""
+"""Hugging Face and mlx-lm decoder folders in, through mlx-lm's own loading: tiny random llama /
+qwen2 (q/k/v biases, tied) / mistral (GQA) / llama3 rope scaling saved by transformers give
+transformers' logits; the KV cache path equals one forward; sharded and mlx-lm (quantized)
+layouts load as mlx-lm loads them; a checkpoint rebuilds the model without its folder; what
+mlx-lm cannot load is one line."""
 
 from __future__ import annotations
 
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 from hf_helpers import mlx_logits, save_tiny_model, torch_logits
-from mlxlab.models.hf_llama import from_hf_name, read_hf_weights, to_hf_name
-from mlxlab.models.transformer import Transformer
+from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 
 IDS = np.random.default_rng(0).integers(0, 500, size=(2, 40))
 
@@ -29,21 +32,18 @@ def test_import_parity(checkpoints, kind):
 
     path = checkpoints[kind]
     ref = AutoModelForCausalLM.from_pretrained(path).eval()
-    ours = Transformer(vocab_size=1, pretrained=str(path))
+    ours = MLXLMDecoder(vocab_size=1, pretrained=str(path))
     expected, got = torch_logits(ref, IDS), mlx_logits(ours, IDS)
     assert np.abs(expected).max() > 1.0  # the random weights give logits far from uniform
     assert np.abs(expected - got).max() <= 1e-4
     config = json.loads((path / "config.json").read_text())
-    a = ours.architecture
-    assert a["num_kv_heads"] == config["num_key_value_heads"]
-    assert a["qkv_bias"] == (kind == "qwen2") and ("lm_head" in ours) != a["tie_embeddings"]
-    if kind == "llama3":
-        assert a["rope_scaling"]["rope_type"] == "llama3"
+    assert ours.hf_config["model_type"] == config["model_type"] == kind.removesuffix("3")
+    assert ours.max_seq_len == config["max_position_embeddings"]
 
 
 def test_incremental_decoding_matches_full_forward(checkpoints):
-    """The KV cache path (generation) agrees with one full forward on a GQA + bias model."""
-    model = Transformer(vocab_size=1, pretrained=str(checkpoints["qwen2"]))
+    """mlx-lm's KV cache (make_cache) agrees with one full forward on a GQA + bias model."""
+    model = MLXLMDecoder(vocab_size=1, pretrained=str(checkpoints["qwen2"]))
     full = mlx_logits(model, IDS[:1])
     cache = model.make_cache()
     first = model(mx.array(IDS[:1, :30]), cache=cache)
@@ -52,34 +52,41 @@ def test_incremental_decoding_matches_full_forward(checkpoints):
     assert np.abs(full - stepped).max() <= 1e-4
 
 
-def test_names_round_trip():
-    for ours in ["embed_tokens.weight", "norm.weight", "lm_head.weight",
-                 "layers.3.attention.query.bias", "layers.0.mlp.down.weight",
-                 "layers.1.mlp_norm.weight", "layers.2.attention.value.lora_a"]:
-        assert from_hf_name(to_hf_name(ours)) == ours
-    assert to_hf_name("layers.0.attention_norm.weight") == "model.layers.0.input_layernorm.weight"
-    assert from_hf_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+def test_a_checkpoint_rebuilds_the_model_without_its_folder(checkpoints):
+    """checkpoint_init (config.json, quantized layers, weight names) rebuilds the same modules,
+    so the checkpoint's weights load by name: a tied qwen2 has no lm_head either way."""
+    from mlx.utils import tree_flatten
+
+    ours = MLXLMDecoder(vocab_size=1, pretrained=str(checkpoints["qwen2"]),
+                        lora={"rank": 4, "targets": ["query", "value"]})
+    rebuilt = MLXLMDecoder(vocab_size=1, lora={"rank": 4, "targets": ["query", "value"]},
+                           **ours.checkpoint_init)
+    names = dict(tree_flatten(ours.parameters()))
+    assert names.keys() == dict(tree_flatten(rebuilt.parameters())).keys()
+    assert "lm.lm_head.weight" not in names
+    rebuilt.load_weights(list(names.items()), strict=True)
+    assert np.array_equal(mlx_logits(rebuilt, IDS), mlx_logits(ours, IDS))
 
 
 def test_sharded_checkpoint_loads(checkpoints, tmp_path):
     """A checkpoint split over shards with model.safetensors.index.json (as save_pretrained
-    writes for big models) loads the same; a stray consolidated.safetensors is ignored."""
+    writes for big models) loads the same."""
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(checkpoints["mistral"])
     ref.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
-    mx.save_safetensors(str(tmp_path / "consolidated.safetensors"), {"x": mx.zeros(3)})
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / f).write_bytes((checkpoints["mistral"] / f).read_bytes())
-    ours = Transformer(vocab_size=1, pretrained=str(tmp_path))
+    (tmp_path / "config.json").write_text((checkpoints["mistral"] / "config.json").read_text())
+    ours = MLXLMDecoder(vocab_size=1, pretrained=str(tmp_path))
     assert np.abs(torch_logits(ref.eval(), IDS) - mlx_logits(ours, IDS)).max() <= 1e-4
 
 
 def test_mlx_lm_layout_and_quantized_checkpoint(checkpoints, tmp_path):
-    """mlx_lm.convert's output loads: unquantized equal to the original, 4-bit dequantized to
-    exactly what mlx-lm itself computes."""
+    """mlx_lm.convert's output loads: unquantized equal to the original, 4-bit kept packed and
+    what mlx-lm itself computes (to float32 rounding: on the CPU the packed layers multiply
+    through mlxlab's fused dequantize + GEMM, models/quantized_cpu.py, summing in another
+    order than MLX's quantized matmul)."""
     import mlx_lm
     from mlx_lm.convert import convert
 
@@ -87,40 +94,35 @@ def test_mlx_lm_layout_and_quantized_checkpoint(checkpoints, tmp_path):
     convert(str(checkpoints["llama"]), str(plain), dtype="float32")
     convert(str(checkpoints["llama"]), str(q4), quantize=True, q_bits=4, q_group_size=32,
             dtype="float32")
-    original = mlx_logits(Transformer(vocab_size=1, pretrained=str(checkpoints["llama"])), IDS)
-    assert np.abs(mlx_logits(Transformer(vocab_size=1, pretrained=str(plain)), IDS) - original).max() <= 1e-5
-    ours_q = mlx_logits(Transformer(vocab_size=1, pretrained=str(q4)), IDS)
-    theirs_q, _ = mlx_lm.load(str(q4))
-    ref_q = np.array(theirs_q(mx.array(IDS)).astype(mx.float32))
-    assert np.abs(ours_q - ref_q).max() <= 1e-3  # dequantized matmul vs quantized kernel
-    assert np.abs(ours_q - original).max() > 1e-3  # 4 bits did change the model
-    weights = read_hf_weights(q4)
-    assert not any(n.endswith(".scales") for n in weights)
+    original = mlx_logits(MLXLMDecoder(vocab_size=1, pretrained=str(checkpoints["llama"])), IDS)
+    assert np.abs(mlx_logits(MLXLMDecoder(1, pretrained=str(plain)), IDS) - original).max() <= 1e-5
+    ours = MLXLMDecoder(vocab_size=1, pretrained=str(q4))
+    assert isinstance(ours.lm.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert ours.quantized and ours.quantized_bits() == "4"
+    theirs, _ = mlx_lm.load(str(q4))
+    mine, mlx_lm_logits = mlx_logits(ours, IDS), np.array(theirs(mx.array(IDS)))
+    assert np.abs(mine - mlx_lm_logits).max() <= 1e-5 * np.abs(mlx_lm_logits).max()
+    assert np.abs(mlx_logits(ours, IDS) - original).max() > 1e-3  # 4 bits did change the model
 
 
-def test_gelu_llama_imports_as_geglu(tmp_path):
-    """A Llama with hidden_act=gelu (transformers' exact GELU in the gated MLP) is mlp=geglu with
-    the same logits; the tanh GELUs are refused with one line."""
-    from transformers import AutoModelForCausalLM
+def test_what_mlx_lm_cannot_load_is_one_line(checkpoints, tmp_path):
+    import mlx_lm
 
-    path = save_tiny_model("llama", tmp_path / "gelu", hidden_act="gelu")
-    ref = AutoModelForCausalLM.from_pretrained(path).eval()
-    ours = Transformer(vocab_size=1, pretrained=str(path))
-    assert ours.architecture["mlp"] == "geglu"
-    assert np.abs(torch_logits(ref, IDS) - mlx_logits(ours, IDS)).max() <= 1e-4
-    config = json.loads((path / "config.json").read_text())
-    with pytest.raises(ValueError, match=r"hidden_act='gelu_pytorch_tanh': only silu \(mlp=swiglu\)"):
-        Transformer(vocab_size=1, hf_config={**config, "hidden_act": "gelu_pytorch_tanh"})
-
-
-def test_unsupported_configs_are_refused(checkpoints, tmp_path):
     config = json.loads((checkpoints["llama"] / "config.json").read_text())
-    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
-    with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
-        Transformer(vocab_size=1, hf_config=config)
-    with pytest.raises(ValueError, match="model_type='gpt2'"):
-        Transformer(vocab_size=1, hf_config={**config, "model_type": "gpt2"})
-    with pytest.raises(ValueError, match="embeds only"):
-        Transformer(vocab_size=10**6, hf_config={**config, "rope_scaling": None})
+    folder = tmp_path / "gpt9"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt9"}))
+    with pytest.raises(ConfigError) as e:
+        MLXLMDecoder(vocab_size=1, pretrained=str(folder))
+    assert str(e.value) == (f"{folder}: model_type='gpt9' is not an architecture mlx-lm "
+                            f"{mlx_lm.__version__} loads; give a folder of a type it supports "
+                            "(or a newer mlx-lm)")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MissingFileError, match="no model\\*.safetensors weights"):
+        MLXLMDecoder(vocab_size=1, pretrained=str(folder))
+    with pytest.raises(ConfigError, match="embeds only"):
+        MLXLMDecoder(vocab_size=10**6, pretrained=str(checkpoints["llama"]))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        Transformer(vocab_size=1, pretrained=str(tmp_path / "nope"))
+        MLXLMDecoder(vocab_size=1, pretrained=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="no dropout"):
+        MLXLMDecoder(vocab_size=1, pretrained=str(checkpoints["llama"]), dropout=0.1)

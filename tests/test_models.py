@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 from omegaconf import OmegaConf
 
 from mlxlab.config import compose_config
-from mlxlab.models import BertClassifier, CNNHybrid, Transformer, generate_step, num_parameters
+from mlxlab.models import BertClassifier, CNNHybrid, Transformer, generate_tokens, num_parameters
 from mlxlab.models.hf import hf_to_mlxlab_name, load_hf_bert_weights
 from mlxlab.models.layers import KVCache
 from mlxlab.models.lora import (
@@ -258,31 +258,33 @@ def test_generation_reproducible_and_uses_cache():
     prompt = [3, 14, 15]
 
     def run(seed, **kw):
-        return list(itertools.islice(generate_step(model, prompt, seed=seed, **kw), 12))
+        return list(itertools.islice(generate_tokens(model, prompt, seed=seed, **kw), 12))
 
     assert run(7) == run(7)
     assert run(7) != run(8)
     assert run(7, top_k=5, top_p=0.8) == run(7, top_k=5, top_p=0.8)
     assert all(0 <= t < V for t in run(3, top_k=5, top_p=0.8))
     # greedy with the cache == greedy by repeated full forwards
-    greedy = list(itertools.islice(generate_step(model, prompt, temperature=0), 8))
+    greedy = list(itertools.islice(generate_tokens(model, prompt, temperature=0), 8))
     seq = list(prompt)
     for _ in range(8):
         seq.append(int(mx.argmax(model(mx.array([seq]))[0, -1]).item()))
     assert greedy == seq[len(prompt) :]
-    # stops when the context is full
-    assert len(list(generate_step(tiny_decoder(max_seq_len=10), prompt))) == 8
+    # stops when the context is full: every token it yields was fed to the model (mlx-lm's
+    # generate_step computes the next one ahead), so prompt + yielded = max_seq_len
+    assert len(list(generate_tokens(tiny_decoder(max_seq_len=10), prompt))) == 7
 
 
-def test_top_k_restricts_to_k_best():
-    from mlxlab.models.transformer import sample_token
+def test_top_k_and_top_p_restrict_the_samples():
+    """mlx-lm's sampler, as generate_tokens sets it up: top_k=2 draws only the two best
+    tokens, top_p=0.5 only the one holding more than half the mass."""
+    from mlx_lm.sample_utils import make_sampler
 
-    logits = mx.array([[0.0, 5.0, 4.0, -1.0, 3.0]])
-    seen = {int(sample_token(logits, 1.0, top_k=2, key=mx.random.key(s)).item()) for s in range(50)}
+    logprobs = nn.log_softmax(mx.array([[0.0, 5.0, 4.0, -1.0, 3.0]]))
+    mx.random.seed(0)
+    seen = {int(make_sampler(temp=1.0, top_k=2)(logprobs).item()) for _ in range(50)}
     assert seen == {1, 2}
-    seen = {
-        int(sample_token(logits, 1.0, top_p=0.5, key=mx.random.key(s)).item()) for s in range(50)
-    }
+    seen = {int(make_sampler(temp=1.0, top_p=0.5)(logprobs).item()) for _ in range(50)}
     assert seen == {1}  # token 1 alone holds > 50% of the mass
 
 

@@ -141,12 +141,12 @@ def loss_parts(folder: Path, data: PreferencePairs, reference: str, rank: int = 
     LoRA (rank 8) or without (rank 0), its adapters given weights so policy != reference."""
     import mlx.core as mx
 
-    from mlxlab.models.transformer import Transformer
+    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.training.preference import build_preference_loss
     from mlxlab.training.settings import PreferenceConfig
 
     mx.random.seed(0)
-    model = Transformer(
+    model = MLXLMDecoder(
         vocab_size=data.vocab_size,
         pretrained=str(folder),
         lora={"rank": rank, "targets": ["query", "value"]} if rank else None,
@@ -159,7 +159,7 @@ def loss_parts(folder: Path, data: PreferencePairs, reference: str, rank: int = 
             model,
             lambda name, p: (
                 p + 0.05
-                if name.endswith("lora_b") or (not rank and name.endswith("query.weight"))
+                if name.endswith("lora_b") or (not rank and name.endswith("q_proj.weight"))
                 else p
             ),
         )
@@ -313,13 +313,13 @@ def test_a_rank_without_rows_of_a_pair_batch_weighs_nothing(pref_model, loss):
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from mlxlab.models.transformer import Transformer
+    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.runtime.distributed import World
     from mlxlab.training.preference import build_preference_loss
     from mlxlab.training.settings import PreferenceConfig
 
     data = pairs_data(pref_model["folder"], pref_model["train"])
-    model = Transformer(
+    model = MLXLMDecoder(
         vocab_size=data.vocab_size,
         pretrained=str(pref_model["folder"]),
         lora={"rank": 4, "targets": ["query", "value"]},

@@ -14,8 +14,8 @@ from mlxlab.data.batching import Batching
 from mlxlab.data.vocab_remap import VocabRemap
 from mlxlab.errors import ConfigError
 from mlxlab.export import export_run
+from mlxlab.models.generation import generate_tokens
 from mlxlab.models.remapped import RemappedLM
-from mlxlab.models.transformer import generate_step
 from mlxlab.runs import load_run_model
 from mlxlab.train import train
 
@@ -73,8 +73,8 @@ def test_remapped_run_generates_in_the_tokenizers_ids(make_cfg, tmp_path):
     small = np.exp(small_logits - small_logits.max(-1, keepdims=True))
     np.testing.assert_allclose(probs.sum(-1) / small.sum(-1), 1.0, rtol=1e-5)
     # greedy generation through the wrapper = the small model's, mapped back to tokenizer ids
-    full = [t for t, _ in zip(generate_step(model, prompt, temperature=0), range(12))]
-    small = [t for t, _ in zip(generate_step(model.inner, [to_new[t] for t in prompt],
+    full = [t for t, _ in zip(generate_tokens(model, prompt, temperature=0), range(12))]
+    small = [t for t, _ in zip(generate_tokens(model.inner, [to_new[t] for t in prompt],
                                              temperature=0), range(12))]
     assert full == keep[small].tolist()
     export_checks(make_cfg, tmp_path, run_dir, model, keep)

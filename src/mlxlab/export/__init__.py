@@ -37,7 +37,8 @@ from mlxlab.export.model_card import model_card
 from mlxlab.export.quality import validation_batches
 from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
 from mlxlab.models.bert import BertClassifier
-from mlxlab.models.lora import LoRALinear, fuse_lora, unwrap_lora
+from mlxlab.models.lora import fuse_lora, has_adapters, unwrap_lora
+from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.remapped import RemappedLM
 from mlxlab.models.transformer import Transformer
 from mlxlab.runs import load_run_model, require_run_tokenizer
@@ -60,9 +61,12 @@ def _check_options(model, fmt: str, dtype: str, quantize: int | None, lora: str)
                 "a BERT classifier exports only as --format hf (fused LoRA, no quantization): "
                 "mlx-lm has no sequence classifiers"
             )
-    elif not isinstance(model, Transformer):
+    elif not isinstance(model, (Transformer, MLXLMDecoder)):
         raise ExportError(f"a {type(model).__name__} run has no Hugging Face equivalent")
-    elif fmt == "mlx-lm" and model.architecture["mlp"] != "swiglu":
+    elif isinstance(model, MLXLMDecoder) and model.quantized and quantize:
+        raise ExportError(f"the model is already {model.quantized_bits()}-bit quantized: export "
+                          "it without --quantize (it stays quantized in --format mlx-lm)")
+    elif fmt == "mlx-lm" and isinstance(model, Transformer) and model.architecture["mlp"] != "swiglu":
         # mlx-lm's llama/qwen2/mistral MLP is silu(gate) * up whatever config.json says
         raise ExportError(f"mlp={model.architecture['mlp']} has no mlx-lm equivalent (its Llama "
                           "MLP is always swiglu): export it with --format hf")
@@ -127,13 +131,17 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
         if not labels:
             raise ExportError(f"{state.path} records no label values: retrain it")
         config = bert_config(model, labels)
-    else:
-        config = decoder_config(model, tokenizer, dtype)
-    has_lora = any(isinstance(m, LoRALinear) for m in model.modules())
+    else:  # a quantized base stays quantized in mlx-lm's layout, float for transformers
+        config = decoder_config(model, tokenizer, dtype, keep_quantization=fmt == "mlx-lm")
+    has_lora = has_adapters(model)
     if lora == "adapters" and not has_lora:
         raise ExportError("--adapters needs a LoRA run (model.lora.rank > 0); this run has none")
     if has_lora and lora == "fuse":
-        fuse_lora(model)
+        fuse_lora(model, dequantize=fmt == "hf")
+    if fmt == "hf" and isinstance(model, MLXLMDecoder) and model.quantized:
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(model.lm)  # transformers reads float weights only
     model.set_dtype(DTYPES[dtype])
     adapters = split_adapters(model) if has_lora and lora == "adapters" else None
     report["lora"] = lora if has_lora else None
@@ -153,12 +161,12 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_weights(hf_weights(model, dtype), tmp, "mlx" if fmt == "mlx-lm" else "pt")
+        save_weights(hf_weights(model, dtype, fmt), tmp, "mlx" if fmt == "mlx-lm" else "pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_tokenizer(run_dir, tokenizer_path, tmp, model)
         write_generation_config(config, tmp)
         if adapters is not None:
-            write_adapters(*adapters, len(model.layers), tmp / "adapters", DTYPES[dtype])
+            write_adapters(*adapters, tmp / "adapters", DTYPES[dtype])
             report["adapter_path"] = str(out / "adapters")
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
         if card is not None:  # the model card: task scores with intervals (model_card.py)

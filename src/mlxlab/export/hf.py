@@ -1,15 +1,19 @@
 """A finished run as a Hugging Face folder: config.json, model.safetensors, tokenizer files.
 
-Decoders become LlamaForCausalLM / Qwen2ForCausalLM (or keep the pretrained checkpoint's own
-config, so an imported Mistral leaves as a Mistral); BERT classifiers become
+A decoder fine-tuned from a pretrained folder (models/mlx_lm_decoder.py) keeps that folder's
+config.json and its mlx-lm weight names, which are the Hugging Face ones but for the experts of
+MoE layers (stacked by mlx-lm, one tensor per expert again here); a decoder trained from scratch
+(models/transformer.py) becomes LlamaForCausalLM / Qwen2ForCausalLM. BERT classifiers become
 BertForSequenceClassification with id2label/label2id from the run's label values. The weights
-are the model's parameters renamed (models/hf_llama.py, models/hf.py) and cast to one dtype.
+are the model's parameters renamed and cast to one dtype.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,7 +25,7 @@ from mlxlab.data.tokenizer import EOT_TOKENS, PAD_TOKENS, find_token_id, start_i
 from mlxlab.models.base import Model
 from mlxlab.models.bert import BertClassifier
 from mlxlab.models.hf import mlxlab_to_hf_name as bert_hf_name
-from mlxlab.models.hf_llama import to_hf_name as decoder_hf_name
+from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.transformer import Transformer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -32,22 +36,81 @@ SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_co
               "chat_template.jinja", "chat_template.json")
 
 
+# mlxlab's Transformer path inside a decoder layer -> the Hugging Face (and mlx-lm) Llama one.
+_LAYER_NAMES = {
+    "attention.query": "self_attn.q_proj",
+    "attention.key": "self_attn.k_proj",
+    "attention.value": "self_attn.v_proj",
+    "attention.out": "self_attn.o_proj",
+    "mlp.gate": "mlp.gate_proj",
+    "mlp.up": "mlp.up_proj",
+    "mlp.down": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"embed_tokens": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
+# mlx-lm stacks a MoE layer's experts into switch_mlp.<proj> (E, out, in); Hugging Face keeps one
+# tensor per expert: Mixtral's block_sparse_moe.experts.<e>.w1/w2/w3, the others' (Qwen MoE,
+# OLMoE, ...) mlp.experts.<e>.<proj>.
+_MIXTRAL_EXPERTS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
 class ExportError(ValueError):
     """The run cannot be expressed in the asked format; the message says why and what to do."""
+
+
+def transformer_hf_name(name: str) -> str:
+    """A from-scratch Transformer's parameter -> its Hugging Face Llama name:
+    'layers.0.attention.query.weight' -> 'model.layers.0.self_attn.q_proj.weight' (also for
+    lora_a/lora_b and quantized scales/biases leaves)."""
+    module, _, leaf = name.rpartition(".")
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", module)
+    hf = (f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+          if m and m.group(2) in _LAYER_NAMES else _TOP_NAMES.get(module))
+    if hf is None:
+        raise ValueError(f"{name} has no Hugging Face Llama name; is this a decoder parameter?")
+    return f"{hf}.{leaf}"
+
+
+def decoder_name(model: nn.Module, name: str) -> str:
+    """A decoder parameter's name in mlx-lm's layout (Hugging Face's for all but MoE experts)."""
+    if isinstance(model, MLXLMDecoder):
+        return name.removeprefix("lm.")
+    return transformer_hf_name(name)
+
+
+def unstack_experts(weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+    """mlx-lm's stacked MoE experts back to Hugging Face's one tensor per expert."""
+    out = {}
+    for name, value in weights.items():
+        m = re.fullmatch(r"(.+)\.switch_mlp\.(\w+)\.(weight|bias)", name)
+        if m is None:
+            out[name] = value
+            continue
+        prefix, proj, leaf = m.groups()
+        for e in range(value.shape[0]):
+            if prefix.endswith("block_sparse_moe"):
+                out[f"{prefix}.experts.{e}.{_MIXTRAL_EXPERTS[proj]}.{leaf}"] = value[e]
+            else:
+                out[f"{prefix}.experts.{e}.{proj}.{leaf}"] = value[e]
+    return out
 
 
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def decoder_config(model: Transformer, tokenizer: Tokenizer, dtype: str) -> dict:
-    """config.json of a decoder: the pretrained checkpoint's own (round trip), or a llama/qwen2
-    config describing a model trained from scratch here."""
+def decoder_config(model: Model, tokenizer: Tokenizer, dtype: str,
+                   keep_quantization: bool = False) -> dict:
+    """config.json of a decoder: the pretrained checkpoint's own (round trip; its quantization
+    entry kept only for a quantized mlx-lm folder), or a llama/qwen2 config describing a model
+    trained from scratch here."""
     a = model.architecture
     if model.hf_config is not None:
         config = model.hf_config
-        for key in ("quantization", "quantization_config"):
-            config.pop(key, None)
+        if not keep_quantization:
+            for key in ("quantization", "quantization_config"):
+                config.pop(key, None)
     else:
         if (a["norm"], a["positions"]) != ("rmsnorm", "rope") or a["mlp"] not in HF_ACTIVATIONS:
             raise ExportError(
@@ -119,15 +182,17 @@ def bert_config(model: BertClassifier, label_values: list) -> dict:
     }
 
 
-def hf_weights(model: nn.Module, dtype: str) -> dict[str, mx.array]:
-    """The model's parameters under Hugging Face names, cast to `dtype` (LoRA fused before)."""
-    rename = decoder_hf_name if isinstance(model, Transformer) else bert_hf_name
+def hf_weights(model: nn.Module, dtype: str, fmt: str = "hf") -> dict[str, mx.array]:
+    """The model's parameters under Hugging Face names (fmt="hf") or mlx-lm's ("mlx-lm": MoE
+    experts stay stacked), cast to `dtype` (LoRA fused before)."""
     cast = DTYPES[dtype]
     out = {}
     for name, value in tree_flatten(model.parameters()):
+        ours = (decoder_name(model, name) if isinstance(model, (Transformer, MLXLMDecoder))
+                else bert_hf_name(name))
         # packed quantized weights stay uint32
-        out[rename(name)] = value if value.dtype == mx.uint32 else value.astype(cast)
-    return out
+        out[ours] = value if value.dtype == mx.uint32 else value.astype(cast)
+    return unstack_experts(out) if fmt == "hf" else out
 
 
 def write_tokenizer(run_dir: Path, tokenizer_path: Path, out: Path, model: Model) -> None:

@@ -4,55 +4,54 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxlab.models.hf_llama import to_hf_name
-from mlxlab.models.lora import LoRALinear
-
-GROUP_SIZE = 64  # mlx_lm.convert's default q_group_size
+from mlxlab.export.hf import decoder_name
+from mlxlab.models.lora import AdapterLayer, LoRALinear
+from mlxlab.models.mlx_lm_decoder import GROUP_SIZE, MLXLMDecoder, quantize_as_convert
 
 
 def quantize(model: nn.Module, bits: int, group_size: int = GROUP_SIZE) -> dict:
-    """Quantize in place as mlx_lm.convert does (every Linear and Embedding whose input size
-    is a multiple of group_size); returns config.json's "quantization" entry."""
+    """Quantize in place with mlx-lm's own quantize_model (what `mlx_lm.convert -q` runs: every
+    Linear and Embedding whose input size is a multiple of group_size, per the architecture's
+    quant_predicate where it has one); returns config.json's "quantization" entry."""
     if bits not in (4, 8):
         raise ValueError(f"--quantize {bits}: use 4 or 8")
-    nn.quantize(
-        model, group_size=group_size, bits=bits,
-        class_predicate=lambda _, m: hasattr(m, "to_quantized")
-        and m.weight.shape[-1] % group_size == 0,
-    )
-    return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    target = model.lm if isinstance(model, MLXLMDecoder) else model  # mlx-lm's own names
+    return quantize_as_convert(target, {}, bits, group_size)["quantization"]
 
 
 def split_adapters(model: nn.Module) -> tuple[dict[str, mx.array], dict]:
-    """(adapter weights, mlx-lm lora_parameters) of a LoRA model."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    """(adapter weights under mlx-lm's names, adapter_config.json) of a LoRA / DoRA model: what
+    `mlx_lm.generate --adapter-path` and `mlx_lm.utils.load_adapters` read."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
     if not layers:
         raise ValueError("--adapters needs a LoRA run (model.lora.rank > 0); this run has none")
-    adapters = {
-        name: value for name, value in tree_flatten(model.parameters())
-        if name.endswith((".lora_a", ".lora_b"))
-    }
+    leaves = (".lora_a", ".lora_b", ".m")
+    adapters = {decoder_name(model, name): value
+                for name, value in tree_flatten(model.parameters()) if name.endswith(leaves)}
     first = layers[0][1]
-    # "model.layers.0.self_attn.q_proj.weight" -> "self_attn.q_proj"
-    keys = sorted({to_hf_name(f"{n}.weight").split(".", 3)[3].rsplit(".", 1)[0] for n, _ in layers})
+    # "model.layers.0.self_attn.q_proj.lora_a" -> "self_attn.q_proj": the key inside each block
+    keys = sorted({re.sub(r"^.*?layers\.\d+\.", "", decoder_name(model, f"{n}.weight"))
+                   .rsplit(".", 1)[0] for n, _ in layers})
     settings = {"rank": int(first.lora_a.shape[1]), "scale": float(first.scale),
                 "dropout": 1.0 - first.dropout._p_1,  # nn.Dropout keeps 1 - p
                 "keys": keys}
-    return adapters, settings
+    config = {"fine_tune_type": "lora" if isinstance(first, LoRALinear) else "dora",
+              "num_layers": len(model.layers), "lora_parameters": settings}
+    return adapters, config
 
 
-def write_adapters(adapters: dict[str, mx.array], settings: dict, num_layers: int,
-                   out: Path, dtype: mx.Dtype) -> None:
+def write_adapters(adapters: dict[str, mx.array], config: dict, out: Path, dtype: mx.Dtype
+                   ) -> None:
     """adapters.safetensors + adapter_config.json in mlx-lm's names and format."""
     out.mkdir(parents=True, exist_ok=True)
-    weights = {to_hf_name(k): v.astype(dtype) for k, v in adapters.items()}
+    weights = {k: v.astype(dtype) for k, v in adapters.items()}
     mx.eval(weights)
     mx.save_safetensors(str(out / "adapters.safetensors"), weights, metadata={"format": "mlx"})
-    config = {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": settings}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -45,6 +45,11 @@ class Model(nn.Module):
         """The config.json of the pretrained checkpoint this model started from, if any."""
         return None
 
+    def blocks(self) -> list:
+        """The repeated decoder blocks (what trainer.grad_checkpoint recomputes); [] for a model
+        without them."""
+        return []
+
     def make_cache(self) -> list | None:
         """Per-layer KV caches for token-by-token generation (`model(ids, cache=...)`); None:
         the model does not generate."""

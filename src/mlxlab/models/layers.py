@@ -11,7 +11,8 @@ from mlxlab.validation import check_number
 
 
 class KVCache:
-    """Per-layer key/value cache for generation, filled in place.
+    """Per-layer key/value cache for generation, filled in place; mlx-lm's KVCache interface
+    (update_and_fetch, offset, state), so mlx-lm's generate_step drives it.
 
     Buffers grow in chunks of `step` positions (mlx-lm style) so decoding one token at a time
     does not reallocate on every step.
@@ -23,6 +24,11 @@ class KVCache:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0  # number of positions already cached
+
+    @property
+    def state(self) -> list[mx.array]:
+        """The arrays it holds (mlx-lm's cache interface: its generate_step evaluates them)."""
+        return [] if self.keys is None else [self.keys, self.values]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append keys/values (B, H_kv, T, D) and return everything cached so far."""

@@ -1,4 +1,5 @@
-"""LoRA: low-rank adapters on frozen nn.Linear layers (Hu et al. 2021), mlx-examples style.
+"""LoRA / DoRA: low-rank adapters on frozen nn.Linear or quantized nn.QuantizedLinear layers
+(Hu et al. 2021; QLoRA when the base is quantized); mlx-lm's layers, names and math.
 
 Naming: wrapping `layers.0.attention.query` moves its base weight to
 `layers.0.attention.query.linear.weight` and adds `...query.lora_a` / `...query.lora_b`.
@@ -19,20 +20,32 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.quantized_cpu import CpuQuantizedLinear
 
-LORA_KEYS = {"rank", "alpha", "dropout", "targets", "extra_trainable"}
+LORA_KEYS = {"rank", "alpha", "dropout", "targets", "extra_trainable", "kind"}
 
 
-class LoRALinear(nn.Module):
-    """y = linear(x) + (alpha / rank) * dropout(x) @ A @ B, with `linear` frozen.
+class AdapterLayer(nn.Module):
+    """What every adapter layer kind has (lora.kind): a frozen base `linear` (nn.Linear, or
+    nn.QuantizedLinear: QLoRA) and the `adapter_on` switch adapters_off flips."""
+
+    adapter_on: bool = True
+
+
+class LoRALinear(AdapterLayer):
+    """y = linear(x) + (alpha / rank) * dropout(x) @ A @ B, with `linear` frozen, float or
+    quantized (the base stays packed, the adapters train in float32). mlx-lm's LoRALinear: the
+    same names, shapes, init and math, so its adapter files are ours; written here because
+    importing mlx-lm costs seconds (it imports transformers), which every classifier and
+    from-scratch run would pay for a 30-line layer.
 
     B starts at zero, so wrapping a model does not change its outputs.
     """
 
     @staticmethod
-    def from_base(linear: nn.Linear, rank: int, alpha: float, dropout: float) -> LoRALinear:
-        out_dims, in_dims = linear.weight.shape
-        lora = LoRALinear(in_dims, out_dims, rank, alpha, dropout, bias="bias" in linear)
+    def from_base(linear: nn.Module, rank: int, alpha: float, dropout: float) -> LoRALinear:
+        lora = LoRALinear(input_dims(linear), linear.weight.shape[0], rank, alpha, dropout,
+                          bias="bias" in linear)
         lora.linear = linear
         lora.linear.freeze()
         return lora
@@ -62,16 +75,81 @@ class LoRALinear(nn.Module):
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b
         return y + (self.scale * z).astype(y.dtype)
 
-    def fuse(self) -> nn.Linear:
-        if not isinstance(self.linear, nn.Linear) or "scales" in self.linear:
-            raise ConfigError("cannot fuse LoRA into a quantized base layer; fuse before quantizing")
-        out_dims, in_dims = self.linear.weight.shape
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        """The base with W + scale * (A @ B)^T merged in; a quantized base is dequantized,
+        merged and quantized again as it was (mlx-lm's fuse), or left float with `dequantize`."""
+        weight = dequantized_weight(self.linear)
+        out_dims, in_dims = weight.shape
         fused = nn.Linear(in_dims, out_dims, bias="bias" in self.linear)
         delta = (self.scale * (self.lora_a @ self.lora_b)).T
-        fused.weight = self.linear.weight + delta.astype(self.linear.weight.dtype)
+        fused.weight = weight + delta.astype(weight.dtype)
         if "bias" in self.linear:
             fused.bias = self.linear.bias
+        return _requantized(fused, self.linear, dequantize)
+
+
+def _dora_class() -> type:
+    """mlx-lm's DoRALinear with the adapter switch, built on first use (importing mlx-lm is
+    slow; only DoRA runs pay it)."""
+    global DoRALinear
+    if DoRALinear is None:
+        from mlx_lm.tuner.dora import DoRALinear as MLXDoRA
+
+        def __call__(self, x: mx.array) -> mx.array:
+            if not self.adapter_on:
+                return self.linear(x)
+            if isinstance(self.linear, CpuQuantizedLinear) and mx.default_device() == mx.cpu:
+                # mlx-lm's forward on the CPU's fused quantized product (models/quantized_dora)
+                from mlxlab.models.quantized_dora import quantized_dora
+
+                return quantized_dora(self, x)
+            return MLXDoRA.__call__(self, x)
+
+        DoRALinear = type("DoRALinear", (AdapterLayer, MLXDoRA), {"__call__": __call__})
+    return DoRALinear
+
+
+DoRALinear: type | None = None  # DoRA (Liu et al. 2024, lora.kind=dora): see _dora_class
+
+
+def dora_from_base(linear: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
+    """A DoRA layer on `linear` (float or quantized): a learned magnitude `m` per output row
+    over the LoRA-updated direction; starts equal to the base."""
+    layer = _dora_class()(input_dims(linear), linear.weight.shape[0], r=rank, dropout=dropout,
+                          scale=alpha / rank)
+    layer.set_linear(linear)  # (mlx-lm's from_base builds its own class, not this one)
+    layer.linear.freeze()
+    return layer
+
+
+def input_dims(linear: nn.Module) -> int:
+    """A Linear's input size; a quantized one packs 32 // bits weights in each uint32."""
+    in_dims = linear.weight.shape[1]
+    return in_dims * 32 // linear.bits if isinstance(linear, nn.QuantizedLinear) else in_dims
+
+
+def dequantized_weight(linear: nn.Module) -> mx.array:
+    if not isinstance(linear, nn.QuantizedLinear):
+        return linear.weight
+    return mx.dequantize(linear.weight, linear.scales, linear.biases, group_size=linear.group_size,
+                         bits=linear.bits, mode=linear.mode)
+
+
+def _requantized(fused: nn.Linear, base: nn.Module, dequantize: bool) -> nn.Module:
+    if dequantize or not isinstance(base, nn.QuantizedLinear):
         return fused
+    return nn.QuantizedLinear.from_linear(fused, base.group_size, base.bits, mode=base.mode)
+
+
+# lora.kind -> how an adapter layer of that kind wraps its base
+LORA_KINDS = {"lora": LoRALinear.from_base, "dora": dora_from_base}
+# The base layers an adapter wraps: float, or quantized (QLoRA).
+ADAPTABLE = (nn.Linear, nn.QuantizedLinear)
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether the model holds LoRA or DoRA layers."""
+    return any(isinstance(m, AdapterLayer) for m in model.modules())
 
 
 @contextmanager
@@ -80,7 +158,7 @@ def adapters_off(model: nn.Module) -> Iterator[int]:
     adapter); yields how many layers were switched. The same arrays, no copy: DPO's reference
     model is the policy with its adapters off. Tracing under mx.compile sees the switch, so one
     compiled step holds both forwards."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
     for layer in layers:
         layer.adapter_on = False
     try:
@@ -104,25 +182,29 @@ def apply_lora(
     dropout: float = 0.0,
     targets: Iterable[str] = ("query", "value"),
     extra_trainable: Iterable[str] = (),
+    kind: str = "lora",
 ) -> int:
-    """Wrap every nn.Linear named by `targets` (see _matches), freeze all other parameters
-    except modules named in `extra_trainable` (e.g. a new "classifier" head).
+    """Wrap every nn.Linear (or quantized nn.QuantizedLinear) named by `targets` (see _matches)
+    in a `kind` adapter (lora | dora), freeze all other parameters except modules named in
+    `extra_trainable` (e.g. a new "classifier" head).
     Returns the number of layers wrapped; rank 0 = LoRA off (nothing changes)."""
     if rank < 0:
         raise ConfigError(f"lora rank={rank} must be >= 0 (0 turns LoRA off)")
+    if kind not in LORA_KINDS:
+        raise ConfigError(f"lora.kind={kind!r}: use one of {sorted(LORA_KINDS)}")
     if rank == 0:
         return 0
     targets, extra_trainable = list(targets), list(extra_trainable)
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if has_adapters(model):
         raise ConfigError("model already has LoRA layers; fuse_lora it before applying LoRA again")
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    linears = [(n, m) for n, m in model.named_modules() if type(m) in ADAPTABLE]
     wrapped = [(n, m) for n, m in linears if _matches(n, targets)]
     if not wrapped:
         names = sorted({n.split(".")[-1] for n, _ in linears})
         raise ConfigError(f"lora targets {targets} match no Linear layer; available: {names}")
     model.freeze()
     model.update_modules(
-        tree_unflatten([(n, LoRALinear.from_base(m, rank, alpha, dropout)) for n, m in wrapped])
+        tree_unflatten([(n, LORA_KINDS[kind](m, rank, alpha, dropout)) for n, m in wrapped])
     )
     modules = dict(model.named_modules())
     for name in extra_trainable:
@@ -153,13 +235,17 @@ def maybe_apply_lora(
         dropout=float(lora.get("dropout", 0.0)),
         targets=lora.get("targets") or default_targets,
         extra_trainable=lora.get("extra_trainable", default_extra_trainable) or (),
+        kind=str(lora.get("kind", "lora")),
     )
 
 
-def fuse_lora(model: nn.Module) -> nn.Module:
-    """Merge every LoRALinear into a plain nn.Linear (in place) and unfreeze: the result has
-    the plain parameter names and loads into a model built with lora rank 0."""
-    fused = [(n, m.fuse()) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+def fuse_lora(model: nn.Module, dequantize: bool = False) -> nn.Module:
+    """Merge every adapter layer into its base (in place) and unfreeze: the result has the plain
+    parameter names and loads into a model built with lora rank 0. A quantized base is
+    dequantized, merged and quantized again as it was (mlx-lm's fuse), or left float with
+    `dequantize`."""
+    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules()
+             if isinstance(m, AdapterLayer)]
     if fused:
         model.update_modules(tree_unflatten(fused))
     model.unfreeze()
@@ -167,9 +253,9 @@ def fuse_lora(model: nn.Module) -> nn.Module:
 
 
 def unwrap_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by its base layer (in place), dropping the adapters, and
+    """Replace every adapter layer by its base layer (in place), dropping the adapters, and
     unfreeze: the base model an adapter file is applied to."""
-    base = [(n, m.linear) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    base = [(n, m.linear) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
     if base:
         model.update_modules(tree_unflatten(base))
     model.unfreeze()
@@ -188,7 +274,7 @@ def save_adapters(model: nn.Module, path: str | Path) -> None:
 
 def load_adapters(model: nn.Module, path: str | Path) -> None:
     """Load an adapter file written by save_adapters onto a model built with the same lora config."""
-    if not any(isinstance(m, LoRALinear) for m in model.modules()):
+    if not has_adapters(model):
         raise ConfigError("model has no LoRA adapters; build it with lora.rank > 0 first")
     path = Path(path)
     if not path.is_file():
@@ -208,7 +294,7 @@ def lora_base_name_map(model: nn.Module) -> dict[str, str]:
     E.g. "layers.0.attention.query.weight" -> "layers.0.attention.query.linear.weight"."""
     mapping = {}
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
+        if isinstance(m, AdapterLayer):
             for p in m.linear.parameters():
                 mapping[f"{name}.{p}"] = f"{name}.linear.{p}"
     return mapping

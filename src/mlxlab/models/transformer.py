@@ -1,10 +1,14 @@
-"""Decoder-only transformer language model (Llama-style by default: RMSNorm, SwiGLU, RoPE),
-with a KV cache and token-by-token sampling for generation."""
+"""Decoder-only transformer language model trained from scratch (the transformer_* presets;
+Llama-style by default: RMSNorm, SwiGLU, RoPE), with a KV cache (mlx-lm's interface, so
+mlx-lm's generate_step drives it) for generation.
+
+Pretrained folders load through mlx-lm's own model code instead (models/mlx_lm_decoder.py);
+this one stays for the presets because it is faster on them (docs/architecture.md).
+"""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import mlx.core as mx
@@ -12,8 +16,6 @@ import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
 from mlxlab.models.base import Model
-from mlxlab.models.hf import check_vocab, read_config
-from mlxlab.models.hf_llama import decoder_kwargs, load_hf_decoder_weights
 from mlxlab.models.layers import (
     Attention,
     Dropout,
@@ -29,14 +31,12 @@ from mlxlab.models.layers import (
 from mlxlab.models.lora import maybe_apply_lora
 from mlxlab.models.rope import make_rope
 
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class DecoderArgs:
-    """A Transformer's sizes and choices resolved (a pretrained config.json applied, head_dim
-    filled in): what its layers are built from, as mlx-lm's ModelArgs. The Transformer's own
-    arguments are the `model.*` keys; see resolve_decoder_args."""
+    """A Transformer's sizes and choices resolved (head_dim filled in): what its layers are
+    built from, as mlx-lm's ModelArgs. The Transformer's own arguments are the `model.*` keys;
+    see resolve_decoder_args."""
 
     vocab_size: int
     dim: int
@@ -84,11 +84,6 @@ class Transformer(Model):
 
     With `cache` (from make_cache()) the new positions continue after what the cache holds;
     an `attention_mask`, if given, then covers all positions so far: (B, cached + T).
-
-    `pretrained` is a local Hugging Face or mlx-lm folder of a Llama-family decoder (llama,
-    mistral, qwen2): its config.json sets every size (overriding the ones given) and its weights
-    are loaded. `hf_config` is that config.json without the weights: a finished run is rebuilt
-    from it (see `checkpoint_init`) and export writes it back.
     """
 
     def __init__(
@@ -114,20 +109,15 @@ class Transformer(Model):
         qkv_bias: bool = False,
         out_bias: bool = False,
         mlp_bias: bool = False,
-        pretrained: str | None = None,
-        hf_config: Mapping | None = None,
     ):
         super().__init__()
-        if pretrained:
-            hf_config = read_config(pretrained)
-        self._hf_config = dict(hf_config) if hf_config else None  # "_": not a parameter
         a = resolve_decoder_args(dict(
             vocab_size=vocab_size, dim=dim, num_layers=num_layers, num_heads=num_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, mlp_dim=mlp_dim,
             max_seq_len=max_seq_len, norm=norm, norm_eps=norm_eps, mlp=mlp, positions=positions,
             rope_theta=rope_theta, rope_scaling=rope_scaling, tie_embeddings=tie_embeddings,
             qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=mlp_bias, dropout=dropout,
-        ), hf_config, pretrained)
+        ))
         self.vocab_size, self.max_seq_len = a.vocab_size, a.max_seq_len
         self.tie_embeddings = a.tie_embeddings
         self.build_layers(a)
@@ -137,9 +127,6 @@ class Transformer(Model):
             mlp_dim=int(self.layers[0].mlp.up.weight.shape[0]),
             rope_scaling=dict(a.rope_scaling) if a.rope_scaling else None,
         )
-        if pretrained:
-            report = load_hf_decoder_weights(self, pretrained)
-            log.info("loaded %d tensors from %s", len(report["loaded"]), pretrained)
         maybe_apply_lora(self, lora)
 
     def build_layers(self, a: DecoderArgs) -> None:
@@ -160,16 +147,8 @@ class Transformer(Model):
         res = 0.02 / (2 * a.num_layers) ** 0.5
         init_normal_(self, 0.02, {"attention.out": res, "mlp.down": res})
 
-    @property
-    def checkpoint_init(self) -> dict:
-        """Constructor arguments a checkpoint must keep besides the config to rebuild this model
-        without the pretrained folder (the trainer saves them in state.json's model_init)."""
-        return {"hf_config": dict(self._hf_config)} if self._hf_config else {}
-
-    @property
-    def hf_config(self) -> dict | None:
-        """The config.json of the pretrained checkpoint this model started from, if any."""
-        return dict(self._hf_config) if self._hf_config else None
+    def blocks(self) -> list:
+        return list(self.layers)
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
@@ -211,18 +190,9 @@ class Transformer(Model):
 
 
 
-def resolve_decoder_args(a: dict, hf_config: Mapping | None, source: str | None) -> DecoderArgs:
-    """A Transformer's constructor arguments resolved: a pretrained config.json (`hf_config`,
-    from the folder `source`) sets every size, then the sizes are checked and head_dim filled."""
+def resolve_decoder_args(a: dict) -> DecoderArgs:
+    """A Transformer's constructor arguments resolved: the sizes checked and head_dim filled."""
     a = dict(a)
-    if hf_config:
-        hf = decoder_kwargs(hf_config)
-        check_vocab(a["vocab_size"], hf["vocab_size"], source or "the checkpoint")
-        for key in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                    "mlp_dim", "max_seq_len", "norm_eps", "norm", "mlp", "positions",
-                    "rope_theta", "rope_scaling", "tie_embeddings", "qkv_bias", "out_bias",
-                    "mlp_bias"):
-            a[key] = hf[key]
     check_positive(**{k: a[k] for k in ("vocab_size", "dim", "num_layers", "num_heads",
                                         "max_seq_len")})
     check_dropout(a["dropout"])
@@ -237,55 +207,3 @@ def resolve_decoder_args(a: dict, hf_config: Mapping | None, source: str | None)
     if a["positions"] == "rope" and a["head_dim"] % 2:
         raise ConfigError(f"rope needs an even head size, got {a['head_dim']}")
     return DecoderArgs(**a)
-
-
-def sample_token(
-    logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, key=None
-) -> mx.array:
-    """(B, V) logits -> (B,) token ids. temperature 0 = greedy; top_k 0 / top_p 1 = off."""
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ConfigError(
-            f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}"
-        )
-    if temperature == 0:
-        return mx.argmax(logits, axis=-1)
-    logits = logits.astype(mx.float32) / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = mx.topk(logits, top_k, axis=-1).min(axis=-1, keepdims=True)
-        logits = mx.where(logits < kth, -mx.inf, logits)
-    if top_p < 1:
-        # keep the smallest set of most likely tokens whose mass reaches top_p
-        order = mx.argsort(-logits, axis=-1)
-        sorted_logits = mx.take_along_axis(logits, order, axis=-1)
-        probs = mx.softmax(sorted_logits, axis=-1)
-        mass_before = mx.cumsum(probs, axis=-1) - probs
-        sorted_logits = mx.where(mass_before >= top_p, -mx.inf, sorted_logits)
-        logits = mx.put_along_axis(logits, order, sorted_logits, axis=-1)
-    return mx.random.categorical(logits, key=key)
-
-
-def generate_step(
-    model: Transformer,
-    prompt_ids: Sequence[int] | mx.array,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
-) -> Iterator[int]:
-    """Yield sampled token ids one at a time, reusing the KV cache; the same seed gives the
-    same tokens. Stops when the context (model.max_seq_len) is full; the caller stops earlier
-    (max tokens, end-of-text). Puts the model in eval mode (no dropout)."""
-    tokens = mx.array(prompt_ids, dtype=mx.int32).reshape(1, -1)
-    if tokens.size == 0:
-        raise ConfigError("prompt_ids is empty; start from at least one token (e.g. BOS/EOS)")
-    model.eval()
-    cache = model.make_cache()
-    key = mx.random.key(seed)
-    logits = model(tokens, cache=cache)[:, -1]
-    while True:
-        key, sub = mx.random.split(key)
-        token = sample_token(logits, temperature, top_k, top_p, key=sub)
-        yield token.item()
-        if cache[0].offset >= model.max_seq_len:
-            return
-        logits = model(token[:, None].astype(mx.int32), cache=cache)[:, -1]

@@ -1,5 +1,6 @@
-"""A language-model run's continuation of a prompt: token ids sampled as the training stream
-laid documents out (after BOS, ending before end-of-text), decoded as whole text pieces."""
+"""A language-model run's continuation of a prompt: token ids sampled (mlx-lm's generation, with
+its KV cache: models/generation.py) as the training stream laid documents out (after BOS,
+ending before end-of-text), decoded as whole text pieces."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def sample_ids(
     The prompt starts as every document does in the training stream: after the tokenizer's BOS
     (a pretrained Llama's), else after the end-of-text token (ours).
     """
-    from mlxlab.models.transformer import generate_step
+    from mlxlab.models.generation import generate_tokens
 
     require_task(run, "lm", "generating text")
     if max_tokens < 0:
@@ -41,7 +42,7 @@ def sample_ids(
         )
     if max_tokens == 0:
         return
-    for n, token in enumerate(generate_step(model, prompt_ids, temperature, top_k, top_p, seed), 1):
+    for n, token in enumerate(generate_tokens(model, prompt_ids, temperature, top_k, top_p, seed), 1):
         if token == eot:
             return
         yield token

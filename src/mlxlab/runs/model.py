@@ -89,7 +89,7 @@ def load_teachers(
 ) -> tuple[list[nn.Module], list[float]]:
     """Teachers for distillation: each spec is {run: <folder>, weight: float}, the folder a
     finished mlxlab run (or one of its checkpoints) or a Hugging Face / mlx-lm model folder (a
-    BertForSequenceClassification, or a Llama-family decoder).
+    BertForSequenceClassification, or any decoder mlx-lm loads).
 
     A teacher must predict over the same outputs as the student: the same label set for
     classifiers, the same token ids for language models (train.py points the student's data at
@@ -140,8 +140,8 @@ def pretrained_teacher(folder: Path, vocab_size: int, num_labels: int | None,
     are cut from its logits). Anything else: one line naming the mismatch."""
     from mlxlab.models.bert import BertClassifier
     from mlxlab.models.hf import read_config
+    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.models.remapped import FirstLogits
-    from mlxlab.models.transformer import Transformer
 
     config = read_config(folder)
     kind = config.get("model_type")
@@ -165,7 +165,7 @@ def pretrained_teacher(folder: Path, vocab_size: int, num_labels: int | None,
         if num_labels is not None:
             raise ConfigError(f"teacher {folder} is a {kind} decoder but the student is a "
                               "classifier: give a BERT classifier folder or a finished run")
-        model = Transformer(vocab_size=vocab_size, pretrained=str(folder))
+        model = MLXLMDecoder(vocab_size=vocab_size, pretrained=str(folder))
         if model.vocab_size != vocab_size:  # check_vocab refused a smaller table already
             model = FirstLogits(model, vocab_size)
     model.eval()

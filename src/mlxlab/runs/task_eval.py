@@ -53,7 +53,7 @@ def load_eval_model(path: str | Path, which: str = "best", chat: str = "auto") -
         raise MissingFileError(f"{path} does not exist: give a Hugging Face or mlx-lm model "
                                "folder, an `mlxlab export` folder or a finished run folder")
     if is_pretrained_folder(path):
-        from mlxlab.models.transformer import Transformer
+        from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 
         if not (path / "tokenizer.json").is_file():
             raise ConfigError(f"{path} has no tokenizer.json: scoring needs the model's fast "
@@ -61,7 +61,7 @@ def load_eval_model(path: str | Path, which: str = "best", chat: str = "auto") -
         if (path / "adapters").is_dir():
             raise ConfigError(f"{path} holds a base model and LoRA adapters (mlxlab export "
                               "--adapters): score the run itself, or an export with --fuse-lora")
-        model = Transformer(vocab_size=1, pretrained=str(path))
+        model = MLXLMDecoder(vocab_size=1, pretrained=str(path))
         model.eval()
         kind = "export" if (path / "export_report.json").is_file() else "pretrained"
         return EvalModel(model, Tokenizer.from_file(str(path / "tokenizer.json")), path, kind,

@@ -238,13 +238,13 @@ def embedding_statistics(model: nn.Module, max_rows: int = 4096) -> dict[str, fl
 
 def sample_text(model: Model, probe: dict, tokenizer, max_tokens: int) -> str | None:
     """Greedy continuation of the probe's first 8 tokens (seeded, so steps compare)."""
-    from mlxlab.models.transformer import generate_step
+    from mlxlab.models.generation import generate_tokens
 
     if tokenizer is None or model.make_cache() is None:  # (models/base.py: None = no decoder)
         return None
     prompt = np.array(probe["input_ids"][0, :8]).tolist()
     out: list[int] = []
-    for token in generate_step(model, prompt, temperature=0.0):
+    for token in generate_tokens(model, prompt, temperature=0.0):
         out.append(token)
         if len(out) >= max_tokens:
             break

@@ -33,6 +33,7 @@ from mlxlab.checkpoint import CheckpointManager, is_better, load_checkpoint
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.models.base import Model
+from mlxlab.models.grad_checkpoint import checkpoint_blocks
 from mlxlab.runtime import distributed, failures, memory
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import Tracker
@@ -109,6 +110,9 @@ class Fit:
         try:
             # --- what this run trains with ---------------------------------------------------
             kernels.set_mode(settings.fused_kernels)  # process-wide: the ops the step traces
+            if settings.grad_checkpoint:  # before the memory fit measures a step
+                log.info("gradient checkpointing: %d blocks recompute their activations in "
+                         "the backward", checkpoint_blocks(model))
             if settings.flush_denormals and mx.default_device() == mx.cpu:
                 # x86 runs arithmetic on denormal floats ~100x slower (kernels/denormals.py)
                 was_flushing = kernels.flush_denormals(True)

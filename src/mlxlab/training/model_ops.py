@@ -117,9 +117,9 @@ def set_dropout(model: nn.Module, p: float) -> None:
 
 
 def unfreeze_lora_base(model: nn.Module) -> None:
-    from mlxlab.models.lora import LoRALinear
+    from mlxlab.models.lora import AdapterLayer
 
-    wrapped = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+    wrapped = [m for _, m in model.named_modules() if isinstance(m, AdapterLayer)]
     if not wrapped:
         raise ValueError("unfreeze_lora_base: the model has no LoRA layers (model.lora.rank=0)")
     for m in wrapped:

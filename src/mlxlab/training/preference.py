@@ -35,7 +35,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlxlab.data.batching import Batching
 from mlxlab.data.preference import SIDES, PreferencePairs
 from mlxlab.errors import ConfigError
-from mlxlab.models.lora import LoRALinear, adapters_off
+from mlxlab.models.lora import adapters_off, has_adapters
 from mlxlab.training import losses
 from mlxlab.training.preference_losses import NEEDS_REFERENCE, PairLogps, pair_loss
 from mlxlab.training.settings import PreferenceConfig
@@ -64,10 +64,6 @@ def sequence_logps(model: nn.Module, batch: Batch) -> tuple[PairLogps, mx.array]
     b = batch["index"].shape[0]
     nll = ce[:b].sum() / mx.maximum(counts[:b].sum(), 1.0)
     return PairLogps(sums[:b], sums[b:], counts[:b], counts[b:]), nll
-
-
-def has_adapters(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
 def reference_model(

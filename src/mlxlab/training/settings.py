@@ -132,6 +132,7 @@ class TrainerSettings:
     batching: BatchingSettings = field(default_factory=BatchingSettings)  # dynamic batches
     precision: str = "auto"           # auto (fp32 on CPU, bf16 where faster) | fp32 | bf16 | fp16
     compile: bool = True              # mx.compile the step
+    grad_checkpoint: bool = False     # recompute each decoder block's activations in the backward
     memory_budget_mb: float | None = None  # halve the batch (doubling grad_accum) until a step fits
     quantize_bits: int | None = None  # 2-8: quantize the best checkpoint, log its metrics too
     fused_kernels: str | bool = "auto"  # auto | on | off: the fused CPU kernels (kernels/)
@@ -159,6 +160,7 @@ class TrainerSettings:
         check_choice("trainer.quantize_bits", self.quantize_bits, QUANTIZE_BITS)
         check_choice("trainer.requeue", self.requeue, (None, True, False))
         check_choice("trainer.flush_denormals", self.flush_denormals, (True, False))
+        check_choice("trainer.grad_checkpoint", self.grad_checkpoint, (True, False))
         if str(self.fused_kernels).lower() not in (*kernels.MODES, "true", "false"):
             raise ConfigError(f"trainer.fused_kernels={self.fused_kernels!r}: expected auto, on "
                               "or off")

@@ -1,0 +1,263 @@
+"""A pretrained decoder through mlx-lm's model code: any local folder whose config.json
+`model_type` the installed mlx-lm loads (Llama, Mistral, Qwen2/3, Gemma 3, Phi-3, OLMo 2,
+Granite, their MoE variants, ...), float or quantized as `mlx_lm.convert -q` writes it.
+
+`MLXLMDecoder` is the thin adapter between mlx-lm's model and mlxlab: `model(input_ids,
+attention_mask=None, cache=None) -> logits`, `make_cache()` (mlx-lm's prompt cache),
+`hf_config`, `checkpoint_init`, `max_seq_len` and `architecture`. Nothing else in mlxlab knows
+which architecture it holds. The mlx-lm model sits under `lm`, so its parameter names are
+mlx-lm's (and so the Hugging Face ones, for most types) behind an `lm.` prefix.
+
+`prepare_for_training` is the one place a loaded decoder is made ready to train: quantized at
+load (model.quantize), then LoRA / DoRA adapters (float, on a float or quantized base) or full
+fine-tuning (rank 0, float bases only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.base import Model
+from mlxlab.models.hf import check_vocab, read_config
+from mlxlab.models.lora import maybe_apply_lora
+from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_BITS = (None, 4, 8)  # model.quantize
+GROUP_SIZE = 64  # mlx_lm.convert's default q_group_size
+# mlxlab's projection names (conf/lora: targets) -> the module names mlx-lm's architectures use
+# for them; a target that is already a module name (q_proj, gate_proj, ...) is taken as is.
+TARGET_ALIASES = {
+    "query": ("q_proj", "qkv_proj", "query_key_value", "Wqkv"),
+    "key": ("k_proj", "qkv_proj", "query_key_value", "Wqkv"),
+    "value": ("v_proj", "qkv_proj", "query_key_value", "Wqkv"),
+    "out": ("o_proj", "attention.dense", "out_proj"),
+}
+
+
+def mlx_lm_version() -> str:
+    import mlx_lm
+
+    return mlx_lm.__version__
+
+
+def model_classes(config: Mapping, source: str | Path) -> tuple[type, type]:
+    """mlx-lm's (Model, ModelArgs) classes for a config.json; a model type this mlx-lm does not
+    have is one line naming it and the installed version."""
+    from mlx_lm.utils import _get_classes
+
+    if config.get("model_file"):
+        raise ConfigError(f"{source}/config.json asks to run custom model code ({config['model_file']}"
+                          "); mlxlab loads only mlx-lm's own architectures")
+    try:
+        return _get_classes(dict(config))
+    except (ValueError, KeyError):
+        raise ConfigError(
+            f"{source}: model_type={config.get('model_type')!r} is not an architecture mlx-lm "
+            f"{mlx_lm_version()} loads; give a folder of a type it supports (or a newer mlx-lm)"
+        ) from None
+
+
+def load_folder(path: str | Path) -> tuple[nn.Module, dict]:
+    """mlx-lm's model and config from a local folder, through mlx-lm's own loading (its weight
+    names, sanitize and quantized layers); never a hub download."""
+    from mlx_lm.utils import load_model
+
+    path = Path(path).expanduser()
+    model_classes(read_config(path), path)  # the model type first: one line if unknown
+    try:
+        return load_model(path, strict=True)
+    except FileNotFoundError:
+        raise MissingFileError(f"no model*.safetensors weights in {path}; a Hugging Face or "
+                               "mlx-lm model folder has them") from None
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"{path}: mlx-lm {mlx_lm_version()} cannot load these weights "
+                          f"({first[:200]})") from None
+
+
+def build_from_config(config: Mapping, quantized_layers: Mapping | None,
+                      weight_names: list[str] | None) -> nn.Module:
+    """The same mlx-lm model without its folder (a checkpoint rebuilds it): the architecture from
+    config.json, shaped by mlx-lm's `sanitize` as the folder's weights shaped it (Gemma 3 drops
+    its lm_head when the folder has none: the names say so), the layers that were quantized
+    quantized again as they were; the weights come from the checkpoint."""
+    model_class, args_class = model_classes(config, "the checkpoint's config")
+    model = model_class(args_class.from_dict(dict(config)))
+    if weight_names and hasattr(model, "sanitize"):
+        model.sanitize({name: mx.zeros((1,)) for name in weight_names})
+    if quantized_layers:
+        nn.quantize(model, class_predicate=lambda p, _: dict(quantized_layers[p])
+                    if p in quantized_layers else False)
+    return model
+
+
+def quantize_as_convert(module: nn.Module, config: Mapping, bits: int,
+                        group_size: int = GROUP_SIZE) -> dict:
+    """Quantize `module` (an mlx-lm model) in place with mlx-lm's own quantize_model, what
+    `mlx_lm.convert -q` runs (every Linear / Embedding whose input size is a multiple of
+    group_size, per the architecture's quant_predicate); returns `config` with its
+    "quantization" entry."""
+    from mlx_lm.utils import quantize_model
+
+    with contextlib.redirect_stdout(io.StringIO()):  # its "[INFO] Quantized" print
+        _, config = quantize_model(module, dict(config), group_size, bits)
+    return config
+
+
+def quantized_layer_specs(model: nn.Module) -> dict[str, dict]:
+    """{module path: {group_size, bits, mode}} of every quantized layer."""
+    return {name: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+            for name, m in model.named_modules() if "scales" in m}
+
+
+def lora_targets(lora: Mapping | None) -> Mapping | None:
+    """The lora node with mlxlab's projection names also spelled as mlx-lm's modules name them."""
+    if not lora or not lora.get("targets"):
+        return lora
+    targets = []
+    for t in lora["targets"]:
+        targets += [t, *TARGET_ALIASES.get(t, ())]
+    return {**lora, "targets": list(dict.fromkeys(targets))}
+
+
+class MLXLMDecoder(Model):
+    """`model(input_ids, attention_mask=None, cache=None) -> (B, T, vocab_size)` logits of an
+    mlx-lm model loaded from `pretrained` (a local folder), or rebuilt from `hf_config` (+
+    `quantized_layers`) when a checkpoint supplies the weights (checkpoint_init).
+
+    `attention_mask` is accepted for the common call and not needed: mlxlab's decoder batches
+    are right-padded, so with causal attention no real position sees the padding after it.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_labels: int | None = None,  # accepted for the common constructor; unused
+        pretrained: str | None = None,
+        lora: Mapping | None = None,
+        quantize: int | None = None,
+        dropout: float = 0.0,
+        hf_config: Mapping | None = None,
+        quantized_layers: Mapping | None = None,
+        weight_names: list[str] | None = None,
+    ):
+        super().__init__()
+        if dropout:
+            raise ConfigError(f"model.dropout={dropout}: mlx-lm's decoders have no dropout; "
+                              "leave it at 0")
+        if pretrained:
+            lm, config = load_folder(pretrained)
+        elif hf_config:
+            lm = build_from_config(hf_config, quantized_layers, weight_names)
+            config = dict(hf_config)
+        else:
+            raise ConfigError("model.pretrained=??? : point it at a local model folder "
+                              "(config.json, *.safetensors, tokenizer.json)")
+        self.lm = lm
+        self._hf_config = dict(config)
+        self.vocab_size = int(config.get("vocab_size")
+                              or (config.get("text_config") or {}).get("vocab_size"))
+        check_vocab(vocab_size, self.vocab_size, pretrained or "the checkpoint")
+        self.max_seq_len = int(config.get("max_position_embeddings")
+                               or config.get("max_sequence_length") or 4096)
+        self._architecture = {
+            "model_type": config.get("model_type"), "vocab_size": self.vocab_size,
+            "num_layers": len(lm.layers), "hidden_size": config.get("hidden_size"),
+            "max_seq_len": self.max_seq_len}
+        self._quantized_layers = dict(quantized_layers or {})
+        # mlx-lm's names of the folder's weights: what its sanitize saw (build_from_config)
+        self._weight_names = sorted(n for n, _ in tree_flatten(lm.parameters()))
+        prepare_for_training(self, quantize=quantize, lora=lora, rebuilt=not pretrained)
+
+    @property
+    def layers(self) -> list:
+        """The decoder blocks (mlx-lm's `model.layers`; export counts them)."""
+        return self.lm.layers
+
+    def blocks(self) -> list:
+        return list(self.lm.layers)
+
+    @property
+    def checkpoint_init(self) -> dict[str, Any]:
+        return {"hf_config": dict(self._hf_config),
+                "quantized_layers": dict(self._quantized_layers),
+                "weight_names": list(self._weight_names)}
+
+    @property
+    def hf_config(self) -> dict[str, Any]:
+        return dict(self._hf_config)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self._quantized_layers)
+
+    def quantized_bits(self) -> str:
+        """The bit widths of the quantized layers, e.g. "4" (mixed: "4/8")."""
+        return "/".join(str(b) for b in sorted({s["bits"] for s in self._quantized_layers.values()}))
+
+    def make_cache(self) -> list:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.lm)
+
+    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
+                 cache: list | None = None) -> mx.array:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
+        return self.lm(input_ids, cache=cache)
+
+
+def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mapping | None,
+                         rebuilt: bool = False) -> None:
+    """Everything that makes a loaded decoder ready to train, in one place: quantization at load
+    (model.quantize; a quantized folder stays quantized), then LoRA / DoRA adapters in float32
+    on the (possibly quantized) base, or full fine-tuning (rank 0) of a float base. Logs what is
+    trained, in which precision, and the trainable / total parameter counts."""
+    from mlxlab.models import num_parameters
+
+    if quantize not in QUANTIZE_BITS:
+        raise ConfigError(f"model.quantize={quantize}: use 4, 8 or null")
+    if not rebuilt:
+        if quantize and quantized_layer_specs(model.lm):
+            raise ConfigError("model.quantize is set but the folder is already quantized: "
+                              "leave model.quantize=null to train it as it is")
+        if quantize:
+            model._hf_config = quantize_as_convert(model.lm, model._hf_config, int(quantize))
+        model._quantized_layers = quantized_layer_specs(model.lm)
+    rank = int((lora or {}).get("rank", 0))
+    if model.quantized and lora is not None and rank == 0:  # (None: not trained here)
+        raise ConfigError("full fine-tuning (model.lora.rank=0) needs a float base and this one "
+                          "is quantized: train LoRA adapters (model.lora.rank=8) or give a float "
+                          "folder")
+    maybe_apply_lora(model, lora_targets(lora))
+    # On the CPU, quantized layers (under their adapters too) multiply through the fused
+    # dequantize + float GEMM: MLX's own quantized matmul runs ~30x slower there.
+    fast = use_fast_cpu_quantized(model.lm) if model.quantized else 0
+    if fast:
+        log.debug("%d quantized layers multiply through the CPU's fused dequantize + GEMM", fast)
+    if rebuilt or lora is None:  # a checkpoint's rebuild, a teacher or a model to score
+        return
+    base = f"{model.quantized_bits()}-bit quantized" if model.quantized else str(_float_dtype(model))
+    what = (f"{lora.get('kind', 'lora')} adapters (rank {rank}, float32) on the frozen {base} "
+            "base" if rank else f"every parameter ({base}, full fine-tuning)")
+    log.info("%s decoder: trains %s; %s trainable / %s total parameters",
+             model.architecture["model_type"], what,
+             f"{num_parameters(model, trainable_only=True):,}", f"{num_parameters(model):,}")
+
+
+def _float_dtype(model: MLXLMDecoder) -> str:
+    dtypes = {v.dtype for _, v in tree_flatten(model.lm.parameters()) if mx.issubdtype(
+        v.dtype, mx.floating)}
+    return str(max(dtypes, key=lambda d: d.size) if dtypes else mx.float32).rsplit(".", 1)[-1]
