@@ -9,7 +9,7 @@
 `layer`: one 1536x4096 Linear (out x in), 128 rows, in one process, the variants interleaved:
 GFLOP/s of the forward and of forward + backward in x (LoRA's: the base is frozen) for the float
 GEMM, MLX's quantized matmul (nn.QuantizedLinear), mx.dequantize + the float GEMM, and mlxlab's
-fused product (use_fast_cpu_quantized), 4 and 8 bits, group 64.
+fused product (use_fast_cpu_quantized), 4 and 8 bits, group 64; the best of `--rounds`.
 
 Models: random decoders built locally with transformers (never downloaded), weights N(0, 0.02),
 float32, a ChatML tokenizer of 512 tokens (scripts/tiny_hf_model.py), and their 4-bit folders
@@ -169,27 +169,31 @@ def layer_table(rounds: int) -> None:
             linear, 64, bits)
         use_fast_cpu_quantized(fast)
     flop = 2 * rows * inp * out
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    times: dict[str, list[tuple[tuple[float, float], tuple[float, float]]]] = {
+        name: [] for name in variants}
 
-    def seconds(fn) -> float:
+    def seconds(fn) -> tuple[float, float]:
+        """(wall, CPU) seconds of one call: CPU time (all of this process's threads) is what the
+        call cost, the steadier figure when other processes share the cores."""
         mx.eval(fn())
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         mx.eval(fn())
-        return time.perf_counter() - start
+        return time.perf_counter() - wall, time.process_time() - cpu
 
     for _ in range(rounds):
         for name, layer in variants.items():
             grad = mx.grad(lambda x, layer=layer: (layer(x) * g).sum())
             times[name].append((seconds(lambda layer=layer: layer(x)),
                                 seconds(lambda grad=grad: grad(x))))
-    print(f"\n{cpu_model()}, {os.cpu_count()} cores; {out}x{inp} weight, {rows} rows; median of "
-          f"{rounds} interleaved rounds\n")
-    print("| product | forward GFLOP/s | forward + backward in x GFLOP/s |")
-    print("|---|---|---|")
+    print(f"\n{cpu_model()}, {os.cpu_count()} cores; {out}x{inp} weight, {rows} rows; the best of "
+          f"{rounds} interleaved rounds (the least disturbed by other load)\n")
+    print("| product | forward GFLOP/s | forward + backward in x GFLOP/s | the same per CPU-second |")
+    print("|---|---|---|---|")
     for name, runs in times.items():
-        fwd = statistics.median(t[0] for t in runs)
-        both = statistics.median(t[1] for t in runs)
-        print(f"| {name} | {flop / fwd / 1e9:.1f} | {2 * flop / both / 1e9:.1f} |")
+        fwd, both = (min(t[0][0] for t in runs), min(t[0][1] for t in runs)), (
+            min(t[1][0] for t in runs), min(t[1][1] for t in runs))
+        print(f"| {name} | {flop / fwd[0] / 1e9:.1f} | {2 * flop / both[0] / 1e9:.1f} | "
+              f"{flop / fwd[1] / 1e9:.1f} / {2 * flop / both[1] / 1e9:.1f} |")
 
 
 def main() -> None:
@@ -197,6 +201,7 @@ def main() -> None:
     p.add_argument("what", choices=("speed", "memory", "layer"))
     p.add_argument("--archs", default=",".join(ARCHS))
     p.add_argument("--tools", default="mlx-lm,mlx-lm+fast,mlxlab")
+    p.add_argument("--precisions", default="float,4-bit")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--skip", type=int, default=2, help="first steps left out (compiling)")
     p.add_argument("--rounds", type=int, default=None)
@@ -218,6 +223,8 @@ def main() -> None:
     for arch in archs:
         folder = save_decoder(arch, Path(args.work) / f"{arch}-{args.what}", shape)
         for precision, model in (("float", folder), ("4-bit", quantized_folder(folder))):
+            if precision not in args.precisions.split(","):
+                continue
             for tool in tools:
                 if tool == "mlx-lm+fast" and precision == "float":
                     continue  # nothing to switch: the float run is mlx-lm's
