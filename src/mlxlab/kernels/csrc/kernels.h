@@ -296,9 +296,9 @@ class LayerNormGrad : public CpuPrimitive {
 #undef MLXLAB_PRIMITIVE_BODY
 #undef MLXLAB_VJP
 
-// Inputs: w, scales, biases -> the float32 weight. Never equivalent to another: the training
-// step dequantizes each weight once in the forward and again in the backward so that no float
-// copy lives between them; mx.compile would merge equivalent nodes into one kept alive.
+// Inputs: w, scales, biases -> the float32 weight. Never equivalent to another: each use is meant
+// as a short-lived temporary, and mx.compile would merge two uses of one weight (one in the
+// forward, one in the backward) into a single float copy kept alive between them.
 class Dequantize : public CpuPrimitive {
  public:
   Dequantize(mx::Stream stream, int group_size, int bits)

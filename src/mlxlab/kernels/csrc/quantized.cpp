@@ -70,9 +70,11 @@ using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, c
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 std::atomic<Sgemm> g_sgemm{nullptr};
 
-// Rows of the weight dequantized per GEMM call: a block of at most kScratchBytes (whole layers
-// up to 4096 x 1024 in one call), a multiple of 16 rows.
-constexpr int64_t kScratchBytes = 16 << 20;
+// Rows of the weight dequantized per GEMM call: a block of at most kScratchBytes, a multiple of
+// 16 rows (64 rows of a 4096-wide layer). Small, so that a step's peak memory is the packed
+// model's plus ~1 MB (a 16 MB block measured 13 MB above mlx_lm.lora's peak on a 302M model,
+// docs/benchmarks.md), and the block stays in cache between its dequantize and its GEMM.
+constexpr int64_t kScratchBytes = 1 << 20;
 
 int64_t block_rows(int64_t rows, int64_t cols) {
   int64_t block = std::max<int64_t>(16, kScratchBytes / (cols * 4) / 16 * 16);
