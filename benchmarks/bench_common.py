@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,3 +99,16 @@ def write_between_markers(path: Path, marker: str, body: str, title: str) -> Non
         text += ("\n" if text and not text.endswith("\n\n") else "") + f"{title}\n\n{section}"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def run_with_peak_rss(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float]:
+    """subprocess.run(cmd, capture_output=True, text=True, **kwargs) and the child's peak
+    resident memory in MB (its ru_maxrss from wait4: the child's own, not this process's)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **kwargs)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    return done, usage.ru_maxrss / 1024

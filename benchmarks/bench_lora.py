@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -41,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "scripts"))
-from bench_common import cpu_model  # noqa: E402
+from bench_common import cpu_model, run_with_peak_rss  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 512, 4, 8, 16.0, 2e-4
 MODEL = dict(hidden=512, layers=8, heads=4, kv_heads=2, chat="chatml")
@@ -49,7 +48,8 @@ TOOLS = ("mlxlab", "mlx-lm", "mlx-lm-openblas")
 MLX_LM_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 
 # Runs mlx-lm's own LoRA training (mlx_lm.lora.run, what its CLI calls) and writes each per-step
-# report as a json line. argv: args.json report.jsonl openblas(0|1).
+# report as a json line. argv: args.json report.jsonl
+# openblas(0|1) [fast_quantized(0|1): mlxlab's CPU quantized product on the loaded model, issue 54]
 MLX_LM_WORKER = """
 import json, sys, types
 if sys.argv[3] == "1":
@@ -70,6 +70,9 @@ args = types.SimpleNamespace(**args)
 # lora.run's body, with our callback (run builds its own from --report-to)
 lora.np.random.seed(args.seed)
 model, tokenizer = lora.load(args.model)
+if sys.argv[4:] == ["1"]:
+    from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
+    print("switched:", use_fast_cpu_quantized(model), flush=True)
 train_set, valid_set, _ = lora.load_dataset(args, tokenizer)
 lora.train_model(args, model, train_set, valid_set, Record())
 """
@@ -156,7 +159,7 @@ def run_mlxlab(model: Path, data: Path, kind: str, steps: int, out: Path) -> lis
         f"hydra.run.dir={out}",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env)
     if proc.returncode:
         raise RuntimeError(f"mlxlab failed:\n{proc.stderr[-3000:]}")
     rows: dict[int, dict] = {}
@@ -169,6 +172,7 @@ def run_mlxlab(model: Path, data: Path, kind: str, steps: int, out: Path) -> lis
             "tokens_per_sec": m["train/tokens_per_sec"],
             "peak_mb": m.get("memory/peak_mb", float("nan")),
             "loss": m["train/loss"],
+            "rss_mb": rss,
         }
         for s, m in sorted(rows.items())
         if "train/tokens_per_sec" in m
@@ -176,7 +180,8 @@ def run_mlxlab(model: Path, data: Path, kind: str, steps: int, out: Path) -> lis
 
 
 def run_mlx_lm(
-    model: Path, data: Path, kind: str, steps: int, out: Path, openblas: bool
+    model: Path, data: Path, kind: str, steps: int, out: Path, openblas: bool,
+    fast_quantized: bool = False,
 ) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     args = {
@@ -205,7 +210,7 @@ def run_mlx_lm(
     report = out / "report.jsonl"
     report.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run(
+    proc, rss = run_with_peak_rss(
         [
             sys.executable,
             "-c",
@@ -213,11 +218,10 @@ def run_mlx_lm(
             str(out / "args.json"),
             str(report),
             "1" if openblas else "0",
+            "1" if fast_quantized else "0",
         ],
         cwd=out,
         env=env,
-        capture_output=True,
-        text=True,
     )
     if proc.returncode:
         raise RuntimeError(f"mlx-lm failed:\n{proc.stderr[-3000:]}")
@@ -228,6 +232,8 @@ def run_mlx_lm(
             "tokens_per_sec": r["tokens_per_second"],
             "peak_mb": r["peak_memory"] * 1e9 / 2**20,
             "loss": r["train_loss"],
+            "seconds": 1 / r["iterations_per_second"],
+            "rss_mb": rss,
         }
         for r in rows
     ]

@@ -99,6 +99,22 @@ def isolated_tracking_uri(monkeypatch):
 
 
 @pytest.fixture
+def fused_kernels_on():
+    """The fused CPU kernels on for the test (a build failure fails, not skips, on a platform the
+    kernels support; elsewhere the test is skipped), the mode restored after."""
+    from mlxlab import kernels
+    from mlxlab.kernels import build
+
+    reason = build.unsupported_reason()
+    if reason:
+        pytest.skip(f"fused kernels not built here: {reason}")
+    before = kernels.mode()
+    kernels.set_mode("on")
+    yield
+    kernels.set_mode(before)
+
+
+@pytest.fixture
 def make_cfg(tmp_path: Path):
     def make(*overrides: str) -> DictConfig:
         return compose_cfg(tmp_path, overrides)

@@ -84,7 +84,9 @@ def test_sharded_checkpoint_loads(checkpoints, tmp_path):
 
 def test_mlx_lm_layout_and_quantized_checkpoint(checkpoints, tmp_path):
     """mlx_lm.convert's output loads: unquantized equal to the original, 4-bit kept packed and
-    exactly what mlx-lm itself computes."""
+    what mlx-lm itself computes (to float32 rounding: on the CPU the packed layers multiply
+    through mlxlab's fused dequantize + GEMM, models/quantized_cpu.py, summing in another
+    order than MLX's quantized matmul)."""
     import mlx_lm
     from mlx_lm.convert import convert
 
@@ -98,7 +100,8 @@ def test_mlx_lm_layout_and_quantized_checkpoint(checkpoints, tmp_path):
     assert isinstance(ours.lm.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
     assert ours.quantized and ours.quantized_bits() == "4"
     theirs, _ = mlx_lm.load(str(q4))
-    assert np.array_equal(mlx_logits(ours, IDS), np.array(theirs(mx.array(IDS))))
+    mine, mlx_lm_logits = mlx_logits(ours, IDS), np.array(theirs(mx.array(IDS)))
+    assert np.abs(mine - mlx_lm_logits).max() <= 1e-5 * np.abs(mlx_lm_logits).max()
     assert np.abs(mlx_logits(ours, IDS) - original).max() > 1e-3  # 4 bits did change the model
 
 

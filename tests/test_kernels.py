@@ -22,17 +22,8 @@ from mlxlab.runtime import cpu
 PYTHON = sys.executable
 
 
-@pytest.fixture(autouse=True)
-def fused_on():
-    """Every test here needs the built kernels (a build failure fails, not skips, on a platform
-    the kernels support) and leaves the mode as it found it."""
-    reason = build.unsupported_reason()
-    if reason:
-        pytest.skip(f"fused kernels not built here: {reason}")
-    before = kernels.mode()
-    kernels.set_mode("on")
-    yield
-    kernels.set_mode(before)
+# Every test here needs the built kernels and leaves their mode as it found it (conftest.py).
+pytestmark = pytest.mark.usefixtures("fused_kernels_on")
 
 
 def both_paths(fn, *args):

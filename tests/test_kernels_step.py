@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from mlxlab import kernels
-from test_kernels import both_paths, fused_on, graph_text  # noqa: F401  (fused_on: autouse)
+from test_kernels import both_paths, graph_text
+
+# Every test here needs the built kernels and leaves their mode as it found it (conftest.py).
+pytestmark = pytest.mark.usefixtures("fused_kernels_on")
 
 
 @pytest.mark.parametrize("shape, eps", [((1, 1), 1e-5), ((3, 17), 1e-6), ((2, 5, 257), 1e-5),

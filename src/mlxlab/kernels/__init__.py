@@ -1,7 +1,8 @@
 """Fused CPU kernels (C++ MLX primitives in csrc/) with the pure-MLX formulation as fallback.
 
 Models and losses call `cross_entropy`, `swiglu`, `gelu`, `attention`, `rms_norm`, `layer_norm`,
-`dropout`, `rope` and `split_heads`/`merge_heads` here, and the trainer's AdamW is `AdamW` (adamw.py); each call picks
+`dropout`, `rope`, `split_heads`/`merge_heads` and `dequantize` (a 4/8-bit weight for the float
+GEMM: models/quantized_cpu.py) here, and the trainer's AdamW is `AdamW` (adamw.py); each call picks
 the fused primitive or the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run scalar on one
 thread, so the vocabulary softmax, the attention softmax and the SiLU of a small transformer cost
 several times PyTorch's, its erf (the exact GELU) is a scalar libm call that took more than half
@@ -51,19 +52,21 @@ from mlxlab.kernels.dispatch import (
 from mlxlab.kernels.ops import (
     attention,
     cross_entropy,
+    dequantize,
     dropout,
     gelu,
     layer_norm,
     merge_heads,
     mlx_cross_entropy,
+    quantized_product,
     rms_norm,
     rope,
     split_heads,
     swiglu,
 )
 
-__all__ = ["MODES", "OPS", "AdamW", "attention", "cross_entropy", "dropout", "extension",
+__all__ = ["MODES", "OPS", "AdamW", "attention", "cross_entropy", "dequantize", "dropout", "extension",
            "flush_denormals", "gelu",
-           "isa_level", "layer_norm", "merge_heads", "mlx_cross_entropy", "mode", "rms_norm", "rope",
+           "isa_level", "layer_norm", "merge_heads", "mlx_cross_entropy", "mode", "quantized_product", "rms_norm", "rope",
            "set_mode", "set_skip", "set_threads", "skipped", "split_heads", "status", "swiglu",
            "threads"]

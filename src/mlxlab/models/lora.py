@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.quantized_cpu import CpuQuantizedLinear
 
 LORA_KEYS = {"rank", "alpha", "dropout", "targets", "extra_trainable", "kind"}
 
@@ -95,7 +96,14 @@ def _dora_class() -> type:
         from mlx_lm.tuner.dora import DoRALinear as MLXDoRA
 
         def __call__(self, x: mx.array) -> mx.array:
-            return MLXDoRA.__call__(self, x) if self.adapter_on else self.linear(x)
+            if not self.adapter_on:
+                return self.linear(x)
+            if isinstance(self.linear, CpuQuantizedLinear) and mx.default_device() == mx.cpu:
+                # mlx-lm's forward on the CPU's fused quantized product (models/quantized_dora)
+                from mlxlab.models.quantized_dora import quantized_dora
+
+                return quantized_dora(self, x)
+            return MLXDoRA.__call__(self, x)
 
         DoRALinear = type("DoRALinear", (AdapterLayer, MLXDoRA), {"__call__": __call__})
     return DoRALinear

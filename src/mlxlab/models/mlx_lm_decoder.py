@@ -30,6 +30,7 @@ from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.base import Model
 from mlxlab.models.hf import check_vocab, read_config
 from mlxlab.models.lora import maybe_apply_lora
+from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,11 @@ def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mappin
                           "is quantized: train LoRA adapters (model.lora.rank=8) or give a float "
                           "folder")
     maybe_apply_lora(model, lora_targets(lora))
+    # On the CPU, quantized layers (under their adapters too) multiply through the fused
+    # dequantize + float GEMM: MLX's own quantized matmul runs ~30x slower there.
+    fast = use_fast_cpu_quantized(model.lm) if model.quantized else 0
+    if fast:
+        log.debug("%d quantized layers multiply through the CPU's fused dequantize + GEMM", fast)
     if rebuilt or lora is None:  # a checkpoint's rebuild, a teacher or a model to score
         return
     base = f"{model.quantized_bits()}-bit quantized" if model.quantized else str(_float_dtype(model))

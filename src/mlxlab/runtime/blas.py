@@ -256,6 +256,23 @@ def calls_into(path: str, symbol: str) -> str | None:
     return None if slot is None else _mapped_file(ctypes.c_void_p.from_address(slot).value or 0)
 
 
+_sgemm_slot: list[int | None] = []  # libmlx's cblas_sgemm GOT slot, found once
+
+
+def mlx_sgemm() -> int | None:
+    """The address of the cblas_sgemm MLX's own matmul calls now (OpenBLAS's once setup_blas
+    rebound libmlx, else MLX's bundled BLAS), read from libmlx's GOT slot; None where libmlx is
+    not loaded as an ELF library that calls it (macOS, a CUDA build). The fused quantized
+    product (kernels.quantized_matmul) calls the same function, so both run one GEMM."""
+    if not _sgemm_slot:
+        try:
+            _sgemm_slot.append(got_slots(loaded_path("libmlx.so")).get("cblas_sgemm"))
+        except OSError:
+            _sgemm_slot.append(None)
+    slot = _sgemm_slot[0]
+    return None if slot is None else ctypes.c_void_p.from_address(slot).value
+
+
 def _symbol_prefix(lib: ctypes.CDLL) -> str:
     """The prefix of `lib`'s BLAS names (PREFIXES), found by its cblas_sgemm."""
     return next((p for p in PREFIXES if hasattr(lib, p + "cblas_sgemm")), "")

@@ -101,6 +101,33 @@ NB_MODULE(_mlxlab_kernels, m) {
       "to_heads"_a,
       "(B, T, H, D) -> (B, H, T, D) when to_heads, else back, as one copy.");
   m.def(
+      "dequantize",
+      [](const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
+         int bits) { return mlxlab::dequantize(w, scales, biases, group_size, bits); },
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      "group_size"_a,
+      "bits"_a,
+      "mx.dequantize of an affine 2/4/8-bit weight with float32 scales and biases, as float32.");
+  m.def(
+      "quantized_matmul",
+      [](const mx::array& x, const mx::array& w, const mx::array& scales,
+         const mx::array& biases, int group_size, int bits, bool transpose) {
+        return mlxlab::quantized_matmul(x, w, scales, biases, group_size, bits, transpose);
+      },
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      "group_size"_a,
+      "bits"_a,
+      "transpose"_a = true,
+      "x @ W.T (or x @ W) for a 2/4/8-bit affine W, through the float GEMM set by set_sgemm.");
+  m.def("set_sgemm", &mlxlab::set_sgemm, "address"_a,
+        "The address of the cblas_sgemm quantized_matmul calls (MLX's own; 0 unsets).");
+  m.def("has_sgemm", &mlxlab::has_sgemm);
+  m.def(
       "isa",
       []() {
         // What the compiler was told it may use (its predefined macros): a test checks that the

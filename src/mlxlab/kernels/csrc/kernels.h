@@ -69,6 +69,23 @@ mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin);
 // to_heads, else (B, H, T, D) -> (B, T, H, D). Its VJP is the other direction.
 mx::array swap_heads(const mx::array& x, bool to_heads);
 
+// Affine dequantization (mx.dequantize's, MLX's values) of a weight mx.quantize packed at 2, 4 or
+// 8 bits: w (..., K * bits / 32) uint32, scales and biases (..., K / group_size) float32 ->
+// (..., K) float32, scale * q + bias per group. No VJP: the packed weights are frozen (QLoRA).
+mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases,
+                     int group_size, int bits);
+
+// x @ W.T (transpose) or x @ W (not) for a weight W (N, K) packed as `dequantize` takes it and
+// x (M, K) or (M, N) float32: the weight dequantized a block of rows at a time into a scratch
+// buffer and multiplied by the sgemm set_sgemm gave (MLX's own BLAS). Differentiable in x (its
+// VJP is the other product); zeros for the packed weight, scales and biases (frozen).
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits, bool transpose);
+
+// The address of the cblas_sgemm quantized_matmul calls (0 unsets it), and whether one is set.
+void set_sgemm(uintptr_t address);
+bool has_sgemm();
+
 // Sets (on) or clears flush-to-zero and denormals-are-zero on the thread of MLX's CPU stream
 // (fp_mode.cpp): a float32 scalar, 1 where the mode was on before, evaluated for its effect.
 mx::array flush_denormals(bool on);
@@ -278,6 +295,48 @@ class LayerNormGrad : public CpuPrimitive {
 
 #undef MLXLAB_PRIMITIVE_BODY
 #undef MLXLAB_VJP
+
+// Inputs: w, scales, biases -> the float32 weight. Never equivalent to another: each use is meant
+// as a short-lived temporary, and mx.compile would merge two uses of one weight (one in the
+// forward, one in the backward) into a single float copy kept alive between them.
+class Dequantize : public CpuPrimitive {
+ public:
+  Dequantize(mx::Stream stream, int group_size, int bits)
+      : CpuPrimitive(stream), group_size_(group_size), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabDequantize";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return false;
+  }
+
+ private:
+  int group_size_, bits_;
+};
+
+// Inputs: x, w, scales, biases -> x @ W.T (transpose) or x @ W.
+class QuantizedMatmul : public CpuPrimitive {
+ public:
+  QuantizedMatmul(mx::Stream stream, int group_size, int bits, bool transpose)
+      : CpuPrimitive(stream), group_size_(group_size), bits_(bits), transpose_(transpose) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabQuantizedMatmul";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QuantizedMatmul&>(other);
+    return group_size_ == o.group_size_ && bits_ == o.bits_ && transpose_ == o.transpose_;
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>& outputs) override;
+
+ private:
+  int group_size_, bits_;
+  bool transpose_;
+};
 
 // No inputs; sets the mode of the thread it runs on. Not equivalent to another (never merged
 // away by compile: each call is an effect).
