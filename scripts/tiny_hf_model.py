@@ -8,7 +8,9 @@ model.safetensors and a tokenizer trained on the shipped TinyStories sample. For
 
 config.json is written as the hub's checkpoints carry it (transformers 4's keys): transformers 5
 writes `rope_parameters` and `num_local_experts` where those have `rope_theta` / `rope_scaling` /
-`num_experts`, and mlx-lm reads the hub's.
+`num_experts`, and mlx-lm reads the hub's. gemma3_text has Gemma's tokens (<pad>, <eos>, <bos>;
+with --chat gemma, generation_config.json stopping at <eos> and <end_of_turn> as Gemma 3's
+instruction-tuned checkpoints do): end tokens on no fixed list.
     python scripts/tiny_hf_model.py llama /tmp/tiny-llama --no-torch [--hidden 512 --layers 8]
     python scripts/tiny_hf_model.py llama /tmp/tiny-chat --chat chatml   (a chat template:
     chatml | llama3 | qwen2.5 | mistral, with its special tokens in the tokenizer)
@@ -131,18 +133,26 @@ CHAT_STYLES = {
 }
 
 
+# family: its special tokens (as the real tokenizers number them), BOS, EOS. Gemma's <eos> and
+# <bos> are on no fixed list: what names its end of text is the model folder.
+FAMILIES = {"llama": (["<s>", "</s>"], "<s>", "</s>"),
+            "qwen2": (["<|endoftext|>"], None, "<|endoftext|>"),
+            "gemma": (["<pad>", "<eos>", "<bos>"], "<bos>", "<eos>")}
+
+
 def tiny_tokenizer(kind: str, vocab_size: int = 512, chat: str | None = None):
-    """A byte-level BPE in the family's style: Llama/Mistral <s> BOS + </s> EOS, Qwen2
-    <|endoftext|> and no BOS; with `chat`, that chat style's special tokens too."""
+    """A byte-level BPE in the family's style (FAMILIES): Llama/Mistral <s> BOS + </s> EOS, Qwen2
+    <|endoftext|> and no BOS, Gemma <bos> + <eos>; with `chat`, that chat style's special tokens
+    too."""
     stories = Path(asset_path("tinystories/sample.txt")).read_text().split("\n\n")[:400]
-    specials = ["<|endoftext|>"] if kind == "qwen2" else ["<s>", "</s>"]
-    specials += CHAT_STYLES[chat][1] if chat else []
+    specials, bos, _ = FAMILIES[kind]
+    specials = specials + (CHAT_STYLES[chat][1] if chat else [])
     tok = build_tokenizer(stories, vocab_size=vocab_size, kind="bytelevel_bpe",
                           special_tokens=specials)
-    if kind != "qwen2":
+    if bos is not None:
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-        )
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tok.token_to_id(bos))])
     return tok
 
 
@@ -174,7 +184,8 @@ def _config(kind: str, tok, eos: str, overrides: dict):
         max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
         eos_token_id=tok.token_to_id(eos), tie_word_embeddings=False,
     )
-    bos = {"bos_token_id": tok.token_to_id("<s>"), "pad_token_id": tok.token_to_id(eos)}
+    start = "<bos>" if tok.token_to_id("<bos>") is not None else "<s>"
+    bos = {"bos_token_id": tok.token_to_id(start), "pad_token_id": tok.token_to_id(eos)}
     gqa = {"num_key_value_heads": 2, "head_dim": 16}
     if kind == "qwen2":
         return t.Qwen2Config(**{**common, "rope_theta": 1e6, "num_key_value_heads": 2,
@@ -245,9 +256,10 @@ def save_tiny_model(kind: str, path: str | Path, seed: int = 0, chat: str | None
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: use one of {list(KINDS)}")
     path = Path(path)
-    family = "qwen2" if kind in ("qwen2", "qwen3", "qwen3_moe") else "llama"
+    family = ("qwen2" if kind in ("qwen2", "qwen3", "qwen3_moe")
+              else "gemma" if kind == "gemma3_text" else "llama")
     tok = tiny_tokenizer(family, chat=chat)
-    eos = "<|endoftext|>" if family == "qwen2" else "</s>"
+    _, bos, eos = FAMILIES[family]
     if family == "qwen2" and kind != "qwen2":  # no BOS, but a pad/bos id the config can name
         overrides = {"bos_token_id": None, "pad_token_id": tok.token_to_id(eos), **overrides}
     config = _config(kind, tok, eos, overrides)
@@ -260,14 +272,28 @@ def save_tiny_model(kind: str, path: str | Path, seed: int = 0, chat: str | None
     model.save_pretrained(path, safe_serialization=True)
     config_file = path / "config.json"
     config_file.write_text(json.dumps(hub_config(json.loads(config_file.read_text())), indent=2))
-    specials = {"eos_token": eos, "pad_token": eos}
-    if family != "qwen2":
-        specials["bos_token"] = "<s>"
-    if chat:  # the chat style's end of turn is the EOS generation stops on
+    specials = {"eos_token": eos, "pad_token": "<pad>" if family == "gemma" else eos}
+    if bos is not None:
+        specials["bos_token"] = bos
+    if chat and family == "gemma":  # as google/gemma-3-*-it: EOS <eos>, turns end <end_of_turn>
+        _gemma_generation_config(path, tok)
+    elif chat:  # the chat style's end of turn is the EOS generation stops on
         specials["eos_token"] = CHAT_STYLES[chat][3]
     template = {"chat_template": CHAT_STYLES[chat][0]} if chat else {}
     PreTrainedTokenizerFast(tokenizer_object=tok, **specials, **template).save_pretrained(path)
     return path
+
+
+def _gemma_generation_config(path: Path, tok) -> None:
+    """generation_config.json as Gemma 3's instruction-tuned checkpoints have it: generation
+    stops at <eos> and at <end_of_turn>."""
+    import json
+
+    file = path / "generation_config.json"
+    config = json.loads(file.read_text()) if file.is_file() else {}
+    ends = [tok.token_to_id("<eos>"), tok.token_to_id("<end_of_turn>")]
+    file.write_text(json.dumps({**config, "eos_token_id": [i for i in ends if i is not None]},
+                               indent=2))
 
 
 def save_tiny_llama_without_torch(path: str | Path, seed: int = 0, hidden: int = 64,

@@ -26,10 +26,10 @@ from chat_fixtures import (
     save_style,
 )
 from hf_helpers import save_tiny_model
-from mlxlab.data.chat import encode_chat, load_chat_template
+from mlxlab.data.chat import encode_chat, load_chat_template, stop_ids
 from mlxlab.data.completions import PromptCompletion
 from mlxlab.data.streaming.tokenizing import special_ids as streaming_ids
-from mlxlab.data.tokenizer import model_end_tokens, special_ids
+from mlxlab.data.tokenizer import build_tokenizer, end_of_text_ids, model_end_tokens, special_ids
 from mlxlab.errors import ConfigError
 from mlxlab.evaluation.scoring import Prompts, greedy_ids
 
@@ -189,6 +189,34 @@ def test_end_tokens_come_from_the_model_folder(folders, tmp_path):
     (bare / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<missing>"}))
     with pytest.raises(ConfigError, match=r"bare names no end-of-text token .*eos_token_id"):
         special_ids(tok, bare)
+
+
+def test_generation_stop_ids_are_the_models_own(folders, tmp_path):
+    """What `mlxlab generate` and the HF export stop on (stop_ids): the template's end of turn,
+    then the model's end-of-text ids: Gemma's <end_of_turn> and <eos>, Phi-3's <|end|> before
+    <|endoftext|> (and its generation_config's <|assistant|>). A run folder keeps only the
+    tokenizer files: the checkpoint's config.json eos_token_id counts first. A tokenizer trained
+    here (no folder names an end) keeps EOT_TOKENS' <|endoftext|>."""
+    def ids(folder, *tokens):
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        return [tok.token_to_id(t) for t in tokens]
+
+    gemma, phi = folders["gemma3"], folders["phi3"]
+    tok = Tokenizer.from_file(str(gemma / "tokenizer.json"))
+    assert stop_ids(tok, gemma) == ids(gemma, "<end_of_turn>", "<eos>")
+    phi_tok = Tokenizer.from_file(str(phi / "tokenizer.json"))
+    assert stop_ids(phi_tok, phi) == ids(phi, "<|end|>", "<|endoftext|>", "<|assistant|>")
+    run = tmp_path / "run"  # a run folder: tokenizer.json only, the config in the checkpoint
+    run.mkdir()
+    (run / "tokenizer.json").write_text((gemma / "tokenizer.json").read_text())
+    eos = tok.token_to_id("<eos>")
+    assert end_of_text_ids(tok, run, {"eos_token_id": [eos, 10**6]}) == [eos]  # unknown id: out
+    with pytest.raises(ConfigError, match="run names no end-of-text token"):
+        stop_ids(tok, run)
+    ours_tok = build_tokenizer(["a tiny story"] * 3, vocab_size=300, kind="bytelevel_bpe")
+    plain = tmp_path / "scratch"
+    plain.mkdir()
+    assert stop_ids(ours_tok, plain) == [ours_tok.token_to_id("<|endoftext|>")]
 
 
 def write_jsonl(path, rows):

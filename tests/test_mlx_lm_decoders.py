@@ -9,6 +9,7 @@ gradient checkpointing train; folders mlx-lm cannot load are one line."""
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
 
 import mlx.core as mx
@@ -265,3 +266,59 @@ def test_grad_checkpoint_keeps_the_gradients_and_refuses_a_model_without_blocks(
     with pytest.raises(ConfigError, match="has no decoder blocks to recompute"):
         checkpoint_blocks(BertClassifier(vocab_size=64, num_labels=2, hidden_size=32,
                                          num_layers=1, num_heads=2))
+
+
+def _cut_at_stop(raw: list[int], stops: set[int]) -> tuple[list[int], int | None]:
+    """The ids before the first stop id and that stop (None: no stop among them)."""
+    cut = next((i for i, t in enumerate(raw) if t in stops), len(raw))
+    return raw[:cut], raw[cut] if cut < len(raw) else None
+
+
+def test_a_gemma_run_generates_and_exports_to_its_own_end_tokens(tmp_path, capsys):
+    """A Gemma 3 run (<eos> and <end_of_turn>, on no fixed list; its folder without a
+    generation_config.json) generates with `mlxlab generate`, stopping before <end_of_turn> or
+    <eos> (high temperature: both occur among a few seeds); its HF export's
+    generation_config.json names both, and transformers' generate stops at either."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mlxlab.cli.main import main
+    from mlxlab.inference import complete, load_run, sample_ids
+    from mlxlab.models.generation import generate_tokens
+
+    folder = save_tiny_model("gemma3_text", tmp_path / "tiny-gemma3_text", chat="gemma")
+    (folder / "generation_config.json").unlink()  # the run must name the stops itself
+    _, run_dir = train_chat(folder, tmp_path)
+    capsys.readouterr()
+    run = load_run(run_dir)
+    tok = run.tokenizer
+    turn, eos = tok.token_to_id("<end_of_turn>"), tok.token_to_id("<eos>")
+    prompt = "Tim and Sue"
+    prompt_ids = [tok.token_to_id("<bos>"), *tok.encode(prompt, add_special_tokens=False).ids]
+    stopped = set()
+    for seed in range(80):  # until both stops occurred (within 30 tokens: about 1 seed in 8)
+        if {turn, eos} <= stopped:
+            break
+        ids = list(sample_ids(run, prompt, 30, 50.0, 0, 1.0, seed))
+        if len(ids) < 30:  # it stopped: before the first stop id of the raw samples
+            raw = list(islice(generate_tokens(run.model, prompt_ids, 50.0, 0, 1.0, seed),
+                              len(ids) + 1))
+            assert raw[:-1] == ids and raw[-1] in (turn, eos)
+            assert not {turn, eos} & set(ids)
+            stopped.add(raw[-1])
+    assert {turn, eos} <= stopped  # both end a generation
+    args = ["--prompt", prompt, "--max-tokens", "30", "--temperature", "50", "--top-k", "0",
+            "--top-p", "1", "--seed", "0"]
+    assert main(["generate", str(run_dir), *args]) in (0, None)
+    assert capsys.readouterr().out.rstrip("\n") == prompt + complete(run, prompt, 30, 50.0, 0,
+                                                                     1.0, 0)
+
+    out = tmp_path / "hf"
+    export_run(run_dir, out, "hf", "float32")
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [turn, eos]  # the template's end of turn, then EOS
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    for end in (turn, eos):  # a strong bias makes the next token `end`: generation ends there
+        new = hf.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=4,
+                          sequence_bias={(end,): 1e4})[0, len(prompt_ids):].tolist()
+        assert new == [end]

@@ -43,7 +43,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mlxlab.data.chat_spans import assistant_spans, end_of_turn_token
-from mlxlab.data.tokenizer import model_end_tokens
+from mlxlab.data.tokenizer import end_of_text_ids, model_end_tokens
 from mlxlab.errors import ConfigError, MissingFileError
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -226,6 +226,20 @@ def load_chat_template(source: str | Path, template_file: str | Path | None = No
                                 template.control_tokens, f"{template.source} ({name})",
                                 template.end_tokens)
     return template
+
+
+def stop_ids(tokenizer: Tokenizer, folder: str | Path, config: Mapping | None = None) -> list[int]:
+    """The ids a model's generation stops on, in order: the end of turn its chat template writes
+    (when `folder`, where its tokenizer files are, has a template), then its end-of-text ids
+    (tokenizer.end_of_text_ids: `config`'s eos_token_id, the folder's): Gemma's <end_of_turn>
+    and <eos>, Phi-3's <|end|> before <|endoftext|>; EOT_TOKENS' only for a tokenizer trained
+    here."""
+    try:
+        turn = load_chat_template(folder).stop_tokens
+    except (ConfigError, MissingFileError):  # no template: a plain language model
+        turn = ()
+    ids = [tokenizer.token_to_id(t) for t in turn if tokenizer.token_to_id(t) is not None]
+    return list(dict.fromkeys([*ids, *end_of_text_ids(tokenizer, folder, config)]))
 
 
 def encode_chat(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from tokenizers import (
@@ -306,19 +306,31 @@ def _json_or_empty(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def special_ids(tok: Tokenizer, folder: str | Path | None = None) -> tuple[int, int, list[int]]:
-    """(end-of-text id, padding id, start ids) of a language-model tokenizer: EOS the first the
-    model `folder` names (model_end_tokens), else from EOT_TOKENS; padding from PAD_TOKENS, else
-    EOS; BOS from start_ids."""
+def end_of_text_ids(tok: Tokenizer, folder: str | Path | None = None,
+                    config: Mapping | None = None) -> list[int]:
+    """The end-of-text ids a model names that `tok` holds, in order: `config`'s eos_token_id (a
+    checkpoint's config.json, for a run folder that keeps only the tokenizer files), then the
+    model `folder`'s (model_end_tokens): Gemma's <eos> and <end_of_turn>, Phi-3's <|endoftext|>
+    and <|end|>. None named: the first of EOT_TOKENS (a tokenizer trained here), else a
+    ConfigError."""
+    value = (config or {}).get("eos_token_id")
+    ids = [v for v in (value if isinstance(value, list) else [value])
+           if isinstance(v, int) and tok.id_to_token(v) is not None]
     named = model_end_tokens(folder, tok) if folder is not None else []
-    known = [t for t in named if tok.token_to_id(t) is not None]
-    if known:
-        eot = tok.token_to_id(known[0])
-    elif folder is not None and not any(tok.token_to_id(t) is not None for t in EOT_TOKENS):
+    ids += [tok.token_to_id(t) for t in named if tok.token_to_id(t) is not None]
+    if ids:
+        return list(dict.fromkeys(ids))
+    if folder is not None and not any(tok.token_to_id(t) is not None for t in EOT_TOKENS):
         raise ConfigError(f"{folder} names no end-of-text token the tokenizer holds (config.json "
                           "and generation_config.json eos_token_id, tokenizer_config.json "
                           "eos_token): set one there")
-    else:
-        eot = find_token_id(tok, EOT_TOKENS, "end-of-text")
+    return [find_token_id(tok, EOT_TOKENS, "end-of-text")]
+
+
+def special_ids(tok: Tokenizer, folder: str | Path | None = None) -> tuple[int, int, list[int]]:
+    """(end-of-text id, padding id, start ids) of a language-model tokenizer: EOS the first the
+    model `folder` names (end_of_text_ids), else from EOT_TOKENS; padding from PAD_TOKENS, else
+    EOS; BOS from start_ids."""
+    eot = end_of_text_ids(tok, folder)[0]
     pad = next((tok.token_to_id(t) for t in PAD_TOKENS if tok.token_to_id(t) is not None), eot)
     return eot, pad, start_ids(tok)

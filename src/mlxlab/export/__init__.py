@@ -167,7 +167,7 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
         save_weights(hf_weights(model, dtype, fmt), tmp, "mlx" if fmt == "mlx-lm" else "pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_tokenizer(run_dir, tokenizer_path, tmp, model)
-        write_generation_config(config, tmp)
+        write_generation_config(config, tmp, tokenizer, run_dir)
         if adapters is not None:
             write_adapters(*adapters, tmp / "adapters", DTYPES[dtype])
             report["adapter_path"] = str(out / "adapters")

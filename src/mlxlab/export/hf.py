@@ -21,7 +21,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tokenizers import Tokenizer, processors
 
-from mlxlab.data.tokenizer import EOT_TOKENS, PAD_TOKENS, find_token_id, start_ids
+from mlxlab.data.chat import stop_ids
+from mlxlab.data.tokenizer import PAD_TOKENS, end_of_text_ids, start_ids
 from mlxlab.models.base import Model
 from mlxlab.models.bert import BertClassifier
 from mlxlab.models.hf import mlxlab_to_hf_name as bert_hf_name
@@ -124,7 +125,7 @@ def decoder_config(model: Model, tokenizer: Tokenizer, dtype: str,
             kind, extra = "llama", {"attention_bias": a["qkv_bias"], "mlp_bias": a["mlp_bias"]}
         else:
             raise ExportError("an output-projection bias without q/k/v biases has no HF model")
-        eos = find_token_id(tokenizer, EOT_TOKENS, "end-of-text")
+        eos = end_of_text_ids(tokenizer)[0]
         bos = (start_ids(tokenizer) or [eos])[0]
         config = {
             "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[kind]],
@@ -211,8 +212,9 @@ def write_tokenizer(run_dir: Path, tokenizer_path: Path, out: Path, model: Model
                     "unk_token": "[UNK]", "mask_token": "[MASK]"}
         specials = {k: v for k, v in specials.items() if tok.token_to_id(v) is not None}
     else:
-        eos = tok.id_to_token(find_token_id(tok, EOT_TOKENS, "end-of-text"))
-        pad = tok.id_to_token(find_token_id(tok, PAD_TOKENS + EOT_TOKENS, "padding"))
+        eos_id = end_of_text_ids(tok, run_dir, model.hf_config)[0]  # the model's, else ours
+        eos = tok.id_to_token(eos_id)
+        pad = next((t for t in PAD_TOKENS if tok.token_to_id(t) is not None), eos)
         if not start_ids(tok):
             tok.post_processor = processors.TemplateProcessing(
                 single=f"{eos} $A", pair=f"{eos} $A $B", special_tokens=[(eos, tok.token_to_id(eos))]
@@ -229,12 +231,16 @@ def write_tokenizer(run_dir: Path, tokenizer_path: Path, out: Path, model: Model
     })
 
 
-def write_generation_config(config: dict, out: Path) -> None:
+def write_generation_config(config: dict, out: Path, tokenizer: Tokenizer, run_dir: Path) -> None:
+    """generation_config.json (unless the pretrained folder's was copied): greedy, stopping on
+    the model's own stop ids (data/chat.py stop_ids: its template's end of turn, its EOS ids),
+    as `mlxlab generate` does, so transformers' generate ends a Gemma reply at <end_of_turn>."""
     if (out / "generation_config.json").exists() or config.get("model_type") == "bert":
         return
+    stops = stop_ids(tokenizer, run_dir, config)
     _write_json(out / "generation_config.json", {
         "bos_token_id": config.get("bos_token_id"),
-        "eos_token_id": config.get("eos_token_id"),
+        "eos_token_id": stops[0] if len(stops) == 1 else stops,
         "do_sample": False,
     })
 

@@ -1,6 +1,8 @@
 """A language-model run's continuation of a prompt: token ids sampled (mlx-lm's generation, with
 its KV cache: models/generation.py) as the training stream laid documents out (after BOS,
-ending before end-of-text), decoded as whole text pieces."""
+ending before end-of-text), decoded as whole text pieces. Generation stops on the model's own
+end tokens (data/chat.py stop_ids: its chat template's end of turn, its config's and tokenizer
+files' EOS, which the run folder keeps), EOT_TOKENS' only for a tokenizer trained here."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from tokenizers import Tokenizer
 
-from mlxlab.data.tokenizer import EOT_TOKENS, find_token_id, start_ids
+from mlxlab.data.chat import stop_ids
+from mlxlab.data.tokenizer import end_of_text_ids, start_ids
 from mlxlab.runs.loading import LoadedRun, require_task
 
 
@@ -21,10 +24,11 @@ def sample_ids(
     top_p: float = 0.95,
     seed: int = 0,
 ) -> Iterator[int]:
-    """New token ids after `prompt`: at most `max_tokens`, ending before <|endoftext|>.
+    """New token ids after `prompt`: at most `max_tokens`, ending before the first of the
+    model's stop ids (stop_ids: Gemma's <end_of_turn> or <eos>, ours <|endoftext|>).
 
     The prompt starts as every document does in the training stream: after the tokenizer's BOS
-    (a pretrained Llama's), else after the end-of-text token (ours).
+    (a pretrained Llama's or Gemma's), else after the end-of-text token (ours).
     """
     from mlxlab.models.generation import generate_tokens
 
@@ -32,8 +36,9 @@ def sample_ids(
     if max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {max_tokens}")
     model, tokenizer = run.model, run.tokenizer
-    eot = find_token_id(tokenizer, EOT_TOKENS, "end-of-text")
-    start = start_ids(tokenizer) or [eot]
+    folder, config = run.tokenizer_path.parent, run.model.hf_config
+    stops = set(stop_ids(tokenizer, folder, config))
+    start = start_ids(tokenizer) or end_of_text_ids(tokenizer, folder, config)[:1]
     prompt_ids = [*start, *tokenizer.encode(prompt, add_special_tokens=False).ids]
     if len(prompt_ids) >= model.max_seq_len:
         raise ValueError(
@@ -43,7 +48,7 @@ def sample_ids(
     if max_tokens == 0:
         return
     for n, token in enumerate(generate_tokens(model, prompt_ids, temperature, top_k, top_p, seed), 1):
-        if token == eot:
+        if token in stops:
             return
         yield token
         if n >= max_tokens:
