@@ -14,7 +14,7 @@ import mlx.core as mx
 from mlx_lm.tuner.dora import DoRALinear
 
 from mlxlab import kernels
-from mlxlab.models.quantized_cpu import quantized_product
+from mlxlab.models.quantized_product import quantized_product
 
 __all__ = ["CpuQuantizedDoRALinear", "DoRALinear", "quantized_dora"]
 
