@@ -51,6 +51,8 @@ class SystemMemory(Callback):
         self.tracker: Any = None
         self.step = 0
         self.peak_mb = 0.0
+        self.peak_rss = 0.0  # of the logged samples: the kernel's own high-water mark
+        # (getrusage) is kept from counters it syncs lazily, and can read below a later sample
 
     def setup(self, context: TrainContext, model: Any, data: Any) -> None:
         self.tracker = context.tracker
@@ -60,13 +62,15 @@ class SystemMemory(Callback):
         if logs:  # a logged step: the loop logs `logs` right after
             now = memory_now()
             self.peak_mb = max(self.peak_mb, now["system/mlx_peak_mb"])
+            self.peak_rss = max(self.peak_rss, now["system/rss_mb"])
             logs.update(now)
 
     def on_train_end(self) -> None:
         if self.tracker is None or not self.step:
             return
         peak = max(self.peak_mb, mx.get_peak_memory() / MB)
-        self.tracker.log_metrics({"system/peak_mb": peak, "system/peak_rss_mb": peak_rss_mb()},
+        self.tracker.log_metrics({"system/peak_mb": peak,
+                                  "system/peak_rss_mb": max(self.peak_rss, peak_rss_mb())},
                                  self.step)
 
 
