@@ -1,5 +1,5 @@
 """mlx-lm's decoders through mlxlab's fused CPU kernels (models/mlx_lm_fused.py, issue 54): a
-loaded llama / qwen3 takes the fused attention, SwiGLU and RMSNorm on the CPU, with logits and
+loaded llama / qwen3 takes the fused attention, SwiGLU, RMSNorm and RoPE on the CPU, with logits and
 LoRA gradients equal to mlx-lm's own code (the kernels off) to float32 rounding; where the fused
 path does not apply (kernels off, a KV cache, another dtype) the wrappers run mlx-lm's functions
 to the bit."""
@@ -16,7 +16,7 @@ from hf_helpers import save_tiny_model
 from mlxlab import kernels
 from mlxlab.models import layers
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
-from mlxlab.models.mlx_lm_fused import ORIGINALS
+from mlxlab.models.mlx_lm_fused import ORIGINALS, RoPE
 
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["query", "key", "value", "out", "gate_proj"]}
 
@@ -51,6 +51,7 @@ def test_fused_decoder_equals_mlx_lm(kind, tmp_path, kernel_mode, monkeypatch):
     assert module.swiglu in ORIGINALS
     assert all(type(m) is not nn.RMSNorm for m in model.lm.modules())
     assert any(isinstance(m, layers.RMSNorm) for m in model.lm.modules())
+    assert any(isinstance(m, RoPE) for m in model.lm.modules())
     ids = mx.array(np.random.default_rng(0).integers(0, model.vocab_size, (2, 33)))
     calls = []
     original = kernels.attention  # counted: the wrapper reaches it on the CPU, kernels on

@@ -248,9 +248,9 @@ def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mappin
     fast = use_fast_cpu_quantized(model.lm) if model.quantized else 0
     if fast:
         log.debug("%d quantized layers multiply through the CPU's fused dequantize + GEMM", fast)
-    # On the CPU, attention, SwiGLU and RMSNorm take mlxlab's fused kernels (each call checks
+    # On the CPU, attention, SwiGLU, RMSNorm and RoPE take mlxlab's fused kernels (each call checks
     # that they apply, else runs mlx-lm's own code: Metal, CUDA, generation, kernels off).
-    log.debug("%d attention / SwiGLU / RMSNorm routes to the fused CPU kernels",
+    log.debug("%d attention / SwiGLU / RMSNorm / RoPE routes to the fused CPU kernels",
               use_fused_kernels(model.lm))
     if rebuilt or lora is None:  # a checkpoint's rebuild, a teacher or a model to score
         return

@@ -2,7 +2,7 @@
 
 On MLX's CPU backend mlx-lm's attention (mx.fast.scaled_dot_product_attention with
 mask="causal": MLX's scalar, single-threaded softmax), its SwiGLU (silu(gate) * up) and
-nn.RMSNorm (mx.fast.rms_norm, composed single-threaded ops) cost the Llama LoRA step ~1.6x what
+nn.RMSNorm (mx.fast.rms_norm, composed single-threaded ops) and nn.RoPE cost the Llama LoRA step ~1.6x what
 mlxlab's own Transformer pays with the fused kernels (docs/benchmarks.md, issue 54). Here the
 loaded model is routed through the same kernels:
 
@@ -13,7 +13,8 @@ loaded model is routed through the same kernels:
   no KV cache, and mlx-lm's own function otherwise: generation, Metal, CUDA, other dtypes and
   fused_kernels=off run exactly mlx-lm's code;
 - each exact nn.RMSNorm becomes models.layers.RMSNorm (the same weight and eps over
-  kernels.rms_norm, which is mx.fast.rms_norm wherever the kernel does not apply).
+  kernels.rms_norm, which is mx.fast.rms_norm wherever the kernel does not apply), each exact
+  nn.RoPE (not `traditional`) the RoPE below (kernels.rope, else mx.fast.rope).
 
 The fused results equal mlx-lm's to float32 rounding (tests/test_mlx_lm_fused.py). The wrappers
 replace names in mlx-lm's module (process-wide, as importing a model module is); they call
@@ -49,6 +50,7 @@ def fused_attention(original: Callable) -> Callable:
         plain = (mask is None or (isinstance(mask, str) and mask == "causal")
                  or (isinstance(mask, mx.array) and mask.ndim == 2))
         if (cache is not None or sinks is not None or not plain
+                or values.shape[-1] != queries.shape[-1]  # (MLA's narrower values: SDPA)
                 or fused("attention", queries, keys, values) is None):
             return original(queries, keys, values, cache=cache, scale=scale, mask=mask,
                             sinks=sinks)
@@ -72,6 +74,20 @@ def fused_swiglu(original: Callable) -> Callable:
     return swiglu
 
 
+class RoPE(nn.RoPE):
+    """nn.RoPE (the same dims, base and scale) over kernels.rope where it applies: mlx-lm rotates
+    the heads after transposing them to (B, H, T, D); the fused kernel reads them back in the
+    projection's (B, T, H, D) layout and writes the rotated heads transposed in one pass, the
+    copy the transpose would cost included. Else (an array offset, a partial rotation, another
+    dtype or device) mx.fast.rope as nn.RoPE."""
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        if (not isinstance(offset, int) or x.ndim != 4 or self.dims != x.shape[-1]
+                or fused("rope", x) is None):
+            return super().__call__(x, offset)
+        return kernels.rope(x.transpose(0, 2, 1, 3), self.dims, self.base, self.scale, offset)
+
+
 def _model_modules(lm: nn.Module) -> list[ModuleType]:
     """The mlx-lm Python modules that define the model's layers (llama.py, qwen3.py, ...)."""
     names = {type(m).__module__ for m in lm.modules()}
@@ -80,7 +96,7 @@ def _model_modules(lm: nn.Module) -> list[ModuleType]:
 
 def use_fused_kernels(lm: nn.Module) -> int:
     """Route `lm` (an mlx-lm model) through the fused CPU kernels as the module docstring says;
-    returns how many functions and norms now can take the fused path (0: nothing to route)."""
+    returns how many functions, norms and rotations now can take the fused path (0: nothing to route)."""
     from mlx_lm.models import activations, base
 
     routed = 0
@@ -96,5 +112,8 @@ def use_fused_kernels(lm: nn.Module) -> int:
     for m in lm.modules():
         if type(m) is nn.RMSNorm:  # exact: Gemma's (1 + weight) subclass is left alone
             m.__class__ = RMSNorm
+            routed += 1
+        elif type(m) is nn.RoPE and not m.traditional:  # the fused kernel rotates halves
+            m.__class__ = RoPE
             routed += 1
     return routed
