@@ -30,6 +30,7 @@ from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.base import Model
 from mlxlab.models.hf import check_vocab, read_config
 from mlxlab.models.lora import maybe_apply_lora
+from mlxlab.models.mlx_lm_fused import use_fused_kernels
 from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,10 @@ def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mappin
     fast = use_fast_cpu_quantized(model.lm) if model.quantized else 0
     if fast:
         log.debug("%d quantized layers multiply through the CPU's fused dequantize + GEMM", fast)
+    # On the CPU, attention, SwiGLU, RMSNorm and RoPE take mlxlab's fused kernels (each call checks
+    # that they apply, else runs mlx-lm's own code: Metal, CUDA, generation, kernels off).
+    log.debug("%d attention / SwiGLU / RMSNorm / RoPE routes to the fused CPU kernels",
+              use_fused_kernels(model.lm))
     if rebuilt or lora is None:  # a checkpoint's rebuild, a teacher or a model to score
         return
     base = f"{model.quantized_bits()}-bit quantized" if model.quantized else str(_float_dtype(model))

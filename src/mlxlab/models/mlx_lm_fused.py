@@ -1,0 +1,119 @@
+"""mlx-lm's decoder modules through mlxlab's fused CPU kernels (mlxlab.kernels), where they apply.
+
+On MLX's CPU backend mlx-lm's attention (mx.fast.scaled_dot_product_attention with
+mask="causal": MLX's scalar, single-threaded softmax), its SwiGLU (silu(gate) * up) and
+nn.RMSNorm (mx.fast.rms_norm, composed single-threaded ops) and nn.RoPE cost the Llama LoRA step ~1.6x what
+mlxlab's own Transformer pays with the fused kernels (docs/benchmarks.md, issue 54). Here the
+loaded model is routed through the same kernels:
+
+- the model's module-level `scaled_dot_product_attention` and `swiglu` (the names mlx-lm's
+  llama, qwen2/3, mistral, ... import from models/base.py and models/activations.py) become
+  wrappers that call kernels.attention (causal as an additive mask) / kernels.swiglu when
+  `kernels.dispatch.fused` takes the call (CPU, float32, kernels on, op not skipped) and there is
+  no KV cache, and mlx-lm's own function otherwise: generation, Metal, CUDA, other dtypes and
+  fused_kernels=off run exactly mlx-lm's code;
+- each exact nn.RMSNorm becomes models.layers.RMSNorm (the same weight and eps over
+  kernels.rms_norm, which is mx.fast.rms_norm wherever the kernel does not apply), each exact
+  nn.RoPE (not `traditional`) the RoPE below (kernels.rope, else mx.fast.rope).
+
+The fused results equal mlx-lm's to float32 rounding (tests/test_mlx_lm_fused.py). The wrappers
+replace names in mlx-lm's module (process-wide, as importing a model module is); they call
+through to the function they replaced whenever the fused path does not apply, so another
+mlx-lm model of that type in the process computes what it did.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from types import ModuleType
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxlab import kernels
+from mlxlab.kernels.dispatch import fused
+from mlxlab.models.layers import RMSNorm, causal_additive_mask
+
+# wrapper -> the mlx-lm function it wraps: a second model of the type never wraps it again
+ORIGINALS: dict[Callable, Callable] = {}
+
+
+def fused_attention(original: Callable) -> Callable:
+    """mlx-lm's `scaled_dot_product_attention(q, k, v, cache, scale, mask, sinks=None)` through
+    kernels.attention where the fused path takes it: no cache, no sinks, mask None, "causal" or
+    an additive / boolean (T_q, T_kv) array."""
+
+    def attention(queries: mx.array, keys: mx.array, values: mx.array, cache: object,
+                  scale: float, mask: mx.array | str | None, sinks: mx.array | None = None
+                  ) -> mx.array:
+        plain = (mask is None or (isinstance(mask, str) and mask == "causal")
+                 or (isinstance(mask, mx.array) and mask.ndim == 2))
+        if (cache is not None or sinks is not None or not plain
+                or values.shape[-1] != queries.shape[-1]  # (MLA's narrower values: SDPA)
+                or fused("attention", queries, keys, values) is None):
+            return original(queries, keys, values, cache=cache, scale=scale, mask=mask,
+                            sinks=sinks)
+        if isinstance(mask, str):
+            mask = causal_additive_mask(queries.shape[2], keys.shape[2])
+        return kernels.attention(queries, keys, values, scale, mask)
+
+    ORIGINALS[attention] = original
+    return attention
+
+
+def fused_swiglu(original: Callable) -> Callable:
+    """mlx-lm's `swiglu(gate, x)` (silu(gate) * x) through kernels.swiglu where it applies."""
+
+    def swiglu(gate: mx.array, x: mx.array) -> mx.array:
+        if gate.shape != x.shape or fused("swiglu", gate, x) is None:
+            return original(gate, x)
+        return kernels.swiglu(gate, x)
+
+    ORIGINALS[swiglu] = original
+    return swiglu
+
+
+class RoPE(nn.RoPE):
+    """nn.RoPE (the same dims, base and scale) over kernels.rope where it applies: mlx-lm rotates
+    the heads after transposing them to (B, H, T, D); the fused kernel reads them back in the
+    projection's (B, T, H, D) layout and writes the rotated heads transposed in one pass, the
+    copy the transpose would cost included. Else (an array offset, a partial rotation, another
+    dtype or device) mx.fast.rope as nn.RoPE."""
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        if (not isinstance(offset, int) or x.ndim != 4 or self.dims != x.shape[-1]
+                or fused("rope", x) is None):
+            return super().__call__(x, offset)
+        return kernels.rope(x.transpose(0, 2, 1, 3), self.dims, self.base, self.scale, offset)
+
+
+def _model_modules(lm: nn.Module) -> list[ModuleType]:
+    """The mlx-lm Python modules that define the model's layers (llama.py, qwen3.py, ...)."""
+    names = {type(m).__module__ for m in lm.modules()}
+    return [sys.modules[n] for n in sorted(names) if n.startswith("mlx_lm.models.")]
+
+
+def use_fused_kernels(lm: nn.Module) -> int:
+    """Route `lm` (an mlx-lm model) through the fused CPU kernels as the module docstring says;
+    returns how many functions, norms and rotations now can take the fused path (0: nothing to route)."""
+    from mlx_lm.models import activations, base
+
+    routed = 0
+    targets = {"scaled_dot_product_attention": (base.scaled_dot_product_attention, fused_attention),
+               "swiglu": (activations.swiglu, fused_swiglu)}
+    for module in _model_modules(lm):
+        for name, (original, wrap) in targets.items():
+            names = vars(module)
+            if names.get(name) is original:  # mlx-lm's own function, not a same-named other
+                names[name] = wrap(original)
+            if ORIGINALS.get(names.get(name)) is original:
+                routed += 1
+    for m in lm.modules():
+        if type(m) is nn.RMSNorm:  # exact: Gemma's (1 + weight) subclass is left alone
+            m.__class__ = RMSNorm
+            routed += 1
+        elif type(m) is nn.RoPE and not m.traditional:  # the fused kernel rotates halves
+            m.__class__ = RoPE
+            routed += 1
+    return routed
