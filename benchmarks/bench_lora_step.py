@@ -15,11 +15,8 @@ steps after it, and the tokens/s that median gives.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
-from functools import partial
 from pathlib import Path
 
 # isort: off
@@ -28,14 +25,11 @@ import mlx.core as mx
 
 # isort: on
 from mlxlab import kernels
-from mlxlab.training import losses
-from mlxlab.training.optim import build_optimizer, default_optimizer
-from mlxlab.training.settings import TrainerSettings
-from mlxlab.training.step import make_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from bench_lora import BATCH, RANK, SEQ, prepare  # noqa: E402
+from bench_mlx_lm_fused import time_steps  # noqa: E402
 
 LORA = {"rank": RANK, "alpha": 16.0, "targets": ["query", "key", "value", "out"]}
 
@@ -64,21 +58,8 @@ def main() -> None:
     kernels.flush_denormals(True)
     mx.random.seed(0)
     path, model = build(folder)
-    settings = TrainerSettings(max_steps=100)
-    opt = build_optimizer(partial(default_optimizer(), learning_rate=2e-4), settings.schedule, 100)
-    opt.init(model.trainable_parameters())
-    step = make_step(model, opt, losses.task_loss("lm"), settings)
-    ids = mx.random.randint(0, model.vocab_size, (BATCH, SEQ + 1))
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mx.ones((BATCH, SEQ))}
-    mx.eval(batch, model.parameters())
-    times = []
-    for _ in range(args.steps + 1):
-        start = time.perf_counter()
-        step([batch])
-        mx.eval(model.parameters(), opt.state)
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times[1:])
-    print(f"{path}: first step {times[0]:.2f} s, then {median * 1000:.0f} ms/step "
+    median, _, first = time_steps(model, args.steps)  # the same timing as the fused bench
+    print(f"{path}: first step {first:.2f} s, then {median * 1000:.0f} ms/step "
           f"({BATCH * SEQ / median:,.0f} tokens/s, median of {args.steps})")
 
 

@@ -71,8 +71,9 @@ def build(variant: str, folder: Path, config: dict) -> nn.Module:
     return model
 
 
-def time_steps(model: nn.Module, steps: int) -> tuple[float, float]:
-    """Median (wall, CPU) seconds of the compiled step after the first."""
+def time_steps(model: nn.Module, steps: int) -> tuple[float, float, float]:
+    """Median (wall, CPU) seconds of the compiled step after the first, and the first's wall
+    seconds (its compile); bench_lora_step.py times its one model with it too."""
     settings = TrainerSettings(max_steps=100)
     opt = build_optimizer(partial(default_optimizer(), learning_rate=2e-4), settings.schedule, 100)
     opt.init(model.trainable_parameters())
@@ -87,7 +88,7 @@ def time_steps(model: nn.Module, steps: int) -> tuple[float, float]:
         mx.eval(model.parameters(), opt.state)
         wall.append(time.perf_counter() - w)
         cpu.append(time.process_time() - c)
-    return statistics.median(wall[1:]), statistics.median(cpu[1:])
+    return statistics.median(wall[1:]), statistics.median(cpu[1:]), wall[0]
 
 
 def main() -> None:
@@ -106,7 +107,7 @@ def main() -> None:
         walls = {}
         for variant in VARIANTS[r % 3:] + VARIANTS[:r % 3]:  # each goes first in turn
             mx.random.seed(0)
-            walls[variant], cpu = time_steps(build(variant, folder, config), args.steps)
+            walls[variant], cpu, _ = time_steps(build(variant, folder, config), args.steps)
             print(f"round {r} {variant}: wall {walls[variant] * 1e3:.0f} ms, "
                   f"CPU {cpu * 1e3:.0f} ms a step", flush=True)
         ref = walls[VARIANTS[0]]
