@@ -69,7 +69,7 @@ PEAKS = [
     ("T4", {"fp32": 8.1, "tf32": 8.1, "bf16": 0.0}),  # no bf16 tensor cores (SM 7.5)
 ]
 # Each part's share of the window (fractions of --budget-min); the rest is slack.
-SHARES = {"gemm": 0.04, "mlx": 0.30, "torch": 0.30, "default": 0.08, "lora": 0.06, "pytest": 0.20}
+SHARES = {"gemm": 0.04, "mlx": 0.30, "torch": 0.30, "default": 0.08, "lora": 0.10, "pytest": 0.20}
 FULL = {"vocab": 32768, "seq": 1024, "batch": {"nano": 32, "small": 16, "medium": 8, "large": 4},
         "warmup": 3, "steps": 20, "gemm": [2048, 4096, 8192], "lora": (1024, 8)}
 DRY = {"vocab": 512, "seq": 32, "batch": {p: 2 for p in PRESETS}, "warmup": 1, "steps": 2,
@@ -144,7 +144,8 @@ def lm_rows(spec: dict) -> list[dict]:
                 if dtype == "bf16":
                     loss_fn = mixed_precision(loss_fn, mx.bfloat16)
                 step = make_step(model, optimizer, loss_fn, settings)
-                batch_rows, seq = spec["batch"][preset], spec["seq"]
+                # nano's positions stop at 256: its rows are that long
+                batch_rows, seq = spec["batch"][preset], min(spec["seq"], cfg.model.max_seq_len)
                 rng = np.random.default_rng(spec["seed"])
                 per_token, per_sample, layers, dim = matmul_params(model, "lm")
                 meta = {"params_per_token": per_token, "params_per_sample": per_sample,
@@ -173,6 +174,67 @@ def lm_rows(spec: dict) -> list[dict]:
     return rows
 
 
+def profile_step(spec: dict, preset: str, dtype: str) -> dict:
+    """Where one step's time goes (issue 60 item 5): the compiled forward, forward + backward and
+    whole step of `preset` timed apart, attention (MLX's fused SDPA, causal, forward + backward)
+    timed alone at the model's shapes, and the matmuls' floor (their FLOPs over the best GEMM)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+
+    from bench import compose, matmul_params
+    from mlxlab.config import instantiate
+    from mlxlab.objectives import losses
+    from mlxlab.training.settings import TrainerSettings
+    from mlxlab.training.step import make_step, mixed_precision
+
+    cfg = compose(Path(tempfile.mkdtemp(prefix="bench-gpu-prof-")),
+                  [f"model=transformer_{preset}", *spec["model_overrides"]])
+    mx.random.seed(0)
+    model = instantiate(cfg.model, vocab_size=spec["vocab"], num_labels=None)
+    model.train()
+    loss_fn = losses.task_loss("lm")
+    low = mx.bfloat16 if dtype == "bf16" else mx.float32
+    if dtype == "bf16":
+        loss_fn = mixed_precision(loss_fn, mx.bfloat16)
+    b, t = spec["batch"][preset], spec["seq"]
+    ids = mx.array(np.random.default_rng(0).integers(0, spec["vocab"], (b, t + 1), dtype=np.int32))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mx.ones((b, t), mx.float32)}
+    forward = mx.compile(lambda x: loss_fn(model, x)[0])
+    grads = mx.compile(lambda x: nn.value_and_grad(model, loss_fn)(model, x)[1])
+    step = make_step(model, optim.AdamW(learning_rate=1e-4, weight_decay=0.01), loss_fn,
+                     TrainerSettings(precision=dtype, grad_clip=1.0, fused_kernels="auto"))
+    heads, dim = cfg.model.num_heads, cfg.model.dim
+    q = mx.random.normal((b, heads, t, dim // heads)).astype(low)
+
+    def attention(q):
+        return mx.fast.scaled_dot_product_attention(q, q, q, scale=(dim // heads) ** -0.5,
+                                                    mask="causal").sum()
+
+    attn = mx.compile(mx.grad(attention))
+
+    def timed(fn, *args, n: int = 10) -> float:
+        for _ in range(3):
+            mx.eval(fn(*args))
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            mx.eval(fn(*args))
+            times.append(time.perf_counter() - started)
+        return 1e3 * statistics.median(times)
+
+    per_token, _, layers, _ = matmul_params(model, "lm")
+    out = {"preset": preset, "dtype": dtype, "batch": b, "seq": t,
+           "forward_ms": timed(forward, batch), "forward_backward_ms": timed(grads, batch),
+           "step_ms": timed(lambda x: step([x])[0], batch),
+           "attention_fwd_bwd_ms": layers * timed(attn, q)}
+    best = spec.get("gemm_best", {}).get(dtype)
+    if best:
+        out["matmul_floor_ms"] = 1e3 * 6 * per_token * b * t / (best * 1e12)
+    return out
+
+
 def mlx_worker(spec: dict) -> dict:
     import mlxlab  # noqa: F401  (the fast BLAS on CPU, before mlx.core)
     from mlxlab.runtime import device
@@ -185,8 +247,16 @@ def mlx_worker(spec: dict) -> dict:
     started = time.monotonic()
     best = gemm(spec["gemm"], started + spec["budget"]["gemm"])
     spec["deadline"] = time.monotonic() + spec["budget"]["mlx"]
+    rows = lm_rows(spec)
+    spec["gemm_best"] = best
+    profiles = []
+    for preset, dtype in spec.get("profile", []):
+        try:
+            profiles.append(profile_step(spec, preset, dtype))
+        except Exception as exc:  # noqa: BLE001  (reported, like a row)
+            profiles.append({"preset": preset, "dtype": dtype, "error": str(exc).splitlines()[0][:200]})
     return {"device": line, "backend": described.backend, "name": described.name,
-            "kernel_cache_empty": empty, "gemm_tflops": best, "rows": lm_rows(spec),
+            "kernel_cache_empty": empty, "gemm_tflops": best, "rows": rows, "profiles": profiles,
             "gemm_s": time.monotonic() - started}
 
 
@@ -225,7 +295,7 @@ def torch_worker(spec: dict) -> dict:
                     forward = model if mode == "eager" else torch.compile(
                         model, backend="inductor" if on_gpu else "eager")
                     rng = np.random.default_rng(spec["seed"])
-                    b, t = item["batch"], spec["seq"]
+                    b, t = item["batch"], item["seq"]
                     times = []
                     if on_gpu:
                         torch.cuda.reset_peak_memory_stats()
@@ -273,8 +343,10 @@ def run_train(root: Path, overrides: list[str], timeout: float):
     return out, {"wall_s": time.monotonic() - started}
 
 
-def default_experiment(dry: bool, root: Path, timeout: float) -> dict:
-    run_dir = root / "default"
+def default_experiment(dry: bool, root: Path, timeout: float, name: str = "default") -> dict:
+    """The README's default run; `name="first"` on a fresh machine is the first run's wait (MLX
+    compiles its CUDA kernels): the lines it printed about compiling come back with it."""
+    run_dir = root / name
     extra = ["trainer.max_epochs=1", "trainer.max_steps=4", *[o.replace("dim", "hidden_size")
                                                                 for o in DRY_MODEL]] if dry else []
     out, res = run_train(root, ["tracking=csv", "callbacks.progress.enabled=false",
@@ -283,11 +355,15 @@ def default_experiment(dry: bool, root: Path, timeout: float) -> dict:
         return res
     tags = json.loads((run_dir / "tracking" / "tags.json").read_text())
     summary = [line for line in out.stdout.splitlines() if line.startswith("validation")]
+    said = [line.strip()[:300] for line in (out.stdout + out.stderr).splitlines()
+            if "compile" in line.lower()]
     return {**res, "compile_s": float(tags.get("mlxlab.compile_s", "nan")),
-            "summary": summary[0] if summary else ""}
+            "summary": summary[0] if summary else "", "compile_lines": said[:4]}
 
 
 def lora(dry: bool, root: Path, timeout: float, sizes: tuple[int, int]) -> dict:
+    """LoRA and 4-bit QLoRA (`model.quantize=4`: the base packed at load) fine-tunes of one random
+    Llama written on the spot (no PyTorch needed), through mlx-lm's model code."""
     import csv
 
     sys.path.insert(0, str(REPO / "scripts"))
@@ -296,19 +372,25 @@ def lora(dry: bool, root: Path, timeout: float, sizes: tuple[int, int]) -> dict:
     hidden, layers = sizes
     base = save_tiny_llama_without_torch(root / "llama", hidden=hidden, layers=layers,
                                          heads=max(2, hidden // 64), kv_heads=max(1, hidden // 256))
-    run_dir = root / "lora"
     steps = 4 if dry else 100
-    out, res = run_train(root, [
-        "experiment=finetune_completions", f"model.pretrained={base}", "tracking=csv",
-        "callbacks.progress.enabled=false", f"trainer.max_steps={steps}",
-        f"trainer.eval_every_steps={steps}", f"trainer.log_every_steps={2 if dry else 10}",
-        f"hydra.run.dir={run_dir}"], timeout)
-    if out is None:
-        return res
-    with open(run_dir / "tracking" / "metrics.csv") as f:  # the first window holds the compile
-        rates = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "train/tokens_per_sec"]
-    return {**res, "steps": steps, "hidden": hidden, "layers": layers,
-            "tokens_per_s": statistics.median(rates[1:] or rates or [0.0])}
+    res: dict = {}
+    for kind, extra in (("lora", []), ("qlora", ["model.quantize=4"])):
+        run_dir = root / kind
+        out, row = run_train(root, [
+            "experiment=finetune_completions", f"model.pretrained={base}", "tracking=csv",
+            "callbacks.progress.enabled=false", f"trainer.max_steps={steps}",
+            f"trainer.eval_every_steps={steps}", f"trainer.log_every_steps={2 if dry else 10}",
+            f"hydra.run.dir={run_dir}", *extra], timeout / 2)
+        if out is not None:
+            with open(run_dir / "tracking" / "metrics.csv") as f:  # the first window holds the compile
+                rates = [float(r["value"]) for r in csv.DictReader(f)
+                         if r["name"] == "train/tokens_per_sec"]
+            tags = json.loads((run_dir / "tracking" / "tags.json").read_text())
+            row.update({"steps": steps, "hidden": hidden, "layers": layers,
+                        "compile_s": float(tags.get("mlxlab.compile_s", "nan")),
+                        "tokens_per_s": statistics.median(rates[1:] or rates or [0.0])})
+        res[kind] = row
+    return res
 
 
 def gpu_tests(root: Path, timeout: float) -> dict:
@@ -385,16 +467,43 @@ def report(res: dict) -> str:
                   for r in torch_res["rows"] if "tokens_per_s" not in r]
         out.append(f"\nPyTorch twin: torch {torch_res['torch']} on {torch_res['device']}"
                    + (f"; not measured: {'; '.join(errors)}" if errors else "") + ".")
+    for prof in mlx.get("profiles", []):
+        if "error" in prof:
+            out.append(f"\nProfile of {prof['preset']}/{prof['dtype']}: {prof['error']}")
+            continue
+        out.append(f"\nWhere a {prof['preset']} {prof['dtype']} step ({prof['batch']} x {prof['seq']}) "
+                   f"goes: forward {prof['forward_ms']:.1f} ms, forward + backward "
+                   f"{prof['forward_backward_ms']:.1f} ms, whole step {prof['step_ms']:.1f} ms "
+                   f"(clip + AdamW ~{prof['step_ms'] - prof['forward_backward_ms']:.1f} ms); attention "
+                   f"alone (fused SDPA, causal, fwd + bwd, all layers) {prof['attention_fwd_bwd_ms']:.1f} "
+                   f"ms; the matmuls at the best GEMM's rate {fmt(prof.get('matmul_floor_ms'))} ms.")
+    inst, first = res.get("install", {}), res.get("first", {})
     d, lo, tests = res["default"], res["lora"], res["pytest"]
-    out += ["", "| run | result |", "|---|---|",
-            "| default experiment (`mlxlab-train tracking=csv`) | " + (
-                f"{d['wall_s']:.1f} s wall, first step compiled in {d['compile_s']:.1f} s; {d['summary']}"
-                if "wall_s" in d else d.get("error") or d.get("skipped")) + " |",
-            "| LoRA, `experiment=finetune_completions` on a random Llama | " + (
-                f"hidden {lo['hidden']}, {lo['layers']} layers, {lo['steps']} steps in {lo['wall_s']:.1f} s, "
-                f"{lo['tokens_per_s']:,.0f} tokens/s" if "wall_s" in lo
-                else lo.get("error") or lo.get("skipped")) + " |",
-            f"| `pytest -m gpu` | {tests['summary']} |"]
+    cpu = res.get("cpu_runs", {})  # the same runs on the CPU box (--cpu-json)
+
+    def run_cell(r: dict) -> str:
+        if "wall_s" not in r:
+            return r.get("error") or r.get("skipped") or "not run"
+        text = f"{r['wall_s']:.1f} s wall, first step compiled in {r['compile_s']:.1f} s"
+        return text + (f", {r['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in r else "")
+
+    out += ["", "| run | on the GPU | on the CPU box |", "|---|---|---|"]
+    if inst:
+        out.append(f"| `pip install -e \".[cuda13]\"` from the carried wheels | "
+                   f"{inst.get('seconds', 0):.0f} s ({inst.get('how', '?')}) | |")
+    if first:
+        out.append("| first run on a fresh machine (default experiment, empty kernel cache) | "
+                   + run_cell(first) + "; it said: " + " / ".join(f"`{x}`" for x in
+                                                                  first.get("compile_lines", [])) + " | |")
+    out.append("| default experiment (`mlxlab-train tracking=csv`) | " + run_cell(d)
+               + (f"; {d['summary']}" if d.get("summary") else "") + " | "
+               + run_cell(cpu.get("default", {})) + " |")
+    for kind, label in (("lora", "LoRA"), ("qlora", "QLoRA (4-bit base, `model.quantize=4`)")):
+        r = lo.get(kind, lo if kind == "lora" else {})
+        shape = f" hidden {r['hidden']}, {r['layers']} layers, {r['steps']} steps" if "hidden" in r else ""
+        out.append(f"| {label}, `experiment=finetune_completions` on a random Llama{shape} | "
+                   + run_cell(r) + " | " + run_cell(cpu.get("lora", {}).get(kind, {})) + " |")
+    out.append(f"| `pytest -m gpu` | {tests['summary']} | |")
     for fig in tests.get("figures", []):
         if fig.get("test") == "determinism":
             out.append(f"| determinism (Titanic, 36 steps) | two processes: bitwise "
@@ -429,6 +538,8 @@ def main() -> None:
                         "runs (default experiment, LoRA), pytest (-m gpu); added to <out>/bench_gpu.json")
     parser.add_argument("--from-json", nargs="+", help="render these bench_gpu.json files, merged "
                         "in order (with --write: into the docs)")
+    parser.add_argument("--cpu-json", help="a CPU box's bench_gpu.json (--parts runs): its runs "
+                        "beside the GPU's in the report")
     parser.add_argument("--mlx-worker", help=argparse.SUPPRESS)
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -443,13 +554,16 @@ def main() -> None:
             res = json.loads(Path(path).read_text())
             merged = {**merged, **res, "parts": sorted(set(merged.get("parts", [])) | set(res.get("parts", []))),
                       "total_s": merged.get("total_s", 0.0) + res.get("total_s", 0.0)}
+        if args.cpu_json:
+            cpu = json.loads(Path(args.cpu_json).read_text())
+            merged["cpu_runs"] = {"default": cpu.get("default", {}), "lora": cpu.get("lora", {})}
         emit(merged, args.write)
         return
     started = time.monotonic()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = set(parts) - {"mlx", "torch", "runs", "pytest"}
+    unknown = set(parts) - {"first", "mlx", "torch", "runs", "pytest"}
     if unknown:
-        parser.error(f"--parts: unknown {sorted(unknown)}; choose from mlx, torch, runs, pytest")
+        parser.error(f"--parts: unknown {sorted(unknown)}; choose from first, mlx, torch, runs, pytest")
     sizes = DRY if args.dry_run else FULL
     budget = {part: share * args.budget_min * 60 for part, share in SHARES.items()}
     if args.dry_run:
@@ -465,8 +579,15 @@ def main() -> None:
     spec = {"vocab": sizes["vocab"], "seq": sizes["seq"], "batch": sizes["batch"],
             "warmup": sizes["warmup"], "steps": sizes["steps"], "gemm": sizes["gemm"],
             "seed": 0, "budget": budget, "dry_run": args.dry_run,
-            "model_overrides": model_overrides, "cache_dir": str(REPO / ".cache" / "mlxlab")}
+            "model_overrides": model_overrides, "cache_dir": str(REPO / ".cache" / "mlxlab"),
+            "profile": [("nano" if args.dry_run else "medium", "bf16"),
+                        ("nano" if args.dry_run else "medium", "fp32")]}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    installed = out / "install.json"  # gpu_window.sh's install step: its time and how it went
+    if installed.exists():
+        res["install"] = json.loads(installed.read_text())
+    if "first" in parts:  # before anything else on a fresh machine: the kernel compiles' wait
+        res["first"] = default_experiment(args.dry_run, out, 600.0, name="first")
     if "mlx" in parts:
         # a first run on a new GPU compiles MLX's kernels (~3 min) inside this part: its timeout allows it
         res["mlx"] = run_worker("mlx", spec, out, budget["gemm"] + budget["mlx"] + 300, env)
@@ -480,7 +601,8 @@ def main() -> None:
             cfg = compose(out / "cfg", [f"model=transformer_{preset}", *model_overrides])
             model_cfg = {k: v for k, v in dict(cfg.model).items()
                          if k not in ("_target_", "lora", "max_seq_len")}
-            models.append({"preset": preset, "cfg": model_cfg, "batch": sizes["batch"][preset]})
+            models.append({"preset": preset, "cfg": model_cfg, "batch": sizes["batch"][preset],
+                           "seq": min(sizes["seq"], cfg.model.max_seq_len)})
         res["torch"] = run_worker("torch", {**spec, "models": models}, out, budget["torch"] + 120,
                                   env)
     if "runs" in parts:

@@ -14,6 +14,7 @@ model, which bench.py times in the same rounds).
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import json
 import sys
 from pathlib import Path
@@ -47,11 +48,13 @@ def torch_models():
 
         def rope(self, x):  # MLX nn.RoPE(traditional=False): rotate the two halves of a head
             t, d = x.shape[2], x.shape[3]
-            if t not in self.rope_cache:
-                freqs = self.rope_theta ** (-torch.arange(0, d // 2, dtype=torch.float32) / (d // 2))
-                angles = torch.arange(t, dtype=torch.float32)[:, None] * freqs[None, :]
-                self.rope_cache[t] = (angles.cos(), angles.sin())
-            cos, sin = self.rope_cache[t]
+            key = (t, x.device)  # made on the input's device (a GPU run: cuda)
+            if key not in self.rope_cache:
+                arange = partial(torch.arange, dtype=torch.float32, device=x.device)
+                freqs = self.rope_theta ** (-arange(0, d // 2) / (d // 2))
+                angles = arange(t)[:, None] * freqs[None, :]
+                self.rope_cache[key] = (angles.cos(), angles.sin())
+            cos, sin = self.rope_cache[key]
             x1, x2 = x[..., : d // 2], x[..., d // 2 :]
             return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
