@@ -14,9 +14,9 @@ model, which bench.py times in the same rounds).
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np

@@ -22,7 +22,9 @@ PARTS=/tmp/gpu-parts    # the carried parts, kept between calls
 WHEELS=/tmp/gpu-wheels  # the joined wheels
 STATE=/tmp/gpu-bench    # the pipeline's log, JSON and runs ($OUT is emptied each call)
 # What the GPU image already has (not carried): the big ones the resolution would bring again.
-IMAGE_HAS='^(numpy|scipy|pandas|pyarrow|matplotlib|scikit_learn|torch|transformers|tokenizers|safetensors|huggingface_hub|hf_xet|sentencepiece|pillow|fonttools|kiwisolver|contourpy|aiohttp|yarl|multidict|frozenlist|propcache|grpcio|protobuf|pyyaml|regex|psutil|xxhash|tqdm|jinja2|markupsafe|requests|urllib3|certifi|charset_normalizer|idna|packaging|filelock|fsspec|joblib|threadpoolctl|nanobind|rich|pygments|typing_extensions|python_dateutil|pytz|tzdata|six|click|werkzeug|attrs|markdown_it_py|mdurl|cycler|pyparsing|anyio|h11|httpcore|httpx|sniffio|aiosignal|aiohappyeyeballs|shellingham|typer|zipp|websocket_client|networkx|sympy|mpmath|triton|nvidia_[a-z0-9_]+|cuda_[a-z_]+)-'
+# certifi is carried: the image's (2026.7) is older than databricks-sdk (via mlflow) asks for, and
+# pip's resolver then refused the install (2026-11-25's window fell back to --no-deps).
+IMAGE_HAS='^(numpy|scipy|pandas|pyarrow|matplotlib|scikit_learn|torch|transformers|tokenizers|safetensors|huggingface_hub|hf_xet|sentencepiece|pillow|fonttools|kiwisolver|contourpy|aiohttp|yarl|multidict|frozenlist|propcache|grpcio|protobuf|pyyaml|regex|psutil|xxhash|tqdm|jinja2|markupsafe|requests|urllib3|charset_normalizer|idna|packaging|filelock|fsspec|joblib|threadpoolctl|nanobind|rich|pygments|typing_extensions|python_dateutil|pytz|tzdata|six|click|werkzeug|attrs|markdown_it_py|mdurl|cycler|pyparsing|anyio|h11|httpcore|httpx|sniffio|aiosignal|aiohappyeyeballs|shellingham|typer|zipp|websocket_client|networkx|sympy|mpmath|triton|nvidia_[a-z0-9_]+|cuda_[a-z_]+)-'
 
 case "${1:-}" in
 prepare)

@@ -31,12 +31,17 @@ def report(test: str, **figures) -> None:
             f.write(line + "\n")
 
 
-def weight_gap(a: dict, b: dict) -> tuple[bool, float]:
-    """(bitwise equal, largest relative difference ||x - y|| / ||y|| over the tensors)."""
-    bitwise = all(np.array_equal(a[k], b[k]) for k in a)
-    gap = max(float(np.linalg.norm(a[k].astype(np.float64) - b[k]) /
-                    max(np.linalg.norm(b[k].astype(np.float64)), 1e-30)) for k in a)
-    return bitwise, gap
+def weight_gap(a: dict, b: dict) -> tuple[bool, float, dict]:
+    """(bitwise equal, largest relative difference ||x - y|| / ||y|| over the tensors, and where:
+    the worst tensor's name and norm, the median gap, how many tensors are bitwise equal). The
+    2026-11-25 H100 window failed here with a gap of 1.1 and no name: the next one says which."""
+    gaps = {k: float(np.linalg.norm(a[k].astype(np.float64) - b[k]) /
+                     max(np.linalg.norm(b[k].astype(np.float64)), 1e-30)) for k in a}
+    worst = max(gaps, key=gaps.get)
+    where = {"worst_tensor": worst, "worst_norm": float(np.linalg.norm(b[worst])),
+             "median_gap": float(np.median(list(gaps.values()))),
+             "bitwise_tensors": f"{sum(np.array_equal(a[k], b[k]) for k in a)}/{len(a)}"}
+    return all(np.array_equal(a[k], b[k]) for k in a), gaps[worst], where
 
 
 def test_a_training_step_runs_on_the_gpu(tmp_path, caplog):
@@ -90,8 +95,9 @@ def test_runs_repeat_and_resume_to_the_gpu_tolerance(tmp_path, cli_env):
     two_processes, resume = weight_gap(final_weights(again), base), weight_gap(
         final_weights(resumed), base)
     report("determinism", two_processes_bitwise=two_processes[0],
-           two_processes_rel_gap=two_processes[1], resume_bitwise=resume[0],
-           resume_rel_gap=resume[1], tolerance=GPU_RTOL)
+           two_processes_rel_gap=two_processes[1], two_processes_where=two_processes[2],
+           resume_bitwise=resume[0], resume_rel_gap=resume[1], resume_where=resume[2],
+           tolerance=GPU_RTOL)
     for key in base:
         assert same_array(final_weights(resumed)[key], base[key]), key
 
