@@ -303,6 +303,19 @@ def grpo_args(tiny: dict, *extra: str) -> list[str]:
     ]
 
 
+def test_mu_passes_summed_by_grad_accum_are_refused_before_a_step(tiny, make_cfg):
+    """num_iterations = 2 with grad_accum = 2 would sum a generation's two passes into one
+    step at unchanged weights (the update of num_iterations = 1): one line, no step trained;
+    accumulating single passes (mu = 1) over generations stays allowed."""
+    from mlxlab.train import train
+
+    with pytest.raises(ConfigError, match=r"objective.num_iterations=2 takes 2 optimizer steps "
+                       r"per generation, and trainer.grad_accum=2 would sum"):
+        train(make_cfg(*grpo_args(tiny, "trainer.grad_accum=2")))
+    GRPO(VARIETY, num_iterations=1).check_step_plan(4)
+    GRPO(VARIETY, num_iterations=3).check_step_plan(1)
+
+
 @pytest.mark.slow  # ~1 min on 2 loaded cores (train + export)
 def test_a_grpo_run_logs_trls_metrics_and_samples_to_mlflow(tiny, make_cfg, tmp_path):
     """8 steps through mlxlab-train's train(): every TRL metric at every step in MLflow
@@ -423,4 +436,20 @@ def test_a_memory_probe_under_grpo_is_one_line_not_a_crash(tmp_path, override):
     cfg = compose_cfg(tmp_path, ["experiment=grpo_copy", "model.pretrained=/nowhere", override])
     GlobalHydra.instance().clear()
     with pytest.raises(ConfigError, match="objective grpo makes its batches while it trains"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("objective", ["supervised", "distill"])
+def test_prompts_alone_under_an_objective_that_trains_on_rows_is_one_line(tmp_path, objective):
+    """data=prompts has no completions: supervised (or distillation) training on it was a KeyError
+    in the first step; now config.validate names the two and the fix."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import compose_cfg
+    from mlxlab.config import validate
+
+    cfg = compose_cfg(tmp_path, ["experiment=finetune_completions", "data=prompts",
+                                 f"objective={objective}", "model.pretrained=/nowhere"])
+    GlobalHydra.instance().clear()
+    with pytest.raises(ConfigError, match="holds prompts without completions, and objective "):
         validate(cfg)

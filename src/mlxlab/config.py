@@ -244,6 +244,7 @@ def validate(cfg: DictConfig) -> None:
     _check_callbacks(cfg)
     _check_optimized_metric(cfg)
     _check_memory_probe(cfg)
+    _check_prompts_only(cfg)
     _check_settings(cfg)
     _check_replicates(cfg)
 
@@ -410,6 +411,24 @@ def _check_memory_probe(cfg: DictConfig) -> None:
             f"{', '.join(probes)}: objective {objective.name} makes its batches while it trains, "
             "and the memory probe measures the data's: set trainer.memory_budget_mb=null and a "
             "fixed trainer.micro_batch (preset=production sets memory_budget_mb=8000)")
+
+
+def _check_prompts_only(cfg: DictConfig) -> None:
+    """Data of prompts alone (data=prompts) trains only under an objective that makes its
+    batches from them; another would meet rows without tokens to train on (a KeyError deep in
+    the first step before this check)."""
+    from hydra.utils import get_class
+
+    try:
+        data, objective = get_class(cfg.data._target_), get_class(cfg.objective._target_)
+    except Exception:  # an unknown target fails at instantiation with Hydra's own message
+        return
+    if getattr(data, "prompts_only", False) and not getattr(objective, "makes_batches", False):
+        raise ConfigError(
+            f"data {data.__name__} holds prompts without completions, and objective "
+            f"{objective.__name__} trains on the data's rows: pick an objective that samples "
+            "completions (objective=grpo, experiment=grpo_*), or data=completions / data=chat "
+            "for supervised fine-tuning")
 
 
 # Config groups whose option a user picks on the command line (group=option).

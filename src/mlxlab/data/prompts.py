@@ -82,6 +82,9 @@ class PromptRows(PromptCompletion):
     pretrained model's (model.pretrained) unless data.chat_template names a .jinja file."""
 
     task = "lm"  # the model is a language model: export, generation and eval.tasks apply
+    # Its rows have no completions to train on: only an objective that makes its own batches
+    # from them (Objective.makes_batches: GRPO's rollouts) can train (config.py checks).
+    prompts_only = True
 
     def __init__(
         self,

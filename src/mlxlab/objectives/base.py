@@ -193,6 +193,10 @@ class Objective:
         """Batches train_batches yields per batch of the data module (the plan counts steps by it)."""
         return 1
 
+    def check_step_plan(self, grad_accum: int) -> None:
+        """One ConfigError line when the objective's batches cannot be summed `grad_accum` at a
+        time into one optimizer step (called once the plan is known, before the first step)."""
+
     def evaluate(self, model: nn.Module, data: Any, batching: Batching,
                  world: distributed.World | None = None, prefix: str = "val",
                  step: int | None = None) -> Evaluation:

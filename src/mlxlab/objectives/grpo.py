@@ -136,6 +136,16 @@ class GRPO(Objective):
     def batches_per_data_batch(self) -> int:
         return self.mu
 
+    def check_step_plan(self, grad_accum: int) -> None:
+        # The mu passes over one generation are meant as mu optimizer steps. Accumulated, they
+        # would meet in one step at unchanged weights (ratio 1: the update of num_iterations=1).
+        if self.mu > 1 and grad_accum > 1:
+            raise ConfigError(
+                f"objective.num_iterations={self.mu} takes {self.mu} optimizer steps per "
+                f"generation, and trainer.grad_accum={grad_accum} would sum those passes into "
+                "one step (the update of num_iterations=1): set trainer.grad_accum=1 (a larger "
+                "data.batch_size makes a larger generation) or objective.num_iterations=1")
+
     def train_batches(self, data: Any, batching: Batching, epoch: int,
                       model: nn.Module) -> Iterator[Batch]:
         """The buffer's passes left (a resumed run's first), then per batch of prompts: a

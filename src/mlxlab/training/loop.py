@@ -201,6 +201,7 @@ class Fit:
         self.batching, self.grad_accum = plan_micro_batch(Fitting(  # training/micro_batch.py
             model, data, self.loss_fn, settings, world, self.rows_of, self.optimizer_factory,
             self.run_dir, self.resume, self.config, self.tags), batching, rank_batches)
+        objective.check_step_plan(self.grad_accum)
         self.total_steps, self.max_epochs, self.steps_per_epoch = plan(
             data, settings, self.batching, self.grad_accum, world if rank_batches else None,
             per_data_batch=objective.batches_per_data_batch())
