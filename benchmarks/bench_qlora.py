@@ -123,6 +123,10 @@ def measure(runs: list[tuple[str, str, Path]], data: Path, args, shape: dict) ->
             out = work / "runs" / f"{label}-{tool}-{rnd}"
             s = summary(run(tool, model, data, args.steps, out), args.skip,
                         shape["seq"] * shape["batch"])
+            # the 1-minute load average as the run ended: another busy process on these 2 cores
+            # slows a 2-thread run 4-20x (OpenBLAS's threads wait on a descheduled one), so a
+            # row run beside one is visible as such
+            s["load_1min"] = os.getloadavg()[0]
             results.setdefault((label, tool), []).append(s)
             print(json.dumps({"round": rnd, "model": label, "tool": tool, **s}), flush=True)
     return results
