@@ -1,8 +1,9 @@
 """mlx-lm's decoders through mlxlab's fused CPU kernels (models/mlx_lm_fused.py, issue 54): a
-loaded llama / qwen3 takes the fused attention, SwiGLU, RMSNorm and RoPE on the CPU, with logits and
-LoRA gradients equal to mlx-lm's own code (the kernels off) to float32 rounding; where the fused
-path does not apply (kernels off, a KV cache, another dtype) the wrappers run mlx-lm's functions
-to the bit."""
+loaded llama / qwen3 takes the fused attention, SwiGLU, RMSNorm and RoPE on the CPU, a Gemma 3 its
+(1 + weight) norms, its GELU-gated MLP (the backward recomputing the GELU) and its attention, with
+logits and LoRA gradients equal to mlx-lm's own code (the kernels off) to float32 rounding; where
+the fused path does not apply (kernels off, a KV cache, another dtype) the wrappers run mlx-lm's
+functions to the bit. A Gemma 3 LoRA step's MLX peak stays below mlx-lm's own training step's."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ from hf_helpers import save_tiny_model
 from mlxlab import kernels
 from mlxlab.models import layers
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
-from mlxlab.models.mlx_lm_fused import ORIGINALS, RoPE
+from mlxlab.models.mlx_lm_fused import (
+    ORIGINALS,
+    GemmaAttention,
+    GemmaMLP,
+    GemmaRMSNorm,
+    RoPE,
+    gelu_gate,
+)
 
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["query", "key", "value", "out", "gate_proj"]}
 
@@ -52,6 +60,13 @@ def test_fused_decoder_equals_mlx_lm(kind, tmp_path, kernel_mode, monkeypatch):
     assert all(type(m) is not nn.RMSNorm for m in model.lm.modules())
     assert any(isinstance(m, layers.RMSNorm) for m in model.lm.modules())
     assert any(isinstance(m, RoPE) for m in model.lm.modules())
+    assert_fused_equals_mlx_lm(model, kernel_mode, monkeypatch)
+
+
+def assert_fused_equals_mlx_lm(model: MLXLMDecoder, kernel_mode, monkeypatch,
+                               tolerance: float = 1e-4) -> None:
+    """Logits and LoRA gradients with the kernels on (every layer's attention through
+    kernels.attention) equal those with them off (mlx-lm's own code) to `tolerance`."""
     ids = mx.array(np.random.default_rng(0).integers(0, model.vocab_size, (2, 33)))
     calls = []
     original = kernels.attention  # counted: the wrapper reaches it on the CPU, kernels on
@@ -62,11 +77,52 @@ def test_fused_decoder_equals_mlx_lm(kind, tmp_path, kernel_mode, monkeypatch):
     kernel_mode("off")  # mlx-lm's own functions and mx.fast.rms_norm throughout
     ref_logits, ref_grads = logits_and_grads(model, ids)
     assert len(calls) == len(model.layers) * 2  # none more with the kernels off
-    np.testing.assert_allclose(fused_logits, ref_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fused_logits, ref_logits, rtol=tolerance, atol=tolerance)
     assert fused_grads.keys() == ref_grads.keys() and any("lora" in k for k in ref_grads)
     for name, g in ref_grads.items():
         scale = max(float(np.abs(g).max()), 1e-6)
-        np.testing.assert_allclose(fused_grads[name], g, rtol=0, atol=1e-4 * scale, err_msg=name)
+        np.testing.assert_allclose(fused_grads[name], g, rtol=0, atol=tolerance * scale,
+                                   err_msg=name)
+
+
+def test_fused_gemma3_equals_mlx_lm(tmp_path, kernel_mode, monkeypatch):
+    """Gemma 3 (a sliding-window layer, its mask an array at 32 positions over a window of 16,
+    then a global one): its norms, MLPs and attentions are mlx-lm's classes with mlxlab's
+    __call__, and compute mlx-lm's logits and LoRA gradients (gate_proj's adapters included:
+    their gradient goes through gelu_gate's backward) to 1e-5."""
+    if kernels.extension() is None:
+        pytest.skip("the fused kernels do not build here")
+    from mlx_lm.models import gemma3_text
+
+    folder = save_tiny_model("gemma3_text", tmp_path / "gemma", num_attention_heads=4,
+                             num_key_value_heads=2)
+    model = MLXLMDecoder(vocab_size=0, pretrained=str(folder), lora=LORA)
+    for mixin, original, count in ((GemmaRMSNorm, gemma3_text.RMSNorm, 4 * 2 + 1 + 2 * 2),
+                                   (GemmaMLP, gemma3_text.MLP, 2),
+                                   (GemmaAttention, gemma3_text.Attention, 2)):
+        swapped = [m for m in model.lm.modules() if isinstance(m, original)]
+        assert len(swapped) == count and all(isinstance(m, mixin) for m in swapped)
+    assert gemma3_text.scaled_dot_product_attention in ORIGINALS
+    assert_fused_equals_mlx_lm(model, kernel_mode, monkeypatch, tolerance=1e-5)
+
+
+def test_gelu_gate_equals_autodiff_of_mlx_lm_activation():
+    """gelu_gate's values are nn.gelu_approx(gate) * up's to the bit, its gradients autodiff's
+    to float32 rounding (over the GELU's curved range, and far into both tails)."""
+    rng = np.random.default_rng(2)
+    gate = mx.array(np.concatenate([rng.normal(0, 2, 500), [-30.0, -8.0, 0.0, 8.0, 30.0]])
+                    .astype(np.float32))
+    up = mx.array(rng.normal(size=gate.shape).astype(np.float32))
+    cot = mx.array(rng.normal(size=gate.shape).astype(np.float32))
+
+    def reference(g, u):
+        return nn.gelu_approx(g) * u
+
+    assert mx.array_equal(gelu_gate(gate, up), reference(gate, up)).item()
+    _, ours = mx.vjp(gelu_gate, [gate, up], [cot])
+    _, theirs = mx.vjp(reference, [gate, up], [cot])
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
 
 
 def test_wrappers_run_mlx_lm_where_the_kernels_do_not_apply(tmp_path, kernel_mode):
@@ -95,3 +151,67 @@ def test_wrappers_run_mlx_lm_where_the_kernels_do_not_apply(tmp_path, kernel_mod
     half = [x.astype(mx.bfloat16) for x in (q, k, v)]  # not float32: mlx-lm's SDPA
     assert same(attention(*half, None, 0.25, "causal"),
                 base.scaled_dot_product_attention(*half, None, scale=0.25, mask="causal"))
+
+
+def step_peak_bytes(run_step) -> int:
+    """MLX's peak memory over two training steps above what was allocated before them (the
+    second step runs the compiled graph the first traced)."""
+    mx.eval(mx.array(0.0))
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    for _ in range(2):
+        run_step()
+    return mx.get_peak_memory() - before
+
+
+def test_gemma3_lora_step_peak_is_below_mlx_lm_training(tmp_path, kernel_mode):
+    """The memory half of issue 54's item 5 on a tiny Gemma 3 built here: mlxlab's compiled LoRA
+    step (make_step, its loss and AdamW) on the loaded model peaks below mlx_lm.lora's own step
+    (mlx_lm.tuner.trainer's loss and compiled update) on the same folder, rows and adapters, by at
+    least one (rows, intermediate) float32 array per layer: what gelu_gate does not keep."""
+    if kernels.extension() is None:
+        pytest.skip("the fused kernels do not build here")
+    from functools import partial
+
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+
+    from mlxlab.objectives import losses
+    from mlxlab.training.settings import TrainerSettings
+    from mlxlab.training.step import make_step
+
+    rows, width, intermediate, layers = 4, 128, 512, 2
+    folder = save_tiny_model("gemma3_text", tmp_path / "gemma", intermediate_size=intermediate,
+                             num_hidden_layers=layers, max_position_embeddings=512)
+    kernel_mode("auto")
+    ids = mx.array(np.random.default_rng(0).integers(1, 64, (rows, width + 1)).astype(np.int32))
+
+    theirs, _ = load_model(folder)  # mlx_lm.lora's model, adapters and step
+    theirs.freeze()
+    linear_to_lora_layers(theirs, -1, {"rank": 8, "dropout": 0.0, "scale": 2.0, "keys": [
+        f"self_attn.{p}_proj" for p in "qkvo"]})
+    adam = optim.Adam(learning_rate=2e-4)
+    state = [theirs.state, adam.state, mx.random.state]
+    value_and_grad = nn.value_and_grad(theirs, default_loss)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def their_step(batch, lengths):
+        (loss, _), grads = value_and_grad(theirs, batch, lengths)
+        adam.update(theirs, grads)
+        return loss
+
+    lengths = mx.array([[0, width + 1]] * rows)
+    mx.eval(theirs.parameters())
+    their_peak = step_peak_bytes(lambda: mx.eval(their_step(ids, lengths), state))
+
+    ours = MLXLMDecoder(vocab_size=0, pretrained=str(folder),
+                        lora={"rank": 8, "alpha": 16.0, "targets": ["query", "key", "value", "out"]})
+    step = make_step(ours, kernels.AdamW(learning_rate=2e-4), losses.task_loss("lm"),
+                     TrainerSettings(max_steps=2))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mx.ones((rows, width))}
+    mx.eval(ours.parameters(), batch)
+    our_peak = step_peak_bytes(lambda: step([batch]))
+    one_array = rows * width * intermediate * 4
+    assert our_peak <= their_peak - layers * one_array, (our_peak, their_peak)

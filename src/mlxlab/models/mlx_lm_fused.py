@@ -24,6 +24,7 @@ mlx-lm model of that type in the process computes what it did.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -109,6 +110,7 @@ def use_fused_kernels(lm: nn.Module) -> int:
                 names[name] = wrap(original)
             if ORIGINALS.get(names.get(name)) is original:
                 routed += 1
+    routed += use_fused_gemma(lm)  # before the RoPE swap below: Gemma's rotations are nn.RoPE
     for m in lm.modules():
         if type(m) is nn.RMSNorm:  # exact: Gemma's (1 + weight) subclass is left alone
             m.__class__ = RMSNorm
@@ -117,3 +119,115 @@ def use_fused_kernels(lm: nn.Module) -> int:
             m.__class__ = RoPE
             routed += 1
     return routed
+
+
+# ---- Gemma 3 (mlx-lm's gemma3_text, and gemma3's text model) --------------------------------
+# Gemma 3 has its own RMSNorm (weight stored as w - 1: rms_norm(x, 1 + w)), a GELU-gated MLP
+# (gelu_approx(gate) * up) and q/k norms between the heads' transpose and the rotation; none of
+# them is a name or class the routes above take. Each is swapped here for a subclass computing
+# mlx-lm's math: the norms over kernels.rms_norm, the MLP's gate with a backward that recomputes
+# the GELU from gate and up (what autodiff of nn.gelu_approx keeps instead: its tanh and
+# products, three (rows, intermediate) arrays a layer, ~100 MB of the benchmark's 540 MB peak),
+# the attention with the q/k norms over the projection's (B, T, H, D) layout (a norm over D
+# commutes with the transpose) so the fused RoPE reads its input without a copy.
+
+
+@mx.custom_function
+def gelu_gate(gate: mx.array, up: mx.array) -> mx.array:
+    """nn.gelu_approx(gate) * up, mlx-lm's Gemma MLP activation, saving only gate and up for the
+    backward."""
+    return nn.gelu_approx(gate) * up
+
+
+@gelu_gate.vjp
+def _gelu_gate_vjp(primals: list[mx.array], cotangent: mx.array, output: mx.array
+                   ) -> tuple[mx.array, mx.array]:
+    # gelu_approx(g) = g (1 + tanh(z)) / 2 = g sigmoid(2z), 2z = 2c (g + 0.044715 g^3), c =
+    # sqrt(2 / pi); d/dg = s + g s (1 - s) 2c (1 + 3 * 0.044715 g^2), s = sigmoid(2z). Written
+    # with other ops than nn.gelu_approx's on purpose: mx.compile merges an expression the
+    # forward also computed (its tanh, its g^3) into one array, which then lives from the
+    # forward to the backward: the memory this function is here to save.
+    gate, up = primals
+    k1 = 2 * math.sqrt(2 / math.pi)
+    k3 = k1 * 0.044715
+    square = gate * gate
+    s = mx.sigmoid(gate * (k1 + k3 * square))
+    slope = s + gate * s * (1 - s) * (k1 + 3 * k3 * square)
+    return cotangent * up * slope, cotangent * (gate * s)
+
+
+def _gemma_route(x: mx.array) -> bool:
+    """Whether the Gemma subclasses take their fused / memory-saving path for `x`: the rule every
+    route here follows (CPU, float32, kernels on, op not skipped)."""
+    return fused("gelu", x) is not None
+
+
+def use_fused_gemma(lm: nn.Module) -> int:
+    """Swap Gemma 3's norms, MLPs and attentions for the subclasses below; returns how many."""
+    if not any(type(m).__module__ == "mlx_lm.models.gemma3_text" for m in lm.modules()):
+        return 0
+    routed = 0
+    for m in lm.modules():
+        mixin = GEMMA_MIXINS.get((type(m).__module__, type(m).__name__))
+        if mixin is not None:
+            if not isinstance(m, mixin):  # (a model routed twice keeps its one subclass)
+                m.__class__ = _subclass(mixin, type(m))
+            routed += 1
+    return routed
+
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def _subclass(mixin: type, original: type) -> type:
+    """`original` (mlx-lm's class, its name and module) with `mixin`'s __call__: isinstance
+    checks still see mlx-lm's class; built on first use (mlxlab does not import mlx-lm before
+    it loads a model)."""
+    key = (mixin, original)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(original.__name__, (mixin, original),
+                                {"__module__": original.__module__})
+    return _SUBCLASSES[key]
+
+
+class GemmaRMSNorm:
+    """mlx-lm's Gemma RMSNorm, rms_norm(x, 1 + weight, eps), through kernels.rms_norm (which is
+    mx.fast.rms_norm where the kernel does not apply)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+class GemmaMLP:
+    """mlx-lm's Gemma MLP, down(gelu_approx(gate(x)) * up(x)), its activation through gelu_gate
+    where the route applies."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not _gemma_route(x):
+            return super().__call__(x)
+        return self.down_proj(gelu_gate(self.gate_proj(x), self.up_proj(x)))
+
+
+class GemmaAttention:
+    """mlx-lm's Gemma 3 attention with the q/k norms before the heads' transpose (the same
+    values: the norm is over each head's D); with a KV cache, or off the route, mlx-lm's own."""
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None = None,
+                 cache: object = None) -> mx.array:
+        if cache is not None or not _gemma_route(x):
+            return super().__call__(x, mask, cache)
+        B, L, _ = x.shape
+        queries = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1))
+        keys = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1))
+        values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        queries = self.rope(queries.transpose(0, 2, 1, 3))
+        keys = self.rope(keys.transpose(0, 2, 1, 3))
+        attention = sys.modules[type(self).__module__].scaled_dot_product_attention
+        output = attention(queries, keys, values, cache=None, scale=self.scale, mask=mask)
+        return self.o_proj(kernels.merge_heads(output))
+
+
+# (mlx-lm module, class name) -> the mixin whose __call__ replaces the class's
+GEMMA_MIXINS = {("mlx_lm.models.gemma3_text", "RMSNorm"): GemmaRMSNorm,
+                ("mlx_lm.models.gemma3_text", "MLP"): GemmaMLP,
+                ("mlx_lm.models.gemma3_text", "Attention"): GemmaAttention}
