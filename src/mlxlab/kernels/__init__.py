@@ -1,7 +1,7 @@
 """Fused CPU kernels (C++ MLX primitives in csrc/) with the pure-MLX formulation as fallback.
 
-Models and losses call `cross_entropy`, `swiglu`, `gelu`, `attention`, `rms_norm`, `layer_norm`,
-`dropout`, `rope`, `split_heads`/`merge_heads` and `dequantize` (a 4/8-bit weight for the float
+Models and losses call `cross_entropy`, `swiglu`, `gelu_gate`, `gelu`, `attention`, `rms_norm`,
+`layer_norm`, `dropout`, `rope`, `split_heads`/`merge_heads` and `dequantize` (a 4/8-bit weight for the float
 GEMM: models/quantized_cpu.py) here, and the trainer's AdamW is `AdamW` (adamw.py); each call picks
 the fused primitive or the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run scalar on one
 thread, so the vocabulary softmax, the attention softmax and the SiLU of a small transformer cost
@@ -55,9 +55,11 @@ from mlxlab.kernels.ops import (
     dequantize,
     dropout,
     gelu,
+    gelu_gate,
     layer_norm,
     merge_heads,
     mlx_cross_entropy,
+    mlx_gelu_gate,
     quantized_product,
     rms_norm,
     rope,
@@ -66,7 +68,7 @@ from mlxlab.kernels.ops import (
 )
 
 __all__ = ["MODES", "OPS", "AdamW", "attention", "cross_entropy", "dequantize", "dropout", "extension",
-           "flush_denormals", "gelu",
-           "isa_level", "layer_norm", "merge_heads", "mlx_cross_entropy", "mode", "quantized_product", "rms_norm", "rope",
+           "flush_denormals", "gelu", "gelu_gate",
+           "isa_level", "layer_norm", "merge_heads", "mlx_cross_entropy", "mlx_gelu_gate", "mode", "quantized_product", "rms_norm", "rope",
            "set_mode", "set_skip", "set_threads", "skipped", "split_heads", "status", "swiglu",
            "threads"]

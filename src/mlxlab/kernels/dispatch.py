@@ -19,7 +19,7 @@ from mlxlab.runtime import cpu, settings
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
-OPS = ("cross_entropy", "swiglu", "attention", "rms_norm", "rope", "heads", "adamw", "gelu",
+OPS = ("cross_entropy", "swiglu", "gelu_gate", "attention", "rms_norm", "rope", "heads", "adamw", "gelu",
        "layer_norm", "dropout", "dequantize", "quantized_matmul")
 
 # What set_mode, set_skip and set_threads chose; None: what the environment says (settings).

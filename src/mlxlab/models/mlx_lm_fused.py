@@ -24,7 +24,6 @@ mlx-lm model of that type in the process computes what it did.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -125,41 +124,18 @@ def use_fused_kernels(lm: nn.Module) -> int:
 # Gemma 3 has its own RMSNorm (weight stored as w - 1: rms_norm(x, 1 + w)), a GELU-gated MLP
 # (gelu_approx(gate) * up) and q/k norms between the heads' transpose and the rotation; none of
 # them is a name or class the routes above take. Each is swapped here for a subclass computing
-# mlx-lm's math: the norms over kernels.rms_norm, the MLP's gate with a backward that recomputes
-# the GELU from gate and up (what autodiff of nn.gelu_approx keeps instead: its tanh and
-# products, three (rows, intermediate) arrays a layer, ~100 MB of the benchmark's 540 MB peak),
+# mlx-lm's math: the norms over kernels.rms_norm, the MLP's gate through kernels.gelu_gate,
+# whose backward recomputes the GELU from gate and up (what autodiff of nn.gelu_approx keeps
+# instead: its tanh and products, ~3.7 (rows, intermediate) float32 arrays a layer, 138 MiB of
+# the 538 MiB peak of bench_qlora's gemma3_text step),
 # the attention with the q/k norms over the projection's (B, T, H, D) layout (a norm over D
 # commutes with the transpose) so the fused RoPE reads its input without a copy.
 
 
-@mx.custom_function
-def gelu_gate(gate: mx.array, up: mx.array) -> mx.array:
-    """nn.gelu_approx(gate) * up, mlx-lm's Gemma MLP activation, saving only gate and up for the
-    backward."""
-    return nn.gelu_approx(gate) * up
-
-
-@gelu_gate.vjp
-def _gelu_gate_vjp(primals: list[mx.array], cotangent: mx.array, output: mx.array
-                   ) -> tuple[mx.array, mx.array]:
-    # gelu_approx(g) = g (1 + tanh(z)) / 2 = g sigmoid(2z), 2z = 2c (g + 0.044715 g^3), c =
-    # sqrt(2 / pi); d/dg = s + g s (1 - s) 2c (1 + 3 * 0.044715 g^2), s = sigmoid(2z). Written
-    # with other ops than nn.gelu_approx's on purpose: mx.compile merges an expression the
-    # forward also computed (its tanh, its g^3) into one array, which then lives from the
-    # forward to the backward: the memory this function is here to save.
-    gate, up = primals
-    k1 = 2 * math.sqrt(2 / math.pi)
-    k3 = k1 * 0.044715
-    square = gate * gate
-    s = mx.sigmoid(gate * (k1 + k3 * square))
-    slope = s + gate * s * (1 - s) * (k1 + 3 * k3 * square)
-    return cotangent * up * slope, cotangent * (gate * s)
-
-
-def _gemma_route(x: mx.array) -> bool:
-    """Whether the Gemma subclasses take their fused / memory-saving path for `x`: the rule every
-    route here follows (CPU, float32, kernels on, op not skipped)."""
-    return fused("gelu", x) is not None
+def _gemma_route(op: str, x: mx.array) -> bool:
+    """Whether a Gemma subclass takes its fused path for `x`: the rule every route here follows
+    (CPU, float32, kernels on, `op` not skipped)."""
+    return fused(op, x) is not None
 
 
 def use_fused_gemma(lm: nn.Module) -> int:
@@ -199,13 +175,13 @@ class GemmaRMSNorm:
 
 
 class GemmaMLP:
-    """mlx-lm's Gemma MLP, down(gelu_approx(gate(x)) * up(x)), its activation through gelu_gate
-    where the route applies."""
+    """mlx-lm's Gemma MLP, down(gelu_approx(gate(x)) * up(x)), its activation through
+    kernels.gelu_gate where the route applies."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if not _gemma_route(x):
+        if not _gemma_route("gelu_gate", x):
             return super().__call__(x)
-        return self.down_proj(gelu_gate(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(kernels.gelu_gate(self.gate_proj(x), self.up_proj(x)))
 
 
 class GemmaAttention:
@@ -214,7 +190,7 @@ class GemmaAttention:
 
     def __call__(self, x: mx.array, mask: mx.array | str | None = None,
                  cache: object = None) -> mx.array:
-        if cache is not None or not _gemma_route(x):
+        if cache is not None or not _gemma_route("rope", x):
             return super().__call__(x, mask, cache)
         B, L, _ = x.shape
         queries = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1))

@@ -26,6 +26,12 @@ NB_MODULE(_mlxlab_kernels, m) {
       "up"_a,
       "silu(gate) * up for float32 arrays of one shape.");
   m.def(
+      "gelu_gate",
+      [](const mx::array& gate, const mx::array& up) { return mlxlab::gelu_gate(gate, up); },
+      "gate"_a,
+      "up"_a,
+      "gelu_approx(gate) * up for float32 arrays of one shape (its backward reads gate and up).");
+  m.def(
       "softmax",
       [](const mx::array& x, const std::optional<mx::array>& mask, bool key_mask) {
         return mlxlab::softmax(x, mask, key_mask);

@@ -431,6 +431,101 @@ void SwiGLUGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
   });
 }
 
+// ---- GELU-gated linear unit (Gemma's MLP) --------------------------------------------------
+
+// gelu_approx(g) * u, gelu_approx(g) = g (1 + tanh(z)) / 2 = g sigmoid(2z) with
+// 2z = k1 g + k3 g^3, k1 = 2 sqrt(2 / pi), k3 = k1 * 0.044715: the sigmoid form vectorizes
+// (fast_exp) where MLX's tanh runs scalar; the two agree to float32 rounding.
+constexpr float kGeluK1 = 1.5957691216057308f;
+constexpr float kGeluK3 = 0.07135481627260025f;
+
+inline void gelu_gate_span(
+    const float* __restrict a, const float* __restrict b, float* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float x = a[i];
+    out[i] = x * sigmoid(x * (kGeluK1 + kGeluK3 * x * x)) * b[i];
+  }
+}
+
+inline void gelu_gate_grad_span(
+    const float* __restrict a,
+    const float* __restrict b,
+    const float* __restrict g,
+    float* __restrict da,
+    float* __restrict db,
+    int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float x = a[i], gi = g[i], sq = x * x;
+    float s = sigmoid(x * (kGeluK1 + kGeluK3 * sq));
+    // d gelu / dx = s + x s (1 - s) (k1 + 3 k3 x^2)
+    da[i] = gi * b[i] * (s + x * s * (1.0f - s) * (kGeluK1 + 3.0f * kGeluK3 * sq));
+    db[i] = gi * x * s;
+  }
+}
+
+mx::array gelu_gate(const mx::array& gate, const mx::array& up) {
+  if (gate.shape() != up.shape()) {
+    throw std::invalid_argument("gelu_gate: gate and up must have one shape");
+  }
+  check_cpu_float32(gate, "gelu_gate");
+  check_cpu_float32(up, "gelu_gate");
+  auto s = mx::to_stream(mx::Device::cpu);
+  return mx::array(
+      gate.shape(),
+      mx::float32,
+      std::make_shared<GeluGate>(s),
+      {mx::contiguous(gate, false, s), mx::contiguous(up, false, s)});
+}
+
+void GeluGate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  set_arrays(encoder, inputs, outputs);
+  encoder.dispatch([pa = inputs[0].data<float>(),
+                    pb = inputs[1].data<float>(),
+                    po = outputs[0].data<float>(),
+                    n = int64_t(inputs[0].size())]() {
+    parallel_for(n, 1, [=](int64_t begin, int64_t end) {
+      gelu_gate_span(pa + begin, pb + begin, po + begin, end - begin);
+    });
+  });
+}
+
+// The backward reads gate and up alone (no saved GELU): what a layer keeps for it is its inputs.
+std::vector<mx::array> GeluGate::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  auto grads = mx::array::make_arrays(
+      {primals[0].shape(), primals[0].shape()},
+      {mx::float32, mx::float32},
+      std::make_shared<GeluGateGrad>(stream()),
+      {primals[0], primals[1], mx::contiguous(cotangents[0], false, stream())});
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    out.push_back(grads[arg]);
+  }
+  return out;
+}
+
+void GeluGateGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  set_arrays(encoder, inputs, outputs);
+  encoder.dispatch([pa = inputs[0].data<float>(),
+                    pb = inputs[1].data<float>(),
+                    pg = inputs[2].data<float>(),
+                    da = outputs[0].data<float>(),
+                    db = outputs[1].data<float>(),
+                    n = int64_t(inputs[0].size())]() {
+    parallel_for(n, 1, [=](int64_t begin, int64_t end) {
+      gelu_gate_grad_span(
+          pa + begin, pb + begin, pg + begin, da + begin, db + begin, end - begin);
+    });
+  });
+}
+
 // ---- RMSNorm -------------------------------------------------------------------------------
 
 // y = x * r * w of one row, r = 1 / sqrt(mean(x^2) + eps); returns r.

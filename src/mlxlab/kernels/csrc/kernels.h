@@ -22,6 +22,8 @@ mx::array cross_entropy(const mx::array& logits, const mx::array& targets);
 
 // silu(gate) * up, element-wise; gate and up float32 of one shape.
 mx::array swiglu(const mx::array& gate, const mx::array& up);
+// gelu_approx(gate) * up (Gemma's MLP), float32 arrays of one shape.
+mx::array gelu_gate(const mx::array& gate, const mx::array& up);
 
 // softmax(x + mask) over the last axis: scores (..., T_q, T_kv) float32, mask an optional additive
 // float32 array: (T_q, T_kv) broadcast over the leading axes (attention's causal mask), or with
@@ -141,6 +143,18 @@ class SwiGLU : public CpuPrimitive {
 class SwiGLUGrad : public CpuPrimitive {
  public:
   MLXLAB_PRIMITIVE_BODY(SwiGLUGrad)
+};
+
+class GeluGate : public CpuPrimitive {
+ public:
+  MLXLAB_PRIMITIVE_BODY(GeluGate)
+  MLXLAB_VJP
+};
+
+// Inputs: gate, up, cotangent -> (d gate, d up).
+class GeluGateGrad : public CpuPrimitive {
+ public:
+  MLXLAB_PRIMITIVE_BODY(GeluGateGrad)
 };
 
 class Softmax : public CpuPrimitive {
