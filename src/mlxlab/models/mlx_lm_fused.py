@@ -14,7 +14,9 @@ loaded model is routed through the same kernels:
   fused_kernels=off run exactly mlx-lm's code;
 - each exact nn.RMSNorm becomes models.layers.RMSNorm (the same weight and eps over
   kernels.rms_norm, which is mx.fast.rms_norm wherever the kernel does not apply), each exact
-  nn.RoPE (not `traditional`) the RoPE below (kernels.rope, else mx.fast.rope).
+  nn.RoPE (not `traditional`) the RoPE below (kernels.rope, else mx.fast.rope);
+- Gemma 3's own norms, GELU-gated MLP and attention become subclasses of mlx-lm's classes
+  (use_fused_gemma, at the end of this file).
 
 The fused results equal mlx-lm's to float32 rounding (tests/test_mlx_lm_fused.py). The wrappers
 replace names in mlx-lm's module (process-wide, as importing a model module is); they call

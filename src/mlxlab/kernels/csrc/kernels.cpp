@@ -356,49 +356,52 @@ void CrossEntropyGrad::eval_cpu(
   });
 }
 
-// ---- SwiGLU --------------------------------------------------------------------------------
+// ---- Gated units: SwiGLU, GELU-gated (one element-wise function of gate and up each way) ----
 
-mx::array swiglu(const mx::array& gate, const mx::array& up) {
+// The op's array of gate and up (float32, one shape), made contiguous for the spans.
+template <typename P>
+mx::array gated_unit(const mx::array& gate, const mx::array& up, const char* what) {
   if (gate.shape() != up.shape()) {
-    throw std::invalid_argument("swiglu: gate and up must have one shape");
+    throw std::invalid_argument(std::string(what) + ": gate and up must have one shape");
   }
-  check_cpu_float32(gate, "swiglu");
-  check_cpu_float32(up, "swiglu");
+  check_cpu_float32(gate, what);
+  check_cpu_float32(up, what);
   auto s = mx::to_stream(mx::Device::cpu);
   return mx::array(
       gate.shape(),
       mx::float32,
-      std::make_shared<SwiGLU>(s),
+      std::make_shared<P>(s),
       {mx::contiguous(gate, false, s), mx::contiguous(up, false, s)});
 }
 
-void SwiGLU::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& a = inputs[0];
-  auto& b = inputs[1];
-  auto& out = outputs[0];
-  alloc(out);
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(a);
-  encoder.set_input_array(b);
-  encoder.set_output_array(out);
-  encoder.dispatch(
-      [pa = a.data<float>(), pb = b.data<float>(), po = out.data<float>(), n = int64_t(a.size())]() {
-        parallel_for(n, 1, [=](int64_t begin, int64_t end) {
-          swiglu_span(pa + begin, pb + begin, po + begin, end - begin);
-        });
-      });
+template <void (*Span)(const float*, const float*, float*, int64_t)>
+void eval_gated_unit(
+    const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  set_arrays(encoder, inputs, outputs);
+  encoder.dispatch([pa = inputs[0].data<float>(),
+                    pb = inputs[1].data<float>(),
+                    po = outputs[0].data<float>(),
+                    n = int64_t(inputs[0].size())]() {
+    parallel_for(n, 1, [=](int64_t begin, int64_t end) {
+      Span(pa + begin, pb + begin, po + begin, end - begin);
+    });
+  });
 }
 
-std::vector<mx::array> SwiGLU::vjp(
+// The backward reads gate and up alone (nothing of the forward's is kept for it): (d gate, d up)
+// from one Grad primitive, those of `argnums` returned.
+template <typename Grad>
+std::vector<mx::array> gated_unit_vjp(
+    const mx::Stream& stream,
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& cotangents,
-    const std::vector<int>& argnums,
-    const std::vector<mx::array>&) {
+    const std::vector<int>& argnums) {
   auto grads = mx::array::make_arrays(
       {primals[0].shape(), primals[0].shape()},
       {mx::float32, mx::float32},
-      std::make_shared<SwiGLUGrad>(stream()),
-      {primals[0], primals[1], mx::contiguous(cotangents[0], false, stream())});
+      std::make_shared<Grad>(stream),
+      {primals[0], primals[1], mx::contiguous(cotangents[0], false, stream)});
   std::vector<mx::array> out;
   for (int arg : argnums) {
     out.push_back(grads[arg]);
@@ -406,32 +409,42 @@ std::vector<mx::array> SwiGLU::vjp(
   return out;
 }
 
-void SwiGLUGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& a = inputs[0];
-  auto& b = inputs[1];
-  auto& g = inputs[2];
-  alloc(outputs[0]);
-  alloc(outputs[1]);
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& x : inputs) {
-    encoder.set_input_array(x);
-  }
-  encoder.set_output_array(outputs[0]);
-  encoder.set_output_array(outputs[1]);
-  encoder.dispatch([pa = a.data<float>(),
-                    pb = b.data<float>(),
-                    pg = g.data<float>(),
+template <void (*Span)(const float*, const float*, const float*, float*, float*, int64_t)>
+void eval_gated_unit_grad(
+    const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  set_arrays(encoder, inputs, outputs);
+  encoder.dispatch([pa = inputs[0].data<float>(),
+                    pb = inputs[1].data<float>(),
+                    pg = inputs[2].data<float>(),
                     da = outputs[0].data<float>(),
                     db = outputs[1].data<float>(),
-                    n = int64_t(a.size())]() {
+                    n = int64_t(inputs[0].size())]() {
     parallel_for(n, 1, [=](int64_t begin, int64_t end) {
-      swiglu_grad_span(
-          pa + begin, pb + begin, pg + begin, da + begin, db + begin, end - begin);
+      Span(pa + begin, pb + begin, pg + begin, da + begin, db + begin, end - begin);
     });
   });
 }
 
-// ---- GELU-gated linear unit (Gemma's MLP) --------------------------------------------------
+mx::array swiglu(const mx::array& gate, const mx::array& up) {
+  return gated_unit<SwiGLU>(gate, up, "swiglu");
+}
+
+void SwiGLU::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  eval_gated_unit<swiglu_span>(stream(), inputs, outputs);
+}
+
+std::vector<mx::array> SwiGLU::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  return gated_unit_vjp<SwiGLUGrad>(stream(), primals, cotangents, argnums);
+}
+
+void SwiGLUGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  eval_gated_unit_grad<swiglu_grad_span>(stream(), inputs, outputs);
+}
 
 // gelu_approx(g) * u, gelu_approx(g) = g (1 + tanh(z)) / 2 = g sigmoid(2z) with
 // 2z = k1 g + k3 g^3, k1 = 2 sqrt(2 / pi), k3 = k1 * 0.044715: the sigmoid form vectorizes
@@ -466,64 +479,23 @@ inline void gelu_gate_grad_span(
 }
 
 mx::array gelu_gate(const mx::array& gate, const mx::array& up) {
-  if (gate.shape() != up.shape()) {
-    throw std::invalid_argument("gelu_gate: gate and up must have one shape");
-  }
-  check_cpu_float32(gate, "gelu_gate");
-  check_cpu_float32(up, "gelu_gate");
-  auto s = mx::to_stream(mx::Device::cpu);
-  return mx::array(
-      gate.shape(),
-      mx::float32,
-      std::make_shared<GeluGate>(s),
-      {mx::contiguous(gate, false, s), mx::contiguous(up, false, s)});
+  return gated_unit<GeluGate>(gate, up, "gelu_gate");
 }
 
 void GeluGate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  set_arrays(encoder, inputs, outputs);
-  encoder.dispatch([pa = inputs[0].data<float>(),
-                    pb = inputs[1].data<float>(),
-                    po = outputs[0].data<float>(),
-                    n = int64_t(inputs[0].size())]() {
-    parallel_for(n, 1, [=](int64_t begin, int64_t end) {
-      gelu_gate_span(pa + begin, pb + begin, po + begin, end - begin);
-    });
-  });
+  eval_gated_unit<gelu_gate_span>(stream(), inputs, outputs);
 }
 
-// The backward reads gate and up alone (no saved GELU): what a layer keeps for it is its inputs.
 std::vector<mx::array> GeluGate::vjp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& cotangents,
     const std::vector<int>& argnums,
     const std::vector<mx::array>&) {
-  auto grads = mx::array::make_arrays(
-      {primals[0].shape(), primals[0].shape()},
-      {mx::float32, mx::float32},
-      std::make_shared<GeluGateGrad>(stream()),
-      {primals[0], primals[1], mx::contiguous(cotangents[0], false, stream())});
-  std::vector<mx::array> out;
-  for (int arg : argnums) {
-    out.push_back(grads[arg]);
-  }
-  return out;
+  return gated_unit_vjp<GeluGateGrad>(stream(), primals, cotangents, argnums);
 }
 
 void GeluGateGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  set_arrays(encoder, inputs, outputs);
-  encoder.dispatch([pa = inputs[0].data<float>(),
-                    pb = inputs[1].data<float>(),
-                    pg = inputs[2].data<float>(),
-                    da = outputs[0].data<float>(),
-                    db = outputs[1].data<float>(),
-                    n = int64_t(inputs[0].size())]() {
-    parallel_for(n, 1, [=](int64_t begin, int64_t end) {
-      gelu_gate_grad_span(
-          pa + begin, pb + begin, pg + begin, da + begin, db + begin, end - begin);
-    });
-  });
+  eval_gated_unit_grad<gelu_gate_grad_span>(stream(), inputs, outputs);
 }
 
 // ---- RMSNorm -------------------------------------------------------------------------------
