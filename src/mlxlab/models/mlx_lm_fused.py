@@ -128,8 +128,8 @@ def use_fused_kernels(lm: nn.Module) -> int:
 # them is a name or class the routes above take. Each is swapped here for a subclass computing
 # mlx-lm's math: the norms over kernels.rms_norm, the MLP's gate through kernels.gelu_gate,
 # whose backward recomputes the GELU from gate and up (what autodiff of nn.gelu_approx keeps
-# instead: its tanh and products, ~3.7 (rows, intermediate) float32 arrays a layer, 138 MiB of
-# the 538 MiB peak of bench_qlora's gemma3_text step),
+# instead: its tanh and products, several (rows, intermediate) float32 arrays a layer; with the
+# rest here, bench_qlora's gemma3_text float LoRA step peaks at 384 MiB, mlx_lm.lora's at 538),
 # the attention with the q/k norms over the projection's (B, T, H, D) layout (a norm over D
 # commutes with the transpose) so the fused RoPE reads its input without a copy.
 
