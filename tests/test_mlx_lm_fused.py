@@ -7,6 +7,8 @@ functions to the bit. A Gemma 3 LoRA step's MLX peak stays below mlx-lm's own tr
 
 from __future__ import annotations
 
+import io
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -102,7 +104,11 @@ def test_fused_gemma3_equals_mlx_lm(tmp_path, kernel_mode, monkeypatch):
         swapped = [m for m in model.lm.modules() if isinstance(m, original)]
         assert len(swapped) == count and all(isinstance(m, mixin) for m in swapped)
     assert gemma3_text.scaled_dot_product_attention in ORIGINALS
+    gates = []  # the MLPs reach kernels.gelu_gate with the kernels on, mlx-lm's code off
+    gelu_gate = kernels.gelu_gate
+    monkeypatch.setattr(kernels, "gelu_gate", lambda *a: gates.append(1) or gelu_gate(*a))
     assert_fused_equals_mlx_lm(model, kernel_mode, monkeypatch, tolerance=1e-5)
+    assert len(gates) == len(model.layers) * 2
 
 
 @pytest.mark.parametrize("mode", ["on", "off"])
@@ -123,6 +129,9 @@ def test_gelu_gate_equals_autodiff_of_mlx_lm_activation(mode, kernel_mode):
         return nn.gelu_approx(g) * u
 
     ours, theirs = kernels.gelu_gate(gate, up), reference(gate, up)
+    dot = io.StringIO()  # the path taken: the extension's primitive only with the kernels on
+    mx.export_to_dot(dot, ours)
+    assert ("MlxlabGeluGate" in dot.getvalue()) == (mode == "on")
     np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=1e-5, atol=1e-6)
     assert mx.array_equal(kernels.mlx_gelu_gate(gate, up), theirs).item()
     _, our_grads = mx.vjp(kernels.gelu_gate, [gate, up], [cot])
