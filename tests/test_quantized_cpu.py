@@ -192,7 +192,8 @@ class Dequantized(nn.QuantizedLinear):
 
 def step_peak_mb(kind: str, dims: int = 1024, depth: int = 8) -> tuple[float, float]:
     """MLX peak memory (MB above the model) of a compiled LoRA training step on a stack of
-    `depth` 4-bit dims x dims layers, and the stack's float size in MB."""
+    `depth` 4-bit dims x dims layers, and the stack's float size in MB. kind: "fast" (the fused
+    product), "naive" (MLX's dequantize + matmul) or "mlx" (MLX's own quantized matmul)."""
     layers = []
     for i in range(depth):
         base = quantized(dims, dims, 4, seed=i)
@@ -220,6 +221,22 @@ def test_training_step_peak_memory_stays_near_the_packed_size():
     # and activations; MLX's dequantize + matmul holds every layer's float weight at once.
     assert fast < 0.35 * float_mb, (fast, float_mb)
     assert naive > 0.9 * float_mb, (naive, float_mb)
+
+
+SCRATCH_MB = 1.0  # kScratchBytes in kernels/csrc/quantized.cpp: the dequantized block of rows
+
+
+@pytest.mark.parametrize("dims", [1024, 2048])
+def test_one_scratch_block_is_alive_at_a_time(dims):
+    """Beyond what MLX's own quantized matmul holds, the fused product's step holds its scratch
+    block and nothing else: one block at a time (the forward's and the backward's products each
+    take theirs and give it back), of at most SCRATCH_MB however wide the weight (here 4 and 16
+    times the block). Two blocks alive at once, or a block sized by the weight, fail this; that
+    margin is what keeps a 4-bit run's peak at mlx_lm.lora's (docs/benchmarks.md, "QLoRA")."""
+    fast, float_mb = step_peak_mb("fast", dims, depth=4)
+    own, _ = step_peak_mb("mlx", dims, depth=4)
+    assert float_mb / 4 >= 4 * SCRATCH_MB  # each weight's float is at least 4 blocks
+    assert fast - own <= SCRATCH_MB, (fast, own)
 
 
 @pytest.mark.gpu
