@@ -91,6 +91,31 @@ def test_layer_outputs_and_x_gradients_equal_mlx(bits, bias, rows):
     close(mx.compile(grad_x(fast))(x), want)
 
 
+def with_scales(layer: nn.QuantizedLinear, dtype: mx.Dtype) -> nn.QuantizedLinear:
+    """`layer` with its scales and biases stored as `dtype` (mlx_lm.convert keeps the model's:
+    bf16 for most checkpoints)."""
+    layer.scales, layer.biases = layer.scales.astype(dtype), layer.biases.astype(dtype)
+    mx.eval(layer.parameters())
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_half_scales_are_read_as_stored_and_widened_exactly(dtype):
+    """bf16 / fp16 scales and biases go to the kernel as stored (no float32 copy in the graph)
+    and give, forward and backward, what the same values cast to float32 give, to the bit."""
+    half = switched_copy(with_scales(quantized(1024, 300, 4), dtype))
+    wide = switched_copy(with_scales(quantized(1024, 300, 4), dtype))
+    wide.update({"scales": wide.scales.astype(mx.float32), "biases": wide.biases.astype(mx.float32)})
+    x = mx.random.normal((3, 1024), key=mx.random.key(4))
+    g = mx.random.normal((3, 300), key=mx.random.key(5))
+    grads = [mx.grad(lambda x, layer=layer: (layer(x) * g).sum())(x) for layer in (half, wide)]
+    assert mx.array_equal(half(x), wide(x)).item()
+    assert mx.array_equal(*grads).item()
+    w = half.weight
+    assert mx.array_equal(kernels.dequantize(w, half.scales, half.biases, 64, 4),
+                          kernels.dequantize(w, wide.scales, wide.biases, 64, 4)).item()
+
+
 def test_bf16_activations_multiply_in_float32_and_come_back_bf16():
     ref = quantized(256, 64, 4)
     x = mx.random.normal((4, 256), key=mx.random.key(3)).astype(mx.bfloat16)
@@ -190,13 +215,15 @@ class Dequantized(nn.QuantizedLinear):
         return x @ w.T
 
 
-def step_peak_mb(kind: str, dims: int = 1024, depth: int = 8) -> tuple[float, float]:
+def step_peak_mb(kind: str, dims: int = 1024, depth: int = 8, group_size: int = 64,
+                 scales: mx.Dtype = mx.float32) -> tuple[float, float]:
     """MLX peak memory (MB above the model) of a compiled LoRA training step on a stack of
-    `depth` 4-bit dims x dims layers, and the stack's float size in MB. kind: "fast" (the fused
-    product), "naive" (MLX's dequantize + matmul) or "mlx" (MLX's own quantized matmul)."""
+    `depth` 4-bit dims x dims layers (scales and biases stored as `scales`), and the stack's
+    float size in MB. kind: "fast" (the fused product), "naive" (MLX's dequantize + matmul) or
+    "mlx" (MLX's own quantized matmul)."""
     layers = []
     for i in range(depth):
-        base = quantized(dims, dims, 4, seed=i)
+        base = with_scales(quantized(dims, dims, 4, group_size, seed=i), scales)
         if kind == "naive":
             base.__class__ = Dequantized
         layers.append(LoRALinear.from_base(base, r=8))
@@ -237,6 +264,17 @@ def test_one_scratch_block_is_alive_at_a_time(dims):
     own, _ = step_peak_mb("mlx", dims, depth=4)
     assert float_mb / 4 >= 4 * SCRATCH_MB  # each weight's float is at least 4 blocks
     assert fast - own <= SCRATCH_MB, (fast, own)
+
+
+def test_bf16_scales_add_nothing_to_the_step_peak():
+    """A bf16-scaled 4-bit stack (what most folders hold) peaks as the float32-scaled one does:
+    were the scales cast to float32 in the graph, the product would hold those copies from the
+    forward to the backward, 8 bytes a group of every layer (4 MB here)."""
+    dims, depth, group = 2048, 4, 32
+    copies_mb = depth * 2 * 4 * dims * dims / group / 2**20
+    wide, _ = step_peak_mb("fast", dims, depth, group, mx.float32)
+    half, _ = step_peak_mb("fast", dims, depth, group, mx.bfloat16)
+    assert half <= wide + copies_mb / 4, (half, wide, copies_mb)
 
 
 @pytest.mark.gpu

@@ -203,18 +203,30 @@ def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps:
 DEQUANTIZE_BITS = (2, 4, 8)
 
 
+SCALE_DTYPES = (mx.float32, mx.bfloat16, mx.float16)  # the kernels read these and widen them
+
+
+def _scale_dtype(scales: mx.array, biases: mx.array) -> tuple[mx.array, mx.array]:
+    """Scales and biases as the kernels take them: as stored where they read that dtype (no
+    float32 copy: a cast here is a graph node, whose output the product would hold from the
+    forward to the backward), else cast to float32."""
+    if scales.dtype == biases.dtype and scales.dtype in SCALE_DTYPES:
+        return scales, biases
+    return scales.astype(mx.float32), biases.astype(mx.float32)
+
+
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
                dtype: mx.Dtype = mx.float32) -> mx.array:
     """The float weight of an affine-quantized one (mode "affine"), what mx.dequantize computes,
     as `dtype`. Fused for float32 at 2, 4 or 8 bits: vectorized on all cores, ~10x MLX's CPU
-    dequantize, with MLX's values to the bit (scales and biases are taken as float32; MLX's own
-    dequantize computes in that precision too). Never merged with another dequantize of the
-    same weight by mx.compile (the backward's own copy must not live from the forward on)."""
+    dequantize, with MLX's values to the bit (scales and biases are taken as float32, bf16 / fp16
+    ones widened in the kernel; MLX's own dequantize computes in that precision too). Never
+    merged with another dequantize of the same weight by mx.compile (the backward's own copy
+    must not live from the forward on)."""
     module = fused("dequantize") if bits in DEQUANTIZE_BITS and dtype == mx.float32 else None
     if module is None:
         return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, dtype=dtype)
-    return module.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32),
-                             group_size, bits)
+    return module.dequantize(w, *_scale_dtype(scales, biases), group_size, bits)
 
 
 def quantized_product(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
@@ -230,6 +242,5 @@ def quantized_product(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arr
         return None
     module.set_sgemm(sgemm)  # read each call: setup_blas may have rebound libmlx since
     rows = x.reshape(-1, x.shape[-1])
-    out = module.quantized_matmul(rows, w, scales.astype(mx.float32), biases.astype(mx.float32),
-                                  group_size, bits, True)
+    out = module.quantized_matmul(rows, w, *_scale_dtype(scales, biases), group_size, bits, True)
     return out.reshape(*x.shape[:-1], w.shape[0])

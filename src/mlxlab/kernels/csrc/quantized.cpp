@@ -8,6 +8,11 @@
 // not do: MLX's CPU backend allocates each node's output when it queues the node, ahead of the
 // worker, so a layer stack's float weights were allocated together (measured: the whole float
 // size). The BLAS is the one MLX's own matmul calls (set_sgemm, from libmlx's symbol table).
+// Scales and biases are read in the dtype the folder stores them (float32, bfloat16 or float16:
+// `mlx_lm.convert -q` keeps the model's, bf16 for most checkpoints) and widened per group, exactly
+// as a float32 cast would: casting them in the graph instead made float32 copies that the product
+// held from the forward to its backward, 8 bytes per group of every layer at the step's peak
+// (38 MB of a 302M model at group 64; tests/test_quantized_cpu.py).
 #include "common.h"
 #include "kernels.h"
 
@@ -28,16 +33,17 @@ namespace {
 
 // One row of a weight packed as mx.quantize packs it (affine mode, BITS in {2, 4, 8}): each
 // uint32 word holds 32 / BITS values, the lowest bits first; value q of group g becomes
-// scale[g] * q + bias[g], as MLX's dequantize computes it (a rounded multiply, a rounded add).
-template <int BITS>
-inline void dequantize_row(const uint32_t* __restrict w, const float* __restrict scales,
-                           const float* __restrict biases, float* __restrict out, int64_t cols,
+// scale[g] * q + bias[g], as MLX's dequantize computes it (a rounded multiply, a rounded add),
+// in float32 whatever the scales' type S (widened exactly).
+template <int BITS, typename S>
+inline void dequantize_row(const uint32_t* __restrict w, const S* __restrict scales,
+                           const S* __restrict biases, float* __restrict out, int64_t cols,
                            int64_t group) {
   constexpr int kPer = 32 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   const int64_t words = group / kPer;
   for (int64_t g = 0; g < cols / group; ++g) {
-    const float s = scales[g], b = biases[g];
+    const float s = static_cast<float>(scales[g]), b = static_cast<float>(biases[g]);
     const uint32_t* wg = w + g * words;
     float* og = out + g * group;
     for (int64_t i = 0; i < words; ++i) {
@@ -51,13 +57,13 @@ inline void dequantize_row(const uint32_t* __restrict w, const float* __restrict
   }
 }
 
-template <int BITS>
-void dequantize_rows(const uint32_t* w, const float* scales, const float* biases, float* out,
+template <int BITS, typename S>
+void dequantize_rows(const uint32_t* w, const S* scales, const S* biases, float* out,
                      int64_t rows, int64_t cols, int64_t group) {
   const int64_t words = cols * BITS / 32, groups = cols / group;
   parallel_for(rows, cols, [=](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      dequantize_row<BITS>(w + r * words, scales + r * groups, biases + r * groups,
+      dequantize_row<BITS, S>(w + r * words, scales + r * groups, biases + r * groups,
                            out + r * cols, cols, group);
     }
   });
@@ -81,6 +87,52 @@ int64_t block_rows(int64_t rows, int64_t cols) {
   return std::min(rows, block);
 }
 
+// dequantize_rows<BITS, S> for the layer's bits (2, 4 or 8).
+template <typename S>
+auto dequantizer(int bits) {
+  return bits == 2 ? &dequantize_rows<2, S> : bits == 4 ? &dequantize_rows<4, S>
+                                                        : &dequantize_rows<8, S>;
+}
+
+// launch(S{}) with S the C++ type of the scales' dtype (one of the three packed_inputs allows).
+template <typename F>
+void with_scale_type(mx::Dtype dtype, F&& launch) {
+  if (dtype == mx::bfloat16) {
+    launch(mx::bfloat16_t{});
+  } else if (dtype == mx::float16) {
+    launch(mx::float16_t{});
+  } else {
+    launch(float{});
+  }
+}
+
+// QuantizedMatmul's task: x (m, K) @ W^T (transpose; W is (rows, cols) = (N, K)) or x (m, rows)
+// @ W, W dequantized a block of rows at a time into one scratch buffer from MLX's allocator,
+// given back when the task ends.
+template <typename S>
+void product_by_blocks(const float* x, const uint32_t* w, const S* sc, const S* bi, float* out,
+                       int64_t m, int64_t rows, int64_t cols, int64_t group, int bits,
+                       bool transpose, Sgemm sgemm) {
+  const int64_t groups = cols / group, words = cols * bits / 32;
+  const auto dequant = dequantizer<S>(bits);
+  const int64_t block = block_rows(rows, cols);
+  auto scratch = mx::allocator::malloc(block * cols * sizeof(float));
+  float* tile = static_cast<float*>(scratch.buffer().raw_ptr());
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t nb = std::min(block, rows - r0);
+    dequant(w + r0 * words, sc + r0 * groups, bi + r0 * groups, tile, nb, cols, group);
+    if (transpose) {
+      // out[:, r0:r0+nb] = x (m, cols) @ tile (nb, cols)^T
+      sgemm(kRowMajor, kNoTrans, kTrans, int(m), int(nb), int(cols), 1.0f, x, int(cols), tile,
+            int(cols), 0.0f, out + r0, int(rows));
+    } else {
+      // out (m, cols) += x[:, r0:r0+nb] @ tile (nb, cols)
+      sgemm(kRowMajor, kNoTrans, kNoTrans, int(m), int(cols), int(nb), 1.0f, x + r0, int(rows),
+            tile, int(cols), r0 == 0 ? 0.0f : 1.0f, out, int(cols));
+    }
+  }
+}  // the scratch (an allocator::Data) goes back to MLX's allocator here
+
 } // namespace
 
 void set_sgemm(uintptr_t address) {
@@ -100,8 +152,11 @@ static std::vector<mx::array> packed_inputs(const mx::array& w, const mx::array&
   if (w.dtype() != mx::uint32 || w.ndim() < 1) {
     throw std::invalid_argument("dequantize: the packed weight must be uint32");
   }
-  check_cpu_float32(scales, "dequantize");
-  check_cpu_float32(biases, "dequantize");
+  const auto sd = scales.dtype();
+  if ((sd != mx::float32 && sd != mx::bfloat16 && sd != mx::float16) || biases.dtype() != sd) {
+    throw std::invalid_argument(
+        "dequantize: scales and biases must share one dtype: float32, bfloat16 or float16");
+  }
   const int64_t cols = int64_t(w.shape().back()) * 32 / bits;
   if (group_size <= 0 || group_size % (32 / bits) != 0 || cols % group_size != 0 ||
       scales.shape() != biases.shape() || scales.size() * group_size != w.size() * 32 / bits) {
@@ -124,21 +179,13 @@ void Dequantize::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
   auto& encoder = mx::cpu::get_command_encoder(stream());
   set_arrays(encoder, inputs, outputs);
   const int64_t cols = outputs[0].shape().back(), rows = outputs[0].size() / cols;
-  auto run = [&](auto kernel) {
-    encoder.dispatch([kernel, w = inputs[0].data<uint32_t>(), sc = inputs[1].data<float>(),
-                      bi = inputs[2].data<float>(), out = outputs[0].data<float>(), rows, cols,
+  with_scale_type(inputs[1].dtype(), [&](auto tag) {
+    using S = decltype(tag);
+    encoder.dispatch([kernel = dequantizer<S>(bits_), w = inputs[0].data<uint32_t>(),
+                      sc = inputs[1].data<S>(), bi = inputs[2].data<S>(),
+                      out = outputs[0].data<float>(), rows, cols,
                       group = int64_t(group_size_)]() { kernel(w, sc, bi, out, rows, cols, group); });
-  };
-  switch (bits_) {
-    case 2:
-      run(&dequantize_rows<2>);
-      break;
-    case 4:
-      run(&dequantize_rows<4>);
-      break;
-    default:
-      run(&dequantize_rows<8>);
-  }
+  });
 }
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
@@ -167,29 +214,15 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs,
   auto& encoder = mx::cpu::get_command_encoder(stream());
   set_arrays(encoder, inputs, outputs);
   const int64_t rows = inputs[1].shape(0), cols = inputs[1].shape(1) * 32 / bits_;
-  const int64_t m = inputs[0].shape(0), groups = cols / group_size_, words = cols * bits_ / 32;
-  auto dequant = bits_ == 2 ? &dequantize_rows<2> : bits_ == 4 ? &dequantize_rows<4>
-                                                                : &dequantize_rows<8>;
-  encoder.dispatch([=, x = inputs[0].data<float>(), w = inputs[1].data<uint32_t>(),
-                    sc = inputs[2].data<float>(), bi = inputs[3].data<float>(),
-                    out = outputs[0].data<float>(), group = int64_t(group_size_),
-                    transpose = transpose_, sgemm = g_sgemm.load()]() {
-    const int64_t block = block_rows(rows, cols);
-    auto scratch = mx::allocator::malloc(block * cols * sizeof(float));
-    float* tile = static_cast<float*>(scratch.buffer().raw_ptr());
-    for (int64_t r0 = 0; r0 < rows; r0 += block) {
-      const int64_t nb = std::min(block, rows - r0);
-      dequant(w + r0 * words, sc + r0 * groups, bi + r0 * groups, tile, nb, cols, group);
-      if (transpose) {
-        // out[:, r0:r0+nb] = x (m, cols) @ tile (nb, cols)^T
-        sgemm(kRowMajor, kNoTrans, kTrans, int(m), int(nb), int(cols), 1.0f, x, int(cols), tile,
-              int(cols), 0.0f, out + r0, int(rows));
-      } else {
-        // out (m, cols) += x[:, r0:r0+nb] @ tile (nb, cols)
-        sgemm(kRowMajor, kNoTrans, kNoTrans, int(m), int(cols), int(nb), 1.0f, x + r0,
-              int(rows), tile, int(cols), r0 == 0 ? 0.0f : 1.0f, out, int(cols));
-      }
-    }
+  const int64_t m = inputs[0].shape(0);
+  with_scale_type(inputs[2].dtype(), [&](auto tag) {
+    using S = decltype(tag);
+    encoder.dispatch([=, x = inputs[0].data<float>(), w = inputs[1].data<uint32_t>(),
+                      sc = inputs[2].data<S>(), bi = inputs[3].data<S>(),
+                      out = outputs[0].data<float>(), group = int64_t(group_size_), bits = bits_,
+                      transpose = transpose_, sgemm = g_sgemm.load()]() {
+      product_by_blocks<S>(x, w, sc, bi, out, m, rows, cols, group, bits, transpose, sgemm);
+    });
   });
 }
 
