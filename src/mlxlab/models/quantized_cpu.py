@@ -10,7 +10,9 @@ lives between forward and backward, or beyond the task, so the model's memory st
 separate dequantize + matmul would not: see kernels/csrc/quantized.cpp). The packed weights are
 frozen (no gradient to them, as nn.QuantizedLinear's); adapters around the layer (mlx-lm's
 LoRALinear holds it as `.linear`) train through x's cotangent. bf16/fp16 activations are
-multiplied in float32 and cast back.
+multiplied in float32 and cast back; bf16/fp16 scales and biases (what most 4-bit folders hold)
+go to the kernel as stored and are widened there, so no float32 copy of them lives through the
+step.
 
 `use_fast_cpu_quantized(model)` switches a model's quantized layers to these classes in place
 (subclasses of mlx's: the same parameters under the same names, the same isinstance checks, so
