@@ -453,3 +453,13 @@ def test_prompts_alone_under_an_objective_that_trains_on_rows_is_one_line(tmp_pa
     GlobalHydra.instance().clear()
     with pytest.raises(ConfigError, match="holds prompts without completions, and objective "):
         validate(cfg)
+
+
+def test_gradient_norms_of_a_probe_under_grpo_are_one_line(tiny, make_cfg):
+    """GRPO trains on rollouts it makes: a probe batch of prompts has no loss to differentiate,
+    so callbacks.analysis.grad_norms=true is refused (it failed at every analysis before)."""
+    from mlxlab.train import train
+
+    args = [a for a in grpo_args(tiny) if a != "data.val_file=null"]
+    with pytest.raises(ConfigError, match="set callbacks.analysis.grad_norms=false"):
+        train(make_cfg(*args, f"data.val_file={tiny['prompts']}", "callbacks=analysis"))

@@ -373,6 +373,28 @@ def test_dpo_chat_with_the_quick_preset_is_a_20_step_dpo_run(pref_model, make_cf
     assert len(client.get_metric_history(run.info.run_id, "train/rewards/margin")) == 20
 
 
+def test_the_analysis_callback_scores_a_dpo_probe_with_the_dpo_loss(pref_model, make_cfg):
+    """callbacks=analysis on preference data: the probe's gradient norms come from the run's
+    own (DPO) loss and its attention and sample from the chosen side; before, every analysis
+    failed with a warning (task cross-entropy on a batch without input_ids) and logged nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.train import train
+
+    cfg = make_cfg("experiment=dpo_chat", *preference_args(
+        pref_model, "trainer.max_steps=6", "trainer.eval_every_steps=6", "callbacks=analysis",
+        "callbacks.analysis.every_steps=3", "callbacks.analysis.sample_tokens=4"))
+    train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])
+    grads = [k for k in run.data.metrics if k.startswith("analysis/grad_norm/")]
+    assert grads, sorted(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, grads[0])] == [3, 6]
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert samples == ["samples/step_000003.txt", "samples/step_000006.txt"]
+
+
 # --- the other losses and a full fine-tune, through the one loop -------------------------------
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxlab.data.batching import Batching
+from mlxlab.errors import ConfigError
 from mlxlab.models.base import Model
 from mlxlab.models.layers import Attention
 from mlxlab.objectives import losses
@@ -64,6 +65,7 @@ class BackgroundAnalysis(Callback):
         self.sample_tokens, self.probe_batch_size = sample_tokens, probe_batch_size
         self.end_wait_s = end_wait_s
         self.model = self.shadow = self.tracker = self.probe = self.tokenizer = None
+        self.loss_fn = None
         self.task = "classification"
         self.enabled = True
         self.skipped = 0
@@ -77,6 +79,12 @@ class BackgroundAnalysis(Callback):
         if not self.enabled:
             return
         self.model, self.tracker, self.task = model, context.tracker, data.task
+        self.loss_fn = context.probe_loss
+        if self.grad_norms and self.loss_fn is None and data.has_validation:
+            raise ConfigError(
+                "callbacks.analysis.grad_norms=true: the run's objective trains on batches it "
+                "makes (rollouts), not on the data's, so a probe batch of the data has no loss "
+                "to differentiate: set callbacks.analysis.grad_norms=false")
         self.shadow = copy.deepcopy(model)  # the worker's own model: training's is never touched
         self.shadow.eval()
         if data.has_validation:
@@ -117,12 +125,13 @@ class BackgroundAnalysis(Callback):
     def _analyse(self, step: int, snapshot: dict) -> None:
         try:
             self.shadow.update(snapshot)
-            metrics = analyse(self.shadow, self.probe, self.task, weight_norms=self.weight_norms,
+            metrics = analyse(self.shadow, self.probe, self.loss_fn, weight_norms=self.weight_norms,
                               grad_norms=self.grad_norms, attention=self.attention_entropy,
                               embedding=self.embedding_stats)
             self.tracker.log_metrics(metrics, step)
-            if self.task == "lm" and self.sample_tokens and self.probe is not None:
-                text = sample_text(self.shadow, self.probe, self.tokenizer, self.sample_tokens)
+            if self.task in ("lm", "preference") and self.sample_tokens and self.probe is not None:
+                text = sample_text(self.shadow, lm_view(self.probe), self.tokenizer,
+                                   self.sample_tokens)
                 if text is not None:
                     self.tracker.log_text(text, f"samples/step_{step:06d}.txt")
             self.done.append(step)
@@ -149,20 +158,30 @@ def grouped_norms(tree: dict) -> dict[str, float]:
     return {k: math.sqrt(float(v)) for k, v in sums.items()}
 
 
-def analyse(model: nn.Module, probe: dict | None, task: str, weight_norms: bool = True,
-            grad_norms: bool = True, attention: bool = True, embedding: bool = True
-            ) -> dict[str, float]:
-    """The metrics of one analysis of `model` (already holding the snapshot's weights)."""
+def lm_view(probe: dict) -> dict:
+    """The probe as the model reads it: a preference batch's chosen side (`chosen_input_ids`,
+    ...: data/preference.py) as a batch of its own; any other batch as it is."""
+    if "input_ids" in probe or "chosen_input_ids" not in probe:
+        return probe
+    return {k[len("chosen_"):]: v for k, v in probe.items() if k.startswith("chosen_")}
+
+
+def analyse(model: nn.Module, probe: dict | None, loss_fn: losses.LossFn | str | None,
+            weight_norms: bool = True, grad_norms: bool = True, attention: bool = True,
+            embedding: bool = True) -> dict[str, float]:
+    """The metrics of one analysis of `model` (already holding the snapshot's weights).
+    `loss_fn`: the objective's loss on the probe (TrainContext.probe_loss), or a data task
+    name for its cross-entropy."""
     out: dict[str, float] = {}
     if weight_norms:
         out.update({f"analysis/weight_norm/{k}": v for k, v in grouped_norms(model.parameters()).items()})
-    if grad_norms and probe is not None:
-        loss_fn = losses.task_loss(task)
+    if grad_norms and probe is not None and loss_fn is not None:
+        loss_fn = losses.task_loss(loss_fn) if isinstance(loss_fn, str) else loss_fn
         (_, _), grads = nn.value_and_grad(model, loss_fn)(model, probe)
         out.update({f"analysis/grad_norm/{k}": v for k, v in grouped_norms(grads).items()})
     if attention and probe is not None:
         out.update({f"analysis/attention_entropy/{k}": v
-                    for k, v in attention_entropies(model, probe).items()})
+                    for k, v in attention_entropies(model, lm_view(probe)).items()})
     if embedding:
         out.update(embedding_statistics(model))
     return out

@@ -249,7 +249,8 @@ class Fit:
             monitor=self.settings.monitor, monitor_mode=self.settings.monitor_mode,
             tracker=self.tracker, run_dir=self.run_dir, batch_size=self.batching.batch_size,
             grad_accum=self.grad_accum, optimizer=self.optimizer, optimizer_state_mb=state_mb,
-            tie_break=self.tie_break)
+            tie_break=self.tie_break,
+            probe_loss=None if self.objective.makes_batches else self.loss_fn)
         self.set_up = True  # from here on the callbacks are ended, however the run ends
         for cb in self.callbacks:
             cb.setup(context, self.model, self.data)

@@ -47,6 +47,9 @@ class TrainContext:
     # the metric (and its mode) that breaks a tie on the monitor: the objective's loss
     # (Objective.tie_break, checkpoint.choose_best); None: the later evaluation
     tie_break: tuple[str, str] | None = None
+    # the objective's loss (as the step computes it) on a batch of the data's, e.g. a probe for
+    # gradient norms; None when the objective trains on batches it makes (GRPO's rollouts)
+    probe_loss: Any = None
 
 
 @dataclass
