@@ -66,7 +66,6 @@ class BackgroundAnalysis(Callback):
         self.end_wait_s = end_wait_s
         self.model = self.shadow = self.tracker = self.probe = self.tokenizer = None
         self.loss_fn = None
-        self.task = "classification"
         self.enabled = True
         self.skipped = 0
         self.done: list[int] = []  # steps analysed (in order of completion)
@@ -78,7 +77,7 @@ class BackgroundAnalysis(Callback):
         self.enabled = context.world.is_main
         if not self.enabled:
             return
-        self.model, self.tracker, self.task = model, context.tracker, data.task
+        self.model, self.tracker = model, context.tracker
         self.loss_fn = context.probe_loss
         if self.grad_norms and self.loss_fn is None and data.has_validation:
             raise ConfigError(
@@ -129,7 +128,8 @@ class BackgroundAnalysis(Callback):
                               grad_norms=self.grad_norms, attention=self.attention_entropy,
                               embedding=self.embedding_stats)
             self.tracker.log_metrics(metrics, step)
-            if self.task in ("lm", "preference") and self.sample_tokens and self.probe is not None:
+            # a decoder's sample (sample_text: None for a model that does not generate)
+            if self.sample_tokens and self.probe is not None:
                 text = sample_text(self.shadow, lm_view(self.probe), self.tokenizer,
                                    self.sample_tokens)
                 if text is not None:
