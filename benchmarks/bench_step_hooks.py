@@ -97,7 +97,8 @@ def analysis(root: Path, steps: int, every: int, overrides: list[str]) -> None:
     data, model, settings = setup(root, overrides)
     step = new_step(settings, model, losses.task_loss(data.task))
     cb = BackgroundAnalysis(every_steps=every)
-    cb.setup(SimpleNamespace(world=World(), tracker=NullTracker(), run_dir=root / "run"), model, data)
+    cb.setup(SimpleNamespace(world=World(), tracker=NullTracker(), run_dir=root / "run",
+                             probe_loss=losses.task_loss(data.task)), model, data)
     times: dict[str, list[float]] = {"on": [], "off": []}
     stalls: list[float] = []
     batches = batches_forever(data, settings)
