@@ -390,9 +390,12 @@ def test_the_analysis_callback_scores_a_dpo_probe_with_the_dpo_loss(pref_model, 
         [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])
     grads = [k for k in run.data.metrics if k.startswith("analysis/grad_norm/")]
     assert grads, sorted(run.data.metrics)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, grads[0])] == [3, 6]
+    # step 6's analysis is skipped when step 3's still runs (a busy machine): never a stall
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, grads[0])]
+    assert steps[:1] == [3] and set(steps) <= {3, 6}
+    assert len(steps) + run.data.metrics.get("analysis/skipped", 0) == 2
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-    assert samples == ["samples/step_000003.txt", "samples/step_000006.txt"]
+    assert samples == [f"samples/step_{step:06d}.txt" for step in steps]
 
 
 # --- the other losses and a full fine-tune, through the one loop -------------------------------
