@@ -111,18 +111,39 @@ def gemm(sizes: list[int], deadline: float) -> dict[str, float]:
     return best
 
 
+def preset_step(spec: dict, root: Path, preset: str, dtype: str):
+    """(model config, model, loss, compiled step) of `preset` as the trainer builds them: AdamW,
+    clip 1.0, fused kernels auto, bf16 compute over fp32 masters for dtype "bf16"."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from bench import compose
+    from mlxlab import kernels
+    from mlxlab.config import instantiate
+    from mlxlab.objectives import losses
+    from mlxlab.training.settings import TrainerSettings
+    from mlxlab.training.step import make_step, mixed_precision
+
+    cfg = compose(root, [f"model=transformer_{preset}", *spec["model_overrides"]])
+    mx.random.seed(0)
+    model = instantiate(cfg.model, vocab_size=spec["vocab"], num_labels=None)
+    model.train()
+    settings = TrainerSettings(precision=dtype, grad_clip=1.0, fused_kernels="auto")
+    kernels.set_mode(settings.fused_kernels)  # as the loop sets it
+    loss_fn = losses.task_loss("lm")
+    if dtype == "bf16":
+        loss_fn = mixed_precision(loss_fn, mx.bfloat16)
+    step = make_step(model, optim.AdamW(learning_rate=1e-4, weight_decay=0.01), loss_fn, settings)
+    return cfg.model, model, loss_fn, step
+
+
 def lm_rows(spec: dict) -> list[dict]:
     """mlxlab's compiled step on each preset x dtype; one row each (or its error)."""
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
 
-    from bench import compose, matmul_params, step_flops
-    from mlxlab import kernels
-    from mlxlab.config import instantiate
-    from mlxlab.objectives import losses
-    from mlxlab.training.settings import TrainerSettings
-    from mlxlab.training.step import make_step, mixed_precision
+    from bench import matmul_params, step_flops
 
     rows, deadline = [], spec["deadline"]
     root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
@@ -134,21 +155,9 @@ def lm_rows(spec: dict) -> list[dict]:
                 row["skipped"] = "over the part's time budget"
                 continue
             try:
-                cfg = compose(root, [f"model=transformer_{preset}", *spec["model_overrides"]])
-                mx.random.seed(0)
-                model = instantiate(cfg.model, vocab_size=spec["vocab"], num_labels=None)
-                model.train()
-                settings = TrainerSettings(precision=dtype, grad_clip=1.0, fused_kernels="auto")
-                kernels.set_mode(settings.fused_kernels)  # as the loop sets it
-                import mlx.optimizers as optim
-
-                optimizer = optim.AdamW(learning_rate=1e-4, weight_decay=0.01)
-                loss_fn = losses.task_loss("lm")
-                if dtype == "bf16":
-                    loss_fn = mixed_precision(loss_fn, mx.bfloat16)
-                step = make_step(model, optimizer, loss_fn, settings)
+                model_cfg, model, _, step = preset_step(spec, root, preset, dtype)
                 # nano's positions stop at 256: its rows are that long
-                batch_rows, seq = spec["batch"][preset], min(spec["seq"], cfg.model.max_seq_len)
+                batch_rows, seq = spec["batch"][preset], min(spec["seq"], model_cfg.max_seq_len)
                 rng = np.random.default_rng(spec["seed"])
                 per_token, per_sample, layers, dim = matmul_params(model, "lm")
                 meta = {"params_per_token": per_token, "params_per_sample": per_sample,
@@ -183,32 +192,19 @@ def profile_step(spec: dict, preset: str, dtype: str) -> dict:
     timed alone at the model's shapes, and the matmuls' floor (their FLOPs over the best GEMM)."""
     import mlx.core as mx
     import mlx.nn as nn
-    import mlx.optimizers as optim
     import numpy as np
 
-    from bench import compose, matmul_params
-    from mlxlab.config import instantiate
-    from mlxlab.objectives import losses
-    from mlxlab.training.settings import TrainerSettings
-    from mlxlab.training.step import make_step, mixed_precision
+    from bench import matmul_params
 
-    cfg = compose(Path(tempfile.mkdtemp(prefix="bench-gpu-prof-")),
-                  [f"model=transformer_{preset}", *spec["model_overrides"]])
-    mx.random.seed(0)
-    model = instantiate(cfg.model, vocab_size=spec["vocab"], num_labels=None)
-    model.train()
-    loss_fn = losses.task_loss("lm")
+    model_cfg, model, loss_fn, step = preset_step(
+        spec, Path(tempfile.mkdtemp(prefix="bench-gpu-prof-")), preset, dtype)
     low = mx.bfloat16 if dtype == "bf16" else mx.float32
-    if dtype == "bf16":
-        loss_fn = mixed_precision(loss_fn, mx.bfloat16)
-    b, t = spec["batch"][preset], spec["seq"]
+    b, t = spec["batch"][preset], min(spec["seq"], model_cfg.max_seq_len)
     ids = mx.array(np.random.default_rng(0).integers(0, spec["vocab"], (b, t + 1), dtype=np.int32))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mx.ones((b, t), mx.float32)}
     forward = mx.compile(lambda x: loss_fn(model, x)[0])
     grads = mx.compile(lambda x: nn.value_and_grad(model, loss_fn)(model, x)[1])
-    step = make_step(model, optim.AdamW(learning_rate=1e-4, weight_decay=0.01), loss_fn,
-                     TrainerSettings(precision=dtype, grad_clip=1.0, fused_kernels="auto"))
-    heads, dim = cfg.model.num_heads, cfg.model.dim
+    heads, dim = model_cfg.num_heads, model_cfg.dim
     q = mx.random.normal((b, heads, t, dim // heads)).astype(low)
 
     def attention(q):
