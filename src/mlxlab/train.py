@@ -77,6 +77,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     validate(cfg)
     from mlxlab.distill_rounds import rounds_of
+    from mlxlab.models.sources import source_of, source_tags
+
+    # the model the user named, as a local folder (a hub download, a GGUF conversion), or one
+    # line saying why not: before the run folder or tracking exist
+    model_source = source_of(cfg.model)
 
     if rounds_of(cfg) > 1:
         return train_distill_rounds(cfg)
@@ -122,7 +127,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                       objective=instantiate(cfg.objective))
     resumed_from = resumed_run_folder(resume) if resume is not None else None
     tags = {**run_tags(cfg, choices, run_hash, run_dir, resumed_from, trial_tags()),
-            **process_tags(), WORLD_SIZE: str(world.size)}
+            **process_tags(), **source_tags(model_source), WORLD_SIZE: str(world.size)}
     result = trainer.fit(model, data, tracker, run_dir, config=config, tags=tags, resume=resume)
     if world.is_main:
         print("\n".join(summary_lines(result, tracker)))

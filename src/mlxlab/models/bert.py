@@ -28,6 +28,7 @@ from mlxlab.models.layers import (
     padding_mask,
 )
 from mlxlab.models.lora import maybe_apply_lora
+from mlxlab.models.sources import as_local
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ class BertClassifier(Model):
         lora: Mapping | None = None,
     ):
         super().__init__()
+        pretrained = as_local(pretrained) if pretrained else None  # a hub id as its folder
         sizes = dict(
             hidden_size=hidden_size,
             num_layers=num_layers,

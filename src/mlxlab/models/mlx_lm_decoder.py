@@ -1,4 +1,5 @@
-"""A pretrained decoder through mlx-lm's model code: any local folder whose config.json
+"""A pretrained decoder through mlx-lm's model code: any model (a local folder, a GGUF file, a hub
+id: models/sources) whose config.json
 `model_type` the installed mlx-lm loads (Llama, Mistral, Qwen2/3, Gemma 3, Phi-3, OLMo 2,
 Granite, their MoE variants, ...), float or quantized as `mlx_lm.convert -q` writes it.
 
@@ -32,6 +33,7 @@ from mlxlab.models.hf import check_vocab, read_config
 from mlxlab.models.lora import maybe_apply_lora
 from mlxlab.models.mlx_lm_fused import use_fused_kernels
 from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
+from mlxlab.models.sources import model_folder
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,7 @@ class MLXLMDecoder(Model):
         vocab_size: int,
         num_labels: int | None = None,  # accepted for the common constructor; unused
         pretrained: str | None = None,
+        revision: str | None = None,
         lora: Mapping | None = None,
         quantize: int | None = None,
         dropout: float = 0.0,
@@ -158,14 +161,14 @@ class MLXLMDecoder(Model):
         if dropout:
             raise ConfigError(f"model.dropout={dropout}: mlx-lm's decoders have no dropout; "
                               "leave it at 0")
-        if pretrained:
-            lm, config = load_folder(pretrained)
+        if pretrained:  # a folder, a GGUF file, ollama:NAME or a hub id (models/sources)
+            lm, config = load_folder(model_folder(pretrained, revision))
         elif hf_config:
             lm = build_from_config(hf_config, quantized_layers, weight_names)
             config = dict(hf_config)
         else:
-            raise ConfigError("model.pretrained=??? : point it at a local model folder "
-                              "(config.json, *.safetensors, tokenizer.json)")
+            raise ConfigError("model.pretrained=??? : name the model: a local folder, a .gguf "
+                              "file, ollama:NAME[:TAG] or a hub id ORG/NAME")
         self.lm = lm
         self._hf_config = dict(config)
         self.vocab_size = int(config.get("vocab_size")

@@ -30,6 +30,7 @@ from mlxlab.checkpoint.discover import is_checkpoint_dir
 from mlxlab.config import instantiate
 from mlxlab.errors import ConfigError
 from mlxlab.models.quantize import quantize_linears
+from mlxlab.models.sources import as_local
 from mlxlab.training.model_ops import apply_done
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def load_teachers(
         if not spec.get("run"):
             raise ConfigError("each objective.teachers entry needs run=<finished run dir or "
                               "Hugging Face model folder>")
+        spec["run"] = as_local(spec["run"])  # a GGUF file or hub id as its folder
         if is_pretrained_folder(spec["run"]):
             model = pretrained_teacher(Path(spec["run"]), vocab_size, num_labels, label_names)
             where = "a pretrained folder"

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.sources import as_local, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,7 @@ def use_pretrained_tokenizer(cfg: DictConfig) -> None:
     source = cfg.model.get("pretrained")
     if not source or cfg.data.get("tokenizer", {}).get("path"):
         return
-    if not Path(source).is_dir():
-        raise ConfigError(f"model.pretrained={source}: no such folder; give a local Hugging Face "
-                          "or mlx-lm model folder (config.json, *.safetensors, tokenizer.json)")
+    source = model_folder(source, cfg.model.get("revision"))
     if not (Path(source) / "tokenizer.json").is_file():
         raise ConfigError(f"{source} has no tokenizer.json: set data.tokenizer.path= to the "
                           "checkpoint's tokenizer (a fast tokenizer saved by transformers)")
@@ -75,6 +74,7 @@ def keep_pretrained_files(cfg: DictConfig, run_dir: Path) -> None:
     source = cfg.model.get("pretrained")
     if not source:
         return
+    source = model_folder(source, cfg.model.get("revision"))
     for name in TOKENIZER_SIDE_FILES:
         if (Path(source) / name).is_file() and not (run_dir / name).exists():
             shutil.copyfile(Path(source) / name, run_dir / name)
@@ -85,7 +85,7 @@ def first_teacher(cfg: DictConfig) -> str | None:
     data.tokenizer.path is set). A Hugging Face / mlx-lm teacher folder without tokenizer.json
     is refused then: a tokenizer the student trained itself would give the teacher other ids."""
     specs = (cfg.get("objective") or {}).get("teachers") or []
-    folders = [str(s if isinstance(s, str) else s.get("run")) for s in specs]
+    folders = [as_local(s if isinstance(s, str) else s.get("run")) for s in specs]
     if cfg.data.get("tokenizer", {}).get("path"):
         return folders[0] if folders else None
     from mlxlab.runs.model import is_pretrained_folder

