@@ -104,12 +104,12 @@ def config_from_metadata(metadata: dict, tensor_names: tuple[str, ...], path: Pa
     if "vocab_size" not in config:
         config["vocab_size"] = len(metadata["tokenizer.ggml.tokens"])
     config["tie_word_embeddings"] = "output.weight" not in tensor_names
-    if model_type == "llama" and "head_dim" in config:
-        # rope.dimension_count is the rotary width, which is the head size for a Llama
-        config["head_dim"] = int(config["head_dim"])
-    if model_type == "gemma3_text":
+    if f"{arch}.attention.key_length" in metadata:  # the head size where the file states it
+        config["head_dim"] = int(metadata[f"{arch}.attention.key_length"])
+    if model_type == "gemma3_text":  # what llama.cpp's Gemma 3 graph fixes rather than stores
         config.setdefault("query_pre_attn_scalar", config.get("head_dim"))
         config.setdefault("rope_local_base_freq", 10000.0)
+        config.setdefault("sliding_window_pattern", 6)
     config["torch_dtype"] = "float32"
     for token in ("bos_token_id", "eos_token_id", "padding_token_id"):
         if f"tokenizer.ggml.{token}" in metadata:
