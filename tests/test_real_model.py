@@ -135,3 +135,41 @@ def test_greedy_tokens_equal_transformers_on_three_chat_prompts(ours, theirs):
                                  eos_token_id=end)
         assert mine == out[0, len(ids):].tolist(), prompt
         assert len(mine) >= 6, prompt  # a real answer, not an empty turn
+
+
+def test_two_lora_steps_on_its_4bit_base(gguf_file, make_cfg, tmp_path):
+    """experiment=finetune_chat straight from the GGUF file: LoRA adapters train on the Q4_1
+    layers as the file holds them (no dequantized copy), the base stays as it was, and the run
+    names the file's sha256 in its MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.runs import load_run_model
+    from mlxlab.train import train
+
+    chats = tmp_path / "dates.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Write the {d}th of May, 2020 as an ISO date."},
+        {"role": "assistant", "content": f"2020-05-{d:02d}"}]}) + "\n" for d in range(4, 20)))
+    cfg = make_cfg("experiment=finetune_chat", f"model.pretrained={gguf_file}",
+                   f"data.train_file={chats}", "data.val_fraction=0.25", "trainer.max_steps=2",
+                   "trainer.eval_every_steps=2", "trainer.batch_size=4", "trainer.log_every_steps=1",
+                   "callbacks.progress.enabled=false")
+    metrics = train(cfg)
+    assert np.isfinite(metrics["val/loss"])
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment_name)
+                              .experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlxlab.model.kind"] == "gguf"
+    assert run.data.tags["mlxlab.model.sha256"] == packaged_model_sha()
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
+    model, _ = load_run_model(cfg.paths.output_dir)
+    q = model.lm.model.layers[0].self_attn.q_proj
+    assert q.linear.bits == 4 and q.linear.group_size == 32  # the file's blocks, under the adapter
+    assert float(mx.abs(q.lora_b).max()) > 0  # the adapter moved from its zero start
+
+
+def packaged_model_sha() -> str:
+    from real_models import SMOLLM2
+
+    return SMOLLM2["sha256"]
