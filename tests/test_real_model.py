@@ -173,3 +173,40 @@ def packaged_model_sha() -> str:
     from real_models import SMOLLM2
 
     return SMOLLM2["sha256"]
+
+
+@pytest.mark.slow
+def test_gemma3_k_quants_dequantize_to_transformers_weights_and_requantize(tmp_path):
+    """Gemma 3 270M's Q4_K_M file: its K-quant and Q5_0 tensors load dequantized (one warning
+    line). mlx-lm's Gemma 3 on our conversion gives the logits it gives on transformers' own
+    dequantization of the file (saved as a folder), and the same next tokens as transformers'
+    model (mlx-lm's Gemma scales embeddings by a bfloat16 sqrt(hidden), transformers' by a
+    float32 one: their logits differ by ~1e-3 relative whatever the weights). model.quantize=4
+    quantizes the float layers; the Q8_0 ones stay as stored."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from real_models import GEMMA3
+
+    file = packaged_model(GEMMA3)
+    ours = MLXLMDecoder(vocab_size=262144, pretrained=str(file))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / file.name).symlink_to(file)
+    model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=file.name,
+                                                 dtype=torch.float32).eval()
+    model.hf_quantizer = None  # dequantized: saved as a plain float folder
+    model.save_pretrained(tmp_path / "float")
+    reference = MLXLMDecoder(vocab_size=262144, pretrained=str(tmp_path / "float"))
+    ids = np.array([[2, 818, 5279, 529, 7001, 563]])  # <bos>The capital of France is
+    mine = np.array(ours(mx.array(ids)).astype(mx.float32))
+    theirs = np.array(reference(mx.array(ids)).astype(mx.float32))
+    assert np.abs(mine - theirs).max() <= 1e-4 * np.abs(theirs).max()
+    with torch.no_grad():
+        hf = model(torch.tensor(ids)).logits.numpy()
+    assert np.array_equal(mine.argmax(-1), hf.argmax(-1))
+    requantized = MLXLMDecoder(vocab_size=262144, pretrained=str(file), quantize=4,
+                               lora={"rank": 8, "targets": ["query", "value"]})
+    bits = {spec["bits"] for spec in requantized.checkpoint_init["quantized_layers"].values()}
+    assert bits == {4, 8}

@@ -125,6 +125,12 @@ def quantized_layer_specs(model: nn.Module) -> dict[str, dict]:
             for name, m in model.named_modules() if "scales" in m}
 
 
+def float_layers(model: nn.Module) -> list[str]:
+    """The Linear / Embedding layers still in float (what model.quantize would quantize)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear | nn.Embedding) and "scales" not in m]
+
+
 def lora_targets(lora: Mapping | None) -> Mapping | None:
     """The lora node with mlxlab's projection names also spelled as mlx-lm's modules name them."""
     if not lora or not lora.get("targets"):
@@ -234,11 +240,15 @@ def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mappin
     if quantize not in QUANTIZE_BITS:
         raise ConfigError(f"model.quantize={quantize}: use 4, 8 or null")
     if not rebuilt:
-        if quantize and quantized_layer_specs(model.lm):
+        stored = quantized_layer_specs(model.lm)
+        if quantize and stored and not float_layers(model.lm):
             raise ConfigError("model.quantize is set but the folder is already quantized: "
                               "leave model.quantize=null to train it as it is")
-        if quantize:
-            model._hf_config = quantize_as_convert(model.lm, model._hf_config, int(quantize))
+        if quantize:  # the float layers; layers quantized as stored (a GGUF's blocks) stay
+            config = quantize_as_convert(model.lm, model._hf_config, int(quantize))
+            config["quantization"].update(
+                (model._hf_config.get("quantization") or {}) if stored else {})
+            model._hf_config = config
         model._quantized_layers = quantized_layer_specs(model.lm)
     rank = int((lora or {}).get("rank", 0))
     if model.quantized and lora is not None and rank == 0:  # (None: not trained here)

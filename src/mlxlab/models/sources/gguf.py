@@ -238,23 +238,26 @@ SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
 
 
 def _write_tokenizer(metadata: dict, folder: Path) -> None:
-    """tokenizer.json, tokenizer_config.json and chat_template.jinja from the file's tokenizer, by
-    transformers' GGUF tokenizer conversion (what AutoTokenizer(gguf_file=...) builds)."""
+    """tokenizer.json, tokenizer_config.json and chat_template.jinja from the file's tokenizer,
+    built and saved by transformers (its GGUF tokenizer conversion, what
+    AutoTokenizer(gguf_file=...) builds): the special tokens, whether BOS / EOS are added, and
+    the chat template as the file states them."""
+    from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     tokenizer_dict = {name: metadata[f"tokenizer.{key}"]
                       for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
                       if f"tokenizer.{key}" in metadata}
-    fast, extra = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
-    fast.save(str(folder / "tokenizer.json"))
+    backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
     tokens = tokenizer_dict["tokens"]
     config = {name: metadata[key] for key, name in TOKENIZER_KEYS.items() if key in metadata}
     if tokenizer_dict.get("tokenizer_type") == "llama":
         config.setdefault("add_bos_token", True)  # llama.cpp's default for a sentencepiece vocab
     for name, key in SPECIAL_TOKENS.items():
         token_id = metadata.get(f"tokenizer.ggml.{key}")
-        config[name] = tokens[token_id] if token_id is not None else None
-    config = {**config, **extra, "tokenizer_class": "PreTrainedTokenizerFast"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if metadata.get("tokenizer.chat_template"):
-        (folder / "chat_template.jinja").write_text(metadata["tokenizer.chat_template"])
+        if token_id is not None:
+            config[name] = tokens[token_id]
+    template = metadata.get("tokenizer.chat_template")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra,
+                                        **({"chat_template": template} if template else {}))
+    tokenizer.save_pretrained(str(folder))
