@@ -31,6 +31,7 @@ from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.base import Model
 from mlxlab.models.hf import check_vocab, read_config
 from mlxlab.models.lora import maybe_apply_lora
+from mlxlab.models.mlx_lm_classes import mlx_lm_version, model_classes
 from mlxlab.models.mlx_lm_fused import use_fused_kernels
 from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
 from mlxlab.models.sources import model_folder
@@ -47,29 +48,6 @@ TARGET_ALIASES = {
     "value": ("v_proj", "qkv_proj", "query_key_value", "Wqkv"),
     "out": ("o_proj", "attention.dense", "out_proj"),
 }
-
-
-def mlx_lm_version() -> str:
-    import mlx_lm
-
-    return mlx_lm.__version__
-
-
-def model_classes(config: Mapping, source: str | Path) -> tuple[type, type]:
-    """mlx-lm's (Model, ModelArgs) classes for a config.json; a model type this mlx-lm does not
-    have is one line naming it and the installed version."""
-    from mlx_lm.utils import _get_classes
-
-    if config.get("model_file"):
-        raise ConfigError(f"{source}/config.json asks to run custom model code ({config['model_file']}"
-                          "); mlxlab loads only mlx-lm's own architectures")
-    try:
-        return _get_classes(dict(config))
-    except (ValueError, KeyError):
-        raise ConfigError(
-            f"{source}: model_type={config.get('model_type')!r} is not an architecture mlx-lm "
-            f"{mlx_lm_version()} loads; give a folder of a type it supports (or a newer mlx-lm)"
-        ) from None
 
 
 def load_folder(path: str | Path) -> tuple[nn.Module, dict]:

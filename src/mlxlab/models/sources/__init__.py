@@ -19,25 +19,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.sources.source import ModelSource
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 OLLAMA_PREFIX = "ollama:"
 WHAT_WORKS = ("a local Hugging Face or mlx-lm model folder, a .gguf file, ollama:NAME[:TAG], or a "
               "hub id ORG/NAME")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A resolved model: `folder` holds config.json, weights and tokenizer; `provenance` is what
-    a run records ({"source", "kind", and per kind "repo_id"/"revision" or "sha256"/"file"})."""
-
-    folder: Path
-    kind: str  # folder | hub | gguf | ollama
-    provenance: dict = field(default_factory=dict)
 
 
 _resolved: dict[tuple[str, str | None], ModelSource] = {}

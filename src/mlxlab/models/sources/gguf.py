@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from mlxlab.errors import ConfigError
-from mlxlab.models.sources import ModelSource
 from mlxlab.models.sources.gguf_blocks import (
     AFFINE_TYPES,
     GROUP_SIZE,
     affine_from_blocks,
     permute_rows,
 )
+from mlxlab.models.sources.source import ModelSource
 from mlxlab.runtime import settings
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def config_from_metadata(metadata: dict, tensor_names: tuple[str, ...], path: Pa
 
 
 def _convert(path: Path, folder: Path, provenance: dict) -> None:
-    from mlxlab.models.mlx_lm_decoder import model_classes
+    from mlxlab.models.mlx_lm_classes import model_classes
 
     metadata, tensors = read_gguf(path)
     config = config_from_metadata(metadata, tuple(t.name for t in tensors), path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlxlab.errors import ConfigError, MissingFileError
-from mlxlab.models.sources import ModelSource
+from mlxlab.models.sources.source import ModelSource
 
 ALLOW_PATTERNS = ["*.json", "model*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken",
                   "*.txt", "*.jsonl"]
