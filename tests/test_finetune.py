@@ -210,13 +210,14 @@ def test_pretrained_folder_problems_are_named(tmp_path):
     from hydra.core.global_hydra import GlobalHydra
 
     from conftest import compose_cfg
-    from mlxlab.config import ConfigError
+    from mlxlab.errors import UserError
     from mlxlab.runs import use_pretrained_tokenizer
 
     (tmp_path / "no-tokenizer").mkdir()
-    for folder, message in [("missing", "no such folder"), ("no-tokenizer", "has no tokenizer.json")]:
+    for folder, message in [("missing", "no such folder or file; give a local"),
+                            ("no-tokenizer", "has no tokenizer.json")]:
         cfg = compose_cfg(tmp_path, ["experiment=finetune_text",
                                      f"model.pretrained={tmp_path / folder}"])
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(UserError, match=message):
             use_pretrained_tokenizer(cfg)
         GlobalHydra.instance().clear()
