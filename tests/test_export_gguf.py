@@ -263,6 +263,42 @@ def test_a_chatml_model_gets_ollamas_chatml_template_and_stop(models, tmp_path):
     assert "(chat template: chatml)" in done.stdout
 
 
+# SmolLM2-Instruct's chat template, verbatim: a default system turn in every chat without one
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template, system", [
+    (SMOLLM2, "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+    (tiny.QWEN25, "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    (tiny.CHATML, None),  # no default system turn: no SYSTEM line
+])
+def test_the_modelfile_carries_the_templates_default_system_turn(template, system, tmp_path):
+    """A template that writes a system turn into every chat without one trained the model on
+    it: the Modelfile's SYSTEM carries that text (Ollama's Go template writes only the system
+    turn it is given)."""
+    from mlxlab.export.ollama import write_modelfile
+
+    tok = tiny.tiny_tokenizer("qwen2", chat="chatml")
+    folder = tmp_path / "chat"
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                            chat_template=template).save_pretrained(folder)
+    report = write_modelfile(folder, tmp_path / "m.gguf")
+    text = (tmp_path / "Modelfile").read_text()
+    assert report["chat_style"] == "chatml" and report["system"] == system
+    if system is None:
+        assert "SYSTEM" not in text
+    else:
+        assert f'SYSTEM """{system}"""\n' in text
+
+
 @pytest.mark.parametrize("case", ["classifier", "unknown_arch", "k_quant", "dtype"])
 def test_bad_requests_are_one_line_exit_2_and_leave_no_file(case, models, tmp_path, capsys):
     from mlxlab.cli.export import main

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from mlxlab.export.architectures import LAYOUTS, layout_of
 from mlxlab.export.hf import (
     DTYPES,
     ExportError,
@@ -66,6 +67,11 @@ def _check_options(model, fmt: str, dtype: str, quantize: int | None, lora: str)
             )
     elif not isinstance(model, (Transformer, MLXLMDecoder)):
         raise ExportError(f"a {type(model).__name__} run has no Hugging Face equivalent")
+    elif isinstance(model, MLXLMDecoder) and layout_of(model.architecture["model_type"]) is None:
+        raise ExportError(
+            f"model_type={model.architecture['model_type']!r} has no proven export: mlxlab "
+            f"exports {sorted(LAYOUTS)} (each checked in transformers and mlx-lm); its weights "
+            "stay usable in mlxlab (generate, eval, serve)")
     elif isinstance(model, MLXLMDecoder) and model.quantized and quantize:
         raise ExportError(f"the model is already {model.quantized_bits()}-bit quantized: export "
                           "it without --quantize (it stays quantized in --format mlx-lm)")
@@ -136,6 +142,8 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
         config = bert_config(model, labels)
     else:  # a quantized base stays quantized in mlx-lm's layout, float for transformers
         config = decoder_config(model, tokenizer, dtype, keep_quantization=fmt == "mlx-lm")
+        if fmt == "hf" and isinstance(model, MLXLMDecoder):
+            config = layout_of(config["model_type"]).hf_config(config)
     has_lora = has_adapters(model)
     if lora == "adapters" and not has_lora:
         raise ExportError("--adapters needs a LoRA run (model.lora.rank > 0); this run has none")
