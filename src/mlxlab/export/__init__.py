@@ -18,6 +18,7 @@ A run that scored evaluation tasks (eval.tasks) gets a README.md model card with
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -40,8 +41,9 @@ from mlxlab.export.hf import (
 )
 from mlxlab.export.mlx_lm import quantize as quantize_model
 from mlxlab.export.mlx_lm import split_adapters, write_adapters
-from mlxlab.export.model_card import model_card
+from mlxlab.export.model_card import model_card, unfinished_card
 from mlxlab.export.peft_adapter import check_peft, peft_files, write_peft
+from mlxlab.export.pin import pinned_checkpoint, unfinished_note
 from mlxlab.export.quality import validation_batches
 from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
 from mlxlab.models.bert import BertClassifier
@@ -53,6 +55,7 @@ from mlxlab.runs import load_run_model, require_run_tokenizer
 from mlxlab.runs.evaluate import lm_metrics
 
 __all__ = ["ExportError", "export_gguf", "export_run"]
+log = logging.getLogger(__name__)
 FORMATS = ("hf", "mlx-lm", "peft")
 
 
@@ -105,7 +108,18 @@ def export_run(
     if not run.exists():
         raise FileNotFoundError(f"{run} does not exist: pass a run directory (outputs/<task>/<time>)")
     tokenizer_path = require_run_tokenizer(run, "finished")
-    model, state = load_run_model(run)
+    # a run still training deletes old checkpoints: the chosen one is pinned while it is read
+    with pinned_checkpoint(run) as (chosen, copy):
+        model, state = load_run_model(copy)
+        run_folder = chosen.parent.parent if chosen.parent.name == "checkpoints" else run
+        note = unfinished_note(run_folder, state.step)
+        return _export_loaded(model, state, chosen, note, run, out, tokenizer_path, fmt, dtype,
+                              quantize, lora, overwrite)
+
+
+def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out: Path,
+                   tokenizer_path: Path, fmt: str, dtype: str | None, quantize: int | None,
+                   lora: str, overwrite: bool) -> dict:
     remapped = None
     if isinstance(model, RemappedLM):  # the small model + a tokenizer on its ids (remapped.py)
         remapped, model = model, model.inner
@@ -120,8 +134,10 @@ def export_run(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty: pick a new --out or pass --overwrite")
     run_dir = tokenizer_path.parent
-    report: dict = {"run": str(run), "checkpoint": str(state.path), "format": fmt,
-                    "dtype": dtype, "quantize": quantize}
+    report: dict = {"run": str(run), "checkpoint": str(chosen), "step": state.step,
+                    "format": fmt, "dtype": dtype, "quantize": quantize, "unfinished": note}
+    if note is not None:
+        log.warning("mlxlab export: %s", note)
     staging = Path(tempfile.mkdtemp(prefix="mlxlab-export-"))
     try:
         if remapped is not None:
@@ -132,6 +148,8 @@ def export_run(
             add_unk_rows(model, report["vocab_remap"]["intermediate_tokens"])
         card = model_card(tokenizer_path.parent, out.name, state.config, state.run_id,
                           state.step)  # the run's task scores; None when it scored none
+        if note is not None:
+            card = unfinished_card(card, out.name, note)
         _export(model, state, run_dir, tokenizer_path, out, fmt, dtype, quantize, lora, report,
                 card)
     finally:
