@@ -129,8 +129,8 @@ def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out:
         dtype = source if source in DTYPES else "float32"
     _check_options(model, fmt, dtype, quantize, lora)
     if fmt == "peft":
-        check_peft(state.config.get("model") or {}, bool(getattr(model, "quantized", False)),
-                   has_adapters(model))
+        check_peft(state.config.get("model") or {},
+                   isinstance(model, MLXLMDecoder) and bool(model.quantized), has_adapters(model))
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty: pick a new --out or pass --overwrite")
     run_dir = tokenizer_path.parent
