@@ -81,14 +81,20 @@ def save_tiny_qwen2_moe(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("fmt", ["hf", "mlx-lm", "gguf"])
-def test_an_architecture_without_a_proven_export_is_refused_before_writing(fmt, tmp_path,
-                                                                          capsys):
-    from mlxlab.cli.export import main
-
+@pytest.fixture(scope="module")
+def unproven_run(tmp_path_factory) -> Path:
     if "qwen2_moe" in LAYOUTS:
         pytest.fail("qwen2_moe is proven now: refuse another architecture here")
-    _, run = train_chat(save_tiny_qwen2_moe(tmp_path / "tiny-qwen2_moe"), tmp_path)
+    root = tmp_path_factory.mktemp("unproven")
+    return train_chat(save_tiny_qwen2_moe(root / "tiny-qwen2_moe"), root)[1]
+
+
+@pytest.mark.parametrize("fmt", ["hf", "mlx-lm", "gguf"])
+def test_an_architecture_without_a_proven_export_is_refused_before_writing(fmt, unproven_run,
+                                                                          tmp_path, capsys):
+    from mlxlab.cli.export import main
+
+    run = unproven_run
     out = tmp_path / ("out.gguf" if fmt == "gguf" else "out")
     capsys.readouterr()  # transformers' progress bars while the folder was written
     assert main([str(run), "--format", fmt, "--out", str(out)]) == 2

@@ -112,7 +112,7 @@ def export_run(
     with pinned_checkpoint(run) as (chosen, copy):
         model, state = load_run_model(copy)
         run_folder = chosen.parent.parent if chosen.parent.name == "checkpoints" else run
-        note = unfinished_note(run_folder, state.step)
+        note = unfinished_note(run_folder, state.step, state.config)
         return _export_loaded(model, state, chosen, note, run, out, tokenizer_path, fmt, dtype,
                               quantize, lora, overwrite)
 

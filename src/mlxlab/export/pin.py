@@ -66,9 +66,11 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
-def unfinished_note(run_dir: Path, step: int) -> str | None:
-    """One line saying the run has not finished, None for a finished run."""
-    if finished_step(run_dir) is not None:
+def unfinished_note(run_dir: Path, step: int, config: dict) -> str | None:
+    """One line saying the run has not finished, None for a finished run: one whose folder
+    says so, or (a run from before finished.json) whose checkpoint reached trainer.max_steps."""
+    max_steps = (config.get("trainer") or {}).get("max_steps")
+    if finished_step(run_dir) is not None or (max_steps and step >= max_steps):
         return None
     return (f"the run in {run_dir} has not finished (still training, or stopped before its "
             f"end): this is its checkpoint at step {step}, not a finished model")
