@@ -45,6 +45,7 @@ def test_the_adapters_load_in_peft_with_the_merged_exports_logits(kind, lora, ta
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(folder)
     assert config["use_dora"] is (lora == "dora") and config["peft_type"] == "LORA"
+    assert "library_name: peft" in (out / "README.md").read_text()  # the task scores' card
     # the adapters sit on every module of those names: PEFT's (and vLLM's) plain name list
     assert config["target_modules"] == sorted(
         {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "o_proj"}.get(t, t)

@@ -214,6 +214,8 @@ def _export_peft(model, state, out: Path, dtype: str, report: dict, card: str | 
     base = state.config["model"]["pretrained"]
     tensors, config = peft_files(adapters, settings, base_names, str(base), DTYPES[dtype])
     report["lora"] = settings["fine_tune_type"]
+    if card is not None:  # the hub reads an adapter folder's card as PEFT's
+        card = card.replace("library_name: transformers", "library_name: peft", 1)
     with _folder(out) as tmp:
         write_peft(tensors, config, tmp)
         _write_report(tmp, out, report, card)
