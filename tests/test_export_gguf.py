@@ -345,6 +345,7 @@ def test_the_modelfile_carries_the_templates_default_system_turn(template, syste
     report = write_modelfile(folder, tmp_path / "m.gguf")
     text = (tmp_path / "Modelfile").read_text()
     assert report["chat_style"] == "chatml" and report["system"] == system
+    assert text.startswith('FROM ./m.gguf\n\nTEMPLATE """') and "No TEMPLATE" not in text
     if system is None:
         assert "SYSTEM" not in text
     else:

@@ -118,12 +118,12 @@ def write_modelfile(folder: Path, gguf_file: Path) -> dict:
     system = default_system(folder, style)
     if style:
         lines += [f'TEMPLATE """{STYLES[style][1]}"""', ""]
-    if system is not None:  # what the template put into every training chat without one
-        lines += [f'SYSTEM """{system}"""', ""]
     else:
         lines += ["# No TEMPLATE: the model's chat template is none of the styles mlxlab",
                   "# translates (ChatML, Llama 3, Gemma, Phi-3); Ollama reads the Jinja template",
                   "# the GGUF carries (tokenizer.chat_template) where it recognises it.", ""]
+    if system is not None:  # what the template put into every training chat without one
+        lines += [f'SYSTEM """{system}"""', ""]
     lines += [f'PARAMETER stop "{stop}"' for stop in stops]
     path = gguf_file.with_name("Modelfile")
     path.write_text("\n".join(lines) + "\n")
