@@ -31,7 +31,8 @@ from mlxlab.config import asset_path
 from mlxlab.data.tokenizer import build_tokenizer
 
 KINDS = ("llama", "qwen2", "mistral", "llama3", "qwen3", "gemma3_text", "phi3", "olmo2",
-         "qwen3_moe", "mixtral")
+         "qwen3_moe", "mixtral", "gemma2", "granite", "starcoder2", "deepseek_v3", "granitemoe",
+         "lfm2")
 
 # Real chat templates, verbatim from the models' tokenizer_config.json (ChatML as OpenHermes /
 # TRL write it; Meta-Llama-3-8B-Instruct; Qwen2.5-7B-Instruct, with tools and a default system
@@ -213,12 +214,47 @@ def _config(kind: str, tok, eos: str, overrides: dict):
     if kind == "mixtral":
         return t.MixtralConfig(**{**common, **bos, **gqa, "num_local_experts": 4,
                                   "num_experts_per_tok": 2, "intermediate_size": 64, **overrides})
+    if kind in MORE_CONFIGS:
+        return MORE_CONFIGS[kind](t, {**common, **bos}, overrides)
     extra = {"bos_token_id": tok.token_to_id("<s>"), "num_key_value_heads": 2}
     if kind == "llama3":
         extra.update(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     return t.LlamaConfig(**{**common, **extra, **overrides})
+
+
+# More decoders the export is proven on (tests/test_export_architectures.py): each with what makes
+# it unlike Llama switched on (Gemma 2's soft-capping, Granite's multipliers, StarCoder2's
+# LayerNorm and biases, DeepSeek-V3's latent attention and routed experts, Granite MoE's fused
+# experts, LFM2's convolution blocks). Gemma 2's window spans the whole context: mlx-lm's Gemma 2
+# attends to every earlier token in every layer.
+MORE_CONFIGS = {
+    "gemma2": lambda t, c, o: t.Gemma2Config(**{
+        **c, "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
+        "sliding_window": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+        "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh", **o}),
+    "granite": lambda t, c, o: t.GraniteConfig(**{
+        **c, "num_key_value_heads": 2, "embedding_multiplier": 12.0, "logits_scaling": 8.0,
+        "residual_multiplier": 0.22, "attention_multiplier": 0.0625, **o}),
+    "starcoder2": lambda t, c, o: t.Starcoder2Config(**{
+        **c, "num_key_value_heads": 2, "norm_epsilon": 1e-5, "use_bias": True,
+        "sliding_window": None, "tie_word_embeddings": True, **o}),
+    "deepseek_v3": lambda t, c, o: t.DeepseekV3Config(**{
+        **c, "num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+        "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 1,
+        "topk_group": 1, "moe_intermediate_size": 32, "first_k_dense_replace": 1,
+        "rope_scaling": None, **o}),
+    "granitemoe": lambda t, c, o: t.GraniteMoeConfig(**{
+        **c, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "intermediate_size": 32, "embedding_multiplier": 12.0, "logits_scaling": 8.0,
+        "residual_multiplier": 0.22, "attention_multiplier": 0.0625, **o}),
+    "lfm2": lambda t, c, o: t.Lfm2Config(**{
+        **c, "num_key_value_heads": 2, "block_ff_dim": 160, "block_auto_adjust_ff_dim": False,
+        "conv_L_cache": 3, "layer_types": ["conv", "full_attention"], "norm_eps": 1e-5,
+        "tie_word_embeddings": True, **o}),
+}
 
 
 def hub_config(config: dict) -> dict:
@@ -241,6 +277,8 @@ def hub_config(config: dict) -> dict:
         c.pop("_sliding_window_pattern", None)
         c["sliding_window_pattern"] = (types.index("full_attention") + 1
                                        if "full_attention" in types else len(types) + 1)
+    if c.get("model_type") == "lfm2":  # the hub's LFM2 configs name the width block_dim too
+        c.setdefault("block_dim", c["hidden_size"])
     if c.get("model_type") in ("qwen3_moe", "qwen2_moe", "olmoe") and "num_local_experts" in c:
         c["num_experts"] = c.pop("num_local_experts")
     return c

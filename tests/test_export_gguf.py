@@ -27,7 +27,7 @@ from mlxlab.export.gguf import write_gguf
 from mlxlab.runs import load_run_model
 from mlxlab.train import train
 
-KINDS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+KINDS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma2", "starcoder2")
 # Sizes transformers' GGUF loader can read back: it takes head_dim from hidden/heads for Qwen3
 # (real Qwen3 checkpoints have head_dim 128) and Gemma 3's query scale from its default 256.
 EXTRA = {
@@ -38,6 +38,10 @@ EXTRA = {
     "gemma3_text": {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 128,
                     "tie_word_embeddings": True},
     "phi3": {"pad_token_id": 0},
+    # its soft-capping at transformers' defaults (the GGUF loader reads neither back)
+    "gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 128,
+               "tie_word_embeddings": True},
+    "starcoder2": {"tie_word_embeddings": True},  # LayerNorm with biases, a plain GELU MLP
 }
 IDS = np.array([[5, 17, 99, 3, 250, 31, 7, 8, 64, 120, 11, 2]])
 
@@ -57,7 +61,8 @@ def save_tiny(kind: str, path: Path):
     model = AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():  # norms away from their init, so a norm stored wrongly shows
         for p in model.parameters():
-            p.normal_(0.0, 0.2) if p.dim() > 1 else p.normal_(0.0 if kind == "gemma3_text" else 1.0, 0.1)
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.normal_(
+                0.0 if kind.startswith("gemma") else 1.0, 0.1)
     model.save_pretrained(path)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
                             chat_template=tiny.CHATML).save_pretrained(path)
@@ -133,6 +138,53 @@ def test_quantized_tensors_load_in_mlx_as_the_package_dequantizes_them(models, q
         assert (error <= 3 * 2**-11 * blocks + 1e-7).all()
         checked += 1
     assert checked == 16
+
+
+LLAMA_CPP_EXTRA = {  # what each has that a Llama has not, switched on
+    "gemma2": EXTRA["gemma2"],  # soft-capping, four norms a layer stored as 1 + w
+    "granite": {"embedding_multiplier": 12.0, "logits_scaling": 8.0,
+                "residual_multiplier": 0.22, "attention_multiplier": 0.0625},
+    "olmo2": {},  # norms after attention and MLP, q/k norms over all heads
+    "starcoder2": EXTRA["starcoder2"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LLAMA_CPP_EXTRA))
+def test_llama_cpp_runs_the_export_with_transformers_probabilities(kind, tmp_path):
+    """llama.cpp itself (the xllamacpp wheel) loads the f32 file and picks the next token after
+    each prefix of a prompt: the transformers model's greedy pick, with its top-3
+    log-probabilities within 5e-3 (measured: 2.7e-3 at most, the GELU models;
+    ggml's GELU reads an f16 table)."""
+    xl = pytest.importorskip("xllamacpp", reason="llama.cpp's prebuilt wheel (dev extra)")
+    EXTRA.setdefault(kind, LLAMA_CPP_EXTRA[kind])
+    model = save_tiny(kind, tmp_path / kind)
+    write_gguf(tmp_path / kind, tmp_path / "f32.gguf", "f32", name="tiny")
+    params = xl.CommonParams()
+    params.model.path = str(tmp_path / "f32.gguf")
+    params.n_ctx = 64
+    params.cpuparams.n_threads = 2
+    server, ids = xl.Server(params), IDS[0].tolist()
+    theirs = torch_log_softmax(logits(model, IDS)[0])
+    compared = 0
+    for end in range(1, len(ids) + 1):  # the next token after each prefix of the prompt
+        answer = server.handle_completions({
+            "prompt": ids[:end], "n_predict": 1, "temperature": 0, "n_probs": 3,
+            "cache_prompt": False})
+        logprobs = answer["choices"][0]["logprobs"]
+        if not logprobs:  # its pick ends mid-character (one byte of one): nothing to read
+            continue
+        step = logprobs["content"][0]
+        assert step["id"] == int(theirs[end - 1].argmax())  # the same greedy pick
+        for t in step["top_logprobs"]:
+            assert abs(t["logprob"] - theirs[end - 1, t["id"]]) <= 5e-3, (end, t)
+        compared += 1
+    assert compared >= len(ids) // 2
+
+
+def torch_log_softmax(x: np.ndarray) -> np.ndarray:
+    import torch
+
+    return torch.log_softmax(torch.tensor(x), dim=-1).numpy()
 
 
 def test_the_vocabulary_encodes_as_the_models_tokenizer(models):
@@ -263,6 +315,43 @@ def test_a_chatml_model_gets_ollamas_chatml_template_and_stop(models, tmp_path):
     assert "(chat template: chatml)" in done.stdout
 
 
+# SmolLM2-Instruct's chat template, verbatim: a default system turn in every chat without one
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template, system", [
+    (SMOLLM2, "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+    (tiny.QWEN25, "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    (tiny.CHATML, None),  # no default system turn: no SYSTEM line
+])
+def test_the_modelfile_carries_the_templates_default_system_turn(template, system, tmp_path):
+    """A template that writes a system turn into every chat without one trained the model on
+    it: the Modelfile's SYSTEM carries that text (Ollama's Go template writes only the system
+    turn it is given)."""
+    from mlxlab.export.ollama import write_modelfile
+
+    tok = tiny.tiny_tokenizer("qwen2", chat="chatml")
+    folder = tmp_path / "chat"
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                            chat_template=template).save_pretrained(folder)
+    report = write_modelfile(folder, tmp_path / "m.gguf")
+    text = (tmp_path / "Modelfile").read_text()
+    assert report["chat_style"] == "chatml" and report["system"] == system
+    assert text.startswith('FROM ./m.gguf\n\nTEMPLATE """') and "No TEMPLATE" not in text
+    if system is None:
+        assert "SYSTEM" not in text
+    else:
+        assert f'SYSTEM """{system}"""\n' in text
+
+
 @pytest.mark.parametrize("case", ["classifier", "unknown_arch", "k_quant", "dtype"])
 def test_bad_requests_are_one_line_exit_2_and_leave_no_file(case, models, tmp_path, capsys):
     from mlxlab.cli.export import main
@@ -281,8 +370,8 @@ def test_bad_requests_are_one_line_exit_2_and_leave_no_file(case, models, tmp_pa
         for f in folder.iterdir():
             (other / f.name).write_bytes(f.read_bytes())
         config = json.loads((other / "config.json").read_text())
-        (other / "config.json").write_text(json.dumps({**config, "model_type": "olmo2"}))
-        args, expect = [str(other)], "model_type='olmo2' has no GGUF export here"
+        (other / "config.json").write_text(json.dumps({**config, "model_type": "qwen2_moe"}))
+        args, expect = [str(other)], "model_type='qwen2_moe' has no GGUF export here"
     elif case == "k_quant":
         args, expect = [str(folder), "--quant", "q4_k"], "--quant 'q4_k'"
     else:

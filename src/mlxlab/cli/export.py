@@ -1,5 +1,5 @@
-"""`mlxlab export RUN --format hf|mlx-lm|gguf --out DIR`: a finished run for transformers, mlx-lm
-or llama.cpp / Ollama.
+"""`mlxlab export RUN --format hf|mlx-lm|peft|gguf --out DIR`: a finished run for transformers,
+mlx-lm, PEFT or llama.cpp / Ollama.
 
     mlxlab export outputs/finetune_completions/<time> --format mlx-lm --out exported/ft
         [--dtype float16|bfloat16|float32] [--quantize 4|8] [--fuse-lora | --adapters]
@@ -10,6 +10,12 @@ model to DIR and the LoRA adapters to DIR/adapters (mlx_lm.generate --adapter-pa
 --quantize writes mlx-lm's quantized layout and reports the perplexity it costs. A
 data.vocab_remap run exports its small model with a tokenizer.json remapped to the model's ids
 (kept tokens, <|unk|>, BPE intermediates; see docs/guide/training.md, Vocabulary remapping).
+
+    mlxlab export outputs/finetune_chat/<time> --format peft --out exported/adapter
+
+--format peft writes a LoRA / DoRA run's adapters alone (adapter_config.json,
+adapter_model.safetensors on the base's Hugging Face names): PeftModel.from_pretrained(base, DIR),
+vLLM's LoRA, llama.cpp's convert_lora_to_gguf.py and Ollama's ADAPTER read it.
 
     mlxlab export outputs/finetune_chat/<time> --format gguf --quant q8_0 --out exported/ft.gguf
     mlxlab export /path/to/float/hf/folder --format gguf --quant f16 --out model.gguf
@@ -31,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
     )
     parser.add_argument("run", help="run directory (outputs/<task>/<time>) or a checkpoint dir")
-    parser.add_argument("--format", choices=["hf", "mlx-lm", "gguf"], default="hf", dest="fmt")
+    parser.add_argument("--format", choices=["hf", "mlx-lm", "peft", "gguf"], default="hf", dest="fmt")
     parser.add_argument("--out", required=True,
                         help="folder to write (new or empty); --format gguf: the .gguf file")
     parser.add_argument("--quant", default=None,

@@ -1,14 +1,15 @@
 """Export a finished run for other tools: a Hugging Face folder (transformers) or mlx-lm's layout.
 
-    export_run(run, out, fmt="hf" | "mlx-lm", dtype=None | "float16" | ..., quantize=None | 4 | 8,
-               lora="fuse" | "adapters")
+    export_run(run, out, fmt="hf" | "mlx-lm" | "peft", dtype=None | "float16" | ...,
+               quantize=None | 4 | 8, lora="fuse" | "adapters")
 
     export_gguf(run_or_folder, "model.gguf", quant="f16" | "bf16" | "q8_0" | "q4_0" | "q4_1")
 
 Decoders open with transformers.AutoModelForCausalLM and mlx_lm.load (GGUF: llama.cpp, Ollama,
 LM Studio; gguf.py); BERT classifiers with
 AutoModelForSequenceClassification. LoRA runs are fused into the weights, or (mlx-lm) kept as
-adapters beside the base model. `quantize` writes mlx-lm's quantized layout and measures the
+adapters beside the base model, or (peft) exported alone as a PEFT adapter folder
+(peft_adapter.py). Only architectures whose layout is proven export (architectures.py). `quantize` writes mlx-lm's quantized layout and measures the
 perplexity and next-token accuracy it costs on the run's validation data (export_report.json).
 A run that scored evaluation tasks (eval.tasks) gets a README.md model card with their scores
 (model_card.py).
@@ -17,13 +18,17 @@ A run that scored evaluation tasks (eval.tasks) gets a README.md model card with
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from mlxlab.export.architectures import LAYOUTS, layout_of
 from mlxlab.export.hf import (
     DTYPES,
     ExportError,
@@ -36,7 +41,9 @@ from mlxlab.export.hf import (
 )
 from mlxlab.export.mlx_lm import quantize as quantize_model
 from mlxlab.export.mlx_lm import split_adapters, write_adapters
-from mlxlab.export.model_card import model_card
+from mlxlab.export.model_card import model_card, unfinished_card
+from mlxlab.export.peft_adapter import check_peft, peft_files, write_peft
+from mlxlab.export.pin import pinned_checkpoint, unfinished_note
 from mlxlab.export.quality import validation_batches
 from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
 from mlxlab.models.bert import BertClassifier
@@ -48,7 +55,8 @@ from mlxlab.runs import load_run_model, require_run_tokenizer
 from mlxlab.runs.evaluate import lm_metrics
 
 __all__ = ["ExportError", "export_gguf", "export_run"]
-FORMATS = ("hf", "mlx-lm")
+log = logging.getLogger(__name__)
+FORMATS = ("hf", "mlx-lm", "peft")
 
 
 def _check_options(model, fmt: str, dtype: str, quantize: int | None, lora: str) -> None:
@@ -66,6 +74,11 @@ def _check_options(model, fmt: str, dtype: str, quantize: int | None, lora: str)
             )
     elif not isinstance(model, (Transformer, MLXLMDecoder)):
         raise ExportError(f"a {type(model).__name__} run has no Hugging Face equivalent")
+    elif isinstance(model, MLXLMDecoder) and layout_of(model.architecture["model_type"]) is None:
+        raise ExportError(
+            f"model_type={model.architecture['model_type']!r} has no proven export: mlxlab "
+            f"exports {sorted(LAYOUTS)} (each checked in transformers and mlx-lm); its weights "
+            "stay usable in mlxlab (generate, eval, serve)")
     elif isinstance(model, MLXLMDecoder) and model.quantized and quantize:
         raise ExportError(f"the model is already {model.quantized_bits()}-bit quantized: export "
                           "it without --quantize (it stays quantized in --format mlx-lm)")
@@ -73,7 +86,7 @@ def _check_options(model, fmt: str, dtype: str, quantize: int | None, lora: str)
         # mlx-lm's llama/qwen2/mistral MLP is silu(gate) * up whatever config.json says
         raise ExportError(f"mlp={model.architecture['mlp']} has no mlx-lm equivalent (its Llama "
                           "MLP is always swiglu): export it with --format hf")
-    if fmt == "hf" and (quantize or lora == "adapters"):
+    if fmt in ("hf", "peft") and (quantize or lora == "adapters"):
         raise ExportError(
             "--quantize and --adapters write mlx-lm's layouts: use --format mlx-lm "
             "(transformers cannot read mlx quantization)"
@@ -95,7 +108,18 @@ def export_run(
     if not run.exists():
         raise FileNotFoundError(f"{run} does not exist: pass a run directory (outputs/<task>/<time>)")
     tokenizer_path = require_run_tokenizer(run, "finished")
-    model, state = load_run_model(run)
+    # a run still training deletes old checkpoints: the chosen one is pinned while it is read
+    with pinned_checkpoint(run) as (chosen, copy):
+        model, state = load_run_model(copy)
+        run_folder = chosen.parent.parent if chosen.parent.name == "checkpoints" else run
+        note = unfinished_note(run_folder, state.step, state.config)
+        return _export_loaded(model, state, chosen, note, run, out, tokenizer_path, fmt, dtype,
+                              quantize, lora, overwrite)
+
+
+def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out: Path,
+                   tokenizer_path: Path, fmt: str, dtype: str | None, quantize: int | None,
+                   lora: str, overwrite: bool) -> dict:
     remapped = None
     if isinstance(model, RemappedLM):  # the small model + a tokenizer on its ids (remapped.py)
         remapped, model = model, model.inner
@@ -104,11 +128,16 @@ def export_run(
         source = source_config.get("torch_dtype", source_config.get("dtype"))
         dtype = source if source in DTYPES else "float32"
     _check_options(model, fmt, dtype, quantize, lora)
+    if fmt == "peft":
+        check_peft(state.config.get("model") or {},
+                   isinstance(model, MLXLMDecoder) and bool(model.quantized), has_adapters(model))
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty: pick a new --out or pass --overwrite")
     run_dir = tokenizer_path.parent
-    report: dict = {"run": str(run), "checkpoint": str(state.path), "format": fmt,
-                    "dtype": dtype, "quantize": quantize}
+    report: dict = {"run": str(run), "checkpoint": str(chosen), "step": state.step,
+                    "format": fmt, "dtype": dtype, "quantize": quantize, "unfinished": note}
+    if note is not None:
+        log.warning("mlxlab export: %s", note)
     staging = Path(tempfile.mkdtemp(prefix="mlxlab-export-"))
     try:
         if remapped is not None:
@@ -119,6 +148,8 @@ def export_run(
             add_unk_rows(model, report["vocab_remap"]["intermediate_tokens"])
         card = model_card(tokenizer_path.parent, out.name, state.config, state.run_id,
                           state.step)  # the run's task scores; None when it scored none
+        if note is not None:
+            card = unfinished_card(card, out.name, note)
         _export(model, state, run_dir, tokenizer_path, out, fmt, dtype, quantize, lora, report,
                 card)
     finally:
@@ -136,6 +167,11 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
         config = bert_config(model, labels)
     else:  # a quantized base stays quantized in mlx-lm's layout, float for transformers
         config = decoder_config(model, tokenizer, dtype, keep_quantization=fmt == "mlx-lm")
+        if fmt == "hf" and isinstance(model, MLXLMDecoder):
+            config = layout_of(config["model_type"]).hf_config(config)
+    if fmt == "peft":
+        _export_peft(model, state, out, dtype, report, card)
+        return
     has_lora = has_adapters(model)
     if lora == "adapters" and not has_lora:
         raise ExportError("--adapters needs a LoRA run (model.lora.rank > 0); this run has none")
@@ -159,11 +195,7 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
     if adapters is not None:
         unwrap_lora(model)  # the base model; the adapters go apart
 
-    # written beside `out` and renamed into place: a failed export leaves no half folder
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with _folder(out) as tmp:
         save_weights(hf_weights(model, dtype, fmt), tmp, "mlx" if fmt == "mlx-lm" else "pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_tokenizer(run_dir, tokenizer_path, tmp, model)
@@ -171,10 +203,40 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
         if adapters is not None:
             write_adapters(*adapters, tmp / "adapters", DTYPES[dtype])
             report["adapter_path"] = str(out / "adapters")
-        (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if card is not None:  # the model card: task scores with intervals (model_card.py)
-            (tmp / "README.md").write_text(card)
-            report["model_card"] = str(out / "README.md")
+        _write_report(tmp, out, report, card)
+
+
+def _export_peft(model, state, out: Path, dtype: str, report: dict, card: str | None) -> None:
+    """The adapters alone, on the base checkpoint's Hugging Face names (peft_adapter.py)."""
+    adapters, settings = split_adapters(model)
+    unwrap_lora(model)  # the base, whose Hugging Face names the adapters must land on
+    base_names = hf_weights(model, dtype, "hf").keys()
+    base = state.config["model"]["pretrained"]
+    tensors, config = peft_files(adapters, settings, base_names, str(base), DTYPES[dtype])
+    report["lora"] = settings["fine_tune_type"]
+    if card is not None:  # the hub reads an adapter folder's card as PEFT's
+        card = card.replace("library_name: transformers", "library_name: peft", 1)
+    with _folder(out) as tmp:
+        write_peft(tensors, config, tmp)
+        _write_report(tmp, out, report, card)
+
+
+def _write_report(tmp: Path, out: Path, report: dict, card: str | None) -> None:
+    (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if card is not None:  # the model card: task scores with intervals (model_card.py)
+        (tmp / "README.md").write_text(card)
+        report["model_card"] = str(out / "README.md")
+
+
+@contextmanager
+def _folder(out: Path) -> Iterator[Path]:
+    """A folder written beside `out` and renamed into place: a failed export leaves no half
+    folder."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)  # empty, or --overwrite
         os.replace(tmp, out)

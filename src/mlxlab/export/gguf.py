@@ -82,6 +82,34 @@ def _same(name: str, w: np.ndarray, config: dict) -> np.ndarray:
     return w
 
 
+def _no_hparams(writer, config: dict) -> None:
+    return None
+
+
+def _gemma2_hparams(writer, config: dict) -> None:
+    """Gemma 2's soft-capping of attention scores and of the output logits; llama.cpp scales
+    queries by 1 / sqrt(head_dim), so a query_pre_attn_scalar other than head_dim is refused."""
+    if config.get("query_pre_attn_scalar", _head_dim(config)) != _head_dim(config):
+        raise GGUFExportError("a Gemma 2 whose query_pre_attn_scalar is not its head_dim (Gemma "
+                              "2 27B) is not written to GGUF here")
+    writer.add_attn_logit_softcapping(float(config.get("attn_logit_softcapping") or 0.0))
+    writer.add_final_logit_softcapping(float(config.get("final_logit_softcapping") or 0.0))
+
+
+def _granite_hparams(writer, config: dict) -> None:
+    """Granite's four multipliers: embeddings, residual branches, attention scores, logits."""
+    writer.add_embedding_scale(float(config.get("embedding_multiplier", 1.0)))
+    writer.add_residual_scale(float(config.get("residual_multiplier", 1.0)))
+    writer.add_attention_scale(float(config.get("attention_multiplier", 1.0)))
+    writer.add_logit_scale(float(config.get("logits_scaling", 1.0)))
+
+
+def _layer_norm_hparams(writer, config: dict) -> None:
+    """StarCoder 2's LayerNorm (with a bias) has its own epsilon key."""
+    writer.add_layer_norm_eps(float(config.get("norm_epsilon", config.get("layer_norm_eps",
+                                                                             1e-5))))
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How one transformers model_type becomes llama.cpp's architecture."""
@@ -91,6 +119,7 @@ class Architecture:
     rope_dims: bool = False         # writes rope.dimension_count (head_dim * partial rotary)
     head_dims: bool = False         # writes attention.key_length / value_length (head_dim)
     sliding_window: bool = False    # writes attention.sliding_window
+    hparams: Callable = _no_hparams  # (writer, config): the architecture's own metadata keys
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -100,6 +129,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3": Architecture("QWEN3", head_dims=True),
     "gemma3_text": Architecture("GEMMA3", _gemma_tensor, head_dims=True, sliding_window=True),
     "phi3": Architecture("PHI3", rope_dims=True),
+    "gemma2": Architecture("GEMMA2", _gemma_tensor, head_dims=True, sliding_window=True,
+                           hparams=_gemma2_hparams),
+    "granite": Architecture("GRANITE", _llama_tensor, rope_dims=True, hparams=_granite_hparams),
+    "olmo2": Architecture("OLMO2"),
+    "starcoder2": Architecture("STARCODER2", hparams=_layer_norm_hparams),
 }
 
 
@@ -318,6 +352,7 @@ def _write_hparams(writer, config: dict, arch: Architecture, file_type) -> None:
         writer.add_value_length(_head_dim(c))
     if arch.sliding_window and c.get("sliding_window"):
         writer.add_sliding_window(c["sliding_window"])
+    arch.hparams(writer, c)
     scaling = c.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) == "linear":
         writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)

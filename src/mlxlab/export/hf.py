@@ -1,8 +1,9 @@
 """A finished run as a Hugging Face folder: config.json, model.safetensors, tokenizer files.
 
 A decoder fine-tuned from a pretrained folder (models/mlx_lm_decoder.py) keeps that folder's
-config.json and its mlx-lm weight names, which are the Hugging Face ones but for the experts of
-MoE layers (stacked by mlx-lm, one tensor per expert again here); a decoder trained from scratch
+config.json and its mlx-lm weight names, which are the Hugging Face ones but where mlx-lm's
+sanitize rewrote them (MoE experts stacked, DeepSeek-V3's kv_b_proj split, ...), undone per
+architecture (architectures.py: only the proven ones export); a decoder trained from scratch
 (models/transformer.py) becomes LlamaForCausalLM / Qwen2ForCausalLM. BERT classifiers become
 BertForSequenceClassification with id2label/label2id from the run's label values. The weights
 are the model's parameters renamed and cast to one dtype.
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, processors
 
 from mlxlab.data.chat import stop_ids
 from mlxlab.data.tokenizer import PAD_TOKENS, end_of_text_ids, start_ids
+from mlxlab.export.architectures import layout_of
 from mlxlab.models.base import Model
 from mlxlab.models.bert import BertClassifier
 from mlxlab.models.hf import mlxlab_to_hf_name as bert_hf_name
@@ -50,12 +51,6 @@ _LAYER_NAMES = {
     "mlp_norm": "post_attention_layernorm",
 }
 _TOP_NAMES = {"embed_tokens": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
-# mlx-lm stacks a MoE layer's experts into switch_mlp.<proj> (E, out, in); Hugging Face keeps one
-# tensor per expert: Mixtral's block_sparse_moe.experts.<e>.w1/w2/w3, the others' (Qwen MoE,
-# OLMoE, ...) mlp.experts.<e>.<proj>.
-_MIXTRAL_EXPERTS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
-
-
 class ExportError(ValueError):
     """The run cannot be expressed in the asked format; the message says why and what to do."""
 
@@ -78,23 +73,6 @@ def decoder_name(model: nn.Module, name: str) -> str:
     if isinstance(model, MLXLMDecoder):
         return name.removeprefix("lm.")
     return transformer_hf_name(name)
-
-
-def unstack_experts(weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
-    """mlx-lm's stacked MoE experts back to Hugging Face's one tensor per expert."""
-    out = {}
-    for name, value in weights.items():
-        m = re.fullmatch(r"(.+)\.switch_mlp\.(\w+)\.(weight|bias)", name)
-        if m is None:
-            out[name] = value
-            continue
-        prefix, proj, leaf = m.groups()
-        for e in range(value.shape[0]):
-            if prefix.endswith("block_sparse_moe"):
-                out[f"{prefix}.experts.{e}.{_MIXTRAL_EXPERTS[proj]}.{leaf}"] = value[e]
-            else:
-                out[f"{prefix}.experts.{e}.{proj}.{leaf}"] = value[e]
-    return out
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -193,7 +171,9 @@ def hf_weights(model: nn.Module, dtype: str, fmt: str = "hf") -> dict[str, mx.ar
                 else bert_hf_name(name))
         # packed quantized weights stay uint32
         out[ours] = value if value.dtype == mx.uint32 else value.astype(cast)
-    return unstack_experts(out) if fmt == "hf" else out
+    if fmt != "hf" or not isinstance(model, MLXLMDecoder):
+        return out
+    return layout_of(model.architecture["model_type"]).to_hf(out, model.hf_config or {})
 
 
 def write_tokenizer(run_dir: Path, tokenizer_path: Path, out: Path, model: Model) -> None:

@@ -145,3 +145,13 @@ def _rows(task: SavedTask, base: SavedTask | None, with_base: bool) -> list[str]
             row += " - | - | - |"
         rows.append(row)
     return rows
+
+
+def unfinished_card(card: str | None, name: str, note: str) -> str:
+    """The card with a warning under its title that the run had not finished (a card of that
+    line alone when the run scored no task)."""
+    warning = f"> **Unfinished run.** {note[0].upper()}{note[1:]}."
+    if card is None:
+        return f"---\nlibrary_name: transformers\ntags: [mlxlab, mlx]\n---\n\n# {name}\n\n{warning}\n"
+    head, title, rest = card.partition(f"\n# {name}\n")
+    return f"{head}{title}\n{warning}\n{rest}"

@@ -7,11 +7,18 @@ by hand below after Ollama's own library templates. No match: no TEMPLATE line, 
 says so (Ollama then falls back on the template the GGUF carries, `tokenizer.chat_template`,
 for the templates it recognises). The stop tokens are the style's end of turn and the
 tokenizer's end-of-sequence token.
+
+A template that writes a system turn into a chat that has none (SmolLM2's and Qwen2.5's name
+the assistant) trained the model on that turn; Ollama's Go templates only write the system
+turn they are given, so that default text becomes the Modelfile's SYSTEM. It is read off the
+template by rendering a chat without a system turn, and kept only if rendering the chat with it
+as the system turn gives the same text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from mlxlab.data.chat import load_chat_template
@@ -52,6 +59,34 @@ STYLES: dict[str, tuple[str, str, list[str]]] = {
 }
 
 
+# style -> the system turn it writes, its text as the group (Gemma writes none of its own)
+SYSTEM_TURNS = {
+    "chatml": r"<\|im_start\|>system\n(.*?)<\|im_end\|>\n",
+    "llama3": r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>",
+    "phi3": r"<\|system\|>\n(.*?)<\|end\|>\n",
+}
+
+
+def default_system(folder: Path, style: str | None) -> str | None:
+    """The system text the folder's template writes into a chat that has no system turn, or
+    None: read from a chat without one, and confirmed by rendering the chat with that text as its
+    system turn (the same text both ways)."""
+    if style not in SYSTEM_TURNS:
+        return None
+    template = load_chat_template(folder)
+    chat = PROBE[1:]
+    try:
+        without = template.render(chat)
+        found = re.search(SYSTEM_TURNS[style], without, flags=re.S)
+        if found is None:
+            return None
+        text = found.group(1)
+        same = template.render([{"role": "system", "content": text}, *chat]) == without
+    except Exception:  # noqa: BLE001 - a template that cannot render a chat without system
+        return None
+    return text if same else None
+
+
 def chat_style(folder: Path) -> str | None:
     """The known style the folder's chat template writes, or None (no template, or another)."""
     try:
@@ -80,13 +115,16 @@ def write_modelfile(folder: Path, gguf_file: Path) -> dict:
     if eos and eos not in stops:
         stops.append(eos)
     lines = [f"FROM ./{gguf_file.name}", ""]
+    system = default_system(folder, style)
     if style:
         lines += [f'TEMPLATE """{STYLES[style][1]}"""', ""]
     else:
         lines += ["# No TEMPLATE: the model's chat template is none of the styles mlxlab",
                   "# translates (ChatML, Llama 3, Gemma, Phi-3); Ollama reads the Jinja template",
                   "# the GGUF carries (tokenizer.chat_template) where it recognises it.", ""]
+    if system is not None:  # what the template put into every training chat without one
+        lines += [f'SYSTEM """{system}"""', ""]
     lines += [f'PARAMETER stop "{stop}"' for stop in stops]
     path = gguf_file.with_name("Modelfile")
     path.write_text("\n".join(lines) + "\n")
-    return {"modelfile": str(path), "chat_style": style, "stop": stops}
+    return {"modelfile": str(path), "chat_style": style, "stop": stops, "system": system}

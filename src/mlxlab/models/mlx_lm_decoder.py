@@ -77,7 +77,10 @@ def build_from_config(config: Mapping, quantized_layers: Mapping | None,
     model_class, args_class = model_classes(config, "the checkpoint's config")
     model = model_class(args_class.from_dict(dict(config)))
     if weight_names and hasattr(model, "sanitize"):
-        model.sanitize({name: mx.zeros((1,)) for name in weight_names})
+        # the model's own (unevaluated) arrays under those names: a sanitize that looks at
+        # shapes (LFM2's convolution kernels) sees the shapes it wrote
+        own = dict(tree_flatten(model.parameters()))
+        model.sanitize({name: own.get(name, mx.zeros((1,))) for name in weight_names})
     if quantized_layers:
         nn.quantize(model, class_predicate=lambda p, _: dict(quantized_layers[p])
                     if p in quantized_layers else False)

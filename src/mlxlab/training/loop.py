@@ -34,6 +34,7 @@ import mlx.nn as nn
 
 from mlxlab import kernels
 from mlxlab.checkpoint import CheckpointManager, choose_best, load_checkpoint
+from mlxlab.checkpoint.finished import clear_finished, mark_finished
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.models.base import Model
@@ -165,6 +166,8 @@ class Fit:
                 self._close(self.callbacks if self.set_up else [], self.writer,
                             self.tracker if self.tracked else None,
                             "FINISHED" if finished else status, raise_first=finished)
+                if finished and self.world.is_main:  # its last checkpoint is written
+                    mark_finished(self.run_dir, self.state.step)
             finally:
                 if self.was_flushing is False:
                     kernels.flush_denormals(False)
@@ -183,6 +186,8 @@ class Fit:
             self.was_flushing = kernels.flush_denormals(True)
         world = self.world = distributed.world(settings.distributed.mode,
                                                settings.distributed.timeout_s)
+        if world.is_main:  # training in this folder again: its run is not finished until then
+            clear_finished(self.run_dir)
         self.model_ops = ModelSchedule(settings.model_schedule)  # which are done: this run's
         # batch_size is per rank, as with torchrun; data that reads a lane per rank
         # (data.shard_by_rank) batches per rank already, other data the global batch

@@ -1,0 +1,112 @@
+"""The decoders whose export is proven, and how each one's mlx-lm weights go back to the Hugging
+Face checkpoint's layout.
+
+mlx-lm loads a hub checkpoint through its architecture's `sanitize`, which for most types only
+drops tensors, but for some rewrites them: MoE experts stacked into `switch_mlp.<proj>`,
+DeepSeek-V3's `kv_b_proj` split into `embed_q` and `unembed_out`, Granite MoE's fused
+`input_linear` split into gate and up, LFM2's convolution kernels transposed. `--format hf`
+undoes that per architecture (`Layout.to_hf`); `--format mlx-lm` writes mlx-lm's own names,
+which its `load` reads back unchanged.
+
+Only the model types in `LAYOUTS` export: tests/test_export_architectures.py trains each one and
+loads both exports (transformers, mlx-lm) with mlxlab's logits to 1e-4 and no missing or
+unexpected tensor; a type that is not listed is refused before anything is written, since a
+sanitize this table does not undo would be written under names transformers fills at random.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+Weights = dict[str, mx.array]
+
+# mlx-lm stacks a MoE layer's experts into switch_mlp.<proj> (E, out, in); Hugging Face
+# checkpoints keep one tensor per expert: Mixtral's block_sparse_moe.experts.<e>.w1/w2/w3, the
+# others' (Qwen MoE, DeepSeek-V3, ...) mlp.experts.<e>.<proj>.
+_MIXTRAL_EXPERTS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def unstack_experts(weights: Mapping[str, mx.array], config: Mapping | None = None) -> Weights:
+    """mlx-lm's stacked MoE experts back to Hugging Face's one tensor per expert."""
+    out = {}
+    for name, value in weights.items():
+        m = re.fullmatch(r"(.+)\.switch_mlp\.(\w+)\.(weight|bias)", name)
+        if m is None:
+            out[name] = value
+            continue
+        prefix, proj, leaf = m.groups()
+        for e in range(value.shape[0]):
+            if prefix.endswith("block_sparse_moe"):
+                out[f"{prefix}.experts.{e}.{_MIXTRAL_EXPERTS[proj]}.{leaf}"] = value[e]
+            else:
+                out[f"{prefix}.experts.{e}.{proj}.{leaf}"] = value[e]
+    return out
+
+
+def _deepseek_v3(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
+    """kv_b_proj from mlx-lm's two halves: per head, embed_q (H, rank, nope) transposed holds the
+    key rows and unembed_out (H, v, rank) the value rows of kv_b_proj (H * (nope + v), rank)."""
+    out = unstack_experts(weights)
+    for name in [n for n in out if n.endswith(".embed_q.weight")]:
+        prefix = name.removesuffix(".embed_q.weight")
+        wk = out.pop(name).swapaxes(-1, -2)
+        wv = out.pop(f"{prefix}.unembed_out.weight")
+        out[f"{prefix}.kv_b_proj.weight"] = mx.concatenate([wk, wv], axis=1).reshape(
+            -1, wk.shape[-1])
+    return out
+
+
+def _granitemoe(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
+    """Granite MoE keeps its experts fused: input_linear (E, 2 * ffn, hidden) is gate over up,
+    output_linear (E, hidden, ffn) is down."""
+    out = dict(weights)
+    for name in [n for n in out if n.endswith(".switch_mlp.gate_proj.weight")]:
+        prefix = name.removesuffix(".switch_mlp.gate_proj.weight")
+        gate, up = out.pop(name), out.pop(f"{prefix}.switch_mlp.up_proj.weight")
+        out[f"{prefix}.input_linear.weight"] = mx.concatenate([gate, up], axis=1)
+        out[f"{prefix}.output_linear.weight"] = out.pop(f"{prefix}.switch_mlp.down_proj.weight")
+    return out
+
+
+def _lfm2(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
+    """LFM2's depthwise convolution: mlx-lm's (C, K, 1) kernel is PyTorch's (C, 1, K)."""
+    return {n: v.swapaxes(1, 2) if n.endswith("conv.conv.weight") else v
+            for n, v in weights.items()}
+
+
+def _exact_gelu(config: dict) -> dict:
+    """mlx-lm's StarCoder2 MLP is the exact GELU (nn.gelu) whatever hidden_act says; the config
+    names what the model computed in mlxlab, so transformers computes the same."""
+    return {**config, "hidden_act": "gelu"}
+
+
+def _same_config(config: dict) -> dict:
+    return config
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one model_type's mlx-lm weights and config.json become the Hugging Face checkpoint's."""
+
+    to_hf: Callable[[Mapping[str, mx.array], Mapping], Weights] = unstack_experts
+    hf_config: Callable[[dict], dict] = _same_config
+
+
+LAYOUTS: dict[str, Layout] = {
+    **{kind: Layout() for kind in (
+        "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
+        "granite", "qwen3_moe", "mixtral")},
+    "starcoder2": Layout(hf_config=_exact_gelu),
+    "deepseek_v3": Layout(_deepseek_v3),
+    "granitemoe": Layout(_granitemoe),
+    "lfm2": Layout(_lfm2),
+}
+
+
+def layout_of(model_type: str | None) -> Layout | None:
+    """The proven layout of a model_type, None for one whose export is not proven."""
+    return LAYOUTS.get(model_type or "")
