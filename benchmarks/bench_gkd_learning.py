@@ -9,7 +9,7 @@ into one MLflow store:
    scratch by mlxlab-train on the 800 prompts and their answers until it solves the held-out
    prompts (the script stops if its held-out exact match is under 90 %), exported as a
    transformers folder (mlxlab export);
-2. the student: a smaller decoder (dim 32, 1 layer) on the teacher's tokenizer, fine-tuned
+2. the student: a smaller decoder (dim 32, 2 layers) on the teacher's tokenizer, fine-tuned
    briefly on 2000 other strings copied without the brackets, so it copies but does not write
    the format; exported the same way, and scored on the held-out prompts;
 3. `mlxlab-train -m experiment=gkd_copy objective.lmbda=0,1 replicates=3`: full fine-tuning of
@@ -88,7 +88,7 @@ def sft(name: str, rows: Path, model: list[str], steps: int, env: dict, out: Pat
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp/bench_gkd")
-    parser.add_argument("--teacher-steps", type=int, default=600)
+    parser.add_argument("--teacher-steps", type=int, default=800)
     parser.add_argument("--student-steps", type=int, default=60)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--replicates", type=int, default=3)
@@ -127,7 +127,7 @@ def main() -> None:
 
     # 2. the student: smaller, on the teacher's tokenizer, copies without the format
     student_dir, times["student_sft"] = sft(
-        "gkd_student", student_rows, scratch_model(32, 1), a.student_steps, env, out,
+        "gkd_student", student_rows, scratch_model(32, 2), a.student_steps, env, out,
         f"data.tokenizer.path={teacher_dir / 'tokenizer.json'}")
     student_acc, _, times["student_eval"] = held_out_score(student_dir, env, out,
                                                            "gkd_student_eval", uri)
