@@ -187,6 +187,28 @@ def test_the_gradient_reaches_the_adapters_and_not_the_teacher(tiny):
     assert loss.item() > 0 and set(aux) == {"ntokens"}
 
 
+def test_a_quantized_teacher_and_several_weighted_teachers_train_the_student(tiny, tmp_path):
+    """A teacher folder mlx_lm.convert quantized to 4 bits (its layers stay QuantizedLinear)
+    beside the float one, weighted 3:1: the loss is the divergence to their mixture, finite,
+    with a gradient."""
+    from mlx_lm import convert
+
+    quantized = tmp_path / "teacher-q4"
+    convert(str(tiny["teacher"]), str(quantized), quantize=True, q_group_size=32, q_bits=4)
+    data = prompt_data(tiny)
+    model = student_model(tiny, data)
+    gkd = objective(tiny, data, model, lmbda=0.5, teachers=[
+        {"run": str(quantized), "weight": 3.0}, {"run": str(tiny["teacher"]), "weight": 1.0}])
+    assert gkd.weights == [0.75, 0.25] and gkd.tags()["mlxlab.distill.teacher_weights"] == \
+        "[0.75, 0.25]"
+    batch = next(iter(gkd.train_batches(data, Batching(batch_size=4), 0, model)))
+    (loss, _), grads = nn.value_and_grad(model, gkd.loss)(model, batch)
+    assert np.isfinite(loss.item()) and loss.item() > 0
+    assert any(float(mx.abs(g).sum()) > 0 for n, g in tree_flatten(grads) if "lora_b" in n)
+    q, = load_teachers([{"run": str(quantized)}], data.vocab_size, None)[0]
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in q.named_modules())
+
+
 def test_rows_without_a_completion_and_bad_settings_are_one_config_error(tiny):
     data = prompt_data(tiny, "partial")
     model = student_model(tiny, data)
