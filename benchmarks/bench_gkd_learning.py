@@ -10,7 +10,7 @@ into one MLflow store:
    prompts (the script stops if its held-out exact match is under 90 %), exported as a
    transformers folder (mlxlab export);
 2. the student: a smaller decoder (dim 32, 2 layers) on the teacher's tokenizer, fine-tuned
-   briefly on 2000 other strings copied without the brackets, so it copies but does not write
+   on 2000 other strings copied without the brackets (300 steps), so it copies but does not write
    the format; exported the same way, and scored on the held-out prompts;
 3. `mlxlab-train -m experiment=gkd_copy objective.lmbda=0,1 replicates=3`: full fine-tuning of
    the student toward the teacher, off-policy (the dataset's answers) and on-policy (its own
@@ -89,8 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp/bench_gkd")
     parser.add_argument("--teacher-steps", type=int, default=800)
-    parser.add_argument("--student-steps", type=int, default=60)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--student-steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--replicates", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny step counts: the pipeline only")
     a = parser.parse_args()
@@ -143,7 +143,7 @@ def main() -> None:
         f"data.train_file={ASSETS / 'train.jsonl'}", f"data.val_file={ASSETS / 'heldout.jsonl'}",
         f"model.pretrained={student}", f"objective.teachers=[{{run: {teacher}}}]",
         "objective.lmbda=0,1", "objective.beta=0.5", "objective.max_new_tokens=8",
-        "model.lora.rank=0", "optimizer.learning_rate=1e-3", "trainer.batch_size=16",
+        "model.lora.rank=0", "optimizer.learning_rate=2e-3", "trainer.batch_size=16",
         f"replicates={a.replicates}", f"trainer.max_steps={a.steps}",
         f"trainer.eval_every_steps={a.steps}", f"eval.tasks=[{ASSETS / 'heldout.jsonl'}]",
         "eval.max_new_tokens=8", "callbacks.progress.enabled=false", "hydra/launcher=basic"),

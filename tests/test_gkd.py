@@ -353,3 +353,26 @@ def test_a_sigkilled_gkd_run_resumes_bitwise(tiny, tmp_path, cli_env):
                     "trainer.log_every_steps=2", "callbacks.checkpoint.save_every_steps=5",
                     "callbacks.checkpoint.save_every_minutes=null")
     assert_resumes_bitwise(args, tmp_path, cli_env, "gkd")
+
+
+@pytest.mark.slow  # ~3 min on 2 loaded cores: two SFTs, two evaluations, four short GKD runs
+def test_the_on_off_policy_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/bench_gkd_learning.py --smoke: the teacher and student runs, their exports, a
+    sweep of lmbda = 0 and 1 over two seeds, and `mlxlab runs compare latest:g1 latest:g2`
+    pairing the two arms over the 200 held-out prompts."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gkd_learning.py"),
+                           "--smoke", "--out", str(out)], capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    (comparison,) = json.loads(results["compare"])["comparisons"]
+    assert (comparison["a"], comparison["b"], comparison["n_pairs"]) == ("g1", "g2", 2)
+    (exact,) = [t for t in comparison["tasks"] if t["metric"] == "exact_match"]
+    assert exact["n"] == 200 and exact["seeds_a"] == exact["seeds_b"] == 2, exact
+    assert {"teacher_exact_match", "student_exact_match", "wall_s"} <= set(results)
