@@ -85,22 +85,9 @@ def sft(name: str, rows: Path, model: list[str], steps: int, env: dict, out: Pat
     return Path(line_value(text, "run dir:")), wall
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="/tmp/bench_gkd")
-    parser.add_argument("--teacher-steps", type=int, default=800)
-    parser.add_argument("--student-steps", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--replicates", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="tiny step counts: the pipeline only")
-    a = parser.parse_args()
-    if a.smoke:
-        a.teacher_steps, a.student_steps, a.steps, a.replicates = 20, 5, 4, 2
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLXLAB_ROOT": str(out), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    uri = f"sqlite:///{out}/mlruns/mlflow.db"
+def teacher_and_student(a, env: dict, out: Path, uri: str, times: dict[str, float]
+                        ) -> tuple[Path, float, Path, float]:
+    """Stages 1 and 2: (the teacher's folder, its held-out exact match, the student's, its)."""
     taken = {json.loads(x)["prompt"][:-1] for f in ("train", "heldout")
              for x in (ASSETS / f"{f}.jsonl").read_text().splitlines()}
     task_rows = out / "teacher_train.jsonl"
@@ -109,8 +96,6 @@ def main() -> None:
         for r in map(json.loads, (ASSETS / "train.jsonl").read_text().splitlines())))
     student_rows = out / "student_train.jsonl"
     student_rows.write_text("".join(json.dumps(r) + "\n" for r in plain_copies(2000, taken)))
-    times: dict[str, float] = {}
-
     # 1. the teacher: solves the task (258 tokens = 256 bytes + 2 specials)
     teacher_dir, times["teacher_sft"] = sft("gkd_teacher", task_rows, scratch_model(64, 2),
                                             a.teacher_steps, env, out,
@@ -137,13 +122,46 @@ def main() -> None:
                                             str(student), "--overwrite"), env,
                                      out / "student_export.log")
 
+    return teacher, teacher_acc, student, student_acc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="/tmp/bench_gkd")
+    parser.add_argument("--teacher-steps", type=int, default=800)
+    parser.add_argument("--student-steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--replicates", type=int, default=3)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--models-from", default=None,
+                        help="an earlier --out: its teacher_model/ and student_model/ (and their "
+                             "scores) are reused, stages 1 and 2 skipped")
+    parser.add_argument("--smoke", action="store_true", help="tiny step counts: the pipeline only")
+    a = parser.parse_args()
+    if a.smoke:
+        a.teacher_steps, a.student_steps, a.steps, a.replicates = 20, 5, 4, 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLXLAB_ROOT": str(out), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    uri = f"sqlite:///{out}/mlruns/mlflow.db"
+    times: dict[str, float] = {}
+
+    if a.models_from:
+        earlier = Path(a.models_from)
+        teacher, student = earlier / "teacher_model", earlier / "student_model"
+        scores = json.loads((earlier / "results.json").read_text())
+        teacher_acc, student_acc = scores["teacher_exact_match"], scores["student_exact_match"]
+    else:
+        teacher, teacher_acc, student, student_acc = teacher_and_student(a, env, out, uri, times)
+
     # 3. off-policy (lmbda 0) and on-policy (lmbda 1), the same seeds
     _, times["gkd_sweep"] = run(train(
         "--multirun", "experiment=gkd_arithmetic", "task_name=gkd_copy",
         f"data.train_file={ASSETS / 'train.jsonl'}", f"data.val_file={ASSETS / 'heldout.jsonl'}",
         f"model.pretrained={student}", f"objective.teachers=[{{run: {teacher}}}]",
         "objective.lmbda=0,1", "objective.beta=0.5", "objective.max_new_tokens=8",
-        "model.lora.rank=0", "optimizer.learning_rate=2e-3", "trainer.batch_size=16",
+        "model.lora.rank=0", f"optimizer.learning_rate={a.learning_rate}", "trainer.batch_size=16",
         f"replicates={a.replicates}", f"trainer.max_steps={a.steps}",
         f"trainer.eval_every_steps={a.steps}", f"eval.tasks=[{ASSETS / 'heldout.jsonl'}]",
         "eval.max_new_tokens=8", "callbacks.progress.enabled=false", "hydra/launcher=basic"),
