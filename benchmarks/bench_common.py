@@ -112,3 +112,49 @@ def run_with_peak_rss(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedPro
         err.seek(0)
         done = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
     return done, usage.ru_maxrss / 1024
+
+
+def run_logged(args: list[str], env: dict, log: Path) -> tuple[str, float]:
+    """Run a command in env["MLXLAB_ROOT"], its output kept in `log`: (the output, wall
+    seconds); a failure exits the benchmark naming the log."""
+    import sys
+
+    started = time.perf_counter()
+    proc = subprocess.run(args, env=env, cwd=env["MLXLAB_ROOT"], capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        sys.exit(f"{' '.join(args[:4])} ... failed ({proc.returncode}); see {log}")
+    return proc.stdout + proc.stderr, time.perf_counter() - started
+
+
+def mlxlab_cli(*args: str) -> list[str]:
+    """`mlxlab ARGS` in this interpreter."""
+    import sys
+
+    return [sys.executable, "-m", "mlxlab.cli.main", *args]
+
+
+def train_cli(*args: str) -> list[str]:
+    """`mlxlab-train ARGS` in this interpreter."""
+    import sys
+
+    return [sys.executable, "-m", "mlxlab.train", *args]
+
+
+def line_value(out: str, prefix: str) -> str:
+    """The rest of the first line of `out` that starts with `prefix`."""
+    return next(line for line in out.splitlines() if line.startswith(prefix))[len(prefix):].strip()
+
+
+def write_results(out: Path, results: dict, compare: str, shown: str,
+                  times: dict[str, float]) -> None:
+    """results.json under `out` (with `compare`'s JSON), then the results, `shown` (a table's
+    tail) and each stage's wall time printed."""
+    import json
+
+    results = {**results, "wall_s": times,
+               "compare": compare[compare.index("{"):] if "{" in compare else compare}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "compare"}, indent=2))
+    print(shown[-4000:])
+    print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))

@@ -28,13 +28,15 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from bench_common import line_value, write_results
+from bench_common import mlxlab_cli as mlxlab
+from bench_common import run_logged as run
+from bench_common import train_cli as train
+
 REPO = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
 ASSETS = REPO / "src" / "mlxlab" / "assets" / "copy_format"
 
 
@@ -50,27 +52,6 @@ def sft_rows(n: int, taken: set[str], seed: int = 1) -> list[dict]:
         taken.add(s)
         rows.append({"prompt": f"{s}=", "completion": f"[{s}]" if rng.random() < 0.5 else s})
     return rows
-
-
-def run(args: list[str], env: dict, log: Path) -> tuple[str, float]:
-    started = time.perf_counter()
-    proc = subprocess.run(args, env=env, cwd=env["MLXLAB_ROOT"], capture_output=True, text=True)
-    log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        sys.exit(f"{' '.join(args[:4])} ... failed ({proc.returncode}); see {log}")
-    return proc.stdout + proc.stderr, time.perf_counter() - started
-
-
-def mlxlab(*args: str) -> list[str]:
-    return [PYTHON, "-m", "mlxlab.cli.main", *args]
-
-
-def train(*args: str) -> list[str]:
-    return [PYTHON, "-m", "mlxlab.train", *args]
-
-
-def line_value(out: str, prefix: str) -> str:
-    return next(line for line in out.splitlines() if line.startswith(prefix))[len(prefix):].strip()
 
 
 def main() -> None:
@@ -127,12 +108,8 @@ def main() -> None:
     # 4. the comparisons
     compare, times["compare"] = run(mlxlab("runs", "compare", base_run, "latest", "--uri", uri,
                                            "--json"), env, out / "compare.log")
-    results = {"base_exact_match": base_acc, "base_run": base_run, "wall_s": times,
-               "compare": compare[compare.index("{"):] if "{" in compare else compare}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items() if k != "compare"}, indent=2))
-    print(compare[-4000:])
-    print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    write_results(out, {"base_exact_match": base_acc, "base_run": base_run}, compare, compare,
+                  times)
 
 
 if __name__ == "__main__":

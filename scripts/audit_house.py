@@ -39,7 +39,7 @@ OBJECTIVE_BLIND = ("training/loop.py", "training/step.py", "training/plan.py",
                    "training/analysis.py", "training/task_evaluation.py", "checkpoint/")
 OBJECTIVE_SHARED = ("base", "losses", "metrics", "evaluation")  # objectives/ modules all may use
 OBJECTIVE_WORDS = ("supervised", "distill", "distillation", "preference", "dpo", "orpo", "ipo",
-                   "simpo", "grpo", "rewards")
+                   "simpo", "grpo", "gkd", "rewards")
 
 
 @dataclass(frozen=True)

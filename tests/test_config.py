@@ -35,9 +35,13 @@ def test_option_composes_and_resolves(tmp_path, group, option):
         extra = ["experiment=dpo_chat", f"{group}={option}"]
     if option in ("prompts", "grpo"):  # prompts are completed by objective=grpo (and back)
         extra = ["experiment=grpo_arithmetic", f"{group}={option}"]
+    if option in ("gkd", "gkd_arithmetic"):  # a teacher, with the tokenizer.json it is read by
+        (tmp_path / "teacher").mkdir()
+        (tmp_path / "teacher" / "tokenizer.json").write_text("{}")
+        extra = ["experiment=gkd_arithmetic", f"objective.teachers=[{tmp_path / 'teacher'}]"]
     if option in ("hf_decoder", "finetune_completions", "finetune_text", "finetune_chat",
                   "dpo_chat", "orpo_chat", "dpo_optuna", "preference", "dpo", "orpo", "prompts",
-                  "grpo", "grpo_arithmetic", "grpo_copy", "grpo_optuna"):
+                  "grpo", "grpo_arithmetic", "grpo_copy", "grpo_optuna", "gkd", "gkd_arithmetic"):
         extra.append("model.pretrained=/a/hf/folder")  # left for the user to set (???)
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     container = to_container(cfg)  # every interpolation outside Hydra's own node resolves
@@ -109,7 +113,7 @@ def test_an_optimized_metric_only_another_loss_logs_is_refused(tmp_path, experim
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["trainer.beta=0.3"], "trainer.beta is not a key of trainer: did you mean objective.beta=0.3? "
-     "(a setting of objective=dpo|grpo|orpo)"),
+     "(a setting of objective=dpo|gkd|grpo|orpo)"),
     (["experiment=grpo_arithmetic", "objective.gamma=1.0"], "objective.gamma is not a setting of "
      "objective=grpo (a setting of objective=dpo|orpo)"),
     (["objective.beta=0.2"], "objective.beta is not a setting of objective=supervised"),

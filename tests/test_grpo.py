@@ -303,6 +303,32 @@ def grpo_args(tiny: dict, *extra: str) -> list[str]:
     ]
 
 
+def sums_task(path: Path) -> Path:
+    """An evaluation task of five sums "a+1=" with their answers, written to `path`."""
+    path.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n"
+                            for a in range(5)))
+    return path
+
+
+def finished_run(cfg):
+    """Train `cfg` (tracked in its MLflow store) and return (the client, the run, a function of
+    a metric's key to its logged values); the run must have FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.train import train
+
+    train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])[0]
+    assert run.info.status == "FINISHED"
+
+    def history(key: str) -> list[float]:
+        return [m.value for m in client.get_metric_history(run.info.run_id, key)]
+
+    return client, run, history
+
+
 def test_mu_passes_summed_by_grad_accum_are_refused_before_a_step(tiny, make_cfg):
     """num_iterations = 2 with grad_accum = 2 would sum a generation's two passes into one
     step at unchanged weights (the update of num_iterations = 1): one line, no step trained;
@@ -321,24 +347,11 @@ def test_a_grpo_run_logs_trls_metrics_and_samples_to_mlflow(tiny, make_cfg, tmp_
     """8 steps through mlxlab-train's train(): every TRL metric at every step in MLflow
     (train/...), val/reward and an evaluation task at both evaluations, the sample completions
     of each evaluation as an artifact; the run exports as a transformers folder."""
-    from mlflow.tracking import MlflowClient
-
     from mlxlab.export import export_run
-    from mlxlab.train import train
 
-    task = tmp_path / "sums.jsonl"
-    task.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n"
-                            for a in range(5)))
+    task = sums_task(tmp_path / "sums.jsonl")
     cfg = make_cfg(*grpo_args(tiny, f"eval.tasks=[{task}]", "eval.max_new_tokens=3"))
-    train(cfg)
-    client = MlflowClient(cfg.tracking.uri)
-    run = client.search_runs(
-        [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])[0]
-    assert run.info.status == "FINISHED"
-
-    def history(key: str) -> list[float]:
-        return [m.value for m in client.get_metric_history(run.info.run_id, key)]
-
+    client, run, history = finished_run(cfg)
     for key in TRL_METRICS:
         # the rollouts' metrics come once per generation (every mu = 2 steps), the loss's each step
         assert len(history(f"train/{key}")) in (4, 8), key
@@ -358,24 +371,13 @@ def test_a_sigkilled_grpo_run_resumes_bitwise(tiny, tmp_path, cli_env):
     """experiment=grpo_arithmetic (mu = 2, beta > 0) SIGKILLed after its checkpoint at step 5,
     between the two passes over a generation, and resumed: the weights, the whole MLflow history
     (rewards, KL, clip ratios) and state.json equal an uninterrupted run's."""
-    from run_helpers import committed_steps, kill_when, run, start
-    from test_resume import assert_same_history, assert_same_weights, run_id_of
+    from test_resume import assert_resumes_bitwise
 
     args = grpo_args(tiny, "trainer.max_steps=10", "trainer.eval_every_steps=5",
                      "trainer.log_every_steps=2", "callbacks.checkpoint.save_every_steps=5",
                      "callbacks.checkpoint.save_every_minutes=null")
     cli_env["PYTHONPATH"] = f"{Path(__file__).parent}:{cli_env.get('PYTHONPATH', '')}"
-    killed = tmp_path / "killed"
-    proc = start(args, killed, cli_env)
-    kill_when(proc, lambda: any(s >= 5 for s in committed_steps(killed)))
-    assert max(committed_steps(killed)) < 10
-    resumed = tmp_path / "resumed"
-    run([*args, f"resume={killed}"], resumed, cli_env)
-    reference = tmp_path / "reference"
-    run(args, reference, cli_env)
-    assert_same_weights(reference, resumed, "grpo")
-    assert run_id_of(resumed) == run_id_of(killed)
-    assert_same_history(f"sqlite:///{tmp_path}/mlruns/mlflow.db", reference, resumed, "grpo")
+    assert_resumes_bitwise(args, tmp_path, cli_env, "grpo")
 
 
 @pytest.mark.slow  # ~8 min on 2 loaded cores: an SFT, a base evaluation, three GRPO runs

@@ -562,3 +562,21 @@ def test_a_run_killed_after_its_best_evaluation_writes_the_same_predictions(tmp_
     expected = (reference / "predictions/val_best.csv").read_bytes()
     assert (resumed / "predictions/val_best.csv").read_bytes() == expected
     assert len(expected.splitlines()) == 179  # a header and Titanic's 178 validation rows
+
+
+def assert_resumes_bitwise(args: list[str], tmp_path: Path, env: dict, label: str,
+                           kill_at: int = 5, steps: int = 10) -> None:
+    """`args` (saving a checkpoint every `kill_at` steps, `steps` in all) SIGKILLed once the
+    checkpoint of step `kill_at` is committed and resumed: its weights, run id and whole MLflow
+    history (the store under tmp_path) equal an uninterrupted run's."""
+    killed = tmp_path / "killed"
+    proc = start(args, killed, env)
+    kill_when(proc, lambda: any(s >= kill_at for s in committed_steps(killed)))
+    assert max(committed_steps(killed)) < steps
+    resumed = tmp_path / "resumed"
+    run([*args, f"resume={killed}"], resumed, env)
+    reference = tmp_path / "reference"
+    run(args, reference, env)
+    assert_same_weights(reference, resumed, label)
+    assert run_id_of(resumed) == run_id_of(killed)
+    assert_same_history(f"sqlite:///{tmp_path}/mlruns/mlflow.db", reference, resumed, label)

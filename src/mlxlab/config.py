@@ -243,6 +243,7 @@ def validate(cfg: DictConfig) -> None:
     _check_optimizer(cfg)
     _check_callbacks(cfg)
     _check_optimized_metric(cfg)
+    _check_objective_inputs(cfg)
     _check_memory_probe(cfg)
     _check_prompts_only(cfg)
     _check_settings(cfg)
@@ -390,6 +391,18 @@ def _check_optimized_metric(cfg: DictConfig) -> None:
             f"optimized_metric={cfg.get('optimized_metric')!r} is not computed for {task} data "
             f"by objective {what}: choose one of {names}"
         )
+
+
+def _check_objective_inputs(cfg: DictConfig) -> None:
+    """What the config names for the objective fits together (Objective.check_inputs: e.g. a
+    teacher reads the student's token ids), asked of the class before anything is built."""
+    from hydra.utils import get_class
+
+    try:
+        check = get_class(cfg.objective._target_).check_inputs
+    except Exception:  # an unknown target fails at instantiation with Hydra's own message
+        return
+    check(cfg)
 
 
 def _check_memory_probe(cfg: DictConfig) -> None:

@@ -189,6 +189,23 @@ class PromptRows(PromptCompletion):
                            if isinstance(v, int))
         return sorted(ids)
 
+    def encode_completions(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Completions written for these prompts (a column of the rows: on-policy distillation's
+        dataset completions) as the model would sample them: their tokens, then the token a
+        completion stops with (a chat template's eos_token for chats, as data=chat ends an
+        assistant turn; else the tokenizer's end-of-text, as data=completions ends a row)."""
+        end = self.eot_id
+        if self._chat_eos and self.tokenizer.token_to_id(self._chat_eos) is not None:
+            end = self.tokenizer.token_to_id(self._chat_eos)
+        heads = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray([*h.ids, end], np.int32) for h in heads]
+
+    def rows_without(self, split: str, key: str) -> list[int]:
+        """The file lines of `split`'s rows whose column `key` is not a string."""
+        prompts = self.train if split == "train" else self.val
+        return [line for line, columns in zip(prompts.lines, prompts.columns)
+                if not isinstance(columns.get(key), str)]
+
     def longest_prompt(self) -> int:
         return max(len(t) for t in [*self.train.ids, *self.val.ids])
 

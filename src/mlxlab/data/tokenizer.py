@@ -254,6 +254,32 @@ def find_token_id(tok: Tokenizer, candidates: Sequence[str], what: str) -> int:
     )
 
 
+def folder_tokenizer(path: str | Path) -> Path | None:
+    """tokenizer.json of the model folder or run holding `path` (a pretrained folder, a run
+    dir, its checkpoints/, or one checkpoint)."""
+    path = Path(str(path))
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "tokenizer.json").is_file():
+            return folder / "tokenizer.json"
+    return None
+
+
+def vocabulary_difference(a: str | Path, b: str | Path) -> str | None:
+    """None when the tokenizers in files `a` and `b` give every token (added ones too) the same
+    id, else what differs first, in words: two models scored on one sequence of ids must read
+    them as the same text."""
+    if Path(a).read_bytes() == Path(b).read_bytes():
+        return None
+    va = Tokenizer.from_file(str(a)).get_vocab(with_added_tokens=True)
+    vb = Tokenizer.from_file(str(b)).get_vocab(with_added_tokens=True)
+    if len(va) != len(vb):
+        return f"{len(va)} tokens vs {len(vb)}"
+    for token, id_ in sorted(va.items(), key=lambda kv: kv[1]):
+        if vb.get(token) != id_:
+            return f"token {token!r} is id {id_} vs {vb.get(token)}"
+    return None
+
+
 def tokenizer_hash(tok: Tokenizer) -> str:
     """Short hash of what maps text to ids (truncation/padding settings excluded)."""
     spec = json.loads(tok.to_str())

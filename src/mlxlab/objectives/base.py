@@ -30,7 +30,8 @@ state, artifacts and analysis ask nothing else about which objective runs:
    verdict read a metric and where a mean's interval is cut (objectives/catalog.py reads every
    objective's); `tie_break(task)` names the metric that decides between evaluations equal on
    the monitor (the loss: a saturated monitor such as DPO's reward accuracy ties early);
-   `check_data(task)` says in one line when the objective does not train on such data.
+   `check_data(task)` says in one line when the objective does not train on such data, and
+   `check_inputs(cfg)` when the parts the config names for it do not fit together.
 4. **its state**: `state_dict()` / `load_state_dict(state)`, JSON-able (floats survive JSON
    exactly; `pack_array` / `unpack_array` keep an array's dtype and bits). training/checkpointing
    writes it into every checkpoint's state.json (`CheckpointState.objective`) and restores it on
@@ -235,6 +236,13 @@ class Objective:
         if not cls.metric_directions(task):
             raise ConfigError(f"objective {cls.__name__} does not train on {task} data: pick the "
                               "objective for it (conf/objective/)")
+
+    @classmethod
+    def check_inputs(cls, cfg: Any) -> None:
+        """One ConfigError line when what the run's config names for this objective cannot work
+        together (GKD: a teacher whose tokenizer gives the student's token ids other meanings);
+        config.validate asks the class with the composed config before anything is built, so a
+        refused run creates no folder, tracked run or model. Default: nothing to check."""
 
     def __repr__(self) -> str:  # what config.validate's line names
         return type(self).__name__

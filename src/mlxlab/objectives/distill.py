@@ -20,7 +20,7 @@ from mlxlab.errors import ConfigError
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import ObjectiveSetup
 from mlxlab.objectives.supervised import Supervised, check_task
-from mlxlab.objectives.teacher_weights import fit_teacher_weights
+from mlxlab.objectives.teacher_weights import build_teachers, fit_teacher_weights
 from mlxlab.tracking import tags as T
 from mlxlab.validation import check_choice, record
 
@@ -64,11 +64,7 @@ class Distill(Supervised):
     def setup(self, setup: ObjectiveSetup) -> None:
         data, batching, config = setup.data, setup.batching, self.config
         check_task(data.task, self.name)
-        if setup.load_teachers is None:
-            raise ConfigError("a distilling Trainer needs load_teachers= (e.g. "
-                              "mlxlab.runs.load_teachers), which builds its teachers")
-        teachers, weights = setup.load_teachers(config.teachers, data.vocab_size, data.num_labels,
-                                                data.label_names)
+        teachers, weights = build_teachers(setup, config.teachers)
         if config.teacher_weights == "learned" and len(teachers) > 1:
             # Streamed text has no in-order pass over its training rows: its validation batches
             # are used instead (the weights then saw the validation data).

@@ -24,7 +24,6 @@ artifact grpo_samples/step_<step>.jsonl.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,7 +35,6 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mlxlab.data.batching import Batch, Batching
-from mlxlab.data.prompts import PromptRows
 from mlxlab.errors import ConfigError
 from mlxlab.models.lora import adapters_off, has_adapters
 from mlxlab.objectives.base import Evaluation, Objective, ObjectiveSetup, pack_array, unpack_array
@@ -47,7 +45,7 @@ from mlxlab.objectives.grpo_loss import (
     token_logps,
 )
 from mlxlab.objectives.rewards import build_rewards, score, total
-from mlxlab.objectives.rollouts import Sampling, batch_width, rollout_batch, sample_completions
+from mlxlab.objectives.rollouts import Sampler, Sampling, completion_metrics
 from mlxlab.runtime import distributed
 from mlxlab.stats import MetricDefinition
 from mlxlab.validation import check_number
@@ -74,62 +72,40 @@ class GRPO(Objective):
                  eval_temperature: float = 0.0, log_completions: int = 8, seed: int = 0) -> None:
         check_number("objective.num_generations", num_generations, int, 2)
         check_number("objective.num_iterations", num_iterations, int, 1)
-        check_number("objective.max_completion_length", max_completion_length, int, 1)
-        check_number("objective.log_completions", log_completions, int, 0)
-        if temperature <= 0 or eval_temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ConfigError(f"objective: need temperature > 0 (got {temperature}), "
-                              f"eval_temperature >= 0 ({eval_temperature}), 0 < top_p <= 1 "
-                              f"({top_p}), top_k >= 0 ({top_k})")
         epsilon_high = epsilon if epsilon_high is None else epsilon_high
         check_loss_settings(loss_type, scale_rewards, epsilon, epsilon_high, beta)
+        sampling, eval_sampling = Sampling.checked("max_completion_length", max_completion_length,
+                                                   temperature, top_p, top_k, eval_temperature)
         if isinstance(rewards, DictConfig | ListConfig):
             rewards = OmegaConf.to_container(rewards, resolve=True)
         self.rewards = build_rewards(rewards)
         self.group, self.mu, self.loss_type = int(num_generations), int(num_iterations), loss_type
         self.beta, self.eps_low, self.eps_high = float(beta), float(epsilon), float(epsilon_high)
         self.scale_rewards, self.temperature = scale_rewards, float(temperature)
-        self.sampling = Sampling(int(max_completion_length), float(temperature), float(top_p),
-                                 int(top_k))
-        self.eval_sampling = Sampling(int(max_completion_length), float(eval_temperature),
-                                      float(top_p), int(top_k))
-        self.log_completions, self.seed = int(log_completions), int(seed)
-        self._key = mx.random.key(self.seed)
+        self.sampler = Sampler(sampling, eval_sampling, seed, log_completions, SAMPLES)
+        self.sampling = sampling
         self._buffer: dict[str, np.ndarray] | None = None
         self._passes = 0
-        self._sums: dict[str, float] = {}
-        self._fills = 0
-        self.width = 0
-        self.tracker = None
 
     # --- setup and state ------------------------------------------------------------------------
 
     def setup(self, setup: ObjectiveSetup) -> None:
-        data, model = setup.data, setup.model
-        if not isinstance(data, PromptRows):
-            raise ConfigError(f"objective=grpo samples completions of prompts, not of "
-                              f"{type(data).__name__}: set data=prompts (or experiment=grpo_*)")
-        if self.beta and not has_adapters(model):
+        self.sampler.setup(setup, self.name)
+        if self.beta and not has_adapters(setup.model):
             raise ConfigError(f"objective.beta={self.beta} measures the KL to the reference, the "
                               "model with its LoRA adapters off: set model.lora.rank > 0, or "
                               "objective.beta=0")
-        self.width = batch_width(data.longest_prompt(), self.sampling.max_new_tokens,
-                                 model.max_seq_len)
-        self.stop_ids, self.pad_id = data.stop_ids(), data.pad_id
-        self.decode = data.tokenizer.decode
-        self.tracker = setup.tracker
 
     def state_dict(self) -> dict:
         buffer = None if self._buffer is None else {
             k: pack_array(v) for k, v in self._buffer.items()}
-        return {"key": pack_array(np.array(self._key)), "buffer": buffer, "passes": self._passes,
-                "sums": dict(self._sums), "fills": self._fills}
+        return {**self.sampler.state_dict(), "buffer": buffer, "passes": self._passes}
 
     def load_state_dict(self, state: dict) -> None:
-        self._key = mx.array(unpack_array(state["key"]))
+        self.sampler.load_state_dict(state)
         buffer = state.get("buffer")
         self._buffer = None if buffer is None else {k: unpack_array(v) for k, v in buffer.items()}
-        self._passes, self._fills = int(state["passes"]), int(state["fills"])
-        self._sums = {k: float(v) for k, v in state["sums"].items()}
+        self._passes = int(state["passes"])
 
     # --- the batches it makes -------------------------------------------------------------------
 
@@ -163,12 +139,10 @@ class GRPO(Objective):
     def _fill(self, model: nn.Module, data: Any, index: np.ndarray) -> None:
         """One generation: completions sampled, scored, the rollout batch buffered."""
         prompts, ids, columns = data.prompts("train", index)
-        self._key, key = mx.random.split(self._key)
-        completions = sample_completions(model, ids, self.group, self.sampling, self.stop_ids,
-                                         key)
+        completions = self.sampler.sample(model, ids, self.group)
         table, rewards, texts = self._score(prompts, completions, columns, self.group)
         advantages, std_zero = group_advantages(rewards, self.group, self.scale_rewards)
-        batch = rollout_batch(ids, completions, self.group, self.width, self.pad_id)
+        batch = self.sampler.batch(ids, completions, self.group)
         batch["advantages"] = advantages
         if self.mu > 1:  # the old policy of the clipped ratio: the model at generation time
             batch["old_logps"] = self._logps(model, batch)
@@ -176,14 +150,14 @@ class GRPO(Objective):
             with adapters_off(model):
                 batch["ref_logps"] = self._logps(model, batch)
         self._buffer, self._passes = batch, 0
-        self._add_logs(table, rewards, std_zero, completions)
+        self.sampler.add_logs({**rollout_metrics(table, rewards, self.rewards, completions,
+                                                 self.sampler.stop_ids),
+                               "frac_reward_zero_std": float(std_zero.mean())})
 
     def _score(self, prompts: list, completions: list[np.ndarray], columns: dict[str, list],
                group: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(each reward of each completion, their weighted sum, the completions as text)."""
-        stops = set(self.stop_ids)
-        texts = [self.decode([t for t in c.tolist() if t not in stops], skip_special_tokens=True)
-                 for c in completions]
+        texts = self.sampler.texts(completions)
         repeated = {k: [v for v in values for _ in range(group)] for k, values in columns.items()}
         prompts = [p for p in prompts for _ in range(group)]
         table = score(self.rewards, prompts, texts, repeated)
@@ -221,22 +195,9 @@ class GRPO(Objective):
 
     # --- logs and evaluation --------------------------------------------------------------------
 
-    def _add_logs(self, table: np.ndarray, rewards: np.ndarray, std_zero: np.ndarray,
-                  completions: list[np.ndarray]) -> None:
-        for key, value in rollout_metrics(table, rewards, self.rewards, completions,
-                                          self.stop_ids).items():
-            self._sums[key] = self._sums.get(key, 0.0) + value
-        self._sums["frac_reward_zero_std"] = (self._sums.get("frac_reward_zero_std", 0.0)
-                                              + float(std_zero.mean()))
-        self._fills += 1
-
     def logs(self) -> dict[str, float]:
         """The rollouts' metrics averaged over the generations since the last logged line."""
-        if not self._fills:
-            return {}
-        out = {k: v / self._fills for k, v in self._sums.items()}
-        self._sums, self._fills = {}, 0
-        return out
+        return self.sampler.logs()
 
     def evaluate(self, model: nn.Module, data: Any, batching: Batching,
                  world: distributed.World | None = None, prefix: str = "val",
@@ -246,17 +207,13 @@ class GRPO(Objective):
         (an evaluation outside a fit, step None, logs none)."""
         n = len(data.val)
         prompts, ids, columns = data.prompts("val", np.arange(n))
-        completions = sample_completions(model, ids, 1, self.eval_sampling, self.stop_ids,
-                                         mx.random.key(self.seed))
+        completions = self.sampler.sample_eval(model, ids)
         table, rewards, texts = self._score(prompts, completions, columns, 1)
-        metrics = rollout_metrics(table, rewards, self.rewards, completions, self.stop_ids)
-        if self.tracker is not None and self.log_completions and step is not None:
-            rows = [{"prompt": p, "completion": t, "reward": float(r),
-                     **{rw.name: float(v) for rw, v in zip(self.rewards, line)}}
-                    for p, t, r, line in list(zip(prompts, texts, rewards, table))
-                    [: self.log_completions]]
-            self.tracker.log_text("".join(json.dumps(r) + "\n" for r in rows),
-                                  f"{SAMPLES}/step_{step:08d}.jsonl")
+        metrics = rollout_metrics(table, rewards, self.rewards, completions,
+                                  self.sampler.stop_ids)
+        self.sampler.log_samples([{"prompt": p, "completion": t, "reward": float(r),
+                                   **{rw.name: float(v) for rw, v in zip(self.rewards, line)}}
+                                  for p, t, r, line in zip(prompts, texts, rewards, table)], step)
         return Evaluation({f"{prefix}/{k}": v for k, v in metrics.items()})
 
     @classmethod
@@ -271,8 +228,6 @@ class GRPO(Objective):
 def rollout_metrics(table: np.ndarray, rewards: np.ndarray, specs: Sequence,
                     completions: list[np.ndarray], stop_ids: Sequence[int]) -> dict[str, float]:
     """TRL's per-generation metrics of scored completions (NaN-aware: a reward's None left out)."""
-    lengths = np.asarray([len(c) for c in completions], np.float32)
-    stops = set(stop_ids)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a reward that judged nothing: NaN
         out = {"reward": float(np.nanmean(rewards)),
@@ -281,10 +236,4 @@ def rollout_metrics(table: np.ndarray, rewards: np.ndarray, specs: Sequence,
             out[f"rewards/{spec.name}/mean"] = float(np.nanmean(table[:, k]))
             out[f"rewards/{spec.name}/std"] = (float(np.nanstd(table[:, k], ddof=1))
                                                if len(table) > 1 else 0.0)
-    out |= {"completions/mean_length": float(lengths.mean()),
-            "completions/min_length": float(lengths.min()),
-            "completions/max_length": float(lengths.max()),
-            # the completions that ended without a stop token (cut at max_completion_length)
-            "completions/clipped_ratio": float(np.mean([not (len(c) and int(c[-1]) in stops)
-                                                        for c in completions]))}
-    return out
+    return out | completion_metrics(completions, stop_ids)

@@ -6,6 +6,7 @@ cross-entropy is mlxlab.kernels.cross_entropy: a fused CPU kernel, or its pure-M
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
@@ -162,6 +163,24 @@ def teacher_probabilities(
         return out
 
     return probs
+
+
+def teacher_log_probs(
+    teachers: Sequence[nn.Module], weights: Sequence[float] | None, temperature: float
+) -> Callable[[Batch], mx.array]:
+    """batch -> log of teacher_probabilities' mixture, log sum_k w_k softmax(logits_k / T), as
+    log-sum-exp of each teacher's log-softmax (one teacher: its log-softmax to the bit, no
+    probability rounds to 0 first), under stop_gradient."""
+    logw = [math.log(w) for w in _normalized_weights(teachers, weights)]
+
+    def logps(batch: Batch) -> mx.array:
+        parts = []
+        for log_weight, teacher in zip(logw, teachers):
+            logits = mx.stop_gradient(forward(teacher, batch)).astype(mx.float32)
+            parts.append(nn.log_softmax(logits / temperature, axis=-1) + log_weight)
+        return parts[0] if len(parts) == 1 else mx.logsumexp(mx.stack(parts), axis=0)
+
+    return logps
 
 
 def teacher_targets(

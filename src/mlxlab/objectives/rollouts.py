@@ -15,20 +15,30 @@ right-padded to one width for the run (the longest prompt + max_new_tokens: one 
 shape); `labels` are the inputs shifted by one and `loss_mask` marks the positions that predict
 a completion token, so per-token arrays (log-probs, the old and reference log-probs) share the
 (rows, width) layout and padding counts nothing.
+
+`Sampler` is what an objective that completes data=prompts with the training model keeps (GRPO,
+GKD): the sampling settings, the generator's key (checkpointed: a resumed run samples the same),
+the batch width, the rollouts' metric sums since the last logged line and the sample completions
+it logs at evaluations.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlxlab.data.prompts import PromptRows
 from mlxlab.errors import ConfigError
 from mlxlab.models.generation import sample_token
 from mlxlab.models.layers import KVCache
+from mlxlab.objectives.base import ObjectiveSetup, pack_array, unpack_array
+from mlxlab.validation import check_number
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,19 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0                 # 0: off
+
+    @classmethod
+    def checked(cls, length_key: str, max_new_tokens: int, temperature: float, top_p: float,
+                top_k: int, eval_temperature: float) -> tuple[Sampling, Sampling]:
+        """(training, evaluation) sampling from an objective's keys, or one ConfigError line
+        naming the bad one (`length_key`: the objective's name for max_new_tokens)."""
+        check_number(f"objective.{length_key}", max_new_tokens, int, 1)
+        if temperature <= 0 or eval_temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ConfigError(f"objective: need temperature > 0 (got {temperature}), "
+                              f"eval_temperature >= 0 ({eval_temperature}), 0 < top_p <= 1 "
+                              f"({top_p}), top_k >= 0 ({top_k})")
+        return (cls(int(max_new_tokens), float(temperature), float(top_p), int(top_k)),
+                cls(int(max_new_tokens), float(eval_temperature), float(top_p), int(top_k)))
 
 
 def make_cache(model: nn.Module) -> list:
@@ -131,3 +154,103 @@ def rollout_batch(prompts: Sequence[np.ndarray], completions: Sequence[np.ndarra
         tokens[r, : len(seq)] = seq
         mask[r, len(prompt) - 1 : len(seq) - 1] = 1.0  # position t predicts token t + 1
     return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
+
+
+def completion_metrics(completions: Sequence[np.ndarray], stop_ids: Sequence[int]
+                       ) -> dict[str, float]:
+    """TRL's completions/ metrics of sampled completions (token counts)."""
+    lengths = np.asarray([len(c) for c in completions], np.float32)
+    stops = set(stop_ids)
+    return {"completions/mean_length": float(lengths.mean()),
+            "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            # the completions that ended without a stop token (cut at the length limit)
+            "completions/clipped_ratio": float(np.mean([not (len(c) and int(c[-1]) in stops)
+                                                        for c in completions]))}
+
+
+class Sampler:
+    """Completions of data=prompts sampled from the training model for an objective (module
+    docstring): `sample` draws with the training settings from the next key, `sample_eval` with
+    the evaluation's from the seed's key (every evaluation alike); `add_logs` sums a
+    generation's metrics, `logs` hands their means out once; `state_dict` holds the key and the
+    sums."""
+
+    def __init__(self, sampling: Sampling, eval_sampling: Sampling, seed: int,
+                 log_completions: int, samples_folder: str) -> None:
+        check_number("objective.log_completions", log_completions, int, 0)
+        self.sampling, self.eval_sampling, self.seed = sampling, eval_sampling, int(seed)
+        self.log_completions, self.samples_folder = int(log_completions), samples_folder
+        self.key = mx.random.key(self.seed)
+        self.sums: dict[str, float] = {}
+        self.fills = 0
+        self.width, self.pad_id, self.stop_ids = 0, 0, [0]
+        self.tracker: Any = None
+        self.decode: Any = None
+
+    def setup(self, setup: ObjectiveSetup, objective: str) -> PromptRows:
+        """The run's prompts (data=prompts, else one line), stop tokens and batch width."""
+        data, model = setup.data, setup.model
+        if not isinstance(data, PromptRows):
+            raise ConfigError(f"objective={objective} samples completions of prompts, not of "
+                              f"{type(data).__name__}: set data=prompts (or "
+                              f"experiment={objective}_*)")
+        self.width = batch_width(data.longest_prompt(), self.sampling.max_new_tokens,
+                                 model.max_seq_len)
+        self.stop_ids, self.pad_id = data.stop_ids(), data.pad_id
+        self.decode = data.tokenizer.decode
+        self.tracker = setup.tracker
+        return data
+
+    def next_key(self) -> mx.array:
+        self.key, key = mx.random.split(self.key)
+        return key
+
+    def sample(self, model: nn.Module, prompts: Sequence[np.ndarray], group: int
+               ) -> list[np.ndarray]:
+        return sample_completions(model, prompts, group, self.sampling, self.stop_ids,
+                                  self.next_key())
+
+    def sample_eval(self, model: nn.Module, prompts: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return sample_completions(model, prompts, 1, self.eval_sampling, self.stop_ids,
+                                  mx.random.key(self.seed))
+
+    def texts(self, completions: Sequence[np.ndarray]) -> list[str]:
+        """The completions as text, their stop tokens left out."""
+        stops = set(self.stop_ids)
+        return [self.decode([t for t in c.tolist() if t not in stops], skip_special_tokens=True)
+                for c in completions]
+
+    def batch(self, prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray],
+              group: int) -> dict[str, np.ndarray]:
+        return rollout_batch(prompts, completions, group, self.width, self.pad_id)
+
+    def add_logs(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.fills += 1
+
+    def logs(self) -> dict[str, float]:
+        """The metrics averaged over the generations since the last call."""
+        if not self.fills:
+            return {}
+        out = {k: v / self.fills for k, v in self.sums.items()}
+        self.sums, self.fills = {}, 0
+        return out
+
+    def log_samples(self, rows: list[dict], step: int | None) -> None:
+        """The first log_completions rows as the artifact <samples_folder>/step_<step>.jsonl
+        (an evaluation outside a fit, step None, logs none)."""
+        if self.tracker is not None and self.log_completions and step is not None:
+            self.tracker.log_text("".join(json.dumps(r) + "\n"
+                                          for r in rows[: self.log_completions]),
+                                  f"{self.samples_folder}/step_{step:08d}.jsonl")
+
+    def state_dict(self) -> dict:
+        return {"key": pack_array(np.array(self.key)), "sums": dict(self.sums),
+                "fills": self.fills}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.key = mx.array(unpack_array(state["key"]))
+        self.fills = int(state["fills"])
+        self.sums = {k: float(v) for k, v in state["sums"].items()}

@@ -1,4 +1,6 @@
-"""Learned weights for an ensemble of teachers (`objective=distill objective.teacher_weights=learned`).
+"""Teachers of the objectives that learn from them (distill, gkd): built from the config's
+specs by the run's loader, and learned weights for an ensemble of them
+(`objective=distill objective.teacher_weights=learned`).
 
 The weights w = softmax(theta) that minimise the cross-entropy of the mixture sum_k w_k p_k(x)
 (each teacher at temperature 1) on the student's training rows: a teacher that is right where the
@@ -15,9 +17,21 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
+from mlxlab.errors import ConfigError
 from mlxlab.objectives import losses
+from mlxlab.objectives.base import ObjectiveSetup
 
 log = logging.getLogger(__name__)
+
+
+def build_teachers(setup: ObjectiveSetup, specs: list) -> tuple[list[nn.Module], list[float]]:
+    """(the frozen teacher models, their weights) of objective.teachers, built by the loader the
+    Trainer is handed (train.py: runs.load_teachers) for the student's outputs."""
+    if setup.load_teachers is None:
+        raise ConfigError("a distilling Trainer needs load_teachers= (e.g. "
+                          "mlxlab.runs.load_teachers), which builds its teachers")
+    data = setup.data
+    return setup.load_teachers(specs, data.vocab_size, data.num_labels, data.label_names)
 
 
 def teacher_label_probs(teachers: Sequence[nn.Module], batches: Iterable[dict],

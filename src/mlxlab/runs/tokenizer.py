@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from mlxlab.data.tokenizer import folder_tokenizer
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.sources import as_local, model_folder
 
@@ -18,11 +19,7 @@ log = logging.getLogger(__name__)
 
 def run_tokenizer(path: str | Path) -> Path | None:
     """tokenizer.json of the run holding `path` (a run dir, its checkpoints/, or one checkpoint)."""
-    path = Path(str(path))
-    for folder in (path, path.parent, path.parent.parent):
-        if (folder / "tokenizer.json").is_file():
-            return folder / "tokenizer.json"
-    return None
+    return folder_tokenizer(path)
 
 
 def require_run_tokenizer(path: str | Path, kind: str) -> Path:
