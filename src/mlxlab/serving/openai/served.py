@@ -150,7 +150,7 @@ def load_target(target: Target, which: str = "best") -> ServedModel:
     if target.registered or is_run(target.path):
         run = load_run(target.path, which)
         require_task(run, "lm", "mlxlab serve's OpenAI API")
-        config = getattr(run.model, "hf_config", None)
+        config = run.model.hf_config if isinstance(run.model, MLXLMDecoder) else None
         return _served(names, run.model, run.tokenizer, run.tokenizer_path.parent,
                        run.tokenizer_path, config, str(run.checkpoint))
     folder = target.path

@@ -135,6 +135,8 @@ def check_messages(messages: Any) -> None:
 class OpenAIHandler(APIHandler):
     """mlx-lm's HTTP handler with mlxlab's checks (see the module)."""
 
+    _refused_status = 404  # until handle_completion: an unknown path is not found
+
     def validate_model_parameters(self) -> None:
         super().validate_model_parameters()
         provider: ServedModels = self.response_generator.model_provider
@@ -159,7 +161,7 @@ class OpenAIHandler(APIHandler):
 
     def _set_completion_headers(self, status_code: int = 200) -> None:
         if status_code == 404:
-            status_code = getattr(self, "_refused_status", 404)
+            status_code = self._refused_status
         super()._set_completion_headers(status_code)
 
     def handle_models_request(self) -> None:
