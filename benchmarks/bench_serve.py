@@ -1,0 +1,187 @@
+"""How does `mlxlab serve` hold up under concurrent OpenAI clients, beside `mlx_lm.server` on the
+same model: is any request lost or mixed up, and what latency and tokens/s does each client see?
+
+    .venv/bin/python benchmarks/bench_serve.py [--clients 8] [--requests 4] [--max-tokens 32]
+        [--hidden 512 --layers 8] [--rounds 2] [--deadline 300]
+
+One random Llama folder (scripts/tiny_hf_model.py --no-torch: no download) is served by both
+servers on 127.0.0.1 (loopback only), each in its own process, started once. Rounds alternate
+mlxlab, mlx-lm, mlxlab, mlx-lm, ... (the machine's load changes over minutes; the load average
+is printed with each round). In a round, `--clients` threads (at most 16) each send
+`--requests` greedy completions of their own prompt, one after another, with the official
+`openai` client; a round stops at `--deadline` seconds, and requests not answered by then are
+counted as lost. Every answer is checked against that prompt's answer asked alone before the
+rounds (greedy: the same text), so a mixed-up or corrupted answer shows as "differs".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["Once upon a time", "The little dog", "A girl named Lily", "In the big forest",
+           "Tom had a red ball", "The sun was hot", "One day, a cat", "There was a boat",
+           "The bird sang", "Mom made a cake", "A tiny frog", "The old tree", "Sam and Max",
+           "It was raining", "The king said", "A blue car"]
+HOST = "127.0.0.1"  # loopback only
+
+
+def start(command: list[str], log: Path, pattern: str) -> tuple[subprocess.Popen, str]:
+    """Start a server, wait until its log shows the URL `pattern` captures (or it answers)."""
+    out = open(log, "w")  # noqa: SIM115 (the server writes it until stopped)
+    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.monotonic() + 300
+    while not (found := re.search(pattern, log.read_text())):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{command[:3]} did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+    return proc, found.group(1)
+
+
+def wait_ready(base_url: str) -> None:
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"{base_url}/models", timeout=5)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{base_url} does not answer") from None
+            time.sleep(0.5)
+
+
+def ask(client, model: str, prompt: str, max_tokens: int) -> tuple[str, int, float]:
+    start = time.perf_counter()
+    answer = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                       temperature=0)
+    return answer.choices[0].text, answer.usage.completion_tokens, time.perf_counter() - start
+
+
+def one_round(client_for, model: str, args: argparse.Namespace, expected: dict[str, str]) -> dict:
+    """`args.clients` clients, `args.requests` requests each, stopped at args.deadline."""
+    stop_at = time.monotonic() + args.deadline
+    results: dict[int, list] = {c: [] for c in range(args.clients)}
+
+    def client_loop(c: int) -> None:
+        client, prompt = client_for(), PROMPTS[c % len(PROMPTS)]
+        for _ in range(args.requests):
+            if time.monotonic() > stop_at:
+                return
+            try:
+                results[c].append((prompt, *ask(client, model, prompt, args.max_tokens)))
+            except Exception as err:  # counted as lost, and said why
+                results[c].append((prompt, None, 0, 0.0))
+                print(f"  client {c}: {type(err).__name__}: {err}", file=sys.stderr)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        wait([pool.submit(client_loop, c) for c in range(args.clients)])
+    wall = time.perf_counter() - started
+    answered = [r for rs in results.values() for r in rs if r[1] is not None]
+    sent = args.clients * args.requests
+    per_client = [(sum(r[2] for r in rs if r[1] is not None),
+                   sum(r[3] for r in rs if r[1] is not None)) for rs in results.values()]
+    latencies = [r[3] for r in answered]
+    return {
+        "lost": sent - len(answered),
+        "differs": sum(r[1] != expected[r[0]] for r in answered),
+        "latency_median": statistics.median(latencies) if latencies else float("nan"),
+        "latency_max": max(latencies, default=float("nan")),
+        "client_tok_s": statistics.median(t / s for t, s in per_client if s) if answered else 0,
+        "total_tok_s": sum(r[2] for r in answered) / wall,
+        "wall": wall,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=4, help="per client, per round")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2, help="per server, alternating")
+    parser.add_argument("--deadline", type=float, default=300, help="seconds a round may take")
+    args = parser.parse_args()
+    if not 1 <= args.clients <= 16 or not 1 <= args.requests <= 32:
+        parser.error("--clients 1..16 and --requests 1..32 (a bounded load)")
+    import openai
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    model = work / "llama"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "tiny_hf_model.py"), "llama",
+                    str(model), "--no-torch", "--hidden", str(args.hidden), "--layers",
+                    str(args.layers)], check=True, cwd=REPO)
+    mlxlab = str(Path(sys.executable).parent / "mlxlab")
+    servers = {
+        "mlxlab serve": start([mlxlab, "serve", str(model), "--host", HOST, "--port", "0"],
+                              work / "mlxlab.log", r"on (http://127\.0\.0\.1:\d+/v1)"),
+        "mlx_lm.server": start([sys.executable, "-m", "mlx_lm.server", "--model", str(model),
+                                "--host", HOST, "--port", "8765", "--log-level", "WARNING"],
+                               work / "mlx_lm.log", r"()"),
+    }
+    servers["mlx_lm.server"] = (servers["mlx_lm.server"][0], f"http://{HOST}:8765/v1")
+    # both name the model by its folder (mlx_lm.server: the path it was started with)
+    names = dict.fromkeys(servers, str(model))
+    local = threading.local()
+
+    def client_for(base_url: str):
+        def make():
+            if getattr(local, "url", None) != base_url:
+                local.url = base_url
+                local.client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0,
+                                             timeout=args.deadline)
+            return local.client
+        return make
+
+    try:
+        expected = {}
+        for name, (_, url) in servers.items():
+            wait_ready(url)
+            solo = {p: ask(client_for(url)(), names[name], p, args.max_tokens)[0]
+                    for p in PROMPTS[:args.clients]}
+            expected[name] = solo
+        same = expected["mlxlab serve"] == expected["mlx_lm.server"]
+        print(f"model: llama hidden {args.hidden}, {args.layers} layers (float32, random); "
+              f"{args.clients} clients x {args.requests} greedy completions of "
+              f"{args.max_tokens} tokens; solo answers equal across servers: {same}")
+        print(f"cpu: {os.cpu_count()} cores; python {sys.version.split()[0]}")
+        rows = {name: [] for name in servers}
+        for r in range(args.rounds):
+            for name, (_, url) in servers.items():
+                load = os.getloadavg()[0]
+                row = one_round(client_for(url), names[name], args, expected[name])
+                rows[name].append(row)
+                print(f"round {r + 1} {name:14s} load {load:5.2f}  lost {row['lost']}  differs "
+                      f"{row['differs']}  latency median {row['latency_median']:.2f} s max "
+                      f"{row['latency_max']:.2f} s  per client {row['client_tok_s']:.1f} tok/s  "
+                      f"all clients {row['total_tok_s']:.1f} tok/s  ({row['wall']:.1f} s)",
+                      flush=True)
+        print("\n| server | lost | differs | latency median (s) | per client tok/s | "
+              "all clients tok/s |")
+        print("|---|---|---|---|---|---|")
+        for name, rs in rows.items():
+            med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+            print(f"| {name} | {sum(r['lost'] for r in rs)} | {sum(r['differs'] for r in rs)} "
+                  f"| {med['latency_median']:.2f} | {med['client_tok_s']:.1f} | "
+                  f"{med['total_tok_s']:.1f} |")
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
