@@ -2,7 +2,7 @@
 same model: is any request lost or mixed up, and what latency and tokens/s does each client see?
 
     .venv/bin/python benchmarks/bench_serve.py [--clients 8] [--requests 4] [--max-tokens 32]
-        [--hidden 512 --layers 8] [--rounds 2] [--deadline 300]
+        [--hidden 512 --layers 8] [--rounds 2] [--deadline 300] [--blas-threads 1]
 
 One random Llama folder (scripts/tiny_hf_model.py --no-torch: no download) is served by both
 servers on 127.0.0.1 (loopback only), each in its own process, started once. Rounds alternate
@@ -10,7 +10,9 @@ mlxlab, mlx-lm, mlxlab, mlx-lm, ... (the machine's load changes over minutes; th
 is printed with each round). In a round, `--clients` threads (at most 16) each send
 `--requests` greedy completions of their own prompt, one after another, with the official
 `openai` client; a round stops at `--deadline` seconds, and requests not answered by then are
-counted as lost. Every answer is checked against that prompt's answer asked alone before the
+counted as lost. Both servers run with OPENBLAS_NUM_THREADS=--blas-threads (default 1: on
+cores other processes share, OpenBLAS's spinning threads made decoding ~8x slower here, for
+both MLX's bundled BLAS and the OpenBLAS mlxlab gives MLX). Every answer is checked against that prompt's answer asked alone before the
 rounds (greedy: the same text), so a mixed-up or corrupted answer shows as "differs".
 """
 
@@ -37,10 +39,10 @@ PROMPTS = ["Once upon a time", "The little dog", "A girl named Lily", "In the bi
 HOST = "127.0.0.1"  # loopback only
 
 
-def start(command: list[str], log: Path, pattern: str) -> tuple[subprocess.Popen, str]:
+def start(command: list[str], log: Path, pattern: str, env: dict) -> tuple[subprocess.Popen, str]:
     """Start a server, wait until its log shows the URL `pattern` captures (or it answers)."""
     out = open(log, "w")  # noqa: SIM115 (the server writes it until stopped)
-    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     deadline = time.monotonic() + 300
     while not (found := re.search(pattern, log.read_text())):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -113,6 +115,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="per server, alternating")
     parser.add_argument("--deadline", type=float, default=300, help="seconds a round may take")
+    parser.add_argument("--blas-threads", type=int, default=1, help="OPENBLAS_NUM_THREADS")
     args = parser.parse_args()
     if not 1 <= args.clients <= 16 or not 1 <= args.requests <= 32:
         parser.error("--clients 1..16 and --requests 1..32 (a bounded load)")
@@ -124,12 +127,13 @@ def main() -> int:
                     str(model), "--no-torch", "--hidden", str(args.hidden), "--layers",
                     str(args.layers)], check=True, cwd=REPO)
     mlxlab = str(Path(sys.executable).parent / "mlxlab")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(args.blas_threads)}
     servers = {
         "mlxlab serve": start([mlxlab, "serve", str(model), "--host", HOST, "--port", "0"],
-                              work / "mlxlab.log", r"on (http://127\.0\.0\.1:\d+/v1)"),
+                              work / "mlxlab.log", r"on (http://127\.0\.0\.1:\d+/v1)", env),
         "mlx_lm.server": start([sys.executable, "-m", "mlx_lm.server", "--model", str(model),
                                 "--host", HOST, "--port", "8765", "--log-level", "WARNING"],
-                               work / "mlx_lm.log", r"()"),
+                               work / "mlx_lm.log", r"()", env),
     }
     servers["mlx_lm.server"] = (servers["mlx_lm.server"][0], f"http://{HOST}:8765/v1")
     # both name the model by its folder (mlx_lm.server: the path it was started with)
@@ -156,7 +160,8 @@ def main() -> int:
         print(f"model: llama hidden {args.hidden}, {args.layers} layers (float32, random); "
               f"{args.clients} clients x {args.requests} greedy completions of "
               f"{args.max_tokens} tokens; solo answers equal across servers: {same}")
-        print(f"cpu: {os.cpu_count()} cores; python {sys.version.split()[0]}")
+        print(f"cpu: {os.cpu_count()} cores; OPENBLAS_NUM_THREADS={args.blas_threads}; python "
+              f"{sys.version.split()[0]}")
         rows = {name: [] for name in servers}
         for r in range(args.rounds):
             for name, (_, url) in servers.items():

@@ -270,3 +270,32 @@ def test_settings_a_language_model_server_would_ignore_are_refused(runs, cli_env
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-n", "0"]))
+
+
+def test_a_decoder_trained_here_is_served_one_request_at_a_time(tiny_lm_run):
+    """mlxlab's own decoder (its tokenizer.json alone, no template) answers like `mlxlab
+    generate` too; its attention takes no left-padded batch, so requests run one by one."""
+    import threading
+
+    from mlxlab.serving.openai.served import load_served, resolve_target
+    from mlxlab.serving.openai.server import make_server, serve_until_stopped
+
+    run_dir = tiny_lm_run[0]
+    (served,) = load_served([resolve_target(str(run_dir))])
+    assert not served.batchable
+    server, generator = make_server([served], port=0)
+    thread = threading.Thread(target=serve_until_stopped, args=(server, generator), daemon=True)
+    thread.start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+                               api_key="unused", max_retries=0, timeout=120)
+        run = load_run(run_dir)
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda p: client.completions.create(
+                model=run_dir.name, prompt=p, max_tokens=20, temperature=0).choices[0].text,
+                ["Once upon a time", "The dog"]))
+        assert answers == [complete(run, p, 20, temperature=0)
+                           for p in ("Once upon a time", "The dog")]
+    finally:
+        server.shutdown()
+        thread.join(timeout=60)
