@@ -299,3 +299,24 @@ def test_a_decoder_trained_here_is_served_one_request_at_a_time(tiny_lm_run):
     finally:
         server.shutdown()
         thread.join(timeout=60)
+
+
+def test_a_registered_model_whose_run_folder_is_gone_is_served_from_the_store(runs, tmp_path):
+    import shutil
+
+    from mlxlab.models.generation import generate_tokens
+    from mlxlab.serving.openai.served import load_served, resolve_target
+    from mlxlab.serving.registry import register_run
+
+    copy = shutil.copytree(runs["a"], tmp_path / "copy-of-a")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    register_run(copy, name="story-a", alias="champion", uri=uri)
+    shutil.rmtree(copy)
+    target = resolve_target("models:/story-a@champion", uri, tmp_path / "download")
+    assert target.path.is_relative_to(tmp_path / "download")
+    (served,) = load_served([target])
+    assert served.names == ("models:/story-a@champion", "story-a@champion", "story-a")
+    run = load_run(runs["a"])
+    ids = list(sample_ids(run, PROMPT, 12, temperature=0))
+    prompt = [*served.start_ids, *run.tokenizer.encode(PROMPT, add_special_tokens=False).ids]
+    assert list(generate_tokens(served.model, prompt, temperature=0))[:len(ids)] == ids
