@@ -2,7 +2,7 @@
 same model: is any request lost or mixed up, and what latency and tokens/s does each client see?
 
     .venv/bin/python benchmarks/bench_serve.py [--clients 8] [--requests 4] [--max-tokens 32]
-        [--hidden 512 --layers 8] [--rounds 2] [--deadline 300] [--blas-threads 1]
+        [--hidden 512 --layers 8] [--rounds 2] [--deadline 300] [--blas-threads 1] [--control]
 
 One random Llama folder (scripts/tiny_hf_model.py --no-torch: no download) is served by both
 servers on 127.0.0.1 (loopback only), each in its own process, started once. Rounds alternate
@@ -10,7 +10,9 @@ mlxlab, mlx-lm, mlxlab, mlx-lm, ... (the machine's load changes over minutes; th
 is printed with each round). In a round, `--clients` threads (at most 16) each send
 `--requests` greedy completions of their own prompt, one after another, with the official
 `openai` client; a round stops at `--deadline` seconds, and requests not answered by then are
-counted as lost. Both servers run with OPENBLAS_NUM_THREADS=--blas-threads (default 1: on
+counted as lost. `--control` adds a third server, `mlxlab serve` with MLXLAB_BLAS=off (MLX's
+bundled BLAS, as mlx_lm.server has it): what the server code costs apart from the BLAS. Both
+servers run with OPENBLAS_NUM_THREADS=--blas-threads (default 1: on
 cores other processes share, OpenBLAS's spinning threads made decoding ~8x slower here, for
 both MLX's bundled BLAS and the OpenBLAS mlxlab gives MLX). Every answer is checked against that prompt's answer asked alone before the
 rounds (greedy: the same text), so a mixed-up or corrupted answer shows as "differs".
@@ -116,6 +118,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="per server, alternating")
     parser.add_argument("--deadline", type=float, default=300, help="seconds a round may take")
     parser.add_argument("--blas-threads", type=int, default=1, help="OPENBLAS_NUM_THREADS")
+    parser.add_argument("--control", action="store_true",
+                        help="also mlxlab serve with MLXLAB_BLAS=off (MLX's bundled BLAS)")
     args = parser.parse_args()
     if not 1 <= args.clients <= 16 or not 1 <= args.requests <= 32:
         parser.error("--clients 1..16 and --requests 1..32 (a bounded load)")
@@ -136,6 +140,10 @@ def main() -> int:
                                work / "mlx_lm.log", r"()", env),
     }
     servers["mlx_lm.server"] = (servers["mlx_lm.server"][0], f"http://{HOST}:8765/v1")
+    if args.control:
+        servers["mlxlab, BLAS off"] = start(
+            [mlxlab, "serve", str(model), "--host", HOST, "--port", "0"], work / "control.log",
+            r"on (http://127\.0\.0\.1:\d+/v1)", {**env, "MLXLAB_BLAS": "off"})
     # both name the model by its folder (mlx_lm.server: the path it was started with)
     names = dict.fromkeys(servers, str(model))
     local = threading.local()
@@ -156,7 +164,7 @@ def main() -> int:
             solo = {p: ask(client_for(url)(), names[name], p, args.max_tokens)[0]
                     for p in PROMPTS[:args.clients]}
             expected[name] = solo
-        same = expected["mlxlab serve"] == expected["mlx_lm.server"]
+        same = all(e == expected["mlx_lm.server"] for e in expected.values())
         print(f"model: llama hidden {args.hidden}, {args.layers} layers (float32, random); "
               f"{args.clients} clients x {args.requests} greedy completions of "
               f"{args.max_tokens} tokens; solo answers equal across servers: {same}")
@@ -168,7 +176,7 @@ def main() -> int:
                 load = os.getloadavg()[0]
                 row = one_round(client_for(url), names[name], args, expected[name])
                 rows[name].append(row)
-                print(f"round {r + 1} {name:14s} load {load:5.2f}  lost {row['lost']}  differs "
+                print(f"round {r + 1} {name:16s} load {load:5.2f}  lost {row['lost']}  differs "
                       f"{row['differs']}  latency median {row['latency_median']:.2f} s max "
                       f"{row['latency_max']:.2f} s  per client {row['client_tok_s']:.1f} tok/s  "
                       f"all clients {row['total_tok_s']:.1f} tok/s  ({row['wall']:.1f} s)",
