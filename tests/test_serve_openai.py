@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -233,8 +234,14 @@ def test_bad_requests_are_4xx_naming_the_field_and_the_server_keeps_serving(serv
     assert answer.choices[0].text == generated["a"][0]
 
 
-def test_a_body_that_is_not_json_is_400(server):
+def test_a_body_that_is_not_json_or_names_no_model_is_400(server):
     _, base_url = server
+    request = urllib.request.Request(f"{base_url}/completions", b'{"prompt": "hi"}',
+                                     {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=30)
+    assert err.value.code == 400
+    assert json.loads(err.value.read())["error"].startswith("model: required; use one of")
     request = urllib.request.Request(f"{base_url}/completions", b"{not json",
                                      {"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as err:

@@ -140,8 +140,10 @@ class OpenAIHandler(APIHandler):
     def validate_model_parameters(self) -> None:
         super().validate_model_parameters()
         provider: ServedModels = self.response_generator.model_provider
-        if self.requested_model not in provider.served:
-            raise ServingError(f"model: {self.requested_model!r} is not served here; use one of "
+        if self.body.get("model") not in provider.served:
+            given = f"{self.body['model']!r} is not served here" if "model" in self.body \
+                else "required"
+            raise ServingError(f"model: {given}; use one of "
                                f"{', '.join(s.name for s in provider.models)}")
         for name, why in REFUSED_FIELDS.items():
             if self.body.get(name) is not None:
