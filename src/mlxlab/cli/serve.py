@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -113,6 +114,9 @@ def _openai(args: argparse.Namespace, targets: list) -> int:
         raise ValueError(f"cannot bind {args.host}:{args.port} ({err.strerror}): pick another "
                          "--port") from None
     host, port = server.server_address[:2]
+    if not ipaddress.ip_address(host).is_loopback:
+        print(f"mlxlab serve: warning: listening on {host}: anyone who reaches this machine can "
+              "use these models (the server checks no API key)", file=sys.stderr, flush=True)
     for s in served:
         also = f" (also {', '.join(s.names[1:])})" if len(s.names) > 1 else ""
         print(f"  model {s.name}{also} <- {s.source}", flush=True)
