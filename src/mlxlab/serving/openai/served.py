@@ -87,13 +87,11 @@ def served_tokenizer(folder: Path, tokenizer_json: Path, stops: Sequence[int]) -
 
 
 def _served(names: tuple[str, ...], model: nn.Module, tokenizer: Any, folder: Path,
-            tokenizer_json: Path, config: dict | None, source: str) -> ServedModel:
-    from mlxlab.data.chat import stop_ids
-    from mlxlab.data.tokenizer import end_of_text_ids, start_ids
+            tokenizer_json: Path, source: str) -> ServedModel:
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.runs.generate import prompt_ends
 
-    stops = stop_ids(tokenizer, folder, config)
-    start = start_ids(tokenizer) or end_of_text_ids(tokenizer, folder, config)[:1]
+    start, stops = prompt_ends(tokenizer, folder, model.hf_config)
     model.eval()
     # mlx-lm's batched decoding pads prompts on the left and masks through its own attention:
     # only mlx-lm's architectures do that; mlxlab's own decoder answers one request at a time.
@@ -150,9 +148,8 @@ def load_target(target: Target, which: str = "best") -> ServedModel:
     if target.registered or is_run(target.path):
         run = load_run(target.path, which)
         require_task(run, "lm", "mlxlab serve's OpenAI API")
-        config = run.model.hf_config if isinstance(run.model, MLXLMDecoder) else None
         return _served(names, run.model, run.tokenizer, run.tokenizer_path.parent,
-                       run.tokenizer_path, config, str(run.checkpoint))
+                       run.tokenizer_path, str(run.checkpoint))
     folder = target.path
     tokenizer_json = folder / "tokenizer.json"
     if not tokenizer_json.is_file():
@@ -160,7 +157,7 @@ def load_target(target: Target, which: str = "best") -> ServedModel:
                           "tokenizer (as transformers saves it)")
     model = MLXLMDecoder(vocab_size=1, pretrained=str(folder))
     return _served(names, model, Tokenizer.from_file(str(tokenizer_json)), folder,
-                   tokenizer_json, model.hf_config, str(folder))
+                   tokenizer_json, str(folder))
 
 
 def share_weights(model: nn.Module, seen: dict) -> int:
