@@ -327,3 +327,19 @@ def test_a_registered_model_whose_run_folder_is_gone_is_served_from_the_store(ru
     ids = list(sample_ids(run, PROMPT, 12, temperature=0))
     prompt = [*served.start_ids, *run.tokenizer.encode(PROMPT, add_special_tokens=False).ids]
     assert list(generate_tokens(served.model, prompt, temperature=0))[:len(ids)] == ids
+
+
+def test_the_readme_example_runs_against_the_server(server, runs, capsys):
+    """README.md's openai example, verbatim but for the port and the run folder."""
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Serving a fine-tune"):]
+    code = section[section.index("```python\n") + 10:]
+    code = code[:code.index("```")]
+    assert len(code.strip().splitlines()) == 5
+    _, base_url = server
+    code = code.replace("http://127.0.0.1:5001/v1", base_url).replace(
+        "outputs/finetune_chat/<a>", str(runs["a"]))
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()
