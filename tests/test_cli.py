@@ -91,7 +91,8 @@ def test_serve_bad_target_is_one_clear_line(tmp_path):
     done = mlxlab("serve", tmp_path / "nope", "--uri", f"sqlite:///{tmp_path}/mlflow.db")
     assert done.returncode == 2
     assert done.stderr.strip() == (f"mlxlab serve: error: {tmp_path / 'nope'}: no such run "
-                                   "folder, and not a models:/ or runs:/ URI")
+                                   "folder, and not a models:/ or runs:/ URI or a model folder "
+                                   "(config.json, *.safetensors, tokenizer.json)")
 
 
 def free_port() -> int:

@@ -1,21 +1,41 @@
-"""Serve a finished run or a registered model over HTTP with MLflow's model server.
+"""Serve finished runs or models over HTTP: language models over the OpenAI API (mlx-lm's
+server), a classifier with MLflow's model server.
+
+    mlxlab serve outputs/finetune_chat/<a> outputs/finetune_chat/<b> --port 5001
+    mlxlab serve models:/story-lora@champion /path/to/base/model/folder
+        -> http://127.0.0.1:5001/v1: /v1/chat/completions, /v1/completions, /v1/models
+
+Language models (decoder runs, registered decoders, base model folders) answer chat
+completions and completions, streaming or not, with the model's own chat template and end
+tokens; a request's `model` is a run folder as given or its folder name, a registered model
+(models:/NAME@ALIAS, NAME@ALIAS, NAME) or a model folder. Runs fine-tuned from one base share
+one copy of it in memory. Greedy completions equal `mlxlab generate` token for token.
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:5001/v1", api_key="unused")
+    client.chat.completions.create(model="<run folder name>",
+                                   messages=[{"role": "user", "content": "Hi"}])
+
+A classifier (one run folder, or a models:/ or runs:/ URI) is served by MLflow's model server
+as a pyfunc at /invocations:
 
     mlxlab serve outputs/train/<time>                    # http://127.0.0.1:5001/invocations
-    mlxlab serve models:/titanic-bert@champion --port 5002
     curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \
         -d '{"dataframe_records": [{"PassengerId": 1, "Pclass": 3, "Sex": "male", ...}]}'
 
 A run folder is saved as a pyfunc model in a temporary folder (removed on exit) and served; a
 models:/ or runs:/ URI is loaded from the store (--uri, else $MLFLOW_TRACKING_URI, else
 <project>/mlruns/mlflow.db). It runs `python -m mlflow models serve --env-manager local` (this
-environment, no new virtualenv) bound to 127.0.0.1 unless --host says otherwise; Ctrl-C stops it.
-Answers: classifier rows -> id, prediction, probability; prompts -> prompt, completion
-(`"params": {"max_new_tokens": N}`).
+environment, no new virtualenv). Both servers bind 127.0.0.1 unless --host says otherwise;
+Ctrl-C stops them. For Ollama / LM Studio / llama.cpp instead: `mlxlab export RUN --format
+gguf` writes a GGUF file and an Ollama Modelfile.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -31,66 +51,121 @@ URI_SCHEMES = ("models:/", "runs:/")
 
 def main(argv: list[str]) -> int:
     parser = parser_for("serve", __doc__)
-    parser.add_argument("target", metavar="RUN|MODEL_URI",
-                        help="a run folder, or models:/<name>@<alias>, models:/<name>/<version>, "
-                        "runs:/<run id>/model")
+    parser.add_argument("targets", nargs="+", metavar="RUN|MODEL",
+                        help="run folders, registered models (models:/<name>@<alias>, "
+                        "models:/<name>/<version>) or model folders; one classifier run or "
+                        "runs:/<run id>/model for MLflow's server")
     parser.add_argument("--port", type=int, default=5001, help="default 5001 (5000 is the "
-                        "tracking server's)")
+                        "tracking server's); 0 = a free port, printed")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
     parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",
                         help=CHECKPOINT_HELP)
     parser.add_argument("--uri", help="tracking URI for models:/ and runs:/ targets")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=512,
+                        help="language models: new tokens when a request gives no max_tokens")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="classifier: MLflow server worker processes (default 1)")
     args = parser.parse_args(argv)
-    tmp = None
+    tmp = tempfile.mkdtemp(prefix="mlxlab-serve-")
 
     def body() -> int:
-        nonlocal tmp
-        env = dict(os.environ)
-        # mlflow execs `uvicorn` by name: find this environment's, also when the venv is not
-        # activated (.venv/bin/mlxlab serve ...).
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        if args.target.startswith(URI_SCHEMES):
-            from mlxlab.tracking.mlflow import resolve_uri, sqlite_path
-
-            uri = resolve_uri(args.uri)
-            db = sqlite_path(uri)
-            if db is not None and not db.exists():
-                raise FileNotFoundError(f"no MLflow store at {db}: register the model first "
-                                        "(mlxlab register) or pass --uri")
-            env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = uri
-            model = args.target
-        elif Path(args.target).expanduser().exists():
-            from mlxlab.serving.registry import save_run_model
-
-            tmp = tempfile.mkdtemp(prefix="mlxlab-serve-")
-            model = str(save_run_model(Path(args.target).expanduser(), Path(tmp) / "model",
-                                       args.checkpoint))
-        else:
-            raise FileNotFoundError(f"{args.target}: no such run folder, and not a "
-                                    f"{' or '.join(URI_SCHEMES)} URI")
-        command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model,
-                   "-h", args.host, "-p", str(args.port), "-w", str(args.workers),
-                   "--env-manager", "local"]
-        print(f"serving {args.target} on http://{args.host}:{args.port}/invocations "
-              "(Ctrl-C stops)", flush=True)
-        # Its own process group: mlflow starts the web server as a child; stopping the group
-        # stops both. SIGTERM to us (and Ctrl-C) stops them, then the temporary model goes.
-        server = subprocess.Popen(command, env=env, start_new_session=True)
-
-        def stop(*_: object) -> None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGTERM)
-
-        signal.signal(signal.SIGTERM, stop)
-        try:
-            return server.wait()
-        except KeyboardInterrupt:
-            stop()
-            return server.wait()
+        if args.max_tokens < 1:
+            raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        targets = _language_model_targets(args, Path(tmp))
+        if targets is None:
+            return _mlflow(args, args.targets[0], tmp)
+        if args.workers is not None:
+            raise ValueError("--workers is for a classifier's MLflow server; a language model is "
+                             "served by one process (it batches concurrent requests)")
+        return _openai(args, targets)
 
     try:
         return guarded("serve", body)
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _language_model_targets(args: argparse.Namespace, scratch: Path) -> list | None:
+    """The targets resolved when they are language models (served over the OpenAI API), None
+    for one classifier or runs:/ URI (MLflow's server)."""
+    from mlxlab.serving.openai.served import resolve_target
+
+    if any(t.startswith("runs:/") for t in args.targets):
+        if len(args.targets) > 1:
+            raise ValueError("a runs:/ URI is served alone by MLflow's model server")
+        return None
+    targets = [resolve_target(t, args.uri, scratch) for t in args.targets]
+    classifiers = [t.text for t in targets if t.task(args.checkpoint) == "classification"]
+    if classifiers and len(targets) > 1:
+        raise ValueError(f"{classifiers[0]} is a classifier, served alone by MLflow's model "
+                         "server: give it to its own `mlxlab serve`")
+    return None if classifiers else targets
+
+
+def _openai(args: argparse.Namespace, targets: list) -> int:
+    from mlxlab.serving.openai.served import load_served
+    from mlxlab.serving.openai.server import make_server, serve_until_stopped, server_settings
+
+    served = load_served(targets, args.checkpoint)
+    try:
+        server, generator = make_server(served, args.host, args.port,
+                                        server_settings(args.max_tokens))
+    except OSError as err:
+        raise ValueError(f"cannot bind {args.host}:{args.port} ({err.strerror}): pick another "
+                         "--port") from None
+    host, port = server.server_address[:2]
+    if not ipaddress.ip_address(host).is_loopback:
+        print(f"mlxlab serve: warning: listening on {host}: anyone who reaches this machine can "
+              "use these models (the server checks no API key)", file=sys.stderr, flush=True)
+    for s in served:
+        also = f" (also {', '.join(s.names[1:])})" if len(s.names) > 1 else ""
+        print(f"  model {s.name}{also} <- {s.source}", flush=True)
+    shared = sum(s.stats["shared_bytes"] for s in served)
+    print(f"serving {len(served)} language model(s) on http://{host}:{port}/v1 "
+          f"({shared / 2**20:.1f} MiB of weights shared, held once; Ctrl-C stops)", flush=True)
+    serve_until_stopped(server, generator)
+    return 0
+
+
+def _mlflow(args: argparse.Namespace, target: str, tmp: str) -> int:
+    env = dict(os.environ)
+    # mlflow execs `uvicorn` by name: find this environment's, also when the venv is not
+    # activated (.venv/bin/mlxlab serve ...).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if target.startswith(URI_SCHEMES):
+        from mlxlab.tracking.mlflow import resolve_uri, sqlite_path
+
+        uri = resolve_uri(args.uri)
+        db = sqlite_path(uri)
+        if db is not None and not db.exists():
+            raise FileNotFoundError(f"no MLflow store at {db}: register the model first "
+                                    "(mlxlab register) or pass --uri")
+        env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = uri
+        model = target
+    elif Path(target).expanduser().exists():
+        from mlxlab.serving.registry import save_run_model
+
+        model = str(save_run_model(Path(target).expanduser(), Path(tmp) / "model",
+                                   args.checkpoint))
+    else:
+        raise FileNotFoundError(f"{target}: no such run folder, and not a "
+                                f"{' or '.join(URI_SCHEMES)} URI")
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model,
+               "-h", args.host, "-p", str(args.port), "-w", str(args.workers or 1),
+               "--env-manager", "local"]
+    print(f"serving {target} on http://{args.host}:{args.port}/invocations "
+          "(Ctrl-C stops)", flush=True)
+    # Its own process group: mlflow starts the web server as a child; stopping the group
+    # stops both. SIGTERM to us (and Ctrl-C) stops them, then the temporary model goes.
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def stop(*_: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        stop()
+        return server.wait()

@@ -7,12 +7,22 @@ files' EOS, which the run folder keeps), EOT_TOKENS' only for a tokenizer traine
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from mlxlab.data.chat import stop_ids
 from mlxlab.data.tokenizer import end_of_text_ids, start_ids
 from mlxlab.runs.loading import LoadedRun, require_task
+
+
+def prompt_ends(tokenizer: Tokenizer, folder: Path, config: dict | None
+                ) -> tuple[list[int], list[int]]:
+    """(the ids a prompt starts after, the ids generation stops on) for a model whose tokenizer
+    files are in `folder`: the tokenizer's BOS, else the end-of-text token (as the training
+    stream laid documents out); the model's stop_ids. `mlxlab serve` starts and stops the same."""
+    start = start_ids(tokenizer) or end_of_text_ids(tokenizer, folder, config)[:1]
+    return start, stop_ids(tokenizer, folder, config)
 
 
 def sample_ids(
@@ -36,9 +46,8 @@ def sample_ids(
     if max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {max_tokens}")
     model, tokenizer = run.model, run.tokenizer
-    folder, config = run.tokenizer_path.parent, run.model.hf_config
-    stops = set(stop_ids(tokenizer, folder, config))
-    start = start_ids(tokenizer) or end_of_text_ids(tokenizer, folder, config)[:1]
+    start, stops = prompt_ends(tokenizer, run.tokenizer_path.parent, run.model.hf_config)
+    stops = set(stops)
     prompt_ids = [*start, *tokenizer.encode(prompt, add_special_tokens=False).ids]
     if len(prompt_ids) >= model.max_seq_len:
         raise ValueError(

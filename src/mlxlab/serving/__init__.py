@@ -1,1 +1,2 @@
-"""A finished run as an MLflow model: the pyfunc wrapper, registering, loading and serving it."""
+"""A finished run served: as an MLflow model (the pyfunc wrapper, registering, loading, MLflow's
+server) and, for language models, over the OpenAI API (openai/)."""

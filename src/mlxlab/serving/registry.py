@@ -82,6 +82,41 @@ def save_run_model(run_dir: str | Path, out: str | Path, which: str = "best") ->
     return Path(out)
 
 
+def registered_run_dir(model_uri: str, uri: str | None = None, download_to: Path | None = None
+                       ) -> Path:
+    """The run folder a registered model version was logged from (`models:/NAME@ALIAS` or
+    `models:/NAME/VERSION`; its MLflow run's run-folder tag), or, when that folder is gone and
+    `download_to` is given, the version's own checkpoint downloaded there (beside the
+    tokenizer.json it was logged with)."""
+    uri = resolve_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise FileNotFoundError(f"no MLflow store at {db}: register the model first "
+                                "(mlxlab register) or pass --uri")
+    spec = model_uri.removeprefix("models:/")
+    name, alias = spec.split("@", 1) if "@" in spec else (spec, None)
+    name, version = (name.split("/", 1) + [None])[:2] if alias is None else (name, None)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        found = (client.get_model_version_by_alias(name, alias) if alias
+                 else client.get_model_version(name, str(version)))
+    except Exception:
+        raise ValueError(f"{model_uri}: no such registered model version in {uri} (mlxlab "
+                         "register names them; `mlflow models` lists them)") from None
+    run_dir = client.get_run(found.run_id).data.tags.get(T.RUN_DIR) if found.run_id else None
+    if run_dir and Path(run_dir).is_dir():
+        return Path(run_dir)
+    if download_to is None:
+        raise FileNotFoundError(f"{model_uri}: its run folder {run_dir} is gone")
+    with pointed_at(uri):
+        folder = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{spec}", dst_path=str(download_to)))
+    checkpoints = [p for p in (folder / "artifacts").iterdir() if p.is_dir()]
+    if len(checkpoints) != 1:
+        raise FileNotFoundError(f"{model_uri}: its logged model holds no checkpoint folder")
+    return checkpoints[0]
+
+
 def best_run_dir(uri: str, sweep: str) -> str:
     """The run folder of a sweep's best child (`latest` = the newest sweep in the store)."""
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

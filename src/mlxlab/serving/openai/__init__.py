@@ -1,0 +1,3 @@
+"""Language-model runs served over the OpenAI API (chat completions, completions, /v1/models,
+streaming) by mlx-lm's server: served.py loads the models and holds their common base once,
+server.py puts mlx-lm's server over them."""
