@@ -104,7 +104,8 @@ def log_eval_run(tracker, source: EvalModel, tasks: Sequence[Task], settings: Ta
               "eval.batch_size": settings.batch_size,
               "eval.max_new_tokens": settings.max_new_tokens,
               "eval.stop": repr(list(settings.stop)),
-              "prompts": "plain" if source.template is None else "chat template"}
+              "prompts": "plain" if source.template is None else "chat template",
+              **{f"model_source.{k}": v for k, v in source.provenance.items()}}
     tracker.start(params, eval_tags(source))
     status = "FAILED"
     try:
