@@ -27,8 +27,13 @@ def _never(ids: list[int]) -> bool:
 
 
 def merges(cache: list | None) -> bool:
-    """Whether every layer's cache merges into a batch cache (mlx-lm's caches do)."""
-    return bool(cache) and all(hasattr(c, "merge") for c in cache)
+    """Whether every layer's cache merges into a batch cache: mlx-lm's full, rotating
+    (sliding-window), state-space and per-layer-list caches do; its quantized and chunked
+    ones, and mlxlab's own, do not."""
+    from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
+
+    return bool(cache) and all(
+        isinstance(c, (KVCache, RotatingKVCache, ArraysCache, CacheList)) for c in cache)
 
 
 def greedy_batch(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
