@@ -61,11 +61,10 @@ def main() -> int:
         args.prompts, args.rounds, args.layers, args.hidden, args.max_new_tokens = 6, 1, 2, 64, 6
 
     from bench_common import cpu_model
-    from tiny_hf_model import save_tiny_llama_without_torch
-
     from mlxlab.evaluation.scoring import Prompts, _cut, greedy_ids
     from mlxlab.models.batched_greedy import greedy_batch
     from mlxlab.runs.task_eval import load_eval_model
+    from tiny_hf_model import save_tiny_llama_without_torch
 
     with tempfile.TemporaryDirectory(prefix="bench-batched-") as tmp:
         heads = max(1, args.hidden // 64)
