@@ -112,3 +112,27 @@ def test_mlxlabs_own_transformer_batches_equal_lengths():
     alone = one_at_a_time(model, prompts, 9, {7})
     assert greedy_batch(model, prompts, 9, {7}, batch_size=3) == alone
 
+
+
+def test_mlxlab_eval_decodes_a_generation_task_at_its_batch_size(llama, tmp_path, capsys):
+    """`mlxlab eval <model folder> gen.jsonl --batch-size N`: the same outputs at 1 and 8,
+    each the prompt's one-at-a-time greedy answer."""
+    from mlxlab.cli.main import main
+    from mlxlab.evaluation.results import read_scores
+
+    rows = [{"id": f"q{i}", "prompt": "Once upon a time " * (i % 4) + f"a dog {i}",
+             "answer": "x"} for i in range(8)]
+    task = tmp_path / "gen.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    outputs = {}
+    for size in (1, 8):
+        out = tmp_path / f"scores{size}"
+        assert main(["eval", str(llama.path), str(task), "--no-track", "--batch-size",
+                     str(size), "--max-new-tokens", "6", "--stop", "", "--out", str(out)]) == 0
+        outputs[size] = [r["output"] for r in read_scores(out)["gen"].rows]
+    capsys.readouterr()
+    prompts = Prompts(llama.tokenizer)
+    alone = [llama.tokenizer.decode(greedy_ids(llama.model, prompts.encode(r["prompt"]), 6,
+                                               prompts.stops)) for r in rows]
+    assert outputs[1] == outputs[8] == alone
+    assert len(set(alone)) == len(alone)
