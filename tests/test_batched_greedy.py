@@ -125,12 +125,20 @@ def test_mlxlab_eval_decodes_a_generation_task_at_its_batch_size(llama, tmp_path
     task = tmp_path / "gen.jsonl"
     task.write_text("".join(json.dumps(r) + "\n" for r in rows))
     outputs = {}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     for size in (1, 8):
         out = tmp_path / f"scores{size}"
-        assert main(["eval", str(llama.path), str(task), "--no-track", "--batch-size",
-                     str(size), "--max-new-tokens", "6", "--stop", "", "--out", str(out)]) == 0
+        track = ["--uri", uri, "--json"] if size == 8 else ["--no-track"]
+        assert main(["eval", str(llama.path), str(task), *track, "--batch-size", str(size),
+                     "--max-new-tokens", "6", "--stop", "", "--out", str(out)]) == 0
         outputs[size] = [r["output"] for r in read_scores(out)["gen"].rows]
-    capsys.readouterr()
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # the base model's evaluation is a run of the store: where its weights came from, recorded
+    from mlflow.tracking import MlflowClient
+
+    params = MlflowClient(uri).get_run(report["run_id"]).data.params
+    assert params["model_kind"] == "pretrained" and params["eval.batch_size"] == "8"
+    assert params["model_source.path"] == str(llama.path)
     prompts = Prompts(llama.tokenizer)
     alone = [llama.tokenizer.decode(greedy_ids(llama.model, prompts.encode(r["prompt"]), 6,
                                                prompts.stops)) for r in rows]
