@@ -73,7 +73,8 @@ def test_schedule_matches_pytorch():
 @pytest.mark.parametrize("name", ["adamw", "adam"])
 def test_adam_steps_match_pytorch(name):
     """Ten updates with fresh gradients each: weights equal after every one (bias correction,
-    eps, betas and decoupled weight decay included; the schedule too)."""
+    eps, betas and weight decay included: AdamW's decoupled, Adam's L2 in the gradient as
+    torch.optim.Adam's; the schedule too)."""
     rng = np.random.default_rng(0)
     weights = {"a": rng.normal(size=(8, 5)).astype(np.float32), "b": rng.normal(size=(5,)).astype(np.float32)}
     betas, eps = (0.85, 0.99), 1e-6
@@ -82,7 +83,7 @@ def test_adam_steps_match_pytorch(name):
     opt.init(params)
     ref_params = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in weights.items()}
     kind = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    ref = kind(ref_params.values(), lr=LR, betas=betas, eps=eps, weight_decay=WD if name == "adamw" else 0.0)
+    ref = kind(ref_params.values(), lr=LR, betas=betas, eps=eps, weight_decay=WD)
     sched = torch_schedule(ref)
     for step in range(TOTAL):
         grads = {k: rng.normal(scale=1e-2 * (step + 1), size=v.shape).astype(np.float32) for k, v in weights.items()}

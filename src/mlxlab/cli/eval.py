@@ -99,12 +99,16 @@ def is_task_call(args) -> bool:
     --tasks, several files, a model folder that is no run, or a jsonl of prompt rows."""
     from pathlib import Path
 
+    from mlxlab.errors import MissingFileError
+    from mlxlab.runs.model_source import RUN, open_model_source
+
     if args.tasks or len(args.data) > 1:
         return True
-    model = Path(args.run).expanduser()
-    if (model / "config.json").is_file() and not (model / "checkpoints").is_dir() \
-            and not (model / "state.json").is_file():
-        return True
+    try:
+        if open_model_source(args.run).kind != RUN:
+            return True
+    except MissingFileError:  # the run's loading names it
+        pass
     path = Path(args.data[0]).expanduser()
     if path.suffix != ".jsonl" or not path.is_file():
         return False

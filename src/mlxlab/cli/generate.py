@@ -1,12 +1,21 @@
-"""Sample text from a finished language-model run, streaming tokens as they come.
+"""Sample text from a language model (a finished run, or a model folder), streaming tokens as they
+come.
 
     mlxlab generate outputs/tinystories_nano/<time> --prompt "Once upon a time"
     mlxlab generate RUN --prompt "The dog" --max-tokens 100 --temperature 0.8 --top-k 40 \
         --top-p 0.95 --seed 0 --num-samples 3
+    mlxlab generate models/SmolLM2-135M-Instruct --prompt "The capital of France"
+    mlxlab generate models/SmolLM2-135M-Instruct --chat --prompt "Who are you?" --system "Be brief."
+    mlxlab generate models/SmolLM2-135M-Instruct --chat        # a conversation, a line a turn
 
-The tokenizer is the run's tokenizer.json; the prompt starts after the tokenizer's BOS (else
-<|endoftext|>), as training documents do. Generation stops after --max-tokens new tokens, at
-<|endoftext|>, or when the model's context (model.max_seq_len) is full. --temperature 0 = greedy.
+MODEL is a run folder (its --checkpoint), a Hugging Face / mlx-lm model folder or a folder
+`mlxlab export` wrote. The prompt starts after the tokenizer's BOS (else <|endoftext|>), as
+training documents do. --chat: the prompt is a user turn rendered by the model's own chat
+template (with --system as the system turn, else the template's default), and the reply ends
+at the template's end of turn; without --prompt, each line of stdin is the next user turn of
+one conversation (an empty line or end of input ends it). Generation stops after --max-tokens
+new tokens, at the model's end tokens, or when its context (max_seq_len) is full.
+--temperature 0 = greedy.
 """
 
 from __future__ import annotations
@@ -19,7 +28,11 @@ from mlxlab.cli.common import add_run_arguments, guarded, parser_for
 def main(argv: list[str]) -> int:
     parser = parser_for("generate", __doc__)
     add_run_arguments(parser)
-    parser.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    parser.add_argument("--prompt", default=None, help="text to continue (default: empty); "
+                        "with --chat the user's turn")
+    parser.add_argument("--chat", action="store_true", help="talk to the model through its own "
+                        "chat template")
+    parser.add_argument("--system", default=None, help="--chat: the system turn")
     parser.add_argument("--max-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=40, help="0 = off")
@@ -29,20 +42,79 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from mlxlab.inference import complete, load_run, require_task
+        from mlxlab.runs.task_eval import load_eval_model
 
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-        run = load_run(args.run, args.checkpoint)
-        require_task(run, "lm", "mlxlab generate")
-        print(f"[{run.checkpoint}]", file=sys.stderr)
+        if args.system is not None and not args.chat:
+            raise ValueError("--system is the system turn of a chat: add --chat")
+        if args.chat and args.prompt is None and args.num_samples > 1:
+            raise ValueError("--num-samples samples one --prompt: give --prompt, or drop "
+                             "--num-samples for a conversation")
+        model = load_eval_model(args.run, args.checkpoint, "template" if args.chat else "plain",
+                                purpose="mlxlab generate")
+        print(f"[{model.checkpoint or model.path}]", file=sys.stderr)
+        if args.chat and args.prompt is None:
+            return converse(model, args)
         for i in range(args.num_samples):
             if i:
                 print("\n" + "-" * 40)
-            print(args.prompt, end="", flush=True)
-            complete(run, args.prompt, args.max_tokens, args.temperature, args.top_k, args.top_p,
-                     args.seed + i, on_text=lambda s: print(s, end="", flush=True))
+            if not args.chat:
+                print(args.prompt or "", end="", flush=True)
+            reply(model, args, turns(args.system, [args.prompt]), args.seed + i)
             print(flush=True)
         return 0
 
     return guarded("generate", body)
+
+
+def turns(system: str | None, users: list[str], replies: tuple[str, ...] = ()) -> list[dict]:
+    """The chat so far: the system turn (if given), then user and assistant turns in turn."""
+    chat = [{"role": "system", "content": system}] if system is not None else []
+    for k, user in enumerate(users):
+        chat.append({"role": "user", "content": user})
+        if k < len(replies):
+            chat.append({"role": "assistant", "content": replies[k]})
+    return chat
+
+
+def reply(model, args, chat: list[dict], seed: int) -> str:
+    """The model's text after the prompt (plain: the last user turn's text after BOS; --chat:
+    the chat through its template), printed as it comes."""
+    from mlxlab.runs.generate import (
+        chat_prompt_ids,
+        continue_ids,
+        decode_stream,
+        plain_prompt_ids,
+    )
+
+    folder = model.tokenizer_folder
+    if model.template is not None:
+        prompt_ids = chat_prompt_ids(model.tokenizer, model.template, chat)
+    else:
+        prompt_ids = plain_prompt_ids(model.tokenizer, folder, model.model.hf_config,
+                                      chat[-1]["content"] or "")
+    ids = continue_ids(model.model, model.tokenizer, folder, prompt_ids, args.max_tokens,
+                       args.temperature, args.top_k, args.top_p, seed)
+    pieces = []
+    for piece in decode_stream(model.tokenizer, ids):
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    return "".join(pieces)
+
+
+def converse(model, args) -> int:
+    """A conversation: each stdin line a user turn, each reply printed and kept in the chat."""
+    users: list[str] = []
+    replies: list[str] = []
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        users.append(line.rstrip("\n"))
+        replies.append(reply(model, args, turns(args.system, users, tuple(replies)),
+                             args.seed + len(replies)))
+        print(flush=True)

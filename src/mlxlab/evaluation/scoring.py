@@ -34,6 +34,7 @@ from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, Example, Task
 from mlxlab.models.base import Model
+from mlxlab.models.batched_greedy import greedy_batch
 
 TARGET_DELIMITER = " "  # lm-eval's default between a prompt and a choice
 
@@ -230,13 +231,23 @@ def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 def _generation(model: Model, prompts: Prompts, task: Task, settings: TaskSettings
                 ) -> TaskScores:
-    tok, rows = prompts.tokenizer, []
-    for ex in task.examples:
-        def stopped(ids: list[int]) -> bool:
-            return _cut(tok.decode(ids), settings.stop)[1]
+    """Every example's greedy answer, `settings.batch_size` decoding at once (greedy_batch:
+    the answers one-at-a-time decoding gives); a model without a KV cache one at a time."""
+    tok = prompts.tokenizer
 
-        ids = greedy_ids(model, prompts.encode(prompts.text(ex.prompt)), settings.max_new_tokens,
-                         prompts.stops, stopped)
+    def stopped(ids: list[int]) -> bool:
+        return _cut(tok.decode(ids), settings.stop)[1]
+
+    encoded = [prompts.encode(prompts.text(ex.prompt)) for ex in task.examples]
+    _context_length(model)
+    if model.make_cache() is None:
+        answers = [greedy_ids(model, ids, settings.max_new_tokens, prompts.stops, stopped)
+                   for ids in encoded]
+    else:
+        answers = greedy_batch(model, encoded, settings.max_new_tokens, prompts.stops, stopped,
+                               settings.batch_size)
+    rows = []
+    for ex, ids in zip(task.examples, answers):
         output, _ = _cut(tok.decode(ids), settings.stop)
         rows.append({"id": ex.id, **generation_scores(output, ex), "output": output})
     return TaskScores(task.name, task.kind, _means(rows, ("exact_match", "contains")), rows)

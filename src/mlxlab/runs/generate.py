@@ -1,18 +1,20 @@
-"""A language-model run's continuation of a prompt: token ids sampled (mlx-lm's generation, with
-its KV cache: models/generation.py) as the training stream laid documents out (after BOS,
-ending before end-of-text), decoded as whole text pieces. Generation stops on the model's own
+"""A language model's continuation of a prompt (a run's or a model folder's): token ids sampled
+(mlx-lm's generation, with its KV cache: models/generation.py) after the prompt laid out as the
+training stream lays documents out (after BOS, ending before end-of-text) or as a chat's next
+assistant turn (the model's own chat template), decoded as whole text pieces. Generation stops on the model's own
 end tokens (data/chat.py stop_ids: its chat template's end of turn, its config's and tokenizer
 files' EOS, which the run folder keeps), EOT_TOKENS' only for a tokenizer trained here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from mlxlab.data.chat import stop_ids
+from mlxlab.data.chat import ChatTemplate, encode_chat, stop_ids
 from mlxlab.data.tokenizer import end_of_text_ids, start_ids
+from mlxlab.models.base import Model
 from mlxlab.runs.loading import LoadedRun, require_task
 
 
@@ -40,23 +42,51 @@ def sample_ids(
     The prompt starts as every document does in the training stream: after the tokenizer's BOS
     (a pretrained Llama's or Gemma's), else after the end-of-text token (ours).
     """
+    require_task(run, "lm", "generating text")
+    folder = run.tokenizer_path.parent
+    prompt_ids = plain_prompt_ids(run.tokenizer, folder, run.model.hf_config, prompt)
+    return continue_ids(run.model, run.tokenizer, folder, prompt_ids, max_tokens, temperature,
+                        top_k, top_p, seed)
+
+
+def plain_prompt_ids(tokenizer: Tokenizer, folder: Path, config: Mapping | None,
+                     prompt: str) -> list[int]:
+    """`prompt` as a document starts: after the tokenizer's BOS, else its end-of-text."""
+    start, _ = prompt_ends(tokenizer, folder, config)
+    return [*start, *tokenizer.encode(prompt, add_special_tokens=False).ids]
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, template: ChatTemplate,
+                    messages: Sequence[Mapping]) -> list[int]:
+    """The chat rendered by the model's own template with the assistant turn opened (its
+    default system turn where it writes one), as ids: what the model answers."""
+    return encode_chat(tokenizer, template, messages, add_generation_prompt=True).ids.tolist()
+
+
+def continue_ids(model: Model, tokenizer: Tokenizer, folder: Path, prompt_ids: list[int],
+                 max_tokens: int = 100, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, seed: int = 0) -> Iterator[int]:
+    """New token ids after `prompt_ids`: at most `max_tokens`, ending before the first of the
+    model's stop ids (stop_ids of its tokenizer files in `folder`: its chat template's end of
+    turn, its end-of-text ids)."""
     from mlxlab.models.generation import generate_tokens
 
-    require_task(run, "lm", "generating text")
     if max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {max_tokens}")
-    model, tokenizer = run.model, run.tokenizer
-    start, stops = prompt_ends(tokenizer, run.tokenizer_path.parent, run.model.hf_config)
-    stops = set(stops)
-    prompt_ids = [*start, *tokenizer.encode(prompt, add_special_tokens=False).ids]
+    stops = set(prompt_ends(tokenizer, folder, model.hf_config)[1])
     if len(prompt_ids) >= model.max_seq_len:
         raise ValueError(
             f"the prompt is {len(prompt_ids)} tokens but the model's context is "
             f"{model.max_seq_len}: shorten --prompt"
         )
+    return _until_stop(generate_tokens(model, prompt_ids, temperature, top_k, top_p, seed),
+                       stops, max_tokens)
+
+
+def _until_stop(tokens: Iterable[int], stops: set[int], max_tokens: int) -> Iterator[int]:
     if max_tokens == 0:
         return
-    for n, token in enumerate(generate_tokens(model, prompt_ids, temperature, top_k, top_p, seed), 1):
+    for n, token in enumerate(tokens, 1):
         if token in stops:
             return
         yield token

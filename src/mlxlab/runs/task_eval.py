@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.nn as nn
 from tokenizers import Tokenizer
 
 from mlxlab.data.chat import ChatTemplate
-from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.errors import ConfigError
 from mlxlab.evaluation.results import FOLDER, write_scores
 from mlxlab.evaluation.scoring import TaskScores, chat_template, metric_keys, score_tasks
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import Task
 from mlxlab.runs.loading import load_run, require_task
-from mlxlab.runs.model import is_pretrained_folder
+from mlxlab.runs.model_source import RUN, open_model_source
 from mlxlab.tracking import tags as T
 
 log = logging.getLogger(__name__)
@@ -43,33 +43,36 @@ class EvalModel:
     checkpoint: Path | None = None
     run_id: str | None = None
     template: ChatTemplate | None = None  # a chat model's: its prompts go through it
+    tokenizer_folder: Path | None = None  # its tokenizer files (and end-of-text settings)
+    provenance: dict = field(default_factory=dict)  # a model's (model_source.ModelSource)
 
 
-def load_eval_model(path: str | Path, which: str = "best", chat: str = "auto") -> EvalModel:
-    """The decoder in a Hugging Face / mlx-lm / exported folder, or a finished run's (its `which`
-    checkpoint), with the tokenizer it reads and, per `chat` (eval.chat), its chat template."""
-    path = Path(path).expanduser().resolve()
-    if not path.exists():
-        raise MissingFileError(f"{path} does not exist: give a Hugging Face or mlx-lm model "
-                               "folder, an `mlxlab export` folder or a finished run folder")
-    if is_pretrained_folder(path):
+def load_eval_model(name: str | Path, which: str = "best", chat: str = "auto",
+                    purpose: str = "scoring evaluation tasks") -> EvalModel:
+    """The decoder `name` names (open_model_source: a Hugging Face / mlx-lm / exported folder,
+    or a finished run, its `which` checkpoint), with the tokenizer it reads and, per `chat`
+    (eval.chat), its chat template. `purpose` names the use in the error for a classifier."""
+    source = open_model_source(name)
+    path = source.path
+    if source.kind != RUN:
         from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 
         if not (path / "tokenizer.json").is_file():
-            raise ConfigError(f"{path} has no tokenizer.json: scoring needs the model's fast "
+            raise ConfigError(f"{path} has no tokenizer.json: {purpose} needs the model's fast "
                               "tokenizer (saved by transformers) beside it")
         if (path / "adapters").is_dir():
             raise ConfigError(f"{path} holds a base model and LoRA adapters (mlxlab export "
-                              "--adapters): score the run itself, or an export with --fuse-lora")
+                              "--adapters): use the run itself, or an export with --fuse-lora")
         model = MLXLMDecoder(vocab_size=1, pretrained=str(path))
         model.eval()
-        kind = "export" if (path / "export_report.json").is_file() else "pretrained"
-        return EvalModel(model, Tokenizer.from_file(str(path / "tokenizer.json")), path, kind,
-                         template=chat_template(path, chat))
+        return EvalModel(model, Tokenizer.from_file(str(path / "tokenizer.json")), path,
+                         source.kind, template=chat_template(path, chat), tokenizer_folder=path,
+                         provenance=source.provenance)
     run = load_run(path, which)
-    require_task(run, "lm", "scoring evaluation tasks")
-    return EvalModel(run.model, run.tokenizer, path, "run", run.checkpoint, run.state.run_id,
-                     chat_template(run.tokenizer_path.parent, chat))
+    require_task(run, "lm", purpose)
+    folder = run.tokenizer_path.parent
+    return EvalModel(run.model, run.tokenizer, path, RUN, run.checkpoint, run.state.run_id,
+                     chat_template(folder, chat), tokenizer_folder=folder)
 
 
 def evaluate_tasks(source: EvalModel, tasks: Sequence[Task], settings: TaskSettings,
@@ -101,7 +104,8 @@ def log_eval_run(tracker, source: EvalModel, tasks: Sequence[Task], settings: Ta
               "eval.batch_size": settings.batch_size,
               "eval.max_new_tokens": settings.max_new_tokens,
               "eval.stop": repr(list(settings.stop)),
-              "prompts": "plain" if source.template is None else "chat template"}
+              "prompts": "plain" if source.template is None else "chat template",
+              **{f"model_source.{k}": v for k, v in source.provenance.items()}}
     tracker.start(params, eval_tags(source))
     status = "FAILED"
     try:

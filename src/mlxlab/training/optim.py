@@ -7,7 +7,7 @@ and the trainer calls it with `learning_rate=<schedule>` once it knows the run's
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -53,6 +53,23 @@ def warmup_cosine(
         return decay
     warmup = optim.linear_schedule(learning_rate / warmup_steps, learning_rate, warmup_steps)
     return optim.join_schedules([warmup, decay], [warmup_steps])
+
+
+class Adam(optim.Adam):
+    """mlx's Adam with PyTorch's `weight_decay` (torch.optim.Adam's: `weight_decay * parameter`
+    added to the gradient before the moments, an L2 penalty; AdamW decouples it instead), so
+    `optimizer=adam` takes every key an experiment sets. 0 is mlx's Adam exactly."""
+
+    def __init__(self, learning_rate: float | Callable, betas: Sequence[float] = (0.9, 0.999),
+                 eps: float = 1e-8, bias_correction: bool = False,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(learning_rate, list(betas), eps, bias_correction)
+        self.weight_decay = weight_decay
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        if self.weight_decay:
+            gradient = gradient + self.weight_decay * parameter
+        return super().apply_single(gradient, parameter, state)
 
 
 def default_optimizer() -> OptimizerFactory:
