@@ -210,3 +210,14 @@ def test_gemma3_k_quants_dequantize_to_transformers_weights_and_requantize(tmp_p
                                lora={"rank": 8, "targets": ["query", "value"]})
     bits = {spec["bits"] for spec in requantized.checkpoint_init["quantized_layers"].values()}
     assert bits == {4, 8}
+
+
+def test_mlxlab_generate_chats_with_the_base_model_from_its_gguf(gguf_file, cli_env):
+    """`mlxlab generate FILE.gguf --chat`: the base model answers in its own chat template (the
+    default system turn the file's template writes) and stops at its end of turn."""
+    from conftest import mlxlab
+
+    out = mlxlab("generate", gguf_file, "--chat", "--prompt", PROMPTS[0], "--temperature", "0",
+                 "--max-tokens", "32", env=cli_env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "The capital of France is Paris.", out.stdout
