@@ -5,9 +5,12 @@ No training logic, file formats or MLflow calls live here: see docs/architecture
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from mlxlab.errors import ConfigError, UserError
@@ -168,6 +171,7 @@ def hydra_job(cfg: DictConfig) -> float:
     from mlxlab.tracking.run_info import hydra_context
     from mlxlab.training.trainer import TrainingInterrupted
 
+    composed()  # composing is over: errors from here on are the job's
     _, _, sweeping = hydra_context(cfg)
     supervise.set_sweeping(sweeping)  # a restart after running out of memory reruns the sweep
     try:
@@ -230,6 +234,62 @@ def check_misplaced_keys(argv: list[str]) -> None:
                               "or choose the objective it belongs to")
 
 
+# Hydra reports an error of its own (a key the config lacks) in several lines, with a hint about
+# HYDRA_FULL_ERROR; with that variable set while it composes, the error reaches `composing`,
+# which words it as one line. The job itself runs under Hydra's own reporting again.
+FULL_ERROR = "HYDRA_FULL_ERROR"
+_full_error_was: list[str | None] = []
+
+
+@contextlib.contextmanager
+def composing() -> Iterator[None]:
+    """Run the Hydra app with its composition errors raised here: an override of a key the
+    config does not have is a ConfigError naming the nearest key (`trainer.max_epoch=3`: did
+    you mean trainer.max_epochs?); a malformed override, its first line."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    _full_error_was[:] = [os.environ.get(FULL_ERROR)]
+    os.environ[FULL_ERROR] = "1"
+    try:
+        yield
+    except ConfigCompositionException as err:
+        raise ConfigError(unknown_key_line(err)) from None
+    except OverrideParseException as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"an override does not parse ({first}): write key=value, quoting a "
+                          "value with spaces or brackets, e.g. 'key=[1,2]'") from None
+    finally:
+        composed()
+
+
+def composed() -> None:
+    """HYDRA_FULL_ERROR as the user had it (the job's errors are Hydra's to report)."""
+    if _full_error_was:
+        was = _full_error_was.pop()
+        if was is None:
+            os.environ.pop(FULL_ERROR, None)
+        else:
+            os.environ[FULL_ERROR] = was
+
+
+def unknown_key_line(err: Exception) -> str:
+    """One line for Hydra's composition error: a key the config does not have, with the nearest
+    key of its node (OmegaConf's error holds the node); anything else, Hydra's first line."""
+    import difflib
+
+    cause = err.__cause__
+    key, node = getattr(cause, "full_key", None), getattr(cause, "parent_node", None)
+    if not key or node is None or not hasattr(node, "keys"):
+        return str(err).strip().splitlines()[0]
+    parent, _, name = str(key).rpartition(".")
+    keys = [str(k) for k in node if not str(k).startswith("_") and str(k) != "hydra"]
+    where = f"of {parent}" if parent else "of the config"
+    near = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+    full = f"{parent}.{near[0]}" if parent and near else (near[0] if near else "")
+    fix = (f"did you mean {full}?" if near else f"it has {sorted(keys)}")
+    return (f"{key} is not a key {where}: {fix} (a new key is added with +{key}=...)")
+
+
 def trainer_keys() -> set[str]:
     from dataclasses import fields
 
@@ -259,7 +319,12 @@ def main(supervised: bool = True) -> None:
 
     if background.tracks_in_a_child(sys.argv[1:]):
         background.prestart()  # its imports overlap Hydra's composing and ours
-    hydra_main()
+    try:
+        with composing():
+            hydra_main()
+    except UserError as err:  # an override Hydra could not compose, as one line
+        print(f"mlxlab: error: {err}", file=sys.stderr)
+        sys.exit(2)
     sweeps = sys.modules.get("mlxlab.sweeps.callback")  # loaded: a multirun's callback ran
     failure = sweeps.sweep_failure() if sweeps is not None else None
     if failure:  # a sweep whose parent did not finish does not exit 0 (issue 59)

@@ -1,4 +1,6 @@
-"""Bad input fails first: the Hydra callback that checks a sweep before anything of it exists.
+"""Bad input fails first: the Hydra callback that checks a sweep, or a single run, before
+anything of it exists (a single run's config goes through config.validate in on_run_start,
+before Hydra makes its run folder).
 
 Registered FIRST in conf/hydra/default.yaml (`sweep_checks`), so its on_multirun_start runs
 before the sweep callback's (store, parent run, sweep folder) and before Hydra builds the
@@ -130,6 +132,18 @@ def _search_jobs(config: DictConfig, task: list[str]) -> list[list[str]]:
         [*fixed, *(override_text(k, v[min(i, len(v) - 1)]) for k, v in values.items())]
         for i in range(width)
     ]
+
+
+def check_run(config: DictConfig) -> None:
+    """A single run's config validated as its job will be (Hydra's config set as the job sees
+    it: the choices, the mode)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from mlxlab.config import unwrapped, validate
+
+    HydraConfig.instance().set_config(config)  # what Hydra's run_job sets next
+    with unwrapped():
+        validate(config)
 
 
 def check_jobs(config: DictConfig) -> None:
@@ -281,9 +295,12 @@ class SweepChecks(Callback):
     """First of conf/hydra/default.yaml's callbacks."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A single run: its config through config.validate before Hydra makes its run folder
+        and the sweep callback the store (bad input leaves nothing behind); then the store."""
         # a background tracker's process is probed by train.py, through the tracker
         background = bool(OmegaConf.select(config, "tracking.background", default=False))
         try:
+            check_run(config)
             check_store(config, probe=not background)
         except UserError as err:
             fail(str(err))
