@@ -213,14 +213,15 @@ def search(fit: Fitting, effective: int) -> tuple[int, str, float]:
     with the rows: the last two measures extrapolated) is not run, so that the search itself does
     not run out."""
     limit, started = memory_limit_bytes(fit.settings), time.perf_counter()
+    saved_rng, saved_data = rng_state(), fit.data.state_dict()
     width = longest_row(fit.data)
     tried: list[str] = []
     chosen, peaks = None, []
     # a size whose measurement crashed the process before (its parent restarted it) is not run
     crashed = supervise.probe_ceiling(fit.run_dir)
-    saved_rng, saved_data = rng_state(), fit.data.state_dict()
     try:
         for m in candidates(effective):
+            fit.data.load_state_dict(saved_data)  # each size measured on the first batch
             if crashed is not None and m >= crashed[0]:
                 tried.append(f"{m}:out-of-memory({crashed[1]})")
                 break
