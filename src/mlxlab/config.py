@@ -232,6 +232,22 @@ CALLBACK_NUMBERS = (("early_stopping", "patience", int, 0), ("memory", "every", 
 SETTINGS_NODES = ("trainer", "objective", "callbacks.checkpoint", "data", "eval")
 
 
+# A single run's config is validated by the Hydra callback before its run folder exists
+# (sweeps/checks.py): its job then needs no second pass (~0.3 s on a loaded 2-core machine).
+_validated_before_run = False
+
+
+def validated_before_run(done: bool | None = None) -> bool:
+    """Whether the run's config was validated before Hydra's run (`done`: say so); asking
+    again answers False (the flag is for the one job that follows)."""
+    global _validated_before_run
+    if done is not None:
+        _validated_before_run = done
+        return done
+    was, _validated_before_run = _validated_before_run, False
+    return was
+
+
 def validate(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key and the fix, before anything is built."""
     _check_required(cfg)

@@ -75,10 +75,17 @@ def build_callbacks(cfg: DictConfig) -> tuple[list, CheckpointPolicy]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from `cfg`, train, and return the best validation metrics."""
-    from mlxlab.config import config_hash, instantiate, to_container, validate
+    from mlxlab.config import (
+        config_hash,
+        instantiate,
+        to_container,
+        validate,
+        validated_before_run,
+    )
     from mlxlab.tracking.run_info import hydra_context, run_tags, summary_lines, track_dataset
 
-    validate(cfg)
+    if not validated_before_run():  # (the Hydra app's run: its callback did, sweeps/checks.py)
+        validate(cfg)
     from mlxlab.distill_rounds import rounds_of
 
     if rounds_of(cfg) > 1:
@@ -205,6 +212,10 @@ def hydra_job(cfg: DictConfig) -> float:
         remove_unused_run_dir(cfg)
         # sys.exit, or os._exit after a device failure (MLX's teardown can hang then: mlx#2821)
         failures.leave(2, f"mlxlab: error: {err}")
+    finally:
+        from mlxlab.config import validated_before_run
+
+        validated_before_run(False)  # for this job only
 
 
 def check_misplaced_keys(argv: list[str]) -> None:

@@ -139,11 +139,12 @@ def check_run(config: DictConfig) -> None:
     it: the choices, the mode)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from mlxlab.config import unwrapped, validate
+    from mlxlab.config import unwrapped, validate, validated_before_run
 
     HydraConfig.instance().set_config(config)  # what Hydra's run_job sets next
     with unwrapped():
         validate(config)
+    validated_before_run(True)
 
 
 def check_jobs(config: DictConfig) -> None:
