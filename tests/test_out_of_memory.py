@@ -196,6 +196,20 @@ def oom_env(cli_env: dict) -> dict:
     return {**cli_env, "MALLOC_ARENA_MAX": "1"}
 
 
+def calibrated(tmp_path: Path, cli_env: dict, files: dict[str, Path],
+               steps: int) -> tuple[dict, str, list[str], int]:
+    """(env, store URI, the runs' arguments, VmPeak in kB of the run at micro-batch 16) for a
+    run of `steps` steps, seed 42, on `files`."""
+    env = oom_env(cli_env)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = finetune_args(files, tmp_path, uri, "seed=42", f"trainer.max_steps={steps}",
+                           f"trainer.eval_every_steps={steps}")
+    fits = vm_peak_kb([*common, "trainer.micro_batch=16", "tracking.uri="
+                       f"sqlite:///{tmp_path}/calibration.db",
+                       f"hydra.run.dir={tmp_path / 'calibration'}"], env, tmp_path)
+    return env, uri, common, fits
+
+
 def final_weights(run_dir: Path) -> dict[str, np.ndarray]:
     last = max(supervise.committed_steps(run_dir))
     weights = mx.load(str(run_dir / "checkpoints" / f"step_{last:08d}" / "model.safetensors"))
@@ -217,14 +231,7 @@ def test_a_run_out_of_memory_restarts_at_half_the_micro_batch_and_equals_its_res
     checkpoint, settings and data order: on MLX's CPU backend the same computation)."""
     from mlflow import MlflowClient
 
-    env = oom_env(cli_env)
-    files = long_rows_data(tmp_path, seed=42)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    common = finetune_args(files, tmp_path, uri, "seed=42", "trainer.max_steps=5",
-                           "trainer.eval_every_steps=5")
-    fits = vm_peak_kb([*common, "trainer.micro_batch=16", "tracking.uri="
-                       f"sqlite:///{tmp_path}/calibration.db",
-                       f"hydra.run.dir={tmp_path / 'calibration'}"], env, tmp_path)
+    env, uri, common, fits = calibrated(tmp_path, cli_env, long_rows_data(tmp_path, seed=42), 5)
     limit_kb = fits + 32 * 1024  # 32 MB over the peak at 16 rows; 32 rows need ~140 MB more
     run_dir = tmp_path / "run"
     done = under_address_limit([*common, "trainer.micro_batch=32", f"hydra.run.dir={run_dir}"],
@@ -417,14 +424,8 @@ def test_auto_measuring_a_micro_batch_that_crashes_goes_on_at_the_largest_that_f
     search stops below 32: it trains at 16 x 2 in the same folder, one MLflow run, FINISHED."""
     from mlflow import MlflowClient
 
-    env = oom_env(cli_env)
-    files = long_rows_data(tmp_path, seed=42, long_step=None)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    common = finetune_args(files, tmp_path, uri, "seed=42", "trainer.max_steps=2",
-                           "trainer.eval_every_steps=2")
-    fits = vm_peak_kb([*common, "trainer.micro_batch=16", "tracking.uri="
-                       f"sqlite:///{tmp_path}/calibration.db",
-                       f"hydra.run.dir={tmp_path / 'calibration'}"], env, tmp_path)
+    env, uri, common, fits = calibrated(tmp_path, cli_env,
+                                        long_rows_data(tmp_path, seed=42, long_step=None), 2)
     run_dir = tmp_path / "run"
     done = under_address_limit([*common, "trainer.micro_batch=auto", f"hydra.run.dir={run_dir}"],
                                env, tmp_path, fits + 48 * 1024)
