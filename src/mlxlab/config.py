@@ -580,16 +580,16 @@ def _row_keys(node: DictConfig) -> list[str] | None:
         return None
 
 
-def _fits(objective: tuple[str, str], kind: str) -> bool:
+def _fits(option: tuple[str, str], kind: str) -> bool:
     """Whether conf/objective/<option>.yaml's class trains on data of `kind`."""
     from hydra.utils import get_class
 
     try:
-        cls = get_class(str(_target_of(*objective)))
-        cls.check_data("lm" if kind == "prompts" else kind)
+        objective = get_class(str(_target_of(*option)))
+        objective.check_data("lm" if kind == "prompts" else kind)
     except Exception:
         return False
-    return bool(getattr(cls, "makes_batches", False)) == (kind == "prompts")
+    return bool(getattr(objective, "makes_batches", False)) == (kind == "prompts")
 
 
 def _target_of(group: str, option: str, depth: int = 0) -> str | None:

@@ -288,10 +288,19 @@ def unknown_key_line(err: Exception) -> str:
     key of its node (OmegaConf's error holds the node); anything else, Hydra's first line."""
     import difflib
 
+    from omegaconf import DictConfig
+    from omegaconf.errors import OmegaConfBaseException
+
+    first = str(err).strip().splitlines()[0]
     cause = err.__cause__
-    key, node = getattr(cause, "full_key", None), getattr(cause, "parent_node", None)
-    if not key or node is None or not hasattr(node, "keys"):
-        return str(err).strip().splitlines()[0]
+    if not isinstance(cause, OmegaConfBaseException):
+        return first
+    try:  # set where OmegaConf raised it with the key's place (a key missing from a node)
+        key, node = cause.full_key, cause.parent_node
+    except AttributeError:
+        return first
+    if not key or not isinstance(node, DictConfig):
+        return first
     parent, _, name = str(key).rpartition(".")
     keys = [str(k) for k in node if not str(k).startswith("_") and str(k) != "hydra"]
     where = f"of {parent}" if parent else "of the config"
