@@ -195,3 +195,30 @@ def test_an_objective_data_mismatch_names_the_kind_keys_and_what_fits(tmp_path):
             "'rejected']): the objectives that train on it: objective=dpo|orpo, as in "
             "experiment=dpo_chat|orpo_chat")):
         validate(cfg)
+
+
+def test_a_second_process_on_a_run_folder_in_use_is_one_line_and_touches_nothing(tmp_path,
+                                                                                  cli_env):
+    """Two processes given one hydra.run.dir both trained in it, each writing its checkpoints
+    over the other's (both exit 0): the second now stops with one line, exit 2, and leaves the
+    folder (the first's, held here as a training process holds it) as it was."""
+    from conftest import FAST
+    from mlxlab.runtime.locks import folder_lock
+
+    run_dir = tmp_path / "outputs" / "train" / "in-use"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("the first process's config\n")
+    (run_dir / "train.log").write_text("the first process's log\n")
+    with folder_lock(run_dir, "busy"):
+        done = subprocess.run([PYTHON, "-m", "mlxlab.train", *FAST, "tracking=none",
+                               f"hydra.run.dir={run_dir}"], env=cli_env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        f"mlxlab: error: another process is training in {run_dir}: wait for it to end, or give "
+        "this run a folder of its own (hydra.run.dir=)"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "train.log"]
+    assert [p.name for p in (run_dir / ".hydra").iterdir()] == ["config.yaml"]
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "the first process's config\n"
+    assert (run_dir / "train.log").read_text() == "the first process's log\n"
+    assert not (run_dir / "checkpoints").exists()

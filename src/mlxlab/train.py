@@ -19,6 +19,8 @@ from mlxlab.errors import ConfigError, UserError
 # supervising parent runs this module's main() and must start its child without them (~0.8 s of
 # wall time on a loaded 2-core machine, docs/benchmarks.md)
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from omegaconf import DictConfig
 
     from mlxlab.training.settings import CheckpointPolicy
@@ -188,7 +190,9 @@ def hydra_job(cfg: DictConfig) -> float:
             kept = continue_job(cfg)
             if kept is not None:
                 return kept
-        with unwrapped():  # a constructor's own error (a bad size) as itself, not Hydra's report
+        # a constructor's own error (a bad size) as itself, not Hydra's report; one process
+        # trains in a run folder at a time
+        with unwrapped(), training_in(hydra_context(cfg)[0]):
             metrics = train(cfg)
         if cfg.optimized_metric not in metrics:  # e.g. streamed text with data.splits.val_examples=0
             log.warning("no %s to return: the run had no validation data", cfg.optimized_metric)
@@ -208,14 +212,29 @@ def hydra_job(cfg: DictConfig) -> float:
             failures.cleanup_done()  # its cleanup is over: a device failure's watchdog stands down
             return math.nan
         from mlxlab.runs import remove_unused_run_dir
+        from mlxlab.runtime.locks import FolderBusy
 
-        remove_unused_run_dir(cfg)
+        if not isinstance(err, FolderBusy):  # (the folder is the other process's)
+            remove_unused_run_dir(cfg)
         # sys.exit, or os._exit after a device failure (MLX's teardown can hang then: mlx#2821)
         failures.leave(2, f"mlxlab: error: {err}")
     finally:
         from mlxlab.config import validated_before_run
 
         validated_before_run(False)  # for this job only
+
+
+def training_in(run_dir: Path) -> contextlib.AbstractContextManager:
+    """The run folder's lock while this process trains in it: a second process given the same
+    folder (hydra.run.dir=) would write its checkpoints over the first's. The ranks of a
+    data-parallel run share theirs (mlx.launch, a Slurm step): no lock."""
+    from mlxlab.runtime import settings
+    from mlxlab.runtime.locks import folder_lock, run_folder_busy
+
+    env = settings.current()
+    if env.launched or env.slurm_step:
+        return contextlib.nullcontext()
+    return folder_lock(run_dir, run_folder_busy(run_dir))
 
 
 def check_misplaced_keys(argv: list[str]) -> None:

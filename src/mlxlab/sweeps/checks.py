@@ -33,7 +33,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mlxlab.errors import ConfigError, UserError
-from mlxlab.runtime.locks import file_lock
+from mlxlab.runtime.locks import check_folder_free, file_lock, run_folder_busy
 from mlxlab.sweeps.folder import sweep_dir_of
 from mlxlab.validation import check_number
 
@@ -145,6 +145,9 @@ def check_run(config: DictConfig) -> None:
     with unwrapped():
         validate(config)
     validated_before_run(True)
+    run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
+    # a folder another process trains in: before Hydra writes its .hydra/ and log into it
+    check_folder_free(run_dir, run_folder_busy(run_dir))
 
 
 def check_jobs(config: DictConfig) -> None:
