@@ -248,3 +248,26 @@ def pytest_collection_modifyitems(config, items):
         # tests marked `gpu` run where MLX's default device is a GPU, and are skipped elsewhere
         if "gpu" in item.keywords and not ON_GPU:
             item.add_marker(no_gpu)
+
+
+# config.json of a tiny Llama (scripts/tiny_hf_model.py's sizes)
+TINY_LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+    "intermediate_size": 160, "num_attention_heads": 4, "num_hidden_layers": 2,
+    "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "vocab_size": 512, "bos_token_id": 0, "eos_token_id": 1,
+}
+
+
+def model_folder_stub(root: Path) -> Path:
+    """A folder that passes the checks made before anything is built (config.json of a type
+    mlx-lm loads, a weights file by name) without weights to load: for config tests that never
+    build the model."""
+    import json
+
+    folder = Path(root) / "model-stub"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(TINY_LLAMA_CONFIG))
+    (folder / "model.safetensors").touch()
+    return folder

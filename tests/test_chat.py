@@ -8,6 +8,7 @@ experiment=finetune_chat end to end into a real MLflow store."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -604,3 +605,41 @@ def test_a_chat_whose_turns_cannot_be_placed_fails_in_one_line(chat_model, tmp_p
     assert len(lines) == 1 and lines[0].startswith(f"mlxlab: error: {rows}:")  # its line
     assert "writes assistant turn 2 so that which tokens are the assistant's cannot be told" \
         in lines[0] and "{% generation %}" in lines[0] and "data.chat_template=" in lines[0]
+
+
+def test_a_role_the_template_has_not_is_one_line_naming_file_line_and_role(chat_model, tmp_path):
+    """`"role": "bot"` trained with exit 0, its row dropped under a generic warning: now the
+    data names the file, the line and the role, and the roles the template takes (ChatML's:
+    the standard ones; Llama 3.2's template names "ipython" too, and takes it)."""
+    rows = story_chats(4)
+    rows[2]["messages"][1]["role"] = "bot"
+    bad = write_jsonl(tmp_path / "bot.jsonl", rows)
+    with pytest.raises(ConfigError, match=re.escape(
+            f"{bad}:3: message 2 has role 'bot', which the chat template does not have: use one "
+            "of ['system', 'user', 'assistant', 'tool']")):
+        chat_data(chat_model["folder"], bad, val_fraction=0.25)
+    from mlxlab.data.chat import ChatTemplate
+
+    llama = (Path(__file__).parent / "chat_templates" / "llama3_2.jinja").read_text()
+    assert "ipython" in ChatTemplate({"default": llama}).roles
+
+
+def test_rows_with_nothing_to_learn_are_counted_per_reason_with_the_first_line(
+        chat_model, tmp_path, caplog):
+    """Rows dropped for having no token to learn: how many for each reason, and the first one's
+    line in the file (a chat without an assistant turn; one whose replies lie past the cut)."""
+    rows = story_chats(8)
+    rows[3]["messages"] = [m for m in rows[3]["messages"] if m["role"] != "assistant"]
+    rows[5]["messages"] = [m for m in rows[5]["messages"] if m["role"] != "assistant"]
+    long_prompt = " ".join(["word"] * 300)
+    rows[6]["messages"] = [{"role": "user", "content": long_prompt},
+                           {"role": "assistant", "content": "Yes."}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with caplog.at_level("WARNING"):
+        data = chat_data(chat_model["folder"], path, val_file=str(path), max_length=200)
+    assert len(data.train[0]) == 5
+    assert (f"{path}: 3 of 8 rows have no token to learn and were dropped: 2 with no assistant "
+            "turn (first: line 4); 1 with all of its learnt tokens past max_length=200 (first: "
+            "line 7)") in caplog.text
+    assert f"{path}: 1 of 8 rows are longer than max_length=200 tokens and were cut " \
+           "(data.too_long=truncate; first: line 7)" in caplog.text

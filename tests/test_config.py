@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import PYTHON, compose_cfg
+from conftest import PYTHON, compose_cfg, model_folder_stub
 from mlxlab.config import ConfigError, config_dir, to_container, validate
 
 CONF = Path(config_dir())
@@ -42,7 +42,7 @@ def test_option_composes_and_resolves(tmp_path, group, option):
     if option in ("hf_decoder", "finetune_completions", "finetune_text", "finetune_chat",
                   "dpo_chat", "orpo_chat", "dpo_optuna", "preference", "dpo", "orpo", "prompts",
                   "grpo", "grpo_arithmetic", "grpo_copy", "grpo_optuna", "gkd", "gkd_arithmetic"):
-        extra.append("model.pretrained=/a/hf/folder")  # left for the user to set (???)
+        extra.append(f"model.pretrained={model_folder_stub(tmp_path)}")  # the user's (???)
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     container = to_container(cfg)  # every interpolation outside Hydra's own node resolves
     for g in ("model", "data", "trainer", "tracking"):
@@ -72,7 +72,8 @@ def test_run_length_presets_tune_trainer_and_callbacks(tmp_path, preset, patienc
 def test_an_experiments_objective_keeps_a_run_length_preset(tmp_path, experiment, objective, loss):
     """The axes compose (issue 55): `experiment=dpo_chat preset=quick` is a 20-step DPO run,
     where `trainer=quick` used to drop DPO; the preset's length wins over the experiment's."""
-    pretrained = ["model.pretrained=/a/hf/folder"] if experiment.endswith("_chat") else []
+    pretrained = ([f"model.pretrained={model_folder_stub(tmp_path)}"]
+                  if experiment.endswith("_chat") else [])
     cfg = compose_cfg(tmp_path, [f"experiment={experiment}", "preset=quick", *pretrained])
     assert cfg.hydra.runtime.choices.objective == objective and cfg.objective.loss == loss
     assert (cfg.trainer.max_steps, cfg.trainer.eval_every_steps) == (20, 10)
@@ -100,7 +101,8 @@ def test_an_old_spelling_names_the_new_one(old, new):
 def test_an_optimized_metric_only_another_loss_logs_is_refused(tmp_path, experiment, allowed):
     """Issue 58: ORPO logs val/nll_loss, DPO (the same objective class) does not; under DPO it
     was accepted, never logged, and no best checkpoint was kept."""
-    cfg = compose_cfg(tmp_path, [f"experiment={experiment}", "model.pretrained=/a/hf/folder",
+    cfg = compose_cfg(tmp_path, [f"experiment={experiment}",
+                                 f"model.pretrained={model_folder_stub(tmp_path)}",
                                  "optimized_metric=val/nll_loss", "optimized_mode=min"])
     if allowed:
         validate(cfg)

@@ -552,3 +552,85 @@ def test_readme_config_dir_preset_runs_through_the_cli(tmp_path, cli_env):
     assert list((run_dir / "checkpoints").glob("step_*"))
     bad = cli(["--config-dir", "./my_conf", "experiment=my_presett"], tmp_path, cli_env)
     assert bad.returncode == 2 and "'my_preset'" in bad.stderr.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- 11. README as written
+
+
+def readme_example(verb: str) -> str:
+    """The example command of `verb` in the README's table of commands."""
+    return re.search(rf"^\| `{verb}` \| `([^`]+)`", README, re.M).group(1)
+
+
+def stamped_run(make_cfg, root: Path, task: str, *overrides: str) -> Path:
+    """A run trained in-process into outputs/<task>/<time>, as the CLI names its folders."""
+    from omegaconf import open_dict
+
+    cfg = make_cfg(*overrides)
+    run_dir = root / "outputs" / task / "2026-11-25_12-00-00_000000"
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    train(cfg)
+    return run_dir
+
+
+def run_readme_command(command: str, run_dir: Path, cwd: Path, env: dict):
+    rel = run_dir.relative_to(cwd)
+    args = command.replace(f"outputs/{rel.parts[1]}/<time>", str(rel)).split()
+    assert args[0] == "mlxlab" and str(rel) in args, command
+    return subprocess.run([str(Path(PYTHON).parent / "mlxlab"), *args[1:]], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_readme_lists_every_data_and_objective_option():
+    """The sentence that lists the config groups' choices names every option there is."""
+    from mlxlab.config import group_options
+
+    for group, pattern in (("data", r"`data`\s*\(([^)]*)\)"),
+                           ("objective", r"`objective`\s*\(what it trains\s+toward: ([^)]*)\)")):
+        listed = re.findall(r"`([^`]+)`", re.search(pattern, README).group(1))
+        assert sorted(listed) == group_options(group), group
+
+
+def test_readme_first_command_puts_the_verbs_on_path_for_the_blocks_below(tmp_path, cli_env):
+    """`.venv/bin/mlxlab-train` and then bare `mlxlab runs list` was "command not found": the
+    first command activates the environment; in a folder whose .venv is this one, the rest of
+    that line and the store block's first line run as written."""
+    first = doc_block("## The two commands", "bash").strip()
+    steps = [s.strip() for s in first.split("&&")]
+    assert steps[0] == "python3 -m venv .venv" and steps[1].startswith(".venv/bin/pip install")
+    assert steps[2] == ". .venv/bin/activate" and steps[3] == "mlxlab-train"
+    (tmp_path / ".venv").symlink_to(Path(PYTHON).parent.parent)
+    listing = doc_block("the nearest folder above the working", "bash").splitlines()[0]
+    listing = listing.split("#")[0].strip()
+    assert listing == "mlxlab runs list"
+    path = ":".join(p for p in cli_env["PATH"].split(":") if ".venv" not in p)
+    done = subprocess.run(["bash", "-c", f"{steps[2]} && {listing}"], cwd=tmp_path,
+                          env={**cli_env, "PATH": path}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_readme_predict_example_runs_on_the_default_run(make_cfg, tmp_path, cli_env):
+    """The predict row read a test.csv the clone does not have: it names the shipped file."""
+    (tmp_path / "src").symlink_to(REPO / "src")  # a fresh clone's files
+    run_dir = stamped_run(make_cfg, tmp_path, "train", *FAST, "tracking=none")
+    done = run_readme_command(readme_example("predict"), run_dir, tmp_path, cli_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = (tmp_path / "submission.csv").read_text().splitlines()
+    assert rows[0] == "PassengerId,Survived" and len(rows) == 892
+
+
+@pytest.mark.slow
+def test_readme_export_example_runs_on_its_run(make_cfg, tmp_path, cli_env):
+    """The export row exported the default BERT run, which --format hf refuses (pre-norm, no
+    pooler): it names a run that exports, and says how the BERT run does."""
+    command = readme_example("export")
+    assert "outputs/tinystories_nano/<time>" in command
+    run_dir = stamped_run(make_cfg, tmp_path, "tinystories_nano", "experiment=tinystories_nano",
+                          "tracking=none", "trainer.max_steps=2", "trainer.eval_every_steps=2",
+                          "callbacks.progress.enabled=false")
+    done = run_readme_command(command, run_dir, tmp_path, cli_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / command.split("--out ")[1].split()[0]
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

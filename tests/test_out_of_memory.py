@@ -196,6 +196,20 @@ def oom_env(cli_env: dict) -> dict:
     return {**cli_env, "MALLOC_ARENA_MAX": "1"}
 
 
+def calibrated(tmp_path: Path, cli_env: dict, files: dict[str, Path],
+               steps: int) -> tuple[dict, str, list[str], int]:
+    """(env, store URI, the runs' arguments, VmPeak in kB of the run at micro-batch 16) for a
+    run of `steps` steps, seed 42, on `files`."""
+    env = oom_env(cli_env)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = finetune_args(files, tmp_path, uri, "seed=42", f"trainer.max_steps={steps}",
+                           f"trainer.eval_every_steps={steps}")
+    fits = vm_peak_kb([*common, "trainer.micro_batch=16", "tracking.uri="
+                       f"sqlite:///{tmp_path}/calibration.db",
+                       f"hydra.run.dir={tmp_path / 'calibration'}"], env, tmp_path)
+    return env, uri, common, fits
+
+
 def final_weights(run_dir: Path) -> dict[str, np.ndarray]:
     last = max(supervise.committed_steps(run_dir))
     weights = mx.load(str(run_dir / "checkpoints" / f"step_{last:08d}" / "model.safetensors"))
@@ -217,14 +231,7 @@ def test_a_run_out_of_memory_restarts_at_half_the_micro_batch_and_equals_its_res
     checkpoint, settings and data order: on MLX's CPU backend the same computation)."""
     from mlflow import MlflowClient
 
-    env = oom_env(cli_env)
-    files = long_rows_data(tmp_path, seed=42)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    common = finetune_args(files, tmp_path, uri, "seed=42", "trainer.max_steps=5",
-                           "trainer.eval_every_steps=5")
-    fits = vm_peak_kb([*common, "trainer.micro_batch=16", "tracking.uri="
-                       f"sqlite:///{tmp_path}/calibration.db",
-                       f"hydra.run.dir={tmp_path / 'calibration'}"], env, tmp_path)
+    env, uri, common, fits = calibrated(tmp_path, cli_env, long_rows_data(tmp_path, seed=42), 5)
     limit_kb = fits + 32 * 1024  # 32 MB over the peak at 16 rows; 32 rows need ~140 MB more
     run_dir = tmp_path / "run"
     done = under_address_limit([*common, "trainer.micro_batch=32", f"hydra.run.dir={run_dir}"],
@@ -405,3 +412,39 @@ def test_only_the_parents_own_child_reports_to_it(tmp_path, monkeypatch):
     assert not supervise.wanted()  # under a parent: never a second one
     monkeypatch.undo()
     settings.reload()
+
+
+@pytest.mark.slow
+@linux_only
+def test_auto_measuring_a_micro_batch_that_crashes_goes_on_at_the_largest_that_fits(
+        tmp_path, cli_env):
+    """trainer.micro_batch=auto under an address space limit that micro-batch 16 of long rows
+    fits and 32 does not: measuring 32 crashes the process (MLX's CPU backend segfaults where it
+    cannot allocate); the parent records 32 as not fitting and starts the run again, whose
+    search stops below 32: it trains at 16 x 2 in the same folder, one MLflow run, FINISHED."""
+    from mlflow import MlflowClient
+
+    env, uri, common, fits = calibrated(tmp_path, cli_env,
+                                        long_rows_data(tmp_path, seed=42, long_step=None), 2)
+    run_dir = tmp_path / "run"
+    done = under_address_limit([*common, "trainer.micro_batch=auto", f"hydra.run.dir={run_dir}"],
+                               env, tmp_path, fits + 48 * 1024)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "measuring micro-batch 32 ran out of memory (SIGSEGV)" in done.stderr, \
+        done.stderr[-4000:]
+    assert "Traceback" not in done.stderr
+    note = supervise.read_note(run_dir)
+    assert note["probe"]["micro_batch"] == 32 and note["probe"]["how"] == "SIGSEGV"
+    assert note["restarts"] == []  # a measurement, not a training step, ran out
+    log = "".join(f.read_text() for f in run_dir.glob("*.log"))
+    assert "trainer.micro_batch=auto: 16 rows x grad_accum 2" in log
+    assert "32:out-of-memory(SIGSEGV)" in log
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("finetune_completions")
+                               .experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    tags = runs[0].data.tags
+    assert (tags["mlxlab.micro_batch"], tags["mlxlab.grad_accum"]) == ("16", "2")
+    assert "32:out-of-memory(SIGSEGV)" in runs[0].data.params["batch_plan.tried"]
+    assert sorted(history(client, runs[0].info.run_id, "train/loss")) == [1, 2]

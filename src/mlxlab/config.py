@@ -16,6 +16,7 @@ import importlib
 import inspect
 import json
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -231,6 +232,22 @@ CALLBACK_NUMBERS = (("early_stopping", "patience", int, 0), ("memory", "every", 
 SETTINGS_NODES = ("trainer", "objective", "callbacks.checkpoint", "data", "eval")
 
 
+# A single run's config is validated by the Hydra callback before its run folder exists
+# (sweeps/checks.py): its job then needs no second pass (~0.3 s on a loaded 2-core machine).
+_validated_before_run = False
+
+
+def validated_before_run(done: bool | None = None) -> bool:
+    """Whether the run's config was validated before Hydra's run (`done`: say so); asking
+    again answers False (the flag is for the one job that follows)."""
+    global _validated_before_run
+    if done is not None:
+        _validated_before_run = done
+        return done
+    was, _validated_before_run = _validated_before_run, False
+    return was
+
+
 def validate(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key and the fix, before anything is built."""
     _check_required(cfg)
@@ -242,10 +259,12 @@ def validate(cfg: DictConfig) -> None:
                               f"{group}={'|'.join(group_options(group)) or '...'}")
     _check_optimizer(cfg)
     _check_callbacks(cfg)
+    _check_targets(cfg)
+    _check_prompts_only(cfg)
     _check_optimized_metric(cfg)
     _check_objective_inputs(cfg)
     _check_memory_probe(cfg)
-    _check_prompts_only(cfg)
+    _check_model(cfg)
     _check_settings(cfg)
     _check_replicates(cfg)
 
@@ -335,6 +354,72 @@ def _check_target(node: DictConfig, key: str, fix: str) -> None:
         raise ConfigError(f"{key}.{unknown[0]} is not an argument of {target}: it takes {allowed}")
 
 
+# The group nodes whose class is imported when it is built, not here: tracking's would import
+# MLflow in a process that tracks in a child (tracking/mlflow/background.py); its module's
+# presence is checked all the same.
+IMPORTED_LATER = ("tracking",)
+
+
+def _check_targets(cfg: DictConfig) -> None:
+    """Every `_target_` in the config (a group's class, a reward, a callback) names something
+    that imports: one line naming the key, the target and what is missing
+    (`objective.rewards[0]._target_=my_rewards.brevity: no module 'my_rewards'`), not Hydra's
+    report of the import's traceback when it is built."""
+    tree = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    for key, target in _targets(tree, ""):
+        problem = target_problem(target, imported=key.split(".")[0] not in IMPORTED_LATER)
+        if problem:
+            raise ConfigError(f"{key}={target}: {problem}; fix the name, or put its module on "
+                              "PYTHONPATH")
+
+
+def _targets(node: Any, key: str) -> Iterator[tuple[str, str]]:
+    """(config key of a `_target_`, its value) for every target under `node` (Hydra's own
+    node aside); interpolated targets are resolved when built, not here."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            where = f"{key}.{name}" if key else str(name)
+            if name == "_target_" and isinstance(value, str) and "${" not in value:
+                yield where, value
+            elif where != "hydra":
+                yield from _targets(value, where)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _targets(value, f"{key}[{i}]")
+
+
+def target_problem(target: str, imported: bool = True) -> str | None:
+    """Why `target` cannot be had (no such module, a module that fails to run, a name it lacks),
+    or None; not `imported`: only whether its top-level module is there (nothing runs)."""
+    from importlib.util import find_spec
+
+    from hydra._internal.utils import _locate  # what instantiate uses, without its logging
+
+    top = target.split(".")[0]
+    if "." not in target:
+        return f"{target!r} is not module.name"
+    if find_spec(top) is None:
+        return f"no module {top!r}"
+    if not imported:
+        return None
+    try:
+        _locate(target)
+    except ImportError as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, ModuleNotFoundError) and cause.name:
+            parent, _, name = cause.name.rpartition(".")
+            if parent and target.startswith(f"{cause.name}") and parent in sys.modules:
+                return f"module {parent!r} has no {name!r}"  # a name looked up as a module
+            return f"no module {cause.name!r}"
+        if isinstance(cause, AttributeError):
+            module, _, name = target.rpartition(".")
+            return f"{module!r} has no {name!r}"
+        return f"its module does not import ({type(cause).__name__}: {str(cause)[:200]})"
+    except Exception as e:  # the module's own code failed
+        return f"its module does not import ({type(e).__name__}: {str(e)[:200]})"
+    return None
+
+
 def _check_required(cfg: DictConfig) -> None:
     """Keys left `???` in the config (data=csv's path and label column) must be given."""
     missing = []
@@ -350,6 +435,21 @@ def _check_required(cfg: DictConfig) -> None:
                "data.train_file": "data.train_file=train.jsonl"}
     fixes = " ".join(example.get(k, f"{k}=...") for k in missing)
     raise ConfigError(f"{', '.join(missing)} must be set: add {fixes} to the command line")
+
+
+def _check_model(cfg: DictConfig) -> None:
+    """The model class checks its node before anything is created (Model.check_config: a
+    pretrained decoder's folder and type, quantize, the lora node and its targets)."""
+    from hydra.utils import get_class
+
+    try:
+        model = get_class(cfg.model._target_)
+    except Exception:  # _check_targets named it
+        return
+    check = getattr(model, "check_config", None)
+    if check is not None:
+        with unwrapped():
+            check(OmegaConf.to_container(cfg.model, resolve=True))
 
 
 def _check_settings(cfg: DictConfig) -> None:
@@ -378,7 +478,10 @@ def _check_optimized_metric(cfg: DictConfig) -> None:
     except Exception:  # an unknown target fails at instantiation with Hydra's own message
         return
     if task is not None:
-        check_data(task)
+        try:
+            check_data(task)
+        except ConfigError as err:
+            raise ConfigError(f"{err}; {_data_kind_line(cfg, task, False)}") from None
     names, what = [f"val/{m}" for m in metrics], objective.__name__
     if names and cfg.get("optimized_metric") in names:
         # the class names every metric of its kind; the objective as configured may log fewer
@@ -436,12 +539,97 @@ def _check_prompts_only(cfg: DictConfig) -> None:
         data, objective = get_class(cfg.data._target_), get_class(cfg.objective._target_)
     except Exception:  # an unknown target fails at instantiation with Hydra's own message
         return
-    if getattr(data, "prompts_only", False) and not getattr(objective, "makes_batches", False):
+    prompts, samples = getattr(data, "prompts_only", False), getattr(objective, "makes_batches",
+                                                                       False)
+    if prompts and not samples:
         raise ConfigError(
             f"data {data.__name__} holds prompts without completions, and objective "
             f"{objective.__name__} trains on the data's rows: pick an objective that samples "
             "completions (objective=grpo, experiment=grpo_*), or data=completions / data=chat "
-            "for supervised fine-tuning")
+            f"for supervised fine-tuning; {_data_kind_line(cfg, data.task, prompts)}")
+    if samples and not prompts:
+        raise ConfigError(
+            f"objective {objective.__name__} samples completions of prompts (data=prompts), "
+            f"not of {data.__name__}'s rows; {_data_kind_line(cfg, data.task, prompts)}")
+
+
+# What each data kind is, in words (a data module's `task`; "prompts": prompts_only data)
+DATA_KINDS = {"classification": "labelled rows for classification", "lm": "text or chats to "
+              "learn (language-model data)", "preference": "preference pairs",
+              "prompts": "prompts without completions"}
+
+
+def _data_kind_line(cfg: DictConfig, task: str, prompts: bool) -> str:
+    """What a mismatch line says of the data: its option and kind, the keys its rows have, and
+    the objectives and experiments that train on data of that kind."""
+    from hydra.core.hydra_config import HydraConfig
+
+    kind = "prompts" if prompts else task
+    option = None
+    if HydraConfig.initialized():
+        option = HydraConfig.get().runtime.choices.get("data")
+    named = f"data={option}" if option else f"data {cfg.data._target_.rsplit('.', 1)[-1]}"
+    keys = _row_keys(cfg.data)
+    has = f" (its rows have {keys})" if keys else ""
+    fits = [o for o in group_options("objective") if _fits(("objective", o), kind)]
+    experiments = [e for e in group_options("experiment") if _data_of(e) == kind]
+    return (f"{named} is {DATA_KINDS.get(kind, kind)}{has}: the objectives that train on it: "
+            f"{'objective=' + '|'.join(fits) if fits else 'none shipped'}"
+            + (f", as in experiment={'|'.join(experiments)}" if experiments else ""))
+
+
+def _row_keys(node: DictConfig) -> list[str] | None:
+    """The keys of the first row of the data's file (a jsonl's, a csv's columns), None when
+    it cannot be read cheaply."""
+    path = next((node.get(k) for k in ("train_file", "path") if node.get(k)), None)
+    try:
+        with open(str(path), encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        if str(path).endswith(".csv"):
+            return [c.strip() for c in first.rstrip("\n").split(",")]
+        row = json.loads(first)
+        return sorted(row) if isinstance(row, dict) else None
+    except Exception:  # no file yet, not text: the line goes without its keys
+        return None
+
+
+def _fits(option: tuple[str, str], kind: str) -> bool:
+    """Whether conf/objective/<option>.yaml's class trains on data of `kind`."""
+    from hydra.utils import get_class
+
+    try:
+        objective = get_class(str(_target_of(*option)))
+        objective.check_data("lm" if kind == "prompts" else kind)
+    except Exception:
+        return False
+    return bool(getattr(objective, "makes_batches", False)) == (kind == "prompts")
+
+
+def _target_of(group: str, option: str, depth: int = 0) -> str | None:
+    """conf/<group>/<option>.yaml's _target_, or that of the option it extends (chat: completions)."""
+    node = _yaml(group, option) if depth < 8 else None
+    if not node or node.get("_target_"):
+        return (node or {}).get("_target_")
+    for entry in reversed(node.get("defaults") or []):
+        if isinstance(entry, str) and entry != "_self_":
+            found = _target_of(group, entry, depth + 1)
+            if found:
+                return found
+    return None
+
+
+def _data_of(experiment: str) -> str | None:
+    """The kind of data experiment=<option> trains on (None: it cannot be told)."""
+    from hydra.utils import get_class
+
+    train = {k: v for d in (_yaml(".", "train") or {}).get("defaults", []) if isinstance(d, dict)
+             for k, v in d.items()}
+    option = _experiment_choice(experiment, "data") or train.get("data")
+    try:
+        data = get_class(str(_target_of("data", str(option))))
+    except Exception:
+        return None
+    return "prompts" if getattr(data, "prompts_only", False) else getattr(data, "task", None)
 
 
 # Config groups whose option a user picks on the command line (group=option).
@@ -531,16 +719,23 @@ def chosen_objective(argv: list[str]) -> str | None:
     return value if value and "," not in str(value) and "(" not in str(value) else None
 
 
-def _experiment_objective(name: str | None, depth: int = 0) -> str | None:
+def _experiment_objective(name: str | None) -> str | None:
     """The objective an experiment's defaults pick (override /objective: dpo), or one of the
     experiments it extends."""
+    return _experiment_choice(name, "objective")
+
+
+def _experiment_choice(name: str | None, group: str, depth: int = 0) -> str | None:
+    """The option of `group` an experiment's defaults pick, or one of the experiments it
+    extends picks (None: train.yaml's)."""
     node = _yaml("experiment", name) if name and depth < 8 else None
-    for entry in (node or {}).get("defaults") or []:
+    for entry in reversed((node or {}).get("defaults") or []):  # the last one says
         if isinstance(entry, dict):
             found = next((v for k, v in entry.items() if str(k).split()[-1].strip("/") ==
-                          "objective"), None)
+                          group), None)
         else:
-            found = _experiment_objective(str(entry), depth + 1) if entry != "_self_" else None
+            found = _experiment_choice(str(entry), group, depth + 1) if entry != "_self_" \
+                else None
         if found:
             return str(found)
     return None

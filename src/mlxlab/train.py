@@ -5,9 +5,12 @@ No training logic, file formats or MLflow calls live here: see docs/architecture
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from mlxlab.errors import ConfigError, UserError
@@ -16,6 +19,8 @@ from mlxlab.errors import ConfigError, UserError
 # supervising parent runs this module's main() and must start its child without them (~0.8 s of
 # wall time on a loaded 2-core machine, docs/benchmarks.md)
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from omegaconf import DictConfig
 
     from mlxlab.training.settings import CheckpointPolicy
@@ -72,10 +77,17 @@ def build_callbacks(cfg: DictConfig) -> tuple[list, CheckpointPolicy]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from `cfg`, train, and return the best validation metrics."""
-    from mlxlab.config import config_hash, instantiate, to_container, validate
+    from mlxlab.config import (
+        config_hash,
+        instantiate,
+        to_container,
+        validate,
+        validated_before_run,
+    )
     from mlxlab.tracking.run_info import hydra_context, run_tags, summary_lines, track_dataset
 
-    validate(cfg)
+    if not validated_before_run():  # (the Hydra app's run: its callback did, sweeps/checks.py)
+        validate(cfg)
     from mlxlab.distill_rounds import rounds_of
     from mlxlab.models.sources import source_of, source_tags
 
@@ -173,6 +185,7 @@ def hydra_job(cfg: DictConfig) -> float:
     from mlxlab.tracking.run_info import hydra_context
     from mlxlab.training.trainer import TrainingInterrupted
 
+    composed()  # composing is over: errors from here on are the job's
     _, _, sweeping = hydra_context(cfg)
     supervise.set_sweeping(sweeping)  # a restart after running out of memory reruns the sweep
     try:
@@ -182,7 +195,9 @@ def hydra_job(cfg: DictConfig) -> float:
             kept = continue_job(cfg)
             if kept is not None:
                 return kept
-        with unwrapped():  # a constructor's own error (a bad size) as itself, not Hydra's report
+        # a constructor's own error (a bad size) as itself, not Hydra's report; one process
+        # trains in a run folder at a time
+        with unwrapped(), training_in(hydra_context(cfg)[0]):
             metrics = train(cfg)
         if cfg.optimized_metric not in metrics:  # e.g. streamed text with data.splits.val_examples=0
             log.warning("no %s to return: the run had no validation data", cfg.optimized_metric)
@@ -202,10 +217,29 @@ def hydra_job(cfg: DictConfig) -> float:
             failures.cleanup_done()  # its cleanup is over: a device failure's watchdog stands down
             return math.nan
         from mlxlab.runs import remove_unused_run_dir
+        from mlxlab.runtime.locks import FolderBusy
 
-        remove_unused_run_dir(cfg)
+        if not isinstance(err, FolderBusy):  # (the folder is the other process's)
+            remove_unused_run_dir(cfg)
         # sys.exit, or os._exit after a device failure (MLX's teardown can hang then: mlx#2821)
         failures.leave(2, f"mlxlab: error: {err}")
+    finally:
+        from mlxlab.config import validated_before_run
+
+        validated_before_run(False)  # for this job only
+
+
+def training_in(run_dir: Path) -> contextlib.AbstractContextManager:
+    """The run folder's lock while this process trains in it: a second process given the same
+    folder (hydra.run.dir=) would write its checkpoints over the first's. The ranks of a
+    data-parallel run share theirs (mlx.launch, a Slurm step): no lock."""
+    from mlxlab.runtime import settings
+    from mlxlab.runtime.locks import folder_lock, run_folder_busy
+
+    env = settings.current()
+    if env.launched or env.slurm_step:
+        return contextlib.nullcontext()
+    return folder_lock(run_dir, run_folder_busy(run_dir))
 
 
 def check_misplaced_keys(argv: list[str]) -> None:
@@ -233,6 +267,71 @@ def check_misplaced_keys(argv: list[str]) -> None:
                      else f"it takes {sorted(keys)}")
             raise ConfigError(f"{key} is not a setting of objective={chosen} ({where}): drop it, "
                               "or choose the objective it belongs to")
+
+
+# Hydra reports an error of its own (a key the config lacks) in several lines, with a hint about
+# HYDRA_FULL_ERROR; with that variable set while it composes, the error reaches `composing`,
+# which words it as one line. The job itself runs under Hydra's own reporting again.
+FULL_ERROR = "HYDRA_FULL_ERROR"
+_full_error_was: list[str | None] = []
+
+
+@contextlib.contextmanager
+def composing() -> Iterator[None]:
+    """Run the Hydra app with its composition errors raised here: an override of a key the
+    config does not have is a ConfigError naming the nearest key (`trainer.max_epoch=3`: did
+    you mean trainer.max_epochs?); a malformed override, its first line."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    _full_error_was[:] = [os.environ.get(FULL_ERROR)]
+    os.environ[FULL_ERROR] = "1"
+    try:
+        yield
+    except ConfigCompositionException as err:
+        raise ConfigError(unknown_key_line(err)) from None
+    except OverrideParseException as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"an override does not parse ({first}): write key=value, quoting a "
+                          "value with spaces or brackets, e.g. 'key=[1,2]'") from None
+    finally:
+        composed()
+
+
+def composed() -> None:
+    """HYDRA_FULL_ERROR as the user had it (the job's errors are Hydra's to report)."""
+    if _full_error_was:
+        was = _full_error_was.pop()
+        if was is None:
+            os.environ.pop(FULL_ERROR, None)
+        else:
+            os.environ[FULL_ERROR] = was
+
+
+def unknown_key_line(err: Exception) -> str:
+    """One line for Hydra's composition error: a key the config does not have, with the nearest
+    key of its node (OmegaConf's error holds the node); anything else, Hydra's first line."""
+    import difflib
+
+    from omegaconf import DictConfig
+    from omegaconf.errors import OmegaConfBaseException
+
+    first = str(err).strip().splitlines()[0]
+    cause = err.__cause__
+    if not isinstance(cause, OmegaConfBaseException):
+        return first
+    try:  # set where OmegaConf raised it with the key's place (a key missing from a node)
+        key, node = cause.full_key, cause.parent_node
+    except AttributeError:
+        return first
+    if not key or not isinstance(node, DictConfig):
+        return first
+    parent, _, name = str(key).rpartition(".")
+    keys = [str(k) for k in node if not str(k).startswith("_") and str(k) != "hydra"]
+    where = f"of {parent}" if parent else "of the config"
+    near = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+    full = f"{parent}.{near[0]}" if parent and near else (near[0] if near else "")
+    fix = (f"did you mean {full}?" if near else f"it has {sorted(keys)}")
+    return (f"{key} is not a key {where}: {fix} (a new key is added with +{key}=...)")
 
 
 def trainer_keys() -> set[str]:
@@ -264,7 +363,12 @@ def main(supervised: bool = True) -> None:
 
     if background.tracks_in_a_child(sys.argv[1:]):
         background.prestart()  # its imports overlap Hydra's composing and ours
-    hydra_main()
+    try:
+        with composing():
+            hydra_main()
+    except UserError as err:  # an override Hydra could not compose, as one line
+        print(f"mlxlab: error: {err}", file=sys.stderr)
+        sys.exit(2)
     sweeps = sys.modules.get("mlxlab.sweeps.callback")  # loaded: a multirun's callback ran
     failure = sweeps.sweep_failure() if sweeps is not None else None
     if failure:  # a sweep whose parent did not finish does not exit 0 (issue 59)

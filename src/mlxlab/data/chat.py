@@ -59,6 +59,12 @@ NO_TEMPLATE_FIX = (
 )
 
 Message = Mapping[str, Any]
+# The roles every chat template takes (transformers' chats); a template's own (Llama 3's
+# "ipython", Mistral's "tool_results") are the quoted names on its lines that read a role.
+STANDARD_ROLES = ("system", "user", "assistant", "tool")
+QUOTED_NAME = re.compile(r"""['"]([A-Za-z_][\w-]*)['"]""")
+MESSAGE_KEYS = frozenset({"role", "content", "type", "text", "name", "tool_calls", "tool_call_id",
+                          "arguments", "parameters", "id"})
 
 
 class ChatError(ConfigError):
@@ -94,6 +100,13 @@ class ChatTemplate:
         except ConfigError:
             source = next(iter(self.templates.values()))
         return self._stop_tokens_of(source)
+
+    @cached_property
+    def roles(self) -> tuple[str, ...]:
+        """The roles a message may have: the standard ones and those the templates name."""
+        named = {word for source in self.templates.values() for line in source.splitlines()
+                 if "role" in line for word in QUOTED_NAME.findall(line)}
+        return tuple(dict.fromkeys([*STANDARD_ROLES, *sorted(named - MESSAGE_KEYS)]))
 
     def _stop_tokens_of(self, source: str) -> tuple[str, ...]:
         own = end_of_turn_token(self._renderer(source, None, {}), self.control_tokens)
@@ -267,6 +280,17 @@ def check_contents(messages: Sequence[Mapping]) -> None:
                           "\"text\": ...} parts)")
 
 
+def check_roles(messages: Sequence[Mapping], roles: Sequence[str]) -> None:
+    """Each message's role is one the template has: another (a "bot") would be rendered as no
+    turn the model answers, and its row dropped as having nothing to learn."""
+    for j, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        if role is not None and role not in roles:
+            raise ConfigError(f"message {j + 1} has role {role!r}, which the chat template does "
+                              f"not have: use one of {list(roles)} ('assistant' for the replies "
+                              "the model learns)")
+
+
 def encode_chats(tokenizer: Tokenizer, template: ChatTemplate, chats: Sequence[Mapping],
                  add_generation_prompt: bool = False, **kwargs: Any) -> list[EncodedChat]:
     """`encode_chat` for many chats ({"messages": [...], "tools": [...] or absent}), tokenized
@@ -275,6 +299,7 @@ def encode_chats(tokenizer: Tokenizer, template: ChatTemplate, chats: Sequence[M
     for index, chat in enumerate(chats):
         try:
             check_contents(chat["messages"])
+            check_roles(chat["messages"], template.roles)
             rendered.append(template.render_with_spans(chat["messages"], chat.get("tools"),
                                                        add_generation_prompt, **kwargs))
         except ConfigError as e:

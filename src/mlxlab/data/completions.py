@@ -123,6 +123,11 @@ def _check_row(path: Path, number: int, fmt: str, row: dict, keys: dict[str, str
             raise ConfigError(f"{where}: {keys[key]!r} must be a string")
 
 
+# Why a row of each format has no token to learn (the log's count of dropped rows)
+NOTHING_TO_LEARN = {"chat": "no assistant turn", "completions": "an empty completion",
+                    "text": "an empty text"}
+
+
 class PromptCompletion(DataModule):
     """Batches of fine-tuning rows from `train_file` (and `val_file`, else the last
     `val_fraction` of the shuffled training rows), each file chat, prompt/completion or text
@@ -229,28 +234,35 @@ class PromptCompletion(DataModule):
             shutil.copyfile(self.chat_template, kept)
 
     def _encode(self, rows: Rows) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Token arrays (at most max_length + 1) and their target masks, for the rows kept."""
+        """Token arrays (at most max_length + 1) and their target masks, for the rows kept; the
+        rows cut or dropped are counted in the log, per reason, with the first one's line."""
         ids, targets = self._tokenize(rows)
-        kept_ids, kept_targets, long, empty = [], [], 0, 0
-        for tokens, target in zip(ids, targets):
+        kept_ids, kept_targets, long = [], [], []
+        empty: dict[str, list[int]] = {}  # why a row has no token to learn -> its lines
+        for (number, _), tokens, target in zip(rows.rows, ids, targets):
+            why = NOTHING_TO_LEARN[rows.format]
             if len(tokens) > self.max_length + 1:
-                long += 1
+                long.append(number)
                 if self.too_long == "drop":
                     continue
+                if target[1:].any():
+                    why = f"all of its learnt tokens past max_length={self.max_length}"
                 tokens, target = tokens[: self.max_length + 1], target[: self.max_length + 1]
             if not target[1:].any():  # nothing to predict: no assistant turn (left)
-                empty += 1
+                empty.setdefault(why, []).append(number)
                 continue
             kept_ids.append(tokens)
             kept_targets.append(target)
         if long:
             log.warning("%s: %d of %d rows are longer than max_length=%d tokens and were %s "
-                        "(data.too_long=%s)", rows.path, long, len(ids), self.max_length,
-                        "cut" if self.too_long == "truncate" else "dropped", self.too_long)
+                        "(data.too_long=%s; first: line %d)", rows.path, len(long), len(ids),
+                        self.max_length, "cut" if self.too_long == "truncate" else "dropped",
+                        self.too_long, long[0])
         if empty:
-            log.warning("%s: %d of %d rows have no token to learn%s (no assistant turn, or "
-                        "no completion) and were dropped", rows.path, empty, len(ids),
-                        " within max_length" if long else "")
+            counts = "; ".join(f"{len(lines)} with {why} (first: line {lines[0]})"
+                               for why, lines in empty.items())
+            log.warning("%s: %d of %d rows have no token to learn and were dropped: %s",
+                        rows.path, sum(map(len, empty.values())), len(ids), counts)
         return kept_ids, kept_targets
 
     def _tokenize(self, rows: Rows) -> tuple[list[np.ndarray], list[np.ndarray]]:

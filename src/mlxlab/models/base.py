@@ -9,6 +9,7 @@ overrides what it has: a pretrained one its `checkpoint_init` and `hf_config`, a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import mlx.nn as nn
@@ -25,6 +26,12 @@ class Model(nn.Module):
         # Every resolved size and choice (defaults filled in): what export describes. "_": a
         # Python dict beside the parameters, not one of them.
         self._architecture: dict[str, Any] = {}
+
+    @classmethod
+    def check_config(cls, node: Mapping[str, Any]) -> None:
+        """The model node's settings (its keys, resolved), checked before anything is created
+        (config.validate asks): one ConfigError line for one that cannot work. Default: the
+        constructor checks them when the model is built."""
 
     @property
     def architecture(self) -> dict[str, Any]:

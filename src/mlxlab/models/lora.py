@@ -188,20 +188,13 @@ def apply_lora(
     in a `kind` adapter (lora | dora), freeze all other parameters except modules named in
     `extra_trainable` (e.g. a new "classifier" head).
     Returns the number of layers wrapped; rank 0 = LoRA off (nothing changes)."""
-    if rank < 0:
-        raise ConfigError(f"lora rank={rank} must be >= 0 (0 turns LoRA off)")
-    if kind not in LORA_KINDS:
-        raise ConfigError(f"lora.kind={kind!r}: use one of {sorted(LORA_KINDS)}")
+    check_lora({"rank": rank, "kind": kind})
     if rank == 0:
         return 0
     targets, extra_trainable = list(targets), list(extra_trainable)
     if has_adapters(model):
         raise ConfigError("model already has LoRA layers; fuse_lora it before applying LoRA again")
-    linears = [(n, m) for n, m in model.named_modules() if type(m) in ADAPTABLE]
-    wrapped = [(n, m) for n, m in linears if _matches(n, targets)]
-    if not wrapped:
-        names = sorted({n.split(".")[-1] for n, _ in linears})
-        raise ConfigError(f"lora targets {targets} match no Linear layer; available: {names}")
+    wrapped = targeted_linears(model, targets)
     model.freeze()
     model.update_modules(
         tree_unflatten([(n, LORA_KINDS[kind](m, rank, alpha, dropout)) for n, m in wrapped])
@@ -216,6 +209,35 @@ def apply_lora(
     return len(wrapped)
 
 
+def check_lora(lora: Mapping | None) -> None:
+    """The lora node's keys and values, in one line each (before any model is built, and when
+    one is): known keys, a rank >= 0, a kind mlxlab has."""
+    if not lora:
+        return
+    unknown = set(lora) - LORA_KEYS
+    if unknown:
+        raise ConfigError(f"unknown lora keys {sorted(unknown)}; allowed: {sorted(LORA_KEYS)}")
+    rank = lora.get("rank", 0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ConfigError(f"model.lora.rank={rank} must be an integer >= 0 (0 turns LoRA off), "
+                          "e.g. model.lora.rank=8")
+    kind = lora.get("kind", "lora")
+    if kind not in LORA_KINDS:
+        raise ConfigError(f"model.lora.kind={kind!r}: use one of {sorted(LORA_KINDS)}")
+
+
+def targeted_linears(model: nn.Module, targets: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """The (name, layer) of every Linear `targets` names; none is one line listing the names
+    there are (a model built lazily, its weights never computed, is enough to ask)."""
+    targets = list(targets)
+    linears = [(n, m) for n, m in model.named_modules() if type(m) in ADAPTABLE]
+    wrapped = [(n, m) for n, m in linears if _matches(n, targets)]
+    if not wrapped:
+        names = sorted({n.split(".")[-1] for n, _ in linears})
+        raise ConfigError(f"lora targets {targets} match no Linear layer; available: {names}")
+    return wrapped
+
+
 def maybe_apply_lora(
     model: nn.Module,
     lora: Mapping | None,
@@ -225,9 +247,7 @@ def maybe_apply_lora(
     """Apply a model's `lora={"rank": ..}` constructor argument (None or rank 0 = off)."""
     if not lora:
         return 0
-    unknown = set(lora) - LORA_KEYS
-    if unknown:
-        raise ConfigError(f"unknown lora keys {sorted(unknown)}; allowed: {sorted(LORA_KEYS)}")
+    check_lora(lora)
     return apply_lora(
         model,
         rank=int(lora.get("rank", 0)),

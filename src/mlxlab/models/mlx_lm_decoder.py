@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.base import Model
 from mlxlab.models.hf import check_vocab, read_config
-from mlxlab.models.lora import maybe_apply_lora
+from mlxlab.models.lora import check_lora, maybe_apply_lora, targeted_linears
 from mlxlab.models.mlx_lm_classes import mlx_lm_version, model_classes
 from mlxlab.models.mlx_lm_fused import use_fused_kernels
 from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
@@ -50,17 +50,33 @@ TARGET_ALIASES = {
 }
 
 
+WEIGHTS = "model*.safetensors"  # the files mlx-lm's load_model reads
+
+
+def model_source(source: str | Path, revision: str | None = None) -> tuple[Path, dict]:
+    """The local folder a user's model string (model.pretrained, + model.revision) names
+    (models/sources: a folder, a GGUF file, ollama:NAME, a hub id) and its config.json,
+    checked before anything is built: its config.json names a model type this mlx-lm loads,
+    and it has weights."""
+    path = model_folder(source, revision)
+    config = read_config(path)
+    model_classes(config, path)
+    if not any(path.glob(WEIGHTS)):
+        raise MissingFileError(f"no {WEIGHTS} weights in {path}; a Hugging Face or mlx-lm model "
+                               "folder has them (model.pretrained= names the folder)")
+    return path, config
+
+
 def load_folder(path: str | Path) -> tuple[nn.Module, dict]:
     """mlx-lm's model and config from a local folder, through mlx-lm's own loading (its weight
     names, sanitize and quantized layers); never a hub download."""
     from mlx_lm.utils import load_model
 
-    path = Path(path).expanduser()
-    model_classes(read_config(path), path)  # the model type first: one line if unknown
+    path, _ = model_source(path)
     try:
         return load_model(path, strict=True)
     except FileNotFoundError:
-        raise MissingFileError(f"no model*.safetensors weights in {path}; a Hugging Face or "
+        raise MissingFileError(f"no {WEIGHTS} weights in {path}; a Hugging Face or "
                                "mlx-lm model folder has them") from None
     except ValueError as e:
         first = str(e).strip().splitlines()[0]
@@ -172,6 +188,25 @@ class MLXLMDecoder(Model):
         self._weight_names = sorted(n for n, _ in tree_flatten(lm.parameters()))
         prepare_for_training(self, quantize=quantize, lora=lora, rebuilt=not pretrained)
 
+    @classmethod
+    def check_config(cls, node: Mapping[str, Any]) -> None:
+        """Everything the model node can get wrong, before anything is created: the folder
+        (model_source), dropout, quantize, the lora node, and that lora targets name layers of
+        this architecture (asked of the model built lazily: MLX computes no weight of it)."""
+        if node.get("dropout"):
+            raise ConfigError(f"model.dropout={node['dropout']}: mlx-lm's decoders have no "
+                              "dropout; leave it at 0")
+        check_quantize(node.get("quantize"))
+        lora = node.get("lora")
+        check_lora(lora)
+        if not node.get("pretrained"):
+            return
+        path, config = model_source(node["pretrained"], node.get("revision"))
+        if lora and lora.get("rank") and lora.get("targets"):
+            model_class, args_class = model_classes(config, path)
+            targeted_linears(model_class(args_class.from_dict(dict(config))),
+                             lora_targets(lora)["targets"])
+
     @property
     def layers(self) -> list:
         """The decoder blocks (mlx-lm's `model.layers`; export counts them)."""
@@ -218,8 +253,7 @@ def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mappin
     trained, in which precision, and the trainable / total parameter counts."""
     from mlxlab.models import num_parameters
 
-    if quantize not in QUANTIZE_BITS:
-        raise ConfigError(f"model.quantize={quantize}: use 4, 8 or null")
+    check_quantize(quantize)
     if not rebuilt:
         stored = quantized_layer_specs(model.lm)
         if quantize and stored and not float_layers(model.lm):
@@ -254,6 +288,11 @@ def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mappin
     log.info("%s decoder: trains %s; %s trainable / %s total parameters",
              model.architecture["model_type"], what,
              f"{num_parameters(model, trainable_only=True):,}", f"{num_parameters(model):,}")
+
+
+def check_quantize(quantize: Any) -> None:
+    if quantize not in QUANTIZE_BITS or isinstance(quantize, bool):
+        raise ConfigError(f"model.quantize={quantize}: use 4, 8 or null")
 
 
 def _float_dtype(model: MLXLMDecoder) -> str:

@@ -234,8 +234,7 @@ class Objective:
         """One ConfigError line when the objective does not train on data of `task` (config.validate
         asks the class before anything is built); default: when it names no metrics for it."""
         if not cls.metric_directions(task):
-            raise ConfigError(f"objective {cls.__name__} does not train on {task} data: pick the "
-                              "objective for it (conf/objective/)")
+            raise ConfigError(f"objective {cls.__name__} does not train on {task} data")
 
     @classmethod
     def check_inputs(cls, cfg: Any) -> None:

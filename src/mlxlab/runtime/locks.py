@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,3 +55,38 @@ def file_lock(
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class FolderBusy(UserError):
+    """Another process holds the folder's lock (a run training in it)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` itself (no file is added to it) for the block, without
+    waiting: another holder is FolderBusy(`busy`). The kernel drops it when the holder dies."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise FolderBusy(busy) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_folder_free(folder: str | Path, busy: str) -> None:
+    """FolderBusy(`busy`) when another process holds `folder`'s lock now (a missing folder is
+    free): asked before anything is written into it."""
+    if Path(folder).is_dir():
+        with folder_lock(folder, busy):
+            pass
+
+
+def run_folder_busy(run_dir: str | Path) -> str:
+    """The line for a run folder another process trains in."""
+    return (f"another process is training in {run_dir}: wait for it to end, or give this run a "
+            "folder of its own (hydra.run.dir=)")

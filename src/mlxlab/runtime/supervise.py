@@ -14,7 +14,10 @@ Parent and child share a folder named by MLXLAB_SUPERVISOR:
 - step: 8 bytes the child's loop overwrites at every optimizer step (a shared mapping: what it
   wrote is there after a segfault), so the parent can say how many steps were lost;
 - oom.json: MLX's raising out of memory (Metal, CUDA) under a parent: the child writes it and
-  exits with OOM_EXIT at once, as a crash would (runtime/failures.py).
+  exits with OOM_EXIT at once, as a crash would (runtime/failures.py);
+- probe.json: written by trainer.micro_batch=auto before each micro-batch it measures (the run
+  folder, the size): a crash while it is there is that size's "does not fit", recorded in the
+  run folder's note (NOTE's "probe"), and the child starts again, measuring below it.
 
 A launcher's worker processes (hydra/launcher=joblib) are not the parent's child: their out of
 memory stays their job's (a failed trial, as without a parent); the parent restarts sweeps whose
@@ -123,6 +126,26 @@ def mark_step(step: int) -> None:
     _step_map[:8] = struct.pack("<q", int(step))
 
 
+def report_probe(run_dir: Path, micro_batch: int | None) -> None:
+    """trainer.micro_batch=auto measures `micro_batch` rows next (None: the search is over), for
+    the parent: a crash until the next call is that size's out of memory."""
+    shared = folder()
+    if shared is None:
+        return
+    if micro_batch is None:
+        (shared / "probe.json").unlink(missing_ok=True)
+        return
+    _write_json(shared / "probe.json", {"run_dir": str(Path(run_dir).resolve()),
+                                        "micro_batch": int(micro_batch), "sweep": _sweeping})
+
+
+def probe_ceiling(run_dir: Path) -> tuple[int, str] | None:
+    """(the smallest micro-batch whose measurement crashed, how) from the run folder's note;
+    None: none did."""
+    probe = (read_note(run_dir) or {}).get("probe")
+    return (int(probe["micro_batch"]), str(probe["how"])) if probe else None
+
+
 def report_oom(step: int, message: str) -> bool:
     """MLX raised out of memory at `step`: under a parent, recorded for it (True: the caller ends
     the process with OOM_EXIT, as a crash would end it, and the parent restarts it)."""
@@ -223,9 +246,22 @@ def out_of_memory(code: int, shared: Path, signalled: bool) -> str | None:
     the user stopped it: the parent's signal, a kill before the fit planned)."""
     if code == OOM_EXIT and (shared / "oom.json").is_file():
         return "out of memory"
-    if code < 0 and -code in CRASHES and not signalled and (shared / "run.json").is_file():
+    planned = (shared / "run.json").is_file() or (shared / "probe.json").is_file()
+    if code < 0 and -code in CRASHES and not signalled and planned:
         return CRASHES[signal.Signals(-code)]
     return None
+
+
+def probe_note(probe: dict, how: str, when: str) -> dict:
+    """The run folder's note after trainer.micro_batch=auto crashed measuring probe's size: the
+    smallest size that crashed is the search's ceiling from now on."""
+    run_dir = Path(probe["run_dir"])
+    note = read_note(run_dir) or {"restarts": []}
+    size = int(probe["micro_batch"])
+    was = note.get("probe")
+    if was is None or size < int(was["micro_batch"]):
+        note["probe"] = {"at": when, "how": how, "micro_batch": size}
+    return note
 
 
 def restart_note(run: dict, how: str, step: int | None, when: str) -> tuple[dict, str | None]:
@@ -273,18 +309,28 @@ def main(argv: list[str]) -> int:
         shared = Path(tmp)
         env = {**os.environ, ENV: str(shared), PID_ENV: str(os.getpid()), ARGV0_ENV: sys.argv[0]}
         while True:
-            for name in ("run.json", "oom.json", "step"):
+            for name in ("run.json", "oom.json", "step", "probe.json"):
                 (shared / name).unlink(missing_ok=True)
             code = child.run([*argv, *extra], env)
             how = out_of_memory(code, shared, child.signalled)
             if how is None or restarts >= MAX_RESTARTS:
                 return _exit_status(code)
             restarts += 1
+            if not (shared / "run.json").is_file():  # it crashed measuring a micro-batch
+                probe = json.loads((shared / "probe.json").read_text())
+                run_dir = Path(probe["run_dir"])
+                write_note(run_dir, probe_note(probe, how, _now()))
+                print(f"mlxlab: trainer.micro_batch=auto: measuring micro-batch "
+                      f"{probe['micro_batch']} ran out of memory ({how}): it does not fit; "
+                      f"starting again to measure below it (see {NOTE})", file=sys.stderr,
+                      flush=True)
+                extra = [] if probe["sweep"] else [f"hydra.run.dir={run_dir}"]
+                argv = [a for a in argv if not a.startswith("hydra.run.dir=")]
+                continue
             run = json.loads((shared / "run.json").read_text())
             done = _last_step(shared)  # the step that failed is the one after it
             step = done + 1 if done is not None else None
-            when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            note, line = restart_note(run, how, step, when)
+            note, line = restart_note(run, how, step, _now())
             write_note(Path(run["run_dir"]), note)
             if line is not None and not run["sweep"]:
                 print(f"mlxlab: error: {line}", file=sys.stderr, flush=True)
@@ -293,6 +339,10 @@ def main(argv: list[str]) -> int:
             extra = [] if run["sweep"] else _resume_args(Path(run["run_dir"]))
             argv = [a for a in argv if not a.startswith(("hydra.run.dir=", "resume="))]
             time.sleep(0.1)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _restart_line(note: dict, line: str | None) -> str:

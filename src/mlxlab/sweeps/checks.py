@@ -1,4 +1,6 @@
-"""Bad input fails first: the Hydra callback that checks a sweep before anything of it exists.
+"""Bad input fails first: the Hydra callback that checks a sweep, or a single run, before
+anything of it exists (a single run's config goes through config.validate in on_run_start,
+before Hydra makes its run folder).
 
 Registered FIRST in conf/hydra/default.yaml (`sweep_checks`), so its on_multirun_start runs
 before the sweep callback's (store, parent run, sweep folder) and before Hydra builds the
@@ -31,7 +33,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mlxlab.errors import ConfigError, UserError
-from mlxlab.runtime.locks import file_lock
+from mlxlab.runtime.locks import check_folder_free, file_lock, run_folder_busy
 from mlxlab.sweeps.folder import sweep_dir_of
 from mlxlab.validation import check_number
 
@@ -130,6 +132,22 @@ def _search_jobs(config: DictConfig, task: list[str]) -> list[list[str]]:
         [*fixed, *(override_text(k, v[min(i, len(v) - 1)]) for k, v in values.items())]
         for i in range(width)
     ]
+
+
+def check_run(config: DictConfig) -> None:
+    """A single run's config validated as its job will be (Hydra's config set as the job sees
+    it: the choices, the mode)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from mlxlab.config import unwrapped, validate, validated_before_run
+
+    HydraConfig.instance().set_config(config)  # what Hydra's run_job sets next
+    with unwrapped():
+        validate(config)
+    validated_before_run(True)
+    run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
+    # a folder another process trains in: before Hydra writes its .hydra/ and log into it
+    check_folder_free(run_dir, run_folder_busy(run_dir))
 
 
 def check_jobs(config: DictConfig) -> None:
@@ -281,9 +299,12 @@ class SweepChecks(Callback):
     """First of conf/hydra/default.yaml's callbacks."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A single run: its config through config.validate before Hydra makes its run folder
+        and the sweep callback the store (bad input leaves nothing behind); then the store."""
         # a background tracker's process is probed by train.py, through the tracker
         background = bool(OmegaConf.select(config, "tracking.background", default=False))
         try:
+            check_run(config)
             check_store(config, probe=not background)
         except UserError as err:
             fail(str(err))

@@ -15,6 +15,8 @@ first come:
    fits the memory the run may use (trainer.memory_limit: GB, or a fraction of the device's;
    default MLX's own limit), measured before step 1 on a batch padded to the longest row the
    data makes: forward, backward, and the optimizer's state and update, as MLX counts them;
+   a size whose measurement crashes the process (MLX's CPU backend faults where it cannot
+   allocate) does not fit: mlxlab-train's parent starts the run again, measuring below it;
 5. neither (micro_batch=null): trainer.batch_size, or what trainer.memory_budget_mb fits
    (plan.fit_batch_to_memory, the older halving).
 
@@ -211,17 +213,24 @@ def search(fit: Fitting, effective: int) -> tuple[int, str, float]:
     with the rows: the last two measures extrapolated) is not run, so that the search itself does
     not run out."""
     limit, started = memory_limit_bytes(fit.settings), time.perf_counter()
+    saved_rng, saved_data = rng_state(), fit.data.state_dict()
     width = longest_row(fit.data)
     tried: list[str] = []
     chosen, peaks = None, []
-    saved_rng, saved_data = rng_state(), fit.data.state_dict()
+    # a size whose measurement crashed the process before (its parent restarted it) is not run
+    crashed = supervise.probe_ceiling(fit.run_dir)
     try:
         for m in candidates(effective):
+            fit.data.load_state_dict(saved_data)  # each size measured on the first batch
+            if crashed is not None and m >= crashed[0]:
+                tried.append(f"{m}:out-of-memory({crashed[1]})")
+                break
             if len(peaks) >= 2:  # the rows' part doubles with the rows
                 predicted = peaks[-1] + 2 * (peaks[-1] - peaks[-2])
                 if predicted > PREDICTED_OVER * limit:  # a close call is measured
                     tried.append(f"{m}:skipped(~{predicted / GB:.3f}GB)")
                     break
+            supervise.report_probe(fit.run_dir, m)  # a crash from here on: m does not fit
             peak = probe(fit, m, width)
             tried.append(f"{m}:{peak / GB:.3f}GB" if peak is not None else f"{m}:out-of-memory")
             if peak is None or peak > limit:
@@ -229,6 +238,7 @@ def search(fit: Fitting, effective: int) -> tuple[int, str, float]:
             chosen = m
             peaks.append(peak)
     finally:
+        supervise.report_probe(fit.run_dir, None)
         set_rng_state(saved_rng)
         fit.data.load_state_dict(saved_data)
         mx.clear_cache()  # the probes' buffers go back
