@@ -24,6 +24,7 @@ from mlxlab.evaluation.results import FOLDER, write_scores
 from mlxlab.evaluation.scoring import TaskScores, chat_template, metric_keys, score_tasks
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import Task
+from mlxlab.models.sources import as_local
 from mlxlab.runs.loading import load_run, require_task
 from mlxlab.runs.model import is_pretrained_folder
 from mlxlab.tracking import tags as T
@@ -47,8 +48,9 @@ class EvalModel:
 
 def load_eval_model(path: str | Path, which: str = "best", chat: str = "auto") -> EvalModel:
     """The decoder in a Hugging Face / mlx-lm / exported folder, or a finished run's (its `which`
-    checkpoint), with the tokenizer it reads and, per `chat` (eval.chat), its chat template."""
-    path = Path(path).expanduser().resolve()
+    checkpoint), with the tokenizer it reads and, per `chat` (eval.chat), its chat template. A
+    GGUF file, ollama:NAME or hub id is the folder the model resolver makes of it."""
+    path = Path(as_local(str(path))).expanduser().resolve()
     if not path.exists():
         raise MissingFileError(f"{path} does not exist: give a Hugging Face or mlx-lm model "
                                "folder, an `mlxlab export` folder or a finished run folder")
