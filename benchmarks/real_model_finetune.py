@@ -349,42 +349,48 @@ def main(argv: list[str] | None = None) -> dict:
                   lambda tool=tool, out=out: train_mlxlab(model, data, args, out)
                   if tool == "mlxlab" else train_mlx_lm(folder, data, args, out))
     result["load_end"] = load()
-    needed = ("base", "mlxlab", "paired", "mlx-lm", "llama.cpp", "train_mlxlab_0",
-              "train_mlx_lm_0")
-    if all(k in result for k in needed):
-        (work / "results.json").write_text(json.dumps(result, indent=1))
-        print(table(result))
+    (work / "results.json").write_text(json.dumps(result, indent=1))
+    print(table(result))
     return result
 
 
 def table(r: dict) -> str:
-    skip = r["settings"]["skip"]
-    rounds = {tool: [summary(v, skip) for k, v in r.items() if k.startswith(f"train_{tool}_")]
-              for tool in ("mlxlab", "mlx_lm")}
-    med = {tool: {k: statistics.median(s[k] for s in runs) for k in
-                  ("tokens_per_sec", "peak_mb", "rss_mb", "first_step_s", "wall_s")}
-           for tool, runs in rounds.items()}
-    a, b = med["mlxlab"], med["mlx_lm"]
-    p = r["paired"]
+    """The markdown table of the stages `r` holds (a stage not run shows as "-")."""
     s = r["settings"]
-    lines = [f"{r['cpu']}; 1 BLAS thread a process (1-min load {r['load_start']} at the start, "
-             f"{r['load_end']} at the end: other sessions share the cores); "
-             f"{s['train']} train / {s['heldout']} held-out rows, LoRA rank {RANK} on q/k/v/o, "
-             f"batch {s['batch']}, {s['steps']} steps, lr {s['lr']:g}; median of {s['rounds']} "
-             "round(s)", "",
-             "| model | held-out exact match | tokens/s | first step s | MLX peak MB | "
-             "peak RSS MB |", "|---|---|---|---|---|---|",
-             f"| base (GGUF Q4_1) | {r['base']['accuracy']:.3f} | | | | |",
-             f"| mlxlab LoRA | {r['mlxlab']['accuracy']:.3f} | {a['tokens_per_sec']:.0f} | "
-             f"{a['first_step_s']:.1f} (compile) | {a['peak_mb']:.0f} | {a['rss_mb']:.0f} |",
-             f"| mlx_lm.lora (same settings) | {r['mlx-lm']['accuracy']:.3f} | "
-             f"{b['tokens_per_sec']:.0f} | {b['first_step_s']:.1f} | {b['peak_mb']:.0f} | "
-             f"{b['rss_mb']:.0f} |",
-             f"| mlxlab LoRA -> GGUF Q8_0 in llama.cpp | {r['llama.cpp']['accuracy']:.3f} | | | | |",
-             "", f"base vs mlxlab fine-tune, paired over {p['n']} held-out examples: "
-             f"{p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}], {p['test']} p = {p['p']:.3g}; "
-             f"mlxlab / mlx-lm tokens/s {a['tokens_per_sec'] / b['tokens_per_sec']:.2f}x, "
-             f"MLX peak {a['peak_mb'] / b['peak_mb']:.2f}x"]
+    med = {}
+    for tool in ("mlxlab", "mlx_lm"):
+        runs = [summary(v, s["skip"]) for k, v in r.items() if k.startswith(f"train_{tool}_")]
+        med[tool] = {k: statistics.median(x[k] for x in runs) for k in
+                     ("tokens_per_sec", "peak_mb", "rss_mb", "first_step_s")} if runs else None
+
+    def acc(key: str) -> str:
+        return f"{r[key]['accuracy']:.3f}" if key in r else "-"
+
+    def speed(tool: str) -> str:
+        m = med[tool]
+        return (f"{m['tokens_per_sec']:.1f} | {m['first_step_s']:.1f} | {m['peak_mb']:.0f} | "
+                f"{m['rss_mb']:.0f}") if m else "- | - | - | -"
+
+    lines = [f"{r['cpu']}; {r['blas_threads']} BLAS thread(s) a process; 1-min load "
+             f"{r['load_start']} at the start, {r.get('load_end', '-')} at the end (other "
+             f"sessions share the cores); {s['train']} train / {s['heldout']} held-out rows, "
+             f"LoRA rank {RANK} on q/k/v/o, batch {s['batch']}, {s['steps']} steps, lr "
+             f"{s['lr']:g}", "",
+             "| model | held-out exact match | trained tokens/s | first step s | MLX peak MB | "
+             "peak RSS MB |", "|---|---:|---:|---:|---:|---:|",
+             f"| base (GGUF Q4_1, `mlxlab eval`) | {acc('base')} | | | | |",
+             f"| mlxlab LoRA (`mlxlab eval RUN`) | {acc('mlxlab')} | {speed('mlxlab')} |",
+             f"| mlx_lm.lora, same settings | {acc('mlx-lm')} | {speed('mlx_lm')} |",
+             f"| mlxlab LoRA -> GGUF Q8_0 in llama.cpp | {acc('llama.cpp')} | | | | |"]
+    if "paired" in r:
+        p = r["paired"]
+        lines += ["", f"base vs mlxlab fine-tune, paired over {p['n']} held-out examples: "
+                  f"{p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}], {p['test']} p = "
+                  f"{p['p']:.3g}"]
+    if med["mlxlab"] and med["mlx_lm"]:
+        a, b = med["mlxlab"], med["mlx_lm"]
+        lines.append(f"mlxlab / mlx-lm tokens/s {a['tokens_per_sec'] / b['tokens_per_sec']:.2f}x,"
+                     f" MLX peak {a['peak_mb'] / b['peak_mb']:.2f}x")
     return "\n".join(lines)
 
 
