@@ -158,12 +158,7 @@ def train_mlxlab(model: str | Path, data: Path, args, out: Path) -> dict:
     proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env())
     if proc.returncode:
         raise RuntimeError(f"mlxlab train failed:\n{proc.stderr[-3000:]}")
-    rows: dict[int, dict] = {}
-    import csv
-
-    with open(out / "tracking" / "metrics.csv") as f:
-        for r in csv.DictReader(f):
-            rows.setdefault(int(r["step"]), {})[r["name"]] = float(r["value"])
+    rows = bench_lora.csv_metrics(out)
     tags = json.loads((out / "tracking" / "tags.json").read_text())
     steps = [{"step": s, "tokens_per_sec": m["train/tokens_per_sec"],
               "peak_mb": m.get("memory/peak_mb", float("nan")), "loss": m["train/loss"]}
