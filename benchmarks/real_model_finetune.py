@@ -42,6 +42,7 @@ import calendar
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -169,14 +170,17 @@ def train_mlxlab(model: str | Path, data: Path, args, out: Path) -> dict:
                               if "val/loss" in m), None)}
 
 
-def train_mlx_lm(folder: Path, data: Path, args, out: Path) -> dict:
-    """mlx_lm.lora's own training with mlxlab's settings (bench_lora.run_mlx_lm, OpenBLAS)."""
+def train_mlx_lm(folder: Path, data: Path, args, out: Path, fast: bool = False) -> dict:
+    """mlx_lm.lora's own training with mlxlab's settings (bench_lora.run_mlx_lm, OpenBLAS);
+    `fast`: its loaded model switched to mlxlab's CPU quantized product (bench_qlora's
+    mlx-lm+fast), mlx-lm's loop on mlxlab's kernel."""
     bench_lora.BATCH, bench_lora.RANK, bench_lora.ALPHA, bench_lora.LR = (
         args.batch, RANK, ALPHA, args.lr)
     bench_lora.SEQ = 2047  # mlxlab's chat rows are never cut here (data.max_length 2048)
     shutil.rmtree(out, ignore_errors=True)
     started, before = time.perf_counter(), load()
-    steps = bench_lora.run_mlx_lm(folder, data, "chat", args.steps, out, openblas=True)
+    steps = bench_lora.run_mlx_lm(folder, data, "chat", args.steps, out, openblas=True,
+                                  fast_quantized=fast)
     return {"steps": steps, "rss_mb": steps[-1]["rss_mb"], "first_step_s": steps[0]["seconds"],
             "wall_s": time.perf_counter() - started, "load_1min": [before, load()],
             "adapters": str(out / "adapters")}
@@ -337,6 +341,13 @@ def main(argv: list[str] | None = None) -> dict:
         fuse(folder, result["train_mlx_lm_0"]["adapters"], work / "mlx-lm-fused"), task, uri,
         work / "eval" / "mlx-lm"))
     stage("llama.cpp", lambda: llama_cpp_accuracy(gguf, folder, heldout))
+    # mlx-lm as shipped trains a 4-bit base on MLX's scalar CPU quantized matmul (~35x slower:
+    # bench_qlora.py); its loop on mlxlab's product tells the loops apart
+    fast_out = work / "runs" / "mlx-lm-fast-0"
+    stage("train_mlx_lm_fast_0", lambda: train_mlx_lm(folder, data, args, fast_out, fast=True))
+    stage("mlx-lm-fast", lambda: evaluate(
+        fuse(folder, result["train_mlx_lm_fast_0"]["adapters"], work / "mlx-lm-fast-fused"),
+        task, uri, work / "eval" / "mlx-lm-fast"))
     for rnd in range(1, args.rounds):  # more timed rounds, in alternating order
         for tool in ("mlx-lm", "mlxlab") if rnd % 2 else ("mlxlab", "mlx-lm"):
             out = work / "runs" / f"{tool}-{rnd}"
@@ -353,8 +364,9 @@ def table(r: dict) -> str:
     """The markdown table of the stages `r` holds (a stage not run shows as "-")."""
     s = r["settings"]
     med = {}
-    for tool in ("mlxlab", "mlx_lm"):
-        runs = [summary(v, s["skip"]) for k, v in r.items() if k.startswith(f"train_{tool}_")]
+    for tool in ("mlxlab", "mlx_lm", "mlx_lm_fast"):
+        runs = [summary(v, s["skip"]) for k, v in r.items()
+                if re.fullmatch(rf"train_{tool}_\d+", k)]
         med[tool] = {k: statistics.median(x[k] for x in runs) for k in
                      ("tokens_per_sec", "peak_mb", "rss_mb", "first_step_s")} if runs else None
 
@@ -376,6 +388,8 @@ def table(r: dict) -> str:
              f"| base (GGUF Q4_1, `mlxlab eval`) | {acc('base')} | | | | |",
              f"| mlxlab LoRA (`mlxlab eval RUN`) | {acc('mlxlab')} | {speed('mlxlab')} |",
              f"| mlx_lm.lora, same settings | {acc('mlx-lm')} | {speed('mlx_lm')} |",
+             f"| mlx_lm.lora on mlxlab's quantized product | {acc('mlx-lm-fast')} | "
+             f"{speed('mlx_lm_fast')} |",
              f"| mlxlab LoRA -> GGUF Q8_0 in llama.cpp | {acc('llama.cpp')} | | | | |"]
     if "paired" in r:
         p = r["paired"]
