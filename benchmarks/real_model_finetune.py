@@ -385,7 +385,7 @@ def table(r: dict) -> str:
              f"{s['lr']:g}", "",
              "| model | held-out exact match | trained tokens/s | first step s | MLX peak MB | "
              "peak RSS MB |", "|---|---:|---:|---:|---:|---:|",
-             f"| base (GGUF Q4_1, `mlxlab eval`) | {acc('base')} | | | | |",
+             f"| base (`mlxlab eval MODEL`) | {acc('base')} | | | | |",
              f"| mlxlab LoRA (`mlxlab eval RUN`) | {acc('mlxlab')} | {speed('mlxlab')} |",
              f"| mlx_lm.lora, same settings | {acc('mlx-lm')} | {speed('mlx_lm')} |",
              f"| mlx_lm.lora on mlxlab's quantized product | {acc('mlx-lm-fast')} | "
