@@ -25,7 +25,9 @@ task rows ({"id", "prompt", "answer"}) scored by `mlxlab eval`, from one seed, n
    per-step report (both count the trained, assistant tokens), the median after the first
    --skip steps; peak: MLX's peak memory (each tool's report) and the process's peak RSS.
    --rounds > 1 repeats both trainings in alternating order (the table: medians; accuracy:
-   round 0's).
+   round 0's). As shipped, mlx-lm trains a 4-bit base on MLX's scalar CPU quantized matmul (~35x
+   slower, bench_qlora.py), so its loop also runs on mlxlab's product (`use_fast_cpu_quantized`
+   on its loaded model: stages train_mlx_lm_fast_0 and mlx-lm-fast).
 4. `mlxlab export RUN --format gguf --quant q8_0` and the held-out prompts (rendered by the
    model's chat template, as mlxlab's eval renders them) completed greedily by llama.cpp
    (xllamacpp's prebuilt wheel), scored by the same exact match.
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", default=None, help="only these stages (comma-separated: base, "
                    "train_mlxlab_0, mlxlab, paired, export, train_mlx_lm_0, mlx-lm, llama.cpp, "
+                   "train_mlx_lm_fast_0, mlx-lm-fast, "
                    "train_<tool>_<round>); the rest are read from earlier runs when there")
     args = p.parse_args(argv)
     if args.smoke:
@@ -295,11 +298,14 @@ def main(argv: list[str] | None = None) -> dict:
     write_jsonl(data / "train.jsonl", train)
     write_jsonl(data / "valid.jsonl", val)
     task = write_jsonl(work / "dates.jsonl", heldout)
-    settings = {k: v for k, v in vars(args).items() if k not in ("work", "stages")}
+    # what the stored stages depend on (more --rounds only add stages)
+    settings = {k: v for k, v in vars(args).items() if k not in ("work", "stages", "rounds")}
     stages = work / "stages"  # a file a stage: processes given other --stages run side by side
     stages.mkdir(exist_ok=True)
     saved = stages / "settings.json"
-    if saved.is_file() and json.loads(saved.read_text()) != settings:
+    stored = json.loads(saved.read_text()) if saved.is_file() else settings
+    stored.pop("rounds", None)
+    if stored != settings:
         shutil.rmtree(stages)  # other settings: nothing of the last run counts
         stages.mkdir()
     saved.write_text(json.dumps(settings))
