@@ -26,8 +26,9 @@ task rows ({"id", "prompt", "answer"}) scored by `mlxlab eval`, from one seed, n
    --skip steps; peak: MLX's peak memory (each tool's report) and the process's peak RSS.
    --rounds > 1 repeats both trainings in alternating order (the table: medians; accuracy:
    round 0's). As shipped, mlx-lm trains a 4-bit base on MLX's scalar CPU quantized matmul (~35x
-   slower, bench_qlora.py), so its loop also runs on mlxlab's product (`use_fast_cpu_quantized`
-   on its loaded model: stages train_mlx_lm_fast_0 and mlx-lm-fast).
+   slower, bench_qlora.py: hours here), so it runs that way only with --mlx-lm-as-shipped (and
+   in --smoke); by default its loop runs on mlxlab's product (`use_fast_cpu_quantized` on its
+   loaded model: stages train_mlx_lm_fast_<round> and mlx-lm-fast).
 4. `mlxlab export RUN --format gguf --quant q8_0` and the held-out prompts (rendered by the
    model's chat template, as mlxlab's eval renders them) completed greedily by llama.cpp
    (xllamacpp's prebuilt wheel), scored by the same exact match.
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip", type=int, default=2, help="first steps left out of tokens/s")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mlx-lm-as-shipped", action="store_true", help="also mlx_lm.lora on MLX's "
+                   "own CPU quantized matmul (stages train_mlx_lm_0, mlx-lm): hours here")
     p.add_argument("--stages", default=None, help="only these stages (comma-separated: base, "
                    "train_mlxlab_0, mlxlab, paired, export, train_mlx_lm_0, mlx-lm, llama.cpp, "
                    "train_mlx_lm_fast_0, mlx-lm-fast, "
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_jsonl(data / "valid.jsonl", val)
     task = write_jsonl(work / "dates.jsonl", heldout)
     # what the stored stages depend on (more --rounds only add stages)
-    settings = {k: v for k, v in vars(args).items() if k not in ("work", "stages", "rounds")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("work", "stages", "rounds", "mlx_lm_as_shipped")}
     stages = work / "stages"  # a file a stage: processes given other --stages run side by side
     stages.mkdir(exist_ok=True)
     saved = stages / "settings.json"
@@ -341,11 +344,12 @@ def main(argv: list[str] | None = None) -> dict:
         return {"seconds": time.perf_counter() - started, "bytes": gguf.stat().st_size}
 
     stage("export", export)
-    lora_out = work / "runs" / "mlx-lm-0"
-    stage("train_mlx_lm_0", lambda: train_mlx_lm(folder, data, args, lora_out))
-    stage("mlx-lm", lambda: evaluate(
-        fuse(folder, result["train_mlx_lm_0"]["adapters"], work / "mlx-lm-fused"), task, uri,
-        work / "eval" / "mlx-lm"))
+    if args.mlx_lm_as_shipped or args.smoke:  # hours on a 4-bit base on 2 cores
+        lora_out = work / "runs" / "mlx-lm-0"
+        stage("train_mlx_lm_0", lambda: train_mlx_lm(folder, data, args, lora_out))
+        stage("mlx-lm", lambda: evaluate(
+            fuse(folder, result["train_mlx_lm_0"]["adapters"], work / "mlx-lm-fused"), task,
+            uri, work / "eval" / "mlx-lm"))
     stage("llama.cpp", lambda: llama_cpp_accuracy(gguf, folder, heldout))
     # mlx-lm as shipped trains a 4-bit base on MLX's scalar CPU quantized matmul (~35x slower:
     # bench_qlora.py); its loop on mlxlab's product tells the loops apart
@@ -355,11 +359,11 @@ def main(argv: list[str] | None = None) -> dict:
         fuse(folder, result["train_mlx_lm_fast_0"]["adapters"], work / "mlx-lm-fast-fused"),
         task, uri, work / "eval" / "mlx-lm-fast"))
     for rnd in range(1, args.rounds):  # more timed rounds, in alternating order
-        for tool in ("mlx-lm", "mlxlab") if rnd % 2 else ("mlxlab", "mlx-lm"):
+        for tool in ("mlx-lm-fast", "mlxlab") if rnd % 2 else ("mlxlab", "mlx-lm-fast"):
             out = work / "runs" / f"{tool}-{rnd}"
             stage(f"train_{tool.replace('-', '_')}_{rnd}",
                   lambda tool=tool, out=out: train_mlxlab(model, data, args, out)
-                  if tool == "mlxlab" else train_mlx_lm(folder, data, args, out))
+                  if tool == "mlxlab" else train_mlx_lm(folder, data, args, out, fast=True))
     result["load_end"] = load()
     (work / "results.json").write_text(json.dumps(result, indent=1))
     print(table(result))
