@@ -162,10 +162,7 @@ def run_mlxlab(model: Path, data: Path, kind: str, steps: int, out: Path) -> lis
     proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env)
     if proc.returncode:
         raise RuntimeError(f"mlxlab failed:\n{proc.stderr[-3000:]}")
-    rows: dict[int, dict] = {}
-    with open(out / "tracking" / "metrics.csv") as f:
-        for r in csv.DictReader(f):
-            rows.setdefault(int(r["step"]), {})[r["name"]] = float(r["value"])
+    rows = csv_metrics(out)
     return [
         {
             "step": s,
@@ -177,6 +174,15 @@ def run_mlxlab(model: Path, data: Path, kind: str, steps: int, out: Path) -> lis
         for s, m in sorted(rows.items())
         if "train/tokens_per_sec" in m
     ]
+
+
+def csv_metrics(out: Path) -> dict[int, dict[str, float]]:
+    """{step: {metric: value}} of a tracking=csv run in `out`."""
+    rows: dict[int, dict] = {}
+    with open(out / "tracking" / "metrics.csv") as f:
+        for r in csv.DictReader(f):
+            rows.setdefault(int(r["step"]), {})[r["name"]] = float(r["value"])
+    return rows
 
 
 def run_mlx_lm(
