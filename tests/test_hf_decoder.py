@@ -122,7 +122,7 @@ def test_what_mlx_lm_cannot_load_is_one_line(checkpoints, tmp_path):
         MLXLMDecoder(vocab_size=1, pretrained=str(folder))
     with pytest.raises(ConfigError, match="embeds only"):
         MLXLMDecoder(vocab_size=10**6, pretrained=str(checkpoints["llama"]))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="no such folder or file"):
         MLXLMDecoder(vocab_size=1, pretrained=str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match="no dropout"):
         MLXLMDecoder(vocab_size=1, pretrained=str(checkpoints["llama"]), dropout=0.1)
