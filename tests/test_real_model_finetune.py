@@ -64,6 +64,7 @@ def test_held_out_rows_are_an_eval_task(tmp_path):
     assert task.examples[0].answer == (heldout[0]["answer"],)
 
 
+@pytest.mark.slow  # the default run's test_real_model reads the GGUF through the same resolver
 def test_eval_takes_a_gguf_file(tmp_path):
     """`mlxlab eval <file.gguf> task.jsonl`: the model resolver turns the file into its folder
     (it said "no tokenizer.json in <file>" before)."""
