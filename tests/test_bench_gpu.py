@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from conftest import PYTHON, REPO
 
 
+@pytest.mark.slow  # ~30 s of subprocesses for a script only a GPU window runs
 def test_bench_gpu_dry_run_runs_every_part(tmp_path):
     out = subprocess.run([PYTHON, str(REPO / "benchmarks" / "bench_gpu.py"), "--dry-run",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)

@@ -168,6 +168,7 @@ def test_pruned_and_out_of_memory_trials_are_recorded_and_the_search_goes_on(tmp
     assert "trial 1 pruned" in out and "trial 2 failed: out of memory" in out
 
 
+@pytest.mark.slow  # ~65 s: a real search killed and continued (the default run stays < 10 min)
 def test_a_killed_search_resumes_with_the_trials_it_would_have_run(tmp_path):
     """SIGKILL the sweeper while trial 1 trains (after its first checkpoint); its worker stops
     itself with a checkpoint; the same command finishes the study: no finished trial runs
