@@ -304,14 +304,13 @@ def test_a_teacher_of_another_tokenizer_is_refused_before_anything_is_built(tiny
     assert not list(tmp_path.glob("outputs/**/*.json")) and not (tmp_path / "mlruns").exists()
 
 
-@pytest.mark.parametrize("override", ["trainer.micro_batch=auto", "preset=production"])
-def test_a_memory_probe_under_gkd_is_one_line(tiny, make_cfg, override):
+def test_a_memory_probe_under_gkd_is_one_line(tiny, make_cfg):
     """The memory probes step on the data's batches, not the rollouts GKD makes: refused in
     one line before anything is built, as under GRPO."""
     from mlxlab.config import validate
 
     with pytest.raises(ConfigError, match="objective gkd makes its batches while it trains"):
-        validate(make_cfg(*gkd_args(tiny, override)))
+        validate(make_cfg(*gkd_args(tiny, "trainer.micro_batch=auto")))
 
 
 TRL_METRICS = ("loss", "on_policy_fraction", "completions/mean_length",

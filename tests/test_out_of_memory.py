@@ -50,8 +50,6 @@ def test_micro_batch_settings_are_checked_in_one_line():
         TrainerSettings(batch_size=32, grad_accum=1, micro_batch=12)
     with pytest.raises(ConfigError, match="needs fixed batches"):
         TrainerSettings(batch_size=32, micro_batch="auto", batching={"dynamic": True})
-    with pytest.raises(ConfigError, match="both size the micro-batch"):
-        TrainerSettings(micro_batch="auto", memory_budget_mb=100)
     with pytest.raises(ConfigError, match="memory_limit=0: give GB"):
         TrainerSettings(memory_limit=0)
     with pytest.raises(ConfigError, match="give GB"):

@@ -6,7 +6,6 @@ import math
 from functools import partial
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -20,11 +19,9 @@ from mlxlab.objectives.base import ObjectiveSetup
 from mlxlab.objectives.distill import Distill
 from mlxlab.objectives.supervised import Supervised
 from mlxlab.runs import load_teachers
-from mlxlab.runtime import device
 from mlxlab.runtime.distributed import World
 from mlxlab.train import seed_everything, train
 from mlxlab.training.optim import build_optimizer, default_optimizer
-from mlxlab.training.plan import fit_batch_to_memory
 from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.step import make_step, with_precision
 from mlxlab.training.trainer import TrainingError
@@ -105,29 +102,6 @@ def test_optimized_trainer_with_dynamic_batches_and_quantization(make_cfg):
                              "callbacks.memory.every=1"))
     assert 0.0 <= metrics["val_q8/accuracy"] <= 1.0
     assert abs(metrics["val_q8/loss"] - metrics["val/loss"]) < 0.2
-
-
-def test_memory_budget_too_small_is_a_clear_error(make_cfg):
-    cfg = make_cfg(*FAST, "tracking=none", "trainer.memory_budget_mb=0.001")
-    with pytest.raises(TrainingError, match="memory_budget_mb"):
-        train(cfg)
-
-
-def test_memory_budget_halves_the_batch_and_keeps_the_effective_batch(make_cfg, tmp_path):
-    _, data, model = build(make_cfg, tmp_path, "model.hidden_size=64")
-    loss_fn = losses.task_loss("classification")
-    roomy = TrainerSettings(batch_size=64, memory_budget_mb=1e9)
-    batching, grad_accum = fit_batch_to_memory(model, data, loss_fn, roomy, roomy.data_batching())
-    assert (batching.batch_size, grad_accum) == (64, 1)
-
-    device.reset_peak_memory()
-    batch = next(iter(data.train_batches(Batching(batch_size=64), 0)))
-    mx.eval(nn.value_and_grad(model, loss_fn)(model, batch))
-    tight = TrainerSettings(batch_size=64, memory_budget_mb=device.peak_memory_mb() * 0.6)
-    batching, grad_accum = fit_batch_to_memory(model, data, loss_fn, tight, tight.data_batching())
-    assert batching.batch_size < 64
-    assert batching.batch_size * grad_accum == 64
-    assert (tight.batch_size, tight.grad_accum) == (64, 1)  # settings as set
 
 
 def test_cnn_hybrid_trains(make_cfg):

@@ -1,8 +1,8 @@
 """Every MLflow tag name mlxlab writes or reads, in one place.
 
 Writers (train.py, the trackers, the sweep callback, checkpoint uploads, merges) and readers
-(sweep tables, skip_finished, dead-run checks, the runs listing) import these names, so a tag
-is spelled once.
+(sweep tables, a grid's finished jobs, dead-run checks, the runs listing) import these names, so
+a tag is spelled once.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ SOURCE_NAME = "mlflow.source.name"  # the run page's "Source": the entry point (
 EXPERIMENT_KIND = "mlflow.experimentKind"
 
 # A training run (train.py)
-CONFIG_HASH = "mlxlab.config_hash"  # sweep.skip_finished matches on it
+CONFIG_HASH = "mlxlab.config_hash"  # a grid finds its finished jobs by it
 RUN_DIR = "mlxlab.run_dir"
 TASK_NAME = "mlxlab.task_name"
 OVERRIDES = "mlxlab.overrides"  # the command line's overrides (also on a sweep's parent)

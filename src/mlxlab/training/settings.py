@@ -73,7 +73,6 @@ class TrainerSettings:
     precision: str = "auto"           # auto (fp32 on CPU, bf16 where faster) | fp32 | bf16 | fp16
     compile: bool = True              # mx.compile the step
     grad_checkpoint: bool = False     # recompute each decoder block's activations in the backward
-    memory_budget_mb: float | None = None  # halve the batch (doubling grad_accum) until a step fits
     # rows per forward/backward pass: None = batch_size; N (dividing batch_size x grad_accum);
     # "auto" = the largest power of two whose step fits trainer.memory_limit (micro_batch.py).
     # The effective batch (batch_size x grad_accum) never changes: grad_accum follows.
@@ -132,9 +131,6 @@ def check_micro_batch(settings: TrainerSettings) -> None:
     if micro is not None and settings.batching.dynamic:
         raise ConfigError("trainer.micro_batch needs fixed batches: set trainer.batching."
                           "dynamic=false or trainer.micro_batch=null")
-    if micro is not None and settings.memory_budget_mb:
-        raise ConfigError("trainer.micro_batch and trainer.memory_budget_mb both size the "
-                          "micro-batch: set one (micro_batch=auto with trainer.memory_limit)")
     if settings.memory_limit is not None:
         memory_limit(settings.memory_limit)
     check_number("trainer.oom_restarts", settings.oom_restarts, int, 0)

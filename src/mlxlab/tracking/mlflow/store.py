@@ -40,7 +40,7 @@ def default_store_uri(root: str | Path | None = None) -> str:
 def builds_mlflow(tracking: Any) -> bool:
     """Whether a composed `tracking` node builds an MLflow tracker: it has MLflow's settings
     (mlflow.yaml always sets `uri`) or names MlflowTracker itself. The one place this is
-    decided (fanout.build_tracker, tracked_store, runs' skip_finished ask here).
+    decided (fanout.build_tracker, tracked_store, a grid's finished jobs ask here).
 
     Why by a key and not a `kind:` per option: Hydra merges a list of options
     (tracking=[mlflow,csv]) into one node, where each option's `kind` would overwrite the
