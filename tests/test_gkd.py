@@ -349,8 +349,8 @@ def test_a_sigkilled_gkd_run_resumes_bitwise(tiny, tmp_path, cli_env):
     from test_resume import assert_resumes_bitwise
 
     args = gkd_args(tiny, "trainer.max_steps=10", "trainer.eval_every_steps=5",
-                    "trainer.log_every_steps=2", "callbacks.checkpoint.save_every_steps=5",
-                    "callbacks.checkpoint.save_every_minutes=null")
+                    "trainer.log_every_steps=2", "checkpoint.save_every_steps=5",
+                    "checkpoint.save_every_minutes=null")
     assert_resumes_bitwise(args, tmp_path, cli_env, "gkd")
 
 

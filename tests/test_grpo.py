@@ -374,8 +374,8 @@ def test_a_sigkilled_grpo_run_resumes_bitwise(tiny, tmp_path, cli_env):
     from test_resume import assert_resumes_bitwise
 
     args = grpo_args(tiny, "trainer.max_steps=10", "trainer.eval_every_steps=5",
-                     "trainer.log_every_steps=2", "callbacks.checkpoint.save_every_steps=5",
-                     "callbacks.checkpoint.save_every_minutes=null")
+                     "trainer.log_every_steps=2", "checkpoint.save_every_steps=5",
+                     "checkpoint.save_every_minutes=null")
     cli_env["PYTHONPATH"] = f"{Path(__file__).parent}:{cli_env.get('PYTHONPATH', '')}"
     assert_resumes_bitwise(args, tmp_path, cli_env, "grpo")
 

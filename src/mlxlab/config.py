@@ -167,7 +167,7 @@ def unwrapped() -> Iterator[None]:
 # --- early validation ------------------------------------------------------------------------
 
 # The facts the checks below need live here, so config imports nothing above runtime/.
-# The object stores a checkpoint URI may name (callbacks.checkpoint.remote, resume=), and the
+# The object stores a checkpoint URI may name (checkpoint.remote, resume=), and the
 # fsspec package that opens each (checkpoint/remote.py).
 REMOTE_SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
                   "abfss": "adlfs"}
@@ -229,7 +229,7 @@ CALLBACK_NUMBERS = (("early_stopping", "patience", int, 0), ("memory", "every", 
 # __post_init__, the data modules' settings) before anything heavy is built: one line naming the
 # key, from the owner. The model is checked by its constructor when it is built (its sizes need
 # the data's vocabulary).
-SETTINGS_NODES = ("trainer", "objective", "callbacks.checkpoint", "data", "eval")
+SETTINGS_NODES = ("trainer", "objective", "checkpoint", "data", "eval")
 
 
 # A single run's config is validated by the Hydra callback before its run folder exists
@@ -630,7 +630,7 @@ def _data_of(experiment: str) -> str | None:
 
 
 # Config groups whose option a user picks on the command line (group=option).
-CHOICE_GROUPS = ("model", "data", "objective", "trainer", "preset", "optimizer", "callbacks",
+CHOICE_GROUPS = ("model", "data", "objective", "trainer", "preset", "optimizer", "callbacks", "checkpoint",
                  "tracking", "experiment", "debug", "hparams_search")
 # Choices and keys of earlier versions, when `trainer` held the objective and the run length too
 # (issue 55): each answers with the new spelling.
@@ -655,6 +655,7 @@ RETIRED_KEYS = {
                                  "fits trainer.memory_limit; grad_accum follows"),
     "sweep.skip_finished": ("nothing", "a grid run again continues its sweep by itself; "
                             "sweep.fresh=true starts a new one"),
+    "callbacks.checkpoint.": ("checkpoint.", "the checkpoint policy is a group of its own"),
 }
 
 
@@ -675,7 +676,8 @@ def _check_retired_keys(cfg: DictConfig) -> None:
         parent, _, leaf = old.rstrip(".").rpartition(".")
         node = OmegaConf.select(cfg, parent, default=None)
         if OmegaConf.is_dict(node) and leaf in node:
-            check_retired(old.rstrip("."))
+            keys = list(node[leaf]) if OmegaConf.is_dict(node[leaf]) else []
+            check_retired(f"{old}{keys[0]}" if old.endswith(".") and keys else old.rstrip("."))
 
 
 def check_moved(arg: str) -> None:

@@ -1,5 +1,5 @@
 """The Trainer's settings: one frozen, typed record per `trainer.*` group, each owning its checks,
-and the checkpoint policy (`callbacks.checkpoint.*`, `CheckpointPolicy`).
+and the checkpoint policy (`checkpoint.*`, `CheckpointPolicy`).
 
 `conf/trainer/*.yaml` builds a `TrainerSettings` (its `_target_`); the YAML stays as flat as the
 keys are (`trainer.max_epochs`, `trainer.batch_size`), and the groups that nest there nest here
@@ -28,7 +28,7 @@ from mlxlab.validation import record
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUANTIZE_BITS = (None, 2, 3, 4, 6, 8)  # what mlx.nn.quantize supports
 DISTRIBUTED_MODES = ("auto", "on", "off", True, False)  # YAML's on/off arrive as booleans
-WHEN_BUSY = ("wait", "skip")  # callbacks.checkpoint.when_busy (async_writer.py)
+WHEN_BUSY = ("wait", "skip")  # checkpoint.when_busy (async_writer.py)
 
 
 @dataclass(frozen=True)
@@ -167,15 +167,14 @@ NUMBERS = (
 
 @dataclass(frozen=True)
 class CheckpointPolicy:
-    """When and how the loop checkpoints (`callbacks.checkpoint.*`).
+    """When and how the loop checkpoints (the `checkpoint` group: conf/checkpoint/).
 
     A settings record the loop reads, not a callback: its save points (evaluations, the
     step/minute cadence here, epoch ends, the end, a signal) write through a CheckpointManager
     and writer built from it (checkpointing.py); the best checkpoint follows the trainer's
-    monitor (optimized_metric). It stays under `callbacks` in the config, where it has always
-    been; train.py hands it to the Trainer apart from the callbacks. A run without it
-    (`callbacks=none`) checkpoints with these defaults, as Lightning's enable_checkpointing does:
-    resume and the best weights never depend on the callback list.
+    monitor (optimized_metric). A group of its own, apart from the callbacks, so resume and the
+    best weights never depend on the callback list (`callbacks=none` still checkpoints); a
+    Trainer built in code without one checkpoints with these defaults.
     """
 
     keep_last_n: int = 3            # step checkpoints kept (best/ apart)
@@ -190,7 +189,7 @@ class CheckpointPolicy:
     remote_final_wait_s: float = 120.0  # the run's end waits at most this long for an upload
 
     def __post_init__(self) -> None:  # the owner checks its keys (config.validate builds it)
-        check_number("callbacks.checkpoint.keep_last_n", self.keep_last_n, int, 1)
-        check_choice("callbacks.checkpoint.when_busy", self.when_busy, WHEN_BUSY)
+        check_number("checkpoint.keep_last_n", self.keep_last_n, int, 1)
+        check_choice("checkpoint.when_busy", self.when_busy, WHEN_BUSY)
         if self.remote:
             check_uri(str(self.remote))
