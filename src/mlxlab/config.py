@@ -630,8 +630,8 @@ def _data_of(experiment: str) -> str | None:
 
 
 # Config groups whose option a user picks on the command line (group=option).
-CHOICE_GROUPS = ("model", "data", "objective", "trainer", "preset", "optimizer", "callbacks", "checkpoint",
-                 "tracking", "experiment", "debug", "hparams_search")
+CHOICE_GROUPS = ("model", "data", "objective", "trainer", "preset", "optimizer", "callbacks",
+                 "checkpoint", "tracking", "experiment", "debug", "hparams_search")
 # Choices and keys of earlier versions, when `trainer` held the objective and the run length too
 # (issue 55): each answers with the new spelling.
 MOVED_CHOICES = {

@@ -4,12 +4,13 @@ The trainer writes a `CheckpointState`; the trainer (resume), the checkpoint man
 metric), `mlxlab.runs`, export and tracking read one back with `CheckpointState.read(path)`. No
 other module spells a state.json key.
 
-Versions: 1 is the unversioned layout, 2 adds `version` and writes every field, 3 is a state whose
-config has today's shape (the `checkpoint` group, `trainer.micro_batch` alone sizing the
-micro-batch). Every version reads (export, predictions and `mlxlab runs` load old runs); a resume
-takes version 3 only (`check_resumable`: one line), and a state from a newer mlxlab is refused
-with a clear message rather than half-read. The low-level `save_checkpoint`/`load_checkpoint` also take and return a plain dict
-(written verbatim) for callers that checkpoint something other than a trainer.
+Versions: 1 is the unversioned layout, 2 adds `version` and writes every field, 3 is a state
+whose config has today's shape (the `checkpoint` group, `trainer.micro_batch` alone sizing the
+micro-batch). Every version reads (export, predictions and `mlxlab runs` load old runs); a
+resume takes version 3 only (`check_resumable`: one line), and a state from a newer mlxlab is
+refused with a clear message rather than half-read. The low-level
+`save_checkpoint`/`load_checkpoint` also take and return a plain dict (written verbatim) for
+callers that checkpoint something other than a trainer.
 """
 
 from __future__ import annotations
