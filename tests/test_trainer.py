@@ -28,14 +28,16 @@ from mlxlab.training.step import make_step, with_precision
 from mlxlab.training.trainer import TrainingError
 
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.dropout=0.0"]
-# test_cnn_hybrid_trains: long enough to learn Titanic past its label prior
-CNN_STEPS = ["trainer.max_steps=30", "trainer.eval_every_steps=30"]
-# test_two_weighted_teachers: two teachers that disagree (another width, seed and length), and
-# students long enough to move toward their mixture
+# test_cnn_hybrid_trains: two epochs (23 steps each) at a higher rate learn Titanic well past
+# its label prior (val/loss 0.42, val/accuracy 0.81 against 0.665 and 0.618)
+CNN_STEPS = ["trainer.max_epochs=2", "trainer.max_steps=46", "trainer.eval_every_steps=46",
+             "optimizer.learning_rate=3e-3"]
+# test_two_weighted_teachers: two teachers that disagree (another width, seed and length); the
+# students' 4 steps move each a quarter closer to the teacher it weights more (KL 0.0084 vs
+# 0.0106 to A, 0.0043 vs 0.0059 to B)
 TEACHERS = {"a": ["model.hidden_size=32"],
-            "b": ["model.hidden_size=64", "seed=7", "trainer.max_steps=12",
-                  "trainer.eval_every_steps=12"]}
-STUDENT_STEPS = ["trainer.max_steps=8", "trainer.eval_every_steps=8"]
+            "b": ["model.hidden_size=64", "seed=7", "trainer.max_steps=8",
+                  "trainer.eval_every_steps=8"]}
 
 
 def adamw(learning_rate: float):
@@ -127,8 +129,8 @@ def test_cnn_hybrid_trains(make_cfg, tmp_path):
     majority, prior_loss = prior.max(), float(-(prior * np.log(prior)).sum())
     metrics = train(make_cfg(*FAST, "tracking=none", "model=cnn_hybrid", "model.cnn_filters=16",
                              *CNN_STEPS))
-    assert metrics["val/accuracy"] >= majority + 0.05, (metrics, majority)
-    assert metrics["val/loss"] <= prior_loss - 0.05, (metrics, prior_loss)
+    assert metrics["val/accuracy"] >= majority + 0.1, (metrics, majority)
+    assert metrics["val/loss"] <= prior_loss - 0.1, (metrics, prior_loss)
 
 
 def test_language_model_loss_falls(make_cfg):
@@ -380,7 +382,7 @@ def test_two_weighted_teachers(make_cfg, tmp_path):
         spec = (f"{{run: '{teachers['a']}', weight: {weight_a}}},"
                 f"{{run: '{teachers['b']}', weight: {round(1 - weight_a, 1)}}}")
         cfg = make_cfg(*FAST, "tracking=none", "objective=distill", "objective.alpha=0.0",
-                       f"objective.teachers=[{spec}]", *STUDENT_STEPS)
+                       f"objective.teachers=[{spec}]")
         cfg.paths.output_dir = str(tmp_path / "outputs" / f"student_a{weight_a}")
         finals[weight_a] = train(cfg)
         students[weight_a] = load_run_model(cfg.paths.output_dir, "last")[0]
