@@ -409,7 +409,7 @@ def model_overrides(name: str, args) -> list[str]:
         f"experiment={experiment}",
         f"trainer.max_steps={total}",
         "trainer.eval_every_steps=null",  # evaluate at epoch ends only (BERT) and after the run
-        "callbacks.checkpoint.save_every_minutes=null",
+        "checkpoint.save_every_minutes=null",
         "callbacks.early_stopping.patience=0",
         "trainer.grad_accum=1",
     ]

@@ -27,12 +27,12 @@ from bench_common import cpu_model
 SETUPS = {
     "titanic": [
         "trainer.max_epochs=6", "callbacks.early_stopping.patience=0",
-        "callbacks.progress.enabled=false", "callbacks.checkpoint.save_every_minutes=null",
+        "callbacks.progress.enabled=false", "checkpoint.save_every_minutes=null",
     ],
     "tinystories": [
         "experiment=tinystories_nano", "model.dim=128", "model.num_layers=2", "model.num_heads=4",
         "trainer.max_steps=150", "trainer.eval_every_steps=75", "trainer.schedule.warmup_steps=15",
-        "callbacks.progress.enabled=false", "callbacks.checkpoint.save_every_minutes=null",
+        "callbacks.progress.enabled=false", "checkpoint.save_every_minutes=null",
     ],
 }
 CONDITIONS = {

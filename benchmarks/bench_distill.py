@@ -45,8 +45,8 @@ from mlxlab.checkpoint import CheckpointState
 from mlxlab.config import compose_config
 from mlxlab.train import train
 
-COMMON = ["tracking=none", "callbacks.progress.enabled=false", "callbacks.checkpoint.save_every_minutes=null",
-          "callbacks.checkpoint.keep_last_n=1"]
+COMMON = ["tracking=none", "callbacks.progress.enabled=false", "checkpoint.save_every_minutes=null",
+          "checkpoint.keep_last_n=1"]
 
 # Titanic: the default BERT (hidden 128, 2 layers) teaches the distill_titanic cnn_hybrid student
 # (hidden 32, embeddings-only convolutions). 10 epochs x 23 steps, evaluated every epoch; no early

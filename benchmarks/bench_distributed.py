@@ -32,13 +32,13 @@ BIN = Path(sys.executable).parent
 CACHE = Path(tempfile.gettempdir()) / "mlxlab-bench-dist-cache"
 LM = ["experiment=tinystories_nano", "data.splits.max_examples=2000",
       "data.splits.val_examples=20", "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
-      "trainer.eval_every_steps=null", "callbacks.checkpoint.save_every_minutes=null",
+      "trainer.eval_every_steps=null", "checkpoint.save_every_minutes=null",
       "tracking=none", "trainer.schedule.warmup_steps=2"]
 SMALL = ["model=transformer_small", "data=streaming", "data.packing.seq_len=64",
          "model.max_seq_len=64", "data.splits.max_examples=500", "data.splits.val_examples=8",
          "data.tokenizer.max_vocab=8192",
          "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
-         "trainer.eval_every_steps=null", "callbacks.checkpoint.save_every_minutes=null",
+         "trainer.eval_every_steps=null", "checkpoint.save_every_minutes=null",
          "tracking=none", "trainer.batch_size=2", "optimized_metric=val/loss",
          "optimized_mode=min",
          "trainer.distributed.timeout_s=900"]  # a first (compiling) step can take minutes here

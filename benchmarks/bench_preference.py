@@ -248,7 +248,7 @@ def run_mlxlab(
         "trainer.schedule.warmup_steps=0",
         "callbacks.progress.enabled=false",
         f"callbacks.memory.every={every}",
-        "callbacks.checkpoint.save_every_minutes=null",
+        "checkpoint.save_every_minutes=null",
         f"hydra.run.dir={root}/run",
     ]
     if cached:

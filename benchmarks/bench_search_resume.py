@@ -28,7 +28,7 @@ def command(name: str, trials: int) -> list[str]:
             f"hydra.sweeper.n_trials={trials}", f"hydra.sweeper.study_name={name}",
             f"hydra.sweep.dir=multirun/{name}", "hydra.sweeper.sampler.seed=7",
             "callbacks.progress.enabled=false", "trainer.max_epochs=20",
-            "callbacks.checkpoint.save_every_steps=20"]
+            "checkpoint.save_every_steps=20"]
 
 
 def run(root: Path, name: str, trials: int, kill_at: int | None = None) -> str:

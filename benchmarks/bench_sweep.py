@@ -39,7 +39,7 @@ def sweep_args(steps: int, tiny: bool) -> list[str]:
         f"trainer.max_steps={steps}",
         f"trainer.eval_every_steps={steps}",
         "callbacks.progress.enabled=false",
-        "callbacks.checkpoint.save_every_minutes=null",
+        "checkpoint.save_every_minutes=null",
     ]
     if tiny:
         args += ["model.num_layers=1", "model.num_heads=2", "trainer.batch_size=64"]
@@ -116,7 +116,7 @@ def run_overhead(steps: int, tiny: bool, repeats: int, root: Path) -> dict:
         "trainer.log_every_steps=1",
         "callbacks.progress.enabled=false",
         "callbacks.early_stopping.patience=0",
-        "callbacks.checkpoint.save_every_minutes=null",
+        "checkpoint.save_every_minutes=null",
     ]
     tracking_args = {
         "mlflow": ["tracking=mlflow", f"tracking.uri={uri}"],

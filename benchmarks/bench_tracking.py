@@ -28,7 +28,7 @@ def worker(experiment: str, steps: int, tracking: str) -> None:
     cfg = compose_config(root, [
         f"experiment={experiment}", f"tracking={tracking}", f"trainer.max_steps={steps + 3}",
         "trainer.max_epochs=1000", "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
-        "trainer.eval_every_steps=null", "callbacks.checkpoint.save_every_minutes=null", OVERRIDE,
+        "trainer.eval_every_steps=null", "checkpoint.save_every_minutes=null", OVERRIDE,
     ])
     train(cfg)
     times, evals = RECORD["times"], set(RECORD["evals"])

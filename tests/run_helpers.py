@@ -19,7 +19,7 @@ TITANIC = [
     "trainer.batch_size=64",          # 713 rows -> 12 steps an epoch
     "trainer.max_epochs=3", "trainer.schedule.warmup_steps=4", "trainer.log_every_steps=1",
     "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
-    "callbacks.checkpoint.save_every_steps=3", "callbacks.checkpoint.save_every_minutes=null",
+    "checkpoint.save_every_steps=3", "checkpoint.save_every_minutes=null",
 ]
 # A language model small enough for a test: a 32-wide layer over 300 examples.
 TINY_LM = [
@@ -31,7 +31,7 @@ STREAMING = [
     *TINY_LM, "trainer.batch_size=8",
     "trainer.max_steps=24", "trainer.eval_every_steps=12", "trainer.log_every_steps=1",
     "trainer.schedule.warmup_steps=2", "callbacks.progress.enabled=false",
-    "callbacks.checkpoint.save_every_steps=3", "callbacks.checkpoint.save_every_minutes=null",
+    "checkpoint.save_every_steps=3", "checkpoint.save_every_minutes=null",
 ]
 
 

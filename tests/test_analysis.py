@@ -21,7 +21,7 @@ from mlxlab.training.analysis import analyse, attention_entropies, grouped_norms
 def test_logged_norms_are_those_of_the_snapshot_step(make_cfg):
     cfg = make_cfg(*FAST, "trainer.max_steps=10", "trainer.eval_every_steps=null",
                    "tracking=csv", "callbacks=analysis", "callbacks.analysis.every_steps=5",
-                   "callbacks.checkpoint.save_every_steps=5", "callbacks.checkpoint.keep_last_n=5")
+                   "checkpoint.save_every_steps=5", "checkpoint.keep_last_n=5")
     train(cfg)
     run_dir = Path(cfg.paths.output_dir)
     rows = read_metrics(run_dir / "tracking")

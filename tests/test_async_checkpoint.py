@@ -123,8 +123,8 @@ KILL_DURING_WRITE = [
     "model.hidden_size=128", "model.num_layers=2", "model.num_heads=4",
     "trainer.batch_size=64", "trainer.max_epochs=1", "trainer.schedule.warmup_steps=4",
     "trainer.log_every_steps=1", "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
-    "callbacks.checkpoint.save_every_steps=1", "callbacks.checkpoint.save_every_minutes=null",
-    "callbacks.checkpoint.keep_last_n=2",
+    "checkpoint.save_every_steps=1", "checkpoint.save_every_minutes=null",
+    "checkpoint.keep_last_n=2",
 ]
 LAST = 12  # 713 rows / 64
 

@@ -21,7 +21,7 @@ from conftest import PYTHON, REPO, wait_for_server
 
 TINY = [
     "trainer.max_steps=3", "trainer.eval_every_steps=3", "trainer.schedule.warmup_steps=0",
-    "callbacks.progress.enabled=false", "trainer.batch_size=64", "callbacks.checkpoint.save_every_minutes=null",
+    "callbacks.progress.enabled=false", "trainer.batch_size=64", "checkpoint.save_every_minutes=null",
     "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "data.max_length=48",
 ]
 

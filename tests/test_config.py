@@ -13,8 +13,8 @@ from conftest import PYTHON, compose_cfg, model_folder_stub
 from mlxlab.config import ConfigError, config_dir, to_container, validate
 
 CONF = Path(config_dir())
-GROUPS = ["model", "data", "objective", "trainer", "preset", "optimizer", "callbacks", "tracking",
-          "experiment", "hparams_search", "debug"]
+GROUPS = ["model", "data", "objective", "trainer", "preset", "optimizer", "callbacks", "checkpoint",
+          "tracking", "experiment", "hparams_search", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 

@@ -90,8 +90,8 @@ class InterruptAt(Callback):
 
 
 RESUMABLE = [*FAST, "trainer.max_epochs=2", "trainer.max_steps=12", "trainer.eval_every_steps=6",
-             "trainer.log_every_steps=1", "callbacks.checkpoint.save_every_steps=4",
-             "callbacks.checkpoint.save_every_minutes=null", "callbacks.early_stopping.patience=0"]
+             "trainer.log_every_steps=1", "checkpoint.save_every_steps=4",
+             "checkpoint.save_every_minutes=null", "callbacks.early_stopping.patience=0"]
 
 
 def assert_same_csv_metrics(reference: Path, resumed: Path) -> None:

@@ -48,8 +48,8 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_space(tmp_path, cli_e
     with small_disk(tmp_path / "disk", "5m") as disk:  # one checkpoint (3.2 MB) fits, not two
         proc = subprocess.run(
             [PYTHON, "-m", "mlxlab.train", "trainer.max_epochs=1", "trainer.max_steps=4",
-             "trainer.eval_every_steps=null", "callbacks.checkpoint.save_every_steps=2",
-             "callbacks.checkpoint.save_every_minutes=null", "callbacks.progress.enabled=false",
+             "trainer.eval_every_steps=null", "checkpoint.save_every_steps=2",
+             "checkpoint.save_every_minutes=null", "callbacks.progress.enabled=false",
              "model.num_layers=1", "model.num_heads=2", "data.max_length=48", "tracking=none",
              f"hydra.run.dir={disk}/run"],
             cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)

@@ -226,7 +226,7 @@ ROUNDS = [
     "trainer.batch_size=64", "trainer.max_epochs=2",  # 713 rows -> 12 steps an epoch
     "trainer.schedule.warmup_steps=4", "trainer.log_every_steps=1", "objective.rounds=2",
     "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
-    "callbacks.checkpoint.save_every_steps=3", "callbacks.checkpoint.save_every_minutes=null",
+    "checkpoint.save_every_steps=3", "checkpoint.save_every_minutes=null",
 ]
 
 

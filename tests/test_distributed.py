@@ -30,13 +30,13 @@ BERT = [
     "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.dropout=0",
     "trainer.max_steps=20", "trainer.schedule.warmup_steps=2", "trainer.log_every_steps=5",
     "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
-    "callbacks.checkpoint.save_every_minutes=null", "tracking=none",
+    "checkpoint.save_every_minutes=null", "tracking=none",
 ]
 LM = [
     *TINY_LM, "data.tokenizer_sample=300",
     "trainer.max_steps=20", "trainer.eval_every_steps=20", "trainer.schedule.warmup_steps=2",
     "trainer.log_every_steps=5", "callbacks.progress.enabled=false",
-    "callbacks.checkpoint.save_every_minutes=null", "tracking=none",
+    "checkpoint.save_every_minutes=null", "tracking=none",
 ]
 
 
@@ -111,7 +111,7 @@ def start_long_run(tmp_path: Path, cli_env: dict, every: int, *extra: str
     """2 ranks of a BERT run with no end in sight, checkpointing every `every` steps; returns
     once the first checkpoint is committed: (launcher, run dir, rank pids)."""
     args = [*BERT, "trainer.max_steps=100000", "trainer.batch_size=8",
-            f"callbacks.checkpoint.save_every_steps={every}", *extra]
+            f"checkpoint.save_every_steps={every}", *extra]
     run_dir = tmp_path / "run"
     proc = start(2, args, run_dir, cli_env)
     wait_for_step(proc, run_dir, every)
@@ -206,7 +206,7 @@ def test_lanes_resume_after_sigkill_and_end_epochs_together(tmp_path, cli_env):
     so the weights match an uninterrupted run. Resumed as 1 process instead, the run starts its
     lane at the first document no old lane had read, and finishes."""
     args = [*LM, "data.shard_by_rank=true", "data.splits.max_examples=6", "trainer.batch_size=4",
-            "callbacks.checkpoint.save_every_steps=4", "callbacks.checkpoint.keep_last_n=10",
+            "checkpoint.save_every_steps=4", "checkpoint.keep_last_n=10",
             "trainer.distributed.timeout_s=300"]  # steps and saves on a loaded box
     run(2, args, tmp_path / "reference", cli_env)
     state = json.loads((tmp_path / "reference/checkpoints/step_00000020/state.json").read_text())
@@ -229,8 +229,8 @@ def test_lanes_resume_after_sigkill_and_end_epochs_together(tmp_path, cli_env):
 @pytest.mark.slow
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)], ids=["2to1", "1to2"])
 def test_sigkill_then_resume_at_another_world_size(tmp_path, cli_env, first, then):
-    args = [*BERT, "tracking=mlflow", "callbacks.checkpoint.save_every_steps=4",
-            "callbacks.checkpoint.keep_last_n=10", "task_name=dpresume"]
+    args = [*BERT, "tracking=mlflow", "checkpoint.save_every_steps=4",
+            "checkpoint.keep_last_n=10", "task_name=dpresume"]
     per_rank = {1: "trainer.batch_size=16", 2: "trainer.batch_size=8"}
     run(1, [*args, per_rank[1]], tmp_path / "reference", cli_env)
 
@@ -277,7 +277,7 @@ def test_a_killed_rank_stops_the_others_with_checkpoints_intact(tmp_path, cli_en
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_checkpoints_once_and_all_ranks_exit(tmp_path, cli_env):
     proc, run_dir, ranks = start_long_run(tmp_path, cli_env, 5,
-                                          "callbacks.checkpoint.keep_last_n=1000")
+                                          "checkpoint.keep_last_n=1000")
     proc.send_signal(signal.SIGTERM)  # the launcher only, as `kill <pid>` would
     proc.wait(timeout=120)
     deadline = time.time() + 120

@@ -326,7 +326,7 @@ def test_eval_tasks_are_checked_before_training(tmp_path):
 
 
 def test_no_tasks_keeps_the_config_hash():
-    """Runs without tasks hash as before the eval node existed (sweep.skip_finished)."""
+    """Runs without tasks hash as if the eval node did not exist (a grid finds its finished jobs by the hash)."""
     from omegaconf import OmegaConf
 
     from mlxlab.config import config_hash

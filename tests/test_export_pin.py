@@ -22,9 +22,9 @@ from run_helpers import TINY_LM, committed_steps, start
 WRITING = [
     *TINY_LM, "tracking=none", "callbacks.progress.enabled=false", "trainer.batch_size=8",
     "trainer.schedule.warmup_steps=2", "trainer.log_every_steps=1",
-    "trainer.eval_every_steps=1", "callbacks.checkpoint.save_every_steps=1",
-    "callbacks.checkpoint.save_every_minutes=null", "callbacks.checkpoint.keep_last_n=1",
-    "callbacks.checkpoint.async_write=false", "callbacks.early_stopping.patience=0",
+    "trainer.eval_every_steps=1", "checkpoint.save_every_steps=1",
+    "checkpoint.save_every_minutes=null", "checkpoint.keep_last_n=1",
+    "checkpoint.async_write=false", "callbacks.early_stopping.patience=0",
 ]
 
 

@@ -18,7 +18,7 @@ from mlxlab.runtime import failures
 
 TESTS = Path(__file__).resolve().parent
 RUN = [*FAST, "trainer.max_steps=12", "trainer.eval_every_steps=null",
-       "callbacks.checkpoint.save_every_steps=4", "callbacks.checkpoint.save_every_minutes=null",
+       "checkpoint.save_every_steps=4", "checkpoint.save_every_minutes=null",
        "tracking=csv"]
 
 

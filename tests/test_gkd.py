@@ -304,14 +304,13 @@ def test_a_teacher_of_another_tokenizer_is_refused_before_anything_is_built(tiny
     assert not list(tmp_path.glob("outputs/**/*.json")) and not (tmp_path / "mlruns").exists()
 
 
-@pytest.mark.parametrize("override", ["trainer.micro_batch=auto", "preset=production"])
-def test_a_memory_probe_under_gkd_is_one_line(tiny, make_cfg, override):
+def test_a_memory_probe_under_gkd_is_one_line(tiny, make_cfg):
     """The memory probes step on the data's batches, not the rollouts GKD makes: refused in
     one line before anything is built, as under GRPO."""
     from mlxlab.config import validate
 
     with pytest.raises(ConfigError, match="objective gkd makes its batches while it trains"):
-        validate(make_cfg(*gkd_args(tiny, override)))
+        validate(make_cfg(*gkd_args(tiny, "trainer.micro_batch=auto")))
 
 
 TRL_METRICS = ("loss", "on_policy_fraction", "completions/mean_length",
@@ -350,8 +349,8 @@ def test_a_sigkilled_gkd_run_resumes_bitwise(tiny, tmp_path, cli_env):
     from test_resume import assert_resumes_bitwise
 
     args = gkd_args(tiny, "trainer.max_steps=10", "trainer.eval_every_steps=5",
-                    "trainer.log_every_steps=2", "callbacks.checkpoint.save_every_steps=5",
-                    "callbacks.checkpoint.save_every_minutes=null")
+                    "trainer.log_every_steps=2", "checkpoint.save_every_steps=5",
+                    "checkpoint.save_every_minutes=null")
     assert_resumes_bitwise(args, tmp_path, cli_env, "gkd")
 
 

@@ -374,8 +374,8 @@ def test_a_sigkilled_grpo_run_resumes_bitwise(tiny, tmp_path, cli_env):
     from test_resume import assert_resumes_bitwise
 
     args = grpo_args(tiny, "trainer.max_steps=10", "trainer.eval_every_steps=5",
-                     "trainer.log_every_steps=2", "callbacks.checkpoint.save_every_steps=5",
-                     "callbacks.checkpoint.save_every_minutes=null")
+                     "trainer.log_every_steps=2", "checkpoint.save_every_steps=5",
+                     "checkpoint.save_every_minutes=null")
     cli_env["PYTHONPATH"] = f"{Path(__file__).parent}:{cli_env.get('PYTHONPATH', '')}"
     assert_resumes_bitwise(args, tmp_path, cli_env, "grpo")
 
@@ -426,8 +426,7 @@ def test_optuna_searches_beta_the_learning_rate_and_g(tiny, tmp_path):
     assert client.get_run(parent.info.run_id).data.metrics["optuna/best_value"] == max(scores)
 
 
-@pytest.mark.parametrize("override", ["preset=production", "trainer.micro_batch=auto"])
-def test_a_memory_probe_under_grpo_is_one_line_not_a_crash(tmp_path, override):
+def test_a_memory_probe_under_grpo_is_one_line_not_a_crash(tmp_path):
     """The probes step on the data's batches; GRPO trains on rollouts it makes (issue 55/56)."""
     from hydra.core.global_hydra import GlobalHydra
 
@@ -435,7 +434,8 @@ def test_a_memory_probe_under_grpo_is_one_line_not_a_crash(tmp_path, override):
     from mlxlab.config import validate
     from mlxlab.errors import ConfigError
 
-    cfg = compose_cfg(tmp_path, ["experiment=grpo_copy", "model.pretrained=/nowhere", override])
+    cfg = compose_cfg(tmp_path, ["experiment=grpo_copy", "model.pretrained=/nowhere",
+                                 "trainer.micro_batch=auto"])
     GlobalHydra.instance().clear()
     with pytest.raises(ConfigError, match="objective grpo makes its batches while it trains"):
         validate(cfg)

@@ -225,7 +225,7 @@ def test_a_qwen3_moe_run_sigkilled_mid_run_resumes_bitwise(tmp_path, cli_env):
             "data.val_fraction=0.25", "data.max_length=64", "trainer.batch_size=4",
             "trainer.max_steps=10", "trainer.eval_every_steps=5", "trainer.log_every_steps=1",
             "optimizer.learning_rate=1e-2", "callbacks.progress.enabled=false",
-            "callbacks.checkpoint.save_every_steps=2", "callbacks.checkpoint.save_every_minutes=null"]
+            "checkpoint.save_every_steps=2", "checkpoint.save_every_minutes=null"]
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     reference = tmp_path / "reference"
     run(args, reference, cli_env)

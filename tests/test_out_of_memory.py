@@ -50,8 +50,6 @@ def test_micro_batch_settings_are_checked_in_one_line():
         TrainerSettings(batch_size=32, grad_accum=1, micro_batch=12)
     with pytest.raises(ConfigError, match="needs fixed batches"):
         TrainerSettings(batch_size=32, micro_batch="auto", batching={"dynamic": True})
-    with pytest.raises(ConfigError, match="both size the micro-batch"):
-        TrainerSettings(micro_batch="auto", memory_budget_mb=100)
     with pytest.raises(ConfigError, match="memory_limit=0: give GB"):
         TrainerSettings(memory_limit=0)
     with pytest.raises(ConfigError, match="give GB"):
@@ -168,9 +166,9 @@ def finetune_args(files: dict[str, Path], root: Path, uri: str, *more: str) -> l
             f"data.train_file={files['train']}", f"data.val_file={files['val']}",
             "data.max_length=255", f"tracking.uri={uri}", "tracking.background=false",
             "callbacks.progress.enabled=false", f"trainer.batch_size={BATCH}",
-            "trainer.log_every_steps=1", "callbacks.checkpoint.save_every_steps=2",
-            "callbacks.checkpoint.save_every_minutes=null", "callbacks.checkpoint.async_write=false",
-            "callbacks.checkpoint.keep_last_n=10", f"paths.root_dir={root}", *more]
+            "trainer.log_every_steps=1", "checkpoint.save_every_steps=2",
+            "checkpoint.save_every_minutes=null", "checkpoint.async_write=false",
+            "checkpoint.keep_last_n=10", f"paths.root_dir={root}", *more]
 
 
 def vm_peak_kb(args: list[str], env: dict, cwd: Path) -> int:
@@ -376,8 +374,8 @@ def test_mlxs_raised_out_of_memory_restarts_under_the_parent_until_its_bound(tmp
     out = subprocess.run(
         [MLXLAB_TRAIN, *FAST, "trainer.max_steps=8", "trainer.eval_every_steps=null",
          "trainer.batch_size=16", "trainer.oom_restarts=1", "tracking=csv",
-         "callbacks.checkpoint.save_every_steps=4", "callbacks.checkpoint.save_every_minutes=null",
-         "callbacks.checkpoint.async_write=false", f"hydra.run.dir={run_dir}",
+         "checkpoint.save_every_steps=4", "checkpoint.save_every_minutes=null",
+         "checkpoint.async_write=false", f"hydra.run.dir={run_dir}",
          "+callbacks.fail={_target_: failure_helpers.FailAt, step: 6}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-3000:]

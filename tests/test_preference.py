@@ -292,8 +292,8 @@ def test_a_sigkilled_dpo_run_resumes_bitwise(pref_model, tmp_path, cli_env):
             "trainer.eval_every_steps=8",
             "trainer.log_every_steps=2",
             "objective.reference=cached",
-            "callbacks.checkpoint.save_every_steps=3",
-            "callbacks.checkpoint.save_every_minutes=null",
+            "checkpoint.save_every_steps=3",
+            "checkpoint.save_every_minutes=null",
         ),
     ]
     killed = tmp_path / "killed"
@@ -461,7 +461,7 @@ def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pre
         a
         for a in preference_args(pref_model, "trainer.max_steps=8", "trainer.eval_every_steps=4")
         if not a.startswith("trainer.log_every_steps")
-    ] + ["trainer.log_every_steps=4", "callbacks.checkpoint.save_every_minutes=null"]
+    ] + ["trainer.log_every_steps=4", "checkpoint.save_every_minutes=null"]
     mlxlab_train(
         tmp_path,
         "--multirun",

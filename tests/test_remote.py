@@ -40,8 +40,8 @@ ARGS = [
     "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
     "trainer.batch_size=64", "trainer.max_epochs=2", "trainer.schedule.warmup_steps=4",  # 24 steps
     "trainer.log_every_steps=1", "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
-    "callbacks.checkpoint.save_every_steps=4", "callbacks.checkpoint.save_every_minutes=null",
-    "callbacks.checkpoint.keep_last_n=2", "callbacks.checkpoint.remote_backoff_s=0.25",
+    "checkpoint.save_every_steps=4", "checkpoint.save_every_minutes=null",
+    "checkpoint.keep_last_n=2", "checkpoint.remote_backoff_s=0.25",
     "task_name=remote",
 ]
 LAST = 24
@@ -288,7 +288,7 @@ def test_upload_then_resume_from_the_bucket_is_bitwise_identical(server, referen
     (tmp_path / "holdpoint.py").write_text(HOLD_MODULE)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
     first = tmp_path / "outputs" / "remote" / "first"
-    proc = start([*ARGS, f"callbacks.checkpoint.remote={uri}",
+    proc = start([*ARGS, f"checkpoint.remote={uri}",
                   "+callbacks.hold={_target_: holdpoint.Hold, step: 8}"], first, env)
     with env_set(server.env):
         store = remote_store(server, prefix)
@@ -312,7 +312,7 @@ def test_upload_then_resume_from_the_bucket_is_bitwise_identical(server, referen
     # GCS and Azure: resume=<the URI> itself
     second = tmp_path / "outputs" / "remote" / "second"
     resume = "resume=auto" if server.scheme == "s3" else f"resume={uri}"
-    out = finish(start([*ARGS, f"callbacks.checkpoint.remote={uri}", resume], second, env))
+    out = finish(start([*ARGS, f"checkpoint.remote={uri}", resume], second, env))
     assert f"downloaded {uri}/checkpoints/step_{max(uploaded):08d}" in out
     expected, got = last_weights(reference), last_weights(second)
     assert expected.keys() == got.keys()
@@ -340,8 +340,8 @@ def test_server_stopped_mid_upload(server, tmp_path):
     env = environment(tmp_path, server.env)
     run_dir = tmp_path / "outputs" / "remote" / "outage"
     # ~2 min of backoff; a call on a connection the restarted server dropped ends after 10 s
-    proc = start([*ARGS, f"callbacks.checkpoint.remote={uri}", "callbacks.checkpoint.remote_retries=9",
-                  "callbacks.checkpoint.remote_timeout_s=10"], run_dir, env)
+    proc = start([*ARGS, f"checkpoint.remote={uri}", "checkpoint.remote_retries=9",
+                  "checkpoint.remote_timeout_s=10"], run_dir, env)
     with env_set(server.env):
         store = remote_store(server, prefix)
         deadline = time.time() + 300
@@ -416,7 +416,7 @@ def test_bad_remote_uris_are_one_clear_line(tmp_path):
                                  "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"})
     out = subprocess.run(
         [PYTHON, "-m", "mlxlab.train", *ARGS, "resume=s3://nobucket/run",
-         "callbacks.checkpoint.remote_retries=1", f"hydra.run.dir={tmp_path / 'run'}"],
+         "checkpoint.remote_retries=1", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert "cannot list checkpoints at s3://nobucket/run" in out.stderr
@@ -438,7 +438,7 @@ def test_a_remote_that_fails_at_the_start_ends_the_tracked_run(make_cfg, tmp_pat
     monkeypatch.delitem(known, "s3", raising=False)  # even when an earlier test imported it
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = make_cfg(*ARGS, "trainer.max_epochs=1", f"tracking.uri={uri}", "tracking.background=false",
-                   "callbacks.checkpoint.remote=s3://bucket/prefix")
+                   "checkpoint.remote=s3://bucket/prefix")
     with pytest.raises(RemoteError, match="s3:// checkpoints need s3fs") as raised:
         train(cfg)
     assert "\n" not in str(raised.value)
@@ -458,7 +458,7 @@ def test_a_remote_that_fails_at_the_start_is_one_line_and_a_failed_run(tmp_path)
         filter(None, [str(fake), os.environ.get("PYTHONPATH")]))})
     out = subprocess.run(
         [PYTHON, "-m", "mlxlab.train", *ARGS, "trainer.max_epochs=1",
-         "callbacks.checkpoint.remote=s3://bucket/prefix", f"hydra.run.dir={tmp_path / 'run'}"],
+         "checkpoint.remote=s3://bucket/prefix", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]

@@ -187,7 +187,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, cli_env, name, args,
 
 
 def test_sigterm_checkpoints_marks_killed_and_resume_auto_finishes(tmp_path, cli_env):
-    args = [*TITANIC, "callbacks.checkpoint.save_every_steps=null", "trainer.max_epochs=40",
+    args = [*TITANIC, "checkpoint.save_every_steps=null", "trainer.max_epochs=40",
             "task_name=sigterm"]
     run_dir = tmp_path / "outputs" / "sigterm" / "first"
     run_dir.parent.mkdir(parents=True)
@@ -286,7 +286,7 @@ def test_runs_killed_before_a_checkpoint_are_marked_killed(tmp_path, cli_env):
     client = MlflowClient(uri)
     # batch_size=2: ~350 steps before the first (epoch-end) checkpoint
     args = [*TITANIC, "task_name=doomed", "trainer.batch_size=2", "trainer.max_epochs=1000",
-            "callbacks.checkpoint.save_every_steps=null"]
+            "checkpoint.save_every_steps=null"]
 
     def run_of(run_dir: Path):
         if not (tmp_path / "mlruns" / "mlflow.db").exists():
@@ -358,7 +358,7 @@ def test_resume_on_other_data_reports_it_and_resets_the_best_metric(tmp_path, cl
     other = tmp_path / "noise.txt"  # far harder than the stories: its val/loss is far higher
     other.write_text("\n\n".join(" ".join("".join(rng.choice(letters, 5)) for _ in range(30))
                                  for _ in range(200)) + "\n")
-    args = [*STREAMING, "trainer.eval_every_steps=6", "callbacks.checkpoint.save_every_steps=null"]
+    args = [*STREAMING, "trainer.eval_every_steps=6", "checkpoint.save_every_steps=null"]
     first = tmp_path / "first"
     run([*args, "trainer.max_steps=6"], first, cli_env)
     out = run([*args, "trainer.max_steps=12", f"resume={first}", f"data.source.data_files={other}",
@@ -421,7 +421,7 @@ def test_sigusr1_checkpoints_requeues_the_slurm_job_and_the_requeued_start_resum
     scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
     scontrol.chmod(0o755)
     env = {**cli_env, "PATH": f"{bin_dir}:{cli_env['PATH']}", "SLURM_JOB_ID": "4242"}
-    args = [*TITANIC, "callbacks.checkpoint.save_every_steps=null", "trainer.max_epochs=4",
+    args = [*TITANIC, "checkpoint.save_every_steps=null", "trainer.max_epochs=4",
             "task_name=preempted", "trainer.requeue=true"]
     first = tmp_path / "outputs" / "preempted" / "first"
     first.parent.mkdir(parents=True)
@@ -533,8 +533,8 @@ BEST_EARLY = [*TITANIC[:3], "optimized_metric=val/roc_auc", "optimized_mode=min"
               "trainer.eval_every_steps=2",
               "trainer.schedule.warmup_steps=4", "trainer.log_every_steps=2",
               "callbacks.early_stopping.patience=0", "callbacks.progress.enabled=false",
-              "callbacks.checkpoint.save_every_steps=2",
-              "callbacks.checkpoint.save_every_minutes=null"]
+              "checkpoint.save_every_steps=2",
+              "checkpoint.save_every_minutes=null"]
 
 
 def best_step(run_dir: Path) -> int:

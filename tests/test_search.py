@@ -23,7 +23,7 @@ from test_sweeps import TINY, client_for, mlxlab_train, run, sweep_parents, trai
 
 SEARCH = [
     *TINY, "trainer.max_steps=12", "trainer.eval_every_steps=3",
-    "callbacks.checkpoint.save_every_steps=3", "tracking.background=false",
+    "checkpoint.save_every_steps=3", "tracking.background=false",
     "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
 ]
 
@@ -314,7 +314,7 @@ def test_a_search_without_a_preset_resumes_in_its_study_folder(tmp_path):
     first checkpoint, then the same command: the study's folder found again (not a new stamped
     one), trial 1 resumed from its checkpoint into its own run, one parent, 3 trials exactly."""
     args = [*TINY, "trainer.max_steps=12", "trainer.eval_every_steps=6",
-            "callbacks.checkpoint.save_every_steps=3", "tracking.background=false",
+            "checkpoint.save_every_steps=3", "tracking.background=false",
             "optimizer.learning_rate=tag(log,interval(1e-4,3e-3))", "model.dropout=interval(0,0.3)",
             "hydra.sweeper.n_trials=3"]
     env = {**os.environ, "MLXLAB_ROOT": str(tmp_path), "PYTHONUNBUFFERED": "1"}

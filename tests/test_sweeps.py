@@ -29,7 +29,7 @@ TINY = [
     "trainer.schedule.warmup_steps=0",
     "callbacks.progress.enabled=false",
     "trainer.batch_size=64",
-    "callbacks.checkpoint.save_every_minutes=null",
+    "checkpoint.save_every_minutes=null",
     "model.num_layers=1",
     "model.num_heads=2",
     "data.max_length=48",
@@ -370,17 +370,15 @@ print("RESULT", out.to_json(orient="records"))
 @pytest.mark.slow
 def test_parallel_sweep_lands_every_run_then_resumes(tmp_path):
     """2 models x 2 learning rates on 2 joblib workers: exactly 4 finished child runs under one
-    parent. The same command again (sweep.skip_finished=true, from before issue 47, changes
-    nothing) says the sweep finished and runs nothing; after one run is deleted from the store,
-    the sweep is unfinished: the same command runs exactly that one again, under the same
-    parent."""
+    parent. The same command again says the sweep finished and runs nothing; after one run is
+    deleted from the store, the sweep is unfinished: the same command runs exactly that one
+    again, under the same parent."""
     command = [
         "--multirun",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
         "model.hidden_size=16,32",
         "optimizer.learning_rate=1e-3,3e-3",
-        "sweep.skip_finished=true",
         *TINY,
     ]
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"

@@ -167,7 +167,7 @@ def unwrapped() -> Iterator[None]:
 # --- early validation ------------------------------------------------------------------------
 
 # The facts the checks below need live here, so config imports nothing above runtime/.
-# The object stores a checkpoint URI may name (callbacks.checkpoint.remote, resume=), and the
+# The object stores a checkpoint URI may name (checkpoint.remote, resume=), and the
 # fsspec package that opens each (checkpoint/remote.py).
 REMOTE_SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
                   "abfss": "adlfs"}
@@ -229,7 +229,7 @@ CALLBACK_NUMBERS = (("early_stopping", "patience", int, 0), ("memory", "every", 
 # __post_init__, the data modules' settings) before anything heavy is built: one line naming the
 # key, from the owner. The model is checked by its constructor when it is built (its sizes need
 # the data's vocabulary).
-SETTINGS_NODES = ("trainer", "objective", "callbacks.checkpoint", "data", "eval")
+SETTINGS_NODES = ("trainer", "objective", "checkpoint", "data", "eval")
 
 
 # A single run's config is validated by the Hydra callback before its run folder exists
@@ -250,6 +250,7 @@ def validated_before_run(done: bool | None = None) -> bool:
 
 def validate(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key and the fix, before anything is built."""
+    _check_retired_keys(cfg)
     _check_required(cfg)
     TopKeys.of(cfg)
     for group in ("model", "data", "objective", "trainer", "tracking", "optimizer"):
@@ -509,9 +510,9 @@ def _check_objective_inputs(cfg: DictConfig) -> None:
 
 
 def _check_memory_probe(cfg: DictConfig) -> None:
-    """The memory probes (trainer.memory_budget_mb, trainer.micro_batch=auto) step on the data
-    module's batches; an objective that makes its own (GRPO's rollouts) would be measured on
-    the wrong ones, so the two are refused together rather than the setting ignored."""
+    """The memory probe (trainer.micro_batch=auto) steps on the data module's batches; an
+    objective that makes its own (GRPO's rollouts) would be measured on the wrong ones, so the
+    two are refused together rather than the setting ignored."""
     from hydra.utils import get_class
 
     try:
@@ -519,14 +520,10 @@ def _check_memory_probe(cfg: DictConfig) -> None:
     except Exception:  # an unknown target fails at instantiation with Hydra's own message
         return
     trainer = cfg.get("trainer") or {}
-    probes = [f"trainer.{key}={trainer.get(key)}" for key in ("memory_budget_mb", "micro_batch")
-              if trainer.get(key) not in (None, 0) and (key != "micro_batch"
-                                                       or trainer.get(key) == "auto")]
-    if getattr(objective, "makes_batches", False) and probes:
+    if getattr(objective, "makes_batches", False) and trainer.get("micro_batch") == "auto":
         raise ConfigError(
-            f"{', '.join(probes)}: objective {objective.name} makes its batches while it trains, "
-            "and the memory probe measures the data's: set trainer.memory_budget_mb=null and a "
-            "fixed trainer.micro_batch (preset=production sets memory_budget_mb=8000)")
+            f"trainer.micro_batch=auto: objective {objective.name} makes its batches while it "
+            "trains, and the memory probe measures the data's: set a fixed trainer.micro_batch")
 
 
 def _check_prompts_only(cfg: DictConfig) -> None:
@@ -634,7 +631,7 @@ def _data_of(experiment: str) -> str | None:
 
 # Config groups whose option a user picks on the command line (group=option).
 CHOICE_GROUPS = ("model", "data", "objective", "trainer", "preset", "optimizer", "callbacks",
-                 "tracking", "experiment", "debug", "hparams_search")
+                 "checkpoint", "tracking", "experiment", "debug", "hparams_search")
 # Choices and keys of earlier versions, when `trainer` held the objective and the run length too
 # (issue 55): each answers with the new spelling.
 MOVED_CHOICES = {
@@ -650,9 +647,44 @@ MOVED_KEYS = {"trainer.distill.": "objective.", "trainer.preference.": "objectiv
               "trainer.label_smoothing": "objective.label_smoothing"}
 
 
+# Keys mlxlab reads no more, on a command line or in a config file: what to write instead, and
+# why. One ending in "." is a node whose keys moved: `callbacks.checkpoint.keep_last_n` ->
+# `checkpoint.keep_last_n`.
+RETIRED_KEYS = {
+    "trainer.memory_budget_mb": ("trainer.micro_batch=auto", "the largest micro-batch whose step "
+                                 "fits trainer.memory_limit; grad_accum follows"),
+    "sweep.skip_finished": ("nothing", "a grid run again continues its sweep by itself; "
+                            "sweep.fresh=true starts a new one"),
+    "callbacks.checkpoint.": ("checkpoint.", "the checkpoint policy is a group of its own"),
+}
+
+
+def check_retired(key: str, value: str | None = None) -> None:
+    """One line naming what replaces `key` (as typed: `value`) when RETIRED_KEYS holds it."""
+    for old, (new, why) in RETIRED_KEYS.items():
+        if old.endswith(".") and f"{key}.".startswith(old):
+            moved = (new + key[len(old):]).rstrip(".")
+            typed = f"={value}" if value is not None else ""
+            raise ConfigError(f"{key} is {moved} now: write {moved}{typed} ({why})")
+        if key == old:
+            raise ConfigError(f"{key} is retired: write {new} ({why})")
+
+
+def _check_retired_keys(cfg: DictConfig) -> None:
+    """A config file that still sets a key of RETIRED_KEYS is one line, before anything is built."""
+    for old in RETIRED_KEYS:
+        parent, _, leaf = old.rstrip(".").rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None)
+        if OmegaConf.is_dict(node) and leaf in node:
+            keys = list(node[leaf]) if OmegaConf.is_dict(node[leaf]) else []
+            check_retired(f"{old}{keys[0]}" if old.endswith(".") and keys else old.rstrip("."))
+
+
 def check_moved(arg: str) -> None:
-    """One line naming the new spelling of an old choice or key (MOVED_CHOICES, MOVED_KEYS)."""
+    """One line naming the new spelling of an old choice or key (MOVED_CHOICES, MOVED_KEYS,
+    RETIRED_KEYS)."""
     key, eq, value = arg.lstrip("+~").partition("=")
+    check_retired(key, value if eq else None)
     for option in value.removeprefix("[").removesuffix("]").split(","):
         new = MOVED_CHOICES.get(f"{key}={option.strip()}")
         if eq and new:

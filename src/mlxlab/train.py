@@ -60,7 +60,7 @@ def build_callbacks(cfg: DictConfig) -> tuple[list, CheckpointPolicy]:
     from mlxlab.training.memory_watch import StepMark, SystemMemory
     from mlxlab.training.task_evaluation import task_scoring
 
-    callbacks, policy = from_config(cfg.get("callbacks"), instantiate)
+    callbacks, policy = from_config(cfg.get("callbacks"), instantiate, cfg.get("checkpoint"))
     # evaluation tasks: one more evaluation, by a hook
     callbacks += task_scoring(instantiate(cfg.eval) if cfg.get("eval") else None)
     # memory under system/ in the tracker; each step for a supervising parent (runtime/supervise.py)

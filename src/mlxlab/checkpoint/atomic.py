@@ -9,7 +9,6 @@ what lets best/ and uploads share them through hard links (`link_files`).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ from mlxlab.checkpoint.layout import (
 )
 from mlxlab.checkpoint.state import StateLike, state_payload, state_step
 from mlxlab.errors import DISK_FULL, DiskFull
+from mlxlab.runtime.checksum import file_sha256
 
 
 def fsync_path(path: Path) -> None:
@@ -105,19 +105,11 @@ def _write_json(path: Path, obj: Any) -> None:
     _write_text(path, json.dumps(obj, indent=1, default=_json_default))
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _commit(tmp: Path) -> None:
     """checksums.json, then the COMMITTED marker last, each fsynced with the directory."""
     files = sorted(p.name for p in tmp.iterdir() if p.name not in (CHECKSUMS_FILE, MARKER))
     sums = {
-        name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
         for name in files
     }
     _write_json(tmp / CHECKSUMS_FILE, sums)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlxlab.checkpoint.atomic import sha256
 from mlxlab.checkpoint.layout import (
     BEST,
     CHECKPOINTS_DIR,
@@ -16,6 +15,7 @@ from mlxlab.checkpoint.layout import (
     STEP_PREFIX,
     step_of,
 )
+from mlxlab.runtime.checksum import file_sha256
 
 
 def check_committed(path: Path, full: bool = True) -> str | None:
@@ -47,7 +47,7 @@ def check_committed(path: Path, full: bool = True) -> str | None:
         size = file.stat().st_size
         if size != expect["bytes"]:
             return f"{name} is {size} bytes, expected {expect['bytes']} (truncated?)"
-        if full and sha256(file) != expect["sha256"]:
+        if full and file_sha256(file) != expect["sha256"]:
             return f"{name} checksum mismatch (file modified or corrupted)"
     return None
 

@@ -1,6 +1,6 @@
 """Checkpoints in object storage (S3, GCS, Azure Blob) through fsspec.
 
-`callbacks.checkpoint.remote=s3://bucket/prefix` (or gs://, az://, abfs://) mirrors the run
+`checkpoint.remote=s3://bucket/prefix` (or gs://, az://, abfs://) mirrors the run
 directory's checkpoints under that prefix:
 
     <prefix>/checkpoints/step_00000120/{model,optimizer}.safetensors, state.json, checksums.json,

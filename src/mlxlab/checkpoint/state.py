@@ -4,11 +4,13 @@ The trainer writes a `CheckpointState`; the trainer (resume), the checkpoint man
 metric), `mlxlab.runs`, export and tracking read one back with `CheckpointState.read(path)`. No
 other module spells a state.json key.
 
-Versions: 1 is the unversioned layout every checkpoint had before the field existed; 2 adds
-`version` and writes every field. `from_json` migrates older layouts on read, so old runs resume
-and load unchanged; a state from a newer mlxlab is refused with a clear message rather than
-half-read. The low-level `save_checkpoint`/`load_checkpoint` also take and return a plain dict
-(written verbatim) for callers that checkpoint something other than a trainer.
+Versions: 1 is the unversioned layout, 2 adds `version` and writes every field, 3 is a state
+whose config has today's shape (the `checkpoint` group, `trainer.micro_batch` alone sizing the
+micro-batch). Every version reads (export, predictions and `mlxlab runs` load old runs); a
+resume takes version 3 only (`check_resumable`: one line), and a state from a newer mlxlab is
+refused with a clear message rather than half-read. The low-level
+`save_checkpoint`/`load_checkpoint` also take and return a plain dict (written verbatim) for
+callers that checkpoint something other than a trainer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 from mlxlab.checkpoint.layout import STATE_FILE, CheckpointError
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 # val_fingerprint of a state written before validation sets were fingerprinted: comparing it
 # with today's fingerprint would report a change that nobody made.
 UNRECORDED = "unrecorded"
@@ -156,6 +158,15 @@ class CheckpointState:
     def with_metric(self, name: str | None, mode: str, value: float) -> CheckpointState:
         return replace(self, checkpoint_metric=MonitoredMetric(name, mode, float(value)))
 
+    def check_resumable(self) -> None:
+        """An older version's config holds keys this mlxlab reads no more: one line saying so,
+        rather than a refusal of a key the user never typed."""
+        if self.version < STATE_VERSION:
+            raise CheckpointError(
+                f"resume: {self.path or 'the checkpoint'} was written by an older mlxlab (state "
+                f"version {self.version}, this one resumes {STATE_VERSION}): start a new run; "
+                "its weights still load (mlxlab export, predictions)")
+
     def validation_changed(self, fingerprint: str | None) -> bool:
         """The validation set differs from the one this state's best metrics were measured on."""
         return self.val_fingerprint != UNRECORDED and self.val_fingerprint != fingerprint
@@ -165,10 +176,10 @@ _UNWRITTEN = {"extra", "path"}
 
 
 def _migrate_v1(raw: dict[str, Any]) -> dict[str, Any]:
-    """Unversioned states: same keys as version 2, each optional (older writers left some out;
+    """Unversioned states: the keys of version 2, each optional (older writers left some out;
     an absent val_fingerprint means none was recorded, not "no validation set")."""
     raw.setdefault("val_fingerprint", UNRECORDED)
-    raw["version"] = STATE_VERSION
+    raw["version"] = 1
     return raw
 
 

@@ -62,8 +62,8 @@ class TabularSettings:
         check_fraction("data.val_fraction", self.val_fraction)
         put("val_fraction", float(self.val_fraction))
         put("seed", int(self.seed))
-        # A fixed split seed scores every seed's run on the same rows (paired comparisons,
-        # issue 38); a config saved before it had the key splits by `seed`, as it trained.
+        # A fixed split seed scores every seed's run on the same rows (paired comparisons);
+        # split_seed=null splits by `seed`.
         put("split_seed", int(self.seed if self.split_seed is None else self.split_seed))
         if self.max_length is not None:
             check_number("data.max_length", self.max_length, int)

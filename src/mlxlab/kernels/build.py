@@ -4,8 +4,8 @@ The extension is compiled with CMake + Ninja against the CMake configs the insta
 MLX's (headers, libmlx) and nanobind's (the binding library MLX's own Python module is built
 with, so both share mx.array's type), for one fixed instruction-set level that the caller names
 (runtime/cpu.py: x86-64-v3 on x86-64, armv8-a on ARM64), never for the building machine's CPU
-(-march=native made the kernels a different program, with different last bits, on each kind of
-CPU; issue 39). The cache key holds that level next to the sources', MLX's, nanobind's and
+(-march=native would make the kernels a different program, with different last bits, on each
+kind of CPU). The cache key holds that level next to the sources', MLX's, nanobind's and
 Python's versions: every machine at that level uses the same build, and a home directory shared
 by different machines gets one build per level.
 

@@ -32,7 +32,7 @@ from mlxlab.models.sources import as_local
 
 log = logging.getLogger(__name__)
 
-SCRATCH_DROPOUT = 0.3  # hidden dropout when training from scratch and none is given (issue 11)
+SCRATCH_DROPOUT = 0.3  # hidden dropout when training from scratch and none is given (Titanic's best)
 
 
 class BertEmbeddings(nn.Module):
@@ -244,8 +244,8 @@ def resolve_bert_sizes(vocab_size: int, num_labels: int, sizes: dict, pooler: bo
     config overrides the given sizes, None picks dropout and pooler, and every size is checked."""
     # None = the choice that trains best where the model comes from: a pretrained
     # checkpoint keeps its own dropout and pooler (its weights load); from scratch,
-    # dropout 0.3 and no pooler (Titanic, issue 11: the pooler's tanh made 3 of 8 seeds stop
-    # on the 80.3 % "women survive" plateau; 0.3 beat 0.1 and 0.2 over 8 seeds).
+    # dropout 0.3 and no pooler (Titanic: the pooler's tanh makes 3 of 8 seeds stop on the
+    # 80.3 % "women survive" plateau; 0.3 beats 0.1 and 0.2 over 8 seeds).
     auto = {"dropout": SCRATCH_DROPOUT, "pooler": False}
     sizes, checkpoint_init = dict(sizes), {}
     if pretrained:

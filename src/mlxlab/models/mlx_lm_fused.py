@@ -3,7 +3,7 @@
 On MLX's CPU backend mlx-lm's attention (mx.fast.scaled_dot_product_attention with
 mask="causal": MLX's scalar, single-threaded softmax), its SwiGLU (silu(gate) * up) and
 nn.RMSNorm (mx.fast.rms_norm, composed single-threaded ops) and nn.RoPE cost the Llama LoRA step ~1.6x what
-mlxlab's own Transformer pays with the fused kernels (docs/benchmarks.md, issue 54). Here the
+mlxlab's own Transformer pays with the fused kernels (docs/benchmarks.md). Here the
 loaded model is routed through the same kernels:
 
 - the model's module-level `scaled_dot_product_attention` and `swiglu` (the names mlx-lm's

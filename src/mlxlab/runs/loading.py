@@ -93,7 +93,7 @@ def _row_encoding(
         return TabularText.from_encoding_state(settings, tokenizer, saved)
     # A checkpoint from before mlxlab saved them: learn them from the training CSV again.
     data_cfg.cache_dir = None
-    if "numeric" not in data_cfg:  # older still than numeric bins (issue 28): numbers as text
+    if "numeric" not in data_cfg:  # older still than numeric bins: numbers as text
         data_cfg.numeric = "text"
     data = instantiate(data_cfg)
     if not Path(data.path).is_file():

@@ -1,5 +1,5 @@
 """Where a run resumes from: `resume=auto` (discovery.py), a local run or checkpoint folder, or
-object storage (`resume=s3://...`, or `resume=auto` with callbacks.checkpoint.remote set:
+object storage (`resume=s3://...`, or `resume=auto` with checkpoint.remote set:
 checkpoint/remote.py downloads a newer committed checkpoint into the run folder)."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def remote_resume(
     prepare_local: Callable[[], Path | None],
 ) -> Path | None:
     """The resume source of `resume=`: `resume=<s3://...>` downloads from there; `resume=auto`
-    with a remote in `policy` (the run's callbacks.checkpoint settings) also looks there when the
+    with a remote in `policy` (the run's checkpoint settings) also looks there when the
     local checkpoint is missing or older; anything else is `prepare_local()` (prepare_resume)."""
     retries, backoff = policy.remote_retries, policy.remote_backoff_s
     if is_remote(str(resume)):

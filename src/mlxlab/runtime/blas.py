@@ -3,25 +3,23 @@
 MLX's Linux CPU wheel (mlx-cpu) links a bundled reference BLAS: fp32 matmul runs at ~5 GFLOP/s
 where OpenBLAS gets ~200 on the same cores.
 
-How MLX gets OpenBLAS and nothing else does (issue 12): OpenBLAS is loaded RTLD_LOCAL (out of
+How MLX gets OpenBLAS and nothing else does: OpenBLAS is loaded RTLD_LOCAL (out of
 the global symbol scope), `mlx.core` is imported, and the slots of libmlx's own symbol table
 (its GOT entries for `cblas_sgemm`, `sgetrf_`, ...) that the loader bound to the reference
-BLAS/LAPACK are rewritten to OpenBLAS's functions. Only libmlx's calls change. An earlier version
-loaded OpenBLAS RTLD_GLOBAL before MLX; every library loaded later then resolved its BLAS names
-there too: PyTorch's libtorch_cpu exports MKL's `sgemm_` and 105 other BLAS/LAPACK names and calls
-them through its PLT, so `import mlxlab` before `import torch` moved all of PyTorch's GEMMs into
-OpenBLAS, whose own thread pool then fought PyTorch's OpenMP pool (3.7x slower training measured
+BLAS/LAPACK are rewritten to OpenBLAS's functions. Only libmlx's calls change. Loaded
+RTLD_GLOBAL instead, every library loaded later would resolve its BLAS names there too:
+PyTorch's libtorch_cpu exports MKL's `sgemm_` and 105 other BLAS/LAPACK names and calls them
+through its PLT, so `import mlxlab` before `import torch` would move all of PyTorch's GEMMs into
+OpenBLAS, whose own thread pool then fights PyTorch's OpenMP pool (3.7x slower training measured
 on a Xeon). Binding per library also makes the import order irrelevant: MLX imported before
 mlxlab gets OpenBLAS all the same.
 
 The OpenBLAS comes from the `scipy-openblas32` wheel (x86_64 Linux): the OpenBLAS its own
 maintainers build for NumPy and SciPy, DYNAMIC_ARCH (safe on any x86-64 CPU), 25 MB, needing
 nothing beyond glibc (its LAPACK's Fortran runtime is inside). Its names carry a `scipy_` prefix
-(`scipy_cblas_sgemm`), which the rebinding maps (PREFIXES). Until issue 39 it was
-`ngsolve-openblas` (a wheel made for NGSolve), which needed libgfortran.so.5: fresh machines lack
-it, so mlx-cpu's hashed copy was loaded under the standard soname, patched in memory; the two
-run the same kernels at the same speed and give the same bits (docs/benchmarks-history.md,
-"BLAS wheels"). Others: `cmeel-openblas` is built for AVX-512 only, `mkl` is ~800 MB and runs its
+(`scipy_cblas_sgemm`), which the rebinding maps (PREFIXES). `ngsolve-openblas` (a wheel made
+for NGSolve) runs the same kernels at the same speed and gives the same bits, but needs
+libgfortran.so.5, which fresh machines lack (docs/benchmarks-history.md, "BLAS wheels"). Others: `cmeel-openblas` is built for AVX-512 only, `mkl` is ~800 MB and runs its
 generic kernels on AMD.
 
 MLXLAB_BLAS=off keeps MLX's reference BLAS; MLXLAB_BLAS=/path/to/libblas.so loads that library.
@@ -59,8 +57,8 @@ THREAD_TIMEOUT, SPIN_EXPONENT = "OPENBLAS_THREAD_TIMEOUT", 4
 # different last bits depending on whether B comes transposed or not, where its AVX2 kernels give
 # the same bits either way. MLX hands BLAS a strided view copied (B not transposed) and a
 # contiguous array's transpose as it is (B transposed), so on an AVX-512 CPU the fused kernels'
-# contiguous heads (kernels.split_heads) changed the attention's products in the last bit and the
-# default experiment stopped training the same run with its kernels on and off (issue 39). The
+# contiguous heads (kernels.split_heads) would change the attention's products in the last bit,
+# and the default experiment would not train the same run with its kernels on and off. The
 # AVX2 kernels also make MLX's products the same bits on every x86-64-v3 CPU for a given thread
 # count (OpenBLAS's "Zen" core, which AMD's AVX2 CPUs get, computes the same bits as "Haswell").
 # The cost on an AVX-512 CPU is measured in docs/benchmarks-history.md ("One ISA level").

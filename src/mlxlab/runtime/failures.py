@@ -109,7 +109,7 @@ def device_failure(exc: BaseException, step: int, last_checkpoint: Callable[[], 
         return None
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     fix = ("lower trainer.batch_size (trainer.grad_accum keeps the effective batch), set "
-           "trainer.memory_budget_mb, or use a smaller model" if kind == "out of memory" else
+           "trainer.micro_batch=auto, or use a smaller model" if kind == "out of memory" else
            "the GPU's state is lost after such an error; start a new process")
     what = "out of memory" if kind == "out of memory" else "into an error"
     if kind == "out of memory" and supervise.report_oom(step, first):

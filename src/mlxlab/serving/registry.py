@@ -121,7 +121,7 @@ def best_run_dir(uri: str, sweep: str) -> str:
     """The run folder of a sweep's best child (`latest` = the newest sweep in the store)."""
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = find_sweep_parent(client, sweep)
-    # the top single run (TOP_RUN_ID; BEST_RUN_ID in stores from before issue 48)
+    # the top single run (TOP_RUN_ID; BEST_RUN_ID in stores written by earlier versions)
     best = parent.data.tags.get(T.TOP_RUN_ID) or parent.data.tags.get(T.BEST_RUN_ID)
     if not best:
         raise ValueError(f"sweep {parent.info.run_id} has no best run (still running, or all failed)")

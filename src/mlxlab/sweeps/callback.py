@@ -307,10 +307,10 @@ class MlflowSweepCallback(Callback):
         rows = sweep_table(children, metric, keys, mode)  # best first, no-metric runs last
         top = next((r for r in rows if r["status"] == "FINISHED" and _finite(r[metric])), None)
         metrics = []
-        if top is not None:  # one seed's maximum: named top_run, never "best" (issue 48)
+        if top is not None:  # one seed's maximum: named top_run, never "best"
             metrics.append(Metric(f"top_run/{metric}", float(top[metric]), _now_ms(), 0))
             # tags, not params: a continuation may move the top run to another config, and
-            # MLflow refuses to change a param (the whole summary was then skipped, issue 59)
+            # MLflow refuses to change a param (the whole summary would be refused)
             tags += [RunTag(f"{T.TOP_RUN_PREFIX}{k}", str(top[k])) for k in keys
                      if top[k] is not None]
             tags.append(RunTag(T.TOP_RUN_ID, top["run_id"]))

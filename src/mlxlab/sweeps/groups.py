@@ -194,7 +194,7 @@ def log_summary(client: Any, parent_id: str, runs: Sequence, keys: Sequence[str]
     groups = group_runs(runs, keys)
     metrics = monitored(runs, metric)
     best = winner(groups, metric, mode)
-    # tags, not params: a continued sweep may label its groups otherwise (issue 59)
+    # tags, not params: a continued sweep may label its groups otherwise
     labels = [RunTag(f"{T.GROUP_PREFIX}{g.gid}", g.label[:6000]) for g in groups]
     for part in chunks(labels, MAX_TAGS_PER_BATCH):
         client.log_batch(parent_id, tags=part)

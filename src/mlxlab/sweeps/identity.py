@@ -3,7 +3,7 @@
 The identity hashes the command line's overrides (sorted: their order changes nothing), the
 sweeper's search space, the task name, the project root and the store. It leaves out what only
 says how to launch (`hydra.*`: the launcher, its workers) and the keys that steer continuing
-itself (`sweep.fresh`, `sweep.skip_finished`): the same sweep started with another launcher,
+itself (`sweep.fresh`): the same sweep started with another launcher,
 or with `sweep.fresh=true`, is still the same question. The sweep's parent run carries it as the
 tag `mlxlab.sweep_identity`; `find_unfinished` looks it up at a grid's start.
 """
@@ -21,7 +21,7 @@ from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow.calls import retrying
 
 # keys of the command line that steer the continuing, not what the sweep trains
-STEERING = ("sweep.fresh", "sweep.skip_finished")
+STEERING = ("sweep.fresh",)
 
 
 def override_key(override: str) -> str:

@@ -80,7 +80,7 @@ def plan_job(client: Any, parent_run_id: str, cfg: DictConfig) -> JobPlan:
                          f"tags.`{T.CONFIG_HASH}` = '{config_hash(cfg)}'")
     if runs and runs[0].info.status != "FINISHED" and replay_ended_run(client, runs[0]):
         # its process ended it while the server was away: the metrics it kept and its status
-        # are sent now, and it is judged as it ended (issue 59)
+        # are sent now, and it is judged as it ended
         runs[0] = retrying(client.get_run, runs[0].info.run_id)
     for run in runs:
         if run.info.status == "FINISHED":

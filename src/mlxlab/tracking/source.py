@@ -2,7 +2,7 @@
 
 MLflow names a run's Source (tag `mlflow.source.name`) after the creating process's argv[0]. The
 MLflow tracker runs in a child process by default (tracking/background.py), whose argv[0] is
-background.py, so the run page said "Source: background.py" (issue 39). The training process
+background.py, so the run page would say "Source: background.py". The training process
 computes these tags from its own argv and hands them to the tracker instead.
 """
 

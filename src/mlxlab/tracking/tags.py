@@ -1,8 +1,8 @@
 """Every MLflow tag name mlxlab writes or reads, in one place.
 
 Writers (train.py, the trackers, the sweep callback, checkpoint uploads, merges) and readers
-(sweep tables, skip_finished, dead-run checks, the runs listing) import these names, so a tag
-is spelled once.
+(sweep tables, a grid's finished jobs, dead-run checks, the runs listing) import these names, so
+a tag is spelled once.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ SOURCE_NAME = "mlflow.source.name"  # the run page's "Source": the entry point (
 EXPERIMENT_KIND = "mlflow.experimentKind"
 
 # A training run (train.py)
-CONFIG_HASH = "mlxlab.config_hash"  # sweep.skip_finished matches on it
+CONFIG_HASH = "mlxlab.config_hash"  # a grid finds its finished jobs by it
 RUN_DIR = "mlxlab.run_dir"
 TASK_NAME = "mlxlab.task_name"
 OVERRIDES = "mlxlab.overrides"  # the command line's overrides (also on a sweep's parent)
@@ -59,8 +59,8 @@ NUM_RUNS = "mlxlab.num_runs"
 NUM_FINISHED = "mlxlab.num_finished"
 NUM_FAILED = "mlxlab.num_failed"
 # the single child with the top value of the optimized metric: one seed's maximum, which the
-# verdict below may not confirm (export/serve a sweep's "best" model from it); stores from
-# before issue 48 call it BEST_RUN_ID
+# verdict below may not confirm (export/serve a sweep's "best" model from it); stores written
+# by earlier versions call it BEST_RUN_ID (still read)
 TOP_RUN_ID = "mlxlab.top_run_id"
 BEST_RUN_ID = "mlxlab.best_run_id"
 # on a training run: which evaluation's checkpoint is best/ and, when the monitor tied (a
@@ -84,7 +84,7 @@ DISTILL_ROUND = "mlxlab.distill.round"  # on each round's child run
 
 # Replicates and comparisons (sweeps/groups.py, sweeps/compare.py)
 VAL_FINGERPRINT = "mlxlab.val_fingerprint"  # the validation rows a run is scored on (a hash)
-# On a sweep's parent, tags (never params: a continuation may change them, issue 59):
+# On a sweep's parent, tags (never params: a continuation may change them):
 GROUP_PREFIX = "group."  # "group.g1" = "model.pooler=true"
 TOP_RUN_PREFIX = "top_run."  # "top_run.<key>": the top single run's value of a swept key
 OPTUNA_BEST_PREFIX = "optuna.best."  # "optuna.best.<key>": the search's best params

@@ -66,7 +66,7 @@ class CheckpointWriter:
         when_busy: str = "wait",
         uploader: Uploader | None = None,
     ) -> None:
-        check_choice("callbacks.checkpoint.when_busy", when_busy, WHEN_BUSY)
+        check_choice("checkpoint.when_busy", when_busy, WHEN_BUSY)
         self.manager = manager
         self.asynchronous = asynchronous
         self.when_busy = when_busy
@@ -103,7 +103,7 @@ class CheckpointWriter:
             if self.when_busy == "skip" and not force:
                 log.info(
                     "checkpoint at step %s skipped: step %s is still being written "
-                    "(callbacks.checkpoint.when_busy=skip)", state_step(state), self._writing_step,
+                    "(checkpoint.when_busy=skip)", state_step(state), self._writing_step,
                 )
                 return None
             log.info(

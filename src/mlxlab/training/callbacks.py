@@ -3,8 +3,8 @@
 They are config nodes (`conf/callbacks/default.yaml`, a dict of named `_target_` nodes as in
 lightning-hydra-template); train.py instantiates them and hands the list to the Trainer. Add your
 own from the command line: `+callbacks.mine={_target_: my_pkg.MyCallback, every: 10}`.
-`callbacks.checkpoint` sits among them in the config but is no callback: it is the checkpoint
-policy, a settings record the loop reads (settings.py `CheckpointPolicy`).
+When the loop checkpoints is no callback: it is the `checkpoint` group (conf/checkpoint/), a
+settings record the loop reads (settings.py `CheckpointPolicy`).
 
 A callback overrides only what it needs. State that must survive a resume goes through
 `state_dict()` / `load_state_dict()` and lands in the checkpoint's state.json.
@@ -27,8 +27,6 @@ from mlxlab.training.settings import CheckpointPolicy
 from mlxlab.training.state import TrainContext
 
 log = logging.getLogger("mlxlab.training")
-# where a best value restored from a checkpoint before issue 58 waits for setup to name its monitor
-MONITOR = "_monitor"
 
 
 def epoch_of(step: int, steps_per_epoch: int | None) -> int | None:
@@ -200,8 +198,6 @@ class EvalLog(Callback):
         self.monitor = self.monitor or context.monitor
         self.mode = self.mode or context.monitor_mode
         self.tie_break = context.tie_break
-        if MONITOR in self.best_metrics:  # restored from a checkpoint before issue 58
-            self.best_metrics[self.monitor] = self.best_metrics.pop(MONITOR)
         self.steps_per_epoch, self.max_epochs = context.steps_per_epoch, context.max_epochs
 
     def on_train_start(self, total_steps: int | None, start_step: int) -> None:
@@ -235,34 +231,22 @@ class EvalLog(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.best_metrics = dict(state.get("best_metrics") or {})
-        if not self.best_metrics and state.get("best") is not None:
-            # a checkpoint from before issue 58 kept the monitor's value and step only (the
-            # monitor is known at setup, after the restore)
-            self.best_metrics = {MONITOR: state["best"], "best_step": state["best_step"]}
 
 
-# The checkpoint policy's old name: `_target_: mlxlab.training.callbacks.ModelCheckpoint` (configs
-# written before issue 41) builds the settings record it always was; it is no callback.
-ModelCheckpoint = CheckpointPolicy
-
-
-def from_config(nodes: Mapping[str, Any] | None, build: Callable[[Any], Any]
-                ) -> tuple[list[Callback], CheckpointPolicy]:
+def from_config(nodes: Mapping[str, Any] | None, build: Callable[[Any], Any],
+                checkpoint: Any = None) -> tuple[list[Callback], CheckpointPolicy]:
     """The `callbacks` group's named `_target_` nodes, each made by `build` (config.instantiate),
-    in config order (None entries, as left by `callbacks.x=null`, are skipped), and apart from
-    them the checkpoint policy (`callbacks.checkpoint`: a settings record, its defaults when
-    absent)."""
-    built, policy = [], None
+    in config order (None entries, as left by `callbacks.x=null`, are skipped), and the
+    checkpoint policy `checkpoint` (the `checkpoint` group's node) builds: its defaults when
+    None."""
+    built = []
     for name, node in (nodes or {}).items():
         if node is None:
             continue
         callback = build(node)
-        if isinstance(callback, CheckpointPolicy):
-            policy = policy or callback
-            continue
         if not isinstance(callback, Callback):
             raise ConfigError(f"callbacks.{name} built a {type(callback).__name__}, not a "
                               "mlxlab.training.callbacks.Callback: subclass it")
         callback.name = name  # its state's key in checkpoints
         built.append(callback)
-    return built, policy or CheckpointPolicy()
+    return built, build(checkpoint) if checkpoint is not None else CheckpointPolicy()

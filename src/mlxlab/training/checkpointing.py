@@ -54,7 +54,7 @@ def build_manager(policy: CheckpointPolicy, run_dir: Path,
 
 def build_writer(policy: CheckpointPolicy, manager: CheckpointManager, run_dir: Path, config: dict,
                  world: distributed.World) -> CheckpointWriter:
-    """Background (or inline) checkpoint writes, uploading to callbacks.checkpoint.remote (rank 0).
+    """Background (or inline) checkpoint writes, uploading to checkpoint.remote (rank 0).
     An unusable remote (its package missing, RemoteError) fails here."""
     uploader = None
     if policy.remote and world.is_main:
@@ -115,8 +115,7 @@ def restore(resume: str | Path, *, model: nn.Module, optimizer, data,
     set_rng_state(saved.rng)
     objective.load_state_dict(saved.objective)
     for cb in callbacks:
-        cb.load_state_dict(saved.callbacks.get(cb.state_key, saved.callbacks.get(
-            type(cb).__name__, {})))  # checkpoints before issue 25 keyed by class name
+        cb.load_state_dict(saved.callbacks.get(cb.state_key, {}))
     state.restore(saved, path)
     manager.restore_best(saved.best_metric)
     if world.is_main:  # rank 0 alone writes the run folder
@@ -180,7 +179,7 @@ def validation_fingerprint(data) -> str | None:
     each checkpoint, compared on resume). None, said once, for data without validation."""
     if not data.has_validation:
         log.info("no validation data (%s): no evaluation; checkpoints by steps (trainer."
-                 "eval_every_steps, callbacks.checkpoint.save_every_steps), at epoch ends and at "
+                 "eval_every_steps, checkpoint.save_every_steps), at epoch ends and at "
                  "the end; no best/ checkpoint: the last one is the result",
                  data.no_validation_reason)
         return None

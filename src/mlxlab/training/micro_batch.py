@@ -17,8 +17,7 @@ first come:
    data makes: forward, backward, and the optimizer's state and update, as MLX counts them;
    a size whose measurement crashes the process (MLX's CPU backend faults where it cannot
    allocate) does not fit: mlxlab-train's parent starts the run again, measuring below it;
-5. neither (micro_batch=null): trainer.batch_size, or what trainer.memory_budget_mb fits
-   (plan.fit_batch_to_memory, the older halving).
+5. neither (micro_batch=null): trainer.batch_size.
 
 What was chosen, and what the search measured, goes into the run's config as `batch_plan` (MLflow
 params, kept in every checkpoint); a restart's new micro-batch is a tag (params are written once).
@@ -45,7 +44,7 @@ from mlxlab.runtime import device, distributed, failures, supervise
 from mlxlab.tracking import tags as T
 from mlxlab.training.checkpointing import PLAN_KEY
 from mlxlab.training.optim import OptimizerFactory, build_optimizer
-from mlxlab.training.plan import fit_batch_to_memory, global_batching
+from mlxlab.training.plan import global_batching
 from mlxlab.training.settings import TrainerSettings, memory_limit
 from mlxlab.training.state import TrainingError
 
@@ -96,11 +95,9 @@ def plan_micro_batch(fit: Fitting, batching: Batching, rank_batches: bool) -> tu
     elif settings.micro_batch is not None:
         micro = int(settings.micro_batch)
         record["chosen_by"] = "fixed"
-    else:  # today's: batch_size, or what memory_budget_mb fits
-        batching, accum = fit_batch_to_memory(fit.model, fit.data, fit.loss_fn, settings,
-                                              batching, fit.world, fit.rows_of)
-        report(fit, batching.batch_size, accum)
-        return batching, accum
+    else:  # trainer.batch_size as it is
+        report(fit, batching.batch_size, settings.grad_accum)
+        return batching, settings.grad_accum
     apply_memory_limit(settings)
     record["micro_batch"], record["grad_accum"] = micro, effective // micro
     fit.config[PLAN_KEY] = record

@@ -226,15 +226,18 @@ class ModelSchedule:
 
 
 def newest_state(candidates: Sequence) -> CheckpointState | None:
-    """The state of the checkpoint a resume will load (the first committed candidate)."""
+    """The state of the checkpoint a resume will load (the first committed candidate); one of
+    an older version is refused (CheckpointState.check_resumable)."""
     from mlxlab.checkpoint import CheckpointError, check_committed
 
     for path in candidates:
         if check_committed(path, full=False) is None:
             try:
-                return CheckpointState.read(path)
+                state = CheckpointState.read(path)
             except (OSError, CheckpointError):
                 return None  # the loader reports it and falls back
+            state.check_resumable()
+            return state
     return None
 
 

@@ -1,26 +1,17 @@
 """How long a fit runs and how its batches make steps: the global batch under data parallelism,
-the batch fitted to trainer.memory_budget_mb, the run's length in steps and epochs, and the
-micro-batches of each optimizer step."""
+the run's length in steps and epochs, and the micro-batches of each optimizer step."""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
-import mlx.core as mx
-import mlx.nn as nn
-
-from mlxlab.checkpoint import rng_state, set_rng_state
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
-from mlxlab.runtime import device, distributed
+from mlxlab.runtime import distributed
 from mlxlab.training.settings import TrainerSettings
-from mlxlab.training.state import TrainingError
-
-log = logging.getLogger(__name__)
 
 
 class Plan(NamedTuple):
@@ -39,50 +30,6 @@ def global_batching(batching: Batching, world: distributed.World) -> Batching:
         batching, batch_size=batching.batch_size * n,
         max_tokens=batching.max_tokens * n if batching.max_tokens else None,
         max_batch_size=batching.max_batch_size * n if batching.max_batch_size else None)
-
-
-def fit_batch_to_memory(model: nn.Module, data, loss_fn, settings: TrainerSettings,
-                        batching: Batching, world: distributed.World | None = None,
-                        rows_of: Callable[[dict], dict] | None = None) -> tuple[Batching, int]:
-    """(batching, grad_accum) for the run: under trainer.memory_budget_mb the batch is halved
-    (grad_accum doubled, the same effective batch) until one step fits. `rows_of` takes this
-    rank's rows of a batch."""
-    grad_accum, budget = settings.grad_accum, settings.memory_budget_mb
-    if not budget:
-        return batching, grad_accum
-    saved_rng, saved_data = rng_state(), data.state_dict()
-    grad_fn = nn.value_and_grad(model, loss_fn)
-    world = world or distributed.World()
-    while True:
-        device.reset_peak_memory()
-        batch = next(iter(data.train_batches(batching, 0)))
-        out = grad_fn(model, rows_of(batch) if rows_of else batch)
-        mx.eval(out)
-        del out
-        peak = device.peak_memory_mb()
-        if world.enabled:  # one figure for all ranks, so they all pick the same batch
-            peak = max(world.sum_numbers([peak if r == world.rank else 0.0
-                                          for r in range(world.size)], "the memory probe"))
-        if peak <= budget:
-            break
-        if batching.batch_size == 1:
-            raise TrainingError(
-                f"one example needs {peak:.0f} MB, over trainer.memory_budget_mb="
-                f"{budget}: use a smaller model or raise the budget"
-            )
-        # dynamic batches are sized by their token budget
-        batching = dataclasses.replace(
-            batching, batch_size=batching.batch_size // 2,
-            max_tokens=max(1, batching.max_tokens // 2) if batching.max_tokens else None)
-        grad_accum *= 2
-        log.warning(
-            "step peak memory %.0f MB is over the budget of %.0f MB: batch_size -> %d, "
-            "grad_accum -> %d (same effective batch)", peak, budget,
-            batching.batch_size, grad_accum,
-        )
-    set_rng_state(saved_rng)
-    data.load_state_dict(saved_data)
-    return batching, grad_accum
 
 
 def plan(data, settings: TrainerSettings, batching: Batching, grad_accum: int | None = None,

@@ -1,5 +1,5 @@
 """The Trainer's settings: one frozen, typed record per `trainer.*` group, each owning its checks,
-and the checkpoint policy (`callbacks.checkpoint.*`, `CheckpointPolicy`).
+and the checkpoint policy (`checkpoint.*`, `CheckpointPolicy`).
 
 `conf/trainer/*.yaml` builds a `TrainerSettings` (its `_target_`); the YAML stays as flat as the
 keys are (`trainer.max_epochs`, `trainer.batch_size`), and the groups that nest there nest here
@@ -28,7 +28,7 @@ from mlxlab.validation import record
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUANTIZE_BITS = (None, 2, 3, 4, 6, 8)  # what mlx.nn.quantize supports
 DISTRIBUTED_MODES = ("auto", "on", "off", True, False)  # YAML's on/off arrive as booleans
-WHEN_BUSY = ("wait", "skip")  # callbacks.checkpoint.when_busy (async_writer.py)
+WHEN_BUSY = ("wait", "skip")  # checkpoint.when_busy (async_writer.py)
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,6 @@ class TrainerSettings:
     precision: str = "auto"           # auto (fp32 on CPU, bf16 where faster) | fp32 | bf16 | fp16
     compile: bool = True              # mx.compile the step
     grad_checkpoint: bool = False     # recompute each decoder block's activations in the backward
-    memory_budget_mb: float | None = None  # halve the batch (doubling grad_accum) until a step fits
     # rows per forward/backward pass: None = batch_size; N (dividing batch_size x grad_accum);
     # "auto" = the largest power of two whose step fits trainer.memory_limit (micro_batch.py).
     # The effective batch (batch_size x grad_accum) never changes: grad_accum follows.
@@ -132,9 +131,6 @@ def check_micro_batch(settings: TrainerSettings) -> None:
     if micro is not None and settings.batching.dynamic:
         raise ConfigError("trainer.micro_batch needs fixed batches: set trainer.batching."
                           "dynamic=false or trainer.micro_batch=null")
-    if micro is not None and settings.memory_budget_mb:
-        raise ConfigError("trainer.micro_batch and trainer.memory_budget_mb both size the "
-                          "micro-batch: set one (micro_batch=auto with trainer.memory_limit)")
     if settings.memory_limit is not None:
         memory_limit(settings.memory_limit)
     check_number("trainer.oom_restarts", settings.oom_restarts, int, 0)
@@ -171,15 +167,14 @@ NUMBERS = (
 
 @dataclass(frozen=True)
 class CheckpointPolicy:
-    """When and how the loop checkpoints (`callbacks.checkpoint.*`).
+    """When and how the loop checkpoints (the `checkpoint` group: conf/checkpoint/).
 
     A settings record the loop reads, not a callback: its save points (evaluations, the
     step/minute cadence here, epoch ends, the end, a signal) write through a CheckpointManager
     and writer built from it (checkpointing.py); the best checkpoint follows the trainer's
-    monitor (optimized_metric). It stays under `callbacks` in the config, where it has always
-    been; train.py hands it to the Trainer apart from the callbacks. A run without it
-    (`callbacks=none`) checkpoints with these defaults, as Lightning's enable_checkpointing does:
-    resume and the best weights never depend on the callback list.
+    monitor (optimized_metric). A group of its own, apart from the callbacks, so resume and the
+    best weights never depend on the callback list (`callbacks=none` still checkpoints); a
+    Trainer built in code without one checkpoints with these defaults.
     """
 
     keep_last_n: int = 3            # step checkpoints kept (best/ apart)
@@ -194,7 +189,7 @@ class CheckpointPolicy:
     remote_final_wait_s: float = 120.0  # the run's end waits at most this long for an upload
 
     def __post_init__(self) -> None:  # the owner checks its keys (config.validate builds it)
-        check_number("callbacks.checkpoint.keep_last_n", self.keep_last_n, int, 1)
-        check_choice("callbacks.checkpoint.when_busy", self.when_busy, WHEN_BUSY)
+        check_number("checkpoint.keep_last_n", self.keep_last_n, int, 1)
+        check_choice("checkpoint.when_busy", self.when_busy, WHEN_BUSY)
         if self.remote:
             check_uri(str(self.remote))

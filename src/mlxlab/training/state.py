@@ -150,7 +150,7 @@ class RunState:
         self.step, self.epoch, self.run_id = saved.step, saved.epoch, saved.run_id
         self.history, self.best_metrics = saved.history, saved.best_metrics
         # what predictions/val_best.csv is written from: a run resumed after its best
-        # evaluation evaluates no better one, and must still write it (issue 48)
+        # evaluation evaluates no better one, and must still write it
         self.best_eval = Evaluation.from_state_dict(saved.best_eval)
         self.window.load_state_dict(saved.log_window)
         # <run dir>/checkpoints/step_N (or best): the killed run's folder, for its tracking files

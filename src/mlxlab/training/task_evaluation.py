@@ -24,7 +24,7 @@ from mlxlab.evaluation.results import FOLDER, write_scores
 from mlxlab.evaluation.scoring import chat_template, metric_keys, score_tasks
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import read_tasks
-from mlxlab.training.callbacks import MONITOR, Callback
+from mlxlab.training.callbacks import Callback
 from mlxlab.training.state import TrainContext
 
 log = logging.getLogger("mlxlab.training")
@@ -52,8 +52,6 @@ class TaskEvaluation(Callback):
         self.tracker, self.folder = context.tracker, Path(context.run_dir) / FOLDER
         self.monitor, self.mode = context.monitor, context.monitor_mode
         self.tie_break = context.tie_break
-        if MONITOR in self.best_metrics:  # restored from a checkpoint before issue 58
-            self.best_metrics[self.monitor] = self.best_metrics.pop(MONITOR)
         self.enabled = context.world.is_main
         # a chat model's template: the run folder holds the pretrained folder's side files
         self.template = chat_template(context.run_dir, self.settings.chat)
@@ -84,10 +82,6 @@ class TaskEvaluation(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.best_metrics = dict(state.get("best_metrics") or {})
-        if not self.best_metrics and state.get("best") is not None:
-            # a checkpoint from before issue 58 kept the monitor's value and step only (the
-            # monitor is known at setup, after the restore)
-            self.best_metrics = {MONITOR: state["best"], "best_step": state["best_step"]}
 
 
 def task_scoring(settings: TaskSettings | None) -> list[Callback]:

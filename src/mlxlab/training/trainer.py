@@ -43,7 +43,7 @@ class Trainer:
     the data's labels when not given), `load_teachers`, which turns an objective's finished
     runs (`objective.teachers`) into models (train.py gives runs.load_teachers, so neither the
     loop nor the objectives reach up into finished runs themselves), and the checkpoint policy
-    (`callbacks.checkpoint`; its defaults when not given: checkpoints always exist)."""
+    (the `checkpoint` group; its defaults when not given: checkpoints always exist)."""
 
     def __init__(
         self,

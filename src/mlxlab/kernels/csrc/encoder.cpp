@@ -1,4 +1,4 @@
-// The encoder's element-wise and row kernels: the exact GELU and LayerNorm (BERT, issue 24).
+// The encoder's element-wise and row kernels: the exact GELU and LayerNorm (BERT).
 // On x86 MLX's CPU erf is a scalar libm call on one thread: the GELU of the default BERT's MLP
 // took more than half of its training step. These run vectorized and over the pool.
 #include "common.h"

@@ -1,4 +1,4 @@
-// Products with MLX's affine quantized weights through the float GEMM (issue 54).
+// Products with MLX's affine quantized weights through the float GEMM.
 // MLX 0.32's CPU quantized matmul runs ~3 GFLOP/s on x86 against ~240 for the float GEMM on
 // OpenBLAS (a 1536x4096 layer, 128 rows), and its own dequantize ~10 ms for that layer. Training
 // on a 4- or 8-bit base (QLoRA) therefore dequantizes the weight here (vectorized, on the pool:

@@ -19,7 +19,6 @@ one line before anything is written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from mlxlab.models.sources.gguf_blocks import (
 )
 from mlxlab.models.sources.source import ModelSource
 from mlxlab.runtime import settings
+from mlxlab.runtime.checksum import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +55,12 @@ COMPLETE = ".complete"  # written last into a finished folder
 
 def gguf_folder(path: Path, provenance: dict) -> ModelSource:
     """The cached folder of GGUF file `path` (written on the first call), with its sha256."""
-    digest = _sha256(path)
+    digest = file_sha256(path)
     folder = settings.read().cache_dir / "models" / "gguf" / f"{path.stem}-{digest[:16]}"
     provenance = {**provenance, "file": str(path.resolve()), "sha256": digest}
     if not (folder / COMPLETE).is_file():
         _convert(path, folder, provenance)
     return ModelSource(folder, provenance["kind"], provenance)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_gguf(path: Path) -> tuple[dict, list]:

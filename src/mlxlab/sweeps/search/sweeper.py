@@ -76,7 +76,7 @@ def replicate_arguments(arguments: Sequence[str], replicates: int, seed: int) ->
             raise ConfigError(f"replicates={n} and {argument}: replicates sets the seeds "
                               f"({seed}..{seed + n - 1}); give one or the other")
     # replicates=N stays in each job's config: every run's params say how many seeds its
-    # config ran on (it was 1 in every job before issue 48); config hashes ignore it
+    # config ran on; config hashes ignore it
     return [*args, f"seed=range({seed},{seed + n})", f"replicates={n}"]
 
 

@@ -1,6 +1,6 @@
 """A tracker that lives in a child process (`tracking.background=true`, the MLflow default).
 
-Why (issue 24): `import mlflow` and its sqlite store cost ~4 s of CPU on a 2-core box, ~10 % of
+Why: `import mlflow` and its sqlite store cost ~4 s of CPU on a 2-core box, ~10 % of
 the default experiment; in-process that time is spent before the first step, and the metric and
 checkpoint flushes hold the GIL the training loop needs. In a child process the import runs on
 the other core while this process composes, builds and compiles; the training loop then hands
@@ -184,9 +184,9 @@ def _spawn() -> tuple[subprocess.Popen, Connection]:
     A session of its own is also, on Linux with CONFIG_SCHED_AUTOGROUP (most distributions),
     a scheduler group of its own, which gets an equal share of the CPU whatever the child's
     niceness: its start-up (~1.7 s of CPU past the trainer's own) runs beside the first steps.
-    Tried (issue 24): a process group in the trainer's session, where the niceness counts; the
-    child's start-up then waits for idle CPU, the first checkpoint's flush barrier waits on it,
-    and the third checkpoint waits on that write: the same cost, paid later and logged."""
+    In a process group of the trainer's session instead, where the niceness counts, the child's
+    start-up waits for idle CPU, the first checkpoint's flush barrier waits on it, and the third
+    checkpoint waits on that write: the same cost, paid later and logged."""
     ours, theirs = socket.socketpair()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     # MLflow 3 sends usage telemetry over the network unless told not to; a training run makes no

@@ -212,7 +212,7 @@ def mark_killed(client: Any, run: Any, reason: str) -> None:
 def clear_killed(client: Any, run: Any) -> None:
     """A run a continuation takes up (a resume, an adopted parent, a replayed offline file):
     the tags of its interrupted end go, so a run that then finishes does not say it was killed,
-    failed or resumable (issue 59). Killed again, mark_killed writes them anew."""
+    failed or resumable. Killed again, mark_killed writes them anew."""
     for key in ENDED_TAGS:
         if key in run.data.tags:
             retrying(client.delete_tag, run.info.run_id, key)

@@ -40,7 +40,7 @@ def default_store_uri(root: str | Path | None = None) -> str:
 def builds_mlflow(tracking: Any) -> bool:
     """Whether a composed `tracking` node builds an MLflow tracker: it has MLflow's settings
     (mlflow.yaml always sets `uri`) or names MlflowTracker itself. The one place this is
-    decided (fanout.build_tracker, tracked_store, runs' skip_finished ask here).
+    decided (fanout.build_tracker, tracked_store, a grid's finished jobs ask here).
 
     Why by a key and not a `kind:` per option: Hydra merges a list of options
     (tracking=[mlflow,csv]) into one node, where each option's `kind` would overwrite the
@@ -176,7 +176,7 @@ def wait_for_schema(db: Path, wait_s: float = SCHEMA_WAIT_S,
     """Return once the sqlite store `db` holds this MLflow's whole schema: at once for a
     finished store; while another process migrates it, when it is done (bounded); a
     half-made one (no step for `stall_s`) is moved aside when it holds no run (the caller makes
-    it anew), else refused with one line (never trained beside untracked, issue 59)."""
+    it anew), else refused with one line (a run is never trained beside untracked)."""
     from mlflow.store.db.utils import _get_latest_schema_revision
 
     head, started = None, time.monotonic()

@@ -142,7 +142,7 @@ class MlflowTracker(BaseTracker):
         try:
             with self._bounded():
                 self._start(params, tags, run_id)
-        except Exception as e:  # a run asked to be tracked is tracked or fails (issue 59)
+        except Exception as e:  # a run asked to be tracked is tracked or fails
             self.run_id, self._active = None, False
             if isinstance(e, UserError):
                 raise
@@ -181,7 +181,7 @@ class MlflowTracker(BaseTracker):
             clear_killed(client, run)
             logged_params = run.data.params
             # what the interrupted process kept while the server was away: sent at rewind (up to
-            # the checkpoint it resumes from), else at the end (issue 59)
+            # the checkpoint it resumes from), else at the end
             self._unsent_spool = spool_of(run)
         else:
             # The Source the training process named (tracking/source.py): this process may be
