@@ -14,7 +14,9 @@ first come:
 4. trainer.micro_batch=auto: the largest power of two dividing the effective batch whose step
    fits the memory the run may use (trainer.memory_limit: GB, or a fraction of the device's;
    default MLX's own limit), measured before step 1 on a batch padded to the longest row the
-   data makes: forward, backward, and the optimizer's state and update, as MLX counts them;
+   data makes (the objective's probe_batch: the data's first, or its own batches at their
+   largest, e.g. prompts with completions of the longest length): forward, backward, and the
+   optimizer's state and update, as MLX counts them;
    a size whose measurement crashes the process (MLX's CPU backend faults where it cannot
    allocate) does not fit: mlxlab-train's parent starts the run again, measuring below it;
 5. neither (micro_batch=null): trainer.batch_size, or what trainer.memory_budget_mb fits
@@ -65,6 +67,7 @@ class Fitting:
     model: nn.Module
     data: object
     loss_fn: Callable
+    probe_batch: Callable[[object, Batching], dict]  # the objective's (data, batching) -> batch
     settings: TrainerSettings
     world: distributed.World
     rows_of: Callable[[dict], dict] | None
@@ -260,8 +263,7 @@ def probe(fit: Fitting, rows: int, width: int) -> float | None:
     fresh optimizer state and its update of the trainable parameters (the model's are left
     alone). None: MLX raised out of memory (Metal, CUDA)."""
     batching = dataclasses.replace(fit.settings.data_batching(), batch_size=rows)
-    batch = pad_rows(next(iter(fit.data.train_batches(global_batching(batching, fit.world), 0))),
-                     width)
+    batch = pad_rows(fit.probe_batch(fit.data, global_batching(batching, fit.world)), width)
     if fit.rows_of is not None:
         batch = fit.rows_of(batch)
     grad_fn = nn.value_and_grad(fit.model, fit.loss_fn)
