@@ -217,7 +217,8 @@ def search(fit: Fitting, effective: int) -> tuple[int, str, float]:
     not run out."""
     limit, started = memory_limit_bytes(fit.settings), time.perf_counter()
     saved_rng, saved_data = rng_state(), fit.data.state_dict()
-    width = longest_row(fit.data)
+    # the longest row the data makes, or the objective's own batch when it is wider (completions)
+    width = max(longest_row(fit.data), widest(fit.probe_batch(fit.data, Batching(batch_size=1))))
     tried: list[str] = []
     chosen, peaks = None, []
     # a size whose measurement crashed the process before (its parent restarted it) is not run
@@ -294,10 +295,12 @@ def longest_row(data) -> int:
     over the training split in large batches (its position is put back by the caller)."""
     if isinstance(data, StreamingText):  # windows of seq_len, every one
         return data.seq_len
-    widest = 1
-    for batch in data.train_batches(Batching(batch_size=SCAN_ROWS), 0):
-        widest = max([widest, *(int(v.shape[1]) for v in batch.values() if _positions(v))])
-    return widest
+    return max([1, *(widest(b) for b in data.train_batches(Batching(batch_size=SCAN_ROWS), 0))])
+
+
+def widest(batch: dict) -> int:
+    """The positions of `batch`'s widest (rows, positions) array (1 for a batch without one)."""
+    return max([1, *(int(v.shape[1]) for v in batch.values() if _positions(v))])
 
 
 def pad_rows(batch: dict, width: int) -> dict:
