@@ -464,7 +464,7 @@ def _check_settings(cfg: DictConfig) -> None:
 def _check_objective(cfg: DictConfig) -> None:
     """The objective's own checks of the composed config (Objective.check_config, asked of its
     class before anything is built): the kind of data it trains on, an optimized_metric it
-    reports, its settings together (a teacher that reads the student's token ids). A line about
+    reports, its settings together (models whose tokenizers must agree). A line about
     the data adds what the data is and which objectives train on it."""
     from hydra.utils import get_class
 
