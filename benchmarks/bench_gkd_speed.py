@@ -67,7 +67,7 @@ def timed(objective, folder: Path, rows: int, steps: int) -> dict:
     prompts = rows // objective.group if isinstance(objective, GRPO) else rows
     batching = Batching(batch_size=prompts)
     objective.setup(ObjectiveSetup(model=model, data=data, batching=batching,
-                                   world=distributed.World(), load_teachers=load_teachers))
+                                   world=distributed.World()))
     step = make_step(model, optim.AdamW(learning_rate=1e-4), objective.loss, TrainerSettings(),
                      grad_accum=1)
     batches = objective.train_batches(data, batching, 0, model)
@@ -144,7 +144,8 @@ def main() -> None:
     for r in range(a.rounds):
         load = os.getloadavg()[0]
         gkd = timed(GKD(teachers=[{"run": str(teacher)}], lmbda=1.0, temperature=1.0,
-                        max_new_tokens=a.tokens, completion_key="answer", seed=r),
+                        max_new_tokens=a.tokens, completion_key="answer", seed=r,
+                        load_teachers=load_teachers),
                     student, a.rows, a.steps)
         grpo = timed(GRPO([{"_target_": "mlxlab.objectives.rewards.exact_answer"}],
                           num_generations=GROUP, max_completion_length=a.tokens, seed=r),

@@ -38,8 +38,22 @@ OBJECTIVE_BLIND = ("training/loop.py", "training/step.py", "training/plan.py",
                    "training/checkpointing.py", "training/state.py", "training/artifacts.py",
                    "training/analysis.py", "training/task_evaluation.py", "checkpoint/")
 OBJECTIVE_SHARED = ("base", "losses", "metrics", "evaluation")  # objectives/ modules all may use
-OBJECTIVE_WORDS = ("supervised", "distill", "distillation", "preference", "dpo", "orpo", "ipo",
-                   "simpo", "grpo", "gkd", "rewards")
+# Words for objectives besides their names; the names are read from conf/objective/ (each
+# option, and its `_target_`'s module) into OBJECTIVE_WORDS, so a new objective joins by its files.
+OTHER_OBJECTIVE_WORDS = ("distillation", "ipo", "simpo", "rewards")
+OBJECTIVE_WORDS: tuple[str, ...] = OTHER_OBJECTIVE_WORDS  # audit() adds the names
+
+
+def objective_words(package: Path) -> tuple[str, ...]:
+    """OTHER_OBJECTIVE_WORDS and the objectives' names: conf/objective/<name>.yaml and the
+    module of its `_target_` (mlxlab.objectives.<module>.<Class>)."""
+    words = set(OTHER_OBJECTIVE_WORDS)
+    for conf in sorted((package.parents[1] / "conf" / "objective").glob("*.yaml")):
+        words.add(conf.stem)
+        for line in conf.read_text().splitlines():
+            if line.startswith("_target_:"):
+                words.add(line.split(":", 1)[1].split("#")[0].strip().split(".")[-2])
+    return tuple(sorted(words))
 
 
 @dataclass(frozen=True)
@@ -134,6 +148,8 @@ def objective_module(name: str) -> bool:
 
 
 def audit(package: Path) -> list[Finding]:
+    global OBJECTIVE_WORDS  # noqa: PLW0603 - the rule's words, read once per audit
+    OBJECTIVE_WORDS = objective_words(package)
     found: list[Finding] = []
     for file in sorted(package.rglob("*.py")):
         visitor = Visitor(file.relative_to(package).as_posix())

@@ -3,6 +3,7 @@ hold for src/mlxlab with the exceptions docs/architecture.md lists, and a new br
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def test_a_loop_that_asks_which_objective_runs_fails(tmp_path):
         "    return context.task not in ('lm', 'preference')\n")
     (package / "training" / "loop.py").write_text(branches)
     (package / "objectives" / "preference.py").write_text(branches)  # its own room: allowed
+    # the objectives' names come from their conf/objective/ files
+    shutil.copytree(ROOT / "conf" / "objective", tmp_path / "conf" / "objective")
     docs = tmp_path / "docs" / "architecture.md"
     docs.parent.mkdir()
     docs.write_text("## House rules, measured\n\n| kind | where | what | why |\n|---|---|---|---|\n")

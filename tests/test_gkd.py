@@ -112,9 +112,9 @@ def student_model(tiny: dict, data: PromptRows, rank: int = 4):
 
 def objective(tiny, data, model, **kwargs) -> GKD:
     settings = {"max_new_tokens": 4, "teachers": [{"run": str(tiny["teacher"])}], **kwargs}
-    gkd = GKD(**settings)
-    gkd.setup(ObjectiveSetup(model=model, data=data, batching=Batching(batch_size=4),
-                             world=distributed.World(), load_teachers=load_teachers))
+    gkd = GKD(**settings, load_teachers=load_teachers)
+    gkd.tags = gkd.setup(ObjectiveSetup(model=model, data=data, batching=Batching(batch_size=4),
+                                        world=distributed.World()))
     return gkd
 
 
@@ -199,7 +199,7 @@ def test_a_quantized_teacher_and_several_weighted_teachers_train_the_student(tin
     model = student_model(tiny, data)
     gkd = objective(tiny, data, model, lmbda=0.5, teachers=[
         {"run": str(quantized), "weight": 3.0}, {"run": str(tiny["teacher"]), "weight": 1.0}])
-    assert gkd.weights == [0.75, 0.25] and gkd.tags()["mlxlab.distill.teacher_weights"] == \
+    assert gkd.weights == [0.75, 0.25] and gkd.tags["mlxlab.distill.teacher_weights"] == \
         "[0.75, 0.25]"
     batch = next(iter(gkd.train_batches(data, Batching(batch_size=4), 0, model)))
     (loss, _), grads = nn.value_and_grad(model, gkd.loss)(model, batch)
@@ -304,13 +304,41 @@ def test_a_teacher_of_another_tokenizer_is_refused_before_anything_is_built(tiny
     assert not list(tmp_path.glob("outputs/**/*.json")) and not (tmp_path / "mlruns").exists()
 
 
-def test_a_memory_probe_under_gkd_is_one_line(tiny, make_cfg):
-    """The memory probes step on the data's batches, not the rollouts GKD makes: refused in
-    one line before anything is built, as under GRPO."""
-    from mlxlab.config import validate
+def peak_of_a_step(tiny, tmp_path, rows: int, max_new_tokens: int) -> float:
+    """MLX's peak memory of one step as trainer.micro_batch=auto measures it (micro_batch.probe)
+    on GKD's probe batch of `rows` prompts."""
+    from mlxlab.training.micro_batch import Fitting, probe
+    from mlxlab.training.optim import default_optimizer
+    from mlxlab.training.settings import TrainerSettings
 
-    with pytest.raises(ConfigError, match="objective gkd makes its batches while it trains"):
-        validate(make_cfg(*gkd_args(tiny, "trainer.micro_batch=auto")))
+    data = prompt_data(tiny)
+    model = student_model(tiny, data)
+    gkd = objective(tiny, data, model, max_new_tokens=max_new_tokens)
+    fit = Fitting(model, data, gkd.loss, gkd.probe_batch, TrainerSettings(batch_size=rows),
+                  distributed.World(), None, default_optimizer(), tmp_path, None, {}, {})
+    return probe(fit, rows, 1)
+
+
+def test_micro_batch_auto_measures_the_completions_gkd_makes_and_trains(tiny, make_cfg,
+                                                                        tmp_path):
+    """trainer.micro_batch=auto under objective=gkd (refused before: the probe stepped on the
+    data's batches, prompt positions alone): the probe is GKD's own batch, each prompt with a
+    completion of max_new_tokens and the teacher run in the loss, so a longer completion
+    measures more at the same rows; a run picks its micro-batch by it and trains."""
+    from mlxlab.runs import load_run_model
+    from mlxlab.train import train
+
+    assert peak_of_a_step(tiny, tmp_path, 4, 24) > peak_of_a_step(tiny, tmp_path, 4, 4) > 0
+    cfg = make_cfg(*gkd_args(tiny, "trainer.micro_batch=auto", "trainer.max_steps=2",
+                             "trainer.eval_every_steps=2", "tracking=none"))
+    train(cfg)
+    _, state = load_run_model(Path(cfg.paths.output_dir), "last")
+    plan = state.config["batch_plan"]
+    assert plan["chosen_by"] == "auto" and plan["micro_batch"] * plan["grad_accum"] == 4, plan
+    measured = [float(t.split(":")[1].removesuffix("GB")) for t in plan["tried"].split(", ")]
+    assert [t.split(":")[0] for t in plan["tried"].split(", ")] == ["1", "2", "4"], plan
+    assert all(m > 0 for m in measured) and measured == sorted(measured), plan
+    assert state.step == 2
 
 
 TRL_METRICS = ("loss", "on_policy_fraction", "completions/mean_length",

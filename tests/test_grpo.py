@@ -338,8 +338,8 @@ def test_mu_passes_summed_by_grad_accum_are_refused_before_a_step(tiny, make_cfg
     with pytest.raises(ConfigError, match=r"objective.num_iterations=2 takes 2 optimizer steps "
                        r"per generation, and trainer.grad_accum=2 would sum"):
         train(make_cfg(*grpo_args(tiny, "trainer.grad_accum=2")))
-    GRPO(VARIETY, num_iterations=1).check_step_plan(4)
-    GRPO(VARIETY, num_iterations=3).check_step_plan(1)
+    assert GRPO(VARIETY, num_iterations=1).plan(4) == 1
+    assert GRPO(VARIETY, num_iterations=3).plan(1) == 3  # batches per batch of prompts
 
 
 @pytest.mark.slow  # ~1 min on 2 loaded cores (train + export)
@@ -426,19 +426,24 @@ def test_optuna_searches_beta_the_learning_rate_and_g(tiny, tmp_path):
     assert client.get_run(parent.info.run_id).data.metrics["optuna/best_value"] == max(scores)
 
 
-def test_a_memory_probe_under_grpo_is_one_line_not_a_crash(tmp_path):
-    """The probes step on the data's batches; GRPO trains on rollouts it makes (issue 55/56)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from conftest import compose_cfg
-    from mlxlab.config import validate
-    from mlxlab.errors import ConfigError
-
-    cfg = compose_cfg(tmp_path, ["experiment=grpo_copy", "model.pretrained=/nowhere",
-                                 "trainer.micro_batch=auto"])
-    GlobalHydra.instance().clear()
-    with pytest.raises(ConfigError, match="objective grpo makes its batches while it trains"):
-        validate(cfg)
+def test_the_memory_probe_is_a_rollout_batch_at_its_largest(tiny):
+    """GRPO's probe batch: the first prompts, each num_generations times, every completion
+    max_completion_length long (the run's width), with the advantages and the old and
+    reference log-probs the loss reads (mu > 1, beta > 0); nothing sampled, no key drawn."""
+    data = prompt_data(tiny)
+    model = lora_model(tiny, data)
+    grpo = objective(tiny, data, model, num_iterations=2, beta=0.04)
+    key = np.array(grpo.sampler.key)
+    batch = grpo.probe_batch(data, Batching(batch_size=2))
+    rows, width = 2 * 4, grpo.sampler.width
+    assert batch["input_ids"].shape == batch["loss_mask"].shape == (rows, width)
+    assert batch["advantages"].shape == (rows,)
+    assert batch["old_logps"].shape == batch["ref_logps"].shape == (rows, width)
+    assert batch["loss_mask"].sum(axis=1).tolist() == [6.0] * rows  # every completion its longest
+    np.testing.assert_array_equal(np.array(grpo.sampler.key), key)
+    loss, aux = grpo.loss(model, batch)
+    assert np.isfinite(loss.item()) and aux["ntokens"].item() == rows * 6
+    assert grpo.probe_loss() is None  # the data's batches are prompts: no loss of its own
 
 
 @pytest.mark.parametrize("objective", ["supervised", "distill"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -17,6 +17,7 @@ from conftest import FAST
 from mlxlab.errors import ConfigError
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import (
+    MetricSpec,
     Objective,
     ObjectiveSetup,
     check_objective,
@@ -36,8 +37,6 @@ class Repeating(Objective):
     (GRPO's sampling). What decides the next batch (the batch in hand, the passes done, the
     generator) is in its state, never in the generator's locals."""
 
-    name: ClassVar[str] = "repeating"
-
     def __init__(self, passes: int = 2, keep: float = 0.75, seed: int = 0) -> None:
         if passes < 1:
             raise ConfigError(f"objective.passes must be >= 1, got {passes}")
@@ -48,8 +47,9 @@ class Repeating(Objective):
         self.rng = np.random.default_rng(seed)
         self._loss = None
 
-    def setup(self, setup: ObjectiveSetup) -> None:
+    def setup(self, setup: ObjectiveSetup) -> dict[str, str]:
         self._loss = losses.task_loss(setup.data.task)
+        return {"test.objective.passes": str(self.passes)}  # the run's tags
 
     def train_batches(self, data: Any, batching: Any, epoch: int, model: Any):
         source = iter(data.train_batches(batching, epoch))
@@ -69,7 +69,7 @@ class Repeating(Objective):
                 self.pending = None
             yield made
 
-    def batches_per_data_batch(self) -> int:
+    def plan(self, grad_accum: int) -> int:
         return self.passes
 
     def loss(self, model, batch):
@@ -79,11 +79,8 @@ class Repeating(Objective):
         return evaluate_cross_entropy(model, data, batching, world, prefix)
 
     @classmethod
-    def metric_directions(cls, task: str) -> dict[str, str]:
-        return Supervised.metric_directions(task)
-
-    def tags(self) -> dict[str, str]:
-        return {"test.objective.passes": str(self.passes)}
+    def metrics(cls, kind: str | None) -> MetricSpec:
+        return Supervised.metrics(kind)
 
     def logs(self) -> dict[str, float]:
         made, self.made_since_log = self.made_since_log, 0

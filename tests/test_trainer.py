@@ -54,10 +54,15 @@ def build(make_cfg, tmp_path, *overrides):
     return cfg, data, model
 
 
+def distill(**settings) -> Distill:
+    """objective=distill as its config node builds it: with runs.load_teachers."""
+    return Distill(load_teachers=load_teachers, **settings)
+
+
 def objective_loss(objective, data, model, batch_size: int = 32):
     """The loss `objective` trains `model` on `data` with, set up as a fit sets it up."""
     objective.setup(ObjectiveSetup(model=model, data=data, batching=Batching(batch_size=batch_size),
-                                   world=World(), load_teachers=load_teachers))
+                                   world=World()))
     return objective.loss
 
 
@@ -252,9 +257,9 @@ def test_cached_teacher_probabilities_give_the_per_step_loss(make_cfg, tmp_path)
     _, data, student = build(make_cfg, tmp_path, *TINY)
     data.load_state_dict({"epoch": 0, "batches_done": 3})
     teachers = [{"run": str(teacher_cfg.paths.output_dir)}]
-    cached_fn = objective_loss(Distill(teachers=teachers, temperature=2.0), data, student, 16)
+    cached_fn = objective_loss(distill(teachers=teachers, temperature=2.0), data, student, 16)
     assert data.state_dict() == {"epoch": 0, "batches_done": 3}
-    per_step_fn = objective_loss(Distill(teachers=teachers, temperature=2.0, cache_teacher=False),
+    per_step_fn = objective_loss(distill(teachers=teachers, temperature=2.0, cache_teacher=False),
                                  data, student, 16)
     student.eval()  # no dropout: the two losses see the same student
     for batch in list(data.train_batches(Batching(batch_size=7), 1))[:4]:
@@ -291,8 +296,8 @@ def test_distillation_loss_form_is_a_config_choice(make_cfg, tmp_path):
     batch = next(iter(data.train_batches(Batching(batch_size=7), 1)))
     for loss in ("reverse_kl", "mse"):
         teachers = [{"run": str(teacher_cfg.paths.output_dir)}]
-        cached_fn = objective_loss(Distill(teachers=teachers, loss=loss), data, student, 16)
-        direct_fn = objective_loss(Distill(teachers=teachers, loss=loss, cache_teacher=False),
+        cached_fn = objective_loss(distill(teachers=teachers, loss=loss), data, student, 16)
+        direct_fn = objective_loss(distill(teachers=teachers, loss=loss, cache_teacher=False),
                                    data, student, 16)
         (cached, aux_c), (direct, aux_d) = cached_fn(student, batch), direct_fn(student, batch)
         assert cached.item() == pytest.approx(direct.item(), rel=1e-5)

@@ -298,9 +298,17 @@ def test_a_logged_metrics_definition_is_the_objective_that_computes_it():
     assert metric_definition("val/reward").mode == "max"  # GRPO's
     assert metric_definition("val/custom_error") is None
     # one class, two losses: ORPO's own metrics are reported by ORPO only
-    assert "nll_loss" in Preference(loss="orpo").reported_metrics("preference")
-    assert "nll_loss" not in Preference(loss="sigmoid").reported_metrics("preference")
-    assert Preference.tie_break("preference") == "loss"
+    from omegaconf import OmegaConf
+
+    from mlxlab.errors import ConfigError
+
+    def monitoring(loss: str):
+        return OmegaConf.create({"optimized_metric": "val/nll_loss", "objective": {"loss": loss}})
+
+    Preference.check_config(monitoring("orpo"), "preference")
+    with pytest.raises(ConfigError, match=r"by objective Preference\(loss=sigmoid\)"):
+        Preference.check_config(monitoring("sigmoid"), "preference")
+    assert Preference.metrics("preference").tie() == ("val/loss", "min")
 
 
 def test_a_tie_on_the_monitor_goes_to_the_better_tie_break_or_else_the_later_step():

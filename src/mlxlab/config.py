@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mlxlab.errors import ConfigError, RemoteError, UserError
+from mlxlab.errors import ConfigError, DataMismatch, RemoteError, UserError
 from mlxlab.runtime import settings
 from mlxlab.validation import check_choice, check_number
 
@@ -261,10 +261,7 @@ def validate(cfg: DictConfig) -> None:
     _check_optimizer(cfg)
     _check_callbacks(cfg)
     _check_targets(cfg)
-    _check_prompts_only(cfg)
-    _check_optimized_metric(cfg)
-    _check_objective_inputs(cfg)
-    _check_memory_probe(cfg)
+    _check_objective(cfg)
     _check_model(cfg)
     _check_settings(cfg)
     _check_replicates(cfg)
@@ -465,89 +462,22 @@ def _check_settings(cfg: DictConfig) -> None:
             instantiate(node)
 
 
-def _check_optimized_metric(cfg: DictConfig) -> None:
-    """The objective trains on this data's task, and optimized_metric is something its
-    evaluation computes for it: the objective class says both (Objective.check_data and
-    metric_directions, objectives/base.py), and the objective built from its node what it
-    reports as configured (reported_metrics)."""
+def _check_objective(cfg: DictConfig) -> None:
+    """The objective's own checks of the composed config (Objective.check_config, asked of its
+    class before anything is built): the kind of data it trains on, an optimized_metric it
+    reports, its settings together (models whose tokenizers must agree). A line about
+    the data adds what the data is and which objectives train on it."""
     from hydra.utils import get_class
 
     try:
-        task = getattr(get_class(cfg.data._target_), "task", None)
-        objective = get_class(cfg.objective._target_)
-        check_data, metrics = objective.check_data, objective.metric_directions(task)
-    except Exception:  # an unknown target fails at instantiation with Hydra's own message
+        data, check = get_class(cfg.data._target_), get_class(cfg.objective._target_).check_config
+    except Exception:  # an unknown target (or no Objective) fails at instantiation or at fit
         return
-    if task is not None:
-        try:
-            check_data(task)
-        except ConfigError as err:
-            raise ConfigError(f"{err}; {_data_kind_line(cfg, task, False)}") from None
-    names, what = [f"val/{m}" for m in metrics], objective.__name__
-    if names and cfg.get("optimized_metric") in names:
-        # the class names every metric of its kind; the objective as configured may log fewer
-        # (ORPO's nll_loss is not DPO's): a monitor never logged keeps no best checkpoint
-        with unwrapped():
-            built = instantiate(cfg.objective)
-        names, what = [f"val/{m}" for m in built.reported_metrics(task)], repr(built)
-    if names and cfg.get("optimized_metric") not in names:
-        raise ConfigError(
-            f"optimized_metric={cfg.get('optimized_metric')!r} is not computed for {task} data "
-            f"by objective {what}: choose one of {names}"
-        )
-
-
-def _check_objective_inputs(cfg: DictConfig) -> None:
-    """What the config names for the objective fits together (Objective.check_inputs: e.g. a
-    teacher reads the student's token ids), asked of the class before anything is built."""
-    from hydra.utils import get_class
-
+    prompts, task = getattr(data, "prompts_only", False), getattr(data, "task", None)
     try:
-        check = get_class(cfg.objective._target_).check_inputs
-    except Exception:  # an unknown target fails at instantiation with Hydra's own message
-        return
-    check(cfg)
-
-
-def _check_memory_probe(cfg: DictConfig) -> None:
-    """The memory probe (trainer.micro_batch=auto) steps on the data module's batches; an
-    objective that makes its own (GRPO's rollouts) would be measured on the wrong ones, so the
-    two are refused together rather than the setting ignored."""
-    from hydra.utils import get_class
-
-    try:
-        objective = get_class(cfg.objective._target_)
-    except Exception:  # an unknown target fails at instantiation with Hydra's own message
-        return
-    trainer = cfg.get("trainer") or {}
-    if getattr(objective, "makes_batches", False) and trainer.get("micro_batch") == "auto":
-        raise ConfigError(
-            f"trainer.micro_batch=auto: objective {objective.name} makes its batches while it "
-            "trains, and the memory probe measures the data's: set a fixed trainer.micro_batch")
-
-
-def _check_prompts_only(cfg: DictConfig) -> None:
-    """Data of prompts alone (data=prompts) trains only under an objective that makes its
-    batches from them; another would meet rows without tokens to train on (a KeyError deep in
-    the first step before this check)."""
-    from hydra.utils import get_class
-
-    try:
-        data, objective = get_class(cfg.data._target_), get_class(cfg.objective._target_)
-    except Exception:  # an unknown target fails at instantiation with Hydra's own message
-        return
-    prompts, samples = getattr(data, "prompts_only", False), getattr(objective, "makes_batches",
-                                                                       False)
-    if prompts and not samples:
-        raise ConfigError(
-            f"data {data.__name__} holds prompts without completions, and objective "
-            f"{objective.__name__} trains on the data's rows: pick an objective that samples "
-            "completions (objective=grpo, experiment=grpo_*), or data=completions / data=chat "
-            f"for supervised fine-tuning; {_data_kind_line(cfg, data.task, prompts)}")
-    if samples and not prompts:
-        raise ConfigError(
-            f"objective {objective.__name__} samples completions of prompts (data=prompts), "
-            f"not of {data.__name__}'s rows; {_data_kind_line(cfg, data.task, prompts)}")
+        check(cfg, "prompts" if prompts else task)
+    except DataMismatch as err:
+        raise ConfigError(f"{err}; {_data_kind_line(cfg, task, prompts)}") from None
 
 
 # What each data kind is, in words (a data module's `task`; "prompts": prompts_only data)
@@ -595,11 +525,9 @@ def _fits(option: tuple[str, str], kind: str) -> bool:
     from hydra.utils import get_class
 
     try:
-        objective = get_class(str(_target_of(*option)))
-        objective.check_data("lm" if kind == "prompts" else kind)
+        return bool(get_class(str(_target_of(*option))).metrics(kind).definitions)
     except Exception:
         return False
-    return bool(getattr(objective, "makes_batches", False)) == (kind == "prompts")
 
 
 def _target_of(group: str, option: str, depth: int = 0) -> str | None:

@@ -34,3 +34,8 @@ class DiskFull(UserError, OSError):
 
     def __str__(self) -> str:  # the message alone, not OSError's "[Errno 28] ..."
         return self.strerror or super().__str__()
+
+
+class DataMismatch(ConfigError):
+    """An objective given data of a kind it does not train on; config validation adds what the
+    data is and which objectives train on it."""

@@ -100,7 +100,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir, choices, _ = hydra_context(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     from mlxlab.models import num_parameters
-    from mlxlab.runs import choose_tokenizer, keep_pretrained_files, load_teachers
+    from mlxlab.runs import choose_tokenizer, keep_pretrained_files
     from mlxlab.runs.resume import resolve_resume, resumed_run_folder
     from mlxlab.runtime import distributed
     from mlxlab.tracking.base import NullTracker
@@ -135,8 +135,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("model %s: %s parameters", cfg.model._target_.rsplit(".", 1)[-1],
              f"{config['num_parameters']:,}")
     trainer = Trainer(settings, optimizer=instantiate(cfg.optimizer), callbacks=callbacks,
-                      load_teachers=load_teachers, checkpointing=checkpointing,
-                      objective=instantiate(cfg.objective))
+                      checkpointing=checkpointing, objective=instantiate(cfg.objective))
     resumed_from = resumed_run_folder(resume) if resume is not None else None
     tags = {**run_tags(cfg, choices, run_hash, run_dir, resumed_from, trial_tags()),
             **process_tags(), **source_tags(model_source), WORLD_SIZE: str(world.size)}

@@ -83,7 +83,7 @@ class PromptRows(PromptCompletion):
 
     task = "lm"  # the model is a language model: export, generation and eval.tasks apply
     # Its rows have no completions to train on: only an objective that makes its own batches
-    # from them (Objective.makes_batches: GRPO's rollouts) can train (config.py checks).
+    # from them trains on them (whose `metrics` name the kind "prompts": objectives/base.py).
     prompts_only = True
 
     def __init__(

@@ -1,10 +1,11 @@
 """Every metric mlxlab logs, by its logged name: which way it improves and its range.
 
-The definitions live where the metrics are computed (each objective's `metric_definitions`,
+The definitions live where the metrics are computed (each objective's `metrics`,
 evaluation/tasks.py SCORE_DEFINITIONS); this reads them for what has only a name in hand: a
 sweep's verdict and `mlxlab runs compare --metric val/logps/rejected` (sweeps/store.metric_mode),
 a mean's interval cut to the metric's range (sweeps/groups.metric_bounds). The objectives are
-those conf/objective/ names (a new one joins by its file), over the data tasks mlxlab has.
+those conf/objective/ names (a new one joins by its file, nothing here names it), over the kinds
+of data mlxlab has.
 A name two objectives define in opposite ways is not defined here (the caller asks for --mode).
 """
 
@@ -18,7 +19,8 @@ from mlxlab.evaluation.tasks import SCORE_DEFINITIONS
 from mlxlab.objectives.base import Objective
 from mlxlab.stats import MetricDefinition
 
-TASKS = ("classification", "lm", "preference")  # the `task` of mlxlab's data modules
+# the kinds of mlxlab's data (base.data_kind: a data module's task, or prompts alone)
+KINDS = ("classification", "lm", "preference", "prompts")
 # prefixes of a validation metric's logged name: val/, train/ (the loss's own aux), a quantized
 # model's val_q4/, a best checkpoint's best/
 PREFIX = re.compile(r"^(?:best/)?(?:val|train|val_q\d+)/")
@@ -44,13 +46,11 @@ def objective_classes() -> tuple[type[Objective], ...]:
 
 @cache
 def objective_metrics() -> dict[str, MetricDefinition | None]:
-    """name -> definition over every objective and task (None: defined two opposite ways)."""
+    """name -> definition over every objective and kind (None: defined two opposite ways)."""
     out: dict[str, MetricDefinition | None] = {}
     for cls in objective_classes():
-        for task in TASKS:
-            definitions = cls.metric_definitions(task)
-            for name, mode in cls.metric_directions(task).items():
-                mine = definitions.get(name) or MetricDefinition(mode)
+        for kind in KINDS:
+            for name, mine in cls.metrics(kind).definitions.items():
                 if name in out and out[name] is not None and out[name].mode != mine.mode:
                     out[name] = None
                 else:

@@ -1,8 +1,9 @@
 """Knowledge distillation (`objective=distill`): the student's cross-entropy on the labels
 plus a soft term toward its teachers (objectives/losses.py distillation_loss). The teachers are
-finished runs, built by the loader the Trainer is handed (train.py: runs.load_teachers) and
-weighted (fixed, or learned: teacher_weights.py); on fixed datasets their probabilities are
-computed once before training and looked up in each step (`teacher_cache`). Rounds of
+finished runs or model folders, built by the loader its node names (`load_teachers`: a Hydra
+partial of runs.load_teachers) and weighted (fixed, or learned: teacher_weights.py); on fixed
+datasets their probabilities are computed once before training and looked up in each step
+(`teacher_cache`). Rounds of
 distillation (`objective.rounds`, a student teaching the next round) are runs of this objective
 strung together by mlxlab/distill_rounds.py."""
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -18,9 +19,13 @@ import numpy as np
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
 from mlxlab.objectives import losses
-from mlxlab.objectives.base import ObjectiveSetup
-from mlxlab.objectives.supervised import Supervised, check_task
-from mlxlab.objectives.teacher_weights import build_teachers, fit_teacher_weights
+from mlxlab.objectives.base import ObjectiveSetup, data_kind
+from mlxlab.objectives.supervised import Supervised, check_kind
+from mlxlab.objectives.teacher_weights import (
+    TeacherLoader,
+    build_teachers,
+    fit_teacher_weights,
+)
 from mlxlab.tracking import tags as T
 from mlxlab.validation import check_choice, record
 
@@ -52,19 +57,20 @@ class DistillConfig:
 class Distill(Supervised):
     """The student's loss toward its teachers; evaluated as supervised training is."""
 
-    name: ClassVar[str] = "distill"
-    needs_teachers: ClassVar[bool] = True
-
-    def __init__(self, label_smoothing: float = 0.0, **settings: Any) -> None:
+    def __init__(self, label_smoothing: float = 0.0, load_teachers: TeacherLoader | None = None,
+                 **settings: Any) -> None:
         super().__init__(label_smoothing)
+        self.load_teachers = load_teachers
         self.config: DistillConfig = record(DistillConfig, settings, "objective",
                                             "objective=distill")
         self.weights: list[float] = []  # each teacher's normalized weight, after setup
 
-    def setup(self, setup: ObjectiveSetup) -> None:
+    def setup(self, setup: ObjectiveSetup) -> dict[str, str]:
+        """The teachers, their weights, the cached targets and the loss; returns the weights each
+        teacher has (learned ones are known only now) as the run's tag."""
         data, batching, config = setup.data, setup.batching, self.config
-        check_task(data.task, self.name)
-        teachers, weights = build_teachers(setup, config.teachers)
+        check_kind(data_kind(data), type(self).__name__, type(data).__name__)
+        teachers, weights = build_teachers(self.load_teachers, config.teachers, data)
         if config.teacher_weights == "learned" and len(teachers) > 1:
             # Streamed text has no in-order pass over its training rows: its validation batches
             # are used instead (the weights then saw the validation data).
@@ -80,9 +86,6 @@ class Distill(Supervised):
             loss=config.loss, kl_scale=config.kl_scale,
         )
         self.weights = [w / sum(weights) for w in weights]
-
-    def tags(self) -> dict[str, str]:
-        """The weights each teacher had (learned ones are known only after setup)."""
         return {T.DISTILL_TEACHER_WEIGHTS: str([round(w, 4) for w in self.weights])}
 
 

@@ -12,9 +12,9 @@ JSD with `beta` (0: forward KL, 1: reverse KL) between the teachers' and the stu
 distributions at `temperature`, on the completion tokens only (TRL 1.16's compute_loss calls that
 function at temperature 1, its temperature only sampling; objective.temperature=1 trains TRL's
 loss exactly). The teachers are distillation's
-(a model folder or a finished run each, several weighted: losses.teacher_log_probs), frozen,
-run inside the compiled step; they must read the student's token ids, which `check_inputs`
-checks on the tokenizer files before anything is built.
+(a model folder or a finished run each, built by the node's `load_teachers`, several weighted:
+losses.teacher_log_probs), frozen, run inside the compiled step; they must read the student's
+token ids, which `check_config` checks on the tokenizer files before anything is built.
 
 Each generated batch is trained by the step that draws it (no rollout outlives its step), so the
 state is the generator's key (the coins and the samples) and the metric sums since the last
@@ -42,10 +42,10 @@ from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.tokenizer import folder_tokenizer, vocabulary_difference
 from mlxlab.errors import ConfigError
 from mlxlab.objectives import losses
-from mlxlab.objectives.base import Evaluation, Objective, ObjectiveSetup
+from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
 from mlxlab.objectives.gkd_loss import generalized_jsd
-from mlxlab.objectives.rollouts import Sampler, Sampling, completion_metrics
-from mlxlab.objectives.teacher_weights import build_teachers
+from mlxlab.objectives.rollouts import Sampler, Sampling, check_sampling_config, completion_metrics
+from mlxlab.objectives.teacher_weights import TeacherLoader, build_teachers
 from mlxlab.runtime import distributed
 from mlxlab.stats import MetricDefinition
 from mlxlab.tracking import tags as T
@@ -58,15 +58,11 @@ class GKD(Objective):
     are TRL's GKDConfig names (lmbda, beta, temperature, max_new_tokens) and GRPO's sampling
     (top_p, top_k, eval_temperature, log_completions)."""
 
-    name = "gkd"
-    makes_batches = True
-    needs_teachers = True
-
     def __init__(self, teachers: Sequence[Mapping | str], lmbda: float = 0.5, beta: float = 0.5,
                  temperature: float = 0.9, max_new_tokens: int = 128, top_p: float = 1.0,
                  top_k: int = 0, eval_temperature: float = 0.0,
                  completion_key: str = "completion", log_completions: int = 8,
-                 seed: int = 0) -> None:
+                 seed: int = 0, load_teachers: TeacherLoader | None = None) -> None:
         if isinstance(teachers, DictConfig | ListConfig):
             teachers = OmegaConf.to_container(teachers, resolve=True)
         if not teachers:
@@ -77,17 +73,19 @@ class GKD(Objective):
                 raise ConfigError(f"objective.{key}={value} must be in [0, 1]")
         sampling, eval_sampling = Sampling.checked("max_new_tokens", max_new_tokens,
                                                    temperature, top_p, top_k, eval_temperature)
-        self.teacher_specs = list(teachers)
+        self.teacher_specs, self.load_teachers = list(teachers), load_teachers
         self.lmbda, self.beta, self.temperature = float(lmbda), float(beta), float(temperature)
         self.completion_key = str(completion_key)
         self.sampler = Sampler(sampling, eval_sampling, seed, log_completions, SAMPLES)
         self.weights: list[float] = []
 
     @classmethod
-    def check_inputs(cls, cfg: Any) -> None:
-        """Every teacher's tokenizer.json gives each token the id the student's gives it (the
-        student's: data.tokenizer.path, else model.pretrained's, else the first teacher's,
-        which train.py hands the data then)."""
+    def check_config(cls, cfg: Any, kind: str | None) -> None:
+        """data=prompts, and every teacher's tokenizer.json gives each token the id the
+        student's gives it (the student's: data.tokenizer.path, else model.pretrained's, else the
+        first teacher's, which train.py hands the data then)."""
+        check_sampling_config(cls, cfg, kind)
+        super().check_config(cfg, kind)
         specs = cfg.objective.get("teachers") or []
         given = (cfg.data.get("tokenizer") or {}).get("path") or cfg.model.get("pretrained")
         student = folder_tokenizer(given) if given and Path(str(given)).is_dir() else given
@@ -111,8 +109,9 @@ class GKD(Objective):
 
     # --- setup and state ------------------------------------------------------------------------
 
-    def setup(self, setup: ObjectiveSetup) -> None:
-        data = self.sampler.setup(setup, self.name)
+    def setup(self, setup: ObjectiveSetup) -> dict[str, str]:
+        """The sampler, the teachers' log-probs; returns each teacher's weight as the run's tag."""
+        data = self.sampler.setup(setup, "gkd")
         if self.lmbda < 1.0:
             lines = data.rows_without("train", self.completion_key)
             if lines:
@@ -121,9 +120,10 @@ class GKD(Objective):
                     f"no {self.completion_key!r} string, which objective.lmbda={self.lmbda} < 1 "
                     "trains on: add it, set objective.completion_key= to the column holding "
                     "completions, or objective.lmbda=1 (on-policy only)")
-        teachers, weights = build_teachers(setup, self.teacher_specs)
+        teachers, weights = build_teachers(self.load_teachers, self.teacher_specs, data)
         self._teacher_logps = losses.teacher_log_probs(teachers, weights, self.temperature)
         self.weights = [w / sum(weights) for w in weights]
+        return {T.DISTILL_TEACHER_WEIGHTS: str([round(w, 4) for w in self.weights])}
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -131,10 +131,14 @@ class GKD(Objective):
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
 
-    def tags(self) -> dict[str, str]:
-        return {T.DISTILL_TEACHER_WEIGHTS: str([round(w, 4) for w in self.weights])}
-
     # --- the batches it makes -------------------------------------------------------------------
+
+    def probe_batch(self, data: Any, batching: Batching) -> Batch:
+        """A batch of the run's first prompts, each with a completion of max_new_tokens."""
+        return self.sampler.probe_batch(data, batching, 1)
+
+    def probe_loss(self) -> None:
+        return None  # it trains on completions it makes, not on the data's rows
 
     def train_batches(self, data: Any, batching: Batching, epoch: int,
                       model: nn.Module) -> Iterator[Batch]:
@@ -224,7 +228,7 @@ class GKD(Objective):
         return total, tokens
 
     @classmethod
-    def metric_definitions(cls, task: str) -> dict[str, MetricDefinition]:
-        if task != "lm":  # prompts for a language model (data=prompts) only
-            return {}
-        return {"loss": MetricDefinition("min", 0.0)}
+    def metrics(cls, kind: str | None) -> MetricSpec:
+        if kind != "prompts":  # prompts for a language model (data=prompts) only
+            return MetricSpec()
+        return MetricSpec({"loss": MetricDefinition("min", 0.0)})

@@ -37,7 +37,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.errors import ConfigError
 from mlxlab.models.lora import adapters_off, has_adapters
-from mlxlab.objectives.base import Evaluation, Objective, ObjectiveSetup, pack_array, unpack_array
+from mlxlab.objectives.base import (
+    Evaluation,
+    MetricSpec,
+    Objective,
+    ObjectiveSetup,
+    pack_array,
+    unpack_array,
+)
 from mlxlab.objectives.grpo_loss import (
     check_loss_settings,
     group_advantages,
@@ -45,7 +52,12 @@ from mlxlab.objectives.grpo_loss import (
     token_logps,
 )
 from mlxlab.objectives.rewards import build_rewards, score, total
-from mlxlab.objectives.rollouts import Sampler, Sampling, completion_metrics
+from mlxlab.objectives.rollouts import (
+    Sampler,
+    Sampling,
+    check_sampling_config,
+    completion_metrics,
+)
 from mlxlab.runtime import distributed
 from mlxlab.stats import MetricDefinition
 from mlxlab.validation import check_number
@@ -60,9 +72,6 @@ class GRPO(Objective):
     """Group relative policy optimization on data=prompts (module docstring); the arguments
     are TRL's GRPOConfig names (epsilon: the lower clip, epsilon_high: the upper, default
     epsilon)."""
-
-    name = "grpo"
-    makes_batches = True
 
     def __init__(self, rewards: Sequence[Mapping], num_generations: int = 8,
                  num_iterations: int = 1, loss_type: str = "dapo", beta: float = 0.0,
@@ -89,8 +98,13 @@ class GRPO(Objective):
 
     # --- setup and state ------------------------------------------------------------------------
 
+    @classmethod
+    def check_config(cls, cfg: Any, kind: str | None) -> None:
+        check_sampling_config(cls, cfg, kind)
+        super().check_config(cfg, kind)
+
     def setup(self, setup: ObjectiveSetup) -> None:
-        self.sampler.setup(setup, self.name)
+        self.sampler.setup(setup, "grpo")
         if self.beta and not has_adapters(setup.model):
             raise ConfigError(f"objective.beta={self.beta} measures the KL to the reference, the "
                               "model with its LoRA adapters off: set model.lora.rank > 0, or "
@@ -109,10 +123,8 @@ class GRPO(Objective):
 
     # --- the batches it makes -------------------------------------------------------------------
 
-    def batches_per_data_batch(self) -> int:
-        return self.mu
-
-    def check_step_plan(self, grad_accum: int) -> None:
+    def plan(self, grad_accum: int) -> int:
+        """mu batches per batch of prompts, one optimizer step each."""
         # The mu passes over one generation are meant as mu optimizer steps. Accumulated, they
         # would meet in one step at unchanged weights (ratio 1: the update of num_iterations=1).
         if self.mu > 1 and grad_accum > 1:
@@ -120,7 +132,23 @@ class GRPO(Objective):
                 f"objective.num_iterations={self.mu} takes {self.mu} optimizer steps per "
                 f"generation, and trainer.grad_accum={grad_accum} would sum those passes into "
                 "one step (the update of num_iterations=1): set trainer.grad_accum=1 (a larger "
-                "data.batch_size makes a larger generation) or objective.num_iterations=1")
+                "data.batch_size makes a larger generation; a trainer.micro_batch below "
+                "trainer.batch_size accumulates too) or objective.num_iterations=1")
+        return self.mu
+
+    def probe_batch(self, data: Any, batching: Batching) -> Batch:
+        """The rollout batch of the run's first prompts at its largest (every completion
+        max_completion_length long), with the arrays the loss reads beside the tokens."""
+        batch = self.sampler.probe_batch(data, batching, self.group)
+        rows, width = batch["input_ids"].shape
+        batch["advantages"] = mx.zeros((rows,), mx.float32)
+        for key, needed in (("old_logps", self.mu > 1), ("ref_logps", self.beta)):
+            if needed:
+                batch[key] = mx.zeros((rows, width), mx.float32)
+        return batch
+
+    def probe_loss(self) -> None:
+        return None  # it trains on rollouts it makes, not on the data's rows
 
     def train_batches(self, data: Any, batching: Batching, epoch: int,
                       model: nn.Module) -> Iterator[Batch]:
@@ -217,12 +245,13 @@ class GRPO(Objective):
         return Evaluation({f"{prefix}/{k}": v for k, v in metrics.items()})
 
     @classmethod
-    def metric_definitions(cls, task: str) -> dict[str, MetricDefinition]:
-        if task != "lm":  # prompts for a language model (data=prompts) only
-            return {}
+    def metrics(cls, kind: str | None) -> MetricSpec:
+        if kind != "prompts":  # prompts for a language model (data=prompts) only
+            return MetricSpec()
         out = {"reward": MetricDefinition("max"), "reward_std": MetricDefinition("min", 0.0),
                "completions/mean_length": MetricDefinition("min", 0.0)}
-        return out | {f"rewards/{name}/mean": MetricDefinition("max") for name in BUILTIN_REWARDS}
+        return MetricSpec(out | {f"rewards/{name}/mean": MetricDefinition("max")
+                                 for name in BUILTIN_REWARDS})
 
 
 def rollout_metrics(table: np.ndarray, rewards: np.ndarray, specs: Sequence,

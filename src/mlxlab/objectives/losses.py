@@ -18,9 +18,11 @@ from mlxlab.errors import ConfigError
 Batch = dict[str, mx.array]
 LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]
 
-# aux keys holding one value per example (not scalars): a loss built with per_example=True adds
-# them for callbacks such as PerExampleLosses; the trainer takes them out before averaging aux.
-EXAMPLE_KEYS = ("example_loss", "example_teacher_loss")
+# aux keys `example_<column>` hold one value per example (not scalars): a loss built with
+# per_example=True adds them (example_loss, and what else its objective measures per example)
+# for callbacks such as PerExampleLosses, which write each as the column <column>; the trainer
+# takes them out before averaging aux.
+EXAMPLE_PREFIX = "example_"
 
 
 def per_example_mean(values: mx.array, batch: Batch) -> mx.array:
@@ -33,7 +35,7 @@ def per_example_mean(values: mx.array, batch: Batch) -> mx.array:
 
 def pop_example_outputs(aux: dict[str, mx.array]) -> dict[str, mx.array]:
     """Take the per-example entries out of `aux` (what is left are scalars to average)."""
-    return {k: aux.pop(k) for k in EXAMPLE_KEYS if k in aux}
+    return {k: aux.pop(k) for k in [k for k in aux if k.startswith(EXAMPLE_PREFIX)]}
 
 
 def token_cross_entropy(logits: mx.array, targets: mx.array, label_smoothing: float = 0.0) -> mx.array:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,7 +39,13 @@ from mlxlab.data.preference import SIDES, PreferencePairs
 from mlxlab.errors import ConfigError
 from mlxlab.models.lora import adapters_off, has_adapters
 from mlxlab.objectives import losses
-from mlxlab.objectives.base import Evaluation, Objective, ObjectiveSetup
+from mlxlab.objectives.base import (
+    Evaluation,
+    MetricSpec,
+    Objective,
+    ObjectiveSetup,
+    check_monitor,
+)
 from mlxlab.objectives.evaluation import evaluate_by_loss
 from mlxlab.objectives.preference_losses import (
     NEEDS_REFERENCE,
@@ -158,8 +164,6 @@ def reference_model(
 class Preference(Objective):
     """DPO, IPO, ORPO or SimPO on preference pairs (see the module)."""
 
-    name: ClassVar[str] = "preference"
-
     def __init__(self, **settings: Any) -> None:
         self.config: PreferenceConfig = record(PreferenceConfig, settings, "objective",
                                                "objective=dpo | orpo")
@@ -239,18 +243,20 @@ class Preference(Objective):
                                 prefix)
 
     @classmethod
-    def metric_definitions(cls, task: str) -> dict[str, MetricDefinition]:
-        """Every preference loss's metrics, ORPO's own among them (reported_metrics: this one's)."""
-        return {**METRICS, **ORPO_METRICS} if task == "preference" else {}
+    def metrics(cls, kind: str | None) -> MetricSpec:
+        """Every preference loss's metrics, ORPO's own among them (check_config: this one's)."""
+        return MetricSpec({**METRICS, **ORPO_METRICS} if kind == "preference" else {})
 
-    def reported_metrics(self, task: str) -> dict[str, str]:
-        directions = self.metric_directions(task)
-        if self.config.loss == "orpo":
-            return directions
-        return {name: mode for name, mode in directions.items() if name not in ORPO_METRICS}
-
-    def __repr__(self) -> str:
-        return f"Preference(loss={self.config.loss})"
+    @classmethod
+    def check_config(cls, cfg: Any, kind: str | None) -> None:
+        """Preference pairs, and an optimized_metric the configured loss logs (ORPO's
+        nll_loss is not DPO's: a monitor never logged keeps no best checkpoint)."""
+        if kind != "preference":
+            super().check_config(cfg, kind)
+            return
+        loss = cfg.objective.get("loss") or PreferenceConfig.loss
+        reported = METRICS if loss != "orpo" else {**METRICS, **ORPO_METRICS}
+        check_monitor(cfg, kind, reported, f"Preference(loss={loss})")
 
 
 def reference_key(data: PreferencePairs, batching: Batching, ref: nn.Module) -> str:

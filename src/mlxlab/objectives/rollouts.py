@@ -33,8 +33,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.prompts import PromptRows
-from mlxlab.errors import ConfigError
+from mlxlab.errors import ConfigError, DataMismatch
 from mlxlab.models.generation import sample_token
 from mlxlab.models.layers import KVCache
 from mlxlab.objectives.base import ObjectiveSetup, pack_array, unpack_array
@@ -62,6 +63,15 @@ class Sampling:
                               f"({top_p}), top_k >= 0 ({top_k})")
         return (cls(int(max_new_tokens), float(temperature), float(top_p), int(top_k)),
                 cls(int(max_new_tokens), float(eval_temperature), float(top_p), int(top_k)))
+
+
+def check_sampling_config(objective: type, cfg: Any, kind: str | None) -> None:
+    """What an objective that completes data=prompts with the training model asks of the config:
+    prompts, not another kind of rows."""
+    if kind is not None and kind != "prompts":
+        data = str(cfg.data._target_).rsplit(".", 1)[-1]
+        raise DataMismatch(f"objective {objective.__name__} samples completions of prompts "
+                           f"(data=prompts), not of {data}'s rows")
 
 
 def make_cache(model: nn.Module) -> list:
@@ -224,6 +234,16 @@ class Sampler:
     def batch(self, prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray],
               group: int) -> dict[str, np.ndarray]:
         return rollout_batch(prompts, completions, group, self.width, self.pad_id)
+
+    def probe_batch(self, data: PromptRows, batching: Batching, group: int) -> Batch:
+        """The batch of the first `batching.batch_size` training prompts, each completed `group`
+        times, as long as a completion may be (max_new_tokens of the pad token: every array at
+        the run's width), for measuring a step's memory; nothing is sampled, no key is drawn."""
+        index = np.array(next(iter(data.train_batches(batching, 0)))["index"])
+        _, ids, _ = data.prompts("train", index)
+        filler = np.full(self.sampling.max_new_tokens, self.pad_id, np.int32)
+        return {k: mx.array(v) for k, v in
+                self.batch(ids, [filler] * (len(ids) * group), group).items()}
 
     def add_logs(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():

@@ -4,15 +4,21 @@ label smoothing; evaluated by the same cross-entropy and the task's metrics."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.data.batching import Batch, Batching
-from mlxlab.errors import ConfigError
+from mlxlab.errors import ConfigError, DataMismatch
 from mlxlab.objectives import losses
-from mlxlab.objectives.base import Evaluation, Objective, ObjectiveSetup
+from mlxlab.objectives.base import (
+    Evaluation,
+    MetricSpec,
+    Objective,
+    ObjectiveSetup,
+    data_kind,
+)
 from mlxlab.objectives.evaluation import evaluate_cross_entropy
 from mlxlab.runtime import distributed
 from mlxlab.stats import LOSS, UNIT, MetricDefinition
@@ -24,9 +30,13 @@ METRICS = {
     "classification": {"loss": LOSS, "accuracy": UNIT, "f1": UNIT, "roc_auc": UNIT},
     "lm": {"loss": LOSS, "perplexity": MetricDefinition("min", 1.0)},
 }
-# data tasks this objective does not train on, and the objective that does
-OTHER_TASKS = {"preference": "preference pairs train with a preference objective: set "
-                             "objective=dpo or objective=orpo (or experiment=dpo_chat / orpo_chat)"}
+# kinds of data (base.data_kind) this objective does not train on, and what does
+OTHER_KINDS = {
+    "preference": "preference pairs train with a preference objective: set objective=dpo or "
+                  "objective=orpo (or experiment=dpo_chat / orpo_chat)",
+    "prompts": "data {data} holds prompts without completions, and objective {objective} trains "
+               "on the data's rows: pick an objective that samples completions (objective=grpo, "
+               "experiment=grpo_*), or data=completions / data=chat for supervised fine-tuning"}
 
 
 def check_smoothing(value: Any) -> float:
@@ -36,26 +46,24 @@ def check_smoothing(value: Any) -> float:
     return float(value)
 
 
-def check_task(task: str, objective: str) -> None:
-    """One line for data this objective does not train on."""
-    if task in OTHER_TASKS:
-        raise ConfigError(OTHER_TASKS[task])
-    if task not in METRICS:
-        raise ConfigError(f"objective={objective} trains on classification or language-model "
-                          f"data, not {task!r} data: pick the objective for it")
+def check_kind(kind: str | None, objective: str, data: str) -> None:
+    """One line for data this objective does not train on (`objective`, `data`: class names)."""
+    if kind in OTHER_KINDS:
+        raise DataMismatch(OTHER_KINDS[kind].format(data=data, objective=objective))
+    if kind is not None and kind not in METRICS:
+        raise DataMismatch(f"objective {objective} trains on classification or language-model "
+                           f"data, not {kind!r} data: pick the objective for it")
 
 
 class Supervised(Objective):
     """Cross-entropy against batch["labels"] (objectives/losses.py task_loss)."""
-
-    name: ClassVar[str] = "supervised"
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = check_smoothing(label_smoothing)
         self._loss: losses.LossFn | None = None
 
     def setup(self, setup: ObjectiveSetup) -> None:
-        check_task(setup.data.task, self.name)
+        check_kind(data_kind(setup.data), type(self).__name__, type(setup.data).__name__)
         self._loss = losses.task_loss(setup.data.task, self.label_smoothing, setup.per_example)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
@@ -69,9 +77,10 @@ class Supervised(Objective):
         return evaluate_cross_entropy(model, data, batching, world, prefix)
 
     @classmethod
-    def metric_definitions(cls, task: str) -> dict[str, MetricDefinition]:
-        return dict(METRICS.get(task, {}))
+    def metrics(cls, kind: str | None) -> MetricSpec:
+        return MetricSpec(dict(METRICS.get(kind, {})))
 
     @classmethod
-    def check_data(cls, task: str) -> None:
-        check_task(task, cls.name)
+    def check_config(cls, cfg: Any, kind: str | None) -> None:
+        check_kind(kind, cls.__name__, str(cfg.data._target_).rsplit(".", 1)[-1])
+        super().check_config(cfg, kind)

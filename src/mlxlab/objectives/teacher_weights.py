@@ -1,6 +1,7 @@
 """Teachers of the objectives that learn from them (distill, gkd): built from the config's
-specs by the run's loader, and learned weights for an ensemble of them
-(`objective=distill objective.teacher_weights=learned`).
+specs by the loader their node names (`load_teachers`, a Hydra partial of runs.load_teachers),
+and learned weights for an ensemble of them (`objective=distill
+objective.teacher_weights=learned`).
 
 The weights w = softmax(theta) that minimise the cross-entropy of the mixture sum_k w_k p_k(x)
 (each teacher at temperature 1) on the student's training rows: a teacher that is right where the
@@ -11,7 +12,8 @@ others are wrong gets more say. The teachers never trained on the student's vali
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,19 +21,25 @@ import mlx.optimizers as optim
 
 from mlxlab.errors import ConfigError
 from mlxlab.objectives import losses
-from mlxlab.objectives.base import ObjectiveSetup
+
+# (teacher specs, vocab_size, num_labels, label_names) -> (frozen teacher models, weights): how an
+# objective that learns from finished runs builds their models, handed in by its config node
+# (conf/objective/distill.yaml: runs.load_teachers), since objectives/ never reaches up into runs
+TeacherLoader = Callable[[list, int, "int | None", "list[str] | None"],
+                         tuple[list[nn.Module], list[float]]]
 
 log = logging.getLogger(__name__)
 
 
-def build_teachers(setup: ObjectiveSetup, specs: list) -> tuple[list[nn.Module], list[float]]:
-    """(the frozen teacher models, their weights) of objective.teachers, built by the loader the
-    Trainer is handed (train.py: runs.load_teachers) for the student's outputs."""
-    if setup.load_teachers is None:
-        raise ConfigError("a distilling Trainer needs load_teachers= (e.g. "
-                          "mlxlab.runs.load_teachers), which builds its teachers")
-    data = setup.data
-    return setup.load_teachers(specs, data.vocab_size, data.num_labels, data.label_names)
+def build_teachers(load: TeacherLoader | None, specs: list, data: Any
+                   ) -> tuple[list[nn.Module], list[float]]:
+    """(the frozen teacher models, their weights) of objective.teachers, built by `load` for the
+    outputs of the student's `data`."""
+    if load is None:
+        raise ConfigError("objective.load_teachers is not set: an objective with teachers builds "
+                          "them with it (conf/objective/distill.yaml: {_target_: "
+                          "mlxlab.runs.load_teachers, _partial_: true})")
+    return load(specs, data.vocab_size, data.num_labels, data.label_names)
 
 
 def teacher_label_probs(teachers: Sequence[nn.Module], batches: Iterable[dict],

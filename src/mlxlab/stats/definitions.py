@@ -1,7 +1,7 @@
 """A metric's definition: which way it improves and the values it can take.
 
 The tables live with what computes each metric: an objective's validation metrics in its class
-(objectives/, `Objective.metric_definitions`), the evaluation tasks' scores in
+(objectives/, `Objective.metrics`), the evaluation tasks' scores in
 evaluation/tasks.py; `mlxlab.objectives.catalog.metric_definition` reads a logged name in all of
 them. Here is only the record they share: a sweep's verdict, `mlxlab runs compare`, the best
 checkpoint's tie-break and a mean's interval (`summarize(bounds=)`) read the direction and the

@@ -82,8 +82,8 @@ class BackgroundAnalysis(Callback):
         if self.grad_norms and self.loss_fn is None and data.has_validation:
             raise ConfigError(
                 "callbacks.analysis.grad_norms=true: the run's objective trains on batches it "
-                "makes (rollouts), not on the data's, so a probe batch of the data has no loss "
-                "to differentiate: set callbacks.analysis.grad_norms=false")
+                "makes, not on the data's, so a probe batch of the data has no loss to "
+                "differentiate: set callbacks.analysis.grad_norms=false")
         self.shadow = copy.deepcopy(model)  # the worker's own model: training's is never touched
         self.shadow.eval()
         if data.has_validation:
@@ -159,11 +159,15 @@ def grouped_norms(tree: dict) -> dict[str, float]:
 
 
 def lm_view(probe: dict) -> dict:
-    """The probe as the model reads it: a preference batch's chosen side (`chosen_input_ids`,
-    ...: data/preference.py) as a batch of its own; any other batch as it is."""
-    if "input_ids" in probe or "chosen_input_ids" not in probe:
+    """The probe as the model reads it: a batch whose token ids are under a prefixed name
+    (`<side>_input_ids` with `<side>_labels`, ...: two sequences a row) as the batch of the
+    first of them; any other batch as it is."""
+    if "input_ids" in probe:
         return probe
-    return {k[len("chosen_"):]: v for k, v in probe.items() if k.startswith("chosen_")}
+    side = next((k.removesuffix("input_ids") for k in probe if k.endswith("_input_ids")), None)
+    if side is None:
+        return probe
+    return {k.removeprefix(side): v for k, v in probe.items() if k.startswith(side)}
 
 
 def analyse(model: nn.Module, probe: dict | None, loss_fn: losses.LossFn | str | None,

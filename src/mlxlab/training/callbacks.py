@@ -54,7 +54,7 @@ class Callback:
     def on_train_start(self, total_steps: int | None, start_step: int) -> None: ...
 
     def on_batch_outputs(self, step: int, batches: list, outputs: dict) -> None:
-        """After step `step`: its micro-batches and per-example outputs (losses.EXAMPLE_KEYS,
+        """After step `step`: its micro-batches and per-example outputs (aux's `example_*`,
         evaluated arrays, rows in the order of the batches); only if needs_example_losses."""
 
     def on_compiled(self, step: int, seconds: float) -> None:

@@ -90,7 +90,7 @@ def checkpoint_state(state: RunState, data_state: dict, *, model: nn.Module, dat
         tokenizer_hash=data.tokenizer_hash,
         val_fingerprint=val_print, log_window=state.window.state_dict(),
         model_ops=model_ops.state_dict(),  # training/model_ops.py
-        objective=objective.state_dict(),  # a rollout buffer, a generator's RNG (objectives/)
+        objective=objective.state_dict(),  # batches in hand, a generator's RNG (objectives/)
         # classification: label values and columns, so predicting needs no training CSV
         encoding=data.encoding_state(),
     )

@@ -45,8 +45,8 @@ from mlxlab.objectives.base import (
     LossFn,
     Objective,
     ObjectiveSetup,
-    TeacherLoader,
     check_objective,
+    data_kind,
 )
 from mlxlab.runtime import distributed, failures, memory
 from mlxlab.tracking import tags as T
@@ -89,7 +89,6 @@ class FitParts(Protocol):
     settings: TrainerSettings
     optimizer_factory: OptimizerFactory
     callbacks: Sequence[Callback]
-    load_teachers: TeacherLoader | None
     checkpointing: CheckpointPolicy
     objective: Objective
 
@@ -120,12 +119,13 @@ class Fit:
     step_fn: Any                    # the compiled step (rebuilt after a model operation)
     compiling: bool                 # the next step compiles (left out of the throughput)
     tie_break: tuple[str, str] | None  # (metric, mode) breaking a tie on the monitor
+    objective_tags: dict[str, str]  # the run tags the objective's setup returned
 
     def __init__(self, trainer: FitParts, model: nn.Module, data: DataModule, tracker: Tracker,
                  run_dir: Path, config: dict, tags: dict, resume: str | Path | None) -> None:
         self.settings, self.optimizer_factory = trainer.settings, trainer.optimizer_factory
         self.callbacks = list(trainer.callbacks)  # this fit's: a data curriculum adds its own
-        self.load_teachers, self.checkpointing = trainer.load_teachers, trainer.checkpointing
+        self.checkpointing = trainer.checkpointing
         self.objective = trainer.objective
         self.model, self.data, self.tracker = model, data, tracker
         self.run_dir, self.config, self.tags, self.resume = run_dir, config, tags, resume
@@ -195,21 +195,20 @@ class Fit:
         self.rows_of = (lambda batch: batch) if rank_batches else world.shard_rows
         batching = settings.data_batching()
         batching = batching if rank_batches else global_batching(batching, world)
-        objective.setup(ObjectiveSetup(
+        self.objective_tags = objective.setup(ObjectiveSetup(
             model=model, data=data, batching=batching, world=world,
             per_example=any(cb.needs_example_losses for cb in self.callbacks),
-            load_teachers=self.load_teachers, run_dir=self.run_dir, tracker=self.tracker))
+            run_dir=self.run_dir, tracker=self.tracker)) or {}
         self.loss_fn = with_precision(objective.loss, settings.precision)
-        tie = objective.tie_break(data.task)  # what decides between evaluations equal on the monitor
-        self.tie_break = (f"val/{tie}", objective.metric_directions(data.task).get(tie, "min")) \
-            if tie else None
+        # what decides between evaluations equal on the monitor
+        self.tie_break = objective.metrics(data_kind(data)).tie()
         self.batching, self.grad_accum = plan_micro_batch(Fitting(  # training/micro_batch.py
-            model, data, self.loss_fn, settings, world, self.rows_of, self.optimizer_factory,
-            self.run_dir, self.resume, self.config, self.tags), batching, rank_batches)
-        objective.check_step_plan(self.grad_accum)
+            model, data, self.loss_fn, objective.probe_batch, settings, world, self.rows_of,
+            self.optimizer_factory, self.run_dir, self.resume, self.config, self.tags),
+            batching, rank_batches)
         self.total_steps, self.max_epochs, self.steps_per_epoch = plan(
             data, settings, self.batching, self.grad_accum, world if rank_batches else None,
-            per_data_batch=objective.batches_per_data_batch())
+            per_data_batch=objective.plan(self.grad_accum))
         self.state = RunState()
         if data.curriculum is not None:  # data/curriculum.py: pacing, tracking
             self.callbacks.append(TokenDistributionLog(
@@ -246,6 +245,7 @@ class Fit:
         """The callbacks set up, the tracked run started (or continued), the step compiled,
         the checkpoint writer built."""
         state_mb = distributed.tree_nbytes(self.optimizer.state) / 2**20
+        probe_loss = self.objective.probe_loss()  # None: it trains on batches it makes
         log.info("optimizer state: %.1f MB on this rank%s", state_mb,
                  f" (sharded over {self.world.size} ranks)" if self.shards else "")
         context = TrainContext(
@@ -255,7 +255,8 @@ class Fit:
             tracker=self.tracker, run_dir=self.run_dir, batch_size=self.batching.batch_size,
             grad_accum=self.grad_accum, optimizer=self.optimizer, optimizer_state_mb=state_mb,
             tie_break=self.tie_break,
-            probe_loss=None if self.objective.makes_batches else self.loss_fn)
+            probe_loss=None if probe_loss is None else with_precision(probe_loss,
+                                                                      self.settings.precision))
         self.set_up = True  # from here on the callbacks are ended, however the run ends
         for cb in self.callbacks:
             cb.setup(context, self.model, self.data)
@@ -379,7 +380,7 @@ class Fit:
     def _start_tracking(self) -> None:
         """The tracked run starts (or a resumed one continues), with the tags only the fit knows."""
         state, tracker = self.state, self.tracker
-        self.tags.update(self.objective.tags())  # known after its setup (teachers' weights)
+        self.tags.update(self.objective_tags)  # known after its setup (learned weights)
         if self.val_print is not None:  # runs scored on the same rows compare row by row
             self.tags[T.VAL_FINGERPRINT] = self.val_print
         if state.resumed_from is not None:  # file trackers carry the killed run's record

@@ -14,7 +14,9 @@ first come:
 4. trainer.micro_batch=auto: the largest power of two dividing the effective batch whose step
    fits the memory the run may use (trainer.memory_limit: GB, or a fraction of the device's;
    default MLX's own limit), measured before step 1 on a batch padded to the longest row the
-   data makes: forward, backward, and the optimizer's state and update, as MLX counts them;
+   data makes (the objective's probe_batch: the data's first, or its own batches at their
+   largest, e.g. prompts with completions of the longest length): forward, backward, and the
+   optimizer's state and update, as MLX counts them;
    a size whose measurement crashes the process (MLX's CPU backend faults where it cannot
    allocate) does not fit: mlxlab-train's parent starts the run again, measuring below it;
 5. neither (micro_batch=null): trainer.batch_size.
@@ -64,6 +66,7 @@ class Fitting:
     model: nn.Module
     data: object
     loss_fn: Callable
+    probe_batch: Callable[[object, Batching], dict]  # the objective's (data, batching) -> batch
     settings: TrainerSettings
     world: distributed.World
     rows_of: Callable[[dict], dict] | None
@@ -211,7 +214,8 @@ def search(fit: Fitting, effective: int) -> tuple[int, str, float]:
     not run out."""
     limit, started = memory_limit_bytes(fit.settings), time.perf_counter()
     saved_rng, saved_data = rng_state(), fit.data.state_dict()
-    width = longest_row(fit.data)
+    # the longest row the data makes, or the objective's own batch when it is wider (completions)
+    width = max(longest_row(fit.data), widest(fit.probe_batch(fit.data, Batching(batch_size=1))))
     tried: list[str] = []
     chosen, peaks = None, []
     # a size whose measurement crashed the process before (its parent restarted it) is not run
@@ -257,8 +261,7 @@ def probe(fit: Fitting, rows: int, width: int) -> float | None:
     fresh optimizer state and its update of the trainable parameters (the model's are left
     alone). None: MLX raised out of memory (Metal, CUDA)."""
     batching = dataclasses.replace(fit.settings.data_batching(), batch_size=rows)
-    batch = pad_rows(next(iter(fit.data.train_batches(global_batching(batching, fit.world), 0))),
-                     width)
+    batch = pad_rows(fit.probe_batch(fit.data, global_batching(batching, fit.world)), width)
     if fit.rows_of is not None:
         batch = fit.rows_of(batch)
     grad_fn = nn.value_and_grad(fit.model, fit.loss_fn)
@@ -289,10 +292,12 @@ def longest_row(data) -> int:
     over the training split in large batches (its position is put back by the caller)."""
     if isinstance(data, StreamingText):  # windows of seq_len, every one
         return data.seq_len
-    widest = 1
-    for batch in data.train_batches(Batching(batch_size=SCAN_ROWS), 0):
-        widest = max([widest, *(int(v.shape[1]) for v in batch.values() if _positions(v))])
-    return widest
+    return max([1, *(widest(b) for b in data.train_batches(Batching(batch_size=SCAN_ROWS), 0))])
+
+
+def widest(batch: dict) -> int:
+    """The positions of `batch`'s widest (rows, positions) array (1 for a batch without one)."""
+    return max([1, *(int(v.shape[1]) for v in batch.values() if _positions(v))])
 
 
 def pad_rows(batch: dict, width: int) -> dict:

@@ -1,11 +1,12 @@
 """Per-example losses: every training example's loss at every step it is trained on.
 
 The loss already computes each example's cross-entropy before taking the mean; built with
-per_example=True it returns those values too (aux["example_loss"], and the teachers' when
-distilling), so recording them costs no extra forward pass. The step hands them over as evaluated
-arrays; a background thread turns them into rows and, at each epoch's end, writes
-`<run dir>/per_example/epoch_0001.parquet` (example_id, epoch, step, loss[, teacher_loss]) and
-logs it as an artifact. The training thread only puts a reference on a queue.
+per_example=True it returns those values too (aux["example_loss"], and any other
+`example_<column>` its objective measures per example), so recording them costs no extra forward
+pass. The step hands them over as evaluated arrays; a background thread turns them into rows and,
+at each epoch's end, writes `<run dir>/per_example/epoch_0001.parquet` (example_id, epoch, step,
+loss and the objective's other columns) and logs it as an artifact. The training thread only
+puts a reference on a queue.
 
 The rows of an unfinished epoch are part of the checkpoint (state_dict), so a resumed run writes
 the same files as one that was never interrupted. `mlxlab runs hardest RUN` ranks the examples.
@@ -22,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from mlxlab.objectives.losses import EXAMPLE_PREFIX
 from mlxlab.training.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
 FOLDER = "per_example"
-COLUMNS = ("example_id", "epoch", "step", "loss", "teacher_loss")
-_KEY_OF = {"loss": "example_loss", "teacher_loss": "example_teacher_loss"}
+KEYS = ("example_id", "epoch", "step")  # where a row is; the value columns follow (loss, ...)
 
 
 class PerExampleLosses(Callback):
@@ -38,7 +39,7 @@ class PerExampleLosses(Callback):
 
     def __init__(self, folder: str = FOLDER, log_artifacts: bool = True) -> None:
         self.folder, self.log_artifacts = folder, log_artifacts
-        self.rows: dict[str, list] = {c: [] for c in COLUMNS}
+        self.rows: dict[str, list] = {c: [] for c in KEYS}
         self.written: list[int] = []
         self.tracker, self.dir, self.steps_per_epoch, self.ids = None, None, None, None
         self.enabled, self.warned = True, False
@@ -93,7 +94,8 @@ class PerExampleLosses(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         if state:
-            self.rows = {c: list(state["rows"].get(c, [])) for c in COLUMNS}
+            self.rows = {c: list(state["rows"].get(c, [])) for c in KEYS}
+            self.rows.update({c: list(v) for c, v in state["rows"].items() if c not in KEYS})
             self.written = list(state.get("written", []))
 
     # --- the background thread --------------------------------------------------------
@@ -120,14 +122,15 @@ class PerExampleLosses(Callback):
             real = index >= 0
             index = index[real]
             ids = self.ids[index] if self.ids is not None else index
+            before = len(self.rows["example_id"])
             self.rows["example_id"].extend(int(i) for i in ids)
             self.rows["epoch"].extend([epoch] * len(ids))
             self.rows["step"].extend([step] * len(ids))
-            for column in ("loss", "teacher_loss"):
-                values = outputs.get(_KEY_OF[column])
-                values = (np.array(values)[real].tolist() if values is not None
-                          else [None] * len(ids))
-                self.rows[column].extend(values)
+            for key, values in outputs.items():  # example_<column>: the objective's columns
+                column = self.rows.setdefault(key.removeprefix(EXAMPLE_PREFIX), [None] * before)
+                column.extend(np.array(values)[real].tolist())
+            for column in self.rows.values():  # one these outputs lack: empty on these rows
+                column.extend([None] * (before + len(ids) - len(column)))
         else:
             epochs = sorted(set(self.rows["epoch"])) if item[1] is None else [item[1]]
             for epoch in epochs:
@@ -139,13 +142,13 @@ class PerExampleLosses(Callback):
         keep = [i for i, e in enumerate(self.rows["epoch"]) if e == epoch]
         if not keep:
             return
-        frame = pd.DataFrame({c: [self.rows[c][i] for i in keep] for c in COLUMNS})
-        frame = frame.astype({"example_id": "int64", "epoch": "int32", "step": "int64",
-                              "loss": "float32"})
-        if frame["teacher_loss"].isna().all():
-            frame = frame.drop(columns="teacher_loss")
-        else:
-            frame["teacher_loss"] = frame["teacher_loss"].astype("float32")
+        frame = pd.DataFrame({c: [values[i] for i in keep] for c, values in self.rows.items()})
+        frame = frame.astype({"example_id": "int64", "epoch": "int32", "step": "int64"})
+        for column in [c for c in frame.columns if c not in KEYS]:
+            if frame[column].isna().all():  # a column no row of this epoch has
+                frame = frame.drop(columns=column)
+            else:
+                frame[column] = frame[column].astype("float32")
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"epoch_{epoch:04d}.parquet"
         frame.to_parquet(path, index=False)
@@ -181,15 +184,13 @@ def read_losses(files: Iterable[str | Path]) -> Any:
 
 def hardest(frame: Any, n: int = 20, epoch: int | None = None) -> Any:
     """The `n` examples with the highest loss in `epoch` (default: the last one recorded), with
-    their mean loss over all epochs and, when distilling, the teacher's loss."""
+    their mean loss over all epochs and the mean of each other column their objective wrote."""
     last = int(frame["epoch"].max()) if epoch is None else int(epoch)
     at = frame[frame["epoch"] == last]
     if at.empty:
         raise ValueError(f"no rows for epoch {last}: epochs recorded are "
                          f"{sorted(frame['epoch'].unique().tolist())}")
-    columns = {"loss": ("loss", "mean")}
-    if "teacher_loss" in at:
-        columns["teacher_loss"] = ("teacher_loss", "mean")
+    columns = {c: (c, "mean") for c in at.columns if c not in KEYS}
     table = at.groupby("example_id").agg(**columns)
     table["mean_loss_all_epochs"] = frame.groupby("example_id")["loss"].mean()
     table["epoch"] = last

@@ -38,7 +38,7 @@ def plan(data, settings: TrainerSettings, batching: Batching, grad_accum: int | 
     pass) when max_epochs is set, as far as it could end the run before max_steps; past that its
     steps per epoch stay None (unknown). `world`: lanes of a stream (data.shard_by_rank), whose
     epoch ends for all ranks when the shortest lane runs dry. `per_data_batch`: the batches the
-    objective trains on per batch of the data (Objective.batches_per_data_batch)."""
+    objective trains on per batch of the data (Objective.plan)."""
     max_epochs, max_steps = settings.max_epochs, settings.max_steps
     accum = grad_accum or settings.grad_accum
     batches = data.num_train_batches(batching)

@@ -45,10 +45,10 @@ class TrainContext:
     optimizer: Any                 # the run's mlx.optimizers optimizer (its learning_rate, state)
     optimizer_state_mb: float      # this rank's share of the optimizer state
     # the metric (and its mode) that breaks a tie on the monitor: the objective's loss
-    # (Objective.tie_break, checkpoint.choose_best); None: the later evaluation
+    # (MetricSpec.tie_break, checkpoint.choose_best); None: the later evaluation
     tie_break: tuple[str, str] | None = None
     # the objective's loss (as the step computes it) on a batch of the data's, e.g. a probe for
-    # gradient norms; None when the objective trains on batches it makes (GRPO's rollouts)
+    # gradient norms; None when the objective trains on batches it makes (Objective.probe_loss)
     probe_loss: Any = None
 
 
@@ -94,7 +94,7 @@ class LogWindow:
         if left_out_s is not None:
             self.start += left_out_s
             self.left_out_s += left_out_s
-        for key, value in aux.items():  # loss parts (e.g. distillation's ce / kl) and ntokens
+        for key, value in aux.items():  # the loss's parts (its aux scalars) and ntokens
             if key == "ntokens" and left_out_s is not None:
                 self.left_out_count += value.item()
             elif key == "ntokens":

@@ -2,7 +2,7 @@
 the loop (loop.py `Fit`).
 
 `trainer=simple|optimized` are configurations of its settings: what it trains toward is an
-objective (objectives/: supervised, distillation, preference, ...; `objective=<name>`),
+objective (objectives/, `objective=<name>`),
 accumulation a compiled step variant (step.py), dynamic batching a data-side batching policy, and
 progress, early stopping and memory logging are callbacks. The settings
 are read, never changed: what one `fit` builds and changes lives in that fit, so two calls of
@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.nn as nn
 
 from mlxlab.data.base import DataModule
-from mlxlab.objectives.base import Objective, TeacherLoader
+from mlxlab.objectives.base import Objective
 from mlxlab.objectives.supervised import Supervised
 from mlxlab.tracking.base import Tracker
 from mlxlab.training.callbacks import Callback
@@ -40,9 +40,7 @@ class Trainer:
     training/settings.py); what it trains with comes in built: the optimizer as a partial
     (`conf/optimizer/*.yaml`, learning_rate = the peak of `settings.schedule`), the callbacks
     (`conf/callbacks/*.yaml`), the objective (`conf/objective/*.yaml`; supervised training of
-    the data's labels when not given), `load_teachers`, which turns an objective's finished
-    runs (`objective.teachers`) into models (train.py gives runs.load_teachers, so neither the
-    loop nor the objectives reach up into finished runs themselves), and the checkpoint policy
+    the data's labels when not given) and the checkpoint policy
     (the `checkpoint` group; its defaults when not given: checkpoints always exist)."""
 
     def __init__(
@@ -50,14 +48,12 @@ class Trainer:
         settings: TrainerSettings | None = None,
         optimizer: OptimizerFactory | None = None,
         callbacks: Sequence[Callback] = (),
-        load_teachers: TeacherLoader | None = None,
         checkpointing: CheckpointPolicy | None = None,
         objective: Objective | None = None,
     ) -> None:
         self.settings = settings or TrainerSettings()
         self.optimizer_factory = optimizer or default_optimizer()
         self.callbacks = list(callbacks)
-        self.load_teachers = load_teachers
         self.checkpointing = checkpointing or CheckpointPolicy()
         self.objective = objective if objective is not None else Supervised()
 
