@@ -3,16 +3,21 @@ DeepSeek-V3), proven by llama.cpp itself (the xllamacpp wheel, dev extra).
 
 Each architecture's tiny random folder is written by transformers in the hub's config keys
 (scripts/tiny_hf_model.py), loaded by mlx-lm, and written as GGUF by export/gguf.py; llama.cpp
-loads the file and, after each prefix of a prompt, picks the next token greedily and gives its
-top log-probabilities. They must be mlx-lm's: the same pick wherever mlx-lm's top two are not
-a near tie, and every log-probability within a tolerance derived from the model itself:
-
-- f32 file: a tenth of what rounding the weights to f16 moves mlx-lm's own log-probabilities
-  (llama.cpp with an f32 KV cache computes in f32: only the order of sums differs, well below
-  any storage format; a wrong layout moves them by whole units);
-- f16 / q8_0 file (slow, a trained run through the command line): three times what rounding the
-  weights as the file stores them moves mlx-lm's (llama.cpp also rounds the activations it
-  multiplies those weights with, to the same format), plus the f32 tolerance.
+loads the file and, after each prefix of a prompt, picks the next token greedily and lists its
+top log-probabilities. The tolerance is derived from the model: how far rounding its weights as
+the file stores them (f16, or q8_0 blocks; the routers stay F32 as in the file) moves mlx-lm's
+own log-probabilities, the "shift" (for an f32 file, a tenth of the f16 shift: llama.cpp with an
+f32 KV cache computes in f32, only the order of sums differs). llama.cpp must pick mlx-lm's
+argmax wherever mlx-lm's top two are further apart than twice that row's largest shift, and its
+log-probabilities must differ from mlx-lm's on average by at most three times the mean shift over
+the same entries: llama.cpp also rounds the activations it multiplies a stored weight with to the
+weight's format, about as much again. The mean, not the largest difference: near a tie between
+experts a rounding reroutes a token and moves that one position by up to whole units (measured,
+a trained run: largest differences 1.26 / 1.74 for mixtral / deepseek_v3 at q8_0, means 1.0e-1
+against rounding shifts of 5.1e-2 / 9.1e-2; the ratio of means 1.1-2.0 at q8_0, 1.2-1.4 at f16,
+under 0.1 at f32); a wrong layout (experts out of order, gate and up swapped) changes the picks.
+The f32 file from a tiny folder runs in the default suite; f16 and q8_0 files from a trained run,
+through `mlxlab export`, are slow.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from mlxlab.export.gguf import write_gguf
 
 KINDS = ("mixtral", "qwen3_moe", "granitemoe", "lfm2", "deepseek_v3")
 IDS = [5, 17, 99, 3, 250, 31, 7, 8, 64, 120, 11, 2, 300, 41, 77, 9]
+# mlx-lm's names of what the file keeps in F32 at any type: the MoE routers, LFM2's conv kernel
+F32_KEPT = (".gate.weight", ".router.layer.weight", ".conv.conv.weight")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -62,19 +69,20 @@ def llama_cpp_steps(file: Path, ids: list[int], n_probs: int = 8) -> list[tuple[
     return steps
 
 
-def worst_difference(steps: list[tuple[int, dict]], ours: np.ndarray, tol: float) -> float:
-    """The largest |llama.cpp - ours| over every listed log-probability; llama.cpp's pick must be
-    our argmax wherever our top two are further apart than 2 * tol."""
+def compare(steps: list[tuple[int, dict]], ours: np.ndarray, shift: np.ndarray) -> tuple:
+    """(mean |llama.cpp - ours|, mean shift) over every log-probability llama.cpp listed; its
+    pick must be our argmax wherever our top two are further apart than twice the most the
+    rounding moves that row's log-probabilities."""
     assert len(steps) >= len(IDS) // 2, f"only {len(steps)} prefixes compared"
-    worst = 0.0
+    diffs, shifts = [], []
     for end, step in steps:
-        row = ours[end - 1]
-        first, second = np.sort(row)[-1], np.sort(row)[-2]
-        if first - second > 2 * tol:
+        row, top = ours[end - 1], np.sort(ours[end - 1])
+        if top[-1] - top[-2] > 2 * shift[end - 1].max():
             assert step["id"] == int(row.argmax()), (end, step["id"], int(row.argmax()))
         for t in step["top_logprobs"]:
-            worst = max(worst, abs(t["logprob"] - float(row[t["id"]])))
-    return worst
+            diffs.append(abs(t["logprob"] - float(row[t["id"]])))
+            shifts.append(float(shift[end - 1, t["id"]]))
+    return float(np.mean(diffs)), float(np.mean(shifts))
 
 
 def rounded_like(model, quant: str) -> None:
@@ -86,7 +94,7 @@ def rounded_like(model, quant: str) -> None:
     T = gguf.GGMLQuantizationType
     rounded = []
     for name, w in tree_flatten(model.parameters()):
-        if w.ndim < 2 or not mx.issubdtype(w.dtype, mx.floating):
+        if w.ndim < 2 or not mx.issubdtype(w.dtype, mx.floating) or name.endswith(F32_KEPT):
             continue
         a = np.array(w.astype(mx.float32))
         if quant == "q8_0" and a.shape[-1] % 32 == 0:
@@ -97,18 +105,14 @@ def rounded_like(model, quant: str) -> None:
     model.update(tree_unflatten(rounded))
 
 
-def derived_tolerance(load, quant: str, ids: np.ndarray) -> tuple[np.ndarray, float]:
-    """(our log-probabilities, the tolerance for a `quant` file), from `load()` (a fresh model
-    each call): see the module docstring."""
+def rounding_shift(load, quant: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(our log-probabilities, how far rounding the weights as a `quant` file stores them moves
+    each one; for f32, a tenth of what f16 moves them), from `load()`: a fresh model a call."""
     ours = log_softmax(mlx_logits(load(), ids)[0])
-    f16 = load()
-    rounded_like(f16, "f16")
-    f32_tol = float(np.abs(log_softmax(mlx_logits(f16, ids)[0]) - ours).max()) / 10
-    if quant == "f32":
-        return ours, f32_tol
-    stored = load()
-    rounded_like(stored, quant)
-    return ours, 3 * float(np.abs(log_softmax(mlx_logits(stored, ids)[0]) - ours).max()) + f32_tol
+    rounded = load()
+    rounded_like(rounded, "f16" if quant == "f32" else quant)
+    shift = np.abs(log_softmax(mlx_logits(rounded, ids)[0]) - ours)
+    return ours, shift / 10 if quant == "f32" else shift
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +133,9 @@ def test_llama_cpp_runs_the_f32_export_with_mlx_lms_probabilities(kind, folders,
 
     folder = folders(kind)
     report = write_gguf(folder, tmp_path / "f32.gguf", "f32", name="tiny")
-    ours, tol = derived_tolerance(lambda: load_model(folder)[0], "f32", np.array([IDS]))
-    worst = worst_difference(llama_cpp_steps(tmp_path / "f32.gguf", IDS), ours, tol)
-    assert worst <= tol, (report["architecture"], worst, tol)
+    ours, shift = rounding_shift(lambda: load_model(folder)[0], "f32", np.array([IDS]))
+    theirs, allowed = compare(llama_cpp_steps(tmp_path / "f32.gguf", IDS), ours, shift)
+    assert theirs <= 3 * allowed, (report["architecture"], theirs, allowed)
 
 
 @pytest.mark.parametrize("kind, change, expect", [
@@ -175,6 +179,6 @@ def test_a_trained_run_exports_to_f16_and_q8_0_that_llama_cpp_scores_as_mlxlab(k
                                "gguf", "--quant", quant, "--out", str(out), "--overwrite"],
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        ours, tol = derived_tolerance(lambda: load_run_model(run)[0], quant, ids)
-        worst = worst_difference(llama_cpp_steps(out, IDS), ours, tol)
-        assert worst <= tol, (quant, worst, tol)
+        ours, shift = rounding_shift(lambda: load_run_model(run)[0], quant, ids)
+        theirs, allowed = compare(llama_cpp_steps(out, IDS), ours, shift)
+        assert theirs <= 3 * allowed, (quant, theirs, allowed)
