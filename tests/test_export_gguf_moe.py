@@ -36,6 +36,8 @@ from mlxlab.export.gguf import write_gguf
 
 KINDS = ("mixtral", "qwen3_moe", "granitemoe", "lfm2", "deepseek_v3")
 IDS = [5, 17, 99, 3, 250, 31, 7, 8, 64, 120, 11, 2, 300, 41, 77, 9]
+# DeepSeek-V3 with its group-limited routing on (the hub's: 8 groups, 4 picked; here 2, 1 picked)
+TINY = {"deepseek_v3": {"n_routed_experts": 8, "n_group": 2, "topk_group": 1}}
 # mlx-lm's names of what the file keeps in F32 at any type: the MoE routers, LFM2's conv kernel
 F32_KEPT = (".gate.weight", ".router.layer.weight", ".conv.conv.weight")
 
@@ -121,7 +123,7 @@ def folders(tmp_path_factory) -> dict:
 
     def folder(kind: str) -> Path:
         if kind not in made:
-            made[kind] = save_tiny_model(kind, root / kind, chat="chatml")
+            made[kind] = save_tiny_model(kind, root / kind, chat="chatml", **TINY.get(kind, {}))
         return made[kind]
 
     return folder
