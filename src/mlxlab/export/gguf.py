@@ -12,7 +12,8 @@ folder, or an mlx-lm quantized folder: its 4-bit weights at group size 32 go out
 block (the same affine layout: no round trip through float), other quantized weights through
 float into the asked type. What differs per architecture is in `ARCHITECTURES`: the GGUF architecture, and the few
 tensors llama.cpp stores differently from transformers (Llama's query/key rows interleaved for
-its rotary layout; Gemma's norms stored as 1 + w). Everything else is the `gguf` package's:
+its rotary layout; Gemma's norms stored as 1 + w; MoE experts stacked, fused or latent tensors
+split: gguf_regroup.py). Everything else is the `gguf` package's:
 the tensor-name map, the writer, the special-token and merges reader, the quantizers.
 """
 
@@ -28,6 +29,19 @@ from pathlib import Path
 import numpy as np
 
 from mlxlab.errors import ConfigError
+from mlxlab.export.gguf_regroup import (
+    Tensors,
+    deepseek_v3_config,
+    deepseek_v3_hparams,
+    expert_hparams,
+    lfm2_config,
+    lfm2_hparams,
+    qwen3_moe_config,
+    split_granite_experts,
+    split_latent_attention,
+    squeeze_conv,
+    stack_experts,
+)
 
 # --quant -> (GGML tensor type for 2-D weights, llama.cpp's file type); 1-D tensors (norms,
 # biases) stay F32 as llama.cpp keeps them.
@@ -104,6 +118,11 @@ def _granite_hparams(writer, config: dict) -> None:
     writer.add_logit_scale(float(config.get("logits_scaling", 1.0)))
 
 
+def _granite_moe_hparams(writer, config: dict) -> None:
+    _granite_hparams(writer, config)
+    expert_hparams(writer, config)
+
+
 def _layer_norm_hparams(writer, config: dict) -> None:
     """StarCoder 2's LayerNorm (with a bias) has its own epsilon key."""
     writer.add_layer_norm_eps(float(config.get("norm_epsilon", config.get("layer_norm_eps",
@@ -120,6 +139,9 @@ class Architecture:
     head_dims: bool = False         # writes attention.key_length / value_length (head_dim)
     sliding_window: bool = False    # writes attention.sliding_window
     hparams: Callable = _no_hparams  # (writer, config): the architecture's own metadata keys
+    # tensors llama.cpp groups otherwise (stacked experts, split fusions; gguf_regroup.py)
+    regroup: Callable[[Tensors, dict], Tensors] | None = None
+    config: Callable[[dict], dict] = dict  # the config as the generic keys read it
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -134,7 +156,19 @@ ARCHITECTURES: dict[str, Architecture] = {
     "granite": Architecture("GRANITE", _llama_tensor, rope_dims=True, hparams=_granite_hparams),
     "olmo2": Architecture("OLMO2"),
     "starcoder2": Architecture("STARCODER2", hparams=_layer_norm_hparams),
+    "mixtral": Architecture("LLAMA", _llama_tensor, rope_dims=True, hparams=expert_hparams,
+                            regroup=stack_experts),
+    "qwen3_moe": Architecture("QWEN3MOE", head_dims=True, hparams=expert_hparams,
+                              regroup=stack_experts, config=qwen3_moe_config),
+    "granitemoe": Architecture("GRANITE_MOE", _llama_tensor, rope_dims=True,
+                               hparams=_granite_moe_hparams, regroup=split_granite_experts),
+    "lfm2": Architecture("LFM2", hparams=lfm2_hparams, regroup=squeeze_conv, config=lfm2_config),
+    "deepseek_v3": Architecture("DEEPSEEK2", hparams=deepseek_v3_hparams,
+                                regroup=split_latent_attention, config=deepseek_v3_config),
 }
+# llama.cpp reads these in F32 whatever the file type (its converter never quantizes them): the
+# MoE router, whose top-k choice a rounding would flip, and LFM2's convolution kernel.
+_F32_TENSORS = ("ffn_gate_inp", "shortconv.conv")
 
 
 def architecture_of(config: dict) -> Architecture:
@@ -142,12 +176,14 @@ def architecture_of(config: dict) -> Architecture:
     if kind not in ARCHITECTURES:
         raise GGUFExportError(
             f"model_type={kind!r} has no GGUF export here; mlxlab writes GGUF for "
-            f"{sorted(ARCHITECTURES)} (others: --format hf, then llama.cpp's convert_hf_to_gguf.py)")
+            f"{sorted(ARCHITECTURES)}; others go out as --format hf or mlx-lm (a run), or through "
+            "llama.cpp's convert_hf_to_gguf.py")
     scaling = config.get("rope_scaling") or {}
     kind_of_scaling = scaling.get("rope_type", scaling.get("type"))
     if kind_of_scaling not in (None, "default", "linear", "llama3"):
         raise GGUFExportError(f"rope_scaling type {kind_of_scaling!r} is not written to GGUF "
                               "here (default, linear and llama3 are)")
+    ARCHITECTURES[kind].config(config)  # refuses a setting llama.cpp's graph does not compute
     return ARCHITECTURES[kind]
 
 
@@ -333,7 +369,7 @@ def _head_dim(config: dict) -> int:
 
 
 def _write_hparams(writer, config: dict, arch: Architecture, file_type) -> None:
-    c = config
+    c = arch.config(config)
     writer.add_context_length(c.get("max_position_embeddings", 2048))
     writer.add_embedding_length(c["hidden_size"])
     writer.add_block_count(c["num_hidden_layers"])
@@ -396,6 +432,12 @@ def _encode(w: np.ndarray, qtype):
     return g.quants.quantize(w, qtype), qtype
 
 
+def _float_tensors(tensors) -> Tensors:
+    """(name, float32 array): mlx-lm's quantized weights dequantized, for a regrouping."""
+    for name, w, packed in tensors:
+        yield name, _dequantize(packed) if packed is not None else w
+
+
 def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype) -> dict:
     """Every tensor under llama.cpp's name and layout; returns how many went out as which type
     ("Q4_1 (direct)": an mlx-lm 4-bit weight repacked without a float round trip)."""
@@ -403,11 +445,17 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype
     name_map = g.get_tensor_name_map(g.MODEL_ARCH[arch.gguf_arch], config["num_hidden_layers"])
     counts: dict[str, int] = {}
     tied = config.get("tie_word_embeddings", False)
-    for name, w, packed in _read_tensors(folder, config.get("quantization")):
+    tensors = _read_tensors(folder, config.get("quantization"))
+    if arch.regroup is not None:
+        tensors = ((n, w, None) for n, w in arch.regroup(_float_tensors(tensors), config))
+    for name, w, packed in tensors:
         if tied and name == "lm_head.weight":
             continue  # the GGUF reads the embedding as the output (no output.weight)
         base, _, suffix = name.rpartition(".")
         gguf_name = name_map.get_name(base)
+        if gguf_name is None and ".switch_mlp." in name:
+            raise GGUFExportError(f"{folder} holds mlx-lm's stacked experts ({name}): give the "
+                                  "Hugging Face folder, or export the run itself to GGUF")
         if gguf_name is None:
             raise GGUFExportError(f"tensor {name} has no llama.cpp name for {arch.gguf_arch}")
         if packed is not None and qtype == g.GGMLQuantizationType.Q4_1 and packed[3:] == (32, 4):
@@ -416,7 +464,8 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype
         else:
             if packed is not None:
                 w = _dequantize(packed)  # another group size or type: through float
-            data, kind = _encode(arch.tensor(name, w, config), qtype)
+            kept = g.GGMLQuantizationType.F32 if gguf_name.endswith(_F32_TENSORS) else qtype
+            data, kind = _encode(arch.tensor(name, w, config), kept)
             label = kind.name
         writer.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=kind)
         counts[label] = counts.get(label, 0) + 1
