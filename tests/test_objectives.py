@@ -180,32 +180,6 @@ def test_a_resume_trains_the_checkpoints_objective(make_cfg, tmp_path):
     assert state_of(tmp_path / "second", 6)["objective"]["done"] == 2
 
 
-@pytest.mark.parametrize(("trainer", "objective"), [
-    ({"max_steps": 4, "label_smoothing": 0.1, "distill": None},
-     {"_target_": "mlxlab.objectives.supervised.Supervised", "label_smoothing": 0.1}),
-    ({"max_steps": 4, "label_smoothing": 0.0, "distill": {"teachers": [{"run": "t"}], "alpha": 0.3}},
-     {"_target_": "mlxlab.objectives.distill.Distill", "label_smoothing": 0.0,
-      "teachers": [{"run": "t"}], "alpha": 0.3}),
-    ({"max_steps": 4, "label_smoothing": 0.0, "distill": None,
-      "preference": {"loss": "orpo", "beta": 0.2}},
-     {"_target_": "mlxlab.objectives.preference.Preference", "loss": "orpo", "beta": 0.2}),
-])
-def test_a_checkpoint_from_before_objectives_resumes_with_its_objective(trainer, objective):
-    """Checkpoints written before issue 55 kept the objective in their trainer node: a resume
-    reads it as today's objective node, the trainer node left with the loop's settings."""
-    from mlxlab.config import instantiate
-    from mlxlab.runs.resume import migrate_objective
-
-    migrated = migrate_objective({"model": {}, "trainer": dict(trainer)})
-    assert migrated["objective"] == objective
-    assert migrated["trainer"] == {"max_steps": 4}
-    from omegaconf import OmegaConf
-
-    built = instantiate(OmegaConf.create(migrated["objective"]))
-    check_objective(built)
-    assert migrate_objective(migrated) is migrated  # today's config: as it is
-
-
 @pytest.mark.parametrize(("overrides", "message"), [
     (["experiment=dpo_chat", "model.pretrained=/a/folder", "objective=supervised"],
      "^preference pairs train with a preference objective: set objective=dpo or objective=orpo"),

@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 from conftest import FAST
 from mlxlab.config import instantiate
 from mlxlab.data.batching import Batching
+from mlxlab.launch.wiring import seed_everything
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import ObjectiveSetup
 from mlxlab.objectives.distill import Distill
@@ -22,7 +23,7 @@ from mlxlab.objectives.supervised import Supervised
 from mlxlab.runs import load_teachers
 from mlxlab.runtime import device
 from mlxlab.runtime.distributed import World
-from mlxlab.train import seed_everything, train
+from mlxlab.train import train
 from mlxlab.training.optim import build_optimizer, default_optimizer
 from mlxlab.training.plan import fit_batch_to_memory
 from mlxlab.training.settings import TrainerSettings
