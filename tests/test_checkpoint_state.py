@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 
 import numpy as np
@@ -17,6 +18,7 @@ from mlxlab.checkpoint import (
     MonitoredMetric,
     check_committed,
 )
+from mlxlab.errors import ConfigError
 from test_resume import TITANIC, committed_steps, final_state, final_weights, run
 
 # The keys the trainer wrote into state.json before the state had a version (mlxlab <= issue 14).
@@ -102,10 +104,11 @@ def test_a_checkpoint_in_the_unversioned_layout_resumes_bitwise(tmp_path, cli_en
     assert final_state(resumed)["version"] == STATE_VERSION  # rewritten in the new layout
 
 
-def test_a_checkpoint_whose_config_builds_the_trainer_as_a_partial_resumes(make_cfg, tmp_path):
-    """Configs saved before the trainer's settings had a class of their own (issue 25) build
-    `mlxlab.training.trainer.Trainer` as a partial, with _target_ nodes for schedule and
-    distributed: a resume from such a checkpoint builds today's TrainerSettings from them."""
+def test_a_checkpoint_whose_config_does_not_build_today_is_refused_in_one_line(make_cfg,
+                                                                               tmp_path):
+    """A checkpoint written by an older mlxlab (its trainer node a partial of
+    `mlxlab.training.trainer.Trainer`, with _target_ nodes for schedule and distributed): a
+    resume from it is one ConfigError naming the key, the source and what to do."""
     from pathlib import Path
 
     from conftest import FAST
@@ -129,8 +132,8 @@ def test_a_checkpoint_whose_config_builds_the_trainer_as_a_partial_resumes(make_
     second = make_cfg(*FAST, "tracking=none", f"resume={source}", "trainer.max_steps=6",
                       "trainer.eval_every_steps=6")
     second.paths.output_dir = str(tmp_path / "outputs" / "second")
-    assert "val/accuracy" in train(second)
-    assert second.trainer._target_ == "mlxlab.training.settings.TrainerSettings"
-    assert "_partial_" not in second.trainer
-    steps = sorted(Path(second.paths.output_dir).glob("checkpoints/step_*"))
-    assert json.loads((steps[-1] / "state.json").read_text())["step"] == 6
+    with pytest.raises(ConfigError, match=rf"^resume={re.escape(str(source))}: trainer\.\S+ is not "
+                       r"an argument of mlxlab\.training\.trainer\.Trainer.*older mlxlab.*start a "
+                       r"new run\)$"):
+        train(second)
+    assert not list(Path(second.paths.output_dir).glob("checkpoints/step_*"))

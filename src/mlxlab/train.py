@@ -21,7 +21,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # the training process's imports: `mlxlab-train`'s supervising parent imports this module
     # for main() and starts its child without them (launch/entry.py)
     from mlxlab.config import checked_parts, config_hash, instantiate, to_container, validate
-    from mlxlab.launch.resume import record_resume, resolve_resume
+    from mlxlab.launch.resume import record_resume, resolve_resume, validate_resumed
     from mlxlab.launch.rounds import rounds_of, train_in_rounds
     from mlxlab.launch.wiring import build_callbacks, build_tracker, seed_everything, trial_tags
     from mlxlab.models import num_parameters
@@ -50,7 +50,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # the resume source, and the config it trains: the checkpoint's, the command line on top
     resume, cfg = resolve_resume(cfg, run_dir, checkpointing, settings.requeue)
     if resume is not None:  # checked as the command line's was, then the run folder says so
-        settings = validate(cfg, parts).build(cfg.trainer)
+        settings = validate_resumed(cfg, resume, parts).build(cfg.trainer)
         record_resume(cfg, run_dir, resume)
     run_hash = config_hash(cfg)  # before the tokenizer paths below are filled in
     # the device line, and MLX's CUDA kernel cache in paths.cache_dir before any kernel compiles

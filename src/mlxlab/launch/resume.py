@@ -14,6 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from mlxlab.checkpoint.restore import find_run_checkpoints
+from mlxlab.config import Parts, validate
+from mlxlab.errors import ConfigError
 from mlxlab.runs.resume import prepare_resume, remote_resume, resumed_run_folder
 from mlxlab.runtime import slurm
 from mlxlab.tracking.run_info import task_overrides
@@ -37,6 +39,17 @@ def resolve_resume(cfg: DictConfig, run_dir: Path, policy: CheckpointPolicy,
     if resume is None:
         return None, cfg
     return resume, resumed_config(cfg, resume, task_overrides())
+
+
+def validate_resumed(cfg: DictConfig, source: Path, parts: Parts) -> Parts:
+    """The resumed config checked as the composed one was (into `parts`); one that does not
+    build with this version (a checkpoint written by an older mlxlab) is refused in one line."""
+    try:
+        return validate(cfg, parts)
+    except ConfigError as err:
+        raise ConfigError(f"resume={source}: {err} (the checkpoint's settings with this command "
+                          "line on top; a checkpoint written by an older mlxlab may not build "
+                          "with this one: start a new run)") from None
 
 
 # What a run trained: a resume rebuilds these from the checkpoint's resolved config, and takes
