@@ -89,8 +89,8 @@ def main() -> None:
     from llama_cpp import Llama
 
     from mlxlab.export import export_gguf
-    from mlxlab.inference import load_run
     from mlxlab.runs.generate import sample_ids
+    from mlxlab.runs.inference import load_run
 
     root = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
     run_dir = args.run or train_run(root, args.steps)

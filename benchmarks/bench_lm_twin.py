@@ -189,7 +189,7 @@ def twin_inputs(model_name: str, train_file: Path, heldout_file: Path, root: Pat
     from omegaconf import OmegaConf
 
     from mlxlab.config import instantiate
-    from mlxlab.train import seed_everything
+    from mlxlab.launch.wiring import seed_everything
 
     cfg = preset(model_name, train_file, root, overrides)
     seed_everything(cfg.seed)

@@ -32,10 +32,10 @@ import mlx.core as mx
 from omegaconf import DictConfig
 
 from mlxlab.config import compose_config, instantiate
+from mlxlab.launch.wiring import seed_everything
 from mlxlab.objectives.base import ObjectiveSetup
 from mlxlab.runtime import device
 from mlxlab.runtime.distributed import World
-from mlxlab.train import seed_everything
 from mlxlab.training.optim import build_optimizer
 from mlxlab.training.step import make_step, with_precision
 

@@ -138,7 +138,7 @@ class Visitor(ast.NodeVisitor):
 
 def objective_module(name: str) -> bool:
     """An objective's own module: under objectives/ but the shared ones, or any module of mlxlab
-    named after an objective (training/distill.py, distill_rounds.py, grpo_loss.py)."""
+    named after an objective (training/distill.py, grpo_loss.py)."""
     parts = name.split(".")
     if parts[0] != "mlxlab" or len(parts) < 2:
         return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 
@@ -14,6 +15,7 @@ from mlxlab.checkpoint import (
     CheckpointState,
     MonitoredMetric,
 )
+from mlxlab.errors import ConfigError
 
 # The keys the trainer wrote into state.json before the state had a version (mlxlab <= issue 14).
 UNVERSIONED_KEYS = (
@@ -97,10 +99,11 @@ def test_a_checkpoint_of_an_older_version_is_refused_for_resume_in_one_line(make
     assert model is not None
 
 
-def test_a_checkpoint_whose_config_builds_the_trainer_as_a_partial_resumes(make_cfg, tmp_path):
-    """Configs saved before the trainer's settings had a class of their own (issue 25) build
-    `mlxlab.training.trainer.Trainer` as a partial, with _target_ nodes for schedule and
-    distributed: a resume from such a checkpoint builds today's TrainerSettings from them."""
+def test_a_checkpoint_whose_config_does_not_build_today_is_refused_in_one_line(make_cfg,
+                                                                               tmp_path):
+    """A checkpoint written by an older mlxlab (its trainer node a partial of
+    `mlxlab.training.trainer.Trainer`, with _target_ nodes for schedule and distributed): a
+    resume from it is one ConfigError naming the key, the source and what to do."""
     from pathlib import Path
 
     from conftest import FAST
@@ -124,8 +127,8 @@ def test_a_checkpoint_whose_config_builds_the_trainer_as_a_partial_resumes(make_
     second = make_cfg(*FAST, "tracking=none", f"resume={source}", "trainer.max_steps=6",
                       "trainer.eval_every_steps=6")
     second.paths.output_dir = str(tmp_path / "outputs" / "second")
-    assert "val/accuracy" in train(second)
-    assert second.trainer._target_ == "mlxlab.training.settings.TrainerSettings"
-    assert "_partial_" not in second.trainer
-    steps = sorted(Path(second.paths.output_dir).glob("checkpoints/step_*"))
-    assert json.loads((steps[-1] / "state.json").read_text())["step"] == 6
+    with pytest.raises(ConfigError, match=rf"^resume={re.escape(str(source))}: trainer\.\S+ is not "
+                       r"an argument of mlxlab\.training\.trainer\.Trainer.*older mlxlab.*start a "
+                       r"new run\)$"):
+        train(second)
+    assert not list(Path(second.paths.output_dir).glob("checkpoints/step_*"))

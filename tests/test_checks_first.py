@@ -125,7 +125,7 @@ def test_a_misspelled_key_names_the_nearest_one(tmp_path, override, line):
     """Hydra's error holds the node the key is missing from: its nearest key, or its keys."""
     from hydra.errors import ConfigCompositionException
 
-    from mlxlab.train import unknown_key_line
+    from mlxlab.launch.composing import unknown_key_line
 
     with pytest.raises(ConfigCompositionException) as raised:
         compose_cfg(tmp_path, [override])
@@ -134,15 +134,17 @@ def test_a_misspelled_key_names_the_nearest_one(tmp_path, override, line):
 
 def test_hydra_reports_the_jobs_own_errors_again_once_composed(monkeypatch):
     """HYDRA_FULL_ERROR is set only while Hydra composes: the user's own value comes back."""
-    from mlxlab import train
+    import os
+
+    from mlxlab.launch.composing import composed, composing
 
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    with train.composing():
-        assert train.os.environ["HYDRA_FULL_ERROR"] == "1"
-        train.composed()  # the job starts
-        assert train.os.environ["HYDRA_FULL_ERROR"] == "0"
+    with composing():
+        assert os.environ["HYDRA_FULL_ERROR"] == "1"
+        composed()  # the job starts
+        assert os.environ["HYDRA_FULL_ERROR"] == "0"
     monkeypatch.delenv("HYDRA_FULL_ERROR")
-    with pytest.raises(ConfigError, match="did you mean"), train.composing():
+    with pytest.raises(ConfigError, match="did you mean"), composing():
         from hydra.errors import ConfigCompositionException
         from omegaconf import OmegaConf
         from omegaconf.errors import ConfigAttributeError
@@ -151,7 +153,7 @@ def test_hydra_reports_the_jobs_own_errors_again_once_composed(monkeypatch):
         cause = ConfigAttributeError("Key 'max_epoch' is not in struct")
         cause.full_key, cause.parent_node = "trainer.max_epoch", node
         raise ConfigCompositionException("Could not override") from cause
-    assert "HYDRA_FULL_ERROR" not in train.os.environ
+    assert "HYDRA_FULL_ERROR" not in os.environ
 
 
 def test_a_target_that_cannot_be_imported_says_what_is_missing(tmp_path, monkeypatch):

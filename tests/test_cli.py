@@ -17,7 +17,7 @@ import pytest
 from conftest import MLXLAB, mlxlab
 from mlxlab.cli.main import VERBS, main
 from mlxlab.cli.runs import ACTIONS
-from mlxlab.inference import load_run, predict_frame
+from mlxlab.runs.inference import load_run, predict_frame
 
 
 def test_every_verb_has_help(capsys):
@@ -136,17 +136,6 @@ def test_serve_answers_invocations_like_predict(classifier_run, tmp_path):
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
     assert os.path.exists(run_dir)  # serving never touches the run folder
-
-
-def test_models_registered_before_the_move_still_unpickle():
-    """cloudpickle stores the pyfunc class by module and name; old registered models name
-    mlxlab.tracking.registry, which still resolves (lazily) to the class in serving/."""
-    import pickle
-
-    from mlxlab.serving.pyfunc import MlxlabPyfunc
-
-    # the GLOBAL opcode an old pickle uses to find the class (what find_class resolves)
-    assert pickle.loads(b"cmlxlab.tracking.registry\nMlxlabPyfunc\n.") is MlxlabPyfunc
 
 
 def test_pointing_mlflow_at_a_store_leaves_its_globals_unset(tmp_path, monkeypatch):

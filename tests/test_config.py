@@ -82,18 +82,16 @@ def test_an_experiments_objective_keeps_a_run_length_preset(tmp_path, experiment
 
 
 @pytest.mark.parametrize(("old", "new"), [
-    ("trainer=dpo", "write objective=dpo"), ("trainer=orpo", "write objective=orpo"),
-    ("trainer=distill", "write objective=distill"), ("trainer=quick", "write preset=quick"),
-    ("trainer=standard", "write preset=standard"), ("trainer=production", "write preset=production"),
     ("trainer.preference.beta=0.2", "write objective.beta=0.2"),
     ("trainer.distill.teachers=[{run: a}]", "write objective.teachers=[{run: a}]"),
     ("trainer.label_smoothing=0.1", "write objective.label_smoothing=0.1"),
 ])
-def test_an_old_spelling_names_the_new_one(old, new):
-    from mlxlab.config import check_group_choices
+def test_a_renamed_key_names_the_new_one(old, new):
+    from mlxlab.launch.argv import check_group_choices
 
-    with pytest.raises(ConfigError, match=f"^{re.escape(old.split('=')[0])}.* moved: "
-                                          f"{re.escape(new)}"):
+    key = old.split("=")[0]
+    now = new.removeprefix("write ").split("=")[0]
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'{key} is renamed to {now}: {new}')}$"):
         check_group_choices(["experiment=dpo_chat", old])
 
 
@@ -124,7 +122,7 @@ def test_an_optimized_metric_only_another_loss_logs_is_refused(tmp_path, experim
 ])
 def test_a_key_the_run_has_not_names_the_key_meant(argv, message):
     """Issue 58: Hydra's multi-line "Key 'beta' is not in struct" (exit 1) gave no hint."""
-    from mlxlab.train import check_misplaced_keys
+    from mlxlab.launch.argv import check_misplaced_keys
 
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
         check_misplaced_keys(argv)
@@ -132,12 +130,12 @@ def test_a_key_the_run_has_not_names_the_key_meant(argv, message):
     check_misplaced_keys(["objective=grpo", "+objective.extra=1"])  # added on purpose: its class says
 
 
-def test_cli_old_trainer_choice_is_one_line(tmp_path, cli_env):
+def test_cli_a_trainer_choice_that_is_no_option_is_one_line(tmp_path, cli_env):
     out = run_cli(["trainer=quick", "tracking=none"], tmp_path, cli_env)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "mlxlab: error: trainer=quick moved: write preset=quick (trainer=optimized preset=quick "
-        "is what it was) (the objective and the run's length are groups of their own now)"]
+        "mlxlab: error: trainer=quick is not an option: choose one of ['optimized', 'simple'] "
+        "(the files in conf/trainer/)"]
 
 
 def test_defaults_are_the_start_here_experiment(tmp_path):
@@ -260,8 +258,8 @@ def test_every_node_names_an_unknown_key_the_same_way(tmp_path, overrides, messa
 
 
 def test_record_builds_a_mapping_and_keeps_anything_else():
+    from mlxlab.config.records import record
     from mlxlab.data.streaming import Packing
-    from mlxlab.validation import record
 
     built = record(Packing, {"_target_": "ignored", "seq_len": 8}, "data.packing")
     assert (built.seq_len, built.stride) == (8, 8)

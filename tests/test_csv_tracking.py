@@ -13,7 +13,8 @@ from omegaconf import open_dict
 
 from conftest import FAST, compose_cfg
 from mlxlab.checkpoint import CheckpointState
-from mlxlab.config import ConfigError, check_group_choices
+from mlxlab.config import ConfigError
+from mlxlab.launch.argv import check_group_choices
 from mlxlab.tracking.csv_files import CsvTracker, read_metrics
 from mlxlab.tracking.fanout import FanoutTracker, build_tracker
 from mlxlab.train import train

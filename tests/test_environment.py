@@ -29,7 +29,7 @@ LIBRARY_ENVIRONMENT = {
     "runtime/supervise.py",  # likewise: the supervised training child's
     "runtime/blas.py",  # OpenBLAS's, set while it loads
     "runtime/device.py",  # MLX's MLX_PTX_CACHE_DIR, set before a run compiles CUDA kernels
-    "train.py",  # Hydra's HYDRA_FULL_ERROR, set while Hydra composes the config
+    "launch/composing.py",  # Hydra's HYDRA_FULL_ERROR, set while Hydra composes the config
     "models/sources/ollama.py",  # Ollama's OLLAMA_MODELS (where its store is)
 }
 

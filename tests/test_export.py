@@ -22,8 +22,8 @@ from conftest import FAST, PYTHON, compose_cfg
 from hf_helpers import mlx_logits, torch_logits
 from mlxlab.config import asset_path
 from mlxlab.export import ExportError, export_run
-from mlxlab.inference import load_run, sample_ids
 from mlxlab.runs import load_run_model
+from mlxlab.runs.inference import load_run, sample_ids
 from mlxlab.train import train
 
 LM = [

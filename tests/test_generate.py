@@ -13,8 +13,8 @@ import pytest
 from conftest import mlxlab
 from mlxlab.cli.main import main
 from mlxlab.data.tokenizer import build_tokenizer
-from mlxlab.inference import complete, decode_stream, load_run, predict_frame, sample_ids
 from mlxlab.models.generation import generate_tokens
+from mlxlab.runs.inference import complete, decode_stream, load_run, predict_frame, sample_ids
 
 
 @pytest.fixture(scope="module")

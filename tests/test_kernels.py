@@ -435,7 +435,7 @@ def trainer_steps(cfg, data, batches, task: str, lr: float, seed: int, mode: str
     from mlx.utils import tree_flatten
 
     from mlxlab.config import instantiate
-    from mlxlab.train import seed_everything
+    from mlxlab.launch.wiring import seed_everything
     from mlxlab.training.optim import build_optimizer, default_optimizer
     from mlxlab.training.settings import TrainerSettings
     from mlxlab.training.step import make_step

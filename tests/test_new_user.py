@@ -21,6 +21,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import FAST, PYTHON, REPO, compose_cfg, wait_for_server
+from mlxlab.launch.wiring import seed_everything
 from mlxlab.runtime import settings
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow import (
@@ -32,7 +33,7 @@ from mlxlab.tracking.mlflow import (
     store_template_path,
 )
 from mlxlab.tracking.mlflow.offline import SPOOL_FILE, read_spool
-from mlxlab.train import seed_everything, train
+from mlxlab.train import train
 
 README = (REPO / "README.md").read_text()
 # The README is a quickstart; the recipes below live on the docs site's guide pages.

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import mlxlab
 from mlxlab.cli.main import main
-from mlxlab.inference import evaluate, load_run, predict_frame
+from mlxlab.runs.inference import evaluate, load_run, predict_frame
 
 
 def val_rows(titanic: pd.DataFrame) -> pd.DataFrame:

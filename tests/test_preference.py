@@ -569,8 +569,9 @@ def test_a_saturated_monitor_keeps_the_later_lower_loss_checkpoint_and_says_so(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["trainer.label_smoothing=0.3"],  # issue 55's old spelling: its new one
-         "trainer.label_smoothing moved: write objective.label_smoothing=0.3"),
+        (["trainer.label_smoothing=0.3"],  # a renamed key: its name now
+         "trainer.label_smoothing is renamed to objective.label_smoothing: write "
+         "objective.label_smoothing=0.3"),
         (["objective=orpo", "objective.label_smoothing=0.3"],
          "objective.label_smoothing=0.3 has no meaning for loss=orpo"),
         (["objective.gamma=1.0"], "objective.gamma=1.0 is SimPO's target margin and has no "

@@ -1,4 +1,4 @@
-"""Keys mlxlab reads no more (config.RETIRED_KEYS) are one line naming what to write instead,
+"""Keys mlxlab reads no more (config/retired.py) are one line naming what to write instead,
 typed on the command line or set in a config file, and refused before anything is created."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, compose_cfg
-from mlxlab.config import check_group_choices, validate
+from mlxlab.config import validate
 from mlxlab.errors import ConfigError
+from mlxlab.launch.argv import check_group_choices
 
 RETIRED = [
     ("trainer.memory_budget_mb=8000", "trainer.memory_budget_mb is retired: write "

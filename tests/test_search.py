@@ -109,28 +109,6 @@ def test_the_split_seed_keeps_the_validation_rows_across_seeds(tmp_path):
     assert val_rows(1, None) != val_rows(2, None)  # split_seed=null: the rows move with the seed
 
 
-def test_configs_naming_the_search_before_it_moved_still_resolve():
-    """The search moved from mlxlab/search/ into sweeps/search/ (its checks to sweeps/): a
-    user's hydra config copied before names `mlxlab.search.checks.SweepChecks` as a callback's
-    `_target_`, a script imports `mlxlab.search.sweeper`. Both reach the classes at their new
-    homes (mlxlab/moved.py), as Hydra resolves a `_target_`."""
-    from hydra.utils import get_class, instantiate
-
-    from mlxlab.sweeps.checks import SweepChecks, SweepStarted
-    from mlxlab.sweeps.search import study
-    from mlxlab.sweeps.search.sweeper import Sweeper
-
-    assert type(instantiate({"_target_": "mlxlab.search.checks.SweepChecks"})) is SweepChecks
-    assert get_class("mlxlab.search.checks.SweepStarted") is SweepStarted
-    assert get_class("mlxlab.search.sweeper.Sweeper") is Sweeper
-    from mlxlab.search.study import open_study  # an import statement through the old package
-    from mlxlab.search.trial_link import current_trial
-
-    assert open_study is study.open_study and current_trial.__module__.startswith("mlxlab.sweeps")
-    with pytest.raises(ImportError):  # only the moved modules are names
-        from mlxlab.search.nosuch import thing  # noqa: F401
-
-
 # --------------------------------------------------------------------------- real searches
 
 

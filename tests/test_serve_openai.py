@@ -27,7 +27,7 @@ from hydra.core.global_hydra import GlobalHydra
 from conftest import MLXLAB, compose_cfg, mlxlab
 from hf_helpers import save_tiny_model
 from mlxlab.config import asset_path
-from mlxlab.inference import complete, load_run, sample_ids
+from mlxlab.runs.inference import complete, load_run, sample_ids
 
 PROMPT = "Once upon a time"
 CHAT = [{"role": "system", "content": "You tell short stories."},

@@ -164,7 +164,7 @@ def test_a_run_without_saved_bins_keeps_its_numbers_as_text(tmp_path):
 def test_predict_encodes_new_rows_as_training_did(make_cfg, tmp_path):
     """A finished run writes and tokenizes rows exactly as its training did, from the run
     folder alone (the training CSV is gone), and `mlxlab predict` sees the same tokens."""
-    from mlxlab.inference import load_run
+    from mlxlab.runs.inference import load_run
     from mlxlab.train import train
 
     frame = mixed_table(n=120)

@@ -10,7 +10,28 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import FAST, PYTHON
+from mlxlab.checkpoint import CheckpointState
+from mlxlab.data.tabular import TabularText
+from mlxlab.objectives.supervised import Supervised
 from mlxlab.train import train
+
+BUILT: dict[str, int] = {}
+
+
+class CountedSupervised(Supervised):
+    """The default objective, counting how often a run builds it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        BUILT["objective"] = BUILT.get("objective", 0) + 1
+        super().__init__(*args, **kwargs)
+
+
+class CountedTabular(TabularText):
+    """Titanic's data module, counting how often a run builds it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        BUILT["data"] = BUILT.get("data", 0) + 1
+        super().__init__(*args, **kwargs)
 
 
 def runs_of(uri: str, experiment: str):
@@ -195,3 +216,31 @@ def test_a_bug_surfaces_with_its_traceback(tmp_path, cli_env):
     assert out.returncode == 1, out.stderr[-3000:]
     assert "Traceback" in out.stderr and "KeyError: 'no such key'" in out.stderr
     assert "mlxlab: error:" not in out.stderr
+
+
+def test_a_run_builds_what_validation_built_once_and_a_resume_leaves_its_config(make_cfg,
+                                                                                 tmp_path):
+    """validate(cfg) builds the objective and the data to check them; train() trains with those
+    (not built again). A resume makes a new config from the checkpoint's: the composed one the
+    caller holds still says what it was composed as (here: model.num_layers=2, while the run
+    trains the checkpoint's 1 layer)."""
+    counted = ["objective._target_=test_train.CountedSupervised",
+               "data._target_=test_train.CountedTabular", "tracking=none"]
+    first = make_cfg(*FAST, *counted)
+    first.paths.output_dir = str(tmp_path / "first")
+    BUILT.clear()
+    train(first)
+    assert BUILT == {"objective": 1, "data": 1}
+
+    fast = [o for o in FAST if not o.startswith(("model.num_layers", "trainer.max_steps"))]
+    again = make_cfg(*fast, *counted, "trainer.max_steps=6", f"resume={first.paths.output_dir}")
+    again.paths.output_dir = str(tmp_path / "again")
+    BUILT.clear()
+    train(again)
+    # validated twice (as composed, as resumed) and built once; the data again because the
+    # resume points it at the first run's tokenizer
+    assert BUILT == {"objective": 1, "data": 2}
+    assert again.model.num_layers == 2 and not again.data.tokenizer.get("path")
+    newest = max((tmp_path / "again" / "checkpoints").glob("step_*"))
+    state = CheckpointState.read(newest)
+    assert state.step == 6 and state.config["model"]["num_layers"] == 1

@@ -15,13 +15,14 @@ from mlx.utils import tree_flatten
 from conftest import FAST
 from mlxlab.config import instantiate
 from mlxlab.data.batching import Batching
+from mlxlab.launch.wiring import seed_everything
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import ObjectiveSetup
 from mlxlab.objectives.distill import Distill
 from mlxlab.objectives.supervised import Supervised
 from mlxlab.runs import load_teachers
 from mlxlab.runtime.distributed import World
-from mlxlab.train import seed_everything, train
+from mlxlab.train import train
 from mlxlab.training.optim import build_optimizer, default_optimizer
 from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.step import make_step, with_precision

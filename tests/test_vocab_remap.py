@@ -109,7 +109,7 @@ def export_checks(make_cfg, tmp_path: Path, run_dir: Path, model: RemappedLM, ke
     np.testing.assert_allclose(theirs[..., :n], ours[..., keep], atol=1e-4)
     np.testing.assert_allclose(theirs[..., n:], np.repeat(theirs[..., n:n + 1], extra + 1, -1))
     # Greedy: mlx-lm's tokens are mlxlab's own greedy continuation, renumbered.
-    from mlxlab.inference import load_run, sample_ids
+    from mlxlab.runs.inference import load_run, sample_ids
 
     run = load_run(run_dir)
     mine = list(sample_ids(run, prompt, max_tokens=12, temperature=0.0))

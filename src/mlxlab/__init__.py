@@ -2,7 +2,6 @@
 
 import sys
 
-from mlxlab import moved
 from mlxlab.runtime.backend import MissingBackend, one_line_hook, require_backend
 from mlxlab.runtime.blas import setup_blas
 
@@ -18,10 +17,6 @@ except MissingBackend:
 # On Linux CPU this points MLX's BLAS calls (and nothing else's) at OpenBLAS; MLX already loaded
 # changes nothing there (runtime/blas.py rebinds libmlx's own symbol slots).
 blas = setup_blas()
-
-# Old module paths (a model registered before serving/ existed, a hydra config naming the sweep
-# callback's old home) resolve to where the code is now (moved.py).
-moved.install()
 
 __version__ = "0.1.0"
 

@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -47,7 +48,6 @@ from mlxlab.checkpoint import (
 from mlxlab.checkpoint.atomic import link_files, temp_dir
 from mlxlab.checkpoint.discover import is_checkpoint_dir
 from mlxlab.checkpoint.layout import CHECKPOINTS_DIR
-from mlxlab.config import REMOTE_SCHEMES, check_uri
 from mlxlab.errors import RemoteError
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,33 @@ T = TypeVar("T")
 
 TOKENIZER = "tokenizer.json"
 CONFIG = "config.yaml"
+
+# The object stores a checkpoint URI may name (checkpoint.remote, resume=), and the
+# fsspec package that opens each.
+REMOTE_SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+                  "abfss": "adlfs"}
+
+
+def is_remote(uri: Any) -> bool:
+    """Whether `uri` names an object store (s3://, gs://, az://, ...) rather than a local path."""
+    return isinstance(uri, str) and uri.split("://", 1)[0].lower() in REMOTE_SCHEMES and "://" in uri
+
+
+def check_uri(uri: str) -> tuple[str, str]:
+    """(scheme, rest) of a usable remote URI; RemoteError naming the fix otherwise."""
+    scheme, _, rest = uri.partition("://")
+    scheme = scheme.lower()
+    if scheme not in REMOTE_SCHEMES or not rest.strip("/"):
+        raise RemoteError(
+            f"remote checkpoint URI {uri!r} is not s3://bucket/prefix, gs://bucket/prefix or "
+            "az://container/prefix"
+        )
+    if re.match(r"^[^/]*@", rest) and scheme in ("s3", "gs", "gcs"):
+        raise RemoteError(
+            f"the remote URI for {scheme}:// must not carry credentials: use the provider's "
+            "standard credential chain (environment variables, config files, instance roles)"
+        )
+    return scheme, rest
 
 
 def open_filesystem(uri: str):

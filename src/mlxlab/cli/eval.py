@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
     args.batch_size = args.batch_size or 64
 
     def body() -> int:
-        from mlxlab.inference import evaluate, load_run
+        from mlxlab.runs.inference import evaluate, load_run
 
         run = load_run(args.run, args.checkpoint)
         if run.task != "classification" and (args.confusion or args.label_names):

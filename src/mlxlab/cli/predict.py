@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
 
     def body() -> int:
         from mlxlab.data.tabular import read_csv
-        from mlxlab.inference import load_run, predict_frame
+        from mlxlab.runs.inference import load_run, predict_frame
 
         if not Path(args.data).is_file():
             raise FileNotFoundError(f"CSV not found: {args.data} (give the CSV to predict)")

@@ -81,7 +81,7 @@ def replicate_tasks(client: Any, a: Any, b: Any, which: str) -> list | None:
 def group_scores(client: Any, group: Any, which: str) -> dict:
     """{seed: {task: SavedTask}} of a group's finished runs that scored evaluation tasks."""
     from mlxlab.runs.task_scores import run_scores
-    from mlxlab.tracking.mlflow.replicates import seed_of
+    from mlxlab.sweeps.groups import seed_of
 
     found = {}
     for run in group.runs:

@@ -27,12 +27,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mlxlab.config.records import check_choice, check_fraction, check_number, utf8_text
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batch, Batching, bucket_length, make_batches
 from mlxlab.data.chat import TEMPLATE_FILE, ChatError, encode_chats, load_chat_template
 from mlxlab.data.tokenizer import build_tokenizer, special_ids, tokenizer_hash
 from mlxlab.errors import ConfigError, MissingFileError
-from mlxlab.validation import check_choice, check_fraction, check_number, utf8_text
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxlab.config.records import check_number, record
 from mlxlab.errors import ConfigError
-from mlxlab.validation import check_number, record
 
 SCORES = ("length", "rarity", "none")
 PACINGS = ("root", "linear")

@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from mlxlab.config.records import check_fraction, check_number, record
 from mlxlab.data.numeric import MODES, WORDINGS
 from mlxlab.errors import ConfigError
-from mlxlab.validation import check_fraction, check_number, record
 
 AUTO_MAX_LENGTH = 512  # max_length=null fits the longest row up to this (BERT's position table)
 

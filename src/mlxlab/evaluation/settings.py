@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mlxlab.config.records import check_choice, check_number
 from mlxlab.errors import ConfigError
 from mlxlab.evaluation.tasks import read_tasks
-from mlxlab.validation import check_choice, check_number
 
 CHAT_MODES = ("auto", "template", "plain")
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlxlab.config.records import utf8_text
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.stats import LOSS, UNIT, MetricDefinition
-from mlxlab.validation import utf8_text
 
 MULTIPLE_CHOICE, GENERATION, PERPLEXITY = "multiple_choice", "generation", "perplexity"
 # The per-example scores of each kind and the task metrics computed from them.

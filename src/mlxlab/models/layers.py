@@ -6,8 +6,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab import kernels
+from mlxlab.config.records import check_number
 from mlxlab.errors import ConfigError
-from mlxlab.validation import check_number
 
 
 class KVCache:

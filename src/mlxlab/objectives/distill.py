@@ -5,7 +5,7 @@ partial of runs.load_teachers) and weighted (fixed, or learned: teacher_weights.
 datasets their probabilities are computed once before training and looked up in each step
 (`teacher_cache`). Rounds of
 distillation (`objective.rounds`, a student teaching the next round) are runs of this objective
-strung together by mlxlab/distill_rounds.py."""
+strung together by launch/rounds.py."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mlxlab.config.records import check_choice, record
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
 from mlxlab.objectives import losses
@@ -27,7 +28,6 @@ from mlxlab.objectives.teacher_weights import (
     fit_teacher_weights,
 )
 from mlxlab.tracking import tags as T
-from mlxlab.validation import check_choice, record
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class DistillConfig:
     alpha: float = 0.5            # weight of the hard-label CE; (1 - alpha) on the soft KL
     temperature: float = 2.0      # softens both distributions (kl, reverse_kl)
     cache_teacher: bool = True    # fixed datasets: teacher outputs computed once, looked up per step
-    rounds: int = 1               # > 1: rounds of distillation (distill_rounds.py, run by train.py)
+    rounds: int = 1               # > 1: rounds of distillation (launch/rounds.py, run by train.py)
     round_teachers: str = "chain"  # chain | ensemble: who teaches round r + 1
     teacher_weights: str = "fixed"  # fixed | learned (teacher_weights.py)
     loss: str = "kl"              # kl | reverse_kl | mse: the soft term (losses.distillation_loss)

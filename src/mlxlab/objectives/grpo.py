@@ -34,6 +34,7 @@ import mlx.nn as nn
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mlxlab.config.records import check_number
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.errors import ConfigError
 from mlxlab.models.lora import adapters_off, has_adapters
@@ -60,7 +61,6 @@ from mlxlab.objectives.rollouts import (
 )
 from mlxlab.runtime import distributed
 from mlxlab.stats import MetricDefinition
-from mlxlab.validation import check_number
 
 log = logging.getLogger(__name__)
 

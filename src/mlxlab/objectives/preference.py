@@ -34,6 +34,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from mlxlab.config.records import check_choice, check_number, record
 from mlxlab.data.batching import Batching
 from mlxlab.data.preference import SIDES, PreferencePairs
 from mlxlab.errors import ConfigError
@@ -55,7 +56,6 @@ from mlxlab.objectives.preference_losses import (
 )
 from mlxlab.runtime import distributed
 from mlxlab.stats import LOG_PROB, LOSS, UNIT, MetricDefinition
-from mlxlab.validation import check_choice, check_number, record
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxlab.config.records import check_number
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.errors import ConfigError, DataMismatch
 from mlxlab.objectives import losses
@@ -22,7 +23,6 @@ from mlxlab.objectives.base import (
 from mlxlab.objectives.evaluation import evaluate_cross_entropy
 from mlxlab.runtime import distributed
 from mlxlab.stats import LOSS, UNIT, MetricDefinition
-from mlxlab.validation import check_number
 
 # What evaluate_cross_entropy reports for each data task (prefix "val/"), which way each
 # improves and its range: the names optimized_metric may use (objectives/metrics.py computes them).

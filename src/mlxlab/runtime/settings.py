@@ -38,7 +38,7 @@ Read or set where a library needs them, not here (the modules tests/test_environ
 | data/streaming/prefetch.py | TOKENIZERS_PARALLELISM | set (to false, unless set) for the tokenizers library before its thread pool starts |
 | runtime/device.py | MLX_PTX_CACHE_DIR | MLX's own, read when MLX first compiles a CUDA kernel: set (to `<paths.cache_dir>/mlx/<version>/ptx`, unless set) before a run evaluates anything, so the kernels a first run compiles for minutes outlive a cleaned /tmp |
 | runtime/blas.py | OPENBLAS_THREAD_TIMEOUT, OPENBLAS_CORETYPE | OpenBLAS's own, read once when it loads: set (to 4, and on an x86-64-v3 CPU to Haswell, each unless set) while setup_blas loads MLX's OpenBLAS and removed again, so its idle threads sleep instead of spinning between a step's matrix products, it runs the same AVX2 kernels on every x86-64-v3 CPU (runtime/cpu.py), and nothing else's BLAS changes |
-| train.py | HYDRA_FULL_ERROR | Hydra's own: set while Hydra composes the config (so a composition error reaches mlxlab as an exception it turns into one line) and restored to the user's value before the job runs |
+| launch/composing.py | HYDRA_FULL_ERROR | Hydra's own: set while Hydra composes the config (so a composition error reaches mlxlab as an exception it turns into one line) and restored to the user's value before the job runs |
 | models/sources/ollama.py | OLLAMA_MODELS | Ollama's own: where its model store is (`ollama:NAME` reads the manifest and blob there) |
 | tracking/mlflow/background.py, cli/serve.py, runtime/supervise.py | the whole environment | copied for a child process (the tracking process, MLflow's model server, the supervised training child with the three supervisor variables added) |
 

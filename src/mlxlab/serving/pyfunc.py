@@ -32,7 +32,7 @@ class MlxlabPyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from mlxlab.inference import load_run
+        from mlxlab.runs.inference import load_run
 
         meta = json.loads(Path(context.artifacts["predictor"]).read_text())
         self.run = load_run(context.artifacts["checkpoint"],
@@ -40,7 +40,7 @@ class MlxlabPyfunc(mlflow.pyfunc.PythonModel):
                             encoding_state=meta.get("encoding"))
 
     def predict(self, context, model_input, params=None):  # no hints: MLflow parses them
-        from mlxlab.inference import predict_frame
+        from mlxlab.runs.inference import predict_frame
 
         if self.run.task == "classification":
             out = predict_frame(self.run, _frame(model_input), probability=True)

@@ -42,7 +42,7 @@ def register_run(
     MLflow run (a new run when it has none in this store), register it as `name` and point
     `alias` at the new version; returns the ModelVersion. Load it with
     `mlflow.pyfunc.load_model(f"models:/{name}@{alias}")`."""
-    from mlxlab.inference import load_run  # MLX and the models (~0.8 s): only when used
+    from mlxlab.runs.inference import load_run  # MLX and the models (~0.8 s): only when used
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -74,7 +74,7 @@ def register_run(
 def save_run_model(run_dir: str | Path, out: str | Path, which: str = "best") -> Path:
     """Write the run's pyfunc model to the folder `out` (no store, no registry): what
     `mlflow models serve -m out` serves."""
-    from mlxlab.inference import load_run  # MLX and the models (~0.8 s): only when used
+    from mlxlab.runs.inference import load_run  # MLX and the models (~0.8 s): only when used
 
     run = load_run(run_dir, which)
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,10 +32,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mlxlab.config.records import check_number
 from mlxlab.errors import ConfigError, UserError
 from mlxlab.runtime.locks import check_folder_free, file_lock, run_folder_busy
 from mlxlab.sweeps.folder import sweep_dir_of
-from mlxlab.validation import check_number
 
 START_LOCK = ".mlxlab_start.lock"  # in the sweep folder
 _start = contextlib.ExitStack()  # the start lock, from SweepChecks to SweepStarted
@@ -139,12 +139,11 @@ def check_run(config: DictConfig) -> None:
     it: the choices, the mode)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from mlxlab.config import unwrapped, validate, validated_before_run
+    from mlxlab.config import hand_to_run, unwrapped, validate
 
     HydraConfig.instance().set_config(config)  # what Hydra's run_job sets next
     with unwrapped():
-        validate(config)
-    validated_before_run(True)
+        hand_to_run(validate(config))  # the job trains with the parts built to check them
     run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
     # a folder another process trains in: before Hydra writes its .hydra/ and log into it
     check_folder_free(run_dir, run_folder_busy(run_dir))

@@ -77,7 +77,7 @@ MERGE_SOURCE_STORE = "mlxlab.merge.source"
 MERGE_COMPLETE = "mlxlab.merge.complete"
 MERGE_SOURCE_VERSION = "mlxlab.merge.source_version"
 
-# Distillation (training/trainer.py, distill_rounds.py)
+# Distillation (training/trainer.py, launch/rounds.py)
 DISTILL_TEACHER_WEIGHTS = "mlxlab.distill.teacher_weights"  # each teacher's weight, normalized
 DISTILL_ROUNDS = "mlxlab.distill.rounds"  # on the parent run of objective.rounds > 1
 DISTILL_ROUND = "mlxlab.distill.round"  # on each round's child run

@@ -18,12 +18,12 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from mlxlab import kernels
-from mlxlab.config import check_choice, check_number, check_uri
+from mlxlab.checkpoint.remote import check_uri
+from mlxlab.config.records import check_choice, check_number, record
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
 from mlxlab.training.model_ops import check_schedule
 from mlxlab.training.optim import LRSchedule
-from mlxlab.validation import record
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUANTIZE_BITS = (None, 2, 3, 4, 6, 8)  # what mlx.nn.quantize supports

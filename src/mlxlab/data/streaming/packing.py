@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from mlxlab.config.records import check_number
 from mlxlab.data.streaming.source import DOC_ID
 from mlxlab.errors import ConfigError
-from mlxlab.validation import check_number
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from mlxlab.validation import record
+from mlxlab.config.records import record
 
 S = TypeVar("S")
 

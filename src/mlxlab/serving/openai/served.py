@@ -144,8 +144,8 @@ def load_target(target: Target, which: str = "best") -> ServedModel:
     """One resolved target loaded to serve."""
     from tokenizers import Tokenizer
 
-    from mlxlab.inference import load_run, require_task
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.runs.inference import load_run, require_task
 
     names = tuple(dict.fromkeys(target.names))
     if target.registered or is_run(target.path):

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mlxlab.config.records import check_number
 from mlxlab.errors import ConfigError, UserError
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import BaseTracker, flatten_config
@@ -37,7 +38,6 @@ from mlxlab.tracking.mlflow.server import TrackingUnavailable, bounded_http, pro
 from mlxlab.tracking.mlflow.stale import LIVENESS_TAGS, clear_killed, mark_dead_runs_quietly
 from mlxlab.tracking.mlflow.store import ensure_store, resolve_uri, sqlite_path
 from mlxlab.tracking.run_info import record_job_run
-from mlxlab.validation import check_number
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mlxlab.config import to_container
+from mlxlab.config import config_hash, to_container
 from mlxlab.errors import ConfigError
+from mlxlab.launch.wiring import build_tracker
 from mlxlab.runs import newest_committed
+from mlxlab.sweeps.folder import swept_keys_here
 from mlxlab.sweeps.store import finished_run_metrics
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow import tracked_store
+from mlxlab.tracking.run_info import hydra_context, run_name, run_tags
 from mlxlab.training.trainer import TrainingInterrupted
 
 log = logging.getLogger("mlxlab")
@@ -45,6 +48,18 @@ def rounds_of(cfg: DictConfig) -> int:
     config.validate builds the objective node)."""
     rounds = (cfg.get("objective") or {}).get("rounds", 1)
     return 1 if rounds is None else rounds
+
+
+def train_in_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, float]]
+                    ) -> dict[str, float]:
+    """objective.rounds > 1: one parent run (the `tracking` node's tracker, named as the run),
+    each round `train_one` with rounds=1 as its child run."""
+    run_dir, choices, _ = hydra_context(cfg)
+    name = run_name(cfg, swept_keys_here())
+    parent = build_tracker(cfg, name)
+    parent.probe()  # a store that does not answer fails here, before any manifest
+    return train_rounds(cfg, train_one, parent, run_tags(cfg, choices, config_hash(cfg), run_dir),
+                        name)
 
 
 def round_teachers(initial: list, students: list[str], mode: str) -> list:

@@ -3,8 +3,8 @@
 A config node (Hydra's plain mapping, or code's dict) is built into its record by `record`, which
 names a key the record does not have in one line; the record's `__post_init__` then checks each
 of its own keys once, with `check_number` and `check_choice`. Every failure is a ConfigError whose
-message names the key and the fix, which train.py prints as one line. This module imports only
-errors.py, so every floor (data/, models/, config.py, training/) builds its records with it.
+message names the key and the fix, which mlxlab-train prints as one line. This module imports
+only errors.py, so every floor (data/, models/, config/, training/) builds its records with it.
 """
 
 from __future__ import annotations

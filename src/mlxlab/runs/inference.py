@@ -5,8 +5,8 @@
     complete(run, "Once upon a time", max_tokens=50)         # language model: the continuation
     evaluate(run, "labelled.csv")                            # accuracy/F1/AUC, or loss/perplexity
 
-The code is in runs/ (loading.py, predict.py, generate.py, evaluate.py); this module names it
-for scripts. The `mlxlab predict/generate/eval/register/serve` verbs and the MLflow pyfunc model
+The code is in this folder (loading.py, predict.py, generate.py, evaluate.py); this module
+names it for scripts. The `mlxlab predict/generate/eval/register/serve` verbs and the MLflow pyfunc model
 (serving/pyfunc.py) all go through it, so a run is loaded, checked and sampled one way.
 """
 

@@ -1,0 +1,56 @@
+"""Keys a user may still type from habit: renamed ones (one line naming the new key) and retired
+ones (one line naming what to write instead), on a command line or in a config file."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from mlxlab.errors import ConfigError
+
+# Keys a user may still type from habit (the objective's settings were once under trainer):
+# old key (or prefix, ending in ".") -> the key it is now.
+RENAMED_KEYS = {"trainer.distill.": "objective.", "trainer.preference.": "objective.",
+                "trainer.label_smoothing": "objective.label_smoothing"}
+
+
+def check_renamed(arg: str) -> None:
+    """One line naming the key a renamed or retired key is now (RENAMED_KEYS, RETIRED_KEYS)."""
+    key, eq, value = arg.lstrip("+~").partition("=")
+    check_retired(key, value if eq else None)
+    for old, new in RENAMED_KEYS.items():
+        if key == old or (old.endswith(".") and key.startswith(old)):
+            now = new + key[len(old):] if old.endswith(".") else new
+            raise ConfigError(f"{key} is renamed to {now}: write {now}{'=' + value if eq else ''}")
+
+
+# Keys mlxlab reads no more, on a command line or in a config file: what to write instead, and
+# why. One ending in "." is a node whose keys moved: `callbacks.checkpoint.keep_last_n` ->
+# `checkpoint.keep_last_n`.
+RETIRED_KEYS = {
+    "trainer.memory_budget_mb": ("trainer.micro_batch=auto", "the largest micro-batch whose step "
+                                 "fits trainer.memory_limit; grad_accum follows"),
+    "sweep.skip_finished": ("nothing", "a grid run again continues its sweep by itself; "
+                            "sweep.fresh=true starts a new one"),
+    "callbacks.checkpoint.": ("checkpoint.", "the checkpoint policy is a group of its own"),
+}
+
+
+def check_retired(key: str, value: str | None = None) -> None:
+    """One line naming what replaces `key` (as typed: `value`) when RETIRED_KEYS holds it."""
+    for old, (new, why) in RETIRED_KEYS.items():
+        if old.endswith(".") and f"{key}.".startswith(old):
+            moved = (new + key[len(old):]).rstrip(".")
+            typed = f"={value}" if value is not None else ""
+            raise ConfigError(f"{key} is {moved} now: write {moved}{typed} ({why})")
+        if key == old:
+            raise ConfigError(f"{key} is retired: write {new} ({why})")
+
+
+def check_retired_keys(cfg: DictConfig) -> None:
+    """A config file that still sets a key of RETIRED_KEYS is one line, before anything is built."""
+    for old in RETIRED_KEYS:
+        parent, _, leaf = old.rstrip(".").rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None)
+        if OmegaConf.is_dict(node) and leaf in node:
+            keys = list(node[leaf]) if OmegaConf.is_dict(node[leaf]) else []
+            check_retired(f"{old}{keys[0]}" if old.endswith(".") and keys else old.rstrip("."))
