@@ -67,7 +67,7 @@ def fit_with(make_cfg, tmp_path, uploader: GoneUploader | None, fails: bool):
     callbacks = [EndsBadly(box, uploader, fails), EndsBadly(box, None, False)]
     settings = TrainerSettings(max_steps=4, max_epochs=1, eval_every_steps=4)
     fit = Fit(
-        Trainer(settings, instantiate(cfg.optimizer), callbacks, None, CheckpointPolicy()),
+        Trainer(settings, instantiate(cfg.optimizer), callbacks, CheckpointPolicy()),
         model,
         data,
         tracker,
