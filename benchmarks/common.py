@@ -5,6 +5,7 @@ mlxlab, MLX or the OpenBLAS that mlxlab loads (with them loaded PyTorch runs 3.7
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -158,3 +159,19 @@ def write_results(out: Path, results: dict, compare: str, shown: str,
     print(json.dumps({k: v for k, v in results.items() if k != "compare"}, indent=2))
     print(shown[-4000:])
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+
+
+def add_smoke(parser: argparse.ArgumentParser) -> None:
+    """`--smoke`: the smallest run through the script's code path (tiny sizes, one or two steps,
+    one round, the heavy or networked reference skipped), in seconds; its figures mean nothing.
+    tests/test_benchmarks_smoke.py runs every script's, so none can rot unseen."""
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest run through this script's code path; figures mean nothing")
+
+
+def smoke_dir(name: str) -> Path:
+    """A fresh temporary folder for a smoke run's files (never the docs or a shared /tmp path)."""
+    return Path(tempfile.mkdtemp(prefix=f"{name}_smoke_"))
+
+# Hydra overrides that cut a training run to a smoke's size: 4 steps, evaluated twice.
+SMOKE_RUN = ("trainer.max_steps=4", "trainer.eval_every_steps=2", "callbacks.progress.enabled=false")

@@ -57,7 +57,7 @@ def test_a_new_breach_fails_until_pyproject_gives_its_reason(tmp_path):
     breaches = [line.split() for line in out.stdout.splitlines() if "BREACH" in line]
     assert [b[1:3] for b in breaches] == [["room.py:6", "long"], ["room.py:2", "Big.__init__"],
                                           ["room.py:92", "hasattr(data,"]]
-    assert "add a row with the reason" in out.stderr
+    assert "row with the reason to pyproject.toml" in out.stderr
 
     rows = [("long function", "room.py", "long", "a test"),
             ("constructor", "room.py", "Big.__init__", "a test"),

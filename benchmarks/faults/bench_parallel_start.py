@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
 
 # A process that waits at the barrier, then runs mlxlab-train's Hydra app with these arguments:
 # every process has imported Python and its modules first, so the race is Hydra's start itself.
@@ -127,7 +129,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--src", type=Path, default=REPO / "src")
     parser.add_argument("--json", type=Path)
+    add_smoke(parser)
     opts = parser.parse_args()
+    if opts.smoke:  # one round of 2 processes, 2 trials
+        opts.procs, opts.rounds, opts.n_trials = 2, 1, 2
     rounds = []
     for i in range(opts.rounds):
         with tempfile.TemporaryDirectory(prefix="parallel-start-") as tmp:

@@ -22,20 +22,23 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
 
-def command(name: str, trials: int) -> list[str]:
+
+def command(name: str, trials: int, epochs: int = 20) -> list[str]:
     return [sys.executable, "-m", "mlxlab.train", "-m", "hparams_search=titanic_optuna",
             f"hydra.sweeper.n_trials={trials}", f"hydra.sweeper.study_name={name}",
             f"hydra.sweep.dir=multirun/{name}", "hydra.sweeper.sampler.seed=7",
-            "callbacks.progress.enabled=false", "trainer.max_epochs=20",
+            "callbacks.progress.enabled=false", f"trainer.max_epochs={epochs}",
             "callbacks.checkpoint.save_every_steps=20"]
 
 
-def run(root: Path, name: str, trials: int, kill_at: int | None = None) -> str:
+def run(root: Path, name: str, trials: int, kill_at: int | None = None, epochs: int = 20) -> str:
     env = {**os.environ, "MLXLAB_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
     log = root / f"{name}.log"
     with open(log, "a") as out:
-        proc = subprocess.Popen(command(name, trials), cwd=root, env=env, stdout=out,
+        proc = subprocess.Popen(command(name, trials, epochs), cwd=root, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
         if kill_at is not None:
             checkpoints = root / "multirun" / name / str(kill_at) / "checkpoints"
@@ -52,14 +55,20 @@ def run(root: Path, name: str, trials: int, kill_at: int | None = None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--root", type=Path)
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--kill-at", type=int, default=3)
+    add_smoke(parser)
     args = parser.parse_args()
+    epochs = 20
+    if args.smoke:  # 2 trials of 2 epochs, the second killed after its first checkpoint
+        args.root, args.trials, args.kill_at, epochs = smoke_dir("search_resume"), 2, 1, 2
+    if args.root is None:
+        parser.error("--root is required")
     args.root.mkdir(parents=True, exist_ok=True)
-    run(args.root, "whole", args.trials)
-    run(args.root, "killed", args.trials, kill_at=args.kill_at)
-    log = run(args.root, "killed", args.trials)
+    run(args.root, "whole", args.trials, epochs=epochs)
+    run(args.root, "killed", args.trials, kill_at=args.kill_at, epochs=epochs)
+    log = run(args.root, "killed", args.trials, epochs=epochs)
     import optuna
 
     storage = f"sqlite:///{args.root}/mlruns/optuna.db"

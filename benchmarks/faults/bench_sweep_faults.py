@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+
 GRID = [
     "-m",
     "model.num_layers=1",
@@ -129,7 +132,11 @@ def outcome(root: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("/tmp/bench_sweep_faults"))
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # the same 6 jobs, one epoch each (a checkpoint at step 6 of 12)
+        args.root = smoke_dir("sweep_faults")
+        GRID[GRID.index("trainer.max_epochs=3")] = "trainer.max_epochs=1"
     shutil.rmtree(args.root, ignore_errors=True)
     whole_root, killed_root = args.root / "whole", args.root / "killed"
     whole_root.mkdir(parents=True)

@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 MODES = ("dp", "zero1", "fsdp")
 
@@ -177,7 +180,10 @@ def main() -> None:
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--reference", help=argparse.SUPPRESS)
     parser.add_argument("--make-reference", help=argparse.SUPPRESS)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # a 1-layer decoder, 2 steps, every mode on its 2 ranks
+        args.steps, args.dim, args.layers, args.vocab, args.seq, args.batch = 2, 64, 1, 128, 16, 2
     if args.make_reference:
         reference(args, Path(args.make_reference))
         return

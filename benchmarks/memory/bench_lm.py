@@ -32,6 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
+
 RSS_TOLERANCE_MB = 32  # peak-memory noise allowed between the 1x and 2x runs (allocator, threads)
 
 
@@ -187,7 +190,10 @@ def main() -> None:
                         help="skip the training run on the doubled corpus (data pass still runs)")
     parser.add_argument("--data-pass", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # one training step on the corpus, no doubled-corpus run
+        args.tokens, args.no_doubled_train = 1, True
     preset = ["experiment=tinystories_nano", "callbacks.progress.enabled=false", *args.overrides]
     if args.data_pass:
         return data_pass(args.data_pass, args.tokenizer, preset, args.root)

@@ -26,8 +26,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # benchmarks.*
 
 import test_out_of_memory as t  # noqa: E402  (the tests' data, arguments and limits)
+from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
 from conftest import FAST, PYTHON  # noqa: E402
 
 
@@ -100,7 +102,11 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/bench_oom"))
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--skip-restart", action="store_true", help="parts 2 and 3 only")
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # auto's choice and one pair of the parent's cost (the restart is
+        # tests/test_out_of_memory.py's, -m slow)
+        args.root, args.pairs, args.skip_restart = smoke_dir("out_of_memory"), 0, True
     shutil.rmtree(args.root, ignore_errors=True)
     args.root.mkdir(parents=True)
     import os

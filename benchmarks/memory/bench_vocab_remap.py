@@ -28,7 +28,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import cpu_model
+from benchmarks.common import add_smoke, cpu_model
 from mlxlab.data.batching import Batching
 from mlxlab.data.streaming import StreamingText
 from mlxlab.data.tokenizer import build_tokenizer
@@ -63,7 +63,10 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=4, help="steps per model per round")
+    add_smoke(ap)
     args = ap.parse_args()
+    if args.smoke:  # 50 stories, one step of each model
+        args.docs, args.rounds, args.steps = 50, 1, 1
     folder = Path(tempfile.mkdtemp(prefix="bench-vocab-"))
     tok = tokenizer_32k(folder)
     data = StreamingText(source={"data_files": str(SAMPLE)},

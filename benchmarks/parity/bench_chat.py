@@ -32,7 +32,7 @@ from mlxlab.config import asset_path
 from mlxlab.data.chat import encode_chats, load_chat_template
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import cpu_model  # noqa: E402
+from benchmarks.common import add_smoke, cpu_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 STYLES = ("chatml", "llama3", "qwen2.5")
@@ -98,7 +98,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chats", type=int, default=200)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # 4 chats, one round, every style
+        args.rounds, args.chats = 1, 4
     tiny = tiny_module()
     lines = Path(asset_path("tinystories/chats.jsonl")).read_text().splitlines()[: args.chats]
     chats = [json.loads(line) for line in lines]

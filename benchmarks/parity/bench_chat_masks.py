@@ -12,6 +12,7 @@ masks can be set beside another's. A refused chat prints its error.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -32,8 +33,14 @@ from chat_fixtures import (  # noqa: E402
     save_style,
 )
 
+sys.path.insert(0, str(REPO))  # benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
+
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_smoke(parser)  # the whole script is a smoke's size: --smoke runs it as it is
+    parser.parse_args()
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 

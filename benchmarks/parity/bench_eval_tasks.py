@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
@@ -91,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="/tmp/bench_eval_tasks")
     parser.add_argument("--questions", type=int, default=100)
+    add_smoke(parser)
     args = parser.parse_args(argv)
+    if args.smoke:  # 4 questions, both sides
+        args.out, args.questions = str(smoke_dir("eval_tasks")), 4
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from mlxlab.evaluation.scoring import score_task

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import cpu_model
+from benchmarks.common import SMOKE_RUN, add_smoke, cpu_model
 
 SETUPS = {
     "titanic": [
@@ -70,7 +70,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--root", type=Path, default=None)
     ap.add_argument("--only", choices=list(SETUPS), default=None)
+    add_smoke(ap)
     args = ap.parse_args()
+    if args.smoke:  # Titanic's three conditions, one seed, 4 steps each
+        args.seeds, args.only = [0], "titanic"
+        SETUPS["titanic"] = [*SETUPS["titanic"], *SMOKE_RUN]
     root = args.root or Path(tempfile.mkdtemp(prefix="bench-curriculum-"))
     root.mkdir(parents=True, exist_ok=True)
     todo = [(s, c, seed) for s in SETUPS if args.only in (None, s) for c in CONDITIONS[s]

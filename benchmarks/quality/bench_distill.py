@@ -45,6 +45,9 @@ from mlxlab.checkpoint import CheckpointState
 from mlxlab.config import compose_config
 from mlxlab.train import train
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+
 COMMON = ["tracking=none", "callbacks.progress.enabled=false", "callbacks.checkpoint.save_every_minutes=null",
           "callbacks.checkpoint.keep_last_n=1"]
 
@@ -239,7 +242,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write every row to this file")
     parser.add_argument("--rounds", action="store_true",
                         help="round 1 vs round 2 (chain, ensemble) of distillation vs scratch")
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # --quick on Titanic, one seed
+        args.tasks, args.seeds, args.quick, args.root = ["titanic"], [0], True, smoke_dir("distill")
     rows = []
     bench = bench_rounds if args.rounds else bench_task
     for name in args.tasks:

@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import line_value, write_results
+from benchmarks.common import add_smoke, line_value, smoke_dir, write_results
 from benchmarks.common import mlxlab_cli as mlxlab
 from benchmarks.common import run_logged as run
 from benchmarks.common import train_cli as train
@@ -139,10 +139,12 @@ def main() -> None:
     parser.add_argument("--models-from", default=None,
                         help="an earlier --out: its teacher_model/ and student_model/ (and their "
                              "scores) are reused, stages 1 and 2 skipped")
-    parser.add_argument("--smoke", action="store_true", help="tiny step counts: the pipeline only")
+    add_smoke(parser)
     a = parser.parse_args()
-    if a.smoke:
+    if a.smoke:  # tiny step counts: the pipeline only
         a.teacher_steps, a.student_steps, a.steps, a.replicates = 20, 5, 4, 2
+        if a.out == parser.get_default("out"):
+            a.out = str(smoke_dir("gkd_learning"))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLXLAB_ROOT": str(out), "PYTHONUNBUFFERED": "1"}

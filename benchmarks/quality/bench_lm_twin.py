@@ -46,6 +46,7 @@ import mlxlab  # noqa: F401  (first: loads the fast BLAS before anything imports
 from mlxlab.runtime.blas import set_blas_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import SMOKE_RUN, add_smoke, smoke_dir  # noqa: E402
 from benchmarks.speed.bench import compose, cpu_model  # noqa: E402
 from benchmarks.speed.bench_torch import torch_models  # noqa: E402
 
@@ -344,7 +345,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_lm_twin")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (both parts)")
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # nano, 4 steps, both parts and the report
+        args.models, args.out, args.overrides = "nano", smoke_dir("lm_twin"), [*args.overrides, *SMOKE_RUN]
     set_blas_threads(args.threads)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     args.out.mkdir(parents=True, exist_ok=True)

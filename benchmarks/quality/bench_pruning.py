@@ -28,6 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 SPACE = ["optimizer.learning_rate=tag(log,interval(3e-4,1e-2))", "model.dim=choice(128,192,256)"]
 
@@ -82,7 +85,7 @@ def summarize(root: Path, name: str, wall_s: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--root", type=Path)
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--eval-every", type=int, default=25)
@@ -96,7 +99,13 @@ def main() -> None:
     parser.add_argument("--label", default="",
                         help="appended to the pruned study's name, to run another pruner setting "
                              "in the same --root (the unpruned search is reused)")
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # 2 trials of 4 steps each way, the winner rerun on 2 more seeds
+        args.root, args.trials, args.steps, args.eval_every, args.seeds = (
+            smoke_dir("pruning"), 2, 4, 2, 2)
+    if args.root is None:
+        parser.error("--root is required")
     args.root.mkdir(parents=True, exist_ok=True)
     results = []
     pruned = f"pruned_{args.pruner}" + (f"_{args.label}" if args.label else "")

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import TABLES_PAGE, cpu_model, write_between_markers
+from benchmarks.common import SMOKE_RUN, TABLES_PAGE, add_smoke, cpu_model, write_between_markers
 from benchmarks.quality.bench_titanic import accuracy_history, baselines, mean_std, split_module
 from mlxlab.config import asset_path
 from mlxlab.data.numeric import numeric_values
@@ -159,7 +159,11 @@ def main() -> None:
     parser.add_argument("--write", action="store_true",
                         help="put the table into --out between its markers")
     parser.add_argument("--out", type=Path, default=TABLES_PAGE)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # iris, one seed, 4 steps, nothing written
+        args.tables, args.seeds, args.write = ["iris"], [1], False
+        args.overrides = [*args.overrides, *SMOKE_RUN]
     root = (args.root or Path(tempfile.mkdtemp(prefix="bench_tabular_"))).resolve()
     results = root / "results.jsonl"
     paths = {name: write_table(name, root / "tables") for name in args.tables}

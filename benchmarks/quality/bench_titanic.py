@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,9 @@ from omegaconf import DictConfig
 from mlxlab.checkpoint import CheckpointState
 from mlxlab.config import compose_config, instantiate
 from mlxlab.data.tabular import read_csv
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import SMOKE_RUN, add_smoke  # noqa: E402
 
 
 def compose_default(root: Path, overrides: list[str], run_name: str) -> DictConfig:
@@ -115,7 +119,10 @@ def main() -> None:
                         help="training seeds (init, dropout); the split keeps data.seed")
     parser.add_argument("--root", type=Path, default=None,
                         help="where runs and caches go (default: a new temp folder)")
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # one seed, 4 steps, the baselines on the same split
+        args.seeds, args.overrides = [1], [*args.overrides, *SMOKE_RUN]
     root = (args.root or Path(tempfile.mkdtemp(prefix="bench_titanic_"))).resolve()
 
     data = split_module(root, args.overrides)

@@ -15,37 +15,25 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 from mlxlab.checkpoint import CheckpointManager
-from mlxlab.config import config_dir, instantiate  # imports mlxlab first: the fast BLAS before mlx
 from mlxlab.training.async_writer import CheckpointWriter
 
-
-def build(vocab: int):
-    import mlx.core as mx
-    import mlx.optimizers as optim
-
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=["model=transformer_small"])
-    mx.random.seed(0)
-    model = instantiate(cfg.model, vocab_size=vocab, num_labels=None)
-    opt = optim.AdamW(learning_rate=1e-4)
-    opt.init(model.trainable_parameters())
-    mx.eval(model.parameters(), opt.state)
-    return model, opt
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
+from benchmarks.speed.bench_checkpoint import build  # noqa: E402  (the same model and AdamW)
 
 
 def run(mode: str, args, root: Path) -> tuple[list[float], float]:
     import mlx.core as mx
     import mlx.nn as nn
 
-    model, opt = build(args.vocab)
+    model, opt = build(args.vocab, args.preset)
     tokens = mx.random.randint(0, args.vocab, (args.batch, args.seq + 1))
     state = [model.state, opt.state, mx.random.state]
 
@@ -86,7 +74,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--no-baseline", action="store_true", help="skip the no-checkpoint loop")
+    add_smoke(parser)
     args = parser.parse_args()
+    args.preset = "transformer_small"
+    if args.smoke:  # the nano preset, 2 steps, a save every step, one round
+        args.preset, args.vocab, args.steps, args.every, args.rounds = "transformer_nano", 256, 2, 1, 1
     modes = ("sync", "async") if args.no_baseline else ("none", "sync", "async")
     root = Path(tempfile.mkdtemp(prefix="bench_async_ckpt_"))
     stalls: dict[str, list[float]] = {"sync": [], "async": []}
@@ -103,7 +95,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     saves = args.steps // args.every
-    print(f"\ntransformer_small (vocab {args.vocab}), batch {args.batch}x{args.seq}, "
+    print(f"\n{args.preset} (vocab {args.vocab}), batch {args.batch}x{args.seq}, "
           f"{args.steps} steps, a save every {args.every} ({saves} saves), {args.rounds} rounds\n")
     print("| mode | step stall per save, median (ms) | max (ms) | loop wall time, median (s) |")
     print("|---|---:|---:|---:|")

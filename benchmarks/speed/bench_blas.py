@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import cpu_model
+from benchmarks.common import add_smoke, cpu_model
 
 # (m, k, n) of one product; batched (b, m, k, n) for the attention's.
 SHAPES = {
@@ -125,7 +125,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds (fresh processes)")
     parser.add_argument("--gemm-repeats", type=int, default=20)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # the shipped BLAS alone, one round, one GEMM each
+        args.variants, args.repeats, args.gemm_repeats = "shipped:", 1, 1
     if args.worker:
         skip_big = os.environ.get("MLXLAB_BLAS") == "off"  # the reference BLAS: minutes
         print(json.dumps(worker(args.gemm_repeats, skip_big)))

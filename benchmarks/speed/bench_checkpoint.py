@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +23,17 @@ from mlxlab.checkpoint import load_checkpoint, save_checkpoint
 from mlxlab.config import config_dir, instantiate  # imports mlxlab first: the fast BLAS before mlx
 from mlxlab.models import num_parameters
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
 
-def build(vocab: int):
+
+def build(vocab: int, preset: str = "transformer_small"):
     import mlx.core as mx
     import mlx.optimizers as optim
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=["model=transformer_small"])
+        cfg = compose("train", overrides=[f"model={preset}"])
+    mx.random.seed(0)
     model = instantiate(cfg.model, vocab_size=vocab, num_labels=None)
     opt = optim.AdamW(learning_rate=1e-4)
     opt.init(model.trainable_parameters())
@@ -44,11 +49,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=32000)
+    add_smoke(parser)
     args = parser.parse_args()
+    preset = "transformer_small"
+    if args.smoke:  # the nano preset, a 256-token vocabulary, one save and load
+        preset, args.vocab, args.repeats = "transformer_nano", 256, 1
     import mlx.core as mx
 
-    model, opt = build(args.vocab)
-    fresh_model, fresh_opt = build(args.vocab)
+    model, opt = build(args.vocab, preset)
+    fresh_model, fresh_opt = build(args.vocab, preset)
     root = Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
     saves, loads, size = [], [], 0.0
     try:
@@ -65,7 +74,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     params = num_parameters(model) / 1e6
-    print(f"transformer_small: {params:.1f}M parameters (vocab {args.vocab}), {args.repeats} repeats\n")
+    print(f"{preset}: {params:.1f}M parameters (vocab {args.vocab}), {args.repeats} repeats\n")
     print("| what | median | min | max |")
     print("|---|---:|---:|---:|")
     print(f"| save (ms) | {statistics.median(saves):.0f} | {min(saves):.0f} | {max(saves):.0f} |")

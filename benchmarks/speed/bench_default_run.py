@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import TABLES_PAGE, cpu_model, save_batches
+from benchmarks.common import TABLES_PAGE, add_smoke, cpu_model, save_batches
 
 HERE = Path(__file__).resolve().parent
 DOC = TABLES_PAGE
@@ -52,7 +52,7 @@ EVAL_LINE = re.compile(r"^\[([\d-]+ [\d:,]+)\]\[mlxlab\.training\]\[INFO\] - ste
 TRAINING_LINE = re.compile(r"^\[([\d-]+ [\d:,]+)\]\[mlxlab\.training\]\[INFO\] - training: ")
 
 
-def dump(folder: Path) -> None:
+def dump(folder: Path, overrides: list[str]) -> None:
     """The default run's batches (all epochs, in the order the run trains them) and settings,
     for the twin. Runs in its own process: mlxlab is imported here only."""
     from omegaconf import OmegaConf
@@ -61,7 +61,7 @@ def dump(folder: Path) -> None:
     from mlxlab.config import compose_config, instantiate
     from mlxlab.data.batching import Batching
 
-    cfg = compose_config(folder, [])
+    cfg = compose_config(folder, overrides)
     data = instantiate(cfg.data)
     data.setup(folder)
     batching = Batching(batch_size=cfg.trainer.batch_size,
@@ -148,23 +148,27 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="trainer.max_epochs for the mlxlab rows "
                         "(the default run's 40 when not given; not with the twin)")
     parser.add_argument("--dump", help=argparse.SUPPRESS)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # every row, one round of one epoch (the twin's batches too)
+        args.repeats, args.epochs, args.write = 1, 1, False
+    extra = [f"trainer.max_epochs={args.epochs}"] if args.epochs else []
     if args.dump:
-        return dump(Path(args.dump))
+        return dump(Path(args.dump), extra)
     names = args.rows.split(",")
     if not set(names) <= {"readme", "bare", "twin"} or not names:
         parser.error(f"--rows {args.rows}: choose from readme, bare, twin")
-    if args.epochs and "twin" in names:
+    if args.epochs and "twin" in names and not args.smoke:
         parser.error("--epochs shortens the mlxlab rows only: leave the twin out (--rows readme,bare)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-default-run-"))
-    extra = [f"trainer.max_epochs={args.epochs}"] if args.epochs else []
     every = {"readme": lambda: run_mlxlab(extra, tmp), "bare": lambda: run_mlxlab(BARE + extra, tmp),
              "twin": lambda: run_twin(data, args.threads)}
     rows = {name: every[name] for name in names}
     data = tmp / "twin-data"
     if "twin" in rows:
         data.mkdir()
-        subprocess.run([sys.executable, __file__, "--dump", str(data)], check=True,
+        subprocess.run([sys.executable, __file__, "--dump", str(data),
+                        *([f"--epochs={args.epochs}"] if args.smoke else [])], check=True,
                        capture_output=True)
     results = interleave(rows, args.repeats)
     table = report(results, args)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CACHE = Path(tempfile.gettempdir()) / "mlxlab-bench-dist-cache"
@@ -183,7 +184,10 @@ def main() -> None:
     parser.add_argument("--lanes-worker", nargs=3, metavar=("MODE", "FILE", "VOCAB"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--record", action="store_true", help=argparse.SUPPRESS)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # one pair of 2 steps and the all-reduce (transformer_small's memory left out)
+        args.pairs, args.steps, args.skip_memory = 1, 2, True
     if args.allreduce:
         return allreduce_worker(args.allreduce)
     if args.lanes_worker:

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import cpu_model
+from benchmarks.common import add_smoke, cpu_model
 from benchmarks.speed.bench_default_run import (
     BARE,
     HERE,
@@ -85,14 +85,19 @@ def run_plain_twin(steps: int, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", required=True)
+    parser.add_argument("--variants")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", default="readme,bare", help="readme, bare or both")
     parser.add_argument("--twin", action="store_true", help="add the PyTorch twin's row")
     parser.add_argument("--nano", type=int, metavar="STEPS", help="the nano LM for STEPS steps")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # one variant, the bare nano row and its twin, 2 steps, one round
+        args.variants, args.rows, args.twin, args.nano, args.repeats = "base:", "bare", True, 2, 1
+    if not args.variants:
+        parser.error("--variants is required")
     threads = {"OPENBLAS_NUM_THREADS": str(args.threads), "MLXLAB_KERNEL_THREADS": str(args.threads)}
     if args.nano:
         extra = [f"trainer.max_steps={args.nano}", f"trainer.eval_every_steps={args.nano}"]

@@ -52,6 +52,9 @@ from mlxlab.training.settings import TrainerSettings  # noqa: E402
 from mlxlab.training.step import make_step  # noqa: E402
 from tiny_hf_model import save_tiny_llama_without_torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
+
 PROMPTS = REPO / "src" / "mlxlab" / "assets" / "arithmetic" / "train.jsonl"
 LORA = {"rank": 8, "alpha": 16.0, "targets": ["query", "key", "value", "out"]}
 GROUP = 4
@@ -132,7 +135,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--work", default=None)
+    add_smoke(p)
     a = p.parse_args()
+    if a.smoke:  # a 1-layer student and teacher, 4 rows x 4 tokens, one step, one round
+        a.student_hidden, a.student_layers, a.teacher_hidden, a.teacher_layers = 32, 1, 32, 1
+        a.rows, a.tokens, a.steps, a.rounds = 4, 4, 1, 1
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_gkd_speed_"))
     student = save_tiny_llama_without_torch(work / "student", 0, a.student_hidden,
                                             a.student_layers, std=0.02)

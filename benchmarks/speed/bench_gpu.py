@@ -52,6 +52,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.*
+from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
 
 PRESETS = ("nano", "small", "medium", "large")
 DTYPES = ("fp32", "bf16")
@@ -543,7 +544,10 @@ def main() -> None:
                         "beside the GPU's in the report")
     parser.add_argument("--mlx-worker", help=argparse.SUPPRESS)
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # --dry-run: the whole path on the CPU, tiny, into a fresh folder
+        args.dry_run, args.write, args.out = True, False, str(smoke_dir("bench_gpu"))
     for kind, worker in (("mlx", mlx_worker), ("torch", torch_worker)):
         spec_path = getattr(args, f"{kind}_worker")
         if spec_path:

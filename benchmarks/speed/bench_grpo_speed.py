@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 COUNT = {"completions": 0, "tokens": 0}
 TOKENIZER = None
@@ -117,10 +120,21 @@ def one(a) -> None:
         "tokens_per_s": COUNT["tokens"] / seconds, "peak_mb": mx.get_peak_memory() / 2**20}))
 
 
+def smoke_inputs(folder: Path) -> tuple[str, str]:
+    """A tiny random Llama (scripts/tiny_hf_model.py, no torch) and 8 of the copy task's prompts."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from tiny_hf_model import save_tiny_llama_without_torch
+
+    model = save_tiny_llama_without_torch(folder / "model")
+    rows = (REPO / "src/mlxlab/assets/copy_format/train.jsonl").read_text().splitlines()[:8]
+    (folder / "prompts.jsonl").write_text("\n".join(rows) + "\n")
+    return str(model), str(folder / "prompts.jsonl")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompts", required=True)
+    p.add_argument("--model")
+    p.add_argument("--prompts")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--group", type=int, default=8)
@@ -128,14 +142,23 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--side", choices=["mlxlab", "mlx-lm-lora"])
+    add_smoke(p)
     a = p.parse_args()
+    passed = sys.argv[1:]
+    if a.smoke:  # a tiny random Llama, 8 copy prompts, one step of 2 prompts x G 2, one round
+        a.model, a.prompts = smoke_inputs(smoke_dir("grpo_speed"))
+        a.steps, a.batch, a.group, a.max_tokens, a.rounds = 1, 2, 2, 4, 1
+        passed = ["--model", a.model, "--prompts", a.prompts, "--steps", "1", "--batch", "2",
+                  "--group", "2", "--max-tokens", "4"]
+    if not (a.model and a.prompts):
+        p.error("--model and --prompts are required")
     if a.side:
         one(a)
         return
     results = []
     for _ in range(a.rounds):
         for side in ("mlxlab", "mlx-lm-lora"):
-            argv = [sys.executable, __file__, "--side", side] + sys.argv[1:]
+            argv = [sys.executable, __file__, "--side", side, *passed]
             proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO,
                                   env={**__import__("os").environ,
                                        "PYTHONPATH": f"{REPO / 'src'}:{REPO}"})

@@ -14,9 +14,12 @@ fused CPU kernels vs the pure-MLX ops vs PyTorch, interleaved in one process: is
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 # isort: off
 import mlxlab  # first: loads the fast BLAS before anything imports mlx.core
@@ -27,6 +30,9 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxlab.runtime.blas import blas_threads, set_blas_threads
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
 
 REPEATS = 10
 COMPILE = False  # --compile: the fused section's per-op rows under mx.compile
@@ -478,7 +484,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="fused section: mx.compile the per-op MLX functions (PyTorch stays eager)")
     parser.add_argument("--only", default=",".join(k for k in SECTIONS if k != "torch"))
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # every section once, PyTorch's too when it is installed
+        args.repeats, args.torch = 1, importlib.util.find_spec("torch") is not None
     REPEATS, COMPILE = args.repeats, args.compile
     if args.threads:
         set_blas_threads(args.threads)

@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
-from benchmarks.common import cpu_model, run_with_peak_rss  # noqa: E402
+from benchmarks.common import add_smoke, cpu_model, run_with_peak_rss  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 512, 4, 8, 16.0, 2e-4
 MODEL = dict(hidden=512, layers=8, heads=4, kv_heads=2, chat="chatml")
@@ -272,7 +272,10 @@ def main() -> None:
         help="the random weights' std: 0.2 (peaked attention, denormals in the backward) or "
         "0.02 (a trained model's scale)",
     )
+    add_smoke(p)
     args = p.parse_args()
+    if args.smoke:  # long rows, every tool, 2 steps, one round
+        args.rows, args.steps, args.skip, args.rounds = "long", 2, 0, 1
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_lora_"))
     model, data = prepare(work, args.init_std)
     tools = args.tools.split(",")

@@ -28,6 +28,7 @@ from mlxlab import kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from benchmarks.common import add_smoke  # noqa: E402
 from benchmarks.speed.bench_lora import BATCH, RANK, SEQ, prepare  # noqa: E402
 from benchmarks.speed.bench_mlx_lm_fused import time_steps  # noqa: E402
 
@@ -51,7 +52,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--work", default=None)
+    add_smoke(p)
     args = p.parse_args()
+    if args.smoke:  # the compiling step and one more
+        args.steps = 1
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_lora_step_"))
     folder, _ = prepare(work)
     kernels.set_mode("auto")

@@ -38,6 +38,7 @@ from mlxlab.training.step import make_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from benchmarks.common import add_smoke  # noqa: E402
 from benchmarks.speed.bench_lora import BATCH, SEQ, prepare  # noqa: E402
 
 LORA = {"rank": 8, "alpha": 16.0, "targets": ["query", "key", "value", "out"]}
@@ -98,7 +99,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--work", default=None)
+    add_smoke(p)
     args = p.parse_args()
+    if args.smoke:  # every variant once, the compiling step and one more
+        args.rounds, args.steps = 1, 1
     folder, _ = prepare(Path(args.work or tempfile.mkdtemp(prefix="bench_mlx_lm_fused_")))
     config = json.loads((folder / "config.json").read_text())
     kernels.set_mode("auto")

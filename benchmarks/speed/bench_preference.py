@@ -55,7 +55,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import cpu_model  # noqa: E402
+from benchmarks.common import add_smoke, cpu_model, smoke_dir  # noqa: E402
 from benchmarks.parity.bench_chat import tiny_module  # noqa: E402
 
 LORA_VENV = Path(os.environ.get("MLXLORA_VENV", "/work/venvs/mlxlora"))
@@ -288,7 +288,11 @@ def main() -> None:
     parser.add_argument("--stock-steps", type=int, default=4)
     parser.add_argument("--stock-every", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # every variant, one round of 2 steps (its own model and pairs)
+        args.work, args.rounds, args.steps, args.every = smoke_dir("preference"), 1, 2, 2
+        args.stock_steps, args.stock_every = 2, 2
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:

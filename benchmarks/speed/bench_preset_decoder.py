@@ -39,7 +39,7 @@ from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.step import make_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import cpu_model  # noqa: E402
+from benchmarks.common import add_smoke, cpu_model  # noqa: E402
 
 PRESETS = {"nano": dict(dim=256, num_layers=4, num_heads=4),
            "small": dict(dim=512, num_layers=6, num_heads=8)}
@@ -93,7 +93,10 @@ def main() -> None:
     p.add_argument("--preset", choices=list(PRESETS), default="nano")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=6)
+    add_smoke(p)
     args = p.parse_args()
+    if args.smoke:
+        args.steps, args.rounds = 1, 1
     kernels.set_mode("auto")
     kernels.flush_denormals(True)
     mx.random.seed(0)

@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
-from benchmarks.common import cpu_model  # noqa: E402
+from benchmarks.common import add_smoke, cpu_model  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
 
 ARCHS = ("llama", "qwen3", "gemma3_text")
@@ -202,7 +202,7 @@ def layer_table(rounds: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("speed", "memory", "layer"))
+    p.add_argument("what", nargs="?", choices=("speed", "memory", "layer"))
     p.add_argument("--archs", default=",".join(ARCHS))
     p.add_argument("--tools", default="mlx-lm,mlx-lm+fast,mlxlab")
     p.add_argument("--precisions", default="float,4-bit")
@@ -210,7 +210,13 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=2, help="first steps left out (compiling)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--work", default=None)
+    add_smoke(p)
     args = p.parse_args()
+    if args.smoke:  # speed on llama: mlxlab float and 4-bit, mlx-lm's loop on the fast product
+        args.what, args.archs, args.tools, args.precisions = "speed", "llama", "mlx-lm+fast,mlxlab", "float,4-bit"
+        args.steps, args.skip, args.rounds = 1, 0, 1
+    if args.what is None:
+        p.error("the following arguments are required: what")
     if args.what == "layer":
         import mlxlab  # noqa: F401  (MLX on OpenBLAS)
 

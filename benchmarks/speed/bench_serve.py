@@ -37,6 +37,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["Once upon a time", "The little dog", "A girl named Lily", "In the big forest",
            "Tom had a red ball", "The sun was hot", "One day, a cat", "There was a boat",
@@ -157,7 +160,11 @@ def main() -> int:
                         help="also mlxlab serve with MLXLAB_BLAS=off (MLX's bundled BLAS)")
     parser.add_argument("--adapters", action="store_true",
                         help="two LoRA runs of the model, clients alternating between them")
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # 2 clients x 1 request, 4 tokens, a 1-layer model, one round per server
+        args.clients, args.requests, args.max_tokens, args.hidden, args.layers = 2, 1, 4, 64, 1
+        args.rounds, args.deadline = 1, 120
     if not 1 <= args.clients <= 16 or not 1 <= args.requests <= 32:
         parser.error("--clients 1..16 and --requests 1..32 (a bounded load)")
     import openai

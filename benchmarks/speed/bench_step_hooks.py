@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,9 @@ from mlxlab.tracking.base import NullTracker
 from mlxlab.training.optim import LRSchedule, build_optimizer, default_optimizer
 from mlxlab.training.plan import plan
 from mlxlab.training.step import make_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
 
 
 def setup(root: Path, overrides: list[str]):
@@ -131,17 +135,24 @@ def report(times: dict[str, list[float]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("feature", choices=["per_example", "analysis"])
+    parser.add_argument("feature", nargs="?", choices=["per_example", "analysis"])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("overrides", nargs="*", help="config overrides (model, data, trainer)")
+    add_smoke(parser)
     args = parser.parse_args()
+    if not args.feature and not args.smoke:
+        parser.error("the following arguments are required: feature")
+    features = ["per_example", "analysis"] if args.smoke else [args.feature]
+    if args.smoke:  # both features, 4 steps, an analysis every 2
+        args.steps, args.every = 4, 2
     mx.random.seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.feature == "per_example":
-            per_example(Path(tmp), args.steps, args.overrides)
-        else:
-            analysis(Path(tmp), args.steps, args.every, args.overrides)
+    for feature in features:
+        with tempfile.TemporaryDirectory() as tmp:
+            if feature == "per_example":
+                per_example(Path(tmp), args.steps, args.overrides)
+            else:
+                analysis(Path(tmp), args.steps, args.every, args.overrides)
 
 
 if __name__ == "__main__":

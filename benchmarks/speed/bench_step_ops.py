@@ -10,7 +10,9 @@ interleaved rounds (docs/benchmarks-history.md, issue 12 part 3b):
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 # isort: off
 import mlxlab  # noqa: F401  first: loads the fast BLAS before anything imports mlx.core
@@ -22,6 +24,9 @@ import mlx.utils
 from mlxlab import kernels
 from mlxlab.models.transformer import Transformer
 from mlxlab.runtime.blas import set_blas_threads
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
 
 
 def best_ms(fns: dict, args: tuple, rounds: int) -> dict[str, float]:
@@ -69,7 +74,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="OpenBLAS and kernel threads")
     parser.add_argument("--rounds", type=int, default=30)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds = 1
     set_blas_threads(args.threads)
     kernels.set_mode("on")
     kernels.extension().set_num_threads(args.threads)

@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -153,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-steps", type=int, help="logged steps, micro benchmark (5000)")
     parser.add_argument("--skip-sweeps", action="store_true", help="only the tracking overhead")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    add_smoke(parser)
     args = parser.parse_args(argv)
+    if args.smoke:  # --tiny, one sweep per worker count, 20 logged steps
+        args.tiny, args.repeats, args.log_steps = True, 1, 20
     steps = args.steps or (3 if args.tiny else 150)
     log_steps = args.log_steps or (200 if args.tiny else 5000)
 

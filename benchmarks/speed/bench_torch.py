@@ -22,13 +22,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import (
+from benchmarks.common import (  # noqa: E402
+    add_smoke,
     clock,
     foreign_libraries,
     load_batches,
     peak_rss_mb,
     reset_peak_rss,
     rss_mb,
+    save_batches,
+    smoke_dir,
 )
 
 
@@ -232,10 +235,31 @@ def worker_torch(spec: dict) -> dict:
     }
 
 
+def smoke_spec(folder: Path) -> Path:
+    """A spec of bench.py's shape without bench.py: a 1-layer decoder, 3 steps of random ids."""
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, 64, (2, 17)) for _ in range(3)]
+    save_batches(folder / "batches.npz", [
+        {"input_ids": i[:, :-1], "labels": i[:, 1:], "loss_mask": np.ones((2, 16), np.float32)}
+        for i in ids])
+    spec = {"threads": 1, "warmup": 1, "batches": str(folder / "batches.npz"),
+            "result": str(folder / "result.json"),
+            "reference": {"meta": {"task": "lm", "vocab_size": 64, "num_labels": None},
+                          "trainer": {"learning_rate": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0},
+                          "model_cfg": {"dim": 32, "num_layers": 1, "num_heads": 2}}}
+    (folder / "spec.json").write_text(json.dumps(spec))
+    return folder / "spec.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", required=True, help="the JSON spec bench.py writes")
+    parser.add_argument("--spec", help="the JSON spec bench.py writes")
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.spec = str(smoke_spec(smoke_dir("bench_torch")))
+    if not args.spec:
+        parser.error("--spec is required")
     spec = json.loads(Path(args.spec).read_text())
     result = worker_torch(spec)
     leaked = foreign_libraries() + [m for m in ("mlxlab", "mlx.core") if m in sys.modules]

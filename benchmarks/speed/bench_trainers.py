@@ -40,6 +40,9 @@ from mlxlab.training.optim import build_optimizer
 from mlxlab.training.plan import fit_batch_to_memory
 from mlxlab.training.step import make_step, with_precision
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+
 CASES = {
     "titanic_bert": ["experiment=titanic_bert"],
     "tinystories_nano": ["experiment=tinystories_nano"],
@@ -164,7 +167,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--root", type=Path, default=Path("/tmp/bench_trainers"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every case")
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # every case and trainer, 1 + 2 steps, one round
+        args.warmup, args.steps, args.rounds, args.root = 1, 2, 1, smoke_dir("trainers")
     args.root = args.root.resolve()
     print(f"mlx {mx.__version__}, backend {device.backend()}")
     rows = []

@@ -43,6 +43,7 @@ from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.step import make_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
 from benchmarks.speed.bench_lora import BATCH, RANK, SEQ, prepare  # noqa: E402
 
 
@@ -150,7 +151,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--work", default=None)
+    add_smoke(p)
     args = p.parse_args()
+    if args.smoke:
+        args.rounds = 1
     work = Path(args.work or tempfile.mkdtemp(prefix="profile_lora_"))
     folder, _ = prepare(work)
     kernels.set_mode("auto")

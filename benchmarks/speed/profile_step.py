@@ -17,8 +17,10 @@ before runtime/memory.py). Under `perf`, the first variant then runs --steps mor
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 # isort: off
 import mlxlab  # noqa: F401  first: loads the fast BLAS before anything imports mlx.core
@@ -33,6 +35,9 @@ from mlxlab.runtime.memory import keep_freed_memory
 from mlxlab.training.optim import build_optimizer, default_optimizer
 from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.step import make_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
 
 
 def build_step(variant: str, threads: int, batch: dict):
@@ -62,11 +67,16 @@ def quantile(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", help="comma-separated: off, on, on-OP+OP")
+    parser.add_argument("variants", nargs="?", help="comma-separated: off, on, on-OP+OP")
     parser.add_argument("--threads", type=int, default=1, help="OpenBLAS and kernel threads")
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--steps", type=int, default=0, help="then this many steps of the first")
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # the kernels off and on, one step each
+        args.variants, args.rounds, args.steps = "off,on", 1, 1
+    if not args.variants:
+        parser.error("the following arguments are required: variants")
     set_blas_threads(args.threads)
     keep_freed_memory()  # as the loop does (MLXLAB_MALLOC=default: glibc's own behaviour)
     ids = mx.random.randint(0, 3776, (16, 129))

@@ -23,6 +23,7 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import foreign_libraries, load_batches  # noqa: E402
+from benchmarks.common import add_smoke, foreign_libraries, load_batches, smoke_dir  # noqa: E402
 from benchmarks.speed.bench_torch import torch_models  # noqa: E402
 
 
@@ -49,9 +50,16 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="the folder bench_default_run.py writes")
+    parser.add_argument("--data", help="the folder bench_default_run.py writes")
     parser.add_argument("--threads", type=int, default=2)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # one epoch, its batches dumped by bench_default_run.py in its own process
+        args.data = str(smoke_dir("torch_bert_run"))
+        subprocess.run([sys.executable, str(Path(__file__).with_name("bench_default_run.py")),
+                        "--dump", args.data, "--epochs=1"], check=True, capture_output=True)
+    if not args.data:
+        parser.error("--data is required")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     folder = Path(args.data)
