@@ -124,6 +124,15 @@ def final_metrics(run_dir: Path) -> dict[str, float]:
     return {k: v[-1][1] for k, v in history.items() if k.startswith("val/")}
 
 
+def scratch_of(student: list[str]) -> list[str]:
+    """The same student without distillation: objective=supervised, and the keys a distill_*
+    experiment sets on its objective (alpha, temperature) deleted: the plain objective takes
+    neither."""
+    own = any(o.startswith("experiment=distill_") for o in student)
+    return [*student, "objective=supervised",
+            *(["~objective.alpha", "~objective.temperature"] if own else [])]
+
+
 def run(root: Path, out: Path, overrides: list[str]) -> dict:
     start = time.perf_counter()
     best = train(compose_cfg(root, out, overrides))
@@ -157,7 +166,7 @@ def bench_task(name: str, spec: dict, seeds: list[int], root: Path, args) -> lis
                 *student, *knobs, f"objective.teachers=[{{run: '{teacher_dir}'}}]",
                 f"objective.loss={loss}", f"objective.kl_scale={scale}"])
             rows.append({"task": name, "seed": seed, "who": who, **distilled})
-        scratch = run(root, base / "scratch", [*student, "objective=supervised"])
+        scratch = run(root, base / "scratch", scratch_of(student))
         rows.append({"task": name, "seed": seed, "who": "scratch", **scratch})
         print_rows(rows[-(len(forms) + 2):], name, seed, spec["metric"], width=13)
     return rows
@@ -191,7 +200,7 @@ def bench_rounds(name: str, spec: dict, seeds: list[int], root: Path, args) -> l
             *student, "objective.teacher_weights=learned",
             f"objective.teachers=[{{run: '{teacher_dir}'}},{{run: '{round1}'}}]"])
         rows.append({"task": name, "seed": seed, "who": "round 2 ens", **ensemble})
-        scratch = run(root, base / "scratch", [*student, "objective=supervised"])
+        scratch = run(root, base / "scratch", scratch_of(student))
         rows.append({"task": name, "seed": seed, "who": "scratch", **scratch})
         print_rows(rows[-4:], name, seed, spec["metric"], width=11)
     return rows
