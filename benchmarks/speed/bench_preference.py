@@ -290,9 +290,13 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     add_smoke(parser)
     args = parser.parse_args()
-    if args.smoke:  # every variant, one round of 2 steps (its own model and pairs)
-        args.work, args.rounds, args.steps, args.every = smoke_dir("preference"), 1, 2, 2
-        args.stock_steps, args.stock_every = 2, 2
+    if args.smoke:  # every variant, one round of 4 steps logged every 2 (the first line is left
+        # out of the speed), its own model and pairs; mlx-lm-lora's two where its venv is there
+        args.work, args.rounds, args.steps, args.every = smoke_dir("preference"), 1, 4, 2
+        args.stock_steps, args.stock_every = 4, 2
+        if not (LORA_VENV / "bin" / "python").exists():
+            print(f"{LORA_VENV}: no mlx-lm-lora venv, its variants skipped", flush=True)
+            args.variants = "mlxlab,cached"
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
