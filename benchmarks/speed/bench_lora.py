@@ -274,8 +274,10 @@ def main() -> None:
     )
     add_smoke(p)
     args = p.parse_args()
-    if args.smoke:  # long rows, every tool, 2 steps, one round
+    if args.smoke:  # long rows, 2 steps, one round; mlx-lm on mlxlab's OpenBLAS (the stock BLAS
+        # runs the same code ~10x slower: minutes a step here)
         args.rows, args.steps, args.skip, args.rounds = "long", 2, 0, 1
+        args.tools = "mlxlab,mlx-lm-openblas"
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_lora_"))
     model, data = prepare(work, args.init_std)
     tools = args.tools.split(",")
