@@ -1,4 +1,4 @@
-"""Audit src/mlxlab against four house rules (docs/architecture.md, "House rules, measured"):
+"""Audit src/mlxlab against four house rules:
 
 1. no function longer than MAX_LINES lines (its `def` line to its last line);
 2. no `__init__` with more than MAX_ARGS arguments (self not counted; a settings dataclass has
@@ -12,11 +12,10 @@
    objective (`settings.distill`), no comparison with an objective's name (`task ==
    "preference"`). What differs between objectives belongs to the Objective (objectives/base.py).
 
-The allowed exceptions live in one place, the table under that heading in docs/architecture.md,
-each with its reason: this script reads them from there, so the docs and the check cannot
-disagree. Prints the three lists (plus the two-argument getattr calls, dispatch by name, for
-the record) and exits 1 when something breaks a rule without a row in the table; a row that
-matches nothing is reported as stale (exit 0: remove it).
+The allowed exceptions live in one place, pyproject.toml's `[[tool.mlxlab.audit.allow]]` rows
+(kind, where, what, why): a row without its reason is refused. Prints the three lists (plus the
+two-argument getattr calls, dispatch by name, for the record) and exits 1 when something breaks a
+rule without a row; a row that matches nothing is reported as stale (exit 0: remove it).
 
     python scripts/audit_house.py [--root <repository>]
 """
@@ -29,9 +28,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
+    import tomli as tomllib
+
 MAX_LINES = 80
 MAX_ARGS = 12
-HEADING = "## House rules, measured"
+TABLE = "[[tool.mlxlab.audit.allow]]"  # in pyproject.toml
 KINDS = ("long function", "constructor", "probe", "objective branch")
 # Rule 4: the modules that never ask which objective runs, and what asking looks like.
 OBJECTIVE_BLIND = ("training/loop.py", "training/step.py", "training/plan.py",
@@ -158,18 +162,20 @@ def audit(package: Path) -> list[Finding]:
     return found
 
 
-def allowed(docs: Path) -> dict[tuple[str, str, str], str]:
-    """(kind, path, what) -> why, from the table under HEADING: `| kind | `path` | `what` | why |`."""
-    text = docs.read_text()
-    if HEADING not in text:
-        raise SystemExit(f"{docs} has no '{HEADING}' section: the allowlist lives there")
-    rows = {}
-    for line in text.split(HEADING, 1)[1].split("\n## ", 1)[0].splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 4 and cells[0] in KINDS:
-            kind, path, what = cells[0], cells[1].strip("`"), cells[2].strip("`")
-            rows[(kind, path, what)] = " | ".join(cells[3:])
-    return rows
+def allowed(pyproject: Path) -> dict[tuple[str, str, str], str]:
+    """(kind, where, what) -> why, from pyproject.toml's TABLE rows; a malformed row exits 2."""
+    if not pyproject.is_file():
+        raise SystemExit(f"{pyproject} not found: --root names the repository")
+    rows = tomllib.loads(pyproject.read_text()).get("tool", {}).get("mlxlab", {}).get("audit", {})
+    allow = {}
+    for n, row in enumerate(rows.get("allow", []), 1):
+        cells = [str(row.get(key, "")).strip() for key in ("kind", "where", "what", "why")]
+        if cells[0] not in KINDS or not all(cells):
+            print(f"{pyproject}: {TABLE} row {n} needs kind (one of {', '.join(KINDS)}), where, "
+                  f"what and why: {row}", file=sys.stderr)
+            raise SystemExit(2)
+        allow[tuple(cells[:3])] = cells[3]
+    return allow
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the repository (default: this script's)")
     args = parser.parse_args(argv)
     found = audit(args.root / "src" / "mlxlab")
-    allow = allowed(args.root / "docs" / "architecture.md")
+    allow = allowed(args.root / "pyproject.toml")
     breaches = []
     titles = {"long function": f"functions over {MAX_LINES} lines",
               "constructor": f"__init__ with over {MAX_ARGS} arguments",
@@ -198,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind, path, what in stale:
         print(f"stale allowlist row (matches nothing; remove it): {kind} | {path} | {what}")
     if breaches:
-        print(f"{len(breaches)} breach(es): fix them, or add a row with the reason under "
-              f"'{HEADING}' in docs/architecture.md", file=sys.stderr)
+        print(f"{len(breaches)} breach(es): fix them, or add a {TABLE} row with the reason to "
+              "pyproject.toml", file=sys.stderr)
         return 1
     return 0
 

@@ -17,7 +17,7 @@ instruction-tuned checkpoints do): end tokens on no fixed list.
 
 Needs transformers and torch (the dev extra); `--no-torch` writes a Llama with MLX and
 tokenizers only (`save_tiny_llama_without_torch`), for a machine without PyTorch (a GPU box
-with the CUDA MLX wheels alone: benchmarks/bench_gpu.py).
+with the CUDA MLX wheels alone: benchmarks/speed/bench_gpu.py).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""scripts/audit_house.py: the house rules (long functions, big constructors, attribute probes)
-hold for src/mlxlab with the exceptions docs/architecture.md lists, and a new breach fails."""
+"""scripts/audit_house.py: the house rules (long functions, big constructors, attribute probes,
+branches on the objective) hold for src/mlxlab with the exceptions pyproject.toml lists
+([[tool.mlxlab.audit.allow]]), and a new breach fails."""
 
 from __future__ import annotations
 
 import shutil
+import json
 import subprocess
 from pathlib import Path
 
@@ -11,6 +13,14 @@ from conftest import PYTHON
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "audit_house.py"
+
+
+def allow(*rows: tuple[str, str, str, str]) -> str:
+    """pyproject.toml text with these (kind, where, what, why) rows."""
+    return "[project]\nname = 'x'\n" + "".join(
+        "\n[[tool.mlxlab.audit.allow]]\n" + "".join(
+            f"{key} = {json.dumps(value)}\n" for key, value in zip(("kind", "where", "what", "why"), row))
+        for row in rows)
 
 
 def audit(root: Path) -> subprocess.CompletedProcess:
@@ -32,7 +42,7 @@ def test_the_package_keeps_the_house_rules():
         assert gone not in out.stdout, gone
 
 
-def test_a_new_breach_fails_until_the_docs_give_its_reason(tmp_path):
+def test_a_new_breach_fails_until_pyproject_gives_its_reason(tmp_path):
     package = tmp_path / "src" / "mlxlab"
     package.mkdir(parents=True)
     body = "\n".join(f"    x{i} = {i}" for i in range(85))
@@ -41,24 +51,27 @@ def test_a_new_breach_fails_until_the_docs_give_its_reason(tmp_path):
         "    def __init__(self, " + ", ".join(f"a{i}" for i in range(13)) + "):\n"
         "        pass\n\n\n"
         f"def long(data):\n{body}\n    return hasattr(data, 'tokenizer')\n")
-    docs = tmp_path / "docs" / "architecture.md"
-    docs.parent.mkdir()
-    table = "## House rules, measured\n\n| kind | where | what | why |\n|---|---|---|---|\n"
-    docs.write_text(table)
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(allow())
     out = audit(tmp_path)
     assert out.returncode == 1
     breaches = [line.split() for line in out.stdout.splitlines() if "BREACH" in line]
     assert [b[1:3] for b in breaches] == [["room.py:6", "long"], ["room.py:2", "Big.__init__"],
                                           ["room.py:92", "hasattr(data,"]]
-    assert "add a row with the reason" in out.stderr
+    assert "row with the reason to pyproject.toml" in out.stderr
 
-    docs.write_text(table + "| long function | `room.py` | `long` | a test |\n"
-                    "| constructor | `room.py` | `Big.__init__` | a test |\n"
-                    "| probe | `room.py` | `hasattr(data, 'tokenizer')` | a test |\n"
-                    "| probe | `gone.py` | `hasattr(x, 'y')` | removed since |\n")
+    rows = [("long function", "room.py", "long", "a test"),
+            ("constructor", "room.py", "Big.__init__", "a test"),
+            ("probe", "room.py", "hasattr(data, 'tokenizer')", "a test"),
+            ("probe", "gone.py", "hasattr(x, 'y')", "removed since")]
+    pyproject.write_text(allow(*rows))
     out = audit(tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "stale allowlist row (matches nothing; remove it): probe | gone.py" in out.stdout
+
+    pyproject.write_text(allow(*rows[:2], ("probe", "room.py", "hasattr(data, 'tokenizer')", "")))
+    out = audit(tmp_path)  # a row without its reason allows nothing
+    assert out.returncode == 2 and "row 3 needs kind" in out.stderr, out.stdout + out.stderr
 
 
 def test_a_loop_that_asks_which_objective_runs_fails(tmp_path):
@@ -83,9 +96,7 @@ def test_a_loop_that_asks_which_objective_runs_fails(tmp_path):
     (package / "objectives" / "preference.py").write_text(branches)  # its own room: allowed
     # the objectives' names come from their conf/objective/ files
     shutil.copytree(ROOT / "conf" / "objective", tmp_path / "conf" / "objective")
-    docs = tmp_path / "docs" / "architecture.md"
-    docs.parent.mkdir()
-    docs.write_text("## House rules, measured\n\n| kind | where | what | why |\n|---|---|---|---|\n")
+    (tmp_path / "pyproject.toml").write_text(allow())
     out = audit(tmp_path)
     assert out.returncode == 1
     breaches = [line.split(None, 2)[1:] for line in out.stdout.splitlines() if "BREACH" in line]

@@ -1,4 +1,4 @@
-"""benchmarks/bench.py stays runnable: a quick two-round run on the small BERT writes a well-formed
+"""benchmarks/speed/bench.py stays runnable: a quick two-round run on the small BERT writes a well-formed
 report between its markers and replaces it on the next run. Speed is not asserted here (that is
 what the benchmark itself reports); the figures must only be real numbers from real workers."""
 
@@ -17,7 +17,7 @@ END = "<!-- benchmarks/bench.py threads=1: end -->"
 
 def run_bench(out, *extra):
     done = subprocess.run(
-        [PYTHON, str(REPO / "benchmarks" / "bench.py"), "--quick", "--models", "bert", "--no-torch",
+        [PYTHON, str(REPO / "benchmarks" / "speed" / "bench.py"), "--quick", "--models", "bert", "--no-torch",
          "--threads", "1", "--repeats", "2", "--variants", "replay", "--write", "--out", str(out),
          *extra],
         capture_output=True, text=True, timeout=600,
@@ -56,8 +56,8 @@ def test_quick_bench_writes_its_section_and_replaces_it(tmp_path):
 def test_pytorch_ratios_are_withheld_when_the_baseline_disagrees_with_plain_pytorch():
     import sys
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench
+    sys.path.insert(0, str(REPO))
+    from benchmarks.speed import bench
 
     fair = bench.baseline_check("nano", rows=[6300.0, 6500.0], plain=[6400.0, 6350.0])
     slowed = bench.baseline_check("nano", rows=[1725.0, 1700.0], plain=[6410.0, 6300.0])  # issue 12

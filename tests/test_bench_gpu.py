@@ -1,4 +1,4 @@
-"""benchmarks/bench_gpu.py --dry-run: the GPU window's one command runs its whole path on the
+"""benchmarks/speed/bench_gpu.py --dry-run: the GPU window's one command runs its whole path on the
 CPU with tiny settings (every part: GEMM, the LM presets at fp32 and bf16 through mlxlab's
 step, the PyTorch twin eager and compiled, the default experiment, LoRA on a Llama written
 without PyTorch, `pytest -m gpu`), so a window is never spent on a broken script."""
@@ -15,7 +15,7 @@ from conftest import PYTHON, REPO
 
 @pytest.mark.slow  # ~30 s of subprocesses for a script only a GPU window runs
 def test_bench_gpu_dry_run_runs_every_part(tmp_path):
-    out = subprocess.run([PYTHON, str(REPO / "benchmarks" / "bench_gpu.py"), "--dry-run",
+    out = subprocess.run([PYTHON, str(REPO / "benchmarks" / "speed" / "bench_gpu.py"), "--dry-run",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads((tmp_path / "bench_gpu.json").read_text())

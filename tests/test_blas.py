@@ -255,7 +255,7 @@ def test_torch_keeps_its_own_blas_next_to_mlxlab(order):
 
 @pytest.mark.slow
 def test_torch_training_speed_is_the_same_with_and_without_mlxlab():
-    """A real PyTorch decoder training step (benchmarks/torch_plain.py) in a process that imports
+    """A real PyTorch decoder training step (benchmarks/speed/torch_plain.py) in a process that imports
     mlxlab (either order, and runs an MLX matmul) vs one that does not: interleaved rounds,
     median tokens/s within noise. Before the fix: 3.7x slower on a Xeon (issue 12)."""
     pytest.importorskip("torch")
@@ -263,7 +263,7 @@ def test_torch_training_speed_is_the_same_with_and_without_mlxlab():
 
     run = (
         "import runpy, sys\nsys.argv = ['torch_plain.py', *sys.argv[1:]]\n"
-        f"runpy.run_path({str(REPO / 'benchmarks' / 'torch_plain.py')!r}, run_name='__main__')\n"
+        f"runpy.run_path({str(REPO / 'benchmarks' / 'speed' / 'torch_plain.py')!r}, run_name='__main__')\n"
     )
     mlx = "import mlx.core as mx\nmx.eval(mx.random.normal((256, 256)) @ mx.random.normal((256, 256)))\n"
     preludes = {"plain": "", **{k: v + mlx for k, v in ORDERS.items()}}

@@ -184,7 +184,7 @@ def test_each_rank_tokenizes_only_its_lane_of_the_stream(tmp_path, cli_env):
                                              for _ in range(12)) for i in range(60)]
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py"
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "speed" / "bench_distributed.py"
     port = str(random.randint(20000, 60000))
     done = subprocess.run([str(BIN / "mlx.launch"), "-n", "2", "-p", port, "--", PYTHON, str(bench),
                            "--lanes-worker", "lanes", str(data), "258", "--record"],

@@ -356,7 +356,7 @@ def test_paired_scores_match_counts_and_continuous_bootstrap():
 
 @pytest.mark.slow
 def test_acc_and_acc_norm_equal_lm_eval_harness(tmp_path):
-    """benchmarks/bench_eval_tasks.py: a 100-question task scored by mlxlab and by lm-eval 0.4's
+    """benchmarks/parity/bench_eval_tasks.py: a 100-question task scored by mlxlab and by lm-eval 0.4's
     `hf` model on the same folder; acc and acc_norm agree on every example (exit 0)."""
     pytest.importorskip("lm_eval")
     import importlib.util
@@ -364,7 +364,7 @@ def test_acc_and_acc_norm_equal_lm_eval_harness(tmp_path):
     from conftest import REPO
 
     spec = importlib.util.spec_from_file_location(
-        "bench_eval_tasks", REPO / "benchmarks" / "bench_eval_tasks.py")
+        "bench_eval_tasks", REPO / "benchmarks" / "parity" / "bench_eval_tasks.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.main(["--out", str(tmp_path)]) == 0

@@ -5,7 +5,7 @@ Checked against independent readers, never against our own writer: transformers'
 model the file came from; MLX's own GGUF reader (`mx.load`) gives each quantized tensor as the
 `gguf` package dequantizes it; transformers' GGUF tokenizer encodes text to the ids of the
 model's own tokenizer. llama.cpp itself (llama-cpp-python) scores an export in
-benchmarks/bench_gguf.py (a source build: minutes, not the default run).
+benchmarks/parity/bench_gguf.py (a source build: minutes, not the default run).
 """
 
 from __future__ import annotations

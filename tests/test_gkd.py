@@ -384,7 +384,7 @@ def test_a_sigkilled_gkd_run_resumes_bitwise(tiny, tmp_path, cli_env):
 
 @pytest.mark.slow  # ~3 min on 2 loaded cores: two SFTs, two evaluations, four short GKD runs
 def test_the_on_off_policy_benchmark_runs_end_to_end(tmp_path):
-    """benchmarks/bench_gkd_learning.py --smoke: the teacher and student runs, their exports, a
+    """benchmarks/quality/bench_gkd_learning.py --smoke: the teacher and student runs, their exports, a
     sweep of lmbda = 0 and 1 over two seeds, and `mlxlab runs compare latest:g1 latest:g2`
     pairing the two arms over the 200 held-out prompts."""
     import subprocess
@@ -393,7 +393,7 @@ def test_the_on_off_policy_benchmark_runs_end_to_end(tmp_path):
     from conftest import REPO
 
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gkd_learning.py"),
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality" / "bench_gkd_learning.py"),
                            "--smoke", "--out", str(out)], capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

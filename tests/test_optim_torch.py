@@ -27,9 +27,9 @@ from mlxlab.training.optim import LRSchedule, build_optimizer
 from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.step import make_step
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_lm_twin import torch_warmup_cosine  # noqa: E402
-from bench_torch import torch_models  # noqa: E402  (the PyTorch twin of mlxlab's decoder)
+sys.path.insert(0, str(REPO))
+from benchmarks.quality.bench_lm_twin import torch_warmup_cosine  # noqa: E402
+from benchmarks.speed.bench_torch import torch_models  # noqa: E402  (the PyTorch twin of mlxlab's decoder)
 
 LR, WD, WARMUP, TOTAL, MIN_RATIO = 1e-3, 0.01, 3, 10, 0.1
 

@@ -1,4 +1,4 @@
-"""benchmarks/real_model_finetune.py: the date task it teaches SmolLM2-135M-Instruct, the base
+"""benchmarks/quality/real_model_finetune.py: the date task it teaches SmolLM2-135M-Instruct, the base
 model scored from its GGUF by `mlxlab eval`, and the whole pipeline (the smoke run on a tiny
 random llama; the full run on the real model, slow)."""
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))
 
-import real_model_finetune as bench  # noqa: E402
+from benchmarks.quality import real_model_finetune as bench  # noqa: E402
 
 WORDS = {bench.ordinal(d): d for d in range(1, 32)}
 

@@ -259,7 +259,7 @@ def test_a_failed_or_empty_sweep_is_never_latest(grid_with_a_failing_job, capsys
 
 def bench_module():
     spec = importlib.util.spec_from_file_location(
-        "bench_parallel_start", REPO / "benchmarks" / "bench_parallel_start.py"
+        "bench_parallel_start", REPO / "benchmarks" / "faults" / "bench_parallel_start.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

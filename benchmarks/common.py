@@ -1,0 +1,177 @@
+"""What the benchmark scripts share: clocks, memory, saved batches, the CPU's name, the markers a
+`--write` replaces, running mlxlab's commands. Standard library and numpy only: the PyTorch
+processes (speed/bench_torch.py, speed/torch_bert_run.py) import this module and must never import
+mlxlab, MLX or the OpenBLAS that mlxlab loads (with them loaded PyTorch runs 3.7x slower)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# The page whose `<!-- marker: begin/end -->` pairs a script's `--write` fills: the history page,
+# since docs/benchmarks.md keeps only the current figures in compact tables (issue 55).
+TABLES_PAGE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-history.md"
+
+# Libraries that only mlxlab/MLX put into a process; a baseline process must map none of them.
+FOREIGN_LIBRARIES = ("libopenblasp", "libscipy_openblas.so", "libmlx.so", "mlx_cpu.libs")
+
+
+def clock() -> tuple[float, float]:
+    """(wall, CPU) seconds now; CPU = all threads of this process, steadier on a busy machine."""
+    return time.perf_counter(), time.process_time()
+
+
+def _status_kb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):  # 5 = reset VmHWM to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    return _status_kb("VmHWM") / 1024
+
+
+def save_batches(path: Path, batches: list[dict]) -> None:
+    arrays = {f"{i:05d}/{k}": np.array(v) for i, b in enumerate(batches) for k, v in b.items()}
+    np.savez(path, **arrays)
+
+
+def load_batches(path: Path) -> list[dict[str, np.ndarray]]:
+    with np.load(path) as f:
+        out: dict[int, dict] = {}
+        for key in f.files:
+            i, name = key.split("/")
+            out.setdefault(int(i), {})[name] = f[key]
+    return [out[i] for i in sorted(out)]
+
+
+def foreign_libraries() -> list[str]:
+    """Mapped files of this process that a clean baseline must not have (mlxlab's BLAS, MLX)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    found = {line.split()[-1] for line in maps.splitlines() if any(n in line for n in FOREIGN_LIBRARIES)}
+    return sorted(found)
+
+
+def cpu_model() -> str:
+    """The CPU's model name, core count and widest vector ISA: every figure says which CPU it
+    came from (OpenBLAS picks its GEMM kernels by CPU, so last bits and speeds differ by CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                 platform.machine())
+    flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return f"{model} x{os.cpu_count()}" + (f" ({isa})" if isa else "")
+
+
+def write_between_markers(path: Path, marker: str, body: str, title: str) -> None:
+    """Put `body` into the markdown file `path` between `<!-- {marker}: begin/end -->` (so the
+    prose around it stays), or append it under `title` when the markers are not there yet."""
+    begin, end = f"<!-- {marker}: begin -->", f"<!-- {marker}: end -->"
+    section = f"{begin}\n{body}\n{end}\n"
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text += ("\n" if text and not text.endswith("\n\n") else "") + f"{title}\n\n{section}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def run_with_peak_rss(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float]:
+    """subprocess.run(cmd, capture_output=True, text=True, **kwargs) and the child's peak
+    resident memory in MB (its ru_maxrss from wait4: the child's own, not this process's)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **kwargs)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    return done, usage.ru_maxrss / 1024
+
+
+def run_logged(args: list[str], env: dict, log: Path) -> tuple[str, float]:
+    """Run a command in env["MLXLAB_ROOT"], its output kept in `log`: (the output, wall
+    seconds); a failure exits the benchmark naming the log."""
+    import sys
+
+    started = time.perf_counter()
+    proc = subprocess.run(args, env=env, cwd=env["MLXLAB_ROOT"], capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        sys.exit(f"{' '.join(args[:4])} ... failed ({proc.returncode}); see {log}")
+    return proc.stdout + proc.stderr, time.perf_counter() - started
+
+
+def mlxlab_cli(*args: str) -> list[str]:
+    """`mlxlab ARGS` in this interpreter."""
+    import sys
+
+    return [sys.executable, "-m", "mlxlab.cli.main", *args]
+
+
+def train_cli(*args: str) -> list[str]:
+    """`mlxlab-train ARGS` in this interpreter."""
+    import sys
+
+    return [sys.executable, "-m", "mlxlab.train", *args]
+
+
+def line_value(out: str, prefix: str) -> str:
+    """The rest of the first line of `out` that starts with `prefix`."""
+    return next(line for line in out.splitlines() if line.startswith(prefix))[len(prefix):].strip()
+
+
+def write_results(out: Path, results: dict, compare: str, shown: str,
+                  times: dict[str, float]) -> None:
+    """results.json under `out` (with `compare`'s JSON), then the results, `shown` (a table's
+    tail) and each stage's wall time printed."""
+    import json
+
+    results = {**results, "wall_s": times,
+               "compare": compare[compare.index("{"):] if "{" in compare else compare}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "compare"}, indent=2))
+    print(shown[-4000:])
+    print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+
+
+def add_smoke(parser: argparse.ArgumentParser) -> None:
+    """`--smoke`: the smallest run through the script's code path (tiny sizes, one or two steps,
+    one round, the heavy or networked reference skipped), in seconds; its figures mean nothing.
+    tests/test_benchmarks_smoke.py runs every script's, so none can rot unseen."""
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest run through this script's code path; figures mean nothing")
+
+
+def smoke_dir(name: str) -> Path:
+    """A fresh temporary folder for a smoke run's files (never the docs or a shared /tmp path)."""
+    return Path(tempfile.mkdtemp(prefix=f"{name}_smoke_"))
+
+# Hydra overrides that cut a training run to a smoke's size: 4 steps, evaluated twice.
+SMOKE_RUN = ("trainer.max_steps=4", "trainer.eval_every_steps=2", "callbacks.progress.enabled=false")

@@ -1,0 +1,1 @@
+"""What survives a kill: a search, a grid, searches started together."""

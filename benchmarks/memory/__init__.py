@@ -1,0 +1,1 @@
+"""How much memory, and what a run does when it runs out."""

@@ -1,0 +1,1 @@
+"""The same result as a reference implementation: the same text, ids, scores or tokens."""

@@ -1,0 +1,119 @@
+"""What does rendering chats with mlxlab's renderer cost beside transformers' apply_chat_template,
+and do they agree on every chat (issue 49)?
+
+    python benchmarks/parity/bench_chat.py [--rounds 3] [--chats 200]
+
+For each template style (ChatML, Llama-3, Qwen2.5 as in scripts/tiny_hf_model.py, each in a tiny
+tokenizer folder written by transformers) and the shipped chats (assets/tinystories/chats.jsonl):
+- mlxlab: `encode_chats` (text, ids and the assistant mask, found turn by turn: three more renders
+  per assistant turn);
+- transformers: `apply_chat_template(..., return_dict=True)` chat by chat (ids, no mask: its
+  mask needs {% generation %} tags these templates lack; the text is compared untimed), and,
+  for ChatML, with
+  `return_assistant_tokens_mask=True` on the same template tagged, the mask mlxlab matches.
+Both run in this one process, alternating, `--rounds` times; the table gives the median seconds
+per 1,000 chats and the ratio, and counts the chats whose text, ids (and ChatML's mask) agree.
+Wall times on a shared machine: read the ratio, measured at the same moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlxlab  # noqa: F401  (first: the fast BLAS, as every benchmark)
+from mlxlab.config import asset_path
+from mlxlab.data.chat import encode_chats, load_chat_template
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke, cpu_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+STYLES = ("chatml", "llama3", "qwen2.5")
+
+
+def tiny_module():
+    spec = importlib.util.spec_from_file_location("tiny_hf_model",
+                                                  REPO / "scripts" / "tiny_hf_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tagged_chatml() -> str:
+    """ChatML with each reply and its <|im_end|> in {% generation %} tags."""
+    return ("{% for message in messages %}{% if message['role'] == 'assistant' %}"
+            "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + "
+            "'<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{% else %}{{ '<|im_start|>' + "
+            "message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+            "{% endfor %}")
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def measure(style: str, folder: Path, chats: list[dict], rounds: int) -> str:
+    """One table row: median seconds per 1,000 chats each way, and the agreement counts."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    template = load_chat_template(folder)
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    ours_s, theirs_s, masked_s = [], [], []
+    for _ in range(rounds):
+        t, ours = timed(lambda: encode_chats(tok, template, chats))
+        ours_s.append(t)
+        t, theirs = timed(lambda: [hf.apply_chat_template(c["messages"], return_dict=True)
+                                   ["input_ids"] for c in chats])
+        theirs_s.append(t)
+        if style == "chatml":
+            t, masks = timed(lambda: [hf.apply_chat_template(
+                c["messages"], chat_template=tagged_chatml(), return_dict=True,
+                return_assistant_tokens_mask=True)["assistant_masks"] for c in chats])
+            masked_s.append(t)
+    texts = [hf.apply_chat_template(c["messages"], tokenize=False) for c in chats]
+    same = sum(o.text == text and o.ids.tolist() == list(ids)
+               for o, text, ids in zip(ours, texts, theirs))
+    same_mask = masked = "-"
+    per = 1000 / len(chats)
+    if style == "chatml":
+        agree = sum(o.assistant_mask.astype(int).tolist() == m for o, m in zip(ours, masks))
+        same_mask, masked = f"{agree}/{len(chats)}", f"{statistics.median(masked_s) * per:.2f}"
+    ours_m, theirs_m = statistics.median(ours_s) * per, statistics.median(theirs_s) * per
+    return (f"| {style} | {ours_m:.2f} | {theirs_m:.2f} | {ours_m / theirs_m:.2f}x | {masked} | "
+            f"{same}/{len(chats)} | {same_mask} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chats", type=int, default=200)
+    add_smoke(parser)
+    args = parser.parse_args()
+    if args.smoke:  # 4 chats, one round, every style
+        args.rounds, args.chats = 1, 4
+    tiny = tiny_module()
+    lines = Path(asset_path("tinystories/chats.jsonl")).read_text().splitlines()[: args.chats]
+    chats = [json.loads(line) for line in lines]
+    print(f"CPU: {cpu_model()}; {len(chats)} chats, {args.rounds} rounds")
+    print("| template | mlxlab s / 1,000 chats (text, ids, mask) | transformers s / 1,000 (ids) "
+          "| ratio | transformers with its mask (tagged) | same text+ids | same mask |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as root:
+        for style in STYLES:
+            folder = tiny.save_chat_tokenizer(style, Path(root) / style)
+            print(measure(style, folder, chats, args.rounds))
+
+
+if __name__ == "__main__":
+    main()

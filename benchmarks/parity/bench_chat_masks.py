@@ -1,0 +1,72 @@
+"""Are the assistant masks right on the real chat templates (issue 54)? For each template of
+tests/chat_templates (in a tiny tokenizer folder of its model's style, tests/chat_fixtures.py) and
+the chat system + two exchanges, with and without tools: how many tokens mlxlab marks as the
+assistant's, how many the replies and their end-of-turn tokens written out by hand hold
+(tests/chat_fixtures.py REPLIES), and whether text and ids equal transformers'.
+
+    python benchmarks/parity/bench_chat_masks.py
+
+Runs against whichever mlxlab is on the path (PYTHONPATH=<checkout>/src), so one checkout's
+masks can be set beside another's. A refused chat prints its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import mlxlab  # noqa: F401  (first: the fast BLAS, as every benchmark)
+from mlxlab.data.chat import encode_chat, load_chat_template
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+from chat_fixtures import (  # noqa: E402
+    REPLIES,
+    STYLES,
+    SYSTEM,
+    TOOLS,
+    TURNS,
+    WITH_TOOLS,
+    base_tokenizer,
+    save_style,
+)
+
+sys.path.insert(0, str(REPO))  # benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_smoke(parser)  # the whole script is a smoke's size: --smoke runs it as it is
+    parser.parse_args()
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    root, base = Path(tempfile.mkdtemp()), base_tokenizer()
+    print("| template | chat | marked tokens | reply tokens (by hand) | right | same text+ids |")
+    print("|---|---|---:|---:|---|---|")
+    for style in STYLES:
+        folder = save_style(style, root / style, base)
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        hf = AutoTokenizer.from_pretrained(str(folder))
+        hand = sum(len(tok.encode(r, add_special_tokens=False).ids) for r in REPLIES[style])
+        chats = [("system + 2 turns", [SYSTEM, *TURNS], None)]
+        if style in WITH_TOOLS:
+            chats.append(("tools, no call", TURNS, TOOLS))
+        for name, messages, tools in chats:
+            try:
+                chat = encode_chat(tok, load_chat_template(folder), messages, tools=tools)
+            except Exception as e:  # noqa: BLE001 (a refusal is a result here)
+                print(f"| {style} | {name} | refused: {str(e)[:80]} | {hand} | - | - |")
+                continue
+            ids = hf.apply_chat_template(messages, tools=tools, return_dict=True)["input_ids"]
+            text = hf.apply_chat_template(messages, tools=tools, tokenize=False)
+            marked = int(chat.assistant_mask.sum())
+            same = chat.text == text and chat.ids.tolist() == list(ids)
+            print(f"| {style} | {name} | {marked} | {hand} | {marked == hand} | {same} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Does on-policy distillation (GKD, lmbda = 1) teach a student more than off-policy
+distillation (lmbda = 0) from the same teacher, proven over seeds? (objective=gkd)
+
+The task: copy four digits into an answer format, "4719=" -> "[4719]" (assets/copy_format/: 800
+prompts with their answers to train on, 200 held out, every string unique). All through the CLI
+into one MLflow store:
+
+1. the teacher: a small decoder (dim 64, 2 layers, one token per character) trained from
+   scratch by mlxlab-train on the 800 prompts and their answers until it solves the held-out
+   prompts (the script stops if its held-out exact match is under 90 %), exported as a
+   transformers folder (mlxlab export);
+2. the student: a smaller decoder (dim 32, 2 layers) on the teacher's tokenizer, fine-tuned
+   on 2000 other strings copied without the brackets (300 steps), so it copies but does not write
+   the format; exported the same way, and scored on the held-out prompts;
+3. `mlxlab-train -m experiment=gkd_arithmetic` on the copy task, `objective.lmbda=0,1
+   replicates=6`: full fine-tuning of the student toward the teacher (300 steps at 1e-3),
+   off-policy (the dataset's answers) and on-policy (its own samples), six seeds each, each scoring the held-out prompts (greedy) at every evaluation.
+   The two arms see the same prompts in the same order per seed and train rows of one width
+   (the longest prompt + max_new_tokens), so the teacher runs on the same number of tokens;
+4. `mlxlab runs compare latest:g1 latest:g2`: held-out exact match per arm, the interval of
+   each mean, the paired tests of on-policy - off-policy over the seeds and over the 200 prompts
+   (docs/benchmarks.md: on-policy ahead on `contains`, not proven on exact match).
+
+Prints each stage's wall time and writes everything to --out/results.json. On a shared machine
+the wall times are loaded ones; the accuracies are not.
+
+    .venv/bin/python benchmarks/quality/bench_gkd_learning.py [--out /tmp/bench_gkd] [--replicates 6]
+        [--models-from <an earlier --out>]
+    .venv/bin/python benchmarks/quality/bench_gkd_learning.py --smoke   # ~3 minutes: the pipeline only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke, line_value, smoke_dir, write_results
+from benchmarks.common import mlxlab_cli as mlxlab
+from benchmarks.common import run_logged as run
+from benchmarks.common import train_cli as train
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = REPO / "src" / "mlxlab" / "assets" / "copy_format"
+
+
+def plain_copies(n: int, taken: set[str], seed: int = 1) -> list[dict]:
+    """`n` copies of fresh four-digit strings (none of the task's), without the brackets."""
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        s = "".join(rng.choice("0123456789") for _ in range(4))
+        if s not in taken:
+            taken.add(s)
+            rows.append({"prompt": f"{s}=", "completion": s})
+    return rows
+
+
+def scratch_model(dim: int, layers: int) -> list[str]:
+    return ["model=transformer", f"model.dim={dim}", f"model.num_layers={layers}",
+            "model.num_heads=4", "model.max_seq_len=32"]
+
+
+def held_out_score(run_dir: Path, env: dict, out: Path, name: str, uri: str
+                   ) -> tuple[float, str | None, float]:
+    """(exact match on the held-out prompts, the eval run's id, wall seconds)."""
+    text, wall = run(mlxlab("eval", str(run_dir), str(ASSETS / "heldout.jsonl"), "--tasks",
+                            "--max-new-tokens", "8", "--uri", uri, "--experiment", name,
+                            "--json"), env, out / f"{name}.log")
+    report, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
+    return (report["tasks"]["heldout"]["metrics"]["exact_match"]["value"], report.get("run_id"),
+            wall)
+
+
+def sft(name: str, rows: Path, model: list[str], steps: int, env: dict, out: Path,
+        *extra: str) -> tuple[Path, float]:
+    text, wall = run(train(
+        f"task_name={name}", *model, "data=completions", f"data.train_file={rows}",
+        "data.val_fraction=0.05", "data.max_length=16", "trainer.batch_size=32",
+        "trainer.max_epochs=null", f"trainer.max_steps={steps}",
+        f"trainer.eval_every_steps={steps}", "optimizer.learning_rate=3e-3",
+        "callbacks.progress.enabled=false", "optimized_metric=val/loss", "optimized_mode=min",
+        "seed=0", *extra), env, out / f"{name}.log")
+    return Path(line_value(text, "run dir:")), wall
+
+
+def teacher_and_student(a, env: dict, out: Path, uri: str, times: dict[str, float]
+                        ) -> tuple[Path, float, Path, float]:
+    """Stages 1 and 2: (the teacher's folder, its held-out exact match, the student's, its)."""
+    taken = {json.loads(x)["prompt"][:-1] for f in ("train", "heldout")
+             for x in (ASSETS / f"{f}.jsonl").read_text().splitlines()}
+    task_rows = out / "teacher_train.jsonl"
+    task_rows.write_text("".join(
+        json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n"
+        for r in map(json.loads, (ASSETS / "train.jsonl").read_text().splitlines())))
+    student_rows = out / "student_train.jsonl"
+    student_rows.write_text("".join(json.dumps(r) + "\n" for r in plain_copies(2000, taken)))
+    # 1. the teacher: solves the task (258 tokens = 256 bytes + 2 specials)
+    teacher_dir, times["teacher_sft"] = sft("gkd_teacher", task_rows, scratch_model(64, 2),
+                                            a.teacher_steps, env, out,
+                                            "+data.tokenizer.vocab_size=258")
+    teacher_acc, _, times["teacher_eval"] = held_out_score(teacher_dir, env, out,
+                                                           "gkd_teacher_eval", uri)
+    print(f"teacher: held-out exact match {teacher_acc:.3f}", flush=True)
+    if teacher_acc < 0.9 and not a.smoke:
+        sys.exit(f"the teacher scores {teacher_acc:.3f} < 0.9: raise --teacher-steps")
+    teacher = out / "teacher_model"
+    _, times["teacher_export"] = run(mlxlab("export", str(teacher_dir), "--format", "hf", "--out",
+                                            str(teacher), "--overwrite"), env,
+                                     out / "teacher_export.log")
+
+    # 2. the student: smaller, on the teacher's tokenizer, copies without the format
+    student_dir, times["student_sft"] = sft(
+        "gkd_student", student_rows, scratch_model(32, 2), a.student_steps, env, out,
+        f"data.tokenizer.path={teacher_dir / 'tokenizer.json'}")
+    student_acc, _, times["student_eval"] = held_out_score(student_dir, env, out,
+                                                           "gkd_student_eval", uri)
+    print(f"student: held-out exact match {student_acc:.3f}", flush=True)
+    student = out / "student_model"
+    _, times["student_export"] = run(mlxlab("export", str(student_dir), "--format", "hf", "--out",
+                                            str(student), "--overwrite"), env,
+                                     out / "student_export.log")
+
+    return teacher, teacher_acc, student, student_acc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="/tmp/bench_gkd")
+    parser.add_argument("--teacher-steps", type=int, default=800)
+    parser.add_argument("--student-steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--replicates", type=int, default=6)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--models-from", default=None,
+                        help="an earlier --out: its teacher_model/ and student_model/ (and their "
+                             "scores) are reused, stages 1 and 2 skipped")
+    add_smoke(parser)
+    a = parser.parse_args()
+    if a.smoke:  # tiny step counts: the pipeline only
+        a.teacher_steps, a.student_steps, a.steps, a.replicates = 20, 5, 4, 2
+        if a.out == parser.get_default("out"):
+            a.out = str(smoke_dir("gkd_learning"))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLXLAB_ROOT": str(out), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    uri = f"sqlite:///{out}/mlruns/mlflow.db"
+    times: dict[str, float] = {}
+
+    if a.models_from:
+        earlier = Path(a.models_from)
+        teacher, student = earlier / "teacher_model", earlier / "student_model"
+        scores = json.loads((earlier / "results.json").read_text())
+        teacher_acc, student_acc = scores["teacher_exact_match"], scores["student_exact_match"]
+    else:
+        teacher, teacher_acc, student, student_acc = teacher_and_student(a, env, out, uri, times)
+
+    # 3. off-policy (lmbda 0) and on-policy (lmbda 1), the same seeds
+    _, times["gkd_sweep"] = run(train(
+        "--multirun", "experiment=gkd_arithmetic", "task_name=gkd_copy",
+        f"data.train_file={ASSETS / 'train.jsonl'}", f"data.val_file={ASSETS / 'heldout.jsonl'}",
+        f"model.pretrained={student}", f"objective.teachers=[{{run: {teacher}}}]",
+        "objective.lmbda=0,1", "objective.beta=0.5", "objective.max_new_tokens=8",
+        "model.lora.rank=0", f"optimizer.learning_rate={a.learning_rate}", "trainer.batch_size=16",
+        f"replicates={a.replicates}", f"trainer.max_steps={a.steps}",
+        f"trainer.eval_every_steps={a.steps}", f"eval.tasks=[{ASSETS / 'heldout.jsonl'}]",
+        "eval.max_new_tokens=8", "callbacks.progress.enabled=false", "hydra/launcher=basic"),
+        env, out / "gkd.log")
+
+    # 4. the comparison: g1 = lmbda 0 (off-policy), g2 = lmbda 1 (on-policy)
+    compare, times["compare"] = run(mlxlab("runs", "compare", "latest:g1", "latest:g2",
+                                           "--metric", "eval/heldout/exact_match", "--uri", uri,
+                                           "--json"), env, out / "compare.log")
+    table, _ = run(mlxlab("runs", "compare", "latest:g1", "latest:g2", "--metric",
+                          "eval/heldout/exact_match", "--uri", uri), env, out / "compare.txt")
+    write_results(out, {"teacher_exact_match": teacher_acc, "student_exact_match": student_acc,
+                        "steps": a.steps, "replicates": a.replicates,
+                        "load_average": os.getloadavg()}, compare, table, times)
+
+
+if __name__ == "__main__":
+    main()

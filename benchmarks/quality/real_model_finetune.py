@@ -1,0 +1,417 @@
+"""A real pretrained model fine-tuned with proof: SmolLM2-135M-Instruct from its Q4_1 GGUF taught
+a task it fails, scored before and after, beside mlx_lm.lora, and run in llama.cpp (issue 64,
+item 4).
+
+    python benchmarks/quality/real_model_finetune.py [--work DIR] [--steps 100] [--batch 4]
+        [--train 400] [--heldout 200] [--rounds 1]
+    python benchmarks/quality/real_model_finetune.py --smoke [--work DIR]    # a tiny random llama
+
+The task: a date written in words ("the third of March, 2021", "March the third, 2021", "the
+third day of March in 2021") -> its ISO form ("2021-03-03") and nothing else, exact match.
+--train chats ({"messages": [user, assistant]}) for training, 32 for validation and --heldout
+task rows ({"id", "prompt", "answer"}) scored by `mlxlab eval`, from one seed, no date shared.
+
+1. `mlxlab eval <gguf> heldout.jsonl`: the base model's exact-match accuracy (greedy, the
+   chat template, stop at a newline or the end of turn).
+2. `mlxlab train experiment=finetune_chat model.pretrained=<gguf>`: LoRA rank 8 (alpha 16) on
+   q/k/v/o of every layer of the 4-bit base (the GGUF's Q4_1 layers kept as MLX 4-bit ones),
+   Adam at a constant --lr, batch --batch, --steps steps, no gradient clipping (mlx-lm clips
+   nothing); then `mlxlab eval RUN heldout.jsonl` and `mlxlab runs compare BASE FT --json`:
+   McNemar's exact test over the held-out examples.
+3. mlx_lm.lora on the folder mlxlab converted the GGUF to (the same 4-bit layers), the same
+   data, rank, scale, keys, batch, steps, learning rate and prompt masking, MLX pointed at the
+   same OpenBLAS as mlxlab's (bench_lora.run_mlx_lm); its adapters fused into a float folder
+   (`mlx_lm.fuse --dequantize`) and scored by the same `mlxlab eval`. tokens/s: each tool's own
+   per-step report (both count the trained, assistant tokens), the median after the first
+   --skip steps; peak: MLX's peak memory (each tool's report) and the process's peak RSS.
+   --rounds > 1 repeats both trainings in alternating order (the table: medians; accuracy:
+   round 0's). As shipped, mlx-lm trains a 4-bit base on MLX's scalar CPU quantized matmul (~35x
+   slower, bench_qlora.py: hours here), so it runs that way only with --mlx-lm-as-shipped (and
+   in --smoke); by default its loop runs on mlxlab's product (`use_fast_cpu_quantized` on its
+   loaded model: stages train_mlx_lm_fast_<round> and mlx-lm-fast).
+4. `mlxlab export RUN --format gguf --quant q8_0` and the held-out prompts (rendered by the
+   model's chat template, as mlxlab's eval renders them) completed greedily by llama.cpp
+   (xllamacpp's prebuilt wheel), scored by the same exact match.
+5. The first step's seconds of each tool (mlxlab: its mlxlab.compile_s tag) beside the table.
+
+Results go to <work>/results.json and a markdown table on stdout. The load average is logged
+with each timed part: other sessions share this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tests"))
+from benchmarks.common import cpu_model, run_with_peak_rss  # noqa: E402
+from benchmarks.speed import bench_lora  # noqa: E402
+
+MONTHS = list(calendar.month_name)[1:]
+_UNITS = ["", "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth",
+          "ninth", "tenth", "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth",
+          "sixteenth", "seventeenth", "eighteenth", "nineteenth"]
+PHRASES = ("the {day} of {month}, {year}", "{month} the {day}, {year}",
+           "the {day} day of {month} in {year}")
+INSTRUCTION = "Write this date as YYYY-MM-DD, nothing else: "
+RANK, ALPHA = 8, 16.0
+MAX_NEW_TOKENS = 16
+
+
+def ordinal(n: int) -> str:
+    """1 -> "first", 21 -> "twenty-first", 30 -> "thirtieth"."""
+    if n < 20:
+        return _UNITS[n]
+    tens = {2: "twenty", 3: "thirty"}[n // 10]
+    return f"{tens}-{_UNITS[n % 10]}" if n % 10 else tens[:-1] + "ieth"
+
+
+def date_rows(n_train: int, n_val: int, n_heldout: int, seed: int = 0
+              ) -> tuple[list[dict], list[dict], list[dict]]:
+    """Distinct dates (1900-2099) in words: train and validation chats, held-out task rows."""
+    rng = random.Random(seed)
+    seen: set[tuple[int, int, int]] = set()
+    rows: list[tuple[str, str]] = []
+    while len(rows) < n_train + n_val + n_heldout:
+        year, month = rng.randint(1900, 2099), rng.randint(1, 12)
+        day = rng.randint(1, calendar.monthrange(year, month)[1])
+        if (year, month, day) in seen:
+            continue
+        seen.add((year, month, day))
+        phrase = rng.choice(PHRASES).format(day=ordinal(day), month=MONTHS[month - 1], year=year)
+        rows.append((INSTRUCTION + phrase, f"{year:04d}-{month:02d}-{day:02d}"))
+
+    def chat(prompt: str, answer: str) -> dict:
+        return {"messages": [{"role": "user", "content": prompt},
+                             {"role": "assistant", "content": answer}]}
+
+    train = [chat(*r) for r in rows[:n_train]]
+    val = [chat(*r) for r in rows[n_train:n_train + n_val]]
+    heldout = [{"id": f"d{i}", "prompt": p, "answer": a}
+               for i, (p, a) in enumerate(rows[n_train + n_val:])]
+    return train, val, heldout
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if not path.is_file() or path.read_text() != text:  # another process may be reading it
+        path.write_text(text)
+    return path
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO / "src")}
+
+
+def mlxlab(*argv: str) -> str:
+    """`mlxlab ARGV` in its own process; its stdout (a failure raises with its stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "mlxlab.cli.main", *argv], cwd=REPO, env=env(),
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"mlxlab {' '.join(argv)} exited {proc.returncode}:\n"
+                           f"{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def evaluate(model: str | Path, task: Path, uri: str, out: Path) -> dict:
+    """`mlxlab eval MODEL TASK --json`: exact-match accuracy, its run id, per-example outputs and
+    the seconds it took."""
+    started, before = time.perf_counter(), load()
+    report = json.loads(mlxlab("eval", str(model), str(task), "--json", "--uri", uri,
+                               "--max-new-tokens", str(MAX_NEW_TOKENS), "--out", str(out)))
+    name = task.name.removesuffix(".jsonl")
+    rows = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+    return {"accuracy": report["tasks"][name]["metrics"]["exact_match"]["value"],
+            "run_id": report["run_id"], "n": len(rows), "seconds": time.perf_counter() - started,
+            "load_1min": [before, load()], "outputs": {r["id"]: r["output"] for r in rows}}
+
+
+def train_mlxlab(model: str | Path, data: Path, args, out: Path) -> dict:
+    """`mlxlab train experiment=finetune_chat`: its per-step report and its run folder."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "mlxlab.train", "experiment=finetune_chat",
+           f"model.pretrained={model}", f"data.train_file={data / 'train.jsonl'}",
+           f"data.val_file={data / 'valid.jsonl'}", f"model.lora.rank={RANK}",
+           f"model.lora.alpha={ALPHA}", "model.lora.targets=[query,key,value,out]",
+           f"trainer.batch_size={args.batch}", f"trainer.max_steps={args.steps}",
+           f"trainer.eval_every_steps={args.steps}", "trainer.log_every_steps=1",
+           "trainer.grad_clip=0", "trainer.schedule.name=constant",
+           "trainer.schedule.warmup_steps=0", f"optimizer.learning_rate={args.lr}",
+           "tracking=csv", "callbacks.progress.enabled=false", "callbacks.memory.every=1",
+           f"seed={args.seed}", f"hydra.run.dir={out}"]
+    started, before = time.perf_counter(), load()
+    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env())
+    if proc.returncode:
+        raise RuntimeError(f"mlxlab train failed:\n{proc.stderr[-3000:]}")
+    rows = bench_lora.csv_metrics(out)
+    tags = json.loads((out / "tracking" / "tags.json").read_text())
+    steps = [{"step": s, "tokens_per_sec": m["train/tokens_per_sec"],
+              "peak_mb": m.get("memory/peak_mb", float("nan")), "loss": m["train/loss"]}
+             for s, m in sorted(rows.items()) if "train/tokens_per_sec" in m]
+    return {"steps": steps, "rss_mb": rss, "first_step_s": float(tags["mlxlab.compile_s"]),
+            "wall_s": time.perf_counter() - started, "load_1min": [before, load()],
+            "val_loss": next((m["val/loss"] for _, m in sorted(rows.items(), reverse=True)
+                              if "val/loss" in m), None)}
+
+
+def train_mlx_lm(folder: Path, data: Path, args, out: Path, fast: bool = False) -> dict:
+    """mlx_lm.lora's own training with mlxlab's settings (bench_lora.run_mlx_lm, OpenBLAS);
+    `fast`: its loaded model switched to mlxlab's CPU quantized product (bench_qlora's
+    mlx-lm+fast), mlx-lm's loop on mlxlab's kernel."""
+    bench_lora.BATCH, bench_lora.RANK, bench_lora.ALPHA, bench_lora.LR = (
+        args.batch, RANK, ALPHA, args.lr)
+    bench_lora.SEQ = 2047  # mlxlab's chat rows are never cut here (data.max_length 2048)
+    shutil.rmtree(out, ignore_errors=True)
+    started, before = time.perf_counter(), load()
+    steps = bench_lora.run_mlx_lm(folder, data, "chat", args.steps, out, openblas=True,
+                                  fast_quantized=fast)
+    return {"steps": steps, "rss_mb": steps[-1]["rss_mb"], "first_step_s": steps[0]["seconds"],
+            "wall_s": time.perf_counter() - started, "load_1min": [before, load()],
+            "adapters": str(out / "adapters")}
+
+
+def fuse(folder: Path, adapters: str, out: Path) -> Path:
+    """mlx-lm's adapters fused into a float copy of the base (`mlx_lm.fuse --dequantize`): the
+    base's 4-bit weights dequantized exactly, the LoRA product added."""
+    shutil.rmtree(out, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(folder),
+                           "--adapter-path", adapters, "--save-path", str(out), "--dequantize"],
+                          capture_output=True, text=True, env=env())
+    if proc.returncode:
+        raise RuntimeError(f"mlx_lm fuse failed:\n{proc.stderr[-3000:]}")
+    return out
+
+
+def summary(run: dict, skip: int) -> dict:
+    timed = [s for s in run["steps"] if s["step"] > skip] or run["steps"]
+    return {"tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed),
+            "peak_mb": max(s["peak_mb"] for s in run["steps"]), "rss_mb": run["rss_mb"],
+            "first_step_s": run["first_step_s"], "wall_s": run["wall_s"],
+            "loss_first": run["steps"][0]["loss"], "loss_last": run["steps"][-1]["loss"],
+            "load_1min": run["load_1min"]}
+
+
+def llama_cpp_accuracy(gguf: Path, folder: Path, heldout: list[dict]) -> dict:
+    """The held-out prompts, rendered by the model's chat template (mlxlab eval's prompts),
+    completed greedily by llama.cpp (xllamacpp) and scored by mlxlab's exact match."""
+    import xllamacpp as xlc
+    from transformers import AutoTokenizer
+
+    from mlxlab.evaluation.scoring import generation_scores
+    from mlxlab.evaluation.tasks import Example
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    params = xlc.CommonParams()
+    params.model.path = str(gguf)
+    params.n_ctx = 512
+    params.n_parallel = 1
+    params.cpuparams.n_threads = 1  # a thread that waits on a busy core costs more than it adds
+    params.cpuparams_batch.n_threads = 1
+    params.warmup = False
+    server = xlc.Server(params)
+    started, before, right, outputs = time.perf_counter(), load(), 0, {}
+    for row in heldout:
+        prompt = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                         tokenize=False, add_generation_prompt=True)
+        reply = server.handle_completions({
+            "prompt": prompt, "n_predict": MAX_NEW_TOKENS, "temperature": 0.0, "top_k": 1,
+            "stop": ["\n"], "cache_prompt": True})
+        if isinstance(reply, dict) and "error" in reply:
+            raise RuntimeError(f"llama.cpp: {reply['error']}")
+        text = reply["choices"][0]["text"]
+        outputs[row["id"]] = text
+        right += generation_scores(text, Example(row["id"], prompt=row["prompt"],
+                                                 answer=(row["answer"],)))["exact_match"]
+    return {"accuracy": right / len(heldout), "n": len(heldout), "outputs": outputs,
+            "seconds": time.perf_counter() - started, "load_1min": [before, load()]}
+
+
+def smoke_model(work: Path) -> Path:
+    """A tiny random llama with a ChatML template (scripts/tiny_hf_model.py): the pipeline's
+    every step in seconds, nothing it learns."""
+    from tiny_hf_model import save_tiny_llama_without_torch
+
+    folder = work / "tiny-llama"
+    if not (folder / "config.json").exists():
+        save_tiny_llama_without_torch(folder, hidden=64, layers=2, heads=4, kv_heads=2,
+                                      intermediate=None, std=0.02, chat="chatml")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default=None, help="folder for data, runs and results "
+                   "(default: a new temporary one); a stage already in its results.json is "
+                   "not run again")
+    p.add_argument("--smoke", action="store_true", help="a tiny random llama, a few rows and "
+                   "steps: every step of the pipeline, nothing measured")
+    p.add_argument("--train", type=int, default=400)
+    p.add_argument("--heldout", type=int, default=200)
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--skip", type=int, default=2, help="first steps left out of tokens/s")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mlx-lm-as-shipped", action="store_true", help="also mlx_lm.lora on MLX's "
+                   "own CPU quantized matmul (stages train_mlx_lm_0, mlx-lm): hours here")
+    p.add_argument("--stages", default=None, help="only these stages (comma-separated: base, "
+                   "train_mlxlab_0, mlxlab, paired, export, train_mlx_lm_0, mlx-lm, llama.cpp, "
+                   "train_mlx_lm_fast_0, mlx-lm-fast, "
+                   "train_<tool>_<round>); the rest are read from earlier runs when there")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.train, args.heldout, args.steps, args.batch, args.skip = 8, 4, 2, 2, 0
+    # one BLAS thread a process for both tools: on cores other processes share, OpenBLAS's
+    # threads spin-wait on descheduled ones (runtime/blas.py set_blas_threads)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    work = Path(args.work or tempfile.mkdtemp(prefix="real_model_finetune_")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{work / 'mlruns.db'}"
+    from mlxlab.models.sources import model_folder
+
+    if args.smoke:
+        model = folder = smoke_model(work)
+    else:
+        from real_models import packaged_model
+
+        model = packaged_model()
+        folder = model_folder(model)  # the GGUF converted once, as every mlxlab verb reads it
+    train, val, heldout = date_rows(args.train, 4 if args.smoke else 32, args.heldout, args.seed)
+    data = work / "data"
+    write_jsonl(data / "train.jsonl", train)
+    write_jsonl(data / "valid.jsonl", val)
+    task = write_jsonl(work / "dates.jsonl", heldout)
+    # what the stored stages depend on (more --rounds only add stages)
+    settings = {k: v for k, v in vars(args).items() if k not in ("work", "stages", "rounds", "mlx_lm_as_shipped")}
+    stages = work / "stages"  # a file a stage: processes given other --stages run side by side
+    stages.mkdir(exist_ok=True)
+    saved = stages / "settings.json"
+    stored = json.loads(saved.read_text()) if saved.is_file() else settings
+    stored.pop("rounds", None)
+    if stored != settings:
+        shutil.rmtree(stages)  # other settings: nothing of the last run counts
+        stages.mkdir()
+    saved.write_text(json.dumps(settings))
+    result: dict = {"cpu": cpu_model(), "model": str(model), "folder": str(folder),
+                    "settings": settings, "blas_threads": os.environ["OPENBLAS_NUM_THREADS"],
+                    "load_start": load()}
+    wanted = set(args.stages.split(",")) if args.stages else None
+
+    def stage(key: str, fn) -> None:
+        path = stages / f"{key}.json"
+        if not path.is_file() and (wanted is None or key in wanted):
+            path.write_text(json.dumps(fn(), indent=1))
+        if not path.is_file():
+            return
+        result[key] = value = json.loads(path.read_text())
+        shown = {k: v for k, v in value.items() if k not in ("outputs", "steps")}
+        print(json.dumps({key: shown}), flush=True)
+
+    stage("base", lambda: evaluate(model, task, uri, work / "eval" / "base"))
+    ft_run = work / "runs" / "mlxlab-0"
+    stage("train_mlxlab_0", lambda: train_mlxlab(model, data, args, ft_run))
+    stage("mlxlab", lambda: evaluate(ft_run, task, uri, work / "eval" / "mlxlab"))
+    stage("paired", lambda: next(
+        p for p in json.loads(mlxlab("runs", "compare", result["base"]["run_id"],
+                                     result["mlxlab"]["run_id"], "--json", "--uri",
+                                     uri))["paired"] if p["metric"] == "exact_match"))
+    gguf = work / "export" / "ft-q8_0.gguf"
+
+    def export() -> dict:
+        shutil.rmtree(gguf.parent, ignore_errors=True)
+        started = time.perf_counter()
+        mlxlab("export", str(ft_run), "--format", "gguf", "--quant", "q8_0", "--out", str(gguf))
+        return {"seconds": time.perf_counter() - started, "bytes": gguf.stat().st_size}
+
+    stage("export", export)
+    if args.mlx_lm_as_shipped or args.smoke:  # hours on a 4-bit base on 2 cores
+        lora_out = work / "runs" / "mlx-lm-0"
+        stage("train_mlx_lm_0", lambda: train_mlx_lm(folder, data, args, lora_out))
+        stage("mlx-lm", lambda: evaluate(
+            fuse(folder, result["train_mlx_lm_0"]["adapters"], work / "mlx-lm-fused"), task,
+            uri, work / "eval" / "mlx-lm"))
+    stage("llama.cpp", lambda: llama_cpp_accuracy(gguf, folder, heldout))
+    # mlx-lm as shipped trains a 4-bit base on MLX's scalar CPU quantized matmul (~35x slower:
+    # bench_qlora.py); its loop on mlxlab's product tells the loops apart
+    fast_out = work / "runs" / "mlx-lm-fast-0"
+    stage("train_mlx_lm_fast_0", lambda: train_mlx_lm(folder, data, args, fast_out, fast=True))
+    stage("mlx-lm-fast", lambda: evaluate(
+        fuse(folder, result["train_mlx_lm_fast_0"]["adapters"], work / "mlx-lm-fast-fused"),
+        task, uri, work / "eval" / "mlx-lm-fast"))
+    for rnd in range(1, args.rounds):  # more timed rounds, in alternating order
+        for tool in ("mlx-lm-fast", "mlxlab") if rnd % 2 else ("mlxlab", "mlx-lm-fast"):
+            out = work / "runs" / f"{tool}-{rnd}"
+            stage(f"train_{tool.replace('-', '_')}_{rnd}",
+                  lambda tool=tool, out=out: train_mlxlab(model, data, args, out)
+                  if tool == "mlxlab" else train_mlx_lm(folder, data, args, out, fast=True))
+    result["load_end"] = load()
+    (work / "results.json").write_text(json.dumps(result, indent=1))
+    print(table(result))
+    return result
+
+
+def table(r: dict) -> str:
+    """The markdown table of the stages `r` holds (a stage not run shows as "-")."""
+    s = r["settings"]
+    med = {}
+    for tool in ("mlxlab", "mlx_lm", "mlx_lm_fast"):
+        runs = [summary(v, s["skip"]) for k, v in r.items()
+                if re.fullmatch(rf"train_{tool}_\d+", k)]
+        med[tool] = {k: statistics.median(x[k] for x in runs) for k in
+                     ("tokens_per_sec", "peak_mb", "rss_mb", "first_step_s")} if runs else None
+
+    def acc(key: str) -> str:
+        return f"{r[key]['accuracy']:.3f}" if key in r else "-"
+
+    def speed(tool: str) -> str:
+        m = med[tool]
+        return (f"{m['tokens_per_sec']:.1f} | {m['first_step_s']:.1f} | {m['peak_mb']:.0f} | "
+                f"{m['rss_mb']:.0f}") if m else "- | - | - | -"
+
+    lines = [f"{r['cpu']}; {r['blas_threads']} BLAS thread(s) a process; 1-min load "
+             f"{r['load_start']} at the start, {r.get('load_end', '-')} at the end (other "
+             f"sessions share the cores); {s['train']} train / {s['heldout']} held-out rows, "
+             f"LoRA rank {RANK} on q/k/v/o, batch {s['batch']}, {s['steps']} steps, lr "
+             f"{s['lr']:g}", "",
+             "| model | held-out exact match | trained tokens/s | first step s | MLX peak MB | "
+             "peak RSS MB |", "|---|---:|---:|---:|---:|---:|",
+             f"| base (`mlxlab eval MODEL`) | {acc('base')} | | | | |",
+             f"| mlxlab LoRA (`mlxlab eval RUN`) | {acc('mlxlab')} | {speed('mlxlab')} |",
+             f"| mlx_lm.lora, same settings | {acc('mlx-lm')} | {speed('mlx_lm')} |",
+             f"| mlx_lm.lora on mlxlab's quantized product | {acc('mlx-lm-fast')} | "
+             f"{speed('mlx_lm_fast')} |",
+             f"| mlxlab LoRA -> GGUF Q8_0 in llama.cpp | {acc('llama.cpp')} | | | | |"]
+    if "paired" in r:
+        p = r["paired"]
+        lines += ["", f"base vs mlxlab fine-tune, paired over {p['n']} held-out examples: "
+                  f"{p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}], {p['test']} p = "
+                  f"{p['p']:.3g}"]
+    if med["mlxlab"] and med["mlx_lm"]:
+        a, b = med["mlxlab"], med["mlx_lm"]
+        lines.append(f"mlxlab / mlx-lm tokens/s {a['tokens_per_sec'] / b['tokens_per_sec']:.2f}x,"
+                     f" MLX peak {a['peak_mb'] / b['peak_mb']:.2f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,759 @@
+"""Throughput benchmark (issue 3): MLX GEMM vs numpy, and training speed of the mlxlab stack vs a
+minimal hand-written MLX loop vs the same architecture in PyTorch CPU eager, on this machine.
+
+Not a test: prints a table; `--write` also puts it (with the command and the machine) into
+docs/benchmarks-history.md (--out), between its markers. Every ratio compares numbers taken in this run.
+
+    python benchmarks/speed/bench.py [--quick] [--threads N] [--models nano,tiny,bert] [--repeats 3] [--write]
+
+The fair comparison on a quiet machine (what docs/benchmarks.md records):
+
+    pip install -e '.[bench]'
+    python benchmarks/speed/bench.py --models nano,tiny,bert --repeats 3 --write
+
+Each training measurement runs in its own fresh process (`--worker`), one after the other, so
+no framework's threads, caches or memory high-water mark leak into the next one:
+  mlxlab    the real stack: `mlxlab.train.train(cfg)` on the composed experiment config
+            (experiment=tinystories_nano|tinystories_tiny|titanic_bert), real data module,
+            MlflowTracker on a temporary sqlite store, progress bar on. A callback added at
+            Trainer.fit times every step; the batches it trained on are saved for the others.
+  mlx       the minimal loop on the same model and the same saved batches: nn.value_and_grad,
+            one mx.compile'd step over [model.state, optimizer.state, mx.random.state], the
+            same loss function and global-norm clip, AdamW, one mx.eval per step.
+  torch     the same architecture written in PyTorch (benchmarks/speed/bench_torch.py), same batches,
+            CPU eager, torch.set_num_threads = the BLAS threads, in a process that never
+            imports mlxlab, MLX or their OpenBLAS (it checks its own memory map and fails if it
+            does): issue 12 found the old rows, which imported mlxlab, 3.7x slow.
+  torch:plain  benchmarks/speed/torch_plain.py, a plain PyTorch script of the same decoder (random
+            tokens, the same batch shape), in the same rounds. When the torch row and it
+            disagree by more than the noise, no PyTorch ratio is printed and the exit code is 1.
+Variants of the mlxlab row (--variants) locate the framework overhead: `bare` (tracking=none,
+no progress bar), `replay` (the saved batches instead of the live data pipeline), `nokernels`
+(trainer.fused_kernels=off: the pure-MLX cross-entropy and SwiGLU instead of the fused CPU
+kernels of mlxlab.kernels, which every other MLX row uses when they build; issue 12).
+
+Noise: a shared machine slows whole processes for a while (the same worker measured 79 and 110 ms
+a step minutes apart), so every row runs --repeats times in interleaved rounds (round order
+alternates, ABBA). A row shows its median round; a ratio is the median over rounds of the ratio of
+two rows in the same round, with its range.
+
+Steady state: the first --warmup steps are skipped, and so is any later step that compiles (the
+first step with a new batch shape) or that follows an evaluation/checkpoint (BERT evaluates
+every epoch). MFU = (6 * matmul params * tokens + 12 * layers * dim * T * tokens) / s over the
+best GEMM GFLOP/s measured in section 1. Memory: `mx peak` is MLX's peak of live arrays over
+the timed steps; `RSS` is the process's peak resident memory over the timed steps (VmHWM, reset
+through /proc/self/clear_refs) minus its resident memory before the weights were materialized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# isort: off
+import mlxlab  # first: loads the fast BLAS before anything imports mlx.core
+import mlx.core as mx
+
+# isort: on
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import (
+    TABLES_PAGE,
+    add_smoke,
+    clock,
+    cpu_model,
+    load_batches,
+    peak_rss_mb,
+    reset_peak_rss,
+    rss_mb,
+    save_batches,
+    write_between_markers,
+)
+from mlxlab import kernels as mlxlab_kernels
+from mlxlab.runtime.blas import blas_threads, set_blas_threads
+
+# name -> (experiment preset, what one example is, default timed steps). The step counts give
+# each row ~15 s of timed steps, long enough to average over the host's slow spells.
+MODELS = {
+    "nano": ("tinystories_nano", "tokens", 20),
+    "tiny": ("tinystories_tiny", "tokens", 20),
+    "bert": ("titanic_bert", "samples", 200),
+}
+VARIANTS = ("bare", "replay", "nokernels")
+DEFAULT_OUT = TABLES_PAGE
+
+
+# ---- machine and memory ----------------------------------------------------------------------
+
+
+def machine_info(threads: int) -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "blas": f"{mlxlab.blas.status}: {mlxlab.blas.library} ({mlxlab.blas.detail})",
+        "threads": threads,
+        "kernels": mlxlab_kernels.status(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+# ---- 1. GEMM ---------------------------------------------------------------------------------
+
+
+def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
+    """Best-of-`repeats` fp32 n x n x n GFLOP/s of (MLX, numpy) on the same operands, the two
+    timed alternately so a busy machine slows both alike."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    am, bm = mx.array(a), mx.array(b)
+    mx.eval(am @ bm)
+    a @ b
+    best_mlx = best_np = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(am @ bm)
+        best_mlx = min(best_mlx, time.perf_counter() - start)
+        start = time.perf_counter()
+        a @ b
+        best_np = min(best_np, time.perf_counter() - start)
+    return 2 * n**3 / best_mlx / 1e9, 2 * n**3 / best_np / 1e9
+
+
+def gemm_section(sizes: list[int], repeats: int) -> list[dict]:
+    rows = []
+    for n in sizes:
+        mlx_rate, np_rate = gemm_pair(n, repeats)
+        rows.append({"n": n, "mlx": mlx_rate, "numpy": np_rate, "ratio": mlx_rate / np_rate})
+    return rows
+
+
+# ---- steady-state timing shared by all workers ------------------------------------------------
+
+
+def step_seconds(times: list, skip: set[int], warmup: int, steps: int) -> dict[int, tuple]:
+    """times[k] = clock() when step k finished (times[0]: before step 1) -> {step: (wall, CPU)
+    seconds} for steps warmup+1 .. warmup+steps not in `skip`."""
+    last = min(warmup + steps, len(times) - 1)
+    return {
+        k: (times[k][0] - times[k - 1][0], times[k][1] - times[k - 1][1])
+        for k in range(warmup + 1, last + 1)
+        if k not in skip
+    }
+
+
+def compile_steps(shapes: list[tuple]) -> set[int]:
+    """1-based steps whose batch shape had not been seen before (they trace and compile)."""
+    seen, new = set(), set()
+    for k, shape in enumerate(shapes, start=1):
+        if shape not in seen:
+            seen.add(shape)
+            new.add(k)
+    return new
+
+
+def shape_of(batch: dict) -> tuple:
+    return tuple(batch["input_ids"].shape)
+
+
+def matmul_params(model, task: str) -> tuple[int, int, int, int]:
+    """(params used per token, per sample, layers, dim) for the FLOP count of a step."""
+    import mlx.nn as nn
+
+    per_token, per_sample = 0, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            n = module.weight.size + (module.bias.size if "bias" in module else 0)
+            if name.split(".")[0] in ("pooler", "classifier"):
+                per_sample += n  # BERT's head runs on [CLS] only
+            else:
+                per_token += n
+    if task == "lm":
+        if getattr(model, "tie_embeddings", False):
+            per_token += model.embed_tokens.weight.size  # the tied output projection
+        layers, dim = len(model.layers), model.embed_tokens.weight.shape[1]
+    else:
+        layers = len(model.encoder.layers)
+        dim = model.encoder.embeddings.word_embeddings.weight.shape[1]
+    return per_token, per_sample, layers, dim
+
+
+def step_flops(meta: dict, shape: tuple) -> float:
+    b, t = shape
+    return (
+        6 * meta["params_per_token"] * b * t
+        + 6 * meta["params_per_sample"] * b
+        + 12 * meta["layers"] * meta["dim"] * t * b * t
+    )
+
+
+# ---- worker: the mlxlab stack -------------------------------------------------------------------
+
+
+def compose(root: Path, overrides: list[str]):
+    """The real train.yaml composed with Hydra's compose API, rooted in `root` (as in tests)."""
+    from omegaconf import open_dict
+
+    from mlxlab.config import compose_config
+
+    cfg = compose_config(root, overrides)
+    with open_dict(cfg):
+        cfg.paths.cache_dir = str(root / "cache")
+    return cfg
+
+
+def worker_mlxlab(spec: dict) -> dict:
+    from omegaconf import OmegaConf
+
+    from benchmarks.callbacks import HOOKS, OVERRIDE, RECORD
+    from mlxlab.train import train
+    from mlxlab.training.trainer import Trainer
+
+    warmup, steps = spec["warmup"], spec["steps"]
+    root = Path(spec["root"])
+    overrides = [*spec["overrides"], OVERRIDE]  # the step clock, as a callback of the run's config
+    if spec["variant"] == "bare":
+        overrides += ["tracking=none", "callbacks.progress.enabled=false"]
+    if spec["variant"] == "nokernels":
+        overrides += ["trainer.fused_kernels=off"]
+    cfg = compose(root, overrides)
+    RECORD["clock"] = clock
+    rec: dict = {"times": RECORD["times"], "evals": RECORD["evals"], "shapes": [], "batches": []}
+
+    def on_step(step: int) -> None:
+        if step == warmup:
+            mx.reset_peak_memory()
+            reset_peak_rss()
+        if step == warmup + steps:
+            rec["mx_peak_mb"] = mx.get_peak_memory() / 2**20
+            rec["rss_peak_mb"] = peak_rss_mb()
+
+    HOOKS["on_step"] = on_step
+
+    def replay(batching, epoch):
+        batches = [{k: mx.array(v) for k, v in b.items()} for b in load_batches(spec["batches"])]
+        mx.eval(batches)
+        yield from batches
+
+    original_fit = Trainer.fit
+
+    def fit(self, model, data, *args, **kwargs):
+        if self.settings.grad_accum != 1:
+            raise ValueError("bench.py times one batch per step: use trainer.grad_accum=1")
+        rec["rss_base_mb"] = rss_mb()
+        rec["params"] = sum(v.size for _, v in _flat(model.parameters()))
+        rec["flops"] = dict(zip(("params_per_token", "params_per_sample", "layers", "dim"),
+                                matmul_params(model, data.task)))
+        rec["meta"] = {"task": data.task, "vocab_size": data.vocab_size,
+                       "num_labels": data.num_labels}
+        live = replay if spec["variant"] == "replay" else data.train_batches
+
+        def recorded(batching, epoch):
+            for batch in live(batching, epoch):
+                rec["shapes"].append(shape_of(batch))
+                if len(rec["batches"]) < warmup + steps:
+                    rec["batches"].append(batch)
+                yield batch
+
+        data.train_batches = recorded
+        return original_fit(self, model, data, *args, **kwargs)
+
+    Trainer.fit = fit
+    train(cfg)
+    if spec["variant"] == "full" and spec.get("save_batches"):
+        save_batches(Path(spec["batches"]), rec["batches"])
+    return {
+        "times": rec["times"], "evals": rec["evals"], "shapes": rec["shapes"][: warmup + steps],
+        "mx_peak_mb": rec.get("mx_peak_mb"),
+        "rss_mb": rec.get("rss_peak_mb", float("nan")) - rec["rss_base_mb"],
+        "params": rec["params"], "flops": rec["flops"], "meta": rec["meta"],
+        "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
+        "trainer": {"learning_rate": cfg.optimizer.learning_rate,
+                    "weight_decay": cfg.optimizer.weight_decay, "grad_clip": cfg.trainer.grad_clip},
+    }
+
+
+def _flat(tree):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
+
+
+# ---- worker: the minimal MLX loop ---------------------------------------------------------------
+
+
+def worker_mlx(spec: dict) -> dict:
+    from functools import partial
+
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from hydra.utils import instantiate
+
+    from mlxlab.objectives.losses import task_loss
+
+    ref = spec["reference"]  # what the mlxlab worker recorded
+    meta, hp = ref["meta"], ref["trainer"]
+    batches = [{k: mx.array(v) for k, v in b.items()} for b in load_batches(spec["batches"])]
+    mx.eval(batches)
+    base = rss_mb()
+    mx.random.seed(0)
+    model = instantiate(ref["model_cfg"], _convert_="all", vocab_size=meta["vocab_size"],
+                        num_labels=meta["num_labels"])
+    model.train()
+    optimizer = optim.AdamW(learning_rate=hp["learning_rate"], weight_decay=hp["weight_decay"])
+    loss_and_grad = nn.value_and_grad(model, task_loss(meta["task"]))
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch):
+        (loss, _), grads = loss_and_grad(model, batch)
+        grads, _ = optim.clip_grad_norm(grads, hp["grad_clip"])
+        optimizer.update(model, grads)
+        return loss
+
+    times = [clock()]
+    for k, batch in enumerate(batches, start=1):
+        loss = step(batch)
+        mx.eval(loss, state)
+        times.append(clock())
+        if k == spec["warmup"]:
+            mx.reset_peak_memory()
+            reset_peak_rss()
+    return {
+        "times": times, "mx_peak_mb": mx.get_peak_memory() / 2**20, "rss_mb": peak_rss_mb() - base,
+        "params": sum(v.size for _, v in _flat(model.parameters())),
+    }
+
+
+WORKERS = {"mlxlab": worker_mlxlab, "mlx": worker_mlx}
+
+
+def worker_main(kind: str, spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    set_blas_threads(spec["threads"])
+    result = WORKERS[kind](spec)
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# ---- the parent: run the workers, summarize ------------------------------------------------------
+
+
+SCRIPTS = Path(__file__).resolve().parent
+
+
+def worker_command(kind: str, spec: dict, spec_path: Path) -> list[str]:
+    """The worker's command line. The PyTorch ones run scripts that never import mlxlab."""
+    if kind == "torch":
+        return [sys.executable, str(SCRIPTS / "bench_torch.py"), "--spec", str(spec_path)]
+    if kind == "plain":
+        ref = spec["reference"]
+        cfg, (batch, seq) = ref["model_cfg"], common_shape(ref["shapes"])
+        return [
+            sys.executable, str(SCRIPTS / "torch_plain.py"), "--vocab", str(ref["meta"]["vocab_size"]),
+            "--dim", str(cfg["dim"]), "--layers", str(cfg["num_layers"]),
+            "--heads", str(cfg["num_heads"]), "--rope-theta", str(cfg.get("rope_theta", 1e4)),
+            "--batch", str(batch), "--seq", str(seq), "--warmup", str(spec["warmup"]),
+            "--steps", str(spec["steps"]), "--threads", str(spec["threads"]),
+        ] + (["--mlp-dim", str(cfg["mlp_dim"])] if cfg.get("mlp_dim") else [])
+    return [sys.executable, __file__, "--worker", kind, "--spec", str(spec_path)]
+
+
+def common_shape(shapes: list) -> tuple[int, int]:
+    """The batch shape most steps had (the plain PyTorch script trains on that one)."""
+    counts: dict[tuple, int] = {}
+    for shape in shapes:
+        counts[tuple(shape)] = counts.get(tuple(shape), 0) + 1
+    return max(counts, key=counts.get)
+
+
+def run_worker(kind: str, spec: dict, tmp: Path, label: str) -> dict:
+    spec_path, log_path = tmp / f"{label}.spec.json", tmp / f"{label}.log"
+    spec = {**spec, "result": str(tmp / f"{label}.result.json")}
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)  # the temporary sqlite store under spec["root"]
+    threads = str(spec["threads"])
+    env.update(OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    print(f"  running {label} ...", file=sys.stderr, flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            worker_command(kind, spec, spec_path), stdout=log, stderr=subprocess.STDOUT, env=env,
+            cwd=SCRIPTS.parent,
+        )
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-30:])
+        raise RuntimeError(f"worker {label} failed (exit {proc.returncode}); log tail:\n{tail}")
+    if kind == "plain":  # its last output line is its JSON result
+        return json.loads(log_path.read_text().strip().splitlines()[-1])
+    return json.loads(Path(spec["result"]).read_text())
+
+
+def model_overrides(name: str, args) -> list[str]:
+    experiment, *_ = MODELS[name]
+    total = args.warmup + args.steps
+    overrides = [
+        f"experiment={experiment}",
+        f"trainer.max_steps={total}",
+        "trainer.eval_every_steps=null",  # evaluate at epoch ends only (BERT) and after the run
+        "checkpoint.save_every_minutes=null",
+        "callbacks.early_stopping.patience=0",
+        "trainer.grad_accum=1",
+    ]
+    if name == "bert":
+        overrides.append("trainer.max_epochs=1000")  # max_steps ends it
+    if args.batch_size:
+        overrides.append(f"trainer.batch_size={args.batch_size}")
+    return overrides + list(args.override)
+
+
+def summarize(label: str, impl: str, res: dict, ref: dict, skip: set[int], args, unit: str,
+              peak: float) -> dict:
+    """One table row. Step k trained on batch k-1, the same batch in every row."""
+    seconds = step_seconds(res["times"], skip, args.warmup, args.steps)
+    if not seconds:
+        raise RuntimeError(f"{label} {impl}: no steady-state steps left; raise --steps")
+    shapes = [tuple(ref["shapes"][k - 1]) for k in seconds]
+    tokens, samples = sum(b * t for b, t in shapes), sum(b for b, _ in shapes)
+    flops = sum(step_flops(ref["flops"], s) for s in shapes)
+    total = sum(wall for wall, _ in seconds.values())
+    return {
+        "model": label, "impl": impl, "steps": len(seconds),
+        "step_ms": 1e3 * total / len(seconds),
+        "median_ms": 1e3 * statistics.median(wall for wall, _ in seconds.values()),
+        "cpu_ms": 1e3 * sum(cpu for _, cpu in seconds.values()) / len(seconds),
+        "rate": (tokens if unit == "tokens" else samples) / total, "unit": unit,
+        "gflops": flops / total / 1e9, "mfu": flops / total / 1e9 / peak,
+        "mx_peak_mb": res.get("mx_peak_mb"), "rss_mb": res.get("rss_mb"),
+        "params": res.get("params"),
+    }
+
+
+def bench_round(name: str, spec: dict, args, tmp: Path, r: int) -> dict[str, dict]:
+    """One result per row. Round 0 starts with the full mlxlab row, whose batches and step
+    numbering every other row reuses; later rounds alternate the row order (ABBA) so a slow
+    drift of the machine does not always land on the same row."""
+    order = ["mlxlab", *(f"mlxlab:{v}" for v in args.variants), "mlx"]
+    order += [] if args.no_torch else ["torch", *(["torch:plain"] if has_plain(name) else [])]
+    if r % 2:
+        order.reverse()
+    results = {}
+    for impl in order:
+        kind, _, variant = impl.partition(":")
+        kind = "plain" if impl == "torch:plain" else kind
+        label = f"{name}-{impl.replace(':', '-')}-r{r}"
+        results[impl] = run_worker(
+            kind, {**spec, "variant": variant or "full", "save_batches": r == 0}, tmp, label
+        )
+        if impl == "mlxlab" and r == 0:
+            spec["reference"] = results[impl]
+    return results
+
+
+def has_plain(name: str) -> bool:
+    """Models that benchmarks/speed/torch_plain.py implements (the decoders)."""
+    return MODELS[name][1] == "tokens"
+
+
+def baseline_check(name: str, rows: list[float], plain: list[float]) -> dict:
+    """Does the PyTorch row (bench_torch.py on the replayed batches) run at the speed of a plain
+    PyTorch script of the same model in its own process? Noise: the larger relative spread over
+    the rounds of either, at least 10%. A harness that slowed its baseline (issue 12: 3.7x) fails
+    this, and then no PyTorch ratio is printed."""
+    per_round = [r / p for r, p in zip(rows, plain)]
+    spread = max(max(v) / min(v) - 1 for v in (rows, plain))
+    tolerance = max(0.10, spread)
+    ratio = statistics.median(per_round)
+    return {
+        "model": name, "row": statistics.median(rows), "plain": statistics.median(plain),
+        "ratio": ratio, "low": min(per_round), "high": max(per_round), "tolerance": tolerance,
+        "ok": abs(ratio - 1) <= tolerance,
+    }
+
+
+def bench_model(name: str, args, tmp: Path, peak: float) -> tuple[list[dict], list[tuple], dict]:
+    """(table rows: each row's median round, ratios: median over rounds of the per-round
+    ratio, with its range, the PyTorch baseline check or None). Every ratio compares two rows
+    of the same round."""
+    _, unit, default_steps = MODELS[name]
+    args = argparse.Namespace(**{**vars(args), "steps": args.steps or default_steps})
+    root = tmp / name
+    spec = {
+        "root": str(root), "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
+        "overrides": model_overrides(name, args), "batches": str(root / "batches.npz"),
+    }
+    rounds = [bench_round(name, spec, args, tmp, r) for r in range(args.repeats)]
+    plain = [results.pop("torch:plain")["tokens_per_s"] for results in rounds
+             if "torch:plain" in results]
+    ref = spec["reference"]
+    for results in rounds:
+        for impl, res in results.items():
+            if res.get("params") != ref["params"]:
+                print(f"  warning: {name} {impl} has {res['params']} params, mlxlab "
+                      f"{ref['params']}", file=sys.stderr)
+    # Timed in every row: the same steps. Left out: compiling steps (a new batch shape) and
+    # steps after an evaluation/checkpoint in any mlxlab row (it lands in the next step's time).
+    skip = compile_steps([tuple(s) for s in ref["shapes"]])
+    for results in rounds:
+        for res in results.values():
+            skip |= {k + 1 for k in res.get("evals", [])}
+    summaries = [
+        {impl: summarize(name, impl, res, ref, skip, args, unit, peak)
+         for impl, res in results.items()}
+        for results in rounds
+    ]
+    rows = []
+    for impl in summaries[0]:
+        runs = sorted((s[impl] for s in summaries), key=lambda row: row["rate"])
+        row = dict(runs[(len(runs) - 1) // 2])  # the median round (the lower one for even counts)
+        row["rate_range"] = (runs[0]["rate"], runs[-1]["rate"])
+        rows.append(row)
+    per_round = [ratios(list(s.values())) for s in summaries]
+    combined = []
+    for k, (what, _, _, target) in enumerate(per_round[0]):
+        values = [round_ratios[k][1] for round_ratios in per_round]
+        by_median = statistics.median(round_ratios[k][2] for round_ratios in per_round)
+        combined.append(
+            (what, statistics.median(values), target, min(values), max(values), by_median)
+        )
+    check = None
+    if plain:
+        check = baseline_check(name, [s["torch"]["rate"] for s in summaries], plain)
+        if not check["ok"]:
+            combined = [c for c in combined if "PyTorch" not in c[0]]
+    return rows, combined, check
+
+
+def ratios(rows: list[dict]) -> list[tuple[str, float, float, float | None]]:
+    """(what, throughput ratio, median-step-time ratio, target) for one round's rows. The second
+    ratio compares the rows' median step times (the same steps in both): a slow spell of the host
+    that covers a minority of one row's steps moves the first and not the second; an overhead in
+    every step moves both."""
+    out = []
+    by = {(r["model"], r["impl"]): r for r in rows}
+
+    def pair(what, a, b, target=None):
+        out.append((what, a["rate"] / b["rate"], b["median_ms"] / a["median_ms"], target))
+
+    for model in dict.fromkeys(r["model"] for r in rows):
+        stack, minimal, torch = (by.get((model, i)) for i in ("mlxlab", "mlx", "torch"))
+        if stack and minimal:
+            pair(f"{model}: mlxlab / minimal MLX loop", stack, minimal, 0.95)
+        for variant in VARIANTS:
+            if (v := by.get((model, f"mlxlab:{variant}"))) and minimal:
+                pair(f"{model}: mlxlab:{variant} / minimal MLX loop", v, minimal)
+        if (plain := by.get((model, "mlxlab:nokernels"))) and stack:
+            pair(f"{model}: mlxlab / mlxlab:nokernels (fused kernels' effect)", stack, plain)
+        if plain and torch:
+            pair(f"{model}: mlxlab:nokernels / PyTorch eager", plain, torch)
+        if minimal and torch:
+            pair(f"{model}: minimal MLX loop / PyTorch eager", minimal, torch)
+        if stack and torch:
+            target = 1.0 if model in ("nano", "tiny") else None
+            pair(f"{model}: mlxlab / PyTorch eager", stack, torch, target)
+    return out
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
+
+
+def check_lines(checks: list[dict]) -> list[str]:
+    """The PyTorch baseline check table (issue 12), or nothing when no PyTorch row ran."""
+    if not checks:
+        return []
+    lines = [
+        "",
+        "PyTorch baseline check: the PyTorch row (benchmarks/speed/bench_torch.py on the replayed batches, "
+        "a process without mlxlab, MLX or their BLAS) against benchmarks/speed/torch_plain.py (a plain "
+        "PyTorch script of the same model and batch shape), timed in the same rounds. PyTorch "
+        "ratios are printed only when they agree within the noise (the larger spread over the "
+        "rounds of either, at least 10%).",
+        "",
+        "| model | PyTorch row tokens/s | plain script tokens/s | row / plain (median) | range "
+        "| tolerance | verdict |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in checks:
+        verdict = "agree" if c["ok"] else "DISAGREE: PyTorch ratios withheld"
+        lines.append(
+            f"| {c['model']} | {c['row']:,.0f} | {c['plain']:,.0f} | {c['ratio']:.2f} "
+            f"| {c['low']:.2f}-{c['high']:.2f} | ±{c['tolerance']:.0%} | {verdict} |"
+        )
+    return lines
+
+
+def report(info: dict, gemm: list[dict], rows: list[dict], ratio_rows: list[tuple],
+           checks: list[dict], command: str, args) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, "
+        f"MLX {info['mlx']}, PyTorch {info['torch'] or '-'}; BLAS {info['blas']}; "
+        f"threads: {info['threads']} (OpenBLAS, numpy, torch.set_num_threads, mlxlab.kernels); "
+        f"fused kernels: {info['kernels']}; "
+        f"warmup {args.warmup} steps, then timed steps (the table's count); {args.repeats} interleaved "
+        f"round{'s' if args.repeats > 1 else ''} of every row; "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}",
+        "",
+        "| fp32 GEMM n x n x n | MLX GFLOP/s | numpy GFLOP/s | MLX / numpy (target >= 0.8) |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {g['n']} | {g['mlx']:.1f} | {g['numpy']:.1f} | {g['ratio']:.2f} |" for g in gemm
+    ]
+    peak = max(max(g["mlx"], g["numpy"]) for g in gemm)
+    lines += [
+        "",
+        f"GEMM peak used for MFU: {peak:.1f} GFLOP/s (best of the rows above).",
+        "",
+        "Each row is its median round by throughput; `range` is the lowest and highest "
+        "throughput over the rounds.",
+        "",
+        "| model | implementation | params | timed steps | ms/step (mean) | ms/step (median) "
+        "| CPU ms/step | throughput | range | GFLOP/s | MFU | mx peak MB | RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['impl']} | {fmt(r['params'] / 1e6 if r['params'] else None, '.2f')}M "
+            f"| {r['steps']} | {r['step_ms']:.1f} | {r['median_ms']:.1f} | {r['cpu_ms']:.1f} "
+            f"| {r['rate']:,.0f} {r['unit']}/s "
+            f"| {r['rate_range'][0]:,.0f}-{r['rate_range'][1]:,.0f} "
+            f"| {r['gflops']:.1f} | {r['mfu']:.1%} "
+            f"| {fmt(r['mx_peak_mb'], '.0f')} | {fmt(r['rss_mb'], '.0f')} |"
+        )
+    lines += check_lines(checks)
+    lines += [
+        "",
+        "Ratios of throughput: the median over the rounds of the ratio within one round, and "
+        "its range; the target is judged on it. `by median step`: the same from the rows' median "
+        "step times, which a slow spell of the host over a minority of steps does not move.",
+        "",
+        "| ratio | measured (median) | range over rounds | by median step | target |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for what, value, target, low, high, by_median in ratio_rows:
+        ok = "" if target is None else (" (met)" if value >= target else " (NOT met)")
+        lines.append(
+            f"| {what} | {value:.2f}{ok} | {low:.2f}-{high:.2f} | {by_median:.2f} "
+            f"| {fmt(target, '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(path: Path, body: str, threads: int) -> None:
+    """Replace this thread count's tables in `path` (between their markers, so the prose around
+    them stays), or append them under a new heading."""
+    title = f"## Training throughput, {threads} thread{'s' if threads > 1 else ''} (benchmarks/speed/bench.py)"
+    write_between_markers(path, f"benchmarks/bench.py threads={threads}", body, title)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="validation settings: GEMM 512, warmup 2, 4 timed steps, batch 4")
+    parser.add_argument("--models", default="nano,tiny,bert")
+    parser.add_argument("--warmup", type=int, default=None, help="steps skipped (default 3)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps timed (default: 20 for nano and tiny, 200 for bert)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="trainer.batch_size (default: the experiment's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="BLAS and torch threads (default: OPENBLAS_NUM_THREADS, else cores)")
+    parser.add_argument("--gemm", default=None, help="GEMM sizes (default 1024,2048)")
+    parser.add_argument("--variants", default=None,
+                        help=f"extra mlxlab rows: comma list of {','.join(VARIANTS)} "
+                        "(default: all; --quick: none)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved rounds of every row; the table shows medians "
+                        "(default 3; --quick: 1)")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--override", action="append", default=[],
+                        help="extra Hydra override for every row (repeatable)")
+    parser.add_argument("--write", action="store_true", help="put the report into --out")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="default: docs/benchmarks-history.md")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    add_smoke(parser)
+    args = parser.parse_args()
+    if args.worker:
+        return worker_main(args.worker, args.spec)
+    if args.smoke:  # --quick on nano, 1 + 2 steps, every worker (PyTorch's when installed)
+        args.quick, args.models, args.write, args.warmup, args.steps = True, "nano", False, 1, 2
+        args.gemm = "64"
+
+    quick = args.quick
+    args.warmup = args.warmup if args.warmup is not None else (2 if quick else 3)
+    args.steps = args.steps or (4 if quick else None)  # None: each model's default
+    args.repeats = max(1, args.repeats or (1 if quick else 3))
+    args.batch_size = args.batch_size or (4 if quick else None)
+    gemm_sizes = [int(n) for n in (args.gemm or ("512" if quick else "1024,2048")).split(",")]
+    variants = args.variants if args.variants is not None else ("" if quick else ",".join(VARIANTS))
+    args.variants = [v for v in variants.split(",") if v]
+    if unknown := set(args.variants) - set(VARIANTS):
+        parser.error(f"unknown --variants {sorted(unknown)}; choose from {VARIANTS}")
+    models = args.models.split(",")
+    if unknown := set(models) - set(MODELS):
+        parser.error(f"unknown --models {sorted(unknown)}; choose from {sorted(MODELS)}")
+    if args.threads is None:
+        args.threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)
+    if not args.no_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            parser.error("PyTorch is not installed: pip install -e '.[bench]', or pass --no-torch")
+
+    from threadpoolctl import threadpool_limits
+
+    set_blas_threads(args.threads)
+    mlxlab_kernels.set_threads(args.threads)
+    os.environ["MLXLAB_KERNEL_THREADS"] = str(args.threads)  # the workers' fused kernels too
+    with threadpool_limits(limits=args.threads):  # numpy's own OpenBLAS too
+        info = machine_info(args.threads)
+        print(f"BLAS threads: mlx {blas_threads()}, requested {args.threads}", file=sys.stderr)
+        gemm = gemm_section(gemm_sizes, repeats=5 if quick else 20)
+    peak = max(max(g["mlx"], g["numpy"]) for g in gemm)
+    rows, ratio_rows, checks = [], [], []
+    with tempfile.TemporaryDirectory(prefix="mlxlab-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        try:
+            for name in models:
+                model_rows, model_ratios, check = bench_model(name, args, tmp, peak)
+                rows += model_rows
+                ratio_rows += model_ratios
+                checks += [check] if check else []
+        finally:
+            if args.keep:
+                kept = Path(tempfile.mkdtemp(prefix="mlxlab-bench-kept-"))
+                subprocess.run(["cp", "-r", f"{tmp}/.", str(kept)], check=False)
+                print(f"worker logs kept in {kept}", file=sys.stderr)
+    command = "python benchmarks/speed/bench.py " + " ".join(sys.argv[1:])
+    text = report(info, gemm, rows, ratio_rows, checks, command.strip(), args)
+    print(text)
+    if args.write:
+        write_section(Path(args.out), text, args.threads)
+        print(f"\nwritten to {args.out}", file=sys.stderr)
+    if (refused := [c["model"] for c in checks if not c["ok"]]) and not args.smoke:
+        sys.exit(f"bench.py: the PyTorch row of {refused} disagrees with the plain PyTorch script "
+                 "beyond the noise; its PyTorch ratios were not printed (see the check table)")
+
+
+if __name__ == "__main__":
+    main()

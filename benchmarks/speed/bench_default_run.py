@@ -1,0 +1,259 @@
+"""The default experiment's whole run against a PyTorch twin's (issue 24): what a new user times.
+
+    python benchmarks/speed/bench_default_run.py [--repeats 3] [--write]
+
+Rows, each a fresh process timed from outside (wall clock, start to exit), interleaved in
+rounds (ABBA order) so that a slow spell of a shared machine hits every row alike:
+  readme    `mlxlab-train` exactly as README.md runs it: tracked in a fresh MLflow store
+            (./mlruns of a new folder), progress bar on; the kernels are already built (pip
+            install builds them, hatch_build.py).
+  bare      the same with `tracking=none callbacks.progress.enabled=false`.
+  twin      benchmarks/speed/torch_bert_run.py: the same BERT in plain PyTorch, same batches (dumped
+            from mlxlab's own data module for all 40 epochs, so data order and padding match),
+            the same optimizer, schedule, clip, dropout and per-epoch evaluation, in a process
+            that never imports mlxlab or MLX, torch.set_num_threads = the cores.
+The table gives each row's median wall time and its training loop's (mlxlab: first step to the
+last evaluation, from its log timestamps; twin: its own clock), its first epoch's (mlxlab: to the
+first evaluation, the step's and evaluation's compiles included), median ms a step, best and last
+validation accuracy, and the ratios per round. `--write` puts it into docs/benchmarks-history.md between
+its markers, with the command and the CPU.
+
+Short runs locate a difference between the mlxlab rows with less of a shared machine's drift
+(the twin needs the full run's batches, so it is left out):
+
+    python benchmarks/speed/bench_default_run.py --rows readme,bare --epochs 8 --repeats 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import TABLES_PAGE, add_smoke, cpu_model, save_batches
+
+HERE = Path(__file__).resolve().parent
+DOC = TABLES_PAGE
+MARKER = "bench_default_run"  # DOC: <!-- MARKER:begin --> ... <!-- MARKER:end -->
+SHORT_MARKER = "bench_default_run_short"  # the same for --rows / --epochs runs
+BARE = ["tracking=none", "callbacks.progress.enabled=false"]
+EVAL_LINE = re.compile(r"^\[([\d-]+ [\d:,]+)\]\[mlxlab\.training\]\[INFO\] - step (\d+)/(\d+) .*"
+                       r"val/accuracy ([\d.]+)")
+TRAINING_LINE = re.compile(r"^\[([\d-]+ [\d:,]+)\]\[mlxlab\.training\]\[INFO\] - training: ")
+
+
+def dump(folder: Path, overrides: list[str]) -> None:
+    """The default run's batches (all epochs, in the order the run trains them) and settings,
+    for the twin. Runs in its own process: mlxlab is imported here only."""
+    from omegaconf import OmegaConf
+
+    import mlxlab  # noqa: F401  (the BLAS first)
+    from mlxlab.config import compose_config, instantiate
+    from mlxlab.data.batching import Batching
+
+    cfg = compose_config(folder, overrides)
+    data = instantiate(cfg.data)
+    data.setup(folder)
+    batching = Batching(batch_size=cfg.trainer.batch_size,
+                        **OmegaConf.to_container(cfg.trainer.batching, resolve=True))
+    epochs = int(cfg.trainer.max_epochs)
+
+    def numpy(batch: dict) -> dict:
+        import numpy as np
+
+        return {k: np.array(batch[k]) for k in ("input_ids", "attention_mask", "labels")}
+
+    train = [numpy(b) for e in range(epochs) for b in data.train_batches(batching, e)]
+    save_batches(folder / "train.npz", train)
+    save_batches(folder / "val.npz", [numpy(b) for b in data.val_batches(batching)])
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+             if k not in ("_target_", "lora", "pretrained")}
+    opt, schedule = cfg.optimizer, cfg.trainer.schedule
+    (folder / "run.json").write_text(json.dumps({
+        "vocab_size": data.vocab_size, "num_labels": data.num_labels, "model": model,
+        "epochs": epochs, "learning_rate": opt.learning_rate, "weight_decay": opt.weight_decay,
+        "betas": list(opt.betas), "eps": opt.eps, "grad_clip": cfg.trainer.grad_clip,
+        "warmup_steps": schedule.warmup_steps, "min_lr_ratio": schedule.min_lr_ratio,
+    }))
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children: a run's own work, which
+    a busy machine's waiting for a core does not inflate as it does its wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run `cmd` (subprocess.run's keyword arguments, output captured as text): (its result, wall
+    seconds, CPU seconds); a failed run ends the benchmark with its stderr's tail."""
+    started, cpu = time.perf_counter(), children_cpu()
+    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    wall, cpu = time.perf_counter() - started, children_cpu() - cpu
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return done, wall, cpu
+
+
+def stamp(text: str) -> float:
+    return time.mktime(time.strptime(text[:19], "%Y-%m-%d %H:%M:%S")) + int(text[20:]) / 1000
+
+
+def run_mlxlab(extra: list[str], tmp: Path, env: dict[str, str] | None = None) -> dict:
+    """`mlxlab-train *extra` in a fresh folder under tmp (environment: `env`, else this
+    process's), timed from outside; the loop and first epoch from its log."""
+    folder = Path(tempfile.mkdtemp(dir=tmp))  # a fresh ./mlruns and ./outputs, as a new clone
+    cmd = [str(Path(sys.executable).with_name("mlxlab-train")), *extra]
+    done, wall, cpu = timed(cmd, cwd=folder, env=env)
+    lines = (done.stdout + done.stderr).splitlines()
+    evals = [m for m in map(EVAL_LINE.match, lines) if m]
+    begin = next(stamp(m.group(1)) for m in map(TRAINING_LINE.match, lines) if m)
+    first = stamp(evals[0].group(1)) - begin
+    best = re.search(r"validation \(best checkpoint, step \d+\):.*val/accuracy ([\d.]+)",
+                     done.stdout)
+    steps = int(evals[-1].group(2))
+    loop = stamp(evals[-1].group(1)) - begin
+    return {"wall_s": wall, "cpu_s": cpu, "loop_s": loop, "first_epoch_s": first, "step_ms": None,
+            "steps": steps,
+            "best_accuracy": float(best.group(1)), "last_accuracy": float(evals[-1].group(4))}
+
+
+def run_twin(data: Path, threads: int) -> dict:
+    cmd = [sys.executable, str(HERE / "torch_bert_run.py"), "--data", str(data),
+           "--threads", str(threads)]
+    done, wall, cpu = timed(cmd, env={**os.environ, "PYTHONPATH": str(HERE)})
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, "cpu_s": cpu, "loop_s": res["loop_s"], "first_epoch_s": None,
+            "steps": len(res["step_s"]),
+            "step_ms": 1000 * statistics.median(res["step_s"]),
+            "best_accuracy": res["best_accuracy"], "last_accuracy": res["last_accuracy"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--write", action="store_true", help="put the table into docs/benchmarks-history.md")
+    parser.add_argument("--rows", default="readme,bare,twin", help="a subset, in this order")
+    parser.add_argument("--epochs", type=int, help="trainer.max_epochs for the mlxlab rows "
+                        "(the default run's 40 when not given; not with the twin)")
+    parser.add_argument("--dump", help=argparse.SUPPRESS)
+    add_smoke(parser)
+    args = parser.parse_args()
+    if args.smoke:  # every row, one round of one epoch (the twin's batches too)
+        args.repeats, args.epochs, args.write = 1, 1, False
+    extra = [f"trainer.max_epochs={args.epochs}"] if args.epochs else []
+    if args.dump:
+        return dump(Path(args.dump), extra)
+    names = args.rows.split(",")
+    if not set(names) <= {"readme", "bare", "twin"} or not names:
+        parser.error(f"--rows {args.rows}: choose from readme, bare, twin")
+    if args.epochs and "twin" in names and not args.smoke:
+        parser.error("--epochs shortens the mlxlab rows only: leave the twin out (--rows readme,bare)")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-default-run-"))
+    every = {"readme": lambda: run_mlxlab(extra, tmp), "bare": lambda: run_mlxlab(BARE + extra, tmp),
+             "twin": lambda: run_twin(data, args.threads)}
+    rows = {name: every[name] for name in names}
+    data = tmp / "twin-data"
+    if "twin" in rows:
+        data.mkdir()
+        subprocess.run([sys.executable, __file__, "--dump", str(data),
+                        *([f"--epochs={args.epochs}"] if args.smoke else [])], check=True,
+                       capture_output=True)
+    results = interleave(rows, args.repeats)
+    table = report(results, args)
+    print(table)
+    if args.write:
+        full = args.rows == "readme,bare,twin" and not args.epochs
+        write(table, MARKER if full else SHORT_MARKER)
+
+
+def interleave(rows: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
+    """Each row's runs over `repeats` rounds, the order reversed every other round (ABBA), so a
+    slow spell of a shared machine hits every row alike; prints each run as it ends."""
+    results: dict[str, list[dict]] = {name: [] for name in rows}
+    for r in range(repeats):
+        for name in (list(rows) if r % 2 == 0 else list(rows)[::-1]):
+            res = rows[name]()
+            results[name].append(res)
+            first = "" if res["first_epoch_s"] is None else f"  first epoch {res['first_epoch_s']:5.2f} s"
+            print(f"round {r + 1} {name:6s} wall {res['wall_s']:6.1f} s  loop {res['loop_s']:6.1f} s"
+                  f"{first}  best {res['best_accuracy']:.4f}  last {res['last_accuracy']:.4f}",
+                  flush=True)
+    return results
+
+
+def report(results: dict[str, list[dict]], args) -> str:
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[name])
+
+    def ratio(a: str, b: str, key: str) -> str:
+        per_round = sorted(x[key] / y[key] for x, y in zip(results[a], results[b]))
+        return (f"{statistics.median(per_round):.2f}x "
+                f"({per_round[0]:.2f}-{per_round[-1]:.2f})")
+
+    command = "python benchmarks/speed/bench_default_run.py"
+    if args.rows != "readme,bare,twin":
+        command += f" --rows {args.rows}"
+    if args.epochs:
+        command += f" --epochs {args.epochs}"
+    lines = [
+        f"CPU: {cpu_model()}; {args.repeats} rounds; torch threads {args.threads}; "
+        f"command: `{command} --repeats {args.repeats} --write`",
+        "",
+        "| row | wall (s) | training loop (s) | first epoch (s) | steps | loop ms / step | "
+        "best val acc (%) | last val acc (%) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    labels = {"readme": "`mlxlab-train` as README runs it (MLflow, progress bar)",
+              "bare": "`mlxlab-train tracking=none callbacks.progress.enabled=false`",
+              "twin": "PyTorch twin (torch_bert_run.py)"}
+
+    def accuracies(name: str, key: str) -> str:
+        return "/".join(f"{100 * r[key]:.1f}" for r in results[name])
+
+    for name in results:
+        per_step = statistics.median(1000 * r["loop_s"] / r["steps"] for r in results[name])
+        first = ("-" if results[name][0]["first_epoch_s"] is None
+                 else f"{med(name, 'first_epoch_s'):.2f}")
+        lines.append(f"| {labels[name]} | {med(name, 'wall_s'):.1f} | {med(name, 'loop_s'):.1f} | "
+                     f"{first} | {med(name, 'steps'):.0f} | {per_step:.1f} | "
+                     f"{accuracies(name, 'best_accuracy')} | {accuracies(name, 'last_accuracy')} |")
+    lines.append("")
+    if {"readme", "twin"} <= set(results):
+        lines.append(f"- readme / twin, wall: {ratio('readme', 'twin', 'wall_s')}; training loop: "
+                     f"{ratio('readme', 'twin', 'loop_s')}")
+    if {"bare", "twin"} <= set(results):
+        lines.append(f"- bare / twin, wall: {ratio('bare', 'twin', 'wall_s')}")
+    if {"readme", "bare"} <= set(results):
+        extra = sorted(x["wall_s"] - y["wall_s"] for x, y in zip(results["readme"], results["bare"]))
+        lines.append(f"- readme / bare, wall: {ratio('readme', 'bare', 'wall_s')}; readme - bare "
+                     f"per round {statistics.median(extra):+.1f} s ({extra[0]:+.1f} to "
+                     f"{extra[-1]:+.1f})")
+    if "twin" in results:
+        lines.append(f"- twin step median: {med('twin', 'step_ms'):.1f} ms")
+    return "\n".join(lines)
+
+
+def write(table: str, marker: str = MARKER) -> None:
+    text = DOC.read_text()
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    if begin not in text:
+        raise SystemExit(f"{DOC} has no {begin} marker")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    DOC.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    main()

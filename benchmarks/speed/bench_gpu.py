@@ -1,0 +1,635 @@
+"""One command for a GPU window (issue 40): what mlxlab does on the GPU, and against PyTorch.
+
+    python benchmarks/speed/bench_gpu.py [--write] [--budget-min 25] [--out gpu-bench]
+    python benchmarks/speed/bench_gpu.py --dry-run      # the whole path on the CPU, tiny, ~1 minute
+
+No network. Parts, each with its share of the budget (a part or row past it is skipped with a
+note, so the whole fits a 25-minute window):
+1. device: the start-up line mlxlab logs (GPU, memory, MLX build, CUDA, driver) and whether
+   MLX's CUDA kernel cache was empty (then the first part pays the NVRTC compiles).
+2. GEMM: the best matmul TFLOP/s MLX reaches at fp32 and bf16 (n = 2048, 4096, 8192).
+3. LM presets (model=transformer_nano|small|medium|large, vocab 32768, seq 1024) at fp32 and
+   bf16 (trainer.precision=bf16: bf16 compute over fp32 masters), through mlxlab's own compiled
+   step (training/step.py make_step, AdamW, clip 1.0) on fixed random token batches: tokens/s, MFU =
+   model FLOPs/s (bench.py's count: 6 x matmul params x tokens + attention) over the GPU's dense
+   peak for the dtype (PEAKS; fp32 over TF32's when the fp32 GEMM shows tensor cores) and over
+   the best GEMM of part 2, MLX peak memory.
+4. The PyTorch twin (bench_torch.py's decoder: same sizes, same weights' shapes, the same
+   batches from the same seed, AdamW + clip), eager and torch.compile, fp32 and bf16 autocast,
+   in a process that never imports mlxlab or MLX; "skipped" with the reason where no CUDA torch.
+5. The default experiment as README runs it (tracking=csv, no bar): wall time, the first step's
+   compile (tag mlxlab.compile_s), best validation accuracy; `--parts first` runs it first on a
+   fresh machine (the kernel compiles' wait, and the lines that say so).
+6. LoRA and 4-bit QLoRA (`model.quantize=4`): a random Llama written on the spot without PyTorch
+   (scripts/tiny_hf_model.py --no-torch; hidden 1024, 8 layers), experiment=finetune_completions.
+   The `mlx` part also profiles medium's step (profile_step: forward, backward, optimizer,
+   attention alone, the matmuls' floor at the best GEMM's rate).
+7. `pytest -m gpu` (tests/test_gpu.py), its figures (determinism) collected.
+
+Prints one markdown report; --write puts it into docs/benchmarks-history.md between the markers
+`<!-- bench_gpu: begin/end -->` ("Tables the scripts write"), and everything lands in --out as JSON.
+
+The device tool runs one command for at most 10 minutes, so a window runs the parts in turn
+(`--parts first`, `mlx`, `torch`, `runs`, `pytest`; benchmarks/speed/gpu_window.sh runs them in one
+background pipeline): each call adds its parts to <out>/bench_gpu.json and prints the
+report so far; `--from-json FILE --write` renders a fetched JSON into docs/benchmarks-history.md here.
+benchmarks/speed/gpu_window.sh holds the exact calls (docs/benchmarks-history.md, "The window's
+procedure").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks.*
+from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+
+PRESETS = ("nano", "small", "medium", "large")
+DTYPES = ("fp32", "bf16")
+# Dense peak TFLOP/s (no 2:4 sparsity) from NVIDIA's data sheets: fp32 on CUDA cores, TF32 and
+# BF16 on tensor cores. Matched against the device name MLX reports (first match wins).
+PEAKS = [
+    ("H100 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
+    ("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0}),
+    ("H100", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4}),  # SXM5 (HBM3): "H100 80GB HBM3"
+    ("H200", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4}),
+    ("GH200", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4}),
+    ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}),
+    ("L40S", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.1}),
+    ("L4", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0}),
+    ("A10G", {"fp32": 31.2, "tf32": 35.0, "bf16": 70.0}),
+    ("A10", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0}),
+    ("RTX 4090", {"fp32": 82.6, "tf32": 82.6, "bf16": 165.2}),
+    ("T4", {"fp32": 8.1, "tf32": 8.1, "bf16": 0.0}),  # no bf16 tensor cores (SM 7.5)
+]
+# Each part's share of the window (fractions of --budget-min); the rest is slack.
+SHARES = {"gemm": 0.04, "mlx": 0.30, "torch": 0.30, "default": 0.08, "lora": 0.10, "pytest": 0.20}
+FULL = {"vocab": 32768, "seq": 1024, "batch": {"nano": 32, "small": 16, "medium": 8, "large": 4},
+        "warmup": 3, "steps": 20, "gemm": [2048, 4096, 8192], "lora": (1024, 8)}
+DRY = {"vocab": 512, "seq": 32, "batch": {p: 2 for p in PRESETS}, "warmup": 1, "steps": 2,
+       "gemm": [64, 128], "lora": (64, 2)}
+DRY_MODEL = ["model.dim=32", "model.num_layers=1", "model.num_heads=2"]
+
+
+def peak_for(name: str) -> dict | None:
+    for key, peaks in PEAKS:
+        if key.lower() in name.lower():
+            return {"gpu": key, **peaks}
+    return None
+
+
+# ---- MLX side (a worker process) -------------------------------------------------------------
+
+
+def gemm(sizes: list[int], deadline: float) -> dict[str, float]:
+    """Best TFLOP/s of an n x n x n product per dtype, 10 timed repeats after 2 warm ones."""
+    import mlx.core as mx
+
+    best: dict[str, float] = {}
+    for dtype_name, dtype in (("fp32", mx.float32), ("bf16", mx.bfloat16)):
+        for n in sizes:
+            if time.monotonic() > deadline:
+                break
+            a, b = mx.random.normal((n, n)).astype(dtype), mx.random.normal((n, n)).astype(dtype)
+            for _ in range(2):
+                mx.eval(a @ b)
+            started = time.perf_counter()
+            for _ in range(10):
+                c = a @ b
+                mx.eval(c)
+            tflops = 2 * n**3 * 10 / (time.perf_counter() - started) / 1e12
+            best[dtype_name] = max(best.get(dtype_name, 0.0), tflops)
+    return best
+
+
+def preset_step(spec: dict, root: Path, preset: str, dtype: str):
+    """(model config, model, loss, compiled step) of `preset` as the trainer builds them: AdamW,
+    clip 1.0, fused kernels auto, bf16 compute over fp32 masters for dtype "bf16"."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from benchmarks.speed.bench import compose
+    from mlxlab import kernels
+    from mlxlab.config import instantiate
+    from mlxlab.objectives import losses
+    from mlxlab.training.settings import TrainerSettings
+    from mlxlab.training.step import make_step, mixed_precision
+
+    cfg = compose(root, [f"model=transformer_{preset}", *spec["model_overrides"]])
+    mx.random.seed(0)
+    model = instantiate(cfg.model, vocab_size=spec["vocab"], num_labels=None)
+    model.train()
+    settings = TrainerSettings(precision=dtype, grad_clip=1.0, fused_kernels="auto")
+    kernels.set_mode(settings.fused_kernels)  # as the loop sets it
+    loss_fn = losses.task_loss("lm")
+    if dtype == "bf16":
+        loss_fn = mixed_precision(loss_fn, mx.bfloat16)
+    step = make_step(model, optim.AdamW(learning_rate=1e-4, weight_decay=0.01), loss_fn, settings)
+    return cfg.model, model, loss_fn, step
+
+
+def lm_rows(spec: dict) -> list[dict]:
+    """mlxlab's compiled step on each preset x dtype; one row each (or its error)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from benchmarks.speed.bench import matmul_params, step_flops
+
+    rows, deadline = [], spec["deadline"]
+    root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    for preset in PRESETS:
+        for dtype in DTYPES:
+            row = {"preset": preset, "dtype": dtype}
+            rows.append(row)
+            if time.monotonic() > deadline:
+                row["skipped"] = "over the part's time budget"
+                continue
+            try:
+                model_cfg, model, _, step = preset_step(spec, root, preset, dtype)
+                # nano's positions stop at 256: its rows are that long
+                batch_rows, seq = spec["batch"][preset], min(spec["seq"], model_cfg.max_seq_len)
+                rng = np.random.default_rng(spec["seed"])
+                per_token, per_sample, layers, dim = matmul_params(model, "lm")
+                meta = {"params_per_token": per_token, "params_per_sample": per_sample,
+                        "layers": layers, "dim": dim}
+                times = []
+                for k in range(spec["warmup"] + spec["steps"]):
+                    ids = rng.integers(0, spec["vocab"], (batch_rows, seq + 1), dtype=np.int32)
+                    x = mx.array(ids)
+                    batch = {"input_ids": x[:, :-1], "labels": x[:, 1:],
+                             "loss_mask": mx.ones((batch_rows, seq), mx.float32)}
+                    if k == spec["warmup"]:
+                        mx.reset_peak_memory()
+                    started = time.perf_counter()
+                    loss, _, _ = step([batch])
+                    times.append(time.perf_counter() - started)
+                seconds = statistics.median(times[spec["warmup"]:])
+                flops = step_flops(meta, (batch_rows, seq))
+                row.update({
+                    "params_m": sum(v.size for _, v in tree_flatten(model.parameters())) / 1e6,
+                    "tokens_per_s": batch_rows * seq / seconds, "step_ms": 1e3 * seconds,
+                    "first_step_s": times[0], "tflops": flops / seconds / 1e12,
+                    "peak_gb": mx.get_peak_memory() / 2**30, "loss": float(loss),
+                    "batch": batch_rows, "seq": seq})
+            except Exception as exc:  # noqa: BLE001  (a row that fails, e.g. out of memory, is reported)
+                row["error"] = str(exc).splitlines()[0][:200]
+    return rows
+
+
+def profile_step(spec: dict, preset: str, dtype: str) -> dict:
+    """Where one step's time goes (issue 60 item 5): the compiled forward, forward + backward and
+    whole step of `preset` timed apart, attention (MLX's fused SDPA, causal, forward + backward)
+    timed alone at the model's shapes, and the matmuls' floor (their FLOPs over the best GEMM)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    from benchmarks.speed.bench import matmul_params
+
+    model_cfg, model, loss_fn, step = preset_step(
+        spec, Path(tempfile.mkdtemp(prefix="bench-gpu-prof-")), preset, dtype)
+    low = mx.bfloat16 if dtype == "bf16" else mx.float32
+    b, t = spec["batch"][preset], min(spec["seq"], model_cfg.max_seq_len)
+    ids = mx.array(np.random.default_rng(0).integers(0, spec["vocab"], (b, t + 1), dtype=np.int32))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mx.ones((b, t), mx.float32)}
+    forward = mx.compile(lambda x: loss_fn(model, x)[0])
+    grads = mx.compile(lambda x: nn.value_and_grad(model, loss_fn)(model, x)[1])
+    heads, dim = model_cfg.num_heads, model_cfg.dim
+    q = mx.random.normal((b, heads, t, dim // heads)).astype(low)
+
+    def attention(q):
+        return mx.fast.scaled_dot_product_attention(q, q, q, scale=(dim // heads) ** -0.5,
+                                                    mask="causal").sum()
+
+    attn = mx.compile(mx.grad(attention))
+
+    def timed(fn, *args, n: int = 10) -> float:
+        for _ in range(3):
+            mx.eval(fn(*args))
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            mx.eval(fn(*args))
+            times.append(time.perf_counter() - started)
+        return 1e3 * statistics.median(times)
+
+    per_token, _, layers, _ = matmul_params(model, "lm")
+    out = {"preset": preset, "dtype": dtype, "batch": b, "seq": t,
+           "forward_ms": timed(forward, batch), "forward_backward_ms": timed(grads, batch),
+           "step_ms": timed(lambda x: step([x])[0], batch),
+           "attention_fwd_bwd_ms": layers * timed(attn, q)}
+    best = spec.get("gemm_best", {}).get(dtype)
+    if best:
+        out["matmul_floor_ms"] = 1e3 * 6 * per_token * b * t / (best * 1e12)
+    return out
+
+
+def mlx_worker(spec: dict) -> dict:
+    import mlxlab  # noqa: F401  (the fast BLAS on CPU, before mlx.core)
+    from mlxlab.runtime import device
+    from mlxlab.training.startup import prepare_device
+
+    cache = Path(spec["cache_dir"])
+    empty = device.use_kernel_cache(cache).files == 0
+    described = prepare_device(cache, "auto")
+    line = device.device_line(described, [] if described.backend != "cpu" else ["(CPU)"])
+    started = time.monotonic()
+    best = gemm(spec["gemm"], started + spec["budget"]["gemm"])
+    spec["deadline"] = time.monotonic() + spec["budget"]["mlx"]
+    rows = lm_rows(spec)
+    spec["gemm_best"] = best
+    profiles = []
+    for preset, dtype in spec.get("profile", []):
+        try:
+            profiles.append(profile_step(spec, preset, dtype))
+        except Exception as exc:  # noqa: BLE001  (reported, like a row)
+            profiles.append({"preset": preset, "dtype": dtype, "error": str(exc).splitlines()[0][:200]})
+    return {"device": line, "backend": described.backend, "name": described.name,
+            "kernel_cache_empty": empty, "gemm_tflops": best, "rows": rows, "profiles": profiles,
+            "gemm_s": time.monotonic() - started}
+
+
+# ---- PyTorch side (a worker process that never imports mlxlab or MLX) -------------------------
+
+
+def torch_worker(spec: dict) -> dict:
+    try:
+        import torch
+    except ImportError:
+        return {"skipped": "PyTorch is not installed here"}
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not spec["dry_run"]:
+        return {"skipped": f"no CUDA PyTorch here (torch {torch.__version__}, "
+                           "cuda available: False)"}
+    import numpy as np
+    import torch.nn.functional as F
+
+    from benchmarks.speed.bench_torch import torch_models
+
+    dev = "cuda" if on_gpu else "cpu"
+    Transformer, _ = torch_models()
+    rows, deadline = [], time.monotonic() + spec["budget"]["torch"]
+    for item in spec["models"]:
+        for dtype in DTYPES:
+            for mode in ("eager", "compile"):
+                row = {"preset": item["preset"], "dtype": dtype, "mode": mode}
+                rows.append(row)
+                if time.monotonic() > deadline:
+                    row["skipped"] = "over the part's time budget"
+                    continue
+                try:
+                    torch.manual_seed(0)
+                    model = Transformer(spec["vocab"], **item["cfg"]).to(dev).train()
+                    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+                    forward = model if mode == "eager" else torch.compile(
+                        model, backend="inductor" if on_gpu else "eager")
+                    rng = np.random.default_rng(spec["seed"])
+                    b, t = item["batch"], item["seq"]
+                    times = []
+                    if on_gpu:
+                        torch.cuda.reset_peak_memory_stats()
+                    for k in range(spec["warmup"] + spec["steps"]):
+                        ids = torch.from_numpy(rng.integers(0, spec["vocab"], (b, t + 1),
+                                                            dtype=np.int32)).long().to(dev)
+                        started = time.perf_counter()
+                        optimizer.zero_grad(set_to_none=True)
+                        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                            logits = forward(ids[:, :-1])
+                        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                        optimizer.step()
+                        if on_gpu:
+                            torch.cuda.synchronize()
+                        times.append(time.perf_counter() - started)
+                        if k == spec["warmup"] - 1 and on_gpu:
+                            torch.cuda.reset_peak_memory_stats()
+                    seconds = statistics.median(times[spec["warmup"]:])
+                    row.update({"tokens_per_s": b * t / seconds, "step_ms": 1e3 * seconds,
+                                "first_step_s": times[0],
+                                "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu
+                                else None})
+                except Exception as exc:  # noqa: BLE001  (reported per row)
+                    row["error"] = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return {"torch": torch.__version__, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+            "rows": rows}
+
+
+# ---- runs of the real command ------------------------------------------------------------------
+
+
+def run_train(root: Path, overrides: list[str], timeout: float):
+    """`python -m mlxlab.train` rooted in `root`: (its output, {"wall_s"}) or (None, why not)."""
+    started = time.monotonic()
+    try:
+        out = subprocess.run([sys.executable, "-m", "mlxlab.train", *overrides], cwd=root,
+                             capture_output=True, text=True, timeout=timeout,
+                             env={**os.environ, "MLXLAB_ROOT": str(root)})
+    except subprocess.TimeoutExpired:
+        return None, {"skipped": f"over its time budget ({timeout:.0f} s)"}
+    if out.returncode != 0:
+        return None, {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return out, {"wall_s": time.monotonic() - started}
+
+
+def default_experiment(dry: bool, root: Path, timeout: float, name: str = "default") -> dict:
+    """The README's default run; `name="first"` on a fresh machine is the first run's wait (MLX
+    compiles its CUDA kernels): the lines it printed about compiling come back with it."""
+    run_dir = root / name
+    extra = ["trainer.max_epochs=1", "trainer.max_steps=4", *[o.replace("dim", "hidden_size")
+                                                                for o in DRY_MODEL]] if dry else []
+    out, res = run_train(root, ["tracking=csv", "callbacks.progress.enabled=false",
+                                f"hydra.run.dir={run_dir}", *extra], timeout)
+    if out is None:
+        return res
+    tags = json.loads((run_dir / "tracking" / "tags.json").read_text())
+    summary = [line for line in out.stdout.splitlines() if line.startswith("validation")]
+    said = [line.strip()[:300] for line in (out.stdout + out.stderr).splitlines()
+            if "compile" in line.lower()]
+    return {**res, "compile_s": float(tags.get("mlxlab.compile_s", "nan")),
+            "summary": summary[0] if summary else "", "compile_lines": said[:4]}
+
+
+def lora(dry: bool, root: Path, timeout: float, sizes: tuple[int, int]) -> dict:
+    """LoRA and 4-bit QLoRA (`model.quantize=4`: the base packed at load) fine-tunes of one random
+    Llama written on the spot (no PyTorch needed), through mlx-lm's model code."""
+    import csv
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from tiny_hf_model import save_tiny_llama_without_torch
+
+    hidden, layers = sizes
+    base = save_tiny_llama_without_torch(root / "llama", hidden=hidden, layers=layers,
+                                         heads=max(2, hidden // 64), kv_heads=max(1, hidden // 256))
+    steps = 4 if dry else 100
+    res: dict = {}
+    for kind, extra in (("lora", []), ("qlora", ["model.quantize=4"])):
+        run_dir = root / kind
+        out, row = run_train(root, [
+            "experiment=finetune_completions", f"model.pretrained={base}", "tracking=csv",
+            "callbacks.progress.enabled=false", f"trainer.max_steps={steps}",
+            f"trainer.eval_every_steps={steps}", f"trainer.log_every_steps={2 if dry else 10}",
+            f"hydra.run.dir={run_dir}", *extra], max(timeout / 2, 150.0))
+        if out is not None:
+            with open(run_dir / "tracking" / "metrics.csv") as f:  # the first window holds the compile
+                rates = [float(r["value"]) for r in csv.DictReader(f)
+                         if r["name"] == "train/tokens_per_sec"]
+            tags = json.loads((run_dir / "tracking" / "tags.json").read_text())
+            row.update({"steps": steps, "hidden": hidden, "layers": layers,
+                        "compile_s": float(tags.get("mlxlab.compile_s", "nan")),
+                        "tokens_per_s": statistics.median(rates[1:] or rates or [0.0])})
+        res[kind] = row
+    return res
+
+
+def gpu_tests(root: Path, timeout: float) -> dict:
+    report = root / "gpu_tests.jsonl"
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:cacheprovider", "-m", "gpu",
+           "-q", str(REPO / "tests" / "test_gpu.py")]
+    try:
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                             env={**os.environ, "MLXLAB_GPU_REPORT": str(report)})
+    except subprocess.TimeoutExpired:
+        return {"summary": f"over its time budget ({timeout:.0f} s)"}
+    lines = out.stdout.strip().splitlines()
+    figures = [json.loads(x) for x in report.read_text().splitlines()] if report.exists() else []
+    return {"summary": lines[-1] if lines else out.stderr[-300:], "figures": figures}
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+
+def fmt(x, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+NOT_RUN = {"mlx": {"device": "(the mlx part did not run)", "backend": "?", "name": "?",
+                  "kernel_cache_empty": False, "gemm_tflops": {}, "rows": []},
+           "torch": {"skipped": "the torch part did not run"},
+           "default": {"skipped": "not run"}, "lora": {"skipped": "not run"},
+           "pytest": {"summary": "not run"}}
+
+
+def report(res: dict) -> str:
+    res = {**NOT_RUN, **res}
+    mlx, torch_res = res["mlx"], res["torch"]
+    peaks = peak_for(mlx["name"]) if mlx["backend"] == "cuda" else None
+    gemm_best = mlx["gemm_tflops"]
+    out = [f"`python benchmarks/speed/bench_gpu.py{' --dry-run' if res['dry_run'] else ''}` "
+           f"({time.strftime('%Y-%m-%d', time.gmtime())}, {res.get('total_s', 0):.0f} s over "
+           f"the parts: {', '.join(res.get('parts', []))})", "",
+           f"- {mlx['device']}",
+           f"- MLX's CUDA kernel cache was {'empty: this run paid the compiles' if mlx['kernel_cache_empty'] else 'filled'}"
+           if mlx["backend"] == "cuda" else "- (CPU: no kernel cache)",
+           f"- best GEMM: fp32 {fmt(gemm_best.get('fp32'))} TFLOP/s, bf16 "
+           f"{fmt(gemm_best.get('bf16'))} TFLOP/s; dense peaks used: "
+           + (f"{peaks['gpu']} fp32 {peaks['fp32']} / tf32 {peaks['tf32']} / bf16 {peaks['bf16']}"
+              if peaks else "none (not a GPU in the table: MFU over the measured GEMM only)"), "",
+           "| preset | dtype | params (M) | batch x seq | mlxlab tokens/s | MFU (peak) | MFU (GEMM) "
+           "| MLX peak GB | torch eager tokens/s | torch.compile tokens/s | mlxlab / compile |",
+           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    twin = {(r["preset"], r["dtype"], r["mode"]): r for r in torch_res.get("rows", [])}
+    for row in mlx["rows"]:
+        key = (row["preset"], row["dtype"])
+        eager, comp = twin.get((*key, "eager"), {}), twin.get((*key, "compile"), {})
+        if "tokens_per_s" not in row:
+            out.append(f"| {row['preset']} | {row['dtype']} | {row.get('error') or row.get('skipped')} "
+                       "| | | | | | | | |")
+            continue
+        peak = None
+        if peaks:
+            use_tf32 = row["dtype"] == "fp32" and gemm_best.get("fp32", 0) > 1.1 * peaks["fp32"]
+            peak = peaks["tf32" if use_tf32 else row["dtype"]] or None
+        mfu_peak = 100 * row["tflops"] / peak if peak else None
+        gemm_ref = gemm_best.get(row["dtype"])
+        mfu_gemm = 100 * row["tflops"] / gemm_ref if gemm_ref else None
+        ratio = row["tokens_per_s"] / comp["tokens_per_s"] if comp.get("tokens_per_s") else None
+        out.append(
+            f"| {row['preset']} | {row['dtype']} | {row['params_m']:.1f} | {row['batch']} x {row['seq']} "
+            f"| {row['tokens_per_s']:,.0f} | {fmt(mfu_peak)} % | {fmt(mfu_gemm)} % | "
+            f"{row['peak_gb']:.2f} | {fmt(eager.get('tokens_per_s'), ',.0f')} | "
+            f"{fmt(comp.get('tokens_per_s'), ',.0f')} | {fmt(ratio, '.2f')}x |")
+    if "skipped" in torch_res:
+        out.append(f"\nPyTorch twin: skipped ({torch_res['skipped']}).")
+    else:
+        errors = [f"{r['preset']}/{r['dtype']}/{r['mode']}: {r.get('error') or r.get('skipped')}"
+                  for r in torch_res["rows"] if "tokens_per_s" not in r]
+        out.append(f"\nPyTorch twin: torch {torch_res['torch']} on {torch_res['device']}"
+                   + (f"; not measured: {'; '.join(errors)}" if errors else "") + ".")
+    for prof in mlx.get("profiles", []):
+        if "error" in prof:
+            out.append(f"\nProfile of {prof['preset']}/{prof['dtype']}: {prof['error']}")
+            continue
+        out.append(f"\nWhere a {prof['preset']} {prof['dtype']} step ({prof['batch']} x {prof['seq']}) "
+                   f"goes: forward {prof['forward_ms']:.1f} ms, forward + backward "
+                   f"{prof['forward_backward_ms']:.1f} ms, whole step {prof['step_ms']:.1f} ms "
+                   f"(clip + AdamW ~{prof['step_ms'] - prof['forward_backward_ms']:.1f} ms); attention "
+                   f"alone (fused SDPA, causal, fwd + bwd, all layers) {prof['attention_fwd_bwd_ms']:.1f} "
+                   f"ms; the matmuls at the best GEMM's rate {fmt(prof.get('matmul_floor_ms'))} ms.")
+    inst, first = res.get("install", {}), res.get("first", {})
+    d, lo, tests = res["default"], res["lora"], res["pytest"]
+    cpu = res.get("cpu_runs", {})  # the same runs on the CPU box (--cpu-json)
+
+    def run_cell(r: dict) -> str:
+        if "wall_s" not in r:
+            return r.get("error") or r.get("skipped") or "not run"
+        text = f"{r['wall_s']:.1f} s wall" + (f", first step compiled in {r['compile_s']:.1f} s"
+                                              if r.get("compile_s") == r.get("compile_s") else "")
+        return text + (f", {r['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in r else "")
+
+    out += ["", "| run | on the GPU | on the CPU box |", "|---|---|---|"]
+    if inst:
+        out.append(f"| `pip install -e \".[cuda13]\"` from the carried wheels | "
+                   f"{inst.get('seconds', 0):.0f} s ({inst.get('how', '?')}) | |")
+    if first:
+        out.append("| first run on a fresh machine (default experiment, empty kernel cache) | "
+                   + run_cell(first) + "; it said: " + " / ".join(f"`{x}`" for x in
+                                                                  first.get("compile_lines", [])) + " | |")
+    out.append("| default experiment (`mlxlab-train tracking=csv`) | " + run_cell(d)
+               + (f"; {d['summary']}" if d.get("summary") else "") + " | "
+               + run_cell(cpu.get("default", {})) + " |")
+    for kind, label in (("lora", "LoRA"), ("qlora", "QLoRA (4-bit base, `model.quantize=4`)")):
+        r = lo.get(kind, lo if kind == "lora" else {})
+        shape = f" hidden {r['hidden']}, {r['layers']} layers, {r['steps']} steps" if "hidden" in r else ""
+        out.append(f"| {label}, `experiment=finetune_completions` on a random Llama{shape} | "
+                   + run_cell(r) + " | " + run_cell(cpu.get("lora", {}).get(kind, {})) + " |")
+    out.append(f"| `pytest -m gpu` | {tests['summary']} | |")
+    for fig in tests.get("figures", []):
+        if fig.get("test") == "determinism":
+            out.append(f"| determinism (Titanic, 36 steps) | two processes: bitwise "
+                       f"{fig['two_processes_bitwise']}, rel. gap {fig['two_processes_rel_gap']:.1e}; "
+                       f"SIGKILL + resume: bitwise {fig['resume_bitwise']}, rel. gap "
+                       f"{fig['resume_rel_gap']:.1e} |")
+    return "\n".join(out)
+
+
+def run_worker(kind: str, spec: dict, tmp: Path, timeout: float, env: dict) -> dict:
+    path = tmp / f"{kind}.json"
+    path.write_text(json.dumps(spec))
+    try:
+        out = subprocess.run([sys.executable, __file__, f"--{kind}-worker", str(path)],
+                             capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout:.0f} s"}
+    results = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if not results:
+        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(results[-1][7:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="the whole path on the CPU, tiny")
+    parser.add_argument("--write", action="store_true", help="the table into docs/benchmarks-history.md")
+    parser.add_argument("--budget-min", type=float, default=25.0)
+    parser.add_argument("--out", default="gpu-bench", help="folder for the JSON and the runs")
+    parser.add_argument("--parts", default="first,mlx,torch,runs,pytest",
+                        help="comma-separated: first (the default run on a fresh machine), mlx (device, GEMM, "
+                        "presets, a profile), torch (the twin), "
+                        "runs (default experiment, LoRA), pytest (-m gpu); added to <out>/bench_gpu.json")
+    parser.add_argument("--from-json", nargs="+", help="render these bench_gpu.json files, merged "
+                        "in order (with --write: into the docs)")
+    parser.add_argument("--cpu-json", help="a CPU box's bench_gpu.json (--parts runs): its runs "
+                        "beside the GPU's in the report")
+    parser.add_argument("--mlx-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
+    add_smoke(parser)
+    args = parser.parse_args()
+    if args.smoke:  # --dry-run: the whole path on the CPU, tiny, into a fresh folder
+        args.dry_run, args.write, args.out = True, False, str(smoke_dir("bench_gpu"))
+    for kind, worker in (("mlx", mlx_worker), ("torch", torch_worker)):
+        spec_path = getattr(args, f"{kind}_worker")
+        if spec_path:
+            print("RESULT " + json.dumps(worker(json.loads(Path(spec_path).read_text()))), flush=True)
+            return
+    if args.from_json:  # the windows' calls, each a machine's figures so far: later ones win
+        merged: dict = {}
+        for path in args.from_json:
+            res = json.loads(Path(path).read_text())
+            merged = {**merged, **res, "parts": sorted(set(merged.get("parts", [])) | set(res.get("parts", []))),
+                      "total_s": merged.get("total_s", 0.0) + res.get("total_s", 0.0)}
+        if args.cpu_json:
+            cpu = json.loads(Path(args.cpu_json).read_text())
+            merged["cpu_runs"] = {"default": cpu.get("default", {}), "lora": cpu.get("lora", {})}
+        emit(merged, args.write)
+        return
+    started = time.monotonic()
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - {"first", "mlx", "torch", "runs", "pytest"}
+    if unknown:
+        parser.error(f"--parts: unknown {sorted(unknown)}; choose from first, mlx, torch, runs, pytest")
+    sizes = DRY if args.dry_run else FULL
+    budget = {part: share * args.budget_min * 60 for part, share in SHARES.items()}
+    if args.dry_run:
+        budget = {part: max(seconds, 60.0) for part, seconds in budget.items()}
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "bench_gpu.json"
+    res: dict = json.loads(saved.read_text()) if saved.exists() else {}
+    if res.get("dry_run", args.dry_run) != args.dry_run:
+        res = {}  # a dry run's figures never mix with a GPU's
+    res["dry_run"] = args.dry_run
+    model_overrides = DRY_MODEL if args.dry_run else []
+    spec = {"vocab": sizes["vocab"], "seq": sizes["seq"], "batch": sizes["batch"],
+            "warmup": sizes["warmup"], "steps": sizes["steps"], "gemm": sizes["gemm"],
+            "seed": 0, "budget": budget, "dry_run": args.dry_run,
+            "model_overrides": model_overrides, "cache_dir": str(REPO / ".cache" / "mlxlab"),
+            "profile": [("nano" if args.dry_run else "medium", "bf16"),
+                        ("nano" if args.dry_run else "medium", "fp32")]}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    installed = out / "install.json"  # gpu_window.sh's install step: its time and how it went
+    if installed.exists():
+        res["install"] = json.loads(installed.read_text())
+    if "first" in parts:  # before anything else on a fresh machine: the kernel compiles' wait
+        res["first"] = default_experiment(args.dry_run, out, 600.0, name="first")
+    if "mlx" in parts:
+        # a first run on a new GPU compiles MLX's kernels (~3 min) inside this part: its timeout allows it
+        res["mlx"] = run_worker("mlx", spec, out, budget["gemm"] + budget["mlx"] + 300, env)
+        if "error" in res["mlx"]:
+            raise SystemExit(f"bench_gpu: the MLX part failed: {res['mlx']['error']}")
+    if "torch" in parts:
+        from benchmarks.speed.bench import compose
+
+        models = []
+        for preset in PRESETS:
+            cfg = compose(out / "cfg", [f"model=transformer_{preset}", *model_overrides])
+            model_cfg = {k: v for k, v in dict(cfg.model).items()
+                         if k not in ("_target_", "lora", "max_seq_len")}
+            models.append({"preset": preset, "cfg": model_cfg, "batch": sizes["batch"][preset],
+                           "seq": min(sizes["seq"], cfg.model.max_seq_len)})
+        res["torch"] = run_worker("torch", {**spec, "models": models}, out, budget["torch"] + 120,
+                                  env)
+    if "runs" in parts:
+        res["default"] = default_experiment(args.dry_run, out, budget["default"])
+        res["lora"] = lora(args.dry_run, out, budget["lora"], sizes["lora"])
+    if "pytest" in parts:  # its 4 tests took 291 s on an H100 (2026-11-25)
+        res["pytest"] = gpu_tests(out, max(budget["pytest"], 420.0))
+    res["parts"] = sorted(set(res.get("parts", [])) | set(parts))
+    res["total_s"] = res.get("total_s", 0.0) + time.monotonic() - started
+    saved.write_text(json.dumps(res, indent=2))
+    emit(res, args.write)
+
+
+def emit(res: dict, write: bool) -> None:
+    text = report(res)
+    print(text)
+    if write:
+        from benchmarks.common import TABLES_PAGE, write_between_markers
+
+        write_between_markers(TABLES_PAGE, "bench_gpu", text,
+                              "### `benchmarks/speed/bench_gpu.py`")
+
+
+if __name__ == "__main__":
+    main()

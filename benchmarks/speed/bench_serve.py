@@ -1,0 +1,254 @@
+"""How does `mlxlab serve` hold up under concurrent OpenAI clients, beside `mlx_lm.server` on the
+same model: is any request lost or mixed up, and what latency and tokens/s does each client see?
+
+    .venv/bin/python benchmarks/speed/bench_serve.py [--clients 8] [--requests 4] [--max-tokens 32]
+        [--hidden 512 --layers 8] [--rounds 2] [--deadline 300] [--blas-threads 1] [--control]
+        [--adapters]
+
+One random Llama folder (scripts/tiny_hf_model.py --no-torch: no download) is served by both
+servers on 127.0.0.1 (loopback only), each in its own process, started once. Rounds alternate
+mlxlab, mlx-lm, mlxlab, mlx-lm, ... (the machine's load changes over minutes; the load average
+is printed with each round). In a round, `--clients` threads (at most 16) each send
+`--requests` greedy completions of their own prompt, one after another, with the official
+`openai` client; a round stops at `--deadline` seconds, and requests not answered by then are
+counted as lost. `--adapters` trains two LoRA runs of the model (`mlxlab train`, 2 steps) and
+has the clients alternate between them: `mlxlab serve RUN_A RUN_B` (one copy of the base) beside
+mlx_lm.server on the exported base with each request's `adapters` path (`mlxlab export --format
+mlx-lm --adapters`), which reloads the model whenever the adapter changes. `--control` adds a third server, `mlxlab serve` with MLXLAB_BLAS=off (MLX's
+bundled BLAS, as mlx_lm.server has it): what the server code costs apart from the BLAS. Both
+servers run with OPENBLAS_NUM_THREADS=--blas-threads (default 1: on
+cores other processes share, OpenBLAS's spinning threads made decoding ~8x slower here, for
+both MLX's bundled BLAS and the OpenBLAS mlxlab gives MLX). Every answer is checked against that prompt's answer asked alone before the
+rounds (greedy: the same text), so a mixed-up or corrupted answer shows as "differs".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = ["Once upon a time", "The little dog", "A girl named Lily", "In the big forest",
+           "Tom had a red ball", "The sun was hot", "One day, a cat", "There was a boat",
+           "The bird sang", "Mom made a cake", "A tiny frog", "The old tree", "Sam and Max",
+           "It was raining", "The king said", "A blue car"]
+HOST = "127.0.0.1"  # loopback only
+
+
+def start(command: list[str], log: Path, pattern: str, env: dict) -> tuple[subprocess.Popen, str]:
+    """Start a server, wait until its log shows the URL `pattern` captures (or it answers)."""
+    out = open(log, "w")  # noqa: SIM115 (the server writes it until stopped)
+    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    deadline = time.monotonic() + 300
+    while not (found := re.search(pattern, log.read_text())):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{command[:3]} did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+    return proc, found.group(1)
+
+
+def wait_ready(base_url: str) -> None:
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"{base_url}/models", timeout=5)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{base_url} does not answer") from None
+            time.sleep(0.5)
+
+
+def ask(client, route: tuple[str, dict], prompt: str, max_tokens: int
+        ) -> tuple[str, int, float]:
+    """One greedy completion; `route` = (model, extra body fields: mlx_lm.server's adapters)."""
+    start = time.perf_counter()
+    answer = client.completions.create(model=route[0], prompt=prompt, max_tokens=max_tokens,
+                                       temperature=0, extra_body=route[1] or None)
+    return answer.choices[0].text, answer.usage.completion_tokens, time.perf_counter() - start
+
+
+def one_round(client_for, routes: list, args: argparse.Namespace, expected: dict[int, str]
+              ) -> dict:
+    """`args.clients` clients, `args.requests` requests each, stopped at args.deadline; client c
+    asks its own prompt of the model routes[c % len(routes)]."""
+    stop_at = time.monotonic() + args.deadline
+    results: dict[int, list] = {c: [] for c in range(args.clients)}
+
+    def client_loop(c: int) -> None:
+        client, prompt, route = client_for(), PROMPTS[c], routes[c % len(routes)]
+        for _ in range(args.requests):
+            if time.monotonic() > stop_at:
+                return
+            try:
+                results[c].append((c, *ask(client, route, prompt, args.max_tokens)))
+            except Exception as err:  # counted as lost, and said why
+                results[c].append((c, None, 0, 0.0))
+                print(f"  client {c}: {type(err).__name__}: {err}", file=sys.stderr)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        wait([pool.submit(client_loop, c) for c in range(args.clients)])
+    wall = time.perf_counter() - started
+    answered = [r for rs in results.values() for r in rs if r[1] is not None]
+    sent = args.clients * args.requests
+    per_client = [(sum(r[2] for r in rs if r[1] is not None),
+                   sum(r[3] for r in rs if r[1] is not None)) for rs in results.values()]
+    latencies = [r[3] for r in answered]
+    return {
+        "lost": sent - len(answered),
+        "differs": sum(r[1] != expected[r[0]] for r in answered),
+        "latency_median": statistics.median(latencies) if latencies else float("nan"),
+        "latency_max": max(latencies, default=float("nan")),
+        "client_tok_s": statistics.median(t / s for t, s in per_client if s) if answered else 0,
+        "total_tok_s": sum(r[2] for r in answered) / wall,
+        "wall": wall,
+    }
+
+
+def lora_run(mlxlab: str, model: Path, work: Path, name: str, env: dict) -> Path:
+    """A LoRA run of `model` (2 steps at a high rate on its own half of the shipped pairs: the
+    two runs' adapters differ)."""
+    from mlxlab.config import asset_path
+
+    lines = Path(asset_path("tinystories/pairs.jsonl"))
+    rows = lines.read_text().splitlines()[:48]
+    pairs = work / f"pairs_{name}.jsonl"
+    pairs.write_text("\n".join(rows[:24] if name == "a" else rows[24:]) + "\n")
+    run = work / f"run_{name}"
+    subprocess.run([mlxlab, "train", "experiment=finetune_completions",
+                    f"model.pretrained={model}", f"data.train_file={pairs}", "data.max_length=64",
+                    "tracking=none", "callbacks.progress.enabled=false", "trainer.max_steps=2",
+                    "trainer.eval_every_steps=2", "optimizer.learning_rate=1e-2",
+                    "trainer.batch_size=8", f"paths.root_dir={work}", f"hydra.run.dir={run}"],
+                   check=True, cwd=work, env=env, capture_output=True)
+    return run
+
+
+def export_adapters(mlxlab: str, run: Path, env: dict) -> Path:
+    """The run as mlx_lm.server reads it: the base folder + its adapters in OUT/adapters."""
+    out = run.with_name(run.name + "_mlx_lm")
+    subprocess.run([mlxlab, "export", str(run), "--format", "mlx-lm", "--adapters", "--out",
+                    str(out)], check=True, env=env, capture_output=True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=4, help="per client, per round")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2, help="per server, alternating")
+    parser.add_argument("--deadline", type=float, default=300, help="seconds a round may take")
+    parser.add_argument("--blas-threads", type=int, default=1, help="OPENBLAS_NUM_THREADS")
+    parser.add_argument("--control", action="store_true",
+                        help="also mlxlab serve with MLXLAB_BLAS=off (MLX's bundled BLAS)")
+    parser.add_argument("--adapters", action="store_true",
+                        help="two LoRA runs of the model, clients alternating between them")
+    add_smoke(parser)
+    args = parser.parse_args()
+    if args.smoke:  # 2 clients x 1 request, 4 tokens, a 1-layer model, one round per server
+        args.clients, args.requests, args.max_tokens, args.hidden, args.layers = 2, 1, 4, 64, 1
+        args.rounds, args.deadline = 1, 120
+    if not 1 <= args.clients <= 16 or not 1 <= args.requests <= 32:
+        parser.error("--clients 1..16 and --requests 1..32 (a bounded load)")
+    import openai
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    model = work / "llama"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "tiny_hf_model.py"), "llama",
+                    str(model), "--no-torch", "--hidden", str(args.hidden), "--layers",
+                    str(args.layers)], check=True, cwd=REPO)
+    mlxlab = str(Path(sys.executable).parent / "mlxlab")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(args.blas_threads)}
+    # both name a model by its folder (mlx_lm.server: the path it was started with)
+    served, base = [str(model)], model
+    routes = {"mlxlab serve": [(str(model), {})], "mlx_lm.server": [(str(model), {})]}
+    if args.adapters:
+        runs = [lora_run(mlxlab, model, work, name, env) for name in ("a", "b")]
+        exported = [export_adapters(mlxlab, run, env) for run in runs]
+        served, base = [str(r) for r in runs], exported[0]  # the same base in both exports
+        routes = {"mlxlab serve": [(str(r), {}) for r in runs],
+                  "mlx_lm.server": [(str(base), {"adapters": str(e / "adapters")})
+                                    for e in exported]}
+    servers = {
+        "mlxlab serve": start([mlxlab, "serve", *served, "--host", HOST, "--port", "0"],
+                              work / "mlxlab.log", r"on (http://127\.0\.0\.1:\d+/v1)", env),
+        "mlx_lm.server": start([sys.executable, "-m", "mlx_lm.server", "--model", str(base),
+                                "--host", HOST, "--port", "8765", "--log-level", "WARNING"],
+                               work / "mlx_lm.log", r"()", env),
+    }
+    servers["mlx_lm.server"] = (servers["mlx_lm.server"][0], f"http://{HOST}:8765/v1")
+    if args.control:
+        servers["mlxlab, BLAS off"] = start(
+            [mlxlab, "serve", *served, "--host", HOST, "--port", "0"], work / "control.log",
+            r"on (http://127\.0\.0\.1:\d+/v1)", {**env, "MLXLAB_BLAS": "off"})
+        routes["mlxlab, BLAS off"] = routes["mlxlab serve"]
+    local = threading.local()
+
+    def client_for(base_url: str):
+        def make():
+            if getattr(local, "url", None) != base_url:
+                local.url = base_url
+                local.client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0,
+                                             timeout=args.deadline)
+            return local.client
+        return make
+
+    try:
+        expected = {}
+        for name, (_, url) in servers.items():
+            wait_ready(url)
+            expected[name] = {c: ask(client_for(url)(), routes[name][c % len(routes[name])],
+                                     PROMPTS[c], args.max_tokens)[0]
+                              for c in range(args.clients)}
+        same = all(e == expected["mlx_lm.server"] for e in expected.values())
+        print(f"model: llama hidden {args.hidden}, {args.layers} layers (float32, random)"
+              f"{', two LoRA runs of it, clients alternating' if args.adapters else ''}; "
+              f"{args.clients} clients x {args.requests} greedy completions of "
+              f"{args.max_tokens} tokens; solo answers equal across servers: {same}")
+        print(f"cpu: {os.cpu_count()} cores; OPENBLAS_NUM_THREADS={args.blas_threads}; python "
+              f"{sys.version.split()[0]}")
+        rows = {name: [] for name in servers}
+        for r in range(args.rounds):
+            for name, (_, url) in servers.items():
+                load = os.getloadavg()[0]
+                row = one_round(client_for(url), routes[name], args, expected[name])
+                rows[name].append(row)
+                print(f"round {r + 1} {name:16s} load {load:5.2f}  lost {row['lost']}  differs "
+                      f"{row['differs']}  latency median {row['latency_median']:.2f} s max "
+                      f"{row['latency_max']:.2f} s  per client {row['client_tok_s']:.1f} tok/s  "
+                      f"all clients {row['total_tok_s']:.1f} tok/s  ({row['wall']:.1f} s)",
+                      flush=True)
+        print("\n| server | lost | differs | latency median (s) | per client tok/s | "
+              "all clients tok/s |")
+        print("|---|---|---|---|---|---|")
+        for name, rs in rows.items():
+            med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+            print(f"| {name} | {sum(r['lost'] for r in rs)} | {sum(r['differs'] for r in rs)} "
+                  f"| {med['latency_median']:.2f} | {med['client_tok_s']:.1f} | "
+                  f"{med['total_tok_s']:.1f} |")
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

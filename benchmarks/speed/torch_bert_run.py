@@ -1,0 +1,127 @@
+"""The PyTorch twin of the default experiment's whole run (issue 24): the mlxlab BERT classifier
+written in PyTorch (benchmarks/speed/bench_torch.py), trained as a PyTorch user would write it, on the
+exact batches the mlxlab run trains and evaluates on (bench_default_run.py dumps them).
+
+    python benchmarks/speed/torch_bert_run.py --data DIR --threads 2   (DIR: train.npz, val.npz, run.json)
+
+Same everything: model (pre-LN, hidden 128, 2 layers, 4 heads, FFN 512, exact GELU, dropout 0.3),
+batches (32 rows, padded to the batch's bucket), epochs (40), AdamW (PyTorch's, bias-corrected,
+the same lr, betas, eps, weight decay), linear warmup then cosine decay to min_lr_ratio x peak,
+global-norm clip, evaluation on the validation batches after every epoch, and the best
+epoch's weights kept in memory (mlxlab writes a checkpoint). Runs in a process that never imports
+mlxlab or MLX (checked). Prints one JSON line: the process's wall time from its first line,
+the training loop's, each step's seconds, and the best and last validation accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()  # before torch's import: a user's script pays it too
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke, foreign_libraries, load_batches, smoke_dir  # noqa: E402
+from benchmarks.speed.bench_torch import torch_models  # noqa: E402
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """mlxlab's warmup_cosine (training/optim.py, MLX's linear_schedule from lr/warmup to lr,
+    then cosine_decay) as a LambdaLR factor."""
+
+    def factor(step: int) -> float:  # step = updates done so far
+        if step < warmup:
+            return 1 / warmup + (1 - 1 / warmup) * step / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="the folder bench_default_run.py writes")
+    parser.add_argument("--threads", type=int, default=2)
+    add_smoke(parser)
+    args = parser.parse_args()
+    if args.smoke:  # one epoch, its batches dumped by bench_default_run.py in its own process
+        args.data = str(smoke_dir("torch_bert_run"))
+        subprocess.run([sys.executable, str(Path(__file__).with_name("bench_default_run.py")),
+                        "--dump", args.data, "--epochs=1"], check=True, capture_output=True)
+    if not args.data:
+        parser.error("--data is required")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    folder = Path(args.data)
+    hp = json.loads((folder / "run.json").read_text())
+
+    def tensors(name: str) -> list[tuple[torch.Tensor, ...]]:
+        return [(torch.from_numpy(b["input_ids"]).long(), torch.from_numpy(b["attention_mask"]),
+                 torch.from_numpy(b["labels"]).long()) for b in load_batches(folder / name)]
+
+    train, val = tensors("train.npz"), tensors("val.npz")
+    _, BertClassifier = torch_models()
+    model = BertClassifier(hp["vocab_size"], hp["num_labels"], **hp["model"])
+    opt = torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"], betas=hp["betas"],
+                            eps=hp["eps"], weight_decay=hp["weight_decay"], foreach=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(hp["warmup_steps"], len(train), hp["min_lr_ratio"]))
+    epochs, per_epoch = hp["epochs"], len(train) // hp["epochs"]
+
+    def evaluate() -> tuple[float, float]:
+        model.eval()
+        correct = total = 0
+        loss = 0.0
+        with torch.no_grad():
+            for ids, mask, labels in val:
+                logits = model(ids, mask)
+                loss += F.cross_entropy(logits, labels, reduction="sum").item()
+                correct += (logits.argmax(-1) == labels).sum().item()
+                total += len(labels)
+        model.train()
+        return correct / total, loss / total
+
+    loop_started = time.perf_counter()
+    steps, history, best, best_state = [], [], -1.0, None
+    model.train()
+    for epoch in range(epochs):
+        for ids, mask, labels in train[epoch * per_epoch:(epoch + 1) * per_epoch]:
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(ids, mask), labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
+            opt.step()
+            schedule.step()
+            loss.item()  # the loss a user prints or logs
+            steps.append(time.perf_counter() - t)
+        accuracy, val_loss = evaluate()
+        history.append(accuracy)
+        if accuracy > best:
+            best, best_state = accuracy, copy.deepcopy(model.state_dict())
+        print(f"epoch {epoch + 1}/{epochs} val/loss {val_loss:.4f} val/accuracy {accuracy:.4f}",
+              file=sys.stderr)
+    model.load_state_dict(best_state)
+    done = time.perf_counter()
+    leaked = foreign_libraries() + [m for m in ("mlxlab", "mlx.core") if m in sys.modules]
+    if leaked:
+        raise SystemExit(f"torch_bert_run: the PyTorch process loaded {leaked}; it must not")
+    print(json.dumps({
+        "wall_s": done - STARTED, "loop_s": done - loop_started, "step_s": steps,
+        "best_accuracy": best, "last_accuracy": history[-1], "threads": args.threads,
+        "torch": torch.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()

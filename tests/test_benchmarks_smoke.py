@@ -1,0 +1,102 @@
+"""Every benchmark script still runs, so a refactor cannot break one unseen.
+
+The default run loads every script under benchmarks/ the way `python benchmarks/<folder>/<x>.py`
+does (its own folder on sys.path, not the repository; its main() not called), all in one child
+process: a moved or renamed mlxlab name, or a script that no longer finds benchmarks.*, fails
+here in seconds. `-m slow` runs each script's `--smoke`: the smallest run through its whole code
+path (tiny model, a step or two, one round): each starts MLX, PyTorch or mlxlab's CLI in a fresh
+process, more than the default run can afford for 45 scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, REPO
+
+BENCH = REPO / "benchmarks"
+FOLDERS = ("speed", "quality", "memory", "parity", "faults")
+SCRIPTS = sorted(p.relative_to(BENCH).as_posix() for folder in FOLDERS
+                 for p in (BENCH / folder).glob("*.py") if p.name != "__init__.py")
+
+# Loads each script as its command would, then forgets benchmarks.* and the path it added, so
+# the next script finds (or fails to find) everything by itself. Heavy libraries stay imported:
+# the whole pass costs about what one import of mlxlab, MLX and PyTorch costs.
+LOADER = """
+import json, runpy, sys, traceback
+repo, scripts = sys.argv[1], sys.argv[2:]
+base = [p for p in sys.path if p not in ("", repo)]
+failed = {}
+for script in scripts:
+    path = f"{repo}/benchmarks/{script}"
+    sys.path[:] = [path.rsplit("/", 1)[0], *base]
+    for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        del sys.modules[name]
+    try:
+        runpy.run_path(path, run_name="benchmark_loaded")
+    except BaseException:
+        failed[script] = traceback.format_exc(limit=-3)
+print("LOADED " + json.dumps(failed))
+"""
+
+
+def test_the_scripts_are_in_folders_by_question_each_with_a_smoke_mode():
+    loose = sorted(p.name for p in BENCH.glob("*.py")
+                   if p.name not in ("__init__.py", "common.py", "callbacks.py"))
+    assert not loose, f"a benchmark script belongs in one of {FOLDERS}: {loose}"
+    assert len(SCRIPTS) > 40
+    without = [s for s in SCRIPTS if "--smoke" not in (BENCH / s).read_text()
+               and "add_smoke(" not in (BENCH / s).read_text()]
+    assert not without, f"no --smoke mode: {without}"
+
+
+def test_every_script_loads_as_its_command_would():
+    done = subprocess.run([PYTHON, "-c", LOADER, str(REPO), *SCRIPTS], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("LOADED "))
+    failed = json.loads(line[len("LOADED "):])
+    assert not failed, "\n".join(f"{k}:\n{v}" for k, v in failed.items())
+
+
+def test_a_script_that_cannot_import_fails_the_loading(tmp_path):
+    """The loader is not blind: a script importing a name that does not exist, or importing
+    benchmarks.* without putting the repository on sys.path first, is named."""
+    (tmp_path / "benchmarks" / "speed").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "__init__.py").write_text("")
+    (tmp_path / "benchmarks" / "common.py").write_text("SHARED = 1\n")
+    scripts = {
+        "speed/good.py": "import sys\nfrom pathlib import Path\n"
+                         "sys.path.insert(0, str(Path(__file__).resolve().parents[2]))\n"
+                         "from benchmarks.common import SHARED\n",
+        "speed/no_path.py": "from benchmarks.common import SHARED\n",
+        "speed/moved.py": "from json import moved_away\n",
+    }
+    for name, text in scripts.items():
+        (tmp_path / "benchmarks" / name).write_text(text)
+    done = subprocess.run([PYTHON, "-c", LOADER, str(tmp_path), *scripts], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    failed = json.loads(done.stdout.split("LOADED ", 1)[1])
+    assert sorted(failed) == ["speed/moved.py", "speed/no_path.py"], failed
+    assert "moved_away" in failed["speed/moved.py"]
+    assert "benchmarks" in failed["speed/no_path.py"]
+
+
+def test_the_gpu_window_script_parses():
+    for script in BENCH.glob("*/*.sh"):
+        done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{script}: {done.stderr}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_smoke(script, tmp_path):
+    env = {**os.environ, "MLXLAB_ROOT": str(tmp_path)}  # its runs and stores, not the project's
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([PYTHON, str(BENCH / script), "--smoke"], capture_output=True,
+                          text=True, timeout=1800, cwd=tmp_path, env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
