@@ -4,8 +4,8 @@ branches on the objective) hold for src/mlxlab with the exceptions pyproject.tom
 
 from __future__ import annotations
 
-import shutil
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
