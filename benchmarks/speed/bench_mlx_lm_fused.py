@@ -31,7 +31,7 @@ from mlxlab import kernels
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.mlx_lm_fused import ORIGINALS
 from mlxlab.models.transformer import Transformer
-from mlxlab.training import losses
+from mlxlab.objectives import losses
 from mlxlab.training.optim import build_optimizer, default_optimizer
 from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.step import make_step

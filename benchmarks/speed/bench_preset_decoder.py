@@ -33,7 +33,7 @@ import mlx.core as mx
 from mlxlab import kernels
 from mlxlab.models.base import Model
 from mlxlab.models.transformer import Transformer
-from mlxlab.training import losses
+from mlxlab.objectives import losses
 from mlxlab.training.optim import build_optimizer, default_optimizer
 from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.step import make_step
