@@ -410,7 +410,7 @@ class Fit:
         def before_write() -> dict:
             stored()
             # Read only now: a tracker starting its run in a child process may not have
-            # answered with the run's id at the first checkpoint (issue 24); the step won't wait.
+            # answered with the run's id at the first checkpoint; the step does not wait.
             return {"run_id": self.tracker.run_id or state.run_id}
 
         return self.writer.save(self.model, optimizer, state, metric=metric, force=force,
