@@ -97,6 +97,7 @@ def test_a_heartbeat_interval_must_be_positive(tmp_path, key):
         MlflowTracker(uri=f"sqlite:///{tmp_path}/m.db", **{key: 0})
 
 
+@pytest.mark.slow
 def test_a_sigkilled_run_is_killed_resumable_and_a_resume_finishes_it(tmp_path, cli_env):
     """SIGKILL after the first committed checkpoint: `mlxlab runs show` marks it KILLED with a
     checkpoint to continue; `resume=` takes the same MLflow run from KILLED to FINISHED."""

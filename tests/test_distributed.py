@@ -127,7 +127,8 @@ def report(name: str, value: float) -> None:
             f.write(f"{name}\t{value:.3g}\n")
 
 
-@pytest.mark.parametrize("shard", [False, True], ids=["dp", "zero1"])
+@pytest.mark.parametrize("shard", [pytest.param(False, id="dp"),
+                                   pytest.param(True, id="zero1", marks=pytest.mark.slow)])
 def test_two_ranks_equal_one_process_with_twice_the_batch_bert(tmp_path, cli_env, shard):
     args = [*BERT, f"trainer.distributed.shard_optimizer={str(shard).lower()}"]
     run(1, [*args, "trainer.batch_size=16"], tmp_path / "one", cli_env)
@@ -145,7 +146,8 @@ def test_two_ranks_equal_one_process_with_twice_the_batch_bert(tmp_path, cli_env
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shard", [False, True], ids=["dp", "zero1"])
+@pytest.mark.parametrize("shard", [pytest.param(False, id="dp"),
+                                   pytest.param(True, id="zero1", marks=pytest.mark.slow)])
 def test_two_ranks_equal_one_process_with_twice_the_batch_lm(tmp_path, cli_env, shard):
     args = [*LM, f"trainer.distributed.shard_optimizer={str(shard).lower()}"]
     run(1, [*args, "trainer.batch_size=16"], tmp_path / "one", cli_env)

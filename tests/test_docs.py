@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import PYTHON
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +26,7 @@ def load_gen_docs():
     return module
 
 
+@pytest.mark.slow
 def test_the_site_builds_strict_and_covers_conf_cli_and_api(tmp_path):
     site = tmp_path / "site"
     # The banners some plugins print about MkDocs' future are noise in a test log.

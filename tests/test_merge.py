@@ -119,6 +119,7 @@ def stores(tmp_path_factory):
                 file_store(root / "c", monkeypatch)]
 
 
+@pytest.mark.slow
 def test_merge_copies_everything_once_and_leaves_sources_alone(stores, tmp_path, capsys,
                                                               monkeypatch):
     central = f"sqlite:///{tmp_path}/central/mlflow.db"

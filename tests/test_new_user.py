@@ -73,6 +73,7 @@ def test_seeding_leaves_global_generators_alone():
     assert (np.random.get_state()[1] == before_np).all()
 
 
+@pytest.mark.slow
 def test_runs_are_named_after_the_task_and_time(make_cfg, tmp_path):
     train(make_cfg(*FAST))
     train(make_cfg(*FAST, "tracking.run_name=mine"))

@@ -275,6 +275,7 @@ def test_preference_experiments_train_and_log_the_rewards(pref_model, make_cfg, 
         assert len(nll) == 40 and np.mean(nll[-10:]) < np.mean(nll[:10])
 
 
+@pytest.mark.slow
 def test_a_sigkilled_dpo_run_resumes_bitwise(pref_model, tmp_path, cli_env):
     """experiment=dpo_chat with the reference cached in data.cache_dir, SIGKILLed after its
     checkpoint at step 9 and resumed: the weights, the whole MLflow history (rewards included)

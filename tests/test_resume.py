@@ -542,6 +542,7 @@ def best_step(run_dir: Path) -> int:
                ["best_metrics"]["best_step"])
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_its_best_evaluation_writes_the_same_predictions(tmp_path, cli_env):
     """Issue 48: predictions/val_best.csv (what McNemar and the row bootstrap read) is written
     from the best evaluation, which a resume used to forget: a run SIGKILLed after its best

@@ -112,6 +112,7 @@ def test_the_split_seed_keeps_the_validation_rows_across_seeds(tmp_path):
 # --------------------------------------------------------------------------- real searches
 
 
+@pytest.mark.slow
 def test_pruned_and_out_of_memory_trials_are_recorded_and_the_search_goes_on(tmp_path):
     """Sampler seed 41 draws (lr, intermediate size) = (3e-3, 16), (1e-8, 16), (1e-8, 1e9):
     the second trails the first at its first evaluation and is pruned; the third asks for a

@@ -545,6 +545,7 @@ def check_sweep(uri: str, n_children: int, best: float, best_params: dict, faile
     return parent.info.run_id
 
 
+@pytest.mark.slow
 def test_multirun_groups_jobs_under_a_parent_run(template_db, tmp_path, capsys):
     app = write_app(tmp_path)
     uri = fresh_store(template_db, tmp_path)  # the callback adds the "demo" experiment to it
