@@ -127,6 +127,7 @@ def test_runs_list_prints_the_grouped_table(sweep):
     assert "g1     model.pooler=None" in out and "(95% CI, n=3)" in out
 
 
+@pytest.mark.slow
 def test_runs_compare_matches_scipy_and_tests_row_by_row(sweep):
     root, client, _, children = sweep
     out = run([PYTHON, "-m", "mlxlab.cli.main", "runs", "compare", "latest", "--metric",

@@ -477,6 +477,7 @@ def test_resume_naming_the_trained_preset_rebuilds_the_checkpoints_model(tmp_pat
     assert final_state(outputs / "other")["config"]["model"]["num_layers"] == 2
 
 
+@pytest.mark.slow
 def test_a_resumed_runs_folder_and_mlflow_run_say_what_it_trained(tmp_path, cli_env):
     """`mlxlab train debug=fast model.num_layers=3`, then `mlxlab-train debug=fast resume=auto
     trainer.max_steps=6`: the resumed run trains the checkpoint's 3 layers, and its folder's
