@@ -201,6 +201,18 @@ def fuse(folder: Path, adapters: str, out: Path) -> Path:
     return out
 
 
+def float_folder(folder: Path, dtype: str, out: Path) -> Path:
+    """`mlx_lm.convert --dequantize --dtype DTYPE` of a quantized folder, once."""
+    if not (out / "config.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(folder),
+                               "--mlx-path", str(out), "--dequantize", "--dtype", dtype],
+                              capture_output=True, text=True, env=env())
+        if proc.returncode:
+            raise RuntimeError(f"mlx_lm convert failed:\n{proc.stderr[-3000:]}")
+    return out
+
+
 def summary(run: dict, skip: int) -> dict:
     timed = [s for s in run["steps"] if s["step"] > skip] or run["steps"]
     return {"tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed),
@@ -274,6 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mlx-lm-as-shipped", action="store_true", help="also mlx_lm.lora on MLX's "
                    "own CPU quantized matmul (stages train_mlx_lm_0, mlx-lm): hours here")
+    p.add_argument("--float-base", default=None, metavar="DTYPE", help="train every tool on the "
+                   "GGUF's weights dequantized to DTYPE (mlx_lm.convert --dequantize of the "
+                   "folder mlxlab converted the GGUF to): LoRA on a float base, not QLoRA")
     p.add_argument("--stages", default=None, help="only these stages (comma-separated: base, "
                    "train_mlxlab_0, mlxlab, paired, export, train_mlx_lm_0, mlx-lm, llama.cpp, "
                    "train_mlx_lm_fast_0, mlx-lm-fast, "
@@ -296,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         model = packaged_model()
         folder = model_folder(model)  # the GGUF converted once, as every mlxlab verb reads it
+        if args.float_base:
+            model = folder = float_folder(folder, args.float_base, work / f"float-{args.float_base}")
     train, val, heldout = date_rows(args.train, 4 if args.smoke else 32, args.heldout, args.seed)
     data = work / "data"
     write_jsonl(data / "train.jsonl", train)
@@ -358,12 +375,18 @@ def main(argv: list[str] | None = None) -> dict:
     stage("mlx-lm-fast", lambda: evaluate(
         fuse(folder, result["train_mlx_lm_fast_0"]["adapters"], work / "mlx-lm-fast-fused"),
         task, uri, work / "eval" / "mlx-lm-fast"))
-    for rnd in range(1, args.rounds):  # more timed rounds, in alternating order
-        for tool in ("mlx-lm-fast", "mlxlab") if rnd % 2 else ("mlxlab", "mlx-lm-fast"):
+    # more timed rounds, in alternating order: beside mlx-lm as shipped where that is the one
+    # timed (a GPU), else beside its loop on mlxlab's CPU product
+    other = "mlx-lm" if args.mlx_lm_as_shipped else "mlx-lm-fast"
+    for rnd in range(1, args.rounds):
+        for tool in (other, "mlxlab") if rnd % 2 else ("mlxlab", other):
             out = work / "runs" / f"{tool}-{rnd}"
             stage(f"train_{tool.replace('-', '_')}_{rnd}",
                   lambda tool=tool, out=out: train_mlxlab(model, data, args, out)
-                  if tool == "mlxlab" else train_mlx_lm(folder, data, args, out, fast=True))
+                  if tool == "mlxlab" else train_mlx_lm(folder, data, args, out,
+                                                        fast=tool == "mlx-lm-fast"))
+    for path in sorted(stages.glob("*torch*peft*.json")):  # real_model_torch_peft.py's stages
+        result[path.stem] = json.loads(path.read_text())
     result["load_end"] = load()
     (work / "results.json").write_text(json.dumps(result, indent=1))
     print(table(result))
@@ -374,7 +397,7 @@ def table(r: dict) -> str:
     """The markdown table of the stages `r` holds (a stage not run shows as "-")."""
     s = r["settings"]
     med = {}
-    for tool in ("mlxlab", "mlx_lm", "mlx_lm_fast"):
+    for tool in ("mlxlab", "mlx_lm", "mlx_lm_fast", "torch_peft"):
         runs = [summary(v, s["skip"]) for k, v in r.items()
                 if re.fullmatch(rf"train_{tool}_\d+", k)]
         med[tool] = {k: statistics.median(x[k] for x in runs) for k in
@@ -400,13 +423,16 @@ def table(r: dict) -> str:
              f"| mlx_lm.lora, same settings | {acc('mlx-lm')} | {speed('mlx_lm')} |",
              f"| mlx_lm.lora on mlxlab's quantized product | {acc('mlx-lm-fast')} | "
              f"{speed('mlx_lm_fast')} |",
+             f"| PyTorch + PEFT (real_model_torch_peft.py) | {acc('torch-peft')} | "
+             f"{speed('torch_peft')} |",
              f"| mlxlab LoRA -> GGUF Q8_0 in llama.cpp | {acc('llama.cpp')} | | | | |"]
     if "paired" in r:
         p = r["paired"]
         lines += ["", f"base vs mlxlab fine-tune, paired over {p['n']} held-out examples: "
                   f"{p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}], {p['test']} p = "
                   f"{p['p']:.3g}"]
-    for tool, name in (("mlx_lm", "mlx-lm"), ("mlx_lm_fast", "mlx-lm's loop on mlxlab's product")):
+    for tool, name in (("mlx_lm", "mlx-lm"), ("mlx_lm_fast", "mlx-lm's loop on mlxlab's product"),
+                       ("torch_peft", "PyTorch + PEFT")):
         if med["mlxlab"] and med[tool]:
             a, b = med["mlxlab"], med[tool]
             lines.append(f"mlxlab / {name}: tokens/s {a['tokens_per_sec'] / b['tokens_per_sec']:.2f}x,"

@@ -1,61 +1,100 @@
 #!/usr/bin/env bash
-# A GPU window (issue 60) in the device tool's terms. The GPU image has Python 3.12, PyTorch with
-# CUDA 13, the nvidia-* CUDA wheels, numpy, pandas, scipy, transformers, tokenizers, pytest...; it
-# lacks MLX, mlx-lm, hydra-core, omegaconf, mlflow, optuna, datasets, gguf, and has no network. A
-# call carries at most 64 MiB (the working tree included) and runs at most 10 minutes, and the
-# machine goes back 30 s after a call. So: the wheels travel in parts over the first calls, and
-# the window's work runs in one background pipeline (its own process session, which outlives the
-# calls while the machine is held) that later calls only watch.
+# A GPU window in the device tool's terms. The GPU image has Python 3.12, PyTorch with CUDA 13,
+# transformers, PEFT, numpy, pandas, scipy, pytest...; it lacks MLX, mlx-lm, hydra-core, omegaconf,
+# mlflow, optuna, datasets, gguf, and has no network. A call carries at most 64 MiB (the working
+# tree included) and runs at most 10 minutes; the machine goes back 30 s after a call and a session
+# has 15 minutes of device time. So the wheels and the real model (SmolLM2-135M-Instruct's Q4_1
+# GGUF) travel as one tar stream in 56 MiB parts, MLX's wheels first: the call that completes them
+# starts the window's work as one background pipeline (its own process session, which outlives
+# the calls while the machine is held), which runs what has arrived and waits for the rest, while
+# later calls bring the other parts and then only watch.
 #
-#   bash benchmarks/speed/gpu_window.sh prepare     # here: wheels -> .whl/a .whl/b .whl/c (<= 56 MiB each)
-#   bash benchmarks/speed/gpu_window.sh stash X     # there, call 1..3 (carry .whl/X): keep part X in /tmp
-#   bash benchmarks/speed/gpu_window.sh start       # there, with the last part: assemble, start the pipeline
-#   bash benchmarks/speed/gpu_window.sh watch [S]   # there: follow the pipeline for S s, results to $OUT
-#   bash benchmarks/speed/gpu_window.sh pipeline    # (started by `start`): install, then bench_gpu.py parts
-#
-# Here afterwards: python benchmarks/speed/bench_gpu.py --from-json <files_at>/bench_gpu.json
-#   --cpu-json <a CPU box's bench_gpu.json from `--parts runs`> --write
+#   bash benchmarks/speed/gpu_window.sh prepare     # here: .whl/a .. .whl/d (<= 56 MiB each)
+#   bash benchmarks/speed/gpu_window.sh stash X     # there, one call a part (carry .whl/X)
+#   bash benchmarks/speed/gpu_window.sh watch [S]   # there: follow the pipeline S s, results to $OUT
+#   bash benchmarks/speed/gpu_window.sh pipeline    # (started by stash): the window's work, in order:
+#     1. benchmarks/speed/gpu_probe.py: the first kernel compiles, op-by-op determinism
+#     2. PyTorch + PEFT bf16 LoRA on the GGUF's weights (real_model_torch_peft.py)
+#     3. mlxlab and mlx_lm.lora LoRA on the same weights in bf16, then QLoRA on the GGUF's 4-bit
+#        layers (real_model_finetune.py), held-out accuracy of each; then a second timed round
+#   bash benchmarks/speed/gpu_window.sh presets     # the first window's LM presets (bench_gpu.py parts)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 MLX=0.32.4
 PARTS=/tmp/gpu-parts    # the carried parts, kept between calls
-WHEELS=/tmp/gpu-wheels  # the joined wheels
+WHEELS=/tmp/gpu-wheels  # what the parts hold, unpacked
 STATE=/tmp/gpu-bench    # the pipeline's log, JSON and runs ($OUT is emptied each call)
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 # What the GPU image already has (not carried): the big ones the resolution would bring again.
-# certifi is carried: the image's (2026.7) is older than databricks-sdk (via mlflow) asks for, and
-# pip's resolver then refused the install (2026-11-25's window fell back to --no-deps).
-IMAGE_HAS='^(numpy|scipy|pandas|pyarrow|matplotlib|scikit_learn|torch|transformers|tokenizers|safetensors|huggingface_hub|hf_xet|sentencepiece|pillow|fonttools|kiwisolver|contourpy|aiohttp|yarl|multidict|frozenlist|propcache|grpcio|protobuf|pyyaml|regex|psutil|xxhash|tqdm|jinja2|markupsafe|requests|urllib3|charset_normalizer|idna|packaging|filelock|fsspec|joblib|threadpoolctl|nanobind|rich|pygments|typing_extensions|python_dateutil|pytz|tzdata|six|click|werkzeug|attrs|markdown_it_py|mdurl|cycler|pyparsing|anyio|h11|httpcore|httpx|sniffio|aiosignal|aiohappyeyeballs|shellingham|typer|zipp|websocket_client|networkx|sympy|mpmath|triton|nvidia_[a-z0-9_]+|cuda_[a-z_]+)-'
+# certifi is carried: the image's is older than databricks-sdk (via mlflow) asks for.
+IMAGE_HAS='^(numpy|scipy|pandas|pyarrow|matplotlib|scikit_learn|torch|transformers|tokenizers|safetensors|huggingface_hub|hf_xet|sentencepiece|pillow|fonttools|kiwisolver|contourpy|aiohttp|yarl|multidict|frozenlist|propcache|grpcio|protobuf|pyyaml|regex|psutil|xxhash|tqdm|jinja2|markupsafe|requests|urllib3|charset_normalizer|idna|packaging|filelock|fsspec|joblib|threadpoolctl|nanobind|rich|pygments|typing_extensions|python_dateutil|pytz|tzdata|six|click|werkzeug|attrs|markdown_it_py|mdurl|cycler|pyparsing|anyio|h11|httpcore|httpx|sniffio|aiosignal|aiohappyeyeballs|shellingham|typer|zipp|websocket_client|networkx|sympy|mpmath|triton|nvidia_[a-z0-9_]+|cuda_[a-z_]+|hatchling|editables|trove_classifiers|pathspec|pluggy)-'
+
+complete() {  # complete NAME...: every named member is unpacked at its full size
+  local name size
+  for name in "$@"; do
+    size=$(awk -v n="$name" '$1 == n {print $2}' "$PARTS/manifest.txt")
+    [ -n "$size" ] && [ -f "$WHEELS/$name" ] && [ "$(stat -c %s "$WHEELS/$name")" = "$size" ] || return 1
+  done
+}
+
+wait_for() {  # wait_for PATTERN: until every manifest member matching PATTERN is complete
+  local names
+  names=$(awk -v p="$1" '$1 ~ p {print $1}' "$PARTS/manifest.txt")
+  until complete $names; do sleep 2; done
+}
+
+step() { echo "== $* ($(date -u +%T))"; }
 
 case "${1:-}" in
 prepare)
-  rm -rf .whl && mkdir -p .whl/all .whl/a .whl/b .whl/c  # .gitignore ignores .whl/: only `carry` sends it
+  rm -rf .whl && mkdir -p .whl/all .whl/stream  # .gitignore ignores .whl/: only `carry` sends it
   P="--python-version 3.12 --implementation cp --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64
      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
   # omegaconf pins antlr4 4.9, published as source only: built into a pure wheel here
   python3 -m pip wheel -q --no-deps -w .whl/all antlr4-python3-runtime==4.9.3
   # MLX's CUDA wheel asks for the nvidia-* wheels the image has: fetched alone
   python3 -m pip download -q --no-deps --only-binary=:all: $P -d .whl/all "mlx-cuda-13==$MLX"
-  # mlxlab's runtime dependencies (pyproject.toml) and the build backend for --no-build-isolation
+  # mlxlab's runtime dependencies (pyproject.toml); mlxlab itself runs from src/ (PYTHONPATH)
   python3 -m pip download -q --only-binary=:all: --find-links .whl/all $P -d .whl/all \
     "mlx==$MLX" "mlx-lm==0.32.*" "hydra-core>=1.3,<1.4" "omegaconf>=2.3" "mlflow>=3.0" \
-    "optuna>=5.0,<6" "datasets>=2.18" "gguf>=0.17" "hydra-joblib-launcher>=1.2" hatchling editables
-  ls .whl/all | grep -Ev "$IMAGE_HAS" > .whl/carried.txt
-  (cd .whl/all && tar cf - $(cat ../carried.txt)) | split -b 56M - .whl/part.
-  for x in a b c; do [ -f ".whl/part.a$x" ] && mv ".whl/part.a$x" ".whl/$x/"; done
-  rm -rf .whl/all
-  [ -f .whl/part.ad ] && { echo "gpu_window: more than 3 parts; carry fewer wheels" >&2; exit 2; }
-  wc -l < .whl/carried.txt; du -sh .whl/a .whl/b .whl/c
+    "optuna>=5.0,<6" "datasets>=2.18" "gguf>=0.17" "hydra-joblib-launcher>=1.2"
+  # the packaged GGUF, checked by its sha256 (PYTHON: one with mlxlab's dependencies, e.g. .venv/bin/python)
+  model=$(PYTHONPATH=src "${PYTHON:-python3}" tests/real_models.py) || exit 2
+  cp "$model" .whl/stream/$GGUF
+  # the stream's order: MLX's wheels (the pipeline starts on them), the model, the rest
+  (cd .whl/all && mv mlx_cuda_13-*.whl mlx-$MLX-*.whl mlx_lm-*.whl ../stream/)
+  ls .whl/all | grep -Ev "$IMAGE_HAS" | while read -r w; do mv ".whl/all/$w" .whl/stream/; done
+  order="$(cd .whl/stream && ls mlx_cuda_13-*.whl mlx-$MLX-*.whl mlx_lm-*.whl; echo $GGUF;
+           ls *.whl | grep -Ev '^mlx(_cuda_13|_lm)?-')"
+  (cd .whl/stream && for f in $order; do echo "$f $(stat -c %s "$f")"; done) > .whl/manifest.txt
+  (cd .whl/stream && tar cf - $order) | split -b 56M - .whl/part.
+  i=0
+  for x in a b c d e; do
+    [ -f ".whl/part.a$x" ] || continue
+    mkdir -p ".whl/$x" && mv ".whl/part.a$x" ".whl/$x/" && cp .whl/manifest.txt ".whl/$x/"
+  done
+  rm -rf .whl/all .whl/stream
+  wc -l < .whl/manifest.txt; du -sh .whl/?
   ;;
 stash)
-  mkdir -p "$PARTS" && cp .whl/"${2:?which part: a | b | c}"/part.* "$PARTS"/
+  # keep part X, unpack what the parts so far hold, start the pipeline once MLX's wheels are whole
+  mkdir -p "$PARTS" "$WHEELS" "$STATE"
+  cp .whl/"${2:?which part: a | b | c | d}"/part.* .whl/"$2"/manifest.txt "$PARTS"/
+  # unpacked beside, and only whole members moved in: the pipeline may be reading earlier ones
+  rm -rf "$WHEELS.part" && mkdir -p "$WHEELS.part"
+  cat "$PARTS"/part.* | tar xf - -C "$WHEELS.part" 2>/dev/null  # the last member may be cut short
+  while read -r name size; do
+    [ -f "$WHEELS/$name" ] || [ "$(stat -c %s "$WHEELS.part/$name" 2>/dev/null)" != "$size" ] \
+      || mv "$WHEELS.part/$name" "$WHEELS/$name"
+  done < "$PARTS/manifest.txt"
+  rm -rf "$WHEELS.part"
   ls -l "$PARTS"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  ;;
-start)
-  ls "$PARTS"/part.* >/dev/null || { echo "gpu_window: no parts in $PARTS (a fresh machine): stash a, b, c first" >&2; exit 2; }
-  rm -rf "$WHEELS" && mkdir -p "$WHEELS" "$STATE" && cat "$PARTS"/part.* | tar xf - -C "$WHEELS"
-  ls "$WHEELS" | wc -l
-  setsid nohup bash benchmarks/speed/gpu_window.sh pipeline > "$STATE/pipeline.log" 2>&1 < /dev/null &
-  echo "pipeline started: $STATE/pipeline.log"
+  if complete $(awk '$1 ~ /^mlx/ {print $1}' "$PARTS/manifest.txt") && [ ! -f "$STATE/started" ]; then
+    date -u +%T > "$STATE/started"
+    setsid nohup bash benchmarks/speed/gpu_window.sh pipeline > "$STATE/pipeline.log" 2>&1 < /dev/null &
+    echo "pipeline started: $STATE/pipeline.log"
+  fi
+  [ -f "$STATE/pipeline.log" ] && tail -5 "$STATE/pipeline.log"
   ;;
 watch)
   # follow the pipeline for up to S seconds (or until it ends); what it has so far goes to $OUT
@@ -65,37 +104,59 @@ watch)
     lines=$(wc -l < "$STATE/pipeline.log" 2>/dev/null || echo 0)
     [ "$lines" -gt "$seen" ] && sed -n "$((seen + 1)),${lines}p" "$STATE/pipeline.log" && seen=$lines
     [ -f "$STATE/done" ] && break
-    sleep 5
+    sleep 3
   done
-  [ -n "${OUT:-}" ] && cp "$STATE"/pipeline.log "$STATE"/bench_gpu.json "$STATE"/install.json "$OUT"/ 2>/dev/null
+  if [ -n "${OUT:-}" ]; then
+    cp "$STATE"/pipeline.log "$OUT"/ 2>/dev/null
+    (cd "$STATE" && tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.gguf' \
+      --exclude='ptx' --exclude='mlruns*' --exclude='*.npz' --exclude='checkpoints' . 2>/dev/null)
+  fi
   [ -f "$STATE/done" ] && echo "pipeline ended: $(cat "$STATE/done")" || echo "pipeline still running"
   ;;
 pipeline)
-  export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-  started=$(date +%s.%N)
-  # pip install -e ".[cuda13]" as a user would, from the carried wheels (no network). Without
-  # build isolation: the build-system's mlx[cpu] (for the CPU kernels' prebuild) is not carried.
-  how="pip install --no-index --find-links --no-build-isolation -e .[cuda13]"
-  python3 -m pip install -q --no-index --find-links "$WHEELS" hatchling editables \
-    && python3 -m pip install --no-index --find-links "$WHEELS" --no-build-isolation -e ".[cuda13]" \
-    || { how="resolution failed above: every carried wheel --no-deps, then -e . --no-deps"
-         python3 -m pip install -q --no-index --no-deps "$WHEELS"/*.whl \
-         && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .; }
-  seconds=$(python3 -c "import time; print(time.time() - $started)")
-  printf '{"seconds": %s, "how": "%s"}\n' "$seconds" "$how" > "$STATE/install.json"
-  cat "$STATE/install.json"
-  python3 -c "import mlx.core as mx, mlx_lm; print('MLX', mx.__version__, mx.default_device(), 'mlx-lm', mlx_lm.__version__)"
-  which mlxlab-train
+  export PYTHONUNBUFFERED=1 MPLBACKEND=Agg PYTHONPATH="$PWD/src" MLX_PTX_CACHE_DIR="$STATE/ptx"
+  export MLXLAB_TEST_MODELS="$WHEELS" MLXLAB_CACHE_DIR="$STATE/cache" HF_HUB_OFFLINE=1
   status=0
-  # the parts in order of what the window must show; each adds to bench_gpu.json
-  for parts in first mlx torch runs pytest; do
-    echo "== bench_gpu.py --parts $parts ($(date -u +%T))"
-    python3 benchmarks/speed/bench_gpu.py --parts "$parts" --budget-min 16 --out "$STATE" || status=$?
-  done
+  step "install MLX"
+  python3 -m pip install -q --no-index --no-deps "$WHEELS"/mlx_cuda_13-*.whl "$WHEELS"/mlx-$MLX-*.whl \
+    "$WHEELS"/mlx_lm-*.whl || status=$?
+  python3 -c "import mlx.core as mx, mlx_lm; print('MLX', mx.__version__, mx.default_device(), 'mlx-lm', mlx_lm.__version__)"
+  step "gpu_probe.py (first compiles, determinism)"
+  python3 benchmarks/speed/gpu_probe.py --out "$STATE/gpu_probe.json" || status=$?
+  step "waiting for the other parts"
+  wait_for '.'
+  step "install the rest"
+  python3 -m pip install -q --no-index --no-deps $(ls "$WHEELS"/*.whl | grep -Ev '/mlx(_cuda_13|_lm)?-') || status=$?
+  W="$STATE/rm"                 # QLoRA: the GGUF's 4-bit layers
+  WF="$STATE/rm-bf16"           # LoRA on the same weights in bf16
+  rmf() { python3 benchmarks/quality/real_model_finetune.py --mlx-lm-as-shipped "$@"; }
+  step "data and the GGUF converted once (mlxlab's model_folder)"
+  rmf --work "$W" --stages none || status=$?
+  rmf --work "$WF" --stages none --float-base bfloat16 || status=$?
+  step "PyTorch + PEFT, bf16"
+  python3 benchmarks/quality/real_model_torch_peft.py --work "$WF" --gguf "$WHEELS/$GGUF" || status=$?
+  step "mlxlab and mlx_lm.lora, LoRA on the bf16 weights"
+  rmf --work "$WF" --float-base bfloat16 --stages train_mlxlab_0,mlxlab,train_mlx_lm_0,mlx-lm || status=$?
+  step "mlxlab and mlx_lm.lora, QLoRA on the GGUF's 4-bit layers"
+  rmf --work "$W" --stages train_mlxlab_0,mlxlab,train_mlx_lm_0,mlx-lm || status=$?
+  step "second timed round, alternating (bf16, then 4-bit)"
+  python3 benchmarks/quality/real_model_torch_peft.py --work "$WF" --gguf "$WHEELS/$GGUF" --round 1 || status=$?
+  rmf --work "$WF" --float-base bfloat16 --rounds 2 --stages train_mlx_lm_1,train_mlxlab_1 || status=$?
+  rmf --work "$W" --rounds 2 --stages train_mlx_lm_1,train_mlxlab_1 || status=$?
   echo "exit $status at $(date -u +%T)" > "$STATE/done"
   ;;
+presets)
+  # the first window's LM presets and runs (bench_gpu.py); MLX and the rest installed by `pipeline`
+  export PYTHONUNBUFFERED=1 MPLBACKEND=Agg PYTHONPATH="$PWD/src" MLX_PTX_CACHE_DIR="$STATE/ptx"
+  status=0
+  for parts in first mlx torch runs pytest; do
+    step "bench_gpu.py --parts $parts"
+    python3 benchmarks/speed/bench_gpu.py --parts "$parts" --budget-min 16 --out "$STATE" || status=$?
+  done
+  exit $status
+  ;;
 *)
-  echo "usage: gpu_window.sh prepare | stash a|b|c | start | watch [S] | pipeline" >&2
+  echo "usage: gpu_window.sh prepare | stash a|b|c|d | watch [S] | pipeline | presets" >&2
   exit 2
   ;;
 esac

@@ -1,0 +1,188 @@
+"""The real-model fine-tune of real_model_finetune.py in PyTorch + PEFT: the reference beside
+mlxlab and mlx_lm.lora (on a GPU, or the CPU as a smoke).
+
+    python benchmarks/quality/real_model_torch_peft.py --work W --gguf SmolLM2.Q4_1.gguf
+        [--steps 80] [--batch 4] [--lr 1e-3] [--dtype bfloat16] [--round 0]
+    python benchmarks/quality/real_model_torch_peft.py --smoke   # 8 rows, 2 steps, float32
+
+It reads what real_model_finetune.py wrote to W (data/train.jsonl, dates.jsonl: the same rows,
+`--work` first there, or `--write-data` here) and needs no MLX: it runs where only PyTorch,
+transformers, PEFT and gguf are installed (a GPU image). The model: transformers' own GGUF load
+of the same file (its Q4_1 blocks dequantized, as mlxlab's bits are), in --dtype. The run: LoRA
+rank 8, alpha 16 (scale 2) on q/k/v/o of every layer, no dropout, Adam at a constant --lr, batch
+--batch rows in a seeded shuffle, --steps steps, no clipping; the loss over the assistant turn
+only (the prompt and system turn masked, as mlxlab's chat SFT and mlx_lm.lora --mask-prompt do).
+Held-out: the prompt rendered by the model's chat template with the generation prompt, greedy,
+16 new tokens at most, cut at a newline or the end of turn, exact match after stripping (mlxlab's
+generation_scores).
+
+Writes W/stages/train_torch_peft_<round>.json (per-step tokens/s of the trained tokens, peak
+memory, losses: the shape real_model_finetune.py's table reads) and, in round 0,
+W/stages/torch-peft.json (the held-out accuracy and each output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+MAX_NEW_TOKENS = 16
+RANK, ALPHA = 8, 16.0
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input ids, labels): the whole conversation as the template renders it, -100 up to the
+    assistant's reply (the rendered prompt with the generation prompt is a prefix of it)."""
+    full = tok.apply_chat_template(messages, tokenize=False)
+    prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template's prompt is not a prefix of the conversation")
+    ids = tok(full, add_special_tokens=False)["input_ids"]
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    return ids, [-100] * n_prompt + ids[n_prompt:]
+
+
+def smoke_inputs(args: argparse.Namespace) -> None:
+    """--smoke: rows from real_model_finetune.py's generator in a new folder, the packaged GGUF."""
+    import tempfile
+
+    repo = Path(__file__).resolve().parents[2]
+    sys.path[:0] = [str(repo), str(repo / "tests")]
+    from benchmarks.quality.real_model_finetune import date_rows, write_jsonl
+    from real_models import packaged_model
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="real_model_torch_peft_"))
+    train, _, heldout = date_rows(8, 2, 4)
+    write_jsonl(work / "data" / "train.jsonl", train)
+    write_jsonl(work / "dates.jsonl", heldout)
+    args.work, args.gguf = str(work), str(packaged_model())
+    args.steps, args.batch, args.skip, args.dtype, args.eval_batch = 2, 2, 0, "float32", 4
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default=None)
+    p.add_argument("--gguf", default=None)
+    p.add_argument("--smoke", action="store_true", help="its own 8 train / 4 held-out rows, 2 "
+                   "steps in float32, on the packaged GGUF (tests/real_models.py)")
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--eval-batch", type=int, default=50)
+    p.add_argument("--heldout", type=int, default=None, help="only the first N held-out rows")
+    p.add_argument("--round", type=int, default=0, help="a timed round: round 0 also scores the "
+                   "held-out rows")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    args = p.parse_args(argv)
+    if args.smoke:
+        smoke_inputs(args)
+    elif not (args.work and args.gguf):
+        p.error("--work and --gguf (or --smoke)")
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(args.seed)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    work, gguf = Path(args.work), Path(args.gguf)
+    started = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    model.to(dev)
+    load_s = time.perf_counter() - started
+    model = get_peft_model(model, LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    if args.compile:
+        model = torch.compile(model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    train = [encode_chat(tok, r["messages"]) for r in rows(work / "data" / "train.jsonl")]
+    order = list(range(len(train)))
+    random.Random(args.seed).shuffle(order)
+    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=args.lr)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    steps = []
+    model.train()
+    for step in range(1, args.steps + 1):
+        picked = [train[order[((step - 1) * args.batch + i) % len(order)]] for i in range(args.batch)]
+        width = max(len(ids) for ids, _ in picked)
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in picked], device=dev)
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in picked], device=dev)
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in picked], device=dev)
+        tokens = int((labels[:, 1:] != -100).sum())
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")
+        steps.append({"step": step, "tokens_per_sec": tokens / seconds, "seconds": seconds,
+                      "peak_mb": peak, "loss": loss.item()})
+        print(json.dumps(steps[-1]), flush=True)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    train_wall = time.perf_counter() - started
+    timed = [s for s in steps if s["step"] > args.skip] or steps
+    trained = {"steps": steps, "rss_mb": rss_mb, "first_step_s": steps[0]["seconds"],
+               "wall_s": train_wall, "load_s": load_s, "load_1min": [None, None],
+               "torch": torch.__version__, "device": torch.cuda.get_device_name() if
+               dev.type == "cuda" else "cpu", "dtype": args.dtype, "compile": args.compile,
+               "median_tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed)}
+
+    stages = work / "stages"
+    stages.mkdir(parents=True, exist_ok=True)
+    (stages / f"train_torch_peft_{args.round}.json").write_text(json.dumps(trained, indent=1))
+    print(json.dumps({k: v for k, v in trained.items() if k != "steps"}))
+    if args.round:
+        return {"train": trained}
+
+    # held-out: greedy, left-padded batches, the template's generation prompt
+    model.eval()
+    tok.padding_side = "left"
+    heldout = rows(work / "dates.jsonl")[: args.heldout]
+    stops = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+             if isinstance(t, int) and t >= 0]
+    outputs, right, t0 = {}, 0, time.perf_counter()
+    for i in range(0, len(heldout), args.eval_batch):
+        part = heldout[i:i + args.eval_batch]
+        prompts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}],
+                                           tokenize=False, add_generation_prompt=True)
+                   for r in part]
+        enc = tok(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(dev)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=pad)
+        for r, seq in zip(part, out[:, enc["input_ids"].shape[1]:]):
+            text = tok.decode(seq, skip_special_tokens=True).split("\n")[0]
+            outputs[r["id"]] = text
+            right += text.strip() == r["answer"].strip()
+    evaluated = {"accuracy": right / len(heldout), "n": len(heldout), "outputs": outputs,
+                 "seconds": time.perf_counter() - t0, "load_1min": [None, None]}
+    (stages / "torch-peft.json").write_text(json.dumps(evaluated, indent=1))
+    print(json.dumps({k: v for k, v in evaluated.items() if k != "outputs"}))
+    return {"train": trained, "eval": evaluated}
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
