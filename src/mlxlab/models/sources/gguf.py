@@ -235,7 +235,10 @@ def _write_tokenizer(metadata: dict, folder: Path) -> None:
     AutoTokenizer(gguf_file=...) builds): the special tokens, whether BOS / EOS are added, and
     the chat template as the file states them."""
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    try:  # where transformers keeps its GGUF tokenizer table since 5.2x
+        from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    except ImportError:  # and before (mlxlab asks for transformers>=5.7)
+        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     tokenizer_dict = {name: metadata[f"tokenizer.{key}"]
                       for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
