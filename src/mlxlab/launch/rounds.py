@@ -3,8 +3,9 @@
 Round 1 distils the configured teachers into a fresh student; round r + 1 is taught by round r's
 student (`round_teachers=chain`) or by the configured teachers and every student so far
 (`round_teachers=ensemble`, weights fixed or learned: `teacher_weights`). Each round is an
-ordinary training run (train.py's train with rounds=1) in `<run dir>/round_<r>`, a child of one
-parent run that holds the per-round metrics (rounds/<metric> at step r) and the manifest
+ordinary training run (train.py's train_run, rounds=1) in `<run dir>/round_<r>`, a child of one
+parent run (sweeps/parent.py, as a sweep's jobs are of theirs; launch/app.py's driver_for picks
+this driver) that holds the per-round metrics (rounds/<metric> at step r) and the manifest
 `distill_rounds.json`: every finished round's run folder, MLflow run id, teachers and best
 metrics, and the round under way (`running`: its folder and the checkpoint folder it resumed).
 
