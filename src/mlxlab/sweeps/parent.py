@@ -126,10 +126,10 @@ class ClientRun(BaseTracker):
             self.run_id = run.info.run_id
             return
         run = retrying(self.client.get_run, run_id)  # raises when the store does not hold it
+        self.run_id, self.previous = run_id, run.info.status
         self.set_tags(tags)  # before RUNNING (stale.py reads the launcher's tags)
         retrying(self.client.update_run, run_id, status="RUNNING")
         clear_killed(self.client, run)
-        self.run_id, self.previous = run_id, run.info.status
 
     def set_tags(self, tags: dict) -> None:
         for key, value in tags.items():
