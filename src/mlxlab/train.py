@@ -2,8 +2,8 @@
 
 `train_run(cfg)` is the wiring of one run, `train(cfg)` hands it to what drives the run
 (launch/app.py's driver_for: that run, or an objective's rounds of them); `main` the entry point
-(launch/: the command line, the Hydra app, the failure policy). No training logic, file formats or MLflow calls live here: see
-docs/architecture.md.
+(launch/: the command line, the Hydra app, the failure policy). No training logic, file formats
+or MLflow calls live here: see docs/architecture.md.
 """
 
 from __future__ import annotations
