@@ -58,7 +58,8 @@ def train_in_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str,
                     ) -> dict[str, float]:
     """objective.rounds > 1: one parent run (the `tracking` node's tracker, named as the run),
     each round `train_one` with rounds=1 as its child run."""
-    checked_parts() or validate(cfg)  # the Hydra app's run: its callback validated
+    if checked_parts() is None:  # (the Hydra app's run: its callback validated it)
+        validate(cfg)
     source_of(cfg.model)  # the model the user named, fetched (or refused) before any manifest
     run_dir, choices, _ = hydra_context(cfg)
     name = run_name(cfg, swept_keys_here())
