@@ -1,8 +1,9 @@
 """mlxlab-train: compose the config, build the parts, wire them, return the optimized metric.
 
-`train(cfg)` is the wiring of one run; `main` the entry point (launch/: the command line, the
-Hydra app, the failure policy). No training logic, file formats or MLflow calls live here: see
-docs/architecture.md.
+`train_run(cfg)` is the wiring of one run, `train(cfg)` hands it to what drives the run
+(launch/app.py's driver_for: that run, or an objective's rounds of them); `main` the entry point
+(launch/: the command line, the Hydra app, the failure policy). No training logic, file formats
+or MLflow calls live here: see docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -17,12 +18,19 @@ log = logging.getLogger("mlxlab")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Build everything from `cfg`, train, and return the best validation metrics."""
+    """Train `cfg` as its config asks (launch/app.py's driver_for: this one run, or rounds of
+    child runs under a parent run) and return the best validation metrics."""
+    from mlxlab.launch.app import driver_for
+
+    return driver_for(cfg)(cfg, train_run)
+
+
+def train_run(cfg: DictConfig) -> dict[str, float]:
+    """Build everything from `cfg`, train one run, and return its best validation metrics."""
     # the training process's imports: `mlxlab-train`'s supervising parent imports this module
     # for main() and starts its child without them (launch/entry.py)
     from mlxlab.config import checked_parts, config_hash, instantiate, to_container, validate
     from mlxlab.launch.resume import record_resume, resolve_resume, validate_resumed
-    from mlxlab.launch.rounds import rounds_of, train_in_rounds
     from mlxlab.launch.wiring import build_callbacks, build_tracker, seed_everything, trial_tags
     from mlxlab.models import num_parameters
     from mlxlab.models.sources import source_of, source_tags
@@ -40,8 +48,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # the model the user named, as a local folder (a hub download, a GGUF conversion), or one
     # line saying why not: before the run folder or tracking exist
     model_source = source_of(cfg.model)
-    if rounds_of(cfg) > 1:
-        return train_in_rounds(cfg, train)
     run_dir, choices, _ = hydra_context(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = parts.build(cfg.trainer)  # TrainerSettings

@@ -1,8 +1,8 @@
-"""One job of the Hydra app (a single run, or each job of a sweep): the failure policy around
-training. Bad input the user can fix is one line and exit 2 (its run folder removed when the run
-left nothing in it); in a sweep, a failed trial is recorded as failed (NaN) and the sweep goes
-on; a signal leaves a checkpoint and the command that goes on; anything else is a bug: its
-traceback."""
+"""One job of the Hydra app (a single run, or each job of a sweep): what drives its training
+(one run, or an objective's rounds of child runs), and the failure policy around it. Bad input
+the user can fix is one line and exit 2 (its run folder removed when the run left nothing in
+it); in a sweep, a failed trial is recorded as failed (NaN) and the sweep goes on; a signal
+leaves a checkpoint and the command that goes on; anything else is a bug: its traceback."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from mlxlab.config import checked_parts, unwrapped
 from mlxlab.errors import UserError
 from mlxlab.launch.composing import composed
+from mlxlab.launch.rounds import rounds_of, train_in_rounds
 from mlxlab.runs import remove_unused_run_dir
 from mlxlab.runs.command import leave_after_signal
 from mlxlab.runtime import failures, settings, supervise
@@ -27,6 +28,22 @@ from mlxlab.tracking.run_info import hydra_context
 from mlxlab.training.trainer import TrainingInterrupted
 
 log = logging.getLogger("mlxlab")
+
+TrainOne = Callable[[DictConfig], dict[str, float]]
+Driver = Callable[[DictConfig, TrainOne], dict[str, float]]
+
+
+def one_run(cfg: DictConfig, train_one: TrainOne) -> dict[str, float]:
+    return train_one(cfg)
+
+
+def driver_for(cfg: DictConfig) -> Driver:
+    """What drives the training of `cfg` with a function that trains one run: that run, or,
+    when the objective's config asks for rounds (`objective.rounds` > 1), rounds of runs under
+    a parent run (rounds.py). An objective.rounds that is no count is the objective's config
+    check's to refuse, in the one run."""
+    rounds = rounds_of(cfg)
+    return train_in_rounds if isinstance(rounds, int) and rounds > 1 else one_run
 
 
 def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, float]]) -> float:

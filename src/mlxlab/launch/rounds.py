@@ -3,8 +3,9 @@
 Round 1 distils the configured teachers into a fresh student; round r + 1 is taught by round r's
 student (`round_teachers=chain`) or by the configured teachers and every student so far
 (`round_teachers=ensemble`, weights fixed or learned: `teacher_weights`). Each round is an
-ordinary training run (train.py's train with rounds=1) in `<run dir>/round_<r>`, a child of one
-parent run that holds the per-round metrics (rounds/<metric> at step r) and the manifest
+ordinary training run (train.py's train_run, rounds=1) in `<run dir>/round_<r>`, a child of one
+parent run (sweeps/parent.py, as a sweep's jobs are of theirs; launch/app.py's driver_for picks
+this driver) that holds the per-round metrics (rounds/<metric> at step r) and the manifest
 `distill_rounds.json`: every finished round's run folder, MLflow run id, teachers and best
 metrics, and the round under way (`running`: its folder and the checkpoint folder it resumed).
 
@@ -27,13 +28,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mlxlab.config import config_hash, to_container
+from mlxlab.checkpoint.atomic import fsync_path
+from mlxlab.config import checked_parts, config_hash, to_container, validate
 from mlxlab.errors import ConfigError
 from mlxlab.launch.wiring import build_tracker
+from mlxlab.models.sources import source_of
 from mlxlab.runs import newest_committed
 from mlxlab.sweeps.folder import swept_keys_here
-from mlxlab.sweeps.store import finished_run_metrics
+from mlxlab.sweeps.parent import ParentOfRuns
 from mlxlab.tracking import tags as T
+from mlxlab.tracking.base import Tracker
 from mlxlab.tracking.mlflow import tracked_store
 from mlxlab.tracking.run_info import hydra_context, run_name, run_tags
 from mlxlab.training.trainer import TrainingInterrupted
@@ -54,6 +58,9 @@ def train_in_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str,
                     ) -> dict[str, float]:
     """objective.rounds > 1: one parent run (the `tracking` node's tracker, named as the run),
     each round `train_one` with rounds=1 as its child run."""
+    if checked_parts() is None:  # (the Hydra app's run: its callback validated it)
+        validate(cfg)
+    source_of(cfg.model)  # the model the user named, fetched (or refused) before any manifest
     run_dir, choices, _ = hydra_context(cfg)
     name = run_name(cfg, swept_keys_here())
     parent = build_tracker(cfg, name)
@@ -71,8 +78,8 @@ def round_teachers(initial: list, students: list[str], mode: str) -> list:
     return [*initial, *({"run": s} for s in students)]
 
 
-def round_config(cfg: DictConfig, r: int, teachers: list, run_dir: Path,
-                 parent_run_id: str | None, name: str, resume: str | None = None) -> DictConfig:
+def round_config(cfg: DictConfig, r: int, teachers: list, run_dir: Path, parent_tags: dict,
+                 name: str, resume: str | None = None) -> DictConfig:
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(out):
         out.objective.rounds = 1
@@ -81,9 +88,7 @@ def round_config(cfg: DictConfig, r: int, teachers: list, run_dir: Path,
         out.resume = resume  # never the parent's resume=auto: a round resumes its own folder
         if "run_name" in out.tracking:
             out.tracking.run_name = f"{name} round {r}"
-        out.tags = {**(out.get("tags") or {}), T.DISTILL_ROUND: str(r)}
-        if parent_run_id:
-            out.tags[T.PARENT_RUN] = parent_run_id
+        out.tags = {**(out.get("tags") or {}), T.DISTILL_ROUND: str(r), **parent_tags}
     return out
 
 
@@ -98,16 +103,10 @@ def write_manifest(path: Path, manifest: dict) -> None:
     """Replace `path` atomically (temp file, fsync, rename, fsync of the folder): a kill leaves
     the old manifest or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(manifest, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    fsync_path(tmp)
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
 
 
 def find_manifest(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -193,22 +192,10 @@ def resume_source(running: dict | None, r: int, folder: Path) -> str | None:
     return max(found)[2] if found else None
 
 
-def finished_round_metrics(tracking: Any, source: str | None) -> dict[str, float] | None:
-    """The metrics of a round whose child run FINISHED before the kill that kept it out of the
-    manifest, asked of the MLflow store the `tracking` node writes to; None when it has still to
-    be trained (or resumed)."""
-    uri = tracked_store(tracking)
-    run_id = child_run_id(Path(source)) if source else None
-    if not uri or not run_id:
-        return None  # no store to ask (tracking=none): resuming a finished round only finishes it
-
-    return finished_run_metrics(uri, run_id)
-
-
 def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, float]],
-                 parent: Any, tags: dict[str, str], name: str = "distill") -> dict[str, float]:
-    """Train every round (or, with resume=, the rounds not finished); returns the last round's
-    best metrics."""
+                 tracker: Tracker, tags: dict[str, str], name: str = "distill") -> dict[str, float]:
+    """Train every round (or, with resume=, the rounds not finished) as the children of the
+    parent run `tracker` records; returns the last round's best metrics."""
     distill = cfg.objective
     rounds, mode = rounds_of(cfg), distill.get("round_teachers", "chain")
     initial = to_container(distill).get("teachers") or []
@@ -226,20 +213,17 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
     previous = read_manifest(source) if source else {}
     if source:
         check_same_rounds(previous, source, manifest)
-        # a file tracker (CsvTracker) starts its record with the killed parent's rows of the
-        # finished rounds, as the reopened MLflow parent run holds them
-        parent.continue_from(source.parent, len(previous["rounds"]))
     finished: list[dict] = list(previous.get("rounds", []))
     manifest.update(parent_run_id=previous.get("parent_run_id"), rounds=finished,
                     running=previous.get("running"))
     path = run_dir / MANIFEST
     run_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(path, manifest)  # before the parent run exists: resume= always finds one
-    parent.start(params=to_container(cfg), tags={**tags, T.DISTILL_ROUNDS: str(rounds)},
-                 run_id=manifest["parent_run_id"])
-    if previous and parent.run_id == previous.get("parent_run_id"):
-        # rounds/* values of a round the manifest does not hold are logged again below
-        parent.rewind(len(finished))
+    parent = ParentOfRuns(tracker, tracked_store(cfg.tracking))
+    # a resumed parent is the killed one's run (or, in a file tracker, a copy of its record)
+    # with the rounds/* values of its finished rounds only: the others are logged again below
+    parent.start(to_container(cfg), {**tags, T.DISTILL_ROUNDS: str(rounds)},
+                 manifest["parent_run_id"], (source.parent, len(finished)) if source else None)
     manifest["parent_run_id"] = parent.run_id
     write_manifest(path, manifest)
     if finished:
@@ -252,9 +236,9 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
             log.info("distillation round %d/%d: teachers %s", r, rounds,
                      [t["run"] if isinstance(t, dict) else t for t in teachers])
             resume = resume_source(previous.get("running"), r, run_dir / f"round_{r}")
-            round_cfg = round_config(cfg, r, teachers, run_dir, parent.run_id, name, resume)
+            round_cfg = round_config(cfg, r, teachers, run_dir, parent.child_tags(), name, resume)
             folder = Path(str(round_cfg.paths.output_dir))
-            metrics = finished_round_metrics(cfg.tracking, resume)
+            metrics = parent.finished_child(child_run_id(Path(resume)) if resume else None)
             if metrics is not None:  # it finished; the kill came before the manifest said so
                 folder = Path(resume)
                 log.info("round %d finished in %s before the last run stopped", r, folder)
@@ -262,8 +246,7 @@ def train_rounds(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, fl
                 manifest["running"] = {"round": r, "run_dir": str(folder), "resumed_from": resume}
                 write_manifest(path, manifest)  # a kill from here on resumes this round
                 metrics = train_one(round_cfg)
-            parent.log_metrics({f"rounds/{k}": float(v) for k, v in metrics.items()}, r)
-            parent.flush()  # in the store before the manifest counts the round as finished
+            parent.log_child(r, metrics, "rounds/")  # before the manifest counts it finished
             finished.append({"round": r, "run_dir": str(folder), "run_id": child_run_id(folder),
                              "teachers": teachers, "metrics": metrics})
             manifest["running"] = None

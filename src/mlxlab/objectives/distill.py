@@ -40,7 +40,7 @@ class DistillConfig:
     alpha: float = 0.5            # weight of the hard-label CE; (1 - alpha) on the soft KL
     temperature: float = 2.0      # softens both distributions (kl, reverse_kl)
     cache_teacher: bool = True    # fixed datasets: teacher outputs computed once, looked up per step
-    rounds: int = 1               # > 1: rounds of distillation (launch/rounds.py, run by train.py)
+    rounds: int = 1               # > 1: rounds of distillation (launch/rounds.py drives them)
     round_teachers: str = "chain"  # chain | ensemble: who teaches round r + 1
     teacher_weights: str = "fixed"  # fixed | learned (teacher_weights.py)
     loss: str = "kl"              # kl | reverse_kl | mse: the soft term (losses.distillation_loss)

@@ -6,8 +6,9 @@ train.py and cli/; it reads and writes the store through tracking/mlflow):
 - folder.py: the sweep folder's files: what the launching process tells its jobs (the parent
   run, the swept keys, the command that continues it), what a job reports back (the runs it
   made, why it failed) and a stop by a signal;
-- parent.py: the parent run while its launcher lives (process tags, heartbeat; FINISHED when
-  every job is, KILLED after a signal);
+- parent.py: a parent run of child runs on any Tracker (distillation rounds hold one), and the
+  sweep's, on MLflow while its launcher lives (process tags, heartbeat; FINISHED when every job
+  is, KILLED after a signal);
 - checks.py: the first Hydra callback: bad input and an unusable store refused before anything
   of the sweep exists; the start lock of searches started together;
 - callback.py: the Hydra callback: the store created, its dead runs marked, a grid continued

@@ -51,7 +51,7 @@ from mlxlab.sweeps.identity import (
     wants_fresh,
 )
 from mlxlab.sweeps.jobs import job_runs_of
-from mlxlab.sweeps.parent import ParentRun, launcher_tags
+from mlxlab.sweeps.parent import ParentRun, child_tags
 from mlxlab.sweeps.store import metric_mode, sweep_children, sweep_table, swept_keys
 from mlxlab.sweeps.verdict import leader_tag, record
 from mlxlab.tracking import tags as T
@@ -168,8 +168,6 @@ class MlflowSweepCallback(Callback):
         return True
 
     def _start_parent(self, config: DictConfig, settings: dict[str, Any]) -> None:
-        from mlflow import MlflowClient
-
         experiment_id = ensure_store(
             settings["uri"], settings["experiment_name"], settings["artifact_root"]
         )
@@ -183,7 +181,6 @@ class MlflowSweepCallback(Callback):
             T.SWEEP_PARAMS: json.dumps(_override_keys(config)),
             T.SWEEP_IDENTITY: sweep_identity(config, settings["uri"]),
             T.TASK_NAME: str(OmegaConf.select(config, "task_name", default="")),
-            **launcher_tags(settings["heartbeat"]),
             **source_tags(),  # the sweep's Source and command line, as its jobs get them
         }
         if _is_search(config):
@@ -193,13 +190,12 @@ class MlflowSweepCallback(Callback):
             tags[T.OPTIMIZED_MODE] = metric_mode(str(metric), _mode(config))
         job_name = OmegaConf.select(config, "hydra.job.name", default="sweep")
         run_name = f"{job_name} sweep {sweep_dir.parent.name}/{sweep_dir.name}"
-        client = MlflowClient(tracking_uri=settings["uri"])
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-        run_id = run.info.run_id
-
-        write_parent_run(sweep_dir, run_id)  # what each job's MLflow tracker is given
-        self._parent = ParentRun(settings["uri"], run_id, sweep_dir, settings["heartbeat"])
-        log.info("MLflow sweep parent run %s (%s)", run_id, settings["uri"])
+        parent = ParentRun(settings["uri"], sweep_dir, settings["heartbeat"], experiment_id,
+                           run_name)
+        parent.start({}, tags)  # with the launcher's tags
+        self._parent = parent
+        write_parent_run(sweep_dir, parent.run_id)  # what each job's MLflow tracker is given
+        log.info("MLflow sweep parent run %s (%s)", parent.run_id, settings["uri"])
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """In the job's process (wherever the launcher runs it), before the job."""
@@ -394,7 +390,7 @@ def _record_failed_job(client: Any, parent_id: str, job_dir: Path, job_num: int,
     parent = client.get_run(parent_id)
     run = client.create_run(
         parent.info.experiment_id, run_name=f"failed job {job_num}",
-        tags={T.PARENT_RUN: parent_id, T.SWEEP_ID: parent_id, T.RUN_DIR: str(job_dir)})
+        tags={**child_tags(parent_id), T.SWEEP_ID: parent_id, T.RUN_DIR: str(job_dir)})
     pairs = [o.split("=", 1) for o in overrides if "=" in o]
     client.log_batch(run.info.run_id, params=[
         Param(k.lstrip("+~"), v[:MAX_PARAM_VALUE_LENGTH]) for k, v in pairs][:100],

@@ -1,41 +1,15 @@
-"""Sweep queries: a sweep's runs and their table, a finished run's metrics (distillation
-rounds). Read only: a missing sqlite store or experiment is
-not created here."""
+"""Sweep queries: a sweep's runs and their table. Read only: a missing sqlite store or
+experiment is not created here."""
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from mlxlab.tracking import tags as T
-from mlxlab.tracking.mlflow.calls import retrying
-from mlxlab.tracking.mlflow.store import resolve_uri, sqlite_path
 
 LATEST_CANDIDATES = 50  # newest sweeps looked at for "latest" (skipping failed and empty ones)
-
-
-def finished_run_metrics(uri: str | None, run_id: str) -> dict[str, float] | None:
-    """What the trainer returned for a run whose status is FINISHED: its best/<metric> values
-    (prefix dropped) and any quantized val_q<bits>/ ones; None for a run that did not finish or
-    a store that does not hold it. Reads only."""
-    uri = resolve_uri(uri)
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():
-        return None
-    from mlflow import MlflowClient
-
-    try:
-        run = retrying(MlflowClient(tracking_uri=uri).get_run, run_id)
-    except Exception:  # noqa: BLE001 - an unknown run id is "not finished" here
-        return None
-    if run.info.status != "FINISHED":
-        return None
-    metrics = run.data.metrics
-    found = {k[len("best/"):]: v for k, v in metrics.items() if k.startswith("best/")}
-    found.update({k: v for k, v in metrics.items() if re.match(r"val_q\d+/", k)})
-    return found
 
 
 def sweep_children(client: Any, parent_run_id: str) -> list:
