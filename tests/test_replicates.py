@@ -119,10 +119,16 @@ def test_the_parent_run_holds_the_verdict_and_names_no_bare_winner(sweep):
     assert c["rows"]["rows"] == 178
 
 
-def test_runs_list_prints_the_grouped_table(sweep):
+def test_runs_list_prints_the_grouped_table(sweep, capsys, monkeypatch):
+    """`mlxlab runs list --sweep latest` in the sweep's root, run in this process (the
+    command's own entry point; a process would add only its start-up)."""
+    from mlxlab.cli.main import main
+
     root, *_ = sweep
-    out = run([PYTHON, "-m", "mlxlab.cli.main", "runs", "list", "--sweep", "latest"], root,
-              {"MLXLAB_ROOT": str(root)})
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLXLAB_ROOT", str(root))
+    assert main(["runs", "list", "--sweep", "latest"]) == 0
+    out = capsys.readouterr().out
     assert "configs (groups of seeds)" in out
     assert "g1     model.pooler=None" in out and "(95% CI, n=3)" in out
 

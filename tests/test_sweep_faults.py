@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import scipy.stats as st
 from mlflow import MlflowClient
 
 from conftest import MLXLAB, PYTHON
+from mlxlab.cli import runs_compare
 from mlxlab.tracking import tags as T
 from run_helpers import committed_steps, kill_when
 
@@ -136,16 +138,14 @@ def check_finished_once(root: Path, out: str, kept: int, rerun: int = 0) -> list
     ]
     assert out.count("kept, not run again") == kept, out[-4000:]
 
-    compared = subprocess.run(
-        [MLXLAB, "runs", "compare", "latest", "--metric", "val/loss", "--json"],
-        cwd=root,
-        env=env_for(root),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert compared.returncode == 0, compared.stderr[-3000:]
-    result = json.loads(compared.stdout[compared.stdout.index("{") :])
+    # `mlxlab runs compare` in this process: the same verb on the same store (a process would
+    # add its start-up; the sweeps above are the processes under test)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = runs_compare.main(["latest", "--uri", f"sqlite:///{root}/mlruns/mlflow.db",
+                                  "--metric", "val/loss", "--json"])
+    assert code == 0, printed.getvalue()[-3000:]
+    result = json.loads(printed.getvalue()[printed.getvalue().index("{") :])
     (c,) = result["comparisons"]
     per_seed = {
         p: {
