@@ -416,7 +416,7 @@ def table(r: dict) -> str:
              f"sessions share the cores); {s['train']} train / {s['heldout']} held-out rows, "
              f"LoRA rank {RANK} on q/k/v/o, batch {s['batch']}, {s['steps']} steps, lr "
              f"{s['lr']:g}", "",
-             "| model | held-out exact match | trained tokens/s | first step s | MLX peak MB | "
+             "| model | held-out exact match | trained tokens/s | first step s | peak MB (its framework's) | "
              "peak RSS MB |", "|---|---:|---:|---:|---:|---:|",
              f"| base (`mlxlab eval MODEL`) | {acc('base')} | | | | |",
              f"| mlxlab LoRA (`mlxlab eval RUN`) | {acc('mlxlab')} | {speed('mlxlab')} |",
