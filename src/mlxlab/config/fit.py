@@ -32,6 +32,7 @@ def _check_objective(cfg: DictConfig) -> None:
 # What each data kind is, in words (a data module's `task`; "prompts": prompts_only data)
 DATA_KINDS = {"classification": "labelled rows for classification", "lm": "text or chats to "
               "learn (language-model data)", "preference": "preference pairs",
+              "unpaired": "completions rated good or bad (unpaired feedback)",
               "prompts": "prompts without completions"}
 
 

@@ -100,7 +100,7 @@ def check_distinct(path: Path, rows: list[tuple[int, Any]], keys: dict[str, str]
     log.warning("%s; they train on nothing", what)
 
 
-def _turns(value: Any, role: str, what: str) -> list[dict]:
+def as_turns(value: Any, role: str, what: str) -> list[dict]:
     """A reply or prompt as a list of messages: a string is one turn of `role`."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
@@ -122,10 +122,10 @@ def pair_messages(row: Any, keys: dict[str, str]) -> tuple[list[dict], list[dict
     """(prompt, chosen, rejected) messages of one row (the module docstring's forms)."""
     if not isinstance(row, dict) or keys["chosen"] not in row or keys["rejected"] not in row:
         raise ValueError(f"not a JSON object with {keys['chosen']!r} and {keys['rejected']!r}")
-    chosen = _turns(row[keys["chosen"]], "assistant", keys["chosen"])
-    rejected = _turns(row[keys["rejected"]], "assistant", keys["rejected"])
+    chosen = as_turns(row[keys["chosen"]], "assistant", keys["chosen"])
+    rejected = as_turns(row[keys["rejected"]], "assistant", keys["rejected"])
     if keys["prompt"] in row:
-        prompt = _turns(row[keys["prompt"]], "user", keys["prompt"])
+        prompt = as_turns(row[keys["prompt"]], "user", keys["prompt"])
         system = row.get(keys["system"])
         if isinstance(system, str) and prompt[0].get("role") != "system":
             prompt = [{"role": "system", "content": system}, *prompt]

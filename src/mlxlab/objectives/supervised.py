@@ -34,6 +34,7 @@ METRICS = {
 OTHER_KINDS = {
     "preference": "preference pairs train with a preference objective: set objective=dpo or "
                   "objective=orpo (or experiment=dpo_chat / orpo_chat)",
+    "unpaired": "completions rated good or bad train with objective=kto (or experiment=kto_chat)",
     "prompts": "data {data} holds prompts without completions, and objective {objective} trains "
                "on the data's rows: pick an objective that samples completions (objective=grpo, "
                "experiment=grpo_*), or data=completions / data=chat for supervised fine-tuning"}
