@@ -38,7 +38,8 @@ from mlxlab.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
 
-KEYS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system"}
+KEYS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system",
+        "margin": "margin"}
 SIDES = ("chosen", "rejected")
 
 
@@ -48,6 +49,7 @@ class EncodedPairs:
 
     ids: dict[str, list[np.ndarray]]
     masks: dict[str, list[np.ndarray]]
+    margins: list[float] | None = None  # the file's margin column (objective=reward), if any
 
     def __len__(self) -> int:
         return len(self.ids["chosen"])
@@ -76,8 +78,23 @@ def read_pairs(path: str | Path, keys: dict[str, str]) -> Rows:
         rows.append((number, row))
     if not rows:
         raise ConfigError(f"{path} holds no rows")
+    check_margins(path, rows, keys["margin"])
     check_distinct(path, rows, keys)
     return Rows(path, "preference", rows)
+
+
+def check_margins(path: Path, rows: list[tuple[int, Any]], key: str) -> None:
+    """The optional margin column (TRL's RewardTrainer: how much the chosen reply is
+    preferred) is a number on every row or on none."""
+    having = [number for number, row in rows if key in row]
+    if having and len(having) < len(rows):
+        missing = next(number for number, row in rows if key not in row)
+        raise ConfigError(f"{path}:{missing}: no {key!r}, which line {having[0]} has: give "
+                          "every pair a margin or none")
+    for number, row in rows:
+        value = row.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}:{number}: {key!r} must be a number, not {value!r}")
 
 
 # Above this share of pairs whose two replies are the same, the file cannot teach a preference.
@@ -122,6 +139,10 @@ def pair_messages(row: Any, keys: dict[str, str]) -> tuple[list[dict], list[dict
     """(prompt, chosen, rejected) messages of one row (the module docstring's forms)."""
     if not isinstance(row, dict) or keys["chosen"] not in row or keys["rejected"] not in row:
         raise ValueError(f"not a JSON object with {keys['chosen']!r} and {keys['rejected']!r}")
+    for side in SIDES:  # a side left blank is a pair with one reply: nothing to compare
+        value = row[keys[side]]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError(f"{keys[side]!r} is empty: a pair needs both replies")
     chosen = as_turns(row[keys["chosen"]], "assistant", keys["chosen"])
     rejected = as_turns(row[keys["rejected"]], "assistant", keys["rejected"])
     if keys["prompt"] in row:
@@ -223,6 +244,9 @@ class PreferencePairs(PromptCompletion):
         pairs = EncodedPairs({s: [] for s in SIDES}, {s: [] for s in SIDES})
         if not rows.rows:
             return pairs
+        key = self.pair_keys["margin"]
+        if key in rows.rows[0][1]:
+            pairs.margins = []
         sides = {s: self._encode_side(rows, k) for k, s in enumerate(SIDES, start=1)}
         limit, long, empty = self.max_length + 1, 0, 0
         for i in range(len(rows.rows)):
@@ -238,6 +262,8 @@ class PreferencePairs(PromptCompletion):
             for side, (ids, mask) in zip(SIDES, encoded):
                 pairs.ids[side].append(ids)
                 pairs.masks[side].append(mask)
+            if pairs.margins is not None:
+                pairs.margins.append(float(rows.rows[i][1][key]))
         if long:
             log.warning(
                 "%s: %d of %d pairs have a side longer than max_length=%d tokens and "
@@ -278,6 +304,8 @@ class PreferencePairs(PromptCompletion):
     def _collate(self, split: EncodedPairs, index: np.ndarray, multiple: int) -> Batch:
         width = bucket_length(int(split.lengths()[index].max()), multiple, self.max_length)
         batch = {"index": mx.array(np.asarray(index, np.int32))}
+        if split.margins is not None:
+            batch["margin"] = mx.array(np.asarray([split.margins[i] for i in index], np.float32))
         for side in SIDES:
             tokens = np.full((len(index), width + 1), self.pad_id, np.int32)
             mask = np.zeros((len(index), width), np.float32)

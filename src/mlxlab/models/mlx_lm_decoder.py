@@ -39,6 +39,10 @@ from mlxlab.models.sources import model_folder
 log = logging.getLogger(__name__)
 
 QUANTIZE_BITS = (None, 4, 8)  # model.quantize
+# model.head: lm = the decoder's next-token logits | score = one scalar a position, a linear
+# `score` layer (no bias) on the last hidden states, as transformers' *ForSequenceClassification
+# (a reward model: objectives/reward.py reads it at a completion's last token)
+HEADS = ("lm", "score")
 GROUP_SIZE = 64  # mlx_lm.convert's default q_group_size
 # mlxlab's projection names (conf/lora: targets) -> the module names mlx-lm's architectures use
 # for them; a target that is already a module name (q_proj, gate_proj, ...) is taken as is.
@@ -159,8 +163,10 @@ class MLXLMDecoder(Model):
         hf_config: Mapping | None = None,
         quantized_layers: Mapping | None = None,
         weight_names: list[str] | None = None,
+        head: str = "lm",
     ):
         super().__init__()
+        check_head(head)
         if dropout:
             raise ConfigError(f"model.dropout={dropout}: mlx-lm's decoders have no dropout; "
                               "leave it at 0")
@@ -186,7 +192,28 @@ class MLXLMDecoder(Model):
         self._quantized_layers = dict(quantized_layers or {})
         # mlx-lm's names of the folder's weights: what its sanitize saw (build_from_config)
         self._weight_names = sorted(n for n, _ in tree_flatten(lm.parameters()))
+        self.head = head
+        if head == "score":
+            self._add_score_head(config)
+            if lora:  # the new head trains in full beside the adapters
+                lora = {**lora, "extra_trainable": [*(lora.get("extra_trainable") or ()),
+                                                    "score"]}
         prepare_for_training(self, quantize=quantize, lora=lora, rebuilt=not pretrained)
+
+    def _add_score_head(self, config: Mapping) -> None:
+        """`score`: hidden_size -> 1 without bias, drawn as transformers initialises it
+        (normal, std = the config's initializer_range); it reads mlx-lm's `model` (the decoder
+        stack and its final norm), which every architecture that has one returns hidden
+        states from."""
+        if "model" not in self.lm:
+            raise ConfigError(f"model.head=score reads the hidden states of mlx-lm's `model` "
+                              f"module, which {config.get('model_type')} does not have: use a "
+                              "Llama-like decoder (llama, qwen2, qwen3, mistral, ...)")
+        hidden = int(config.get("hidden_size") or (config.get("text_config") or {})["hidden_size"])
+        std = float(config.get("initializer_range") or 0.02)
+        self.score = nn.Linear(hidden, 1, bias=False)
+        self.score.weight = mx.random.normal((1, hidden)) * std
+        self._architecture["head"] = "score"
 
     @classmethod
     def check_config(cls, node: Mapping[str, Any]) -> None:
@@ -197,6 +224,7 @@ class MLXLMDecoder(Model):
             raise ConfigError(f"model.dropout={node['dropout']}: mlx-lm's decoders have no "
                               "dropout; leave it at 0")
         check_quantize(node.get("quantize"))
+        check_head(node.get("head", "lm"))
         lora = node.get("lora")
         check_lora(lora)
         if not node.get("pretrained"):
@@ -242,6 +270,8 @@ class MLXLMDecoder(Model):
                  cache: list | None = None) -> mx.array:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
+        if self.head == "score":  # (B, T, 1): a score at every position
+            return self.score(self.lm.model(input_ids, cache=cache))
         return self.lm(input_ids, cache=cache)
 
 
@@ -288,6 +318,12 @@ def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mappin
     log.info("%s decoder: trains %s; %s trainable / %s total parameters",
              model.architecture["model_type"], what,
              f"{num_parameters(model, trainable_only=True):,}", f"{num_parameters(model):,}")
+
+
+def check_head(head: Any) -> None:
+    if head not in HEADS:
+        raise ConfigError(f"model.head={head!r}: use lm (next-token logits) or score (a reward "
+                          "model's scalar, objective=reward)")
 
 
 def check_quantize(quantize: Any) -> None:

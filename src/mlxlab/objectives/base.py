@@ -160,9 +160,26 @@ class ObjectiveSetup:
                                             #   are drawn and evaluations run: artifacts)
 
 
+def check_model_head(cfg: Any, objective: type[Objective]) -> None:
+    """A decoder's model.head (lm: next-token logits, score: a reward model's scalar) is the one
+    `objective` trains, or one ConfigError line: a head the loss would not read is a mistake."""
+    head = (cfg.get("model") or {}).get("head")
+    if head not in ("lm", "score") or head == objective.model_head:  # (another: the model's line)
+        return
+    if objective.model_head == "score":
+        raise ConfigError(f"objective {objective.__name__} trains a reward model, a scalar head "
+                          "on the decoder: set model.head=score (or experiment=reward_chat)")
+    raise ConfigError(f"model.head={head} is a reward model's scalar head, which objective "
+                      f"{objective.__name__} does not train: leave model.head=lm, or use "
+                      "objective=reward")
+
+
 class Objective:
     """What a run trains toward (see the module). Subclasses implement `loss`, `evaluate` and
     `metrics`; the rest have the defaults of an objective that trains on the data's batches."""
+
+    # the decoder head it trains (model.head of conf/model/hf_decoder.yaml): lm | score
+    model_head = "lm"
 
     def setup(self, setup: ObjectiveSetup) -> dict[str, str] | None:
         """Build what the loss needs from the run's parts (teachers, a reference, caches);
@@ -217,6 +234,7 @@ class Objective:
         data of a `kind` it does not train on (DataMismatch), an optimized_metric it does not
         report. An objective with more to check (teachers that must read the student's tokens)
         adds its checks and calls this one."""
+        check_model_head(cfg, cls)
         spec = cls.metrics(kind)
         if kind is not None and not spec.definitions:
             raise DataMismatch(f"objective {cls.__name__} does not train on {kind} data")

@@ -45,6 +45,7 @@ from mlxlab.objectives.base import (
     MetricSpec,
     Objective,
     ObjectiveSetup,
+    check_model_head,
     check_monitor,
 )
 from mlxlab.objectives.evaluation import evaluate_by_loss
@@ -254,6 +255,7 @@ class Preference(Objective):
         if kind != "preference":
             super().check_config(cfg, kind)
             return
+        check_model_head(cfg, cls)
         loss = cfg.objective.get("loss") or PreferenceConfig.loss
         reported = METRICS if loss != "orpo" else {**METRICS, **ORPO_METRICS}
         check_monitor(cfg, kind, reported, f"Preference(loss={loss})")

@@ -1,0 +1,228 @@
+"""Reward models (issue 78): model.head=score reads a scalar at a reply's last token, the
+Bradley-Terry loss equals TRL's (trl 1.16 RewardTrainer.compute_loss, run on torch CPU) with its
+gradients, on given rewards and end to end against transformers' LlamaForSequenceClassification
+on the same weights; experiment=reward_chat through mlxlab-train on a tiny random Llama; and the
+bad inputs, one line each before anything is made."""
+
+from __future__ import annotations
+
+import subprocess
+from collections import defaultdict
+from types import SimpleNamespace
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from conftest import PYTHON
+from hf_helpers import save_tiny_model
+from mlxlab.data.batching import Batching
+from mlxlab.errors import ConfigError
+from mlxlab.objectives.reward import bradley_terry
+from test_preference import generated_pairs, pairs_data, write_jsonl
+
+torch = pytest.importorskip("torch")
+trl_reward = pytest.importorskip("trl.trainer.reward_trainer")
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("reward")
+    folder = save_tiny_model("llama", root / "tiny-chatml", chat="chatml")
+    return {"folder": folder, "root": root,
+            "train": write_jsonl(root / "train.jsonl", generated_pairs(160)),
+            "val": write_jsonl(root / "val.jsonl", generated_pairs(32, seed=1))}
+
+
+class _Accelerator:
+    def gather(self, x):
+        return x
+
+    gather_for_metrics = gather
+
+
+def trl_loss(model, inputs: dict, coef: float | None) -> tuple[torch.Tensor, dict]:
+    """TRL's RewardTrainer.compute_loss, unbound, on `model` (a torch callable returning
+    `.logits` of (2B, 1)) and `inputs` (chosen rows then rejected rows, as TRL's collator
+    stacks them): (the loss, its metrics)."""
+    trainer = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=_Accelerator(),
+                              args=SimpleNamespace(center_rewards_coefficient=coef),
+                              _total_train_tokens=0, _tp_size=1,
+                              _metrics=defaultdict(lambda: defaultdict(list)))
+    loss = trl_reward.RewardTrainer.compute_loss(trainer, model, inputs)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize(("with_margin", "coef"), [(False, None), (True, None), (True, 0.01)])
+def test_the_loss_and_its_gradient_equal_trls(with_margin, coef):
+    rng = np.random.default_rng(4)
+    b = 8
+    chosen, rejected = (rng.normal(0, 2, b).astype(np.float32) for _ in range(2))
+    margin = rng.uniform(0, 1.5, b).astype(np.float32) if with_margin else None
+    logits = torch.tensor(np.concatenate([chosen, rejected])[:, None], requires_grad=True)
+    inputs = {"input_ids": torch.zeros((2 * b, 3), dtype=torch.long),
+              "attention_mask": torch.ones((2 * b, 3), dtype=torch.long)}
+    if with_margin:
+        inputs["margin"] = torch.tensor(margin)
+    want, metrics = trl_loss(lambda **kw: SimpleNamespace(logits=logits), inputs, coef)
+    want.backward()
+    want_grad = logits.grad.numpy()[:, 0]
+
+    def ours(c, r):
+        return bradley_terry(c, r, None if margin is None else mx.array(margin), coef)
+
+    got, aux, _ = ours(mx.array(chosen), mx.array(rejected))
+    grads = mx.grad(lambda c, r: ours(c, r)[0], argnums=(0, 1))(mx.array(chosen),
+                                                                  mx.array(rejected))
+    assert abs(got.item() - want.item()) <= 1e-5
+    np.testing.assert_allclose(np.concatenate([np.array(g) for g in grads]), want_grad,
+                               rtol=1e-5, atol=1e-7)
+    assert aux["accuracy"].item() == pytest.approx(metrics["accuracy"], abs=1e-6)
+    assert aux["margin"].item() == pytest.approx(metrics["margin"], abs=1e-5)
+    assert aux["mean_reward"].item() == pytest.approx(metrics["mean_reward"], abs=1e-5)
+    assert 0 < metrics["accuracy"] < 1
+
+
+def test_the_head_reads_the_last_token_as_transformers_sequence_classifier_does(reward_model):
+    """The tiny Llama with model.head=score (every weight trained) and the same weights loaded
+    as transformers' LlamaForSequenceClassification: on a batch of pairs, each side cut after
+    its reply's end-of-turn token for transformers (which reads the last token that is not
+    padding), the rewards agree, and so do TRL's loss on them and its gradient for the head
+    and a projection of the first layer (1e-5)."""
+    from mlx.utils import tree_flatten
+    from transformers import LlamaForSequenceClassification
+
+    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.objectives.base import ObjectiveSetup
+    from mlxlab.objectives.reward import Reward, pair_rewards
+    from mlxlab.runtime.distributed import World
+
+    folder = reward_model["folder"]
+    data = pairs_data(folder, reward_model["train"], val_file=str(reward_model["val"]))
+    mx.random.seed(0)
+    model = MLXLMDecoder(vocab_size=data.vocab_size, pretrained=str(folder), head="score",
+                         lora={"rank": 0})
+    batching = Batching(batch_size=6)
+    objective = Reward()
+    objective.setup(ObjectiveSetup(model=model, data=data, batching=batching, world=World()))
+    batch = next(iter(data.val_batches(batching)))
+    batch["margin"] = mx.array(np.linspace(0.0, 1.0, 6, dtype=np.float32))
+    (loss, aux), grads = nn.value_and_grad(model, objective.loss)(model, batch)
+    grads = dict(tree_flatten(grads))
+
+    hf = LlamaForSequenceClassification.from_pretrained(folder, num_labels=1,
+                                                        torch_dtype=torch.float32)
+    with torch.no_grad():
+        hf.score.weight.copy_(torch.tensor(np.array(model.score.weight)))
+    pad = data.vocab_size - 1  # an id no row holds: transformers' padding to skip
+    rows = []
+    for side in ("chosen", "rejected"):
+        ids, labels = np.array(batch[f"{side}_input_ids"]), np.array(batch[f"{side}_labels"])
+        mask = np.array(batch[f"{side}_loss_mask"])
+        for r in range(len(ids)):
+            last = int(np.nonzero(mask[r])[0].max()) + 1
+            rows.append(np.concatenate([ids[r, :1], labels[r]])[: last + 1])
+    assert not any((row == pad).any() for row in rows)
+    hf.config.pad_token_id = pad
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        input_ids[r, : len(row)] = torch.tensor(row)
+        attention[r, : len(row)] = 1
+    inputs = {"input_ids": input_ids, "attention_mask": attention,
+              "margin": torch.tensor(np.array(batch["margin"]))}
+    want, metrics = trl_loss(hf, inputs, None)
+    want.backward()
+    with torch.no_grad():
+        hf_rewards = hf(input_ids=input_ids, attention_mask=attention).logits[:, 0].numpy()
+    ours = np.concatenate([np.array(r) for r in pair_rewards(model, batch)])
+    np.testing.assert_allclose(ours, hf_rewards, atol=1e-4, rtol=1e-4)
+    assert np.std(hf_rewards) > 1e-3  # rewards that differ between rows
+    assert abs(loss.item() - want.item()) <= 1e-5
+    assert aux["accuracy"].item() == pytest.approx(metrics["accuracy"], abs=1e-6)
+    for ours_name, hf_param in (("score.weight", hf.score.weight),
+                                ("lm.model.layers.0.self_attn.q_proj.weight",
+                                 hf.model.layers[0].self_attn.q_proj.weight)):
+        np.testing.assert_allclose(np.array(grads[ours_name]), hf_param.grad.numpy(),
+                                   atol=1e-5, rtol=1e-4)
+
+
+# --- experiment=reward_chat through mlxlab-train ----------------------------------------------
+
+
+def reward_args(model: dict, *extra: str) -> list[str]:
+    return [f"model.pretrained={model['folder']}", f"data.train_file={model['train']}",
+            f"data.val_file={model['val']}", "trainer.batch_size=8", "trainer.max_steps=12",
+            "trainer.eval_every_steps=6", "trainer.log_every_steps=1",
+            "trainer.schedule.warmup_steps=0", "callbacks.progress.enabled=false",
+            "optimizer.learning_rate=1e-2", *extra]
+
+
+def test_mlxlab_train_a_reward_model_learns_to_rank_the_held_out_pairs(reward_model, tmp_path,
+                                                                       cli_env):
+    """12 steps of LoRA + head on 160 generated pairs: the held-out pairwise accuracy and
+    margin in MLflow at both evaluations, the accuracy at the end above chance (>= 0.9) and the
+    margin up; the finished run rebuilds with its head (the checkpoint's score weight)."""
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.runs.model import load_run_model
+    from run_helpers import run
+
+    run(["experiment=reward_chat", *reward_args(reward_model)], tmp_path / "run", cli_env)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run_,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run_.info.status == "FINISHED" and run_.data.tags["choice.objective"] == "reward"
+
+    def history(key: str) -> list[float]:
+        return [m.value for m in sorted(client.get_metric_history(run_.info.run_id, key),
+                                        key=lambda m: m.step)]
+
+    accuracy, margin = history("val/accuracy"), history("val/margin")
+    assert len(accuracy) == 2 and len(history("train/accuracy")) == 12
+    assert accuracy[-1] >= 0.9 and margin[-1] > margin[0] and margin[-1] > 0, (accuracy, margin)
+    model, _ = load_run_model(tmp_path / "run")
+    assert model.head == "score" and model.score.weight.shape[0] == 1
+
+
+def refused(args: list[str], tmp_path, cli_env, *command: str) -> str:
+    """stderr of a run refused with exit 2, having made no run folder and no store."""
+    out = subprocess.run([PYTHON, "-m", *(command or ("mlxlab.train",)), *args], cwd=tmp_path,
+                         env=cli_env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, (out.stdout + out.stderr)[-2000:]
+    assert "mlxlab: error:" in out.stderr
+    return out.stderr
+
+
+@pytest.mark.parametrize(("extra", "line"), [
+    (["experiment=reward_chat", "model.head=lm"], "set model.head=score"),
+    (["experiment=dpo_chat", "model.head=score"], "model.head=score is a reward model's scalar"),
+    (["experiment=reward_chat", "model.head=value"], "model.head='value': use lm"),
+    (["experiment=reward_chat", "optimized_metric=val/rewards/accuracy"],
+     "optimized_metric='val/rewards/accuracy' is not computed"),
+])
+def test_a_run_that_is_not_a_reward_model_is_one_line(reward_model, tmp_path, cli_env, extra,
+                                                      line):
+    err = refused([*reward_args(reward_model), *extra,
+                   f"hydra.run.dir={tmp_path / 'refused'}"], tmp_path, cli_env)
+    assert line in err, err[-2000:]
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize(("row", "match"), [
+    ({"prompt": "a", "chosen": "b", "rejected": ""}, "'rejected' is empty: a pair needs both"),
+    ({"prompt": "a", "chosen": None, "rejected": "c"}, "'chosen' is empty: a pair needs both"),
+    ({"prompt": "a", "chosen": "b"}, "not a JSON object with 'chosen' and 'rejected'"),
+    ({"prompt": "a", "chosen": "b", "rejected": "c", "margin": "big"},
+     "'margin' must be a number, not 'big'"),
+])
+def test_a_pair_without_both_sides_or_with_a_bad_margin_is_one_line(reward_model, tmp_path, row,
+                                                                    match):
+    others = [{**p, "margin": 1.0} if "margin" in row else p for p in generated_pairs(2)]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*others, row])
+    with pytest.raises(ConfigError, match=rf"bad.jsonl:3: {match}"):
+        pairs_data(reward_model["folder"], bad)
+    some = [{**p, "margin": 1.0} for p in generated_pairs(2)] + generated_pairs(1)
+    with pytest.raises(ConfigError, match=r"bad.jsonl:3: no 'margin', which line 1 has"):
+        pairs_data(reward_model["folder"], write_jsonl(tmp_path / "bad.jsonl", some))
