@@ -160,18 +160,32 @@ def reward_args(model: dict, *extra: str) -> list[str]:
             "optimizer.learning_rate=1e-2", *extra]
 
 
-def test_mlxlab_train_a_reward_model_learns_to_rank_the_held_out_pairs(reward_model, tmp_path,
-                                                                       cli_env):
-    """12 steps of LoRA + head on 160 generated pairs: the held-out pairwise accuracy and
-    margin in MLflow at both evaluations, the accuracy at the end above chance (>= 0.9) and the
-    margin up; the finished run rebuilds with its head (the checkpoint's score weight)."""
-    from mlflow.tracking import MlflowClient
+@pytest.fixture(scope="module")
+def reward_run(reward_model, tmp_path_factory) -> dict:
+    """experiment=reward_chat through mlxlab-train: 12 steps of LoRA + head on 160 pairs."""
+    import os
 
-    from mlxlab.runs.model import load_run_model
     from run_helpers import run
 
-    run(["experiment=reward_chat", *reward_args(reward_model)], tmp_path / "run", cli_env)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    root = tmp_path_factory.mktemp("reward_run")
+    env = {**os.environ, "MLXLAB_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run(["experiment=reward_chat", *reward_args(reward_model)], root / "run", env)
+    return {"run": root / "run", "uri": f"sqlite:///{root}/mlruns/mlflow.db"}
+
+
+def test_mlxlab_train_a_reward_model_learns_to_rank_the_held_out_pairs(reward_run):
+    """The held-out pairwise accuracy and margin in MLflow at both evaluations, the accuracy at
+    the end above chance (>= 0.9 of 32 pairs) and the margin up; the finished run rebuilds with
+    its head (the checkpoint's score weight); its export is refused in one line, no folder
+    written."""
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.export import export_run
+    from mlxlab.export.hf import ExportError
+    from mlxlab.runs.model import load_run_model
+
+    client = MlflowClient(reward_run["uri"])
     (run_,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run_.info.status == "FINISHED" and run_.data.tags["choice.objective"] == "reward"
 
@@ -182,8 +196,65 @@ def test_mlxlab_train_a_reward_model_learns_to_rank_the_held_out_pairs(reward_mo
     accuracy, margin = history("val/accuracy"), history("val/margin")
     assert len(accuracy) == 2 and len(history("train/accuracy")) == 12
     assert accuracy[-1] >= 0.9 and margin[-1] > margin[0] and margin[-1] > 0, (accuracy, margin)
-    model, _ = load_run_model(tmp_path / "run")
+    model, _ = load_run_model(reward_run["run"])
     assert model.head == "score" and model.score.weight.shape[0] == 1
+    out = reward_run["run"].parent / "exported"
+    with pytest.raises(ExportError, match=r"is a reward model \(model.head=score\)"):
+        export_run(reward_run["run"], out)
+    assert not out.exists()
+
+
+def test_a_reward_run_scores_grpo_completions_as_it_scored_its_pairs(reward_model, reward_run,
+                                                                    make_cfg):
+    """LearnedReward (a GRPO reward) on the held-out pairs' prompts and replies gives the
+    rewards the objective computed for them in training's batches (1e-5), chosen above rejected
+    as the run learnt; a GRPO run trains with it beside a Python reward and logs its mean; a run
+    that is not a reward model is refused in one line."""
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.objectives.reward import pair_rewards
+    from mlxlab.runs.learned_reward import LearnedReward
+    from mlxlab.runs.model import load_run_model
+    from mlxlab.train import train
+
+    rows = [r for r in generated_pairs(32, seed=1) if isinstance(r["prompt"], str)]
+    reward = LearnedReward(str(reward_run["run"]), batch_size=5)
+    prompts = [r["prompt"] for r in rows]
+    chosen = reward(prompts, [r["chosen"] for r in rows])
+    rejected = reward(prompts, [r["rejected"] for r in rows])
+    assert np.mean(np.array(chosen) > np.array(rejected)) >= 0.9
+
+    model, _ = load_run_model(reward_run["run"])
+    scored = write_jsonl(reward_run["run"].parent / "scored.jsonl", rows)
+    data = pairs_data(reward_model["folder"], scored, val_file=str(scored))
+    batch = next(iter(data.val_batches(Batching(batch_size=len(rows)))))
+    order = np.array(batch["index"])
+    want = [np.array(side) for side in pair_rewards(model, batch)]
+    np.testing.assert_allclose(np.array(chosen)[order], want[0], atol=1e-5)
+    np.testing.assert_allclose(np.array(rejected)[order], want[1], atol=1e-5)
+
+    prompts_file = write_jsonl(reward_run["run"].parent / "prompts.jsonl",
+                               [{"prompt": r["prompt"], "answer": "yes"} for r in rows])
+    learned = (f"{{_target_: mlxlab.runs.learned_reward.LearnedReward, "
+               f"run: '{reward_run['run']}', name: learned}}")
+    cfg = make_cfg("experiment=grpo_arithmetic", f"model.pretrained={reward_model['folder']}",
+                   f"data.train_file={prompts_file}", "data.val_file=null",
+                   "data.val_fraction=0.25", "model.lora.rank=4", "objective.num_generations=4",
+                   "objective.max_completion_length=4",
+                   f"objective.rewards=[{learned},"
+                   "{_target_: mlxlab.objectives.rewards.exact_answer}]",
+                   "trainer.batch_size=2", "trainer.max_steps=2", "trainer.eval_every_steps=2",
+                   "trainer.log_every_steps=1", "callbacks.progress.enabled=false")
+    train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    (run_,) = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])
+    values = [m.value for m in client.get_metric_history(run_.info.run_id,
+                                                         "train/rewards/learned/mean")]
+    assert len(values) == 2 and all(np.isfinite(values))
+    assert "val/rewards/learned/mean" in run_.data.metrics
+    with pytest.raises(ConfigError, match="is not a reward model \\(its model.head is lm\\)"):
+        LearnedReward(cfg.paths.output_dir)
 
 
 def refused(args: list[str], tmp_path, cli_env, *command: str) -> str:

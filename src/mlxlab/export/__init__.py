@@ -66,6 +66,10 @@ def _check_options(model, fmt: str, dtype: str, quantize: int | None, lora: str)
         raise ExportError(f"--dtype {dtype!r}: use one of {list(DTYPES)}")
     if lora not in ("fuse", "adapters"):
         raise ExportError(f"lora={lora!r}: use --fuse-lora or --adapters")
+    if isinstance(model, MLXLMDecoder) and model.head == "score":
+        raise ExportError("this run is a reward model (model.head=score): mlxlab exports "
+                          "next-token decoders only, so its scores stay in mlxlab (a GRPO "
+                          "reward: objectives.rewards.learned_reward)")
     if isinstance(model, BertClassifier):
         if fmt != "hf" or quantize or lora == "adapters":
             raise ExportError(

@@ -1,0 +1,91 @@
+"""A finished reward run (objective=reward) as one of GRPO's rewards, beside Python rewards:
+
+    objective:
+      rewards:
+        - {_target_: mlxlab.runs.learned_reward.LearnedReward, run: outputs/reward_chat/<time>}
+        - {_target_: mlxlab.objectives.rewards.regex_format, pattern: "^\\d+$", weight: 0.2}
+
+Each (prompt, completion) is rendered as the reward run rendered its pairs (its own tokenizer
+and chat template, kept in its run folder: the prompt's turns, the completion the assistant's
+reply) and scored as objectives/reward.py scores a side: the head's value at the reply's last
+token. The reward model therefore reads text it tokenizes itself, whatever the policy's
+tokenizer. Its weights are loaded once, at the first call (the config check reads only its
+state.json), frozen, and run in batches of `batch_size` without gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from mlxlab.checkpoint import CheckpointState
+from mlxlab.config.records import check_number
+from mlxlab.data.chat import encode_chats, load_chat_template
+from mlxlab.data.tokenizer import build_tokenizer, special_ids
+from mlxlab.errors import ConfigError
+from mlxlab.runs.model import choose_checkpoint, load_run_model
+from mlxlab.runs.tokenizer import require_run_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class LearnedReward:
+    """`(prompts, completions, **columns) -> list[float]`: the reward run `run`'s scores (see
+    the module). `checkpoint`: best (default) or last."""
+
+    def __init__(self, run: str, batch_size: int = 16, checkpoint: str = "best") -> None:
+        check_number("objective.rewards[].batch_size", batch_size, int, 1)
+        self.run, self.batch_size, self.checkpoint = str(run), int(batch_size), checkpoint
+        found = choose_checkpoint(Path(self.run).expanduser(), checkpoint)
+        head = ((CheckpointState.read(found).config or {}).get("model") or {}).get("head")
+        if head != "score":
+            raise ConfigError(f"objective.rewards: {self.run} is not a reward model (its "
+                              f"model.head is {head or 'lm'}): give a run trained with "
+                              "objective=reward (experiment=reward_chat)")
+        self.tokenizer_path = require_run_tokenizer(Path(self.run).expanduser(), "reward")
+        self._parts: tuple | None = None
+
+    def _load(self) -> tuple:
+        if self._parts is None:
+            model, state = load_run_model(Path(self.run).expanduser(), self.checkpoint)
+            model.freeze()
+            tokenizer = build_tokenizer(None, path=str(self.tokenizer_path))
+            tokenizer.no_padding()
+            tokenizer.no_truncation()
+            _, pad_id, _ = special_ids(tokenizer, self.tokenizer_path.parent)
+            template = load_chat_template(str(self.tokenizer_path))
+            log.info("learned reward: %s (%s)", self.run, state.path)
+            self._parts = (model, tokenizer, template, pad_id)
+        return self._parts
+
+    def __call__(self, prompts: Sequence, completions: Sequence[str],
+                 **_: Any) -> list[float]:
+        model, tokenizer, template, pad_id = self._load()
+        chats = [{"messages": [*as_messages(p), {"role": "assistant", "content": c}]}
+                 for p, c in zip(prompts, completions)]
+        encoded = encode_chats(tokenizer, template, chats)
+        rewards: list[float] = []
+        for lo in range(0, len(encoded), self.batch_size):
+            rows = encoded[lo: lo + self.batch_size]
+            width = max(len(c.ids) for c in rows)
+            tokens = np.full((len(rows), width), pad_id, np.int32)
+            last = np.zeros(len(rows), np.int32)
+            for r, chat in enumerate(rows):
+                tokens[r, : len(chat.ids)] = chat.ids
+                last[r] = int(np.nonzero(chat.turns == chat.turns.max())[0].max())
+            scores = model(mx.array(tokens))[..., 0].astype(mx.float32)
+            picked = mx.take_along_axis(scores, mx.array(last)[:, None], axis=1)[:, 0]
+            rewards += np.array(picked).tolist()
+        return rewards
+
+
+def as_messages(prompt: Any) -> list[dict]:
+    """A GRPO prompt as chat turns: a string is the user's turn, a list of messages is itself."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return list(prompt)
