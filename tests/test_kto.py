@@ -5,7 +5,6 @@ experiment=kto_chat through mlxlab-train on a tiny random Llama with a ChatML te
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +18,7 @@ from mlxlab.data.batching import Batching
 from mlxlab.data.unpaired import UnpairedRows
 from mlxlab.errors import ConfigError
 from mlxlab.objectives.kto import kto_loss
+from test_preference import tree_map_params, write_jsonl
 
 WORDS = ["cat", "dog", "sun", "tree", "ball", "milk", "red", "big", "hat", "cup"]
 
@@ -40,11 +40,6 @@ def rated_rows(n: int, seed: int = 0) -> list[dict]:
         else:
             rows.append({"prompt": prompt, "completion": completion, "label": good})
     return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +211,6 @@ def test_the_reference_is_the_model_with_its_adapters_off(kto_model):
     from mlxlab.objectives.base import ObjectiveSetup
     from mlxlab.objectives.kto import KTO
     from mlxlab.runtime.distributed import World
-    from test_preference import tree_map_params
 
     data = rows_data(kto_model["folder"], kto_model["train"], val_file=str(kto_model["val"]))
     mx.random.seed(0)
