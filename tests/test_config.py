@@ -33,6 +33,10 @@ def test_option_composes_and_resolves(tmp_path, group, option):
         extra = ["data.path=my.csv", "data.label_column=target"]
     if option == "preference" or option in ("dpo", "orpo"):  # pairs train with a pair objective
         extra = ["experiment=dpo_chat", f"{group}={option}"]
+    if option in ("unpaired", "kto"):  # rated completions train with objective=kto (and back)
+        extra = ["experiment=kto_chat", f"{group}={option}"]
+    if option == "reward":  # a reward model: pairs and a scalar head
+        extra = ["experiment=reward_chat"]
     if option in ("prompts", "grpo"):  # prompts are completed by objective=grpo (and back)
         extra = ["experiment=grpo_arithmetic", f"{group}={option}"]
     if option in ("gkd", "gkd_arithmetic"):  # a teacher, with the tokenizer.json it is read by
@@ -41,7 +45,8 @@ def test_option_composes_and_resolves(tmp_path, group, option):
         extra = ["experiment=gkd_arithmetic", f"objective.teachers=[{tmp_path / 'teacher'}]"]
     if option in ("hf_decoder", "finetune_completions", "finetune_text", "finetune_chat",
                   "dpo_chat", "orpo_chat", "dpo_optuna", "preference", "dpo", "orpo", "prompts",
-                  "grpo", "grpo_arithmetic", "grpo_copy", "grpo_optuna", "gkd", "gkd_arithmetic"):
+                  "grpo", "grpo_arithmetic", "grpo_copy", "grpo_optuna", "gkd", "gkd_arithmetic",
+                  "unpaired", "kto", "kto_chat", "reward", "reward_chat"):
         extra.append(f"model.pretrained={model_folder_stub(tmp_path)}")  # the user's (???)
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     container = to_container(cfg)  # every interpolation outside Hydra's own node resolves

@@ -103,14 +103,6 @@ def completion_logps(model: nn.Module, batch: Batch) -> tuple[mx.array, mx.array
     return sums[:b], sums[b:]
 
 
-def rows_counted(batch: Batch) -> mx.array:
-    """The rows with a completion token (a masked padding row counts 0), as the step's
-    `ntokens`. Computed apart from the loss's own count (`kto_loss`'s n): MLX 0.32's compiled
-    step failed ("IndexError: _Map_base::at") on an output that is the same expression as one
-    the differentiated loss reads."""
-    return (batch["loss_mask"].sum(axis=-1) > 0).sum().astype(mx.float32)
-
-
 class KTO(Objective):
     """KTO on unpaired feedback (see the module)."""
 
@@ -147,7 +139,7 @@ class KTO(Objective):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
         loss, metrics, per_row, counted, _, _ = self._terms(model, batch)
-        aux = {"ntokens": rows_counted(batch), **metrics}
+        aux = {"ntokens": losses.rows_counted(batch["loss_mask"]), **metrics}
         if self._per_example:
             aux["example_loss"] = per_row
         return loss, aux

@@ -249,3 +249,11 @@ def distillation_loss(
         return total, aux
 
     return loss_fn
+
+
+def rows_counted(loss_mask: mx.array) -> mx.array:
+    """The rows of a (B, T) mask with a position that counts (a masked padding row counts 0):
+    a loss averaged over rows reports it as the step's `ntokens`. Computed apart from any count
+    the loss itself reads: MLX 0.32's compiled step failed ("IndexError: _Map_base::at") on an
+    output that was the same expression as one inside the differentiated loss."""
+    return (loss_mask.sum(axis=-1) > 0).sum().astype(mx.float32)

@@ -28,6 +28,7 @@ from mlxlab.data.batching import Batching
 from mlxlab.data.preference import SIDES, PreferencePairs
 from mlxlab.errors import ConfigError
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
 from mlxlab.objectives.evaluation import evaluate_by_loss
 from mlxlab.runtime import distributed
@@ -117,9 +118,7 @@ class Reward(Objective):
         loss, metrics, per_pair = bradley_terry(
             chosen, rejected, batch.get("margin"), self.config.center_rewards_coefficient,
             counted)
-        # (the count apart from the loss's own: see objectives/kto.py rows_counted)
-        aux = {"ntokens": (batch["chosen_loss_mask"].sum(axis=-1) > 0).sum().astype(mx.float32),
-               **metrics}
+        aux = {"ntokens": losses.rows_counted(batch["chosen_loss_mask"]), **metrics}
         if self._per_example:
             aux["example_loss"] = per_pair
         return loss, aux
