@@ -289,3 +289,17 @@ def test_kto_on_other_data_or_one_row_a_batch_is_one_line_before_anything_is_mad
         assert out.returncode == 2, out.stderr[-2000:]
         assert line in out.stderr and "mlxlab: error:" in out.stderr, out.stderr[-2000:]
         assert not (tmp_path / "refused").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow  # three runs in subprocesses
+def test_a_sigkilled_kto_run_resumes_bitwise(kto_model, tmp_path, cli_env):
+    """experiment=kto_chat SIGKILLed after its checkpoint at step 5 and resumed: the weights,
+    the whole MLflow history (KL and rewards included) and state.json equal an uninterrupted
+    run's."""
+    from test_resume import assert_resumes_bitwise
+
+    args = [a for a in kto_args(kto_model) if not a.startswith(("trainer.max_steps",
+                                                                 "trainer.eval_every"))]
+    args = ["experiment=kto_chat", *args, "trainer.max_steps=10", "trainer.eval_every_steps=5",
+            "checkpoint.save_every_steps=5", "checkpoint.save_every_minutes=null"]
+    assert_resumes_bitwise(args, tmp_path, cli_env, "kto")

@@ -1,0 +1,199 @@
+"""Does a reward model trained by mlxlab on a real model learn a preference it must read the
+instruction for? (objective=reward on SmolLM2-135M-Instruct, issue 78 item 4a)
+
+The preference set, built here from a rule held out from training (the runs see only pairs):
+the prompt asks for a word in capital or in lowercase letters ("Write the word 'river' in
+capital letters."); the chosen reply is the word as asked, the rejected one the word in the other
+case. Half the prompts ask for each case, so a reward that prefers one case (or reads only the
+reply) scores exactly 0.5: chance. Training and held-out pairs share no word.
+
+1. `mlxlab-train experiment=reward_chat model.pretrained=<SmolLM2 GGUF>`: LoRA rank 8 and the
+   scalar head on the 4-bit base, --steps steps of --batch pairs;
+2. the finished run as a reward (`mlxlab.runs.learned_reward.LearnedReward`, what GRPO calls)
+   on every held-out pair: the pairwise accuracy with its 95 % Wilson interval against chance,
+   and the accuracy on each case of prompt apart. The run evaluates once, at its end (20 of the
+   held-out pairs), so no checkpoint is chosen by the held-out pairs;
+3. (item 4c, unless --skip-policies) the policy itself, at equal steps: DPO on the pairs
+   (`experiment=dpo_chat`, --batch pairs a step) and KTO on the same pairs' replies rated
+   good/bad (`experiment=kto_chat`, 2 x --batch rows a step: the same replies a step), LoRA on
+   the 4-bit base at --policy-lr; the base model and each run scored by `mlxlab eval` on the
+   held-out prompts as a generation task (greedy, the chat template, 8 new tokens), the rule's
+   answer the word in the case asked: exact match and contains. One seed.
+
+    python benchmarks/quality/bench_reward_model.py [--work DIR] [--steps 60] [--batch 8]
+        [--skip-policies]
+    python benchmarks/quality/bench_reward_model.py --smoke    # a tiny random llama, 2 steps
+
+Writes --work/results.json and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tests"))
+from benchmarks.common import add_smoke, cpu_model  # noqa: E402
+from benchmarks.common import mlxlab_cli as mlxlab  # noqa: E402
+from benchmarks.common import run_logged as run  # noqa: E402
+from benchmarks.common import train_cli as train  # noqa: E402
+
+WORDS = [
+    "apple", "river", "garden", "window", "candle", "forest", "silver", "pocket", "ladder",
+    "mirror", "rabbit", "bottle", "planet", "carpet", "castle", "dragon", "engine", "feather",
+    "guitar", "hammer", "island", "jacket", "kettle", "lemon", "magnet", "needle", "orange",
+    "pencil", "pillow", "puzzle", "rocket", "saddle", "shadow", "spider", "sponge", "statue",
+    "ticket", "tunnel", "turtle", "velvet", "wallet", "whistle", "winter", "yellow", "anchor",
+    "basket", "bridge", "button", "camera", "cherry", "circle", "cotton", "desert", "doctor",
+    "eagle", "finger", "flower", "friend", "frozen", "garlic", "glove", "honey", "insect",
+    "jungle", "kitten", "ladle", "marble", "meadow", "monkey", "museum", "noodle", "ocean",
+    "paddle", "parrot", "pepper", "pirate", "pumpkin", "rainbow", "ribbon", "salmon", "school",
+    "signal", "silk", "singer", "sister", "spoon", "summer", "sunset", "tiger", "tomato", "tower",
+    "travel", "valley", "violin", "walnut", "water", "wheel", "wizard", "wonder",
+]
+CASES = {"capital": str.upper, "lowercase": str.lower}
+
+
+def pairs(words: list[str], rng: random.Random) -> list[dict]:
+    """Both cases of each word: the chosen reply in the case asked, the rejected in the other."""
+    rows = []
+    for word in words:
+        for case, other in (("capital", "lowercase"), ("lowercase", "capital")):
+            rows.append({"prompt": f"Write the word '{word}' in {case} letters.",
+                         "chosen": CASES[case](word), "rejected": CASES[other](word),
+                         "case": case})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def held_out_task(run_or_model: str, task: Path, env: dict, log: Path) -> dict:
+    """`mlxlab eval` of the held-out prompts as a generation task: exact match and contains."""
+    text, wall = run(mlxlab("eval", run_or_model, str(task), "--tasks", "--max-new-tokens", "8",
+                            "--json"), env, log)
+    report, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
+    metrics = report["tasks"][task.stem]["metrics"]
+    return {"exact_match": metrics["exact_match"]["value"], "contains": metrics["contains"]["value"],
+            "eval_wall_s": wall}
+
+
+def policies(args, model: str, data: Path, train_rows: list[dict], held_rows: list[dict],
+             env: dict, work: Path) -> dict:
+    """Stage 3: the base model, DPO on the pairs and KTO on their replies rated, each scored on
+    the held-out prompts by the rule."""
+    unpaired = [row for r in train_rows for row in (
+        {"prompt": r["prompt"], "completion": r["chosen"], "label": True},
+        {"prompt": r["prompt"], "completion": r["rejected"], "label": False})]
+    write_jsonl(data / "train_unpaired.jsonl", unpaired)
+    val = [r for r in held_rows[:8]]
+    write_jsonl(data / "val_unpaired.jsonl", [row for r in val for row in (
+        {"prompt": r["prompt"], "completion": r["chosen"], "label": True},
+        {"prompt": r["prompt"], "completion": r["rejected"], "label": False})])
+    task = write_jsonl(work / "heldout.jsonl", [
+        {"id": str(i), "prompt": r["prompt"], "answer": r["chosen"]}
+        for i, r in enumerate(sorted(held_rows, key=lambda r: r["prompt"]))])
+    out = {"base": held_out_task(str(model), task, env, work / "eval_base.log")}
+    common = [f"model.pretrained={model}", f"trainer.max_steps={args.steps}",
+              f"trainer.eval_every_steps={args.steps}", "trainer.schedule.warmup_steps=0",
+              f"optimizer.learning_rate={args.policy_lr}", "callbacks.progress.enabled=false",
+              f"seed={args.seed}"]
+    arms = {"dpo": ["experiment=dpo_chat", f"data.train_file={data / 'train.jsonl'}",
+                    f"data.val_file={data / 'val.jsonl'}", f"trainer.batch_size={args.batch}"],
+            "kto": ["experiment=kto_chat", f"data.train_file={data / 'train_unpaired.jsonl'}",
+                    f"data.val_file={data / 'val_unpaired.jsonl'}",
+                    f"trainer.batch_size={2 * args.batch}"]}
+    for name, extra in arms.items():
+        run_dir = work / f"{name}_run"
+        _, wall = run(train(*extra, *common, f"hydra.run.dir={run_dir}"), env,
+                      work / f"train_{name}.log")
+        out[name] = {**held_out_task(str(run_dir), task, env, work / f"eval_{name}.log"),
+                     "train_wall_s": wall}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_smoke(p)
+    p.add_argument("--work", default=None, help="folder for data, the run and results.json")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--heldout-words", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policy-lr", type=float, default=5e-4)
+    p.add_argument("--skip-policies", action="store_true", help="the reward model alone")
+    args = p.parse_args(argv)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_reward_model_")).resolve()
+    rng = random.Random(args.seed)
+    words = sorted(set(WORDS))
+    rng.shuffle(words)
+    held, train_words = words[: args.heldout_words], words[args.heldout_words:]
+    if args.smoke:
+        from real_model_finetune import smoke_model
+
+        model = smoke_model(work)
+        held, train_words, args.steps, args.batch = held[:4], train_words[:8], 2, 2
+        args.heldout_words = 4
+    else:
+        from real_models import packaged_model
+
+        model = packaged_model()
+    train_rows, held_rows = pairs(train_words, rng), pairs(held, rng)
+    val_rows = held_rows[: max(4, len(held_rows) // 4)]  # the run's own evaluations
+    data = work / "data"
+    keys = ("prompt", "chosen", "rejected")
+    write_jsonl(data / "train.jsonl", [{k: r[k] for k in keys} for r in train_rows])
+    write_jsonl(data / "val.jsonl", [{k: r[k] for k in keys} for r in val_rows])
+    env = {**os.environ, "MLXLAB_ROOT": str(work)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run_dir = work / "reward_run"
+    _, wall = run(train("experiment=reward_chat", f"model.pretrained={model}",
+                        f"data.train_file={data / 'train.jsonl'}",
+                        f"data.val_file={data / 'val.jsonl'}", f"trainer.max_steps={args.steps}",
+                        f"trainer.batch_size={args.batch}",
+                        f"trainer.eval_every_steps={args.steps}",
+                        f"optimizer.learning_rate={args.lr}", "trainer.schedule.warmup_steps=0",
+                        "callbacks.progress.enabled=false", f"seed={args.seed}",
+                        f"hydra.run.dir={run_dir}"), env, work / "train.log")
+
+    from mlxlab.runs.learned_reward import LearnedReward
+    from mlxlab.stats import proportion_interval
+
+    reward = LearnedReward(str(run_dir))
+    prompts = [r["prompt"] for r in held_rows]
+    chosen = reward(prompts, [r["chosen"] for r in held_rows])
+    rejected = reward(prompts, [r["rejected"] for r in held_rows])
+    right = [c > r for c, r in zip(chosen, rejected)]
+    low, high = proportion_interval(sum(right), len(right))
+    by_case = {case: sum(ok for ok, r in zip(right, held_rows) if r["case"] == case)
+               / sum(r["case"] == case for r in held_rows) for case in CASES}
+    results = {"model": "tiny random llama (smoke)" if args.smoke else
+               "SmolLM2-135M-Instruct Q4_1 GGUF", "cpu": cpu_model(), "steps": args.steps,
+               "batch": args.batch, "lr": args.lr, "train_pairs": len(train_rows),
+               "heldout_pairs": len(right), "heldout_accuracy": sum(right) / len(right),
+               "interval_95": [low, high], "chance": 0.5, "accuracy_by_case": by_case,
+               "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(right),
+               "train_wall_s": wall}
+    if not args.skip_policies:
+        results["policies"] = policies(args, str(model), data, train_rows, held_rows, env, work)
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
