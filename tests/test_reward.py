@@ -297,3 +297,33 @@ def test_a_pair_without_both_sides_or_with_a_bad_margin_is_one_line(reward_model
     some = [{**p, "margin": 1.0} for p in generated_pairs(2)] + generated_pairs(1)
     with pytest.raises(ConfigError, match=r"bad.jsonl:3: no 'margin', which line 1 has"):
         pairs_data(reward_model["folder"], write_jsonl(tmp_path / "bad.jsonl", some))
+
+
+def test_mlxlab_eval_scores_rows_and_pairs_with_a_reward_run(reward_model, reward_run, cli_env):
+    """`mlxlab eval REWARD_RUN pairs.jsonl`: the held-out pairs' accuracy, as the run's best
+    evaluation measured it; on prompt/completion rows, each row's reward, the chosen replies
+    scored above the rejected ones as often."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    def mlxlab_eval(path) -> dict:
+        out = subprocess.run([PYTHON, "-m", "mlxlab.cli.main", "eval", str(reward_run["run"]),
+                              str(path), "--json"], env=cli_env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    pairs = mlxlab_eval(reward_model["val"])
+    client = MlflowClient(reward_run["uri"])
+    (run_,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert pairs["pairs"] == 32
+    assert pairs["accuracy"] == pytest.approx(run_.data.metrics["best/val/accuracy"], abs=1e-6)
+    assert pairs["accuracy_95"][0] < pairs["accuracy"] <= pairs["accuracy_95"][1]
+    rows = generated_pairs(32, seed=1)
+    rated = write_jsonl(reward_run["run"].parent / "rated.jsonl",
+                        [{"prompt": r["prompt"], "completion": r[side]}
+                         for r in rows for side in ("chosen", "rejected")])
+    scores = mlxlab_eval(rated)["scores"]
+    assert len(scores) == 64
+    assert np.mean(np.array(scores[0::2]) > np.array(scores[1::2])) == pairs["accuracy"]

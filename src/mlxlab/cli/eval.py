@@ -11,6 +11,12 @@ confusion matrix. Language model: the file (txt paragraphs, or jsonl/parquet wit
 column) is packed into the run's windows as training's validation is; prints the token-weighted
 loss, perplexity and next-token accuracy. --json prints one JSON object instead of the table.
 
+A reward model's run (objective=reward) scores a jsonl: prompt/completion rows (each row's
+reward, and their mean), or preference pairs (the pairwise accuracy with its 95 % interval and
+the mean margin):
+
+    mlxlab eval outputs/reward_chat/<time> rated.jsonl --json
+
 Evaluation tasks on any language model (docs/guide/evaluation.md):
 
     mlxlab eval models/tiny-llama mc.jsonl qa.jsonl          # a Hugging Face / mlx-lm folder
@@ -67,6 +73,8 @@ def main(argv: list[str]) -> int:
         parser.error("one data file for a run's loss/accuracy report; task files are .jsonl "
                      "rows of prompt/choices/answer, prompt/answer or text")
     args.data = args.data[0]
+    if is_reward_call(args):
+        return guarded("eval", lambda: eval_reward(args))
     args.batch_size = args.batch_size or 64
 
     def body() -> int:
@@ -120,6 +128,32 @@ def is_task_call(args) -> bool:
         return False
     return isinstance(row, dict) and "prompt" in row and ("choices" in row or "answer" in row) \
         and "completion" not in row
+
+
+def is_reward_call(args) -> bool:
+    """A reward model's run (objective=reward): it scores rows rather than reporting a loss."""
+    from mlxlab.runs.learned_reward import is_reward_run
+
+    return is_reward_run(args.run)
+
+
+def eval_reward(args) -> int:
+    """`mlxlab eval REWARD_RUN rows.jsonl`: the rows' rewards, or pairs' accuracy and margin."""
+    from mlxlab.runs.learned_reward import score_file
+
+    if args.confusion or args.label_names:
+        raise ValueError("--confusion and --label-names are for classifier runs, not rewards")
+    report = score_file(args.run, args.data, args.batch_size or 16)
+    if args.json:
+        print(json.dumps(report))
+    elif "pairs" in report:
+        low, high = report["accuracy_95"]
+        print(f"pairs     {report['pairs']}\naccuracy  {report['accuracy']:.4f}  "
+              f"[{low:.4f}, {high:.4f}]\nmargin    {report['margin']:.4f}")
+    else:
+        print("\n".join(f"{s:.4f}" for s in report["scores"])
+              + f"\nmean      {report['mean_reward']:.4f} over {report['rows']} rows")
+    return 0
 
 
 def eval_tasks(args) -> int:

@@ -63,10 +63,10 @@ class LearnedReward:
             self._parts = (model, tokenizer, template, pad_id)
         return self._parts
 
-    def __call__(self, prompts: Sequence, completions: Sequence[str],
+    def __call__(self, prompts: Sequence, completions: Sequence,
                  **_: Any) -> list[float]:
         model, tokenizer, template, pad_id = self._load()
-        chats = [{"messages": [*as_messages(p), {"role": "assistant", "content": c}]}
+        chats = [{"messages": [*as_messages(p), *as_messages(c, "assistant")]}
                  for p, c in zip(prompts, completions)]
         encoded = encode_chats(tokenizer, template, chats)
         rewards: list[float] = []
@@ -84,8 +84,55 @@ class LearnedReward:
         return rewards
 
 
-def as_messages(prompt: Any) -> list[dict]:
-    """A GRPO prompt as chat turns: a string is the user's turn, a list of messages is itself."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return list(prompt)
+def as_messages(text: Any, role: str = "user") -> list[dict]:
+    """A prompt (or a reply: role assistant) as chat turns: a string is one turn of `role`, a
+    message is itself, a list of messages is itself."""
+    if isinstance(text, str):
+        return [{"role": role, "content": text}]
+    return [text] if isinstance(text, dict) else list(text)
+
+
+def is_reward_run(path: str | Path) -> bool:
+    """Whether `path` is a finished run of a reward model (model.head=score in its state.json)."""
+    try:
+        found = choose_checkpoint(Path(path).expanduser())
+    except (ConfigError, OSError):  # no run there: the caller's own loading names what is
+        return False
+    return ((CheckpointState.read(found).config or {}).get("model") or {}).get("head") == "score"
+
+
+def score_file(run: str | Path, path: str | Path, batch_size: int = 16) -> dict:
+    """`mlxlab eval REWARD_RUN rows.jsonl`: each prompt/completion row's reward (and their mean),
+    or, for preference pairs (prompt/chosen/rejected), the pairwise accuracy with its 95 %
+    Wilson interval and the mean margin."""
+    from mlxlab.data.completions import jsonl_lines
+    from mlxlab.data.preference import KEYS, pair_messages
+    from mlxlab.stats import proportion_interval
+
+    rows = [(n, row) for n, row in jsonl_lines(Path(path))]
+    if not rows:
+        raise ConfigError(f"{path} holds no rows")
+    reward = LearnedReward(str(run), batch_size)
+    if all(isinstance(r, dict) and "chosen" in r for _, r in rows):
+        sides = []
+        for number, row in rows:
+            try:
+                sides.append(pair_messages(row, KEYS))
+            except ValueError as e:
+                raise ConfigError(f"{path}:{number}: {e}; fix the line") from None
+        prompts = [p for p, _, _ in sides]
+        chosen = reward(prompts, [c for _, c, _ in sides])
+        rejected = reward(prompts, [r for _, _, r in sides])
+        right = sum(c > r for c, r in zip(chosen, rejected))
+        low, high = proportion_interval(right, len(rows))
+        return {"run": str(run), "pairs": len(rows), "accuracy": right / len(rows),
+                "accuracy_95": [low, high],
+                "margin": float(np.mean(np.subtract(chosen, rejected)))}
+    bad = next((n for n, r in rows if not (isinstance(r, dict) and "prompt" in r
+                                             and "completion" in r)), None)
+    if bad is not None:
+        raise ConfigError(f"{path}:{bad}: a reward run scores rows of 'prompt' and "
+                          "'completion' (or preference pairs: 'chosen' and 'rejected')")
+    scores = reward([r["prompt"] for _, r in rows], [r["completion"] for _, r in rows])
+    return {"run": str(run), "rows": len(rows), "mean_reward": float(np.mean(scores)),
+            "scores": scores}
