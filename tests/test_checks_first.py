@@ -194,8 +194,8 @@ def test_an_objective_data_mismatch_names_the_kind_keys_and_what_fits(tmp_path):
                                  "objective=supervised"])
     with pytest.raises(ConfigError, match=re.escape(
             "data=preference is preference pairs (its rows have ['chosen', 'prompt', "
-            "'rejected']): the objectives that train on it: objective=dpo|orpo, as in "
-            "experiment=dpo_chat|orpo_chat")):
+            "'rejected']): the objectives that train on it: objective=dpo|orpo|reward, as in "
+            "experiment=dpo_chat|orpo_chat|reward_chat")):
         validate(cfg)
 
 

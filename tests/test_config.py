@@ -118,7 +118,7 @@ def test_an_optimized_metric_only_another_loss_logs_is_refused(tmp_path, experim
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["trainer.beta=0.3"], "trainer.beta is not a key of trainer: did you mean objective.beta=0.3? "
-     "(a setting of objective=dpo|gkd|grpo|orpo)"),
+     "(a setting of objective=dpo|gkd|grpo|kto|orpo)"),
     (["experiment=grpo_arithmetic", "objective.gamma=1.0"], "objective.gamma is not a setting of "
      "objective=grpo (a setting of objective=dpo|orpo)"),
     (["objective.beta=0.2"], "objective.beta is not a setting of objective=supervised"),

@@ -180,7 +180,10 @@ def test_a_resume_trains_the_checkpoints_objective(make_cfg, tmp_path):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["experiment=dpo_chat", "model.pretrained=/a/folder", "objective=supervised"],
-     "^preference pairs train with a preference objective: set objective=dpo or objective=orpo"),
+     "^preference pairs train with a preference objective: set objective=dpo, objective=orpo "
+     "or objective=reward"),
+    (["experiment=kto_chat", "model.pretrained=/a/folder", "objective=supervised"],
+     "^completions rated good or bad train with objective=kto"),
     (["objective=dpo"], "^objective Preference does not train on classification data"),
     (["objective=distill", "optimized_metric=val/rewards/accuracy"],
      r"^optimized_metric='val/rewards/accuracy' is not computed for classification data by "

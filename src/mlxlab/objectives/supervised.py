@@ -32,8 +32,9 @@ METRICS = {
 }
 # kinds of data (base.data_kind) this objective does not train on, and what does
 OTHER_KINDS = {
-    "preference": "preference pairs train with a preference objective: set objective=dpo or "
-                  "objective=orpo (or experiment=dpo_chat / orpo_chat)",
+    "preference": "preference pairs train with a preference objective: set objective=dpo, "
+                  "objective=orpo or objective=reward (or experiment=dpo_chat / orpo_chat / "
+                  "reward_chat)",
     "unpaired": "completions rated good or bad train with objective=kto (or experiment=kto_chat)",
     "prompts": "data {data} holds prompts without completions, and objective {objective} trains "
                "on the data's rows: pick an objective that samples completions (objective=grpo, "
