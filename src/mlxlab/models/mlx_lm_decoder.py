@@ -33,6 +33,7 @@ from mlxlab.models.hf import check_vocab, read_config
 from mlxlab.models.lora import check_lora, maybe_apply_lora, targeted_linears
 from mlxlab.models.mlx_lm_classes import mlx_lm_version, model_classes
 from mlxlab.models.mlx_lm_fused import use_fused_kernels
+from mlxlab.models.packing import attention_segments, check_packable
 from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
 from mlxlab.models.sources import model_folder
 
@@ -207,6 +208,21 @@ class MLXLMDecoder(Model):
             targeted_linears(model_class(args_class.from_dict(dict(config))),
                              lora_targets(lora)["targets"])
 
+    @classmethod
+    def check_packing(cls, node: Mapping[str, Any]) -> None:
+        """data.pack=true: the architecture keeps packed rows apart (models/packing.py), or one
+        line why not, before anything is created: a packed forward pass is traced on the model
+        built lazily from its config.json (MLX computes none of it)."""
+        path, config = model_source(node["pretrained"], node.get("revision"))
+        model_class, args_class = model_classes(config, path)
+        lm = model_class(args_class.from_dict(dict(config)))
+        use_fused_kernels(lm)  # mlx-lm's masks go through packed_mask
+        model_type = str(config.get("model_type"))
+        check_packable(lm, model_type)
+        ids = mx.zeros((1, 4), mx.int32)
+        with attention_segments(mx.array([[1, 1, 2, 2]]), len(lm.layers), model_type):
+            lm(ids)  # a graph only: never evaluated
+
     @property
     def layers(self) -> list:
         """The decoder blocks (mlx-lm's `model.layers`; export counts them)."""
@@ -239,10 +255,17 @@ class MLXLMDecoder(Model):
         return make_prompt_cache(self.lm)
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
-                 cache: list | None = None) -> mx.array:
+                 cache: list | None = None, segment_ids: mx.array | None = None) -> mx.array:
+        """`segment_ids` (B, T): a packed batch's rows, each attending only to itself
+        (models/packing.py); refused for a model whose layers cannot keep them apart."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
-        return self.lm(input_ids, cache=cache)
+        if segment_ids is None:
+            return self.lm(input_ids, cache=cache)
+        model_type = str(self._hf_config.get("model_type"))
+        check_packable(self.lm, model_type)
+        with attention_segments(segment_ids, len(self.lm.layers), model_type):
+            return self.lm(input_ids, cache=cache)
 
 
 def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mapping | None,
