@@ -69,7 +69,7 @@ def _packed_and_unpacked(data_packed, data_plain, n_seqs: int):
     rows, in the packed order."""
     data_packed.num_train_batches(Batching(batch_size=n_seqs))  # packs the rows
     packs = sorted(data_packed._packs, key=len)[-n_seqs:]
-    packed = data_packed._collate_packed(data_packed.train, packs, 16)
+    packed = data_packed._collate_packed(data_packed.train, packs, n_seqs)
     rows = np.concatenate(packs)
     plain = data_plain._collate(data_plain.train, rows, 16)
     return packed, plain
@@ -77,10 +77,9 @@ def _packed_and_unpacked(data_packed, data_plain, n_seqs: int):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from real_models import packaged_model
-
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.models.sources import model_folder
+    from real_models import packaged_model
 
     gguf = packaged_model()
     model = MLXLMDecoder(vocab_size=49152, pretrained=str(gguf),
@@ -141,7 +140,6 @@ REFUSED = ["gemma2", "lfm2"]
 @pytest.mark.parametrize("kind", PACKS + REFUSED)
 def test_tiny_decoders_pack_exactly_or_are_refused(kind, tmp_path):
     from hf_helpers import save_tiny_model
-
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 
     folder = save_tiny_model(kind, tmp_path / kind)
@@ -203,7 +201,7 @@ def _train(root: Path, *overrides: str):
 
 def test_packed_run_trains_and_refusals(tmp_path):
     """A chat fine-tune with data.pack=true trains through the real entry (3 steps, each of
-    2 packed sequences); an LFM2 folder (convolution layers) and the per-example-loss callback
+    2 packed sequences, one compiled shape); an LFM2 folder (convolution layers) and the per-example-loss callback
     (one loss per batch row) refuse data.pack=true in one line before anything is created."""
     from conftest import compose_cfg
     from hf_helpers import save_tiny_model
@@ -214,6 +212,8 @@ def test_packed_run_trains_and_refusals(tmp_path):
     assert np.isfinite(metrics["val/loss"])
     logged = read_metrics(run_dir / "tracking")
     assert [s for s, _ in logged["train/loss"]][-1] == 3
+    tags = json.loads((run_dir / "tracking" / "tags.json").read_text())
+    assert tags["mlxlab.compiles"] == "1"  # every packed batch: batch_size x max_length
     lfm2 = save_tiny_model("lfm2", tmp_path / "lfm2", chat="chatml")
     for overrides, line in (
             ([f"model.pretrained={lfm2}"], "lfm2's attention .* set data.pack=false"),

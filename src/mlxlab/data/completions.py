@@ -343,24 +343,27 @@ class PromptCompletion(DataModule):
         """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done."""
         rng = np.random.default_rng(self.seed + epoch)
         batches = self._epoch_batches(batching, rng)
-        collate = self._collate_packed if self.pack else self._collate
         start = self._batches_done if epoch == self._epoch else 0
         for k in range(start, len(batches)):
             self._epoch, self._batches_done = epoch, k + 1  # counted when handed out
-            yield collate(self.train, batches[k], batching.bucket_multiple)
+            if self.pack:
+                yield self._collate_packed(self.train, batches[k], batching.batch_size)
+            else:
+                yield self._collate(self.train, batches[k], batching.bucket_multiple)
         self._epoch, self._batches_done = epoch + 1, 0
 
-    def _collate_packed(self, split: tuple, packs: list[np.ndarray], multiple: int) -> Batch:
+    def _collate_packed(self, split: tuple, packs: list[np.ndarray], batch_size: int) -> Batch:
         """A batch of packed sequences: each the concatenation of its rows (inputs, labels and
         target masks shifted as in _collate), `segment_ids` numbering the rows from 1 (0: the
-        padding after them), so each row attends only to itself (models/packing.py)."""
+        padding after them), so each row attends only to itself (models/packing.py). Always
+        `batch_size` sequences of max_length positions (an epoch's last batch gets empty ones,
+        scored 0), so the compiled step sees one shape."""
         rows, targets = split
-        fill = max(sum(len(rows[i]) - 1 for i in pack) for pack in packs)
-        width = bucket_length(fill, multiple, self.max_length)
-        inputs = np.full((len(packs), width), self.pad_id, np.int32)
-        labels = np.full((len(packs), width), self.pad_id, np.int32)
-        mask = np.zeros((len(packs), width), np.float32)
-        segments = np.zeros((len(packs), width), np.int32)
+        shape = (max(batch_size, len(packs)), self.max_length)
+        inputs = np.full(shape, self.pad_id, np.int32)
+        labels = np.full(shape, self.pad_id, np.int32)
+        mask = np.zeros(shape, np.float32)
+        segments = np.zeros(shape, np.int32)
         for r, pack in enumerate(packs):
             at = 0
             for s, i in enumerate(pack, 1):
