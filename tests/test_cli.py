@@ -34,6 +34,17 @@ def test_every_verb_has_help(capsys):
     assert main(["runs", "--help"]) == 0 and "runs compare" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("verb", ["generate", "eval"])
+def test_verbs_that_take_any_model_say_so_in_their_help(capsys, verb):
+    """generate and eval load any model source (models/sources), not only a run folder."""
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "MODEL a finished run folder" in usage and "a .gguf file, ollama:NAME[:TAG] or a hub " \
+        "id ORG/NAME" in usage
+    assert "checkpoint dir" not in usage
+
+
 def run_id_of(run_dir) -> str:
     return json.loads((run_dir / "checkpoints" / "best" / "state.json").read_text())["run_id"]
 
