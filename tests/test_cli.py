@@ -106,6 +106,18 @@ def test_serve_bad_target_is_one_clear_line(tmp_path):
                                    "(config.json, *.safetensors, tokenizer.json)")
 
 
+def test_serve_refuses_language_model_settings_for_a_classifier(classifier_run, tmp_path):
+    """MLflow's model server checks no key and no body size: a key asked for is not ignored."""
+    run_dir = classifier_run[0]
+    env = {**os.environ, "MLXLAB_API_KEY": "k"}
+    for argv, environment in (([], env), (["--max-request-mib", "1"], None)):
+        done = mlxlab("serve", run_dir, *argv, env=environment)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.strip().startswith("mlxlab serve: error: an API key (--api-key, "
+                                              "MLXLAB_API_KEY) and --max-request-mib are for "
+                                              "language models"), done.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

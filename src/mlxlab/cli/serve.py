@@ -16,6 +16,11 @@ one copy of it in memory. Greedy completions equal `mlxlab generate` token for t
     client.chat.completions.create(model="<run folder name>",
                                    messages=[{"role": "user", "content": "Hi"}])
 
+Refusals are OpenAI's error objects with OpenAI's status (404: a model not served here); a
+max_tokens past the model's context is refused; a body over --max-request-mib is refused
+unread (413). MLXLAB_API_KEY=KEY (or --api-key KEY) makes every request carry
+`Authorization: Bearer KEY` (the client's api_key): give one when --host is not local.
+
 A classifier (one run folder, or a models:/ or runs:/ URI) is served by MLflow's model server
 as a pyfunc at /invocations:
 
@@ -70,7 +75,7 @@ def main(argv: list[str]) -> int:
                         "carry `Authorization: Bearer KEY` (the openai client's api_key); "
                         "default: $MLXLAB_API_KEY, else no key (a command line is visible to "
                         "other users: prefer the variable)")
-    parser.add_argument("--max-request-mib", type=float, default=MAX_REQUEST_MIB,
+    parser.add_argument("--max-request-mib", type=float, default=None,
                         help=f"language models: the largest request body, in MiB (default "
                         f"{MAX_REQUEST_MIB:g}); a larger one is refused (413) unread")
     parser.add_argument("--workers", type=int, default=None,
@@ -81,11 +86,15 @@ def main(argv: list[str]) -> int:
     def body() -> int:
         if args.max_tokens < 1:
             raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-        if not args.max_request_mib > 0:
+        if args.max_request_mib is not None and not args.max_request_mib > 0:
             raise ValueError(f"--max-request-mib must be above 0, got {args.max_request_mib:g}")
         args.api_key = api_key(args.api_key)
         targets = _language_model_targets(args, Path(tmp))
         if targets is None:
+            if args.api_key is not None or args.max_request_mib is not None:
+                raise ValueError("an API key (--api-key, MLXLAB_API_KEY) and --max-request-mib "
+                                 "are for language models: MLflow's model server checks neither; "
+                                 "unset them to serve this classifier")
             return _mlflow(args, args.targets[0], tmp)
         if args.workers is not None:
             raise ValueError("--workers is for a classifier's MLflow server; a language model is "
@@ -140,8 +149,9 @@ def _openai(args: argparse.Namespace, targets: list) -> int:
     from mlxlab.serving.openai.server import make_server, serve_until_stopped, server_settings
 
     served = load_served(targets, args.checkpoint)
+    limit = MAX_REQUEST_MIB if args.max_request_mib is None else args.max_request_mib
     settings = server_settings(args.max_tokens, api_key=args.api_key,
-                               max_request_bytes=int(args.max_request_mib * 2**20))
+                               max_request_bytes=int(limit * 2**20))
     try:
         server, generator = make_server(served, args.host, args.port, settings)
     except OSError as err:

@@ -187,8 +187,7 @@ class OpenAIHandler(APIHandler):
     def validate_model_parameters(self) -> None:
         try:
             super().validate_model_parameters()  # mlx-lm's: each field's type and range
-            model = served_model(self.body, self.provider.served,
-                                 [s.name for s in self.provider.models])
+            model = self.requested(self.body)
             check_fields(self.body, model, chat=self.path.endswith("/chat/completions"))
         except ValueError as err:
             raise Answered(from_mlx_lm(err, self.body)) from None
@@ -198,7 +197,7 @@ class OpenAIHandler(APIHandler):
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
         if path == "/health":  # open: a load balancer's probe carries no key
-            super().do_GET()
+            self.handle_health_check()
             return
         try:
             check_key(self.headers.get("Authorization"), self.settings.api_key)
@@ -206,15 +205,17 @@ class OpenAIHandler(APIHandler):
                 self.answer({"object": "list",
                              "data": [self.model_object(s) for s in self.provider.models]})
             elif path.startswith("/v1/models/"):
-                name = unquote(path.removeprefix("/v1/models/"))
-                body = {"model": name}
-                self.answer(self.model_object(served_model(
-                    body, self.provider.served, [s.name for s in self.provider.models])))
+                name = unquote(path.removeprefix("/v1/models/"))  # a path's / comes as %2F
+                self.answer(self.model_object(self.requested({"model": name})))
             else:
                 raise ServingError(f"Invalid URL (GET {self.path[:200]}): this server answers "
                                    "GET /v1/models, /v1/models/<model> and /health", status=404)
         except ServingError as err:
             self.refuse(err)
+
+    def requested(self, body: dict) -> ServedModel:
+        """The served model the request's `model` names (else 400 / 404)."""
+        return served_model(body, self.provider.served, [s.name for s in self.provider.models])
 
     def model_object(self, served: ServedModel) -> dict:
         """OpenAI's model object, with the other names the model answers to."""
