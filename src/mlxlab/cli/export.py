@@ -30,13 +30,15 @@ import argparse
 import json
 import sys
 
+from mlxlab.cli.common import RUN_HELP
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mlxlab export", description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
     )
-    parser.add_argument("run", help="run directory (outputs/<task>/<time>) or a checkpoint dir")
+    parser.add_argument("run", help=RUN_HELP)
     parser.add_argument("--format", choices=["hf", "mlx-lm", "peft", "gguf"], default="hf", dest="fmt")
     parser.add_argument("--out", required=True,
                         help="folder to write (new or empty); --format gguf: the .gguf file")

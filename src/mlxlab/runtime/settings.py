@@ -17,6 +17,7 @@ own at start).
 | MLXLAB_KERNELS_CACHE | where the compiled kernels are kept (one build per ISA level, runtime/cpu.py) | `$XDG_CACHE_HOME/mlxlab/kernels`, else `~/.cache/mlxlab/kernels` |
 | MLXLAB_SKIP_KERNEL_BUILD | `1`: `pip install` does not compile the kernels (hatch_build.py) | they are compiled |
 | MLXLAB_CACHE_DIR | the user-level cache: the migrated empty MLflow store new stores are copied from | `$XDG_CACHE_HOME/mlxlab`, else `~/.cache/mlxlab` |
+| MLXLAB_API_KEY | the key every request to `mlxlab serve`'s OpenAI API must carry (`Authorization: Bearer <key>`), when --api-key gives none | none: requests carry no key |
 | XDG_CACHE_HOME | where both caches above go when not named | `~/.cache` |
 | SLURM_JOB_ID | the Slurm job `trainer.requeue` puts back in the queue | none: not a Slurm job |
 | SLURM_RESTART_COUNT | above 0: a requeued start, which `trainer.requeue` resumes (`resume=auto`) | 0 |
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Set by mlx.launch (ring, nccl) and by mpirun (MPI backend), in the order they are looked at.
@@ -79,6 +80,7 @@ class Settings:
     supervisor: str | None  # MLXLAB_SUPERVISOR: the folder a supervising parent shares
     supervisor_pid: str | None  # MLXLAB_SUPERVISOR_PID
     argv0: str | None  # MLXLAB_ARGV0
+    api_key: str | None = field(repr=False)  # MLXLAB_API_KEY (a secret: never printed)
 
 
 def read(environ: Mapping[str, str] | None = None) -> Settings:
@@ -110,6 +112,7 @@ def read(environ: Mapping[str, str] | None = None) -> Settings:
         supervisor=env.get("MLXLAB_SUPERVISOR") or None,
         supervisor_pid=env.get("MLXLAB_SUPERVISOR_PID") or None,
         argv0=env.get("MLXLAB_ARGV0") or None,
+        api_key=env.get("MLXLAB_API_KEY") or None,
     )
 
 
