@@ -80,9 +80,8 @@ def writer_state(tmp: Path, now: float | None = None) -> tuple[str, str | None]:
         record = json.loads((tmp / WRITER).read_text())
     except (OSError, ValueError):
         age = (now or time.time()) - tmp.stat().st_mtime
-        who = "an unrecorded writer"
-        return who, (f"no writer record, untouched for {age:.0f} s"
-                     if age > UNRECORDED_STALE_S else None)
+        who = "a writer without a record (an older mlxlab)"
+        return who, (f"{who}, untouched for {age:.0f} s" if age > UNRECORDED_STALE_S else None)
     who = f"process {record.get('pid')} on {record.get('host')}"
     return who, gone_reason(str(record.get("pid", "")), record.get("host"),
                             record.get("pid_namespace"), record.get("start"))
@@ -111,7 +110,7 @@ def entries() -> list[CacheEntry]:
         try:
             who, stale = writer_state(tmp)
             found.append(CacheEntry(tmp, "unfinished GGUF conversion", disk_size(tmp),
-                                    f"{who}: {stale}" if stale else f"{who}, running",
+                                    stale or f"{who}, may be running",
                                     tmp.stat().st_mtime, busy="" if stale else f"{who} may still write it"))
         except OSError:
             continue
