@@ -130,3 +130,24 @@ def test_train_and_generate_name_the_file_exit_2_and_create_nothing(tiny, tmp_pa
     assert sorted(p.name for p in root.iterdir()) == ["chats.jsonl"]
     assert not (tmp_path / "cache" / "models").exists() or not any(
         (tmp_path / "cache" / "models" / "gguf").iterdir())
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_gguf_with_a_lying_header_is_one_line(cache, tmp_path):
+    """SmolLM2-135M-Instruct's own GGUF (llama.cpp's converter: 30 blocks, 9 query heads of 64)
+    with its header rewritten: each lie one line naming the file, nothing converted; the file
+    as it is converts and loads."""
+    from real_models import packaged_model
+
+    real = packaged_model()
+    lies = {"llama.attention.head_count": (7, "head_count=7 does not divide "
+                                               "blk.0.attn_q.weight's 576 rows"),
+            "llama.block_count": (32, "llama.block_count=32 but the file holds blocks 0..29")}
+    for key, (value, message) in lies.items():
+        file = rewrite_gguf(real, tmp_path / "smollm2-lying.gguf", {key: value})
+        with pytest.raises(ConfigError, match=message) as err:
+            resolve(str(file))
+        assert str(file) in str(err.value) and "\n" not in str(err.value)
+        sources._resolved.clear()
+    assert not (cache / "models" / "gguf").exists() or not any((cache / "models" / "gguf").iterdir())
+    assert (resolve(str(real)).folder / ".complete").is_file()
