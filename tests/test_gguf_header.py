@@ -110,6 +110,16 @@ def test_a_conversion_that_does_not_load_is_not_kept(tiny, cache, tmp_path):
         sources._resolved.clear()
 
 
+def test_a_header_mlx_lm_cannot_build_a_model_from_is_one_line(tiny, cache, tmp_path):
+    file = rewrite_gguf(tiny, tmp_path / "text_eps.gguf",
+                        {"llama.attention.layer_norm_rms_epsilon": ("tiny", STRING)})
+    with pytest.raises(ConfigError, match="mlx-lm's llama model cannot be built from the GGUF "
+                                          "header") as err:
+        resolve(str(file))
+    assert str(err.value).startswith(f"model.pretrained={file}: ") and "\n" not in str(err.value)
+    assert not (cache / "models" / "gguf").exists()
+
+
 def test_train_and_generate_name_the_file_exit_2_and_create_nothing(tiny, tmp_path, cli_env):
     file = rewrite_gguf(tiny, tmp_path / "lying.gguf", {"llama.attention.head_count": 5})
     env = {**cli_env, "MLXLAB_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
