@@ -21,7 +21,8 @@ vLLM's LoRA, llama.cpp's convert_lora_to_gguf.py and Ollama's ADAPTER read it.
     mlxlab export /path/to/float/hf/folder --format gguf --quant f16 --out model.gguf
 
 --format gguf writes one GGUF file (f32, f16, bf16, q8_0, q4_0, q4_1) that llama.cpp, Ollama and
-LM Studio load, and an Ollama Modelfile beside it (`ollama create NAME -f Modelfile`).
+LM Studio load, and an Ollama Modelfile beside it named after it (ft.gguf: ft.Modelfile;
+`ollama create NAME -f exported/ft.Modelfile`).
 """
 
 from __future__ import annotations

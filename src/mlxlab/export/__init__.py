@@ -248,17 +248,18 @@ def _folder(out: Path) -> Iterator[Path]:
 def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
                 overwrite: bool = False) -> dict:
     """A finished decoder run (LoRA fused, best checkpoint) or a float pretrained folder as one
-    GGUF file, with an Ollama Modelfile beside it. A run goes through the float Hugging Face
+    GGUF file, with an Ollama Modelfile beside it named after it. A run goes through the float Hugging Face
     folder `export_run` writes (a temporary one), so the GGUF holds exactly the weights and
     tokenizer that folder holds; the run's model card (task scores) becomes its description."""
     from mlxlab.export.gguf import GGUFExportError, write_gguf
-    from mlxlab.export.ollama import write_modelfile
+    from mlxlab.export.ollama import modelfile_path, write_modelfile
 
     source, out = Path(source).expanduser(), Path(out).expanduser()
     if out.suffix != ".gguf":
         raise GGUFExportError(f"--out {out}: a GGUF export is one file; name it *.gguf")
-    if out.exists() and not overwrite:
-        raise GGUFExportError(f"{out} exists: pick a new --out or pass --overwrite")
+    for existing in (out, modelfile_path(out)):
+        if existing.exists() and not overwrite:
+            raise GGUFExportError(f"{existing} exists: pick a new --out or pass --overwrite")
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist: pass a run directory or a model folder")
     staging = Path(tempfile.mkdtemp(prefix="mlxlab-gguf-"))

@@ -16,7 +16,7 @@ own at start).
 | MLXLAB_KERNEL_THREADS | threads of the fused kernels | the cores this process may use |
 | MLXLAB_KERNELS_CACHE | where the compiled kernels are kept (one build per ISA level, runtime/cpu.py) | `$XDG_CACHE_HOME/mlxlab/kernels`, else `~/.cache/mlxlab/kernels` |
 | MLXLAB_SKIP_KERNEL_BUILD | `1`: `pip install` does not compile the kernels (hatch_build.py) | they are compiled |
-| MLXLAB_CACHE_DIR | the user-level cache: the migrated empty MLflow store new stores are copied from | `$XDG_CACHE_HOME/mlxlab`, else `~/.cache/mlxlab` |
+| MLXLAB_CACHE_DIR | the user-level cache (`mlxlab cache list`): GGUF files converted to mlx-lm folders (models/gguf/), the migrated empty MLflow store new stores are copied from | `$XDG_CACHE_HOME/mlxlab`, else `~/.cache/mlxlab` |
 | MLXLAB_API_KEY | the key every request to `mlxlab serve`'s OpenAI API must carry (`Authorization: Bearer <key>`), when --api-key gives none | none: requests carry no key |
 | XDG_CACHE_HOME | where both caches above go when not named | `~/.cache` |
 | SLURM_JOB_ID | the Slurm job `trainer.requeue` puts back in the queue | none: not a Slurm job |
