@@ -97,9 +97,8 @@ def smollm2_folders(work: Path) -> dict[str, Path]:
     """{mode: folder} of the real SmolLM2: the GGUF as mlxlab converts it (4-bit) and float32."""
     import subprocess
 
-    from real_models import packaged_model
-
     from mlxlab.models.sources import model_folder
+    from real_models import packaged_model
 
     quantized = model_folder(str(packaged_model()))
     floated = work / "smollm2-float32"

@@ -38,8 +38,10 @@ class BatchingSettings:
     dynamic: bool = False               # length-bucketed batches under a token budget
     max_batch_size: int | None = None   # dynamic only: cap on examples per batch
     max_tokens: int | None = None       # dynamic only: padded tokens per batch
+    bucket_multiple: int = 16           # rows padded to a multiple: each width compiles once
 
     def __post_init__(self) -> None:
+        check_number("trainer.batching.bucket_multiple", self.bucket_multiple, int, 1)
         if self.max_batch_size is not None:
             check_number("trainer.batching.max_batch_size", self.max_batch_size, int, 1)
 
