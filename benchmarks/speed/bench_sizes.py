@@ -3,7 +3,7 @@ of mlxlab (unpacked and packed) beside mlx_lm.lora, from the real SmolLM2-135M t
 (issue 75).
 
     python benchmarks/speed/bench_sizes.py [--sizes smollm2,llama-1b,qwen3-1.7b,llama-3b,llama-8b]
-        [--modes lora,qlora] [--tools mlxlab,mlxlab-packed,mlx-lm] [--steps 4] [--skip 1]
+        [--modes lora,qlora] [--tools mlxlab,mlxlab-packed,mlx-lm,torch-peft] [--steps 4] [--skip 1]
         [--rounds 1] [--work DIR] [--smoke]
 
 Models: SmolLM2-135M-Instruct (the packaged Q4_1 GGUF, converted as every mlxlab verb reads it:
@@ -22,7 +22,9 @@ lets mlxlab's runtime/blas.py point MLX at the same OpenBLAS, nothing else of ml
 quantized matmul for mlx-lm's QLoRA, as shipped). tokens/s: each tool's own count of trained
 tokens (mlxlab: every assistant turn; mlx-lm --mask-prompt: the last reply) over the steps after
 `--skip`; peak: MLX's (mx.get_peak_memory) and the process's resident peak (wait4);
-first step: the seconds of step 1 (MLX's compile with it). The load average is logged beside
+first step: the seconds of step 1 (MLX's compile with it). torch-peft: PyTorch + PEFT on the
+float32 folder (LoRA only: PEFT's 4-bit bases need CUDA), its own step timed, peak = its
+resident peak, torch's CPU threads as it sets them. The load average is logged beside
 each run; results.json under --work keeps every stage, so a second call runs only the missing.
 """
 
@@ -78,7 +80,7 @@ CONFIGS = {
 }
 SIZES = ("smollm2", "llama-1b", "qwen3-1.7b", "llama-3b", "llama-8b")
 LORA_ONLY_UP_TO = "llama-3b"  # 8B: QLoRA only (its float32 copy would not fit 24 GB)
-TOOLS = ("mlxlab", "mlxlab-packed", "mlx-lm")
+TOOLS = ("mlxlab", "mlxlab-packed", "mlx-lm", "torch-peft")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
 
@@ -220,6 +222,60 @@ def run_mlx_lm(model: Path, data: Path, steps: int, out: Path) -> dict:
             "compiles": None, "wall_s": time.perf_counter() - started}
 
 
+# PyTorch + PEFT on the same float32 folder and chats: transformers' model (float32, CPU),
+# LoRA rank 8 / alpha 16 on q/k/v/o, Adam, batch 4 rows in order, padded to the longest, the
+# loss on the last reply (real_model_torch_peft.py's encode_chat, as mlx-lm's --mask-prompt).
+# argv: folder train.jsonl steps report.jsonl
+TORCH_PEFT_WORKER = """
+import json, resource, sys, time
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from benchmarks.quality.real_model_torch_peft import encode_chat
+folder, train, steps, report = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+torch.manual_seed(0)
+tok = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+rows = [encode_chat(tok, json.loads(line)["messages"]) for line in open(train)]
+pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+for step in range(1, steps + 1):
+    picked = rows[(step - 1) * 4:step * 4]
+    width = max(len(i) for i, _ in picked)
+    ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in picked])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in picked])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in picked])
+    started = time.perf_counter()
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    seconds = time.perf_counter() - started
+    with open(report, "a") as f:
+        f.write(json.dumps({"step": step, "tokens_per_sec": int((labels[:, 1:] != -100).sum())
+                            / seconds, "loss": float(loss), "seconds": seconds,
+                            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                + "\\n")
+"""
+
+
+def run_torch_peft(model: Path, data: Path, steps: int, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / "report.jsonl"
+    report.unlink(missing_ok=True)
+    started = time.perf_counter()
+    proc, rss = run_with_peak_rss([sys.executable, "-c", TORCH_PEFT_WORKER, str(model),
+                                   str(data / "train.jsonl"), str(steps), str(report)],
+                                  cwd=REPO, env={**env(), "PYTHONPATH": str(REPO)})
+    if proc.returncode:
+        raise RuntimeError(f"torch + peft failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    return {"steps": rows, "rss_mb": rss, "first_step_s": rows[0]["seconds"], "compiles": None,
+            "wall_s": time.perf_counter() - started}
+
+
 def summary(run: dict, skip: int) -> dict:
     timed = [s for s in run["steps"] if s["step"] > skip] or run["steps"]
     return {"tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed),
@@ -288,7 +344,11 @@ def main(argv: list[str] | None = None) -> dict:
                         continue
                     before = load()
                     out = work / "runs" / key.replace("/", "-")
+                    if tool == "torch-peft" and mode == "qlora":
+                        continue  # PEFT's 4-bit bases are CUDA's (bitsandbytes)
                     run = (run_mlx_lm(folder, data, args.steps, out) if tool == "mlx-lm" else
+                           run_torch_peft(folder, data, args.steps, out)
+                           if tool == "torch-peft" else
                            run_mlxlab(folder, data, args.steps, out, tool == "mlxlab-packed"))
                     results[key] = {**summary(run, args.skip), "load_1min": before}
                     store.write_text(json.dumps(results, indent=1))
