@@ -33,7 +33,7 @@ def _check_packing(cfg: DictConfig) -> None:
     """data.pack=true, asked of the classes before anything is built: the objective trains on the
     data's own batches (GRPO's and GKD's are their own: packing would be ignored), no callback
     reads per-row values (a packed row holds several), and the model keeps packed rows apart
-    (its class's check_packing: mlx-lm's architectures traced lazily; none: it cannot)."""
+    (its class's check_packing, models/base.py: mlx-lm's architectures traced lazily)."""
     from hydra.utils import get_class
 
     if OmegaConf.select(cfg, "data.pack", default=False) is not True:
@@ -48,9 +48,8 @@ def _check_packing(cfg: DictConfig) -> None:
                           "data.pack=false or drop the callback")
     model = get_class(cfg.model._target_)
     check = getattr(model, "check_packing", None)
-    if check is None:
-        raise ConfigError(f"data.pack=true: {model.__name__} does not take packed rows (a "
-                          "decoder does: model=pretrained or the presets' Transformer); set "
+    if check is None:  # a _target_ that is no mlxlab Model
+        raise ConfigError(f"data.pack=true: {model.__name__} does not take packed rows; set "
                           "data.pack=false")
     check(OmegaConf.to_container(cfg.model, resolve=True))
 

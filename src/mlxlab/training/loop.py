@@ -520,8 +520,7 @@ class Fit:
 def batch_shapes(batches: list[dict]) -> frozenset[tuple[tuple[int, ...], ...]]:
     """The shapes of a step's micro-batches (each: its arrays' shapes in key order): a new one
     makes the compiled step trace and compile again."""
-    return frozenset(tuple(tuple(b[k].shape) for k in sorted(b) if hasattr(b[k], "shape"))
-                     for b in batches)
+    return frozenset(tuple(tuple(b[k].shape) for k in sorted(b)) for b in batches)
 
 
 def shape_text(shapes: tuple[tuple[int, ...], ...]) -> str:
