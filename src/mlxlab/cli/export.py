@@ -55,6 +55,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     lora.add_argument("--adapters", dest="lora", action="store_const", const="adapters",
                       help="LoRA runs: base model + mlx-lm adapters in OUT/adapters")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="--format hf and gguf from a run: write without loading the folder "
+                             "in transformers and comparing its logits with the fine-tune's "
+                             "(the model card says unchecked)")
     parser.set_defaults(lora="fuse")
     return parser.parse_args(argv)
 
@@ -71,11 +75,18 @@ def main(argv: list[str]) -> int:
 
     try:
         report = export_run(args.run, args.out, args.fmt, args.dtype, args.quantize, args.lora,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, check=args.check)
     except (FileNotFoundError, ValueError) as err:  # ExportError and ConfigError are ValueErrors
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2
     print(f"exported {report['checkpoint']} -> {args.out} ({args.fmt}, {report['dtype']})")
+    check = report.get("check")
+    if check and check["status"] == "checked":
+        print(f"checked in {check['checker']}: max |logit gap| {check['max_abs_logit_gap']:.3g} "
+              f"<= {check['tolerance']:g} on a {len(check['probe'])}x{len(check['probe'][0])}"
+              "-token probe")
+    elif check:
+        print(f"unchecked: {check['why']}")
     if report.get("vocab_remap"):
         v = report["vocab_remap"]
         print(f"data.vocab_remap run: tokenizer.json on the model's ids: {v['kept_tokens']} kept "
@@ -105,7 +116,8 @@ def _gguf(args: argparse.Namespace) -> int:
               "(it fuses LoRA; pick the weights' type with --quant)", file=sys.stderr)
         return 2
     try:
-        report = export_gguf(args.run, args.out, args.quant or "f16", overwrite=args.overwrite)
+        report = export_gguf(args.run, args.out, args.quant or "f16", overwrite=args.overwrite,
+                             check=args.check)
     except (FileNotFoundError, ValueError) as err:
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2

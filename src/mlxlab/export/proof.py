@@ -1,0 +1,117 @@
+"""An export that proves itself where it is made: the written folder, loaded by transformers,
+gives the fine-tune's logits on a short fixed probe, or the export is refused.
+
+The probe is PROBE_ROWS x PROBE_TOKENS token ids drawn with PROBE_SEED from the model's whole
+vocabulary (the same ids for every export of a model of that vocabulary size). mlxlab's side is
+the model exactly as written (LoRA fused, a quantized base dequantized, cast to the export's
+dtype) computed in float32; transformers' side is the folder loaded in float32 on the CPU, so
+both compute in float32 over the same weight values, whatever dtype the folder stores.
+
+TOLERANCE (max |logit gap| <= 1e-3) is three orders above what float32 leaves between two right
+implementations (the same weights summed in another order, another attention kernel: <= 1.4e-6
+on the tiny checkpoints of cohere2, exaone4, glm4 and every type the tests prove, about 1e-5 on
+a real 135M model) and three below what a wrong layout or a differing forward shows (a swapped
+or transposed tensor, a norm offset, a missing logit scale: 0.1 and more; olmo3's sliding
+windows as mlx-lm computes them: 0.38 on the untrained model). A gap above it, a non-finite
+logit, or a weight transformers found no tensor for, refuses the export in one line.
+
+Without PyTorch (transformers loads no model without it) nothing is checked: `check_export`
+says so, and __init__.py decides what is written (docs/guide/export.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlxlab.export.hf import ExportError
+
+log = logging.getLogger(__name__)
+
+PROBE_ROWS, PROBE_TOKENS, PROBE_SEED = 2, 16, 0
+TOLERANCE = 1e-3
+
+
+def checker_version() -> str | None:
+    """'transformers <version>' when transformers can load a model here (it needs PyTorch),
+    else None."""
+    try:  # ~2 s: only when an export is checked
+        import torch  # noqa: F401 - what transformers loads a model with
+        import transformers
+    except ImportError:
+        return None
+    return f"transformers {transformers.__version__}"
+
+
+def probe_ids(vocab_size: int) -> np.ndarray:
+    """The probe: (PROBE_ROWS, PROBE_TOKENS) ids in [0, vocab_size), the same for every call."""
+    rng = np.random.default_rng(PROBE_SEED)
+    return rng.integers(0, vocab_size, size=(PROBE_ROWS, PROBE_TOKENS))
+
+
+def mlxlab_logits(model: nn.Module, ids: np.ndarray) -> np.ndarray:
+    """The model's float32 logits for `ids` with no padding: (B, T, vocab), a classifier's
+    (B, labels). The model's weights are upcast to float32 in place (exactly: every export
+    dtype widens to it); the writer casts them back to the export's dtype."""
+    model.set_dtype(mx.float32)
+    model.eval()
+    return np.array(model(mx.array(ids, dtype=mx.int32)).astype(mx.float32))
+
+
+def transformers_logits(folder: Path, ids: np.ndarray, classifier: bool,
+                        adapter: Path | None = None) -> np.ndarray:
+    """What transformers computes for `ids` from the folder (float32, CPU); with `adapter`, the
+    folder is the base and PEFT puts the adapter folder on it. A weight transformers found no
+    tensor for (it would start from random values) is refused here, by name."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    try:
+        model, info = auto.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
+                                           output_loading_info=True)
+    except Exception as err:  # noqa: BLE001 - any failure to load is the export's refusal
+        raise ExportError(f"transformers could not load the export: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ExportError(f"transformers found no tensor for {len(missing)} weight(s) of the "
+                          f"export (e.g. {missing[0]}): the layout of this model type is not "
+                          "the one transformers reads; its weights stay usable in mlxlab")
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        tokens = torch.tensor(ids, dtype=torch.long)
+        out = model.eval()(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
+    return out.float().numpy()
+
+
+def compare(ours: np.ndarray, theirs: np.ndarray, checker: str, ids: np.ndarray) -> dict:
+    """The check's record (export_report.json's "check", the model card's section); refuses a
+    gap above TOLERANCE in one line that names it."""
+    gap = float(np.abs(ours - theirs).max()) if ours.shape == theirs.shape else float("inf")
+    if not np.isfinite(gap) or not np.isfinite(ours).all():
+        gap = float("inf")
+    record = {"status": "checked", "checker": checker, "max_abs_logit_gap": gap,
+              "tolerance": TOLERANCE, "probe": ids.tolist(), "compute": "float32, CPU"}
+    if gap > TOLERANCE:
+        shapes = "" if ours.shape == theirs.shape else f" (logits {ours.shape} vs {theirs.shape})"
+        raise ExportError(
+            f"refused: {checker} computes other logits from the export than mlxlab does from "
+            f"the fine-tune (max gap {gap:.3g}{shapes} > {TOLERANCE:g} on a "
+            f"{ids.shape[0]}x{ids.shape[1]}-token probe): this model type's forward or layout "
+            "differs between mlx-lm and transformers; its weights stay usable in mlxlab "
+            "(generate, eval, serve) and as --format mlx-lm")
+    log.info("export check: max |logit gap| %.3g <= %g (%s)", gap, TOLERANCE, checker)
+    return record
+
+
+def unchecked(why: str) -> dict:
+    """The record of an export written without the check, and why."""
+    return {"status": "unchecked", "why": why}
