@@ -23,6 +23,12 @@ vLLM's LoRA, llama.cpp's convert_lora_to_gguf.py and Ollama's ADAPTER read it.
 --format gguf writes one GGUF file (f32, f16, bf16, q8_0, q4_0, q4_1) that llama.cpp, Ollama and
 LM Studio load, and an Ollama Modelfile beside it named after it (ft.gguf: ft.Modelfile;
 `ollama create NAME -f exported/ft.Modelfile`).
+
+--format hf (and peft, and gguf from a run, through its float hf folder) is checked where it is
+made: transformers loads what was written and must give the fine-tune's logits on a 2x16-token
+probe (max gap 1e-3), else the export is refused with the gap; the model card records the gap,
+the probe and transformers' version. Without PyTorch a type mlxlab's tests prove is written
+unchecked (the card says so) and another refused; --no-check writes it unchecked.
 """
 
 from __future__ import annotations
@@ -80,13 +86,7 @@ def main(argv: list[str]) -> int:
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2
     print(f"exported {report['checkpoint']} -> {args.out} ({args.fmt}, {report['dtype']})")
-    check = report.get("check")
-    if check and check["status"] == "checked":
-        print(f"checked in {check['checker']}: max |logit gap| {check['max_abs_logit_gap']:.3g} "
-              f"<= {check['tolerance']:g} on a {len(check['probe'])}x{len(check['probe'][0])}"
-              "-token probe")
-    elif check:
-        print(f"unchecked: {check['why']}")
+    _print_check(report)
     if report.get("vocab_remap"):
         v = report["vocab_remap"]
         print(f"data.vocab_remap run: tokenizer.json on the model's ids: {v['kept_tokens']} kept "
@@ -103,6 +103,17 @@ def main(argv: list[str]) -> int:
               f"{b['accuracy']:.4f} -> {a['accuracy']:.4f}")
     print(json.dumps({k: report[k] for k in ("format", "dtype", "quantize", "lora")}))
     return 0
+
+
+def _print_check(report: dict) -> None:
+    """The export's check (export/proof.py) in one line."""
+    check = report.get("check")
+    if check and check["status"] == "checked":
+        print(f"checked in {check['checker']}: max |logit gap| {check['max_abs_logit_gap']:.3g} "
+              f"<= {check['tolerance']:g} on a {len(check['probe'])}x{len(check['probe'][0])}"
+              "-token probe")
+    elif check:
+        print(f"unchecked: {check['why']}")
 
 
 def _gguf(args: argparse.Namespace) -> int:
@@ -123,6 +134,7 @@ def _gguf(args: argparse.Namespace) -> int:
         return 2
     print(f"exported {report.get('checkpoint', report.get('source'))} -> {report['gguf']} "
           f"({report['architecture']}, {report['quant']}, {report['bytes'] / 2**20:.1f} MiB)")
+    _print_check(report)
     style = report["chat_style"] or "none recognised: the GGUF's own template"
     print(f"Ollama: {report['modelfile']} (chat template: {style}); "
           f"ollama create NAME -f {report['modelfile']}")

@@ -51,7 +51,10 @@ from mlxlab.export.proof import (
     checker_version,
     compare,
     mlxlab_logits,
+    peft_available,
+    peft_base,
     probe_ids,
+    round_adapters,
     transformers_logits,
     unchecked,
 )
@@ -125,15 +128,26 @@ def export_run(
                               quantize, lora, overwrite, check)
 
 
-def _checker(model, fmt: str, check: bool) -> dict | None:
+def _checker(model, state, fmt: str, check: bool) -> dict | None:
     """None when the export will be checked (transformers can load it here), else the record
     of why it is written unchecked; a model type no test proves is refused when nothing here
     can check it."""
-    if fmt != "hf":
+    if fmt == "mlx-lm":
+        if not check:
+            raise ExportError("--no-check is for --format hf, peft and gguf: --format mlx-lm is "
+                              "mlx-lm's own layout, which is not loaded in transformers")
         return None
     if not check:
         return unchecked("written with --no-check, not loaded in transformers")
-    if checker_version() is not None:
+    version = checker_version()
+    if fmt == "peft":
+        base = peft_base(state.config.get("model") or {})
+        why = ("PyTorch is not installed, so transformers could not load it here"
+               if version is None else "peft is not installed" if not peft_available()
+               else None if base is not None
+               else "its base is not a Hugging Face folder transformers loads here")
+        return None if why is None else unchecked(why)
+    if version is not None:
         return None
     kind = model.architecture.get("model_type") if isinstance(model, MLXLMDecoder) else None
     if kind is not None and kind not in TESTED:
@@ -141,10 +155,9 @@ def _checker(model, fmt: str, check: bool) -> dict | None:
             f"model_type={kind!r} is checked as it is exported, by loading it in transformers, "
             "which needs PyTorch (not installed here), and no mlxlab test proves its export: "
             "pip install torch, or pass --no-check to write it unchecked")
-    why = ("PyTorch is not installed, so transformers could not load it here"
-           + (f"; model_type={kind!r} is one mlxlab's tests export and check" if kind else ""))
-    log.warning("mlxlab export: unchecked: %s (pip install torch to check it)", why)
-    return unchecked(why)
+    return unchecked("PyTorch is not installed, so transformers could not load it here"
+                     + (f"; model_type={kind!r} is one mlxlab's tests export and check"
+                        if kind else ""))
 
 
 def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out: Path,
@@ -158,7 +171,7 @@ def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out:
         source = source_config.get("torch_dtype", source_config.get("dtype"))
         dtype = source if source in DTYPES else "float32"
     _check_options(model, fmt, dtype, quantize, lora)
-    not_checked = _checker(model, fmt, check)
+    not_checked = _checker(model, state, fmt, check)
     if fmt == "peft":
         check_peft(state.config.get("model") or {},
                    isinstance(model, MLXLMDecoder) and bool(model.quantized), has_adapters(model))
@@ -242,7 +255,14 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
 
 
 def _export_peft(model, state, out: Path, dtype: str, report: dict, card: str | None) -> None:
-    """The adapters alone, on the base checkpoint's Hugging Face names (peft_adapter.py)."""
+    """The adapters alone, on the base checkpoint's Hugging Face names (peft_adapter.py);
+    checked (unless report["check"] says why not) by PEFT putting them on the base in
+    transformers, against the fine-tune with its adapters rounded to `dtype` as written."""
+    base_folder = peft_base(state.config["model"])
+    checked = "check" not in report and base_folder is not None
+    if checked:
+        ids = probe_ids(int(model.architecture["vocab_size"]))
+        ours = mlxlab_logits(round_adapters(model, DTYPES[dtype]), ids)
     adapters, settings = split_adapters(model)
     unwrap_lora(model)  # the base, whose Hugging Face names the adapters must land on
     base_names = hf_weights(model, dtype, "hf").keys()
@@ -253,6 +273,9 @@ def _export_peft(model, state, out: Path, dtype: str, report: dict, card: str | 
         card = card.replace("library_name: transformers", "library_name: peft", 1)
     with _folder(out) as tmp:
         write_peft(tensors, config, tmp)
+        if checked:  # refused here: the folder is not moved in
+            theirs = transformers_logits(base_folder, ids, classifier=False, adapter=tmp)
+            report["check"] = compare(ours, theirs, f"{checker_version()} + peft", ids)
         _write_report(tmp, out, report, card)
 
 
@@ -312,6 +335,10 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
     staging = Path(tempfile.mkdtemp(prefix="mlxlab-gguf-"))
     try:
         if (source / "config.json").is_file() and any(source.glob("*.safetensors")):
+            if not check:
+                raise GGUFExportError("--no-check is for a run's export (checked in "
+                                      "transformers on its way to GGUF); a model folder goes "
+                                      "to GGUF as it is")
             folder, report = source, {"source": str(source)}  # a pretrained folder
         else:
             folder = staging / source.name

@@ -22,11 +22,14 @@ says so, and __init__.py decides what is written (docs/guide/export.md).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.export.hf import ExportError
 
@@ -45,6 +48,35 @@ def checker_version() -> str | None:
     except ImportError:
         return None
     return f"transformers {transformers.__version__}"
+
+
+def peft_available() -> bool:
+    try:
+        import peft  # noqa: F401 - what puts a PEFT adapter folder on its base
+    except ImportError:
+        return False
+    return True
+
+
+def peft_base(model_config: Mapping) -> Path | None:
+    """The base folder a PEFT export's check loads (model.pretrained as a Hugging Face folder),
+    None when it is not one here (a hub id, a GGUF file, an Ollama name)."""
+    pretrained = model_config.get("pretrained")
+    folder = Path(str(pretrained)).expanduser() if pretrained else None
+    if folder is None or not (folder / "config.json").is_file() or not any(
+            folder.glob("*.safetensors")):
+        return None
+    return folder
+
+
+def round_adapters(model: nn.Module, dtype: mx.Dtype) -> nn.Module:
+    """The model with its LoRA / DoRA weights rounded to `dtype`, as a PEFT folder stores them
+    (the base keeps its own weights, which transformers reads from the base folder)."""
+    leaves = (".lora_a", ".lora_b", ".m")
+    rounded = [(name, value.astype(dtype).astype(value.dtype))
+               for name, value in tree_flatten(model.parameters()) if name.endswith(leaves)]
+    model.update(tree_unflatten(rounded))
+    return model
 
 
 def probe_ids(vocab_size: int) -> np.ndarray:
@@ -72,8 +104,9 @@ def transformers_logits(folder: Path, ids: np.ndarray, classifier: bool,
 
     auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     try:
-        model, info = auto.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
-                                           output_loading_info=True)
+        with _quiet_transformers():  # its progress bars and notes are not the export's output
+            model, info = auto.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
+                                               output_loading_info=True)
     except Exception as err:  # noqa: BLE001 - any failure to load is the export's refusal
         raise ExportError(f"transformers could not load the export: {type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}") from err
@@ -90,6 +123,21 @@ def transformers_logits(folder: Path, ids: np.ndarray, classifier: bool,
         tokens = torch.tensor(ids, dtype=torch.long)
         out = model.eval()(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
     return out.float().numpy()
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def compare(ours: np.ndarray, theirs: np.ndarray, checker: str, ids: np.ndarray) -> dict:
