@@ -224,8 +224,14 @@ def test_without_pytorch_a_tested_type_is_written_unchecked_and_others_refused(
     assert "model_type='olmo3'" in line and "pip install torch, or pass --no-check" in line
     assert not (tmp_path / "olmo3").exists()
 
-    done = export(olmo3_run, tmp_path / "olmo3", "--no-check")  # what the user asked for
-    assert done.returncode == 0, done.stderr
+
+
+def test_no_check_writes_what_the_check_refuses_and_says_so(olmo3_run, tmp_path):
+    from mlxlab.export import ExportError
+
+    report = export_run(olmo3_run, tmp_path / "olmo3", "hf", "float32", check=False)
+    assert report["check"] == {"status": "unchecked",
+                               "why": "written with --no-check, not loaded in transformers"}
     assert "Unchecked: written with --no-check" in (tmp_path / "olmo3" / "README.md").read_text()
-    assert json.loads((tmp_path / "olmo3" / "export_report.json").read_text())["check"] == {
-        "status": "unchecked", "why": "written with --no-check, not loaded in transformers"}
+    with pytest.raises(ExportError, match="--no-check is for --format hf, peft and gguf"):
+        export_run(olmo3_run, tmp_path / "mlx", "mlx-lm", check=False)  # nothing it would skip
