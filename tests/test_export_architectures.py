@@ -51,7 +51,8 @@ def test_each_exportable_architecture_loads_in_transformers_and_mlx_lm(kind, tmp
 
     report = export_run(run, tmp_path / "hf", "hf", "float32")
     check = report["check"]
-    assert check["status"] == "checked" and check["max_abs_logit_gap"] <= TOLERANCE
+    assert check["status"] == "checked" and check["tolerance"] == TOLERANCE
+    assert check["max_abs_logit_gap"] <= 1e-5 * check["logit_scale"]  # measured: <= 2e-6
     assert check["checker"].startswith("transformers ") and np.shape(check["probe"]) == (2, 16)
     assert json.loads((tmp_path / "hf" / "export_report.json").read_text())["check"] == check
     card = (tmp_path / "hf" / "README.md").read_text()
@@ -101,7 +102,7 @@ def test_a_type_on_no_list_exports_checked(tmp_path):
     assert "qwen2_moe" not in TESTED  # else pick another type no test lists
     _, run = train_chat(save_tiny_qwen2_moe(tmp_path / "tiny-qwen2_moe"), tmp_path)
     report = export_run(run, tmp_path / "hf", "hf", "float32")
-    assert report["check"]["max_abs_logit_gap"] <= TOLERANCE
+    assert report["check"]["max_abs_logit_gap"] <= report["check"]["allowed_gap"]
     model, _ = load_run_model(run)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert np.abs(torch_logits(hf, IDS) - mlx_logits(model, IDS)).max() <= 1e-4
@@ -125,8 +126,10 @@ def test_olmo3_is_refused_with_the_measured_gap(fmt, olmo3_run, tmp_path, capsys
     assert main([str(olmo3_run), "--format", fmt, "--out", str(out)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "refused: transformers" in lines[0], lines
-    gap = float(re.search(r"max gap ([0-9.e+-]+) > 0.001", lines[0]).group(1))
-    assert gap > 0.1
+    found = re.search(r"max gap ([0-9.e+-]+) > ([0-9.e+-]+) \(0.001 of the logits' scale "
+                      r"([0-9.e+-]+)\)", lines[0])
+    gap, allowed, scale = (float(v) for v in found.groups())
+    assert gap > 0.1 * scale and allowed == pytest.approx(1e-3 * scale, rel=1e-2)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
@@ -164,7 +167,8 @@ def test_a_broken_weight_is_refused_by_the_check(llama_run, tmp_path, monkeypatc
         mx.save_safetensors(str(file), tensors, metadata={"format": fmt})
 
     monkeypatch.setattr(export, "save_weights", swap_heads)
-    with pytest.raises(export.ExportError, match=r"^refused: .*max gap ([0-9.e+-]+) > 0.001"):
+    with pytest.raises(export.ExportError, match=r"^refused: .*max gap [0-9.e+-]+ > [0-9.e+-]+ "
+                                                 r"\(0.001 of the logits' scale"):
         export_run(llama_run, tmp_path / "hf", "hf", "float32")
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
 

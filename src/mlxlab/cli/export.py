@@ -26,9 +26,10 @@ LM Studio load, and an Ollama Modelfile beside it named after it (ft.gguf: ft.Mo
 
 --format hf (and peft, and gguf from a run, through its float hf folder) is checked where it is
 made: transformers loads what was written and must give the fine-tune's logits on a 2x16-token
-probe (max gap 1e-3), else the export is refused with the gap; the model card records the gap,
-the probe and transformers' version. Without PyTorch a type mlxlab's tests prove is written
-unchecked (the card says so) and another refused; --no-check writes it unchecked.
+probe (max gap 1e-3 of the logits' scale), else the export is refused with the gap; the model
+card records the gap, the probe and transformers' version. Without PyTorch a type mlxlab's
+tests prove is written unchecked (the card says so) and another refused; --no-check writes it
+unchecked.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _print_check(report: dict) -> None:
     check = report.get("check")
     if check and check["status"] == "checked":
         print(f"checked in {check['checker']}: max |logit gap| {check['max_abs_logit_gap']:.3g} "
-              f"<= {check['tolerance']:g} on a {len(check['probe'])}x{len(check['probe'][0])}"
+              f"<= {check['allowed_gap']:.3g} on a {len(check['probe'])}x{len(check['probe'][0])}"
               "-token probe")
     elif check:
         print(f"unchecked: {check['why']}")

@@ -168,10 +168,12 @@ def check_section(check: dict, dtype: str) -> str:
     if check["status"] != "checked":
         return "\n".join([*lines, f"Unchecked: {check['why']}.", ""])
     rows, tokens = len(check["probe"]), len(check["probe"][0])
-    lines += [f"{check['checker']} loaded this export ({check['compute']}) and computed the "
-              f"fine-tune's logits: max |logit gap| {check['max_abs_logit_gap']:.3g} against "
-              f"mlxlab's own forward (tolerance {check['tolerance']:g}), on a {rows}x{tokens}-"
-              f"token probe, the weights as written ({dtype}) computed in float32 on both "
-              "sides.", "", "Probe token ids:", "", "```"]
+    lines += [f"{check['checker']} loaded this export ({check['compute']}); its logits differ "
+              "from mlxlab's forward of the fine-tune by at most (max |logit gap|) "
+              f"{check['max_abs_logit_gap']:.3g} (allowed: {check['allowed_gap']:.3g}, "
+              f"{check['tolerance']:g} of the logits' largest magnitude, "
+              f"{check['logit_scale']:.3g}), on a {rows}x{tokens}-token probe, the weights as "
+              f"written ({dtype}) computed in float32 on both sides.", "", "Probe token ids:",
+              "", "```"]
     lines += [str(row) for row in check["probe"]]
     return "\n".join([*lines, "```", ""])
