@@ -149,26 +149,33 @@ def llama_run(tmp_path_factory) -> Path:
     return train_chat(save_tiny_model("llama", root / "tiny-llama", chat="chatml"), root)[1]
 
 
-def test_a_broken_weight_is_refused_by_the_check(llama_run, tmp_path, monkeypatch):
-    """The writer saves the weights, then one head of one layer's q_proj is swapped with
-    another in the file (a layout error as a wrong permutation makes it): the check, which reads
-    the written file, refuses the export and nothing is left at --out."""
+@pytest.mark.parametrize("broken", ["swapped", "dropped"])
+def test_a_broken_weight_is_refused_by_the_check(broken, llama_run, tmp_path, monkeypatch):
+    """The writer saves the weights, then the file is broken: one layer's q_proj with two heads
+    swapped (what a wrong permutation of a layout does), or one tensor left out (what a name
+    transformers does not read does). The check, which reads the written file, refuses the
+    export and nothing is left at --out."""
     import mlxlab.export as export
 
     real = export.save_weights
+    name = "model.layers.1.self_attn.q_proj.weight"
 
-    def swap_heads(weights, out, fmt):
+    def break_file(weights, out, fmt):
         real(weights, out, fmt)
         file = out / "model.safetensors"
         tensors = mx.load(str(file))
-        name = "model.layers.1.self_attn.q_proj.weight"
-        q = tensors[name]
-        tensors[name] = mx.concatenate([q[16:32], q[:16], q[32:]])  # heads 0 and 1 (16 rows)
+        if broken == "swapped":
+            q = tensors[name]
+            tensors[name] = mx.concatenate([q[16:32], q[:16], q[32:]])  # heads 0, 1: 16 rows
+        else:
+            del tensors[name]
         mx.save_safetensors(str(file), tensors, metadata={"format": fmt})
 
-    monkeypatch.setattr(export, "save_weights", swap_heads)
-    with pytest.raises(export.ExportError, match=r"^refused: .*max gap [0-9.e+-]+ > [0-9.e+-]+ "
-                                                 r"\(0.001 of the logits' scale"):
+    monkeypatch.setattr(export, "save_weights", break_file)
+    expect = (r"^refused: .*max gap [0-9.e+-]+ > [0-9.e+-]+ \(0.001 of the logits' scale"
+              if broken == "swapped" else
+              rf"^refused: transformers found no tensor for 1 weight\(s\) .*\(e.g. {name}\)")
+    with pytest.raises(export.ExportError, match=expect):
         export_run(llama_run, tmp_path / "hf", "hf", "float32")
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
 

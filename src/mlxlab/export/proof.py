@@ -109,20 +109,22 @@ def transformers_logits(folder: Path, ids: np.ndarray, classifier: bool,
     auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     try:
         with _quiet_transformers():  # its progress bars and notes are not the export's output
-            model, info = auto.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
+            model, info = auto.from_pretrained(folder, dtype=torch.float32,
                                                output_loading_info=True)
+            if adapter is not None and not info.get("missing_keys"):
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, adapter)
     except Exception as err:  # noqa: BLE001 - any failure to load is the export's refusal
-        raise ExportError(f"transformers could not load the export: {type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}") from err
+        why = str(err).splitlines()[0] if str(err) else ""
+        raise ExportError(f"refused: transformers could not load the export to check it "
+                          f"({type(err).__name__}: {why}); --no-check writes it unchecked"
+                          ) from err
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
-        raise ExportError(f"transformers found no tensor for {len(missing)} weight(s) of the "
-                          f"export (e.g. {missing[0]}): the layout of this model type is not "
-                          "the one transformers reads; its weights stay usable in mlxlab")
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
+        raise ExportError(f"refused: transformers found no tensor for {len(missing)} weight(s) "
+                          f"of the export (e.g. {missing[0]}): the layout of this model type is "
+                          "not the one transformers reads; its weights stay usable in mlxlab")
     with torch.no_grad():
         tokens = torch.tensor(ids, dtype=torch.long)
         out = model.eval()(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
