@@ -108,10 +108,15 @@ def test_a_type_on_no_list_exports_checked(tmp_path):
     assert np.abs(torch_logits(hf, IDS) - mlx_logits(model, IDS)).max() <= 1e-4
 
 
+def tiny_run(kind: str, tmp_path_factory) -> Path:
+    """A LoRA fine-tune (3 steps) of the tiny random `kind`."""
+    root = tmp_path_factory.mktemp(kind)
+    return train_chat(save_tiny_model(kind, root / f"tiny-{kind}", chat="chatml"), root)[1]
+
+
 @pytest.fixture(scope="module")
 def olmo3_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("olmo3")
-    return train_chat(save_tiny_model("olmo3", root / "tiny-olmo3", chat="chatml"), root)[1]
+    return tiny_run("olmo3", tmp_path_factory)
 
 
 @pytest.mark.parametrize("fmt", ["hf", "gguf"])
@@ -145,8 +150,7 @@ def test_olmo3_stays_usable_as_mlx_lm(olmo3_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("llama")
-    return train_chat(save_tiny_model("llama", root / "tiny-llama", chat="chatml"), root)[1]
+    return tiny_run("llama", tmp_path_factory)
 
 
 @pytest.mark.parametrize("broken", ["swapped", "dropped"])
