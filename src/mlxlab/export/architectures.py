@@ -7,7 +7,8 @@ DeepSeek-V3's `kv_b_proj` split into `embed_q` and `unembed_out`, Granite MoE's 
 `input_linear` split into gate and up, LFM2's convolution kernels transposed. `--format hf`
 undoes that per architecture (`Layout.to_hf`; a type `LAYOUTS` does not name gets the default:
 experts unstacked, names and config kept); `--format mlx-lm` writes mlx-lm's own names, which
-its `load` reads back unchanged.
+its `load` reads back unchanged (what `mlx_lm.convert` writes: mlx-lm's sanitize must take its
+own output back for every type it has, so that format needs no check).
 
 What gates an export is its check (proof.py): transformers loads the written folder and must
 give the fine-tune's logits, so a sanitize this table does not undo, or a forward that differs
