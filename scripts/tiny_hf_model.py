@@ -4,7 +4,7 @@ model.safetensors and a tokenizer trained on the shipped TinyStories sample. For
 
     python scripts/tiny_hf_model.py llama /tmp/tiny-llama [--seed 0]
     (llama | qwen2 | mistral | llama3: llama with llama3 rope scaling, tied embeddings |
-     qwen3 | gemma3_text | phi3 | olmo2 | qwen3_moe | mixtral)
+     qwen3 | gemma3_text | phi3 | olmo2 | qwen3_moe | mixtral | ... : KINDS)
 
 config.json is written as the hub's checkpoints carry it (transformers 4's keys): transformers 5
 writes `rope_parameters` and `num_local_experts` where those have `rope_theta` / `rope_scaling` /
@@ -32,7 +32,7 @@ from mlxlab.data.tokenizer import build_tokenizer
 
 KINDS = ("llama", "qwen2", "mistral", "llama3", "qwen3", "gemma3_text", "phi3", "olmo2",
          "qwen3_moe", "mixtral", "gemma2", "granite", "starcoder2", "deepseek_v3", "granitemoe",
-         "lfm2")
+         "lfm2", "cohere2", "exaone4", "glm4", "olmo3")
 
 # Real chat templates, verbatim from the models' tokenizer_config.json (ChatML as OpenHermes /
 # TRL write it; Meta-Llama-3-8B-Instruct; Qwen2.5-7B-Instruct, with tools and a default system
@@ -227,8 +227,11 @@ def _config(kind: str, tok, eos: str, overrides: dict):
 # More decoders the export is proven on (tests/test_export_architectures.py): each with what makes
 # it unlike Llama switched on (Gemma 2's soft-capping, Granite's multipliers, StarCoder2's
 # LayerNorm and biases, DeepSeek-V3's latent attention and routed experts, Granite MoE's fused
-# experts, LFM2's convolution blocks). Gemma 2's window spans the whole context: mlx-lm's Gemma 2
-# attends to every earlier token in every layer.
+# experts, LFM2's convolution blocks; Cohere 2's parallel blocks, LayerNorm and logit scale;
+# EXAONE 4's local layer with rope beside a global one without; GLM-4's partial rotary and four
+# norms a layer; OLMo 3's sliding windows). Gemma 2's window spans the whole context: mlx-lm's
+# Gemma 2 attends to every earlier token in every layer. mlx-lm reads Cohere 2's and EXAONE 4's
+# local/global layers from sliding_window_pattern (the hub's key), transformers from layer_types.
 MORE_CONFIGS = {
     "gemma2": lambda t, c, o: t.Gemma2Config(**{
         **c, "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
@@ -254,6 +257,20 @@ MORE_CONFIGS = {
         **c, "num_key_value_heads": 2, "block_ff_dim": 160, "block_auto_adjust_ff_dim": False,
         "conv_L_cache": 3, "layer_types": ["conv", "full_attention"], "norm_eps": 1e-5,
         "tie_word_embeddings": True, **o}),
+    "cohere2": lambda t, c, o: t.Cohere2Config(**{
+        **c, "num_key_value_heads": 2, "head_dim": 16, "logit_scale": 0.25, "sliding_window": 256,
+        "sliding_window_pattern": 2, "layer_types": ["sliding_attention", "full_attention"],
+        "layer_norm_eps": 1e-5, "tie_word_embeddings": True, **o}),
+    "exaone4": lambda t, c, o: t.Exaone4Config(**{
+        **c, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 256,
+        "sliding_window_pattern": "LG", "layer_types": ["sliding_attention", "full_attention"],
+        **o}),
+    "glm4": lambda t, c, o: t.Glm4Config(**{
+        **c, "num_key_value_heads": 2, "head_dim": 16, "partial_rotary_factor": 0.5,
+        "attention_bias": True, **o}),
+    "olmo3": lambda t, c, o: t.Olmo3Config(**{
+        **c, "num_key_value_heads": 2, "sliding_window": 256,
+        "layer_types": ["sliding_attention", "full_attention"], **o}),
 }
 
 
