@@ -16,6 +16,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from chat_fixtures import base_tokenizer, save_style
@@ -490,3 +491,82 @@ def test_the_mask_and_the_loss_equal_trls_tool_loop_on_the_same_tokens(caller):
                                 mx.array(batch["loss_mask"]), mx.array(old), None, 0.0, 0.2,
                                 0.28, budget)
         assert abs(got.item() - want) <= 1e-5 * max(1.0, abs(want)), loss_type
+
+
+# --- experiment=agent_tools through the one loop ------------------------------------------------
+
+
+def agent_args(caller: dict, *extra: str) -> list[str]:
+    """experiment=agent_tools on the taught tiny model: 2 prompts x 2 trajectories a step of up
+    to 3 turns, mu = 2, and a reward that differs between trajectories (so advantages move)."""
+    return [
+        "experiment=agent_tools",
+        f"model.pretrained={caller['folder']}",
+        f"data.train_file={caller['train']}",
+        f"data.val_file={caller['val']}",
+        "model.lora.rank=4",
+        "objective.num_generations=2",
+        "objective.num_iterations=2",
+        "objective.max_completion_length=128",
+        "objective.temperature=0.5",
+        "objective.log_completions=2",
+        "objective.rewards=[{_target_: mlxlab.objectives.rewards.exact_answer},"
+        "{_target_: test_grpo.char_variety, name: variety, weight: 0.5}]",
+        "trainer.batch_size=2",
+        "trainer.max_steps=4",
+        "trainer.eval_every_steps=4",
+        "trainer.log_every_steps=1",
+        "callbacks.progress.enabled=false",
+        *extra,
+    ]
+
+
+def test_experiment_agent_tools_trains_and_logs_the_tool_calls(caller, make_cfg):
+    """4 steps through train(): the tools' metrics (TRL's tools/call_frequency, the failures by
+    kind, the turns) in MLflow at every generation and at the evaluation, and the logged sample
+    trajectories hold the tool's answer."""
+    from test_grpo import finished_run
+
+    client, run, history = finished_run(make_cfg(*agent_args(caller)))
+    calls = history("train/tools/call_frequency")
+    assert len(calls) == 2 and max(calls) > 0, calls  # one value per generation (mu = 2)
+    for key in ("tools/failure_frequency", "tools/failures/timeout", "turns/mean", "reward"):
+        assert len(history(f"train/{key}")) == 2, key
+    assert history("val/tools/call_frequency")[0] > 0
+    local = client.download_artifacts(run.info.run_id, "grpo_samples/step_00000004.jsonl")
+    rows = [json.loads(line) for line in Path(local).read_text().splitlines()]
+    assert any("<tool_response>" in r["completion"] for r in rows), rows
+
+
+@pytest.mark.slow  # three runs in subprocesses (~1 min on 2 loaded cores)
+def test_a_sigkilled_agent_run_resumes_bitwise_with_resume_auto(caller, tmp_path, cli_env):
+    """experiment=agent_tools (mu = 2, tool calls in its trajectories) SIGKILLed after its
+    checkpoint at step 5, between the two passes over a generation, and resumed with
+    resume=auto: the weights, the whole MLflow history (the tools' metrics included) equal an
+    uninterrupted run's."""
+    from test_resume import assert_same_history, assert_same_weights, run_id_of
+
+    from run_helpers import committed_steps, kill_when, run, start
+
+    args = agent_args(caller, "trainer.max_steps=10", "trainer.eval_every_steps=5",
+                      "trainer.log_every_steps=2", "checkpoint.save_every_steps=5",
+                      "checkpoint.save_every_minutes=null")
+    cli_env["PYTHONPATH"] = f"{Path(__file__).parent}:{cli_env.get('PYTHONPATH', '')}"
+    runs = tmp_path / "outputs" / "agent_tools"
+    runs.mkdir(parents=True)
+    killed = runs / "killed"
+    proc = start(args, killed, cli_env)
+    kill_when(proc, lambda: any(s >= 5 for s in committed_steps(killed)))
+    assert max(committed_steps(killed)) < 10
+    resumed = runs / "resumed"
+    run([*args, "resume=auto"], resumed, cli_env)
+    reference = tmp_path / "reference"
+    run(args, reference, cli_env)
+    assert_same_weights(reference, resumed, "agent_tools")
+    assert run_id_of(resumed) == run_id_of(killed)
+    assert_same_history(f"sqlite:///{tmp_path}/mlruns/mlflow.db", reference, resumed,
+                        "agent_tools")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    calls = [m.value for m in client.get_metric_history(run_id_of(resumed),
+                                                        "train/tools/call_frequency")]
+    assert calls and max(calls) > 0
