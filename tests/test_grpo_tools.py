@@ -15,8 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 from mlflow.tracking import MlflowClient
+from mlx.utils import tree_flatten
 from omegaconf import OmegaConf
 
 from chat_fixtures import base_tokenizer, save_style
@@ -32,7 +32,7 @@ from mlxlab.objectives.grpo import GRPO
 from mlxlab.objectives.grpo_loss import policy_loss
 from mlxlab.objectives.lookup_tools import code_of, lookup_code
 from mlxlab.objectives.tool_format import ParsedTurn, parse_llama3, parse_tagged, template_format
-from mlxlab.objectives.tools import ToolAnswer, ToolCall, Toolbox, build_tools
+from mlxlab.objectives.tools import ToolAnswer, Toolbox, ToolCall, build_tools
 from mlxlab.runtime import distributed
 
 TOOL = {"_target_": "mlxlab.objectives.lookup_tools.lookup_code"}
@@ -297,8 +297,7 @@ def test_rollouts_call_the_tool_and_train_only_the_models_tokens(caller):
     tok = data.tokenizer
     answer = f"<|im_start|>user\n<tool_response>\n{code_of('kalomi')}\n</tool_response>"
     seen = 0
-    for ids, labels, mask in zip(*(np.array(batch[k]) for k in ("input_ids", "labels",
-                                                                 "loss_mask"))):
+    for labels, mask in zip(np.array(batch["labels"]), np.array(batch["loss_mask"])):
         trained = tok.decode(labels[mask == 1].tolist(), skip_special_tokens=False)
         context = tok.decode(labels[(mask == 0) & (np.arange(len(mask)) > np.argmax(mask))]
                              .tolist(), skip_special_tokens=False)
@@ -390,7 +389,7 @@ def test_the_mask_and_the_loss_equal_trls_tool_loop_on_the_same_tokens(caller):
                [turn("123")],                                    # the answer at once
                [turn(CALL), turn(CALL), turn("x" * 40)]]         # runs into the budget
     ours = []
-    for prompt, script in zip(ids, scripts):
+    for script in scripts:
         trajectory, environment = Trajectory(), ToolEnvironment()
         environment.reset([], {}, agent.toolbox)
         for tokens in script:
@@ -467,8 +466,8 @@ def test_the_mask_and_the_loss_equal_trls_tool_loop_on_the_same_tokens(caller):
     for loss_type in ("grpo", "dapo", "dr_grpo"):
         policy = torch.tensor(trl_logps, requires_grad=True)
         holder = SimpleNamespace(
-            _get_per_token_logps_and_entropies=lambda *a, **k: (policy,
-                                                                torch.zeros_like(policy), None),
+            _get_per_token_logps_and_entropies=lambda *a, p=policy, **k: (p, torch.zeros_like(p),
+                                                                          None),
             aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
             importance_sampling_level="token", beta=0.0, loss_type=loss_type, epsilon_low=0.2,
             epsilon_high=0.28, use_vllm=False, model=SimpleNamespace(training=True),
@@ -544,9 +543,8 @@ def test_a_sigkilled_agent_run_resumes_bitwise_with_resume_auto(caller, tmp_path
     checkpoint at step 5, between the two passes over a generation, and resumed with
     resume=auto: the weights, the whole MLflow history (the tools' metrics included) equal an
     uninterrupted run's."""
-    from test_resume import assert_same_history, assert_same_weights, run_id_of
-
     from run_helpers import committed_steps, kill_when, run, start
+    from test_resume import assert_same_history, assert_same_weights, run_id_of
 
     args = agent_args(caller, "trainer.max_steps=10", "trainer.eval_every_steps=5",
                       "trainer.log_every_steps=2", "checkpoint.save_every_steps=5",

@@ -39,6 +39,7 @@ from mlxlab.config.records import check_number
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.errors import ConfigError
 from mlxlab.models.lora import adapters_off, has_adapters
+from mlxlab.objectives.agent import Agent, AgentSettings, reward_columns, trajectory_rows
 from mlxlab.objectives.base import (
     Evaluation,
     MetricSpec,
@@ -47,14 +48,13 @@ from mlxlab.objectives.base import (
     pack_array,
     unpack_array,
 )
+from mlxlab.objectives.environments import environment_factory
 from mlxlab.objectives.grpo_loss import (
     check_loss_settings,
     group_advantages,
     policy_loss,
     token_logps,
 )
-from mlxlab.objectives.agent import Agent, AgentSettings, reward_columns, trajectory_rows
-from mlxlab.objectives.environments import environment_factory
 from mlxlab.objectives.rewards import Reward, build_rewards, score, total
 from mlxlab.objectives.rollouts import (
     Sampler,
