@@ -11,6 +11,11 @@ generation time (the old policy of the clipped ratio); with beta > 0 the referen
 policy with its LoRA adapters off: models/lora.py `adapters_off`, no second copy), computed
 once per generation outside the step. The loss (grpo_loss.py) is TRL's: grpo, dr_grpo or dapo.
 
+With `tools` (or an `environment`) each completion is a multi-turn trajectory (agent.py): the
+model calls tools, their answers come back as tool turns (loss mask 0), the rewards judge the
+final answer and the advantage is the trajectory's; `max_turns`, `tool_timeout_s`,
+`tool_format` and `tagged_format` say how (conf/objective/grpo.yaml).
+
 Everything that decides the next batch is in `state_dict`: the generator's key, the buffer and
 how many of its passes are done, the metric sums since the last logged line. A run SIGKILLed between two steps resumes to the same bits (tests/test_grpo.py).
 
