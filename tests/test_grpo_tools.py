@@ -201,6 +201,45 @@ def test_the_format_is_the_templates_own(tmp_path, style, kind):
         template_format(load_chat_template(save_style("mistral-v0.3", tmp_path / "m", base)))
 
 
+@pytest.mark.parametrize(("style", "answer"), [
+    ("qwen3", "<|im_end|>\n<|im_start|>user\n<tool_response>\n412\n</tool_response><|im_end|>\n"
+              "<|im_start|>assistant\n"),
+    ("llama3.2", "<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n\"412\"<|eot_id|>"
+                 "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    ("smollm2", "<|im_end|>\n<|im_start|>user\n<tool_response>412</tool_response><|im_end|>\n"
+                "<|im_start|>assistant\n"),
+])
+def test_a_tool_answer_is_the_templates_tool_turn(tmp_path, style, answer):
+    """The tokens after the model's end of turn are the template's own tool turn and the next
+    generation prompt (Qwen3: a user turn of <tool_response>; Llama 3.2: an ipython turn;
+    SmolLM2, tagged: a user turn between the result tags), and a tagged prompt carries the tools
+    in its system message."""
+    from tokenizers import Tokenizer
+
+    from mlxlab.objectives.tool_format import answer_ids, resolve_format
+    from mlxlab.objectives.tools import ToolAnswer
+
+    folder = save_style(style, tmp_path / style, base_tokenizer())
+    template = load_chat_template(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    fmt = resolve_format("auto", template, ("<tool_call>", "</tool_call>"),
+                         ("<tool_response>", "</tool_response>"), "user", None)
+    end = tok.token_to_id(template.stop_tokens[0])
+    ids = answer_ids(fmt, template, tok, [ToolAnswer("lookup_code", "412")], [end])
+    assert tok.decode([end, *ids.tolist()], skip_special_tokens=False) == answer
+    messages, tools = fmt.prompt_messages([{"role": "user", "content": "q"}],
+                                          build_tools([TOOL])[0:1] and [get_schema()])
+    if style == "smollm2":
+        assert tools is None and messages[0]["role"] == "system"
+        assert '"name": "lookup_code"' in messages[0]["content"]
+    else:
+        assert tools == [get_schema()] and messages == [{"role": "user", "content": "q"}]
+
+
+def get_schema() -> dict:
+    return build_tools([TOOL])[0].schema
+
+
 # --- a tiny model taught to call the tool -------------------------------------------------------
 
 

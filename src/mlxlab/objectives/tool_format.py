@@ -18,8 +18,8 @@ For hermes and llama3 the template renders the tools (`tools=`) and the tool tur
 
 The tokens of a tool turn are found as TRL's GRPOTrainer finds them (`_get_tool_suffix_ids`):
 a dummy chat ending with an assistant turn is rendered with and without the tool messages (and
-the generation prompt), the shorter one cut after its last end-of-turn token; the rest of the
-longer one is what follows the model's end-of-turn token. The trajectory's tokens are the
+the generation prompt); what follows the assistant's end-of-turn token in the longer one (the
+end-of-turn tokens of the shorter one counted) is what follows the model's end-of-turn token. The trajectory's tokens are the
 prompt's, the model's, and these, concatenated: nothing the model wrote is re-tokenized.
 """
 
@@ -207,11 +207,13 @@ def answer_ids(fmt: ToolFormat, template: ChatTemplate, tokenizer: Tokenizer,
     prefix = tokenizer.encode(prefix_text, add_special_tokens=False).ids
     full = tokenizer.encode(full_text, add_special_tokens=False).ids
     stops = set(stop_ids)
-    ends = [i for i, t in enumerate(prefix) if t in stops]
-    if ends:
-        prefix = prefix[: ends[-1] + 1]
-    if full[: len(prefix)] != prefix:
-        raise ConfigError(f"the chat template of {template.source} does not render a tool "
-                          "answer after the turn that called it (the turn's tokens change); set "
+    turns = sum(t in stops for t in prefix)  # end-of-turn tokens up to the assistant's own
+    ends = [i for i, t in enumerate(full) if t in stops]
+    if not turns or len(ends) <= turns - 1:
+        raise ConfigError(f"the chat template of {template.source} does not end a turn with a "
+                          f"stop token ({sorted(stops)}) before a tool answer; set "
                           "objective.tool_format=tagged")
-    return np.asarray(full[len(prefix):], np.int32)
+    # After the assistant's end of turn, as TRL cuts it; counted in turns rather than compared
+    # token by token, so a template that renders the last assistant turn otherwise (Qwen3's
+    # empty <think> block, which TRL swaps its training template in for) cuts the same place.
+    return np.asarray(full[ends[turns - 1] + 1:], np.int32)
