@@ -227,8 +227,7 @@ def test_a_tool_answer_is_the_templates_tool_turn(tmp_path, style, answer):
     end = tok.token_to_id(template.stop_tokens[0])
     ids = answer_ids(fmt, template, tok, [ToolAnswer("lookup_code", "412")], [end])
     assert tok.decode([end, *ids.tolist()], skip_special_tokens=False) == answer
-    messages, tools = fmt.prompt_messages([{"role": "user", "content": "q"}],
-                                          build_tools([TOOL])[0:1] and [get_schema()])
+    messages, tools = fmt.prompt_messages([{"role": "user", "content": "q"}], [get_schema()])
     if style == "smollm2":
         assert tools is None and messages[0]["role"] == "system"
         assert '"name": "lookup_code"' in messages[0]["content"]
