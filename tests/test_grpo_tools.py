@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from chat_fixtures import base_tokenizer, save_style
 from conftest import REPO
-from hf_helpers import save_tiny_model
+from hf_helpers import save_tiny_model, tiny
 from mlxlab.data.batching import Batching
 from mlxlab.data.chat import load_chat_template
 from mlxlab.data.prompts import PromptRows
@@ -247,51 +247,24 @@ def caller(tmp_path_factory) -> dict:
     """A tiny random Qwen2 with ChatML's tokens and a short Hermes tool template, trained (torch,
     a few dozen steps) to answer every question with CALL, then "done" after the tool's answer;
     its lookup prompts (chats) beside it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import get_json_schema
-
     from mlxlab.objectives.lookup_tools import rows, write_rows
 
     root = tmp_path_factory.mktemp("tools")
     folder = save_tiny_model("qwen2", root / "caller", chat="qwen2.5",
                              max_position_embeddings=512)
     (folder / "chat_template.jinja").write_text(COMPACT.read_text())
-    tok = AutoTokenizer.from_pretrained(folder)
-    schemas = [get_json_schema(lookup_code)]
-    seqs = []
-    for row in rows(("kalomi", "lomine", "rutavo", "zipesu")):
-        call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
-            "name": "lookup_code", "arguments": {"name": "kalomi"}}}]}
-        chat = [*row["messages"], call, {"role": "tool", "name": "lookup_code",
-                                          "content": code_of("kalomi")},
-                {"role": "assistant", "content": "done"}]
-        prompt = tok.apply_chat_template(row["messages"], tools=schemas, tokenize=False,
-                                         add_generation_prompt=True)
-        ids = tok(tok.apply_chat_template(chat, tools=schemas, tokenize=False),
-                  add_special_tokens=False)["input_ids"]
-        seqs.append((len(tok(prompt, add_special_tokens=False)["input_ids"]), ids))
-    width = max(len(s) for _, s in seqs)
-    ids = torch.tensor([s + [0] * (width - len(s)) for _, s in seqs])
-    labels = ids.clone()
-    for i, (start, s) in enumerate(seqs):
-        labels[i, :start], labels[i, len(s):] = -100, -100
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(80):
-        loss = model(input_ids=ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 0.02:
-            break
-    model.save_pretrained(folder, safe_serialization=True)
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "lookup_code", "arguments": {"name": "kalomi"}}}]}
+    chats = [(row["messages"], [*row["messages"], call,
+                                {"role": "tool", "name": "lookup_code", "content": code_of("kalomi")},
+                                {"role": "assistant", "content": "done"}])
+             for row in rows(("kalomi", "lomine", "rutavo", "zipesu"))]
+    loss = tiny.teach_chats(folder, chats, [get_schema()], steps=80, stop_loss=0.02)
     write_rows(root / "codes", heldout=380)  # 20 training prompts, the rest held out
     heldout = (root / "codes" / "heldout.jsonl").read_text().splitlines()[:8]
     (root / "codes" / "val.jsonl").write_text("".join(line + "\n" for line in heldout))
     return {"folder": folder, "train": root / "codes" / "train.jsonl",
-            "val": root / "codes" / "val.jsonl", "loss": loss.item()}
+            "val": root / "codes" / "val.jsonl", "loss": loss}
 
 
 def caller_data(caller: dict) -> PromptRows:
