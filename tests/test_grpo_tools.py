@@ -362,6 +362,9 @@ def test_an_environment_class_answers_and_rewards_the_trajectory(caller):
     next(iter(grpo.train_batches(data, Batching(batch_size=2), 0, model)))
     logs = grpo.logs()
     assert 0 < logs["rewards/environment/mean"] <= 0.5
+    with pytest.raises(ConfigError, match="objective.tagged_format has no key call_tag"):
+        GRPO([{"_target_": "mlxlab.objectives.rewards.exact_answer"}], tools=[TOOL],
+             tagged_format={"call_tag": ["<c>", "</c>"]})
     with pytest.raises(ConfigError, match="does not take these arguments"):
         GRPO([{"_target_": "mlxlab.objectives.rewards.exact_answer"}], environment={
             "_target_": "test_grpo_tools.CountdownEnvironment", "rounds": 2})

@@ -68,7 +68,7 @@ from mlxlab.objectives.rollouts import (
     completion_metrics,
     sample_completions,
 )
-from mlxlab.objectives.tool_format import FORMATS
+from mlxlab.objectives.tool_format import FORMATS, TAGGED_KEYS
 from mlxlab.objectives.tools import check_tool_specs
 from mlxlab.runtime import distributed
 from mlxlab.stats import MetricDefinition
@@ -336,6 +336,10 @@ def multi_turn(tools: Sequence[Mapping] | None, environment: Mapping | None, max
         check_number("objective.tool_timeout_s", tool_timeout_s, (int, float), 0.001)
     if tool_format not in FORMATS:
         raise ConfigError(f"objective.tool_format={tool_format!r} is not one of {list(FORMATS)}")
+    unknown = sorted(set(_plain(tagged_format) or {}) - TAGGED_KEYS)
+    if unknown:
+        raise ConfigError(f"objective.tagged_format has no key {', '.join(unknown)}: its keys are "
+                          f"{sorted(TAGGED_KEYS)}")
     if not tools and environment is None:
         return None
     return Agent(AgentSettings(tools, environment, int(max_turns), tool_timeout_s, tool_format,

@@ -38,6 +38,7 @@ from mlxlab.errors import ConfigError
 from mlxlab.objectives.tools import ToolAnswer, ToolCall
 
 FORMATS = ("auto", "hermes", "llama3", "tagged")
+TAGGED_KEYS = frozenset({"call_tags", "result_tags", "result_role", "prompt"})  # tagged_format
 PROBE = "mlxlab_probe_tool"
 PROBE_SCHEMA = {"type": "function", "function": {
     "name": PROBE, "description": "A probe.",
