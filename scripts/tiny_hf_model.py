@@ -413,6 +413,50 @@ def save_tiny_llama_without_torch(path: str | Path, seed: int = 0, hidden: int =
     return path
 
 
+def teach_chats(path: str | Path, chats: list[tuple[list, list]], tools: list | None = None,
+                steps: int = 100, batch_size: int = 16, lr: float = 3e-3, stop_loss: float = 0.0,
+                seed: int = 0) -> float:
+    """A short SFT (torch, Adam) of the transformers model in `path` on chats rendered with its
+    own template and `tools`: each chat is (its prompt's messages, the whole chat), and every
+    token after the prompt is trained (tool turns too: fixed text the model reads back). Random
+    batches of `batch_size`, until `steps` or a loss under `stop_loss`; the model is saved back
+    into `path` and the last loss returned. How the tool tests and benchmarks teach a tiny model
+    a tool-call format, as people SFT before RL."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+
+    def encode(messages: list, prompt: bool) -> list[int]:
+        text = tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                                       add_generation_prompt=prompt)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    seqs = [(len(encode(prompt, True)), encode(chat, False)) for prompt, chat in chats]
+    torch.manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss = float("nan")
+    for _ in range(steps):
+        picked = torch.randint(0, len(seqs), (min(batch_size, len(seqs)),), generator=rng)
+        batch = [seqs[i] for i in picked.tolist()] if len(seqs) > batch_size else seqs
+        width = max(len(s) for _, s in batch)
+        ids = torch.tensor([s + [0] * (width - len(s)) for _, s in batch])
+        labels = ids.clone()
+        for i, (start, s) in enumerate(batch):
+            labels[i, :start], labels[i, len(s):] = -100, -100
+        out = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        out.backward()
+        optimizer.step()
+        loss = out.item()
+        if loss < stop_loss:
+            break
+    model.save_pretrained(path, safe_serialization=True)
+    return loss
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("kind", choices=KINDS)
