@@ -24,7 +24,8 @@ tokens (mlxlab: every assistant turn; mlx-lm --mask-prompt: the last reply) over
 `--skip`; peak: MLX's (mx.get_peak_memory) and the process's resident peak (wait4);
 first step: the seconds of step 1 (MLX's compile with it). torch-peft: PyTorch + PEFT on the
 float32 folder (LoRA only: PEFT's 4-bit bases need CUDA), its own step timed, peak = its
-resident peak, torch's CPU threads as it sets them. The load average is logged beside
+resident peak, one thread (as each MLX tool's one BLAS thread: threads that spin on cores
+other processes share lose far more than they add). The load average is logged beside
 each run; results.json under --work keeps every stage, so a second call runs only the missing.
 """
 
@@ -268,7 +269,8 @@ def run_torch_peft(model: Path, data: Path, steps: int, out: Path) -> dict:
     started = time.perf_counter()
     proc, rss = run_with_peak_rss([sys.executable, "-c", TORCH_PEFT_WORKER, str(model),
                                    str(data / "train.jsonl"), str(steps), str(report)],
-                                  cwd=REPO, env={**env(), "PYTHONPATH": str(REPO)})
+                                  cwd=REPO, env={**env(), "PYTHONPATH": str(REPO),
+                                                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     if proc.returncode:
         raise RuntimeError(f"torch + peft failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in report.read_text().splitlines()]
