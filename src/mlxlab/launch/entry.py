@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 from mlxlab.errors import ConfigError, UserError
-from mlxlab.runtime import supervise
+from mlxlab.runtime import memory, memory_limits, supervise
 
 
 def main(job: Callable, supervised: bool = True) -> None:
@@ -20,6 +20,9 @@ def main(job: Callable, supervised: bool = True) -> None:
     app: in a supervised child (`supervised` and wanted), else in this process."""
     if supervised and supervise.wanted():  # the child checks, composes and trains
         sys.exit(supervise.main(sys.argv[1:]))
+    # the training process, before its threads: under `ulimit -v` few malloc arenas, each of
+    # which reserves 64 MiB of the limited address space (runtime/memory.py)
+    memory.fewer_arenas_under_limit(memory_limits.address_space_limit())
     from mlxlab.launch.argv import check_group_choices, check_misplaced_keys
 
     try:
