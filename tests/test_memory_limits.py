@@ -11,6 +11,7 @@ cgroup cannot be made by a test without privileges; its files are read from a fo
 from __future__ import annotations
 
 import json
+import re
 import resource
 import subprocess
 from pathlib import Path
@@ -152,3 +153,55 @@ def test_mlxs_file_threads_started_early_load_under_a_tight_limit(tmp_path):
     assert load_under_limit(tmp_path, "started") == "loaded 0.0"
     # the same load with the pool made under the limit: MLX's hang (or abort) this prevents
     assert load_under_limit(tmp_path, "late") != "loaded 0.0"
+
+
+# --- the parent ends a child that stopped ---------------------------------------------------------
+
+
+def stall_run(tmp_path: Path, cli_env: dict, callback: str, timeout_s: float,
+              *more: str) -> tuple[subprocess.CompletedProcess, str, Path]:
+    from conftest import MLXLAB
+
+    tests = Path(__file__).resolve().parent
+    env = {**cli_env, "PYTHONPATH": f"{tests}:{cli_env.get('PYTHONPATH', '')}"}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [str(Path(MLXLAB).parent / "mlxlab-train"), *FAST, "trainer.max_steps=6",
+         "trainer.eval_every_steps=null", "trainer.batch_size=16", f"tracking.uri={uri}",
+         "checkpoint.save_every_steps=2", "checkpoint.save_every_minutes=null",
+         "checkpoint.async_write=false", f"trainer.stall_timeout_s={timeout_s}",
+         f"hydra.run.dir={run_dir}", f"+callbacks.stall={callback}", *more],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return done, uri, run_dir
+
+
+def test_the_parent_ends_a_run_that_stopped_after_its_checkpoint(tmp_path, cli_env):
+    """The training thread stops for good at step 3 (as in MLX's thread pool, 0 % CPU): after
+    trainer.stall_timeout_s the parent ends it with one line naming the last step and checkpoint,
+    exit 124; the checkpoint of step 2 is intact and the MLflow run is KILLED, not RUNNING."""
+    from mlflow import MlflowClient
+
+    done, uri, run_dir = stall_run(tmp_path, cli_env,
+                                   "{_target_: failure_helpers.StallAt, step: 3}", 4)
+    assert done.returncode == 124, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlxlab: error: the run made no progress for "), last
+    # the step the parent saw done: 2, or 3 when the step mark came before the stall
+    assert re.search(r"after step [23] ", last) and "trainer.stall_timeout_s=4" in last, last
+    assert f"last: step 2 in {run_dir}" in last and "is marked KILLED" in last, last
+    assert (run_dir / "checkpoints" / "step_00000002" / "COMMITTED").is_file()
+    client = MlflowClient(tracking_uri=uri)
+    run = client.search_runs([client.get_experiment_by_name("train").experiment_id])[0]
+    assert run.info.status == "KILLED"
+    assert "no progress for" in run.data.tags["mlxlab.killed_reason"]
+
+
+@pytest.mark.slow
+def test_a_long_busy_stretch_without_a_step_is_not_a_stall(tmp_path, cli_env):
+    """12 CPU seconds of computing without a step (a long evaluation) under
+    trainer.stall_timeout_s=5: CPU time is progress, the run finishes."""
+    done, _, _ = stall_run(tmp_path, cli_env,
+                           "{_target_: failure_helpers.StallAt, step: 3, busy_s: 12}", 5)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no progress" not in done.stderr

@@ -392,6 +392,32 @@ def test_mlxs_raised_out_of_memory_restarts_under_the_parent_until_its_bound(tmp
     assert "Traceback" not in out.stderr
 
 
+def test_a_run_restarted_before_its_first_checkpoint_stays_one_mlflow_run(tmp_path, cli_env):
+    """Out of memory at step 2, before any checkpoint (MLX's raising kind, once): the parent
+    restarts the run from the start at half the micro-batch, and the restart continues the
+    same MLflow run (before: a KILLED run beside the FINISHED one), whose steps are each logged
+    once."""
+    from mlflow import MlflowClient
+
+    tests = Path(__file__).resolve().parent
+    env = {**cli_env, "PYTHONPATH": f"{tests}{os.pathsep}{cli_env.get('PYTHONPATH', '')}"}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = subprocess.run(
+        [MLXLAB_TRAIN, *FAST, "trainer.eval_every_steps=null", "trainer.batch_size=16",
+         f"tracking.uri={uri}", "tracking.background=false", "checkpoint.save_every_steps=10",
+         "checkpoint.save_every_minutes=null", f"hydra.run.dir={tmp_path / 'run'}",
+         "+callbacks.fail={_target_: failure_helpers.FailAt, step: 2, once: "
+         f"{tmp_path / 'failed'}}}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "restarting from the checkpoint of step 0 with micro-batch 8" in out.stderr
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].data.tags["mlxlab.oom_restarts"] == "1"
+    assert sorted(history(client, runs[0].info.run_id, "train/loss")) == [1, 2, 3, 4]
+
+
 def test_only_the_parents_own_child_reports_to_it(tmp_path, monkeypatch):
     """A launcher's worker (joblib's) inherits the parent's variables; its out of memory stays
     its job's (a failed trial), so it neither reports a plan nor ends its process for a restart."""

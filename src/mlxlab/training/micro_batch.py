@@ -115,7 +115,8 @@ def plan_micro_batch(fit: Fitting, batching: Batching, rank_batches: bool) -> tu
 def report(fit: Fitting, micro: int, accum: int) -> None:
     """The plan, for a supervising parent (runtime/supervise.py)."""
     restartable = not fit.settings.batching.dynamic and not fit.world.enabled
-    supervise.report_run(fit.run_dir, micro, accum, fit.settings.oom_restarts, restartable)
+    supervise.report_run(fit.run_dir, micro, accum, fit.settings.oom_restarts, restartable,
+                         fit.settings.stall_timeout_s)
 
 
 def restarted(note: dict, run_dir: Path, tags: dict) -> int:

@@ -152,6 +152,17 @@ def mark_killed(client: Any, run: Any, reason: str) -> None:
     )
 
 
+def mark_run_killed(uri: str, run_id: str, reason: str) -> None:
+    """Run `run_id` of store `uri` KILLED (mark_killed) unless it already ended: a stalled
+    training process its supervising parent ended (runtime/supervise.py)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=resolve_uri(uri))
+    run = retrying(client.get_run, run_id)
+    if run.info.status == "RUNNING":
+        mark_killed(client, run, reason)
+
+
 def clear_killed(client: Any, run: Any) -> None:
     """A run a continuation takes up (a resume, an adopted parent, a replayed offline file):
     the tags of its interrupted end go, so a run that then finishes does not say it was killed,
