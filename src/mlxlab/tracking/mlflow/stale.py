@@ -9,7 +9,9 @@ side rewrites a heartbeat tag (heartbeat.py). A RUNNING run is dead when
 - of another host (its process cannot be seen from here): its heartbeat is older than
   STALE_BEATS intervals.
 
-A dead run is marked KILLED with tags saying when (`mlxlab.killed_at`), why
+A dead run is marked KILLED, ending at its last sign of life (its heartbeat, its latest metric:
+`last_alive_ms`, so its duration is how long it ran, not until it was found), with tags saying
+when it was found (`mlxlab.killed_at`), why
 (`mlxlab.killed_reason`) and whether a committed checkpoint can continue it
 (`mlxlab.resumable`); a resume sets it RUNNING again. Every command that opens the store runs
 this: a run's start, `mlxlab runs list|show|compare`, a sweep's start. A run with neither a
@@ -143,13 +145,29 @@ def mark_killed(client: Any, run: Any, reason: str) -> None:
             RunTag(T.RESUMABLE, str(resumable).lower()),
         ],
     )
-    retrying(client.set_terminated, run.info.run_id, "KILLED")
+    # its end is its last sign of life, not this moment: a run found dead days later did not
+    # run for days
+    retrying(client.set_terminated, run.info.run_id, "KILLED", end_time=last_alive_ms(run))
     log.warning(
         "MLflow run %s was left RUNNING: marked KILLED (%s%s)",
         run.info.run_id,
         reason,
         "; a checkpoint can continue it" if resumable else "",
     )
+
+
+def last_alive_ms(run: Any, now: float | None = None) -> int:
+    """When `run`'s process last showed it was alive (ms since the epoch): its heartbeat tag,
+    its latest metrics' timestamps, its start; never later than now."""
+    now_ms = int((time.time() if now is None else now) * 1000)
+    seen = [run.info.start_time or 0]
+    try:
+        seen.append(int(float(run.data.tags.get(T.HEARTBEAT, "")) * 1000))
+    except ValueError:
+        pass
+    # the latest value of each metric, with its timestamp (RunData keeps the Metric objects)
+    seen += [m.timestamp for m in getattr(run.data, "_metric_objs", []) if m.timestamp]
+    return min(max(seen), now_ms)
 
 
 def mark_run_killed(uri: str, run_id: str, reason: str) -> None:
