@@ -327,21 +327,21 @@ class Watch:
 
 
 def _usage(pid: int) -> tuple[float, float]:
-    """(CPU seconds, bytes read and written) of process `pid` so far, all its threads."""
+    """(CPU seconds, bytes read and written through system calls) of process `pid` so far, all
+    its threads; the bytes are Linux's (/proc/<pid>/io), 0 elsewhere."""
     import psutil  # the stall watch's only (a small import; the parent has no MLX)
 
     try:
-        proc = psutil.Process(pid)
-        times = proc.cpu_times()
-        try:
-            io = proc.io_counters()
-            done = float(getattr(io, "read_chars", io.read_bytes)
-                         + getattr(io, "write_chars", io.write_bytes))
-        except (psutil.Error, AttributeError, NotImplementedError):  # macOS: no counters
-            done = 0.0
-        return float(times.user + times.system), done
+        times = psutil.Process(pid).cpu_times()
     except psutil.Error:
         return 0.0, 0.0
+    done = 0.0
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("rchar", "wchar"):
+                done += float(value)
+    return float(times.user + times.system), done
 
 
 def _terminal_delivers() -> bool:

@@ -20,6 +20,7 @@ live-process record nor a heartbeat (written before either existed) is left as i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -161,12 +162,10 @@ def last_alive_ms(run: Any, now: float | None = None) -> int:
     its latest metrics' timestamps, its start; never later than now."""
     now_ms = int((time.time() if now is None else now) * 1000)
     seen = [run.info.start_time or 0]
-    try:
+    with contextlib.suppress(ValueError):
         seen.append(int(float(run.data.tags.get(T.HEARTBEAT, "")) * 1000))
-    except ValueError:
-        pass
-    # the latest value of each metric, with its timestamp (RunData keeps the Metric objects)
-    seen += [m.timestamp for m in getattr(run.data, "_metric_objs", []) if m.timestamp]
+    # the latest value of each metric, with its timestamp (the run's data as MLflow sends it)
+    seen += [m.timestamp for m in run.data.to_proto().metrics if m.timestamp]
     return min(max(seen), now_ms)
 
 
