@@ -177,13 +177,18 @@ def stall_run(tmp_path: Path, cli_env: dict, callback: str, timeout_s: float,
 
 
 def test_the_parent_ends_a_run_that_stopped_after_its_checkpoint(tmp_path, cli_env):
-    """The training thread stops for good at step 3 (as in MLX's thread pool, 0 % CPU): after
+    """The training thread stops for good at step 3 (as in MLX's thread pool, 0 % CPU; only the
+    tracker's heartbeat thread still writes): after
     trainer.stall_timeout_s the parent ends it with one line naming the last step and checkpoint,
     exit 124; the checkpoint of step 2 is intact and the MLflow run is KILLED, not RUNNING."""
     from mlflow import MlflowClient
 
+    # MLflow in this process, beating its heartbeat into the store twice a second: writes that
+    # are no progress
     done, uri, run_dir = stall_run(tmp_path, cli_env,
-                                   "{_target_: failure_helpers.StallAt, step: 3}", 4)
+                                   "{_target_: failure_helpers.StallAt, step: 3}", 4,
+                                   "tracking.background=false",
+                                   "tracking.heartbeat_every_seconds=0.5")
     assert done.returncode == 124, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("mlxlab: error: the run made no progress for "), last
@@ -205,3 +210,42 @@ def test_a_long_busy_stretch_without_a_step_is_not_a_stall(tmp_path, cli_env):
                            "{_target_: failure_helpers.StallAt, step: 3, busy_s: 12}", 5)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "no progress" not in done.stderr
+
+
+# --- the issue's run (slow) ---------------------------------------------------------------------
+
+# The process's address space at its peak, printed at exit (a run in this process, unsupervised)
+VMPEAK = ("import sys\ntry:\n    sys.argv = ['mlxlab.train', *sys.argv[1:]]\n"
+          "    from mlxlab.train import main\n    main(supervised=False)\nfinally:\n"
+          "    print([l for l in open('/proc/self/status') if l.startswith('VmPeak')][0],"
+          " file=sys.stderr)\n")
+
+
+@pytest.mark.slow
+@linux_only
+def test_the_nano_preset_under_ulimit_v_near_its_micro_batch_8_peak_finishes(tmp_path, cli_env):
+    """Issue 76's run: tinystories_nano at batch 32, trainer.micro_batch=auto, under an address
+    space limit 100 MB above the peak of the same run at micro-batch 8 (measured under a loose
+    limit, as the run itself then keeps few malloc arenas). Before: it budgeted the machine's
+    RAM, trained, and then hung in MLX's io thread pool for good (or failed writing its last
+    checkpoint). Now: it budgets the limit, picks a micro-batch that fits, finishes, exit 0."""
+    common = ["experiment=tinystories_nano", "trainer.batch_size=32", "trainer.max_steps=3",
+              "callbacks.progress.enabled=false", f"tracking.uri=sqlite:///{tmp_path}/m.db"]
+    loose = limited(16 * 2**30)
+    done = subprocess.run([PYTHON, "-c", VMPEAK, *common, "trainer.micro_batch=8",
+                           f"hydra.run.dir={tmp_path / 'calibration'}"], env=cli_env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          preexec_fn=loose)
+    assert done.returncode == 0, done.stderr[-3000:]
+    peak_kb = int(done.stderr.strip().splitlines()[-1].split()[1])
+    from conftest import MLXLAB
+
+    run_dir = tmp_path / "run"
+    done = subprocess.run([str(Path(MLXLAB).parent / "mlxlab-train"), *common,
+                           "trainer.micro_batch=auto", f"hydra.run.dir={run_dir}"],
+                          env=cli_env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900, preexec_fn=limited((peak_kb + 100 * 1024) * 1024))
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = "".join(f.read_text() for f in run_dir.glob("*.log"))
+    assert "trainer.micro_batch=auto:" in log and "(RLIMIT_AS " in log, log[-3000:]
+    assert "Traceback" not in done.stderr

@@ -34,9 +34,9 @@ first step. Past trainer.oom_restarts, or at micro-batch 1, the parent ends with
 exit 2 (a sweep's job is failed by its next start instead, and the sweep goes on).
 
 A child that hangs (MLX waiting for ever on a thread that never started, a deadlock) would hold
-its run RUNNING for good. After its first step the parent watches it: a step done, a second of
-CPU time used, or bytes read or written (an evaluation, a checkpoint written to a slow disk, an
-upload) is progress; none of them for trainer.stall_timeout_s (run.json) ends the child
+its run RUNNING for good. After its first step the parent watches it: a step done, CPU time
+used (a tenth of a core), or bytes read or written (an evaluation, a checkpoint written to a
+slow disk) is progress; none of them for trainer.stall_timeout_s (run.json) ends the child
 (SIGTERM, then SIGKILL after STALL_GRACE_S), with one line naming the last step and checkpoint,
 the tracked run marked KILLED, and exit STALL_EXIT; it is not restarted.
 
@@ -72,7 +72,8 @@ ARGV0_ENV = "MLXLAB_ARGV0"     # the command the user typed (the child's argv[0]
 OOM_EXIT = 3                   # the child's exit after MLX raised out of memory under a parent
 STALL_EXIT = 124               # the parent's exit after it ended a stalled child (timeout(1)'s)
 STALL_POLL_S = 1.0             # how often the parent looks at its child
-STALL_CPU_S = 1.0              # CPU seconds since the last progress that are progress
+STALL_CPU_SHARE = 0.1          # CPU time per second (a tenth of a core) that is progress
+STALL_IO_RATE = 256 * 1024     # bytes read or written per second that are progress
 STALL_GRACE_S = 10.0           # a stalled child's time between SIGTERM and SIGKILL
 NOTE = "memory_restarts.json"  # in the run folder: the halved plan and each restart
 CRASHES = {signal.SIGSEGV: "SIGSEGV", signal.SIGBUS: "SIGBUS", signal.SIGKILL: "SIGKILL"}
@@ -296,16 +297,17 @@ class Stall:
 
 class Watch:
     """Whether the child moves, once it did its first step: its optimizer step (the shared
-    step counter), its CPU time (a second of it since the last progress: an evaluation, a
-    generation, a slow step) and the bytes it reads or writes (a checkpoint to a slow disk, an
-    upload). A hang uses none: MLX waiting on a condition variable is 0 % CPU."""
+    step counter), its CPU time (an evaluation, a generation, a slow step: over STALL_CPU_SHARE
+    of a core between two looks) and the bytes it reads or writes (a checkpoint to a slow disk:
+    over STALL_IO_RATE). A hang uses none of them: MLX waiting on a condition variable is 0 %
+    CPU, and a thread beating a heartbeat now and then stays under both rates."""
 
     def __init__(self, shared: Path, pid: int) -> None:
         self.shared, self.pid = shared, pid
         self.timeout: float | None = None
         self.step: int | None = None
         self.cpu = self.io = 0.0
-        self.since = 0.0  # the monotonic time of the last progress
+        self.looked = self.since = 0.0  # monotonic times: the last look, the last progress
 
     def stalled(self, now: float) -> Stall | None:
         if self.timeout is None:
@@ -318,8 +320,12 @@ class Watch:
         if not self.timeout or not step:  # off, or before the first step (compiling, probing)
             return None
         cpu, io = _usage(self.pid)
-        if step != self.step or cpu >= self.cpu + STALL_CPU_S or io > self.io:
-            self.step, self.cpu, self.io, self.since = step, cpu, io, now
+        elapsed = max(now - self.looked, 1e-3)
+        busy = (cpu - self.cpu) / elapsed >= STALL_CPU_SHARE or \
+            (io - self.io) / elapsed >= STALL_IO_RATE
+        self.cpu, self.io, self.looked = cpu, io, now
+        if step != self.step or busy:
+            self.step, self.since = step, now
             return None
         if now - self.since < self.timeout:
             return None
