@@ -33,6 +33,7 @@ M_ARENA_MAX = -8
 ARENAS_UNDER_LIMIT = 2
 
 _done = False
+_arenas_limited = False
 
 
 def _mallopt():
@@ -53,12 +54,20 @@ def fewer_arenas_under_limit(address_limit: int | None) -> bool:
     MALLOC_ARENA_MAX says how many; True when set.
     Measured on the tinystories_nano preset under `ulimit -v`: ~0.45 GB less address space at the
     peak, the same steps. Called at the training process's start, before its threads."""
+    global _arenas_limited
     if address_limit is None or settings.current().malloc_arena_max:  # the user's own limit
         return False
     mallopt = _mallopt()
     if mallopt is None:
         return False
-    return bool(mallopt(M_ARENA_MAX, ARENAS_UNDER_LIMIT))
+    _arenas_limited = bool(mallopt(M_ARENA_MAX, ARENAS_UNDER_LIMIT))
+    return _arenas_limited
+
+
+def arenas_limited() -> bool:
+    """glibc's malloc arenas are few in this process (MALLOC_ARENA_MAX, or
+    fewer_arenas_under_limit): a thread started later maps no arena of its own."""
+    return _arenas_limited or settings.current().malloc_arena_max
 
 
 def keep_freed_memory() -> bool:

@@ -26,11 +26,16 @@ import os
 import resource
 from pathlib import Path
 
-# What a run maps after its micro-batch is chosen, beyond MLX's peak: measured on the
-# tinystories_nano preset under `ulimit -v` (the process's VmPeak less its size before the
-# search and MLX's measured peak) 0.17 GB with the malloc arenas runtime/memory.py allows under
-# such a limit, 0.31 GB with glibc's default arenas (MLXLAB_MALLOC=default).
-ADDRESS_HEADROOM = 320 * 2**20
+from mlxlab.runtime import memory
+
+# What a run maps after its micro-batch is chosen, beyond MLX's peak (threads, libraries it
+# imports at the end, the heap's slack): measured on the tinystories_nano preset under `ulimit
+# -v` (its VmPeak less its size before the search and MLX's measured peak) 0.17 GB with few
+# malloc arenas (runtime/memory.py limits them under such a limit), 0.31 GB with glibc's
+# default arenas (MLXLAB_MALLOC=default). A run the headroom misjudges still ends well: the
+# supervising parent restarts it at half the micro-batch.
+ADDRESS_HEADROOM = 192 * 2**20
+ADDRESS_HEADROOM_ARENAS = 320 * 2**20  # glibc's default arenas: a thread may map 64 MiB more
 RESIDENT_HEADROOM = 256 * 2**20  # a cgroup counts pages touched, not mappings
 UNLIMITED = 2**60  # a cgroup v1 "no limit" reads 9223372036854771712; v2 "max"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -52,9 +57,10 @@ def budgets(held: float) -> list[Budget]:
     size = vm_size()
     if address is not None and size is not None:
         beside = max(0.0, size - held)
-        found.append(Budget(address - beside - ADDRESS_HEADROOM,
+        headroom = ADDRESS_HEADROOM if memory.arenas_limited() else ADDRESS_HEADROOM_ARENAS
+        found.append(Budget(address - beside - headroom,
                             f"RLIMIT_AS {_gb(address)} less {_gb(beside)} mapped beside MLX and "
-                            f"{_gb(ADDRESS_HEADROOM)} headroom"))
+                            f"{_gb(headroom)} headroom"))
     group = cgroup_limit()
     if group is not None:
         limit, used, where = group
