@@ -77,6 +77,7 @@ SAMPLES = {
     "MLXLAB_ROOT": ("~/proj", ("root", Path("~/proj").expanduser())),
     "MLXLAB_BLAS": (" off ", ("blas", "off")),
     "MLXLAB_MALLOC": ("Default", ("keep_freed_memory", False)),
+    "MALLOC_ARENA_MAX": ("1", ("malloc_arena_max", True)),
     "MLXLAB_FUSED_KERNELS": ("OFF", ("fused_kernels", "off")),
     "MLXLAB_FUSED_KERNELS_SKIP": ("rms_norm, rope,", ("fused_kernels_skip",
                                                        frozenset({"rms_norm", "rope"}))),

@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.base import Model
 from mlxlab.models.hf import check_vocab, read_config
-from mlxlab.models.lora import check_lora, maybe_apply_lora, targeted_linears
+from mlxlab.models.lora import check_lora, check_reach, maybe_apply_lora, targeted_linears
 from mlxlab.models.mlx_lm_classes import mlx_lm_version, model_classes
 from mlxlab.models.mlx_lm_fused import use_fused_kernels
 from mlxlab.models.packing import attention_segments, check_packable
@@ -293,7 +293,8 @@ def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mappin
         raise ConfigError("full fine-tuning (model.lora.rank=0) needs a float base and this one "
                           "is quantized: train LoRA adapters (model.lora.rank=8) or give a float "
                           "folder")
-    maybe_apply_lora(model, lora_targets(lora))
+    if maybe_apply_lora(model, lora_targets(lora)) and not rebuilt:  # which layers, said once
+        check_reach(model.lm, lora.get("targets") or (), TARGET_ALIASES)
     # On the CPU, quantized layers (under their adapters too) multiply through the fused
     # dequantize + float GEMM: MLX's own quantized matmul runs ~30x slower there.
     fast = use_fast_cpu_quantized(model.lm) if model.quantized else 0

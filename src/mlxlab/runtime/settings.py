@@ -11,6 +11,7 @@ own at start).
 | MLXLAB_ROOT | the project root: `paths.root_dir`, the default store `<root>/mlruns/mlflow.db` | the nearest folder at or above the working directory holding pyproject.toml or .git |
 | MLXLAB_BLAS | `off`: MLX keeps its reference BLAS; a path: that BLAS library serves MLX | the bundled OpenBLAS (scipy-openblas32) |
 | MLXLAB_MALLOC | `default`: glibc gives freed memory back while training (runtime/memory.py) | freed memory stays in the heap |
+| MALLOC_ARENA_MAX | glibc's own: set, a run under an address-space limit keeps it instead of limiting glibc's malloc arenas itself (runtime/memory.py) | unset: two arenas under RLIMIT_AS, glibc's default otherwise |
 | MLXLAB_FUSED_KERNELS | `auto`, `on` or `off`: the fused CPU kernels, for scripts (`trainer.fused_kernels` sets the mode of a run) | auto |
 | MLXLAB_FUSED_KERNELS_SKIP | comma-separated kernel names left to MLX (kernels.OPS) | none |
 | MLXLAB_KERNEL_THREADS | threads of the fused kernels | the cores this process may use |
@@ -65,6 +66,7 @@ class Settings:
     root: Path | None  # MLXLAB_ROOT as given (resolved where used: it may be relative)
     blas: str  # MLXLAB_BLAS: "" (the bundled OpenBLAS), "off" or a library's path
     keep_freed_memory: bool  # not MLXLAB_MALLOC=default
+    malloc_arena_max: bool  # MALLOC_ARENA_MAX set (glibc reads it; mlxlab leaves it be)
     fused_kernels: str  # MLXLAB_FUSED_KERNELS, lower case, "auto" when unset
     fused_kernels_skip: frozenset[str]  # MLXLAB_FUSED_KERNELS_SKIP
     kernel_threads: int | None  # MLXLAB_KERNEL_THREADS (at least 1); None: the usable cores
@@ -94,6 +96,7 @@ def read(environ: Mapping[str, str] | None = None) -> Settings:
         root=Path(root).expanduser() if root else None,
         blas=env.get("MLXLAB_BLAS", "").strip(),
         keep_freed_memory=env.get("MLXLAB_MALLOC", "").strip().lower() != "default",
+        malloc_arena_max=bool(env.get("MALLOC_ARENA_MAX", "").strip()),
         fused_kernels=env.get("MLXLAB_FUSED_KERNELS", "auto").strip().lower() or "auto",
         fused_kernels_skip=frozenset(
             op.strip() for op in env.get("MLXLAB_FUSED_KERNELS_SKIP", "").split(",") if op.strip()

@@ -48,7 +48,7 @@ from mlxlab.objectives.base import (
     check_objective,
     data_kind,
 )
-from mlxlab.runtime import distributed, failures, memory
+from mlxlab.runtime import distributed, failures, memory, supervise
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import Tracker
 from mlxlab.training.artifacts import log_artifacts, save_quantized
@@ -392,9 +392,14 @@ class Fit:
             self.tags[T.VAL_FINGERPRINT] = self.val_print
         if state.resumed_from is not None:  # file trackers carry the killed run's record
             tracker.continue_from(state.resumed_from, state.step)
-        tracker.start(params=self.config, tags=self.tags, run_id=state.run_id)
-        if self.resume and state.run_id is not None and tracker.run_id == state.run_id:
+        # a run its supervising parent restarted before any checkpoint continues its tracked run
+        restarted = None if state.run_id else supervise.continued_run_id(self.run_dir)
+        run_id = state.run_id or restarted
+        tracker.start(params=self.config, tags=self.tags, run_id=run_id)
+        if ((self.resume or restarted) and run_id is not None and tracker.run_id == run_id):
             tracker.rewind(state.step)  # what the killed process logged after its checkpoint
+        if self.world.is_main:  # for the parent: a restart continues it, a stall ends it
+            supervise.report_tracked(tracker.run_id, getattr(tracker, "uri", None))
 
     def _save(self, metric: float | None = None, force: bool = False,
               best: bool | None = None) -> Path | None:

@@ -9,7 +9,9 @@ side rewrites a heartbeat tag (heartbeat.py). A RUNNING run is dead when
 - of another host (its process cannot be seen from here): its heartbeat is older than
   STALE_BEATS intervals.
 
-A dead run is marked KILLED with tags saying when (`mlxlab.killed_at`), why
+A dead run is marked KILLED, ending at its last sign of life (its heartbeat, its latest metric:
+`last_alive_ms`, so its duration is how long it ran, not until it was found), with tags saying
+when it was found (`mlxlab.killed_at`), why
 (`mlxlab.killed_reason`) and whether a committed checkpoint can continue it
 (`mlxlab.resumable`); a resume sets it RUNNING again. Every command that opens the store runs
 this: a run's start, `mlxlab runs list|show|compare`, a sweep's start. A run with neither a
@@ -18,6 +20,7 @@ live-process record nor a heartbeat (written before either existed) is left as i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -143,13 +146,38 @@ def mark_killed(client: Any, run: Any, reason: str) -> None:
             RunTag(T.RESUMABLE, str(resumable).lower()),
         ],
     )
-    retrying(client.set_terminated, run.info.run_id, "KILLED")
+    # its end is its last sign of life, not this moment: a run found dead days later did not
+    # run for days
+    retrying(client.set_terminated, run.info.run_id, "KILLED", end_time=last_alive_ms(run))
     log.warning(
         "MLflow run %s was left RUNNING: marked KILLED (%s%s)",
         run.info.run_id,
         reason,
         "; a checkpoint can continue it" if resumable else "",
     )
+
+
+def last_alive_ms(run: Any, now: float | None = None) -> int:
+    """When `run`'s process last showed it was alive (ms since the epoch): its heartbeat tag,
+    its latest metrics' timestamps, its start; never later than now."""
+    now_ms = int((time.time() if now is None else now) * 1000)
+    seen = [run.info.start_time or 0]
+    with contextlib.suppress(ValueError):
+        seen.append(int(float(run.data.tags.get(T.HEARTBEAT, "")) * 1000))
+    # the latest value of each metric, with its timestamp (the run's data as MLflow sends it)
+    seen += [m.timestamp for m in run.data.to_proto().metrics if m.timestamp]
+    return min(max(seen), now_ms)
+
+
+def mark_run_killed(uri: str, run_id: str, reason: str) -> None:
+    """Run `run_id` of store `uri` KILLED (mark_killed) unless it already ended: a stalled
+    training process its supervising parent ended (runtime/supervise.py)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=resolve_uri(uri))
+    run = retrying(client.get_run, run_id)
+    if run.info.status == "RUNNING":
+        mark_killed(client, run, reason)
 
 
 def clear_killed(client: Any, run: Any) -> None:
