@@ -4,7 +4,7 @@ model.safetensors and a tokenizer trained on the shipped TinyStories sample. For
 
     python scripts/tiny_hf_model.py llama /tmp/tiny-llama [--seed 0]
     (llama | qwen2 | mistral | llama3: llama with llama3 rope scaling, tied embeddings |
-     qwen3 | gemma3_text | phi3 | olmo2 | qwen3_moe | mixtral)
+     qwen3 | gemma3_text | phi3 | olmo2 | qwen3_moe | mixtral | ... : KINDS)
 
 config.json is written as the hub's checkpoints carry it (transformers 4's keys): transformers 5
 writes `rope_parameters` and `num_local_experts` where those have `rope_theta` / `rope_scaling` /
@@ -32,7 +32,7 @@ from mlxlab.data.tokenizer import build_tokenizer
 
 KINDS = ("llama", "qwen2", "mistral", "llama3", "qwen3", "gemma3_text", "phi3", "olmo2",
          "qwen3_moe", "mixtral", "gemma2", "granite", "starcoder2", "deepseek_v3", "granitemoe",
-         "lfm2")
+         "lfm2", "cohere2", "exaone4", "glm4", "olmo3")
 
 # Real chat templates, verbatim from the models' tokenizer_config.json (ChatML as OpenHermes /
 # TRL write it; Meta-Llama-3-8B-Instruct; Qwen2.5-7B-Instruct, with tools and a default system
@@ -227,8 +227,11 @@ def _config(kind: str, tok, eos: str, overrides: dict):
 # More decoders the export is proven on (tests/test_export_architectures.py): each with what makes
 # it unlike Llama switched on (Gemma 2's soft-capping, Granite's multipliers, StarCoder2's
 # LayerNorm and biases, DeepSeek-V3's latent attention and routed experts, Granite MoE's fused
-# experts, LFM2's convolution blocks). Gemma 2's window spans the whole context: mlx-lm's Gemma 2
-# attends to every earlier token in every layer.
+# experts, LFM2's convolution blocks; Cohere 2's parallel blocks, LayerNorm and logit scale;
+# EXAONE 4's local layer with rope beside a global one without; GLM-4's partial rotary and four
+# norms a layer; OLMo 3's sliding windows). Gemma 2's window spans the whole context: mlx-lm's
+# Gemma 2 attends to every earlier token in every layer. mlx-lm reads Cohere 2's and EXAONE 4's
+# local/global layers from sliding_window_pattern (the hub's key), transformers from layer_types.
 MORE_CONFIGS = {
     "gemma2": lambda t, c, o: t.Gemma2Config(**{
         **c, "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
@@ -254,6 +257,20 @@ MORE_CONFIGS = {
         **c, "num_key_value_heads": 2, "block_ff_dim": 160, "block_auto_adjust_ff_dim": False,
         "conv_L_cache": 3, "layer_types": ["conv", "full_attention"], "norm_eps": 1e-5,
         "tie_word_embeddings": True, **o}),
+    "cohere2": lambda t, c, o: t.Cohere2Config(**{
+        **c, "num_key_value_heads": 2, "head_dim": 16, "logit_scale": 0.25, "sliding_window": 256,
+        "sliding_window_pattern": 2, "layer_types": ["sliding_attention", "full_attention"],
+        "layer_norm_eps": 1e-5, "tie_word_embeddings": True, **o}),
+    "exaone4": lambda t, c, o: t.Exaone4Config(**{
+        **c, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 256,
+        "sliding_window_pattern": "LG", "layer_types": ["sliding_attention", "full_attention"],
+        **o}),
+    "glm4": lambda t, c, o: t.Glm4Config(**{
+        **c, "num_key_value_heads": 2, "head_dim": 16, "partial_rotary_factor": 0.5,
+        "attention_bias": True, **o}),
+    "olmo3": lambda t, c, o: t.Olmo3Config(**{
+        **c, "num_key_value_heads": 2, "sliding_window": 256,
+        "layer_types": ["sliding_attention", "full_attention"], **o}),
 }
 
 
@@ -394,6 +411,50 @@ def save_tiny_llama_without_torch(path: str | Path, seed: int = 0, hidden: int =
         {**specials, **template, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
     (path / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
     return path
+
+
+def teach_chats(path: str | Path, chats: list[tuple[list, list]], tools: list | None = None,
+                steps: int = 100, batch_size: int = 16, lr: float = 3e-3, stop_loss: float = 0.0,
+                seed: int = 0) -> float:
+    """A short SFT (torch, Adam) of the transformers model in `path` on chats rendered with its
+    own template and `tools`: each chat is (its prompt's messages, the whole chat), and every
+    token after the prompt is trained (tool turns too: fixed text the model reads back). Random
+    batches of `batch_size`, until `steps` or a loss under `stop_loss`; the model is saved back
+    into `path` and the last loss returned. How the tool tests and benchmarks teach a tiny model
+    a tool-call format, as people SFT before RL."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+
+    def encode(messages: list, prompt: bool) -> list[int]:
+        text = tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                                       add_generation_prompt=prompt)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    seqs = [(len(encode(prompt, True)), encode(chat, False)) for prompt, chat in chats]
+    torch.manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss = float("nan")
+    for _ in range(steps):
+        picked = torch.randint(0, len(seqs), (min(batch_size, len(seqs)),), generator=rng)
+        batch = [seqs[i] for i in picked.tolist()] if len(seqs) > batch_size else seqs
+        width = max(len(s) for _, s in batch)
+        ids = torch.tensor([s + [0] * (width - len(s)) for _, s in batch])
+        labels = ids.clone()
+        for i, (start, s) in enumerate(batch):
+            labels[i, :start], labels[i, len(s):] = -100, -100
+        out = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        out.backward()
+        optimizer.step()
+        loss = out.item()
+        if loss < stop_loss:
+            break
+    model.save_pretrained(path, safe_serialization=True)
+    return loss
 
 
 def main() -> None:

@@ -34,6 +34,17 @@ def test_every_verb_has_help(capsys):
     assert main(["runs", "--help"]) == 0 and "runs compare" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("verb", ["generate", "eval"])
+def test_verbs_that_take_any_model_say_so_in_their_help(capsys, verb):
+    """generate and eval load any model source (models/sources), not only a run folder."""
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "MODEL a finished run folder" in usage and "a .gguf file, ollama:NAME[:TAG] or a hub " \
+        "id ORG/NAME" in usage
+    assert "checkpoint dir" not in usage
+
+
 def run_id_of(run_dir) -> str:
     return json.loads((run_dir / "checkpoints" / "best" / "state.json").read_text())["run_id"]
 
@@ -93,6 +104,18 @@ def test_serve_bad_target_is_one_clear_line(tmp_path):
     assert done.stderr.strip() == (f"mlxlab serve: error: {tmp_path / 'nope'}: no such run "
                                    "folder, and not a models:/ or runs:/ URI or a model folder "
                                    "(config.json, *.safetensors, tokenizer.json)")
+
+
+def test_serve_refuses_language_model_settings_for_a_classifier(classifier_run, tmp_path):
+    """MLflow's model server checks no key and no body size: a key asked for is not ignored."""
+    run_dir = classifier_run[0]
+    env = {**os.environ, "MLXLAB_API_KEY": "k"}
+    for argv, environment in (([], env), (["--max-request-mib", "1"], None)):
+        done = mlxlab("serve", run_dir, *argv, env=environment)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.strip().startswith("mlxlab serve: error: an API key (--api-key, "
+                                              "MLXLAB_API_KEY) and --max-request-mib are for "
+                                              "language models"), done.stderr
 
 
 def free_port() -> int:

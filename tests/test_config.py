@@ -46,7 +46,7 @@ def test_option_composes_and_resolves(tmp_path, group, option):
     if option in ("hf_decoder", "finetune_completions", "finetune_text", "finetune_chat",
                   "dpo_chat", "orpo_chat", "dpo_optuna", "preference", "dpo", "orpo", "prompts",
                   "grpo", "grpo_arithmetic", "grpo_copy", "grpo_optuna", "gkd", "gkd_arithmetic",
-                  "unpaired", "kto", "kto_chat", "reward", "reward_chat"):
+                  "agent_tools", "unpaired", "kto", "kto_chat", "reward", "reward_chat"):
         extra.append(f"model.pretrained={model_folder_stub(tmp_path)}")  # the user's (???)
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     container = to_container(cfg)  # every interpolation outside Hydra's own node resolves

@@ -70,6 +70,31 @@ def test_a_reused_pid_and_a_silent_host_are_dead_a_live_process_is_not(tmp_path)
     assert mark_dead_runs(uri) == [live]  # its process is gone now
 
 
+def test_a_killed_runs_end_is_its_last_sign_of_life_not_when_it_was_found(tmp_path):
+    """A run whose process died an hour ago, found dead now: it ends at its last metric or
+    heartbeat, whichever is later, so its duration is the hour it ran before, not until now."""
+    from mlflow.entities import Metric
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    now = time.time()
+    started = int((now - 7200) * 1000)
+    experiment = client.get_experiment_by_name("exp") or client.get_experiment(
+        client.create_experiment("exp"))
+    beat = now - 3600 - 60  # a heartbeat a minute before its last metric
+    run_id = client.create_run(
+        experiment.experiment_id, start_time=started,
+        tags={T.HOST: "elsewhere", T.PID: "1", T.HEARTBEAT: f"{beat:.0f}",
+              T.HEARTBEAT_EVERY: "30"}).info.run_id
+    last_metric = int((now - 3600) * 1000)
+    client.log_batch(run_id, metrics=[Metric("train/loss", 1.0, started + 1000, 1),
+                                      Metric("train/loss", 0.5, last_metric, 2)])
+    assert mark_dead_runs(uri) == [run_id]
+    info = client.get_run(run_id).info
+    assert info.status == "KILLED"
+    assert info.end_time == last_metric  # before: the time it was marked, an hour later
+
+
 def test_the_tracker_beats_while_the_run_lives(tmp_path):
     from mlxlab.tracking.mlflow import MlflowTracker
 

@@ -77,6 +77,7 @@ SAMPLES = {
     "MLXLAB_ROOT": ("~/proj", ("root", Path("~/proj").expanduser())),
     "MLXLAB_BLAS": (" off ", ("blas", "off")),
     "MLXLAB_MALLOC": ("Default", ("keep_freed_memory", False)),
+    "MALLOC_ARENA_MAX": ("1", ("malloc_arena_max", True)),
     "MLXLAB_FUSED_KERNELS": ("OFF", ("fused_kernels", "off")),
     "MLXLAB_FUSED_KERNELS_SKIP": ("rms_norm, rope,", ("fused_kernels_skip",
                                                        frozenset({"rms_norm", "rope"}))),
@@ -95,6 +96,7 @@ SAMPLES = {
     "MLXLAB_SUPERVISOR": ("/s", ("supervisor", "/s")),
     "MLXLAB_SUPERVISOR_PID": ("77", ("supervisor_pid", "77")),
     "MLXLAB_ARGV0": ("mlxlab-train", ("argv0", "mlxlab-train")),
+    "MLXLAB_API_KEY": ("s3cret", ("api_key", "s3cret")),
 }
 
 
@@ -115,6 +117,7 @@ def test_every_documented_variable_is_read_and_parsed():
     for name, (value, (field, expected)) in SAMPLES.items():
         assert getattr(settings.read({name: value}), field) == expected, name
     assert settings.read({"XDG_CACHE_HOME": "/x"}).kernels_cache == Path("/x/mlxlab/kernels")
+    assert "s3cret" not in repr(settings.read({"MLXLAB_API_KEY": "s3cret"}))  # a secret
     # a launcher's variable that is not a number still says "launched"
     odd = settings.read({"PMI_RANK": "x"})
     assert (odd.launched, odd.launched_rank) == (True, None)

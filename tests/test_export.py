@@ -54,6 +54,7 @@ def lm_export(lm_run, tmp_path_factory) -> Path:
     )
     assert done.returncode == 0, done.stderr
     assert f"-> {out} (hf, float32)" in done.stdout
+    assert "checked in transformers " in done.stdout  # the export checked itself
     return out
 
 
@@ -176,7 +177,8 @@ def test_bert_export_same_class_probabilities(bert_run, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path / "bert"
-    export_run(bert_run, out, "hf", "float32")
+    check = export_run(bert_run, out, "hf", "float32")["check"]  # a classifier's logits too
+    assert check["status"] == "checked" and np.shape(check["probe"]) == (2, 16)
     run = load_run(bert_run)
     model, data = run.model, run.encoding
     hf = AutoModelForSequenceClassification.from_pretrained(out).eval()

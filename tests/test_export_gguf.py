@@ -300,7 +300,7 @@ def test_a_run_exports_to_gguf_with_mlxlabs_logits_and_a_modelfile(lm_run, tmp_p
     ids = np.random.default_rng(1).integers(0, model.vocab_size, size=(2, 40))
     theirs = logits(from_gguf(out), ids)
     assert np.abs(theirs - mlx_logits(model, ids)).max() <= 1e-3
-    modelfile = (tmp_path / "Modelfile").read_text()
+    modelfile = (tmp_path / "run.Modelfile").read_text()
     assert modelfile.startswith("FROM ./run.gguf\n")
 
 
@@ -309,10 +309,29 @@ def test_a_chatml_model_gets_ollamas_chatml_template_and_stop(models, tmp_path):
     out = tmp_path / "chat.gguf"
     done = export(str(folder), "--format", "gguf", "--quant", "q4_0", "--out", str(out))
     assert done.returncode == 0, done.stderr
-    modelfile = (tmp_path / "Modelfile").read_text()
+    modelfile = (tmp_path / "chat.Modelfile").read_text()
     assert "TEMPLATE \"\"\"{{- range .Messages }}<|im_start|>{{ .Role }}" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
     assert "(chat template: chatml)" in done.stdout
+
+
+def test_exports_into_one_folder_each_keep_their_own_modelfile(models, tmp_path):
+    """Each GGUF export's Modelfile is named after it (FROM it), so a second export into the
+    folder leaves the first one's; a Modelfile that is there already is not overwritten."""
+    from mlxlab.export import export_gguf
+    from mlxlab.export.gguf import GGUFExportError
+
+    llama, qwen = models["llama"][0], models["qwen3"][0]
+    export_gguf(llama, tmp_path / "a.gguf", "q8_0")
+    export_gguf(qwen, tmp_path / "b.gguf", "q8_0")
+    assert (tmp_path / "a.Modelfile").read_text().startswith("FROM ./a.gguf\n")
+    assert (tmp_path / "b.Modelfile").read_text().startswith("FROM ./b.gguf\n")
+    assert not (tmp_path / "Modelfile").exists()
+    (tmp_path / "a.gguf").unlink()
+    with pytest.raises(GGUFExportError, match="a.Modelfile exists"):
+        export_gguf(qwen, tmp_path / "a.gguf", "q8_0")
+    assert (tmp_path / "a.Modelfile").read_text().startswith("FROM ./a.gguf\n")
+    assert not (tmp_path / "a.gguf").exists()
 
 
 # SmolLM2-Instruct's chat template, verbatim: a default system turn in every chat without one
@@ -343,7 +362,7 @@ def test_the_modelfile_carries_the_templates_default_system_turn(template, syste
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                             chat_template=template).save_pretrained(folder)
     report = write_modelfile(folder, tmp_path / "m.gguf")
-    text = (tmp_path / "Modelfile").read_text()
+    text = (tmp_path / "m.Modelfile").read_text()
     assert report["chat_style"] == "chatml" and report["system"] == system
     assert text.startswith('FROM ./m.gguf\n\nTEMPLATE """') and "No TEMPLATE" not in text
     if system is None:

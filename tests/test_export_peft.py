@@ -1,5 +1,6 @@
 """`mlxlab export --format peft`: a LoRA / DoRA run's adapters alone, loaded by PEFT itself onto
-the base model in transformers, give the merged export's logits (and mlxlab's); what PEFT cannot
+the base model in transformers, give the merged export's logits (and mlxlab's), and the export
+checked that itself as it was made; what PEFT cannot
 carry exactly is refused in one line, exit 2, before anything is written."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 
 from hf_helpers import mlx_logits, save_tiny_model, torch_logits
 from mlxlab.export import export_run
+from mlxlab.export.proof import TOLERANCE
 from mlxlab.runs import load_run_model
 from test_mlx_lm_decoders import IDS, train_chat
 
@@ -40,12 +42,17 @@ def test_the_adapters_load_in_peft_with_the_merged_exports_logits(kind, lora, ta
     ours = mlx_logits(model, IDS)
     report = export_run(run, tmp_path / "peft", "peft", "float32")
     assert report["lora"] == lora
+    # checked as it was made: PEFT put the written adapters on the base in transformers
+    assert report["check"]["checker"].endswith(" + peft")
+    assert report["check"]["max_abs_logit_gap"] <= 1e-5 * report["check"]["logit_scale"]
+    assert report["check"]["tolerance"] == TOLERANCE
     out = tmp_path / "peft"
     assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(folder)
     assert config["use_dora"] is (lora == "dora") and config["peft_type"] == "LORA"
-    assert "library_name: peft" in (out / "README.md").read_text()  # the task scores' card
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and "## Export check" in card  # scores, the check
     # the adapters sit on every module of those names: PEFT's (and vLLM's) plain name list
     assert config["target_modules"] == sorted(
         {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "o_proj"}.get(t, t)

@@ -84,7 +84,8 @@ def test_a_finished_run_exports_without_the_unfinished_note(tmp_path):
     assert json.loads((run_dir / "finished.json").read_text()) == {"step": 3}
     report = export_run(run_dir, tmp_path / "out", "hf", "float32")
     assert report["unfinished"] is None
-    assert not (tmp_path / "out" / "README.md").exists()  # no task scores, nothing to warn of
+    card = (tmp_path / "out" / "README.md").read_text()  # no task scores: the export's check
+    assert "Unfinished run" not in card and "## Export check" in card
     # a run from before finished.json: its checkpoint at trainer.max_steps says it finished
     (run_dir / "finished.json").unlink()
     assert export_run(run_dir, tmp_path / "old", "hf", "float32")["unfinished"] is None

@@ -392,6 +392,32 @@ def test_mlxs_raised_out_of_memory_restarts_under_the_parent_until_its_bound(tmp
     assert "Traceback" not in out.stderr
 
 
+def test_a_run_restarted_before_its_first_checkpoint_stays_one_mlflow_run(tmp_path, cli_env):
+    """Out of memory at step 2, before any checkpoint (MLX's raising kind, once): the parent
+    restarts the run from the start at half the micro-batch, and the restart continues the
+    same MLflow run (before: a KILLED run beside the FINISHED one), whose steps are each logged
+    once."""
+    from mlflow import MlflowClient
+
+    tests = Path(__file__).resolve().parent
+    env = {**cli_env, "PYTHONPATH": f"{tests}{os.pathsep}{cli_env.get('PYTHONPATH', '')}"}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = subprocess.run(
+        [MLXLAB_TRAIN, *FAST, "trainer.eval_every_steps=null", "trainer.batch_size=16",
+         f"tracking.uri={uri}", "tracking.background=false", "checkpoint.save_every_steps=10",
+         "checkpoint.save_every_minutes=null", f"hydra.run.dir={tmp_path / 'run'}",
+         "+callbacks.fail={_target_: failure_helpers.FailAt, step: 2, once: "
+         f"{tmp_path / 'failed'}}}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "restarting from the checkpoint of step 0 with micro-batch 8" in out.stderr
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].data.tags["mlxlab.oom_restarts"] == "1"
+    assert sorted(history(client, runs[0].info.run_id, "train/loss")) == [1, 2, 3, 4]
+
+
 def test_only_the_parents_own_child_reports_to_it(tmp_path, monkeypatch):
     """A launcher's worker (joblib's) inherits the parent's variables; its out of memory stays
     its job's (a failed trial), so it neither reports a plan nor ends its process for a restart."""
@@ -412,14 +438,34 @@ def test_only_the_parents_own_child_reports_to_it(tmp_path, monkeypatch):
     settings.reload()
 
 
+def test_a_crashed_measurement_is_the_searchs_ceiling_and_the_run_starts_again(tmp_path):
+    """trainer.micro_batch=auto crashed measuring 32 rows (a limit the process cannot see: the
+    kernel's OOM killer, another process's memory): the parent's note makes 32 the ceiling (a
+    later crash at 16 lowers it, a crash at 64 does not raise it), and the crash counts as an
+    out of memory only while a measurement or a plan is on record."""
+    probe = {"run_dir": str(tmp_path), "micro_batch": 32, "sweep": False}
+    assert supervise.out_of_memory(-11, tmp_path, signalled=False) is None
+    (tmp_path / "probe.json").write_text(json.dumps(probe))
+    assert supervise.out_of_memory(-11, tmp_path, signalled=False) == "SIGSEGV"
+    supervise.write_note(tmp_path, supervise.probe_note(probe, "SIGSEGV", "now"))
+    assert supervise.probe_ceiling(tmp_path) == (32, "SIGSEGV")
+    supervise.write_note(tmp_path, supervise.probe_note({**probe, "micro_batch": 64}, "SIGKILL",
+                                                        "later"))
+    assert supervise.probe_ceiling(tmp_path) == (32, "SIGSEGV")
+    supervise.write_note(tmp_path, supervise.probe_note({**probe, "micro_batch": 16}, "SIGKILL",
+                                                        "later"))
+    assert supervise.probe_ceiling(tmp_path) == (16, "SIGKILL")
+
+
 @pytest.mark.slow
 @linux_only
-def test_auto_measuring_a_micro_batch_that_crashes_goes_on_at_the_largest_that_fits(
+def test_auto_under_an_address_space_limit_budgets_it_and_never_measures_a_size_that_crashes(
         tmp_path, cli_env):
     """trainer.micro_batch=auto under an address space limit that micro-batch 16 of long rows
-    fits and 32 does not: measuring 32 crashes the process (MLX's CPU backend segfaults where it
-    cannot allocate); the parent records 32 as not fitting and starts the run again, whose
-    search stops below 32: it trains at 16 x 2 in the same folder, one MLflow run, FINISHED."""
+    fits and 32 does not: the search budgets the limit (RLIMIT_AS less what the process maps and
+    headroom), so no measurement crashes the process (before: measuring 32 crashed it and the
+    parent started it again); it trains at a size that fits, the same effective batch, in one
+    MLflow run, FINISHED, with no restart."""
     from mlflow import MlflowClient
 
     env, uri, common, fits = calibrated(tmp_path, cli_env,
@@ -428,21 +474,17 @@ def test_auto_measuring_a_micro_batch_that_crashes_goes_on_at_the_largest_that_f
     done = under_address_limit([*common, "trainer.micro_batch=auto", f"hydra.run.dir={run_dir}"],
                                env, tmp_path, fits + 48 * 1024)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "measuring micro-batch 32 ran out of memory (SIGSEGV)" in done.stderr, \
-        done.stderr[-4000:]
-    assert "Traceback" not in done.stderr
-    note = supervise.read_note(run_dir)
-    assert note["probe"]["micro_batch"] == 32 and note["probe"]["how"] == "SIGSEGV"
-    assert note["restarts"] == []  # a measurement, not a training step, ran out
+    assert "ran out of memory" not in done.stderr and "Traceback" not in done.stderr
+    assert supervise.read_note(run_dir) is None  # nothing crashed, nothing restarted
     log = "".join(f.read_text() for f in run_dir.glob("*.log"))
-    assert "trainer.micro_batch=auto: 16 rows x grad_accum 2" in log
-    assert "32:out-of-memory(SIGSEGV)" in log
+    line = next(text for text in log.splitlines() if "trainer.micro_batch=auto:" in text)
+    assert "(RLIMIT_AS " in line, line
 
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("finetune_completions")
                                .experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     tags = runs[0].data.tags
-    assert (tags["mlxlab.micro_batch"], tags["mlxlab.grad_accum"]) == ("16", "2")
-    assert "32:out-of-memory(SIGSEGV)" in runs[0].data.params["batch_plan.tried"]
+    assert int(tags["mlxlab.micro_batch"]) * int(tags["mlxlab.grad_accum"]) == BATCH
+    assert int(tags["mlxlab.micro_batch"]) <= 16
     assert sorted(history(client, runs[0].info.run_id, "train/loss")) == [1, 2]

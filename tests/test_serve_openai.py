@@ -5,13 +5,17 @@ Two LoRA runs fine-tuned here from one tiny random Llama (with a ChatML template
 also registered (`mlxlab register`), and the base folder itself are served by one `mlxlab
 serve` process: greedy completions equal `mlxlab generate` token for token, streaming yields
 the same text, the two adapters answer with their own outputs in interleaved requests, and bad
-requests are HTTP 400 naming the field while the server keeps serving."""
+requests are OpenAI's error objects (the status, the message, the field) while the server keeps
+serving. The server requires an API key (MLXLAB_API_KEY), refuses a body over its size limit
+unread and a max_tokens past the model's context."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +34,8 @@ from mlxlab.config import asset_path
 from mlxlab.runs.inference import complete, load_run, sample_ids
 
 PROMPT = "Once upon a time"
+KEY = "test-key-0123"  # the module's server requires it (MLXLAB_API_KEY)
+CONTEXT = 256  # the tiny Llama's max_position_embeddings
 CHAT = [{"role": "system", "content": "You tell short stories."},
         {"role": "user", "content": "Tell me about a dog"}]
 
@@ -67,14 +73,14 @@ def runs(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def server(runs):
-    """`mlxlab serve BASE A B models:/story-b@champion --port 0` (a free port, printed), as a
-    user starts it; stopped with SIGTERM after the module's tests."""
+    """`MLXLAB_API_KEY=KEY mlxlab serve BASE A B models:/story-b@champion --port 0` (a free
+    port, printed), as a user starts it; stopped with SIGTERM after the module's tests."""
     log = runs["root"] / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [MLXLAB, "serve", str(runs["base"]), str(runs["a"]), str(runs["b"]),
              "models:/story-b@champion", "--port", "0", "--uri", runs["uri"]],
-            stdout=out, stderr=subprocess.STDOUT)
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "MLXLAB_API_KEY": KEY})
     try:
         deadline = time.monotonic() + 240
         while not (found := re.search(r"on http://127\.0\.0\.1:(\d+)/v1", log.read_text())):
@@ -82,13 +88,13 @@ def server(runs):
             assert time.monotonic() < deadline, "no server in 240 s"
             time.sleep(0.3)
         base_url = f"http://127.0.0.1:{found.group(1)}/v1"
-        yield openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120), \
+        yield openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=120), \
             base_url
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
     with pytest.raises(OSError):  # stopped: nothing listens there any more
-        urllib.request.urlopen(f"{base_url}/models", timeout=2)
+        urllib.request.urlopen(f"{base_url}/health", timeout=2)
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +214,10 @@ BAD = {
     "a number as content": (
         "chat", {"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
     "no messages": ("chat", {"messages": []}, "messages"),
+    "an image part (its URL would be fetched)": (
+        "chat", {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.png"}}]}]},
+        "messages[0].content"),
     "max_tokens 0": ("completions", {"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
     "max_tokens below 0": ("chat", {"messages": CHAT, "max_tokens": -5}, "max_tokens"),
     "a prompt over the context": ("completions", {"prompt": "dog " * 400}, "prompt"),
@@ -227,27 +237,140 @@ def test_bad_requests_are_4xx_naming_the_field_and_the_server_keeps_serving(serv
     create = client.completions.create if kind == "completions" else client.chat.completions.create
     with pytest.raises(openai.APIStatusError) as err:
         create(**request)
-    assert 400 <= err.value.status_code < 500
-    assert str(err.value.body).startswith(field), err.value.body
+    # OpenAI's error object: the client's exception carries the message, the field and the type
+    assert err.value.status_code == (404 if case == "unknown model" else 400)
+    assert err.value.message.startswith(f"Error code: {err.value.status_code} - {field}")
+    assert (err.value.param, err.value.type) == (field, "invalid_request_error"), err.value.body
     answer = client.completions.create(model=str(runs["a"]), prompt=PROMPT, max_tokens=24,
                                        temperature=0)
     assert answer.choices[0].text == generated["a"][0]
 
 
+def request(url: str, data: bytes | None = None, key: str | None = KEY,
+            method: str | None = None) -> tuple[int, dict]:
+    """The status and JSON answer of one request (with the server's key, unless None)."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers, method=method),
+                                    timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
 def test_a_body_that_is_not_json_or_names_no_model_is_400(server):
     _, base_url = server
-    request = urllib.request.Request(f"{base_url}/completions", b'{"prompt": "hi"}',
-                                     {"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(request, timeout=30)
-    assert err.value.code == 400
-    assert json.loads(err.value.read())["error"].startswith("model: required; use one of")
-    request = urllib.request.Request(f"{base_url}/completions", b"{not json",
-                                     {"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(request, timeout=30)
-    assert err.value.code == 400
-    assert "JSON" in json.loads(err.value.read())["error"]
+    status, answer = request(f"{base_url}/completions", b'{"prompt": "hi"}')
+    assert status == 400
+    assert answer["error"]["message"].startswith("model: required; use one of")
+    assert (answer["error"]["param"], answer["error"]["type"]) == ("model", "invalid_request_error")
+    status, answer = request(f"{base_url}/completions", b"{not json")
+    assert status == 400 and "JSON" in answer["error"]["message"]
+
+
+def test_an_unknown_model_or_path_is_404(server, runs):
+    client, base_url = server
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="nope", messages=CHAT, max_tokens=4)
+    assert (err.value.code, err.value.param) == ("model_not_found", "model")
+    assert "'nope' is not served here" in err.value.message
+    # one model by any of its names (a run folder's path travels quoted: %2F)
+    assert client.models.retrieve(str(runs["a"])).id == str(runs["a"])
+    assert client.models.retrieve("story-b").id == "models:/story-b@champion"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("nope")
+    assert err.value.code == "model_not_found"
+    for url, data in ((f"{base_url}/nothing", None), (f"{base_url}/embeddings", b"{}"),
+                      (base_url.removesuffix("/v1") + "/", None)):
+        status, answer = request(url, data)
+        assert status == 404, url
+        assert answer["error"]["message"].startswith("Invalid URL"), answer
+        assert answer["error"]["type"] == "invalid_request_error"
+
+
+def test_a_request_without_the_key_is_401(server, runs):
+    _, base_url = server
+    with pytest.raises(openai.AuthenticationError) as err:
+        openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0).completions.create(
+            model=str(runs["a"]), prompt=PROMPT, max_tokens=2)
+    assert "incorrect API key" in err.value.message and err.value.code == "invalid_api_key"
+    for url, data in ((f"{base_url}/models", None), (f"{base_url}/models/story-b", None),
+                      (f"{base_url}/completions", json.dumps({"model": "story-b",
+                                                              "prompt": PROMPT}).encode())):
+        status, answer = request(url, data, key=None)
+        assert status == 401, url
+        assert answer["error"]["message"].startswith("no API key"), answer
+    assert request(base_url.removesuffix("/v1") + "/health", key=None) == (200, {"status": "ok"})
+
+
+def test_a_body_over_the_limit_is_refused_unread_and_not_logged(server, runs):
+    """The default limit (2 MiB) refuses a 5 MB prompt from its Content-Length: the answer
+    comes before the body is sent at all; a malformed body is logged as a short excerpt."""
+    client, base_url = server
+    huge = "dog " * 1_250_000  # 5 MB
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(model=str(runs["a"]), prompt=huge, max_tokens=2)
+    assert err.value.status_code == 413 and err.value.code == "request_too_large"
+    assert "takes at most 2,097,152" in err.value.message
+    host, port = urllib.parse.urlsplit(base_url).netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer "
+                    f"{KEY}\r\nContent-Type: application/json\r\nContent-Length: 5000000"
+                    "\r\n\r\n".encode())  # and no body
+        status_line = raw.makefile("rb").readline()
+    assert status_line.split()[1] == b"413", status_line
+    log = runs["root"] / "serve.log"
+    before = log.stat().st_size
+    for size in (5_000_000, 1_500_000):  # over the limit, and under it
+        status, answer = request(f"{base_url}/completions", b"{" + b"x" * size)
+        assert status == (413 if size > 2**21 else 400), answer
+    time.sleep(0.5)
+    assert log.stat().st_size - before < 2000, log.read_text()[before:before + 2000]
+    assert "Invalid JSON" in answer["error"]["message"]
+
+
+def test_max_tokens_past_the_context_is_refused(server, runs):
+    """As OpenAI refuses it: max_tokens that the context cannot hold, alone or after the
+    prompt. A request that names none gets the server's default cut to the room left."""
+    client, _ = server
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=str(runs["a"]), prompt=PROMPT, max_tokens=CONTEXT + 1)
+    assert f"maximum context length is {CONTEXT} tokens" in err.value.message
+    assert (err.value.param, err.value.code) == ("max_tokens", "context_length_exceeded")
+    with pytest.raises(openai.BadRequestError) as err:  # refused once the prompt is counted
+        client.chat.completions.create(model=str(runs["a"]), messages=CHAT,
+                                       max_completion_tokens=CONTEXT - 5)
+    assert f"maximum context length is {CONTEXT} tokens: the prompt is" in err.value.message
+    assert err.value.code == "context_length_exceeded"
+    from tokenizers import Tokenizer
+
+    each = len(Tokenizer.from_file(str(runs["a"] / "tokenizer.json")).encode(
+        f" {PROMPT}", add_special_tokens=False).ids)
+    prompt = PROMPT + f" {PROMPT}" * ((CONTEXT - 40) // each)  # ~40 tokens of room
+    long = client.completions.create(model=str(runs["a"]), prompt=prompt, temperature=0)
+    assert long.usage.prompt_tokens + long.usage.completion_tokens <= CONTEXT
+    if long.choices[0].finish_reason == "length":  # it ran to the end of the context
+        assert long.usage.prompt_tokens + long.usage.completion_tokens == CONTEXT
+
+
+def test_a_public_server_without_a_key_warns_and_the_key_comes_from_the_flag_or_variable(
+        monkeypatch):
+    from mlxlab.cli.serve import api_key, exposure_warning
+    from mlxlab.runtime import settings
+
+    assert "with no API key" in exposure_warning("0.0.0.0", None)
+    assert exposure_warning("0.0.0.0", "k") is None and exposure_warning("::1", None) is None
+    monkeypatch.setenv("MLXLAB_API_KEY", "from-env")
+    settings.reload()
+    try:
+        assert (api_key(None), api_key("flag")) == ("from-env", "flag")
+        with pytest.raises(ValueError, match="without spaces"):
+            api_key(" ")
+    finally:
+        monkeypatch.delenv("MLXLAB_API_KEY")
+        settings.reload()
 
 
 def test_runs_from_one_base_hold_one_copy_of_it(runs):
@@ -340,6 +463,7 @@ def test_the_readme_example_runs_against_the_server(server, runs, capsys):
     assert len(code.strip().splitlines()) == 5
     _, base_url = server
     code = code.replace("http://127.0.0.1:5001/v1", base_url).replace(
-        "outputs/finetune_chat/<a>", str(runs["a"]))
+        "outputs/finetune_chat/<a>", str(runs["a"])).replace('api_key="unused"',
+                                                              f'api_key="{KEY}"')
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip()

@@ -108,6 +108,9 @@ def export_checks(make_cfg, tmp_path: Path, run_dir: Path, model: RemappedLM, ke
     theirs = np.array(exported(mx.array([ids])))
     np.testing.assert_allclose(theirs[..., :n], ours[..., keep], atol=1e-4)
     np.testing.assert_allclose(theirs[..., n:], np.repeat(theirs[..., n:n + 1], extra + 1, -1))
+    # transformers gives the same small model (the export checks itself as it is written)
+    check = export_run(run_dir, tmp_path / "hf", fmt="hf", dtype="float32")["check"]
+    assert check["status"] == "checked" and check["max_abs_logit_gap"] <= check["allowed_gap"]
     # Greedy: mlx-lm's tokens are mlxlab's own greedy continuation, renumbered.
     from mlxlab.runs.inference import load_run, sample_ids
 

@@ -20,8 +20,16 @@ def parser_for(verb: str, doc: str) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory (outputs/<task>/<time>) or a checkpoint dir")
+RUN_HELP = "run directory (outputs/<task>/<time>) or a checkpoint dir"
+MODEL_HELP = ("a finished run folder (outputs/<task>/<time>) or one of its checkpoints, or any "
+              "model: a model folder (Hugging Face, mlx-lm, `mlxlab export`), a .gguf file, "
+              "ollama:NAME[:TAG] or a hub id ORG/NAME")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, any_model: bool = False) -> None:
+    """The run (or, `any_model`, any model source models/sources resolves) and --checkpoint."""
+    parser.add_argument("run", metavar="MODEL" if any_model else "RUN",
+                        help=MODEL_HELP if any_model else RUN_HELP)
     parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",
                         help=CHECKPOINT_HELP)
 

@@ -40,7 +40,7 @@ from mlxlab.cli.common import add_run_arguments, guarded, parser_for
 
 def main(argv: list[str]) -> int:
     parser = parser_for("eval", __doc__)
-    add_run_arguments(parser)
+    add_run_arguments(parser, any_model=True)
     parser.add_argument("data", nargs="+", help="labelled CSV (classifier) or text file "
                         "(language model); or task jsonl files")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")

@@ -21,7 +21,15 @@ vLLM's LoRA, llama.cpp's convert_lora_to_gguf.py and Ollama's ADAPTER read it.
     mlxlab export /path/to/float/hf/folder --format gguf --quant f16 --out model.gguf
 
 --format gguf writes one GGUF file (f32, f16, bf16, q8_0, q4_0, q4_1) that llama.cpp, Ollama and
-LM Studio load, and an Ollama Modelfile beside it (`ollama create NAME -f Modelfile`).
+LM Studio load, and an Ollama Modelfile beside it named after it (ft.gguf: ft.Modelfile;
+`ollama create NAME -f exported/ft.Modelfile`).
+
+--format hf (and peft, and gguf from a run, through its float hf folder) is checked where it is
+made: transformers loads what was written and must give the fine-tune's logits on a 2x16-token
+probe (max gap 1e-3 of the logits' scale), else the export is refused with the gap; the model
+card records the gap, the probe and transformers' version. Without PyTorch a type mlxlab's
+tests prove is written unchecked (the card says so) and another refused; --no-check writes it
+unchecked.
 """
 
 from __future__ import annotations
@@ -30,13 +38,15 @@ import argparse
 import json
 import sys
 
+from mlxlab.cli.common import RUN_HELP
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mlxlab export", description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
     )
-    parser.add_argument("run", help="run directory (outputs/<task>/<time>) or a checkpoint dir")
+    parser.add_argument("run", help=RUN_HELP)
     parser.add_argument("--format", choices=["hf", "mlx-lm", "peft", "gguf"], default="hf", dest="fmt")
     parser.add_argument("--out", required=True,
                         help="folder to write (new or empty); --format gguf: the .gguf file")
@@ -52,6 +62,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     lora.add_argument("--adapters", dest="lora", action="store_const", const="adapters",
                       help="LoRA runs: base model + mlx-lm adapters in OUT/adapters")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="--format hf and gguf from a run: write without loading the folder "
+                             "in transformers and comparing its logits with the fine-tune's "
+                             "(the model card says unchecked)")
     parser.set_defaults(lora="fuse")
     return parser.parse_args(argv)
 
@@ -68,11 +82,12 @@ def main(argv: list[str]) -> int:
 
     try:
         report = export_run(args.run, args.out, args.fmt, args.dtype, args.quantize, args.lora,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, check=args.check)
     except (FileNotFoundError, ValueError) as err:  # ExportError and ConfigError are ValueErrors
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2
     print(f"exported {report['checkpoint']} -> {args.out} ({args.fmt}, {report['dtype']})")
+    _print_check(report)
     if report.get("vocab_remap"):
         v = report["vocab_remap"]
         print(f"data.vocab_remap run: tokenizer.json on the model's ids: {v['kept_tokens']} kept "
@@ -91,6 +106,17 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _print_check(report: dict) -> None:
+    """The export's check (export/proof.py) in one line."""
+    check = report.get("check")
+    if check and check["status"] == "checked":
+        print(f"checked in {check['checker']}: max |logit gap| {check['max_abs_logit_gap']:.3g} "
+              f"<= {check['allowed_gap']:.3g} on a {len(check['probe'])}x{len(check['probe'][0])}"
+              "-token probe")
+    elif check:
+        print(f"unchecked: {check['why']}")
+
+
 def _gguf(args: argparse.Namespace) -> int:
     """--format gguf: the options the other formats take are refused, not ignored."""
     from mlxlab.export import export_gguf
@@ -102,12 +128,14 @@ def _gguf(args: argparse.Namespace) -> int:
               "(it fuses LoRA; pick the weights' type with --quant)", file=sys.stderr)
         return 2
     try:
-        report = export_gguf(args.run, args.out, args.quant or "f16", overwrite=args.overwrite)
+        report = export_gguf(args.run, args.out, args.quant or "f16", overwrite=args.overwrite,
+                             check=args.check)
     except (FileNotFoundError, ValueError) as err:
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2
     print(f"exported {report.get('checkpoint', report.get('source'))} -> {report['gguf']} "
           f"({report['architecture']}, {report['quant']}, {report['bytes'] / 2**20:.1f} MiB)")
+    _print_check(report)
     style = report["chat_style"] or "none recognised: the GGUF's own template"
     print(f"Ollama: {report['modelfile']} (chat template: {style}); "
           f"ollama create NAME -f {report['modelfile']}")

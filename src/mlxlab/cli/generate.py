@@ -8,13 +8,14 @@ come.
     mlxlab generate models/SmolLM2-135M-Instruct --chat --prompt "Who are you?" --system "Be brief."
     mlxlab generate models/SmolLM2-135M-Instruct --chat        # a conversation, a line a turn
 
-MODEL is a run folder (its --checkpoint), a Hugging Face / mlx-lm model folder or a folder
-`mlxlab export` wrote. The prompt starts after the tokenizer's BOS (else <|endoftext|>), as
-training documents do. --chat: the prompt is a user turn rendered by the model's own chat
-template (with --system as the system turn, else the template's default), and the reply ends
-at the template's end of turn; without --prompt, each line of stdin is the next user turn of
-one conversation (an empty line or end of input ends it). Generation stops after --max-tokens
-new tokens, at the model's end tokens, or when its context (max_seq_len) is full.
+MODEL is a run folder (its --checkpoint) or any model: a Hugging Face / mlx-lm model folder, a
+folder `mlxlab export` wrote, a .gguf file, ollama:NAME[:TAG] or a hub id ORG/NAME. The prompt
+starts after the tokenizer's BOS (else <|endoftext|>), as training documents do. --chat: the
+prompt is a user turn rendered by the model's own chat template (with --system as the system
+turn, else the template's default), and the reply ends at the template's end of turn; without
+--prompt, each line of stdin is the next user turn of one conversation (an empty line or end of
+input ends it). Generation stops after --max-tokens new tokens, at the model's end tokens, or
+when its context (max_seq_len) is full.
 --temperature 0 = greedy.
 """
 
@@ -27,7 +28,7 @@ from mlxlab.cli.common import add_run_arguments, guarded, parser_for
 
 def main(argv: list[str]) -> int:
     parser = parser_for("generate", __doc__)
-    add_run_arguments(parser)
+    add_run_arguments(parser, any_model=True)
     parser.add_argument("--prompt", default=None, help="text to continue (default: empty); "
                         "with --chat the user's turn")
     parser.add_argument("--chat", action="store_true", help="talk to the model through its own "

@@ -8,6 +8,7 @@
     mlxlab serve RUN|MODEL_URI           MLflow's model server on 127.0.0.1
     mlxlab runs list|show|compare|merge  the store's runs
     mlxlab export RUN --format hf|mlx-lm|gguf --out DIR|FILE.gguf [...]
+    mlxlab cache list|clear              converted models and other caches: list, remove
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ VERBS = {
     "serve": ("mlxlab.cli.serve", "serve a run or a registered model over HTTP (127.0.0.1)"),
     "runs": ("mlxlab.cli.runs", "the store's runs: list, show, compare, merge, hardest"),
     "export": ("mlxlab.cli.export", "write a finished run as a Hugging Face or mlx-lm folder, or a GGUF file"),
+    "cache": ("mlxlab.cli.cache", "what mlxlab caches (converted GGUF files, kernels): list, clear"),
 }
 
 

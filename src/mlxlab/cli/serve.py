@@ -16,6 +16,11 @@ one copy of it in memory. Greedy completions equal `mlxlab generate` token for t
     client.chat.completions.create(model="<run folder name>",
                                    messages=[{"role": "user", "content": "Hi"}])
 
+Refusals are OpenAI's error objects with OpenAI's status (404: a model not served here); a
+max_tokens past the model's context is refused; a body over --max-request-mib is refused
+unread (413). MLXLAB_API_KEY=KEY (or --api-key KEY) makes every request carry
+`Authorization: Bearer KEY` (the client's api_key): give one when --host is not local.
+
 A classifier (one run folder, or a models:/ or runs:/ URI) is served by MLflow's model server
 as a pyfunc at /invocations:
 
@@ -45,6 +50,9 @@ import tempfile
 from pathlib import Path
 
 from mlxlab.cli.common import CHECKPOINT_CHOICES, CHECKPOINT_HELP, guarded, parser_for
+from mlxlab.serving.openai.checks import MAX_REQUEST_BYTES
+
+MAX_REQUEST_MIB = MAX_REQUEST_BYTES / 2**20
 
 URI_SCHEMES = ("models:/", "runs:/")
 
@@ -63,6 +71,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--uri", help="tracking URI for models:/ and runs:/ targets")
     parser.add_argument("--max-tokens", type=int, default=512,
                         help="language models: new tokens when a request gives no max_tokens")
+    parser.add_argument("--api-key", default=None, help="language models: every request must "
+                        "carry `Authorization: Bearer KEY` (the openai client's api_key); "
+                        "default: $MLXLAB_API_KEY, else no key (a command line is visible to "
+                        "other users: prefer the variable)")
+    parser.add_argument("--max-request-mib", type=float, default=None,
+                        help=f"language models: the largest request body, in MiB (default "
+                        f"{MAX_REQUEST_MIB:g}); a larger one is refused (413) unread")
     parser.add_argument("--workers", type=int, default=None,
                         help="classifier: MLflow server worker processes (default 1)")
     args = parser.parse_args(argv)
@@ -71,8 +86,15 @@ def main(argv: list[str]) -> int:
     def body() -> int:
         if args.max_tokens < 1:
             raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        if args.max_request_mib is not None and not args.max_request_mib > 0:
+            raise ValueError(f"--max-request-mib must be above 0, got {args.max_request_mib:g}")
+        args.api_key = api_key(args.api_key)
         targets = _language_model_targets(args, Path(tmp))
         if targets is None:
+            if args.api_key is not None or args.max_request_mib is not None:
+                raise ValueError("an API key (--api-key, MLXLAB_API_KEY) and --max-request-mib "
+                                 "are for language models: MLflow's model server checks neither; "
+                                 "unset them to serve this classifier")
             return _mlflow(args, args.targets[0], tmp)
         if args.workers is not None:
             raise ValueError("--workers is for a classifier's MLflow server; a language model is "
@@ -83,6 +105,26 @@ def main(argv: list[str]) -> int:
         return guarded("serve", body)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def api_key(given: str | None) -> str | None:
+    """The key requests must carry: --api-key, else MLXLAB_API_KEY, else None."""
+    from mlxlab.runtime import settings
+
+    key = settings.current().api_key if given is None else given
+    if key is not None and (not key.strip() or key != key.strip()):
+        raise ValueError("--api-key / MLXLAB_API_KEY: give a key without spaces around it "
+                         "(or leave both unset for a server on 127.0.0.1 without one)")
+    return key
+
+
+def exposure_warning(host: str, key: str | None) -> str | None:
+    """The line a server that anyone on the network may use prints: bound beyond loopback
+    with no key."""
+    if key is not None or ipaddress.ip_address(host).is_loopback:
+        return None
+    return (f"mlxlab serve: warning: listening on {host} with no API key: anyone who reaches "
+            "this machine can use these models (set MLXLAB_API_KEY or --api-key)")
 
 
 def _language_model_targets(args: argparse.Namespace, scratch: Path) -> list | None:
@@ -107,16 +149,17 @@ def _openai(args: argparse.Namespace, targets: list) -> int:
     from mlxlab.serving.openai.server import make_server, serve_until_stopped, server_settings
 
     served = load_served(targets, args.checkpoint)
+    limit = MAX_REQUEST_MIB if args.max_request_mib is None else args.max_request_mib
+    settings = server_settings(args.max_tokens, api_key=args.api_key,
+                               max_request_bytes=int(limit * 2**20))
     try:
-        server, generator = make_server(served, args.host, args.port,
-                                        server_settings(args.max_tokens))
+        server, generator = make_server(served, args.host, args.port, settings)
     except OSError as err:
         raise ValueError(f"cannot bind {args.host}:{args.port} ({err.strerror}): pick another "
                          "--port") from None
     host, port = server.server_address[:2]
-    if not ipaddress.ip_address(host).is_loopback:
-        print(f"mlxlab serve: warning: listening on {host}: anyone who reaches this machine can "
-              "use these models (the server checks no API key)", file=sys.stderr, flush=True)
+    if warning := exposure_warning(host, args.api_key):
+        print(warning, file=sys.stderr, flush=True)
     for s in served:
         also = f" (also {', '.join(s.names[1:])})" if len(s.names) > 1 else ""
         print(f"  model {s.name}{also} <- {s.source}", flush=True)

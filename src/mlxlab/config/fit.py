@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mlxlab.config.options import conf_yaml, experiment_choice, group_options, target_of
 from mlxlab.errors import ConfigError, DataMismatch
@@ -27,6 +27,31 @@ def _check_objective(cfg: DictConfig) -> None:
         check(cfg, "prompts" if prompts else task)
     except DataMismatch as err:
         raise ConfigError(f"{err}; {_data_kind_line(cfg, task, prompts)}") from None
+
+
+def _check_packing(cfg: DictConfig) -> None:
+    """data.pack=true, asked of the classes before anything is built: the objective trains on the
+    data's own batches (GRPO's and GKD's are their own: packing would be ignored), no callback
+    reads per-row values (a packed row holds several), and the model keeps packed rows apart
+    (its class's check_packing, models/base.py: mlx-lm's architectures traced lazily)."""
+    from hydra.utils import get_class
+
+    if OmegaConf.select(cfg, "data.pack", default=False) is not True:
+        return
+    objective = get_class(cfg.objective._target_)
+    if objective.train_batches.__qualname__ != "Objective.train_batches":
+        raise ConfigError(f"data.pack=true: objective {objective.__name__} makes its own "
+                          "training batches, which are not packed; set data.pack=false")
+    if OmegaConf.select(cfg, "callbacks.per_example_losses", default=None):
+        raise ConfigError("data.pack=true: callbacks.per_example_losses records one loss per "
+                          "batch row and a packed row holds several examples; set "
+                          "data.pack=false or drop the callback")
+    model = get_class(cfg.model._target_)
+    check = getattr(model, "check_packing", None)
+    if check is None:  # a _target_ that is no mlxlab Model
+        raise ConfigError(f"data.pack=true: {model.__name__} does not take packed rows; set "
+                          "data.pack=false")
+    check(OmegaConf.to_container(cfg.model, resolve=True))
 
 
 # What each data kind is, in words (a data module's `task`; "prompts": prompts_only data)

@@ -79,6 +79,26 @@ def dynamic_batches(
     return batches
 
 
+def pack_rows(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """The rows (their `lengths` in positions) packed into sequences of at most `capacity`
+    positions, first-fit decreasing: the longest row first, each into the first sequence with
+    room. Returns each sequence's row indices in the order they are laid out. The packing
+    depends on the lengths alone, so every epoch (and a resumed run) has the same sequences;
+    epochs shuffle their order (data/completions.py)."""
+    lengths = np.asarray(lengths, np.int64)
+    room = np.empty(0, np.int64)
+    members: list[list[int]] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        fits = np.flatnonzero(room >= lengths[i])
+        if fits.size:
+            room[fits[0]] -= lengths[i]
+            members[fits[0]].append(int(i))
+        else:
+            room = np.append(room, capacity - lengths[i])
+            members.append([int(i)])
+    return [np.asarray(m, np.int64) for m in members]
+
+
 def make_batches(
     lengths: np.ndarray,
     batching: Batching,

@@ -29,7 +29,7 @@ import numpy as np
 
 from mlxlab.config.records import check_choice, check_fraction, check_number, utf8_text
 from mlxlab.data.base import DataModule
-from mlxlab.data.batching import Batch, Batching, bucket_length, make_batches
+from mlxlab.data.batching import Batch, Batching, bucket_length, make_batches, pack_rows
 from mlxlab.data.chat import TEMPLATE_FILE, ChatError, encode_chats, load_chat_template
 from mlxlab.data.tokenizer import build_tokenizer, special_ids, tokenizer_hash
 from mlxlab.errors import ConfigError, MissingFileError
@@ -156,8 +156,12 @@ class PromptCompletion(DataModule):
         too_long: str = "truncate",
         chat_template: str | None = None,
         chat_template_name: str | None = None,
+        pack: bool = False,
     ):
         check_number("data.max_length", max_length, int, 2)
+        if not isinstance(pack, bool):
+            raise ConfigError(f"data.pack={pack!r}: use true or false")
+        self.pack = pack
         check_fraction("data.val_fraction", val_fraction)
         check_choice("data.too_long", too_long, TOO_LONG)
         self.train_file, self.val_file = train_file, val_file
@@ -172,6 +176,7 @@ class PromptCompletion(DataModule):
         self.tokenizer_hash: str | None = None
         self.vocab_size: int | None = None
         self.template = None
+        self._packs: list[np.ndarray] | None = None  # pack: the training rows' sequences
         self._epoch, self._batches_done = 0, 0
 
     def setup(self, run_dir: str | Path | None = None) -> None:
@@ -313,18 +318,62 @@ class PromptCompletion(DataModule):
     def _lengths(self, split: tuple) -> np.ndarray:
         return np.asarray([len(r) - 1 for r in split[0]])
 
+    def _epoch_batches(self, batching: Batching, rng: np.random.Generator | None = None
+                       ) -> list[np.ndarray] | list[list[np.ndarray]]:
+        """The training split's batches: index arrays of rows, or with `pack` lists of packed
+        sequences (each an index array of the rows it holds), `batch_size` sequences a batch."""
+        if not self.pack:
+            return make_batches(self._lengths(self.train), batching, self.max_length, rng)
+        if self._packs is None:
+            lengths = self._lengths(self.train)
+            self._packs = pack_rows(lengths, self.max_length)
+            log.info("data.pack: %d training rows in %d sequences of up to %d tokens (%.0f%% "
+                     "of their positions are rows, the rest padding)", len(lengths),
+                     len(self._packs), self.max_length,
+                     100 * lengths.sum() / (len(self._packs) * self.max_length))
+        order = rng.permutation(len(self._packs)) if rng is not None else range(len(self._packs))
+        packs = [self._packs[i] for i in order]
+        return [packs[i:i + batching.batch_size]
+                for i in range(0, len(packs), batching.batch_size)]
+
     def num_train_batches(self, batching: Batching) -> int:
-        return len(make_batches(self._lengths(self.train), batching, self.max_length))
+        return len(self._epoch_batches(batching))
 
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
         """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done."""
         rng = np.random.default_rng(self.seed + epoch)
-        batches = make_batches(self._lengths(self.train), batching, self.max_length, rng)
+        batches = self._epoch_batches(batching, rng)
         start = self._batches_done if epoch == self._epoch else 0
         for k in range(start, len(batches)):
             self._epoch, self._batches_done = epoch, k + 1  # counted when handed out
-            yield self._collate(self.train, batches[k], batching.bucket_multiple)
+            if self.pack:
+                yield self._collate_packed(self.train, batches[k], batching.batch_size)
+            else:
+                yield self._collate(self.train, batches[k], batching.bucket_multiple)
         self._epoch, self._batches_done = epoch + 1, 0
+
+    def _collate_packed(self, split: tuple, packs: list[np.ndarray], batch_size: int) -> Batch:
+        """A batch of packed sequences: each the concatenation of its rows (inputs, labels and
+        target masks shifted as in _collate), `segment_ids` numbering the rows from 1 (0: the
+        padding after them), so each row attends only to itself (models/packing.py). Always
+        `batch_size` sequences of max_length positions (an epoch's last batch gets empty ones,
+        scored 0), so the compiled step sees one shape."""
+        rows, targets = split
+        shape = (max(batch_size, len(packs)), self.max_length)
+        inputs = np.full(shape, self.pad_id, np.int32)
+        labels = np.full(shape, self.pad_id, np.int32)
+        mask = np.zeros(shape, np.float32)
+        segments = np.zeros(shape, np.int32)
+        for r, pack in enumerate(packs):
+            at = 0
+            for s, i in enumerate(pack, 1):
+                ids, n = rows[i], len(rows[i]) - 1
+                inputs[r, at:at + n], labels[r, at:at + n] = ids[:-1], ids[1:]
+                mask[r, at:at + n] = targets[i][1:]
+                segments[r, at:at + n] = s
+                at += n
+        return {"input_ids": mx.array(inputs), "labels": mx.array(labels),
+                "loss_mask": mx.array(mask), "segment_ids": mx.array(segments)}
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
         for index in make_batches(self._lengths(self.val), batching, self.max_length):

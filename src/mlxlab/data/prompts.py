@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxlab.data.batching import Batch, Batching
-from mlxlab.data.chat import TEMPLATE_FILE, ChatError, encode_chats
+from mlxlab.data.chat import TEMPLATE_FILE, ChatError, ChatTemplate, encode_chats
 from mlxlab.data.completions import PromptCompletion, Rows, jsonl_lines
 from mlxlab.errors import ConfigError, MissingFileError
 
@@ -172,6 +172,11 @@ class PromptRows(PromptCompletion):
         keys = sorted({k for i in index for k in prompts.columns[i]})
         columns = {k: [prompts.columns[i].get(k) for i in index] for k in keys}
         return [prompts.texts[i] for i in index], [prompts.ids[i] for i in index], columns
+
+    def prompt_template(self) -> ChatTemplate:
+        """The chat template the prompts are rendered with (the model's, or data.chat_template's
+        file): what renders an objective's tools and tool turns."""
+        return self._chat_template()
 
     def stop_ids(self) -> list[int]:
         """The tokens a completion ends with: the tokenizer's end-of-text, the chat template's

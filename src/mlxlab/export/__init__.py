@@ -9,10 +9,13 @@ Decoders open with transformers.AutoModelForCausalLM and mlx_lm.load (GGUF: llam
 LM Studio; gguf.py); BERT classifiers with
 AutoModelForSequenceClassification. LoRA runs are fused into the weights, or (mlx-lm) kept as
 adapters beside the base model, or (peft) exported alone as a PEFT adapter folder
-(peft_adapter.py). Only architectures whose layout is proven export (architectures.py). `quantize` writes mlx-lm's quantized layout and measures the
+(peft_adapter.py). A transformers export (`hf`) proves itself where it is made: transformers
+loads the written folder and must give the fine-tune's logits on a short probe, else it is
+refused with the measured gap (proof.py; `check=False` writes it unchecked); the gap, the probe
+and transformers' version go into its model card. `quantize` writes mlx-lm's quantized layout and measures the
 perplexity and next-token accuracy it costs on the run's validation data (export_report.json).
 A run that scored evaluation tasks (eval.tasks) gets a README.md model card with their scores
-(model_card.py).
+(model_card.py); a checked (or unchecked) export, a card saying so.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from mlxlab.export.architectures import LAYOUTS, layout_of
+from mlxlab.export.architectures import TESTED, layout_of
 from mlxlab.export.hf import (
     DTYPES,
     ExportError,
@@ -41,9 +44,20 @@ from mlxlab.export.hf import (
 )
 from mlxlab.export.mlx_lm import quantize as quantize_model
 from mlxlab.export.mlx_lm import split_adapters, write_adapters
-from mlxlab.export.model_card import model_card, unfinished_card
+from mlxlab.export.model_card import bare_card, check_section, model_card, unfinished_card
 from mlxlab.export.peft_adapter import check_peft, peft_files, write_peft
 from mlxlab.export.pin import pinned_checkpoint, unfinished_note
+from mlxlab.export.proof import (
+    checker_version,
+    compare,
+    mlxlab_logits,
+    peft_available,
+    peft_base,
+    probe_ids,
+    round_adapters,
+    transformers_logits,
+    unchecked,
+)
 from mlxlab.export.quality import validation_batches
 from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
 from mlxlab.models.bert import BertClassifier
@@ -78,11 +92,6 @@ def _check_options(model, fmt: str, dtype: str, quantize: int | None, lora: str)
             )
     elif not isinstance(model, (Transformer, MLXLMDecoder)):
         raise ExportError(f"a {type(model).__name__} run has no Hugging Face equivalent")
-    elif isinstance(model, MLXLMDecoder) and layout_of(model.architecture["model_type"]) is None:
-        raise ExportError(
-            f"model_type={model.architecture['model_type']!r} has no proven export: mlxlab "
-            f"exports {sorted(LAYOUTS)} (each checked in transformers and mlx-lm); its weights "
-            "stay usable in mlxlab (generate, eval, serve)")
     elif isinstance(model, MLXLMDecoder) and model.quantized and quantize:
         raise ExportError(f"the model is already {model.quantized_bits()}-bit quantized: export "
                           "it without --quantize (it stays quantized in --format mlx-lm)")
@@ -105,9 +114,11 @@ def export_run(
     quantize: int | None = None,
     lora: str = "fuse",
     overwrite: bool = False,
+    check: bool = True,
 ) -> dict:
     """Write the run's model (best checkpoint, else newest) to `out`; returns the report that is
-    also saved as out/export_report.json."""
+    also saved as out/export_report.json. `check=False` writes a transformers export without
+    loading it in transformers (its card says unchecked)."""
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.exists():
         raise FileNotFoundError(f"{run} does not exist: pass a run directory (outputs/<task>/<time>)")
@@ -118,12 +129,44 @@ def export_run(
         run_folder = chosen.parent.parent if chosen.parent.name == "checkpoints" else run
         note = unfinished_note(run_folder, state.step, state.config)
         return _export_loaded(model, state, chosen, note, run, out, tokenizer_path, fmt, dtype,
-                              quantize, lora, overwrite)
+                              quantize, lora, overwrite, check)
+
+
+def _checker(model, state, fmt: str, check: bool) -> dict | None:
+    """None when the export will be checked (transformers can load it here), else the record
+    of why it is written unchecked; a model type no test proves is refused when nothing here
+    can check it."""
+    if fmt == "mlx-lm":
+        if not check:
+            raise ExportError("--no-check is for --format hf, peft and gguf: --format mlx-lm is "
+                              "mlx-lm's own layout, which is not loaded in transformers")
+        return None
+    if not check:
+        return unchecked("written with --no-check, not loaded in transformers")
+    version = checker_version()
+    if fmt == "peft":
+        base = peft_base(state.config.get("model") or {})
+        why = ("PyTorch is not installed, so transformers could not load it here"
+               if version is None else "peft is not installed" if not peft_available()
+               else None if base is not None
+               else "its base is not a Hugging Face folder transformers loads here")
+        return None if why is None else unchecked(why)
+    if version is not None:
+        return None
+    kind = model.architecture.get("model_type") if isinstance(model, MLXLMDecoder) else None
+    if kind is not None and kind not in TESTED:
+        raise ExportError(
+            f"model_type={kind!r} is checked as it is exported, by loading it in transformers, "
+            "which needs PyTorch (not installed here), and no mlxlab test proves its export: "
+            "pip install torch, or pass --no-check to write it unchecked")
+    return unchecked("PyTorch is not installed, so transformers could not load it here"
+                     + (f"; model_type={kind!r} is one mlxlab's tests export and check"
+                        if kind else ""))
 
 
 def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out: Path,
                    tokenizer_path: Path, fmt: str, dtype: str | None, quantize: int | None,
-                   lora: str, overwrite: bool) -> dict:
+                   lora: str, overwrite: bool, check: bool = True) -> dict:
     remapped = None
     if isinstance(model, RemappedLM):  # the small model + a tokenizer on its ids (remapped.py)
         remapped, model = model, model.inner
@@ -132,6 +175,7 @@ def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out:
         source = source_config.get("torch_dtype", source_config.get("dtype"))
         dtype = source if source in DTYPES else "float32"
     _check_options(model, fmt, dtype, quantize, lora)
+    not_checked = _checker(model, state, fmt, check)
     if fmt == "peft":
         check_peft(state.config.get("model") or {},
                    isinstance(model, MLXLMDecoder) and bool(model.quantized), has_adapters(model))
@@ -154,6 +198,8 @@ def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out:
                           state.step)  # the run's task scores; None when it scored none
         if note is not None:
             card = unfinished_card(card, out.name, note)
+        if not_checked is not None:
+            report["check"] = not_checked
         _export(model, state, run_dir, tokenizer_path, out, fmt, dtype, quantize, lora, report,
                 card)
     finally:
@@ -207,11 +253,20 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
         if adapters is not None:
             write_adapters(*adapters, tmp / "adapters", DTYPES[dtype])
             report["adapter_path"] = str(out / "adapters")
+        if fmt == "hf" and "check" not in report:  # refused here: the folder is not moved in
+            report["check"] = _prove(model, tmp)
         _write_report(tmp, out, report, card)
 
 
 def _export_peft(model, state, out: Path, dtype: str, report: dict, card: str | None) -> None:
-    """The adapters alone, on the base checkpoint's Hugging Face names (peft_adapter.py)."""
+    """The adapters alone, on the base checkpoint's Hugging Face names (peft_adapter.py);
+    checked (unless report["check"] says why not) by PEFT putting them on the base in
+    transformers, against the fine-tune with its adapters rounded to `dtype` as written."""
+    base_folder = peft_base(state.config["model"])
+    checked = "check" not in report and base_folder is not None
+    if checked:
+        ids = probe_ids(int(model.architecture["vocab_size"]))
+        ours = mlxlab_logits(round_adapters(model, DTYPES[dtype]), ids)
     adapters, settings = split_adapters(model)
     unwrap_lora(model)  # the base, whose Hugging Face names the adapters must land on
     base_names = hf_weights(model, dtype, "hf").keys()
@@ -222,11 +277,25 @@ def _export_peft(model, state, out: Path, dtype: str, report: dict, card: str | 
         card = card.replace("library_name: transformers", "library_name: peft", 1)
     with _folder(out) as tmp:
         write_peft(tensors, config, tmp)
+        if checked:  # refused here: the folder is not moved in
+            theirs = transformers_logits(base_folder, ids, classifier=False, adapter=tmp)
+            report["check"] = compare(ours, theirs, f"{checker_version()} + peft", ids)
         _write_report(tmp, out, report, card)
+
+
+def _prove(model, folder: Path) -> dict:
+    """The written folder in transformers against mlxlab's forward of the same weights."""
+    ids = probe_ids(int(model.architecture["vocab_size"]))
+    theirs = transformers_logits(folder, ids, classifier=isinstance(model, BertClassifier))
+    return compare(mlxlab_logits(model, ids), theirs, checker_version() or "transformers", ids)
 
 
 def _write_report(tmp: Path, out: Path, report: dict, card: str | None) -> None:
     (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if "check" in report:  # how the export was checked (or why not): on every card
+        library = "peft" if report["format"] == "peft" else "transformers"
+        card = (card or bare_card(out.name, library)) + check_section(report["check"],
+                                                                       report["dtype"])
     if card is not None:  # the model card: task scores with intervals (model_card.py)
         (tmp / "README.md").write_text(card)
         report["model_card"] = str(out / "README.md")
@@ -250,28 +319,35 @@ def _folder(out: Path) -> Iterator[Path]:
 
 
 def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, check: bool = True) -> dict:
     """A finished decoder run (LoRA fused, best checkpoint) or a float pretrained folder as one
-    GGUF file, with an Ollama Modelfile beside it. A run goes through the float Hugging Face
-    folder `export_run` writes (a temporary one), so the GGUF holds exactly the weights and
-    tokenizer that folder holds; the run's model card (task scores) becomes its description."""
+    GGUF file, with an Ollama Modelfile beside it named after it. A run goes through the float
+    Hugging Face folder `export_run` writes (a temporary one, checked in transformers as every
+    such folder is), so the GGUF holds exactly the weights and tokenizer that folder holds; the
+    run's model card (task scores, the check) becomes its description."""
     from mlxlab.export.gguf import GGUFExportError, write_gguf
-    from mlxlab.export.ollama import write_modelfile
+    from mlxlab.export.ollama import modelfile_path, write_modelfile
 
     source, out = Path(source).expanduser(), Path(out).expanduser()
     if out.suffix != ".gguf":
         raise GGUFExportError(f"--out {out}: a GGUF export is one file; name it *.gguf")
-    if out.exists() and not overwrite:
-        raise GGUFExportError(f"{out} exists: pick a new --out or pass --overwrite")
+    for existing in (out, modelfile_path(out)):
+        if existing.exists() and not overwrite:
+            raise GGUFExportError(f"{existing} exists: pick a new --out or pass --overwrite")
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist: pass a run directory or a model folder")
     staging = Path(tempfile.mkdtemp(prefix="mlxlab-gguf-"))
     try:
         if (source / "config.json").is_file() and any(source.glob("*.safetensors")):
+            if not check:
+                raise GGUFExportError("--no-check is for a run's export (checked in "
+                                      "transformers on its way to GGUF); a model folder goes "
+                                      "to GGUF as it is")
             folder, report = source, {"source": str(source)}  # a pretrained folder
         else:
             folder = staging / source.name
-            report = export_run(source, folder, fmt="hf", dtype="float32", lora="fuse")
+            report = export_run(source, folder, fmt="hf", dtype="float32", lora="fuse",
+                                check=check)
         card = report.get("model_card")  # a run's task scores (a folder's README is not ours)
         description = _card_text(folder / "README.md") if card else None
         report.update(write_gguf(folder, out, quant, description=description, name=source.name))

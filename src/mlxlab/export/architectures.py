@@ -1,17 +1,20 @@
-"""The decoders whose export is proven, and how each one's mlx-lm weights go back to the Hugging
-Face checkpoint's layout.
+"""How each decoder's mlx-lm weights go back to the Hugging Face checkpoint's layout, and the
+model types mlxlab's tests prove.
 
 mlx-lm loads a hub checkpoint through its architecture's `sanitize`, which for most types only
 drops tensors, but for some rewrites them: MoE experts stacked into `switch_mlp.<proj>`,
 DeepSeek-V3's `kv_b_proj` split into `embed_q` and `unembed_out`, Granite MoE's fused
 `input_linear` split into gate and up, LFM2's convolution kernels transposed. `--format hf`
-undoes that per architecture (`Layout.to_hf`); `--format mlx-lm` writes mlx-lm's own names,
-which its `load` reads back unchanged.
+undoes that per architecture (`Layout.to_hf`; a type `LAYOUTS` does not name gets the default:
+experts unstacked, names and config kept); `--format mlx-lm` writes mlx-lm's own names, which
+its `load` reads back unchanged (what `mlx_lm.convert` writes: mlx-lm's sanitize must take its
+own output back for every type it has, so that format needs no check).
 
-Only the model types in `LAYOUTS` export: tests/test_export_architectures.py trains each one and
-loads both exports (transformers, mlx-lm) with mlxlab's logits to 1e-4 and no missing or
-unexpected tensor; a type that is not listed is refused before anything is written, since a
-sanitize this table does not undo would be written under names transformers fills at random.
+What gates an export is its check (proof.py): transformers loads the written folder and must
+give the fine-tune's logits, so a sanitize this table does not undo, or a forward that differs
+between mlx-lm and transformers, is refused with the measured gap. `TESTED` is the list
+tests/test_export_architectures.py trains and exports (transformers and mlx-lm, no missing or
+unexpected tensor); it is what an export without PyTorch (nothing to check with) may rely on.
 """
 
 from __future__ import annotations
@@ -96,17 +99,22 @@ class Layout:
     hf_config: Callable[[dict], dict] = _same_config
 
 
+# The types whose to_hf or config is not the default's
 LAYOUTS: dict[str, Layout] = {
-    **{kind: Layout() for kind in (
-        "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
-        "granite", "qwen3_moe", "mixtral")},
     "starcoder2": Layout(hf_config=_exact_gelu),
     "deepseek_v3": Layout(_deepseek_v3),
     "granitemoe": Layout(_granitemoe),
     "lfm2": Layout(_lfm2),
 }
 
+# The types tests/test_export_architectures.py exports and loads in transformers and mlx-lm
+# (its parametrization: a type here without a tiny model there fails the tests)
+TESTED = ("cohere2", "deepseek_v3", "exaone4", "gemma2", "gemma3_text", "glm4", "granite",
+          "granitemoe", "lfm2", "llama", "mistral", "mixtral", "olmo2", "phi3", "qwen2",
+          "qwen3", "qwen3_moe", "starcoder2")
 
-def layout_of(model_type: str | None) -> Layout | None:
-    """The proven layout of a model_type, None for one whose export is not proven."""
-    return LAYOUTS.get(model_type or "")
+
+def layout_of(model_type: str | None) -> Layout:
+    """How a model_type's weights and config go back to the Hugging Face layout (the default
+    for a type LAYOUTS does not name; its check says whether that is right)."""
+    return LAYOUTS.get(model_type or "", Layout())

@@ -147,11 +147,33 @@ def _rows(task: SavedTask, base: SavedTask | None, with_base: bool) -> list[str]
     return rows
 
 
+def bare_card(name: str, library: str = "transformers") -> str:
+    """A card with the front matter and the title alone (a run that scored no task)."""
+    return f"---\nlibrary_name: {library}\ntags: [mlxlab, mlx]\n---\n\n# {name}\n"
+
+
 def unfinished_card(card: str | None, name: str, note: str) -> str:
     """The card with a warning under its title that the run had not finished (a card of that
     line alone when the run scored no task)."""
     warning = f"> **Unfinished run.** {note[0].upper()}{note[1:]}."
     if card is None:
-        return f"---\nlibrary_name: transformers\ntags: [mlxlab, mlx]\n---\n\n# {name}\n\n{warning}\n"
+        return f"{bare_card(name)}\n{warning}\n"
     head, title, rest = card.partition(f"\n# {name}\n")
     return f"{head}{title}\n{warning}\n{rest}"
+
+
+def check_section(check: dict, dtype: str) -> str:
+    """The card's "Export check" section: the check's record (export/proof.py) in words."""
+    lines = ["", "## Export check", ""]
+    if check["status"] != "checked":
+        return "\n".join([*lines, f"Unchecked: {check['why']}.", ""])
+    rows, tokens = len(check["probe"]), len(check["probe"][0])
+    lines += [f"{check['checker']} loaded this export ({check['compute']}); its logits differ "
+              "from mlxlab's forward of the fine-tune by at most (max |logit gap|) "
+              f"{check['max_abs_logit_gap']:.3g} (allowed: {check['allowed_gap']:.3g}, "
+              f"{check['tolerance']:g} of the logits' largest magnitude, "
+              f"{check['logit_scale']:.3g}), on a {rows}x{tokens}-token probe, the weights as "
+              f"written ({dtype}) computed in float32 on both sides.", "", "Probe token ids:",
+              "", "```"]
+    lines += [str(row) for row in check["probe"]]
+    return "\n".join([*lines, "```", ""])

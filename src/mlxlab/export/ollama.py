@@ -1,4 +1,6 @@
-"""An Ollama `Modelfile` beside an exported GGUF: `ollama create NAME -f Modelfile` then runs it.
+"""An Ollama Modelfile beside an exported GGUF, named after it (`chat.gguf` -> `chat.Modelfile`,
+so several exports into one folder each keep their own): `ollama create NAME -f chat.Modelfile`
+then runs it.
 
 Ollama's TEMPLATE is a Go template, not Jinja, so a model's chat template cannot be translated in
 general. The common styles can: the folder's template is rendered on a fixed probe chat and the
@@ -107,8 +109,14 @@ def _eos(folder: Path) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
+def modelfile_path(gguf_file: Path) -> Path:
+    """The Modelfile of `gguf_file`: beside it, named after it."""
+    return gguf_file.with_name(f"{gguf_file.stem}.Modelfile")
+
+
 def write_modelfile(folder: Path, gguf_file: Path) -> dict:
-    """Modelfile beside `gguf_file` (FROM it by its file name); returns the style and stops."""
+    """The Modelfile of `gguf_file` (modelfile_path; FROM the file by its name); returns the
+    style and stops."""
     style = chat_style(folder)
     stops: list[str] = list(STYLES[style][2]) if style else []
     eos = _eos(folder)
@@ -125,6 +133,6 @@ def write_modelfile(folder: Path, gguf_file: Path) -> dict:
     if system is not None:  # what the template put into every training chat without one
         lines += [f'SYSTEM """{system}"""', ""]
     lines += [f'PARAMETER stop "{stop}"' for stop in stops]
-    path = gguf_file.with_name("Modelfile")
+    path = modelfile_path(gguf_file)
     path.write_text("\n".join(lines) + "\n")
     return {"modelfile": str(path), "chat_style": style, "stop": stops, "system": system}

@@ -38,15 +38,22 @@ def attention(
     """softmax(q k^T * scale + mask) v over (B, H, T, D) heads, what
     mx.fast.scaled_dot_product_attention computes. Fused: the two matmuls go to BLAS and the
     masked softmax (forward and backward) to one kernel, for float32 with no mask, an additive
-    (T_q, T_kv) mask or a key-padding mask (B, 1, 1, T_kv) (boolean, True = may attend, as
+    (T_q, T_kv) mask, an additive mask per row (B, 1, T_q, T_kv) (packed rows:
+    models/packing.py) or a key-padding mask (B, 1, 1, T_kv) (boolean, True = may attend, as
     models.layers.padding_mask makes; or additive), with as many key/value heads as query heads or
     a divisor of them (grouped-query attention); otherwise MLX's SDPA. The fused softmax is MLX's op for op, so the result is MLX's to the bit."""
     key_mask = isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1:3] == (1, 1)
-    plain_mask = mask is None or key_mask or (isinstance(mask, mx.array) and mask.ndim == 2)
+    # a mask per row shared by the heads (B, 1, T_q, T_kv): packed rows' block-diagonal mask
+    row_mask = (isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1] == 1
+                and not key_mask and mask.dtype != mx.bool_)
+    plain_mask = (mask is None or key_mask or row_mask
+                  or (isinstance(mask, mx.array) and mask.ndim == 2))
     module = fused("attention", q, k, v)
     grouped = k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0
     if module is None or not plain_mask or not grouped:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if row_mask:  # added to the scores before the fused softmax (one broadcast pass)
+        return _attention_rows(module, q, k, v, scale, mask.astype(mx.float32))
     if isinstance(mask, mx.array):
         if mask.dtype == mx.bool_:
             # MLX puts float32's lowest where the mask is false; adding it to a score gives
@@ -68,6 +75,20 @@ def attention(
     grouped_q = (q * scale).reshape(B, H // group, group * T, D)
     scores = (grouped_q @ k.swapaxes(-1, -2)).reshape(B, H, T, -1)
     probs = module.softmax(scores, mask, key_mask).reshape(B, H // group, group * T, -1)
+    return (probs @ v).reshape(B, H, T, D)
+
+
+def _attention_rows(module, q: mx.array, k: mx.array, v: mx.array, scale: float,
+                    mask: mx.array) -> mx.array:
+    """kernels.attention with an additive (B, 1, T_q, T_kv) mask: the scores plus the mask, then
+    the fused softmax with no mask of its own (grouped-query heads as in attention above)."""
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    if group == 1:
+        return module.softmax((q * scale) @ k.swapaxes(-1, -2) + mask, None, False) @ v
+    grouped_q = (q * scale).reshape(B, H // group, group * T, D)
+    scores = (grouped_q @ k.swapaxes(-1, -2)).reshape(B, H, T, -1) + mask
+    probs = module.softmax(scores, None, False).reshape(B, H // group, group * T, -1)
     return (probs @ v).reshape(B, H, T, D)
 
 

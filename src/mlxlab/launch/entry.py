@@ -12,14 +12,17 @@ import sys
 from collections.abc import Callable
 
 from mlxlab.errors import ConfigError, UserError
-from mlxlab.runtime import supervise
+from mlxlab.runtime import memory, memory_limits, supervise
 
 
 def main(job: Callable, supervised: bool = True) -> None:
     """Check the command line, then run `job` (one run, or each job of a sweep) in the Hydra
     app: in a supervised child (`supervised` and wanted), else in this process."""
     if supervised and supervise.wanted():  # the child checks, composes and trains
-        sys.exit(supervise.main(sys.argv[1:]))
+        sys.exit(supervise.main(sys.argv[1:], mark_killed=mark_run_killed))
+    # the training process, before its threads: under `ulimit -v` few malloc arenas, each of
+    # which reserves 64 MiB of the limited address space (runtime/memory.py)
+    memory.fewer_arenas_under_limit(memory_limits.address_space_limit())
     from mlxlab.launch.argv import check_group_choices, check_misplaced_keys
 
     try:
@@ -55,6 +58,14 @@ def hydra_main(job: Callable) -> None:
     from mlxlab.config import config_dir
 
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(job)()
+
+
+def mark_run_killed(uri: str, run_id: str, reason: str) -> None:
+    """The supervising parent ended a stalled child: its MLflow run KILLED (imported only then:
+    the parent stays without MLflow)."""
+    from mlxlab.tracking.mlflow.stale import mark_run_killed as mark
+
+    mark(uri, run_id, reason)
 
 
 def leave(code: int, err: Exception | str) -> None:

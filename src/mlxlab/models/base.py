@@ -14,6 +14,8 @@ from typing import Any
 
 import mlx.nn as nn
 
+from mlxlab.errors import ConfigError
+
 
 class Model(nn.Module):
     """An `nn.Module` whose `model(input_ids, attention_mask=None) -> logits` the trainer calls."""
@@ -32,6 +34,15 @@ class Model(nn.Module):
         """The model node's settings (its keys, resolved), checked before anything is created
         (config.validate asks): one ConfigError line for one that cannot work. Default: the
         constructor checks them when the model is built."""
+
+    @classmethod
+    def check_packing(cls, node: Mapping[str, Any]) -> None:
+        """data.pack=true with this model (its node, resolved): one ConfigError line unless the
+        model keeps packed rows apart (`segment_ids` in its call: models/packing.py). Default:
+        it does not."""
+        raise ConfigError(f"data.pack=true: {cls.__name__} does not take packed rows (a decoder "
+                          "does: model.pretrained=<folder> or the presets' Transformer); set "
+                          "data.pack=false")
 
     @property
     def architecture(self) -> dict[str, Any]:

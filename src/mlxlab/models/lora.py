@@ -10,7 +10,9 @@ it: preference tuning's reference model (training/preference.py).
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,12 @@ from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.quantized_cpu import CpuQuantizedLinear
 
 LORA_KEYS = {"rank", "alpha", "dropout", "targets", "extra_trainable", "kind"}
+# Fewer distinct layer names than this reached, or a smaller share of the model's parameters
+# trained, is too little LoRA for the targets to be what the user meant (check_reach)
+MIN_REACHED_NAMES = 2
+MIN_TRAINED_SHARE = 1e-4
+
+log = logging.getLogger(__name__)
 
 
 class AdapterLayer(nn.Module):
@@ -236,6 +244,47 @@ def targeted_linears(model: nn.Module, targets: Iterable[str]) -> list[tuple[str
         names = sorted({n.split(".")[-1] for n, _ in linears})
         raise ConfigError(f"lora targets {targets} match no Linear layer; available: {names}")
     return wrapped
+
+
+def reached(model: nn.Module) -> Counter:
+    """How many adapter layers the model has under each layer name ("o_proj": 61)."""
+    return Counter(n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, AdapterLayer))
+
+
+def check_reach(model: nn.Module, targets: Iterable[str],
+                aliases: Mapping[str, Iterable[str]] | None = None) -> Counter:
+    """Say which layers LoRA's `targets` reached (each name, how many, the share of parameters
+    trained); a warning naming model.lora.targets when they reached too little (fewer than
+    MIN_REACHED_NAMES layer names, or under MIN_TRAINED_SHARE of the parameters): an
+    architecture whose projections have other names (deepseek_v3's q_a_proj, kv_b_proj, ...)
+    than the targets (with `aliases`: each target's other spellings) expect."""
+    counts = reached(model)
+    if not counts:
+        return counts
+    aliases = aliases or {}
+    names = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    missed = [t for t in targets if not any(_matches(n, [t, *aliases.get(t, ())])
+                                            for n in names)]
+    trained = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    total = sum(v.size for _, v in tree_flatten(model.parameters())) or 1
+    where = ", ".join(f"{name} x{count}" for name, count in sorted(counts.items()))
+    log.info("LoRA adapters on %d layers: %s (%s trainable parameters, %.3g%% of %s)",
+             sum(counts.values()), where, f"{trained:,}", 100 * trained / total, f"{total:,}")
+    if len(counts) >= MIN_REACHED_NAMES and trained / total >= MIN_TRAINED_SHARE:
+        return counts
+    inside = {f"{n}.linear" for n in names}  # an adapter's own base layer
+    linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                      if (type(m) in ADAPTABLE and n not in inside) or isinstance(m, AdapterLayer)})
+    log.warning(
+        "model.lora.targets %s reached only %s (%s trainable parameters, %.2g%% of the model)%s: "
+        "too little for LoRA to learn much. This model's Linear layers are %s: name its "
+        "attention projections in model.lora.targets, e.g. model.lora.targets=[%s]",
+        list(targets), where, f"{trained:,}", 100 * trained / total,
+        f"; {', '.join(missed)} reached no layer" if missed else "", linears,
+        ",".join(n for n in linears if "proj" in n and "expert" not in n
+                 and not n.startswith(("gate", "up", "down"))) or ",".join(linears))
+    return counts
 
 
 def maybe_apply_lora(

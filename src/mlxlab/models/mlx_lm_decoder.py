@@ -30,9 +30,10 @@ from mlx.utils import tree_flatten
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.base import Model
 from mlxlab.models.hf import check_vocab, read_config
-from mlxlab.models.lora import check_lora, maybe_apply_lora, targeted_linears
+from mlxlab.models.lora import check_lora, check_reach, maybe_apply_lora, targeted_linears
 from mlxlab.models.mlx_lm_classes import mlx_lm_version, model_classes
 from mlxlab.models.mlx_lm_fused import use_fused_kernels
+from mlxlab.models.packing import attention_segments, check_packable
 from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
 from mlxlab.models.sources import model_folder
 
@@ -235,6 +236,21 @@ class MLXLMDecoder(Model):
             targeted_linears(model_class(args_class.from_dict(dict(config))),
                              lora_targets(lora)["targets"])
 
+    @classmethod
+    def check_packing(cls, node: Mapping[str, Any]) -> None:
+        """data.pack=true: the architecture keeps packed rows apart (models/packing.py), or one
+        line why not, before anything is created: a packed forward pass is traced on the model
+        built lazily from its config.json (MLX computes none of it)."""
+        path, config = model_source(node["pretrained"], node.get("revision"))
+        model_class, args_class = model_classes(config, path)
+        lm = model_class(args_class.from_dict(dict(config)))
+        use_fused_kernels(lm)  # mlx-lm's masks go through packed_mask
+        model_type = str(config.get("model_type"))
+        check_packable(lm, model_type)
+        ids = mx.zeros((1, 4), mx.int32)
+        with attention_segments(mx.array([[1, 1, 2, 2]]), len(lm.layers), model_type):
+            lm(ids)  # a graph only: never evaluated
+
     @property
     def layers(self) -> list:
         """The decoder blocks (mlx-lm's `model.layers`; export counts them)."""
@@ -267,9 +283,19 @@ class MLXLMDecoder(Model):
         return make_prompt_cache(self.lm)
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
-                 cache: list | None = None) -> mx.array:
+                 cache: list | None = None, segment_ids: mx.array | None = None) -> mx.array:
+        """`segment_ids` (B, T): a packed batch's rows, each attending only to itself
+        (models/packing.py); refused for a model whose layers cannot keep them apart."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
+        if segment_ids is not None:
+            model_type = str(self._hf_config.get("model_type"))
+            check_packable(self.lm, model_type)
+            with attention_segments(segment_ids, len(self.lm.layers), model_type):
+                return self._forward(input_ids, cache)
+        return self._forward(input_ids, cache)
+
+    def _forward(self, input_ids: mx.array, cache: list | None) -> mx.array:
         if self.head == "score":  # (B, T, 1): a score at every position
             return self.score(self.lm.model(input_ids, cache=cache))
         return self.lm(input_ids, cache=cache)
@@ -300,7 +326,8 @@ def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mappin
         raise ConfigError("full fine-tuning (model.lora.rank=0) needs a float base and this one "
                           "is quantized: train LoRA adapters (model.lora.rank=8) or give a float "
                           "folder")
-    maybe_apply_lora(model, lora_targets(lora))
+    if maybe_apply_lora(model, lora_targets(lora)) and not rebuilt:  # which layers, said once
+        check_reach(model.lm, lora.get("targets") or (), TARGET_ALIASES)
     # On the CPU, quantized layers (under their adapters too) multiply through the fused
     # dequantize + float GEMM: MLX's own quantized matmul runs ~30x slower there.
     fast = use_fast_cpu_quantized(model.lm) if model.quantized else 0

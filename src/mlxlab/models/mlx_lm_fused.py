@@ -36,6 +36,7 @@ import mlx.nn as nn
 from mlxlab import kernels
 from mlxlab.kernels.dispatch import fused
 from mlxlab.models.layers import RMSNorm, causal_additive_mask
+from mlxlab.models.packing import count_packed_mask, packed_mask
 
 # wrapper -> the mlx-lm function it wraps: a second model of the type never wraps it again
 ORIGINALS: dict[Callable, Callable] = {}
@@ -43,14 +44,17 @@ ORIGINALS: dict[Callable, Callable] = {}
 
 def fused_attention(original: Callable) -> Callable:
     """mlx-lm's `scaled_dot_product_attention(q, k, v, cache, scale, mask, sinks=None)` through
-    kernels.attention where the fused path takes it: no cache, no sinks, mask None, "causal" or
-    an additive / boolean (T_q, T_kv) array."""
+    kernels.attention where the fused path takes it: no cache, no sinks, mask None, "causal", an
+    additive / boolean (T_q, T_kv) array or an additive (B, 1, T_q, T_kv) one (a packed batch's,
+    counted by models/packing.py on every device)."""
 
     def attention(queries: mx.array, keys: mx.array, values: mx.array, cache: object,
                   scale: float, mask: mx.array | str | None, sinks: mx.array | None = None
                   ) -> mx.array:
+        count_packed_mask(mask)  # a packed batch's rows kept apart (models/packing.py)
         plain = (mask is None or (isinstance(mask, str) and mask == "causal")
-                 or (isinstance(mask, mx.array) and mask.ndim == 2))
+                 or (isinstance(mask, mx.array) and (mask.ndim == 2 or (
+                     mask.ndim == 4 and mask.shape[1] == 1 and mask.dtype != mx.bool_))))
         if (cache is not None or sinks is not None or not plain
                 or values.shape[-1] != queries.shape[-1]  # (MLA's narrower values: SDPA)
                 or fused("attention", queries, keys, values) is None):
@@ -62,6 +66,17 @@ def fused_attention(original: Callable) -> Callable:
 
     ORIGINALS[attention] = original
     return attention
+
+
+def segment_masks(original: Callable) -> Callable:
+    """mlx-lm's `create_attention_mask(h, cache, ...)`, combined with a packed batch's segment
+    mask inside a packed forward pass (models/packing.py packed_mask); mlx-lm's own otherwise."""
+
+    def create_attention_mask(*args, **kwargs):
+        return packed_mask(original(*args, **kwargs))
+
+    ORIGINALS[create_attention_mask] = original
+    return create_attention_mask
 
 
 def fused_swiglu(original: Callable) -> Callable:
@@ -103,6 +118,7 @@ def use_fused_kernels(lm: nn.Module) -> int:
 
     routed = 0
     targets = {"scaled_dot_product_attention": (base.scaled_dot_product_attention, fused_attention),
+               "create_attention_mask": (base.create_attention_mask, segment_masks),
                "swiglu": (activations.swiglu, fused_swiglu)}
     for module in _model_modules(lm):
         for name, (original, wrap) in targets.items():

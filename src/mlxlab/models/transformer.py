@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,6 +30,7 @@ from mlxlab.models.layers import (
     make_norm,
 )
 from mlxlab.models.lora import maybe_apply_lora
+from mlxlab.models.packing import segment_mask, segment_positions
 from mlxlab.models.rope import make_rope
 
 
@@ -147,6 +149,11 @@ class Transformer(Model):
         res = 0.02 / (2 * a.num_layers) ** 0.5
         init_normal_(self, 0.02, {"attention.out": res, "mlp.down": res})
 
+    @classmethod
+    def check_packing(cls, node: Mapping[str, Any]) -> None:
+        """data.pack=true: always possible (segment_ids in __call__: rows masked apart, learned
+        positions restarted)."""
+
     def blocks(self) -> list:
         return list(self.layers)
 
@@ -158,7 +165,10 @@ class Transformer(Model):
         input_ids: mx.array,
         attention_mask: mx.array | None = None,
         cache: list[KVCache] | None = None,
+        segment_ids: mx.array | None = None,
     ) -> mx.array:
+        """`segment_ids` (B, T): a packed batch's rows (models/packing.py), each attending only
+        to itself, learned positions restarting at each row."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
         T = input_ids.shape[1]
@@ -170,7 +180,9 @@ class Transformer(Model):
             )
         h = self.embed_tokens(input_ids)
         if "pos_embed" in self:
-            h = h + self.pos_embed(mx.arange(offset, offset + T))
+            positions = (mx.arange(offset, offset + T) if segment_ids is None
+                         else segment_positions(segment_ids))
+            h = h + self.pos_embed(positions)
         h = self.dropout(h)
         if attention_mask is not None and attention_mask.shape != (input_ids.shape[0], offset + T):
             raise ValueError(
@@ -179,7 +191,9 @@ class Transformer(Model):
             )
         # No padding: an additive causal array (faster than SDPA's mask="causal" on CPU); one new
         # token attends to everything cached, so it needs no mask at all.
-        if attention_mask is not None:
+        if segment_ids is not None:
+            mask = segment_mask(segment_ids, h.dtype)
+        elif attention_mask is not None:
             mask = causal_padding_mask(attention_mask, T)
         else:
             mask = None if T == 1 else causal_additive_mask(T, offset + T, h.dtype)

@@ -11,6 +11,11 @@ generation time (the old policy of the clipped ratio); with beta > 0 the referen
 policy with its LoRA adapters off: models/lora.py `adapters_off`, no second copy), computed
 once per generation outside the step. The loss (grpo_loss.py) is TRL's: grpo, dr_grpo or dapo.
 
+With `tools` (or an `environment`) each completion is a multi-turn trajectory (agent.py): the
+model calls tools, their answers come back as tool turns (loss mask 0), the rewards judge the
+final answer and the advantage is the trajectory's; `max_turns`, `tool_timeout_s`,
+`tool_format` and `tagged_format` say how (conf/objective/grpo.yaml).
+
 Everything that decides the next batch is in `state_dict`: the generator's key, the buffer and
 how many of its passes are done, the metric sums since the last logged line. A run SIGKILLed between two steps resumes to the same bits (tests/test_grpo.py).
 
@@ -26,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -38,6 +44,7 @@ from mlxlab.config.records import check_number
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.errors import ConfigError
 from mlxlab.models.lora import adapters_off, has_adapters
+from mlxlab.objectives.agent import Agent, AgentSettings, reward_columns, trajectory_rows
 from mlxlab.objectives.base import (
     Evaluation,
     MetricSpec,
@@ -46,19 +53,23 @@ from mlxlab.objectives.base import (
     pack_array,
     unpack_array,
 )
+from mlxlab.objectives.environments import environment_factory
 from mlxlab.objectives.grpo_loss import (
     check_loss_settings,
     group_advantages,
     policy_loss,
     token_logps,
 )
-from mlxlab.objectives.rewards import build_rewards, score, total
+from mlxlab.objectives.rewards import Reward, build_rewards, score, total
 from mlxlab.objectives.rollouts import (
     Sampler,
     Sampling,
     check_sampling_config,
     completion_metrics,
+    sample_completions,
 )
+from mlxlab.objectives.tool_format import FORMATS, TAGGED_KEYS
+from mlxlab.objectives.tools import check_tool_specs
 from mlxlab.runtime import distributed
 from mlxlab.stats import MetricDefinition
 
@@ -78,7 +89,10 @@ class GRPO(Objective):
                  epsilon: float = 0.2, epsilon_high: float | None = None,
                  scale_rewards: str = "group", max_completion_length: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 eval_temperature: float = 0.0, log_completions: int = 8, seed: int = 0) -> None:
+                 eval_temperature: float = 0.0, log_completions: int = 8, seed: int = 0,
+                 tools: Sequence[Mapping] | None = None, environment: Mapping | None = None,
+                 max_turns: int = 4, tool_timeout_s: float | None = 10.0,
+                 tool_format: str = "auto", tagged_format: Mapping | None = None) -> None:
         check_number("objective.num_generations", num_generations, int, 2)
         check_number("objective.num_iterations", num_iterations, int, 1)
         epsilon_high = epsilon if epsilon_high is None else epsilon_high
@@ -88,6 +102,10 @@ class GRPO(Objective):
         if isinstance(rewards, DictConfig | ListConfig):
             rewards = OmegaConf.to_container(rewards, resolve=True)
         self.rewards = build_rewards(rewards)
+        self.agent = multi_turn(tools, environment, max_turns, tool_timeout_s, tool_format,
+                                tagged_format)
+        if self.agent is not None and environment is not None:  # its rewards: one more reward
+            self.rewards.append(Reward("environment", environment_reward, 1.0))
         self.group, self.mu, self.loss_type = int(num_generations), int(num_iterations), loss_type
         self.beta, self.eps_low, self.eps_high = float(beta), float(epsilon), float(epsilon_high)
         self.scale_rewards, self.temperature = scale_rewards, float(temperature)
@@ -100,11 +118,20 @@ class GRPO(Objective):
 
     @classmethod
     def check_config(cls, cfg: Any, kind: str | None) -> None:
+        """data=prompts; the tools importable functions with type hints and docstrings, the
+        environment a class with reset and step (nothing is called or made)."""
         check_sampling_config(cls, cfg, kind)
         super().check_config(cfg, kind)
+        node = cfg.objective
+        check_tool_specs(_plain(node.get("tools")))
+        if node.get("environment") is not None:
+            environment_factory(_plain(node.get("environment")))
 
     def setup(self, setup: ObjectiveSetup) -> None:
-        self.sampler.setup(setup, "grpo")
+        data = self.sampler.setup(setup, "grpo")
+        if self.agent is not None:
+            self.agent.setup(data, self.sampler.stop_ids)
+            self.sampler.use_prompts(self.agent.prompts, self.agent.longest_prompt())
         if self.beta and not has_adapters(setup.model):
             raise ConfigError(f"objective.beta={self.beta} measures the KL to the reference, the "
                               "model with its LoRA adapters off: set model.lora.rank > 0, or "
@@ -165,12 +192,14 @@ class GRPO(Objective):
             yield {k: mx.array(v) for k, v in self._buffer.items()}
 
     def _fill(self, model: nn.Module, data: Any, index: np.ndarray) -> None:
-        """One generation: completions sampled, scored, the rollout batch buffered."""
-        prompts, ids, columns = data.prompts("train", index)
-        completions = self.sampler.sample(model, ids, self.group)
-        table, rewards, texts = self._score(prompts, completions, columns, self.group)
+        """One generation: completions (trajectories, with tools) sampled, scored, the rollout
+        batch buffered."""
+        prompts, ids, columns = self.sampler.prompts("train", index)
+        rollout = self._rollout(model, prompts, ids, columns, self.group, self.sampling,
+                                self.sampler.next_key)
+        table, rewards = self._score(prompts, rollout, columns, self.group)
         advantages, std_zero = group_advantages(rewards, self.group, self.scale_rewards)
-        batch = self.sampler.batch(ids, completions, self.group)
+        batch = self.sampler.batch(ids, rollout.completions, self.group, rollout.masks)
         batch["advantages"] = advantages
         if self.mu > 1:  # the old policy of the clipped ratio: the model at generation time
             batch["old_logps"] = self._logps(model, batch)
@@ -178,18 +207,35 @@ class GRPO(Objective):
             with adapters_off(model):
                 batch["ref_logps"] = self._logps(model, batch)
         self._buffer, self._passes = batch, 0
-        self.sampler.add_logs({**rollout_metrics(table, rewards, self.rewards, completions,
-                                                 self.sampler.stop_ids),
+        self.sampler.add_logs({**rollout_metrics(table, rewards, self.rewards,
+                                                 rollout.model_tokens, self.sampler.stop_ids),
+                               **rollout.metrics,
                                "frac_reward_zero_std": float(std_zero.mean())})
 
-    def _score(self, prompts: list, completions: list[np.ndarray], columns: dict[str, list],
-               group: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """(each reward of each completion, their weighted sum, the completions as text)."""
-        texts = self.sampler.texts(completions)
+    def _rollout(self, model: nn.Module, prompts: list, ids: list[np.ndarray],
+                 columns: dict[str, list], group: int, sampling: Sampling,
+                 next_key: Callable[[], mx.array]) -> Rollout:
+        """`group` completions of each prompt: one turn each, or with tools the agent's
+        trajectories."""
+        if self.agent is None:
+            completions = sample_completions(model, ids, group, sampling, self.sampler.stop_ids,
+                                             next_key())
+            return Rollout(completions, None, completions, self.sampler.texts(completions), {},
+                           {})
+        trajectories = self.agent.rollout(model, prompts, ids, columns, group, sampling,
+                                          next_key)
+        tokens, masks = trajectory_rows(trajectories)
+        return Rollout(tokens, masks, [t.model_tokens() for t in trajectories],
+                       [t.answer for t in trajectories], reward_columns(trajectories),
+                       self.agent.metrics(trajectories))
+
+    def _score(self, prompts: list, rollout: Rollout, columns: dict[str, list],
+               group: int) -> tuple[np.ndarray, np.ndarray]:
+        """(each reward of each completion, their weighted sum)."""
         repeated = {k: [v for v in values for _ in range(group)] for k, values in columns.items()}
         prompts = [p for p in prompts for _ in range(group)]
-        table = score(self.rewards, prompts, texts, repeated)
-        return table, total(table, self.rewards), texts
+        table = score(self.rewards, prompts, rollout.texts, repeated | rollout.columns)
+        return table, total(table, self.rewards)
 
     def _logps(self, model: nn.Module, batch: dict[str, np.ndarray], rows: int = 16
                ) -> np.ndarray:
@@ -234,14 +280,26 @@ class GRPO(Objective):
         the rewards; sample completions logged as the artifact grpo_samples/step_<step>.jsonl
         (an evaluation outside a fit, step None, logs none)."""
         n = len(data.val)
-        prompts, ids, columns = data.prompts("val", np.arange(n))
-        completions = self.sampler.sample_eval(model, ids)
-        table, rewards, texts = self._score(prompts, completions, columns, 1)
-        metrics = rollout_metrics(table, rewards, self.rewards, completions,
-                                  self.sampler.stop_ids)
+        prompts, ids, columns = self.sampler.prompts("val", np.arange(n))
+        key = mx.random.key(self.sampler.seed)  # every evaluation samples alike
+
+        def next_key() -> mx.array:
+            nonlocal key
+            key, sub = mx.random.split(key)
+            return sub
+
+        first = mx.random.key(self.sampler.seed)
+        rollout = self._rollout(model, prompts, ids, columns, 1, self.sampler.eval_sampling,
+                                (lambda: first) if self.agent is None else next_key)
+        table, rewards = self._score(prompts, rollout, columns, 1)
+        metrics = rollout_metrics(table, rewards, self.rewards, rollout.model_tokens,
+                                  self.sampler.stop_ids) | rollout.metrics
+        shown = (self.sampler.texts(rollout.completions) if self.agent is None else
+                 [self.sampler.decode(c.tolist(), skip_special_tokens=False)
+                  for c in rollout.completions])
         self.sampler.log_samples([{"prompt": p, "completion": t, "reward": float(r),
                                    **{rw.name: float(v) for rw, v in zip(self.rewards, line)}}
-                                  for p, t, r, line in zip(prompts, texts, rewards, table)], step)
+                                  for p, t, r, line in zip(prompts, shown, rewards, table)], step)
         return Evaluation({f"{prefix}/{k}": v for k, v in metrics.items()})
 
     @classmethod
@@ -252,6 +310,53 @@ class GRPO(Objective):
                "completions/mean_length": MetricDefinition("min", 0.0)}
         return MetricSpec(out | {f"rewards/{name}/mean": MetricDefinition("max")
                                  for name in BUILTIN_REWARDS})
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A generation's completions: the tokens after each prompt and their loss masks (None:
+    all the model's), the model's tokens alone (what the length metrics count), the text the
+    rewards judge, the columns rewards get beside the prompt's, and the agent's metrics."""
+
+    completions: list[np.ndarray]
+    masks: list[np.ndarray] | None
+    model_tokens: list[np.ndarray]
+    texts: list[str]
+    columns: dict[str, list]
+    metrics: dict[str, float]
+
+
+def multi_turn(tools: Sequence[Mapping] | None, environment: Mapping | None, max_turns: int,
+               tool_timeout_s: float | None, tool_format: str,
+               tagged_format: Mapping | None) -> Agent | None:
+    """The agent of objective.tools / objective.environment (None: single-turn GRPO)."""
+    tools, environment = _plain(tools) or [], _plain(environment)
+    check_number("objective.max_turns", max_turns, int, 1)
+    if tool_timeout_s is not None:
+        check_number("objective.tool_timeout_s", tool_timeout_s, (int, float), 0.001)
+    if tool_format not in FORMATS:
+        raise ConfigError(f"objective.tool_format={tool_format!r} is not one of {list(FORMATS)}")
+    unknown = sorted(set(_plain(tagged_format) or {}) - TAGGED_KEYS)
+    if unknown:
+        raise ConfigError(f"objective.tagged_format has no key {', '.join(unknown)}: its keys are "
+                          f"{sorted(TAGGED_KEYS)}")
+    if not tools and environment is None:
+        return None
+    return Agent(AgentSettings(tools, environment, int(max_turns), tool_timeout_s, tool_format,
+                               _plain(tagged_format) or {}))
+
+
+def environment_reward(prompts: Sequence, completions: Sequence[str],
+                       environment_reward: Sequence[float], **_: Any) -> list[float]:
+    """The reward the environments gave each trajectory (the sum of their steps')."""
+    return [float(r) for r in environment_reward]
+
+
+def _plain(node: Any) -> Any:
+    """An OmegaConf node as plain Python (None stays None)."""
+    if isinstance(node, DictConfig | ListConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
 
 
 def rollout_metrics(table: np.ndarray, rewards: np.ndarray, specs: Sequence,

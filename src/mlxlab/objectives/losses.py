@@ -51,7 +51,10 @@ def token_cross_entropy(logits: mx.array, targets: mx.array, label_smoothing: fl
 
 
 def forward(model: nn.Module, batch: Batch) -> mx.array:
-    """Logits of any mlxlab model; LM batches have no attention_mask (packed, causal)."""
+    """Logits of any mlxlab model; LM batches have no attention_mask (right-padded, causal); a
+    packed batch's `segment_ids` keep its rows apart (models/packing.py)."""
+    if "segment_ids" in batch:
+        return model(batch["input_ids"], segment_ids=batch["segment_ids"])
     return model(batch["input_ids"], batch.get("attention_mask"))
 
 

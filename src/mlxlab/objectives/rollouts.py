@@ -25,8 +25,8 @@ it logs at evaluations.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import mlx.core as mx
@@ -117,24 +117,34 @@ def sample_rows(model: nn.Module, prompts: np.ndarray, sampling: Sampling,
 def sample_completions(model: nn.Module, prompts: Sequence[np.ndarray], group_size: int,
                        sampling: Sampling, stop_ids: Sequence[int], key: mx.array
                        ) -> list[np.ndarray]:
-    """`group_size` completions of each prompt, in prompt order (a group's rows together). The
-    prompts of one length sample as one batch (no padding), lengths in increasing order, each
-    from its own key split off `key`; the model in eval mode while it samples."""
+    """`group_size` completions of each prompt, in prompt order (a group's rows together): one
+    turn of every prompt repeated `group_size` times (sample_turn)."""
+    rows = [p for p in prompts for _ in range(group_size)]
+    return sample_turn(model, rows, [sampling.max_new_tokens] * len(rows), sampling, stop_ids,
+                       key)
+
+
+def sample_turn(model: nn.Module, prefixes: Sequence[np.ndarray], budgets: Sequence[int],
+                sampling: Sampling, stop_ids: Sequence[int], key: mx.array) -> list[np.ndarray]:
+    """The next turn of each row: up to `budgets[r]` tokens after `prefixes[r]` (a prompt, or a
+    trajectory so far: objectives/agent.py samples every turn here). The rows of one prefix
+    length and budget sample as one batch (no padding), in increasing order of (length,
+    budget), each batch from its own key split off `key`; the model in eval mode meanwhile."""
     training = model.training
     model.eval()
     try:
-        by_length: dict[int, list[int]] = {}
-        for i, prompt in enumerate(prompts):
-            by_length.setdefault(len(prompt), []).append(i)
-        out: list[np.ndarray | None] = [None] * (len(prompts) * group_size)
-        keys = mx.random.split(key, len(by_length))
-        for k, length in enumerate(sorted(by_length)):
-            members = by_length[length]
-            rows = np.repeat(np.stack([prompts[i] for i in members]), group_size, axis=0)
-            sampled = sample_rows(model, rows, sampling, stop_ids, keys[k])
-            for j, i in enumerate(members):
-                out[i * group_size:(i + 1) * group_size] = sampled[j * group_size:
-                                                                   (j + 1) * group_size]
+        batches: dict[tuple[int, int], list[int]] = {}
+        for r, (prefix, budget) in enumerate(zip(prefixes, budgets)):
+            batches.setdefault((len(prefix), int(budget)), []).append(r)
+        out: list[np.ndarray | None] = [None] * len(prefixes)
+        keys = mx.random.split(key, len(batches))
+        for k, (length, budget) in enumerate(sorted(batches)):
+            members = batches[(length, budget)]
+            rows = np.stack([prefixes[r] for r in members])
+            sampled = sample_rows(model, rows, replace(sampling, max_new_tokens=budget),
+                                  stop_ids, keys[k])
+            for r, tokens in zip(members, sampled):
+                out[r] = tokens
         return out
     finally:
         model.train(training)
@@ -152,9 +162,12 @@ def batch_width(longest_prompt: int, max_new_tokens: int, max_seq_len: int | Non
 
 
 def rollout_batch(prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray],
-                  group_size: int, width: int, pad_id: int) -> dict[str, np.ndarray]:
+                  group_size: int, width: int, pad_id: int,
+                  masks: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """input_ids, labels (rows, width) int32 and loss_mask (rows, width) float32 of the
-    prompt + completion rows (module docstring)."""
+    prompt + completion rows (module docstring). `masks[r]`, one value per completion token
+    (a trajectory's: 1 where the model wrote the token, 0 where the environment did), zeroes
+    the positions that predict an environment's token."""
     rows = len(completions)
     tokens = np.full((rows, width + 1), pad_id, np.int32)
     mask = np.zeros((rows, width), np.float32)
@@ -162,7 +175,8 @@ def rollout_batch(prompts: Sequence[np.ndarray], completions: Sequence[np.ndarra
         prompt = prompts[r // group_size]
         seq = np.concatenate([prompt, completion])
         tokens[r, : len(seq)] = seq
-        mask[r, len(prompt) - 1 : len(seq) - 1] = 1.0  # position t predicts token t + 1
+        # position t predicts token t + 1
+        mask[r, len(prompt) - 1 : len(seq) - 1] = 1.0 if masks is None else masks[r]
     return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
 
 
@@ -197,6 +211,8 @@ class Sampler:
         self.width, self.pad_id, self.stop_ids = 0, 0, [0]
         self.tracker: Any = None
         self.decode: Any = None
+        self.prompts: Callable | None = None
+        self.max_seq_len: int | None = None
 
     def setup(self, setup: ObjectiveSetup, objective: str) -> PromptRows:
         """The run's prompts (data=prompts, else one line), stop tokens and batch width."""
@@ -210,7 +226,15 @@ class Sampler:
         self.stop_ids, self.pad_id = data.stop_ids(), data.pad_id
         self.decode = data.tokenizer.decode
         self.tracker = setup.tracker
+        self.prompts = data.prompts
+        self.max_seq_len = model.max_seq_len
         return data
+
+    def use_prompts(self, prompts: Callable, longest: int) -> None:
+        """Prompts rendered otherwise than the data module's (with tools: objectives/agent.py):
+        `prompts(split, index)` as PromptRows.prompts, the longest `longest` tokens."""
+        self.prompts = prompts
+        self.width = batch_width(longest, self.sampling.max_new_tokens, self.max_seq_len)
 
     def next_key(self) -> mx.array:
         self.key, key = mx.random.split(self.key)
@@ -232,15 +256,15 @@ class Sampler:
                 for c in completions]
 
     def batch(self, prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray],
-              group: int) -> dict[str, np.ndarray]:
-        return rollout_batch(prompts, completions, group, self.width, self.pad_id)
+              group: int, masks: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        return rollout_batch(prompts, completions, group, self.width, self.pad_id, masks)
 
     def probe_batch(self, data: PromptRows, batching: Batching, group: int) -> Batch:
         """The batch of the first `batching.batch_size` training prompts, each completed `group`
         times, as long as a completion may be (max_new_tokens of the pad token: every array at
         the run's width), for measuring a step's memory; nothing is sampled, no key is drawn."""
         index = np.array(next(iter(data.train_batches(batching, 0)))["index"])
-        _, ids, _ = data.prompts("train", index)
+        _, ids, _ = self.prompts("train", index)
         filler = np.full(self.sampling.max_new_tokens, self.pad_id, np.int32)
         return {k: mx.array(v) for k, v in
                 self.batch(ids, [filler] * (len(ids) * group), group).items()}

@@ -11,12 +11,14 @@ own at start).
 | MLXLAB_ROOT | the project root: `paths.root_dir`, the default store `<root>/mlruns/mlflow.db` | the nearest folder at or above the working directory holding pyproject.toml or .git |
 | MLXLAB_BLAS | `off`: MLX keeps its reference BLAS; a path: that BLAS library serves MLX | the bundled OpenBLAS (scipy-openblas32) |
 | MLXLAB_MALLOC | `default`: glibc gives freed memory back while training (runtime/memory.py) | freed memory stays in the heap |
+| MALLOC_ARENA_MAX | glibc's own: set, a run under an address-space limit keeps it instead of limiting glibc's malloc arenas itself (runtime/memory.py) | unset: two arenas under RLIMIT_AS, glibc's default otherwise |
 | MLXLAB_FUSED_KERNELS | `auto`, `on` or `off`: the fused CPU kernels, for scripts (`trainer.fused_kernels` sets the mode of a run) | auto |
 | MLXLAB_FUSED_KERNELS_SKIP | comma-separated kernel names left to MLX (kernels.OPS) | none |
 | MLXLAB_KERNEL_THREADS | threads of the fused kernels | the cores this process may use |
 | MLXLAB_KERNELS_CACHE | where the compiled kernels are kept (one build per ISA level, runtime/cpu.py) | `$XDG_CACHE_HOME/mlxlab/kernels`, else `~/.cache/mlxlab/kernels` |
 | MLXLAB_SKIP_KERNEL_BUILD | `1`: `pip install` does not compile the kernels (hatch_build.py) | they are compiled |
-| MLXLAB_CACHE_DIR | the user-level cache: the migrated empty MLflow store new stores are copied from | `$XDG_CACHE_HOME/mlxlab`, else `~/.cache/mlxlab` |
+| MLXLAB_CACHE_DIR | the user-level cache (`mlxlab cache list`): GGUF files converted to mlx-lm folders (models/gguf/), the migrated empty MLflow store new stores are copied from | `$XDG_CACHE_HOME/mlxlab`, else `~/.cache/mlxlab` |
+| MLXLAB_API_KEY | the key every request to `mlxlab serve`'s OpenAI API must carry (`Authorization: Bearer <key>`), when --api-key gives none | none: requests carry no key |
 | XDG_CACHE_HOME | where both caches above go when not named | `~/.cache` |
 | SLURM_JOB_ID | the Slurm job `trainer.requeue` puts back in the queue | none: not a Slurm job |
 | SLURM_RESTART_COUNT | above 0: a requeued start, which `trainer.requeue` resumes (`resume=auto`) | 0 |
@@ -50,7 +52,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Set by mlx.launch (ring, nccl) and by mpirun (MPI backend), in the order they are looked at.
@@ -64,6 +66,7 @@ class Settings:
     root: Path | None  # MLXLAB_ROOT as given (resolved where used: it may be relative)
     blas: str  # MLXLAB_BLAS: "" (the bundled OpenBLAS), "off" or a library's path
     keep_freed_memory: bool  # not MLXLAB_MALLOC=default
+    malloc_arena_max: bool  # MALLOC_ARENA_MAX set (glibc reads it; mlxlab leaves it be)
     fused_kernels: str  # MLXLAB_FUSED_KERNELS, lower case, "auto" when unset
     fused_kernels_skip: frozenset[str]  # MLXLAB_FUSED_KERNELS_SKIP
     kernel_threads: int | None  # MLXLAB_KERNEL_THREADS (at least 1); None: the usable cores
@@ -79,6 +82,7 @@ class Settings:
     supervisor: str | None  # MLXLAB_SUPERVISOR: the folder a supervising parent shares
     supervisor_pid: str | None  # MLXLAB_SUPERVISOR_PID
     argv0: str | None  # MLXLAB_ARGV0
+    api_key: str | None = field(repr=False)  # MLXLAB_API_KEY (a secret: never printed)
 
 
 def read(environ: Mapping[str, str] | None = None) -> Settings:
@@ -92,6 +96,7 @@ def read(environ: Mapping[str, str] | None = None) -> Settings:
         root=Path(root).expanduser() if root else None,
         blas=env.get("MLXLAB_BLAS", "").strip(),
         keep_freed_memory=env.get("MLXLAB_MALLOC", "").strip().lower() != "default",
+        malloc_arena_max=bool(env.get("MALLOC_ARENA_MAX", "").strip()),
         fused_kernels=env.get("MLXLAB_FUSED_KERNELS", "auto").strip().lower() or "auto",
         fused_kernels_skip=frozenset(
             op.strip() for op in env.get("MLXLAB_FUSED_KERNELS_SKIP", "").split(",") if op.strip()
@@ -110,6 +115,7 @@ def read(environ: Mapping[str, str] | None = None) -> Settings:
         supervisor=env.get("MLXLAB_SUPERVISOR") or None,
         supervisor_pid=env.get("MLXLAB_SUPERVISOR_PID") or None,
         argv0=env.get("MLXLAB_ARGV0") or None,
+        api_key=env.get("MLXLAB_API_KEY") or None,
     )
 
 

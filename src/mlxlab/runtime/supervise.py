@@ -9,8 +9,10 @@ same arguments; `python -m mlxlab.train` itself trains in-process, unsupervised,
 
 Parent and child share a folder named by MLXLAB_SUPERVISOR:
 - run.json: written by the child once its fit knows its plan (training/micro_batch.py): the run
-  folder, micro-batch, accumulation, trainer.oom_restarts, whether a restart can keep the
-  effective batch, and whether it is a sweep's job;
+  folder, micro-batch, accumulation, trainer.oom_restarts, trainer.stall_timeout_s, whether a
+  restart can keep the effective batch, and whether it is a sweep's job;
+- tracked.json: the tracked run's id and store, once it started (training/loop.py): a restart
+  continues that run, a stalled child's run is marked KILLED;
 - step: 8 bytes the child's loop overwrites at every optimizer step (a shared mapping: what it
   wrote is there after a segfault), so the parent can say how many steps were lost;
 - oom.json: MLX's raising out of memory (Metal, CUDA) under a parent: the child writes it and
@@ -31,6 +33,13 @@ same folder (the same MLflow run continues from its checkpoint), a sweep with it
 first step. Past trainer.oom_restarts, or at micro-batch 1, the parent ends with one line and
 exit 2 (a sweep's job is failed by its next start instead, and the sweep goes on).
 
+A child that hangs (MLX waiting for ever on a thread that never started, a deadlock) would hold
+its run RUNNING for good. After its first step the parent watches it: a step done, CPU time
+used (a tenth of a core), or bytes read or written (an evaluation, a checkpoint written to a
+slow disk) is progress; none of them for trainer.stall_timeout_s (run.json) ends the child
+(SIGTERM, then SIGKILL after STALL_GRACE_S), with one line naming the last step and checkpoint,
+the tracked run marked KILLED, and exit STALL_EXIT; it is not restarted.
+
 Signals sent to the parent (SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2) are passed to the child,
 which checkpoints and leaves as it would alone; the child dies with the parent (PDEATHSIG).
 MLXLAB_SUPERVISE=0, `mlx.launch` ranks and Slurm's srun steps train in-process.
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import mmap
 import os
@@ -49,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -59,6 +70,11 @@ PID_ENV = "MLXLAB_SUPERVISOR_PID"  # the parent's pid: only its own child talks 
 OFF_ENV = "MLXLAB_SUPERVISE"   # "0": train in-process, no parent
 ARGV0_ENV = "MLXLAB_ARGV0"     # the command the user typed (the child's argv[0] is -m's path)
 OOM_EXIT = 3                   # the child's exit after MLX raised out of memory under a parent
+STALL_EXIT = 124               # the parent's exit after it ended a stalled child (timeout(1)'s)
+STALL_POLL_S = 1.0             # how often the parent looks at its child
+STALL_CPU_SHARE = 0.1          # CPU time per second (a tenth of a core) that is progress
+STALL_IO_RATE = 256 * 1024     # bytes read or written per second that are progress
+STALL_GRACE_S = 10.0           # a stalled child's time between SIGTERM and SIGKILL
 NOTE = "memory_restarts.json"  # in the run folder: the halved plan and each restart
 CRASHES = {signal.SIGSEGV: "SIGSEGV", signal.SIGBUS: "SIGBUS", signal.SIGKILL: "SIGKILL"}
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -67,6 +83,7 @@ PR_SET_PDEATHSIG = 1
 # Restarts one command may make in all (a sweep's jobs each have trainer.oom_restarts): a bound
 # should a child keep dying without reading its note
 MAX_RESTARTS = 100
+MarkKilled = Callable[[str, str, str], None]  # (store uri, run id, reason): the run KILLED
 
 
 # --- the child's side ---------------------------------------------------------------------------
@@ -100,7 +117,7 @@ def set_sweeping(sweeping: bool) -> None:
 
 
 def report_run(run_dir: Path, micro_batch: int, grad_accum: int, oom_restarts: int,
-               restartable: bool) -> None:
+               restartable: bool, stall_timeout_s: float | None = None) -> None:
     """The fit's plan, for the parent (nothing without one)."""
     shared = folder()
     if shared is None:
@@ -108,8 +125,24 @@ def report_run(run_dir: Path, micro_batch: int, grad_accum: int, oom_restarts: i
     _write_json(shared / "run.json", {
         "run_dir": str(Path(run_dir).resolve()), "micro_batch": int(micro_batch),
         "grad_accum": int(grad_accum), "oom_restarts": int(oom_restarts),
-        "restartable": bool(restartable), "sweep": _sweeping, "pid": os.getpid()})
+        "restartable": bool(restartable), "sweep": _sweeping, "pid": os.getpid(),
+        "stall_timeout_s": stall_timeout_s})
     mark_step(0)
+
+
+def report_tracked(run_id: str | None, uri: str | None) -> None:
+    """The tracked run has started: its id and store, for the parent (a restart continues it, a
+    stalled child's is marked KILLED)."""
+    shared = folder()
+    if shared is None or not run_id:
+        return
+    _write_json(shared / "tracked.json", {"run_id": str(run_id), "uri": uri})
+
+
+def continued_run_id(run_dir: Path) -> str | None:
+    """The tracked run a restart of this run folder continues (the parent put it in the note):
+    a run restarted before its first checkpoint stays one run."""
+    return (read_note(run_dir) or {}).get("run_id")
 
 
 def mark_step(step: int) -> None:
@@ -213,6 +246,7 @@ class _Child:
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
         self.signalled = False  # the parent was told to stop: no restart
+        self.stalled: Stall | None = None  # the parent ended it: it made no progress
         for sig in FORWARDED:
             signal.signal(sig, self._forward)
 
@@ -225,11 +259,95 @@ class _Child:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signum)
 
-    def run(self, argv: list[str], env: dict) -> int:
+    def run(self, argv: list[str], env: dict, shared: Path) -> int:
         self.proc = subprocess.Popen([sys.executable, "-m", "mlxlab.train", *argv], env=env,
                                      preexec_fn=_pdeathsig if sys.platform.startswith("linux")
                                      else None)
-        return self.proc.wait()
+        watch = Watch(shared, self.proc.pid)
+        while True:
+            try:
+                return self.proc.wait(timeout=STALL_POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
+            self.stalled = watch.stalled(time.monotonic())
+            if self.stalled is not None:
+                return self._end()
+
+    def _end(self) -> int:
+        """SIGTERM (a child whose Python still runs checkpoints and leaves), SIGKILL after
+        STALL_GRACE_S (a child stuck in native code never runs its handler)."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=STALL_GRACE_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            return self.proc.wait()
+
+
+@dataclasses.dataclass
+class Stall:
+    """A child that made no progress: for how long, and its last step."""
+
+    seconds: float
+    step: int
+    timeout: float
+
+
+class Watch:
+    """Whether the child moves, once it did its first step: its optimizer step (the shared
+    step counter), its CPU time (an evaluation, a generation, a slow step: over STALL_CPU_SHARE
+    of a core between two looks) and the bytes it reads or writes (a checkpoint to a slow disk:
+    over STALL_IO_RATE). A hang uses none of them: MLX waiting on a condition variable is 0 %
+    CPU, and a thread beating a heartbeat now and then stays under both rates."""
+
+    def __init__(self, shared: Path, pid: int) -> None:
+        self.shared, self.pid = shared, pid
+        self.timeout: float | None = None
+        self.step: int | None = None
+        self.cpu = self.io = 0.0
+        self.looked = self.since = 0.0  # monotonic times: the last look, the last progress
+
+    def stalled(self, now: float) -> Stall | None:
+        if self.timeout is None:
+            try:
+                self.timeout = json.loads((self.shared / "run.json").read_text())[
+                    "stall_timeout_s"] or 0.0
+            except (OSError, ValueError, KeyError):
+                return None  # not planned yet (or an older child): nothing to watch
+        step = _last_step(self.shared)
+        if not self.timeout or not step:  # off, or before the first step (compiling, probing)
+            return None
+        cpu, io = _usage(self.pid)
+        elapsed = max(now - self.looked, 1e-3)
+        busy = (cpu - self.cpu) / elapsed >= STALL_CPU_SHARE or \
+            (io - self.io) / elapsed >= STALL_IO_RATE
+        self.cpu, self.io, self.looked = cpu, io, now
+        if step != self.step or busy:
+            self.step, self.since = step, now
+            return None
+        if now - self.since < self.timeout:
+            return None
+        return Stall(now - self.since, step, self.timeout)
+
+
+def _usage(pid: int) -> tuple[float, float]:
+    """(CPU seconds, bytes read and written through system calls) of process `pid` so far, all
+    its threads; the bytes are Linux's (/proc/<pid>/io), 0 elsewhere."""
+    import psutil  # the stall watch's only (a small import; the parent has no MLX)
+
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0, 0.0
+    done = 0.0
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("rchar", "wchar"):
+                done += float(value)
+    return float(times.user + times.system), done
 
 
 def _terminal_delivers() -> bool:
@@ -300,8 +418,9 @@ def restart_note(run: dict, how: str, step: int | None, when: str) -> tuple[dict
     return note, line
 
 
-def main(argv: list[str]) -> int:
-    """Run `python -m mlxlab.train argv` until it ends other than out of memory."""
+def main(argv: list[str], mark_killed: MarkKilled | None = None) -> int:
+    """Run `python -m mlxlab.train argv` until it ends other than out of memory; `mark_killed`
+    (uri, run id, reason) ends a stalled child's tracked run."""
     child = _Child()
     extra: list[str] = []
     restarts = 0
@@ -309,9 +428,13 @@ def main(argv: list[str]) -> int:
         shared = Path(tmp)
         env = {**os.environ, ENV: str(shared), PID_ENV: str(os.getpid()), ARGV0_ENV: sys.argv[0]}
         while True:
-            for name in ("run.json", "oom.json", "step", "probe.json"):
+            for name in ("run.json", "oom.json", "step", "probe.json", "tracked.json"):
                 (shared / name).unlink(missing_ok=True)
-            code = child.run([*argv, *extra], env)
+            code = child.run([*argv, *extra], env, shared)
+            if child.stalled is not None:
+                line = stalled_line(child.stalled, shared, mark_killed)
+                print(f"mlxlab: error: {line}", file=sys.stderr, flush=True)
+                return STALL_EXIT
             how = out_of_memory(code, shared, child.signalled)
             if how is None or restarts >= MAX_RESTARTS:
                 return _exit_status(code)
@@ -331,6 +454,9 @@ def main(argv: list[str]) -> int:
             done = _last_step(shared)  # the step that failed is the one after it
             step = done + 1 if done is not None else None
             note, line = restart_note(run, how, step, _now())
+            tracked = _read_json(shared / "tracked.json")
+            if tracked and not run["sweep"]:  # the restart continues this tracked run
+                note["run_id"] = tracked["run_id"]
             write_note(Path(run["run_dir"]), note)
             if line is not None and not run["sweep"]:
                 print(f"mlxlab: error: {line}", file=sys.stderr, flush=True)
@@ -339,6 +465,45 @@ def main(argv: list[str]) -> int:
             extra = [] if run["sweep"] else _resume_args(Path(run["run_dir"]))
             argv = [a for a in argv if not a.startswith(("hydra.run.dir=", "resume="))]
             time.sleep(0.1)
+
+
+def stalled_line(stall: Stall, shared: Path, mark: MarkKilled | None = None) -> str:
+    """The one line for a child the parent ended, after marking its tracked run KILLED."""
+    run = _read_json(shared / "run.json") or {}
+    run_dir = run.get("run_dir")
+    committed = committed_steps(Path(run_dir)) if run_dir else []
+    checkpoint = (f"last: step {committed[-1]} in {run_dir}; resume with resume={run_dir}"
+                  if committed else "none was committed")
+    tracked = _read_json(shared / "tracked.json")
+    reason = (f"no progress for {stall.seconds:.0f} s after step {stall.step} "
+              f"(trainer.stall_timeout_s={stall.timeout:g}): ended by mlxlab-train")
+    marked = _mark_killed(tracked, reason, mark) if tracked else None
+    return (f"the run made no progress for {stall.seconds:.0f} s after step {stall.step} (no "
+            f"step, no CPU time, no reads or writes: a hang) and was ended "
+            f"(trainer.stall_timeout_s={stall.timeout:g}); committed checkpoints are intact "
+            f"({checkpoint})" + (f"; its MLflow run {marked} is marked KILLED" if marked else ""))
+
+
+def _mark_killed(tracked: dict, reason: str, mark: MarkKilled | None) -> str | None:
+    """The stalled child's tracked run KILLED by `mark` (launch/entry.py's: MLflow's stale-run
+    marking); its id, None when it has no store or the store did not answer."""
+    if mark is None or not tracked.get("uri"):
+        return None
+    try:
+        mark(tracked["uri"], tracked["run_id"], reason)
+        return tracked["run_id"]
+    except Exception as e:  # noqa: BLE001 - the next command that opens the store marks it
+        print(f"mlxlab: the stalled run's MLflow run {tracked['run_id']} could not be marked "
+              f"KILLED ({type(e).__name__}: {e}); the next command that opens the store will",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _now() -> str:

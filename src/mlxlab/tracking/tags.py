@@ -19,7 +19,8 @@ RUN_DIR = "mlxlab.run_dir"
 TASK_NAME = "mlxlab.task_name"
 OVERRIDES = "mlxlab.overrides"  # the command line's overrides (also on a sweep's parent)
 WORLD_SIZE = "mlxlab.world_size"
-COMPILE_S = "mlxlab.compile_s"  # seconds the first step spent compiling (MLX; on a GPU its kernels)
+COMPILE_S = "mlxlab.compile_s"  # seconds the steps that compiled took (MLX; on a GPU its kernels)
+COMPILES = "mlxlab.compiles"  # how many steps compiled: the first, and each new batch shape
 COMMAND = "mlxlab.command"  # the command line as typed (tracking/source.py), the latest for a resumed run
 RESUMED_FROM = "mlxlab.resumed_from"  # a resumed run: the run folder (or checkpoint) it went on from
 # The micro-batch a run trains with (training/micro_batch.py) and its restarts after running out

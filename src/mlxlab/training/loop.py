@@ -48,7 +48,7 @@ from mlxlab.objectives.base import (
     check_objective,
     data_kind,
 )
-from mlxlab.runtime import distributed, failures, memory
+from mlxlab.runtime import distributed, failures, memory, supervise
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import Tracker
 from mlxlab.training.artifacts import log_artifacts, save_quantized
@@ -118,6 +118,8 @@ class Fit:
     saved_at: list[int]             # the steps saved, the same on every rank
     step_fn: Any                    # the compiled step (rebuilt after a model operation)
     compiling: bool                 # the next step compiles (left out of the throughput)
+    shapes_seen: frozenset          # the micro-batch shapes the compiled step has traced
+    compiles: list[float]           # seconds of each step that compiled, in this process
     tie_break: tuple[str, str] | None  # (metric, mode) breaking a tie on the monitor
     objective_tags: dict[str, str]  # the run tags the objective's setup returned
 
@@ -129,6 +131,7 @@ class Fit:
         self.objective = trainer.objective
         self.model, self.data, self.tracker = model, data, tracker
         self.run_dir, self.config, self.tags, self.resume = run_dir, config, tags, resume
+        self.compiles = []
 
     def run(self) -> FitResult:
         """Train; returns the best evaluation's metrics and where the best weights are. Its
@@ -272,7 +275,7 @@ class Fit:
     def _compile(self) -> None:
         self.step_fn = make_step(self.model, self.optimizer, self.loss_fn, self.settings,
                                  self.world, self.shards, self.grad_accum)
-        self.compiling = True
+        self.compiling, self.shapes_seen = True, frozenset()
 
     def _epochs(self) -> None:
         """Epochs of optimizer steps, each evaluated and checkpointed as the settings say; the
@@ -305,11 +308,15 @@ class Fit:
             if self.model_ops.run_due(state.step, model, optimizer, self.tracker):
                 forget_best(state, self.manager)
             self._compile()
+        shapes = batch_shapes(batches)  # a shape the compiled step has not seen traces anew
+        compiling = self.compiling or not shapes <= self.shapes_seen
         started = time.perf_counter()
         loss, norm, aux = self.step_fn(batches)
         state.step += 1
         # a step that compiled: said, tagged, and left out of the throughput
-        compiled_s = self._compiled(time.perf_counter() - started) if self.compiling else None
+        compiled_s = (self._compiled(time.perf_counter() - started, shapes - self.shapes_seen)
+                      if compiling else None)
+        self.shapes_seen |= shapes
         self.compiling = False
         examples = losses.pop_example_outputs(aux)
         if examples:
@@ -385,9 +392,14 @@ class Fit:
             self.tags[T.VAL_FINGERPRINT] = self.val_print
         if state.resumed_from is not None:  # file trackers carry the killed run's record
             tracker.continue_from(state.resumed_from, state.step)
-        tracker.start(params=self.config, tags=self.tags, run_id=state.run_id)
-        if self.resume and state.run_id is not None and tracker.run_id == state.run_id:
+        # a run its supervising parent restarted before any checkpoint continues its tracked run
+        restarted = None if state.run_id else supervise.continued_run_id(self.run_dir)
+        run_id = state.run_id or restarted
+        tracker.start(params=self.config, tags=self.tags, run_id=run_id)
+        if ((self.resume or restarted) and run_id is not None and tracker.run_id == run_id):
             tracker.rewind(state.step)  # what the killed process logged after its checkpoint
+        if self.world.is_main:  # for the parent: a restart continues it, a stall ends it
+            supervise.report_tracked(tracker.run_id, getattr(tracker, "uri", None))
 
     def _save(self, metric: float | None = None, force: bool = False,
               best: bool | None = None) -> Path | None:
@@ -478,17 +490,22 @@ class Fit:
         return FitResult(best_metrics, self.run_dir, tracker.run_id, best, state.step,
                          state.history)
 
-    def _compiled(self, seconds: float) -> float:
-        """A step that compiled took `seconds`: said (when long), tagged (mlxlab.compile_s) and
-        left out of the throughput (the bar's rate too, Callback.on_compiled). On a GPU the first
-        step of a machine also compiles MLX's CUDA kernels: minutes, not a step's time."""
-        if seconds > 5.0:
-            log.info("step %d compiled in %.1f s (MLX's compile%s); left out of the throughput "
-                     "(tag %s)", self.state.step, seconds,
-                     "" if mx.default_device() == mx.cpu else " and its GPU kernels", T.COMPILE_S)
-        # a tag, not a metric: a resumed run compiles again at another step, and its metric
+    def _compiled(self, seconds: float, new_shapes: frozenset) -> float:
+        """A step that compiled (the first after the step was built, or a batch shape it had not
+        seen) took `seconds`: logged with the shapes, counted and summed in tags
+        (mlxlab.compiles, mlxlab.compile_s) and left out of the throughput (the bar's rate too,
+        Callback.on_compiled). On a GPU the first step of a machine also compiles MLX's CUDA
+        kernels: minutes, not a step's time."""
+        self.compiles.append(seconds)
+        log.info("step %d compiled %s in %.1f s (MLX's compile%s; %d so far, %.1f s in all); "
+                 "left out of the throughput", self.state.step,
+                 ", ".join(sorted(shape_text(s) for s in new_shapes)) or "the step",
+                 seconds, "" if mx.default_device() == mx.cpu else " and its GPU kernels",
+                 len(self.compiles), sum(self.compiles))
+        # tags, not metrics: a resumed run compiles again at another step, and its metric
         # history must stay the uninterrupted run's
-        self.tracker.set_tags({T.COMPILE_S: f"{seconds:.3f}"})
+        self.tracker.set_tags({T.COMPILE_S: f"{sum(self.compiles):.3f}",
+                               T.COMPILES: str(len(self.compiles))})
         for cb in self.callbacks:
             cb.on_compiled(self.state.step, seconds)
         return seconds
@@ -503,6 +520,17 @@ class Fit:
         state = self._checkpoint_state(self.data.state_dict())
         state.run_id = self.tracker.run_id or state.run_id
         return state
+
+
+def batch_shapes(batches: list[dict]) -> frozenset[tuple[tuple[int, ...], ...]]:
+    """The shapes of a step's micro-batches (each: its arrays' shapes in key order): a new one
+    makes the compiled step trace and compile again."""
+    return frozenset(tuple(tuple(b[k].shape) for k in sorted(b)) for b in batches)
+
+
+def shape_text(shapes: tuple[tuple[int, ...], ...]) -> str:
+    """A micro-batch's shape as its widest array's, e.g. "4x160" (rows x positions)."""
+    return "x".join(map(str, max(shapes, key=lambda s: (len(s), s), default=())))
 
 
 def check_loss(value: float, step: int, manager: CheckpointManager) -> None:

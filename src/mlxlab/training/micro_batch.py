@@ -12,8 +12,10 @@ first come:
    a resumed `auto` run keeps what its first start chose instead of searching again;
 3. trainer.micro_batch=N;
 4. trainer.micro_batch=auto: the largest power of two dividing the effective batch whose step
-   fits the memory the run may use (trainer.memory_limit: GB, or a fraction of the device's;
-   default MLX's own limit), measured before step 1 on a batch padded to the longest row the
+   fits the memory the run may use (`memory_budget`: the tightest of trainer.memory_limit (GB,
+   or a fraction of the device's) and the limits set on the process (an address-space limit,
+   a cgroup's: runtime/memory_limits.py, less what the process holds beside MLX); with neither,
+   MLX's own limit), measured before step 1 on a batch padded to the longest row the
    data makes (the objective's probe_batch: the data's first, or its own batches at their
    largest, e.g. prompts with completions of the longest length): forward, backward, and the
    optimizer's state and update, as MLX counts them;
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +43,7 @@ from mlx.utils import tree_map
 from mlxlab.checkpoint import rng_state, set_rng_state
 from mlxlab.data.batching import Batching
 from mlxlab.data.streaming.module import StreamingText
-from mlxlab.runtime import device, distributed, failures, supervise
+from mlxlab.runtime import device, distributed, failures, memory_limits, supervise
 from mlxlab.tracking import tags as T
 from mlxlab.training.checkpointing import PLAN_KEY
 from mlxlab.training.optim import OptimizerFactory, build_optimizer
@@ -93,8 +94,9 @@ def plan_micro_batch(fit: Fitting, batching: Batching, rank_batches: bool) -> tu
         log.info("micro-batch %d x grad_accum %d: the resumed run's choice", micro,
                  effective // micro)
     elif settings.micro_batch == "auto":
-        micro, tried, limit = search(fit, effective)
-        record.update(chosen_by="auto", memory_limit_gb=round(limit / GB, 3), tried=tried)
+        micro, tried, limit, budgeted = search(fit, effective)
+        record.update(chosen_by="auto", memory_limit_gb=round(limit / GB, 3), tried=tried,
+                      budgeted=budgeted)
     elif settings.micro_batch is not None:
         micro = int(settings.micro_batch)
         record["chosen_by"] = "fixed"
@@ -113,7 +115,8 @@ def plan_micro_batch(fit: Fitting, batching: Batching, rank_batches: bool) -> tu
 def report(fit: Fitting, micro: int, accum: int) -> None:
     """The plan, for a supervising parent (runtime/supervise.py)."""
     restartable = not fit.settings.batching.dynamic and not fit.world.enabled
-    supervise.report_run(fit.run_dir, micro, accum, fit.settings.oom_restarts, restartable)
+    supervise.report_run(fit.run_dir, micro, accum, fit.settings.oom_restarts, restartable,
+                         fit.settings.stall_timeout_s)
 
 
 def restarted(note: dict, run_dir: Path, tags: dict) -> int:
@@ -188,7 +191,22 @@ def device_memory_bytes() -> float:
     memory = info.get("memory_size") or info.get("total_memory")
     if memory and device.backend() != "cpu":
         return float(memory)
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return memory_limits.total_memory()
+
+
+def memory_budget(settings: TrainerSettings) -> tuple[float, str]:
+    """(the bytes a measured step may peak at, which limit set them): the tightest of
+    trainer.memory_limit and the limits set on this process (runtime/memory_limits.py: RLIMIT_AS,
+    a cgroup's, each less what the process holds beside MLX and headroom); neither set: MLX's
+    own limit. The machine's RAM is not a budget where the process may use less of it."""
+    held = float(mx.get_active_memory() + mx.get_cache_memory())
+    found = [(b.bytes, b.what) for b in memory_limits.budgets(held)]
+    if settings.memory_limit is not None:
+        found.append((memory_limit_bytes(settings),
+                      f"trainer.memory_limit={settings.memory_limit}"))
+    if not found:
+        found.append((float(mx.get_memory_limit()), "MLX's limit: none set on the process"))
+    return min(found)
 
 
 def apply_memory_limit(settings: TrainerSettings) -> None:
@@ -207,12 +225,13 @@ def candidates(effective: int) -> list[int]:
     return sizes
 
 
-def search(fit: Fitting, effective: int) -> tuple[int, str, float]:
-    """trainer.micro_batch=auto: (the chosen micro-batch, what was tried, the limit in bytes).
+def search(fit: Fitting, effective: int) -> tuple[int, str, float, str]:
+    """trainer.micro_batch=auto: (the chosen micro-batch, what was tried, the limit in bytes,
+    which limit it is).
     Sizes are tried upward until one is over the limit; one predicted well past it (memory grows
     with the rows: the last two measures extrapolated) is not run, so that the search itself does
     not run out."""
-    limit, started = memory_limit_bytes(fit.settings), time.perf_counter()
+    (limit, budgeted), started = memory_budget(fit.settings), time.perf_counter()
     saved_rng, saved_data = rng_state(), fit.data.state_dict()
     # the longest row the data makes, or the objective's own batch when it is wider (completions)
     width = max(longest_row(fit.data), widest(fit.probe_batch(fit.data, Batching(batch_size=1))))
@@ -248,12 +267,12 @@ def search(fit: Fitting, effective: int) -> tuple[int, str, float]:
     if chosen is None:
         raise TrainingError(
             f"trainer.micro_batch=auto: one row of {width} positions does not fit "
-            f"{limit / GB:.2f} GB ({summary}): raise trainer.memory_limit, lower data.max_length, "
-            "or use a smaller model")
+            f"{limit / GB:.2f} GB ({budgeted}; {summary}): raise the limit (trainer.memory_limit, "
+            "`ulimit -v`, the container's), lower data.max_length, or use a smaller model")
     log.info("trainer.micro_batch=auto: %d rows x grad_accum %d (effective batch %d) fit %.3f GB "
-             "at rows of %d positions; tried %s (%.1f s)", chosen, effective // chosen, effective,
-             limit / GB, width, summary, time.perf_counter() - started)
-    return chosen, summary, limit
+             "(%s) at rows of %d positions; tried %s (%.1f s)", chosen, effective // chosen,
+             effective, limit / GB, budgeted, width, summary, time.perf_counter() - started)
+    return chosen, summary, limit, budgeted
 
 
 def probe(fit: Fitting, rows: int, width: int) -> float | None:

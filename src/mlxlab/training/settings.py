@@ -38,8 +38,10 @@ class BatchingSettings:
     dynamic: bool = False               # length-bucketed batches under a token budget
     max_batch_size: int | None = None   # dynamic only: cap on examples per batch
     max_tokens: int | None = None       # dynamic only: padded tokens per batch
+    bucket_multiple: int = 16           # rows padded to a multiple: each width compiles once
 
     def __post_init__(self) -> None:
+        check_number("trainer.batching.bucket_multiple", self.bucket_multiple, int, 1)
         if self.max_batch_size is not None:
             check_number("trainer.batching.max_batch_size", self.max_batch_size, int, 1)
 
@@ -80,6 +82,9 @@ class TrainerSettings:
     memory_limit: float | str | None = None  # GB (> 1), a fraction (<= 1) of the device's
     # memory, or "<n>GB", "<n>MB", "<n>%"
     oom_restarts: int = 3             # restarts at half the micro-batch after running out
+    # mlxlab-train's parent ends a run that after its first step neither steps nor uses CPU time
+    # nor reads or writes for this long (a hang: runtime/supervise.py); None: never
+    stall_timeout_s: float | None = 600.0
     quantize_bits: int | None = None  # 2-8: quantize the best checkpoint, log its metrics too
     fused_kernels: str | bool = "auto"  # auto | on | off: the fused CPU kernels (kernels/)
     flush_denormals: bool = True      # CPU: floats below 1.2e-38 are 0 (kernels/denormals.py)
@@ -161,7 +166,7 @@ def memory_limit(value: float | str) -> tuple[str, float]:
 NUMBERS = (
     ("max_epochs", int, 1), ("max_steps", int, 1), ("batch_size", int, 1),
     ("grad_accum", int, 1), ("grad_clip", float, 0.0),
-    ("eval_every_steps", int, 1), ("log_every_steps", int, 1),
+    ("eval_every_steps", int, 1), ("log_every_steps", int, 1), ("stall_timeout_s", float, 1.0),
 )
 
 

@@ -11,32 +11,41 @@ its tensors give model.safetensors under the Hugging Face names mlx-lm loads:
 - anything else (K-quants, IQ types): dequantized to float32 by gguf-py, with one log line saying
   which and the memory it costs; `model.quantize=4|8` re-quantizes those float layers.
 
-The folder is written once per file (keyed by the file's sha256) under
-`<MLXLAB_CACHE_DIR>/models/gguf/`, atomically, and read from there after. Only architectures
-whose name mapping and layout fixes are tested are taken (`ARCHITECTURES`); others are refused in
-one line before anything is written.
+Before anything is converted, the header is checked against the tensors (gguf_header.py: block
+count, head counts, widths, vocabulary against the tensors' shapes): a file that contradicts
+itself is one line naming it and what disagrees. The folder is written once per file content
+(conversions.py: keyed by the file's sha256) under `<MLXLAB_CACHE_DIR>/models/gguf/`, into a
+temporary folder that must load in mlx-lm (the model built from it, one forward pass) before it
+is renamed into place and marked complete; one that does not load is removed, not kept. Only
+architectures whose name mapping and layout fixes are tested are taken (`ARCHITECTURES`); others
+are refused in one line before anything is written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from mlxlab.errors import ConfigError
+from mlxlab.models.sources.conversions import (
+    conversion_folder,
+    is_complete,
+    new_temporary,
+    publish,
+    remove_stale_temporaries,
+)
 from mlxlab.models.sources.gguf_blocks import (
     AFFINE_TYPES,
     GROUP_SIZE,
     affine_from_blocks,
     permute_rows,
 )
+from mlxlab.models.sources.gguf_header import check_header, check_shapes, tensor_shapes
 from mlxlab.models.sources.source import ModelSource
-from mlxlab.runtime import settings
 from mlxlab.runtime.checksum import file_sha256
 
 log = logging.getLogger(__name__)
@@ -50,15 +59,18 @@ ARCHITECTURES = {
     "phi3": ("phi3", None),
 }
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # BF16: read as raw bits
-COMPLETE = ".complete"  # written last into a finished folder
+PROBE_IDS = [[0, 1]]  # the forward pass a conversion must run before it is kept
 
 
 def gguf_folder(path: Path, provenance: dict) -> ModelSource:
-    """The cached folder of GGUF file `path` (written on the first call), with its sha256."""
+    """The cached folder of GGUF file `path` (written on the first call for its content), with
+    its sha256."""
     digest = file_sha256(path)
-    folder = settings.read().cache_dir / "models" / "gguf" / f"{path.stem}-{digest[:16]}"
+    folder = conversion_folder(digest)
     provenance = {**provenance, "file": str(path.resolve()), "sha256": digest}
-    if not (folder / COMPLETE).is_file():
+    if not is_complete(folder):
+        for stale in remove_stale_temporaries(folder.parent):
+            log.info("removed %s: an unfinished conversion whose writer is gone", stale)
         _convert(path, folder, provenance)
     return ModelSource(folder, provenance["kind"], provenance)
 
@@ -78,8 +90,9 @@ def read_gguf(path: Path) -> tuple[dict, list]:
     return metadata, list(reader.tensors)
 
 
-def config_from_metadata(metadata: dict, tensor_names: tuple[str, ...], path: Path) -> dict:
-    """config.json of the model: transformers' table of GGUF keys -> Hugging Face config keys."""
+def config_from_metadata(metadata: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> dict:
+    """config.json of the model: transformers' table of GGUF keys -> Hugging Face config keys
+    (`shapes`: the file's tensor shapes, gguf_header.tensor_shapes)."""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
     arch = metadata.get("general.architecture")
@@ -89,13 +102,16 @@ def config_from_metadata(metadata: dict, tensor_names: tuple[str, ...], path: Pa
                           "folder of the model instead")
     model_type, _ = ARCHITECTURES[arch]
     table = GGUF_CONFIG_MAPPING[arch]
+    embedding_shape = shapes.get("token_embd.weight", ())
     config: dict = {"model_type": model_type}
     for key, value in metadata.items():
         if key.startswith(f"{arch}.") and table.get(key[len(arch) + 1:]):
             config[table[key[len(arch) + 1:]]] = value
     if "vocab_size" not in config:
         config["vocab_size"] = len(metadata["tokenizer.ggml.tokens"])
-    config["tie_word_embeddings"] = "output.weight" not in tensor_names
+    if len(embedding_shape) == 2:  # a vocabulary padded past its tokens has the rows' size
+        config["vocab_size"] = embedding_shape[0]
+    config["tie_word_embeddings"] = "output.weight" not in shapes
     if f"{arch}.attention.key_length" in metadata:  # the head size where the file states it
         config["head_dim"] = int(metadata[f"{arch}.attention.key_length"])
     if model_type == "gemma3_text":  # what llama.cpp's Gemma 3 graph fixes rather than stores
@@ -113,10 +129,34 @@ def _convert(path: Path, folder: Path, provenance: dict) -> None:
     from mlxlab.models.mlx_lm_classes import model_classes
 
     metadata, tensors = read_gguf(path)
-    config = config_from_metadata(metadata, tuple(t.name for t in tensors), path)
+    shapes = tensor_shapes(tensors)
+    config = config_from_metadata(metadata, shapes, path)
+    check_header(metadata, shapes, path)
     model_class, args_class = model_classes(config, path)  # mlx-lm has the type: one line if not
-    names = _hf_names(metadata["general.architecture"], config, model_class, args_class)
+    try:
+        names, expected = _hf_names(metadata["general.architecture"], config, model_class,
+                                    args_class)
+    except Exception as e:  # noqa: BLE001 - mlx-lm's model refused the header's settings
+        raise ConfigError(f"model.pretrained={path}: mlx-lm's {config['model_type']} model cannot "
+                          f"be built from the GGUF header ({type(e).__name__}: {str(e)[:160]}); "
+                          "the file is damaged or was written wrong") from None
+    check_shapes(expected, names, shapes, metadata, path)
     log.info("GGUF %s: converting to an mlx-lm folder in %s (once)", path.name, folder)
+    tmp = new_temporary(folder)
+    try:
+        _write_folder(tensors, metadata, config, names, path, tmp)
+        _verify(tmp, path)
+        publish(tmp, folder, provenance)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_folder(tensors: list, metadata: dict, config: dict, names: dict[str, str],
+                  path: Path, tmp: Path) -> None:
+    """model.safetensors, config.json and the tokenizer of the file into `tmp` (the weights
+    are let go on return, before the folder is loaded to verify it)."""
+    import mlx.core as mx
+
     weights, quantization, dequantized = _tensors(tensors, metadata, config, names, path)
     if dequantized:
         types = ", ".join(f"{n} {t}" for t, n in sorted(dequantized["types"].items()))
@@ -129,42 +169,50 @@ def _convert(path: Path, folder: Path, provenance: dict) -> None:
         bits = max(set(widths), key=widths.count)
         config["quantization"] = {"group_size": GROUP_SIZE, "bits": bits, "mode": "affine",
                                   **{k: q for k, q in quantization.items() if q["bits"] != bits}}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_tokenizer(metadata, tmp)
+
+
+def _verify(tmp: Path, path: Path) -> None:
+    """The converted folder loads in mlx-lm (its own loader, strict: every weight in place, of
+    its shape) and runs a forward pass; else one ConfigError naming the file (the folder is
+    then removed, never kept as complete)."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    from mlxlab.models.mlx_lm_classes import mlx_lm_version
+
     try:
-        import mlx.core as mx
-
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _write_tokenizer(metadata, tmp)
-        (tmp / "source.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        (tmp / COMPLETE).write_text("")
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished the same file first: keep its folder
-            if not (folder / COMPLETE).is_file():
-                shutil.rmtree(folder, ignore_errors=True)
-                os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        model, _ = load_model(tmp, lazy=True, strict=True)
+        logits = model(mx.array(PROBE_IDS))
+        mx.eval(logits)
+    except Exception as e:  # noqa: BLE001 - whatever mlx-lm raises, the file is at fault
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"model.pretrained={path}: its conversion does not load in mlx-lm "
+                          f"{mlx_lm_version()} ({first[:200]}); nothing was kept: give a GGUF "
+                          "file llama.cpp loads, or a Hugging Face folder of the model") from None
 
 
-def _hf_names(arch: str, config: dict, model_class: type, args_class: type) -> dict[str, str]:
-    """{GGUF tensor name: Hugging Face name} for every parameter of the mlx-lm model the config
-    builds (its names are the hub's), through gguf-py's own tensor name table."""
+def _hf_names(arch: str, config: dict, model_class: type,
+              args_class: type) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """({GGUF tensor name: Hugging Face name}, {Hugging Face name: shape}) for every parameter
+    of the mlx-lm model the config builds (its names are the hub's), through gguf-py's own
+    tensor name table."""
     import gguf
     from mlx.utils import tree_flatten
 
     model = model_class(args_class.from_dict(dict(config)))  # lazy: nothing is allocated
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     table = gguf.get_tensor_name_map(arch_enum, int(config["num_hidden_layers"]))
-    names = {}
-    for hf_name, _ in tree_flatten(model.parameters()):
+    names, shapes = {}, {}
+    for hf_name, value in tree_flatten(model.parameters()):
+        shapes[hf_name] = tuple(value.shape)
         base, _, suffix = hf_name.rpartition(".")
         gguf_name = table.get_name(base)
         if gguf_name is not None:
             names[f"{gguf_name}.{suffix}"] = hf_name
-    return names
+    return names, shapes
 
 
 def _tensors(tensors: list, metadata: dict, config: dict, names: dict[str, str],

@@ -2,7 +2,8 @@
 thread, prompt cache, streaming and tool calling) over models loaded by mlxlab: served.py's
 models, picked by the request's `model`, instead of one model path loaded from disk or the hub.
 
-    server, generator = make_server(load_served(["outputs/ft/a", "outputs/ft/b"]), port=5001)
+    server, generator = make_server(load_served(["outputs/ft/a", "outputs/ft/b"]), port=5001,
+                                    settings=server_settings(api_key="..."))
     serve_until_stopped(server, generator)
 
 What mlxlab changes, and why:
@@ -11,49 +12,68 @@ What mlxlab changes, and why:
   mlx-lm's loader (which would try the hub).
 - MlxlabResponses (its ResponseGenerator): a text completion's prompt starts as `mlxlab
   generate` starts it (the tokenizer's BOS, else end-of-text: how training laid documents
-  out), so greedy answers equal it token for token; a prompt that fills the model's context is
-  refused, and generation stops when the context is full (as `mlxlab generate` stops).
-- OpenAIHandler (its APIHandler): requests are checked before they are queued (the served
-  names, the messages, fields this server would ignore), answers are 4xx naming the field,
-  and /v1/models lists the served names (not the hub cache).
+  out), so greedy answers equal it token for token. A prompt that fills the model's context is
+  refused, and so is one whose max_tokens would run past it (as OpenAI refuses it); a request
+  that names no max_tokens gets the server's default, cut to the room its prompt leaves.
+- OpenAIHandler (its APIHandler): a request passes checks.py before mlx-lm's handler reads it
+  (the API key, the body's size from its Content-Length, its JSON, the served model, the
+  messages, fields this server would ignore); every refusal, mlx-lm's own included, is
+  OpenAI's error object with OpenAI's status (errors.py); /v1/models lists the served names
+  (not the hub cache) and /v1/models/<name> is the one model, else 404.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import signal
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from http.server import ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from mlx_lm.models.cache import LRUPromptCache
 from mlx_lm.server import APIHandler, ModelProvider, ResponseGenerator
 
+from mlxlab.serving.openai.checks import (
+    MAX_REQUEST_BYTES,
+    body_length,
+    check_fields,
+    check_key,
+    discard,
+    parse_body,
+    served_model,
+)
+from mlxlab.serving.openai.errors import ServingError, from_mlx_lm
 from mlxlab.serving.openai.served import ServedModel
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
-# Request fields mlx-lm's server reads that would load something else than the served models.
-REFUSED_FIELDS = {
-    "adapters": "this server's adapters are picked by `model` (GET /v1/models lists them)",
-    "draft_model": "speculative decoding is not offered by mlxlab serve",
-}
+COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
 
 
-class ServingError(ValueError):
-    """A request this server refuses: the message names the field."""
+class Answered(BaseException):
+    """A refusal on its way out of mlx-lm's handler to OpenAIHandler.do_POST, which answers it
+    in OpenAI's shape. Not an Exception: mlx-lm's handler catches Exception around the steps
+    that raise it (the parameters' check, the generation thread's start) and answers in its
+    own shape."""
+
+    def __init__(self, error: ServingError):
+        super().__init__(error.message)
+        self.error = error
 
 
-def server_settings(max_tokens: int = 512, allowed_origins: Sequence[str] = ()
+def server_settings(max_tokens: int = 512, allowed_origins: Sequence[str] = (),
+                    api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES
                     ) -> argparse.Namespace:
     """The settings mlx_lm.server takes from its command line, at its defaults (no model path:
-    the models come from ServedModels)."""
+    the models come from ServedModels), and mlxlab's: the API key every request must carry
+    (None: none) and the largest request body read."""
     return argparse.Namespace(
         model=None, adapter_path=None, draft_model=None, trust_remote_code=False,
         chat_template="", use_default_chat_template=False, pipeline=False, num_draft_tokens=3,
@@ -61,6 +81,7 @@ def server_settings(max_tokens: int = 512, allowed_origins: Sequence[str] = ()
         allowed_origins=list(allowed_origins), chat_template_args={}, decode_concurrency=32,
         prompt_concurrency=8, prefill_step_size=2048, prompt_cache_size=10,
         prompt_cache_bytes=None, kv_bits=None, kv_group_size=64, quantized_kv_start=0,
+        api_key=api_key, max_request_bytes=max_request_bytes,
     )
 
 
@@ -93,88 +114,138 @@ class ServedModels(ModelProvider):
 class MlxlabResponses(ResponseGenerator):
     """mlx-lm's generation thread; prompts are tokenized as mlxlab generates (see the module)."""
 
+    def generate(self, request: Any, args: Any, progress_callback: Any = None) -> tuple:
+        try:
+            return super().generate(request, args, progress_callback)
+        except ServingError as err:
+            raise Answered(err) from None
+        except Exception as err:
+            if not self.generation_available():
+                raise Answered(ServingError("the generation thread stopped: restart the "
+                                            "server", status=500)) from err
+            # the chat template's or the tokenizer's refusal: the request's
+            raise Answered(ServingError(str(err))) from err
+
     def _tokenize(self, tokenizer: Any, request: Any, args: Any) -> tuple:
         served = self.model_provider.current
+        field = "prompt" if request.request_type == "text" else "messages"
         if request.request_type == "text":
             prompt = [*served.start_ids, *tokenizer.encode(request.prompt, add_special_tokens=False)]
             tokenized = (prompt, [prompt], ["assistant"], "normal", None)
         else:
             tokenized = super()._tokenize(tokenizer, request, args)
-        room = served.context - len(tokenized[0])
+        length = len(tokenized[0])
+        room = served.context - length
         if room <= 0:
-            field = "prompt" if request.request_type == "text" else "messages"
-            raise ServingError(f"{field}: the prompt is {len(tokenized[0])} tokens and "
-                               f"{served.name}'s context is {served.context}: shorten it")
-        args.max_tokens = min(args.max_tokens, room)
+            raise ServingError(f"{field}: the prompt is {length} tokens and {served.name}'s "
+                               f"maximum context length is {served.context} tokens: shorten it",
+                               param=field, code="context_length_exceeded")
+        if args.max_tokens is None:  # the request named none: the server's, cut to the room
+            args.max_tokens = min(self.cli_args.max_tokens, room)
+        elif args.max_tokens > room:
+            raise ServingError(
+                f"{served.name}'s maximum context length is {served.context} tokens: the "
+                f"prompt is {length} and max_tokens asks for {args.max_tokens} more "
+                f"({length + args.max_tokens}): shorten the {field} or ask for at most {room}",
+                param="max_tokens", code="context_length_exceeded")
         return tokenized
 
 
-def check_messages(messages: Any) -> None:
-    """A chat request's messages as the chat template reads them, else a ServingError naming
-    the message and field."""
-    if not isinstance(messages, list) or not messages:
-        raise ServingError("messages: give a non-empty list of {\"role\": ..., \"content\": ...}")
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, Mapping):
-            raise ServingError(f"{where}: a message is an object with role and content, got "
-                               f"{type(message).__name__}")
-        if message.get("role") not in ROLES:
-            raise ServingError(f"{where}.role: use one of {', '.join(ROLES)}; got "
-                               f"{message.get('role')!r}")
-        content = message.get("content")
-        parts_ok = isinstance(content, list) and all(
-            isinstance(p, Mapping) and isinstance(p.get("text", p.get("image_url")), str | dict)
-            for p in content)
-        if not (isinstance(content, str) or parts_ok
-                or (content is None and message.get("tool_calls"))):
-            raise ServingError(f"{where}.content: a string or a list of {{\"type\": \"text\", "
-                               f"\"text\": ...}} parts; got {content!r:.80}")
-
-
 class OpenAIHandler(APIHandler):
-    """mlx-lm's HTTP handler with mlxlab's checks (see the module)."""
+    """mlx-lm's HTTP handler with mlxlab's checks and OpenAI's error objects (see the module)."""
 
-    _refused_status = 404  # until handle_completion: an unknown path is not found
+    @property
+    def settings(self) -> argparse.Namespace:
+        return self.response_generator.cli_args
+
+    @property
+    def provider(self) -> ServedModels:
+        return self.response_generator.model_provider
+
+    def do_POST(self) -> None:
+        read = False
+        try:
+            check_key(self.headers.get("Authorization"), self.settings.api_key)
+            if self.path not in COMPLETION_PATHS:
+                raise ServingError(f"Invalid URL (POST {self.path[:200]}): this server answers "
+                                   f"POST {', '.join(COMPLETION_PATHS[:2])}", status=404)
+            length = body_length(self.headers, self.settings.max_request_bytes)
+            raw, read = self.rfile.read(length), True
+            self.body = parse_body(raw, self.address_string())
+            socket_file, self.rfile = self.rfile, io.BytesIO(raw)
+            try:  # mlx-lm's handler reads the body that passed, and answers it
+                super().do_POST()
+            finally:
+                self.rfile = socket_file
+        except ServingError as err:
+            self.refuse(err)
+            if not read:
+                discard(self.connection, self.rfile, self.headers)
+        except Answered as answered:
+            self.refuse(answered.error)
 
     def validate_model_parameters(self) -> None:
-        super().validate_model_parameters()
-        provider: ServedModels = self.response_generator.model_provider
-        if self.body.get("model") not in provider.served:
-            given = f"{self.body['model']!r} is not served here" if "model" in self.body \
-                else "required"
-            raise ServingError(f"model: {given}; use one of "
-                               f"{', '.join(s.name for s in provider.models)}")
-        for name, why in REFUSED_FIELDS.items():
-            if self.body.get(name) is not None:
-                raise ServingError(f"{name}: {why}")
-        if self.body.get("n", 1) != 1:
-            raise ServingError("n: this server answers one choice per request; send n=1")
-        if self.path.endswith("/chat/completions"):
-            check_messages(self.body.get("messages"))
-        elif not isinstance(self.body.get("prompt"), str):
-            raise ServingError("prompt: give the text to continue as one string")
+        try:
+            super().validate_model_parameters()  # mlx-lm's: each field's type and range
+            model = self.requested(self.body)
+            check_fields(self.body, model, chat=self.path.endswith("/chat/completions"))
+        except ValueError as err:
+            raise Answered(from_mlx_lm(err, self.body)) from None
+        if "max_completion_tokens" not in self.body and "max_tokens" not in self.body:
+            self.max_tokens = None  # MlxlabResponses gives the server's, cut to the room left
 
-    def handle_completion(self, request: Any, stop_words: list[str]) -> None:
-        # mlx-lm answers 404 when the generation thread refuses a request; by then the model is
-        # known, so the refusal is the request's (its prompt): 400.
-        self._refused_status = 400
-        super().handle_completion(request, stop_words)
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/health":  # open: a load balancer's probe carries no key
+            self.handle_health_check()
+            return
+        try:
+            check_key(self.headers.get("Authorization"), self.settings.api_key)
+            if path.rstrip("/") == "/v1/models":
+                self.answer({"object": "list",
+                             "data": [self.model_object(s) for s in self.provider.models]})
+            elif path.startswith("/v1/models/"):
+                name = unquote(path.removeprefix("/v1/models/"))  # a path's / comes as %2F
+                self.answer(self.model_object(self.requested({"model": name})))
+            else:
+                raise ServingError(f"Invalid URL (GET {self.path[:200]}): this server answers "
+                                   "GET /v1/models, /v1/models/<model> and /health", status=404)
+        except ServingError as err:
+            self.refuse(err)
 
-    def _set_completion_headers(self, status_code: int = 200) -> None:
-        if status_code == 404:
-            status_code = self._refused_status
-        super()._set_completion_headers(status_code)
+    def requested(self, body: dict) -> ServedModel:
+        """The served model the request's `model` names (else 400 / 404)."""
+        return served_model(body, self.provider.served, [s.name for s in self.provider.models])
 
-    def handle_models_request(self) -> None:
-        provider: ServedModels = self.response_generator.model_provider
-        models = [{"id": s.name, "object": "model", "created": self.created, "owned_by": "mlxlab",
-                   "aliases": list(s.names[1:])}
-                  for s in provider.models]
-        self._set_completion_headers(200)
+    def model_object(self, served: ServedModel) -> dict:
+        """OpenAI's model object, with the other names the model answers to."""
+        return {"id": served.name, "object": "model", "created": self.created,
+                "owned_by": "mlxlab", "aliases": list(served.names[1:])}
+
+    def answer(self, payload: dict, status: int = 200, cors: bool = True) -> None:
+        """A JSON answer, with its length."""
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if cors:
+            self._set_cors_headers()
         self.end_headers()
-        self.wfile.write(json.dumps({"object": "list", "data": models}).encode())
+        self.wfile.write(data)
         self.wfile.flush()
+
+    def refuse(self, err: ServingError, cors: bool = True) -> None:
+        """OpenAI's error object with its status."""
+        self.answer(err.payload(), err.status, cors)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None
+                   ) -> None:
+        """http.server's own refusals (a malformed request line, an unsupported method) as
+        OpenAI's error object too."""
+        self.close_connection = True
+        text = message or self.responses.get(code, ("error",))[0]
+        # no CORS headers: they read the request's, which a malformed request line lacks
+        self.refuse(ServingError(text, status=code), cors=False)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
         log.debug("%s - %s", self.address_string(), format % args)

@@ -9,7 +9,9 @@ side rewrites a heartbeat tag (heartbeat.py). A RUNNING run is dead when
 - of another host (its process cannot be seen from here): its heartbeat is older than
   STALE_BEATS intervals.
 
-A dead run is marked KILLED with tags saying when (`mlxlab.killed_at`), why
+A dead run is marked KILLED, ending at its last sign of life (its heartbeat, its latest metric:
+`last_alive_ms`, so its duration is how long it ran, not until it was found), with tags saying
+when it was found (`mlxlab.killed_at`), why
 (`mlxlab.killed_reason`) and whether a committed checkpoint can continue it
 (`mlxlab.resumable`); a resume sets it RUNNING again. Every command that opens the store runs
 this: a run's start, `mlxlab runs list|show|compare`, a sweep's start. A run with neither a
@@ -18,6 +20,7 @@ live-process record nor a heartbeat (written before either existed) is left as i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -26,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mlxlab.runtime.processes import gone_reason, pid_namespace, process_start
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow.calls import retrying
 from mlxlab.tracking.mlflow.store import resolve_uri, sqlite_path
@@ -43,38 +47,6 @@ LIVENESS_TAGS = (
 ENDED_TAGS = (T.KILLED_AT, T.KILLED_REASON, T.RESUMABLE, T.ERROR)
 
 
-def process_start(pid: int, method: str | None = None) -> str | None:
-    """When process `pid` started, as a stamp naming how it was read: `proc:<boot id>:<clock
-    ticks since boot>` (Linux's /proc, exact), else `psutil:<seconds since the epoch>` (macOS);
-    None when the process is gone or neither way is there. `method` reads it the way a stored
-    stamp was read, so the two compare."""
-    if method in (None, "proc"):
-        try:
-            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            # the command name (field 2) may hold spaces and parentheses: count after its end
-            return f"proc:{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
-        except (OSError, IndexError):
-            if method == "proc" or Path("/proc/self/stat").is_file():
-                return None
-    try:
-        import psutil
-    except ImportError:
-        return None
-    try:
-        return f"psutil:{psutil.Process(pid).create_time():.0f}"
-    except psutil.Error:
-        return None
-
-
-def pid_namespace() -> str | None:
-    """This process's pid namespace on Linux (`pid:[inode]`), None elsewhere."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
 def process_tags() -> dict[str, str]:
     """Tags naming the process that trains a run (read back by `mark_dead_runs`)."""
     tags = {T.PID: str(os.getpid()), T.HOST: socket.gethostname()}
@@ -87,16 +59,6 @@ def process_tags() -> dict[str, str]:
     return tags
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def dead_reason(tags: dict[str, str], host: str, now: float) -> str | None:
     """Why the run these tags describe has no live process, or None (alive, or unknown)."""
     pid = tags.get(T.PID, "")
@@ -104,17 +66,7 @@ def dead_reason(tags: dict[str, str], host: str, now: float) -> str | None:
     # its pid means something here only on this host and in this pid namespace
     visible = namespace is None or namespace == pid_namespace()
     if tags.get(T.HOST) == host and pid.isdigit() and visible:
-        if not _alive(int(pid)):
-            return f"process {pid} on {host} is gone"
-        stamp = tags.get(T.PROCESS_START)
-        if stamp:
-            now_stamp = process_start(int(pid), stamp.split(":", 1)[0])
-            if now_stamp is not None and not _same_start(stamp, now_stamp):
-                return (
-                    f"process {pid} on {host} is another process now (the run's started "
-                    f"{stamp}, it {now_stamp})"
-                )
-        return None
+        return gone_reason(pid, host, namespace, tags.get(T.PROCESS_START), here=host)
     beat, every = tags.get(T.HEARTBEAT), tags.get(T.HEARTBEAT_EVERY)
     try:
         age, interval = now - float(beat), float(every)
@@ -126,12 +78,6 @@ def dead_reason(tags: dict[str, str], host: str, now: float) -> str | None:
             f"{interval:g} s expected)"
         )
     return None
-
-
-def _same_start(a: str, b: str) -> bool:
-    if a.startswith("psutil:") and b.startswith("psutil:"):  # seconds from the boot time: +-1
-        return abs(float(a.split(":")[1]) - float(b.split(":")[1])) <= 1
-    return a == b
 
 
 def has_checkpoint(run_dir: str | None) -> bool:
@@ -200,13 +146,38 @@ def mark_killed(client: Any, run: Any, reason: str) -> None:
             RunTag(T.RESUMABLE, str(resumable).lower()),
         ],
     )
-    retrying(client.set_terminated, run.info.run_id, "KILLED")
+    # its end is its last sign of life, not this moment: a run found dead days later did not
+    # run for days
+    retrying(client.set_terminated, run.info.run_id, "KILLED", end_time=last_alive_ms(run))
     log.warning(
         "MLflow run %s was left RUNNING: marked KILLED (%s%s)",
         run.info.run_id,
         reason,
         "; a checkpoint can continue it" if resumable else "",
     )
+
+
+def last_alive_ms(run: Any, now: float | None = None) -> int:
+    """When `run`'s process last showed it was alive (ms since the epoch): its heartbeat tag,
+    its latest metrics' timestamps, its start; never later than now."""
+    now_ms = int((time.time() if now is None else now) * 1000)
+    seen = [run.info.start_time or 0]
+    with contextlib.suppress(ValueError):
+        seen.append(int(float(run.data.tags.get(T.HEARTBEAT, "")) * 1000))
+    # the latest value of each metric, with its timestamp (the run's data as MLflow sends it)
+    seen += [m.timestamp for m in run.data.to_proto().metrics if m.timestamp]
+    return min(max(seen), now_ms)
+
+
+def mark_run_killed(uri: str, run_id: str, reason: str) -> None:
+    """Run `run_id` of store `uri` KILLED (mark_killed) unless it already ended: a stalled
+    training process its supervising parent ended (runtime/supervise.py)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=resolve_uri(uri))
+    run = retrying(client.get_run, run_id)
+    if run.info.status == "RUNNING":
+        mark_killed(client, run, reason)
 
 
 def clear_killed(client: Any, run: Any) -> None:

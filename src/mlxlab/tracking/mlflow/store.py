@@ -228,6 +228,9 @@ def _version() -> str:
     return mlflow.__version__
 
 
+STORE_TEMPLATE = "mlflow-{version}-empty-store.db"  # in the user's cache, one per MLflow version
+
+
 def store_template_path() -> Path:
     """An empty store migrated by this MLflow version, kept in the user's cache
     ($MLXLAB_CACHE_DIR, else $XDG_CACHE_HOME/mlxlab, else ~/.cache/mlxlab): MLflow builds a new
@@ -235,7 +238,12 @@ def store_template_path() -> Path:
     a copy takes milliseconds."""
     import mlflow
 
-    return settings.current().cache_dir / f"mlflow-{mlflow.__version__}-empty-store.db"
+    return settings.current().cache_dir / STORE_TEMPLATE.format(version=mlflow.__version__)
+
+
+def store_templates(cache_dir: Path) -> list[Path]:
+    """The empty-store templates in `cache_dir`, this MLflow version's and older ones'."""
+    return sorted(cache_dir.glob(STORE_TEMPLATE.format(version="*")))
 
 
 def _copy_store_template(db: Path) -> bool:

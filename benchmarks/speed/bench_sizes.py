@@ -1,0 +1,365 @@
+"""Fine-tuning at the sizes people fine-tune: trained tokens/s, peak memory and first-step seconds
+of mlxlab (unpacked and packed) beside mlx_lm.lora, from the real SmolLM2-135M to Llama-3.1-8B
+(issue 75).
+
+    python benchmarks/speed/bench_sizes.py [--sizes smollm2,llama-1b,qwen3-1.7b,llama-3b,llama-8b]
+        [--modes lora,qlora] [--tools mlxlab,mlxlab-packed,mlx-lm,torch-peft] [--steps 4] [--skip 1]
+        [--rounds 1] [--work DIR] [--smoke]
+
+Models: SmolLM2-135M-Instruct (the packaged Q4_1 GGUF, converted as every mlxlab verb reads it:
+4-bit for QLoRA, dequantized to float32 by mlx_lm.convert for LoRA), and random weights in the
+real configs of Llama-3.2-1B, Qwen3-1.7B, Llama-3.2-3B and Llama-3.1-8B (config.json alone, no
+download: mlx-lm's Model(ModelArgs) with its own initialization, written float32 for LoRA and
+4-bit (group 64, every Linear and the embedding) for QLoRA; 8B QLoRA only). Each carries
+SmolLM2's tokenizer and chat template (ids below every vocabulary; the full vocabulary's head is
+computed, as in the real model).
+Work: the 200 shipped chats (src/mlxlab/assets/tinystories/chats.jsonl, 50-150 tokens in the
+template), LoRA rank 8 (alpha 16) on q/k/v/o of every layer, Adam at 1e-4, max_length 256.
+Unpacked (mlxlab, mlx-lm): batch 4 rows, padded to the batch's longest (mlxlab: to a multiple
+of 16). Packed (mlxlab-packed, data.pack=true): batch 1 sequence of 256 positions (~4 rows).
+Each tool is its own process through its own training code, at equal BLAS (mlx-lm's worker
+lets mlxlab's runtime/blas.py point MLX at the same OpenBLAS, nothing else of mlxlab; MLX's own
+quantized matmul for mlx-lm's QLoRA, as shipped). tokens/s: each tool's own count of trained
+tokens (mlxlab: every assistant turn; mlx-lm --mask-prompt: the last reply) over the steps after
+`--skip`; peak: MLX's (mx.get_peak_memory) and the process's resident peak (wait4);
+first step: the seconds of step 1 (MLX's compile with it). torch-peft: PyTorch + PEFT on the
+float32 folder (LoRA only: PEFT's 4-bit bases need CUDA), its own step timed, peak = its
+resident peak, one thread (as each MLX tool's one BLAS thread: threads that spin on cores
+other processes share lose far more than they add). The load average is logged beside
+each run; results.json under --work keeps every stage, so a second call runs only the missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tests"))
+from benchmarks.common import add_smoke, cpu_model, run_with_peak_rss  # noqa: E402
+from benchmarks.speed.bench_lora import MLX_LM_KEYS, MLX_LM_WORKER, csv_metrics  # noqa: E402
+
+SEQ, BATCH, RANK, ALPHA, LR = 256, 4, 8, 16.0, 1e-4
+LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# The published config.json values of each model (architecture keys only).
+CONFIGS = {
+    "llama-1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+                 "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                 "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": True,
+                 "rope_theta": 500000.0, "rope_scaling": LLAMA32_ROPE, "rms_norm_eps": 1e-5,
+                 "max_position_embeddings": 131072},
+    "qwen3-1.7b": {"model_type": "qwen3", "hidden_size": 2048, "intermediate_size": 6144,
+                   "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+                   "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": True,
+                   "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "max_position_embeddings": 40960},
+    "llama-3b": {"model_type": "llama", "hidden_size": 3072, "intermediate_size": 8192,
+                 "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
+                 "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": True,
+                 "rope_theta": 500000.0, "rope_scaling": LLAMA32_ROPE, "rms_norm_eps": 1e-5,
+                 "max_position_embeddings": 131072},
+    "llama-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                 "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False,
+                 "rope_theta": 500000.0, "rope_scaling": {**LLAMA32_ROPE, "factor": 8.0},
+                 "rms_norm_eps": 1e-5, "max_position_embeddings": 131072},
+    # --smoke: the same path on a toy of the Llama shape
+    "toy": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "vocab_size": 49152, "tie_word_embeddings": True,
+            "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
+}
+SIZES = ("smollm2", "llama-1b", "qwen3-1.7b", "llama-3b", "llama-8b")
+LORA_ONLY_UP_TO = "llama-3b"  # 8B: QLoRA only (its float32 copy would not fit 24 GB)
+TOOLS = ("mlxlab", "mlxlab-packed", "mlx-lm", "torch-peft")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def env() -> dict:
+    # one BLAS thread a process for both tools: on cores other processes share, OpenBLAS's
+    # threads spin-wait on descheduled ones (runtime/blas.py set_blas_threads)
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "OPENBLAS_NUM_THREADS": "1"}
+
+
+def smollm2_folders(work: Path) -> dict[str, Path]:
+    """{mode: folder} of the real SmolLM2: the GGUF as mlxlab converts it (4-bit) and float32."""
+    import subprocess
+
+    from mlxlab.models.sources import model_folder
+    from real_models import packaged_model
+
+    quantized = model_folder(str(packaged_model()))
+    floated = work / "smollm2-float32"
+    if not (floated / "config.json").is_file():
+        shutil.rmtree(floated, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(quantized),
+                        "--mlx-path", str(floated), "--dequantize", "--dtype", "float32"],
+                       check=True, capture_output=True, env=env())
+    return {"qlora": quantized, "lora": floated}
+
+
+def write_random(config: dict, tokenizer_from: Path, out: Path, bits: int | None) -> Path:
+    """A model folder of `config` with mlx-lm's own random initialization, float32 or quantized
+    to `bits` (group 64), written a tensor at a time (an 8B model never whole in float)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlxlab.models.mlx_lm_classes import model_classes
+
+    if (out / "config.json").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    model_class, args_class = model_classes(config, out)
+    model = model_class(args_class.from_dict(dict(config)))  # lazy: nothing computed yet
+    config = dict(config)
+    if bits:
+        nn.quantize(model, group_size=64, bits=bits)
+        config["quantization"] = {"group_size": 64, "bits": bits}
+    shard, size, index = {}, 0, {}
+    names = [n for n, _ in tree_flatten(model.parameters())]
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(set(index.values())) + 1:05d}.safetensors"
+            mx.save_safetensors(str(out / name), shard, metadata={"format": "mlx"})
+            index.update({k: name for k in shard})
+        shard, size = {}, 0
+
+    params = dict(tree_flatten(model.parameters()))
+    for name in names:
+        value = params[name]
+        mx.eval(value)
+        shard[name] = value
+        size += value.nbytes
+        if size > 2 << 30:
+            flush()
+    flush()
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": index}, indent=1))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    for file in TOKENIZER_FILES:
+        if (tokenizer_from / file).is_file():
+            shutil.copy(tokenizer_from / file, out / file)
+    return out
+
+
+def data_folder(work: Path, n_val: int = 8) -> Path:
+    """train.jsonl / valid.jsonl (mlx-lm's names, read by both tools): the shipped chats."""
+    from mlxlab.config import asset_path
+
+    folder = work / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = Path(asset_path("tinystories/chats.jsonl")).read_text().splitlines()
+    (folder / "train.jsonl").write_text("\n".join(lines[n_val:]) + "\n")
+    (folder / "valid.jsonl").write_text("\n".join(lines[:n_val]) + "\n")
+    return folder
+
+
+def run_mlxlab(model: Path, data: Path, steps: int, out: Path, packed: bool) -> dict:
+    shutil.rmtree(out, ignore_errors=True)  # its metrics.csv appends
+    cmd = [sys.executable, "-m", "mlxlab.train", "experiment=finetune_chat",
+           f"model.pretrained={model}", f"data.train_file={data / 'train.jsonl'}",
+           f"data.val_file={data / 'valid.jsonl'}", f"data.max_length={SEQ}",
+           f"data.pack={'true' if packed else 'false'}", f"model.lora.rank={RANK}",
+           f"model.lora.alpha={ALPHA}", "model.lora.targets=[query,key,value,out]",
+           f"trainer.batch_size={1 if packed else BATCH}", f"trainer.max_steps={steps}",
+           f"trainer.eval_every_steps={10 * steps}", "trainer.log_every_steps=1",
+           f"optimizer.learning_rate={LR}", "tracking=csv", "callbacks.progress.enabled=false",
+           "callbacks.memory.every=1", "trainer.schedule.warmup_steps=0", "eval.tasks=[]",
+           f"hydra.run.dir={out}"]
+    started = time.perf_counter()
+    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env())
+    if proc.returncode:
+        raise RuntimeError(f"mlxlab failed:\n{proc.stderr[-3000:]}")
+    rows = csv_metrics(out)
+    tags = json.loads((out / "tracking" / "tags.json").read_text())
+    return {"steps": [{"step": s, "tokens_per_sec": m["train/tokens_per_sec"],
+                       "peak_mb": m.get("memory/peak_mb", float("nan")), "loss": m["train/loss"]}
+                      for s, m in sorted(rows.items()) if "train/tokens_per_sec" in m],
+            "rss_mb": rss, "first_step_s": float(tags.get("mlxlab.compile_s", "nan")),
+            "compiles": int(tags.get("mlxlab.compiles", "0")),
+            "wall_s": time.perf_counter() - started}
+
+
+def run_mlx_lm(model: Path, data: Path, steps: int, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    args = {"model": str(model), "train": True, "data": str(data), "iters": steps,
+            "batch_size": BATCH, "num_layers": -1, "max_seq_length": SEQ + 1,
+            "learning_rate": LR, "steps_per_report": 1, "steps_per_eval": 10 * steps,
+            "val_batches": 1, "save_every": 10 * steps, "adapter_path": str(out / "adapters"),
+            "mask_prompt": True, "lora_parameters": {"rank": RANK, "dropout": 0.0,
+                                                     "scale": ALPHA / RANK, "keys": MLX_LM_KEYS}}
+    (out / "args.json").write_text(json.dumps(args))
+    report = out / "report.jsonl"
+    report.unlink(missing_ok=True)
+    started = time.perf_counter()
+    proc, rss = run_with_peak_rss([sys.executable, "-c", MLX_LM_WORKER, str(out / "args.json"),
+                                   str(report), "1", "0"], cwd=out, env=env())
+    if proc.returncode:
+        raise RuntimeError(f"mlx-lm failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    return {"steps": [{"step": r["iteration"], "tokens_per_sec": r["tokens_per_second"],
+                       "peak_mb": r["peak_memory"] * 1e9 / 2**20, "loss": r["train_loss"]}
+                      for r in rows],
+            "rss_mb": rss, "first_step_s": 1 / rows[0]["iterations_per_second"],
+            "compiles": None, "wall_s": time.perf_counter() - started}
+
+
+# PyTorch + PEFT on the same float32 folder and chats: transformers' model (float32, CPU),
+# LoRA rank 8 / alpha 16 on q/k/v/o, Adam, batch 4 rows in order, padded to the longest, the
+# loss on the last reply (real_model_torch_peft.py's encode_chat, as mlx-lm's --mask-prompt).
+# argv: folder train.jsonl steps report.jsonl
+TORCH_PEFT_WORKER = """
+import json, resource, sys, time
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from benchmarks.quality.real_model_torch_peft import encode_chat
+folder, train, steps, report = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+torch.manual_seed(0)
+tok = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+rows = [encode_chat(tok, json.loads(line)["messages"]) for line in open(train)]
+pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+for step in range(1, steps + 1):
+    picked = rows[(step - 1) * 4:step * 4]
+    width = max(len(i) for i, _ in picked)
+    ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in picked])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in picked])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in picked])
+    started = time.perf_counter()
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    seconds = time.perf_counter() - started
+    with open(report, "a") as f:
+        f.write(json.dumps({"step": step, "tokens_per_sec": int((labels[:, 1:] != -100).sum())
+                            / seconds, "loss": float(loss), "seconds": seconds,
+                            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                + "\\n")
+"""
+
+
+def run_torch_peft(model: Path, data: Path, steps: int, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / "report.jsonl"
+    report.unlink(missing_ok=True)
+    started = time.perf_counter()
+    proc, rss = run_with_peak_rss([sys.executable, "-c", TORCH_PEFT_WORKER, str(model),
+                                   str(data / "train.jsonl"), str(steps), str(report)],
+                                  cwd=REPO, env={**env(), "PYTHONPATH": str(REPO),
+                                                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise RuntimeError(f"torch + peft failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    return {"steps": rows, "rss_mb": rss, "first_step_s": rows[0]["seconds"], "compiles": None,
+            "wall_s": time.perf_counter() - started}
+
+
+def summary(run: dict, skip: int) -> dict:
+    timed = [s for s in run["steps"] if s["step"] > skip] or run["steps"]
+    return {"tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed),
+            "peak_mb": max(s["peak_mb"] for s in run["steps"]), "rss_mb": run["rss_mb"],
+            "first_step_s": run["first_step_s"], "compiles": run["compiles"],
+            "wall_s": run["wall_s"], "loss_first": run["steps"][0]["loss"]}
+
+
+def table(results: dict, sizes: list[str], modes: list[str], tools: list[str]) -> str:
+    lines = ["| model | mode | tool | tokens/s | vs mlx_lm.lora | MLX peak MB | peak RSS MB | "
+             "first step s | compiles | load |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for size in sizes:
+        for mode in modes:
+            runs = {t: [v for k, v in results.items() if k.startswith(f"{size}/{mode}/{t}/")]
+                    for t in tools}
+            ref = runs.get("mlx-lm")
+            for tool in tools:
+                if not runs[tool]:
+                    continue
+                med = {k: statistics.median(r[k] for r in runs[tool])
+                       for k in ("tokens_per_sec", "peak_mb", "rss_mb", "first_step_s")}
+                ratio = (f"{med['tokens_per_sec'] / statistics.median(r['tokens_per_sec'] for r in ref):.2f}x"
+                         if ref and tool != "mlx-lm" else "-")
+                compiles = runs[tool][0]["compiles"]
+                lines.append(
+                    f"| {size} | {mode} | {tool} | {med['tokens_per_sec']:.1f} | {ratio} | "
+                    f"{med['peak_mb']:.0f} | {med['rss_mb']:.0f} | {med['first_step_s']:.1f} | "
+                    f"{'-' if compiles is None else compiles} | "
+                    f"{','.join(str(r['load_1min']) for r in runs[tool])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default=",".join(SIZES))
+    p.add_argument("--modes", default="lora,qlora")
+    p.add_argument("--tools", default=",".join(TOOLS))
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--skip", type=int, default=1, help="first steps left out (compiling)")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--work", default=None)
+    add_smoke(p)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.steps, args.skip, args.rounds = "toy", 2, 0, 1
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_sizes_")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "results.json"
+    results = json.loads(store.read_text()) if store.is_file() else {}
+    data = data_folder(work)
+    sizes, modes, tools = args.sizes.split(","), args.modes.split(","), args.tools.split(",")
+    smollm2 = smollm2_folders(work)
+    for size in sizes:
+        for mode in modes:
+            if size == "llama-8b" and mode == "lora":
+                continue  # LORA_ONLY_UP_TO
+            if size == "smollm2":
+                folder = smollm2[mode]
+            else:
+                folder = write_random(CONFIGS[size], smollm2["qlora"],
+                                      work / f"{size}-{mode}", 4 if mode == "qlora" else None)
+            for rnd in range(args.rounds):
+                for tool in tools if rnd % 2 == 0 else tools[::-1]:
+                    key = f"{size}/{mode}/{tool}/{rnd}"
+                    if key in results:
+                        continue
+                    before = load()
+                    out = work / "runs" / key.replace("/", "-")
+                    if tool == "torch-peft" and mode == "qlora":
+                        continue  # PEFT's 4-bit bases are CUDA's (bitsandbytes)
+                    run = (run_mlx_lm(folder, data, args.steps, out) if tool == "mlx-lm" else
+                           run_torch_peft(folder, data, args.steps, out)
+                           if tool == "torch-peft" else
+                           run_mlxlab(folder, data, args.steps, out, tool == "mlxlab-packed"))
+                    results[key] = {**summary(run, args.skip), "load_1min": before}
+                    store.write_text(json.dumps(results, indent=1))
+                    print(json.dumps({"stage": key, **results[key]}), flush=True)
+    shown = table(results, sizes, modes, tools)
+    print(f"\n{cpu_model()}, {os.cpu_count()} cores; {args.steps} steps, the first {args.skip} "
+          f"left out; median of {args.rounds} round(s)\n\n{shown}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""An export that proves itself where it is made: the written folder, loaded by transformers,
+gives the fine-tune's logits on a short fixed probe, or the export is refused.
+
+The probe is PROBE_ROWS x PROBE_TOKENS token ids drawn with PROBE_SEED from the model's whole
+vocabulary (the same ids for every export of a model of that vocabulary size). mlxlab's side is
+the model exactly as written (LoRA fused, a quantized base dequantized, cast to the export's
+dtype) computed in float32; transformers' side is the folder loaded in float32 on the CPU, so
+both compute in float32 over the same weight values, whatever dtype the folder stores.
+
+The gap allowed is TOLERANCE (1e-3) times the logits' scale (their largest magnitude on the
+probe, at least 1): float32 leaves between two right implementations (the same weights summed in
+another order, another attention kernel) an error that grows with the logits, and the scale
+keeps a real model as far from the limit as a tiny one. Measured: gap / scale <= 2e-6 on the
+tiny checkpoints of every type the tests export (gaps 2e-7 to 1.2e-5, scales 1.4 to 7.6), 3.5e-6
+on a LoRA fine-tune of SmolLM2-135M (gap 1.2e-4 at scale 34; 1.9e-4 in bfloat16), some 300
+times under the limit; a wrong layout or a forward that differs shows 0.05 of the scale and
+more (a swapped or transposed tensor, a norm offset, a missing logit scale; OLMo 3's forward in
+mlx-lm against transformers': 0.55 of the scale on the tiny checkpoint, 0.38 absolute on the
+untrained model, whose logits are under 1). A gap above the limit, a non-finite logit, or a
+weight transformers found no tensor for, refuses the export in one line.
+
+Without PyTorch (transformers loads no model without it) nothing is checked: `checker_version`
+is None, and export/__init__.py decides what is written (docs/guide/huggingface.md, Export).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlxlab.export.hf import ExportError
+
+log = logging.getLogger(__name__)
+
+PROBE_ROWS, PROBE_TOKENS, PROBE_SEED = 2, 16, 0
+TOLERANCE = 1e-3
+
+
+def checker_version() -> str | None:
+    """'transformers <version>' when transformers can load a model here (it needs PyTorch),
+    else None."""
+    try:  # ~2 s: only when an export is checked
+        import torch  # noqa: F401 - what transformers loads a model with
+        import transformers
+    except ImportError:
+        return None
+    return f"transformers {transformers.__version__}"
+
+
+def peft_available() -> bool:
+    try:
+        import peft  # noqa: F401 - what puts a PEFT adapter folder on its base
+    except ImportError:
+        return False
+    return True
+
+
+def peft_base(model_config: Mapping) -> Path | None:
+    """The base folder a PEFT export's check loads (model.pretrained as a Hugging Face folder),
+    None when it is not one here (a hub id, a GGUF file, an Ollama name)."""
+    pretrained = model_config.get("pretrained")
+    folder = Path(str(pretrained)).expanduser() if pretrained else None
+    if folder is None or not (folder / "config.json").is_file() or not any(
+            folder.glob("*.safetensors")):
+        return None
+    return folder
+
+
+def round_adapters(model: nn.Module, dtype: mx.Dtype) -> nn.Module:
+    """The model with its LoRA / DoRA weights rounded to `dtype`, as a PEFT folder stores them
+    (the base keeps its own weights, which transformers reads from the base folder)."""
+    leaves = (".lora_a", ".lora_b", ".m")
+    rounded = [(name, value.astype(dtype).astype(value.dtype))
+               for name, value in tree_flatten(model.parameters()) if name.endswith(leaves)]
+    model.update(tree_unflatten(rounded))
+    return model
+
+
+def probe_ids(vocab_size: int) -> np.ndarray:
+    """The probe: (PROBE_ROWS, PROBE_TOKENS) ids in [0, vocab_size), the same for every call."""
+    rng = np.random.default_rng(PROBE_SEED)
+    return rng.integers(0, vocab_size, size=(PROBE_ROWS, PROBE_TOKENS))
+
+
+def mlxlab_logits(model: nn.Module, ids: np.ndarray) -> np.ndarray:
+    """The model's float32 logits for `ids` with no padding: (B, T, vocab), a classifier's
+    (B, labels). The model's weights are upcast to float32 in place (exactly: every export
+    dtype widens to it); the writer casts them back to the export's dtype."""
+    model.set_dtype(mx.float32)
+    model.eval()
+    return np.array(model(mx.array(ids, dtype=mx.int32)).astype(mx.float32))
+
+
+def transformers_logits(folder: Path, ids: np.ndarray, classifier: bool,
+                        adapter: Path | None = None) -> np.ndarray:
+    """What transformers computes for `ids` from the folder (float32, CPU); with `adapter`, the
+    folder is the base and PEFT puts the adapter folder on it. A weight transformers found no
+    tensor for (it would start from random values) is refused here, by name."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    try:
+        with _quiet_transformers():  # its progress bars and notes are not the export's output
+            model, info = auto.from_pretrained(folder, dtype=torch.float32,
+                                               output_loading_info=True)
+            if adapter is not None and not info.get("missing_keys"):
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, adapter)
+    except Exception as err:  # noqa: BLE001 - any failure to load is the export's refusal
+        why = str(err).splitlines()[0] if str(err) else ""
+        raise ExportError(f"refused: transformers could not load the export to check it "
+                          f"({type(err).__name__}: {why}); --no-check writes it unchecked"
+                          ) from err
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ExportError(f"refused: transformers found no tensor for {len(missing)} weight(s) "
+                          f"of the export (e.g. {missing[0]}): the layout of this model type is "
+                          "not the one transformers reads; its weights stay usable in mlxlab")
+    with torch.no_grad():
+        tokens = torch.tensor(ids, dtype=torch.long)
+        out = model.eval()(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
+    return out.float().numpy()
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def compare(ours: np.ndarray, theirs: np.ndarray, checker: str, ids: np.ndarray) -> dict:
+    """The check's record (export_report.json's "check", the model card's section); refuses a
+    gap above TOLERANCE times the logits' scale in one line that names both."""
+    gap = float(np.abs(ours - theirs).max()) if ours.shape == theirs.shape else float("inf")
+    if not np.isfinite(gap) or not np.isfinite(ours).all():
+        gap = float("inf")
+    scale = max(1.0, float(np.abs(ours).max())) if np.isfinite(ours).all() else 1.0
+    allowed = TOLERANCE * scale
+    record = {"status": "checked", "checker": checker, "max_abs_logit_gap": gap,
+              "logit_scale": scale, "tolerance": TOLERANCE, "allowed_gap": allowed,
+              "probe": ids.tolist(), "compute": "float32, CPU"}
+    if gap > allowed:
+        shapes = "" if ours.shape == theirs.shape else f" (logits {ours.shape} vs {theirs.shape})"
+        raise ExportError(
+            f"refused: {checker} computes other logits from the export than mlxlab does from "
+            f"the fine-tune: max gap {gap:.3g}{shapes} > {allowed:.3g} ({TOLERANCE:g} of the "
+            f"logits' scale {scale:.3g}) on a {ids.shape[0]}x{ids.shape[1]}-token probe; this "
+            "model type's forward or layout differs between mlx-lm and transformers: its "
+            "weights stay usable in mlxlab (generate, eval, serve) and as --format mlx-lm")
+    log.info("export check: max |logit gap| %.3g <= %.3g (%s)", gap, allowed, checker)
+    return record
+
+
+def unchecked(why: str) -> dict:
+    """The record of an export written without the check, and why."""
+    return {"status": "unchecked", "why": why}

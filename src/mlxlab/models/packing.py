@@ -1,0 +1,126 @@
+"""Packed rows: several examples in one sequence, each attending only to itself.
+
+A packed batch (data/completions.py, `data.pack=true`) carries `segment_ids` (B, T): the example
+each position belongs to, numbered from 1 in each sequence, 0 for the padding after the last
+example. Here, in one place, the models turn them into what attention needs:
+
+- `segment_mask`: the block-diagonal causal mask, (B, 1, T, T) additive 0 / -inf: position i
+  attends to j when j <= i and both are in the same example;
+- `segment_positions`: each position's place in its own example (0, 1, ... restarting at every
+  example), for models that add learned absolute positions;
+- `attention_segments`: a context in which the masks mlx-lm's decoders build
+  (`create_attention_mask`, wrapped by models/mlx_lm_fused.py) are combined with that mask
+  (`packed_mask`), and the attention calls that receive one are counted (`count_packed_mask`),
+  so a model whose layers mix positions elsewhere is refused instead of letting its rows see
+  each other.
+
+Why RoPE models need no position restart: a rotary score depends on the two positions' distance
+only, so an example starting at position p scores as it would at 0 (the tests check the packed
+logits against the unpacked ones on real models). Sliding windows are relative too: the window
+mask mlx-lm builds is AND-ed with the segment mask. Learned absolute positions are not relative
+(mlx-lm's GPT-2-style models are refused; mlxlab's own Transformer restarts them), nor are
+recurrent or convolutional layers between the attentions (refused by the layer count).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxlab.errors import ConfigError
+
+# module names that hold learned absolute position embeddings in mlx-lm's and mlxlab's models
+POSITION_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings", "pos_embed")
+
+
+def segment_mask(segment_ids: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """(B, T) segment ids -> (B, 1, T, T) additive mask: 0 where query i may attend key j (j <= i,
+    the same segment), -inf elsewhere. Padding (segment 0) attends to itself only."""
+    t = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = mx.arange(t)[:, None] >= mx.arange(t)[None, :]
+    allowed = (same & causal)[:, None]
+    return mx.where(allowed, mx.array(0.0, dtype), mx.array(-mx.inf, dtype))
+
+
+def segment_positions(segment_ids: mx.array) -> mx.array:
+    """(B, T) each position's index inside its own segment (0 at every segment's first token)."""
+    t = segment_ids.shape[1]
+    index = mx.broadcast_to(mx.arange(t), segment_ids.shape)
+    first = mx.concatenate([mx.ones_like(segment_ids[:, :1], dtype=mx.bool_),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start = mx.cummax(mx.where(first, index, 0), axis=1)
+    return index - start
+
+
+def combine_masks(segments: mx.array, mask: mx.array | str | None) -> mx.array:
+    """The segment mask (additive, (B, 1, T, T)) AND the mask a model built for the unpacked
+    sequence: "causal" or None (already in the segment mask), or a (T, T) / (..., T, T) array,
+    boolean (True = may attend: a sliding window) or additive."""
+    if mask is None or isinstance(mask, str):
+        return segments
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, segments, mx.array(-mx.inf, segments.dtype))
+    return segments + mask.astype(segments.dtype)
+
+
+class _Segments(threading.local):
+    mask: mx.array | None = None  # the segment mask of the packed forward pass under way
+    made: list                   # the masks packed_mask handed out in it
+    calls: int = 0               # attention calls that received one of them
+
+
+_ACTIVE = _Segments()
+
+
+def packed_mask(mask: mx.array | str | None) -> mx.array | str | None:
+    """The attention mask a model built for its sequence, combined with the segment mask inside
+    a packed forward pass (attention_segments); `mask` itself outside one. mlx-lm's decoders get
+    their masks through this (models/mlx_lm_fused.py wraps create_attention_mask), so the mask
+    reaches each layer as an argument and gradient checkpointing's recompute sees it too."""
+    if _ACTIVE.mask is None:
+        return mask
+    combined = combine_masks(_ACTIVE.mask, mask)
+    _ACTIVE.made.append(combined)
+    return combined
+
+
+def count_packed_mask(mask: object) -> None:
+    """Called by each attention with the mask it received: one layer more that kept a packed
+    batch's rows apart, when it is a mask packed_mask made in this forward pass."""
+    if _ACTIVE.mask is not None and any(mask is m for m in _ACTIVE.made):
+        _ACTIVE.calls += 1
+
+
+@contextmanager
+def attention_segments(segment_ids: mx.array, layers: int, model_type: str) -> Iterator[None]:
+    """Within this context mlx-lm's attention masks are combined with `segment_ids`'
+    block-diagonal mask (packed_mask); on leaving, fewer than `layers` attention calls having
+    received one is a ConfigError (the rows of a packed batch would have seen each other)."""
+    if _ACTIVE.mask is not None:
+        raise RuntimeError("attention_segments does not nest")
+    _ACTIVE.mask, _ACTIVE.made, _ACTIVE.calls = segment_mask(segment_ids), [], 0
+    try:
+        yield
+        calls = _ACTIVE.calls
+    finally:
+        _ACTIVE.mask, _ACTIVE.made = None, []
+    if calls != layers:
+        raise ConfigError(
+            f"data.pack=true: {model_type}'s attention is not computed where packed rows can be "
+            f"kept apart ({calls} of {layers} layers applied the rows' mask: its layers mix "
+            "positions in other ways); set data.pack=false for this model")
+
+
+def check_packable(model: nn.Module, model_type: str) -> None:
+    """One line when a model cannot keep packed rows apart by masking alone: learned absolute
+    positions (each row would continue the previous row's positions)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in POSITION_EMBEDDINGS and isinstance(module, nn.Embedding):
+            raise ConfigError(
+                f"data.pack=true: {model_type} adds learned absolute positions ({name}), so a "
+                "packed row would not start at position 0; set data.pack=false for this model")
