@@ -513,3 +513,20 @@ def test_mlxlab_eval_bad_task_file_is_one_line_exit_2(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "model"), str(bad), "--no-track"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.jsonl:1: choices must be a list" in err[0]
+
+
+def test_generation_shows_progress_count_rate_and_time(world, caplog):
+    """Long scoring shows itself (issue 76): a line at each tenth of the answers (count, rate,
+    time left) and one at the end, from the decoding loop itself."""
+    import logging
+
+    rows = [{"id": f"g{i}", "prompt": f"Ball {i} is", "answer": "red"} for i in range(20)]
+    task = read_task(write_jsonl(world["root"] / "gen20.jsonl", rows))
+    source = load_eval_model(world["base"])
+    with caplog.at_level(logging.INFO, logger="mlxlab.evaluation.scoring"):
+        score_task(source.model, source.tokenizer, task,
+                   TaskSettings(batch_size=2, max_new_tokens=4))
+    lines = [r.getMessage() for r in caplog.records]
+    steps = [line for line in lines if "answers," in line and "left" in line]
+    assert len(steps) == 9 and steps[0].startswith("task gen20: 2/20 answers, ")
+    assert lines[-1].startswith("task gen20: 20 answers in ")

@@ -18,7 +18,9 @@ acc_norm the argmax of log-likelihood / len(choice) in characters.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,8 @@ from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, Example, Task
 from mlxlab.models.base import Model
 from mlxlab.models.batched_greedy import greedy_batch
+
+log = logging.getLogger(__name__)
 
 TARGET_DELIMITER = " "  # lm-eval's default between a prompt and a choice
 
@@ -240,17 +244,52 @@ def _generation(model: Model, prompts: Prompts, task: Task, settings: TaskSettin
 
     encoded = [prompts.encode(prompts.text(ex.prompt)) for ex in task.examples]
     _context_length(model)
-    if model.make_cache() is None:
-        answers = [greedy_ids(model, ids, settings.max_new_tokens, prompts.stops, stopped)
-                   for ids in encoded]
-    else:
-        answers = greedy_batch(model, encoded, settings.max_new_tokens, prompts.stops, stopped,
-                               settings.batch_size)
+    progress = Progress(f"task {task.name}", len(encoded), "answers")
+    try:
+        if model.make_cache() is None:
+            answers = []
+            for ids in encoded:
+                answers.append(greedy_ids(model, ids, settings.max_new_tokens, prompts.stops,
+                                          stopped))
+                progress.add(1)
+        else:
+            answers = greedy_batch(model, encoded, settings.max_new_tokens, prompts.stops,
+                                   stopped, settings.batch_size, on_group=progress.add)
+    finally:
+        progress.close()
     rows = []
     for ex, ids in zip(task.examples, answers):
         output, _ = _cut(tok.decode(ids), settings.stop)
         rows.append({"id": ex.id, **generation_scores(output, ex), "output": output})
     return TaskScores(task.name, task.kind, _means(rows, ("exact_match", "contains")), rows)
+
+
+class Progress:
+    """Long scoring on the terminal: a bar where stderr is one (tqdm), and a log line at each
+    tenth of the work (count, rate, time left) and at the end, so a log file shows it too."""
+
+    def __init__(self, what: str, total: int, unit: str) -> None:
+        from tqdm import tqdm
+
+        self.what, self.total, self.unit, self.done = what, total, unit, 0
+        self.started, self.next_line = time.perf_counter(), max(1, total // 10)
+        self.bar = tqdm(total=total, desc=what, unit=f" {unit}", disable=None, leave=False)
+
+    def add(self, n: int) -> None:
+        self.done += n
+        self.bar.update(n)
+        if self.done >= self.next_line and self.done < self.total:
+            self.next_line += max(1, self.total // 10)
+            rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+            log.info("%s: %d/%d %s, %.2f/s, ~%.0f s left", self.what, self.done, self.total,
+                     self.unit, rate, (self.total - self.done) / rate)
+
+    def close(self) -> None:
+        self.bar.close()
+        seconds = time.perf_counter() - self.started
+        if self.done:
+            log.info("%s: %d %s in %.1f s (%.2f/s)", self.what, self.done, self.unit, seconds,
+                     self.done / max(seconds, 1e-9))
 
 
 def generation_scores(output: str, example: Example) -> dict[str, float]:

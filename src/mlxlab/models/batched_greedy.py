@@ -38,12 +38,14 @@ def merges(cache: list | None) -> bool:
 
 def greedy_batch(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  stops: Collection[int], done: Callable[[list[int]], bool] = _never,
-                 batch_size: int = 16) -> list[list[int]]:
+                 batch_size: int = 16,
+                 on_group: Callable[[int], None] | None = None) -> list[list[int]]:
     """The greedy continuation of every prompt, in the prompts' order: at most
     `max_new_tokens`, ending before any of `stops` or once `done(ids)`, and at the model's
     context (`max_seq_len`; a prompt keeps its last `max_seq_len - max_new_tokens` tokens).
     At most `batch_size` prompts decode at once, shortest first. The model runs as it is (the
-    caller sets eval mode); it must have a KV cache (`make_cache()`)."""
+    caller sets eval mode); it must have a KV cache (`make_cache()`). `on_group(n)` is called
+    after each group of n prompts is decoded (progress)."""
     limit = int(model.max_seq_len)
     kept = [list(p)[-max(1, limit - max_new_tokens):] for p in prompts]
     if any(not p for p in kept):
@@ -67,6 +69,8 @@ def greedy_batch(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens:
                           limit, batched)
         for i, answer in zip(rows, answers):
             out[i] = answer
+        if on_group is not None:
+            on_group(len(rows))
     return out
 
 
