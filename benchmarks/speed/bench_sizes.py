@@ -13,8 +13,9 @@ download: mlx-lm's Model(ModelArgs) with its own initialization, written float32
 4-bit (group 64, every Linear and the embedding) for QLoRA; 8B QLoRA only). Each carries
 SmolLM2's tokenizer and chat template (ids below every vocabulary; the full vocabulary's head is
 computed, as in the real model).
-Work: the 200 shipped chats (src/mlxlab/assets/tinystories/chats.jsonl, 50-150 tokens in the
-template), LoRA rank 8 (alpha 16) on q/k/v/o of every layer, Adam at 1e-4, max_length 256.
+Work: the shipped chats with one reply (100 of the 200 in
+src/mlxlab/assets/tinystories/chats.jsonl, 50-150 tokens in the template: every tool trains
+the same tokens), LoRA rank 8 (alpha 16) on q/k/v/o of every layer, Adam at 1e-4, max_length 256.
 Unpacked (mlxlab, mlx-lm): batch 4 rows, padded to the batch's longest (mlxlab: to a multiple
 of 16). Packed (mlxlab-packed, data.pack=true): batch 1 sequence of 256 positions (~4 rows).
 Each tool is its own process through its own training code, at equal BLAS (mlx-lm's worker
@@ -162,12 +163,15 @@ def write_random(config: dict, tokenizer_from: Path, out: Path, bits: int | None
 
 
 def data_folder(work: Path, n_val: int = 8) -> Path:
-    """train.jsonl / valid.jsonl (mlx-lm's names, read by both tools): the shipped chats."""
+    """train.jsonl / valid.jsonl (mlx-lm's names, read by every tool): the shipped chats with one
+    reply (so mlxlab's mask, every reply, and mlx-lm's --mask-prompt, the last, train the same
+    tokens)."""
     from mlxlab.config import asset_path
 
     folder = work / "data"
     folder.mkdir(parents=True, exist_ok=True)
-    lines = Path(asset_path("tinystories/chats.jsonl")).read_text().splitlines()
+    lines = [line for line in Path(asset_path("tinystories/chats.jsonl")).read_text().splitlines()
+             if sum(m["role"] == "assistant" for m in json.loads(line)["messages"]) == 1]
     (folder / "train.jsonl").write_text("\n".join(lines[n_val:]) + "\n")
     (folder / "valid.jsonl").write_text("\n".join(lines[:n_val]) + "\n")
     return folder
