@@ -35,6 +35,7 @@ import mlx.nn as nn
 from mlxlab import kernels
 from mlxlab.checkpoint import CheckpointManager, choose_best, load_checkpoint
 from mlxlab.checkpoint.finished import clear_finished, mark_finished
+from mlxlab.checkpoint.state import read_payload
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.models.base import Model
@@ -474,7 +475,10 @@ class Fit:
             return FitResult(best_metrics, self.run_dir, None, None, state.step, state.history)
         tracker.log_metrics({f"best/{k}": v for k, v in best_metrics.items()}, state.step)
         best = self.manager.best_path
-        if best is not None:
+        # The model already holds best/'s weights when the last step is the best one: loading
+        # them again would hold a second copy of the whole model (a 1B float32 LoRA base: 4.7 GB
+        # more at the run's end).
+        if best is not None and read_payload(best).get("step") != state.step:
             load_checkpoint(best, model)
         if self.settings.quantize_bits:
             def evaluate(m: nn.Module, prefix: str) -> Evaluation:
