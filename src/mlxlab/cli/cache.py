@@ -31,7 +31,7 @@ def entries(root: Path) -> list[CacheEntry]:
     from mlxlab.models.sources.conversions import entries as conversions
     from mlxlab.tracking.mlflow.store import store_templates
 
-    found = [*conversions(), *_kernel_builds(root)]
+    found = [*conversions(), *_kernel_builds(root), *_blas_verdicts(root)]
     for template in store_templates(root):
         found.append(CacheEntry(template, "MLflow empty-store template", disk_size(template),
                                 f"MLflow {template.name.split('-')[1]} (copied into new stores)",
@@ -60,6 +60,19 @@ def _kernel_builds(root: Path) -> list[CacheEntry]:
             "this install's build" if ours else "another build (other sources, MLX or Python)",
             build.stat().st_mtime, kept_by_all="this install loads it" if ours else ""))
     return found
+
+
+def _blas_verdicts(root: Path) -> list[CacheEntry]:
+    """Which OpenBLAS kernels this machine's CPUs run (runtime/blas_kernels.py), where measured
+    and where the kernels' cache lies under the root."""
+    from mlxlab.runtime.blas_kernels import CACHE_FILE
+
+    path = settings.read().kernels_cache.expanduser() / CACHE_FILE
+    if not path.resolve().is_relative_to(root.resolve()) or not path.is_file():
+        return []
+    return [CacheEntry(path, "OpenBLAS kernel choice", disk_size(path),
+                       "timed at the first import on this machine (half a second to remake)",
+                       path.stat().st_mtime)]
 
 
 def _name(entry: CacheEntry, root: Path) -> str:

@@ -37,7 +37,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxlab.runtime import cpu, settings
+from mlxlab.runtime import blas_kernels, settings
 
 ENV = "MLXLAB_BLAS"
 FIX = "fix: `pip install scipy-openblas32` (x86_64) or set MLXLAB_BLAS=/path/to/libopenblas.so"
@@ -51,18 +51,13 @@ RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
 # results to the bit (scheduling only), LM presets unchanged. A user's OPENBLAS_THREAD_TIMEOUT
 # wins.
 THREAD_TIMEOUT, SPIN_EXPONENT = "OPENBLAS_THREAD_TIMEOUT", 4
-# Which of its kernels a DYNAMIC_ARCH OpenBLAS runs: on every x86-64-v3 CPU (runtime/cpu.py) its
-# AVX2 ones ("Haswell"), AVX-512 CPUs included, unless OPENBLAS_CORETYPE is set. Why: OpenBLAS's
-# AVX-512 sgemm (its SkylakeX/Cooperlake cores, which it picks on AVX-512 CPUs) gives a product
-# different last bits depending on whether B comes transposed or not, where its AVX2 kernels give
-# the same bits either way. MLX hands BLAS a strided view copied (B not transposed) and a
-# contiguous array's transpose as it is (B transposed), so on an AVX-512 CPU the fused kernels'
-# contiguous heads (kernels.split_heads) would change the attention's products in the last bit,
-# and the default experiment would not train the same run with its kernels on and off. The
-# AVX2 kernels also make MLX's products the same bits on every x86-64-v3 CPU for a given thread
-# count (OpenBLAS's "Zen" core, which AMD's AVX2 CPUs get, computes the same bits as "Haswell").
-# The cost on an AVX-512 CPU is measured in docs/benchmarks-history.md ("One ISA level").
-CORETYPE, AVX2_CORE = "OPENBLAS_CORETYPE", "Haswell"
+# Which of its kernels a DYNAMIC_ARCH OpenBLAS runs (OPENBLAS_CORETYPE): on an x86-64-v3 CPU its
+# AVX2 ones ("Haswell"), or its AVX-512 ones where this CPU has AVX-512 and they measured faster
+# here (runtime/blas_kernels.py: measured once per machine, cached). The AVX2 kernels give the
+# same bits on every x86-64-v3 CPU and whether MLX hands them B transposed or copied; the
+# AVX-512 ones give other last bits, and the fused kernels' contiguous attention heads
+# (kernels.split_heads) then change the attention's products in the last bit.
+CORETYPE = "OPENBLAS_CORETYPE"
 # ELF e_machine -> (GLOB_DAT, JUMP_SLOT) relocation types: the GOT entries of called functions.
 GOT_RELOCATIONS = {62: (6, 7), 183: (1025, 1026)}  # x86-64, AArch64
 
@@ -82,6 +77,7 @@ class BlasInfo:
 
 _info: BlasInfo | None = None
 _lib: ctypes.CDLL | None = None  # the library we loaded, for its thread-count controls
+_core_reason = ""  # why it runs the kernels it runs (load_environment)
 _prefix = ""  # what its names carry before the standard ones (scipy-openblas32: "scipy_")
 # Prefixes a BLAS library's names may carry: none (reference BLAS, most OpenBLAS builds) and
 # "scipy_" (scipy-openblas32, whose names are scipy_cblas_sgemm, scipy_sgetrf_, ...).
@@ -139,13 +135,18 @@ def _setup() -> BlasInfo:
     return BlasInfo(status, _mapped_file(bound["cblas_sgemm"]), _openblas_config())
 
 
-def load_environment() -> dict[str, str]:
-    """The OpenBLAS variables setup_blas sets while MLX's OpenBLAS loads, where the user set
-    none: its idle threads sleep at once (SPIN_EXPONENT), and on an x86-64-v3 CPU it runs its
-    AVX2 kernels (AVX2_CORE)."""
+def load_environment(library: Path) -> dict[str, str]:
+    """The OpenBLAS variables setup_blas sets while `library` loads as MLX's OpenBLAS, where the
+    user set none: its idle threads sleep at once (SPIN_EXPONENT), and on an x86-64-v3 CPU it
+    runs the kernels blas_kernels.choose_core picks (AVX2, or AVX-512 where measured faster)."""
+    global _core_reason
     defaults = {THREAD_TIMEOUT: str(SPIN_EXPONENT)}
-    if cpu.isa_level() == cpu.X86_64_V3:
-        defaults[CORETYPE] = AVX2_CORE
+    if CORETYPE in os.environ:
+        _core_reason = f"{CORETYPE}={os.environ[CORETYPE]} (the user's)"
+    else:
+        core, _core_reason = blas_kernels.choose_core(library)
+        if core is not None:
+            defaults[CORETYPE] = core
     return {name: value for name, value in defaults.items() if name not in os.environ}
 
 
@@ -153,7 +154,7 @@ def _load(path: Path) -> ctypes.CDLL:
     """Load the BLAS library out of the global symbol scope with load_environment()'s variables.
     OpenBLAS reads them while it loads; they are taken out again afterwards, so that no other
     library's OpenBLAS in this process (numpy's), nor any child process, runs with them."""
-    added = load_environment()
+    added = load_environment(path)
     os.environ.update(added)
     try:
         return ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
@@ -366,7 +367,7 @@ def _openblas_config() -> str:
         core = get_core().decode()
         if core.lower() not in config.lower():
             config = f"{config} (running {core})"
-    return config
+    return f"{config}; {_core_reason}" if _core_reason else config
 
 
 def set_blas_threads(n: int) -> bool:

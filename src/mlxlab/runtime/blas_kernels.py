@@ -1,0 +1,158 @@
+"""Which of its kernels MLX's OpenBLAS runs on this CPU: measured once per machine, then cached.
+
+A DYNAMIC_ARCH OpenBLAS picks its kernels ("core") by CPU model, and its table lags the CPUs:
+scipy-openblas32 0.3.34 runs its AVX2 ("Haswell") kernels on an AMD Zen 5, whose full-width
+AVX-512 units run its AVX-512 ("SkylakeX") sgemm 1.8-1.9x faster at the shapes mlxlab trains
+(docs/benchmarks.md, issue 79), while on a Zen 4 (AVX-512 split into two 256-bit halves) the
+AVX-512 kernels were measured no faster. So the choice is made by measurement, not by a table:
+on an x86-64-v3 CPU that has AVX-512 (F, DQ, CD, BW, VL: what OpenBLAS's SkylakeX kernels use),
+the first `import mlxlab` on the machine times a few single-threaded sgemm calls at a small
+model's shapes in two short child processes (one per core; OpenBLAS reads OPENBLAS_CORETYPE
+only when it loads), about half a second, and keeps the AVX-512 kernels when they are at least
+MARGIN faster. The verdict is cached per CPU and library file, beside the fused kernels' builds
+(`<kernels cache>/blas-kernels.json`: machine-level, made at first use as those are),
+so every later process on the machine runs the same kernels: a run and its resume compute the
+same bits. Every other CPU runs the AVX2 kernels (the same bits on every x86-64-v3 CPU).
+
+What the AVX-512 kernels give up: a product's last bits differ from an AVX2 CPU's, and differ
+with the layout MLX hands OpenBLAS (B transposed or copied), which the fused kernels' contiguous
+attention heads change (runtime/blas.py). A user who wants the AVX2 bits everywhere sets
+OPENBLAS_CORETYPE=Haswell; any OPENBLAS_CORETYPE the user sets wins and nothing is measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlxlab.runtime import cpu, settings
+
+AVX2_CORE, AVX512_CORE = "Haswell", "SkylakeX"
+AVX512_FLAGS = frozenset({"avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"})
+# The AVX-512 kernels must beat the AVX2 ones by this much, so that a noisy measurement on a
+# busy machine does not trade the AVX2 kernels' portable bits for nothing.
+MARGIN = 1.10
+CACHE_FILE = "blas-kernels.json"
+# (M, N, K) of the products timed: a small decoder's projection, MLP and output head at
+# 2,048 tokens (the nano preset's batch) and a skinny one (an adapter's width).
+SHAPES = ((2048, 256, 768), (2048, 704, 256), (2048, 3776, 256), (512, 128, 512))
+
+# The child: load the library with the core named in its environment, check it runs that core,
+# time each shape (best of REPEATS), print {"core": ..., "seconds": ...}. Standard library only.
+_CHILD = r"""
+import ctypes, json, sys, time
+lib = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_LOCAL)
+prefix = next(p for p in ("", "scipy_") if hasattr(lib, p + "cblas_sgemm"))
+core = getattr(lib, prefix + "openblas_get_corename")
+core.restype = ctypes.c_char_p
+gemm = getattr(lib, prefix + "cblas_sgemm")
+I, F, P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+gemm.argtypes = [I, I, I, I, I, I, F, P, I, P, I, F, P, I]
+total = 0.0
+for m, n, k in json.loads(sys.argv[2]):
+    a, b, c = ((ctypes.c_float * size)() for size in (m * k, k * n, m * n))
+    for buf in (a, b):
+        ctypes.memset(buf, 0x3F, ctypes.sizeof(buf))  # every float 0.747: no zeros, no denormals
+    best = float("inf")
+    for _ in range(int(sys.argv[3])):
+        start = time.perf_counter()
+        gemm(101, 111, 111, m, n, k, 1.0, a, k, b, n, 0.0, c, n)
+        best = min(best, time.perf_counter() - start)
+    total += best
+print(json.dumps({"core": core().decode(), "seconds": total}))
+"""
+REPEATS = 3
+
+
+def has_avx512(flags: frozenset[str] | None = None) -> bool:
+    """Whether this CPU has the AVX-512 subsets OpenBLAS's SkylakeX kernels run on."""
+    return (flags if flags is not None else cpu.cpu_flags()) >= AVX512_FLAGS
+
+
+def choose_core(library: Path) -> tuple[str | None, str]:
+    """The OPENBLAS_CORETYPE to load `library` with on this CPU (None: leave OpenBLAS its own
+    choice) and one line on why. The user's OPENBLAS_CORETYPE is handled by the caller."""
+    if cpu.isa_level() != cpu.X86_64_V3:
+        return None, "not an x86-64-v3 CPU: OpenBLAS's own choice"
+    flags = cpu.cpu_flags()
+    if not has_avx512(flags):
+        return AVX2_CORE, "AVX2 kernels (no AVX-512)"
+    key = cache_key(library, flags)
+    cached = _read_cache().get(key)
+    if cached is None:
+        cached = measure(library)
+        if cached is not None:
+            _write_cache(key, cached)
+    if cached is None:
+        return AVX2_CORE, "AVX2 kernels (the AVX-512 ones could not be timed)"
+    speedup = cached["avx2_s"] / cached["avx512_s"]
+    if speedup >= MARGIN:
+        return AVX512_CORE, f"AVX-512 kernels: {speedup:.2f}x the AVX2 ones' speed on this CPU"
+    return AVX2_CORE, f"AVX2 kernels: the AVX-512 ones measured {speedup:.2f}x on this CPU"
+
+
+def measure(library: Path, repeats: int = REPEATS) -> dict | None:
+    """Time SHAPES under each core in a child process; None when either child fails or runs
+    other kernels than asked (a library built without them)."""
+    seconds = {}
+    for name, core in (("avx2_s", AVX2_CORE), ("avx512_s", AVX512_CORE)):
+        env = {**os.environ, "OPENBLAS_CORETYPE": core, "OPENBLAS_NUM_THREADS": "1"}
+        try:
+            out = subprocess.run(
+                [sys.executable, "-I", "-S", "-c", _CHILD, str(library), json.dumps(SHAPES),
+                 str(repeats)], env=env, capture_output=True, text=True, timeout=60, check=True)
+            result = json.loads(out.stdout)
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
+        if result["core"].lower() != core.lower():
+            return None
+        seconds[name] = result["seconds"]
+    return {**seconds, "measured": time.time()}
+
+
+def cache_key(library: Path, flags: frozenset[str]) -> str:
+    """This CPU (model name and flags) and this library file (path, size, modification time)."""
+    model = next((line.partition(":")[2].strip() for line in _cpuinfo().splitlines()
+                  if line.startswith("model name")), "")
+    stat = library.stat()
+    ident = f"{model}|{' '.join(sorted(flags))}|{library.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cache_path() -> Path:
+    return settings.current().kernels_cache.expanduser() / CACHE_FILE
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(key: str, verdict: dict) -> None:
+    """Add `verdict` under `key` (write a temporary file, then rename: a reader never sees half a
+    file; two first imports at once both measure and the last rename wins). An unwritable cache
+    only costs the next process the measurement again."""
+    path = cache_path()
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = {**_read_cache(), key: verdict}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(entries, f, indent=1)
+        os.replace(tmp, path)
