@@ -28,6 +28,7 @@ LIBRARY_ENVIRONMENT = {
     "cli/serve.py",  # likewise
     "runtime/supervise.py",  # likewise: the supervised training child's
     "runtime/blas.py",  # OpenBLAS's, set while it loads
+    "runtime/blas_kernels.py",  # OpenBLAS's, for the child processes that time its kernels
     "runtime/device.py",  # MLX's MLX_PTX_CACHE_DIR, set before a run compiles CUDA kernels
     "launch/composing.py",  # Hydra's HYDRA_FULL_ERROR, set while Hydra composes the config
     "models/sources/ollama.py",  # Ollama's OLLAMA_MODELS (where its store is)
