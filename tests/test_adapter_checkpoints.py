@@ -27,12 +27,12 @@ IDS = np.random.default_rng(5).integers(0, 500, size=(2, 16))
 STEPS = 8
 
 
-def train(base: Path, run_dir: Path, pairs: Path, *extra: str,
-          check: bool = True) -> subprocess.CompletedProcess:
+def train(base: Path, run_dir: Path, pairs: Path, *extra: str, check: bool = True,
+          tracking: str = "none") -> subprocess.CompletedProcess:
     done = subprocess.run(
         [PYTHON, "-m", "mlxlab.cli.main", "train", "experiment=finetune_completions",
          f"model.pretrained={base}", f"data.train_file={pairs}", "data.max_length=64",
-         "tracking=none", "callbacks.progress.enabled=false", f"trainer.max_steps={STEPS}",
+         f"tracking={tracking}", "callbacks.progress.enabled=false", f"trainer.max_steps={STEPS}",
          "trainer.eval_every_steps=4", "optimizer.learning_rate=3e-3", "trainer.batch_size=4",
          "checkpoint.save_every_minutes=null", "checkpoint.keep_last_n=3",
          "checkpoint.async_write=false", f"paths.root_dir={run_dir.parent}",
@@ -51,7 +51,7 @@ def runs(tmp_path_factory) -> dict:
     lines = Path(asset_path("tinystories/pairs.jsonl")).read_text().splitlines()[:32]
     pairs.write_text("\n".join(lines) + "\n")
     adapters, whole = root / "adapters", root / "whole"
-    train(base, adapters, pairs)
+    train(base, adapters, pairs, tracking="csv")
     train(base, whole, pairs, "checkpoint.save_base=true")
     return {"root": root, "base": base, "pairs": pairs, "adapters": adapters, "whole": whole}
 
@@ -79,6 +79,16 @@ def test_a_lora_checkpoint_holds_the_adapters_and_the_bases_fingerprint(runs):
     assert held < set(whole)
     for name, value in mx.load(str(best / "model.safetensors")).items():
         assert np.array_equal(np.array(value), np.array(whole[name])), name
+
+
+def test_the_tracked_copy_of_best_is_the_adapters_and_loads(runs):
+    """tracking=csv copies best/ into the run's artifacts: the adapters (not the base again),
+    and the copy loads as the run does."""
+    (copy,) = {p.parent for p in runs["root"].glob("**/artifacts/checkpoint/model.safetensors")}
+    assert names(copy) == names(runs["adapters"] / "checkpoints" / "best")
+    model, _ = load_run_model(copy)
+    reference, _ = load_run_model(runs["adapters"])
+    assert np.array_equal(mlx_logits(model, IDS), mlx_logits(reference, IDS))
 
 
 def test_save_base_true_keeps_every_weight(runs):
@@ -211,3 +221,31 @@ def test_dora_on_a_base_quantized_at_load_round_trips_its_trained_parameters(run
     _, report = load_checkpoint(path, rebuilt, strict=True, verify_base=in_memory)
     assert report.from_base and not report.reinitialized
     assert np.array_equal(mlx_logits(rebuilt, IDS), mlx_logits(trained, IDS))
+
+
+def test_an_adapter_checkpoint_through_a_remote_store_loads_on_its_base(runs, tmp_path):
+    """Uploaded to S3 (moto's server on 127.0.0.1) and fetched into a new folder, as
+    `resume=s3://...` does: the adapters and the base record come back whole and the run loads
+    to the same logits."""
+    pytest.importorskip("s3fs")
+    from mlxlab.checkpoint.remote import RemoteStore, fetch_remote_checkpoint
+    from test_remote import MotoS3, env_set
+
+    srv = MotoS3(tmp_path)
+    srv.start()
+    try:
+        srv.make_bucket()
+        with env_set(srv.env):
+            store = RemoteStore(srv.uri("adapters"), retries=2, backoff_s=0.1)
+            store.upload_checkpoint(step_dir(runs["adapters"], STEPS), f"step_{STEPS:08d}")
+            fetched = fetch_remote_checkpoint(store.uri, tmp_path / "fetched", None, retries=1,
+                                              backoff_s=0.1, required=True)
+    finally:
+        srv.stop()
+    got = step_dir(fetched, STEPS)
+    assert names(got) == names(step_dir(runs["adapters"], STEPS))
+    assert CheckpointState.read(got).base == CheckpointState.read(step_dir(runs["adapters"],
+                                                                           STEPS)).base
+    model, _ = load_run_model(got)
+    reference, _ = load_run_model(step_dir(runs["adapters"], STEPS))
+    assert np.array_equal(mlx_logits(model, IDS), mlx_logits(reference, IDS))
