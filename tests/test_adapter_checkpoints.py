@@ -21,6 +21,7 @@ from hf_helpers import mlx_logits, save_tiny_model
 from mlxlab.checkpoint import CheckpointError, CheckpointState, load_checkpoint
 from mlxlab.config import asset_path
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.sources.fingerprint import base_record, holds_base
 from mlxlab.runs import load_run_model
 
 IDS = np.random.default_rng(5).integers(0, 500, size=(2, 16))
@@ -175,12 +176,12 @@ def test_a_changed_or_missing_base_is_refused_in_one_line(runs, tmp_path):
     # resume's load (training/checkpointing.restore) onto a model built on the changed copy
     from mlxlab.checkpoint import find_run_checkpoints
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
-    from mlxlab.training.checkpointing import holds_base
 
     on_changed = MLXLMDecoder(vocab_size=model.vocab_size, pretrained=str(base),
                               lora={"rank": 8, "targets": ["query", "key", "value", "out"]})
-    with pytest.raises(ConfigError, match="resume: the checkpoint .* is not that base any more"):
-        find_run_checkpoints(run).load_latest(on_changed, verify_base=holds_base(on_changed))
+    with pytest.raises(ConfigError, match=f"resume={run} holds .* is not that base any more"):
+        find_run_checkpoints(run).load_latest(
+            on_changed, verify_base=holds_base(on_changed, f"resume={run}"))
     shutil.rmtree(base)
     with pytest.raises(MissingFileError, match=f"base {base}, and that base is gone"):
         load_run_model(run)
@@ -198,9 +199,7 @@ def test_dora_on_a_base_quantized_at_load_round_trips_its_trained_parameters(run
     magnitudes, not the packed base; a model built again from the source (other adapter draws)
     takes them and gives the trained model's logits to the bit."""
     from mlxlab.checkpoint import save_checkpoint
-    from mlxlab.checkpoint.restore import in_memory
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
-    from mlxlab.models.sources.fingerprint import base_record
 
     def build(seed: int) -> MLXLMDecoder:
         mx.random.seed(seed)
@@ -218,7 +217,8 @@ def test_dora_on_a_base_quantized_at_load_round_trips_its_trained_parameters(run
     assert any(n.endswith(".m") for n in held)  # the DoRA magnitudes
     rebuilt = build(1)
     assert not np.array_equal(mlx_logits(rebuilt, IDS), mlx_logits(trained, IDS))
-    _, report = load_checkpoint(path, rebuilt, strict=True, verify_base=in_memory)
+    _, report = load_checkpoint(path, rebuilt, strict=True,
+                                verify_base=holds_base(rebuilt, str(path)))
     assert report.from_base and not report.reinitialized
     assert np.array_equal(mlx_logits(rebuilt, IDS), mlx_logits(trained, IDS))
 

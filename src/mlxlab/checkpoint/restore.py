@@ -219,11 +219,6 @@ def restore_optimizer(
 BaseCheck = Callable[[dict], None]
 
 
-def in_memory(base: dict) -> None:
-    """`verify_base` of the run that wrote the checkpoints, loading them into the model it holds
-    (its base has been in memory all along: the best weights reloaded at its end)."""
-
-
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: optim.Optimizer | None = None, strict: bool = False,
     verify_base: BaseCheck | None = None,

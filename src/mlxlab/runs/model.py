@@ -29,12 +29,11 @@ from mlxlab.checkpoint import (
     load_checkpoint,
 )
 from mlxlab.checkpoint.discover import is_checkpoint_dir
-from mlxlab.checkpoint.restore import in_memory
 from mlxlab.config import instantiate
 from mlxlab.errors import ConfigError, UserError
 from mlxlab.models.quantize import quantize_linears
 from mlxlab.models.sources import as_local, resolve
-from mlxlab.models.sources.fingerprint import check_base
+from mlxlab.models.sources.fingerprint import check_base, holds_base
 from mlxlab.training.model_ops import apply_done
 
 log = logging.getLogger(__name__)
@@ -84,8 +83,8 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, Ch
     quantization = state.extra.get("quantization")
     if quantization:  # packed weights: quantize the float model the same way, then load
         quantize_linears(model, **quantization)
-    # (a base was checked above, and the model was just built on it)
-    load_checkpoint(checkpoint, model, strict=True, verify_base=in_memory)
+    load_checkpoint(checkpoint, model, strict=True,
+                    verify_base=holds_base(model, str(checkpoint)))
     vocab_map = (state.data or {}).get("vocab_map")
     if vocab_map:  # trained on a shrunken vocabulary: speak the tokenizer's own ids again
         from mlxlab.models.remapped import RemappedLM

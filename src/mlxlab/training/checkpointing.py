@@ -29,10 +29,9 @@ from mlxlab.checkpoint import (
     set_rng_state,
 )
 from mlxlab.checkpoint.layout import CHECKPOINTS_DIR
-from mlxlab.checkpoint.restore import BaseCheck
 from mlxlab.data.batching import Batching
 from mlxlab.models.base import Model
-from mlxlab.models.sources.fingerprint import base_record, check_base
+from mlxlab.models.sources.fingerprint import base_record, holds_base
 from mlxlab.objectives.base import Objective
 from mlxlab.runtime import distributed
 from mlxlab.tracking.base import flatten_config
@@ -95,16 +94,6 @@ def fit_base(model: Model, policy: CheckpointPolicy) -> dict | None:
     return record
 
 
-def holds_base(model: Model) -> BaseCheck:
-    """`verify_base` for resuming into `model`: the base it was built from is the one the
-    checkpoint recorded (its files' fingerprint), else one line naming what differs."""
-    def verify(recorded: dict) -> None:
-        source = model.base_source
-        check_base(recorded, Path(source["folder"]) if source else None,
-                   f"resume: the checkpoint (model.pretrained={recorded.get('pretrained')})")
-    return verify
-
-
 def checkpoint_state(state: RunState, data_state: dict, *, model: nn.Module, data,
                      callbacks: Sequence[Callback], monitor: str, config: dict,
                      val_print: str | None, model_ops: ModelSchedule,
@@ -142,7 +131,8 @@ def restore(resume: str | Path, *, model: nn.Module, optimizer, data,
     of another (rescaled_position)."""
     source = find_run_checkpoints(resume)
     model_ops.restore_structure(model, newest_state(source))  # before its weights load
-    raw, path = source.load_latest(model, optimizer, verify_base=holds_base(model))
+    raw, path = source.load_latest(model, optimizer,
+                                   verify_base=holds_base(model, f"resume={resume}"))
     saved = CheckpointState.from_json(raw)
     if (saved.model_ops or {}).get("done", []) != model_ops.done:
         raise CheckpointError(f"resume: {path} was saved before or after other model "

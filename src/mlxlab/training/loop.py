@@ -35,12 +35,12 @@ import mlx.nn as nn
 from mlxlab import kernels
 from mlxlab.checkpoint import CheckpointManager, choose_best, load_checkpoint
 from mlxlab.checkpoint.finished import clear_finished, mark_finished
-from mlxlab.checkpoint.restore import in_memory
 from mlxlab.checkpoint.state import read_payload
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.models.base import Model
 from mlxlab.models.grad_checkpoint import checkpoint_blocks
+from mlxlab.models.sources.fingerprint import holds_base
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import (
     Evaluation,
@@ -483,7 +483,7 @@ class Fit:
         # them again would hold a second copy of the whole model (a 1B float32 LoRA base: 4.7 GB
         # more at the run's end).
         if best is not None and read_payload(best).get("step") != state.step:
-            load_checkpoint(best, model, verify_base=in_memory)  # the base: the one it holds
+            load_checkpoint(best, model, verify_base=holds_base(model, str(best)))
         if self.settings.quantize_bits:
             def evaluate(m: nn.Module, prefix: str) -> Evaluation:
                 return self.objective.evaluate(m, self.data, self.batching, prefix=prefix,

@@ -17,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.base import Model
 from mlxlab.runtime import settings
 from mlxlab.runtime.checksum import file_sha256
 
@@ -94,3 +95,13 @@ def check_base(recorded: Mapping, folder: Path | None, where: str) -> None:
         f"{where} holds only the trained parameters of the base {source}, and {folder} is not "
         f"that base any more (fingerprint {str(recorded.get('fingerprint'))[:12]} recorded, "
         f"{combined(now)[:12]} now; {', '.join(changed) or 'its files'} changed): {fix}")
+
+
+def holds_base(model: Model, where: str) -> Callable[[dict], None]:
+    """`verify_base` (checkpoint/restore.py) for loading a checkpoint into `model`: the base it
+    was built from (Model.base_source) is the one the checkpoint recorded, by its files'
+    fingerprint (cached: a stat a file), else check_base's one line. `where`: what is loaded."""
+    def verify(recorded: dict) -> None:
+        source = model.base_source
+        check_base(recorded, Path(source["folder"]) if source else None, where)
+    return verify
