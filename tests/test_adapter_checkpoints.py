@@ -213,7 +213,7 @@ def test_dora_on_a_base_quantized_at_load_round_trips_its_trained_parameters(run
     record = base_record(source["pretrained"], source["revision"], Path(source["folder"]))
     path = save_checkpoint(tmp_path, trained, None, {"step": 1, "base": record})
     held = names(path)
-    assert held and all(n.endswith(("lora_a", "lora_b", "m")) for n in held), sorted(held)
+    assert held and all(n.endswith((".lora_a", ".lora_b", ".m")) for n in held), sorted(held)
     assert any(n.endswith(".m") for n in held)  # the DoRA magnitudes
     rebuilt = build(1)
     assert not np.array_equal(mlx_logits(rebuilt, IDS), mlx_logits(trained, IDS))
