@@ -139,8 +139,9 @@ def test_a_4bit_folder_trains_qlora_and_its_adapters_load_in_mlx_lm(q4_folder, t
     assert said == [f"qwen3 decoder: trains lora adapters (rank 8, float32) on the frozen 4-bit "
                     f"quantized base; {trainable:,} trainable / {num_parameters(model):,} total "
                     "parameters"]
+    # the checkpoint holds the adapters; the packed base is the folder's (test_adapter_checkpoints)
     saved = mx.load(str(next((run / "checkpoints").glob("step_*")) / "model.safetensors"))
-    assert saved["lm.model.layers.0.mlp.gate_proj.weight"].dtype == mx.uint32  # packed on disk
+    assert saved and all(n.endswith((".lora_a", ".lora_b")) for n in saved)
     # the adapter folder (and the fused one, still 4-bit) in mlx-lm give mlxlab's logits
     out = tmp_path / "adapters"
     export_run(run, out, "mlx-lm", "float32", lora="adapters")

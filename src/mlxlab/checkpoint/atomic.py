@@ -35,7 +35,7 @@ from mlxlab.checkpoint.layout import (
     TMP_PREFIX,
     step_name,
 )
-from mlxlab.checkpoint.state import StateLike, state_payload, state_step
+from mlxlab.checkpoint.state import StateLike, state_base, state_payload, state_step
 from mlxlab.errors import DISK_FULL, DiskFull
 from mlxlab.runtime.checksum import file_sha256
 
@@ -184,7 +184,9 @@ class Snapshot:
 def take_snapshot(
     model: nn.Module, optimizer: optim.Optimizer | None, state: StateLike
 ) -> Snapshot:
-    """Everything a checkpoint needs, evaluated; ValueError for a bad state before any write."""
+    """Everything a checkpoint needs, evaluated; ValueError for a bad state before any write.
+    A state that records a base (CheckpointState.base) keeps only the trainable parameters:
+    the frozen ones are the base's, rebuilt from its source."""
     step = state_step(state)
     if not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"checkpoint state needs a non-negative int 'step', got {step!r}")
@@ -195,7 +197,8 @@ def take_snapshot(
             f"checkpoint state is not JSON-serializable ({e}); pass plain "
             "numbers, strings, lists and dicts (never objects)"
         ) from e
-    model_arrays = dict(tree_flatten(model.parameters()))
+    params = model.trainable_parameters() if state_base(state) else model.parameters()
+    model_arrays = dict(tree_flatten(params))
     opt_arrays = flat_arrays(optimizer.state) if optimizer is not None else None
     mx.eval(model_arrays, opt_arrays or {})
     return Snapshot(int(step), model_arrays, opt_arrays, state_text)

@@ -2,14 +2,16 @@
 
 A model whose architecture changed since the checkpoint (more layers, a bigger vocabulary, LoRA
 added or removed) takes what fits and `LoadReport` says what was loaded, re-initialized and
-dropped. Nothing is modified unless every file verifies and loads. `Checkpoints.load_latest` is
+dropped. Nothing is modified unless every file verifies and loads. A checkpoint that holds only
+the trained parameters (its state records a `base`) loads onto a model that holds that base: the
+caller says how it knows (`verify_base`), else the load is refused. `Checkpoints.load_latest` is
 the one resume path: the first candidate that verifies, warning about each one skipped.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ class LoadReport:
     optimizer_fresh: list[str] = field(default_factory=list)
     optimizer_scalars: list[str] = field(default_factory=list)  # step, learning_rate, ...
     notes: list[str] = field(default_factory=list)
+    from_base: list[str] = field(default_factory=list)  # frozen, left out: the base's own
 
     @property
     def exact(self) -> bool:
@@ -62,7 +65,8 @@ class LoadReport:
             xs = list(xs)
             return ", ".join(xs[:8]) + (f", ... (+{len(xs) - 8})" if len(xs) > 8 else "")
 
-        lines = [f"loaded {self.path}: {len(self.loaded)} tensors by name"]
+        lines = [f"loaded {self.path}: {len(self.loaded)} tensors by name"
+                 + (f" ({len(self.from_base)} frozen ones the base's)" if self.from_base else "")]
         if self.renamed:
             lines.append(
                 f"  mapped ({len(self.renamed)}): "
@@ -210,14 +214,22 @@ def restore_optimizer(
         _set_path(optimizer.state, key, value)
 
 
+# Called with a checkpoint's base record before its weights load: returns when the model holds
+# that base, raises a UserError naming what differs otherwise.
+BaseCheck = Callable[[dict], None]
+
+
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: optim.Optimizer | None = None, strict: bool = False
+    path: Path, model: nn.Module, optimizer: optim.Optimizer | None = None, strict: bool = False,
+    verify_base: BaseCheck | None = None,
 ) -> tuple[dict, LoadReport]:
     """Load weights by name (and optimizer state) from checkpoint directory `path`.
 
     Returns state.json as written (a dict: `CheckpointState.from_json` types and migrates it)
     and a LoadReport. With `strict=True` any re-initialized or dropped parameter is an error.
-    Nothing is modified unless every file verifies and loads.
+    Nothing is modified unless every file verifies and loads. A checkpoint of the trained
+    parameters alone (state.json's `base`) needs `verify_base`, which proves the model holds
+    that base; its frozen parameters then stay as they are.
     """
     path = Path(path)
     if path.is_file():
@@ -236,19 +248,31 @@ def load_checkpoint(
             "checkpoint (pass the run directory to pick one automatically)"
         )
     state = read_payload(path)
+    base = state.get("base")
+    if base:
+        if verify_base is None:
+            raise CheckpointError(
+                f"{path} holds only the trained parameters of the base {base.get('pretrained')}: "
+                "load it with mlxlab.runs.load_run_model (or any mlxlab verb), which rebuilds "
+                "the base from its source and checks it")
+        verify_base(base)
     ckpt = _load_safetensors(path / MODEL_FILE)
     has_opt = (path / OPTIMIZER_FILE).exists()
     ckpt_opt = _load_safetensors(path / OPTIMIZER_FILE) if optimizer is not None and has_opt else {}
 
     report = LoadReport(path=path)
     current = dict(tree_flatten(model.parameters()))
+    frozen = set(current) - {k for k, _ in tree_flatten(model.trainable_parameters())} \
+        if base else set()
     new_weights: list[tuple[str, mx.array]] = []
     loaded_from: dict[str, str] = {}
     matched: set[str] = set()  # checkpoint names with a model counterpart, loaded or not
     for name, param in current.items():
         src = _source_name(name, ckpt)
         matched.add(src)
-        if src is None:
+        if src is None and name in frozen:
+            report.from_base.append(name)
+        elif src is None:
             report.reinitialized[name] = "not in checkpoint"
         elif ckpt[src].shape != param.shape:
             report.reinitialized[name] = f"shape {tuple(ckpt[src].shape)} -> {tuple(param.shape)}"
@@ -276,13 +300,15 @@ def load_checkpoint(
 
 
 def load_first_usable(
-    candidates: Iterable[Path], model: nn.Module, optimizer: optim.Optimizer | None = None
+    candidates: Iterable[Path], model: nn.Module, optimizer: optim.Optimizer | None = None,
+    verify_base: BaseCheck | None = None,
 ) -> tuple[dict, LoadReport, Path]:
-    """Load the first candidate that verifies; warn about each one skipped and why."""
+    """Load the first candidate that verifies; warn about each one skipped and why (a base that
+    differs is no reason to try an older one: its UserError ends the load)."""
     tried: list[str] = []
     for path in candidates:
         try:
-            state, report = load_checkpoint(path, model, optimizer)
+            state, report = load_checkpoint(path, model, optimizer, verify_base=verify_base)
         except CheckpointError as e:
             reason = str(e)
             tried.append(f"{path}: {reason}")
@@ -308,10 +334,11 @@ class Checkpoints(list):
     last_report: LoadReport | None = None
 
     def load_latest(
-        self, model: nn.Module, optimizer: optim.Optimizer | None = None
+        self, model: nn.Module, optimizer: optim.Optimizer | None = None,
+        verify_base: BaseCheck | None = None,
     ) -> tuple[dict, Path]:
         """Load the first usable one, warning about each skipped; report in `last_report`."""
-        state, self.last_report, path = load_first_usable(self, model, optimizer)
+        state, self.last_report, path = load_first_usable(self, model, optimizer, verify_base)
         return state, path
 
 

@@ -111,6 +111,10 @@ class CheckpointState:
     encoding: dict | None = None  # classification: label values and columns
     model_ops: dict | None = None  # scheduled model operations done (training/model_ops.py)
     objective: dict = field(default_factory=dict)  # the objective's state_dict() (objectives/)
+    # the pretrained base this checkpoint's weights go on, when model.safetensors holds only
+    # the trained parameters (models/sources/fingerprint.py: source, folder, fingerprint);
+    # None: it holds every weight
+    base: dict | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know
     version: int = STATE_VERSION
     # the checkpoint directory it was read from (set by `read`; not written)
@@ -201,6 +205,11 @@ StateLike = CheckpointState | dict
 def state_payload(state: StateLike) -> dict[str, Any]:
     """What goes into state.json for `state`."""
     return state.to_json() if isinstance(state, CheckpointState) else state
+
+
+def state_base(state: StateLike) -> dict | None:
+    """The base record of `state` (CheckpointState.base): the weights it leaves out."""
+    return state.base if isinstance(state, CheckpointState) else state.get("base")
 
 
 def state_step(state: StateLike) -> Any:

@@ -6,8 +6,10 @@
 
 The cache is $MLXLAB_CACHE_DIR (else $XDG_CACHE_HOME/mlxlab, else ~/.cache/mlxlab): GGUF files
 converted to mlx-lm folders (models/gguf/<sha256 prefix>, one per file content) and unfinished
-conversions, the fused CPU kernels' builds (kernels/, where $MLXLAB_KERNELS_CACHE does not put
-them elsewhere) and MLflow's empty-store template. Everything can be made again: a removed
+conversions, the sha256 of pretrained bases' files (file_sha256/: what checkpoints of the
+trained parameters prove their base with; hashed again when removed), the fused CPU kernels'
+builds (kernels/, where $MLXLAB_KERNELS_CACHE does not put them elsewhere) and MLflow's
+empty-store template. Everything can be made again: a removed
 conversion is converted again by the next run that names its GGUF file, removed kernels are
 compiled again at their next use (`python -m mlxlab.kernels build`). An unfinished conversion
 whose writer may still run is never removed; one whose writer is dead is removed by the next
@@ -29,9 +31,16 @@ from mlxlab.runtime.cache import CacheEntry, disk_size, remove
 def entries(root: Path) -> list[CacheEntry]:
     """Everything mlxlab keeps under the cache root `root`, by the rooms that write it."""
     from mlxlab.models.sources.conversions import entries as conversions
+    from mlxlab.models.sources.fingerprint import hashes_dir
     from mlxlab.tracking.mlflow.store import store_templates
 
     found = [*conversions(), *_kernel_builds(root), *_blas_verdicts(root)]
+    hashes = hashes_dir()
+    if hashes.is_dir() and hashes.resolve().is_relative_to(root.resolve()):
+        count = sum(1 for p in hashes.iterdir() if not p.name.startswith("."))
+        found.append(CacheEntry(hashes, "file hashes", disk_size(hashes),
+                                f"the sha256 of {count} pretrained base files (checkpoint "
+                                "fingerprints)", hashes.stat().st_mtime))
     for template in store_templates(root):
         found.append(CacheEntry(template, "MLflow empty-store template", disk_size(template),
                                 f"MLflow {template.name.split('-')[1]} (copied into new stores)",

@@ -59,6 +59,14 @@ class Model(nn.Module):
         return {}
 
     @property
+    def base_source(self) -> dict[str, Any] | None:
+        """Where the frozen weights come from, when building the model again from its config
+        gives them bit for bit: {"pretrained", "revision", "folder"} (a checkpoint then holds
+        only the trained parameters: training/checkpointing.py). None: every weight is the
+        checkpoint's to keep (a model from scratch, or one whose frozen weights are random)."""
+        return None
+
+    @property
     def hf_config(self) -> dict[str, Any] | None:
         """The config.json of the pretrained checkpoint this model started from, if any."""
         return None

@@ -171,8 +171,14 @@ class MLXLMDecoder(Model):
         if dropout:
             raise ConfigError(f"model.dropout={dropout}: mlx-lm's decoders have no dropout; "
                               "leave it at 0")
+        self._base: dict[str, Any] | None = None
         if pretrained:  # a folder, a GGUF file, ollama:NAME or a hub id (models/sources)
-            lm, config = load_folder(model_folder(pretrained, revision))
+            folder = model_folder(pretrained, revision)
+            lm, config = load_folder(folder)
+            # every weight mlx-lm loads comes from the folder (strict), and quantizing it at
+            # load is a function of those bytes: a rebuild gives the same base
+            self._base = {"pretrained": str(pretrained), "revision": revision,
+                          "folder": str(folder)}
         elif hf_config:
             lm = build_from_config(hf_config, quantized_layers, weight_names)
             config = dict(hf_config)
@@ -264,6 +270,10 @@ class MLXLMDecoder(Model):
         return {"hf_config": dict(self._hf_config),
                 "quantized_layers": dict(self._quantized_layers),
                 "weight_names": list(self._weight_names)}
+
+    @property
+    def base_source(self) -> dict[str, Any] | None:
+        return dict(self._base) if self._base else None
 
     @property
     def hf_config(self) -> dict[str, Any]:

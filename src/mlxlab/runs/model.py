@@ -2,10 +2,12 @@
 distillation teacher (the trainer loads teachers through here).
 
 Every checkpoint's state.json (a `CheckpointState`) carries the resolved config and the model's
-constructor inputs, so the model is rebuilt from the checkpoint alone: the config's model node
-is instantiated with `model_init`, the scheduled operations it had done are redone, the weights
-load strictly, and a model trained on a shrunken vocabulary is wrapped to speak the tokenizer's
-own ids again.
+constructor inputs: the config's model node is instantiated with `model_init`, the scheduled
+operations it had done are redone, the weights load strictly, and a model trained on a shrunken
+vocabulary is wrapped to speak the tokenizer's own ids again. A checkpoint of every weight is
+rebuilt from itself alone; one of the trained parameters only (its state records a `base`) is
+rebuilt on its pretrained base, from the recorded source, once the base's files are proved the
+same (models/sources/fingerprint.py).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from mlxlab.checkpoint import (
 )
 from mlxlab.checkpoint.discover import is_checkpoint_dir
 from mlxlab.config import instantiate
-from mlxlab.errors import ConfigError
+from mlxlab.errors import ConfigError, UserError
 from mlxlab.models.quantize import quantize_linears
-from mlxlab.models.sources import as_local
+from mlxlab.models.sources import as_local, resolve
+from mlxlab.models.sources.fingerprint import check_base, holds_base
 from mlxlab.training.model_ops import apply_done
 
 log = logging.getLogger(__name__)
@@ -66,16 +69,22 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, Ch
     state = CheckpointState.read(checkpoint)
     if "model" not in state.config or not state.model_init:
         raise ConfigError(f"{checkpoint}/state.json has no model config: it is not an mlxlab run")
-    # The checkpoint holds every weight, so a pretrained source folder is not needed again.
     model_cfg = OmegaConf.create(state.config["model"])
-    if "pretrained" in model_cfg:
+    if state.base:  # the trained parameters only: on the base, proved the same, from its files
+        folder = base_folder(state.base)
+        check_base(state.base, folder, str(checkpoint))
+        model_cfg.pretrained = str(folder)
+        if "revision" in model_cfg:  # pinned already: the folder is that revision's
+            model_cfg.revision = None
+    elif "pretrained" in model_cfg:  # every weight is the checkpoint's: no source needed
         model_cfg.pretrained = None
     model = instantiate(model_cfg, **state.model_init)
     apply_done(model, state)  # scheduled operations (grown layers...) it had done
     quantization = state.extra.get("quantization")
     if quantization:  # packed weights: quantize the float model the same way, then load
         quantize_linears(model, **quantization)
-    load_checkpoint(checkpoint, model, strict=True)
+    load_checkpoint(checkpoint, model, strict=True,
+                    verify_base=holds_base(model, str(checkpoint)))
     vocab_map = (state.data or {}).get("vocab_map")
     if vocab_map:  # trained on a shrunken vocabulary: speak the tokenizer's own ids again
         from mlxlab.models.remapped import RemappedLM
@@ -83,6 +92,19 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, Ch
         model = RemappedLM(model, vocab_map["keep"], vocab_map["full_size"])
     model.eval()
     return model, state
+
+
+def base_folder(base: dict) -> Path | None:
+    """The folder of a checkpoint's recorded base: the one it resolved to when it trained, else
+    its source resolved again (a GGUF file converted again, a hub id from the cache); None when
+    neither is there (check_base says so in one line)."""
+    folder = Path(str(base.get("folder") or ""))
+    if base.get("folder") and folder.is_dir():
+        return folder
+    try:
+        return resolve(base["pretrained"], base.get("revision")).folder
+    except UserError:
+        return None
 
 
 def load_teachers(

@@ -1,5 +1,6 @@
 """The checkpoints of one fit: the manager and writer its `CheckpointPolicy` asks for, what a
-checkpoint holds (`checkpoint_state`), and resuming: the newest usable checkpoint of a run
+checkpoint holds (`checkpoint_state`; `fit_base`: only the trained parameters when the frozen
+ones are a pretrained base's), and resuming: the newest usable checkpoint of a run
 restored into the model, optimizer, data, RNG, callbacks and RunState (`restore`), with a tag and
 a warning for each thing that changed since (`resume_tags`).
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlxlab.checkpoint import (
     CheckpointError,
@@ -28,6 +30,8 @@ from mlxlab.checkpoint import (
 )
 from mlxlab.checkpoint.layout import CHECKPOINTS_DIR
 from mlxlab.data.batching import Batching
+from mlxlab.models.base import Model
+from mlxlab.models.sources.fingerprint import base_record, holds_base
 from mlxlab.objectives.base import Objective
 from mlxlab.runtime import distributed
 from mlxlab.tracking.base import flatten_config
@@ -71,12 +75,32 @@ def build_writer(policy: CheckpointPolicy, manager: CheckpointManager, run_dir: 
                             when_busy=policy.when_busy, uploader=uploader)
 
 
+def fit_base(model: Model, policy: CheckpointPolicy) -> dict | None:
+    """The base record this fit's checkpoints carry, so that they hold only the trainable
+    parameters (adapters, DoRA magnitudes, a trained head): the model's frozen weights come
+    from its pretrained source as a rebuild gives them again (Model.base_source). None, and
+    checkpoints of every weight: a model from scratch, a full fine-tune (nothing frozen), or
+    checkpoint.save_base=true. Hashes the source's files once (cached by path, size and mtime)."""
+    source = model.base_source
+    if policy.save_base or source is None:
+        return None
+    trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    if all(k in trainable for k, _ in tree_flatten(model.parameters())):
+        return None
+    record = base_record(source["pretrained"], source.get("revision"), Path(source["folder"]))
+    log.info("checkpoints hold the trained parameters only; the frozen ones are the base %s "
+             "(fingerprint %s; checkpoint.save_base=true keeps every weight)",
+             record["pretrained"], record["fingerprint"][:12])
+    return record
+
+
 def checkpoint_state(state: RunState, data_state: dict, *, model: nn.Module, data,
                      callbacks: Sequence[Callback], monitor: str, config: dict,
                      val_print: str | None, model_ops: ModelSchedule,
-                     objective: Objective) -> CheckpointState:
+                     objective: Objective, base: dict | None = None) -> CheckpointState:
     """Everything a checkpoint of this fit at `state.step` holds beside the arrays; `data_state`:
-    where the data stream is (every lane's, gathered)."""
+    where the data stream is (every lane's, gathered); `base`: fit_base's record (dropped
+    once a model operation changed which weights exist: a grown layer is not the base's)."""
     return CheckpointState(
         step=state.step, epoch=state.epoch, data=data_state, rng=rng_state(),
         callbacks={cb.state_key: cb.state_dict() for cb in callbacks},
@@ -93,6 +117,7 @@ def checkpoint_state(state: RunState, data_state: dict, *, model: nn.Module, dat
         objective=objective.state_dict(),  # batches in hand, a generator's RNG (objectives/)
         # classification: label values and columns, so predicting needs no training CSV
         encoding=data.encoding_state(),
+        base=None if model_ops.reshaped() else base,
     )
 
 
@@ -106,7 +131,8 @@ def restore(resume: str | Path, *, model: nn.Module, optimizer, data,
     of another (rescaled_position)."""
     source = find_run_checkpoints(resume)
     model_ops.restore_structure(model, newest_state(source))  # before its weights load
-    raw, path = source.load_latest(model, optimizer)
+    raw, path = source.load_latest(model, optimizer,
+                                   verify_base=holds_base(model, f"resume={resume}"))
     saved = CheckpointState.from_json(raw)
     if (saved.model_ops or {}).get("done", []) != model_ops.done:
         raise CheckpointError(f"resume: {path} was saved before or after other model "

@@ -40,6 +40,7 @@ from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.models.base import Model
 from mlxlab.models.grad_checkpoint import checkpoint_blocks
+from mlxlab.models.sources.fingerprint import holds_base
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import (
     Evaluation,
@@ -59,6 +60,7 @@ from mlxlab.training.checkpointing import (
     build_manager,
     build_writer,
     checkpoint_state,
+    fit_base,
     forget_best,
     restore,
     resume_tags,
@@ -113,6 +115,7 @@ class Fit:
     optimizer: Any
     shards: distributed.OptimizerShards | None
     manager: CheckpointManager
+    base: dict | None               # the pretrained base checkpoints leave out (fit_base)
     writer: CheckpointWriter
     model_ops: ModelSchedule
     val_print: str | None           # the validation set's fingerprint (None: no validation)
@@ -220,6 +223,7 @@ class Fit:
                 self.grad_accum))
         self.val_print = validation_fingerprint(data)  # None: no validation data, said once
         self.manager = build_manager(self.checkpointing, self.run_dir, settings)
+        self.base = fit_base(self.model, self.checkpointing)  # None: checkpoints of every weight
 
     def _restore(self) -> None:
         """The optimizer (sharded over ranks with ZeRO-1), any checkpoint restored into it, the
@@ -479,7 +483,7 @@ class Fit:
         # them again would hold a second copy of the whole model (a 1B float32 LoRA base: 4.7 GB
         # more at the run's end).
         if best is not None and read_payload(best).get("step") != state.step:
-            load_checkpoint(best, model)
+            load_checkpoint(best, model, verify_base=holds_base(model, str(best)))
         if self.settings.quantize_bits:
             def evaluate(m: nn.Module, prefix: str) -> Evaluation:
                 return self.objective.evaluate(m, self.data, self.batching, prefix=prefix,
@@ -518,10 +522,12 @@ class Fit:
         return checkpoint_state(self.state, data_state, model=self.model, data=self.data,
                                 callbacks=self.callbacks, monitor=self.settings.monitor,
                                 config=self.config, val_print=self.val_print,
-                                model_ops=self.model_ops, objective=self.objective)
+                                model_ops=self.model_ops, objective=self.objective,
+                                base=self.base)
 
     def _quantized_state(self):
         state = self._checkpoint_state(self.data.state_dict())
+        state.base = None  # the quantized weights are every weight, packed
         state.run_id = self.tracker.run_id or state.run_id
         return state
 

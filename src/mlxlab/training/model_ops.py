@@ -188,6 +188,11 @@ class ModelSchedule:
         self.done.append(index)
         return spec
 
+    def reshaped(self) -> bool:
+        """An operation that changes which weights exist (STRUCTURAL) has been done: the frozen
+        weights are no longer all the pretrained base's."""
+        return any(self.ops[i]["op"] in STRUCTURAL for i in self.done)
+
     def state_dict(self) -> dict:
         return {"done": list(self.done), "applied": [self.ops[i] for i in self.done]}
 

@@ -192,9 +192,15 @@ class CheckpointPolicy:
     remote_backoff_s: float = 1.0
     remote_timeout_s: float = 60.0  # each network call; one past it counts as a failed try
     remote_final_wait_s: float = 120.0  # the run's end waits at most this long for an upload
+    # true: every weight in every checkpoint (self-contained); false: a model whose frozen
+    # weights are a pretrained base's (LoRA, DoRA, QLoRA) checkpoints its trained ones only
+    save_base: bool = False
 
     def __post_init__(self) -> None:  # the owner checks its keys (config.validate builds it)
         check_number("checkpoint.keep_last_n", self.keep_last_n, int, 1)
         check_choice("checkpoint.when_busy", self.when_busy, WHEN_BUSY)
+        if not isinstance(self.save_base, bool):  # "no" would be true
+            raise ConfigError(f"checkpoint.save_base={self.save_base!r} is not one of "
+                              "[true, false]")
         if self.remote:
             check_uri(str(self.remote))
