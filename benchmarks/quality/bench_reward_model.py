@@ -19,9 +19,19 @@ reply) scores exactly 0.5: chance. Training and held-out pairs share no word.
    the 4-bit base at --policy-lr; the base model and each run scored by `mlxlab eval` on the
    held-out prompts as a generation task (greedy, the chat template, 8 new tokens), the rule's
    answer the word in the case asked: exact match and contains. One seed.
+4. (item 4b, unless --skip-grpo) GRPO with LoRA on the 4-bit base, on the training words'
+   prompts (chats, the reply the word in the case asked as the `answer` column), two arms, each
+   an `mlxlab-train --multirun replicates=--replicates` sweep (seeds 42, 43, 44): rewarded by
+   the reward run of stage 1 (`LearnedReward`), or by the rule itself
+   (`mlxlab.objectives.rewards.exact_answer`: the reply, stripped, is the word in the case
+   asked). Each run evaluates once, at its end (`eval.tasks`: the held-out prompts scored as
+   `mlxlab eval` scores them), so nothing is chosen on the held-out prompts; the base is scored
+   by `mlxlab eval` into the same store (no training). Then `mlxlab runs compare`: learned
+   against rule seed by seed (the held-out exact match's paired difference over seeds, and per
+   prompt), and the base against each arm's seeds.
 
     python benchmarks/quality/bench_reward_model.py [--work DIR] [--steps 60] [--batch 8]
-        [--skip-policies]
+        [--skip-policies] [--skip-grpo] [--grpo-steps 30] [--replicates 3]
     python benchmarks/quality/bench_reward_model.py --smoke    # a tiny random llama, 2 steps
 
 Writes --work/results.json and prints it.
@@ -33,6 +43,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -81,13 +92,74 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def held_out_task(run_or_model: str, task: Path, env: dict, log: Path) -> dict:
-    """`mlxlab eval` of the held-out prompts as a generation task: exact match and contains."""
+    """`mlxlab eval` of the held-out prompts as a generation task (into the work folder's
+    store): exact match, contains and the evaluation's run id."""
     text, wall = run(mlxlab("eval", run_or_model, str(task), "--tasks", "--max-new-tokens", "8",
-                            "--json"), env, log)
+                            "--uri", store(env), "--experiment", "reward_model_eval", "--json"),
+                     env, log)
     report, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
     metrics = report["tasks"][task.stem]["metrics"]
     return {"exact_match": metrics["exact_match"]["value"], "contains": metrics["contains"]["value"],
-            "eval_wall_s": wall}
+            "run_id": report.get("run_id"), "eval_wall_s": wall}
+
+
+def store(env: dict) -> str:
+    """The MLflow store of the work folder (MLXLAB_ROOT): every run and evaluation of the script."""
+    return f"sqlite:///{env['MLXLAB_ROOT']}/mlruns/mlflow.db"
+
+
+def chat_prompts(rows: list[dict]) -> list[dict]:
+    """GRPO's prompt rows: the instruction as a user turn (the chat template renders it, as the
+    held-out evaluation does), the rule's reply as the `answer` column."""
+    return [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["chosen"]}
+            for r in rows]
+
+
+def grpo(args, model: str, data: Path, train_rows: list[dict], task: Path, reward_run: Path,
+         env: dict, work: Path) -> dict:
+    """Stage 4: GRPO against the learned reward and against the rule, --replicates seeds each,
+    and the comparisons (`mlxlab runs compare`)."""
+    write_jsonl(data / "grpo_train.jsonl", chat_prompts(train_rows))
+    # the runs' own evaluation (their val/reward): training prompts, never the held-out ones
+    write_jsonl(data / "grpo_val.jsonl", chat_prompts(train_rows[: args.grpo_batch]))
+    uri = store(env)
+    base = held_out_task(model, task, env, work / "eval_base.log")
+    learned = ("objective.rewards=[{_target_: mlxlab.runs.learned_reward.LearnedReward, "
+               f"run: '{reward_run}', batch_size: {args.generations * args.grpo_batch}}}]")
+    arms = {"learned": [learned, "task_name=grpo_case_learned"],
+            "rule": ["objective.rewards=[{_target_: mlxlab.objectives.rewards.exact_answer}]",
+                     "task_name=grpo_case_rule"]}
+    out: dict = {"base": base, "steps": args.grpo_steps, "prompts_per_step": args.grpo_batch,
+                 "generations": args.generations, "lr": args.grpo_lr,
+                 "replicates": args.replicates}
+    for name, extra in arms.items():
+        text, wall = run(train(
+            "--multirun", "experiment=grpo_arithmetic", *extra, f"model.pretrained={model}",
+            f"data.train_file={data / 'grpo_train.jsonl'}",
+            f"data.val_file={data / 'grpo_val.jsonl'}", f"replicates={args.replicates}",
+            f"trainer.max_steps={args.grpo_steps}", f"trainer.eval_every_steps={args.grpo_steps}",
+            f"trainer.batch_size={args.grpo_batch}", f"objective.num_generations={args.generations}",
+            "objective.max_completion_length=8", f"optimizer.learning_rate={args.grpo_lr}",
+            f"eval.tasks=[{task}]", "eval.max_new_tokens=8", "callbacks.progress.enabled=false",
+            "hydra/launcher=basic"), env, work / f"grpo_{name}.log")
+        parent = re.search(r"MLflow sweep parent run ([0-9a-f]{32})", text)
+        if parent is None:
+            sys.exit(f"no sweep parent run in {work / f'grpo_{name}.log'}")
+        out[name] = {"sweep": parent.group(1), "train_wall_s": wall}
+    metric = f"eval/{task.stem}/exact_match"
+    compares = {"learned_vs_rule": [out["rule"]["sweep"], out["learned"]["sweep"]],
+                "base_vs_learned": [base["run_id"], out["learned"]["sweep"]],
+                "base_vs_rule": [base["run_id"], out["rule"]["sweep"]]}
+    for name, refs in compares.items():
+        extra = ["--metric", metric, "--mode", "max"] if name == "learned_vs_rule" else []
+        for fmt in ([], ["--json"]):
+            text, _ = run(mlxlab("runs", "compare", *refs, *extra, "--uri", uri, "--no-record",
+                                 *fmt), env, work / f"compare_{name}{'_json' if fmt else ''}.log")
+            if fmt:
+                out[name] = json.loads(text[text.index("{"):])
+            else:
+                print(text, flush=True)
+    return out
 
 
 def policies(args, model: str, data: Path, train_rows: list[dict], held_rows: list[dict],
@@ -102,9 +174,7 @@ def policies(args, model: str, data: Path, train_rows: list[dict], held_rows: li
     write_jsonl(data / "val_unpaired.jsonl", [row for r in val for row in (
         {"prompt": r["prompt"], "completion": r["chosen"], "label": True},
         {"prompt": r["prompt"], "completion": r["rejected"], "label": False})])
-    task = write_jsonl(work / "heldout.jsonl", [
-        {"id": str(i), "prompt": r["prompt"], "answer": r["chosen"]}
-        for i, r in enumerate(sorted(held_rows, key=lambda r: r["prompt"]))])
+    task = work / "heldout.jsonl"
     out = {"base": held_out_task(str(model), task, env, work / "eval_base.log")}
     common = [f"model.pretrained={model}", f"trainer.max_steps={args.steps}",
               f"trainer.eval_every_steps={args.steps}", "trainer.schedule.warmup_steps=0",
@@ -134,7 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--heldout-words", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policy-lr", type=float, default=5e-4)
-    p.add_argument("--skip-policies", action="store_true", help="the reward model alone")
+    p.add_argument("--skip-policies", action="store_true", help="no DPO / KTO stage (4c)")
+    p.add_argument("--skip-grpo", action="store_true", help="no GRPO stage (4b)")
+    p.add_argument("--grpo-steps", type=int, default=30)
+    p.add_argument("--grpo-batch", type=int, default=4, help="prompts per GRPO step")
+    p.add_argument("--generations", type=int, default=8, help="completions per prompt")
+    p.add_argument("--grpo-lr", type=float, default=5e-4)
+    p.add_argument("--replicates", type=int, default=3, help="GRPO seeds per arm (42, 43, ...)")
     args = p.parse_args(argv)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_reward_model_")).resolve()
@@ -147,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         model = smoke_model(work)
         held, train_words, args.steps, args.batch = held[:4], train_words[:8], 2, 2
-        args.heldout_words = 4
+        args.heldout_words, args.grpo_steps, args.grpo_batch, args.generations = 4, 2, 2, 2
+        args.replicates = 2
     else:
         from real_models import packaged_model
 
@@ -188,8 +265,14 @@ def main(argv: list[str] | None = None) -> dict:
                "interval_95": [low, high], "chance": 0.5, "accuracy_by_case": by_case,
                "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(right),
                "train_wall_s": wall}
+    write_jsonl(work / "heldout.jsonl", [
+        {"id": str(i), "prompt": r["prompt"], "answer": r["chosen"]}
+        for i, r in enumerate(sorted(held_rows, key=lambda r: r["prompt"]))])
     if not args.skip_policies:
         results["policies"] = policies(args, str(model), data, train_rows, held_rows, env, work)
+    if not args.skip_grpo:
+        results["grpo"] = grpo(args, str(model), data, train_rows, work / "heldout.jsonl",
+                               run_dir, env, work)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return results
