@@ -327,3 +327,154 @@ def test_mlxlab_eval_scores_rows_and_pairs_with_a_reward_run(reward_model, rewar
     scores = mlxlab_eval(rated)["scores"]
     assert len(scores) == 64
     assert np.mean(np.array(scores[0::2]) > np.array(scores[1::2])) == pairs["accuracy"]
+
+
+# --- a learned reward in GRPO: registry names, other tokenizers, memory, bad runs ------------
+
+
+def grpo_args(policy, prompts, rewards: str, *extra: str) -> list[str]:
+    """mlxlab-train arguments of a short GRPO run of `policy` on `prompts` with `rewards`."""
+    return ["experiment=grpo_arithmetic", f"model.pretrained={policy}",
+            f"data.train_file={prompts}", "data.val_file=null", "data.val_fraction=0.25",
+            "model.lora.rank=4", "objective.num_generations=4",
+            "objective.max_completion_length=4", f"objective.rewards=[{rewards}]",
+            "trainer.batch_size=2", "trainer.max_steps=1", "trainer.eval_every_steps=1",
+            "callbacks.progress.enabled=false", *extra]
+
+
+def prompt_rows(root) -> object:
+    rows = [r for r in generated_pairs(32, seed=1) if isinstance(r["prompt"], str)]
+    return write_jsonl(root / "prompts.jsonl", [{"prompt": r["prompt"], "answer": "yes"}
+                                                for r in rows])
+
+
+def test_a_registered_reward_run_is_the_run_it_was_logged_from(reward_run, tmp_path):
+    """objective.rewards takes a registered version (`models:/NAME@ALIAS`, `models:/NAME/N`,
+    as `mlxlab register` names it) for the reward run it was registered from: the same folder,
+    the same scores; a name the store does not hold is one line."""
+    from mlxlab.runs.learned_reward import LearnedReward
+    from mlxlab.serving.registry import register_run
+
+    uri = reward_run["uri"]
+    version = register_run(reward_run["run"], name="tiny-reward", alias="champion", uri=uri)
+    rows = generated_pairs(8, seed=2)
+    prompts, replies = [r["prompt"] for r in rows], [r["chosen"] for r in rows]
+    direct = LearnedReward(str(reward_run["run"]))(prompts, replies)
+    for name in ("models:/tiny-reward@champion", f"models:/tiny-reward/{version.version}"):
+        reward = LearnedReward(name, uri=uri)
+        assert reward.folder.resolve() == reward_run["run"].resolve()
+        np.testing.assert_allclose(reward(prompts, replies), direct, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"models:/no-such@champion: no such registered model "
+                                          r"version in sqlite:"):
+        LearnedReward("models:/no-such@champion", uri=uri)
+    with pytest.raises(ConfigError, match=r"no MLflow store at .*nowhere.db"):
+        LearnedReward("models:/tiny-reward@champion", uri=f"sqlite:///{tmp_path}/nowhere.db")
+
+
+def test_a_policy_with_another_tokenizer_gets_the_rewards_of_its_completions_text(
+        reward_run, tmp_path, cli_env):
+    """The policy (a Qwen2-style vocabulary) and the reward model (a Llama-style one) tokenize
+    differently: the reward reads the policy's completions as text, in its own tokenizer and
+    template, so each reward a GRPO run logged for a sampled completion is the reward run's score
+    of that prompt and completion text (1e-5)."""
+    import json
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+    from tokenizers import Tokenizer
+
+    from mlxlab.runs.learned_reward import LearnedReward
+    from run_helpers import run
+
+    policy = save_tiny_model("qwen2", tmp_path / "tiny-qwen", chat="chatml")
+    theirs = Tokenizer.from_file(str(policy / "tokenizer.json"))
+    ours = Tokenizer.from_file(str(reward_run["run"] / "tokenizer.json"))
+    text = "Is the sky blue? yes"
+    assert theirs.encode(text).ids != ours.encode(text).ids
+    learned = (f"{{_target_: mlxlab.runs.learned_reward.LearnedReward, "
+               f"run: '{reward_run['run']}', name: learned}}")
+    run(grpo_args(policy, prompt_rows(tmp_path), learned, "objective.log_completions=8"),
+        tmp_path / "run", cli_env)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run_,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    folder = client.download_artifacts(run_.info.run_id, "grpo_samples", str(tmp_path / "got"))
+    (samples,) = list(Path(folder).glob("step_*.jsonl"))
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(rows) >= 4 and any(r["completion"] for r in rows)
+    scored = LearnedReward(str(reward_run["run"]))([r["prompt"] for r in rows],
+                                                   [r["completion"] for r in rows])
+    np.testing.assert_allclose([r["learned"] for r in rows], scored, atol=1e-5)
+
+
+def test_a_reward_run_that_is_not_one_is_refused_before_a_grpo_run_makes_anything(
+        reward_model, reward_run, tmp_path, cli_env):
+    """objective.rewards naming a run that is not a reward model (a language model's run), or a
+    registered name the store does not hold, is one line and exit 2 before the GRPO run makes
+    its folder or its store."""
+    from run_helpers import run
+
+    prompts = prompt_rows(tmp_path)
+    lm_run = tmp_path / "lm_run"
+    lm_env = {**cli_env, "MLXLAB_ROOT": str(tmp_path / "lm_root")}
+    run(grpo_args(reward_model["folder"], prompts,
+                  "{_target_: mlxlab.objectives.rewards.exact_answer}", "tracking=none"),
+        lm_run, lm_env)
+    for rewards, line in (
+            (f"{{_target_: mlxlab.runs.learned_reward.LearnedReward, run: '{lm_run}'}}",
+             f"{lm_run} is not a reward model (its model.head is lm)"),
+            ("{_target_: mlxlab.runs.learned_reward.LearnedReward, "
+             f"run: 'models:/no-such@champion', uri: '{reward_run['uri']}'}}",
+             "models:/no-such@champion: no such registered model version")):
+        err = refused(grpo_args(reward_model["folder"], prompts, rewards,
+                                f"hydra.run.dir={tmp_path / 'refused'}"), tmp_path, cli_env)
+        assert line in err and len(err.strip().splitlines()) == 1, err[-2000:]
+        assert not (tmp_path / "refused").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow  # three runs
+def test_micro_batch_auto_counts_a_learned_rewards_memory(reward_model, reward_run, tmp_path,
+                                                         cli_env):
+    """trainer.micro_batch=auto with a learned reward: its model is loaded before the step is
+    measured (its weights in every measured peak) and its scoring batch is taken off the budget;
+    at a budget between the reward-free run's 4- and 8-row peaks, the run with the reward picks
+    fewer rows, the same effective batch."""
+    from mlx.utils import tree_flatten
+
+    from mlxlab.runs.learned_reward import LearnedReward
+    from mlxlab.runs.model import load_run_model
+    from run_helpers import run
+
+    prompts = prompt_rows(tmp_path)
+    learned = ("{_target_: mlxlab.runs.learned_reward.LearnedReward, "
+               f"run: '{reward_run['run']}', batch_size: 64}}")
+    rule = "{_target_: mlxlab.objectives.rewards.exact_answer}"
+
+    def plan(name: str, rewards: str, *extra: str) -> dict:
+        run(grpo_args(reward_model["folder"], prompts, rewards, "trainer.batch_size=8",
+                      "trainer.micro_batch=auto", "tracking=none", *extra),
+            tmp_path / name, cli_env)
+        _, state = load_run_model(tmp_path / name, "last")
+        return state.config["batch_plan"]
+
+    def peaks(p: dict) -> dict[int, float]:
+        return {int(t.split(":")[0]): float(t.split(":")[1].removesuffix("GB")) * 1e9
+                for t in p["tried"].split(", ") if t.endswith("GB")}
+
+    free = peaks(plan("free", rule))
+    assert sorted(free) == [1, 2, 4, 8], free
+    weights = sum(v.nbytes for _, v in
+                  tree_flatten(load_run_model(reward_run["run"])[0].parameters()))
+    scoring = LearnedReward(str(reward_run["run"]), batch_size=64).scoring_memory(32, 16)
+    assert weights > 0 and scoring > 0
+    # a budget the 4-row step fits without the reward, by less than the reward takes
+    limit = free[4] + min(weights + scoring, free[8] - free[4]) / 2
+    assert free[1] + weights + scoring < limit, (free, weights, scoring)
+    budget = f"trainer.memory_limit={limit / 1e6:.6f}MB"
+    without = plan("without", rule, budget)
+    with_reward = plan("with", learned, budget)
+    assert without["micro_batch"] == 4 and without["beside_step_gb"] == 0, without
+    assert with_reward["micro_batch"] < without["micro_batch"], with_reward
+    assert with_reward["micro_batch"] * with_reward["grad_accum"] == 8
+    assert with_reward["beside_step_gb"] > 0, with_reward
+    measured = peaks(with_reward)  # (recorded to 1 MB: the tiny reward's weights may not show)
+    assert all(measured[m] >= free[m] for m in measured), (measured, free)

@@ -31,7 +31,8 @@ reply) scores exactly 0.5: chance. Training and held-out pairs share no word.
    prompt), and the base against each arm's seeds.
 
     python benchmarks/quality/bench_reward_model.py [--work DIR] [--steps 60] [--batch 8]
-        [--skip-policies] [--skip-grpo] [--grpo-steps 30] [--replicates 3]
+        [--skip-policies] [--skip-grpo] [--grpo-steps 15] [--grpo-batch 4] [--generations 4]
+        [--replicates 3] [--reward-run DIR]
     python benchmarks/quality/bench_reward_model.py --smoke    # a tiny random llama, 2 steps
 
 Writes --work/results.json and prints it.
@@ -206,9 +207,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--policy-lr", type=float, default=5e-4)
     p.add_argument("--skip-policies", action="store_true", help="no DPO / KTO stage (4c)")
     p.add_argument("--skip-grpo", action="store_true", help="no GRPO stage (4b)")
-    p.add_argument("--grpo-steps", type=int, default=30)
+    p.add_argument("--reward-run", default=None,
+                   help="a finished reward run of this script (same --seed: the same words) to "
+                        "use instead of training stage 1 again")
+    p.add_argument("--grpo-steps", type=int, default=15)
     p.add_argument("--grpo-batch", type=int, default=4, help="prompts per GRPO step")
-    p.add_argument("--generations", type=int, default=8, help="completions per prompt")
+    p.add_argument("--generations", type=int, default=4, help="completions per prompt")
     p.add_argument("--grpo-lr", type=float, default=5e-4)
     p.add_argument("--replicates", type=int, default=3, help="GRPO seeds per arm (42, 43, ...)")
     args = p.parse_args(argv)
@@ -237,15 +241,16 @@ def main(argv: list[str] | None = None) -> dict:
     write_jsonl(data / "val.jsonl", [{k: r[k] for k in keys} for r in val_rows])
     env = {**os.environ, "MLXLAB_ROOT": str(work)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    run_dir = work / "reward_run"
-    _, wall = run(train("experiment=reward_chat", f"model.pretrained={model}",
-                        f"data.train_file={data / 'train.jsonl'}",
-                        f"data.val_file={data / 'val.jsonl'}", f"trainer.max_steps={args.steps}",
-                        f"trainer.batch_size={args.batch}",
-                        f"trainer.eval_every_steps={args.steps}",
-                        f"optimizer.learning_rate={args.lr}", "trainer.schedule.warmup_steps=0",
-                        "callbacks.progress.enabled=false", f"seed={args.seed}",
-                        f"hydra.run.dir={run_dir}"), env, work / "train.log")
+    run_dir = Path(args.reward_run).resolve() if args.reward_run else work / "reward_run"
+    wall = None
+    if not args.reward_run:
+        _, wall = run(train(
+            "experiment=reward_chat", f"model.pretrained={model}",
+            f"data.train_file={data / 'train.jsonl'}", f"data.val_file={data / 'val.jsonl'}",
+            f"trainer.max_steps={args.steps}", f"trainer.batch_size={args.batch}",
+            f"trainer.eval_every_steps={args.steps}", f"optimizer.learning_rate={args.lr}",
+            "trainer.schedule.warmup_steps=0", "callbacks.progress.enabled=false",
+            f"seed={args.seed}", f"hydra.run.dir={run_dir}"), env, work / "train.log")
 
     from mlxlab.runs.learned_reward import LearnedReward
     from mlxlab.stats import proportion_interval

@@ -211,6 +211,14 @@ class Objective:
         module's first. Called after setup; it must not move the objective's own state."""
         return next(iter(data.train_batches(batching, 0)))
 
+    def memory_beside_step(self, batching: Batching) -> int:
+        """Bytes the objective's own models take outside the compiled step at their peak, beyond
+        what they hold resident (a learned reward's scoring activations: runs/learned_reward.py),
+        which trainer.micro_batch=auto leaves out of the step's budget; models the objective
+        loads in `setup` are resident by then and counted in the step's measurement. Called
+        after setup, only by that search."""
+        return 0
+
     def probe_loss(self) -> LossFn | None:
         """The loss on a batch of the data module's (analysis differentiates it on a validation
         batch); None when the objective trains on batches it makes, not on the data's."""

@@ -136,6 +136,16 @@ class GRPO(Objective):
             raise ConfigError(f"objective.beta={self.beta} measures the KL to the reference, the "
                               "model with its LoRA adapters off: set model.lora.rank > 0, or "
                               "objective.beta=0")
+        for reward in self.rewards:  # a learned reward's model, resident before memory fitting
+            if callable(getattr(reward.fn, "load", None)):
+                reward.fn.load()
+
+    def memory_beside_step(self, batching: Batching) -> int:
+        """A learned reward's scoring batch: a generation's completions (trainer.batch_size
+        prompts x num_generations) at the rollout's width, in its batches."""
+        rows = batching.batch_size * self.group
+        return sum(int(r.fn.scoring_memory(rows, self.sampler.width)) for r in self.rewards
+                   if callable(getattr(r.fn, "scoring_memory", None)))
 
     def state_dict(self) -> dict:
         buffer = None if self._buffer is None else {

@@ -5,12 +5,20 @@
         - {_target_: mlxlab.runs.learned_reward.LearnedReward, run: outputs/reward_chat/<time>}
         - {_target_: mlxlab.objectives.rewards.regex_format, pattern: "^\\d+$", weight: 0.2}
 
+`run` is the reward run's folder, or its registered model version (`models:/NAME@ALIAS`,
+`models:/NAME/VERSION`, as `mlxlab register` names it; `uri` is the store, else
+$MLFLOW_TRACKING_URI, else <project>/mlruns/mlflow.db), resolved to the folder it was logged
+from (runs/registered.py) when the config is checked.
+
 Each (prompt, completion) is rendered as the reward run rendered its pairs (its own tokenizer
 and chat template, kept in its run folder: the prompt's turns, the completion the assistant's
 reply) and scored as objectives/reward.py scores a side: the head's value at the reply's last
 token. The reward model therefore reads text it tokenizes itself, whatever the policy's
-tokenizer. Its weights are loaded once, at the first call (the config check reads only its
-state.json), frozen, and run in batches of `batch_size` without gradients.
+tokenizer: the policy's completions reach it as text (decoded without special tokens), so no
+token ids pass between two vocabularies. Its weights are loaded once, frozen (the config check
+reads only its state.json): by GRPO's setup (`load`), before trainer.micro_batch=auto measures a
+step, so they are counted there, with the activations of one scoring batch
+(`scoring_memory`); it scores in batches of `batch_size` without gradients.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from mlxlab.data.chat import encode_chats, load_chat_template
 from mlxlab.data.tokenizer import build_tokenizer, special_ids
 from mlxlab.errors import ConfigError
 from mlxlab.runs.model import choose_checkpoint, load_run_model
+from mlxlab.runs.registered import is_registered_name, registered_run_dir
 from mlxlab.runs.tokenizer import require_run_tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,21 +47,41 @@ class LearnedReward:
     """`(prompts, completions, **columns) -> list[float]`: the reward run `run`'s scores (see
     the module). `checkpoint`: best (default) or last."""
 
-    def __init__(self, run: str, batch_size: int = 16, checkpoint: str = "best") -> None:
+    def __init__(self, run: str, batch_size: int = 16, checkpoint: str = "best",
+                 uri: str | None = None) -> None:
         check_number("objective.rewards[].batch_size", batch_size, int, 1)
         self.run, self.batch_size, self.checkpoint = str(run), int(batch_size), checkpoint
-        found = choose_checkpoint(Path(self.run).expanduser(), checkpoint)
+        self.folder = reward_folder(self.run, uri)
+        found = choose_checkpoint(self.folder, checkpoint)
         head = ((CheckpointState.read(found).config or {}).get("model") or {}).get("head")
         if head != "score":
             raise ConfigError(f"objective.rewards: {self.run} is not a reward model (its "
                               f"model.head is {head or 'lm'}): give a run trained with "
                               "objective=reward (experiment=reward_chat)")
-        self.tokenizer_path = require_run_tokenizer(Path(self.run).expanduser(), "reward")
+        self.tokenizer_path = require_run_tokenizer(self.folder, "reward")
         self._parts: tuple | None = None
+
+    def load(self) -> None:
+        """The reward model in memory now (GRPO's setup: before the micro-batch is measured)."""
+        self._load()
+
+    def scoring_memory(self, rows: int, width: int) -> int:
+        """MLX's bytes above what it holds for one scoring batch (min(rows, batch_size) sequences
+        of `width` tokens, no gradients), measured; the weights are loaded first and not
+        counted here (they are resident: a step's measurement holds them)."""
+        model, _, _, pad_id = self._load()
+        tokens = mx.full((min(int(rows), self.batch_size), max(1, int(width))), pad_id, mx.int32)
+        mx.eval(tokens)
+        held = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(model(tokens))
+        extra = max(0, int(mx.get_peak_memory()) - int(held))
+        mx.clear_cache()
+        return extra
 
     def _load(self) -> tuple:
         if self._parts is None:
-            model, state = load_run_model(Path(self.run).expanduser(), self.checkpoint)
+            model, state = load_run_model(self.folder, self.checkpoint)
             model.freeze()
             tokenizer = build_tokenizer(None, path=str(self.tokenizer_path))
             tokenizer.no_padding()
@@ -82,6 +111,18 @@ class LearnedReward:
             picked = mx.take_along_axis(scores, mx.array(last)[:, None], axis=1)[:, 0]
             rewards += np.array(picked).tolist()
         return rewards
+
+
+def reward_folder(run: str, uri: str | None = None) -> Path:
+    """The reward run's folder: `run` itself, or the folder a registered version was logged
+    from (one ConfigError line when the store, the version or the folder is not there)."""
+    if not is_registered_name(run):
+        return Path(run).expanduser()
+    try:
+        return registered_run_dir(run, uri)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"objective.rewards: {e}; a learned reward reads the reward run's "
+                          "folder (its weights, tokenizer and chat template)") from None
 
 
 def as_messages(text: Any, role: str = "user") -> list[dict]:

@@ -211,8 +211,8 @@ class Fit:
         self.tie_break = objective.metrics(data_kind(data)).tie()
         self.batching, self.grad_accum = plan_micro_batch(Fitting(  # training/micro_batch.py
             model, data, self.loss_fn, objective.probe_batch, settings, world, self.rows_of,
-            self.optimizer_factory, self.run_dir, self.resume, self.config, self.tags),
-            batching, rank_batches)
+            self.optimizer_factory, self.run_dir, self.resume, self.config, self.tags,
+            lambda: objective.memory_beside_step(batching)), batching, rank_batches)
         self.total_steps, self.max_epochs, self.steps_per_epoch = plan(
             data, settings, self.batching, self.grad_accum, world if rank_batches else None,
             per_data_batch=objective.plan(self.grad_accum))

@@ -18,7 +18,9 @@ first come:
    MLX's own limit), measured before step 1 on a batch padded to the longest row the
    data makes (the objective's probe_batch: the data's first, or its own batches at their
    largest, e.g. prompts with completions of the longest length): forward, backward, and the
-   optimizer's state and update, as MLX counts them;
+   optimizer's state and update, as MLX counts them (what the objective loaded in its setup,
+   e.g. a learned reward's model, is resident then and counted; what its models need outside
+   the step, a learned reward's scoring batch, is `memory_beside_step`, taken off the budget);
    a size whose measurement crashes the process (MLX's CPU backend faults where it cannot
    allocate) does not fit: mlxlab-train's parent starts the run again, measuring below it;
 5. neither (micro_batch=null): trainer.batch_size.
@@ -76,6 +78,9 @@ class Fitting:
     resume: str | Path | None
     config: dict  # the run's config: batch_plan is added (params, checkpoints)
     tags: dict  # the run's tags: a restart's
+    # bytes the objective's models need outside the step (Objective.memory_beside_step),
+    # measured only by the search
+    beside_step: Callable[[], int] = lambda: 0
 
 
 def plan_micro_batch(fit: Fitting, batching: Batching, rank_batches: bool) -> tuple[Batching, int]:
@@ -94,9 +99,9 @@ def plan_micro_batch(fit: Fitting, batching: Batching, rank_batches: bool) -> tu
         log.info("micro-batch %d x grad_accum %d: the resumed run's choice", micro,
                  effective // micro)
     elif settings.micro_batch == "auto":
-        micro, tried, limit, budgeted = search(fit, effective)
+        micro, tried, limit, budgeted, beside = search(fit, effective)
         record.update(chosen_by="auto", memory_limit_gb=round(limit / GB, 3), tried=tried,
-                      budgeted=budgeted)
+                      budgeted=budgeted, beside_step_gb=round(beside / GB, 6))
     elif settings.micro_batch is not None:
         micro = int(settings.micro_batch)
         record["chosen_by"] = "fixed"
@@ -225,13 +230,17 @@ def candidates(effective: int) -> list[int]:
     return sizes
 
 
-def search(fit: Fitting, effective: int) -> tuple[int, str, float, str]:
-    """trainer.micro_batch=auto: (the chosen micro-batch, what was tried, the limit in bytes,
-    which limit it is).
+def search(fit: Fitting, effective: int) -> tuple[int, str, float, str, int]:
+    """trainer.micro_batch=auto: (the chosen micro-batch, what was tried, the step's limit in
+    bytes, which limit it is, the bytes taken off it for the objective's models beside the step).
     Sizes are tried upward until one is over the limit; one predicted well past it (memory grows
     with the rows: the last two measures extrapolated) is not run, so that the search itself does
     not run out."""
     (limit, budgeted), started = memory_budget(fit.settings), time.perf_counter()
+    beside = int(fit.beside_step())
+    if beside:  # e.g. a learned reward's scoring batch: not at the step's time, in the process
+        limit -= beside
+        budgeted += f", less {beside / GB:.3f} GB the objective's models use beside the step"
     saved_rng, saved_data = rng_state(), fit.data.state_dict()
     # the longest row the data makes, or the objective's own batch when it is wider (completions)
     width = max(longest_row(fit.data), widest(fit.probe_batch(fit.data, Batching(batch_size=1))))
@@ -272,7 +281,7 @@ def search(fit: Fitting, effective: int) -> tuple[int, str, float, str]:
     log.info("trainer.micro_batch=auto: %d rows x grad_accum %d (effective batch %d) fit %.3f GB "
              "(%s) at rows of %d positions; tried %s (%.1f s)", chosen, effective // chosen,
              effective, limit / GB, budgeted, width, summary, time.perf_counter() - started)
-    return chosen, summary, limit, budgeted
+    return chosen, summary, limit, budgeted, beside
 
 
 def probe(fit: Fitting, rows: int, width: int) -> float | None:

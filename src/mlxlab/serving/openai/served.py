@@ -129,7 +129,7 @@ def resolve_target(text: str, uri: str | None = None, scratch: Path | None = Non
     run folder (its checkpoint downloaded into `scratch` when that folder is gone), else a
     base model folder (base_model_folder)."""
     if text.startswith(REGISTRY_SCHEMES):
-        from mlxlab.serving.registry import registered_run_dir
+        from mlxlab.runs.registered import registered_run_dir
 
         spec = text.removeprefix(REGISTRY_SCHEMES[0])
         names = (text, spec, spec.split("@")[0].split("/")[0])

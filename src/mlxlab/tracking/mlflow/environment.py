@@ -8,7 +8,7 @@ mlxlab's, so they are read and set here, when MLflow reads them.
   MLFLOW_ALLOW_FILE_STORE (merge.py), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR (runs/task_scores.py):
   set for the length of a call (`set_for_the_call`).
 - MLFLOW_TRACKING_URI, MLFLOW_REGISTRY_URI: put back as they were after `mlflow.set_*_uri`
-  pointed MLflow at a store for a moment (serving/registry.py's `pointed_at`).
+  pointed MLflow at a store for a moment (runs/registered.py's `pointed_at`).
 """
 
 from __future__ import annotations
