@@ -352,6 +352,7 @@ def test_a_registered_reward_run_is_the_run_it_was_logged_from(reward_run, tmp_p
     """objective.rewards takes a registered version (`models:/NAME@ALIAS`, `models:/NAME/N`,
     as `mlxlab register` names it) for the reward run it was registered from: the same folder,
     the same scores; a name the store does not hold is one line."""
+    from mlxlab.objectives.rewards import ModelReward
     from mlxlab.runs.learned_reward import LearnedReward
     from mlxlab.serving.registry import register_run
 
@@ -362,6 +363,7 @@ def test_a_registered_reward_run_is_the_run_it_was_logged_from(reward_run, tmp_p
     direct = LearnedReward(str(reward_run["run"]))(prompts, replies)
     for name in ("models:/tiny-reward@champion", f"models:/tiny-reward/{version.version}"):
         reward = LearnedReward(name, uri=uri)
+        assert isinstance(reward, ModelReward)  # GRPO loads it before measuring memory
         assert reward.folder.resolve() == reward_run["run"].resolve()
         np.testing.assert_allclose(reward(prompts, replies), direct, atol=1e-6)
     with pytest.raises(ConfigError, match=r"models:/no-such@champion: no such registered model "

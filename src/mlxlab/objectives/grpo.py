@@ -60,7 +60,7 @@ from mlxlab.objectives.grpo_loss import (
     policy_loss,
     token_logps,
 )
-from mlxlab.objectives.rewards import Reward, build_rewards, score, total
+from mlxlab.objectives.rewards import ModelReward, Reward, build_rewards, score, total
 from mlxlab.objectives.rollouts import (
     Sampler,
     Sampling,
@@ -137,7 +137,7 @@ class GRPO(Objective):
                               "model with its LoRA adapters off: set model.lora.rank > 0, or "
                               "objective.beta=0")
         for reward in self.rewards:  # a learned reward's model, resident before memory fitting
-            if callable(getattr(reward.fn, "load", None)):
+            if isinstance(reward.fn, ModelReward):
                 reward.fn.load()
 
     def memory_beside_step(self, batching: Batching) -> int:
@@ -145,7 +145,7 @@ class GRPO(Objective):
         prompts x num_generations) at the rollout's width, in its batches."""
         rows = batching.batch_size * self.group
         return sum(int(r.fn.scoring_memory(rows, self.sampler.width)) for r in self.rewards
-                   if callable(getattr(r.fn, "scoring_memory", None)))
+                   if isinstance(r.fn, ModelReward))
 
     def state_dict(self) -> dict:
         buffer = None if self._buffer is None else {

@@ -26,7 +26,7 @@ import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from hydra.utils import get_object
@@ -35,6 +35,18 @@ from mlxlab.errors import ConfigError
 
 RewardFn = Callable[..., list]
 NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
+
+
+@runtime_checkable
+class ModelReward(Protocol):
+    """A reward that runs a model of its own (runs/learned_reward.py LearnedReward): the
+    objective loads it in its setup, so that trainer.micro_batch=auto measures the step with its
+    weights resident, and takes `scoring_memory` (bytes above them for scoring `rows`
+    completions of `width` tokens) off the step's budget."""
+
+    def load(self) -> None: ...
+
+    def scoring_memory(self, rows: int, width: int) -> int: ...
 
 
 @dataclass(frozen=True)
