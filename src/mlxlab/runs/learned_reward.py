@@ -39,6 +39,7 @@ from mlxlab.errors import ConfigError
 from mlxlab.runs.model import choose_checkpoint, load_run_model
 from mlxlab.runs.registered import is_registered_name, registered_run_dir
 from mlxlab.runs.tokenizer import require_run_tokenizer
+from mlxlab.runtime import device
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class LearnedReward:
         tokens = mx.full((min(int(rows), self.batch_size), max(1, int(width))), pad_id, mx.int32)
         mx.eval(tokens)
         held = mx.get_active_memory()
-        mx.reset_peak_memory()
+        device.reset_peak_memory()  # as micro_batch.probe does, on every MLX version
         mx.eval(model(tokens))
         extra = max(0, int(mx.get_peak_memory()) - int(held))
         mx.clear_cache()
