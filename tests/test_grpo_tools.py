@@ -604,8 +604,8 @@ def test_a_sigkilled_agent_run_resumes_bitwise_with_resume_auto(caller, tmp_path
     assert calls and max(calls) > 0
 
 
-@pytest.mark.slow  # SFT, two sweeps of two seeds, a comparison and the speed rounds (~1.5 min
-# alone, ~5 on 2 loaded cores)
+@pytest.mark.slow  # SFT, two sweeps of two seeds, a comparison and the speed rounds (~5 min on
+# 2 loaded cores)
 def test_the_agent_benchmarks_smoke_runs_every_stage(tmp_path, cli_env):
     """benchmarks/quality/bench_agent_tools.py --smoke: the tiny model's SFT, GRPO with the tool
     and without over two seeds each, `mlxlab runs compare` of the two sweeps, and the rollout
