@@ -30,7 +30,7 @@ from mlxlab.objectives.base import ObjectiveSetup
 from mlxlab.objectives.environments import Environment, Step, ToolEnvironment
 from mlxlab.objectives.grpo import GRPO
 from mlxlab.objectives.grpo_loss import policy_loss
-from mlxlab.objectives.lookup_tools import QUESTION, QuestionLookup, code_of, lookup_code
+from mlxlab.objectives.lookup_tools import code_of, lookup_code
 from mlxlab.objectives.tool_format import ParsedTurn, parse_llama3, parse_tagged, template_format
 from mlxlab.objectives.tools import ToolAnswer, Toolbox, ToolCall, build_tools
 from mlxlab.runtime import distributed
@@ -172,26 +172,6 @@ def test_every_kind_of_bad_call_is_an_error_answer_and_a_counter():
     assert env.step(ParsedTurn("the code is 123")).done  # no call: the final answer
 
 
-def test_question_lookup_answers_the_questions_name_whatever_the_call_wrote():
-    """The environment that knows the question (benchmarks/quality/bench_agent_tools.py's tiny
-    model): a lookup_code call with no, wrong or misspelled arguments is answered with the
-    code of the name the prompt asks about; another tool's call and an unparsed one are
-    answered as ToolEnvironment answers them; a turn without a call ends the trajectory."""
-    box = Toolbox(build_tools([TOOL]))
-    env = QuestionLookup()
-    env.reset([{"role": "user", "content": QUESTION.format(name="rutami")}], {}, box)
-    step = env.step(ParsedTurn("", [ToolCall("lookup_code", {}),
-                                    ToolCall("lookup_code", {"name": "kalomi"}),
-                                    ToolCall("lookup_code", {"nome": "x"}), ToolCall("nope", {})],
-                               ["the tool call is not JSON"]))
-    assert [(a.failure, a.content) for a in step.answers[:3]] == [(None, code_of("rutami"))] * 3
-    assert [a.failure for a in step.answers[3:]] == ["unknown_tool", "bad_arguments"]
-    assert not step.done and env.step(ParsedTurn(code_of("rutami"))).done
-    env.reset(QUESTION.format(name="zipene"), {}, box)  # a plain-text prompt
-    assert env.step(ParsedTurn("", [ToolCall("lookup_code", {})])).answers[0].content == \
-        code_of("zipene")
-
-
 def test_the_parsers_read_qwens_llamas_and_the_tagged_format():
     hermes = parse_tagged(f"let me look. {CALL}", "<tool_call>", "</tool_call>")
     assert hermes.calls == [ToolCall("lookup_code", {"name": "kalomi"})]
@@ -278,7 +258,7 @@ def caller(tmp_path_factory) -> dict:
     chats = [(row["messages"], [*row["messages"], call,
                                 {"role": "tool", "name": "lookup_code", "content": code_of("kalomi")},
                                 {"role": "assistant", "content": "done"}])
-             for row in rows(("kalomi", "lomine", "rutami", "zipesu"))]
+             for row in rows(("kalomi", "lomine", "rutavo", "zipesu"))]
     loss = tiny.teach_chats(folder, chats, [get_schema()], steps=80, stop_loss=0.02)
     write_rows(root / "codes", heldout=380)  # 20 training prompts, the rest held out
     heldout = (root / "codes" / "heldout.jsonl").read_text().splitlines()[:8]
@@ -602,29 +582,3 @@ def test_a_sigkilled_agent_run_resumes_bitwise_with_resume_auto(caller, tmp_path
     calls = [m.value for m in client.get_metric_history(run_id_of(resumed),
                                                         "train/tools/call_frequency")]
     assert calls and max(calls) > 0
-
-
-@pytest.mark.slow  # SFT, two sweeps of two seeds, a comparison and the speed rounds (~5 min on
-# 2 loaded cores)
-def test_the_agent_benchmarks_smoke_runs_every_stage(tmp_path, cli_env):
-    """benchmarks/quality/bench_agent_tools.py --smoke: the tiny model's SFT, GRPO with the tool
-    and without over two seeds each, `mlxlab runs compare` of the two sweeps, and the rollout
-    speed of both sides, all in its results.json."""
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality" /
-                                               "bench_agent_tools.py"), "--smoke"],
-                          capture_output=True, text=True, env=cli_env, cwd=tmp_path, timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(Path(done.stdout.rsplit("results: ", 1)[1].strip()).read_text())
-    tiny_part = results["tiny"]
-    assert {arm: [seed for seed, _ in rows] for arm, rows in
-            tiny_part["heldout_accuracy_per_seed"].items()} == {"desk": ["42", "43"],
-                                                                "none": ["42", "43"]}
-    groups = tiny_part["compare"]["groups"]
-    assert [g["n"] for g in groups] == [2, 2] and tiny_part["compare"]["metric"] == "val/reward"
-    speed = results["speed_tiny"]
-    assert set(speed["median_rollouts_per_s"]) == {"multi_turn", "single_turn"}
-    assert all(row["rollouts_per_s"] > 0 and row["load_1min"] >= 0
-               for rows in speed["rounds"].values() for row in rows)
