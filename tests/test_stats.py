@@ -199,6 +199,13 @@ def test_seeds_needed_reaches_the_power_a_simulation_measures():
     assert stats.seeds_needed(0.0, sd) is None and stats.seeds_needed(1e-9, 1.0) is None
 
 
+def test_seeds_needed_for_differences_that_do_not_spread_is_the_signed_rank_reach():
+    # Three seeds that all differ by exactly +0.99 (a tool the other arm lacks): the t test is
+    # certain at any n, so what it takes is the signed-rank test's reach, not "more than 10,000".
+    assert stats.seeds_needed(0.99, 0.0) == stats.signed_rank_reach() == 6
+    assert stats.seeds_needed(0.99, float("nan")) is None
+
+
 # --- issue 58: intervals inside what is possible ---------------------------------------------
 
 

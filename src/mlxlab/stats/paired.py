@@ -290,9 +290,13 @@ def seeds_needed(delta: float, sd: float, alpha: float = ALPHA, power: float = P
     """The fewest seed pairs at which the paired t test detects `delta` with `power`, given
     differences spreading by `sd` (observed), and the signed-rank test can reach alpha at all
     (signed_rank_reach: never 2, where its smallest p is 0.5); None if more than MAX_SEEDS
-    would be needed or the spread is unknown."""
-    if not (math.isfinite(sd) and sd > 0 and math.isfinite(delta) and delta != 0):
+    would be needed or the spread is unknown. Differences that do not spread at all (sd 0:
+    every seed gave the same difference) leave the t test certain at any n, so the signed-rank
+    test's reach is what it takes."""
+    if not (math.isfinite(sd) and sd >= 0 and math.isfinite(delta) and delta != 0):
         return None
+    if sd == 0:
+        return signed_rank_reach(alpha)
     lo = hi = signed_rank_reach(alpha)
     while power_paired_t(hi, delta, sd, alpha) < power:
         lo, hi = hi, hi * 2
