@@ -1,4 +1,4 @@
-"""A LoRA run on a pretrained base checkpoints only what it trains (issue 75): model.safetensors
+"""A LoRA run on a pretrained base checkpoints only what it trains: model.safetensors
 holds the adapters, state.json the base's source and fingerprint. Resume from it is bitwise the
 uninterrupted run, the finished run loads (export, generate) to the same weights as a
 self-contained checkpoint (checkpoint.save_base=true, every weight, as before), and a base that

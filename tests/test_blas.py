@@ -116,7 +116,7 @@ def test_openblas_runs_the_kernels_measured_fastest_on_this_cpu(default):
     # bits with B transposed or copied (what the fused kernels' contiguous heads change). An
     # AVX-512 CPU runs the AVX-512 kernels where the first import measured them >= 1.1x faster
     # (scipy-openblas32 picks its AVX2 ones on a Zen 5, whose AVX-512 sgemm is ~2x faster), and
-    # says so in the detail line (issue 79).
+    # says so in the detail line.
     if cpu.isa_level() != cpu.X86_64_V3:
         pytest.skip("not an x86-64-v3 CPU: OpenBLAS keeps its own choice")
     assert default["coretype_env"] is None  # set for OpenBLAS's load only

@@ -516,7 +516,7 @@ def test_mlxlab_eval_bad_task_file_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_generation_shows_progress_count_rate_and_time(world, caplog):
-    """Long scoring shows itself (issue 76): a line at each tenth of the answers (count, rate,
+    """Long scoring shows itself: a line at each tenth of the answers (count, rate,
     time left) and one at the end, from the decoding loop itself."""
     import logging
 

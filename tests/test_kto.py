@@ -1,4 +1,4 @@
-"""KTO (issue 78): data=unpaired rows (prompt, completion, a boolean label), the KTO loss equal to
+"""KTO: data=unpaired rows (prompt, completion, a boolean label), the KTO loss equal to
 TRL's (trl 1.16 KTOTrainer._compute_loss, run here on torch CPU) with its gradient and metrics,
 the mismatched pairs of TRL's KL estimate, the reference = the adapters off, and
 experiment=kto_chat through mlxlab-train on a tiny random Llama with a ChatML template."""

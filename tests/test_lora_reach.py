@@ -1,4 +1,4 @@
-"""LoRA says which layers its targets reached (issue 76): the default targets on an architecture
+"""LoRA says which layers its targets reached: the default targets on an architecture
 whose attention projections have other names (deepseek_v3: q_a_proj, q_b_proj,
 kv_a_proj_with_mqa, kv_b_proj; only o_proj matches) are a warning naming model.lora.targets and
 the names to use; on Llama they reach q/k/v/o and say so, no warning. Real mlx-lm models, built

@@ -1,4 +1,4 @@
-"""Runs under a memory limit set on the process (issue 76): trainer.micro_batch=auto budgets the
+"""Runs under a memory limit set on the process: trainer.micro_batch=auto budgets the
 limit (RLIMIT_AS, a cgroup's), not the machine's RAM; MLX's file-reading threads start before
 memory is tight, so a load after training neither hangs nor fails; the supervising parent ends
 a child that stopped making progress.
@@ -224,7 +224,7 @@ VMPEAK = ("import sys\ntry:\n    sys.argv = ['mlxlab.train', *sys.argv[1:]]\n"
 @pytest.mark.slow
 @linux_only
 def test_the_nano_preset_under_ulimit_v_near_its_micro_batch_8_peak_finishes(tmp_path, cli_env):
-    """Issue 76's run: tinystories_nano at batch 32, trainer.micro_batch=auto, under an address
+    """The run that hung: tinystories_nano at batch 32, trainer.micro_batch=auto, under an address
     space limit 100 MB above the peak of the same run at micro-batch 8 (measured under a loose
     limit, as the run itself then keeps few malloc arenas). Before: it budgeted the machine's
     RAM, trained, and then hung in MLX's io thread pool for good (or failed writing its last

@@ -1,4 +1,4 @@
-"""Reward models (issue 78): model.head=score reads a scalar at a reply's last token, the
+"""Reward models: model.head=score reads a scalar at a reply's last token, the
 Bradley-Terry loss equals TRL's (trl 1.16 RewardTrainer.compute_loss, run on torch CPU) with its
 gradients, on given rewards and end to end against transformers' LlamaForSequenceClassification
 on the same weights; experiment=reward_chat through mlxlab-train on a tiny random Llama; and the

@@ -1,4 +1,4 @@
-"""Does multi-turn GRPO with a tool work, proven over seeds? (issue 77, item 5)
+"""Does multi-turn GRPO with a tool work, proven over seeds?
 
 The task (experiment=agent_tools): "What is the code of kalomi? Reply with the code only." The
 codes are three digits of a SHA-256 of made-up names (objectives/lookup_tools.py): no model can

@@ -1,5 +1,5 @@
 """Does a reward model trained by mlxlab on a real model learn a preference it must read the
-instruction for? (objective=reward on SmolLM2-135M-Instruct, issue 78 item 4a)
+instruction for? (objective=reward on SmolLM2-135M-Instruct)
 
 The preference set, built here from a rule held out from training (the runs see only pairs):
 the prompt asks for a word in capital or in lowercase letters ("Write the word 'river' in

@@ -1,6 +1,5 @@
 """Fine-tuning at the sizes people fine-tune: trained tokens/s, peak memory and first-step seconds
-of mlxlab (unpacked and packed) beside mlx_lm.lora, from the real SmolLM2-135M to Llama-3.1-8B
-(issue 75).
+of mlxlab (unpacked and packed) beside mlx_lm.lora, from the real SmolLM2-135M to Llama-3.1-8B.
 
     python benchmarks/speed/bench_sizes.py [--sizes smollm2,llama-1b,qwen3-1.7b,llama-3b,llama-8b]
         [--modes lora,qlora] [--tools mlxlab,mlxlab-packed,mlx-lm,torch-peft] [--steps 4] [--skip 1]

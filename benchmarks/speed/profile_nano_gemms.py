@@ -1,7 +1,7 @@
 """The nano preset's training step, its matrix products one by one: each GEMM of the forward and
 backward pass (projections, SwiGLU MLP, attention's batched products, the tied output head) at its
 shape and operand layout, timed through MLX (mlxlab's OpenBLAS, the kernels this CPU runs) and
-through PyTorch (its own BLAS), each in its own process, in rounds whose order alternates (issue 79).
+through PyTorch (its own BLAS), each in its own process, in rounds whose order alternates.
 
     python benchmarks/speed/profile_nano_gemms.py [--threads 2] [--rounds 2] [--repeats 7]
 

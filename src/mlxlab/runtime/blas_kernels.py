@@ -3,7 +3,7 @@
 A DYNAMIC_ARCH OpenBLAS picks its kernels ("core") by CPU model, and its table lags the CPUs:
 scipy-openblas32 0.3.34 runs its AVX2 ("Haswell") kernels on an AMD Zen 5, whose full-width
 AVX-512 units run its AVX-512 ("SkylakeX") sgemm 1.8-1.9x faster at the shapes mlxlab trains
-(docs/benchmarks.md, issue 79), while on a Zen 4 (AVX-512 split into two 256-bit halves) the
+(docs/benchmarks.md, "Small decoders on an AMD Zen 5"), while on a Zen 4 (AVX-512 split into two 256-bit halves) the
 AVX-512 kernels were measured no faster. So the choice is made by measurement, not by a table:
 on an x86-64-v3 CPU that has AVX-512 (F, DQ, CD, BW, VL: what OpenBLAS's SkylakeX kernels use),
 the first `import mlxlab` on the machine times a few single-threaded sgemm calls at a small
