@@ -168,6 +168,39 @@ def test_tiny_decoders_pack_exactly_or_are_refused(kind, tmp_path):
     assert gap < 1e-4 < leak, (gap, leak)
 
 
+
+def test_bf16_decoder_packs(tmp_path):
+    """A bf16 model (what a GPU trains in) packs: its attention takes the rows' mask in its own
+    dtype (a float32 additive mask is refused by bf16 attention), and the packed logits equal the
+    unpacked ones as closely as bf16 itself keeps them (its gap to the float32 logits), while
+    rows that see each other differ far more."""
+    from hf_helpers import save_tiny_model
+    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+
+    folder = save_tiny_model("llama", tmp_path / "llama")
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    model = MLXLMDecoder(vocab_size=vocab, pretrained=str(folder))
+    lengths = [9, 30, 17]
+    rows = [np.random.default_rng(n).integers(3, vocab, size=n) for n in lengths]
+    plain = np.zeros((len(rows), max(lengths)), np.int32)
+    for i, r in enumerate(rows):
+        plain[i, :len(r)] = r
+    exact = np.array(model(mx.array(plain)))
+    model.set_dtype(mx.bfloat16)
+    reference = np.array(model(mx.array(plain)).astype(mx.float32))
+    rounding = max(np.abs(reference[i, :n] - exact[i, :n]).max() for i, n in enumerate(lengths))
+    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])[None]
+    ids = mx.array(np.concatenate(rows)[None].astype(np.int32))
+    packed = model(ids, segment_ids=mx.array(seg.astype(np.int32)))
+    assert packed.dtype == mx.bfloat16
+    packed, leaking = np.array(packed.astype(mx.float32)), np.array(model(ids).astype(mx.float32))
+    starts = np.cumsum([0, *lengths])
+    gap = max(np.abs(packed[0, a:a + n] - reference[i, :n]).max()
+              for i, (a, n) in enumerate(zip(starts, lengths)))
+    leak = max(np.abs(leaking[0, a:a + n] - reference[i, :n]).max()
+               for i, (a, n) in enumerate(zip(starts, lengths)))
+    assert gap <= 2 * rounding and leak > 10 * gap, (gap, rounding, leak)
+
 def test_transformer_learned_positions_restart_per_row():
     """mlxlab's own decoder with learned absolute positions: a packed row starts at position 0."""
     from mlxlab.models.transformer import Transformer

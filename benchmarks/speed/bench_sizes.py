@@ -3,15 +3,18 @@ of mlxlab (unpacked and packed) beside mlx_lm.lora, from the real SmolLM2-135M t
 
     python benchmarks/speed/bench_sizes.py [--sizes smollm2,llama-1b,qwen3-1.7b,llama-3b,llama-8b]
         [--modes lora,qlora] [--tools mlxlab,mlxlab-packed,mlx-lm,torch-peft] [--steps 4] [--skip 1]
-        [--rounds 1] [--work DIR] [--smoke]
+        [--rounds 1] [--dtype auto] [--tokenizer DIR] [--work DIR] [--table-only] [--smoke]
 
 Models: SmolLM2-135M-Instruct (the packaged Q4_1 GGUF, converted as every mlxlab verb reads it:
 4-bit for QLoRA, dequantized to float32 by mlx_lm.convert for LoRA), and random weights in the
 real configs of Llama-3.2-1B, Qwen3-1.7B, Llama-3.2-3B and Llama-3.1-8B (config.json alone, no
-download: mlx-lm's Model(ModelArgs) with its own initialization, written float32 for LoRA and
-4-bit (group 64, every Linear and the embedding) for QLoRA; 8B QLoRA only). Each carries
-SmolLM2's tokenizer and chat template (ids below every vocabulary; the full vocabulary's head is
-computed, as in the real model).
+download: mlx-lm's Model(ModelArgs) with its own initialization, written in `--dtype` for LoRA
+and 4-bit (group 64, every Linear and the embedding; scales in `--dtype`) for QLoRA). `--dtype
+auto` is float32 on the CPU (8B: QLoRA only, its float32 copy would not fit 24 GB) and bfloat16
+on a GPU, as people fine-tune there. Each carries SmolLM2's tokenizer and chat template (ids
+below every vocabulary; the full vocabulary's head is computed, as in the real model), from the
+packaged GGUF or, with `--tokenizer`, a folder of its tokenizer files (a GPU machine without the
+GGUF reader).
 Work: the shipped chats with one reply (100 of the 200 in
 src/mlxlab/assets/tinystories/chats.jsonl, 50-150 tokens in the template: every tool trains
 the same tokens), LoRA rank 8 (alpha 16) on q/k/v/o of every layer, Adam at 1e-4, max_length 256.
@@ -23,9 +26,10 @@ quantized matmul for mlx-lm's QLoRA, as shipped). tokens/s: each tool's own coun
 tokens (mlxlab: every assistant turn; mlx-lm --mask-prompt: the last reply) over the steps after
 `--skip`; peak: MLX's (mx.get_peak_memory) and the process's resident peak (wait4);
 first step: the seconds of step 1 (MLX's compile with it). torch-peft: PyTorch + PEFT on the
-float32 folder (LoRA only: PEFT's 4-bit bases need CUDA), its own step timed, peak = its
-resident peak, one thread (as each MLX tool's one BLAS thread: threads that spin on cores
-other processes share lose far more than they add). The load average is logged beside
+same folder (LoRA only: PEFT's 4-bit bases are bitsandbytes'), its own step timed; on the CPU
+float32 with one thread (as each MLX tool's one BLAS thread: threads that spin on cores other
+processes share lose far more than they add), peak = its resident peak; on a GPU CUDA in the
+folder's dtype, synchronized per step, peak = torch's allocator peak. The load average is logged beside
 each run; results.json under --work keeps every stage, so a second call runs only the missing.
 """
 
@@ -80,7 +84,6 @@ CONFIGS = {
             "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
 }
 SIZES = ("smollm2", "llama-1b", "qwen3-1.7b", "llama-3b", "llama-8b")
-LORA_ONLY_UP_TO = "llama-3b"  # 8B: QLoRA only (its float32 copy would not fit 24 GB)
 TOOLS = ("mlxlab", "mlxlab-packed", "mlx-lm", "torch-peft")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
@@ -93,7 +96,14 @@ def load() -> float:
 def env() -> dict:
     # one BLAS thread a process for both tools: on cores other processes share, OpenBLAS's
     # threads spin-wait on descheduled ones (runtime/blas.py set_blas_threads)
-    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "OPENBLAS_NUM_THREADS": "1"}
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OPENBLAS_NUM_THREADS": "1"}
+
+
+def on_gpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device().type == mx.DeviceType.gpu
 
 
 def smollm2_folders(work: Path) -> dict[str, Path]:
@@ -113,9 +123,11 @@ def smollm2_folders(work: Path) -> dict[str, Path]:
     return {"qlora": quantized, "lora": floated}
 
 
-def write_random(config: dict, tokenizer_from: Path, out: Path, bits: int | None) -> Path:
-    """A model folder of `config` with mlx-lm's own random initialization, float32 or quantized
-    to `bits` (group 64), written a tensor at a time (an 8B model never whole in float)."""
+def write_random(config: dict, tokenizer_from: Path, out: Path, bits: int | None,
+                 dtype: str = "float32") -> Path:
+    """A model folder of `config` with mlx-lm's own random initialization in `dtype`, or
+    quantized to `bits` (group 64) from it, written a tensor at a time (an 8B model never
+    whole in float)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -128,7 +140,8 @@ def write_random(config: dict, tokenizer_from: Path, out: Path, bits: int | None
     out.mkdir(parents=True)
     model_class, args_class = model_classes(config, out)
     model = model_class(args_class.from_dict(dict(config)))  # lazy: nothing computed yet
-    config = dict(config)
+    model.set_dtype(getattr(mx, dtype))
+    config = dict(config, torch_dtype=dtype)
     if bits:
         nn.quantize(model, group_size=64, bits=bits)
         config["quantization"] = {"group_size": 64, "bits": bits}
@@ -214,8 +227,9 @@ def run_mlx_lm(model: Path, data: Path, steps: int, out: Path) -> dict:
     report = out / "report.jsonl"
     report.unlink(missing_ok=True)
     started = time.perf_counter()
+    blas = "0" if on_gpu() else "1"  # mlxlab's OpenBLAS for MLX's CPU matmuls; a GPU has none
     proc, rss = run_with_peak_rss([sys.executable, "-c", MLX_LM_WORKER, str(out / "args.json"),
-                                   str(report), "1", "0"], cwd=out, env=env())
+                                   str(report), blas, "0"], cwd=out, env=env())
     if proc.returncode:
         raise RuntimeError(f"mlx-lm failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in report.read_text().splitlines()]
@@ -237,9 +251,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from benchmarks.quality.real_model_torch_peft import encode_chat
 folder, train, steps, report = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+cuda = torch.cuda.is_available()
 torch.manual_seed(0)
 tok = AutoTokenizer.from_pretrained(folder)
-model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto" if cuda else torch.float32)
+model = model.to("cuda" if cuda else "cpu")
 model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
 opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -248,19 +264,25 @@ pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 for step in range(1, steps + 1):
     picked = rows[(step - 1) * 4:step * 4]
     width = max(len(i) for i, _ in picked)
-    ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in picked])
-    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in picked])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in picked])
+    ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in picked], device=model.device)
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in picked],
+                        device=model.device)
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in picked],
+                          device=model.device)
     started = time.perf_counter()
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     opt.step()
     opt.zero_grad()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     with open(report, "a") as f:
         f.write(json.dumps({"step": step, "tokens_per_sec": int((labels[:, 1:] != -100).sum())
                             / seconds, "loss": float(loss), "seconds": seconds,
-                            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                            "peak_mb": peak})
                 + "\\n")
 """
 
@@ -279,6 +301,12 @@ def run_torch_peft(model: Path, data: Path, steps: int, out: Path) -> dict:
     rows = [json.loads(line) for line in report.read_text().splitlines()]
     return {"steps": rows, "rss_mb": rss, "first_step_s": rows[0]["seconds"], "compiles": None,
             "wall_s": time.perf_counter() - started}
+
+
+def gpu_name() -> str:
+    import mlx.core as mx
+
+    return str(mx.device_info().get("device_name", "GPU"))
 
 
 def summary(run: dict, skip: int) -> dict:
@@ -322,6 +350,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip", type=int, default=1, help="first steps left out (compiling)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--work", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the random bases' dtype (auto: float32 on the CPU, bfloat16 on a GPU)")
+    p.add_argument("--tokenizer", default=None,
+                   help="a folder of SmolLM2's tokenizer files (else the packaged GGUF's)")
+    p.add_argument("--table-only", action="store_true", help="print the table of results.json")
     add_smoke(p)
     args = p.parse_args(argv)
     if args.smoke:
@@ -332,16 +365,23 @@ def main(argv: list[str] | None = None) -> dict:
     results = json.loads(store.read_text()) if store.is_file() else {}
     data = data_folder(work)
     sizes, modes, tools = args.sizes.split(","), args.modes.split(","), args.tools.split(",")
-    smollm2 = smollm2_folders(work)
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if on_gpu() else "float32"
+    failed = False
+    smollm2 = (smollm2_folders(work) if "smollm2" in sizes or not args.tokenizer
+               else {"qlora": Path(args.tokenizer)})
     for size in sizes:
         for mode in modes:
-            if size == "llama-8b" and mode == "lora":
-                continue  # LORA_ONLY_UP_TO
+            if args.table_only:
+                break
+            if size == "llama-8b" and mode == "lora" and dtype == "float32":
+                continue  # its float32 copy (32 GB) would not fit the 24 GB box
             if size == "smollm2":
                 folder = smollm2[mode]
             else:
+                suffix = "" if dtype == "float32" else f"-{dtype}"
                 folder = write_random(CONFIGS[size], smollm2["qlora"],
-                                      work / f"{size}-{mode}", 4 if mode == "qlora" else None)
+                                      work / f"{size}-{mode}{suffix}",
+                                      4 if mode == "qlora" else None, dtype)
             for rnd in range(args.rounds):
                 for tool in tools if rnd % 2 == 0 else tools[::-1]:
                     key = f"{size}/{mode}/{tool}/{rnd}"
@@ -350,17 +390,26 @@ def main(argv: list[str] | None = None) -> dict:
                     before = load()
                     out = work / "runs" / key.replace("/", "-")
                     if tool == "torch-peft" and mode == "qlora":
-                        continue  # PEFT's 4-bit bases are CUDA's (bitsandbytes)
-                    run = (run_mlx_lm(folder, data, args.steps, out) if tool == "mlx-lm" else
-                           run_torch_peft(folder, data, args.steps, out)
-                           if tool == "torch-peft" else
-                           run_mlxlab(folder, data, args.steps, out, tool == "mlxlab-packed"))
-                    results[key] = {**summary(run, args.skip), "load_1min": before}
+                        continue  # PEFT's 4-bit bases are bitsandbytes'
+                    try:
+                        run = (run_mlx_lm(folder, data, args.steps, out) if tool == "mlx-lm"
+                               else run_torch_peft(folder, data, args.steps, out)
+                               if tool == "torch-peft" else
+                               run_mlxlab(folder, data, args.steps, out, tool == "mlxlab-packed"))
+                    except RuntimeError as error:  # the other tools' rows still come out
+                        print(f"{key} failed: {str(error)[-2000:]}", flush=True)
+                        failed = True
+                        continue
+                    results[key] = {**summary(run, args.skip), "load_1min": before,
+                                    "dtype": dtype if size != "smollm2" else None}
                     store.write_text(json.dumps(results, indent=1))
                     print(json.dumps({"stage": key, **results[key]}), flush=True)
     shown = table(results, sizes, modes, tools)
-    print(f"\n{cpu_model()}, {os.cpu_count()} cores; {args.steps} steps, the first {args.skip} "
+    device = gpu_name() if on_gpu() else f"{cpu_model()}, {os.cpu_count()} cores"
+    print(f"\n{device}; {args.steps} steps, the first {args.skip} "
           f"left out; median of {args.rounds} round(s)\n\n{shown}")
+    if failed:
+        sys.exit(1)
     return results
 
 

@@ -18,6 +18,10 @@
 #     3. mlxlab and mlx_lm.lora LoRA on the same weights in bf16, then QLoRA on the GGUF's 4-bit
 #        layers (real_model_finetune.py), held-out accuracy of each; then a second timed round
 #   bash benchmarks/speed/gpu_window.sh presets     # the first window's LM presets (bench_gpu.py parts)
+#   bash benchmarks/speed/gpu_window.sh prepare sizes   # the size table's window instead: MLX's,
+#     mlx-lm's and Hydra's wheels and SmolLM2's tokenizer files (two parts); its pipeline
+#     (`sizes`) runs bench_sizes.py: random-weight Llama-3.2-1B / 3B / Llama-3.1-8B shapes, bf16 LoRA
+#     and QLoRA, mlx_lm.lora, mlxlab unpacked and packed, PyTorch + PEFT, in order of importance
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MLX=0.32.4
@@ -54,24 +58,39 @@ prepare)
   python3 -m pip wheel -q --no-deps -w .whl/all antlr4-python3-runtime==4.9.3
   # MLX's CUDA wheel asks for the nvidia-* wheels the image has: fetched alone
   python3 -m pip download -q --no-deps --only-binary=:all: $P -d .whl/all "mlx-cuda-13==$MLX"
-  # mlxlab's runtime dependencies (pyproject.toml); mlxlab itself runs from src/ (PYTHONPATH)
-  python3 -m pip download -q --only-binary=:all: --find-links .whl/all $P -d .whl/all \
-    "mlx==$MLX" "mlx-lm==0.32.*" "hydra-core>=1.3,<1.4" "omegaconf>=2.3" "mlflow>=3.0" \
-    "optuna>=5.0,<6" "datasets>=2.18" "gguf>=0.17" "hydra-joblib-launcher>=1.2"
-  # the packaged GGUF, checked by its sha256 (PYTHON: one with mlxlab's dependencies, e.g. .venv/bin/python)
-  model=$(PYTHONPATH=src "${PYTHON:-python3}" tests/real_models.py) || exit 2
-  cp "$model" .whl/stream/$GGUF
-  # the stream's order: MLX's wheels (the pipeline starts on them), the model, the rest
-  (cd .whl/all && mv mlx_cuda_13-*.whl mlx-$MLX-*.whl mlx_lm-*.whl ../stream/)
-  ls .whl/all | grep -Ev "$IMAGE_HAS" | while read -r w; do mv ".whl/all/$w" .whl/stream/; done
-  order="$(cd .whl/stream && ls mlx_cuda_13-*.whl mlx-$MLX-*.whl mlx_lm-*.whl; echo $GGUF;
-           ls *.whl | grep -Ev '^mlx(_cuda_13|_lm)?-')"
+  if [ "${2:-}" = sizes ]; then
+    # mlxlab's train path with tracking=csv imports none of mlflow, optuna, datasets or gguf:
+    # MLX, mlx-lm, Hydra and the tokenizer files are the whole stream
+    python3 -m pip download -q --no-deps --only-binary=:all: $P -d .whl/all "mlx==$MLX" \
+      "mlx-lm==0.32.*" "hydra-core>=1.3,<1.4" "omegaconf>=2.3,<2.4"
+    model=$(PYTHONPATH=src "${PYTHON:-python3}" -c "import sys; sys.path.insert(0, 'tests')
+from real_models import packaged_model; from mlxlab.models.sources import model_folder
+print(model_folder(str(packaged_model())))") || exit 2
+    cp "$model"/tokenizer.json "$model"/tokenizer_config.json "$model"/chat_template.jinja .whl/stream/
+    (cd .whl/all && mv *.whl ../stream/)
+    order="$(cd .whl/stream && ls mlx_cuda_13-*.whl; ls | grep -v '^mlx_cuda_13-')"
+    echo sizes > .whl/pipeline
+  else
+    # mlxlab's runtime dependencies (pyproject.toml); mlxlab itself runs from src/ (PYTHONPATH)
+    python3 -m pip download -q --only-binary=:all: --find-links .whl/all $P -d .whl/all \
+      "mlx==$MLX" "mlx-lm==0.32.*" "hydra-core>=1.3,<1.4" "omegaconf>=2.3" "mlflow>=3.0" \
+      "optuna>=5.0,<6" "datasets>=2.18" "gguf>=0.17" "hydra-joblib-launcher>=1.2"
+    # the packaged GGUF, checked by its sha256 (PYTHON: one with mlxlab's dependencies, e.g. .venv/bin/python)
+    model=$(PYTHONPATH=src "${PYTHON:-python3}" tests/real_models.py) || exit 2
+    cp "$model" .whl/stream/$GGUF
+    # the stream's order: MLX's wheels (the pipeline starts on them), the model, the rest
+    (cd .whl/all && mv mlx_cuda_13-*.whl mlx-$MLX-*.whl mlx_lm-*.whl ../stream/)
+    ls .whl/all | grep -Ev "$IMAGE_HAS" | while read -r w; do mv ".whl/all/$w" .whl/stream/; done
+    order="$(cd .whl/stream && ls mlx_cuda_13-*.whl mlx-$MLX-*.whl mlx_lm-*.whl; echo $GGUF;
+             ls *.whl | grep -Ev '^mlx(_cuda_13|_lm)?-')"
+    echo pipeline > .whl/pipeline
+  fi
   (cd .whl/stream && for f in $order; do echo "$f $(stat -c %s "$f")"; done) > .whl/manifest.txt
   (cd .whl/stream && tar cf - $order) | split -b 56M - .whl/part.
   i=0
   for x in a b c d e; do
     [ -f ".whl/part.a$x" ] || continue
-    mkdir -p ".whl/$x" && mv ".whl/part.a$x" ".whl/$x/" && cp .whl/manifest.txt ".whl/$x/"
+    mkdir -p ".whl/$x" && mv ".whl/part.a$x" ".whl/$x/" && cp .whl/manifest.txt .whl/pipeline ".whl/$x/"
   done
   rm -rf .whl/all .whl/stream
   wc -l < .whl/manifest.txt; du -sh .whl/?
@@ -79,7 +98,7 @@ prepare)
 stash)
   # keep part X, unpack what the parts so far hold, start the pipeline once MLX's wheels are whole
   mkdir -p "$PARTS" "$WHEELS" "$STATE"
-  cp .whl/"${2:?which part: a | b | c | d}"/part.* .whl/"$2"/manifest.txt "$PARTS"/
+  cp .whl/"${2:?which part: a | b | c | d}"/part.* .whl/"$2"/manifest.txt .whl/"$2"/pipeline "$PARTS"/
   # unpacked beside, and only whole members moved in: the pipeline may be reading earlier ones
   rm -rf "$WHEELS.part" && mkdir -p "$WHEELS.part"
   cat "$PARTS"/part.* | tar xf - -C "$WHEELS.part" 2>/dev/null  # the last member may be cut short
@@ -91,7 +110,7 @@ stash)
   ls -l "$PARTS"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   if complete $(awk '$1 ~ /^mlx/ {print $1}' "$PARTS/manifest.txt") && [ ! -f "$STATE/started" ]; then
     date -u +%T > "$STATE/started"
-    setsid nohup bash benchmarks/speed/gpu_window.sh pipeline > "$STATE/pipeline.log" 2>&1 < /dev/null &
+    setsid nohup bash benchmarks/speed/gpu_window.sh "$(cat "$PARTS/pipeline")" > "$STATE/pipeline.log" 2>&1 < /dev/null &
     echo "pipeline started: $STATE/pipeline.log"
   fi
   [ -f "$STATE/pipeline.log" ] && tail -5 "$STATE/pipeline.log"
@@ -145,6 +164,35 @@ pipeline)
   rmf --work "$W" --rounds 2 --stages train_mlx_lm_1,train_mlxlab_1 || status=$?
   echo "exit $status at $(date -u +%T)" > "$STATE/done"
   ;;
+sizes)
+  # the size table (bench_sizes.py) on the GPU, the most wanted rows first; results.json under
+  # $STATE/sizes keeps each stage, so whatever the window's time allows comes back
+  export PYTHONUNBUFFERED=1 MPLBACKEND=Agg PYTHONPATH="$PWD/src" MLX_PTX_CACHE_DIR="$STATE/ptx"
+  export MLXLAB_CACHE_DIR="$STATE/cache" HF_HUB_OFFLINE=1
+  status=0
+  step "waiting for the parts"
+  wait_for '.'
+  step "install MLX, mlx-lm, Hydra"
+  python3 -m pip install -q --no-index --no-deps "$WHEELS"/*.whl || status=$?
+  python3 -c "import mlx.core as mx, mlx_lm; print('MLX', mx.__version__, mx.default_device(), mx.device_info().get('device_name'), 'mlx-lm', mlx_lm.__version__)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  mkdir -p "$STATE/tok" && cp "$WHEELS"/tokenizer.json "$WHEELS"/tokenizer_config.json "$WHEELS"/chat_template.jinja "$STATE/tok/"
+  bench() { python3 benchmarks/speed/bench_sizes.py --work "$STATE/sizes" --tokenizer "$STATE/tok" \
+              --steps 12 --skip 4 "$@" || status=$?; }
+  all=mlx-lm,mlxlab,mlxlab-packed,torch-peft
+  mlx=mlx-lm,mlxlab,mlxlab-packed
+  # bf16 LoRA first (its kernels compile once for every size), then QLoRA's 4-bit kernels
+  step "Llama-3.2-1B bf16 LoRA"; bench --sizes llama-1b --modes lora --tools $all
+  step "Llama-3.2-3B bf16 LoRA"; bench --sizes llama-3b --modes lora --tools $all
+  step "Llama-3.1-8B bf16 LoRA"; bench --sizes llama-8b --modes lora --tools $all
+  step "Llama-3.1-8B QLoRA"; bench --sizes llama-8b --modes qlora --tools $mlx
+  step "Llama-3.2-1B bf16 LoRA, a second round in the other order"
+  bench --sizes llama-1b --modes lora --tools $all --rounds 2
+  step "Llama-3.2-1B and 3B QLoRA"; bench --sizes llama-1b,llama-3b --modes qlora --tools $mlx
+  step "the table"
+  bench --sizes llama-1b,llama-3b,llama-8b --modes lora,qlora --tools $all --rounds 2 --table-only
+  echo "exit $status at $(date -u +%T)" > "$STATE/done"
+  ;;
 presets)
   # the first window's LM presets and runs (bench_gpu.py); MLX and the rest installed by `pipeline`
   export PYTHONUNBUFFERED=1 MPLBACKEND=Agg PYTHONPATH="$PWD/src" MLX_PTX_CACHE_DIR="$STATE/ptx"
@@ -156,7 +204,7 @@ presets)
   exit $status
   ;;
 *)
-  echo "usage: gpu_window.sh prepare | stash a|b|c|d | watch [S] | pipeline | presets" >&2
+  echo "usage: gpu_window.sh prepare [sizes] | stash a|b|c|d | watch [S] | pipeline | sizes | presets" >&2
   exit 2
   ;;
 esac

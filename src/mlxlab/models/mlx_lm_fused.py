@@ -70,10 +70,13 @@ def fused_attention(original: Callable) -> Callable:
 
 def segment_masks(original: Callable) -> Callable:
     """mlx-lm's `create_attention_mask(h, cache, ...)`, combined with a packed batch's segment
-    mask inside a packed forward pass (models/packing.py packed_mask); mlx-lm's own otherwise."""
+    mask inside a packed forward pass (models/packing.py packed_mask) in the dtype of the hidden
+    states it is given (`h`, the first argument); mlx-lm's own otherwise."""
 
     def create_attention_mask(*args, **kwargs):
-        return packed_mask(original(*args, **kwargs))
+        h = args[0] if args else kwargs.get("h")
+        return packed_mask(original(*args, **kwargs),
+                           h.dtype if isinstance(h, mx.array) else None)
 
     ORIGINALS[create_attention_mask] = original
     return create_attention_mask
