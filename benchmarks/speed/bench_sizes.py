@@ -31,6 +31,9 @@ float32 with one thread (as each MLX tool's one BLAS thread: threads that spin o
 processes share lose far more than they add), peak = its resident peak; on a GPU CUDA in the
 folder's dtype, synchronized per step, peak = torch's allocator peak. The load average is logged beside
 each run; results.json under --work keeps every stage, so a second call runs only the missing.
+The tools count trained tokens differently (mlx-lm and PEFT score one or two tokens a chat more
+than mlxlab); a second table (sizes_equal_count.py) gives every run at mlxlab's count, as sums
+over the steps after `--skip`, beside chats/s and milliseconds a step.
 """
 
 from __future__ import annotations
@@ -408,6 +411,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = gpu_name() if on_gpu() else f"{cpu_model()}, {os.cpu_count()} cores"
     print(f"\n{device}; {args.steps} steps, the first {args.skip} "
           f"left out; median of {args.rounds} round(s)\n\n{shown}")
+    if (work / "runs").is_dir():  # the same runs at equal work (one count of trained tokens)
+        from benchmarks.speed.sizes_equal_count import table as equal_count
+
+        print("\n" + equal_count(work / "runs", data, smollm2["qlora"], args.skip))
     if failed:
         sys.exit(1)
     return results
