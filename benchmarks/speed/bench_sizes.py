@@ -215,7 +215,10 @@ def run_mlxlab(model: Path, data: Path, steps: int, out: Path, packed: bool) -> 
                       for s, m in sorted(rows.items()) if "train/tokens_per_sec" in m],
             "rss_mb": rss, "first_step_s": float(tags.get("mlxlab.compile_s", "nan")),
             "compiles": int(tags.get("mlxlab.compiles", "0")),
-            "wall_s": time.perf_counter() - started}
+            "wall_s": time.perf_counter() - started,
+            # what one checkpoint holds (a LoRA run's: its adapters and optimizer state)
+            "checkpoint_mb": sum(f.stat().st_size for f in (out / "checkpoints" / "best").glob("*")
+                                 if f.is_file()) / 2**20}
 
 
 def run_mlx_lm(model: Path, data: Path, steps: int, out: Path) -> dict:
@@ -317,7 +320,8 @@ def summary(run: dict, skip: int) -> dict:
     return {"tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed),
             "peak_mb": max(s["peak_mb"] for s in run["steps"]), "rss_mb": run["rss_mb"],
             "first_step_s": run["first_step_s"], "compiles": run["compiles"],
-            "wall_s": run["wall_s"], "loss_first": run["steps"][0]["loss"]}
+            "wall_s": run["wall_s"], "loss_first": run["steps"][0]["loss"],
+            "checkpoint_mb": run.get("checkpoint_mb")}
 
 
 def table(results: dict, sizes: list[str], modes: list[str], tools: list[str]) -> str:
