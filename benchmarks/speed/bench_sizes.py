@@ -19,7 +19,9 @@ Work: the shipped chats with one reply (100 of the 200 in
 src/mlxlab/assets/tinystories/chats.jsonl, 50-150 tokens in the template: every tool trains
 the same tokens), LoRA rank 8 (alpha 16) on q/k/v/o of every layer, Adam at 1e-4, max_length 256.
 Unpacked (mlxlab, mlx-lm): batch 4 rows, padded to the batch's longest (mlxlab: to a multiple
-of 16). Packed (mlxlab-packed, data.pack=true): batch 1 sequence of 256 positions (~4 rows).
+of 16; mlxlab-b128: of 128, the lengths at which MLX's CUDA backend fuses attention's backward,
+`trainer.batching.bucket_multiple=128`). Packed (mlxlab-packed, data.pack=true): batch 1
+sequence of 256 positions (~4 rows).
 Each tool is its own process through its own training code, at equal BLAS (mlx-lm's worker
 lets mlxlab's runtime/blas.py point MLX at the same OpenBLAS, nothing else of mlxlab; MLX's own
 quantized matmul for mlx-lm's QLoRA, as shipped). tokens/s: each tool's own count of trained
@@ -87,7 +89,7 @@ CONFIGS = {
             "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
 }
 SIZES = ("smollm2", "llama-1b", "qwen3-1.7b", "llama-3b", "llama-8b")
-TOOLS = ("mlxlab", "mlxlab-packed", "mlx-lm", "torch-peft")
+TOOLS = ("mlxlab", "mlxlab-packed", "mlx-lm", "torch-peft")  # and mlxlab-b128, on request
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
 
@@ -192,7 +194,8 @@ def data_folder(work: Path, n_val: int = 8) -> Path:
     return folder
 
 
-def run_mlxlab(model: Path, data: Path, steps: int, out: Path, packed: bool) -> dict:
+def run_mlxlab(model: Path, data: Path, steps: int, out: Path, packed: bool,
+               bucket_multiple: int = 16) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # its metrics.csv appends
     cmd = [sys.executable, "-m", "mlxlab.train", "experiment=finetune_chat",
            f"model.pretrained={model}", f"data.train_file={data / 'train.jsonl'}",
@@ -203,6 +206,7 @@ def run_mlxlab(model: Path, data: Path, steps: int, out: Path, packed: bool) -> 
            f"trainer.eval_every_steps={10 * steps}", "trainer.log_every_steps=1",
            f"optimizer.learning_rate={LR}", "tracking=csv", "callbacks.progress.enabled=false",
            "callbacks.memory.every=1", "trainer.schedule.warmup_steps=0", "eval.tasks=[]",
+           f"trainer.batching.bucket_multiple={bucket_multiple}",
            f"hydra.run.dir={out}"]
     started = time.perf_counter()
     proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env())
@@ -402,7 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
                         run = (run_mlx_lm(folder, data, args.steps, out) if tool == "mlx-lm"
                                else run_torch_peft(folder, data, args.steps, out)
                                if tool == "torch-peft" else
-                               run_mlxlab(folder, data, args.steps, out, tool == "mlxlab-packed"))
+                               run_mlxlab(folder, data, args.steps, out, tool == "mlxlab-packed",
+                                          128 if tool == "mlxlab-b128" else 16))
                     except RuntimeError as error:  # the other tools' rows still come out
                         print(f"{key} failed: {str(error)[-2000:]}", flush=True)
                         failed = True

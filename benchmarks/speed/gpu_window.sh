@@ -183,6 +183,9 @@ sizes)
   mlx=mlx-lm,mlxlab,mlxlab-packed
   # bf16 LoRA first (its kernels compile once for every size), then QLoRA's 4-bit kernels
   step "Llama-3.2-1B bf16 LoRA"; bench --sizes llama-1b --modes lora --tools $all
+  # unpacked rows padded to 128: MLX's CUDA attention backward is fused only at multiples of 128
+  step "Llama-3.2-1B and 8B bf16 LoRA, rows padded to 128"
+  bench --sizes llama-1b,llama-8b --modes lora --tools mlx-lm,mlxlab-b128
   step "Llama-3.2-3B bf16 LoRA"; bench --sizes llama-3b --modes lora --tools $all
   step "Llama-3.1-8B bf16 LoRA"; bench --sizes llama-8b --modes lora --tools $all
   step "Llama-3.1-8B QLoRA"; bench --sizes llama-8b --modes qlora --tools $mlx
@@ -190,7 +193,8 @@ sizes)
   bench --sizes llama-1b --modes lora --tools $all --rounds 2
   step "Llama-3.2-1B and 3B QLoRA"; bench --sizes llama-1b,llama-3b --modes qlora --tools $mlx
   step "the table"
-  bench --sizes llama-1b,llama-3b,llama-8b --modes lora,qlora --tools $all --rounds 2 --table-only
+  bench --sizes llama-1b,llama-3b,llama-8b --modes lora,qlora --tools $all,mlxlab-b128 --rounds 2 \
+    --table-only
   echo "exit $status at $(date -u +%T)" > "$STATE/done"
   ;;
 presets)

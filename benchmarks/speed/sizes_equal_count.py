@@ -106,7 +106,7 @@ def run_steps(run: Path, tool: str, mlxlab_rows: dict, differences: dict
         for row in csv.DictReader(metrics.open()):
             if row["name"] == "train/tokens_per_sec":
                 rates[int(row["step"])] = float(row["value"])
-        drawn = mlxlab_rows[tool == "mlxlab-packed"]
+        drawn = mlxlab_rows[tool == "mlxlab-packed"]  # (mlxlab-b128: the same rows, wider)
         return [(chats, tokens, tokens / rates[s]) for s, (chats, tokens) in
                 enumerate(drawn[:len(rates)], 1)]
     return None
@@ -116,7 +116,7 @@ def table(runs: Path, data: Path, tokenizer: Path, skip: int, steps: int = 64) -
     differences = count_differences(data, tokenizer)
     mlxlab_rows = {p: mlxlab_steps(data, tokenizer, p, steps) for p in (False, True)}
     found: dict[tuple[str, str], dict[str, list]] = collections.defaultdict(dict)
-    tools = ("mlx-lm", "mlxlab", "mlxlab-packed", "torch-peft")
+    tools = ("mlx-lm", "mlxlab", "mlxlab-b128", "mlxlab-packed", "torch-peft")
     for run in sorted(runs.iterdir()):
         tool = next((t for t in sorted(tools, key=len, reverse=True)
                      if f"-{t}-" in run.name), None)
