@@ -17,7 +17,7 @@ import pytest
 from mlxlab import kernels
 from mlxlab.kernels import build
 from mlxlab.objectives import losses
-from mlxlab.runtime import cpu
+from mlxlab.runtime import blas, cpu
 
 PYTHON = sys.executable
 
@@ -114,11 +114,47 @@ def test_the_fused_path_really_runs():
     assert "MlxlabSwiGLU" in graph_text(lambda x: kernels.swiglu(x, x), logits)
     q = logits.reshape(1, 1, 4, 8)
     assert "MlxlabSoftmax" in graph_text(lambda x: kernels.attention(x, x, x, 0.5), q)
+    if blas.mlx_sgemm_batch():  # attention's products: one batched BLAS call each
+        assert "MlxlabBatchedMatmul" in graph_text(lambda x: kernels.attention(x, x, x, 0.5), q)
     kernels.set_mode("off")
     for fn in (kernels.gelu, lambda x: kernels.dropout(x, 0.5), lambda x: kernels.layer_norm(
             x, mx.ones((8,)), mx.zeros((8,)), 1e-5), lambda x: kernels.attention(x, x, x, 0.5)):
         assert "Mlxlab" not in graph_text(fn, q)
     assert "Mlxlab" not in graph_text(lambda x: kernels.cross_entropy(x, targets), logits)
+
+
+@pytest.mark.parametrize("ta, tb", [(False, False), (False, True), (True, False), (True, True)])
+def test_batched_matmul_is_mlx_matmul_to_the_bit(ta, tb):
+    """kernels.batched_matmul (one cblas_sgemm_batch_strided call for all the batch's matrices)
+    gives MLX's matmul's bits, forward and both gradients, eager and compiled, for every
+    transpose of its operands; MLX's matmul calls the same BLAS one matrix at a time."""
+    from mlxlab.kernels.dispatch import extension
+
+    if not blas.mlx_sgemm_batch():
+        pytest.skip("the BLAS MLX calls has no cblas_sgemm_batch_strided")
+    module = extension()
+    module.set_sgemm_batch(blas.mlx_sgemm_batch())
+    ks = mx.random.split(mx.random.key(int(ta) * 2 + int(tb)), 3)
+    m, k, n = 37, 16, 29
+    a = mx.random.normal((2, 3, k, m) if ta else (2, 3, m, k), key=ks[0])
+    b = mx.random.normal((2, 3, n, k) if tb else (2, 3, k, n), key=ks[1])
+    cot = mx.random.normal((2, 3, m, n), key=ks[2])
+
+    def op(x, t):
+        return x.swapaxes(-1, -2) if t else x
+
+    ours = mx.value_and_grad(lambda a, b: (module.batched_matmul(a, b, ta, tb) * cot).sum(),
+                             argnums=(0, 1))
+    mlx = mx.value_and_grad(lambda a, b: ((op(a, ta) @ op(b, tb)) * cot).sum(), argnums=(0, 1))
+    for fn in (ours, mx.compile(ours)):
+        (value, grads), (ref_value, ref_grads) = fn(a, b), mlx(a, b)
+        np.testing.assert_array_equal(np.array(module.batched_matmul(a, b, ta, tb)),
+                                      np.array(op(a, ta) @ op(b, tb)))
+        assert float(value) == float(ref_value)
+        for got, want in zip(grads, ref_grads):
+            np.testing.assert_array_equal(np.array(got), np.array(want))
+    with pytest.raises(ValueError, match="inner dimensions"):  # op(a) (m, k) @ op(a) (m, k)
+        module.batched_matmul(a, a, ta, ta)
 
 
 def graph_text(fn, x) -> str:

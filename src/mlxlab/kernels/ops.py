@@ -8,7 +8,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxlab.kernels.dispatch import fused
+from mlxlab.kernels.dispatch import fused, skipped
 from mlxlab.runtime import blas
 
 
@@ -65,17 +65,18 @@ def attention(
             mask = mask.reshape(mask.shape[0], mask.shape[-1])
     B, H, T, D = q.shape
     group = H // k.shape[1]
+    product = _batched_product(module)
     if group == 1:
-        scores = (q * scale) @ k.swapaxes(-1, -2)
-        return module.softmax(scores, mask, key_mask) @ v
+        scores = product(q * scale, k, True)
+        return product(module.softmax(scores, mask, key_mask), v, False)
     # Grouped-query attention: query head h reads key/value head h // group (SDPA's rule). The
     # group's queries are stacked along T, (B, H_kv, group * T, D), so each product runs once
     # per key/value head over all its queries, with no repeated keys or values: SDPA's CPU path
     # runs MLX's scalar softmax, and repeating k and v costs copies and a wider backward.
     grouped_q = (q * scale).reshape(B, H // group, group * T, D)
-    scores = (grouped_q @ k.swapaxes(-1, -2)).reshape(B, H, T, -1)
+    scores = product(grouped_q, k, True).reshape(B, H, T, -1)
     probs = module.softmax(scores, mask, key_mask).reshape(B, H // group, group * T, -1)
-    return (probs @ v).reshape(B, H, T, D)
+    return product(probs, v, False).reshape(B, H, T, D)
 
 
 def _attention_rows(module, q: mx.array, k: mx.array, v: mx.array, scale: float,
@@ -84,12 +85,24 @@ def _attention_rows(module, q: mx.array, k: mx.array, v: mx.array, scale: float,
     the fused softmax with no mask of its own (grouped-query heads as in attention above)."""
     B, H, T, D = q.shape
     group = H // k.shape[1]
+    product = _batched_product(module)
     if group == 1:
-        return module.softmax((q * scale) @ k.swapaxes(-1, -2) + mask, None, False) @ v
+        return product(module.softmax(product(q * scale, k, True) + mask, None, False), v, False)
     grouped_q = (q * scale).reshape(B, H // group, group * T, D)
-    scores = (grouped_q @ k.swapaxes(-1, -2)).reshape(B, H, T, -1) + mask
+    scores = product(grouped_q, k, True).reshape(B, H, T, -1) + mask
     probs = module.softmax(scores, None, False).reshape(B, H // group, group * T, -1)
-    return (probs @ v).reshape(B, H, T, D)
+    return product(probs, v, False).reshape(B, H, T, D)
+
+
+def _batched_product(module):
+    """attention's products a @ b (or a @ b^T): one batched BLAS call for all (batch, head)
+    matrices where the BLAS MLX calls has one (kernels.batched_matmul: whole matrices to the
+    BLAS's threads), else MLX's matmul (one BLAS call a matrix)."""
+    batch = blas.mlx_sgemm_batch() if "batched_matmul" not in skipped() else None
+    if not batch:
+        return lambda a, b, tb: a @ (b.swapaxes(-1, -2) if tb else b)
+    module.set_sgemm_batch(batch)  # read each call: setup_blas may have rebound libmlx since
+    return lambda a, b, tb: module.batched_matmul(a, b, False, tb)
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:

@@ -272,6 +272,18 @@ def mlx_sgemm() -> int | None:
     return None if slot is None else ctypes.c_void_p.from_address(slot).value
 
 
+def mlx_sgemm_batch() -> int | None:
+    """The address of cblas_sgemm_batch_strided in the OpenBLAS that serves MLX's cblas_sgemm
+    (setup_blas's, OpenBLAS >= 0.3.27), for the fused attention's batched products
+    (kernels.batched_matmul); None where MLX calls another BLAS or this one has none."""
+    ours, batch = _openblas("cblas_sgemm"), _openblas("cblas_sgemm_batch_strided")
+    if ours is None or batch is None:
+        return None
+    if ctypes.cast(ours, ctypes.c_void_p).value != mlx_sgemm():
+        return None
+    return ctypes.cast(batch, ctypes.c_void_p).value
+
+
 def _symbol_prefix(lib: ctypes.CDLL) -> str:
     """The prefix of `lib`'s BLAS names (PREFIXES), found by its cblas_sgemm."""
     return next((p for p in PREFIXES if hasattr(lib, p + "cblas_sgemm")), "")

@@ -134,6 +134,19 @@ NB_MODULE(_mlxlab_kernels, m) {
         "The address of the cblas_sgemm quantized_matmul calls (MLX's own; 0 unsets).");
   m.def("has_sgemm", &mlxlab::has_sgemm);
   m.def(
+      "batched_matmul",
+      [](const mx::array& a, const mx::array& b, bool ta, bool tb) {
+        return mlxlab::batched_matmul(a, b, ta, tb);
+      },
+      "a"_a,
+      "b"_a,
+      "ta"_a = false,
+      "tb"_a = false,
+      "op(a) @ op(b) over matching batch axes through one cblas_sgemm_batch_strided call.");
+  m.def("set_sgemm_batch", &mlxlab::set_sgemm_batch, "address"_a,
+        "The address of the cblas_sgemm_batch_strided batched_matmul calls (0 unsets).");
+  m.def("has_sgemm_batch", &mlxlab::has_sgemm_batch);
+  m.def(
       "isa",
       []() {
         // What the compiler was told it may use (its predefined macros): a test checks that the

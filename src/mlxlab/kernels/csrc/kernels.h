@@ -84,6 +84,14 @@ mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::arra
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits, bool transpose);
 
+// op(a) @ op(b) over matching batch axes, a (..., M, K) or (..., K, M) when ta, b (..., K, N) or
+// (..., N, K) when tb, float32: one cblas_sgemm_batch_strided call (set_sgemm_batch), which gives
+// whole matrices to the BLAS's threads. Differentiable in both.
+mx::array batched_matmul(const mx::array& a, const mx::array& b, bool ta, bool tb);
+// The address of the BLAS's cblas_sgemm_batch_strided (0 unsets it), and whether one is set.
+void set_sgemm_batch(uintptr_t address);
+bool has_sgemm_batch();
+
 // The address of the cblas_sgemm quantized_matmul calls (0 unsets it), and whether one is set.
 void set_sgemm(uintptr_t address);
 bool has_sgemm();
@@ -350,6 +358,27 @@ class QuantizedMatmul : public CpuPrimitive {
  private:
   int group_size_, bits_;
   bool transpose_;
+};
+
+// Inputs: a, b -> op(a) @ op(b) (batched_matmul).
+class BatchedMatmul : public CpuPrimitive {
+ public:
+  BatchedMatmul(mx::Stream stream, bool ta, bool tb) : CpuPrimitive(stream), ta_(ta), tb_(tb) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabBatchedMatmul";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const BatchedMatmul&>(other);
+    return ta_ == o.ta_ && tb_ == o.tb_;
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>& outputs) override;
+
+ private:
+  bool ta_, tb_;
 };
 
 // No inputs; sets the mode of the thread it runs on. Not equivalent to another (never merged
