@@ -1,7 +1,9 @@
 """The nano preset's training step, its matrix products one by one: each GEMM of the forward and
 backward pass (projections, SwiGLU MLP, attention's batched products, the tied output head) at its
-shape and operand layout, timed through MLX (mlxlab's OpenBLAS, the kernels this CPU runs) and
-through PyTorch (its own BLAS), each in its own process, in rounds whose order alternates.
+shape and operand layout, timed through MLX (mlxlab's OpenBLAS, the kernels this CPU runs),
+through mlxlab's fused attention (its batched products as one `cblas_sgemm_batch_strided` call,
+kernels.batched_matmul; the other products are MLX's) and through PyTorch (its own BLAS), each in
+its own process, in rounds whose order alternates.
 
     python benchmarks/speed/profile_nano_gemms.py [--threads 2] [--rounds 2] [--repeats 7]
 
@@ -52,6 +54,9 @@ PRODUCTS = [
 ]
 
 
+SIDES = ("mlx", "mlxlab", "torch")
+
+
 def flops(a: tuple, b: tuple, layout: str) -> float:
     """2 m n k of one product (times its batch)."""
     batch = a[0] if len(a) == 3 else 1
@@ -63,15 +68,24 @@ def flops(a: tuple, b: tuple, layout: str) -> float:
 
 def worker(side: str, threads: int, repeats: int) -> dict:
     """Best-of-repeats seconds of each product on one side, in this process."""
-    if side == "mlx":
+    if side in ("mlx", "mlxlab"):
         import mlx.core as mx
 
         import mlxlab  # noqa: F401  gives MLX the fast BLAS
-        from mlxlab.runtime.blas import set_blas_threads
+        from mlxlab.runtime.blas import mlx_sgemm_batch, set_blas_threads
 
         set_blas_threads(threads)
         ops = {"nt": lambda a, b: a @ b.swapaxes(-1, -2), "nn": lambda a, b: a @ b,
                "tn": lambda a, b: a.swapaxes(-1, -2) @ b}
+        if side == "mlxlab" and mlx_sgemm_batch():
+            from mlxlab.kernels.dispatch import extension
+
+            module = extension()
+            module.set_sgemm_batch(mlx_sgemm_batch())
+            flags = {"nt": (False, True), "nn": (False, False), "tn": (True, False)}
+            ops = {layout: (lambda op, ta, tb: lambda a, b: module.batched_matmul(a, b, ta, tb)
+                            if a.ndim == 3 else op(a, b))(ops[layout], *flags[layout])
+                   for layout in ops}
 
         def make(shape):
             return mx.random.normal(shape)
@@ -110,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--worker", choices=("mlx", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     add_smoke(parser)
     args = parser.parse_args(argv)
     if args.worker:
@@ -119,9 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.rounds, args.repeats = 1, 1
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads)}
-    runs: dict[str, list[dict]] = {"mlx": [], "torch": []}
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     for r in range(args.rounds):
-        for side in ("mlx", "torch") if r % 2 == 0 else ("torch", "mlx"):
+        for side in SIDES if r % 2 == 0 else SIDES[::-1]:
             out = subprocess.run([sys.executable, __file__, "--worker", side, "--threads",
                                   str(args.threads), "--repeats", str(args.repeats)],
                                  env=env, capture_output=True, text=True, check=True)
@@ -130,20 +144,22 @@ def main(argv: list[str] | None = None) -> dict:
                   for name, *_ in PRODUCTS} for side in runs}
     print(f"CPU: {cpu_model()}; {args.threads} thread(s); {args.rounds} round(s), best of "
           f"{args.repeats}; MLX: {runs['mlx'][0]['detail']}; {runs['torch'][0]['detail']}\n")
-    print("| product | per step | shape (A, B, layout) | MLX ms | PyTorch ms | MLX GFLOP/s | "
-          "PyTorch GFLOP/s | MLX ms/step | PyTorch ms/step |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
-    totals = {"mlx": 0.0, "torch": 0.0}
+    print("| product | per step | shape (A, B, layout) | MLX ms | mlxlab ms | PyTorch ms | "
+          "MLX GFLOP/s | mlxlab GFLOP/s | PyTorch GFLOP/s | MLX ms/step | mlxlab ms/step | "
+          "PyTorch ms/step |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    totals = dict.fromkeys(SIDES, 0.0)
     for name, count, a, b, layout in PRODUCTS:
         f = flops(a, b, layout)
-        m, t = med["mlx"][name], med["torch"][name]
-        totals["mlx"] += count * m
-        totals["torch"] += count * t
-        print(f"| {name} | {count} | {a} x {b} {layout} | {m * 1e3:.2f} | {t * 1e3:.2f} | "
-              f"{f / m / 1e9:.0f} | {f / t / 1e9:.0f} | {count * m * 1e3:.1f} | "
-              f"{count * t * 1e3:.1f} |")
-    print(f"| **all GEMMs of a step** | | | | | | | **{totals['mlx'] * 1e3:.1f}** | "
-          f"**{totals['torch'] * 1e3:.1f}** |")
+        t = {side: med[side][name] for side in SIDES}
+        for side in SIDES:
+            totals[side] += count * t[side]
+        print(f"| {name} | {count} | {a} x {b} {layout} | "
+              + " | ".join(f"{t[side] * 1e3:.2f}" for side in SIDES) + " | "
+              + " | ".join(f"{f / t[side] / 1e9:.0f}" for side in SIDES) + " | "
+              + " | ".join(f"{count * t[side] * 1e3:.1f}" for side in SIDES) + " |")
+    print("| **all GEMMs of a step** | | | | | | | | | "
+          + " | ".join(f"**{totals[side] * 1e3:.1f}**" for side in SIDES) + " |")
     return {"cpu": cpu_model(), "threads": args.threads, "median_s": med,
             "gemm_ms_per_step": {k: v * 1e3 for k, v in totals.items()}}
 
