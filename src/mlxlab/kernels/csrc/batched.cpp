@@ -3,7 +3,8 @@
 // threads for each of them: a nano step's 64 products of (128 x 64) x (64 x 128) ran at 74-80
 // GFLOP/s against PyTorch's 180-191 (docs/benchmarks.md, "Small decoders on an AMD Zen 5").
 // OpenBLAS (>= 0.3.27) has cblas_sgemm_batch_strided, which hands whole matrices to its threads,
-// each product on one thread with the same kernel a single call runs: the bits of MLX's loop.
+// each product on one thread with the same kernel a single call runs: the bits of MLX's loop at
+// one BLAS thread (with more, OpenBLAS's AVX2 kernels split a single product and round otherwise).
 // The function is the one in the library that serves MLX's own cblas_sgemm (set_sgemm_batch,
 // from runtime/blas.py); where that BLAS has none (MLX's bundled one), the Python side keeps
 // MLX's matmul.
