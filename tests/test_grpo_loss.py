@@ -152,3 +152,32 @@ def test_token_logps_are_log_softmax_at_the_temperature():
     p = torch.softmax(t, -1)
     want_entropy = -(p * torch.log_softmax(t, -1)).sum(-1)
     np.testing.assert_allclose(np.array(entropy), want_entropy.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_token_logps_keeps_no_vocabulary_array_beside_the_gradient():
+    """A compiled GRPO loss over token_logps peaks, beyond its inputs, at two arrays of the
+    (rows, positions, vocabulary) size: the logits' gradient and the entropy's softmax (a
+    metric, off the gradient's path); the log-probs are the fused cross-entropy's. The
+    log-sum-exp formulation's softmax, kept for the gradient, made it three."""
+    import mlx.core as mx
+
+    from mlxlab.objectives.grpo_loss import token_logps
+
+    logits = mx.random.normal((4, 64, 8192), key=mx.random.key(0))
+    targets = mx.random.randint(0, 8192, (4, 64), key=mx.random.key(1))
+    advantages = mx.random.normal((4, 64), key=mx.random.key(2))
+    mx.eval(logits, targets, advantages)
+
+    def loss(x):
+        logps, entropy = token_logps(x, targets)
+        return (logps * advantages).sum(), mx.stop_gradient(entropy.mean())
+
+    step = mx.compile(mx.value_and_grad(loss))
+    mx.eval(step(logits))  # traced and compiled once: measured on the next call
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    (value, entropy), grad = step(logits)
+    mx.eval(value, entropy, grad)
+    assert (mx.get_peak_memory() - before) / logits.nbytes < 2.5
+    assert 0 < entropy.item() < float(np.log(8192)) + 1e-3

@@ -23,6 +23,7 @@ import warnings
 import mlx.core as mx
 import numpy as np
 
+from mlxlab import kernels
 from mlxlab.errors import ConfigError
 
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
@@ -78,15 +79,19 @@ def _nanstd(x: np.ndarray, axis: int | None = None) -> np.ndarray:
 def token_logps(logits: mx.array, targets: mx.array, temperature: float = 1.0
                 ) -> tuple[mx.array, mx.array]:
     """(log-prob of each target token, entropy of each position's distribution) under
-    logits / temperature, as TRL scores completions with the sampling temperature."""
+    logits / temperature, as TRL scores completions with the sampling temperature. The
+    log-probs are the negated cross-entropy (kernels.cross_entropy: on the CPU one fused pass
+    and a fused backward, no softmax over the vocabulary kept for the gradient); the entropy, a
+    metric, is computed off the gradient's path: a step peaks at two (rows, positions,
+    vocabulary) arrays beside its inputs instead of three (a 32 x 315 batch of a 49k
+    vocabulary: 2 GB each)."""
     logits = logits.astype(mx.float32)
     if temperature != 1.0:
         logits = logits / temperature
-    norm = mx.logsumexp(logits, axis=-1)
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    probs = mx.softmax(logits, axis=-1)
-    entropy = norm - (probs * logits).sum(axis=-1)
-    return picked - norm, entropy
+    logps = -kernels.cross_entropy(logits, targets)
+    frozen = mx.stop_gradient(logits)
+    entropy = mx.logsumexp(frozen, axis=-1) - (mx.softmax(frozen, axis=-1) * frozen).sum(axis=-1)
+    return logps, entropy
 
 
 def policy_loss(
