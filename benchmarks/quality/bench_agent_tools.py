@@ -149,6 +149,52 @@ def tagged_chats(rows: list[dict]) -> list[tuple[list, list]]:
     return chats
 
 
+def probe_tagged(folder: Path, rows: list[dict], samples: int, seed: int = 0) -> dict:
+    """How often the model in `folder` (transformers) does the task in the tagged format on
+    `rows` (training prompts: a warm start is chosen by them, never by the held-out ones):
+    the greedy trajectory's accuracy (call, the tool's answer, reply), and of `samples` first
+    turns per prompt sampled at temperature 1 (what GRPO's groups start from) the share whose
+    call parses and names the question's name."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlxlab.objectives.lookup_tools import lookup_code
+    from mlxlab.objectives.tool_format import ToolFormat
+    from mlxlab.objectives.tools import ToolAnswer
+
+    fmt, tool = ToolFormat("tagged"), schema()
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(seed)
+
+    def generate(messages: list, n: int, sample: bool) -> list[str]:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids.repeat(n, 1), max_new_tokens=40, do_sample=sample,
+                                 temperature=1.0 if sample else None, top_p=None, top_k=None,
+                                 eos_token_id=end, pad_token_id=end)
+        return [tok.decode(o[ids.shape[1]:], skip_special_tokens=True) for o in out]
+
+    right = parsed = 0
+    for r in rows:
+        name = re.search(r"code of (\w+)\?", r["messages"][-1]["content"]).group(1)
+        prompt, _ = fmt.prompt_messages(r["messages"], [tool])
+        for turn in generate(prompt, samples, True):
+            calls = fmt.parse(turn).calls
+            parsed += bool(calls) and calls[0].arguments.get("name") == name
+        turn = generate(prompt, 1, False)[0]
+        calls = fmt.parse(turn).calls
+        if calls and calls[0].arguments.get("name") == name:
+            answer = fmt.answer_messages([ToolAnswer("lookup_code", lookup_code(name))])
+            reply = generate([*prompt, {"role": "assistant", "content": turn}, *answer], 1,
+                             False)[0]
+            right += reply.strip() == r["answer"]
+    return {"prompts": len(rows), "greedy_accuracy": right / len(rows),
+            "sampled_calls_parsed": parsed / (len(rows) * samples), "last_greedy_call": turn}
+
+
 # --- GRPO through the CLI ------------------------------------------------------------------------
 
 
@@ -178,14 +224,19 @@ def run_id(out: str) -> str:
 
 
 def heldout_rewards(client, run: str) -> list[float]:
-    """Each held-out prompt's reward at the run's last evaluation (its grpo_samples)."""
+    """Each held-out prompt's exact_answer (1 right, 0 not) at the run's last evaluation (its
+    grpo_samples), whatever other rewards (a format reward) were summed into its reward."""
     files = sorted(f.path for f in client.list_artifacts(run, "grpo_samples"))
     rows = jsonl(Path(client.download_artifacts(run, files[-1])))
-    return [r["reward"] for r in rows]
+    return [r["exact_answer"] for r in rows]
 
 
 def metric(client, run: str, key: str = "val/reward") -> float:
     return client.get_run(run).data.metrics[key]
+
+
+def metric_history(client, run: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run, key), key=lambda m: m.step)]
 
 
 # --- speed: rollouts per second, multi-turn beside single-turn ----------------------------------
@@ -255,11 +306,14 @@ def part_tiny(a, out: Path, env: dict, uri: str, times: dict) -> dict:
     if not (a.reuse_sft and (base / "model.safetensors").is_file()):
         tiny_base(base, a.tiny_hidden, a.tiny_layers)
         sft_loss = tiny.teach_chats(base, hermes_chats(train_rows), [schema()],
-                                    steps=a.tiny_sft_steps, batch_size=32, lr=a.tiny_sft_lr)
+                                    steps=a.tiny_sft_steps, batch_size=32, lr=a.tiny_sft_lr,
+                                    snapshots=tuple(a.tiny_sft_snapshots))
         times["tiny_sft"] = time.perf_counter() - started
     else:
         sft_loss = float("nan")  # taught by an earlier invocation (its log has the loss)
     print(f"tiny SFT: {a.tiny_sft_steps} steps, last loss {sft_loss:.4f}", flush=True)
+    if a.tiny_start:  # a weaker warm start: the SFT's snapshot after that many steps
+        base = out / f"tiny_sft_step{a.tiny_start}"
     heldout = ASSETS / "heldout.jsonl"
     # the SFT model alone: the run with the tool at learning rate 0, evaluated at its one step
     output, times["tiny_sft_eval"] = run(train(*grpo_args(
@@ -287,6 +341,7 @@ def part_tiny(a, out: Path, env: dict, uri: str, times: dict) -> dict:
                                 f"tags.mlflow.parentRunId = '{s}'"))
                 for arm, s in sweeps.items()}
     return {"sft_steps": a.tiny_sft_steps, "sft_last_loss": sft_loss, "sweeps": sweeps,
+            "start": base.name,
             "heldout_accuracy_sft_alone": metric(client, sft_run), "sft_run": sft_run,
             "heldout_accuracy_per_seed": per_seed,
             "compare": json.loads(compare[compare.index("{"):]) if "{" in compare else compare}
@@ -307,18 +362,32 @@ def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
         real_base(base)
         sft_loss = tiny.teach_chats(base, tagged_chats(train_rows[: a.real_sft_rows]), None,
                                     steps=a.real_sft_steps, batch_size=a.real_sft_batch,
-                                    lr=a.real_sft_lr)
+                                    lr=a.real_sft_lr, snapshots=tuple(a.real_sft_snapshots))
         times["real_sft"] = time.perf_counter() - started
     else:
         sft_loss = float("nan")  # taught by an earlier invocation (its log has the loss)
     print(f"SmolLM2 SFT: {a.real_sft_steps} steps, last loss {sft_loss:.4f}", flush=True)
+    # each warm start's probe on training prompts the SFT did not see: the start is chosen by
+    # these, never by the held-out prompts
+    probe_rows = train_rows[a.real_sft_rows: a.real_sft_rows + a.real_probe_prompts]
+    probes = {}
+    for step in (a.real_sft_snapshots if a.real_probe_prompts else []):
+        started = time.perf_counter()
+        probes[step] = probe_tagged(out / f"smollm2_sft_step{step}", probe_rows, 4)
+        times[f"real_probe_{step}"] = time.perf_counter() - started
+        print(f"SmolLM2 SFT step {step}, training probe: {probes[step]}", flush=True)
+    if a.real_start:  # GRPO from the SFT's snapshot after that many steps
+        base = out / f"smollm2_sft_step{a.real_start}"
+    rewards = ("objective.rewards=[{_target_: mlxlab.objectives.rewards.exact_answer},"
+               "{_target_: mlxlab.objectives.rewards.tool_call_parsed, weight: "
+               f"{a.format_reward}}}]",) if a.format_reward else ()
     heldout = write_jsonl(out / "real_heldout.jsonl", jsonl(ASSETS / "heldout.jsonl")[: a.real_heldout])
     runs = {}
     for name, steps, extra in (("before", 1, ("optimizer.learning_rate=0.0",)),
-                               ("after", a.real_steps, ())):
+                               ("after", a.real_steps, (f"optimizer.learning_rate={a.real_lr}",))):
         output, times[f"real_{name}"] = run(train(*grpo_args(
             base, ASSETS / "train.jsonl", heldout, a, steps, "tool", "seed=42",
-            f"task_name=agent_real_{name}", *extra)), env, out / f"real_{name}.log")
+            f"task_name=agent_real_{name}", *rewards, *extra)), env, out / f"real_{name}.log")
         runs[name] = run_id(output)
     client = MlflowClient(uri)
     before, after = (heldout_rewards(client, runs[k]) for k in ("before", "after"))
@@ -327,13 +396,21 @@ def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
         "runs", "compare", runs["before"], runs["after"], "--uri", uri, "--json"), env,
         out / "real_compare.log")
     return {"sft_steps": a.real_sft_steps, "sft_rows": a.real_sft_rows,
-            "sft_last_loss": sft_loss, "heldout_prompts": len(before), "runs": runs,
+            "sft_last_loss": sft_loss, "sft_probes_on_training_prompts": probes,
+            "start": base.name, "heldout_prompts": len(before), "runs": runs,
+            "train_reward_per_step": metric_history(client, runs["after"], "train/reward"),
+            "train_exact_answer_per_step": metric_history(
+                client, runs["after"], "train/rewards/exact_answer/mean"),
             "heldout_accuracy_before": sum(before) / len(before),
             "heldout_accuracy_after": sum(after) / len(after),
             "only_before_right": b, "only_after_right": c, "mcnemar_exact_p": p,
             "tool_calls_after": metric(client, runs["after"], "val/tools/call_frequency"),
             "tool_calls_before": metric(client, runs["before"], "val/tools/call_frequency"),
             "compare": json.loads(compare[compare.index("{"):]) if "{" in compare else compare}
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def main() -> None:
@@ -350,11 +427,24 @@ def main() -> None:
     parser.add_argument("--tiny-sft-steps", type=int, default=1200)
     parser.add_argument("--tiny-sft-lr", type=float, default=3e-3)
     parser.add_argument("--tiny-steps", type=int, default=30)
+    parser.add_argument("--tiny-sft-snapshots", type=ints, default=[],
+                        help="SFT steps after which the model is also kept (e.g. 100,200)")
+    parser.add_argument("--tiny-start", type=int, default=0,
+                        help="GRPO from the SFT snapshot after this many steps (0: the last)")
     parser.add_argument("--real-sft-rows", type=int, default=64)
     parser.add_argument("--real-sft-steps", type=int, default=16)
     parser.add_argument("--real-sft-batch", type=int, default=4)
     parser.add_argument("--real-sft-lr", type=float, default=3e-5)
     parser.add_argument("--real-steps", type=int, default=10)
+    parser.add_argument("--real-lr", type=float, default=1e-4, help="GRPO's learning rate")
+    parser.add_argument("--real-sft-snapshots", type=ints, default=[],
+                        help="SFT steps after which the model is also kept (e.g. 8,16,24)")
+    parser.add_argument("--real-probe-prompts", type=int, default=16,
+                        help="training prompts (after the SFT's) each snapshot is probed on")
+    parser.add_argument("--real-start", type=int, default=0,
+                        help="GRPO from the SFT snapshot after this many steps (0: the last)")
+    parser.add_argument("--format-reward", type=float, default=0.0,
+                        help="weight of tool_call_parsed beside exact_answer (0: none)")
     parser.add_argument("--real-heldout", type=int, default=40)
     parser.add_argument("--speed-rounds", type=int, default=3)
     parser.add_argument("--reuse-sft", action="store_true",
