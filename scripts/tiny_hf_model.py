@@ -415,13 +415,17 @@ def save_tiny_llama_without_torch(path: str | Path, seed: int = 0, hidden: int =
 
 def teach_chats(path: str | Path, chats: list[tuple[list, list]], tools: list | None = None,
                 steps: int = 100, batch_size: int = 16, lr: float = 3e-3, stop_loss: float = 0.0,
-                seed: int = 0) -> float:
+                seed: int = 0, snapshots: tuple[int, ...] = ()) -> float:
     """A short SFT (torch, Adam) of the transformers model in `path` on chats rendered with its
     own template and `tools`: each chat is (its prompt's messages, the whole chat), and every
     token after the prompt is trained (tool turns too: fixed text the model reads back). Random
     batches of `batch_size`, until `steps` or a loss under `stop_loss`; the model is saved back
     into `path` and the last loss returned. How the tool tests and benchmarks teach a tiny model
-    a tool-call format, as people SFT before RL."""
+    a tool-call format, as people SFT before RL. `snapshots`: steps after which the model so far
+    is also saved, beside `path` as `<path>_step<n>` (its files copied), so one SFT gives
+    warm starts of several strengths."""
+    import shutil
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -438,7 +442,7 @@ def teach_chats(path: str | Path, chats: list[tuple[list, list]], tools: list | 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss = float("nan")
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         picked = torch.randint(0, len(seqs), (min(batch_size, len(seqs)),), generator=rng)
         batch = [seqs[i] for i in picked.tolist()] if len(seqs) > batch_size else seqs
         width = max(len(s) for _, s in batch)
@@ -451,6 +455,11 @@ def teach_chats(path: str | Path, chats: list[tuple[list, list]], tools: list | 
         out.backward()
         optimizer.step()
         loss = out.item()
+        if step in snapshots:
+            snapshot = Path(path).with_name(f"{Path(path).name}_step{step}")
+            shutil.copytree(path, snapshot, dirs_exist_ok=True)
+            model.save_pretrained(snapshot, safe_serialization=True)
+            print(f"SFT step {step}: loss {loss:.4f}, saved {snapshot}", flush=True)
         if loss < stop_loss:
             break
     model.save_pretrained(path, safe_serialization=True)

@@ -31,7 +31,13 @@ from mlxlab.objectives.environments import Environment, Step, ToolEnvironment
 from mlxlab.objectives.grpo import GRPO
 from mlxlab.objectives.grpo_loss import policy_loss
 from mlxlab.objectives.lookup_tools import code_of, lookup_code
-from mlxlab.objectives.tool_format import ParsedTurn, parse_llama3, parse_tagged, template_format
+from mlxlab.objectives.tool_format import (
+    ParsedTurn,
+    ToolFormat,
+    parse_llama3,
+    parse_tagged,
+    template_format,
+)
 from mlxlab.objectives.tools import ToolAnswer, Toolbox, ToolCall, build_tools
 from mlxlab.runtime import distributed
 
@@ -522,9 +528,10 @@ def agent_args(caller: dict, *extra: str) -> list[str]:
         "objective.num_iterations=2",
         "objective.max_completion_length=128",
         "objective.temperature=0.5",
-        "objective.log_completions=2",
+        "objective.log_completions=8",  # every validation prompt's trajectory, not the first 2
         "objective.rewards=[{_target_: mlxlab.objectives.rewards.exact_answer},"
-        "{_target_: test_grpo.char_variety, name: variety, weight: 0.5}]",
+        "{_target_: test_grpo.char_variety, name: variety, weight: 0.5},"
+        "{_target_: mlxlab.objectives.rewards.tool_call_parsed, weight: 0.0}]",
         "trainer.batch_size=2",
         "trainer.max_steps=4",
         "trainer.eval_every_steps=4",
@@ -546,9 +553,36 @@ def test_experiment_agent_tools_trains_and_logs_the_tool_calls(caller, make_cfg)
     for key in ("tools/failure_frequency", "tools/failures/timeout", "turns/mean", "reward"):
         assert len(history(f"train/{key}")) == 2, key
     assert history("val/tools/call_frequency")[0] > 0
+    parsed = history("train/rewards/tool_call_parsed/mean")  # weight 0: logged, not rewarded
+    assert len(parsed) == 2 and max(parsed) > 0, parsed
     local = client.download_artifacts(run.info.run_id, "grpo_samples/step_00000004.jsonl")
     rows = [json.loads(line) for line in Path(local).read_text().splitlines()]
-    assert any("<tool_response>" in r["completion"] for r in rows), rows
+    assert len(rows) == 8 and any("<tool_response>" in r["completion"] for r in rows), rows
+    assert {r["tool_call_parsed"] for r in rows} <= {0.0, 1.0}
+
+
+def test_tool_call_parsed_rewards_a_call_the_format_read():
+    """The format reward: 1 for a trajectory with a model turn whose call parsed, 0 for one
+    whose call did not (SmolLM2's `}}}`: an error answer, no call) or that made none; a run
+    without tools (no trajectories column) is told, in one line, that it needs them."""
+    from mlxlab.objectives.rewards import tool_call_parsed
+
+    fmt = ToolFormat("tagged")
+    turns = ['<tool_call>{"name": "lookup_code", "arguments": {"name": "kalomi"}}</tool_call>',
+             '<tool_call>{"name": "lookup_code", "arguments": {"name": "kalomi"}}}</tool_call>',
+             "123"]
+    trajectories = []
+    for text in turns:
+        parsed = fmt.parse(text)
+        message = {"role": "assistant", "content": text}
+        if parsed.calls:
+            message["tool_calls"] = [{"type": "function", "function": {
+                "name": c.name, "arguments": c.arguments}} for c in parsed.calls]
+        trajectories.append([{"role": "user", "content": "q"}, message])
+    assert tool_call_parsed(["q"] * 3, ["", "", "123"], trajectories=trajectories) == [1.0, 0.0,
+                                                                                      0.0]
+    with pytest.raises(ConfigError, match="tool_call_parsed .* needs a run with tools"):
+        tool_call_parsed(["q"], ["123"], answer=["123"])
 
 
 @pytest.mark.slow  # three runs in subprocesses (~1 min on 2 loaded cores)

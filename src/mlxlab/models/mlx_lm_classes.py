@@ -1,8 +1,10 @@
 """mlx-lm's model classes for a config.json: the one lookup the decoder and the GGUF converter
-share (which architectures the installed mlx-lm has)."""
+share (which architectures the installed mlx-lm has), and the keys of a transformers 5
+config.json that most of mlx-lm's argument classes do not read."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,3 +32,25 @@ def model_classes(config: Mapping, source: str | Path) -> tuple[type, type]:
             f"{source}: model_type={config.get('model_type')!r} is not an architecture mlx-lm "
             f"{mlx_lm_version()} loads; give a folder of a type it supports (or a newer mlx-lm)"
         ) from None
+
+
+def rope_keys(config: Mapping, args_class: type) -> dict:
+    """The hub's rope keys for a config.json that transformers 5's `save_pretrained` wrote
+    (`rope_parameters: {rope_theta, rope_type, ...}`, no top-level `rope_theta`), for an
+    mlx-lm argument class that reads only the hub's (llama's, qwen2's: `rope_theta`, default
+    10000, and `rope_scaling`): without them such a folder (a model fine-tuned in transformers
+    5) would load with the wrong rotary base, silently. Empty where the config has the hub's
+    keys, the class reads `rope_parameters` itself, or the parameters are per layer type."""
+    params = config.get("rope_parameters")
+    fields = {f.name for f in dataclasses.fields(args_class)} if dataclasses.is_dataclass(
+        args_class) else set()
+    if (not isinstance(params, Mapping) or "rope_theta" in config or "rope_parameters" in fields
+            or "rope_theta" not in params):
+        return {}
+    out = {"rope_theta": params["rope_theta"]}
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+        out["rope_scaling"] = scaling
+    if "partial_rotary_factor" in scaling and "partial_rotary_factor" not in config:
+        out["partial_rotary_factor"] = scaling["partial_rotary_factor"]
+    return out

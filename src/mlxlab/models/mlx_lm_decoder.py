@@ -31,7 +31,7 @@ from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.base import Model
 from mlxlab.models.hf import check_vocab, read_config
 from mlxlab.models.lora import check_lora, check_reach, maybe_apply_lora, targeted_linears
-from mlxlab.models.mlx_lm_classes import mlx_lm_version, model_classes
+from mlxlab.models.mlx_lm_classes import mlx_lm_version, model_classes, rope_keys
 from mlxlab.models.mlx_lm_fused import use_fused_kernels
 from mlxlab.models.packing import attention_segments, check_packable
 from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
@@ -74,12 +74,14 @@ def model_source(source: str | Path, revision: str | None = None) -> tuple[Path,
 
 def load_folder(path: str | Path) -> tuple[nn.Module, dict]:
     """mlx-lm's model and config from a local folder, through mlx-lm's own loading (its weight
-    names, sanitize and quantized layers); never a hub download."""
+    names, sanitize and quantized layers), with the hub's rope keys where transformers 5 wrote
+    only `rope_parameters` (rope_keys); never a hub download."""
     from mlx_lm.utils import load_model
 
-    path, _ = model_source(path)
+    path, config = model_source(path)
     try:
-        return load_model(path, strict=True)
+        return load_model(path, strict=True,
+                          model_config=rope_keys(config, model_classes(config, path)[1]))
     except FileNotFoundError:
         raise MissingFileError(f"no {WEIGHTS} weights in {path}; a Hugging Face or "
                                "mlx-lm model folder has them") from None

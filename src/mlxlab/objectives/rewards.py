@@ -17,7 +17,9 @@ left out of that reward's mean; a completion no reward judges has advantage 0).
 The built-ins cover verifiable tasks: `exact_answer` (the completion, stripped, equals the
 row's answer), `numeric_answer` (the last number in the completion equals the answer's),
 `regex_format` (the completion matches a pattern), `length` (a reward that falls off past a
-target length, for keeping answers short).
+target length, for keeping answers short); for runs with tools, `tool_call_parsed` (the
+trajectory made a tool call its format could read: a format reward for a model still learning
+to write calls, beside the answer's reward).
 """
 
 from __future__ import annotations
@@ -116,6 +118,18 @@ def length(target: int, unit: str = "chars") -> RewardFn:
         return [float(min(1.0, max(0.0, 2.0 - n / target))) for n in sizes]
 
     return length
+
+
+def tool_call_parsed(prompts: Sequence, completions: Sequence[str],
+                     trajectories: Sequence | None = None, **_: Any) -> list[float]:
+    """1 where the trajectory has a model turn whose tool call parsed (an assistant message
+    with `tool_calls`: the call's JSON read, whatever the tool then answered), else 0. It reads
+    the `trajectories` column, which only a run with tools has."""
+    if trajectories is None:
+        raise ConfigError("the reward tool_call_parsed judges tool calls: it needs a run with "
+                          "tools (objective.tools or objective.environment)")
+    return [float(any(m.get("role") == "assistant" and m.get("tool_calls") for m in messages))
+            for messages in trajectories]
 
 
 def build_rewards(specs: Sequence[Mapping] | None) -> list[Reward]:
