@@ -139,7 +139,8 @@ def table(runs: Path, data: Path, tokenizer: Path, skip: int, steps: int = 64) -
             steps_ = [s for r in by_tool[tool] for s in r]
             chats = sum(s[0] for s in steps_) / sum(s[2] for s in steps_)
             ratio = f"{rate[tool] / rate['mlx-lm']:.2f}x" if "mlx-lm" in rate else "-"
-            lines.append(f"| {size} | {mode} | {tool} | {rate[tool]:.0f} | {ratio} | {chats:.1f} "
+            shown = f"{rate[tool]:.0f}" if rate[tool] >= 100 else f"{rate[tool]:.2f}"
+            lines.append(f"| {size} | {mode} | {tool} | {shown} | {ratio} | {chats:.2f} "
                          f"| {1000 * statistics.median(s[2] for s in steps_):.1f} |")
     return "\n".join(lines)
 
