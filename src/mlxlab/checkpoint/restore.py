@@ -30,6 +30,7 @@ from mlxlab.checkpoint.layout import (
     CheckpointWarning,
 )
 from mlxlab.checkpoint.state import read_payload
+from mlxlab.runtime.io_threads import load_arrays
 
 
 @dataclass
@@ -154,7 +155,7 @@ def _signature(slots: dict[str, mx.array]) -> tuple:
 
 def _load_safetensors(path: Path) -> dict[str, mx.array]:
     try:
-        return mx.load(str(path))
+        return load_arrays(path)
     except Exception as e:
         raise CheckpointError(
             f"cannot read {path} ({e}): the file is corrupt or not a "

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.lora import lora_base_name_map
+from mlxlab.runtime.io_threads import load_arrays
 
 # (HF name without the "bert." prefix, ours); the first matching rule wins.
 _RULES = [
@@ -155,7 +156,7 @@ def bert_config_from_hf(path: str | Path) -> dict:
 def _read_weights(path: Path) -> dict[str, mx.array]:
     weights = {}
     for f in weight_files(path):
-        weights.update(mx.load(str(f)))
+        weights.update(load_arrays(f))
     return weights
 
 

@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.quantized_cpu import CpuQuantizedLinear
+from mlxlab.runtime.io_threads import load_arrays
 
 LORA_KEYS = {"rank", "alpha", "dropout", "targets", "extra_trainable", "kind"}
 # Fewer distinct layer names than this reached, or a smaller share of the model's parameters
@@ -348,7 +349,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"adapter file {path} does not exist; save it with save_adapters")
-    weights = mx.load(str(path))
+    weights = load_arrays(path)
     expected = adapter_parameters(model)
     _check_subset(weights, dict(tree_flatten(model.parameters())), what="adapter")
     if missing := sorted(expected.keys() - weights.keys()):
@@ -373,7 +374,7 @@ def load_base_weights(model: nn.Module, weights: str | Path | Mapping[str, mx.ar
     """Load plain (un-wrapped) weights into a model that may have LoRA layers: every base
     parameter must be present; adapters keep their init (B = 0, so outputs match the base)."""
     if isinstance(weights, (str, Path)):
-        weights = mx.load(str(weights))
+        weights = load_arrays(weights)
     mapping = lora_base_name_map(model)
     renamed = {mapping.get(k, k): v for k, v in weights.items()}
     params = dict(tree_flatten(model.parameters()))

@@ -1,40 +1,46 @@
-"""MLX's file-reading thread pools, started while the process still has room for threads.
+"""MLX's file-reading threads under an address-space limit (RLIMIT_AS, `ulimit -v`).
 
-MLX (0.32) reads arrays from files with two pools of 4 threads each, both made on first use:
-`io::thread_pool()` (every lazily loaded array: `mx.load`, a checkpoint restored, the best
-weights loaded back after training, a save that evaluates them) and
-`ParallelFileReader::thread_pool()` (a single tensor of 32 MiB or more, read in 32 MiB pieces).
-A thread's stack is mapped when it starts, so under an address-space limit (RLIMIT_AS, `ulimit
--v`) a pool made late, after training filled the address space, cannot start its threads, and MLX
-does not survive that (measured with MLX 0.32.4, benchmarks/faults/mlx_io_pool_deadlock.py):
-when no thread starts, mx.load raises "Resource temporarily unavailable" (and a checkpoint write
-that evaluates loaded arrays fails with it); when some start, the pool's constructor throws with
-joinable threads (std::terminate) or the caller waits for ever on a task no thread will run.
+MLX (0.32.4) reads arrays from files on threads: `io::thread_pool()`, 4 threads made on the
+first lazily loaded array of a process (`mx.load`, a checkpoint restored, the best weights loaded
+back after training, a save that evaluates them) and kept; and, for a file read by path with a
+tensor of 32 MiB or more, 4 more threads started for that read (ParallelFileReader's pool) and
+ended after it. A thread's stack is mapped when it starts, so under an address-space limit,
+after training filled the address space, a thread that must start then cannot, and MLX does not
+survive that (measured with MLX 0.32.4, benchmarks/faults/mlx_io_pool_deadlock.py): when no
+thread starts, mx.load raises "Resource temporarily unavailable"; when some start, the pool's
+constructor throws with joinable threads (std::terminate) or the caller waits for ever on a task
+no thread will run.
 
-`start_io_threads()` makes both pools at process start (train.py, through
-training/startup.py's prepare_device): a tiny file, and a sparse one holding one 32 MiB tensor
-(no disk written, no page of it read from a disk), are loaded once. Their threads then exist for
-the life of the process, and the memory they reserve is part of the address space the
-micro-batch budget sees (runtime/memory_limits.py).
+So the process starts the kept pool at once (`start_io_threads`, from training/startup.py's
+prepare_device: a tiny file loaded), and mlxlab's own loads go through `load_arrays`, which under
+an address-space limit hands MLX a plain Python stream: MLX then reads on the kept pool, one read
+at a time, and starts no thread. Without a limit, threads cost no room and `load_arrays` is
+`mx.load`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import struct
 import tempfile
+import threading
+import weakref
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mlxlab.runtime.memory_limits import address_space_limit
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 log = logging.getLogger(__name__)
 
-LARGE_READ = 1 << 25  # ParallelFileReader's piece: a tensor this large or larger uses its pool
+RELEASE_WAIT_S = 10.0
 
 _started = False
 
 
 def start_io_threads() -> bool:
-    """Start MLX's two file-reading pools now (once per process); True when they run."""
+    """Start MLX's kept file-reading pool now (once per process); True when it runs."""
     global _started
     if _started:
         return True
@@ -44,9 +50,7 @@ def start_io_threads() -> bool:
         with tempfile.TemporaryDirectory(prefix="mlxlab-io-") as tmp:
             small = Path(tmp) / "small.safetensors"
             mx.save_safetensors(str(small), {"x": mx.zeros((1,), dtype=mx.uint8)})
-            large = Path(tmp) / "large.safetensors"
-            _sparse_safetensors(large, LARGE_READ)
-            mx.eval(mx.load(str(small))["x"], mx.load(str(large))["x"])
+            mx.eval(mx.load(str(small))["x"])
     except (OSError, RuntimeError) as e:  # no room even now: later loads say it themselves
         log.warning("MLX's file-reading threads could not start (%s): loading arrays may fail "
                     "under this process's memory limit", e)
@@ -55,11 +59,42 @@ def start_io_threads() -> bool:
     return True
 
 
-def _sparse_safetensors(path: Path, nbytes: int) -> None:
-    """A safetensors file of one uint8 tensor of `nbytes` zeros, written as a hole."""
-    header = json.dumps({"x": {"dtype": "U8", "shape": [nbytes],
-                               "data_offsets": [0, nbytes]}}).encode()
-    header += b" " * (-len(header) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)) + header)
-        f.truncate(8 + len(header) + nbytes)
+def load_arrays(path: str | Path) -> dict[str, mx.array]:
+    """The arrays of a safetensors file: `mx.load` (lazy, read on parallel threads), or, under an
+    address-space limit, read now through a file object on the kept pool (no thread started)."""
+    import mlx.core as mx
+
+    if address_space_limit() is None:
+        return mx.load(str(path))
+    with open(path, "rb") as f:
+        reader = _PlainReader(f)
+        released = threading.Event()
+        weakref.finalize(reader, released.set)
+        arrays = mx.load(reader, format="safetensors")  # read before it returns
+        del reader
+        # MLX's worker lets go of the stream after the read, taking the GIL to do it: wait for
+        # that here, as a process that ends meanwhile aborts in that worker
+        released.wait(timeout=RELEASE_WAIT_S)
+    return arrays
+
+
+class _PlainReader:
+    """A file as MLX's Python-stream reader sees it. MLX reads a real file object (one with a
+    name and a descriptor) as it reads a path, on a pool started for the read; this wrapper has
+    only what a stream needs, so the reads run on the kept pool, one after another."""
+
+    def __init__(self, file) -> None:
+        self._file = file
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def readinto(self, buffer) -> int:
+        return self._file.readinto(buffer)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
