@@ -5,8 +5,8 @@ model, cores and vector extension, the BLAS MLX uses, whether the fused CPU kern
 whether freed memory stays in the heap) and, on a GPU, that the CPU-only parts are off. On a GPU
 whose kernel cache is empty, a second line says that MLX is about to compile its CUDA kernels
 (minutes, once) and where they are kept; the cache is pointed at the project's cache folder
-first (runtime/device.py `use_kernel_cache`). MLX's file-reading threads start here too, before
-memory is tight (runtime/io_threads.py).
+first (runtime/device.py `use_kernel_cache`). MLX's kept file-reading pool starts here too,
+before memory is tight (runtime/io_threads.py).
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def prepare_device(cache_dir: str | Path, fused_mode: str = "auto") -> device.De
     beside the tokenizer cache) unless MLX_PTX_CACHE_DIR is set, then the device line and, on a
     GPU with an empty kernel cache, the compile notice. Returns what it described."""
     cache = device.use_kernel_cache(Path(cache_dir))
-    # MLX's file-reading threads, while the process has room for them: made late, under an
-    # address-space limit, they cannot start and MLX hangs in mx.load (runtime/io_threads.py)
+    # MLX's kept file-reading pool, while the process has room for its threads: made late, under
+    # an address-space limit, they cannot start and MLX hangs in mx.load; mlxlab's own loads then
+    # read on this pool and start none (runtime/io_threads.py load_arrays)
     start_io_threads()
     described = device.describe()
     parts = cpu_parts(fused_mode) if described.backend == "cpu" else []
