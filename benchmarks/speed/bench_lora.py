@@ -1,7 +1,8 @@
 """LoRA fine-tuning speed and memory, mlxlab beside mlx_lm.lora, on long rows and on chats (issue 49).
 
     python benchmarks/speed/bench_lora.py [--rows long,chat] [--tools mlxlab,mlx-lm,mlx-lm-openblas]
-                                    [--steps 12] [--rounds 2] [--work DIR]
+                                    [--steps 12] [--rounds 2] [--work DIR] [--seq 512]
+                                    [--grad-checkpoint]
 
 One random Llama (`scripts/tiny_hf_model.py`'s no-torch writer: hidden 512, 8 layers, 4 query /
 2 key-value heads, ~22.6M parameters, a ChatML template; weights N(0, --init-std): 0.2, the
@@ -22,7 +23,10 @@ same OpenBLAS mlxlab uses (and nothing else of mlxlab). tokens/s: trained tokens
 count: mlxlab's loss_mask, mlx-lm's length mask) over the time of the steps after the first
 `--skip` (compiling) ones, mlxlab's time being its whole loop (data, callbacks, logging) and
 mlx-lm's its step alone; peak: MLX's peak memory (mx.get_peak_memory), which both tools report.
-Rounds alternate the order of the tools; the table gives the median over rounds.
+Rounds alternate the order of the tools; the table gives the median over rounds. `--seq` sets the
+positions a row (long rows are written longer to match); `--grad-checkpoint` runs both tools
+recomputing each decoder block in the backward (mlxlab `trainer.grad_checkpoint=true`, mlx-lm
+`--grad-checkpoint`); `--model` fine-tunes a Hugging Face folder instead of the random Llama.
 """
 
 from __future__ import annotations
@@ -85,8 +89,9 @@ def sentences() -> list[str]:
     return [s.strip() + "." for s in text.replace("\n", " ").split(".") if len(s.split()) > 3]
 
 
-def write_data(root: Path, n_train: int = 160, n_val: int = 8) -> dict[str, Path]:
-    """long/ and chat/ folders of train.jsonl + valid.jsonl (mlx-lm's names, read by both)."""
+def write_data(root: Path, n_train: int = 160, n_val: int = 8, seq: int = SEQ) -> dict[str, Path]:
+    """long/ and chat/ folders of train.jsonl + valid.jsonl (mlx-lm's names, read by both); long
+    rows of more than `seq` tokens."""
     sents, out = sentences(), {}
     cursor = 0
 
@@ -107,7 +112,7 @@ def write_data(root: Path, n_train: int = 160, n_val: int = 8) -> dict[str, Path
             with open(folder / f"{name}.jsonl", "w") as f:
                 for _ in range(n):
                     if kind == "long":
-                        row = {"text": take(520)}
+                        row = {"text": take(max(520, seq + 8))}
                     else:  # ~90 prompt + ~100 reply words: under 512 tokens in the template
                         # (~2 tokens a word with the 512-token BPE): nothing is cut
                         row = {
@@ -122,17 +127,18 @@ def write_data(root: Path, n_train: int = 160, n_val: int = 8) -> dict[str, Path
     return out
 
 
-def prepare(work: Path, std: float = 0.2) -> tuple[Path, dict[str, Path]]:
+def prepare(work: Path, std: float = 0.2, seq: int = SEQ) -> tuple[Path, dict[str, Path]]:
     """The model folder (weights N(0, std)) and the data sets, written once under `work`."""
     from tiny_hf_model import save_tiny_llama_without_torch
 
     model = work / ("llama" if std == 0.2 else f"llama-std{std:g}")
     if not (model / "config.json").exists():
         save_tiny_llama_without_torch(model, intermediate=None, std=std, **MODEL)
-    return model, write_data(work / "data")
+    return model, write_data(work / ("data" if seq <= 512 else f"data-{seq}"), seq=seq)
 
 
-def run_mlxlab(model: Path, data: Path, kind: str, steps: int, out: Path) -> list[dict]:
+def run_mlxlab(model: Path, data: Path, kind: str, steps: int, out: Path, seq: int | None = None,
+               grad_checkpoint: bool = False) -> list[dict]:
     shutil.rmtree(out, ignore_errors=True)  # its metrics.csv appends
     exp = "finetune_chat" if kind == "chat" else "finetune_completions"
     cmd = [
@@ -143,7 +149,8 @@ def run_mlxlab(model: Path, data: Path, kind: str, steps: int, out: Path) -> lis
         f"model.pretrained={model}",
         f"data.train_file={data / 'train.jsonl'}",
         f"data.val_file={data / 'valid.jsonl'}",
-        f"data.max_length={SEQ}",
+        f"data.max_length={seq or SEQ}",
+        f"trainer.grad_checkpoint={str(grad_checkpoint).lower()}",
         f"model.lora.rank={RANK}",
         f"model.lora.alpha={ALPHA}",
         "model.lora.targets=[query,key,value,out]",
@@ -187,7 +194,7 @@ def csv_metrics(out: Path) -> dict[int, dict[str, float]]:
 
 def run_mlx_lm(
     model: Path, data: Path, kind: str, steps: int, out: Path, openblas: bool,
-    fast_quantized: bool = False,
+    fast_quantized: bool = False, seq: int | None = None, grad_checkpoint: bool = False,
 ) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     args = {
@@ -197,7 +204,8 @@ def run_mlx_lm(
         "iters": steps,
         "batch_size": BATCH,
         "num_layers": -1,
-        "max_seq_length": SEQ + 1,
+        "max_seq_length": (seq or SEQ) + 1,
+        "grad_checkpoint": grad_checkpoint,
         "learning_rate": LR,
         "steps_per_report": 1,
         "steps_per_eval": 10 * steps,
@@ -272,6 +280,11 @@ def main() -> None:
         help="the random weights' std: 0.2 (peaked attention, denormals in the backward) or "
         "0.02 (a trained model's scale)",
     )
+    p.add_argument("--seq", type=int, default=SEQ, help="positions a row")
+    p.add_argument("--model", default=None,
+                   help="a Hugging Face folder (float weights) to fine-tune instead of the random Llama")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="both tools recompute each decoder block in the backward")
     add_smoke(p)
     args = p.parse_args()
     if args.smoke:  # long rows, 2 steps, one round; mlx-lm on mlxlab's OpenBLAS (the stock BLAS
@@ -279,7 +292,8 @@ def main() -> None:
         args.rows, args.steps, args.skip, args.rounds = "long", 2, 0, 1
         args.tools = "mlxlab,mlx-lm-openblas"
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_lora_"))
-    model, data = prepare(work, args.init_std)
+    model, data = prepare(work, args.init_std, args.seq)
+    model = Path(args.model) if args.model else model
     tools = args.tools.split(",")
     results: dict[tuple[str, str], list[dict]] = {}
     for rnd in range(args.rounds):
@@ -287,17 +301,21 @@ def main() -> None:
             for tool in tools if rnd % 2 == 0 else tools[::-1]:
                 out = work / "runs" / f"{kind}-{tool}-{rnd}"
                 if tool == "mlxlab":
-                    steps = run_mlxlab(model, data[kind], kind, args.steps, out)
+                    steps = run_mlxlab(model, data[kind], kind, args.steps, out, args.seq,
+                                       args.grad_checkpoint)
                 else:
                     steps = run_mlx_lm(
-                        model, data[kind], kind, args.steps, out, openblas=tool.endswith("openblas")
+                        model, data[kind], kind, args.steps, out, openblas=tool.endswith("openblas"),
+                        seq=args.seq, grad_checkpoint=args.grad_checkpoint,
                     )
                 s = summarize(steps, args.skip)
                 results.setdefault((kind, tool), []).append(s)
                 print(json.dumps({"round": rnd, "rows": kind, "tool": tool, **s}), flush=True)
     print(
-        f"\n{cpu_model()}, {os.cpu_count()} cores; weights N(0, {args.init_std:g}); {args.steps} "
-        f"steps, the first {args.skip} left out; median of {args.rounds} rounds\n"
+        f"\n{cpu_model()}, {os.cpu_count()} cores; "
+        f"{args.model or f'random Llama, weights N(0, {args.init_std:g})'}; {args.seq} "
+        f"positions a row; gradient checkpointing {'on' if args.grad_checkpoint else 'off'}; "
+        f"{args.steps} steps, the first {args.skip} left out; median of {args.rounds} rounds\n"
     )
     print("| rows | tool | tokens/s | peak MB | mlxlab's tokens/s ratio | mlxlab's peak ratio |")
     print("|---|---|---|---|---|---|")
