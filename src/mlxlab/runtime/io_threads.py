@@ -70,12 +70,13 @@ def load_arrays(path: str | Path) -> dict[str, mx.array]:
         reader = _PlainReader(f)
         released = threading.Event()
         weakref.finalize(reader, released.set)
-        arrays = mx.load(reader, format="safetensors")  # read before it returns
-        del reader
-        # MLX's worker lets go of the stream after the read, taking the GIL to do it: wait for
-        # that here, as a process that ends meanwhile aborts in that worker
-        released.wait(timeout=RELEASE_WAIT_S)
-    return arrays
+        try:
+            return mx.load(reader, format="safetensors")  # read before it returns
+        finally:
+            # MLX's worker lets go of the stream after the read (or a failed one), taking the
+            # GIL to do it: wait for that here, as a process that ends meanwhile aborts there
+            del reader
+            released.wait(timeout=RELEASE_WAIT_S)
 
 
 class _PlainReader:
