@@ -54,6 +54,23 @@ def _check_packing(cfg: DictConfig) -> None:
     check(OmegaConf.to_container(cfg.model, resolve=True))
 
 
+def _check_compile(cfg: DictConfig) -> None:
+    """trainer.compile=true with a model whose forward mx.compile cannot trace (its class's
+    `compiles`, models/base.py): one line, before anything is built."""
+    from hydra.utils import get_class
+
+    if OmegaConf.select(cfg, "trainer.compile", default=False) is not True:
+        return
+    try:
+        model = get_class(cfg.model._target_)
+    except Exception:  # an unknown target fails at instantiation
+        return
+    if getattr(model, "compiles", True) is False:
+        raise ConfigError(f"trainer.compile=true: {model.__name__}'s forward pass reads array "
+                          "values on the host, which mx.compile cannot trace; set "
+                          "trainer.compile=false (experiment=finetune_vision does)")
+
+
 # What each data kind is, in words (a data module's `task`; "prompts": prompts_only data)
 DATA_KINDS = {"classification": "labelled rows for classification", "lm": "text or chats to "
               "learn (language-model data)", "preference": "preference pairs",

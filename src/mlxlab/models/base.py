@@ -22,6 +22,9 @@ class Model(nn.Module):
 
     # The longest sequence the model takes (export's tokenizer_config model_max_length).
     max_seq_len: int = 512
+    # Whether its forward pass can be traced by mx.compile (trainer.compile=true); config/fit.py
+    # refuses a compiled run of a model that cannot.
+    compiles: bool = True
 
     def __init__(self) -> None:
         super().__init__()

@@ -50,11 +50,20 @@ def token_cross_entropy(logits: mx.array, targets: mx.array, label_smoothing: fl
     return ce
 
 
+# batch keys a vision-language model reads beside the ids (data/vision_chat.py): the processor's
+# pixel arrays and image grids, handed to the model by name
+IMAGE_INPUTS = ("pixel_", "image_")
+
+
 def forward(model: nn.Module, batch: Batch) -> mx.array:
     """Logits of any mlxlab model; LM batches have no attention_mask (right-padded, causal); a
-    packed batch's `segment_ids` keep its rows apart (models/packing.py)."""
+    packed batch's `segment_ids` keep its rows apart (models/packing.py); an image chat's
+    pixel arrays go to the model by name."""
     if "segment_ids" in batch:
         return model(batch["input_ids"], segment_ids=batch["segment_ids"])
+    images = {k: v for k, v in batch.items() if k.startswith(IMAGE_INPUTS)}
+    if images:
+        return model(batch["input_ids"], **images)
     return model(batch["input_ids"], batch.get("attention_mask"))
 
 

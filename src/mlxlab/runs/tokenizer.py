@@ -48,6 +48,8 @@ def reuse_tokenizer(cfg: DictConfig, run: str | Path | None, why: str) -> None:
 TOKENIZER_SIDE_FILES = (
     "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
     "chat_template.jinja", "chat_template.json",
+    # a vision-language model's image processor (data/vision_chat.py)
+    "preprocessor_config.json", "processor_config.json",
 )
 
 
@@ -102,3 +104,13 @@ def choose_tokenizer(cfg: DictConfig, resume: Path | None) -> None:
     reuse_tokenizer(cfg, resume, "resume")
     reuse_tokenizer(cfg, first_teacher(cfg), "distillation")
     use_pretrained_tokenizer(cfg)
+    use_pretrained_processor(cfg)
+
+
+def use_pretrained_processor(cfg: DictConfig) -> None:
+    """Point image data (data.processor) at model.pretrained's folder, whose processor makes
+    the rows' ids and pixel arrays (unless a processor is given)."""
+    source = cfg.model.get("pretrained")
+    if not source or "processor" not in cfg.data or cfg.data.get("processor"):
+        return
+    cfg.data.processor = str(model_folder(source, cfg.model.get("revision")))

@@ -1,0 +1,374 @@
+"""A pretrained vision-language model through mlx-vlm's model code: any folder (or hub id,
+or 4-bit mlx-community folder) whose config.json `model_type` the installed mlx-vlm loads
+(SmolVLM / Idefics3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, PaliGemma, LLaVA, Mistral 3, ...).
+
+`VisionLanguageModel` is the thin adapter between mlx-vlm's model and mlxlab, as
+`MLXLMDecoder` is for mlx-lm: `model(input_ids, pixel_values=..., ...) -> logits`, where the
+image inputs are the batch's `pixel_*` / `image_*` arrays exactly as the model's processor
+made them (data/vision_chat.py); mlx-vlm's forward places the image features at the image
+placeholder tokens. The mlx-vlm model sits under `vlm`, so parameter names are mlx-vlm's (the
+hub's, for most families) behind a `vlm.` prefix.
+
+What trains (`model.lora`): adapters on the language model's `targets` (mlxlab's projection
+names, as for text decoders), and with `model.lora.modules` also the projector (trained in
+full: a few million parameters, the LLaVA recipe) and adapters on the vision tower's attention.
+`model.quantize=4|8` quantizes the language model at load (QLoRA); a quantized folder stays
+quantized. Rank 0 trains every parameter of a float model.
+
+mlx-vlm's image merge indexes on the host (numpy), which `mx.compile` cannot trace: a vision
+model's step runs uncompiled (`compiles = False`; config/fit.py refuses trainer.compile=true).
+mlx-vlm is an optional extra (`pip install 'mlxlab[vision]'`), imported when a model is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.base import Model
+from mlxlab.models.hf import read_config
+from mlxlab.models.lora import apply_lora, check_lora, check_reach, targeted_linears
+from mlxlab.models.mlx_lm_decoder import check_quantize, lora_targets
+from mlxlab.models.sources import model_folder
+
+log = logging.getLogger(__name__)
+
+INSTALL = "pip install 'mlxlab[vision]'"
+# model.lora.modules: the parts of a vision-language model that train, each the attribute names
+# mlx-vlm's families give it (the first one a model has is the part)
+PARTS = {
+    "language_model": ("language_model",),
+    "projector": ("multi_modal_projector", "connector", "mm_projector", "aligner"),
+    "vision_tower": ("vision_tower", "vision_model", "vision_encoder"),
+}
+DEFAULT_PARTS = ("language_model",)
+# the vision towers' attention projections (SigLIP / CLIP: q/k/v/out_proj; Qwen's: qkv, proj)
+VISION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "qkv", "proj")
+GROUP_SIZE = 64
+
+
+def mlx_vlm():
+    """mlx-vlm's utils module, or one line saying how to install it."""
+    try:
+        return importlib.import_module("mlx_vlm.utils")
+    except ImportError:
+        raise ConfigError(f"vision-language models need mlx-vlm: {INSTALL}") from None
+
+
+def is_vision_config(config: Mapping) -> bool:
+    """Whether a config.json describes a vision-language model (its vision settings)."""
+    return "vision_config" in config or "vision_tower" in config
+
+
+def family_module(config: Mapping, where: str | Path) -> Any:
+    """mlx-vlm's module for this config's `model_type`, or one line naming the type and the
+    families this mlx-vlm has."""
+    utils = mlx_vlm()
+    model_type = utils.get_model_type(dict(config))
+    if model_type is None:
+        raise ConfigError(f"{where}/config.json has no model_type: it is no Hugging Face model "
+                          "folder")
+    try:
+        return importlib.import_module(f"mlx_vlm.models.{model_type}")
+    except ImportError:
+        import mlx_vlm.models as models
+
+        have = sorted(p.name for p in Path(models.__file__).parent.iterdir()
+                      if p.is_dir() and (p / "config.py").exists())
+        raise ConfigError(f"{where}: model_type {model_type!r} is not a vision-language family "
+                          f"mlx-vlm {version()} loads (it has {len(have)}: "
+                          f"{', '.join(have[:12])}, ...); use one of them") from None
+
+
+def version() -> str:
+    import mlx_vlm
+
+    return getattr(mlx_vlm, "__version__", "?")
+
+
+def model_source(source: str | Path, revision: str | None = None) -> tuple[Path, dict]:
+    """The local folder `model.pretrained` names and its config.json, checked before anything
+    is built: a vision-language family mlx-vlm loads, with weights."""
+    path = model_folder(source, revision)
+    config = read_config(path)
+    if not is_vision_config(config):
+        raise ConfigError(f"{source} is a text model ({config.get('model_type')}, no "
+                          "vision_config): use model=hf_decoder for it")
+    family_module(config, path)
+    if not any(path.glob("*.safetensors")):
+        raise MissingFileError(f"no *.safetensors weights in {path}; a Hugging Face or "
+                               "mlx-vlm model folder has them")
+    return path, config
+
+
+def build(config: Mapping) -> nn.Module:
+    """mlx-vlm's model of `config` with its weights uncomputed (for checks, and for a
+    checkpoint's rebuild), the way mlx-vlm's load_model builds it."""
+    utils = mlx_vlm()
+    config = {**config}
+    config.setdefault("text_config", config.pop("llm_config", {}))
+    config.setdefault("vision_config", {})
+    config.setdefault("audio_config", {})
+    family = family_module(config, "the checkpoint's config")
+    model_config = family.ModelConfig.from_dict(dict(config))
+    model_config = utils.update_module_configs(model_config, family, config,
+                                               ["text", "vision", "perceiver", "projector",
+                                                "audio"])
+    return family.Model(model_config)
+
+
+def part(vlm: nn.Module, name: str) -> tuple[str, nn.Module] | None:
+    """(attribute, module) of a part (PARTS) of mlx-vlm's model, or None where it has none."""
+    for attribute in PARTS[name]:
+        module = vlm
+        for piece in attribute.split("."):
+            module = module.get(piece) if isinstance(module, dict | nn.Module) else None
+        if isinstance(module, nn.Module):
+            return attribute, module
+    return None
+
+
+def check_modules(modules: Any) -> tuple[str, ...]:
+    if modules is None:
+        return DEFAULT_PARTS
+    if isinstance(modules, str) or not all(m in PARTS for m in modules):
+        raise ConfigError(f"model.lora.modules={modules!r}: a list of {list(PARTS)} (the "
+                          "parts that train; default [language_model])")
+    return tuple(modules)
+
+
+class VisionLanguageModel(Model):
+    """`model(input_ids, attention_mask=None, cache=None, **image_inputs) -> (B, T, vocab)`
+    logits of an mlx-vlm model loaded from `pretrained`, or rebuilt from `hf_config` when a
+    checkpoint supplies the weights."""
+
+    compiles = False  # mlx-vlm's image merge reads array values on the host (module docstring)
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_labels: int | None = None,  # accepted for the common constructor; unused
+        pretrained: str | None = None,
+        revision: str | None = None,
+        lora: Mapping | None = None,
+        quantize: int | None = None,
+        dropout: float = 0.0,
+        hf_config: Mapping | None = None,
+        quantized_layers: Mapping | None = None,
+    ):
+        super().__init__()
+        check_quantize(quantize)
+        if dropout:
+            raise ConfigError(f"model.dropout={dropout}: mlx-vlm's models have no dropout; "
+                              "leave it at 0")
+        self._base: dict[str, Any] | None = None
+        if pretrained:
+            folder, config = model_source(pretrained, revision)
+            vlm = mlx_vlm().load_model(folder)
+            self._base = {"pretrained": str(pretrained), "revision": revision,
+                          "folder": str(folder)}
+        elif hf_config:
+            config = dict(hf_config)
+            vlm = build(config)
+            if quantized_layers:
+                nn.quantize(vlm, class_predicate=lambda p, _: dict(quantized_layers[p])
+                            if p in quantized_layers else False)
+        else:
+            raise ConfigError("model.pretrained=??? : name the vision-language model: a local "
+                              "folder or a hub id ORG/NAME")
+        self.vlm = vlm
+        self._hf_config = dict(config)
+        text = config.get("text_config") or {}
+        self.vocab_size = int(text.get("vocab_size") or config.get("vocab_size"))
+        if vocab_size and vocab_size > self.vocab_size:
+            raise ConfigError(f"the tokenizer has {vocab_size} tokens and the model's "
+                              f"embedding {self.vocab_size}: give the model's own tokenizer")
+        self.max_seq_len = int(text.get("max_position_embeddings")
+                               or config.get("max_position_embeddings") or 4096)
+        self._architecture = {
+            "model_type": config.get("model_type"), "vocab_size": self.vocab_size,
+            "num_layers": len(self.layers), "hidden_size": text.get("hidden_size",
+                                                                    config.get("hidden_size")),
+            "max_seq_len": self.max_seq_len, "vision": True}
+        self._quantized_layers = dict(quantized_layers or {})
+        if pretrained:
+            self._prepare(quantize, lora)
+
+    def _prepare(self, quantize: int | None, lora: Mapping | None) -> None:
+        """Quantization at load, then what trains (module docstring), said once in the log."""
+        from mlxlab.models import num_parameters
+
+        stored = self._quantized()
+        if quantize:
+            if stored:
+                raise ConfigError("model.quantize is set but the folder is already quantized: "
+                                  "leave model.quantize=null to train it as it is")
+            nn.quantize(self.vlm.language_model, group_size=GROUP_SIZE, bits=int(quantize),
+                        class_predicate=lambda _, m: isinstance(m, nn.Linear | nn.Embedding)
+                        and m.weight.shape[-1] % GROUP_SIZE == 0)
+        self._quantized_layers = self._quantized()
+        if lora is None:  # a model to score or generate from
+            return
+        lora = dict(lora)
+        parts = check_modules(lora.pop("modules", None))
+        check_lora(lora)
+        rank = int(lora.get("rank", 0))
+        if rank == 0:
+            if self._quantized_layers:
+                raise ConfigError("full fine-tuning (model.lora.rank=0) needs a float model "
+                                  "and this one is quantized: train adapters "
+                                  "(model.lora.rank=8) or give a float folder")
+            self.unfreeze()
+        else:
+            self.freeze()
+            self._adapt(lora, parts)
+        what = (f"{lora.get('kind', 'lora')} adapters (rank {rank}) on "
+                f"{', '.join(parts)}" if rank else "every parameter (full fine-tuning)")
+        log.info("%s vision-language model (mlx-vlm %s): trains %s; %s trainable / %s total "
+                 "parameters", self._architecture["model_type"], version(), what,
+                 f"{num_parameters(self, trainable_only=True):,}", f"{num_parameters(self):,}")
+
+    def _adapt(self, lora: Mapping, parts: tuple[str, ...]) -> None:
+        settings = {"rank": int(lora["rank"]), "alpha": float(lora.get("alpha", 16.0)),
+                    "dropout": float(lora.get("dropout", 0.0)),
+                    "kind": str(lora.get("kind", "lora"))}
+        targets = lora_targets(lora)["targets"] if lora.get("targets") else ["query", "value"]
+        for name in parts:
+            found = part(self.vlm, name)
+            if found is None:
+                raise ConfigError(f"model.lora.modules names {name}, which this "
+                                  f"{self._architecture['model_type']} model has no module "
+                                  f"for (it has {sorted(k for k, _ in self.vlm.children().items())})")
+            _, module = found
+            if name == "language_model":
+                apply_lora(module, targets=targets, **settings)
+                check_reach(module, targets)
+            elif name == "vision_tower":
+                apply_lora(module, targets=VISION_TARGETS, **settings)
+            else:  # the projector: small, trained in full
+                module.unfreeze()
+
+    def _quantized(self) -> dict[str, dict]:
+        return {name: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+                for name, m in self.vlm.named_modules() if "scales" in m}
+
+    @classmethod
+    def check_config(cls, node: Mapping[str, Any]) -> None:
+        """Everything the model node can get wrong, before anything is created: mlx-vlm
+        installed, the folder a family it loads, quantize, the lora node and that its targets
+        and modules name parts of this model (asked of the model built lazily)."""
+        if node.get("dropout"):
+            raise ConfigError(f"model.dropout={node['dropout']}: mlx-vlm's models have no "
+                              "dropout; leave it at 0")
+        check_quantize(node.get("quantize"))
+        lora = dict(node.get("lora") or {})
+        parts = check_modules(lora.pop("modules", None))
+        check_lora(lora)
+        if not node.get("pretrained"):
+            return
+        _, config = model_source(node["pretrained"], node.get("revision"))
+        if lora.get("rank"):
+            vlm = build(config)
+            for name in parts:
+                found = part(vlm, name)
+                if found is None:
+                    raise ConfigError(f"model.lora.modules names {name}, which this "
+                                      f"{config.get('model_type')} model has no module for")
+                if name == "language_model" and lora.get("targets"):
+                    targeted_linears(found[1], lora_targets(lora)["targets"])
+
+    @classmethod
+    def check_packing(cls, node: Mapping[str, Any]) -> None:
+        raise ConfigError("data.pack=true: a vision-language model's rows carry their own "
+                          "images, which mlx-vlm's forward cannot keep apart in one packed "
+                          "sequence; set data.pack=false")
+
+    @property
+    def layers(self) -> list:
+        """The language model's decoder blocks."""
+        return list(self.vlm.language_model.layers)
+
+    def blocks(self) -> list:
+        return self.layers
+
+    @property
+    def checkpoint_init(self) -> dict[str, Any]:
+        return {"hf_config": dict(self._hf_config),
+                "quantized_layers": dict(self._quantized_layers)}
+
+    @property
+    def base_source(self) -> dict[str, Any] | None:
+        return dict(self._base) if self._base else None
+
+    @property
+    def hf_config(self) -> dict[str, Any]:
+        return dict(self._hf_config)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self._quantized_layers)
+
+    def make_cache(self) -> list:
+        """mlx-vlm's per-layer caches for the language model."""
+        from mlx_vlm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.vlm.language_model)
+
+    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
+                 cache: list | None = None, segment_ids: mx.array | None = None,
+                 **image_inputs: mx.array) -> mx.array:
+        """Logits; `image_inputs` are the processor's arrays (`pixel_values`, and
+        `pixel_attention_mask` or `image_grid_thw` where the family has them). Rows are
+        right-padded (data/vision_chat.py), so causal attention needs no mask."""
+        if segment_ids is not None:
+            raise ConfigError("a vision-language model takes no packed rows; set "
+                              "data.pack=false")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
+        pixel_values = image_inputs.pop("pixel_values", None)
+        image_inputs.pop("token_type_ids", None)
+        if self._hf_config.get("model_type") == "gemma3" and pixel_values is not None:
+            return self._gemma3(input_ids, pixel_values, cache)
+        out = self.vlm(input_ids, pixel_values, mask=None, cache=cache, **image_inputs)
+        return getattr(out, "logits", out)
+
+    def _gemma3(self, input_ids: mx.array, pixel_values: mx.array, cache: list | None
+                ) -> mx.array:
+        """Gemma 3 with images: mlx-vlm's image merge, then its language model under Gemma 3's
+        mask (transformers'): causal, and each image's tokens see one another both ways.
+        (mlx-vlm's own forward hands the language model the rows' padding mask in place of
+        the causal one.)"""
+        ones = mx.ones(input_ids.shape, mx.int32)
+        embeds = self.vlm.get_input_embeddings(input_ids, pixel_values, mask=ones).inputs_embeds
+        image = input_ids == self.vlm.config.image_token_index
+        # number each image's run of tokens: a run starts where an image token follows another
+        starts = image & ~mx.concatenate([mx.zeros_like(image[:, :1]), image[:, :-1]], axis=1)
+        block = mx.where(image, mx.cumsum(starts.astype(mx.int32), axis=1), 0)
+        t = input_ids.shape[1]
+        causal = mx.arange(t)[:, None] >= mx.arange(t)[None, :]
+        same = (block[:, :, None] == block[:, None, :]) & (block[:, :, None] > 0)
+        window = getattr(self.vlm.language_model.config, "sliding_window", None)
+        if window and t > window:
+            raise ConfigError(f"a Gemma 3 row with images of {t} tokens is longer than its "
+                              f"sliding window ({window}); lower data.max_length to {window}")
+        mask = (causal[None] | same)[:, None]
+        out = self.vlm.language_model(inputs=input_ids, inputs_embeds=embeds, mask=mask,
+                                      cache=cache)
+        return getattr(out, "logits", out)
+
+
+def trainable_summary(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters under each top part of mlx-vlm's model (the log and tests)."""
+    counts: dict[str, int] = {}
+    for name, value in tree_flatten(model.trainable_parameters()):
+        key = name.split(".")[1] if name.startswith("vlm.") else name.split(".")[0]
+        counts[key] = counts.get(key, 0) + value.size
+    return counts

@@ -1,0 +1,201 @@
+"""Vision-language fine-tuning: mlx-vlm's models under mlxlab's forward equal transformers' on
+the same ids and pixel values, the loss mask equals TRL's vision collation, and a real run of
+experiment=finetune_vision trains, checkpoints and refuses bad input in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import MLXLAB, REPO
+from vision_models import picture, tiny_vlm
+
+pytest.importorskip("mlx_vlm", reason="the [vision] extra (mlx-vlm), which [dev] installs")
+
+CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]
+# The largest |mlxlab - transformers| a family's logits may differ by, as a share of their
+# largest magnitude. Qwen2.5-VL: mlx-vlm 0.7.10 agrees to 2e-7 on text positions and differs from
+# the image's second token on by ~1.3e-3 (its image tokens' multimodal rotary positions), which
+# the bound states rather than hides.
+TOLERANCE = {"smolvlm": 1e-4, "gemma3": 1e-4, "qwen2_5_vl": 2e-3}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vlms")
+    return {family: tiny_vlm(family, root / family) for family in TOLERANCE}
+
+
+def processed(folder: Path, messages=CHAT, images=None) -> dict[str, np.ndarray]:
+    from mlxlab.data.chat import load_chat_template
+    from mlxlab.data.vision_chat import load_processor
+
+    text = load_chat_template(folder).render(messages)
+    out = load_processor(folder)(text=[text], images=[images or [picture(0)]],
+                                 return_tensors="np")
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("family", sorted(TOLERANCE))
+def test_logits_equal_transformers(folders, family):
+    import torch
+    import transformers
+
+    from mlxlab.models.vision_language import VisionLanguageModel
+
+    inputs = processed(folders[family])
+    ids = inputs["input_ids"].astype(np.int32)
+    model = VisionLanguageModel(0, pretrained=str(folders[family]))
+    ours = np.array(model(mx.array(ids), **{k: mx.array(v) for k, v in inputs.items()
+                                            if k.startswith(("pixel_", "image_"))}))
+    reference = transformers.AutoModelForImageTextToText.from_pretrained(
+        folders[family], dtype=torch.float32).eval()
+    kwargs = {k: torch.tensor(v) for k, v in inputs.items()}
+    if family == "gemma3":  # what transformers' processor adds: the image tokens' positions
+        image = reference.config.image_token_index
+        kwargs["token_type_ids"] = torch.tensor((ids == image).astype(np.int64))
+    with torch.no_grad():
+        theirs = reference(**kwargs).logits.numpy()
+    gap = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    assert ours.shape == theirs.shape
+    assert gap <= TOLERANCE[family], f"{family}: logits differ by {gap:.2e} of their scale"
+
+
+def _rows(folder: Path, tmp: Path, n: int = 4) -> Path:
+    for i in range(n):
+        picture(i).save(tmp / f"{i}.png")
+    rows = [{"messages": [
+        {"role": "user", "content": [{"type": "image", "image": f"{i}.png"},
+                                     {"type": "text", "text": f"Picture {i}?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A dog." * (i + 1)}]},
+        {"role": "user", "content": [{"type": "text", "text": "And then?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]}
+        for i in range(n)]
+    path = tmp / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _data(folder: Path, rows: Path, **kwargs):
+    from mlxlab.data.vision_chat import VisionChat
+
+    data = VisionChat(str(rows), val_file=str(rows), processor=str(folder),
+                      tokenizer={"path": str(folder / "tokenizer.json")}, **kwargs)
+    data.setup()
+    return data
+
+
+def test_loss_mask_equals_trls_vision_collation(folders, tmp_path):
+    """Every assistant turn and nothing else, image tokens never: what TRL's
+    DataCollatorForVisionLanguageModeling trains with assistant_only_loss on the same rows,
+    both with TRL's Gemma 3 training template (its {% generation %} tags) and transformers'
+    processor on TRL's side. (Gemma's own template has no tags; mlxlab's inferred turns end at
+    <end_of_turn>, where the tagged one also takes the newline after it.)"""
+    import transformers
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    folder = folders["gemma3"]
+    tagged = REPO / "tests" / "chat_templates" / "gemma3_training.jinja"
+    data = _data(folder, _rows(folder, tmp_path), chat_template=str(tagged))
+    processor = transformers.Gemma3Processor(
+        image_processor=transformers.Gemma3ImageProcessor.from_pretrained(folder),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(folder), image_seq_length=4)
+    collate = DataCollatorForVisionLanguageModeling(processor=processor,
+                                                    chat_template=tagged.read_text(),
+                                                    assistant_only_loss=True)
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    for ids, target, row in zip(data.train[0], data.train[1], rows):
+        i = int(row["messages"][0]["content"][0]["image"][0])
+        out = collate([{"images": [picture(i)], "messages": [
+            {**m, "content": [{"type": "image"} if c.get("type") == "image" else c
+                              for c in m["content"]]} for m in row["messages"]]}])
+        assert np.array_equal(ids, out["input_ids"][0].numpy())
+        trl_mask = (out["labels"][0] != -100).numpy()
+        assert trl_mask.sum() > 0 and np.array_equal(target, trl_mask)
+
+
+def test_image_tokens_never_trained_and_batches_join_images(folders, tmp_path):
+    from mlxlab.data.batching import Batching
+
+    for family in ("smolvlm", "qwen2_5_vl"):
+        folder = folders[family]
+        data = _data(folder, _rows(folder, tmp_path))
+        image_ids = data._image_token_ids()
+        for ids, target in zip(data.train[0], data.train[1]):
+            assert np.isin(ids, list(image_ids)).sum() >= 4
+            assert not target[np.isin(ids, list(image_ids))].any()
+            assert target.sum() > 0
+        batch = next(data.train_batches(Batching(batch_size=3), 0))
+        single = processed(folder)
+        for key in single:
+            if key.startswith(("pixel_", "image_")):
+                assert key in batch
+        if family == "qwen2_5_vl":  # 3 rows' patches one after another, a grid a row
+            assert batch["image_grid_thw"].shape == (3, 3)
+        else:  # (rows, images, C, H, W)
+            assert batch["pixel_values"].shape[:2] == (3, 1)
+
+
+def test_lora_modules_choose_what_trains(folders):
+    from mlxlab.errors import ConfigError
+    from mlxlab.models.vision_language import VisionLanguageModel, trainable_summary
+
+    folder = str(folders["smolvlm"])
+    lora = {"rank": 4, "targets": ["query", "value"]}
+    language = trainable_summary(VisionLanguageModel(0, pretrained=folder, lora=lora))
+    assert set(language) == {"language_model"}
+    every = trainable_summary(VisionLanguageModel(
+        0, pretrained=folder, lora={**lora, "modules": ["language_model", "projector",
+                                                        "vision_tower"]}))
+    assert set(every) == {"language_model", "connector", "vision_model"}
+    with pytest.raises(ConfigError, match="model.lora.modules"):
+        VisionLanguageModel(0, pretrained=folder, lora={**lora, "modules": ["eyes"]})
+
+
+def _train(tmp_path: Path, folder: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [MLXLAB, "train", "experiment=finetune_vision", f"model.pretrained={folder}",
+         "trainer.max_steps=4", "trainer.eval_every_steps=2", "trainer.batch_size=2",
+         f"paths.root_dir={tmp_path}", *overrides],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def test_finetune_vision_trains_and_checkpoints(folders, tmp_path):
+    """A real run of the shipped visual task on the tiny SmolVLM, tracked in MLflow."""
+    done = _train(tmp_path, folders["smolvlm"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "finetune_vision").iterdir())
+    assert len(runs) == 1
+    assert list((runs[0] / "checkpoints").glob("step_*"))
+    assert "val/loss" in done.stderr + done.stdout
+    assert (tmp_path / "mlruns").is_dir()
+
+
+@pytest.mark.parametrize("case", ["missing image", "compiled step", "text model"])
+def test_bad_input_is_one_line_before_a_run_folder(folders, tmp_path, case):
+    folder, extra = folders["smolvlm"], []
+    if case == "missing image":
+        rows = tmp_path / "bad.jsonl"
+        rows.write_text(json.dumps({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": "nowhere.png"}]},
+            {"role": "assistant", "content": "x"}]}) + "\n")
+        extra = [f"data.train_file={rows}", f"data.val_file={rows}"]
+        expect = "nowhere.png"
+    elif case == "compiled step":
+        extra, expect = ["trainer.compile=true"], "trainer.compile=false"
+    else:
+        folder = tmp_path / "text"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        expect = "text model"
+    done = _train(tmp_path, folder, *extra)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("mlxlab") and "error" in line and expect in line, done.stderr
+    assert not (tmp_path / "outputs").exists()
