@@ -48,6 +48,11 @@ def test_option_composes_and_resolves(tmp_path, group, option):
                   "grpo", "grpo_arithmetic", "grpo_copy", "grpo_optuna", "gkd", "gkd_arithmetic",
                   "agent_tools", "unpaired", "kto", "kto_chat", "reward", "reward_chat"):
         extra.append(f"model.pretrained={model_folder_stub(tmp_path)}")  # the user's (???)
+    if option in ("vision_language", "vision_chat", "finetune_vision"):  # a VLM and its images
+        from vision_models import tiny_vlm
+
+        extra = ["experiment=finetune_vision", f"{group}={option}", "optimized_metric=val/loss",
+                 f"model.pretrained={tiny_vlm('smolvlm', tmp_path / 'vlm')}"]
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     container = to_container(cfg)  # every interpolation outside Hydra's own node resolves
     for g in ("model", "data", "trainer", "tracking"):
