@@ -199,3 +199,39 @@ def test_bad_input_is_one_line_before_a_run_folder(folders, tmp_path, case):
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("mlxlab") and "error" in line and expect in line, done.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "qwen2_5_vl"])
+def test_greedy_generation_with_an_image_equals_mlx_vlms(folders, family):
+    """The image prompt's prefill and the cached steps after it: the same greedy tokens as
+    mlx-vlm's own generate_step on the same model and inputs."""
+    from mlx_vlm.generate import generate_step
+
+    from mlxlab.models.generation import generate_tokens
+    from mlxlab.models.vision_language import VisionLanguageModel
+
+    inputs = processed(folders[family], CHAT[:1])
+    ids = inputs["input_ids"][0].astype(np.int32)
+    images = {k: mx.array(v) for k, v in inputs.items() if k.startswith(("pixel_", "image_"))}
+    model = VisionLanguageModel(0, pretrained=str(folders[family]))
+    ours = [t for t, _ in zip(generate_tokens(model, ids, temperature=0, inputs=images),
+                              range(8))]
+    extra = {k: v for k, v in images.items() if k != "pixel_values"}
+    theirs = [int(t) for t, _ in generate_step(mx.array(ids)[None], model.vlm,
+                                               images["pixel_values"], None, max_tokens=8,
+                                               temperature=0.0, **extra)]
+    assert ours == theirs[:8]
+
+
+def test_generate_verb_shows_an_image(folders, tmp_path):
+    picture(3).save(tmp_path / "p.png")
+    args = [MLXLAB, "generate", str(folders["smolvlm"]), "--chat", "--prompt", "What?",
+            "--max-tokens", "4", "--temperature", "0"]
+    done = subprocess.run([*args, "--image", str(tmp_path / "p.png")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text_only = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert text_only.returncode == 0 and done.stdout != text_only.stdout  # the picture counts
+    missing = subprocess.run([*args, "--image", str(tmp_path / "none.png")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "none.png" in missing.stderr.strip().splitlines()[-1]

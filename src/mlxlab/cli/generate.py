@@ -7,6 +7,7 @@ come.
     mlxlab generate models/SmolLM2-135M-Instruct --prompt "The capital of France"
     mlxlab generate models/SmolLM2-135M-Instruct --chat --prompt "Who are you?" --system "Be brief."
     mlxlab generate models/SmolLM2-135M-Instruct --chat        # a conversation, a line a turn
+    mlxlab generate VLM_RUN --chat --image cat.png --prompt "What is on the mat?"
 
 MODEL is a run folder (its --checkpoint) or any model: a Hugging Face / mlx-lm model folder, a
 folder `mlxlab export` wrote, a .gguf file, ollama:NAME[:TAG] or a hub id ORG/NAME. The prompt
@@ -15,7 +16,8 @@ prompt is a user turn rendered by the model's own chat template (with --system a
 turn, else the template's default), and the reply ends at the template's end of turn; without
 --prompt, each line of stdin is the next user turn of one conversation (an empty line or end of
 input ends it). Generation stops after --max-tokens new tokens, at the model's end tokens, or
-when its context (max_seq_len) is full.
+when its context (max_seq_len) is full. --image FILE (with --chat, repeatable): the user turn
+shows the picture(s) to a vision-language model, laid out by its own processor.
 --temperature 0 = greedy.
 """
 
@@ -34,6 +36,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--chat", action="store_true", help="talk to the model through its own "
                         "chat template")
     parser.add_argument("--system", default=None, help="--chat: the system turn")
+    parser.add_argument("--image", action="append", default=[], metavar="FILE",
+                        help="--chat: a picture the user turn shows (repeatable)")
     parser.add_argument("--max-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=40, help="0 = off")
@@ -49,6 +53,9 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
         if args.system is not None and not args.chat:
             raise ValueError("--system is the system turn of a chat: add --chat")
+        if args.image and not (args.chat and args.prompt is not None):
+            raise ValueError("--image shows pictures in a chat's user turn: add --chat and "
+                             "--prompt")
         if args.chat and args.prompt is None and args.num_samples > 1:
             raise ValueError("--num-samples samples one --prompt: give --prompt, or drop "
                              "--num-samples for a conversation")
@@ -86,17 +93,20 @@ def reply(model, args, chat: list[dict], seed: int) -> str:
         chat_prompt_ids,
         continue_ids,
         decode_stream,
+        image_prompt,
         plain_prompt_ids,
     )
 
-    folder = model.tokenizer_folder
-    if model.template is not None:
+    folder, inputs = model.tokenizer_folder, None
+    if args.image:
+        prompt_ids, inputs = image_prompt(model.model, model.template, chat, args.image)
+    elif model.template is not None:
         prompt_ids = chat_prompt_ids(model.tokenizer, model.template, chat)
     else:
         prompt_ids = plain_prompt_ids(model.tokenizer, folder, model.model.hf_config,
                                       chat[-1]["content"] or "")
     ids = continue_ids(model.model, model.tokenizer, folder, prompt_ids, args.max_tokens,
-                       args.temperature, args.top_k, args.top_p, seed)
+                       args.temperature, args.top_k, args.top_p, seed, inputs)
     pieces = []
     for piece in decode_stream(model.tokenizer, ids):
         pieces.append(piece)

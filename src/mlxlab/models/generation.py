@@ -4,7 +4,7 @@ sliding window), prompt prefill and sampler (temperature, top-k, top-p)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import mlx.core as mx
 
@@ -19,10 +19,12 @@ def generate_tokens(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    inputs: Mapping[str, mx.array] | None = None,
 ) -> Iterator[int]:
     """Yield sampled token ids one at a time; the same seed gives the same tokens. Stops when
     the context (model.max_seq_len) is full; the caller stops earlier (max tokens, end-of-text).
-    temperature 0 = greedy; top_k 0 / top_p 1 = off. Puts the model in eval mode."""
+    temperature 0 = greedy; top_k 0 / top_p 1 = off. Puts the model in eval mode. `inputs`:
+    what the prompt's forward pass also reads (a vision-language model's pixel arrays)."""
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_sampler
 
@@ -40,8 +42,23 @@ def generate_tokens(
     if temperature > 0:  # mlx-lm's sampler draws from the global generator; greedy draws nothing
         mx.random.seed(seed)
     sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0, top_k=top_k)
+    if inputs:
+        yield from _with_inputs(model, prompt, sampler, room, inputs)
+        return
     for token, _ in generate_step(prompt, model, max_tokens=room, sampler=sampler):
         yield int(token)
+
+
+def _with_inputs(model: Model, prompt: mx.array, sampler, room: int,
+                 inputs: Mapping[str, mx.array]) -> Iterator[int]:
+    """The prompt in one forward pass with `inputs` (mlx-lm's step takes ids only), then a
+    token at a time on the model's cache, sampled as mlx-lm samples (log-probabilities)."""
+    cache = model.make_cache()
+    logits = model(prompt[None], cache=cache, **inputs)[:, -1, :]
+    for _ in range(room):
+        token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        yield int(token.item())
+        logits = model(token.reshape(1, 1), cache=cache)[:, -1, :]
 
 
 def sample_token(

@@ -316,6 +316,11 @@ class VisionLanguageModel(Model):
     def quantized(self) -> bool:
         return bool(self._quantized_layers)
 
+    @property
+    def processor_folder(self) -> str | None:
+        """The pretrained folder whose processor lays out image prompts (generation)."""
+        return (self._base or {}).get("folder")
+
     def make_cache(self) -> list:
         """mlx-vlm's per-layer caches for the language model."""
         from mlx_vlm.models.cache import make_prompt_cache

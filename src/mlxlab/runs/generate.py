@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from mlxlab.data.chat import ChatTemplate, encode_chat, stop_ids
@@ -65,10 +66,12 @@ def chat_prompt_ids(tokenizer: Tokenizer, template: ChatTemplate,
 
 def continue_ids(model: Model, tokenizer: Tokenizer, folder: Path, prompt_ids: list[int],
                  max_tokens: int = 100, temperature: float = 0.8, top_k: int = 40,
-                 top_p: float = 0.95, seed: int = 0) -> Iterator[int]:
+                 top_p: float = 0.95, seed: int = 0,
+                 inputs: Mapping | None = None) -> Iterator[int]:
     """New token ids after `prompt_ids`: at most `max_tokens`, ending before the first of the
     model's stop ids (stop_ids of its tokenizer files in `folder`: its chat template's end of
-    turn, its end-of-text ids)."""
+    turn, its end-of-text ids). `inputs`: a vision-language prompt's pixel arrays
+    (image_prompt)."""
     from mlxlab.models.generation import generate_tokens
 
     if max_tokens < 0:
@@ -79,8 +82,37 @@ def continue_ids(model: Model, tokenizer: Tokenizer, folder: Path, prompt_ids: l
             f"the prompt is {len(prompt_ids)} tokens but the model's context is "
             f"{model.max_seq_len}: shorten --prompt"
         )
-    return _until_stop(generate_tokens(model, prompt_ids, temperature, top_k, top_p, seed),
-                       stops, max_tokens)
+    return _until_stop(generate_tokens(model, prompt_ids, temperature, top_k, top_p, seed,
+                                       inputs), stops, max_tokens)
+
+
+def image_prompt(model: Model, template: ChatTemplate, messages: Sequence[Mapping],
+                 images: Sequence[str | Path]) -> tuple[list[int], dict]:
+    """A chat whose last user turn shows `images` (files), opened for the assistant's reply, as
+    the vision-language model's processor lays it out: (ids, the pixel arrays its first forward
+    pass reads). A text model is one line."""
+    import mlx.core as mx
+
+    from mlxlab.data.images import open_image
+    from mlxlab.data.vision_chat import image_keys, load_processor
+    from mlxlab.errors import ConfigError
+
+    folder = getattr(model, "processor_folder", None)
+    if folder is None:
+        raise ConfigError(f"--image: this is a text model ({model.architecture.get('model_type')})"
+                          "; give a vision-language model (a run of model=vision_language or "
+                          "its folder)")
+    messages = [dict(m) for m in messages]
+    last = messages[-1]
+    text = last.get("content") or ""
+    parts = text if isinstance(text, list) else [{"type": "text", "text": text}]
+    last["content"] = [*({"type": "image"} for _ in images), *parts]
+    pictures = [open_image(str(i), Path.cwd()) for i in images]
+    out = load_processor(folder)(text=[template.render(messages, add_generation_prompt=True)],
+                                 images=[pictures], return_tensors="np")
+    arrays = {k: np.asarray(v) for k, v in out.items()}
+    return (arrays["input_ids"][0].astype(int).tolist(),
+            {k: mx.array(arrays[k]) for k in image_keys(arrays)})
 
 
 def _until_stop(tokens: Iterable[int], stops: set[int], max_tokens: int) -> Iterator[int]:

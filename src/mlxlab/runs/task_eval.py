@@ -55,7 +55,7 @@ def load_eval_model(name: str | Path, which: str = "best", chat: str = "auto",
     source = open_model_source(name)
     path = source.path
     if source.kind != RUN:
-        from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+        from mlxlab.models.pretrained import pretrained_model
 
         if not (path / "tokenizer.json").is_file():
             raise ConfigError(f"{path} has no tokenizer.json: {purpose} needs the model's fast "
@@ -63,7 +63,7 @@ def load_eval_model(name: str | Path, which: str = "best", chat: str = "auto",
         if (path / "adapters").is_dir():
             raise ConfigError(f"{path} holds a base model and LoRA adapters (mlxlab export "
                               "--adapters): use the run itself, or an export with --fuse-lora")
-        model = MLXLMDecoder(vocab_size=1, pretrained=str(path))
+        model = pretrained_model(path)
         model.eval()
         return EvalModel(model, Tokenizer.from_file(str(path / "tokenizer.json")), path,
                          source.kind, template=chat_template(path, chat), tokenizer_folder=path,

@@ -144,7 +144,7 @@ def load_target(target: Target, which: str = "best") -> ServedModel:
     """One resolved target loaded to serve."""
     from tokenizers import Tokenizer
 
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.pretrained import pretrained_model
     from mlxlab.runs.inference import load_run, require_task
 
     names = tuple(dict.fromkeys(target.names))
@@ -158,7 +158,7 @@ def load_target(target: Target, which: str = "best") -> ServedModel:
     if not tokenizer_json.is_file():
         raise ConfigError(f"{folder} has no tokenizer.json: serving needs the model's fast "
                           "tokenizer (as transformers saves it)")
-    model = MLXLMDecoder(vocab_size=1, pretrained=str(folder))
+    model = pretrained_model(folder)
     return _served(names, model, Tokenizer.from_file(str(tokenizer_json)), folder,
                    tokenizer_json, str(folder))
 
