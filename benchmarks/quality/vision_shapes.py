@@ -1,0 +1,192 @@
+"""Does a vision-language fine-tune learn what only the picture holds? The LLaVA recipe on the
+real SmolLM2-135M-Instruct: its weights as the language model, a fresh SigLIP vision tower and
+pixel-shuffle projector (SmolVLM's architecture, Idefics3 in mlx-vlm) at a small size, trained
+by `mlxlab train experiment=finetune_vision` on the shipped shapes task (src/mlxlab/assets/
+shapes: the colour, the shape or the count of the shapes in a 64x64 picture, one word), scored
+on the 60 held-out pictures by greedy exact match before and after, over seeds, with McNemar's
+test of each seed's run against the start on the same pictures.
+
+    python benchmarks/quality/vision_shapes.py [--seeds 42,43,44] [--steps 300] [--smoke]
+
+Chance is 1/4 for a colour and 1/3 for a shape or a count (0.31 over the held-out mix). The
+model folder is built once into --work (SmolLM2's GGUF from the package index, dequantized by
+transformers; the vision tower and projector drawn at random with --seed 0), then each seed's
+run trains LoRA on the language model's attention, adapters on the vision tower's attention and
+the projector in full. Writes a JSON record beside the printed table (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+SHAPES = REPO / "src" / "mlxlab" / "assets" / "shapes"
+IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>"]
+# SmolLM2's own ChatML, with a user turn's image parts written as <image> (the processor expands
+# each into the image's tokens between <fake_token_around_image> marks)
+TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_folder(out: Path, seed: int = 0, vision_width: int = 256, vision_layers: int = 4) -> Path:
+    """SmolVLM's architecture with SmolLM2-135M-Instruct's weights as its language model and a
+    fresh vision tower and projector (4 image tokens a 64x64 picture: one per quadrant)."""
+    if (out / "model.safetensors").is_file():
+        return out
+    import torch
+    import transformers as tf
+
+    from real_models import packaged_model, transformers_reference
+
+    lm_folder = transformers_reference(packaged_model())
+    lm = tf.AutoModelForCausalLM.from_pretrained(lm_folder, dtype=torch.float32)
+    tokenizer = tf.AutoTokenizer.from_pretrained(lm_folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": IMAGE_TOKENS})
+    tokenizer.chat_template = TEMPLATE
+    text = lm.config.to_dict()
+    text.update(vocab_size=len(tokenizer), tie_word_embeddings=False)
+    text["rope_theta"] = text.get("rope_parameters", {}).get("rope_theta", 100000.0)
+    ids = tokenizer.convert_tokens_to_ids(IMAGE_TOKENS)
+    config = tf.SmolVLMConfig(
+        text_config=text, scale_factor=2, image_token_id=ids[1], tie_word_embeddings=False,
+        vision_config=dict(hidden_size=vision_width, intermediate_size=4 * vision_width,
+                           num_hidden_layers=vision_layers, num_attention_heads=4,
+                           patch_size=16, image_size=64))
+    torch.manual_seed(seed)
+    vlm = tf.SmolVLMForConditionalGeneration(config).float().eval()
+    # the language model's weights are SmolLM2's; the new tokens' embeddings are the mean
+    state = lm.state_dict()
+    embed = state["model.embed_tokens.weight"]
+    grown = torch.cat([embed, embed.mean(0, keepdim=True).repeat(len(tokenizer) - len(embed), 1)])
+    target = vlm.model.text_model
+    missing = target.load_state_dict({k.removeprefix("model."): v for k, v in state.items()
+                                      if k.startswith("model.") and "embed_tokens" not in k},
+                                     strict=False)
+    assert missing.missing_keys == ["embed_tokens.weight"], missing.missing_keys
+    target.embed_tokens.weight.data = grown.clone()
+    vlm.lm_head.weight.data = grown.clone()  # SmolLM2 ties its head to the embeddings
+    out.mkdir(parents=True, exist_ok=True)
+    vlm.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    config_file = out / "config.json"
+    saved = json.loads(config_file.read_text())
+    saved["text_config"]["rope_theta"] = text["rope_theta"]  # where mlx-vlm reads it
+    config_file.write_text(json.dumps(saved, indent=1))
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "SmolVLMImageProcessor", "processor_class": "SmolVLMProcessor",
+        "do_resize": True, "size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 64},
+        "do_image_splitting": False, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "do_pad": True, "resample": 1, "do_convert_rgb": True}))
+    (out / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "SmolVLMProcessor", "image_seq_len": 4}))
+    return out
+
+
+def held_out(path: Path = SHAPES / "val.jsonl") -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def answers(model_path: str, rows: list[dict]) -> list[str]:
+    """Greedy replies (at most 4 tokens) of a run or folder to each held-out picture."""
+    from mlxlab.runs.generate import continue_ids, image_prompt
+    from mlxlab.runs.task_eval import load_eval_model
+
+    model = load_eval_model(model_path, "best", "template", purpose="vision_shapes")
+    out = []
+    for row in rows:
+        user = row["messages"][0]
+        image = next(p["image"] for p in user["content"] if p.get("type") == "image")
+        text = next(p["text"] for p in user["content"] if p.get("type") == "text")
+        ids, inputs = image_prompt(model.model, model.template,
+                                   [{"role": "user", "content": text}], [SHAPES / image])
+        reply = continue_ids(model.model, model.tokenizer, model.tokenizer_folder, ids, 4, 0.0,
+                             0, 1.0, 0, inputs)
+        out.append(model.tokenizer.decode(list(reply)).strip().lower())
+    return out
+
+
+def correct(replies: list[str], rows: list[dict]) -> list[int]:
+    truth = [r["messages"][1]["content"][0]["text"] for r in rows]
+    return [int(a.split()[0].strip(".,!") == t if a.split() else 0)
+            for a, t in zip(replies, truth)]
+
+
+def chance(rows: list[dict]) -> float:
+    kinds = {"colour": 4, "shape": 3, "count": 3}
+    return sum(1 / next(n for k, n in kinds.items() if k in r["messages"][0]["content"][1]["text"]
+                        .replace("How many", "count").replace("Which shape", "shape")
+                        .replace("What colour", "colour")) for r in rows) / len(rows)
+
+
+def train(folder: Path, work: Path, seed: int, steps: int, extra: list[str]) -> Path:
+    run_root = work / f"seed{seed}"
+    run_root.mkdir(parents=True, exist_ok=True)
+    command = [str(Path(sys.executable).parent / "mlxlab"), "train", "experiment=finetune_vision",
+               f"model.pretrained={folder}", f"seed={seed}", f"trainer.max_steps={steps}",
+               f"trainer.eval_every_steps={max(steps // 3, 1)}", "trainer.batch_size=8",
+               "model.lora.rank=16", "model.lora.modules=[language_model,projector,vision_tower]",
+               "optimizer.learning_rate=1e-3", "tracking=none", f"paths.root_dir={run_root}",
+               *extra]
+    started = time.time()
+    subprocess.run(command, cwd=run_root, check=True)
+    print(f"seed {seed}: trained {steps} steps in {time.time() - started:.0f} s", flush=True)
+    return next((run_root / "outputs" / "finetune_vision").iterdir())
+
+
+def mcnemar(before: list[int], after: list[int]) -> float:
+    from mlxlab.stats.paired import mcnemar_exact
+
+    return float(mcnemar_exact([bool(b) for b in before], [bool(a) for a in after])[2])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/mlxlab-vision-shapes"))
+    parser.add_argument("--out", type=Path, default=None, help="JSON record")
+    parser.add_argument("--smoke", action="store_true", help="2 steps, 6 held-out pictures")
+    args = parser.parse_args()
+    import mlxlab  # noqa: F401  (OpenBLAS for MLX before anything computes)
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    steps, rows = (2, held_out()[:6]) if args.smoke else (args.steps, held_out())
+    folder = build_folder(args.work / "smollm2-vlm")
+    start = correct(answers(str(folder), rows), rows)
+    record = {"command": " ".join(sys.argv), "cpu": platform.processor() or platform.machine(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "steps": steps,
+              "chance": chance(rows), "start": sum(start) / len(rows), "seeds": {}}
+    print(f"start: {record['start']:.3f} exact match on {len(rows)} held-out pictures "
+          f"(chance {record['chance']:.3f})", flush=True)
+    for seed in seeds:
+        run = train(folder, args.work, seed, steps, [])
+        after = correct(answers(str(run), rows), rows)
+        record["seeds"][seed] = {"exact_match": sum(after) / len(rows),
+                                 "mcnemar_p": mcnemar(start, after), "run": str(run)}
+        print(f"seed {seed}: {sum(after) / len(rows):.3f} exact match (McNemar p against the "
+              f"start {record['seeds'][seed]['mcnemar_p']:.2g})", flush=True)
+    scores = [v["exact_match"] for v in record["seeds"].values()]
+    record["mean"] = sum(scores) / len(scores)
+    print(json.dumps(record, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
