@@ -235,3 +235,56 @@ def test_generate_verb_shows_an_image(folders, tmp_path):
     missing = subprocess.run([*args, "--image", str(tmp_path / "none.png")],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "none.png" in missing.stderr.strip().splitlines()[-1]
+
+
+def test_sigkilled_vision_run_resumes_bitwise(folders, tmp_path, cli_env):
+    """A vision run killed after a checkpoint and resumed ends with the uninterrupted run's
+    adapters and projector, bit for bit (images, masks and the data position restored)."""
+    from run_helpers import committed_steps, final_weights, kill_when, run, start
+
+    args = ["experiment=finetune_vision", f"model.pretrained={folders['smolvlm']}",
+            "model.lora.modules=[language_model,projector]", "trainer.max_steps=8",
+            "trainer.eval_every_steps=4", "trainer.batch_size=4", "trainer.log_every_steps=1",
+            "checkpoint.save_every_steps=2", "checkpoint.save_every_minutes=null",
+            "callbacks.progress.enabled=false", "tracking=none"]
+    reference = tmp_path / "reference"
+    run(args, reference, cli_env)
+    killed = tmp_path / "killed"
+    proc = start(args, killed, cli_env)
+    kill_when(proc, lambda: any(s >= 3 for s in committed_steps(killed)))
+    assert max(committed_steps(killed)) < 8
+    resumed = tmp_path / "resumed"
+    run([*args, f"resume={killed}"], resumed, cli_env)
+    expected, got = final_weights(reference), final_weights(resumed)
+    assert expected.keys() == got.keys() and any("connector" in k for k in got)
+    for key in expected:
+        assert np.array_equal(expected[key], got[key]), key
+
+
+def test_export_mlx_vlm_folder_holds_the_fine_tune(folders, tmp_path):
+    """A trained vision run exports as an mlx-vlm folder (adapters fused, checked in mlx-vlm
+    where it is written) that generates what the run generates; --format hf is one line."""
+    done = _train(tmp_path, folders["smolvlm"], "tracking=none",
+                  "model.lora.modules=[language_model,projector]")
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = next((tmp_path / "outputs" / "finetune_vision").iterdir())
+    out = tmp_path / "exported"
+    made = subprocess.run([MLXLAB, "export", str(run), "--format", "mlx-vlm", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["check"]["status"] == "checked"
+    assert report["check"]["max_abs_logit_gap"] <= report["check"]["allowed_gap"]
+    from mlx.utils import tree_flatten
+    from mlx_vlm.utils import load_model
+
+    assert not any("lora" in k for k, _ in tree_flatten(load_model(out).parameters()))
+    picture(5).save(tmp_path / "p.png")
+    replies = [subprocess.run([MLXLAB, "generate", str(m), "--chat", "--prompt", "What?",
+                               "--image", str(tmp_path / "p.png"), "--max-tokens", "6",
+                               "--temperature", "0"], capture_output=True, text=True,
+                              timeout=300).stdout for m in (run, out)]
+    assert replies[0] and replies[0] == replies[1]
+    refused = subprocess.run([MLXLAB, "export", str(run), "--format", "hf", "--out",
+                              str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--format mlx-vlm" in refused.stderr.splitlines()[-1]

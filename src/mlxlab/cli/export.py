@@ -1,4 +1,4 @@
-"""`mlxlab export RUN --format hf|mlx-lm|peft|gguf --out DIR`: a finished run for transformers,
+"""`mlxlab export RUN --format hf|mlx-lm|mlx-vlm|peft|gguf --out DIR`: a finished run for transformers,
 mlx-lm, PEFT or llama.cpp / Ollama.
 
     mlxlab export outputs/finetune_completions/<time> --format mlx-lm --out exported/ft
@@ -20,6 +20,8 @@ vLLM's LoRA, llama.cpp's convert_lora_to_gguf.py and Ollama's ADAPTER read it.
     mlxlab export outputs/finetune_chat/<time> --format gguf --quant q8_0 --out exported/ft.gguf
     mlxlab export /path/to/float/hf/folder --format gguf --quant f16 --out model.gguf
 
+--format mlx-vlm writes a vision-language run (model=vision_language) as an mlx-vlm folder, its
+adapters fused, checked by loading it in mlx-vlm.
 --format gguf writes one GGUF file (f32, f16, bf16, q8_0, q4_0, q4_1) that llama.cpp, Ollama and
 LM Studio load, and an Ollama Modelfile beside it named after it (ft.gguf: ft.Modelfile;
 `ollama create NAME -f exported/ft.Modelfile`).
@@ -47,7 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
     )
     parser.add_argument("run", help=RUN_HELP)
-    parser.add_argument("--format", choices=["hf", "mlx-lm", "peft", "gguf"], default="hf", dest="fmt")
+    parser.add_argument("--format", choices=["hf", "mlx-lm", "mlx-vlm", "peft", "gguf"], default="hf", dest="fmt")
     parser.add_argument("--out", required=True,
                         help="folder to write (new or empty); --format gguf: the .gguf file")
     parser.add_argument("--quant", default=None,

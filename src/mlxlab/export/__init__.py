@@ -60,11 +60,13 @@ from mlxlab.export.proof import (
 )
 from mlxlab.export.quality import validation_batches
 from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
+from mlxlab.export.vision import check_vision_options, export_vision
 from mlxlab.models.bert import BertClassifier
 from mlxlab.models.lora import fuse_lora, has_adapters, unwrap_lora
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.remapped import RemappedLM
 from mlxlab.models.transformer import Transformer
+from mlxlab.models.vision_language import VisionLanguageModel
 from mlxlab.runs import load_run_model, require_run_tokenizer
 from mlxlab.runs.evaluate import lm_metrics
 
@@ -74,6 +76,11 @@ FORMATS = ("hf", "mlx-lm", "peft")
 
 
 def _check_options(model, fmt: str, dtype: str, quantize: int | None, lora: str) -> None:
+    if isinstance(model, VisionLanguageModel):
+        check_vision_options(fmt, quantize, lora)
+        if dtype not in DTYPES:
+            raise ExportError(f"--dtype {dtype!r}: use one of {list(DTYPES)}")
+        return
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: use one of {list(FORMATS)}")
     if dtype not in DTYPES:
@@ -136,6 +143,8 @@ def _checker(model, state, fmt: str, check: bool) -> dict | None:
     """None when the export will be checked (transformers can load it here), else the record
     of why it is written unchecked; a model type no test proves is refused when nothing here
     can check it."""
+    if fmt == "mlx-vlm":
+        return None
     if fmt == "mlx-lm":
         if not check:
             raise ExportError("--no-check is for --format hf, peft and gguf: --format mlx-lm is "
@@ -209,6 +218,12 @@ def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out:
 
 def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: str, dtype: str,
             quantize: int | None, lora: str, report: dict, card: str | None = None) -> None:
+    if isinstance(model, VisionLanguageModel):
+        report["lora"] = "fuse" if has_adapters(model) else None
+        with _folder(out) as tmp:
+            report.update(export_vision(model, out, dtype, tmp))
+            _write_report(tmp, out, report, card)
+        return
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     if isinstance(model, BertClassifier):
         labels = (state.encoding or {}).get("label_values")
