@@ -288,3 +288,26 @@ def test_export_mlx_vlm_folder_holds_the_fine_tune(folders, tmp_path):
     refused = subprocess.run([MLXLAB, "export", str(run), "--format", "hf", "--out",
                               str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--format mlx-vlm" in refused.stderr.splitlines()[-1]
+
+
+def test_qlora_and_dora_on_the_language_model(folders):
+    """model.quantize=4 quantizes the language model's layers (the vision tower stays float)
+    and adapters train on them; DoRA adapters train too; a forward with a picture runs."""
+    import mlx.nn as nn
+
+    from mlxlab.models.vision_language import VisionLanguageModel, trainable_summary
+
+    inputs = processed(folders["smolvlm"])
+    ids = mx.array(inputs["input_ids"].astype(np.int32))
+    images = {k: mx.array(v) for k, v in inputs.items() if k.startswith(("pixel_", "image_"))}
+    for kind, quantize in (("lora", 4), ("dora", None)):
+        model = VisionLanguageModel(0, pretrained=str(folders["smolvlm"]), quantize=quantize,
+                                    lora={"rank": 4, "kind": kind, "targets": ["query"]})
+        layers = dict(model.vlm.named_modules())
+        if quantize:
+            assert model.quantized and any(isinstance(m, nn.QuantizedLinear) for n, m in
+                                           layers.items() if n.startswith("language_model"))
+            assert not any(isinstance(m, nn.QuantizedLinear) for n, m in layers.items()
+                           if n.startswith("vision_model"))
+        assert set(trainable_summary(model)) == {"language_model"}
+        assert np.isfinite(np.array(model(ids, **images))).all()
