@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -135,7 +136,8 @@ def chance(rows: list[dict]) -> float:
 
 def train(folder: Path, work: Path, seed: int, steps: int, extra: list[str]) -> Path:
     run_root = work / f"seed{seed}"
-    run_root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_root, ignore_errors=True)  # one run a seed: never an older one's folder
+    run_root.mkdir(parents=True)
     command = [str(Path(sys.executable).parent / "mlxlab"), "train", "experiment=finetune_vision",
                f"model.pretrained={folder}", f"seed={seed}", f"trainer.max_steps={steps}",
                f"trainer.eval_every_steps={max(steps // 3, 1)}", "trainer.batch_size=8",
