@@ -311,3 +311,80 @@ def test_qlora_and_dora_on_the_language_model(folders):
                            if n.startswith("vision_model"))
         assert set(trainable_summary(model)) == {"language_model"}
         assert np.isfinite(np.array(model(ids, **images))).all()
+
+
+def test_image_references_read_and_refused_in_one_line(tmp_path):
+    """Paths, file:// and data: URLs, TRL's `images` lists and OpenAI's image_url parts; a
+    network URL, a count that does not match, an image in an assistant turn, an unreadable or
+    oversized file are each one ConfigError naming it."""
+    import base64
+
+    from mlxlab.data.images import chat_images, open_image
+    from mlxlab.errors import ConfigError
+
+    picture(0).save(tmp_path / "a.png")
+    data = "data:image/png;base64," + base64.b64encode((tmp_path / "a.png").read_bytes()).decode()
+    messages = [{"role": "user", "content": [
+        {"type": "image", "image": "a.png"},
+        {"type": "image_url", "image_url": {"url": f"file://{tmp_path / 'a.png'}"}},
+        {"type": "image_url", "image_url": {"url": data}}, {"type": "image"},
+        {"type": "text", "text": "Four?"}]}]
+    rendered, refs = chat_images(messages, images=["a.png"])
+    assert [p["type"] for p in rendered[0]["content"]] == ["image"] * 4 + ["text"]
+    for ref in refs:
+        assert open_image(ref, tmp_path).size == (64, 64)
+    (tmp_path / "bad.png").write_bytes(b"not a picture")
+    bad = [(lambda: open_image("http://example.com/a.png", tmp_path), "network"),
+           (lambda: open_image("gone.png", tmp_path), "gone.png"),
+           (lambda: open_image("bad.png", tmp_path), "bad.png cannot be read"),
+           (lambda: open_image("a.png", tmp_path, max_pixels=100), "max_image_pixels"),
+           (lambda: chat_images(messages, images=[]), "'images' list"),
+           (lambda: chat_images([{"role": "assistant", "content": [{"type": "image",
+                                                                   "image": "a.png"}]}]),
+            "assistant turn")]
+    for call, words in bad:
+        with pytest.raises(ConfigError, match=words):
+            call()
+
+
+def test_rows_with_two_images_and_rows_without(folders, tmp_path):
+    """Several images a row and text-only rows batch together, and the model reads the batch."""
+    from mlxlab.data.batching import Batching
+    from mlxlab.models.vision_language import VisionLanguageModel
+
+    for i in range(2):
+        picture(i).save(tmp_path / f"{i}.png")
+    rows = [{"messages": [{"role": "user", "content": [
+        {"type": "image", "image": "0.png"}, {"type": "image", "image": "1.png"},
+        {"type": "text", "text": "Same?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "No."}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "Hi."}]}]}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for family, per_image in (("smolvlm", 4), ("qwen2_5_vl", 4)):
+        data = _data(folders[family], path)
+        ids = data.train[0]
+        image = data.processor.tokenizer.convert_tokens_to_ids(
+            "<image>" if family == "smolvlm" else "<|image_pad|>")
+        assert [int((row == image).sum()) for row in ids] == [2 * per_image, 0]
+        batch = next(data.train_batches(Batching(batch_size=2), 0))
+        model = VisionLanguageModel(0, pretrained=str(folders[family]))
+        logits = model(batch["input_ids"], **{k: v for k, v in batch.items()
+                                              if k.startswith(("pixel_", "image_"))})
+        assert np.isfinite(np.array(logits)).all()
+
+
+def test_full_fine_tuning_and_an_unknown_family(folders, tmp_path):
+    from mlxlab.errors import ConfigError
+    from mlxlab.models.vision_language import VisionLanguageModel, trainable_summary
+
+    every = trainable_summary(VisionLanguageModel(0, pretrained=str(folders["smolvlm"]),
+                                                  lora={"rank": 0}))
+    assert set(every) == {"language_model", "connector", "vision_model"}
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"model_type": "seeing_llama",
+                                                 "vision_config": {}}))
+    with pytest.raises(ConfigError, match="seeing_llama.*not a vision-language family"):
+        VisionLanguageModel(0, pretrained=str(odd))
