@@ -388,3 +388,27 @@ def test_full_fine_tuning_and_an_unknown_family(folders, tmp_path):
                                                  "vision_config": {}}))
     with pytest.raises(ConfigError, match="seeing_llama.*not a vision-language family"):
         VisionLanguageModel(0, pretrained=str(odd))
+
+
+def test_a_4bit_mlx_vlm_folder_stays_4bit(folders, tmp_path):
+    """A folder `mlx_vlm.convert -q` wrote (as mlx-community's are) loads quantized, trains
+    adapters on its quantized language model, and refuses model.quantize on top."""
+    import contextlib
+    import io
+
+    from mlx_vlm.convert import convert
+
+    from mlxlab.errors import ConfigError
+    from mlxlab.models.vision_language import VisionLanguageModel, trainable_summary
+
+    out = tmp_path / "q4"
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(folders["smolvlm"]), str(out), quantize=True, q_bits=4, q_group_size=64)
+    model = VisionLanguageModel(0, pretrained=str(out), lora={"rank": 4, "targets": ["query"]})
+    assert model.quantized and set(trainable_summary(model)) == {"language_model"}
+    inputs = processed(out)
+    logits = model(mx.array(inputs["input_ids"].astype(np.int32)),
+                   **{k: mx.array(v) for k, v in inputs.items() if k.startswith("pixel_")})
+    assert np.isfinite(np.array(logits)).all()
+    with pytest.raises(ConfigError, match="already quantized"):
+        VisionLanguageModel(0, pretrained=str(out), quantize=4, lora={"rank": 4})
