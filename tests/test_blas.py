@@ -315,3 +315,58 @@ def test_torch_training_speed_is_the_same_with_and_without_mlxlab():
     for name in ORDERS:
         ratios = sorted(a / b for a, b in zip(rates[name], rates["plain"]))
         assert 0.8 < ratios[len(ratios) // 2] < 1.25, rates
+
+
+def _library():
+    import mlxlab
+
+    if cpu.isa_level() != cpu.X86_64_V3 or not blas_kernels.has_avx512() or not mlxlab.blas.library:
+        pytest.skip("no AVX-512 OpenBLAS to choose kernels for on this CPU")
+    from pathlib import Path
+
+    return Path(mlxlab.blas.library)
+
+
+def test_a_kernel_verdict_taken_on_a_busy_machine_is_the_quiet_one_or_deferred():
+    """Both cores kept busy by two other processes: the measurement sees that its rounds waited,
+    and its verdict is the one a quiet measurement gives, or it is deferred (not cached)."""
+    library = _library()
+    quiet = blas_kernels.measure(library)
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        busy = blas_kernels.measure(library)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert quiet is not None and busy is not None
+    assert busy["waited_rounds"] > 0, busy  # the load was there, and seen
+    if busy["decided"] and quiet["decided"]:
+        assert (busy["speedup"] >= blas_kernels.MARGIN) == (quiet["speedup"] >= blas_kernels.MARGIN), (
+            quiet, busy)
+
+
+def test_an_unsettled_verdict_is_not_kept_and_says_why(tmp_path, monkeypatch):
+    """Rounds that straddle MARGIN while most of them waited for a core: AVX2 for this process,
+    nothing cached, the next start measures again. Wall-clock timings a load inflated on one
+    side do not decide: the verdict reads the threads' own clocks."""
+    sample = lambda cpu_s, wall: {"cpu": cpu_s, "wall": wall}  # noqa: E731
+    # wall time says AVX-512 is 2x faster (the AVX2 rounds waited); the CPU clocks say 1.0x
+    steady = blas_kernels.verdict_of([sample(1.0, 2.0)] * 6, [sample(1.0, 1.0)] * 6)
+    assert steady["decided"] and abs(steady["speedup"] - 1.0) < 1e-9
+    straddle = blas_kernels.verdict_of(
+        [sample(1.0 + 0.1 * i, 3.0) for i in range(6)], [sample(1.0, 3.0)] * 6)
+    assert not straddle["decided"] and straddle["waited_rounds"] == 12
+    library = _library()
+    monkeypatch.setenv("MLXLAB_KERNELS_CACHE", str(tmp_path))
+    from mlxlab.runtime import settings
+
+    settings.reload()
+    try:
+        monkeypatch.setattr(blas_kernels, "measure", lambda _: straddle)
+        core, why = blas_kernels.choose_core(library)
+        assert core == blas_kernels.AVX2_CORE and "measured again at the next start" in why
+        assert not (tmp_path / blas_kernels.CACHE_FILE).exists()
+    finally:
+        monkeypatch.undo()
+        settings.reload()

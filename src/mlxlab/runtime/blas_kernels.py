@@ -7,9 +7,13 @@ AVX-512 units run its AVX-512 ("SkylakeX") sgemm 1.8-1.9x faster at the shapes m
 AVX-512 kernels were measured no faster. So the choice is made by measurement, not by a table:
 on an x86-64-v3 CPU that has AVX-512 (F, DQ, CD, BW, VL: what OpenBLAS's SkylakeX kernels use),
 the first `import mlxlab` on the machine times a few single-threaded sgemm calls at a small
-model's shapes in two short child processes (one per core; OpenBLAS reads OPENBLAS_CORETYPE
-only when it loads), about half a second, and keeps the AVX-512 kernels when they are at least
-MARGIN faster. The verdict is cached per CPU and library file, beside the fused kernels' builds
+model's shapes in two child processes (one per kernel set; OpenBLAS reads OPENBLAS_CORETYPE
+only when it loads), in ROUNDS interleaved rounds on each thread's own CPU clock (a busy
+machine makes a round wait, not run slower on that clock), about a second, and keeps the AVX-512
+kernels when the median round has them at least MARGIN faster. A measurement whose rounds
+disagree across MARGIN while most of them waited for a core (taken under load) is not kept:
+that process runs the AVX2 kernels and says so, and the next start measures again. A kept
+verdict records its rounds and is cached per CPU and library file, beside the fused kernels' builds
 (`<kernels cache>/blas-kernels.json`: machine-level, made at first use as those are),
 so every later process on the machine runs the same kernels: a run and its resume compute the
 same bits. Every other CPU runs the AVX2 kernels (the same bits on every x86-64-v3 CPU).
@@ -45,7 +49,10 @@ CACHE_FILE = "blas-kernels.json"
 SHAPES = ((2048, 256, 768), (2048, 704, 256), (2048, 3776, 256), (512, 128, 512))
 
 # The child: load the library with the core named in its environment, check it runs that core,
-# time each shape (best of REPEATS), print {"core": ..., "seconds": ...}. Standard library only.
+# say so ({"core": ...}), then on each "go" line time each shape (best of REPEATS) and print
+# {"cpu": ..., "wall": ...}: the seconds on this thread's clock (what another busy process on
+# the machine cannot add to) and on the wall's (how much of them it was kept waiting). Standard
+# library only.
 _CHILD = r"""
 import ctypes, json, sys, time
 lib = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_LOCAL)
@@ -55,20 +62,35 @@ core.restype = ctypes.c_char_p
 gemm = getattr(lib, prefix + "cblas_sgemm")
 I, F, P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 gemm.argtypes = [I, I, I, I, I, I, F, P, I, P, I, F, P, I]
-total = 0.0
-for m, n, k in json.loads(sys.argv[2]):
+shapes = json.loads(sys.argv[2])
+buffers = []
+for m, n, k in shapes:
     a, b, c = ((ctypes.c_float * size)() for size in (m * k, k * n, m * n))
     for buf in (a, b):
         ctypes.memset(buf, 0x3F, ctypes.sizeof(buf))  # every float 0.747: no zeros, no denormals
-    best = float("inf")
-    for _ in range(int(sys.argv[3])):
-        start = time.perf_counter()
-        gemm(101, 111, 111, m, n, k, 1.0, a, k, b, n, 0.0, c, n)
-        best = min(best, time.perf_counter() - start)
-    total += best
-print(json.dumps({"core": core().decode(), "seconds": total}))
+    buffers.append((a, b, c))
+print(json.dumps({"core": core().decode()}), flush=True)
+for line in sys.stdin:
+    cpu = wall = 0.0
+    for (m, n, k), (a, b, c) in zip(shapes, buffers):
+        best_cpu = best_wall = float("inf")
+        for _ in range(int(sys.argv[3])):
+            c0, w0 = time.thread_time(), time.perf_counter()
+            gemm(101, 111, 111, m, n, k, 1.0, a, k, b, n, 0.0, c, n)
+            best_cpu = min(best_cpu, time.thread_time() - c0)
+            best_wall = min(best_wall, time.perf_counter() - w0)
+        cpu, wall = cpu + best_cpu, wall + best_wall
+    print(json.dumps({"cpu": cpu, "wall": wall}), flush=True)
 """
 REPEATS = 3
+# Rounds of the two kernel sets, interleaved (A B, B A, ...) so that a load that comes and goes
+# meets both alike; the verdict is the median of the rounds' ratios.
+ROUNDS = 6
+# A round whose wall time exceeds its CPU time by this much was kept waiting (another process
+# had the core): such rounds are counted, and a verdict taken mostly under them, or whose
+# rounds disagree across MARGIN, is deferred to the next start instead of cached.
+WAITED = 1.25
+SPREAD = 0.25  # the rounds' ratios may differ by this share of their median and still decide
 
 
 def has_avx512(flags: frozenset[str] | None = None) -> bool:
@@ -88,33 +110,93 @@ def choose_core(library: Path) -> tuple[str | None, str]:
     cached = _read_cache().get(key)
     if cached is None:
         cached = measure(library)
-        if cached is not None:
+        if cached is not None and cached["decided"]:
             _write_cache(key, cached)
     if cached is None:
         return AVX2_CORE, "AVX2 kernels (the AVX-512 ones could not be timed)"
-    speedup = cached["avx2_s"] / cached["avx512_s"]
+    speedup = cached.get("speedup", cached["avx2_s"] / cached["avx512_s"])
+    if not cached.get("decided", True):  # measured again at the next start
+        return AVX2_CORE, (f"AVX2 kernels for now: the AVX-512 ones measured {speedup:.2f}x, "
+                           f"unsettled ({cached['waited_rounds']} of {2 * cached['rounds']} "
+                           "timings waited for a busy core); measured again at the next start")
     if speedup >= MARGIN:
-        return AVX512_CORE, f"AVX-512 kernels: {speedup:.2f}x the AVX2 ones' speed on this CPU"
-    return AVX2_CORE, f"AVX2 kernels: the AVX-512 ones measured {speedup:.2f}x on this CPU"
+        return AVX512_CORE, (f"AVX-512 kernels: {speedup:.2f}x the AVX2 ones' speed on this CPU"
+                             f"{_how(cached)}")
+    return AVX2_CORE, f"AVX2 kernels: the AVX-512 ones measured {speedup:.2f}x on this CPU{_how(cached)}"
 
 
-def measure(library: Path, repeats: int = REPEATS) -> dict | None:
-    """Time SHAPES under each core in a child process; None when either child fails or runs
-    other kernels than asked (a library built without them)."""
-    seconds = {}
-    for name, core in (("avx2_s", AVX2_CORE), ("avx512_s", AVX512_CORE)):
-        env = {**os.environ, "OPENBLAS_CORETYPE": core, "OPENBLAS_NUM_THREADS": "1"}
-        try:
-            out = subprocess.run(
+def _how(verdict: dict) -> str:
+    """How a verdict was taken, for the device line (older cached verdicts do not say)."""
+    if "rounds" not in verdict:
+        return ""
+    return f" (median of {verdict['rounds']} interleaved rounds on the threads' own clocks)"
+
+
+def measure(library: Path, repeats: int = REPEATS, rounds: int = ROUNDS) -> dict | None:
+    """Time SHAPES under each core, in one child process a core (OpenBLAS reads its core when it
+    loads), `rounds` times interleaved, on the threads' own clocks. Returns the medians, each
+    round's ratio, how many rounds waited for the core, and whether the verdict is `decided`
+    (settled enough to keep); None when either child fails or runs other kernels than asked (a
+    library built without them)."""
+    children = {}
+    try:
+        for name, core in (("avx2", AVX2_CORE), ("avx512", AVX512_CORE)):
+            env = {**os.environ, "OPENBLAS_CORETYPE": core, "OPENBLAS_NUM_THREADS": "1"}
+            child = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _CHILD, str(library), json.dumps(SHAPES),
-                 str(repeats)], env=env, capture_output=True, text=True, timeout=60, check=True)
-            result = json.loads(out.stdout)
-        except (OSError, subprocess.SubprocessError, ValueError):
-            return None
-        if result["core"].lower() != core.lower():
-            return None
-        seconds[name] = result["seconds"]
-    return {**seconds, "measured": time.time()}
+                 str(repeats)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True)
+            children[name] = child
+            if json.loads(_line(child))["core"].lower() != core.lower():
+                return None
+        samples: dict[str, list[dict]] = {"avx2": [], "avx512": []}
+        for r in range(rounds):
+            for name in (("avx2", "avx512") if r % 2 == 0 else ("avx512", "avx2")):
+                children[name].stdin.write("go\n")
+                children[name].stdin.flush()
+                samples[name].append(json.loads(_line(children[name])))
+    except (OSError, ValueError, KeyError, TimeoutError):
+        return None
+    finally:
+        for child in children.values():
+            with contextlib.suppress(OSError):
+                child.kill()
+                child.wait(timeout=10)
+    return verdict_of(samples["avx2"], samples["avx512"])
+
+
+def verdict_of(avx2: list[dict], avx512: list[dict]) -> dict:
+    """The record of interleaved rounds (module docstring): medians, ratios, waits, decided."""
+    ratios = sorted(a["cpu"] / b["cpu"] for a, b in zip(avx2, avx512))
+    speedup = ratios[len(ratios) // 2]
+    spread = (ratios[-1] - ratios[0]) / speedup
+    waited = sum(s["wall"] > WAITED * s["cpu"] for s in (*avx2, *avx512))
+    mostly_waited = waited > len(ratios)  # over half of the 2 x rounds samples
+    # decided: the rounds agree, or all of them fall on one side of MARGIN
+    one_side = ratios[0] >= MARGIN or ratios[-1] < MARGIN
+    decided = (spread <= SPREAD or one_side) and not (mostly_waited and not one_side)
+    return {"avx2_s": _median([s["cpu"] for s in avx2]),
+            "avx512_s": _median([s["cpu"] for s in avx512]), "speedup": speedup,
+            "ratios": [round(r, 4) for r in ratios], "waited_rounds": waited,
+            "rounds": len(ratios), "decided": decided, "measured": time.time()}
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _line(child: subprocess.Popen, timeout: float = 60) -> str:
+    """The child's next line, or TimeoutError (a child that hangs never holds the import)."""
+    import selectors
+
+    with selectors.DefaultSelector() as selector:
+        selector.register(child.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            raise TimeoutError("the kernel timing child did not answer")
+    line = child.stdout.readline()
+    if not line:
+        raise ValueError("the kernel timing child ended")
+    return line
 
 
 def cache_key(library: Path, flags: frozenset[str]) -> str:
