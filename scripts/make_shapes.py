@@ -1,4 +1,5 @@
-"""Write the shipped visual task (src/mlxlab/assets/shapes/): 64x64 pictures of one to three
+"""Write the shipped visual task (src/mlxlab/assets/shapes/, and its held-out pictures as an
+evaluation task, shapes_val.jsonl): 64x64 pictures of one to three
 shapes of one kind and colour on a light ground, each with a question whose answer only the
 picture holds (the colour, the shape or the count), as image chats for data=vision_chat.
 Chance is 1/4 for colours and 1/3 for shapes and counts.
@@ -59,6 +60,11 @@ def make(out: Path, split: str, n: int, seed: int) -> None:
                                          {"type": "text", "text": QUESTIONS[kind]}]},
             {"role": "assistant", "content": [{"type": "text", "text": answer}]}]})
     (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if split == "val":  # the same pictures as an evaluation task (mlxlab eval, eval.tasks)
+        task = [{"id": f"{i:04d}", "image": f"val/{i:04d}.png",
+                 "prompt": r["messages"][0]["content"][1]["text"],
+                 "answer": r["messages"][1]["content"][0]["text"]} for i, r in enumerate(rows)]
+        (out / "shapes_val.jsonl").write_text("".join(json.dumps(t) + "\n" for t in task))
 
 
 def main() -> None:

@@ -412,3 +412,37 @@ def test_a_4bit_mlx_vlm_folder_stays_4bit(folders, tmp_path):
     assert np.isfinite(np.array(logits)).all()
     with pytest.raises(ConfigError, match="already quantized"):
         VisionLanguageModel(0, pretrained=str(out), quantize=4, lora={"rank": 4})
+
+
+def test_eval_task_with_an_image_column(folders, tmp_path):
+    """A generation task whose rows show pictures is answered by a vision model as `generate
+    --image` answers (greedy, same tokens); without the chat template that places the
+    pictures it is refused in one line."""
+    from tokenizers import Tokenizer
+
+    from mlxlab.data.chat import load_chat_template
+    from mlxlab.errors import ConfigError
+    from mlxlab.evaluation.scoring import score_task
+    from mlxlab.evaluation.settings import TaskSettings
+    from mlxlab.evaluation.tasks import read_task
+    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.runs.generate import continue_ids, image_prompt
+
+    folder = folders["smolvlm"]
+    for i in range(3):
+        picture(i).save(tmp_path / f"{i}.png")
+    (tmp_path / "seen.jsonl").write_text("".join(json.dumps(
+        {"image": f"{i}.png", "prompt": "What?", "answer": "x"}) + "\n" for i in range(3)))
+    task = read_task(tmp_path / "seen.jsonl")
+    model = VisionLanguageModel(0, pretrained=str(folder))
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    template = load_chat_template(folder)
+    scores = score_task(model, tokenizer, task, TaskSettings(max_new_tokens=5), template)
+    for i, row in enumerate(scores.rows):
+        ids, inputs = image_prompt(model, template, [{"role": "user", "content": "What?"}],
+                                   [tmp_path / f"{i}.png"])
+        expected = tokenizer.decode(list(continue_ids(model, tokenizer, folder, ids, 5, 0.0, 0,
+                                                      1.0, 0, inputs)))
+        assert row["output"] == expected
+    with pytest.raises(ConfigError, match="vision-language model"):
+        score_task(model, tokenizer, task, TaskSettings(max_new_tokens=5), None)

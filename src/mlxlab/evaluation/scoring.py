@@ -205,18 +205,22 @@ def _multiple_choice(model: Model, prompts: Prompts, task: Task, batch_size: int
 
 
 def greedy_ids(model: Model, prompt: list[int], max_new_tokens: int, eot: int | Collection[int],
-               done: Callable[[list[int]], bool] = lambda ids: False) -> list[int]:
+               done: Callable[[list[int]], bool] = lambda ids: False,
+               inputs: dict | None = None) -> list[int]:
     """Greedy continuation of `prompt`: at most `max_new_tokens`, ending before end-of-text
     (`eot`: one id, or several: any of them) or once `done(ids)`; with the model's KV cache
-    where it has one."""
+    where it has one. `inputs`: what the prompt's forward pass also reads (a picture's pixel
+    arrays); the prompt is then never cut."""
     stops = {eot} if isinstance(eot, int) else set(eot)
     limit = _context_length(model)
-    prompt = prompt[-max(1, limit - max_new_tokens):]
+    if not inputs:
+        prompt = prompt[-max(1, limit - max_new_tokens):]
     cache = model.make_cache()  # None: a model without one recomputes the whole sequence
     out: list[int] = []
     tokens = mx.array([prompt], dtype=mx.int32)
     while len(out) < max_new_tokens and len(prompt) + len(out) < limit:
-        logits = model(tokens, cache=cache) if cache is not None else model(tokens)
+        first = {} if out or not inputs else inputs
+        logits = model(tokens, cache=cache, **first) if cache is not None else model(tokens)
         token = int(logits[0, -1].argmax().item())
         if token in stops:
             break
@@ -242,6 +246,8 @@ def _generation(model: Model, prompts: Prompts, task: Task, settings: TaskSettin
     def stopped(ids: list[int]) -> bool:
         return _cut(tok.decode(ids), settings.stop)[1]
 
+    if any(ex.images for ex in task.examples):
+        return _image_generation(model, prompts, task, settings, stopped)
     encoded = [prompts.encode(prompts.text(ex.prompt)) for ex in task.examples]
     _context_length(model)
     progress = Progress(f"task {task.name}", len(encoded), "answers")
@@ -261,6 +267,40 @@ def _generation(model: Model, prompts: Prompts, task: Task, settings: TaskSettin
     for ex, ids in zip(task.examples, answers):
         output, _ = _cut(tok.decode(ids), settings.stop)
         rows.append({"id": ex.id, **generation_scores(output, ex), "output": output})
+    return TaskScores(task.name, task.kind, _means(rows, ("exact_match", "contains")), rows)
+
+
+def _image_generation(model: Model, prompts: Prompts, task: Task, settings: TaskSettings,
+                      stopped: Callable[[list[int]], bool]) -> TaskScores:
+    """A generation task whose rows show pictures: each prompt a user turn with its pictures,
+    through the model's chat template and processor (a vision-language model's), answered
+    greedily one at a time (each row's pictures differ)."""
+    from mlxlab.data.images import open_image
+    from mlxlab.data.vision_chat import image_keys, load_processor
+
+    folder = getattr(model, "processor_folder", None)
+    if folder is None or prompts.template is None:
+        raise ConfigError(f"task {task.name} shows pictures (an image column): score it on a "
+                          "vision-language model with its chat template")
+    processor = load_processor(folder)
+    progress = Progress(f"task {task.name}", len(task.examples), "answers")
+    rows = []
+    try:
+        for ex in task.examples:
+            messages = [{"role": "user", "content": [*({"type": "image"} for _ in ex.images),
+                                                     {"type": "text", "text": ex.prompt}]}]
+            text = prompts.template.render(messages, add_generation_prompt=True)
+            pictures = [open_image(ref, task.path.parent) for ref in ex.images]
+            out = processor(text=[text], images=[pictures], return_tensors="np")
+            arrays = {k: np.asarray(v) for k, v in out.items()}
+            ids = greedy_ids(model, arrays["input_ids"][0].astype(int).tolist(),
+                             settings.max_new_tokens, prompts.stops, stopped,
+                             {k: mx.array(arrays[k]) for k in image_keys(arrays)})
+            output, _ = _cut(prompts.tokenizer.decode(ids), settings.stop)
+            rows.append({"id": ex.id, **generation_scores(output, ex), "output": output})
+            progress.add(1)
+    finally:
+        progress.close()
     return TaskScores(task.name, task.kind, _means(rows, ("exact_match", "contains")), rows)
 
 

@@ -7,7 +7,9 @@ Three kinds, told apart by the keys of the rows (every row of a file must be of 
   multiple_choice`: the log-likelihood of " " + choice after the prompt; acc picks the highest,
   acc_norm the highest per character of the choice.
 - generation: `prompt`, `answer` (a string, or a list of accepted strings): greedy decoding up to
-  a token limit; exact_match and contains.
+  a token limit; exact_match and contains. An `image` (or `images`: a list) column shows the
+  prompt's pictures to a vision-language model (paths relative to the task file, file:// or
+  data: URLs), rendered by its chat template and laid out by its processor.
 - perplexity: `text`: the token-weighted loss, perplexity and bits per byte of the text.
 
 Each example keeps an id, the row's `id` field or else its 0-based row number, so two models'
@@ -55,6 +57,7 @@ class Example:
     choices: tuple[str, ...] = ()
     answer: int | tuple[str, ...] | None = None  # choice index, or accepted generations
     text: str = ""
+    images: tuple[str, ...] = ()  # generation: the pictures the prompt shows (resolved paths)
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ def read_task(path: str | Path) -> Task:
             raise ConfigError(f"{where} is a {this} row in a {kind} task: one kind per file; "
                               "split the file")
         kind = this
-        example = _example(row, this, str(row.get("id", len(examples))), where)
+        example = _example(row, this, str(row.get("id", len(examples))), where, path.parent)
         if example.id in seen:
             raise ConfigError(f"{where}: id {example.id!r} is also on line {seen[example.id]}; "
                               "ids pair examples across runs and must be unique")
@@ -137,7 +140,25 @@ def read_tasks(paths: list[str | Path]) -> list[Task]:
     return tasks
 
 
-def _example(row: dict, kind: str, ident: str, where: str) -> Example:
+def _images(row: dict, where: str, folder: Path) -> tuple[str, ...]:
+    """A generation row's pictures, each checked to exist (data/images.py reads them)."""
+    from mlxlab.data.images import image_bytes
+
+    given = row.get("images", row.get("image"))
+    if given is None:
+        return ()
+    given = given if isinstance(given, list) else [given]
+    out = []
+    for ref in given:
+        try:
+            name, source = image_bytes(ref, folder)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        out.append(ref if isinstance(source, bytes) else name)
+    return tuple(out)
+
+
+def _example(row: dict, kind: str, ident: str, where: str, folder: Path = Path(".")) -> Example:
     if kind == PERPLEXITY:
         if not isinstance(row["text"], str) or not row["text"]:
             raise ConfigError(f"{where}: text must be a non-empty string")
@@ -150,7 +171,8 @@ def _example(row: dict, kind: str, ident: str, where: str) -> Example:
         accepted = answer if isinstance(answer, list) else [answer]
         if not accepted or not all(isinstance(a, str) and a.strip() for a in accepted):
             raise ConfigError(f"{where}: answer must be a non-empty string or a list of them")
-        return Example(ident, prompt=prompt, answer=tuple(accepted))
+        return Example(ident, prompt=prompt, answer=tuple(accepted),
+                       images=_images(row, where, folder))
     choices = row["choices"]
     if (not isinstance(choices, list) or len(choices) < 2
             or not all(isinstance(c, str) and c for c in choices)):
