@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from itertools import islice
 
 import pandas as pd
 import pytest
 
-from conftest import mlxlab
+from conftest import MLXLAB, mlxlab
 from mlxlab.cli.main import main
 from mlxlab.data.tokenizer import build_tokenizer
 from mlxlab.models.generation import generate_tokens
@@ -134,3 +135,29 @@ def test_clear_errors(tiny_lm_run, classifier_run, tmp_path, capsys):
         assert main([str(a) for a in args]) == 2, args
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith(f"mlxlab {args[0]}: error: ") and expected in last, last
+
+
+def test_speculative_decoding_with_a_draft(tmp_path):
+    """`generate --draft`: under greedy decoding the text is the model's alone, token for
+    token, and the draft's share is printed; a draft with another tokenizer, or one not smaller
+    than the model, is one line before anything is generated."""
+    from hf_helpers import save_tiny_model
+
+    target = save_tiny_model("llama", tmp_path / "target", seed=0, num_hidden_layers=4)
+    draft = save_tiny_model("llama", tmp_path / "draft", seed=0, num_hidden_layers=1)
+    other = save_tiny_model("qwen2", tmp_path / "other", seed=0, num_hidden_layers=1)
+    args = [MLXLAB, "generate", str(target), "--prompt", "Once upon a time", "--max-tokens",
+            "24", "--temperature", "0"]
+    alone = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    for k in ("1", "4"):
+        fast = subprocess.run([*args, "--draft", str(draft), "--num-draft-tokens", k],
+                              capture_output=True, text=True, timeout=300)
+        assert fast.returncode == 0, fast.stderr[-2000:]
+        assert fast.stdout == alone.stdout
+        assert "proposed by the draft" in fast.stderr
+    for bad, words in ((other, "tokenizer"), (target, "not smaller")):
+        refused = subprocess.run([*args, "--draft", str(bad)], capture_output=True, text=True,
+                                 timeout=300)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert words in refused.stderr.strip().splitlines()[-1]

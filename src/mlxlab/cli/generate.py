@@ -8,6 +8,7 @@ come.
     mlxlab generate models/SmolLM2-135M-Instruct --chat --prompt "Who are you?" --system "Be brief."
     mlxlab generate models/SmolLM2-135M-Instruct --chat        # a conversation, a line a turn
     mlxlab generate VLM_RUN --chat --image cat.png --prompt "What is on the mat?"
+    mlxlab generate RUN --chat --prompt "Hi" --draft DRAFT_RUN --num-draft-tokens 3
 
 MODEL is a run folder (its --checkpoint) or any model: a Hugging Face / mlx-lm model folder, a
 folder `mlxlab export` wrote, a .gguf file, ollama:NAME[:TAG] or a hub id ORG/NAME. The prompt
@@ -17,7 +18,10 @@ turn, else the template's default), and the reply ends at the template's end of 
 --prompt, each line of stdin is the next user turn of one conversation (an empty line or end of
 input ends it). Generation stops after --max-tokens new tokens, at the model's end tokens, or
 when its context (max_seq_len) is full. --image FILE (with --chat, repeatable): the user turn
-shows the picture(s) to a vision-language model, laid out by its own processor.
+shows the picture(s) to a vision-language model, laid out by its own processor. --draft MODEL:
+speculative decoding with a smaller model of the same tokenizer (a run or a folder), which
+proposes --num-draft-tokens tokens the model checks at once: the same text under --temperature 0,
+the model's own distribution otherwise; the share of tokens the draft proposed is printed.
 --temperature 0 = greedy.
 """
 
@@ -38,6 +42,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--system", default=None, help="--chat: the system turn")
     parser.add_argument("--image", action="append", default=[], metavar="FILE",
                         help="--chat: a picture the user turn shows (repeatable)")
+    parser.add_argument("--draft", default=None, metavar="MODEL",
+                        help="a smaller model of the same tokenizer for speculative decoding")
+    parser.add_argument("--num-draft-tokens", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=40, help="0 = off")
@@ -59,8 +66,20 @@ def main(argv: list[str]) -> int:
         if args.chat and args.prompt is None and args.num_samples > 1:
             raise ValueError("--num-samples samples one --prompt: give --prompt, or drop "
                              "--num-samples for a conversation")
+        if args.draft and args.image:
+            raise ValueError("--draft decodes text models; drop --image or --draft")
+        if args.num_draft_tokens < 1:
+            raise ValueError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
         model = load_eval_model(args.run, args.checkpoint, "template" if args.chat else "plain",
                                 purpose="mlxlab generate")
+        args.draft_model = None
+        if args.draft:
+            from mlxlab.models.generation import check_draft
+
+            draft = load_eval_model(args.draft, "best", "plain", purpose="mlxlab generate --draft")
+            check_draft(model.model, draft.model,
+                        draft.tokenizer.to_str() == model.tokenizer.to_str())
+            args.draft_model = draft.model
         print(f"[{model.checkpoint or model.path}]", file=sys.stderr)
         if args.chat and args.prompt is None:
             return converse(model, args)
@@ -105,12 +124,17 @@ def reply(model, args, chat: list[dict], seed: int) -> str:
     else:
         prompt_ids = plain_prompt_ids(model.tokenizer, folder, model.model.hf_config,
                                       chat[-1]["content"] or "")
+    accepted: list[int] = []
     ids = continue_ids(model.model, model.tokenizer, folder, prompt_ids, args.max_tokens,
-                       args.temperature, args.top_k, args.top_p, seed, inputs)
+                       args.temperature, args.top_k, args.top_p, seed, inputs,
+                       getattr(args, "draft_model", None), args.num_draft_tokens, accepted)
     pieces = []
     for piece in decode_stream(model.tokenizer, ids):
         pieces.append(piece)
         print(piece, end="", flush=True)
+    if getattr(args, "draft_model", None) is not None and accepted:
+        print(f"\n[draft: {sum(accepted)} of {len(accepted)} tokens proposed by the draft "
+              f"({sum(accepted) / len(accepted):.0%})]", file=sys.stderr)
     return "".join(pieces)
 
 

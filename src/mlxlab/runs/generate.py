@@ -67,11 +67,12 @@ def chat_prompt_ids(tokenizer: Tokenizer, template: ChatTemplate,
 def continue_ids(model: Model, tokenizer: Tokenizer, folder: Path, prompt_ids: list[int],
                  max_tokens: int = 100, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, seed: int = 0,
-                 inputs: Mapping | None = None) -> Iterator[int]:
+                 inputs: Mapping | None = None, draft: Model | None = None,
+                 num_draft_tokens: int = 3, accepted: list[int] | None = None) -> Iterator[int]:
     """New token ids after `prompt_ids`: at most `max_tokens`, ending before the first of the
     model's stop ids (stop_ids of its tokenizer files in `folder`: its chat template's end of
     turn, its end-of-text ids). `inputs`: a vision-language prompt's pixel arrays
-    (image_prompt)."""
+    (image_prompt). `draft`: speculative decoding (models/generation.py)."""
     from mlxlab.models.generation import generate_tokens
 
     if max_tokens < 0:
@@ -83,7 +84,8 @@ def continue_ids(model: Model, tokenizer: Tokenizer, folder: Path, prompt_ids: l
             f"{model.max_seq_len}: shorten --prompt"
         )
     return _until_stop(generate_tokens(model, prompt_ids, temperature, top_k, top_p, seed,
-                                       inputs), stops, max_tokens)
+                                       inputs, draft, num_draft_tokens, accepted),
+                       stops, max_tokens)
 
 
 def image_prompt(model: Model, template: ChatTemplate, messages: Sequence[Mapping],
