@@ -261,33 +261,37 @@ def test_sigkilled_vision_run_resumes_bitwise(folders, tmp_path, cli_env):
         assert np.array_equal(expected[key], got[key]), key
 
 
-def test_export_mlx_vlm_folder_holds_the_fine_tune(folders, tmp_path):
-    """A trained vision run exports as an mlx-vlm folder (adapters fused, checked in mlx-vlm
-    where it is written) that generates what the run generates; --format hf is one line."""
+def test_export_mlx_vlm_and_hf_folders_hold_the_fine_tune(folders, tmp_path):
+    """A trained vision run exports as an mlx-vlm folder and as transformers' folder (adapters
+    fused, each checked where it is written: the report's gap), the mlx-vlm one generating what
+    the run generates; a family whose transformers layout is not written is one line."""
+    from mlx.utils import tree_flatten
+    from mlx_vlm.utils import load_model
+
     done = _train(tmp_path, folders["smolvlm"], "tracking=none",
                   "model.lora.modules=[language_model,projector]")
     assert done.returncode == 0, done.stderr[-2000:]
     run = next((tmp_path / "outputs" / "finetune_vision").iterdir())
-    out = tmp_path / "exported"
-    made = subprocess.run([MLXLAB, "export", str(run), "--format", "mlx-vlm", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert made.returncode == 0, made.stderr[-2000:]
-    report = json.loads((out / "export_report.json").read_text())
-    assert report["check"]["status"] == "checked"
-    assert report["check"]["max_abs_logit_gap"] <= report["check"]["allowed_gap"]
-    from mlx.utils import tree_flatten
-    from mlx_vlm.utils import load_model
-
-    assert not any("lora" in k for k, _ in tree_flatten(load_model(out).parameters()))
+    for fmt in ("mlx-vlm", "hf"):
+        out = tmp_path / fmt
+        made = subprocess.run([MLXLAB, "export", str(run), "--format", fmt, "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert made.returncode == 0, made.stderr[-2000:]
+        check = json.loads((out / "export_report.json").read_text())["check"]
+        assert check["status"] == "checked" and check["max_abs_logit_gap"] <= check["allowed_gap"]
+    assert not any("lora" in k for k, _ in tree_flatten(load_model(tmp_path / "mlx-vlm")
+                                                        .parameters()))
     picture(5).save(tmp_path / "p.png")
     replies = [subprocess.run([MLXLAB, "generate", str(m), "--chat", "--prompt", "What?",
                                "--image", str(tmp_path / "p.png"), "--max-tokens", "6",
                                "--temperature", "0"], capture_output=True, text=True,
-                              timeout=300).stdout for m in (run, out)]
+                              timeout=300).stdout for m in (run, tmp_path / "mlx-vlm")]
     assert replies[0] and replies[0] == replies[1]
-    refused = subprocess.run([MLXLAB, "export", str(run), "--format", "hf", "--out",
-                              str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "--format mlx-vlm" in refused.stderr.splitlines()[-1]
+    from mlxlab.export.hf import ExportError
+    from mlxlab.export.vision import check_vision_options
+
+    with pytest.raises(ExportError, match="qwen2_5_vl; use --format mlx-vlm"):
+        check_vision_options("hf", None, "fuse", "qwen2_5_vl")
 
 
 def test_qlora_and_dora_on_the_language_model(folders):

@@ -21,7 +21,8 @@ vLLM's LoRA, llama.cpp's convert_lora_to_gguf.py and Ollama's ADAPTER read it.
     mlxlab export /path/to/float/hf/folder --format gguf --quant f16 --out model.gguf
 
 --format mlx-vlm writes a vision-language run (model=vision_language) as an mlx-vlm folder, its
-adapters fused, checked by loading it in mlx-vlm.
+adapters fused, checked by loading it in mlx-vlm; --format hf writes one (SmolVLM / Idefics3,
+Gemma 3) in transformers' layout, checked in transformers.
 --format gguf writes one GGUF file (f32, f16, bf16, q8_0, q4_0, q4_1) that llama.cpp, Ollama and
 LM Studio load, and an Ollama Modelfile beside it named after it (ft.gguf: ft.Modelfile;
 `ollama create NAME -f exported/ft.Modelfile`).

@@ -77,7 +77,7 @@ FORMATS = ("hf", "mlx-lm", "peft")
 
 def _check_options(model, fmt: str, dtype: str, quantize: int | None, lora: str) -> None:
     if isinstance(model, VisionLanguageModel):
-        check_vision_options(fmt, quantize, lora)
+        check_vision_options(fmt, quantize, lora, model.hf_config.get("model_type"))
         if dtype not in DTYPES:
             raise ExportError(f"--dtype {dtype!r}: use one of {list(DTYPES)}")
         return
@@ -143,8 +143,8 @@ def _checker(model, state, fmt: str, check: bool) -> dict | None:
     """None when the export will be checked (transformers can load it here), else the record
     of why it is written unchecked; a model type no test proves is refused when nothing here
     can check it."""
-    if fmt == "mlx-vlm":
-        return None
+    if fmt == "mlx-vlm" or isinstance(model, VisionLanguageModel):
+        return None  # checked where it is written (export/vision.py)
     if fmt == "mlx-lm":
         if not check:
             raise ExportError("--no-check is for --format hf, peft and gguf: --format mlx-lm is "
@@ -221,7 +221,7 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
     if isinstance(model, VisionLanguageModel):
         report["lora"] = "fuse" if has_adapters(model) else None
         with _folder(out) as tmp:
-            report.update(export_vision(model, out, dtype, tmp))
+            report.update(export_vision(model, out, dtype, tmp, fmt))
             _write_report(tmp, out, report, card)
         return
     tokenizer = Tokenizer.from_file(str(tokenizer_path))

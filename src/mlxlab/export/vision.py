@@ -1,13 +1,14 @@
-"""A vision-language run for other tools: an mlx-vlm folder (`--format mlx-vlm`), the fused
-model in mlx-vlm's own weight names, its config.json (with its quantization where the base was
-quantized) and the base folder's tokenizer, chat template and processor files, which
-`mlx_vlm.load` / `python -m mlx_vlm.generate --model OUT` read as they read the base. The
-written folder is loaded by mlx-vlm where it is made and must give the fine-tune's logits on a
-probe (ids and a picture through the model's processor) within 1e-4 of their scale, else it is
-refused with the gap and nothing is moved to `out`.
-
-transformers' layout (`--format hf`) differs per family (mlx-vlm renames and re-lays weights as
-it loads them) and is refused in one line naming this format."""
+"""A vision-language run for other tools, its adapters fused:
+- `--format mlx-vlm`: the model in mlx-vlm's own weight names, its config.json (with its
+  quantization where the base was quantized) and the base folder's tokenizer, chat template and
+  processor files, which `mlx_vlm.load` / `python -m mlx_vlm.generate --model OUT` read as they
+  read the base; loaded by mlx-vlm where it is made.
+- `--format hf`: the hub's layout of the families whose way back from mlx-vlm's names is written
+  here (HF_NAMES: SmolVLM / Idefics3, Gemma 3), float weights, the base's config.json; loaded by
+  transformers' image-text-to-text class where it is made. Another family is one line.
+Either way the written folder must give the fine-tune's logits on a probe (ids and a picture
+through the model's processor) within 1e-4 of their scale, else it is refused with the gap and
+nothing is moved to `out`."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from mlxlab.export.hf import DTYPES, ExportError
 from mlxlab.models.lora import fuse_lora, has_adapters
 from mlxlab.models.vision_language import VisionLanguageModel
 
-FORMATS = ("mlx-vlm",)
+FORMATS = ("mlx-vlm", "hf")
 # what the base folder holds besides weights and config.json that mlx-vlm's loaders read
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "chat_template.jinja", "chat_template.json", "generation_config.json",
@@ -30,18 +31,44 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 TOLERANCE = 1e-4
 
 
-def check_vision_options(fmt: str, quantize: int | None, lora: str) -> None:
+def _idefics3_name(name: str) -> str:
+    """mlx-vlm's Idefics3 / SmolVLM weight name -> the hub's."""
+    if name.startswith("language_model.lm_head."):
+        return name.removeprefix("language_model.")
+    for mine, hub in (("language_model.", "model.text_model."),
+                      ("vision_model.", "model.vision_model."), ("connector.", "model.connector.")):
+        if name.startswith(mine):
+            return hub + name.removeprefix(mine)
+    return name
+
+
+# model_type -> (mlx-vlm's weight name -> the hub's; None: not written, a tied head)
+HF_NAMES = {
+    "smolvlm": _idefics3_name, "idefics3": _idefics3_name,
+    "gemma3": lambda name: None if name == "language_model.lm_head.weight" else name,
+}
+
+
+def check_vision_options(fmt: str, quantize: int | None, lora: str,
+                         model_type: str | None = None) -> None:
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: a vision-language run exports as --format mlx-vlm "
-                          "(mlx-vlm's folder; transformers' per-family layout is not written)")
+                          "(mlx-vlm's folder) or hf (transformers')")
+    if fmt == "hf" and model_type not in HF_NAMES:
+        raise ExportError(f"--format hf: the way back from mlx-vlm's weights to transformers' "
+                          f"layout is written for {sorted(HF_NAMES)}, not {model_type}; use "
+                          "--format mlx-vlm")
     if quantize or lora != "fuse":
-        raise ExportError("--format mlx-vlm writes the fused model as trained: drop --quantize "
+        raise ExportError(f"--format {fmt} writes the fused model as trained: drop --quantize "
                           "and --adapters")
 
 
-def export_vision(model: VisionLanguageModel, out: Path, dtype: str, staging: Path) -> dict:
-    """Write `model` (adapters fused) to `staging` as an mlx-vlm folder, prove it loads in
-    mlx-vlm with the same logits, and return the report's entries."""
+def export_vision(model: VisionLanguageModel, out: Path, dtype: str, staging: Path,
+                  fmt: str = "mlx-vlm") -> dict:
+    """Write `model` (adapters fused) to `staging` as an mlx-vlm (or transformers) folder,
+    prove it loads there with the same logits, and return the report's entries."""
+    if fmt == "hf":
+        return _export_hf(model, dtype, staging)
     base = model.processor_folder
     if base is None or not Path(base).is_dir():
         raise ExportError(f"the run's base folder {base} is gone: its tokenizer and processor "
@@ -85,6 +112,64 @@ def export_vision(model: VisionLanguageModel, out: Path, dtype: str, staging: Pa
                       "max_abs_logit_gap": gap, "allowed_gap": TOLERANCE * scale,
                       "tolerance": TOLERANCE, "logit_scale": scale,
                       "probe": np.array(probe_ids).tolist()}}
+
+
+def _export_hf(model: VisionLanguageModel, dtype: str, staging: Path) -> dict:
+    """The hub's layout (module docstring), checked in transformers."""
+    base = Path(model.processor_folder or "")
+    if not base.is_dir():
+        raise ExportError(f"the run's base folder {base} is gone: its config, tokenizer and "
+                          "processor files go into the export; put it back")
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise ExportError("--format hf is checked in transformers, which needs PyTorch here: "
+                          "pip install torch, or export --format mlx-vlm") from None
+    probe = _probe(model, base)
+    expected = np.array(model(**probe).astype(mx.float32))
+    if has_adapters(model.vlm):
+        fuse_lora(model.vlm, dequantize=True)
+    if model.quantized:
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(model.vlm)
+    from mlx.utils import tree_flatten
+
+    rename = HF_NAMES[model.hf_config.get("model_type")]
+    weights = {}
+    for name, value in tree_flatten(model.vlm.parameters()):
+        hub = rename(name)
+        if hub is None:
+            continue
+        if "patch_embedding.weight" in name and value.ndim == 4:  # MLX's (O, H, W, I) conv
+            value = value.transpose(0, 3, 1, 2)
+        weights[hub] = value.astype(DTYPES[dtype])
+    mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "pt"})
+    shutil.copyfile(base / "config.json", staging / "config.json")
+    for name in SIDE_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, staging / name)
+    loaded = transformers.AutoModelForImageTextToText.from_pretrained(
+        staging, dtype=torch.float32).eval()
+    inputs = {k: torch.tensor(np.array(v)) for k, v in probe.items()}
+    inputs["input_ids"] = inputs["input_ids"].long()
+    if model.hf_config.get("model_type") == "gemma3":  # transformers' image-token positions
+        image = int(model.hf_config["image_token_index"])
+        inputs["token_type_ids"] = (inputs["input_ids"] == image).long()
+    with torch.no_grad():
+        got = loaded(**inputs).logits.float().numpy()
+    scale = max(float(np.abs(expected).max()), 1e-9)
+    gap = float(np.abs(got - expected).max())
+    if dtype == "float32" and gap > TOLERANCE * scale:
+        raise ExportError(f"transformers gives this export logits {gap / scale:.2e} of their "
+                          "scale away from the fine-tune's: not written (--format mlx-vlm "
+                          "writes mlx-vlm's folder)")
+    return {"check": {"status": "checked", "checker": f"transformers {transformers.__version__}",
+                      "compute": "PyTorch float32, with a picture through the model's processor",
+                      "max_abs_logit_gap": gap, "allowed_gap": TOLERANCE * scale,
+                      "tolerance": TOLERANCE, "logit_scale": scale,
+                      "probe": np.array(probe["input_ids"]).tolist()}}
 
 
 def _probe(model: VisionLanguageModel, base: Path) -> dict:
