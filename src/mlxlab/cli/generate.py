@@ -72,23 +72,23 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
         model = load_eval_model(args.run, args.checkpoint, "template" if args.chat else "plain",
                                 purpose="mlxlab generate")
-        args.draft_model = None
+        draft_model = None
         if args.draft:
             from mlxlab.models.generation import check_draft
 
             draft = load_eval_model(args.draft, "best", "plain", purpose="mlxlab generate --draft")
             check_draft(model.model, draft.model,
                         draft.tokenizer.to_str() == model.tokenizer.to_str())
-            args.draft_model = draft.model
+            draft_model = draft.model
         print(f"[{model.checkpoint or model.path}]", file=sys.stderr)
         if args.chat and args.prompt is None:
-            return converse(model, args)
+            return converse(model, args, draft_model)
         for i in range(args.num_samples):
             if i:
                 print("\n" + "-" * 40)
             if not args.chat:
                 print(args.prompt or "", end="", flush=True)
-            reply(model, args, turns(args.system, [args.prompt]), args.seed + i)
+            reply(model, args, turns(args.system, [args.prompt]), args.seed + i, draft_model)
             print(flush=True)
         return 0
 
@@ -105,7 +105,7 @@ def turns(system: str | None, users: list[str], replies: tuple[str, ...] = ()) -
     return chat
 
 
-def reply(model, args, chat: list[dict], seed: int) -> str:
+def reply(model, args, chat: list[dict], seed: int, draft=None) -> str:
     """The model's text after the prompt (plain: the last user turn's text after BOS; --chat:
     the chat through its template), printed as it comes."""
     from mlxlab.runs.generate import (
@@ -127,18 +127,18 @@ def reply(model, args, chat: list[dict], seed: int) -> str:
     accepted: list[int] = []
     ids = continue_ids(model.model, model.tokenizer, folder, prompt_ids, args.max_tokens,
                        args.temperature, args.top_k, args.top_p, seed, inputs,
-                       getattr(args, "draft_model", None), args.num_draft_tokens, accepted)
+                       draft, args.num_draft_tokens, accepted)
     pieces = []
     for piece in decode_stream(model.tokenizer, ids):
         pieces.append(piece)
         print(piece, end="", flush=True)
-    if getattr(args, "draft_model", None) is not None and accepted:
+    if draft is not None and accepted:
         print(f"\n[draft: {sum(accepted)} of {len(accepted)} tokens proposed by the draft "
               f"({sum(accepted) / len(accepted):.0%})]", file=sys.stderr)
     return "".join(pieces)
 
 
-def converse(model, args) -> int:
+def converse(model, args, draft=None) -> int:
     """A conversation: each stdin line a user turn, each reply printed and kept in the chat."""
     users: list[str] = []
     replies: list[str] = []
@@ -151,5 +151,5 @@ def converse(model, args) -> int:
             return 0
         users.append(line.rstrip("\n"))
         replies.append(reply(model, args, turns(args.system, users, tuple(replies)),
-                             args.seed + len(replies)))
+                             args.seed + len(replies), draft))
         print(flush=True)

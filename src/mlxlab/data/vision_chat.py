@@ -52,6 +52,9 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "tokeniz
 # processor outputs that are images' arrays (the batch's image inputs: objectives/losses.py)
 IMAGE_PREFIXES = ("pixel_", "image_")
 CACHE_VERSION = 1
+# the processor (or tokenizer) attributes that name a token images expand into
+IMAGE_TOKEN_NAMES = ("image_token", "fake_image_token", "global_image_token", "boi_token",
+                     "eoi_token", "vision_start_token", "vision_end_token")
 
 
 def image_keys(arrays: dict) -> list[str]:
@@ -194,14 +197,13 @@ class VisionChat(PromptCompletion):
     def _image_token_ids(self) -> set[int]:
         """The ids a processor expands images into (never trained): its image token, and the
         family's image-tile and image-boundary tokens it adds."""
-        tok = self.processor.tokenizer if hasattr(self.processor, "tokenizer") else None
+        # each family's processor names its own (Idefics3's fake_image_token, Gemma's
+        # boi_token, ...) on itself or its tokenizer: the attributes either has
         names = set()
-        for attr in ("image_token", "fake_image_token", "global_image_token", "boi_token",
-                     "eoi_token", "vision_start_token", "vision_end_token"):
-            for source in (self.processor, tok):
-                value = getattr(source, attr, None)
-                if isinstance(value, str):
-                    names.add(value)
+        for source in (self.processor, self.processor.tokenizer):
+            found = vars(source) | {a: getattr(type(source), a) for a in dir(type(source))
+                                    if a.endswith("_token") and not a.startswith("_")}
+            names |= {v for a, v in found.items() if a in IMAGE_TOKEN_NAMES and isinstance(v, str)}
         ids = {self.tokenizer.token_to_id(n) for n in names}
         vocab = self.tokenizer.get_vocab()
         ids |= {i for name, i in vocab.items() if name.startswith("<row_") and "_col_" in name}

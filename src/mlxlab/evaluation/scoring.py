@@ -278,7 +278,7 @@ def _image_generation(model: Model, prompts: Prompts, task: Task, settings: Task
     from mlxlab.data.images import open_image
     from mlxlab.data.vision_chat import image_keys, load_processor
 
-    folder = getattr(model, "processor_folder", None)
+    folder = model.processor_folder
     if folder is None or prompts.template is None:
         raise ConfigError(f"task {task.name} shows pictures (an image column): score it on a "
                           "vision-language model with its chat template")

@@ -94,9 +94,8 @@ def export_vision(model: VisionLanguageModel, out: Path, dtype: str, staging: Pa
     loaded = load_model(staging)
     probe_ids = probe["input_ids"]
     pixel = probe.pop("pixel_values")
-    got = np.array(getattr(loaded(probe.pop("input_ids"), pixel, mask=None, **probe),
-                           "logits", None).astype(mx.float32)) if model.hf_config.get(
-        "model_type") != "gemma3" else None
+    got = np.array(loaded(probe.pop("input_ids"), pixel, mask=None, **probe).logits.astype(
+        mx.float32)) if model.hf_config.get("model_type") != "gemma3" else None
     if got is None:  # Gemma 3's mask is mlxlab's (models/vision_language.py): same forward
         reloaded = VisionLanguageModel(0, pretrained=str(staging))
         got = np.array(reloaded(**_probe(reloaded, Path(base))).astype(mx.float32))

@@ -70,6 +70,12 @@ class Model(nn.Module):
         return None
 
     @property
+    def processor_folder(self) -> str | None:
+        """The folder whose processor lays out pictures for this model (a vision-language
+        model's pretrained folder); None: the model reads text only."""
+        return None
+
+    @property
     def hf_config(self) -> dict[str, Any] | None:
         """The config.json of the pretrained checkpoint this model started from, if any."""
         return None

@@ -77,7 +77,7 @@ def check_draft(model: Model, draft: Model, same_tokenizer: bool) -> None:
     if not same_tokenizer:
         raise ConfigError("--draft: the draft's tokenizer is not the model's; a draft proposes "
                           "token ids the model checks, so it needs the same tokenizer.json")
-    sizes = [getattr(m, "vocab_size", None) for m in (model, draft)]
+    sizes = [m.architecture.get("vocab_size") for m in (model, draft)]
     if None not in sizes and sizes[0] != sizes[1]:
         raise ConfigError(f"--draft: the draft's vocabulary has {sizes[1]} ids and the model's "
                           f"{sizes[0]}; use a draft of the same vocabulary")

@@ -89,9 +89,9 @@ def family_module(config: Mapping, where: str | Path) -> Any:
 
 
 def version() -> str:
-    import mlx_vlm
+    from importlib.metadata import version as installed
 
-    return getattr(mlx_vlm, "__version__", "?")
+    return installed("mlx-vlm")
 
 
 def model_source(source: str | Path, revision: str | None = None) -> tuple[Path, dict]:
@@ -343,7 +343,7 @@ class VisionLanguageModel(Model):
         if self._hf_config.get("model_type") == "gemma3" and pixel_values is not None:
             return self._gemma3(input_ids, pixel_values, cache)
         out = self.vlm(input_ids, pixel_values, mask=None, cache=cache, **image_inputs)
-        return getattr(out, "logits", out)
+        return out.logits
 
     def _gemma3(self, input_ids: mx.array, pixel_values: mx.array, cache: list | None
                 ) -> mx.array:
@@ -360,14 +360,14 @@ class VisionLanguageModel(Model):
         t = input_ids.shape[1]
         causal = mx.arange(t)[:, None] >= mx.arange(t)[None, :]
         same = (block[:, :, None] == block[:, None, :]) & (block[:, :, None] > 0)
-        window = getattr(self.vlm.language_model.config, "sliding_window", None)
+        window = self.vlm.language_model.config.sliding_window
         if window and t > window:
             raise ConfigError(f"a Gemma 3 row with images of {t} tokens is longer than its "
                               f"sliding window ({window}); lower data.max_length to {window}")
         mask = (causal[None] | same)[:, None]
         out = self.vlm.language_model(inputs=input_ids, inputs_embeds=embeds, mask=mask,
                                       cache=cache)
-        return getattr(out, "logits", out)
+        return out.logits
 
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:

@@ -99,7 +99,7 @@ def image_prompt(model: Model, template: ChatTemplate, messages: Sequence[Mappin
     from mlxlab.data.vision_chat import image_keys, load_processor
     from mlxlab.errors import ConfigError
 
-    folder = getattr(model, "processor_folder", None)
+    folder = model.processor_folder
     if folder is None:
         raise ConfigError(f"--image: this is a text model ({model.architecture.get('model_type')})"
                           "; give a vision-language model (a run of model=vision_language or "
