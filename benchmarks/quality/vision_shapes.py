@@ -7,6 +7,7 @@ on the 60 held-out pictures by greedy exact match before and after, over seeds, 
 test of each seed's run against the start on the same pictures.
 
     python benchmarks/quality/vision_shapes.py [--seeds 42,43,44] [--steps 300] [--smoke]
+        [--reference-seeds 42]   # mlx-vlm 0.7.10's own trainer at the same steps, batch, rate
 
 Chance is 1/4 for a colour and 1/3 for a shape or a count (0.31 over the held-out mix). The
 model folder is built once into --work (SmolLM2's GGUF from the package index, dequantized by
@@ -102,12 +103,15 @@ def held_out(path: Path = SHAPES / "val.jsonl") -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def answers(model_path: str, rows: list[dict]) -> list[str]:
-    """Greedy replies (at most 4 tokens) of a run or folder to each held-out picture."""
+def answers(model_path: str, rows: list[dict], vlm=None) -> list[str]:
+    """Greedy replies (at most 4 tokens) of a run or folder to each held-out picture; `vlm`:
+    an mlx-vlm model (its own trainer's adapters on the folder's base) answering in its place."""
     from mlxlab.runs.generate import continue_ids, image_prompt
     from mlxlab.runs.task_eval import load_eval_model
 
     model = load_eval_model(model_path, "best", "template", purpose="vision_shapes")
+    if vlm is not None:
+        model.model.vlm = vlm
     out = []
     for row in rows:
         user = row["messages"][0]
@@ -150,6 +154,64 @@ def train(folder: Path, work: Path, seed: int, steps: int, extra: list[str]) -> 
     return next((run_root / "outputs" / "finetune_vision").iterdir())
 
 
+# mlx-vlm's trainer (`python -m mlx_vlm.train`, its run()) on mlxlab's OpenBLAS for MLX only
+MLX_VLM = """
+import sys
+from mlxlab.runtime.blas import setup_blas
+setup_blas()
+from mlx_vlm import train as cli
+args, settings = cli.parse_args(sys.argv[1:])
+cli.run(args, settings)
+"""
+
+
+def mlx_vlm_rows(out: Path) -> Path:
+    """The shapes task as mlx-vlm's trainer reads a JSONL folder: text messages and the row's
+    `images` list (train.jsonl, valid.jsonl)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split, source in (("train", SHAPES / "train.jsonl"), ("valid", SHAPES / "val.jsonl")):
+        rows = []
+        for line in source.read_text().splitlines():
+            row = json.loads(line)
+            user, reply = row["messages"]
+            rows.append({"messages": [
+                {"role": "user", "content": next(p["text"] for p in user["content"]
+                                                 if p["type"] == "text")},
+                {"role": "assistant", "content": reply["content"][0]["text"]}],
+                "images": [str(SHAPES / p["image"]) for p in user["content"]
+                           if p["type"] == "image"]})
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def train_mlx_vlm(folder: Path, work: Path, seed: int, steps: int):
+    """mlx-vlm's own trainer on the same rows (an epoch's worth: its batch of 1 x 8 times the
+    steps, since 0.7.10's trainer stops SmolVLM / Idefics3 at a batch over 1: its language model
+    takes the (B, T) padding mask for the attention mask), rank and rate, LoRA on the language
+    model's attention and the vision tower and projector unfrozen (--train-vision: its way to
+    train them); its loss on every token but padding and image tokens (its
+    --train-on-completions falls back to a Qwen token id without a dataset mask). Returns the
+    mlx-vlm model with the trained adapters."""
+    out = work / f"mlx_vlm_seed{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    data = mlx_vlm_rows(work / "mlx_vlm_data")
+    started = time.time()
+    subprocess.run([sys.executable, "-c", MLX_VLM, "--model", str(folder), "--data", str(data),
+                    "--iters", str(8 * steps), "--batch-size", "1", "--learning-rate", "1e-3",
+                    "--lora-rank", "16", "--lora-alpha", "16", "--seed", str(seed),
+                    "--target-modules", "q_proj", "k_proj", "v_proj", "o_proj",
+                    "--train-vision", "--steps-per-eval", str(10 * steps),
+                    "--steps-per-save", str(8 * steps),
+                    "--adapter-file", str(out / "adapters.safetensors")], cwd=out, check=True)
+    print(f"mlx-vlm seed {seed}: trained {steps} steps in {time.time() - started:.0f} s",
+          flush=True)
+    from mlx_vlm.utils import load
+
+    model, _ = load(str(folder), adapter_path=str(out))
+    return model
+
+
 def mcnemar(before: list[int], after: list[int]) -> float:
     from mlxlab.stats.paired import mcnemar_exact
 
@@ -162,11 +224,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--work", type=Path, default=Path("/tmp/mlxlab-vision-shapes"))
     parser.add_argument("--out", type=Path, default=None, help="JSON record")
+    parser.add_argument("--reference-seeds", default="",
+                        help="seeds of mlx-vlm's own trainer at the same settings (e.g. 42)")
     parser.add_argument("--smoke", action="store_true", help="2 steps, 6 held-out pictures")
     args = parser.parse_args()
     import mlxlab  # noqa: F401  (OpenBLAS for MLX before anything computes)
 
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     steps, rows = (2, held_out()[:6]) if args.smoke else (args.steps, held_out())
     folder = build_folder(args.work / "smollm2-vlm")
     start = correct(answers(str(folder), rows), rows)
@@ -183,7 +247,14 @@ def main() -> None:
         print(f"seed {seed}: {sum(after) / len(rows):.3f} exact match (McNemar p against the "
               f"start {record['seeds'][seed]['mcnemar_p']:.2g})", flush=True)
     scores = [v["exact_match"] for v in record["seeds"].values()]
-    record["mean"] = sum(scores) / len(scores)
+    record["mean"] = sum(scores) / len(scores) if scores else None
+    record["mlx_vlm"] = {}
+    for seed in [int(s) for s in args.reference_seeds.split(",") if s]:
+        after = correct(answers(str(folder), rows, train_mlx_vlm(folder, args.work, seed, steps)),
+                        rows)
+        record["mlx_vlm"][seed] = {"exact_match": sum(after) / len(rows),
+                                   "mcnemar_p": mcnemar(start, after)}
+        print(f"mlx-vlm seed {seed}: {sum(after) / len(rows):.3f} exact match", flush=True)
     print(json.dumps(record, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
