@@ -25,8 +25,8 @@ messages, TRL's conversational completion) and the environments' summed rewards 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxlab.data.chat import encode_chats
-from mlxlab.data.prompts import PromptRows
+from mlxlab.data.prompts import PromptRows, read_prompts
 from mlxlab.errors import ConfigError
 from mlxlab.objectives.environments import Environment, Step, environment_factory
 from mlxlab.objectives.rollouts import Sampling, sample_turn
@@ -230,6 +230,23 @@ class Agent:
                "tools/failure_frequency": failed / calls if calls else 0.0,
                "turns/mean": float(np.mean([t.turns for t in trajectories]))}
         return out | {f"tools/failures/{k}": v for k, v in counts.items()}
+
+
+def check_chat_prompts(data: Any) -> None:
+    """Tools need chat prompts (the template offers them in a chat): the data node's prompt
+    files read (nothing built), one ConfigError line naming the file when they are plain
+    text."""
+    for key in ("train_file", "val_file"):
+        path = data.get(key)
+        if not path:
+            continue
+        rows = read_prompts(path, data.get("prompt_key", "prompt"),
+                            data.get("messages_key", "messages"))
+        if rows.format != "chat":
+            raise ConfigError(f"objective.tools need chat prompts ({{\"messages\": [{{\"role\": "
+                              f"\"user\", \"content\": ...}}]}} rows) for the chat template to "
+                              f"offer the tools, and data.{key}={path} holds plain-text prompts: "
+                              "give a chat prompt file, or drop objective.tools")
 
 
 def trajectory_rows(trajectories: Sequence[Trajectory]) -> tuple[list[np.ndarray],

@@ -45,7 +45,11 @@ from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
 from mlxlab.objectives.gkd_loss import generalized_jsd
 from mlxlab.objectives.rollouts import Sampler, Sampling, check_sampling_config, completion_metrics
-from mlxlab.objectives.teacher_weights import TeacherLoader, build_teachers
+from mlxlab.objectives.teacher_weights import (
+    TeacherLoader,
+    build_teachers,
+    check_teacher_specs,
+)
 from mlxlab.runtime import distributed
 from mlxlab.stats import MetricDefinition
 from mlxlab.tracking import tags as T
@@ -68,6 +72,7 @@ class GKD(Objective):
         if not teachers:
             raise ConfigError("objective=gkd needs a teacher: set objective.teachers=[{run: "
                               "<model folder or finished run>, weight: 1.0}]")
+        check_teacher_specs(teachers)
         for key, value in (("lmbda", lmbda), ("beta", beta)):
             if not 0.0 <= float(value) <= 1.0:
                 raise ConfigError(f"objective.{key}={value} must be in [0, 1]")

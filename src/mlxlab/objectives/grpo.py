@@ -44,7 +44,13 @@ from mlxlab.config.records import check_number
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.errors import ConfigError
 from mlxlab.models.lora import adapters_off, has_adapters
-from mlxlab.objectives.agent import Agent, AgentSettings, reward_columns, trajectory_rows
+from mlxlab.objectives.agent import (
+    Agent,
+    AgentSettings,
+    check_chat_prompts,
+    reward_columns,
+    trajectory_rows,
+)
 from mlxlab.objectives.base import (
     Evaluation,
     MetricSpec,
@@ -127,6 +133,8 @@ class GRPO(Objective):
         check_tool_specs(_plain(node.get("tools")))
         if node.get("environment") is not None:
             environment_factory(_plain(node.get("environment")))
+        if (node.get("tools") or node.get("environment") is not None) and kind == "prompts":
+            check_chat_prompts(cfg.data)
 
     def setup(self, setup: ObjectiveSetup) -> None:
         data = self.sampler.setup(setup, "grpo")

@@ -19,7 +19,7 @@ belongs in objectives/sandbox.py's `run_python`, not in a tool's own process.
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import queue
 import signal
@@ -31,8 +31,6 @@ import weakref
 from collections.abc import Mapping
 from multiprocessing.connection import Connection
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 START_WAIT_S = 300.0  # a worker's imports (a tool's module may import torch): generous
 
@@ -72,10 +70,8 @@ class _Worker:
 
     def kill(self) -> None:
         """SIGKILL to the worker's process group, then reaped."""
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # gone already
             os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         self.process.wait()
         self.conn.close()
 

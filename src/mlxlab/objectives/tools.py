@@ -40,6 +40,7 @@ from typing import Any
 
 from hydra.utils import get_object
 
+from mlxlab.config.records import check_arguments
 from mlxlab.errors import ConfigError
 from mlxlab.objectives.tool_processes import ToolProcesses
 
@@ -126,10 +127,7 @@ def build_tools(specs: Sequence | None) -> list[Tool]:
         target, fn, bound = _load(i, spec)
         schema = tool_schema(target, fn, f"objective.tools[{i}]")
         if bound:
-            unknown = sorted(set(bound) - set(inspect.signature(fn).parameters))
-            if unknown:
-                raise ConfigError(f"objective.tools[{i}]: {target} has no argument "
-                                  f"{', '.join(unknown)} to bind")
+            check_arguments(f"objective.tools[{i}]", target, fn, bound, given=False)
             params = schema["function"]["parameters"]
             params["properties"] = {k: v for k, v in params["properties"].items()
                                     if k not in bound}
