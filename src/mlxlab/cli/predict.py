@@ -37,7 +37,8 @@ def main(argv: list[str]) -> int:
             raise FileNotFoundError(f"CSV not found: {args.data} (give the CSV to predict)")
         frame = read_csv(args.data)
         run = load_run(args.run, args.checkpoint)
-        out = predict_frame(run, frame, args.batch_size, args.probability, args.max_new_tokens)
+        out = predict_frame(run, frame, args.batch_size, args.probability, args.max_new_tokens,
+                            progress=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         out.to_csv(args.out, index=False)
         summary = (out.iloc[:, -1 - args.probability].value_counts().sort_index().to_dict()
