@@ -372,7 +372,8 @@ def test_an_environment_class_answers_and_rewards_the_trajectory(caller):
     with pytest.raises(ConfigError, match="objective.tagged_format has no key call_tag"):
         GRPO([{"_target_": "mlxlab.objectives.rewards.exact_answer"}], tools=[TOOL],
              tagged_format={"call_tag": ["<c>", "</c>"]})
-    with pytest.raises(ConfigError, match="does not take these arguments"):
+    with pytest.raises(ConfigError, match="objective.environment.rounds is not an argument of "
+                       "test_grpo_tools.CountdownEnvironment: it takes"):
         GRPO([{"_target_": "mlxlab.objectives.rewards.exact_answer"}], environment={
             "_target_": "test_grpo_tools.CountdownEnvironment", "rounds": 2})
 

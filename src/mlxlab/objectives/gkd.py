@@ -72,12 +72,12 @@ class GKD(Objective):
         if not teachers:
             raise ConfigError("objective=gkd needs a teacher: set objective.teachers=[{run: "
                               "<model folder or finished run>, weight: 1.0}]")
-        check_teacher_specs(teachers)
         for key, value in (("lmbda", lmbda), ("beta", beta)):
             if not 0.0 <= float(value) <= 1.0:
                 raise ConfigError(f"objective.{key}={value} must be in [0, 1]")
         sampling, eval_sampling = Sampling.checked("max_new_tokens", max_new_tokens,
                                                    temperature, top_p, top_k, eval_temperature)
+        check_teacher_specs(teachers)
         self.teacher_specs, self.load_teachers = list(teachers), load_teachers
         self.lmbda, self.beta, self.temperature = float(lmbda), float(beta), float(temperature)
         self.completion_key = str(completion_key)
