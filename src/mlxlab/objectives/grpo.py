@@ -14,7 +14,8 @@ once per generation outside the step. The loss (grpo_loss.py) is TRL's: grpo, dr
 With `tools` (or an `environment`) each completion is a multi-turn trajectory (agent.py): the
 model calls tools, their answers come back as tool turns (loss mask 0), the rewards judge the
 final answer and the advantage is the trajectory's; `max_turns`, `tool_timeout_s`,
-`tool_format` and `tagged_format` say how (conf/objective/grpo.yaml).
+`tool_workers`, `tool_max_chars`, `tool_format` and `tagged_format` say how
+(conf/objective/grpo.yaml).
 
 Everything that decides the next batch is in `state_dict`: the generator's key, the buffer and
 how many of its passes are done, the metric sums since the last logged line. A run SIGKILLed between two steps resumes to the same bits (tests/test_grpo.py).
