@@ -125,7 +125,7 @@ def test_run_python_is_a_tool_in_a_worker_and_dies_with_it():
     is killed at tool_timeout_s is killed with it (it dies with its parent)."""
     assert run_python("print(48271 * 99173)") == str(48271 * 99173)
     box = Toolbox(build_tools([{"_target_": "mlxlab.objectives.sandbox.run_python"}]),
-                  timeout_s=2.0)
+                  timeout_s=4.0)
     assert box.call(ToolCall("run_python", {"code": "print(2 ** 100)"})).content == \
         str(2 ** 100)
     (worker,) = box.processes.pids()
