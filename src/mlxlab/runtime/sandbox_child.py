@@ -196,8 +196,9 @@ def audit_hook(missing: set[str], read: list[str], write: list[str]) -> None:
             raise PermissionError(f"the sandbox refuses {event}")
         if event == "open" and "landlock" in missing and isinstance(args[0], str | bytes):
             path = os.path.realpath(os.fsdecode(args[0]))
-            writing = args[1] not in (None, "r", "rb") if isinstance(args[1], str) else \
-                bool(args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)) if args[2] else False
+            mode, flags = args[1], args[2] or 0
+            writing = (any(c in mode for c in "wax+") if isinstance(mode, str) else
+                       bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC)))
             if not under(path, write) and (writing or not under(path, read)):
                 raise PermissionError(f"the sandbox refuses to open {path}")
 
