@@ -72,6 +72,46 @@ def bad_settings(inputs: Path) -> list[tuple[list[str], str]]:
          "objective.rewards[0]._target_=my_rewards.brevity: no module 'my_rewards'"),
         (["trainer.max_epoch=3"], "trainer.max_epoch is not a key of trainer: did you mean "
          "trainer.max_epochs?"),
+        *objective_targets(stub),
+    ]
+
+
+def objective_targets(stub: Path) -> list[tuple[list[str], str]]:
+    """Every `_target_` a user writes under objective.* (rewards, tools, environment, teachers):
+    a missing path, a misspelled key, a wrong type (they used to reach Hydra's multi-line
+    "Error in call to target" and exit 1, or a setup error after the run folder existed)."""
+    grpo = ["experiment=grpo_arithmetic", f"model.pretrained={stub}"]
+    learned = "mlxlab.runs.learned_reward.LearnedReward"
+    tool = "{_target_: mlxlab.objectives.lookup_tools.lookup_code}"
+    distill = ["experiment=distill_tinystories"]
+    return [
+        ([*grpo, f"objective.rewards=[{{_target_: {learned}, run: /nowhere/run}}]"],
+         "objective.rewards: run=/nowhere/run does not exist: give the folder of a finished "
+         "reward run"),
+        ([*grpo, f"objective.rewards=[{{_target_: {learned}, rn: /nowhere/run}}]"],
+         f"objective.rewards[0].rn is not an argument of {learned}: did you mean run?"),
+        ([*grpo, "objective.rewards=[{_target_: mlxlab.objectives.rewards.length, target: abc}]"],
+         "objective.rewards[0].target='abc' must be an integer"),
+        ([*grpo, "objective.rewards=[{_target_: mlxlab.objectives.rewards.exact_answer, "
+                 "wieght: 2}]"],
+         "objective.rewards[0].wieght: mlxlab.objectives.rewards.exact_answer is a reward "
+         "function"),
+        ([*grpo, f"objective.tools=[{tool}]"],
+         "objective.tools need chat prompts"),
+        ([*grpo, "objective.tools=[{_target_: mlxlab.objectives.lookup_tools.lookup_code, "
+                 "nme: x}]"],
+         "objective.tools[0].nme is not an argument of "
+         "mlxlab.objectives.lookup_tools.lookup_code: did you mean name?"),
+        ([*grpo, f"objective.tools=[{tool}]", "objective.environment={_target_: "
+          "mlxlab.objectives.lookup_tools.QuestionLookup, foo: 1}"],
+         "objective.environment.foo is not an argument of "
+         "mlxlab.objectives.lookup_tools.QuestionLookup"),
+        ([*distill, "objective.teachers=[{run: /nowhere/teacher}]"],
+         "objective.teachers[0].run=/nowhere/teacher does not exist"),
+        ([*distill, "objective.teachers=[{rn: /nowhere/teacher}]"],
+         "objective.teachers[0].rn is not a teacher's key: did you mean run?"),
+        ([*distill, f"objective.teachers=[{{run: {stub}, weight: abc}}]"],
+         "objective.teachers[0].weight must be a number, got 'abc'"),
     ]
 
 

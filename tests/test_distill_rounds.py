@@ -206,7 +206,8 @@ def test_rounds_probe_a_store_that_does_not_answer_before_writing_anything(make_
     from mlxlab.tracking.mlflow import TrackingUnavailable
     from test_new_user import free_port
 
-    cfg = make_cfg(*FAST, *STUDENT, "objective.teachers=[{run: /t}]",
+    teacher = Path(__file__).parent  # a folder: the teachers' check passes, nothing loads it
+    cfg = make_cfg(*FAST, *STUDENT, f"objective.teachers=[{{run: {teacher}}}]",
                    "objective.rounds=2", f"tracking.uri=http://127.0.0.1:{free_port()}",
                    "tracking.connect_timeout=1")
     with pytest.raises(TrackingUnavailable, match="tracking=none"):

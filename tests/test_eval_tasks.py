@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 from pathlib import Path
 
@@ -530,3 +531,21 @@ def test_generation_shows_progress_count_rate_and_time(world, caplog):
     steps = [line for line in lines if "answers," in line and "left" in line]
     assert len(steps) == 9 and steps[0].startswith("task gen20: 2/20 answers, ")
     assert lines[-1].startswith("task gen20: 20 answers in ")
+
+
+def test_mlxlab_eval_writes_its_progress_to_stderr_when_it_is_a_file(world, tmp_path):
+    """`mlxlab eval MODEL tasks.jsonl 2> file`: no terminal, no logging set up; the progress
+    lines (count, rate, time left at each tenth, and the end) are in the file all the same."""
+    rows = [{"id": f"g{i}", "prompt": f"Ball {i} is", "answer": "red"} for i in range(60)]
+    tasks = write_jsonl(tmp_path / "gen60.jsonl", rows)
+    with open(tmp_path / "eval.log", "w") as err:
+        done = subprocess.run([PYTHON, "-m", "mlxlab.cli.main", "eval", str(world["base"]),
+                               str(tasks), "--no-track", "--batch-size", "4",
+                               "--max-new-tokens", "2"], stdout=subprocess.PIPE, stderr=err,
+                              text=True, timeout=300)
+    assert done.returncode == 0, (tmp_path / "eval.log").read_text()[-2000:]
+    lines = (tmp_path / "eval.log").read_text().splitlines()
+    steps = [line for line in lines if line.startswith("task gen60: ") and "left" in line]
+    assert len(steps) >= 9, lines
+    assert re.match(r"task gen60: \d+/60 answers, [\d.]+/s, ~\d+ s left", steps[0])
+    assert any(re.match(r"task gen60: 60 answers in [\d.]+ s", line) for line in lines)

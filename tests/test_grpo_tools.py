@@ -174,7 +174,8 @@ def test_every_kind_of_bad_call_is_an_error_answer_and_a_counter():
     assert "RuntimeError: cannot look up x" in answers[2][1]
     assert "KeyError" in answers[7][1] and not step.done
     assert box.take_counts() == {"calls": 9.0, "unknown_tool": 1.0, "bad_arguments": 2.0,
-                                 "raised": 2.0, "timeout": 1.0, "bad_result": 1.0}
+                                 "raised": 2.0, "timeout": 1.0, "bad_result": 1.0,
+                                 "truncated": 0.0}
     assert env.step(ParsedTurn("the code is 123")).done  # no call: the final answer
 
 
@@ -371,7 +372,8 @@ def test_an_environment_class_answers_and_rewards_the_trajectory(caller):
     with pytest.raises(ConfigError, match="objective.tagged_format has no key call_tag"):
         GRPO([{"_target_": "mlxlab.objectives.rewards.exact_answer"}], tools=[TOOL],
              tagged_format={"call_tag": ["<c>", "</c>"]})
-    with pytest.raises(ConfigError, match="does not take these arguments"):
+    with pytest.raises(ConfigError, match="objective.environment.rounds is not an argument of "
+                       "test_grpo_tools.CountdownEnvironment: it takes"):
         GRPO([{"_target_": "mlxlab.objectives.rewards.exact_answer"}], environment={
             "_target_": "test_grpo_tools.CountdownEnvironment", "rounds": 2})
 

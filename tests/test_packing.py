@@ -56,10 +56,14 @@ def _summed_loss(model, batch):
     return (ce * batch["loss_mask"]).sum()
 
 
-def _module(tokenizer_json: Path, pack: bool, max_length: int) -> PromptCompletion:
+def _module(tokenizer_json: Path, pack: bool, max_length: int,
+            pack_length: int | None = -1) -> PromptCompletion:
+    """The shipped chats; packed into max_length-position sequences unless `pack_length` says
+    otherwise (None: the default, the longest row's)."""
     data = PromptCompletion(train_file=asset_path("tinystories/chats.jsonl"), val_fraction=0.1,
                             max_length=max_length, tokenizer={"path": str(tokenizer_json)},
-                            pack=pack)
+                            pack=pack, pack_length=max_length if pack_length == -1 else
+                            pack_length)
     data.setup()
     return data
 
@@ -73,6 +77,15 @@ def _packed_and_unpacked(data_packed, data_plain, n_seqs: int):
     rows = np.concatenate(packs)
     plain = data_plain._collate(data_plain.train, rows, 16)
     return packed, plain
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer() -> Path:
+    """The real SmolLM2-135M-Instruct's tokenizer.json (the packaged model's folder)."""
+    from mlxlab.models.sources import model_folder
+    from real_models import packaged_model
+
+    return model_folder(str(packaged_model())) / "tokenizer.json"
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +133,30 @@ def test_smollm2_packed_rows_equal_unpacked_losses_and_gradients(smollm2):
         g, reference_g = np.array(g), np.array(grads[1][name])
         assert np.abs(g - reference_g).max() <= 1e-4 * np.abs(reference_g).max(), name
     assert float(packed["loss_mask"].sum()) == float(plain["loss_mask"].sum())
+
+
+def test_a_packed_step_holds_what_the_widest_unpacked_step_held(smollm2_tokenizer, caplog):
+    """SmolLM2's chats (~60 tokens) at finetune_chat's data.max_length=1024, 4 a step: packed
+    steps are no wider than the widest unpacked step (they were 4 x 1024 positions, ~17 times
+    the unpacked ones), the epoch's rows all in them in fewer steps and fewer positions, and
+    the log line says what a step holds against the unpacked steps."""
+    import logging
+
+    batching = Batching(batch_size=4)
+    plain = list(_module(smollm2_tokenizer, False, 1024).train_batches(batching, 0))
+    with caplog.at_level(logging.INFO, logger="mlxlab.data.completions"):
+        data = _module(smollm2_tokenizer, True, 1024, pack_length=None)
+        packed = list(data.train_batches(batching, 0))
+    widest = max(b["input_ids"].size for b in plain)
+    assert max(b["input_ids"].size for b in packed) <= widest
+    assert sum(int(np.array(b["segment_ids"]).max(axis=1).sum()) for b in packed) == \
+        sum(b["input_ids"].shape[0] for b in plain)  # every row, once
+    assert len(packed) < len(plain)
+    assert sum(b["input_ids"].size for b in packed) <= sum(b["input_ids"].size for b in plain)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data.pack")]
+    width = packed[0]["input_ids"].shape[1]
+    assert f"a step holds 4 x {width} = {4 * width} positions" in line
+    assert f"{widest} at most" in line
 
 
 def _rows_losses_of_packed(model, batch, packed) -> list[float]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -327,6 +328,30 @@ def test_mlxlab_eval_scores_rows_and_pairs_with_a_reward_run(reward_model, rewar
     scores = mlxlab_eval(rated)["scores"]
     assert len(scores) == 64
     assert np.mean(np.array(scores[0::2]) > np.array(scores[1::2])) == pairs["accuracy"]
+
+
+def test_a_verb_that_needs_a_language_model_refuses_a_reward_run_in_one_line(reward_run,
+                                                                            tmp_path, cli_env):
+    """`mlxlab eval REWARD_RUN generation_tasks.jsonl`, `mlxlab generate REWARD_RUN` and
+    `mlxlab predict REWARD_RUN prompts.csv`: one line naming the run as a reward model, exit 2,
+    nothing written to the store or --out (eval used to "generate" empty strings with the score
+    head and log exact_match 0.0)."""
+    tasks = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": f"{i}+1=", "answer": str(i + 1)}
+                                                 for i in range(6)])
+    store = tmp_path / "store"
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt\nhello\n")
+    for verb in (["eval", str(reward_run["run"]), str(tasks), "--uri", f"sqlite:///{store}.db"],
+                 ["generate", str(reward_run["run"]), "--prompt", "hello"],
+                 ["predict", str(reward_run["run"]), str(prompts), "--out",
+                  str(tmp_path / "out.csv")]):
+        out = subprocess.run([PYTHON, "-m", "mlxlab.cli.main", *verb], env=cli_env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, out.stderr[-2000:]
+        (line,) = out.stderr.strip().splitlines()
+        assert line.startswith(f"mlxlab {verb[0]}: error: {reward_run['run']} is a reward "
+                               "model (model.head=score)"), line
+    assert not Path(f"{store}.db").exists() and not (tmp_path / "out.csv").exists()
 
 
 # --- a learned reward in GRPO: registry names, other tokenizers, memory, bad runs ------------

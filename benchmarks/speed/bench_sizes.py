@@ -20,7 +20,7 @@ src/mlxlab/assets/tinystories/chats.jsonl, 50-150 tokens in the template: every 
 the same tokens), LoRA rank 8 (alpha 16) on q/k/v/o of every layer, Adam at 1e-4, max_length 256.
 Unpacked (mlxlab, mlx-lm): batch 4 rows, padded to the batch's longest (mlxlab: to a multiple
 of 16; mlxlab-b128: of 128, the lengths at which MLX's CUDA backend fuses attention's backward,
-`trainer.batching.bucket_multiple=128`). Packed (mlxlab-packed, data.pack=true): batch 1
+`trainer.batching.bucket_multiple=128`). Packed (mlxlab-packed, data.pack=true, data.pack_length=256): batch 1
 sequence of 256 positions (~4 rows).
 Each tool is its own process through its own training code, at equal BLAS (mlx-lm's worker
 lets mlxlab's runtime/blas.py point MLX at the same OpenBLAS, nothing else of mlxlab; MLX's own
@@ -200,7 +200,8 @@ def run_mlxlab(model: Path, data: Path, steps: int, out: Path, packed: bool,
     cmd = [sys.executable, "-m", "mlxlab.train", "experiment=finetune_chat",
            f"model.pretrained={model}", f"data.train_file={data / 'train.jsonl'}",
            f"data.val_file={data / 'valid.jsonl'}", f"data.max_length={SEQ}",
-           f"data.pack={'true' if packed else 'false'}", f"model.lora.rank={RANK}",
+           f"data.pack={'true' if packed else 'false'}", f"data.pack_length={SEQ}",
+           f"model.lora.rank={RANK}",
            f"model.lora.alpha={ALPHA}", "model.lora.targets=[query,key,value,out]",
            f"trainer.batch_size={1 if packed else BATCH}", f"trainer.max_steps={steps}",
            f"trainer.eval_every_steps={10 * steps}", "trainer.log_every_steps=1",

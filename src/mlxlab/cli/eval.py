@@ -164,10 +164,16 @@ def eval_tasks(args) -> int:
     from mlxlab.evaluation.results import intervals
     from mlxlab.evaluation.settings import TaskSettings
     from mlxlab.evaluation.tasks import read_tasks
-    from mlxlab.runs.task_eval import evaluate_tasks, load_eval_model, log_eval_run
+    from mlxlab.runs.task_eval import (
+        evaluate_tasks,
+        load_eval_model,
+        log_eval_run,
+        refuse_reward_model,
+    )
 
     if args.confusion or args.label_names:
         raise ValueError("--confusion and --label-names are for classifier runs, not tasks")
+    refuse_reward_model(args.run)  # before the store is touched
     stop = ("\n",) if args.stop is None else tuple(s for s in args.stop if s)
     settings = TaskSettings(tasks=tuple(args.data), batch_size=args.batch_size or 16,
                             max_new_tokens=args.max_new_tokens, stop=stop, chat=args.chat)

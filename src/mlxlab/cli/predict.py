@@ -32,12 +32,15 @@ def main(argv: list[str]) -> int:
     def body() -> int:
         from mlxlab.data.tabular import read_csv
         from mlxlab.runs.inference import load_run, predict_frame
+        from mlxlab.runs.task_eval import refuse_reward_model
 
         if not Path(args.data).is_file():
             raise FileNotFoundError(f"CSV not found: {args.data} (give the CSV to predict)")
+        refuse_reward_model(args.run, "mlxlab predict")
         frame = read_csv(args.data)
         run = load_run(args.run, args.checkpoint)
-        out = predict_frame(run, frame, args.batch_size, args.probability, args.max_new_tokens)
+        out = predict_frame(run, frame, args.batch_size, args.probability, args.max_new_tokens,
+                            progress=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         out.to_csv(args.out, index=False)
         summary = (out.iloc[:, -1 - args.probability].value_counts().sort_index().to_dict()

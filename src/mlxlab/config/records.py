@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 from mlxlab.errors import ConfigError
 
-__all__ = ["check_choice", "check_fraction", "check_number", "record", "utf8_text"]
+__all__ = ["check_arguments", "check_choice", "check_fraction", "check_number", "record",
+           "utf8_text"]
 
 R = TypeVar("R")
 
@@ -77,3 +78,71 @@ def utf8_text(path: str | Path) -> str:
         line = data[: e.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8 ({e.reason}): "
                           "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
+# The annotations check_arguments compares a value with; others (a Sequence, a class) are left
+# to the callee.
+_PLAIN = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+
+
+def _fits(value: Any, hint: Any) -> bool | None:
+    """Whether `value` fits the annotation `hint` (None: not one of _PLAIN or their unions)."""
+    import types
+    import typing
+
+    options = (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType)
+               else (hint,))
+    if not all(o in _PLAIN or o is type(None) for o in options):
+        return None
+    for o in options:
+        if o is type(None) and value is None:
+            return True
+        if o is bool and isinstance(value, bool):
+            return True
+        if o in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and (o is float or float(value) == int(value)):
+            return True
+        if o is str and isinstance(value, str):
+            return True
+    return False
+
+
+def check_arguments(key: str, target: str, factory: Any, arguments: Mapping[str, Any],
+                    given: bool = True, also: tuple[str, ...] = ()) -> None:
+    """`arguments`, the keys a config node `key` gives `factory` (its `_target_`), are keys it
+    takes, of the plain types its annotations name, with every required one there (`given`:
+    the node is all its arguments; `also`: keys the node has beside them, e.g. a reward's
+    weight); else one ConfigError naming the key, what it takes and the nearest name ("objective.rewards[0].rn is not an argument of ...LearnedReward: did you mean
+    run?")."""
+    import difflib
+    import inspect
+    import typing
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no introspectable signature: the call will tell
+        return
+    takes = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    takes += list(also)
+    arguments = {k: v for k, v in arguments.items() if k not in also}
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        for name in arguments:
+            if name not in params:
+                near = difflib.get_close_matches(str(name), takes, 1)
+                hint = f"did you mean {near[0]}?" if near else f"it takes {takes}"
+                raise ConfigError(f"{key}.{name} is not an argument of {target}: {hint}")
+    try:
+        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: not checked
+        hints = {}
+    for name, value in arguments.items():
+        if name in hints and _fits(value, hints[name]) is False:
+            kinds = " or ".join(_PLAIN.get(o, "null") for o in typing.get_args(hints[name])
+                                or (hints[name],))
+            raise ConfigError(f"{key}.{name}={value!r} must be {kinds} ({target})")
+    if given:
+        missing = [n for n, p in params.items() if p.default is p.empty and n not in arguments
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if missing:
+            raise ConfigError(f"{key} lacks {', '.join(missing)}: {target} needs it, e.g. "
+                              f"{key}={{_target_: {target}, {missing[0]}: ...}}")

@@ -157,11 +157,14 @@ class PromptCompletion(DataModule):
         chat_template: str | None = None,
         chat_template_name: str | None = None,
         pack: bool = False,
+        pack_length: int | None = None,
     ):
         check_number("data.max_length", max_length, int, 2)
         if not isinstance(pack, bool):
             raise ConfigError(f"data.pack={pack!r}: use true or false")
-        self.pack = pack
+        if pack_length is not None:
+            check_number("data.pack_length", pack_length, int, 2)
+        self.pack, self.pack_length = pack, pack_length
         check_fraction("data.val_fraction", val_fraction)
         check_choice("data.too_long", too_long, TOO_LONG)
         self.train_file, self.val_file = train_file, val_file
@@ -177,6 +180,7 @@ class PromptCompletion(DataModule):
         self.vocab_size: int | None = None
         self.template = None
         self._packs: list[np.ndarray] | None = None  # pack: the training rows' sequences
+        self._pack_width = 0  # pack: the positions of each packed sequence
         self._epoch, self._batches_done = 0, 0
 
     def setup(self, run_dir: str | Path | None = None) -> None:
@@ -325,16 +329,37 @@ class PromptCompletion(DataModule):
         if not self.pack:
             return make_batches(self._lengths(self.train), batching, self.max_length, rng)
         if self._packs is None:
-            lengths = self._lengths(self.train)
-            self._packs = pack_rows(lengths, self.max_length)
-            log.info("data.pack: %d training rows in %d sequences of up to %d tokens (%.0f%% "
-                     "of their positions are rows, the rest padding)", len(lengths),
-                     len(self._packs), self.max_length,
-                     100 * lengths.sum() / (len(self._packs) * self.max_length))
+            self._packs = self._pack(batching)
         order = rng.permutation(len(self._packs)) if rng is not None else range(len(self._packs))
         packs = [self._packs[i] for i in order]
         return [packs[i:i + batching.batch_size]
                 for i in range(0, len(packs), batching.batch_size)]
+
+    def _pack(self, batching: Batching) -> list[np.ndarray]:
+        """The training rows packed into sequences of data.pack_length positions, by default
+        the longest row's (bucketed): a step of batch_size sequences then holds the positions
+        the widest unpacked step held, not batch_size x max_length. The log line says what a
+        step holds against the unpacked steps."""
+        lengths = self._lengths(self.train)
+        multiple = batching.bucket_multiple
+        self._pack_width = int(self.pack_length or
+                               bucket_length(int(lengths.max()), multiple, self.max_length))
+        if int(lengths.max()) > self._pack_width:
+            raise ConfigError(f"data.pack_length={self.pack_length} is shorter than the longest "
+                              f"training row ({int(lengths.max())} tokens): raise it, or leave it "
+                              "null (the longest row's length)")
+        packs = pack_rows(lengths, self._pack_width)
+        unpacked = [len(b) * bucket_length(int(lengths[b].max()), multiple, self.max_length)
+                    for b in make_batches(lengths, batching, self.max_length)]
+        log.info("data.pack: %d training rows in %d sequences of %d positions (%.0f%% of them "
+                 "rows, the rest padding); a step holds %d x %d = %d positions and about %.1f "
+                 "rows (unpacked: %d rows, %d positions on average, %d at most)",
+                 len(lengths), len(packs), self._pack_width,
+                 100 * lengths.sum() / (len(packs) * self._pack_width), batching.batch_size,
+                 self._pack_width, batching.batch_size * self._pack_width,
+                 batching.batch_size * len(lengths) / len(packs), batching.batch_size,
+                 np.mean(unpacked), max(unpacked))
+        return packs
 
     def num_train_batches(self, batching: Batching) -> int:
         return len(self._epoch_batches(batching))
@@ -356,10 +381,10 @@ class PromptCompletion(DataModule):
         """A batch of packed sequences: each the concatenation of its rows (inputs, labels and
         target masks shifted as in _collate), `segment_ids` numbering the rows from 1 (0: the
         padding after them), so each row attends only to itself (models/packing.py). Always
-        `batch_size` sequences of max_length positions (an epoch's last batch gets empty ones,
+        `batch_size` sequences of the packing's width (an epoch's last batch gets empty ones,
         scored 0), so the compiled step sees one shape."""
         rows, targets = split
-        shape = (max(batch_size, len(packs)), self.max_length)
+        shape = (max(batch_size, len(packs)), self._pack_width)
         inputs = np.full(shape, self.pad_id, np.int32)
         labels = np.full(shape, self.pad_id, np.int32)
         mask = np.zeros(shape, np.float32)

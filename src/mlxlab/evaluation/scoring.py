@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, Example, Task
 from mlxlab.models.base import Model
 from mlxlab.models.batched_greedy import greedy_batch
+from mlxlab.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,12 @@ def encode_pair(prompts: Prompts, context: str, continuation: str) -> tuple[list
 
 
 def loglikelihoods(model: Model, requests: Sequence[tuple[list[int], list[int]]],
-                   batch_size: int) -> list[tuple[float, bool]]:
+                   batch_size: int, progress: Progress | None = None
+                   ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), whether greedy decoding gives the continuation) of
     each (context ids, continuation ids), in the order given. Right-padded batches: under causal
-    attention the padding after a row never changes the row."""
+    attention the padding after a row never changes the row. `progress` counts the requests
+    scored."""
     limit = _context_length(model)
     inputs, targets = [], []
     for context, continuation in requests:
@@ -175,6 +177,8 @@ def loglikelihoods(model: Model, requests: Sequence[tuple[list[int], list[int]]]
         mx.eval(total, greedy)
         for r, i in enumerate(rows):
             out[i] = (float(total[r].item()), bool(greedy[r].item()))
+        if progress is not None:
+            progress.add(len(rows))
     return out
 
 
@@ -186,7 +190,11 @@ def _multiple_choice(model: Model, prompts: Prompts, task: Task, batch_size: int
         for choice in ex.choices:
             requests.append(encode_pair(prompts, context, prompts.delimiter + choice))
             owner.append(k)
-    results = loglikelihoods(model, requests, batch_size)
+    progress = Progress(f"task {task.name}", len(requests), "choices", log)
+    try:
+        results = loglikelihoods(model, requests, batch_size, progress)
+    finally:
+        progress.close()
     rows, at = [], 0
     for ex in task.examples:
         lls = np.array([ll for ll, _ in results[at:at + len(ex.choices)]])
@@ -250,7 +258,7 @@ def _generation(model: Model, prompts: Prompts, task: Task, settings: TaskSettin
         return _image_generation(model, prompts, task, settings, stopped)
     encoded = [prompts.encode(prompts.text(ex.prompt)) for ex in task.examples]
     _context_length(model)
-    progress = Progress(f"task {task.name}", len(encoded), "answers")
+    progress = Progress(f"task {task.name}", len(encoded), "answers", log)
     try:
         if model.make_cache() is None:
             answers = []
@@ -283,7 +291,7 @@ def _image_generation(model: Model, prompts: Prompts, task: Task, settings: Task
         raise ConfigError(f"task {task.name} shows pictures (an image column): score it on a "
                           "vision-language model with its chat template")
     processor = load_processor(folder)
-    progress = Progress(f"task {task.name}", len(task.examples), "answers")
+    progress = Progress(f"task {task.name}", len(task.examples), "answers", log)
     rows = []
     try:
         for ex in task.examples:
@@ -304,34 +312,6 @@ def _image_generation(model: Model, prompts: Prompts, task: Task, settings: Task
     return TaskScores(task.name, task.kind, _means(rows, ("exact_match", "contains")), rows)
 
 
-class Progress:
-    """Long scoring on the terminal: a bar where stderr is one (tqdm), and a log line at each
-    tenth of the work (count, rate, time left) and at the end, so a log file shows it too."""
-
-    def __init__(self, what: str, total: int, unit: str) -> None:
-        from tqdm import tqdm
-
-        self.what, self.total, self.unit, self.done = what, total, unit, 0
-        self.started, self.next_line = time.perf_counter(), max(1, total // 10)
-        self.bar = tqdm(total=total, desc=what, unit=f" {unit}", disable=None, leave=False)
-
-    def add(self, n: int) -> None:
-        self.done += n
-        self.bar.update(n)
-        if self.done >= self.next_line and self.done < self.total:
-            self.next_line += max(1, self.total // 10)
-            rate = self.done / max(time.perf_counter() - self.started, 1e-9)
-            log.info("%s: %d/%d %s, %.2f/s, ~%.0f s left", self.what, self.done, self.total,
-                     self.unit, rate, (self.total - self.done) / rate)
-
-    def close(self) -> None:
-        self.bar.close()
-        seconds = time.perf_counter() - self.started
-        if self.done:
-            log.info("%s: %d %s in %.1f s (%.2f/s)", self.what, self.done, self.unit, seconds,
-                     self.done / max(seconds, 1e-9))
-
-
 def generation_scores(output: str, example: Example) -> dict[str, float]:
     """exact_match: the output, stripped, is an accepted answer (stripped); contains: an
     accepted answer (stripped) is in the output."""
@@ -348,19 +328,23 @@ def _perplexity(model: Model, prompts: Prompts, task: Task, batch_size: int) -> 
     tokens from its own start): summed negative log-likelihood, tokens, UTF-8 bytes."""
     limit = _context_length(model)
     rows = []
+    progress = Progress(f"task {task.name}", len(task.examples), "texts", log)
     for ex in task.examples:
         ids = prompts.encode(ex.text)
         if len(ids) < 2:
+            progress.close()
             raise ConfigError(f"task {task.name}, example {ex.id}: the text is too short to score "
                               "(one token)")
         windows = [ids[s:s + limit + 1] for s in range(0, len(ids) - 1, limit)]
         nll = -sum(ll for ll, _ in loglikelihoods(model, [(w[:1], w[1:]) for w in windows],
                                                    batch_size))
+        progress.add(1)
         tokens = len(ids) - 1
         rows.append({"id": ex.id, "loss": nll / tokens, "nll": nll, "tokens": tokens,
                      "bytes": len(ex.text.encode())})
     nll = sum(r["nll"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)
+    progress.close()
     loss = nll / tokens
     metrics = {"loss": loss, "perplexity": math.exp(loss),
                "bits_per_byte": nll / math.log(2) / sum(r["bytes"] for r in rows)}

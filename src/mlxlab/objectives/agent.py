@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +35,11 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxlab.data.chat import encode_chats
-from mlxlab.data.prompts import PromptRows
+from mlxlab.data.prompts import PromptRows, read_prompts
 from mlxlab.errors import ConfigError
-from mlxlab.objectives.environments import Environment, environment_factory
+from mlxlab.objectives.environments import Environment, Step, environment_factory
 from mlxlab.objectives.rollouts import Sampling, sample_turn
-from mlxlab.objectives.tool_format import ToolFormat, answer_ids, resolve_format
+from mlxlab.objectives.tool_format import ParsedTurn, ToolFormat, answer_ids, resolve_format
 from mlxlab.objectives.tools import Toolbox, build_tools
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ class Trajectory:
 
 @dataclass(frozen=True)
 class AgentSettings:
-    """objective.tools, .environment, .max_turns, .tool_timeout_s, .tool_format and
-    .tagged_format, as GRPO's constructor hands them over."""
+    """objective.tools, .environment, .max_turns, .tool_timeout_s, .tool_format,
+    .tagged_format, .tool_workers and .tool_max_chars, as GRPO's constructor hands them over."""
 
     tools: Sequence[Mapping]
     environment: Mapping | None
@@ -75,13 +76,17 @@ class AgentSettings:
     tool_timeout_s: float | None
     tool_format: str
     tagged_format: Mapping
+    tool_workers: int = 4
+    tool_max_chars: int | None = 4096
 
 
 class Agent:
     """The tools, the environment and the format of a run, and its multi-turn rollouts."""
 
     def __init__(self, settings: AgentSettings) -> None:
-        self.toolbox = Toolbox(build_tools(settings.tools), settings.tool_timeout_s)
+        self.toolbox = Toolbox(build_tools(settings.tools), settings.tool_timeout_s,
+                               settings.tool_workers, settings.tool_max_chars)
+        self._pool: ThreadPoolExecutor | None = None
         self.environment_name, self.make_environment = environment_factory(settings.environment)
         self.settings = settings
         self.max_turns = settings.max_turns
@@ -150,13 +155,32 @@ class Agent:
                         for r in live]
             turns = sample_turn(model, prefixes, [budget - len(out[r].tokens) for r in live],
                                 sampling, self.stop_ids, next_key())
-            live = [r for r, turn in zip(live, turns)
-                    if self._step(out[r], environments[r], turn, budget)]
+            read = {r: self._read(out[r], turn) for r, turn in zip(live, turns)}
+            asked = [r for r in live if read[r] is not None]
+            steps = self.answer([environments[r] for r in asked], [read[r] for r in asked])
+            live = [r for r, step in zip(asked, steps) if self._append(out[r], step, budget)]
         return out
+
+    def answer(self, environments: Sequence[Environment],
+               turns: Sequence[ParsedTurn]) -> list[Step]:
+        """Each environment's step on its turn, side by side (`objective.tool_workers` at a
+        time: a slow or hung tool of one trajectory does not hold the others); in order."""
+        if len(environments) <= 1:
+            return [e.step(t) for e, t in zip(environments, turns)]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.toolbox.workers, thread_name_prefix="agent")
+        return list(self._pool.map(lambda pair: pair[0].step(pair[1]),
+                                   zip(environments, turns)))
 
     def _step(self, trajectory: Trajectory, environment: Environment, turn: np.ndarray,
               budget: int) -> bool:
-        """Add a model turn and the environment's answer; False when the trajectory ends."""
+        """One trajectory's turn and its environment's answer (what rollout does for all live
+        trajectories at once); False when the trajectory ends."""
+        parsed = self._read(trajectory, turn)
+        return parsed is not None and self._append(trajectory, environment.step(parsed), budget)
+
+    def _read(self, trajectory: Trajectory, turn: np.ndarray) -> ParsedTurn | None:
+        """Add a model turn; the turn as the format reads it, None when the trajectory ends."""
         trajectory.tokens += turn.tolist()
         trajectory.mask += [1] * len(turn)
         trajectory.turns += 1
@@ -171,11 +195,14 @@ class Agent:
         trajectory.messages.append(message)
         if not (len(turn) and int(turn[-1]) in stops):
             trajectory.ended = "length"
-            return False
+            return None
         if trajectory.turns >= self.max_turns:
             trajectory.ended = "max_turns"
-            return False
-        step = environment.step(parsed)
+            return None
+        return parsed
+
+    def _append(self, trajectory: Trajectory, step: Step, budget: int) -> bool:
+        """Add the environment's answer; False when the trajectory ends."""
         trajectory.reward += float(step.reward)
         if step.done or not step.answers:
             trajectory.ended = "answer"
@@ -203,6 +230,23 @@ class Agent:
                "tools/failure_frequency": failed / calls if calls else 0.0,
                "turns/mean": float(np.mean([t.turns for t in trajectories]))}
         return out | {f"tools/failures/{k}": v for k, v in counts.items()}
+
+
+def check_chat_prompts(data: Any) -> None:
+    """Tools need chat prompts (the template offers them in a chat): the data node's prompt
+    files read (nothing built), one ConfigError line naming the file when they are plain
+    text."""
+    for key in ("train_file", "val_file"):
+        path = data.get(key)
+        if not path:
+            continue
+        rows = read_prompts(path, data.get("prompt_key", "prompt"),
+                            data.get("messages_key", "messages"))
+        if rows.format != "chat":
+            raise ConfigError(f"objective.tools need chat prompts ({{\"messages\": [{{\"role\": "
+                              f"\"user\", \"content\": ...}}]}} rows) for the chat template to "
+                              f"offer the tools, and data.{key}={path} holds plain-text prompts: "
+                              "give a chat prompt file, or drop objective.tools")
 
 
 def trajectory_rows(trajectories: Sequence[Trajectory]) -> tuple[list[np.ndarray],

@@ -25,6 +25,7 @@ from mlxlab.objectives.supervised import Supervised, check_kind
 from mlxlab.objectives.teacher_weights import (
     TeacherLoader,
     build_teachers,
+    check_teacher_specs,
     fit_teacher_weights,
 )
 from mlxlab.tracking import tags as T
@@ -52,6 +53,7 @@ class DistillConfig:
             raise ConfigError(f"objective.rounds must be an integer >= 1, got {self.rounds!r}")
         check_choice("objective.round_teachers", self.round_teachers, ("chain", "ensemble"))
         check_choice("objective.teacher_weights", self.teacher_weights, ("fixed", "learned"))
+        check_teacher_specs(self.teachers)
 
 
 class Distill(Supervised):

@@ -27,6 +27,7 @@ from typing import Any
 
 from hydra.utils import get_object
 
+from mlxlab.config.records import check_arguments
 from mlxlab.errors import ConfigError
 from mlxlab.objectives.tool_format import ParsedTurn
 from mlxlab.objectives.tools import ToolAnswer, Toolbox
@@ -81,9 +82,5 @@ def environment_factory(spec: Mapping | None) -> tuple[str, Callable[[], Environ
                                            for m in ("reset", "step")):
         raise ConfigError(f"objective.environment: {target} is not a class with reset() and "
                           "step(); subclass mlxlab.objectives.environments.Environment")
-    try:
-        inspect.signature(cls).bind(**spec)
-    except TypeError as e:
-        raise ConfigError(f"objective.environment: {target} does not take these arguments "
-                          f"({e})") from None
+    check_arguments("objective.environment", target, cls, spec)
     return cls.__name__, lambda: cls(**spec)

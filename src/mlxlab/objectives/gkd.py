@@ -45,7 +45,11 @@ from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
 from mlxlab.objectives.gkd_loss import generalized_jsd
 from mlxlab.objectives.rollouts import Sampler, Sampling, check_sampling_config, completion_metrics
-from mlxlab.objectives.teacher_weights import TeacherLoader, build_teachers
+from mlxlab.objectives.teacher_weights import (
+    TeacherLoader,
+    build_teachers,
+    check_teacher_specs,
+)
 from mlxlab.runtime import distributed
 from mlxlab.stats import MetricDefinition
 from mlxlab.tracking import tags as T
@@ -73,6 +77,7 @@ class GKD(Objective):
                 raise ConfigError(f"objective.{key}={value} must be in [0, 1]")
         sampling, eval_sampling = Sampling.checked("max_new_tokens", max_new_tokens,
                                                    temperature, top_p, top_k, eval_temperature)
+        check_teacher_specs(teachers)
         self.teacher_specs, self.load_teachers = list(teachers), load_teachers
         self.lmbda, self.beta, self.temperature = float(lmbda), float(beta), float(temperature)
         self.completion_key = str(completion_key)

@@ -14,7 +14,8 @@ once per generation outside the step. The loss (grpo_loss.py) is TRL's: grpo, dr
 With `tools` (or an `environment`) each completion is a multi-turn trajectory (agent.py): the
 model calls tools, their answers come back as tool turns (loss mask 0), the rewards judge the
 final answer and the advantage is the trajectory's; `max_turns`, `tool_timeout_s`,
-`tool_format` and `tagged_format` say how (conf/objective/grpo.yaml).
+`tool_workers`, `tool_max_chars`, `tool_format` and `tagged_format` say how
+(conf/objective/grpo.yaml).
 
 Everything that decides the next batch is in `state_dict`: the generator's key, the buffer and
 how many of its passes are done, the metric sums since the last logged line. A run SIGKILLed between two steps resumes to the same bits (tests/test_grpo.py).
@@ -44,7 +45,13 @@ from mlxlab.config.records import check_number
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.errors import ConfigError
 from mlxlab.models.lora import adapters_off, has_adapters
-from mlxlab.objectives.agent import Agent, AgentSettings, reward_columns, trajectory_rows
+from mlxlab.objectives.agent import (
+    Agent,
+    AgentSettings,
+    check_chat_prompts,
+    reward_columns,
+    trajectory_rows,
+)
 from mlxlab.objectives.base import (
     Evaluation,
     MetricSpec,
@@ -92,7 +99,8 @@ class GRPO(Objective):
                  eval_temperature: float = 0.0, log_completions: int = 8, seed: int = 0,
                  tools: Sequence[Mapping] | None = None, environment: Mapping | None = None,
                  max_turns: int = 4, tool_timeout_s: float | None = 10.0,
-                 tool_format: str = "auto", tagged_format: Mapping | None = None) -> None:
+                 tool_format: str = "auto", tagged_format: Mapping | None = None,
+                 tool_workers: int = 4, tool_max_chars: int | None = 4096) -> None:
         check_number("objective.num_generations", num_generations, int, 2)
         check_number("objective.num_iterations", num_iterations, int, 1)
         epsilon_high = epsilon if epsilon_high is None else epsilon_high
@@ -103,7 +111,7 @@ class GRPO(Objective):
             rewards = OmegaConf.to_container(rewards, resolve=True)
         self.rewards = build_rewards(rewards)
         self.agent = multi_turn(tools, environment, max_turns, tool_timeout_s, tool_format,
-                                tagged_format)
+                                tagged_format, tool_workers, tool_max_chars)
         if self.agent is not None and environment is not None:  # its rewards: one more reward
             self.rewards.append(Reward("environment", environment_reward, 1.0))
         self.group, self.mu, self.loss_type = int(num_generations), int(num_iterations), loss_type
@@ -126,6 +134,8 @@ class GRPO(Objective):
         check_tool_specs(_plain(node.get("tools")))
         if node.get("environment") is not None:
             environment_factory(_plain(node.get("environment")))
+        if (node.get("tools") or node.get("environment") is not None) and kind == "prompts":
+            check_chat_prompts(cfg.data)
 
     def setup(self, setup: ObjectiveSetup) -> None:
         data = self.sampler.setup(setup, "grpo")
@@ -338,12 +348,16 @@ class Rollout:
 
 def multi_turn(tools: Sequence[Mapping] | None, environment: Mapping | None, max_turns: int,
                tool_timeout_s: float | None, tool_format: str,
-               tagged_format: Mapping | None) -> Agent | None:
+               tagged_format: Mapping | None, tool_workers: int = 4,
+               tool_max_chars: int | None = 4096) -> Agent | None:
     """The agent of objective.tools / objective.environment (None: single-turn GRPO)."""
     tools, environment = _plain(tools) or [], _plain(environment)
     check_number("objective.max_turns", max_turns, int, 1)
     if tool_timeout_s is not None:
         check_number("objective.tool_timeout_s", tool_timeout_s, (int, float), 0.001)
+    check_number("objective.tool_workers", tool_workers, int, 1)
+    if tool_max_chars is not None:
+        check_number("objective.tool_max_chars", tool_max_chars, int, 1)
     if tool_format not in FORMATS:
         raise ConfigError(f"objective.tool_format={tool_format!r} is not one of {list(FORMATS)}")
     unknown = sorted(set(_plain(tagged_format) or {}) - TAGGED_KEYS)
@@ -353,7 +367,7 @@ def multi_turn(tools: Sequence[Mapping] | None, environment: Mapping | None, max
     if not tools and environment is None:
         return None
     return Agent(AgentSettings(tools, environment, int(max_turns), tool_timeout_s, tool_format,
-                               _plain(tagged_format) or {}))
+                               _plain(tagged_format) or {}, int(tool_workers), tool_max_chars))
 
 
 def environment_reward(prompts: Sequence, completions: Sequence[str],

@@ -24,6 +24,7 @@ to write calls, beside the answer's reward).
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +34,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from hydra.utils import get_object
 
-from mlxlab.errors import ConfigError
+from mlxlab.config.records import check_arguments, check_number
+from mlxlab.errors import ConfigError, UserError
 
 RewardFn = Callable[..., list]
 NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
@@ -140,18 +142,27 @@ def build_rewards(specs: Sequence[Mapping] | None) -> list[Reward]:
     rewards, names = [], set()
     for i, spec in enumerate(specs):
         spec = dict(spec)
+        key = f"objective.rewards[{i}]"
         target = spec.pop("_target_", None)
         if not target:
-            raise ConfigError(f"objective.rewards[{i}] has no _target_: name a reward function "
+            raise ConfigError(f"{key} has no _target_: name a reward function "
                               "(e.g. mlxlab.objectives.rewards.exact_answer)")
-        weight = float(spec.pop("weight", 1.0))
-        name = str(spec.pop("name", "") or target.rsplit(".", 1)[-1])
         try:
             obj = get_object(target)
         except Exception as e:  # noqa: BLE001 - Hydra raises several kinds for a bad path
-            raise ConfigError(f"objective.rewards[{i}]: _target_ {target!r} cannot be imported "
-                              f"({e})") from None
-        fn = obj(**spec) if spec or _is_factory(obj) else obj
+            raise ConfigError(f"{key}: _target_ {target!r} cannot be imported ({e})") from None
+        check_arguments(key, target, obj, spec, given=False, also=("weight", "name"))
+        settings = sorted(set(spec) - {"weight", "name"})
+        if settings and not _is_factory(obj):
+            near = difflib.get_close_matches(settings[0], ("weight", "name"), 1)
+            raise ConfigError(f"{key}.{settings[0]}: {target} is a reward function (it takes "
+                              "completions), which takes no settings; a reward's keys beside "
+                              "_target_ are weight and name"
+                              + (f": did you mean {near[0]}?" if near else ""))
+        check_number(f"{key}.weight", spec.get("weight", 1.0), float)
+        weight = float(spec.pop("weight", 1.0))
+        name = str(spec.pop("name", "") or target.rsplit(".", 1)[-1])
+        fn = _made(key, target, obj, spec) if spec or _is_factory(obj) else obj
         if not callable(fn):
             raise ConfigError(f"objective.rewards[{i}]: {target} did not give a callable")
         if name in names:
@@ -160,6 +171,20 @@ def build_rewards(specs: Sequence[Mapping] | None) -> list[Reward]:
         names.add(name)
         rewards.append(Reward(name, fn, weight))
     return rewards
+
+
+def _made(key: str, target: str, factory: Callable[..., Any], spec: Mapping[str, Any]) -> Any:
+    """factory(**spec), its arguments checked first (check_arguments: a misspelled key, a wrong
+    type, a missing one is one line naming the key); a TypeError or ValueError the factory
+    raises about them is one line too."""
+    check_arguments(key, target, factory, spec)
+    try:
+        return factory(**spec)
+    except UserError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}: {target} does not take these arguments ({e}): fix "
+                          f"{key}'s keys") from None
 
 
 def _is_factory(obj: Any) -> bool:

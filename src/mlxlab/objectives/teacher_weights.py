@@ -11,15 +11,19 @@ others are wrong gets more say. The teachers never trained on the student's vali
 
 from __future__ import annotations
 
+import difflib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
+from mlxlab.config.records import check_number
 from mlxlab.errors import ConfigError
+from mlxlab.models.sources import describe
 from mlxlab.objectives import losses
 
 # (teacher specs, vocab_size, num_labels, label_names) -> (frozen teacher models, weights): how an
@@ -29,6 +33,36 @@ TeacherLoader = Callable[[list, int, "int | None", "list[str] | None"],
                          tuple[list[nn.Module], list[float]]]
 
 log = logging.getLogger(__name__)
+
+
+TEACHER_KEYS = ("run", "weight")
+
+
+def check_teacher_specs(specs: Sequence | None) -> None:
+    """objective.teachers as config validation checks it, nothing loaded or downloaded: each
+    entry a source (`run: <path>` or the path itself) that exists where it is a path, keys
+    `run` and `weight` only, a weight a number >= 0; else one ConfigError line naming the
+    entry's key."""
+    for i, spec in enumerate(specs or []):
+        key = f"objective.teachers[{i}]"
+        spec = {"run": spec} if isinstance(spec, str) else spec
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{key} is {spec!r}: give {{run: <finished run or model folder>, "
+                              "weight: 1.0}")
+        for name in spec:
+            if name not in TEACHER_KEYS:
+                near = difflib.get_close_matches(str(name), TEACHER_KEYS, 1)
+                raise ConfigError(f"{key}.{name} is not a teacher's key: "
+                                  + (f"did you mean {near[0]}?" if near else
+                                     f"a teacher takes {list(TEACHER_KEYS)}"))
+        run = spec.get("run")
+        if not run or not isinstance(run, str):
+            raise ConfigError(f"{key} needs run=<finished run dir, model folder, GGUF file or "
+                              "hub id>")
+        if describe(run) == "unknown" and not Path(run).expanduser().exists():
+            raise ConfigError(f"{key}.run={run} does not exist: give a finished run's folder, a "
+                              "model folder, a .gguf file, ollama:NAME or a hub id ORG/NAME")
+        check_number(f"{key}.weight", spec.get("weight", 1.0), float, 0.0)
 
 
 def build_teachers(load: TeacherLoader | None, specs: list, data: Any

@@ -14,16 +14,19 @@ hints or argument descriptions is refused with one line at config time (`check_t
 from the objective's check_config), before anything is created.
 
 Calling a tool never ends the run: a call that names no tool, arguments that do not fit the
-signature, a tool that raises, one that runs past `tool_timeout_s`, or a result that is not
-text or JSON gives the model an error message as the tool's answer (`{"error": "..."}`, as
-TRL's GRPOTrainer answers a failing tool) and counts one failure of that kind
-(`tools/failures/<kind>` in the metrics).
+signature, a tool that raises (any BaseException, SystemExit included), one that runs past
+`tool_timeout_s`, or a result that is not text or JSON gives the model an error message as the
+tool's answer (`{"error": "..."}`, as TRL's GRPOTrainer answers a failing tool) and counts one
+failure of that kind (`tools/failures/<kind>` in the metrics). A result longer than
+`tool_max_chars` characters is cut to them before anything tokenizes it, and counted
+(`truncated`); the model reads the cut text.
 
-Trust: tools run in the training process, in a thread of it, with everything the process may
-do (its files, its network, its memory). A tool is trusted code, as a reward function is; the
-model only chooses its name and arguments, which reach it as JSON values. A timed-out call is
-abandoned, not killed (Python cannot stop a thread): its thread runs on in the background, so a
-tool that may hang should bound its own work. Deterministic tools keep a resumed run bitwise.
+Where they run: each call in a worker process (objectives/tool_processes.py), up to
+`tool_workers` calls at a time; one past `tool_timeout_s` has its worker killed, so a hung or
+spinning tool costs that one timeout and nothing after it. Tools are trusted code, as reward
+functions are: a worker runs with the trainer's user, environment, files and network; the model
+only chooses a tool's name and arguments, which reach it as JSON values. Code the model writes
+runs in objectives/sandbox.py's `run_python`. Deterministic tools keep a resumed run bitwise.
 """
 
 from __future__ import annotations
@@ -37,18 +40,23 @@ from typing import Any
 
 from hydra.utils import get_object
 
+from mlxlab.config.records import check_arguments
 from mlxlab.errors import ConfigError
+from mlxlab.objectives.tool_processes import ToolProcesses
 
-FAILURES = ("unknown_tool", "bad_arguments", "raised", "timeout", "bad_result")
+FAILURES = ("unknown_tool", "bad_arguments", "raised", "timeout", "bad_result", "truncated")
 
 
 @dataclass(frozen=True)
 class Tool:
-    """A callable the model may call, its name and its JSON schema (the template's `tools=`)."""
+    """A callable the model may call, its name and its JSON schema (the template's `tools=`),
+    and what a worker process imports to call it (`target` with `bound` arguments)."""
 
     name: str
     fn: Callable[..., Any]
     schema: dict
+    target: str = ""
+    bound: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -119,10 +127,7 @@ def build_tools(specs: Sequence | None) -> list[Tool]:
         target, fn, bound = _load(i, spec)
         schema = tool_schema(target, fn, f"objective.tools[{i}]")
         if bound:
-            unknown = sorted(set(bound) - set(inspect.signature(fn).parameters))
-            if unknown:
-                raise ConfigError(f"objective.tools[{i}]: {target} has no argument "
-                                  f"{', '.join(unknown)} to bind")
+            check_arguments(f"objective.tools[{i}]", target, fn, bound, given=False)
             params = schema["function"]["parameters"]
             params["properties"] = {k: v for k, v in params["properties"].items()
                                     if k not in bound}
@@ -133,7 +138,7 @@ def build_tools(specs: Sequence | None) -> list[Tool]:
             raise ConfigError(f"objective.tools[{i}]: two tools are named {name!r}; the model "
                               "calls a tool by its function's name")
         names.add(name)
-        tools.append(Tool(name, fn, schema))
+        tools.append(Tool(name, fn, schema, target, dict(bound)))
     return tools
 
 
@@ -150,47 +155,43 @@ def error_text(message: str) -> str:
     return json.dumps({"error": message})
 
 
-def result_text(value: Any) -> str | None:
-    """A tool's result as the text the model reads: a string as it is, JSON values as JSON;
-    None when it is neither (an object of a class, bytes, NaN)."""
-    if isinstance(value, str):
-        return value
-    try:
-        return json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        return None
-
-
-@dataclass
 class Toolbox:
-    """The tools of a run and how they are called: each call in a thread, abandoned after
-    `timeout_s` (None: no limit); `calls` and `failures` count since the last `take_counts`."""
+    """The tools of a run and how they are called: in worker processes, up to `workers` calls at
+    a time, each killed after `timeout_s` (None: no limit), results cut to `max_chars`
+    characters (None: whole); `calls` and `failures` count since the last `take_counts`."""
 
-    tools: Sequence[Tool]
-    timeout_s: float | None = None
-    calls: int = 0
-    failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURES, 0))
-
-    def __post_init__(self) -> None:
+    def __init__(self, tools: Sequence[Tool], timeout_s: float | None = None, workers: int = 4,
+                 max_chars: int | None = 4096) -> None:
+        self.tools, self.timeout_s, self.workers = list(tools), timeout_s, int(workers)
         self.by_name = {t.name: t for t in self.tools}
+        self.processes = ToolProcesses({t.name: (t.target, t.bound) for t in self.tools},
+                                       self.workers, timeout_s, max_chars)
+        self.calls = 0
+        self.failures = dict.fromkeys(FAILURES, 0)
+        self._lock = threading.Lock()  # environments answer side by side (agent.py)
 
     @property
     def schemas(self) -> list[dict]:
         return [t.schema for t in self.tools]
 
+    def _count(self, kind: str | None) -> None:
+        with self._lock:
+            self.calls += 1
+            if kind is not None:
+                self.failures[kind] += 1
+
     def fail(self, name: str, kind: str, message: str) -> ToolAnswer:
-        self.failures[kind] += 1
+        self._count(kind)
         return ToolAnswer(name, error_text(message), kind)
 
     def refuse(self, message: str) -> ToolAnswer:
         """A call the model wrote that did not parse (counted as a call and a bad_arguments
         failure), answered with why."""
-        self.calls += 1
         return self.fail("unparsed", "bad_arguments", message)
 
     def call(self, call: ToolCall) -> ToolAnswer:
-        """Run one call; any failure is an answer with its kind (module docstring)."""
-        self.calls += 1
+        """Run one call in a worker; any failure is an answer with its kind (module docstring).
+        Safe from several threads at once."""
         tool = self.by_name.get(call.name)
         if tool is None:
             return self.fail(call.name, "unknown_tool", f"no tool named {call.name!r}; the "
@@ -199,37 +200,26 @@ class Toolbox:
             inspect.signature(tool.fn).bind(**call.arguments)
         except TypeError as e:
             return self.fail(call.name, "bad_arguments", f"{call.name}: {e}")
-        outcome = self._run(tool, call.arguments)
+        outcome = self.processes.call(call.name, call.arguments)
         if outcome is None:
             return self.fail(call.name, "timeout", f"{call.name} did not answer within "
                              f"{self.timeout_s} s")
-        value, raised = outcome
-        if raised is not None:
-            return self.fail(call.name, "raised", f"{type(raised).__name__}: {raised}")
-        text = result_text(value)
-        if text is None:
-            return self.fail(call.name, "bad_result", f"{call.name} returned a "
-                             f"{type(value).__name__}, not text or JSON")
-        return ToolAnswer(call.name, text)
-
-    def _run(self, tool: Tool, arguments: dict) -> tuple[Any, BaseException | None] | None:
-        """(value, exception) of the call, None when it ran past the timeout. A daemon thread:
-        an abandoned call does not hold the process open at exit."""
-        box: list = []
-
-        def target() -> None:
-            try:
-                box.append((tool.fn(**arguments), None))
-            except Exception as e:  # noqa: BLE001 - any failure of user code is an answer
-                box.append((None, e))
-
-        thread = threading.Thread(target=target, name=f"tool-{tool.name}", daemon=True)
-        thread.start()
-        thread.join(self.timeout_s)
-        return box[0] if box else None
+        kind = outcome[0]
+        if kind == "raised":
+            return self.fail(call.name, "raised", outcome[1])
+        if kind == "bad_result":
+            return self.fail(call.name, "bad_result", f"{call.name} returned a {outcome[1]}, "
+                             "not text or JSON")
+        self._count("truncated" if kind == "truncated" else None)
+        return ToolAnswer(call.name, outcome[1], "truncated" if kind == "truncated" else None)
 
     def take_counts(self) -> dict[str, float]:
         """The calls and failures since the last take (TRL's tools/ names, per kind too)."""
-        out = {"calls": float(self.calls), **{k: float(v) for k, v in self.failures.items()}}
-        self.calls, self.failures = 0, dict.fromkeys(FAILURES, 0)
+        with self._lock:
+            out = {"calls": float(self.calls), **{k: float(v) for k, v in self.failures.items()}}
+            self.calls, self.failures = 0, dict.fromkeys(FAILURES, 0)
         return out
+
+    def close(self) -> None:
+        """End the worker processes (they also end with this object and with the process)."""
+        self.processes.close()

@@ -53,6 +53,10 @@ class LearnedReward:
         check_number("objective.rewards[].batch_size", batch_size, int, 1)
         self.run, self.batch_size, self.checkpoint = str(run), int(batch_size), checkpoint
         self.folder = reward_folder(self.run, uri)
+        if not self.folder.exists():
+            raise ConfigError(f"objective.rewards: run={self.run} does not exist: give the folder "
+                              "of a finished reward run (objective=reward, e.g. "
+                              "outputs/train/<date>/<time>) or a registered model's name")
         found = choose_checkpoint(self.folder, checkpoint)
         head = ((CheckpointState.read(found).config or {}).get("model") or {}).get("head")
         if head != "score":

@@ -8,6 +8,7 @@ import pandas as pd
 
 from mlxlab.runs.generate import complete
 from mlxlab.runs.loading import LoadedRun
+from mlxlab.runtime.progress import Progress
 
 
 def training_columns(run: LoadedRun, df: pd.DataFrame, with_label: bool = False) -> pd.DataFrame:
@@ -27,31 +28,45 @@ def training_columns(run: LoadedRun, df: pd.DataFrame, with_label: bool = False)
     return df[needed].reset_index(drop=True)
 
 
-def class_probabilities(run: LoadedRun, rows: pd.DataFrame, batch_size: int = 64) -> np.ndarray:
-    """(N, num_labels) softmax probabilities for the rows of `rows`, in row order."""
+def class_probabilities(run: LoadedRun, rows: pd.DataFrame, batch_size: int = 64,
+                        progress: bool = False) -> np.ndarray:
+    """(N, num_labels) softmax probabilities for the rows of `rows`, in row order (`progress`:
+    shown as a verb shows it, runtime/progress.py)."""
     import mlx.core as mx
 
     probs = []
+    shown = Progress("predict", len(rows), "rows") if progress else None
     for batch in run.encoding.encode_frame(rows, batch_size=batch_size):
         logits = run.model(batch["input_ids"], attention_mask=batch["attention_mask"])
         probs.append(np.array(mx.softmax(logits.astype(mx.float32), axis=-1)))
+        if shown is not None:
+            shown.add(len(probs[-1]))
+    if shown is not None:
+        shown.close()
     return np.concatenate(probs) if probs else np.zeros((0, run.encoding.num_labels), np.float32)
 
 
 def predict_frame(
     run: LoadedRun, frame: pd.DataFrame, batch_size: int = 64, probability: bool = False,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = 32, progress: bool = False,
 ) -> pd.DataFrame:
     """Classifier: the submission frame (id column if any, the label column with the original
     label values; `probability` of the predicted label with probability=True) for the rows of
     `frame`, in row order. Language model: `prompt` and its greedy `completion` for a frame with
-    a `prompt` (or `text`) column."""
+    a `prompt` (or `text`) column. `progress`: shown as a verb shows it (runtime/progress.py)."""
     if run.task == "lm":
         prompts = prompt_column(frame)
-        completions = [complete(run, p, max_new_tokens, temperature=0.0) for p in prompts]
+        shown = Progress("predict", len(prompts), "completions") if progress else None
+        completions = []
+        for prompt in prompts:
+            completions.append(complete(run, prompt, max_new_tokens, temperature=0.0))
+            if shown is not None:
+                shown.add(1)
+        if shown is not None:
+            shown.close()
         return pd.DataFrame({"prompt": prompts, "completion": completions})
     rows = training_columns(run, frame)
-    probs = class_probabilities(run, rows, batch_size)
+    probs = class_probabilities(run, rows, batch_size, progress)
     out = run.encoding.submission(rows, probs.argmax(axis=-1)) if len(rows) else pd.DataFrame(
         {run.encoding.label_column: []}
     )

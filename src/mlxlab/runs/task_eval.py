@@ -19,11 +19,12 @@ import mlx.nn as nn
 from tokenizers import Tokenizer
 
 from mlxlab.data.chat import ChatTemplate
-from mlxlab.errors import ConfigError
+from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.evaluation.results import FOLDER, write_scores
 from mlxlab.evaluation.scoring import TaskScores, chat_template, metric_keys, score_tasks
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import Task
+from mlxlab.runs.learned_reward import is_reward_run
 from mlxlab.runs.loading import load_run, require_task
 from mlxlab.runs.model_source import RUN, open_model_source
 from mlxlab.tracking import tags as T
@@ -47,11 +48,26 @@ class EvalModel:
     provenance: dict = field(default_factory=dict)  # a model's (model_source.ModelSource)
 
 
+def refuse_reward_model(name: str | Path, purpose: str = "scoring evaluation tasks") -> None:
+    """One ConfigError line when `name` is a reward model's run (a score head: no next-token
+    distribution to generate from or score choices with), before anything is loaded or logged."""
+    try:
+        source = open_model_source(name)
+    except MissingFileError:  # the loading names it
+        return
+    if source.kind == RUN and is_reward_run(source.path):
+        raise ConfigError(f"{source.path} is a reward model (model.head=score): it scores "
+                          f"(prompt, completion) rows and cannot be used for {purpose}; give a "
+                          "language model's run or folder (mlxlab eval REWARD_RUN rows.jsonl "
+                          "scores rows with it)")
+
+
 def load_eval_model(name: str | Path, which: str = "best", chat: str = "auto",
                     purpose: str = "scoring evaluation tasks") -> EvalModel:
     """The decoder `name` names (open_model_source: a Hugging Face / mlx-lm / exported folder,
     or a finished run, its `which` checkpoint), with the tokenizer it reads and, per `chat`
     (eval.chat), its chat template. `purpose` names the use in the error for a classifier."""
+    refuse_reward_model(name, purpose)
     source = open_model_source(name)
     path = source.path
     if source.kind != RUN:
