@@ -403,3 +403,40 @@ def test_the_on_off_policy_benchmark_runs_end_to_end(tmp_path):
     (exact,) = [t for t in comparison["tasks"] if t["metric"] == "exact_match"]
     assert exact["n"] == 200 and exact["seeds_a"] == exact["seeds_b"] == 2, exact
     assert {"teacher_exact_match", "student_exact_match", "wall_s"} <= set(results)
+
+
+def test_a_draft_model_trains_from_its_target_and_drafts_for_it(tiny, tmp_path):
+    """experiment=draft_model: the teacher's first block (model.keep_layers=1) trains on-policy
+    against it, each evaluation logs the acceptance rate and the expected speed-up; the finished
+    draft then drafts for the teacher in `mlxlab generate --draft`, the greedy text the
+    teacher's alone. keep_layers past the folder's depth is one line."""
+    import subprocess
+
+    from conftest import MLXLAB
+
+    teacher = tiny["teacher"]
+    args = [MLXLAB, "train", "experiment=draft_model", f"model.pretrained={teacher}",
+            "model.keep_layers=1", f"objective.teachers=[{{run: {teacher}}}]",
+            f"data.train_file={tiny['sums']}", "data.val_file=null",
+            "objective.completion_key=completion", "trainer.max_steps=6",
+            "trainer.eval_every_steps=3", "trainer.batch_size=4", "tracking=csv",
+            "callbacks.progress.enabled=false", f"paths.root_dir={tmp_path}"]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = next((tmp_path / "outputs" / "draft_model").iterdir())
+    logged = (done.stdout + done.stderr)
+    assert "val/acceptance" in logged and "val/expected_speedup" in logged
+    from mlxlab.objectives.gkd import draft_metrics
+
+    assert draft_metrics(1.0, 3, 0.25)["val/tokens_per_target_pass"] == 4.0
+    assert draft_metrics(0.0, 3, 0.25)["val/expected_speedup"] < 1.0
+    prompt = [MLXLAB, "generate", str(teacher), "--prompt", "3+4=", "--max-tokens", "12",
+              "--temperature", "0"]
+    alone = subprocess.run(prompt, capture_output=True, text=True, timeout=300)
+    drafted = subprocess.run([*prompt, "--draft", str(run)], capture_output=True, text=True,
+                             timeout=300)
+    assert drafted.returncode == 0, drafted.stderr[-2000:]
+    assert drafted.stdout == alone.stdout and "proposed by the draft" in drafted.stderr
+    deep = subprocess.run([*args[:4], "model.keep_layers=9", *args[5:]], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert deep.returncode == 2 and "model.keep_layers=9" in deep.stderr.strip().splitlines()[-1]

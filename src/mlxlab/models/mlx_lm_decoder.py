@@ -167,6 +167,7 @@ class MLXLMDecoder(Model):
         quantized_layers: Mapping | None = None,
         weight_names: list[str] | None = None,
         head: str = "lm",
+        keep_layers: int | None = None,
     ):
         super().__init__()
         check_head(head)
@@ -177,6 +178,8 @@ class MLXLMDecoder(Model):
         if pretrained:  # a folder, a GGUF file, ollama:NAME or a hub id (models/sources)
             folder = model_folder(pretrained, revision)
             lm, config = load_folder(folder)
+            if keep_layers:  # a draft: the folder's embeddings, first blocks, norm and head
+                lm, config = keep_first_layers(lm, config, keep_layers, pretrained)
             # every weight mlx-lm loads comes from the folder (strict), and quantizing it at
             # load is a function of those bytes: a rebuild gives the same base
             self._base = {"pretrained": str(pretrained), "revision": revision,
@@ -239,6 +242,8 @@ class MLXLMDecoder(Model):
         if not node.get("pretrained"):
             return
         path, config = model_source(node["pretrained"], node.get("revision"))
+        if node.get("keep_layers") is not None:
+            check_keep_layers(node["keep_layers"], config, node["pretrained"])
         if lora and lora.get("rank") and lora.get("targets"):
             model_class, args_class = model_classes(config, path)
             targeted_linears(model_class(args_class.from_dict(dict(config))),
@@ -357,6 +362,36 @@ def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mappin
     log.info("%s decoder: trains %s; %s trainable / %s total parameters",
              model.architecture["model_type"], what,
              f"{num_parameters(model, trainable_only=True):,}", f"{num_parameters(model):,}")
+
+
+def layer_count(config: Mapping) -> int:
+    return int(config.get("num_hidden_layers") or (config.get("text_config") or {}).get(
+        "num_hidden_layers") or 0)
+
+
+def check_keep_layers(keep: Any, config: Mapping, source: Any) -> None:
+    total = layer_count(config)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep < total:
+        raise ConfigError(f"model.keep_layers={keep!r}: {source} has {total} decoder blocks; "
+                          f"keep 1 to {total - 1} of them (a draft model), or null for all")
+
+
+def keep_first_layers(lm: nn.Module, config: dict, keep: int, source: Any
+                      ) -> tuple[nn.Module, dict]:
+    """The model cut to its first `keep` decoder blocks (its embeddings, final norm and head
+    kept): a draft initialised from its target, as speculative decoding's draft training starts
+    (models/generation.py). Its config says the new depth, so a checkpoint rebuilds it."""
+    check_keep_layers(keep, config, source)
+    lm.model.layers = lm.model.layers[:keep]
+    config = dict(config)
+    if "num_hidden_layers" in config:
+        config["num_hidden_layers"] = keep
+    else:
+        config["text_config"] = {**config["text_config"], "num_hidden_layers": keep}
+    for key in ("layer_types",):  # per-block settings follow the blocks kept
+        if isinstance(config.get(key), list):
+            config[key] = config[key][:keep]
+    return lm, config
 
 
 def check_head(head: Any) -> None:

@@ -24,7 +24,10 @@ Metrics: train/loss (TRL's), train/on_policy_fraction (the rows the student comp
 completions/mean_length, /min_length, /max_length, /clipped_ratio of the student's samples;
 val/loss (TRL's eval_loss: the divergence on the validation prompts' dataset completions, the
 student's greedy completion where a row has none), with the student's greedy completions logged
-as the artifact gkd_samples/step_<step>.jsonl.
+as the artifact gkd_samples/step_<step>.jsonl. With `draft_tokens` k > 0 (the student is a draft
+for speculative decoding: experiment=draft_model), also val/acceptance (how often the student's
+and the teacher's most likely next token agree on those completions), val/tokens_per_target_pass
+and val/expected_speedup at k draft tokens a step (draft_metrics).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.tokenizer import folder_tokenizer, vocabulary_difference
 from mlxlab.errors import ConfigError
+from mlxlab.models import num_parameters
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
 from mlxlab.objectives.gkd_loss import generalized_jsd
@@ -66,7 +70,8 @@ class GKD(Objective):
                  temperature: float = 0.9, max_new_tokens: int = 128, top_p: float = 1.0,
                  top_k: int = 0, eval_temperature: float = 0.0,
                  completion_key: str = "completion", log_completions: int = 8,
-                 seed: int = 0, load_teachers: TeacherLoader | None = None) -> None:
+                 seed: int = 0, load_teachers: TeacherLoader | None = None,
+                 draft_tokens: int = 0) -> None:
         if isinstance(teachers, DictConfig | ListConfig):
             teachers = OmegaConf.to_container(teachers, resolve=True)
         if not teachers:
@@ -78,6 +83,10 @@ class GKD(Objective):
         sampling, eval_sampling = Sampling.checked("max_new_tokens", max_new_tokens,
                                                    temperature, top_p, top_k, eval_temperature)
         check_teacher_specs(teachers)
+        if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
+            raise ConfigError(f"objective.draft_tokens={draft_tokens!r}: the draft tokens a "
+                              "speculative step proposes (e.g. 3), or 0 for no draft metrics")
+        self.draft_tokens = int(draft_tokens)
         self.teacher_specs, self.load_teachers = list(teachers), load_teachers
         self.lmbda, self.beta, self.temperature = float(lmbda), float(beta), float(temperature)
         self.completion_key = str(completion_key)
@@ -126,6 +135,8 @@ class GKD(Objective):
                     "trains on: add it, set objective.completion_key= to the column holding "
                     "completions, or objective.lmbda=1 (on-policy only)")
         teachers, weights = build_teachers(self.load_teachers, self.teacher_specs, data)
+        # a draft's cost beside its target's, by parameters (the expected speed-up's)
+        self._teacher_size = max(num_parameters(t) for t in teachers)
         self._teacher_logps = losses.teacher_log_probs(teachers, weights, self.temperature)
         self.weights = [w / sum(weights) for w in weights]
         return {T.DISTILL_TEACHER_WEIGHTS: str([round(w, 4) for w in self.weights])}
@@ -205,35 +216,58 @@ class GKD(Objective):
         for i, completion in zip(missing, self.sampler.sample_eval(model, [ids[i] for i in missing])
                                  if missing else []):
             completions[i] = completion
-        total, tokens = self._divergence(model, ids, completions, max(1, batching.batch_size))
+        total, tokens, agreed = self._divergence(model, ids, completions,
+                                                 max(1, batching.batch_size))
         if step is not None and self.sampler.log_completions:
             shown = min(n, self.sampler.log_completions)
             texts = self.sampler.texts(self.sampler.sample_eval(model, ids[:shown]))
             self.sampler.log_samples([{"prompt": p, "completion": t}
                                       for p, t in zip(prompts, texts)], step)
-        return Evaluation({f"{prefix}/loss": total / max(tokens, 1.0)})
+        metrics = {f"{prefix}/loss": total / max(tokens, 1.0)}
+        if self.draft_tokens:
+            metrics.update(draft_metrics(agreed / max(tokens, 1.0), self.draft_tokens,
+                                         num_parameters(model) / self._teacher_size, prefix))
+        return Evaluation(metrics)
 
     def _divergence(self, model: nn.Module, ids: list[np.ndarray],
-                    completions: list[np.ndarray], rows: int) -> tuple[float, float]:
-        """(the divergence summed over the completions' tokens, their count), model in eval mode."""
+                    completions: list[np.ndarray], rows: int) -> tuple[float, float, float]:
+        """(the divergence summed over the completions' tokens, their count, how many of them
+        the student's and the teacher's most likely next token agree on), in eval mode."""
         training = model.training
         model.eval()
-        total, tokens = 0.0, 0.0
+        total, tokens, agreed = 0.0, 0.0, 0.0
         try:
             for start in range(0, len(ids), rows):
                 batch = {k: mx.array(v) for k, v in self.sampler.batch(
                     ids[start:start + rows], completions[start:start + rows], 1).items()}
-                _, per_token, count = generalized_jsd(
-                    model(batch["input_ids"]), self._teacher_logps(batch), batch["loss_mask"],
-                    self.beta, self.temperature)
+                logits, teacher = model(batch["input_ids"]), self._teacher_logps(batch)
+                _, per_token, count = generalized_jsd(logits, teacher, batch["loss_mask"],
+                                                      self.beta, self.temperature)
                 total += float((per_token * batch["loss_mask"]).sum())
                 tokens += float(count)
+                same = logits.argmax(axis=-1) == teacher.argmax(axis=-1)
+                agreed += float((same * batch["loss_mask"]).sum())
         finally:
             model.train(training)
-        return total, tokens
+        return total, tokens, agreed
 
     @classmethod
     def metrics(cls, kind: str | None) -> MetricSpec:
         if kind != "prompts":  # prompts for a language model (data=prompts) only
             return MetricSpec()
-        return MetricSpec({"loss": MetricDefinition("min", 0.0)})
+        return MetricSpec({"loss": MetricDefinition("min", 0.0),
+                           "acceptance": MetricDefinition("max", 0.0, 1.0),
+                           "tokens_per_target_pass": MetricDefinition("max", 1.0),
+                           "expected_speedup": MetricDefinition("max", 0.0)})
+
+
+def draft_metrics(acceptance: float, k: int, cost: float, prefix: str = "val") -> dict:
+    """A draft's figures under greedy speculative decoding with `k` draft tokens a step:
+    `acceptance` (a) is the share of tokens whose most likely next token the draft and its
+    target agree on; a step then yields (1 - a^(k+1)) / (1 - a) tokens for one pass of the
+    target and k of the draft, each `cost` of the target's (Leviathan et al. 2023), so the
+    expected speed-up over the target alone is that over 1 + k * cost."""
+    a = min(max(acceptance, 0.0), 1.0)
+    tokens = k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+    return {f"{prefix}/acceptance": a, f"{prefix}/tokens_per_target_pass": tokens,
+            f"{prefix}/expected_speedup": tokens / (1.0 + k * cost)}
