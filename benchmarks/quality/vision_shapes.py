@@ -99,6 +99,14 @@ def build_folder(out: Path, seed: int = 0, vision_width: int = 256, vision_layer
     return out
 
 
+def cpu_name() -> str:
+    """lscpu's model name, family and model (the CPU beside every figure)."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    keep = ("Model name", "CPU family", "Model:")
+    return "; ".join(line.split(":", 1)[1].strip() for line in out.splitlines()
+                     if line.startswith(keep)) or platform.machine()
+
+
 def held_out(path: Path = SHAPES / "val.jsonl") -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -234,7 +242,7 @@ def main() -> None:
     steps, rows = (2, held_out()[:6]) if args.smoke else (args.steps, held_out())
     folder = build_folder(args.work / "smollm2-vlm")
     start = correct(answers(str(folder), rows), rows)
-    record = {"command": " ".join(sys.argv), "cpu": platform.processor() or platform.machine(),
+    record = {"command": " ".join(sys.argv), "cpu": cpu_name(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "steps": steps,
               "chance": chance(rows), "start": sum(start) / len(rows), "seeds": {}}
     print(f"start: {record['start']:.3f} exact match on {len(rows)} held-out pictures "
