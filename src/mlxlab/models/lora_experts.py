@@ -1,0 +1,173 @@
+"""LoRA / DoRA on a MoE layer's routed experts: mlx-lm stacks a layer's experts into one
+SwitchLinear (or QuantizedSwitchLinear, 4- or 8-bit: QLoRA) of weight (E, out, in) that
+multiplies each token by the experts its router picked (`mx.gather_mm` with the router's
+indices). The adapter here is one low-rank pair per expert, gathered with the same indices, so
+a token's update is its own experts' and an expert that receives no token gets no gradient.
+
+LoRA: y = W_e x + s * B_e A_e x, with mlx-lm's LoRASwitchLinear's names and shapes
+(lora_a (E, r, in), lora_b (E, out, r), B at zero), so its adapter files are mlx-lm's.
+DoRA: a learned magnitude per expert and output row, m (E, out), over the adapted rows' norm
+(Liu et al. 2024 per expert, the norm held constant in the backward as mlx-lm's DoRALinear
+does); mlx-lm has no DoRA on experts. Both start equal to the base.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxlab.models.adapter_layer import AdapterLayer
+
+# A target with one of these path components names the routed experts ("experts",
+# "switch_mlp.gate_proj", HF's "experts.down_proj")
+EXPERT_WORDS = ("experts", "switch_mlp")
+
+
+def switch_types() -> tuple[type, ...]:
+    """mlx-lm's SwitchLinear and QuantizedSwitchLinear when its MoE layers are imported (a
+    model that holds one imported them; importing mlx-lm costs seconds, which a model without
+    experts does not pay)."""
+    module = sys.modules.get("mlx_lm.models.switch_layers")
+    return (module.SwitchLinear, module.QuantizedSwitchLinear) if module else ()
+
+
+def is_experts(module: nn.Module) -> bool:
+    """Whether `module` is a MoE layer's stacked experts (exact types: a subclass may compute
+    something else)."""
+    return type(module) in switch_types()
+
+
+def names_experts(target: str) -> bool:
+    """Whether a model.lora.targets entry names the routed experts."""
+    return any(part in EXPERT_WORDS for part in target.split("."))
+
+
+def expert_weight(linear: nn.Module) -> mx.array:
+    """The experts' (E, out, in) float weight; a quantized one dequantized."""
+    if "scales" not in linear:
+        return linear.weight
+    return mx.dequantize(linear.weight, linear.scales, linear.get("biases"),
+                         group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
+
+
+def routed_rows(values: mx.array, indices: mx.array) -> mx.array:
+    """Per-expert rows (E, out) at each token's experts, shaped as SwitchLinear's output (its
+    bias is added this way)."""
+    return mx.expand_dims(values[indices], -2)
+
+
+def _fused(linear: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:
+    """A SwitchLinear of `weight` with `linear`'s bias, quantized again as `linear` was unless
+    `dequantize`."""
+    module = sys.modules["mlx_lm.models.switch_layers"]
+    num_experts, out_dims, in_dims = weight.shape
+    fused = module.SwitchLinear(in_dims, out_dims, num_experts, bias="bias" in linear)
+    fused.weight = weight
+    if "bias" in linear:
+        fused.bias = linear.bias
+    if dequantize or "scales" not in linear:
+        return fused
+    return fused.to_quantized(group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
+
+
+class LoRASwitchLinear(AdapterLayer):
+    """LoRA on stacked experts: y = linear(x, indices) + scale * B_e A_e dropout(x) for each
+    token's experts e (module docstring)."""
+
+    @staticmethod
+    def from_base(linear: nn.Module, rank: int, alpha: float, dropout: float) -> LoRASwitchLinear:
+        layer = LoRASwitchLinear(linear.input_dims, linear.output_dims, linear.num_experts,
+                                 rank, alpha / rank, dropout)
+        layer.linear = linear
+        layer.linear.freeze()
+        return layer
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int, rank: int = 8,
+                 scale: float = 2.0, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.scale = scale
+        bound = 1 / math.sqrt(input_dims)  # each expert's A drawn as LoRALinear's
+        self.lora_a = mx.random.uniform(-bound, bound, (num_experts, rank, input_dims))
+        self.lora_b = mx.zeros((num_experts, output_dims, rank))
+        self.adapter_on = True
+
+    def update(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        """scale * B_e A_e x for each token's experts, gathered as the experts' own product."""
+        z = mx.gather_mm(self.dropout(x), self.lora_a.swapaxes(-1, -2), rhs_indices=indices,
+                         sorted_indices=sorted_indices)
+        z = mx.gather_mm(z, self.lora_b.swapaxes(-1, -2), rhs_indices=indices,
+                         sorted_indices=sorted_indices)
+        return self.scale * z
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        y = self.linear(x, indices, sorted_indices=sorted_indices)
+        if not self.adapter_on:
+            return y
+        return y + self.update(x, indices, sorted_indices).astype(y.dtype)
+
+    def delta(self) -> mx.array:
+        """The adapter's (E, out, in) change to the experts' weights."""
+        return self.scale * (self.lora_b @ self.lora_a)
+
+    def update_norms(self) -> mx.array:
+        """||scale * B_e A_e||_F per expert (E,), from the (E, r, r) Gram matrices: never the
+        (E, out, in) product."""
+        gram = (self.lora_b.swapaxes(-1, -2) @ self.lora_b) * (self.lora_a @ self.lora_a.swapaxes(-1, -2))
+        return abs(self.scale) * mx.sqrt(mx.maximum(gram.sum(axis=(-1, -2)), 0.0))
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        """The experts with W_e + scale * B_e A_e merged in; a quantized base is dequantized,
+        merged and quantized again as it was, or left float with `dequantize`."""
+        weight = expert_weight(self.linear)
+        return _fused(self.linear, weight + self.delta().astype(weight.dtype), dequantize)
+
+
+class DoRASwitchLinear(LoRASwitchLinear):
+    """DoRA on stacked experts: m_e / ||W_e + s B_e A_e||_rows * (W_e x + s B_e A_e x) + bias
+    (module docstring); m starts at the base rows' norms, so the layer starts as the base."""
+
+    @staticmethod
+    def from_base(linear: nn.Module, rank: int, alpha: float, dropout: float) -> DoRASwitchLinear:
+        layer = DoRASwitchLinear(linear.input_dims, linear.output_dims, linear.num_experts,
+                                 rank, alpha / rank, dropout)
+        layer.linear = linear
+        layer.linear.freeze()
+        layer.m = mx.linalg.norm(expert_weight(linear).astype(mx.float32), axis=-1)
+        return layer
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int, rank: int = 8,
+                 scale: float = 2.0, dropout: float = 0.0):
+        super().__init__(input_dims, output_dims, num_experts, rank, scale, dropout)
+        self.m = mx.ones((num_experts, output_dims))
+
+    def _row_scale(self) -> mx.array:
+        """m / ||W + s B A|| per expert and output row (E, out); the norm is a constant to the
+        backward (DoRA's own simplification, as mlx-lm's DoRALinear)."""
+        weight = expert_weight(self.linear)
+        adapted = weight.astype(mx.float32) + self.delta()
+        return self.m / mx.stop_gradient(mx.linalg.norm(adapted, axis=-1))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        y = self.linear(x, indices, sorted_indices=sorted_indices)
+        if not self.adapter_on:
+            return y
+        bias = routed_rows(self.linear.bias, indices) if "bias" in self.linear else None
+        if bias is not None:
+            y = y - bias
+        out = y + self.update(x, indices, sorted_indices).astype(y.dtype)
+        out = routed_rows(self._row_scale(), indices).astype(y.dtype) * out
+        return out + bias if bias is not None else out
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        weight = expert_weight(self.linear)
+        adapted = weight.astype(mx.float32) + self.delta()
+        merged = (self.m / mx.linalg.norm(adapted, axis=-1))[..., None] * adapted
+        return _fused(self.linear, merged.astype(weight.dtype), dequantize)
+
+
+# lora.kind -> how an adapter of that kind wraps a MoE layer's stacked experts
+EXPERT_KINDS = {"lora": LoRASwitchLinear.from_base, "dora": DoRASwitchLinear.from_base}
