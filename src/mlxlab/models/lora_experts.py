@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mlxlab.models.adapter_layer import AdapterLayer
 
@@ -73,9 +76,23 @@ def _fused(linear: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:
     return fused.to_quantized(group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
 
 
+class RoutedCounts:
+    """How many positions a MoE layer's router sent to each of its experts while counted
+    (counting_routes): a plain object, not an array, so the module does not take it for a
+    parameter."""
+
+    def __init__(self, num_experts: int):
+        self.tokens = np.zeros(num_experts, dtype=np.int64)
+
+    def add(self, indices: mx.array) -> None:
+        self.tokens += np.bincount(np.array(indices).reshape(-1), minlength=len(self.tokens))
+
+
 class LoRASwitchLinear(AdapterLayer):
     """LoRA on stacked experts: y = linear(x, indices) + scale * B_e A_e dropout(x) for each
     token's experts e (module docstring)."""
+
+    counts: RoutedCounts | None = None  # set by counting_routes (eager forwards only)
 
     @staticmethod
     def from_base(linear: nn.Module, rank: int, alpha: float, dropout: float) -> LoRASwitchLinear:
@@ -97,6 +114,8 @@ class LoRASwitchLinear(AdapterLayer):
 
     def update(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
         """scale * B_e A_e x for each token's experts, gathered as the experts' own product."""
+        if self.counts is not None:
+            self.counts.add(indices)
         z = mx.gather_mm(self.dropout(x), self.lora_a.swapaxes(-1, -2), rhs_indices=indices,
                          sorted_indices=sorted_indices)
         z = mx.gather_mm(z, self.lora_b.swapaxes(-1, -2), rhs_indices=indices,
@@ -171,3 +190,43 @@ class DoRASwitchLinear(LoRASwitchLinear):
 
 # lora.kind -> how an adapter of that kind wraps a MoE layer's stacked experts
 EXPERT_KINDS = {"lora": LoRASwitchLinear.from_base, "dora": DoRASwitchLinear.from_base}
+
+
+def expert_blocks(model: nn.Module) -> dict[str, list[LoRASwitchLinear]]:
+    """The MoE blocks whose experts hold adapters ("lm.model.layers.0.mlp"), each with its
+    expert adapters (gate, up, down, ...)."""
+    blocks: dict[str, list[LoRASwitchLinear]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRASwitchLinear):
+            blocks.setdefault(name.rsplit(".", 2)[0], []).append(module)
+    return dict(sorted(blocks.items(), key=lambda kv: _natural(kv[0])))
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+@contextmanager
+def counting_routes(model: nn.Module) -> Iterator[dict[str, RoutedCounts]]:
+    """Inside the block, each eager forward adds the positions its routers send to each expert
+    (one count per MoE block with expert adapters); not for a compiled function, whose arrays
+    are not values while it is traced."""
+    blocks = expert_blocks(model)
+    counts = {block: RoutedCounts(layers[0].lora_a.shape[0]) for block, layers in blocks.items()}
+    for block, layers in blocks.items():
+        layers[0].counts = counts[block]
+    try:
+        yield counts
+    finally:
+        for layers in blocks.values():
+            layers[0].counts = None
+
+
+def expert_update_norms(model: nn.Module) -> dict[str, np.ndarray]:
+    """Per MoE block, each expert's adapter update norm over its projections:
+    sqrt(sum ||scale * B_e A_e||_F^2), (E,); zero for an expert that never trained."""
+    norms = {}
+    for block, layers in expert_blocks(model).items():
+        squares = sum(layer.update_norms() ** 2 for layer in layers)
+        norms[block] = np.sqrt(np.array(squares.astype(mx.float32)))
+    return norms

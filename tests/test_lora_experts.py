@@ -1,0 +1,189 @@
+"""Adapters on a MoE layer's routed experts (models/lora_experts.py): tiny random Qwen3-MoE,
+Mixtral and GraniteMoE folders written by transformers from their configs
+(scripts/tiny_hf_model.py), loaded through mlxlab's decoder as a run loads them.
+
+With B at zero the adapted forward is the base's (LoRA and DoRA, float and 4-bit experts); with
+B drawn, the gradients of the expert adapters are non-zero for exactly the experts the routers
+sent a token to (counted by counting_routes) and the routers get none; the fused model computes
+the adapted one. A trained run says which layer kinds its adapters reached, counts each
+expert's routed tokens at each evaluation, exports to transformers (checked there), to mlx-lm's
+adapters and to GGUF (llama.cpp's log-probabilities beside mlxlab's), packs, fits its
+micro-batch and is served; targets that name experts and reach none are one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from hf_helpers import mlx_logits, save_tiny_model
+from mlxlab.errors import ConfigError
+from mlxlab.models.lora import AdapterLayer, fuse_lora
+from mlxlab.models.lora_experts import (
+    DoRASwitchLinear,
+    LoRASwitchLinear,
+    counting_routes,
+    expert_blocks,
+)
+from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+
+KINDS = ("qwen3_moe", "mixtral", "granitemoe")
+# 8 experts, 2 a token; every expert's input a multiple of 64, so model.quantize=4 packs them all
+SIZES = {"qwen3_moe": {"num_experts": 8, "moe_intermediate_size": 64},
+         "mixtral": {"num_local_experts": 8},
+         "granitemoe": {"num_local_experts": 8, "intermediate_size": 64}}
+TARGETS = ["q_proj", "v_proj", "experts"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root, made = tmp_path_factory.mktemp("moe"), {}
+
+    def folder(kind: str) -> Path:
+        if kind not in made:
+            made[kind] = save_tiny_model(kind, root / kind, chat="chatml", **SIZES[kind])
+        return made[kind]
+
+    return folder
+
+
+def decoder(folder: Path, lora: dict | None = None, quantize: int | None = None) -> MLXLMDecoder:
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    mx.random.seed(0)
+    return MLXLMDecoder(vocab_size=vocab, pretrained=str(folder), lora=lora, quantize=quantize)
+
+
+def draw_adapters(model) -> None:
+    """B (and DoRA's magnitudes) drawn away from their start, so every factor has a gradient
+    and the adapters change the outputs."""
+    rng = np.random.default_rng(1)
+    for _, m in model.named_modules():
+        if isinstance(m, AdapterLayer):
+            m.lora_b = mx.array(rng.normal(0, 0.05, m.lora_b.shape).astype(np.float32))
+            if "m" in m:
+                m.m = m.m * mx.array(rng.uniform(0.9, 1.1, m.m.shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("quantize", [None, 4], ids=["float", "4bit"])
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+@pytest.mark.parametrize("arch", KINDS)
+def test_zero_b_is_the_base_gradients_reach_the_routed_experts_and_fusing_keeps_it(
+        arch, kind, quantize, folders):
+    folder = folders(arch)
+    ids = np.array([[17, 250]])  # two positions: top-k of them leaves experts without a token
+    base = mlx_logits(decoder(folder, quantize=quantize), ids)
+    model = decoder(folder, {"rank": 4, "alpha": 8, "targets": TARGETS, "kind": kind}, quantize)
+    experts = [m for m in model.modules() if isinstance(m, LoRASwitchLinear)]
+    assert len(experts) == 3 * model.architecture["num_layers"]  # gate, up, down per layer
+    assert all(isinstance(m, DoRASwitchLinear) == (kind == "dora") for m in experts)
+    if quantize:  # QLoRA: the experts stay packed under their adapters
+        assert all("scales" in m.linear for m in experts)  # (some archs keep down_proj 8-bit)
+    scale = np.abs(base).max()
+    assert np.abs(mlx_logits(model, ids) - base).max() <= 1e-5 * scale
+
+    draw_adapters(model)
+    with counting_routes(model) as counts:
+        adapted = mlx_logits(model, ids)
+    assert np.abs(adapted - base).max() > 1e-3 * scale  # the drawn adapters change the outputs
+    model.train()
+    grads = dict(tree_flatten(nn.value_and_grad(
+        model, lambda m: m(mx.array(ids)).astype(mx.float32).square().mean())(model)[1]))
+    assert not [n for n in grads if ".gate.weight" in n or ".router." in n]  # routers frozen
+    routed_some = idle_some = False
+    for block in expert_blocks(model):
+        routed = counts[block].tokens > 0
+        routed_some, idle_some = routed_some or routed.any(), idle_some or not routed.all()
+        for name in [n for n, m in model.named_modules()
+                     if isinstance(m, LoRASwitchLinear) and n.startswith(f"{block}.")]:
+            for leaf in ("lora_a", "lora_b", *(["m"] if kind == "dora" else [])):
+                g = np.array(grads[f"{name}.{leaf}"]).reshape(len(routed), -1)
+                reached = np.abs(g).max(axis=1) > 0
+                assert np.array_equal(reached, routed), (name, leaf, reached, routed)
+    assert routed_some and idle_some, "the probe must leave some experts without tokens"
+
+    fuse_lora(model, dequantize=True)  # what the Hugging Face export writes
+    assert not [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    assert np.abs(mlx_logits(model, ids) - adapted).max() <= 1e-5 * scale
+
+
+def test_targets_pick_projections_experts_and_the_router_only_when_named(folders):
+    folder = folders("qwen3_moe")
+    model = decoder(folder, {"rank": 4, "targets": ["q_proj", "switch_mlp.gate_proj"]})
+    names = {n.split("layers.0.", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, AdapterLayer) and "layers.0." in n}
+    assert names == {"self_attn.q_proj", "mlp.switch_mlp.gate_proj"}
+    model = decoder(folder, {"rank": 4, "targets": ["experts.down_proj", "gate"]})
+    names = {n.split("layers.0.", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, AdapterLayer) and "layers.0." in n}
+    assert names == {"mlp.switch_mlp.down_proj", "mlp.gate"}  # the router, as named
+
+
+@pytest.mark.parametrize("targets, expect", [
+    (["q_proj", "switch_mlp.gate"], "['switch_mlp.gate'] name the routed experts but reach "
+                                    "none: this model's experts are ['switch_mlp.down_proj'"),
+    (["q_proj", "experts"], "this model has no routed experts"),
+])
+def test_targets_that_name_experts_and_reach_none_are_one_line_exit_2(targets, expect, folders,
+                                                                      tmp_path, cli_env):
+    from conftest import mlxlab
+
+    folder = folders("qwen3_moe") if "gate" in targets[1] else save_tiny_model(
+        "llama", tmp_path / "llama")
+    with pytest.raises(ConfigError, match=expect.replace("[", r"\[").replace("]", r"\]")):
+        decoder(folder, {"rank": 4, "targets": targets})
+    out = tmp_path / "out"
+    done = mlxlab("train", "experiment=finetune_chat", f"model.pretrained={folder}",
+                  f"model.lora.targets=[{','.join(targets)}]", f"hydra.run.dir={out}",
+                  env=cli_env)
+    lines = [line for line in done.stderr.splitlines() if ": error: " in line]
+    assert done.returncode == 2 and len(lines) == 1 and expect in lines[0], done.stderr[-2000:]
+    assert not out.exists()
+
+
+def trained(folder: Path, root: Path, *overrides: str) -> tuple[dict, Path]:
+    from test_mlx_lm_decoders import train_chat
+
+    return train_chat(folder, root, f"model.lora.targets=[{','.join(TARGETS)}]", *overrides)
+
+
+@pytest.mark.parametrize("arch", KINDS)
+def test_a_run_reports_its_reach_and_exports_with_its_experts(arch, folders, tmp_path, caplog):
+    from test_export_gguf_moe import IDS, compare, llama_cpp_steps, rounding_shift
+
+    from mlxlab.export import export_gguf, export_run
+    from mlxlab.runs import load_run_model
+
+    with caplog.at_level(logging.INFO):
+        _, run = trained(folders(arch), tmp_path)
+    said = [r.getMessage() for r in caplog.records if "LoRA adapters on" in r.getMessage()]
+    assert len(said) == 1 and "switch_mlp.gate_proj x2" in said[0], said
+    assert "routed experts 6 (8 experts each" in said[0], said
+    counted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("experts at")]
+    assert counted and "MoE layers" in counted[0], counted
+    table = json.loads((run / "tracking" / "artifacts" / "experts" /
+                        "step_00000003.json").read_text())
+    model, _ = load_run_model(run)
+    trained_norms = {b.removeprefix("lm.model."): n for b, n in
+                     __import__("mlxlab.models.lora_experts", fromlist=["x"])
+                     .expert_update_norms(model).items()}
+    for layer, row in table.items():
+        assert len(row["tokens"]) == len(row["norms"]) and sum(row["tokens"]) > 0
+        assert np.allclose(row["norms"], trained_norms[layer.removeprefix("model.")])
+    assert all(max(row["norms"]) > 0 for row in table.values())  # the experts trained
+
+    tuned = mlx_logits(model, np.array([IDS]))
+    report = export_run(run, tmp_path / "hf", "hf", "float32")  # checked in transformers
+    assert report["check"]["status"] == "checked", report["check"]
+    assert report["check"]["max_abs_logit_gap"] <= 1e-4 * np.abs(tuned).max()
+    out = tmp_path / "f32.gguf"
+    export_gguf(run, out, "f32")
+    ours, shift = rounding_shift(lambda: load_run_model(run)[0], "f32", np.array([IDS]))
+    theirs, allowed = compare(llama_cpp_steps(out, IDS), ours, shift)
+    assert theirs <= 3 * allowed, (theirs, allowed)
