@@ -31,6 +31,7 @@ from mlxlab.models.lora_experts import (
     LoRASwitchLinear,
     counting_routes,
     expert_blocks,
+    expert_update_norms,
 )
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 
@@ -155,10 +156,9 @@ def trained(folder: Path, root: Path, *overrides: str) -> tuple[dict, Path]:
 
 @pytest.mark.parametrize("arch", KINDS)
 def test_a_run_reports_its_reach_and_exports_with_its_experts(arch, folders, tmp_path, caplog):
-    from test_export_gguf_moe import IDS, compare, llama_cpp_steps, rounding_shift
-
     from mlxlab.export import export_gguf, export_run
     from mlxlab.runs import load_run_model
+    from test_export_gguf_moe import IDS, compare, llama_cpp_steps, rounding_shift
 
     with caplog.at_level(logging.INFO):
         _, run = trained(folders(arch), tmp_path)
@@ -170,9 +170,8 @@ def test_a_run_reports_its_reach_and_exports_with_its_experts(arch, folders, tmp
     table = json.loads((run / "tracking" / "artifacts" / "experts" /
                         "step_00000003.json").read_text())
     model, _ = load_run_model(run)
-    trained_norms = {b.removeprefix("lm.model."): n for b, n in
-                     __import__("mlxlab.models.lora_experts", fromlist=["x"])
-                     .expert_update_norms(model).items()}
+    trained_norms = {b.removeprefix("lm.model."): n
+                     for b, n in expert_update_norms(model).items()}
     for layer, row in table.items():
         assert len(row["tokens"]) == len(row["norms"]) and sum(row["tokens"]) > 0
         assert np.allclose(row["norms"], trained_norms[layer.removeprefix("model.")])
@@ -265,3 +264,46 @@ def test_a_run_with_dora_on_the_experts_sigkilled_mid_run_resumes_bitwise(folder
     assert_same_weights(reference, resumed, "qwen3_moe")
     assert run_id_of(resumed) == run_id_of(killed)
     assert_same_history(uri, reference, resumed, "qwen3_moe")
+
+
+@pytest.mark.parametrize("arch", KINDS)
+def test_expert_adapters_load_in_peft_as_trained(arch, folders, tmp_path):
+    """Adapters on the experts alone: PEFT puts them on transformers 5's expert parameters
+    (target_parameters) and computes the fine-tune, which is not the base."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_helpers import torch_logits
+    from mlxlab.export import export_run
+    from mlxlab.runs import load_run_model
+    from test_export_peft import peft_logits
+    from test_mlx_lm_decoders import IDS, train_chat
+
+    folder = folders(arch)
+    _, run = train_chat(folder, tmp_path, "model.lora.targets=[experts]")
+    report = export_run(run, tmp_path / "peft", "peft", "float32")
+    assert report["check"]["checker"].endswith(" + peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["experts.gate_up_proj", "experts.down_proj"]
+    assert config["r"] == 16 and config["lora_alpha"] == 16 * 2.0  # gate and up: rank 2 x 8
+    ours = mlx_logits(load_run_model(run)[0], IDS)
+    theirs = peft_logits(folder, tmp_path / "peft")
+    assert np.abs(theirs - ours).max() <= 1e-4 * np.abs(ours).max()
+    base = torch_logits(AutoModelForCausalLM.from_pretrained(folder).eval(), IDS)
+    assert np.abs(base - theirs).max() > 1e-2 * np.abs(ours).max()  # the experts' adapters
+
+
+def test_dora_on_the_experts_is_refused_by_peft_and_mlx_lms_adapters_in_one_line(
+        folders, tmp_path, capsys):
+    from mlxlab.cli.export import main
+
+    _, run = trained(folders("qwen3_moe"), tmp_path, "model.lora.kind=dora")
+    for args, expect in ((["--format", "peft"], "DoRA adapters on the routed experts have no "
+                                                "PEFT form"),
+                         (["--format", "mlx-lm", "--adapters"], "no mlx-lm adapter form")):
+        out = tmp_path / "out"
+        capsys.readouterr()
+        assert main([str(run), *args, "--out", str(out)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expect in lines[0], lines
+        assert not out.exists()
+    assert main([str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0  # merged
