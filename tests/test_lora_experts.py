@@ -240,30 +240,11 @@ def test_a_packed_run_fits_its_micro_batch_serves_and_its_adapters_load_in_mlx_l
 @pytest.mark.slow
 def test_a_run_with_dora_on_the_experts_sigkilled_mid_run_resumes_bitwise(folders, tmp_path,
                                                                           cli_env):
-    from run_helpers import committed_steps, kill_when, run, start
-    from test_mlx_lm_decoders import chats, write_jsonl
-    from test_resume import assert_same_history, assert_same_weights, run_id_of
+    """DoRA on the experts (and q, v), SIGKILLed after step 4 and resumed: bitwise."""
+    from test_mlx_lm_decoders import resumes_bitwise
 
-    data = write_jsonl(tmp_path / "chats.jsonl", chats(24))
-    args = ["experiment=finetune_chat", f"model.pretrained={folders('qwen3_moe')}",
-            f"data.train_file={data}", f"model.lora.targets=[{','.join(TARGETS)}]",
-            "model.lora.kind=dora", "data.val_fraction=0.25", "data.max_length=64",
-            "trainer.batch_size=4", "trainer.max_steps=10", "trainer.eval_every_steps=5",
-            "trainer.log_every_steps=1", "optimizer.learning_rate=1e-2",
-            "callbacks.progress.enabled=false", "checkpoint.save_every_steps=2",
-            "checkpoint.save_every_minutes=null"]
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    reference = tmp_path / "reference"
-    run(args, reference, cli_env)
-    killed = tmp_path / "killed"
-    proc = start(args, killed, cli_env)
-    kill_when(proc, lambda: any(s >= 4 for s in committed_steps(killed)))
-    assert max(committed_steps(killed)) < max(committed_steps(reference))
-    resumed = tmp_path / "resumed"
-    run([*args, f"resume={killed}"], resumed, cli_env)
-    assert_same_weights(reference, resumed, "qwen3_moe")
-    assert run_id_of(resumed) == run_id_of(killed)
-    assert_same_history(uri, reference, resumed, "qwen3_moe")
+    resumes_bitwise(folders("qwen3_moe"), tmp_path, cli_env,
+                    f"model.lora.targets=[{','.join(TARGETS)}]", "model.lora.kind=dora")
 
 
 @pytest.mark.parametrize("arch", KINDS)

@@ -94,13 +94,18 @@ class LoRASwitchLinear(AdapterLayer):
 
     counts: RoutedCounts | None = None  # set by counting_routes (eager forwards only)
 
-    @staticmethod
-    def from_base(linear: nn.Module, rank: int, alpha: float, dropout: float) -> LoRASwitchLinear:
-        layer = LoRASwitchLinear(linear.input_dims, linear.output_dims, linear.num_experts,
-                                 rank, alpha / rank, dropout)
+    @classmethod
+    def from_base(cls, linear: nn.Module, rank: int, alpha: float, dropout: float
+                  ) -> LoRASwitchLinear:
+        layer = cls(linear.input_dims, linear.output_dims, linear.num_experts, rank,
+                    alpha / rank, dropout)
         layer.linear = linear
         layer.linear.freeze()
+        layer.start()
         return layer
+
+    def start(self) -> None:
+        """What the adapter starts from on its base (LoRA: B at zero, nothing more)."""
 
     def __init__(self, input_dims: int, output_dims: int, num_experts: int, rank: int = 8,
                  scale: float = 2.0, dropout: float = 0.0):
@@ -149,14 +154,9 @@ class DoRASwitchLinear(LoRASwitchLinear):
     """DoRA on stacked experts: m_e / ||W_e + s B_e A_e||_rows * (W_e x + s B_e A_e x) + bias
     (module docstring); m starts at the base rows' norms, so the layer starts as the base."""
 
-    @staticmethod
-    def from_base(linear: nn.Module, rank: int, alpha: float, dropout: float) -> DoRASwitchLinear:
-        layer = DoRASwitchLinear(linear.input_dims, linear.output_dims, linear.num_experts,
-                                 rank, alpha / rank, dropout)
-        layer.linear = linear
-        layer.linear.freeze()
-        layer.m = mx.linalg.norm(expert_weight(linear).astype(mx.float32), axis=-1)
-        return layer
+    def start(self) -> None:
+        """m at the base rows' norms: the layer computes the base."""
+        self.m = mx.linalg.norm(expert_weight(self.linear).astype(mx.float32), axis=-1)
 
     def __init__(self, input_dims: int, output_dims: int, num_experts: int, rank: int = 8,
                  scale: float = 2.0, dropout: float = 0.0):
