@@ -138,7 +138,8 @@ def prepare(work: Path, std: float = 0.2, seq: int = SEQ) -> tuple[Path, dict[st
 
 
 def run_mlxlab(model: Path, data: Path, kind: str, steps: int, out: Path, seq: int | None = None,
-               grad_checkpoint: bool = False) -> list[dict]:
+               grad_checkpoint: bool = False, targets: str = "query,key,value,out",
+               batch: int = BATCH) -> list[dict]:
     shutil.rmtree(out, ignore_errors=True)  # its metrics.csv appends
     exp = "finetune_chat" if kind == "chat" else "finetune_completions"
     cmd = [
@@ -153,8 +154,8 @@ def run_mlxlab(model: Path, data: Path, kind: str, steps: int, out: Path, seq: i
         f"trainer.grad_checkpoint={str(grad_checkpoint).lower()}",
         f"model.lora.rank={RANK}",
         f"model.lora.alpha={ALPHA}",
-        "model.lora.targets=[query,key,value,out]",
-        f"trainer.batch_size={BATCH}",
+        f"model.lora.targets=[{targets}]",
+        f"trainer.batch_size={batch}",
         f"trainer.max_steps={steps}",
         f"trainer.eval_every_steps={10 * steps}",
         "trainer.log_every_steps=1",
@@ -195,6 +196,7 @@ def csv_metrics(out: Path) -> dict[int, dict[str, float]]:
 def run_mlx_lm(
     model: Path, data: Path, kind: str, steps: int, out: Path, openblas: bool,
     fast_quantized: bool = False, seq: int | None = None, grad_checkpoint: bool = False,
+    keys: list[str] = MLX_LM_KEYS, batch: int = BATCH,
 ) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     args = {
@@ -202,7 +204,7 @@ def run_mlx_lm(
         "train": True,
         "data": str(data),
         "iters": steps,
-        "batch_size": BATCH,
+        "batch_size": batch,
         "num_layers": -1,
         "max_seq_length": (seq or SEQ) + 1,
         "grad_checkpoint": grad_checkpoint,
@@ -217,7 +219,7 @@ def run_mlx_lm(
             "rank": RANK,
             "dropout": 0.0,
             "scale": ALPHA / RANK,
-            "keys": MLX_LM_KEYS,
+            "keys": keys,
         },
     }
     (out / "args.json").write_text(json.dumps(args))

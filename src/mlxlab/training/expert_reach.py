@@ -86,7 +86,7 @@ def said(tokens: dict[str, np.ndarray], norms: dict[str, np.ndarray]) -> str:
     every = np.concatenate([n for n in norms.values()])
     idle_norm = max((float(norms[b].max(initial=0.0, where=tokens[b] == 0))
                      for b in tokens if (tokens[b] == 0).any()), default=0.0)
-    line = (f"{len(tokens)} MoE layers, {routed}/{experts} experts routed tokens (fewest "
+    line = (f"{len(tokens)} MoE layers, {routed}/{experts} experts received tokens (the fewest "
             f"{min(int(c.min()) for c in tokens.values())} positions); adapter norms "
             f"{every.min():.3g}..{every.max():.3g}")
     if idle:
