@@ -55,6 +55,7 @@ BATCH = 2
 def write_model(path: Path, layers: int, shape: dict, std: float = 0.02) -> Path:
     """A random qwen3_moe folder of `shape` in mlx-lm's stacked layout (module docstring)."""
     import mlx.core as mx
+
     from tiny_hf_model import tiny_tokenizer
 
     if (path / "config.json").exists():
