@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 
 from hf_helpers import mlx_logits, save_tiny_model
 from mlxlab.errors import ConfigError
-from mlxlab.models.lora import AdapterLayer, fuse_lora
+from mlxlab.models.lora import AdapterLayer, fuse_lora, layer_kinds
 from mlxlab.models.lora_experts import (
     DoRASwitchLinear,
     LoRASwitchLinear,
@@ -124,6 +124,8 @@ def test_targets_pick_projections_experts_and_the_router_only_when_named(folders
     names = {n.split("layers.0.", 1)[-1] for n, m in model.named_modules()
              if isinstance(m, AdapterLayer) and "layers.0." in n}
     assert names == {"mlp.switch_mlp.down_proj", "mlp.gate"}  # the router, as named
+    kinds = layer_kinds(model)
+    assert {k: len(v) for k, v in kinds.items()} == {"routed experts": 2, "router": 2}
 
 
 @pytest.mark.parametrize("targets, expect", [
