@@ -190,6 +190,7 @@ def test_a_run_reports_its_reach_and_exports_with_its_experts(arch, folders, tmp
     assert theirs <= 3 * allowed, (theirs, allowed)
 
 
+@pytest.mark.slow  # a second process loads the run and serves it (16 s)
 def test_a_packed_run_fits_its_micro_batch_serves_and_its_adapters_load_in_mlx_lm(
         folders, tmp_path, cli_env):
     import os
@@ -290,3 +291,15 @@ def test_dora_on_the_experts_is_refused_by_peft_and_mlx_lms_adapters_in_one_line
         assert len(lines) == 1 and expect in lines[0], lines
         assert not out.exists()
     assert main([str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0  # merged
+
+
+def test_the_evaluation_line_names_experts_that_received_no_token():
+    from mlxlab.training.expert_reach import said
+
+    tokens = {"lm.model.layers.0.mlp": np.array([5, 9, 3, 7]),
+              "lm.model.layers.1.mlp": np.array([12, 0, 12, 0])}
+    norms = {"lm.model.layers.0.mlp": np.array([0.1, 0.2, 0.1, 0.3]),
+             "lm.model.layers.1.mlp": np.array([0.2, 0.0, 0.25, 0.0])}
+    line = said(tokens, norms)
+    assert line.startswith("2 MoE layers, 6/8 experts received tokens (the fewest 0 positions)")
+    assert "no tokens: layers.1.mlp: experts [1, 3] (their adapters' norm at most 0)" in line
