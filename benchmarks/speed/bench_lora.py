@@ -319,19 +319,27 @@ def main() -> None:
         f"positions a row; gradient checkpointing {'on' if args.grad_checkpoint else 'off'}; "
         f"{args.steps} steps, the first {args.skip} left out; median of {args.rounds} rounds\n"
     )
-    print("| rows | tool | tokens/s | peak MB | mlxlab's tokens/s ratio | mlxlab's peak ratio |")
+    print_table(results, args.rows.split(","), tools, "rows")
+
+
+def print_table(results: dict[tuple[str, str], list[dict]], groups: list[str], tools: list[str],
+                label: str) -> None:
+    """The markdown table of median tokens/s and peak per (group, tool), with mlxlab's ratios
+    to each other tool in its group."""
+    print(f"| {label} | tool | tokens/s | peak MB | mlxlab's tokens/s ratio | mlxlab's peak ratio |")
     print("|---|---|---|---|---|---|")
-    for kind in args.rows.split(","):
-        base = results.get((kind, "mlxlab"))
+    for group in groups:
+        base = results.get((group, "mlxlab"))
         for tool in tools:
-            runs = results[(kind, tool)]
+            runs = results[(group, tool)]
             rate = statistics.median(r["tokens_per_sec"] for r in runs)
             peak = statistics.median(r["peak_mb"] for r in runs)
             ratio = peak_ratio = "-"
             if base and tool != "mlxlab":
                 ratio = f"{statistics.median(r['tokens_per_sec'] for r in base) / rate:.2f}x"
                 peak_ratio = f"{statistics.median(r['peak_mb'] for r in base) / peak:.2f}x"
-            print(f"| {kind} | {tool} | {rate:.0f} | {peak:.0f} | {ratio} | {peak_ratio} |")
+            print(f"| {group} | {tool} | {rate:.{0 if rate >= 100 else 1}f} | {peak:.0f} | {ratio} "
+                  f"| {peak_ratio} |")
 
 
 if __name__ == "__main__":

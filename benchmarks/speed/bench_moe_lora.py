@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +31,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from benchmarks.common import add_smoke, cpu_model  # noqa: E402
 from benchmarks.speed.bench_lora import (  # noqa: E402
     MLX_LM_KEYS,
+    print_table,
     run_mlx_lm,
     run_mlxlab,
     summarize,
@@ -146,18 +146,7 @@ def main() -> None:
           f"{shape['num_experts_per_tok']} a token, hidden {shape['hidden_size']}, {args.layers} "
           f"layers; batch {BATCH} x {args.seq} positions; {args.steps} steps, the first "
           f"{args.skip} left out; median of {args.rounds} rounds\n")
-    print("| adapters on | tool | tokens/s | peak MB | mlxlab's tokens/s ratio |")
-    print("|---|---|---|---|---|")
-    for target in args.targets.split(","):
-        base = results.get((target, "mlxlab"))
-        for tool in tools:
-            runs = results[(target, tool)]
-            rate = statistics.median(r["tokens_per_sec"] for r in runs)
-            peak = statistics.median(r["peak_mb"] for r in runs)
-            ratio = (f"{statistics.median(r['tokens_per_sec'] for r in base) / rate:.2f}x"
-                     if base and tool != "mlxlab" else "-")
-            print(f"| {target} | {tool} | {rate:.1f} | {peak:.0f} | {ratio} |")
-
+    print_table(results, args.targets.split(","), tools, "adapters on")
 
 if __name__ == "__main__":
     main()
