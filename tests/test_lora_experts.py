@@ -1,6 +1,7 @@
 """Adapters on a MoE layer's routed experts (models/lora_experts.py): tiny random Qwen3-MoE,
-Mixtral and GraniteMoE folders written by transformers from their configs
-(scripts/tiny_hf_model.py), loaded through mlxlab's decoder as a run loads them.
+Mixtral and GraniteMoE folders (and DeepSeek-V3's, with its dense first layer and shared
+expert) written by transformers from their configs (scripts/tiny_hf_model.py), loaded through
+mlxlab's decoder as a run loads them.
 
 With B at zero the adapted forward is the base's (LoRA and DoRA, float and 4-bit experts); with
 B drawn, the gradients of the expert adapters are non-zero for exactly the experts the routers
@@ -39,7 +40,8 @@ KINDS = ("qwen3_moe", "mixtral", "granitemoe")
 # 8 experts, 2 a token; every expert's input a multiple of 64, so model.quantize=4 packs them all
 SIZES = {"qwen3_moe": {"num_experts": 8, "moe_intermediate_size": 64},
          "mixtral": {"num_local_experts": 8},
-         "granitemoe": {"num_local_experts": 8, "intermediate_size": 64}}
+         "granitemoe": {"num_local_experts": 8, "intermediate_size": 64},
+         "deepseek_v3": {"n_routed_experts": 8, "moe_intermediate_size": 64}}
 TARGETS = ["q_proj", "v_proj", "experts"]
 
 
@@ -74,7 +76,7 @@ def draw_adapters(model) -> None:
 
 @pytest.mark.parametrize("quantize", [None, 4], ids=["float", "4bit"])
 @pytest.mark.parametrize("kind", ["lora", "dora"])
-@pytest.mark.parametrize("arch", KINDS)
+@pytest.mark.parametrize("arch", [*KINDS, "deepseek_v3"])  # (its dense first layer, shared expert)
 def test_zero_b_is_the_base_gradients_reach_the_routed_experts_and_fusing_keeps_it(
         arch, kind, quantize, folders):
     folder = folders(arch)
@@ -82,7 +84,8 @@ def test_zero_b_is_the_base_gradients_reach_the_routed_experts_and_fusing_keeps_
     base = mlx_logits(decoder(folder, quantize=quantize), ids)
     model = decoder(folder, {"rank": 4, "alpha": 8, "targets": TARGETS, "kind": kind}, quantize)
     experts = [m for m in model.modules() if isinstance(m, LoRASwitchLinear)]
-    assert len(experts) == 3 * model.architecture["num_layers"]  # gate, up, down per layer
+    moe_layers = sum(1 for n, _ in model.named_modules() if n.endswith(".switch_mlp"))
+    assert moe_layers and len(experts) == 3 * moe_layers  # gate, up, down in every MoE layer
     assert all(isinstance(m, DoRASwitchLinear) == (kind == "dora") for m in experts)
     if quantize:  # QLoRA: the experts stay packed under their adapters
         assert all("scales" in m.linear for m in experts)  # (some archs keep down_proj 8-bit)
@@ -156,7 +159,7 @@ def trained(folder: Path, root: Path, *overrides: str) -> tuple[dict, Path]:
     return train_chat(folder, root, f"model.lora.targets=[{','.join(TARGETS)}]", *overrides)
 
 
-@pytest.mark.parametrize("arch", KINDS)
+@pytest.mark.parametrize("arch", [*KINDS, pytest.param("deepseek_v3", marks=pytest.mark.slow)])
 def test_a_run_reports_its_reach_and_exports_with_its_experts(arch, folders, tmp_path, caplog):
     from mlxlab.export import export_gguf, export_run
     from mlxlab.runs import load_run_model
@@ -165,8 +168,9 @@ def test_a_run_reports_its_reach_and_exports_with_its_experts(arch, folders, tmp
     with caplog.at_level(logging.INFO):
         _, run = trained(folders(arch), tmp_path)
     said = [r.getMessage() for r in caplog.records if "LoRA adapters on" in r.getMessage()]
-    assert len(said) == 1 and "switch_mlp.gate_proj x2" in said[0], said
-    assert "routed experts 6 (8 experts each" in said[0], said
+    moe = 1 if arch == "deepseek_v3" else 2  # (its first layer is dense; no q_proj / v_proj)
+    assert len(said) == 1 and f"switch_mlp.gate_proj x{moe}" in said[0], said
+    assert f"routed experts {3 * moe} (8 experts each" in said[0], said
     counted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("experts at")]
     assert counted and "MoE layers" in counted[0], counted
     table = json.loads((run / "tracking" / "artifacts" / "experts" /
@@ -250,7 +254,7 @@ def test_a_run_with_dora_on_the_experts_sigkilled_mid_run_resumes_bitwise(folder
                     f"model.lora.targets=[{','.join(TARGETS)}]", "model.lora.kind=dora")
 
 
-@pytest.mark.parametrize("arch", KINDS)
+@pytest.mark.parametrize("arch", [*KINDS, pytest.param("deepseek_v3", marks=pytest.mark.slow)])
 def test_expert_adapters_load_in_peft_as_trained(arch, folders, tmp_path):
     """Adapters on the experts alone: PEFT puts them on transformers 5's expert parameters
     (target_parameters) and computes the fine-tune, which is not the base."""
