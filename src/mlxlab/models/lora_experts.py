@@ -165,10 +165,16 @@ class DoRASwitchLinear(LoRASwitchLinear):
 
     def _row_scale(self) -> mx.array:
         """m / ||W + s B A|| per expert and output row (E, out); the norm is a constant to the
-        backward (DoRA's own simplification, as mlx-lm's DoRALinear)."""
-        weight = expert_weight(self.linear)
-        adapted = weight.astype(mx.float32) + self.delta()
-        return self.m / mx.stop_gradient(mx.linalg.norm(adapted, axis=-1))
+        backward (DoRA's own simplification, as mlx-lm's DoRALinear). Expanded as ||W||^2 +
+        2s <W, BA> + s^2 ||BA||^2 row by row, from W A^T (E, out, r) and A A^T (E, r, r): no
+        (E, out, in) array besides the weight itself (at Qwen3-30B-A3B's shape W + sBA would be
+        800 MB a projection and layer)."""
+        weight = expert_weight(self.linear).astype(mx.float32)
+        a, b = self.lora_a, self.lora_b
+        cross = ((weight @ a.swapaxes(-1, -2)) * b).sum(axis=-1)
+        square = ((b @ (a @ a.swapaxes(-1, -2))) * b).sum(axis=-1)
+        norm2 = (weight * weight).sum(axis=-1) + 2 * self.scale * cross + self.scale**2 * square
+        return self.m / mx.stop_gradient(mx.sqrt(mx.maximum(norm2, 0.0)))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         y = self.linear(x, indices, sorted_indices=sorted_indices)
