@@ -178,6 +178,10 @@ def test_a_run_reports_its_reach_and_exports_with_its_experts(arch, folders, tmp
     assert counted and "MoE layers" in counted[0], counted
     table = json.loads((run / "tracking" / "artifacts" / "experts" /
                         "step_00000003.json").read_text())
+    # the checkpoint holds the adapters alone, the experts' as (experts, ...) 3-D tensors
+    saved = mx.load(str(run / "checkpoints" / "best" / "model.safetensors"))
+    stacked = {n: v.shape for n, v in saved.items() if ".switch_mlp." in n}
+    assert len(stacked) == 6 * moe and all(len(s) == 3 and s[0] == 8 for s in stacked.values())
     model, _ = load_run_model(run)
     trained_norms = {b.removeprefix("lm.model."): n
                      for b, n in expert_update_norms(model).items()}
