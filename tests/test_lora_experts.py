@@ -312,3 +312,18 @@ def test_the_evaluation_line_names_experts_that_received_no_token():
     line = said(tokens, norms)
     assert line.startswith("2 MoE layers, 6/8 experts received tokens (the fewest 0 positions)")
     assert "no tokens: layers.1.mlp: experts [1, 3] (their adapters' norm at most 0)" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_qlora_and_qdora_on_4bit_experts_train_and_export_checked(kind, folders, tmp_path):
+    from mlxlab.export import export_run
+    from mlxlab.runs import load_run_model
+
+    _, run = trained(folders("qwen3_moe"), tmp_path, "model.quantize=4", f"model.lora.kind={kind}")
+    model, _ = load_run_model(run)
+    experts = [m for m in model.modules() if isinstance(m, LoRASwitchLinear)]
+    assert experts and all("scales" in m.linear for m in experts)  # still packed
+    assert max(float(mx.abs(m.lora_b).max()) for m in experts) > 0  # trained
+    report = export_run(run, tmp_path / "hf", "hf", "float32")  # dequantized, fused, checked
+    assert report["check"]["status"] == "checked", report["check"]
