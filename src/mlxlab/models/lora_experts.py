@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlxlab.errors import ConfigError
 from mlxlab.models.adapter_layer import AdapterLayer
 
 # A target with one of these path components names the routed experts ("experts",
@@ -97,6 +98,10 @@ class LoRASwitchLinear(AdapterLayer):
     @classmethod
     def from_base(cls, linear: nn.Module, rank: int, alpha: float, dropout: float
                   ) -> LoRASwitchLinear:
+        if linear.get("global_scale") is not None:  # mlx-lm's nvfp4 experts, one scale each
+            raise ConfigError("model.lora.targets reach nvfp4 experts with a global scale, which "
+                              "mlxlab's expert adapters do not dequantize: leave the experts out "
+                              "of model.lora.targets or use an affine-quantized (or float) model")
         layer = cls(linear.input_dims, linear.output_dims, linear.num_experts, rank,
                     alpha / rank, dropout)
         layer.linear = linear
