@@ -217,16 +217,22 @@ def test_a_qwen3_moe_run_sigkilled_mid_run_resumes_bitwise(tmp_path, cli_env):
     """A MoE decoder (qwen3_moe: router, stacked experts, q/k norms) LoRA-trained on chats,
     SIGKILLed after its step-4 checkpoint, resumed: weights and the whole metric history are
     bitwise those of an uninterrupted run."""
+    folder = save_tiny_model("qwen3_moe", tmp_path / "tiny-moe", chat="chatml")
+    resumes_bitwise(folder, tmp_path, cli_env)
+
+
+def resumes_bitwise(folder: Path, tmp_path: Path, cli_env: dict, *overrides: str) -> None:
+    """A qwen3_moe run of 10 steps SIGKILLed after its step-4 checkpoint and resumed: its
+    weights and metric history are bitwise the uninterrupted run's."""
     from run_helpers import committed_steps, kill_when, run, start
     from test_resume import assert_same_history, assert_same_weights, run_id_of
 
-    folder = save_tiny_model("qwen3_moe", tmp_path / "tiny-moe", chat="chatml")
     data = write_jsonl(tmp_path / "chats.jsonl", chats(24))
     args = ["experiment=finetune_chat", f"model.pretrained={folder}", f"data.train_file={data}",
             "data.val_fraction=0.25", "data.max_length=64", "trainer.batch_size=4",
             "trainer.max_steps=10", "trainer.eval_every_steps=5", "trainer.log_every_steps=1",
             "optimizer.learning_rate=1e-2", "callbacks.progress.enabled=false",
-            "checkpoint.save_every_steps=2", "checkpoint.save_every_minutes=null"]
+            "checkpoint.save_every_steps=2", "checkpoint.save_every_minutes=null", *overrides]
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     reference = tmp_path / "reference"
     run(args, reference, cli_env)

@@ -138,7 +138,8 @@ def prepare(work: Path, std: float = 0.2, seq: int = SEQ) -> tuple[Path, dict[st
 
 
 def run_mlxlab(model: Path, data: Path, kind: str, steps: int, out: Path, seq: int | None = None,
-               grad_checkpoint: bool = False) -> list[dict]:
+               grad_checkpoint: bool = False, targets: str = "query,key,value,out",
+               batch: int = BATCH) -> list[dict]:
     shutil.rmtree(out, ignore_errors=True)  # its metrics.csv appends
     exp = "finetune_chat" if kind == "chat" else "finetune_completions"
     cmd = [
@@ -153,8 +154,8 @@ def run_mlxlab(model: Path, data: Path, kind: str, steps: int, out: Path, seq: i
         f"trainer.grad_checkpoint={str(grad_checkpoint).lower()}",
         f"model.lora.rank={RANK}",
         f"model.lora.alpha={ALPHA}",
-        "model.lora.targets=[query,key,value,out]",
-        f"trainer.batch_size={BATCH}",
+        f"model.lora.targets=[{targets}]",
+        f"trainer.batch_size={batch}",
         f"trainer.max_steps={steps}",
         f"trainer.eval_every_steps={10 * steps}",
         "trainer.log_every_steps=1",
@@ -195,6 +196,7 @@ def csv_metrics(out: Path) -> dict[int, dict[str, float]]:
 def run_mlx_lm(
     model: Path, data: Path, kind: str, steps: int, out: Path, openblas: bool,
     fast_quantized: bool = False, seq: int | None = None, grad_checkpoint: bool = False,
+    keys: list[str] = MLX_LM_KEYS, batch: int = BATCH,
 ) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     args = {
@@ -202,7 +204,7 @@ def run_mlx_lm(
         "train": True,
         "data": str(data),
         "iters": steps,
-        "batch_size": BATCH,
+        "batch_size": batch,
         "num_layers": -1,
         "max_seq_length": (seq or SEQ) + 1,
         "grad_checkpoint": grad_checkpoint,
@@ -217,7 +219,7 @@ def run_mlx_lm(
             "rank": RANK,
             "dropout": 0.0,
             "scale": ALPHA / RANK,
-            "keys": MLX_LM_KEYS,
+            "keys": keys,
         },
     }
     (out / "args.json").write_text(json.dumps(args))
@@ -317,19 +319,27 @@ def main() -> None:
         f"positions a row; gradient checkpointing {'on' if args.grad_checkpoint else 'off'}; "
         f"{args.steps} steps, the first {args.skip} left out; median of {args.rounds} rounds\n"
     )
-    print("| rows | tool | tokens/s | peak MB | mlxlab's tokens/s ratio | mlxlab's peak ratio |")
+    print_table(results, args.rows.split(","), tools, "rows")
+
+
+def print_table(results: dict[tuple[str, str], list[dict]], groups: list[str], tools: list[str],
+                label: str) -> None:
+    """The markdown table of median tokens/s and peak per (group, tool), with mlxlab's ratios
+    to each other tool in its group."""
+    print(f"| {label} | tool | tokens/s | peak MB | mlxlab's tokens/s ratio | mlxlab's peak ratio |")
     print("|---|---|---|---|---|---|")
-    for kind in args.rows.split(","):
-        base = results.get((kind, "mlxlab"))
+    for group in groups:
+        base = results.get((group, "mlxlab"))
         for tool in tools:
-            runs = results[(kind, tool)]
+            runs = results[(group, tool)]
             rate = statistics.median(r["tokens_per_sec"] for r in runs)
             peak = statistics.median(r["peak_mb"] for r in runs)
             ratio = peak_ratio = "-"
             if base and tool != "mlxlab":
                 ratio = f"{statistics.median(r['tokens_per_sec'] for r in base) / rate:.2f}x"
                 peak_ratio = f"{statistics.median(r['peak_mb'] for r in base) / peak:.2f}x"
-            print(f"| {kind} | {tool} | {rate:.0f} | {peak:.0f} | {ratio} | {peak_ratio} |")
+            print(f"| {group} | {tool} | {rate:.{0 if rate >= 100 else 1}f} | {peak:.0f} | {ratio} "
+                  f"| {peak_ratio} |")
 
 
 if __name__ == "__main__":

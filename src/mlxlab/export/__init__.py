@@ -63,6 +63,7 @@ from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
 from mlxlab.export.vision import check_vision_options, export_vision
 from mlxlab.models.bert import BertClassifier
 from mlxlab.models.lora import fuse_lora, has_adapters, unwrap_lora
+from mlxlab.models.lora_experts import DoRASwitchLinear
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.remapped import RemappedLM
 from mlxlab.models.transformer import Transformer
@@ -187,7 +188,8 @@ def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out:
     not_checked = _checker(model, state, fmt, check)
     if fmt == "peft":
         check_peft(state.config.get("model") or {},
-                   isinstance(model, MLXLMDecoder) and bool(model.quantized), has_adapters(model))
+                   isinstance(model, MLXLMDecoder) and bool(model.quantized), has_adapters(model),
+                   any(isinstance(m, DoRASwitchLinear) for m in model.modules()))
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty: pick a new --out or pass --overwrite")
     run_dir = tokenizer_path.parent
@@ -286,7 +288,8 @@ def _export_peft(model, state, out: Path, dtype: str, report: dict, card: str | 
     unwrap_lora(model)  # the base, whose Hugging Face names the adapters must land on
     base_names = hf_weights(model, dtype, "hf").keys()
     base = state.config["model"]["pretrained"]
-    tensors, config = peft_files(adapters, settings, base_names, str(base), DTYPES[dtype])
+    tensors, config = peft_files(adapters, settings, base_names, str(base), DTYPES[dtype],
+                                 model.architecture.get("model_type"))
     report["lora"] = settings["fine_tune_type"]
     if card is not None:  # the hub reads an adapter folder's card as PEFT's
         card = card.replace("library_name: transformers", "library_name: peft", 1)

@@ -11,8 +11,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxlab.export.hf import decoder_name
+from mlxlab.export.hf import ExportError, decoder_name
 from mlxlab.models.lora import AdapterLayer, LoRALinear
+from mlxlab.models.lora_experts import DoRASwitchLinear, LoRASwitchLinear
 from mlxlab.models.mlx_lm_decoder import GROUP_SIZE, MLXLMDecoder, quantize_as_convert
 
 
@@ -28,10 +29,16 @@ def quantize(model: nn.Module, bits: int, group_size: int = GROUP_SIZE) -> dict:
 
 def split_adapters(model: nn.Module) -> tuple[dict[str, mx.array], dict]:
     """(adapter weights under mlx-lm's names, adapter_config.json) of a LoRA / DoRA model: what
-    `mlx_lm.generate --adapter-path` and `mlx_lm.utils.load_adapters` read."""
+    `mlx_lm.generate --adapter-path` and `mlx_lm.utils.load_adapters` read (LoRA on the routed
+    experts is mlx-lm's LoRASwitchLinear; DoRA on them, which mlx-lm's loader refuses, is one
+    line)."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
     if not layers:
         raise ValueError("--adapters needs a LoRA run (model.lora.rank > 0); this run has none")
+    if any(isinstance(m, DoRASwitchLinear) for _, m in layers):
+        raise ExportError("DoRA adapters on the routed experts have no mlx-lm adapter form "
+                          "(mlx-lm's loader refuses DoRA on SwitchLinear): export the merged "
+                          "model (--format mlx-lm without --adapters, or --format hf)")
     leaves = (".lora_a", ".lora_b", ".m")
     adapters = {decoder_name(model, name): value
                 for name, value in tree_flatten(model.parameters()) if name.endswith(leaves)}
@@ -39,10 +46,12 @@ def split_adapters(model: nn.Module) -> tuple[dict[str, mx.array], dict]:
     # "model.layers.0.self_attn.q_proj.lora_a" -> "self_attn.q_proj": the key inside each block
     keys = sorted({re.sub(r"^.*?layers\.\d+\.", "", decoder_name(model, f"{n}.weight"))
                    .rsplit(".", 1)[0] for n, _ in layers})
+    # lora_a is (in, r) on a Linear, (E, r, in) on the experts: the rank is its axis 1 in both
     settings = {"rank": int(first.lora_a.shape[1]), "scale": float(first.scale),
                 "dropout": 1.0 - first.dropout._p_1,  # nn.Dropout keeps 1 - p
                 "keys": keys}
-    config = {"fine_tune_type": "lora" if isinstance(first, LoRALinear) else "dora",
+    lora = isinstance(first, LoRALinear) or type(first) is LoRASwitchLinear
+    config = {"fine_tune_type": "lora" if lora else "dora",
               "num_layers": len(model.layers), "lora_parameters": settings}
     return adapters, config
 

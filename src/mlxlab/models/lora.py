@@ -1,5 +1,6 @@
 """LoRA / DoRA: low-rank adapters on frozen nn.Linear or quantized nn.QuantizedLinear layers
-(Hu et al. 2021; QLoRA when the base is quantized); mlx-lm's layers, names and math.
+(Hu et al. 2021; QLoRA when the base is quantized), and on a MoE layer's stacked routed experts
+(lora_experts.py: one adapter per expert); mlx-lm's layers, names and math.
 
 Naming: wrapping `layers.0.attention.query` moves its base weight to
 `layers.0.attention.query.linear.weight` and adds `...query.lora_a` / `...query.lora_b`.
@@ -22,6 +23,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.adapter_layer import AdapterLayer
+from mlxlab.models.lora_experts import EXPERT_KINDS, is_experts, names_experts
 from mlxlab.models.quantized_cpu import CpuQuantizedLinear
 from mlxlab.runtime.io_threads import load_arrays
 
@@ -32,13 +35,6 @@ MIN_REACHED_NAMES = 2
 MIN_TRAINED_SHARE = 1e-4
 
 log = logging.getLogger(__name__)
-
-
-class AdapterLayer(nn.Module):
-    """What every adapter layer kind has (lora.kind): a frozen base `linear` (nn.Linear, or
-    nn.QuantizedLinear: QLoRA) and the `adapter_on` switch adapters_off flips."""
-
-    adapter_on: bool = True
 
 
 class LoRALinear(AdapterLayer):
@@ -150,10 +146,23 @@ def _requantized(fused: nn.Linear, base: nn.Module, dequantize: bool) -> nn.Modu
     return nn.QuantizedLinear.from_linear(fused, base.group_size, base.bits, mode=base.mode)
 
 
-# lora.kind -> how an adapter layer of that kind wraps its base
+# lora.kind -> how an adapter layer of that kind wraps its base (a Linear; the routed experts:
+# EXPERT_KINDS)
 LORA_KINDS = {"lora": LoRALinear.from_base, "dora": dora_from_base}
-# The base layers an adapter wraps: float, or quantized (QLoRA).
+# The base layers an adapter wraps: float, or quantized (QLoRA); and mlx-lm's stacked experts
+# (lora_experts.switch_types)
 ADAPTABLE = (nn.Linear, nn.QuantizedLinear)
+
+
+def adaptable(module: nn.Module) -> bool:
+    """Whether an adapter can wrap `module`: a Linear (float or quantized) or stacked experts."""
+    return type(module) in ADAPTABLE or is_experts(module)
+
+
+def wrap(module: nn.Module, kind: str, rank: int, alpha: float, dropout: float) -> AdapterLayer:
+    """A `kind` adapter on `module`: one per expert on stacked experts."""
+    kinds = EXPERT_KINDS if is_experts(module) else LORA_KINDS
+    return kinds[kind](module, rank, alpha, dropout)
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -206,7 +215,7 @@ def apply_lora(
     wrapped = targeted_linears(model, targets)
     model.freeze()
     model.update_modules(
-        tree_unflatten([(n, LORA_KINDS[kind](m, rank, alpha, dropout)) for n, m in wrapped])
+        tree_unflatten([(n, wrap(m, kind, rank, alpha, dropout)) for n, m in wrapped])
     )
     modules = dict(model.named_modules())
     for name in extra_trainable:
@@ -236,27 +245,88 @@ def check_lora(lora: Mapping | None) -> None:
 
 
 def targeted_linears(model: nn.Module, targets: Iterable[str]) -> list[tuple[str, nn.Module]]:
-    """The (name, layer) of every Linear `targets` names; none is one line listing the names
-    there are (a model built lazily, its weights never computed, is enough to ask)."""
+    """The (name, layer) of every Linear or stacked experts `targets` names; none is one line
+    listing the names there are, and so are targets that name the routed experts and reach
+    none (a model built lazily, its weights never computed, is enough to ask)."""
     targets = list(targets)
-    linears = [(n, m) for n, m in model.named_modules() if type(m) in ADAPTABLE]
+    linears = [(n, m) for n, m in model.named_modules() if adaptable(m)]
     wrapped = [(n, m) for n, m in linears if _matches(n, targets)]
     if not wrapped:
-        names = sorted({n.split(".")[-1] for n, _ in linears})
+        names = sorted({layer_name(n, m) for n, m in linears})
         raise ConfigError(f"lora targets {targets} match no Linear layer; available: {names}")
+    named = [t for t in targets if names_experts(t)]
+    if named and not any(is_experts(m) for _, m in wrapped):
+        experts = sorted({layer_name(n, m) for n, m in linears if is_experts(m)})
+        raise ConfigError(
+            f"model.lora.targets {named} name the routed experts but reach none: "
+            + (f"this model's experts are {experts}, e.g. model.lora.targets=[q_proj,v_proj,"
+               "experts]" if experts else "this model has no routed experts (no MoE layers)"))
     return wrapped
+
+
+def layer_name(name: str, module: nn.Module) -> str:
+    """What reach reports a layer as: its own name ("o_proj"), or the stacked experts' under
+    their block ("switch_mlp.gate_proj")."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if is_experts(module) or (
+        isinstance(module, AdapterLayer) and is_experts(module.linear)) else parts[-1]
 
 
 def reached(model: nn.Module) -> Counter:
     """How many adapter layers the model has under each layer name ("o_proj": 61)."""
-    return Counter(n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+    return Counter(layer_name(n, m) for n, m in model.named_modules()
                    if isinstance(m, AdapterLayer))
+
+
+def layer_kinds(model: nn.Module) -> dict[str, list[str]]:
+    """The adapter layers by what they are: routed experts, shared experts, router, attention,
+    dense MLP or other (a MoE block is a module holding stacked experts; a Linear directly in
+    one, beside them, is its router)."""
+    modules = dict(model.named_modules())
+    blocks = {n.rsplit(".", 2)[0] for n, m in modules.items()
+              if is_experts(m) or (isinstance(m, AdapterLayer) and is_experts(m.linear))}
+    kinds: dict[str, list[str]] = {}
+    for name, m in modules.items():
+        if not isinstance(m, AdapterLayer):
+            continue
+        parts = name.split(".")
+        if is_experts(m.linear):
+            kind = "routed experts"
+        elif any("shared_expert" in p for p in parts):
+            kind = "shared experts"
+        elif any(name.startswith(f"{b}.") for b in blocks):
+            kind = "router"
+        elif any("attn" in p or "attention" in p for p in parts):
+            kind = "attention"
+        elif any(p in ("mlp", "feed_forward", "ffn") for p in parts):
+            kind = "dense MLP"
+        else:
+            kind = "other"
+        kinds.setdefault(kind, []).append(name)
+    return kinds
+
+
+def _kinds_said(model: nn.Module, kinds: Mapping[str, list[str]]) -> str:
+    """"attention 4, routed experts 6 (8 experts each, 98,304 parameters)"."""
+    modules = dict(model.named_modules())
+    said = []
+    for kind, names in sorted(kinds.items()):
+        if kind != "routed experts":
+            said.append(f"{kind} {len(names)}")
+            continue
+        experts = sorted({modules[n].lora_a.shape[0] for n in names})
+        size = sum(v.size for n in names
+                   for _, v in tree_flatten(modules[n].trainable_parameters()))
+        said.append(f"{kind} {len(names)} ({'/'.join(map(str, experts))} experts each, "
+                    f"{size:,} parameters)")
+    return ", ".join(said)
 
 
 def check_reach(model: nn.Module, targets: Iterable[str],
                 aliases: Mapping[str, Iterable[str]] | None = None) -> Counter:
     """Say which layers LoRA's `targets` reached (each name, how many, the share of parameters
-    trained); a warning naming model.lora.targets when they reached too little (fewer than
+    trained, the kinds of layer: attention, routed experts with their parameters, ...); a
+    warning naming model.lora.targets when they reached too little (fewer than
     MIN_REACHED_NAMES layer names, or under MIN_TRAINED_SHARE of the parameters): an
     architecture whose projections have other names (deepseek_v3's q_a_proj, kv_b_proj, ...)
     than the targets (with `aliases`: each target's other spellings) expect."""
@@ -270,20 +340,21 @@ def check_reach(model: nn.Module, targets: Iterable[str],
     trained = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = sum(v.size for _, v in tree_flatten(model.parameters())) or 1
     where = ", ".join(f"{name} x{count}" for name, count in sorted(counts.items()))
-    log.info("LoRA adapters on %d layers: %s (%s trainable parameters, %.3g%% of %s)",
-             sum(counts.values()), where, f"{trained:,}", 100 * trained / total, f"{total:,}")
+    log.info("LoRA adapters on %d layers: %s (%s trainable parameters, %.3g%% of %s); "
+             "kinds: %s", sum(counts.values()), where, f"{trained:,}", 100 * trained / total,
+             f"{total:,}", _kinds_said(model, layer_kinds(model)))
     if len(counts) >= MIN_REACHED_NAMES and trained / total >= MIN_TRAINED_SHARE:
         return counts
     inside = {f"{n}.linear" for n in names}  # an adapter's own base layer
-    linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                      if (type(m) in ADAPTABLE and n not in inside) or isinstance(m, AdapterLayer)})
+    linears = sorted({layer_name(n, m) for n, m in model.named_modules()
+                      if (adaptable(m) and n not in inside) or isinstance(m, AdapterLayer)})
     log.warning(
         "model.lora.targets %s reached only %s (%s trainable parameters, %.2g%% of the model)%s: "
         "too little for LoRA to learn much. This model's Linear layers are %s: name its "
         "attention projections in model.lora.targets, e.g. model.lora.targets=[%s]",
         list(targets), where, f"{trained:,}", 100 * trained / total,
         f"; {', '.join(missed)} reached no layer" if missed else "", linears,
-        ",".join(n for n in linears if "proj" in n and "expert" not in n
+        ",".join(n for n in linears if "proj" in n and "expert" not in n and "." not in n
                  and not n.startswith(("gate", "up", "down"))) or ",".join(linears))
     return counts
 

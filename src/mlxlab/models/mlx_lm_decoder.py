@@ -52,6 +52,8 @@ TARGET_ALIASES = {
     "key": ("k_proj", "qkv_proj", "query_key_value", "Wqkv"),
     "value": ("v_proj", "qkv_proj", "query_key_value", "Wqkv"),
     "out": ("o_proj", "attention.dense", "out_proj"),
+    # a MoE layer's routed experts (mlx-lm stacks them under switch_mlp), every projection
+    "experts": ("switch_mlp",),
 }
 
 
@@ -142,6 +144,8 @@ def lora_targets(lora: Mapping | None) -> Mapping | None:
     targets = []
     for t in lora["targets"]:
         targets += [t, *TARGET_ALIASES.get(t, ())]
+        if t.startswith("experts."):  # Hugging Face's spelling of one expert projection
+            targets.append(f"switch_mlp.{t.removeprefix('experts.')}")
     return {**lora, "targets": list(dict.fromkeys(targets))}
 
 

@@ -1,0 +1,15 @@
+"""What every adapter layer kind has, whatever it wraps (a Linear: lora.py; a MoE layer's
+stacked experts: lora_experts.py)."""
+
+from __future__ import annotations
+
+import mlx.nn as nn
+
+
+class AdapterLayer(nn.Module):
+    """An adapter around a frozen base layer `linear` (nn.Linear, nn.QuantizedLinear: QLoRA, or
+    mlx-lm's SwitchLinear / QuantizedSwitchLinear: the routed experts) and the `adapter_on`
+    switch adapters_off flips. Each kind has `fuse(dequantize)`: the base with the adapter
+    merged in."""
+
+    adapter_on: bool = True
