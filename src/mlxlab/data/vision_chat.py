@@ -37,7 +37,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxlab.config.records import check_number
-from mlxlab.data.batching import Batch, Batching, bucket_length, make_batches
+from mlxlab.data.batching import Batch, Batching, make_batches
 from mlxlab.data.chat import ChatError, encode_chats
 from mlxlab.data.completions import PromptCompletion, Rows, read_rows
 from mlxlab.data.images import MAX_PIXELS, chat_images, image_bytes, open_image
@@ -248,16 +248,9 @@ class VisionChat(PromptCompletion):
 
     # ---- batches -----------------------------------------------------------------------------
     def _collate(self, split: tuple, index: np.ndarray, multiple: int) -> Batch:
+        """The text rows' batch (PromptCompletion's), and the rows' image arrays beside it."""
         rows, targets, entries = split
-        width = bucket_length(max(len(rows[i]) - 1 for i in index), multiple, self.max_length)
-        tokens = np.full((len(index), width + 1), self.pad_id, np.int32)
-        mask = np.zeros((len(index), width), np.float32)
-        for r, i in enumerate(index):
-            ids = rows[i]
-            tokens[r, : len(ids)] = ids
-            mask[r, : len(ids) - 1] = targets[i][1:]
-        batch = {"input_ids": mx.array(tokens[:, :-1]), "labels": mx.array(tokens[:, 1:]),
-                 "loss_mask": mx.array(mask), "index": mx.array(np.asarray(index, np.int32))}
+        batch = super()._collate((rows, targets), index, multiple)
         batch.update(join_images([entries[i] for i in index]))
         return batch
 
