@@ -26,94 +26,30 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.errors import MissingFileError
+from mlxlab.evaluation.harness_tasks import (
+    KIND_PREFIX,
+    HarnessOptions,
+    is_yaml,
+    lm_eval_module,
+    task_manager,
+)
 from mlxlab.evaluation.scoring import TaskScores
 
 log = logging.getLogger(__name__)
-
-KIND_PREFIX = "lm_eval:"
-INSTALL = 'pip install "lm-eval>=0.4,<0.5"'
-
-
-def is_harness_entry(entry: str | Path) -> bool:
-    """An lm-eval task (a name or a YAML file), not one of mlxlab's jsonl tasks."""
-    return not str(entry).endswith(".jsonl")
-
-
-def is_harness_kind(kind: str) -> bool:
-    return kind.startswith(KIND_PREFIX)
-
-
-@dataclass(frozen=True)
-class HarnessOptions:
-    """lm-eval's own settings of a scoring: `num_fewshot` (None: each task's), `limit`
-    (examples per task; below 1 a fraction), the chat template (`apply_chat_template`,
-    `system_instruction`, `fewshot_as_multiturn`)."""
-
-    num_fewshot: int | None = None
-    limit: float | None = None
-    apply_chat_template: bool = False
-    system_instruction: str | None = None
-    fewshot_as_multiturn: bool = False
-
-    def __post_init__(self) -> None:
-        if self.fewshot_as_multiturn and not self.apply_chat_template:
-            raise ConfigError("--fewshot-as-multiturn needs --apply-chat-template: few-shot "
-                              "examples become turns of the model's chat template")
-
-    @property
-    def prompts(self) -> str:
-        return "chat template" if self.apply_chat_template else "plain"
-
-
-def _lm_eval() -> Any:
-    try:
-        import lm_eval
-    except ImportError:
-        raise ConfigError(f"lm-eval tasks need lm-evaluation-harness: {INSTALL} (or give jsonl "
-                          "task files)") from None
-    return lm_eval
-
-
-def task_manager() -> Any:
-    _lm_eval()
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager()
-
-
-def check_entries(entries: Sequence[str]) -> None:
-    """Every entry names an lm-eval task, group or tag, or is a YAML file that exists; one
-    ConfigError naming the first that does not."""
-    if not entries:
-        return
-    manager = task_manager()
-    known = set(manager.all_tasks)
-    for entry in entries:
-        if str(entry).endswith((".yaml", ".yml")):
-            if not Path(entry).expanduser().is_file():
-                raise MissingFileError(f"lm-eval task file not found: {entry}")
-        elif entry not in known:
-            close = [t for t in manager.all_tasks if entry.lower() in t.lower()][:5]
-            raise ConfigError(f"{entry!r} is neither a jsonl task file nor an lm-eval task, "
-                              f"group or tag{' (close: ' + ', '.join(close) + ')' if close else ''}"
-                              ": `lm-eval ls tasks` lists them")
-
 
 def score_harness(lm: Any, entries: Sequence[str], options: HarnessOptions
                   ) -> tuple[list[TaskScores], dict[str, float]]:
     """lm-eval's `entries` scored on `lm` (an MlxlabLM): one TaskScores per task with examples,
     and the groups' aggregate metrics as `eval/<group>/<metric>` keys."""
-    lm_eval = _lm_eval()
-    manager = task_manager()
-    paths = [str(Path(e).expanduser().resolve()) if str(e).endswith((".yaml", ".yml"))
-             else str(e) for e in entries]
+    lm_eval = lm_eval_module()
+    manager = task_manager(not all(map(is_yaml, entries)))
+    paths = [str(Path(e).expanduser().resolve()) if is_yaml(e) else str(e) for e in entries]
     try:
         out = lm_eval.simple_evaluate(
             model=lm, tasks=paths, num_fewshot=options.num_fewshot, limit=options.limit,

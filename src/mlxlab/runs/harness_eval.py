@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mlxlab.evaluation.harness import HarnessOptions, check_entries, is_harness_entry
+from mlxlab.evaluation.harness_tasks import HarnessOptions, check_entries, is_harness_entry
 from mlxlab.evaluation.scoring import TaskScores
 from mlxlab.runs.task_eval import EvalModel
 
