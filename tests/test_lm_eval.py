@@ -93,23 +93,35 @@ def test_training_run_scores_the_lm_eval_task_at_each_evaluation(world):
     assert all(len(r["resps"]) == 4 for r in saved.rows)  # each choice's log-likelihood
 
 
-def test_eval_keeps_every_example_compare_pairs_them_and_lora_unfused_equals_fused(world):
+def cli(capsys, *args) -> str:
+    """An `mlxlab` verb in this process (its main, as the console script calls it)."""
+    from mlxlab.cli.main import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    return out.out
+
+
+def test_eval_keeps_every_example_compare_pairs_them_and_lora_unfused_equals_fused(
+        world, capsys, monkeypatch):
     """`mlxlab eval` of the base and of the LoRA run (unfused) into the store; `runs compare`
     pairs them per example (McNemar for acc, a paired bootstrap for bits per byte); the run's
     fused export scores the same log-likelihoods as the run."""
     root, uri, tasks = world["root"], world["uri"], ",".join(world["tasks"])
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
     ids = {}
     for name, model in (("base", world["base"]), ("run", world["run"])):
-        done = mlxlab("eval", model, "--tasks", tasks, "--uri", uri, "--out", root / f"out_{name}",
-                      "--json", cwd=root)
-        assert done.returncode == 0, done.stderr[-3000:]
-        report = json.loads(done.stdout.strip().splitlines()[-1])
+        out = cli(capsys, "eval", model, "--tasks", tasks, "--uri", uri,
+                  "--out", root / f"out_{name}", "--json")
+        report = json.loads(out.strip().splitlines()[-1])
         assert report["tasks"]["tiny_gen"]["kind"] == "lm_eval:generate_until"
         assert "exact_match.first-word" in report["tasks"]["tiny_gen"]["metrics"]
         ids[name] = report["run_id"]
-    done = mlxlab("runs", "compare", ids["base"], ids["run"], "--uri", uri, "--json", cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    paired = {(p["task"], p["metric"]): p for p in json.loads(done.stdout)["paired"]}
+    out = cli(capsys, "runs", "compare", ids["base"], ids["run"], "--uri", uri, "--json")
+    paired = {(p["task"], p["metric"]): p for p in json.loads(out)["paired"]}
     assert paired[("tiny_mc", "acc")]["test"] == "mcnemar" and paired[("tiny_mc", "acc")]["n"] == 12
     assert paired[("tiny_gen", "exact_match.first-word")]["test"] == "mcnemar"
     bpb = paired[("tiny_ppl", "bits_per_byte")]
@@ -120,9 +132,10 @@ def test_eval_keeps_every_example_compare_pairs_them_and_lora_unfused_equals_fus
     from mlxlab.export import export_run
 
     export_run(world["run"], root / "fused", fmt="mlx-lm", dtype="float32")
-    done = mlxlab("eval", root / "fused", "--tasks", world["tasks"][0], "--no-track",
-                  "--out", root / "out_fused", cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
+    cli(capsys, "eval", root / "fused", "--tasks", world["tasks"][0], "--no-track",
+        "--out", root / "out_fused")
+    table = cli(capsys, "runs", "compare", ids["base"], ids["run"], "--uri", uri)
+    assert "verdict" in table.splitlines()[3] and ("no difference" in table or "B " in table)
     unfused = read_scores(root / "out_run")["tiny_mc"].rows
     fused = read_scores(root / "out_fused")["tiny_mc"].rows
     a = np.array([[c[0][0] for c in r["resps"]] for r in unfused])
@@ -133,6 +146,7 @@ def test_eval_keeps_every_example_compare_pairs_them_and_lora_unfused_equals_fus
     assert not np.allclose([[c[0][0] for c in r["resps"]] for r in base], a)  # it trained
 
 
+@pytest.mark.slow  # lm-eval's command indexes its ~15,000 task files first (tens of seconds)
 def test_lm_eval_command_runs_the_mlxlab_model(world, tmp_path):
     done = subprocess.run(
         [PYTHON, "-m", "mlxlab.runs.lm_eval_command", "run", "--model", "mlxlab",
@@ -143,6 +157,7 @@ def test_lm_eval_command_runs_the_mlxlab_model(world, tmp_path):
     assert "tiny_mc" in done.stdout and "acc" in done.stdout
 
 
+@pytest.mark.slow  # a task name is looked up in lm-eval's index of its task files
 def test_a_dataset_missing_offline_is_one_line_and_leaves_no_run(world, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     done = mlxlab("eval", world["base"], "--tasks", "arc_easy", "--uri", uri, cwd=tmp_path,
@@ -184,6 +199,13 @@ def test_harness_tasks_pair_binary_scores_by_mcnemar_and_others_by_bootstrap():
     assert got["acc"].test == "mcnemar" and (got["acc"].only_a, got["acc"].only_b) == (0, 5)
     assert got["word_perplexity"].test == "bootstrap" and got["word_perplexity"].diff == -1.0
     assert not got["word_perplexity"].higher_is_better
+    # a sweep's seeds (replicates): each example averaged over a group's seeds, McNemar per seed
+    from mlxlab.evaluation.paired import pair_replicates
+
+    seeds = {p.metric: p for p in pair_replicates({"0": {"t": a}, "1": {"t": a}},
+                                                  {"0": {"t": b}, "1": {"t": b}}, rounds=500)}
+    assert [m["only_b"] for m in seeds["acc"].mcnemar] == [5, 5]
+    assert seeds["word_perplexity"].diff == -1.0 and not seeds["word_perplexity"].mcnemar
 
 
 @pytest.mark.slow
