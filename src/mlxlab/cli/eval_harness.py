@@ -15,5 +15,7 @@ def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
                        help="prompts through the model's chat template (lm-eval's default: plain)")
     group.add_argument("--system-instruction", metavar="TEXT",
                        help="a system message before each prompt")
-    group.add_argument("--fewshot-as-multiturn", action="store_true",
-                       help="few-shot examples as turns of the chat (needs --apply-chat-template)")
+    group.add_argument("--fewshot-as-multiturn", action=argparse.BooleanOptionalAction,
+                       default=None, help="few-shot examples as turns of the chat (needs "
+                       "--apply-chat-template; on with it unless --no-fewshot-as-multiturn, as "
+                       "lm-eval's command)")

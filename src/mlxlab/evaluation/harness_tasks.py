@@ -34,9 +34,11 @@ class HarnessOptions:
     limit: float | None = None
     apply_chat_template: bool = False
     system_instruction: str | None = None
-    fewshot_as_multiturn: bool = False
+    fewshot_as_multiturn: bool | None = None  # None: with the chat template, as lm-eval's command
 
     def __post_init__(self) -> None:
+        if self.fewshot_as_multiturn is None:
+            object.__setattr__(self, "fewshot_as_multiturn", self.apply_chat_template)
         if self.fewshot_as_multiturn and not self.apply_chat_template:
             raise ConfigError("--fewshot-as-multiturn needs --apply-chat-template: few-shot "
                               "examples become turns of the model's chat template")
