@@ -212,8 +212,13 @@ def test_harness_tasks_pair_binary_scores_by_mcnemar_and_others_by_bootstrap():
 def test_smollm2_scores_equal_lm_eval_hf_on_the_same_weights(tmp_path):
     """benchmarks/parity/bench_lm_eval.py on the real SmolLM2-135M-Instruct (its Q4_1 GGUF
     through mlxlab, transformers' float32 load of it through `hf`): log-likelihoods within
-    1e-4 relative and equal multiple-choice and perplexity scores (exit 0)."""
-    assert bench().main(["--out", str(tmp_path), "--questions", "40", "--skip-mlx-lm"]) == 0
+    5e-4 relative and equal multiple-choice and perplexity scores (exit 0). The 4-bit layers'
+    matmuls round differently from transformers' float32 ones on the dequantized weights: a
+    short choice's log-likelihood (a few nats) lands up to ~2e-4 relative apart (docs/benchmarks.md
+    "lm-eval-harness tasks"); the same scoring on float weights agrees to ~2e-7 (the tiny model
+    test above)."""
+    assert bench().main(["--out", str(tmp_path), "--questions", "40", "--skip-mlx-lm",
+                         "--rtol", "5e-4"]) == 0
 
 
 def test_lm_eval_scores_have_directions_for_sweeps():

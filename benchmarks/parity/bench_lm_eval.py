@@ -138,13 +138,17 @@ def compare(ours: dict, theirs: dict, rtol: float) -> tuple[dict, bool]:
     a, b = per_example(ours), per_example(theirs)
     report, same = {}, True
     for task in TASKS:
-        gaps = [abs(x - y) / max(abs(y), 1e-12) for i in b[task] if "lls" in b[task][i]
-                for x, y in zip(a[task][i]["lls"], b[task][i]["lls"])]
+        pairs = [(x, y) for i in b[task] if "lls" in b[task][i]
+                 for x, y in zip(a[task][i]["lls"], b[task][i]["lls"])]
+        gaps = [abs(x - y) / max(abs(y), 1e-12) for x, y in pairs]
         scores = [m for m in ("acc", "acc_norm", "exact_match") if m in b[task][0]]
         differ = {m: [i for i in b[task] if a[task][i][m] != b[task][i][m]] for m in scores}
         entry = {"examples": len(b[task]), "scores_differing": differ}
         if gaps:
+            entry["loglikelihoods"] = len(gaps)
             entry["max_relative_loglikelihood_gap"] = max(gaps)
+            entry["max_absolute_loglikelihood_gap"] = max(abs(x - y) for x, y in pairs)
+            entry["loglikelihoods_over_rtol"] = sum(g > rtol for g in gaps)
             same = same and max(gaps) <= rtol
         if task == "tiny_gen":
             entry["generations_differing"] = [
@@ -174,7 +178,23 @@ def models(smoke: bool, out: Path) -> tuple[str, Path, Path]:
     from real_models import packaged_model, transformers_reference
 
     gguf = packaged_model()
-    return str(gguf), transformers_reference(gguf), resolve(str(gguf)).folder
+    return str(gguf), plain_folder(transformers_reference(gguf), out / "hf"), \
+        resolve(str(gguf)).folder
+
+
+def plain_folder(reference: Path, target: Path) -> Path:
+    """The reference's files with its config's leftover `quantization_config` (the GGUF it was
+    read from) dropped: the weights are already float32, and transformers asks for the GGUF
+    file again when the config names it."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in reference.iterdir():
+        if path.name == "config.json":
+            config = json.loads(path.read_text())
+            config.pop("quantization_config", None)
+            (target / path.name).write_text(json.dumps(config, indent=2))
+        elif not (target / path.name).exists():
+            (target / path.name).symlink_to(path)
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,13 +226,17 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds": {"mlxlab": ours_s, "hf": theirs_s},
                     "metrics": {"mlxlab": metrics(ours), "hf": metrics(theirs)}}
     if not args.skip_mlx_lm:
+        import contextlib
+
         from mlx_lm.evaluate import MLXLM
 
-        mlx, mlx_s = evaluate(MLXLM(str(mlx_folder), batch_size=args.batch_size,
-                                    use_chat_template=False), tasks)
+        with contextlib.redirect_stdout(sys.stderr):  # its batch progress prints to stdout
+            mlx, mlx_s = evaluate(MLXLM(str(mlx_folder), batch_size=args.batch_size,
+                                        use_chat_template=False), tasks)
         report["seconds"]["mlx_lm.evaluate"] = mlx_s
         report["metrics"]["mlx_lm.evaluate"] = metrics(mlx)
     report["parity"], same = compare(ours, theirs, args.rtol)
+    report["rtol"] = args.rtol
     report["parity_holds"] = same
     print(json.dumps(report, indent=2))
     return 0 if same else 1
