@@ -29,6 +29,12 @@ print with 95 % intervals over its examples; the run is logged to the MLflow sto
 eval/<task>/<metric> and the per-example scores as artifacts, which `mlxlab runs compare A B`
 pairs example by example. A run and one text file keep the report above; --tasks scores a text
 jsonl as a perplexity task instead.
+
+lm-evaluation-harness's own tasks, groups and task YAMLs (lm-eval installed), on any of the
+models above, a run's LoRA adapters unfused (docs/guide/evaluation.md):
+
+    mlxlab eval outputs/ft/<time> --tasks arc_easy,gsm8k,my_task.yaml --num-fewshot 5 --limit 200
+    mlxlab eval HuggingFaceTB/SmolLM2-135M-Instruct --tasks ifeval --apply-chat-template
 """
 
 from __future__ import annotations
@@ -36,12 +42,13 @@ from __future__ import annotations
 import json
 
 from mlxlab.cli.common import add_run_arguments, guarded, parser_for
+from mlxlab.cli.eval_harness import add_harness_arguments
 
 
 def main(argv: list[str]) -> int:
     parser = parser_for("eval", __doc__)
     add_run_arguments(parser, any_model=True)
-    parser.add_argument("data", nargs="+", help="labelled CSV (classifier) or text file "
+    parser.add_argument("data", nargs="*", help="labelled CSV (classifier) or text file "
                         "(language model); or task jsonl files")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.add_argument("--confusion", metavar="PNG", help="classifier: write the confusion "
@@ -51,8 +58,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="rows (tasks: sequences) scored at once (default 64; tasks 16)")
     tasks = parser.add_argument_group("evaluation tasks")
-    tasks.add_argument("--tasks", action="store_true", help="score the files as tasks even for "
-                       "a run and one text jsonl (a perplexity task)")
+    tasks.add_argument("--tasks", nargs="?", const="", default=None, metavar="A,B,...",
+                       help="lm-eval-harness tasks, groups or task YAML files (arc_easy,gsm8k,"
+                       "my_task.yaml) and jsonl task files, comma-separated; alone, scores the "
+                       "files as tasks even for a run and one text jsonl (a perplexity task)")
     tasks.add_argument("--max-new-tokens", type=int, default=32,
                        help="generation tasks: greedy decoding's token limit")
     tasks.add_argument("--stop", action="append", metavar="TEXT",
@@ -66,7 +75,10 @@ def main(argv: list[str]) -> int:
                        "project's mlruns store)")
     tasks.add_argument("--experiment", default="eval", help="MLflow experiment (default: eval)")
     tasks.add_argument("--no-track", action="store_true", help="log nothing to MLflow")
+    add_harness_arguments(parser)
     args = parser.parse_args(argv)
+    if not args.data and not args.tasks:
+        parser.error("give a data file, task files, or --tasks NAMES")
     if is_task_call(args):
         return guarded("eval", lambda: eval_tasks(args))
     if len(args.data) > 1:
@@ -110,7 +122,7 @@ def is_task_call(args) -> bool:
     from mlxlab.errors import MissingFileError
     from mlxlab.runs.model_source import RUN, open_model_source
 
-    if args.tasks or len(args.data) > 1:
+    if args.tasks is not None or len(args.data) > 1:
         return True
     try:
         if open_model_source(args.run).kind != RUN:
@@ -164,6 +176,7 @@ def eval_tasks(args) -> int:
     from mlxlab.evaluation.results import intervals
     from mlxlab.evaluation.settings import TaskSettings
     from mlxlab.evaluation.tasks import read_tasks
+    from mlxlab.runs.harness_eval import harness_options, score_harness_entries, split_entries
     from mlxlab.runs.task_eval import (
         evaluate_tasks,
         load_eval_model,
@@ -175,9 +188,12 @@ def eval_tasks(args) -> int:
         raise ValueError("--confusion and --label-names are for classifier runs, not tasks")
     refuse_reward_model(args.run)  # before the store is touched
     stop = ("\n",) if args.stop is None else tuple(s for s in args.stop if s)
-    settings = TaskSettings(tasks=tuple(args.data), batch_size=args.batch_size or 16,
+    entries = [*args.data, *(t.strip() for t in (args.tasks or "").split(",") if t.strip())]
+    files, harness = split_entries(entries)
+    settings = TaskSettings(tasks=tuple(files), batch_size=args.batch_size or 16,
                             max_new_tokens=args.max_new_tokens, stop=stop, chat=args.chat)
-    tasks = read_tasks(list(args.data))
+    tasks = read_tasks(files) if files else []
+    options = harness_options(args, harness)
     tracker = None
     if not args.no_track:
         from mlxlab.tracking.mlflow.tracker import MlflowTracker
@@ -189,13 +205,15 @@ def eval_tasks(args) -> int:
     source = load_eval_model(args.run, args.checkpoint, args.chat)
     with tempfile.TemporaryDirectory(prefix="mlxlab-eval-") as tmp:
         folder = Path(args.out).expanduser() if args.out else Path(tmp) / "eval_tasks"
-        scores = evaluate_tasks(source, tasks, settings, folder)
-        run_id = log_eval_run(tracker, source, tasks, settings, scores, folder) \
-            if tracker is not None else None
+        scores, groups = score_harness_entries(source, harness, options, settings.batch_size)
+        scores = evaluate_tasks(source, tasks, settings, folder, scores)
+        run_id = log_eval_run(tracker, source, tasks, settings, scores, folder,
+                              harness, options, groups) if tracker is not None else None
     report = {"model": str(source.path), "kind": source.kind,
               "prompts": "plain" if source.template is None else "chat template",
               "checkpoint": str(source.checkpoint) if source.checkpoint else None,
-              "run_id": run_id, "tasks": {}}
+              "run_id": run_id, "tasks": {},
+              "groups": {k.removeprefix("eval/"): v for k, v in groups.items()}}
     for s in scores:
         bounds = intervals(s)
         report["tasks"][s.task] = {"kind": s.kind, "n": len(s.rows), "metrics": {
@@ -211,9 +229,13 @@ def task_table(report: dict) -> str:
              + (f", {report['checkpoint']})" if report["checkpoint"] else ")")]
     for name, task in report["tasks"].items():
         lines.append(f"\n{name} ({task['kind']}, {task['n']} examples)")
+        width = max([14, *(len(metric) + 2 for metric in task["metrics"])])
         for metric, m in task["metrics"].items():
             ci = f"  [{m['low']:.4f}, {m['high']:.4f}]" if m["low"] is not None else ""
-            lines.append(f"  {metric:<14}{m['value']:.4f}{ci}")
+            lines.append(f"  {metric:<{width}}{m['value']:.4f}{ci}")
+    if report.get("groups"):
+        lines.append("\ngroups (lm-eval's aggregates)")
+        lines += [f"  {name:<30}{value:.4f}" for name, value in report["groups"].items()]
     if report["run_id"]:
         lines.append(f"\nmlflow run: {report['run_id']} (pair it with another: mlxlab runs "
                      "compare A B)")

@@ -52,12 +52,26 @@ def compare_examples(client: Any, uri: str, refs: list[str], last: bool, metric:
 
     print(f"A = {names[0]}\nB = {names[1]}\ntask scores paired by example id "
           f"({which} evaluation of a training run); B - A with its 95 % interval")
-    print_table(["task", "score", "n", "A", "B", "B - A", "95 % CI", "test", "p"], [
+    print_table(["task", "score", "n", "A", "B", "B - A", "95 % CI", "test", "p", "verdict"], [
         [p.task, p.metric, str(p.n), f"{p.a:.4f}", f"{p.b:.4f}", f"{p.diff:+.4f}",
-         f"[{p.low:+.4f}, {p.high:+.4f}]", p.test, f"{p.p:.3g}"] for p in paired])
+         f"[{p.low:+.4f}, {p.high:+.4f}]", p.test, f"{p.p:.3g}", short_verdict(p)]
+        for p in paired])
     for p in paired:
         print(f"  verdict: {verdict(p)}")
     return 0
+
+
+def short_verdict(p: Any) -> str:
+    """The verdict in the table's words: B gained, B lost, or no difference detected (the
+    forgetting check reads the fine-tune's task and a general task in one table)."""
+    from mlxlab.evaluation.paired import verdict
+
+    line = verdict(p)
+    if line.startswith("B is better"):
+        return "B gained"
+    if line.startswith("A is better"):
+        return "B lost"
+    return "no difference"
 
 
 def _name(run: Any, ref: str) -> str:

@@ -25,6 +25,20 @@ def higher_is_better(score: str) -> bool:
     return definition is None or definition.mode == "max"
 
 
+def paired_scores(task: SavedTask) -> dict[str, bool]:
+    """The scores of a task that pair, each with its direction (True: higher is better): the
+    kind's (tasks.PAIRED_SCORES), or those the task carries (an lm-eval task's, its
+    higher_is_better)."""
+    if task.higher_is_better:
+        return dict(task.higher_is_better)
+    return {metric: higher_is_better(metric) for metric in PAIRED_SCORES[task.kind]}
+
+
+def is_binary(*columns: np.ndarray) -> bool:
+    """Right/wrong scores (McNemar's test pairs them): every value 0 or 1."""
+    return all(bool(np.isin(c, (0.0, 1.0)).all()) for c in columns)
+
+
 @dataclass(frozen=True)
 class PairedScore:
     """B against A on one score of one task over the `n` examples both scored."""
@@ -61,18 +75,19 @@ def pair_task(a: SavedTask, b: SavedTask, rounds: int = 10_000, seed: int = 0
     if not ids:
         raise ValueError(f"task {a.task}: the two runs share no example ids")
     out = []
-    for metric in PAIRED_SCORES[a.kind]:
+    for metric, higher in paired_scores(a).items():
+        if not all(metric in rows_a[i] and metric in rows_b[i] for i in ids):
+            continue  # a score one run has not (another filter, another lm-eval version)
         va = np.array([float(rows_a[i][metric]) for i in ids])
         vb = np.array([float(rows_b[i][metric]) for i in ids])
         diff, low, high, p = paired_bootstrap(va, vb, rounds=rounds, seed=seed)
         only_a = only_b = None
         test = "bootstrap"
-        if metric in BINARY_SCORES:
+        if metric in BINARY_SCORES or (a.higher_is_better and is_binary(va, vb)):
             only_a, only_b, p = mcnemar_exact(va > 0.5, vb > 0.5)
             test = "mcnemar"
         out.append(PairedScore(a.task, metric, test, len(ids), float(va.mean()), float(vb.mean()),
-                               diff, low, high, float(p), only_a, only_b,
-                               higher_is_better(metric)))
+                               diff, low, high, float(p), only_a, only_b, higher))
     return out
 
 
@@ -106,7 +121,7 @@ def pair_weighted_loss(a: SavedTask, b: SavedTask, rounds: int = 2000, seed: int
 def pair_runs(a: Mapping[str, SavedTask], b: Mapping[str, SavedTask], rounds: int = 10_000
               ) -> list[PairedScore]:
     """Every task both runs scored, paired (pair_task); none in common is a ValueError."""
-    common = [t for t in a if t in b]
+    common = [t for t in a if t in b and a[t].rows and b[t].rows]
     if not common:
         raise ValueError(f"the runs scored no task in common (A: {sorted(a) or 'none'}, B: "
                          f"{sorted(b) or 'none'}): score both on the same task files")
@@ -169,12 +184,11 @@ def pair_replicates(a: Mapping[str, Mapping[str, SavedTask]],
         ids = [i for i in tasks[0].by_id() if all(i in t.by_id() for t in tasks[1:])]
         if not ids:
             continue
-        kind = tasks[0].kind
-        for metric in PAIRED_SCORES[kind]:
+        for metric, higher in paired_scores(tasks[0]).items():
             ma, mb = (_matrix(group, task, metric, ids) for group in (a, b))
             diff, low, high, p = paired_bootstrap(ma, mb, rounds=rounds, seed=seed)
             per_seed = []
-            if metric in BINARY_SCORES:
+            if metric in BINARY_SCORES or (tasks[0].higher_is_better and is_binary(ma, mb)):
                 for s in sorted(set(a) & set(b)):
                     only_a, only_b, mp = mcnemar_exact(
                         [a[s][task].by_id()[i][metric] > 0.5 for i in ids],
@@ -182,7 +196,7 @@ def pair_replicates(a: Mapping[str, Mapping[str, SavedTask]],
                     per_seed.append({"seed": s, "only_a": only_a, "only_b": only_b, "p": mp})
             out.append(ReplicatePaired(task, metric, len(ids), len(a), len(b),
                                        float(ma.mean()), float(mb.mean()), diff, low, high,
-                                       float(p), tuple(per_seed), higher_is_better(metric)))
+                                       float(p), tuple(per_seed), higher))
     return out
 
 

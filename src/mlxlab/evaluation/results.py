@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,9 @@ def write_scores(scores: Sequence[TaskScores], folder: str | Path, step: int | N
     for s in scores:
         _write(folder / f"{s.task}.jsonl", "".join(json.dumps(r) + "\n" for r in s.rows))
         summary["tasks"][s.task] = {"kind": s.kind, "metrics": s.metrics, "n": len(s.rows),
-                                    "prompts": s.prompts}
+                                    "prompts": s.prompts,
+                                    **({"higher_is_better": s.higher_is_better}
+                                       if s.higher_is_better else {})}
     _write(folder / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return folder
 
@@ -54,6 +56,7 @@ class SavedTask:
     metrics: dict[str, float]
     rows: list[dict]
     prompts: str = "plain"
+    higher_is_better: dict[str, bool] = field(default_factory=dict)  # TaskScores'
 
     def by_id(self) -> dict[str, dict]:
         return {str(r["id"]): r for r in self.rows}
@@ -70,7 +73,7 @@ def read_scores(folder: str | Path) -> dict[str, SavedTask]:
         lines = (folder / f"{name}.jsonl").read_text().splitlines()
         out[name] = SavedTask(name, info["kind"], info["metrics"],
                               [json.loads(line) for line in lines if line.strip()],
-                              info.get("prompts", "plain"))
+                              info.get("prompts", "plain"), info.get("higher_is_better", {}))
     return out
 
 
@@ -78,16 +81,20 @@ def intervals(task: SavedTask | TaskScores, confidence: float = CONFIDENCE, roun
               seed: int = 0) -> dict[str, tuple[float, float, float]]:
     """(value, low, high) of each metric over the task's examples: Wilson's interval of k right
     of n for accuracies (stats.proportion_interval: inside [0, 1], honest at 0/n and n/n); a
-    bootstrap over texts of the token-weighted loss for perplexity tasks (perplexity and bits
+    bootstrap over texts of the token-weighted loss for perplexity tasks (an lm-eval task's
+    other scores: none here; its examples still pair) (perplexity and bits
     per byte follow from the loss's bounds)."""
     rows = task.rows
     if task.kind != PERPLEXITY:
         out = {}
         for key in task.metrics:
-            if key in BINARY_SCORES:
-                right = sum(float(r[key]) > 0.5 for r in rows)
+            values = [float(r[key]) for r in rows if key in r]
+            # right/wrong scores: mlxlab's own, or an lm-eval task's whose every value is 0 or 1
+            if values and len(values) == len(rows) and (key in BINARY_SCORES or (
+                    key in task.higher_is_better and set(values) <= {0.0, 1.0})):
+                right = sum(v > 0.5 for v in values)
                 low, high = proportion_interval(right, len(rows), confidence)
-                out[key] = (right / len(rows) if rows else math.nan, low, high)
+                out[key] = (right / len(rows), low, high)
         return out
     nll = np.array([r["nll"] for r in rows], np.float64)
     tokens = np.array([r["tokens"] for r in rows], np.float64)

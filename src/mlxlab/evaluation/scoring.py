@@ -52,6 +52,9 @@ class TaskScores:
     metrics: dict[str, float]
     rows: list[dict[str, Any]] = field(default_factory=list)
     prompts: str = "plain"  # "plain" | "chat template": how the prompts were written
+    # each paired score's direction where the kind does not fix them (lm-eval's tasks: its
+    # higher_is_better); empty for mlxlab's own kinds (tasks.PAIRED_SCORES)
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
 
 
 class Prompts:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from mlxlab.config.records import check_choice, check_number
 from mlxlab.errors import ConfigError
+from mlxlab.evaluation.harness_tasks import HarnessOptions, check_entries, is_harness_entry
 from mlxlab.evaluation.tasks import read_tasks
 
 CHAT_MODES = ("auto", "template", "plain")
@@ -14,7 +15,9 @@ CHAT_MODES = ("auto", "template", "plain")
 
 @dataclass(frozen=True)
 class TaskSettings:
-    """eval.tasks: jsonl task files (evaluation/tasks.py); eval.batch_size: sequences scored
+    """eval.tasks: jsonl task files (evaluation/tasks.py) and lm-eval-harness tasks, groups or
+    task YAMLs (evaluation/harness.py); eval.num_fewshot / eval.limit: lm-eval's (None: each
+    task's few-shot count, every example); eval.batch_size: sequences scored
     at once; eval.max_new_tokens: generation tasks' greedy token limit; eval.stop: strings that
     end a generation (the text is cut before them; [] to stop only at end-of-text);
     eval.chat: auto (a model with a chat template sees prompts through it) | template (it must
@@ -25,6 +28,26 @@ class TaskSettings:
     max_new_tokens: int = 32
     stop: tuple[str, ...] = field(default=("\n",))
     chat: str = "auto"
+    num_fewshot: int | None = None
+    limit: float | None = None
+
+    @property
+    def files(self) -> list[str]:
+        """mlxlab's own jsonl tasks."""
+        return [t for t in self.tasks if not is_harness_entry(t)]
+
+    @property
+    def harness(self) -> list[str]:
+        """lm-eval's tasks, groups and task YAMLs (evaluation/harness.py)."""
+        return [t for t in self.tasks if is_harness_entry(t)]
+
+    def harness_options(self) -> HarnessOptions:
+        """lm-eval's settings: the chat template only with eval.chat=template (lm-eval's own
+        default is plain prompts)."""
+        limit = self.limit
+        return HarnessOptions(self.num_fewshot,
+                              int(limit) if limit is not None and limit >= 1 else limit,
+                              apply_chat_template=self.chat == "template")
 
     def __post_init__(self) -> None:
         tasks = [self.tasks] if isinstance(self.tasks, str) else self.tasks
@@ -38,5 +61,13 @@ class TaskSettings:
         check_number("eval.batch_size", self.batch_size, int, 1)
         check_number("eval.max_new_tokens", self.max_new_tokens, int, 1)
         check_choice("eval.chat", self.chat, CHAT_MODES)
-        if self.tasks:
-            read_tasks(list(self.tasks))  # each file read and checked before anything trains
+        if self.num_fewshot is not None:
+            check_number("eval.num_fewshot", self.num_fewshot, int, 0)
+        if self.limit is not None:
+            check_number("eval.limit", self.limit, float, 0)
+            if self.limit == 0:
+                raise ConfigError("eval.limit must be > 0: examples per lm-eval task, or a "
+                                  "fraction below 1; null for all")
+        if self.files:
+            read_tasks(self.files)  # each file read and checked before anything trains
+        check_entries(self.harness)  # lm-eval installed, every name known, every YAML there

@@ -39,7 +39,10 @@ METRICS = {
 # pairing and a mean's interval read (objectives.catalog.metric_definition).
 SCORE_DEFINITIONS = {"acc": UNIT, "acc_norm": UNIT, "exact_match": UNIT, "contains": UNIT,
                      "loss": LOSS, "perplexity": MetricDefinition("min", 1.0),
-                     "bits_per_byte": LOSS}
+                     "bits_per_byte": LOSS,
+                     # lm-eval-harness's names for its tasks' scores (evaluation/harness.py)
+                     "word_perplexity": MetricDefinition("min", 1.0),
+                     "byte_perplexity": MetricDefinition("min", 1.0)}
 # Per-example scores that are right/wrong (paired by McNemar's test); the others are continuous.
 BINARY_SCORES = ("acc", "acc_norm", "exact_match", "contains")
 # The per-example score of each kind that pairs two runs (perplexity: each text's loss).

@@ -62,6 +62,7 @@ def metric_definition(metric: str) -> MetricDefinition | None:
     """The definition of a logged metric (`val/loss`, `best/val/rewards/accuracy`,
     `eval/<task>/acc`), None for one mlxlab does not define (or defines two ways)."""
     name = metric.removeprefix("best/")
-    if name.startswith("eval/"):
-        return SCORE_DEFINITIONS.get(name.split("/", 2)[-1])
+    if name.startswith("eval/"):  # an lm-eval filter's score, acc.<filter>: the score's own
+        score = name.split("/", 2)[-1]
+        return SCORE_DEFINITIONS.get(score) or SCORE_DEFINITIONS.get(score.split(".", 1)[0])
     return objective_metrics().get(PREFIX.sub("", metric))

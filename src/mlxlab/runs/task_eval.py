@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlx.nn as nn
 from tokenizers import Tokenizer
@@ -92,9 +93,16 @@ def load_eval_model(name: str | Path, which: str = "best", chat: str = "auto",
 
 
 def evaluate_tasks(source: EvalModel, tasks: Sequence[Task], settings: TaskSettings,
-                   folder: str | Path) -> list[TaskScores]:
-    """Every task scored on the model, the per-example scores written to `folder`."""
-    scores = score_tasks(source.model, source.tokenizer, tasks, settings, source.template)
+                   folder: str | Path, scored: Sequence[TaskScores] = ()) -> list[TaskScores]:
+    """Every task scored on the model, the per-example scores written to `folder` with those
+    of tasks `scored` already (lm-eval's)."""
+    scores = [*scored, *score_tasks(source.model, source.tokenizer, tasks, settings,
+                                    source.template)]
+    names = [s.task for s in scores]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"two tasks named {', '.join(twice)} (their metrics "
+                          f"eval/{twice[0]}/...): rename the jsonl file")
     write_scores(scores, folder)
     return scores
 
@@ -110,13 +118,16 @@ def eval_tags(source: EvalModel) -> dict[str, str]:
 
 
 def log_eval_run(tracker, source: EvalModel, tasks: Sequence[Task], settings: TaskSettings,
-                 scores: Sequence[TaskScores], folder: str | Path) -> str | None:
+                 scores: Sequence[TaskScores], folder: str | Path,
+                 harness: Sequence[str] = (), options: Any = None,
+                 groups: dict[str, float] | None = None) -> str | None:
     """The scores as a finished run of `tracker` (started here): params (the model, tasks and
-    settings), tags (eval_tags), metrics at step 0, the folder as artifacts eval_tasks/.
-    Returns the run's id."""
+    settings; lm-eval's `harness` entries and `options`), tags (eval_tags), metrics at step 0
+    (lm-eval's `groups` too), the folder as artifacts eval_tasks/. Returns the run's id."""
     params = {"model": str(source.path), "model_kind": source.kind,
               "checkpoint": str(source.checkpoint or ""),
-              "tasks": ",".join(str(t.path) for t in tasks),
+              "tasks": ",".join([*(str(t.path) for t in tasks), *harness]),
+              **({f"lm_eval.{k}": v for k, v in asdict(options).items()} if harness else {}),
               "eval.batch_size": settings.batch_size,
               "eval.max_new_tokens": settings.max_new_tokens,
               "eval.stop": repr(list(settings.stop)),
@@ -125,7 +136,7 @@ def log_eval_run(tracker, source: EvalModel, tasks: Sequence[Task], settings: Ta
     tracker.start(params, eval_tags(source))
     status = "FAILED"
     try:
-        tracker.log_metrics(metric_keys(scores), 0)
+        tracker.log_metrics({**metric_keys(scores), **(groups or {})}, 0)
         tracker.log_artifact(str(folder), FOLDER)
         status = "FINISHED"
     finally:

@@ -1,4 +1,5 @@
-"""Evaluation tasks inside a training run: `eval.tasks=[a.jsonl, b.jsonl]` scores every task at
+"""Evaluation tasks inside a training run: `eval.tasks=[a.jsonl, b.jsonl, arc_easy]` (jsonl files
+and lm-eval-harness tasks, evaluation/harness.py) scores every task at
 each evaluation of the validation split, as one more evaluation hooked onto it (a callback's
 on_eval, not a second loop).
 
@@ -40,6 +41,7 @@ class TaskEvaluation(Callback):
         self.monitor, self.mode = None, "max"
         self.enabled = True
         self.template = None
+        self.harness_lm = None  # lm-eval's view of the model, for lm-eval's tasks
         self.best_metrics: dict[str, float] = {}  # the best evaluation's, as the loop picks it
         self.tie_break: tuple[str, str] | None = None
 
@@ -47,8 +49,13 @@ class TaskEvaluation(Callback):
         if context.task == "classification":  # every other task tunes a language model
             raise ConfigError(f"eval.tasks scores language models; this run's data is "
                               f"{context.task}: drop eval.tasks or train a language model")
-        self.tasks = read_tasks(list(self.settings.tasks))
+        self.tasks = read_tasks(self.settings.files) if self.settings.files else []
         self.model, self.tokenizer = model, data.tokenizer
+        if self.settings.harness:  # lm-eval's tasks: the run folder holds the tokenizer's files
+            from mlxlab.evaluation.lm_eval_model import MlxlabLM, hf_tokenizer
+
+            self.harness_lm = MlxlabLM(model, hf_tokenizer(context.run_dir),
+                                       self.settings.batch_size)
         self.tracker, self.folder = context.tracker, Path(context.run_dir) / FOLDER
         self.monitor, self.mode = context.monitor, context.monitor_mode
         self.tie_break = context.tie_break
@@ -61,7 +68,14 @@ class TaskEvaluation(Callback):
             return
         scores = score_tasks(self.model, self.tokenizer, self.tasks, self.settings,
                              self.template)
-        logged = metric_keys(scores)
+        groups: dict[str, float] = {}
+        if self.harness_lm is not None:
+            from mlxlab.evaluation.harness import score_harness
+
+            harness, groups = score_harness(self.harness_lm, self.settings.harness,
+                                            self.settings.harness_options())
+            scores = [*harness, *scores]
+        logged = {**metric_keys(scores), **groups}
         self.tracker.log_metrics(logged, step)
         write_scores(scores, self.folder / "last", step)
         if choose_best(metrics, self.best_metrics, self.monitor, self.mode, step,

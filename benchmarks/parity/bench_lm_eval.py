@@ -1,0 +1,246 @@
+"""Does lm-eval-harness score an mlxlab model as it scores the same weights through its own `hf`
+model, and how fast is it beside `hf` and `mlx_lm.evaluate`?
+
+The real SmolLM2-135M-Instruct (tests/real_models.py: its Q4_1 GGUF, which mlxlab keeps as
+MLX 4-bit layers; transformers' own GGUF loader's float32 folder for `hf`) and three local lm-eval
+task YAMLs written from the shipped TinyStories sample (`dataset_path: json`, no network):
+
+- `tiny_mc` (multiple_choice): the first words of a sentence, its ending among three others';
+- `tiny_gen` (generate_until, lm-eval's regex filter): a sentence's first words, greedy up to
+  16 tokens until a newline or ".", the first word the regex takes scored by exact_match
+  against the sentence's next word;
+- `tiny_ppl` (loglikelihood_rolling): whole paragraphs, word/byte perplexity and bits per byte.
+
+All three models run in this one process, each through `lm_eval.simple_evaluate` with the same
+tasks (plain prompts, batch 8): mlxlab's (`MlxlabLM`, runs/lm_eval_model.py), `hf`
+(float32, CPU) and mlx-lm's `MLXLM` (mlx_lm.evaluate's model, on the mlx-lm folder mlxlab made
+from the GGUF). Prints the seconds each took and, mlxlab against `hf` per example: the largest
+relative log-likelihood gap (each choice, each text), the examples whose acc / acc_norm /
+exact_match differ, and the generations that differ. Exits 1 unless every log-likelihood is
+within --rtol (1e-4) and every multiple-choice and perplexity score agrees; differing
+generations are counted and shown, not failed (greedy decoding of a 4-bit model's near ties).
+
+    .venv/bin/python benchmarks/parity/bench_lm_eval.py [--out DIR] [--questions 100] [--skip-mlx-lm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+TASKS = ("tiny_mc", "tiny_gen", "tiny_ppl")
+
+YAML = {
+    "tiny_mc": """task: tiny_mc
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
+""",
+    "tiny_gen": """task: tiny_gen
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs: {{until: ["\\n", "."], do_sample: false, max_gen_toks: 16}}
+filter_list:
+  - name: first-word
+    filter:
+      - {{function: regex, regex_pattern: "(\\\\w+)", group_select: 0}}
+      - {{function: take_first}}
+metric_list: [{{metric: exact_match, ignore_case: true}}]
+""",
+    "tiny_ppl": """task: tiny_ppl
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list: [{{metric: word_perplexity}}, {{metric: byte_perplexity}}, {{metric: bits_per_byte}}]
+""",
+}
+
+
+def write_tasks(folder: Path, questions: int, seed: int = 0) -> list[str]:
+    """The three task YAMLs and their jsonl data in `folder`; their paths."""
+    from mlxlab.config import asset_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = Path(asset_path("tinystories/sample.txt")).read_text()
+    sentences = [s.strip() for s in text.replace("\n", " ").split(".") if len(s.split()) >= 8]
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(sentences), size=questions * 5, replace=False)
+    mc, gen = [], []
+    for q in range(questions):
+        group = [sentences[i].split() for i in picked[q * 4:(q + 1) * 4]]
+        cut = [int(rng.integers(3, len(words) - 2)) for words in group]
+        order = rng.permutation(4)
+        endings = [" ".join(words[c:]) + "." for words, c in zip(group, cut)]
+        mc.append({"prompt": " ".join(group[0][:cut[0]]),
+                   "choices": [endings[i] for i in order], "answer": int(np.argmax(order == 0))})
+        words = sentences[picked[questions * 4 + q]].split()
+        at = int(rng.integers(3, len(words) - 1))
+        gen.append({"prompt": " ".join(words[:at]), "answer": words[at].strip(",!?\"'")})
+    paragraphs = [p.strip() for p in text.split("\n\n") if 200 < len(p.strip()) < 1200]
+    ppl = [{"text": p} for p in paragraphs[:max(2, questions // 5)]]
+    paths = []
+    for name, rows in (("tiny_mc", mc), ("tiny_gen", gen), ("tiny_ppl", ppl)):
+        data = folder / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / f"{name}.yaml").write_text(YAML[name].format(data=data))
+        paths.append(str(folder / f"{name}.yaml"))
+    return paths
+
+
+def evaluate(lm, tasks: list[str]) -> tuple[dict, float]:
+    """lm-eval's results and samples of `lm` on `tasks`, and the seconds it took."""
+    import lm_eval
+
+    start = time.perf_counter()
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, log_samples=True, bootstrap_iters=0)
+    return out, time.perf_counter() - start
+
+
+def per_example(out: dict) -> dict[str, dict[int, dict]]:
+    """{task: {doc id: {log-likelihoods, scores, generation}}} from lm-eval's samples."""
+    found: dict[str, dict[int, dict]] = {}
+    for task, samples in out["samples"].items():
+        for s in samples:
+            row = found.setdefault(task, {}).setdefault(s["doc_id"], {})
+            if task == "tiny_gen":
+                row["generation"] = s["resps"][0][0]
+            else:
+                row["lls"] = [float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0])
+                              for r in s["resps"]]
+            row.update({m: float(s[m]) for m in s["metrics"]
+                        if isinstance(s[m], (int, float))})
+    return found
+
+
+def compare(ours: dict, theirs: dict, rtol: float) -> tuple[dict, bool]:
+    a, b = per_example(ours), per_example(theirs)
+    report, same = {}, True
+    for task in TASKS:
+        pairs = [(x, y) for i in b[task] if "lls" in b[task][i]
+                 for x, y in zip(a[task][i]["lls"], b[task][i]["lls"])]
+        gaps = [abs(x - y) / max(abs(y), 1e-12) for x, y in pairs]
+        scores = [m for m in ("acc", "acc_norm", "exact_match") if m in b[task][0]]
+        differ = {m: [i for i in b[task] if a[task][i][m] != b[task][i][m]] for m in scores}
+        entry = {"examples": len(b[task]), "scores_differing": differ}
+        if gaps:
+            entry["loglikelihoods"] = len(gaps)
+            entry["max_relative_loglikelihood_gap"] = max(gaps)
+            entry["max_absolute_loglikelihood_gap"] = max(abs(x - y) for x, y in pairs)
+            entry["loglikelihoods_over_rtol"] = sum(g > rtol for g in gaps)
+            same = same and max(gaps) <= rtol
+        if task == "tiny_gen":
+            entry["generations_differing"] = [
+                {"doc": i, "mlxlab": a[task][i]["generation"], "hf": b[task][i]["generation"]}
+                for i in b[task] if a[task][i]["generation"] != b[task][i]["generation"]]
+        else:
+            same = same and not any(differ.values())
+        report[task] = entry
+    return report, same
+
+
+def metrics(out: dict) -> dict:
+    return {task: {k: v for k, v in r.items() if "," in k and isinstance(v, float)}
+            for task, r in out["results"].items()}
+
+
+def models(smoke: bool, out: Path) -> tuple[str, Path, Path]:
+    """(what mlxlab loads, the hf folder, the mlx-lm folder)."""
+    if smoke:
+        sys.path.insert(0, str(REPO / "scripts"))
+        from tiny_hf_model import save_tiny_model
+
+        folder = save_tiny_model("llama", out / "tiny-llama")
+        return str(folder), folder, folder
+    sys.path.insert(0, str(REPO / "tests"))
+    from mlxlab.models.sources import resolve
+    from real_models import packaged_model, transformers_reference
+
+    gguf = packaged_model()
+    return str(gguf), plain_folder(transformers_reference(gguf), out / "hf"), \
+        resolve(str(gguf)).folder
+
+
+def plain_folder(reference: Path, target: Path) -> Path:
+    """The reference's files with its config's leftover `quantization_config` (the GGUF it was
+    read from) dropped: the weights are already float32, and transformers asks for the GGUF
+    file again when the config names it."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in reference.iterdir():
+        if path.name == "config.json":
+            config = json.loads(path.read_text())
+            config.pop("quantization_config", None)
+            (target / path.name).write_text(json.dumps(config, indent=2))
+        elif not (target / path.name).exists():
+            (target / path.name).symlink_to(path)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="/tmp/bench_lm_eval")
+    parser.add_argument("--questions", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rtol", type=float, default=1e-4)
+    parser.add_argument("--skip-mlx-lm", action="store_true")
+    add_smoke(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.out, args.questions, args.skip_mlx_lm = str(smoke_dir("lm_eval")), 4, True
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out)
+    tasks = write_tasks(out / "tasks", args.questions)
+    mine, hf_folder, mlx_folder = models(args.smoke, out)
+
+    from lm_eval.models.huggingface import HFLM
+
+    from mlxlab.runs.lm_eval_model import harness_lm
+    from mlxlab.runs.task_eval import load_eval_model
+
+    ours, ours_s = evaluate(harness_lm(load_eval_model(mine), args.batch_size), tasks)
+    theirs, theirs_s = evaluate(HFLM(pretrained=str(hf_folder), dtype="float32", device="cpu",
+                                     batch_size=args.batch_size), tasks)
+    report: dict = {"model": mine, "questions": args.questions,
+                    "seconds": {"mlxlab": ours_s, "hf": theirs_s},
+                    "metrics": {"mlxlab": metrics(ours), "hf": metrics(theirs)}}
+    if not args.skip_mlx_lm:
+        import contextlib
+
+        from mlx_lm.evaluate import MLXLM
+
+        with contextlib.redirect_stdout(sys.stderr):  # its batch progress prints to stdout
+            mlx, mlx_s = evaluate(MLXLM(str(mlx_folder), batch_size=args.batch_size,
+                                        use_chat_template=False), tasks)
+        report["seconds"]["mlx_lm.evaluate"] = mlx_s
+        report["metrics"]["mlx_lm.evaluate"] = metrics(mlx)
+    report["parity"], same = compare(ours, theirs, args.rtol)
+    report["rtol"] = args.rtol
+    report["parity_holds"] = same
+    print(json.dumps(report, indent=2))
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
