@@ -13,7 +13,8 @@ What trains (`model.lora`): adapters on the language model's `targets` (mlxlab's
 names, as for text decoders), and with `model.lora.modules` also the projector (trained in
 full: a few million parameters, the LLaVA recipe) and adapters on the vision tower's attention.
 `model.quantize=4|8` quantizes the language model at load (QLoRA); a quantized folder stays
-quantized. Rank 0 trains every parameter of a float model.
+quantized. On the CPU its quantized layers multiply through mlxlab's fused dequantize + float
+GEMM (models/quantized_cpu.py), as a text decoder's do. Rank 0 trains every parameter of a float model.
 
 mlx-vlm's image merge indexes on the host (numpy), which `mx.compile` cannot trace: a vision
 model's step runs uncompiled (`compiles = False`; config/fit.py refuses trainer.compile=true).
@@ -37,6 +38,7 @@ from mlxlab.models.base import Model
 from mlxlab.models.hf import read_config
 from mlxlab.models.lora import apply_lora, check_lora, check_reach, targeted_linears
 from mlxlab.models.mlx_lm_decoder import check_quantize, lora_targets
+from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
 from mlxlab.models.sources import model_folder
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,9 @@ def build(config: Mapping) -> nn.Module:
     config.setdefault("vision_config", {})
     config.setdefault("audio_config", {})
     family = family_module(config, "the checkpoint's config")
-    model_config = family.ModelConfig.from_dict(dict(config))
+    # from_dict may complete `config` in place (Qwen2/2.5-VL copy their top-level text settings
+    # into text_config), which the module configs below read: it gets the dict, not a copy
+    model_config = family.ModelConfig.from_dict(config)
     model_config = utils.update_module_configs(model_config, family, config,
                                                ["text", "vision", "perceiver", "projector",
                                                 "audio"])
@@ -201,6 +205,10 @@ class VisionLanguageModel(Model):
         self._quantized_layers = dict(quantized_layers or {})
         if pretrained:
             self._prepare(quantize, lora)
+        # On the CPU, quantized layers (under their adapters too) multiply through the fused
+        # dequantize + float GEMM: MLX's own quantized matmul runs ~30x slower there.
+        if self._quantized_layers:
+            use_fast_cpu_quantized(self.vlm)
 
     def _prepare(self, quantize: int | None, lora: Mapping | None) -> None:
         """Quantization at load, then what trains (module docstring), said once in the log."""
