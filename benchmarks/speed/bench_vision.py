@@ -227,14 +227,20 @@ def run_mlxlab(model: Path, data: Path, steps: int, batch: int, quantize: bool, 
            "trainer.log_every_steps=1", f"optimizer.learning_rate={LR}",
            "optimizer.weight_decay=0.0", "trainer.schedule.warmup_steps=0", "tracking=csv",
            "callbacks.progress.enabled=false", "callbacks.memory.every=1",
-           f"hydra.run.dir={out}"]
-    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env)
+           f"hydra.run.dir={out}", f"+callbacks.step_times={{_target_:benchmarks.callbacks."
+           f"StepTimes,path:{out.parent / (out.name + '.times')}}}"]
+    times = out.parent / f"{out.name}.times"
+    times.unlink(missing_ok=True)
+    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env={**env, "PYTHONPATH": f"{REPO / 'src'}"
+                                                      f"{os.pathsep}{REPO}"})
     (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
         raise RuntimeError(f"mlxlab failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    clock = [float(x) for x in times.read_text().split()]
+    seconds = [b - a for a, b in zip(clock, clock[1:])]
     return [{"step": s, "tokens_per_sec": m["train/tokens_per_sec"],
              "peak_mb": m.get("memory/peak_mb", float("nan")), "loss": m["train/loss"],
-             "rss_mb": rss}
+             "seconds": seconds[s - 1], "rss_mb": rss}
             for s, m in sorted(csv_metrics(out).items()) if "train/tokens_per_sec" in m]
 
 
@@ -265,6 +271,7 @@ def run_mlx_vlm(model: Path, data: Path, steps: int, batch: int, quantize: bool,
 def summarize(steps: list[dict], skip: int) -> dict:
     timed = [s for s in steps if s["step"] > skip] or steps
     return {"tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed),
+            "step_s": statistics.median(s["seconds"] for s in timed),
             "peak_mb": max(s["peak_mb"] for s in steps), "rss_mb": steps[-1]["rss_mb"],
             "loss_first": steps[0]["loss"], "steps": len(steps)}
 
@@ -320,26 +327,27 @@ def main() -> None:
                 results.setdefault((name, tool), []).append(s)
                 print(json.dumps({"round": rnd, "shape": name, "tool": tool, **s}), flush=True)
     info = machine()
-    print(f"\n{info['cpu']}; batch {args.batch}, {args.steps} steps, the first {args.skip} left "
-          f"out of tokens/s; median of {args.rounds} round(s)\n")
-    print("| shape | tool | tokens/s | MLX peak MB | peak RSS MB | load | mlxlab's tokens/s "
-          "ratio | mlxlab's peak ratio |")
-    print("|---|---|---:|---:|---:|---|---:|---:|")
+    print(f"\n{info['cpu']}; {args.steps} steps, the first {args.skip} left out; median of "
+          f"{args.rounds} round(s); mlxlab's speed: mlx-vlm's step time / mlxlab's (each step "
+          "the same rows and images); trained tokens/s: each tool's own count\n")
+    print("| shape | tool | batch | step s | trained tokens/s | MLX peak MB | peak RSS MB | "
+          "load | mlxlab's speed | mlxlab's peak |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
     table = []
     for (name, tool), runs in results.items():
-        rate = statistics.median(r["tokens_per_sec"] for r in runs)
-        peak = statistics.median(r["peak_mb"] for r in runs)
-        rss = statistics.median(r["rss_mb"] for r in runs)
-        loads = "-".join(f"{r['load_1min']:.1f}" for r in runs)
+        row = {k: statistics.median(r[k] for r in runs)
+               for k in ("step_s", "tokens_per_sec", "peak_mb", "rss_mb")}
         base = results.get((name, "mlxlab"))
-        ratio = peak_ratio = "-"
-        if base and tool != "mlxlab":
-            ratio = f"{statistics.median(r['tokens_per_sec'] for r in base) / rate:.2f}x"
-            peak_ratio = f"{statistics.median(r['peak_mb'] for r in base) / peak:.2f}x"
-        table.append({"shape": name, "tool": tool, "tokens_per_sec": rate, "peak_mb": peak,
-                      "rss_mb": rss, "loads": loads, "ratio": ratio, "peak_ratio": peak_ratio})
-        print(f"| {name} | {tool} | {rate:.1f} | {peak:.0f} | {rss:.0f} | {loads} | {ratio} | "
-              f"{peak_ratio} |")
+        speed = peak = "-"
+        if base and tool != "mlxlab":  # the same rows and images a step: step time compares
+            speed = f"{row['step_s'] / statistics.median(r['step_s'] for r in base):.2f}x"
+            peak = f"{statistics.median(r['peak_mb'] for r in base) / row['peak_mb']:.2f}x"
+        loads = "-".join(f"{r['load_1min']:.1f}" for r in runs)
+        table.append({"shape": name, "tool": tool, "batch": runs[0]["batch"], **row,
+                      "loads": loads, "speed_ratio": speed, "peak_ratio": peak})
+        print(f"| {name} | {tool} | {runs[0]['batch']} | {row['step_s']:.2f} | "
+              f"{row['tokens_per_sec']:.2f} | {row['peak_mb']:.0f} | {row['rss_mb']:.0f} | "
+              f"{loads} | {speed} | {peak} |")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
