@@ -23,6 +23,7 @@ mlx-vlm is an optional extra (`pip install 'mlxlab[vision]'`), imported when a m
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from collections.abc import Mapping
@@ -209,6 +210,7 @@ class VisionLanguageModel(Model):
         # dequantize + float GEMM: MLX's own quantized matmul runs ~30x slower there.
         if self._quantized_layers:
             use_fast_cpu_quantized(self.vlm)
+        use_fused_vision_attention(self.vlm)
 
     def _prepare(self, quantize: int | None, lora: Mapping | None) -> None:
         """Quantization at load, then what trains (module docstring), said once in the log."""
@@ -376,6 +378,41 @@ class VisionLanguageModel(Model):
         out = self.vlm.language_model(inputs=input_ids, inputs_embeds=embeds, mask=mask,
                                       cache=cache)
         return getattr(out, "logits", out)
+
+
+@functools.cache
+def _fused_vision_attention() -> type:
+    """mlx-vlm's VisionAttention (the SigLIP / CLIP towers of SmolVLM, Idefics3, Gemma 3,
+    PaliGemma, ...) with its attention through kernels.attention: MLX's CPU SDPA over a tower's
+    1024 patches spends twice the fused kernel's time in its single-threaded softmax, and the
+    frozen tower's forward is most of a LoRA step on the language model (docs/benchmarks.md,
+    "Vision-language fine-tuning beside mlx-vlm's trainer"). Elsewhere (another device or
+    dtype, a mask the kernel does not take) kernels.attention is MLX's SDPA."""
+    from mlx_vlm.models.attention import VisionAttention
+
+    from mlxlab import kernels
+
+    class FusedVisionAttention(VisionAttention):
+        def __call__(self, x: mx.array, mask: mx.array | None = None) -> mx.array:
+            b, length, _ = x.shape
+            q, k, v = (p(x).reshape(b, length, self.num_heads, -1).transpose(0, 2, 1, 3)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+            out = kernels.attention(q, k, v, self.scale, mask)
+            return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
+
+    return FusedVisionAttention
+
+
+def use_fused_vision_attention(vlm: nn.Module) -> int:
+    """Switch the model's mlx-vlm VisionAttention modules (exact type) to the fused class above
+    in place (the same parameters and names); returns how many were switched."""
+    fused = _fused_vision_attention()
+    switched = 0
+    for _, module in vlm.named_modules():
+        if type(module) is fused.__base__:
+            module.__class__ = fused
+            switched += 1
+    return switched
 
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:

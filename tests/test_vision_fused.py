@@ -1,7 +1,8 @@
-"""QLoRA on a vision-language model: a Qwen2.5-VL folder in the hub's layout (text settings at
-the top of config.json) passes the checks and rebuilds from a checkpoint's config, and its
-quantized language model multiplies through the fused CPU product (models/quantized_cpu.py),
-with the logits of MLX's own quantized layers."""
+"""Vision-language models on the CPU's fused paths: a Qwen2.5-VL folder in the hub's layout (text
+settings at the top of config.json) passes the checks and rebuilds from a checkpoint's config;
+its quantized language model multiplies through the fused CPU product (models/quantized_cpu.py)
+with the logits of MLX's own quantized layers; SmolVLM's SigLIP tower attends through
+kernels.attention with the logits of mlx-vlm's own attention."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from vision_models import tiny_vlm
 pytest.importorskip("mlx_vlm", reason="the [vision] extra (mlx-vlm), which [dev] installs")
 
 LORA = {"rank": 8, "alpha": 16.0, "targets": ["query", "key", "value", "out"]}
+
+
+@pytest.fixture(scope="module")
+def smolvlm(tmp_path_factory) -> Path:
+    return tiny_vlm("smolvlm", tmp_path_factory.mktemp("vlm") / "smolvlm")
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +65,25 @@ def test_quantized_layers_take_the_fused_cpu_product(qwen):
     plain = model(ids)
     scale = float(mx.abs(plain).max())
     assert float(mx.abs(fused - plain).max()) <= 1e-4 * scale
+
+
+def test_the_vision_towers_attention_is_fused_with_mlx_vlms_results(smolvlm):
+    from mlx_vlm.models.attention import VisionAttention
+
+    from mlxlab.data.vision_chat import load_processor
+    from mlxlab.models.vision_language import VisionLanguageModel
+    from vision_models import picture
+
+    model = VisionLanguageModel(0, pretrained=str(smolvlm), lora=dict(LORA))
+    attention = [m for _, m in model.named_modules() if isinstance(m, VisionAttention)]
+    assert len(attention) == 2 and all(type(m) is not VisionAttention for m in attention)
+    text = "<|im_start|>User:<image>What is it?<end_of_utterance>\nAssistant: A cat."
+    out = load_processor(smolvlm)(text=[text], images=[[picture(0)]], return_tensors="np")
+    inputs = {k: mx.array(np.asarray(v)) for k, v in out.items() if k != "attention_mask"}
+    fused = model(**inputs)
+    for m in attention:  # back to mlx-vlm's own attention
+        m.__class__ = VisionAttention
+    plain = model(**inputs)
+    assert inputs["input_ids"].shape[1] > 8
+    scale = float(mx.abs(plain).max())
+    assert float(mx.abs(fused - plain).max()) <= 1e-5 * scale
