@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 # isort: off
@@ -40,3 +41,23 @@ class StepClock(Callback):
         RECORD["evals"].append(step)
         if "on_eval" in HOOKS:
             HOOKS["on_eval"](step, metrics)
+
+
+class StepTimes(Callback):
+    """The clock (time.perf_counter) at the start and after every step, a line each, appended
+    to `path`: a run started as its own process (`+callbacks.step_times={_target_:
+    benchmarks.callbacks.StepTimes,path:FILE}`, the repository on PYTHONPATH) gives the script
+    that started it its steps' wall times (data, step, logging: the whole loop)."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def _stamp(self) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{time.perf_counter()!r}\n")
+
+    def on_train_start(self, total_steps: int | None, start_step: int) -> None:
+        self._stamp()
+
+    def on_step(self, step: int, logs: dict[str, float]) -> None:
+        self._stamp()

@@ -13,7 +13,8 @@ What trains (`model.lora`): adapters on the language model's `targets` (mlxlab's
 names, as for text decoders), and with `model.lora.modules` also the projector (trained in
 full: a few million parameters, the LLaVA recipe) and adapters on the vision tower's attention.
 `model.quantize=4|8` quantizes the language model at load (QLoRA); a quantized folder stays
-quantized. Rank 0 trains every parameter of a float model.
+quantized. On the CPU its quantized layers multiply through mlxlab's fused dequantize + float
+GEMM (models/quantized_cpu.py), as a text decoder's do. Rank 0 trains every parameter of a float model.
 
 mlx-vlm's image merge indexes on the host (numpy), which `mx.compile` cannot trace: a vision
 model's step runs uncompiled (`compiles = False`; config/fit.py refuses trainer.compile=true).
@@ -22,6 +23,7 @@ mlx-vlm is an optional extra (`pip install 'mlxlab[vision]'`), imported when a m
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from collections.abc import Mapping
@@ -37,6 +39,7 @@ from mlxlab.models.base import Model
 from mlxlab.models.hf import read_config
 from mlxlab.models.lora import apply_lora, check_lora, check_reach, targeted_linears
 from mlxlab.models.mlx_lm_decoder import check_quantize, lora_targets
+from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
 from mlxlab.models.sources import model_folder
 
 log = logging.getLogger(__name__)
@@ -118,7 +121,9 @@ def build(config: Mapping) -> nn.Module:
     config.setdefault("vision_config", {})
     config.setdefault("audio_config", {})
     family = family_module(config, "the checkpoint's config")
-    model_config = family.ModelConfig.from_dict(dict(config))
+    # from_dict may complete `config` in place (Qwen2/2.5-VL copy their top-level text settings
+    # into text_config), which the module configs below read: it gets the dict, not a copy
+    model_config = family.ModelConfig.from_dict(config)
     model_config = utils.update_module_configs(model_config, family, config,
                                                ["text", "vision", "perceiver", "projector",
                                                 "audio"])
@@ -201,6 +206,11 @@ class VisionLanguageModel(Model):
         self._quantized_layers = dict(quantized_layers or {})
         if pretrained:
             self._prepare(quantize, lora)
+        # On the CPU, quantized layers (under their adapters too) multiply through the fused
+        # dequantize + float GEMM: MLX's own quantized matmul runs ~30x slower there.
+        if self._quantized_layers:
+            use_fast_cpu_quantized(self.vlm)
+        use_fused_vision_attention(self.vlm)
 
     def _prepare(self, quantize: int | None, lora: Mapping | None) -> None:
         """Quantization at load, then what trains (module docstring), said once in the log."""
@@ -368,6 +378,41 @@ class VisionLanguageModel(Model):
         out = self.vlm.language_model(inputs=input_ids, inputs_embeds=embeds, mask=mask,
                                       cache=cache)
         return out.logits
+
+
+@functools.cache
+def _fused_vision_attention() -> type:
+    """mlx-vlm's VisionAttention (the SigLIP / CLIP towers of SmolVLM, Idefics3, Gemma 3,
+    PaliGemma, ...) with its attention through kernels.attention: MLX's CPU SDPA over a tower's
+    1024 patches spends twice the fused kernel's time in its single-threaded softmax, and the
+    frozen tower's forward is most of a LoRA step on the language model (docs/benchmarks.md,
+    "Vision-language fine-tuning beside mlx-vlm's trainer"). Elsewhere (another device or
+    dtype, a mask the kernel does not take) kernels.attention is MLX's SDPA."""
+    from mlx_vlm.models.attention import VisionAttention
+
+    from mlxlab import kernels
+
+    class FusedVisionAttention(VisionAttention):
+        def __call__(self, x: mx.array, mask: mx.array | None = None) -> mx.array:
+            b, length, _ = x.shape
+            q, k, v = (p(x).reshape(b, length, self.num_heads, -1).transpose(0, 2, 1, 3)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+            out = kernels.attention(q, k, v, self.scale, mask)
+            return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
+
+    return FusedVisionAttention
+
+
+def use_fused_vision_attention(vlm: nn.Module) -> int:
+    """Switch the model's mlx-vlm VisionAttention modules (exact type) to the fused class above
+    in place (the same parameters and names); returns how many were switched."""
+    fused = _fused_vision_attention()
+    switched = 0
+    for _, module in vlm.named_modules():
+        if type(module) is fused.__base__:
+            module.__class__ = fused
+            switched += 1
+    return switched
 
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:

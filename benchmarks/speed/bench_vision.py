@@ -1,0 +1,360 @@
+"""Vision-language LoRA speed and memory: mlxlab's `experiment=finetune_vision` beside mlx-vlm's
+own trainer (`python -m mlx_vlm.train`, mlx-vlm 0.7.10), on the same rows, model folder, LoRA,
+batch, steps and image size, each in its own process on the same MLX and OpenBLAS.
+
+    python benchmarks/speed/bench_vision.py [--shapes smolvlm,qwen2_5_vl] [--steps 6] [--skip 2]
+                                            [--rounds 2] [--batch 4] [--qwen-layers 2]
+                                            [--work DIR] [--smoke]
+
+Models (random weights, float32, built locally with transformers from a config, never
+downloaded; tests/vision_models.py's tiny byte-level BPE with the family's special tokens, chat
+template and processor files; the model's embedding has the real vocabulary, every id the
+tokenizer makes is in range):
+- `smolvlm`: HuggingFaceTB/SmolVLM-256M-Instruct's shape: SigLIP 768 x 12 layers, patch 16,
+  image 512, pixel-shuffle scale 4 (64 tokens an image), SmolLM2-135M's decoder (576 x 30
+  layers, 9 / 3 heads, MLP 1536, vocabulary 49,280). The processor resizes each picture to
+  512 x 512 without splitting it into tiles (`do_image_splitting: false`).
+- `qwen2_5_vl`: Qwen/Qwen2.5-VL-3B-Instruct's widths (decoder 2048, 16 / 2 heads, MLP 11008,
+  vocabulary 151,936, tied head; vision 1280, 16 heads, MLP 3420, patch 14, merge 2) with
+  `--qwen-layers` decoder and vision layers (the real 36 and 32 do not train in reasonable time
+  on 2 cores, see below), QLoRA: 4-bit, group 64. Its processor resizes each picture to
+  224 x 224 (256 patches, 64 tokens).
+Rows: the shipped shapes task (src/mlxlab/assets/shapes: 64 x 64 PNG pictures, a question, a
+one-word answer), the same pictures and texts written in each tool's format: mlxlab's
+`{"messages": [{"role": "user", "content": [{"type": "image"}, text]}, ...], "images": [path]}`,
+mlx-vlm's `{"messages": [...text...], "images": [path]}`; the loss on the assistant's reply
+(mlxlab's assistant mask, mlx-vlm's `--train-on-completions`). LoRA rank 8, alpha 16 on the
+language model's q/k/v/o, AdamW at 2e-4 without weight decay, no warm-up.
+Each tool runs as its own process: mlxlab's `mlxlab.train experiment=finetune_vision` (CSV
+tracking, a step logged every step) and mlx-vlm's `mlx_vlm.train` (its `run`, with a callback
+recording its per-step report), mlxlab imported first so MLX's BLAS calls go to the same
+OpenBLAS (runtime/blas.py; nothing else of mlxlab runs there). tokens/s: trained tokens (each
+tool's own count: mlxlab's loss mask, mlx-vlm's completion mask) over the steps after the first
+`--skip`; mlxlab's time is its whole loop (data, callbacks, logging), mlx-vlm's its step alone.
+Peak: MLX's peak memory (mx.get_peak_memory, both tools report it) and the process's peak
+resident memory. Rounds alternate the order of the tools; the table gives medians over rounds.
+The 1-minute load average is recorded after every run (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from benchmarks.common import add_smoke, cpu_model, run_with_peak_rss, smoke_dir  # noqa: E402
+from benchmarks.speed.bench_lora import csv_metrics  # noqa: E402
+
+RANK, ALPHA, LR = 8, 16.0, 2e-4
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# the real checkpoints' sizes (their config.json); --qwen-layers cuts Qwen's layer counts
+SMOLVLM_256M = dict(
+    text=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+              num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49280,
+              max_position_embeddings=8192),
+    vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, patch_size=16, image_size=512),
+    scale_factor=4, image=512)
+QWEN2_5_VL_3B = dict(
+    text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+              num_attention_heads=16, num_key_value_heads=2, head_dim=128, vocab_size=151936,
+              max_position_embeddings=128000, rms_norm_eps=1e-6),
+    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                out_hidden_size=2048, patch_size=14, spatial_merge_size=2,
+                temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+    image=224)
+# mlx-vlm 0.7.10's trainer hands the model the rows' (B, T) padding mask as its `mask`, which
+# SmolVLM's language model (idefics3/language.py) uses as the attention mask: (B, T) does not
+# broadcast to the scores' (B, heads, T, T) for B > 1 (a ValueError), so SmolVLM runs one row a
+# batch in both tools (at B = 1 the ones broadcast: an additive 1 on every score, which the
+# softmax ignores, and no causal mask in mlx-vlm's forward; the cost of the step is the same)
+BATCH_LIMIT = {"smolvlm": 1}
+# smoke: the same families at toy sizes
+SMOKE_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+# mlx-vlm's own trainer (mlx_vlm.train.run, what its CLI calls) with a callback writing each
+# per-step report as a json line. argv: report.jsonl CLI-ARGS...
+MLX_VLM_WORKER = """
+import json, sys
+from mlxlab.runtime.blas import setup_blas  # MLX's BLAS calls only; nothing else of mlxlab
+print("blas:", setup_blas(), flush=True)
+from mlx_vlm import train as cli
+from mlx_vlm.trainer.common.callbacks import TrainingCallback
+
+class Record(TrainingCallback):
+    def on_train_loss_report(self, info):
+        with open(sys.argv[1], "a") as f:
+            f.write(json.dumps({k: v for k, v in info.items()
+                                if isinstance(v, (int, float))}) + "\\n")
+
+args, settings = cli.parse_args(sys.argv[2:])
+cli.run(args, settings, training_callback=Record())
+"""
+
+
+def _vision_models():
+    sys.path.insert(0, str(REPO / "tests"))
+    import vision_models
+
+    return vision_models
+
+
+def save_model(family: str, folder: Path, shape: dict, layers: int | None,
+               smoke: bool) -> Path:
+    """A `family` folder at `shape`'s sizes (random float32 weights), in the layout mlx-vlm reads,
+    with tests/vision_models.py's tokenizer, template and processor files at `shape`'s image
+    size."""
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    import transformers as tf
+
+    vm = _vision_models()
+    folder.mkdir(parents=True, exist_ok=True)
+    _, tok = vm._tokenizer(family, folder)
+    ids = {t: tok.token_to_id(t) for t in vm.FAMILIES[family]["tokens"]}
+    eos, pad = ids[vm.FAMILIES[family]["eos"]], ids[vm.FAMILIES[family]["pad"]]
+    text = {**shape["text"], "eos_token_id": eos, "pad_token_id": pad}
+    vision = dict(shape["vision"])
+    if smoke:
+        text.update(SMOKE_SIZES, vocab_size=max(tok.get_vocab_size(), 512))
+    if family == "smolvlm":
+        if smoke:
+            vision.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, image_size=64)
+        config = tf.SmolVLMConfig(
+            text_config={**text, "model_type": "llama", "rope_theta": 100000.0,
+                         "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+            vision_config=vision, scale_factor=2 if smoke else shape["scale_factor"],
+            image_token_id=ids["<image>"], tie_word_embeddings=False, eos_token_id=eos,
+            pad_token_id=pad)
+    else:
+        if layers:
+            text["num_hidden_layers"] = layers
+            vision.update(depth=layers, fullatt_block_indexes=[layers - 1])
+        if smoke:
+            vision.update(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                          out_hidden_size=64, fullatt_block_indexes=[1])
+        half = text["head_dim"] // 2  # mrope over (time, height, width): the real 16/24/24 of 64
+        section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+        config = tf.Qwen2_5_VLConfig(
+            text_config={**text, "model_type": "qwen2_5_vl_text",
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                             "mrope_section": section},
+                         "tie_word_embeddings": True},
+            vision_config=vision, image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True,
+            eos_token_id=eos, pad_token_id=pad)
+    torch.manual_seed(0)
+    model = tf.AutoModelForImageTextToText.from_config(config).float().eval()
+    model.save_pretrained(folder)
+    del model
+    vm._hub_layout(family, folder / "config.json")
+    vm._processor_files(family, folder)
+    _image_size(family, folder, 64 if smoke else shape["image"])
+    return folder
+
+
+def _image_size(family: str, folder: Path, size: int) -> None:
+    """Every picture resized to `size` x `size` by the processor, one image (no tiles)."""
+    path = folder / "preprocessor_config.json"
+    pre = json.loads(path.read_text())
+    if family == "smolvlm":
+        pre.update(size={"longest_edge": size}, max_image_size={"longest_edge": size},
+                   do_image_splitting=False)
+        proc = json.loads((folder / "processor_config.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+        patches = config["vision_config"]["image_size"] // config["vision_config"]["patch_size"]
+        proc["image_seq_len"] = patches ** 2 // config["scale_factor"] ** 2
+        (folder / "processor_config.json").write_text(json.dumps(proc, indent=1))
+    else:
+        pre.update(min_pixels=size * size, max_pixels=size * size)
+    path.write_text(json.dumps(pre, indent=1))
+
+
+def write_rows(root: Path, rows: int) -> tuple[Path, Path]:
+    """The shipped shapes task's first `rows` training rows (and 8 validation rows), as mlxlab's
+    data=vision_chat reads them and as mlx-vlm's JSONL folder holds them: (mlxlab's train file,
+    mlx-vlm's folder)."""
+    from mlxlab.config import asset_path
+
+    source = Path(asset_path("shapes/train.jsonl"))
+    lines = source.read_text().splitlines()
+    mlxlab_dir, vlm_dir = root / "mlxlab", root / "mlx_vlm"
+    for d in (mlxlab_dir, vlm_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    for split, chosen in (("train", lines[:rows]), ("valid", lines[rows:rows + 8])):
+        ours, theirs = [], []
+        for line in chosen:
+            row = json.loads(line)
+            images, messages = [], []
+            for m in row["messages"]:
+                parts = m["content"]
+                text = " ".join(p["text"] for p in parts if p["type"] == "text")
+                images += [str(source.parent / p["image"]) for p in parts if p["type"] == "image"]
+                messages.append({"role": m["role"], "content": text})
+            user = [{"type": "image"}] * len(images) + [
+                {"type": "text", "text": messages[0]["content"]}]
+            ours.append({"messages": [{"role": "user", "content": user}, *[
+                {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+                for m in messages[1:]]], "images": images})
+            theirs.append({"messages": messages, "images": images})
+        (mlxlab_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ours))
+        (vlm_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in theirs))
+    return mlxlab_dir, vlm_dir
+
+
+def run_mlxlab(model: Path, data: Path, steps: int, batch: int, quantize: bool, out: Path,
+               env: dict) -> list[dict]:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "mlxlab.train", "experiment=finetune_vision",
+           f"model.pretrained={model}", f"data.train_file={data / 'train.jsonl'}",
+           f"data.val_file={data / 'valid.jsonl'}", f"model.lora.rank={RANK}",
+           f"model.lora.alpha={ALPHA}", "model.lora.targets=[query,key,value,out]",
+           f"model.quantize={4 if quantize else 'null'}", f"trainer.batch_size={batch}",
+           f"trainer.max_steps={steps}", f"trainer.eval_every_steps={10 * steps}",
+           "trainer.log_every_steps=1", f"optimizer.learning_rate={LR}",
+           "optimizer.weight_decay=0.0", "trainer.schedule.warmup_steps=0", "tracking=csv",
+           "callbacks.progress.enabled=false", "callbacks.memory.every=1",
+           f"hydra.run.dir={out}", f"+callbacks.step_times={{_target_:benchmarks.callbacks."
+           f"StepTimes,path:{out.parent / (out.name + '.times')}}}"]
+    times = out.parent / f"{out.name}.times"
+    times.unlink(missing_ok=True)
+    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env={**env, "PYTHONPATH": f"{REPO / 'src'}"
+                                                      f"{os.pathsep}{REPO}"})
+    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"mlxlab failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    clock = [float(x) for x in times.read_text().split()]
+    seconds = [b - a for a, b in zip(clock, clock[1:])]
+    return [{"step": s, "tokens_per_sec": m["train/tokens_per_sec"],
+             "peak_mb": m.get("memory/peak_mb", float("nan")), "loss": m["train/loss"],
+             "seconds": seconds[s - 1], "rss_mb": rss}
+            for s, m in sorted(csv_metrics(out).items()) if "train/tokens_per_sec" in m]
+
+
+def run_mlx_vlm(model: Path, data: Path, steps: int, batch: int, quantize: bool, out: Path,
+                env: dict) -> list[dict]:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    report = out / "report.jsonl"
+    args = ["--model", str(model), "--data", str(data), "--iters", str(steps),
+            "--batch-size", str(batch), "--learning-rate", str(LR), "--optimizer", "adamw",
+            "--weight-decay", "0", "--lora-rank", str(RANK), "--lora-alpha", str(ALPHA),
+            "--target-modules", *TARGETS, "--train-on-completions", "--steps-per-report", "1",
+            "--steps-per-eval", str(10 * steps), "--steps-per-save", str(10 * steps),
+            "--val-batches", "1", "--adapter-file", str(out / "adapters.safetensors")]
+    if quantize:
+        args += ["--quantization-bits", "4", "--quantization-group-size", "64"]
+    proc, rss = run_with_peak_rss([sys.executable, "-c", MLX_VLM_WORKER, str(report), *args],
+                                  cwd=out, env=env)
+    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"mlx-vlm failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    return [{"step": r["iteration"], "tokens_per_sec": r["tokens_per_second"],
+             "peak_mb": r["peak_memory"] * 1e9 / 2**20, "loss": r["train_loss"],
+             "seconds": r["step_time"], "rss_mb": rss} for r in rows]
+
+
+def summarize(steps: list[dict], skip: int) -> dict:
+    timed = [s for s in steps if s["step"] > skip] or steps
+    return {"tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed),
+            "step_s": statistics.median(s["seconds"] for s in timed),
+            "peak_mb": max(s["peak_mb"] for s in steps), "rss_mb": steps[-1]["rss_mb"],
+            "loss_first": steps[0]["loss"], "steps": len(steps)}
+
+
+def machine() -> dict:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    keep = ("Model name", "CPU family", "Model:", "CPU(s):", "Hypervisor")
+    return {"cpu": cpu_model(), "lscpu": [ln for ln in lscpu.splitlines()
+                                          if ln.strip().startswith(keep)],
+            "python": platform.python_version()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="smolvlm,qwen2_5_vl")
+    p.add_argument("--tools", default="mlxlab,mlx-vlm")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--skip", type=int, default=2, help="first steps left out of tokens/s")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--rows", type=int, default=64, help="training rows of the shapes task")
+    p.add_argument("--qwen-layers", type=int, default=2,
+                   help="decoder and vision layers of the Qwen2.5-VL-3B-shaped model")
+    p.add_argument("--work", default=None)
+    p.add_argument("--out", default=None, help="a folder for results.json")
+    add_smoke(p)
+    args = p.parse_args()
+    if args.smoke:
+        args.steps, args.skip, args.rounds, args.batch, args.rows = 2, 0, 1, 2, 8
+    work = Path(args.work) if args.work else (smoke_dir("bench_vision") if args.smoke else
+                                              Path(tempfile.mkdtemp(prefix="bench_vision_")))
+    mlxlab_data, vlm_data = write_rows(work / "data", args.rows)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env.setdefault("MLXLAB_ROOT", str(work / "root"))
+    shapes = {"smolvlm": (SMOLVLM_256M, None, False),
+              "qwen2_5_vl": (QWEN2_5_VL_3B, args.qwen_layers, True)}
+    tools = args.tools.split(",")
+    results: dict[tuple[str, str], list[dict]] = {}
+    for name in args.shapes.split(","):
+        shape, layers, quantize = shapes[name]
+        folder = work / f"{name}{'-smoke' if args.smoke else ''}"
+        model = save_model(name, folder, shape, layers, args.smoke)
+        batch = min(args.batch, BATCH_LIMIT.get(name, args.batch))
+        for rnd in range(args.rounds):
+            for tool in tools if rnd % 2 == 0 else tools[::-1]:
+                out = work / "runs" / f"{name}-{tool}-{rnd}"
+                run = run_mlxlab if tool == "mlxlab" else run_mlx_vlm
+                data = mlxlab_data if tool == "mlxlab" else vlm_data
+                s = summarize(run(model, data, args.steps, batch, quantize, out, env),
+                              args.skip)
+                s["batch"] = batch
+                s["load_1min"] = os.getloadavg()[0]
+                results.setdefault((name, tool), []).append(s)
+                print(json.dumps({"round": rnd, "shape": name, "tool": tool, **s}), flush=True)
+    info = machine()
+    print(f"\n{info['cpu']}; {args.steps} steps, the first {args.skip} left out; median of "
+          f"{args.rounds} round(s); mlxlab's speed: mlx-vlm's step time / mlxlab's (each step "
+          "the same rows and images); trained tokens/s: each tool's own count\n")
+    print("| shape | tool | batch | step s | trained tokens/s | MLX peak MB | peak RSS MB | "
+          "load | mlxlab's speed | mlxlab's peak |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
+    table = []
+    for (name, tool), runs in results.items():
+        row = {k: statistics.median(r[k] for r in runs)
+               for k in ("step_s", "tokens_per_sec", "peak_mb", "rss_mb")}
+        base = results.get((name, "mlxlab"))
+        speed = peak = "-"
+        if base and tool != "mlxlab":  # the same rows and images a step: step time compares
+            speed = f"{row['step_s'] / statistics.median(r['step_s'] for r in base):.2f}x"
+            peak = f"{statistics.median(r['peak_mb'] for r in base) / row['peak_mb']:.2f}x"
+        loads = "-".join(f"{r['load_1min']:.1f}" for r in runs)
+        table.append({"shape": name, "tool": tool, "batch": runs[0]["batch"], **row,
+                      "loads": loads, "speed_ratio": speed, "peak_ratio": peak})
+        print(f"| {name} | {tool} | {runs[0]['batch']} | {row['step_s']:.2f} | "
+              f"{row['tokens_per_sec']:.2f} | {row['peak_mb']:.0f} | {row['rss_mb']:.0f} | "
+              f"{loads} | {speed} | {peak} |")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({
+            "args": vars(args), "machine": info, "table": table,
+            "runs": {f"{k[0]}/{k[1]}": v for k, v in results.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
