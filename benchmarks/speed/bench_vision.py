@@ -28,12 +28,16 @@ language model's q/k/v/o, AdamW at 2e-4 without weight decay, no warm-up.
 Each tool runs as its own process: mlxlab's `mlxlab.train experiment=finetune_vision` (CSV
 tracking, a step logged every step) and mlx-vlm's `mlx_vlm.train` (its `run`, with a callback
 recording its per-step report), mlxlab imported first so MLX's BLAS calls go to the same
-OpenBLAS (runtime/blas.py; nothing else of mlxlab runs there). tokens/s: trained tokens (each
-tool's own count: mlxlab's loss mask, mlx-vlm's completion mask) over the steps after the first
-`--skip`; mlxlab's time is its whole loop (data, callbacks, logging), mlx-vlm's its step alone.
-Peak: MLX's peak memory (mx.get_peak_memory, both tools report it) and the process's peak
-resident memory. Rounds alternate the order of the tools; the table gives medians over rounds.
-The 1-minute load average is recorded after every run (the machine is shared).
+OpenBLAS (runtime/blas.py; nothing else of mlxlab runs there). Speed: the median step time after
+the first `--skip` steps (each step the same rows and pixels in both tools); mlxlab's is its
+whole loop (data, callbacks, logging: benchmarks.callbacks.StepTimes), mlx-vlm's its step alone
+(its report's step_time). Trained tokens/s, each tool's own count, are shown too: mlx-vlm's
+completion mask also trains the newline after the end-of-turn token, one token more a row than
+mlxlab's assistant mask. Peak: MLX's peak memory (mx.get_peak_memory, both tools report it) and
+the process's peak resident memory. Rounds alternate the order of the tools; the table gives
+medians over rounds. The 1-minute load average is recorded after every run (the machine is
+shared). SmolVLM runs one row a batch in both tools (BATCH_LIMIT: mlx-vlm's trainer fails on
+more).
 """
 
 from __future__ import annotations

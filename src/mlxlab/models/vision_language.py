@@ -14,7 +14,8 @@ names, as for text decoders), and with `model.lora.modules` also the projector (
 full: a few million parameters, the LLaVA recipe) and adapters on the vision tower's attention.
 `model.quantize=4|8` quantizes the language model at load (QLoRA); a quantized folder stays
 quantized. On the CPU its quantized layers multiply through mlxlab's fused dequantize + float
-GEMM (models/quantized_cpu.py), as a text decoder's do. Rank 0 trains every parameter of a float model.
+GEMM (models/quantized_cpu.py), as a text decoder's do. Rank 0 trains every parameter of a
+float model.
 
 mlx-vlm's image merge indexes on the host (numpy), which `mx.compile` cannot trace: a vision
 model's step runs uncompiled (`compiles = False`; config/fit.py refuses trainer.compile=true).
