@@ -46,8 +46,13 @@ def test_option_composes_and_resolves(tmp_path, group, option):
     if option in ("hf_decoder", "finetune_completions", "finetune_text", "finetune_chat",
                   "dpo_chat", "orpo_chat", "dpo_optuna", "preference", "dpo", "orpo", "prompts",
                   "grpo", "grpo_arithmetic", "grpo_copy", "grpo_optuna", "gkd", "gkd_arithmetic",
-                  "agent_tools", "unpaired", "kto", "kto_chat", "reward", "reward_chat"):
+                  "agent_tools", "unpaired", "kto", "kto_chat", "reward", "reward_chat",
+                  "draft_model"):
         extra.append(f"model.pretrained={model_folder_stub(tmp_path)}")  # the user's (???)
+    if option == "draft_model":  # the stub's 2 blocks: a draft keeps 1, for its teacher
+        (tmp_path / "teacher").mkdir(exist_ok=True)
+        (tmp_path / "teacher" / "tokenizer.json").write_text("{}")
+        extra += ["model.keep_layers=1", f"objective.teachers=[{tmp_path / 'teacher'}]"]
     if option in ("vision_language", "vision_chat", "finetune_vision"):  # a VLM and its images
         from vision_models import tiny_vlm
 
