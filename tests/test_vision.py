@@ -67,6 +67,22 @@ def test_logits_equal_transformers(folders, family):
     assert gap <= TOLERANCE[family], f"{family}: logits differ by {gap:.2e} of their scale"
 
 
+@pytest.mark.parametrize("family", sorted(TOLERANCE))
+def test_a_sequence_without_images_after_one_with_them_is_its_own(folders, family):
+    """mlx-vlm's Qwen models keep the last images' M-RoPE positions on the language model; a
+    row (or prompt) without images that follows one with them must not take those positions."""
+    from mlxlab.models.vision_language import VisionLanguageModel
+
+    inputs = processed(folders[family])
+    images = {k: mx.array(v) for k, v in inputs.items() if k.startswith(("pixel_", "image_"))}
+    ids = inputs["input_ids"].astype(np.int32)
+    text = mx.array((np.arange(3, 3 + ids.shape[1]) % 50)[None], dtype=mx.int32)  # past the image
+    fresh = VisionLanguageModel(0, pretrained=str(folders[family]))
+    used = VisionLanguageModel(0, pretrained=str(folders[family]))
+    used(mx.array(ids), **images)
+    assert mx.array_equal(used(text), fresh(text)).item()
+
+
 def _rows(folder: Path, tmp: Path, n: int = 4) -> Path:
     for i in range(n):
         picture(i).save(tmp / f"{i}.png")

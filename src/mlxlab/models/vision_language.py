@@ -57,6 +57,9 @@ DEFAULT_PARTS = ("language_model",)
 # the vision towers' attention projections (SigLIP / CLIP: q/k/v/out_proj; Qwen's: qkv, proj)
 VISION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "qkv", "proj")
 GROUP_SIZE = 64
+# What mlx-vlm's M-RoPE families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) keep on the language model
+# from the last prompt with images, and read again for the next sequence that has none.
+PROMPT_POSITIONS = ("_position_ids", "_rope_deltas")
 
 
 def mlx_vlm():
@@ -351,10 +354,20 @@ class VisionLanguageModel(Model):
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
         pixel_values = image_inputs.pop("pixel_values", None)
         image_inputs.pop("token_type_ids", None)
+        if not cache or not cache[0].offset:
+            self._start_sequence()
         if self._hf_config.get("model_type") == "gemma3" and pixel_values is not None:
             return self._gemma3(input_ids, pixel_values, cache)
         out = self.vlm(input_ids, pixel_values, mask=None, cache=cache, **image_inputs)
         return out.logits
+
+    def _start_sequence(self) -> None:
+        """Forget the previous sequence's image positions: a row or prompt without images
+        after one with them would otherwise take that one's M-RoPE positions."""
+        language_model = self.vlm.language_model
+        for name in PROMPT_POSITIONS:
+            if name in language_model:  # an nn.Module holds its array-valued members as a dict
+                setattr(language_model, name, None)
 
     def _gemma3(self, input_ids: mx.array, pixel_values: mx.array, cache: list | None
                 ) -> mx.array:
