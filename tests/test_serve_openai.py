@@ -214,10 +214,10 @@ BAD = {
     "a number as content": (
         "chat", {"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
     "no messages": ("chat", {"messages": []}, "messages"),
-    "an image part (its URL would be fetched)": (
+    "an image part to a text model (its URL would be fetched)": (
         "chat", {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.png"}}]}]},
-        "messages[0].content"),
+        "messages[0].content[0]"),
     "max_tokens 0": ("completions", {"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
     "max_tokens below 0": ("chat", {"messages": CHAT, "max_tokens": -5}, "max_tokens"),
     "a prompt over the context": ("completions", {"prompt": "dog " * 400}, "prompt"),

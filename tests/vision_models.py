@@ -187,6 +187,10 @@ def tiny_vlm(family: str, folder: Path, seed: int = 0) -> Path:
     config = _config(family, tok)
     torch.manual_seed(seed)
     model = tf.AutoModelForImageTextToText.from_config(config).float().eval()
+    with torch.no_grad():  # transformers starts some projections at zero (Gemma 3's image
+        for weight in model.parameters():  # projection): random, so every path counts
+            if weight.dim() >= 2 and not weight.any():
+                weight.normal_(0.0, 0.02)
     model.save_pretrained(folder)
     _hub_layout(family, folder / "config.json")
     _processor_files(family, folder)

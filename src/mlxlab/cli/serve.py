@@ -9,7 +9,10 @@ Language models (decoder runs, registered decoders, base model folders) answer c
 completions and completions, streaming or not, with the model's own chat template and end
 tokens; a request's `model` is a run folder as given or its folder name, a registered model
 (models:/NAME@ALIAS, NAME@ALIAS, NAME) or a model folder. Runs fine-tuned from one base share
-one copy of it in memory. Greedy completions equal `mlxlab generate` token for token.
+one copy of it in memory. Greedy completions equal `mlxlab generate` token for token. A
+vision-language model (a VLM folder or a vision run) also answers chats whose user turns hold
+OpenAI's `image_url` parts, each a `data:image/...;base64,` URL (the server fetches no URL and
+reads no file for a client), as `mlxlab generate --image` answers them.
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:5001/v1", api_key="unused")

@@ -32,9 +32,11 @@ import logging
 from collections.abc import Iterator
 from difflib import SequenceMatcher
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from tokenizers import Tokenizer
 
 from mlxlab.config.records import check_number
 from mlxlab.data.batching import Batch, Batching, make_batches
@@ -79,6 +81,22 @@ def load_processor(folder: str | Path):
         raise ConfigError(f"{folder}: its image processor does not load ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:160]}); a vision-language model folder "
                           "has preprocessor_config.json beside its tokenizer") from None
+
+
+def image_token_ids(processor: Any, tokenizer: Tokenizer) -> set[int]:
+    """The ids `processor` expands images into (never trained): its image token, and the
+    family's image-tile and image-boundary tokens it adds."""
+    # each family's processor names its own (Idefics3's fake_image_token, Gemma's boi_token,
+    # ...) on itself or its tokenizer: the attributes either has
+    names = set()
+    for source in (processor, processor.tokenizer):
+        found = vars(source) | {a: getattr(type(source), a) for a in dir(type(source))
+                                if a.endswith("_token") and not a.startswith("_")}
+        names |= {v for a, v in found.items() if a in IMAGE_TOKEN_NAMES and isinstance(v, str)}
+    ids = {tokenizer.token_to_id(n) for n in names}
+    ids |= {i for name, i in tokenizer.get_vocab().items()
+            if name.startswith("<row_") and "_col_" in name}
+    return {i for i in ids if i is not None}
 
 
 def align_mask(text_ids: np.ndarray, text_mask: np.ndarray, ids: np.ndarray,
@@ -195,19 +213,7 @@ class VisionChat(PromptCompletion):
         return kept
 
     def _image_token_ids(self) -> set[int]:
-        """The ids a processor expands images into (never trained): its image token, and the
-        family's image-tile and image-boundary tokens it adds."""
-        # each family's processor names its own (Idefics3's fake_image_token, Gemma's
-        # boi_token, ...) on itself or its tokenizer: the attributes either has
-        names = set()
-        for source in (self.processor, self.processor.tokenizer):
-            found = vars(source) | {a: getattr(type(source), a) for a in dir(type(source))
-                                    if a.endswith("_token") and not a.startswith("_")}
-            names |= {v for a, v in found.items() if a in IMAGE_TOKEN_NAMES and isinstance(v, str)}
-        ids = {self.tokenizer.token_to_id(n) for n in names}
-        vocab = self.tokenizer.get_vocab()
-        ids |= {i for name, i in vocab.items() if name.startswith("<row_") and "_col_" in name}
-        return {i for i in ids if i is not None}
+        return image_token_ids(self.processor, self.tokenizer)
 
     def _cached(self, path: str, number: int, chat, images: list, folder: Path,
                 image_ids: set[int]) -> dict:

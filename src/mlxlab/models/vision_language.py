@@ -134,6 +134,15 @@ def build(config: Mapping) -> nn.Module:
     return family.Model(model_config)
 
 
+def fix_config(vlm: nn.Module, config: Mapping) -> None:
+    """Where mlx-vlm reads a setting Hugging Face's config.json does not hold, the setting
+    transformers means. Gemma 3: mlx-vlm scales image features by a top-level `hidden_size`
+    that transformers' Gemma3Config does not write; its default, 2048, would stand in for the
+    language model's width (images at 1.12x their scale at 4B's width, 1.62x at 27B's)."""
+    if config.get("model_type") == "gemma3" and "hidden_size" not in config:
+        vlm.config.hidden_size = vlm.config.text_config.hidden_size
+
+
 def part(vlm: nn.Module, name: str) -> tuple[str, nn.Module] | None:
     """(attribute, module) of a part (PARTS) of mlx-vlm's model, or None where it has none."""
     for attribute in PARTS[name]:
@@ -194,6 +203,7 @@ class VisionLanguageModel(Model):
             raise ConfigError("model.pretrained=??? : name the vision-language model: a local "
                               "folder or a hub id ORG/NAME")
         self.vlm = vlm
+        fix_config(vlm, config)
         self._hf_config = dict(config)
         text = config.get("text_config") or {}
         self.vocab_size = int(text.get("vocab_size") or config.get("vocab_size"))

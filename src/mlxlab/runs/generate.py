@@ -93,25 +93,42 @@ def image_prompt(model: Model, template: ChatTemplate, messages: Sequence[Mappin
     """A chat whose last user turn shows `images` (files), opened for the assistant's reply, as
     the vision-language model's processor lays it out: (ids, the pixel arrays its first forward
     pass reads). A text model is one line."""
-    import mlx.core as mx
-
     from mlxlab.data.images import open_image
-    from mlxlab.data.vision_chat import image_keys, load_processor
-    from mlxlab.errors import ConfigError
+    from mlxlab.data.vision_chat import load_processor
 
-    folder = model.processor_folder
-    if folder is None:
-        raise ConfigError(f"--image: this is a text model ({model.architecture.get('model_type')})"
-                          "; give a vision-language model (a run of model=vision_language or "
-                          "its folder)")
     messages = [dict(m) for m in messages]
     last = messages[-1]
     text = last.get("content") or ""
     parts = text if isinstance(text, list) else [{"type": "text", "text": text}]
     last["content"] = [*({"type": "image"} for _ in images), *parts]
     pictures = [open_image(str(i), Path.cwd()) for i in images]
-    out = load_processor(folder)(text=[template.render(messages, add_generation_prompt=True)],
-                                 images=[pictures], return_tensors="np")
+    return processed_chat(load_processor(vision_folder(model, "--image")), template, messages,
+                          pictures)
+
+
+def vision_folder(model: Model, where: str) -> str:
+    """The folder of the processor that lays out `model`'s image prompts; a text model is one
+    line naming `where` the images came from."""
+    from mlxlab.errors import ConfigError
+
+    if model.processor_folder is None:
+        raise ConfigError(f"{where}: this is a text model ({model.architecture.get('model_type')}"
+                          "); give a vision-language model (a run of model=vision_language or "
+                          "its folder)")
+    return model.processor_folder
+
+
+def processed_chat(processor: object, template: ChatTemplate, messages: Sequence[Mapping],
+                   pictures: Sequence) -> tuple[list[int], dict]:
+    """A chat whose image parts are `{"type": "image"}` (one per picture, in order), opened for
+    the assistant's reply and laid out by a vision-language model's `processor`: (ids, the
+    pixel arrays its first forward pass reads)."""
+    import mlx.core as mx
+
+    from mlxlab.data.vision_chat import image_keys
+
+    out = processor(text=[template.render(messages, add_generation_prompt=True)],
+                    images=[list(pictures)], return_tensors="np")
     arrays = {k: np.asarray(v) for k, v in out.items()}
     return (arrays["input_ids"][0].astype(int).tolist(),
             {k: mx.array(arrays[k]) for k in image_keys(arrays)})

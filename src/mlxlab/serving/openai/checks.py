@@ -126,7 +126,7 @@ def check_fields(body: Mapping[str, Any], model: ServedModel, chat: bool) -> Non
     if body.get("n", 1) != 1:
         raise ServingError("n: this server answers one choice per request; send n=1", param="n")
     if chat:
-        check_messages(body.get("messages"))
+        check_messages(body.get("messages"), sees=model.images is not None, name=model.name)
     elif not isinstance(body.get("prompt"), str):
         raise ServingError("prompt: give the text to continue as one string", param="prompt")
     if (asked := asked_max_tokens(body)) and asked[1] >= model.context:
@@ -137,10 +137,10 @@ def check_fields(body: Mapping[str, Any], model: ServedModel, chat: bool) -> Non
             param=field, code="context_length_exceeded")
 
 
-def check_messages(messages: Any) -> None:
+def check_messages(messages: Any, sees: bool = False, name: str = "this model") -> None:
     """A chat request's messages as the chat template reads them, else a ServingError naming
-    the message and field. The served models read text: an image part is refused (mlx-lm's
-    handler would fetch its URL)."""
+    the message and field. Content is text, or for a model that sees (`sees`) text and
+    OpenAI's image_url parts holding a data:image URL (never a URL this server would fetch)."""
     if not isinstance(messages, list) or not messages:
         raise ServingError("messages: give a non-empty list of {\"role\": ..., \"content\": ...}",
                            param="messages")
@@ -153,10 +153,40 @@ def check_messages(messages: Any) -> None:
             raise ServingError(f"{where}.role: use one of {', '.join(ROLES)}; got "
                                f"{message.get('role')!r}", param=f"{where}.role")
         content = message.get("content")
-        parts_ok = isinstance(content, list) and all(
-            isinstance(p, Mapping) and isinstance(p.get("text"), str) for p in content)
-        if not (isinstance(content, str) or parts_ok
-                or (content is None and message.get("tool_calls"))):
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                check_part(part, f"{where}.content[{j}]", sees, name)
+        elif not (isinstance(content, str) or (content is None and message.get("tool_calls"))):
             raise ServingError(f"{where}.content: a string or a list of {{\"type\": \"text\", "
-                               f"\"text\": ...}} parts (the models served here read text); "
-                               f"got {content!r:.80}", param=f"{where}.content")
+                               f"\"text\": ...}} parts; got {content!r:.80}",
+                               param=f"{where}.content")
+
+
+def check_part(part: Any, where: str, sees: bool, name: str) -> None:
+    """One content part: text, or an image a model that sees reads from a data: URL."""
+    if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+        return
+    if not is_image_part(part):
+        raise ServingError(f"{where}: a part is {{\"type\": \"text\", \"text\": ...}}"
+                           f"{' or an image_url part' if sees else ''}; got {part!r:.80}",
+                           param=where)
+    if not sees:
+        raise ServingError(f"{where}: {name} is a text model and reads no images; send text "
+                           "parts, or serve a vision-language model", param=where)
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, Mapping) else url
+    if not (isinstance(url, str) and url.startswith("data:image/") and ";base64," in url):
+        raise ServingError(f"{where}.image_url.url: give the image as a data:image/<type>;"
+                           "base64,<data> URL; this server fetches no URL and reads no file "
+                           f"for a client (got {str(url)[:60]!r})", param=where)
+
+
+def has_images(messages: Any) -> bool:
+    """Whether a chat request's messages hold an image part."""
+    return any(is_image_part(p) for m in messages if isinstance(m.get("content"), list)
+               for p in m["content"])
+
+
+def is_image_part(part: Any) -> bool:
+    """OpenAI's image part ({"type": "image_url", "image_url": {"url": ...}})."""
+    return isinstance(part, Mapping) and part.get("type") == "image_url"

@@ -26,6 +26,8 @@ from mlxlab.errors import ConfigError
 if TYPE_CHECKING:  # mlx is imported through mlxlab, which loads the fast BLAS first
     import mlx.nn as nn
 
+    from mlxlab.serving.openai.vision import ServedImages
+
 REGISTRY_SCHEMES = ("models:/",)
 
 
@@ -34,7 +36,8 @@ class ServedModel:
     """One model as the server runs it: `model(ids, cache=...)` with `make_cache()` (an mlxlab
     decoder), mlx-lm's tokenizer wrapper stopping on the model's own end tokens, the ids a
     completion prompt starts with (as the training stream laid documents out) and its context.
-    `names[0]` is listed by /v1/models first; a request may use any of `names`."""
+    `names[0]` is listed by /v1/models first; a request may use any of `names`. `images`: what
+    a vision-language model's image chats take (vision.py), None for a text model."""
 
     names: tuple[str, ...]
     model: nn.Module
@@ -43,6 +46,7 @@ class ServedModel:
     context: int
     batchable: bool
     source: str
+    images: ServedImages | None = None
     stats: dict = field(default_factory=dict)
 
     @property
@@ -100,8 +104,13 @@ def _served(names: tuple[str, ...], model: nn.Module, tokenizer: Any, folder: Pa
     # only mlx-lm's architectures do that; mlxlab's own decoder answers one request at a time.
     batchable = isinstance(model, MLXLMDecoder) and all(
         hasattr(c, "merge") for c in model.make_cache())
+    images = None
+    if model.processor_folder is not None:  # a vision-language model: image chats too
+        from mlxlab.serving.openai.vision import ServedImages
+
+        images = ServedImages.load(model, folder, tokenizer)
     return ServedModel(names, model, served_tokenizer(folder, tokenizer_json, stops), start,
-                       int(model.max_seq_len), batchable, source)
+                       int(model.max_seq_len), batchable, source, images)
 
 
 @dataclass

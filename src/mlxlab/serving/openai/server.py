@@ -37,8 +37,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from mlx_lm.models.cache import LRUPromptCache
-from mlx_lm.server import APIHandler, ModelProvider, ResponseGenerator
+from mlx_lm.server import APIHandler, ModelProvider, ResponseGenerator, Vision
 
 from mlxlab.serving.openai.checks import (
     MAX_REQUEST_BYTES,
@@ -46,11 +45,13 @@ from mlxlab.serving.openai.checks import (
     check_fields,
     check_key,
     discard,
+    has_images,
     parse_body,
     served_model,
 )
 from mlxlab.serving.openai.errors import ServingError, from_mlx_lm
 from mlxlab.serving.openai.served import ServedModel
+from mlxlab.serving.openai.vision import ServedPromptCache
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,8 @@ class ServedModels(ModelProvider):
             self.current = served
             # the prompt cache is keyed by this: one model's cached prefixes never meet another's
             self.model_key = (served.name, None, None)
-            self.model, self.tokenizer = served.model, served.tokenizer
+            self.model = served.images.runner if served.images else served.model
+            self.tokenizer = served.tokenizer
             self.processor, self.draft_model = None, None
             self.is_batchable = served.batchable
         return self.model, self.tokenizer
@@ -132,6 +134,12 @@ class MlxlabResponses(ResponseGenerator):
         if request.request_type == "text":
             prompt = [*served.start_ids, *tokenizer.encode(request.prompt, add_special_tokens=False)]
             tokenized = (prompt, [prompt], ["assistant"], "normal", None)
+        elif served.images is not None and has_images(request.messages):
+            prompt, arrays = served.images.prompt(request.messages,
+                                                  self.cli_args.prefill_step_size)
+            # one image entry: the runner takes the prompt's arrays whole (vision.py)
+            vision = Vision(pixel_values=[arrays], starts=[0], cache_key=prompt)
+            tokenized = (prompt, [prompt], ["assistant"], "normal", vision)
         else:
             tokenized = super()._tokenize(tokenizer, request, args)
         length = len(tokenized[0])
@@ -258,7 +266,8 @@ def make_server(served: Sequence[ServedModel], host: str = "127.0.0.1", port: in
     mlx-lm's generation thread (started) over `served`."""
     settings = settings or server_settings()
     provider = ServedModels(served, settings)
-    generator = MlxlabResponses(provider, LRUPromptCache(settings.prompt_cache_size))
+    seeing = {s.name for s in served if s.images is not None}
+    generator = MlxlabResponses(provider, ServedPromptCache(settings.prompt_cache_size, seeing))
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                   flags=socket.AI_PASSIVE)[0]
 
