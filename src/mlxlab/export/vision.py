@@ -4,7 +4,7 @@
   processor files, which `mlx_vlm.load` / `python -m mlx_vlm.generate --model OUT` read as they
   read the base; loaded by mlx-vlm where it is made.
 - `--format hf`: the hub's layout of the families whose way back from mlx-vlm's names is written
-  here (HF_NAMES: SmolVLM / Idefics3, Gemma 3), float weights, the base's config.json; loaded by
+  here (HF_NAMES: SmolVLM / Idefics3, Gemma 3, Qwen2.5-VL), float weights, the base's config.json; loaded by
   transformers' image-text-to-text class where it is made. Another family is one line.
 Either way the written folder must give the fine-tune's logits on a probe (ids and a picture
 through the model's processor) within 1e-4 of their scale, else it is refused with the gap and
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -42,11 +43,24 @@ def _idefics3_name(name: str) -> str:
     return name
 
 
+def _qwen_vl_name(name: str) -> str:
+    """mlx-vlm's Qwen2.5-VL weight name -> the hub's."""
+    for mine, hub in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                      ("vision_tower.", "visual.")):
+        if name.startswith(mine):
+            return hub + name.removeprefix(mine)
+    return name
+
+
 # model_type -> (mlx-vlm's weight name -> the hub's; None: not written, a tied head)
 HF_NAMES = {
     "smolvlm": _idefics3_name, "idefics3": _idefics3_name,
     "gemma3": lambda name: None if name == "language_model.lm_head.weight" else name,
+    "qwen2_5_vl": _qwen_vl_name,
 }
+# MLX's convolution weights (out, *kernel, in) -> PyTorch's (out, in, *kernel), by rank
+TORCH_CONV = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
+CONV_WEIGHTS = ("patch_embedding.weight", "patch_embed.proj.weight")
 
 
 def check_vision_options(fmt: str, quantize: int | None, lora: str,
@@ -141,8 +155,8 @@ def _export_hf(model: VisionLanguageModel, dtype: str, staging: Path) -> dict:
         hub = rename(name)
         if hub is None:
             continue
-        if "patch_embedding.weight" in name and value.ndim == 4:  # MLX's (O, H, W, I) conv
-            value = value.transpose(0, 3, 1, 2)
+        if name.endswith(CONV_WEIGHTS):
+            value = value.transpose(TORCH_CONV[value.ndim])
         weights[hub] = value.astype(DTYPES[dtype])
     mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "pt"})
     shutil.copyfile(base / "config.json", staging / "config.json")
@@ -153,9 +167,7 @@ def _export_hf(model: VisionLanguageModel, dtype: str, staging: Path) -> dict:
         staging, dtype=torch.float32).eval()
     inputs = {k: torch.tensor(np.array(v)) for k, v in probe.items()}
     inputs["input_ids"] = inputs["input_ids"].long()
-    if model.hf_config.get("model_type") == "gemma3":  # transformers' image-token positions
-        image = int(model.hf_config["image_token_index"])
-        inputs["token_type_ids"] = (inputs["input_ids"] == image).long()
+    inputs.update(image_token_types(model.hf_config, inputs["input_ids"]))
     with torch.no_grad():
         got = loaded(**inputs).logits.float().numpy()
     scale = max(float(np.abs(expected).max()), 1e-9)
@@ -169,6 +181,18 @@ def _export_hf(model: VisionLanguageModel, dtype: str, staging: Path) -> dict:
                       "max_abs_logit_gap": gap, "allowed_gap": TOLERANCE * scale,
                       "tolerance": TOLERANCE, "logit_scale": scale,
                       "probe": np.array(probe["input_ids"]).tolist()}}
+
+
+def image_token_types(config: dict, input_ids: Any) -> dict:
+    """What transformers reads to know a prompt's image tokens, which its processors add only
+    on request: Gemma 3's mask (token_type_ids) and Qwen's M-RoPE positions
+    (mm_token_type_ids); without them it lays the image tokens out as text."""
+    family = config.get("model_type")
+    if family == "gemma3":
+        return {"token_type_ids": (input_ids == int(config["image_token_index"])).long()}
+    if family == "qwen2_5_vl":
+        return {"mm_token_type_ids": (input_ids == int(config["image_token_id"])).long()}
+    return {}
 
 
 def _probe(model: VisionLanguageModel, base: Path) -> dict:
