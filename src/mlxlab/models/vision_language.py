@@ -190,7 +190,7 @@ class VisionLanguageModel(Model):
         self._base: dict[str, Any] | None = None
         if pretrained:
             folder, config = model_source(pretrained, revision)
-            vlm = mlx_vlm().load_model(folder)
+            vlm = mlx_vlm().load_model(folder, lazy=True)  # read weight by weight: below
             self._base = {"pretrained": str(pretrained), "revision": revision,
                           "folder": str(folder)}
         elif hf_config:
@@ -220,6 +220,12 @@ class VisionLanguageModel(Model):
         self._quantized_layers = dict(quantized_layers or {})
         if pretrained:
             self._prepare(quantize, lora)
+            # one weight at a time: with model.quantize each float weight is read, quantized
+            # and let go (MLX's buffer cache too) before the next, so the float checkpoint is
+            # never whole in memory
+            for _, value in tree_flatten(self.vlm.parameters()):
+                mx.eval(value)
+                mx.clear_cache()
         # On the CPU, quantized layers (under their adapters too) multiply through the fused
         # dequantize + float GEMM: MLX's own quantized matmul runs ~30x slower there.
         if self._quantized_layers:
