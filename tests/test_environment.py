@@ -26,7 +26,7 @@ LIBRARY_ENVIRONMENT = {
     "data/streaming/prefetch.py",  # tokenizers'
     "tracking/mlflow/background.py",  # a child process's copy of the environment
     "cli/serve.py",  # likewise
-    "objectives/tool_processes.py",  # likewise: the tool workers'
+    "objectives/rl/tool_processes.py",  # likewise: the tool workers'
     "runtime/supervise.py",  # likewise: the supervised training child's
     "runtime/blas.py",  # OpenBLAS's, set while it loads
     "runtime/blas_kernels.py",  # OpenBLAS's, for the child processes that time its kernels

@@ -43,7 +43,7 @@ Read or set where a library needs them, not here (the modules tests/test_environ
 | runtime/blas_kernels.py | OPENBLAS_CORETYPE, OPENBLAS_NUM_THREADS | OpenBLAS's own: set in the environment of the two child processes that time its AVX2 and AVX-512 kernels on an AVX-512 CPU (once per machine), the rest of the environment copied |
 | launch/composing.py | HYDRA_FULL_ERROR | Hydra's own: set while Hydra composes the config (so a composition error reaches mlxlab as an exception it turns into one line) and restored to the user's value before the job runs |
 | models/sources/ollama.py | OLLAMA_MODELS | Ollama's own: where its model store is (`ollama:NAME` reads the manifest and blob there) |
-| tracking/mlflow/background.py, cli/serve.py, runtime/supervise.py, objectives/tool_processes.py | the whole environment | copied for a child process (the tracking process, MLflow's model server, the supervised training child with the three supervisor variables added, a run's tool workers) |
+| tracking/mlflow/background.py, cli/serve.py, runtime/supervise.py, objectives/rl/tool_processes.py | the whole environment | copied for a child process (the tracking process, MLflow's model server, the supervised training child with the three supervisor variables added, a run's tool workers) |
 
 Standard library only, and no import of mlxlab: hatch_build.py loads this file on its own while
 pip builds the wheel (MLXLAB_KERNELS_CACHE, MLXLAB_SKIP_KERNEL_BUILD).
