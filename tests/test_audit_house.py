@@ -83,8 +83,8 @@ def test_a_loop_that_asks_which_objective_runs_fails(tmp_path):
     (package / "objectives").mkdir()
     branches = (
         "from mlxlab.training.distill import build_loss\n"
-        "from mlxlab.objectives.preference import Preference\n"
-        "from mlxlab.objectives import grpo\n"
+        "from mlxlab.objectives.preference.preference import Preference\n"
+        "from mlxlab.objectives.rl import grpo\n"
         "from mlxlab.objectives.base import Objective\n"  # the interface: fine
         "from mlxlab.objectives import losses\n"  # shared: fine
         "\n\n"
@@ -102,8 +102,8 @@ def test_a_loop_that_asks_which_objective_runs_fails(tmp_path):
     breaches = [line.split(None, 2)[1:] for line in out.stdout.splitlines() if "BREACH" in line]
     assert breaches == [
         ["training/loop.py:1", "from mlxlab.training.distill import build_loss"],
-        ["training/loop.py:2", "from mlxlab.objectives.preference import Preference"],
-        ["training/loop.py:3", "from mlxlab.objectives import grpo"],
+        ["training/loop.py:2", "from mlxlab.objectives.preference.preference import Preference"],
+        ["training/loop.py:3", "from mlxlab.objectives.rl import grpo"],
         ["training/loop.py:9", "settings.distill"],
         ["training/loop.py:11", "context.task not in ('lm', 'preference')"],
     ], out.stdout

@@ -132,3 +132,62 @@ def test_a_checkpoint_whose_config_does_not_build_today_is_refused_in_one_line(m
                        r"new run\)$"):
         train(second)
     assert not list(Path(second.paths.output_dir).glob("checkpoints/step_*"))
+
+
+def test_a_checkpoint_naming_objectives_where_they_stood_resumes_with_their_paths_today(
+        make_cfg, tmp_path):
+    """A checkpoint whose config names an objective's module at objectives/'s top (a run saved
+    before the objectives were grouped by family: `mlxlab.objectives.supervised.Supervised`)
+    resumes, and the resumed run's config names the module where it is now."""
+    from pathlib import Path
+
+    from conftest import FAST
+    from mlxlab.train import train
+
+    first = make_cfg(*FAST, "tracking=none")
+    train(first)
+    source = Path(first.paths.output_dir)
+    for state_file in sorted(source.glob("checkpoints/*/state.json")):
+        state = json.loads(state_file.read_text())
+        assert state["config"]["objective"]["_target_"] in (
+            "mlxlab.objectives.supervised.supervised.Supervised",
+            "mlxlab.objectives.supervised.Supervised")  # best/: a hard link, rewritten already
+        state["config"]["objective"]["_target_"] = "mlxlab.objectives.supervised.Supervised"
+        state_file.write_text(json.dumps(state))
+        recommit(state_file.parent)
+    second = make_cfg(*FAST, "tracking=none", f"resume={source}", "trainer.max_steps=6",
+                      "trainer.eval_every_steps=6")
+    second.paths.output_dir = str(tmp_path / "outputs" / "second")
+    train(second)
+    resumed = json.loads((Path(second.paths.output_dir) / "checkpoints" / "step_00000006"
+                          / "state.json").read_text())
+    assert resumed["step"] == 6
+    assert resumed["config"]["objective"]["_target_"] == (
+        "mlxlab.objectives.supervised.supervised.Supervised")
+
+
+def test_every_moved_module_imports_where_it_is_now_and_nested_targets_follow():
+    """MOVED_MODULES names modules that exist, and a GRPO node's rewards, tools and environment
+    (targets nested in lists and nodes) are renamed with the objective's own; a target already
+    named by its path today, or outside objectives/, is left as it is."""
+    import importlib
+
+    from mlxlab.config.retired import MOVED_MODULES, with_moved_targets
+
+    for old, now in MOVED_MODULES.items():
+        assert importlib.import_module(now).__name__.rpartition(".")[2] == old.rpartition(".")[2]
+    saved = {"objective": {
+        "_target_": "mlxlab.objectives.grpo.GRPO",
+        "rewards": [{"_target_": "mlxlab.objectives.rewards.exact_answer", "weight": 1.0},
+                    {"_target_": "mlxlab.runs.learned_reward.LearnedReward", "run": "r"}],
+        "tools": [{"_target_": "mlxlab.objectives.lookup_tools.lookup_code"}],
+        "environment": {"_target_": "mlxlab.objectives.lookup_tools.QuestionLookup"},
+        "tool_format": "qwen"}, "seed": 1}
+    assert with_moved_targets(saved) == {"objective": {
+        "_target_": "mlxlab.objectives.rl.grpo.GRPO",
+        "rewards": [{"_target_": "mlxlab.objectives.rl.rewards.exact_answer", "weight": 1.0},
+                    {"_target_": "mlxlab.runs.learned_reward.LearnedReward", "run": "r"}],
+        "tools": [{"_target_": "mlxlab.objectives.rl.lookup_tools.lookup_code"}],
+        "environment": {"_target_": "mlxlab.objectives.rl.lookup_tools.QuestionLookup"},
+        "tool_format": "qwen"}, "seed": 1}
+    assert with_moved_targets(with_moved_targets(saved)) == with_moved_targets(saved)

@@ -82,7 +82,7 @@ def objective_targets(stub: Path) -> list[tuple[list[str], str]]:
     "Error in call to target" and exit 1, or a setup error after the run folder existed)."""
     grpo = ["experiment=grpo_arithmetic", f"model.pretrained={stub}"]
     learned = "mlxlab.runs.learned_reward.LearnedReward"
-    tool = "{_target_: mlxlab.objectives.lookup_tools.lookup_code}"
+    tool = "{_target_: mlxlab.objectives.rl.lookup_tools.lookup_code}"
     distill = ["experiment=distill_tinystories"]
     return [
         ([*grpo, f"objective.rewards=[{{_target_: {learned}, run: /nowhere/run}}]"],
@@ -90,22 +90,26 @@ def objective_targets(stub: Path) -> list[tuple[list[str], str]]:
          "reward run"),
         ([*grpo, f"objective.rewards=[{{_target_: {learned}, rn: /nowhere/run}}]"],
          f"objective.rewards[0].rn is not an argument of {learned}: did you mean run?"),
-        ([*grpo, "objective.rewards=[{_target_: mlxlab.objectives.rewards.length, target: abc}]"],
+        ([*grpo, "objective.rewards=[{_target_: mlxlab.objectives.rl.rewards.length, target: abc}]"],
          "objective.rewards[0].target='abc' must be an integer"),
-        ([*grpo, "objective.rewards=[{_target_: mlxlab.objectives.rewards.exact_answer, "
+        ([*grpo, "objective.rewards=[{_target_: mlxlab.objectives.rl.rewards.exact_answer, "
                  "wieght: 2}]"],
-         "objective.rewards[0].wieght: mlxlab.objectives.rewards.exact_answer is a reward "
+         "objective.rewards[0].wieght: mlxlab.objectives.rl.rewards.exact_answer is a reward "
          "function"),
         ([*grpo, f"objective.tools=[{tool}]"],
          "objective.tools need chat prompts"),
-        ([*grpo, "objective.tools=[{_target_: mlxlab.objectives.lookup_tools.lookup_code, "
+        ([*grpo, "objective.rewards=[{_target_: mlxlab.objectives.rewards.exact_answer}]"],
+         "objective.rewards[0]._target_=mlxlab.objectives.rewards.exact_answer is "
+         "mlxlab.objectives.rl.rewards.exact_answer now: write "
+         "mlxlab.objectives.rl.rewards.exact_answer"),
+        ([*grpo, "objective.tools=[{_target_: mlxlab.objectives.rl.lookup_tools.lookup_code, "
                  "nme: x}]"],
          "objective.tools[0].nme is not an argument of "
-         "mlxlab.objectives.lookup_tools.lookup_code: did you mean name?"),
+         "mlxlab.objectives.rl.lookup_tools.lookup_code: did you mean name?"),
         ([*grpo, f"objective.tools=[{tool}]", "objective.environment={_target_: "
-          "mlxlab.objectives.lookup_tools.QuestionLookup, foo: 1}"],
+          "mlxlab.objectives.rl.lookup_tools.QuestionLookup, foo: 1}"],
          "objective.environment.foo is not an argument of "
-         "mlxlab.objectives.lookup_tools.QuestionLookup"),
+         "mlxlab.objectives.rl.lookup_tools.QuestionLookup"),
         ([*distill, "objective.teachers=[{run: /nowhere/teacher}]"],
          "objective.teachers[0].run=/nowhere/teacher does not exist"),
         ([*distill, "objective.teachers=[{rn: /nowhere/teacher}]"],
@@ -206,7 +210,7 @@ def test_a_target_that_cannot_be_imported_says_what_is_missing(tmp_path, monkeyp
     assert target_problem("mlxlab.objectives.rewardz.f") == "module 'mlxlab.objectives' has no " \
                                                              "'rewardz'"
     assert target_problem("broken_rewards.f") == "no module 'no_such_dependency'"
-    assert target_problem("mlxlab.objectives.grpo.GRPO") is None
+    assert target_problem("mlxlab.objectives.rl.grpo.GRPO") is None
     sys.modules.pop("my_rewards", None)
 
 

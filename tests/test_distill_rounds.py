@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from conftest import FAST
 from mlxlab.config import ConfigError, compose_config, instantiate
 from mlxlab.launch.rounds import MANIFEST, train_rounds
-from mlxlab.objectives.teacher_weights import fit_teacher_weights
+from mlxlab.objectives.supervised.teacher_weights import fit_teacher_weights
 from mlxlab.sweeps.store import sweep_children
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.csv_files import read_metrics

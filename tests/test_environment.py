@@ -26,11 +26,12 @@ LIBRARY_ENVIRONMENT = {
     "data/streaming/prefetch.py",  # tokenizers'
     "tracking/mlflow/background.py",  # a child process's copy of the environment
     "cli/serve.py",  # likewise
-    "objectives/tool_processes.py",  # likewise: the tool workers'
+    "objectives/rl/tool_processes.py",  # likewise: the tool workers'
     "runtime/supervise.py",  # likewise: the supervised training child's
     "runtime/blas.py",  # OpenBLAS's, set while it loads
     "runtime/blas_kernels.py",  # OpenBLAS's, for the child processes that time its kernels
     "runtime/device.py",  # MLX's MLX_PTX_CACHE_DIR, set before a run compiles CUDA kernels
+    "runtime/jit_header.py",  # libstdc++'s TMPDIR..TEMPDIR: where MLX keeps its CPU kernels
     "launch/composing.py",  # Hydra's HYDRA_FULL_ERROR, set while Hydra composes the config
     "models/sources/ollama.py",  # Ollama's OLLAMA_MODELS (where its store is)
 }

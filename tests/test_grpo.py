@@ -19,9 +19,9 @@ from hf_helpers import save_tiny_model
 from mlxlab.data.batching import Batching
 from mlxlab.data.prompts import PromptRows
 from mlxlab.errors import ConfigError
-from mlxlab.objectives import rewards as R
 from mlxlab.objectives.base import ObjectiveSetup
-from mlxlab.objectives.grpo import GRPO
+from mlxlab.objectives.rl import rewards as R
+from mlxlab.objectives.rl.grpo import GRPO
 from mlxlab.objectives.rollouts import Sampling, rollout_batch, sample_completions
 from mlxlab.runtime import distributed
 
@@ -49,8 +49,8 @@ def test_builtin_rewards_score_what_they_say():
 
 def test_rewards_are_built_from_targets_with_weights_and_summed_nan_aware():
     built = R.build_rewards([
-        {"_target_": "mlxlab.objectives.rewards.exact_answer"},
-        {"_target_": "mlxlab.objectives.rewards.regex_format", "pattern": "a+", "weight": 0.5},
+        {"_target_": "mlxlab.objectives.rl.rewards.exact_answer"},
+        {"_target_": "mlxlab.objectives.rl.rewards.regex_format", "pattern": "a+", "weight": 0.5},
         {"_target_": "test_grpo.char_variety", "weight": 2.0, "name": "variety"},
     ])
     assert [(r.name, r.weight) for r in built] == [("exact_answer", 1.0), ("regex_format", 0.5),
@@ -71,9 +71,9 @@ def test_rewards_are_built_from_targets_with_weights_and_summed_nan_aware():
     ([], "objective.rewards is empty"),
     ([{"weight": 1}], "has no _target_"),
     ([{"_target_": "no.such.reward"}], "cannot be imported"),
-    ([{"_target_": "mlxlab.objectives.rewards.regex_format", "pattern": "("}],
+    ([{"_target_": "mlxlab.objectives.rl.rewards.regex_format", "pattern": "("}],
      "is not a regular expression"),
-    ([{"_target_": "mlxlab.objectives.rewards.exact_answer"}] * 2, "two rewards are named"),
+    ([{"_target_": "mlxlab.objectives.rl.rewards.exact_answer"}] * 2, "two rewards are named"),
 ])
 def test_a_bad_reward_spec_is_one_config_error(spec, message):
     with pytest.raises(ConfigError, match=message):
@@ -291,7 +291,7 @@ def grpo_args(tiny: dict, *extra: str) -> list[str]:
         "objective.beta=0.04",
         "objective.max_completion_length=4",
         "objective.log_completions=3",
-        "objective.rewards=[{_target_: mlxlab.objectives.rewards.exact_answer},"
+        "objective.rewards=[{_target_: mlxlab.objectives.rl.rewards.exact_answer},"
         "{_target_: test_grpo.char_variety, name: variety, weight: 0.5}]",
         "optimizer.learning_rate=3e-3",
         "trainer.batch_size=2",

@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxlab.objectives.grpo_loss import group_advantages, policy_loss, token_logps
+from mlxlab.objectives.rl.grpo_loss import group_advantages, policy_loss, token_logps
 
 torch = pytest.importorskip("torch")
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
@@ -161,7 +161,7 @@ def test_token_logps_keeps_no_vocabulary_array_beside_the_gradient():
     log-sum-exp formulation's softmax, kept for the gradient, made it three."""
     import mlx.core as mx
 
-    from mlxlab.objectives.grpo_loss import token_logps
+    from mlxlab.objectives.rl.grpo_loss import token_logps
 
     logits = mx.random.normal((4, 64, 8192), key=mx.random.key(0))
     targets = mx.random.randint(0, 8192, (4, 64), key=mx.random.key(1))

@@ -27,21 +27,21 @@ from mlxlab.data.chat import load_chat_template
 from mlxlab.data.prompts import PromptRows
 from mlxlab.errors import ConfigError
 from mlxlab.objectives.base import ObjectiveSetup
-from mlxlab.objectives.environments import Environment, Step, ToolEnvironment
-from mlxlab.objectives.grpo import GRPO
-from mlxlab.objectives.grpo_loss import policy_loss
-from mlxlab.objectives.lookup_tools import code_of, lookup_code
-from mlxlab.objectives.tool_format import (
+from mlxlab.objectives.rl.environments import Environment, Step, ToolEnvironment
+from mlxlab.objectives.rl.grpo import GRPO
+from mlxlab.objectives.rl.grpo_loss import policy_loss
+from mlxlab.objectives.rl.lookup_tools import code_of, lookup_code
+from mlxlab.objectives.rl.tool_format import (
     ParsedTurn,
     ToolFormat,
     parse_llama3,
     parse_tagged,
     template_format,
 )
-from mlxlab.objectives.tools import ToolAnswer, Toolbox, ToolCall, build_tools
+from mlxlab.objectives.rl.tools import ToolAnswer, Toolbox, ToolCall, build_tools
 from mlxlab.runtime import distributed
 
-TOOL = {"_target_": "mlxlab.objectives.lookup_tools.lookup_code"}
+TOOL = {"_target_": "mlxlab.objectives.rl.lookup_tools.lookup_code"}
 COMPACT = REPO / "tests" / "chat_templates" / "hermes_compact.jinja"
 CALL = '<tool_call>\n{"name": "lookup_code", "arguments": {"name": "kalomi"}}\n</tool_call>'
 
@@ -120,7 +120,7 @@ def test_a_tools_schema_is_transformers_from_its_signature():
 @pytest.mark.parametrize(("tools", "message"), [
     ([{"_target_": "no.such.tool"}], "cannot be imported"),
     ([spec(no_hints)], "has no type hint for name"),
-    ([{"_target_": "mlxlab.objectives.lookup_tools.NAMES"}], "not a function"),
+    ([{"_target_": "mlxlab.objectives.rl.lookup_tools.NAMES"}], "not a function"),
     ([spec(no_doc)], "cannot be described to the model.*no docstring"),
     ([TOOL, TOOL], "two tools are named 'lookup_code'"),
     ([{"weight": 1}], "has no _target_"),
@@ -223,8 +223,8 @@ def test_a_tool_answer_is_the_templates_tool_turn(tmp_path, style, answer):
     in its system message."""
     from tokenizers import Tokenizer
 
-    from mlxlab.objectives.tool_format import answer_ids, resolve_format
-    from mlxlab.objectives.tools import ToolAnswer
+    from mlxlab.objectives.rl.tool_format import answer_ids, resolve_format
+    from mlxlab.objectives.rl.tools import ToolAnswer
 
     folder = save_style(style, tmp_path / style, base_tokenizer())
     template = load_chat_template(folder)
@@ -254,7 +254,7 @@ def caller(tmp_path_factory) -> dict:
     """A tiny random Qwen2 with ChatML's tokens and a short Hermes tool template, trained (torch,
     a few dozen steps) to answer every question with CALL, then "done" after the tool's answer;
     its lookup prompts (chats) beside it."""
-    from mlxlab.objectives.lookup_tools import rows, write_rows
+    from mlxlab.objectives.rl.lookup_tools import rows, write_rows
 
     root = tmp_path_factory.mktemp("tools")
     folder = save_tiny_model("qwen2", root / "caller", chat="qwen2.5",
@@ -292,7 +292,7 @@ def caller_model(caller: dict, data: PromptRows):
 def agent_grpo(caller: dict, data: PromptRows, model, **kwargs) -> GRPO:
     settings = {"num_generations": 2, "max_completion_length": 128, "max_turns": 3,
                 "tools": [TOOL], **kwargs}
-    grpo = GRPO([{"_target_": "mlxlab.objectives.rewards.exact_answer"},
+    grpo = GRPO([{"_target_": "mlxlab.objectives.rl.rewards.exact_answer"},
                  {"_target_": "test_grpo.char_variety"}], **settings)
     grpo.setup(ObjectiveSetup(model=model, data=data, batching=Batching(batch_size=2),
                               world=distributed.World()))
@@ -370,11 +370,11 @@ def test_an_environment_class_answers_and_rewards_the_trajectory(caller):
     logs = grpo.logs()
     assert 0 < logs["rewards/environment/mean"] <= 0.5
     with pytest.raises(ConfigError, match="objective.tagged_format has no key call_tag"):
-        GRPO([{"_target_": "mlxlab.objectives.rewards.exact_answer"}], tools=[TOOL],
+        GRPO([{"_target_": "mlxlab.objectives.rl.rewards.exact_answer"}], tools=[TOOL],
              tagged_format={"call_tag": ["<c>", "</c>"]})
     with pytest.raises(ConfigError, match="objective.environment.rounds is not an argument of "
                        "test_grpo_tools.CountdownEnvironment: it takes"):
-        GRPO([{"_target_": "mlxlab.objectives.rewards.exact_answer"}], environment={
+        GRPO([{"_target_": "mlxlab.objectives.rl.rewards.exact_answer"}], environment={
             "_target_": "test_grpo_tools.CountdownEnvironment", "rounds": 2})
 
 
@@ -392,8 +392,8 @@ def test_the_mask_and_the_loss_equal_trls_tool_loop_on_the_same_tokens(caller):
     trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
     from transformers import AutoTokenizer
 
-    from mlxlab.objectives.agent import Trajectory, trajectory_rows
-    from mlxlab.objectives.environments import ToolEnvironment
+    from mlxlab.objectives.rl.agent import Trajectory, trajectory_rows
+    from mlxlab.objectives.rl.environments import ToolEnvironment
     from mlxlab.objectives.rollouts import rollout_batch
 
     data = caller_data(caller)
@@ -531,9 +531,9 @@ def agent_args(caller: dict, *extra: str) -> list[str]:
         "objective.max_completion_length=128",
         "objective.temperature=0.5",
         "objective.log_completions=8",  # every validation prompt's trajectory, not the first 2
-        "objective.rewards=[{_target_: mlxlab.objectives.rewards.exact_answer},"
+        "objective.rewards=[{_target_: mlxlab.objectives.rl.rewards.exact_answer},"
         "{_target_: test_grpo.char_variety, name: variety, weight: 0.5},"
-        "{_target_: mlxlab.objectives.rewards.tool_call_parsed, weight: 0.0}]",
+        "{_target_: mlxlab.objectives.rl.rewards.tool_call_parsed, weight: 0.0}]",
         "trainer.batch_size=2",
         "trainer.max_steps=4",
         "trainer.eval_every_steps=4",
@@ -567,7 +567,7 @@ def test_tool_call_parsed_rewards_a_call_the_format_read():
     """The format reward: 1 for a trajectory with a model turn whose call parsed, 0 for one
     whose call did not (SmolLM2's `}}}`: an error answer, no call) or that made none; a run
     without tools (no trajectories column) is told, in one line, that it needs them."""
-    from mlxlab.objectives.rewards import tool_call_parsed
+    from mlxlab.objectives.rl.rewards import tool_call_parsed
 
     fmt = ToolFormat("tagged")
     turns = ['<tool_call>{"name": "lookup_code", "arguments": {"name": "kalomi"}}</tool_call>',

@@ -17,7 +17,7 @@ from hf_helpers import save_tiny_model
 from mlxlab.data.batching import Batching
 from mlxlab.data.unpaired import UnpairedRows
 from mlxlab.errors import ConfigError
-from mlxlab.objectives.kto import kto_loss
+from mlxlab.objectives.preference.kto import kto_loss
 from test_preference import tree_map_params, write_jsonl
 
 WORDS = ["cat", "dog", "sun", "tree", "ball", "milk", "red", "big", "hat", "cup"]
@@ -209,7 +209,7 @@ def test_the_reference_is_the_model_with_its_adapters_off(kto_model):
 
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.objectives.base import ObjectiveSetup
-    from mlxlab.objectives.kto import KTO
+    from mlxlab.objectives.preference.kto import KTO
     from mlxlab.runtime.distributed import World
 
     data = rows_data(kto_model["folder"], kto_model["train"], val_file=str(kto_model["val"]))

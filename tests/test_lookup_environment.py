@@ -1,4 +1,4 @@
-"""The lookup task's environment that knows the question (objectives/lookup_tools.py
+"""The lookup task's environment that knows the question (objectives/rl/lookup_tools.py
 QuestionLookup), and the agent benchmark's smoke (benchmarks/quality/bench_agent_tools.py)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from mlxlab.objectives.lookup_tools import QUESTION, QuestionLookup, code_of
-from mlxlab.objectives.tool_format import ParsedTurn
-from mlxlab.objectives.tools import Toolbox, ToolCall, build_tools
+from mlxlab.objectives.rl.lookup_tools import QUESTION, QuestionLookup, code_of
+from mlxlab.objectives.rl.tool_format import ParsedTurn
+from mlxlab.objectives.rl.tools import Toolbox, ToolCall, build_tools
 
-TOOL = {"_target_": "mlxlab.objectives.lookup_tools.lookup_code"}
+TOOL = {"_target_": "mlxlab.objectives.rl.lookup_tools.lookup_code"}
 
 
 def test_question_lookup_answers_the_questions_name_whatever_the_call_wrote():

@@ -25,7 +25,7 @@ from mlxlab.objectives.base import (
     unpack_array,
 )
 from mlxlab.objectives.evaluation import evaluate_cross_entropy
-from mlxlab.objectives.supervised import Supervised
+from mlxlab.objectives.supervised.supervised import Supervised
 from mlxlab.train import train
 from run_helpers import committed_steps, final_weights
 from test_csv_tracking import assert_same_csv_metrics
@@ -174,7 +174,7 @@ def test_a_resume_trains_the_checkpoints_objective(make_cfg, tmp_path):
     cfg.paths.output_dir = str(tmp_path / "second")
     train(cfg)
     # the resume trains a new config (the checkpoint's); the one composed here is left as it is
-    assert cfg.objective._target_ == "mlxlab.objectives.supervised.Supervised"
+    assert cfg.objective._target_ == "mlxlab.objectives.supervised.supervised.Supervised"
     assert state_of(tmp_path / "second", 6)["objective"]["done"] == 2  # Repeating's state
 
 

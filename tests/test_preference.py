@@ -142,7 +142,7 @@ def loss_parts(folder: Path, data: PreferencePairs, reference: str, rank: int = 
     import mlx.core as mx
 
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
-    from mlxlab.objectives.preference import Preference
+    from mlxlab.objectives.preference.preference import Preference
 
     mx.random.seed(0)
     model = MLXLMDecoder(
@@ -325,7 +325,7 @@ def test_a_rank_without_rows_of_a_pair_batch_weighs_nothing(pref_model, loss):
     from mlx.utils import tree_flatten
 
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
-    from mlxlab.objectives.preference import Preference
+    from mlxlab.objectives.preference.preference import Preference
     from mlxlab.runtime.distributed import World
 
     data = pairs_data(pref_model["folder"], pref_model["train"])
@@ -516,7 +516,7 @@ def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pre
 )
 def test_a_setting_the_loss_would_ignore_is_one_config_error(setting, message):
     from mlxlab.errors import ConfigError
-    from mlxlab.objectives.preference import Preference
+    from mlxlab.objectives.preference.preference import Preference
 
     with pytest.raises(ConfigError, match=message):
         Preference(**setting)

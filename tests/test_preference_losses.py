@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlxlab.errors import ConfigError
-from mlxlab.objectives.preference_losses import PairLogps, pair_loss
+from mlxlab.objectives.preference.preference_losses import PairLogps, pair_loss
 
 
 def logsig(x: np.ndarray) -> np.ndarray:

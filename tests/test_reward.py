@@ -20,7 +20,7 @@ from conftest import PYTHON
 from hf_helpers import save_tiny_model
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
-from mlxlab.objectives.reward import bradley_terry
+from mlxlab.objectives.preference.reward import bradley_terry
 from test_preference import generated_pairs, pairs_data, write_jsonl
 
 torch = pytest.importorskip("torch")
@@ -96,7 +96,7 @@ def test_the_head_reads_the_last_token_as_transformers_sequence_classifier_does(
 
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.objectives.base import ObjectiveSetup
-    from mlxlab.objectives.reward import Reward, pair_rewards
+    from mlxlab.objectives.preference.reward import Reward, pair_rewards
     from mlxlab.runtime.distributed import World
 
     folder = reward_model["folder"]
@@ -213,7 +213,7 @@ def test_a_reward_run_scores_grpo_completions_as_it_scored_its_pairs(reward_mode
     that is not a reward model is refused in one line."""
     from mlflow.tracking import MlflowClient
 
-    from mlxlab.objectives.reward import pair_rewards
+    from mlxlab.objectives.preference.reward import pair_rewards
     from mlxlab.runs.learned_reward import LearnedReward
     from mlxlab.runs.model import load_run_model
     from mlxlab.train import train
@@ -243,7 +243,7 @@ def test_a_reward_run_scores_grpo_completions_as_it_scored_its_pairs(reward_mode
                    "data.val_fraction=0.25", "model.lora.rank=4", "objective.num_generations=4",
                    "objective.max_completion_length=4",
                    f"objective.rewards=[{learned},"
-                   "{_target_: mlxlab.objectives.rewards.exact_answer}]",
+                   "{_target_: mlxlab.objectives.rl.rewards.exact_answer}]",
                    "trainer.batch_size=2", "trainer.max_steps=2", "trainer.eval_every_steps=2",
                    "trainer.log_every_steps=1", "callbacks.progress.enabled=false")
     train(cfg)
@@ -377,7 +377,7 @@ def test_a_registered_reward_run_is_the_run_it_was_logged_from(reward_run, tmp_p
     """objective.rewards takes a registered version (`models:/NAME@ALIAS`, `models:/NAME/N`,
     as `mlxlab register` names it) for the reward run it was registered from: the same folder,
     the same scores; a name the store does not hold is one line."""
-    from mlxlab.objectives.rewards import ModelReward
+    from mlxlab.objectives.rl.rewards import ModelReward
     from mlxlab.runs.learned_reward import LearnedReward
     from mlxlab.serving.registry import register_run
 
@@ -444,7 +444,7 @@ def test_a_reward_run_that_is_not_one_is_refused_before_a_grpo_run_makes_anythin
     lm_run = tmp_path / "lm_run"
     lm_env = {**cli_env, "MLXLAB_ROOT": str(tmp_path / "lm_root")}
     run(grpo_args(reward_model["folder"], prompts,
-                  "{_target_: mlxlab.objectives.rewards.exact_answer}", "tracking=none"),
+                  "{_target_: mlxlab.objectives.rl.rewards.exact_answer}", "tracking=none"),
         lm_run, lm_env)
     for rewards, line in (
             (f"{{_target_: mlxlab.runs.learned_reward.LearnedReward, run: '{lm_run}'}}",
@@ -474,7 +474,7 @@ def test_micro_batch_auto_counts_a_learned_rewards_memory(reward_model, reward_r
     prompts = prompt_rows(tmp_path)
     learned = ("{_target_: mlxlab.runs.learned_reward.LearnedReward, "
                f"run: '{reward_run['run']}', batch_size: 64}}")
-    rule = "{_target_: mlxlab.objectives.rewards.exact_answer}"
+    rule = "{_target_: mlxlab.objectives.rl.rewards.exact_answer}"
 
     def plan(name: str, rewards: str, *extra: str) -> dict:
         run(grpo_args(reward_model["folder"], prompts, rewards, "trainer.batch_size=8",

@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mlxlab.objectives.sandbox import answer_text, run_python
-from mlxlab.objectives.tools import Toolbox, ToolCall, build_tools
+from mlxlab.objectives.rl.sandbox import answer_text, run_python
+from mlxlab.objectives.rl.tools import Toolbox, ToolCall, build_tools
 from mlxlab.runtime.processes import is_alive
 from mlxlab.runtime.sandbox import SandboxLimits, run_code, sandbox_layers
 
@@ -124,7 +124,7 @@ def test_run_python_is_a_tool_in_a_worker_and_dies_with_it():
     """Through a run's Toolbox: a product answered; a program still sleeping when its worker
     is killed at tool_timeout_s is killed with it (it dies with its parent)."""
     assert run_python("print(48271 * 99173)") == str(48271 * 99173)
-    box = Toolbox(build_tools([{"_target_": "mlxlab.objectives.sandbox.run_python"}]),
+    box = Toolbox(build_tools([{"_target_": "mlxlab.objectives.rl.sandbox.run_python"}]),
                   timeout_s=4.0)
     assert box.call(ToolCall("run_python", {"code": "print(2 ** 100)"})).content == \
         str(2 ** 100)

@@ -9,10 +9,10 @@ import resource
 import threading
 import time
 
-from mlxlab.objectives.agent import Agent, AgentSettings
-from mlxlab.objectives.environments import ToolEnvironment
-from mlxlab.objectives.tool_format import ParsedTurn
-from mlxlab.objectives.tools import Toolbox, ToolCall, build_tools
+from mlxlab.objectives.rl.agent import Agent, AgentSettings
+from mlxlab.objectives.rl.environments import ToolEnvironment
+from mlxlab.objectives.rl.tool_format import ParsedTurn
+from mlxlab.objectives.rl.tools import Toolbox, ToolCall, build_tools
 from mlxlab.runtime.processes import is_alive
 
 NAMES = ("spin", "sleep", "huge", "exits", "dies", "pid")

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from conftest import FAST, PYTHON
 from mlxlab.checkpoint import CheckpointState
 from mlxlab.data.tabular import TabularText
-from mlxlab.objectives.supervised import Supervised
+from mlxlab.objectives.supervised.supervised import Supervised
 from mlxlab.train import train
 
 BUILT: dict[str, int] = {}

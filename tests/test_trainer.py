@@ -18,8 +18,8 @@ from mlxlab.data.batching import Batching
 from mlxlab.launch.wiring import seed_everything
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import ObjectiveSetup
-from mlxlab.objectives.distill import Distill
-from mlxlab.objectives.supervised import Supervised
+from mlxlab.objectives.supervised.distill import Distill
+from mlxlab.objectives.supervised.supervised import Supervised
 from mlxlab.runs import load_teachers
 from mlxlab.runtime.distributed import World
 from mlxlab.train import train

@@ -287,7 +287,7 @@ def test_a_logged_metrics_definition_is_the_objective_that_computes_it():
     """Issue 58: the direction and range come from the objectives' metric definitions (and the
     evaluation tasks'), never from the name: no table of their own in config.py."""
     from mlxlab.objectives.catalog import metric_definition
-    from mlxlab.objectives.preference import Preference
+    from mlxlab.objectives.preference.preference import Preference
 
     rejected = metric_definition("best/val/logps/rejected")
     assert (rejected.mode, rejected.high) == ("min", 0.0)

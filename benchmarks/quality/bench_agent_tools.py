@@ -1,7 +1,7 @@
 """Does multi-turn GRPO with a tool work, proven over seeds?
 
 The task (experiment=agent_tools): "What is the code of kalomi? Reply with the code only." The
-codes are three digits of a SHA-256 of made-up names (objectives/lookup_tools.py): no model can
+codes are three digits of a SHA-256 of made-up names (objectives/rl/lookup_tools.py): no model can
 know them, only the tool `lookup_code` does. Reward: the exact code (`exact_answer`). 300 names
 to train on, 100 held out (assets/lookup_codes/); nothing here reads the held-out prompts but the
 evaluations.
@@ -64,8 +64,8 @@ from benchmarks.common import train_cli as train
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "src" / "mlxlab" / "assets" / "lookup_codes"
-TOOL = "mlxlab.objectives.lookup_tools.lookup_code"
-DESK = "mlxlab.objectives.lookup_tools.QuestionLookup"
+TOOL = "mlxlab.objectives.rl.lookup_tools.lookup_code"
+DESK = "mlxlab.objectives.rl.lookup_tools.QuestionLookup"
 COMPACT = REPO / "tests" / "chat_templates" / "hermes_compact.jinja"
 
 
@@ -121,7 +121,7 @@ def real_base(folder: Path) -> Path:
 
 
 def schema() -> dict:
-    from mlxlab.objectives.tools import build_tools
+    from mlxlab.objectives.rl.tools import build_tools
 
     return build_tools([{"_target_": TOOL}])[0].schema
 
@@ -140,9 +140,9 @@ def tagged_chats(rows: list[dict]) -> list[tuple[list, list]]:
     """SmolLM2's trajectories in mlxlab's tagged format, built by the format GRPO renders with
     (the tools in the system message, the call between its tags, the answer as a user turn):
     the call names the question's name, the code comes back, the reply is the code."""
-    from mlxlab.objectives.lookup_tools import lookup_code
-    from mlxlab.objectives.tool_format import ToolFormat
-    from mlxlab.objectives.tools import ToolAnswer
+    from mlxlab.objectives.rl.lookup_tools import lookup_code
+    from mlxlab.objectives.rl.tool_format import ToolFormat
+    from mlxlab.objectives.rl.tools import ToolAnswer
 
     fmt, tool = ToolFormat("tagged"), schema()
     chats = []
@@ -166,9 +166,9 @@ def probe_tagged(folder: Path, rows: list[dict], samples: int, seed: int = 0) ->
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlxlab.objectives.lookup_tools import lookup_code
-    from mlxlab.objectives.tool_format import ToolFormat
-    from mlxlab.objectives.tools import ToolAnswer
+    from mlxlab.objectives.rl.lookup_tools import lookup_code
+    from mlxlab.objectives.rl.tool_format import ToolFormat
+    from mlxlab.objectives.rl.tools import ToolAnswer
 
     fmt, tool = ToolFormat("tagged"), schema()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -260,7 +260,7 @@ def rollout_speed(model_folder: Path, train_file: Path, tools: dict, a, rounds: 
     from mlxlab.data.prompts import PromptRows
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.objectives.base import ObjectiveSetup
-    from mlxlab.objectives.grpo import GRPO
+    from mlxlab.objectives.rl.grpo import GRPO
     from mlxlab.runtime import distributed
 
     data = PromptRows(str(train_file), val_file=str(train_file),
@@ -272,7 +272,7 @@ def rollout_speed(model_folder: Path, train_file: Path, tools: dict, a, rounds: 
     batching = Batching(batch_size=a.prompts)
     sides = {}
     for side, extra in (("multi_turn", tools), ("single_turn", {})):
-        grpo = GRPO([{"_target_": "mlxlab.objectives.rewards.exact_answer"}],
+        grpo = GRPO([{"_target_": "mlxlab.objectives.rl.rewards.exact_answer"}],
                     num_generations=a.generations, max_completion_length=a.max_length,
                     temperature=1.0, **extra)
         grpo.setup(ObjectiveSetup(model=model, data=data, batching=batching,
@@ -403,8 +403,8 @@ def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
         print(f"SmolLM2 SFT step {step}, training probe: {probes[step]}", flush=True)
     if a.real_start:  # GRPO from the SFT's snapshot after that many steps
         base = out / f"smollm2_sft_step{a.real_start}"
-    rewards = ("objective.rewards=[{_target_: mlxlab.objectives.rewards.exact_answer},"
-               "{_target_: mlxlab.objectives.rewards.tool_call_parsed, weight: "
+    rewards = ("objective.rewards=[{_target_: mlxlab.objectives.rl.rewards.exact_answer},"
+               "{_target_: mlxlab.objectives.rl.rewards.tool_call_parsed, weight: "
                f"{a.format_reward}}}]",) if a.format_reward else ()
     heldout = write_jsonl(out / "real_heldout.jsonl", jsonl(ASSETS / "heldout.jsonl")[: a.real_heldout])
     runs = {}

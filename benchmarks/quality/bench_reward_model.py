@@ -23,7 +23,7 @@ reply) scores exactly 0.5: chance. Training and held-out pairs share no word.
    prompts (chats, the reply the word in the case asked as the `answer` column), two arms, each
    an `mlxlab-train --multirun replicates=--replicates` sweep (seeds 42, 43, 44): rewarded by
    the reward run of stage 1 (`LearnedReward`), or by the rule itself
-   (`mlxlab.objectives.rewards.exact_answer`: the reply, stripped, is the word in the case
+   (`mlxlab.objectives.rl.rewards.exact_answer`: the reply, stripped, is the word in the case
    asked). Each run evaluates once, at its end (`eval.tasks`: the held-out prompts scored as
    `mlxlab eval` scores them), so nothing is chosen on the held-out prompts; the base is scored
    by `mlxlab eval` into the same store (no training). Then `mlxlab runs compare`: learned
@@ -128,7 +128,7 @@ def grpo(args, model: str, data: Path, train_rows: list[dict], task: Path, rewar
     learned = ("objective.rewards=[{_target_: mlxlab.runs.learned_reward.LearnedReward, "
                f"run: '{reward_run}', batch_size: {args.generations * args.grpo_batch}}}]")
     arms = {"learned": [learned, "task_name=grpo_case_learned"],
-            "rule": ["objective.rewards=[{_target_: mlxlab.objectives.rewards.exact_answer}]",
+            "rule": ["objective.rewards=[{_target_: mlxlab.objectives.rl.rewards.exact_answer}]",
                      "task_name=grpo_case_rule"]}
     out: dict = {"base": base, "steps": args.grpo_steps, "prompts_per_step": args.grpo_batch,
                  "generations": args.generations, "lr": args.grpo_lr,

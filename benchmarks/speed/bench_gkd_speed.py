@@ -43,9 +43,9 @@ from mlxlab.data.batching import Batching  # noqa: E402
 from mlxlab.data.prompts import PromptRows  # noqa: E402
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder  # noqa: E402
 from mlxlab.objectives.base import ObjectiveSetup  # noqa: E402
-from mlxlab.objectives.gkd import GKD  # noqa: E402
-from mlxlab.objectives.gkd_loss import generalized_jsd  # noqa: E402
-from mlxlab.objectives.grpo import GRPO  # noqa: E402
+from mlxlab.objectives.rl.grpo import GRPO  # noqa: E402
+from mlxlab.objectives.supervised.gkd import GKD  # noqa: E402
+from mlxlab.objectives.supervised.gkd_loss import generalized_jsd  # noqa: E402
 from mlxlab.runs import load_teachers  # noqa: E402
 from mlxlab.runtime import distributed  # noqa: E402
 from mlxlab.training.settings import TrainerSettings  # noqa: E402
@@ -154,7 +154,7 @@ def main() -> None:
                         max_new_tokens=a.tokens, completion_key="answer", seed=r,
                         load_teachers=load_teachers),
                     student, a.rows, a.steps)
-        grpo = timed(GRPO([{"_target_": "mlxlab.objectives.rewards.exact_answer"}],
+        grpo = timed(GRPO([{"_target_": "mlxlab.objectives.rl.rewards.exact_answer"}],
                           num_generations=GROUP, max_completion_length=a.tokens, seed=r),
                      student, a.rows, a.steps)
         row = {"round": r, "load_1min": round(load, 2), "gkd": gkd, "grpo": grpo,

@@ -23,7 +23,7 @@ from mlxlab.config.compose import instantiate, unwrapped
 from mlxlab.config.fit import _check_compile, _check_objective, _check_packing
 from mlxlab.config.options import group_options
 from mlxlab.config.records import check_choice, check_number
-from mlxlab.config.retired import check_retired_keys
+from mlxlab.config.retired import check_retired_keys, moved_target
 from mlxlab.errors import ConfigError
 
 
@@ -226,6 +226,8 @@ def _check_targets(cfg: DictConfig) -> None:
     tree = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
     for key, target in _targets(tree, ""):
         problem = target_problem(target, imported=key.split(".")[0] not in IMPORTED_LATER)
+        if problem and (now := moved_target(target)):
+            raise ConfigError(f"{key}={target} is {now} now: write {now}")
         if problem:
             raise ConfigError(f"{key}={target}: {problem}; fix the name, or put its module on "
                               "PYTHONPATH")

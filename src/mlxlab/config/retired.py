@@ -1,7 +1,11 @@
 """Keys a user may still type from habit: renamed ones (one line naming the new key) and retired
-ones (one line naming what to write instead), on a command line or in a config file."""
+ones (one line naming what to write instead), on a command line or in a config file; and
+modules that moved, which a `_target_` typed from habit or saved in an older run's checkpoint
+still names (moved_target)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -54,3 +58,34 @@ def check_retired_keys(cfg: DictConfig) -> None:
         if OmegaConf.is_dict(node) and leaf in node:
             keys = list(node[leaf]) if OmegaConf.is_dict(node[leaf]) else []
             check_retired(f"{old}{keys[0]}" if old.endswith(".") and keys else old.rstrip("."))
+
+
+# Modules whose `_target_` paths a checkpoint's saved config, or a user's own config, may still
+# name: an older run's config names each objective's module at objectives/'s top, where today it
+# stands in its family's folder (old module -> the module it is now).
+_OBJECTIVE_FAMILIES = {
+    "supervised": ("supervised", "distill", "gkd", "gkd_loss", "teacher_weights"),
+    "preference": ("preference", "preference_losses", "kto", "reward"),
+    "rl": ("grpo", "grpo_loss", "rewards", "agent", "environments", "lookup_tools", "tools",
+           "tool_format", "tool_processes", "tool_worker", "sandbox"),
+}
+MOVED_MODULES = {f"mlxlab.objectives.{name}": f"mlxlab.objectives.{family}.{name}"
+                 for family, names in _OBJECTIVE_FAMILIES.items() for name in names}
+
+
+def moved_target(target: str) -> str | None:
+    """`target` (module.name) with its module's path today, when MOVED_MODULES holds it."""
+    module, _, name = target.rpartition(".")
+    return f"{MOVED_MODULES[module]}.{name}" if module in MOVED_MODULES else None
+
+
+def with_moved_targets(node: Any) -> Any:
+    """A plain config tree (a checkpoint's saved config) with every `_target_` whose module
+    moved (MOVED_MODULES) named by its path today; the rest as it was."""
+    if isinstance(node, dict):
+        return {key: (moved_target(value) or value)
+                if key == "_target_" and isinstance(value, str) else with_moved_targets(value)
+                for key, value in node.items()}
+    if isinstance(node, list):
+        return [with_moved_targets(value) for value in node]
+    return node

@@ -14,8 +14,8 @@ Each side is rendered and tokenized exactly as data=chat renders a chat (data/ch
 prompt with their end-of-turn tokens (`EncodedChat.turns`). A batch holds both sides of each of
 its pairs, padded to one length bucket (`chosen_*` and `rejected_*` arrays of the same shape,
 each side as an lm batch: input_ids, labels, loss_mask) and `index`, the pair's place in its
-split (what a cached reference's table, kept by objectives/preference.py, is looked up by).
-A pair longer than max_length + 1 tokens on either side is cut (data.too_long=truncate) or
+split (what a cached reference's table, kept by objectives/preference/preference.py, is looked up
+by). A pair longer than max_length + 1 tokens on either side is cut (data.too_long=truncate) or
 dropped, and a pair left with nothing to learn on a side is dropped, each counted in the log. The batching, shuffling and the data position that
 resumes it are data=completions' (this module subclasses PromptCompletion).
 """

@@ -8,7 +8,7 @@ One prompt a line, as TRL's GRPOTrainer reads them:
   rendered with the model's chat template and its generation prompt (where the assistant's reply
   starts), as data=chat renders SFT chats (a "conversational" prompt).
 Every other key of a row (answer, solution, tests, ...) is a column: a reward gets it as a
-keyword argument, one value per completion (objectives/rewards.py).
+keyword argument, one value per completion (objectives/rl/rewards.py).
 
 The module hands out batches of prompt positions ({"index": ...}, one epoch shuffled with
 seed + epoch, its position checkpointed as every data module's); the objective reads the prompts

@@ -1,5 +1,5 @@
 """Unpaired feedback from jsonl (task="unpaired"): a prompt, one completion and a thumbs up or
-down on it, TRL's unpaired preference form (what KTO trains on, objectives/kto.py).
+down on it, TRL's unpaired preference form (what KTO trains on, objectives/preference/kto.py).
 
 Rows (each read on its own):
 - strings: {"prompt": "...", "completion": "...", "label": true | false, "system": "..."

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from mlxlab.checkpoint.restore import find_run_checkpoints
 from mlxlab.config import Parts, validate
+from mlxlab.config.retired import with_moved_targets
 from mlxlab.errors import ConfigError
 from mlxlab.runs.resume import prepare_resume, remote_resume, resumed_run_folder
 from mlxlab.runtime import slurm
@@ -65,10 +66,11 @@ GLOBAL_CHOICES = ("experiment", "preset", "debug", "hparams_search")
 
 def resumed_config(cfg: DictConfig, source: Path, overrides: list[str]) -> DictConfig:
     """A new config: the resumed checkpoint's own settings (TRAINED) with `overrides`, the
-    user's command line, on top. A checkpoint without a config (written before it carried one)
-    gives `cfg` as composed, and so does a preset named anew (GLOBAL_CHOICES)."""
+    user's command line, on top; a `_target_` whose module has moved since the checkpoint was
+    written names it where it is now. A checkpoint without a config (written before it carried
+    one) gives `cfg` as composed, and so does a preset named anew (GLOBAL_CHOICES)."""
     state = newest_state(find_run_checkpoints(source))
-    saved = (state.config if state is not None else None) or {}
+    saved = with_moved_targets((state.config if state is not None else None) or {})
     if not all(k in saved for k in TRAINED):
         log.warning("resume: %s holds no run config; the model and data are built from this "
                     "command line", source)

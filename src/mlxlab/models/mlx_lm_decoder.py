@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 QUANTIZE_BITS = (None, 4, 8)  # model.quantize
 # model.head: lm = the decoder's next-token logits | score = one scalar a position, a linear
 # `score` layer (no bias) on the last hidden states, as transformers' *ForSequenceClassification
-# (a reward model: objectives/reward.py reads it at a completion's last token)
+# (a reward model: objectives/preference/reward.py reads it at a completion's last token)
 HEADS = ("lm", "score")
 GROUP_SIZE = 64  # mlx_lm.convert's default q_group_size
 # mlxlab's projection names (conf/lora: targets) -> the module names mlx-lm's architectures use

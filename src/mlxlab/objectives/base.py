@@ -30,7 +30,7 @@ The loop (training/loop.py), evaluation, checkpoint state, artifacts and analysi
   what the objective cannot do (data of another kind: DataMismatch; an optimized_metric it does
   not report; settings that do not fit together), before anything is built.
 - `model_head` (a class attribute): the decoder head it trains, "lm" (next-token logits) or
-  "score" (a reward model's scalar, objectives/reward.py); check_config refuses another
+  "score" (a reward model's scalar, objectives/preference/reward.py); check_config refuses another
   model.head.
 - `logs()`: metrics measured outside the loss since the last logged line (train/<key>).
 - `state_dict()` / `load_state_dict(state)`: JSON-able (`pack_array` keeps an array's bits),

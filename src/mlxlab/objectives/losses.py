@@ -202,7 +202,8 @@ def teacher_targets(
     loss: str = "kl",
 ) -> Callable[[Batch], mx.array]:
     """What the soft term of `loss` compares the student with: the teachers' probabilities at T
-    (kl, reverse_kl) or their logits (mse). objectives/distill.py teacher_cache keeps these per example."""
+    (kl, reverse_kl) or their logits (mse). objectives/supervised/distill.py teacher_cache keeps
+    these per example."""
     if loss == "mse":
         return teacher_logits(teachers, weights)
     return teacher_probabilities(teachers, weights, temperature)
@@ -229,10 +230,11 @@ def distillation_loss(
     Per example (classifiers) or per scored token (language models), as in task_loss; several
     teachers are averaged (teacher_targets). `cache`: the teacher targets of every training
     example, (N, num_labels), looked up by batch["index"] instead of running the teachers in every
-    step (objectives/distill.py teacher_cache builds it for fixed datasets). aux holds `ce` and the soft term
-    under the loss's name (kl, reverse_kl, mse). per_example=True adds each example's hard-label
-    CE (`example_loss`) and the teachers' (`example_teacher_loss`: the CE of softmax(T * log p_T),
-    which is the teacher's own distribution for one teacher; of the logits for mse).
+    step (objectives/supervised/distill.py teacher_cache builds it for fixed datasets). aux holds
+    `ce` and the soft term under the loss's name (kl, reverse_kl, mse). per_example=True adds each
+    example's hard-label CE (`example_loss`) and the teachers' (`example_teacher_loss`: the CE of
+    softmax(T * log p_T), which is the teacher's own distribution for one teacher; of the logits
+    for mse).
     """
     check_distill_form(loss, kl_scale)
     targets_of = teacher_targets(teachers, weights, temperature, loss)

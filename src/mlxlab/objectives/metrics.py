@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-# What these report for each data task, with which way each improves: objectives/supervised.py
-# METRICS (optimized_metric's choices).
+# What these report for each data task, with which way each improves:
+# objectives/supervised/supervised.py METRICS (optimized_metric's choices).
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:

@@ -127,7 +127,7 @@ def sample_completions(model: nn.Module, prompts: Sequence[np.ndarray], group_si
 def sample_turn(model: nn.Module, prefixes: Sequence[np.ndarray], budgets: Sequence[int],
                 sampling: Sampling, stop_ids: Sequence[int], key: mx.array) -> list[np.ndarray]:
     """The next turn of each row: up to `budgets[r]` tokens after `prefixes[r]` (a prompt, or a
-    trajectory so far: objectives/agent.py samples every turn here). The rows of one prefix
+    trajectory so far: objectives/rl/agent.py samples every turn here). The rows of one prefix
     length and budget sample as one batch (no padding), in increasing order of (length,
     budget), each batch from its own key split off `key`; the model in eval mode meanwhile."""
     training = model.training
@@ -231,7 +231,7 @@ class Sampler:
         return data
 
     def use_prompts(self, prompts: Callable, longest: int) -> None:
-        """Prompts rendered otherwise than the data module's (with tools: objectives/agent.py):
+        """Prompts rendered otherwise than the data module's (with tools: objectives/rl/agent.py):
         `prompts(split, index)` as PromptRows.prompts, the longest `longest` tokens."""
         self.prompts = prompts
         self.width = batch_width(longest, self.sampling.max_new_tokens, self.max_seq_len)

@@ -3,7 +3,7 @@
     objective:
       rewards:
         - {_target_: mlxlab.runs.learned_reward.LearnedReward, run: outputs/reward_chat/<time>}
-        - {_target_: mlxlab.objectives.rewards.regex_format, pattern: "^\\d+$", weight: 0.2}
+        - {_target_: mlxlab.objectives.rl.rewards.regex_format, pattern: "^\\d+$", weight: 0.2}
 
 `run` is the reward run's folder, or its registered model version (`models:/NAME@ALIAS`,
 `models:/NAME/VERSION`, as `mlxlab register` names it; `uri` is the store, else
@@ -12,8 +12,8 @@ from (runs/registered.py) when the config is checked.
 
 Each (prompt, completion) is rendered as the reward run rendered its pairs (its own tokenizer
 and chat template, kept in its run folder: the prompt's turns, the completion the assistant's
-reply) and scored as objectives/reward.py scores a side: the head's value at the reply's last
-token. The reward model therefore reads text it tokenizes itself, whatever the policy's
+reply) and scored as objectives/preference/reward.py scores a side: the head's value at the reply's
+last token. The reward model therefore reads text it tokenizes itself, whatever the policy's
 tokenizer: the policy's completions reach it as text (decoded without special tokens), so no
 token ids pass between two vocabularies. Its weights are loaded once, frozen (the config check
 reads only its state.json): by GRPO's setup (`load`), before trainer.micro_batch=auto measures a

@@ -5,8 +5,9 @@ model, cores and vector extension, the BLAS MLX uses, whether the fused CPU kern
 whether freed memory stays in the heap) and, on a GPU, that the CPU-only parts are off. On a GPU
 whose kernel cache is empty, a second line says that MLX is about to compile its CUDA kernels
 (minutes, once) and where they are kept; the cache is pointed at the project's cache folder
-first (runtime/device.py `use_kernel_cache`). MLX's kept file-reading pool starts here too,
-before memory is tight (runtime/io_threads.py).
+first (runtime/device.py `use_kernel_cache`). On the CPU, the header MLX's compiled kernels
+read is precompiled beside the setup when the machine has none (runtime/jit_header.py). MLX's
+kept file-reading pool starts here too, before memory is tight (runtime/io_threads.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxlab import kernels
-from mlxlab.runtime import backend, blas, device, settings
+from mlxlab.runtime import backend, blas, device, jit_header, settings
 from mlxlab.runtime.io_threads import start_io_threads
 
 log = logging.getLogger("mlxlab")
@@ -48,6 +49,8 @@ def prepare_device(cache_dir: str | Path, fused_mode: str = "auto") -> device.De
     # read on this pool and start none (runtime/io_threads.py load_arrays)
     start_io_threads()
     described = device.describe()
+    if described.backend == "cpu":
+        jit_header.start_building()  # beside the setup: the first step's kernels read it
     parts = cpu_parts(fused_mode) if described.backend == "cpu" else []
     log.info("%s", device.device_line(described, parts))
     wheels = backend.live_backend()

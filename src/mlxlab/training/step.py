@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from mlxlab.objectives import losses
-from mlxlab.runtime import device, distributed
+from mlxlab.runtime import device, distributed, jit_header
 from mlxlab.training.optim import clip_by_global_norm
 from mlxlab.training.settings import TrainerSettings
 
@@ -34,6 +34,8 @@ def make_step(model: nn.Module, optimizer, loss_fn: losses.LossFn, settings: Tra
     """
     world = world or distributed.World()
     grad_accum = grad_accum or settings.grad_accum
+    if settings.compile:
+        jit_header.ready()  # the first step's new CPU kernels read the precompiled header
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
     clip = settings.grad_clip

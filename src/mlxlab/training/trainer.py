@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from mlxlab.data.base import DataModule
 from mlxlab.objectives.base import Objective
-from mlxlab.objectives.supervised import Supervised
+from mlxlab.objectives.supervised.supervised import Supervised
 from mlxlab.tracking.base import Tracker
 from mlxlab.training.callbacks import Callback
 from mlxlab.training.loop import Fit

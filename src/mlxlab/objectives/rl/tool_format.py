@@ -35,7 +35,7 @@ from tokenizers import Tokenizer
 
 from mlxlab.data.chat import ChatTemplate
 from mlxlab.errors import ConfigError
-from mlxlab.objectives.tools import ToolAnswer, ToolCall
+from mlxlab.objectives.rl.tools import ToolAnswer, ToolCall
 
 FORMATS = ("auto", "hermes", "llama3", "tagged")
 TAGGED_KEYS = frozenset({"call_tags", "result_tags", "result_role", "prompt"})  # tagged_format

@@ -1,4 +1,4 @@
-"""Where tool calls run: up to `size` worker processes (objectives/tool_worker.py), one call at a
+"""Where tool calls run: up to `size` worker processes (objectives/rl/tool_worker.py), one call at a
 time each, side by side, a call that runs past its timeout ended by killing its worker.
 
 A worker is a fresh interpreter (not a fork of the trainer: MLX runs threads by then), in a
@@ -14,7 +14,7 @@ What a worker inherits: the trainer's environment variables, user, working folde
 stdout/stderr and sys.path; not its memory, threads or GPU/MLX state. A tool can still do what
 that user can (read and write their files, use the network, start processes that leave the
 group, use memory and CPU until its timeout): tools are trusted code, and code the model writes
-belongs in objectives/sandbox.py's `run_python`, not in a tool's own process.
+belongs in objectives/rl/sandbox.py's `run_python`, not in a tool's own process.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class _Worker:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
                "MLXLAB_BLAS": "off"}  # it multiplies no matrices (runtime/blas.py)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlxlab.objectives.tool_worker", str(theirs.fileno()),
+            [sys.executable, "-m", "mlxlab.objectives.rl.tool_worker", str(theirs.fileno()),
              str(os.getpid())], pass_fds=(theirs.fileno(),), env=env, start_new_session=True)
         theirs.close()
         self.conn = Connection(ours.detach())

@@ -4,13 +4,13 @@ its teachers on its own samples (objective=gkd, data=prompts).
 
 Per batch of prompts the data module hands out (data/prompts.py: rows such as {"prompt": "3+4=",
 "completion": "7"}), each prompt is completed, with probability `lmbda`, by the student itself
-(rollouts.py: KV cache, GRPO's sampling settings, the objective's own mx.random key), else by the
-dataset's completion (the `completion_key` column, cut at max_new_tokens): lmbda = 1 is purely
-on-policy, 0 is off-policy distillation on the data (TRL's GKDTrainer flips one coin per batch,
-here one per prompt: the same rate, a smoother mix). The loss (gkd_loss.py) is TRL's generalized
-JSD with `beta` (0: forward KL, 1: reverse KL) between the teachers' and the student's token
-distributions at `temperature`, on the completion tokens only (TRL 1.16's compute_loss calls that
-function at temperature 1, its temperature only sampling; objective.temperature=1 trains TRL's
+(objectives/rollouts.py: KV cache, GRPO's sampling settings, the objective's own mx.random key),
+else by the dataset's completion (the `completion_key` column, cut at max_new_tokens): lmbda = 1 is
+purely on-policy, 0 is off-policy distillation on the data (TRL's GKDTrainer flips one coin per
+batch, here one per prompt: the same rate, a smoother mix). The loss (gkd_loss.py) is TRL's
+generalized JSD with `beta` (0: forward KL, 1: reverse KL) between the teachers' and the student's
+token distributions at `temperature`, on the completion tokens only (TRL 1.16's compute_loss calls
+that function at temperature 1, its temperature only sampling; objective.temperature=1 trains TRL's
 loss exactly). The teachers are distillation's
 (a model folder or a finished run each, built by the node's `load_teachers`, several weighted:
 losses.teacher_log_probs), frozen, run inside the compiled step; they must read the student's
@@ -47,9 +47,9 @@ from mlxlab.errors import ConfigError
 from mlxlab.models import num_parameters
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
-from mlxlab.objectives.gkd_loss import generalized_jsd
 from mlxlab.objectives.rollouts import Sampler, Sampling, check_sampling_config, completion_metrics
-from mlxlab.objectives.teacher_weights import (
+from mlxlab.objectives.supervised.gkd_loss import generalized_jsd
+from mlxlab.objectives.supervised.teacher_weights import (
     TeacherLoader,
     build_teachers,
     check_teacher_specs,

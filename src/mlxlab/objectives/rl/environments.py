@@ -1,8 +1,8 @@
 """What a multi-turn rollout talks to: an environment that reads each model turn and answers.
 
-`Environment` is the interface (objectives/agent.py drives it, one instance per trajectory):
+`Environment` is the interface (objectives/rl/agent.py drives it, one instance per trajectory):
 - `reset(prompt, columns, toolbox)`: a new trajectory of this prompt (the row's text or chat and
-  its columns, as rewards get them) with the run's tools (objectives/tools.py `Toolbox`);
+  its columns, as rewards get them) with the run's tools (objectives/rl/tools.py `Toolbox`);
 - `step(turn) -> Step`: the model's turn, read (its text, the tool calls it wrote and those
   that did not parse), answered with `Step(answers, reward, done)`: the answers are rendered
   as tool turns (role `tool`, or the tagged format's result turn), `reward` is added to the
@@ -29,8 +29,8 @@ from hydra.utils import get_object
 
 from mlxlab.config.records import check_arguments
 from mlxlab.errors import ConfigError
-from mlxlab.objectives.tool_format import ParsedTurn
-from mlxlab.objectives.tools import ToolAnswer, Toolbox
+from mlxlab.objectives.rl.tool_format import ParsedTurn
+from mlxlab.objectives.rl.tools import ToolAnswer, Toolbox
 
 
 @dataclass
@@ -72,7 +72,7 @@ def environment_factory(spec: Mapping | None) -> tuple[str, Callable[[], Environ
     target = spec.pop("_target_", None)
     if not isinstance(target, str) or not target:
         raise ConfigError("objective.environment has no _target_: name a class with reset() and "
-                          "step() (a subclass of mlxlab.objectives.environments.Environment)")
+                          "step() (a subclass of mlxlab.objectives.rl.environments.Environment)")
     try:
         cls = get_object(target)
     except Exception as e:  # noqa: BLE001 - Hydra raises several kinds for a bad path
@@ -81,6 +81,6 @@ def environment_factory(spec: Mapping | None) -> tuple[str, Callable[[], Environ
     if not inspect.isclass(cls) or not all(callable(inspect.getattr_static(cls, m, None))
                                            for m in ("reset", "step")):
         raise ConfigError(f"objective.environment: {target} is not a class with reset() and "
-                          "step(); subclass mlxlab.objectives.environments.Environment")
+                          "step(); subclass mlxlab.objectives.rl.environments.Environment")
     check_arguments("objective.environment", target, cls, spec)
     return cls.__name__, lambda: cls(**spec)

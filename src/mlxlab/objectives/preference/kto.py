@@ -14,7 +14,7 @@ parallelism each rank estimates it from its own rows (TRL averages the ranks' es
 
 The reference is the policy with its LoRA adapters off (objective.reference=adapters, the
 default with LoRA), or a frozen copy of the starting model (copy, for a full fine-tune), as
-objective=dpo's (objectives/preference.py `reference_model`). Metrics are TRL's: kl,
+objective=dpo's (objectives/preference/preference.py `reference_model`). Metrics are TRL's: kl,
 rewards/chosen and rewards/rejected (β r averaged over the desirable / undesirable rows),
 logps/chosen and logps/rejected, and rewards/margin (TRL's rewards/margins: the two rewards'
 difference). `aux["ntokens"]` is the number of rows (the loss is a mean over rows).
@@ -35,7 +35,7 @@ from mlxlab.errors import ConfigError
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
 from mlxlab.objectives.evaluation import EmptyValidation
-from mlxlab.objectives.preference import reference_model
+from mlxlab.objectives.preference.preference import reference_model
 from mlxlab.runtime import distributed
 from mlxlab.stats import LOG_PROB, LOSS, MetricDefinition
 

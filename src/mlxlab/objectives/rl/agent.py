@@ -3,23 +3,22 @@ model reads it and goes on, until a final answer, `max_turns` model turns, or
 `max_completion_length` tokens in all (the model's and the environment's together, as TRL counts
 them).
 
-Each prompt is rendered once with the run's tools (objectives/tool_format.py: the chat
+Each prompt is rendered once with the run's tools (objectives/rl/tool_format.py: the chat
 template's `tools=`, or the tagged format's system message). A turn of every live trajectory is
-sampled from the training model (rollouts.py `sample_turn`: the trajectory so far as the
-prefix, its budget left, one key per turn drawn from the objective's generator), read by the
-format's parser and handed to the trajectory's environment (objectives/environments.py); its
+sampled from the training model (objectives/rollouts.py `sample_turn`: the trajectory so far as
+the prefix, its budget left, one key per turn drawn from the objective's generator), read by the
+format's parser and handed to the trajectory's environment (objectives/rl/environments.py); its
 answers are rendered by the chat template as tool turns and their tokens appended, as TRL's
 GRPOTrainer `_tool_call_loop` builds `prompt_ids + completion_ids + tool_suffix_ids` (nothing
 the model wrote is re-tokenized). Answers that would pass the length budget are dropped and end
 the trajectory (TRL rolls them back the same way).
 
-A `Trajectory` keeps the tokens after the prompt and a mask of who wrote each (1: the model,
-0: the environment): the training row's loss mask is that mask (rollouts.py `rollout_batch`),
-so the environment's tokens are context, never trained, and every model turn is; the reward
-and the advantage are the trajectory's. What rewards judge as the completion is the last model
-turn's text (the final answer); the whole trajectory is the column `trajectories` (its
-messages, TRL's conversational completion) and the environments' summed rewards the column
-`environment_reward`.
+A `Trajectory` keeps the tokens after the prompt and a mask of who wrote each (1: the model, 0: the
+environment): the training row's loss mask is that mask (objectives/rollouts.py `rollout_batch`), so
+the environment's tokens are context, never trained, and every model turn is; the reward and the
+advantage are the trajectory's. What rewards judge as the completion is the last model turn's text
+(the final answer); the whole trajectory is the column `trajectories` (its messages, TRL's
+conversational completion) and the environments' summed rewards the column `environment_reward`.
 """
 
 from __future__ import annotations
@@ -37,10 +36,10 @@ import numpy as np
 from mlxlab.data.chat import encode_chats
 from mlxlab.data.prompts import PromptRows, read_prompts
 from mlxlab.errors import ConfigError
-from mlxlab.objectives.environments import Environment, Step, environment_factory
+from mlxlab.objectives.rl.environments import Environment, Step, environment_factory
+from mlxlab.objectives.rl.tool_format import ParsedTurn, ToolFormat, answer_ids, resolve_format
+from mlxlab.objectives.rl.tools import Toolbox, build_tools
 from mlxlab.objectives.rollouts import Sampling, sample_turn
-from mlxlab.objectives.tool_format import ParsedTurn, ToolFormat, answer_ids, resolve_format
-from mlxlab.objectives.tools import Toolbox, build_tools
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ a confined interpreter of its own (runtime/sandbox.py: CPU, memory, file-size an
 limits, no network, no files but its scratch folder and the interpreter's, the folder deleted
 afterwards) and answers what it printed, cut to `SandboxLimits.output_chars`:
 
-    objective.tools=[{_target_: mlxlab.objectives.sandbox.run_python}]
+    objective.tools=[{_target_: mlxlab.objectives.rl.sandbox.run_python}]
 
 Other limits: a function of your own calling `run_code` with its own `SandboxLimits` (the
 model sees a tool's arguments, so limits are never arguments of the tool itself). The tool's
@@ -15,7 +15,7 @@ worker is killed at `objective.tool_timeout_s`, and the sandboxed process with i
 
 `write_rows(folder)` writes the example task of the agents guide: products of two five-digit
 numbers, beyond what a small model computes in its head, easy for one that calls the tool
-(`python -m mlxlab.objectives.sandbox <folder>`).
+(`python -m mlxlab.objectives.rl.sandbox <folder>`).
 """
 
 from __future__ import annotations

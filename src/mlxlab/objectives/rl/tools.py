@@ -5,11 +5,11 @@ every argument and a Google-style docstring (a summary line and an `Args:` entry
 argument), as transformers' chat templates take `tools=`:
 
     tools:
-      - _target_: mlxlab.objectives.lookup_tools.lookup_code
+      - _target_: mlxlab.objectives.rl.lookup_tools.lookup_code
 
 Their JSON schemas come from the signature and docstring (`transformers.utils.get_json_schema`,
 what `apply_chat_template(tools=[fn])` calls), and the model's chat template renders them
-(objectives/tool_format.py). A tool that cannot be imported, is not a function, or lacks type
+(objectives/rl/tool_format.py). A tool that cannot be imported, is not a function, or lacks type
 hints or argument descriptions is refused with one line at config time (`check_tool_specs`,
 from the objective's check_config), before anything is created.
 
@@ -21,12 +21,12 @@ failure of that kind (`tools/failures/<kind>` in the metrics). A result longer t
 `tool_max_chars` characters is cut to them before anything tokenizes it, and counted
 (`truncated`); the model reads the cut text.
 
-Where they run: each call in a worker process (objectives/tool_processes.py), up to
+Where they run: each call in a worker process (objectives/rl/tool_processes.py), up to
 `tool_workers` calls at a time; one past `tool_timeout_s` has its worker killed, so a hung or
 spinning tool costs that one timeout and nothing after it. Tools are trusted code, as reward
 functions are: a worker runs with the trainer's user, environment, files and network; the model
 only chooses a tool's name and arguments, which reach it as JSON values. Code the model writes
-runs in objectives/sandbox.py's `run_python`. Deterministic tools keep a resumed run bitwise.
+runs in objectives/rl/sandbox.py's `run_python`. Deterministic tools keep a resumed run bitwise.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from hydra.utils import get_object
 
 from mlxlab.config.records import check_arguments
 from mlxlab.errors import ConfigError
-from mlxlab.objectives.tool_processes import ToolProcesses
+from mlxlab.objectives.rl.tool_processes import ToolProcesses
 
 FAILURES = ("unknown_tool", "bad_arguments", "raised", "timeout", "bad_result", "truncated")
 
@@ -83,7 +83,7 @@ def _load(i: int, spec: Any) -> tuple[str, Callable, dict]:
     if not target or not isinstance(target, str):
         raise ConfigError(f"objective.tools[{i}] has no _target_: name a Python function with "
                           "type hints and a docstring (e.g. "
-                          "mlxlab.objectives.lookup_tools.lookup_code)")
+                          "mlxlab.objectives.rl.lookup_tools.lookup_code)")
     try:
         fn = get_object(target)
     except Exception as e:  # noqa: BLE001 - Hydra raises several kinds for a bad path

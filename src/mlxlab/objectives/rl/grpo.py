@@ -1,15 +1,15 @@
 """GRPO (Shao et al. 2024) as an objective of the one loop: online RL with verifiable rewards,
 the first objective that makes its own batches (objective=grpo, data=prompts).
 
-Per batch of prompts the data module hands out (data/prompts.py): G = num_generations
-completions of each are sampled from the training model (rollouts.py: KV cache, temperature,
-top-p, top-k, the objective's own mx.random key), scored by the rewards (rewards.py: weighted
-`(prompts, completions, **columns)` callables), turned into group-normalised advantages, and
-the rollout batch is kept in a buffer that `num_iterations` (mu) optimizer steps read, as TRL's
-GRPOTrainer buffers a generation for mu passes. With mu > 1 the buffer holds the log-probs at
-generation time (the old policy of the clipped ratio); with beta > 0 the reference's (the
-policy with its LoRA adapters off: models/lora.py `adapters_off`, no second copy), computed
-once per generation outside the step. The loss (grpo_loss.py) is TRL's: grpo, dr_grpo or dapo.
+Per batch of prompts the data module hands out (data/prompts.py): G = num_generations completions of
+each are sampled from the training model (objectives/rollouts.py: KV cache, temperature, top-p,
+top-k, the objective's own mx.random key), scored by the rewards (rewards.py: weighted `(prompts,
+completions, **columns)` callables), turned into group-normalised advantages, and the rollout batch
+is kept in a buffer that `num_iterations` (mu) optimizer steps read, as TRL's GRPOTrainer buffers a
+generation for mu passes. With mu > 1 the buffer holds the log-probs at generation time (the old
+policy of the clipped ratio); with beta > 0 the reference's (the policy with its LoRA adapters off:
+models/lora.py `adapters_off`, no second copy), computed once per generation outside the step. The
+loss (grpo_loss.py) is TRL's: grpo, dr_grpo or dapo.
 
 With `tools` (or an `environment`) each completion is a multi-turn trajectory (agent.py): the
 model calls tools, their answers come back as tool turns (loss mask 0), the rewards judge the
@@ -45,13 +45,6 @@ from mlxlab.config.records import check_number
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.errors import ConfigError
 from mlxlab.models.lora import adapters_off, has_adapters
-from mlxlab.objectives.agent import (
-    Agent,
-    AgentSettings,
-    check_chat_prompts,
-    reward_columns,
-    trajectory_rows,
-)
 from mlxlab.objectives.base import (
     Evaluation,
     MetricSpec,
@@ -60,14 +53,23 @@ from mlxlab.objectives.base import (
     pack_array,
     unpack_array,
 )
-from mlxlab.objectives.environments import environment_factory
-from mlxlab.objectives.grpo_loss import (
+from mlxlab.objectives.rl.agent import (
+    Agent,
+    AgentSettings,
+    check_chat_prompts,
+    reward_columns,
+    trajectory_rows,
+)
+from mlxlab.objectives.rl.environments import environment_factory
+from mlxlab.objectives.rl.grpo_loss import (
     check_loss_settings,
     group_advantages,
     policy_loss,
     token_logps,
 )
-from mlxlab.objectives.rewards import ModelReward, Reward, build_rewards, score, total
+from mlxlab.objectives.rl.rewards import ModelReward, Reward, build_rewards, score, total
+from mlxlab.objectives.rl.tool_format import FORMATS, TAGGED_KEYS
+from mlxlab.objectives.rl.tools import check_tool_specs
 from mlxlab.objectives.rollouts import (
     Sampler,
     Sampling,
@@ -75,8 +77,6 @@ from mlxlab.objectives.rollouts import (
     completion_metrics,
     sample_completions,
 )
-from mlxlab.objectives.tool_format import FORMATS, TAGGED_KEYS
-from mlxlab.objectives.tools import check_tool_specs
 from mlxlab.runtime import distributed
 from mlxlab.stats import MetricDefinition
 

@@ -4,7 +4,7 @@
 SHA-256: deterministic, and unknowable to a model that has not called the tool); unknown names
 raise, so a misspelled call comes back as an error the model reads. experiment=agent_tools
 trains GRPO with it on the prompts of `assets/lookup_codes/` ("What is the code of <name>?",
-answer the code), written by `write_rows` (`python -m mlxlab.objectives.lookup_tools <folder>`).
+answer the code), written by `write_rows` (`python -m mlxlab.objectives.rl.lookup_tools <folder>`).
 `QuestionLookup` is the same task with an environment that knows the question: a call of
 lookup_code is answered with the code of the name the prompt asks about, whatever arguments the
 call wrote, so a model need not copy the name into its call (only the code into its reply).
@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mlxlab.objectives.environments import Step, ToolEnvironment
-from mlxlab.objectives.tool_format import ParsedTurn
-from mlxlab.objectives.tools import Toolbox, ToolCall
+from mlxlab.objectives.rl.environments import Step, ToolEnvironment
+from mlxlab.objectives.rl.tool_format import ParsedTurn
+from mlxlab.objectives.rl.tools import Toolbox, ToolCall
 
 SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "pe", "su")
 NAMES = tuple(a + b + c for a in SYLLABLES for b in SYLLABLES for c in SYLLABLES[:4])

@@ -1,7 +1,7 @@
-"""The process a run's tool calls run in (`python -m mlxlab.objectives.tool_worker FD`): it
+"""The process a run's tool calls run in (`python -m mlxlab.objectives.rl.tool_worker FD`): it
 imports the run's tools once, then answers one call at a time over the connection FD names.
 
-objectives/tool_processes.py starts it and kills it (with its process group) when a call runs
+objectives/rl/tool_processes.py starts it and kills it (with its process group) when a call runs
 past `objective.tool_timeout_s`; nothing of a call outlives that kill but what the tool itself
 moved out of the group. Whatever a tool does ends here as one answer: its result as text (cut to
 `objective.tool_max_chars`), or the exception it raised, `SystemExit` and `KeyboardInterrupt`

@@ -49,7 +49,7 @@ from mlxlab.objectives.base import (
     check_monitor,
 )
 from mlxlab.objectives.evaluation import evaluate_by_loss
-from mlxlab.objectives.preference_losses import (
+from mlxlab.objectives.preference.preference_losses import (
     NEEDS_REFERENCE,
     PairLogps,
     check_loss_name,

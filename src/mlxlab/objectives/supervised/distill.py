@@ -21,8 +21,8 @@ from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import ObjectiveSetup, data_kind
-from mlxlab.objectives.supervised import Supervised, check_kind
-from mlxlab.objectives.teacher_weights import (
+from mlxlab.objectives.supervised.supervised import Supervised, check_kind
+from mlxlab.objectives.supervised.teacher_weights import (
     TeacherLoader,
     build_teachers,
     check_teacher_specs,

@@ -5,8 +5,8 @@ GRPOTrainer calls its reward functions, weighted and summed.
 `weight` (default 1):
 
     rewards:
-      - {_target_: mlxlab.objectives.rewards.exact_answer, weight: 1.0}
-      - {_target_: mlxlab.objectives.rewards.regex_format, pattern: "^\\d+$", weight: 0.2}
+      - {_target_: mlxlab.objectives.rl.rewards.exact_answer, weight: 1.0}
+      - {_target_: mlxlab.objectives.rl.rewards.regex_format, pattern: "^\\d+$", weight: 0.2}
 
 A `_target_` that names a function of (prompts, completions, **columns) is that reward; one that
 names a factory (a class, or a function taking the arguments given) is called with them and must
@@ -138,7 +138,7 @@ def build_rewards(specs: Sequence[Mapping] | None) -> list[Reward]:
     """The rewards objective.rewards lists (module docstring); a bad entry is one line."""
     if not specs:
         raise ConfigError("objective.rewards is empty: list at least one reward, e.g. "
-                          "[{_target_: mlxlab.objectives.rewards.exact_answer}]")
+                          "[{_target_: mlxlab.objectives.rl.rewards.exact_answer}]")
     rewards, names = [], set()
     for i, spec in enumerate(specs):
         spec = dict(spec)
@@ -146,7 +146,7 @@ def build_rewards(specs: Sequence[Mapping] | None) -> list[Reward]:
         target = spec.pop("_target_", None)
         if not target:
             raise ConfigError(f"{key} has no _target_: name a reward function "
-                              "(e.g. mlxlab.objectives.rewards.exact_answer)")
+                              "(e.g. mlxlab.objectives.rl.rewards.exact_answer)")
         try:
             obj = get_object(target)
         except Exception as e:  # noqa: BLE001 - Hydra raises several kinds for a bad path
