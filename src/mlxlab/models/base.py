@@ -89,3 +89,29 @@ class Model(nn.Module):
         """Per-layer KV caches for token-by-token generation (`model(ids, cache=...)`); None:
         the model does not generate."""
         return None
+
+
+class PretrainedModel(Model):
+    """A model started from a pretrained folder through another library's model code (mlx-lm's
+    decoders, mlx-vlm's vision-language models): its constructor sets the folder's config.json
+    (`_hf_config`), the layers stored quantized (`_quantized_layers`: path -> group size and
+    bits) and where the frozen weights come from (`_base`, see base_source)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hf_config: dict[str, Any] = {}
+        self._quantized_layers: dict[str, Any] = {}
+        self._base: dict[str, Any] | None = None
+
+    @property
+    def base_source(self) -> dict[str, Any] | None:
+        return dict(self._base) if self._base else None
+
+    @property
+    def hf_config(self) -> dict[str, Any]:
+        return dict(self._hf_config)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether some of its layers are quantized (QLoRA's base, or a quantized folder)."""
+        return bool(self._quantized_layers)

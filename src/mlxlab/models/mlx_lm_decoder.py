@@ -28,7 +28,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxlab.errors import ConfigError, MissingFileError
-from mlxlab.models.base import Model
+from mlxlab.models.base import PretrainedModel
 from mlxlab.models.hf import check_vocab, read_config
 from mlxlab.models.lora import check_lora, check_reach, maybe_apply_lora, targeted_linears
 from mlxlab.models.mlx_lm_classes import mlx_lm_version, model_classes, rope_keys
@@ -149,7 +149,7 @@ def lora_targets(lora: Mapping | None) -> Mapping | None:
     return {**lora, "targets": list(dict.fromkeys(targets))}
 
 
-class MLXLMDecoder(Model):
+class MLXLMDecoder(PretrainedModel):
     """`model(input_ids, attention_mask=None, cache=None) -> (B, T, vocab_size)` logits of an
     mlx-lm model loaded from `pretrained` (a local folder), or rebuilt from `hf_config` (+
     `quantized_layers`) when a checkpoint supplies the weights (checkpoint_init).
@@ -178,7 +178,6 @@ class MLXLMDecoder(Model):
         if dropout:
             raise ConfigError(f"model.dropout={dropout}: mlx-lm's decoders have no dropout; "
                               "leave it at 0")
-        self._base: dict[str, Any] | None = None
         if pretrained:  # a folder, a GGUF file, ollama:NAME or a hub id (models/sources)
             folder = model_folder(pretrained, revision)
             lm, config = load_folder(folder)
@@ -281,18 +280,6 @@ class MLXLMDecoder(Model):
         return {"hf_config": dict(self._hf_config),
                 "quantized_layers": dict(self._quantized_layers),
                 "weight_names": list(self._weight_names)}
-
-    @property
-    def base_source(self) -> dict[str, Any] | None:
-        return dict(self._base) if self._base else None
-
-    @property
-    def hf_config(self) -> dict[str, Any]:
-        return dict(self._hf_config)
-
-    @property
-    def quantized(self) -> bool:
-        return bool(self._quantized_layers)
 
     def quantized_bits(self) -> str:
         """The bit widths of the quantized layers, e.g. "4" (mixed: "4/8")."""

@@ -36,7 +36,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxlab.errors import ConfigError, MissingFileError
-from mlxlab.models.base import Model
+from mlxlab.models.base import PretrainedModel
 from mlxlab.models.hf import read_config
 from mlxlab.models.lora import apply_lora, check_lora, check_reach, targeted_linears
 from mlxlab.models.mlx_lm_decoder import check_quantize, lora_targets
@@ -163,7 +163,7 @@ def check_modules(modules: Any) -> tuple[str, ...]:
     return tuple(modules)
 
 
-class VisionLanguageModel(Model):
+class VisionLanguageModel(PretrainedModel):
     """`model(input_ids, attention_mask=None, cache=None, **image_inputs) -> (B, T, vocab)`
     logits of an mlx-vlm model loaded from `pretrained`, or rebuilt from `hf_config` when a
     checkpoint supplies the weights."""
@@ -187,7 +187,6 @@ class VisionLanguageModel(Model):
         if dropout:
             raise ConfigError(f"model.dropout={dropout}: mlx-vlm's models have no dropout; "
                               "leave it at 0")
-        self._base: dict[str, Any] | None = None
         if pretrained:
             folder, config = model_source(pretrained, revision)
             vlm = mlx_vlm().load_model(folder, lazy=True)  # read weight by weight: below
@@ -333,18 +332,6 @@ class VisionLanguageModel(Model):
     def checkpoint_init(self) -> dict[str, Any]:
         return {"hf_config": dict(self._hf_config),
                 "quantized_layers": dict(self._quantized_layers)}
-
-    @property
-    def base_source(self) -> dict[str, Any] | None:
-        return dict(self._base) if self._base else None
-
-    @property
-    def hf_config(self) -> dict[str, Any]:
-        return dict(self._hf_config)
-
-    @property
-    def quantized(self) -> bool:
-        return bool(self._quantized_layers)
 
     @property
     def processor_folder(self) -> str | None:
