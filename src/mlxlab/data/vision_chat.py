@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import importlib
 import logging
+import os
 from collections.abc import Iterator
 from difflib import SequenceMatcher
 from pathlib import Path
@@ -247,9 +248,9 @@ class VisionChat(PromptCompletion):
         entry = {"input_ids": ids, "target": target,
                  **{k: arrays[k] for k in image_keys(arrays)}}
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp.npz")
+        tmp = file.with_suffix(f".{os.getpid()}.tmp.npz")  # a sweep's jobs may write it at once
         np.savez(tmp, **entry)
-        tmp.replace(file)
+        os.replace(tmp, file)  # atomic: a parallel job never reads half a file
         return {**entry, "file": str(file), "images": len(images)}
 
     # ---- batches -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -311,7 +312,7 @@ def cache_reference(
     ref.train(training)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".tmp.npz")
+        partial = path.with_suffix(f".{os.getpid()}.tmp.npz")  # parallel jobs: their own
         np.savez(partial, **{f"{s}/{side}": tables[s][side] for s in tables for side in SIDES})
         partial.replace(path)  # whole or absent: a killed write leaves no half file
         said(tables, "computed, kept in", path)
