@@ -72,8 +72,8 @@ def test_a_script_that_cannot_import_fails_the_loading(tmp_path):
     scripts = {
         "speed/good.py": "import sys\nfrom pathlib import Path\n"
                          "sys.path.insert(0, str(Path(__file__).resolve().parents[2]))\n"
-                         "from benchmarks.common import SHARED\n",
-        "speed/no_path.py": "from benchmarks.common import SHARED\n",
+                         "from benchmarks.harness import SHARED\n",
+        "speed/no_path.py": "from benchmarks.harness import SHARED\n",
         "speed/moved.py": "from json import moved_away\n",
     }
     for name, text in scripts.items():

@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # benchmarks.*
-from benchmarks.common import add_smoke  # noqa: E402
+from benchmarks.harness import add_smoke  # noqa: E402
 
 # A process that waits at the barrier, then runs mlxlab-train's Hydra app with these arguments:
 # every process has imported Python and its modules first, so the race is Hydra's start itself.

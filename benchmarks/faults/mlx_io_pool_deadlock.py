@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke  # noqa: E402
+from benchmarks.harness import add_smoke  # noqa: E402
 
 # The minimal reproduction, as filed upstream: argv = file, margin in MB, case
 #   cold: the first load of the process is the one under the limit

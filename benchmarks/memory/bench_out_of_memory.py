@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))  # benchmarks.*
 
 import test_out_of_memory as t  # noqa: E402  (the tests' data, arguments and limits)
-from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, smoke_dir  # noqa: E402
 from conftest import FAST, PYTHON  # noqa: E402
 
 

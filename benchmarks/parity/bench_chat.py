@@ -31,7 +31,7 @@ from mlxlab.config import asset_path
 from mlxlab.data.chat import encode_chats, load_chat_template
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke, cpu_model, tiny_hf_model  # noqa: E402
+from benchmarks.harness import add_smoke, cpu_model, tiny_hf_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 STYLES = ("chatml", "llama3", "qwen2.5")

@@ -34,7 +34,7 @@ from chat_fixtures import (  # noqa: E402
 )
 
 sys.path.insert(0, str(REPO))  # benchmarks.*
-from benchmarks.common import add_smoke  # noqa: E402
+from benchmarks.harness import add_smoke  # noqa: E402
 
 
 def main() -> None:

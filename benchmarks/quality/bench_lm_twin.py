@@ -46,7 +46,7 @@ import mlxlab  # noqa: F401  (first: loads the fast BLAS before anything imports
 from mlxlab.runtime.blas import set_blas_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import SMOKE_RUN, add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import SMOKE_RUN, add_smoke, smoke_dir  # noqa: E402
 from benchmarks.speed.bench import compose, cpu_model  # noqa: E402
 from benchmarks.speed.bench_torch import torch_models  # noqa: E402
 

@@ -53,10 +53,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.common import add_smoke, cpu_model  # noqa: E402
-from benchmarks.common import mlxlab_cli as mlxlab  # noqa: E402
-from benchmarks.common import run_logged as run  # noqa: E402
-from benchmarks.common import train_cli as train  # noqa: E402
+from benchmarks.harness import add_smoke, cpu_model  # noqa: E402
+from benchmarks.harness import mlxlab_cli as mlxlab  # noqa: E402
+from benchmarks.harness import run_logged as run  # noqa: E402
+from benchmarks.harness import train_cli as train  # noqa: E402
 
 WORDS = [
     "apple", "river", "garden", "window", "candle", "forest", "silver", "pocket", "ladder",

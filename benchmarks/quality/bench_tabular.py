@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import SMOKE_RUN, TABLES_PAGE, add_smoke, cpu_model, write_between_markers
+from benchmarks.harness import SMOKE_RUN, TABLES_PAGE, add_smoke, cpu_model, write_between_markers
 from benchmarks.quality.bench_titanic import accuracy_history, baselines, mean_std, split_module
 from mlxlab.config import asset_path
 from mlxlab.data.numeric import numeric_values

@@ -32,7 +32,7 @@ from mlxlab.config import compose_config, instantiate
 from mlxlab.data.tabular import read_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import SMOKE_RUN, add_smoke  # noqa: E402
+from benchmarks.harness import SMOKE_RUN, add_smoke  # noqa: E402
 
 
 def compose_default(root: Path, overrides: list[str], run_name: str) -> DictConfig:

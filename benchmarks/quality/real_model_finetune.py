@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.common import cpu_model, run_with_peak_rss  # noqa: E402
+from benchmarks.harness import cpu_model, run_with_peak_rss  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
 
 MONTHS = list(calendar.month_name)[1:]

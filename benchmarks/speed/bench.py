@@ -66,7 +66,7 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import (
+from benchmarks.harness import (
     TABLES_PAGE,
     add_smoke,
     clock,

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import TABLES_PAGE, add_smoke, cpu_model, save_batches
+from benchmarks.harness import TABLES_PAGE, add_smoke, cpu_model, save_batches
 
 HERE = Path(__file__).resolve().parent
 DOC = TABLES_PAGE

@@ -52,7 +52,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.*
-from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, smoke_dir  # noqa: E402
 
 PRESETS = ("nano", "small", "medium", "large")
 DTYPES = ("fp32", "bf16")
@@ -625,7 +625,7 @@ def emit(res: dict, write: bool) -> None:
     text = report(res)
     print(text)
     if write:
-        from benchmarks.common import TABLES_PAGE, write_between_markers
+        from benchmarks.harness import TABLES_PAGE, write_between_markers
 
         write_between_markers(TABLES_PAGE, "bench_gpu", text,
                               "### `benchmarks/speed/bench_gpu.py`")

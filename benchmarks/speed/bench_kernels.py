@@ -32,7 +32,7 @@ import numpy as np
 from mlxlab.runtime.blas import blas_threads, set_blas_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke  # noqa: E402
+from benchmarks.harness import add_smoke  # noqa: E402
 
 REPEATS = 10
 COMPILE = False  # --compile: the fused section's per-op rows under mx.compile

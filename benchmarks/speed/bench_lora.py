@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
-from benchmarks.common import add_smoke, cpu_model, run_with_peak_rss  # noqa: E402
+from benchmarks.harness import add_smoke, cpu_model, run_with_peak_rss  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 512, 4, 8, 16.0, 2e-4
 MODEL = dict(hidden=512, layers=8, heads=4, kv_heads=2, chat="chatml")

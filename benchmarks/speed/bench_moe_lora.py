@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
-from benchmarks.common import add_smoke, cpu_model  # noqa: E402
+from benchmarks.harness import add_smoke, cpu_model  # noqa: E402
 from benchmarks.speed.bench_lora import (  # noqa: E402
     MLX_LM_KEYS,
     print_table,

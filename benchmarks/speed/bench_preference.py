@@ -55,7 +55,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import (  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
     add_smoke,
     cpu_model,
     smoke_dir,

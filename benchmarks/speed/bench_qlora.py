@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
-from benchmarks.common import add_smoke, cpu_model  # noqa: E402
+from benchmarks.harness import add_smoke, cpu_model  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
 
 ARCHS = ("llama", "qwen3", "gemma3_text")

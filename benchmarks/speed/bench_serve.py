@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke  # noqa: E402
+from benchmarks.harness import add_smoke  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["Once upon a time", "The little dog", "A girl named Lily", "In the big forest",

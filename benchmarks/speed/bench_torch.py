@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import (  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
     add_smoke,
     clock,
     foreign_libraries,

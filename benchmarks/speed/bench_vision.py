@@ -55,7 +55,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import add_smoke, cpu_model, run_with_peak_rss, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, cpu_model, run_with_peak_rss, smoke_dir  # noqa: E402
 from benchmarks.speed.bench_lora import csv_metrics  # noqa: E402
 
 RANK, ALPHA, LR = 8, 16.0, 2e-4

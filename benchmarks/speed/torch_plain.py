@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--lr", type=float, default=1e-3)
-    # (written out here, not benchmarks.common's: this script shares no code with the harness)
+    # (written out here, not benchmarks.harness's: this script shares no code with the harness)
     p.add_argument("--smoke", action="store_true",
                    help="the smallest run through this script's code path; figures mean nothing")
     args = p.parse_args()

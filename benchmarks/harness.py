@@ -1,24 +1,37 @@
-"""What the benchmark scripts share: clocks, memory, saved batches, the CPU's name, the markers a
-`--write` replaces, running mlxlab's commands. Standard library and numpy only: the PyTorch
-processes (speed/bench_torch.py, speed/torch_bert_run.py) import this module and must never import
-mlxlab, MLX or the OpenBLAS that mlxlab loads (with them loaded PyTorch runs 3.7x slower)."""
+"""The harness every benchmark script shares: the JSON record a run writes (`write_record`: its
+figures, command, commit, machine, load and date, under benchmarks/results/), clocks, memory,
+saved batches, the machine's CPU and GPU, running mlxlab's commands, `--smoke`. Standard library
+and numpy only: the PyTorch processes (speed/bench_torch.py, speed/torch_bert_run.py) import this
+module and must never import mlxlab, MLX or the OpenBLAS that mlxlab loads (with them loaded
+PyTorch runs 3.7x slower)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import json
 import os
 import platform
+import shlex
+import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-# The page whose `<!-- marker: begin/end -->` pairs a script's `--write` fills: the history page,
-# since docs/benchmarks.md keeps only the current figures in compact tables (issue 55).
-TABLES_PAGE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-history.md"
+REPO = Path(__file__).resolve().parents[1]
+# Where a run's record goes: one JSON file per run, read by the docs build (scripts/gen_benchmarks.py)
+RESULTS = REPO / "benchmarks" / "results"
+RESULTS_ENV = "MLXLAB_BENCH_RESULTS"  # another folder for the records (the smoke tests' tmp_path)
+SCHEMA = 1
+# The page whose `<!-- marker: begin/end -->` pairs a script's `--write` fills: the history page
+# (the tables as the scripts print them); docs/benchmarks.md is generated from the records.
+TABLES_PAGE = REPO / "docs" / "benchmarks-history.md"
+LOAD_AT_START = os.getloadavg()  # the machine's load when the benchmark began
 
 # Libraries that only mlxlab/MLX put into a process; a baseline process must map none of them.
 FOREIGN_LIBRARIES = ("libopenblasp", "libscipy_openblas.so", "libmlx.so", "mlx_cpu.libs")
@@ -87,6 +100,74 @@ def cpu_model() -> str:
     return f"{model} x{os.cpu_count()}" + (f" ({isa})" if isa else "")
 
 
+def cpu_id() -> dict:
+    """The CPU as lscpu names it: model name, family and model numbers, cores, widest vector ISA."""
+    fields = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name", platform.processor() or platform.machine()),
+            "family": fields.get("cpu family"), "model_number": fields.get("model"),
+            "cores": os.cpu_count(),
+            "isa": "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None}
+
+
+def gpu_names() -> list[str]:
+    """The GPUs nvidia-smi lists (none on a machine without it); never imports MLX or PyTorch."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                          capture_output=True, text=True)
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
+
+
+def commit() -> str | None:
+    """The checkout's commit, `+dirty` when its tracked files differ from it."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def write_record(name: str, figures: dict, *, question: str, reference: str | None = None,
+                 ratio: float | None = None, summary: str | None = None,
+                 smoke: bool = False, raw: str | None = None) -> Path:
+    """Write this run's record: `figures` (the script's own numbers), with the command that
+    produced them, the commit, the machine (CPU, GPU, BLAS threads), the load at the start and
+    the end, and the date. `question` is the section of docs/benchmarks.md the record belongs
+    to (benchmarks/README.md lists them); `ratio` (mlxlab's figure over `reference`'s, with
+    `summary` saying which figure and which way is better) puts it in the page's summary table.
+    A smoke run's record goes to a temporary folder unless MLXLAB_BENCH_RESULTS names one.
+    Returns the record's path."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    script = Path(sys.argv[0]).resolve()
+    with contextlib.suppress(ValueError):
+        script = script.relative_to(REPO)
+    record = {
+        "schema": SCHEMA, "name": name, "question": question,
+        "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": shlex.join(["python", str(script), *sys.argv[1:]]),
+        "commit": commit(),
+        "machine": {"cpu": cpu_id(), "gpu": gpu_names(), "python": platform.python_version(),
+                    "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS")},
+        "load": {"start": list(LOAD_AT_START), "end": list(os.getloadavg())},
+        "reference": reference, "ratio": ratio, "summary": summary, "smoke": smoke, "raw": raw,
+        "figures": figures,
+    }
+    folder = Path(os.environ.get(RESULTS_ENV) or (smoke_dir("records") if smoke else RESULTS))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{now:%Y-%m-%d-%H%M%S}-{name}.json"
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    print(f"record: {path}")
+    return path
+
+
 def write_between_markers(path: Path, marker: str, body: str, title: str) -> None:
     """Put `body` into the markdown file `path` between `<!-- {marker}: begin/end -->` (so the
     prose around it stays), or append it under `title` when the markers are not there yet."""
@@ -118,8 +199,6 @@ def run_with_peak_rss(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedPro
 def run_logged(args: list[str], env: dict, log: Path) -> tuple[str, float]:
     """Run a command in env["MLXLAB_ROOT"], its output kept in `log`: (the output, wall
     seconds); a failure exits the benchmark naming the log."""
-    import sys
-
     started = time.perf_counter()
     proc = subprocess.run(args, env=env, cwd=env["MLXLAB_ROOT"], capture_output=True, text=True)
     log.write_text(proc.stdout + proc.stderr)
@@ -142,15 +221,11 @@ def tiny_hf_model():
 
 def mlxlab_cli(*args: str) -> list[str]:
     """`mlxlab ARGS` in this interpreter."""
-    import sys
-
     return [sys.executable, "-m", "mlxlab.cli.main", *args]
 
 
 def train_cli(*args: str) -> list[str]:
     """`mlxlab-train ARGS` in this interpreter."""
-    import sys
-
     return [sys.executable, "-m", "mlxlab.train", *args]
 
 
@@ -163,8 +238,6 @@ def write_results(out: Path, results: dict, compare: str, shown: str,
                   times: dict[str, float]) -> None:
     """results.json under `out` (with `compare`'s JSON), then the results, `shown` (a table's
     tail) and each stage's wall time printed."""
-    import json
-
     results = {**results, "wall_s": times,
                "compare": compare[compare.index("{"):] if "{" in compare else compare}
     (out / "results.json").write_text(json.dumps(results, indent=2))
