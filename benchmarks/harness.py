@@ -143,7 +143,8 @@ def write_record(name: str, figures: dict, *, question: str, reference: str | No
     the end, and the date. `question` is the section of docs/benchmarks.md the record belongs
     to (benchmarks/README.md lists them); `ratio` (mlxlab's figure over `reference`'s, with
     `summary` saying which figure and which way is better) puts it in the page's summary table.
-    A smoke run's record goes to a temporary folder unless MLXLAB_BENCH_RESULTS names one.
+    A smoke run's record, and any run under pytest, goes to a temporary folder unless
+    MLXLAB_BENCH_RESULTS names one: only a real run adds to the repository's records.
     Returns the record's path."""
     now = datetime.datetime.now(datetime.timezone.utc)
     script = Path(sys.argv[0]).resolve()
@@ -160,7 +161,8 @@ def write_record(name: str, figures: dict, *, question: str, reference: str | No
         "reference": reference, "ratio": ratio, "summary": summary, "smoke": smoke, "raw": raw,
         "figures": figures,
     }
-    folder = Path(os.environ.get(RESULTS_ENV) or (smoke_dir("records") if smoke else RESULTS))
+    scratch = smoke or "PYTEST_CURRENT_TEST" in os.environ
+    folder = Path(os.environ.get(RESULTS_ENV) or (smoke_dir("records") if scratch else RESULTS))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{now:%Y-%m-%d-%H%M%S}-{name}.json"
     path.write_text(json.dumps(record, indent=1, default=str) + "\n")

@@ -77,6 +77,7 @@ from benchmarks.harness import (
     rss_mb,
     save_batches,
     write_between_markers,
+    write_record,
 )
 from mlxlab import kernels as mlxlab_kernels
 from mlxlab.runtime.blas import blas_threads, set_blas_threads
@@ -747,6 +748,14 @@ def main() -> None:
     command = "python benchmarks/speed/bench.py " + " ".join(sys.argv[1:])
     text = report(info, gemm, rows, ratio_rows, checks, command.strip(), args)
     print(text)
+    pytorch = next((c for c in ratio_rows if c[0].endswith(": mlxlab / PyTorch eager")), None)
+    write_record("-".join(models) + "-vs-pytorch", {
+        "machine": info, "gemm": gemm, "rows": rows, "checks": checks,
+        "ratios": [dict(zip(("what", "median", "target", "low", "high", "by_median_step"), c))
+                   for c in ratio_rows]},
+        question="speed-pytorch", reference=pytorch and "PyTorch eager (bench_torch.py, its own process)",
+        ratio=pytorch and round(pytorch[1], 2), summary=pytorch and f"{pytorch[0]}, throughput (higher is better)",
+        smoke=args.smoke or args.quick)
     if args.write:
         write_section(Path(args.out), text, args.threads)
         print(f"\nwritten to {args.out}", file=sys.stderr)

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import TABLES_PAGE, add_smoke, cpu_model, save_batches
+from benchmarks.harness import TABLES_PAGE, add_smoke, cpu_model, save_batches, write_record
 
 HERE = Path(__file__).resolve().parent
 DOC = TABLES_PAGE
@@ -173,6 +173,14 @@ def main() -> None:
     results = interleave(rows, args.repeats)
     table = report(results, args)
     print(table)
+    ours = "readme" if "readme" in results else "bare" if "bare" in results else None
+    ratio = (statistics.median(x["wall_s"] / y["wall_s"] for x, y in zip(results[ours], results["twin"]))
+             if ours and "twin" in results else None)
+    write_record("default-run-vs-pytorch", results, question="speed-pytorch",
+                 reference=ratio and "the same run as a plain PyTorch script (speed/torch_bert_run.py)",
+                 ratio=ratio and round(ratio, 2),
+                 summary=ratio and f"wall time of the default experiment, `{ours}` row (lower is better)",
+                 smoke=args.smoke)
     if args.write:
         full = args.rows == "readme,bare,twin" and not args.epochs
         write(table, MARKER if full else SHORT_MARKER)

@@ -52,7 +52,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.*
-from benchmarks.harness import add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
 
 PRESETS = ("nano", "small", "medium", "large")
 DTYPES = ("fp32", "bf16")
@@ -618,6 +618,8 @@ def main() -> None:
     res["parts"] = sorted(set(res.get("parts", [])) | set(parts))
     res["total_s"] = res.get("total_s", 0.0) + time.monotonic() - started
     saved.write_text(json.dumps(res, indent=2))
+    write_record("gpu", res, question="speed-pytorch", smoke=args.dry_run or args.smoke,
+                 raw=str(saved))
     emit(res, args.write)
 
 

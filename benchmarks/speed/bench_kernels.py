@@ -32,10 +32,11 @@ import numpy as np
 from mlxlab.runtime.blas import blas_threads, set_blas_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke  # noqa: E402
+from benchmarks.harness import add_smoke, write_record  # noqa: E402
 
 REPEATS = 10
 COMPILE = False  # --compile: the fused section's per-op rows under mx.compile
+ROWS: list[dict] = []  # every row printed, for the run's record
 
 
 def bench(fn, *args, repeats: int | None = None) -> tuple[float, float]:
@@ -52,6 +53,8 @@ def bench(fn, *args, repeats: int | None = None) -> tuple[float, float]:
 
 
 def row(section: str, name: str, timing: tuple[float, float], note: str = "") -> None:
+    ROWS.append({"part": section, "formulation": name, "best_ms": timing[0],
+                 "median_ms": timing[1], "note": note})
     print(f"{section:<6} {name:<44} {timing[0]:>9.2f} {timing[1]:>9.2f}  {note}")
 
 
@@ -508,6 +511,8 @@ def main() -> None:
     only = args.only.split(",") + (["torch"] if args.torch else [])
     for name in only:
         SECTIONS[name]()
+    write_record("kernels", {"rows": ROWS, "repeats": REPEATS, "compile": COMPILE},
+                 question="speed-pytorch", smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
-from benchmarks.harness import add_smoke, cpu_model, run_with_peak_rss  # noqa: E402
+from benchmarks.harness import add_smoke, cpu_model, run_with_peak_rss, write_record  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 512, 4, 8, 16.0, 2e-4
 MODEL = dict(hidden=512, layers=8, heads=4, kv_heads=2, chat="chatml")
@@ -320,6 +320,17 @@ def main() -> None:
         f"{args.steps} steps, the first {args.skip} left out; median of {args.rounds} rounds\n"
     )
     print_table(results, args.rows.split(","), tools, "rows")
+    group = args.rows.split(",")[0]
+    other = next((t for t in tools if t.startswith("mlx-lm")), None)
+    ratio = None
+    if (group, "mlxlab") in results and (group, other) in results:
+        ratio = round(statistics.median(r["tokens_per_sec"] for r in results[(group, "mlxlab")])
+                      / statistics.median(r["tokens_per_sec"] for r in results[(group, other)]), 2)
+    write_record(f"lora-{group}s-vs-mlx-lm", {
+        "args": vars(args), "runs": {f"{g}/{t}": runs for (g, t), runs in results.items()}},
+        question="speed-mlx", reference=ratio and f"mlx_lm.lora ({other})", ratio=ratio,
+        summary=ratio and f"LoRA trained tokens/s, {group} rows (higher is better)",
+        smoke=args.smoke)
 
 
 def print_table(results: dict[tuple[str, str], list[dict]], groups: list[str], tools: list[str],

@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import add_smoke, cpu_model, run_with_peak_rss  # noqa: E402
+from benchmarks.harness import add_smoke, cpu_model, run_with_peak_rss, write_record  # noqa: E402
 from benchmarks.speed.bench_lora import MLX_LM_KEYS, MLX_LM_WORKER, csv_metrics  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 256, 4, 8, 16.0, 1e-4
@@ -534,6 +534,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"left out; median of {args.rounds} round(s)\n\n{shown}")
     if (work / "runs").is_dir():  # the same runs at equal work (one count of trained tokens)
         print("\n" + equal_count(work / "runs", data, smollm2["qlora"], args.skip))
+    write_record("sizes", {"results": results, "table": shown}, question="speed-mlx",
+                 smoke=args.smoke, raw=str(store))
     if failed:
         sys.exit(1)
     return results

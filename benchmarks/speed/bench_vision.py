@@ -55,7 +55,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from benchmarks.harness import add_smoke, cpu_model, run_with_peak_rss, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, cpu_model, run_with_peak_rss, smoke_dir, write_record  # noqa: E402
 from benchmarks.speed.bench_lora import csv_metrics  # noqa: E402
 
 RANK, ALPHA, LR = 8, 16.0, 2e-4
@@ -352,6 +352,12 @@ def main() -> None:
         print(f"| {name} | {tool} | {runs[0]['batch']} | {row['step_s']:.2f} | "
               f"{row['tokens_per_sec']:.2f} | {row['peak_mb']:.0f} | {row['rss_mb']:.0f} | "
               f"{loads} | {speed} | {peak} |")
+    first = next((row for row in table if row["speed_ratio"] != "-"), None)
+    write_record("vision-vs-mlx-vlm", {"table": table, "runs": {f"{k[0]}/{k[1]}": v for k, v in results.items()}},
+                 question="speed-mlx", reference=first and "mlx-vlm's own trainer (python -m mlx_vlm.train)",
+                 ratio=first and float(first["speed_ratio"].rstrip("x")),
+                 summary=first and f"vision-language LoRA step speed, {first['shape']} (higher is better)",
+                 smoke=args.smoke)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
