@@ -237,12 +237,14 @@ def line_value(out: str, prefix: str) -> str:
 
 
 def write_results(out: Path, results: dict, compare: str, shown: str,
-                  times: dict[str, float]) -> None:
-    """results.json under `out` (with `compare`'s JSON), then the results, `shown` (a table's
-    tail) and each stage's wall time printed."""
+                  times: dict[str, float], *, record: str, smoke: bool) -> None:
+    """results.json under `out` (with `compare`'s JSON) and the run's record (`record`: its
+    name, question `quality`), then the results, `shown` (a table's tail) and each stage's wall
+    time printed."""
     results = {**results, "wall_s": times,
                "compare": compare[compare.index("{"):] if "{" in compare else compare}
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_record(record, results, question="quality", smoke=smoke, raw=str(out / "results.json"))
     print(json.dumps({k: v for k, v in results.items() if k != "compare"}, indent=2))
     print(shown[-4000:])
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))

@@ -46,7 +46,7 @@ from mlxlab.config import compose_config
 from mlxlab.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
 
 COMMON = ["tracking=none", "callbacks.progress.enabled=false", "checkpoint.save_every_minutes=null",
           "checkpoint.keep_last_n=1"]
@@ -260,6 +260,7 @@ def main() -> None:
     for name in args.tasks:
         rows += bench(name, TASKS[name], args.seeds, args.root.resolve(), args)
     print(table(rows))
+    write_record("distill", {"rows": rows}, question="quality", smoke=args.smoke)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -180,7 +180,8 @@ def main() -> None:
                           "eval/heldout/exact_match", "--uri", uri), env, out / "compare.txt")
     write_results(out, {"teacher_exact_match": teacher_acc, "student_exact_match": student_acc,
                         "steps": a.steps, "replicates": a.replicates,
-                        "load_average": os.getloadavg()}, compare, table, times)
+                        "load_average": os.getloadavg()}, compare, table, times,
+                  record="gkd-learning", smoke=a.smoke)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def main() -> None:
     compare, times["compare"] = run(mlxlab("runs", "compare", base_run, "latest", "--uri", uri,
                                            "--json"), env, out / "compare.log")
     write_results(out, {"base_exact_match": base_acc, "base_run": base_run}, compare, compare,
-                  times)
+                  times, record="grpo-learning", smoke=a.smoke)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import mlxlab  # noqa: F401  (first: loads the fast BLAS before anything imports
 from mlxlab.runtime.blas import set_blas_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import SMOKE_RUN, add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import SMOKE_RUN, add_smoke, smoke_dir, write_record  # noqa: E402
 from benchmarks.speed.bench import compose, cpu_model  # noqa: E402
 from benchmarks.speed.bench_torch import torch_models  # noqa: E402
 
@@ -368,6 +368,7 @@ def main() -> None:
             (args.out / f"{name}.json").write_text(json.dumps(results[name], indent=1))
             print(table(name, results[name]), flush=True)
     if results:
+        write_record("lm-twin", results, question="quality", smoke=args.smoke)
         plot(results, args.out / "lm_twin.png")
         print(f"\nCPU: {cpu_model()}, {args.threads} thread(s); PNG: {args.out / 'lm_twin.png'}")
 

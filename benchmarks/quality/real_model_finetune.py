@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import cpu_model, run_with_peak_rss  # noqa: E402
+from benchmarks.harness import cpu_model, run_with_peak_rss, write_record  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
 
 MONTHS = list(calendar.month_name)[1:]
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
             uri, work / "eval" / "mlx-lm"))
     stage("llama.cpp", lambda: llama_cpp_accuracy(gguf, folder, heldout))
     # mlx-lm as shipped trains a 4-bit base on MLX's scalar CPU quantized matmul (~35x slower:
-    # bench_qlora.py); its loop on mlxlab's product tells the loops apart
+    # on 2 cores); its loop on mlxlab's product tells the loops apart
     fast_out = work / "runs" / "mlx-lm-fast-0"
     stage("train_mlx_lm_fast_0", lambda: train_mlx_lm(folder, data, args, fast_out, fast=True))
     stage("mlx-lm-fast", lambda: evaluate(
@@ -389,6 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
         result[path.stem] = json.loads(path.read_text())
     result["load_end"] = load()
     (work / "results.json").write_text(json.dumps(result, indent=1))
+    write_record("real-model-finetune", result, question="quality", smoke=args.smoke,
+                 raw=str(work / "results.json"))
     print(table(result))
     return result
 
