@@ -102,7 +102,7 @@ def summary(records: list[dict], order: list[str]) -> str:
 def figures_table(figures: dict) -> str:
     """A record's figures: its own table when it carries one, else one row per figure."""
     table = figures.get("table")
-    if table:
+    if isinstance(table, dict) and "head" in table:
         head = "| " + " | ".join(table["head"]) + " |"
         align = table.get("align") or "|" + "---|" * len(table["head"])
         return "\n".join([head, align, *("| " + " | ".join(row) + " |" for row in table["rows"])])
