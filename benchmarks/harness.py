@@ -165,6 +165,10 @@ def write_record(name: str, figures: dict, *, question: str, reference: str | No
     folder = Path(os.environ.get(RESULTS_ENV) or (smoke_dir("records") if scratch else RESULTS))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{now:%Y-%m-%d-%H%M%S}-{name}.json"
+    for n in range(2, 100):  # two runs of one name in one second: both kept
+        if not path.exists():
+            break
+        path = folder / f"{now:%Y-%m-%d-%H%M%S}-{name}-{n}.json"
     path.write_text(json.dumps(record, indent=1, default=str) + "\n")
     print(f"record: {path}")
     return path
