@@ -176,3 +176,21 @@ def test_records_are_checked_and_a_run_under_pytest_keeps_out_of_the_repository(
                           cwd=ROOT, env=env, capture_output=True, text=True)
     written = Path(done.stdout.strip().splitlines()[-1])
     assert written.is_file() and ROOT not in written.parents
+
+
+def test_links_from_outside_the_site_reach_a_heading_of_the_benchmarks_page():
+    """README.md and benchmarks/README.md are not built by mkdocs: their links into
+    docs/benchmarks.md are checked here against the generated page's headings."""
+    from markdown.extensions.toc import slugify
+
+    page = load_gen_benchmarks().page()
+    anchors = set()
+    for title in re.findall(r"^#+ (.+)$", page, re.M):
+        explicit = re.search(r"\{#([\w-]+)\}\s*$", title)
+        anchors.add(explicit.group(1) if explicit else slugify(title, "-"))
+    links = {(name, anchor) for name in ("README.md", "benchmarks/README.md")
+             for anchor in re.findall(r"benchmarks\.md#([\w-]+)", (ROOT / name).read_text())}
+    assert links, "the READMEs link into the benchmarks page"
+    broken = sorted(link for link in links if link[1] not in anchors)
+    assert not broken, broken
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 300  # a quickstart, not a manual
