@@ -8,7 +8,7 @@ trial resumed from its checkpoint:
 
     .venv/bin/python benchmarks/faults/bench_search_resume.py --root /tmp/bench_resume --trials 6 --kill-at 3
 
-The question it answers (issue 38): after a SIGKILL, no finished trial runs again, the study
+The question it answers: after a SIGKILL, no finished trial runs again, the study
 holds the number of trials asked for, and the best is the uninterrupted search's.
 """
 

@@ -7,7 +7,7 @@ asks of the continued grid beside the whole one:
 
     .venv/bin/python benchmarks/faults/bench_sweep_faults.py --root /tmp/bench_faults
 
-(issue 47: one parent, each (config, seed) FINISHED once, the killed job resumed from its
+(one parent, each (config, seed) FINISHED once, the killed job resumed from its
 checkpoint, nothing RUNNING, and the same per-seed values, groups and verdict as the whole grid).
 """
 

@@ -1,5 +1,5 @@
 """What does rendering chats with mlxlab's renderer cost beside transformers' apply_chat_template,
-and do they agree on every chat (issue 49)?
+and do they agree on every chat?
 
     python benchmarks/parity/bench_chat.py [--rounds 3] [--chats 200]
 

@@ -1,4 +1,4 @@
-"""Are the assistant masks right on the real chat templates (issue 54)? For each template of
+"""Are the assistant masks right on the real chat templates? For each template of
 tests/chat_templates (in a tiny tokenizer folder of its model's style, tests/chat_fixtures.py) and
 the chat system + two exchanges, with and without tools: how many tokens mlxlab marks as the
 assistant's, how many the replies and their end-of-turn tokens written out by hand hold

@@ -1,4 +1,4 @@
-"""llama.cpp itself loads mlxlab's GGUF exports and scores them (issue 57).
+"""llama.cpp itself loads mlxlab's GGUF exports and scores them.
 
 Trains a small TinyStories decoder in mlxlab (or takes --run), exports it as F16, Q8_0, Q4_0 and
 Q4_1 GGUF files, and has llama.cpp (llama-cpp-python, a source build of llama.cpp: `pip install

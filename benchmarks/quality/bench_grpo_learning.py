@@ -1,4 +1,4 @@
-"""Does GRPO make a model better than its base, proven over seeds? (issue 55, "Learning, proven")
+"""Does GRPO make a model better than its base, proven over seeds?
 
 The task (experiment=grpo_copy): copy four digits into an answer format, "4719=" -> "[4719]",
 rewarded by the exact answer; 800 prompts to train on, 200 held out (assets/copy_format/, every

@@ -58,7 +58,7 @@ TABLES = {
                 ["data.id_column=PassengerId", f"data.feature_columns={TITANIC_COLUMNS}"]),
 }
 MARKER = "benchmarks/bench_tabular.py"  # the key of its table on the history page
-TITLE = "## Any CSV: `data=csv` defaults vs logistic regression and gradient boosting (issue 28)"
+TITLE = "## Any CSV: `data=csv` defaults vs logistic regression and gradient boosting"
 
 
 def write_table(name: str, folder: Path) -> Path:

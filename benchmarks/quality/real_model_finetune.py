@@ -1,6 +1,5 @@
 """A real pretrained model fine-tuned with proof: SmolLM2-135M-Instruct from its Q4_1 GGUF taught
-a task it fails, scored before and after, beside mlx_lm.lora, and run in llama.cpp (issue 64,
-item 4).
+a task it fails, scored before and after, beside mlx_lm.lora, and run in llama.cpp.
 
     python benchmarks/quality/real_model_finetune.py [--work DIR] [--steps 100] [--batch 4]
         [--train 400] [--heldout 200] [--rounds 1]

@@ -1,4 +1,4 @@
-"""Throughput benchmark (issue 3): MLX GEMM vs numpy, and training speed of the mlxlab stack vs a
+"""Throughput benchmark: MLX GEMM vs numpy, and training speed of the mlxlab stack vs a
 minimal hand-written MLX loop vs the same architecture in PyTorch CPU eager, on this machine.
 
 Not a test: prints a table; `--write` also puts it (with the command and the machine) into
@@ -23,14 +23,14 @@ no framework's threads, caches or memory high-water mark leak into the next one:
   torch     the same architecture written in PyTorch (benchmarks/speed/bench_torch.py), same batches,
             CPU eager, torch.set_num_threads = the BLAS threads, in a process that never
             imports mlxlab, MLX or their OpenBLAS (it checks its own memory map and fails if it
-            does): issue 12 found the old rows, which imported mlxlab, 3.7x slow.
+            does): rows that imported mlxlab ran PyTorch 3.7x slow.
   torch:plain  benchmarks/speed/torch_plain.py, a plain PyTorch script of the same decoder (random
             tokens, the same batch shape), in the same rounds. When the torch row and it
             disagree by more than the noise, no PyTorch ratio is printed and the exit code is 1.
 Variants of the mlxlab row (--variants) locate the framework overhead: `bare` (tracking=none,
 no progress bar), `replay` (the saved batches instead of the live data pipeline), `nokernels`
 (trainer.fused_kernels=off: the pure-MLX cross-entropy and SwiGLU instead of the fused CPU
-kernels of mlxlab.kernels, which every other MLX row uses when they build; issue 12).
+kernels of mlxlab.kernels, which every other MLX row uses when they build).
 
 Noise: a shared machine slows whole processes for a while (the same worker measured 79 and 110 ms
 a step minutes apart), so every row runs --repeats times in interleaved rounds (round order
@@ -474,7 +474,7 @@ def has_plain(name: str) -> bool:
 def baseline_check(name: str, rows: list[float], plain: list[float]) -> dict:
     """Does the PyTorch row (bench_torch.py on the replayed batches) run at the speed of a plain
     PyTorch script of the same model in its own process? Noise: the larger relative spread over
-    the rounds of either, at least 10%. A harness that slowed its baseline (issue 12: 3.7x) fails
+    the rounds of either, at least 10%. A harness that slowed its baseline (3.7x) fails
     this, and then no PyTorch ratio is printed."""
     per_round = [r / p for r, p in zip(rows, plain)]
     spread = max(max(v) / min(v) - 1 for v in (rows, plain))
@@ -575,7 +575,7 @@ def fmt(x, spec: str) -> str:
 
 
 def check_lines(checks: list[dict]) -> list[str]:
-    """The PyTorch baseline check table (issue 12), or nothing when no PyTorch row ran."""
+    """The PyTorch baseline check table, or nothing when no PyTorch row ran."""
     if not checks:
         return []
     lines = [

@@ -1,4 +1,4 @@
-"""The default experiment's whole run against a PyTorch twin's (issue 24): what a new user times.
+"""The default experiment's whole run against a PyTorch twin's: what a new user times.
 
     python benchmarks/speed/bench_default_run.py [--repeats 3] [--write]
 

@@ -1,4 +1,4 @@
-"""One command for a GPU window (issue 40): what mlxlab does on the GPU, and against PyTorch.
+"""One command for a GPU window: what mlxlab does on the GPU, and against PyTorch.
 
     python benchmarks/speed/bench_gpu.py [--write] [--budget-min 25] [--out gpu-bench]
     python benchmarks/speed/bench_gpu.py --dry-run      # the whole path on the CPU, tiny, ~1 minute
@@ -188,7 +188,7 @@ def lm_rows(spec: dict) -> list[dict]:
 
 
 def profile_step(spec: dict, preset: str, dtype: str) -> dict:
-    """Where one step's time goes (issue 60 item 5): the compiled forward, forward + backward and
+    """Where one step's time goes: the compiled forward, forward + backward and
     whole step of `preset` timed apart, attention (MLX's fused SDPA, causal, forward + backward)
     timed alone at the model's shapes, and the matmuls' floor (their FLOPs over the best GEMM)."""
     import mlx.core as mx

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning speed and memory, mlxlab beside mlx_lm.lora, on long rows and on chats (issue 49).
+"""LoRA fine-tuning speed and memory, mlxlab beside mlx_lm.lora, on long rows and on chats.
 
     python benchmarks/speed/bench_lora.py [--rows long,chat] [--tools mlxlab,mlx-lm,mlx-lm-openblas]
                                     [--steps 12] [--rounds 2] [--work DIR] [--seq 512]
@@ -53,7 +53,7 @@ MLX_LM_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 # Runs mlx-lm's own LoRA training (mlx_lm.lora.run, what its CLI calls) and writes each per-step
 # report as a json line. argv: args.json report.jsonl
-# openblas(0|1) [fast_quantized(0|1): mlxlab's CPU quantized product on the loaded model, issue 54]
+# openblas(0|1) [fast_quantized(0|1): mlxlab's CPU quantized product on the loaded model]
 MLX_LM_WORKER = """
 import json, sys, types
 if sys.argv[3] == "1":

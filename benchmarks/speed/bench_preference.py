@@ -1,4 +1,4 @@
-"""DPO speed and memory beside mlx-lm-lora's (issue 50): the same model, pairs, batch, LoRA,
+"""DPO speed and memory beside mlx-lm-lora's: the same model, pairs, batch, LoRA,
 sequence length, steps and beta, each tool run as its CLI in its own process.
 
     python benchmarks/speed/bench_preference.py [--rounds 2] [--steps 20] [--stock-steps 6]

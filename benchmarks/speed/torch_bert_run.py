@@ -1,4 +1,4 @@
-"""The PyTorch twin of the default experiment's whole run (issue 24): the mlxlab BERT classifier
+"""The PyTorch twin of the default experiment's whole run: the mlxlab BERT classifier
 written in PyTorch (benchmarks/speed/bench_torch.py), trained as a PyTorch user would write it, on the
 exact batches the mlxlab run trains and evaluates on (bench_default_run.py dumps them).
 

@@ -1,6 +1,6 @@
 """A plain PyTorch training script of mlxlab's decoder (RMSNorm, SwiGLU, RoPE, tied embeddings),
 written the way a PyTorch user would, with nothing from mlxlab or the benchmark harness: the
-reference that benchmarks/speed/bench.py checks its PyTorch row against (issue 12).
+reference that benchmarks/speed/bench.py checks its PyTorch row against.
 
     python benchmarks/speed/torch_plain.py --vocab 3776 --dim 256 --layers 4 --heads 4 --batch 16 --seq 128
 
