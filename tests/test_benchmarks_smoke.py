@@ -13,7 +13,6 @@ afford for 30 scripts.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, REPO
+from test_docs import load_gen_benchmarks
 
 BENCH = REPO / "benchmarks"
 FOLDERS = ("speed", "quality", "memory", "parity", "faults")
@@ -30,14 +30,6 @@ SCRIPTS = sorted(p.relative_to(BENCH).as_posix() for folder in FOLDERS
 # MLX or its OpenBLAS); the record is that script's.
 REFERENCE_WORKERS = {"speed/bench_torch.py", "speed/torch_bert_run.py", "speed/torch_plain.py",
                      "quality/real_model_torch_peft.py"}
-
-
-def gen_benchmarks():
-    spec = importlib.util.spec_from_file_location("gen_benchmarks",
-                                                  REPO / "scripts" / "gen_benchmarks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 # Loads each script as its command would, then forgets benchmarks.* and the path it added, so
 # the next script finds (or fails to find) everything by itself. Heavy libraries stay imported:
@@ -153,7 +145,7 @@ def test_smoke(script, tmp_path):
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     if script in REFERENCE_WORKERS:
         return
-    written = gen_benchmarks().load_records(records)  # the keys the docs page needs, checked
+    written = load_gen_benchmarks().load_records(records)  # the keys the docs page needs, checked
     assert len(written) == 1, [r["_file"] for r in written]
     record = written[0]
     assert record["smoke"] and record["figures"], record
