@@ -11,7 +11,8 @@ docs/benchmarks.md is the written part: prose, one section per standing question
   and the command;
 - a question (`speed-pytorch`, `quality`, ... : a record's `question`): that question's other
   records, grouped by title, newest first, each with its machine, date, commit and command
-  above its table.
+  above its table; a record whose script has since been removed (its question answered once)
+  keeps its title and a line naming the record.
 
 benchmarks/README.md states the record schema; benchmarks/harness.py's `write_record` writes it.
 To read the page without mkdocs:
@@ -156,16 +157,16 @@ def question_section(records: list[dict], question: str) -> str:
     groups: dict[str, list[dict]] = {}
     for r in sorted(mine, key=lambda r: (r["date"], r["_file"]), reverse=True):
         groups.setdefault(r.get("title") or r["name"], []).append(r)
-    parts, earlier = [], []
+    parts = []
     for title, group in groups.items():
         shown = [c for c in map(current, sorted(group, key=lambda r: r["_file"])) if c]
-        earlier += [f"{title} ({date(r)}, `{r['_file']}`)" for r in group
-                    if not any(c["_file"] == r["_file"] for c in shown)]
-        if shown:
-            parts.append(f"### {title}\n\n" + "\n\n".join(map(record_block, shown)))
-    if earlier:
-        parts.append("Answered once, by scripts since removed (the figures are in these records "
-                     "and on the history page): " + "; ".join(earlier) + ".")
+        hidden = [f"`{r['_file']}`" for r in group if r["_file"] not in {c["_file"] for c in shown}]
+        blocks = [record_block(c) for c in shown]
+        if hidden:  # the title stays, so what links to it still lands here
+            blocks.append(f"{'Also answered' if shown else 'Answered'} once, by a script since "
+                          f"removed: the figures are in {', '.join(hidden)} and on the "
+                          "[history page](benchmarks-history.md).")
+        parts.append(f"### {title}\n\n" + "\n\n".join(blocks))
     return "\n\n".join(parts) if parts else "*No record yet.*"
 
 
