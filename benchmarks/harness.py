@@ -135,6 +135,17 @@ def commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
+def jsonable(value: object) -> object:
+    """`value` as JSON can hold it: a tuple key becomes "a/b", anything else unknown its str()."""
+    if isinstance(value, dict):
+        return {("/".join(map(str, k)) if isinstance(k, tuple) else k
+                 if isinstance(k, (str, int, float, bool)) or k is None else str(k)): jsonable(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [jsonable(v) for v in value]
+    return value
+
+
 def write_record(name: str, figures: dict, *, question: str, reference: str | None = None,
                  ratio: float | None = None, summary: str | None = None,
                  smoke: bool = False, raw: str | None = None) -> Path:
@@ -159,7 +170,7 @@ def write_record(name: str, figures: dict, *, question: str, reference: str | No
                     "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS")},
         "load": {"start": list(LOAD_AT_START), "end": list(os.getloadavg())},
         "reference": reference, "ratio": ratio, "summary": summary, "smoke": smoke, "raw": raw,
-        "figures": figures,
+        "figures": jsonable(figures),
     }
     scratch = smoke or "PYTEST_CURRENT_TEST" in os.environ
     folder = Path(os.environ.get(RESULTS_ENV) or (smoke_dir("records") if scratch else RESULTS))

@@ -172,10 +172,11 @@ def test_records_are_checked_and_a_run_under_pytest_keeps_out_of_the_repository(
     env["PYTEST_CURRENT_TEST"] = "a test"
     done = subprocess.run([PYTHON, "-c", "import sys; sys.path.insert(0, '.')\n"
                            "from benchmarks.harness import write_record\n"
-                           "print(write_record('x', {'a': 1}, question='memory'))"],
+                           "print(write_record('x', {('a', 1): (2, 3)}, question='memory'))"],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     written = Path(done.stdout.strip().splitlines()[-1])
     assert written.is_file() and ROOT not in written.parents
+    assert json.loads(written.read_text())["figures"] == {"a/1": [2, 3]}  # a tuple key, as JSON
 
 
 def test_links_from_outside_the_site_reach_a_heading_of_the_benchmarks_page():
