@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TEMPLATE = ROOT / "docs" / "benchmarks.md"
 PLACEHOLDER = re.compile(r"^<!-- generated: ([a-z0-9-]+) -->$", re.M)
+QUESTION = re.compile(r"^## (.+?) \{#([a-z0-9-]+)\}$", re.M)  # a section's heading and its id
 REQUIRED = ("schema", "name", "question", "date", "command", "machine", "figures")
 SCRIPT = re.compile(r"benchmarks/[\w/]+\.py")
 
@@ -86,14 +87,15 @@ def newest_by_name(records: list[dict]) -> list[dict]:
     return list(newest.values())
 
 
-def summary(records: list[dict], order: list[str]) -> str:
+def summary(records: list[dict], order: list[str], titles: dict[str, str]) -> str:
     rows = [r for r in newest_by_name(records) if r.get("ratio") is not None and not r.get("smoke")]
     rows.sort(key=lambda r: (order.index(r["question"]) if r["question"] in order else len(order),
                              r["name"]))
     lines = ["| question | mlxlab, as a ratio of the reference | reference | machine | date | command |",
              "|---|---|---|---|---|---|"]
-    for r in rows:
-        anchor = f"[{r['question']}](#{r['question']})"
+    for i, r in enumerate(rows):  # the question on its first row only
+        first = i == 0 or rows[i - 1]["question"] != r["question"]
+        anchor = f"[{titles.get(r['question'], r['question'])}](#{r['question']})" if first else ""
         lines.append(f"| {anchor} | **{r['ratio']:g}x**: {cell(r.get('summary') or '')} "
                      f"| {cell(r.get('reference') or '')} | {cell(machine(r))} | {date(r)} "
                      f"| `{cell(r['command'])}` |")
@@ -175,13 +177,15 @@ def page(template: Path = TEMPLATE, folder: Path = RESULTS) -> str:
     text = template.read_text()
     records = load_records(folder)
     order = [m for m in PLACEHOLDER.findall(text) if m != "summary"]
+    titles = {anchor: title for title, anchor in QUESTION.findall(text)}
     unknown = sorted({r["question"] for r in records} - set(order))
     if unknown:
         raise ValueError(f"records of questions docs/benchmarks.md has no section for: {unknown}")
 
     def fill(match: re.Match) -> str:
         name = match.group(1)
-        return summary(records, order) if name == "summary" else question_section(records, name)
+        return (summary(records, order, titles) if name == "summary"
+                else question_section(records, name))
 
     return PLACEHOLDER.sub(fill, text)
 
