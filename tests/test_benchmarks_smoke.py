@@ -95,6 +95,13 @@ def test_every_script_writes_a_record():
     assert not silent, f"these scripts write no record: {silent}"
 
 
+def test_every_script_is_in_the_readme_table():
+    table = (BENCH / "README.md").read_text()
+    missing = [s for s in SCRIPTS if f"`{s}`" not in table and f"`{s.split('/')[1]}`" not in table
+               and f"{s.split('/')[1]}`" not in table]
+    assert not missing, f"benchmarks/README.md's table does not list: {missing}"
+
+
 def test_every_script_loads_as_its_command_would():
     done = subprocess.run([PYTHON, "-c", LOADER, str(REPO), *SCRIPTS], capture_output=True,
                           text=True, timeout=300, cwd=REPO)
