@@ -265,6 +265,12 @@ def write_results(out: Path, results: dict, compare: str, shown: str,
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
 
 
+def in_round(names: list[str], rnd: int) -> list[str]:
+    """The order the rows of round `rnd` run in: `names`, reversed every other round (ABBA), so
+    a slow spell of a shared machine hits every row alike and a ratio compares one round's rows."""
+    return list(names) if rnd % 2 == 0 else list(names)[::-1]
+
+
 def add_smoke(parser: argparse.ArgumentParser) -> None:
     """`--smoke`: the smallest run through the script's code path (tiny sizes, one or two steps,
     one round, the heavy or networked reference skipped), in seconds; its figures mean nothing.

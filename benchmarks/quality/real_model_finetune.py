@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import cpu_model, run_with_peak_rss, write_record  # noqa: E402
+from benchmarks.harness import cpu_model, in_round, run_with_peak_rss, write_record  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
 
 MONTHS = list(calendar.month_name)[1:]
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
     # timed (a GPU), else beside its loop on mlxlab's CPU product
     other = "mlx-lm" if args.mlx_lm_as_shipped else "mlx-lm-fast"
     for rnd in range(1, args.rounds):
-        for tool in (other, "mlxlab") if rnd % 2 else ("mlxlab", other):
+        for tool in in_round(["mlxlab", other], rnd):
             out = work / "runs" / f"{tool}-{rnd}"
             stage(f"train_{tool.replace('-', '_')}_{rnd}",
                   lambda tool=tool, out=out: train_mlxlab(model, data, args, out)

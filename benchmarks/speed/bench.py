@@ -71,6 +71,7 @@ from benchmarks.harness import (
     add_smoke,
     clock,
     cpu_model,
+    in_round,
     load_batches,
     peak_rss_mb,
     reset_peak_rss,
@@ -451,8 +452,7 @@ def bench_round(name: str, spec: dict, args, tmp: Path, r: int) -> dict[str, dic
     drift of the machine does not always land on the same row."""
     order = ["mlxlab", *(f"mlxlab:{v}" for v in args.variants), "mlx"]
     order += [] if args.no_torch else ["torch", *(["torch:plain"] if has_plain(name) else [])]
-    if r % 2:
-        order.reverse()
+    order = in_round(order, r)
     results = {}
     for impl in order:
         kind, _, variant = impl.partition(":")

@@ -40,7 +40,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import TABLES_PAGE, add_smoke, cpu_model, save_batches, write_record
+from benchmarks.harness import (
+    TABLES_PAGE,
+    add_smoke,
+    cpu_model,
+    in_round,
+    save_batches,
+    write_record,
+)
 
 HERE = Path(__file__).resolve().parent
 DOC = TABLES_PAGE
@@ -191,7 +198,7 @@ def interleave(rows: dict[str, Callable[[], dict]], repeats: int) -> dict[str, l
     slow spell of a shared machine hits every row alike; prints each run as it ends."""
     results: dict[str, list[dict]] = {name: [] for name in rows}
     for r in range(repeats):
-        for name in (list(rows) if r % 2 == 0 else list(rows)[::-1]):
+        for name in in_round(list(rows), r):
             res = rows[name]()
             results[name].append(res)
             first = "" if res["first_epoch_s"] is None else f"  first epoch {res['first_epoch_s']:5.2f} s"

@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
-from benchmarks.harness import add_smoke, cpu_model, run_with_peak_rss, write_record  # noqa: E402
+from benchmarks.harness import add_smoke, cpu_model, in_round, run_with_peak_rss, write_record  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 512, 4, 8, 16.0, 2e-4
 MODEL = dict(hidden=512, layers=8, heads=4, kv_heads=2, chat="chatml")
@@ -300,7 +300,7 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict]] = {}
     for rnd in range(args.rounds):
         for kind in args.rows.split(","):
-            for tool in tools if rnd % 2 == 0 else tools[::-1]:
+            for tool in in_round(tools, rnd):
                 out = work / "runs" / f"{kind}-{tool}-{rnd}"
                 if tool == "mlxlab":
                     steps = run_mlxlab(model, data[kind], kind, args.steps, out, args.seq,

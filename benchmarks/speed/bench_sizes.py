@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import add_smoke, cpu_model, run_with_peak_rss, write_record  # noqa: E402
+from benchmarks.harness import add_smoke, cpu_model, in_round, run_with_peak_rss, write_record  # noqa: E402
 from benchmarks.speed.bench_lora import MLX_LM_KEYS, MLX_LM_WORKER, csv_metrics  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 256, 4, 8, 16.0, 1e-4
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       work / f"{size}-{mode}{suffix}",
                                       4 if mode == "qlora" else None, dtype)
             for rnd in range(args.rounds):
-                for tool in tools if rnd % 2 == 0 else tools[::-1]:
+                for tool in in_round(tools, rnd):
                     key = f"{size}/{mode}/{tool}/{rnd}"
                     if key in results:
                         continue
