@@ -128,7 +128,10 @@ def commit() -> str | None:
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
 
-    head = git("rev-parse", "--short", "HEAD")
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+    except OSError:  # no git on the machine (a GPU image)
+        return None
     if head.returncode:
         return None
     dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
