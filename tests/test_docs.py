@@ -128,7 +128,7 @@ def test_the_benchmarks_page_answers_first_from_the_records():
         assert f"{{#{question}}}" in page
     assert "<!-- generated:" not in page
     assert not ISSUE_NUMBER.search(page), ISSUE_NUMBER.search(page)
-    assert len(page.splitlines()) <= 650
+    assert len(page.splitlines()) <= 700  # about 600, with room for a few more records
 
 
 def test_a_runs_record_reaches_the_page(tmp_path):
