@@ -8,6 +8,8 @@ mkdocs-gen-files runs this file on every `mkdocs build` and `mkdocs serve` (mkdo
   configs it composes, its keys with their values and comments, and the file itself;
 - cli.md: `mlxlab --help`, every verb's `--help` (cli/main.py's VERBS, cli/runs.py's ACTIONS)
   and `mlxlab-train --help` (Hydra's: the groups and the composed default config);
+- benchmarks.md: docs/benchmarks.md with its tables generated from the benchmark records
+  (benchmarks/results/*.json), by scripts/gen_benchmarks.py;
 - api/: one page per room of src/mlxlab (a package or a top-level module), every public module
   in it rendered by mkdocstrings from its docstrings. Found by walking the tree, so moving or
   renaming modules needs no edit here.
@@ -27,6 +29,7 @@ import contextlib
 import functools
 import html
 import importlib
+import importlib.util
 import io
 import os
 import re
@@ -539,9 +542,18 @@ def write_api_pages(write: Writer, package: Path = PACKAGE) -> None:
 # -- entry points --------------------------------------------------------------------------------
 
 
+def benchmarks_page() -> str:
+    """docs/benchmarks.md with its tables filled from the records (scripts/gen_benchmarks.py)."""
+    spec = importlib.util.spec_from_file_location("gen_benchmarks", ROOT / "scripts" / "gen_benchmarks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.page()
+
+
 def write_pages(write: Writer) -> None:
     write_config_pages(write)
     write("cli.md", cli_page())
+    write("benchmarks.md", benchmarks_page())
     write_api_pages(write)
 
 

@@ -1,11 +1,14 @@
 """The docs site (mkdocs.yml, docs/, scripts/gen_docs.py): `mkdocs build --strict` passes, and the
 generated pages cover every config group and option, every verb and every room of the package;
-the config reader keeps each key's comments."""
+the config reader keeps each key's comments; the Benchmarks page is generated from the benchmark
+records (scripts/gen_benchmarks.py), each figure with its command, machine and date."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +19,7 @@ from conftest import PYTHON
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gen_docs.py"
+ISSUE_NUMBER = re.compile(r"\b[Ii]ssues? \d+")  # the project's tracker: history, for CHANGELOG.md
 
 
 def load_gen_docs():
@@ -35,6 +39,10 @@ def test_the_site_builds_strict_and_covers_conf_cli_and_api(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert (site / "index.html").exists() and (site / "benchmarks.html").exists()
+    benchmarks = (site / "benchmarks.html").read_text()
+    assert 'id="summary"' in benchmarks and "<!-- generated:" not in benchmarks
+    assert "2026-11-26-nano-vs-pytorch.json" not in benchmarks  # a summary row, not a section
+    assert "2026-11-25-gguf-export.json" in benchmarks  # a section's record, with its name
     for folder in sorted(p for p in (ROOT / "conf").iterdir() if p.is_dir()):
         page = (site / "configuration" / f"{folder.name}.html").read_text()
         for option in folder.rglob("*.yaml"):
@@ -94,3 +102,96 @@ def test_an_option_file_is_read_with_its_comments(tmp_path):
     # in a table cell: pipes, angle brackets and underscores stay literal text
     assert gen_docs.md_text("a | b <run dir> _x_ `c|d`") == r"a \| b &lt;run dir&gt; \_x\_ `c|d`"
     assert "```bash\nmlxlab-train demo=x    (a command)\n```" in gen_docs.prose(option.header)
+
+
+def load_gen_benchmarks():
+    spec = importlib.util.spec_from_file_location("gen_benchmarks",
+                                                  ROOT / "scripts" / "gen_benchmarks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmarks_page_answers_first_from_the_records():
+    """The summary table opens the page, one row per record with a ratio, each with its command
+    and machine; one section per question; no internal issue numbers; about 600 lines."""
+    gen = load_gen_benchmarks()
+    records = gen.load_records()
+    page = gen.page()
+    assert page.index("## Summary") < page.index("{#speed-pytorch}")
+    summary = page[page.index("## Summary"):page.index("{#speed-pytorch}")]
+    rows = [r for r in gen.newest_by_name(records) if r.get("ratio") is not None]
+    assert len(rows) >= 10
+    for r in rows:
+        assert f"**{r['ratio']:g}x**" in summary and gen.cell(r["command"]) in summary, r["name"]
+    for question in {r["question"] for r in records}:
+        assert f"{{#{question}}}" in page
+    assert "<!-- generated:" not in page
+    assert not ISSUE_NUMBER.search(page), ISSUE_NUMBER.search(page)
+    assert len(page.splitlines()) <= 700  # about 600, with room for a few more records
+
+
+def test_a_runs_record_reaches_the_page(tmp_path):
+    """A real run's record (benchmarks/harness.py write_record, in its own process as a script
+    runs it) lands in MLXLAB_BENCH_RESULTS and is on the page built from that folder: the ratio
+    in the summary, the figures under their question with the command and the machine."""
+    write = ("import sys; sys.path.insert(0, '.')\n"
+             "sys.argv = ['benchmarks/speed/bench.py', '--rounds', '2']\n"
+             "from benchmarks.harness import write_record\n"
+             "write_record('demo-vs-pytorch', {'tokens_per_s': 1234.5}, question='speed-pytorch',"
+             " reference='PyTorch eager', ratio=1.5, summary='demo throughput')\n"
+             "write_record('demo-memory', {'peak_mb': 321.0}, question='memory')\n")
+    env = {**os.environ, "MLXLAB_BENCH_RESULTS": str(tmp_path)}
+    done = subprocess.run([PYTHON, "-c", write], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    records = {json.loads(p.read_text())["name"]: json.loads(p.read_text())
+               for p in tmp_path.glob("*.json")}
+    assert set(records) == {"demo-vs-pytorch", "demo-memory"}
+    record = records["demo-vs-pytorch"]
+    assert record["command"] == "python benchmarks/speed/bench.py --rounds 2"
+    assert record["machine"]["cpu"]["cores"] == os.cpu_count() and record["load"]["start"]
+    page = load_gen_benchmarks().page(folder=tmp_path)
+    assert "**1.5x**: demo throughput | PyTorch eager |" in page
+    memory = page[page.index("{#memory}"):page.index("{#faults}")]
+    assert "| peak_mb | 321.0 |" in memory and "`python benchmarks/speed/bench.py --rounds 2`" in memory
+    assert record["machine"]["cpu"]["model"] in memory
+
+
+def test_records_are_checked_and_a_run_under_pytest_keeps_out_of_the_repository(tmp_path):
+    gen = load_gen_benchmarks()
+    (tmp_path / "bad.json").write_text(json.dumps({"schema": 1, "name": "x"}))
+    with pytest.raises(ValueError, match="needs question, date, command, machine, figures"):
+        gen.load_records(tmp_path)
+    (tmp_path / "bad.json").write_text(json.dumps(
+        {"schema": 1, "name": "x", "question": "nowhere", "date": "2026-11-26", "command": "c",
+         "machine": {}, "figures": {}}))
+    with pytest.raises(ValueError, match="no section for: \\['nowhere'\\]"):
+        gen.page(folder=tmp_path)
+    # without MLXLAB_BENCH_RESULTS, a run under pytest writes to a temporary folder
+    env = {k: v for k, v in os.environ.items() if k != "MLXLAB_BENCH_RESULTS"}
+    env["PYTEST_CURRENT_TEST"] = "a test"
+    done = subprocess.run([PYTHON, "-c", "import sys; sys.path.insert(0, '.')\n"
+                           "from benchmarks.harness import write_record\n"
+                           "print(write_record('x', {('a', 1): (2, 3)}, question='memory'))"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    written = Path(done.stdout.strip().splitlines()[-1])
+    assert written.is_file() and ROOT not in written.parents
+    assert json.loads(written.read_text())["figures"] == {"a/1": [2, 3]}  # a tuple key, as JSON
+
+
+def test_links_from_outside_the_site_reach_a_heading_of_the_benchmarks_page():
+    """README.md and benchmarks/README.md are not built by mkdocs: their links into
+    docs/benchmarks.md are checked here against the generated page's headings."""
+    from markdown.extensions.toc import slugify
+
+    page = load_gen_benchmarks().page()
+    anchors = set()
+    for title in re.findall(r"^#+ (.+)$", page, re.M):
+        explicit = re.search(r"\{#([\w-]+)\}\s*$", title)
+        anchors.add(explicit.group(1) if explicit else slugify(title, "-"))
+    links = {(name, anchor) for name in ("README.md", "benchmarks/README.md")
+             for anchor in re.findall(r"benchmarks\.md#([\w-]+)", (ROOT / name).read_text())}
+    assert links, "the READMEs link into the benchmarks page"
+    broken = sorted(link for link in links if link[1] not in anchors)
+    assert not broken, broken
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 300  # a quickstart, not a manual

@@ -1,4 +1,4 @@
-"""What a new user trips over (issue 13): run names, a tracking server that is down or goes away,
+"""What a new user trips over: run names, a tracking server that is down or goes away,
 README and docs recipes run verbatim, listings that say which metric they show, silent runs.
 Real Hydra, real MLflow stores (sqlite and a real `mlflow server`), real MLX training."""
 
@@ -470,7 +470,7 @@ def test_a_new_store_is_a_copy_of_the_migrated_template(tmp_path, monkeypatch):
     assert [e.name for e in client.search_experiments()] == ["second", "Default"]
 
 
-# ------------------------------------------------- 14. users of the old scripts (issue 26)
+# ------------------------------------------------- 14. users of the old scripts
 
 
 def migration_rows() -> list[tuple[str, list[str]]]:

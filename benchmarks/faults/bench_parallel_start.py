@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # benchmarks.*
-from benchmarks.common import add_smoke  # noqa: E402
+from benchmarks.harness import add_smoke, write_record  # noqa: E402
 
 # A process that waits at the barrier, then runs mlxlab-train's Hydra app with these arguments:
 # every process has imported Python and its modules first, so the race is Hydra's start itself.
@@ -168,6 +168,9 @@ def main() -> None:
         f"| {opts.procs} processes, n_trials={opts.n_trials} | {ok} of {len(rounds)} rounds "
         f"| {sum(r['seconds'] for r in rounds) / len(rounds):.0f} s per round |"
     )
+    write_record("parallel-start", {"procs": opts.procs, "n_trials": opts.n_trials,
+                                    "rounds_ok": ok, "rounds": rounds},
+                 question="faults", smoke=opts.smoke)
     if opts.json:
         opts.json.write_text(json.dumps(rounds, indent=2))
 

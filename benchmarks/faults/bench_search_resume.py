@@ -8,7 +8,7 @@ trial resumed from its checkpoint:
 
     .venv/bin/python benchmarks/faults/bench_search_resume.py --root /tmp/bench_resume --trials 6 --kill-at 3
 
-The question it answers (issue 38): after a SIGKILL, no finished trial runs again, the study
+The question it answers: after a SIGKILL, no finished trial runs again, the study
 holds the number of trials asked for, and the best is the uninterrupted search's.
 """
 
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
 
 
 def command(name: str, trials: int, epochs: int = 20) -> list[str]:
@@ -81,6 +81,13 @@ def main() -> None:
         print(f"{a.number:>5}  {launches:>8}  {a.state.name:<9} {a.value:>15.4f} {b.value:>14.4f}"
               f"  {a.params == b.params}")
     kb, wb = (max(trials, key=lambda t: t.value) for trials in (killed, whole))  # val/accuracy
+    write_record("search-resume", {
+        "asked": args.trials, "resumed_from_checkpoint": "resumes from its checkpoint" in log,
+        "trials": [{"number": a.number, "launches": log.count(f"search: trial {a.number}: "),
+                    "state": a.state.name, "value_killed": a.value, "value_whole": b.value,
+                    "same_params": a.params == b.params} for a, b in zip(killed, whole)],
+        "best_killed": [kb.number, kb.value], "best_whole": [wb.number, wb.value]},
+        question="faults", smoke=args.smoke)
     print(f"trials: killed study {len(killed)}, whole {len(whole)} (asked {args.trials}); "
           f"best: trial {kb.number} {kb.value:.4f} vs trial {wb.number} {wb.value:.4f}; "
           f"resumed from checkpoint: {'resumes from its checkpoint' in log}")

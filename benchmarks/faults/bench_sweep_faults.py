@@ -7,7 +7,7 @@ asks of the continued grid beside the whole one:
 
     .venv/bin/python benchmarks/faults/bench_sweep_faults.py --root /tmp/bench_faults
 
-(issue 47: one parent, each (config, seed) FINISHED once, the killed job resumed from its
+(one parent, each (config, seed) FINISHED once, the killed job resumed from its
 checkpoint, nothing RUNNING, and the same per-seed values, groups and verdict as the whole grid).
 """
 
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
 
 GRID = [
     "-m",
@@ -163,6 +163,11 @@ def main() -> None:
         )
     same = continued["values"] == whole["values"]
     print(f"per-seed best/val/loss identical to the whole grid's (bitwise): {same}")
+    write_record("sweep-faults", {
+        "seconds": {"whole": whole_s, "killed": killed_s, "again": again_s}, "killed_at_step": step,
+        "kept": log.count("kept, not run again"), "resumed": log.count("was killed: its run"),
+        "whole": whole, "continued": continued, "identical": same},
+        question="faults", smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke  # noqa: E402
+from benchmarks.harness import add_smoke, write_record  # noqa: E402
 
 # The minimal reproduction, as filed upstream: argv = file, margin in MB, case
 #   cold: the first load of the process is the one under the limit
@@ -125,16 +125,20 @@ def main() -> None:
     print("| margin MB | " + " | ".join(HEADINGS[how] for how in cases) + " |")
     print("|---" * (len(cases) + 1) + "|")
     busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(args.busy)]
+    rows = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "w.safetensors"
             for margin in margins:
                 row = [tally([case(path, margin, how, args.timeout) for _ in range(repeats)])
                        for how in cases]
+                rows[margin] = dict(zip(cases, row))
                 print(f"| {margin} | " + " | ".join(row) + " |", flush=True)
     finally:
         for process in busy:
             process.kill()
+    write_record("mlx-io-pool", {"mlx": mx.__version__, "repeats": repeats, "busy": args.busy,
+                                 "rows_by_margin_mb": rows}, question="memory", smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,15 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))  # benchmarks.*
 
 import test_out_of_memory as t  # noqa: E402  (the tests' data, arguments and limits)
-from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
 from conftest import FAST, PYTHON  # noqa: E402
+
+LINES: list[str] = []  # what the run printed: its figures, for the record
+
+
+def say(line: str) -> None:
+    LINES.append(line)
+    print(line, flush=True)
 
 
 def timed(command: list[str], env: dict, cwd: Path, limit_kb: int | None = None) -> tuple[float,
@@ -51,14 +58,14 @@ def restart_cost(root: Path, env: dict, pairs: int) -> None:
     fits = t.vm_peak_kb([*common, "trainer.micro_batch=16", f"hydra.run.dir={root / 'cal'}"],
                         env, root)
     limit_kb = fits + 32 * 1024
-    print(f"restart: VmPeak at micro-batch 16 {fits / 1024:.0f} MB; limit {limit_kb / 1024:.0f} MB")
+    say(f"restart: VmPeak at micro-batch 16 {fits / 1024:.0f} MB; limit {limit_kb / 1024:.0f} MB")
     for i in range(pairs):
         for micro in (32, 16):
             shutil.rmtree(root / "r", ignore_errors=True)
             seconds, err = timed([t.MLXLAB_TRAIN, *common, f"trainer.micro_batch={micro}",
                                   f"hydra.run.dir={root / 'r'}"], env, root, limit_kb)
             said = [line for line in err.splitlines() if line.startswith("mlxlab: out of memory")]
-            print(f"  pair {i + 1}: micro-batch {micro}: {seconds:.1f} s"
+            say(f"  pair {i + 1}: micro-batch {micro}: {seconds:.1f} s"
                   + (f"; {said[0]}" if said else "; no restart"))
 
 
@@ -81,7 +88,7 @@ def auto_choice(root: Path, env: dict) -> None:
                           f"trainer.memory_limit={limit_mb:.3f}MB",
                           f"hydra.run.dir={root / 'auto_run'}"], env, root)
     line = next(x for x in err.splitlines() if "trainer.micro_batch=auto:" in x)
-    print(f"auto: MLX's peak of a real step at 4 rows {peaks[4] / 1e6:.1f} MB, at 8 rows "
+    say(f"auto: MLX's peak of a real step at 4 rows {peaks[4] / 1e6:.1f} MB, at 8 rows "
           f"{peaks[8] / 1e6:.1f} MB; limit {limit_mb:.1f} MB;"
           f" {re.sub(r'^.*trainer.micro_batch=auto: ', '', line)}; run {seconds:.1f} s")
 
@@ -94,7 +101,7 @@ def parent_cost(root: Path, env: dict, pairs: int) -> None:
                               ("python -m mlxlab.train", [PYTHON, "-m", "mlxlab.train"])):
             seconds, _ = timed([*command, *run, f"hydra.run.dir={root / 'p'}"], env, root)
             out.append(f"{name} {seconds:.2f} s")
-        print(f"parent: pair {i + 1}: " + ", ".join(out))
+        say(f"parent: pair {i + 1}: " + ", ".join(out))
 
 
 def main() -> None:
@@ -118,6 +125,7 @@ def main() -> None:
         restart_cost(args.root, env, args.pairs)
     auto_choice(args.root, env)
     parent_cost(args.root, env, args.pairs + 1)
+    write_record("out-of-memory", {"lines": LINES}, question="memory", smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What does rendering chats with mlxlab's renderer cost beside transformers' apply_chat_template,
-and do they agree on every chat (issue 49)?
+and do they agree on every chat?
 
     python benchmarks/parity/bench_chat.py [--rounds 3] [--chats 200]
 
@@ -31,7 +31,7 @@ from mlxlab.config import asset_path
 from mlxlab.data.chat import encode_chats, load_chat_template
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke, cpu_model, tiny_hf_model  # noqa: E402
+from benchmarks.harness import add_smoke, cpu_model, tiny_hf_model, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 STYLES = ("chatml", "llama3", "qwen2.5")
@@ -100,10 +100,14 @@ def main() -> None:
     print("| template | mlxlab s / 1,000 chats (text, ids, mask) | transformers s / 1,000 (ids) "
           "| ratio | transformers with its mask (tagged) | same text+ids | same mask |")
     print("|---|---|---|---|---|---|---|")
+    rows = []
     with tempfile.TemporaryDirectory() as root:
         for style in STYLES:
             folder = tiny.save_chat_tokenizer(style, Path(root) / style)
-            print(measure(style, folder, chats, args.rounds))
+            rows.append(measure(style, folder, chats, args.rounds))
+            print(rows[-1])
+    write_record("chat", {"chats": len(chats), "rounds": args.rounds, "rows": rows},
+                 question="parity", smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Are the assistant masks right on the real chat templates (issue 54)? For each template of
+"""Are the assistant masks right on the real chat templates? For each template of
 tests/chat_templates (in a tiny tokenizer folder of its model's style, tests/chat_fixtures.py) and
 the chat system + two exchanges, with and without tools: how many tokens mlxlab marks as the
 assistant's, how many the replies and their end-of-turn tokens written out by hand hold
@@ -34,19 +34,20 @@ from chat_fixtures import (  # noqa: E402
 )
 
 sys.path.insert(0, str(REPO))  # benchmarks.*
-from benchmarks.common import add_smoke  # noqa: E402
+from benchmarks.harness import add_smoke, write_record  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_smoke(parser)  # the whole script is a smoke's size: --smoke runs it as it is
-    parser.parse_args()
+    args = parser.parse_args()
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
     root, base = Path(tempfile.mkdtemp()), base_tokenizer()
     print("| template | chat | marked tokens | reply tokens (by hand) | right | same text+ids |")
     print("|---|---|---:|---:|---|---|")
+    rows = []
     for style in STYLES:
         folder = save_style(style, root / style, base)
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -59,13 +60,16 @@ def main() -> None:
             try:
                 chat = encode_chat(tok, load_chat_template(folder), messages, tools=tools)
             except Exception as e:  # noqa: BLE001 (a refusal is a result here)
-                print(f"| {style} | {name} | refused: {str(e)[:80]} | {hand} | - | - |")
+                rows.append(f"| {style} | {name} | refused: {str(e)[:80]} | {hand} | - | - |")
+                print(rows[-1])
                 continue
             ids = hf.apply_chat_template(messages, tools=tools, return_dict=True)["input_ids"]
             text = hf.apply_chat_template(messages, tools=tools, tokenize=False)
             marked = int(chat.assistant_mask.sum())
             same = chat.text == text and chat.ids.tolist() == list(ids)
-            print(f"| {style} | {name} | {marked} | {hand} | {marked == hand} | {same} |")
+            rows.append(f"| {style} | {name} | {marked} | {hand} | {marked == hand} | {same} |")
+            print(rows[-1])
+    write_record("chat-masks", {"rows": rows}, question="parity", smoke=args.smoke)
 
 
 if __name__ == "__main__":

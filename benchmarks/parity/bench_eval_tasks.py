@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                          "max_loglikelihood_diff": max(gaps)}
         same = same and not differ["acc"] and not differ["acc_norm"]
     print(json.dumps(report, indent=2))
+    write_record("eval-tasks", report, question="parity", smoke=args.smoke,
+                 reference="lm-eval-harness's hf model, the same folder",
+                 ratio=None if args.smoke else float(same),
+                 summary="acc and acc_norm equal on every example (1: yes, 0: no)")
     return 0 if same else 1
 
 

@@ -1,4 +1,4 @@
-"""llama.cpp itself loads mlxlab's GGUF exports and scores them (issue 57).
+"""llama.cpp itself loads mlxlab's GGUF exports and scores them.
 
 Trains a small TinyStories decoder in mlxlab (or takes --run), exports it as F16, Q8_0, Q4_0 and
 Q4_1 GGUF files, and has llama.cpp (llama-cpp-python, a source build of llama.cpp: `pip install
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke  # noqa: E402
+from benchmarks.harness import add_smoke, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = [
@@ -146,6 +146,7 @@ def main() -> None:
         print(f"| {r['quant']} | {r['mib']:.2f} | {r['tokenizer_equal']}/{r['texts']} | "
               f"{r['ppl_mlxlab']:.4f} | {r['ppl_llama_cpp']:.4f} | {100 * r['ppl_rel_diff']:+.2f} % "
               f"| {r['greedy_equal_prefix']}/{r['greedy_n']} |")
+    write_record("gguf", {"rows": rows}, question="parity", smoke=args.smoke)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

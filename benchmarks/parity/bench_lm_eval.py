@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("tiny_mc", "tiny_gen", "tiny_ppl")
@@ -239,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     report["rtol"] = args.rtol
     report["parity_holds"] = same
     print(json.dumps(report, indent=2))
+    write_record("lm-eval-parity", report, question="parity", smoke=args.smoke,
+                 reference="lm-eval-harness's hf model on the same weights",
+                 ratio=float(same), summary="the same scores as lm-eval's own model, example by "
+                 "example (1: yes, 0: no)")
     return 0 if same else 1
 
 

@@ -57,10 +57,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke, cpu_model, line_value, smoke_dir, tiny_hf_model
-from benchmarks.common import mlxlab_cli as mlxlab
-from benchmarks.common import run_logged as run
-from benchmarks.common import train_cli as train
+from benchmarks.harness import (
+    add_smoke,
+    cpu_model,
+    line_value,
+    smoke_dir,
+    tiny_hf_model,
+    write_record,
+)
+from benchmarks.harness import mlxlab_cli as mlxlab
+from benchmarks.harness import run_logged as run
+from benchmarks.harness import train_cli as train
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "src" / "mlxlab" / "assets" / "lookup_codes"
@@ -519,6 +526,8 @@ def main() -> None:
         save()
     results["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     save()
+    write_record("agent-tools", results, question="quality", smoke=a.smoke,
+                 raw=str(out / "results.json"))
     print(json.dumps({k: v for k, v in results.items() if k != "settings"}, indent=2,
                      default=str)[-6000:])
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))

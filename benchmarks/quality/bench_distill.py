@@ -9,11 +9,11 @@ and a table of mean +- std over seeds of the best and the final validation metri
         [--seeds 0 1 2] [--root /tmp/bench_distill] [--alpha 0.5] [--temperature 2.0] [--quick]
         [--loss kl reverse_kl mse] [--kl-scale t2 none]
 
-`--loss` / `--kl-scale` with several values compare the distillation loss forms (issue 26): every
+`--loss` / `--kl-scale` with several values compare the distillation loss forms: every
 form (objective.loss x objective.kl_scale; mse once, it has no KL to scale) trains a
 student from the same teacher, seed and steps, one row each ("kl t2", "kl none", "mse", ...).
 
-`--rounds` instead compares rounds of distillation (objective.rounds=2, issue 19): round 1
+`--rounds` instead compares rounds of distillation (objective.rounds=2): round 1
 (the teacher -> student), round 2 chained (round 1's student teaches a fresh student), round 2 as
 an ensemble (the teacher and round 1's student, learned weights), and the student from scratch,
 all with the same steps, split and tokenizer.
@@ -46,7 +46,7 @@ from mlxlab.config import compose_config
 from mlxlab.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
 
 COMMON = ["tracking=none", "callbacks.progress.enabled=false", "checkpoint.save_every_minutes=null",
           "checkpoint.keep_last_n=1"]
@@ -66,7 +66,7 @@ TITANIC = {
                 "trainer.max_epochs=10", "optimizer.learning_rate=1e-3"],
 }
 
-# Issue 11: the same student, taught by the default BERT as `mlxlab-train` trains it today
+# The same student, taught by the default BERT as `mlxlab-train` trains it today
 # (corrected Adam, pre-LN, the titanic_bert preset's own epochs, lr and early stopping), with the
 # split pinned (data.seed=42) so the teacher never sees the students' validation rows.
 TITANIC_DEFAULT_TEACHER = {
@@ -260,6 +260,7 @@ def main() -> None:
     for name in args.tasks:
         rows += bench(name, TASKS[name], args.seeds, args.root.resolve(), args)
     print(table(rows))
+    write_record("distill", {"rows": rows}, question="quality", smoke=args.smoke)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

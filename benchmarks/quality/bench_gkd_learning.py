@@ -39,10 +39,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke, line_value, smoke_dir, write_results
-from benchmarks.common import mlxlab_cli as mlxlab
-from benchmarks.common import run_logged as run
-from benchmarks.common import train_cli as train
+from benchmarks.harness import add_smoke, line_value, smoke_dir, write_results
+from benchmarks.harness import mlxlab_cli as mlxlab
+from benchmarks.harness import run_logged as run
+from benchmarks.harness import train_cli as train
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "src" / "mlxlab" / "assets" / "copy_format"
@@ -180,7 +180,8 @@ def main() -> None:
                           "eval/heldout/exact_match", "--uri", uri), env, out / "compare.txt")
     write_results(out, {"teacher_exact_match": teacher_acc, "student_exact_match": student_acc,
                         "steps": a.steps, "replicates": a.replicates,
-                        "load_average": os.getloadavg()}, compare, table, times)
+                        "load_average": os.getloadavg()}, compare, table, times,
+                  record="gkd-learning", smoke=a.smoke)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Does GRPO make a model better than its base, proven over seeds? (issue 55, "Learning, proven")
+"""Does GRPO make a model better than its base, proven over seeds?
 
 The task (experiment=grpo_copy): copy four digits into an answer format, "4719=" -> "[4719]",
 rewarded by the exact answer; 800 prompts to train on, 200 held out (assets/copy_format/, every
@@ -32,10 +32,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke, line_value, smoke_dir, write_results
-from benchmarks.common import mlxlab_cli as mlxlab
-from benchmarks.common import run_logged as run
-from benchmarks.common import train_cli as train
+from benchmarks.harness import add_smoke, line_value, smoke_dir, write_results
+from benchmarks.harness import mlxlab_cli as mlxlab
+from benchmarks.harness import run_logged as run
+from benchmarks.harness import train_cli as train
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "src" / "mlxlab" / "assets" / "copy_format"
@@ -113,7 +113,7 @@ def main() -> None:
     compare, times["compare"] = run(mlxlab("runs", "compare", base_run, "latest", "--uri", uri,
                                            "--json"), env, out / "compare.log")
     write_results(out, {"base_exact_match": base_acc, "base_run": base_run}, compare, compare,
-                  times)
+                  times, record="grpo-learning", smoke=a.smoke)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""mlxlab's LM presets vs an independent PyTorch twin on exactly the same batches (issue 11).
+"""mlxlab's LM presets vs an independent PyTorch twin on exactly the same batches.
 
     python benchmarks/quality/bench_lm_twin.py [--models nano,tiny] [--part all|mlxlab|torch|report]
                                     [--twins reference,same] [--out DIR] [--heldout 800]
@@ -22,7 +22,7 @@ For each model (`experiment=tinystories_<model>`, the preset's own budget):
    torch_models: RMSNorm, SwiGLU, RoPE, tied embeddings), loaded with mlxlab's initial weights,
    trained on the recorded batches in order with torch.optim.AdamW, clip_grad_norm_ and PyTorch's
    own LinearLR + CosineAnnealingLR schedulers, scored on the same windows at the same steps.
-   Twins (--twins): `reference` = the hyperparameters of the plain PyTorch script in issue 11
+   Twins (--twins): `reference` = the plain PyTorch script mlxlab was first measured against
    (lr 1e-3, 30 warmup steps, cosine to 0.1 x lr, weight decay 0.01, clip 1.0); `same` = the
    preset's own (framework vs framework; identical to `reference` while the preset uses them).
 
@@ -46,13 +46,13 @@ import mlxlab  # noqa: F401  (first: loads the fast BLAS before anything imports
 from mlxlab.runtime.blas import set_blas_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import SMOKE_RUN, add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import SMOKE_RUN, add_smoke, smoke_dir, write_record  # noqa: E402
 from benchmarks.speed.bench import compose, cpu_model  # noqa: E402
 from benchmarks.speed.bench_torch import torch_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "src" / "mlxlab" / "assets" / "tinystories" / "sample.txt"
-# The plain PyTorch script issue 11 measured mlxlab against (the presets' values before it).
+# The plain PyTorch script mlxlab was first measured against (the presets' values before it).
 REFERENCE = {"learning_rate": 1e-3, "warmup_steps": 30, "min_lr_ratio": 0.1,
              "weight_decay": 0.01, "grad_clip": 1.0}
 HPARAMS = tuple(REFERENCE)
@@ -368,6 +368,7 @@ def main() -> None:
             (args.out / f"{name}.json").write_text(json.dumps(results[name], indent=1))
             print(table(name, results[name]), flush=True)
     if results:
+        write_record("lm-twin", results, question="quality", smoke=args.smoke)
         plot(results, args.out / "lm_twin.png")
         print(f"\nCPU: {cpu_model()}, {args.threads} thread(s); PNG: {args.out / 'lm_twin.png'}")
 

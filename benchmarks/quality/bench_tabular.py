@@ -36,7 +36,14 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import SMOKE_RUN, TABLES_PAGE, add_smoke, cpu_model, write_between_markers
+from benchmarks.harness import (
+    SMOKE_RUN,
+    TABLES_PAGE,
+    add_smoke,
+    cpu_model,
+    write_between_markers,
+    write_record,
+)
 from benchmarks.quality.bench_titanic import accuracy_history, baselines, mean_std, split_module
 from mlxlab.config import asset_path
 from mlxlab.data.numeric import numeric_values
@@ -51,7 +58,7 @@ TABLES = {
                 ["data.id_column=PassengerId", f"data.feature_columns={TITANIC_COLUMNS}"]),
 }
 MARKER = "benchmarks/bench_tabular.py"  # the key of its table on the history page
-TITLE = "## Any CSV: `data=csv` defaults vs logistic regression and gradient boosting (issue 28)"
+TITLE = "## Any CSV: `data=csv` defaults vs logistic regression and gradient boosting"
 
 
 def write_table(name: str, folder: Path) -> Path:
@@ -201,6 +208,10 @@ def main() -> None:
             f"{time.strftime('%Y-%m-%d')}, load {os.getloadavg()[0]:.1f}.\n\n"
             f"{report(args.tables, args.seeds, runs, base)}")
     print(f"\nruns in {root}\n\n{text}")
+    write_record("tabular", {"runs": runs, "table": text,
+                             "baselines": {f"{t}/{s}": v for (t, s), v in base.items()}},
+                 question="quality",
+                 smoke=args.smoke)
     if args.write:
         write_between_markers(args.out, MARKER, text, TITLE)
 

@@ -32,7 +32,7 @@ from mlxlab.config import compose_config, instantiate
 from mlxlab.data.tabular import read_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import SMOKE_RUN, add_smoke  # noqa: E402
+from benchmarks.harness import SMOKE_RUN, add_smoke, write_record  # noqa: E402
 
 
 def compose_default(root: Path, overrides: list[str], run_name: str) -> DictConfig:
@@ -150,6 +150,11 @@ def main() -> None:
     print(f"| BERT default, last eval | {mean_std([r['last'] for r in runs])} | {seeds} |")
     for name, acc in base.items():
         print(f"| {name} | {100 * acc:.1f} | - |")
+    write_record("titanic", {"runs": runs, "baselines": base, "overrides": args.overrides},
+                 question="quality", reference="the better of gradient boosting and logistic "
+                 "regression on the same split", ratio=round(best_mean / max(base.values()), 3),
+                 summary="the default experiment's best validation accuracy (higher is better)",
+                 smoke=args.smoke)
     verdict = "reached" if best_mean >= target else "NOT reached"
     print(f"\ntarget (better baseline - 2 points): {100 * target:.1f} -> {verdict} "
           f"(BERT mean {100 * best_mean:.1f})")

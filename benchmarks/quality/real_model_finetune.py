@@ -1,6 +1,5 @@
 """A real pretrained model fine-tuned with proof: SmolLM2-135M-Instruct from its Q4_1 GGUF taught
-a task it fails, scored before and after, beside mlx_lm.lora, and run in llama.cpp (issue 64,
-item 4).
+a task it fails, scored before and after, beside mlx_lm.lora, and run in llama.cpp.
 
     python benchmarks/quality/real_model_finetune.py [--work DIR] [--steps 100] [--batch 4]
         [--train 400] [--heldout 200] [--rounds 1]
@@ -58,7 +57,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.common import cpu_model, run_with_peak_rss  # noqa: E402
+from benchmarks.harness import cpu_model, in_round, run_with_peak_rss, write_record  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
 
 MONTHS = list(calendar.month_name)[1:]
@@ -369,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
             uri, work / "eval" / "mlx-lm"))
     stage("llama.cpp", lambda: llama_cpp_accuracy(gguf, folder, heldout))
     # mlx-lm as shipped trains a 4-bit base on MLX's scalar CPU quantized matmul (~35x slower:
-    # bench_qlora.py); its loop on mlxlab's product tells the loops apart
+    # on 2 cores); its loop on mlxlab's product tells the loops apart
     fast_out = work / "runs" / "mlx-lm-fast-0"
     stage("train_mlx_lm_fast_0", lambda: train_mlx_lm(folder, data, args, fast_out, fast=True))
     stage("mlx-lm-fast", lambda: evaluate(
@@ -379,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
     # timed (a GPU), else beside its loop on mlxlab's CPU product
     other = "mlx-lm" if args.mlx_lm_as_shipped else "mlx-lm-fast"
     for rnd in range(1, args.rounds):
-        for tool in (other, "mlxlab") if rnd % 2 else ("mlxlab", other):
+        for tool in in_round(["mlxlab", other], rnd):
             out = work / "runs" / f"{tool}-{rnd}"
             stage(f"train_{tool.replace('-', '_')}_{rnd}",
                   lambda tool=tool, out=out: train_mlxlab(model, data, args, out)
@@ -389,6 +388,8 @@ def main(argv: list[str] | None = None) -> dict:
         result[path.stem] = json.loads(path.read_text())
     result["load_end"] = load()
     (work / "results.json").write_text(json.dumps(result, indent=1))
+    write_record("real-model-finetune", result, question="quality", smoke=args.smoke,
+                 raw=str(work / "results.json"))
     print(table(result))
     return result
 

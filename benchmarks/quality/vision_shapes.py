@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+from benchmarks.harness import write_record  # noqa: E402
 
 SHAPES = REPO / "src" / "mlxlab" / "assets" / "shapes"
 IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>"]
@@ -264,6 +265,7 @@ def main() -> None:
                                    "mcnemar_p": mcnemar(start, after)}
         print(f"mlx-vlm seed {seed}: {sum(after) / len(rows):.3f} exact match", flush=True)
     print(json.dumps(record, indent=1))
+    write_record("vision-shapes", record, question="quality", smoke=args.smoke)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1))

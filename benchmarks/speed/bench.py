@@ -1,4 +1,4 @@
-"""Throughput benchmark (issue 3): MLX GEMM vs numpy, and training speed of the mlxlab stack vs a
+"""Throughput benchmark: MLX GEMM vs numpy, and training speed of the mlxlab stack vs a
 minimal hand-written MLX loop vs the same architecture in PyTorch CPU eager, on this machine.
 
 Not a test: prints a table; `--write` also puts it (with the command and the machine) into
@@ -23,14 +23,14 @@ no framework's threads, caches or memory high-water mark leak into the next one:
   torch     the same architecture written in PyTorch (benchmarks/speed/bench_torch.py), same batches,
             CPU eager, torch.set_num_threads = the BLAS threads, in a process that never
             imports mlxlab, MLX or their OpenBLAS (it checks its own memory map and fails if it
-            does): issue 12 found the old rows, which imported mlxlab, 3.7x slow.
+            does): rows that imported mlxlab ran PyTorch 3.7x slow.
   torch:plain  benchmarks/speed/torch_plain.py, a plain PyTorch script of the same decoder (random
             tokens, the same batch shape), in the same rounds. When the torch row and it
             disagree by more than the noise, no PyTorch ratio is printed and the exit code is 1.
 Variants of the mlxlab row (--variants) locate the framework overhead: `bare` (tracking=none,
 no progress bar), `replay` (the saved batches instead of the live data pipeline), `nokernels`
 (trainer.fused_kernels=off: the pure-MLX cross-entropy and SwiGLU instead of the fused CPU
-kernels of mlxlab.kernels, which every other MLX row uses when they build; issue 12).
+kernels of mlxlab.kernels, which every other MLX row uses when they build).
 
 Noise: a shared machine slows whole processes for a while (the same worker measured 79 and 110 ms
 a step minutes apart), so every row runs --repeats times in interleaved rounds (round order
@@ -66,17 +66,19 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import (
+from benchmarks.harness import (
     TABLES_PAGE,
     add_smoke,
     clock,
     cpu_model,
+    in_round,
     load_batches,
     peak_rss_mb,
     reset_peak_rss,
     rss_mb,
     save_batches,
     write_between_markers,
+    write_record,
 )
 from mlxlab import kernels as mlxlab_kernels
 from mlxlab.runtime.blas import blas_threads, set_blas_threads
@@ -450,8 +452,7 @@ def bench_round(name: str, spec: dict, args, tmp: Path, r: int) -> dict[str, dic
     drift of the machine does not always land on the same row."""
     order = ["mlxlab", *(f"mlxlab:{v}" for v in args.variants), "mlx"]
     order += [] if args.no_torch else ["torch", *(["torch:plain"] if has_plain(name) else [])]
-    if r % 2:
-        order.reverse()
+    order = in_round(order, r)
     results = {}
     for impl in order:
         kind, _, variant = impl.partition(":")
@@ -473,7 +474,7 @@ def has_plain(name: str) -> bool:
 def baseline_check(name: str, rows: list[float], plain: list[float]) -> dict:
     """Does the PyTorch row (bench_torch.py on the replayed batches) run at the speed of a plain
     PyTorch script of the same model in its own process? Noise: the larger relative spread over
-    the rounds of either, at least 10%. A harness that slowed its baseline (issue 12: 3.7x) fails
+    the rounds of either, at least 10%. A harness that slowed its baseline (3.7x) fails
     this, and then no PyTorch ratio is printed."""
     per_round = [r / p for r, p in zip(rows, plain)]
     spread = max(max(v) / min(v) - 1 for v in (rows, plain))
@@ -574,7 +575,7 @@ def fmt(x, spec: str) -> str:
 
 
 def check_lines(checks: list[dict]) -> list[str]:
-    """The PyTorch baseline check table (issue 12), or nothing when no PyTorch row ran."""
+    """The PyTorch baseline check table, or nothing when no PyTorch row ran."""
     if not checks:
         return []
     lines = [
@@ -747,6 +748,14 @@ def main() -> None:
     command = "python benchmarks/speed/bench.py " + " ".join(sys.argv[1:])
     text = report(info, gemm, rows, ratio_rows, checks, command.strip(), args)
     print(text)
+    pytorch = next((c for c in ratio_rows if c[0].endswith(": mlxlab / PyTorch eager")), None)
+    write_record("-".join(models) + "-vs-pytorch", {
+        "machine": info, "gemm": gemm, "rows": rows, "checks": checks,
+        "ratios": [dict(zip(("what", "median", "target", "low", "high", "by_median_step"), c))
+                   for c in ratio_rows]},
+        question="speed-pytorch", reference=pytorch and "PyTorch eager (bench_torch.py, its own process)",
+        ratio=pytorch and round(pytorch[1], 2), summary=pytorch and f"{pytorch[0]}, throughput (higher is better)",
+        smoke=args.smoke or args.quick)
     if args.write:
         write_section(Path(args.out), text, args.threads)
         print(f"\nwritten to {args.out}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The default experiment's whole run against a PyTorch twin's (issue 24): what a new user times.
+"""The default experiment's whole run against a PyTorch twin's: what a new user times.
 
     python benchmarks/speed/bench_default_run.py [--repeats 3] [--write]
 
@@ -40,7 +40,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import TABLES_PAGE, add_smoke, cpu_model, save_batches
+from benchmarks.harness import (
+    TABLES_PAGE,
+    add_smoke,
+    cpu_model,
+    in_round,
+    save_batches,
+    write_record,
+)
 
 HERE = Path(__file__).resolve().parent
 DOC = TABLES_PAGE
@@ -173,6 +180,14 @@ def main() -> None:
     results = interleave(rows, args.repeats)
     table = report(results, args)
     print(table)
+    ours = "readme" if "readme" in results else "bare" if "bare" in results else None
+    ratio = (statistics.median(x["wall_s"] / y["wall_s"] for x, y in zip(results[ours], results["twin"]))
+             if ours and "twin" in results else None)
+    write_record("default-run-vs-pytorch", results, question="speed-pytorch",
+                 reference=ratio and "the same run as a plain PyTorch script (speed/torch_bert_run.py)",
+                 ratio=ratio and round(ratio, 2),
+                 summary=ratio and f"wall time of the default experiment, `{ours}` row (lower is better)",
+                 smoke=args.smoke)
     if args.write:
         full = args.rows == "readme,bare,twin" and not args.epochs
         write(table, MARKER if full else SHORT_MARKER)
@@ -183,7 +198,7 @@ def interleave(rows: dict[str, Callable[[], dict]], repeats: int) -> dict[str, l
     slow spell of a shared machine hits every row alike; prints each run as it ends."""
     results: dict[str, list[dict]] = {name: [] for name in rows}
     for r in range(repeats):
-        for name in (list(rows) if r % 2 == 0 else list(rows)[::-1]):
+        for name in in_round(list(rows), r):
             res = rows[name]()
             results[name].append(res)
             first = "" if res["first_epoch_s"] is None else f"  first epoch {res['first_epoch_s']:5.2f} s"

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke  # noqa: E402
+from benchmarks.harness import add_smoke, write_record  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CACHE = Path(tempfile.gettempdir()) / "mlxlab-bench-dist-cache"
@@ -193,12 +193,12 @@ def main() -> None:
     if args.lanes_worker:
         return lanes_worker(*args.lanes_worker, args.record)
     if args.only_lanes:
-        return lanes(args.pairs)
+        return record({"lanes": lanes(args.pairs)}, args.smoke)
     if args.worker is not None:
         return worker(args.worker, args.probe)
 
     if args.only_memory:
-        return memory()
+        return record({"memory": memory()}, args.smoke)
     tokens_per_step = 16 * 128
     steps = f"trainer.max_steps={args.steps + 3}"
     print("| pair | 1 process x 2 threads, batch 16: tokens/s | 2 ranks x 1 thread, batch 8 each: "
@@ -221,14 +221,21 @@ def main() -> None:
           f"127.0.0.1): {ms:.1f} ms median = {100 * ms / dp_step_ms:.0f}% of the 2-rank step "
           f"({dp_step_ms:.0f} ms); {reduce[0]['mb'] / ms * 1e3 / 1024:.2f} GB/s of gradients")
 
+    figures = {"tokens_per_s": {"one_process": one, "two_ranks": two}, "allreduce": reduce}
     if not args.skip_memory:
-        memory()
+        figures["memory"] = memory()
+    record(figures, args.smoke)
 
 
-def memory() -> None:
+def record(figures: dict, smoke: bool) -> None:
+    write_record("data-parallel", figures, question="memory", smoke=smoke)
+
+
+def memory() -> list[dict]:
     print("\n| transformer_small, 2 ranks | optimizer state per rank (MB) | MLX peak memory in "
           "training steps, per rank (MB) | ms/step |")
     print("|---|---|---|---:|")
+    found = []
     for shard in ("false", "true"):
         res = launch(2, 1, ["--worker", *SMALL, "trainer.max_steps=6",
                             f"trainer.distributed.shard_optimizer={shard}", "--probe", "6"])
@@ -236,15 +243,18 @@ def memory() -> None:
         peak = " / ".join(f"{r['peak_mb']:.0f}" for r in res)
         print(f"| shard_optimizer={shard} | {opt} | {peak} | {max(r['ms'] for r in res):.0f} |",
               flush=True)
+        found.append({"shard_optimizer": shard, "ranks": res})
+    return found
 
 
-def lanes(pairs: int) -> None:
+def lanes(pairs: int) -> list[dict]:
     from mlxlab.config import asset_path
 
     sample = asset_path("tinystories/sample.txt")
     print("| pair | mode | documents tokenized per rank | tokenizing CPU s per rank | epoch s "
           "(slowest rank) | batches per rank | one vote (ms) |")
     print("|---:|---|---|---|---:|---:|---:|")
+    found = []
     for k in range(1, pairs + 1):
         for mode in ("whole", "lanes"):
             res = launch(2, 1, ["--lanes-worker", mode, sample, "auto"])
@@ -252,6 +262,8 @@ def lanes(pairs: int) -> None:
             print(f"| {k} | {mode} | {' / '.join(str(r['docs']) for r in res)} | {tokenize} | "
                   f"{max(r['seconds'] for r in res):.2f} | {res[0]['batches']} | "
                   f"{max(r['vote_ms'] for r in res):.1f} |", flush=True)
+            found.append({"pair": k, "mode": mode, "ranks": res})
+    return found
 
 
 if __name__ == "__main__":

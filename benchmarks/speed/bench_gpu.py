@@ -1,4 +1,4 @@
-"""One command for a GPU window (issue 40): what mlxlab does on the GPU, and against PyTorch.
+"""One command for a GPU window: what mlxlab does on the GPU, and against PyTorch.
 
     python benchmarks/speed/bench_gpu.py [--write] [--budget-min 25] [--out gpu-bench]
     python benchmarks/speed/bench_gpu.py --dry-run      # the whole path on the CPU, tiny, ~1 minute
@@ -52,7 +52,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.*
-from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
 
 PRESETS = ("nano", "small", "medium", "large")
 DTYPES = ("fp32", "bf16")
@@ -188,7 +188,7 @@ def lm_rows(spec: dict) -> list[dict]:
 
 
 def profile_step(spec: dict, preset: str, dtype: str) -> dict:
-    """Where one step's time goes (issue 60 item 5): the compiled forward, forward + backward and
+    """Where one step's time goes: the compiled forward, forward + backward and
     whole step of `preset` timed apart, attention (MLX's fused SDPA, causal, forward + backward)
     timed alone at the model's shapes, and the matmuls' floor (their FLOPs over the best GEMM)."""
     import mlx.core as mx
@@ -618,6 +618,8 @@ def main() -> None:
     res["parts"] = sorted(set(res.get("parts", [])) | set(parts))
     res["total_s"] = res.get("total_s", 0.0) + time.monotonic() - started
     saved.write_text(json.dumps(res, indent=2))
+    write_record("gpu", res, question="speed-pytorch", smoke=args.dry_run or args.smoke,
+                 raw=str(saved))
     emit(res, args.write)
 
 
@@ -625,7 +627,7 @@ def emit(res: dict, write: bool) -> None:
     text = report(res)
     print(text)
     if write:
-        from benchmarks.common import TABLES_PAGE, write_between_markers
+        from benchmarks.harness import TABLES_PAGE, write_between_markers
 
         write_between_markers(TABLES_PAGE, "bench_gpu", text,
                               "### `benchmarks/speed/bench_gpu.py`")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 COUNT = {"completions": 0, "tokens": 0}
@@ -167,6 +168,13 @@ def main() -> None:
                 sys.exit(f"{side} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
             results.append(json.loads(line[0][7:]))
             print(results[-1], flush=True)
+    per_round = [ours["completions_per_s"] / theirs["completions_per_s"]
+                 for ours, theirs in zip(results[::2], results[1::2])]
+    ratio = statistics.median(per_round)
+    write_record("grpo-vs-mlx-lm-lora", {"runs": results, "ratio_per_round": per_round},
+                 question="speed-mlx", reference="mlx-lm-lora's train_grpo, same model and settings",
+                 ratio=round(ratio, 2), summary="GRPO completions/s, median round (higher is better)",
+                 smoke=a.smoke)
     print("| side | completions/s | completion tokens/s | peak MB | seconds |")
     print("|---|---|---|---|---|")
     for r in results:

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning speed and memory, mlxlab beside mlx_lm.lora, on long rows and on chats (issue 49).
+"""LoRA fine-tuning speed and memory, mlxlab beside mlx_lm.lora, on long rows and on chats.
 
     python benchmarks/speed/bench_lora.py [--rows long,chat] [--tools mlxlab,mlx-lm,mlx-lm-openblas]
                                     [--steps 12] [--rounds 2] [--work DIR] [--seq 512]
@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
-from benchmarks.common import add_smoke, cpu_model, run_with_peak_rss  # noqa: E402
+from benchmarks.harness import add_smoke, cpu_model, in_round, run_with_peak_rss, write_record  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 512, 4, 8, 16.0, 2e-4
 MODEL = dict(hidden=512, layers=8, heads=4, kv_heads=2, chat="chatml")
@@ -53,7 +53,7 @@ MLX_LM_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 # Runs mlx-lm's own LoRA training (mlx_lm.lora.run, what its CLI calls) and writes each per-step
 # report as a json line. argv: args.json report.jsonl
-# openblas(0|1) [fast_quantized(0|1): mlxlab's CPU quantized product on the loaded model, issue 54]
+# openblas(0|1) [fast_quantized(0|1): mlxlab's CPU quantized product on the loaded model]
 MLX_LM_WORKER = """
 import json, sys, types
 if sys.argv[3] == "1":
@@ -300,7 +300,7 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict]] = {}
     for rnd in range(args.rounds):
         for kind in args.rows.split(","):
-            for tool in tools if rnd % 2 == 0 else tools[::-1]:
+            for tool in in_round(tools, rnd):
                 out = work / "runs" / f"{kind}-{tool}-{rnd}"
                 if tool == "mlxlab":
                     steps = run_mlxlab(model, data[kind], kind, args.steps, out, args.seq,
@@ -320,6 +320,17 @@ def main() -> None:
         f"{args.steps} steps, the first {args.skip} left out; median of {args.rounds} rounds\n"
     )
     print_table(results, args.rows.split(","), tools, "rows")
+    group = args.rows.split(",")[0]
+    other = next((t for t in tools if t.startswith("mlx-lm")), None)
+    ratio = None
+    if (group, "mlxlab") in results and (group, other) in results:
+        ratio = round(statistics.median(r["tokens_per_sec"] for r in results[(group, "mlxlab")])
+                      / statistics.median(r["tokens_per_sec"] for r in results[(group, other)]), 2)
+    write_record(f"lora-{group}s-vs-mlx-lm", {
+        "args": vars(args), "runs": {f"{g}/{t}": runs for (g, t), runs in results.items()}},
+        question="speed-mlx", reference=ratio and f"mlx_lm.lora ({other})", ratio=ratio,
+        summary=ratio and f"LoRA trained tokens/s, {group} rows (higher is better)",
+        smoke=args.smoke)
 
 
 def print_table(results: dict[tuple[str, str], list[dict]], groups: list[str], tools: list[str],

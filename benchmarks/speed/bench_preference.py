@@ -1,4 +1,4 @@
-"""DPO speed and memory beside mlx-lm-lora's (issue 50): the same model, pairs, batch, LoRA,
+"""DPO speed and memory beside mlx-lm-lora's: the same model, pairs, batch, LoRA,
 sequence length, steps and beta, each tool run as its CLI in its own process.
 
     python benchmarks/speed/bench_preference.py [--rounds 2] [--steps 20] [--stock-steps 6]
@@ -55,11 +55,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import (  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
     add_smoke,
     cpu_model,
     smoke_dir,
-    tiny_hf_model,  # noqa: E402
+    tiny_hf_model,
+    write_record,
 )
 
 LORA_VENV = Path(os.environ.get("MLXLORA_VENV", "/work/venvs/mlxlora"))
@@ -351,6 +352,15 @@ def main() -> None:
         )
     )
 
+    rates = {v: [statistics.median(x["pairs_per_s"]) for x in runs] for v, runs in results.items()}
+    ref = next((v for v in ("lora_openblas", "lora_stock") if v in rates), None)
+    ratio = (statistics.median(a / b for a, b in zip(rates["mlxlab"], rates[ref]))
+             if ref and "mlxlab" in rates else None)
+    write_record("dpo-vs-mlx-lm-lora", {"params": params, "side_tokens": length, "results": results},
+                 question="speed-mlx", reference=ratio and f"mlx-lm-lora's DPO ({ref})",
+                 ratio=ratio and round(ratio, 2), summary=ratio and "DPO pairs/s (higher is better)",
+                 smoke=args.smoke,
+                 raw=str(work / "results.json"))
     print(
         "\n| variant | pairs/s (median of steady windows, per round) | tokens/s | max RSS MiB "
         "| MLX peak MiB |\n|---|---|---|---|---|"

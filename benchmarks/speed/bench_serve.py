@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke  # noqa: E402
+from benchmarks.harness import add_smoke, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["Once upon a time", "The little dog", "A girl named Lily", "In the big forest",
@@ -243,6 +243,14 @@ def main() -> int:
             print(f"| {name} | {sum(r['lost'] for r in rs)} | {sum(r['differs'] for r in rs)} "
                   f"| {med['latency_median']:.2f} | {med['client_tok_s']:.1f} | "
                   f"{med['total_tok_s']:.1f} |")
+        names = list(rows)
+        ratio = (statistics.median(a["total_tok_s"] / b["total_tok_s"]
+                                   for a, b in zip(rows[names[0]], rows[names[1]]))
+                 if len(names) > 1 else None)
+        write_record("serve-vs-mlx-lm-server", {"rounds": rows, "solo_answers_equal": same},
+                     question="speed-mlx", reference=ratio and names[1], ratio=ratio and round(ratio, 2),
+                     summary=ratio and f"{names[0]}: tokens/s of all {args.clients} clients (higher is better)",
+                     smoke=args.smoke)
     finally:
         for proc, _ in servers.values():
             proc.terminate()

@@ -34,13 +34,15 @@ processes share lose far more than they add), peak = its resident peak; on a GPU
 folder's dtype, synchronized per step, peak = torch's allocator peak. The load average is logged beside
 each run; results.json under --work keeps every stage, so a second call runs only the missing.
 The tools count trained tokens differently (mlx-lm and PEFT score one or two tokens a chat more
-than mlxlab); a second table (sizes_equal_count.py) gives every run at mlxlab's count, as sums
+than mlxlab); a second table (equal_count) gives every run at mlxlab's count, as sums
 over the steps after `--skip`, beside chats/s and milliseconds a step.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import csv
 import json
 import os
 import shutil
@@ -54,7 +56,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.common import add_smoke, cpu_model, run_with_peak_rss  # noqa: E402
+from benchmarks.harness import add_smoke, cpu_model, in_round, run_with_peak_rss, write_record  # noqa: E402
 from benchmarks.speed.bench_lora import MLX_LM_KEYS, MLX_LM_WORKER, csv_metrics  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 256, 4, 8, 16.0, 1e-4
@@ -314,6 +316,115 @@ def run_torch_peft(model: Path, data: Path, steps: int, out: Path) -> dict:
             "wall_s": time.perf_counter() - started}
 
 
+def mlxlab_steps(data: Path, tokenizer: Path, packed: bool, steps: int, seed: int = 42
+                 ) -> list[tuple[int, float]]:
+    """(chats, trained tokens) of each of a bench_sizes mlxlab run's first `steps` steps."""
+    from mlxlab.data.batching import Batching
+    from mlxlab.data.completions import PromptCompletion
+
+    module = PromptCompletion(train_file=str(data / "train.jsonl"),
+                              val_file=str(data / "valid.jsonl"), max_length=SEQ,
+                              tokenizer={"path": str(tokenizer / "tokenizer.json")}, pack=packed,
+                              seed=seed)
+    module.setup()
+    out = []
+    for _, batch in zip(range(steps), module.train_batches(Batching(1 if packed else BATCH), 0)):
+        chats = int(batch["segment_ids"].max(axis=1).sum()) if packed else batch["input_ids"].shape[0]
+        out.append((chats, float(batch["loss_mask"].sum())))
+    return out
+
+
+def count_differences(data: Path, tokenizer: Path) -> dict[str, int]:
+    """Per chat, how many more tokens mlx-lm's and PEFT's counts score than mlxlab's: one
+    constant each, or the script stops (no per-step correction would be exact)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.quality.real_model_torch_peft import encode_chat
+    from mlxlab.data.completions import PromptCompletion
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    module = PromptCompletion(train_file=str(data / "train.jsonl"),
+                              val_file=str(data / "valid.jsonl"), max_length=SEQ,
+                              tokenizer={"path": str(tokenizer / "tokenizer.json")})
+    module.setup()
+    ours = {tuple(ids): int(sum(mask[1:])) for ids, mask in zip(*module.train)}
+    seen: dict[str, set[int]] = {"mlx-lm": set(), "torch-peft": set()}
+    for line in (data / "train.jsonl").read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        full = tok.apply_chat_template(messages, return_dict=False)
+        offset = len(tok.apply_chat_template(messages[:-1], add_generation_prompt=True,
+                                             return_dict=False))
+        mine = ours[tuple(full)]
+        seen["mlx-lm"].add(len(full) - offset + 1 - mine)
+        ids, labels = encode_chat(tok, messages)
+        seen["torch-peft"].add(sum(label != -100 for label in labels[1:]) - mine)
+    if any(len(v) != 1 for v in seen.values()):
+        sys.exit(f"the counts differ by no constant per chat: {seen}")
+    return {tool: v.pop() for tool, v in seen.items()}
+
+
+def run_steps(run: Path, tool: str, mlxlab_rows: dict, differences: dict
+              ) -> list[tuple[int, float, float]] | None:
+    """(chats, trained tokens at mlxlab's count, seconds) per step of one run's folder."""
+    report = run / "report.jsonl"
+    if tool == "mlx-lm" and report.is_file():
+        rows = [json.loads(line) for line in report.read_text().splitlines()]
+        before = [0] + [r["trained_tokens"] for r in rows]
+        return [(4, r["trained_tokens"] - b - 4 * differences["mlx-lm"],
+                 1 / r["iterations_per_second"]) for r, b in zip(rows, before)]
+    if tool == "torch-peft" and report.is_file():
+        rows = [json.loads(line) for line in report.read_text().splitlines()]
+        return [(4, r["tokens_per_sec"] * r["seconds"] - 4 * differences["torch-peft"],
+                 r["seconds"]) for r in rows]
+    metrics = run / "tracking" / "metrics.csv"
+    if not metrics.is_file():
+        metrics = run / "metrics.csv"  # as kept under benchmarks/results
+    if tool.startswith("mlxlab") and metrics.is_file():
+        rates: dict[int, float] = {}
+        for row in csv.DictReader(metrics.open()):
+            if row["name"] == "train/tokens_per_sec":
+                rates[int(row["step"])] = float(row["value"])
+        drawn = mlxlab_rows[tool == "mlxlab-packed"]  # (mlxlab-b128: the same rows, wider)
+        return [(chats, tokens, tokens / rates[s]) for s, (chats, tokens) in
+                enumerate(drawn[:len(rates)], 1)]
+    return None
+
+
+def equal_count(runs: Path, data: Path, tokenizer: Path, skip: int, steps: int = 64) -> str:
+    """Every run of `runs` at mlxlab's count of trained tokens (mlx-lm and PEFT score a constant
+    one or two tokens a chat more: the template's newline after `<|im_end|>`, a padding position)."""
+    differences = count_differences(data, tokenizer)
+    mlxlab_rows = {p: mlxlab_steps(data, tokenizer, p, steps) for p in (False, True)}
+    found: dict[tuple[str, str], dict[str, list]] = collections.defaultdict(dict)
+    tools = ("mlx-lm", "mlxlab", "mlxlab-b128", "mlxlab-packed", "torch-peft")
+    for run in sorted(runs.iterdir()):
+        tool = next((t for t in sorted(tools, key=len, reverse=True)
+                     if f"-{t}-" in run.name), None)
+        if tool is None:
+            continue
+        size_mode = run.name[:run.name.index(f"-{tool}-")]
+        got = run_steps(run, tool, mlxlab_rows, differences)
+        if got:
+            found[tuple(size_mode.rsplit("-", 1))].setdefault(tool, []).append(got[skip:])
+    lines = [f"equal count: mlx-lm scores {differences['mlx-lm']} and PEFT "
+             f"{differences['torch-peft']} tokens a chat more than mlxlab; steps after {skip}",
+             "| model | mode | tool | tokens/s (mlxlab's count) | vs mlx_lm.lora | chats/s | "
+             "ms a step (median) |", "|---|---|---|---:|---:|---:|---:|"]
+    for (size, mode), by_tool in found.items():
+        rate = {t: sum(s[1] for r in rs for s in r) / sum(s[2] for r in rs for s in r)
+                for t, rs in by_tool.items()}
+        for tool in tools:
+            if tool not in by_tool:
+                continue
+            steps_ = [s for r in by_tool[tool] for s in r]
+            chats = sum(s[0] for s in steps_) / sum(s[2] for s in steps_)
+            ratio = f"{rate[tool] / rate['mlx-lm']:.2f}x" if "mlx-lm" in rate else "-"
+            shown = f"{rate[tool]:.0f}" if rate[tool] >= 100 else f"{rate[tool]:.2f}"
+            lines.append(f"| {size} | {mode} | {tool} | {shown} | {ratio} | {chats:.2f} "
+                         f"| {1000 * statistics.median(s[2] for s in steps_):.1f} |")
+    return "\n".join(lines)
+
+
 def gpu_name() -> str:
     import mlx.core as mx
 
@@ -395,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       work / f"{size}-{mode}{suffix}",
                                       4 if mode == "qlora" else None, dtype)
             for rnd in range(args.rounds):
-                for tool in tools if rnd % 2 == 0 else tools[::-1]:
+                for tool in in_round(tools, rnd):
                     key = f"{size}/{mode}/{tool}/{rnd}"
                     if key in results:
                         continue
@@ -422,9 +533,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{device}; {args.steps} steps, the first {args.skip} "
           f"left out; median of {args.rounds} round(s)\n\n{shown}")
     if (work / "runs").is_dir():  # the same runs at equal work (one count of trained tokens)
-        from benchmarks.speed.sizes_equal_count import table as equal_count
-
         print("\n" + equal_count(work / "runs", data, smollm2["qlora"], args.skip))
+    write_record("sizes", {"results": results, "table": shown}, question="speed-mlx",
+                 smoke=args.smoke, raw=str(store))
     if failed:
         sys.exit(1)
     return results

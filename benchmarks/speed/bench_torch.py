@@ -1,7 +1,7 @@
 """The PyTorch row of benchmarks/speed/bench.py: the mlxlab decoder and BERT classifier written in
 PyTorch, trained CPU eager on the batches the mlxlab row saved.
 
-Runs in its own process that never imports mlxlab, MLX or mlxlab's OpenBLAS (issue 12: with
+Runs in its own process that never imports mlxlab, MLX or mlxlab's OpenBLAS (with
 them loaded, PyTorch ran 3.7x slower, which made the old ratios an artifact); it checks that and
 fails otherwise. bench.py starts it as
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import (  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
     add_smoke,
     clock,
     foreign_libraries,

@@ -55,7 +55,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import add_smoke, cpu_model, run_with_peak_rss, smoke_dir  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    add_smoke,
+    cpu_model,
+    in_round,
+    run_with_peak_rss,
+    smoke_dir,
+    write_record,
+)
 from benchmarks.speed.bench_lora import csv_metrics  # noqa: E402
 
 RANK, ALPHA, LR = 8, 16.0, 2e-4
@@ -320,7 +327,7 @@ def main() -> None:
         model = save_model(name, folder, shape, layers, args.smoke)
         batch = min(args.batch, BATCH_LIMIT.get(name, args.batch))
         for rnd in range(args.rounds):
-            for tool in tools if rnd % 2 == 0 else tools[::-1]:
+            for tool in in_round(tools, rnd):
                 out = work / "runs" / f"{name}-{tool}-{rnd}"
                 run = run_mlxlab if tool == "mlxlab" else run_mlx_vlm
                 data = mlxlab_data if tool == "mlxlab" else vlm_data
@@ -352,6 +359,12 @@ def main() -> None:
         print(f"| {name} | {tool} | {runs[0]['batch']} | {row['step_s']:.2f} | "
               f"{row['tokens_per_sec']:.2f} | {row['peak_mb']:.0f} | {row['rss_mb']:.0f} | "
               f"{loads} | {speed} | {peak} |")
+    first = next((row for row in table if row["speed_ratio"] != "-"), None)
+    write_record("vision-vs-mlx-vlm", {"table": table, "runs": {f"{k[0]}/{k[1]}": v for k, v in results.items()}},
+                 question="speed-mlx", reference=first and "mlx-vlm's own trainer (python -m mlx_vlm.train)",
+                 ratio=first and float(first["speed_ratio"].rstrip("x")),
+                 summary=first and f"vision-language LoRA step speed, {first['shape']} (higher is better)",
+                 smoke=args.smoke)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

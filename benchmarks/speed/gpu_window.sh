@@ -13,9 +13,8 @@
 #   bash benchmarks/speed/gpu_window.sh stash X     # there, one call a part (carry .whl/X)
 #   bash benchmarks/speed/gpu_window.sh watch [S]   # there: follow the pipeline S s, results to $OUT
 #   bash benchmarks/speed/gpu_window.sh pipeline    # (started by stash): the window's work, in order:
-#     1. benchmarks/speed/gpu_probe.py: the first kernel compiles, op-by-op determinism
-#     2. PyTorch + PEFT bf16 LoRA on the GGUF's weights (real_model_torch_peft.py)
-#     3. mlxlab and mlx_lm.lora LoRA on the same weights in bf16, then QLoRA on the GGUF's 4-bit
+#     1. PyTorch + PEFT bf16 LoRA on the GGUF's weights (real_model_torch_peft.py)
+#     2. mlxlab and mlx_lm.lora LoRA on the same weights in bf16, then QLoRA on the GGUF's 4-bit
 #        layers (real_model_finetune.py), held-out accuracy of each; then a second timed round
 #   bash benchmarks/speed/gpu_window.sh presets     # the first window's LM presets (bench_gpu.py parts)
 #   bash benchmarks/speed/gpu_window.sh prepare sizes   # the size table's window instead: MLX's,
@@ -140,8 +139,6 @@ pipeline)
   python3 -c "import mlx.core" 2>/dev/null || python3 -m pip install -q --no-index --no-deps "$WHEELS"/mlx_cuda_13-*.whl "$WHEELS"/mlx-$MLX-*.whl \
     "$WHEELS"/mlx_lm-*.whl || status=$?
   python3 -c "import mlx.core as mx, mlx_lm; print('MLX', mx.__version__, mx.default_device(), 'mlx-lm', mlx_lm.__version__)"
-  step "gpu_probe.py (first compiles, determinism)"
-  [ -s "$STATE/gpu_probe.json" ] || python3 benchmarks/speed/gpu_probe.py --out "$STATE/gpu_probe.json" || status=$?
   step "waiting for the other parts"
   wait_for '.'
   step "install the rest"

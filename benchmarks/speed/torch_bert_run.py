@@ -1,4 +1,4 @@
-"""The PyTorch twin of the default experiment's whole run (issue 24): the mlxlab BERT classifier
+"""The PyTorch twin of the default experiment's whole run: the mlxlab BERT classifier
 written in PyTorch (benchmarks/speed/bench_torch.py), trained as a PyTorch user would write it, on the
 exact batches the mlxlab run trains and evaluates on (bench_default_run.py dumps them).
 
@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.common import add_smoke, foreign_libraries, load_batches, smoke_dir  # noqa: E402
+from benchmarks.harness import add_smoke, foreign_libraries, load_batches, smoke_dir  # noqa: E402
 from benchmarks.speed.bench_torch import torch_models  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """A plain PyTorch training script of mlxlab's decoder (RMSNorm, SwiGLU, RoPE, tied embeddings),
 written the way a PyTorch user would, with nothing from mlxlab or the benchmark harness: the
-reference that benchmarks/speed/bench.py checks its PyTorch row against (issue 12).
+reference that benchmarks/speed/bench.py checks its PyTorch row against.
 
     python benchmarks/speed/torch_plain.py --vocab 3776 --dim 256 --layers 4 --heads 4 --batch 16 --seq 128
 
@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--lr", type=float, default=1e-3)
-    # (written out here, not benchmarks.common's: this script shares no code with the harness)
+    # (written out here, not benchmarks.harness's: this script shares no code with the harness)
     p.add_argument("--smoke", action="store_true",
                    help="the smallest run through this script's code path; figures mean nothing")
     args = p.parse_args()

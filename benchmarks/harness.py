@@ -1,0 +1,290 @@
+"""The harness every benchmark script shares: the JSON record a run writes (`write_record`: its
+figures, command, commit, machine, load and date, under benchmarks/results/), clocks, memory,
+saved batches, the machine's CPU and GPU, running mlxlab's commands, `--smoke`. Standard library
+and numpy only: the PyTorch processes (speed/bench_torch.py, speed/torch_bert_run.py) import this
+module and must never import mlxlab, MLX or the OpenBLAS that mlxlab loads (with them loaded
+PyTorch runs 3.7x slower)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+# Where a run's record goes: one JSON file per run, read by the docs build (scripts/gen_benchmarks.py)
+RESULTS = REPO / "benchmarks" / "results"
+RESULTS_ENV = "MLXLAB_BENCH_RESULTS"  # another folder for the records (the smoke tests' tmp_path)
+SCHEMA = 1
+# The page whose `<!-- marker: begin/end -->` pairs a script's `--write` fills: the history page
+# (the tables as the scripts print them); docs/benchmarks.md is generated from the records.
+TABLES_PAGE = REPO / "docs" / "benchmarks-history.md"
+LOAD_AT_START = os.getloadavg()  # the machine's load when the benchmark began
+
+# Libraries that only mlxlab/MLX put into a process; a baseline process must map none of them.
+FOREIGN_LIBRARIES = ("libopenblasp", "libscipy_openblas.so", "libmlx.so", "mlx_cpu.libs")
+
+
+def clock() -> tuple[float, float]:
+    """(wall, CPU) seconds now; CPU = all threads of this process, steadier on a busy machine."""
+    return time.perf_counter(), time.process_time()
+
+
+def _status_kb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):  # 5 = reset VmHWM to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    return _status_kb("VmHWM") / 1024
+
+
+def save_batches(path: Path, batches: list[dict]) -> None:
+    arrays = {f"{i:05d}/{k}": np.array(v) for i, b in enumerate(batches) for k, v in b.items()}
+    np.savez(path, **arrays)
+
+
+def load_batches(path: Path) -> list[dict[str, np.ndarray]]:
+    with np.load(path) as f:
+        out: dict[int, dict] = {}
+        for key in f.files:
+            i, name = key.split("/")
+            out.setdefault(int(i), {})[name] = f[key]
+    return [out[i] for i in sorted(out)]
+
+
+def foreign_libraries() -> list[str]:
+    """Mapped files of this process that a clean baseline must not have (mlxlab's BLAS, MLX)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    found = {line.split()[-1] for line in maps.splitlines() if any(n in line for n in FOREIGN_LIBRARIES)}
+    return sorted(found)
+
+
+def cpu_model() -> str:
+    """The CPU's model name, core count and widest vector ISA: every figure says which CPU it
+    came from (OpenBLAS picks its GEMM kernels by CPU, so last bits and speeds differ by CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                 platform.machine())
+    flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return f"{model} x{os.cpu_count()}" + (f" ({isa})" if isa else "")
+
+
+def cpu_id() -> dict:
+    """The CPU as lscpu names it: model name, family and model numbers, cores, widest vector ISA."""
+    fields = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name", platform.processor() or platform.machine()),
+            "family": fields.get("cpu family"), "model_number": fields.get("model"),
+            "cores": os.cpu_count(),
+            "isa": "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None}
+
+
+def gpu_names() -> list[str]:
+    """The GPUs nvidia-smi lists (none on a machine without it); never imports MLX or PyTorch."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                          capture_output=True, text=True)
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
+
+
+def commit() -> str | None:
+    """The checkout's commit, `+dirty` when its tracked files differ from it."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+    except OSError:  # no git on the machine (a GPU image)
+        return None
+    if head.returncode:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def jsonable(value: object) -> object:
+    """`value` as JSON can hold it: a tuple key becomes "a/b", anything else unknown its str()."""
+    if isinstance(value, dict):
+        return {("/".join(map(str, k)) if isinstance(k, tuple) else k
+                 if isinstance(k, (str, int, float, bool)) or k is None else str(k)): jsonable(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def write_record(name: str, figures: dict, *, question: str, reference: str | None = None,
+                 ratio: float | None = None, summary: str | None = None,
+                 smoke: bool = False, raw: str | None = None) -> Path:
+    """Write this run's record: `figures` (the script's own numbers), with the command that
+    produced them, the commit, the machine (CPU, GPU, BLAS threads), the load at the start and
+    the end, and the date. `question` is the section of docs/benchmarks.md the record belongs
+    to (benchmarks/README.md lists them); `ratio` (mlxlab's figure over `reference`'s, with
+    `summary` saying which figure and which way is better) puts it in the page's summary table.
+    A smoke run's record, and any run under pytest, goes to a temporary folder unless
+    MLXLAB_BENCH_RESULTS names one: only a real run adds to the repository's records.
+    Returns the record's path."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    script = Path(sys.argv[0]).resolve()
+    with contextlib.suppress(ValueError):
+        script = script.relative_to(REPO)
+    record = {
+        "schema": SCHEMA, "name": name, "question": question,
+        "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": shlex.join(["python", str(script), *sys.argv[1:]]),
+        "commit": commit(),
+        "machine": {"cpu": cpu_id(), "gpu": gpu_names(), "python": platform.python_version(),
+                    "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS")},
+        "load": {"start": list(LOAD_AT_START), "end": list(os.getloadavg())},
+        "reference": reference, "ratio": ratio, "summary": summary, "smoke": smoke, "raw": raw,
+        "figures": jsonable(figures),
+    }
+    scratch = smoke or "PYTEST_CURRENT_TEST" in os.environ
+    folder = Path(os.environ.get(RESULTS_ENV) or (smoke_dir("records") if scratch else RESULTS))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{now:%Y-%m-%d-%H%M%S}-{name}.json"
+    for n in range(2, 100):  # two runs of one name in one second: both kept
+        if not path.exists():
+            break
+        path = folder / f"{now:%Y-%m-%d-%H%M%S}-{name}-{n}.json"
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    print(f"record: {path}")
+    return path
+
+
+def write_between_markers(path: Path, marker: str, body: str, title: str) -> None:
+    """Put `body` into the markdown file `path` between `<!-- {marker}: begin/end -->` (so the
+    prose around it stays), or append it under `title` when the markers are not there yet."""
+    begin, end = f"<!-- {marker}: begin -->", f"<!-- {marker}: end -->"
+    section = f"{begin}\n{body}\n{end}\n"
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text += ("\n" if text and not text.endswith("\n\n") else "") + f"{title}\n\n{section}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def run_with_peak_rss(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float]:
+    """subprocess.run(cmd, capture_output=True, text=True, **kwargs) and the child's peak
+    resident memory in MB (its ru_maxrss from wait4: the child's own, not this process's)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **kwargs)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    return done, usage.ru_maxrss / 1024
+
+
+def run_logged(args: list[str], env: dict, log: Path) -> tuple[str, float]:
+    """Run a command in env["MLXLAB_ROOT"], its output kept in `log`: (the output, wall
+    seconds); a failure exits the benchmark naming the log."""
+    started = time.perf_counter()
+    proc = subprocess.run(args, env=env, cwd=env["MLXLAB_ROOT"], capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        sys.exit(f"{' '.join(args[:4])} ... failed ({proc.returncode}); see {log}")
+    return proc.stdout + proc.stderr, time.perf_counter() - started
+
+
+def tiny_hf_model():
+    """scripts/tiny_hf_model.py (tiny transformers checkpoints, chat templates, teach_chats) as
+    a module; it imports mlxlab and tokenizers, so only a process that may load them calls this."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "tiny_hf_model.py"
+    spec = importlib.util.spec_from_file_location("tiny_hf_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def mlxlab_cli(*args: str) -> list[str]:
+    """`mlxlab ARGS` in this interpreter."""
+    return [sys.executable, "-m", "mlxlab.cli.main", *args]
+
+
+def train_cli(*args: str) -> list[str]:
+    """`mlxlab-train ARGS` in this interpreter."""
+    return [sys.executable, "-m", "mlxlab.train", *args]
+
+
+def line_value(out: str, prefix: str) -> str:
+    """The rest of the first line of `out` that starts with `prefix`."""
+    return next(line for line in out.splitlines() if line.startswith(prefix))[len(prefix):].strip()
+
+
+def write_results(out: Path, results: dict, compare: str, shown: str,
+                  times: dict[str, float], *, record: str, smoke: bool) -> None:
+    """results.json under `out` (with `compare`'s JSON) and the run's record (`record`: its
+    name, question `quality`), then the results, `shown` (a table's tail) and each stage's wall
+    time printed."""
+    results = {**results, "wall_s": times,
+               "compare": compare[compare.index("{"):] if "{" in compare else compare}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_record(record, results, question="quality", smoke=smoke, raw=str(out / "results.json"))
+    print(json.dumps({k: v for k, v in results.items() if k != "compare"}, indent=2))
+    print(shown[-4000:])
+    print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+
+
+def in_round(names: list[str], rnd: int) -> list[str]:
+    """The order the rows of round `rnd` run in: `names`, reversed every other round (ABBA), so
+    a slow spell of a shared machine hits every row alike and a ratio compares one round's rows."""
+    return list(names) if rnd % 2 == 0 else list(names)[::-1]
+
+
+def add_smoke(parser: argparse.ArgumentParser) -> None:
+    """`--smoke`: the smallest run through the script's code path (tiny sizes, one or two steps,
+    one round, the heavy or networked reference skipped), in seconds; its figures mean nothing.
+    tests/test_benchmarks_smoke.py runs every script's, so none can rot unseen."""
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest run through this script's code path; figures mean nothing")
+
+
+def smoke_dir(name: str) -> Path:
+    """A fresh temporary folder for a smoke run's files (never the docs or a shared /tmp path)."""
+    return Path(tempfile.mkdtemp(prefix=f"{name}_smoke_"))
+
+# Hydra overrides that cut a training run to a smoke's size: 4 steps, evaluated twice.
+SMOKE_RUN = ("trainer.max_steps=4", "trainer.eval_every_steps=2", "callbacks.progress.enabled=false")
