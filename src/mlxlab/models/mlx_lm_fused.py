@@ -148,7 +148,7 @@ def use_fused_kernels(lm: nn.Module) -> int:
 # mlx-lm's math: the norms over kernels.rms_norm, the MLP's gate through kernels.gelu_gate,
 # whose backward recomputes the GELU from gate and up (what autodiff of nn.gelu_approx keeps
 # instead: its tanh and products, several (rows, intermediate) float32 arrays a layer; with the
-# rest here, bench_qlora's gemma3_text float LoRA step peaks at 384 MiB, mlx_lm.lora's at 538),
+# rest here, a gemma3_text float LoRA step peaked at 384 MiB, mlx_lm.lora's at 538),
 # the attention with the q/k norms over the projection's (B, T, H, D) layout (a norm over D
 # commutes with the transpose) so the fused RoPE reads its input without a copy.
 
