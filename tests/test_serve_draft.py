@@ -9,19 +9,15 @@ one line, exit 2, before the port is bound."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import signal
-import subprocess
 import threading
-import time
 
 import openai
 import pytest
 
-from conftest import MLXLAB
 from hf_helpers import save_tiny_model
 from mlxlab.cli.main import main
+from serve_helpers import serving
 
 PROMPT = "Once upon a time"
 CHAT = [{"role": "user", "content": "Tell me about a dog"}]
@@ -41,25 +37,13 @@ def models(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def client(models):
     """`mlxlab serve TARGET ALONE --draft TARGET=DRAFT --port 0`, stopped with SIGTERM."""
+    args = [str(models["target"]), str(models["alone"]), "--draft",
+            f"{models['target']}={models['draft']}", "--num-draft-tokens", "3"]
     log = models["root"] / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [MLXLAB, "serve", str(models["target"]), str(models["alone"]), "--draft",
-             f"{models['target']}={models['draft']}", "--num-draft-tokens", "3", "--port", "0"],
-            stdout=out, stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if k != "MLXLAB_API_KEY"})
-    try:
-        deadline = time.monotonic() + 240
-        while not (found := re.search(r"on http://127\.0\.0\.1:(\d+)/v1", log.read_text())):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no server in 240 s"
-            time.sleep(0.3)
+    env = {k: v for k, v in os.environ.items() if k != "MLXLAB_API_KEY"}
+    with serving(args, log, env) as base_url:
         assert f"<- {models['target']} (draft: {models['draft']})" in log.read_text()
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{found.group(1)}/v1", api_key="unused",
-                            max_retries=0, timeout=120)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        yield openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
 
 
 def both(client, models, make) -> tuple:
