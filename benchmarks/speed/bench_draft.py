@@ -46,6 +46,7 @@ QUESTION = ("How much faster is greedy decoding of a fine-tune with a draft trai
             "(experiment=draft_model) than alone and than with a generic draft of the same "
             "size, at identical outputs?")
 CONFIGS = ("alone", "trained", "generic")
+HELD_OUT = 200
 
 
 def count_row(a: int, n: int) -> dict:
@@ -54,11 +55,12 @@ def count_row(a: int, n: int) -> dict:
             "answer": f" {numbers}."}
 
 
-def task_rows(n_train: int, n_heldout: int, length: int, seed: int = 0) -> tuple[list, list]:
-    """Counting rows, the held-out ones starting at numbers no training row starts at."""
+def task_rows(length: int, seed: int = 0) -> tuple[list, list]:
+    """400 counting rows to train on and 200 held out, starting at numbers no training row
+    starts at (the same rows whatever --prompts decodes of them)."""
     starts = list(range(10, 990))
     random.Random(seed).shuffle(starts)
-    held, train = starts[:n_heldout], starts[n_heldout:n_heldout + n_train]
+    held, train = starts[:HELD_OUT], starts[HELD_OUT:HELD_OUT + 400]
     return [count_row(a, length) for a in train], [count_row(a, length) for a in held]
 
 
@@ -93,12 +95,12 @@ def float_smollm2(work: Path) -> Path:
     return folder
 
 
-def train(args: list[str], run_dir: Path, env: dict) -> float:
-    """One `mlxlab-train` run into `run_dir`; its wall seconds. A failure stops the benchmark
-    with the run's log tail."""
-    if (run_dir / "checkpoints").is_dir():  # a kept --work's run: measured again, not retrained
+def train(args: list[str], run_dir: Path, env: dict) -> float | None:
+    """One `mlxlab-train` run into `run_dir`; its wall seconds (None: a finished run kept in
+    --work, reused). A failure stops the benchmark with the run's log tail."""
+    if (run_dir / "finished.json").is_file():  # a kept --work's run: measured again, not retrained
         print(f"reusing {run_dir}", flush=True)
-        return 0.0
+        return None
     started = time.perf_counter()
     log = run_dir.with_suffix(".log")
     with open(log, "w") as out:
@@ -217,7 +219,8 @@ def base_outputs(base: Path, finetuned: Path, prompts: list[str], max_tokens: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_smoke(parser)
-    parser.add_argument("--prompts", type=int, default=200, help="held-out prompts decoded")
+    parser.add_argument("--prompts", type=int, default=HELD_OUT,
+                        help=f"held-out prompts decoded (of {HELD_OUT})")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=60, help="the fine-tune's steps")
     parser.add_argument("--draft-steps", type=int, default=60, help="each draft's steps")
@@ -248,7 +251,7 @@ def main() -> None:
                                                num_hidden_layers=4)
     else:
         base = float_smollm2(work)
-    train_rows, held = task_rows(400, args.prompts, args.length)
+    train_rows, held = task_rows(args.length)
     data = work / "data"
     data.mkdir(exist_ok=True)
     count_train = write_jsonl(data / "count_train.jsonl", train_rows)
@@ -278,7 +281,7 @@ def main() -> None:
             f"trainer.eval_every_steps={args.draft_steps}", "optimizer.learning_rate=3e-4"],
             draft_dirs[name], env)
     record["load"]["after_training"] = load()
-    prompts = [r["prompt"] for r in held]
+    prompts = [r["prompt"] for r in held[:args.prompts]]
     started = time.perf_counter()
     measured = measure(finetuned, draft_dirs, prompts, args.rounds, args.max_tokens,
                        args.num_draft_tokens)
