@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -28,10 +25,11 @@ import openai
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import MLXLAB, compose_cfg, mlxlab
+from conftest import compose_cfg, mlxlab
 from hf_helpers import save_tiny_model
 from mlxlab.config import asset_path
 from mlxlab.runs.inference import complete, load_run, sample_ids
+from serve_helpers import serving
 
 PROMPT = "Once upon a time"
 KEY = "test-key-0123"  # the module's server requires it (MLXLAB_API_KEY)
@@ -75,24 +73,12 @@ def runs(tmp_path_factory) -> dict:
 def server(runs):
     """`MLXLAB_API_KEY=KEY mlxlab serve BASE A B models:/story-b@champion --port 0` (a free
     port, printed), as a user starts it; stopped with SIGTERM after the module's tests."""
-    log = runs["root"] / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [MLXLAB, "serve", str(runs["base"]), str(runs["a"]), str(runs["b"]),
-             "models:/story-b@champion", "--port", "0", "--uri", runs["uri"]],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "MLXLAB_API_KEY": KEY})
-    try:
-        deadline = time.monotonic() + 240
-        while not (found := re.search(r"on http://127\.0\.0\.1:(\d+)/v1", log.read_text())):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no server in 240 s"
-            time.sleep(0.3)
-        base_url = f"http://127.0.0.1:{found.group(1)}/v1"
+    args = [str(runs["base"]), str(runs["a"]), str(runs["b"]), "models:/story-b@champion",
+            "--uri", runs["uri"]]
+    with serving(args, runs["root"] / "serve.log", {**os.environ, "MLXLAB_API_KEY": KEY}) \
+            as base_url:
         yield openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=120), \
             base_url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
     with pytest.raises(OSError):  # stopped: nothing listens there any more
         urllib.request.urlopen(f"{base_url}/health", timeout=2)
 

@@ -10,17 +10,13 @@ from __future__ import annotations
 import base64
 import io
 import os
-import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import openai
 import pytest
 
-from conftest import MLXLAB
 from hf_helpers import save_tiny_model
+from serve_helpers import serving
 from vision_models import picture, tiny_vlm
 
 pytest.importorskip("mlx_vlm", reason="the [vision] extra (in [dev], which CI installs)")
@@ -70,24 +66,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(models):
-    """`mlxlab serve` of the three VLM folders, the vision run and a text model, port 0."""
-    log = models["llama"].parent / "serve.log"
+    """`mlxlab serve` of the three VLM folders, the vision run and a text model."""
     names = [*FAMILIES, "run", "llama"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen([MLXLAB, "serve", *(str(models[n]) for n in names),
-                                 "--port", "0"], stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(os.environ))
-    try:
-        deadline = time.monotonic() + 300
-        while not (found := re.search(r"on http://127\.0\.0\.1:(\d+)/v1", log.read_text())):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no server in 300 s"
-            time.sleep(0.3)
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{found.group(1)}/v1", api_key="unused",
-                            max_retries=0, timeout=120)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    with serving([str(models[n]) for n in names], models["llama"].parent / "serve.log",
+                 dict(os.environ), wait_s=300) as base_url:
+        yield openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
 
 
 def generated(source: Path, seed: int | None, tmp: Path) -> str:

@@ -27,6 +27,14 @@ Gemma 3) in transformers' layout, checked in transformers.
 LM Studio load, and an Ollama Modelfile beside it named after it (ft.gguf: ft.Modelfile;
 `ollama create NAME -f exported/ft.Modelfile`).
 
+    mlxlab export RUN --format gguf --draft DRAFT_RUN [--num-draft-tokens 3] --out exported/ft.gguf
+
+--draft (gguf): the run with a draft model for speculative decoding (e.g. a run of
+experiment=draft_model), checked as `mlxlab generate --draft` checks it before a file is written:
+ft.gguf, ft.draft.gguf in the same --quant, and ft.llama-server.sh, which runs `llama-server -m
+ft.gguf -md ft.draft.gguf --draft-max K`; LM Studio pairs the two files in its Speculative
+Decoding panel. Ollama has no draft models: ft.Modelfile serves the run alone.
+
 --format hf (and peft, and gguf from a run, through its float hf folder) is checked where it is
 made: transformers loads what was written and must give the fine-tune's logits on a 2x16-token
 probe (max gap 1e-3 of the logits' scale), else the export is refused with the gap; the model
@@ -64,6 +72,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="LoRA runs: merge the adapters into the weights (default)")
     lora.add_argument("--adapters", dest="lora", action="store_const", const="adapters",
                       help="LoRA runs: base model + mlx-lm adapters in OUT/adapters")
+    parser.add_argument("--draft", default=None, metavar="DRAFT",
+                        help="--format gguf: also the draft model DRAFT (a run or a folder) as "
+                        "OUT's .draft.gguf, and the llama-server command pairing them")
+    parser.add_argument("--num-draft-tokens", type=int, default=3,
+                        help="--draft: the tokens the draft proposes a pass (llama-server's "
+                        "--draft-max)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="--format hf and gguf from a run: write without loading the folder "
@@ -80,6 +94,10 @@ def main(argv: list[str]) -> int:
     if args.quant is not None:
         print("mlxlab export: error: --quant is for --format gguf (mlx-lm takes --quantize 4|8)",
               file=sys.stderr)
+        return 2
+    if args.draft is not None:
+        print("mlxlab export: error: --draft pairs GGUF files for llama.cpp and LM Studio: add "
+              "--format gguf (mlxlab generate and serve take --draft as it is)", file=sys.stderr)
         return 2
     from mlxlab.export import export_run
 
@@ -131,8 +149,15 @@ def _gguf(args: argparse.Namespace) -> int:
               "(it fuses LoRA; pick the weights' type with --quant)", file=sys.stderr)
         return 2
     try:
-        report = export_gguf(args.run, args.out, args.quant or "f16", overwrite=args.overwrite,
-                             check=args.check)
+        if args.draft is None:
+            report = export_gguf(args.run, args.out, args.quant or "f16",
+                                 overwrite=args.overwrite, check=args.check)
+        else:
+            from mlxlab.export.speculative import export_gguf_with_draft
+
+            report = export_gguf_with_draft(args.run, args.draft, args.out, args.quant or "f16",
+                                            overwrite=args.overwrite, check=args.check,
+                                            num_draft_tokens=args.num_draft_tokens)
     except (FileNotFoundError, ValueError) as err:
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2
@@ -142,4 +167,9 @@ def _gguf(args: argparse.Namespace) -> int:
     style = report["chat_style"] or "none recognised: the GGUF's own template"
     print(f"Ollama: {report['modelfile']} (chat template: {style}); "
           f"ollama create NAME -f {report['modelfile']}")
+    if "draft" in report:
+        draft = report["draft"]
+        print(f"draft: {draft.get('checkpoint', draft.get('source'))} -> {draft['gguf']} "
+              f"({draft['bytes'] / 2**20:.1f} MiB); llama.cpp: {report['command']} "
+              "(llama-server -m ... -md ...); Ollama has no draft models")
     return 0

@@ -14,6 +14,15 @@ vision-language model (a VLM folder or a vision run) also answers chats whose us
 OpenAI's `image_url` parts, each a `data:image/...;base64,` URL (the server fetches no URL and
 reads no file for a client), as `mlxlab generate --image` answers them.
 
+    mlxlab serve RUN --draft DRAFT_RUN --num-draft-tokens 3
+    mlxlab serve RUN_A RUN_B --draft RUN_A=DRAFT_A --draft RUN_B=DRAFT_B
+
+--draft: speculative decoding of a served model (RUN as given; alone when one model is served)
+with a smaller model of the same tokenizer, e.g. one trained with experiment=draft_model; its
+answers are the model's own (the same text under temperature 0), sooner. A draft the model
+cannot use (another tokenizer or vocabulary, not smaller, a cache that cannot be rolled back)
+is one line before the port is bound. A drafted model answers one request at a time.
+
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:5001/v1", api_key="unused")
     client.chat.completions.create(model="<run folder name>",
@@ -81,6 +90,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-request-mib", type=float, default=None,
                         help=f"language models: the largest request body, in MiB (default "
                         f"{MAX_REQUEST_MIB:g}); a larger one is refused (413) unread")
+    parser.add_argument("--draft", action="append", default=[], metavar="[RUN=]DRAFT",
+                        help="language models: speculative decoding of RUN (a target as given) "
+                        "with DRAFT, a smaller model of the same tokenizer (a run or a folder); "
+                        "repeat for each served model that has one; one target: --draft DRAFT")
+    parser.add_argument("--num-draft-tokens", type=int, default=3,
+                        help="--draft: the tokens a draft proposes a pass (a request's "
+                        "num_draft_tokens, else this)")
     parser.add_argument("--workers", type=int, default=None,
                         help="classifier: MLflow server worker processes (default 1)")
     args = parser.parse_args(argv)
@@ -91,18 +107,25 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
         if args.max_request_mib is not None and not args.max_request_mib > 0:
             raise ValueError(f"--max-request-mib must be above 0, got {args.max_request_mib:g}")
+        if args.num_draft_tokens < 1:
+            raise ValueError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
         args.api_key = api_key(args.api_key)
+        drafts = draft_pairs(args.targets, args.draft)
         targets = _language_model_targets(args, Path(tmp))
         if targets is None:
-            if args.api_key is not None or args.max_request_mib is not None:
-                raise ValueError("an API key (--api-key, MLXLAB_API_KEY) and --max-request-mib "
-                                 "are for language models: MLflow's model server checks neither; "
-                                 "unset them to serve this classifier")
+            if args.api_key is not None or args.max_request_mib is not None or drafts:
+                raise ValueError("an API key (--api-key, MLXLAB_API_KEY), --max-request-mib "
+                                 "and --draft are for language models: MLflow's model server "
+                                 "has none of them; unset them to serve this classifier")
             return _mlflow(args, args.targets[0], tmp)
         if args.workers is not None:
             raise ValueError("--workers is for a classifier's MLflow server; a language model is "
                              "served by one process (it batches concurrent requests)")
-        return _openai(args, targets)
+        from mlxlab.serving.openai.served import resolve_target
+
+        # every draft found before a model loads: a wrong path is one line at once
+        drafts = {t: resolve_target(d, args.uri, Path(tmp)) for t, d in drafts.items()}
+        return _openai(args, targets, drafts)
 
     try:
         return guarded("serve", body)
@@ -130,6 +153,24 @@ def exposure_warning(host: str, key: str | None) -> str | None:
             "this machine can use these models (set MLXLAB_API_KEY or --api-key)")
 
 
+def draft_pairs(targets: list[str], given: list[str]) -> dict[str, str]:
+    """Each --draft as {target as given: draft}: `RUN=DRAFT` (RUN one of the targets), or
+    `DRAFT` alone when one model is served."""
+    pairs: dict[str, str] = {}
+    for text in given:
+        target, sep, draft = text.partition("=")
+        if not (sep and target in targets):
+            if len(targets) > 1:
+                raise ValueError(f"--draft {text}: name the served model it drafts for, "
+                                 "--draft RUN=DRAFT with RUN as given on the command line")
+            target, draft = targets[0], text
+        if target in pairs:
+            raise ValueError(f"--draft: {target} is given two drafts ({pairs[target]} and "
+                             f"{draft}); give each served model one")
+        pairs[target] = draft
+    return pairs
+
+
 def _language_model_targets(args: argparse.Namespace, scratch: Path) -> list | None:
     """The targets resolved when they are language models (served over the OpenAI API), None
     for one classifier or runs:/ URI (MLflow's server)."""
@@ -147,14 +188,18 @@ def _language_model_targets(args: argparse.Namespace, scratch: Path) -> list | N
     return None if classifiers else targets
 
 
-def _openai(args: argparse.Namespace, targets: list) -> int:
-    from mlxlab.serving.openai.served import load_served
+def _openai(args: argparse.Namespace, targets: list, drafts: dict) -> int:
+    from mlxlab.serving.openai.served import attach_draft, load_served
     from mlxlab.serving.openai.server import make_server, serve_until_stopped, server_settings
 
     served = load_served(targets, args.checkpoint)
+    for target, s in zip(targets, served):
+        if target.text in drafts:  # checked against its model before the port is bound
+            attach_draft(s, drafts[target.text], args.checkpoint)
     limit = MAX_REQUEST_MIB if args.max_request_mib is None else args.max_request_mib
     settings = server_settings(args.max_tokens, api_key=args.api_key,
-                               max_request_bytes=int(limit * 2**20))
+                               max_request_bytes=int(limit * 2**20),
+                               num_draft_tokens=args.num_draft_tokens)
     try:
         server, generator = make_server(served, args.host, args.port, settings)
     except OSError as err:
@@ -165,7 +210,8 @@ def _openai(args: argparse.Namespace, targets: list) -> int:
         print(warning, file=sys.stderr, flush=True)
     for s in served:
         also = f" (also {', '.join(s.names[1:])})" if len(s.names) > 1 else ""
-        print(f"  model {s.name}{also} <- {s.source}", flush=True)
+        drafted = f" (draft: {drafts[s.name].text})" if s.draft is not None else ""
+        print(f"  model {s.name}{also} <- {s.source}{drafted}", flush=True)
     shared = sum(s.stats["shared_bytes"] for s in served)
     print(f"serving {len(served)} language model(s) on http://{host}:{port}/v1 "
           f"({shared / 2**20:.1f} MiB of weights shared, held once; Ctrl-C stops)", flush=True)

@@ -12,7 +12,8 @@ from mlxlab.errors import ConfigError
 
 class KVCache:
     """Per-layer key/value cache for generation, filled in place; mlx-lm's KVCache interface
-    (update_and_fetch, offset, state), so mlx-lm's generate_step drives it.
+    (update_and_fetch, offset, state, is_trimmable, trim), so mlx-lm's generate_step drives it
+    and its speculative decoding drops the tokens a draft proposed and the model rejected.
 
     Buffers grow in chunks of `step` positions (mlx-lm style) so decoding one token at a time
     does not reallocate on every step.
@@ -29,6 +30,16 @@ class KVCache:
     def state(self) -> list[mx.array]:
         """The arrays it holds (mlx-lm's cache interface: its generate_step evaluates them)."""
         return [] if self.keys is None else [self.keys, self.values]
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` positions (at most all of them); returns how many went. The
+        buffers keep their size: the next update writes over them."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append keys/values (B, H_kv, T, D) and return everything cached so far."""

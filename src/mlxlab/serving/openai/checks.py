@@ -22,7 +22,8 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 # Request fields mlx-lm's server reads that would load something else than the served models.
 REFUSED_FIELDS = {
     "adapters": "this server's adapters are picked by `model` (GET /v1/models lists them)",
-    "draft_model": "speculative decoding is not offered by mlxlab serve",
+    "draft_model": "each served model's draft is chosen when the server starts "
+                   "(mlxlab serve --draft RUN=DRAFT)",
 }
 MAX_REQUEST_BYTES = 2 * 2**20  # a prompt filling a 128k context, with room for JSON's escapes
 EXCERPT = 120  # characters of a malformed body the log shows
@@ -123,6 +124,14 @@ def check_fields(body: Mapping[str, Any], model: ServedModel, chat: bool) -> Non
     for name, why in REFUSED_FIELDS.items():
         if body.get(name) is not None:
             raise ServingError(f"{name}: {why}", param=name)
+    if (k := body.get("num_draft_tokens")) is not None:
+        if model.draft is None:
+            raise ServingError(f"num_draft_tokens: {model.name} is served without a draft "
+                               "(mlxlab serve --draft RUN=DRAFT gives it one)",
+                               param="num_draft_tokens")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ServingError(f"num_draft_tokens: give a whole number >= 1, got {k!r}",
+                               param="num_draft_tokens")
     if body.get("n", 1) != 1:
         raise ServingError("n: this server answers one choice per request; send n=1", param="n")
     if chat:

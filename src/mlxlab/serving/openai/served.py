@@ -37,7 +37,9 @@ class ServedModel:
     decoder), mlx-lm's tokenizer wrapper stopping on the model's own end tokens, the ids a
     completion prompt starts with (as the training stream laid documents out) and its context.
     `names[0]` is listed by /v1/models first; a request may use any of `names`. `images`: what
-    a vision-language model's image chats take (vision.py), None for a text model."""
+    a vision-language model's image chats take (vision.py), None for a text model. `draft`: a
+    smaller model of the same tokenizer (attach_draft) that proposes tokens the model checks
+    in one pass (speculative decoding), None to decode a token a pass."""
 
     names: tuple[str, ...]
     model: nn.Module
@@ -48,6 +50,8 @@ class ServedModel:
     source: str
     images: ServedImages | None = None
     stats: dict = field(default_factory=dict)
+    draft: nn.Module | None = None
+    tokenizer_json: Path | None = None
 
     @property
     def name(self) -> str:
@@ -110,7 +114,8 @@ def _served(names: tuple[str, ...], model: nn.Module, tokenizer: Any, folder: Pa
 
         images = ServedImages.load(model, folder, tokenizer)
     return ServedModel(names, model, served_tokenizer(folder, tokenizer_json, stops), start,
-                       int(model.max_seq_len), batchable, source, images)
+                       int(model.max_seq_len), batchable, source, images,
+                       tokenizer_json=tokenizer_json)
 
 
 @dataclass
@@ -213,3 +218,26 @@ def load_served(targets: Sequence[Target], which: str = "best") -> list[ServedMo
     for s in served:
         s.names = tuple(n for n in s.names if n == s.name or (counts[n] == 1 and n not in primaries))
     return served
+
+
+def attach_draft(served: ServedModel, draft: Target, which: str = "best") -> None:
+    """`draft` loaded as `served`'s draft model, or one ConfigError line naming the pair when
+    speculative decoding cannot use it (check_draft: another tokenizer or vocabulary, not
+    smaller, a cache that cannot be rolled back)."""
+    from tokenizers import Tokenizer
+
+    from mlxlab.models.generation import check_draft
+
+    if served.images is not None:
+        raise ConfigError(f"--draft {served.name}={draft.text}: a vision-language model is "
+                          "served without a draft (its prompt's images go in with the first "
+                          "forward pass, which a draft does not see)")
+    loaded = load_target(draft, which)
+    same = Tokenizer.from_file(str(loaded.tokenizer_json)).to_str() == \
+        Tokenizer.from_file(str(served.tokenizer_json)).to_str()
+    try:
+        check_draft(served.model, loaded.model, same)
+    except ConfigError as err:
+        raise ConfigError(f"--draft {served.name}={draft.text}: "
+                          f"{str(err).removeprefix('--draft: ')}") from None
+    served.draft = loaded.model

@@ -9,7 +9,9 @@ models, picked by the request's `model`, instead of one model path loaded from d
 What mlxlab changes, and why:
 - ServedModels (mlx-lm's ModelProvider): `load(name)` hands over a model already in memory;
   nothing is read from disk or the network after start-up, and an unknown name never reaches
-  mlx-lm's loader (which would try the hub).
+  mlx-lm's loader (which would try the hub). A model with a draft hands it over too: mlx-lm
+  decodes it speculatively, one request at a time; ServedPromptCache keeps the prompt
+  cache's entries of such a model under the tokens they hold.
 - MlxlabResponses (its ResponseGenerator): a text completion's prompt starts as `mlxlab
   generate` starts it (the tokenizer's BOS, else end-of-text: how training laid documents
   out), so greedy answers equal it token for token. A prompt that fills the model's context is
@@ -37,6 +39,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from mlx_lm.models.cache import LRUPromptCache
 from mlx_lm.server import APIHandler, ModelProvider, ResponseGenerator, Vision
 
 from mlxlab.serving.openai.checks import (
@@ -51,7 +54,6 @@ from mlxlab.serving.openai.checks import (
 )
 from mlxlab.serving.openai.errors import ServingError, from_mlx_lm
 from mlxlab.serving.openai.served import ServedModel
-from mlxlab.serving.openai.vision import ServedPromptCache
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +72,16 @@ class Answered(BaseException):
 
 
 def server_settings(max_tokens: int = 512, allowed_origins: Sequence[str] = (),
-                    api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES
-                    ) -> argparse.Namespace:
+                    api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+                    num_draft_tokens: int = 3) -> argparse.Namespace:
     """The settings mlx_lm.server takes from its command line, at its defaults (no model path:
     the models come from ServedModels), and mlxlab's: the API key every request must carry
-    (None: none) and the largest request body read."""
+    (None: none), the largest request body read and the tokens a served model's draft
+    proposes a pass (a request's num_draft_tokens, else this)."""
     return argparse.Namespace(
         model=None, adapter_path=None, draft_model=None, trust_remote_code=False,
-        chat_template="", use_default_chat_template=False, pipeline=False, num_draft_tokens=3,
+        chat_template="", use_default_chat_template=False, pipeline=False,
+        num_draft_tokens=num_draft_tokens,
         temp=0.0, top_p=1.0, top_k=0, min_p=0.0, max_tokens=max_tokens,
         allowed_origins=list(allowed_origins), chat_template_args={}, decode_concurrency=32,
         prompt_concurrency=8, prefill_step_size=2048, prompt_cache_size=10,
@@ -105,12 +109,43 @@ class ServedModels(ModelProvider):
         if self.current is not served:
             self.current = served
             # the prompt cache is keyed by this: one model's cached prefixes never meet another's
-            self.model_key = (served.name, None, None)
+            self.model_key = (served.name, None, "draft" if served.draft is not None else None)
             self.model = served.images.runner if served.images else served.model
             self.tokenizer = served.tokenizer
-            self.processor, self.draft_model = None, None
-            self.is_batchable = served.batchable
+            self.processor, self.draft_model = None, served.draft
+            # mlx-lm's batched decoding has no draft: a model with one answers a request at a time
+            self.is_batchable = served.batchable and served.draft is None
         return self.model, self.tokenizer
+
+
+class ServedPromptCache(LRUPromptCache):
+    """mlx-lm's prompt cache, but none for the models named in `uncached` (vision-language
+    models: mlx-vlm's M-RoPE families keep a prompt's positions on the model, not in its cache,
+    so a cached prefix would continue at another prompt's positions), and a drafted model's
+    entries stored under the tokens its caches hold. Speculative decoding ends with the caches a
+    token short of the tokens generated (the last is never fed) or, stopped inside a round, past
+    them; stored under every token, a later request sharing the prefix would resume from caches
+    a token off and decode other text."""
+
+    def __init__(self, max_size: int, uncached: set[str] = frozenset()):
+        super().__init__(max_size)
+        self.uncached = uncached
+
+    def fetch_nearest_cache(self, model: Any, tokens: list[int]) -> tuple[Any, list[int]]:
+        if model[0] in self.uncached:  # ServedModels.model_key: (name, None, "draft" or None)
+            return None, list(tokens)
+        return super().fetch_nearest_cache(model, tokens)
+
+    def insert_cache(self, model: Any, tokens: list[int], prompt_cache: list[Any],
+                     **kwargs: Any) -> None:
+        if model[0] in self.uncached:
+            return
+        if model[2] is not None:
+            held = min(len(tokens), *(c.offset for c in prompt_cache))
+            for c in prompt_cache:
+                c.trim(c.offset - held)
+            tokens = tokens[:held]
+        super().insert_cache(model, tokens, prompt_cache, **kwargs)
 
 
 class MlxlabResponses(ResponseGenerator):

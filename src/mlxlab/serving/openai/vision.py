@@ -14,7 +14,7 @@ input_embeddings=rows)`). An mlx-vlm model merges its images itself, under its f
 positions (Qwen's M-RoPE) and mask (Gemma 3's), as training and generation run it; so
 VisionRunner's embedded rows are empty markers and the image arrays go in with the first
 prefill chunk, which must hold every image token (`prompt` refuses a prompt whose images reach
-past it). The prompt cache stays off for these models (ServedPromptCache): mlx-vlm's M-RoPE
+past it). The prompt cache stays off for these models (server.py's ServedPromptCache): mlx-vlm's M-RoPE
 families keep a prompt's positions on the model, not in its cache, so a cached prefix would
 continue at another prompt's positions.
 """
@@ -29,7 +29,6 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import LRUPromptCache
 
 from mlxlab.data.chat import ChatTemplate
 from mlxlab.errors import ConfigError
@@ -110,21 +109,3 @@ class ServedImages:
                                f"first {first_chunk} tokens: put them earlier in the chat",
                                param="messages")
         return ids, arrays
-
-
-class ServedPromptCache(LRUPromptCache):
-    """mlx-lm's prompt cache, kept off for the models named in `uncached` (vision-language
-    models: see the module)."""
-
-    def __init__(self, max_size: int, uncached: set[str]):
-        super().__init__(max_size)
-        self.uncached = uncached
-
-    def fetch_nearest_cache(self, model: Any, tokens: list[int]) -> tuple[None, list[int]]:
-        if model[0] in self.uncached:
-            return None, list(tokens)
-        return super().fetch_nearest_cache(model, tokens)
-
-    def insert_cache(self, model: Any, tokens: list[int], *args: Any, **kwargs: Any) -> None:
-        if model[0] not in self.uncached:
-            super().insert_cache(model, tokens, *args, **kwargs)
