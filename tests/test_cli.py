@@ -107,15 +107,17 @@ def test_serve_bad_target_is_one_clear_line(tmp_path):
 
 
 def test_serve_refuses_language_model_settings_for_a_classifier(classifier_run, tmp_path):
-    """MLflow's model server checks no key and no body size: a key asked for is not ignored."""
+    """MLflow's model server checks no key and no body size and has no draft: a setting asked
+    for is not ignored."""
     run_dir = classifier_run[0]
     env = {**os.environ, "MLXLAB_API_KEY": "k"}
-    for argv, environment in (([], env), (["--max-request-mib", "1"], None)):
+    for argv, environment in (([], env), (["--max-request-mib", "1"], None),
+                              (["--draft", str(run_dir)], None)):
         done = mlxlab("serve", run_dir, *argv, env=environment)
         assert done.returncode == 2, done.stderr[-2000:]
         assert done.stderr.strip().startswith("mlxlab serve: error: an API key (--api-key, "
-                                              "MLXLAB_API_KEY) and --max-request-mib are for "
-                                              "language models"), done.stderr
+                                              "MLXLAB_API_KEY), --max-request-mib and --draft "
+                                              "are for language models"), done.stderr
 
 
 def free_port() -> int:

@@ -137,6 +137,7 @@ def test_clear_errors(tiny_lm_run, classifier_run, tmp_path, capsys):
         assert last.startswith(f"mlxlab {args[0]}: error: ") and expected in last, last
 
 
+@pytest.mark.slow  # the default run's budget: test_serve_draft checks greedy equality with a draft
 def test_speculative_decoding_with_a_draft(tmp_path):
     """`generate --draft`: under greedy decoding the text is the model's alone, token for
     token, and the draft's share is printed; a draft with another tokenizer, or one not smaller

@@ -141,3 +141,13 @@ def test_bad_image_parts_are_400_naming_the_part_and_the_server_keeps_serving(se
             ask(server, models[name], [{"role": "user", "content": content}])
         assert "messages" in str(err.value)
     assert ask(server, models["smolvlm"], image_chat(1))  # still serving
+
+
+def test_a_vision_language_model_is_served_without_a_draft(models, capsys):
+    from mlxlab.cli.main import main
+
+    draft = save_tiny_model("llama", models["llama"].parent / "draft", seed=1,
+                            num_hidden_layers=1)
+    assert main(["serve", str(models["smolvlm"]), "--draft", str(draft), "--port", "0"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "a vision-language model is served without a draft" in last, last

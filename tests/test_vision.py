@@ -248,6 +248,7 @@ def test_greedy_generation_with_an_image_equals_mlx_vlms(folders, family):
     assert ours == theirs[:8]
 
 
+@pytest.mark.slow  # the default run's budget: test_serve_vision reaches the same generation path
 def test_generate_verb_shows_an_image(folders, tmp_path):
     picture(3).save(tmp_path / "p.png")
     args = [MLXLAB, "generate", str(folders["smolvlm"]), "--chat", "--prompt", "What?",
@@ -286,6 +287,7 @@ def test_sigkilled_vision_run_resumes_bitwise(folders, tmp_path, cli_env):
         assert np.array_equal(expected[key], got[key]), key
 
 
+@pytest.mark.slow  # the default run's budget: the hf layout has its own test below
 def test_export_mlx_vlm_and_hf_folders_hold_the_fine_tune(folders, tmp_path):
     """A trained vision run exports as an mlx-vlm folder and as transformers' folder (adapters
     fused, each checked where it is written: the report's gap), the mlx-vlm one generating what
