@@ -35,8 +35,8 @@ MLXLAB = str(Path(PYTHON).parent / "mlxlab")
 # Where MLX computes. On the CPU a resumed or repeated run is bitwise the same; on a GPU MLX's
 # kernels are not reproducible to the bit (the same seeded config differed at the 4th decimal of
 # val/loss in two processes on an H100: docs/benchmarks.md, GPU), so the tests that compare runs
-# compare to GPU_RTOL there (item 4 of issue 40: `pytest -m gpu` on the GPU machine reports how
-# far apart they are, tests/test_gpu.py).
+# compare to GPU_RTOL there (`pytest -m gpu` on the GPU machine reports how far apart they are,
+# tests/test_gpu.py).
 ON_GPU = mx.default_device().type == mx.DeviceType.gpu
 GPU_RTOL, GPU_ATOL = 1e-3, 1e-5
 

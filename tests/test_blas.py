@@ -107,7 +107,7 @@ def test_default_loads_openblas_and_gemm_matches_numpy(default):
 
 def test_openblas_stays_out_of_the_global_symbol_scope(default):
     # Libraries loaded later (PyTorch's libtorch_cpu calls its own sgemm_ through its PLT) must
-    # not resolve their BLAS names into mlxlab's OpenBLAS (issue 12): only libmlx is rebound.
+    # not resolve their BLAS names into mlxlab's OpenBLAS: only libmlx is rebound.
     assert default["global_blas"] == []
 
 
@@ -258,7 +258,7 @@ def test_device_helpers_on_this_cpu_machine():
     assert device.peak_memory_mb() >= device.active_memory_mb()
 
 
-# ---- issue 12: no side effects on other libraries in the same process -------------------------
+# ---- no side effects on other libraries in the same process -----------------------------------
 
 ORDERS = {"mlxlab first": "import mlxlab\nimport torch\n", "torch first": "import torch\nimport mlxlab\n"}
 
@@ -283,8 +283,8 @@ def test_torch_keeps_its_own_blas_next_to_mlxlab(order):
                           env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    # PyTorch's BLAS calls land in its own libtorch_cpu (MKL inside); before the fix they were
-    # interposed by the OpenBLAS that mlxlab had put into the global scope.
+    # PyTorch's BLAS calls land in its own libtorch_cpu (MKL inside), not in an OpenBLAS that
+    # mlxlab put into the global scope.
     assert got["torch"] == {s: got["torch_lib"] for s in got["torch"]}, got
     assert got["mlx"].endswith("libscipy_openblas.so")
 
@@ -293,7 +293,7 @@ def test_torch_keeps_its_own_blas_next_to_mlxlab(order):
 def test_torch_training_speed_is_the_same_with_and_without_mlxlab():
     """A real PyTorch decoder training step (benchmarks/speed/torch_plain.py) in a process that imports
     mlxlab (either order, and runs an MLX matmul) vs one that does not: interleaved rounds,
-    median tokens/s within noise. Before the fix: 3.7x slower on a Xeon (issue 12)."""
+    median tokens/s within noise (an OpenBLAS in the global scope made it 3.7x slower on a Xeon)."""
     pytest.importorskip("torch")
     from conftest import REPO
 

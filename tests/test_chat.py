@@ -544,9 +544,9 @@ def test_a_bad_chat_file_fails_in_one_line(chat_model, tmp_path):
 @pytest.mark.parametrize("case", ["latin1", "content_int"])
 def test_a_chat_file_that_cannot_render_is_one_line_and_leaves_no_run_folder(
         chat_model, tmp_path, case):
-    """Issue 58: a non-UTF-8 byte (a 25-line UnicodeDecodeError traceback, exit 1) and
-    `"content": 5` (Jinja's TypeError) fail in one line naming the file and line, exit 2, and
-    the failed run leaves no empty run folder behind."""
+    """A non-UTF-8 byte (otherwise a 25-line UnicodeDecodeError traceback, exit 1) and `"content":
+    5` (Jinja's TypeError) fail in one line naming the file and line, exit 2, and the failed run
+    leaves no empty run folder behind."""
     rows = story_chats(3)
     bad = tmp_path / "bad.jsonl"
     if case == "latin1":

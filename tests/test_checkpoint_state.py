@@ -17,7 +17,8 @@ from mlxlab.checkpoint import (
 )
 from mlxlab.errors import ConfigError
 
-# The keys the trainer wrote into state.json before the state had a version (mlxlab <= issue 14).
+# The keys the trainer wrote into state.json before the state had a version (the oldest
+# checkpoints: refused for resume, still loaded for export and predictions).
 UNVERSIONED_KEYS = (
     "step", "epoch", "data", "rng", "callbacks", "run_id", "history", "best_metrics",
     "best_metric", "config", "model_init", "tokenizer_hash", "val_fingerprint", "log_window",

@@ -45,7 +45,9 @@ print(json.dumps(out))
 
 
 def bad_settings(inputs: Path) -> list[tuple[list[str], str]]:
-    """(command line, the start of its one line) for each setting the issue named."""
+    """(command line, the start of its one line) for each bad setting the module's docstring lists:
+    the model folder, its type, quantize, LoRA, the objective against the data, a `_target_`, a
+    misspelled key."""
     stub = model_folder_stub(inputs)
     no_weights = inputs / "no-weights"
     no_weights.mkdir()

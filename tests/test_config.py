@@ -85,8 +85,9 @@ def test_run_length_presets_tune_trainer_and_callbacks(tmp_path, preset, patienc
                          [("dpo_chat", "dpo", "sigmoid"), ("orpo_chat", "orpo", "orpo"),
                           ("distill_titanic", "distill", "kl")])
 def test_an_experiments_objective_keeps_a_run_length_preset(tmp_path, experiment, objective, loss):
-    """The axes compose (issue 55): `experiment=dpo_chat preset=quick` is a 20-step DPO run,
-    where `trainer=quick` used to drop DPO; the preset's length wins over the experiment's."""
+    """The axes compose: `experiment=dpo_chat preset=quick` is a 20-step DPO run (a run-length
+    preset never drops the experiment's objective); the preset's length wins over the
+    experiment's."""
     pretrained = ([f"model.pretrained={model_folder_stub(tmp_path)}"]
                   if experiment.endswith("_chat") else [])
     cfg = compose_cfg(tmp_path, [f"experiment={experiment}", "preset=quick", *pretrained])
@@ -112,8 +113,8 @@ def test_a_renamed_key_names_the_new_one(old, new):
 
 @pytest.mark.parametrize(("experiment", "allowed"), [("orpo_chat", True), ("dpo_chat", False)])
 def test_an_optimized_metric_only_another_loss_logs_is_refused(tmp_path, experiment, allowed):
-    """Issue 58: ORPO logs val/nll_loss, DPO (the same objective class) does not; under DPO it
-    was accepted, never logged, and no best checkpoint was kept."""
+    """ORPO logs val/nll_loss, DPO (the same objective class) does not: under DPO that metric is
+    refused before the run, since it would never be logged and no best checkpoint kept."""
     cfg = compose_cfg(tmp_path, [f"experiment={experiment}",
                                  f"model.pretrained={model_folder_stub(tmp_path)}",
                                  "optimized_metric=val/nll_loss", "optimized_mode=min"])
@@ -136,7 +137,8 @@ def test_an_optimized_metric_only_another_loss_logs_is_refused(tmp_path, experim
      "objective.loss is not a setting of objective=supervised"),
 ])
 def test_a_key_the_run_has_not_names_the_key_meant(argv, message):
-    """Issue 58: Hydra's multi-line "Key 'beta' is not in struct" (exit 1) gave no hint."""
+    """One line naming the key meant, where Hydra's multi-line "Key 'beta' is not in struct"
+    (exit 1) gives no hint."""
     from mlxlab.launch.argv import check_misplaced_keys
 
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):

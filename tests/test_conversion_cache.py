@@ -51,7 +51,7 @@ def test_a_copy_under_another_name_reuses_the_conversion(tiny, cache, tmp_path):
     assert [p.name for p in conversions_root().iterdir()] == [first.folder.name]
 
 
-# a conversion killed where the issue's was: its weights and tokenizer written, not yet kept
+# a conversion killed as it verifies its output: weights and tokenizer written, not yet kept
 KILLED = """
 import os, signal, sys
 from mlxlab.models.sources import gguf, resolve

@@ -92,7 +92,7 @@ def test_curriculum_run_logs_kl_and_artifacts(make_cfg, tmp_path):
 
 
 def test_curriculum_with_dynamic_batches_is_one_clear_error(make_cfg):
-    """Issue 26 item 9: the key it names exists, and it is a user error (one line), not a
+    """The key the error names exists in the config, and it is a user error (one line), not a
     traceback."""
     from mlxlab.errors import ConfigError
     from mlxlab.train import train

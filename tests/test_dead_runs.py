@@ -1,6 +1,6 @@
-"""Nothing RUNNING for ever (issue 47): a run whose process died is marked KILLED by the next
-command that opens the store, with when, why and whether a checkpoint continues it. Real
-processes, real SIGKILL, a real sqlite MLflow store."""
+"""Nothing RUNNING for ever: a run whose process died is marked KILLED by the next command that
+opens the store, with when, why and whether a checkpoint continues it. Real processes, real SIGKILL,
+a real sqlite MLflow store."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""What a run says about its device, MLX's CUDA kernel cache, and the compiling first step left
-out of the throughput (issue 40, item 2). The GPU-only branches are tested through the same
-functions with the GPU's facts; a real run checks the line, the tag and the rate on the CPU."""
+"""What a run says about its device, MLX's CUDA kernel cache, and the compiling first step left out
+of the throughput. The GPU-only branches are tested through the same functions with the GPU's facts;
+a real run checks the line, the tag and the rate on the CPU."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""A disk that fills up mid-job (issue 59 items 6, 2 and 7): a real ENOSPC from a small tmpfs
-the test mounts (root only; skipped elsewhere), real training, a real sqlite MLflow store.
+"""A disk that fills up mid-job: a real ENOSPC from a small tmpfs the test mounts (root only;
+skipped elsewhere), real training, a real sqlite MLflow store.
 
 - a single run: one line naming the checkpoint's folder, the space it needs and what is free,
   exit 2, no traceback;

@@ -1,9 +1,9 @@
-"""Evaluation tasks (issue 49): a tiny random Llama saved by transformers is fine-tuned with
-LoRA on 100 prompt/completion pairs while `eval.tasks=[...]` scores a 100-question
-multiple-choice task (and a generation and a perplexity task) at each evaluation; `mlxlab eval`
-scores the base folder into its own MLflow run; `mlxlab runs compare <base> <fine-tune> --json`
-pairs the two over the 100 examples; `mlxlab export` writes the scores into the model card. The
-scoring itself is checked against transformers on the same weights."""
+"""Evaluation tasks: a tiny random Llama saved by transformers is fine-tuned with LoRA on 100
+prompt/completion pairs while `eval.tasks=[...]` scores a 100-question multiple-choice task (and
+a generation and a perplexity task) at each evaluation; `mlxlab eval` scores the base folder into
+its own MLflow run; `mlxlab runs compare <base> <fine-tune> --json` pairs the two over the 100
+examples; `mlxlab export` writes the scores into the model card. The scoring itself is checked
+against transformers on the same weights."""
 
 from __future__ import annotations
 
@@ -464,7 +464,7 @@ def test_runs_compare_of_a_sweep_pairs_tasks_over_seeds(world, tmp_path):
     acc = next(t for t in tasks if t["metric"] == "acc")
     assert (acc["n"], acc["seeds_a"], acc["seeds_b"]) == (100, 2, 2)
     assert len(acc["mcnemar"]) == 2 and acc["low"] <= acc["diff"] <= acc["high"]
-    # the base model against one config's seeds (`runs compare BASE SWEEP:GROUP`, issue 55)
+    # the base model against one config's seeds (`runs compare BASE SWEEP:GROUP`)
     done = subprocess.run([PYTHON, "-m", "mlxlab.cli.main", "eval", str(world["base"]),
                            str(world["mc"]), "--uri", uri, "--json"],
                           capture_output=True, text=True, cwd=tmp_path)

@@ -121,9 +121,9 @@ def olmo3_run(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("fmt", ["hf", "gguf"])
 def test_olmo3_is_refused_with_the_measured_gap(fmt, olmo3_run, tmp_path, capsys):
-    """mlx-lm's OLMo 3 and transformers' compute other logits from the same weights (the issue
-    measured 0.38 on the untrained model; these random weights: about 4): refused in one line
-    naming the gap, exit 2, nothing written."""
+    """mlx-lm's OLMo 3 and transformers' compute other logits from the same weights (0.38 measured
+    on the untrained base model; these random weights: about 4): refused in one line naming the gap,
+    exit 2, nothing written."""
     from mlxlab.cli.export import main
 
     out = tmp_path / ("out.gguf" if fmt == "gguf" else "out")

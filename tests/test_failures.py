@@ -1,7 +1,7 @@
-"""Failures that end (issue 40, item 6): an out-of-memory from MLX becomes one line and an exit
-within seconds, even when the cleanup after it hangs (as MLX on CUDA can: mlx#2821), with the
-committed checkpoints intact; in a sweep the trial fails (NaN) and the next one runs. Real runs
-in real processes; the GPU's error is raised by tests/failure_helpers.py (see why there)."""
+"""Failures that end: an out-of-memory from MLX becomes one line and an exit within seconds, even
+when the cleanup after it hangs (as MLX on CUDA can: mlx#2821), with the committed checkpoints
+intact; in a sweep the trial fails (NaN) and the next one runs. Real runs in real processes; the
+GPU's error is raised by tests/failure_helpers.py (see why there)."""
 
 from __future__ import annotations
 

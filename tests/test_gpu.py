@@ -1,8 +1,8 @@
-"""On a GPU (issue 40, item 5): a training step, bf16, a resume, LoRA. Marked `gpu`: they run
-where MLX's default device is a GPU (`pytest -m gpu` on the GPU machine, benchmarks/README.md)
-and are skipped elsewhere (conftest.py). Each writes what it measured to $MLXLAB_GPU_REPORT
-(JSON lines) when set, for docs/benchmarks.md's GPU section: item 4's determinism figures
-(same process, two processes, a SIGKILLed run's resume) come from here."""
+"""On a GPU: a training step, bf16, a resume, LoRA. Marked `gpu`: they run where MLX's default
+device is a GPU (`pytest -m gpu` on the GPU machine, benchmarks/README.md) and are skipped elsewhere
+(conftest.py). Each writes what it measured to $MLXLAB_GPU_REPORT (JSON lines) when set, for
+docs/benchmarks.md's GPU section: the determinism figures (same process, two processes, a SIGKILLed
+run's resume) come from here."""
 
 from __future__ import annotations
 

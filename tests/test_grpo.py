@@ -1,8 +1,8 @@
-"""GRPO (issue 55): the rewards, the prompt data, the rollouts and the objective on a tiny random
-Llama (transformers-written, ChatML tokens): completions sampled with a KV cache equal the
-uncached model's choices, the gradient reaches the LoRA adapters, and the objective's state
-carries a killed run's next batches to the bit. The loop-level runs (experiment=grpo_*, a real
-MLflow store, SIGKILL + resume) are at the end."""
+"""GRPO: the rewards, the prompt data, the rollouts and the objective on a tiny random Llama
+(transformers-written, ChatML tokens): completions sampled with a KV cache equal the uncached
+model's choices, the gradient reaches the LoRA adapters, and the objective's state carries a killed
+run's next batches to the bit. The loop-level runs (experiment=grpo_*, a real MLflow store, SIGKILL
++ resume) are at the end."""
 
 from __future__ import annotations
 

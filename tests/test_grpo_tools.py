@@ -1,7 +1,7 @@
-"""Multi-turn GRPO with tools (issue 77): tools from config with their JSON schemas, the
-templates' tool-call formats, bad tools as answers (not crashes), the trajectory's mask and loss
-equal to TRL's GRPOTrainer tool loop on the same tokens, and real rollouts of a tiny model taught
-to call the tool (a short SFT on the call format, as people do), trained and resumed bitwise."""
+"""Multi-turn GRPO with tools: tools from config with their JSON schemas, the templates' tool-call
+formats, bad tools as answers (not crashes), the trajectory's mask and loss equal to TRL's
+GRPOTrainer tool loop on the same tokens, and real rollouts of a tiny model taught to call the tool
+(a short SFT on the call format, as people do), trained and resumed bitwise."""
 
 from __future__ import annotations
 

@@ -134,7 +134,7 @@ def describe(graph: dict[str, set[str]], group: frozenset[str]) -> str:
 def test_the_package_has_no_import_cycles():
     graph = import_graph()
     assert len(graph) > 100 and "mlxlab.tracking.base" in graph  # it read the package
-    groups = cycle_groups(graph)  # none, training/'s (run <-> trainer) included since issue 41
+    groups = cycle_groups(graph)  # none, not even training/'s run <-> trainer
     assert not groups, "import cycles (break each; see docs/architecture.md):\n" + "\n".join(
         describe(graph, g) for g in groups)
 

@@ -533,7 +533,7 @@ def test_training_steps_equal_with_kernels_on_and_off(make_cfg, tmp_path):
 
 
 # The default BERT's fused ops; "heads" (its contiguous heads) changes which form of the attention's
-# products MLX hands BLAS, which on an AVX-512 OpenBLAS changed their last bits (issue 39).
+# products MLX hands BLAS, which on an AVX-512 OpenBLAS changes their last bits.
 ENCODER_KERNELS = ("gelu", "layer_norm", "dropout", "attention", "heads")
 
 
@@ -563,7 +563,7 @@ def test_the_default_experiment_trains_the_same_run_with_its_encoder_kernels_on_
 def test_kernels_are_built_for_one_fixed_isa_level_not_for_this_cpu():
     """The module is compiled for x86-64-v3 (AVX2 + FMA, no AVX-512) on every x86-64 machine,
     AVX-512 ones included, and with no FMA contraction: the same program and the same results
-    whichever CPU built it (issue 39; -march=native made it a different program per CPU)."""
+    whichever CPU built it (-march=native would make it a different program per CPU)."""
     features = set(kernels.extension().isa())
     if cpu.isa_level() == cpu.X86_64_V3:
         assert {"avx2", "fma"} <= features and "avx512f" not in features, features

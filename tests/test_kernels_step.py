@@ -165,8 +165,8 @@ def test_heads_transposes_equal_mlx_exactly(shape):
 def test_lora_step_on_a_grouped_query_llama_equals_mlx():
     """The LoRA fine-tune's loss and adapter gradients on a grouped-query Llama (4 query / 2
     key-value heads, adapters on q/k/v/o) with the kernels on (the fused grouped attention)
-    equal those with them off (MLX's SDPA and ops), to float32 rounding; what the long-row
-    speed-up (issue 49) must not change."""
+    equal those with them off (MLX's SDPA and ops), to float32 rounding: the fused grouped
+    attention's speed on long rows must not change them."""
     from mlx.utils import tree_flatten
 
     from mlxlab.models.lora import LoRALinear

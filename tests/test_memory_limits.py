@@ -250,7 +250,7 @@ def test_a_long_busy_stretch_without_a_step_is_not_a_stall(tmp_path, cli_env):
     assert "no progress" not in done.stderr
 
 
-# --- the run (slow) ---------------------------------------------------------------------
+# --- the nano preset under a limit near its peak (slow) -----------------------------------------
 
 # The process's address space at its peak, printed at exit (a run in this process, unsupervised)
 VMPEAK = ("import sys\ntry:\n    sys.argv = ['mlxlab.train', *sys.argv[1:]]\n"

@@ -1,10 +1,10 @@
-"""Every decoder mlx-lm loads, on mlxlab's loop (issue 54): tiny random llama, mistral, qwen2,
-qwen3, gemma3_text, phi3, qwen3_moe (MoE) and olmo2 (post-norm, not Llama-shaped) folders written
-by transformers 5 (config.json in the hub's keys) each train LoRA steps on chats in their own
-template through the real training entry, score a multiple-choice task, export, and load in
-transformers with mlxlab's logits to 1e-4. A 4-bit `mlx_lm.convert -q` folder trains QLoRA with
-the base still packed and its adapters load in mlx-lm; DoRA, model.quantize, full fine-tuning and
-gradient checkpointing train; folders mlx-lm cannot load are one line."""
+"""Every decoder mlx-lm loads, on mlxlab's loop: tiny random llama, mistral, qwen2, qwen3,
+gemma3_text, phi3, qwen3_moe (MoE) and olmo2 (post-norm, not Llama-shaped) folders written by
+transformers 5 (config.json in the hub's keys) each train LoRA steps on chats in their own template
+through the real training entry, score a multiple-choice task, export, and load in transformers with
+mlxlab's logits to 1e-4. A 4-bit `mlx_lm.convert -q` folder trains QLoRA with the base still packed
+and its adapters load in mlx-lm; DoRA, model.quantize, full fine-tuning and gradient checkpointing
+train; folders mlx-lm cannot load are one line."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""mlx-lm's decoders through mlxlab's fused CPU kernels (models/mlx_lm_fused.py, issue 54): a
-loaded llama / qwen3 takes the fused attention, SwiGLU, RMSNorm and RoPE on the CPU, a Gemma 3 its
-(1 + weight) norms, its GELU-gated MLP (the backward recomputing the GELU) and its attention, with
-logits and LoRA gradients equal to mlx-lm's own code (the kernels off) to float32 rounding; where
-the fused path does not apply (kernels off, a KV cache, another dtype) the wrappers run mlx-lm's
-functions to the bit. A Gemma 3 LoRA step's MLX peak stays below mlx-lm's own training step's."""
+"""mlx-lm's decoders through mlxlab's fused CPU kernels (models/mlx_lm_fused.py): a loaded llama /
+qwen3 takes the fused attention, SwiGLU, RMSNorm and RoPE on the CPU, a Gemma 3 its (1 + weight)
+norms, its GELU-gated MLP (the backward recomputing the GELU) and its attention, with logits and
+LoRA gradients equal to mlx-lm's own code (the kernels off) to float32 rounding; where the fused
+path does not apply (kernels off, a KV cache, another dtype) the wrappers run mlx-lm's functions to
+the bit. A Gemma 3 LoRA step's MLX peak stays below mlx-lm's own training step's."""
 
 from __future__ import annotations
 
@@ -230,8 +230,8 @@ def training_step_peaks(folder, ids: mx.array) -> tuple[int, int]:
 
 
 def test_gemma3_lora_step_peak_is_below_mlx_lm_training(tmp_path, kernel_mode):
-    """The memory half of issue 54's item 5 on a tiny Gemma 3 built here: mlxlab's compiled LoRA
-    step (make_step, its loss and AdamW) on the loaded model peaks below mlx_lm.lora's own step
+    """LoRA's peak memory on a tiny Gemma 3 built here: mlxlab's compiled LoRA step (make_step,
+    its loss and AdamW) on the loaded model peaks below mlx_lm.lora's own step
     (mlx_lm.tuner.trainer's loss and compiled update) on the same folder, rows and adapters, by at
     least two (rows, intermediate) float32 arrays per layer: what kernels.gelu_gate does not keep
     of what autodiff of nn.gelu_approx keeps (its tanh and products)."""
@@ -248,11 +248,11 @@ def test_gemma3_lora_step_peak_is_below_mlx_lm_training(tmp_path, kernel_mode):
 
 
 def test_a_4bit_llama_lora_step_peaks_below_mlx_lm_training(tmp_path, kernel_mode):
-    """The QLoRA target of issue 54's item 5 on a tiny 4-bit folder from `mlx_lm.convert -q`:
-    mlxlab's step (the packed base through the fused quantized product, its scratch block
-    included) peaks below mlx_lm.lora's on the same folder by at least one (rows, intermediate)
-    float32 a layer: the fused SwiGLU keeps gate and up where mlx-lm's compiled silu(gate) * up
-    keeps two more (on the 302M benchmark, 152 MB of mlx_lm.lora's 719; docs/benchmarks.md)."""
+    """QLoRA's peak memory on a tiny 4-bit folder from `mlx_lm.convert -q`: mlxlab's step (the
+    packed base through the fused quantized product, its scratch block included) peaks below
+    mlx_lm.lora's on the same folder by at least one (rows, intermediate) float32 a layer: the
+    fused SwiGLU keeps gate and up where mlx-lm's compiled silu(gate) * up keeps two
+    more (on the 302M benchmark, 152 MB of mlx_lm.lora's 719; docs/benchmarks.md)."""
     if kernels.extension() is None:
         pytest.skip("the fused kernels do not build here")
     from mlx_lm.convert import convert

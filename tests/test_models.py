@@ -549,7 +549,8 @@ def test_hf_weights_round_trip_by_name(tmp_path):
 
 
 def test_bert_pooler_and_dropout_follow_where_the_model_comes_from(tmp_path):
-    # from scratch: no pooler, dropout 0.3 (issue 11); from a checkpoint: its pooler and dropout
+    # from scratch: no pooler, dropout 0.3 (Titanic's best); from a checkpoint: its own pooler
+    # and dropout
     scratch = BertClassifier(50, 2, hidden_size=16, num_layers=1, num_heads=2)
     assert "pooler" not in scratch and scratch.dropout._p_1 == pytest.approx(0.7)
     assert scratch.architecture["pooler"] is False and scratch.architecture["dropout"] == 0.3

@@ -1,7 +1,7 @@
-"""The objective interface (objectives/base.py, issue 55): an objective the loop has never heard
-of, written here, trains on the one loop through `objective=` alone, making its own batches
-(as GRPO will), keeping its own state in every checkpoint, logging and tagging through the
-interface, and a run of it resumed from a mid-run checkpoint is bitwise the uninterrupted one."""
+"""The objective interface (objectives/base.py): an objective the loop has never heard of,
+written here, trains on the one loop through `objective=` alone, making its own batches (as GRPO
+does), keeping its own state in every checkpoint, logging and tagging through the interface,
+and a run of it resumed from a mid-run checkpoint is bitwise the uninterrupted one."""
 
 from __future__ import annotations
 

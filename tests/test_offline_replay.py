@@ -1,6 +1,6 @@
-"""Metrics a run kept offline (tracking/mlflow/offline.py's spool) reach its run once, whoever
-sends them (issue 59 item 1): a real sqlite MLflow store and real spool files, as a tracker
-whose server went away writes them.
+"""Metrics a run kept offline (tracking/mlflow/offline.py's spool) reach its run once, whoever sends
+them: a real sqlite MLflow store and real spool files, as a tracker whose server went away writes
+them.
 
 The runs against a real server that dies (a sweep's job ending offline, the same command
 sending its file) are tests/test_tracking_server_faults.py's (slow)."""

@@ -1,4 +1,4 @@
-"""Packed batches (data.pack=true, issue 75): rows concatenated into sequences, each row attending
+"""Packed batches (data.pack=true): rows concatenated into sequences, each row attending
 only to itself (models/packing.py). On the real SmolLM2-135M-Instruct every row's loss and the
 LoRA gradients of a packed batch equal the unpacked batch's to float tolerance, and the same
 sequences without their segment ids do not (rows that see each other fail the test); tiny

@@ -1,4 +1,4 @@
-"""Preference tuning (issue 50): data=preference renders pairs as data=chat renders chats, and
+"""Preference tuning: data=preference renders pairs as data=chat renders chats, and
 experiment=dpo_chat / orpo_chat train through the one loop on a tiny random Llama with a ChatML
 template, logging the reward metrics to a real MLflow store; a SIGKILLed DPO run resumes
 bitwise."""
@@ -353,9 +353,9 @@ def test_a_rank_without_rows_of_a_pair_batch_weighs_nothing(pref_model, loss):
 
 
 def test_dpo_chat_with_the_quick_preset_is_a_20_step_dpo_run(pref_model, make_cfg):
-    """Issue 55's new user: `experiment=dpo_chat trainer=quick` used to drop DPO and exit 2;
-    the axes compose now, so `experiment=dpo_chat preset=quick` trains DPO for the preset's 20
-    steps, evaluated at 10 and 20, its rewards logged."""
+    """The axes compose, as a new user expects: `experiment=dpo_chat preset=quick` trains DPO
+    (the run-length preset keeps the objective) for the preset's 20 steps, evaluated at 10 and
+    20, its rewards logged."""
     from mlflow.tracking import MlflowClient
 
     from mlxlab.train import train
@@ -484,7 +484,7 @@ def test_optuna_over_beta_and_lr_then_replicates_compared_on_reward_accuracy(pre
     assert len(betas) == 3 and all(0.01 <= float(b) <= 1.0 for b in betas)
     parent = client.get_run(parent.info.run_id)
     assert parent.data.metrics["optuna/best_value"] == pytest.approx(max(scores))
-    assert "optuna.best.objective.beta" in parent.data.tags  # tags: issue 59
+    assert "optuna.best.objective.beta" in parent.data.tags  # tags: a resumed search may move it
 
     mlxlab_train(
         tmp_path,
@@ -523,7 +523,7 @@ def test_a_setting_the_loss_would_ignore_is_one_config_error(setting, message):
     Preference(loss=setting["loss"])  # the same loss with the defaults is fine
 
 
-# --- issue 58: a saturating monitor, settings the run would ignore, pairs that cannot teach ---
+# --- a saturating monitor, settings the run would ignore, pairs that cannot teach ------------
 
 
 def test_a_saturated_monitor_keeps_the_later_lower_loss_checkpoint_and_says_so(
@@ -590,9 +590,9 @@ def test_a_saturated_monitor_keeps_the_later_lower_loss_checkpoint_and_says_so(
 )
 def test_a_setting_the_run_would_ignore_is_one_line_exit_2_and_nothing_created(
         pref_model, tmp_path, cli_env, extra, message):
-    """Issue 58: each was accepted and trained on (identical metrics; no best checkpoint and
-    "the run had no validation data"; Hydra's multi-line "not in struct" with exit 1; zero
-    gradient, accuracy 0, exit 0)."""
+    """Each setting would be ignored or could not teach if trained on (identical metrics; a
+    metric never logged, so no best checkpoint; Hydra's multi-line "not in struct" with exit 1;
+    pairs with zero gradient, accuracy 0): one line, exit 2, before a run folder exists."""
     import subprocess
 
     from conftest import PYTHON

@@ -426,11 +426,11 @@ BROKEN_S3FS = 'raise ImportError("s3fs is broken in this environment")\n'
 
 
 def test_a_remote_that_fails_at_the_start_ends_the_tracked_run(make_cfg, tmp_path, monkeypatch):
-    """A remote whose filesystem cannot be opened when the checkpoint writer is built (its
-    package fails to import, as when s3fs is missing or broken) fails after the tracker's run
-    has started: the error is one line, and the MLflow run is FAILED when train() returns, not
-    left RUNNING until the process exits (issue 41: everything after the tracker's start is inside
-    the loop's try/finally). In-process tracking, as sweeps and distillation rounds run it."""
+    """A remote whose filesystem cannot be opened when the checkpoint writer is built (its package
+    fails to import, as when s3fs is missing or broken) fails after the tracker's run has started:
+    the error is one line, and the MLflow run is FAILED when train() returns, not left RUNNING until
+    the process exits (everything after the tracker's start is inside the loop's try/finally).
+    In-process tracking, as sweeps and distillation rounds run it."""
     from mlxlab.train import train
 
     known = importlib.import_module("fsspec.registry")._registry  # classes fsspec imported

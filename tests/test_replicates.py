@@ -72,11 +72,11 @@ def test_each_child_says_its_group_and_its_configs_seed_count(sweep):
     for r in children:
         assert r.data.tags["mlxlab.group"] == {"None": "g1", "True": "g2"}[
             r.data.params["model.pooler"]]
-        assert r.data.params["replicates"] == "3"  # the sweep's, not 1 (issue 48)
+        assert r.data.params["replicates"] == "3"  # the sweep's, not 1
 
 
 def test_the_parent_run_holds_the_verdict_and_names_no_bare_winner(sweep):
-    """Issue 48: the parent's description (MLflow's Overview), tags and comparison.json say
+    """The parent's description (MLflow's Overview), tags and comparison.json say
     what the paired test says, with scipy's numbers on the children's own values."""
     _, client, parent, children = sweep
     tags, params = parent.data.tags, parent.data.params
@@ -94,7 +94,7 @@ def test_the_parent_run_holds_the_verdict_and_names_no_bare_winner(sweep):
     path = client.download_artifacts(parent.info.run_id, "comparison.json", str(
         Path(tempfile.mkdtemp())))
     result = json.loads(Path(path).read_text())
-    tie = xa.mean() == pytest.approx(xb.mean(), rel=1e-9)  # a tie is a tie (issue 58)
+    tie = xa.mean() == pytest.approx(xb.mean(), rel=1e-9)  # a tie names no leader
     assert result["metric"] == "val/accuracy" and result["baseline"] == leader[0]
     assert result["leader"] == (None if tie else leader[0])
     (c,) = result["comparisons"]
@@ -102,7 +102,7 @@ def test_the_parent_run_holds_the_verdict_and_names_no_bare_winner(sweep):
     assert c["diff"] == pytest.approx((other[1] - leader[1]).mean())
     if differ:
         assert c["t_p"] == pytest.approx(p)
-    # 3 seed pairs: too few for the signed-rank test to reach 0.05 (issue 58), whatever t says
+    # 3 seed pairs: too few for the exact signed-rank test to reach 0.05, whatever t says
     assert tags["mlxlab.verdict"] == "too few replicates"
     assert c["verdict"].startswith("too few seeds to settle it: at 3 seed pairs")
     if tie:

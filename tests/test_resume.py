@@ -162,7 +162,7 @@ def assert_same_per_example_losses(uri: str, reference: Path, resumed: Path, lab
     [("titanic-mid-epoch", TITANIC, 5),  # the default run keeps one; the others are slow
      pytest.param("titanic-next-epoch", TITANIC, 15, marks=pytest.mark.slow),
      pytest.param("streaming", STREAMING, 7, marks=pytest.mark.slow),
-     # issue 19: the curriculum's draws and token counts, and a remapped vocabulary, resume too
+     # the curriculum's draws and token counts, and a remapped vocabulary, resume too
      pytest.param("titanic-curriculum", [*TITANIC, "data.curriculum={score: rarity}"], 5,
                   marks=pytest.mark.slow),
      pytest.param("streaming-curriculum-vocab-remap", [
@@ -481,7 +481,7 @@ def test_resume_naming_the_trained_preset_rebuilds_the_checkpoints_model(tmp_pat
 def test_a_resumed_runs_folder_and_mlflow_run_say_what_it_trained(tmp_path, cli_env):
     """`mlxlab train debug=fast model.num_layers=3`, then `mlxlab-train debug=fast resume=auto
     trainer.max_steps=6`: the resumed run trains the checkpoint's 3 layers, and its folder's
-    .hydra/config.yaml says so (with max_steps 6), not today's 2 (issue 39); .hydra/
+    .hydra/config.yaml says so (with max_steps 6), not the default's 2; .hydra/
     resumed_from.yaml and the MLflow tag name the run it went on from; the MLflow run's params
     and `mlxlab runs show` say 3 layers. The run's Source is the entry point as typed, not the
     tracking process's file (background.py), and its command line is a tag."""
@@ -527,8 +527,8 @@ def test_a_resumed_runs_folder_and_mlflow_run_say_what_it_trained(tmp_path, cli_
 
 
 # A monitor whose best is the first evaluation, for a run killed after it: this tiny model's
-# accuracy and F1 plateau (it predicts the majority class) and a tie now goes to the lower
-# val/loss, late (issue 58); its ROC-AUC rises at every evaluation, so its lowest is the first.
+# accuracy and F1 plateau (it predicts the majority class) and a tie goes to the lower
+# val/loss, late; its ROC-AUC rises at every evaluation, so its lowest is the first.
 BEST_EARLY = [*TITANIC[:3], "optimized_metric=val/roc_auc", "optimized_mode=min",
               "trainer.max_steps=12",
               "trainer.eval_every_steps=2",
@@ -545,8 +545,8 @@ def best_step(run_dir: Path) -> int:
 
 @pytest.mark.slow
 def test_a_run_killed_after_its_best_evaluation_writes_the_same_predictions(tmp_path, cli_env):
-    """Issue 48: predictions/val_best.csv (what McNemar and the row bootstrap read) is written
-    from the best evaluation, which a resume used to forget: a run SIGKILLed after its best
+    """predictions/val_best.csv (what McNemar and the row bootstrap read) is written from the
+    best evaluation, which a resume must remember: a run SIGKILLed after its best
     evaluation and resumed writes the file byte for byte as an uninterrupted run does."""
     reference = tmp_path / "reference"
     run(BEST_EARLY, reference, cli_env)

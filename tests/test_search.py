@@ -255,9 +255,9 @@ def _postgres(tmp_path: Path) -> str:
 
 @pytest.mark.slow  # 4 tiny trainings: ~35 s of CPU
 def test_a_searchs_best_trials_rerun_carry_their_interval_and_a_verdict(tmp_path):
-    """Issue 48: once the top-k trials are re-run on more seeds, the parent's leader tag carries
-    the interval of the leading config (n = rerun_seeds) and the verdict compares it with the
-    other re-run config, paired seed by seed; no bare winner is named."""
+    """Once the top-k trials are re-run on more seeds, the parent's leader tag carries the interval
+    of the leading config (n = rerun_seeds) and the verdict compares it with the other re-run
+    config, paired seed by seed; no bare winner is named."""
     import json
     import tempfile
 
@@ -280,7 +280,7 @@ def test_a_searchs_best_trials_rerun_carry_their_interval_and_a_verdict(tmp_path
         parent.info.run_id, "comparison.json", tempfile.mkdtemp())).read_text())
     (c,) = result["comparisons"]
     assert c["paired"] and c["n_pairs"] == 2 and result["baseline"] == c["a"]
-    # two seed pairs: the signed-rank test cannot reach 0.05 (issue 58): never "better"
+    # two seed pairs: the exact signed-rank test cannot reach 0.05 at any difference: never "better"
     assert not result["significant"] and tags["mlxlab.verdict"] == "too few replicates"
     assert "(not significant)" in tags["mlxlab.leader"] or tags["mlxlab.leader"].startswith(
         "none: ")
@@ -288,10 +288,10 @@ def test_a_searchs_best_trials_rerun_carry_their_interval_and_a_verdict(tmp_path
 
 @pytest.mark.slow
 def test_a_search_without_a_preset_resumes_in_its_study_folder(tmp_path):
-    """Issue 59 item 3: a search from the command line alone (no hparams_search preset, Hydra's
-    basic launcher: trials in the sweeper's process), SIGKILLed while trial 1 trains after its
-    first checkpoint, then the same command: the study's folder found again (not a new stamped
-    one), trial 1 resumed from its checkpoint into its own run, one parent, 3 trials exactly."""
+    """A search from the command line alone (no hparams_search preset, Hydra's basic launcher:
+    trials in the sweeper's process), SIGKILLed while trial 1 trains after its first checkpoint,
+    then the same command: the study's folder found again (not a new stamped one), trial 1 resumed
+    from its checkpoint into its own run, one parent, 3 trials exactly."""
     args = [*TINY, "trainer.max_steps=12", "trainer.eval_every_steps=6",
             "checkpoint.save_every_steps=3", "tracking.background=false",
             "optimizer.learning_rate=tag(log,interval(1e-4,3e-3))", "model.dropout=interval(0,0.3)",

@@ -1,5 +1,5 @@
-"""Issue 47 items 3 and 4: parallel starts, bad input first, faults loud (sweeps/checks.py,
-runtime/locks.py, sweeps/search/study.py, sweeps/search/sweeper.py).
+"""Parallel starts, bad input first, faults loud (sweeps/checks.py, runtime/locks.py,
+sweeps/search/study.py, sweeps/search/sweeper.py).
 
 Real `mlxlab-train` processes on a real root (sqlite MLflow store, Optuna sqlite study, Hydra
 multirun). Each bad input: exit 2, its one line, and the store exactly as before (the database's
@@ -70,7 +70,7 @@ def grid_with_a_failing_job(tmp_path_factory):
     constructor refuses it: config checks cannot know), 32 trains. Its store is also the one the bad inputs below must leave unchanged."""
     root = tmp_path_factory.mktemp("grid")
     proc = train(root, "-m", *SMALL, "model.hidden_size=32,33")
-    # the other job trained; the sweep whose parent FAILED says so and exits 1 (issue 59)
+    # the other job trained; the sweep whose parent FAILED says so and exits 1, not 0
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("mlxlab: error: sweep ") and " ended FAILED: " in last, last

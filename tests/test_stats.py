@@ -65,8 +65,8 @@ def _exact_signed_rank_p(k: list[int]) -> float:
 
 
 @pytest.mark.parametrize(("steps", "expected"), [
-    ((1, 1, 2, 2), 0.125),          # issue 48: the normal approximation said 0.063
-    ((0, 0, 1, 2, 3, -1), 0.375),   # issue 48: it said 0.197; scipy's exact permutation 0.375
+    ((1, 1, 2, 2), 0.125),          # the normal approximation says 0.063
+    ((0, 0, 1, 2, 3, -1), 0.375),   # it says 0.197; scipy's exact permutation 0.375
 ])
 def test_wilcoxon_on_tied_and_zero_accuracy_steps_is_exact(steps, expected):
     base = np.array([0.8146, 0.5, 0.8090, 0.6011, 0.7, 0.9])[: len(steps)]
@@ -206,7 +206,7 @@ def test_seeds_needed_for_differences_that_do_not_spread_is_the_signed_rank_reac
     assert stats.seeds_needed(0.99, float("nan")) is None
 
 
-# --- issue 58: intervals inside what is possible ---------------------------------------------
+# --- intervals inside what is possible -------------------------------------------------------
 
 
 @pytest.mark.parametrize(("k", "n"), [(0, 10), (3, 40), (40, 40), (1, 1)])

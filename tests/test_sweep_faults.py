@@ -1,8 +1,8 @@
-"""A killed grid continues (issue 47): real `mlxlab-train -m` processes on Titanic, 2 configs x
-3 seeds, killed (SIGKILL, or Ctrl-C's SIGINT) in the middle of the 4th job once it committed a
-checkpoint, then the same command again: one parent, each (config, seed) FINISHED exactly once,
-the killed job resumed into its own run from its checkpoint, nothing RUNNING, and `mlxlab runs
-compare latest` agreeing with scipy on its per-seed values."""
+"""A killed grid continues: real `mlxlab-train -m` processes on Titanic, 2 configs x 3 seeds,
+killed (SIGKILL, or Ctrl-C's SIGINT) in the middle of the 4th job once it committed a checkpoint,
+then the same command again: one parent, each (config, seed) FINISHED exactly once, the killed
+job resumed into its own run from its checkpoint, nothing RUNNING, and `mlxlab runs compare
+latest` agreeing with scipy on its per-seed values."""
 
 from __future__ import annotations
 
@@ -164,8 +164,8 @@ def check_finished_once(root: Path, out: str, kept: int, rerun: int = 0) -> list
 
 
 def check_continued(root: Path, folder: Path, step: int, continued_at: float, out: str) -> None:
-    """After the same command again: what the issue asks of a continued grid, and the killed
-    job resumed into its own run."""
+    """After the same command again: every job FINISHED once with three kept (check_finished_once),
+    and the killed job resumed into its own run, its metric history unbroken."""
     children = check_finished_once(root, out, kept=3)
     (resumed,) = [r for r in children if r.data.tags[T.RUN_DIR] == str(folder)]
     assert f"its run {resumed.info.run_id} resumes from {folder}" in out
@@ -191,7 +191,7 @@ def test_a_sigkilled_grid_continues_with_the_same_command(tmp_path):
         [client.get_experiment_by_name("train").experiment_id], f"tags.`{T.ROLE}` = 'sweep'"
     )
     # its launcher died: said when the continuing command marked it; the FINISHED parent no
-    # longer says it was killed (issue 59 item 7), nor does the resumed job's run
+    # longer says it was killed, nor does the resumed job's run
     assert f"MLflow run {parent.info.run_id} was left RUNNING: marked KILLED (process " in out
     resumed = client.search_runs([parent.info.experiment_id], f"tags.`{T.RUN_DIR}` = '{folder}'")
     for run in (parent, *resumed):
@@ -249,9 +249,9 @@ def closing(root: Path) -> bool:
 
 @pytest.mark.slow
 def test_a_grid_killed_while_its_parent_closes_finishes_with_the_same_command(tmp_path):
-    """Issue 47: SIGKILL of the launcher after its 6 jobs finished, while the parent run closes
-    (kill_when freezes it and checks again, so the kill lands in that step); the same command
-    keeps every job, ends the parent FINISHED, leaves nothing RUNNING."""
+    """SIGKILL of the launcher after its 6 jobs finished, while the parent run closes (kill_when
+    freezes it and checks again, so the kill lands in that step); the same command keeps every job,
+    ends the parent FINISHED, leaves nothing RUNNING."""
     proc = start_sweep(tmp_path)
     kill_when(proc, lambda: closing(tmp_path), timeout=400)
     proc.stdout.read()
@@ -344,8 +344,8 @@ def test_resume_on_a_multirun_is_refused_before_anything_starts(tmp_path):
 
 @pytest.mark.slow
 def test_a_continued_grid_says_what_an_uninterrupted_one_says(tmp_path):
-    """Issue 48 item 4: the groups and the verdict of a grid killed in its 4th job and continued
-    equal an uninterrupted grid's with the same seeds: every per-seed value bitwise."""
+    """The groups and the verdict of a grid killed in its 4th job and continued equal an
+    uninterrupted grid's with the same seeds: every per-seed value bitwise."""
     killed_root, whole_root = tmp_path / "killed", tmp_path / "whole"
     killed_root.mkdir()
     whole_root.mkdir()
@@ -422,9 +422,9 @@ def run_grid(root: Path, args: list[str]) -> str:
 
 @pytest.mark.slow
 def test_a_grown_sweep_adopts_its_finished_jobs_and_trains_only_the_new_ones(tmp_path):
-    """Issue 59 item 5: replicates=2, then replicates=3 (one more seed), then another learning
-    rate: each grown sweep keeps (adopts) the jobs already FINISHED under the same config and
-    seed, trains only its new ones, says so, and `runs compare` sees the whole grown sweep."""
+    """A grid with replicates=2, then replicates=3 (one more seed), then another learning rate: each
+    grown sweep keeps (adopts) the jobs already FINISHED under the same config and seed, trains only
+    its new ones, says so, and `runs compare` sees the whole grown sweep."""
     run_grid(tmp_path, grid_args(replicates="2"))
     grown = run_grid(tmp_path, grid_args(replicates="3"))
     assert grown.count("adopted, not run again") == 4, grown[-4000:]

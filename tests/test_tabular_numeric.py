@@ -1,6 +1,6 @@
-"""Numeric CSV columns (`data.numeric`, issue 28): which columns count as numbers, quantile bin
-edges from the training rows only, missing values, the `text` and `data.bins` escapes, the
-settings record, and a finished run encoding new rows exactly as it trained."""
+"""Numeric CSV columns (`data.numeric`): which columns count as numbers, quantile bin edges from
+the training rows only, missing values, the `text` and `data.bins` escapes, the settings record,
+and a finished run encoding new rows exactly as it trained."""
 
 from __future__ import annotations
 
@@ -150,8 +150,8 @@ def test_settings_are_one_checked_record():
 
 
 def test_a_run_without_saved_bins_keeps_its_numbers_as_text(tmp_path):
-    """A checkpoint from before issue 28 has no "numeric" in its encoding state: its rows are
-    written as it trained them, whatever today's default."""
+    """A checkpoint saved before `data.numeric` existed has no "numeric" in its encoding state: its
+    rows are written as it trained them, whatever today's default."""
     path = write(tmp_path, mixed_table())
     trained = module(path, numeric="text")
     frame = pd.read_csv(path)

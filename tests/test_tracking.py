@@ -300,7 +300,7 @@ def test_logging_failures_warn_once_and_never_raise(uri, tmp_path, caplog):
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "training goes on" in warnings[0].getMessage()
 
-    # a store that cannot even be created: the run is not trained untracked (issue 59): start
+    # a store that cannot even be created: the run is not trained untracked: start
     # raises one line naming the fix; the rest are no-ops
     broken = MlflowTracker(uri="sqlite:////proc/no/such/dir/mlflow.db")
     with pytest.raises(TrackingUnavailable, match="could not start the run.*tracking=none"):
@@ -533,10 +533,10 @@ def check_sweep(uri: str, n_children: int, best: float, best_params: dict, faile
     assert statuses == ["FAILED"] * failed + ["FINISHED"] * (n_children - failed)
     assert parent.data.tags["mlxlab.num_failed"] == str(failed)
     assert parent.info.status == ("FAILED" if failed else "FINISHED")  # FINISHED: every job is
-    # one seed's maximum is the top run, never "best" (issue 48)
+    # one seed's maximum is the top run, never "best" (one seed settles nothing)
     assert parent.data.metrics["top_run/val/accuracy"] == pytest.approx(best)
     assert "best/val/accuracy" not in parent.data.metrics
-    # tags, not params: a continuation may move the top run (issue 59)
+    # tags, not params: a continuation may move the top run
     assert {k: v for k, v in parent.data.tags.items() if k.startswith("top_run.")} == best_params
     assert not any(k.startswith(("best.", "top_run.", "group.")) for k in parent.data.params)
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "plots")]

@@ -77,7 +77,7 @@ def test_a_background_run_holds_what_an_in_process_run_holds(uri, tmp_path):
 
 def test_a_background_runs_source_is_the_training_process_entry_point(uri):
     """The child creates the MLflow run; its Source (mlflow.source.name) is what the training
-    process names (its entry point), not the child's own file, background.py (issue 39)."""
+    process names (its entry point), not the child's own file, background.py."""
     tracker = build_tracker(uri=uri, experiment_name="exp", run_name="src", background=True)
     tracker.start({}, source_tags(["/venv/bin/mlxlab-train", "seed=3", "+tags.note=a b"]))
     tracker.end()
@@ -124,7 +124,7 @@ def test_a_flush_barrier_returns_at_once_and_its_wait_at_the_stored_metrics(uri)
 def test_the_training_thread_never_waits_while_a_barrier_waits_on_a_busy_child(uri):
     """A checkpoint writer's barrier waits for the child's reply holding the reply lock; the
     training thread's sends (log_metrics, set_tags, a run_id already known) must not queue
-    behind it (they did: every logged step waited for the slow child, issue 24)."""
+    behind it (else every logged step would wait for the slow child)."""
     import threading
 
     tracker = build_tracker(uri=uri, experiment_name="exp", run_name="busy", background=True)

@@ -1,4 +1,4 @@
-"""A tracking server that goes away or races a first start (issue 59): real `mlflow server`s
+"""A tracking server that goes away or races a first start: real `mlflow server`s
 (scripts/mlflow_server.sh) on 127.0.0.1 started and SIGKILLed by the tests, real grids of
 `mlxlab-train -m` on Titanic, real sqlite stores.
 
@@ -84,10 +84,10 @@ def the_parent(client: MlflowClient):
 
 
 def test_a_sweep_sends_what_its_job_kept_while_the_server_was_away(tmp_path):
-    """Item 1: the server SIGKILLed while job 1 trains, the job ending while it is down: the
-    sweep exits 1 saying so (not 0 with its parent FAILED); the same command with the server
-    back sends the job's offline file once and finishes the sweep: the job's history equals an
-    uninterrupted sweep's, step by step, no value twice."""
+    """The server SIGKILLed while job 1 trains, the job ending while it is down: the sweep exits 1
+    saying so (not 0 with its parent FAILED); the same command with the server back sends the job's
+    offline file once and finishes the sweep: the job's history equals an uninterrupted sweep's,
+    step by step, no value twice."""
     whole = tmp_path / "whole"
     whole.mkdir()
     done = subprocess.run(grid(whole), cwd=whole, env=env_for(whole), capture_output=True,
@@ -131,7 +131,7 @@ def test_a_sweep_sends_what_its_job_kept_while_the_server_was_away(tmp_path):
         assert parent.info.status == "FINISHED" and parent.data.tags[T.NUM_FINISHED] == "2"
         job = pooled_run(client, parent.info.run_id)
         assert job.info.run_id == run_id and job.info.status == "FINISHED"
-        assert not {T.KILLED_AT, T.KILLED_REASON, T.RESUMABLE} & set(job.data.tags)  # item 7
+        assert not {T.KILLED_AT, T.KILLED_REASON, T.RESUMABLE} & set(job.data.tags)  # no kill marks
         history = job_history(client, run_id)
         assert history == expected  # every step once, the uninterrupted values
         assert [s for s, _ in history["train/loss"]] == list(range(1, 201))
@@ -146,9 +146,9 @@ def test_a_sweep_sends_what_its_job_kept_while_the_server_was_away(tmp_path):
 
 
 def test_a_first_sweep_started_with_the_server_script_is_tracked(tmp_path):
-    """Item 4: scripts/mlflow_server.sh (2 workers) and a first sweep started together on a
-    fresh root: the sweep finds the server migrating the store it writes, waits for its schema
-    (not "table ... already exists", exit 2) and is tracked; the server then serves its runs."""
+    """scripts/mlflow_server.sh (2 workers) and a first sweep started together on a fresh root: the
+    sweep finds the server migrating the store it writes, waits for its schema (not "table ...
+    already exists", exit 2) and is tracked; the server then serves its runs."""
     port = free_port()
     server = start_server(tmp_path / "mlruns", port, workers=2)
     try:
@@ -170,9 +170,9 @@ def test_a_first_sweep_started_with_the_server_script_is_tracked(tmp_path):
 
 
 def test_a_store_the_server_left_half_made_is_made_anew_and_the_run_tracked(tmp_path, cli_env):
-    """Item 4: the server killed while it migrates a fresh store leaves it half-made; a run
-    then is tracked in a store made anew (the half-made one kept aside), not trained untracked
-    with one WARNING (`mlflow run: -`)."""
+    """The server killed while it migrates a fresh store leaves it half-made; a run then is tracked
+    in a store made anew (the half-made one kept aside), not trained untracked with one WARNING
+    (`mlflow run: -`)."""
     server = start_server(tmp_path / "mlruns", free_port())
     db, deadline = tmp_path / "mlruns" / "mlflow.db", time.monotonic() + 240
     seen: list[str] = []

@@ -127,7 +127,7 @@ def test_streaming_without_validation_trains_and_checkpoints(make_cfg, tmp_path,
     with caplog.at_level("INFO", logger="mlxlab.training"):
         assert train(cfg) == {}
     assert "no validation data (data.splits.val_examples=0" in caplog.text
-    # every key the line names is one the config has (issue 26 item 9: it named trainer.checkpoint.*)
+    # every key the line names is one the config has (checkpoint.*, not a trainer.checkpoint.*)
     line = next(r.getMessage() for r in caplog.records if "no validation data" in r.getMessage())
     named = re.findall(r"\b(?:trainer|callbacks|checkpoint|data)\.[\w.]*\w", line)
     assert "checkpoint.save_every_steps" in named

@@ -1,10 +1,9 @@
-"""Issue 58: verdicts right at the edges. Intervals of task accuracies inside [0, 1] (scipy's
-Wilson interval), a metric's direction from its definition (never its name), `runs compare
---metric` leaving the sweep's recorded verdict alone, a verdict at n = 2 that says first that
-the tests cannot reach the level, ties that stay ties, and a model card that pairs like with
-like. The sweeps here are real MLflow stores written with MLflow's client (a parent run and its
-children as the sweep callback tags them); the trainings behind such numbers are tested in
-test_replicates.py."""
+"""Verdicts right at the edges. Intervals of task accuracies inside [0, 1] (scipy's Wilson
+interval), a metric's direction from its definition (never its name), `runs compare --metric`
+leaving the sweep's recorded verdict alone, a verdict at n = 2 that says first that the tests cannot
+reach the level, ties that stay ties, and a model card that pairs like with like. The sweeps here
+are real MLflow stores written with MLflow's client (a parent run and its children as the sweep
+callback tags them); the trainings behind such numbers are tested in test_replicates.py."""
 
 from __future__ import annotations
 
@@ -98,8 +97,9 @@ def dpo_sweep(uri):
 
 def test_a_lower_is_better_metric_gets_the_right_verdict_and_leaves_the_recorded_one(
         uri, dpo_sweep, capsys):
-    """Issue 58: `--metric val/logps/rejected` was read as higher-is-better (its name has no
-    "loss"), and the comparison overwrote the sweep's recorded verdict on its own metric."""
+    """`--metric val/logps/rejected` is lower-is-better though its name has no "loss" (its
+    definition says so), and the comparison leaves the sweep's recorded verdict on its own metric
+    as it was (--record replaces it)."""
     from mlflow import MlflowClient
 
     parent = dpo_sweep
@@ -217,9 +217,9 @@ def card_row(card: str, task: str, metric: str) -> list[str]:
 
 
 def test_the_model_card_pairs_evaluations_of_the_same_prompts_and_examples(uri, tmp_path):
-    """Issue 58: the card took the newest base evaluation whatever its prompt mode (a plain
-    0.575 beside the fine-tune's 0.65 scored through the template, where the template's base
-    is 0.300). Now the base that scored the same task, prompts and example ids."""
+    """The card sets beside the fine-tune the base evaluation that scored the same task, prompts
+    and example ids, not the newest whatever its prompt mode (a plain 0.575 beside the
+    fine-tune's 0.65 scored through the template, where the template's base is 0.300)."""
     from mlxlab.evaluation.results import write_scores
     from mlxlab.evaluation.scoring import TaskScores
     from mlxlab.export.model_card import model_card
@@ -284,8 +284,8 @@ def test_the_cards_loss_difference_is_the_difference_of_the_token_weighted_losse
 
 
 def test_a_logged_metrics_definition_is_the_objective_that_computes_it():
-    """Issue 58: the direction and range come from the objectives' metric definitions (and the
-    evaluation tasks'), never from the name: no table of their own in config.py."""
+    """The direction and range come from the objectives' metric definitions (and the evaluation
+    tasks'), never from the name: no table of their own in config.py."""
     from mlxlab.objectives.catalog import metric_definition
     from mlxlab.objectives.preference.preference import Preference
 
