@@ -1,5 +1,5 @@
 """Build hook: compile mlxlab's fused CPU kernels while pip installs mlxlab, so that the first
-`mlxlab-train` on a new machine does not wait ~20 s for the build (issue 24).
+`mlxlab-train` on a new machine does not wait ~20 s for the build.
 
 It runs in pip's isolated build environment, which holds the same MLX and nanobind releases that
 the install resolves (build-system.requires mirrors the runtime pins), and writes into the

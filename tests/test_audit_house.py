@@ -21,8 +21,9 @@ SCRIPT = ROOT / "scripts" / "audit_house.py"
 # repository (ml-explore/mlx#2821) and is no internal number. "The issue" without a number is
 # English as often as a citation: left to review.
 ISSUE_REFERENCE = re.compile(r"\bissues?[ _-]?#?\d+|(?<![\w/.-])#\d{2,}\b", re.IGNORECASE)
-HOUSE_TEXT = ("src", "conf", "docs", "tests", "README.md")  # what the rule covers
-PROSE_AND_CODE = {".py", ".md", ".yaml", ".jinja", ".cpp", ".h", ".css"}  # not data files
+HOUSE_TEXT = ("src", "conf", "docs", "tests", "scripts", "README.md", "pyproject.toml",
+              "hatch_build.py")  # what the rule covers
+PROSE_AND_CODE = {".py", ".md", ".yaml", ".jinja", ".cpp", ".h", ".css", ".toml"}  # not data files
 # The one file whose point is its issue numbers: the archive of the benchmark sections as they
 # were recorded, each titled with the issue that measured it.
 ISSUE_NUMBERS_ALLOWED = {"docs/benchmarks-history.md"}

@@ -60,7 +60,7 @@ def test_pytorch_ratios_are_withheld_when_the_baseline_disagrees_with_plain_pyto
     from benchmarks.speed import bench
 
     fair = bench.baseline_check("nano", rows=[6300.0, 6500.0], plain=[6400.0, 6350.0])
-    slowed = bench.baseline_check("nano", rows=[1725.0, 1700.0], plain=[6410.0, 6300.0])  # issue 12
+    slowed = bench.baseline_check("nano", rows=[1725.0, 1700.0], plain=[6410.0, 6300.0])  # BLAS interposition
     assert fair["ok"] and not slowed["ok"]
     assert 0.25 < slowed["ratio"] < 0.3 and slowed["tolerance"] >= 0.10
     table = "\n".join(bench.check_lines([fair, slowed]))

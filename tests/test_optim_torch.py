@@ -2,7 +2,7 @@
 
 mlx.optimizers.Adam/AdamW default to bias_correction=False, whose early updates are several times
 the configured learning rate; PyTorch always corrects. mlxlab trained 0.95 nats worse than a plain
-PyTorch script for that reason (issue 11). These tests pin mlxlab's optimizer, schedule and the
+PyTorch script for that reason. These tests pin mlxlab's optimizer, schedule and the
 trainer's compiled step to PyTorch (torch==2.13.0 CPU, in the dev extra) so a silent default like
 that cannot come back.
 """
