@@ -122,6 +122,25 @@ def as_numpy(batch: dict) -> dict:
     return {k: np.array(v) for k, v in batch.items()}
 
 
+def test_a_draft_sure_of_a_wrong_token_still_learns_under_forward_kl(make_cfg):
+    """Where the student puts all its mass on a token the teacher never says (a draft whose
+    logits ran away: a margin of ~100, as SmolLM2's first blocks reached after a few steps at
+    1e-3), the JSD's gradient underflows to nothing (the run then stands still, its validation
+    loss the same to the bit at every evaluation), and forward KL's is p_student - p_teacher:
+    experiment=draft_model trains by forward KL (beta=0)."""
+    student = mx.array([[[0.0, 120.0, 0.0, 0.0]]])
+    teacher = log_probs(mx.array([[[30.0, 0.0, 0.0, 0.0]]]), 1.0)
+    mask = mx.ones((1, 1))
+
+    def gradient(beta: float) -> np.ndarray:
+        return np.array(mx.grad(lambda s: generalized_jsd(s, teacher, mask, beta, 1.0)[0])(student))
+
+    assert np.abs(gradient(0.5)).max() < 1e-30
+    assert np.abs(gradient(0.0)).max() == pytest.approx(1.0, abs=1e-6)
+    cfg = make_cfg("experiment=draft_model", "model.pretrained=x")
+    assert cfg.objective.beta == 0.0 and cfg.model.freeze_embeddings is True
+
+
 def test_the_loss_is_trls_on_the_completion_tokens_of_the_rows_it_makes(tiny):
     """A batch of 8 prompts at lmbda = 0.5: some completed by the student (its samples), the
     others by the dataset (the answer and the end-of-text token); the objective's loss and its

@@ -346,3 +346,36 @@ def test_a_folder_saved_by_transformers_5_loads_with_its_rotary_base(tmp_path):
     model = MLXLMDecoder(vocab_size=1, pretrained=str(folder))
     assert np.abs(torch_logits(hf, IDS) - mlx_logits(model, IDS)).max() <= 1e-4
     assert model.hf_config["rope_theta"] == 100000.0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_freeze_embeddings_trains_the_blocks_and_keeps_the_vocabulary_table(tied, tmp_path):
+    """model.freeze_embeddings=true (a draft's): a full fine-tuning step moves every block and
+    the final norm and leaves the token embeddings and the output head, tied or not, to the
+    bit; under LoRA, where nothing would change, and as a non-bool it is one line."""
+    import mlx.optimizers as optim
+
+    folder = save_tiny_model("llama", tmp_path / "llama", seed=3, tie_word_embeddings=tied)
+    model = MLXLMDecoder(vocab_size=1, pretrained=str(folder), lora={"rank": 0},
+                         freeze_embeddings=True)
+    trainable = {n for n, _ in tree_flatten(model.trainable_parameters())}
+    frozen = {n for n, _ in tree_flatten(model.parameters())} - trainable
+    assert frozen == ({"lm.model.embed_tokens.weight"} if tied else
+                      {"lm.model.embed_tokens.weight", "lm.lm_head.weight"})
+    before = {n: np.array(v) for n, v in tree_flatten(model.parameters())}
+    ids = mx.array(IDS)
+
+    def loss(m):
+        return nn.losses.cross_entropy(m(ids[:, :-1]), ids[:, 1:]).mean()
+
+    _, grads = nn.value_and_grad(model, loss)(model)
+    optim.Adam(learning_rate=1e-2).update(model, grads)
+    after = dict(tree_flatten(model.parameters()))
+    moved = {n for n in before if not np.array_equal(before[n], np.array(after[n]))}
+    assert moved == trainable and len(trainable) == 9 * 2 + 1  # 2 blocks of 9, the norm
+    with pytest.raises(ConfigError, match="applies to full fine-tuning"):
+        MLXLMDecoder.check_config({"pretrained": str(folder), "freeze_embeddings": True,
+                                   "lora": {"rank": 8}})
+    with pytest.raises(ConfigError, match="true or false"):
+        MLXLMDecoder.check_config({"pretrained": str(folder), "freeze_embeddings": "yes",
+                                   "lora": {"rank": 0}})

@@ -221,7 +221,8 @@ def main() -> None:
                         help=f"held-out prompts decoded (of {HELD_OUT})")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=60, help="the fine-tune's steps")
-    parser.add_argument("--draft-steps", type=int, default=60, help="each draft's steps")
+    parser.add_argument("--draft-steps", type=int, default=300, help="each draft's steps")
+    parser.add_argument("--draft-lr", type=float, default=1e-3, help="each draft's rate")
     parser.add_argument("--keep-layers", type=int, default=2, help="the drafts' blocks")
     parser.add_argument("--num-draft-tokens", type=int, default=3)
     parser.add_argument("--length", type=int, default=6, help="numbers a completion counts")
@@ -263,8 +264,10 @@ def main() -> None:
         "trainer.batch_size=4", "optimizer.learning_rate=5e-4"], finetuned, env)
     draft_dirs = {name: work / f"draft_{name}" for name in ("trained", "generic")}
     same = [f"model.pretrained={base}", f"model.keep_layers={args.keep_layers}",
-            "trainer.batch_size=8", f"trainer.max_steps={args.draft_steps}",
-            f"trainer.eval_every_steps={args.draft_steps}", "optimizer.learning_rate=3e-4"]
+            "model.freeze_embeddings=true", "trainer.batch_size=8",
+            f"trainer.max_steps={args.draft_steps}",
+            f"trainer.eval_every_steps={max(args.draft_steps // 4, 1)}",
+            f"optimizer.learning_rate={args.draft_lr}"]
     wall["draft_trained"] = train([
         "experiment=draft_model", *same, f"objective.teachers=[{{run: {finetuned}}}]",
         f"data.train_file={count_train}", f"data.val_file={count_val}",

@@ -172,6 +172,7 @@ class MLXLMDecoder(PretrainedModel):
         weight_names: list[str] | None = None,
         head: str = "lm",
         keep_layers: int | None = None,
+        freeze_embeddings: bool = False,
     ):
         super().__init__()
         check_head(head)
@@ -213,7 +214,8 @@ class MLXLMDecoder(PretrainedModel):
             if lora:  # the new head trains in full beside the adapters
                 lora = {**lora, "extra_trainable": [*(lora.get("extra_trainable") or ()),
                                                     "score"]}
-        prepare_for_training(self, quantize=quantize, lora=lora, rebuilt=not pretrained)
+        prepare_for_training(self, quantize=quantize, lora=lora, rebuilt=not pretrained,
+                             freeze_embeddings=freeze_embeddings)
 
     def _add_score_head(self, config: Mapping) -> None:
         """`score`: hidden_size -> 1 without bias, drawn as transformers initialises it
@@ -242,6 +244,7 @@ class MLXLMDecoder(PretrainedModel):
         check_head(node.get("head", "lm"))
         lora = node.get("lora")
         check_lora(lora)
+        check_freeze_embeddings(node.get("freeze_embeddings", False), lora)
         if not node.get("pretrained"):
             return
         path, config = model_source(node["pretrained"], node.get("revision"))
@@ -310,7 +313,7 @@ class MLXLMDecoder(PretrainedModel):
 
 
 def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mapping | None,
-                         rebuilt: bool = False) -> None:
+                         rebuilt: bool = False, freeze_embeddings: bool = False) -> None:
     """Everything that makes a loaded decoder ready to train, in one place: quantization at load
     (model.quantize; a quantized folder stays quantized), then LoRA / DoRA adapters in float32
     on the (possibly quantized) base, or full fine-tuning (rank 0) of a float base. Logs what is
@@ -345,14 +348,44 @@ def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mappin
     # that they apply, else runs mlx-lm's own code: Metal, CUDA, generation, kernels off).
     log.debug("%d attention / SwiGLU / RMSNorm / RoPE routes to the fused CPU kernels",
               use_fused_kernels(model.lm))
+    if freeze_embeddings:
+        check_freeze_embeddings(freeze_embeddings, lora)
+        freeze_embeddings_and_head(model.lm)
     if rebuilt or lora is None:  # a checkpoint's rebuild, a teacher or a model to score
         return
     base = f"{model.quantized_bits()}-bit quantized" if model.quantized else str(_float_dtype(model))
     what = (f"{lora.get('kind', 'lora')} adapters (rank {rank}, float32) on the frozen {base} "
-            "base" if rank else f"every parameter ({base}, full fine-tuning)")
+            "base" if rank else
+            f"every parameter but the embeddings and head ({base})" if freeze_embeddings else
+            f"every parameter ({base}, full fine-tuning)")
     log.info("%s decoder: trains %s; %s trainable / %s total parameters",
              model.architecture["model_type"], what,
              f"{num_parameters(model, trainable_only=True):,}", f"{num_parameters(model):,}")
+
+
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")  # mlx-lm's names: the input table, an untied head
+
+
+def check_freeze_embeddings(freeze: Any, lora: Mapping | None) -> None:
+    """model.freeze_embeddings is a switch of full fine-tuning: under LoRA the embeddings are
+    frozen anyway, so asking for it there would change nothing."""
+    if not isinstance(freeze, bool):
+        raise ConfigError(f"model.freeze_embeddings={freeze!r}: true or false")
+    if freeze and int((lora or {}).get("rank", 0)):
+        raise ConfigError("model.freeze_embeddings=true applies to full fine-tuning "
+                          "(model.lora.rank=0); LoRA trains no embedding anyway: drop it")
+
+
+def freeze_embeddings_and_head(lm: nn.Module) -> None:
+    """Keep the token embeddings and the output head (tied or not) as loaded: a draft model
+    predicts through its target's vocabulary table, and training 49k rows of it from a few
+    thousand tokens only moves the logits of tokens the data never shows."""
+    found = [m for name, m in lm.named_modules() if name.rsplit(".", 1)[-1] in EMBEDDING_MODULES]
+    if not found:
+        raise ConfigError("model.freeze_embeddings=true: this architecture has no module named "
+                          f"{' or '.join(EMBEDDING_MODULES)} to freeze; leave it false")
+    for module in found:
+        module.freeze()
 
 
 def layer_count(config: Mapping) -> int:
