@@ -1,48 +1,12 @@
-"""Throughput benchmark: MLX GEMM vs numpy, and training speed of the mlxlab stack vs a
-minimal hand-written MLX loop vs the same architecture in PyTorch CPU eager, on this machine.
+"""Training speed of the mlxlab stack beside a minimal MLX loop and the same model in PyTorch
+eager, plus fp32 GEMM beside numpy and MFU. Each row runs in its own fresh process (`--worker`)
+on the batches the mlxlab row trained on, in --repeats alternating rounds; a row shows its median
+round, a ratio is the median of per-round ratios. The PyTorch row (bench_torch.py, a process
+without mlxlab or MLX) is checked against torch_plain.py; when they disagree beyond the noise, no
+PyTorch ratio is given and the exit code is 1. --variants: `bare` (tracking=none, no progress
+bar), `replay` (saved batches, not the data pipeline), `nokernels` (trainer.fused_kernels=off).
 
-Not a test: prints a table; `--write` also puts it (with the command and the machine) into
-docs/benchmarks-history.md (--out), between its markers. Every ratio compares numbers taken in this run.
-
-    python benchmarks/speed/bench.py [--quick] [--threads N] [--models nano,tiny,bert] [--repeats 3] [--write]
-
-The fair comparison on a quiet machine (what docs/benchmarks.md records):
-
-    pip install -e '.[bench]'
-    python benchmarks/speed/bench.py --models nano,tiny,bert --repeats 3 --write
-
-Each training measurement runs in its own fresh process (`--worker`), one after the other, so
-no framework's threads, caches or memory high-water mark leak into the next one:
-  mlxlab    the real stack: `mlxlab.train.train(cfg)` on the composed experiment config
-            (experiment=tinystories_nano|tinystories_tiny|titanic_bert), real data module,
-            MlflowTracker on a temporary sqlite store, progress bar on. A callback added at
-            Trainer.fit times every step; the batches it trained on are saved for the others.
-  mlx       the minimal loop on the same model and the same saved batches: nn.value_and_grad,
-            one mx.compile'd step over [model.state, optimizer.state, mx.random.state], the
-            same loss function and global-norm clip, AdamW, one mx.eval per step.
-  torch     the same architecture written in PyTorch (benchmarks/speed/bench_torch.py), same batches,
-            CPU eager, torch.set_num_threads = the BLAS threads, in a process that never
-            imports mlxlab, MLX or their OpenBLAS (it checks its own memory map and fails if it
-            does): rows that imported mlxlab ran PyTorch 3.7x slow.
-  torch:plain  benchmarks/speed/torch_plain.py, a plain PyTorch script of the same decoder (random
-            tokens, the same batch shape), in the same rounds. When the torch row and it
-            disagree by more than the noise, no PyTorch ratio is printed and the exit code is 1.
-Variants of the mlxlab row (--variants) locate the framework overhead: `bare` (tracking=none,
-no progress bar), `replay` (the saved batches instead of the live data pipeline), `nokernels`
-(trainer.fused_kernels=off: the pure-MLX cross-entropy and SwiGLU instead of the fused CPU
-kernels of mlxlab.kernels, which every other MLX row uses when they build).
-
-Noise: a shared machine slows whole processes for a while (the same worker measured 79 and 110 ms
-a step minutes apart), so every row runs --repeats times in interleaved rounds (round order
-alternates, ABBA). A row shows its median round; a ratio is the median over rounds of the ratio of
-two rows in the same round, with its range.
-
-Steady state: the first --warmup steps are skipped, and so is any later step that compiles (the
-first step with a new batch shape) or that follows an evaluation/checkpoint (BERT evaluates
-every epoch). MFU = (6 * matmul params * tokens + 12 * layers * dim * T * tokens) / s over the
-best GEMM GFLOP/s measured in section 1. Memory: `mx peak` is MLX's peak of live arrays over
-the timed steps; `RSS` is the process's peak resident memory over the timed steps (VmHWM, reset
-through /proc/self/clear_refs) minus its resident memory before the weights were materialized.
+    python benchmarks/speed/bench.py --models nano,tiny,bert --repeats 3
 """
 
 from __future__ import annotations
@@ -50,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -67,17 +30,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import (
-    TABLES_PAGE,
     add_smoke,
     clock,
-    cpu_model,
     in_round,
     load_batches,
     peak_rss_mb,
     reset_peak_rss,
     rss_mb,
     save_batches,
-    write_between_markers,
     write_record,
 )
 from mlxlab import kernels as mlxlab_kernels
@@ -91,32 +51,19 @@ MODELS = {
     "bert": ("titanic_bert", "samples", 200),
 }
 VARIANTS = ("bare", "replay", "nokernels")
-DEFAULT_OUT = TABLES_PAGE
-
-
-# ---- machine and memory ----------------------------------------------------------------------
 
 
 def machine_info(threads: int) -> dict:
-    info = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "mlx": mx.__version__,
-        "blas": f"{mlxlab.blas.status}: {mlxlab.blas.library} ({mlxlab.blas.detail})",
-        "threads": threads,
-        "kernels": mlxlab_kernels.status(),
-    }
+    """What the record's machine does not say: MLX, its BLAS, the threads, the fused kernels."""
     try:
         import torch
 
-        info["torch"] = torch.__version__
+        version = torch.__version__
     except ImportError:
-        info["torch"] = None
-    return info
-
-
-# ---- 1. GEMM ---------------------------------------------------------------------------------
+        version = None
+    return {"mlx": mx.__version__, "threads": threads, "kernels": mlxlab_kernels.status(),
+            "blas": f"{mlxlab.blas.status}: {mlxlab.blas.library} ({mlxlab.blas.detail})",
+            "torch": version}
 
 
 def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
@@ -139,11 +86,8 @@ def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
 
 
 def gemm_section(sizes: list[int], repeats: int) -> list[dict]:
-    rows = []
-    for n in sizes:
-        mlx_rate, np_rate = gemm_pair(n, repeats)
-        rows.append({"n": n, "mlx": mlx_rate, "numpy": np_rate, "ratio": mlx_rate / np_rate})
-    return rows
+    rates = {n: gemm_pair(n, repeats) for n in sizes}
+    return [{"n": n, "mlx": m, "numpy": p, "ratio": m / p} for n, (m, p) in rates.items()]
 
 
 # ---- steady-state timing shared by all workers ------------------------------------------------
@@ -570,99 +514,17 @@ def ratios(rows: list[dict]) -> list[tuple[str, float, float, float | None]]:
     return out
 
 
-def fmt(x, spec: str) -> str:
-    return "-" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
-
-
-def check_lines(checks: list[dict]) -> list[str]:
-    """The PyTorch baseline check table, or nothing when no PyTorch row ran."""
-    if not checks:
-        return []
-    lines = [
-        "",
-        "PyTorch baseline check: the PyTorch row (benchmarks/speed/bench_torch.py on the replayed batches, "
-        "a process without mlxlab, MLX or their BLAS) against benchmarks/speed/torch_plain.py (a plain "
-        "PyTorch script of the same model and batch shape), timed in the same rounds. PyTorch "
-        "ratios are printed only when they agree within the noise (the larger spread over the "
-        "rounds of either, at least 10%).",
-        "",
-        "| model | PyTorch row tokens/s | plain script tokens/s | row / plain (median) | range "
-        "| tolerance | verdict |",
-        "|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for c in checks:
-        verdict = "agree" if c["ok"] else "DISAGREE: PyTorch ratios withheld"
-        lines.append(
-            f"| {c['model']} | {c['row']:,.0f} | {c['plain']:,.0f} | {c['ratio']:.2f} "
-            f"| {c['low']:.2f}-{c['high']:.2f} | ±{c['tolerance']:.0%} | {verdict} |"
-        )
-    return lines
-
-
-def report(info: dict, gemm: list[dict], rows: list[dict], ratio_rows: list[tuple],
-           checks: list[dict], command: str, args) -> str:
-    lines = [
-        f"Command: `{command}`",
-        "",
-        f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, "
-        f"MLX {info['mlx']}, PyTorch {info['torch'] or '-'}; BLAS {info['blas']}; "
-        f"threads: {info['threads']} (OpenBLAS, numpy, torch.set_num_threads, mlxlab.kernels); "
-        f"fused kernels: {info['kernels']}; "
-        f"warmup {args.warmup} steps, then timed steps (the table's count); {args.repeats} interleaved "
-        f"round{'s' if args.repeats > 1 else ''} of every row; "
-        f"{time.strftime('%Y-%m-%d %H:%M %Z')}",
-        "",
-        "| fp32 GEMM n x n x n | MLX GFLOP/s | numpy GFLOP/s | MLX / numpy (target >= 0.8) |",
-        "|---|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {g['n']} | {g['mlx']:.1f} | {g['numpy']:.1f} | {g['ratio']:.2f} |" for g in gemm
-    ]
-    peak = max(max(g["mlx"], g["numpy"]) for g in gemm)
-    lines += [
-        "",
-        f"GEMM peak used for MFU: {peak:.1f} GFLOP/s (best of the rows above).",
-        "",
-        "Each row is its median round by throughput; `range` is the lowest and highest "
-        "throughput over the rounds.",
-        "",
-        "| model | implementation | params | timed steps | ms/step (mean) | ms/step (median) "
-        "| CPU ms/step | throughput | range | GFLOP/s | MFU | mx peak MB | RSS MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['impl']} | {fmt(r['params'] / 1e6 if r['params'] else None, '.2f')}M "
-            f"| {r['steps']} | {r['step_ms']:.1f} | {r['median_ms']:.1f} | {r['cpu_ms']:.1f} "
-            f"| {r['rate']:,.0f} {r['unit']}/s "
-            f"| {r['rate_range'][0]:,.0f}-{r['rate_range'][1]:,.0f} "
-            f"| {r['gflops']:.1f} | {r['mfu']:.1%} "
-            f"| {fmt(r['mx_peak_mb'], '.0f')} | {fmt(r['rss_mb'], '.0f')} |"
-        )
-    lines += check_lines(checks)
-    lines += [
-        "",
-        "Ratios of throughput: the median over the rounds of the ratio within one round, and "
-        "its range; the target is judged on it. `by median step`: the same from the rows' median "
-        "step times, which a slow spell of the host over a minority of steps does not move.",
-        "",
-        "| ratio | measured (median) | range over rounds | by median step | target |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for what, value, target, low, high, by_median in ratio_rows:
-        ok = "" if target is None else (" (met)" if value >= target else " (NOT met)")
-        lines.append(
-            f"| {what} | {value:.2f}{ok} | {low:.2f}-{high:.2f} | {by_median:.2f} "
-            f"| {fmt(target, '.2f')} |"
-        )
-    return "\n".join(lines)
-
-
-def write_section(path: Path, body: str, threads: int) -> None:
-    """Replace this thread count's tables in `path` (between their markers, so the prose around
-    them stays), or append them under a new heading."""
-    title = f"## Training throughput, {threads} thread{'s' if threads > 1 else ''} (benchmarks/speed/bench.py)"
-    write_between_markers(path, f"benchmarks/bench.py threads={threads}", body, title)
+def table(rows: list[dict], ratio_rows: list[tuple]) -> dict:
+    """The record's table: one line per row (its median round), then one per ratio."""
+    def f(x, spec):
+        return "-" if x is None or x != x else format(x, spec)
+    rows_out = [[r["model"], r["impl"], f"{r['median_ms']:.1f}", f"{r['rate']:,.0f} {r['unit']}/s",
+                 f"{r['rate_range'][0]:,.0f}-{r['rate_range'][1]:,.0f}", f"{r['mfu']:.1%}",
+                 f(r["mx_peak_mb"], ".0f"), f(r["rss_mb"], ".0f")] for r in rows]
+    rows_out += [[what, "ratio", f"{by_median:.2f}", f"{value:.2f}", f"{low:.2f}-{high:.2f}",
+                  f(target, ".2f"), "", ""] for what, value, target, low, high, by_median in ratio_rows]
+    return {"head": ["model", "row", "median ms/step (ratio: by median step)", "throughput",
+                     "range", "MFU (ratio: target)", "mx peak MB", "RSS MB"], "rows": rows_out}
 
 
 def main() -> None:
@@ -687,8 +549,6 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--override", action="append", default=[],
                         help="extra Hydra override for every row (repeatable)")
-    parser.add_argument("--write", action="store_true", help="put the report into --out")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="default: docs/benchmarks-history.md")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -697,7 +557,7 @@ def main() -> None:
     if args.worker:
         return worker_main(args.worker, args.spec)
     if args.smoke:  # --quick on nano, 1 + 2 steps, every worker (PyTorch's when installed)
-        args.quick, args.models, args.write, args.warmup, args.steps = True, "nano", False, 1, 2
+        args.quick, args.models, args.warmup, args.steps = True, "nano", 1, 2
         args.gemm = "64"
 
     quick = args.quick
@@ -745,20 +605,16 @@ def main() -> None:
                 kept = Path(tempfile.mkdtemp(prefix="mlxlab-bench-kept-"))
                 subprocess.run(["cp", "-r", f"{tmp}/.", str(kept)], check=False)
                 print(f"worker logs kept in {kept}", file=sys.stderr)
-    command = "python benchmarks/speed/bench.py " + " ".join(sys.argv[1:])
-    text = report(info, gemm, rows, ratio_rows, checks, command.strip(), args)
-    print(text)
+    shown = table(rows, ratio_rows)
+    print("\n".join(" | ".join(row) for row in [shown["head"], *shown["rows"]]))
     pytorch = next((c for c in ratio_rows if c[0].endswith(": mlxlab / PyTorch eager")), None)
     write_record("-".join(models) + "-vs-pytorch", {
-        "machine": info, "gemm": gemm, "rows": rows, "checks": checks,
+        "machine": info, "gemm": gemm, "rows": rows, "checks": checks, "table": shown,
         "ratios": [dict(zip(("what", "median", "target", "low", "high", "by_median_step"), c))
                    for c in ratio_rows]},
         question="speed-pytorch", reference=pytorch and "PyTorch eager (bench_torch.py, its own process)",
         ratio=pytorch and round(pytorch[1], 2), summary=pytorch and f"{pytorch[0]}, throughput (higher is better)",
         smoke=args.smoke or args.quick)
-    if args.write:
-        write_section(Path(args.out), text, args.threads)
-        print(f"\nwritten to {args.out}", file=sys.stderr)
     if (refused := [c["model"] for c in checks if not c["ok"]]) and not args.smoke:
         sys.exit(f"bench.py: the PyTorch row of {refused} disagrees with the plain PyTorch script "
                  "beyond the noise; its PyTorch ratios were not printed (see the check table)")
