@@ -268,6 +268,12 @@ def write_results(out: Path, results: dict, compare: str, shown: str,
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
 
 
+def print_table(table: dict) -> None:
+    """A record's `table` ({"head", "rows"}) printed as markdown."""
+    for row in [table["head"], ["---"] * len(table["head"]), *table["rows"]]:
+        print("| " + " | ".join(map(str, row)) + " |")
+
+
 def in_round(names: list[str], rnd: int) -> list[str]:
     """The order the rows of round `rnd` run in: `names`, reversed every other round (ABBA), so
     a slow spell of a shared machine hits every row alike and a ratio compares one round's rows."""

@@ -34,4 +34,4 @@ def test_bench_gpu_dry_run_runs_every_part(tmp_path):
     assert all(p["forward_ms"] > 0 and p["step_ms"] > 0 and p["attention_fwd_bwd_ms"] > 0
                for p in profiles), profiles
     assert res["pytest"]["summary"].startswith("4 skipped")  # no GPU here
-    assert "| medium | bf16 |" in out.stdout and "PyTorch twin: torch " in out.stdout
+    assert "| medium | bf16 |" in out.stdout and res["torch"]["torch"]  # the table, the twin's version

@@ -35,6 +35,7 @@ from benchmarks.harness import (
     in_round,
     load_batches,
     peak_rss_mb,
+    print_table,
     reset_peak_rss,
     rss_mb,
     save_batches,
@@ -606,7 +607,7 @@ def main() -> None:
                 subprocess.run(["cp", "-r", f"{tmp}/.", str(kept)], check=False)
                 print(f"worker logs kept in {kept}", file=sys.stderr)
     shown = table(rows, ratio_rows)
-    print("\n".join(" | ".join(row) for row in [shown["head"], *shown["rows"]]))
+    print_table(shown)
     pytorch = next((c for c in ratio_rows if c[0].endswith(": mlxlab / PyTorch eager")), None)
     write_record("-".join(models) + "-vs-pytorch", {
         "machine": info, "gemm": gemm, "rows": rows, "checks": checks, "table": shown,

@@ -1,40 +1,15 @@
-"""One command for a GPU window: what mlxlab does on the GPU, and against PyTorch.
+"""One command for a GPU window: what mlxlab does on the GPU, beside its PyTorch twin.
 
-    python benchmarks/speed/bench_gpu.py [--write] [--budget-min 25] [--out gpu-bench]
+    python benchmarks/speed/bench_gpu.py [--budget-min 25] [--out gpu-bench] [--parts first,mlx,...]
     python benchmarks/speed/bench_gpu.py --dry-run      # the whole path on the CPU, tiny, ~1 minute
 
-No network. Parts, each with its share of the budget (a part or row past it is skipped with a
-note, so the whole fits a 25-minute window):
-1. device: the start-up line mlxlab logs (GPU, memory, MLX build, CUDA, driver) and whether
-   MLX's CUDA kernel cache was empty (then the first part pays the NVRTC compiles).
-2. GEMM: the best matmul TFLOP/s MLX reaches at fp32 and bf16 (n = 2048, 4096, 8192).
-3. LM presets (model=transformer_nano|small|medium|large, vocab 32768, seq 1024) at fp32 and
-   bf16 (trainer.precision=bf16: bf16 compute over fp32 masters), through mlxlab's own compiled
-   step (training/step.py make_step, AdamW, clip 1.0) on fixed random token batches: tokens/s, MFU =
-   model FLOPs/s (bench.py's count: 6 x matmul params x tokens + attention) over the GPU's dense
-   peak for the dtype (PEAKS; fp32 over TF32's when the fp32 GEMM shows tensor cores) and over
-   the best GEMM of part 2, MLX peak memory.
-4. The PyTorch twin (bench_torch.py's decoder: same sizes, same weights' shapes, the same
-   batches from the same seed, AdamW + clip), eager and torch.compile, fp32 and bf16 autocast,
-   in a process that never imports mlxlab or MLX; "skipped" with the reason where no CUDA torch.
-5. The default experiment as README runs it (tracking=csv, no bar): wall time, the first step's
-   compile (tag mlxlab.compile_s), best validation accuracy; `--parts first` runs it first on a
-   fresh machine (the kernel compiles' wait, and the lines that say so).
-6. LoRA and 4-bit QLoRA (`model.quantize=4`): a random Llama written on the spot without PyTorch
-   (scripts/tiny_hf_model.py --no-torch; hidden 1024, 8 layers), experiment=finetune_completions.
-   The `mlx` part also profiles medium's step (profile_step: forward, backward, optimizer,
-   attention alone, the matmuls' floor at the best GEMM's rate).
-7. `pytest -m gpu` (tests/test_gpu.py), its figures (determinism) collected.
-
-Prints one markdown report; --write puts it into docs/benchmarks-history.md between the markers
-`<!-- bench_gpu: begin/end -->` ("Tables the scripts write"), and everything lands in --out as JSON.
-
-The device tool runs one command for at most 10 minutes, so a window runs the parts in turn
-(`--parts first`, `mlx`, `torch`, `runs`, `pytest`; benchmarks/speed/gpu_window.sh runs them in one
-background pipeline): each call adds its parts to <out>/bench_gpu.json and prints the
-report so far; `--from-json FILE --write` renders a fetched JSON into docs/benchmarks-history.md here.
-benchmarks/speed/gpu_window.sh holds the exact calls (docs/benchmarks-history.md, "The window's
-procedure").
+Parts, each within its share of the budget (a row past it is skipped with a note): `first` (the
+default run on a fresh machine: MLX's kernel compiles), `mlx` (the device line, best GEMM at fp32
+and bf16, the LM presets at fp32 and bf16 through mlxlab's compiled step: tokens/s, MFU over the
+data-sheet peak (PEAKS) and over the best GEMM, peak memory; a profile of medium's step), `torch`
+(the twin of bench_torch.py, eager and torch.compile, in a process without mlxlab or MLX), `runs`
+(the default experiment, LoRA and QLoRA on a random Llama), `pytest` (`-m gpu`). Each call adds
+its parts to <out>/bench_gpu.json and writes a record of all so far; gpu_window.sh runs them.
 """
 
 from __future__ import annotations
@@ -52,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.*
-from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
+from benchmarks.harness import add_smoke, print_table, smoke_dir, write_record  # noqa: E402
 
 PRESETS = ("nano", "small", "medium", "large")
 DTYPES = ("fp32", "bf16")
@@ -407,111 +382,32 @@ def gpu_tests(root: Path, timeout: float) -> dict:
     return {"summary": lines[-1] if lines else out.stderr[-300:], "figures": figures}
 
 
-# ---- the report ---------------------------------------------------------------------------------
+def table(res: dict) -> dict:
+    """The record's table: mlxlab's row of each preset and dtype beside the twin's."""
+    mlx = res.get("mlx", {})
+    peaks = peak_for(mlx.get("name", "")) if mlx.get("backend") == "cuda" else None
+    best = mlx.get("gemm_tflops", {})
+    twin = {(r["preset"], r["dtype"], r["mode"]): r for r in res.get("torch", {}).get("rows", [])}
 
+    def f(x, spec=".1f"):
+        return "-" if x is None else format(x, spec)
 
-def fmt(x, spec: str = ".1f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-NOT_RUN = {"mlx": {"device": "(the mlx part did not run)", "backend": "?", "name": "?",
-                  "kernel_cache_empty": False, "gemm_tflops": {}, "rows": []},
-           "torch": {"skipped": "the torch part did not run"},
-           "default": {"skipped": "not run"}, "lora": {"skipped": "not run"},
-           "pytest": {"summary": "not run"}}
-
-
-def report(res: dict) -> str:
-    res = {**NOT_RUN, **res}
-    mlx, torch_res = res["mlx"], res["torch"]
-    peaks = peak_for(mlx["name"]) if mlx["backend"] == "cuda" else None
-    gemm_best = mlx["gemm_tflops"]
-    out = [f"`python benchmarks/speed/bench_gpu.py{' --dry-run' if res['dry_run'] else ''}` "
-           f"({time.strftime('%Y-%m-%d', time.gmtime())}, {res.get('total_s', 0):.0f} s over "
-           f"the parts: {', '.join(res.get('parts', []))})", "",
-           f"- {mlx['device']}",
-           f"- MLX's CUDA kernel cache was {'empty: this run paid the compiles' if mlx['kernel_cache_empty'] else 'filled'}"
-           if mlx["backend"] == "cuda" else "- (CPU: no kernel cache)",
-           f"- best GEMM: fp32 {fmt(gemm_best.get('fp32'))} TFLOP/s, bf16 "
-           f"{fmt(gemm_best.get('bf16'))} TFLOP/s; dense peaks used: "
-           + (f"{peaks['gpu']} fp32 {peaks['fp32']} / tf32 {peaks['tf32']} / bf16 {peaks['bf16']}"
-              if peaks else "none (not a GPU in the table: MFU over the measured GEMM only)"), "",
-           "| preset | dtype | params (M) | batch x seq | mlxlab tokens/s | MFU (peak) | MFU (GEMM) "
-           "| MLX peak GB | torch eager tokens/s | torch.compile tokens/s | mlxlab / compile |",
-           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    twin = {(r["preset"], r["dtype"], r["mode"]): r for r in torch_res.get("rows", [])}
-    for row in mlx["rows"]:
+    rows = []
+    for row in mlx.get("rows", []):
         key = (row["preset"], row["dtype"])
-        eager, comp = twin.get((*key, "eager"), {}), twin.get((*key, "compile"), {})
         if "tokens_per_s" not in row:
-            out.append(f"| {row['preset']} | {row['dtype']} | {row.get('error') or row.get('skipped')} "
-                       "| | | | | | | | |")
+            rows.append([*key, row.get("error") or row.get("skipped"), *[""] * 7])
             continue
-        peak = None
-        if peaks:
-            use_tf32 = row["dtype"] == "fp32" and gemm_best.get("fp32", 0) > 1.1 * peaks["fp32"]
-            peak = peaks["tf32" if use_tf32 else row["dtype"]] or None
-        mfu_peak = 100 * row["tflops"] / peak if peak else None
-        gemm_ref = gemm_best.get(row["dtype"])
-        mfu_gemm = 100 * row["tflops"] / gemm_ref if gemm_ref else None
-        ratio = row["tokens_per_s"] / comp["tokens_per_s"] if comp.get("tokens_per_s") else None
-        out.append(
-            f"| {row['preset']} | {row['dtype']} | {row['params_m']:.1f} | {row['batch']} x {row['seq']} "
-            f"| {row['tokens_per_s']:,.0f} | {fmt(mfu_peak)} % | {fmt(mfu_gemm)} % | "
-            f"{row['peak_gb']:.2f} | {fmt(eager.get('tokens_per_s'), ',.0f')} | "
-            f"{fmt(comp.get('tokens_per_s'), ',.0f')} | {fmt(ratio, '.2f')}x |")
-    if "skipped" in torch_res:
-        out.append(f"\nPyTorch twin: skipped ({torch_res['skipped']}).")
-    else:
-        errors = [f"{r['preset']}/{r['dtype']}/{r['mode']}: {r.get('error') or r.get('skipped')}"
-                  for r in torch_res["rows"] if "tokens_per_s" not in r]
-        out.append(f"\nPyTorch twin: torch {torch_res['torch']} on {torch_res['device']}"
-                   + (f"; not measured: {'; '.join(errors)}" if errors else "") + ".")
-    for prof in mlx.get("profiles", []):
-        if "error" in prof:
-            out.append(f"\nProfile of {prof['preset']}/{prof['dtype']}: {prof['error']}")
-            continue
-        out.append(f"\nWhere a {prof['preset']} {prof['dtype']} step ({prof['batch']} x {prof['seq']}) "
-                   f"goes: forward {prof['forward_ms']:.1f} ms, forward + backward "
-                   f"{prof['forward_backward_ms']:.1f} ms, whole step {prof['step_ms']:.1f} ms "
-                   f"(clip + AdamW ~{prof['step_ms'] - prof['forward_backward_ms']:.1f} ms); attention "
-                   f"alone (fused SDPA, causal, fwd + bwd, all layers) {prof['attention_fwd_bwd_ms']:.1f} "
-                   f"ms; the matmuls at the best GEMM's rate {fmt(prof.get('matmul_floor_ms'))} ms.")
-    inst, first = res.get("install", {}), res.get("first", {})
-    d, lo, tests = res["default"], res["lora"], res["pytest"]
-    cpu = res.get("cpu_runs", {})  # the same runs on the CPU box (--cpu-json)
-
-    def run_cell(r: dict) -> str:
-        if "wall_s" not in r:
-            return r.get("error") or r.get("skipped") or "not run"
-        text = f"{r['wall_s']:.1f} s wall" + (f", first step compiled in {r['compile_s']:.1f} s"
-                                              if r.get("compile_s") == r.get("compile_s") else "")
-        return text + (f", {r['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in r else "")
-
-    out += ["", "| run | on the GPU | on the CPU box |", "|---|---|---|"]
-    if inst:
-        out.append(f"| `pip install -e \".[cuda13]\"` from the carried wheels | "
-                   f"{inst.get('seconds', 0):.0f} s ({inst.get('how', '?')}) | |")
-    if first:
-        out.append("| first run on a fresh machine (default experiment, empty kernel cache) | "
-                   + run_cell(first) + "; it said: " + " / ".join(f"`{x}`" for x in
-                                                                  first.get("compile_lines", [])) + " | |")
-    out.append("| default experiment (`mlxlab-train tracking=csv`) | " + run_cell(d)
-               + (f"; {d['summary']}" if d.get("summary") else "") + " | "
-               + run_cell(cpu.get("default", {})) + " |")
-    for kind, label in (("lora", "LoRA"), ("qlora", "QLoRA (4-bit base, `model.quantize=4`)")):
-        r = lo.get(kind, lo if kind == "lora" else {})
-        shape = f" hidden {r['hidden']}, {r['layers']} layers, {r['steps']} steps" if "hidden" in r else ""
-        out.append(f"| {label}, `experiment=finetune_completions` on a random Llama{shape} | "
-                   + run_cell(r) + " | " + run_cell(cpu.get("lora", {}).get(kind, {})) + " |")
-    out.append(f"| `pytest -m gpu` | {tests['summary']} | |")
-    for fig in tests.get("figures", []):
-        if fig.get("test") == "determinism":
-            out.append(f"| determinism (Titanic, 36 steps) | two processes: bitwise "
-                       f"{fig['two_processes_bitwise']}, rel. gap {fig['two_processes_rel_gap']:.1e}; "
-                       f"SIGKILL + resume: bitwise {fig['resume_bitwise']}, rel. gap "
-                       f"{fig['resume_rel_gap']:.1e} |")
-    return "\n".join(out)
+        tf32 = peaks and row["dtype"] == "fp32" and best.get("fp32", 0) > 1.1 * peaks["fp32"]
+        peak = peaks and peaks["tf32" if tf32 else row["dtype"]]
+        eager, comp = (twin.get((*key, m), {}).get("tokens_per_s") for m in ("eager", "compile"))
+        rows.append([*key, f"{row['params_m']:.1f}", f"{row['batch']} x {row['seq']}",
+                     f"{row['tokens_per_s']:,.0f}", f(peak and 100 * row["tflops"] / peak),
+                     f(best.get(row["dtype"]) and 100 * row["tflops"] / best[row["dtype"]]),
+                     f"{row['peak_gb']:.2f}", f(eager, ",.0f"), f(comp and row["tokens_per_s"] / comp, ".2f")])
+    return {"head": ["preset", "dtype", "params (M)", "batch x seq", "mlxlab tokens/s", "MFU % (peak)",
+                     "MFU % (GEMM)", "MLX peak GB", "torch eager tokens/s", "mlxlab / torch.compile"],
+            "rows": rows}
 
 
 def run_worker(kind: str, spec: dict, tmp: Path, timeout: float, env: dict) -> dict:
@@ -531,39 +427,23 @@ def run_worker(kind: str, spec: dict, tmp: Path, timeout: float, env: dict) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="the whole path on the CPU, tiny")
-    parser.add_argument("--write", action="store_true", help="the table into docs/benchmarks-history.md")
     parser.add_argument("--budget-min", type=float, default=25.0)
     parser.add_argument("--out", default="gpu-bench", help="folder for the JSON and the runs")
     parser.add_argument("--parts", default="first,mlx,torch,runs,pytest",
                         help="comma-separated: first (the default run on a fresh machine), mlx (device, GEMM, "
                         "presets, a profile), torch (the twin), "
                         "runs (default experiment, LoRA), pytest (-m gpu); added to <out>/bench_gpu.json")
-    parser.add_argument("--from-json", nargs="+", help="render these bench_gpu.json files, merged "
-                        "in order (with --write: into the docs)")
-    parser.add_argument("--cpu-json", help="a CPU box's bench_gpu.json (--parts runs): its runs "
-                        "beside the GPU's in the report")
     parser.add_argument("--mlx-worker", help=argparse.SUPPRESS)
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
     add_smoke(parser)
     args = parser.parse_args()
     if args.smoke:  # --dry-run: the whole path on the CPU, tiny, into a fresh folder
-        args.dry_run, args.write, args.out = True, False, str(smoke_dir("bench_gpu"))
+        args.dry_run, args.out = True, str(smoke_dir("bench_gpu"))
     for kind, worker in (("mlx", mlx_worker), ("torch", torch_worker)):
         spec_path = getattr(args, f"{kind}_worker")
         if spec_path:
             print("RESULT " + json.dumps(worker(json.loads(Path(spec_path).read_text()))), flush=True)
             return
-    if args.from_json:  # the windows' calls, each a machine's figures so far: later ones win
-        merged: dict = {}
-        for path in args.from_json:
-            res = json.loads(Path(path).read_text())
-            merged = {**merged, **res, "parts": sorted(set(merged.get("parts", [])) | set(res.get("parts", []))),
-                      "total_s": merged.get("total_s", 0.0) + res.get("total_s", 0.0)}
-        if args.cpu_json:
-            cpu = json.loads(Path(args.cpu_json).read_text())
-            merged["cpu_runs"] = {"default": cpu.get("default", {}), "lora": cpu.get("lora", {})}
-        emit(merged, args.write)
-        return
     started = time.monotonic()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - {"first", "mlx", "torch", "runs", "pytest"}
@@ -618,19 +498,10 @@ def main() -> None:
     res["parts"] = sorted(set(res.get("parts", [])) | set(parts))
     res["total_s"] = res.get("total_s", 0.0) + time.monotonic() - started
     saved.write_text(json.dumps(res, indent=2))
+    res["table"] = table(res)
+    print_table(res["table"])
     write_record("gpu", res, question="speed-pytorch", smoke=args.dry_run or args.smoke,
                  raw=str(saved))
-    emit(res, args.write)
-
-
-def emit(res: dict, write: bool) -> None:
-    text = report(res)
-    print(text)
-    if write:
-        from benchmarks.harness import TABLES_PAGE, write_between_markers
-
-        write_between_markers(TABLES_PAGE, "bench_gpu", text,
-                              "### `benchmarks/speed/bench_gpu.py`")
 
 
 if __name__ == "__main__":
