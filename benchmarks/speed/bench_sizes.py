@@ -1,41 +1,18 @@
 """Fine-tuning at the sizes people fine-tune: trained tokens/s, peak memory and first-step seconds
-of mlxlab (unpacked and packed) beside mlx_lm.lora, from the real SmolLM2-135M to Llama-3.1-8B.
+of mlxlab (unpacked, packed) beside mlx_lm.lora and PyTorch + PEFT, SmolLM2-135M to Llama-3.1-8B.
 
     python benchmarks/speed/bench_sizes.py [--sizes smollm2,llama-1b,qwen3-1.7b,llama-3b,llama-8b]
         [--modes lora,qlora] [--tools mlxlab,mlxlab-packed,mlx-lm,torch-peft] [--steps 4] [--skip 1]
         [--rounds 1] [--dtype auto] [--tokenizer DIR] [--work DIR] [--table-only] [--smoke]
 
-Models: SmolLM2-135M-Instruct (the packaged Q4_1 GGUF, converted as every mlxlab verb reads it:
-4-bit for QLoRA, dequantized to float32 by mlx_lm.convert for LoRA), and random weights in the
-real configs of Llama-3.2-1B, Qwen3-1.7B, Llama-3.2-3B and Llama-3.1-8B (config.json alone, no
-download: mlx-lm's Model(ModelArgs) with its own initialization, written in `--dtype` for LoRA
-and 4-bit (group 64, every Linear and the embedding; scales in `--dtype`) for QLoRA). `--dtype
-auto` is float32 on the CPU (8B: QLoRA only, its float32 copy would not fit 24 GB) and bfloat16
-on a GPU, as people fine-tune there. Each carries SmolLM2's tokenizer and chat template (ids
-below every vocabulary; the full vocabulary's head is computed, as in the real model), from the
-packaged GGUF or, with `--tokenizer`, a folder of its tokenizer files (a GPU machine without the
-GGUF reader).
-Work: the shipped chats with one reply (100 of the 200 in
-src/mlxlab/assets/tinystories/chats.jsonl, 50-150 tokens in the template: every tool trains
-the same tokens), LoRA rank 8 (alpha 16) on q/k/v/o of every layer, Adam at 1e-4, max_length 256.
-Unpacked (mlxlab, mlx-lm): batch 4 rows, padded to the batch's longest (mlxlab: to a multiple
-of 16; mlxlab-b128: of 128, the lengths at which MLX's CUDA backend fuses attention's backward,
-`trainer.batching.bucket_multiple=128`). Packed (mlxlab-packed, data.pack=true, data.pack_length=256): batch 1
-sequence of 256 positions (~4 rows).
-Each tool is its own process through its own training code, at equal BLAS (mlx-lm's worker
-lets mlxlab's runtime/blas.py point MLX at the same OpenBLAS, nothing else of mlxlab; MLX's own
-quantized matmul for mlx-lm's QLoRA, as shipped). tokens/s: each tool's own count of trained
-tokens (mlxlab: every assistant turn; mlx-lm --mask-prompt: the last reply) over the steps after
-`--skip`; peak: MLX's (mx.get_peak_memory) and the process's resident peak (wait4);
-first step: the seconds of step 1 (MLX's compile with it). torch-peft: PyTorch + PEFT on the
-same folder (LoRA only: PEFT's 4-bit bases are bitsandbytes'), its own step timed; on the CPU
-float32 with one thread (as each MLX tool's one BLAS thread: threads that spin on cores other
-processes share lose far more than they add), peak = its resident peak; on a GPU CUDA in the
-folder's dtype, synchronized per step, peak = torch's allocator peak. The load average is logged beside
-each run; results.json under --work keeps every stage, so a second call runs only the missing.
-The tools count trained tokens differently (mlx-lm and PEFT score one or two tokens a chat more
-than mlxlab); a second table (equal_count) gives every run at mlxlab's count, as sums
-over the steps after `--skip`, beside chats/s and milliseconds a step.
+Models: the packaged SmolLM2 GGUF (4-bit for QLoRA, dequantized to float32 for LoRA) and random
+weights in the published configs (CONFIGS; `--dtype auto`: float32 on the CPU, bfloat16 on a GPU;
+4-bit group 64 for QLoRA), each with SmolLM2's tokenizer. Work: the shipped one-reply chats,
+LoRA rank 8 (alpha 16) on q/k/v/o, Adam at 1e-4, max_length 256; unpacked batch 4 (mlxlab-b128:
+padded to multiples of 128, where MLX's CUDA attention backward is fused), packed 1 x 256. Each
+tool in its own process at equal BLAS (one thread a process on the CPU); PEFT LoRA only.
+results.json under --work keeps every stage. The tools count trained tokens differently; a
+second table (equal count) gives every run at mlxlab's count.
 """
 
 from __future__ import annotations
@@ -57,7 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
 from benchmarks.harness import add_smoke, cpu_model, in_round, run_with_peak_rss, write_record  # noqa: E402
-from benchmarks.speed.bench_lora import MLX_LM_KEYS, MLX_LM_WORKER, csv_metrics  # noqa: E402
+from benchmarks.speed import bench_lora  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 256, 4, 8, 16.0, 1e-4
 LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
@@ -198,59 +175,18 @@ def data_folder(work: Path, n_val: int = 8) -> Path:
 
 def run_mlxlab(model: Path, data: Path, steps: int, out: Path, packed: bool,
                bucket_multiple: int = 16) -> dict:
-    shutil.rmtree(out, ignore_errors=True)  # its metrics.csv appends
-    cmd = [sys.executable, "-m", "mlxlab.train", "experiment=finetune_chat",
-           f"model.pretrained={model}", f"data.train_file={data / 'train.jsonl'}",
-           f"data.val_file={data / 'valid.jsonl'}", f"data.max_length={SEQ}",
-           f"data.pack={'true' if packed else 'false'}", f"data.pack_length={SEQ}",
-           f"model.lora.rank={RANK}",
-           f"model.lora.alpha={ALPHA}", "model.lora.targets=[query,key,value,out]",
-           f"trainer.batch_size={1 if packed else BATCH}", f"trainer.max_steps={steps}",
-           f"trainer.eval_every_steps={10 * steps}", "trainer.log_every_steps=1",
-           f"optimizer.learning_rate={LR}", "tracking=csv", "callbacks.progress.enabled=false",
-           "callbacks.memory.every=1", "trainer.schedule.warmup_steps=0", "eval.tasks=[]",
-           f"trainer.batching.bucket_multiple={bucket_multiple}",
-           f"hydra.run.dir={out}"]
-    started = time.perf_counter()
-    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env())
-    if proc.returncode:
-        raise RuntimeError(f"mlxlab failed:\n{proc.stderr[-3000:]}")
-    rows = csv_metrics(out)
-    tags = json.loads((out / "tracking" / "tags.json").read_text())
-    return {"steps": [{"step": s, "tokens_per_sec": m["train/tokens_per_sec"],
-                       "peak_mb": m.get("memory/peak_mb", float("nan")), "loss": m["train/loss"]}
-                      for s, m in sorted(rows.items()) if "train/tokens_per_sec" in m],
-            "rss_mb": rss, "first_step_s": float(tags.get("mlxlab.compile_s", "nan")),
-            "compiles": int(tags.get("mlxlab.compiles", "0")),
-            "wall_s": time.perf_counter() - started,
-            # what one checkpoint holds (a LoRA run's: its adapters and optimizer state)
-            "checkpoint_mb": sum(f.stat().st_size for f in (out / "checkpoints" / "best").glob("*")
-                                 if f.is_file()) / 2**20}
+    return bench_lora.run_mlxlab(out, [
+        "experiment=finetune_chat",
+        *bench_lora.lora_overrides(model, data, steps, batch=1 if packed else BATCH, lr=LR),
+        f"data.max_length={SEQ}", f"data.pack={'true' if packed else 'false'}",
+        f"data.pack_length={SEQ}", f"trainer.eval_every_steps={10 * steps}", "eval.tasks=[]",
+        f"trainer.batching.bucket_multiple={bucket_multiple}"], env())
 
 
 def run_mlx_lm(model: Path, data: Path, steps: int, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    args = {"model": str(model), "train": True, "data": str(data), "iters": steps,
-            "batch_size": BATCH, "num_layers": -1, "max_seq_length": SEQ + 1,
-            "learning_rate": LR, "steps_per_report": 1, "steps_per_eval": 10 * steps,
-            "val_batches": 1, "save_every": 10 * steps, "adapter_path": str(out / "adapters"),
-            "mask_prompt": True, "lora_parameters": {"rank": RANK, "dropout": 0.0,
-                                                     "scale": ALPHA / RANK, "keys": MLX_LM_KEYS}}
-    (out / "args.json").write_text(json.dumps(args))
-    report = out / "report.jsonl"
-    report.unlink(missing_ok=True)
-    started = time.perf_counter()
-    blas = "0" if on_gpu() else "1"  # mlxlab's OpenBLAS for MLX's CPU matmuls; a GPU has none
-    proc, rss = run_with_peak_rss([sys.executable, "-c", MLX_LM_WORKER, str(out / "args.json"),
-                                   str(report), blas, "0"], cwd=out, env=env())
-    if proc.returncode:
-        raise RuntimeError(f"mlx-lm failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in report.read_text().splitlines()]
-    return {"steps": [{"step": r["iteration"], "tokens_per_sec": r["tokens_per_second"],
-                       "peak_mb": r["peak_memory"] * 1e9 / 2**20, "loss": r["train_loss"]}
-                      for r in rows],
-            "rss_mb": rss, "first_step_s": 1 / rows[0]["iterations_per_second"],
-            "compiles": None, "wall_s": time.perf_counter() - started}
+    # mlxlab's OpenBLAS for MLX's CPU matmuls; a GPU has none
+    return bench_lora.run_mlx_lm(model, data, steps, out, openblas=not on_gpu(), seq=SEQ,
+                                 lr=LR, env=env())
 
 
 # PyTorch + PEFT on the same float32 folder and chats: transformers' model (float32, CPU),
@@ -431,15 +367,6 @@ def gpu_name() -> str:
     return str(mx.device_info().get("device_name", "GPU"))
 
 
-def summary(run: dict, skip: int) -> dict:
-    timed = [s for s in run["steps"] if s["step"] > skip] or run["steps"]
-    return {"tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed),
-            "peak_mb": max(s["peak_mb"] for s in run["steps"]), "rss_mb": run["rss_mb"],
-            "first_step_s": run["first_step_s"], "compiles": run["compiles"],
-            "wall_s": run["wall_s"], "loss_first": run["steps"][0]["loss"],
-            "checkpoint_mb": run.get("checkpoint_mb")}
-
-
 def table(results: dict, sizes: list[str], modes: list[str], tools: list[str]) -> str:
     lines = ["| model | mode | tool | tokens/s | vs mlx_lm.lora | MLX peak MB | peak RSS MB | "
              "first step s | compiles | load |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -524,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
                         print(f"{key} failed: {str(error)[-2000:]}", flush=True)
                         failed = True
                         continue
-                    results[key] = {**summary(run, args.skip), "load_1min": before,
+                    results[key] = {**bench_lora.summary(run, args.skip), "load_1min": before,
                                     "dtype": dtype if size != "smollm2" else None}
                     store.write_text(json.dumps(results, indent=1))
                     print(json.dumps({"stage": key, **results[key]}), flush=True)
