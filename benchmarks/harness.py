@@ -28,9 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 RESULTS_ENV = "MLXLAB_BENCH_RESULTS"  # another folder for the records (the smoke tests' tmp_path)
 SCHEMA = 1
-# The page whose `<!-- marker: begin/end -->` pairs a script's `--write` fills: the history page
-# (the tables as the scripts print them); docs/benchmarks.md is generated from the records.
-TABLES_PAGE = REPO / "docs" / "benchmarks-history.md"
 LOAD_AT_START = os.getloadavg()  # the machine's load when the benchmark began
 
 # Libraries that only mlxlab/MLX put into a process; a baseline process must map none of them.
@@ -86,20 +83,6 @@ def foreign_libraries() -> list[str]:
     return sorted(found)
 
 
-def cpu_model() -> str:
-    """The CPU's model name, core count and widest vector ISA: every figure says which CPU it
-    came from (OpenBLAS picks its GEMM kernels by CPU, so last bits and speeds differ by CPU)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
-                 platform.machine())
-    flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
-    return f"{model} x{os.cpu_count()}" + (f" ({isa})" if isa else "")
-
-
 def cpu_id() -> dict:
     """The CPU as lscpu names it: model name, family and model numbers, cores, widest vector ISA."""
     fields = {}
@@ -112,6 +95,12 @@ def cpu_id() -> dict:
             "family": fields.get("cpu family"), "model_number": fields.get("model"),
             "cores": os.cpu_count(),
             "isa": "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None}
+
+
+def cpu_model() -> str:
+    """The CPU in one line: model name, cores, widest vector ISA."""
+    cpu = cpu_id()
+    return f"{cpu['model']} x{cpu['cores']}" + (f" ({cpu['isa']})" if cpu["isa"] else "")
 
 
 def gpu_names() -> list[str]:
@@ -186,21 +175,6 @@ def write_record(name: str, figures: dict, *, question: str, reference: str | No
     path.write_text(json.dumps(record, indent=1, default=str) + "\n")
     print(f"record: {path}")
     return path
-
-
-def write_between_markers(path: Path, marker: str, body: str, title: str) -> None:
-    """Put `body` into the markdown file `path` between `<!-- {marker}: begin/end -->` (so the
-    prose around it stays), or append it under `title` when the markers are not there yet."""
-    begin, end = f"<!-- {marker}: begin -->", f"<!-- {marker}: end -->"
-    section = f"{begin}\n{body}\n{end}\n"
-    text = path.read_text() if path.exists() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        text += ("\n" if text and not text.endswith("\n\n") else "") + f"{title}\n\n{section}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def run_with_peak_rss(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float]:

@@ -47,7 +47,8 @@ from mlxlab.runtime.blas import set_blas_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import SMOKE_RUN, add_smoke, smoke_dir, write_record  # noqa: E402
-from benchmarks.speed.bench import compose, cpu_model  # noqa: E402
+from benchmarks.harness import cpu_model  # noqa: E402
+from benchmarks.speed.bench import compose  # noqa: E402
 from benchmarks.speed.bench_torch import torch_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

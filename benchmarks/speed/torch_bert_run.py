@@ -1,16 +1,11 @@
-"""The PyTorch twin of the default experiment's whole run: the mlxlab BERT classifier
-written in PyTorch (benchmarks/speed/bench_torch.py), trained as a PyTorch user would write it, on the
-exact batches the mlxlab run trains and evaluates on (bench_default_run.py dumps them).
+"""The PyTorch twin of the default experiment's whole run: mlxlab's BERT classifier in PyTorch
+(bench_torch.py), trained as a PyTorch user would, on the exact batches the mlxlab run trains and
+evaluates on (bench_default_run.py dumps them), with the same optimizer, warmup-cosine schedule,
+clip and per-epoch evaluation (the best epoch's weights kept), in a process that never imports
+mlxlab or MLX (checked). Prints one JSON line: wall, loop, each step's seconds, best and last
+validation accuracy.
 
     python benchmarks/speed/torch_bert_run.py --data DIR --threads 2   (DIR: train.npz, val.npz, run.json)
-
-Same everything: model (pre-LN, hidden 128, 2 layers, 4 heads, FFN 512, exact GELU, dropout 0.3),
-batches (32 rows, padded to the batch's bucket), epochs (40), AdamW (PyTorch's, bias-corrected,
-the same lr, betas, eps, weight decay), linear warmup then cosine decay to min_lr_ratio x peak,
-global-norm clip, evaluation on the validation batches after every epoch, and the best
-epoch's weights kept in memory (mlxlab writes a checkpoint). Runs in a process that never imports
-mlxlab or MLX (checked). Prints one JSON line: the process's wall time from its first line,
-the training loop's, each step's seconds, and the best and last validation accuracy.
 """
 
 from __future__ import annotations
