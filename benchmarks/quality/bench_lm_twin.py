@@ -46,8 +46,7 @@ import mlxlab  # noqa: F401  (first: loads the fast BLAS before anything imports
 from mlxlab.runtime.blas import set_blas_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import SMOKE_RUN, add_smoke, smoke_dir, write_record  # noqa: E402
-from benchmarks.harness import cpu_model  # noqa: E402
+from benchmarks.harness import SMOKE_RUN, add_smoke, cpu_model, smoke_dir, write_record  # noqa: E402
 from benchmarks.speed.bench import compose  # noqa: E402
 from benchmarks.speed.bench_torch import torch_models  # noqa: E402
 
