@@ -3,41 +3,14 @@ own trainer (`python -m mlx_vlm.train`, mlx-vlm 0.7.10), on the same rows, model
 batch, steps and image size, each in its own process on the same MLX and OpenBLAS.
 
     python benchmarks/speed/bench_vision.py [--shapes smolvlm,qwen2_5_vl] [--steps 6] [--skip 2]
-                                            [--rounds 2] [--batch 4] [--qwen-layers 2]
-                                            [--work DIR] [--smoke]
+        [--rounds 2] [--batch 4] [--qwen-layers 2] [--work DIR] [--smoke]
 
-Models (random weights, float32, built locally with transformers from a config, never
-downloaded; tests/vision_models.py's tiny byte-level BPE with the family's special tokens, chat
-template and processor files; the model's embedding has the real vocabulary, every id the
-tokenizer makes is in range):
-- `smolvlm`: HuggingFaceTB/SmolVLM-256M-Instruct's shape: SigLIP 768 x 12 layers, patch 16,
-  image 512, pixel-shuffle scale 4 (64 tokens an image), SmolLM2-135M's decoder (576 x 30
-  layers, 9 / 3 heads, MLP 1536, vocabulary 49,280). The processor resizes each picture to
-  512 x 512 without splitting it into tiles (`do_image_splitting: false`).
-- `qwen2_5_vl`: Qwen/Qwen2.5-VL-3B-Instruct's widths (decoder 2048, 16 / 2 heads, MLP 11008,
-  vocabulary 151,936, tied head; vision 1280, 16 heads, MLP 3420, patch 14, merge 2) with
-  `--qwen-layers` decoder and vision layers (the real 36 and 32 do not train in reasonable time
-  on 2 cores, see below), QLoRA: 4-bit, group 64. Its processor resizes each picture to
-  224 x 224 (256 patches, 64 tokens).
-Rows: the shipped shapes task (src/mlxlab/assets/shapes: 64 x 64 PNG pictures, a question, a
-one-word answer), the same pictures and texts written in each tool's format: mlxlab's
-`{"messages": [{"role": "user", "content": [{"type": "image"}, text]}, ...], "images": [path]}`,
-mlx-vlm's `{"messages": [...text...], "images": [path]}`; the loss on the assistant's reply
-(mlxlab's assistant mask, mlx-vlm's `--train-on-completions`). LoRA rank 8, alpha 16 on the
-language model's q/k/v/o, AdamW at 2e-4 without weight decay, no warm-up.
-Each tool runs as its own process: mlxlab's `mlxlab.train experiment=finetune_vision` (CSV
-tracking, a step logged every step) and mlx-vlm's `mlx_vlm.train` (its `run`, with a callback
-recording its per-step report), mlxlab imported first so MLX's BLAS calls go to the same
-OpenBLAS (runtime/blas.py; nothing else of mlxlab runs there). Speed: the median step time after
-the first `--skip` steps (each step the same rows and pixels in both tools); mlxlab's is its
-whole loop (data, callbacks, logging: benchmarks.callbacks.StepTimes), mlx-vlm's its step alone
-(its report's step_time). Trained tokens/s, each tool's own count, are shown too: mlx-vlm's
-completion mask also trains the newline after the end-of-turn token, one token more a row than
-mlxlab's assistant mask. Peak: MLX's peak memory (mx.get_peak_memory, both tools report it) and
-the process's peak resident memory. Rounds alternate the order of the tools; the table gives
-medians over rounds. The 1-minute load average is recorded after every run (the machine is
-shared). SmolVLM runs one row a batch in both tools (BATCH_LIMIT: mlx-vlm's trainer fails on
-more).
+Random float32 models in the real shapes (never downloaded; tests/vision_models.py's tokenizer
+and processor files): `smolvlm` (SmolVLM-256M: 512-pixel images, one row a batch, BATCH_LIMIT)
+and `qwen2_5_vl` (Qwen2.5-VL-3B's widths, --qwen-layers layers, QLoRA 4-bit; 224-pixel images).
+Rows: the shipped shapes task in each tool's format, the loss on the reply. LoRA rank 8 (alpha
+16) on q/k/v/o, AdamW at 2e-4. Speed: the median step time after --skip (mlxlab's whole loop,
+benchmarks.callbacks.StepTimes; mlx-vlm's step alone); peak: MLX's and the process's RSS.
 """
 
 from __future__ import annotations
@@ -45,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -57,8 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from benchmarks.harness import (  # noqa: E402
     add_smoke,
-    cpu_model,
     in_round,
+    print_table,
     run_with_peak_rss,
     smoke_dir,
     write_record,
@@ -287,14 +258,6 @@ def summarize(steps: list[dict], skip: int) -> dict:
             "loss_first": steps[0]["loss"], "steps": len(steps)}
 
 
-def machine() -> dict:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    keep = ("Model name", "CPU family", "Model:", "CPU(s):", "Hypervisor")
-    return {"cpu": cpu_model(), "lscpu": [ln for ln in lscpu.splitlines()
-                                          if ln.strip().startswith(keep)],
-            "python": platform.python_version()}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="smolvlm,qwen2_5_vl")
@@ -307,7 +270,6 @@ def main() -> None:
     p.add_argument("--qwen-layers", type=int, default=2,
                    help="decoder and vision layers of the Qwen2.5-VL-3B-shaped model")
     p.add_argument("--work", default=None)
-    p.add_argument("--out", default=None, help="a folder for results.json")
     add_smoke(p)
     args = p.parse_args()
     if args.smoke:
@@ -337,14 +299,7 @@ def main() -> None:
                 s["load_1min"] = os.getloadavg()[0]
                 results.setdefault((name, tool), []).append(s)
                 print(json.dumps({"round": rnd, "shape": name, "tool": tool, **s}), flush=True)
-    info = machine()
-    print(f"\n{info['cpu']}; {args.steps} steps, the first {args.skip} left out; median of "
-          f"{args.rounds} round(s); mlxlab's speed: mlx-vlm's step time / mlxlab's (each step "
-          "the same rows and images); trained tokens/s: each tool's own count\n")
-    print("| shape | tool | batch | step s | trained tokens/s | MLX peak MB | peak RSS MB | "
-          "load | mlxlab's speed | mlxlab's peak |")
-    print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
-    table = []
+    table, shown = [], []
     for (name, tool), runs in results.items():
         row = {k: statistics.median(r[k] for r in runs)
                for k in ("step_s", "tokens_per_sec", "peak_mb", "rss_mb")}
@@ -356,22 +311,16 @@ def main() -> None:
         loads = "-".join(f"{r['load_1min']:.1f}" for r in runs)
         table.append({"shape": name, "tool": tool, "batch": runs[0]["batch"], **row,
                       "loads": loads, "speed_ratio": speed, "peak_ratio": peak})
-        print(f"| {name} | {tool} | {runs[0]['batch']} | {row['step_s']:.2f} | "
-              f"{row['tokens_per_sec']:.2f} | {row['peak_mb']:.0f} | {row['rss_mb']:.0f} | "
-              f"{loads} | {speed} | {peak} |")
+        shown.append([name, tool, runs[0]["batch"], f"{row['step_s']:.2f}", f"{row['tokens_per_sec']:.2f}",
+                      f"{row['peak_mb']:.0f}", f"{row['rss_mb']:.0f}", loads, speed, peak])
+    print_table({"head": ["shape", "tool", "batch", "step s", "trained tokens/s", "MLX peak MB",
+                          "peak RSS MB", "load", "mlxlab's speed", "mlxlab's peak"], "rows": shown})
     first = next((row for row in table if row["speed_ratio"] != "-"), None)
     write_record("vision-vs-mlx-vlm", {"table": table, "runs": {f"{k[0]}/{k[1]}": v for k, v in results.items()}},
                  question="speed-mlx", reference=first and "mlx-vlm's own trainer (python -m mlx_vlm.train)",
                  ratio=first and float(first["speed_ratio"].rstrip("x")),
                  summary=first and f"vision-language LoRA step speed, {first['shape']} (higher is better)",
                  smoke=args.smoke)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({
-            "args": vars(args), "machine": info, "table": table,
-            "runs": {f"{k[0]}/{k[1]}": v for k, v in results.items()}}, indent=2))
-
 
 if __name__ == "__main__":
     main()
