@@ -1,15 +1,9 @@
-"""Searches started at the same moment on a fresh root: how many starts succeed.
+"""Searches started at the same moment on a fresh root: how many starts succeed. Each round:
+`--procs` processes of `mlxlab-train -m hparams_search=titanic_optuna debug=fast` released
+together at a file barrier; a round succeeds when every process exits 0, the study holds N
+distinct finished trials, the store one sweep parent run, and nothing is RUNNING.
 
-    python benchmarks/faults/bench_parallel_start.py                      # 4 processes, 3 rounds
-    python benchmarks/faults/bench_parallel_start.py --procs 8 --rounds 2 --n-trials 8
-    python benchmarks/faults/bench_parallel_start.py --src /tmp/before/src   # another checkout's code
-
-Each round: a fresh root, then `--procs` processes of
-`mlxlab-train -m hparams_search=titanic_optuna debug=fast hydra.sweeper.n_trials=N` released
-together (each waits at a file barrier until all are spawned and imported, then starts Hydra).
-A round succeeds when every process exits 0, the study holds N finished trials with N distinct
-parameter sets, the store holds one sweep parent run, and nothing (trial or run) is RUNNING.
-Prints one line per round and a markdown row; --json writes the raw figures.
+    python benchmarks/faults/bench_parallel_start.py [--procs 4] [--rounds 3] [--src OTHER/src]
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
-"""A search killed mid-trial and started again vs the same search uninterrupted.
+"""A search SIGKILLed mid-trial (after its first checkpoint) and started again with the same command
+vs the same search uninterrupted (`hparams_search=titanic_optuna`, sampler seed fixed): no
+finished trial runs again, the study holds the trials asked for, the best is the same.
 
-Runs `hparams_search=titanic_optuna` (N trials, sampler seed fixed) twice in one store: once
-whole, once SIGKILLed (the sweeper process alone, as `kill -9` would) while trial K trains,
-after its first checkpoint, then started again with the same command. Prints, per trial, the
-params and value of both, how many times each trial was launched, and whether the killed
-trial resumed from its checkpoint:
-
-    .venv/bin/python benchmarks/faults/bench_search_resume.py --root /tmp/bench_resume --trials 6 --kill-at 3
-
-The question it answers: after a SIGKILL, no finished trial runs again, the study
-holds the number of trials asked for, and the best is the uninterrupted search's.
+    python benchmarks/faults/bench_search_resume.py --root /tmp/bench_resume --trials 6 --kill-at 3
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
 """What does rendering chats with mlxlab's renderer cost beside transformers' apply_chat_template,
-and do they agree on every chat?
+and do they agree on every chat (text, ids, and ChatML's assistant mask)? For each template style
+and the shipped chats, both in this process, alternating `--rounds` times: median seconds per
+1,000 chats, the ratio, and the chats that agree.
 
     python benchmarks/parity/bench_chat.py [--rounds 3] [--chats 200]
-
-For each template style (ChatML, Llama-3, Qwen2.5 as in scripts/tiny_hf_model.py, each in a tiny
-tokenizer folder written by transformers) and the shipped chats (assets/tinystories/chats.jsonl):
-- mlxlab: `encode_chats` (text, ids and the assistant mask, found turn by turn: three more renders
-  per assistant turn);
-- transformers: `apply_chat_template(..., return_dict=True)` chat by chat (ids, no mask: its
-  mask needs {% generation %} tags these templates lack; the text is compared untimed), and,
-  for ChatML, with
-  `return_assistant_tokens_mask=True` on the same template tagged, the mask mlxlab matches.
-Both run in this one process, alternating, `--rounds` times; the table gives the median seconds
-per 1,000 chats and the ratio, and counts the chats whose text, ids (and ChatML's mask) agree.
-Wall times on a shared machine: read the ratio, measured at the same moment.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
-"""Are the assistant masks right on the real chat templates? For each template of
-tests/chat_templates (in a tiny tokenizer folder of its model's style, tests/chat_fixtures.py) and
-the chat system + two exchanges, with and without tools: how many tokens mlxlab marks as the
-assistant's, how many the replies and their end-of-turn tokens written out by hand hold
-(tests/chat_fixtures.py REPLIES), and whether text and ids equal transformers'.
+"""Are the assistant masks right on the real chat templates (tests/chat_templates)? For each, on
+a chat with and without tools: the tokens mlxlab marks as the assistant's, those the replies and
+their end-of-turn tokens hold (tests/chat_fixtures.py REPLIES), and whether text and ids equal
+transformers'. Runs against whichever mlxlab is on the path (PYTHONPATH=<checkout>/src).
 
     python benchmarks/parity/bench_chat_masks.py
-
-Runs against whichever mlxlab is on the path (PYTHONPATH=<checkout>/src), so one checkout's
-masks can be set beside another's. A refused chat prints its error.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """Do mlxlab's multiple-choice scores equal lm-eval-harness's on the same weights?
 
-A tiny random Llama saved by transformers (scripts/tiny_hf_model.py) and a 100-question task
-built from the shipped TinyStories sample (each question: the first words of a sentence, the
-rest of it among three other sentences' endings, so choices differ in length and acc_norm
-differs from acc). mlxlab scores it (evaluation/scoring.py); lm-eval-harness 0.4 scores the same
-jsonl as a local task yaml (`output_type: multiple_choice`) with its `hf` model on the same
-folder (float32, CPU, add_bos_token=True: mlxlab's prompts start with the tokenizer's BOS, as
-its fine-tuning data does). Prints acc / acc_norm of both, the examples whose acc or acc_norm
-differ, and the largest log-likelihood difference; exits 1 unless acc and acc_norm agree on
-every example.
+A tiny random Llama (scripts/tiny_hf_model.py) and a 100-question task from the TinyStories
+sample (a sentence's ending among three others'), scored by mlxlab and by lm-eval 0.4's `hf` model
+on the same folder as a local task yaml. Exits 1 unless acc and acc_norm agree on every example.
 
-    .venv/bin/python benchmarks/parity/bench_eval_tasks.py [--out /tmp/bench_eval_tasks] [--questions 100]
-
-Needs transformers, torch and lm-eval (`pip install "lm-eval>=0.4,<0.5"`: the dev extra).
+    python benchmarks/parity/bench_eval_tasks.py [--out /tmp/bench_eval_tasks] [--questions 100]
 """
 
 from __future__ import annotations

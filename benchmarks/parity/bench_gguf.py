@@ -1,12 +1,8 @@
 """llama.cpp itself loads mlxlab's GGUF exports and scores them.
 
-Trains a small TinyStories decoder in mlxlab (or takes --run), exports it as F16, Q8_0, Q4_0 and
-Q4_1 GGUF files, and has llama.cpp (llama-cpp-python, a source build of llama.cpp: `pip install
-llama-cpp-python`, minutes on 2 cores) compute, on held-out TinyStories text:
-- the tokens its own tokenizer makes of each text, against the run's tokenizer;
-- the mean negative log-likelihood (and perplexity) of the same token ids, against mlxlab's on the
-  run's own model (float32);
-- the first greedy tokens after a prompt, against `mlxlab generate` at temperature 0.
+A small TinyStories decoder (or --run) exported as F16, Q8_0, Q4_0 and Q4_1; llama.cpp
+(llama-cpp-python) tokenizes held-out text (against the run's tokenizer), scores the same ids
+(mean NLL against mlxlab's float32) and decodes greedily (against `mlxlab generate`).
 
     python benchmarks/parity/bench_gguf.py [--steps 300] [--run outputs/...] [--texts 40] [--json out.json]
 """

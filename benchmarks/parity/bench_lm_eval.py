@@ -1,26 +1,13 @@
 """Does lm-eval-harness score an mlxlab model as it scores the same weights through its own `hf`
 model, and how fast is it beside `hf` and `mlx_lm.evaluate`?
 
-The real SmolLM2-135M-Instruct (tests/real_models.py: its Q4_1 GGUF, which mlxlab keeps as
-MLX 4-bit layers; transformers' own GGUF loader's float32 folder for `hf`) and three local lm-eval
-task YAMLs written from the shipped TinyStories sample (`dataset_path: json`, no network):
+The real SmolLM2-135M-Instruct (its Q4_1 GGUF as MLX 4-bit layers; transformers' float32 load for
+`hf`) on three local lm-eval tasks from the TinyStories sample: `tiny_mc` (multiple choice),
+`tiny_gen` (generate_until, exact match of the next word), `tiny_ppl` (loglikelihood_rolling).
+Exits 1 unless every log-likelihood is within --rtol of `hf`'s and every multiple-choice and
+perplexity score agrees; differing greedy generations are counted, not failed.
 
-- `tiny_mc` (multiple_choice): the first words of a sentence, its ending among three others';
-- `tiny_gen` (generate_until, lm-eval's regex filter): a sentence's first words, greedy up to
-  16 tokens until a newline or ".", the first word the regex takes scored by exact_match
-  against the sentence's next word;
-- `tiny_ppl` (loglikelihood_rolling): whole paragraphs, word/byte perplexity and bits per byte.
-
-All three models run in this one process, each through `lm_eval.simple_evaluate` with the same
-tasks (plain prompts, batch 8): mlxlab's (`MlxlabLM`, runs/lm_eval_model.py), `hf`
-(float32, CPU) and mlx-lm's `MLXLM` (mlx_lm.evaluate's model, on the mlx-lm folder mlxlab made
-from the GGUF). Prints the seconds each took and, mlxlab against `hf` per example: the largest
-relative log-likelihood gap (each choice, each text), the examples whose acc / acc_norm /
-exact_match differ, and the generations that differ. Exits 1 unless every log-likelihood is
-within --rtol (1e-4) and every multiple-choice and perplexity score agrees; differing
-generations are counted and shown, not failed (greedy decoding of a 4-bit model's near ties).
-
-    .venv/bin/python benchmarks/parity/bench_lm_eval.py [--out DIR] [--questions 100] [--skip-mlx-lm]
+    python benchmarks/parity/bench_lm_eval.py [--out DIR] [--questions 100] [--skip-mlx-lm]
 """
 
 from __future__ import annotations

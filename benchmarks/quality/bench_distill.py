@@ -1,29 +1,13 @@
 """Does distillation help? Teacher -> distilled student vs the same student from scratch.
 
-For each task and seed: train a teacher, then the student twice with the same config, steps, data
-split and tokenizer (the teacher's tokenizer.json): once with `objective=distill` and once with the
-distillation switched off (`objective=supervised`). Prints one row per run
-and a table of mean +- std over seeds of the best and the final validation metric.
+For each task and seed: a teacher, then the student twice with the same config, steps, split and
+tokenizer: `objective=distill` and `objective=supervised`; mean +- std over seeds of the best and
+final validation metric. `--loss` / `--kl-scale` compare loss forms from the same teacher;
+`--rounds` compares rounds of distillation (chained, ensemble). Every run shares one validation
+split the teacher never trained on (a split that follows `seed` would leak it).
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/quality/bench_distill.py [--tasks titanic tinystories]
         [--seeds 0 1 2] [--root /tmp/bench_distill] [--alpha 0.5] [--temperature 2.0] [--quick]
-        [--loss kl reverse_kl mse] [--kl-scale t2 none]
-
-`--loss` / `--kl-scale` with several values compare the distillation loss forms: every
-form (objective.loss x objective.kl_scale; mse once, it has no KL to scale) trains a
-student from the same teacher, seed and steps, one row each ("kl t2", "kl none", "mse", ...).
-
-`--rounds` instead compares rounds of distillation (objective.rounds=2): round 1
-(the teacher -> student), round 2 chained (round 1's student teaches a fresh student), round 2 as
-an ensemble (the teacher and round 1's student, learned weights), and the student from scratch,
-all with the same steps, split and tokenizer.
-
-Every run shares one validation split (Titanic: data.seed=42 pinned; TinyStories: the first 200
-paragraphs), so a teacher never saw the students' validation rows; by default one teacher (the
-first seed's) teaches every student seed (--no-shared-teacher trains one per seed). Never let the
-split follow `seed` with a shared teacher: Titanic's data.seed=${seed} would put the students'
-validation rows in the teacher's training set, a leak that flatters distillation.
-Everything runs in-process with tracking=none; run folders go under --root.
 """
 
 from __future__ import annotations

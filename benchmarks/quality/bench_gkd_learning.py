@@ -1,32 +1,13 @@
-"""Does on-policy distillation (GKD, lmbda = 1) teach a student more than off-policy
-distillation (lmbda = 0) from the same teacher, proven over seeds? (objective=gkd)
+"""Does on-policy distillation (GKD, lmbda = 1) teach a student more than off-policy (lmbda = 0)
+from the same teacher, proven over seeds? (objective=gkd)
 
-The task: copy four digits into an answer format, "4719=" -> "[4719]" (assets/copy_format/: 800
-prompts with their answers to train on, 200 held out, every string unique). All through the CLI
-into one MLflow store:
+The copy task ("4719=" -> "[4719]", assets/copy_format/). A teacher decoder trained until it
+solves the held-out prompts (>= 90 %), a smaller student that copies but does not write the
+format, then `mlxlab-train -m experiment=gkd_arithmetic objective.lmbda=0,1 replicates=6` and
+`mlxlab runs compare latest:g1 latest:g2` (held-out exact match, paired over seeds and prompts).
 
-1. the teacher: a small decoder (dim 64, 2 layers, one token per character) trained from
-   scratch by mlxlab-train on the 800 prompts and their answers until it solves the held-out
-   prompts (the script stops if its held-out exact match is under 90 %), exported as a
-   transformers folder (mlxlab export);
-2. the student: a smaller decoder (dim 32, 2 layers) on the teacher's tokenizer, fine-tuned
-   on 2000 other strings copied without the brackets (300 steps), so it copies but does not write
-   the format; exported the same way, and scored on the held-out prompts;
-3. `mlxlab-train -m experiment=gkd_arithmetic` on the copy task, `objective.lmbda=0,1
-   replicates=6`: full fine-tuning of the student toward the teacher (300 steps at 1e-3),
-   off-policy (the dataset's answers) and on-policy (its own samples), six seeds each, each scoring the held-out prompts (greedy) at every evaluation.
-   The two arms see the same prompts in the same order per seed and train rows of one width
-   (the longest prompt + max_new_tokens), so the teacher runs on the same number of tokens;
-4. `mlxlab runs compare latest:g1 latest:g2`: held-out exact match per arm, the interval of
-   each mean, the paired tests of on-policy - off-policy over the seeds and over the 200 prompts
-   (docs/benchmarks.md: on-policy ahead on `contains`, not proven on exact match).
-
-Prints each stage's wall time and writes everything to --out/results.json. On a shared machine
-the wall times are loaded ones; the accuracies are not.
-
-    .venv/bin/python benchmarks/quality/bench_gkd_learning.py [--out /tmp/bench_gkd] [--replicates 6]
+    python benchmarks/quality/bench_gkd_learning.py [--out /tmp/bench_gkd] [--replicates 6]
         [--models-from <an earlier --out>]
-    .venv/bin/python benchmarks/quality/bench_gkd_learning.py --smoke   # ~3 minutes: the pipeline only
 """
 
 from __future__ import annotations

@@ -1,25 +1,12 @@
 """Does GRPO make a model better than its base, proven over seeds?
 
-The task (experiment=grpo_copy): copy four digits into an answer format, "4719=" -> "[4719]",
-rewarded by the exact answer; 800 prompts to train on, 200 held out (assets/copy_format/, every
-string unique). The base is a tiny decoder (dim 64, 2 layers, one token per character) trained
-from scratch by mlxlab-train on 2000 other strings whose copies are written half with the
-brackets and half without (a short SFT), so it copies well but writes the format only for some
-prompts: its held-out accuracy starts between 10 % and 70 % (checked; the script stops
-otherwise). Then, all through the CLI into one MLflow store:
+The copy task (experiment=grpo_copy: "4719=" -> "[4719]", exact-answer reward; assets/copy_format/).
+The base: a tiny decoder SFT'd so it writes the format for some prompts only (held-out accuracy
+between 10 % and 70 %, checked), exported; then `mlxlab-train -m experiment=grpo_copy
+replicates=3` with LoRA, and `mlxlab runs compare` of each seed against the base, with a paired
+bootstrap interval of GRPO - base over the 200 held-out prompts.
 
-1. the SFT run (data=completions), exported as a transformers folder (mlxlab export);
-2. the base scored on the 200 held-out prompts (`mlxlab eval <checkpoint> --tasks`): the base run;
-3. `mlxlab-train -m experiment=grpo_copy replicates=3 eval.tasks=[heldout]`: GRPO with LoRA on
-   the exported base, three seeds, each scoring the held-out prompts (greedy) at every
-   evaluation;
-4. `mlxlab runs compare <base run> <grpo run>` per seed, and over the seeds the mean held-out
-   accuracy with a paired bootstrap interval of GRPO - base over the 200 prompts (seed-averaged
-   per prompt, as `runs compare latest:g1 latest:g2` pairs replicates).
-
-Prints each stage's wall time and writes everything to --out/results.json.
-
-    .venv/bin/python benchmarks/quality/bench_grpo_learning.py [--out /tmp/bench_grpo] [--steps 300]
+    python benchmarks/quality/bench_grpo_learning.py [--out /tmp/bench_grpo] [--steps 300]
 """
 
 from __future__ import annotations

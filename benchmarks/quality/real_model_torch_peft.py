@@ -1,24 +1,11 @@
 """The real-model fine-tune of real_model_finetune.py in PyTorch + PEFT: the reference beside
-mlxlab and mlx_lm.lora (on a GPU, or the CPU as a smoke).
+mlxlab and mlx_lm.lora. Reads the rows real_model_finetune.py wrote to --work and needs no MLX (a
+GPU image): transformers' GGUF load of the same file in --dtype, LoRA rank 8 (alpha 16) on
+q/k/v/o, Adam at a constant --lr, the loss on the assistant turn; held-out greedy exact match.
+Writes W/stages/train_torch_peft_<round>.json and, in round 0, W/stages/torch-peft.json.
 
     python benchmarks/quality/real_model_torch_peft.py --work W --gguf SmolLM2.Q4_1.gguf
         [--steps 80] [--batch 4] [--lr 1e-3] [--dtype bfloat16] [--round 0]
-    python benchmarks/quality/real_model_torch_peft.py --smoke   # 8 rows, 2 steps, float32
-
-It reads what real_model_finetune.py wrote to W (data/train.jsonl, dates.jsonl: the same rows,
-`--work` first there, or `--write-data` here) and needs no MLX: it runs where only PyTorch,
-transformers, PEFT and gguf are installed (a GPU image). The model: transformers' own GGUF load
-of the same file (its Q4_1 blocks dequantized, as mlxlab's bits are), in --dtype. The run: LoRA
-rank 8, alpha 16 (scale 2) on q/k/v/o of every layer, no dropout, Adam at a constant --lr, batch
---batch rows in a seeded shuffle, --steps steps, no clipping; the loss over the assistant turn
-only (the prompt and system turn masked, as mlxlab's chat SFT and mlx_lm.lora --mask-prompt do).
-Held-out: the prompt rendered by the model's chat template with the generation prompt, greedy,
-16 new tokens at most, cut at a newline or the end of turn, exact match after stripping (mlxlab's
-generation_scores).
-
-Writes W/stages/train_torch_peft_<round>.json (per-step tokens/s of the trained tokens, peak
-memory, losses: the shape real_model_finetune.py's table reads) and, in round 0,
-W/stages/torch-peft.json (the held-out accuracy and each output).
 """
 
 from __future__ import annotations

@@ -1,26 +1,17 @@
-"""Does a vision-language fine-tune learn what only the picture holds? The LLaVA recipe on the
-real SmolLM2-135M-Instruct: its weights as the language model, a fresh SigLIP vision tower and
-pixel-shuffle projector (SmolVLM's architecture, Idefics3 in mlx-vlm) at a small size, trained
-by `mlxlab train experiment=finetune_vision` on the shipped shapes task (src/mlxlab/assets/
-shapes: the colour, the shape or the count of the shapes in a 64x64 picture, one word), scored
-on the 60 held-out pictures by greedy exact match before and after, over seeds, with McNemar's
-test of each seed's run against the start on the same pictures.
+"""Does a vision-language fine-tune learn what only the picture holds? SmolLM2-135M-Instruct's
+weights as the language model of a fresh small SigLIP tower and pixel-shuffle projector (SmolVLM's
+architecture), trained by `mlxlab train experiment=finetune_vision` on the shipped shapes task
+(colour, shape or count of a 64x64 picture, one word), scored on the 60 held-out pictures by
+greedy exact match before and after, over seeds, with McNemar's test against the start.
 
     python benchmarks/quality/vision_shapes.py [--seeds 42,43,44] [--steps 300] [--smoke]
         [--reference-seeds 42]   # mlx-vlm 0.7.10's own trainer at the same steps, batch, rate
-
-Chance is 1/4 for a colour and 1/3 for a shape or a count (0.31 over the held-out mix). The
-model folder is built once into --work (SmolLM2's GGUF from the package index, dequantized by
-transformers; the vision tower and projector drawn at random with --seed 0), then each seed's
-run trains LoRA on the language model's attention, adapters on the vision tower's attention and
-the projector in full. Writes a JSON record beside the printed table (--out).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -98,14 +89,6 @@ def build_folder(out: Path, seed: int = 0, vision_width: int = 256, vision_layer
     (out / "processor_config.json").write_text(json.dumps(
         {"processor_class": "SmolVLMProcessor", "image_seq_len": 4}))
     return out
-
-
-def cpu_name() -> str:
-    """lscpu's model name, family and model (the CPU beside every figure)."""
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    keep = ("Model name", "CPU family", "Model:")
-    return "; ".join(line.split(":", 1)[1].strip() for line in out.splitlines()
-                     if line.startswith(keep)) or platform.machine()
 
 
 def held_out(path: Path = SHAPES / "val.jsonl") -> list[dict]:
@@ -232,7 +215,6 @@ def main() -> None:
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--work", type=Path, default=Path("/tmp/mlxlab-vision-shapes"))
-    parser.add_argument("--out", type=Path, default=None, help="JSON record")
     parser.add_argument("--reference-seeds", default="",
                         help="seeds of mlx-vlm's own trainer at the same settings (e.g. 42)")
     parser.add_argument("--smoke", action="store_true", help="2 steps, 6 held-out pictures")
@@ -243,9 +225,7 @@ def main() -> None:
     steps, rows = (2, held_out()[:6]) if args.smoke else (args.steps, held_out())
     folder = build_folder(args.work / "smollm2-vlm")
     start = correct(answers(str(folder), rows), rows)
-    record = {"command": " ".join(sys.argv), "cpu": cpu_name(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "steps": steps,
-              "chance": chance(rows), "start": sum(start) / len(rows), "seeds": {}}
+    record = {"steps": steps, "chance": chance(rows), "start": sum(start) / len(rows), "seeds": {}}
     print(f"start: {record['start']:.3f} exact match on {len(rows)} held-out pictures "
           f"(chance {record['chance']:.3f})", flush=True)
     for seed in seeds:
@@ -266,9 +246,6 @@ def main() -> None:
         print(f"mlx-vlm seed {seed}: {sum(after) / len(rows):.3f} exact match", flush=True)
     print(json.dumps(record, indent=1))
     write_record("vision-shapes", record, question="quality", smoke=args.smoke)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,11 @@
 """Data parallelism on one machine: throughput, all-reduce cost, ZeRO-1 optimizer memory.
 
-    python benchmarks/speed/bench_distributed.py [--pairs 3] [--steps 30] [--skip-memory]
+    python benchmarks/speed/bench_distributed.py [--pairs 3] [--steps 30] [--skip-memory] [--only-lanes]
 
-- tokens/s of tinystories_nano (seq 128, global batch 16): 1 process with 2 BLAS threads and
-  batch 16, against `mlx.launch -n 2` with 1 thread per rank and batch 8 per rank. Interleaved
-  pairs of fresh processes (the machine is shared and drifts); median step time, first 3 steps
-  (compiles) and evaluation steps excluded.
-- the all-reduce of one step's gradients (all parameters, fp32) on its own, 2 ranks.
-- transformer_small (seq 64, batch 2 per rank) under 2 ranks with and without
-  trainer.distributed.shard_optimizer: optimizer state per rank and MLX peak memory during training steps.
-- `--only-lanes`: one epoch of streamed text (the TinyStories sample) on each of 2 ranks, the
-  whole stream (every rank tokenizes every document) against data.shard_by_rank (a lane each):
-  documents and CPU seconds spent tokenizing per rank, the epoch's wall time, and the cost of
-  one end-of-epoch vote (a tiny all-reduce; lanes cast one per batch).
+tokens/s of tinystories_nano, 1 process (2 BLAS threads, batch 16) against `mlx.launch -n 2`
+(1 thread and batch 8 per rank) in interleaved pairs; one step's gradient all-reduce alone;
+transformer_small's optimizer state and peak per rank with and without shard_optimizer;
+`--only-lanes`: streamed text on 2 ranks, the whole stream against data.shard_by_rank.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """GRPO speed: mlxlab's objective=grpo against mlx-lm-lora 5.10's train_grpo on the same model,
-prompts, G, lengths, LoRA and steps, each in its own process on the same MLX / OpenBLAS.
+prompts, group, lengths, LoRA (rank 8 on q/k/v/o) and steps, each side in its own process on the
+same MLX and OpenBLAS, alternating --rounds times: completions/s, completion tokens/s (counted by
+the shared reward function) and MLX's peak; timed: the training call alone.
 
-The model is a transformers-format decoder folder both load (mlxlab: model=hf_decoder; mlx-lm-lora:
-mlx_lm.load), with LoRA rank 8, alpha 16 on the four attention projections; the prompts a jsonl
-of {"prompt", "answer"} rows read as plain text (no chat template: mlx-lm-lora's
-text_completion_key); both sample G completions of `--batch` prompts per step at temperature 1,
-top-p 1, no top-k, at most `--max-tokens` tokens, reward the exact answer, beta = 0 (no
-reference pass), one optimizer step per generation, AdamW at the same learning rate. Timed: the
-training call alone (model and data loaded before), so both pay their compile; each side's
-process reports completions/s, completion tokens/s (the reward functions count the tokens of
-every completion they score) and MLX's peak memory. The sides alternate `--rounds` times (the
-machine is shared: compare the ratios).
-
-    .venv/bin/python benchmarks/speed/bench_grpo_speed.py --model <folder> --prompts <prompts.jsonl>
+    python benchmarks/speed/bench_grpo_speed.py --model <folder> --prompts <prompts.jsonl>
         [--steps 20] [--batch 8] [--group 8] [--max-tokens 8] [--rounds 2]
-
-Needs mlx-lm-lora (`pip install mlx-lm-lora==5.10.2`).
 """
 
 from __future__ import annotations

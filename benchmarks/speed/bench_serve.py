@@ -1,25 +1,14 @@
 """How does `mlxlab serve` hold up under concurrent OpenAI clients, beside `mlx_lm.server` on the
 same model: is any request lost or mixed up, and what latency and tokens/s does each client see?
 
-    .venv/bin/python benchmarks/speed/bench_serve.py [--clients 8] [--requests 4] [--max-tokens 32]
+    python benchmarks/speed/bench_serve.py [--clients 8] [--requests 4] [--max-tokens 32]
         [--hidden 512 --layers 8] [--rounds 2] [--deadline 300] [--blas-threads 1] [--control]
         [--adapters]
 
-One random Llama folder (scripts/tiny_hf_model.py --no-torch: no download) is served by both
-servers on 127.0.0.1 (loopback only), each in its own process, started once. Rounds alternate
-mlxlab, mlx-lm, mlxlab, mlx-lm, ... (the machine's load changes over minutes; the load average
-is printed with each round). In a round, `--clients` threads (at most 16) each send
-`--requests` greedy completions of their own prompt, one after another, with the official
-`openai` client; a round stops at `--deadline` seconds, and requests not answered by then are
-counted as lost. `--adapters` trains two LoRA runs of the model (`mlxlab train`, 2 steps) and
-has the clients alternate between them: `mlxlab serve RUN_A RUN_B` (one copy of the base) beside
-mlx_lm.server on the exported base with each request's `adapters` path (`mlxlab export --format
-mlx-lm --adapters`), which reloads the model whenever the adapter changes. `--control` adds a third server, `mlxlab serve` with MLXLAB_BLAS=off (MLX's
-bundled BLAS, as mlx_lm.server has it): what the server code costs apart from the BLAS. Both
-servers run with OPENBLAS_NUM_THREADS=--blas-threads (default 1: on
-cores other processes share, OpenBLAS's spinning threads made decoding ~8x slower here, for
-both MLX's bundled BLAS and the OpenBLAS mlxlab gives MLX). Every answer is checked against that prompt's answer asked alone before the
-rounds (greedy: the same text), so a mixed-up or corrupted answer shows as "differs".
+A random Llama served by both on loopback, rounds alternating; `--clients` threads each send
+`--requests` greedy completions with the `openai` client; unanswered by `--deadline`: lost; every
+answer checked against that prompt asked alone. `--adapters`: two LoRA runs served at once,
+beside mlx_lm.server's per-request adapters; `--control`: mlxlab serve on MLX's bundled BLAS.
 """
 
 from __future__ import annotations

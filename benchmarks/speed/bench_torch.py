@@ -1,14 +1,8 @@
-"""The PyTorch row of benchmarks/speed/bench.py: the mlxlab decoder and BERT classifier written in
-PyTorch, trained CPU eager on the batches the mlxlab row saved.
+"""The PyTorch row of benchmarks/speed/bench.py: mlxlab's decoder and BERT classifier in PyTorch,
+trained CPU eager on the batches the mlxlab row saved, in a process that never imports mlxlab,
+MLX or mlxlab's OpenBLAS (checked: with them loaded PyTorch ran 3.7x slower).
 
-Runs in its own process that never imports mlxlab, MLX or mlxlab's OpenBLAS (with
-them loaded, PyTorch ran 3.7x slower, which made the old ratios an artifact); it checks that and
-fails otherwise. bench.py starts it as
-
-    python benchmarks/speed/bench_torch.py --spec SPEC.json
-
-and a second, independent check is benchmarks/speed/torch_plain.py (a plain PyTorch script of the same
-model, which bench.py times in the same rounds).
+    python benchmarks/speed/bench_torch.py --spec SPEC.json     (started by bench.py)
 """
 
 from __future__ import annotations
