@@ -6,7 +6,7 @@
 Parts, each within its share of the budget (a row past it is skipped with a note): `first` (the
 default run on a fresh machine: MLX's kernel compiles), `mlx` (the device line, best GEMM at fp32
 and bf16, the LM presets at fp32 and bf16 through mlxlab's compiled step: tokens/s, MFU over the
-data-sheet peak (PEAKS) and over the best GEMM, peak memory; a profile of medium's step), `torch`
+data-sheet peak (PEAKS) and over the best GEMM, peak memory), `torch`
 (the twin of bench_torch.py, eager and torch.compile, in a process without mlxlab or MLX), `runs`
 (the default experiment, LoRA and QLoRA on a random Llama), `pytest` (`-m gpu`). Each call adds
 its parts to <out>/bench_gpu.json and writes a record of all so far; gpu_window.sh runs them.
@@ -162,54 +162,6 @@ def lm_rows(spec: dict) -> list[dict]:
     return rows
 
 
-def profile_step(spec: dict, preset: str, dtype: str) -> dict:
-    """Where one step's time goes: the compiled forward, forward + backward and
-    whole step of `preset` timed apart, attention (MLX's fused SDPA, causal, forward + backward)
-    timed alone at the model's shapes, and the matmuls' floor (their FLOPs over the best GEMM)."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    import numpy as np
-
-    from benchmarks.speed.bench import matmul_params
-
-    model_cfg, model, loss_fn, step = preset_step(
-        spec, Path(tempfile.mkdtemp(prefix="bench-gpu-prof-")), preset, dtype)
-    low = mx.bfloat16 if dtype == "bf16" else mx.float32
-    b, t = spec["batch"][preset], min(spec["seq"], model_cfg.max_seq_len)
-    ids = mx.array(np.random.default_rng(0).integers(0, spec["vocab"], (b, t + 1), dtype=np.int32))
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mx.ones((b, t), mx.float32)}
-    forward = mx.compile(lambda x: loss_fn(model, x)[0])
-    grads = mx.compile(lambda x: nn.value_and_grad(model, loss_fn)(model, x)[1])
-    heads, dim = model_cfg.num_heads, model_cfg.dim
-    q = mx.random.normal((b, heads, t, dim // heads)).astype(low)
-
-    def attention(q):
-        return mx.fast.scaled_dot_product_attention(q, q, q, scale=(dim // heads) ** -0.5,
-                                                    mask="causal").sum()
-
-    attn = mx.compile(mx.grad(attention))
-
-    def timed(fn, *args, n: int = 10) -> float:
-        for _ in range(3):
-            mx.eval(fn(*args))
-        times = []
-        for _ in range(n):
-            started = time.perf_counter()
-            mx.eval(fn(*args))
-            times.append(time.perf_counter() - started)
-        return 1e3 * statistics.median(times)
-
-    per_token, _, layers, _ = matmul_params(model, "lm")
-    out = {"preset": preset, "dtype": dtype, "batch": b, "seq": t,
-           "forward_ms": timed(forward, batch), "forward_backward_ms": timed(grads, batch),
-           "step_ms": timed(lambda x: step([x])[0], batch),
-           "attention_fwd_bwd_ms": layers * timed(attn, q)}
-    best = spec.get("gemm_best", {}).get(dtype)
-    if best:
-        out["matmul_floor_ms"] = 1e3 * 6 * per_token * b * t / (best * 1e12)
-    return out
-
-
 def mlx_worker(spec: dict) -> dict:
     import mlxlab  # noqa: F401  (the fast BLAS on CPU, before mlx.core)
     from mlxlab.runtime import device
@@ -223,15 +175,8 @@ def mlx_worker(spec: dict) -> dict:
     best = gemm(spec["gemm"], started + spec["budget"]["gemm"])
     spec["deadline"] = time.monotonic() + spec["budget"]["mlx"]
     rows = lm_rows(spec)
-    spec["gemm_best"] = best
-    profiles = []
-    for preset, dtype in spec.get("profile", []):
-        try:
-            profiles.append(profile_step(spec, preset, dtype))
-        except Exception as exc:  # noqa: BLE001  (reported, like a row)
-            profiles.append({"preset": preset, "dtype": dtype, "error": str(exc).splitlines()[0][:200]})
     return {"device": line, "backend": described.backend, "name": described.name,
-            "kernel_cache_empty": empty, "gemm_tflops": best, "rows": rows, "profiles": profiles,
+            "kernel_cache_empty": empty, "gemm_tflops": best, "rows": rows,
             "gemm_s": time.monotonic() - started}
 
 
@@ -431,7 +376,7 @@ def main() -> None:
     parser.add_argument("--out", default="gpu-bench", help="folder for the JSON and the runs")
     parser.add_argument("--parts", default="first,mlx,torch,runs,pytest",
                         help="comma-separated: first (the default run on a fresh machine), mlx (device, GEMM, "
-                        "presets, a profile), torch (the twin), "
+                        "presets), torch (the twin), "
                         "runs (default experiment, LoRA), pytest (-m gpu); added to <out>/bench_gpu.json")
     parser.add_argument("--mlx-worker", help=argparse.SUPPRESS)
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
@@ -464,9 +409,7 @@ def main() -> None:
     spec = {"vocab": sizes["vocab"], "seq": sizes["seq"], "batch": sizes["batch"],
             "warmup": sizes["warmup"], "steps": sizes["steps"], "gemm": sizes["gemm"],
             "seed": 0, "budget": budget, "dry_run": args.dry_run,
-            "model_overrides": model_overrides, "cache_dir": str(REPO / ".cache" / "mlxlab"),
-            "profile": [("nano" if args.dry_run else "medium", "bf16"),
-                        ("nano" if args.dry_run else "medium", "fp32")]}
+            "model_overrides": model_overrides, "cache_dir": str(REPO / ".cache" / "mlxlab")}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     installed = out / "install.json"  # gpu_window.sh's install step: its time and how it went
     if installed.exists():
