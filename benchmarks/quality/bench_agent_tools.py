@@ -6,8 +6,8 @@ Parts (--parts): `tiny` (a random Qwen2 taught the call format by a short SFT, t
 tool beside GRPO without it over --seeds seeds at the same budget, held-out accuracy paired by
 seed (`mlxlab runs compare`) and each seed against the SFT start (McNemar's exact test); the
 environment knows the question, so the model must learn to call and copy), `real`
-(SmolLM2-135M-Instruct SFT'd on mlxlab's tagged call format, snapshots probed on unseen training
-prompts to choose the start, GRPO with LoRA and an optional format reward, held-out accuracy
+(SmolLM2-135M-Instruct SFT'd on mlxlab's tagged call format, GRPO with LoRA from one of its
+snapshots and an optional format reward, held-out accuracy
 before and after, McNemar), `speed` (rollouts/s of multi-turn beside single-turn GRPO, alternating
 rounds). Each stage's log and <out>/results.json; `--reuse-sft` keeps an earlier SFT model.
 
@@ -125,52 +125,6 @@ def tagged_chats(rows: list[dict]) -> list[tuple[list, list]]:
         chats.append((prompt, [*prompt, {"role": "assistant", "content": f"{start}{call}{end}"},
                                *answer, {"role": "assistant", "content": r["answer"]}]))
     return chats
-
-
-def probe_tagged(folder: Path, rows: list[dict], samples: int, seed: int = 0) -> dict:
-    """How often the model in `folder` (transformers) does the task in the tagged format on
-    `rows` (training prompts: a warm start is chosen by them, never by the held-out ones):
-    the greedy trajectory's accuracy (call, the tool's answer, reply), and of `samples` first
-    turns per prompt sampled at temperature 1 (what GRPO's groups start from) the share whose
-    call parses and names the question's name."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mlxlab.objectives.rl.lookup_tools import lookup_code
-    from mlxlab.objectives.rl.tool_format import ToolFormat
-    from mlxlab.objectives.rl.tools import ToolAnswer
-
-    fmt, tool = ToolFormat("tagged"), schema()
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    torch.manual_seed(seed)
-
-    def generate(messages: list, n: int, sample: bool) -> list[str]:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            out = model.generate(ids.repeat(n, 1), max_new_tokens=40, do_sample=sample,
-                                 temperature=1.0 if sample else None, top_p=None, top_k=None,
-                                 eos_token_id=end, pad_token_id=end)
-        return [tok.decode(o[ids.shape[1]:], skip_special_tokens=True) for o in out]
-
-    right = parsed = 0
-    for r in rows:
-        name = re.search(r"code of (\w+)\?", r["messages"][-1]["content"]).group(1)
-        prompt, _ = fmt.prompt_messages(r["messages"], [tool])
-        for turn in generate(prompt, samples, True):
-            calls = fmt.parse(turn).calls
-            parsed += bool(calls) and calls[0].arguments.get("name") == name
-        turn = generate(prompt, 1, False)[0]
-        calls = fmt.parse(turn).calls
-        if calls and calls[0].arguments.get("name") == name:
-            answer = fmt.answer_messages([ToolAnswer("lookup_code", lookup_code(name))])
-            reply = generate([*prompt, {"role": "assistant", "content": turn}, *answer], 1,
-                             False)[0]
-            right += reply.strip() == r["answer"]
-    return {"prompts": len(rows), "greedy_accuracy": right / len(rows),
-            "sampled_calls_parsed": parsed / (len(rows) * samples), "last_greedy_call": turn}
 
 
 # --- GRPO through the CLI ------------------------------------------------------------------------
@@ -362,15 +316,6 @@ def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
     else:
         sft_loss = float("nan")  # taught by an earlier invocation (its log has the loss)
     print(f"SmolLM2 SFT: {a.real_sft_steps} steps, last loss {sft_loss:.4f}", flush=True)
-    # each warm start's probe on training prompts the SFT did not see: the start is chosen by
-    # these, never by the held-out prompts
-    probe_rows = train_rows[a.real_sft_rows: a.real_sft_rows + a.real_probe_prompts]
-    probes = {}
-    for step in (a.real_sft_snapshots if a.real_probe_prompts else []):
-        started = time.perf_counter()
-        probes[step] = probe_tagged(out / f"smollm2_sft_step{step}", probe_rows, 4)
-        times[f"real_probe_{step}"] = time.perf_counter() - started
-        print(f"SmolLM2 SFT step {step}, training probe: {probes[step]}", flush=True)
     if a.real_start:  # GRPO from the SFT's snapshot after that many steps
         base = out / f"smollm2_sft_step{a.real_start}"
     rewards = ("objective.rewards=[{_target_: mlxlab.objectives.rl.rewards.exact_answer},"
@@ -391,7 +336,7 @@ def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
         "runs", "compare", runs["before"], runs["after"], "--uri", uri, "--json"), env,
         out / "real_compare.log")
     return {"sft_steps": a.real_sft_steps, "sft_rows": a.real_sft_rows,
-            "sft_last_loss": sft_loss, "sft_probes_on_training_prompts": probes,
+            "sft_last_loss": sft_loss,
             "start": base.name, "heldout_prompts": len(before), "runs": runs,
             "train_reward_per_step": metric_history(client, runs["after"], "train/reward"),
             "train_exact_answer_per_step": metric_history(
@@ -437,8 +382,6 @@ def main() -> None:
     parser.add_argument("--real-lr", type=float, default=1e-4, help="GRPO's learning rate")
     parser.add_argument("--real-sft-snapshots", type=ints, default=[],
                         help="SFT steps after which the model is also kept (e.g. 8,16,24)")
-    parser.add_argument("--real-probe-prompts", type=int, default=16,
-                        help="training prompts (after the SFT's) each snapshot is probed on")
     parser.add_argument("--real-start", type=int, default=0,
                         help="GRPO from the SFT snapshot after this many steps (0: the last)")
     parser.add_argument("--format-reward", type=float, default=0.0,
