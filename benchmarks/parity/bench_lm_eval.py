@@ -5,7 +5,9 @@ The real SmolLM2-135M-Instruct (its Q4_1 GGUF as MLX 4-bit layers; transformers'
 `hf`) on three local lm-eval tasks from the TinyStories sample: `tiny_mc` (multiple choice),
 `tiny_gen` (generate_until, exact match of the next word), `tiny_ppl` (loglikelihood_rolling).
 Exits 1 unless every log-likelihood is within --rtol of `hf`'s and every multiple-choice and
-perplexity score agrees; differing greedy generations are counted, not failed.
+perplexity score agrees; differing greedy generations are counted, not failed. `--scorer`:
+mlxlab's own multiple-choice scorer beside lm-eval's `hf` model on a tiny random Llama (exit 1
+unless acc and acc_norm agree on every example).
 
     python benchmarks/parity/bench_lm_eval.py [--out DIR] [--questions 100] [--skip-mlx-lm]
 """
@@ -80,7 +82,7 @@ def write_tasks(folder: Path, questions: int, seed: int = 0) -> list[str]:
         cut = [int(rng.integers(3, len(words) - 2)) for words in group]
         order = rng.permutation(4)
         endings = [" ".join(words[c:]) + "." for words, c in zip(group, cut)]
-        mc.append({"prompt": " ".join(group[0][:cut[0]]),
+        mc.append({"id": f"s{q}", "prompt": " ".join(group[0][:cut[0]]),
                    "choices": [endings[i] for i in order], "answer": int(np.argmax(order == 0))})
         words = sentences[picked[questions * 4 + q]].split()
         at = int(rng.integers(3, len(words) - 1))
@@ -184,6 +186,38 @@ def plain_folder(reference: Path, target: Path) -> Path:
     return target
 
 
+def scorer_parity(out: Path, questions: int) -> tuple[dict, bool]:
+    """mlxlab's own multiple-choice scorer (evaluation/scoring.py) against lm-eval's `hf` model on
+    a tiny random Llama's folder, example by example: lm-eval as it runs by default and without
+    its logits cache (which hands a request the logits of another whose ids it shares)."""
+    import lm_eval
+
+    from mlxlab.evaluation.scoring import score_task
+    from mlxlab.evaluation.tasks import read_task
+    from mlxlab.runs.task_eval import load_eval_model
+
+    folder, _, _ = models(True, out)
+    task = write_tasks(out / "tasks", questions)[0]
+    source = load_eval_model(folder)
+    ours = score_task(source.model, source.tokenizer, read_task(out / "tasks" / "tiny_mc.jsonl"))
+    report: dict = {"questions": len(ours.rows), "mlxlab": ours.metrics}
+    same = True
+    for label, extra in (("lm_eval", ""), ("lm_eval_no_logits_cache", ",logits_cache=False")):
+        res = lm_eval.simple_evaluate(
+            model="hf", model_args=f"pretrained={folder},dtype=float32,add_bos_token=True{extra}",
+            tasks=[task], batch_size=8, device="cpu", log_samples=True)
+        theirs = per_example(res)["tiny_mc"]
+        differ = {k: [r["id"] for i, r in enumerate(ours.rows) if r[k] != theirs[i][k]]
+                  for k in ("acc", "acc_norm")}
+        gaps = [abs(a - b) for i, r in enumerate(ours.rows)
+                for a, b in zip(r["loglikelihoods"], theirs[i]["lls"])]
+        report[label] = {**metrics(res)["tiny_mc"], "examples_differing": differ,
+                         "loglikelihoods_over_1e-3": sum(g > 1e-3 for g in gaps),
+                         "max_loglikelihood_diff": max(gaps)}
+        same = same and not any(differ.values())
+    return report, same
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="/tmp/bench_lm_eval")
@@ -191,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--skip-mlx-lm", action="store_true")
+    parser.add_argument("--scorer", action="store_true", help="mlxlab's own multiple-choice "
+                        "scorer beside lm-eval's hf model, on a tiny random Llama")
     add_smoke(parser)
     args = parser.parse_args(argv)
     if args.smoke:
@@ -198,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
+    if args.scorer:
+        report, same = scorer_parity(out / "scorer", args.questions)
+        print(json.dumps(report, indent=2))
+        write_record("eval-tasks", report, question="parity", smoke=args.smoke,
+                     reference="lm-eval-harness's hf model, the same folder", ratio=float(same),
+                     summary="mlxlab's acc and acc_norm equal on every example (1: yes, 0: no)")
+        return 0 if same else 1
     tasks = write_tasks(out / "tasks", args.questions)
     mine, hf_folder, mlx_folder = models(args.smoke, out)
 
