@@ -39,6 +39,57 @@ def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     return ids, [-100] * n_prompt + ids[n_prompt:]
 
 
+def peft_lora(model):
+    """`model` with LoRA rank 8 (alpha 16) on q/k/v/o of every layer, no dropout (PEFT)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+
+
+def train_steps(model, tok, chats: list[list[dict]], steps: int, batch: int, lr: float,
+                order: list[int] | None = None) -> list[dict]:
+    """Adam at a constant `lr` on `batch` chats a step (in `order`, else as given), padded to the
+    longest, the loss on the last reply; each step's trained tokens/s, seconds, peak MB (CUDA's
+    allocator, else the process's RSS) and loss."""
+    import torch
+
+    dev = next(model.parameters()).device
+    cuda = dev.type == "cuda"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    train = [encode_chat(tok, messages) for messages in chats]
+    order = order or list(range(len(train)))
+    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=lr)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out = []
+    model.train()
+    for step in range(1, steps + 1):
+        picked = [train[order[((step - 1) * batch + i) % len(order)]] for i in range(batch)]
+        width = max(len(ids) for ids, _ in picked)
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in picked], device=dev)
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in picked], device=dev)
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in picked], device=dev)
+        tokens = int((labels[:, 1:] != -100).sum())
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        out.append({"step": step, "tokens_per_sec": tokens / seconds, "seconds": seconds,
+                    "peak_mb": peak, "loss": loss.item()})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def smoke_inputs(args: argparse.Namespace) -> None:
     """--smoke: rows from real_model_finetune.py's generator in a new folder, the packaged GGUF."""
     import tempfile
@@ -80,7 +131,6 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--work and --gguf (or --smoke)")
 
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(args.seed)
@@ -92,42 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     model.to(dev)
     load_s = time.perf_counter() - started
-    model = get_peft_model(model, LoraConfig(
-        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model = peft_lora(model)
     if args.compile:
         model = torch.compile(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    train = [encode_chat(tok, r["messages"]) for r in rows(work / "data" / "train.jsonl")]
-    order = list(range(len(train)))
+    chats = [r["messages"] for r in rows(work / "data" / "train.jsonl")]
+    order = list(range(len(chats)))
     random.Random(args.seed).shuffle(order)
-    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=args.lr)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    steps = []
-    model.train()
-    for step in range(1, args.steps + 1):
-        picked = [train[order[((step - 1) * args.batch + i) % len(order)]] for i in range(args.batch)]
-        width = max(len(ids) for ids, _ in picked)
-        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in picked], device=dev)
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in picked], device=dev)
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in picked], device=dev)
-        tokens = int((labels[:, 1:] != -100).sum())
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")
-        steps.append({"step": step, "tokens_per_sec": tokens / seconds, "seconds": seconds,
-                      "peak_mb": peak, "loss": loss.item()})
-        print(json.dumps(steps[-1]), flush=True)
+    steps = train_steps(model, tok, chats, args.steps, args.batch, args.lr, order)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     train_wall = time.perf_counter() - started
     timed = [s for s in steps if s["step"] > args.skip] or steps

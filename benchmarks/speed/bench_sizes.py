@@ -92,19 +92,12 @@ def on_gpu() -> bool:
 
 def smollm2_folders(work: Path) -> dict[str, Path]:
     """{mode: folder} of the real SmolLM2: the GGUF as mlxlab converts it (4-bit) and float32."""
-    import subprocess
-
+    from benchmarks.quality.real_model_finetune import float_folder
     from mlxlab.models.sources import model_folder
     from real_models import packaged_model
 
     quantized = model_folder(str(packaged_model()))
-    floated = work / "smollm2-float32"
-    if not (floated / "config.json").is_file():
-        shutil.rmtree(floated, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(quantized),
-                        "--mlx-path", str(floated), "--dequantize", "--dtype", "float32"],
-                       check=True, capture_output=True, env=env())
-    return {"qlora": quantized, "lora": floated}
+    return {"qlora": quantized, "lora": float_folder(quantized, "float32", work / "smollm2-float32")}
 
 
 def write_random(config: dict, tokenizer_from: Path, out: Path, bits: int | None,
@@ -189,50 +182,23 @@ def run_mlx_lm(model: Path, data: Path, steps: int, out: Path) -> dict:
                                  lr=LR, env=env())
 
 
-# PyTorch + PEFT on the same float32 folder and chats: transformers' model (float32, CPU),
-# LoRA rank 8 / alpha 16 on q/k/v/o, Adam, batch 4 rows in order, padded to the longest, the
-# loss on the last reply (real_model_torch_peft.py's encode_chat, as mlx-lm's --mask-prompt).
-# argv: folder train.jsonl steps report.jsonl
+# PyTorch + PEFT on the same folder and chats (real_model_torch_peft.py's LoRA and steps): batch
+# 4 rows in order, the loss on the last reply (as mlx-lm's --mask-prompt); float32 on the CPU,
+# the folder's dtype on CUDA. argv: folder train.jsonl steps report.jsonl
 TORCH_PEFT_WORKER = """
-import json, resource, sys, time
+import json, sys
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from benchmarks.quality.real_model_torch_peft import encode_chat
+from benchmarks.quality.real_model_torch_peft import peft_lora, train_steps
 folder, train, steps, report = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 cuda = torch.cuda.is_available()
 torch.manual_seed(0)
 tok = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto" if cuda else torch.float32)
-model = model.to("cuda" if cuda else "cpu")
-model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-rows = [encode_chat(tok, json.loads(line)["messages"]) for line in open(train)]
-pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-for step in range(1, steps + 1):
-    picked = rows[(step - 1) * 4:step * 4]
-    width = max(len(i) for i, _ in picked)
-    ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in picked], device=model.device)
-    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in picked],
-                        device=model.device)
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in picked],
-                          device=model.device)
-    started = time.perf_counter()
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    with open(report, "a") as f:
-        f.write(json.dumps({"step": step, "tokens_per_sec": int((labels[:, 1:] != -100).sum())
-                            / seconds, "loss": float(loss), "seconds": seconds,
-                            "peak_mb": peak})
-                + "\\n")
+model = peft_lora(model.to("cuda" if cuda else "cpu"))
+rows = train_steps(model, tok, [json.loads(line)["messages"] for line in open(train)], steps, 4, 1e-4)
+with open(report, "w") as f:
+    f.write("".join(json.dumps(r) + "\\n" for r in rows))
 """
 
 
