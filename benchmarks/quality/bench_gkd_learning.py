@@ -29,16 +29,25 @@ REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "src" / "mlxlab" / "assets" / "copy_format"
 
 
-def plain_copies(n: int, taken: set[str], seed: int = 1) -> list[dict]:
-    """`n` copies of fresh four-digit strings (none of the task's), without the brackets."""
+def fresh_copies(n: int, formatted: float = 0.0, seed: int = 1) -> list[dict]:
+    """`n` copies of fresh four-digit strings (none of the task's prompts), a `formatted` share
+    of them written in the answer format."""
+    taken = {json.loads(x)["prompt"][:-1] for f in ("train", "heldout")
+             for x in (ASSETS / f"{f}.jsonl").read_text().splitlines()}
     rng = random.Random(seed)
     rows = []
     while len(rows) < n:
         s = "".join(rng.choice("0123456789") for _ in range(4))
         if s not in taken:
             taken.add(s)
-            rows.append({"prompt": f"{s}=", "completion": s})
+            rows.append({"prompt": f"{s}=", "completion": f"[{s}]" if formatted and rng.random() < formatted else s})
     return rows
+
+
+def export(run_dir: Path, folder: Path, env: dict, out: Path) -> float:
+    """`mlxlab export RUN --format hf` into `folder`: the wall seconds."""
+    return run(mlxlab("export", str(run_dir), "--format", "hf", "--out", str(folder),
+                      "--overwrite"), env, out / f"{folder.name}_export.log")[1]
 
 
 def scratch_model(dim: int, layers: int) -> list[str]:
@@ -72,14 +81,12 @@ def sft(name: str, rows: Path, model: list[str], steps: int, env: dict, out: Pat
 def teacher_and_student(a, env: dict, out: Path, uri: str, times: dict[str, float]
                         ) -> tuple[Path, float, Path, float]:
     """Stages 1 and 2: (the teacher's folder, its held-out exact match, the student's, its)."""
-    taken = {json.loads(x)["prompt"][:-1] for f in ("train", "heldout")
-             for x in (ASSETS / f"{f}.jsonl").read_text().splitlines()}
     task_rows = out / "teacher_train.jsonl"
     task_rows.write_text("".join(
         json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n"
         for r in map(json.loads, (ASSETS / "train.jsonl").read_text().splitlines())))
     student_rows = out / "student_train.jsonl"
-    student_rows.write_text("".join(json.dumps(r) + "\n" for r in plain_copies(2000, taken)))
+    student_rows.write_text("".join(json.dumps(r) + "\n" for r in fresh_copies(2000)))
     # 1. the teacher: solves the task (258 tokens = 256 bytes + 2 specials)
     teacher_dir, times["teacher_sft"] = sft("gkd_teacher", task_rows, scratch_model(64, 2),
                                             a.teacher_steps, env, out,
@@ -90,9 +97,7 @@ def teacher_and_student(a, env: dict, out: Path, uri: str, times: dict[str, floa
     if teacher_acc < 0.9 and not a.smoke:
         sys.exit(f"the teacher scores {teacher_acc:.3f} < 0.9: raise --teacher-steps")
     teacher = out / "teacher_model"
-    _, times["teacher_export"] = run(mlxlab("export", str(teacher_dir), "--format", "hf", "--out",
-                                            str(teacher), "--overwrite"), env,
-                                     out / "teacher_export.log")
+    times["teacher_export"] = export(teacher_dir, teacher, env, out)
 
     # 2. the student: smaller, on the teacher's tokenizer, copies without the format
     student_dir, times["student_sft"] = sft(
@@ -102,9 +107,7 @@ def teacher_and_student(a, env: dict, out: Path, uri: str, times: dict[str, floa
                                                            "gkd_student_eval", uri)
     print(f"student: held-out exact match {student_acc:.3f}", flush=True)
     student = out / "student_model"
-    _, times["student_export"] = run(mlxlab("export", str(student_dir), "--format", "hf", "--out",
-                                            str(student), "--overwrite"), env,
-                                     out / "student_export.log")
+    times["student_export"] = export(student_dir, student, env, out)
 
     return teacher, teacher_acc, student, student_acc
 

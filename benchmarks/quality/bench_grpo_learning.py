@@ -14,32 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, line_value, smoke_dir, write_results
+from benchmarks.harness import add_smoke, smoke_dir, write_results
 from benchmarks.harness import mlxlab_cli as mlxlab
 from benchmarks.harness import run_logged as run
 from benchmarks.harness import train_cli as train
-
-REPO = Path(__file__).resolve().parents[2]
-ASSETS = REPO / "src" / "mlxlab" / "assets" / "copy_format"
-
-
-def sft_rows(n: int, taken: set[str], seed: int = 1) -> list[dict]:
-    """`n` copies of fresh four-digit strings (none of the GRPO or held-out prompts), half of
-    them written in the answer format."""
-    rng = random.Random(seed)
-    rows = []
-    while len(rows) < n:
-        s = "".join(rng.choice("0123456789") for _ in range(4))
-        if s in taken:
-            continue
-        taken.add(s)
-        rows.append({"prompt": f"{s}=", "completion": f"[{s}]" if rng.random() < 0.5 else s})
-    return rows
+from benchmarks.quality.bench_gkd_learning import (
+    ASSETS,
+    export,
+    fresh_copies,
+    held_out_score,
+    scratch_model,
+    sft,
+)
 
 
 def main() -> None:
@@ -58,39 +48,24 @@ def main() -> None:
     env.pop("MLFLOW_TRACKING_URI", None)
     uri = f"sqlite:///{out}/mlruns/mlflow.db"
     heldout = ASSETS / "heldout.jsonl"
-    taken = {json.loads(x)["prompt"][:-1] for f in ("train", "heldout")
-             for x in (ASSETS / f"{f}.jsonl").read_text().splitlines()}
-    sft = out / "sft_train.jsonl"
-    sft.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(2000, taken)))
+    rows = out / "sft_train.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in fresh_copies(2000, formatted=0.5)))
     times: dict[str, float] = {}
 
     # 1. the base: a short SFT from scratch, one token per character (258 = 256 bytes + 2)
-    sft_out, times["sft"] = run(train(
-        "task_name=grpo_copy_sft", "model=transformer", "model.dim=64", "model.num_layers=2",
-        "model.num_heads=4", "model.max_seq_len=32", "data=completions",
-        f"data.train_file={sft}", "data.val_fraction=0.05", "+data.tokenizer.vocab_size=258",
-        "data.max_length=16", "trainer.batch_size=32", "trainer.max_epochs=null",
-        f"trainer.max_steps={a.sft_steps}", f"trainer.eval_every_steps={a.sft_steps}",
-        "optimizer.learning_rate=3e-3", "callbacks.progress.enabled=false",
-        "optimized_metric=val/loss", "optimized_mode=min", "seed=0"), env, out / "sft.log")
-    sft_dir = Path(line_value(sft_out, "run dir:"))
+    sft_dir, times["sft"] = sft("grpo_copy_sft", rows, scratch_model(64, 2), a.sft_steps, env, out,
+                                "+data.tokenizer.vocab_size=258")
     base = out / "base_model"
-    _, times["export"] = run(mlxlab("export", str(sft_dir), "--format", "hf", "--out", str(base),
-                                    "--overwrite"), env, out / "export.log")
+    times["export"] = export(sft_dir, base, env, out)
 
     # 2. the base scored on the held-out prompts: the base run of the comparison
-    eval_out, times["base_eval"] = run(mlxlab(
-        "eval", str(sft_dir), str(heldout), "--tasks", "--max-new-tokens", "8", "--uri", uri,
-        "--experiment", "grpo_copy_base", "--json"), env, out / "base_eval.log")
-    report, _ = json.JSONDecoder().raw_decode(eval_out[eval_out.index("{"):])
-    base_acc = report["tasks"]["heldout"]["metrics"]["exact_match"]["value"]
-    base_run = report.get("run_id")
+    base_acc, base_run, times["base_eval"] = held_out_score(sft_dir, env, out, "grpo_copy_base", uri)
     print(f"base: held-out exact match {base_acc:.3f} (run {base_run})", flush=True)
     if not a.smoke and not 0.10 <= base_acc <= 0.70:
         sys.exit(f"the base scores {base_acc:.3f}: not between 10 % and 70 %; change --sft-steps")
 
     # 3. GRPO, three seeds
-    grpo_out, times["grpo_sweep"] = run(train(
+    _, times["grpo_sweep"] = run(train(
         "--multirun", "experiment=grpo_copy", f"model.pretrained={base}",
         f"replicates={a.replicates}", f"trainer.max_steps={a.steps}",
         f"eval.tasks=[{heldout}]", "eval.max_new_tokens=8", "callbacks.progress.enabled=false",
