@@ -1,9 +1,7 @@
-"""The harness every benchmark script shares: the JSON record a run writes (`write_record`: its
-figures, command, commit, machine, load and date, under benchmarks/results/), clocks, memory,
-saved batches, the machine's CPU and GPU, running mlxlab's commands, `--smoke`. Standard library
-and numpy only: the PyTorch processes (speed/bench_torch.py, speed/torch_bert_run.py) import this
-module and must never import mlxlab, MLX or the OpenBLAS that mlxlab loads (with them loaded
-PyTorch runs 3.7x slower)."""
+"""The harness every benchmark script shares: the JSON record a run writes (`write_record`),
+clocks, memory, saved batches, the CPU and GPU, mlxlab's commands run, tables, `--smoke`.
+Standard library and numpy only: the PyTorch processes import it and must never load mlxlab,
+MLX or mlxlab's OpenBLAS (with them loaded PyTorch runs 3.7x slower)."""
 
 from __future__ import annotations
 
@@ -113,18 +111,15 @@ def gpu_names() -> list[str]:
 
 
 def commit() -> str | None:
-    """The checkout's commit, `+dirty` when its tracked files differ from it."""
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
-
+    """The checkout's commit, `+dirty` when its tracked files differ; None without git."""
     try:
-        head = git("rev-parse", "--short", "HEAD")
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True).stdout
     except OSError:  # no git on the machine (a GPU image)
         return None
-    if head.returncode:
-        return None
-    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    return head.stdout.strip() + ("+dirty" if dirty else "")
+    return head.stdout.strip() + ("+dirty" if dirty.strip() else "") if not head.returncode else None
 
 
 def jsonable(value: object) -> object:
@@ -141,14 +136,10 @@ def jsonable(value: object) -> object:
 def write_record(name: str, figures: dict, *, question: str, reference: str | None = None,
                  ratio: float | None = None, summary: str | None = None,
                  smoke: bool = False, raw: str | None = None) -> Path:
-    """Write this run's record: `figures` (the script's own numbers), with the command that
-    produced them, the commit, the machine (CPU, GPU, BLAS threads), the load at the start and
-    the end, and the date. `question` is the section of docs/benchmarks.md the record belongs
-    to (benchmarks/README.md lists them); `ratio` (mlxlab's figure over `reference`'s, with
-    `summary` saying which figure and which way is better) puts it in the page's summary table.
-    A smoke run's record, and any run under pytest, goes to a temporary folder unless
-    MLXLAB_BENCH_RESULTS names one: only a real run adds to the repository's records.
-    Returns the record's path."""
+    """Write this run's record (benchmarks/README.md, "Records"): `figures`, the command, commit,
+    machine, load and date; `question` is its section of docs/benchmarks.md, and a `ratio` (with
+    `reference` and `summary`) a row of its summary table. A smoke run's record, and any run
+    under pytest, goes to a temporary folder unless MLXLAB_BENCH_RESULTS names one."""
     now = datetime.datetime.now(datetime.timezone.utc)
     script = Path(sys.argv[0]).resolve()
     with contextlib.suppress(ValueError):
@@ -255,9 +246,8 @@ def in_round(names: list[str], rnd: int) -> list[str]:
 
 
 def add_smoke(parser: argparse.ArgumentParser) -> None:
-    """`--smoke`: the smallest run through the script's code path (tiny sizes, one or two steps,
-    one round, the heavy or networked reference skipped), in seconds; its figures mean nothing.
-    tests/test_benchmarks_smoke.py runs every script's, so none can rot unseen."""
+    """`--smoke`: the smallest run through the script's code path, its figures meaningless
+    (tests/test_benchmarks_smoke.py runs every script's, so none can rot unseen)."""
     parser.add_argument("--smoke", action="store_true",
                         help="the smallest run through this script's code path; figures mean nothing")
 
