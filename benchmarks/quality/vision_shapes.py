@@ -146,32 +146,13 @@ def train(folder: Path, work: Path, seed: int, steps: int, extra: list[str]) -> 
     return next((run_root / "outputs" / "finetune_vision").iterdir())
 
 
-# mlx-vlm's trainer (`python -m mlx_vlm.train`, its run()) on mlxlab's OpenBLAS for MLX only
-MLX_VLM = """
-import sys
-from mlxlab.runtime.blas import setup_blas
-setup_blas()
-from mlx_vlm import train as cli
-args, settings = cli.parse_args(sys.argv[1:])
-cli.run(args, settings)
-"""
-
-
 def mlx_vlm_rows(out: Path) -> Path:
-    """The shapes task as mlx-vlm's trainer reads a JSONL folder: text messages and the row's
-    `images` list (train.jsonl, valid.jsonl)."""
+    """The shapes task as mlx-vlm's trainer reads a JSONL folder (train.jsonl, valid.jsonl)."""
+    from benchmarks.speed.bench_vision import both_formats
+
     out.mkdir(parents=True, exist_ok=True)
     for split, source in (("train", SHAPES / "train.jsonl"), ("valid", SHAPES / "val.jsonl")):
-        rows = []
-        for line in source.read_text().splitlines():
-            row = json.loads(line)
-            user, reply = row["messages"]
-            rows.append({"messages": [
-                {"role": "user", "content": next(p["text"] for p in user["content"]
-                                                 if p["type"] == "text")},
-                {"role": "assistant", "content": reply["content"][0]["text"]}],
-                "images": [str(SHAPES / p["image"]) for p in user["content"]
-                           if p["type"] == "image"]})
+        rows = [both_formats(json.loads(line), SHAPES)[1] for line in source.read_text().splitlines()]
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
@@ -189,7 +170,10 @@ def train_mlx_vlm(folder: Path, work: Path, seed: int, steps: int):
     out.mkdir(parents=True)
     data = mlx_vlm_rows(work / "mlx_vlm_data")
     started = time.time()
-    subprocess.run([sys.executable, "-c", MLX_VLM, "--model", str(folder), "--data", str(data),
+    from benchmarks.speed.bench_vision import MLX_VLM_WORKER
+
+    subprocess.run([sys.executable, "-c", MLX_VLM_WORKER, str(out / "report.jsonl"),
+                    "--model", str(folder), "--data", str(data),
                     "--iters", str(8 * steps), "--batch-size", "1", "--learning-rate", "1e-3",
                     "--lora-rank", "16", "--lora-alpha", "16", "--seed", str(seed),
                     "--target-modules", "q_proj", "k_proj", "v_proj", "o_proj",

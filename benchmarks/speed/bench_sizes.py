@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import add_smoke, cpu_model, in_round, run_with_peak_rss, write_record  # noqa: E402
+from benchmarks.harness import add_smoke, in_round, print_table, run_with_peak_rss, write_record  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 256, 4, 8, 16.0, 1e-4
@@ -308,53 +308,38 @@ def equal_count(runs: Path, data: Path, tokenizer: Path, skip: int, steps: int =
         got = run_steps(run, tool, mlxlab_rows, differences)
         if got:
             found[tuple(size_mode.rsplit("-", 1))].setdefault(tool, []).append(got[skip:])
-    lines = [f"equal count: mlx-lm scores {differences['mlx-lm']} and PEFT "
-             f"{differences['torch-peft']} tokens a chat more than mlxlab; steps after {skip}",
-             "| model | mode | tool | tokens/s (mlxlab's count) | vs mlx_lm.lora | chats/s | "
-             "ms a step (median) |", "|---|---|---|---:|---:|---:|---:|"]
+    rows = []
     for (size, mode), by_tool in found.items():
         rate = {t: sum(s[1] for r in rs for s in r) / sum(s[2] for r in rs for s in r)
                 for t, rs in by_tool.items()}
-        for tool in tools:
-            if tool not in by_tool:
-                continue
+        for tool in (t for t in tools if t in by_tool):
             steps_ = [s for r in by_tool[tool] for s in r]
-            chats = sum(s[0] for s in steps_) / sum(s[2] for s in steps_)
-            ratio = f"{rate[tool] / rate['mlx-lm']:.2f}x" if "mlx-lm" in rate else "-"
-            shown = f"{rate[tool]:.0f}" if rate[tool] >= 100 else f"{rate[tool]:.2f}"
-            lines.append(f"| {size} | {mode} | {tool} | {shown} | {ratio} | {chats:.2f} "
-                         f"| {1000 * statistics.median(s[2] for s in steps_):.1f} |")
-    return "\n".join(lines)
+            rows.append([size, mode, tool, f"{rate[tool]:.{0 if rate[tool] >= 100 else 2}f}",
+                         f"{rate[tool] / rate['mlx-lm']:.2f}x" if "mlx-lm" in rate else "-",
+                         f"{sum(s[0] for s in steps_) / sum(s[2] for s in steps_):.2f}",
+                         f"{1000 * statistics.median(s[2] for s in steps_):.1f}"])
+    return {"head": ["model", "mode", "tool", "tokens/s (mlxlab's count)", "vs mlx_lm.lora",
+                     "chats/s", "ms a step (median)"], "rows": rows, "differences": differences}
 
 
-def gpu_name() -> str:
-    import mlx.core as mx
-
-    return str(mx.device_info().get("device_name", "GPU"))
-
-
-def table(results: dict, sizes: list[str], modes: list[str], tools: list[str]) -> str:
-    lines = ["| model | mode | tool | tokens/s | vs mlx_lm.lora | MLX peak MB | peak RSS MB | "
-             "first step s | compiles | load |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for size in sizes:
-        for mode in modes:
-            runs = {t: [v for k, v in results.items() if k.startswith(f"{size}/{mode}/{t}/")]
-                    for t in tools}
-            ref = runs.get("mlx-lm")
-            for tool in tools:
-                if not runs[tool]:
-                    continue
-                med = {k: statistics.median(r[k] for r in runs[tool])
-                       for k in ("tokens_per_sec", "peak_mb", "rss_mb", "first_step_s")}
-                ratio = (f"{med['tokens_per_sec'] / statistics.median(r['tokens_per_sec'] for r in ref):.2f}x"
-                         if ref and tool != "mlx-lm" else "-")
-                compiles = runs[tool][0]["compiles"]
-                lines.append(
-                    f"| {size} | {mode} | {tool} | {med['tokens_per_sec']:.1f} | {ratio} | "
-                    f"{med['peak_mb']:.0f} | {med['rss_mb']:.0f} | {med['first_step_s']:.1f} | "
-                    f"{'-' if compiles is None else compiles} | "
-                    f"{','.join(str(r['load_1min']) for r in runs[tool])} |")
-    return "\n".join(lines)
+def table(results: dict, sizes: list[str], modes: list[str], tools: list[str]) -> dict:
+    rows = []
+    for size, mode in ((s, m) for s in sizes for m in modes):
+        runs = {t: [v for k, v in results.items() if k.startswith(f"{size}/{mode}/{t}/")]
+                for t in tools}
+        ref = runs.get("mlx-lm")
+        for tool in (t for t in tools if runs[t]):
+            med = {k: statistics.median(r[k] for r in runs[tool])
+                   for k in ("tokens_per_sec", "peak_mb", "rss_mb", "first_step_s")}
+            compiles = runs[tool][0]["compiles"]
+            rows.append([size, mode, tool, f"{med['tokens_per_sec']:.1f}",
+                         f"{med['tokens_per_sec'] / statistics.median(r['tokens_per_sec'] for r in ref):.2f}x"
+                         if ref and tool != "mlx-lm" else "-", f"{med['peak_mb']:.0f}",
+                         f"{med['rss_mb']:.0f}", f"{med['first_step_s']:.1f}",
+                         "-" if compiles is None else compiles,
+                         ",".join(str(r["load_1min"]) for r in runs[tool])])
+    return {"head": ["model", "mode", "tool", "tokens/s", "vs mlx_lm.lora", "MLX peak MB",
+                     "peak RSS MB", "first step s", "compiles", "load"], "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -421,14 +406,13 @@ def main(argv: list[str] | None = None) -> dict:
                                     "dtype": dtype if size != "smollm2" else None}
                     store.write_text(json.dumps(results, indent=1))
                     print(json.dumps({"stage": key, **results[key]}), flush=True)
-    shown = table(results, sizes, modes, tools)
-    device = gpu_name() if on_gpu() else f"{cpu_model()}, {os.cpu_count()} cores"
-    print(f"\n{device}; {args.steps} steps, the first {args.skip} "
-          f"left out; median of {args.rounds} round(s)\n\n{shown}")
+    figures = {"results": results, "table": table(results, sizes, modes, tools)}
+    print_table(figures["table"])
     if (work / "runs").is_dir():  # the same runs at equal work (one count of trained tokens)
-        print("\n" + equal_count(work / "runs", data, smollm2["qlora"], args.skip))
-    write_record("sizes", {"results": results, "table": shown}, question="speed-mlx",
-                 smoke=args.smoke, raw=str(store))
+        figures["equal_count"] = equal_count(work / "runs", data, smollm2["qlora"], args.skip)
+        print(f"equal count, steps after {args.skip}:")
+        print_table(figures["equal_count"])
+    write_record("sizes", figures, question="speed-mlx", smoke=args.smoke, raw=str(store))
     if failed:
         sys.exit(1)
     return results

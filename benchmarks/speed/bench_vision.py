@@ -165,36 +165,36 @@ def _image_size(family: str, folder: Path, size: int) -> None:
     path.write_text(json.dumps(pre, indent=1))
 
 
+def both_formats(row: dict, base: Path) -> tuple[dict, dict]:
+    """A shapes row as mlxlab's data=vision_chat reads it and as mlx-vlm's JSONL folder holds it
+    (text messages and the row's `images`), its pictures under `base`."""
+    images, messages = [], []
+    for m in row["messages"]:
+        parts = m["content"]
+        images += [str(base / p["image"]) for p in parts if p["type"] == "image"]
+        messages.append({"role": m["role"], "content": " ".join(p["text"] for p in parts
+                                                                if p["type"] == "text")})
+    user = [{"type": "image"}] * len(images) + [{"type": "text", "text": messages[0]["content"]}]
+    ours = {"messages": [{"role": "user", "content": user}, *[
+        {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+        for m in messages[1:]]], "images": images}
+    return ours, {"messages": messages, "images": images}
+
+
 def write_rows(root: Path, rows: int) -> tuple[Path, Path]:
-    """The shipped shapes task's first `rows` training rows (and 8 validation rows), as mlxlab's
-    data=vision_chat reads them and as mlx-vlm's JSONL folder holds them: (mlxlab's train file,
-    mlx-vlm's folder)."""
+    """The shapes task's first `rows` training rows (and 8 validation rows) in both formats:
+    (mlxlab's folder, mlx-vlm's folder)."""
     from mlxlab.config import asset_path
 
     source = Path(asset_path("shapes/train.jsonl"))
     lines = source.read_text().splitlines()
-    mlxlab_dir, vlm_dir = root / "mlxlab", root / "mlx_vlm"
-    for d in (mlxlab_dir, vlm_dir):
-        d.mkdir(parents=True, exist_ok=True)
+    folders = root / "mlxlab", root / "mlx_vlm"
     for split, chosen in (("train", lines[:rows]), ("valid", lines[rows:rows + 8])):
-        ours, theirs = [], []
-        for line in chosen:
-            row = json.loads(line)
-            images, messages = [], []
-            for m in row["messages"]:
-                parts = m["content"]
-                text = " ".join(p["text"] for p in parts if p["type"] == "text")
-                images += [str(source.parent / p["image"]) for p in parts if p["type"] == "image"]
-                messages.append({"role": m["role"], "content": text})
-            user = [{"type": "image"}] * len(images) + [
-                {"type": "text", "text": messages[0]["content"]}]
-            ours.append({"messages": [{"role": "user", "content": user}, *[
-                {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
-                for m in messages[1:]]], "images": images})
-            theirs.append({"messages": messages, "images": images})
-        (mlxlab_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ours))
-        (vlm_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in theirs))
-    return mlxlab_dir, vlm_dir
+        converted = [both_formats(json.loads(line), source.parent) for line in chosen]
+        for i, folder in enumerate(folders):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r[i]) + "\n" for r in converted))
+    return folders
 
 
 def run_mlxlab(model: Path, data: Path, steps: int, batch: int, quantize: bool, out: Path,
