@@ -95,12 +95,6 @@ def cpu_id() -> dict:
             "isa": "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None}
 
 
-def cpu_model() -> str:
-    """The CPU in one line: model name, cores, widest vector ISA."""
-    cpu = cpu_id()
-    return f"{cpu['model']} x{cpu['cores']}" + (f" ({cpu['isa']})" if cpu["isa"] else "")
-
-
 def gpu_names() -> list[str]:
     """The GPUs nvidia-smi lists (none on a machine without it); never imports MLX or PyTorch."""
     if not shutil.which("nvidia-smi"):

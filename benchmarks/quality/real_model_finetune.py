@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import cpu_model, in_round, write_record  # noqa: E402
+from benchmarks.harness import in_round, print_table, write_record  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
 
 MONTHS = list(calendar.month_name)[1:]
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(stages)  # other settings: nothing of the last run counts
         stages.mkdir()
     saved.write_text(json.dumps(settings))
-    result: dict = {"cpu": cpu_model(), "model": str(model), "folder": str(folder),
+    result: dict = {"model": str(model), "folder": str(folder),
                     "settings": settings, "blas_threads": os.environ["OPENBLAS_NUM_THREADS"],
                     "load_start": load()}
     wanted = set(args.stages.split(",")) if args.stages else None
@@ -329,59 +329,38 @@ def main(argv: list[str] | None = None) -> dict:
     for path in sorted(stages.glob("*torch*peft*.json")):  # real_model_torch_peft.py's stages
         result[path.stem] = json.loads(path.read_text())
     result["load_end"] = load()
+    result["table"] = table(result)
     (work / "results.json").write_text(json.dumps(result, indent=1))
     write_record("real-model-finetune", result, question="quality", smoke=args.smoke,
                  raw=str(work / "results.json"))
-    print(table(result))
+    print_table(result["table"])
+    print(json.dumps({"paired": result.get("paired")}))
     return result
 
 
-def table(r: dict) -> str:
-    """The markdown table of the stages `r` holds (a stage not run shows as "-")."""
-    s = r["settings"]
+def table(r: dict) -> dict:
+    """The stages `r` holds, a row a model (a stage not run shows as "-"), then mlxlab's ratios."""
     med = {}
     for tool in ("mlxlab", "mlx_lm", "mlx_lm_fast", "torch_peft"):
-        runs = [bench_lora.summary(v, s["skip"]) for k, v in r.items()
+        runs = [bench_lora.summary(v, r["settings"]["skip"]) for k, v in r.items()
                 if re.fullmatch(rf"train_{tool}_\d+", k)]
         med[tool] = {k: statistics.median(x[k] for x in runs) for k in
                      ("tokens_per_sec", "peak_mb", "rss_mb", "first_step_s")} if runs else None
-
-    def acc(key: str) -> str:
-        return f"{r[key]['accuracy']:.3f}" if key in r else "-"
-
-    def speed(tool: str) -> str:
-        m = med[tool]
-        return (f"{m['tokens_per_sec']:.1f} | {m['first_step_s']:.1f} | {m['peak_mb']:.0f} | "
-                f"{m['rss_mb']:.0f}") if m else "- | - | - | -"
-
-    lines = [f"{r['cpu']}; {r['blas_threads']} BLAS thread(s) a process; 1-min load "
-             f"{r['load_start']} at the start, {r.get('load_end', '-')} at the end (other "
-             f"sessions share the cores); {s['train']} train / {s['heldout']} held-out rows, "
-             f"LoRA rank {bench_lora.RANK} on q/k/v/o, batch {s['batch']}, {s['steps']} steps, lr "
-             f"{s['lr']:g}", "",
-             "| model | held-out exact match | trained tokens/s | first step s | peak MB (its framework's) | "
-             "peak RSS MB |", "|---|---:|---:|---:|---:|---:|",
-             f"| base (`mlxlab eval MODEL`) | {acc('base')} | | | | |",
-             f"| mlxlab LoRA (`mlxlab eval RUN`) | {acc('mlxlab')} | {speed('mlxlab')} |",
-             f"| mlx_lm.lora, same settings | {acc('mlx-lm')} | {speed('mlx_lm')} |",
-             f"| mlx_lm.lora on mlxlab's quantized product | {acc('mlx-lm-fast')} | "
-             f"{speed('mlx_lm_fast')} |",
-             f"| PyTorch + PEFT (real_model_torch_peft.py) | {acc('torch-peft')} | "
-             f"{speed('torch_peft')} |",
-             f"| mlxlab LoRA -> GGUF Q8_0 in llama.cpp | {acc('llama.cpp')} | | | | |"]
-    if "paired" in r:
-        p = r["paired"]
-        lines += ["", f"base vs mlxlab fine-tune, paired over {p['n']} held-out examples: "
-                  f"{p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}], {p['test']} p = "
-                  f"{p['p']:.3g}"]
-    for tool, name in (("mlx_lm", "mlx-lm"), ("mlx_lm_fast", "mlx-lm's loop on mlxlab's product"),
-                       ("torch_peft", "PyTorch + PEFT")):
-        if med["mlxlab"] and med[tool]:
-            a, b = med["mlxlab"], med[tool]
-            lines.append(f"mlxlab / {name}: tokens/s {a['tokens_per_sec'] / b['tokens_per_sec']:.2f}x,"
-                         f" MLX peak {a['peak_mb'] / b['peak_mb']:.2f}x (medians over rounds)")
-    return "\n".join(lines)
-
+    rows = []
+    for name, key, tool in (("base (`mlxlab eval MODEL`)", "base", None),
+                            ("mlxlab LoRA", "mlxlab", "mlxlab"), ("mlx_lm.lora", "mlx-lm", "mlx_lm"),
+                            ("mlx_lm.lora on mlxlab's quantized product", "mlx-lm-fast", "mlx_lm_fast"),
+                            ("PyTorch + PEFT", "torch-peft", "torch_peft"),
+                            ("mlxlab LoRA -> GGUF Q8_0 in llama.cpp", "llama.cpp", None)):
+        m = med.get(tool)
+        rows.append([name, f"{r[key]['accuracy']:.3f}" if key in r else "-",
+                     *([f"{m['tokens_per_sec']:.1f}", f"{m['first_step_s']:.1f}", f"{m['peak_mb']:.0f}",
+                        f"{m['rss_mb']:.0f}"] if m else ["-"] * 4),
+                     f"{med['mlxlab']['tokens_per_sec'] / m['tokens_per_sec']:.2f}x"
+                     if m and med["mlxlab"] and tool != "mlxlab" else "-"])
+    return {"head": ["model", "held-out exact match", "trained tokens/s", "first step s",
+                     "peak MB (its framework's)", "peak RSS MB", "mlxlab's tokens/s ratio"],
+            "rows": rows, "paired": r.get("paired")}
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ bar), `replay` (saved batches, not the data pipeline), `nokernels` (trainer.fuse
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -98,25 +99,13 @@ def step_seconds(times: list, skip: set[int], warmup: int, steps: int) -> dict[i
     """times[k] = clock() when step k finished (times[0]: before step 1) -> {step: (wall, CPU)
     seconds} for steps warmup+1 .. warmup+steps not in `skip`."""
     last = min(warmup + steps, len(times) - 1)
-    return {
-        k: (times[k][0] - times[k - 1][0], times[k][1] - times[k - 1][1])
-        for k in range(warmup + 1, last + 1)
-        if k not in skip
-    }
+    return {k: (times[k][0] - times[k - 1][0], times[k][1] - times[k - 1][1])
+            for k in range(warmup + 1, last + 1) if k not in skip}
 
 
 def compile_steps(shapes: list[tuple]) -> set[int]:
     """1-based steps whose batch shape had not been seen before (they trace and compile)."""
-    seen, new = set(), set()
-    for k, shape in enumerate(shapes, start=1):
-        if shape not in seen:
-            seen.add(shape)
-            new.add(k)
-    return new
-
-
-def shape_of(batch: dict) -> tuple:
-    return tuple(batch["input_ids"].shape)
+    return {k for k, shape in enumerate(shapes, start=1) if shape not in shapes[:k - 1]}
 
 
 def matmul_params(model, task: str) -> tuple[int, int, int, int]:
@@ -143,11 +132,8 @@ def matmul_params(model, task: str) -> tuple[int, int, int, int]:
 
 def step_flops(meta: dict, shape: tuple) -> float:
     b, t = shape
-    return (
-        6 * meta["params_per_token"] * b * t
-        + 6 * meta["params_per_sample"] * b
-        + 12 * meta["layers"] * meta["dim"] * t * b * t
-    )
+    return (6 * meta["params_per_token"] * b * t + 6 * meta["params_per_sample"] * b
+            + 12 * meta["layers"] * meta["dim"] * t * b * t)
 
 
 # ---- worker: the mlxlab stack -------------------------------------------------------------------
@@ -213,7 +199,7 @@ def worker_mlxlab(spec: dict) -> dict:
 
         def recorded(batching, epoch):
             for batch in live(batching, epoch):
-                rec["shapes"].append(shape_of(batch))
+                rec["shapes"].append(tuple(batch["input_ids"].shape))
                 if len(rec["batches"]) < warmup + steps:
                     rec["batches"].append(batch)
                 yield batch
@@ -323,10 +309,7 @@ def worker_command(kind: str, spec: dict, spec_path: Path) -> list[str]:
 
 def common_shape(shapes: list) -> tuple[int, int]:
     """The batch shape most steps had (the plain PyTorch script trains on that one)."""
-    counts: dict[tuple, int] = {}
-    for shape in shapes:
-        counts[tuple(shape)] = counts.get(tuple(shape), 0) + 1
-    return max(counts, key=counts.get)
+    return collections.Counter(tuple(s) for s in shapes).most_common(1)[0][0]
 
 
 def run_worker(kind: str, spec: dict, tmp: Path, label: str) -> dict:
@@ -550,7 +533,6 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--override", action="append", default=[],
                         help="extra Hydra override for every row (repeatable)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     add_smoke(parser)
@@ -593,19 +575,12 @@ def main() -> None:
         gemm = gemm_section(gemm_sizes, repeats=5 if quick else 20)
     peak = max(max(g["mlx"], g["numpy"]) for g in gemm)
     rows, ratio_rows, checks = [], [], []
-    with tempfile.TemporaryDirectory(prefix="mlxlab-bench-") as tmp_name:
-        tmp = Path(tmp_name)
-        try:
-            for name in models:
-                model_rows, model_ratios, check = bench_model(name, args, tmp, peak)
-                rows += model_rows
-                ratio_rows += model_ratios
-                checks += [check] if check else []
-        finally:
-            if args.keep:
-                kept = Path(tempfile.mkdtemp(prefix="mlxlab-bench-kept-"))
-                subprocess.run(["cp", "-r", f"{tmp}/.", str(kept)], check=False)
-                print(f"worker logs kept in {kept}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="mlxlab-bench-") as tmp:
+        for name in models:
+            model_rows, model_ratios, check = bench_model(name, args, Path(tmp), peak)
+            rows += model_rows
+            ratio_rows += model_ratios
+            checks += [check] if check else []
     shown = table(rows, ratio_rows)
     print_table(shown)
     pytorch = next((c for c in ratio_rows if c[0].endswith(": mlxlab / PyTorch eager")), None)
