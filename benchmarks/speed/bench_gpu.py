@@ -87,39 +87,20 @@ def gemm(sizes: list[int], deadline: float) -> dict[str, float]:
     return best
 
 
-def preset_step(spec: dict, root: Path, preset: str, dtype: str):
-    """(model config, model, loss, compiled step) of `preset` as the trainer builds them: AdamW,
-    clip 1.0, fused kernels auto, bf16 compute over fp32 masters for dtype "bf16"."""
+def lm_rows(spec: dict) -> list[dict]:
+    """mlxlab's compiled step (training/step.py make_step: AdamW, clip 1.0, fused kernels auto,
+    bf16 compute over fp32 masters for "bf16") on each preset x dtype; a row each (or its error)."""
     import mlx.core as mx
     import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_flatten
 
-    from benchmarks.speed.bench import compose
+    from benchmarks.speed.bench import compose, matmul_params, step_flops
     from mlxlab import kernels
     from mlxlab.config import instantiate
     from mlxlab.objectives import losses
     from mlxlab.training.settings import TrainerSettings
     from mlxlab.training.step import make_step, mixed_precision
-
-    cfg = compose(root, [f"model=transformer_{preset}", *spec["model_overrides"]])
-    mx.random.seed(0)
-    model = instantiate(cfg.model, vocab_size=spec["vocab"], num_labels=None)
-    model.train()
-    settings = TrainerSettings(precision=dtype, grad_clip=1.0, fused_kernels="auto")
-    kernels.set_mode(settings.fused_kernels)  # as the loop sets it
-    loss_fn = losses.task_loss("lm")
-    if dtype == "bf16":
-        loss_fn = mixed_precision(loss_fn, mx.bfloat16)
-    step = make_step(model, optim.AdamW(learning_rate=1e-4, weight_decay=0.01), loss_fn, settings)
-    return cfg.model, model, loss_fn, step
-
-
-def lm_rows(spec: dict) -> list[dict]:
-    """mlxlab's compiled step on each preset x dtype; one row each (or its error)."""
-    import mlx.core as mx
-    import numpy as np
-    from mlx.utils import tree_flatten
-
-    from benchmarks.speed.bench import matmul_params, step_flops
 
     rows, deadline = [], spec["deadline"]
     root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
@@ -131,13 +112,22 @@ def lm_rows(spec: dict) -> list[dict]:
                 row["skipped"] = "over the part's time budget"
                 continue
             try:
-                model_cfg, model, _, step = preset_step(spec, root, preset, dtype)
+                model_cfg = compose(root, [f"model=transformer_{preset}", *spec["model_overrides"]]).model
+                mx.random.seed(0)
+                model = instantiate(model_cfg, vocab_size=spec["vocab"], num_labels=None)
+                model.train()
+                settings = TrainerSettings(precision=dtype, grad_clip=1.0, fused_kernels="auto")
+                kernels.set_mode(settings.fused_kernels)  # as the loop sets it
+                loss_fn = losses.task_loss("lm")
+                if dtype == "bf16":
+                    loss_fn = mixed_precision(loss_fn, mx.bfloat16)
+                step = make_step(model, optim.AdamW(learning_rate=1e-4, weight_decay=0.01),
+                                 loss_fn, settings)
                 # nano's positions stop at 256: its rows are that long
                 batch_rows, seq = spec["batch"][preset], min(spec["seq"], model_cfg.max_seq_len)
                 rng = np.random.default_rng(spec["seed"])
-                per_token, per_sample, layers, dim = matmul_params(model, "lm")
-                meta = {"params_per_token": per_token, "params_per_sample": per_sample,
-                        "layers": layers, "dim": dim}
+                meta = dict(zip(("params_per_token", "params_per_sample", "layers", "dim"),
+                                matmul_params(model, "lm")))
                 times = []
                 for k in range(spec["warmup"] + spec["steps"]):
                     ids = rng.integers(0, spec["vocab"], (batch_rows, seq + 1), dtype=np.int32)
