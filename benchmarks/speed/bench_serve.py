@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, write_record  # noqa: E402
+from benchmarks.harness import add_smoke, print_table, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["Once upon a time", "The little dog", "A girl named Lily", "In the big forest",
@@ -211,8 +211,6 @@ def main() -> int:
               f"{', two LoRA runs of it, clients alternating' if args.adapters else ''}; "
               f"{args.clients} clients x {args.requests} greedy completions of "
               f"{args.max_tokens} tokens; solo answers equal across servers: {same}")
-        print(f"cpu: {os.cpu_count()} cores; OPENBLAS_NUM_THREADS={args.blas_threads}; python "
-              f"{sys.version.split()[0]}")
         rows = {name: [] for name in servers}
         for r in range(args.rounds):
             for name, (_, url) in servers.items():
@@ -224,19 +222,20 @@ def main() -> int:
                       f"{row['latency_max']:.2f} s  per client {row['client_tok_s']:.1f} tok/s  "
                       f"all clients {row['total_tok_s']:.1f} tok/s  ({row['wall']:.1f} s)",
                       flush=True)
-        print("\n| server | lost | differs | latency median (s) | per client tok/s | "
-              "all clients tok/s |")
-        print("|---|---|---|---|---|---|")
+        shown = {"head": ["server", "lost", "differs", "latency median (s)", "per client tok/s",
+                          "all clients tok/s"], "rows": []}
         for name, rs in rows.items():
             med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-            print(f"| {name} | {sum(r['lost'] for r in rs)} | {sum(r['differs'] for r in rs)} "
-                  f"| {med['latency_median']:.2f} | {med['client_tok_s']:.1f} | "
-                  f"{med['total_tok_s']:.1f} |")
+            shown["rows"].append([name, sum(r["lost"] for r in rs), sum(r["differs"] for r in rs),
+                                  f"{med['latency_median']:.2f}", f"{med['client_tok_s']:.1f}",
+                                  f"{med['total_tok_s']:.1f}"])
+        print_table(shown)
         names = list(rows)
         ratio = (statistics.median(a["total_tok_s"] / b["total_tok_s"]
                                    for a, b in zip(rows[names[0]], rows[names[1]]))
                  if len(names) > 1 else None)
-        write_record("serve-vs-mlx-lm-server", {"rounds": rows, "solo_answers_equal": same},
+        write_record("serve-vs-mlx-lm-server", {"rounds": rows, "solo_answers_equal": same,
+                                                "table": shown},
                      question="speed-mlx", reference=ratio and names[1], ratio=ratio and round(ratio, 2),
                      summary=ratio and f"{names[0]}: tokens/s of all {args.clients} clients (higher is better)",
                      smoke=args.smoke)
