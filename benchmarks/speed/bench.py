@@ -322,10 +322,8 @@ def run_worker(kind: str, spec: dict, tmp: Path, label: str) -> dict:
     env.update(OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     print(f"  running {label} ...", file=sys.stderr, flush=True)
     with open(log_path, "w") as log:
-        proc = subprocess.run(
-            worker_command(kind, spec, spec_path), stdout=log, stderr=subprocess.STDOUT, env=env,
-            cwd=SCRIPTS.parent,
-        )
+        proc = subprocess.run(worker_command(kind, spec, spec_path), stdout=log,
+                              stderr=subprocess.STDOUT, env=env, cwd=SCRIPTS.parent)
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-30:])
         raise RuntimeError(f"worker {label} failed (exit {proc.returncode}); log tail:\n{tail}")
@@ -337,14 +335,10 @@ def run_worker(kind: str, spec: dict, tmp: Path, label: str) -> dict:
 def model_overrides(name: str, args) -> list[str]:
     experiment, *_ = MODELS[name]
     total = args.warmup + args.steps
-    overrides = [
-        f"experiment={experiment}",
-        f"trainer.max_steps={total}",
-        "trainer.eval_every_steps=null",  # evaluate at epoch ends only (BERT) and after the run
-        "checkpoint.save_every_minutes=null",
-        "callbacks.early_stopping.patience=0",
-        "trainer.grad_accum=1",
-    ]
+    # evaluated at epoch ends only (BERT) and after the run
+    overrides = [f"experiment={experiment}", f"trainer.max_steps={total}",
+                 "trainer.eval_every_steps=null", "checkpoint.save_every_minutes=null",
+                 "callbacks.early_stopping.patience=0", "trainer.grad_accum=1"]
     if name == "bert":
         overrides.append("trainer.max_epochs=1000")  # max_steps ends it
     if args.batch_size:
@@ -386,9 +380,8 @@ def bench_round(name: str, spec: dict, args, tmp: Path, r: int) -> dict[str, dic
         kind, _, variant = impl.partition(":")
         kind = "plain" if impl == "torch:plain" else kind
         label = f"{name}-{impl.replace(':', '-')}-r{r}"
-        results[impl] = run_worker(
-            kind, {**spec, "variant": variant or "full", "save_batches": r == 0}, tmp, label
-        )
+        results[impl] = run_worker(kind, {**spec, "variant": variant or "full",
+                                          "save_batches": r == 0}, tmp, label)
         if impl == "mlxlab" and r == 0:
             spec["reference"] = results[impl]
     return results
@@ -422,10 +415,8 @@ def bench_model(name: str, args, tmp: Path, peak: float) -> tuple[list[dict], li
     _, unit, default_steps = MODELS[name]
     args = argparse.Namespace(**{**vars(args), "steps": args.steps or default_steps})
     root = tmp / name
-    spec = {
-        "root": str(root), "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
-        "overrides": model_overrides(name, args), "batches": str(root / "batches.npz"),
-    }
+    spec = {"root": str(root), "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
+            "overrides": model_overrides(name, args), "batches": str(root / "batches.npz")}
     rounds = [bench_round(name, spec, args, tmp, r) for r in range(args.repeats)]
     plain = [results.pop("torch:plain")["tokens_per_s"] for results in rounds
              if "torch:plain" in results]
@@ -441,11 +432,8 @@ def bench_model(name: str, args, tmp: Path, peak: float) -> tuple[list[dict], li
     for results in rounds:
         for res in results.values():
             skip |= {k + 1 for k in res.get("evals", [])}
-    summaries = [
-        {impl: summarize(name, impl, res, ref, skip, args, unit, peak)
-         for impl, res in results.items()}
-        for results in rounds
-    ]
+    summaries = [{impl: summarize(name, impl, res, ref, skip, args, unit, peak)
+                  for impl, res in results.items()} for results in rounds]
     rows = []
     for impl in summaries[0]:
         runs = sorted((s[impl] for s in summaries), key=lambda row: row["rate"])
@@ -457,9 +445,8 @@ def bench_model(name: str, args, tmp: Path, peak: float) -> tuple[list[dict], li
     for k, (what, _, _, target) in enumerate(per_round[0]):
         values = [round_ratios[k][1] for round_ratios in per_round]
         by_median = statistics.median(round_ratios[k][2] for round_ratios in per_round)
-        combined.append(
-            (what, statistics.median(values), target, min(values), max(values), by_median)
-        )
+        combined.append((what, statistics.median(values), target, min(values), max(values),
+                         by_median))
     check = None
     if plain:
         check = baseline_check(name, [s["torch"]["rate"] for s in summaries], plain)

@@ -39,9 +39,8 @@ def torch_models():
         def __init__(self, dim, heads, bias, rope_theta=None):
             super().__init__()
             self.heads, self.rope_theta = heads, rope_theta
-            self.query, self.key, self.value, self.out = (
-                nn.Linear(dim, dim, bias=bias) for _ in range(4)
-            )
+            self.query, self.key, self.value, self.out = (nn.Linear(dim, dim, bias=bias)
+                                                          for _ in range(4))
             self.rope_cache: dict[int, tuple] = {}
 
         def rope(self, x):  # MLX nn.RoPE(traditional=False): rotate the two halves of a head
@@ -104,9 +103,8 @@ def torch_models():
                 raise ValueError(f"the PyTorch decoder implements the default preset only: {unsupported}")
             hidden = mlp_dim or (int(8 * dim / 3) + 63) // 64 * 64
             self.embed_tokens = nn.Embedding(vocab_size, dim)
-            self.layers = nn.ModuleList(
-                DecoderBlock(dim, num_heads, hidden, rope_theta) for _ in range(num_layers)
-            )
+            self.layers = nn.ModuleList(DecoderBlock(dim, num_heads, hidden, rope_theta)
+                                        for _ in range(num_layers))
             self.norm = nn.RMSNorm(dim, eps=1e-5)
 
         def forward(self, input_ids, attention_mask=None):
@@ -181,10 +179,8 @@ def worker_torch(spec: dict) -> dict:
     torch.manual_seed(0)
     ref = spec["reference"]
     meta, hp = ref["meta"], ref["trainer"]
-    batches = [
-        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
-        for b in load_batches(spec["batches"])
-    ]
+    batches = [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
+               for b in load_batches(spec["batches"])]
     for b in batches:
         for key in ("input_ids", "labels"):
             b[key] = b[key].long()
