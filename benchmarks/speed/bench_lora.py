@@ -132,22 +132,33 @@ def lora_overrides(model: Path, data: Path, steps: int, *, batch: int = BATCH, l
             f"optimizer.learning_rate={lr}", "trainer.schedule.warmup_steps=0"]
 
 
-def run_mlxlab(out: Path, overrides: list[str], env: dict | None = None) -> dict:
+def run_mlxlab(out: Path, overrides: list[str], env: dict | None = None,
+               step_times: bool = False) -> dict:
     """`mlxlab.train OVERRIDES` with tracking=csv and every step logged, in `out`: each step's
-    tokens/s, MLX peak and loss; the process's peak RSS, the first step's seconds (its compile),
-    the compiles, the wall time, the last validation loss, a checkpoint's size."""
+    tokens/s, MLX peak and loss (`step_times`: and its wall seconds, the whole loop's, from
+    benchmarks.callbacks.StepTimes); the process's peak RSS, the first step's seconds (its
+    compile), the compiles, the wall time, the last validation loss, a checkpoint's size."""
     shutil.rmtree(out, ignore_errors=True)  # its metrics.csv appends
+    out.parent.mkdir(parents=True, exist_ok=True)
+    times = out.with_name(out.name + ".times")
+    times.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "mlxlab.train", *overrides, "trainer.log_every_steps=1",
            "tracking=csv", "callbacks.progress.enabled=false", "callbacks.memory.every=1",
            f"hydra.run.dir={out}"]
+    if step_times:
+        cmd.append(f"+callbacks.step_times={{_target_:benchmarks.callbacks.StepTimes,path:{times}}}")
     started = time.perf_counter()
-    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env or {**os.environ, "PYTHONPATH": str(REPO / "src")})
+    path = os.pathsep.join([str(REPO / "src"), str(REPO)])  # benchmarks.callbacks
+    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env={**(env or os.environ), "PYTHONPATH": path})
+    out.with_name(out.name + ".log").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
-        raise RuntimeError(f"mlxlab failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"mlxlab failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     rows = csv_metrics(out)
     tags = json.loads((out / "tracking" / "tags.json").read_text())
+    clock = [float(x) for x in times.read_text().split()] if step_times else []
     return {"steps": [{"step": s, "tokens_per_sec": m["train/tokens_per_sec"],
-                       "peak_mb": m.get("memory/peak_mb", float("nan")), "loss": m["train/loss"]}
+                       "peak_mb": m.get("memory/peak_mb", float("nan")), "loss": m["train/loss"],
+                       **({"seconds": clock[s] - clock[s - 1]} if clock else {})}
                       for s, m in sorted(rows.items()) if "train/tokens_per_sec" in m],
             "rss_mb": rss, "first_step_s": float(tags.get("mlxlab.compile_s", "nan")),
             "compiles": int(tags.get("mlxlab.compiles", "0")), "wall_s": time.perf_counter() - started,

@@ -34,7 +34,8 @@ from benchmarks.harness import (  # noqa: E402
     smoke_dir,
     write_record,
 )
-from benchmarks.speed.bench_lora import csv_metrics  # noqa: E402
+from benchmarks.speed.bench_lora import lora_overrides  # noqa: E402
+from benchmarks.speed.bench_lora import run_mlxlab as run_lora_mlxlab  # noqa: E402
 
 RANK, ALPHA, LR = 8, 16.0, 2e-4
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -198,36 +199,15 @@ def write_rows(root: Path, rows: int) -> tuple[Path, Path]:
 
 
 def run_mlxlab(model: Path, data: Path, steps: int, batch: int, quantize: bool, out: Path,
-               env: dict) -> list[dict]:
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "mlxlab.train", "experiment=finetune_vision",
-           f"model.pretrained={model}", f"data.train_file={data / 'train.jsonl'}",
-           f"data.val_file={data / 'valid.jsonl'}", f"model.lora.rank={RANK}",
-           f"model.lora.alpha={ALPHA}", "model.lora.targets=[query,key,value,out]",
-           f"model.quantize={4 if quantize else 'null'}", f"trainer.batch_size={batch}",
-           f"trainer.max_steps={steps}", f"trainer.eval_every_steps={10 * steps}",
-           "trainer.log_every_steps=1", f"optimizer.learning_rate={LR}",
-           "optimizer.weight_decay=0.0", "trainer.schedule.warmup_steps=0", "tracking=csv",
-           "callbacks.progress.enabled=false", "callbacks.memory.every=1",
-           f"hydra.run.dir={out}", f"+callbacks.step_times={{_target_:benchmarks.callbacks."
-           f"StepTimes,path:{out.parent / (out.name + '.times')}}}"]
-    times = out.parent / f"{out.name}.times"
-    times.unlink(missing_ok=True)
-    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env={**env, "PYTHONPATH": f"{REPO / 'src'}"
-                                                      f"{os.pathsep}{REPO}"})
-    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        raise RuntimeError(f"mlxlab failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    clock = [float(x) for x in times.read_text().split()]
-    seconds = [b - a for a, b in zip(clock, clock[1:])]
-    return [{"step": s, "tokens_per_sec": m["train/tokens_per_sec"],
-             "peak_mb": m.get("memory/peak_mb", float("nan")), "loss": m["train/loss"],
-             "seconds": seconds[s - 1], "rss_mb": rss}
-            for s, m in sorted(csv_metrics(out).items()) if "train/tokens_per_sec" in m]
+               env: dict) -> dict:
+    return run_lora_mlxlab(out, [
+        "experiment=finetune_vision", *lora_overrides(model, data, steps, batch=batch, lr=LR),
+        f"model.quantize={4 if quantize else 'null'}", f"trainer.eval_every_steps={10 * steps}",
+        "optimizer.weight_decay=0.0"], env, step_times=True)
 
 
 def run_mlx_vlm(model: Path, data: Path, steps: int, batch: int, quantize: bool, out: Path,
-                env: dict) -> list[dict]:
+                env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     report = out / "report.jsonl"
@@ -245,16 +225,17 @@ def run_mlx_vlm(model: Path, data: Path, steps: int, batch: int, quantize: bool,
     if proc.returncode:
         raise RuntimeError(f"mlx-vlm failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     rows = [json.loads(line) for line in report.read_text().splitlines()]
-    return [{"step": r["iteration"], "tokens_per_sec": r["tokens_per_second"],
-             "peak_mb": r["peak_memory"] * 1e9 / 2**20, "loss": r["train_loss"],
-             "seconds": r["step_time"], "rss_mb": rss} for r in rows]
+    return {"steps": [{"step": r["iteration"], "tokens_per_sec": r["tokens_per_second"],
+                       "peak_mb": r["peak_memory"] * 1e9 / 2**20, "loss": r["train_loss"],
+                       "seconds": r["step_time"]} for r in rows], "rss_mb": rss}
 
 
-def summarize(steps: list[dict], skip: int) -> dict:
+def summarize(run: dict, skip: int) -> dict:
+    steps = run["steps"]
     timed = [s for s in steps if s["step"] > skip] or steps
     return {"tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed),
             "step_s": statistics.median(s["seconds"] for s in timed),
-            "peak_mb": max(s["peak_mb"] for s in steps), "rss_mb": steps[-1]["rss_mb"],
+            "peak_mb": max(s["peak_mb"] for s in steps), "rss_mb": run["rss_mb"],
             "loss_first": steps[0]["loss"], "steps": len(steps)}
 
 
