@@ -227,6 +227,20 @@ def write_results(out: Path, results: dict, compare: str, shown: str,
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """`rows` as JSON lines in `path`, left alone when it holds them already (another process
+    may be reading it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
 def print_table(table: dict) -> None:
     """A record's `table` ({"head", "rows"}) printed as markdown."""
     for row in [table["head"], ["---"] * len(table["head"]), *table["rows"]]:

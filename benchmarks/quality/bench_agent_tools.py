@@ -27,8 +27,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, line_value, smoke_dir, tiny_hf_model, write_record
+from benchmarks.harness import (
+    add_smoke,
+    line_value,
+    smoke_dir,
+    tiny_hf_model,
+    write_jsonl,
+    write_record,
+)
 from benchmarks.harness import mlxlab_cli as mlxlab
+from benchmarks.harness import read_jsonl as jsonl
 from benchmarks.harness import run_logged as run
 from benchmarks.harness import train_cli as train
 
@@ -37,15 +45,6 @@ ASSETS = REPO / "src" / "mlxlab" / "assets" / "lookup_codes"
 TOOL = "mlxlab.objectives.rl.lookup_tools.lookup_code"
 DESK = "mlxlab.objectives.rl.lookup_tools.QuestionLookup"
 COMPACT = REPO / "tests" / "chat_templates" / "hermes_compact.jinja"
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def load() -> float:

@@ -19,12 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.harness import read_jsonl  # noqa: E402  (standard library and numpy only)
+
 MAX_NEW_TOKENS = 16
 RANK, ALPHA = 8, 16.0
-
-
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile:
         model = torch.compile(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    chats = [r["messages"] for r in rows(work / "data" / "train.jsonl")]
+    chats = [r["messages"] for r in read_jsonl(work / "data" / "train.jsonl")]
     order = list(range(len(chats)))
     random.Random(args.seed).shuffle(order)
     steps = train_steps(model, tok, chats, args.steps, args.batch, args.lr, order)
@@ -169,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     # held-out: greedy, left-padded batches, the template's generation prompt
     model.eval()
     tok.padding_side = "left"
-    heldout = rows(work / "dates.jsonl")[: args.heldout]
+    heldout = read_jsonl(work / "dates.jsonl")[: args.heldout]
     stops = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
              if isinstance(t, int) and t >= 0]
     outputs, right, t0 = {}, 0, time.perf_counter()

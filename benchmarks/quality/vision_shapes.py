@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import write_record  # noqa: E402
+from benchmarks.harness import read_jsonl, write_record  # noqa: E402
 
 SHAPES = REPO / "src" / "mlxlab" / "assets" / "shapes"
 IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>"]
@@ -89,10 +89,6 @@ def build_folder(out: Path, seed: int = 0, vision_width: int = 256, vision_layer
     (out / "processor_config.json").write_text(json.dumps(
         {"processor_class": "SmolVLMProcessor", "image_seq_len": 4}))
     return out
-
-
-def held_out(path: Path = SHAPES / "val.jsonl") -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def answers(model_path: str, rows: list[dict], vlm=None) -> list[str]:
@@ -206,7 +202,7 @@ def main() -> None:
     import mlxlab  # noqa: F401  (OpenBLAS for MLX before anything computes)
 
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    steps, rows = (2, held_out()[:6]) if args.smoke else (args.steps, held_out())
+    steps, rows = (2, read_jsonl(SHAPES / "val.jsonl")[:6]) if args.smoke else (args.steps, read_jsonl(SHAPES / "val.jsonl"))
     folder = build_folder(args.work / "smollm2-vlm")
     start = correct(answers(str(folder), rows), rows)
     record = {"steps": steps, "chance": chance(rows), "start": sum(start) / len(rows), "seeds": {}}
