@@ -164,14 +164,18 @@ def write_record(name: str, figures: dict, *, question: str, reference: str | No
 
 def run_with_peak_rss(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float]:
     """subprocess.run(cmd, capture_output=True, text=True, **kwargs) and the child's peak
-    resident memory in MB (its ru_maxrss from wait4: the child's own, not this process's)."""
+    resident memory in MB (its ru_maxrss from wait4: the child's own, not this process's); the
+    result also holds `wall_s` and `cpu_s` (user + system: its own work, which waiting for a core
+    on a busy machine does not inflate as it does the wall time)."""
+    started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **kwargs)
         _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+        done = subprocess.CompletedProcess(cmd, os.waitstatus_to_exitcode(status), out.read(),
+                                           err.read())
+    done.wall_s, done.cpu_s = time.perf_counter() - started, usage.ru_utime + usage.ru_stime
     return done, usage.ru_maxrss / 1024
 
 

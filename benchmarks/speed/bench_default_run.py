@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, in_round, print_table, save_batches, write_record
+from benchmarks.harness import (
+    add_smoke,
+    in_round,
+    print_table,
+    run_with_peak_rss,
+    save_batches,
+    write_record,
+)
 
 HERE = Path(__file__).resolve().parent
 BARE = ["tracking=none", "callbacks.progress.enabled=false"]
@@ -71,22 +77,12 @@ def dump(folder: Path, overrides: list[str]) -> None:
     }))
 
 
-def children_cpu() -> float:
-    """CPU seconds (user + system) of this process's finished children: a run's own work, which
-    a busy machine's waiting for a core does not inflate as it does its wall time."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def timed(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run `cmd` (subprocess.run's keyword arguments, output captured as text): (its result, wall
-    seconds, CPU seconds); a failed run ends the benchmark with its stderr's tail."""
-    started, cpu = time.perf_counter(), children_cpu()
-    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-    wall, cpu = time.perf_counter() - started, children_cpu() - cpu
+    """(`cmd`'s result, wall seconds, CPU seconds); a failed run ends the benchmark."""
+    done, _ = run_with_peak_rss(cmd, **kwargs)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return done, wall, cpu
+    return done, done.wall_s, done.cpu_s
 
 
 def stamp(text: str) -> float:

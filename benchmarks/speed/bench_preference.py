@@ -17,16 +17,21 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, print_table, smoke_dir, tiny_hf_model, write_record  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    add_smoke,
+    print_table,
+    run_with_peak_rss,
+    smoke_dir,
+    tiny_hf_model,
+    write_record,
+)
 
 LORA_VENV = Path(os.environ.get("MLXLORA_VENV", "/work/venvs/mlxlora"))
 MODEL = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 6,
@@ -94,21 +99,13 @@ def check_mlxlab_lengths(folder: Path, data: Path, length: int) -> None:
 
 
 def timed_run(cmd: list[str], env: dict, log: Path) -> dict:
-    """Run `cmd` under /usr/bin/time -v; its output in `log`; max RSS (MiB), CPU and wall (s)."""
-    start = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], env=env, stdout=f,
-                              stderr=subprocess.STDOUT, cwd=REPO)
-    text = log.read_text()
-    if proc.returncode:
-        raise SystemExit(f"{cmd[:3]} failed ({proc.returncode}); see {log}:\n{text[-2000:]}")
-
-    def field(name: str) -> float:
-        return float(re.search(rf"{re.escape(name)}: ([\d.]+)", text).group(1))
-
-    return {"rss_mb": field("Maximum resident set size (kbytes)") / 1024,
-            "cpu_s": field("User time (seconds)") + field("System time (seconds)"),
-            "wall_s": time.perf_counter() - start, "log": text}
+    """Run `cmd`, its output in `log`: its peak RSS (MiB), CPU and wall seconds, output."""
+    done, rss = run_with_peak_rss(cmd, env=env, cwd=REPO)
+    text = done.stdout + done.stderr
+    log.write_text(text)
+    if done.returncode:
+        raise SystemExit(f"{cmd[:3]} failed ({done.returncode}); see {log}:\n{text[-2000:]}")
+    return {"rss_mb": rss, "cpu_s": done.cpu_s, "wall_s": done.wall_s, "log": text}
 
 
 def run_mlx_lm_lora(work: Path, folder: Path, data: Path, steps: int, every: int, openblas: bool,
