@@ -352,41 +352,32 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+# --name, type, default, help; --tiny-* and --real-* belong to those parts, the rest to all
+OPTIONS = [
+    ("out", str, "/tmp/bench_agent", "--smoke: a fresh folder"), ("parts", str, "tiny,real,speed", None),
+    ("seeds", int, 3, None), ("prompts", int, 4, "prompts per GRPO step"),
+    ("generations", int, 4, "trajectories per prompt"),
+    ("max-length", int, 128, "objective.max_completion_length: every turn's tokens"),
+    ("temperature", float, 1.0, "objective.temperature: GRPO's sampling (evaluations are greedy)"),
+    ("tiny-hidden", int, 128, None), ("tiny-layers", int, 2, None),
+    ("tiny-sft-steps", int, 1200, None), ("tiny-sft-lr", float, 3e-3, None),
+    ("tiny-steps", int, 30, None), ("tiny-lr", float, 1e-4, "GRPO's learning rate"),
+    ("tiny-sft-snapshots", ints, [], "SFT steps after which the model is also kept (e.g. 100,200)"),
+    ("tiny-start", int, 0, "GRPO from the SFT snapshot after this many steps (0: the last)"),
+    ("real-sft-rows", int, 64, None), ("real-sft-steps", int, 16, None),
+    ("real-sft-batch", int, 4, None), ("real-sft-lr", float, 3e-5, None),
+    ("real-steps", int, 10, None), ("real-lr", float, 1e-4, "GRPO's learning rate"),
+    ("real-sft-snapshots", ints, [], "SFT steps after which the model is also kept (e.g. 8,16,24)"),
+    ("real-start", int, 0, "GRPO from the SFT snapshot after this many steps (0: the last)"),
+    ("format-reward", float, 0.0, "weight of tool_call_parsed beside exact_answer (0: none)"),
+    ("real-heldout", int, 40, None), ("speed-rounds", int, 3, None),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="/tmp/bench_agent")  # --smoke: a fresh folder
-    parser.add_argument("--parts", default="tiny,real,speed")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=4, help="prompts per GRPO step")
-    parser.add_argument("--generations", type=int, default=4, help="trajectories per prompt")
-    parser.add_argument("--max-length", type=int, default=128,
-                        help="objective.max_completion_length: every turn's tokens")
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="objective.temperature: GRPO's sampling (evaluations are greedy)")
-    parser.add_argument("--tiny-hidden", type=int, default=128)
-    parser.add_argument("--tiny-layers", type=int, default=2)
-    parser.add_argument("--tiny-sft-steps", type=int, default=1200)
-    parser.add_argument("--tiny-sft-lr", type=float, default=3e-3)
-    parser.add_argument("--tiny-steps", type=int, default=30)
-    parser.add_argument("--tiny-lr", type=float, default=1e-4, help="GRPO's learning rate")
-    parser.add_argument("--tiny-sft-snapshots", type=ints, default=[],
-                        help="SFT steps after which the model is also kept (e.g. 100,200)")
-    parser.add_argument("--tiny-start", type=int, default=0,
-                        help="GRPO from the SFT snapshot after this many steps (0: the last)")
-    parser.add_argument("--real-sft-rows", type=int, default=64)
-    parser.add_argument("--real-sft-steps", type=int, default=16)
-    parser.add_argument("--real-sft-batch", type=int, default=4)
-    parser.add_argument("--real-sft-lr", type=float, default=3e-5)
-    parser.add_argument("--real-steps", type=int, default=10)
-    parser.add_argument("--real-lr", type=float, default=1e-4, help="GRPO's learning rate")
-    parser.add_argument("--real-sft-snapshots", type=ints, default=[],
-                        help="SFT steps after which the model is also kept (e.g. 8,16,24)")
-    parser.add_argument("--real-start", type=int, default=0,
-                        help="GRPO from the SFT snapshot after this many steps (0: the last)")
-    parser.add_argument("--format-reward", type=float, default=0.0,
-                        help="weight of tool_call_parsed beside exact_answer (0: none)")
-    parser.add_argument("--real-heldout", type=int, default=40)
-    parser.add_argument("--speed-rounds", type=int, default=3)
+    for name, kind, default, text in OPTIONS:
+        parser.add_argument(f"--{name}", type=kind, default=default, help=text)
     parser.add_argument("--reuse-sft", action="store_true",
                         help="keep an SFT model an earlier invocation left in --out")
     add_smoke(parser)
