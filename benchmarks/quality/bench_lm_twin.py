@@ -62,10 +62,6 @@ def split_sample(out: Path, heldout: int) -> tuple[Path, Path]:
     return tuple(files)
 
 
-def windows(data, batching) -> list[dict[str, np.ndarray]]:
-    return [{k: np.array(v) for k, v in b.items()} for b in data.val_batches(batching)]
-
-
 def torch_warmup_cosine(optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float):
     """mlxlab's warmup_cosine with PyTorch's own schedulers: linear from lr/warmup to lr over the
     warmup steps, then cosine to min_lr_ratio * lr at total_steps."""
