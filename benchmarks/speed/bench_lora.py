@@ -80,14 +80,12 @@ def write_data(root: Path, n_train: int = 160, n_val: int = 8, seq: int = SEQ) -
     sents, out = sentences(), {}
     cursor = 0
 
-    def take(words: int) -> str:
+    def take(words: int) -> str:  # the next sentences, at least `words` words
         nonlocal cursor
-        picked, count = [], 0
-        while count < words:
-            s = sents[cursor % len(sents)]
+        picked = []
+        while sum(len(s.split()) for s in picked) < words:
+            picked.append(sents[cursor % len(sents)])
             cursor += 1
-            picked.append(s)
-            count += len(s.split())
         return " ".join(picked)
 
     for kind in ("long", "chat"):
@@ -96,17 +94,12 @@ def write_data(root: Path, n_train: int = 160, n_val: int = 8, seq: int = SEQ) -
         for name, n in (("train", n_train), ("valid", n_val)):
             with open(folder / f"{name}.jsonl", "w") as f:
                 for _ in range(n):
-                    if kind == "long":
-                        row = {"text": take(max(520, seq + 8))}
-                    else:  # ~90 prompt + ~100 reply words: under 512 tokens in the template
-                        # (~2 tokens a word with the 512-token BPE): nothing is cut
-                        row = {
-                            "messages": [
-                                {"role": "system", "content": "Continue the story."},
-                                {"role": "user", "content": take(90)},
-                                {"role": "assistant", "content": take(100)},
-                            ]
-                        }
+                    # chat: ~90 prompt + ~100 reply words, under 512 tokens in the template
+                    # (~2 tokens a word with the 512-token BPE): nothing is cut
+                    row = {"text": take(max(520, seq + 8))} if kind == "long" else {"messages": [
+                        {"role": "system", "content": "Continue the story."},
+                        {"role": "user", "content": take(90)},
+                        {"role": "assistant", "content": take(100)}]}
                     f.write(json.dumps(row) + "\n")
         out[kind] = folder
     return out
