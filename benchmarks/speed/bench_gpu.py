@@ -274,7 +274,7 @@ def default_experiment(dry: bool, root: Path, timeout: float, name: str = "defau
 def lora(dry: bool, root: Path, timeout: float, sizes: tuple[int, int]) -> dict:
     """LoRA and 4-bit QLoRA (`model.quantize=4`: the base packed at load) fine-tunes of one random
     Llama written on the spot (no PyTorch needed), through mlx-lm's model code."""
-    import csv
+    from benchmarks.speed.bench_lora import csv_metrics
 
     sys.path.insert(0, str(REPO / "scripts"))
     from tiny_hf_model import save_tiny_llama_without_torch
@@ -292,9 +292,8 @@ def lora(dry: bool, root: Path, timeout: float, sizes: tuple[int, int]) -> dict:
             f"trainer.eval_every_steps={steps}", f"trainer.log_every_steps={2 if dry else 10}",
             f"hydra.run.dir={run_dir}", *extra], max(timeout / 2, 150.0))
         if out is not None:
-            with open(run_dir / "tracking" / "metrics.csv") as f:  # the first window holds the compile
-                rates = [float(r["value"]) for r in csv.DictReader(f)
-                         if r["name"] == "train/tokens_per_sec"]
+            rates = [m["train/tokens_per_sec"] for _, m in sorted(csv_metrics(run_dir).items())
+                     if "train/tokens_per_sec" in m]  # the first window holds the compile
             tags = json.loads((run_dir / "tracking" / "tags.json").read_text())
             row.update({"steps": steps, "hidden": hidden, "layers": layers,
                         "compile_s": float(tags.get("mlxlab.compile_s", "nan")),
@@ -401,9 +400,6 @@ def main() -> None:
             "seed": 0, "budget": budget, "dry_run": args.dry_run,
             "model_overrides": model_overrides, "cache_dir": str(REPO / ".cache" / "mlxlab")}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    installed = out / "install.json"  # gpu_window.sh's install step: its time and how it went
-    if installed.exists():
-        res["install"] = json.loads(installed.read_text())
     if "first" in parts:  # before anything else on a fresh machine: the kernel compiles' wait
         res["first"] = default_experiment(args.dry_run, out, 600.0, name="first")
     if "mlx" in parts:
