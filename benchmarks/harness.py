@@ -231,6 +231,11 @@ def write_results(out: Path, results: dict, compare: str, shown: str,
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
 
 
+def load() -> float:
+    """The 1-minute load average now (logged beside each timed part: the machine is shared)."""
+    return round(os.getloadavg()[0], 2)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

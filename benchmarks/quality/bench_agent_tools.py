@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: 
 from benchmarks.harness import (
     add_smoke,
     line_value,
+    load,
     smoke_dir,
     tiny_hf_model,
     write_jsonl,
@@ -45,10 +46,6 @@ ASSETS = REPO / "src" / "mlxlab" / "assets" / "lookup_codes"
 TOOL = "mlxlab.objectives.rl.lookup_tools.lookup_code"
 DESK = "mlxlab.objectives.rl.lookup_tools.QuestionLookup"
 COMPACT = REPO / "tests" / "chat_templates" / "hermes_compact.jinja"
-
-
-def load() -> float:
-    return os.getloadavg()[0]
 
 
 # --- the bases: a tiny model from scratch, and SmolLM2-135M-Instruct ---------------------------

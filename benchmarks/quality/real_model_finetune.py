@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import in_round, print_table, write_jsonl, write_record  # noqa: E402
+from benchmarks.harness import in_round, load, print_table, write_jsonl, write_record  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
 
 MONTHS = list(calendar.month_name)[1:]
@@ -78,10 +78,6 @@ def date_rows(n_train: int, n_val: int, n_heldout: int, seed: int = 0
     heldout = [{"id": f"d{i}", "prompt": p, "answer": a}
                for i, (p, a) in enumerate(rows[n_train + n_val:])]
     return train, val, heldout
-
-
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def env() -> dict:

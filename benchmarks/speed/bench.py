@@ -28,6 +28,7 @@ import mlx.core as mx
 
 # isort: on
 import numpy as np
+from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import (
@@ -190,7 +191,7 @@ def worker_mlxlab(spec: dict) -> dict:
         if self.settings.grad_accum != 1:
             raise ValueError("bench.py times one batch per step: use trainer.grad_accum=1")
         rec["rss_base_mb"] = rss_mb()
-        rec["params"] = sum(v.size for _, v in _flat(model.parameters()))
+        rec["params"] = sum(v.size for _, v in tree_flatten(model.parameters()))
         rec["flops"] = dict(zip(("params_per_token", "params_per_sample", "layers", "dim"),
                                 matmul_params(model, data.task)))
         rec["meta"] = {"task": data.task, "vocab_size": data.vocab_size,
@@ -220,12 +221,6 @@ def worker_mlxlab(spec: dict) -> dict:
         "trainer": {"learning_rate": cfg.optimizer.learning_rate,
                     "weight_decay": cfg.optimizer.weight_decay, "grad_clip": cfg.trainer.grad_clip},
     }
-
-
-def _flat(tree):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)
 
 
 # ---- worker: the minimal MLX loop ---------------------------------------------------------------
@@ -270,7 +265,7 @@ def worker_mlx(spec: dict) -> dict:
             reset_peak_rss()
     return {
         "times": times, "mx_peak_mb": mx.get_peak_memory() / 2**20, "rss_mb": peak_rss_mb() - base,
-        "params": sum(v.size for _, v in _flat(model.parameters())),
+        "params": sum(v.size for _, v in tree_flatten(model.parameters())),
     }
 
 
@@ -373,7 +368,8 @@ def bench_round(name: str, spec: dict, args, tmp: Path, r: int) -> dict[str, dic
     numbering every other row reuses; later rounds alternate the row order (ABBA) so a slow
     drift of the machine does not always land on the same row."""
     order = ["mlxlab", *(f"mlxlab:{v}" for v in args.variants), "mlx"]
-    order += [] if args.no_torch else ["torch", *(["torch:plain"] if has_plain(name) else [])]
+    plain = MODELS[name][1] == "tokens"  # torch_plain.py implements the decoders
+    order += [] if args.no_torch else ["torch", *(["torch:plain"] if plain else [])]
     order = in_round(order, r)
     results = {}
     for impl in order:
@@ -385,11 +381,6 @@ def bench_round(name: str, spec: dict, args, tmp: Path, r: int) -> dict[str, dic
         if impl == "mlxlab" and r == 0:
             spec["reference"] = results[impl]
     return results
-
-
-def has_plain(name: str) -> bool:
-    """Models that benchmarks/speed/torch_plain.py implements (the decoders)."""
-    return MODELS[name][1] == "tokens"
 
 
 def baseline_check(name: str, rows: list[float], plain: list[float]) -> dict:

@@ -73,10 +73,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "generation_config.json")
 
 
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
 def env() -> dict:
     # one BLAS thread a process for both tools: on cores other processes share, OpenBLAS's
     # threads spin-wait on descheduled ones (runtime/blas.py set_blas_threads)
@@ -388,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
                     key = f"{size}/{mode}/{tool}/{rnd}"
                     if key in results:
                         continue
-                    before = load()
+                    before = round(os.getloadavg()[0], 2)
                     out = work / "runs" / key.replace("/", "-")
                     if tool == "torch-peft" and mode == "qlora":
                         continue  # PEFT's 4-bit bases are bitsandbytes'
