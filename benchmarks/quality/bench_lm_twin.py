@@ -31,7 +31,7 @@ from mlxlab.runtime.blas import set_blas_threads
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import SMOKE_RUN, add_smoke, print_table, smoke_dir, write_record  # noqa: E402
 from benchmarks.speed.bench import compose  # noqa: E402
-from benchmarks.speed.bench_torch import torch_models  # noqa: E402
+from benchmarks.speed.bench_torch import torch_models, torch_warmup_cosine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "src" / "mlxlab" / "assets" / "tinystories" / "sample.txt"
@@ -60,22 +60,6 @@ def split_sample(out: Path, heldout: int) -> tuple[Path, Path]:
         if not path.is_file() or path.read_text() != text:  # the other part may be reading it
             path.write_text(text)
     return tuple(files)
-
-
-def torch_warmup_cosine(optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float):
-    """mlxlab's warmup_cosine with PyTorch's own schedulers: linear from lr/warmup to lr over the
-    warmup steps, then cosine to min_lr_ratio * lr at total_steps."""
-    import torch
-
-    sched = torch.optim.lr_scheduler
-    warmup_steps = min(warmup_steps, total_steps - 1)
-    lr = optimizer.param_groups[0]["lr"]
-    cosine = sched.CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps, eta_min=lr * min_lr_ratio)
-    if warmup_steps <= 0:
-        return cosine
-    warmup = sched.LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0,
-                            total_iters=warmup_steps)
-    return sched.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
 def digest(arrays) -> str:

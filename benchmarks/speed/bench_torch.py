@@ -171,6 +171,22 @@ def torch_models():
     return Transformer, BertClassifier
 
 
+def torch_warmup_cosine(optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float):
+    """mlxlab's warmup_cosine with PyTorch's own schedulers: linear from lr/warmup to lr over the
+    warmup steps, then cosine to min_lr_ratio * lr at total_steps."""
+    import torch
+
+    sched = torch.optim.lr_scheduler
+    warmup_steps = min(warmup_steps, total_steps - 1)
+    lr = optimizer.param_groups[0]["lr"]
+    cosine = sched.CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps, eta_min=lr * min_lr_ratio)
+    if warmup_steps <= 0:
+        return cosine
+    warmup = sched.LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0,
+                            total_iters=warmup_steps)
+    return sched.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
 def worker_torch(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F

@@ -85,13 +85,6 @@ cli.run(args, settings, training_callback=Record())
 """
 
 
-def _vision_models():
-    sys.path.insert(0, str(REPO / "tests"))
-    import vision_models
-
-    return vision_models
-
-
 def save_model(family: str, folder: Path, shape: dict, layers: int | None,
                smoke: bool) -> Path:
     """A `family` folder at `shape`'s sizes (random float32 weights), in the layout mlx-vlm reads,
@@ -102,7 +95,8 @@ def save_model(family: str, folder: Path, shape: dict, layers: int | None,
     import torch
     import transformers as tf
 
-    vm = _vision_models()
+    sys.path.insert(0, str(REPO / "tests"))
+    import vision_models as vm
     folder.mkdir(parents=True, exist_ok=True)
     _, tok = vm._tokenizer(family, folder)
     ids = {t: tok.token_to_id(t) for t in vm.FAMILIES[family]["tokens"]}

@@ -17,7 +17,6 @@ STARTED = time.perf_counter()  # before torch's import: a user's script pays it 
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -27,20 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import add_smoke, foreign_libraries, load_batches, smoke_dir  # noqa: E402
-from benchmarks.speed.bench_torch import torch_models  # noqa: E402
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    """mlxlab's warmup_cosine (training/optim.py, MLX's linear_schedule from lr/warmup to lr,
-    then cosine_decay) as a LambdaLR factor."""
-
-    def factor(step: int) -> float:  # step = updates done so far
-        if step < warmup:
-            return 1 / warmup + (1 - 1 / warmup) * step / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+from benchmarks.speed.bench_torch import torch_models, torch_warmup_cosine  # noqa: E402
 
 
 def main() -> None:
@@ -69,8 +55,7 @@ def main() -> None:
     model = BertClassifier(hp["vocab_size"], hp["num_labels"], **hp["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"], betas=hp["betas"],
                             eps=hp["eps"], weight_decay=hp["weight_decay"], foreach=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(hp["warmup_steps"], len(train), hp["min_lr_ratio"]))
+    schedule = torch_warmup_cosine(opt, len(train), hp["warmup_steps"], hp["min_lr_ratio"])
     epochs, per_epoch = hp["epochs"], len(train) // hp["epochs"]
 
     def evaluate() -> tuple[float, float]:
