@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
+from benchmarks.harness import add_smoke, smoke_dir, write_jsonl, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("tiny_mc", "tiny_gen", "tiny_ppl")
@@ -82,7 +82,7 @@ def write_tasks(folder: Path, questions: int, seed: int = 0) -> list[str]:
         cut = [int(rng.integers(3, len(words) - 2)) for words in group]
         order = rng.permutation(4)
         endings = [" ".join(words[c:]) + "." for words, c in zip(group, cut)]
-        mc.append({"id": f"s{q}", "prompt": " ".join(group[0][:cut[0]]),
+        mc.append({"prompt": " ".join(group[0][:cut[0]]),
                    "choices": [endings[i] for i in order], "answer": int(np.argmax(order == 0))})
         words = sentences[picked[questions * 4 + q]].split()
         at = int(rng.integers(3, len(words) - 1))
@@ -186,26 +186,46 @@ def plain_folder(reference: Path, target: Path) -> Path:
     return target
 
 
+def scorer_rows(questions: int, seed: int = 0) -> list[dict]:
+    """The scorer's multiple-choice rows: a TinyStories sentence's first words, its ending among
+    three other sentences' (so choices differ in length and acc_norm differs from acc)."""
+    from mlxlab.config import asset_path
+
+    text = Path(asset_path("tinystories/sample.txt")).read_text()
+    sentences = [s.strip() + "." for s in text.replace("\n", " ").split(".") if len(s.split()) >= 8]
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(sentences), size=questions * 4, replace=False)
+    rows = []
+    for q in range(questions):
+        group = [sentences[i].split() for i in picked[q * 4:(q + 1) * 4]]
+        cut = [int(rng.integers(3, len(words) - 2)) for words in group]
+        endings = [" ".join(words[c:]) for words, c in zip(group, cut)]
+        order = rng.permutation(4)
+        rows.append({"id": f"s{q}", "prompt": " ".join(group[0][:cut[0]]),
+                     "choices": [endings[i] for i in order], "answer": int(np.argmax(order == 0))})
+    return rows
+
+
 def scorer_parity(out: Path, questions: int) -> tuple[dict, bool]:
     """mlxlab's own multiple-choice scorer (evaluation/scoring.py) against lm-eval's `hf` model on
     a tiny random Llama's folder, example by example: lm-eval as it runs by default and without
     its logits cache (which hands a request the logits of another whose ids it shares)."""
-    import lm_eval
+    from lm_eval.models.huggingface import HFLM
 
     from mlxlab.evaluation.scoring import score_task
     from mlxlab.evaluation.tasks import read_task
     from mlxlab.runs.task_eval import load_eval_model
 
     folder, _, _ = models(True, out)
-    task = write_tasks(out / "tasks", questions)[0]
+    task = write_tasks(out / "tasks", 1)[0]  # tiny_mc's YAML, on the scorer's rows
+    write_jsonl(out / "tasks" / "tiny_mc.jsonl", scorer_rows(questions))
     source = load_eval_model(folder)
     ours = score_task(source.model, source.tokenizer, read_task(out / "tasks" / "tiny_mc.jsonl"))
     report: dict = {"questions": len(ours.rows), "mlxlab": ours.metrics}
     same = True
-    for label, extra in (("lm_eval", ""), ("lm_eval_no_logits_cache", ",logits_cache=False")):
-        res = lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={folder},dtype=float32,add_bos_token=True{extra}",
-            tasks=[task], batch_size=8, device="cpu", log_samples=True)
+    for label, cache in (("lm_eval", True), ("lm_eval_no_logits_cache", False)):
+        res, _ = evaluate(HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=8,
+                               add_bos_token=True, logits_cache=cache), [task])
         theirs = per_example(res)["tiny_mc"]
         differ = {k: [r["id"] for i, r in enumerate(ours.rows) if r[k] != theirs[i][k]]
                   for k in ("acc", "acc_norm")}

@@ -127,14 +127,6 @@ def lora_run(mlxlab: str, model: Path, work: Path, name: str, env: dict) -> Path
     return run
 
 
-def export_adapters(mlxlab: str, run: Path, env: dict) -> Path:
-    """The run as mlx_lm.server reads it: the base folder + its adapters in OUT/adapters."""
-    out = run.with_name(run.name + "_mlx_lm")
-    subprocess.run([mlxlab, "export", str(run), "--format", "mlx-lm", "--adapters", "--out",
-                    str(out)], check=True, env=env, capture_output=True)
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=8)
@@ -170,7 +162,10 @@ def main() -> int:
     routes = {"mlxlab serve": [(str(model), {})], "mlx_lm.server": [(str(model), {})]}
     if args.adapters:
         runs = [lora_run(mlxlab, model, work, name, env) for name in ("a", "b")]
-        exported = [export_adapters(mlxlab, run, env) for run in runs]
+        exported = [run.with_name(run.name + "_mlx_lm") for run in runs]  # base + its adapters
+        for run, out in zip(runs, exported):
+            subprocess.run([mlxlab, "export", str(run), "--format", "mlx-lm", "--adapters",
+                            "--out", str(out)], check=True, env=env, capture_output=True)
         served, base = [str(r) for r in runs], exported[0]  # the same base in both exports
         routes = {"mlxlab serve": [(str(r), {}) for r in runs],
                   "mlx_lm.server": [(str(base), {"adapters": str(e / "adapters")})
