@@ -154,13 +154,10 @@ def mlx_vlm_rows(out: Path) -> Path:
 
 
 def train_mlx_vlm(folder: Path, work: Path, seed: int, steps: int):
-    """mlx-vlm's own trainer on the same rows (an epoch's worth: its batch of 1 x 8 times the
-    steps, since 0.7.10's trainer stops SmolVLM / Idefics3 at a batch over 1: its language model
-    takes the (B, T) padding mask for the attention mask), rank and rate, LoRA on the language
-    model's attention and the vision tower and projector unfrozen (--train-vision: its way to
-    train them); its loss on every token but padding and image tokens (its
-    --train-on-completions falls back to a Qwen token id without a dataset mask). Returns the
-    mlx-vlm model with the trained adapters."""
+    """mlx-vlm's own trainer on the same rows, rank and rate (batch 1 x 8 times the steps: 0.7.10
+    fails SmolVLM at a batch over 1), the vision tower and projector unfrozen (--train-vision),
+    the loss on every token but padding and images (its --train-on-completions needs a Qwen
+    token); the mlx-vlm model with its trained adapters."""
     out = work / f"mlx_vlm_seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

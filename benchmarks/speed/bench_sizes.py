@@ -5,14 +5,12 @@ of mlxlab (unpacked, packed) beside mlx_lm.lora and PyTorch + PEFT, SmolLM2-135M
         [--modes lora,qlora] [--tools mlxlab,mlxlab-packed,mlx-lm,torch-peft] [--steps 4] [--skip 1]
         [--rounds 1] [--dtype auto] [--tokenizer DIR] [--work DIR] [--table-only] [--smoke]
 
-Models: the packaged SmolLM2 GGUF (4-bit for QLoRA, dequantized to float32 for LoRA) and random
-weights in the published configs (CONFIGS; `--dtype auto`: float32 on the CPU, bfloat16 on a GPU;
-4-bit group 64 for QLoRA), each with SmolLM2's tokenizer. Work: the shipped one-reply chats,
-LoRA rank 8 (alpha 16) on q/k/v/o, Adam at 1e-4, max_length 256; unpacked batch 4 (mlxlab-b128:
-padded to multiples of 128, where MLX's CUDA attention backward is fused), packed 1 x 256. Each
-tool in its own process at equal BLAS (one thread a process on the CPU); PEFT LoRA only.
-results.json under --work keeps every stage. The tools count trained tokens differently; a
-second table (equal count) gives every run at mlxlab's count.
+Models: the packaged SmolLM2 GGUF and random weights in the published configs (CONFIGS; float32
+on the CPU, bfloat16 on a GPU; 4-bit group 64 for QLoRA), with SmolLM2's tokenizer. The shipped
+one-reply chats, LoRA rank 8 (alpha 16) on q/k/v/o, Adam at 1e-4; unpacked batch 4 (mlxlab-b128:
+padded to multiples of 128, where MLX's CUDA attention backward is fused), packed 1 x 256; each
+tool in its own process at equal BLAS. results.json under --work keeps every stage; the equal-
+count table gives every run at mlxlab's count of trained tokens.
 """
 
 from __future__ import annotations
