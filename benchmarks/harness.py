@@ -179,6 +179,15 @@ def run_with_peak_rss(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedPro
     return done, usage.ru_maxrss / 1024
 
 
+def cli_root(out: Path) -> tuple[dict, str]:
+    """`out` as the MLXLAB_ROOT of mlxlab's commands, its own MLflow store: (their environment,
+    the store's URI)."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLXLAB_ROOT": str(out), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env, f"sqlite:///{out}/mlruns/mlflow.db"
+
+
 def run_logged(args: list[str], env: dict, log: Path) -> tuple[str, float]:
     """Run a command in env["MLXLAB_ROOT"], its output kept in `log`: (the output, wall
     seconds); a failure exits the benchmark naming the log."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
@@ -29,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import (
     add_smoke,
+    cli_root,
     line_value,
     load,
     smoke_dir,
@@ -384,10 +384,7 @@ def main() -> None:
         a.tiny_hidden, a.tiny_sft_steps, a.tiny_steps, a.speed_rounds = 64, 4, 2, 1
         a.prompts, a.generations = 2, 2
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLXLAB_ROOT": str(out), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    uri = f"sqlite:///{out}/mlruns/mlflow.db"
+    env, uri = cli_root(out)
     parts = a.parts.split(",")
     results: dict = {"settings": vars(a)}
     times: dict[str, float] = {}

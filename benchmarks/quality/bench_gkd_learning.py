@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, line_value, smoke_dir, write_results
+from benchmarks.harness import add_smoke, cli_root, line_value, smoke_dir, write_results
 from benchmarks.harness import mlxlab_cli as mlxlab
 from benchmarks.harness import run_logged as run
 from benchmarks.harness import train_cli as train
@@ -81,11 +81,9 @@ def sft(name: str, rows: Path, model: list[str], steps: int, env: dict, out: Pat
 def teacher_and_student(a, env: dict, out: Path, uri: str, times: dict[str, float]
                         ) -> tuple[Path, float, Path, float]:
     """Stages 1 and 2: (the teacher's folder, its held-out exact match, the student's, its)."""
-    task_rows = out / "teacher_train.jsonl"
-    task_rows.write_text("".join(
-        json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n"
-        for r in map(json.loads, (ASSETS / "train.jsonl").read_text().splitlines())))
-    student_rows = out / "student_train.jsonl"
+    task_rows, student_rows = out / "teacher_train.jsonl", out / "student_train.jsonl"
+    task_rows.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n"
+                                 for r in map(json.loads, (ASSETS / "train.jsonl").read_text().splitlines())))
     student_rows.write_text("".join(json.dumps(r) + "\n" for r in fresh_copies(2000)))
     # 1. the teacher: solves the task (258 tokens = 256 bytes + 2 specials)
     teacher_dir, times["teacher_sft"] = sft("gkd_teacher", task_rows, scratch_model(64, 2),
@@ -130,10 +128,7 @@ def main() -> None:
         if a.out == parser.get_default("out"):
             a.out = str(smoke_dir("gkd_learning"))
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLXLAB_ROOT": str(out), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    uri = f"sqlite:///{out}/mlruns/mlflow.db"
+    env, uri = cli_root(out)
     times: dict[str, float] = {}
 
     if a.models_from:

@@ -12,13 +12,11 @@ bootstrap interval of GRPO - base over the 200 held-out prompts.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, smoke_dir, write_results
+from benchmarks.harness import add_smoke, cli_root, smoke_dir, write_jsonl, write_results
 from benchmarks.harness import mlxlab_cli as mlxlab
 from benchmarks.harness import run_logged as run
 from benchmarks.harness import train_cli as train
@@ -43,13 +41,9 @@ def main() -> None:
     if a.smoke:  # every stage, a few steps each, two GRPO seeds; the base's range not checked
         a.out, a.sft_steps, a.steps, a.replicates = str(smoke_dir("grpo_learning")), 4, 2, 2
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLXLAB_ROOT": str(out), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    uri = f"sqlite:///{out}/mlruns/mlflow.db"
+    env, uri = cli_root(out)
     heldout = ASSETS / "heldout.jsonl"
-    rows = out / "sft_train.jsonl"
-    rows.write_text("".join(json.dumps(r) + "\n" for r in fresh_copies(2000, formatted=0.5)))
+    rows = write_jsonl(out / "sft_train.jsonl", fresh_copies(2000, formatted=0.5))
     times: dict[str, float] = {}
 
     # 1. the base: a short SFT from scratch, one token per character (258 = 256 bytes + 2)
