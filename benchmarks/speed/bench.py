@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.metadata
 import json
 import os
 import statistics
@@ -58,15 +59,9 @@ VARIANTS = ("bare", "replay", "nokernels")
 
 def machine_info(threads: int) -> dict:
     """What the record's machine does not say: MLX, its BLAS, the threads, the fused kernels."""
-    try:
-        import torch
-
-        version = torch.__version__
-    except ImportError:
-        version = None
     return {"mlx": mx.__version__, "threads": threads, "kernels": mlxlab_kernels.status(),
             "blas": f"{mlxlab.blas.status}: {mlxlab.blas.library} ({mlxlab.blas.detail})",
-            "torch": version}
+            "torch": next((d.version for d in importlib.metadata.distributions(name="torch")), None)}
 
 
 def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
