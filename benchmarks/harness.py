@@ -200,8 +200,7 @@ def run_logged(args: list[str], env: dict, log: Path) -> tuple[str, float]:
 
 
 def tiny_hf_model():
-    """scripts/tiny_hf_model.py (tiny transformers checkpoints, chat templates, teach_chats) as
-    a module; it imports mlxlab and tokenizers, so only a process that may load them calls this."""
+    """scripts/tiny_hf_model.py as a module (it loads mlxlab and tokenizers)."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "tiny_hf_model.py"
@@ -250,8 +249,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    """`rows` as JSON lines in `path`, left alone when it holds them already (another process
-    may be reading it)."""
+    """`rows` as JSON lines in `path`, left alone if it holds them (another process may read it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r) + "\n" for r in rows)
     if not path.is_file() or path.read_text() != text:

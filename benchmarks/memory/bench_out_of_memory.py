@@ -1,12 +1,9 @@
-"""Out of memory survived: what a restart costs, what `micro_batch=auto` picks, and the parent's
-own cost (the runs of tests/test_out_of_memory.py, timed, in interleaved pairs).
+"""Out of memory survived (the runs of tests/test_out_of_memory.py, timed, in interleaved pairs):
+what a restart costs (a LoRA run under RLIMIT_AS faults at micro-batch 32 and restarts at 16 x 2,
+beside 16 from the start), what `micro_batch=auto` picks under a limit between the peaks of
+micro-batch 4 and 8, and the parent's own cost (`mlxlab-train` beside `python -m mlxlab.train`).
 
     python benchmarks/memory/bench_out_of_memory.py --root /tmp/bench_oom [--pairs 2]
-
-1. restart: a tiny Llama's LoRA run under RLIMIT_AS at micro-batch 32 faults in step 4 and is
-   restarted at 16 x 2, beside micro-batch 16 from the start under the same limit;
-2. auto: the limit set between the peaks of micro-batch 4 and 8; what auto tried and chose;
-3. the parent: `mlxlab-train` (parent + child) beside `python -m mlxlab.train`.
 """
 
 from __future__ import annotations

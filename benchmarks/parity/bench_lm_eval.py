@@ -1,13 +1,11 @@
 """Does lm-eval-harness score an mlxlab model as it scores the same weights through its own `hf`
 model, and how fast is it beside `hf` and `mlx_lm.evaluate`?
 
-The real SmolLM2-135M-Instruct (its Q4_1 GGUF as MLX 4-bit layers; transformers' float32 load for
-`hf`) on three local lm-eval tasks from the TinyStories sample: `tiny_mc` (multiple choice),
-`tiny_gen` (generate_until, exact match of the next word), `tiny_ppl` (loglikelihood_rolling).
-Exits 1 unless every log-likelihood is within --rtol of `hf`'s and every multiple-choice and
-perplexity score agrees; differing greedy generations are counted, not failed. `--scorer`:
-mlxlab's own multiple-choice scorer beside lm-eval's `hf` model on a tiny random Llama (exit 1
-unless acc and acc_norm agree on every example).
+SmolLM2-135M-Instruct (its Q4_1 GGUF as MLX 4-bit layers; transformers' float32 load for `hf`)
+on local multiple-choice, generate_until and loglikelihood_rolling tasks from TinyStories. Exits 1
+unless every log-likelihood is within --rtol and every multiple-choice and perplexity score
+agrees (differing greedy generations are counted). `--scorer`: mlxlab's own multiple-choice
+scorer beside `hf` on a tiny random Llama (exit 1 unless acc and acc_norm agree everywhere).
 
     python benchmarks/parity/bench_lm_eval.py [--out DIR] [--questions 100] [--skip-mlx-lm]
 """

@@ -200,9 +200,8 @@ def smoke_model(work: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", default=None, help="folder for data, runs and results "
-                   "(default: a new temporary one); a stage already in its results.json is "
-                   "not run again")
+    p.add_argument("--work", default=None, help="folder for data, runs and results (default: a "
+                   "new temporary one); a stage already there is not run again")
     p.add_argument("--smoke", action="store_true", help="a tiny random llama, a few rows and "
                    "steps: every step of the pipeline, nothing measured")
     p.add_argument("--train", type=int, default=400)
@@ -215,13 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mlx-lm-as-shipped", action="store_true", help="also mlx_lm.lora on MLX's "
                    "own CPU quantized matmul (stages train_mlx_lm_0, mlx-lm): hours here")
-    p.add_argument("--float-base", default=None, metavar="DTYPE", help="train every tool on the "
-                   "GGUF's weights dequantized to DTYPE (mlx_lm.convert --dequantize of the "
-                   "folder mlxlab converted the GGUF to): LoRA on a float base, not QLoRA")
-    p.add_argument("--stages", default=None, help="only these stages (comma-separated: base, "
-                   "train_mlxlab_0, mlxlab, paired, export, train_mlx_lm_0, mlx-lm, llama.cpp, "
-                   "train_mlx_lm_fast_0, mlx-lm-fast, "
-                   "train_<tool>_<round>); the rest are read from earlier runs when there")
+    p.add_argument("--float-base", default=None, metavar="DTYPE", help="every tool on the GGUF's "
+                   "weights dequantized to DTYPE (mlx_lm.convert): LoRA on a float base, not QLoRA")
+    p.add_argument("--stages", default=None, help="only these stages (comma-separated, as the "
+                   "docstring names them); the rest are read from earlier runs when there")
     args = p.parse_args(argv)
     if args.smoke:
         args.train, args.heldout, args.steps, args.batch, args.skip = 8, 4, 2, 2, 0

@@ -1,8 +1,7 @@
-"""Does a vision-language fine-tune learn what only the picture holds? SmolLM2-135M-Instruct's
-weights as the language model of a fresh small SigLIP tower and pixel-shuffle projector (SmolVLM's
-architecture), trained by `mlxlab train experiment=finetune_vision` on the shipped shapes task
-(colour, shape or count of a 64x64 picture, one word), scored on the 60 held-out pictures by
-greedy exact match before and after, over seeds, with McNemar's test against the start.
+"""Does a vision-language fine-tune learn what only the picture holds? SmolLM2-135M-Instruct as the
+language model of a fresh small SigLIP tower and projector (SmolVLM's architecture), trained by
+`experiment=finetune_vision` on the shipped shapes task (colour, shape or count of a picture),
+scored on the 60 held-out pictures before and after, over seeds, McNemar's test against the start.
 
     python benchmarks/quality/vision_shapes.py [--seeds 42,43,44] [--steps 300] [--smoke]
         [--reference-seeds 42]   # mlx-vlm 0.7.10's own trainer at the same steps, batch, rate

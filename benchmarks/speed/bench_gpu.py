@@ -57,10 +57,7 @@ DRY_MODEL = ["model.dim=32", "model.num_layers=1", "model.num_heads=2"]
 
 
 def peak_for(name: str) -> dict | None:
-    for key, peaks in PEAKS:
-        if key.lower() in name.lower():
-            return {"gpu": key, **peaks}
-    return None
+    return next(({"gpu": key, **peaks} for key, peaks in PEAKS if key.lower() in name.lower()), None)
 
 
 # ---- MLX side (a worker process) -------------------------------------------------------------
