@@ -1,3 +1,2 @@
-"""Benchmark scripts, a folder per question (speed/, quality/, memory/, parity/, faults/), and
-what they share (common.py, callbacks.py). Run a script by its path from the repository root;
-each puts the repository on sys.path so `benchmarks.*` imports resolve."""
+"""Benchmark scripts, a folder per question, and what they share (harness.py, callbacks.py); run
+one by its path from the repository root (benchmarks/README.md)."""

@@ -1,9 +1,7 @@
-"""The callback benchmark workers add to a real run: `+callbacks.bench_clock=...` (OVERRIDE).
-
-It records into RECORD (the clock at the start and after every step, the steps that evaluated,
-the run's TrainContext and model) and calls the worker's HOOKS, which the worker reads and sets around
-`train(cfg)`: the run's own config adds it, nothing in the Trainer is patched.
-"""
+"""The callbacks benchmark workers add to a real run through its config (nothing in the Trainer
+is patched): StepClock (OVERRIDE) records into RECORD (the clock at the start and after every
+step, the steps that evaluated, the run's TrainContext and model) and calls the worker's HOOKS;
+StepTimes appends the clock to a file, for a run started as its own process."""
 
 from __future__ import annotations
 
@@ -44,10 +42,8 @@ class StepClock(Callback):
 
 
 class StepTimes(Callback):
-    """The clock (time.perf_counter) at the start and after every step, a line each, appended
-    to `path`: a run started as its own process (`+callbacks.step_times={_target_:
-    benchmarks.callbacks.StepTimes,path:FILE}`, the repository on PYTHONPATH) gives the script
-    that started it its steps' wall times (data, step, logging: the whole loop)."""
+    """time.perf_counter() at the start and after every step, a line each, appended to `path`
+    (`+callbacks.step_times={_target_:benchmarks.callbacks.StepTimes,path:FILE}`)."""
 
     def __init__(self, path: str):
         self.path = Path(path)

@@ -1,9 +1,7 @@
-"""The harness every benchmark script shares: the JSON record a run writes (`write_record`: its
-figures, command, commit, machine, load and date, under benchmarks/results/), clocks, memory,
-saved batches, the machine's CPU and GPU, running mlxlab's commands, `--smoke`. Standard library
-and numpy only: the PyTorch processes (speed/bench_torch.py, speed/torch_bert_run.py) import this
-module and must never import mlxlab, MLX or the OpenBLAS that mlxlab loads (with them loaded
-PyTorch runs 3.7x slower)."""
+"""The harness every benchmark script shares: the JSON record a run writes (`write_record`),
+clocks, memory, saved batches, the CPU and GPU, mlxlab's commands run, tables, `--smoke`.
+Standard library and numpy only: the PyTorch processes import it and must never load mlxlab,
+MLX or mlxlab's OpenBLAS (with them loaded PyTorch runs 3.7x slower)."""
 
 from __future__ import annotations
 
@@ -28,9 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 RESULTS_ENV = "MLXLAB_BENCH_RESULTS"  # another folder for the records (the smoke tests' tmp_path)
 SCHEMA = 1
-# The page whose `<!-- marker: begin/end -->` pairs a script's `--write` fills: the history page
-# (the tables as the scripts print them); docs/benchmarks.md is generated from the records.
-TABLES_PAGE = REPO / "docs" / "benchmarks-history.md"
 LOAD_AT_START = os.getloadavg()  # the machine's load when the benchmark began
 
 # Libraries that only mlxlab/MLX put into a process; a baseline process must map none of them.
@@ -86,20 +81,6 @@ def foreign_libraries() -> list[str]:
     return sorted(found)
 
 
-def cpu_model() -> str:
-    """The CPU's model name, core count and widest vector ISA: every figure says which CPU it
-    came from (OpenBLAS picks its GEMM kernels by CPU, so last bits and speeds differ by CPU)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
-                 platform.machine())
-    flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
-    return f"{model} x{os.cpu_count()}" + (f" ({isa})" if isa else "")
-
-
 def cpu_id() -> dict:
     """The CPU as lscpu names it: model name, family and model numbers, cores, widest vector ISA."""
     fields = {}
@@ -124,18 +105,15 @@ def gpu_names() -> list[str]:
 
 
 def commit() -> str | None:
-    """The checkout's commit, `+dirty` when its tracked files differ from it."""
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
-
+    """The checkout's commit, `+dirty` when its tracked files differ; None without git."""
     try:
-        head = git("rev-parse", "--short", "HEAD")
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True).stdout
     except OSError:  # no git on the machine (a GPU image)
         return None
-    if head.returncode:
-        return None
-    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    return head.stdout.strip() + ("+dirty" if dirty else "")
+    return head.stdout.strip() + ("+dirty" if dirty.strip() else "") if not head.returncode else None
 
 
 def jsonable(value: object) -> object:
@@ -152,14 +130,10 @@ def jsonable(value: object) -> object:
 def write_record(name: str, figures: dict, *, question: str, reference: str | None = None,
                  ratio: float | None = None, summary: str | None = None,
                  smoke: bool = False, raw: str | None = None) -> Path:
-    """Write this run's record: `figures` (the script's own numbers), with the command that
-    produced them, the commit, the machine (CPU, GPU, BLAS threads), the load at the start and
-    the end, and the date. `question` is the section of docs/benchmarks.md the record belongs
-    to (benchmarks/README.md lists them); `ratio` (mlxlab's figure over `reference`'s, with
-    `summary` saying which figure and which way is better) puts it in the page's summary table.
-    A smoke run's record, and any run under pytest, goes to a temporary folder unless
-    MLXLAB_BENCH_RESULTS names one: only a real run adds to the repository's records.
-    Returns the record's path."""
+    """Write this run's record (benchmarks/README.md, "Records"): `figures`, the command, commit,
+    machine, load and date; `question` is its section of docs/benchmarks.md, and a `ratio` (with
+    `reference` and `summary`) a row of its summary table. A smoke run's record, and any run
+    under pytest, goes to a temporary folder unless MLXLAB_BENCH_RESULTS names one."""
     now = datetime.datetime.now(datetime.timezone.utc)
     script = Path(sys.argv[0]).resolve()
     with contextlib.suppress(ValueError):
@@ -188,32 +162,30 @@ def write_record(name: str, figures: dict, *, question: str, reference: str | No
     return path
 
 
-def write_between_markers(path: Path, marker: str, body: str, title: str) -> None:
-    """Put `body` into the markdown file `path` between `<!-- {marker}: begin/end -->` (so the
-    prose around it stays), or append it under `title` when the markers are not there yet."""
-    begin, end = f"<!-- {marker}: begin -->", f"<!-- {marker}: end -->"
-    section = f"{begin}\n{body}\n{end}\n"
-    text = path.read_text() if path.exists() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        text += ("\n" if text and not text.endswith("\n\n") else "") + f"{title}\n\n{section}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def run_with_peak_rss(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float]:
     """subprocess.run(cmd, capture_output=True, text=True, **kwargs) and the child's peak
-    resident memory in MB (its ru_maxrss from wait4: the child's own, not this process's)."""
+    resident memory in MB (its ru_maxrss from wait4: the child's own, not this process's); the
+    result also holds `wall_s` and `cpu_s` (user + system: its own work, which waiting for a core
+    on a busy machine does not inflate as it does the wall time)."""
+    started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **kwargs)
         _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+        done = subprocess.CompletedProcess(cmd, os.waitstatus_to_exitcode(status), out.read(),
+                                           err.read())
+    done.wall_s, done.cpu_s = time.perf_counter() - started, usage.ru_utime + usage.ru_stime
     return done, usage.ru_maxrss / 1024
+
+
+def cli_root(out: Path) -> tuple[dict, str]:
+    """`out` as the MLXLAB_ROOT of mlxlab's commands, its own MLflow store: (their environment,
+    the store's URI)."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLXLAB_ROOT": str(out), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env, f"sqlite:///{out}/mlruns/mlflow.db"
 
 
 def run_logged(args: list[str], env: dict, log: Path) -> tuple[str, float]:
@@ -228,8 +200,7 @@ def run_logged(args: list[str], env: dict, log: Path) -> tuple[str, float]:
 
 
 def tiny_hf_model():
-    """scripts/tiny_hf_model.py (tiny transformers checkpoints, chat templates, teach_chats) as
-    a module; it imports mlxlab and tokenizers, so only a process that may load them calls this."""
+    """scripts/tiny_hf_model.py as a module (it loads mlxlab and tokenizers)."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "tiny_hf_model.py"
@@ -268,6 +239,30 @@ def write_results(out: Path, results: dict, compare: str, shown: str,
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
 
 
+def load() -> float:
+    """The 1-minute load average now (logged beside each timed part: the machine is shared)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """`rows` as JSON lines in `path`, left alone if it holds them (another process may read it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
+def print_table(table: dict) -> None:
+    """A record's `table` ({"head", "rows"}) printed as markdown."""
+    for row in [table["head"], ["---"] * len(table["head"]), *table["rows"]]:
+        print("| " + " | ".join(map(str, row)) + " |")
+
+
 def in_round(names: list[str], rnd: int) -> list[str]:
     """The order the rows of round `rnd` run in: `names`, reversed every other round (ABBA), so
     a slow spell of a shared machine hits every row alike and a ratio compares one round's rows."""
@@ -275,9 +270,8 @@ def in_round(names: list[str], rnd: int) -> list[str]:
 
 
 def add_smoke(parser: argparse.ArgumentParser) -> None:
-    """`--smoke`: the smallest run through the script's code path (tiny sizes, one or two steps,
-    one round, the heavy or networked reference skipped), in seconds; its figures mean nothing.
-    tests/test_benchmarks_smoke.py runs every script's, so none can rot unseen."""
+    """`--smoke`: the smallest run through the script's code path, its figures meaningless
+    (tests/test_benchmarks_smoke.py runs every script's, so none can rot unseen)."""
     parser.add_argument("--smoke", action="store_true",
                         help="the smallest run through this script's code path; figures mean nothing")
 

@@ -101,7 +101,7 @@ def save_style(style: str, folder: Path, base: Tokenizer) -> Path:
     return folder
 
 
-# the chat every style is checked on (tests/test_chat_templates.py, benchmarks/parity/bench_chat_masks.py)
+# the chat every style is checked on (tests/test_chat_templates.py)
 SYSTEM = {"role": "system", "content": "Be kind."}
 TURNS = [{"role": "user", "content": "Who is Tim?"},
          {"role": "assistant", "content": "Tim is a dog."},

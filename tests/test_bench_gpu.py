@@ -29,9 +29,5 @@ def test_bench_gpu_dry_run_runs_every_part(tmp_path):
     assert res["default"]["wall_s"] > 0 and "val/accuracy" in res["default"]["summary"]
     assert res["first"]["wall_s"] > 0  # the first run (a GPU's kernel compiles)
     assert res["lora"]["lora"]["tokens_per_s"] > 0 and res["lora"]["qlora"]["tokens_per_s"] > 0
-    profiles = res["mlx"]["profiles"]  # where a step's time goes, bf16 and fp32
-    assert [p["dtype"] for p in profiles] == ["bf16", "fp32"], profiles
-    assert all(p["forward_ms"] > 0 and p["step_ms"] > 0 and p["attention_fwd_bwd_ms"] > 0
-               for p in profiles), profiles
     assert res["pytest"]["summary"].startswith("4 skipped")  # no GPU here
-    assert "| medium | bf16 |" in out.stdout and "PyTorch twin: torch " in out.stdout
+    assert "| medium | bf16 |" in out.stdout and res["torch"]["torch"]  # the table, the twin's version

@@ -175,6 +175,42 @@ def test_accumulation_lora_dynamic_batches_under_data_parallelism(tmp_path, cli_
     assert diff <= TOL
 
 
+# One epoch of streamed text on this rank's lane (data.shard_by_rank), as the trainer reads it,
+# through a tokenizer that notes every text it encodes.
+LANES = """
+import json, sys
+import mlxlab  # noqa: F401  (fast BLAS before mlx.core)
+from mlxlab.data.batching import Batching
+from mlxlab.data.streaming import StreamingText
+from mlxlab.runtime import distributed
+
+
+class Counting:
+    def __init__(self, tokenizer):
+        self.tokenizer, self.texts = tokenizer, []
+
+    def encode_batch(self, texts, **kwargs):
+        self.texts += texts
+        return self.tokenizer.encode_batch(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+world = distributed.world("auto", 600)
+data = StreamingText(source={"data_files": sys.argv[1]}, splits={"val_examples": 0},
+                     packing={"seq_len": 64}, shuffle_buffer=100,
+                     tokenizer={"vocab_size": 258, "min_vocab": 0}, tokenizer_sample=500,
+                     shard_by_rank=True)
+data.setup()
+data.tokenizer = counting = Counting(data.tokenizer)
+assert data.use_world(world)
+batches = sum(1 for _ in data.train_batches(Batching(batch_size=16), 0))
+print("RESULT " + json.dumps({"rank": world.rank, "texts": counting.texts, "batches": batches}),
+      flush=True)
+"""
+
+
 @pytest.mark.slow
 def test_each_rank_tokenizes_only_its_lane_of_the_stream(tmp_path, cli_env):
     """data.shard_by_rank with 2 real ranks reading one epoch as the trainer does: the documents
@@ -186,10 +222,10 @@ def test_each_rank_tokenizes_only_its_lane_of_the_stream(tmp_path, cli_env):
                                              for _ in range(12)) for i in range(60)]
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "speed" / "bench_distributed.py"
+    (tmp_path / "lanes.py").write_text(LANES)
     port = str(random.randint(20000, 60000))
-    done = subprocess.run([str(BIN / "mlx.launch"), "-n", "2", "-p", port, "--", PYTHON, str(bench),
-                           "--lanes-worker", "lanes", str(data), "258", "--record"],
+    done = subprocess.run([str(BIN / "mlx.launch"), "-n", "2", "-p", port, "--", PYTHON,
+                           str(tmp_path / "lanes.py"), str(data)],
                           cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
     ranks = sorted((json.loads(line[7:]) for line in done.stdout.splitlines()
                     if line.startswith("RESULT ")), key=lambda r: r["rank"])

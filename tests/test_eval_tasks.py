@@ -357,18 +357,18 @@ def test_paired_scores_match_counts_and_continuous_bootstrap():
 
 @pytest.mark.slow
 def test_acc_and_acc_norm_equal_lm_eval_harness(tmp_path):
-    """benchmarks/parity/bench_eval_tasks.py: a 100-question task scored by mlxlab and by lm-eval 0.4's
-    `hf` model on the same folder; acc and acc_norm agree on every example (exit 0)."""
+    """benchmarks/parity/bench_lm_eval.py --scorer: a 100-question task scored by mlxlab and by
+    lm-eval 0.4's `hf` model on the same folder; acc and acc_norm agree on every example (exit 0)."""
     pytest.importorskip("lm_eval")
     import importlib.util
 
     from conftest import REPO
 
     spec = importlib.util.spec_from_file_location(
-        "bench_eval_tasks", REPO / "benchmarks" / "parity" / "bench_eval_tasks.py")
+        "bench_lm_eval", REPO / "benchmarks" / "parity" / "bench_lm_eval.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--out", str(tmp_path)]) == 0
+    assert bench.main(["--scorer", "--out", str(tmp_path)]) == 0
 
 
 def test_chat_models_see_prompts_through_their_template(tmp_path):

@@ -4,8 +4,8 @@ Checked against independent readers, never against our own writer: transformers'
 (`from_pretrained(..., gguf_file=)`, which undoes llama.cpp's layout) gives the logits of the
 model the file came from; MLX's own GGUF reader (`mx.load`) gives each quantized tensor as the
 `gguf` package dequantizes it; transformers' GGUF tokenizer encodes text to the ids of the
-model's own tokenizer. llama.cpp itself (llama-cpp-python) scores an export in
-benchmarks/parity/bench_gguf.py (a source build: minutes, not the default run).
+model's own tokenizer; llama.cpp itself (the xllamacpp wheel) picks the transformers model's
+next tokens at its probabilities.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def test_a_run_under_an_address_space_limit_logs_the_limit_it_budgeted(tmp_path,
 # A 64 MB tensor loaded with only ~24 MB of address space to spare beyond it. MLX alone makes its
 # kept pool on that load and starts 4 more threads for the read (a tensor of 32 MiB or more): under
 # the limit they cannot all start, and it hangs or aborts (margin 24 hangs with MLX 0.32.4:
-# benchmarks/faults/mlx_io_pool_deadlock.py). mlxlab starts the kept pool first and reads through
+# the `mlx` case below reproduces it). mlxlab starts the kept pool first and reads through
 # load_arrays, which starts no thread under the limit.
 LOAD = """
 import resource, sys

@@ -28,8 +28,7 @@ from mlxlab.training.settings import TrainerSettings
 from mlxlab.training.step import make_step
 
 sys.path.insert(0, str(REPO))
-from benchmarks.quality.bench_lm_twin import torch_warmup_cosine  # noqa: E402
-from benchmarks.speed.bench_torch import torch_models  # noqa: E402  (the PyTorch twin of mlxlab's decoder)
+from benchmarks.speed.bench_torch import torch_models, torch_warmup_cosine  # noqa: E402  (PyTorch twins of mlxlab's decoder and schedule)
 
 LR, WD, WARMUP, TOTAL, MIN_RATIO = 1e-3, 0.01, 3, 10, 0.1
 

@@ -1,15 +1,9 @@
-"""Searches started at the same moment on a fresh root: how many starts succeed.
+"""Searches started at the same moment on a fresh root: how many starts succeed. Each round:
+`--procs` processes of `mlxlab-train -m hparams_search=titanic_optuna debug=fast` released
+together at a file barrier; a round succeeds when every process exits 0, the study holds N
+distinct finished trials, the store one sweep parent run, and nothing is RUNNING.
 
-    python benchmarks/faults/bench_parallel_start.py                      # 4 processes, 3 rounds
-    python benchmarks/faults/bench_parallel_start.py --procs 8 --rounds 2 --n-trials 8
-    python benchmarks/faults/bench_parallel_start.py --src /tmp/before/src   # another checkout's code
-
-Each round: a fresh root, then `--procs` processes of
-`mlxlab-train -m hparams_search=titanic_optuna debug=fast hydra.sweeper.n_trials=N` released
-together (each waits at a file barrier until all are spawned and imported, then starts Hydra).
-A round succeeds when every process exits 0, the study holds N finished trials with N distinct
-parameter sets, the store holds one sweep parent run, and nothing (trial or run) is RUNNING.
-Prints one line per round and a markdown row; --json writes the raw figures.
+    python benchmarks/faults/bench_parallel_start.py [--procs 4] [--rounds 3] [--src OTHER/src]
 """
 
 from __future__ import annotations
@@ -42,17 +36,9 @@ main(supervised=False)  # the Hydra app in this process (its imports are done), 
 
 
 def search_args(n_trials: int, steps: int) -> list[str]:
-    return [
-        "-m",
-        "hparams_search=titanic_optuna",
-        "debug=fast",
-        f"hydra.sweeper.n_trials={n_trials}",
-        f"trainer.max_steps={steps}",
-        f"trainer.eval_every_steps={steps}",
-        "model.hidden_size=32",
-        "model.num_layers=1",
-        "model.num_heads=2",
-    ]
+    return ["-m", "hparams_search=titanic_optuna", "debug=fast", f"hydra.sweeper.n_trials={n_trials}",
+            f"trainer.max_steps={steps}", f"trainer.eval_every_steps={steps}",
+            "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2"]
 
 
 def start_together(roots: list[Path], args: list[str], src: Path) -> list[subprocess.Popen]:
@@ -62,24 +48,12 @@ def start_together(roots: list[Path], args: list[str], src: Path) -> list[subpro
     started = []
     for root in roots:
         root.mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ,
-            "MLXLAB_ROOT": str(root),
-            "PYTHONPATH": str(src),
-            "OPENBLAS_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
+        env = {**os.environ, "MLXLAB_ROOT": str(root), "PYTHONPATH": str(src),
+               "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         env.pop("MLFLOW_TRACKING_URI", None)
-        started.append(
-            subprocess.Popen(
-                [sys.executable, "-c", LAUNCH, str(barrier), *args],
-                cwd=root,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
+        started.append(subprocess.Popen([sys.executable, "-c", LAUNCH, str(barrier), *args],
+                                        cwd=root, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + 120
     while len(list(roots[0].glob("barrier.*"))) < len(roots) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -96,11 +70,8 @@ def check_round(root: Path, n_trials: int) -> dict:
     if db.exists():
         storage = f"sqlite:///{db}"
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        trials = [
-            t
-            for n in names
-            for t in optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False)
-        ]
+        trials = [t for n in names
+                  for t in optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False)]
         found["trials"] = sum(t.state.is_finished() for t in trials)
         found["distinct"] = len({json.dumps(t.params, sort_keys=True) for t in trials})
         found["running_trials"] = sum(not t.state.is_finished() for t in trials)
@@ -111,13 +82,8 @@ def check_round(root: Path, n_trials: int) -> dict:
         runs = client.search_runs(exps, max_results=10000)
         found["parents"] = sum(r.data.tags.get("mlxlab.role") == "sweep" for r in runs)
         found["running"] = sum(r.info.status == "RUNNING" for r in runs)
-    found["ok"] = (
-        found["trials"] == n_trials
-        and found["distinct"] == n_trials
-        and found["parents"] == 1
-        and found["running"] == 0
-        and found.get("running_trials") == 0
-    )
+    found["ok"] = (found["trials"] == found["distinct"] == n_trials and found["parents"] == 1
+                   and found["running"] == 0 and found.get("running_trials") == 0)
     return found
 
 
@@ -128,7 +94,6 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--src", type=Path, default=REPO / "src")
-    parser.add_argument("--json", type=Path)
     add_smoke(parser)
     opts = parser.parse_args()
     if opts.smoke:  # one round of 2 processes, 2 trials
@@ -138,41 +103,26 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="parallel-start-") as tmp:
             root = Path(tmp)
             begin = time.perf_counter()
-            procs = start_together(
-                [root] * opts.procs, search_args(opts.n_trials, opts.steps), opts.src
-            )
+            procs = start_together([root] * opts.procs, search_args(opts.n_trials, opts.steps),
+                                   opts.src)
             outputs = [p.communicate(timeout=1800)[0] for p in procs]
             codes = [p.returncode for p in procs]
             found = check_round(root, opts.n_trials)
             found.update(codes=codes, seconds=round(time.perf_counter() - begin, 1))
             found["ok"] = found["ok"] and all(c == 0 for c in codes)
-            errors = sorted(
-                {
-                    line
-                    for out in outputs
-                    for line in out.splitlines()
-                    if line.startswith("mlxlab: error") or "Error" in line[:40]
-                }
-            )
+            errors = sorted({line for out in outputs for line in out.splitlines()
+                             if line.startswith("mlxlab: error") or "Error" in line[:40]})
             found["errors"] = errors[:5]
             rounds.append(found)
-            print(
-                f"round {i + 1}: {'ok' if found['ok'] else 'FAILED'} exit codes {codes}, "
-                f"{found['trials']} finished trials ({found['distinct']} distinct), "
-                f"{found['parents']} parent runs, {found['running']} runs RUNNING, "
-                f"{found['seconds']} s" + (f"; {errors[:2]}" if errors else ""),
-                flush=True,
-            )
+            print(f"round {i + 1}: {'ok' if found['ok'] else 'FAILED'} exit codes {codes}, "
+                  f"{found['trials']} finished trials ({found['distinct']} distinct), "
+                  f"{found['parents']} parent runs, {found['running']} runs RUNNING, "
+                  f"{found['seconds']} s" + (f"; {errors[:2]}" if errors else ""), flush=True)
     ok = sum(r["ok"] for r in rounds)
-    print(
-        f"| {opts.procs} processes, n_trials={opts.n_trials} | {ok} of {len(rounds)} rounds "
-        f"| {sum(r['seconds'] for r in rounds) / len(rounds):.0f} s per round |"
-    )
+    print(f"{opts.procs} processes, n_trials={opts.n_trials}: {ok} of {len(rounds)} rounds ok")
     write_record("parallel-start", {"procs": opts.procs, "n_trials": opts.n_trials,
                                     "rounds_ok": ok, "rounds": rounds},
                  question="faults", smoke=opts.smoke)
-    if opts.json:
-        opts.json.write_text(json.dumps(rounds, indent=2))
 
 
 if __name__ == "__main__":

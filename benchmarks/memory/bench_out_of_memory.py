@@ -1,17 +1,9 @@
-"""Out of memory survived: what a restart costs, what `micro_batch=auto` picks, and the parent's
-own cost. The runs of tests/test_out_of_memory.py, timed:
+"""Out of memory survived (the runs of tests/test_out_of_memory.py, timed, in interleaved pairs):
+what a restart costs (a LoRA run under RLIMIT_AS faults at micro-batch 32 and restarts at 16 x 2,
+beside 16 from the start), what `micro_batch=auto` picks under a limit between the peaks of
+micro-batch 4 and 8, and the parent's own cost (`mlxlab-train` beside `python -m mlxlab.train`).
 
-    .venv/bin/python benchmarks/memory/bench_out_of_memory.py --root /tmp/bench_oom [--pairs 2]
-
-1. restart: a LoRA fine-tune of a tiny Llama (5 steps of 32 rows; step 4's rows are 255 tokens,
-   the others 16) under an address space limit (RLIMIT_AS, `ulimit -v`) 32 MB over the peak of
-   the same run at micro-batch 16: at micro-batch 32 MLX's CPU backend faults in step 4 and the
-   parent restarts it from step 2 at 16 x 2; the reference is the same command at micro-batch
-   16 from the start, under the same limit (no restart). Interleaved pairs, wall seconds.
-2. auto: every row 255 tokens, effective batch 16; the peaks MLX reports for real one-step runs
-   at micro-batch 4 and 8 set trainer.memory_limit between them; what auto tried and chose.
-3. the parent: `mlxlab-train` (parent + child) vs `python -m mlxlab.train` (in-process) on the
-   same 4-step run, interleaved pairs.
+    python benchmarks/memory/bench_out_of_memory.py --root /tmp/bench_oom [--pairs 2]
 """
 
 from __future__ import annotations

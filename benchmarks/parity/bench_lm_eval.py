@@ -1,26 +1,13 @@
 """Does lm-eval-harness score an mlxlab model as it scores the same weights through its own `hf`
 model, and how fast is it beside `hf` and `mlx_lm.evaluate`?
 
-The real SmolLM2-135M-Instruct (tests/real_models.py: its Q4_1 GGUF, which mlxlab keeps as
-MLX 4-bit layers; transformers' own GGUF loader's float32 folder for `hf`) and three local lm-eval
-task YAMLs written from the shipped TinyStories sample (`dataset_path: json`, no network):
+SmolLM2-135M-Instruct (its Q4_1 GGUF as MLX 4-bit layers; transformers' float32 load for `hf`)
+on local multiple-choice, generate_until and loglikelihood_rolling tasks from TinyStories. Exits 1
+unless every log-likelihood is within --rtol and every multiple-choice and perplexity score
+agrees (differing greedy generations are counted). `--scorer`: mlxlab's own multiple-choice
+scorer beside `hf` on a tiny random Llama (exit 1 unless acc and acc_norm agree everywhere).
 
-- `tiny_mc` (multiple_choice): the first words of a sentence, its ending among three others';
-- `tiny_gen` (generate_until, lm-eval's regex filter): a sentence's first words, greedy up to
-  16 tokens until a newline or ".", the first word the regex takes scored by exact_match
-  against the sentence's next word;
-- `tiny_ppl` (loglikelihood_rolling): whole paragraphs, word/byte perplexity and bits per byte.
-
-All three models run in this one process, each through `lm_eval.simple_evaluate` with the same
-tasks (plain prompts, batch 8): mlxlab's (`MlxlabLM`, runs/lm_eval_model.py), `hf`
-(float32, CPU) and mlx-lm's `MLXLM` (mlx_lm.evaluate's model, on the mlx-lm folder mlxlab made
-from the GGUF). Prints the seconds each took and, mlxlab against `hf` per example: the largest
-relative log-likelihood gap (each choice, each text), the examples whose acc / acc_norm /
-exact_match differ, and the generations that differ. Exits 1 unless every log-likelihood is
-within --rtol (1e-4) and every multiple-choice and perplexity score agrees; differing
-generations are counted and shown, not failed (greedy decoding of a 4-bit model's near ties).
-
-    .venv/bin/python benchmarks/parity/bench_lm_eval.py [--out DIR] [--questions 100] [--skip-mlx-lm]
+    python benchmarks/parity/bench_lm_eval.py [--out DIR] [--questions 100] [--skip-mlx-lm]
 """
 
 from __future__ import annotations
@@ -35,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
+from benchmarks.harness import add_smoke, smoke_dir, write_jsonl, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("tiny_mc", "tiny_gen", "tiny_ppl")
@@ -197,6 +184,58 @@ def plain_folder(reference: Path, target: Path) -> Path:
     return target
 
 
+def scorer_rows(questions: int, seed: int = 0) -> list[dict]:
+    """The scorer's multiple-choice rows: a TinyStories sentence's first words, its ending among
+    three other sentences' (so choices differ in length and acc_norm differs from acc)."""
+    from mlxlab.config import asset_path
+
+    text = Path(asset_path("tinystories/sample.txt")).read_text()
+    sentences = [s.strip() + "." for s in text.replace("\n", " ").split(".") if len(s.split()) >= 8]
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(sentences), size=questions * 4, replace=False)
+    rows = []
+    for q in range(questions):
+        group = [sentences[i].split() for i in picked[q * 4:(q + 1) * 4]]
+        cut = [int(rng.integers(3, len(words) - 2)) for words in group]
+        endings = [" ".join(words[c:]) for words, c in zip(group, cut)]
+        order = rng.permutation(4)
+        rows.append({"id": f"s{q}", "prompt": " ".join(group[0][:cut[0]]),
+                     "choices": [endings[i] for i in order], "answer": int(np.argmax(order == 0))})
+    return rows
+
+
+def scorer_parity(out: Path, questions: int) -> tuple[dict, bool]:
+    """mlxlab's own multiple-choice scorer (evaluation/scoring.py) against lm-eval's `hf` model on
+    a tiny random Llama's folder, example by example: lm-eval as it runs by default and without
+    its logits cache (which hands a request the logits of another whose ids it shares)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from mlxlab.evaluation.scoring import score_task
+    from mlxlab.evaluation.tasks import read_task
+    from mlxlab.runs.task_eval import load_eval_model
+
+    folder, _, _ = models(True, out)
+    task = write_tasks(out / "tasks", 1)[0]  # tiny_mc's YAML, on the scorer's rows
+    write_jsonl(out / "tasks" / "tiny_mc.jsonl", scorer_rows(questions))
+    source = load_eval_model(folder)
+    ours = score_task(source.model, source.tokenizer, read_task(out / "tasks" / "tiny_mc.jsonl"))
+    report: dict = {"questions": len(ours.rows), "mlxlab": ours.metrics}
+    same = True
+    for label, cache in (("lm_eval", True), ("lm_eval_no_logits_cache", False)):
+        res, _ = evaluate(HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=8,
+                               add_bos_token=True, logits_cache=cache), [task])
+        theirs = per_example(res)["tiny_mc"]
+        differ = {k: [r["id"] for i, r in enumerate(ours.rows) if r[k] != theirs[i][k]]
+                  for k in ("acc", "acc_norm")}
+        gaps = [abs(a - b) for i, r in enumerate(ours.rows)
+                for a, b in zip(r["loglikelihoods"], theirs[i]["lls"])]
+        report[label] = {**metrics(res)["tiny_mc"], "examples_differing": differ,
+                         "loglikelihoods_over_1e-3": sum(g > 1e-3 for g in gaps),
+                         "max_loglikelihood_diff": max(gaps)}
+        same = same and not any(differ.values())
+    return report, same
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="/tmp/bench_lm_eval")
@@ -204,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--skip-mlx-lm", action="store_true")
+    parser.add_argument("--scorer", action="store_true", help="mlxlab's own multiple-choice "
+                        "scorer beside lm-eval's hf model, on a tiny random Llama")
     add_smoke(parser)
     args = parser.parse_args(argv)
     if args.smoke:
@@ -211,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
+    if args.scorer:
+        report, same = scorer_parity(out / "scorer", args.questions)
+        print(json.dumps(report, indent=2))
+        write_record("eval-tasks", report, question="parity", smoke=args.smoke,
+                     reference="lm-eval-harness's hf model, the same folder", ratio=float(same),
+                     summary="mlxlab's acc and acc_norm equal on every example (1: yes, 0: no)")
+        return 0 if same else 1
     tasks = write_tasks(out / "tasks", args.questions)
     mine, hf_folder, mlx_folder = models(args.smoke, out)
 

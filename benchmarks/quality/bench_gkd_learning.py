@@ -1,32 +1,13 @@
-"""Does on-policy distillation (GKD, lmbda = 1) teach a student more than off-policy
-distillation (lmbda = 0) from the same teacher, proven over seeds? (objective=gkd)
+"""Does on-policy distillation (GKD, lmbda = 1) teach a student more than off-policy (lmbda = 0)
+from the same teacher, proven over seeds? (objective=gkd)
 
-The task: copy four digits into an answer format, "4719=" -> "[4719]" (assets/copy_format/: 800
-prompts with their answers to train on, 200 held out, every string unique). All through the CLI
-into one MLflow store:
+The copy task ("4719=" -> "[4719]", assets/copy_format/). A teacher decoder trained until it
+solves the held-out prompts (>= 90 %), a smaller student that copies but does not write the
+format, then `mlxlab-train -m experiment=gkd_arithmetic objective.lmbda=0,1 replicates=6` and
+`mlxlab runs compare latest:g1 latest:g2` (held-out exact match, paired over seeds and prompts).
 
-1. the teacher: a small decoder (dim 64, 2 layers, one token per character) trained from
-   scratch by mlxlab-train on the 800 prompts and their answers until it solves the held-out
-   prompts (the script stops if its held-out exact match is under 90 %), exported as a
-   transformers folder (mlxlab export);
-2. the student: a smaller decoder (dim 32, 2 layers) on the teacher's tokenizer, fine-tuned
-   on 2000 other strings copied without the brackets (300 steps), so it copies but does not write
-   the format; exported the same way, and scored on the held-out prompts;
-3. `mlxlab-train -m experiment=gkd_arithmetic` on the copy task, `objective.lmbda=0,1
-   replicates=6`: full fine-tuning of the student toward the teacher (300 steps at 1e-3),
-   off-policy (the dataset's answers) and on-policy (its own samples), six seeds each, each scoring the held-out prompts (greedy) at every evaluation.
-   The two arms see the same prompts in the same order per seed and train rows of one width
-   (the longest prompt + max_new_tokens), so the teacher runs on the same number of tokens;
-4. `mlxlab runs compare latest:g1 latest:g2`: held-out exact match per arm, the interval of
-   each mean, the paired tests of on-policy - off-policy over the seeds and over the 200 prompts
-   (docs/benchmarks.md: on-policy ahead on `contains`, not proven on exact match).
-
-Prints each stage's wall time and writes everything to --out/results.json. On a shared machine
-the wall times are loaded ones; the accuracies are not.
-
-    .venv/bin/python benchmarks/quality/bench_gkd_learning.py [--out /tmp/bench_gkd] [--replicates 6]
+    python benchmarks/quality/bench_gkd_learning.py [--out /tmp/bench_gkd] [--replicates 6]
         [--models-from <an earlier --out>]
-    .venv/bin/python benchmarks/quality/bench_gkd_learning.py --smoke   # ~3 minutes: the pipeline only
 """
 
 from __future__ import annotations
@@ -39,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, line_value, smoke_dir, write_results
+from benchmarks.harness import add_smoke, cli_root, line_value, smoke_dir, write_results
 from benchmarks.harness import mlxlab_cli as mlxlab
 from benchmarks.harness import run_logged as run
 from benchmarks.harness import train_cli as train
@@ -48,16 +29,25 @@ REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "src" / "mlxlab" / "assets" / "copy_format"
 
 
-def plain_copies(n: int, taken: set[str], seed: int = 1) -> list[dict]:
-    """`n` copies of fresh four-digit strings (none of the task's), without the brackets."""
+def fresh_copies(n: int, formatted: float = 0.0, seed: int = 1) -> list[dict]:
+    """`n` copies of fresh four-digit strings (none of the task's prompts), a `formatted` share
+    of them written in the answer format."""
+    taken = {json.loads(x)["prompt"][:-1] for f in ("train", "heldout")
+             for x in (ASSETS / f"{f}.jsonl").read_text().splitlines()}
     rng = random.Random(seed)
     rows = []
     while len(rows) < n:
         s = "".join(rng.choice("0123456789") for _ in range(4))
         if s not in taken:
             taken.add(s)
-            rows.append({"prompt": f"{s}=", "completion": s})
+            rows.append({"prompt": f"{s}=", "completion": f"[{s}]" if formatted and rng.random() < formatted else s})
     return rows
+
+
+def export(run_dir: Path, folder: Path, env: dict, out: Path) -> float:
+    """`mlxlab export RUN --format hf` into `folder`: the wall seconds."""
+    return run(mlxlab("export", str(run_dir), "--format", "hf", "--out", str(folder),
+                      "--overwrite"), env, out / f"{folder.name}_export.log")[1]
 
 
 def scratch_model(dim: int, layers: int) -> list[str]:
@@ -91,14 +81,10 @@ def sft(name: str, rows: Path, model: list[str], steps: int, env: dict, out: Pat
 def teacher_and_student(a, env: dict, out: Path, uri: str, times: dict[str, float]
                         ) -> tuple[Path, float, Path, float]:
     """Stages 1 and 2: (the teacher's folder, its held-out exact match, the student's, its)."""
-    taken = {json.loads(x)["prompt"][:-1] for f in ("train", "heldout")
-             for x in (ASSETS / f"{f}.jsonl").read_text().splitlines()}
-    task_rows = out / "teacher_train.jsonl"
-    task_rows.write_text("".join(
-        json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n"
-        for r in map(json.loads, (ASSETS / "train.jsonl").read_text().splitlines())))
-    student_rows = out / "student_train.jsonl"
-    student_rows.write_text("".join(json.dumps(r) + "\n" for r in plain_copies(2000, taken)))
+    task_rows, student_rows = out / "teacher_train.jsonl", out / "student_train.jsonl"
+    task_rows.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n"
+                                 for r in map(json.loads, (ASSETS / "train.jsonl").read_text().splitlines())))
+    student_rows.write_text("".join(json.dumps(r) + "\n" for r in fresh_copies(2000)))
     # 1. the teacher: solves the task (258 tokens = 256 bytes + 2 specials)
     teacher_dir, times["teacher_sft"] = sft("gkd_teacher", task_rows, scratch_model(64, 2),
                                             a.teacher_steps, env, out,
@@ -109,9 +95,7 @@ def teacher_and_student(a, env: dict, out: Path, uri: str, times: dict[str, floa
     if teacher_acc < 0.9 and not a.smoke:
         sys.exit(f"the teacher scores {teacher_acc:.3f} < 0.9: raise --teacher-steps")
     teacher = out / "teacher_model"
-    _, times["teacher_export"] = run(mlxlab("export", str(teacher_dir), "--format", "hf", "--out",
-                                            str(teacher), "--overwrite"), env,
-                                     out / "teacher_export.log")
+    times["teacher_export"] = export(teacher_dir, teacher, env, out)
 
     # 2. the student: smaller, on the teacher's tokenizer, copies without the format
     student_dir, times["student_sft"] = sft(
@@ -121,9 +105,7 @@ def teacher_and_student(a, env: dict, out: Path, uri: str, times: dict[str, floa
                                                            "gkd_student_eval", uri)
     print(f"student: held-out exact match {student_acc:.3f}", flush=True)
     student = out / "student_model"
-    _, times["student_export"] = run(mlxlab("export", str(student_dir), "--format", "hf", "--out",
-                                            str(student), "--overwrite"), env,
-                                     out / "student_export.log")
+    times["student_export"] = export(student_dir, student, env, out)
 
     return teacher, teacher_acc, student, student_acc
 
@@ -146,10 +128,7 @@ def main() -> None:
         if a.out == parser.get_default("out"):
             a.out = str(smoke_dir("gkd_learning"))
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLXLAB_ROOT": str(out), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    uri = f"sqlite:///{out}/mlruns/mlflow.db"
+    env, uri = cli_root(out)
     times: dict[str, float] = {}
 
     if a.models_from:

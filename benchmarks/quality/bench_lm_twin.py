@@ -1,33 +1,16 @@
 """mlxlab's LM presets vs an independent PyTorch twin on exactly the same batches.
 
     python benchmarks/quality/bench_lm_twin.py [--models nano,tiny] [--part all|mlxlab|torch|report]
-                                    [--twins reference,same] [--out DIR] [--heldout 800]
-                                    [--threads 1] [override ...]
+        [--twins reference,same] [--out DIR] [--heldout 800] [--threads 1] [override ...]
 
-`--part mlxlab` and `--part torch` can run as two processes at once (the twin rebuilds the same
-tokenizer, token stream and initial weights from the config and seed); `--part report` merges
-them and refuses unless the sha256 of the initial weights, the batches and the evaluation windows
-agree. `--part all` (default) does the three in turn.
-
-For each model (`experiment=tinystories_<model>`, the preset's own budget):
-1. The text: the shipped TinyStories sample (src/mlxlab/assets/tinystories/sample.txt), minus its
-   last --heldout paragraphs, which are written to a held-out file nobody trains on. The sample's
-   own validation split (its first data.splits.val_examples paragraphs, held out by the data
-   module) stays as it is. Both runs train on the rest.
-2. mlxlab: `mlxlab.train.train(cfg)` on the composed preset (real data module, tokenizer trained
-   on the training text, compiled step, tracking=none). A thin wrapper around Trainer.fit records
-   the initial weights and every batch the trainer consumed, and a callback scores the model on the
-   held-out windows at each of the trainer's evaluations (its own val/loss is the shipped split).
-3. PyTorch (torch CPU eager, fp32): the same decoder written in PyTorch (benchmarks/speed/bench.py's
-   torch_models: RMSNorm, SwiGLU, RoPE, tied embeddings), loaded with mlxlab's initial weights,
-   trained on the recorded batches in order with torch.optim.AdamW, clip_grad_norm_ and PyTorch's
-   own LinearLR + CosineAnnealingLR schedulers, scored on the same windows at the same steps.
-   Twins (--twins): `reference` = the plain PyTorch script mlxlab was first measured against
-   (lr 1e-3, 30 warmup steps, cosine to 0.1 x lr, weight decay 0.01, clip 1.0); `same` = the
-   preset's own (framework vs framework; identical to `reference` while the preset uses them).
-
-Losses are token-weighted mean cross-entropy over the windows' loss_mask, as the loop's evaluate
-(objectives/evaluation.py) computes them. Prints a table per model and writes <out>/<model>.json and <out>/lm_twin.png.
+mlxlab trains `experiment=tinystories_<model>` (the shipped sample minus its last --heldout
+paragraphs) through `train(cfg)`, recording its initial weights and every batch; the twin
+(bench_torch.py's decoder in PyTorch eager, fp32) rebuilds the same tokenizer, stream and weights
+from the config and seed, trains on the same batches with torch.optim.AdamW, clip and PyTorch's
+own schedulers (`reference`: the plain script mlxlab was first measured against; `same`: the
+preset's values), scored on the same windows at the same steps (the shipped val split and the
+held-out slice). The parts may run as two processes at once; `report` refuses unless the sha256
+of the initial weights, batches and windows agree.
 """
 
 from __future__ import annotations
@@ -46,9 +29,9 @@ import mlxlab  # noqa: F401  (first: loads the fast BLAS before anything imports
 from mlxlab.runtime.blas import set_blas_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import SMOKE_RUN, add_smoke, smoke_dir, write_record  # noqa: E402
-from benchmarks.speed.bench import compose, cpu_model  # noqa: E402
-from benchmarks.speed.bench_torch import torch_models  # noqa: E402
+from benchmarks.harness import SMOKE_RUN, add_smoke, print_table, smoke_dir, write_record  # noqa: E402
+from benchmarks.speed.bench import compose  # noqa: E402
+from benchmarks.speed.bench_torch import torch_models, torch_warmup_cosine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "src" / "mlxlab" / "assets" / "tinystories" / "sample.txt"
@@ -77,26 +60,6 @@ def split_sample(out: Path, heldout: int) -> tuple[Path, Path]:
         if not path.is_file() or path.read_text() != text:  # the other part may be reading it
             path.write_text(text)
     return tuple(files)
-
-
-def windows(data, batching) -> list[dict[str, np.ndarray]]:
-    return [{k: np.array(v) for k, v in b.items()} for b in data.val_batches(batching)]
-
-
-def torch_warmup_cosine(optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float):
-    """mlxlab's warmup_cosine with PyTorch's own schedulers: linear from lr/warmup to lr over the
-    warmup steps, then cosine to min_lr_ratio * lr at total_steps."""
-    import torch
-
-    sched = torch.optim.lr_scheduler
-    warmup_steps = min(warmup_steps, total_steps - 1)
-    lr = optimizer.param_groups[0]["lr"]
-    cosine = sched.CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps, eta_min=lr * min_lr_ratio)
-    if warmup_steps <= 0:
-        return cosine
-    warmup = sched.LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0,
-                            total_iters=warmup_steps)
-    return sched.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
 def digest(arrays) -> str:
@@ -257,39 +220,17 @@ def run_twin(rec: dict, hp: dict, threads: int) -> dict:
     return curves
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
-    for row, (name, res) in enumerate(results.items()):
-        for col, split in enumerate(("val", "heldout")):
-            ax = axes[row][col]
-            for label, curves in res["curves"].items():
-                steps, losses = zip(*curves[split])
-                ax.plot(steps, losses, marker="o", label=label)
-            ax.set_title(f"{name}: {'shipped val split' if split == 'val' else 'held-out slice'}")
-            ax.set_xlabel("step")
-            ax.set_ylabel("val loss (nats/token)")
-            ax.grid(alpha=0.3)
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def table(name: str, res: dict) -> str:
-    labels = list(res["curves"])
-    lines = [f"### {name}: {res['summary']}", "",
-             "| step | " + " | ".join(f"{lab} val | {lab} held-out" for lab in labels) + " |",
-             "|---:|" + "---:|---:|" * len(labels)]
-    steps = [s for s, _ in res["curves"]["mlxlab"]["val"]]
-    for i, step in enumerate(steps):
-        cells = [f"{res['curves'][lab][split][i][1]:.4f}" for lab in labels for split in ("val", "heldout")]
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def table(results: dict) -> dict:
+    """Each model's losses at each evaluation, mlxlab beside its twins."""
+    first = next(iter(results.values()))
+    labels = list(first["curves"])
+    rows = []
+    for name, res in results.items():
+        for i, (step, _) in enumerate(res["curves"]["mlxlab"]["val"]):
+            rows.append([name, step, *(f"{res['curves'][lab][split][i][1]:.4f}"
+                                       for lab in labels for split in ("val", "heldout"))])
+    return {"head": ["model", "step", *(f"{lab} {split}" for lab in labels for split in ("val", "held-out"))],
+            "rows": rows}
 
 
 def part_mlxlab(name: str, args, files) -> dict:
@@ -366,11 +307,11 @@ def main() -> None:
         if parts:
             results[name] = report(name, parts["mlxlab"], parts["torch"])
             (args.out / f"{name}.json").write_text(json.dumps(results[name], indent=1))
-            print(table(name, results[name]), flush=True)
+            print(results[name]["summary"], flush=True)
     if results:
-        write_record("lm-twin", results, question="quality", smoke=args.smoke)
-        plot(results, args.out / "lm_twin.png")
-        print(f"\nCPU: {cpu_model()}, {args.threads} thread(s); PNG: {args.out / 'lm_twin.png'}")
+        shown = table(results)
+        print_table(shown)
+        write_record("lm-twin", {**results, "table": shown}, question="quality", smoke=args.smoke)
 
 
 if __name__ == "__main__":

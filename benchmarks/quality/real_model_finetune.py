@@ -1,40 +1,16 @@
 """A real pretrained model fine-tuned with proof: SmolLM2-135M-Instruct from its Q4_1 GGUF taught
-a task it fails, scored before and after, beside mlx_lm.lora, and run in llama.cpp.
+a task it fails (a date in words -> its ISO form, exact match), scored before and after, beside
+mlx_lm.lora (and PyTorch + PEFT: real_model_torch_peft.py), and run in llama.cpp.
 
-    python benchmarks/quality/real_model_finetune.py [--work DIR] [--steps 100] [--batch 4]
-        [--train 400] [--heldout 200] [--rounds 1]
-    python benchmarks/quality/real_model_finetune.py --smoke [--work DIR]    # a tiny random llama
+    python benchmarks/quality/real_model_finetune.py [--work DIR] [--steps 80] [--batch 4]
+        [--train 400] [--heldout 200] [--rounds 1] [--float-base DTYPE] [--stages ...]
 
-The task: a date written in words ("the third of March, 2021", "March the third, 2021", "the
-third day of March in 2021") -> its ISO form ("2021-03-03") and nothing else, exact match.
---train chats ({"messages": [user, assistant]}) for training, 32 for validation and --heldout
-task rows ({"id", "prompt", "answer"}) scored by `mlxlab eval`, from one seed, no date shared.
-
-1. `mlxlab eval <gguf> heldout.jsonl`: the base model's exact-match accuracy (greedy, the
-   chat template, stop at a newline or the end of turn).
-2. `mlxlab train experiment=finetune_chat model.pretrained=<gguf>`: LoRA rank 8 (alpha 16) on
-   q/k/v/o of every layer of the 4-bit base (the GGUF's Q4_1 layers kept as MLX 4-bit ones),
-   Adam at a constant --lr, batch --batch, --steps steps, no gradient clipping (mlx-lm clips
-   nothing); then `mlxlab eval RUN heldout.jsonl` and `mlxlab runs compare BASE FT --json`:
-   McNemar's exact test over the held-out examples.
-3. mlx_lm.lora on the folder mlxlab converted the GGUF to (the same 4-bit layers), the same
-   data, rank, scale, keys, batch, steps, learning rate and prompt masking, MLX pointed at the
-   same OpenBLAS as mlxlab's (bench_lora.run_mlx_lm); its adapters fused into a float folder
-   (`mlx_lm.fuse --dequantize`) and scored by the same `mlxlab eval`. tokens/s: each tool's own
-   per-step report (both count the trained, assistant tokens), the median after the first
-   --skip steps; peak: MLX's peak memory (each tool's report) and the process's peak RSS.
-   --rounds > 1 repeats both trainings in alternating order (the table: medians; accuracy:
-   round 0's). As shipped, mlx-lm trains a 4-bit base on MLX's scalar CPU quantized matmul (~35x
-   slower, bench_qlora.py: hours here), so it runs that way only with --mlx-lm-as-shipped (and
-   in --smoke); by default its loop runs on mlxlab's product (`use_fast_cpu_quantized` on its
-   loaded model: stages train_mlx_lm_fast_<round> and mlx-lm-fast).
-4. `mlxlab export RUN --format gguf --quant q8_0` and the held-out prompts (rendered by the
-   model's chat template, as mlxlab's eval renders them) completed greedily by llama.cpp
-   (xllamacpp's prebuilt wheel), scored by the same exact match.
-5. The first step's seconds of each tool (mlxlab: its mlxlab.compile_s tag) beside the table.
-
-Results go to <work>/results.json and a markdown table on stdout. The load average is logged
-with each timed part: other sessions share this machine's cores.
+Stages (each kept under <work>/stages; a later call runs only what is missing): `base` (`mlxlab
+eval` of the GGUF), `train_mlxlab_<round>` (LoRA rank 8 on q/k/v/o of the 4-bit base) and
+`mlxlab` (its eval), `paired` (McNemar's exact test, base vs fine-tune), `export` (GGUF Q8_0) and
+`llama.cpp` (its accuracy there), mlx_lm.lora with the same settings on the same folder, its
+adapters fused and scored by the same eval: as shipped (`--mlx-lm-as-shipped`: MLX's scalar CPU
+quantized matmul, hours on a CPU) and on mlxlab's quantized product (`mlx-lm-fast`).
 """
 
 from __future__ import annotations
@@ -57,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import cpu_model, in_round, run_with_peak_rss, write_record  # noqa: E402
+from benchmarks.harness import in_round, load, print_table, write_jsonl, write_record  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
 
 MONTHS = list(calendar.month_name)[1:]
@@ -67,7 +43,6 @@ _UNITS = ["", "first", "second", "third", "fourth", "fifth", "sixth", "seventh",
 PHRASES = ("the {day} of {month}, {year}", "{month} the {day}, {year}",
            "the {day} day of {month} in {year}")
 INSTRUCTION = "Write this date as YYYY-MM-DD, nothing else: "
-RANK, ALPHA = 8, 16.0
 MAX_NEW_TOKENS = 16
 
 
@@ -105,18 +80,6 @@ def date_rows(n_train: int, n_val: int, n_heldout: int, seed: int = 0
     return train, val, heldout
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    if not path.is_file() or path.read_text() != text:  # another process may be reading it
-        path.write_text(text)
-    return path
-
-
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
 def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO / "src")}
 
@@ -145,47 +108,23 @@ def evaluate(model: str | Path, task: Path, uri: str, out: Path) -> dict:
 
 
 def train_mlxlab(model: str | Path, data: Path, args, out: Path) -> dict:
-    """`mlxlab train experiment=finetune_chat`: its per-step report and its run folder."""
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "mlxlab.train", "experiment=finetune_chat",
-           f"model.pretrained={model}", f"data.train_file={data / 'train.jsonl'}",
-           f"data.val_file={data / 'valid.jsonl'}", f"model.lora.rank={RANK}",
-           f"model.lora.alpha={ALPHA}", "model.lora.targets=[query,key,value,out]",
-           f"trainer.batch_size={args.batch}", f"trainer.max_steps={args.steps}",
-           f"trainer.eval_every_steps={args.steps}", "trainer.log_every_steps=1",
-           "trainer.grad_clip=0", "trainer.schedule.name=constant",
-           "trainer.schedule.warmup_steps=0", f"optimizer.learning_rate={args.lr}",
-           "tracking=csv", "callbacks.progress.enabled=false", "callbacks.memory.every=1",
-           f"seed={args.seed}", f"hydra.run.dir={out}"]
-    started, before = time.perf_counter(), load()
-    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env())
-    if proc.returncode:
-        raise RuntimeError(f"mlxlab train failed:\n{proc.stderr[-3000:]}")
-    rows = bench_lora.csv_metrics(out)
-    tags = json.loads((out / "tracking" / "tags.json").read_text())
-    steps = [{"step": s, "tokens_per_sec": m["train/tokens_per_sec"],
-              "peak_mb": m.get("memory/peak_mb", float("nan")), "loss": m["train/loss"]}
-             for s, m in sorted(rows.items()) if "train/tokens_per_sec" in m]
-    return {"steps": steps, "rss_mb": rss, "first_step_s": float(tags["mlxlab.compile_s"]),
-            "wall_s": time.perf_counter() - started, "load_1min": [before, load()],
-            "val_loss": next((m["val/loss"] for _, m in sorted(rows.items(), reverse=True)
-                              if "val/loss" in m), None)}
+    """`mlxlab train experiment=finetune_chat` at a constant learning rate, no clipping."""
+    before = load()
+    run = bench_lora.run_mlxlab(out, [
+        "experiment=finetune_chat",
+        *bench_lora.lora_overrides(model, data, args.steps, batch=args.batch, lr=args.lr),
+        f"trainer.eval_every_steps={args.steps}", "trainer.grad_clip=0",
+        "trainer.schedule.name=constant", f"seed={args.seed}"], env())
+    return {**run, "load_1min": [before, load()]}
 
 
 def train_mlx_lm(folder: Path, data: Path, args, out: Path, fast: bool = False) -> dict:
-    """mlx_lm.lora's own training with mlxlab's settings (bench_lora.run_mlx_lm, OpenBLAS);
-    `fast`: its loaded model switched to mlxlab's CPU quantized product (bench_qlora's
-    mlx-lm+fast), mlx-lm's loop on mlxlab's kernel."""
-    bench_lora.BATCH, bench_lora.RANK, bench_lora.ALPHA, bench_lora.LR = (
-        args.batch, RANK, ALPHA, args.lr)
-    bench_lora.SEQ = 2047  # mlxlab's chat rows are never cut here (data.max_length 2048)
-    shutil.rmtree(out, ignore_errors=True)
-    started, before = time.perf_counter(), load()
-    steps = bench_lora.run_mlx_lm(folder, data, "chat", args.steps, out, openblas=True,
-                                  fast_quantized=fast)
-    return {"steps": steps, "rss_mb": steps[-1]["rss_mb"], "first_step_s": steps[0]["seconds"],
-            "wall_s": time.perf_counter() - started, "load_1min": [before, load()],
-            "adapters": str(out / "adapters")}
+    """mlx_lm.lora with mlxlab's settings on mlxlab's OpenBLAS; `fast`: its loaded model on
+    mlxlab's CPU quantized product (mlx-lm's loop on mlxlab's kernel)."""
+    before = load()
+    run = bench_lora.run_mlx_lm(folder, data, args.steps, out, openblas=True, fast_quantized=fast,
+                                seq=2047, batch=args.batch, lr=args.lr, env=env())
+    return {**run, "load_1min": [before, load()]}
 
 
 def fuse(folder: Path, adapters: str, out: Path) -> Path:
@@ -210,15 +149,6 @@ def float_folder(folder: Path, dtype: str, out: Path) -> Path:
         if proc.returncode:
             raise RuntimeError(f"mlx_lm convert failed:\n{proc.stderr[-3000:]}")
     return out
-
-
-def summary(run: dict, skip: int) -> dict:
-    timed = [s for s in run["steps"] if s["step"] > skip] or run["steps"]
-    return {"tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed),
-            "peak_mb": max(s["peak_mb"] for s in run["steps"]), "rss_mb": run["rss_mb"],
-            "first_step_s": run["first_step_s"], "wall_s": run["wall_s"],
-            "loss_first": run["steps"][0]["loss"], "loss_last": run["steps"][-1]["loss"],
-            "load_1min": run["load_1min"]}
 
 
 def llama_cpp_accuracy(gguf: Path, folder: Path, heldout: list[dict]) -> dict:
@@ -270,9 +200,8 @@ def smoke_model(work: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", default=None, help="folder for data, runs and results "
-                   "(default: a new temporary one); a stage already in its results.json is "
-                   "not run again")
+    p.add_argument("--work", default=None, help="folder for data, runs and results (default: a "
+                   "new temporary one); a stage already there is not run again")
     p.add_argument("--smoke", action="store_true", help="a tiny random llama, a few rows and "
                    "steps: every step of the pipeline, nothing measured")
     p.add_argument("--train", type=int, default=400)
@@ -285,13 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mlx-lm-as-shipped", action="store_true", help="also mlx_lm.lora on MLX's "
                    "own CPU quantized matmul (stages train_mlx_lm_0, mlx-lm): hours here")
-    p.add_argument("--float-base", default=None, metavar="DTYPE", help="train every tool on the "
-                   "GGUF's weights dequantized to DTYPE (mlx_lm.convert --dequantize of the "
-                   "folder mlxlab converted the GGUF to): LoRA on a float base, not QLoRA")
-    p.add_argument("--stages", default=None, help="only these stages (comma-separated: base, "
-                   "train_mlxlab_0, mlxlab, paired, export, train_mlx_lm_0, mlx-lm, llama.cpp, "
-                   "train_mlx_lm_fast_0, mlx-lm-fast, "
-                   "train_<tool>_<round>); the rest are read from earlier runs when there")
+    p.add_argument("--float-base", default=None, metavar="DTYPE", help="every tool on the GGUF's "
+                   "weights dequantized to DTYPE (mlx_lm.convert): LoRA on a float base, not QLoRA")
+    p.add_argument("--stages", default=None, help="only these stages (comma-separated, as the "
+                   "docstring names them); the rest are read from earlier runs when there")
     args = p.parse_args(argv)
     if args.smoke:
         args.train, args.heldout, args.steps, args.batch, args.skip = 8, 4, 2, 2, 0
@@ -328,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(stages)  # other settings: nothing of the last run counts
         stages.mkdir()
     saved.write_text(json.dumps(settings))
-    result: dict = {"cpu": cpu_model(), "model": str(model), "folder": str(folder),
+    result: dict = {"model": str(model), "folder": str(folder),
                     "settings": settings, "blas_threads": os.environ["OPENBLAS_NUM_THREADS"],
                     "load_start": load()}
     wanted = set(args.stages.split(",")) if args.stages else None
@@ -387,59 +313,38 @@ def main(argv: list[str] | None = None) -> dict:
     for path in sorted(stages.glob("*torch*peft*.json")):  # real_model_torch_peft.py's stages
         result[path.stem] = json.loads(path.read_text())
     result["load_end"] = load()
+    result["table"] = table(result)
     (work / "results.json").write_text(json.dumps(result, indent=1))
     write_record("real-model-finetune", result, question="quality", smoke=args.smoke,
                  raw=str(work / "results.json"))
-    print(table(result))
+    print_table(result["table"])
+    print(json.dumps({"paired": result.get("paired")}))
     return result
 
 
-def table(r: dict) -> str:
-    """The markdown table of the stages `r` holds (a stage not run shows as "-")."""
-    s = r["settings"]
+def table(r: dict) -> dict:
+    """The stages `r` holds, a row a model (a stage not run shows as "-"), then mlxlab's ratios."""
     med = {}
     for tool in ("mlxlab", "mlx_lm", "mlx_lm_fast", "torch_peft"):
-        runs = [summary(v, s["skip"]) for k, v in r.items()
+        runs = [bench_lora.summary(v, r["settings"]["skip"]) for k, v in r.items()
                 if re.fullmatch(rf"train_{tool}_\d+", k)]
         med[tool] = {k: statistics.median(x[k] for x in runs) for k in
                      ("tokens_per_sec", "peak_mb", "rss_mb", "first_step_s")} if runs else None
-
-    def acc(key: str) -> str:
-        return f"{r[key]['accuracy']:.3f}" if key in r else "-"
-
-    def speed(tool: str) -> str:
-        m = med[tool]
-        return (f"{m['tokens_per_sec']:.1f} | {m['first_step_s']:.1f} | {m['peak_mb']:.0f} | "
-                f"{m['rss_mb']:.0f}") if m else "- | - | - | -"
-
-    lines = [f"{r['cpu']}; {r['blas_threads']} BLAS thread(s) a process; 1-min load "
-             f"{r['load_start']} at the start, {r.get('load_end', '-')} at the end (other "
-             f"sessions share the cores); {s['train']} train / {s['heldout']} held-out rows, "
-             f"LoRA rank {RANK} on q/k/v/o, batch {s['batch']}, {s['steps']} steps, lr "
-             f"{s['lr']:g}", "",
-             "| model | held-out exact match | trained tokens/s | first step s | peak MB (its framework's) | "
-             "peak RSS MB |", "|---|---:|---:|---:|---:|---:|",
-             f"| base (`mlxlab eval MODEL`) | {acc('base')} | | | | |",
-             f"| mlxlab LoRA (`mlxlab eval RUN`) | {acc('mlxlab')} | {speed('mlxlab')} |",
-             f"| mlx_lm.lora, same settings | {acc('mlx-lm')} | {speed('mlx_lm')} |",
-             f"| mlx_lm.lora on mlxlab's quantized product | {acc('mlx-lm-fast')} | "
-             f"{speed('mlx_lm_fast')} |",
-             f"| PyTorch + PEFT (real_model_torch_peft.py) | {acc('torch-peft')} | "
-             f"{speed('torch_peft')} |",
-             f"| mlxlab LoRA -> GGUF Q8_0 in llama.cpp | {acc('llama.cpp')} | | | | |"]
-    if "paired" in r:
-        p = r["paired"]
-        lines += ["", f"base vs mlxlab fine-tune, paired over {p['n']} held-out examples: "
-                  f"{p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}], {p['test']} p = "
-                  f"{p['p']:.3g}"]
-    for tool, name in (("mlx_lm", "mlx-lm"), ("mlx_lm_fast", "mlx-lm's loop on mlxlab's product"),
-                       ("torch_peft", "PyTorch + PEFT")):
-        if med["mlxlab"] and med[tool]:
-            a, b = med["mlxlab"], med[tool]
-            lines.append(f"mlxlab / {name}: tokens/s {a['tokens_per_sec'] / b['tokens_per_sec']:.2f}x,"
-                         f" MLX peak {a['peak_mb'] / b['peak_mb']:.2f}x (medians over rounds)")
-    return "\n".join(lines)
-
+    rows = []
+    for name, key, tool in (("base (`mlxlab eval MODEL`)", "base", None),
+                            ("mlxlab LoRA", "mlxlab", "mlxlab"), ("mlx_lm.lora", "mlx-lm", "mlx_lm"),
+                            ("mlx_lm.lora on mlxlab's quantized product", "mlx-lm-fast", "mlx_lm_fast"),
+                            ("PyTorch + PEFT", "torch-peft", "torch_peft"),
+                            ("mlxlab LoRA -> GGUF Q8_0 in llama.cpp", "llama.cpp", None)):
+        m = med.get(tool)
+        rows.append([name, f"{r[key]['accuracy']:.3f}" if key in r else "-",
+                     *([f"{m['tokens_per_sec']:.1f}", f"{m['first_step_s']:.1f}", f"{m['peak_mb']:.0f}",
+                        f"{m['rss_mb']:.0f}"] if m else ["-"] * 4),
+                     f"{med['mlxlab']['tokens_per_sec'] / m['tokens_per_sec']:.2f}x"
+                     if m and med["mlxlab"] and tool != "mlxlab" else "-"])
+    return {"head": ["model", "held-out exact match", "trained tokens/s", "first step s",
+                     "peak MB (its framework's)", "peak RSS MB", "mlxlab's tokens/s ratio"],
+            "rows": rows, "paired": r.get("paired")}
 
 if __name__ == "__main__":
     main()

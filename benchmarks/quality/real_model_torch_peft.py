@@ -1,24 +1,11 @@
 """The real-model fine-tune of real_model_finetune.py in PyTorch + PEFT: the reference beside
-mlxlab and mlx_lm.lora (on a GPU, or the CPU as a smoke).
+mlxlab and mlx_lm.lora. Reads the rows real_model_finetune.py wrote to --work and needs no MLX (a
+GPU image): transformers' GGUF load of the same file in --dtype, LoRA rank 8 (alpha 16) on
+q/k/v/o, Adam at a constant --lr, the loss on the assistant turn; held-out greedy exact match.
+Writes W/stages/train_torch_peft_<round>.json and, in round 0, W/stages/torch-peft.json.
 
     python benchmarks/quality/real_model_torch_peft.py --work W --gguf SmolLM2.Q4_1.gguf
         [--steps 80] [--batch 4] [--lr 1e-3] [--dtype bfloat16] [--round 0]
-    python benchmarks/quality/real_model_torch_peft.py --smoke   # 8 rows, 2 steps, float32
-
-It reads what real_model_finetune.py wrote to W (data/train.jsonl, dates.jsonl: the same rows,
-`--work` first there, or `--write-data` here) and needs no MLX: it runs where only PyTorch,
-transformers, PEFT and gguf are installed (a GPU image). The model: transformers' own GGUF load
-of the same file (its Q4_1 blocks dequantized, as mlxlab's bits are), in --dtype. The run: LoRA
-rank 8, alpha 16 (scale 2) on q/k/v/o of every layer, no dropout, Adam at a constant --lr, batch
---batch rows in a seeded shuffle, --steps steps, no clipping; the loss over the assistant turn
-only (the prompt and system turn masked, as mlxlab's chat SFT and mlx_lm.lora --mask-prompt do).
-Held-out: the prompt rendered by the model's chat template with the generation prompt, greedy,
-16 new tokens at most, cut at a newline or the end of turn, exact match after stripping (mlxlab's
-generation_scores).
-
-Writes W/stages/train_torch_peft_<round>.json (per-step tokens/s of the trained tokens, peak
-memory, losses: the shape real_model_finetune.py's table reads) and, in round 0,
-W/stages/torch-peft.json (the held-out accuracy and each output).
 """
 
 from __future__ import annotations
@@ -32,12 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
+from benchmarks.harness import read_jsonl  # noqa: E402  (standard library and numpy only)
+
 MAX_NEW_TOKENS = 16
 RANK, ALPHA = 8, 16.0
-
-
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -50,6 +36,57 @@ def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     ids = tok(full, add_special_tokens=False)["input_ids"]
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
     return ids, [-100] * n_prompt + ids[n_prompt:]
+
+
+def peft_lora(model):
+    """`model` with LoRA rank 8 (alpha 16) on q/k/v/o of every layer, no dropout (PEFT)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+
+
+def train_steps(model, tok, chats: list[list[dict]], steps: int, batch: int, lr: float,
+                order: list[int] | None = None) -> list[dict]:
+    """Adam at a constant `lr` on `batch` chats a step (in `order`, else as given), padded to the
+    longest, the loss on the last reply; each step's trained tokens/s, seconds, peak MB (CUDA's
+    allocator, else the process's RSS) and loss."""
+    import torch
+
+    dev = next(model.parameters()).device
+    cuda = dev.type == "cuda"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    train = [encode_chat(tok, messages) for messages in chats]
+    order = order or list(range(len(train)))
+    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=lr)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out = []
+    model.train()
+    for step in range(1, steps + 1):
+        picked = [train[order[((step - 1) * batch + i) % len(order)]] for i in range(batch)]
+        width = max(len(ids) for ids, _ in picked)
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in picked], device=dev)
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in picked], device=dev)
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in picked], device=dev)
+        tokens = int((labels[:, 1:] != -100).sum())
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        out.append({"step": step, "tokens_per_sec": tokens / seconds, "seconds": seconds,
+                    "peak_mb": peak, "loss": loss.item()})
+        print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 def smoke_inputs(args: argparse.Namespace) -> None:
@@ -93,7 +130,6 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--work and --gguf (or --smoke)")
 
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(args.seed)
@@ -105,42 +141,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     model.to(dev)
     load_s = time.perf_counter() - started
-    model = get_peft_model(model, LoraConfig(
-        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model = peft_lora(model)
     if args.compile:
         model = torch.compile(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    train = [encode_chat(tok, r["messages"]) for r in rows(work / "data" / "train.jsonl")]
-    order = list(range(len(train)))
+    chats = [r["messages"] for r in read_jsonl(work / "data" / "train.jsonl")]
+    order = list(range(len(chats)))
     random.Random(args.seed).shuffle(order)
-    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=args.lr)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    steps = []
-    model.train()
-    for step in range(1, args.steps + 1):
-        picked = [train[order[((step - 1) * args.batch + i) % len(order)]] for i in range(args.batch)]
-        width = max(len(ids) for ids, _ in picked)
-        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in picked], device=dev)
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in picked], device=dev)
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in picked], device=dev)
-        tokens = int((labels[:, 1:] != -100).sum())
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")
-        steps.append({"step": step, "tokens_per_sec": tokens / seconds, "seconds": seconds,
-                      "peak_mb": peak, "loss": loss.item()})
-        print(json.dumps(steps[-1]), flush=True)
+    steps = train_steps(model, tok, chats, args.steps, args.batch, args.lr, order)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     train_wall = time.perf_counter() - started
     timed = [s for s in steps if s["step"] > args.skip] or steps
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     # held-out: greedy, left-padded batches, the template's generation prompt
     model.eval()
     tok.padding_side = "left"
-    heldout = rows(work / "dates.jsonl")[: args.heldout]
+    heldout = read_jsonl(work / "dates.jsonl")[: args.heldout]
     stops = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
              if isinstance(t, int) and t >= 0]
     outputs, right, t0 = {}, 0, time.perf_counter()

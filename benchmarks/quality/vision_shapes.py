@@ -1,26 +1,16 @@
-"""Does a vision-language fine-tune learn what only the picture holds? The LLaVA recipe on the
-real SmolLM2-135M-Instruct: its weights as the language model, a fresh SigLIP vision tower and
-pixel-shuffle projector (SmolVLM's architecture, Idefics3 in mlx-vlm) at a small size, trained
-by `mlxlab train experiment=finetune_vision` on the shipped shapes task (src/mlxlab/assets/
-shapes: the colour, the shape or the count of the shapes in a 64x64 picture, one word), scored
-on the 60 held-out pictures by greedy exact match before and after, over seeds, with McNemar's
-test of each seed's run against the start on the same pictures.
+"""Does a vision-language fine-tune learn what only the picture holds? SmolLM2-135M-Instruct as the
+language model of a fresh small SigLIP tower and projector (SmolVLM's architecture), trained by
+`experiment=finetune_vision` on the shipped shapes task (colour, shape or count of a picture),
+scored on the 60 held-out pictures before and after, over seeds, McNemar's test against the start.
 
     python benchmarks/quality/vision_shapes.py [--seeds 42,43,44] [--steps 300] [--smoke]
         [--reference-seeds 42]   # mlx-vlm 0.7.10's own trainer at the same steps, batch, rate
-
-Chance is 1/4 for a colour and 1/3 for a shape or a count (0.31 over the held-out mix). The
-model folder is built once into --work (SmolLM2's GGUF from the package index, dequantized by
-transformers; the vision tower and projector drawn at random with --seed 0), then each seed's
-run trains LoRA on the language model's attention, adapters on the vision tower's attention and
-the projector in full. Writes a JSON record beside the printed table (--out).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -30,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import write_record  # noqa: E402
+from benchmarks.harness import read_jsonl, write_record  # noqa: E402
 
 SHAPES = REPO / "src" / "mlxlab" / "assets" / "shapes"
 IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>"]
@@ -100,18 +90,6 @@ def build_folder(out: Path, seed: int = 0, vision_width: int = 256, vision_layer
     return out
 
 
-def cpu_name() -> str:
-    """lscpu's model name, family and model (the CPU beside every figure)."""
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    keep = ("Model name", "CPU family", "Model:")
-    return "; ".join(line.split(":", 1)[1].strip() for line in out.splitlines()
-                     if line.startswith(keep)) or platform.machine()
-
-
-def held_out(path: Path = SHAPES / "val.jsonl") -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def answers(model_path: str, rows: list[dict], vlm=None) -> list[str]:
     """Greedy replies (at most 4 tokens) of a run or folder to each held-out picture; `vlm`:
     an mlx-vlm model (its own trainer's adapters on the folder's base) answering in its place."""
@@ -163,50 +141,31 @@ def train(folder: Path, work: Path, seed: int, steps: int, extra: list[str]) -> 
     return next((run_root / "outputs" / "finetune_vision").iterdir())
 
 
-# mlx-vlm's trainer (`python -m mlx_vlm.train`, its run()) on mlxlab's OpenBLAS for MLX only
-MLX_VLM = """
-import sys
-from mlxlab.runtime.blas import setup_blas
-setup_blas()
-from mlx_vlm import train as cli
-args, settings = cli.parse_args(sys.argv[1:])
-cli.run(args, settings)
-"""
-
-
 def mlx_vlm_rows(out: Path) -> Path:
-    """The shapes task as mlx-vlm's trainer reads a JSONL folder: text messages and the row's
-    `images` list (train.jsonl, valid.jsonl)."""
+    """The shapes task as mlx-vlm's trainer reads a JSONL folder (train.jsonl, valid.jsonl)."""
+    from benchmarks.speed.bench_vision import both_formats
+
     out.mkdir(parents=True, exist_ok=True)
     for split, source in (("train", SHAPES / "train.jsonl"), ("valid", SHAPES / "val.jsonl")):
-        rows = []
-        for line in source.read_text().splitlines():
-            row = json.loads(line)
-            user, reply = row["messages"]
-            rows.append({"messages": [
-                {"role": "user", "content": next(p["text"] for p in user["content"]
-                                                 if p["type"] == "text")},
-                {"role": "assistant", "content": reply["content"][0]["text"]}],
-                "images": [str(SHAPES / p["image"]) for p in user["content"]
-                           if p["type"] == "image"]})
+        rows = [both_formats(json.loads(line), SHAPES)[1] for line in source.read_text().splitlines()]
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
 
 def train_mlx_vlm(folder: Path, work: Path, seed: int, steps: int):
-    """mlx-vlm's own trainer on the same rows (an epoch's worth: its batch of 1 x 8 times the
-    steps, since 0.7.10's trainer stops SmolVLM / Idefics3 at a batch over 1: its language model
-    takes the (B, T) padding mask for the attention mask), rank and rate, LoRA on the language
-    model's attention and the vision tower and projector unfrozen (--train-vision: its way to
-    train them); its loss on every token but padding and image tokens (its
-    --train-on-completions falls back to a Qwen token id without a dataset mask). Returns the
-    mlx-vlm model with the trained adapters."""
+    """mlx-vlm's own trainer on the same rows, rank and rate (batch 1 x 8 times the steps: 0.7.10
+    fails SmolVLM at a batch over 1), the vision tower and projector unfrozen (--train-vision),
+    the loss on every token but padding and images (its --train-on-completions needs a Qwen
+    token); the mlx-vlm model with its trained adapters."""
     out = work / f"mlx_vlm_seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     data = mlx_vlm_rows(work / "mlx_vlm_data")
     started = time.time()
-    subprocess.run([sys.executable, "-c", MLX_VLM, "--model", str(folder), "--data", str(data),
+    from benchmarks.speed.bench_vision import MLX_VLM_WORKER
+
+    subprocess.run([sys.executable, "-c", MLX_VLM_WORKER, str(out / "report.jsonl"),
+                    "--model", str(folder), "--data", str(data),
                     "--iters", str(8 * steps), "--batch-size", "1", "--learning-rate", "1e-3",
                     "--lora-rank", "16", "--lora-alpha", "16", "--seed", str(seed),
                     "--target-modules", "q_proj", "k_proj", "v_proj", "o_proj",
@@ -232,7 +191,6 @@ def main() -> None:
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--work", type=Path, default=Path("/tmp/mlxlab-vision-shapes"))
-    parser.add_argument("--out", type=Path, default=None, help="JSON record")
     parser.add_argument("--reference-seeds", default="",
                         help="seeds of mlx-vlm's own trainer at the same settings (e.g. 42)")
     parser.add_argument("--smoke", action="store_true", help="2 steps, 6 held-out pictures")
@@ -240,12 +198,10 @@ def main() -> None:
     import mlxlab  # noqa: F401  (OpenBLAS for MLX before anything computes)
 
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    steps, rows = (2, held_out()[:6]) if args.smoke else (args.steps, held_out())
+    steps, rows = (2, read_jsonl(SHAPES / "val.jsonl")[:6]) if args.smoke else (args.steps, read_jsonl(SHAPES / "val.jsonl"))
     folder = build_folder(args.work / "smollm2-vlm")
     start = correct(answers(str(folder), rows), rows)
-    record = {"command": " ".join(sys.argv), "cpu": cpu_name(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "steps": steps,
-              "chance": chance(rows), "start": sum(start) / len(rows), "seeds": {}}
+    record = {"steps": steps, "chance": chance(rows), "start": sum(start) / len(rows), "seeds": {}}
     print(f"start: {record['start']:.3f} exact match on {len(rows)} held-out pictures "
           f"(chance {record['chance']:.3f})", flush=True)
     for seed in seeds:
@@ -266,9 +222,6 @@ def main() -> None:
         print(f"mlx-vlm seed {seed}: {sum(after) / len(rows):.3f} exact match", flush=True)
     print(json.dumps(record, indent=1))
     write_record("vision-shapes", record, question="quality", smoke=args.smoke)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,56 +1,21 @@
-"""Throughput benchmark: MLX GEMM vs numpy, and training speed of the mlxlab stack vs a
-minimal hand-written MLX loop vs the same architecture in PyTorch CPU eager, on this machine.
+"""Training speed of the mlxlab stack beside a minimal MLX loop and the same model in PyTorch
+eager, plus fp32 GEMM beside numpy and MFU. Each row runs in its own fresh process (`--worker`)
+on the batches the mlxlab row trained on, in --repeats alternating rounds; a row shows its median
+round, a ratio is the median of per-round ratios. The PyTorch row (bench_torch.py, a process
+without mlxlab or MLX) is checked against torch_plain.py; when they disagree beyond the noise, no
+PyTorch ratio is given and the exit code is 1. --variants: `bare` (tracking=none, no progress
+bar), `replay` (saved batches, not the data pipeline), `nokernels` (trainer.fused_kernels=off).
 
-Not a test: prints a table; `--write` also puts it (with the command and the machine) into
-docs/benchmarks-history.md (--out), between its markers. Every ratio compares numbers taken in this run.
-
-    python benchmarks/speed/bench.py [--quick] [--threads N] [--models nano,tiny,bert] [--repeats 3] [--write]
-
-The fair comparison on a quiet machine (what docs/benchmarks.md records):
-
-    pip install -e '.[bench]'
-    python benchmarks/speed/bench.py --models nano,tiny,bert --repeats 3 --write
-
-Each training measurement runs in its own fresh process (`--worker`), one after the other, so
-no framework's threads, caches or memory high-water mark leak into the next one:
-  mlxlab    the real stack: `mlxlab.train.train(cfg)` on the composed experiment config
-            (experiment=tinystories_nano|tinystories_tiny|titanic_bert), real data module,
-            MlflowTracker on a temporary sqlite store, progress bar on. A callback added at
-            Trainer.fit times every step; the batches it trained on are saved for the others.
-  mlx       the minimal loop on the same model and the same saved batches: nn.value_and_grad,
-            one mx.compile'd step over [model.state, optimizer.state, mx.random.state], the
-            same loss function and global-norm clip, AdamW, one mx.eval per step.
-  torch     the same architecture written in PyTorch (benchmarks/speed/bench_torch.py), same batches,
-            CPU eager, torch.set_num_threads = the BLAS threads, in a process that never
-            imports mlxlab, MLX or their OpenBLAS (it checks its own memory map and fails if it
-            does): rows that imported mlxlab ran PyTorch 3.7x slow.
-  torch:plain  benchmarks/speed/torch_plain.py, a plain PyTorch script of the same decoder (random
-            tokens, the same batch shape), in the same rounds. When the torch row and it
-            disagree by more than the noise, no PyTorch ratio is printed and the exit code is 1.
-Variants of the mlxlab row (--variants) locate the framework overhead: `bare` (tracking=none,
-no progress bar), `replay` (the saved batches instead of the live data pipeline), `nokernels`
-(trainer.fused_kernels=off: the pure-MLX cross-entropy and SwiGLU instead of the fused CPU
-kernels of mlxlab.kernels, which every other MLX row uses when they build).
-
-Noise: a shared machine slows whole processes for a while (the same worker measured 79 and 110 ms
-a step minutes apart), so every row runs --repeats times in interleaved rounds (round order
-alternates, ABBA). A row shows its median round; a ratio is the median over rounds of the ratio of
-two rows in the same round, with its range.
-
-Steady state: the first --warmup steps are skipped, and so is any later step that compiles (the
-first step with a new batch shape) or that follows an evaluation/checkpoint (BERT evaluates
-every epoch). MFU = (6 * matmul params * tokens + 12 * layers * dim * T * tokens) / s over the
-best GEMM GFLOP/s measured in section 1. Memory: `mx peak` is MLX's peak of live arrays over
-the timed steps; `RSS` is the process's peak resident memory over the timed steps (VmHWM, reset
-through /proc/self/clear_refs) minus its resident memory before the weights were materialized.
+    python benchmarks/speed/bench.py --models nano,tiny,bert --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -64,20 +29,19 @@ import mlx.core as mx
 
 # isort: on
 import numpy as np
+from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import (
-    TABLES_PAGE,
     add_smoke,
     clock,
-    cpu_model,
     in_round,
     load_batches,
     peak_rss_mb,
+    print_table,
     reset_peak_rss,
     rss_mb,
     save_batches,
-    write_between_markers,
     write_record,
 )
 from mlxlab import kernels as mlxlab_kernels
@@ -91,32 +55,13 @@ MODELS = {
     "bert": ("titanic_bert", "samples", 200),
 }
 VARIANTS = ("bare", "replay", "nokernels")
-DEFAULT_OUT = TABLES_PAGE
-
-
-# ---- machine and memory ----------------------------------------------------------------------
 
 
 def machine_info(threads: int) -> dict:
-    info = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "mlx": mx.__version__,
-        "blas": f"{mlxlab.blas.status}: {mlxlab.blas.library} ({mlxlab.blas.detail})",
-        "threads": threads,
-        "kernels": mlxlab_kernels.status(),
-    }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:
-        info["torch"] = None
-    return info
-
-
-# ---- 1. GEMM ---------------------------------------------------------------------------------
+    """What the record's machine does not say: MLX, its BLAS, the threads, the fused kernels."""
+    return {"mlx": mx.__version__, "threads": threads, "kernels": mlxlab_kernels.status(),
+            "blas": f"{mlxlab.blas.status}: {mlxlab.blas.library} ({mlxlab.blas.detail})",
+            "torch": next((d.version for d in importlib.metadata.distributions(name="torch")), None)}
 
 
 def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
@@ -139,11 +84,8 @@ def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
 
 
 def gemm_section(sizes: list[int], repeats: int) -> list[dict]:
-    rows = []
-    for n in sizes:
-        mlx_rate, np_rate = gemm_pair(n, repeats)
-        rows.append({"n": n, "mlx": mlx_rate, "numpy": np_rate, "ratio": mlx_rate / np_rate})
-    return rows
+    rates = {n: gemm_pair(n, repeats) for n in sizes}
+    return [{"n": n, "mlx": m, "numpy": p, "ratio": m / p} for n, (m, p) in rates.items()]
 
 
 # ---- steady-state timing shared by all workers ------------------------------------------------
@@ -153,25 +95,13 @@ def step_seconds(times: list, skip: set[int], warmup: int, steps: int) -> dict[i
     """times[k] = clock() when step k finished (times[0]: before step 1) -> {step: (wall, CPU)
     seconds} for steps warmup+1 .. warmup+steps not in `skip`."""
     last = min(warmup + steps, len(times) - 1)
-    return {
-        k: (times[k][0] - times[k - 1][0], times[k][1] - times[k - 1][1])
-        for k in range(warmup + 1, last + 1)
-        if k not in skip
-    }
+    return {k: (times[k][0] - times[k - 1][0], times[k][1] - times[k - 1][1])
+            for k in range(warmup + 1, last + 1) if k not in skip}
 
 
 def compile_steps(shapes: list[tuple]) -> set[int]:
     """1-based steps whose batch shape had not been seen before (they trace and compile)."""
-    seen, new = set(), set()
-    for k, shape in enumerate(shapes, start=1):
-        if shape not in seen:
-            seen.add(shape)
-            new.add(k)
-    return new
-
-
-def shape_of(batch: dict) -> tuple:
-    return tuple(batch["input_ids"].shape)
+    return {k for k, shape in enumerate(shapes, start=1) if shape not in shapes[:k - 1]}
 
 
 def matmul_params(model, task: str) -> tuple[int, int, int, int]:
@@ -198,11 +128,8 @@ def matmul_params(model, task: str) -> tuple[int, int, int, int]:
 
 def step_flops(meta: dict, shape: tuple) -> float:
     b, t = shape
-    return (
-        6 * meta["params_per_token"] * b * t
-        + 6 * meta["params_per_sample"] * b
-        + 12 * meta["layers"] * meta["dim"] * t * b * t
-    )
+    return (6 * meta["params_per_token"] * b * t + 6 * meta["params_per_sample"] * b
+            + 12 * meta["layers"] * meta["dim"] * t * b * t)
 
 
 # ---- worker: the mlxlab stack -------------------------------------------------------------------
@@ -259,7 +186,7 @@ def worker_mlxlab(spec: dict) -> dict:
         if self.settings.grad_accum != 1:
             raise ValueError("bench.py times one batch per step: use trainer.grad_accum=1")
         rec["rss_base_mb"] = rss_mb()
-        rec["params"] = sum(v.size for _, v in _flat(model.parameters()))
+        rec["params"] = sum(v.size for _, v in tree_flatten(model.parameters()))
         rec["flops"] = dict(zip(("params_per_token", "params_per_sample", "layers", "dim"),
                                 matmul_params(model, data.task)))
         rec["meta"] = {"task": data.task, "vocab_size": data.vocab_size,
@@ -268,7 +195,7 @@ def worker_mlxlab(spec: dict) -> dict:
 
         def recorded(batching, epoch):
             for batch in live(batching, epoch):
-                rec["shapes"].append(shape_of(batch))
+                rec["shapes"].append(tuple(batch["input_ids"].shape))
                 if len(rec["batches"]) < warmup + steps:
                     rec["batches"].append(batch)
                 yield batch
@@ -289,12 +216,6 @@ def worker_mlxlab(spec: dict) -> dict:
         "trainer": {"learning_rate": cfg.optimizer.learning_rate,
                     "weight_decay": cfg.optimizer.weight_decay, "grad_clip": cfg.trainer.grad_clip},
     }
-
-
-def _flat(tree):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)
 
 
 # ---- worker: the minimal MLX loop ---------------------------------------------------------------
@@ -339,7 +260,7 @@ def worker_mlx(spec: dict) -> dict:
             reset_peak_rss()
     return {
         "times": times, "mx_peak_mb": mx.get_peak_memory() / 2**20, "rss_mb": peak_rss_mb() - base,
-        "params": sum(v.size for _, v in _flat(model.parameters())),
+        "params": sum(v.size for _, v in tree_flatten(model.parameters())),
     }
 
 
@@ -378,10 +299,7 @@ def worker_command(kind: str, spec: dict, spec_path: Path) -> list[str]:
 
 def common_shape(shapes: list) -> tuple[int, int]:
     """The batch shape most steps had (the plain PyTorch script trains on that one)."""
-    counts: dict[tuple, int] = {}
-    for shape in shapes:
-        counts[tuple(shape)] = counts.get(tuple(shape), 0) + 1
-    return max(counts, key=counts.get)
+    return collections.Counter(tuple(s) for s in shapes).most_common(1)[0][0]
 
 
 def run_worker(kind: str, spec: dict, tmp: Path, label: str) -> dict:
@@ -394,10 +312,8 @@ def run_worker(kind: str, spec: dict, tmp: Path, label: str) -> dict:
     env.update(OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     print(f"  running {label} ...", file=sys.stderr, flush=True)
     with open(log_path, "w") as log:
-        proc = subprocess.run(
-            worker_command(kind, spec, spec_path), stdout=log, stderr=subprocess.STDOUT, env=env,
-            cwd=SCRIPTS.parent,
-        )
+        proc = subprocess.run(worker_command(kind, spec, spec_path), stdout=log,
+                              stderr=subprocess.STDOUT, env=env, cwd=SCRIPTS.parent)
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-30:])
         raise RuntimeError(f"worker {label} failed (exit {proc.returncode}); log tail:\n{tail}")
@@ -409,14 +325,10 @@ def run_worker(kind: str, spec: dict, tmp: Path, label: str) -> dict:
 def model_overrides(name: str, args) -> list[str]:
     experiment, *_ = MODELS[name]
     total = args.warmup + args.steps
-    overrides = [
-        f"experiment={experiment}",
-        f"trainer.max_steps={total}",
-        "trainer.eval_every_steps=null",  # evaluate at epoch ends only (BERT) and after the run
-        "checkpoint.save_every_minutes=null",
-        "callbacks.early_stopping.patience=0",
-        "trainer.grad_accum=1",
-    ]
+    # evaluated at epoch ends only (BERT) and after the run
+    overrides = [f"experiment={experiment}", f"trainer.max_steps={total}",
+                 "trainer.eval_every_steps=null", "checkpoint.save_every_minutes=null",
+                 "callbacks.early_stopping.patience=0", "trainer.grad_accum=1"]
     if name == "bert":
         overrides.append("trainer.max_epochs=1000")  # max_steps ends it
     if args.batch_size:
@@ -451,24 +363,19 @@ def bench_round(name: str, spec: dict, args, tmp: Path, r: int) -> dict[str, dic
     numbering every other row reuses; later rounds alternate the row order (ABBA) so a slow
     drift of the machine does not always land on the same row."""
     order = ["mlxlab", *(f"mlxlab:{v}" for v in args.variants), "mlx"]
-    order += [] if args.no_torch else ["torch", *(["torch:plain"] if has_plain(name) else [])]
+    plain = MODELS[name][1] == "tokens"  # torch_plain.py implements the decoders
+    order += [] if args.no_torch else ["torch", *(["torch:plain"] if plain else [])]
     order = in_round(order, r)
     results = {}
     for impl in order:
         kind, _, variant = impl.partition(":")
         kind = "plain" if impl == "torch:plain" else kind
         label = f"{name}-{impl.replace(':', '-')}-r{r}"
-        results[impl] = run_worker(
-            kind, {**spec, "variant": variant or "full", "save_batches": r == 0}, tmp, label
-        )
+        results[impl] = run_worker(kind, {**spec, "variant": variant or "full",
+                                          "save_batches": r == 0}, tmp, label)
         if impl == "mlxlab" and r == 0:
             spec["reference"] = results[impl]
     return results
-
-
-def has_plain(name: str) -> bool:
-    """Models that benchmarks/speed/torch_plain.py implements (the decoders)."""
-    return MODELS[name][1] == "tokens"
 
 
 def baseline_check(name: str, rows: list[float], plain: list[float]) -> dict:
@@ -494,10 +401,8 @@ def bench_model(name: str, args, tmp: Path, peak: float) -> tuple[list[dict], li
     _, unit, default_steps = MODELS[name]
     args = argparse.Namespace(**{**vars(args), "steps": args.steps or default_steps})
     root = tmp / name
-    spec = {
-        "root": str(root), "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
-        "overrides": model_overrides(name, args), "batches": str(root / "batches.npz"),
-    }
+    spec = {"root": str(root), "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
+            "overrides": model_overrides(name, args), "batches": str(root / "batches.npz")}
     rounds = [bench_round(name, spec, args, tmp, r) for r in range(args.repeats)]
     plain = [results.pop("torch:plain")["tokens_per_s"] for results in rounds
              if "torch:plain" in results]
@@ -513,11 +418,8 @@ def bench_model(name: str, args, tmp: Path, peak: float) -> tuple[list[dict], li
     for results in rounds:
         for res in results.values():
             skip |= {k + 1 for k in res.get("evals", [])}
-    summaries = [
-        {impl: summarize(name, impl, res, ref, skip, args, unit, peak)
-         for impl, res in results.items()}
-        for results in rounds
-    ]
+    summaries = [{impl: summarize(name, impl, res, ref, skip, args, unit, peak)
+                  for impl, res in results.items()} for results in rounds]
     rows = []
     for impl in summaries[0]:
         runs = sorted((s[impl] for s in summaries), key=lambda row: row["rate"])
@@ -529,9 +431,8 @@ def bench_model(name: str, args, tmp: Path, peak: float) -> tuple[list[dict], li
     for k, (what, _, _, target) in enumerate(per_round[0]):
         values = [round_ratios[k][1] for round_ratios in per_round]
         by_median = statistics.median(round_ratios[k][2] for round_ratios in per_round)
-        combined.append(
-            (what, statistics.median(values), target, min(values), max(values), by_median)
-        )
+        combined.append((what, statistics.median(values), target, min(values), max(values),
+                         by_median))
     check = None
     if plain:
         check = baseline_check(name, [s["torch"]["rate"] for s in summaries], plain)
@@ -570,99 +471,17 @@ def ratios(rows: list[dict]) -> list[tuple[str, float, float, float | None]]:
     return out
 
 
-def fmt(x, spec: str) -> str:
-    return "-" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
-
-
-def check_lines(checks: list[dict]) -> list[str]:
-    """The PyTorch baseline check table, or nothing when no PyTorch row ran."""
-    if not checks:
-        return []
-    lines = [
-        "",
-        "PyTorch baseline check: the PyTorch row (benchmarks/speed/bench_torch.py on the replayed batches, "
-        "a process without mlxlab, MLX or their BLAS) against benchmarks/speed/torch_plain.py (a plain "
-        "PyTorch script of the same model and batch shape), timed in the same rounds. PyTorch "
-        "ratios are printed only when they agree within the noise (the larger spread over the "
-        "rounds of either, at least 10%).",
-        "",
-        "| model | PyTorch row tokens/s | plain script tokens/s | row / plain (median) | range "
-        "| tolerance | verdict |",
-        "|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for c in checks:
-        verdict = "agree" if c["ok"] else "DISAGREE: PyTorch ratios withheld"
-        lines.append(
-            f"| {c['model']} | {c['row']:,.0f} | {c['plain']:,.0f} | {c['ratio']:.2f} "
-            f"| {c['low']:.2f}-{c['high']:.2f} | ±{c['tolerance']:.0%} | {verdict} |"
-        )
-    return lines
-
-
-def report(info: dict, gemm: list[dict], rows: list[dict], ratio_rows: list[tuple],
-           checks: list[dict], command: str, args) -> str:
-    lines = [
-        f"Command: `{command}`",
-        "",
-        f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, "
-        f"MLX {info['mlx']}, PyTorch {info['torch'] or '-'}; BLAS {info['blas']}; "
-        f"threads: {info['threads']} (OpenBLAS, numpy, torch.set_num_threads, mlxlab.kernels); "
-        f"fused kernels: {info['kernels']}; "
-        f"warmup {args.warmup} steps, then timed steps (the table's count); {args.repeats} interleaved "
-        f"round{'s' if args.repeats > 1 else ''} of every row; "
-        f"{time.strftime('%Y-%m-%d %H:%M %Z')}",
-        "",
-        "| fp32 GEMM n x n x n | MLX GFLOP/s | numpy GFLOP/s | MLX / numpy (target >= 0.8) |",
-        "|---|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {g['n']} | {g['mlx']:.1f} | {g['numpy']:.1f} | {g['ratio']:.2f} |" for g in gemm
-    ]
-    peak = max(max(g["mlx"], g["numpy"]) for g in gemm)
-    lines += [
-        "",
-        f"GEMM peak used for MFU: {peak:.1f} GFLOP/s (best of the rows above).",
-        "",
-        "Each row is its median round by throughput; `range` is the lowest and highest "
-        "throughput over the rounds.",
-        "",
-        "| model | implementation | params | timed steps | ms/step (mean) | ms/step (median) "
-        "| CPU ms/step | throughput | range | GFLOP/s | MFU | mx peak MB | RSS MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['impl']} | {fmt(r['params'] / 1e6 if r['params'] else None, '.2f')}M "
-            f"| {r['steps']} | {r['step_ms']:.1f} | {r['median_ms']:.1f} | {r['cpu_ms']:.1f} "
-            f"| {r['rate']:,.0f} {r['unit']}/s "
-            f"| {r['rate_range'][0]:,.0f}-{r['rate_range'][1]:,.0f} "
-            f"| {r['gflops']:.1f} | {r['mfu']:.1%} "
-            f"| {fmt(r['mx_peak_mb'], '.0f')} | {fmt(r['rss_mb'], '.0f')} |"
-        )
-    lines += check_lines(checks)
-    lines += [
-        "",
-        "Ratios of throughput: the median over the rounds of the ratio within one round, and "
-        "its range; the target is judged on it. `by median step`: the same from the rows' median "
-        "step times, which a slow spell of the host over a minority of steps does not move.",
-        "",
-        "| ratio | measured (median) | range over rounds | by median step | target |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for what, value, target, low, high, by_median in ratio_rows:
-        ok = "" if target is None else (" (met)" if value >= target else " (NOT met)")
-        lines.append(
-            f"| {what} | {value:.2f}{ok} | {low:.2f}-{high:.2f} | {by_median:.2f} "
-            f"| {fmt(target, '.2f')} |"
-        )
-    return "\n".join(lines)
-
-
-def write_section(path: Path, body: str, threads: int) -> None:
-    """Replace this thread count's tables in `path` (between their markers, so the prose around
-    them stays), or append them under a new heading."""
-    title = f"## Training throughput, {threads} thread{'s' if threads > 1 else ''} (benchmarks/speed/bench.py)"
-    write_between_markers(path, f"benchmarks/bench.py threads={threads}", body, title)
+def table(rows: list[dict], ratio_rows: list[tuple]) -> dict:
+    """The record's table: one line per row (its median round), then one per ratio."""
+    def f(x, spec):
+        return "-" if x is None or x != x else format(x, spec)
+    rows_out = [[r["model"], r["impl"], f"{r['median_ms']:.1f}", f"{r['rate']:,.0f} {r['unit']}/s",
+                 f"{r['rate_range'][0]:,.0f}-{r['rate_range'][1]:,.0f}", f"{r['mfu']:.1%}",
+                 f(r["mx_peak_mb"], ".0f"), f(r["rss_mb"], ".0f")] for r in rows]
+    rows_out += [[what, "ratio", f"{by_median:.2f}", f"{value:.2f}", f"{low:.2f}-{high:.2f}",
+                  f(target, ".2f"), "", ""] for what, value, target, low, high, by_median in ratio_rows]
+    return {"head": ["model", "row", "median ms/step (ratio: by median step)", "throughput",
+                     "range", "MFU (ratio: target)", "mx peak MB", "RSS MB"], "rows": rows_out}
 
 
 def main() -> None:
@@ -687,9 +506,6 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--override", action="append", default=[],
                         help="extra Hydra override for every row (repeatable)")
-    parser.add_argument("--write", action="store_true", help="put the report into --out")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="default: docs/benchmarks-history.md")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     add_smoke(parser)
@@ -697,7 +513,7 @@ def main() -> None:
     if args.worker:
         return worker_main(args.worker, args.spec)
     if args.smoke:  # --quick on nano, 1 + 2 steps, every worker (PyTorch's when installed)
-        args.quick, args.models, args.write, args.warmup, args.steps = True, "nano", False, 1, 2
+        args.quick, args.models, args.warmup, args.steps = True, "nano", 1, 2
         args.gemm = "64"
 
     quick = args.quick
@@ -732,33 +548,22 @@ def main() -> None:
         gemm = gemm_section(gemm_sizes, repeats=5 if quick else 20)
     peak = max(max(g["mlx"], g["numpy"]) for g in gemm)
     rows, ratio_rows, checks = [], [], []
-    with tempfile.TemporaryDirectory(prefix="mlxlab-bench-") as tmp_name:
-        tmp = Path(tmp_name)
-        try:
-            for name in models:
-                model_rows, model_ratios, check = bench_model(name, args, tmp, peak)
-                rows += model_rows
-                ratio_rows += model_ratios
-                checks += [check] if check else []
-        finally:
-            if args.keep:
-                kept = Path(tempfile.mkdtemp(prefix="mlxlab-bench-kept-"))
-                subprocess.run(["cp", "-r", f"{tmp}/.", str(kept)], check=False)
-                print(f"worker logs kept in {kept}", file=sys.stderr)
-    command = "python benchmarks/speed/bench.py " + " ".join(sys.argv[1:])
-    text = report(info, gemm, rows, ratio_rows, checks, command.strip(), args)
-    print(text)
+    with tempfile.TemporaryDirectory(prefix="mlxlab-bench-") as tmp:
+        for name in models:
+            model_rows, model_ratios, check = bench_model(name, args, Path(tmp), peak)
+            rows += model_rows
+            ratio_rows += model_ratios
+            checks += [check] if check else []
+    shown = table(rows, ratio_rows)
+    print_table(shown)
     pytorch = next((c for c in ratio_rows if c[0].endswith(": mlxlab / PyTorch eager")), None)
     write_record("-".join(models) + "-vs-pytorch", {
-        "machine": info, "gemm": gemm, "rows": rows, "checks": checks,
+        "machine": info, "gemm": gemm, "rows": rows, "checks": checks, "table": shown,
         "ratios": [dict(zip(("what", "median", "target", "low", "high", "by_median_step"), c))
                    for c in ratio_rows]},
         question="speed-pytorch", reference=pytorch and "PyTorch eager (bench_torch.py, its own process)",
         ratio=pytorch and round(pytorch[1], 2), summary=pytorch and f"{pytorch[0]}, throughput (higher is better)",
         smoke=args.smoke or args.quick)
-    if args.write:
-        write_section(Path(args.out), text, args.threads)
-        print(f"\nwritten to {args.out}", file=sys.stderr)
     if (refused := [c["model"] for c in checks if not c["ok"]]) and not args.smoke:
         sys.exit(f"bench.py: the PyTorch row of {refused} disagrees with the plain PyTorch script "
                  "beyond the noise; its PyTorch ratios were not printed (see the check table)")

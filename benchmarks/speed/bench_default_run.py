@@ -1,27 +1,14 @@
 """The default experiment's whole run against a PyTorch twin's: what a new user times.
 
-    python benchmarks/speed/bench_default_run.py [--repeats 3] [--write]
+    python benchmarks/speed/bench_default_run.py [--repeats 3] [--rows readme,bare,twin] [--epochs N]
 
-Rows, each a fresh process timed from outside (wall clock, start to exit), interleaved in
-rounds (ABBA order) so that a slow spell of a shared machine hits every row alike:
-  readme    `mlxlab-train` exactly as README.md runs it: tracked in a fresh MLflow store
-            (./mlruns of a new folder), progress bar on; the kernels are already built (pip
-            install builds them, hatch_build.py).
-  bare      the same with `tracking=none callbacks.progress.enabled=false`.
-  twin      benchmarks/speed/torch_bert_run.py: the same BERT in plain PyTorch, same batches (dumped
-            from mlxlab's own data module for all 40 epochs, so data order and padding match),
-            the same optimizer, schedule, clip, dropout and per-epoch evaluation, in a process
-            that never imports mlxlab or MLX, torch.set_num_threads = the cores.
-The table gives each row's median wall time and its training loop's (mlxlab: first step to the
-last evaluation, from its log timestamps; twin: its own clock), its first epoch's (mlxlab: to the
-first evaluation, the step's and evaluation's compiles included), median ms a step, best and last
-validation accuracy, and the ratios per round. `--write` puts it into docs/benchmarks-history.md between
-its markers, with the command and the CPU.
-
-Short runs locate a difference between the mlxlab rows with less of a shared machine's drift
-(the twin needs the full run's batches, so it is left out):
-
-    python benchmarks/speed/bench_default_run.py --rows readme,bare --epochs 8 --repeats 6
+Rows, each a fresh process timed from outside, in alternating rounds: `readme` (`mlxlab-train`
+as README.md runs it: a fresh MLflow store, progress bar on), `bare` (`tracking=none`, no bar),
+`twin` (torch_bert_run.py: the same BERT in plain PyTorch on the batches mlxlab's data module
+makes for all epochs, the same optimizer, schedule, clip and per-epoch evaluation, in a process
+without mlxlab or MLX). Per row: wall, training loop (from the log's timestamps), first epoch,
+steps, best and last validation accuracy; ratios per round. `--epochs` shortens the mlxlab rows
+(the twin left out) to locate a difference between them with less drift.
 """
 
 from __future__ import annotations
@@ -30,7 +17,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,18 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import (
-    TABLES_PAGE,
     add_smoke,
-    cpu_model,
     in_round,
+    print_table,
+    run_with_peak_rss,
     save_batches,
     write_record,
 )
 
 HERE = Path(__file__).resolve().parent
-DOC = TABLES_PAGE
-MARKER = "bench_default_run"  # DOC: <!-- MARKER:begin --> ... <!-- MARKER:end -->
-SHORT_MARKER = "bench_default_run_short"  # the same for --rows / --epochs runs
 BARE = ["tracking=none", "callbacks.progress.enabled=false"]
 EVAL_LINE = re.compile(r"^\[([\d-]+ [\d:,]+)\]\[mlxlab\.training\]\[INFO\] - step (\d+)/(\d+) .*"
                        r"val/accuracy ([\d.]+)")
@@ -94,22 +77,12 @@ def dump(folder: Path, overrides: list[str]) -> None:
     }))
 
 
-def children_cpu() -> float:
-    """CPU seconds (user + system) of this process's finished children: a run's own work, which
-    a busy machine's waiting for a core does not inflate as it does its wall time."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def timed(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run `cmd` (subprocess.run's keyword arguments, output captured as text): (its result, wall
-    seconds, CPU seconds); a failed run ends the benchmark with its stderr's tail."""
-    started, cpu = time.perf_counter(), children_cpu()
-    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-    wall, cpu = time.perf_counter() - started, children_cpu() - cpu
+    """(`cmd`'s result, wall seconds, CPU seconds); a failed run ends the benchmark."""
+    done, _ = run_with_peak_rss(cmd, **kwargs)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return done, wall, cpu
+    return done, done.wall_s, done.cpu_s
 
 
 def stamp(text: str) -> float:
@@ -150,7 +123,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--write", action="store_true", help="put the table into docs/benchmarks-history.md")
     parser.add_argument("--rows", default="readme,bare,twin", help="a subset, in this order")
     parser.add_argument("--epochs", type=int, help="trainer.max_epochs for the mlxlab rows "
                         "(the default run's 40 when not given; not with the twin)")
@@ -158,7 +130,7 @@ def main() -> None:
     add_smoke(parser)
     args = parser.parse_args()
     if args.smoke:  # every row, one round of one epoch (the twin's batches too)
-        args.repeats, args.epochs, args.write = 1, 1, False
+        args.repeats, args.epochs = 1, 1
     extra = [f"trainer.max_epochs={args.epochs}"] if args.epochs else []
     if args.dump:
         return dump(Path(args.dump), extra)
@@ -178,19 +150,16 @@ def main() -> None:
                         *([f"--epochs={args.epochs}"] if args.smoke else [])], check=True,
                        capture_output=True)
     results = interleave(rows, args.repeats)
-    table = report(results, args)
-    print(table)
+    shown = table(results)
+    print_table(shown)
     ours = "readme" if "readme" in results else "bare" if "bare" in results else None
     ratio = (statistics.median(x["wall_s"] / y["wall_s"] for x, y in zip(results[ours], results["twin"]))
              if ours and "twin" in results else None)
-    write_record("default-run-vs-pytorch", results, question="speed-pytorch",
+    write_record("default-run-vs-pytorch", {**results, "table": shown}, question="speed-pytorch",
                  reference=ratio and "the same run as a plain PyTorch script (speed/torch_bert_run.py)",
                  ratio=ratio and round(ratio, 2),
                  summary=ratio and f"wall time of the default experiment, `{ours}` row (lower is better)",
                  smoke=args.smoke)
-    if args.write:
-        full = args.rows == "readme,bare,twin" and not args.epochs
-        write(table, MARKER if full else SHORT_MARKER)
 
 
 def interleave(rows: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
@@ -208,67 +177,26 @@ def interleave(rows: dict[str, Callable[[], dict]], repeats: int) -> dict[str, l
     return results
 
 
-def report(results: dict[str, list[dict]], args) -> str:
+def table(results: dict[str, list[dict]]) -> dict:
+    """Each row's medians, then the wall-time ratios of the rows per round."""
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
 
-    def ratio(a: str, b: str, key: str) -> str:
-        per_round = sorted(x[key] / y[key] for x, y in zip(results[a], results[b]))
-        return (f"{statistics.median(per_round):.2f}x "
-                f"({per_round[0]:.2f}-{per_round[-1]:.2f})")
-
-    command = "python benchmarks/speed/bench_default_run.py"
-    if args.rows != "readme,bare,twin":
-        command += f" --rows {args.rows}"
-    if args.epochs:
-        command += f" --epochs {args.epochs}"
-    lines = [
-        f"CPU: {cpu_model()}; {args.repeats} rounds; torch threads {args.threads}; "
-        f"command: `{command} --repeats {args.repeats} --write`",
-        "",
-        "| row | wall (s) | training loop (s) | first epoch (s) | steps | loop ms / step | "
-        "best val acc (%) | last val acc (%) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    labels = {"readme": "`mlxlab-train` as README runs it (MLflow, progress bar)",
-              "bare": "`mlxlab-train tracking=none callbacks.progress.enabled=false`",
-              "twin": "PyTorch twin (torch_bert_run.py)"}
-
-    def accuracies(name: str, key: str) -> str:
-        return "/".join(f"{100 * r[key]:.1f}" for r in results[name])
-
-    for name in results:
-        per_step = statistics.median(1000 * r["loop_s"] / r["steps"] for r in results[name])
-        first = ("-" if results[name][0]["first_epoch_s"] is None
-                 else f"{med(name, 'first_epoch_s'):.2f}")
-        lines.append(f"| {labels[name]} | {med(name, 'wall_s'):.1f} | {med(name, 'loop_s'):.1f} | "
-                     f"{first} | {med(name, 'steps'):.0f} | {per_step:.1f} | "
-                     f"{accuracies(name, 'best_accuracy')} | {accuracies(name, 'last_accuracy')} |")
-    lines.append("")
-    if {"readme", "twin"} <= set(results):
-        lines.append(f"- readme / twin, wall: {ratio('readme', 'twin', 'wall_s')}; training loop: "
-                     f"{ratio('readme', 'twin', 'loop_s')}")
-    if {"bare", "twin"} <= set(results):
-        lines.append(f"- bare / twin, wall: {ratio('bare', 'twin', 'wall_s')}")
-    if {"readme", "bare"} <= set(results):
-        extra = sorted(x["wall_s"] - y["wall_s"] for x, y in zip(results["readme"], results["bare"]))
-        lines.append(f"- readme / bare, wall: {ratio('readme', 'bare', 'wall_s')}; readme - bare "
-                     f"per round {statistics.median(extra):+.1f} s ({extra[0]:+.1f} to "
-                     f"{extra[-1]:+.1f})")
-    if "twin" in results:
-        lines.append(f"- twin step median: {med('twin', 'step_ms'):.1f} ms")
-    return "\n".join(lines)
-
-
-def write(table: str, marker: str = MARKER) -> None:
-    text = DOC.read_text()
-    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    if begin not in text:
-        raise SystemExit(f"{DOC} has no {begin} marker")
-    head, rest = text.split(begin, 1)
-    tail = rest.split(end, 1)[1]
-    DOC.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
-
+    rows = []
+    for name, runs in results.items():
+        first = "-" if runs[0]["first_epoch_s"] is None else f"{med(name, 'first_epoch_s'):.2f}"
+        rows.append([name, f"{med(name, 'wall_s'):.1f}", f"{med(name, 'loop_s'):.1f}", first,
+                     f"{med(name, 'steps'):.0f}",
+                     f"{statistics.median(1000 * r['loop_s'] / r['steps'] for r in runs):.1f}",
+                     "/".join(f"{100 * r['best_accuracy']:.1f}" for r in runs),
+                     "/".join(f"{100 * r['last_accuracy']:.1f}" for r in runs)])
+    for a, b in (("readme", "twin"), ("bare", "twin"), ("readme", "bare")):
+        if {a, b} <= set(results):
+            per_round = sorted(x["wall_s"] / y["wall_s"] for x, y in zip(results[a], results[b]))
+            rows.append([f"{a} / {b}", f"{statistics.median(per_round):.2f}x "
+                         f"({per_round[0]:.2f}-{per_round[-1]:.2f})", *[""] * 6])
+    return {"head": ["row", "wall s", "training loop s", "first epoch s", "steps", "loop ms / step",
+                     "best val acc %", "last val acc %"], "rows": rows}
 
 if __name__ == "__main__":
     main()

@@ -1,40 +1,15 @@
-"""One command for a GPU window: what mlxlab does on the GPU, and against PyTorch.
+"""One command for a GPU window: what mlxlab does on the GPU, beside its PyTorch twin.
 
-    python benchmarks/speed/bench_gpu.py [--write] [--budget-min 25] [--out gpu-bench]
+    python benchmarks/speed/bench_gpu.py [--budget-min 25] [--out gpu-bench] [--parts first,mlx,...]
     python benchmarks/speed/bench_gpu.py --dry-run      # the whole path on the CPU, tiny, ~1 minute
 
-No network. Parts, each with its share of the budget (a part or row past it is skipped with a
-note, so the whole fits a 25-minute window):
-1. device: the start-up line mlxlab logs (GPU, memory, MLX build, CUDA, driver) and whether
-   MLX's CUDA kernel cache was empty (then the first part pays the NVRTC compiles).
-2. GEMM: the best matmul TFLOP/s MLX reaches at fp32 and bf16 (n = 2048, 4096, 8192).
-3. LM presets (model=transformer_nano|small|medium|large, vocab 32768, seq 1024) at fp32 and
-   bf16 (trainer.precision=bf16: bf16 compute over fp32 masters), through mlxlab's own compiled
-   step (training/step.py make_step, AdamW, clip 1.0) on fixed random token batches: tokens/s, MFU =
-   model FLOPs/s (bench.py's count: 6 x matmul params x tokens + attention) over the GPU's dense
-   peak for the dtype (PEAKS; fp32 over TF32's when the fp32 GEMM shows tensor cores) and over
-   the best GEMM of part 2, MLX peak memory.
-4. The PyTorch twin (bench_torch.py's decoder: same sizes, same weights' shapes, the same
-   batches from the same seed, AdamW + clip), eager and torch.compile, fp32 and bf16 autocast,
-   in a process that never imports mlxlab or MLX; "skipped" with the reason where no CUDA torch.
-5. The default experiment as README runs it (tracking=csv, no bar): wall time, the first step's
-   compile (tag mlxlab.compile_s), best validation accuracy; `--parts first` runs it first on a
-   fresh machine (the kernel compiles' wait, and the lines that say so).
-6. LoRA and 4-bit QLoRA (`model.quantize=4`): a random Llama written on the spot without PyTorch
-   (scripts/tiny_hf_model.py --no-torch; hidden 1024, 8 layers), experiment=finetune_completions.
-   The `mlx` part also profiles medium's step (profile_step: forward, backward, optimizer,
-   attention alone, the matmuls' floor at the best GEMM's rate).
-7. `pytest -m gpu` (tests/test_gpu.py), its figures (determinism) collected.
-
-Prints one markdown report; --write puts it into docs/benchmarks-history.md between the markers
-`<!-- bench_gpu: begin/end -->` ("Tables the scripts write"), and everything lands in --out as JSON.
-
-The device tool runs one command for at most 10 minutes, so a window runs the parts in turn
-(`--parts first`, `mlx`, `torch`, `runs`, `pytest`; benchmarks/speed/gpu_window.sh runs them in one
-background pipeline): each call adds its parts to <out>/bench_gpu.json and prints the
-report so far; `--from-json FILE --write` renders a fetched JSON into docs/benchmarks-history.md here.
-benchmarks/speed/gpu_window.sh holds the exact calls (docs/benchmarks-history.md, "The window's
-procedure").
+Parts, each within its share of the budget (a row past it is skipped with a note): `first` (the
+default run on a fresh machine: MLX's kernel compiles), `mlx` (the device line, best GEMM at fp32
+and bf16, the LM presets at fp32 and bf16 through mlxlab's compiled step: tokens/s, MFU over the
+data-sheet peak (PEAKS) and over the best GEMM, peak memory), `torch`
+(the twin of bench_torch.py, eager and torch.compile, in a process without mlxlab or MLX), `runs`
+(the default experiment, LoRA and QLoRA on a random Llama), `pytest` (`-m gpu`). Each call adds
+its parts to <out>/bench_gpu.json and writes a record of all so far; gpu_window.sh runs them.
 """
 
 from __future__ import annotations
@@ -52,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.*
-from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
+from benchmarks.harness import add_smoke, print_table, smoke_dir, write_record  # noqa: E402
 
 PRESETS = ("nano", "small", "medium", "large")
 DTYPES = ("fp32", "bf16")
@@ -82,10 +57,7 @@ DRY_MODEL = ["model.dim=32", "model.num_layers=1", "model.num_heads=2"]
 
 
 def peak_for(name: str) -> dict | None:
-    for key, peaks in PEAKS:
-        if key.lower() in name.lower():
-            return {"gpu": key, **peaks}
-    return None
+    return next(({"gpu": key, **peaks} for key, peaks in PEAKS if key.lower() in name.lower()), None)
 
 
 # ---- MLX side (a worker process) -------------------------------------------------------------
@@ -112,39 +84,20 @@ def gemm(sizes: list[int], deadline: float) -> dict[str, float]:
     return best
 
 
-def preset_step(spec: dict, root: Path, preset: str, dtype: str):
-    """(model config, model, loss, compiled step) of `preset` as the trainer builds them: AdamW,
-    clip 1.0, fused kernels auto, bf16 compute over fp32 masters for dtype "bf16"."""
+def lm_rows(spec: dict) -> list[dict]:
+    """mlxlab's compiled step (training/step.py make_step: AdamW, clip 1.0, fused kernels auto,
+    bf16 compute over fp32 masters for "bf16") on each preset x dtype; a row each (or its error)."""
     import mlx.core as mx
     import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_flatten
 
-    from benchmarks.speed.bench import compose
+    from benchmarks.speed.bench import compose, matmul_params, step_flops
     from mlxlab import kernels
     from mlxlab.config import instantiate
     from mlxlab.objectives import losses
     from mlxlab.training.settings import TrainerSettings
     from mlxlab.training.step import make_step, mixed_precision
-
-    cfg = compose(root, [f"model=transformer_{preset}", *spec["model_overrides"]])
-    mx.random.seed(0)
-    model = instantiate(cfg.model, vocab_size=spec["vocab"], num_labels=None)
-    model.train()
-    settings = TrainerSettings(precision=dtype, grad_clip=1.0, fused_kernels="auto")
-    kernels.set_mode(settings.fused_kernels)  # as the loop sets it
-    loss_fn = losses.task_loss("lm")
-    if dtype == "bf16":
-        loss_fn = mixed_precision(loss_fn, mx.bfloat16)
-    step = make_step(model, optim.AdamW(learning_rate=1e-4, weight_decay=0.01), loss_fn, settings)
-    return cfg.model, model, loss_fn, step
-
-
-def lm_rows(spec: dict) -> list[dict]:
-    """mlxlab's compiled step on each preset x dtype; one row each (or its error)."""
-    import mlx.core as mx
-    import numpy as np
-    from mlx.utils import tree_flatten
-
-    from benchmarks.speed.bench import matmul_params, step_flops
 
     rows, deadline = [], spec["deadline"]
     root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
@@ -156,13 +109,22 @@ def lm_rows(spec: dict) -> list[dict]:
                 row["skipped"] = "over the part's time budget"
                 continue
             try:
-                model_cfg, model, _, step = preset_step(spec, root, preset, dtype)
+                model_cfg = compose(root, [f"model=transformer_{preset}", *spec["model_overrides"]]).model
+                mx.random.seed(0)
+                model = instantiate(model_cfg, vocab_size=spec["vocab"], num_labels=None)
+                model.train()
+                settings = TrainerSettings(precision=dtype, grad_clip=1.0, fused_kernels="auto")
+                kernels.set_mode(settings.fused_kernels)  # as the loop sets it
+                loss_fn = losses.task_loss("lm")
+                if dtype == "bf16":
+                    loss_fn = mixed_precision(loss_fn, mx.bfloat16)
+                step = make_step(model, optim.AdamW(learning_rate=1e-4, weight_decay=0.01),
+                                 loss_fn, settings)
                 # nano's positions stop at 256: its rows are that long
                 batch_rows, seq = spec["batch"][preset], min(spec["seq"], model_cfg.max_seq_len)
                 rng = np.random.default_rng(spec["seed"])
-                per_token, per_sample, layers, dim = matmul_params(model, "lm")
-                meta = {"params_per_token": per_token, "params_per_sample": per_sample,
-                        "layers": layers, "dim": dim}
+                meta = dict(zip(("params_per_token", "params_per_sample", "layers", "dim"),
+                                matmul_params(model, "lm")))
                 times = []
                 for k in range(spec["warmup"] + spec["steps"]):
                     ids = rng.integers(0, spec["vocab"], (batch_rows, seq + 1), dtype=np.int32)
@@ -187,54 +149,6 @@ def lm_rows(spec: dict) -> list[dict]:
     return rows
 
 
-def profile_step(spec: dict, preset: str, dtype: str) -> dict:
-    """Where one step's time goes: the compiled forward, forward + backward and
-    whole step of `preset` timed apart, attention (MLX's fused SDPA, causal, forward + backward)
-    timed alone at the model's shapes, and the matmuls' floor (their FLOPs over the best GEMM)."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    import numpy as np
-
-    from benchmarks.speed.bench import matmul_params
-
-    model_cfg, model, loss_fn, step = preset_step(
-        spec, Path(tempfile.mkdtemp(prefix="bench-gpu-prof-")), preset, dtype)
-    low = mx.bfloat16 if dtype == "bf16" else mx.float32
-    b, t = spec["batch"][preset], min(spec["seq"], model_cfg.max_seq_len)
-    ids = mx.array(np.random.default_rng(0).integers(0, spec["vocab"], (b, t + 1), dtype=np.int32))
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mx.ones((b, t), mx.float32)}
-    forward = mx.compile(lambda x: loss_fn(model, x)[0])
-    grads = mx.compile(lambda x: nn.value_and_grad(model, loss_fn)(model, x)[1])
-    heads, dim = model_cfg.num_heads, model_cfg.dim
-    q = mx.random.normal((b, heads, t, dim // heads)).astype(low)
-
-    def attention(q):
-        return mx.fast.scaled_dot_product_attention(q, q, q, scale=(dim // heads) ** -0.5,
-                                                    mask="causal").sum()
-
-    attn = mx.compile(mx.grad(attention))
-
-    def timed(fn, *args, n: int = 10) -> float:
-        for _ in range(3):
-            mx.eval(fn(*args))
-        times = []
-        for _ in range(n):
-            started = time.perf_counter()
-            mx.eval(fn(*args))
-            times.append(time.perf_counter() - started)
-        return 1e3 * statistics.median(times)
-
-    per_token, _, layers, _ = matmul_params(model, "lm")
-    out = {"preset": preset, "dtype": dtype, "batch": b, "seq": t,
-           "forward_ms": timed(forward, batch), "forward_backward_ms": timed(grads, batch),
-           "step_ms": timed(lambda x: step([x])[0], batch),
-           "attention_fwd_bwd_ms": layers * timed(attn, q)}
-    best = spec.get("gemm_best", {}).get(dtype)
-    if best:
-        out["matmul_floor_ms"] = 1e3 * 6 * per_token * b * t / (best * 1e12)
-    return out
-
-
 def mlx_worker(spec: dict) -> dict:
     import mlxlab  # noqa: F401  (the fast BLAS on CPU, before mlx.core)
     from mlxlab.runtime import device
@@ -248,15 +162,8 @@ def mlx_worker(spec: dict) -> dict:
     best = gemm(spec["gemm"], started + spec["budget"]["gemm"])
     spec["deadline"] = time.monotonic() + spec["budget"]["mlx"]
     rows = lm_rows(spec)
-    spec["gemm_best"] = best
-    profiles = []
-    for preset, dtype in spec.get("profile", []):
-        try:
-            profiles.append(profile_step(spec, preset, dtype))
-        except Exception as exc:  # noqa: BLE001  (reported, like a row)
-            profiles.append({"preset": preset, "dtype": dtype, "error": str(exc).splitlines()[0][:200]})
     return {"device": line, "backend": described.backend, "name": described.name,
-            "kernel_cache_empty": empty, "gemm_tflops": best, "rows": rows, "profiles": profiles,
+            "kernel_cache_empty": empty, "gemm_tflops": best, "rows": rows,
             "gemm_s": time.monotonic() - started}
 
 
@@ -364,7 +271,7 @@ def default_experiment(dry: bool, root: Path, timeout: float, name: str = "defau
 def lora(dry: bool, root: Path, timeout: float, sizes: tuple[int, int]) -> dict:
     """LoRA and 4-bit QLoRA (`model.quantize=4`: the base packed at load) fine-tunes of one random
     Llama written on the spot (no PyTorch needed), through mlx-lm's model code."""
-    import csv
+    from benchmarks.speed.bench_lora import csv_metrics
 
     sys.path.insert(0, str(REPO / "scripts"))
     from tiny_hf_model import save_tiny_llama_without_torch
@@ -382,9 +289,8 @@ def lora(dry: bool, root: Path, timeout: float, sizes: tuple[int, int]) -> dict:
             f"trainer.eval_every_steps={steps}", f"trainer.log_every_steps={2 if dry else 10}",
             f"hydra.run.dir={run_dir}", *extra], max(timeout / 2, 150.0))
         if out is not None:
-            with open(run_dir / "tracking" / "metrics.csv") as f:  # the first window holds the compile
-                rates = [float(r["value"]) for r in csv.DictReader(f)
-                         if r["name"] == "train/tokens_per_sec"]
+            rates = [m["train/tokens_per_sec"] for _, m in sorted(csv_metrics(run_dir).items())
+                     if "train/tokens_per_sec" in m]  # the first window holds the compile
             tags = json.loads((run_dir / "tracking" / "tags.json").read_text())
             row.update({"steps": steps, "hidden": hidden, "layers": layers,
                         "compile_s": float(tags.get("mlxlab.compile_s", "nan")),
@@ -407,111 +313,32 @@ def gpu_tests(root: Path, timeout: float) -> dict:
     return {"summary": lines[-1] if lines else out.stderr[-300:], "figures": figures}
 
 
-# ---- the report ---------------------------------------------------------------------------------
+def table(res: dict) -> dict:
+    """The record's table: mlxlab's row of each preset and dtype beside the twin's."""
+    mlx = res.get("mlx", {})
+    peaks = peak_for(mlx.get("name", "")) if mlx.get("backend") == "cuda" else None
+    best = mlx.get("gemm_tflops", {})
+    twin = {(r["preset"], r["dtype"], r["mode"]): r for r in res.get("torch", {}).get("rows", [])}
 
+    def f(x, spec=".1f"):
+        return "-" if x is None else format(x, spec)
 
-def fmt(x, spec: str = ".1f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-NOT_RUN = {"mlx": {"device": "(the mlx part did not run)", "backend": "?", "name": "?",
-                  "kernel_cache_empty": False, "gemm_tflops": {}, "rows": []},
-           "torch": {"skipped": "the torch part did not run"},
-           "default": {"skipped": "not run"}, "lora": {"skipped": "not run"},
-           "pytest": {"summary": "not run"}}
-
-
-def report(res: dict) -> str:
-    res = {**NOT_RUN, **res}
-    mlx, torch_res = res["mlx"], res["torch"]
-    peaks = peak_for(mlx["name"]) if mlx["backend"] == "cuda" else None
-    gemm_best = mlx["gemm_tflops"]
-    out = [f"`python benchmarks/speed/bench_gpu.py{' --dry-run' if res['dry_run'] else ''}` "
-           f"({time.strftime('%Y-%m-%d', time.gmtime())}, {res.get('total_s', 0):.0f} s over "
-           f"the parts: {', '.join(res.get('parts', []))})", "",
-           f"- {mlx['device']}",
-           f"- MLX's CUDA kernel cache was {'empty: this run paid the compiles' if mlx['kernel_cache_empty'] else 'filled'}"
-           if mlx["backend"] == "cuda" else "- (CPU: no kernel cache)",
-           f"- best GEMM: fp32 {fmt(gemm_best.get('fp32'))} TFLOP/s, bf16 "
-           f"{fmt(gemm_best.get('bf16'))} TFLOP/s; dense peaks used: "
-           + (f"{peaks['gpu']} fp32 {peaks['fp32']} / tf32 {peaks['tf32']} / bf16 {peaks['bf16']}"
-              if peaks else "none (not a GPU in the table: MFU over the measured GEMM only)"), "",
-           "| preset | dtype | params (M) | batch x seq | mlxlab tokens/s | MFU (peak) | MFU (GEMM) "
-           "| MLX peak GB | torch eager tokens/s | torch.compile tokens/s | mlxlab / compile |",
-           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    twin = {(r["preset"], r["dtype"], r["mode"]): r for r in torch_res.get("rows", [])}
-    for row in mlx["rows"]:
+    rows = []
+    for row in mlx.get("rows", []):
         key = (row["preset"], row["dtype"])
-        eager, comp = twin.get((*key, "eager"), {}), twin.get((*key, "compile"), {})
         if "tokens_per_s" not in row:
-            out.append(f"| {row['preset']} | {row['dtype']} | {row.get('error') or row.get('skipped')} "
-                       "| | | | | | | | |")
+            rows.append([*key, row.get("error") or row.get("skipped"), *[""] * 7])
             continue
-        peak = None
-        if peaks:
-            use_tf32 = row["dtype"] == "fp32" and gemm_best.get("fp32", 0) > 1.1 * peaks["fp32"]
-            peak = peaks["tf32" if use_tf32 else row["dtype"]] or None
-        mfu_peak = 100 * row["tflops"] / peak if peak else None
-        gemm_ref = gemm_best.get(row["dtype"])
-        mfu_gemm = 100 * row["tflops"] / gemm_ref if gemm_ref else None
-        ratio = row["tokens_per_s"] / comp["tokens_per_s"] if comp.get("tokens_per_s") else None
-        out.append(
-            f"| {row['preset']} | {row['dtype']} | {row['params_m']:.1f} | {row['batch']} x {row['seq']} "
-            f"| {row['tokens_per_s']:,.0f} | {fmt(mfu_peak)} % | {fmt(mfu_gemm)} % | "
-            f"{row['peak_gb']:.2f} | {fmt(eager.get('tokens_per_s'), ',.0f')} | "
-            f"{fmt(comp.get('tokens_per_s'), ',.0f')} | {fmt(ratio, '.2f')}x |")
-    if "skipped" in torch_res:
-        out.append(f"\nPyTorch twin: skipped ({torch_res['skipped']}).")
-    else:
-        errors = [f"{r['preset']}/{r['dtype']}/{r['mode']}: {r.get('error') or r.get('skipped')}"
-                  for r in torch_res["rows"] if "tokens_per_s" not in r]
-        out.append(f"\nPyTorch twin: torch {torch_res['torch']} on {torch_res['device']}"
-                   + (f"; not measured: {'; '.join(errors)}" if errors else "") + ".")
-    for prof in mlx.get("profiles", []):
-        if "error" in prof:
-            out.append(f"\nProfile of {prof['preset']}/{prof['dtype']}: {prof['error']}")
-            continue
-        out.append(f"\nWhere a {prof['preset']} {prof['dtype']} step ({prof['batch']} x {prof['seq']}) "
-                   f"goes: forward {prof['forward_ms']:.1f} ms, forward + backward "
-                   f"{prof['forward_backward_ms']:.1f} ms, whole step {prof['step_ms']:.1f} ms "
-                   f"(clip + AdamW ~{prof['step_ms'] - prof['forward_backward_ms']:.1f} ms); attention "
-                   f"alone (fused SDPA, causal, fwd + bwd, all layers) {prof['attention_fwd_bwd_ms']:.1f} "
-                   f"ms; the matmuls at the best GEMM's rate {fmt(prof.get('matmul_floor_ms'))} ms.")
-    inst, first = res.get("install", {}), res.get("first", {})
-    d, lo, tests = res["default"], res["lora"], res["pytest"]
-    cpu = res.get("cpu_runs", {})  # the same runs on the CPU box (--cpu-json)
-
-    def run_cell(r: dict) -> str:
-        if "wall_s" not in r:
-            return r.get("error") or r.get("skipped") or "not run"
-        text = f"{r['wall_s']:.1f} s wall" + (f", first step compiled in {r['compile_s']:.1f} s"
-                                              if r.get("compile_s") == r.get("compile_s") else "")
-        return text + (f", {r['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in r else "")
-
-    out += ["", "| run | on the GPU | on the CPU box |", "|---|---|---|"]
-    if inst:
-        out.append(f"| `pip install -e \".[cuda13]\"` from the carried wheels | "
-                   f"{inst.get('seconds', 0):.0f} s ({inst.get('how', '?')}) | |")
-    if first:
-        out.append("| first run on a fresh machine (default experiment, empty kernel cache) | "
-                   + run_cell(first) + "; it said: " + " / ".join(f"`{x}`" for x in
-                                                                  first.get("compile_lines", [])) + " | |")
-    out.append("| default experiment (`mlxlab-train tracking=csv`) | " + run_cell(d)
-               + (f"; {d['summary']}" if d.get("summary") else "") + " | "
-               + run_cell(cpu.get("default", {})) + " |")
-    for kind, label in (("lora", "LoRA"), ("qlora", "QLoRA (4-bit base, `model.quantize=4`)")):
-        r = lo.get(kind, lo if kind == "lora" else {})
-        shape = f" hidden {r['hidden']}, {r['layers']} layers, {r['steps']} steps" if "hidden" in r else ""
-        out.append(f"| {label}, `experiment=finetune_completions` on a random Llama{shape} | "
-                   + run_cell(r) + " | " + run_cell(cpu.get("lora", {}).get(kind, {})) + " |")
-    out.append(f"| `pytest -m gpu` | {tests['summary']} | |")
-    for fig in tests.get("figures", []):
-        if fig.get("test") == "determinism":
-            out.append(f"| determinism (Titanic, 36 steps) | two processes: bitwise "
-                       f"{fig['two_processes_bitwise']}, rel. gap {fig['two_processes_rel_gap']:.1e}; "
-                       f"SIGKILL + resume: bitwise {fig['resume_bitwise']}, rel. gap "
-                       f"{fig['resume_rel_gap']:.1e} |")
-    return "\n".join(out)
+        tf32 = peaks and row["dtype"] == "fp32" and best.get("fp32", 0) > 1.1 * peaks["fp32"]
+        peak = peaks and peaks["tf32" if tf32 else row["dtype"]]
+        eager, comp = (twin.get((*key, m), {}).get("tokens_per_s") for m in ("eager", "compile"))
+        rows.append([*key, f"{row['params_m']:.1f}", f"{row['batch']} x {row['seq']}",
+                     f"{row['tokens_per_s']:,.0f}", f(peak and 100 * row["tflops"] / peak),
+                     f(best.get(row["dtype"]) and 100 * row["tflops"] / best[row["dtype"]]),
+                     f"{row['peak_gb']:.2f}", f(eager, ",.0f"), f(comp and row["tokens_per_s"] / comp, ".2f")])
+    return {"head": ["preset", "dtype", "params (M)", "batch x seq", "mlxlab tokens/s", "MFU % (peak)",
+                     "MFU % (GEMM)", "MLX peak GB", "torch eager tokens/s", "mlxlab / torch.compile"],
+            "rows": rows}
 
 
 def run_worker(kind: str, spec: dict, tmp: Path, timeout: float, env: dict) -> dict:
@@ -531,39 +358,23 @@ def run_worker(kind: str, spec: dict, tmp: Path, timeout: float, env: dict) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="the whole path on the CPU, tiny")
-    parser.add_argument("--write", action="store_true", help="the table into docs/benchmarks-history.md")
     parser.add_argument("--budget-min", type=float, default=25.0)
     parser.add_argument("--out", default="gpu-bench", help="folder for the JSON and the runs")
     parser.add_argument("--parts", default="first,mlx,torch,runs,pytest",
                         help="comma-separated: first (the default run on a fresh machine), mlx (device, GEMM, "
-                        "presets, a profile), torch (the twin), "
+                        "presets), torch (the twin), "
                         "runs (default experiment, LoRA), pytest (-m gpu); added to <out>/bench_gpu.json")
-    parser.add_argument("--from-json", nargs="+", help="render these bench_gpu.json files, merged "
-                        "in order (with --write: into the docs)")
-    parser.add_argument("--cpu-json", help="a CPU box's bench_gpu.json (--parts runs): its runs "
-                        "beside the GPU's in the report")
     parser.add_argument("--mlx-worker", help=argparse.SUPPRESS)
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
     add_smoke(parser)
     args = parser.parse_args()
     if args.smoke:  # --dry-run: the whole path on the CPU, tiny, into a fresh folder
-        args.dry_run, args.write, args.out = True, False, str(smoke_dir("bench_gpu"))
+        args.dry_run, args.out = True, str(smoke_dir("bench_gpu"))
     for kind, worker in (("mlx", mlx_worker), ("torch", torch_worker)):
         spec_path = getattr(args, f"{kind}_worker")
         if spec_path:
             print("RESULT " + json.dumps(worker(json.loads(Path(spec_path).read_text()))), flush=True)
             return
-    if args.from_json:  # the windows' calls, each a machine's figures so far: later ones win
-        merged: dict = {}
-        for path in args.from_json:
-            res = json.loads(Path(path).read_text())
-            merged = {**merged, **res, "parts": sorted(set(merged.get("parts", [])) | set(res.get("parts", []))),
-                      "total_s": merged.get("total_s", 0.0) + res.get("total_s", 0.0)}
-        if args.cpu_json:
-            cpu = json.loads(Path(args.cpu_json).read_text())
-            merged["cpu_runs"] = {"default": cpu.get("default", {}), "lora": cpu.get("lora", {})}
-        emit(merged, args.write)
-        return
     started = time.monotonic()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - {"first", "mlx", "torch", "runs", "pytest"}
@@ -584,13 +395,8 @@ def main() -> None:
     spec = {"vocab": sizes["vocab"], "seq": sizes["seq"], "batch": sizes["batch"],
             "warmup": sizes["warmup"], "steps": sizes["steps"], "gemm": sizes["gemm"],
             "seed": 0, "budget": budget, "dry_run": args.dry_run,
-            "model_overrides": model_overrides, "cache_dir": str(REPO / ".cache" / "mlxlab"),
-            "profile": [("nano" if args.dry_run else "medium", "bf16"),
-                        ("nano" if args.dry_run else "medium", "fp32")]}
+            "model_overrides": model_overrides, "cache_dir": str(REPO / ".cache" / "mlxlab")}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    installed = out / "install.json"  # gpu_window.sh's install step: its time and how it went
-    if installed.exists():
-        res["install"] = json.loads(installed.read_text())
     if "first" in parts:  # before anything else on a fresh machine: the kernel compiles' wait
         res["first"] = default_experiment(args.dry_run, out, 600.0, name="first")
     if "mlx" in parts:
@@ -618,19 +424,10 @@ def main() -> None:
     res["parts"] = sorted(set(res.get("parts", [])) | set(parts))
     res["total_s"] = res.get("total_s", 0.0) + time.monotonic() - started
     saved.write_text(json.dumps(res, indent=2))
+    res["table"] = table(res)
+    print_table(res["table"])
     write_record("gpu", res, question="speed-pytorch", smoke=args.dry_run or args.smoke,
                  raw=str(saved))
-    emit(res, args.write)
-
-
-def emit(res: dict, write: bool) -> None:
-    text = report(res)
-    print(text)
-    if write:
-        from benchmarks.harness import TABLES_PAGE, write_between_markers
-
-        write_between_markers(TABLES_PAGE, "bench_gpu", text,
-                              "### `benchmarks/speed/bench_gpu.py`")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,10 @@
 """GRPO speed: mlxlab's objective=grpo against mlx-lm-lora 5.10's train_grpo on the same model,
-prompts, G, lengths, LoRA and steps, each in its own process on the same MLX / OpenBLAS.
+prompts, group, lengths, LoRA (rank 8 on q/k/v/o) and steps, each side in its own process on the
+same MLX and OpenBLAS, alternating --rounds times: completions/s, completion tokens/s (counted by
+the shared reward function) and MLX's peak; timed: the training call alone.
 
-The model is a transformers-format decoder folder both load (mlxlab: model=hf_decoder; mlx-lm-lora:
-mlx_lm.load), with LoRA rank 8, alpha 16 on the four attention projections; the prompts a jsonl
-of {"prompt", "answer"} rows read as plain text (no chat template: mlx-lm-lora's
-text_completion_key); both sample G completions of `--batch` prompts per step at temperature 1,
-top-p 1, no top-k, at most `--max-tokens` tokens, reward the exact answer, beta = 0 (no
-reference pass), one optimizer step per generation, AdamW at the same learning rate. Timed: the
-training call alone (model and data loaded before), so both pay their compile; each side's
-process reports completions/s, completion tokens/s (the reward functions count the tokens of
-every completion they score) and MLX's peak memory. The sides alternate `--rounds` times (the
-machine is shared: compare the ratios).
-
-    .venv/bin/python benchmarks/speed/bench_grpo_speed.py --model <folder> --prompts <prompts.jsonl>
+    python benchmarks/speed/bench_grpo_speed.py --model <folder> --prompts <prompts.jsonl>
         [--steps 20] [--batch 8] [--group 8] [--max-tokens 8] [--rounds 2]
-
-Needs mlx-lm-lora (`pip install mlx-lm-lora==5.10.2`).
 """
 
 from __future__ import annotations
@@ -30,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
+from benchmarks.harness import add_smoke, print_table, smoke_dir, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 COUNT = {"completions": 0, "tokens": 0}
@@ -40,7 +29,7 @@ TOKENIZER = None
 def counted_exact(prompts, completions, answer, **_):
     """The exact answer, counting what it scores (both sides' rewards are this function)."""
     COUNT["completions"] += len(completions)
-    COUNT["tokens"] += sum(len(TOKENIZER.encode(c)) + 1 for c in completions)  # + the stop
+    COUNT["tokens"] += sum(len(TOKENIZER(c)) + 1 for c in completions)  # + the stop
     return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
 
 
@@ -52,7 +41,8 @@ def run_mlxlab(a) -> float:
     from mlxlab.config import compose_config
     from mlxlab.train import train
 
-    TOKENIZER = _Encode(Tokenizer.from_file(str(Path(a.model) / "tokenizer.json")))
+    tok = Tokenizer.from_file(str(Path(a.model) / "tokenizer.json"))
+    TOKENIZER = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
     root = Path(tempfile.mkdtemp(prefix="bench_grpo_mlxlab_"))
     val = root / "val.jsonl"
     val.write_text(Path(a.prompts).read_text().splitlines()[0] + "\n")
@@ -72,14 +62,6 @@ def run_mlxlab(a) -> float:
     return time.perf_counter() - started
 
 
-class _Encode:
-    def __init__(self, tok):
-        self.tok = tok
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-
 def run_lora(a) -> float:
     global TOKENIZER
     import mlx.optimizers as optim
@@ -89,7 +71,8 @@ def run_lora(a) -> float:
     from mlx_lm_lora.trainer.grpo_trainer import GRPOTrainingArgs, train_grpo
 
     model, tok = load(a.model)
-    TOKENIZER = _Encode(tok._tokenizer._tokenizer if hasattr(tok, "_tokenizer") else tok)
+    fast = tok._tokenizer._tokenizer if hasattr(tok, "_tokenizer") else tok
+    TOKENIZER = lambda text: fast.encode(text, add_special_tokens=False).ids  # noqa: E731
     model.freeze()
     linear_to_lora_layers(model, len(model.layers), {
         "rank": 8, "scale": 2.0, "dropout": 0.0,
@@ -175,11 +158,9 @@ def main() -> None:
                  question="speed-mlx", reference="mlx-lm-lora's train_grpo, same model and settings",
                  ratio=round(ratio, 2), summary="GRPO completions/s, median round (higher is better)",
                  smoke=a.smoke)
-    print("| side | completions/s | completion tokens/s | peak MB | seconds |")
-    print("|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['side']} | {r['completions_per_s']:.1f} | {r['tokens_per_s']:.1f} | "
-              f"{r['peak_mb']:.0f} | {r['seconds']:.1f} |")
+    print_table({"head": ["side", "completions/s", "completion tokens/s", "peak MB", "seconds"],
+                 "rows": [[r["side"], f"{r['completions_per_s']:.1f}", f"{r['tokens_per_s']:.1f}",
+                           f"{r['peak_mb']:.0f}", f"{r['seconds']:.1f}"] for r in results]})
 
 
 if __name__ == "__main__":

@@ -1,32 +1,16 @@
-"""LoRA fine-tuning speed and memory, mlxlab beside mlx_lm.lora, on long rows and on chats.
+"""LoRA fine-tuning speed and memory, mlxlab beside mlx_lm.lora, on long rows and on chats; also
+the runners of both tools that bench_sizes.py and real_model_finetune.py use.
 
     python benchmarks/speed/bench_lora.py [--rows long,chat] [--tools mlxlab,mlx-lm,mlx-lm-openblas]
-                                    [--steps 12] [--rounds 2] [--work DIR] [--seq 512]
-                                    [--grad-checkpoint]
+        [--steps 12] [--rounds 2] [--work DIR] [--seq 512] [--grad-checkpoint] [--model DIR]
 
-One random Llama (`scripts/tiny_hf_model.py`'s no-torch writer: hidden 512, 8 layers, 4 query /
-2 key-value heads, ~22.6M parameters, a ChatML template; weights N(0, --init-std): 0.2, the
-default, makes attention so peaked that the backward makes denormal floats, 0.02 does not), LoRA rank 8 (scale 2: mlxlab's alpha
-16) on q/k/v/o of every layer, batch 4, Adam(W) at lr 2e-4, no weight decay, sequences of 512
-positions (mlxlab data.max_length=512; mlx-lm --max-seq-length 513, which cuts rows to 513 tokens
-and trains on 512 positions). Two data sets, the same jsonl for both tools:
-- long: `{"text": ...}` rows of >= 600 tokens (TinyStories sentences), every position trained;
-- chat: `{"messages": [system, user, assistant]}` rows of < 512 tokens in the ChatML template,
-  the loss on the assistant turn only (one assistant turn a chat, so mlxlab's mask — every
-  assistant turn with its end-of-turn token — and mlx-lm's --mask-prompt — everything after the
-  last prompt — train the same tokens up to the newline after <|im_end|>).
-Each tool runs as its own process through its own training code: mlxlab's `mlxlab.train`
-(tracking=csv, a step logged every step) and mlx-lm's `mlx_lm.lora.run` (its CLI's function,
-with a callback recording its per-step report). `mlx-lm` is mlx-lm as installed (MLX's bundled
-reference BLAS on Linux); `mlx-lm-openblas` first lets mlxlab's runtime/blas.py point MLX at the
-same OpenBLAS mlxlab uses (and nothing else of mlxlab). tokens/s: trained tokens (each tool's own
-count: mlxlab's loss_mask, mlx-lm's length mask) over the time of the steps after the first
-`--skip` (compiling) ones, mlxlab's time being its whole loop (data, callbacks, logging) and
-mlx-lm's its step alone; peak: MLX's peak memory (mx.get_peak_memory), which both tools report.
-Rounds alternate the order of the tools; the table gives the median over rounds. `--seq` sets the
-positions a row (long rows are written longer to match); `--grad-checkpoint` runs both tools
-recomputing each decoder block in the backward (mlxlab `trainer.grad_checkpoint=true`, mlx-lm
-`--grad-checkpoint`); `--model` fine-tunes a Hugging Face folder instead of the random Llama.
+A random Llama (hidden 512, 8 layers, 4 / 2 heads, ChatML; weights N(0, --init-std)), LoRA rank
+8 (alpha 16) on q/k/v/o, batch 4, Adam at 2e-4, 512 positions a row. `long`: rows of >= 600
+tokens, every position trained; `chat`: system, user, assistant, the loss on the reply (mlxlab's
+mask and mlx-lm's --mask-prompt train the same tokens). Each tool in its own process through its
+own training code (`mlx-lm-openblas`: MLX pointed at mlxlab's OpenBLAS, nothing else of mlxlab);
+tokens/s: each tool's own count over the steps after --skip; peak: MLX's peak memory. Rounds
+alternate the tools' order; the table gives medians.
 """
 
 from __future__ import annotations
@@ -39,12 +23,13 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
-from benchmarks.harness import add_smoke, cpu_model, in_round, run_with_peak_rss, write_record  # noqa: E402
+from benchmarks.harness import add_smoke, in_round, print_table, run_with_peak_rss, write_record  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 512, 4, 8, 16.0, 2e-4
 MODEL = dict(hidden=512, layers=8, heads=4, kv_heads=2, chat="chatml")
@@ -95,14 +80,12 @@ def write_data(root: Path, n_train: int = 160, n_val: int = 8, seq: int = SEQ) -
     sents, out = sentences(), {}
     cursor = 0
 
-    def take(words: int) -> str:
+    def take(words: int) -> str:  # the next sentences, at least `words` words
         nonlocal cursor
-        picked, count = [], 0
-        while count < words:
-            s = sents[cursor % len(sents)]
+        picked = []
+        while sum(len(s.split()) for s in picked) < words:
+            picked.append(sents[cursor % len(sents)])
             cursor += 1
-            picked.append(s)
-            count += len(s.split())
         return " ".join(picked)
 
     for kind in ("long", "chat"):
@@ -111,17 +94,12 @@ def write_data(root: Path, n_train: int = 160, n_val: int = 8, seq: int = SEQ) -
         for name, n in (("train", n_train), ("valid", n_val)):
             with open(folder / f"{name}.jsonl", "w") as f:
                 for _ in range(n):
-                    if kind == "long":
-                        row = {"text": take(max(520, seq + 8))}
-                    else:  # ~90 prompt + ~100 reply words: under 512 tokens in the template
-                        # (~2 tokens a word with the 512-token BPE): nothing is cut
-                        row = {
-                            "messages": [
-                                {"role": "system", "content": "Continue the story."},
-                                {"role": "user", "content": take(90)},
-                                {"role": "assistant", "content": take(100)},
-                            ]
-                        }
+                    # chat: ~90 prompt + ~100 reply words, under 512 tokens in the template
+                    # (~2 tokens a word with the 512-token BPE): nothing is cut
+                    row = {"text": take(max(520, seq + 8))} if kind == "long" else {"messages": [
+                        {"role": "system", "content": "Continue the story."},
+                        {"role": "user", "content": take(90)},
+                        {"role": "assistant", "content": take(100)}]}
                     f.write(json.dumps(row) + "\n")
         out[kind] = folder
     return out
@@ -137,51 +115,50 @@ def prepare(work: Path, std: float = 0.2, seq: int = SEQ) -> tuple[Path, dict[st
     return model, write_data(work / ("data" if seq <= 512 else f"data-{seq}"), seq=seq)
 
 
-def run_mlxlab(model: Path, data: Path, kind: str, steps: int, out: Path, seq: int | None = None,
-               grad_checkpoint: bool = False, targets: str = "query,key,value,out",
-               batch: int = BATCH) -> list[dict]:
+def lora_overrides(model: Path, data: Path, steps: int, *, batch: int = BATCH, lr: float = LR,
+                   targets: str = "query,key,value,out") -> list[str]:
+    """mlxlab's overrides for LoRA rank 8 (alpha 16) on `model` with the jsonl files in `data`."""
+    return [f"model.pretrained={model}", f"data.train_file={data / 'train.jsonl'}",
+            f"data.val_file={data / 'valid.jsonl'}", f"model.lora.rank={RANK}",
+            f"model.lora.alpha={ALPHA}", f"model.lora.targets=[{targets}]",
+            f"trainer.batch_size={batch}", f"trainer.max_steps={steps}",
+            f"optimizer.learning_rate={lr}", "trainer.schedule.warmup_steps=0"]
+
+
+def run_mlxlab(out: Path, overrides: list[str], env: dict | None = None,
+               step_times: bool = False) -> dict:
+    """`mlxlab.train OVERRIDES` with tracking=csv and every step logged, in `out`: each step's
+    tokens/s, MLX peak and loss (`step_times`: and its wall seconds, the whole loop's, from
+    benchmarks.callbacks.StepTimes); the process's peak RSS, the first step's seconds (its
+    compile), the compiles, the wall time, the last validation loss, a checkpoint's size."""
     shutil.rmtree(out, ignore_errors=True)  # its metrics.csv appends
-    exp = "finetune_chat" if kind == "chat" else "finetune_completions"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlxlab.train",
-        f"experiment={exp}",
-        f"model.pretrained={model}",
-        f"data.train_file={data / 'train.jsonl'}",
-        f"data.val_file={data / 'valid.jsonl'}",
-        f"data.max_length={seq or SEQ}",
-        f"trainer.grad_checkpoint={str(grad_checkpoint).lower()}",
-        f"model.lora.rank={RANK}",
-        f"model.lora.alpha={ALPHA}",
-        f"model.lora.targets=[{targets}]",
-        f"trainer.batch_size={batch}",
-        f"trainer.max_steps={steps}",
-        f"trainer.eval_every_steps={10 * steps}",
-        "trainer.log_every_steps=1",
-        f"optimizer.learning_rate={LR}",
-        "tracking=csv",
-        "callbacks.progress.enabled=false",
-        "callbacks.memory.every=1",
-        "trainer.schedule.warmup_steps=0",
-        f"hydra.run.dir={out}",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    times = out.with_name(out.name + ".times")
+    times.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "mlxlab.train", *overrides, "trainer.log_every_steps=1",
+           "tracking=csv", "callbacks.progress.enabled=false", "callbacks.memory.every=1",
+           f"hydra.run.dir={out}"]
+    if step_times:
+        cmd.append(f"+callbacks.step_times={{_target_:benchmarks.callbacks.StepTimes,path:{times}}}")
+    started = time.perf_counter()
+    path = os.pathsep.join([str(REPO / "src"), str(REPO)])  # benchmarks.callbacks
+    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env={**(env or os.environ), "PYTHONPATH": path})
+    out.with_name(out.name + ".log").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
-        raise RuntimeError(f"mlxlab failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"mlxlab failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     rows = csv_metrics(out)
-    return [
-        {
-            "step": s,
-            "tokens_per_sec": m["train/tokens_per_sec"],
-            "peak_mb": m.get("memory/peak_mb", float("nan")),
-            "loss": m["train/loss"],
-            "rss_mb": rss,
-        }
-        for s, m in sorted(rows.items())
-        if "train/tokens_per_sec" in m
-    ]
+    tags = json.loads((out / "tracking" / "tags.json").read_text())
+    clock = [float(x) for x in times.read_text().split()] if step_times else []
+    return {"steps": [{"step": s, "tokens_per_sec": m["train/tokens_per_sec"],
+                       "peak_mb": m.get("memory/peak_mb", float("nan")), "loss": m["train/loss"],
+                       **({"seconds": clock[s] - clock[s - 1]} if clock else {})}
+                      for s, m in sorted(rows.items()) if "train/tokens_per_sec" in m],
+            "rss_mb": rss, "first_step_s": float(tags.get("mlxlab.compile_s", "nan")),
+            "compiles": int(tags.get("mlxlab.compiles", "0")), "wall_s": time.perf_counter() - started,
+            "val_loss": next((m["val/loss"] for _, m in sorted(rows.items(), reverse=True)
+                              if "val/loss" in m), None),
+            "checkpoint_mb": sum(f.stat().st_size for f in (out / "checkpoints" / "best").glob("*")
+                                 if f.is_file()) / 2**20}
 
 
 def csv_metrics(out: Path) -> dict[int, dict[str, float]]:
@@ -193,78 +170,45 @@ def csv_metrics(out: Path) -> dict[int, dict[str, float]]:
     return rows
 
 
-def run_mlx_lm(
-    model: Path, data: Path, kind: str, steps: int, out: Path, openblas: bool,
-    fast_quantized: bool = False, seq: int | None = None, grad_checkpoint: bool = False,
-    keys: list[str] = MLX_LM_KEYS, batch: int = BATCH,
-) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    args = {
-        "model": str(model),
-        "train": True,
-        "data": str(data),
-        "iters": steps,
-        "batch_size": batch,
-        "num_layers": -1,
-        "max_seq_length": (seq or SEQ) + 1,
-        "grad_checkpoint": grad_checkpoint,
-        "learning_rate": LR,
-        "steps_per_report": 1,
-        "steps_per_eval": 10 * steps,
-        "val_batches": 1,
-        "save_every": 10 * steps,
-        "adapter_path": str(out / "adapters"),
-        "mask_prompt": kind == "chat",
-        "lora_parameters": {
-            "rank": RANK,
-            "dropout": 0.0,
-            "scale": ALPHA / RANK,
-            "keys": keys,
-        },
-    }
+def run_mlx_lm(model: Path, data: Path, steps: int, out: Path, *, openblas: bool,
+               fast_quantized: bool = False, seq: int = SEQ, batch: int = BATCH, lr: float = LR,
+               mask_prompt: bool = True, env: dict | None = None, **extra) -> dict:
+    """mlx_lm.lora's own training (its CLI's `run`, a callback keeping each step's report) in
+    its own process: the same keys as run_mlxlab's. `openblas`: MLX on mlxlab's OpenBLAS;
+    `fast_quantized`: its loaded model on mlxlab's CPU quantized product."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    args = {"model": str(model), "train": True, "data": str(data), "iters": steps,
+            "batch_size": batch, "num_layers": -1, "max_seq_length": seq + 1,
+            "learning_rate": lr, "steps_per_report": 1, "steps_per_eval": 10 * steps,
+            "val_batches": 1, "save_every": 10 * steps, "adapter_path": str(out / "adapters"),
+            "mask_prompt": mask_prompt, **extra,
+            "lora_parameters": {"rank": RANK, "dropout": 0.0, "scale": ALPHA / RANK, "keys": MLX_LM_KEYS}}
     (out / "args.json").write_text(json.dumps(args))
     report = out / "report.jsonl"
-    report.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    started = time.perf_counter()
     proc, rss = run_with_peak_rss(
-        [
-            sys.executable,
-            "-c",
-            MLX_LM_WORKER,
-            str(out / "args.json"),
-            str(report),
-            "1" if openblas else "0",
-            "1" if fast_quantized else "0",
-        ],
-        cwd=out,
-        env=env,
-    )
+        [sys.executable, "-c", MLX_LM_WORKER, str(out / "args.json"), str(report),
+         "1" if openblas else "0", "1" if fast_quantized else "0"],
+        cwd=out, env=env or {**os.environ, "PYTHONPATH": str(REPO / "src")})
     if proc.returncode:
         raise RuntimeError(f"mlx-lm failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in report.read_text().splitlines()]
-    return [
-        {
-            "step": r["iteration"],
-            "tokens_per_sec": r["tokens_per_second"],
-            "peak_mb": r["peak_memory"] * 1e9 / 2**20,
-            "loss": r["train_loss"],
-            "seconds": 1 / r["iterations_per_second"],
-            "rss_mb": rss,
-        }
-        for r in rows
-    ]
+    return {"steps": [{"step": r["iteration"], "tokens_per_sec": r["tokens_per_second"],
+                       "peak_mb": r["peak_memory"] * 1e9 / 2**20, "loss": r["train_loss"]}
+                      for r in rows],
+            "rss_mb": rss, "first_step_s": 1 / rows[0]["iterations_per_second"], "compiles": None,
+            "wall_s": time.perf_counter() - started, "adapters": str(out / "adapters")}
 
 
-def summarize(steps: list[dict], skip: int) -> dict:
-    """Rate over the timed steps (each step's tokens / its rate is its time; equal tokens per step
-    on long rows, so this is the median of the per-step rates there), and the last peak."""
-    timed = [s for s in steps if s["step"] > skip]
-    return {
-        "tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed),
-        "peak_mb": max(s["peak_mb"] for s in steps),
-        "loss_first": steps[0]["loss"],
-        "steps": len(steps),
-    }
+def summary(run: dict, skip: int) -> dict:
+    """A run's median tokens/s over the steps after `skip`, its peaks, first step and losses."""
+    timed = [s for s in run["steps"] if s["step"] > skip] or run["steps"]
+    return {"tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed),
+            "peak_mb": max(s["peak_mb"] for s in run["steps"]), "rss_mb": run["rss_mb"],
+            "first_step_s": run["first_step_s"], "compiles": run.get("compiles"),
+            "wall_s": run["wall_s"], "loss_first": run["steps"][0]["loss"],
+            "loss_last": run["steps"][-1]["loss"], "checkpoint_mb": run.get("checkpoint_mb")}
 
 
 def main() -> None:
@@ -275,13 +219,8 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=2, help="first steps left out (compiling)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--work", default=None)
-    p.add_argument(
-        "--init-std",
-        type=float,
-        default=0.2,
-        help="the random weights' std: 0.2 (peaked attention, denormals in the backward) or "
-        "0.02 (a trained model's scale)",
-    )
+    p.add_argument("--init-std", type=float, default=0.2, help="the random weights' std: 0.2 "
+                   "(peaked attention, denormals in the backward) or 0.02 (a trained model's scale)")
     p.add_argument("--seq", type=int, default=SEQ, help="positions a row")
     p.add_argument("--model", default=None,
                    help="a Hugging Face folder (float weights) to fine-tune instead of the random Llama")
@@ -303,23 +242,20 @@ def main() -> None:
             for tool in in_round(tools, rnd):
                 out = work / "runs" / f"{kind}-{tool}-{rnd}"
                 if tool == "mlxlab":
-                    steps = run_mlxlab(model, data[kind], kind, args.steps, out, args.seq,
-                                       args.grad_checkpoint)
+                    run = run_mlxlab(out, [
+                        f"experiment={'finetune_chat' if kind == 'chat' else 'finetune_completions'}",
+                        *lora_overrides(model, data[kind], args.steps), f"data.max_length={args.seq}",
+                        f"trainer.grad_checkpoint={str(args.grad_checkpoint).lower()}",
+                        f"trainer.eval_every_steps={10 * args.steps}"])
                 else:
-                    steps = run_mlx_lm(
-                        model, data[kind], kind, args.steps, out, openblas=tool.endswith("openblas"),
-                        seq=args.seq, grad_checkpoint=args.grad_checkpoint,
-                    )
-                s = summarize(steps, args.skip)
+                    run = run_mlx_lm(model, data[kind], args.steps, out, seq=args.seq,
+                                     openblas=tool.endswith("openblas"), mask_prompt=kind == "chat",
+                                     grad_checkpoint=args.grad_checkpoint)
+                s = summary(run, args.skip)
                 results.setdefault((kind, tool), []).append(s)
                 print(json.dumps({"round": rnd, "rows": kind, "tool": tool, **s}), flush=True)
-    print(
-        f"\n{cpu_model()}, {os.cpu_count()} cores; "
-        f"{args.model or f'random Llama, weights N(0, {args.init_std:g})'}; {args.seq} "
-        f"positions a row; gradient checkpointing {'on' if args.grad_checkpoint else 'off'}; "
-        f"{args.steps} steps, the first {args.skip} left out; median of {args.rounds} rounds\n"
-    )
-    print_table(results, args.rows.split(","), tools, "rows")
+    shown = table(results, args.rows.split(","), tools)
+    print_table(shown)
     group = args.rows.split(",")[0]
     other = next((t for t in tools if t.startswith("mlx-lm")), None)
     ratio = None
@@ -327,18 +263,16 @@ def main() -> None:
         ratio = round(statistics.median(r["tokens_per_sec"] for r in results[(group, "mlxlab")])
                       / statistics.median(r["tokens_per_sec"] for r in results[(group, other)]), 2)
     write_record(f"lora-{group}s-vs-mlx-lm", {
-        "args": vars(args), "runs": {f"{g}/{t}": runs for (g, t), runs in results.items()}},
+        "args": vars(args), "runs": {f"{g}/{t}": runs for (g, t), runs in results.items()},
+        "table": shown},
         question="speed-mlx", reference=ratio and f"mlx_lm.lora ({other})", ratio=ratio,
         summary=ratio and f"LoRA trained tokens/s, {group} rows (higher is better)",
         smoke=args.smoke)
 
 
-def print_table(results: dict[tuple[str, str], list[dict]], groups: list[str], tools: list[str],
-                label: str) -> None:
-    """The markdown table of median tokens/s and peak per (group, tool), with mlxlab's ratios
-    to each other tool in its group."""
-    print(f"| {label} | tool | tokens/s | peak MB | mlxlab's tokens/s ratio | mlxlab's peak ratio |")
-    print("|---|---|---|---|---|---|")
+def table(results: dict[tuple[str, str], list[dict]], groups: list[str], tools: list[str]) -> dict:
+    """Median tokens/s and peak per (rows, tool), with mlxlab's ratios to each other tool."""
+    rows = []
     for group in groups:
         base = results.get((group, "mlxlab"))
         for tool in tools:
@@ -349,9 +283,9 @@ def print_table(results: dict[tuple[str, str], list[dict]], groups: list[str], t
             if base and tool != "mlxlab":
                 ratio = f"{statistics.median(r['tokens_per_sec'] for r in base) / rate:.2f}x"
                 peak_ratio = f"{statistics.median(r['peak_mb'] for r in base) / peak:.2f}x"
-            print(f"| {group} | {tool} | {rate:.{0 if rate >= 100 else 1}f} | {peak:.0f} | {ratio} "
-                  f"| {peak_ratio} |")
-
+            rows.append([group, tool, f"{rate:.{0 if rate >= 100 else 1}f}", f"{peak:.0f}", ratio, peak_ratio])
+    return {"head": ["rows", "tool", "tokens/s", "peak MB", "mlxlab's tokens/s ratio",
+                     "mlxlab's peak ratio"], "rows": rows}
 
 if __name__ == "__main__":
     main()

@@ -1,42 +1,13 @@
-"""DPO speed and memory beside mlx-lm-lora's: the same model, pairs, batch, LoRA,
-sequence length, steps and beta, each tool run as its CLI in its own process.
+"""DPO speed and memory beside mlx-lm-lora's: the same model, pairs, batch, LoRA, sequence
+length, steps and beta, each tool run as its CLI in its own process, variants interleaved round
+by round: `mlxlab` (experiment=dpo_chat, reference = the adapters off), `cached`
+(objective.reference=cached), `lora_openblas` (mlx-lm-lora given mlxlab's OpenBLAS),
+`lora_stock` (mlx-lm-lora as installed; ~10x slower, fewer steps). A random 17.1 M Llama with a
+ChatML template; every side of every pair renders to the same length (checked in both tools'
+renderings), so every batch costs the same. Pairs/s over each tool's steady log windows, max RSS
+and CPU (/usr/bin/time -v), MLX's peak memory.
 
-    python benchmarks/speed/bench_preference.py [--rounds 2] [--steps 20] [--stock-steps 6]
-        [--variants mlxlab,cached,lora_openblas,lora_stock] [--work /tmp/bench_preference]
-
-The script writes (in --work):
-- a random Llama in Hugging Face's layout with a ChatML template (scripts/tiny_hf_model.py,
-  hidden 512, 6 layers, MLP 1376, 8 heads / 2 KV heads, vocab 512: 17.1 M parameters), which
-  `mlx_lm.load` (mlx-lm-lora) and `model.pretrained=` (mlxlab) both read;
-- 256 training pairs as train.jsonl (the string form both read) and 8 held-out ones, which
-  only mlxlab reads (mlx-lm-lora's validation, if given a valid.jsonl, runs before the step of
-  its last iteration and restarts its timer there, so its last window would count one step as
-  --every); and
-  every prompt and reply the same number of one-token words, so every side of every pair renders
-  to the same length L (checked with transformers' apply_chat_template, what mlx-lm-lora calls,
-  and with mlxlab's data=preference): every batch costs the same in both tools, whichever pairs
-  it draws, and padding is the same (none).
-
-Variants, interleaved round by round:
-- mlxlab: `experiment=dpo_chat` (reference = the adapters off), as shipped (its OpenBLAS);
-- cached: the same with `objective.reference=cached` (reference log-probs computed
-  once before training; no reference forward in the step);
-- lora_openblas: mlx-lm-lora's `mlx_lm_lora.train --train-mode dpo` with mlxlab's OpenBLAS
-  given to its MLX (the same libscipy_openblas and kernels, bound as mlxlab binds it:
-  runtime/blas.py, by importing mlxlab first in mlx-lm-lora's own venv);
-- lora_stock: mlx-lm-lora as installed (MLX's bundled reference BLAS), fewer steps: it is ~10x
-  slower.
-mlx-lm-lora loads a second full model as its reference (load_reference_model); mlxlab switches
-the adapters off. LoRA in both: rank 8, scale 10 (mlxlab alpha 80), on every Linear of every
-block (mlx-lm-lora's default: its config passes no keys), dropout 0; Adam(W) at 5e-5, no
-warmup, beta 0.1, sigmoid loss, batch 4 pairs, max length 128.
-
-Measured, per run: pairs/s over the steady windows (each tool's own log windows, the first
-window, which compiles, left out: mlx-lm-lora's `it/s` x batch; mlxlab's
-train/samples_per_sec), tokens/s = pairs/s x 2L (every token of both sides of a pair, prompt
-and reply, as both forwards read them), the process's max RSS and user+system CPU seconds
-(/usr/bin/time -v), and MLX's peak memory (mlx-lm-lora's `peak_mem`, mlxlab's memory/peak_mb,
-both mx.get_peak_memory()).
+    python benchmarks/speed/bench_preference.py [--rounds 2] [--steps 16] [--work /tmp/bench_preference]
 """
 
 from __future__ import annotations
@@ -46,9 +17,7 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -57,21 +26,16 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import (  # noqa: E402
     add_smoke,
-    cpu_model,
+    print_table,
+    run_with_peak_rss,
     smoke_dir,
     tiny_hf_model,
     write_record,
 )
 
 LORA_VENV = Path(os.environ.get("MLXLORA_VENV", "/work/venvs/mlxlora"))
-MODEL = {
-    "hidden_size": 512,
-    "intermediate_size": 1376,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-}
+MODEL = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 6,
+         "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 512}
 BATCH, RANK, SCALE, BETA, LR, MAX_LENGTH = 4, 8, 10.0, 0.1, 5e-5, 128
 PROMPT_WORDS, REPLY_WORDS = 24, 12
 # mlx-lm-lora 5.10.2's train_dpo starts with mx.set_wired_limit(mx.device_info()[
@@ -91,13 +55,9 @@ def one_token_words(tokenizer) -> list[str]:
     words = []
     for token in tokenizer.get_vocab():
         word = token.lstrip("Ġ")
-        if (
-            word.isalpha()
-            and word.islower()
-            and len(word) > 2
-            and len(tokenizer.encode(word, add_special_tokens=False)) == 1
-            and len(tokenizer.encode(" " + word, add_special_tokens=False)) == 1
-        ):
+        if (word.isalpha() and word.islower() and len(word) > 2
+                and len(tokenizer.encode(word, add_special_tokens=False)) == 1
+                and len(tokenizer.encode(" " + word, add_special_tokens=False)) == 1):
             words.append(word)
     return sorted(set(words))
 
@@ -114,15 +74,11 @@ def write_pairs(folder: Path, out: Path, n_train: int = 256, n_val: int = 8) -> 
     for name, n in (("train", n_train), ("held_out", n_val)):
         rows = []
         for _ in range(n):
-            prompt, chosen, rejected = (
-                " ".join(rng.choice(words, k)) for k in (PROMPT_WORDS, REPLY_WORDS, REPLY_WORDS)
-            )
+            prompt, chosen, rejected = (" ".join(rng.choice(words, k))
+                                        for k in (PROMPT_WORDS, REPLY_WORDS, REPLY_WORDS))
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
             for reply in (chosen, rejected):
-                chat = [
-                    {"role": "user", "content": prompt},
-                    {"role": "assistant", "content": reply},
-                ]
+                chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
                 lengths.add(len(tok.apply_chat_template(chat, tokenize=True, return_dict=False)))
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if len(lengths) != 1:
@@ -134,11 +90,8 @@ def check_mlxlab_lengths(folder: Path, data: Path, length: int) -> None:
     """mlxlab's data=preference renders every side to the same `length` tokens."""
     from mlxlab.data.preference import PreferencePairs
 
-    pairs = PreferencePairs(
-        str(data / "train.jsonl"),
-        val_file=str(data / "held_out.jsonl"),
-        tokenizer={"path": str(folder / "tokenizer.json")},
-    )
+    pairs = PreferencePairs(str(data / "train.jsonl"), val_file=str(data / "held_out.jsonl"),
+                            tokenizer={"path": str(folder / "tokenizer.json")})
     pairs.setup(None)
     seen = {len(ids) for side in pairs.train.ids.values() for ids in side}
     if seen != {length}:
@@ -146,69 +99,25 @@ def check_mlxlab_lengths(folder: Path, data: Path, length: int) -> None:
 
 
 def timed_run(cmd: list[str], env: dict, log: Path) -> dict:
-    """Run `cmd` under /usr/bin/time -v; its output in `log`; max RSS (MiB), CPU and wall (s)."""
-    start = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.run(
-            ["/usr/bin/time", "-v", *cmd], env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO
-        )
-    text = log.read_text()
-    if proc.returncode:
-        raise SystemExit(f"{cmd[:3]} failed ({proc.returncode}); see {log}:\n{text[-2000:]}")
-
-    def field(name: str) -> float:
-        return float(re.search(rf"{re.escape(name)}: ([\d.]+)", text).group(1))
-
-    return {
-        "rss_mb": field("Maximum resident set size (kbytes)") / 1024,
-        "cpu_s": field("User time (seconds)") + field("System time (seconds)"),
-        "wall_s": time.perf_counter() - start,
-        "log": text,
-    }
+    """Run `cmd`, its output in `log`: its peak RSS (MiB), CPU and wall seconds, output."""
+    done, rss = run_with_peak_rss(cmd, env=env, cwd=REPO)
+    text = done.stdout + done.stderr
+    log.write_text(text)
+    if done.returncode:
+        raise SystemExit(f"{cmd[:3]} failed ({done.returncode}); see {log}:\n{text[-2000:]}")
+    return {"rss_mb": rss, "cpu_s": done.cpu_s, "wall_s": done.wall_s, "log": text}
 
 
-def run_mlx_lm_lora(
-    work: Path, folder: Path, data: Path, steps: int, every: int, openblas: bool, tag: str
-) -> dict:
+def run_mlx_lm_lora(work: Path, folder: Path, data: Path, steps: int, every: int, openblas: bool,
+                    tag: str) -> dict:
     config = work / "mlx_lm_lora.yaml"
-    config.write_text(
-        json.dumps(
-            {"lora_parameters": {"rank": RANK, "scale": SCALE, "dropout": 0.0}, "fuse": False}
-        )
-    )
-    args = [
-        "--model",
-        str(folder),
-        "--train",
-        "--train-mode",
-        "dpo",
-        "--data",
-        str(data),
-        "--batch-size",
-        str(BATCH),
-        "--iters",
-        str(steps),
-        "--steps-per-report",
-        str(every),
-        "--save-every",
-        "1000000",
-        "--max-seq-length",
-        str(MAX_LENGTH),
-        "--beta",
-        str(BETA),
-        "--learning-rate",
-        str(LR),
-        "--num-layers",
-        "-1",
-        "--seed",
-        "0",
-        "--optimizer",
-        "adam",
-        "--adapter-path",
-        str(work / f"adapters-{tag}"),
-        "-c",
-        str(config),
-    ]
+    config.write_text(json.dumps({"lora_parameters": {"rank": RANK, "scale": SCALE, "dropout": 0.0},
+                                  "fuse": False}))
+    args = ["--model", str(folder), "--train", "--train-mode", "dpo", "--data", str(data),
+            "--batch-size", str(BATCH), "--iters", str(steps), "--steps-per-report", str(every),
+            "--save-every", "1000000", "--max-seq-length", str(MAX_LENGTH), "--beta", str(BETA),
+            "--learning-rate", str(LR), "--num-layers", "-1", "--seed", "0", "--optimizer", "adam",
+            "--adapter-path", str(work / f"adapters-{tag}"), "-c", str(config)]
     env, setup = dict(os.environ), ""
     if openblas:
         # mlxlab's own binding (runtime/blas.py) of the OpenBLAS it ships, then mlx-lm-lora
@@ -218,53 +127,32 @@ def run_mlx_lm_lora(
         setup = "import mlxlab; assert mlxlab.blas.fast, mlxlab.blas; "
     cmd = [str(LORA_VENV / "bin" / "python"), "-c", setup + SHIM, *args]
     out = timed_run(cmd, env, work / f"{tag}.log")
-    reports = re.findall(
-        r"Iter (\d+): loss [^\n]*?it/s ([\d.]+), tok/s ([\d.]+), "
-        r"peak_mem ([\d.]+)GB",
-        out.pop("log"),
-    )
+    reports = re.findall(r"Iter (\d+): loss [^\n]*?it/s ([\d.]+), tok/s ([\d.]+), "
+                         r"peak_mem ([\d.]+)GB", out.pop("log"))
     if len(reports) < 2:
         raise SystemExit(f"{tag}: fewer than 2 report lines in {work / f'{tag}.log'}")
-    return {
-        **out,
-        "pairs_per_s": [float(r[1]) * BATCH for r in reports[1:]],
-        "mlx_peak_mb": float(reports[-1][3]) * 1e9 / 2**20,
-    }
+    return {**out, "pairs_per_s": [float(r[1]) * BATCH for r in reports[1:]],
+            "mlx_peak_mb": float(reports[-1][3]) * 1e9 / 2**20}
 
 
-def run_mlxlab(
-    work: Path, folder: Path, data: Path, steps: int, every: int, cached: bool, tag: str
-) -> dict:
+def run_mlxlab(work: Path, folder: Path, data: Path, steps: int, every: int, cached: bool,
+               tag: str) -> dict:
     root = work / f"mlxlab-{tag}"
-    args = [
-        f"model.pretrained={folder}",
-        f"data.train_file={data / 'train.jsonl'}",
-        f"data.val_file={data / 'held_out.jsonl'}",
-        f"trainer.batch_size={BATCH}",
-        f"trainer.max_steps={steps}",
-        f"trainer.log_every_steps={every}",
-        "trainer.eval_every_steps=1000000",
-        f"model.lora.rank={RANK}",
-        f"model.lora.alpha={SCALE * RANK:g}",
-        "model.lora.targets=[query,key,value,out,gate,up,down]",
-        f"data.max_length={MAX_LENGTH}",
-        f"objective.beta={BETA}",
-        f"optimizer.learning_rate={LR}",
-        "trainer.schedule.warmup_steps=0",
-        "callbacks.progress.enabled=false",
-        f"callbacks.memory.every={every}",
-        "checkpoint.save_every_minutes=null",
-        f"hydra.run.dir={root}/run",
-    ]
+    args = [f"model.pretrained={folder}", f"data.train_file={data / 'train.jsonl'}",
+            f"data.val_file={data / 'held_out.jsonl'}", f"trainer.batch_size={BATCH}",
+            f"trainer.max_steps={steps}", f"trainer.log_every_steps={every}",
+            "trainer.eval_every_steps=1000000", f"model.lora.rank={RANK}",
+            f"model.lora.alpha={SCALE * RANK:g}", "model.lora.targets=[query,key,value,out,gate,up,down]",
+            f"data.max_length={MAX_LENGTH}", f"objective.beta={BETA}", f"optimizer.learning_rate={LR}",
+            "trainer.schedule.warmup_steps=0", "callbacks.progress.enabled=false",
+            f"callbacks.memory.every={every}", "checkpoint.save_every_minutes=null",
+            f"hydra.run.dir={root}/run"]
     if cached:
         args += ["objective.reference=cached", f"data.cache_dir={work / 'cache'}"]
     env = dict(os.environ, MLXLAB_ROOT=str(root), PYTHONPATH=str(REPO / "src"))
     env.pop("MLFLOW_TRACKING_URI", None)
-    out = timed_run(
-        [sys.executable, "-m", "mlxlab.train", "experiment=dpo_chat", *args],
-        env,
-        work / f"{tag}.log",
-    )
+    out = timed_run([sys.executable, "-m", "mlxlab.train", "experiment=dpo_chat", *args], env,
+                    work / f"{tag}.log")
     out.pop("log")
     from mlflow.tracking import MlflowClient
 
@@ -273,15 +161,10 @@ def run_mlxlab(
     run_id = runs[0].info.run_id
 
     def history(key: str) -> list[float]:
-        return [
-            m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        ]
+        return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
-    return {
-        **out,
-        "pairs_per_s": history("train/samples_per_sec")[1:],
-        "mlx_peak_mb": max(history("memory/peak_mb")),
-    }
+    return {**out, "pairs_per_s": history("train/samples_per_sec")[1:],
+            "mlx_peak_mb": max(history("memory/peak_mb"))}
 
 
 def main() -> None:
@@ -316,10 +199,7 @@ def main() -> None:
     import mlx.core as mx
 
     params = sum(v.size for v in mx.load(str(folder / "model.safetensors")).values())
-    print(
-        f"model {params / 1e6:.1f} M parameters; every side {length} tokens; CPU {cpu_model()}",
-        flush=True,
-    )
+    print(f"model {params / 1e6:.1f} M parameters; every side {length} tokens", flush=True)
 
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.rounds):
@@ -329,28 +209,14 @@ def main() -> None:
                 res = run_mlxlab(work, folder, data, args.steps, args.every, v == "cached", tag)
             else:
                 stock = v == "lora_stock"
-                res = run_mlx_lm_lora(
-                    work,
-                    folder,
-                    data,
-                    args.stock_steps if stock else args.steps,
-                    args.stock_every if stock else args.every,
-                    not stock,
-                    tag,
-                )
+                res = run_mlx_lm_lora(work, folder, data, args.stock_steps if stock else args.steps,
+                                      args.stock_every if stock else args.every, not stock, tag)
             results[v].append(res | {"load_before": load})
-            print(
-                f"{tag}: pairs/s {[round(x, 2) for x in res['pairs_per_s']]}, "
-                f"RSS {res['rss_mb']:.0f} MiB, MLX peak {res['mlx_peak_mb']:.0f} MiB, "
-                f"CPU {res['cpu_s']:.1f} s, wall {res['wall_s']:.1f} s, load {load:.1f}",
-                flush=True,
-            )
-    (work / "results.json").write_text(
-        json.dumps(
-            {"params": params, "side_tokens": length, "cpu": cpu_model(), "results": results},
-            indent=1,
-        )
-    )
+            print(f"{tag}: pairs/s {[round(x, 2) for x in res['pairs_per_s']]}, "
+                  f"RSS {res['rss_mb']:.0f} MiB, MLX peak {res['mlx_peak_mb']:.0f} MiB, "
+                  f"CPU {res['cpu_s']:.1f} s, load {load:.1f}", flush=True)
+    (work / "results.json").write_text(json.dumps(
+        {"params": params, "side_tokens": length, "results": results}, indent=1))
 
     rates = {v: [statistics.median(x["pairs_per_s"]) for x in runs] for v, runs in results.items()}
     ref = next((v for v in ("lora_openblas", "lora_stock") if v in rates), None)
@@ -361,19 +227,15 @@ def main() -> None:
                  ratio=ratio and round(ratio, 2), summary=ratio and "DPO pairs/s (higher is better)",
                  smoke=args.smoke,
                  raw=str(work / "results.json"))
-    print(
-        "\n| variant | pairs/s (median of steady windows, per round) | tokens/s | max RSS MiB "
-        "| MLX peak MiB |\n|---|---|---|---|---|"
-    )
+    rows = []
     for v, runs in results.items():
         per_round = [statistics.median(x["pairs_per_s"]) for x in runs]
         med = statistics.median(per_round)
-        print(
-            f"| {v} | {med:.2f} ({', '.join(f'{x:.2f}' for x in per_round)}) | "
-            f"{med * 2 * length:.0f} | {statistics.median(x['rss_mb'] for x in runs):.0f} | "
-            f"{statistics.median(x['mlx_peak_mb'] for x in runs):.0f} |"
-        )
-
+        rows.append([v, f"{med:.2f} ({', '.join(f'{x:.2f}' for x in per_round)})",
+                     f"{med * 2 * length:.0f}", f"{statistics.median(x['rss_mb'] for x in runs):.0f}",
+                     f"{statistics.median(x['mlx_peak_mb'] for x in runs):.0f}"])
+    print_table({"head": ["variant", "pairs/s (median, per round)", "tokens/s", "max RSS MiB",
+                          "MLX peak MiB"], "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -1,25 +1,14 @@
 """How does `mlxlab serve` hold up under concurrent OpenAI clients, beside `mlx_lm.server` on the
 same model: is any request lost or mixed up, and what latency and tokens/s does each client see?
 
-    .venv/bin/python benchmarks/speed/bench_serve.py [--clients 8] [--requests 4] [--max-tokens 32]
+    python benchmarks/speed/bench_serve.py [--clients 8] [--requests 4] [--max-tokens 32]
         [--hidden 512 --layers 8] [--rounds 2] [--deadline 300] [--blas-threads 1] [--control]
         [--adapters]
 
-One random Llama folder (scripts/tiny_hf_model.py --no-torch: no download) is served by both
-servers on 127.0.0.1 (loopback only), each in its own process, started once. Rounds alternate
-mlxlab, mlx-lm, mlxlab, mlx-lm, ... (the machine's load changes over minutes; the load average
-is printed with each round). In a round, `--clients` threads (at most 16) each send
-`--requests` greedy completions of their own prompt, one after another, with the official
-`openai` client; a round stops at `--deadline` seconds, and requests not answered by then are
-counted as lost. `--adapters` trains two LoRA runs of the model (`mlxlab train`, 2 steps) and
-has the clients alternate between them: `mlxlab serve RUN_A RUN_B` (one copy of the base) beside
-mlx_lm.server on the exported base with each request's `adapters` path (`mlxlab export --format
-mlx-lm --adapters`), which reloads the model whenever the adapter changes. `--control` adds a third server, `mlxlab serve` with MLXLAB_BLAS=off (MLX's
-bundled BLAS, as mlx_lm.server has it): what the server code costs apart from the BLAS. Both
-servers run with OPENBLAS_NUM_THREADS=--blas-threads (default 1: on
-cores other processes share, OpenBLAS's spinning threads made decoding ~8x slower here, for
-both MLX's bundled BLAS and the OpenBLAS mlxlab gives MLX). Every answer is checked against that prompt's answer asked alone before the
-rounds (greedy: the same text), so a mixed-up or corrupted answer shows as "differs".
+A random Llama served by both on loopback, rounds alternating; `--clients` threads each send
+`--requests` greedy completions with the `openai` client; unanswered by `--deadline`: lost; every
+answer checked against that prompt asked alone. `--adapters`: two LoRA runs served at once,
+beside mlx_lm.server's per-request adapters; `--control`: mlxlab serve on MLX's bundled BLAS.
 """
 
 from __future__ import annotations
@@ -38,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, write_record  # noqa: E402
+from benchmarks.harness import add_smoke, print_table, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["Once upon a time", "The little dog", "A girl named Lily", "In the big forest",
@@ -138,14 +127,6 @@ def lora_run(mlxlab: str, model: Path, work: Path, name: str, env: dict) -> Path
     return run
 
 
-def export_adapters(mlxlab: str, run: Path, env: dict) -> Path:
-    """The run as mlx_lm.server reads it: the base folder + its adapters in OUT/adapters."""
-    out = run.with_name(run.name + "_mlx_lm")
-    subprocess.run([mlxlab, "export", str(run), "--format", "mlx-lm", "--adapters", "--out",
-                    str(out)], check=True, env=env, capture_output=True)
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=8)
@@ -181,7 +162,10 @@ def main() -> int:
     routes = {"mlxlab serve": [(str(model), {})], "mlx_lm.server": [(str(model), {})]}
     if args.adapters:
         runs = [lora_run(mlxlab, model, work, name, env) for name in ("a", "b")]
-        exported = [export_adapters(mlxlab, run, env) for run in runs]
+        exported = [run.with_name(run.name + "_mlx_lm") for run in runs]  # base + its adapters
+        for run, out in zip(runs, exported):
+            subprocess.run([mlxlab, "export", str(run), "--format", "mlx-lm", "--adapters",
+                            "--out", str(out)], check=True, env=env, capture_output=True)
         served, base = [str(r) for r in runs], exported[0]  # the same base in both exports
         routes = {"mlxlab serve": [(str(r), {}) for r in runs],
                   "mlx_lm.server": [(str(base), {"adapters": str(e / "adapters")})
@@ -222,8 +206,6 @@ def main() -> int:
               f"{', two LoRA runs of it, clients alternating' if args.adapters else ''}; "
               f"{args.clients} clients x {args.requests} greedy completions of "
               f"{args.max_tokens} tokens; solo answers equal across servers: {same}")
-        print(f"cpu: {os.cpu_count()} cores; OPENBLAS_NUM_THREADS={args.blas_threads}; python "
-              f"{sys.version.split()[0]}")
         rows = {name: [] for name in servers}
         for r in range(args.rounds):
             for name, (_, url) in servers.items():
@@ -235,19 +217,20 @@ def main() -> int:
                       f"{row['latency_max']:.2f} s  per client {row['client_tok_s']:.1f} tok/s  "
                       f"all clients {row['total_tok_s']:.1f} tok/s  ({row['wall']:.1f} s)",
                       flush=True)
-        print("\n| server | lost | differs | latency median (s) | per client tok/s | "
-              "all clients tok/s |")
-        print("|---|---|---|---|---|---|")
+        shown = {"head": ["server", "lost", "differs", "latency median (s)", "per client tok/s",
+                          "all clients tok/s"], "rows": []}
         for name, rs in rows.items():
             med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-            print(f"| {name} | {sum(r['lost'] for r in rs)} | {sum(r['differs'] for r in rs)} "
-                  f"| {med['latency_median']:.2f} | {med['client_tok_s']:.1f} | "
-                  f"{med['total_tok_s']:.1f} |")
+            shown["rows"].append([name, sum(r["lost"] for r in rs), sum(r["differs"] for r in rs),
+                                  f"{med['latency_median']:.2f}", f"{med['client_tok_s']:.1f}",
+                                  f"{med['total_tok_s']:.1f}"])
+        print_table(shown)
         names = list(rows)
         ratio = (statistics.median(a["total_tok_s"] / b["total_tok_s"]
                                    for a, b in zip(rows[names[0]], rows[names[1]]))
                  if len(names) > 1 else None)
-        write_record("serve-vs-mlx-lm-server", {"rounds": rows, "solo_answers_equal": same},
+        write_record("serve-vs-mlx-lm-server", {"rounds": rows, "solo_answers_equal": same,
+                                                "table": shown},
                      question="speed-mlx", reference=ratio and names[1], ratio=ratio and round(ratio, 2),
                      summary=ratio and f"{names[0]}: tokens/s of all {args.clients} clients (higher is better)",
                      smoke=args.smoke)

@@ -1,41 +1,16 @@
 """Fine-tuning at the sizes people fine-tune: trained tokens/s, peak memory and first-step seconds
-of mlxlab (unpacked and packed) beside mlx_lm.lora, from the real SmolLM2-135M to Llama-3.1-8B.
+of mlxlab (unpacked, packed) beside mlx_lm.lora and PyTorch + PEFT, SmolLM2-135M to Llama-3.1-8B.
 
     python benchmarks/speed/bench_sizes.py [--sizes smollm2,llama-1b,qwen3-1.7b,llama-3b,llama-8b]
         [--modes lora,qlora] [--tools mlxlab,mlxlab-packed,mlx-lm,torch-peft] [--steps 4] [--skip 1]
         [--rounds 1] [--dtype auto] [--tokenizer DIR] [--work DIR] [--table-only] [--smoke]
 
-Models: SmolLM2-135M-Instruct (the packaged Q4_1 GGUF, converted as every mlxlab verb reads it:
-4-bit for QLoRA, dequantized to float32 by mlx_lm.convert for LoRA), and random weights in the
-real configs of Llama-3.2-1B, Qwen3-1.7B, Llama-3.2-3B and Llama-3.1-8B (config.json alone, no
-download: mlx-lm's Model(ModelArgs) with its own initialization, written in `--dtype` for LoRA
-and 4-bit (group 64, every Linear and the embedding; scales in `--dtype`) for QLoRA). `--dtype
-auto` is float32 on the CPU (8B: QLoRA only, its float32 copy would not fit 24 GB) and bfloat16
-on a GPU, as people fine-tune there. Each carries SmolLM2's tokenizer and chat template (ids
-below every vocabulary; the full vocabulary's head is computed, as in the real model), from the
-packaged GGUF or, with `--tokenizer`, a folder of its tokenizer files (a GPU machine without the
-GGUF reader).
-Work: the shipped chats with one reply (100 of the 200 in
-src/mlxlab/assets/tinystories/chats.jsonl, 50-150 tokens in the template: every tool trains
-the same tokens), LoRA rank 8 (alpha 16) on q/k/v/o of every layer, Adam at 1e-4, max_length 256.
-Unpacked (mlxlab, mlx-lm): batch 4 rows, padded to the batch's longest (mlxlab: to a multiple
-of 16; mlxlab-b128: of 128, the lengths at which MLX's CUDA backend fuses attention's backward,
-`trainer.batching.bucket_multiple=128`). Packed (mlxlab-packed, data.pack=true, data.pack_length=256): batch 1
-sequence of 256 positions (~4 rows).
-Each tool is its own process through its own training code, at equal BLAS (mlx-lm's worker
-lets mlxlab's runtime/blas.py point MLX at the same OpenBLAS, nothing else of mlxlab; MLX's own
-quantized matmul for mlx-lm's QLoRA, as shipped). tokens/s: each tool's own count of trained
-tokens (mlxlab: every assistant turn; mlx-lm --mask-prompt: the last reply) over the steps after
-`--skip`; peak: MLX's (mx.get_peak_memory) and the process's resident peak (wait4);
-first step: the seconds of step 1 (MLX's compile with it). torch-peft: PyTorch + PEFT on the
-same folder (LoRA only: PEFT's 4-bit bases are bitsandbytes'), its own step timed; on the CPU
-float32 with one thread (as each MLX tool's one BLAS thread: threads that spin on cores other
-processes share lose far more than they add), peak = its resident peak; on a GPU CUDA in the
-folder's dtype, synchronized per step, peak = torch's allocator peak. The load average is logged beside
-each run; results.json under --work keeps every stage, so a second call runs only the missing.
-The tools count trained tokens differently (mlx-lm and PEFT score one or two tokens a chat more
-than mlxlab); a second table (equal_count) gives every run at mlxlab's count, as sums
-over the steps after `--skip`, beside chats/s and milliseconds a step.
+Models: the packaged SmolLM2 GGUF and random weights in the published configs (CONFIGS; float32
+on the CPU, bfloat16 on a GPU; 4-bit group 64 for QLoRA), with SmolLM2's tokenizer. The shipped
+one-reply chats, LoRA rank 8 (alpha 16) on q/k/v/o, Adam at 1e-4; unpacked batch 4 (mlxlab-b128:
+padded to multiples of 128, where MLX's CUDA attention backward is fused), packed 1 x 256; each
+tool in its own process at equal BLAS. results.json under --work keeps every stage; the equal-
+count table gives every run at mlxlab's count of trained tokens.
 """
 
 from __future__ import annotations
@@ -56,8 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import add_smoke, cpu_model, in_round, run_with_peak_rss, write_record  # noqa: E402
-from benchmarks.speed.bench_lora import MLX_LM_KEYS, MLX_LM_WORKER, csv_metrics  # noqa: E402
+from benchmarks.harness import add_smoke, in_round, print_table, run_with_peak_rss, write_record  # noqa: E402
+from benchmarks.speed import bench_lora  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 256, 4, 8, 16.0, 1e-4
 LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
@@ -96,10 +71,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "generation_config.json")
 
 
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
 def env() -> dict:
     # one BLAS thread a process for both tools: on cores other processes share, OpenBLAS's
     # threads spin-wait on descheduled ones (runtime/blas.py set_blas_threads)
@@ -115,19 +86,12 @@ def on_gpu() -> bool:
 
 def smollm2_folders(work: Path) -> dict[str, Path]:
     """{mode: folder} of the real SmolLM2: the GGUF as mlxlab converts it (4-bit) and float32."""
-    import subprocess
-
+    from benchmarks.quality.real_model_finetune import float_folder
     from mlxlab.models.sources import model_folder
     from real_models import packaged_model
 
     quantized = model_folder(str(packaged_model()))
-    floated = work / "smollm2-float32"
-    if not (floated / "config.json").is_file():
-        shutil.rmtree(floated, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(quantized),
-                        "--mlx-path", str(floated), "--dequantize", "--dtype", "float32"],
-                       check=True, capture_output=True, env=env())
-    return {"qlora": quantized, "lora": floated}
+    return {"qlora": quantized, "lora": float_folder(quantized, "float32", work / "smollm2-float32")}
 
 
 def write_random(config: dict, tokenizer_from: Path, out: Path, bits: int | None,
@@ -198,105 +162,37 @@ def data_folder(work: Path, n_val: int = 8) -> Path:
 
 def run_mlxlab(model: Path, data: Path, steps: int, out: Path, packed: bool,
                bucket_multiple: int = 16) -> dict:
-    shutil.rmtree(out, ignore_errors=True)  # its metrics.csv appends
-    cmd = [sys.executable, "-m", "mlxlab.train", "experiment=finetune_chat",
-           f"model.pretrained={model}", f"data.train_file={data / 'train.jsonl'}",
-           f"data.val_file={data / 'valid.jsonl'}", f"data.max_length={SEQ}",
-           f"data.pack={'true' if packed else 'false'}", f"data.pack_length={SEQ}",
-           f"model.lora.rank={RANK}",
-           f"model.lora.alpha={ALPHA}", "model.lora.targets=[query,key,value,out]",
-           f"trainer.batch_size={1 if packed else BATCH}", f"trainer.max_steps={steps}",
-           f"trainer.eval_every_steps={10 * steps}", "trainer.log_every_steps=1",
-           f"optimizer.learning_rate={LR}", "tracking=csv", "callbacks.progress.enabled=false",
-           "callbacks.memory.every=1", "trainer.schedule.warmup_steps=0", "eval.tasks=[]",
-           f"trainer.batching.bucket_multiple={bucket_multiple}",
-           f"hydra.run.dir={out}"]
-    started = time.perf_counter()
-    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env())
-    if proc.returncode:
-        raise RuntimeError(f"mlxlab failed:\n{proc.stderr[-3000:]}")
-    rows = csv_metrics(out)
-    tags = json.loads((out / "tracking" / "tags.json").read_text())
-    return {"steps": [{"step": s, "tokens_per_sec": m["train/tokens_per_sec"],
-                       "peak_mb": m.get("memory/peak_mb", float("nan")), "loss": m["train/loss"]}
-                      for s, m in sorted(rows.items()) if "train/tokens_per_sec" in m],
-            "rss_mb": rss, "first_step_s": float(tags.get("mlxlab.compile_s", "nan")),
-            "compiles": int(tags.get("mlxlab.compiles", "0")),
-            "wall_s": time.perf_counter() - started,
-            # what one checkpoint holds (a LoRA run's: its adapters and optimizer state)
-            "checkpoint_mb": sum(f.stat().st_size for f in (out / "checkpoints" / "best").glob("*")
-                                 if f.is_file()) / 2**20}
+    return bench_lora.run_mlxlab(out, [
+        "experiment=finetune_chat",
+        *bench_lora.lora_overrides(model, data, steps, batch=1 if packed else BATCH, lr=LR),
+        f"data.max_length={SEQ}", f"data.pack={'true' if packed else 'false'}",
+        f"data.pack_length={SEQ}", f"trainer.eval_every_steps={10 * steps}", "eval.tasks=[]",
+        f"trainer.batching.bucket_multiple={bucket_multiple}"], env())
 
 
 def run_mlx_lm(model: Path, data: Path, steps: int, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    args = {"model": str(model), "train": True, "data": str(data), "iters": steps,
-            "batch_size": BATCH, "num_layers": -1, "max_seq_length": SEQ + 1,
-            "learning_rate": LR, "steps_per_report": 1, "steps_per_eval": 10 * steps,
-            "val_batches": 1, "save_every": 10 * steps, "adapter_path": str(out / "adapters"),
-            "mask_prompt": True, "lora_parameters": {"rank": RANK, "dropout": 0.0,
-                                                     "scale": ALPHA / RANK, "keys": MLX_LM_KEYS}}
-    (out / "args.json").write_text(json.dumps(args))
-    report = out / "report.jsonl"
-    report.unlink(missing_ok=True)
-    started = time.perf_counter()
-    blas = "0" if on_gpu() else "1"  # mlxlab's OpenBLAS for MLX's CPU matmuls; a GPU has none
-    proc, rss = run_with_peak_rss([sys.executable, "-c", MLX_LM_WORKER, str(out / "args.json"),
-                                   str(report), blas, "0"], cwd=out, env=env())
-    if proc.returncode:
-        raise RuntimeError(f"mlx-lm failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in report.read_text().splitlines()]
-    return {"steps": [{"step": r["iteration"], "tokens_per_sec": r["tokens_per_second"],
-                       "peak_mb": r["peak_memory"] * 1e9 / 2**20, "loss": r["train_loss"]}
-                      for r in rows],
-            "rss_mb": rss, "first_step_s": 1 / rows[0]["iterations_per_second"],
-            "compiles": None, "wall_s": time.perf_counter() - started}
+    # mlxlab's OpenBLAS for MLX's CPU matmuls; a GPU has none
+    return bench_lora.run_mlx_lm(model, data, steps, out, openblas=not on_gpu(), seq=SEQ,
+                                 lr=LR, env=env())
 
 
-# PyTorch + PEFT on the same float32 folder and chats: transformers' model (float32, CPU),
-# LoRA rank 8 / alpha 16 on q/k/v/o, Adam, batch 4 rows in order, padded to the longest, the
-# loss on the last reply (real_model_torch_peft.py's encode_chat, as mlx-lm's --mask-prompt).
-# argv: folder train.jsonl steps report.jsonl
+# PyTorch + PEFT on the same folder and chats (real_model_torch_peft.py's LoRA and steps): batch
+# 4 rows in order, the loss on the last reply (as mlx-lm's --mask-prompt); float32 on the CPU,
+# the folder's dtype on CUDA. argv: folder train.jsonl steps report.jsonl
 TORCH_PEFT_WORKER = """
-import json, resource, sys, time
+import json, sys
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from benchmarks.quality.real_model_torch_peft import encode_chat
+from benchmarks.quality.real_model_torch_peft import peft_lora, train_steps
 folder, train, steps, report = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 cuda = torch.cuda.is_available()
 torch.manual_seed(0)
 tok = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto" if cuda else torch.float32)
-model = model.to("cuda" if cuda else "cpu")
-model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-rows = [encode_chat(tok, json.loads(line)["messages"]) for line in open(train)]
-pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-for step in range(1, steps + 1):
-    picked = rows[(step - 1) * 4:step * 4]
-    width = max(len(i) for i, _ in picked)
-    ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in picked], device=model.device)
-    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in picked],
-                        device=model.device)
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in picked],
-                          device=model.device)
-    started = time.perf_counter()
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    with open(report, "a") as f:
-        f.write(json.dumps({"step": step, "tokens_per_sec": int((labels[:, 1:] != -100).sum())
-                            / seconds, "loss": float(loss), "seconds": seconds,
-                            "peak_mb": peak})
-                + "\\n")
+model = peft_lora(model.to("cuda" if cuda else "cpu"))
+rows = train_steps(model, tok, [json.loads(line)["messages"] for line in open(train)], steps, 4, 1e-4)
+with open(report, "w") as f:
+    f.write("".join(json.dumps(r) + "\\n" for r in rows))
 """
 
 
@@ -406,62 +302,38 @@ def equal_count(runs: Path, data: Path, tokenizer: Path, skip: int, steps: int =
         got = run_steps(run, tool, mlxlab_rows, differences)
         if got:
             found[tuple(size_mode.rsplit("-", 1))].setdefault(tool, []).append(got[skip:])
-    lines = [f"equal count: mlx-lm scores {differences['mlx-lm']} and PEFT "
-             f"{differences['torch-peft']} tokens a chat more than mlxlab; steps after {skip}",
-             "| model | mode | tool | tokens/s (mlxlab's count) | vs mlx_lm.lora | chats/s | "
-             "ms a step (median) |", "|---|---|---|---:|---:|---:|---:|"]
+    rows = []
     for (size, mode), by_tool in found.items():
         rate = {t: sum(s[1] for r in rs for s in r) / sum(s[2] for r in rs for s in r)
                 for t, rs in by_tool.items()}
-        for tool in tools:
-            if tool not in by_tool:
-                continue
+        for tool in (t for t in tools if t in by_tool):
             steps_ = [s for r in by_tool[tool] for s in r]
-            chats = sum(s[0] for s in steps_) / sum(s[2] for s in steps_)
-            ratio = f"{rate[tool] / rate['mlx-lm']:.2f}x" if "mlx-lm" in rate else "-"
-            shown = f"{rate[tool]:.0f}" if rate[tool] >= 100 else f"{rate[tool]:.2f}"
-            lines.append(f"| {size} | {mode} | {tool} | {shown} | {ratio} | {chats:.2f} "
-                         f"| {1000 * statistics.median(s[2] for s in steps_):.1f} |")
-    return "\n".join(lines)
+            rows.append([size, mode, tool, f"{rate[tool]:.{0 if rate[tool] >= 100 else 2}f}",
+                         f"{rate[tool] / rate['mlx-lm']:.2f}x" if "mlx-lm" in rate else "-",
+                         f"{sum(s[0] for s in steps_) / sum(s[2] for s in steps_):.2f}",
+                         f"{1000 * statistics.median(s[2] for s in steps_):.1f}"])
+    return {"head": ["model", "mode", "tool", "tokens/s (mlxlab's count)", "vs mlx_lm.lora",
+                     "chats/s", "ms a step (median)"], "rows": rows, "differences": differences}
 
 
-def gpu_name() -> str:
-    import mlx.core as mx
-
-    return str(mx.device_info().get("device_name", "GPU"))
-
-
-def summary(run: dict, skip: int) -> dict:
-    timed = [s for s in run["steps"] if s["step"] > skip] or run["steps"]
-    return {"tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed),
-            "peak_mb": max(s["peak_mb"] for s in run["steps"]), "rss_mb": run["rss_mb"],
-            "first_step_s": run["first_step_s"], "compiles": run["compiles"],
-            "wall_s": run["wall_s"], "loss_first": run["steps"][0]["loss"],
-            "checkpoint_mb": run.get("checkpoint_mb")}
-
-
-def table(results: dict, sizes: list[str], modes: list[str], tools: list[str]) -> str:
-    lines = ["| model | mode | tool | tokens/s | vs mlx_lm.lora | MLX peak MB | peak RSS MB | "
-             "first step s | compiles | load |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for size in sizes:
-        for mode in modes:
-            runs = {t: [v for k, v in results.items() if k.startswith(f"{size}/{mode}/{t}/")]
-                    for t in tools}
-            ref = runs.get("mlx-lm")
-            for tool in tools:
-                if not runs[tool]:
-                    continue
-                med = {k: statistics.median(r[k] for r in runs[tool])
-                       for k in ("tokens_per_sec", "peak_mb", "rss_mb", "first_step_s")}
-                ratio = (f"{med['tokens_per_sec'] / statistics.median(r['tokens_per_sec'] for r in ref):.2f}x"
-                         if ref and tool != "mlx-lm" else "-")
-                compiles = runs[tool][0]["compiles"]
-                lines.append(
-                    f"| {size} | {mode} | {tool} | {med['tokens_per_sec']:.1f} | {ratio} | "
-                    f"{med['peak_mb']:.0f} | {med['rss_mb']:.0f} | {med['first_step_s']:.1f} | "
-                    f"{'-' if compiles is None else compiles} | "
-                    f"{','.join(str(r['load_1min']) for r in runs[tool])} |")
-    return "\n".join(lines)
+def table(results: dict, sizes: list[str], modes: list[str], tools: list[str]) -> dict:
+    rows = []
+    for size, mode in ((s, m) for s in sizes for m in modes):
+        runs = {t: [v for k, v in results.items() if k.startswith(f"{size}/{mode}/{t}/")]
+                for t in tools}
+        ref = runs.get("mlx-lm")
+        for tool in (t for t in tools if runs[t]):
+            med = {k: statistics.median(r[k] for r in runs[tool])
+                   for k in ("tokens_per_sec", "peak_mb", "rss_mb", "first_step_s")}
+            compiles = runs[tool][0]["compiles"]
+            rows.append([size, mode, tool, f"{med['tokens_per_sec']:.1f}",
+                         f"{med['tokens_per_sec'] / statistics.median(r['tokens_per_sec'] for r in ref):.2f}x"
+                         if ref and tool != "mlx-lm" else "-", f"{med['peak_mb']:.0f}",
+                         f"{med['rss_mb']:.0f}", f"{med['first_step_s']:.1f}",
+                         "-" if compiles is None else compiles,
+                         ",".join(str(r["load_1min"]) for r in runs[tool])])
+    return {"head": ["model", "mode", "tool", "tokens/s", "vs mlx_lm.lora", "MLX peak MB",
+                     "peak RSS MB", "first step s", "compiles", "load"], "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -510,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
                     key = f"{size}/{mode}/{tool}/{rnd}"
                     if key in results:
                         continue
-                    before = load()
+                    before = round(os.getloadavg()[0], 2)
                     out = work / "runs" / key.replace("/", "-")
                     if tool == "torch-peft" and mode == "qlora":
                         continue  # PEFT's 4-bit bases are bitsandbytes'
@@ -524,18 +396,17 @@ def main(argv: list[str] | None = None) -> dict:
                         print(f"{key} failed: {str(error)[-2000:]}", flush=True)
                         failed = True
                         continue
-                    results[key] = {**summary(run, args.skip), "load_1min": before,
+                    results[key] = {**bench_lora.summary(run, args.skip), "load_1min": before,
                                     "dtype": dtype if size != "smollm2" else None}
                     store.write_text(json.dumps(results, indent=1))
                     print(json.dumps({"stage": key, **results[key]}), flush=True)
-    shown = table(results, sizes, modes, tools)
-    device = gpu_name() if on_gpu() else f"{cpu_model()}, {os.cpu_count()} cores"
-    print(f"\n{device}; {args.steps} steps, the first {args.skip} "
-          f"left out; median of {args.rounds} round(s)\n\n{shown}")
+    figures = {"results": results, "table": table(results, sizes, modes, tools)}
+    print_table(figures["table"])
     if (work / "runs").is_dir():  # the same runs at equal work (one count of trained tokens)
-        print("\n" + equal_count(work / "runs", data, smollm2["qlora"], args.skip))
-    write_record("sizes", {"results": results, "table": shown}, question="speed-mlx",
-                 smoke=args.smoke, raw=str(store))
+        figures["equal_count"] = equal_count(work / "runs", data, smollm2["qlora"], args.skip)
+        print(f"equal count, steps after {args.skip}:")
+        print_table(figures["equal_count"])
+    write_record("sizes", figures, question="speed-mlx", smoke=args.smoke, raw=str(store))
     if failed:
         sys.exit(1)
     return results

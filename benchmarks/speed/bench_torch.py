@@ -1,14 +1,8 @@
-"""The PyTorch row of benchmarks/speed/bench.py: the mlxlab decoder and BERT classifier written in
-PyTorch, trained CPU eager on the batches the mlxlab row saved.
+"""The PyTorch row of benchmarks/speed/bench.py: mlxlab's decoder and BERT classifier in PyTorch,
+trained CPU eager on the batches the mlxlab row saved, in a process that never imports mlxlab,
+MLX or mlxlab's OpenBLAS (checked: with them loaded PyTorch ran 3.7x slower).
 
-Runs in its own process that never imports mlxlab, MLX or mlxlab's OpenBLAS (with
-them loaded, PyTorch ran 3.7x slower, which made the old ratios an artifact); it checks that and
-fails otherwise. bench.py starts it as
-
-    python benchmarks/speed/bench_torch.py --spec SPEC.json
-
-and a second, independent check is benchmarks/speed/torch_plain.py (a plain PyTorch script of the same
-model, which bench.py times in the same rounds).
+    python benchmarks/speed/bench_torch.py --spec SPEC.json     (started by bench.py)
 """
 
 from __future__ import annotations
@@ -45,9 +39,8 @@ def torch_models():
         def __init__(self, dim, heads, bias, rope_theta=None):
             super().__init__()
             self.heads, self.rope_theta = heads, rope_theta
-            self.query, self.key, self.value, self.out = (
-                nn.Linear(dim, dim, bias=bias) for _ in range(4)
-            )
+            self.query, self.key, self.value, self.out = (nn.Linear(dim, dim, bias=bias)
+                                                          for _ in range(4))
             self.rope_cache: dict[int, tuple] = {}
 
         def rope(self, x):  # MLX nn.RoPE(traditional=False): rotate the two halves of a head
@@ -110,9 +103,8 @@ def torch_models():
                 raise ValueError(f"the PyTorch decoder implements the default preset only: {unsupported}")
             hidden = mlp_dim or (int(8 * dim / 3) + 63) // 64 * 64
             self.embed_tokens = nn.Embedding(vocab_size, dim)
-            self.layers = nn.ModuleList(
-                DecoderBlock(dim, num_heads, hidden, rope_theta) for _ in range(num_layers)
-            )
+            self.layers = nn.ModuleList(DecoderBlock(dim, num_heads, hidden, rope_theta)
+                                        for _ in range(num_layers))
             self.norm = nn.RMSNorm(dim, eps=1e-5)
 
         def forward(self, input_ids, attention_mask=None):
@@ -179,6 +171,22 @@ def torch_models():
     return Transformer, BertClassifier
 
 
+def torch_warmup_cosine(optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float):
+    """mlxlab's warmup_cosine with PyTorch's own schedulers: linear from lr/warmup to lr over the
+    warmup steps, then cosine to min_lr_ratio * lr at total_steps."""
+    import torch
+
+    sched = torch.optim.lr_scheduler
+    warmup_steps = min(warmup_steps, total_steps - 1)
+    lr = optimizer.param_groups[0]["lr"]
+    cosine = sched.CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps, eta_min=lr * min_lr_ratio)
+    if warmup_steps <= 0:
+        return cosine
+    warmup = sched.LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0,
+                            total_iters=warmup_steps)
+    return sched.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
 def worker_torch(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
@@ -187,10 +195,8 @@ def worker_torch(spec: dict) -> dict:
     torch.manual_seed(0)
     ref = spec["reference"]
     meta, hp = ref["meta"], ref["trainer"]
-    batches = [
-        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
-        for b in load_batches(spec["batches"])
-    ]
+    batches = [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
+               for b in load_batches(spec["batches"])]
     for b in batches:
         for key in ("input_ids", "labels"):
             b[key] = b[key].long()

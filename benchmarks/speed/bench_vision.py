@@ -3,41 +3,14 @@ own trainer (`python -m mlx_vlm.train`, mlx-vlm 0.7.10), on the same rows, model
 batch, steps and image size, each in its own process on the same MLX and OpenBLAS.
 
     python benchmarks/speed/bench_vision.py [--shapes smolvlm,qwen2_5_vl] [--steps 6] [--skip 2]
-                                            [--rounds 2] [--batch 4] [--qwen-layers 2]
-                                            [--work DIR] [--smoke]
+        [--rounds 2] [--batch 4] [--qwen-layers 2] [--work DIR] [--smoke]
 
-Models (random weights, float32, built locally with transformers from a config, never
-downloaded; tests/vision_models.py's tiny byte-level BPE with the family's special tokens, chat
-template and processor files; the model's embedding has the real vocabulary, every id the
-tokenizer makes is in range):
-- `smolvlm`: HuggingFaceTB/SmolVLM-256M-Instruct's shape: SigLIP 768 x 12 layers, patch 16,
-  image 512, pixel-shuffle scale 4 (64 tokens an image), SmolLM2-135M's decoder (576 x 30
-  layers, 9 / 3 heads, MLP 1536, vocabulary 49,280). The processor resizes each picture to
-  512 x 512 without splitting it into tiles (`do_image_splitting: false`).
-- `qwen2_5_vl`: Qwen/Qwen2.5-VL-3B-Instruct's widths (decoder 2048, 16 / 2 heads, MLP 11008,
-  vocabulary 151,936, tied head; vision 1280, 16 heads, MLP 3420, patch 14, merge 2) with
-  `--qwen-layers` decoder and vision layers (the real 36 and 32 do not train in reasonable time
-  on 2 cores, see below), QLoRA: 4-bit, group 64. Its processor resizes each picture to
-  224 x 224 (256 patches, 64 tokens).
-Rows: the shipped shapes task (src/mlxlab/assets/shapes: 64 x 64 PNG pictures, a question, a
-one-word answer), the same pictures and texts written in each tool's format: mlxlab's
-`{"messages": [{"role": "user", "content": [{"type": "image"}, text]}, ...], "images": [path]}`,
-mlx-vlm's `{"messages": [...text...], "images": [path]}`; the loss on the assistant's reply
-(mlxlab's assistant mask, mlx-vlm's `--train-on-completions`). LoRA rank 8, alpha 16 on the
-language model's q/k/v/o, AdamW at 2e-4 without weight decay, no warm-up.
-Each tool runs as its own process: mlxlab's `mlxlab.train experiment=finetune_vision` (CSV
-tracking, a step logged every step) and mlx-vlm's `mlx_vlm.train` (its `run`, with a callback
-recording its per-step report), mlxlab imported first so MLX's BLAS calls go to the same
-OpenBLAS (runtime/blas.py; nothing else of mlxlab runs there). Speed: the median step time after
-the first `--skip` steps (each step the same rows and pixels in both tools); mlxlab's is its
-whole loop (data, callbacks, logging: benchmarks.callbacks.StepTimes), mlx-vlm's its step alone
-(its report's step_time). Trained tokens/s, each tool's own count, are shown too: mlx-vlm's
-completion mask also trains the newline after the end-of-turn token, one token more a row than
-mlxlab's assistant mask. Peak: MLX's peak memory (mx.get_peak_memory, both tools report it) and
-the process's peak resident memory. Rounds alternate the order of the tools; the table gives
-medians over rounds. The 1-minute load average is recorded after every run (the machine is
-shared). SmolVLM runs one row a batch in both tools (BATCH_LIMIT: mlx-vlm's trainer fails on
-more).
+Random float32 models in the real shapes (never downloaded; tests/vision_models.py's tokenizer
+and processor files): `smolvlm` (SmolVLM-256M: 512-pixel images, one row a batch, BATCH_LIMIT)
+and `qwen2_5_vl` (Qwen2.5-VL-3B's widths, --qwen-layers layers, QLoRA 4-bit; 224-pixel images).
+Rows: the shipped shapes task in each tool's format, the loss on the reply. LoRA rank 8 (alpha
+16) on q/k/v/o, AdamW at 2e-4. Speed: the median step time after --skip (mlxlab's whole loop,
+benchmarks.callbacks.StepTimes; mlx-vlm's step alone); peak: MLX's and the process's RSS.
 """
 
 from __future__ import annotations
@@ -45,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -57,13 +28,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from benchmarks.harness import (  # noqa: E402
     add_smoke,
-    cpu_model,
     in_round,
+    print_table,
     run_with_peak_rss,
     smoke_dir,
     write_record,
 )
-from benchmarks.speed.bench_lora import csv_metrics  # noqa: E402
+from benchmarks.speed.bench_lora import lora_overrides  # noqa: E402
+from benchmarks.speed.bench_lora import run_mlxlab as run_lora_mlxlab  # noqa: E402
 
 RANK, ALPHA, LR = 8, 16.0, 2e-4
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -113,13 +85,6 @@ cli.run(args, settings, training_callback=Record())
 """
 
 
-def _vision_models():
-    sys.path.insert(0, str(REPO / "tests"))
-    import vision_models
-
-    return vision_models
-
-
 def save_model(family: str, folder: Path, shape: dict, layers: int | None,
                smoke: bool) -> Path:
     """A `family` folder at `shape`'s sizes (random float32 weights), in the layout mlx-vlm reads,
@@ -130,7 +95,8 @@ def save_model(family: str, folder: Path, shape: dict, layers: int | None,
     import torch
     import transformers as tf
 
-    vm = _vision_models()
+    sys.path.insert(0, str(REPO / "tests"))
+    import vision_models as vm
     folder.mkdir(parents=True, exist_ok=True)
     _, tok = vm._tokenizer(family, folder)
     ids = {t: tok.token_to_id(t) for t in vm.FAMILIES[family]["tokens"]}
@@ -194,69 +160,48 @@ def _image_size(family: str, folder: Path, size: int) -> None:
     path.write_text(json.dumps(pre, indent=1))
 
 
+def both_formats(row: dict, base: Path) -> tuple[dict, dict]:
+    """A shapes row as mlxlab's data=vision_chat reads it and as mlx-vlm's JSONL folder holds it
+    (text messages and the row's `images`), its pictures under `base`."""
+    images, messages = [], []
+    for m in row["messages"]:
+        parts = m["content"]
+        images += [str(base / p["image"]) for p in parts if p["type"] == "image"]
+        messages.append({"role": m["role"], "content": " ".join(p["text"] for p in parts
+                                                                if p["type"] == "text")})
+    user = [{"type": "image"}] * len(images) + [{"type": "text", "text": messages[0]["content"]}]
+    ours = {"messages": [{"role": "user", "content": user}, *[
+        {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+        for m in messages[1:]]], "images": images}
+    return ours, {"messages": messages, "images": images}
+
+
 def write_rows(root: Path, rows: int) -> tuple[Path, Path]:
-    """The shipped shapes task's first `rows` training rows (and 8 validation rows), as mlxlab's
-    data=vision_chat reads them and as mlx-vlm's JSONL folder holds them: (mlxlab's train file,
-    mlx-vlm's folder)."""
+    """The shapes task's first `rows` training rows (and 8 validation rows) in both formats:
+    (mlxlab's folder, mlx-vlm's folder)."""
     from mlxlab.config import asset_path
 
     source = Path(asset_path("shapes/train.jsonl"))
     lines = source.read_text().splitlines()
-    mlxlab_dir, vlm_dir = root / "mlxlab", root / "mlx_vlm"
-    for d in (mlxlab_dir, vlm_dir):
-        d.mkdir(parents=True, exist_ok=True)
+    folders = root / "mlxlab", root / "mlx_vlm"
     for split, chosen in (("train", lines[:rows]), ("valid", lines[rows:rows + 8])):
-        ours, theirs = [], []
-        for line in chosen:
-            row = json.loads(line)
-            images, messages = [], []
-            for m in row["messages"]:
-                parts = m["content"]
-                text = " ".join(p["text"] for p in parts if p["type"] == "text")
-                images += [str(source.parent / p["image"]) for p in parts if p["type"] == "image"]
-                messages.append({"role": m["role"], "content": text})
-            user = [{"type": "image"}] * len(images) + [
-                {"type": "text", "text": messages[0]["content"]}]
-            ours.append({"messages": [{"role": "user", "content": user}, *[
-                {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
-                for m in messages[1:]]], "images": images})
-            theirs.append({"messages": messages, "images": images})
-        (mlxlab_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ours))
-        (vlm_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in theirs))
-    return mlxlab_dir, vlm_dir
+        converted = [both_formats(json.loads(line), source.parent) for line in chosen]
+        for i, folder in enumerate(folders):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r[i]) + "\n" for r in converted))
+    return folders
 
 
 def run_mlxlab(model: Path, data: Path, steps: int, batch: int, quantize: bool, out: Path,
-               env: dict) -> list[dict]:
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "mlxlab.train", "experiment=finetune_vision",
-           f"model.pretrained={model}", f"data.train_file={data / 'train.jsonl'}",
-           f"data.val_file={data / 'valid.jsonl'}", f"model.lora.rank={RANK}",
-           f"model.lora.alpha={ALPHA}", "model.lora.targets=[query,key,value,out]",
-           f"model.quantize={4 if quantize else 'null'}", f"trainer.batch_size={batch}",
-           f"trainer.max_steps={steps}", f"trainer.eval_every_steps={10 * steps}",
-           "trainer.log_every_steps=1", f"optimizer.learning_rate={LR}",
-           "optimizer.weight_decay=0.0", "trainer.schedule.warmup_steps=0", "tracking=csv",
-           "callbacks.progress.enabled=false", "callbacks.memory.every=1",
-           f"hydra.run.dir={out}", f"+callbacks.step_times={{_target_:benchmarks.callbacks."
-           f"StepTimes,path:{out.parent / (out.name + '.times')}}}"]
-    times = out.parent / f"{out.name}.times"
-    times.unlink(missing_ok=True)
-    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env={**env, "PYTHONPATH": f"{REPO / 'src'}"
-                                                      f"{os.pathsep}{REPO}"})
-    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        raise RuntimeError(f"mlxlab failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    clock = [float(x) for x in times.read_text().split()]
-    seconds = [b - a for a, b in zip(clock, clock[1:])]
-    return [{"step": s, "tokens_per_sec": m["train/tokens_per_sec"],
-             "peak_mb": m.get("memory/peak_mb", float("nan")), "loss": m["train/loss"],
-             "seconds": seconds[s - 1], "rss_mb": rss}
-            for s, m in sorted(csv_metrics(out).items()) if "train/tokens_per_sec" in m]
+               env: dict) -> dict:
+    return run_lora_mlxlab(out, [
+        "experiment=finetune_vision", *lora_overrides(model, data, steps, batch=batch, lr=LR),
+        f"model.quantize={4 if quantize else 'null'}", f"trainer.eval_every_steps={10 * steps}",
+        "optimizer.weight_decay=0.0"], env, step_times=True)
 
 
 def run_mlx_vlm(model: Path, data: Path, steps: int, batch: int, quantize: bool, out: Path,
-                env: dict) -> list[dict]:
+                env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     report = out / "report.jsonl"
@@ -274,25 +219,18 @@ def run_mlx_vlm(model: Path, data: Path, steps: int, batch: int, quantize: bool,
     if proc.returncode:
         raise RuntimeError(f"mlx-vlm failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     rows = [json.loads(line) for line in report.read_text().splitlines()]
-    return [{"step": r["iteration"], "tokens_per_sec": r["tokens_per_second"],
-             "peak_mb": r["peak_memory"] * 1e9 / 2**20, "loss": r["train_loss"],
-             "seconds": r["step_time"], "rss_mb": rss} for r in rows]
+    return {"steps": [{"step": r["iteration"], "tokens_per_sec": r["tokens_per_second"],
+                       "peak_mb": r["peak_memory"] * 1e9 / 2**20, "loss": r["train_loss"],
+                       "seconds": r["step_time"]} for r in rows], "rss_mb": rss}
 
 
-def summarize(steps: list[dict], skip: int) -> dict:
+def summarize(run: dict, skip: int) -> dict:
+    steps = run["steps"]
     timed = [s for s in steps if s["step"] > skip] or steps
     return {"tokens_per_sec": statistics.median(s["tokens_per_sec"] for s in timed),
             "step_s": statistics.median(s["seconds"] for s in timed),
-            "peak_mb": max(s["peak_mb"] for s in steps), "rss_mb": steps[-1]["rss_mb"],
+            "peak_mb": max(s["peak_mb"] for s in steps), "rss_mb": run["rss_mb"],
             "loss_first": steps[0]["loss"], "steps": len(steps)}
-
-
-def machine() -> dict:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    keep = ("Model name", "CPU family", "Model:", "CPU(s):", "Hypervisor")
-    return {"cpu": cpu_model(), "lscpu": [ln for ln in lscpu.splitlines()
-                                          if ln.strip().startswith(keep)],
-            "python": platform.python_version()}
 
 
 def main() -> None:
@@ -307,7 +245,6 @@ def main() -> None:
     p.add_argument("--qwen-layers", type=int, default=2,
                    help="decoder and vision layers of the Qwen2.5-VL-3B-shaped model")
     p.add_argument("--work", default=None)
-    p.add_argument("--out", default=None, help="a folder for results.json")
     add_smoke(p)
     args = p.parse_args()
     if args.smoke:
@@ -337,14 +274,7 @@ def main() -> None:
                 s["load_1min"] = os.getloadavg()[0]
                 results.setdefault((name, tool), []).append(s)
                 print(json.dumps({"round": rnd, "shape": name, "tool": tool, **s}), flush=True)
-    info = machine()
-    print(f"\n{info['cpu']}; {args.steps} steps, the first {args.skip} left out; median of "
-          f"{args.rounds} round(s); mlxlab's speed: mlx-vlm's step time / mlxlab's (each step "
-          "the same rows and images); trained tokens/s: each tool's own count\n")
-    print("| shape | tool | batch | step s | trained tokens/s | MLX peak MB | peak RSS MB | "
-          "load | mlxlab's speed | mlxlab's peak |")
-    print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
-    table = []
+    table, shown = [], []
     for (name, tool), runs in results.items():
         row = {k: statistics.median(r[k] for r in runs)
                for k in ("step_s", "tokens_per_sec", "peak_mb", "rss_mb")}
@@ -356,22 +286,16 @@ def main() -> None:
         loads = "-".join(f"{r['load_1min']:.1f}" for r in runs)
         table.append({"shape": name, "tool": tool, "batch": runs[0]["batch"], **row,
                       "loads": loads, "speed_ratio": speed, "peak_ratio": peak})
-        print(f"| {name} | {tool} | {runs[0]['batch']} | {row['step_s']:.2f} | "
-              f"{row['tokens_per_sec']:.2f} | {row['peak_mb']:.0f} | {row['rss_mb']:.0f} | "
-              f"{loads} | {speed} | {peak} |")
+        shown.append([name, tool, runs[0]["batch"], f"{row['step_s']:.2f}", f"{row['tokens_per_sec']:.2f}",
+                      f"{row['peak_mb']:.0f}", f"{row['rss_mb']:.0f}", loads, speed, peak])
+    print_table({"head": ["shape", "tool", "batch", "step s", "trained tokens/s", "MLX peak MB",
+                          "peak RSS MB", "load", "mlxlab's speed", "mlxlab's peak"], "rows": shown})
     first = next((row for row in table if row["speed_ratio"] != "-"), None)
     write_record("vision-vs-mlx-vlm", {"table": table, "runs": {f"{k[0]}/{k[1]}": v for k, v in results.items()}},
                  question="speed-mlx", reference=first and "mlx-vlm's own trainer (python -m mlx_vlm.train)",
                  ratio=first and float(first["speed_ratio"].rstrip("x")),
                  summary=first and f"vision-language LoRA step speed, {first['shape']} (higher is better)",
                  smoke=args.smoke)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({
-            "args": vars(args), "machine": info, "table": table,
-            "runs": {f"{k[0]}/{k[1]}": v for k, v in results.items()}}, indent=2))
-
 
 if __name__ == "__main__":
     main()

@@ -1,26 +1,15 @@
 #!/usr/bin/env bash
-# A GPU window in the device tool's terms. The GPU image has Python 3.12, PyTorch with CUDA 13,
-# transformers, PEFT, numpy, pandas, scipy, pytest...; it lacks MLX, mlx-lm, hydra-core, omegaconf,
-# mlflow, optuna, datasets, gguf, and has no network. A call carries at most 64 MiB (the working
-# tree included) and runs at most 10 minutes; the machine goes back 30 s after a call and a session
-# has 15 minutes of device time. So the wheels and the real model (SmolLM2-135M-Instruct's Q4_1
-# GGUF) travel as one tar stream in 56 MiB parts, MLX's wheels first: the call that completes them
-# starts the window's work as one background pipeline (its own process session, which outlives
-# the calls while the machine is held), which runs what has arrived and waits for the rest, while
-# later calls bring the other parts and then only watch.
+# A GPU window in the device tool's terms (benchmarks/README.md, "On a GPU machine without
+# network"): the GPU image has CUDA PyTorch, transformers, PEFT, numpy, pytest but not MLX, Hydra
+# or mlflow, and no network; a call carries 64 MiB and runs 10 minutes. So the wheels and the real
+# model travel as one tar stream in 56 MiB parts, MLX's first; the call that completes them starts
+# the window's work as one background pipeline, and later calls bring the rest and then watch.
 #
-#   bash benchmarks/speed/gpu_window.sh prepare     # here: .whl/a .. .whl/d (<= 56 MiB each)
-#   bash benchmarks/speed/gpu_window.sh stash X     # there, one call a part (carry .whl/X)
-#   bash benchmarks/speed/gpu_window.sh watch [S]   # there: follow the pipeline S s, results to $OUT
-#   bash benchmarks/speed/gpu_window.sh pipeline    # (started by stash): the window's work, in order:
-#     1. PyTorch + PEFT bf16 LoRA on the GGUF's weights (real_model_torch_peft.py)
-#     2. mlxlab and mlx_lm.lora LoRA on the same weights in bf16, then QLoRA on the GGUF's 4-bit
-#        layers (real_model_finetune.py), held-out accuracy of each; then a second timed round
-#   bash benchmarks/speed/gpu_window.sh presets     # the first window's LM presets (bench_gpu.py parts)
-#   bash benchmarks/speed/gpu_window.sh prepare sizes   # the size table's window instead: MLX's,
-#     mlx-lm's and Hydra's wheels and SmolLM2's tokenizer files (two parts); its pipeline
-#     (`sizes`) runs bench_sizes.py: random-weight Llama-3.2-1B / 3B / Llama-3.1-8B shapes, bf16 LoRA
-#     and QLoRA, mlx_lm.lora, mlxlab unpacked and packed, PyTorch + PEFT, in order of importance
+#   bash benchmarks/speed/gpu_window.sh prepare [sizes]  # here: .whl/a .. .whl/d
+#   bash benchmarks/speed/gpu_window.sh stash X          # there, one call a part (carry .whl/X)
+#   bash benchmarks/speed/gpu_window.sh watch [S]        # there: follow the pipeline, results to $OUT
+#   pipeline: PyTorch + PEFT, mlxlab and mlx_lm.lora on the real model (real_model_finetune.py);
+#   sizes: bench_sizes.py's table (prepare sizes); presets: bench_gpu.py's parts
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MLX=0.32.4

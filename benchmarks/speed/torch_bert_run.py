@@ -1,16 +1,11 @@
-"""The PyTorch twin of the default experiment's whole run: the mlxlab BERT classifier
-written in PyTorch (benchmarks/speed/bench_torch.py), trained as a PyTorch user would write it, on the
-exact batches the mlxlab run trains and evaluates on (bench_default_run.py dumps them).
+"""The PyTorch twin of the default experiment's whole run: mlxlab's BERT classifier in PyTorch
+(bench_torch.py), trained as a PyTorch user would, on the exact batches the mlxlab run trains and
+evaluates on (bench_default_run.py dumps them), with the same optimizer, warmup-cosine schedule,
+clip and per-epoch evaluation (the best epoch's weights kept), in a process that never imports
+mlxlab or MLX (checked). Prints one JSON line: wall, loop, each step's seconds, best and last
+validation accuracy.
 
     python benchmarks/speed/torch_bert_run.py --data DIR --threads 2   (DIR: train.npz, val.npz, run.json)
-
-Same everything: model (pre-LN, hidden 128, 2 layers, 4 heads, FFN 512, exact GELU, dropout 0.3),
-batches (32 rows, padded to the batch's bucket), epochs (40), AdamW (PyTorch's, bias-corrected,
-the same lr, betas, eps, weight decay), linear warmup then cosine decay to min_lr_ratio x peak,
-global-norm clip, evaluation on the validation batches after every epoch, and the best
-epoch's weights kept in memory (mlxlab writes a checkpoint). Runs in a process that never imports
-mlxlab or MLX (checked). Prints one JSON line: the process's wall time from its first line,
-the training loop's, each step's seconds, and the best and last validation accuracy.
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ STARTED = time.perf_counter()  # before torch's import: a user's script pays it 
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -32,20 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import add_smoke, foreign_libraries, load_batches, smoke_dir  # noqa: E402
-from benchmarks.speed.bench_torch import torch_models  # noqa: E402
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    """mlxlab's warmup_cosine (training/optim.py, MLX's linear_schedule from lr/warmup to lr,
-    then cosine_decay) as a LambdaLR factor."""
-
-    def factor(step: int) -> float:  # step = updates done so far
-        if step < warmup:
-            return 1 / warmup + (1 - 1 / warmup) * step / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+from benchmarks.speed.bench_torch import torch_models, torch_warmup_cosine  # noqa: E402
 
 
 def main() -> None:
@@ -74,8 +55,7 @@ def main() -> None:
     model = BertClassifier(hp["vocab_size"], hp["num_labels"], **hp["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"], betas=hp["betas"],
                             eps=hp["eps"], weight_decay=hp["weight_decay"], foreach=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(hp["warmup_steps"], len(train), hp["min_lr_ratio"]))
+    schedule = torch_warmup_cosine(opt, len(train), hp["warmup_steps"], hp["min_lr_ratio"])
     epochs, per_epoch = hp["epochs"], len(train) // hp["epochs"]
 
     def evaluate() -> tuple[float, float]:

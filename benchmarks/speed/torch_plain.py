@@ -1,11 +1,8 @@
-"""A plain PyTorch training script of mlxlab's decoder (RMSNorm, SwiGLU, RoPE, tied embeddings),
-written the way a PyTorch user would, with nothing from mlxlab or the benchmark harness: the
-reference that benchmarks/speed/bench.py checks its PyTorch row against.
+"""A plain PyTorch training script of mlxlab's decoder, written as a PyTorch user would, with
+nothing from mlxlab or the harness: the reference bench.py checks its PyTorch row against.
+Prints one JSON line: tokens/s over the steps after --warmup (random tokens), each step's seconds.
 
     python benchmarks/speed/torch_plain.py --vocab 3776 --dim 256 --layers 4 --heads 4 --batch 16 --seq 128
-
-Prints one JSON line: tokens/s over the timed steps (after --warmup), and each step's seconds.
-Random tokens: the speed of a dense decoder step does not depend on the values.
 """
 
 from __future__ import annotations
