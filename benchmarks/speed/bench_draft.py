@@ -17,9 +17,9 @@ the same size, at identical outputs?
    standing in for an off-the-shelf draft of the family. (On-policy GKD on TinyStories
    prompts recompiles the step for each new prompt length: minutes a step on 2 busy cores.)
 4. In this one process, held-out prompts in rounds, each round every configuration in turn
-   (the target alone, with the trained draft, with the generic draft; the order rotating each
-   round): decode tokens/s (after the first token), the share of tokens the draft proposed,
-   and whether the greedy text equals the target's alone, prompt by prompt. The machine's load
+   (the target alone, with the trained draft, with the generic draft; the order reversed
+   every other round): decode tokens/s (after the first token), the share of tokens the draft
+   proposed, and whether the greedy text equals the target's alone, prompt by prompt. The machine's load
    is logged before, between rounds and after.
 
 The run's record goes to benchmarks/results/ (harness.write_record: the trained draft's speed-up
@@ -44,9 +44,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from benchmarks.harness import (  # noqa: E402
     add_smoke,
+    commit,
+    cpu_id,
+    in_round,
+    load,
     smoke_dir,
     tiny_hf_model,
     train_cli,
+    write_jsonl,
     write_record,
 )
 
@@ -70,11 +75,6 @@ def task_rows(length: int, seed: int = 0) -> tuple[list, list]:
     random.Random(seed).shuffle(starts)
     held, train = starts[:HELD_OUT], starts[HELD_OUT:HELD_OUT + 400]
     return [count_row(a, length) for a in train], [count_row(a, length) for a in held]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def float_smollm2(work: Path) -> Path:
@@ -111,20 +111,6 @@ def train(args: list[str], run_dir: Path, env: dict) -> float | None:
     return time.perf_counter() - started
 
 
-def load() -> list[float]:
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-
-
-def machine() -> dict:
-    fields = {}
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return {"cpu": f"{fields.get('Model name')} (family {fields.get('CPU family')}, model "
-                   f"{fields.get('Model')}), {os.cpu_count()} cores",
-            "gpu": None}
-
-
 def decode(model, draft, prompt_ids: list[int], max_tokens: int, k: int) -> dict:
     """One greedy generation, timed: its tokens, the seconds to the first token and after it,
     the tokens the draft proposed."""
@@ -146,9 +132,9 @@ def decode(model, draft, prompt_ids: list[int], max_tokens: int, k: int) -> dict
 
 def measure(target_dir: Path, drafts: dict[str, Path], prompts: list[str], rounds: int,
             max_tokens: int, k: int) -> dict:
-    """The held-out prompts in `rounds` rounds, each round every configuration in turn (the
-    order rotating), in this process: per configuration the decode rate, the draft's share,
-    and the prompts whose text differs from the target's alone."""
+    """The held-out prompts in `rounds` rounds, each round every configuration in turn (its
+    order reversed every other round), in this process: per configuration the decode rate, the
+    draft's share, and the prompts whose text differs from the target's alone."""
     from mlxlab.models.generation import check_draft
     from mlxlab.runs.generate import plain_prompt_ids
     from mlxlab.runs.task_eval import load_eval_model
@@ -169,12 +155,11 @@ def measure(target_dir: Path, drafts: dict[str, Path], prompts: list[str], round
     loads = [load()]
     chunks = [list(range(len(ids)))[r::rounds] for r in range(rounds)]
     for r, chunk in enumerate(chunks):
-        order = list(configs)[r % len(configs):] + list(configs)[:r % len(configs)]
-        for name in order:
+        for name in in_round(list(configs), r):
             for i in chunk:
                 results[name][i] = decode(target, configs[name], ids[i], max_tokens, k)
         loads.append(load())
-        print(f"round {r + 1}/{rounds}: load {loads[-1][0]:.2f}", flush=True)
+        print(f"round {r + 1}/{rounds}: load {loads[-1]:.2f}", flush=True)
     figures = {}
     alone = results["alone"]
     for name, runs in results.items():
@@ -237,10 +222,9 @@ def main() -> None:
     work = args.work or Path(smoke_dir("bench_draft_work"))
     work.mkdir(parents=True, exist_ok=True)
     record = {"question": QUESTION, "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                       text=True, cwd=REPO).stdout.strip(),
+              "commit": commit(),
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "machine": machine(), "load": {"before": load()}}
+              "machine": cpu_id(), "load": {"before": load()}}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if args.smoke:

@@ -6,7 +6,7 @@ back after training, a save that evaluates them) and kept; and, for a file read 
 tensor of 32 MiB or more, 4 more threads started for that read (ParallelFileReader's pool) and
 ended after it. A thread's stack is mapped when it starts, so under an address-space limit,
 after training filled the address space, a thread that must start then cannot, and MLX does not
-survive that (measured with MLX 0.32.4, benchmarks/faults/mlx_io_pool_deadlock.py): when no
+survive that (measured with MLX 0.32.4, tests/test_memory_limits.py): when no
 thread starts, mx.load raises "Resource temporarily unavailable"; when some start, the pool's
 constructor throws with joinable threads (std::terminate) or the caller waits for ever on a task
 no thread will run.

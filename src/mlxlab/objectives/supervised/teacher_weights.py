@@ -6,7 +6,7 @@ objective.teacher_weights=learned`).
 The weights w = softmax(theta) that minimise the cross-entropy of the mixture sum_k w_k p_k(x)
 (each teacher at temperature 1) on the student's training rows: a teacher that is right where the
 others are wrong gets more say. The teachers never trained on the student's validation rows
-(bench_distill pins the split), so the weights are fitted without looking at them.
+(the split is fixed before they train), so the weights are fitted without looking at them.
 """
 
 from __future__ import annotations
