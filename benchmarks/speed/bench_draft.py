@@ -283,12 +283,22 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "draft.json").write_text(json.dumps(record, indent=2) + "\n")
     figures = record["figures"]
+    labels = {"alone": "the fine-tune alone (reference)", "trained": "with the trained draft",
+              "generic": "with the generic draft"}
+    table = {"head": ["configuration", "decode tokens/s", "vs alone", "tokens the draft proposed",
+                      "greedy text = alone"],
+             "rows": [[labels[n], f"{figures[n]['decode_tokens_per_s']:.1f}",
+                       f"{figures[n].get('speedup', 1):.2f}x", "-" if n == "alone" else
+                       f"{figures[n]['draft_share']:.0%}", "-" if n == "alone" else
+                       f"{args.prompts - len(figures[n]['differs_from_alone'])} of {args.prompts}"]
+                      for n in CONFIGS]}
     written = write_record(
-        "draft-model-speedup", {**figures, "load": record["load"]}, question="speed-mlx",
+        "draft-model-speedup", {**figures, "load": record["load"], "table": table},
+        question="speed-mlx",
         reference=record["reference"], ratio=figures["trained"].get("speedup"),
         summary="greedy decode tokens/s of a fine-tune with its trained draft (higher is "
                 "better; greedy text equal to the fine-tune's alone)", smoke=args.smoke,
-        raw=str(out / "draft.json"))
+        raw=os.path.relpath(out / "draft.json", REPO))
     for name in CONFIGS:
         f = figures[name]
         extra = (f", x{f['speedup']:.2f}, draft's share {f['draft_share']:.0%}"
