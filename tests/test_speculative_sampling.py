@@ -1,7 +1,7 @@
 """Speculative decoding keeps the model's own distribution when it samples: on a vocabulary of 8
 tokens, the first two tokens `generate_tokens` samples with a draft (temperature 1, mlx-lm's
 speculative decoding) follow the model's exact joint distribution p(a) p(b | a), by a
-chi-square test over 1,500 draws; the same test rejects a decoder that accepts every
+chi-square test over 800 draws; the same test rejects a decoder that accepts every
 draft token (the draft's distribution), so it can fail. The decoders are mlxlab's own (models/transformer.py), whose
 cache mlx-lm's speculative decoding trims."""
 
@@ -20,7 +20,7 @@ from mlxlab.models.transformer import Transformer
 
 VOCAB = 8
 PROMPT = [3, 1, 4]
-DRAWS = 1500
+DRAWS = 800
 LEVEL = 1e-3  # a right decoder fails this one time in a thousand
 
 

@@ -263,6 +263,7 @@ def test_generate_verb_shows_an_image(folders, tmp_path):
     assert missing.returncode == 2 and "none.png" in missing.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # the default run's budget: text runs' SIGKILL resumes hold the loop's part
 def test_sigkilled_vision_run_resumes_bitwise(folders, tmp_path, cli_env):
     """A vision run killed after a checkpoint and resumed ends with the uninterrupted run's
     adapters and projector, bit for bit (images, masks and the data position restored)."""
