@@ -424,6 +424,7 @@ def test_the_on_off_policy_benchmark_runs_end_to_end(tmp_path):
     assert {"teacher_exact_match", "student_exact_match", "wall_s"} <= set(results)
 
 
+@pytest.mark.slow  # the default run's budget: test_serve_draft.py holds the drafted text
 def test_a_draft_model_trains_from_its_target_and_drafts_for_it(tiny, tmp_path):
     """experiment=draft_model: the teacher's first block (model.keep_layers=1) trains on-policy
     against it, each evaluation logs the acceptance rate and the expected speed-up; the finished
