@@ -79,6 +79,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="--draft: the tokens the draft proposes a pass (llama-server's "
                         "--draft-max)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--tasks", default=None, metavar="FILES",
+                        help="comma-separated task files (jsonl / yaml) the written model is "
+                        "judged on beside the run's validation rows (default: the run's "
+                        "eval.tasks files)")
+    parser.add_argument("--accept-loss", action="store_true",
+                        help="write an export that loses a significant part of the fine-tune's "
+                        "gain (its retention is still measured and recorded)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="--format hf and gguf from a run: write without loading the folder "
                              "in transformers and comparing its logits with the fine-tune's "
@@ -103,7 +110,8 @@ def main(argv: list[str]) -> int:
 
     try:
         report = export_run(args.run, args.out, args.fmt, args.dtype, args.quantize, args.lora,
-                            overwrite=args.overwrite, check=args.check)
+                            overwrite=args.overwrite, check=args.check,
+                            retention=_retention(args))
     except (FileNotFoundError, ValueError) as err:  # ExportError and ConfigError are ValueErrors
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2
@@ -123,8 +131,29 @@ def main(argv: list[str]) -> int:
               f"perplexity {b['perplexity']:.4f} -> {a['perplexity']:.4f} "
               f"({100 * report['perplexity_increase']:+.2f}%), next-token accuracy "
               f"{b['accuracy']:.4f} -> {a['accuracy']:.4f}")
+    _print_retention(report)
     print(json.dumps({k: report[k] for k in ("format", "dtype", "quantize", "lora")}))
     return 0
+
+
+def _retention(args: argparse.Namespace):
+    from mlxlab.export.retention import Retention
+
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    return Retention(tasks=tasks, accept_loss=args.accept_loss)
+
+
+def _print_retention(report: dict) -> None:
+    """What the written model kept of the fine-tune's gain, a line per measure."""
+    entry = report.get("retention")
+    if not entry:
+        return
+    print(f"retention, read back from what was written (base: {entry['base']}):")
+    for measure in entry["measures"]:
+        print(f"  {measure['line']}")
+    if entry["accepted_loss"]:
+        print(f"written with --accept-loss although it lost the gain on {', '.join(entry['lost'])}")
+    print(f"retention recorded: {entry.get('recorded', 'no')}")
 
 
 def _print_check(report: dict) -> None:
@@ -136,6 +165,22 @@ def _print_check(report: dict) -> None:
               "-token probe")
     elif check:
         print(f"unchecked: {check['why']}")
+
+
+def _print_file_check(report: dict) -> None:
+    """The GGUF read back: its logits against the fine-tune's."""
+    check = report.get("file_check")
+    if not check:
+        return
+    if check["status"] == "checked":
+        print(f"read back from the .gguf: max |logit gap| {check['max_abs_logit_gap']:.3g} "
+              f"<= {check['allowed_gap']:.3g}")
+    elif check["status"] == "measured":
+        print(f"read back from the .gguf: max |logit gap| {check['max_abs_logit_gap']:.3g} "
+              f"(logit scale {check['logit_scale']:.3g}): the quantization's own error; its "
+              "retention below judges it")
+    else:
+        print(f"not read back: {check['why']}")
 
 
 def _gguf(args: argparse.Namespace) -> int:
@@ -151,7 +196,8 @@ def _gguf(args: argparse.Namespace) -> int:
     try:
         if args.draft is None:
             report = export_gguf(args.run, args.out, args.quant or "f16",
-                                 overwrite=args.overwrite, check=args.check)
+                                 overwrite=args.overwrite, check=args.check,
+                                 retention=_retention(args))
         else:
             from mlxlab.export.speculative import export_gguf_with_draft
 
@@ -164,6 +210,8 @@ def _gguf(args: argparse.Namespace) -> int:
     print(f"exported {report.get('checkpoint', report.get('source'))} -> {report['gguf']} "
           f"({report['architecture']}, {report['quant']}, {report['bytes'] / 2**20:.1f} MiB)")
     _print_check(report)
+    _print_file_check(report)
+    _print_retention(report)
     style = report["chat_style"] or "none recognised: the GGUF's own template"
     print(f"Ollama: {report['modelfile']} (chat template: {style}); "
           f"ollama create NAME -f {report['modelfile']}")

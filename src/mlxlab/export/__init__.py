@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
 from tokenizers import Tokenizer
 
 from mlxlab.export.architectures import TESTED, layout_of
@@ -60,6 +62,7 @@ from mlxlab.export.proof import (
 )
 from mlxlab.export.quality import validation_batches
 from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
+from mlxlab.export.retention import Retention, build_reference, judge_export, read_folder, record
 from mlxlab.export.vision import check_vision_options, export_vision
 from mlxlab.models.bert import BertClassifier
 from mlxlab.models.lora import fuse_lora, has_adapters, unwrap_lora
@@ -123,10 +126,14 @@ def export_run(
     lora: str = "fuse",
     overwrite: bool = False,
     check: bool = True,
+    retention: Retention | None = None,
 ) -> dict:
     """Write the run's model (best checkpoint, else newest) to `out`; returns the report that is
     also saved as out/export_report.json. `check=False` writes a transformers export without
-    loading it in transformers (its card says unchecked)."""
+    loading it in transformers (its card says unchecked). An export that changes a decoder's
+    weights (a quantization, a narrower dtype) is read back and judged against the run and its
+    base (retention.py; `retention`: its task files and --accept-loss)."""
+    retention = Retention() if retention is None else retention
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.exists():
         raise FileNotFoundError(f"{run} does not exist: pass a run directory (outputs/<task>/<time>)")
@@ -137,7 +144,7 @@ def export_run(
         run_folder = chosen.parent.parent if chosen.parent.name == "checkpoints" else run
         note = unfinished_note(run_folder, state.step, state.config)
         return _export_loaded(model, state, chosen, note, run, out, tokenizer_path, fmt, dtype,
-                              quantize, lora, overwrite, check)
+                              quantize, lora, overwrite, check, retention)
 
 
 def _checker(model, state, fmt: str, check: bool) -> dict | None:
@@ -176,7 +183,8 @@ def _checker(model, state, fmt: str, check: bool) -> dict | None:
 
 def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out: Path,
                    tokenizer_path: Path, fmt: str, dtype: str | None, quantize: int | None,
-                   lora: str, overwrite: bool, check: bool = True) -> dict:
+                   lora: str, overwrite: bool, check: bool = True,
+                   retention: Retention | None = None) -> dict:
     remapped = None
     if isinstance(model, RemappedLM):  # the small model + a tokenizer on its ids (remapped.py)
         remapped, model = model, model.inner
@@ -211,15 +219,31 @@ def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out:
             card = unfinished_card(card, out.name, note)
         if not_checked is not None:
             report["check"] = not_checked
+        if remapped is not None:
+            retention = None  # its validation rows are on the full vocabulary's ids
         _export(model, state, run_dir, tokenizer_path, out, fmt, dtype, quantize, lora, report,
-                card)
+                card, retention)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if report.get("retention"):
+        why = record(state, out.name, report["retention"])
+        report["retention"]["recorded"] = why or "on the run's MLflow run"
     return report
 
 
+def _changes_weights(model, dtype: str, quantize: int | None) -> bool:
+    """Whether the written weights differ from the run's: a quantization, or a float type
+    narrower than the one the model holds."""
+    from mlx.utils import tree_flatten
+
+    floats = [v.dtype for _, v in tree_flatten(model.parameters())
+              if mx.issubdtype(v.dtype, mx.floating)]
+    return bool(quantize) or any(DTYPES[dtype].size < t.size for t in floats)
+
+
 def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: str, dtype: str,
-            quantize: int | None, lora: str, report: dict, card: str | None = None) -> None:
+            quantize: int | None, lora: str, report: dict, card: str | None = None,
+            retention: Retention | None = None) -> None:
     if isinstance(model, VisionLanguageModel):
         report["lora"] = "fuse" if has_adapters(model) else None
         with _folder(out) as tmp:
@@ -242,6 +266,16 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
     has_lora = has_adapters(model)
     if lora == "adapters" and not has_lora:
         raise ExportError("--adapters needs a LoRA run (model.lora.rank > 0); this run has none")
+    judged = retention is not None and isinstance(model, (MLXLMDecoder, Transformer)) and (
+        retention.later or _changes_weights(model, dtype, quantize))
+    if retention is not None and retention.tasks and not judged:
+        raise ExportError("--tasks judges an export that changes the weights (--quantize, a "
+                          "narrower --dtype, a GGUF quant other than f32); this one writes the "
+                          "run's weights as they are: drop --tasks")
+    if judged:  # the run and its base scored before anything is fused or quantized
+        retention.reference = build_reference(model, state, tokenizer_path,
+                                              validation_batches(state, tokenizer_path),
+                                              retention)
     if has_lora and lora == "fuse":
         fuse_lora(model, dequantize=fmt == "hf")
     if fmt == "hf" and isinstance(model, MLXLMDecoder) and model.quantized:
@@ -272,7 +306,21 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
             report["adapter_path"] = str(out / "adapters")
         if fmt == "hf" and "check" not in report:  # refused here: the folder is not moved in
             report["check"] = _prove(model, tmp)
+        if judged and not retention.later:  # refused here too: the folder is not moved in
+            exported = read_folder(tmp, tmp / "adapters" if adapters is not None else None)
+            report["retention"] = judge_export(retention, exported, str(out), _instead(fmt, lora))
         _write_report(tmp, out, report, card)
+
+
+def _instead(fmt: str, lora: str, quant: str | None = None) -> str:
+    """What keeps the gain, for the refusal of an export that lost it."""
+    if fmt == "gguf":
+        return ("export --format gguf --adapters (the base as it is and the LoRA as a GGUF "
+                "adapter) or --quant q8_0")
+    if lora == "fuse":
+        return ("export with --adapters (the quantized base plus the adapters as trained), "
+                "or --quantize 8, or no --quantize")
+    return "export with --quantize 8, or without --quantize"
 
 
 def _export_peft(model, state, out: Path, dtype: str, report: dict, card: str | None) -> None:
@@ -337,12 +385,16 @@ def _folder(out: Path) -> Iterator[Path]:
 
 
 def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
-                overwrite: bool = False, check: bool = True) -> dict:
+                overwrite: bool = False, check: bool = True,
+                retention: Retention | None = None) -> dict:
     """A finished decoder run (LoRA fused, best checkpoint) or a float pretrained folder as one
     GGUF file, with an Ollama Modelfile beside it named after it. A run goes through the float
     Hugging Face folder `export_run` writes (a temporary one, checked in transformers as every
     such folder is), so the GGUF holds exactly the weights and tokenizer that folder holds; the
-    run's model card (task scores, the check) becomes its description."""
+    run's model card (task scores, the check) becomes its description. The file is then read
+    back: its logits on the probe against the fine-tune's (refused past the check's tolerance
+    at f32), and, for every other type, its retention of the fine-tune's gain (retention.py),
+    before it is renamed into place."""
     from mlxlab.export.gguf import GGUFExportError, write_gguf
     from mlxlab.export.ollama import modelfile_path, write_modelfile
 
@@ -354,7 +406,13 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
             raise GGUFExportError(f"{existing} exists: pick a new --out or pass --overwrite")
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist: pass a run directory or a model folder")
+    request = Retention(*(retention.tasks, retention.accept_loss) if retention else (),
+                        later=True)
+    if request.tasks and quant == "f32":
+        raise GGUFExportError("--tasks judges an export that changes the weights; --quant f32 "
+                              "writes the run's weights as they are: drop --tasks")
     staging = Path(tempfile.mkdtemp(prefix="mlxlab-gguf-"))
+    pending = out.with_name(f".{out.stem}.pending-{os.getpid()}.gguf")
     try:
         if (source / "config.json").is_file() and any(source.glob("*.safetensors")):
             if not check:
@@ -365,14 +423,55 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
         else:
             folder = staging / source.name
             report = export_run(source, folder, fmt="hf", dtype="float32", lora="fuse",
-                                check=check)
+                                check=check, retention=request)
         card = report.get("model_card")  # a run's task scores (a folder's README is not ours)
         description = _card_text(folder / "README.md") if card else None
-        report.update(write_gguf(folder, out, quant, description=description, name=source.name))
+        report.update(write_gguf(folder, pending, quant, description=description,
+                                 name=source.name))
+        if request.reference is not None:
+            _judge_gguf(request, pending, quant, staging / "read-back", report, out)
+        os.replace(pending, out)
+        report["gguf"] = str(out)
         report.update(write_modelfile(folder, out))
     finally:
+        pending.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
+    if report.get("retention"):
+        why = record(request.reference.state, out.name, report["retention"])
+        report["retention"]["recorded"] = why or "on the run's MLflow run"
     return report
+
+
+def _judge_gguf(request: Retention, written: Path, quant: str, work: Path, report: dict,
+                out: Path) -> None:
+    """The written GGUF read back: its logits on the probe against the fine-tune's (the check
+    at f32; the quantization's own gap otherwise), and its retention unless it is f32."""
+    from mlxlab.export.gguf import GGUFExportError
+    from mlxlab.export.proof import mlxlab_logits
+    from mlxlab.export.retention import read_gguf
+
+    reference = request.reference
+    try:
+        exported = read_gguf(written, work)
+    except ValueError as err:  # an architecture mlxlab's GGUF reader does not take
+        report["file_check"] = {"status": "unread", "why": str(err)}
+        log.warning("mlxlab export: the GGUF was not read back (%s): its retention is not "
+                    "measured", err)
+        return
+    logits = mlxlab_logits(exported, reference.ids)
+    if quant == "f32":  # the same weights: the layout's check, on the file
+        report["file_check"] = compare(reference.probe, logits, "mlxlab's GGUF reader",
+                                       reference.ids)
+        return
+    scale = max(1.0, float(np.abs(reference.probe).max()))
+    gap = float(np.abs(logits - reference.probe).max())
+    report["file_check"] = {"status": "measured", "max_abs_logit_gap": gap,
+                            "logit_scale": scale, "read_back": "the .gguf as written, "
+                            "dequantized by mlxlab's GGUF reader"}
+    try:
+        report["retention"] = judge_export(request, exported, str(out), _instead("gguf", "fuse"))
+    except ExportError as err:
+        raise GGUFExportError(str(err)) from None
 
 
 def _card_text(card: Path) -> str:

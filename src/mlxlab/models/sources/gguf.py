@@ -126,6 +126,18 @@ def config_from_metadata(metadata: dict, shapes: dict[str, tuple[int, ...]], pat
 
 
 def _convert(path: Path, folder: Path, provenance: dict) -> None:
+    tmp = new_temporary(folder)
+    try:
+        convert_into(path, tmp)
+        publish(tmp, folder, provenance)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert_into(path: Path, folder: Path) -> None:
+    """The GGUF file `path` as an mlx-lm folder written into the existing folder `folder`,
+    checked (header against tensors, a forward pass in mlx-lm) and not cached: what an export
+    reads back from the file it wrote."""
     from mlxlab.models.mlx_lm_classes import model_classes
 
     metadata, tensors = read_gguf(path)
@@ -141,14 +153,9 @@ def _convert(path: Path, folder: Path, provenance: dict) -> None:
                           f"be built from the GGUF header ({type(e).__name__}: {str(e)[:160]}); "
                           "the file is damaged or was written wrong") from None
     check_shapes(expected, names, shapes, metadata, path)
-    log.info("GGUF %s: converting to an mlx-lm folder in %s (once)", path.name, folder)
-    tmp = new_temporary(folder)
-    try:
-        _write_folder(tensors, metadata, config, names, path, tmp)
-        _verify(tmp, path)
-        publish(tmp, folder, provenance)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("GGUF %s: converting to an mlx-lm folder in %s", path.name, folder)
+    _write_folder(tensors, metadata, config, names, path, folder)
+    _verify(folder, path)
 
 
 def _write_folder(tensors: list, metadata: dict, config: dict, names: dict[str, str],

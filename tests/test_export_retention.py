@@ -1,0 +1,159 @@
+"""An export that changes the weights is read back from what it wrote and judged against the run
+and its base (export/retention.py): kept share of the gain, the paired verdict, the refusal that
+leaves nothing behind, --accept-loss, and the record on the run's MLflow run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import PYTHON
+from hf_helpers import save_tiny_model
+from mlxlab.config import asset_path
+from mlxlab.export import ExportError, export_gguf, export_run
+from mlxlab.export.retention import Column, Retention, _kept
+
+
+def snap_to_q4_1(folder: Path) -> None:
+    """The folder's matrices put on GGUF Q4_1's grid (4-bit, 32 weights a block, float16 scale
+    and minimum), as a float folder made from a Q4_1 file holds them."""
+    import mlx.core as mx
+
+    file = folder / "model.safetensors"
+    weights = mx.load(str(file))
+    for name, w in weights.items():
+        if w.ndim == 2 and w.shape[1] % 32 == 0:
+            q, scales, biases = mx.quantize(w, group_size=32, bits=4)
+            scales, biases = (a.astype(mx.float16).astype(mx.float32) for a in (scales, biases))
+            weights[name] = mx.dequantize(q, scales, biases, group_size=32, bits=4).astype(w.dtype)
+    mx.save_safetensors(str(file), weights, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory) -> dict:
+    """A small LoRA fine-tune (a fixed completion after varied prompts) of a tiny random llama
+    whose weights sit on a 4-bit grid, as a model fine-tuned from a Q4_1 GGUF does; tracked in a
+    sqlite MLflow store."""
+    root = tmp_path_factory.mktemp("retention")
+    base = save_tiny_model("llama", root / "tiny-llama")
+    snap_to_q4_1(base)
+    words = "Once upon a time there was a little girl who liked to play in the park".split()
+    rng = np.random.default_rng(0)
+    rows = [{"prompt": " ".join(rng.choice(words, 6)), "completion": " there was a little girl."}
+            for _ in range(160)]
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = root / "run"
+    done = subprocess.run(
+        [PYTHON, "-m", "mlxlab.cli.main", "train", "experiment=finetune_completions",
+         f"model.pretrained={base}", f"data.train_file={pairs}", "data.max_length=32",
+         "tracking.background=false", "callbacks.progress.enabled=false",
+         "trainer.max_steps=40", "trainer.eval_every_steps=40",
+         "optimizer.learning_rate=1e-3", "trainer.batch_size=8",
+         f"paths.root_dir={root}", f"hydra.run.dir={run_dir}"],
+        capture_output=True, text=True, cwd=root,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"run": run_dir, "root": root, "uri": f"sqlite:///{root}/mlruns/mlflow.db"}
+
+
+def test_kept_is_the_share_of_the_gain_and_its_verdict_is_paired():
+    """kept = (export - base) / (run - base); right/wrong scores go through McNemar's test,
+    and a significant loss below 95 % of the gain is `lost`."""
+    rng = np.random.default_rng(0)
+    base = Column(np.zeros(200), binary=True)
+    run = Column((rng.random(200) < 0.9).astype(float), binary=True)
+    half = run.values.copy()
+    half[np.flatnonzero(half)[: int(half.sum()) // 2]] = 0.0  # half the right answers lost
+    k = _kept("task/exact_match", run, Column(half, binary=True), base)
+    assert k.kept == pytest.approx(0.5) and k.kept_low < 0.5 < k.kept_high
+    assert k.test.startswith("McNemar") and k.p < 1e-6 and k.lost
+    same = _kept("task/exact_match", run, run, base)
+    assert same.kept == 1.0 and same.p == 1.0 and not same.lost
+    one = run.values.copy()
+    one[np.flatnonzero(one)[0]] = 0.0  # one answer lost: not significant
+    assert not _kept("task/exact_match", run, Column(one, binary=True), base).lost
+    loss = _kept("val/loss", Column(np.full(50, 1.0), False), Column(np.full(50, 1.5), False),
+                 Column(np.full(50, 3.0), False))
+    assert loss.kept == pytest.approx(0.75)  # lower is better: (3 - 1.5) / (3 - 1)
+
+
+def test_a_4bit_fused_export_that_loses_the_gain_is_refused_and_leaves_nothing(lora_run,
+                                                                               tmp_path):
+    """The written folder is read back (mlx-lm's loader) and scored on the run's validation
+    rows against the run and the base (adapters off); a significant loss is refused in one
+    line naming what keeps the gain, and the folder is not moved into place."""
+    out = tmp_path / "q4"
+    with pytest.raises(ExportError, match=r"^refused: the written file loses the fine-tune's "
+                       r"gain: val/\w+: .*--adapters.*--accept-loss writes it anyway$"):
+        export_run(lora_run["run"], out, "mlx-lm", "float32", quantize=4)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q4")]
+
+
+def test_accept_loss_writes_it_and_records_the_verdict_on_the_run(lora_run, tmp_path):
+    from mlflow import MlflowClient
+
+    out = tmp_path / "q4-accepted"
+    report = export_run(lora_run["run"], out, "mlx-lm", "float32", quantize=4,
+                        retention=Retention(accept_loss=True))
+    entry = report["retention"]
+    assert entry["verdict"] == "lost" and entry["accepted_loss"] and entry["lost"]
+    assert entry["base"] == "the run with its adapters off"
+    assert json.loads((out / "export_report.json").read_text())["retention"]["lost"] == \
+        entry["lost"]
+    loss = next(m for m in entry["measures"] if m["measure"] == "val/loss")
+    assert loss["base"] > loss["run"] and loss["lost"]  # the fine-tune gained; the file lost
+    assert entry["recorded"] == "on the run's MLflow run"
+    client = MlflowClient(tracking_uri=lora_run["uri"])
+    (run,) = client.search_runs(client.get_experiment_by_name("finetune_completions")
+                                .experiment_id)
+    kept = run.data.metrics[f"export/{out.name}/val/loss/kept"]
+    assert kept == pytest.approx(loss["kept"])
+    artifact = client.download_artifacts(run.info.run_id, f"exports/{out.name}/retention.json",
+                                         str(tmp_path))
+    assert json.loads(Path(artifact).read_text())["lost"] == entry["lost"]
+
+
+def test_adapters_on_the_quantized_base_keep_more_than_the_fused_file(lora_run, tmp_path):
+    """--adapters --quantize 4 (the base quantized, the adapters as trained) is read back with
+    mlx-lm's own load_adapters; it keeps more of the gain than fusing before quantizing."""
+    fused = export_run(lora_run["run"], tmp_path / "fused", "mlx-lm", "float32", quantize=4,
+                       retention=Retention(accept_loss=True))["retention"]
+    apart = export_run(lora_run["run"], tmp_path / "apart", "mlx-lm", "float32", quantize=4,
+                       lora="adapters", retention=Retention(accept_loss=True))["retention"]
+
+    def kept(entry: dict) -> float:
+        return next(m["kept"] for m in entry["measures"] if m["measure"] == "val/loss")
+
+    assert kept(apart) > kept(fused)
+
+
+def test_gguf_is_judged_from_the_file_and_a_refusal_leaves_no_file(lora_run, tmp_path):
+    """The .gguf is read back by mlxlab's GGUF reader: Q8_0 keeps the gain (its logits' gap to
+    the fine-tune measured from the file); Q4_1, the grid the base came from, rounds most of
+    the adapters' change away and is refused with no .gguf or Modelfile left."""
+    report = export_gguf(lora_run["run"], tmp_path / "ft.gguf", "q8_0")
+    assert report["retention"]["verdict"] == "kept"
+    assert report["file_check"]["status"] == "measured"
+    assert 0 < report["file_check"]["max_abs_logit_gap"] < 0.1 * report["file_check"][
+        "logit_scale"]
+    with pytest.raises(ValueError, match=r"^refused: the written file loses the fine-tune's "
+                       r"gain: .*--format gguf --adapters"):
+        export_gguf(lora_run["run"], tmp_path / "q4.gguf", "q4_1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.Modelfile", "ft.gguf"]
+
+
+def test_tasks_on_an_export_that_changes_nothing_is_an_error(lora_run, tmp_path):
+    done = subprocess.run(
+        [PYTHON, "-m", "mlxlab.cli.main", "export", str(lora_run["run"]), "--format", "mlx-lm",
+         "--dtype", "float32", "--tasks", str(asset_path("lookup_codes/heldout.jsonl")),
+         "--out", str(tmp_path / "f32")], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "mlxlab export: error: --tasks judges an export that changes the weights")
+    assert not (tmp_path / "f32").exists()
