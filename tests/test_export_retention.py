@@ -41,7 +41,8 @@ def lora_run(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("retention")
     base = save_tiny_model("llama", root / "tiny-llama")
     snap_to_q4_1(base)
-    words = "Once upon a time there was a little girl who liked to play in the park".split()
+    words = ["Once", "upon", "a", "time", "there", "was", "a", "little", "girl", "who", "liked",
+             "to", "play", "in", "the", "park"]
     rng = np.random.default_rng(0)
     rows = [{"prompt": " ".join(rng.choice(words, 6)), "completion": " there was a little girl."}
             for _ in range(160)]

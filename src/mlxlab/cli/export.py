@@ -62,7 +62,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", required=True,
                         help="folder to write (new or empty); --format gguf: the .gguf file")
     parser.add_argument("--quant", default=None,
-                        help="--format gguf: f32, f16 (default), bf16, q8_0, q4_0 or q4_1")
+                        help="--format gguf: f32, f16 (default), bf16, q8_0, q4_0, q4_1, or "
+                        "llama.cpp's K-quant mixtures q4_k_m, q5_k_m, q6_k")
+    parser.add_argument("--imatrix-rows", type=int, default=None, metavar="N",
+                        help="--format gguf K-quants of a run: the importance matrix's training "
+                        "rows (default 128; 0: quantize without one)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                         help="weights dtype (default: the pretrained checkpoint's, else float32)")
     parser.add_argument("--quantize", type=int, choices=[4, 8], default=None,
@@ -193,11 +197,16 @@ def _gguf(args: argparse.Namespace) -> int:
         print(f"mlxlab export: error: {', '.join(ignored)} do not apply to --format gguf "
               "(it fuses LoRA; pick the weights' type with --quant)", file=sys.stderr)
         return 2
+    if args.imatrix_rows is not None and (args.quant or "f16") not in ("q4_k_m", "q5_k_m", "q6_k"):
+        print("mlxlab export: error: --imatrix-rows weighs llama.cpp's K-quants (--quant q4_k_m, "
+              "q5_k_m or q6_k); drop it for --quant " + (args.quant or "f16"), file=sys.stderr)
+        return 2
     try:
         if args.draft is None:
             report = export_gguf(args.run, args.out, args.quant or "f16",
                                  overwrite=args.overwrite, check=args.check,
-                                 retention=_retention(args))
+                                 retention=_retention(args),
+                                 imatrix_rows=128 if args.imatrix_rows is None else args.imatrix_rows)
         else:
             from mlxlab.export.speculative import export_gguf_with_draft
 

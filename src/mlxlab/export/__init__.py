@@ -34,6 +34,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mlxlab.export.architectures import TESTED, layout_of
+from mlxlab.export.gguf_kquants import MIXTURES
 from mlxlab.export.hf import (
     DTYPES,
     ExportError,
@@ -272,7 +273,7 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
         raise ExportError("--tasks judges an export that changes the weights (--quantize, a "
                           "narrower --dtype, a GGUF quant other than f32); this one writes the "
                           "run's weights as they are: drop --tasks")
-    if judged:  # the run and its base scored before anything is fused or quantized
+    if judged and retention.reference is None:  # the run and its base, before any change
         retention.reference = build_reference(model, state, tokenizer_path,
                                               validation_batches(state, tokenizer_path),
                                               retention)
@@ -386,7 +387,7 @@ def _folder(out: Path) -> Iterator[Path]:
 
 def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
                 overwrite: bool = False, check: bool = True,
-                retention: Retention | None = None) -> dict:
+                retention: Retention | None = None, imatrix_rows: int = 128) -> dict:
     """A finished decoder run (LoRA fused, best checkpoint) or a float pretrained folder as one
     GGUF file, with an Ollama Modelfile beside it named after it. A run goes through the float
     Hugging Face folder `export_run` writes (a temporary one, checked in transformers as every
@@ -394,7 +395,8 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
     run's model card (task scores, the check) becomes its description. The file is then read
     back: its logits on the probe against the fine-tune's (refused past the check's tolerance
     at f32), and, for every other type, its retention of the fine-tune's gain (retention.py),
-    before it is renamed into place."""
+    before it is renamed into place. A K-quant of a run is weighted by an importance matrix of
+    the fine-tune on its first `imatrix_rows` training rows (0: none; imatrix.py)."""
     from mlxlab.export.gguf import GGUFExportError, write_gguf
     from mlxlab.export.ollama import modelfile_path, write_modelfile
 
@@ -426,8 +428,12 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
                                 check=check, retention=request)
         card = report.get("model_card")  # a run's task scores (a folder's README is not ours)
         description = _card_text(folder / "README.md") if card else None
+        importance = None
+        if quant in MIXTURES and request.reference is not None and imatrix_rows > 0:
+            importance, report["imatrix"] = _importance(folder, request.reference.state,
+                                                        imatrix_rows)
         report.update(write_gguf(folder, pending, quant, description=description,
-                                 name=source.name))
+                                 name=source.name, importance=importance))
         if request.reference is not None:
             _judge_gguf(request, pending, quant, staging / "read-back", report, out)
         os.replace(pending, out)
@@ -440,6 +446,19 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
         why = record(request.reference.state, out.name, report["retention"])
         report["retention"]["recorded"] = why or "on the run's MLflow run"
     return report
+
+
+def _importance(folder: Path, state, rows: int) -> tuple[dict, dict]:
+    """The importance matrix of the fused float `folder` on the run's first `rows` training
+    rows, and its record."""
+    from mlxlab.export.imatrix import importance
+    from mlxlab.export.quality import training_batches
+
+    batches = training_batches(state, folder / "tokenizer.json", rows)
+    matrices = importance(read_folder(folder), batches)
+    used = sum(int(b["input_ids"].shape[0]) for b in batches)
+    return matrices, {"rows": used, "matrices": len(matrices),
+                      "data": "the run's training rows, its first epoch's order"}
 
 
 def _judge_gguf(request: Retention, written: Path, quant: str, work: Path, report: dict,

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from mlxlab.errors import ConfigError
+from mlxlab.export.gguf_kquants import MIXTURES, Mixture
+from mlxlab.export.gguf_kquants import quantize as ggml_quantize
 from mlxlab.export.gguf_regroup import (
     Tensors,
     deepseek_v3_config,
@@ -45,7 +47,7 @@ from mlxlab.export.gguf_regroup import (
 
 # --quant -> (GGML tensor type for 2-D weights, llama.cpp's file type); 1-D tensors (norms,
 # biases) stay F32 as llama.cpp keeps them.
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", *MIXTURES)
 
 
 class GGUFExportError(ConfigError):
@@ -65,7 +67,8 @@ def _types() -> dict[str, tuple]:
     T, F = g.GGMLQuantizationType, g.LlamaFileType
     return {"f32": (T.F32, F.ALL_F32), "f16": (T.F16, F.MOSTLY_F16),
             "bf16": (T.BF16, F.MOSTLY_BF16), "q8_0": (T.Q8_0, F.MOSTLY_Q8_0),
-            "q4_0": (T.Q4_0, F.MOSTLY_Q4_0), "q4_1": (T.Q4_1, F.MOSTLY_Q4_1)}
+            "q4_0": (T.Q4_0, F.MOSTLY_Q4_0), "q4_1": (T.Q4_1, F.MOSTLY_Q4_1),
+            **{q: (T[kind], F[file_type]) for q, (kind, file_type) in MIXTURES.items()}}
 
 
 # --- per-architecture differences -------------------------------------------------------------
@@ -438,9 +441,22 @@ def _float_tensors(tensors) -> Tensors:
         yield name, _dequantize(packed) if packed is not None else w
 
 
-def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype) -> dict:
+def _k_quant(mixture: Mixture, gguf_name: str, w: np.ndarray,
+             importance: np.ndarray | None) -> tuple[np.ndarray, object]:
+    """A matrix of a K-quant file: the mixture's type for it, quantized by llama.cpp."""
+    kind = mixture.type_of(gguf_name, w.shape[-1])
+    if kind.name == "F16":
+        return w.astype(np.float16), kind
+    return ggml_quantize(w, kind, importance), kind
+
+
+def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype,
+                   mixture: Mixture | None = None,
+                   importance: dict[str, np.ndarray] | None = None) -> dict:
     """Every tensor under llama.cpp's name and layout; returns how many went out as which type
-    ("Q4_1 (direct)": an mlx-lm 4-bit weight repacked without a float round trip)."""
+    ("Q4_1 (direct)": an mlx-lm 4-bit weight repacked without a float round trip). A K-quant
+    `mixture` picks each matrix's type (gguf_kquants.py), weighted by `importance` (per
+    Hugging Face weight name, imatrix.py) where it has the matrix."""
     g = _gguf()
     name_map = g.get_tensor_name_map(g.MODEL_ARCH[arch.gguf_arch], config["num_hidden_layers"])
     counts: dict[str, int] = {}
@@ -465,7 +481,11 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype
             if packed is not None:
                 w = _dequantize(packed)  # another group size or type: through float
             kept = g.GGMLQuantizationType.F32 if gguf_name.endswith(_F32_TENSORS) else qtype
-            data, kind = _encode(arch.tensor(name, w, config), kept)
+            if mixture is not None and w.ndim == 2 and suffix == "weight" and kept == qtype:
+                data, kind = _k_quant(mixture, f"{gguf_name}.{suffix}",
+                                      arch.tensor(name, w, config), (importance or {}).get(name))
+            else:
+                data, kind = _encode(arch.tensor(name, w, config), kept)
             label = kind.name
         writer.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=kind)
         counts[label] = counts.get(label, 0) + 1
@@ -478,18 +498,29 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype
 
 
 def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
-               description: str | None = None, name: str | None = None) -> dict:
+               description: str | None = None, name: str | None = None,
+               importance: dict[str, np.ndarray] | None = None) -> dict:
     """Write the float decoder folder as one GGUF file at `out` (written beside it under a
     temporary name, then renamed: an interrupted export leaves no half file); returns what was
-    written (architecture, tensor types, vocabulary)."""
+    written (architecture, tensor types, vocabulary). A K-quant (q4_k_m, q5_k_m, q6_k) is
+    llama-quantize's mixture, quantized by llama.cpp (gguf_kquants.py), weighted by the
+    `importance` matrix where given."""
     g = _gguf()
     folder, out = Path(folder), Path(out)
     if quant not in QUANTS:
-        raise GGUFExportError(f"--quant {quant!r}: the gguf package writes {list(QUANTS)} "
-                              "(K-quants need llama.cpp's llama-quantize)")
+        raise GGUFExportError(f"--quant {quant!r}: use one of {list(QUANTS)}")
     config = json.loads((folder / "config.json").read_text())
     _check_quantized(config)
     arch = architecture_of(config)
+    mixture = None
+    if quant in MIXTURES:
+        if arch.regroup is not None:
+            raise GGUFExportError(f"--quant {quant}: K-quant mixtures are written here for dense "
+                                  f"decoders; {config['model_type']} regroups its tensors "
+                                  "(experts, fused or latent projections): use q8_0, q4_0 or "
+                                  "q4_1")
+        mixture = Mixture(quant, int(config["num_hidden_layers"]),
+                          bool(config.get("tie_word_embeddings", False)))
     qtype, file_type = _types()[quant]
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
@@ -501,7 +532,7 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
         _write_hparams(writer, config, arch, file_type)
         vocab = _write_vocab(writer, folder, config["vocab_size"])
         writer.add_quantization_version(g.GGML_QUANT_VERSION)
-        tensors = _write_tensors(writer, folder, config, arch, qtype)
+        tensors = _write_tensors(writer, folder, config, arch, qtype, mixture, importance)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -1,5 +1,5 @@
-"""What quantizing costs: validation loss, perplexity and next-token accuracy of a language
-model before and after, on the run's own validation data."""
+"""The run's own rows for an export: its validation batches (what quantizing costs, before
+and after) and the start of its training rows (an importance matrix)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.streaming import regroup_flat_config
 
 
-def validation_batches(state: CheckpointState, tokenizer_path: Path, batch_size: int = 8) -> list[Batch]:
-    """The run's validation batches, rebuilt from its data config with its tokenizer.json."""
+def _run_data(state: CheckpointState, tokenizer_path: Path, purpose: str):
+    """The run's data module, rebuilt from its data config with its tokenizer.json."""
     data_cfg = OmegaConf.create(regroup_flat_config(state.config["data"]))  # older runs' too
     if "tokenizer" in data_cfg:
         data_cfg.tokenizer.path = str(tokenizer_path)
@@ -24,10 +24,29 @@ def validation_batches(state: CheckpointState, tokenizer_path: Path, batch_size:
     try:
         data.setup(None)
     except (FileNotFoundError, ValueError) as e:
-        raise ValueError(
-            f"cannot rebuild the run's validation data to measure quantization: {e}"
-        ) from e
+        raise ValueError(f"cannot rebuild the run's data to {purpose}: {e}") from e
+    return data
+
+
+def validation_batches(state: CheckpointState, tokenizer_path: Path, batch_size: int = 8) -> list[Batch]:
+    """The run's validation batches, rebuilt from its data config with its tokenizer.json."""
+    data = _run_data(state, tokenizer_path, "measure quantization")
     batches = list(data.val_batches(Batching(batch_size=batch_size)))
     if not batches:
         raise ValueError("the run has no validation data (val_examples=0) to measure quantization on")
+    return batches
+
+
+def training_batches(state: CheckpointState, tokenizer_path: Path, rows: int,
+                     batch_size: int = 8) -> list[Batch]:
+    """The first `rows` rows (whole batches) of the run's first training epoch: what an
+    importance matrix is computed on."""
+    data = _run_data(state, tokenizer_path, "compute an importance matrix")
+    batches: list[Batch] = []
+    for batch in data.train_batches(Batching(batch_size=batch_size), 0):
+        batches.append(batch)
+        if len(batches) * batch_size >= rows:
+            break
+    if not batches:
+        raise ValueError("the run has no training rows to compute an importance matrix on")
     return batches

@@ -1,0 +1,141 @@
+"""What each export keeps of a fine-tune's gain: the real SmolLM2-135M-Instruct (the float folder
+its Q4_1 GGUF holds, every weight on Q4_1's grid) LoRA fine-tuned on a task its base fails
+(real_model_finetune.py's dates), then written in every format and quant mlxlab offers and
+judged as `mlxlab export` judges it: the written file read back, scored on the held-out task
+(exact match, paired per prompt) and the validation rows beside the run and its base; each GGUF
+also run in llama.cpp itself (xllamacpp, greedy, the model's chat template).
+
+    python benchmarks/quality/bench_export_retention.py [--work DIR] [--steps 40] [--batch 4]
+        [--lr 1e-3] [--heldout 100] [--llama-cpp 50] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tests"))
+from benchmarks.harness import add_smoke, load, print_table, write_jsonl, write_record  # noqa: E402
+from benchmarks.quality.real_model_finetune import (  # noqa: E402
+    date_rows,
+    float_folder,
+    llama_cpp_accuracy,
+    smoke_model,
+    train_mlxlab,
+)
+
+# (label, format, options): every weight-changing export mlxlab writes
+EXPORTS = [
+    ("gguf q8_0", "gguf", {"quant": "q8_0"}),
+    ("gguf q4_1", "gguf", {"quant": "q4_1"}),
+    ("gguf q4_0", "gguf", {"quant": "q4_0"}),
+    ("mlx-lm 4-bit, fused", "mlx-lm", {"quantize": 4}),
+    ("mlx-lm 4-bit base + adapters", "mlx-lm", {"quantize": 4, "lora": "adapters"}),
+    ("mlx-lm 8-bit, fused", "mlx-lm", {"quantize": 8}),
+    ("mlx-lm bfloat16, fused", "mlx-lm", {"dtype": "bfloat16"}),
+]
+
+
+def export_one(run: Path, fmt: str, options: dict, out: Path, retention) -> dict:
+    from mlxlab.export import export_gguf, export_run
+
+    if fmt == "gguf":
+        return export_gguf(run, out.with_suffix(".gguf"), options["quant"], overwrite=True,
+                           retention=retention)
+    return export_run(run, out, "mlx-lm", options.get("dtype", "float32"),
+                      options.get("quantize"), options.get("lora", "fuse"), overwrite=True,
+                      retention=retention)
+
+
+def measure(entry: dict, name: str) -> dict:
+    return next(m for m in entry["measures"] if m["measure"] == name)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default=None)
+    p.add_argument("--train", type=int, default=400)
+    p.add_argument("--heldout", type=int, default=100)
+    p.add_argument("--llama-cpp", type=int, default=50, help="held-out prompts run in llama.cpp")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    add_smoke(p)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.train, args.heldout, args.llama_cpp, args.steps, args.batch = 8, 4, 2, 2, 2
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    work = Path(args.work or tempfile.mkdtemp(prefix="export_retention_")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    from mlxlab.export.retention import Retention
+    from mlxlab.models.sources import model_folder
+
+    if args.smoke:
+        folder = smoke_model(work)
+    else:
+        from real_models import packaged_model
+
+        folder = float_folder(model_folder(packaged_model()), "float32", work / "float32")
+    train, val, heldout = date_rows(args.train, 4 if args.smoke else 32, args.heldout, args.seed)
+    data = work / "data"
+    write_jsonl(data / "train.jsonl", train)
+    write_jsonl(data / "valid.jsonl", val)
+    task = write_jsonl(work / "dates.jsonl", heldout)
+    run = work / "runs" / "ft"
+    if not (run / "checkpoints").is_dir():
+        train_mlxlab(folder, data, args, run)
+    result: dict = {"model": str(folder), "settings": vars(args), "load_start": load(),
+                    "exports": {}}
+    reference = None
+    for label, fmt, options in EXPORTS:  # the GGUFs first: their reference holds the probe
+        request = Retention(tasks=[str(task)], accept_loss=True, later=fmt == "gguf",
+                            reference=reference)
+        report = export_one(run, fmt, options, work / "export" / label.replace(" ", "_")
+                            .replace(",", "").replace("+", "plus"), request)
+        reference = request.reference
+        entry = report["retention"]
+        row = {"format": fmt, **options, "bytes": report.get("bytes"),
+               "verdict": entry["verdict"], "measures": entry["measures"],
+               "file_check": report.get("file_check")}
+        if fmt == "gguf":
+            row["llama.cpp"] = {k: v for k, v in llama_cpp_accuracy(
+                Path(report["gguf"]), folder, heldout[:args.llama_cpp]).items() if k != "outputs"}
+        result["exports"][label] = row
+        print(json.dumps({label: {"verdict": row["verdict"], **{
+            m["measure"]: m["line"] for m in entry["measures"]}}}), flush=True)
+    result["load_end"] = load()
+    result["table"] = table(result)
+    (work / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    write_record("export-retention", result, question="quality", smoke=args.smoke,
+                 raw=str(work / "results.json"))
+    print_table(result["table"])
+    return result
+
+
+def table(r: dict) -> dict:
+    """A row an export: held-out exact match (the run's, the base's, the file's), the share of
+    the gain kept with its interval, McNemar's p against the run, llama.cpp's exact match."""
+    rows = []
+    for label, row in r["exports"].items():
+        task = next(m for m in row["measures"] if m["measure"].endswith("/exact_match"))
+        kept = "-" if task["kept"] is None else (
+            f"{100 * task['kept']:.0f} % [{100 * task['kept_low']:.0f}, "
+            f"{100 * task['kept_high']:.0f}]")
+        cpp = row.get("llama.cpp")
+        rows.append([label, f"{task['base']:.2f}", f"{task['run']:.2f}", f"{task['export']:.2f}",
+                     kept, f"{task['p']:.2g}", row["verdict"],
+                     f"{cpp['accuracy']:.2f} ({cpp['n']})" if cpp else "-"])
+    return {"head": ["export", "base", "run", "file", "gain kept [95 %]", "p vs run",
+                       "verdict", "llama.cpp"], "rows": rows}
+
+
+if __name__ == "__main__":
+    main()
