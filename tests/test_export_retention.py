@@ -158,3 +158,41 @@ def test_tasks_on_an_export_that_changes_nothing_is_an_error(lora_run, tmp_path)
     assert done.stderr.strip().splitlines()[-1].startswith(
         "mlxlab export: error: --tasks judges an export that changes the weights")
     assert not (tmp_path / "f32").exists()
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_quantizers_fit_the_calibration_rows_better(method, tmp_path):
+    """mlx_lm.quant's GPTQ and AWQ on rows of our own (no download): the layers come out
+    quantized as mlx-lm loads them, and the model's outputs on the calibration rows sit closer
+    to the float model's than round-to-nearest's do (what calibrating is for)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlxlab.export.mlx_lm import quantize
+    from mlxlab.export.retention import read_folder
+
+    folder = save_tiny_model("llama", tmp_path / "llama", hidden_size=128,
+                             intermediate_size=256, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)
+    rows = mx.array(np.random.default_rng(0).integers(3, 500, size=(16, 64)))
+    reference = read_folder(folder)(rows)
+    errors = {}
+    for m in ("rtn", method):
+        model = read_folder(folder)
+        config = quantize(model, 4, method=m, calibration=rows)
+        assert config["bits"] == 4 and config["group_size"] == 64
+        assert isinstance(model.lm.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+        errors[m] = float(mx.abs(model(rows) - reference).mean())
+    assert errors[method] < errors["rtn"]
+
+
+def test_a_calibrated_method_without_its_quantization_is_an_error(lora_run, tmp_path):
+    with pytest.raises(ExportError, match=r"^--quantize-method gptq calibrates mlx-lm's "
+                       r"quantization: add --format mlx-lm --quantize 4"):
+        export_run(lora_run["run"], tmp_path / "g", "mlx-lm", "float32",
+                   quantize_method="gptq")
+    with pytest.raises(ExportError, match=r"groups of 64 inputs; .* has \d+: use "
+                       r"--quantize-method rtn$"):
+        export_run(lora_run["run"], tmp_path / "g", "mlx-lm", "float32", quantize=4,
+                   quantize_method="gptq")
+    assert not (tmp_path / "g").exists()

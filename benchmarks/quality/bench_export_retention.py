@@ -36,6 +36,10 @@ EXPORTS = [
     ("gguf q8_0", "gguf", {"quant": "q8_0"}),
     ("gguf q4_1", "gguf", {"quant": "q4_1"}),
     ("gguf q4_0", "gguf", {"quant": "q4_0"}),
+    ("gguf q6_k", "gguf", {"quant": "q6_k"}),
+    ("gguf q5_k_m", "gguf", {"quant": "q5_k_m"}),
+    ("gguf q4_k_m", "gguf", {"quant": "q4_k_m"}),
+    ("gguf q4_k_m, no imatrix", "gguf", {"quant": "q4_k_m", "imatrix_rows": 0}),
     ("mlx-lm 4-bit, fused", "mlx-lm", {"quantize": 4}),
     ("mlx-lm 4-bit base + adapters", "mlx-lm", {"quantize": 4, "lora": "adapters"}),
     ("mlx-lm 8-bit, fused", "mlx-lm", {"quantize": 8}),
@@ -48,7 +52,7 @@ def export_one(run: Path, fmt: str, options: dict, out: Path, retention) -> dict
 
     if fmt == "gguf":
         return export_gguf(run, out.with_suffix(".gguf"), options["quant"], overwrite=True,
-                           retention=retention)
+                           retention=retention, imatrix_rows=options.get("imatrix_rows", 128))
     return export_run(run, out, "mlx-lm", options.get("dtype", "float32"),
                       options.get("quantize"), options.get("lora", "fuse"), overwrite=True,
                       retention=retention)

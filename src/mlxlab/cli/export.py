@@ -71,6 +71,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="weights dtype (default: the pretrained checkpoint's, else float32)")
     parser.add_argument("--quantize", type=int, choices=[4, 8], default=None,
                         help="bits, mlx-lm format only (group size 64, as mlx_lm.convert -q)")
+    parser.add_argument("--quantize-method", choices=["rtn", "gptq", "awq"], default=None,
+                        help="--quantize: rtn rounds each weight to its nearest level (mlx_lm."
+                        "convert -q; the default); gptq and awq are mlx_lm.quant's calibrated "
+                        "quantizers, run on the run's own training rows")
     lora = parser.add_mutually_exclusive_group()
     lora.add_argument("--fuse-lora", dest="lora", action="store_const", const="fuse",
                       help="LoRA runs: merge the adapters into the weights (default)")
@@ -115,7 +119,8 @@ def main(argv: list[str]) -> int:
     try:
         report = export_run(args.run, args.out, args.fmt, args.dtype, args.quantize, args.lora,
                             overwrite=args.overwrite, check=args.check,
-                            retention=_retention(args))
+                            retention=_retention(args),
+                            quantize_method=args.quantize_method or "rtn")
     except (FileNotFoundError, ValueError) as err:  # ExportError and ConfigError are ValueErrors
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2
@@ -192,6 +197,7 @@ def _gguf(args: argparse.Namespace) -> int:
     from mlxlab.export import export_gguf
 
     ignored = [flag for flag, given in (("--dtype", args.dtype), ("--quantize", args.quantize),
+                                        ("--quantize-method", args.quantize_method),
                                         ("--adapters", args.lora == "adapters")) if given]
     if ignored:
         print(f"mlxlab export: error: {', '.join(ignored)} do not apply to --format gguf "

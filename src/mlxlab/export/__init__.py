@@ -61,7 +61,7 @@ from mlxlab.export.proof import (
     transformers_logits,
     unchecked,
 )
-from mlxlab.export.quality import validation_batches
+from mlxlab.export.quality import calibration_tokens, validation_batches
 from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
 from mlxlab.export.retention import Retention, build_reference, judge_export, read_folder, record
 from mlxlab.export.vision import check_vision_options, export_vision
@@ -128,12 +128,14 @@ def export_run(
     overwrite: bool = False,
     check: bool = True,
     retention: Retention | None = None,
+    quantize_method: str = "rtn",
 ) -> dict:
     """Write the run's model (best checkpoint, else newest) to `out`; returns the report that is
     also saved as out/export_report.json. `check=False` writes a transformers export without
     loading it in transformers (its card says unchecked). An export that changes a decoder's
     weights (a quantization, a narrower dtype) is read back and judged against the run and its
-    base (retention.py; `retention`: its task files and --accept-loss)."""
+    base (retention.py; `retention`: its task files and --accept-loss). `quantize_method`:
+    rtn (mlx_lm.convert's), gptq or awq (mlx_lm.quant's, calibrated on the run's own rows)."""
     retention = Retention() if retention is None else retention
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.exists():
@@ -145,7 +147,7 @@ def export_run(
         run_folder = chosen.parent.parent if chosen.parent.name == "checkpoints" else run
         note = unfinished_note(run_folder, state.step, state.config)
         return _export_loaded(model, state, chosen, note, run, out, tokenizer_path, fmt, dtype,
-                              quantize, lora, overwrite, check, retention)
+                              (quantize, quantize_method), lora, overwrite, check, retention)
 
 
 def _checker(model, state, fmt: str, check: bool) -> dict | None:
@@ -183,9 +185,14 @@ def _checker(model, state, fmt: str, check: bool) -> dict | None:
 
 
 def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out: Path,
-                   tokenizer_path: Path, fmt: str, dtype: str | None, quantize: int | None,
-                   lora: str, overwrite: bool, check: bool = True,
-                   retention: Retention | None = None) -> dict:
+                   tokenizer_path: Path, fmt: str, dtype: str | None,
+                   quantize: int | None | tuple[int | None, str], lora: str, overwrite: bool,
+                   check: bool = True, retention: Retention | None = None) -> dict:
+    """`quantize`: bits, or (bits, method)."""
+    quantize, method = quantize if isinstance(quantize, tuple) else (quantize, "rtn")
+    if method != "rtn" and (not quantize or fmt != "mlx-lm"):
+        raise ExportError(f"--quantize-method {method} calibrates mlx-lm's quantization: add "
+                          "--format mlx-lm --quantize 4 (or 8)")
     remapped = None
     if isinstance(model, RemappedLM):  # the small model + a tokenizer on its ids (remapped.py)
         remapped, model = model, model.inner
@@ -223,7 +230,7 @@ def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out:
         if remapped is not None:
             retention = None  # its validation rows are on the full vocabulary's ids
         _export(model, state, run_dir, tokenizer_path, out, fmt, dtype, quantize, lora, report,
-                card, retention)
+                card, retention, method)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if report.get("retention"):
@@ -244,7 +251,7 @@ def _changes_weights(model, dtype: str, quantize: int | None) -> bool:
 
 def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: str, dtype: str,
             quantize: int | None, lora: str, report: dict, card: str | None = None,
-            retention: Retention | None = None) -> None:
+            retention: Retention | None = None, method: str = "rtn") -> None:
     if isinstance(model, VisionLanguageModel):
         report["lora"] = "fuse" if has_adapters(model) else None
         with _folder(out) as tmp:
@@ -289,7 +296,11 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
     if quantize:  # measured as shipped: adapters (if any) on the quantized base
         batches = validation_batches(state, tokenizer_path)
         report["before"] = lm_metrics(model, batches)
-        config["quantization"] = quantize_model(model, quantize)
+        calibration = (None if method == "rtn"
+                       else calibration_tokens(state, tokenizer_path))
+        config["quantization"] = quantize_model(model, quantize, method=method,
+                                                calibration=calibration)
+        report["quantize_method"] = method
         config["quantization_config"] = dict(config["quantization"])
         report["after"] = lm_metrics(model, batches)
         report["perplexity_increase"] = report["after"]["perplexity"] / report["before"]["perplexity"] - 1

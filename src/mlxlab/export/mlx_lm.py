@@ -16,15 +16,47 @@ from mlxlab.models.lora import AdapterLayer, LoRALinear
 from mlxlab.models.lora_experts import DoRASwitchLinear, LoRASwitchLinear
 from mlxlab.models.mlx_lm_decoder import GROUP_SIZE, MLXLMDecoder, quantize_as_convert
 
+METHODS = ("rtn", "gptq", "awq")  # round to nearest (mlx_lm.convert -q), mlx_lm.quant's own
 
-def quantize(model: nn.Module, bits: int, group_size: int = GROUP_SIZE) -> dict:
-    """Quantize in place with mlx-lm's own quantize_model (what `mlx_lm.convert -q` runs: every
-    Linear and Embedding whose input size is a multiple of group_size, per the architecture's
-    quant_predicate where it has one); returns config.json's "quantization" entry."""
+
+def quantize(model: nn.Module, bits: int, group_size: int = GROUP_SIZE, method: str = "rtn",
+             calibration: mx.array | None = None) -> dict:
+    """Quantize in place; returns config.json's "quantization" entry. `rtn`: mlx-lm's own
+    quantize_model (what `mlx_lm.convert -q` runs: every Linear and Embedding whose input size
+    is a multiple of group_size, per the architecture's quant_predicate where it has one);
+    `gptq` / `awq`: mlx_lm.quant's calibrated quantizers on `calibration` (token rows, the
+    run's own: quality.calibration_tokens), the layers they do not calibrate (embeddings) at
+    max(bits, 6) (GPTQ) or `bits` (AWQ)."""
     if bits not in (4, 8):
         raise ValueError(f"--quantize {bits}: use 4 or 8")
     target = model.lm if isinstance(model, MLXLMDecoder) else model  # mlx-lm's own names
-    return quantize_as_convert(target, {}, bits, group_size)["quantization"]
+    if method == "rtn":
+        return quantize_as_convert(target, {}, bits, group_size)["quantization"]
+    if method in ("gptq", "awq"):
+        odd = [(name, m.weight.shape[-1]) for name, m in target.named_modules()
+               if isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size]
+        if odd:
+            raise ExportError(f"--quantize-method {method} quantizes every linear layer in "
+                              f"groups of {group_size} inputs; {odd[0][0]} has {odd[0][1]}: "
+                              "use --quantize-method rtn")
+    if method == "gptq":
+        from mlx_lm.quant.gptq import gptq_quantize
+
+        _, config = gptq_quantize(target, calibration, bits, group_size, max(bits, 6),
+                                  group_size)
+        return config
+    if method == "awq":
+        from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
+
+        awq = AWQ_MODEL_CONFIGS.get(getattr(target, "model_type", None))
+        if awq is None:
+            raise ExportError(f"--quantize-method awq: mlx_lm.quant has no AWQ settings for "
+                              f"{getattr(target, 'model_type', None)!r} (it has "
+                              f"{sorted(AWQ_MODEL_CONFIGS)}); use gptq or rtn")
+        awq_quantize(target, calibration, awq, group_size=group_size, bits=bits,
+                     embed_group_size=32, embed_bits=bits)
+        return update_config(target, {})["quantization"]
+    raise ExportError(f"--quantize-method {method!r}: use one of {list(METHODS)}")
 
 
 def split_adapters(model: nn.Module) -> tuple[dict[str, mx.array], dict]:

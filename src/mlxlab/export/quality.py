@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
 from omegaconf import OmegaConf
 
 from mlxlab.checkpoint import CheckpointState
@@ -50,3 +52,26 @@ def training_batches(state: CheckpointState, tokenizer_path: Path, rows: int,
     if not batches:
         raise ValueError("the run has no training rows to compute an importance matrix on")
     return batches
+
+
+def calibration_tokens(state: CheckpointState, tokenizer_path: Path, samples: int = 128,
+                       length: int = 256) -> mx.array:
+    """(samples, length) token rows cut from the run's training rows laid end to end (their
+    padding left out): the calibration data of mlx_lm.quant's GPTQ and AWQ, which read rows of
+    equal length (their own default downloads a text; this is the run's)."""
+    ids: list[int] = []
+    for batch in training_batches(state, tokenizer_path, samples * 4):
+        tokens, mask = np.array(batch["input_ids"]), batch.get("loss_mask")
+        for r, row in enumerate(tokens):
+            end = len(row)
+            if mask is not None:
+                scored = np.flatnonzero(np.array(mask)[r])
+                end = int(scored[-1]) + 2 if len(scored) else 0  # through its last label
+            ids.extend(int(t) for t in row[:end])
+        if len(ids) >= samples * length:
+            break
+    rows = len(ids) // length
+    if rows == 0:
+        raise ValueError(f"the run's training rows hold {len(ids)} tokens: too few to calibrate "
+                         f"on rows of {length}")
+    return mx.array(np.array(ids[:rows * length]).reshape(rows, length)[:samples])
