@@ -228,3 +228,40 @@ def test_lm_eval_scores_have_directions_for_sweeps():
     assert metric_definition("eval/gsm8k/exact_match.strict-match").mode == "max"
     assert metric_definition("eval/arc_easy/acc_norm").mode == "max"
     assert metric_definition("eval/wikitext/word_perplexity").mode == "min"
+
+
+def test_scoring_lm_eval_tasks_in_a_run_leaves_the_model_training(tmp_path):
+    """A run's evaluation (TaskEvaluation.on_eval) scores lm-eval's three kinds of request
+    (loglikelihood, generate_until, loglikelihood_rolling) with dropout off and hands the model
+    back in training mode, as it found it."""
+    from mlxlab.evaluation.settings import TaskSettings
+    from mlxlab.runs.lm_eval_model import harness_lm
+    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.training.task_evaluation import TaskEvaluation
+
+    class Tracker:
+        logged: dict = {}
+
+        def log_metrics(self, metrics: dict, step: int) -> None:
+            self.logged.update(metrics)
+
+    tasks = bench().write_tasks(tmp_path / "tasks", 2)
+    lm = harness_lm(load_eval_model(save_tiny_model("llama", tmp_path / "tiny")), 4)
+    modes: list[bool] = []
+    forward = type(lm.model).__call__
+
+    def spy(model, *args, **kwargs):
+        modes.append(model.training)
+        return forward(model, *args, **kwargs)
+
+    scoring = TaskEvaluation(TaskSettings(tasks=tasks, batch_size=4))
+    scoring.model, scoring.harness_lm, scoring.tracker = lm.model, lm, Tracker()
+    scoring.folder, scoring.monitor, scoring.mode = tmp_path / "eval_tasks", "val/loss", "min"
+    lm.model.train()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(lm.model), "__call__", spy)
+        scoring.on_eval(1, {"val/loss": 1.0})
+    assert modes and not any(modes)  # scored with dropout off
+    assert {"eval/tiny_mc/acc", "eval/tiny_gen/exact_match.first-word",
+            "eval/tiny_ppl/word_perplexity"} <= Tracker.logged.keys()
+    assert lm.model.training
