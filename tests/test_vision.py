@@ -561,3 +561,24 @@ def test_eval_task_with_an_image_column(folders, tmp_path):
         assert row["output"] == expected
     with pytest.raises(ConfigError, match="vision-language model"):
         score_task(model, tokenizer, task, TaskSettings(max_new_tokens=5), None)
+
+
+def test_a_lora_run_saved_with_its_base_loads_with_its_adapters(folders, tmp_path):
+    """checkpoint.save_base=true writes every weight, the adapters' included: the run loads
+    (load_run_model: generate, eval, export) rebuilt from the checkpoint's config with its
+    adapters, to the logits of the model it saved."""
+    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.runs import load_run_model
+
+    done = _train(tmp_path, folders["smolvlm"], "tracking=none", "checkpoint.save_base=true",
+                  "trainer.max_steps=2", "callbacks.progress.enabled=false")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = next((tmp_path / "outputs" / "finetune_vision").iterdir())
+    model, state = load_run_model(run)
+    saved = VisionLanguageModel(0, pretrained=str(folders["smolvlm"]),
+                                lora=state.config["model"]["lora"])
+    saved.load_weights(str(state.path / "model.safetensors"))  # strict: every weight
+    inputs = processed(folders["smolvlm"])
+    ids = mx.array(inputs["input_ids"].astype(np.int32))
+    pixels = {k: mx.array(v) for k, v in inputs.items() if k.startswith("pixel_")}
+    assert np.array_equal(np.array(model(ids, **pixels)), np.array(saved(ids, **pixels)))
