@@ -57,6 +57,9 @@ class TaskScores:
     # each paired score's direction where the kind does not fix them (lm-eval's tasks: its
     # higher_is_better); empty for mlxlab's own kinds (tasks.PAIRED_SCORES)
     higher_is_better: dict[str, bool] = field(default_factory=dict)
+    # lm-eval's corpus-level scores: score -> its aggregation (evaluation/corpus.py), computed
+    # from each row's "pieces" over the documents, not as a mean of the rows' values
+    corpus: dict[str, str] = field(default_factory=dict)
 
 
 class Prompts:
