@@ -228,3 +228,130 @@ def test_lm_eval_scores_have_directions_for_sweeps():
     assert metric_definition("eval/gsm8k/exact_match.strict-match").mode == "max"
     assert metric_definition("eval/arc_easy/acc_norm").mode == "max"
     assert metric_definition("eval/wikitext/word_perplexity").mode == "min"
+
+
+def test_scoring_lm_eval_tasks_in_a_run_leaves_the_model_training(tmp_path):
+    """A run's evaluation (TaskEvaluation.on_eval) scores lm-eval's three kinds of request
+    (loglikelihood, generate_until, loglikelihood_rolling) with dropout off and hands the model
+    back in training mode, as it found it."""
+    from mlxlab.evaluation.settings import TaskSettings
+    from mlxlab.runs.lm_eval_model import harness_lm
+    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.training.task_evaluation import TaskEvaluation
+
+    class Tracker:
+        logged: dict = {}
+
+        def log_metrics(self, metrics: dict, step: int) -> None:
+            self.logged.update(metrics)
+
+    tasks = bench().write_tasks(tmp_path / "tasks", 2)
+    lm = harness_lm(load_eval_model(save_tiny_model("llama", tmp_path / "tiny")), 4)
+    modes: list[bool] = []
+    forward = type(lm.model).__call__
+
+    def spy(model, *args, **kwargs):
+        modes.append(model.training)
+        return forward(model, *args, **kwargs)
+
+    scoring = TaskEvaluation(TaskSettings(tasks=tasks, batch_size=4))
+    scoring.model, scoring.harness_lm, scoring.tracker = lm.model, lm, Tracker()
+    scoring.folder, scoring.monitor, scoring.mode = tmp_path / "eval_tasks", "val/loss", "min"
+    lm.model.train()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(lm.model), "__call__", spy)
+        scoring.on_eval(1, {"val/loss": 1.0})
+    assert modes and not any(modes)  # scored with dropout off
+    assert {"eval/tiny_mc/acc", "eval/tiny_gen/exact_match.first-word",
+            "eval/tiny_ppl/word_perplexity"} <= Tracker.logged.keys()
+    assert lm.model.training
+
+
+MT_YAML = """task: tiny_mt
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{prompt}}}}"
+generation_kwargs: {{until: ["\\n"], do_sample: false, max_gen_toks: 12}}
+metric_list: [{{metric: bleu}}, {{metric: chrf}}, {{metric: ter}}]
+"""
+CORPUS_SCORES = {"tiny_ppl": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
+                 "tiny_mt": ("bleu", "chrf", "ter")}
+
+
+def test_compare_pairs_corpus_scores_as_lm_eval_aggregates_them(tmp_path):
+    """Perplexities, bits per byte, BLEU, chrF and TER are lm-eval's aggregates over a task's
+    documents: `runs compare` pairs each run's aggregate over the shared documents (what lm-eval
+    reported for the task), with the bootstrap over documents around their difference, not the
+    mean of per-document values."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlxlab.evaluation.harness import score_harness
+    from mlxlab.evaluation.harness_tasks import HarnessOptions
+    from mlxlab.evaluation.paired import pair_task
+    from mlxlab.evaluation.results import read_scores, write_scores
+    from mlxlab.runs.lm_eval_model import harness_lm
+    from mlxlab.runs.task_eval import load_eval_model
+
+    tasks = bench().write_tasks(tmp_path / "tasks", 10)
+    ppl = next(t for t in tasks if t.endswith("tiny_ppl.yaml"))
+    (tmp_path / "tasks" / "tiny_mt.yaml").write_text(
+        MT_YAML.format(data=tmp_path / "tasks" / "tiny_gen.jsonl"))
+    base = save_tiny_model("llama", tmp_path / "tiny")
+    saved = []
+    for scale in (1.0, 1.3):
+        lm = harness_lm(load_eval_model(base), 4)
+        lm.model.update(tree_unflatten([(k, v * scale) for k, v in
+                                        tree_flatten(lm.model.parameters())]))
+        scores, _ = score_harness(lm, [ppl, str(tmp_path / "tasks" / "tiny_mt.yaml")],
+                                  HarnessOptions())
+        saved.append(read_scores(write_scores(scores, tmp_path / f"scores-{scale}")))
+    for task, metrics in CORPUS_SCORES.items():
+        a, b = saved[0][task], saved[1][task]
+        paired = {p.metric: p for p in pair_task(a, b, rounds=500)}
+        for metric in metrics:
+            p = paired[metric]
+            assert (p.a, p.b) == pytest.approx((a.metrics[metric], b.metrics[metric]),
+                                               rel=1e-9), metric
+            assert p.diff == pytest.approx(p.b - p.a) and p.low <= p.diff <= p.high, metric
+        # the per-document values the rows also keep average to another number
+        mean = np.mean([r["word_perplexity" if task == "tiny_ppl" else "ter"] for r in a.rows])
+        assert mean != pytest.approx(a.metrics[metrics[0] if task == "tiny_ppl" else "ter"])
+
+
+def test_corpus_scores_pair_as_lm_eval_aggregates_stored_pieces():
+    """Stored rows' pieces (a reference and an answer; a log-likelihood and its words) paired:
+    each side is lm-eval's own aggregation function of its pieces, the difference B - A."""
+    from lm_eval.api import metrics as lm_metrics
+
+    from mlxlab.evaluation.paired import pair_task
+    from mlxlab.evaluation.results import SavedTask
+
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "to", "the", "red", "house"]
+    refs = [" ".join(rng.choice(words, 8)) for _ in range(12)]
+    answers = {side: [" ".join(rng.choice(r.split() + words[:shift], 7)) for r in refs]
+               for side, shift in (("a", 6), ("b", 2))}
+    functions = {"bleu": lm_metrics.bleu, "chrf": lm_metrics.chrf, "ter": lm_metrics.ter,
+                 "word_perplexity": lm_metrics.weighted_perplexity,
+                 "bits_per_byte": lm_metrics.bits_per_byte}
+
+    def task(side: str) -> SavedTask:
+        pieces = [{"bleu": [r, x], "chrf": [r, x], "ter": [r, x],
+                   "word_perplexity": [-float(len(x)), len(x.split())],
+                   "bits_per_byte": [-float(len(x)), len(x)]}
+                  for r, x in zip(refs, answers[side])]
+        rows = [{"id": str(i), **{m: float(functions[m]([p[m]])) for m in p}, "pieces": p}
+                for i, p in enumerate(pieces)]
+        higher = {"bleu": True, "chrf": True, "ter": False, "word_perplexity": False,
+                  "bits_per_byte": False}
+        return SavedTask("t", "lm_eval:generate_until", {}, rows, "plain", higher,
+                         {m: functions[m].__name__ for m in functions})
+
+    a, b = task("a"), task("b")
+    for p in pair_task(a, b, rounds=300):
+        expected = [functions[p.metric]([r["pieces"][p.metric] for r in t.rows]) for t in (a, b)]
+        assert [p.a, p.b] == pytest.approx(expected, rel=1e-12), p.metric
+        assert p.n == 12 and p.low <= p.diff <= p.high and p.diff == pytest.approx(p.b - p.a)

@@ -329,3 +329,72 @@ def test_qlora_and_qdora_on_4bit_experts_train_and_export_checked(kind, folders,
     assert max(float(mx.abs(m.lora_b).max()) for m in experts) > 0  # trained
     report = export_run(run, tmp_path / "hf", "hf", "float32")  # dequantized, fused, checked
     assert report["check"]["status"] == "checked", report["check"]
+
+
+def tiny_quantized_dora(num_experts: int = 4, in_dims: int = 128, out_dims: int = 32
+                        ) -> DoRASwitchLinear:
+    """DoRA on 4-bit stacked experts, B and m drawn away from their start."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    mx.random.seed(3)
+    experts = SwitchLinear(in_dims, out_dims, num_experts).to_quantized(group_size=64, bits=4)
+    layer = DoRASwitchLinear.from_base(experts, rank=4, alpha=8.0, dropout=0.0)
+    draw_adapters(layer)
+    return layer
+
+
+def dora_reference(layer: DoRASwitchLinear, x: mx.array, indices: mx.array) -> np.ndarray:
+    """DoRA's formula with every expert dequantized: m_e / ||W_e + s B_e A_e||_rows *
+    (W_e + s B_e A_e) x for each token's experts."""
+    from mlxlab.models.lora_experts import expert_weight
+
+    adapted = np.array(expert_weight(layer.linear).astype(mx.float32) + layer.delta())
+    rows = np.array(layer.m) / np.linalg.norm(adapted, axis=-1)
+    xs, picks = np.array(x)[:, 0, 0], np.array(indices)
+    return np.stack([[rows[e] * (adapted[e] @ xs[t]) for e in picks[t]]
+                     for t in range(len(xs))])[:, :, None]
+
+
+def test_dora_on_quantized_experts_takes_the_base_norms_once(monkeypatch):
+    """The frozen base's row norms are taken when the adapter is made (not a parameter: not
+    trained, saved or counted) and again only when the base's weights are replaced; a forward
+    dequantizes no expert and equals DoRA's formula on the dequantized experts."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    from mlxlab.models import lora_experts
+
+    layer = tiny_quantized_dora()
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.normal(size=(6, 1, 1, 128)).astype(np.float32))
+    indices = mx.array(rng.integers(0, 4, size=(6, 2)))
+    dequantized = []
+
+    def counted(linear):
+        dequantized.append(linear)
+        return expert_weight(linear)
+
+    expert_weight = lora_experts.expert_weight
+    monkeypatch.setattr(lora_experts, "expert_weight", counted)
+    model = nn.Sequential(layer)  # (the adapter's own `update` is its low-rank product)
+    for _ in range(3):  # three steps: the forward and its gradients
+        out = layer(x, indices)
+        grads = nn.value_and_grad(model, lambda m: m.layers[0](x, indices).square().sum())(
+            model)[1]
+        mx.eval(out, grads)
+    assert not dequantized, f"{len(dequantized)} dequantizes of every expert in 3 steps"
+    scale = np.abs(np.array(out)).max()
+    assert np.abs(np.array(out) - dora_reference(layer, x, indices)).max() <= 1e-5 * scale
+    assert {k for k, _ in tree_flatten(layer.trainable_parameters())} == {"lora_a", "lora_b", "m"}
+    assert not [k for k, _ in tree_flatten(layer.parameters()) if "norm" in k]
+    assert "_frozen_norm2" in layer.state  # what a compiled step reads
+    # another base loaded into the layer (a checkpoint's): its norms are taken again
+    before = layer.linear.weight
+    mx.random.seed(4)
+    layer.linear.update(SwitchLinear(128, 32, 4).to_quantized(group_size=64, bits=4)
+                        .parameters())
+    assert layer.linear.weight is not before
+    taken = len(dequantized)
+    out = layer(x, indices)
+    assert len(dequantized) == taken + 1
+    scale = np.abs(np.array(out)).max()
+    assert np.abs(np.array(out) - dora_reference(layer, x, indices)).max() <= 1e-5 * scale

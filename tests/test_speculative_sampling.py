@@ -10,11 +10,13 @@ from __future__ import annotations
 from itertools import islice
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from scipy.stats import chisquare
 
+from mlxlab.errors import ConfigError
 from mlxlab.models.generation import check_draft, generate_tokens
 from mlxlab.models.transformer import Transformer
 
@@ -107,3 +109,17 @@ def test_the_check_rejects_a_decoder_that_accepts_every_draft_token(pair):
     assert p_value(draws, joint(model)) < 1e-6
     assert p_value(draws, joint(draft)) > LEVEL  # what it draws is the draft's
 
+
+
+def quantized(model: Transformer) -> Transformer:
+    nn.quantize(model, group_size=32, bits=4)
+    return model
+
+
+def test_a_draft_is_sized_by_its_weights_not_its_packed_words():
+    """A 4-bit target holds 8 weights in each uint32 word: a float draft with fewer weights is
+    accepted, a 4-bit draft with more weights than the target is refused."""
+    target = quantized(tiny_decoder(0, num_layers=2))
+    check_draft(target, tiny_decoder(1, num_layers=1), same_tokenizer=True)
+    with pytest.raises(ConfigError, match=r"the draft \([\d,]+ parameters\) is not smaller"):
+        check_draft(target, quantized(tiny_decoder(1, num_layers=3)), same_tokenizer=True)

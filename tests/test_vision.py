@@ -342,6 +342,69 @@ def test_hf_export_loads_in_transformers_with_the_fine_tunes_logits(folders, fam
     assert check["max_abs_logit_gap"] <= check["allowed_gap"]
 
 
+def _adapted(folder: Path):
+    """A LoRA vision model whose adapters moved off their start (so fusing them counts)."""
+    from mlx.utils import tree_flatten
+
+    from mlxlab.models.vision_language import VisionLanguageModel
+
+    model = VisionLanguageModel(0, pretrained=str(folder),
+                                lora={"rank": 4, "targets": ["query", "value"]})
+    trained = [(k, mx.random.normal(v.shape, key=mx.random.key(i)) * 0.05)
+               for i, (k, v) in enumerate(tree_flatten(model.trainable_parameters()))]
+    model.load_weights(trained, strict=False)
+    return model
+
+
+def _swap_mlp(rename):
+    """The hub's names with layer 0's gate and up projections swapped: a wrong layout."""
+    def swapped(name: str) -> str | None:
+        hub = rename(name)
+        if hub is None or ".layers.0.mlp." not in hub or "vision" in hub:
+            return hub
+        return hub.replace("gate_proj", "@").replace("up_proj", "gate_proj").replace("@", "up_proj")
+    return swapped
+
+
+def test_vision_exports_are_checked_at_the_dtype_they_write(folders, tmp_path, monkeypatch):
+    """A bfloat16 export (a VLM's default) is checked as a float32 one is: the right folder
+    passes within 1e-4 of the logits' scale (both sides computed in float32 over the written
+    weights), a wrong layout (the hub folder) or a wrong forward (the mlx-vlm folder) is
+    refused, and a weight transformers finds no tensor for is refused by name."""
+    import mlx_vlm.utils
+
+    from mlxlab.export import vision
+    from mlxlab.export.hf import ExportError
+
+    for fmt in ("hf", "mlx-vlm"):
+        out = tmp_path / f"right-{fmt}"
+        out.mkdir()
+        check = vision.export_vision(_adapted(folders["gemma3"]), out, "bfloat16", out,
+                                     fmt=fmt)["check"]
+        assert check["status"] == "checked"
+        assert check["max_abs_logit_gap"] <= check["allowed_gap"] == 1e-4 * check["logit_scale"]
+    rename = vision.HF_NAMES["gemma3"]
+    monkeypatch.setitem(vision.HF_NAMES, "gemma3", _swap_mlp(rename))
+    with pytest.raises(ExportError, match="refused: transformers .* other logits"):
+        vision.export_vision(_adapted(folders["gemma3"]), tmp_path, "bfloat16", tmp_path,
+                             fmt="hf")
+    monkeypatch.setitem(vision.HF_NAMES, "gemma3", lambda name: None if ".layers.0.mlp.down"
+                        in name and "vision" not in name else rename(name))
+    with pytest.raises(ExportError, match=r"found no tensor for 1 weight\(s\).*down_proj"):
+        vision.export_vision(_adapted(folders["gemma3"]), tmp_path, "bfloat16", tmp_path,
+                             fmt="hf")
+    load = mlx_vlm.utils.load_model
+
+    def off(folder, **kwargs):
+        model = load(folder, **kwargs)
+        up = model.language_model.layers[0].mlp.up_proj
+        up.weight = up.weight * 2
+        return model
+    monkeypatch.setattr(mlx_vlm.utils, "load_model", off)
+    with pytest.raises(ExportError, match="refused: mlx-vlm .* other logits"):
+        vision.export_vision(_adapted(folders["smolvlm"]), tmp_path, "bfloat16", tmp_path)
+
+
 def test_qlora_and_dora_on_the_language_model(folders):
     """model.quantize=4 quantizes the language model's layers (the vision tower stays float)
     and adapters train on them; DoRA adapters train too; a forward with a picture runs."""
@@ -498,3 +561,24 @@ def test_eval_task_with_an_image_column(folders, tmp_path):
         assert row["output"] == expected
     with pytest.raises(ConfigError, match="vision-language model"):
         score_task(model, tokenizer, task, TaskSettings(max_new_tokens=5), None)
+
+
+def test_a_lora_run_saved_with_its_base_loads_with_its_adapters(folders, tmp_path):
+    """checkpoint.save_base=true writes every weight, the adapters' included: the run loads
+    (load_run_model: generate, eval, export) rebuilt from the checkpoint's config with its
+    adapters, to the logits of the model it saved."""
+    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.runs import load_run_model
+
+    done = _train(tmp_path, folders["smolvlm"], "tracking=none", "checkpoint.save_base=true",
+                  "trainer.max_steps=2", "callbacks.progress.enabled=false")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = next((tmp_path / "outputs" / "finetune_vision").iterdir())
+    model, state = load_run_model(run)
+    saved = VisionLanguageModel(0, pretrained=str(folders["smolvlm"]),
+                                lora=state.config["model"]["lora"])
+    saved.load_weights(str(state.path / "model.safetensors"))  # strict: every weight
+    inputs = processed(folders["smolvlm"])
+    ids = mx.array(inputs["input_ids"].astype(np.int32))
+    pixels = {k: mx.array(v) for k, v in inputs.items() if k.startswith("pixel_")}
+    assert np.array_equal(np.array(model(ids, **pixels)), np.array(saved(ids, **pixels)))

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from mlxlab.errors import MissingFileError
+from mlxlab.evaluation.corpus import CORPUS_AGGREGATIONS, aggregation
 from mlxlab.evaluation.harness_tasks import (
     KIND_PREFIX,
     HarnessOptions,
@@ -103,16 +104,12 @@ def _metric_name(key: str) -> tuple[str, str] | None:
 
 
 def _per_example(value: Any, metric: str, config: dict) -> float:
-    """One example's score: a number as it is; a pair kept for aggregation (a perplexity's
-    (log-likelihood, weight)) as the aggregation of that one example."""
+    """One example's score: a number as it is; a piece kept for aggregation (a perplexity's
+    (log-likelihood, weight), BLEU's (reference, answer)) as the aggregation of that one
+    example."""
     if isinstance(value, (int, float)):
         return float(value)
-    from lm_eval.api.registry import get_aggregation, get_metric_aggregation
-
-    named = next((m.get("aggregation") for m in config.get("metric_list") or []
-                  if m.get("metric") == metric and isinstance(m.get("aggregation"), str)), None)
-    aggregate = get_aggregation(named) if named else get_metric_aggregation(metric)
-    return float(aggregate([value]))
+    return float(aggregation(metric, config)[1]([value]))
 
 
 def _plain(value: Any) -> Any:
@@ -141,6 +138,7 @@ def _scores(out: dict, prompts: str) -> tuple[list[TaskScores], dict[str, float]
         config = out["configs"][task]
         directions = out["higher_is_better"].get(task, {})
         rows: dict[int, dict] = {}
+        aggregations: dict[str, str] = {}
         for sample in out["samples"][task]:
             row = rows.setdefault(sample["doc_id"], {"id": str(sample["doc_id"]),
                                                      "target": _plain(sample["target"]),
@@ -151,9 +149,14 @@ def _scores(out: dict, prompts: str) -> tuple[list[TaskScores], dict[str, float]
             for metric in sample["metrics"]:
                 name = metric if filt == "none" else f"{metric}.{filt}"
                 row[name] = _per_example(sample[metric], metric, config)
+                corpus = aggregation(metric, config)[0]
+                if corpus in CORPUS_AGGREGATIONS and not isinstance(sample[metric], int | float):
+                    # the task's score aggregates these over its documents (evaluation/corpus.py)
+                    row.setdefault("pieces", {})[name] = _plain(sample[metric])
+                    aggregations[name] = corpus
         paired = {name: bool(directions.get(metric, True)) for name, metric in
                   (_metric_name(k) or (None, None) for k in results) if name in metrics}
         scores.append(TaskScores(task, KIND_PREFIX + str(config["output_type"]), metrics,
                                  [rows[k] for k in sorted(rows)], prompts,
-                                 higher_is_better=paired))
+                                 higher_is_better=paired, corpus=aggregations))
     return scores, groups

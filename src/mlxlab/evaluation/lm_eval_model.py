@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from mlxlab.errors import ConfigError
-from mlxlab.evaluation.scoring import Progress, greedy_ids, loglikelihoods
+from mlxlab.evaluation.scoring import Progress, eval_mode, greedy_ids, loglikelihoods
 from mlxlab.models.base import Model
 from mlxlab.models.batched_greedy import greedy_batch
 
@@ -58,9 +59,10 @@ def hf_tokenizer(folder: str | Path) -> Any:
 
 
 class MlxlabLM(TemplateLM):
-    """lm-eval's model interface over `model` (an mlxlab decoder, left in eval mode while it
-    scores) and `tokenizer` (transformers'). `add_bos_token` is HFLM's (None: the tokenizer's
-    own default); `max_length` the context (default the model's max_seq_len)."""
+    """lm-eval's model interface over `model` (an mlxlab decoder, in eval mode while it scores
+    and back in the mode it was in after) and `tokenizer` (transformers'). `add_bos_token` is
+    HFLM's (None: the tokenizer's own default); `max_length` the context (default the model's
+    max_seq_len)."""
 
     def __init__(self, model: Model, tokenizer: Any, batch_size: int = 16,
                  add_bos_token: bool | None = None, max_length: int | None = None,
@@ -133,15 +135,12 @@ class MlxlabLM(TemplateLM):
         """Each (context ids, continuation ids) scored, `batch_size` at once, with progress."""
         out: list[tuple[float, bool]] = []
         progress = Progress(f"{self.name} {what}", len(pairs), "requests")
-        self.model.eval()
-        try:
+        with eval_mode(self.model), closing(progress):  # back in its own mode after
             step = max(self.batch_size * 8, 1)  # progress per chunk of batches
             for start in range(0, len(pairs), step):
                 chunk = pairs[start:start + step]
                 out.extend(loglikelihoods(self.model, chunk, self.batch_size))
                 progress.add(len(chunk))
-        finally:
-            progress.close()
         return out
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
@@ -178,8 +177,7 @@ class MlxlabLM(TemplateLM):
         out = [""] * len(requests)
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         progress = Progress(f"{self.name} generate_until", len(requests), "answers")
-        self.model.eval()
-        try:
+        with eval_mode(self.model), closing(progress):  # back in its own mode after
             for members in groups.values():
                 kwargs = normalize_gen_kwargs(dict(requests[members[0]].args[1]), MAX_GEN_TOKS)
                 if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0:
@@ -200,8 +198,6 @@ class MlxlabLM(TemplateLM):
                     text = postprocess_generated_text(self.tok_decode(ids), until, None)
                     out[k] = text
                     self.cache_hook.add_partial("generate_until", requests[k].args, text)
-        finally:
-            progress.close()
         return out
 
     def _greedy(self, prompts: list[list[int]], max_new: int, until: list[str],

@@ -3,17 +3,21 @@
 Right/wrong scores (acc, acc_norm, exact_match, contains) get McNemar's exact test (the
 binomial test on the examples only one model got right); every score gets a paired bootstrap
 over the examples for the difference's 95 % interval (and, for continuous scores such as a
-perplexity task's per-text loss, its p-value). `mlxlab runs compare A B` prints them with a
-one-line verdict each.
+perplexity task's per-text loss, its p-value). lm-eval's corpus-level scores (word and byte
+perplexity, bits per byte, BLEU, chrF, TER: evaluation/corpus.py) are paired as lm-eval
+reports them, each run's aggregate over the shared documents, with the bootstrap and a
+randomization test over documents of that aggregate. `mlxlab runs compare A B` prints them with
+a one-line verdict each.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from mlxlab.evaluation.corpus import CORPUS_AGGREGATIONS, corpus_statistics
 from mlxlab.evaluation.results import SavedTask
 from mlxlab.evaluation.tasks import BINARY_SCORES, PAIRED_SCORES, SCORE_DEFINITIONS
 from mlxlab.stats import ALPHA, CONFIDENCE, mcnemar_exact, paired_bootstrap
@@ -78,6 +82,13 @@ def pair_task(a: SavedTask, b: SavedTask, rounds: int = 10_000, seed: int = 0
     for metric, higher in paired_scores(a).items():
         if not all(metric in rows_a[i] and metric in rows_b[i] for i in ids):
             continue  # a score one run has not (another filter, another lm-eval version)
+        corpus = _corpus(a, b, metric, [rows_a[i] for i in ids] + [rows_b[i] for i in ids])
+        if corpus is not None:  # lm-eval's aggregate over the documents, not a mean of theirs
+            (sa, score), (sb, _) = (corpus_statistics(corpus, [rows[i]["pieces"][metric]
+                                                               for i in ids])
+                                    for rows in (rows_a, rows_b))
+            out.append(_pair_statistics(a.task, metric, sa, sb, score, higher, rounds, seed))
+            continue
         va = np.array([float(rows_a[i][metric]) for i in ids])
         vb = np.array([float(rows_b[i][metric]) for i in ids])
         diff, low, high, p = paired_bootstrap(va, vb, rounds=rounds, seed=seed)
@@ -102,20 +113,40 @@ def pair_weighted_loss(a: SavedTask, b: SavedTask, rounds: int = 2000, seed: int
     ids = [i for i in rows_a if i in rows_b]
     if not ids:
         raise ValueError(f"task {a.task}: the two runs share no example ids")
-    na, ta, nb, tb = (np.array([float(rows[i][k]) for i in ids]) for rows, k in (
-        (rows_a, "nll"), (rows_a, "tokens"), (rows_b, "nll"), (rows_b, "tokens")))
-    loss_a, loss_b = na.sum() / ta.sum(), nb.sum() / tb.sum()
+    sa, sb = (np.array([[float(rows[i]["nll"]), float(rows[i]["tokens"])] for i in ids])
+              for rows in (rows_a, rows_b))
+    return _pair_statistics(a.task, "loss", sa, sb, lambda total: total[0] / total[1], False,
+                            rounds, seed)
+
+
+def _corpus(a: SavedTask, b: SavedTask, metric: str, rows: list[dict]) -> str | None:
+    """The lm-eval aggregation both runs score `metric` by from per-document pieces (every
+    row keeping its piece), else None (a mean of the rows' values)."""
+    name = a.corpus.get(metric)
+    if name is None or b.corpus.get(metric) != name or name not in CORPUS_AGGREGATIONS:
+        return None
+    return name if all(metric in (r.get("pieces") or {}) for r in rows) else None
+
+
+def _pair_statistics(task: str, metric: str, sa: np.ndarray, sb: np.ndarray,
+                     score: Callable[[np.ndarray], float], higher: bool, rounds: int,
+                     seed: int) -> PairedScore:
+    """B - A on a score that is a function of per-document statistics' sums, (documents, k)
+    each (a token-weighted loss, lm-eval's corpus scores), over the documents both scored: a
+    paired percentile bootstrap over documents for the interval; for p, the paired
+    randomization test (each document's two sets of statistics swapped with probability 1/2)."""
+    value_a, value_b = score(sa.sum(0)), score(sb.sum(0))
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(ids), size=(rounds, len(ids)))
-    boot = nb[picks].sum(1) / tb[picks].sum(1) - na[picks].sum(1) / ta[picks].sum(1)
+    picks = rng.integers(0, len(sa), size=(rounds, len(sa)))
+    boot = np.array([score(sb[p].sum(0)) - score(sa[p].sum(0)) for p in picks])
     low, high = (float(v) for v in np.quantile(boot, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2]))
-    swap = rng.random((rounds, len(ids))) < 0.5
-    flipped = (np.where(swap, na, nb).sum(1) / np.where(swap, ta, tb).sum(1)
-               - np.where(swap, nb, na).sum(1) / np.where(swap, tb, ta).sum(1))
-    diff = float(loss_b - loss_a)
+    swaps = rng.random((rounds, len(sa), 1)) < 0.5
+    flipped = np.array([score(np.where(s, sa, sb).sum(0)) - score(np.where(s, sb, sa).sum(0))
+                        for s in swaps])
+    diff = float(value_b - value_a)
     p = (1 + int((np.abs(flipped) >= abs(diff) - 1e-15).sum())) / (rounds + 1)
-    return PairedScore(a.task, "loss", "bootstrap", len(ids), float(loss_a), float(loss_b), diff,
-                       low, high, float(p), higher_is_better=False)
+    return PairedScore(task, metric, "bootstrap", len(sa), float(value_a), float(value_b), diff,
+                       low, high, float(p), higher_is_better=higher)
 
 
 def pair_runs(a: Mapping[str, SavedTask], b: Mapping[str, SavedTask], rounds: int = 10_000

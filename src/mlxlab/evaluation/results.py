@@ -36,7 +36,8 @@ def write_scores(scores: Sequence[TaskScores], folder: str | Path, step: int | N
         summary["tasks"][s.task] = {"kind": s.kind, "metrics": s.metrics, "n": len(s.rows),
                                     "prompts": s.prompts,
                                     **({"higher_is_better": s.higher_is_better}
-                                       if s.higher_is_better else {})}
+                                       if s.higher_is_better else {}),
+                                    **({"corpus": s.corpus} if s.corpus else {})}
     _write(folder / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return folder
 
@@ -57,6 +58,7 @@ class SavedTask:
     rows: list[dict]
     prompts: str = "plain"
     higher_is_better: dict[str, bool] = field(default_factory=dict)  # TaskScores'
+    corpus: dict[str, str] = field(default_factory=dict)  # TaskScores'
 
     def by_id(self) -> dict[str, dict]:
         return {str(r["id"]): r for r in self.rows}
@@ -73,7 +75,8 @@ def read_scores(folder: str | Path) -> dict[str, SavedTask]:
         lines = (folder / f"{name}.jsonl").read_text().splitlines()
         out[name] = SavedTask(name, info["kind"], info["metrics"],
                               [json.loads(line) for line in lines if line.strip()],
-                              info.get("prompts", "plain"), info.get("higher_is_better", {}))
+                              info.get("prompts", "plain"), info.get("higher_is_better", {}),
+                              info.get("corpus", {}))
     return out
 
 

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from tokenizers import Tokenizer
 
@@ -55,6 +57,9 @@ class TaskScores:
     # each paired score's direction where the kind does not fix them (lm-eval's tasks: its
     # higher_is_better); empty for mlxlab's own kinds (tasks.PAIRED_SCORES)
     higher_is_better: dict[str, bool] = field(default_factory=dict)
+    # lm-eval's corpus-level scores: score -> its aggregation (evaluation/corpus.py), computed
+    # from each row's "pieces" over the documents, not as a mean of the rows' values
+    corpus: dict[str, str] = field(default_factory=dict)
 
 
 class Prompts:
@@ -100,17 +105,25 @@ def score_task(model: Model, tokenizer: Tokenizer, task: Task,
     template, through which its prompts are rendered (None: plain prompts; chat_template)."""
     settings = settings or TaskSettings()
     prompts = Prompts(tokenizer, template)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if task.kind == MULTIPLE_CHOICE:
             scores = _multiple_choice(model, prompts, task, settings.batch_size)
         elif task.kind == GENERATION:
             scores = _generation(model, prompts, task, settings)
         else:
             scores = _perplexity(model, prompts, task, settings.batch_size)
-        scores.prompts = "plain" if template is None else "chat template"
-        return scores
+    scores.prompts = "plain" if template is None else "chat template"
+    return scores
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode (dropout off) inside, and back in the mode it was in after: a
+    training run's model scored at an evaluation goes on training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         if was_training:
             model.train()

@@ -29,6 +29,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -89,13 +90,15 @@ def probe_ids(vocab_size: int) -> np.ndarray:
     return rng.integers(0, vocab_size, size=(PROBE_ROWS, PROBE_TOKENS))
 
 
-def mlxlab_logits(model: nn.Module, ids: np.ndarray) -> np.ndarray:
-    """The model's float32 logits for `ids` with no padding: (B, T, vocab), a classifier's
-    (B, labels). The model's weights are upcast to float32 in place (exactly: every export
-    dtype widens to it); the writer casts them back to the export's dtype."""
+def mlxlab_logits(model: nn.Module, input_ids: Any, **inputs: mx.array) -> np.ndarray:
+    """The model's float32 logits for the ids with no padding (and `inputs`, a vision model's
+    pictures): (B, T, vocab), a classifier's (B, labels). The model's weights are upcast to
+    float32 in place (exactly: every export dtype widens to it); the writer casts them back to
+    the export's dtype."""
     model.set_dtype(mx.float32)
     model.eval()
-    return np.array(model(mx.array(ids, dtype=mx.int32)).astype(mx.float32))
+    ids = mx.array(np.asarray(input_ids), dtype=mx.int32)
+    return np.array(model(ids, **inputs).astype(mx.float32))
 
 
 def transformers_logits(folder: Path, ids: np.ndarray, classifier: bool,
@@ -107,6 +110,19 @@ def transformers_logits(folder: Path, ids: np.ndarray, classifier: bool,
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    model = transformers_model(auto, folder, adapter)
+    with torch.no_grad():
+        tokens = torch.tensor(ids, dtype=torch.long)
+        out = model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
+    return out.float().numpy()
+
+
+def transformers_model(auto: Any, folder: Path, adapter: Path | None = None) -> Any:
+    """The folder loaded by transformers' `auto` class in float32 on the CPU, in eval mode; with
+    `adapter`, PEFT puts the adapter folder on it. A weight transformers found no tensor for
+    (it would start from random values) refuses the export in one line, by name."""
+    import torch
+
     try:
         with _quiet_transformers():  # its progress bars and notes are not the export's output
             model, info = auto.from_pretrained(folder, dtype=torch.float32,
@@ -125,10 +141,7 @@ def transformers_logits(folder: Path, ids: np.ndarray, classifier: bool,
         raise ExportError(f"refused: transformers found no tensor for {len(missing)} weight(s) "
                           f"of the export (e.g. {missing[0]}): the layout of this model type is "
                           "not the one transformers reads; its weights stay usable in mlxlab")
-    with torch.no_grad():
-        tokens = torch.tensor(ids, dtype=torch.long)
-        out = model.eval()(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
-    return out.float().numpy()
+    return model.eval()
 
 
 @contextmanager
@@ -146,25 +159,32 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def compare(ours: np.ndarray, theirs: np.ndarray, checker: str, ids: np.ndarray) -> dict:
+DIFFERS = ("this model type's forward or layout differs between mlx-lm and transformers: its "
+           "weights stay usable in mlxlab (generate, eval, serve) and as --format mlx-lm")
+
+
+def compare(ours: np.ndarray, theirs: np.ndarray, checker: str, ids: np.ndarray, *,
+            tolerance: float = TOLERANCE, compute: str = "float32, CPU",
+            differs: str = DIFFERS) -> dict:
     """The check's record (export_report.json's "check", the model card's section); refuses a
-    gap above TOLERANCE times the logits' scale in one line that names both."""
+    gap above `tolerance` times the logits' scale in one line that names both and ends with
+    `differs` (what the gap means and what to use instead)."""
+    ids = np.asarray(ids)
     gap = float(np.abs(ours - theirs).max()) if ours.shape == theirs.shape else float("inf")
     if not np.isfinite(gap) or not np.isfinite(ours).all():
         gap = float("inf")
     scale = max(1.0, float(np.abs(ours).max())) if np.isfinite(ours).all() else 1.0
-    allowed = TOLERANCE * scale
+    allowed = tolerance * scale
     record = {"status": "checked", "checker": checker, "max_abs_logit_gap": gap,
-              "logit_scale": scale, "tolerance": TOLERANCE, "allowed_gap": allowed,
-              "probe": ids.tolist(), "compute": "float32, CPU"}
+              "logit_scale": scale, "tolerance": tolerance, "allowed_gap": allowed,
+              "probe": ids.tolist(), "compute": compute}
     if gap > allowed:
         shapes = "" if ours.shape == theirs.shape else f" (logits {ours.shape} vs {theirs.shape})"
         raise ExportError(
             f"refused: {checker} computes other logits from the export than mlxlab does from "
-            f"the fine-tune: max gap {gap:.3g}{shapes} > {allowed:.3g} ({TOLERANCE:g} of the "
-            f"logits' scale {scale:.3g}) on a {ids.shape[0]}x{ids.shape[1]}-token probe; this "
-            "model type's forward or layout differs between mlx-lm and transformers: its "
-            "weights stay usable in mlxlab (generate, eval, serve) and as --format mlx-lm")
+            f"the fine-tune: max gap {gap:.3g}{shapes} > {allowed:.3g} ({tolerance:g} of the "
+            f"logits' scale {scale:.3g}) on a {ids.shape[0]}x{ids.shape[1]}-token probe; "
+            f"{differs}")
     log.info("export check: max |logit gap| %.3g <= %.3g (%s)", gap, allowed, checker)
     return record
 

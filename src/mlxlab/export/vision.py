@@ -7,8 +7,11 @@
   here (HF_NAMES: SmolVLM / Idefics3, Gemma 3, Qwen2.5-VL), float weights, the base's config.json; loaded by
   transformers' image-text-to-text class where it is made. Another family is one line.
 Either way the written folder must give the fine-tune's logits on a probe (ids and a picture
-through the model's processor) within 1e-4 of their scale, else it is refused with the gap and
-nothing is moved to `out`."""
+through the model's processor) within 1e-4 of their scale (at least 1), else it is refused with
+the gap and nothing is moved to `out`; a weight transformers finds no tensor for is refused by
+name. As for a text export (export/proof.py), mlxlab's side is the model as written (fused,
+cast to the export's dtype) and both sides compute in float32, so the same limit holds at
+every dtype."""
 
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlxlab.export.hf import DTYPES, ExportError
+from mlxlab.export.proof import compare, mlxlab_logits, transformers_model
 from mlxlab.models.lora import fuse_lora, has_adapters
 from mlxlab.models.vision_language import VisionLanguageModel
 
@@ -30,6 +35,7 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "chat_template.jinja", "chat_template.json", "generation_config.json",
               "preprocessor_config.json", "processor_config.json")
 TOLERANCE = 1e-4
+PICTURE = "with a picture through the model's processor"
 
 
 def _idefics3_name(name: str) -> str:
@@ -88,7 +94,6 @@ def export_vision(model: VisionLanguageModel, out: Path, dtype: str, staging: Pa
         raise ExportError(f"the run's base folder {base} is gone: its tokenizer and processor "
                           "files go into the export; put it back")
     probe = _probe(model, Path(base))
-    expected = np.array(model(**probe).astype(mx.float32))
     if has_adapters(model.vlm):
         fuse_lora(model.vlm)
     model.vlm.set_dtype(DTYPES[dtype]) if dtype != "float32" else None
@@ -105,26 +110,22 @@ def export_vision(model: VisionLanguageModel, out: Path, dtype: str, staging: Pa
             shutil.copyfile(Path(base) / name, staging / name)
     from mlx_vlm.utils import load_model
 
-    loaded = load_model(staging)
-    probe_ids = probe["input_ids"]
-    pixel = probe.pop("pixel_values")
-    got = np.array(loaded(probe.pop("input_ids"), pixel, mask=None, **probe).logits.astype(
-        mx.float32)) if model.hf_config.get("model_type") != "gemma3" else None
-    if got is None:  # Gemma 3's mask is mlxlab's (models/vision_language.py): same forward
-        reloaded = VisionLanguageModel(0, pretrained=str(staging))
-        got = np.array(reloaded(**_probe(reloaded, Path(base))).astype(mx.float32))
-    scale = max(float(np.abs(expected).max()), 1e-9)
-    gap = float(np.abs(got - expected).max())
-    if dtype == "float32" and gap > TOLERANCE * scale:
-        raise ExportError(f"the mlx-vlm folder gives logits {gap / scale:.2e} of their scale "
-                          "away from the fine-tune's: not written")
+    expected = mlxlab_logits(model, **probe)
+    if model.hf_config.get("model_type") == "gemma3":
+        # Gemma 3's mask is mlxlab's (models/vision_language.py): the same forward
+        got = mlxlab_logits(VisionLanguageModel(0, pretrained=str(staging)), **probe)
+    else:
+        loaded = load_model(staging)
+        loaded.set_dtype(mx.float32)
+        images = {k: v for k, v in probe.items() if k not in ("input_ids", "pixel_values")}
+        got = np.array(loaded(probe["input_ids"], probe["pixel_values"], mask=None,
+                              **images).logits.astype(mx.float32))
     from mlxlab.models.vision_language import version
 
-    return {"check": {"status": "checked", "checker": f"mlx-vlm {version()}",
-                      "compute": "MLX, with a picture through the model's processor",
-                      "max_abs_logit_gap": gap, "allowed_gap": TOLERANCE * scale,
-                      "tolerance": TOLERANCE, "logit_scale": scale,
-                      "probe": np.array(probe_ids).tolist()}}
+    return {"check": compare(expected, got, f"mlx-vlm {version()}", probe["input_ids"],
+                             tolerance=TOLERANCE, compute=f"MLX float32, {PICTURE}",
+                             differs="this model's forward differs in mlx-vlm's loader: its "
+                             "weights stay usable in mlxlab (generate, eval, serve)")}
 
 
 def _export_hf(model: VisionLanguageModel, dtype: str, staging: Path) -> dict:
@@ -140,15 +141,12 @@ def _export_hf(model: VisionLanguageModel, dtype: str, staging: Path) -> dict:
         raise ExportError("--format hf is checked in transformers, which needs PyTorch here: "
                           "pip install torch, or export --format mlx-vlm") from None
     probe = _probe(model, base)
-    expected = np.array(model(**probe).astype(mx.float32))
     if has_adapters(model.vlm):
         fuse_lora(model.vlm, dequantize=True)
     if model.quantized:
         from mlx_lm.utils import dequantize_model
 
         dequantize_model(model.vlm)
-    from mlx.utils import tree_flatten
-
     rename = HF_NAMES[model.hf_config.get("model_type")]
     weights = {}
     for name, value in tree_flatten(model.vlm.parameters()):
@@ -158,29 +156,24 @@ def _export_hf(model: VisionLanguageModel, dtype: str, staging: Path) -> dict:
         if name.endswith(CONV_WEIGHTS):
             value = value.transpose(TORCH_CONV[value.ndim])
         weights[hub] = value.astype(DTYPES[dtype])
+    model.vlm.set_dtype(DTYPES[dtype])  # what the check computes from: the weights as written
     mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "pt"})
     shutil.copyfile(base / "config.json", staging / "config.json")
     for name in SIDE_FILES:
         if (base / name).is_file():
             shutil.copyfile(base / name, staging / name)
-    loaded = transformers.AutoModelForImageTextToText.from_pretrained(
-        staging, dtype=torch.float32).eval()
+    expected = mlxlab_logits(model, **probe)  # the weights as written, computed in float32
+    loaded = transformers_model(transformers.AutoModelForImageTextToText, staging)
     inputs = {k: torch.tensor(np.array(v)) for k, v in probe.items()}
     inputs["input_ids"] = inputs["input_ids"].long()
     inputs.update(image_token_types(model.hf_config, inputs["input_ids"]))
     with torch.no_grad():
         got = loaded(**inputs).logits.float().numpy()
-    scale = max(float(np.abs(expected).max()), 1e-9)
-    gap = float(np.abs(got - expected).max())
-    if dtype == "float32" and gap > TOLERANCE * scale:
-        raise ExportError(f"transformers gives this export logits {gap / scale:.2e} of their "
-                          "scale away from the fine-tune's: not written (--format mlx-vlm "
-                          "writes mlx-vlm's folder)")
-    return {"check": {"status": "checked", "checker": f"transformers {transformers.__version__}",
-                      "compute": "PyTorch float32, with a picture through the model's processor",
-                      "max_abs_logit_gap": gap, "allowed_gap": TOLERANCE * scale,
-                      "tolerance": TOLERANCE, "logit_scale": scale,
-                      "probe": np.array(probe["input_ids"]).tolist()}}
+    return {"check": compare(expected, got, f"transformers {transformers.__version__}",
+                             probe["input_ids"], tolerance=TOLERANCE,
+                             compute=f"PyTorch float32, {PICTURE}",
+                             differs="this family's layout or forward differs in transformers: "
+                             "--format mlx-vlm writes mlx-vlm's folder")}
 
 
 def image_token_types(config: dict, input_ids: Any) -> dict:

@@ -69,10 +69,12 @@ def generate_tokens(
 
 def check_draft(model: Model, draft: Model, same_tokenizer: bool) -> None:
     """A draft model speculative decoding can use with `model`, else one ConfigError line: the
-    same tokenizer and vocabulary, smaller than the model, and caches that roll back (a
-    rejected draft token is trimmed off both caches)."""
-    from mlx.utils import tree_flatten
+    same tokenizer and vocabulary, fewer weights than the model (a quantized layer counted by the
+    weights it packs), and caches that roll back (a rejected draft token is trimmed off both
+    caches)."""
     from mlx_lm.models.cache import can_trim_prompt_cache
+
+    from mlxlab.models import num_parameters
 
     if not same_tokenizer:
         raise ConfigError("--draft: the draft's tokenizer is not the model's; a draft proposes "
@@ -81,7 +83,7 @@ def check_draft(model: Model, draft: Model, same_tokenizer: bool) -> None:
     if None not in sizes and sizes[0] != sizes[1]:
         raise ConfigError(f"--draft: the draft's vocabulary has {sizes[1]} ids and the model's "
                           f"{sizes[0]}; use a draft of the same vocabulary")
-    count = [sum(v.size for _, v in tree_flatten(m.parameters())) for m in (model, draft)]
+    count = [num_parameters(m) for m in (model, draft)]  # a quantized layer by its weights
     if count[1] >= count[0]:
         raise ConfigError(f"--draft: the draft ({count[1]:,} parameters) is not smaller than "
                           f"the model ({count[0]:,}); a draft only saves time when it is")

@@ -155,30 +155,67 @@ class LoRASwitchLinear(AdapterLayer):
         return _fused(self.linear, weight + self.delta().astype(weight.dtype), dequantize)
 
 
+class _TakenFrom:
+    """The base weight array the held row norms were taken from, and those norms: a plain
+    object, not an array, so the module does not take it for a parameter or state."""
+
+    def __init__(self, weight: mx.array | None = None, norms: mx.array | None = None):
+        self.weight, self.norms = weight, norms
+
+
 class DoRASwitchLinear(LoRASwitchLinear):
     """DoRA on stacked experts: m_e / ||W_e + s B_e A_e||_rows * (W_e x + s B_e A_e x) + bias
     (module docstring); m starts at the base rows' norms, so the layer starts as the base."""
 
     def start(self) -> None:
         """m at the base rows' norms: the layer computes the base."""
-        self.m = mx.linalg.norm(expert_weight(self.linear).astype(mx.float32), axis=-1)
+        self.m = mx.sqrt(self._base_norm2())
 
     def __init__(self, input_dims: int, output_dims: int, num_experts: int, rank: int = 8,
                  scale: float = 2.0, dropout: float = 0.0):
         super().__init__(input_dims, output_dims, num_experts, rank, scale, dropout)
         self.m = mx.ones((num_experts, output_dims))
+        self._taken = _TakenFrom()
+
+    def _base_norm2(self) -> mx.array:
+        """||W_e||^2 of each expert's rows (E, out), float32: the frozen base's, taken once (the
+        only time a quantized base is dequantized whole) and again when the base's weight is
+        another array (a checkpoint loaded into it). Held as `_frozen_norm2`, which the module's
+        state has (a compiled step reads it as an input) and its parameters have not (not
+        trained, saved or counted)."""
+        held = self.get("_frozen_norm2")
+        if held is not None and held is not self._taken.norms:
+            return held  # a compiled step's trace: its input, the state's array
+        if held is None or self._taken.weight is not self.linear.weight:
+            weight = expert_weight(self.linear).astype(mx.float32)
+            held = mx.stop_gradient((weight * weight).sum(axis=-1))
+            mx.eval(held)  # the dequantized copy goes now
+            self._frozen_norm2, self._taken = held, _TakenFrom(self.linear.weight, held)
+        return held
+
+    def _base_times_a(self) -> mx.array:
+        """W_e A_e^T (E, out, r), float32: a quantized base multiplies packed (one gather_qmm
+        over the experts, each dequantized a tile at a time), never dequantized whole."""
+        linear, a = self.linear, self.lora_a
+        if "scales" not in linear:
+            return linear.weight.astype(mx.float32) @ a.swapaxes(-1, -2)
+        product = mx.gather_qmm(a, linear.weight, linear.scales, linear.get("biases"),
+                                rhs_indices=mx.arange(a.shape[0]), transpose=True,
+                                group_size=linear.group_size, bits=linear.bits,
+                                mode=linear.mode)
+        return product.astype(mx.float32).swapaxes(-1, -2)
 
     def _row_scale(self) -> mx.array:
         """m / ||W + s B A|| per expert and output row (E, out); the norm is a constant to the
         backward (DoRA's own simplification, as mlx-lm's DoRALinear). Expanded as ||W||^2 +
-        2s <W, BA> + s^2 ||BA||^2 row by row, from W A^T (E, out, r) and A A^T (E, r, r): no
-        (E, out, in) array besides the weight itself (at Qwen3-30B-A3B's shape W + sBA would be
-        800 MB a projection and layer)."""
-        weight = expert_weight(self.linear).astype(mx.float32)
+        2s <W, BA> + s^2 ||BA||^2 row by row: the base's ||W||^2 held (_base_norm2), the rest
+        from W A^T (E, out, r) and A A^T (E, r, r), so no (E, out, in) array is made (at
+        Qwen3-30B-A3B's shape W + sBA would be 800 MB a projection and layer) and a quantized
+        base is not dequantized."""
         a, b = self.lora_a, self.lora_b
-        cross = ((weight @ a.swapaxes(-1, -2)) * b).sum(axis=-1)
+        cross = (self._base_times_a() * b).sum(axis=-1)
         square = ((b @ (a @ a.swapaxes(-1, -2))) * b).sum(axis=-1)
-        norm2 = (weight * weight).sum(axis=-1) + 2 * self.scale * cross + self.scale**2 * square
+        norm2 = self._base_norm2() + 2 * self.scale * cross + self.scale**2 * square
         return self.m / mx.stop_gradient(mx.sqrt(mx.maximum(norm2, 0.0)))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:

@@ -225,14 +225,18 @@ class VisionLanguageModel(PretrainedModel):
             for _, value in tree_flatten(self.vlm.parameters()):
                 mx.eval(value)
                 mx.clear_cache()
+        else:  # a checkpoint's rebuild: its layers quantized as they were, its adapters on them
+            self._prepare(None, lora, rebuilt=True)
         # On the CPU, quantized layers (under their adapters too) multiply through the fused
         # dequantize + float GEMM: MLX's own quantized matmul runs ~30x slower there.
         if self._quantized_layers:
             use_fast_cpu_quantized(self.vlm)
         use_fused_vision_attention(self.vlm)
 
-    def _prepare(self, quantize: int | None, lora: Mapping | None) -> None:
-        """Quantization at load, then what trains (module docstring), said once in the log."""
+    def _prepare(self, quantize: int | None, lora: Mapping | None, rebuilt: bool = False
+                 ) -> None:
+        """Quantization at load, then what trains (module docstring), said once in the log
+        (not again when a checkpoint rebuilds the model)."""
         from mlxlab.models import num_parameters
 
         stored = self._quantized()
@@ -259,6 +263,8 @@ class VisionLanguageModel(PretrainedModel):
         else:
             self.freeze()
             self._adapt(lora, parts)
+        if rebuilt:
+            return
         what = (f"{lora.get('kind', 'lora')} adapters (rank {rank}) on "
                 f"{', '.join(parts)}" if rank else "every parameter (full fine-tuning)")
         log.info("%s vision-language model (mlx-vlm %s): trains %s; %s trainable / %s total "
