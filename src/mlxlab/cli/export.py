@@ -23,8 +23,8 @@ vLLM's LoRA, llama.cpp's convert_lora_to_gguf.py and Ollama's ADAPTER read it.
 --format mlx-vlm writes a vision-language run (model=vision_language) as an mlx-vlm folder, its
 adapters fused, checked by loading it in mlx-vlm; --format hf writes one (SmolVLM / Idefics3,
 Gemma 3) in transformers' layout, checked in transformers.
---format gguf writes one GGUF file (f32, f16, bf16, q8_0, q4_0, q4_1) that llama.cpp, Ollama and
-LM Studio load, and an Ollama Modelfile beside it named after it (ft.gguf: ft.Modelfile;
+--format gguf writes one GGUF file (f32, f16, bf16, q8_0, q4_0, q4_1, q4_k_m, q5_k_m, q6_k) that
+llama.cpp, Ollama and LM Studio load, and an Ollama Modelfile beside it named after it (ft.gguf: ft.Modelfile;
 `ollama create NAME -f exported/ft.Modelfile`).
 
     mlxlab export RUN --format gguf --draft DRAFT_RUN [--num-draft-tokens 3] --out exported/ft.gguf
@@ -34,6 +34,18 @@ experiment=draft_model), checked as `mlxlab generate --draft` checks it before a
 ft.gguf, ft.draft.gguf in the same --quant, and ft.llama-server.sh, which runs `llama-server -m
 ft.gguf -md ft.draft.gguf --draft-max K`; LM Studio pairs the two files in its Speculative
 Decoding panel. Ollama has no draft models: ft.Modelfile serves the run alone.
+
+--quantize-method gptq|awq (with --quantize): mlx_lm.quant's calibrated quantizers, run on the
+run's own training rows. --format gguf --quant q4_k_m|q5_k_m|q6_k: llama-quantize's K-quant
+mixtures, quantized by llama.cpp's own code (the xllamacpp wheel), weighted by an importance
+matrix of the fine-tune on its first --imatrix-rows training rows.
+
+Every export that changes the weights (--quantize, a narrower --dtype, a GGUF --quant other than
+f32) is read back from what it wrote and scored on the run's validation rows and task files
+(eval.tasks, or --tasks FILES) beside the run and its base: it prints the share of the
+fine-tune's gain it kept with the paired verdict, records it on the run's MLflow run, and is
+refused (nothing written) when it is significantly worse than the run and keeps under 95 % of
+the gain, unless --accept-loss.
 
 --format hf (and peft, and gguf from a run, through its float hf folder) is checked where it is
 made: transformers loads what was written and must give the fine-tune's logits on a 2x16-token

@@ -3,7 +3,8 @@
     export_run(run, out, fmt="hf" | "mlx-lm" | "peft", dtype=None | "float16" | ...,
                quantize=None | 4 | 8, lora="fuse" | "adapters")
 
-    export_gguf(run_or_folder, "model.gguf", quant="f16" | "bf16" | "q8_0" | "q4_0" | "q4_1")
+    export_gguf(run_or_folder, "model.gguf", quant="f16" | "bf16" | "q8_0" | "q4_0" | "q4_1"
+                | "q4_k_m" | "q5_k_m" | "q6_k")
 
 Decoders open with transformers.AutoModelForCausalLM and mlx_lm.load (GGUF: llama.cpp, Ollama,
 LM Studio; gguf.py); BERT classifiers with
@@ -15,7 +16,9 @@ refused with the measured gap (proof.py; `check=False` writes it unchecked); the
 and transformers' version go into its model card. `quantize` writes mlx-lm's quantized layout and measures the
 perplexity and next-token accuracy it costs on the run's validation data (export_report.json).
 A run that scored evaluation tasks (eval.tasks) gets a README.md model card with their scores
-(model_card.py); a checked (or unchecked) export, a card saying so.
+(model_card.py); a checked (or unchecked) export, a card saying so. Every export that changes a
+decoder's weights is read back from what it wrote and judged against the run and its base
+(retention.py): the share of the fine-tune's gain it keeps, refused when it loses it.
 """
 
 from __future__ import annotations
@@ -490,8 +493,10 @@ def _judge_gguf(request: Retention, written: Path, quant: str, work: Path, repor
         return
     logits = mlxlab_logits(exported, reference.ids)
     if quant == "f32":  # the same weights: the layout's check, on the file
-        report["file_check"] = compare(reference.probe, logits, "mlxlab's GGUF reader",
-                                       reference.ids)
+        report["file_check"] = compare(
+            reference.probe, logits, "mlxlab's GGUF reader", reference.ids,
+            differs="the GGUF's tensors or metadata for this model type are not what mlxlab "
+            "wrote them from: export --format hf or mlx-lm")
         return
     scale = max(1.0, float(np.abs(reference.probe).max()))
     gap = float(np.abs(logits - reference.probe).max())

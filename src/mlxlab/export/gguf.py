@@ -3,7 +3,8 @@ read: tensors renamed and laid out as llama.cpp's own converter (convert_hf_to_g
 them, its metadata keys, the tokenizer as a GGUF vocabulary (tokens, token types, merges,
 pre-tokenizer, special tokens, chat template), and the weights in F32 / F16 / BF16 / Q8_0 /
 Q4_0 / Q4_1, quantized by the `gguf` package (llama.cpp's own Python; its Q8_0 is bit-exact with
-the C code).
+the C code), or as llama-quantize's K-quant mixtures Q4_K_M / Q5_K_M / Q6_K, quantized by
+llama.cpp's C code itself (gguf_kquants.py).
 
     write_gguf(folder, "model.gguf", quant="q8_0", description=None) -> report dict
 
