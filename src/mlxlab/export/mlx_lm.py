@@ -48,10 +48,11 @@ def quantize(model: nn.Module, bits: int, group_size: int = GROUP_SIZE, method: 
     if method == "awq":
         from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
 
-        awq = AWQ_MODEL_CONFIGS.get(getattr(target, "model_type", None))
+        kind = model.architecture.get("model_type")
+        awq = AWQ_MODEL_CONFIGS.get(kind)
         if awq is None:
             raise ExportError(f"--quantize-method awq: mlx_lm.quant has no AWQ settings for "
-                              f"{getattr(target, 'model_type', None)!r} (it has "
+                              f"{kind!r} (it has "
                               f"{sorted(AWQ_MODEL_CONFIGS)}); use gptq or rtn")
         awq_quantize(target, calibration, awq, group_size=group_size, bits=bits,
                      embed_group_size=32, embed_bits=bits)

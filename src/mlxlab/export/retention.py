@@ -166,8 +166,7 @@ def build_reference(model: Model, state, tokenizer_path: Path, batches: list[Bat
 
 
 def _vocab_size(model: Model) -> int:
-    architecture = getattr(model, "architecture", None) or {}
-    return int(architecture.get("vocab_size") or model.vocab_size)
+    return int(model.architecture["vocab_size"])
 
 
 def _chance(run: Scores, vocab_size: int) -> Scores:
