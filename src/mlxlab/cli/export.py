@@ -142,12 +142,14 @@ def _gguf(args: argparse.Namespace) -> int:
     """--format gguf: the options the other formats take are refused, not ignored."""
     from mlxlab.export import export_gguf
 
-    ignored = [flag for flag, given in (("--dtype", args.dtype), ("--quantize", args.quantize),
-                                        ("--adapters", args.lora == "adapters")) if given]
+    ignored = [flag for flag, given in (("--dtype", args.dtype), ("--quantize", args.quantize))
+               if given]
     if ignored:
         print(f"mlxlab export: error: {', '.join(ignored)} do not apply to --format gguf "
-              "(it fuses LoRA; pick the weights' type with --quant)", file=sys.stderr)
+              "(pick the weights' type with --quant)", file=sys.stderr)
         return 2
+    if args.lora == "adapters":
+        return _gguf_adapters(args)
     try:
         if args.draft is None:
             report = export_gguf(args.run, args.out, args.quant or "f16",
@@ -172,4 +174,35 @@ def _gguf(args: argparse.Namespace) -> int:
         print(f"draft: {draft.get('checkpoint', draft.get('source'))} -> {draft['gguf']} "
               f"({draft['bytes'] / 2**20:.1f} MiB); llama.cpp: {report['command']} "
               "(llama-server -m ... -md ...); Ollama has no draft models")
+    return 0
+
+
+def _gguf_adapters(args: argparse.Namespace) -> int:
+    """--format gguf --adapters: the base and a GGUF LoRA adapter beside it."""
+    from mlxlab.export.gguf_adapters import export_gguf_adapters
+
+    if args.draft is not None or not args.check:
+        flag = "--draft" if args.draft is not None else "--no-check"
+        print(f"mlxlab export: error: {flag} does not apply to --format gguf --adapters (the "
+              "base ships as pretrained and the adapters as trained: nothing goes through "
+              "transformers)", file=sys.stderr)
+        return 2
+    try:
+        report = export_gguf_adapters(args.run, args.out, args.quant, overwrite=args.overwrite)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mlxlab export: error: {err}", file=sys.stderr)
+        return 2
+    base, adapter = report["base"], report["adapter"]
+    if base["written"]:
+        print(f"exported {report['checkpoint']}: base -> {base['gguf']} ({base['architecture']}, "
+              f"{base['quant']}, {base['bytes'] / 2**20:.1f} MiB; pretrained weights, not fused)")
+    else:
+        print(f"exported {report['checkpoint']}: base = {base['gguf']} (the run's own GGUF, "
+              "left as it is and named by its path)")
+    print(f"LoRA adapter -> {adapter['gguf']} (rank {adapter['rank']}, alpha {adapter['alpha']:g}"
+          f", {adapter['pairs']} weights, F32, {adapter['bytes'] / 2**10:.1f} KiB)")
+    style = report["chat_style"] or "none recognised: the GGUF's own template"
+    print(f"Ollama: {report['modelfile']} (FROM the base, ADAPTER the adapter; chat template: "
+          f"{style}); ollama create NAME -f {report['modelfile']}")
+    print(f"llama.cpp: {report['command']} (llama-server -m BASE --lora ADAPTER)")
     return 0

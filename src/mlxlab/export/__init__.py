@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -123,10 +123,12 @@ def export_run(
     lora: str = "fuse",
     overwrite: bool = False,
     check: bool = True,
+    refuse: Callable[[object, object], None] | None = None,
 ) -> dict:
     """Write the run's model (best checkpoint, else newest) to `out`; returns the report that is
     also saved as out/export_report.json. `check=False` writes a transformers export without
-    loading it in transformers (its card says unchecked)."""
+    loading it in transformers (its card says unchecked). `refuse(model, state)`: a caller's
+    own refusals (raising ExportError), on the loaded run before anything is written."""
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.exists():
         raise FileNotFoundError(f"{run} does not exist: pass a run directory (outputs/<task>/<time>)")
@@ -137,7 +139,7 @@ def export_run(
         run_folder = chosen.parent.parent if chosen.parent.name == "checkpoints" else run
         note = unfinished_note(run_folder, state.step, state.config)
         return _export_loaded(model, state, chosen, note, run, out, tokenizer_path, fmt, dtype,
-                              quantize, lora, overwrite, check)
+                              quantize, lora, overwrite, check, refuse)
 
 
 def _checker(model, state, fmt: str, check: bool) -> dict | None:
@@ -176,7 +178,8 @@ def _checker(model, state, fmt: str, check: bool) -> dict | None:
 
 def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out: Path,
                    tokenizer_path: Path, fmt: str, dtype: str | None, quantize: int | None,
-                   lora: str, overwrite: bool, check: bool = True) -> dict:
+                   lora: str, overwrite: bool, check: bool = True,
+                   refuse: Callable[[object, object], None] | None = None) -> dict:
     remapped = None
     if isinstance(model, RemappedLM):  # the small model + a tokenizer on its ids (remapped.py)
         remapped, model = model, model.inner
@@ -186,6 +189,8 @@ def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out:
         dtype = source if source in DTYPES else "float32"
     _check_options(model, fmt, dtype, quantize, lora)
     not_checked = _checker(model, state, fmt, check)
+    if refuse is not None:
+        refuse(model, state)
     if fmt == "peft":
         check_peft(state.config.get("model") or {},
                    isinstance(model, MLXLMDecoder) and bool(model.quantized), has_adapters(model),

@@ -52,7 +52,7 @@ class GGUFExportError(ConfigError):
     """The folder cannot be written as GGUF; the message says what is possible."""
 
 
-def _gguf():
+def gguf_package():
     try:
         import gguf
     except ImportError as err:  # pragma: no cover - gguf is a dependency of the export path
@@ -61,7 +61,7 @@ def _gguf():
 
 
 def _types() -> dict[str, tuple]:
-    g = _gguf()
+    g = gguf_package()
     T, F = g.GGMLQuantizationType, g.LlamaFileType
     return {"f32": (T.F32, F.ALL_F32), "f16": (T.F16, F.MOSTLY_F16),
             "bf16": (T.BF16, F.MOSTLY_BF16), "q8_0": (T.Q8_0, F.MOSTLY_Q8_0),
@@ -310,7 +310,7 @@ def _write_vocab(writer, folder: Path, vocab_size: int) -> dict:
     byte fallback (a "▁" for the space, `<0xNN>` byte tokens: Llama 2, Mistral, Gemma's
     tokenizer.json), written as its "llama" model, where merge order is the score (-id: a BPE
     vocabulary numbers its tokens in the order their merges were learned)."""
-    g = _gguf()
+    g = gguf_package()
     file = folder / "tokenizer.json"
     if not file.is_file():
         raise GGUFExportError(f"{folder} has no tokenizer.json (a GGUF carries its tokenizer)")
@@ -391,7 +391,7 @@ def _write_hparams(writer, config: dict, arch: Architecture, file_type) -> None:
     arch.hparams(writer, c)
     scaling = c.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) == "linear":
-        writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
+        writer.add_rope_scaling_type(gguf_package().RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
 
 
@@ -420,7 +420,7 @@ def _llama3_rope_factors(config: dict) -> np.ndarray:
 def _encode(w: np.ndarray, qtype):
     """(data, raw dtype) for the writer: 1-D tensors in F32; a 2-D one whose rows are not whole
     32-value blocks falls back to F16, as llama.cpp's converter does."""
-    g = _gguf()
+    g = gguf_package()
     T = g.GGMLQuantizationType
     if w.ndim <= 1 or qtype == T.F32:
         return w.astype(np.float32), T.F32
@@ -438,11 +438,27 @@ def _float_tensors(tensors) -> Tensors:
         yield name, _dequantize(packed) if packed is not None else w
 
 
+def tensor_names(arch: Architecture, config: dict) -> Callable[[str], str | None]:
+    """transformers tensor name -> llama.cpp's (`model.layers.0.self_attn.q_proj.weight` ->
+    `blk.0.attn_q.weight`), or None where the `gguf` package's map has none; the base export
+    and its LoRA adapter (gguf_lora.py) name tensors alike, so the adapter's pairs land on the
+    base's tensors."""
+    g = gguf_package()
+    name_map = g.get_tensor_name_map(g.MODEL_ARCH[arch.gguf_arch], config["num_hidden_layers"])
+
+    def llama_cpp_name(name: str) -> str | None:
+        base, _, suffix = name.rpartition(".")
+        mapped = name_map.get_name(base)
+        return None if mapped is None else f"{mapped}.{suffix}"
+
+    return llama_cpp_name
+
+
 def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype) -> dict:
     """Every tensor under llama.cpp's name and layout; returns how many went out as which type
     ("Q4_1 (direct)": an mlx-lm 4-bit weight repacked without a float round trip)."""
-    g = _gguf()
-    name_map = g.get_tensor_name_map(g.MODEL_ARCH[arch.gguf_arch], config["num_hidden_layers"])
+    g = gguf_package()
+    llama_cpp_name = tensor_names(arch, config)
     counts: dict[str, int] = {}
     tied = config.get("tie_word_embeddings", False)
     tensors = _read_tensors(folder, config.get("quantization"))
@@ -451,8 +467,8 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype
     for name, w, packed in tensors:
         if tied and name == "lm_head.weight":
             continue  # the GGUF reads the embedding as the output (no output.weight)
-        base, _, suffix = name.rpartition(".")
-        gguf_name = name_map.get_name(base)
+        full_name = llama_cpp_name(name)
+        gguf_name = full_name and full_name.rsplit(".", 1)[0]
         if gguf_name is None and ".switch_mlp." in name:
             raise GGUFExportError(f"{folder} holds mlx-lm's stacked experts ({name}): give the "
                                   "Hugging Face folder, or export the run itself to GGUF")
@@ -467,7 +483,7 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype
             kept = g.GGMLQuantizationType.F32 if gguf_name.endswith(_F32_TENSORS) else qtype
             data, kind = _encode(arch.tensor(name, w, config), kept)
             label = kind.name
-        writer.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=kind)
+        writer.add_tensor(full_name, data, raw_dtype=kind)
         counts[label] = counts.get(label, 0) + 1
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) == "llama3":
@@ -482,7 +498,7 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
     """Write the float decoder folder as one GGUF file at `out` (written beside it under a
     temporary name, then renamed: an interrupted export leaves no half file); returns what was
     written (architecture, tensor types, vocabulary)."""
-    g = _gguf()
+    g = gguf_package()
     folder, out = Path(folder), Path(out)
     if quant not in QUANTS:
         raise GGUFExportError(f"--quant {quant!r}: the gguf package writes {list(QUANTS)} "
