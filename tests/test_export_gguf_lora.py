@@ -8,14 +8,12 @@ no file."""
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gguf_files import tiny_llama_gguf
 from hf_helpers import save_tiny_model
 from mlxlab.cli.main import main
 from mlxlab.runs.inference import load_run, sample_ids
@@ -90,3 +88,112 @@ def test_llama_cpp_decodes_the_fine_tune_from_base_and_adapter(exported):
     alone = llama_cpp_greedy(base, None, prompt_ids)
     assert theirs == ours
     assert alone != theirs  # the adapter is applied, and changes what the base decodes
+
+
+def test_the_adapter_is_what_llama_cpps_converter_writes(exported, tmp_path):
+    """Keys and tensors as convert_lora_to_gguf.py writes them, and as llama-adapter.cpp checks
+    them against the base (lora_a ne [in, rank], lora_b ne [rank, out]); base + (alpha / rank) *
+    B @ A is, tensor by tensor, the fused export's weight (--format gguf without --adapters:
+    transformers' layout through the base export's own row fixes)."""
+    import gguf
+
+    folder = exported["out"].parent
+    adapter = gguf.GGUFReader(folder / "ft.lora.gguf")
+    fields = {name: field.contents() for name, field in adapter.fields.items()
+              if not name.startswith("GGUF.")}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["general.architecture"] == "llama"
+    rank, alpha = 8, fields["adapter.lora.alpha"]
+    assert alpha == 16.0  # model.lora.alpha 16 at rank 8: mlxlab's scale 2 = alpha / rank
+    assert adapter.fields["adapter.lora.alpha"].types == [gguf.GGUFValueType.FLOAT32]
+    pairs = {t.name: t for t in adapter.tensors}
+    kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    assert sorted(pairs) == sorted(f"blk.{i}.{k}.weight.lora_{ab}" for i in range(2)
+                                   for k in kinds for ab in "ab")
+    base = {t.name: t for t in gguf.GGUFReader(folder / "ft.base.gguf").tensors}
+    fused_file = tmp_path / "fused.gguf"
+    assert main(["export", str(exported["run"]), "--format", "gguf", "--quant", "f32",
+                 "--out", str(fused_file)]) == 0
+    fused = {t.name: t for t in gguf.GGUFReader(fused_file).tensors}
+    for name in {n.rsplit(".", 1)[0] for n in pairs}:
+        a, b, w = pairs[f"{name}.lora_a"], pairs[f"{name}.lora_b"], base[name]
+        assert a.tensor_type == b.tensor_type == gguf.GGMLQuantizationType.F32
+        # GGUF's ne order: what llama-adapter.cpp compares with the base tensor's
+        assert int(a.shape[0]) == int(w.shape[0]) and int(b.shape[1]) == int(w.shape[1])
+        assert int(a.shape[1]) == int(b.shape[0]) == rank
+        merged = w.data + alpha / rank * (b.data @ a.data)
+        assert np.abs(merged - fused[name].data).max() <= 1e-5, name
+    assert any(np.abs(pairs[f"{n}.lora_b"].data).max() > 1e-3 for n in base if n + ".lora_b"
+               in pairs)  # trained: B moved off its zero init
+
+
+def test_a_gguf_base_is_named_by_its_path_not_copied(tmp_path, capsys):
+    """A run whose model.pretrained is a GGUF file ships that file untouched: no base is
+    written, the Modelfile and the script name it by its absolute path, and llama.cpp on that
+    file with the adapter decodes the run's greedy text. (An F32 file: llama.cpp's Q8_0
+    product also rounds the activations to 8 bits, which MLX's does not, so on a Q8_0 base a
+    near tie in this random model can go the other way.)"""
+    pytest.importorskip("xllamacpp", reason="llama.cpp's prebuilt wheel (dev extra)")
+    from mlxlab.export.gguf import write_gguf
+
+    base = tmp_path / "models" / "tiny.gguf"
+    write_gguf(save_tiny_model("qwen2", tmp_path / "tiny-qwen2", chat="chatml"), base, "f32")
+    before = base.read_bytes()
+    _, run = train_chat(base, tmp_path / "train", *TRAIN)
+    out = tmp_path / "out" / "ft.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--adapters", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "ft.Modelfile", "ft.llama-server.sh", "ft.lora.gguf"]
+    assert base.read_bytes() == before
+    modelfile = (out.parent / "ft.Modelfile").read_text()
+    assert modelfile.startswith(f"FROM {base.resolve()}\nADAPTER ./ft.lora.gguf\n")
+    command = server_command(out.parent)
+    assert command[command.index("-m") + 1] == str(base.resolve())
+    assert command[command.index("--lora") + 1] == "ft.lora.gguf"
+    prompt_ids, ours = mlxlab_greedy(run, PROMPTS[:3])
+    assert llama_cpp_greedy(base, out.parent / "ft.lora.gguf", prompt_ids) == ours
+    # nothing is quantized: --quant is refused, and the export stays as it was
+    written = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    assert main(["export", str(run), "--format", "gguf", "--adapters", "--quant", "q4_0",
+                 "--overwrite", "--out", str(out)]) == 2
+    assert "--quant q4_0: the base is the run's own GGUF file" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == written
+
+
+REFUSALS = {  # case -> (save_tiny_model kind, training overrides, what the one line says)
+    "dora": ("llama", ["model.lora.kind=dora"],
+             "a DORA run has no GGUF adapter form (llama.cpp applies plain LoRA only): export "
+             "it fused instead (--format gguf without --adapters)"),
+    "no_lora": ("llama", ["model.lora.rank=0"], "--adapters needs a LoRA run"),
+    "regrouped_arch": ("qwen3_moe", [],
+                       "model_type='qwen3_moe': llama.cpp regroups its tensors"),
+}
+
+
+@pytest.mark.parametrize("case", [*REFUSALS, "exists", "draft"])
+def test_what_has_no_gguf_adapter_form_is_one_line_exit_2_and_no_file(case, exported, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "out" / "ft.gguf"
+    extra: list[str] = []
+    if case in REFUSALS:
+        kind, overrides, expect = REFUSALS[case]
+        folder = save_tiny_model(kind, tmp_path / f"tiny-{kind}", chat="chatml")
+        _, run = train_chat(folder, tmp_path / "train", "eval.tasks=[]", "trainer.max_steps=1",
+                            "trainer.eval_every_steps=1", *overrides)
+    elif case == "exists":  # one of the four outputs is there: nothing is replaced or added
+        run, expect = exported["run"], "ft.lora.gguf exists: pick a new --out or pass --overwrite"
+        out.parent.mkdir()
+        (out.parent / "ft.lora.gguf").write_text("mine")
+    else:
+        run, expect = exported["run"], "--draft does not apply to --format gguf --adapters"
+        extra = ["--draft", str(exported["folder"])]
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "gguf", "--adapters", *extra,
+                 "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlxlab export: error: "), lines
+    assert expect in lines[0], lines
+    left = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
+    assert left == (["ft.lora.gguf"] if case == "exists" else [])
+    if case == "exists":
+        assert (out.parent / "ft.lora.gguf").read_text() == "mine"
