@@ -27,6 +27,17 @@ Gemma 3) in transformers' layout, checked in transformers.
 LM Studio load, and an Ollama Modelfile beside it named after it (ft.gguf: ft.Modelfile;
 `ollama create NAME -f exported/ft.Modelfile`).
 
+    mlxlab export RUN --format gguf --adapters [--quant q4_0] --out exported/ft.gguf
+
+--adapters (gguf): a LoRA run without re-quantizing what was trained (a LoRA update is about a
+4-bit rounding step): ft.base.gguf, the base as pretrained (not fused) at --quant, and
+ft.lora.gguf, the adapters as a GGUF LoRA adapter (llama.cpp's convert_lora_to_gguf.py layout,
+F32); ft.Modelfile (FROM the base, ADAPTER ./ft.lora.gguf) and ft.llama-server.sh (llama-server
+-m ft.base.gguf --lora ft.lora.gguf). A run whose model.pretrained is a GGUF file uses that file
+as the base, untouched and named by its absolute path (no --quant). LM Studio takes one file:
+llama-export-lora -m ft.base.gguf --lora ft.lora.gguf -o merged.gguf. DoRA and MoE experts have
+no GGUF adapter form (export those fused).
+
     mlxlab export RUN --format gguf --draft DRAFT_RUN [--num-draft-tokens 3] --out exported/ft.gguf
 
 --draft (gguf): the run with a draft model for speculative decoding (e.g. a run of
@@ -71,7 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     lora.add_argument("--fuse-lora", dest="lora", action="store_const", const="fuse",
                       help="LoRA runs: merge the adapters into the weights (default)")
     lora.add_argument("--adapters", dest="lora", action="store_const", const="adapters",
-                      help="LoRA runs: base model + mlx-lm adapters in OUT/adapters")
+                      help="LoRA runs: base model + mlx-lm adapters in OUT/adapters; --format "
+                      "gguf: OUT's .base.gguf + .lora.gguf (a GGUF LoRA adapter)")
     parser.add_argument("--draft", default=None, metavar="DRAFT",
                         help="--format gguf: also the draft model DRAFT (a run or a folder) as "
                         "OUT's .draft.gguf, and the llama-server command pairing them")

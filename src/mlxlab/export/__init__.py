@@ -9,7 +9,7 @@ Decoders open with transformers.AutoModelForCausalLM and mlx_lm.load (GGUF: llam
 LM Studio; gguf.py); BERT classifiers with
 AutoModelForSequenceClassification. LoRA runs are fused into the weights, or (mlx-lm) kept as
 adapters beside the base model, or (peft) exported alone as a PEFT adapter folder
-(peft_adapter.py). A transformers export (`hf`) proves itself where it is made: transformers
+(peft_adapter.py), or (GGUF) as a base GGUF and a GGUF LoRA adapter (gguf_adapters.py). A transformers export (`hf`) proves itself where it is made: transformers
 loads the written folder and must give the fine-tune's logits on a short probe, else it is
 refused with the measured gap (proof.py; `check=False` writes it unchecked); the gap, the probe
 and transformers' version go into its model card. `quantize` writes mlx-lm's quantized layout and measures the
