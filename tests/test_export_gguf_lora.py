@@ -16,6 +16,7 @@ import pytest
 
 from hf_helpers import save_tiny_model
 from mlxlab.cli.main import main
+from mlxlab.export.gguf_adapters import export_gguf_adapters
 from mlxlab.runs.inference import load_run, sample_ids
 from test_mlx_lm_decoders import train_chat
 
@@ -197,3 +198,29 @@ def test_what_has_no_gguf_adapter_form_is_one_line_exit_2_and_no_file(case, expo
     assert left == (["ft.lora.gguf"] if case == "exists" else [])
     if case == "exists":
         assert (out.parent / "ft.lora.gguf").read_text() == "mine"
+
+
+@pytest.mark.slow  # ~17 s on 2 cores: mlx-lm's convert and a 4-bit training run
+def test_a_qlora_base_goes_out_packed_as_it_trained(tmp_path):
+    """A QLoRA run on mlx-lm's 4-bit folder (group size 32): --quant q4_1 writes its packed base
+    block for block (the nibbles, scales and minimums it trained on; no float round trip, no
+    fused update), and llama.cpp runs that base with the adapter."""
+    pytest.importorskip("xllamacpp", reason="llama.cpp's prebuilt wheel (dev extra)")
+    import gguf
+    from mlx_lm.convert import convert
+
+    folder = save_tiny_model("llama", tmp_path / "tiny-llama", chat="chatml")
+    packed = tmp_path / "llama-4bit"
+    convert(str(folder), str(packed), quantize=True, q_bits=4, q_group_size=32, dtype="float32")
+    _, run = train_chat(packed, tmp_path / "train", *TRAIN)
+    out = tmp_path / "out" / "ft.gguf"
+    report = export_gguf_adapters(run, out, "q4_1")
+    # every matrix repacked from the folder's own blocks (gguf.py _as_q4_1), none through float
+    assert report["base"]["tensor_types"]["Q4_1 (direct)"] == 16
+    assert "Q4_1" not in report["base"]["tensor_types"]
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out.parent / "ft.base.gguf")
+             .tensors if len(t.shape) == 2}
+    assert set(types.values()) == {"Q4_1"} and len(types) == 16  # 7 a block, embedding, output
+    prompt_ids, _ = mlxlab_greedy(run, PROMPTS[:3])
+    tuned = llama_cpp_greedy(out.parent / "ft.base.gguf", out.parent / "ft.lora.gguf", prompt_ids)
+    assert tuned != llama_cpp_greedy(out.parent / "ft.base.gguf", None, prompt_ids)
