@@ -224,3 +224,33 @@ def test_a_qlora_base_goes_out_packed_as_it_trained(tmp_path):
     prompt_ids, _ = mlxlab_greedy(run, PROMPTS[:3])
     tuned = llama_cpp_greedy(out.parent / "ft.base.gguf", out.parent / "ft.lora.gguf", prompt_ids)
     assert tuned != llama_cpp_greedy(out.parent / "ft.base.gguf", None, prompt_ids)
+
+
+def test_overwrite_replaces_the_four_files_and_says_what_each_is(exported, tmp_path, capsys):
+    from mlxlab.export.gguf_adapters import export_gguf_adapters as export
+
+    out = tmp_path / "ft.gguf"
+    report = export(exported["run"], out, "q8_0")
+    assert (report["format"], report["quant"], report["lora"]) == ("gguf", "q8_0", "adapters")
+    assert report["base"]["written"] and report["base"]["tensor_types"]["Q8_0"] == 16
+    assert (report["adapter"]["rank"], report["adapter"]["alpha"]) == (8, 16.0)
+    assert report["chat_style"] == "chatml" and report["stop"] == ["<|im_end|>"]
+    assert (tmp_path / "ft.Modelfile").read_text().startswith(
+        "FROM ./ft.base.gguf\nADAPTER ./ft.lora.gguf\n\nTEMPLATE")
+    capsys.readouterr()
+    assert main(["export", str(exported["run"]), "--format", "gguf", "--adapters", "--overwrite",
+                 "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()[-4:]
+    assert f"base -> {tmp_path / 'ft.base.gguf'} (llama, f16," in lines[0]
+    assert "pretrained weights, not fused" in lines[0]
+    assert lines[1].startswith(f"LoRA adapter -> {tmp_path / 'ft.lora.gguf'} (rank 8, alpha 16, "
+                               "14 weights, F32")
+    assert lines[2].startswith(f"Ollama: {tmp_path / 'ft.Modelfile'} (FROM the base, ADAPTER")
+    assert lines[3] == (f"llama.cpp: {tmp_path / 'ft.llama-server.sh'} (llama-server -m BASE "
+                        "--lora ADAPTER)")
+    import gguf
+
+    types = {t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "ft.base.gguf").tensors}
+    assert "F16" in types and "Q8_0" not in types  # the q8_0 base replaced by the f16 one
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ft.Modelfile", "ft.base.gguf", "ft.llama-server.sh", "ft.lora.gguf"]

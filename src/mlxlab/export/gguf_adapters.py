@@ -112,7 +112,8 @@ def export_gguf_adapters(run: str | Path, out: str | Path, quant: str | None = N
         folder, seen = staging / "mlx-lm", {}
         report = export_run(run, folder, fmt="mlx-lm", dtype="float32", lora="adapters",
                             refuse=_refusals(quant, seen))
-        report.pop("adapter_path", None)
+        for key in ("adapter_path", "model_card", "dtype", "quantize"):  # the staging folder's
+            report.pop(key, None)
         config = json.loads((folder / "config.json").read_text())
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
