@@ -166,6 +166,7 @@ REFUSALS = {  # case -> (save_tiny_model kind, training overrides, what the one 
              "a DORA run has no GGUF adapter form (llama.cpp applies plain LoRA only): export "
              "it fused instead (--format gguf without --adapters)"),
     "no_lora": ("llama", ["model.lora.rank=0"], "--adapters needs a LoRA run"),
+    "no_gguf_arch": ("glm4", [], "model_type='glm4' has no GGUF export here"),
     "regrouped_arch": ("qwen3_moe", [],
                        "model_type='qwen3_moe': llama.cpp regroups its tensors"),
 }
