@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gguf_files import rewrite_gguf
 from hf_helpers import save_tiny_model
 from mlxlab.cli.main import main
 from mlxlab.export.gguf_adapters import export_gguf_adapters
@@ -158,6 +159,12 @@ def test_a_gguf_base_is_named_by_its_path_not_copied(tmp_path, capsys):
     assert main(["export", str(run), "--format", "gguf", "--adapters", "--quant", "q4_0",
                  "--overwrite", "--out", str(out)]) == 2
     assert "--quant q4_0: the base is the run's own GGUF file" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == written
+    # a file that changed since the run trained on it is not the adapters' base
+    rewrite_gguf(base, tmp_path / "other.gguf", {"general.name": "changed"}).replace(base)
+    assert main(["export", str(run), "--format", "gguf", "--adapters", "--overwrite",
+                 "--out", str(out)]) == 2
+    assert f"{base.resolve()} changed since the run trained on it" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == written
 
 

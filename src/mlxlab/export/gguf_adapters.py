@@ -13,7 +13,9 @@ The base is named .base.gguf so that nobody loads it thinking it is the fine-tun
 run's base (model.pretrained) is itself a GGUF file, that file is the base: it is neither
 copied nor rewritten (the adapters were trained on exactly its weights, and copying gigabytes
 buys nothing), and the Modelfile and the script name it by its absolute path, so they work
-where that file stays; --quant is refused then (nothing is quantized). An `ollama:NAME` base is
+where that file stays; --quant is refused then (nothing is quantized), and so is a file whose
+sha256 is no longer the one the run's conversion of it recorded (the adapters fit the weights
+they trained on). An `ollama:NAME` base is
 the Ollama model itself: FROM NAME, and its blob for llama-server. Everything is written under
 temporary names and renamed at the end: a refused or failed export leaves no file.
 """
@@ -76,7 +78,9 @@ def _refusals(quant: str | None, seen: dict):
         check_gguf_lora(config, "dora" if "dora" in kinds else "lora")
         model_cfg = state.config.get("model") or {}
         seen["pretrained"] = model_cfg.get("pretrained")
-        if _gguf_base(model_cfg.get("pretrained")) is not None:
+        given = _gguf_base(model_cfg.get("pretrained"))
+        if given is not None:
+            _same_file(given[1], state.base)
             if model_cfg.get("quantize"):
                 raise GGUFExportError(
                     f"this run re-quantized its GGUF base (model.quantize="
@@ -87,6 +91,22 @@ def _refusals(quant: str | None, seen: dict):
                                       f"({model_cfg['pretrained']}), used as it is; drop --quant")
 
     return refuse
+
+
+def _same_file(file: Path, base: dict | None) -> None:
+    """The GGUF file the Modelfile will name holds what the run trained on: its sha256 is the
+    one its conversion recorded (source.json beside the converted folder the run loaded), else
+    one line, since the adapters would land on other weights."""
+    from mlxlab.runtime.checksum import file_sha256
+
+    record = Path((base or {}).get("folder") or "") / "source.json"
+    if not record.is_file():
+        return  # no conversion on record: loading the run converted the file as it is now
+    trained = json.loads(record.read_text()).get("sha256")
+    if trained and file_sha256(file) != trained:
+        raise GGUFExportError(f"{file} changed since the run trained on it (sha256 "
+                              f"{trained[:16]}... then): its adapters fit the file as it was; "
+                              "put that file back, or export the run fused (without --adapters)")
 
 
 def export_gguf_adapters(run: str | Path, out: str | Path, quant: str | None = None,
