@@ -54,6 +54,10 @@ def _gguf_base(pretrained: str | None) -> tuple[str, Path] | None:
     kind = describe(pretrained)
     if kind == "gguf":
         file = Path(pretrained).expanduser().resolve()
+        if not file.is_file():  # the run loads from its conversion; the Modelfile needs the file
+            raise GGUFExportError(f"the run's base {pretrained} is not a file here: the "
+                                  "Modelfile and llama-server name it, so export where it is "
+                                  "(or export the run fused, without --adapters)")
         return str(file), file
     if kind == "ollama":
         return pretrained[len(OLLAMA_PREFIX):], Path(resolve(pretrained).provenance["blob"])
@@ -80,7 +84,6 @@ def _refusals(quant: str | None, seen: dict):
         seen["pretrained"] = model_cfg.get("pretrained")
         given = _gguf_base(model_cfg.get("pretrained"))
         if given is not None:
-            _same_file(given[1], state.base)
             if model_cfg.get("quantize"):
                 raise GGUFExportError(
                     f"this run re-quantized its GGUF base (model.quantize="
@@ -89,6 +92,7 @@ def _refusals(quant: str | None, seen: dict):
             if quant is not None:
                 raise GGUFExportError(f"--quant {quant}: the base is the run's own GGUF file "
                                       f"({model_cfg['pretrained']}), used as it is; drop --quant")
+            _same_file(given[1], state.base)  # last: it reads the whole file
 
     return refuse
 
