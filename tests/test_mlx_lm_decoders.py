@@ -3,7 +3,8 @@ gemma3_text, phi3, qwen3_moe (MoE) and olmo2 (post-norm, not Llama-shaped) folde
 transformers 5 (config.json in the hub's keys) each train LoRA steps on chats in their own template
 through the real training entry, score a multiple-choice task, export, and load in transformers with
 mlxlab's logits to 1e-4. A 4-bit `mlx_lm.convert -q` folder trains QLoRA with the base still packed
-and its adapters load in mlx-lm; DoRA, model.quantize, full fine-tuning and gradient checkpointing
+and its adapters load in mlx-lm on the base shipped bit for bit, decoding the run's greedy
+text; DoRA, model.quantize, full fine-tuning and gradient checkpointing
 train; folders mlx-lm cannot load are one line."""
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from mlxlab.models import num_parameters
 from mlxlab.models.lora import AdapterLayer, LoRALinear
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.runs import load_run_model
+from mlxlab.runs.generate import plain_prompt_ids
+from mlxlab.runs.inference import load_run, sample_ids
 from mlxlab.tracking.csv_files import read_metrics
 
 IDS = np.random.default_rng(5).integers(0, 500, size=(2, 24))
@@ -149,7 +152,22 @@ def test_a_4bit_folder_trains_qlora_and_its_adapters_load_in_mlx_lm(q4_folder, t
     theirs, tokenizer = mlx_lm.load(str(out), adapter_path=str(out / "adapters"))
     ours = mlx_logits(model, IDS)
     assert np.abs(np.array(theirs(mx.array(IDS))) - ours).max() <= 1e-4
-    assert isinstance(mlx_lm.generate(theirs, tokenizer, "Once upon a time", max_tokens=4), str)
+    # the 4-bit base ships untouched: the folder's packed weights, scales and biases, bit for bit
+    shipped, source = mx.load(str(out / "model.safetensors")), mx.load(str(q4_folder / "model.safetensors"))
+    assert shipped.keys() == source.keys()
+    assert all(mx.array_equal(shipped[k], source[k]).item() for k in source)
+    # mlx-lm's own greedy generation (mlx_lm.generate's, token by token) on base + adapters
+    # decodes the tokens `mlxlab generate --temperature 0` decodes for the run (the texts then
+    # differ only in mlx-lm's detokenizer dropping a leading space)
+    loaded = load_run(run)
+    for prompt in ("Once upon a time", "The little dog", "She said"):
+        ids = plain_prompt_ids(loaded.tokenizer, loaded.tokenizer_path.parent,
+                               loaded.model.hf_config, prompt)
+        ours_ids = list(sample_ids(loaded, prompt, 16, 0.0, 0, 1.0))
+        theirs_ids = [r.token for r in mlx_lm.stream_generate(theirs, tokenizer, ids,
+                                                               max_tokens=16)]
+        assert theirs_ids[:len(ours_ids)] == ours_ids and len(ours_ids) > 4
+        assert tokenizer.decode(theirs_ids[:len(ours_ids)]) == loaded.tokenizer.decode(ours_ids)
     fused = tmp_path / "fused"
     export_run(run, fused, "mlx-lm", "float32", lora="fuse")
     fused_model, _ = mlx_lm.load(str(fused))

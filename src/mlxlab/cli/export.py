@@ -27,6 +27,17 @@ Gemma 3) in transformers' layout, checked in transformers.
 llama.cpp, Ollama and LM Studio load, and an Ollama Modelfile beside it named after it (ft.gguf: ft.Modelfile;
 `ollama create NAME -f exported/ft.Modelfile`).
 
+    mlxlab export RUN --format gguf --adapters [--quant q4_0] --out exported/ft.gguf
+
+--adapters (gguf): a LoRA run without re-quantizing what was trained (a LoRA update is about a
+4-bit rounding step): ft.base.gguf, the base as pretrained (not fused) at --quant, and
+ft.lora.gguf, the adapters as a GGUF LoRA adapter (llama.cpp's convert_lora_to_gguf.py layout,
+F32); ft.Modelfile (FROM the base, ADAPTER ./ft.lora.gguf) and ft.llama-server.sh (llama-server
+-m ft.base.gguf --lora ft.lora.gguf). A run whose model.pretrained is a GGUF file uses that file
+as the base, untouched and named by its absolute path (no --quant). LM Studio takes one file:
+llama-export-lora -m ft.base.gguf --lora ft.lora.gguf -o merged.gguf. DoRA and MoE experts have
+no GGUF adapter form (export those fused).
+
     mlxlab export RUN --format gguf --draft DRAFT_RUN [--num-draft-tokens 3] --out exported/ft.gguf
 
 --draft (gguf): the run with a draft model for speculative decoding (e.g. a run of
@@ -91,7 +102,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     lora.add_argument("--fuse-lora", dest="lora", action="store_const", const="fuse",
                       help="LoRA runs: merge the adapters into the weights (default)")
     lora.add_argument("--adapters", dest="lora", action="store_const", const="adapters",
-                      help="LoRA runs: base model + mlx-lm adapters in OUT/adapters")
+                      help="LoRA runs: base model + mlx-lm adapters in OUT/adapters; --format "
+                      "gguf: OUT's .base.gguf + .lora.gguf (a GGUF LoRA adapter)")
     parser.add_argument("--draft", default=None, metavar="DRAFT",
                         help="--format gguf: also the draft model DRAFT (a run or a folder) as "
                         "OUT's .draft.gguf, and the llama-server command pairing them")
@@ -209,16 +221,23 @@ def _gguf(args: argparse.Namespace) -> int:
     from mlxlab.export import export_gguf
 
     ignored = [flag for flag, given in (("--dtype", args.dtype), ("--quantize", args.quantize),
-                                        ("--quantize-method", args.quantize_method),
-                                        ("--adapters", args.lora == "adapters")) if given]
+                                        ("--quantize-method", args.quantize_method)) if given]
     if ignored:
         print(f"mlxlab export: error: {', '.join(ignored)} do not apply to --format gguf "
-              "(it fuses LoRA; pick the weights' type with --quant)", file=sys.stderr)
+              "(pick the weights' type with --quant)", file=sys.stderr)
         return 2
-    if args.imatrix_rows is not None and (args.quant or "f16") not in ("q4_k_m", "q5_k_m", "q6_k"):
-        print("mlxlab export: error: --imatrix-rows weighs llama.cpp's K-quants (--quant q4_k_m, "
-              "q5_k_m or q6_k); drop it for --quant " + (args.quant or "f16"), file=sys.stderr)
+    if args.imatrix_rows is not None and (args.lora == "adapters" or (args.quant or "f16") not in
+                                          ("q4_k_m", "q5_k_m", "q6_k")):
+        print("mlxlab export: error: --imatrix-rows weighs llama.cpp's K-quants of a fused run "
+              "(--quant q4_k_m, q5_k_m or q6_k, without --adapters); drop it", file=sys.stderr)
         return 2
+    if args.lora == "adapters":
+        if args.tasks or args.accept_loss:
+            print("mlxlab export: error: --tasks and --accept-loss judge a fused export; "
+                  "--adapters ships the LoRA as trained, beside its base: drop them",
+                  file=sys.stderr)
+            return 2
+        return _gguf_adapters(args)
     try:
         if args.draft is None:
             report = export_gguf(args.run, args.out, args.quant or "f16",
@@ -247,4 +266,35 @@ def _gguf(args: argparse.Namespace) -> int:
         print(f"draft: {draft.get('checkpoint', draft.get('source'))} -> {draft['gguf']} "
               f"({draft['bytes'] / 2**20:.1f} MiB); llama.cpp: {report['command']} "
               "(llama-server -m ... -md ...); Ollama has no draft models")
+    return 0
+
+
+def _gguf_adapters(args: argparse.Namespace) -> int:
+    """--format gguf --adapters: the base and a GGUF LoRA adapter beside it."""
+    from mlxlab.export.gguf_adapters import export_gguf_adapters
+
+    if args.draft is not None or not args.check:
+        flag = "--draft" if args.draft is not None else "--no-check"
+        print(f"mlxlab export: error: {flag} does not apply to --format gguf --adapters (the "
+              "base ships as pretrained and the adapters as trained: nothing goes through "
+              "transformers)", file=sys.stderr)
+        return 2
+    try:
+        report = export_gguf_adapters(args.run, args.out, args.quant, overwrite=args.overwrite)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mlxlab export: error: {err}", file=sys.stderr)
+        return 2
+    base, adapter = report["base"], report["adapter"]
+    if base["written"]:
+        print(f"exported {report['checkpoint']}: base -> {base['gguf']} ({base['architecture']}, "
+              f"{base['quant']}, {base['bytes'] / 2**20:.1f} MiB; pretrained weights, not fused)")
+    else:
+        print(f"exported {report['checkpoint']}: base = {base['gguf']} (the run's own GGUF, "
+              "left as it is and named by its path)")
+    print(f"LoRA adapter -> {adapter['gguf']} (rank {adapter['rank']}, alpha {adapter['alpha']:g}"
+          f", {adapter['pairs']} weights, F32, {adapter['bytes'] / 2**10:.1f} KiB)")
+    style = report["chat_style"] or "none recognised: the GGUF's own template"
+    print(f"Ollama: {report['modelfile']} (FROM the base, ADAPTER the adapter; chat template: "
+          f"{style}); ollama create NAME -f {report['modelfile']}")
+    print(f"llama.cpp: {report['command']} (llama-server -m BASE --lora ADAPTER)")
     return 0

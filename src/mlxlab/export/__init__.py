@@ -10,7 +10,7 @@ Decoders open with transformers.AutoModelForCausalLM and mlx_lm.load (GGUF: llam
 LM Studio; gguf.py); BERT classifiers with
 AutoModelForSequenceClassification. LoRA runs are fused into the weights, or (mlx-lm) kept as
 adapters beside the base model, or (peft) exported alone as a PEFT adapter folder
-(peft_adapter.py). A transformers export (`hf`) proves itself where it is made: transformers
+(peft_adapter.py), or (GGUF) as a base GGUF and a GGUF LoRA adapter (gguf_adapters.py). A transformers export (`hf`) proves itself where it is made: transformers
 loads the written folder and must give the fine-tune's logits on a short probe, else it is
 refused with the measured gap (proof.py; `check=False` writes it unchecked); the gap, the probe
 and transformers' version go into its model card. `quantize` writes mlx-lm's quantized layout and measures the
@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -132,13 +132,16 @@ def export_run(
     check: bool = True,
     retention: Retention | None = None,
     quantize_method: str = "rtn",
+    refuse: Callable[[object, object], None] | None = None,
 ) -> dict:
     """Write the run's model (best checkpoint, else newest) to `out`; returns the report that is
     also saved as out/export_report.json. `check=False` writes a transformers export without
     loading it in transformers (its card says unchecked). An export that changes a decoder's
     weights (a quantization, a narrower dtype) is read back and judged against the run and its
     base (retention.py; `retention`: its task files and --accept-loss). `quantize_method`:
-    rtn (mlx_lm.convert's), gptq or awq (mlx_lm.quant's, calibrated on the run's own rows)."""
+    rtn (mlx_lm.convert's), gptq or awq (mlx_lm.quant's, calibrated on the run's own rows).
+    `refuse(model, state)`: a caller's own refusals (raising ExportError), on the loaded run
+    before anything is written."""
     retention = Retention() if retention is None else retention
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.exists():
@@ -150,7 +153,8 @@ def export_run(
         run_folder = chosen.parent.parent if chosen.parent.name == "checkpoints" else run
         note = unfinished_note(run_folder, state.step, state.config)
         return _export_loaded(model, state, chosen, note, run, out, tokenizer_path, fmt, dtype,
-                              (quantize, quantize_method), lora, overwrite, check, retention)
+                              (quantize, quantize_method), lora, overwrite, check, retention,
+                              refuse)
 
 
 def _checker(model, state, fmt: str, check: bool) -> dict | None:
@@ -190,7 +194,8 @@ def _checker(model, state, fmt: str, check: bool) -> dict | None:
 def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out: Path,
                    tokenizer_path: Path, fmt: str, dtype: str | None,
                    quantize: int | None | tuple[int | None, str], lora: str, overwrite: bool,
-                   check: bool = True, retention: Retention | None = None) -> dict:
+                   check: bool = True, retention: Retention | None = None,
+                   refuse: Callable[[object, object], None] | None = None) -> dict:
     """`quantize`: bits, or (bits, method)."""
     quantize, method = quantize if isinstance(quantize, tuple) else (quantize, "rtn")
     if method != "rtn" and (not quantize or fmt != "mlx-lm"):
@@ -205,6 +210,8 @@ def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out:
         dtype = source if source in DTYPES else "float32"
     _check_options(model, fmt, dtype, quantize, lora)
     not_checked = _checker(model, state, fmt, check)
+    if refuse is not None:
+        refuse(model, state)
     if fmt == "peft":
         check_peft(state.config.get("model") or {},
                    isinstance(model, MLXLMDecoder) and bool(model.quantized), has_adapters(model),

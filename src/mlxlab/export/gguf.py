@@ -55,7 +55,7 @@ class GGUFExportError(ConfigError):
     """The folder cannot be written as GGUF; the message says what is possible."""
 
 
-def _gguf():
+def gguf_package():
     try:
         import gguf
     except ImportError as err:  # pragma: no cover - gguf is a dependency of the export path
@@ -64,7 +64,7 @@ def _gguf():
 
 
 def _types() -> dict[str, tuple]:
-    g = _gguf()
+    g = gguf_package()
     T, F = g.GGMLQuantizationType, g.LlamaFileType
     return {"f32": (T.F32, F.ALL_F32), "f16": (T.F16, F.MOSTLY_F16),
             "bf16": (T.BF16, F.MOSTLY_BF16), "q8_0": (T.Q8_0, F.MOSTLY_Q8_0),
@@ -314,7 +314,7 @@ def _write_vocab(writer, folder: Path, vocab_size: int) -> dict:
     byte fallback (a "▁" for the space, `<0xNN>` byte tokens: Llama 2, Mistral, Gemma's
     tokenizer.json), written as its "llama" model, where merge order is the score (-id: a BPE
     vocabulary numbers its tokens in the order their merges were learned)."""
-    g = _gguf()
+    g = gguf_package()
     file = folder / "tokenizer.json"
     if not file.is_file():
         raise GGUFExportError(f"{folder} has no tokenizer.json (a GGUF carries its tokenizer)")
@@ -395,7 +395,7 @@ def _write_hparams(writer, config: dict, arch: Architecture, file_type) -> None:
     arch.hparams(writer, c)
     scaling = c.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) == "linear":
-        writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
+        writer.add_rope_scaling_type(gguf_package().RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
 
 
@@ -424,7 +424,7 @@ def _llama3_rope_factors(config: dict) -> np.ndarray:
 def _encode(w: np.ndarray, qtype):
     """(data, raw dtype) for the writer: 1-D tensors in F32; a 2-D one whose rows are not whole
     32-value blocks falls back to F16, as llama.cpp's converter does."""
-    g = _gguf()
+    g = gguf_package()
     T = g.GGMLQuantizationType
     if w.ndim <= 1 or qtype == T.F32:
         return w.astype(np.float32), T.F32
@@ -451,6 +451,22 @@ def _k_quant(mixture: Mixture, gguf_name: str, w: np.ndarray,
     return ggml_quantize(w, kind, importance), kind
 
 
+def tensor_names(arch: Architecture, config: dict) -> Callable[[str], str | None]:
+    """transformers tensor name -> llama.cpp's (`model.layers.0.self_attn.q_proj.weight` ->
+    `blk.0.attn_q.weight`), or None where the `gguf` package's map has none; the base export
+    and its LoRA adapter (gguf_lora.py) name tensors alike, so the adapter's pairs land on the
+    base's tensors."""
+    g = gguf_package()
+    name_map = g.get_tensor_name_map(g.MODEL_ARCH[arch.gguf_arch], config["num_hidden_layers"])
+
+    def llama_cpp_name(name: str) -> str | None:
+        base, _, suffix = name.rpartition(".")
+        mapped = name_map.get_name(base)
+        return None if mapped is None else f"{mapped}.{suffix}"
+
+    return llama_cpp_name
+
+
 def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype,
                    mixture: Mixture | None = None,
                    importance: dict[str, np.ndarray] | None = None) -> dict:
@@ -458,8 +474,8 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype
     ("Q4_1 (direct)": an mlx-lm 4-bit weight repacked without a float round trip). A K-quant
     `mixture` picks each matrix's type (gguf_kquants.py), weighted by `importance` (per
     Hugging Face weight name, imatrix.py) where it has the matrix."""
-    g = _gguf()
-    name_map = g.get_tensor_name_map(g.MODEL_ARCH[arch.gguf_arch], config["num_hidden_layers"])
+    g = gguf_package()
+    llama_cpp_name = tensor_names(arch, config)
     counts: dict[str, int] = {}
     tied = config.get("tie_word_embeddings", False)
     tensors = _read_tensors(folder, config.get("quantization"))
@@ -468,8 +484,8 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype
     for name, w, packed in tensors:
         if tied and name == "lm_head.weight":
             continue  # the GGUF reads the embedding as the output (no output.weight)
-        base, _, suffix = name.rpartition(".")
-        gguf_name = name_map.get_name(base)
+        full_name = llama_cpp_name(name)
+        gguf_name = full_name and full_name.rsplit(".", 1)[0]
         if gguf_name is None and ".switch_mlp." in name:
             raise GGUFExportError(f"{folder} holds mlx-lm's stacked experts ({name}): give the "
                                   "Hugging Face folder, or export the run itself to GGUF")
@@ -482,13 +498,14 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype
             if packed is not None:
                 w = _dequantize(packed)  # another group size or type: through float
             kept = g.GGMLQuantizationType.F32 if gguf_name.endswith(_F32_TENSORS) else qtype
-            if mixture is not None and w.ndim == 2 and suffix == "weight" and kept == qtype:
-                data, kind = _k_quant(mixture, f"{gguf_name}.{suffix}",
+            if mixture is not None and w.ndim == 2 and full_name.endswith(".weight") \
+                    and kept == qtype:
+                data, kind = _k_quant(mixture, full_name,
                                       arch.tensor(name, w, config), (importance or {}).get(name))
             else:
                 data, kind = _encode(arch.tensor(name, w, config), kept)
             label = kind.name
-        writer.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=kind)
+        writer.add_tensor(full_name, data, raw_dtype=kind)
         counts[label] = counts.get(label, 0) + 1
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) == "llama3":
@@ -506,7 +523,7 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
     written (architecture, tensor types, vocabulary). A K-quant (q4_k_m, q5_k_m, q6_k) is
     llama-quantize's mixture, quantized by llama.cpp (gguf_kquants.py), weighted by the
     `importance` matrix where given."""
-    g = _gguf()
+    g = gguf_package()
     folder, out = Path(folder), Path(out)
     if quant not in QUANTS:
         raise GGUFExportError(f"--quant {quant!r}: use one of {list(QUANTS)}")

@@ -114,15 +114,20 @@ def modelfile_path(gguf_file: Path) -> Path:
     return gguf_file.with_name(f"{gguf_file.stem}.Modelfile")
 
 
-def write_modelfile(folder: Path, gguf_file: Path) -> dict:
+def write_modelfile(folder: Path, gguf_file: Path, base: str | None = None,
+                    adapter: Path | None = None) -> dict:
     """The Modelfile of `gguf_file` (modelfile_path; FROM the file by its name); returns the
-    style and stops."""
+    style and stops. With `adapter` (a GGUF LoRA adapter beside it): FROM `base` (a path or an
+    Ollama model name) and ADAPTER the adapter by its name, as Ollama applies one."""
     style = chat_style(folder)
     stops: list[str] = list(STYLES[style][2]) if style else []
     eos = _eos(folder)
     if eos and eos not in stops:
         stops.append(eos)
-    lines = [f"FROM ./{gguf_file.name}", ""]
+    lines = [f"FROM {base or f'./{gguf_file.name}'}"]
+    if adapter is not None:
+        lines.append(f"ADAPTER ./{adapter.name}")
+    lines.append("")
     system = default_system(folder, style)
     if style:
         lines += [f'TEMPLATE """{STYLES[style][1]}"""', ""]

@@ -14,10 +14,10 @@ are imported; Ollama has no draft models (its Modelfile serves the run alone).
 
 from __future__ import annotations
 
-import stat
 from pathlib import Path
 
 from mlxlab.errors import ConfigError
+from mlxlab.export.llama_server import command_path, llama_server_script, write_script
 
 
 def draft_gguf_path(gguf_file: Path) -> Path:
@@ -25,26 +25,18 @@ def draft_gguf_path(gguf_file: Path) -> Path:
     return gguf_file.with_name(f"{gguf_file.stem}.draft.gguf")
 
 
-def command_path(gguf_file: Path) -> Path:
-    """The script that starts llama.cpp's server on the pair: `ft.llama-server.sh`."""
-    return gguf_file.with_name(f"{gguf_file.stem}.llama-server.sh")
-
-
-def llama_server_script(gguf_file: Path, draft_file: Path, num_draft_tokens: int) -> str:
+def llama_server_command(gguf_file: Path, draft_file: Path, num_draft_tokens: int) -> str:
     """A shell script that runs `llama-server` on the pair from the folder it lies in (the
     files named relative to it, so the folder may move); its arguments go on to llama-server."""
     model, draft = gguf_file.name, draft_file.name
-    return f"""#!/bin/sh
-# {model} with its draft {draft}: speculative decoding in llama.cpp's server. Greedy answers
-# are {model}'s own, sooner. Arguments go on to llama-server (--port 8080; -ngl 99 -ngld 99
-# puts both models on a GPU).
-# LM Studio: `lms import {model}` and `lms import {draft}`, load the first, then pick the second
-# as the Draft Model under Speculative Decoding in the chat sidebar (or its SDK's draftModel).
-# Ollama has no draft models: `ollama create NAME -f {Path(model).stem}.Modelfile` serves
-# {model} alone.
-cd "$(dirname "$0")" || exit 1
-exec llama-server -m {model} -md {draft} --draft-max {num_draft_tokens} "$@"
-"""
+    return llama_server_script(f"""
+{model} with its draft {draft}: speculative decoding in llama.cpp's server. Greedy answers
+are {model}'s own, sooner. Arguments go on to llama-server (--port 8080; -ngl 99 -ngld 99
+puts both models on a GPU).
+LM Studio: `lms import {model}` and `lms import {draft}`, load the first, then pick the second
+as the Draft Model under Speculative Decoding in the chat sidebar (or its SDK's draftModel).
+Ollama has no draft models: `ollama create NAME -f {Path(model).stem}.Modelfile` serves
+{model} alone.""", ["-m", model, "-md", draft, "--draft-max", str(num_draft_tokens)])
 
 
 def check_pair(run: str | Path, draft: str | Path) -> None:
@@ -78,7 +70,6 @@ def export_gguf_with_draft(run: str | Path, draft: str | Path, out: str | Path,
     draft_report = export_gguf(draft, draft_file, quant, overwrite=overwrite, check=check)
     # a draft is not a model to talk to: Ollama gets the run's Modelfile only
     Path(draft_report.pop("modelfile")).unlink(missing_ok=True)
-    script.write_text(llama_server_script(out, draft_file, num_draft_tokens))
-    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    write_script(script, llama_server_command(out, draft_file, num_draft_tokens))
     report.update(draft=draft_report, command=str(script), num_draft_tokens=num_draft_tokens)
     return report
