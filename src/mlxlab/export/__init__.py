@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from tokenizers import Tokenizer
 
@@ -68,6 +69,7 @@ from mlxlab.export.quality import calibration_tokens, validation_batches
 from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
 from mlxlab.export.retention import Retention, build_reference, judge_export, read_folder, record
 from mlxlab.export.vision import check_vision_options, export_vision
+from mlxlab.models.adapter_layer import AdapterLayer
 from mlxlab.models.bert import BertClassifier
 from mlxlab.models.lora import fuse_lora, has_adapters, unwrap_lora
 from mlxlab.models.lora_experts import DoRASwitchLinear
@@ -249,14 +251,18 @@ def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out:
     return report
 
 
-def _changes_weights(model, dtype: str, quantize: int | None) -> bool:
-    """Whether the written weights differ from the run's: a quantization, or a float type
-    narrower than the one the model holds."""
+def _changes_weights(model, dtype: str, quantize: int | None, fmt: str, lora: str) -> bool:
+    """Whether the written weights differ from the run's: a quantization, a float type
+    narrower than the one the model holds, or adapters fused into a quantized base that stays
+    quantized (mlx-lm's layout: the fused weight is quantized again)."""
     from mlx.utils import tree_flatten
 
     floats = [v.dtype for _, v in tree_flatten(model.parameters())
               if mx.issubdtype(v.dtype, mx.floating)]
-    return bool(quantize) or any(DTYPES[dtype].size < t.size for t in floats)
+    requantized = fmt == "mlx-lm" and lora == "fuse" and any(
+        isinstance(m, AdapterLayer) and isinstance(m.linear, nn.QuantizedLinear)
+        for m in model.modules())
+    return bool(quantize) or requantized or any(DTYPES[dtype].size < t.size for t in floats)
 
 
 def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: str, dtype: str,
@@ -285,7 +291,7 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
     if lora == "adapters" and not has_lora:
         raise ExportError("--adapters needs a LoRA run (model.lora.rank > 0); this run has none")
     judged = retention is not None and isinstance(model, (MLXLMDecoder, Transformer)) and (
-        retention.later or _changes_weights(model, dtype, quantize))
+        retention.later or _changes_weights(model, dtype, quantize, fmt, lora))
     if retention is not None and retention.tasks and not judged:
         raise ExportError("--tasks judges an export that changes the weights (--quantize, a "
                           "narrower --dtype, a GGUF quant other than f32); this one writes the "

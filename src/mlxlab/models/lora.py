@@ -28,7 +28,8 @@ from mlxlab.models.lora_experts import EXPERT_KINDS, is_experts, names_experts
 from mlxlab.models.quantized_cpu import CpuQuantizedLinear
 from mlxlab.runtime.io_threads import load_arrays
 
-LORA_KEYS = {"rank", "alpha", "dropout", "targets", "extra_trainable", "kind"}
+LORA_KEYS = {"rank", "alpha", "dropout", "targets", "extra_trainable", "kind", "qat_bits",
+             "qat_group_size"}
 # Fewer distinct layer names than this reached, or a smaller share of the model's parameters
 # trained, is too little LoRA for the targets to be what the user meant (check_reach)
 MIN_REACHED_NAMES = 2
@@ -159,8 +160,17 @@ def adaptable(module: nn.Module) -> bool:
     return type(module) in ADAPTABLE or is_experts(module)
 
 
-def wrap(module: nn.Module, kind: str, rank: int, alpha: float, dropout: float) -> AdapterLayer:
-    """A `kind` adapter on `module`: one per expert on stacked experts."""
+def wrap(module: nn.Module, kind: str, rank: int, alpha: float, dropout: float,
+         qat: tuple[int, int] | None = None) -> AdapterLayer:
+    """A `kind` adapter on `module`: one per expert on stacked experts; `qat` (bits, group
+    size): LoRA trained through the quantized grid (lora_qat.py)."""
+    if qat is not None:
+        if is_experts(module):
+            raise ConfigError("model.lora.qat_bits: quantization-aware LoRA wraps Linear layers; "
+                              "leave the routed experts out of model.lora.targets")
+        from mlxlab.models.lora_qat import QATLoRALinear
+
+        return QATLoRALinear.from_base_qat(module, rank, alpha, dropout, *qat)
     kinds = EXPERT_KINDS if is_experts(module) else LORA_KINDS
     return kinds[kind](module, rank, alpha, dropout)
 
@@ -201,6 +211,7 @@ def apply_lora(
     targets: Iterable[str] = ("query", "value"),
     extra_trainable: Iterable[str] = (),
     kind: str = "lora",
+    qat: tuple[int, int] | None = None,
 ) -> int:
     """Wrap every nn.Linear (or quantized nn.QuantizedLinear) named by `targets` (see _matches)
     in a `kind` adapter (lora | dora), freeze all other parameters except modules named in
@@ -215,7 +226,7 @@ def apply_lora(
     wrapped = targeted_linears(model, targets)
     model.freeze()
     model.update_modules(
-        tree_unflatten([(n, wrap(m, kind, rank, alpha, dropout)) for n, m in wrapped])
+        tree_unflatten([(n, wrap(m, kind, rank, alpha, dropout, qat)) for n, m in wrapped])
     )
     modules = dict(model.named_modules())
     for name in extra_trainable:
@@ -242,6 +253,27 @@ def check_lora(lora: Mapping | None) -> None:
     kind = lora.get("kind", "lora")
     if kind not in LORA_KINDS:
         raise ConfigError(f"model.lora.kind={kind!r}: use one of {sorted(LORA_KINDS)}")
+    _check_qat(lora, kind)
+
+
+def _check_qat(lora: Mapping, kind: str) -> None:
+    """qat_bits / qat_group_size: values lora_qat.py takes, on plain LoRA without dropout (the
+    quantized forward has no separate adapter path for dropout to act on)."""
+    from mlxlab.models.lora_qat import QAT_BITS, QAT_GROUP_SIZES
+
+    bits, group = lora.get("qat_bits", 0) or 0, lora.get("qat_group_size", 64)
+    if bits not in QAT_BITS:
+        raise ConfigError(f"model.lora.qat_bits={bits}: use 4 or 8 (the export's bits), or 0 "
+                          "for plain LoRA")
+    if group not in QAT_GROUP_SIZES:
+        raise ConfigError(f"model.lora.qat_group_size={group}: use 64 (mlxlab export "
+                          "--quantize), 32 (GGUF Q4_1 / Q4_0 blocks) or 128")
+    if bits and kind != "lora":
+        raise ConfigError(f"model.lora.qat_bits={bits} trains plain LoRA through the quantized "
+                          f"grid; model.lora.kind={kind} has no such form: use kind=lora")
+    if bits and float(lora.get("dropout", 0.0) or 0.0) > 0:
+        raise ConfigError(f"model.lora.qat_bits={bits} computes with the fused weight, where "
+                          "adapter dropout has nothing to act on: set model.lora.dropout=0")
 
 
 def targeted_linears(model: nn.Module, targets: Iterable[str]) -> list[tuple[str, nn.Module]]:
@@ -377,6 +409,8 @@ def maybe_apply_lora(
         targets=lora.get("targets") or default_targets,
         extra_trainable=lora.get("extra_trainable", default_extra_trainable) or (),
         kind=str(lora.get("kind", "lora")),
+        qat=(int(lora["qat_bits"]), int(lora.get("qat_group_size", 64)))
+        if lora.get("qat_bits") else None,
     )
 
 
