@@ -44,18 +44,32 @@ EXPORTS = [
     ("mlx-lm 4-bit base + adapters", "mlx-lm", {"quantize": 4, "lora": "adapters"}),
     ("mlx-lm 8-bit, fused", "mlx-lm", {"quantize": 8}),
     ("mlx-lm bfloat16, fused", "mlx-lm", {"dtype": "bfloat16"}),
+    ("gguf q4_k_m + LoRA adapter", "gguf", {"quant": "q4_k_m", "lora": "adapters"}),
+    # a second run: QLoRA on the base quantized at load, LoRA trained through the export's grid
+    ("mlx-lm 4-bit, QAT run, fused", "mlx-lm", {"run": "qat"}),
 ]
+QAT_OVERRIDES = ["model.quantize=4", "model.lora.qat_bits=4", "model.lora.qat_group_size=64"]
 
 
 def export_one(run: Path, fmt: str, options: dict, out: Path, retention) -> dict:
     from mlxlab.export import export_gguf, export_run
 
+    if options.get("lora") == "adapters" and fmt == "gguf":
+        return adapter_pair(run, options["quant"], out.with_suffix(".gguf"))
     if fmt == "gguf":
         return export_gguf(run, out.with_suffix(".gguf"), options["quant"], overwrite=True,
                            retention=retention, imatrix_rows=options.get("imatrix_rows", 128))
     return export_run(run, out, "mlx-lm", options.get("dtype", "float32"),
                       options.get("quantize"), options.get("lora", "fuse"), overwrite=True,
                       retention=retention)
+
+
+def adapter_pair(run: Path, quant: str, out: Path) -> dict:
+    """The base at `quant` and the LoRA as a GGUF adapter: no file holds the fine-tune for
+    mlxlab's reader, so it is scored in llama.cpp alone (main)."""
+    from mlxlab.export.gguf_adapters import export_gguf_adapters
+
+    return export_gguf_adapters(run, out, quant, overwrite=True)
 
 
 def measure(entry: dict, name: str) -> dict:
@@ -72,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exports", default=None, help="only these rows (labels, ';'-separated)")
     add_smoke(p)
     args = p.parse_args(argv)
     if args.smoke:
@@ -96,15 +111,29 @@ def main(argv: list[str] | None = None) -> dict:
     run = work / "runs" / "ft"
     if not (run / "checkpoints").is_dir():
         train_mlxlab(folder, data, args, run)
+    wanted = [e for e in EXPORTS if args.exports is None or e[0] in args.exports.split(";")]
+    qat_run = work / "runs" / "ft-qat"
+    if any(o.get("run") == "qat" for _, _, o in wanted) and not (qat_run / "checkpoints").is_dir():
+        train_qat(folder, data, args, qat_run)
     result: dict = {"model": str(folder), "settings": vars(args), "load_start": load(),
                     "exports": {}}
     reference = None
-    for label, fmt, options in EXPORTS:  # the GGUFs first: their reference holds the probe
+    for label, fmt, options in wanted:  # the GGUFs first: their reference holds the probe
         request = Retention(tasks=[str(task)], accept_loss=True, later=fmt == "gguf",
-                            reference=reference)
-        report = export_one(run, fmt, options, work / "export" / label.replace(" ", "_")
+                            reference=reference if "run" not in options else None)
+        source = qat_run if options.get("run") == "qat" else run
+        report = export_one(source, fmt, options, work / "export" / label.replace(" ", "_")
                             .replace(",", "").replace("+", "plus"), request)
-        reference = request.reference
+        if "run" not in options:
+            reference = request.reference or reference
+        if "retention" not in report:  # the adapter pair: llama.cpp's score only
+            cpp = llama_cpp_accuracy(Path(report["base"]["gguf"]), folder,
+                                     heldout[:args.llama_cpp],
+                                     lora=Path(report["adapter"]["gguf"]))
+            result["exports"][label] = {"format": fmt, **options, "llama.cpp": {
+                k: v for k, v in cpp.items() if k != "outputs"}}
+            print(json.dumps({label: result["exports"][label]}), flush=True)
+            continue
         entry = report["retention"]
         row = {"format": fmt, **options, "bytes": report.get("bytes"),
                "verdict": entry["verdict"], "measures": entry["measures"],
@@ -124,16 +153,33 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def train_qat(folder: Path, data: Path, args, out: Path) -> dict:
+    """The same fine-tune as QLoRA on the base quantized at load (4-bit, groups of 64), its
+    LoRA trained through the grid the fused export quantizes to."""
+    from benchmarks.quality.real_model_finetune import env
+    from benchmarks.speed import bench_lora
+
+    return bench_lora.run_mlxlab(out, [
+        "experiment=finetune_chat",
+        *bench_lora.lora_overrides(folder, data, args.steps, batch=args.batch, lr=args.lr),
+        f"trainer.eval_every_steps={args.steps}", "trainer.grad_clip=0",
+        "trainer.schedule.name=constant", f"seed={args.seed}", *QAT_OVERRIDES], env())
+
+
 def table(r: dict) -> dict:
     """A row an export: held-out exact match (the run's, the base's, the file's), the share of
     the gain kept with its interval, McNemar's p against the run, llama.cpp's exact match."""
     rows = []
     for label, row in r["exports"].items():
+        cpp = row.get("llama.cpp")
+        if "measures" not in row:
+            rows.append([label, "-", "-", "-", "-", "-", "-",
+                         f"{cpp['accuracy']:.2f} ({cpp['n']})"])
+            continue
         task = next(m for m in row["measures"] if m["measure"].endswith("/exact_match"))
         kept = "-" if task["kept"] is None else (
             f"{100 * task['kept']:.0f} % [{100 * task['kept_low']:.0f}, "
             f"{100 * task['kept_high']:.0f}]")
-        cpp = row.get("llama.cpp")
         rows.append([label, f"{task['base']:.2f}", f"{task['run']:.2f}", f"{task['export']:.2f}",
                      kept, f"{task['p']:.2g}", row["verdict"],
                      f"{cpp['accuracy']:.2f} ({cpp['n']})" if cpp else "-"])
