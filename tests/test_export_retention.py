@@ -196,3 +196,23 @@ def test_a_calibrated_method_without_its_quantization_is_an_error(lora_run, tmp_
         export_run(lora_run["run"], tmp_path / "g", "mlx-lm", "float32", quantize=4,
                    quantize_method="gptq")
     assert not (tmp_path / "g").exists()
+
+
+def test_lm_eval_tasks_are_paired_per_document(lora_run, tmp_path):
+    """--tasks takes lm-eval's task YAMLs (scored through lm-eval on mlxlab's lm-eval model):
+    each document's accuracy is paired between the run, the base and the file."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_lm_eval", REPO / "benchmarks" / "parity" / "bench_lm_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tasks = module.write_tasks(tmp_path / "tasks", 12)
+    mc = next(t for t in tasks if t.endswith("tiny_mc.yaml"))
+    report = export_run(lora_run["run"], tmp_path / "q8", "mlx-lm", "float32", quantize=8,
+                        retention=Retention(tasks=[mc], accept_loss=True))
+    acc = next(m for m in report["retention"]["measures"] if m["measure"] == "tiny_mc/acc")
+    assert acc["n"] == 12 and acc["test"].startswith("McNemar")
+    assert report["retention"]["tasks"] == [mc]

@@ -112,9 +112,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "--draft-max)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--tasks", default=None, metavar="FILES",
-                        help="comma-separated task files (jsonl / yaml) the written model is "
-                        "judged on beside the run's validation rows (default: the run's "
-                        "eval.tasks files)")
+                        help="comma-separated tasks the written model is judged on beside the "
+                        "run's validation rows: mlxlab's jsonl task files, lm-eval task names "
+                        "or task YAMLs (default: the run's eval.tasks)")
     parser.add_argument("--accept-loss", action="store_true",
                         help="write an export that loses a significant part of the fine-tune's "
                         "gain (its retention is still measured and recorded)")

@@ -36,6 +36,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxlab.data.batching import Batch
+from mlxlab.evaluation.harness_tasks import is_harness_entry
 from mlxlab.evaluation.paired import is_binary
 from mlxlab.evaluation.scoring import chat_template, score_tasks
 from mlxlab.evaluation.settings import TaskSettings
@@ -73,6 +74,8 @@ class Reference:
     batches: list[Batch]
     tasks: list[Task]
     settings: TaskSettings
+    harness: list[str]        # lm-eval tasks (names or task YAMLs)
+    tokenizer_folder: Path
     tokenizer: object
     template: object
     run: Scores
@@ -117,17 +120,34 @@ def validation_scores(model: Model, batches: Sequence[Batch]) -> Scores:
             "val/loss": Column(np.concatenate(loss), higher_is_better=False)}
 
 
+# lm-eval's scores that are corpus aggregates, not means over documents (evaluation/corpus.py):
+# not paired per example here
+CORPUS_SCORES = ("word_perplexity", "byte_perplexity", "bits_per_byte", "bleu", "chrf", "ter")
+
+
 def task_scores(model: Model, reference: Reference) -> Scores:
-    """Each task's paired scores per example (`task/metric`), as `mlxlab eval` scores them."""
+    """Each task's paired scores per example (`task/metric`), as `mlxlab eval` scores them
+    (lm-eval's tasks through lm-eval, on mlxlab's lm-eval model)."""
+    scored = score_tasks(model, reference.tokenizer, reference.tasks, reference.settings,
+                         reference.template)
+    if reference.harness:
+        from mlxlab.evaluation.harness import score_harness
+        from mlxlab.evaluation.lm_eval_model import MlxlabLM, hf_tokenizer
+
+        lm = MlxlabLM(model, hf_tokenizer(reference.tokenizer_folder),
+                      reference.settings.batch_size)
+        scored += score_harness(lm, reference.harness, reference.settings.harness_options())[0]
     out: Scores = {}
-    for scores in score_tasks(model, reference.tokenizer, reference.tasks, reference.settings,
-                              reference.template):
+    for scores in scored:
         for metric in scores.metrics:
+            if metric in CORPUS_SCORES:
+                continue
             column = np.array([float(row[metric]) for row in scores.rows if metric in row])
-            if len(column) != len(scores.rows):
+            if len(column) != len(scores.rows) or not len(column):
                 continue
             out[f"{scores.task}/{metric}"] = Column(
-                column, binary=metric in BINARY_SCORES or is_binary(column))
+                column, scores.higher_is_better.get(metric, True),
+                binary=metric in BINARY_SCORES or is_binary(column))
     return out
 
 
@@ -141,9 +161,11 @@ def build_reference(model: Model, state, tokenizer_path: Path, batches: list[Bat
     from tokenizers import Tokenizer
 
     settings = _settings(state.config.get("eval") or {})
-    paths = list(request.tasks) or settings.files
-    tasks = read_tasks(paths) if paths else []
-    reference = Reference(batches, tasks, settings, Tokenizer.from_file(str(tokenizer_path)),
+    entries = [str(t) for t in request.tasks] or list(settings.tasks)
+    files = [e for e in entries if not is_harness_entry(e)]
+    reference = Reference(batches, read_tasks(files) if files else [], settings,
+                          [e for e in entries if is_harness_entry(e)], tokenizer_path.parent,
+                          Tokenizer.from_file(str(tokenizer_path)),
                           chat_template(tokenizer_path.parent, settings.chat), {}, None, "",
                           state=state)
     reference.run = score(model, reference)
@@ -316,7 +338,7 @@ def report(reference: Reference, kept: list[Kept], written: str, accepted: bool)
             "measures": [asdict(k) | {"line": k.line()} for k in kept],
             "lost": lost, "verdict": "lost" if lost else "kept",
             "accepted_loss": bool(lost and accepted),
-            "tasks": [str(t.path) for t in reference.tasks]}
+            "tasks": [str(t.path) for t in reference.tasks] + reference.harness}
 
 
 def judge_export(request: Retention, exported: Model, written: str, instead: str) -> dict:
