@@ -22,7 +22,7 @@ import pytest
 from mlxlab.objectives.rl.sandbox import answer_text, run_python
 from mlxlab.objectives.rl.tools import Toolbox, ToolCall, build_tools
 from mlxlab.runtime.processes import is_alive
-from mlxlab.runtime.sandbox import LAYERS, SandboxLimits, run_code, sandbox_layers
+from mlxlab.runtime.sandbox import CHILD, LAYERS, SandboxLimits, run_code, sandbox_layers
 
 FAST = SandboxLimits(cpu_s=1, wall_s=4.0, memory_bytes=512 << 20, file_bytes=1 << 20)
 
@@ -179,9 +179,11 @@ TO_ITSELF = ("import os, signal, threading, time\n"
              "os.kill(0, signal.SIGUSR2)\n"
              "os.killpg(0, signal.SIGHUP)\n"
              "signal.raise_signal(signal.SIGALRM)\n"
-             "other = threading.Thread(target=time.sleep, args=(0.02,))\n"
+             "stop = threading.Event()\n"
+             "other = threading.Thread(target=stop.wait)\n"
              "other.start()\n"
              "signal.pthread_kill(other.ident, signal.SIGWINCH)\n"
+             "stop.set()\n"
              "other.join()\n"
              "time.sleep(0.01)\n"
              "print('received', len(got))\n")
@@ -307,3 +309,28 @@ def test_a_watchdog_bounds_memory_where_no_address_space_limit_does():
                       SandboxLimits(wall_s=20.0, memory_bytes=256 << 20, layers=("audit",)))
     assert result.stdout == "" and result.stopped == "memory limit", result
     assert "watchdog" in result.layers
+
+
+def test_off_linux_a_thread_ends_the_program_when_its_parent_is_gone(tmp_path):
+    """What stands in for PR_SET_PDEATHSIG on macOS (its helper, run here): a process whose
+    parent exits ends within a check or two, not at its own end."""
+    started = tmp_path / "started"
+    orphan = ("import os, sys, threading, time\n"
+              f"sys.path.insert(0, {str(CHILD.parent)!r})\n"  # the child's script alone
+              "from sandbox_child import _exit_with_parent\n"
+              "threading.Thread(target=_exit_with_parent, args=(os.getppid,), daemon=True)"
+              ".start()\n"
+              f"open({str(started)!r}, 'w').write(str(os.getpid()))\n"
+              "time.sleep(60)\n")
+    parent = ("import subprocess, sys, time\n"
+              f"subprocess.Popen([sys.executable, '-c', {orphan!r}])\n"
+              f"while not __import__('os').path.exists({str(started)!r}):\n"
+              "    time.sleep(0.01)\n")
+    subprocess.run([sys.executable, "-c", parent], check=True, timeout=10)
+    while not started.read_text():
+        time.sleep(0.01)
+    pid = int(started.read_text())
+    deadline = time.monotonic() + 5
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_alive(pid)
