@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -189,20 +190,32 @@ TO_ITSELF = ("import os, signal, threading, time\n"
              "print('received', len(got))\n")
 
 
-@pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
-    """A process the sandboxed code must not reach (one for these tests: each checks it is
-    still there, never signalled); yields (it, the file it creates on SIGWINCH)."""
-    folder = tmp_path_factory.mktemp("trainer")
+def _start_trainer(folder: Path) -> tuple[subprocess.Popen, Path]:
     hit, ready = folder / "hit", folder / "ready"
     process = subprocess.Popen([sys.executable, "-c", TRAINER, str(hit), str(ready)],
                                start_new_session=True)
     deadline = time.monotonic() + 10
     while not ready.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
-    yield process, hit
-    process.kill()
-    process.wait()
+    return process, hit
+
+
+@pytest.fixture(scope="module")
+def _trainers():
+    started: list[tuple[subprocess.Popen, Path]] = []
+    yield started
+    for process, _ in started:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture()
+def trainer(_trainers, tmp_path_factory):
+    """A process the sandboxed code must not reach, (it, the file it creates on SIGWINCH): the
+    one the test before used while it is untouched (a start-up saved), else a fresh one."""
+    if not _trainers or _trainers[-1][0].poll() is not None or _trainers[-1][1].exists():
+        _trainers.append(_start_trainer(tmp_path_factory.mktemp("trainer")))
+    return _trainers[-1]
 
 
 def reaching(pid: int) -> dict[str, str]:
@@ -228,16 +241,22 @@ def untouched(process: subprocess.Popen, hit: Path, results: dict) -> None:
         assert str(process.pid) not in re.findall(r"\d+", result.stdout), name
 
 
+def run_each(programs: dict[str, str], limits: SandboxLimits) -> dict:
+    """Each program's result, four at a time (each run waits mostly on its start-up)."""
+    with ThreadPoolExecutor(4) as pool:
+        return dict(zip(programs, pool.map(lambda c: run_code(c, limits), programs.values()),
+                        strict=True))
+
+
 @pytest.mark.parametrize("removed", [None, *LAYERS])
 def test_no_layer_removed_lets_the_code_reach_the_trainer(trainer, removed):
     """Every way to the trainer stopped with all layers and with each one removed in turn (the
     audit hook stands in for a kernel layer that is not there); signals to itself still work."""
     process, hit = trainer
     limits = SandboxLimits(cpu_s=1, wall_s=4.0, layers=tuple(x for x in LAYERS if x != removed))
-    untouched(process, hit, {name: run_code(code, limits)
-                             for name, code in reaching(process.pid).items()})
-    result = run_code(TO_ITSELF, limits)
-    assert result.stdout == "received 5\n", result.stderr[-500:]
+    results = run_each({**reaching(process.pid), "itself": TO_ITSELF}, limits)
+    assert results.pop("itself").stdout == "received 5\n"
+    untouched(process, hit, results)
 
 
 def _landlock_abi() -> int:
@@ -245,46 +264,44 @@ def _landlock_abi() -> int:
     return int(found.group(1)) if found else 0
 
 
-@pytest.mark.parametrize(("layer", "name", "stopped"), [
-    ("pidns", "kill", "No such process"),
-    ("pidns", "kill -1", "No such process"),
-    ("pidns", "killpg", "No such process"),
-    ("pidns", "sigio", "No such process"),
-    ("pidns", "proc", ""),  # its own /proc: only itself, PID 1
-    ("landlock", "kill", "Operation not permitted"),
-    ("landlock", "kill -1", ""),  # the kernel answers 0 when every target refused it
-    ("landlock", "killpg", "Operation not permitted"),
-    ("landlock", "sigio", ""),  # F_SETOWN is taken; the signal is not sent
-    ("landlock", "proc", "Permission denied"),
-    ("seccomp", "kill", "Operation not permitted"),
-    ("seccomp", "kill -1", "Operation not permitted"),
-    ("seccomp", "killpg", "Operation not permitted"),
-    ("seccomp", "sigio", "Operation not permitted"),
-    ("seccomp", "fork_exec", "Operation not permitted"),
-    ("audit", "kill", "the sandbox refuses os.kill"),
-    ("audit", "kill -1", "the sandbox refuses os.kill"),
-    ("audit", "killpg", "the sandbox refuses os.killpg"),
-    ("audit", "sigio", "the sandbox refuses fcntl.fcntl"),
-    ("audit", "fork_exec", "the sandbox refuses import _posixsubprocess"),
-    ("audit", "proc", "the sandbox refuses to list"),
-])
-def test_each_layer_alone_keeps_the_trainer_out_of_reach(trainer, layer, name, stopped):
+# What each layer alone answers each way to the trainer it stops ("": no error, e.g. the
+# kernel answers kill(-1) with 0 when Landlock refused every target; the trainer is untouched)
+ALONE = {
+    "pidns": {"kill": "No such process", "kill -1": "No such process",
+              "killpg": "No such process", "sigio": "No such process", "proc": ""},
+    "landlock": {"kill": "Operation not permitted", "kill -1": "",
+                 "killpg": "Operation not permitted", "sigio": "", "proc": "Permission denied"},
+    "seccomp": {"kill": "Operation not permitted", "kill -1": "Operation not permitted",
+                "killpg": "Operation not permitted", "sigio": "Operation not permitted",
+                "fork_exec": "Operation not permitted"},
+    "audit": {"kill": "the sandbox refuses os.kill", "kill -1": "the sandbox refuses os.kill",
+              "killpg": "the sandbox refuses os.killpg", "sigio": "the sandbox refuses fcntl.fcntl",
+              "fork_exec": "the sandbox refuses import _posixsubprocess",
+              "proc": "the sandbox refuses to list"},
+}
+
+
+@pytest.mark.parametrize("layer", list(ALONE))
+def test_each_layer_alone_keeps_the_trainer_out_of_reach(trainer, layer):
     """What runtime/sandbox.py's table says each layer does about other processes, one at a
     time (beside the limits); signals to itself delivered under each."""
     if layer != "audit" and layer not in sandbox_layers():
         pytest.skip(f"this kernel has no {layer} layer")
-    if layer == "landlock" and name != "proc" and _landlock_abi() < 6:
-        pytest.skip("this kernel's Landlock has no signal scope (ABI 6)")
+    stops = dict(ALONE[layer])
+    if layer == "landlock" and _landlock_abi() < 6:  # files only: its scopes are ABI 6
+        stops = {"proc": stops["proc"]}
     process, hit = trainer
     limits = SandboxLimits(cpu_s=1, wall_s=4.0, layers=("rlimits", layer))
-    result = run_code(reaching(process.pid)[name], limits)
-    assert list(result.layers) == ["rlimits", layer]
-    assert stopped in result.stderr, result.stderr[-500:]
-    untouched(process, hit, {name: result})
-    if name == "proc" and layer == "pidns":
-        assert result.stdout == "[1]\n", result.stderr[-500:]
-    if name == "kill":
-        assert run_code(TO_ITSELF, limits).stdout == "received 5\n"
+    programs = reaching(process.pid)
+    results = run_each({**{name: programs[name] for name in stops}, "itself": TO_ITSELF},
+                       limits)
+    assert results.pop("itself").stdout == "received 5\n"
+    for name, result in results.items():
+        assert list(result.layers) == ["rlimits", layer]
+        assert stops[name] in result.stderr, (name, result.stderr[-500:])
+    untouched(process, hit, results)
+    if layer == "pidns":  # its own /proc: only itself, PID 1
+        assert results["proc"].stdout == "[1]\n", results["proc"].stderr[-500:]
 
 
 def test_the_layers_record_says_what_each_enforces_here():
