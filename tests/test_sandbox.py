@@ -9,6 +9,7 @@ afterwards; `run_python` as a run's tool, in its killable worker."""
 from __future__ import annotations
 
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -227,6 +228,9 @@ def reaching(pid: int) -> dict[str, str]:
         "sigio": f"import fcntl, os\nr, w = os.pipe()\nfcntl.fcntl(r, fcntl.F_SETOWN, {pid})\n"
                  "fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC)\nos.write(w, b'x')\nprint('sent')\n",
         "fork_exec": FORK_EXEC,
+        # another process's resource limits: a low RLIMIT_CPU would end it (a harmless one here)
+        "prlimit": f"import resource\nresource.prlimit({pid}, resource.RLIMIT_MSGQUEUE, (7, 7))\n"
+                   "print('set')\n",
         "proc": "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n",
     }
 
@@ -236,6 +240,8 @@ def untouched(process: subprocess.Popen, hit: Path, results: dict) -> None:
     time.sleep(0.05)  # a signal that got through is delivered by now
     said = {name: r.stderr[-300:] for name, r in results.items()}
     assert process.poll() is None and not hit.exists(), said
+    if hasattr(resource, "prlimit"):  # Linux
+        assert resource.prlimit(process.pid, resource.RLIMIT_MSGQUEUE) != (7, 7), said
     for name, result in results.items():
         assert "escaped" not in result.stdout, name
         assert str(process.pid) not in re.findall(r"\d+", result.stdout), name
@@ -265,19 +271,22 @@ def _landlock_abi() -> int:
 
 
 # What each layer alone answers each way to the trainer it stops ("": no error, e.g. the
-# kernel answers kill(-1) with 0 when Landlock refused every target; the trainer is untouched)
+# kernel answers kill(-1) with 0 when Landlock refused every target; the trainer is untouched).
+# Landlock has no rule for another process's resource limits: prlimit is not in its row.
 ALONE = {
     "pidns": {"kill": "No such process", "kill -1": "No such process",
-              "killpg": "No such process", "sigio": "No such process", "proc": ""},
+              "killpg": "No such process", "sigio": "No such process", "proc": "",
+              "prlimit": "No such process"},
     "landlock": {"kill": "Operation not permitted", "kill -1": "",
                  "killpg": "Operation not permitted", "sigio": "", "proc": "Permission denied"},
     "seccomp": {"kill": "Operation not permitted", "kill -1": "Operation not permitted",
                 "killpg": "Operation not permitted", "sigio": "Operation not permitted",
-                "fork_exec": "Operation not permitted"},
+                "fork_exec": "Operation not permitted", "prlimit": "Operation not permitted"},
     "audit": {"kill": "the sandbox refuses os.kill", "kill -1": "the sandbox refuses os.kill",
               "killpg": "the sandbox refuses os.killpg", "sigio": "the sandbox refuses fcntl.fcntl",
               "fork_exec": "the sandbox refuses import _posixsubprocess",
-              "proc": "the sandbox refuses to list"},
+              "proc": "the sandbox refuses to list",
+              "prlimit": "the sandbox refuses resource.prlimit"},
 }
 
 

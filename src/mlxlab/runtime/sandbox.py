@@ -18,7 +18,9 @@ What each layer guarantees, and where it does not exist:
 | seccomp | starting any process (fork, vfork, clone without CLONE_THREAD), creating a socket, io_uring; any signal but to itself (kill to 0 or its own pid; tkill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo to its own; pidfd_send_signal never), F_SETOWN, ptrace, process_vm_readv/writev, pidfd_open/getfd, prlimit64 on another process | the kernel (seccomp-BPF, x86_64 and aarch64; the filter holds its pid, 1 in its namespace) | other architectures, macOS |
 | audit | always: ctypes, and signals to other processes (os.kill but to 0 or itself, os.killpg but of 0, F_SETOWN, resource.prlimit of another process; os.pidfd_open and signal.pidfd_send_signal are taken out); for each missing layer above, the same from Python: sockets, processes (`import _posixsubprocess` too, whose fork_exec raises no event), opening or listing files outside the folders | the sandboxed interpreter itself (sys.addaudithook) | never, but Python-level: code that reaches C through an extension module it may import passes it |
 
-`sandbox_layers()` says which took effect on this machine and what each enforces there, e.g.
+Landlock has no rule for another process's resource limits (prlimit): pidns, seccomp and the
+audit hook each stop that. `sandbox_layers()` says which took effect on this machine and what
+each enforces there, e.g.
 Landlock's ABI (`SandboxResult.layers` for each run: name -> that line, in order; "watchdog"
 where the parent bounded the memory). Being PID 1 changes how signals end the code: a signal it
 sends itself without a handler (SIGTERM, abort's SIGABRT) does not end it, nor does SIGXCPU

@@ -50,6 +50,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 38, 22
 SECCOMP_MODE_FILTER = 2
@@ -124,8 +125,9 @@ def set_limits(limits: dict) -> str:
             f"({death})")
 
 
-def _exit_with_parent(getppid) -> None:  # noqa: ANN001 - os.getppid, bound before the code runs
-    """Off Linux: end this process once its parent is gone (reparented: another parent pid)."""
+def _exit_with_parent(getppid: Callable[[], int]) -> None:
+    """Off Linux: end this process once its parent is gone (reparented: another parent pid).
+    `getppid` is os.getppid, taken before the code runs (which could replace os's)."""
     parent = getppid()
     while getppid() == parent:
         time.sleep(PARENT_CHECK_S)
