@@ -154,6 +154,9 @@ def own_pids(in_user_namespace: bool, limits: dict | None, status_fd: int) -> st
     if _libc.unshare(flags) != 0:
         raise _fail("unshare")
     alive_r, alive_w = os.pipe()  # EOF for the child: its relay is gone
+    # The relay keeps every signal blocked from before the fork on: the code's kill(0, ...)
+    # reaches its process group, the relay included, and must not end it (SIGKILL still does)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     child = os.fork()
     if child:
         try:
@@ -163,6 +166,7 @@ def own_pids(in_user_namespace: bool, limits: dict | None, status_fd: int) -> st
         finally:
             os._exit(1)  # never on to the code, whatever happened
     os.close(alive_w)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     # dies with its relay (fork cleared the setting): the parent's kill of it ends the code too
     _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
     if limits is not None:
@@ -183,13 +187,7 @@ def own_pids(in_user_namespace: bool, limits: dict | None, status_fd: int) -> st
 
 
 def _relay(child: int) -> None:
-    """Wait for PID 1 and end as it ended; no signal but SIGKILL ends this process before
-    (kill(0, ...) from the code reaches its process group, this process included)."""
-    for number in signal.valid_signals():
-        if number not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
-            # (one Python may not set, e.g. a real-time signal the C library keeps: skipped)
-            with contextlib.suppress(OSError, ValueError):
-                signal.signal(number, signal.SIG_IGN)
+    """Wait for PID 1 and end as it ended (its exit code, or the signal that ended it)."""
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
