@@ -254,9 +254,9 @@ def landlock(read: list[str], write: list[str]) -> str:
     os.close(ruleset)
     return "; ".join([f"ABI {abi}: reads only the interpreter's and system files and its folder,"
                       " writes only its folder",
-                      "TCP bind/connect refused" if net else "no TCP rules (ABI 4)",
+                      "TCP bind/connect refused" if net else "no TCP rules (they need ABI 4)",
                       "signals and abstract unix sockets only to itself" if scoped else
-                      "no signal or abstract-socket scopes (ABI 6)"])
+                      "no signal or abstract-socket scopes (they need ABI 6)"])
 
 
 def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
