@@ -11,19 +11,27 @@ What each layer guarantees, and where it does not exist:
 
 | layer | stops | enforced by | where it is missing |
 |---|---|---|---|
-| rlimits | CPU time past `cpu_s` (SIGXCPU, then SIGKILL), an address space past `memory_bytes` (MemoryError), files past `file_bytes` (EFBIG), more than `open_files` descriptors, core files; death with its parent | the kernel (setrlimit, prctl) | never (RLIMIT_NPROC counts all of a user's processes and does not bind root: the seccomp layer is what stops processes) |
-| netns | every network connection: its own network namespace, with only a loopback that is down | the kernel (user + network namespaces) | kernels or containers that refuse unprivileged user namespaces |
-| landlock | reading files outside the interpreter's installation, the system libraries and the scratch folder; writing outside the scratch folder; TCP bind/connect; signals and abstract unix sockets to processes outside | the kernel (Landlock LSM, Linux 5.13+; net 6.7+, scopes 6.12+) | older kernels, kernels without Landlock in their LSM list, macOS |
-| seccomp | starting any process (fork, vfork, clone without CLONE_THREAD), creating a socket, io_uring | the kernel (seccomp-BPF, x86_64 and aarch64) | other architectures, macOS |
-| audit | for each missing layer above, the same from Python: sockets, processes, opening files outside the folders; and ctypes | the sandboxed interpreter itself (sys.addaudithook) | never, but Python-level: code that reaches C through an extension module it may import passes it |
+| rlimits | CPU time past `cpu_s` (SIGXCPU, then SIGKILL), an address space past `memory_bytes` (MemoryError), files past `file_bytes` (EFBIG), more than `open_files` descriptors, core files; death with its parent | the kernel (setrlimit, prctl) | never (RLIMIT_NPROC counts all of a user's processes and does not bind root: the seccomp layer is what stops processes); macOS takes RLIMIT_AS and ignores it, and has no prctl: there a watchdog thread in the parent kills the run when its resident size passes `memory_bytes` (read every 0.1 s, so it may pass it by what it allocates in that time), and a thread in the child ends it once its parent is gone |
+| netns | every network connection: its own network namespace, with only a loopback that is down | the kernel (user + network namespaces) | kernels or containers that refuse unprivileged user namespaces, macOS |
+| pidns | reaching any other process by pid (kill, killpg, kill(-1), F_SETOWN's SIGIO, prlimit, ptrace, /proc/PID): its own PID namespace, where it is PID 1 and alone, with a /proc of its own | the kernel (user + PID + mount namespaces) | as netns; a /proc that cannot be remounted (some containers) stays the host's, which landlock or the audit hook keep unread |
+| landlock | reading files outside the interpreter's installation, the system libraries and the scratch folder; writing outside the scratch folder; TCP bind/connect; signals and abstract unix sockets to processes outside | the kernel (Landlock LSM, Linux 5.13+: files from ABI 1, TCP from ABI 4 (6.7+), signal and abstract-socket scopes from ABI 6 (6.12+)) | older kernels (on 5.13-6.11, e.g. Ubuntu 22.04/24.04 and Debian 12: no scopes, so no signal rule), kernels without Landlock in their LSM list, macOS |
+| seccomp | starting any process (fork, vfork, clone without CLONE_THREAD), creating a socket, io_uring; any signal but to itself (kill to 0 or its own pid; tkill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo to its own; pidfd_send_signal never), F_SETOWN, ptrace, process_vm_readv/writev, pidfd_open/getfd, prlimit64 on another process | the kernel (seccomp-BPF, x86_64 and aarch64; the filter holds its pid, 1 in its namespace) | other architectures, macOS |
+| audit | always: ctypes, and signals to other processes (os.kill but to 0 or itself, os.killpg but of 0, F_SETOWN, resource.prlimit of another process; os.pidfd_open and signal.pidfd_send_signal are taken out); for each missing layer above, the same from Python: sockets, processes (`import _posixsubprocess` too, whose fork_exec raises no event), opening or listing files outside the folders | the sandboxed interpreter itself (sys.addaudithook) | never, but Python-level: code that reaches C through an extension module it may import passes it |
 
-`sandbox_layers()` says which took effect on this machine (`SandboxResult.layers` for each run).
-Not covered by any layer: the wall clock past `wall_s` (the parent kills it), disk space inside
-the scratch folder beyond `file_bytes` per file, reading what the interpreter's installation
-holds (its site-packages: no secrets by convention, but readable), and kernel bugs. Where the
-kernel layers are all there, the code runs with no network, no new processes and no files but
-its folder and the interpreter's; where they are not, treat it as a guard against accidents, not
-against an adversary.
+Landlock has no rule for another process's resource limits (prlimit): pidns, seccomp and the
+audit hook each stop that. `sandbox_layers()` says which took effect on this machine and what
+each enforces there, e.g.
+Landlock's ABI (`SandboxResult.layers` for each run: name -> that line, in order; "watchdog"
+where the parent bounded the memory). Being PID 1 changes how signals end the code: a signal it
+sends itself without a handler (SIGTERM, abort's SIGABRT) does not end it, nor does SIGXCPU
+(its CPU limit ends it by SIGKILL instead, at the same `cpu_s`); its parent outside the
+namespace waits for it and ends as it ended. Not covered by any layer: the wall clock past
+`wall_s` (the parent kills it), disk space inside the scratch folder beyond `file_bytes` per
+file, reading what the interpreter's installation holds (its site-packages: no secrets by
+convention, but readable), and kernel bugs. Where the kernel layers are all there, the code
+runs with no network, no new processes, no other process in reach and no files but its folder
+and the interpreter's; where they are not, treat it as a guard against accidents, not against an
+adversary. On macOS, only rlimits (without RLIMIT_AS), the watchdog and the audit hook exist.
 """
 
 from __future__ import annotations
@@ -36,12 +44,14 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
-LAYERS = ("rlimits", "netns", "landlock", "seccomp", "audit")
+LAYERS = ("rlimits", "netns", "pidns", "landlock", "seccomp", "audit")
+WATCH_S = 0.1  # how often the memory watchdog (where no RLIMIT_AS binds) reads the RSS
 # What the confined interpreter may read besides its scratch folder: the system's libraries
 # (the loader and what extension modules link), nothing of /etc but the loader's cache.
 SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/etc/ld.so.cache",
@@ -74,21 +84,26 @@ class SandboxLimits:
 class SandboxResult:
     """A sandboxed run: its exit code (negative: the signal that ended it), what it printed
     (each cut to output_chars; `cut`: how many characters were left out), whether the parent
-    killed it at the wall limit, the layers that took effect and the seconds it took."""
+    killed it at the wall limit, the layers that took effect (in order: name -> what it
+    enforced on this machine; "watchdog" where the parent bounded its memory), the seconds it
+    took and whether the watchdog killed it."""
 
     returncode: int
     stdout: str
     stderr: str
     timed_out: bool
-    layers: list[str] = field(default_factory=list)
+    layers: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     cut: int = 0
+    over_memory: bool = False
 
     @property
     def stopped(self) -> str | None:
         """Why the run was stopped by a limit (None: it ended by itself)."""
         if self.timed_out:
             return "wall-clock limit"
+        if self.over_memory:
+            return "memory limit"
         if self.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
             return "CPU time limit"
         if self.returncode == -signal.SIGXFSZ:
@@ -118,6 +133,28 @@ def _cut(path: Path, chars: int) -> tuple[str, int]:
     return text[:chars], max(0, len(text) - chars)
 
 
+def _watch_memory(pid: int, limit: int, done: threading.Event, over: list[bool]) -> None:
+    """SIGKILL to process group `pid` once its processes' resident size passes `limit` bytes,
+    read every WATCH_S (where no RLIMIT_AS bounds it: it allocates at most WATCH_S more)."""
+    import psutil  # a dependency (macOS too), needed only where this runs
+
+    def rss(process: psutil.Process) -> int:
+        try:
+            return process.memory_info().rss
+        except psutil.Error:  # it ended between the listing and the reading
+            return 0
+
+    try:
+        root = psutil.Process(pid)
+        while not done.wait(WATCH_S):
+            if sum(rss(p) for p in [root, *root.children(recursive=True)]) > limit:
+                over.append(True)
+                os.killpg(pid, signal.SIGKILL)
+                return
+    except (psutil.Error, ProcessLookupError):
+        return  # it ended
+
+
 def run_code(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
     """Run `code` confined (module docstring); the scratch folder is gone when this returns."""
     limits = limits or SandboxLimits()
@@ -139,6 +176,12 @@ def run_code(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=scratch,
                 env=_environment(str(scratch)), pass_fds=(status_w,), start_new_session=True)
             os.close(status_w)
+            # RLIMIT_AS bounds memory on Linux only (macOS accepts it and ignores it)
+            watched = sys.platform != "linux" or "rlimits" not in limits.layers
+            done, over = threading.Event(), []
+            if watched:
+                threading.Thread(target=_watch_memory, daemon=True,
+                                 args=(child.pid, limits.memory_bytes, done, over)).start()
             timed_out = False
             try:
                 child.wait(limits.wall_s)
@@ -146,21 +189,26 @@ def run_code(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
                 timed_out = True
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
+            done.set()
         with os.fdopen(status_r) as status:
             said = status.read()
         stdout, cut_out = _cut(Path(private) / "stdout", limits.output_chars)
         stderr, cut_err = _cut(Path(private) / "stderr", limits.output_chars)
         shutil.rmtree(scratch, ignore_errors=True)
-    layers = json.loads(said) if said else []
+    layers = json.loads(said) if said else {}
+    if watched:
+        layers["watchdog"] = (f"the parent kills it past {limits.memory_bytes >> 20} MiB "
+                              f"resident, read every {WATCH_S} s")
     return SandboxResult(child.returncode, stdout, stderr, timed_out, layers,
-                         time.monotonic() - start, cut_out + cut_err)
+                         time.monotonic() - start, cut_out + cut_err, bool(over))
 
 
-_layers: list[str] = []
+_layers: dict[str, str] = {}
 
 
-def sandbox_layers() -> list[str]:
-    """The layers that take effect on this machine (one sandboxed run of nothing, once)."""
+def sandbox_layers() -> dict[str, str]:
+    """The layers that take effect on this machine, each with what it enforces here (one
+    sandboxed run of nothing, once; a copy)."""
     if not _layers:
-        _layers.extend(run_code("pass").layers)
-    return list(_layers)
+        _layers.update(run_code("pass").layers)
+    return dict(_layers)

@@ -9,43 +9,81 @@ guarantees):
    files; and SIGKILL when the parent (the tool's worker) dies (Linux prctl).
 2. `netns`: unshare(CLONE_NEWUSER | CLONE_NEWNET): a network namespace of its own, whose only
    interface is a loopback that is down (Linux, where unprivileged user namespaces are allowed).
-3. `landlock`: the Landlock LSM (Linux 5.13+): files readable only under the `read` paths (the
+3. `pidns`: unshare(CLONE_NEWPID | CLONE_NEWNS), then fork: the code runs as PID 1 of a PID
+   namespace of its own, where no other process exists (kill, killpg, F_SETOWN, prlimit, ptrace
+   by pid find nothing), with /proc remounted to show only that namespace. This process stays
+   outside as its relay: it waits for PID 1 and ends as it ended (exit code or signal), so the
+   parent's wait and its SIGKILL to the process group work as before.
+4. `landlock`: the Landlock LSM (Linux 5.13+): files readable only under the `read` paths (the
    interpreter's installation, system libraries), readable and writable only in the scratch
    folder, nothing else; TCP bind/connect refused (ABI 4+), abstract unix sockets and signals
    to processes outside scoped away (ABI 6+). It also forbids mount and pivot_root.
-4. `seccomp`: a seccomp-BPF filter (x86_64, aarch64): no new processes (fork, vfork, clone
+5. `seccomp`: a seccomp-BPF filter (x86_64, aarch64): no new processes (fork, vfork, clone
    without CLONE_THREAD; clone3 answers ENOSYS so threads fall back to clone), no sockets
-   (socket, socketpair), no io_uring; each refused with EPERM.
-5. `audit`: for the layers above that this kernel refused, a Python audit hook refusing the
-   same from Python (sockets, processes, opening files outside the folders). Python-level only:
-   code that reaches C (ctypes is refused by it too, but other C extensions are not) can pass.
+   (socket, socketpair), no io_uring; signals to itself only (kill to 0 or its own pid; tkill,
+   tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo to its own; pidfd_send_signal, pidfd_open,
+   pidfd_getfd, ptrace, process_vm_readv/writev never; prlimit64 on itself only; fcntl's
+   F_SETOWN and F_SETOWN_EX, which aim SIGIO at any pid, never); each refused with EPERM. The
+   filter is built knowing its own pid (1 in its PID namespace), as BPF cannot read it.
+6. `audit`: for the layers above that this kernel refused, a Python audit hook refusing the
+   same from Python (sockets, processes, `import _posixsubprocess`, opening or listing files
+   outside the folders, signals to other processes: os.kill, os.killpg, F_SETOWN,
+   resource.prlimit). Python-level only: code that reaches C (ctypes is refused by it too, but
+   other C extensions are not) can pass.
 
-The layers that took effect are written to STATUS_FD as JSON before the code runs.
+Off Linux, a thread ends the process when its parent (the tool's worker) is gone, as
+PR_SET_PDEATHSIG does on Linux. What each layer enforces here (a name and a line each) is
+written to STATUS_FD as JSON before the code runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import platform
 import resource
+import select
 import signal
 import struct
 import sys
+import threading
+import time
+from collections.abc import Callable
 
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 38, 22
 SECCOMP_MODE_FILTER = 2
 CLONE_THREAD, CLONE_NEWUSER, CLONE_NEWNET = 0x10000, 0x10000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWPID = 0x20000, 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
 EPERM, ENOSYS = 1, 38
+F_SETOWN, F_SETOWN_EX = 8, 15  # fcntl commands that aim SIGIO/SIGURG at a pid or pgid
+PARENT_CHECK_S = 0.2  # off Linux: how often the child looks for its parent
 
 # The system-call numbers the filter names (x86_64's, aarch64's) and the audit arch value.
 SYSCALLS = {
     "x86_64": {"arch": 0xC000003E, "socket": 41, "socketpair": 53, "clone": 56, "fork": 57,
-               "vfork": 58, "clone3": 435, "io_uring_setup": 425},
+               "vfork": 58, "clone3": 435, "io_uring_setup": 425, "kill": 62, "tkill": 200,
+               "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
+               "pidfd_send_signal": 424, "pidfd_open": 434, "pidfd_getfd": 438, "ptrace": 101,
+               "process_vm_readv": 310, "process_vm_writev": 311, "prlimit64": 302,
+               "fcntl": 72},
     "aarch64": {"arch": 0xC00000B7, "socket": 198, "socketpair": 199, "clone": 220,
-                "clone3": 435, "io_uring_setup": 425},
+                "clone3": 435, "io_uring_setup": 425, "kill": 129, "tkill": 130, "tgkill": 131,
+                "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240, "pidfd_send_signal": 424,
+                "pidfd_open": 434, "pidfd_getfd": 438, "ptrace": 117, "process_vm_readv": 270,
+                "process_vm_writev": 271, "prlimit64": 261, "fcntl": 25},
 }
+# Never allowed: processes and sockets, and the calls that reach another process by pidfd or
+# by ptrace (a pidfd names no pid the filter could compare).
+DENIED = ("socket", "socketpair", "fork", "vfork", "io_uring_setup", "pidfd_send_signal",
+          "pidfd_open", "pidfd_getfd", "ptrace", "process_vm_readv", "process_vm_writev")
+# Allowed only when this argument (its low 32 bits: the kernel reads a pid_t) is 0 or its own
+# pid: kill(0) is its own process group, prlimit64(0) itself.
+SELF_ONLY = {"kill": (0, True), "tkill": (0, False), "tgkill": (0, False),
+             "rt_sigqueueinfo": (0, False), "rt_tgsigqueueinfo": (0, False),
+             "prlimit64": (0, True)}
 LANDLOCK = {"create": 444, "add_rule": 445, "restrict": 446}  # the same on every arch
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -62,25 +100,103 @@ def _prctl(option: int, arg: int | ctypes.c_void_p = 0) -> None:
         raise _fail(f"prctl({option})")
 
 
-def set_limits(limits: dict) -> None:
-    """The resource limits (bytes, seconds, counts) and death with the parent."""
+def set_limits(limits: dict) -> str:
+    """The resource limits (bytes, seconds, counts) and death with the parent; what they are."""
     cpu = int(limits["cpu_s"])
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU, then SIGKILL
-    resource.setrlimit(resource.RLIMIT_AS, (limits["memory_bytes"],) * 2)
+    memory = "the parent's RSS watchdog"  # macOS takes RLIMIT_AS and ignores it
+    if sys.platform == "linux":
+        resource.setrlimit(resource.RLIMIT_AS, (limits["memory_bytes"],) * 2)
+        memory = f"RLIMIT_AS {limits['memory_bytes'] >> 20} MiB"
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_bytes"],) * 2)
     resource.setrlimit(resource.RLIMIT_NOFILE, (limits["open_files"],) * 2)
     resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"],) * 2)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if sys.platform == "linux":
         _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-        if os.getppid() != limits["parent"]:  # it died before the line above
-            os._exit(1)
+        death = "PR_SET_PDEATHSIG"
+    else:
+        threading.Thread(target=_exit_with_parent, args=(os.getppid,), daemon=True).start()
+        death = f"a thread looking every {PARENT_CHECK_S} s"
+    if os.getppid() != limits["parent"]:  # it died before the lines above
+        os._exit(1)
+    return (f"CPU {cpu} s, memory: {memory}, files {limits['file_bytes'] >> 20} MiB, "
+            f"{limits['open_files']} descriptors, no core files; dies with its parent "
+            f"({death})")
 
 
-def own_network() -> None:
+def _exit_with_parent(getppid: Callable[[], int]) -> None:
+    """Off Linux: end this process once its parent is gone (reparented: another parent pid).
+    `getppid` is os.getppid, taken before the code runs (which could replace os's)."""
+    parent = getppid()
+    while getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(1)
+
+
+def own_network() -> str:
     """A network namespace of its own (in a user namespace: no privilege needed)."""
     if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
         raise _fail("unshare")
+    return "its own network namespace: only a loopback, down"
+
+
+def _mount(source: str | None, target: str, kind: str | None, flags: int) -> None:
+    if _libc.mount(source and source.encode(), target.encode(), kind and kind.encode(),
+                   ctypes.c_ulong(flags), None) != 0:
+        raise _fail(f"mount({target})")
+
+
+def own_pids(in_user_namespace: bool, limits: dict | None, status_fd: int) -> str:
+    """Fork into a PID namespace of its own; from here on the caller is its PID 1 (module
+    docstring). This process returns only in the child: the parent relays its end."""
+    flags = CLONE_NEWPID | CLONE_NEWNS | (0 if in_user_namespace else CLONE_NEWUSER)
+    if _libc.unshare(flags) != 0:
+        raise _fail("unshare")
+    alive_r, alive_w = os.pipe()  # EOF for the child: its relay is gone
+    # The relay keeps every signal blocked from before the fork on: the code's kill(0, ...)
+    # reaches its process group, the relay included, and must not end it (SIGKILL still does)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    child = os.fork()
+    if child:
+        try:
+            os.close(alive_r)
+            os.close(status_fd)
+            _relay(child)
+        finally:
+            os._exit(1)  # never on to the code, whatever happened
+    os.close(alive_w)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    # dies with its relay (fork cleared the setting): the parent's kill of it ends the code too
+    _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if limits is not None:
+        # the soft limit's SIGXCPU does not end a PID 1 (it ignores signals it has no handler
+        # for): the hard limit's SIGKILL does, so it comes at cpu_s
+        cpu = int(limits["cpu_s"])
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    if select.select([alive_r], [], [], 0)[0]:  # the relay died before the lines above
+        os._exit(1)
+    os.close(alive_r)
+    try:  # a /proc of this namespace: the host's would still list every process
+        _mount(None, "/", None, MS_REC | MS_PRIVATE)
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        proc = "/proc remounted: only itself"
+    except OSError:
+        proc = "/proc still the host's (landlock or the audit hook keep it unread)"
+    return f"its own PID namespace: it is PID {os.getpid()} and sees no other process; {proc}"
+
+
+def _relay(child: int) -> None:
+    """Wait for PID 1 and end as it ended (its exit code, or the signal that ended it)."""
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        if number not in (signal.SIGKILL, signal.SIGSTOP):  # they have no other disposition
+            signal.signal(number, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
+        os.kill(os.getpid(), number)
+        os._exit(128 + number)  # a signal whose default is not to end a process
+    os._exit(os.waitstatus_to_exitcode(status))
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -107,8 +223,9 @@ def _landlock_rights(abi: int) -> tuple[int, int, int, int]:
     return handled, file_rights, net, scoped
 
 
-def landlock(read: list[str], write: list[str]) -> int:
-    """Restrict this process to reading under `read` and everything under `write`; the ABI."""
+def landlock(read: list[str], write: list[str]) -> str:
+    """Restrict this process to reading under `read` and everything under `write`; what that
+    enforces with this kernel's ABI."""
     abi = _libc.syscall(LANDLOCK["create"], None, 0, 1)  # LANDLOCK_CREATE_RULESET_VERSION
     if abi < 1:
         raise _fail("landlock_create_ruleset")
@@ -135,33 +252,54 @@ def landlock(read: list[str], write: list[str]) -> int:
     if _libc.syscall(LANDLOCK["restrict"], ruleset, 0) != 0:
         raise _fail("landlock_restrict_self")
     os.close(ruleset)
-    return int(abi)
+    return "; ".join([f"ABI {abi}: reads only the interpreter's and system files and its folder,"
+                      " writes only its folder",
+                      "TCP bind/connect refused" if net else "no TCP rules (they need ABI 4)",
+                      "signals and abstract unix sockets only to itself" if scoped else
+                      "no signal or abstract-socket scopes (they need ABI 6)"])
 
 
 def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("HBBI", code, jt, jf, k)
 
 
-def seccomp() -> None:
-    """The filter of the module docstring (EPERM for processes and sockets)."""
+LOAD, JEQ, JSET, JGE, RET = 0x20, 0x15, 0x45, 0x35, 0x06
+ALLOW, DENY, NOSYS = 0x7FFF0000, 0x00050000 | EPERM, 0x00050000 | ENOSYS
+
+
+def _argument_rule(number: int, argument: int, values: list[int], matching: int,
+                   other: int) -> list[bytes]:
+    """System call `number`: `matching` when its argument's low 32 bits are one of `values`,
+    else `other` (a block that returns: the accumulator holds the argument afterwards)."""
+    block = [_bpf(LOAD, 16 + 8 * argument)]  # seccomp_data.args[argument], low half (LE)
+    block += [_bpf(JEQ, v, len(values) - i, 0) for i, v in enumerate(values)]
+    block += [_bpf(RET, other), _bpf(RET, matching)]
+    return [_bpf(JEQ, number, 0, len(block)), *block]
+
+
+def seccomp(pid: int) -> str:
+    """The filter of the module docstring, for a process whose pid is `pid`; what it refuses."""
     numbers = SYSCALLS.get(platform.machine())
     if numbers is None:
         raise OSError(f"no seccomp filter for {platform.machine()}")
-    load, jeq, jset, jge, ret = 0x20, 0x15, 0x45, 0x35, 0x06
-    allow, deny, nosys = 0x7FFF0000, 0x00050000 | EPERM, 0x00050000 | ENOSYS
-    kill = 0x80000000
-    denied = [numbers[n] for n in ("socket", "socketpair", "fork", "vfork", "io_uring_setup")
-              if n in numbers]
-    program = [_bpf(load, 4), _bpf(jeq, numbers["arch"], 1, 0), _bpf(ret, kill),
-               _bpf(load, 0)]
+    program = [_bpf(LOAD, 4), _bpf(JEQ, numbers["arch"], 1, 0), _bpf(RET, 0x80000000),
+               _bpf(LOAD, 0)]
     if platform.machine() == "x86_64":  # x32 numbers (bit 30) would pass by the checks below
-        program += [_bpf(jge, 0x40000000, 0, 1), _bpf(ret, deny)]
-    for number in denied:
-        program += [_bpf(jeq, number, 0, 1), _bpf(ret, deny)]
-    program += [_bpf(jeq, numbers["clone3"], 0, 1), _bpf(ret, nosys),
-                _bpf(jeq, numbers["clone"], 0, 3), _bpf(load, 16),  # clone's flags (low half)
-                _bpf(jset, CLONE_THREAD, 1, 0), _bpf(ret, deny),
-                _bpf(ret, allow)]
+        program += [_bpf(JGE, 0x40000000, 0, 1), _bpf(RET, DENY)]
+    for name in DENIED:
+        if name in numbers:
+            program += [_bpf(JEQ, numbers[name], 0, 1), _bpf(RET, DENY)]
+    # each block below returns, leaving an argument in the accumulator: the number is reloaded
+    for name, (argument, group) in SELF_ONLY.items():
+        program += _argument_rule(numbers[name], argument, [0, pid] if group else [pid],
+                                  ALLOW, DENY)
+        program += [_bpf(LOAD, 0)]
+    program += _argument_rule(numbers["fcntl"], 1, [F_SETOWN, F_SETOWN_EX], DENY, ALLOW)
+    program += [_bpf(LOAD, 0)]
+    program += [_bpf(JEQ, numbers["clone3"], 0, 1), _bpf(RET, NOSYS),
+                _bpf(JEQ, numbers["clone"], 0, 3), _bpf(LOAD, 16),  # clone's flags (low half)
+                _bpf(JSET, CLONE_THREAD, 1, 0), _bpf(RET, DENY),
+                _bpf(RET, ALLOW)]
     blob = b"".join(program)
     buffer = ctypes.create_string_buffer(blob, len(blob))
 
@@ -172,10 +310,27 @@ def seccomp() -> None:
     prog = Program(len(program), ctypes.cast(buffer, ctypes.c_void_p))
     if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
         raise _fail("seccomp")
+    return (f"no new processes, sockets or io_uring; signals to itself only (pid {pid}): "
+            "kill, tkill, tgkill, rt_(tg)sigqueueinfo; no pidfd, ptrace, process_vm, "
+            "F_SETOWN; prlimit64 on itself only")
 
 
-def audit_hook(missing: set[str], read: list[str], write: list[str]) -> None:
-    """Refuse from Python what the missing kernel layers would have refused."""
+def _refuse_posixsubprocess() -> None:
+    """Leave `subprocess` importable but `_posixsubprocess.fork_exec` (no audit event of its
+    own) out of reach: subprocess is imported now and its reference replaced; a later
+    `import _posixsubprocess` raises the `import` event, which the hook refuses."""
+    import subprocess
+
+    def fork_exec(*_: object) -> int:
+        raise PermissionError("the sandbox refuses _posixsubprocess.fork_exec")
+
+    subprocess._fork_exec = fork_exec  # type: ignore[attr-defined]
+    sys.modules.pop("_posixsubprocess", None)
+
+
+def audit_hook(missing: set[str], read: list[str], write: list[str]) -> str:
+    """Refuse from Python what the missing kernel layers would have refused, and always signals
+    to other processes and ctypes; what it refuses."""
     read = [os.path.realpath(p) for p in read]
     write = [os.path.realpath(p) for p in write]
     processes = {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system", "os.exec",
@@ -183,55 +338,83 @@ def audit_hook(missing: set[str], read: list[str], write: list[str]) -> None:
     sockets = {"socket.__new__", "socket.connect", "socket.bind", "socket.sendto",
                "socket.getaddrinfo"}
     refused = {"ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function"}
+    said = ["ctypes", "signals to other processes (os.kill, os.killpg, F_SETOWN, "
+            "resource.prlimit; no os.pidfd_open, signal.pidfd_send_signal)"]
     if "seccomp" in missing:
-        refused |= processes | sockets
-    if "netns" in missing or "landlock" in missing:
+        refused |= processes
+        _refuse_posixsubprocess()
+        said.append("processes (import _posixsubprocess too)")
+    if missing & {"seccomp", "netns", "landlock"}:
         refused |= sockets
+        said.append("sockets")
+    if "landlock" in missing:
+        said.append("opening or listing files outside its folders")
+    # The calls with no audit event that reach a process by pid: gone from their modules
+    for module in (os, signal, sys.modules["posix"], sys.modules["_signal"]):
+        for name in ("pidfd_open", "pidfd_send_signal"):
+            with contextlib.suppress(AttributeError):  # where this Python and OS have it
+                delattr(module, name)
+    own = os.getpid()
 
     def under(path: str, roots: list[str]) -> bool:
         return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
+    def to_other(event: str, args: tuple) -> bool:
+        """A signal (or SIGIO owner, resource limit) aimed at another process."""
+        if event == "os.kill" or event == "resource.prlimit":
+            return args[0] not in (0, own)
+        if event == "os.killpg":
+            return args[0] != 0  # killpg(0): its own process group, kill(0)
+        return event == "fcntl.fcntl" and args[1] in (F_SETOWN, F_SETOWN_EX)
+
     def hook(event: str, args: tuple) -> None:
-        if event in refused:
+        if event in refused or to_other(event, args):
             raise PermissionError(f"the sandbox refuses {event}")
-        if event == "open" and "landlock" in missing and isinstance(args[0], str | bytes):
+        if event == "import" and args[0] == "_posixsubprocess" and "seccomp" in missing:
+            raise PermissionError("the sandbox refuses import _posixsubprocess")
+        if "landlock" not in missing or not args or not isinstance(args[0], str | bytes):
+            return
+        if event == "open":
             path = os.path.realpath(os.fsdecode(args[0]))
             mode, flags = args[1], args[2] or 0
             writing = (any(c in mode for c in "wax+") if isinstance(mode, str) else
                        bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC)))
             if not under(path, write) and (writing or not under(path, read)):
                 raise PermissionError(f"the sandbox refuses to open {path}")
+        elif event in ("os.listdir", "os.scandir"):
+            path = os.path.realpath(os.fsdecode(args[0]))
+            if not under(path, write + read):
+                raise PermissionError(f"the sandbox refuses to list {path}")
 
     sys.addaudithook(hook)
+    return "Python-level, refuses " + "; ".join(said)
 
 
-def confine(config: dict) -> list[str]:
-    """Apply the config's layers (module docstring); the names of those that took effect."""
-    layers, active = config["layers"], []
+def confine(config: dict, status_fd: int) -> dict[str, str]:
+    """Apply the config's layers (module docstring); what each that took effect enforces."""
+    layers, active = config["layers"], {}
     if "rlimits" in layers:
-        set_limits(config["limits"])
-        active.append("rlimits")
+        active["rlimits"] = set_limits(config["limits"])
     steps = {"netns": own_network,
+             "pidns": lambda: own_pids("netns" in active,
+                                       config["limits"] if "rlimits" in active else None,
+                                       status_fd),
              "landlock": lambda: landlock(config["read"], [config["scratch"]]),
-             "seccomp": seccomp}
+             "seccomp": lambda: seccomp(os.getpid())}  # after the fork: its pid in its namespace
     for name, step in steps.items():
         if name in layers and sys.platform == "linux":
-            try:
-                step()
-                active.append(name)
-            except OSError:
-                pass  # this kernel refuses it: the audit hook stands in
+            with contextlib.suppress(OSError):  # this kernel refuses it: audit stands in
+                active[name] = step()
     if "audit" in layers:
-        audit_hook({"netns", "landlock", "seccomp"} - set(active), config["read"],
-                   [config["scratch"]])
-        active.append("audit")
+        active["audit"] = audit_hook(set(steps) - set(active), config["read"],
+                                     [config["scratch"]])
     return active
 
 
 def main() -> None:
     config = json.loads(sys.argv[1])
     with os.fdopen(int(sys.argv[2]), "w") as status:
-        status.write(json.dumps(confine(config)))
+        status.write(json.dumps(confine(config, status.fileno())))
     os.chdir(config["scratch"])
     sys.path[0] = config["scratch"]
     sys.argv = ["main.py"]

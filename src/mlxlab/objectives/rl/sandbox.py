@@ -3,8 +3,8 @@
 Model-written code is what agent RL most often executes (math and code tasks); it is not a
 trusted tool's code, so it never runs in the trainer or in a tool's worker: each call runs it in
 a confined interpreter of its own (runtime/sandbox.py: CPU, memory, file-size and process
-limits, no network, no files but its scratch folder and the interpreter's, the folder deleted
-afterwards) and answers what it printed, cut to `SandboxLimits.output_chars`:
+limits, no network, no other process in reach (the trainer included), no files but its
+scratch folder and the interpreter's, the folder deleted afterwards) and answers what it printed, cut to `SandboxLimits.output_chars`:
 
     objective.tools=[{_target_: mlxlab.objectives.rl.sandbox.run_python}]
 
