@@ -216,3 +216,20 @@ def test_lm_eval_tasks_are_paired_per_document(lora_run, tmp_path):
     acc = next(m for m in report["retention"]["measures"] if m["measure"] == "tiny_mc/acc")
     assert acc["n"] == 12 and acc["test"].startswith("McNemar")
     assert report["retention"]["tasks"] == [mc]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda run, out: export_run(run, out, "mlx-lm", quantize=4,
+                                 retention=Retention(tasks=["no_such_lm_eval_task"])),
+     r"^'no_such_lm_eval_task' is neither a jsonl task file nor an lm-eval task"),
+    (lambda run, out: export_run(run, out, "mlx-lm", quantize=4,
+                                 retention=Retention(tasks=["/nowhere/t.jsonl"])),
+     r"^task file not found: /nowhere/t.jsonl"),
+    (lambda run, out: export_gguf(run, out.with_suffix(".gguf"), "q4_k_m", imatrix_rows=-1),
+     r"^--imatrix-rows -1: give the number of training rows"),
+])
+def test_bad_retention_settings_are_one_line_before_anything_is_written(call, message,
+                                                                        lora_run, tmp_path):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):  # the CLI's two
+        call(lora_run["run"], tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -145,6 +145,7 @@ def export_run(
     `refuse(model, state)`: a caller's own refusals (raising ExportError), on the loaded run
     before anything is written."""
     retention = Retention() if retention is None else retention
+    retention.check()
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.exists():
         raise FileNotFoundError(f"{run} does not exist: pass a run directory (outputs/<task>/<time>)")
@@ -437,6 +438,10 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
         raise FileNotFoundError(f"{source} does not exist: pass a run directory or a model folder")
     request = Retention(*(retention.tasks, retention.accept_loss) if retention else (),
                         later=True)
+    request.check()
+    if imatrix_rows < 0:
+        raise GGUFExportError(f"--imatrix-rows {imatrix_rows}: give the number of training rows "
+                              "(0: no importance matrix)")
     if request.tasks and quant == "f32":
         raise GGUFExportError("--tasks judges an export that changes the weights; --quant f32 "
                               "writes the run's weights as they are: drop --tasks")

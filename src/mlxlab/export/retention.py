@@ -98,6 +98,15 @@ class Retention:
     later: bool = False
     reference: Reference | None = field(default=None, repr=False)
 
+    def check(self) -> None:
+        """The tasks exist (files) and lm-eval knows them (names), before anything is loaded:
+        one line naming the first that does not."""
+        from mlxlab.evaluation.harness_tasks import check_entries
+
+        entries = [str(t) for t in self.tasks]
+        read_tasks([e for e in entries if not is_harness_entry(e)])
+        check_entries([e for e in entries if is_harness_entry(e)])
+
 
 def validation_scores(model: Model, batches: Sequence[Batch]) -> Scores:
     """Each validation row's next-token accuracy and mean loss over its scored tokens (rows
