@@ -13,7 +13,6 @@ import pytest
 
 from conftest import PYTHON
 from hf_helpers import save_tiny_model
-from mlxlab.config import asset_path
 from mlxlab.export import ExportError, export_gguf, export_run
 from mlxlab.export.retention import Column, Retention, _kept
 
@@ -150,9 +149,11 @@ def test_gguf_is_judged_from_the_file_and_a_refusal_leaves_no_file(lora_run, tmp
 
 
 def test_tasks_on_an_export_that_changes_nothing_is_an_error(lora_run, tmp_path):
+    task = tmp_path / "t.jsonl"
+    task.write_text(json.dumps({"prompt": "Once upon a", "answer": " time"}) + "\n")
     done = subprocess.run(
         [PYTHON, "-m", "mlxlab.cli.main", "export", str(lora_run["run"]), "--format", "mlx-lm",
-         "--dtype", "float32", "--tasks", str(asset_path("lookup_codes/heldout.jsonl")),
+         "--dtype", "float32", "--tasks", str(task),
          "--out", str(tmp_path / "f32")], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith(
@@ -219,9 +220,10 @@ def test_lm_eval_tasks_are_paired_per_document(lora_run, tmp_path):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda run, out: export_run(run, out, "mlx-lm", quantize=4,
-                                 retention=Retention(tasks=["no_such_lm_eval_task"])),
-     r"^'no_such_lm_eval_task' is neither a jsonl task file nor an lm-eval task"),
+    pytest.param(lambda run, out: export_run(run, out, "mlx-lm", quantize=4,
+                                             retention=Retention(tasks=["no_such_task"])),
+                 r"^'no_such_task' is neither a jsonl task file nor an lm-eval task",
+                 marks=pytest.mark.slow),  # lm-eval indexes its ~10k tasks first (20 s)
     (lambda run, out: export_run(run, out, "mlx-lm", quantize=4,
                                  retention=Retention(tasks=["/nowhere/t.jsonl"])),
      r"^task file not found: /nowhere/t.jsonl"),
