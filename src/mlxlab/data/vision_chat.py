@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mlxlab.config.records import check_number
+from mlxlab.config.vision_families import family_ways, vision_family
 from mlxlab.data.batching import Batch, Batching, make_batches
 from mlxlab.data.chat import ChatError, encode_chats
 from mlxlab.data.completions import PromptCompletion, Rows, read_rows
@@ -84,7 +86,8 @@ def load_processor(folder: str | Path):
                           "has preprocessor_config.json beside its tokenizer") from None
 
 
-def image_token_ids(processor: Any, tokenizer: Tokenizer) -> set[int]:
+def image_token_ids(processor: Any, tokenizer: Tokenizer, model_type: str | None = None
+                    ) -> set[int]:
     """The ids `processor` expands images into (never trained): its image token, and the
     family's image-tile and image-boundary tokens it adds."""
     # each family's processor names its own (Idefics3's fake_image_token, Gemma's boi_token,
@@ -95,8 +98,9 @@ def image_token_ids(processor: Any, tokenizer: Tokenizer) -> set[int]:
                                 if a.endswith("_token") and not a.startswith("_")}
         names |= {v for a, v in found.items() if a in IMAGE_TOKEN_NAMES and isinstance(v, str)}
     ids = {tokenizer.token_to_id(n) for n in names}
-    ids |= {i for name, i in tokenizer.get_vocab().items()
-            if name.startswith("<row_") and "_col_" in name}
+    if family_ways(model_type).grid_tokens:
+        ids |= {i for name, i in tokenizer.get_vocab().items()
+                if name.startswith("<row_") and "_col_" in name}
     return {i for i in ids if i is not None}
 
 
@@ -140,6 +144,9 @@ class VisionChat(PromptCompletion):
             raise ConfigError("image chats need the model's processor: set "
                               "model.pretrained=<vision-language model folder>")
         self.processor = load_processor(self.processor_folder)
+        self.model_type = json.loads((Path(self.processor_folder) / "config.json").read_text(
+            encoding="utf-8")).get("model_type")
+        vision_family(self.model_type)  # a family batches are joined for: before any row
         self._key = self._processor_key()
         self.train, self.val = self._encode(train), self._encode(val)
         if not self.train[0]:
@@ -214,7 +221,7 @@ class VisionChat(PromptCompletion):
         return kept
 
     def _image_token_ids(self) -> set[int]:
-        return image_token_ids(self.processor, self.tokenizer)
+        return image_token_ids(self.processor, self.tokenizer, self.model_type)
 
     def _cached(self, path: str, number: int, chat, images: list, folder: Path,
                 image_ids: set[int]) -> dict:
@@ -258,7 +265,7 @@ class VisionChat(PromptCompletion):
         """The text rows' batch (PromptCompletion's), and the rows' image arrays beside it."""
         rows, targets, entries = split
         batch = super()._collate((rows, targets), index, multiple)
-        batch.update(join_images([entries[i] for i in index]))
+        batch.update(join_images([entries[i] for i in index], self.model_type))
         return batch
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
@@ -266,20 +273,25 @@ class VisionChat(PromptCompletion):
             yield self._collate(self.val, index, batching.bucket_multiple)
 
 
-def join_images(entries: list[dict]) -> dict[str, mx.array]:
-    """The rows' image arrays as one batch's: an array with a per-row axis (its first axis 1
-    for one row, five axes: rows, images, C, H, W; or SmolVLM's pixel mask) padded with empty
-    images to the most a row has and stacked; any other (patches or images of all rows)
-    concatenated in row order. Rows without images add nothing."""
+def join_images(entries: list[dict], model_type: str | None) -> dict[str, mx.array]:
+    """The rows' image arrays as one batch's, joined as the family's layout says
+    (config/vision_families.py): "rows" arrays padded with empty images to the most a row has
+    and stacked (a row without images: all empty, which the family drops); "images" and
+    "patches" arrays concatenated in row order, a row without images adding none. A family
+    whose rows all need images refuses a text-only row in one line."""
+    family = vision_family(model_type)
     keys = sorted({k for e in entries for k in image_keys(e)})
+    if keys and not family.text_rows and not all(image_keys(e) for e in entries):
+        raise ConfigError(f"{family.name}: every row of a batch needs an image (its processor "
+                          "and model take no text-only row); train the text-only rows in a "
+                          "separate run, or give every row an image")
     out = {}
     for key in keys:
         parts = [e[key] for e in entries if key in e]
-        if all(p.ndim >= 4 and p.shape[0] == 1 and key.startswith("pixel_") for p in parts) \
-                and parts[0].ndim in (4, 5):
+        if family.pixels == "rows":
             most = max(p.shape[1] for p in parts)
             padded = []
-            for e in entries:  # a row without images: all-empty images (the family drops them)
+            for e in entries:
                 p = e.get(key)
                 if p is None:
                     p = np.zeros((1, 0, *parts[0].shape[2:]), parts[0].dtype)
@@ -289,4 +301,3 @@ def join_images(entries: list[dict]) -> dict[str, mx.array]:
         else:
             out[key] = mx.array(np.concatenate(parts))
     return out
-
