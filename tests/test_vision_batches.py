@@ -144,3 +144,41 @@ def test_logits_equal_transformers(folders, family):
         theirs = reference(**kwargs).logits.numpy()
     gap = np.abs(ours - theirs).max() / np.abs(theirs).max()
     assert gap <= 1e-4, f"{family}: logits differ by {gap:.2e} of their scale"
+
+
+def test_paligemmas_answer_is_causal_under_its_token_types(folders):
+    """PaliGemma's prefix (its image and prompt, token type 0) attends both ways and its answer
+    (token type 1) causally, as transformers' does under the same token types: an answer token
+    changes no logit before it, and the logits equal transformers'."""
+    import torch
+    import transformers
+
+    from mlxlab.data.vision_chat import load_processor
+    from mlxlab.models.vision_language import VisionLanguageModel
+
+    folder = folders["paligemma"]
+    entry = _entry(load_processor(folder), "paligemma", 1, "What is it? A cat.")
+    ids = entry["input_ids"][None]
+    types = (np.arange(ids.shape[1]) >= ids.shape[1] - 3)[None].astype(np.int32)
+    changed = ids.copy()
+    changed[0, -1] = 7
+    model = VisionLanguageModel(0, pretrained=str(folder))
+    pixels = mx.array(entry["pixel_values"])
+    ours, other = (np.array(model(mx.array(x), pixel_values=pixels,
+                                  token_type_ids=mx.array(types))) for x in (ids, changed))
+    assert np.array_equal(ours[0, :-1], other[0, :-1])
+    reference = transformers.AutoModelForImageTextToText.from_pretrained(
+        folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = reference(input_ids=torch.tensor(ids).long(),
+                           pixel_values=torch.tensor(entry["pixel_values"]),
+                           token_type_ids=torch.tensor(types).long()).logits.numpy()
+    gap = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    assert gap <= 1e-4, f"paligemma with token types: logits differ by {gap:.2e}"
+
+
+def test_prefix_types_start_at_the_first_trained_token():
+    from mlxlab.data.vision_chat import prefix_types
+
+    targets = [np.array([0, 0, 0, 1, 1, 0], bool), np.array([0, 1, 1], bool)]
+    assert np.array(prefix_types(targets, 5)).tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]]

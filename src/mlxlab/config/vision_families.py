@@ -59,8 +59,10 @@ class VisionFamily:
     # whether a text-only row may share a batch with rows that have images (False: the
     # family's processor and model need an image in every row)
     text_rows: bool = True
-    # the image tokens of one image attend to one another both ways (Gemma 3), else causal
-    bidirectional_images: bool = False
+    # which tokens attend to one another both ways on top of the causal mask (transformers'
+    # blocks): "images" each image's tokens (Gemma 3); "prefix" the row's prefix, its images
+    # and prompt, before the answer (PaliGemma, where its config asks for both ways); "" none
+    blocks: str = ""
     # mlx-vlm scales image features by a top-level hidden_size the hub config lacks: the
     # language model's width stands in (Gemma 3)
     image_scale_from_text_width: bool = False
@@ -97,7 +99,7 @@ FAMILIES: dict[str, VisionFamily] = {f.name: f for f in (
     VisionFamily("qwen2_5_vl", **_QWEN, hub_name=_qwen_vl_name,
                  token_types=("image_token_id", "mm_token_type_ids")),
     VisionFamily("qwen3_vl", **_QWEN),
-    VisionFamily("gemma3", pixels="images", bidirectional_images=True,
+    VisionFamily("gemma3", pixels="images", blocks="images",
                  image_scale_from_text_width=True, hub_name=_gemma3_name,
                  token_types=("image_token_index", "token_type_ids")),
     VisionFamily("llava", pixels="images", batched_merge=True,
@@ -105,6 +107,7 @@ FAMILIES: dict[str, VisionFamily] = {f.name: f for f in (
     # PaliGemma's processor refuses a row without an image, and its model reads each row's
     # images at the row's start
     VisionFamily("paligemma", pixels="images", text_rows=False, batched_merge=True,
+                 blocks="prefix",
                  image_scale_from_text_width=True, text_defaults_from_transformers=True),
 )}
 

@@ -266,11 +266,25 @@ class VisionChat(PromptCompletion):
         rows, targets, entries = split
         batch = super()._collate((rows, targets), index, multiple)
         batch.update(join_images([entries[i] for i in index], self.model_type))
+        if vision_family(self.model_type).blocks == "prefix":
+            batch["token_type_ids"] = prefix_types([targets[i] for i in index],
+                                                   batch["input_ids"].shape[1])
         return batch
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
         for index in make_batches(self._lengths(self.val), batching, self.max_length):
             yield self._collate(self.val, index, batching.bucket_multiple)
+
+
+def prefix_types(targets: list[np.ndarray], width: int) -> mx.array:
+    """A prefix-LM family's token types of the batch's inputs (PaliGemma's processor makes
+    them from a prompt and its `suffix`): 0 for a row's prefix (its images and prompt, up to
+    its first trained token), 1 from its first trained token on and for the padding."""
+    types = np.ones((len(targets), width), np.int32)
+    for row, target in enumerate(targets):
+        first = int(np.argmax(target)) if target.any() else len(target)
+        types[row, : min(first, width)] = 0
+    return mx.array(types)
 
 
 def join_images(entries: list[dict], model_type: str | None) -> dict[str, mx.array]:

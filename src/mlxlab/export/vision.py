@@ -89,7 +89,7 @@ def export_vision(model: VisionLanguageModel, out: Path, dtype: str, staging: Pa
     from mlx_vlm.utils import load_model
 
     expected = mlxlab_logits(model, **probe)
-    if family_ways(model.hf_config.get("model_type")).bidirectional_images:
+    if family_ways(model.hf_config.get("model_type")).blocks:
         # Gemma 3's mask is mlxlab's (models/vision_language.py): the same forward
         got = mlxlab_logits(VisionLanguageModel(0, pretrained=str(staging)), **probe)
     else:

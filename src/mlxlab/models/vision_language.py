@@ -381,19 +381,22 @@ class VisionLanguageModel(PretrainedModel):
                  cache: list | None = None, segment_ids: mx.array | None = None,
                  **image_inputs: mx.array) -> mx.array:
         """Logits; `image_inputs` are the processor's arrays (`pixel_values`, and
-        `pixel_attention_mask` or `image_grid_thw` where the family has them). Rows are
-        right-padded (data/vision_chat.py), so causal attention needs no mask."""
+        `pixel_attention_mask` or `image_grid_thw` where the family has them), and for a
+        family whose prefix attends both ways (PaliGemma) `token_type_ids` (0: the prefix, 1:
+        the answer and the padding after it). Rows are right-padded (data/vision_chat.py), so
+        causal attention needs no mask."""
         if segment_ids is not None:
             raise ConfigError("a vision-language model takes no packed rows; set "
                               "data.pack=false")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
         pixel_values = image_inputs.pop("pixel_values", None)
-        image_inputs.pop("token_type_ids", None)
+        token_type_ids = image_inputs.pop("token_type_ids", None)
         if not cache or not cache[0].offset:
             self._start_sequence()
-        if self._family.bidirectional_images and pixel_values is not None:
-            return self._images_both_ways(input_ids, pixel_values, cache)
+        blocks = self._blocks(input_ids, token_type_ids) if pixel_values is not None else None
+        if blocks is not None:
+            return self._images_in_blocks(input_ids, pixel_values, blocks, cache)
         out = self.vlm(input_ids, pixel_values, mask=None, cache=cache, **image_inputs)
         return out.logits
 
@@ -405,25 +408,42 @@ class VisionLanguageModel(PretrainedModel):
             if name in language_model:  # an nn.Module holds its array-valued members as a dict
                 setattr(language_model, name, None)
 
-    def _images_both_ways(self, input_ids: mx.array, pixel_values: mx.array, cache: list | None
-                ) -> mx.array:
-        """Gemma 3 with images: mlx-vlm's image merge, then its language model under Gemma 3's
-        mask (transformers'): causal, and each image's tokens see one another both ways.
-        (mlx-vlm's own forward hands the language model the rows' padding mask in place of
-        the causal one.)"""
+    def _blocks(self, input_ids: mx.array, token_type_ids: mx.array | None) -> mx.array | None:
+        """(B, T) block ids of the family's tokens that attend to one another both ways
+        (transformers' blocks; 0: causal only), or None where the family has none.
+        - "images" (Gemma 3): each image's run of image tokens numbered from 1;
+        - "prefix" (PaliGemma, where its config attends both ways): the row's prefix (token
+          type 0: its images and prompt; without token types every token but the batch's
+          padding, as transformers reads a prompt) as block 1; the answer causal."""
+        kind = self._family.blocks
+        if kind == "images":
+            image = input_ids == self.vlm.config.image_token_index
+            # a run starts where an image token follows a token that is not one
+            starts = image & ~mx.concatenate([mx.zeros_like(image[:, :1]), image[:, :-1]],
+                                             axis=1)
+            return mx.where(image, mx.cumsum(starts.astype(mx.int32), axis=1), 0)
+        if kind == "prefix" and self.vlm.language_model.config.use_bidirectional_attention:
+            prefix = (token_type_ids == 0) if token_type_ids is not None else \
+                input_ids != self.vlm.config.pad_token_id
+            return prefix.astype(mx.int32)
+        return None
+
+    def _images_in_blocks(self, input_ids: mx.array, pixel_values: mx.array, blocks: mx.array,
+                          cache: list | None) -> mx.array:
+        """mlx-vlm's image merge, then its language model under transformers' mask: causal,
+        and the tokens of one block (_blocks) see one another both ways. (mlx-vlm's own
+        forward hands Gemma 3's language model the rows' padding mask in place of the causal
+        one, and PaliGemma's no mask: every token, padding too, both ways.)"""
         ones = mx.ones(input_ids.shape, mx.int32)
         embeds = self.vlm.get_input_embeddings(input_ids, pixel_values, mask=ones).inputs_embeds
-        image = input_ids == self.vlm.config.image_token_index
-        # number each image's run of tokens: a run starts where an image token follows another
-        starts = image & ~mx.concatenate([mx.zeros_like(image[:, :1]), image[:, :-1]], axis=1)
-        block = mx.where(image, mx.cumsum(starts.astype(mx.int32), axis=1), 0)
         t = input_ids.shape[1]
         causal = mx.arange(t)[:, None] >= mx.arange(t)[None, :]
-        same = (block[:, :, None] == block[:, None, :]) & (block[:, :, None] > 0)
-        window = self.vlm.language_model.config.sliding_window
+        same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] > 0)
+        window = vars(self.vlm.language_model.config).get("sliding_window")
         if window and t > window:
-            raise ConfigError(f"a Gemma 3 row with images of {t} tokens is longer than its "
-                              f"sliding window ({window}); lower data.max_length to {window}")
+            raise ConfigError(f"a {self._family.name} row with images of {t} tokens is longer "
+                              f"than its sliding window ({window}); lower data.max_length to "
+                              f"{window}")
         mask = (causal[None] | same)[:, None]
         out = self.vlm.language_model(inputs=input_ids, inputs_embeds=embeds, mask=mask,
                                       cache=cache)
@@ -503,9 +523,8 @@ def _batched_merge(base: type) -> type:
                                  mask: mx.array | None = None, **kwargs: Any) -> Any:
             """Every image's features (mlx-vlm's tower returns the first image's as its
             output; its last hidden states hold them all), scaled down by the width the
-            language model scales its embeddings up by, at the image tokens. Where the
-            language model attends both ways (transformers' PaliGemma config says so), a
-            row's tokens see its own tokens and not the batch's padding after them."""
+            language model scales its embeddings up by, at the image tokens (the mask:
+            VisionLanguageModel._blocks)."""
             if pixel_values is None:
                 return super().get_input_embeddings(input_ids, None, mask, **kwargs)
             embeds = self.language_model.model.embed_tokens(input_ids)
@@ -515,11 +534,7 @@ def _batched_merge(base: type) -> type:
             features = self.multi_modal_projector(tower.post_layernorm(states[-1]))
             scaled = features / (self.config.hidden_size ** 0.5)
             merged = scatter_images(embeds, input_ids, self.config.image_token_index, scaled)
-            own = None
-            if self.language_model.config.use_bidirectional_attention:
-                own = (input_ids != self.config.pad_token_id)[:, None, None, :]
-                own = mx.broadcast_to(own, (input_ids.shape[0], 1, *input_ids.shape[1:] * 2))
-            return InputEmbeddingsFeatures(inputs_embeds=merged, attention_mask_4d=own)
+            return InputEmbeddingsFeatures(inputs_embeds=merged)
 
     batched = {"llava": LlavaBatched, "paligemma": PaliGemmaBatched}[module]
     batched.__name__ = batched.__qualname__ = f"{base.__name__}Batched"
