@@ -182,3 +182,28 @@ def test_prefix_types_start_at_the_first_trained_token():
 
     targets = [np.array([0, 0, 0, 1, 1, 0], bool), np.array([0, 1, 1], bool)]
     assert np.array(prefix_types(targets, 5)).tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]]
+
+
+def test_a_text_only_row_for_paligemma_and_an_unknown_family_are_one_line(folders, tmp_path):
+    """PaliGemma's rows all need an image: a text-only row is refused at setup, naming its
+    line, the family and the way out; a family not in the table is refused by name."""
+    from mlxlab.config.vision_families import vision_family
+    from mlxlab.data.vision_chat import VisionChat
+    from mlxlab.errors import ConfigError
+
+    picture(0).save(tmp_path / "0.png")
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": "0.png"},
+                                                       {"type": "text", "text": "caption"}]},
+                          {"role": "assistant", "content": "A dog."}]},
+            {"messages": [{"role": "user", "content": "Hi?"},
+                          {"role": "assistant", "content": "Hi."}]}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder = folders["paligemma"]
+    data = VisionChat(str(path), val_file=str(path), processor=str(folder),
+                      tokenizer={"path": str(folder / "tokenizer.json")})
+    with pytest.raises(ConfigError, match=r"rows.jsonl:2: paligemma: every row needs an image.*"
+                                          "separate run"):
+        data.setup()
+    with pytest.raises(ConfigError, match="'mistral3'.*pixel layout"):
+        vision_family("mistral3")

@@ -178,6 +178,7 @@ class VisionChat(PromptCompletion):
         if not rows.rows:
             return [], [], []
         folder = Path(rows.path).parent
+        family = vision_family(self.model_type)
         chats, refs = [], []
         for number, row in rows.rows:
             try:
@@ -186,6 +187,8 @@ class VisionChat(PromptCompletion):
                     image_bytes(ref, folder)
             except ConfigError as e:
                 raise ConfigError(f"{rows.path}:{number}: {e}") from None
+            if not images and not family.text_rows:
+                raise ConfigError(f"{rows.path}:{number}: {text_rows_refused(family.name)}")
             chats.append({"messages": messages, "tools": row.get("tools")})
             refs.append(images)
         try:
@@ -276,6 +279,12 @@ class VisionChat(PromptCompletion):
             yield self._collate(self.val, index, batching.bucket_multiple)
 
 
+def text_rows_refused(family: str) -> str:
+    """The one line refusing a text-only row to a family whose rows all need an image."""
+    return (f"{family}: every row needs an image (its processor and model take no text-only "
+            "row); train the text-only rows in a separate run, or give every row an image")
+
+
 def prefix_types(targets: list[np.ndarray], width: int) -> mx.array:
     """A prefix-LM family's token types of the batch's inputs (PaliGemma's processor makes
     them from a prompt and its `suffix`): 0 for a row's prefix (its images and prompt, up to
@@ -296,9 +305,7 @@ def join_images(entries: list[dict], model_type: str | None) -> dict[str, mx.arr
     family = vision_family(model_type)
     keys = sorted({k for e in entries for k in image_keys(e)})
     if keys and not family.text_rows and not all(image_keys(e) for e in entries):
-        raise ConfigError(f"{family.name}: every row of a batch needs an image (its processor "
-                          "and model take no text-only row); train the text-only rows in a "
-                          "separate run, or give every row an image")
+        raise ConfigError(text_rows_refused(family.name))
     out = {}
     for key in keys:
         parts = [e[key] for e in entries if key in e]
