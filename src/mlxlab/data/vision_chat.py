@@ -18,9 +18,12 @@ paths relative to the file, file:// and data: URLs, a row's `images` list for ba
 Rows are preprocessed once and cached in the user cache (`images/`, keyed by the processor's
 files, the text and the image bytes), so a second run or epoch decodes no image. A row longer
 than max_length is cut only where no image token is lost, else dropped (counted). Batches are
-right-padded ids as for text, plus the rows' pixel arrays joined as the family's processor
-joins a batch: arrays with a per-row axis (SmolVLM's (rows, images, C, H, W)) padded to the
-batch's most images, arrays of all the images' patches (Qwen's, Gemma's) concatenated.
+right-padded ids as for text, plus the rows' pixel arrays joined as the family's row of
+config/vision_families.py lays them out (join_images): a per-row axis (SmolVLM's (rows, images,
+C, H, W)) padded to the batch's most images; images first (Gemma 3's, LLaVA's, PaliGemma's
+(images, C, H, W)) or all images' patches (Qwen's) concatenated in row order, a text-only row
+adding none. A family whose rows all need an image (PaliGemma) refuses a text-only row at
+setup; a prefix-LM family's batches carry its token types (prefix_types).
 """
 
 from __future__ import annotations
