@@ -93,9 +93,11 @@ def test_a_mixed_batch_gives_each_row_its_own_logits(folders, family):
             _batch([entries[0], text], family, pad)
 
 
-def test_gemma3_text_rows_train_beside_image_rows(folders, tmp_path):
-    """data.train_batches of a Gemma 3 chat with an image and one without: the batch holds the
-    one image (no stand-in for the text row) and the model reads it."""
+@pytest.mark.parametrize("family", ["gemma3", "llava"])
+def test_text_rows_train_beside_image_rows(folders, family, tmp_path):
+    """data.train_batches of a chat with an image and one without, for the images-first
+    families with chat templates: the batch holds the one image (no stand-in for the text
+    row), and the model reads it with each row's logits those of the row alone."""
     from mlxlab.data.batching import Batching
     from mlxlab.data.vision_chat import VisionChat
     from mlxlab.models.vision_language import VisionLanguageModel
@@ -108,15 +110,21 @@ def test_gemma3_text_rows_train_beside_image_rows(folders, tmp_path):
                           {"role": "assistant", "content": [{"type": "text", "text": "Hi."}]}]}]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    folder = folders["gemma3"]
+    folder = folders[family]
     data = VisionChat(str(path), val_file=str(path), processor=str(folder),
                       tokenizer={"path": str(folder / "tokenizer.json")})
     data.setup()
     batch = next(data.train_batches(Batching(batch_size=2), 0))
     assert batch["pixel_values"].shape == (1, 3, 64, 64)
     model = VisionLanguageModel(0, pretrained=str(folder))
-    logits = model(batch["input_ids"], pixel_values=batch["pixel_values"])
-    assert np.isfinite(np.array(logits)).all()
+    logits = np.array(model(batch["input_ids"], pixel_values=batch["pixel_values"]))
+    order = np.array(batch["index"]).tolist()
+    for row, i in enumerate(order):
+        ids = data.train[0][i][:-1][None]
+        alone = np.array(model(mx.array(ids), **({"pixel_values": batch["pixel_values"]}
+                                                 if i == 0 else {})))[0]
+        gap = np.abs(logits[row, : ids.shape[1]] - alone).max() / np.abs(alone).max()
+        assert gap <= 1e-4, f"{family}: row {i} differs by {gap:.2e}"
 
 
 @pytest.mark.parametrize("family", ["llava", "paligemma"])
@@ -207,3 +215,17 @@ def test_a_text_only_row_for_paligemma_and_an_unknown_family_are_one_line(folder
         data.setup()
     with pytest.raises(ConfigError, match="'mistral3'.*pixel layout"):
         vision_family("mistral3")
+
+
+def test_a_llava_mlx_vlm_export_loads_in_mlx_vlm_with_mlxlabs_logits(folders, tmp_path):
+    """LLaVA exported as an mlx-vlm folder: mlx-vlm's own loader and forward give mlxlab's
+    logits (its config.json holds the rope base where mlx-vlm reads it)."""
+    from mlxlab.export import vision
+    from mlxlab.models.vision_language import VisionLanguageModel
+
+    model = VisionLanguageModel(0, pretrained=str(folders["llava"]))
+    check = vision.export_vision(model, tmp_path, "float32", tmp_path)["check"]
+    assert check["status"] == "checked"
+    assert check["max_abs_logit_gap"] <= check["allowed_gap"]
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["text_config"]["rope_theta"] == 1e6

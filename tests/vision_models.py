@@ -45,7 +45,7 @@ FAMILIES = {
     # reduced; its text settings with a rope base other than transformers' default, as
     # transformers 5 writes them (rope_parameters)
     "llava": dict(
-        template=None, bos="<s>", eos="</s>", pad="<pad>", image_token="<image>",
+        template="llava.jinja", bos="<s>", eos="</s>", pad="<pad>", image_token="<image>",
         tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
     ),
     # google/paligemma-3b-pt-224's shape (SigLIP tower, linear projector, Gemma decoder), reduced

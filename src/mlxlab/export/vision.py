@@ -28,7 +28,7 @@ from mlxlab.config.vision_families import FAMILIES, family_ways
 from mlxlab.export.hf import DTYPES, ExportError
 from mlxlab.export.proof import compare, mlxlab_logits, transformers_model
 from mlxlab.models.lora import fuse_lora, has_adapters
-from mlxlab.models.vision_language import VisionLanguageModel
+from mlxlab.models.vision_language import VisionLanguageModel, mlx_vlm_config
 
 FORMATS = ("mlx-vlm", "hf")
 # what the base folder holds besides weights and config.json that mlx-vlm's loaders read
@@ -78,7 +78,7 @@ def export_vision(model: VisionLanguageModel, out: Path, dtype: str, staging: Pa
     from mlx_vlm.utils import save_weights
 
     save_weights(staging, model.vlm)
-    config = dict(model.hf_config)
+    config = mlx_vlm_config(model.hf_config)
     if model.quantized:
         spec = next(iter(model.checkpoint_init["quantized_layers"].values()))
         config["quantization"] = {"group_size": spec["group_size"], "bits": spec["bits"]}

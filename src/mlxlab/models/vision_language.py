@@ -167,6 +167,18 @@ def _text_settings(language_model: nn.Module, text: Mapping) -> None:
         settings.rms_norm_eps = float(eps)
 
 
+def mlx_vlm_config(config: Mapping) -> dict:
+    """config.json as mlx-vlm 0.7 reads it (an export's): for a family whose text settings
+    fix_config reads as transformers does, the rope base written where mlx-vlm looks (the
+    text settings' `rope_theta`, not only transformers 5's `rope_parameters`)."""
+    config = dict(config)
+    text = dict(config.get("text_config") or {})
+    if family_ways(config.get("model_type")).text_defaults_from_transformers \
+            and "rope_theta" not in text and "rope_theta" in (text.get("rope_parameters") or {}):
+        config["text_config"] = {**text, "rope_theta": text["rope_parameters"]["rope_theta"]}
+    return config
+
+
 def part(vlm: nn.Module, name: str) -> tuple[str, nn.Module] | None:
     """(attribute, module) of a part (PARTS) of mlx-vlm's model, or None where it has none."""
     for attribute in PARTS[name]:
