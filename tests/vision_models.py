@@ -43,12 +43,14 @@ FAMILIES = {
     ),
     # llava-hf/llava-1.5-7b-hf's shape (CLIP tower, two-layer GELU projector, Llama decoder),
     # reduced; its text settings with a rope base other than transformers' default, as
-    # transformers 5 writes them (rope_parameters)
+    # transformers 5 writes them (rope_parameters); its chat template's layout (USER: /
+    # ASSISTANT:, a turn's images first), written here, not fetched
     "llava": dict(
         template="llava.jinja", bos="<s>", eos="</s>", pad="<pad>", image_token="<image>",
         tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
     ),
-    # google/paligemma-3b-pt-224's shape (SigLIP tower, linear projector, Gemma decoder), reduced
+    # google/paligemma-3b-pt-224's shape (SigLIP tower, linear projector, Gemma decoder),
+    # reduced; no chat template (its processor lays out a prefix)
     "paligemma": dict(
         template=None, bos="<bos>", eos="<eos>", pad="<pad>", image_token="<image>",
         tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<image>"],
