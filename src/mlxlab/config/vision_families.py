@@ -104,8 +104,8 @@ FAMILIES: dict[str, VisionFamily] = {f.name: f for f in (
                  token_types=("image_token_index", "token_type_ids")),
     VisionFamily("llava", pixels="images", batched_merge=True,
                  text_defaults_from_transformers=True),
-    # PaliGemma's processor refuses a row without an image, and its model reads each row's
-    # images at the row's start
+    # PaliGemma's processor refuses a row without an image (and transformers' model reads
+    # its images as a prefix)
     VisionFamily("paligemma", pixels="images", text_rows=False, batched_merge=True,
                  blocks="prefix",
                  image_scale_from_text_width=True, text_defaults_from_transformers=True),
