@@ -41,6 +41,20 @@ FAMILIES = {
         tokens=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>",
                 "<start_of_image>", "<end_of_image>", "<image_soft_token>"],
     ),
+    # llava-hf/llava-1.5-7b-hf's shape (CLIP tower, two-layer GELU projector, Llama decoder),
+    # reduced; its text settings with a rope base other than transformers' default, as
+    # transformers 5 writes them (rope_parameters); its chat template's layout (USER: /
+    # ASSISTANT:, a turn's images first), written here, not fetched
+    "llava": dict(
+        template="llava.jinja", bos="<s>", eos="</s>", pad="<pad>", image_token="<image>",
+        tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+    ),
+    # google/paligemma-3b-pt-224's shape (SigLIP tower, linear projector, Gemma decoder),
+    # reduced; no chat template (its processor lays out a prefix)
+    "paligemma": dict(
+        template=None, bos="<bos>", eos="<eos>", pad="<pad>", image_token="<image>",
+        tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<image>"],
+    ),
 }
 
 
@@ -51,7 +65,8 @@ def _tokenizer(family: str, folder: Path):
     spec = FAMILIES[family]
     tok = Tokenizer.from_str(base_tokenizer().to_str())
     tok.add_special_tokens(spec["tokens"])
-    template = (TEMPLATES / spec["template"]).read_text(encoding="utf-8")
+    template = (TEMPLATES / spec["template"]).read_text(encoding="utf-8") \
+        if spec["template"] else None
     specials = {"eos_token": spec["eos"], "pad_token": spec["pad"]}
     if spec["bos"]:
         specials["bos_token"] = spec["bos"]
@@ -65,6 +80,9 @@ def _tokenizer(family: str, folder: Path):
         extra = {"extra_special_tokens": {"image_token": "<image_soft_token>",
                                           "boi_token": "<start_of_image>",
                                           "eoi_token": "<end_of_image>"}}
+    if family in ("llava", "paligemma"):
+        extra = {"extra_special_tokens": {"image_token": "<image>"}}
+        specials["unk_token"] = "<unk>"
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template,
                                    **specials, **extra)
     fast.save_pretrained(folder)
@@ -102,6 +120,28 @@ def _config(family: str, tok) -> object:
             vision_start_token_id=ids["<|vision_start|>"],
             vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True,
             eos_token_id=eos, pad_token_id=pad)
+    if family == "llava":
+        return tf.LlavaConfig(
+            text_config={**text, "model_type": "llama", "rms_norm_eps": 1e-5,
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+                         "bos_token_id": ids["<s>"]},
+            vision_config=dict(model_type="clip_vision_model", hidden_size=32,
+                               intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=2, patch_size=16, image_size=64,
+                               projection_dim=32),
+            image_token_index=ids["<image>"], image_seq_length=16, vision_feature_layer=-2,
+            vision_feature_select_strategy="default", projector_hidden_act="gelu",
+            pad_token_id=pad)
+    if family == "paligemma":
+        return tf.PaliGemmaConfig(
+            text_config={**text, "model_type": "gemma", "head_dim": 16,
+                         "bos_token_id": ids["<bos>"]},
+            vision_config=dict(model_type="siglip_vision_model", hidden_size=32,
+                               intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, patch_size=16, image_size=64,
+                               projection_dim=64, vision_use_head=False),
+            projection_dim=64, hidden_size=64, image_token_index=ids["<image>"],
+            pad_token_id=pad)
     return tf.Gemma3Config(
         text_config={**text, "model_type": "gemma3_text", "head_dim": 16,
                      "sliding_window": 64, "query_pre_attn_scalar": 16,
@@ -134,6 +174,24 @@ def _processor_files(family: str, folder: Path) -> None:
                "rescale_factor": 1 / 255, "do_normalize": True, "do_resize": True,
                "do_convert_rgb": True, "resample": 3}
         proc = {"processor_class": "Qwen2_5_VLProcessor"}
+    elif family == "llava":
+        pre = {"image_processor_type": "CLIPImageProcessor", "processor_class":
+               "LlavaProcessor", "do_resize": True, "size": {"shortest_edge": 64},
+               "do_center_crop": True, "crop_size": {"height": 64, "width": 64},
+               "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+               "image_mean": [0.48145466, 0.4578275, 0.40821073],
+               "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True,
+               "resample": 3}
+        proc = {"processor_class": "LlavaProcessor", "patch_size": 16,
+                "vision_feature_select_strategy": "default", "image_token": "<image>",
+                "num_additional_image_tokens": 1}
+    elif family == "paligemma":
+        pre = {"image_processor_type": "SiglipImageProcessor", "processor_class":
+               "PaliGemmaProcessor", "do_resize": True, "size": {"height": 64, "width": 64},
+               "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+               "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+               "image_seq_length": 16, "resample": 3}
+        proc = {"processor_class": "PaliGemmaProcessor", "image_seq_length": 16}
     else:
         pre = {"image_processor_type": "Gemma3ImageProcessor", "processor_class":
                "Gemma3Processor", "size": {"height": 64, "width": 64}, "do_resize": True,
@@ -161,19 +219,25 @@ def _hub_layout(family: str, path: Path) -> None:
     if family == "smolvlm":  # the hub's rope base, where mlx-vlm reads it
         config["text_config"]["rope_theta"] = config["text_config"]["rope_parameters"][
             "rope_theta"]
+    if family in ("llava", "paligemma"):  # the hub's CLIP / SigLIP tower: vision_model inside
+        _rename_tower(path.parent / "model.safetensors")
     if family == "gemma3":
         text = config["text_config"]
         text["mm_tokens_per_image"] = config["mm_tokens_per_image"]
         # the hub's spelling of which layers slide (every 2nd here; the real 4B: every 6th)
         text["sliding_window_pattern"] = text["layer_types"].index("full_attention") + 1
         # the hub's SigLIP tower sits under vision_tower.vision_model
-        from safetensors.numpy import load_file, save_file
-
-        weights = path.parent / "model.safetensors"
-        tensors = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v
-                   for k, v in load_file(weights).items()}
-        save_file(tensors, weights, metadata={"format": "pt"})
+        _rename_tower(path.parent / "model.safetensors")
     path.write_text(json.dumps(config, indent=1))
+
+
+def _rename_tower(weights: Path) -> None:
+    """The vision tower's weights under `vision_tower.vision_model.`, as the hub holds them."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v
+               for k, v in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
 
 
 def tiny_vlm(family: str, folder: Path, seed: int = 0) -> Path:

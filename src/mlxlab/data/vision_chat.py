@@ -18,9 +18,12 @@ paths relative to the file, file:// and data: URLs, a row's `images` list for ba
 Rows are preprocessed once and cached in the user cache (`images/`, keyed by the processor's
 files, the text and the image bytes), so a second run or epoch decodes no image. A row longer
 than max_length is cut only where no image token is lost, else dropped (counted). Batches are
-right-padded ids as for text, plus the rows' pixel arrays joined as the family's processor
-joins a batch: arrays with a per-row axis (SmolVLM's (rows, images, C, H, W)) padded to the
-batch's most images, arrays of all the images' patches (Qwen's, Gemma's) concatenated.
+right-padded ids as for text, plus the rows' pixel arrays joined as the family's row of
+config/vision_families.py lays them out (join_images): a per-row axis (SmolVLM's (rows, images,
+C, H, W)) padded to the batch's most images; images first (Gemma 3's, LLaVA's, PaliGemma's
+(images, C, H, W)) or all images' patches (Qwen's) concatenated in row order, a text-only row
+adding none. A family whose rows all need an image (PaliGemma) refuses a text-only row at
+setup; a prefix-LM family's batches carry its token types (prefix_types).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -40,6 +44,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mlxlab.config.records import check_number
+from mlxlab.config.vision_families import family_ways, vision_family
 from mlxlab.data.batching import Batch, Batching, make_batches
 from mlxlab.data.chat import ChatError, encode_chats
 from mlxlab.data.completions import PromptCompletion, Rows, read_rows
@@ -84,7 +89,8 @@ def load_processor(folder: str | Path):
                           "has preprocessor_config.json beside its tokenizer") from None
 
 
-def image_token_ids(processor: Any, tokenizer: Tokenizer) -> set[int]:
+def image_token_ids(processor: Any, tokenizer: Tokenizer, model_type: str | None = None
+                    ) -> set[int]:
     """The ids `processor` expands images into (never trained): its image token, and the
     family's image-tile and image-boundary tokens it adds."""
     # each family's processor names its own (Idefics3's fake_image_token, Gemma's boi_token,
@@ -95,8 +101,9 @@ def image_token_ids(processor: Any, tokenizer: Tokenizer) -> set[int]:
                                 if a.endswith("_token") and not a.startswith("_")}
         names |= {v for a, v in found.items() if a in IMAGE_TOKEN_NAMES and isinstance(v, str)}
     ids = {tokenizer.token_to_id(n) for n in names}
-    ids |= {i for name, i in tokenizer.get_vocab().items()
-            if name.startswith("<row_") and "_col_" in name}
+    if family_ways(model_type).grid_tokens:
+        ids |= {i for name, i in tokenizer.get_vocab().items()
+                if name.startswith("<row_") and "_col_" in name}
     return {i for i in ids if i is not None}
 
 
@@ -140,6 +147,9 @@ class VisionChat(PromptCompletion):
             raise ConfigError("image chats need the model's processor: set "
                               "model.pretrained=<vision-language model folder>")
         self.processor = load_processor(self.processor_folder)
+        self.model_type = json.loads((Path(self.processor_folder) / "config.json").read_text(
+            encoding="utf-8")).get("model_type")
+        vision_family(self.model_type)  # a family batches are joined for: before any row
         self._key = self._processor_key()
         self.train, self.val = self._encode(train), self._encode(val)
         if not self.train[0]:
@@ -171,6 +181,7 @@ class VisionChat(PromptCompletion):
         if not rows.rows:
             return [], [], []
         folder = Path(rows.path).parent
+        family = vision_family(self.model_type)
         chats, refs = [], []
         for number, row in rows.rows:
             try:
@@ -179,6 +190,8 @@ class VisionChat(PromptCompletion):
                     image_bytes(ref, folder)
             except ConfigError as e:
                 raise ConfigError(f"{rows.path}:{number}: {e}") from None
+            if not images and not family.text_rows:
+                raise ConfigError(f"{rows.path}:{number}: {text_rows_refused(family.name)}")
             chats.append({"messages": messages, "tools": row.get("tools")})
             refs.append(images)
         try:
@@ -214,7 +227,7 @@ class VisionChat(PromptCompletion):
         return kept
 
     def _image_token_ids(self) -> set[int]:
-        return image_token_ids(self.processor, self.tokenizer)
+        return image_token_ids(self.processor, self.tokenizer, self.model_type)
 
     def _cached(self, path: str, number: int, chat, images: list, folder: Path,
                 image_ids: set[int]) -> dict:
@@ -258,7 +271,10 @@ class VisionChat(PromptCompletion):
         """The text rows' batch (PromptCompletion's), and the rows' image arrays beside it."""
         rows, targets, entries = split
         batch = super()._collate((rows, targets), index, multiple)
-        batch.update(join_images([entries[i] for i in index]))
+        batch.update(join_images([entries[i] for i in index], self.model_type))
+        if vision_family(self.model_type).blocks == "prefix":
+            batch["token_type_ids"] = prefix_types([targets[i] for i in index],
+                                                   batch["input_ids"].shape[1])
         return batch
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
@@ -266,20 +282,40 @@ class VisionChat(PromptCompletion):
             yield self._collate(self.val, index, batching.bucket_multiple)
 
 
-def join_images(entries: list[dict]) -> dict[str, mx.array]:
-    """The rows' image arrays as one batch's: an array with a per-row axis (its first axis 1
-    for one row, five axes: rows, images, C, H, W; or SmolVLM's pixel mask) padded with empty
-    images to the most a row has and stacked; any other (patches or images of all rows)
-    concatenated in row order. Rows without images add nothing."""
+def text_rows_refused(family: str) -> str:
+    """The one line refusing a text-only row to a family whose rows all need an image."""
+    return (f"{family}: every row needs an image (its processor and model take no text-only "
+            "row); train the text-only rows in a separate run, or give every row an image")
+
+
+def prefix_types(targets: list[np.ndarray], width: int) -> mx.array:
+    """A prefix-LM family's token types of the batch's inputs (PaliGemma's processor makes
+    them from a prompt and its `suffix`): 0 for a row's prefix (its images and prompt, up to
+    its first trained token), 1 from its first trained token on and for the padding."""
+    types = np.ones((len(targets), width), np.int32)
+    for row, target in enumerate(targets):
+        first = int(np.argmax(target)) if target.any() else len(target)
+        types[row, : min(first, width)] = 0
+    return mx.array(types)
+
+
+def join_images(entries: list[dict], model_type: str | None) -> dict[str, mx.array]:
+    """The rows' image arrays as one batch's, joined as the family's layout says
+    (config/vision_families.py): "rows" arrays padded with empty images to the most a row has
+    and stacked (a row without images: all empty, which the family drops); "images" and
+    "patches" arrays concatenated in row order, a row without images adding none. A family
+    whose rows all need images refuses a text-only row in one line."""
+    family = vision_family(model_type)
     keys = sorted({k for e in entries for k in image_keys(e)})
+    if keys and not family.text_rows and not all(image_keys(e) for e in entries):
+        raise ConfigError(text_rows_refused(family.name))
     out = {}
     for key in keys:
         parts = [e[key] for e in entries if key in e]
-        if all(p.ndim >= 4 and p.shape[0] == 1 and key.startswith("pixel_") for p in parts) \
-                and parts[0].ndim in (4, 5):
+        if family.pixels == "rows":
             most = max(p.shape[1] for p in parts)
             padded = []
-            for e in entries:  # a row without images: all-empty images (the family drops them)
+            for e in entries:
                 p = e.get(key)
                 if p is None:
                     p = np.zeros((1, 0, *parts[0].shape[2:]), parts[0].dtype)
@@ -289,4 +325,3 @@ def join_images(entries: list[dict]) -> dict[str, mx.array]:
         else:
             out[key] = mx.array(np.concatenate(parts))
     return out
-

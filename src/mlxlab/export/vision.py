@@ -24,10 +24,11 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlxlab.config.vision_families import FAMILIES, family_ways
 from mlxlab.export.hf import DTYPES, ExportError
 from mlxlab.export.proof import compare, mlxlab_logits, transformers_model
 from mlxlab.models.lora import fuse_lora, has_adapters
-from mlxlab.models.vision_language import VisionLanguageModel
+from mlxlab.models.vision_language import VisionLanguageModel, mlx_vlm_config
 
 FORMATS = ("mlx-vlm", "hf")
 # what the base folder holds besides weights and config.json that mlx-vlm's loaders read
@@ -38,32 +39,9 @@ TOLERANCE = 1e-4
 PICTURE = "with a picture through the model's processor"
 
 
-def _idefics3_name(name: str) -> str:
-    """mlx-vlm's Idefics3 / SmolVLM weight name -> the hub's."""
-    if name.startswith("language_model.lm_head."):
-        return name.removeprefix("language_model.")
-    for mine, hub in (("language_model.", "model.text_model."),
-                      ("vision_model.", "model.vision_model."), ("connector.", "model.connector.")):
-        if name.startswith(mine):
-            return hub + name.removeprefix(mine)
-    return name
-
-
-def _qwen_vl_name(name: str) -> str:
-    """mlx-vlm's Qwen2.5-VL weight name -> the hub's."""
-    for mine, hub in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                      ("vision_tower.", "visual.")):
-        if name.startswith(mine):
-            return hub + name.removeprefix(mine)
-    return name
-
-
-# model_type -> (mlx-vlm's weight name -> the hub's; None: not written, a tied head)
-HF_NAMES = {
-    "smolvlm": _idefics3_name, "idefics3": _idefics3_name,
-    "gemma3": lambda name: None if name == "language_model.lm_head.weight" else name,
-    "qwen2_5_vl": _qwen_vl_name,
-}
+# model_type -> (mlx-vlm's weight name -> the hub's; None: not written, a tied head): the
+# families whose row in config/vision_families.py has the hub's names
+HF_NAMES = {name: family.hub_name for name, family in FAMILIES.items() if family.hub_name}
 # MLX's convolution weights (out, *kernel, in) -> PyTorch's (out, in, *kernel), by rank
 TORCH_CONV = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
 CONV_WEIGHTS = ("patch_embedding.weight", "patch_embed.proj.weight")
@@ -100,7 +78,7 @@ def export_vision(model: VisionLanguageModel, out: Path, dtype: str, staging: Pa
     from mlx_vlm.utils import save_weights
 
     save_weights(staging, model.vlm)
-    config = dict(model.hf_config)
+    config = mlx_vlm_config(model.hf_config)
     if model.quantized:
         spec = next(iter(model.checkpoint_init["quantized_layers"].values()))
         config["quantization"] = {"group_size": spec["group_size"], "bits": spec["bits"]}
@@ -111,7 +89,7 @@ def export_vision(model: VisionLanguageModel, out: Path, dtype: str, staging: Pa
     from mlx_vlm.utils import load_model
 
     expected = mlxlab_logits(model, **probe)
-    if model.hf_config.get("model_type") == "gemma3":
+    if family_ways(model.hf_config.get("model_type")).blocks:
         # Gemma 3's mask is mlxlab's (models/vision_language.py): the same forward
         got = mlxlab_logits(VisionLanguageModel(0, pretrained=str(staging)), **probe)
     else:
@@ -180,12 +158,7 @@ def image_token_types(config: dict, input_ids: Any) -> dict:
     """What transformers reads to know a prompt's image tokens, which its processors add only
     on request: Gemma 3's mask (token_type_ids) and Qwen's M-RoPE positions
     (mm_token_type_ids); without them it lays the image tokens out as text."""
-    family = config.get("model_type")
-    if family == "gemma3":
-        return {"token_type_ids": (input_ids == int(config["image_token_index"])).long()}
-    if family == "qwen2_5_vl":
-        return {"mm_token_type_ids": (input_ids == int(config["image_token_id"])).long()}
-    return {}
+    return family_ways(config.get("model_type")).transformers_token_types(input_ids, config)
 
 
 def _probe(model: VisionLanguageModel, base: Path) -> dict:

@@ -33,8 +33,10 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
+from mlxlab.config.vision_families import VisionFamily, family_ways
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.base import PretrainedModel
 from mlxlab.models.hf import read_config
@@ -57,9 +59,6 @@ DEFAULT_PARTS = ("language_model",)
 # the vision towers' attention projections (SigLIP / CLIP: q/k/v/out_proj; Qwen's: qkv, proj)
 VISION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "qkv", "proj")
 GROUP_SIZE = 64
-# What mlx-vlm's M-RoPE families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) keep on the language model
-# from the last prompt with images, and read again for the next sequence that has none.
-PROMPT_POSITIONS = ("_position_ids", "_rope_deltas")
 
 
 def mlx_vlm():
@@ -135,12 +134,49 @@ def build(config: Mapping) -> nn.Module:
 
 
 def fix_config(vlm: nn.Module, config: Mapping) -> None:
-    """Where mlx-vlm reads a setting Hugging Face's config.json does not hold, the setting
-    transformers means. Gemma 3: mlx-vlm scales image features by a top-level `hidden_size`
-    that transformers' Gemma3Config does not write; its default, 2048, would stand in for the
-    language model's width (images at 1.12x their scale at 4B's width, 1.62x at 27B's)."""
-    if config.get("model_type") == "gemma3" and "hidden_size" not in config:
+    """Where mlx-vlm reads a setting Hugging Face's config.json does not hold (or holds where
+    mlx-vlm does not look), the setting transformers means, as the family's row says
+    (config/vision_families.py).
+    - Gemma 3 (and PaliGemma): mlx-vlm scales image features by a top-level `hidden_size`
+      that transformers' config does not write; its default, 2048, would stand in for the
+      language model's width (images at 1.12x their scale at Gemma 3 4B's width).
+    - LLaVA, PaliGemma: the language model's rope base and RMSNorm eps as transformers reads
+      them: transformers 5 writes the base under `rope_parameters`, where mlx-vlm's text
+      config does not look (it keeps its default, 10000)."""
+    family = family_ways(config.get("model_type"))
+    if family.image_scale_from_text_width and "hidden_size" not in config:
         vlm.config.hidden_size = vlm.config.text_config.hidden_size
+    if family.text_defaults_from_transformers:
+        _text_settings(vlm.language_model, config.get("text_config") or {})
+
+
+def _text_settings(language_model: nn.Module, text: Mapping) -> None:
+    """The rope base and RMSNorm eps of `text` (transformers' reading) on the language model's
+    RoPE and RMSNorm modules, where mlx-vlm built them otherwise."""
+    base = text.get("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta"))
+    eps = text.get("rms_norm_eps")
+    settings = language_model.config
+    for _, module in language_model.named_modules():
+        if base is not None and isinstance(module, nn.RoPE):
+            module.base = float(base)
+        elif eps is not None and type(module).__name__.endswith("RMSNorm"):
+            module.eps = float(eps)
+    if base is not None:
+        settings.rope_theta = float(base)
+    if eps is not None:
+        settings.rms_norm_eps = float(eps)
+
+
+def mlx_vlm_config(config: Mapping) -> dict:
+    """config.json as mlx-vlm 0.7 reads it (an export's): for a family whose text settings
+    fix_config reads as transformers does, the rope base written where mlx-vlm looks (the
+    text settings' `rope_theta`, not only transformers 5's `rope_parameters`)."""
+    config = dict(config)
+    text = dict(config.get("text_config") or {})
+    if family_ways(config.get("model_type")).text_defaults_from_transformers \
+            and "rope_theta" not in text and "rope_theta" in (text.get("rope_parameters") or {}):
+        config["text_config"] = {**text, "rope_theta": text["rope_parameters"]["rope_theta"]}
+    return config
 
 
 def part(vlm: nn.Module, name: str) -> tuple[str, nn.Module] | None:
@@ -202,7 +238,10 @@ class VisionLanguageModel(PretrainedModel):
             raise ConfigError("model.pretrained=??? : name the vision-language model: a local "
                               "folder or a hub id ORG/NAME")
         self.vlm = vlm
+        self._family: VisionFamily = family_ways(config.get("model_type"))
         fix_config(vlm, config)
+        if self._family.batched_merge:
+            use_batched_merge(vlm)
         self._hf_config = dict(config)
         text = config.get("text_config") or {}
         self.vocab_size = int(text.get("vocab_size") or config.get("vocab_size"))
@@ -354,19 +393,22 @@ class VisionLanguageModel(PretrainedModel):
                  cache: list | None = None, segment_ids: mx.array | None = None,
                  **image_inputs: mx.array) -> mx.array:
         """Logits; `image_inputs` are the processor's arrays (`pixel_values`, and
-        `pixel_attention_mask` or `image_grid_thw` where the family has them). Rows are
-        right-padded (data/vision_chat.py), so causal attention needs no mask."""
+        `pixel_attention_mask` or `image_grid_thw` where the family has them), and for a
+        family whose prefix attends both ways (PaliGemma) `token_type_ids` (0: the prefix, 1:
+        the answer and the padding after it). Rows are right-padded (data/vision_chat.py), so
+        causal attention needs no mask."""
         if segment_ids is not None:
             raise ConfigError("a vision-language model takes no packed rows; set "
                               "data.pack=false")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
         pixel_values = image_inputs.pop("pixel_values", None)
-        image_inputs.pop("token_type_ids", None)
+        token_type_ids = image_inputs.pop("token_type_ids", None)
         if not cache or not cache[0].offset:
             self._start_sequence()
-        if self._hf_config.get("model_type") == "gemma3" and pixel_values is not None:
-            return self._gemma3(input_ids, pixel_values, cache)
+        blocks = self._blocks(input_ids, token_type_ids) if pixel_values is not None else None
+        if blocks is not None:
+            return self._images_in_blocks(input_ids, pixel_values, blocks, cache)
         out = self.vlm(input_ids, pixel_values, mask=None, cache=cache, **image_inputs)
         return out.logits
 
@@ -374,29 +416,46 @@ class VisionLanguageModel(PretrainedModel):
         """Forget the previous sequence's image positions: a row or prompt without images
         after one with them would otherwise take that one's M-RoPE positions."""
         language_model = self.vlm.language_model
-        for name in PROMPT_POSITIONS:
+        for name in self._family.prompt_positions:
             if name in language_model:  # an nn.Module holds its array-valued members as a dict
                 setattr(language_model, name, None)
 
-    def _gemma3(self, input_ids: mx.array, pixel_values: mx.array, cache: list | None
-                ) -> mx.array:
-        """Gemma 3 with images: mlx-vlm's image merge, then its language model under Gemma 3's
-        mask (transformers'): causal, and each image's tokens see one another both ways.
-        (mlx-vlm's own forward hands the language model the rows' padding mask in place of
-        the causal one.)"""
+    def _blocks(self, input_ids: mx.array, token_type_ids: mx.array | None) -> mx.array | None:
+        """(B, T) block ids of the family's tokens that attend to one another both ways
+        (transformers' blocks; 0: causal only), or None where the family has none.
+        - "images" (Gemma 3): each image's run of image tokens numbered from 1;
+        - "prefix" (PaliGemma, where its config attends both ways): the row's prefix (token
+          type 0: its images and prompt; without token types every token but the batch's
+          padding, as transformers reads a prompt) as block 1; the answer causal."""
+        kind = self._family.blocks
+        if kind == "images":
+            image = input_ids == self.vlm.config.image_token_index
+            # a run starts where an image token follows a token that is not one
+            starts = image & ~mx.concatenate([mx.zeros_like(image[:, :1]), image[:, :-1]],
+                                             axis=1)
+            return mx.where(image, mx.cumsum(starts.astype(mx.int32), axis=1), 0)
+        if kind == "prefix" and self.vlm.language_model.config.use_bidirectional_attention:
+            prefix = (token_type_ids == 0) if token_type_ids is not None else \
+                input_ids != self.vlm.config.pad_token_id
+            return prefix.astype(mx.int32)
+        return None
+
+    def _images_in_blocks(self, input_ids: mx.array, pixel_values: mx.array, blocks: mx.array,
+                          cache: list | None) -> mx.array:
+        """mlx-vlm's image merge, then its language model under transformers' mask: causal,
+        and the tokens of one block (_blocks) see one another both ways. (mlx-vlm's own
+        forward hands Gemma 3's language model the rows' padding mask in place of the causal
+        one, and PaliGemma's no mask: every token, padding too, both ways.)"""
         ones = mx.ones(input_ids.shape, mx.int32)
         embeds = self.vlm.get_input_embeddings(input_ids, pixel_values, mask=ones).inputs_embeds
-        image = input_ids == self.vlm.config.image_token_index
-        # number each image's run of tokens: a run starts where an image token follows another
-        starts = image & ~mx.concatenate([mx.zeros_like(image[:, :1]), image[:, :-1]], axis=1)
-        block = mx.where(image, mx.cumsum(starts.astype(mx.int32), axis=1), 0)
         t = input_ids.shape[1]
         causal = mx.arange(t)[:, None] >= mx.arange(t)[None, :]
-        same = (block[:, :, None] == block[:, None, :]) & (block[:, :, None] > 0)
-        window = self.vlm.language_model.config.sliding_window
+        same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] > 0)
+        window = vars(self.vlm.language_model.config).get("sliding_window")
         if window and t > window:
-            raise ConfigError(f"a Gemma 3 row with images of {t} tokens is longer than its "
-                              f"sliding window ({window}); lower data.max_length to {window}")
+            raise ConfigError(f"a {self._family.name} row with images of {t} tokens is longer "
+                              f"than its sliding window ({window}); lower data.max_length to "
+                              f"{window}")
         mask = (causal[None] | same)[:, None]
         out = self.vlm.language_model(inputs=input_ids, inputs_embeds=embeds, mask=mask,
                                       cache=cache)
@@ -436,6 +495,68 @@ def use_fused_vision_attention(vlm: nn.Module) -> int:
             module.__class__ = fused
             switched += 1
     return switched
+
+
+def scatter_images(embeds: mx.array, input_ids: mx.array, image_token: int,
+                   features: mx.array) -> mx.array:
+    """`embeds` (B, T, D) with the image tokens' rows taken, in row-major order (row by row,
+    left to right), from `features` (images, tokens, D) in the batch's image order: each
+    row's images at its own image tokens, whatever the other rows hold."""
+    flat = embeds.reshape(-1, embeds.shape[-1])
+    where = np.flatnonzero(np.array(input_ids).reshape(-1) == image_token)
+    features = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
+    if features.shape[0] != where.size:
+        raise ValueError(f"{where.size} image tokens in the batch's ids and {features.shape[0]} "
+                         "image features: the ids and pixel arrays are not one batch's")
+    flat[mx.array(where, mx.uint32)] = features
+    return flat.reshape(embeds.shape)
+
+
+@functools.cache
+def _batched_merge(base: type) -> type:
+    """mlx-vlm's LLaVA / PaliGemma model with its image merge taking a batch: mlx-vlm's puts
+    the image features at the first row's image positions in every row (LLaVA), or the first
+    image's at each row's first positions (PaliGemma); here each row's images go to its own image tokens
+    (scatter_images), and rows without images keep their text."""
+    from mlx_vlm.models.base import InputEmbeddingsFeatures
+
+    module = base.__module__.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+
+    class LlavaBatched(base):
+        def _merge_input_ids_with_image_features(self, image_features: mx.array,
+                                                 inputs_embeds: mx.array,
+                                                 input_ids: mx.array) -> mx.array:
+            return scatter_images(inputs_embeds, input_ids, self.config.image_token_index,
+                                  image_features)
+
+    class PaliGemmaBatched(base):
+        def get_input_embeddings(self, input_ids: mx.array | None = None,
+                                 pixel_values: mx.array | None = None,
+                                 mask: mx.array | None = None, **kwargs: Any) -> Any:
+            """Every image's features (mlx-vlm's tower returns the first image's as its
+            output; its last hidden states hold them all), scaled down by the width the
+            language model scales its embeddings up by, at the image tokens (the mask:
+            VisionLanguageModel._blocks)."""
+            if pixel_values is None:
+                return super().get_input_embeddings(input_ids, None, mask, **kwargs)
+            embeds = self.language_model.model.embed_tokens(input_ids)
+            tower = self.vision_tower.vision_model
+            *_, states = tower(pixel_values.transpose(0, 2, 3, 1).astype(embeds.dtype),
+                               output_hidden_states=True)
+            features = self.multi_modal_projector(tower.post_layernorm(states[-1]))
+            scaled = features / (self.config.hidden_size ** 0.5)
+            merged = scatter_images(embeds, input_ids, self.config.image_token_index, scaled)
+            return InputEmbeddingsFeatures(inputs_embeds=merged)
+
+    batched = {"llava": LlavaBatched, "paligemma": PaliGemmaBatched}[module]
+    batched.__name__ = batched.__qualname__ = f"{base.__name__}Batched"
+    return batched
+
+
+def use_batched_merge(vlm: nn.Module) -> None:
+    """Switch mlx-vlm's model to its batched-merge class above, in place (the same parameters
+    and names)."""
+    vlm.__class__ = _batched_merge(type(vlm))
 
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:

@@ -51,8 +51,9 @@ def token_cross_entropy(logits: mx.array, targets: mx.array, label_smoothing: fl
 
 
 # batch keys a vision-language model reads beside the ids (data/vision_chat.py): the processor's
-# pixel arrays and image grids, handed to the model by name
-IMAGE_INPUTS = ("pixel_", "image_")
+# pixel arrays and image grids, and a prefix-LM family's token types (PaliGemma's prefix and
+# answer), handed to the model by name
+IMAGE_INPUTS = ("pixel_", "image_", "token_type_ids")
 
 
 def forward(model: nn.Module, batch: Batch) -> mx.array:

@@ -85,7 +85,9 @@ class ServedImages:
         except ConfigError as err:
             raise ConfigError(f"{tokenizer_folder}: image chats are laid out by the model's "
                               f"chat template, and {err}") from None
-        return cls(processor, template, frozenset(image_token_ids(processor, tokenizer)),
+        model_type = (model.hf_config or {}).get("model_type")
+        return cls(processor, template,
+                   frozenset(image_token_ids(processor, tokenizer, model_type)),
                    VisionRunner(model))
 
     def prompt(self, messages: Sequence[Mapping], first_chunk: int
