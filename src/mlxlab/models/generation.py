@@ -74,7 +74,7 @@ def check_draft(model: Model, draft: Model, same_tokenizer: bool) -> None:
     caches)."""
     from mlx_lm.models.cache import can_trim_prompt_cache
 
-    from mlxlab.models import num_parameters
+    from mlxlab.models.parameters import num_parameters
 
     if not same_tokenizer:
         raise ConfigError("--draft: the draft's tokenizer is not the model's; a draft proposes "

@@ -12,7 +12,6 @@ it: preference tuning's reference model (training/preference.py).
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,6 +24,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.adapter_layer import AdapterLayer
 from mlxlab.models.lora_experts import EXPERT_KINDS, is_experts, names_experts
+from mlxlab.models.lora_linear import LoRALinear, input_dims
+from mlxlab.models.lora_qat import QAT_BITS, QAT_GROUP_SIZES, QATLoRALinear
 from mlxlab.models.quantized_cpu import CpuQuantizedLinear
 from mlxlab.runtime.io_threads import load_arrays
 
@@ -36,62 +37,6 @@ MIN_REACHED_NAMES = 2
 MIN_TRAINED_SHARE = 1e-4
 
 log = logging.getLogger(__name__)
-
-
-class LoRALinear(AdapterLayer):
-    """y = linear(x) + (alpha / rank) * dropout(x) @ A @ B, with `linear` frozen, float or
-    quantized (the base stays packed, the adapters train in float32). mlx-lm's LoRALinear: the
-    same names, shapes, init and math, so its adapter files are ours; written here because
-    importing mlx-lm costs seconds (it imports transformers), which every classifier and
-    from-scratch run would pay for a 30-line layer.
-
-    B starts at zero, so wrapping a model does not change its outputs.
-    """
-
-    @staticmethod
-    def from_base(linear: nn.Module, rank: int, alpha: float, dropout: float) -> LoRALinear:
-        lora = LoRALinear(input_dims(linear), linear.weight.shape[0], rank, alpha, dropout,
-                          bias="bias" in linear)
-        lora.linear = linear
-        lora.linear.freeze()
-        return lora
-
-    def __init__(
-        self,
-        input_dims: int,
-        output_dims: int,
-        rank: int = 8,
-        alpha: float = 16.0,
-        dropout: float = 0.0,
-        bias: bool = False,
-    ):
-        super().__init__()
-        self.linear = nn.Linear(input_dims, output_dims, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-        self.scale = alpha / rank
-        bound = 1 / math.sqrt(input_dims)
-        self.lora_a = mx.random.uniform(-bound, bound, (input_dims, rank))
-        self.lora_b = mx.zeros((rank, output_dims))
-        self.adapter_on = True  # a plain attribute, not a parameter: adapters_off flips it
-
-    def __call__(self, x: mx.array) -> mx.array:
-        y = self.linear(x)
-        if not self.adapter_on:
-            return y
-        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
-        return y + (self.scale * z).astype(y.dtype)
-
-    def fuse(self, dequantize: bool = False) -> nn.Module:
-        """The base with W + scale * (A @ B)^T merged in; a quantized base is dequantized,
-        merged and quantized again as it was (mlx-lm's fuse), or left float with `dequantize`."""
-        weight = dequantized_weight(self.linear)
-        out_dims, in_dims = weight.shape
-        fused = nn.Linear(in_dims, out_dims, bias="bias" in self.linear)
-        delta = (self.scale * (self.lora_a @ self.lora_b)).T
-        fused.weight = weight + delta.astype(weight.dtype)
-        if "bias" in self.linear:
-            fused.bias = self.linear.bias
-        return _requantized(fused, self.linear, dequantize)
 
 
 def _dora_class() -> type:
@@ -128,25 +73,6 @@ def dora_from_base(linear: nn.Module, rank: int, alpha: float, dropout: float) -
     return layer
 
 
-def input_dims(linear: nn.Module) -> int:
-    """A Linear's input size; a quantized one packs 32 // bits weights in each uint32."""
-    in_dims = linear.weight.shape[1]
-    return in_dims * 32 // linear.bits if isinstance(linear, nn.QuantizedLinear) else in_dims
-
-
-def dequantized_weight(linear: nn.Module) -> mx.array:
-    if not isinstance(linear, nn.QuantizedLinear):
-        return linear.weight
-    return mx.dequantize(linear.weight, linear.scales, linear.biases, group_size=linear.group_size,
-                         bits=linear.bits, mode=linear.mode)
-
-
-def _requantized(fused: nn.Linear, base: nn.Module, dequantize: bool) -> nn.Module:
-    if dequantize or not isinstance(base, nn.QuantizedLinear):
-        return fused
-    return nn.QuantizedLinear.from_linear(fused, base.group_size, base.bits, mode=base.mode)
-
-
 # lora.kind -> how an adapter layer of that kind wraps its base (a Linear; the routed experts:
 # EXPERT_KINDS)
 LORA_KINDS = {"lora": LoRALinear.from_base, "dora": dora_from_base}
@@ -168,8 +94,6 @@ def wrap(module: nn.Module, kind: str, rank: int, alpha: float, dropout: float,
         if is_experts(module):
             raise ConfigError("model.lora.qat_bits: quantization-aware LoRA wraps Linear layers; "
                               "leave the routed experts out of model.lora.targets")
-        from mlxlab.models.lora_qat import QATLoRALinear
-
         return QATLoRALinear.from_base_qat(module, rank, alpha, dropout, *qat)
     kinds = EXPERT_KINDS if is_experts(module) else LORA_KINDS
     return kinds[kind](module, rank, alpha, dropout)
@@ -259,8 +183,6 @@ def check_lora(lora: Mapping | None) -> None:
 def _check_qat(lora: Mapping, kind: str) -> None:
     """qat_bits / qat_group_size: values lora_qat.py takes, on plain LoRA without dropout (the
     quantized forward has no separate adapter path for dropout to act on)."""
-    from mlxlab.models.lora_qat import QAT_BITS, QAT_GROUP_SIZES
-
     bits, group = lora.get("qat_bits", 0) or 0, lora.get("qat_group_size", 64)
     if bits not in QAT_BITS:
         raise ConfigError(f"model.lora.qat_bits={bits}: use 4 or 8 (the export's bits), or 0 "
