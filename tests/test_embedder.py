@@ -176,3 +176,18 @@ def test_all_minilm_l6_v2_matches_sentence_transformers():
     ours = TextEmbedder(folder).encode(texts, batch_size=3)
     assert ours.shape == (len(texts), 384)
     assert_parity(ours, reference, "all-MiniLM-L6-v2")
+
+
+def test_default_prompt_goes_before_every_text(tiny_st, tmp_path):
+    """sentence-transformers' default_prompt_name: its prompt prefixes each text; a Pooling
+    that would leave the prompt out (include_prompt=false) is refused in one line."""
+    prompted = tmp_path / "prompted"
+    write_tiny_folder(prompted)
+    (prompted / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "the ", "document": ""}, "default_prompt_name": "query"}))
+    np.testing.assert_allclose(TextEmbedder(prompted).encode(["cat", "dog"]),
+                               TextEmbedder(tiny_st).encode(["the cat", "the dog"]), atol=1e-6)
+    pooling = prompted / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps({**json.loads(pooling.read_text()), "include_prompt": False}))
+    with pytest.raises(ConfigError, match="include_prompt=false"):
+        TextEmbedder(prompted)

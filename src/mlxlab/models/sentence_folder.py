@@ -138,8 +138,10 @@ def _rename(name: str) -> str | None:
 
 def load_sentence_embedder(folder: str | Path) -> SentenceEmbedder:
     """The SentenceEmbedder of a sentence-transformers folder, its weights loaded, in eval mode."""
-    folder = Path(folder)
-    modules = read_modules(folder)
+    return _embedder(Path(folder), read_modules(Path(folder)))
+
+
+def _embedder(folder: Path, modules: list[tuple[str, Path]]) -> SentenceEmbedder:
     pooling_path = modules[1][1]
     model = SentenceEmbedder(
         encoder=encoder_sizes(modules[0][1]),
@@ -160,16 +162,11 @@ class TextEmbedder:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.model = load_sentence_embedder(self.folder)
-        self.tokenizer, self.max_length = _tokenizer(self.folder, read_modules(self.folder)[0][1],
+        modules = read_modules(self.folder)
+        self.model = _embedder(self.folder, modules)
+        self.tokenizer, self.max_length = _tokenizer(self.folder, modules[0][1],
                                                      self.model.encoder.embeddings.max_position)
-        settings = _json_or_empty(self.folder / "config_sentence_transformers.json")
-        prompt_name = settings.get("default_prompt_name")
-        self.prompt = (settings.get("prompts") or {}).get(prompt_name, "") if prompt_name else ""
-        pooling = _json(read_modules(self.folder)[1][1] / "config.json")
-        if self.prompt and pooling.get("include_prompt") is False:
-            raise ConfigError(f"{self.folder} pools without its prompt (include_prompt=false); "
-                              "mlxlab pools every token of a text, prompt included")
+        self.prompt = _default_prompt(self.folder, modules[1][1])
 
     @property
     def dimension(self) -> int:
@@ -196,6 +193,17 @@ class TextEmbedder:
         types = mx.array([e.type_ids for e in encodings], dtype=mx.int32)
         vectors = self.model(ids, mask, types, normalize=normalize)
         return np.array(vectors.astype(mx.float32))
+
+
+def _default_prompt(folder: Path, pooling_path: Path) -> str:
+    """The prompt sentence-transformers puts before every text (its default_prompt_name's)."""
+    settings = _json_or_empty(folder / "config_sentence_transformers.json")
+    name = settings.get("default_prompt_name")
+    prompt = (settings.get("prompts") or {}).get(name, "") if name else ""
+    if prompt and _json(pooling_path / "config.json").get("include_prompt") is False:
+        raise ConfigError(f"{folder} pools without its prompt (include_prompt=false); mlxlab "
+                          "pools every token of a text, prompt included")
+    return prompt
 
 
 def _tokenizer(folder: Path, path: Path, max_position: int) -> tuple[Tokenizer, int]:
