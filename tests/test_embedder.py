@@ -191,3 +191,22 @@ def test_default_prompt_goes_before_every_text(tiny_st, tmp_path):
     pooling.write_text(json.dumps({**json.loads(pooling.read_text()), "include_prompt": False}))
     with pytest.raises(ConfigError, match="include_prompt=false"):
         TextEmbedder(prompted)
+
+
+def test_pooling_ignores_padding_on_either_side():
+    """Every mode gives the same vector for a text right-padded and left-padded."""
+    import mlx.core as mx
+
+    from mlxlab.models.pooling import pool
+
+    rng = np.random.default_rng(1)
+    tokens = rng.standard_normal((3, 4)).astype(np.float32)  # 3 real tokens
+    pad = rng.standard_normal((2, 4)).astype(np.float32)  # what the encoder put at pads
+    right = mx.array(np.concatenate([tokens, pad])[None])
+    left = mx.array(np.concatenate([pad, tokens])[None])
+    for mode in POOLERS:
+        np.testing.assert_allclose(
+            np.array(pool(right, mx.array([[1, 1, 1, 0, 0]]), [mode])),
+            np.array(pool(left, mx.array([[0, 0, 1, 1, 1]]), [mode])), atol=1e-6, err_msg=mode)
+    np.testing.assert_allclose(np.array(pool(right, mx.array([[1, 1, 1, 0, 0]]), ["mean"]))[0],
+                               tokens.mean(0), atol=1e-6)

@@ -179,12 +179,17 @@ class TextEmbedder:
 
     def encode(self, texts: Sequence[str], batch_size: int = 32,
                normalize: bool | None = None) -> np.ndarray:
-        """(len(texts), dimension) float32 vectors; `normalize` None = as the folder says."""
+        """(len(texts), dimension) float32 vectors, row i = texts[i]; `normalize` None = as the
+        folder says. Texts are batched longest first (as sentence-transformers does: less
+        padding); a text's vector does not depend on its batch."""
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be >= 1")
-        out = [self._batch(texts[i:i + batch_size], normalize)
-               for i in range(0, len(texts), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, self.dimension), np.float32)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.zeros((len(texts), self.dimension), np.float32)
+        for start in range(0, len(texts), batch_size):
+            rows = order[start:start + batch_size]
+            out[rows] = self._batch([texts[i] for i in rows], normalize)
+        return out
 
     def _batch(self, texts: Iterable[str], normalize: bool | None) -> np.ndarray:
         encodings = self.tokenizer.encode_batch([self.prompt + t for t in texts])
