@@ -210,3 +210,16 @@ def test_pooling_ignores_padding_on_either_side():
             np.array(pool(left, mx.array([[0, 0, 1, 1, 1]]), [mode])), atol=1e-6, err_msg=mode)
     np.testing.assert_allclose(np.array(pool(right, mx.array([[1, 1, 1, 0, 0]]), ["mean"]))[0],
                                tokens.mean(0), atol=1e-6)
+
+
+def test_embed_cli_reads_stdin_and_writes_jsonl_to_stdout(tiny_st, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("dog\nthe cat\n"))
+    assert main(["embed", str(tiny_st), "--batch-size", "1"]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["id"] for r in rows] == [0, 1]
+    np.testing.assert_allclose([r["embedding"] for r in rows],
+                               TextEmbedder(tiny_st).encode(["dog", "the cat"]), atol=1e-6)
+    assert "-> stdout" in captured.err

@@ -22,8 +22,12 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlxlab.cli.common import guarded, parser_for
+
+if TYPE_CHECKING:  # `mlxlab embed --help` imports no numpy
+    import numpy as np
 
 OUT_SUFFIXES = (".npy", ".jsonl")
 
@@ -80,7 +84,7 @@ def model_folder_of(model: str) -> Path:
     return Path(as_local(model))
 
 
-def write_vectors(vectors, ids: list, out: str | None) -> None:
+def write_vectors(vectors: np.ndarray, ids: list, out: str | None) -> None:
     """.npy or .jsonl at `out` (whole or absent: written beside it, then renamed), or jsonl on
     stdout."""
     import numpy as np
