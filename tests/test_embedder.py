@@ -7,6 +7,7 @@ all-MiniLM-L6-v2."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +224,21 @@ def test_embed_cli_reads_stdin_and_writes_jsonl_to_stdout(tiny_st, monkeypatch, 
     np.testing.assert_allclose([r["embedding"] for r in rows],
                                TextEmbedder(tiny_st).encode(["dog", "the cat"]), atol=1e-6)
     assert "-> stdout" in captured.err
+
+
+def test_a_transformer_in_its_own_subfolder(tiny_st, tmp_path):
+    """Older sentence-transformers folders keep the Transformer (weights, tokenizer,
+    sentence_bert_config.json) in 0_Transformer/."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_st, old)
+    (old / "0_Transformer").mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "sentence_bert_config.json"):
+        (old / name).rename(old / "0_Transformer" / name)
+    modules = json.loads((old / "modules.json").read_text())
+    modules[0]["path"] = "0_Transformer"
+    (old / "modules.json").write_text(json.dumps(modules))
+    embedder = TextEmbedder(old)
+    assert embedder.max_length == 24
+    np.testing.assert_allclose(embedder.encode(TEXTS), TextEmbedder(tiny_st).encode(TEXTS),
+                               atol=1e-6)

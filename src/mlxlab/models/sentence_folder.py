@@ -164,7 +164,7 @@ class TextEmbedder:
         self.folder = Path(folder)
         modules = read_modules(self.folder)
         self.model = _embedder(self.folder, modules)
-        self.tokenizer, self.max_length = _tokenizer(self.folder, modules[0][1],
+        self.tokenizer, self.max_length = _tokenizer(modules[0][1],
                                                      self.model.encoder.embeddings.max_position)
         self.prompt = _default_prompt(self.folder, modules[1][1])
 
@@ -211,15 +211,16 @@ def _default_prompt(folder: Path, pooling_path: Path) -> str:
     return prompt
 
 
-def _tokenizer(folder: Path, path: Path, max_position: int) -> tuple[Tokenizer, int]:
-    """The Transformer module's tokenizer.json set up as sentence-transformers uses it, and its
-    truncation length."""
+def _tokenizer(path: Path, max_position: int) -> tuple[Tokenizer, int]:
+    """The Transformer module's tokenizer.json (in its `path`, beside its
+    sentence_bert_config.json) set up as sentence-transformers uses it, and its truncation
+    length."""
     file = path / "tokenizer.json"
     if not file.is_file():
         raise MissingFileError(f"{file} is missing; mlxlab reads a fast tokenizer's tokenizer.json "
                                "(save the model again with a current sentence-transformers)")
     tok = Tokenizer.from_file(str(file))
-    st_config = _json_or_empty(folder / "sentence_bert_config.json")
+    st_config = _json_or_empty(path / "sentence_bert_config.json")
     tok_config = _json_or_empty(path / "tokenizer_config.json")
     max_length = st_config.get("max_seq_length") or tok_config.get("model_max_length") or max_position
     max_length = min(int(max_length), max_position)
