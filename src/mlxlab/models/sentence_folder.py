@@ -33,7 +33,7 @@ OTHER_ENCODERS = ("roberta", "xlm-roberta", "modernbert", "mpnet", "distilbert",
                   "electra", "nomic_bert", "new")
 
 
-def _json(path: Path) -> dict:
+def _json(path: Path) -> dict | list:
     if not path.is_file():
         raise MissingFileError(f"{path} is missing; a sentence-transformers folder has one")
     try:
@@ -59,8 +59,11 @@ def read_modules(folder: Path) -> list[tuple[str, Path]]:
     if not is_sentence_folder(folder):
         raise ConfigError(f"{folder} is not a sentence-transformers folder (no modules.json); "
                           "give a folder with modules.json, a Transformer and a Pooling module")
+    listed = _json(folder / "modules.json")
+    if not isinstance(listed, list) or not all(isinstance(e, dict) for e in listed):
+        raise ConfigError(f"{folder}/modules.json is not a list of modules ({{type, path}} each)")
     modules = []
-    for entry in _json(folder / "modules.json"):
+    for entry in listed:
         kind = str(entry.get("type", "")).rsplit(".", 1)[-1]
         if not str(entry.get("type", "")).startswith("sentence_transformers.") or kind not in MODULES:
             raise ConfigError(f"{folder}/modules.json has a {entry.get('type')!r} module; mlxlab "
@@ -79,7 +82,7 @@ def encoder_sizes(path: Path) -> dict:
     """BertEncoder's keyword arguments from the Transformer module's config.json; a decoder's or
     another encoder family's config is one line naming what is supported."""
     config = _json(path / "config.json")
-    model_type = config.get("model_type")
+    model_type = config.get("model_type", "bert")  # as bert_config_from_hf reads an old config
     if model_type not in ENCODER_TYPES:
         what = ("another encoder family" if model_type in OTHER_ENCODERS
                 else "not an encoder (a decoder or another kind of model)")
