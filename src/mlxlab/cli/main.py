@@ -9,6 +9,7 @@
     mlxlab runs list|show|compare|merge  the store's runs
     mlxlab export RUN --format hf|mlx-lm|gguf --out DIR|FILE.gguf [...]
     mlxlab cache list|clear              converted models and other caches: list, remove
+    mlxlab embed MODEL [--input F] [--out vectors.npy|.jsonl]   one vector per text
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ VERBS = {
     "runs": ("mlxlab.cli.runs", "the store's runs: list, show, compare, merge, hardest"),
     "export": ("mlxlab.cli.export", "write a finished run as a Hugging Face or mlx-lm folder, or a GGUF file"),
     "cache": ("mlxlab.cli.cache", "what mlxlab caches (converted GGUF files, kernels): list, clear"),
+    "embed": ("mlxlab.cli.embed", "embed texts with a sentence-transformers model: one vector each"),
 }
 
 

@@ -14,7 +14,8 @@ from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.sources.source import ModelSource
 
 ALLOW_PATTERNS = ["*.json", "model*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken",
-                  "*.txt", "*.jsonl"]
+                  "*.txt", "*.jsonl",
+                  "*_Dense/model.safetensors"]  # a sentence-transformers folder's Dense layers
 
 
 def hub_folder(repo_id: str, revision: str | None) -> ModelSource:
