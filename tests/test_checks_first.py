@@ -72,6 +72,12 @@ def bad_settings(inputs: Path) -> list[tuple[list[str], str]]:
         (["experiment=grpo_arithmetic", f"model.pretrained={stub}",
           "objective.rewards=[{_target_: my_rewards.brevity}]"],
          "objective.rewards[0]._target_=my_rewards.brevity: no module 'my_rewards'"),
+        # a decoder given to the default model=bert: a folder, a GGUF file
+        ([f"model.pretrained={stub}"], f"model.pretrained={stub} has model_type='llama' and "
+         "model=bert loads BERT folders only; add model=hf_decoder"),
+        ([f"model.pretrained={inputs / 'smol.gguf'}"], f"model.pretrained={inputs / 'smol.gguf'}"
+         " is a decoder (GGUF holds decoders) and model=bert loads BERT folders only; add "
+         "model=hf_decoder"),
         (["trainer.max_epoch=3"], "trainer.max_epoch is not a key of trainer: did you mean "
          "trainer.max_epochs?"),
         *objective_targets(stub),
