@@ -569,3 +569,17 @@ def test_the_eval_table_says_each_tasks_prompt_style():
     assert "my_task (multiple_choice, 30 examples, plain prompts)" in text
     assert "mc (multiple_choice, 30 examples, chat template prompts)" in text
     assert "different prompt styles" in text
+
+
+def test_a_task_yaml_given_as_data_names_tasks(tmp_path, capsys):
+    """`mlxlab eval RUN task.yaml`: one line naming --tasks, not an error about a key of the
+    run's data config the user never typed."""
+    from mlxlab.cli.main import main
+
+    (tmp_path / "my_task.yaml").write_text("task: my_task\n")
+    with pytest.raises(SystemExit) as done:
+        main(["eval", str(tmp_path / "run"), str(tmp_path / "my_task.yaml"), "--no-track"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"{tmp_path / 'my_task.yaml'} is an lm-eval task YAML: pass it as "
+                            f"--tasks {tmp_path / 'my_task.yaml'}")

@@ -79,6 +79,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not args.data and not args.tasks:
         parser.error("give a data file, task files, or --tasks NAMES")
+    yamls = [d for d in args.data if d.lower().endswith((".yaml", ".yml"))]
+    if yamls:  # an lm-eval task file is named by --tasks, not read as the run's data
+        parser.error(f"{yamls[0]} is an lm-eval task YAML: pass it as --tasks {','.join(yamls)}")
     if is_task_call(args):
         return guarded("eval", lambda: eval_tasks(args))
     if len(args.data) > 1:
