@@ -124,7 +124,9 @@ DATA_FILES = {
 
 # A training command's shortening overrides: the first pattern it matches
 SHORT = "trainer.max_steps=2 trainer.eval_every_steps=2 callbacks.progress.enabled=false"
-GRPO = " objective.num_generations=2 trainer.batch_size=2 objective.max_completion_length=16"
+# GRPO: short completions, and validation on a few prompts held out of the training file
+GRPO = (" objective.num_generations=2 trainer.batch_size=2 objective.max_completion_length=16"
+        " data.val_file=null data.val_fraction=0.05")
 SHORTEN: list[tuple[str, str]] = [
     (r"--cfg |--help", ""),
     (r"resume=", SHORT.replace("trainer.max_steps=2", "trainer.max_steps=4")),
