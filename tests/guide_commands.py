@@ -5,7 +5,8 @@ names and shortening overrides), or skip it for a reason said here, never silent
 How a page's command is made runnable offline, in order:
 - a page, or a block, not run at all: PAGE_SKIPS here, or an HTML comment right above the block's
   fence on the page, `<!-- commands: not run: REASON -->`;
-- a command not run: the first SKIPS pattern it matches, with its reason;
+- a command not run: the first SKIPS pattern it matches, with its reason (in
+  `install && ... && command` the install steps, INSTALL, are left out and the command runs);
 - what it names that is not here offline: STAND_INS (hub ids, downloaded files, the user's own
   model), the data files of DATA_FILES (written into the project folder first) and the tiny
   random models of TINY_MODELS (made by scripts/tiny_hf_model.py when a command names one);
@@ -33,6 +34,8 @@ PAGE_SKIPS = {
 }
 
 NETWORK = "needs the network (a package index or a download)"
+# the install steps of `install && ... && command`: skipped, the command after them runs
+INSTALL = r"^(python3 -m venv|git clone|pip |\.venv/bin/pip |\. \.venv/bin/activate$|cd mlxlab$)"
 SERVER = "starts a server that runs until it is stopped (its own tests start and stop one)"
 SKIPS: list[tuple[str, str]] = [
     (r"^(python3 -m venv|git clone|pip |\.venv/bin/pip )", "installs the package: " + NETWORK),
@@ -241,8 +244,12 @@ def decide(command: Command) -> Decision:
     if command.block_skip:
         return Decision(command, None, command.block_skip)
     code = " ".join(_code(command.text).replace("\\\n", " ").split())
+    parts = [part.strip() for part in code.split("&&")]
+    kept = [part for part in parts if not re.search(INSTALL, part)]
+    if kept and len(kept) < len(parts) and all(KNOWN.match(part) for part in kept):
+        code = " && ".join(kept)  # the install steps skipped (NETWORK), the commands after run
     for pattern, reason in SKIPS:
-        if re.search(pattern, code) or re.search(pattern, command.text):
+        if re.search(pattern, code) or not code and re.search(pattern, command.text):
             return Decision(command, None, reason)
     if not KNOWN.match(code):
         return Decision(command, None, None)  # neither run nor skipped: the test names it
