@@ -57,6 +57,7 @@ SKIPS: list[tuple[str, str]] = [
     (r"--config-dir \./my_conf", "the reader's own config folder"),
     (r"my_pkg\.|my_tools\.", "the reader's own Python module"),
     (r"^mlxlab runs merge old", "another project's store"),
+    (r"runs compare A B$", "compares the two lm-eval runs above it (hub tasks: " + NETWORK + ")"),
     (r"<sweep id>", "two sweeps' parent run ids: tests/test_sweeps.py compares sweeps"),
     (r"--tasks \S*(arc_easy|gsm8k|ifeval|mmlu)", "lm-eval's hub tasks: " + NETWORK),
     (r"HuggingFaceTB/SmolVLM|finetune_vision|mlx-vlm|mlx_vlm", "a vision-language model: "
@@ -71,7 +72,7 @@ STAND_INS: list[tuple[str, str, str]] = [
     (r"(?<![/\w.-])SmolLM2-135M-Instruct\.Q4_1\.gguf", str(SMOL_GGUF), "the same file"),
     (r"<a model that writes code>", str(SMOL_GGUF), "SmolLM2 writes code, badly"),
     (r"<folder>", "models/tiny-chat", "a tiny random chat model"),
-    (r"runs compare A B$", "runs compare <run A> <run B>", "the two runs the page's evals logged"),
+    (r"(?<![\w/])exported/ft(?=\s)", "models/tiny-llama", "a model folder, as an export is one"),
 ]
 # `<... run>`, `<... run id>`: the MLflow runs the page's earlier commands logged ("mlflow run:
 # ID" in their output), the last ones in order
@@ -103,6 +104,14 @@ def _mc_rows() -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
+def _qa_rows() -> str:
+    import json
+
+    rows = [{"id": str(i), "prompt": f"{q} Answer:", "answer": a}
+            for i, (q, a) in enumerate(DATES)]
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 def _titanic(rows: int, label: bool = True) -> str:
     import pandas as pd
 
@@ -120,7 +129,7 @@ def _iris() -> str:
 # file -> its text, written into the project folder before a page's first command
 DATA_FILES = {
     "train.jsonl": lambda: _chat_rows(24), "valid.jsonl": lambda: _chat_rows(4),
-    "dates.jsonl": _mc_rows, "mc.jsonl": _mc_rows,
+    "dates.jsonl": _mc_rows, "mc.jsonl": _mc_rows, "qa.jsonl": _qa_rows,
     "test.csv": lambda: _titanic(20, label=False), "labelled.csv": lambda: _titanic(40),
     "iris.csv": _iris,
 }
