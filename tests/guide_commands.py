@@ -8,7 +8,8 @@ How a page's command is made runnable offline, in order:
 - a command not run: the first SKIPS pattern it matches, with its reason (in
   `install && ... && command` the install steps, INSTALL, are left out and the command runs);
 - what it names that is not here offline: STAND_INS (hub ids, downloaded files, the user's own
-  model), the data files of DATA_FILES (written into the project folder first) and the tiny
+  model), the data files of DATA_FILES and PAGE_DATA_FILES (written into the project folder
+  first) and the tiny
   random models of TINY_MODELS (made by scripts/tiny_hf_model.py when a command names one);
 - a training command gets SHORTEN's overrides at its end (the first pattern it matches), and
   SUBSTITUTIONS make sweeps small (fewer seeds and trials);
@@ -133,6 +134,25 @@ DATA_FILES = {
     "test.csv": lambda: _titanic(20, label=False), "labelled.csv": lambda: _titanic(40),
     "iris.csv": _iris,
 }
+
+def _completion_rows(n: int) -> str:
+    import json
+
+    rows = [{"prompt": f"{q} Answer:", "completion": f" {a}"} for q, a in (DATES * n)[:n]]
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+# a page whose commands read other rows under the same names (a model without a chat template)
+PAGE_DATA_FILES = {
+    "docs/guide/evaluation.md": {"train.jsonl": lambda: _completion_rows(24),
+                                 "valid.jsonl": lambda: _completion_rows(4)},
+}
+
+
+def data_files(page: str) -> dict:
+    """file -> a function writing its text, for `page`'s commands."""
+    return {**DATA_FILES, **PAGE_DATA_FILES.get(page, {})}
+
 
 # A training command's shortening overrides: the first pattern it matches
 SHORT = "trainer.max_steps=2 trainer.eval_every_steps=2 callbacks.progress.enabled=false"

@@ -53,7 +53,7 @@ def test_option_composes_and_resolves(tmp_path, group, option):
         (tmp_path / "teacher").mkdir(exist_ok=True)
         (tmp_path / "teacher" / "tokenizer.json").write_text("{}")
         extra += ["model.keep_layers=1", f"objective.teachers=[{tmp_path / 'teacher'}]",
-                  "data.train_file=${asset:arithmetic/train.jsonl}"]
+                  "data.train_file=${asset:arithmetic/train.jsonl}", "objective.completion_key=answer"]
     if option in ("vision_language", "vision_chat", "finetune_vision"):  # a VLM and its images
         from vision_models import tiny_vlm
 

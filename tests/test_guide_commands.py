@@ -68,13 +68,13 @@ def _environment(root: Path) -> dict[str, str]:
             "MLFLOW_TRACKING_URI": "", "PYTHONUNBUFFERED": "1"}
 
 
-def _project(root: Path) -> None:
+def _project(root: Path, page: str) -> None:
     """A project folder as a reader's clone has it: scripts/ and src/ (links), the data files."""
     for name in ("scripts", "src"):
         (root / name).symlink_to(gc.ROOT / name)
     (root / ".venv").mkdir()
     (root / ".venv" / "bin").symlink_to(Path(sys.executable).parent)
-    for name, text in gc.DATA_FILES.items():
+    for name, text in gc.data_files(page).items():
         (root / name).write_text(text())
     (root / "my_rewards.py").write_text(
         "def brevity(prompts, completions, **columns):\n"
@@ -90,7 +90,7 @@ def test_a_pages_commands_run_as_written(page, tmp_path):
         pytest.skip(f"{gc.SMOL_GGUF}: the offline SmolLM2 (tests/real_models.py)")
     root = tmp_path / "project"
     root.mkdir()
-    _project(root)
+    _project(root, page)
     env = _environment(root)
     failures, report, logged = [], [], []
     for command in gc.commands(gc.ROOT / page):
