@@ -59,6 +59,8 @@ SKIPS: list[tuple[str, str]] = [
     (r"my_pkg\.|my_tools\.", "the reader's own Python module"),
     (r"^mlxlab runs merge old", "another project's store"),
     (r"runs compare A B$", "compares the two lm-eval runs above it (hub tasks: " + NETWORK + ")"),
+    (r"cache clear models/gguf/[0-9a-f]+", "an entry of the listing above: a file on the "
+                                            "writer's machine"),
     (r"<sweep id>", "two sweeps' parent run ids: tests/test_sweeps.py compares sweeps"),
     (r"--tasks \S*(arc_easy|gsm8k|ifeval|mmlu)", "lm-eval's hub tasks: " + NETWORK),
     (r"HuggingFaceTB/SmolVLM|finetune_vision|mlx-vlm|mlx_vlm", "a vision-language model: "
@@ -73,11 +75,20 @@ STAND_INS: list[tuple[str, str, str]] = [
     (r"(?<![/\w.-])SmolLM2-135M-Instruct\.Q4_1\.gguf", str(SMOL_GGUF), "the same file"),
     (r"<a model that writes code>", str(SMOL_GGUF), "SmolLM2 writes code, badly"),
     (r"<folder>", "models/tiny-chat", "a tiny random chat model"),
+    (r"models/(student|teacher)(?![\w-])", "models/tiny-chat", "one tokenizer, as distillation's"),
     (r"(?<![\w/])exported/ft(?=\s)", "models/tiny-llama", "a model folder, as an export is one"),
 ]
 # `<... run>`, `<... run id>`: the MLflow runs the page's earlier commands logged ("mlflow run:
 # ID" in their output), the last ones in order
 RUN_ID = re.compile(r"<[^<>]*\brun(?: id)?(?: [A-Z])?>")
+
+# (page, pattern, reason): a command that reads what another page makes
+PAGE_COMMAND_SKIPS: list[tuple[str, str, str]] = [
+    ("docs/guide/huggingface.md", r"outputs/titanic_hf/", "the BERT run Getting started trains "
+                                                          "(its case runs it)"),
+    ("docs/guide/scaling.md", r"register (outputs/train/|--best-of-sweep latest)",
+     "the default run and a sweep README.md and Getting started make (their cases run it)"),
+]
 
 # name -> (scripts/tiny_hf_model.py's arguments)
 TINY_MODELS = {
@@ -113,6 +124,26 @@ def _qa_rows() -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
+def _jsonl(rows: list[dict]) -> str:
+    import json
+
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _pairs(n: int) -> str:
+    return _jsonl([{"prompt": q, "chosen": a, "rejected": "2000"} for q, a in (DATES * n)[:n]])
+
+
+def _rated(n: int) -> str:
+    return _jsonl([{"prompt": q, "completion": a if k % 2 else "2000", "label": bool(k % 2)}
+                   for k, (q, a) in enumerate((DATES * n)[:n])])
+
+
+def _prompts(n: int) -> str:
+    return _jsonl([{"prompt": [{"role": "user", "content": q}], "answer": a}
+                   for q, a in (DATES * n)[:n]])
+
+
 def _titanic(rows: int, label: bool = True) -> str:
     import pandas as pd
 
@@ -133,6 +164,10 @@ DATA_FILES = {
     "dates.jsonl": _mc_rows, "mc.jsonl": _mc_rows, "qa.jsonl": _qa_rows,
     "test.csv": lambda: _titanic(20, label=False), "labelled.csv": lambda: _titanic(40),
     "iris.csv": _iris,
+    "pairs.jsonl": lambda: _pairs(16), "held_out.jsonl": lambda: _pairs(4),
+    "held_out_pairs.jsonl": lambda: _pairs(4), "rated.jsonl": lambda: _rated(16),
+    "rated_held_out.jsonl": lambda: _rated(4), "prompts.jsonl": lambda: _prompts(16),
+    "distill.jsonl": lambda: _prompts(16),
 }
 
 def _completion_rows(n: int) -> str:
@@ -277,6 +312,9 @@ def decide(command: Command) -> Decision:
     kept = [part for part in parts if not re.search(INSTALL, part)]
     if kept and len(kept) < len(parts) and all(KNOWN.match(part) for part in kept):
         code = " && ".join(kept)  # the install steps skipped (NETWORK), the commands after run
+    for page, pattern, reason in PAGE_COMMAND_SKIPS:
+        if command.page == page and re.search(pattern, code):
+            return Decision(command, None, reason)
     for pattern, reason in SKIPS:
         if re.search(pattern, code) or not code and re.search(pattern, command.text):
             return Decision(command, None, reason)

@@ -64,7 +64,8 @@ def _environment(root: Path) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
             "PYTHONPATH": os.pathsep.join([str(gc.ROOT / "src"), str(root)]),
-            "MLXLAB_ROOT": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "MLXLAB_ROOT": str(root), "MLXLAB_CACHE_DIR": str(root / "user-cache"),
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             "MLFLOW_TRACKING_URI": "", "PYTHONUNBUFFERED": "1"}
 
 
