@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, compose_cfg, model_folder_stub
-from mlxlab.config import target_problem, validate
+from mlxlab.config import asset_path, target_problem, validate
 from mlxlab.errors import ConfigError
 
 MLXLAB_TRAIN = str(Path(PYTHON).parent / "mlxlab-train")
@@ -58,6 +58,9 @@ def bad_settings(inputs: Path) -> list[tuple[list[str], str]]:
         **json.loads((stub / "config.json").read_text()), "model_type": "nosuchtype"}))
     (unknown_type / "model.safetensors").touch()
     chat = ["experiment=finetune_chat", f"model.pretrained={stub}"]
+    teacher = inputs / "teacher"  # a tokenizer the checks read, nothing to load
+    teacher.mkdir()
+    (teacher / "tokenizer.json").write_text("{}")
     return [
         ([*chat, f"model.pretrained={no_weights}"],
          f"no model*.safetensors weights in {no_weights}"),
@@ -72,6 +75,17 @@ def bad_settings(inputs: Path) -> list[tuple[list[str], str]]:
         (["experiment=grpo_arithmetic", f"model.pretrained={stub}",
           "objective.rewards=[{_target_: my_rewards.brevity}]"],
          "objective.rewards[0]._target_=my_rewards.brevity: no module 'my_rewards'"),
+        # a decoder given to the default model=bert: a folder, a GGUF file
+        ([f"model.pretrained={stub}"], f"model.pretrained={stub} has model_type='llama' and "
+         "model=bert loads BERT folders only; add model=hf_decoder"),
+        ([f"model.pretrained={inputs / 'smol.gguf'}"], f"model.pretrained={inputs / 'smol.gguf'}"
+         " is a decoder (GGUF holds decoders) and model=bert loads BERT folders only; add "
+         "model=hf_decoder"),
+        # a draft on prompts without the completion column it trains on at lmbda < 1
+        (["experiment=draft_model", f"model.pretrained={stub}", "model.keep_layers=1",
+          f"objective.teachers=[{teacher}]", f"data.train_file={asset_path('arithmetic/train.jsonl')}",
+          "objective.completion_key=solution"],
+         f"{asset_path('arithmetic/train.jsonl')}: no prompt row has a 'solution' string"),
         (["trainer.max_epoch=3"], "trainer.max_epoch is not a key of trainer: did you mean "
          "trainer.max_epochs?"),
         *objective_targets(stub),

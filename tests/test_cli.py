@@ -182,3 +182,37 @@ def test_pointing_mlflow_at_a_store_leaves_its_globals_unset(tmp_path, monkeypat
         assert registry_utils._registry_uri.endswith("store.db")
     assert registry_utils._registry_uri is None and tracking_utils._tracking_uri is None
     assert "MLFLOW_REGISTRY_URI" not in os.environ and "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_serve_prints_its_url_once_the_port_accepts(tmp_path, monkeypatch):
+    """MLflow's model server takes seconds to bind its port: `mlxlab serve` prints the URL only
+    once a connection to it is accepted (a client started on the printed line is answered)."""
+    import io
+    import socket
+    import sys as system
+
+    from mlxlab.cli import serve
+
+    port = free_port()
+    late_server = ("import socket, time; time.sleep(1.5); s = socket.socket(); "
+                   "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+                   f"s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(2)")
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(serve.subprocess, "Popen", lambda command, **kw: real_popen(
+        [system.executable, "-c", late_server], start_new_session=True))
+    monkeypatch.setattr(serve.signal, "signal", lambda *a: None)
+    seen = []
+
+    class Out(io.StringIO):
+        def write(self, text: str) -> int:
+            if "serving" in text:
+                with socket.socket() as probe:
+                    seen.append(probe.connect_ex(("127.0.0.1", port)) == 0)
+            return super().write(text)
+
+    monkeypatch.setattr(system, "stdout", Out())
+    (tmp_path / "mlflow.db").touch()
+    args = serve.argparse.Namespace(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", host="127.0.0.1",
+                                    port=port, workers=None)
+    assert serve._mlflow(args, "models:/titanic-bert@champion", str(tmp_path)) == 0
+    assert seen == [True]

@@ -52,7 +52,8 @@ def test_option_composes_and_resolves(tmp_path, group, option):
     if option == "draft_model":  # the stub's 2 blocks: a draft keeps 1, for its teacher
         (tmp_path / "teacher").mkdir(exist_ok=True)
         (tmp_path / "teacher" / "tokenizer.json").write_text("{}")
-        extra += ["model.keep_layers=1", f"objective.teachers=[{tmp_path / 'teacher'}]"]
+        extra += ["model.keep_layers=1", f"objective.teachers=[{tmp_path / 'teacher'}]",
+                  "data.train_file=${asset:arithmetic/train.jsonl}", "objective.completion_key=answer"]
     if option in ("vision_language", "vision_chat", "finetune_vision"):  # a VLM and its images
         from vision_models import tiny_vlm
 

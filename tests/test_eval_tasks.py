@@ -549,3 +549,37 @@ def test_mlxlab_eval_writes_its_progress_to_stderr_when_it_is_a_file(world, tmp_
     assert len(steps) >= 9, lines
     assert re.match(r"task gen60: \d+/60 answers, [\d.]+/s, ~\d+ s left", steps[0])
     assert any(re.match(r"task gen60: 60 answers in [\d.]+ s", line) for line in lines)
+
+
+def test_the_eval_table_says_each_tasks_prompt_style():
+    """An lm-eval task (plain prompts unless --apply-chat-template) beside a jsonl task scored
+    through the chat template: each task line says its own style, and the table warns that
+    the two do not compare (the header once claimed the template for both)."""
+    from mlxlab.cli.eval import task_table
+
+    metric = {"acc": {"value": 0.5, "low": 0.4, "high": 0.6}}
+    report = {"model": "m", "kind": "folder", "checkpoint": None, "run_id": None, "groups": {},
+              "prompts": "mixed",
+              "tasks": {"my_task": {"kind": "multiple_choice", "n": 30, "prompts": "plain",
+                                    "metrics": metric},
+                        "mc": {"kind": "multiple_choice", "n": 30, "prompts": "chat template",
+                               "metrics": metric}}}
+    text = task_table(report)
+    assert text.splitlines()[0] == "model  m (folder)"
+    assert "my_task (multiple_choice, 30 examples, plain prompts)" in text
+    assert "mc (multiple_choice, 30 examples, chat template prompts)" in text
+    assert "different prompt styles" in text
+
+
+def test_a_task_yaml_given_as_data_names_tasks(tmp_path, capsys):
+    """`mlxlab eval RUN task.yaml`: one line naming --tasks, not an error about a key of the
+    run's data config the user never typed."""
+    from mlxlab.cli.main import main
+
+    (tmp_path / "my_task.yaml").write_text("task: my_task\n")
+    with pytest.raises(SystemExit) as done:
+        main(["eval", str(tmp_path / "run"), str(tmp_path / "my_task.yaml"), "--no-track"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"{tmp_path / 'my_task.yaml'} is an lm-eval task YAML: pass it as "
+                            f"--tasks {tmp_path / 'my_task.yaml'}")

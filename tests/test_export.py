@@ -201,6 +201,11 @@ def test_bad_requests_fail_with_one_clear_line(lm_run, bert_run, tmp_path):
         export_run(bert_run, tmp_path / "b", "mlx-lm")
     with pytest.raises(ValueError, match="LoRA run"):
         export_run(lm_run, tmp_path / "c", "mlx-lm", lora="adapters")
+    # GGUF holds decoders: a BERT run is refused with the export it has, nothing written
+    from mlxlab.export import export_gguf
+    with pytest.raises(ExportError, match="GGUF holds decoders .* exports only as --format hf"):
+        export_gguf(bert_run, tmp_path / "bert.gguf")
+    assert not (tmp_path / "bert.gguf").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
     done = subprocess.run(

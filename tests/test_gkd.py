@@ -141,6 +141,29 @@ def test_a_draft_sure_of_a_wrong_token_still_learns_under_forward_kl(make_cfg):
     assert cfg.objective.beta == 0.0 and cfg.model.freeze_embeddings is True
 
 
+def test_a_draft_trains_on_the_fine_tunes_own_chat_data(tmp_path, make_cfg):
+    """experiment=draft_model on a fine-tune's data=chat rows: the file is the user's alone (no
+    arithmetic validation file or `answer` column carried over from another experiment), and a
+    chat that ends with the assistant's reply is that reply's prompt with the reply as its
+    completion."""
+    import json
+
+    from mlxlab.data.prompts import read_prompts
+
+    cfg = make_cfg("experiment=draft_model", "model.pretrained=x", "data.train_file=chat.jsonl")
+    assert cfg.data.train_file == "chat.jsonl" and cfg.data.val_file is None
+    assert cfg.objective.completion_key == "completion"
+    chat = tmp_path / "chat.jsonl"
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello."}]
+    chat.write_text(json.dumps({"messages": turns}) + "\n"
+                    + json.dumps({"messages": turns[:2]}) + "\n")
+    rows = read_prompts(chat, "prompt", "messages")
+    assert rows.format == "chat"
+    assert rows.rows[0][1] == {"messages": turns[:2], "completion": "Hello."}
+    assert rows.rows[1][1] == {"messages": turns[:2]}  # a prompt without a reply stays one
+
+
 def test_the_loss_is_trls_on_the_completion_tokens_of_the_rows_it_makes(tiny):
     """A batch of 8 prompts at lmbda = 0.5: some completed by the student (its samples), the
     others by the dataset (the answer and the end-of-text token); the objective's loss and its

@@ -407,6 +407,35 @@ def test_resume_auto_stays_in_the_newest_folders_run(tmp_path):
     assert latest_run_with_checkpoints(tmp_path, "t", here) == fresh.resolve()
 
 
+def test_resume_auto_continues_only_a_run_of_the_same_objective(tmp_path):
+    """Two kinds of run in one task (the default classifier and a GRPO run both in task `train`):
+    resume=auto continues the newest run of its own objective, never the other kind's."""
+    import os
+
+    import mlx.nn as nn
+
+    from mlxlab.checkpoint import CheckpointManager
+    from mlxlab.runs import latest_run_with_checkpoints
+
+    model, task = nn.Linear(2, 2), tmp_path / "outputs" / "train"
+    supervised = "mlxlab.objectives.supervised.Supervised"
+    grpo = "mlxlab.objectives.rl.grpo.GRPO"
+
+    def folder(name: str, run_id: str, objective: str, age: int) -> Path:
+        manager = CheckpointManager(task / name / "checkpoints", monitor="val/loss", mode="min")
+        manager.save(model, None, {"step": 10, "run_id": run_id,
+                                   "config": {"objective": {"_target_": objective}}}, metric=1.0)
+        os.utime(task / name, (time.time() - age,) * 2)
+        return task / name
+
+    titanic = folder("titanic", "A", supervised, age=100)
+    folder("grpo", "B", grpo, age=0)  # newer, another objective
+    here = task / "now"
+    assert latest_run_with_checkpoints(tmp_path, "train", here, supervised) == titanic.resolve()
+    assert latest_run_with_checkpoints(tmp_path, "train", here, grpo) == (task / "grpo").resolve()
+    assert latest_run_with_checkpoints(tmp_path, "train", here, "x.Other") is None
+
+
 @pytest.mark.slow
 def test_sigusr1_checkpoints_requeues_the_slurm_job_and_the_requeued_start_resumes(
         tmp_path, cli_env):

@@ -79,6 +79,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not args.data and not args.tasks:
         parser.error("give a data file, task files, or --tasks NAMES")
+    yamls = [d for d in args.data if d.lower().endswith((".yaml", ".yml"))]
+    if yamls:  # an lm-eval task file is named by --tasks, not read as the run's data
+        parser.error(f"{yamls[0]} is an lm-eval task YAML: pass it as --tasks {','.join(yamls)}")
     if is_task_call(args):
         return guarded("eval", lambda: eval_tasks(args))
     if len(args.data) > 1:
@@ -209,14 +212,18 @@ def eval_tasks(args) -> int:
         scores = evaluate_tasks(source, tasks, settings, folder, scores)
         run_id = log_eval_run(tracker, source, tasks, settings, scores, folder,
                               harness, options, groups) if tracker is not None else None
+    styles = sorted({s.prompts for s in scores})
     report = {"model": str(source.path), "kind": source.kind,
-              "prompts": "plain" if source.template is None else "chat template",
+              # each task's own style is in its entry: lm-eval's are plain unless
+              # --apply-chat-template, mlxlab's jsonl tasks follow --chat
+              "prompts": styles[0] if len(styles) == 1 else "mixed",
               "checkpoint": str(source.checkpoint) if source.checkpoint else None,
               "run_id": run_id, "tasks": {},
               "groups": {k.removeprefix("eval/"): v for k, v in groups.items()}}
     for s in scores:
         bounds = intervals(s)
-        report["tasks"][s.task] = {"kind": s.kind, "n": len(s.rows), "metrics": {
+        report["tasks"][s.task] = {"kind": s.kind, "n": len(s.rows), "prompts": s.prompts,
+                                   "metrics": {
             k: {"value": v, "low": bounds.get(k, (v, None, None))[1],
                 "high": bounds.get(k, (v, None, None))[2]} for k, v in s.metrics.items()}}
     print(json.dumps(report) if args.json else task_table(report))
@@ -225,10 +232,13 @@ def eval_tasks(args) -> int:
 
 def task_table(report: dict) -> str:
     """Each task's metrics with their 95 % intervals, then where the run was logged."""
-    lines = [f"model  {report['model']} ({report['kind']}, {report['prompts']} prompts"
+    lines = [f"model  {report['model']} ({report['kind']}"
              + (f", {report['checkpoint']})" if report["checkpoint"] else ")")]
+    styles = {task["prompts"] for task in report["tasks"].values()}
+    if len(styles) > 1:
+        lines.append("tasks scored with different prompt styles: their scores do not compare")
     for name, task in report["tasks"].items():
-        lines.append(f"\n{name} ({task['kind']}, {task['n']} examples)")
+        lines.append(f"\n{name} ({task['kind']}, {task['n']} examples, {task['prompts']} prompts)")
         width = max([14, *(len(metric) + 2 for metric in task["metrics"])])
         for metric, m in task["metrics"].items():
             ci = f"  [{m['low']:.4f}, {m['high']:.4f}]" if m["low"] is not None else ""

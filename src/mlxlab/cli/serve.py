@@ -245,8 +245,7 @@ def _mlflow(args: argparse.Namespace, target: str, tmp: str) -> int:
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model,
                "-h", args.host, "-p", str(args.port), "-w", str(args.workers or 1),
                "--env-manager", "local"]
-    print(f"serving {target} on http://{args.host}:{args.port}/invocations "
-          "(Ctrl-C stops)", flush=True)
+    print(f"starting MLflow's model server for {target} ...", file=sys.stderr, flush=True)
     # Its own process group: mlflow starts the web server as a child; stopping the group
     # stops both. SIGTERM to us (and Ctrl-C) stops them, then the temporary model goes.
     server = subprocess.Popen(command, env=env, start_new_session=True)
@@ -257,7 +256,25 @@ def _mlflow(args: argparse.Namespace, target: str, tmp: str) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
+        if accepting(args.host, args.port, server):  # the URL once a request would be answered
+            print(f"serving {target} on http://{args.host}:{args.port}/invocations "
+                  "(Ctrl-C stops)", flush=True)
         return server.wait()
     except KeyboardInterrupt:
         stop()
         return server.wait()
+
+
+def accepting(host: str, port: int, server: subprocess.Popen, poll_s: float = 0.2) -> bool:
+    """Wait until `host:port` accepts connections (True) or `server` has exited (False)."""
+    import socket
+    import time
+
+    address = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    while server.poll() is None:
+        try:
+            with socket.create_connection((address, port), timeout=1.0):
+                return True
+        except OSError:
+            time.sleep(poll_s)
+    return False

@@ -69,10 +69,26 @@ def read_prompts(path: str | Path, prompt_key: str, messages_key: str) -> Rows:
         if fmt != first[1]:
             raise ConfigError(f"{path} mixes formats: line {first[0]} is {first[1]}, line "
                               f"{number} is {fmt}; keep one format per file")
-        rows.append((number, row))
+        rows.append((number, reply_as_completion(row, value, messages_key, prompt_key) if fmt == "chat"
+                     else row))
     if first is None:
         raise ConfigError(f"{path} holds no rows")
     return Rows(path, first[1], rows)
+
+
+def reply_as_completion(row: dict, turns: list[dict], messages_key: str = "messages",
+                        prompt_key: str = "prompt") -> dict:
+    """A chat that ends with the assistant's reply (a fine-tune's own data=chat rows) as a
+    prompt: the turns before the reply, the reply's text in the row's `completion` column (a
+    dataset completion, as objective=gkd reads it) unless the row has one already."""
+    if turns[-1].get("role") != "assistant" or len(turns) < 2:
+        return row
+    prompt = {k: v for k, v in row.items() if k not in (messages_key, prompt_key)}
+    prompt[messages_key] = turns[:-1]
+    content = turns[-1].get("content")
+    if isinstance(content, str):
+        prompt.setdefault("completion", content)
+    return prompt
 
 
 class PromptRows(PromptCompletion):

@@ -457,7 +457,7 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
         else:
             folder = staging / source.name
             report = export_run(source, folder, fmt="hf", dtype="float32", lora="fuse",
-                                check=check, retention=request)
+                                check=check, retention=request, refuse=_refuse_non_decoder)
         card = report.get("model_card")  # a run's task scores (a folder's README is not ours)
         description = _card_text(folder / "README.md") if card else None
         importance = None
@@ -478,6 +478,15 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
         why = record(request.reference.state, out.name, report["retention"])
         report["retention"]["recorded"] = why or "on the run's MLflow run"
     return report
+
+
+def _refuse_non_decoder(model: object, state: object) -> None:
+    """GGUF holds decoders: a classifier run is refused before anything is written, naming the
+    export it has."""
+    if isinstance(model, BertClassifier):
+        raise ExportError("--format gguf: GGUF holds decoders (llama.cpp has no BERT sequence "
+                          "classifier); a BERT classifier exports only as --format hf, trained "
+                          "with model.norm_position=post model.pooler=true")
 
 
 def _importance(folder: Path, state, rows: int) -> tuple[dict, dict]:

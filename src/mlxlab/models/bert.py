@@ -8,8 +8,11 @@ pooler, classifier.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,7 +31,7 @@ from mlxlab.models.layers import (
     padding_mask,
 )
 from mlxlab.models.lora import maybe_apply_lora
-from mlxlab.models.sources import as_local
+from mlxlab.models.sources import as_local, describe
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +203,26 @@ class BertClassifier(Model):
                 report["missing"] or "nothing",
             )
         maybe_apply_lora(self, lora, default_extra_trainable=("classifier",))
+
+    @classmethod
+    def check_config(cls, node: Mapping[str, Any]) -> None:
+        """A pretrained source that is not a BERT (a GGUF file, a decoder's folder) is refused
+        before anything is created, naming the model config that loads it."""
+        pretrained = node.get("pretrained")
+        if not pretrained:
+            return
+        kind = describe(pretrained)
+        if kind in ("gguf", "ollama"):
+            raise ConfigError(f"model.pretrained={pretrained} is a decoder (GGUF holds decoders) "
+                              "and model=bert loads BERT folders only; add model=hf_decoder")
+        if kind == "folder":
+            config = Path(pretrained).expanduser() / "config.json"
+            model_type = json.loads(config.read_text()).get("model_type", "bert") \
+                if config.is_file() else "bert"
+            if model_type != "bert":
+                raise ConfigError(f"model.pretrained={pretrained} has model_type={model_type!r} "
+                                  "and model=bert loads BERT folders only; add model=hf_decoder "
+                                  "for a decoder")
 
     def build_layers(self, vocab_size: int, num_labels: int, sizes: dict, pooler: bool) -> None:
         """Encoder, optional pooler, dropout and classifier, then their initial weights."""

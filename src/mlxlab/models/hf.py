@@ -128,7 +128,8 @@ def bert_config_from_hf(path: str | Path) -> dict:
     c = read_config(path)
     if c.get("model_type", "bert") != "bert":
         raise ConfigError(
-            f"{path}/config.json has model_type={c['model_type']!r}; only 'bert' is supported"
+            f"{path}/config.json has model_type={c['model_type']!r}; only 'bert' is supported "
+            "(model=hf_decoder loads a decoder)"
         )
     if c.get("hidden_act", "gelu") != "gelu":
         raise ConfigError(

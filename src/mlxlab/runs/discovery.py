@@ -43,10 +43,25 @@ def newest_committed(run: Path) -> tuple[int, Path, str | None] | None:
     return step, ckpt, run_id
 
 
-def latest_run_with_checkpoints(root: Path, task_name: str, run_dir: Path) -> Path | None:
+def trained_objective(checkpoint: Path) -> str | None:
+    """The objective `_target_` the checkpoint's run trained with (None: its state.json keeps no
+    config, or cannot be read)."""
+    try:
+        config = CheckpointState.read(checkpoint).config or {}
+    except (OSError, CheckpointError, TypeError):
+        return None
+    objective = config.get("objective")
+    return objective.get("_target_") if isinstance(objective, dict) else None
+
+
+def latest_run_with_checkpoints(root: Path, task_name: str, run_dir: Path,
+                                objective: str | None = None) -> Path | None:
     """The run folder to continue: among the folders of this task (outputs/, multirun/, and
-    `run_dir` itself) that continue the newest folder's MLflow run (every resume appends to it),
-    the one whose committed checkpoint has the highest step; the passed-over ones are logged.
+    `run_dir` itself) that trained `objective` (its `_target_`; None: any) and continue the
+    newest such folder's MLflow run (every resume appends to it), the one whose committed
+    checkpoint has the highest step; the passed-over ones are logged. Another objective's run
+    under the same task name (a GRPO run and the default classifier both in task `train`) is
+    another kind of run, never continued.
 
     Not simply the newest folder: a run resumed into a new folder holds a copy of the source's
     best/ from its first second, and when it is killed before its own first checkpoint that copy
@@ -57,12 +72,19 @@ def latest_run_with_checkpoints(root: Path, task_name: str, run_dir: Path) -> Pa
     for base in (root / "outputs" / task_name, root / "multirun" / task_name):
         if base.is_dir():
             folders |= {p.parents[2].resolve() for p in base.glob(f"**/{CHECKPOINTS_DIR}/*/{MARKER}")}
-    candidates = []
+    candidates, other_kind = [], 0
     for folder in folders:
         newest = newest_committed(folder)
         if newest is not None:
             step, checkpoint, run_id = newest
+            trained = trained_objective(checkpoint)
+            if objective is not None and trained is not None and trained != objective:
+                other_kind += 1
+                continue
             candidates.append((step, folder.stat().st_mtime, folder, checkpoint, run_id))
+    if other_kind:
+        log.info("resume=auto: passed over %d run folder(s) of task %r that trained another "
+                 "objective than %s", other_kind, task_name, objective.rsplit(".", 1)[-1])
     if not candidates:
         return None
     newest_folder = max(candidates, key=lambda c: c[1])

@@ -23,16 +23,19 @@ log = logging.getLogger(__name__)
 
 
 def prepare_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """`resume=auto` -> the run of this task with the highest committed step (this run's own
-    folder included); `resume=<path>` -> that path."""
+    """`resume=auto` -> the run of this task and objective with the highest committed step (this
+    run's own folder included); `resume=<path>` -> that path."""
     resume = cfg.get("resume")
     if not resume:
         return None
     if str(resume) == "auto":
-        found = latest_run_with_checkpoints(Path(cfg.paths.root_dir), cfg.task_name, run_dir)
+        objective = cfg.objective.get("_target_") if cfg.get("objective") else None
+        found = latest_run_with_checkpoints(Path(cfg.paths.root_dir), cfg.task_name, run_dir,
+                                            objective)
         if found is None:
-            log.warning("resume=auto: no earlier run of task %r has a checkpoint; starting fresh",
-                        cfg.task_name)
+            log.warning("resume=auto: no earlier run of task %r with objective %s has a "
+                        "checkpoint; starting fresh", cfg.task_name,
+                        str(objective).rsplit(".", 1)[-1])
         return found
     path = Path(str(resume)).expanduser()
     if not path.exists():

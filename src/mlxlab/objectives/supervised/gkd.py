@@ -100,6 +100,7 @@ class GKD(Objective):
         first teacher's, which train.py hands the data then)."""
         check_sampling_config(cls, cfg, kind)
         super().check_config(cfg, kind)
+        _check_completion_column(cfg)
         specs = cfg.objective.get("teachers") or []
         given = (cfg.data.get("tokenizer") or {}).get("path") or cfg.model.get("pretrained")
         student = folder_tokenizer(given) if given and Path(str(given)).is_dir() else given
@@ -271,3 +272,24 @@ def draft_metrics(acceptance: float, k: int, cost: float, prefix: str = "val") -
     tokens = k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
     return {f"{prefix}/acceptance": a, f"{prefix}/tokens_per_target_pass": tokens,
             f"{prefix}/expected_speedup": tokens / (1.0 + k * cost)}
+
+
+def _check_completion_column(cfg: Any) -> None:
+    """objective.lmbda < 1 trains on the dataset's completions: a prompt file none of whose rows
+    has the `completion_key` column is refused before the run folder exists (a file where only
+    some rows lack it is named row by row at setup)."""
+    from mlxlab.data.prompts import read_prompts
+
+    lmbda = cfg.objective.get("lmbda", 0.5)
+    train_file = OmegaConf.select(cfg, "data.train_file", default=None)
+    if lmbda is None or float(lmbda) >= 1.0 or not train_file or not Path(str(train_file)).is_file():
+        return
+    key = str(cfg.objective.get("completion_key") or "completion")
+    rows = read_prompts(train_file, str(cfg.data.get("prompt_key") or "prompt"),
+                        str(cfg.data.get("messages_key") or "messages"))
+    if not any(isinstance(row.get(key), str) for _, row in rows.rows):
+        raise ConfigError(f"{train_file}: no prompt row has a {key!r} string, which "
+                          f"objective.lmbda={lmbda} < 1 trains on: set objective.completion_key= "
+                          "to the column holding completions (a chat ending with the "
+                          "assistant's reply has it as 'completion'), or objective.lmbda=1 "
+                          "(on-policy only)")
