@@ -119,6 +119,7 @@ def test_accept_loss_writes_it_and_records_the_verdict_on_the_run(lora_run, tmp_
     assert json.loads(Path(artifact).read_text())["lost"] == entry["lost"]
 
 
+@pytest.mark.slow  # two more exports; the benchmark measures it on SmolLM2
 def test_adapters_on_the_quantized_base_keep_more_than_the_fused_file(lora_run, tmp_path):
     """--adapters --quantize 4 (the base quantized, the adapters as trained) is read back with
     mlx-lm's own load_adapters; it keeps more of the gain than fusing before quantizing."""
@@ -161,7 +162,7 @@ def test_tasks_on_an_export_that_changes_nothing_is_an_error(lora_run, tmp_path)
     assert not (tmp_path / "f32").exists()
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["gptq", pytest.param("awq", marks=pytest.mark.slow)])
 def test_calibrated_quantizers_fit_the_calibration_rows_better(method, tmp_path):
     """mlx_lm.quant's GPTQ and AWQ on rows of our own (no download): the layers come out
     quantized as mlx-lm loads them, and the model's outputs on the calibration rows sit closer
@@ -199,6 +200,7 @@ def test_a_calibrated_method_without_its_quantization_is_an_error(lora_run, tmp_
     assert not (tmp_path / "g").exists()
 
 
+@pytest.mark.slow  # lm-eval's start-up and three scorings
 def test_lm_eval_tasks_are_paired_per_document(lora_run, tmp_path):
     """--tasks takes lm-eval's task YAMLs (scored through lm-eval on mlxlab's lm-eval model):
     each document's accuracy is paired between the run, the base and the file."""

@@ -66,6 +66,7 @@ def test_a_layer_whose_inputs_are_not_whole_groups_is_one_line():
         apply_lora(model, rank=4, targets=["other"], qat=(4, 128))
 
 
+@pytest.mark.slow  # trains a QLoRA run (~20 s on 2 cores); the forward test above is the layer's
 def test_a_qat_qlora_run_ships_a_fused_4bit_file_that_scores_as_the_run(tmp_path):
     """model.quantize=4 (the base as the export holds it) and qat_bits=4 at group 64: the fused
     mlx-lm export is the run's forward, bit for bit in its quantized layers, so the file read

@@ -126,9 +126,12 @@ def config_from_metadata(metadata: dict, shapes: dict[str, tuple[int, ...]], pat
 
 
 def _convert(path: Path, folder: Path, provenance: dict) -> None:
+    plan = _plan(path)  # a file that contradicts itself is refused before any folder exists
+    log.info("GGUF %s: converting to an mlx-lm folder in %s (once)", path.name, folder)
     tmp = new_temporary(folder)
     try:
-        convert_into(path, tmp)
+        _write_folder(*plan, path, tmp)
+        _verify(tmp, path)
         publish(tmp, folder, provenance)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -138,6 +141,14 @@ def convert_into(path: Path, folder: Path) -> None:
     """The GGUF file `path` as an mlx-lm folder written into the existing folder `folder`,
     checked (header against tensors, a forward pass in mlx-lm) and not cached: what an export
     reads back from the file it wrote."""
+    plan = _plan(path)
+    _write_folder(*plan, path, folder)
+    _verify(folder, path)
+
+
+def _plan(path: Path) -> tuple[list, dict, dict, dict]:
+    """(tensors, metadata, config, GGUF name -> Hugging Face name) of the file, its header
+    checked against its tensors and against mlx-lm's model of its type; nothing written."""
     from mlxlab.models.mlx_lm_classes import model_classes
 
     metadata, tensors = read_gguf(path)
@@ -153,9 +164,7 @@ def convert_into(path: Path, folder: Path) -> None:
                           f"be built from the GGUF header ({type(e).__name__}: {str(e)[:160]}); "
                           "the file is damaged or was written wrong") from None
     check_shapes(expected, names, shapes, metadata, path)
-    log.info("GGUF %s: converting to an mlx-lm folder in %s", path.name, folder)
-    _write_folder(tensors, metadata, config, names, path, folder)
-    _verify(folder, path)
+    return tensors, metadata, config, names
 
 
 def _write_folder(tensors: list, metadata: dict, config: dict, names: dict[str, str],
