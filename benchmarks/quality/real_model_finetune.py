@@ -151,11 +151,9 @@ def float_folder(folder: Path, dtype: str, out: Path) -> Path:
     return out
 
 
-def llama_cpp_accuracy(gguf: Path, folder: Path, heldout: list[dict],
-                       lora: Path | None = None) -> dict:
+def llama_cpp_accuracy(gguf: Path, folder: Path, heldout: list[dict]) -> dict:
     """The held-out prompts, rendered by the model's chat template (mlxlab eval's prompts),
-    completed greedily by llama.cpp (xllamacpp) and scored by mlxlab's exact match; `lora`: a
-    GGUF LoRA adapter on the model, at scale 1 (llama-server --lora)."""
+    completed greedily by llama.cpp (xllamacpp) and scored by mlxlab's exact match."""
     import xllamacpp as xlc
     from transformers import AutoTokenizer
 
@@ -165,8 +163,6 @@ def llama_cpp_accuracy(gguf: Path, folder: Path, heldout: list[dict],
     tok = AutoTokenizer.from_pretrained(folder)
     params = xlc.CommonParams()
     params.model.path = str(gguf)
-    if lora is not None:
-        params.lora_adapters = [xlc.CommonAdapterLoraInfo(str(lora), 1.0)]
     params.n_ctx = 512
     params.n_parallel = 1
     params.cpuparams.n_threads = 1  # a thread that waits on a busy core costs more than it adds
