@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from mlxlab import kernels
 from mlxlab.checkpoint.remote import check_uri
-from mlxlab.config.records import check_choice, check_number, record
+from mlxlab.config.records import check_choice, check_number, check_switches, record
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
 from mlxlab.training.model_ops import check_schedule
@@ -98,6 +98,7 @@ class TrainerSettings:
         for name, kind in (("schedule", LRSchedule), ("batching", BatchingSettings),
                            ("distributed", DistributedConfig)):
             object.__setattr__(self, name, record(kind, getattr(self, name), f"trainer.{name}"))
+        check_switches(self, "trainer")
         if self.max_epochs is None and self.max_steps is None:
             raise ConfigError("set trainer.max_epochs or trainer.max_steps")
         for key, kind, low in NUMBERS:
