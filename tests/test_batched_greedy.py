@@ -18,7 +18,7 @@ from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import read_task
 from mlxlab.models.batched_greedy import greedy_batch, merges
 from mlxlab.models.transformer import Transformer
-from mlxlab.runs.task_eval import load_eval_model
+from mlxlab.runs.named_model import load_eval_model
 
 
 @pytest.fixture(scope="module")

@@ -137,7 +137,7 @@ def measure(target_dir: Path, drafts: dict[str, Path], prompts: list[str], round
     draft's share, and the prompts whose text differs from the target's alone."""
     from mlxlab.models.generation import check_draft
     from mlxlab.runs.generate import plain_prompt_ids
-    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.runs.named_model import load_eval_model
 
     target = load_eval_model(str(target_dir), "best", "plain", purpose="bench_draft")
     models = {}
@@ -185,7 +185,7 @@ def measure(target_dir: Path, drafts: dict[str, Path], prompts: list[str], round
 def base_outputs(base: Path, finetuned: Path, prompts: list[str], max_tokens: int) -> dict:
     """How many of `prompts` the base model answers differently from the fine-tune (greedy)."""
     from mlxlab.runs.generate import plain_prompt_ids
-    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.runs.named_model import load_eval_model
 
     texts = {}
     for name, folder in (("base", base), ("finetuned", finetuned)):

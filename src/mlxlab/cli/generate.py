@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from mlxlab.runs.task_eval import load_eval_model
+        from mlxlab.runs.named_model import load_eval_model
 
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")

@@ -42,7 +42,7 @@ Ollama has no draft models: `ollama create NAME -f {Path(model).stem}.Modelfile`
 def check_pair(run: str | Path, draft: str | Path) -> None:
     """`draft` is a draft `run` can use (check_draft), else one ConfigError line."""
     from mlxlab.models.generation import check_draft
-    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.runs.named_model import load_eval_model
 
     target = load_eval_model(str(run), "best", "plain", purpose="mlxlab export --draft")
     proposer = load_eval_model(str(draft), "best", "plain", purpose="mlxlab export --draft")

@@ -11,6 +11,7 @@ import mlx.core as mx
 from omegaconf import DictConfig
 
 from mlxlab.config import instantiate
+from mlxlab.evaluation.in_training import task_scoring
 from mlxlab.sweeps.folder import current_job, swept_keys_here, tracker_arguments
 from mlxlab.sweeps.search.pruning import TrialReporter
 from mlxlab.sweeps.search.trial_link import current_trial
@@ -18,7 +19,6 @@ from mlxlab.tracking.run_info import run_name
 from mlxlab.training.callbacks import from_config
 from mlxlab.training.memory_watch import StepMark, SystemMemory
 from mlxlab.training.settings import CheckpointPolicy
-from mlxlab.training.task_evaluation import task_scoring
 
 
 def seed_everything(seed: int) -> None:

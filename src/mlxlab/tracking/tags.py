@@ -98,7 +98,7 @@ LEADER = "mlxlab.leader"
 VERDICT_METRIC = "mlxlab.verdict.metric"
 NOTE = "mlflow.note.content"  # markdown MLflow shows as the run's description (Overview tab)
 
-# `mlxlab eval MODEL TASK...` (runs/task_eval.py): its run has ROLE "eval" and says what it scored
+# `mlxlab eval MODEL TASK...` (runs/named_model.py): its run has ROLE "eval" and says what it scored
 EVAL_MODEL = "mlxlab.eval.model"  # the scored folder's absolute path
 EVAL_MODEL_KIND = "mlxlab.eval.model_kind"  # pretrained | export | run
 EVAL_CHECKPOINT = "mlxlab.eval.checkpoint"  # a run's checkpoint folder that was scored
