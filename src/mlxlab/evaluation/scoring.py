@@ -32,11 +32,11 @@ from tokenizers import Tokenizer
 
 from mlxlab.data.chat import ChatTemplate
 from mlxlab.data.tokenizer import EOT_TOKENS, start_ids
+from mlxlab.decoding.batched_greedy import greedy_batch
 from mlxlab.errors import ConfigError
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, Example, Task
 from mlxlab.models.base import Model
-from mlxlab.models.batched_greedy import greedy_batch
 from mlxlab.runtime.progress import Progress
 
 log = logging.getLogger(__name__)

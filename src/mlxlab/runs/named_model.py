@@ -14,6 +14,7 @@ import mlx.nn as nn
 from tokenizers import Tokenizer
 
 from mlxlab.data.chat import ChatTemplate, chat_template
+from mlxlab.decoding.speculative import check_draft, same_tokenizer
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.runs.learned_reward import is_reward_run
 from mlxlab.runs.loading import load_run, require_task
@@ -77,3 +78,12 @@ def load_eval_model(name: str | Path, which: str = "best", chat: str = "auto",
     folder = run.tokenizer_path.parent
     return EvalModel(run.model, run.tokenizer, path, RUN, run.checkpoint, run.state.run_id,
                      chat_template(folder, chat), tokenizer_folder=folder)
+
+
+def load_draft(target: EvalModel, name: str | Path, purpose: str) -> nn.Module:
+    """The draft model `name` names (its best checkpoint, plain prompts), checked against
+    `target` for speculative decoding (decoding/speculative.py check_draft), else one
+    ConfigError line; `purpose` names the use in the error for a classifier."""
+    draft = load_eval_model(str(name), "best", "plain", purpose=purpose)
+    check_draft(target.model, draft.model, same_tokenizer(target.tokenizer, draft.tokenizer))
+    return draft.model
