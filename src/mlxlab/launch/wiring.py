@@ -47,7 +47,7 @@ def build_callbacks(cfg: DictConfig, build: Callable[[Any], Any] = instantiate
     callbacks, policy = from_config(cfg.get("callbacks"), build, cfg.get("checkpoint"))
     # evaluation tasks: one more evaluation, by a hook
     callbacks += task_scoring(build(cfg.eval) if cfg.get("eval") else None)
-    # memory under system/ in the tracker; each step for a supervising parent (runtime/supervise.py)
+    # memory under system/ in the tracker; each step for a supervising parent (runtime/supervision/supervise.py)
     callbacks += [SystemMemory(), StepMark()]
     trial = current_trial()  # a search's job: which trial it trains
     if trial is not None:
