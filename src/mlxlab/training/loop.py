@@ -50,7 +50,8 @@ from mlxlab.objectives.base import (
     check_objective,
     data_kind,
 )
-from mlxlab.runtime import distributed, failures, memory, supervise
+from mlxlab.runtime import distributed, memory
+from mlxlab.runtime.supervision import failures, supervise
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import Tracker
 from mlxlab.training.artifacts import log_artifacts, save_quantized

@@ -83,7 +83,7 @@ class TrainerSettings:
     # memory, or "<n>GB", "<n>MB", "<n>%"
     oom_restarts: int = 3             # restarts at half the micro-batch after running out
     # mlxlab-train's parent ends a run that after its first step neither steps nor uses CPU time
-    # nor reads or writes for this long (a hang: runtime/supervise.py); None: never
+    # nor reads or writes for this long (a hang: runtime/supervision/supervise.py); None: never
     stall_timeout_s: float | None = 600.0
     quantize_bits: int | None = None  # 2-8: quantize the best checkpoint, log its metrics too
     fused_kernels: str | bool = "auto"  # auto | on | off: the fused CPU kernels (kernels/)
