@@ -131,6 +131,7 @@ class Fit:
     compiles: list[float]           # seconds of each step that compiled, in this process
     tie_break: tuple[str, str] | None  # (metric, mode) breaking a tie on the monitor
     objective_tags: dict[str, str]  # the run tags the objective's setup returned
+    steps_peak: int                 # MLX's peak bytes at the last step (before its checkpoint)
 
     def __init__(self, trainer: FitParts, model: nn.Module, data: DataModule, tracker: Tracker,
                  run_dir: Path, config: dict, tags: dict, resume: str | Path | None) -> None:
@@ -141,6 +142,7 @@ class Fit:
         self.model, self.data, self.tracker = model, data, tracker
         self.run_dir, self.config, self.tags, self.resume = run_dir, config, tags, resume
         self.compiles = []
+        self.steps_peak = 0
 
     def run(self) -> FitResult:
         """Train; returns the best evaluation's metrics and where the best weights are. Its
@@ -342,6 +344,9 @@ class Fit:
         check_loss(loss_value, state.step, self.manager)
         state.window.add(loss_value, aux, left_out_s=compiled_s)
         end = state.step >= self.total_steps
+        # MLX's peak over the steps, before this step's evaluation or checkpoint (a sharded
+        # checkpoint gathers the whole model on rank 0)
+        self.steps_peak = mx.get_peak_memory()
         logs: dict[str, float] = {}
         if state.step % settings.log_every_steps == 0 or end:
             logs = state.window.summary(self.data.task, norm.item(),
@@ -427,7 +432,7 @@ class Fit:
         stored = self.tracker.flush_barrier()
         self.saved_at.append(self.state.step)
         # sharded: every rank sends its slices, rank 0 holds the whole arrays to write
-        model = self.placement.whole_model(self.model)
+        model = self.placement.whole_model(self.model, trainable_only=self.base is not None)
         optimizer = self.placement.whole_optimizer(self.optimizer)
         data_state = self.data.gathered_state()  # every lane's position (data lanes)
         if not self.world.is_main:
@@ -486,6 +491,7 @@ class Fit:
         self.writer.wait()
         state, tracker, model = self.state, self.tracker, self.model
         best_metrics = dict(state.best_metrics)
+        self._log_rank_peaks()
         if not self.world.is_main:
             state.finished = True
             return FitResult(best_metrics, self.run_dir, None, None, state.step, state.history)
@@ -511,6 +517,20 @@ class Fit:
         state.finished = True
         return FitResult(best_metrics, self.run_dir, tracker.run_id, best, state.step,
                          state.history)
+
+    def _log_rank_peaks(self) -> None:
+        """Each rank's MLX peak over the steps, said and logged by rank 0 (system/peak_mb_rank<r>):
+        what a mode's sharding saves is read there."""
+        if not self.world.enabled:
+            return
+        mine = self.steps_peak / 2**20
+        peaks = self.world.sum_numbers([mine if r == self.world.rank else 0.0
+                                        for r in range(self.world.size)], "gathering memory peaks")
+        log.info("MLX peak over the steps, per rank: %s MB",
+                 ", ".join(f"{p:.1f}" for p in peaks))
+        if self.world.is_main:
+            self.tracker.log_metrics({f"system/peak_mb_rank{r}": p for r, p in enumerate(peaks)},
+                                     self.state.step)
 
     def _compiled(self, seconds: float, new_shapes: frozenset) -> float:
         """A step that compiled (the first after the step was built, or a batch shape it had not

@@ -22,19 +22,19 @@ SHARDED_MODES = ("fsdp", "tensor")
 
 
 class WholeModel:
-    """What a checkpoint writer reads of a model (`parameters()`, `trainable_parameters()`),
-    gathered whole under the unsharded names: on rank 0, empty on the others."""
+    """What a checkpoint writer reads of a model (`parameters()`, `trainable_parameters()`):
+    gathered whole under the unsharded names when built (every rank takes part), held on rank 0.
+    `trainable_only`: the checkpoint records a base and keeps the trained weights alone."""
 
-    def __init__(self, model: nn.Module, layout: Layout) -> None:
-        self.model, self.layout = model, layout
+    def __init__(self, model: nn.Module, layout: Layout, trainable_only: bool) -> None:
+        tree = model.trainable_parameters() if trainable_only else model.parameters()
+        self.whole = tree_unflatten(list(layout.whole(tree, "the parameters").items()))
 
     def parameters(self) -> dict:
-        return tree_unflatten(list(self.layout.whole(self.model.parameters(),
-                                                     "the parameters").items()))
+        return self.whole
 
     def trainable_parameters(self) -> dict:
-        return tree_unflatten(list(self.layout.whole(self.model.trainable_parameters(),
-                                                     "the trained parameters").items()))
+        return self.whole
 
 
 class StateView:
@@ -70,8 +70,9 @@ class Placement:
                 _set_leaf(optimizer.state, name, value)
         mx.eval(optimizer.state)
 
-    def whole_model(self, model: nn.Module) -> Any:
-        return model if self.layout is None else WholeModel(model, self.layout)
+    def whole_model(self, model: nn.Module, trainable_only: bool) -> Any:
+        """`model` as a checkpoint writes it; sharded, gathered (on every rank, kept on 0)."""
+        return model if self.layout is None else WholeModel(model, self.layout, trainable_only)
 
     def whole_optimizer(self, optimizer: Any) -> Any:
         if self.layout is None:
