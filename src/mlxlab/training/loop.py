@@ -521,8 +521,6 @@ class Fit:
     def _log_rank_peaks(self) -> None:
         """Each rank's MLX peak over the steps, said and logged by rank 0 (system/peak_mb_rank<r>):
         what a mode's sharding saves is read there."""
-        if not self.world.enabled:
-            return
         mine = self.steps_peak / 2**20
         peaks = self.world.sum_numbers([mine if r == self.world.rank else 0.0
                                         for r in range(self.world.size)], "gathering memory peaks")

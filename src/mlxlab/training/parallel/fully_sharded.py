@@ -50,16 +50,32 @@ class ShardedUnit(nn.FullyShardedModule):
 
     def _gathered_call(self, fn, *args, **kwargs):
         shard_tree = self.module.filter_and_map(_own_parameter)
-        shards = [a for _, a in tree_flatten(shard_tree)]
-        fulls: list[mx.array | None] = [None] * len(shards)
-        for idx, gather in self._gathers:
-            for i, full in zip(idx, gather([shards[i] for i in idx])):
-                fulls[i] = full
-        self.module.update(tree_unflatten(list(zip(self._paths, fulls))))
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self.module.update(shard_tree)
+        keys = list(kwargs)
+        given = [*args, *(kwargs[k] for k in keys)]
+        # the arguments a gradient flows into (hidden states); ids, masks and caches are held
+        floating = [i for i, a in enumerate(given)
+                    if isinstance(a, mx.array) and mx.issubdtype(a.dtype, mx.floating)]
+
+        def gathered(shards: list[mx.array], inputs: list[mx.array]):
+            fulls: list[mx.array | None] = [None] * len(shards)
+            for idx, gather in self._gathers:
+                for i, full in zip(idx, gather([shards[i] for i in idx])):
+                    fulls[i] = full
+            values = list(given)
+            for i, value in zip(floating, inputs):
+                values[i] = value
+            self.module.update(tree_unflatten(list(zip(self._paths, fulls))))
+            try:
+                return fn(*values[:len(args)], **dict(zip(keys, values[len(args):])))
+            finally:
+                self.module.update(shard_tree)
+
+        # The backward of a matmul holds its whole weight: kept from the forward, every unit's
+        # gathered parameters would stay alive until the backward, the whole model on each rank.
+        # Checkpointed, the unit keeps its shards and inputs, and gathers (and recomputes) again
+        # in the backward: one more forward per step for 1/N of the parameters.
+        return mx.checkpoint(gathered)([a for _, a in tree_flatten(shard_tree)],
+                                       [given[i] for i in floating])
 
     def __getattr__(self, key: str) -> Any:
         # what the model's code reads of the unit (a block's attention, a flag) is the module's

@@ -1,8 +1,8 @@
 """trainer.distributed.mode=tensor: each decoder block's attention heads and MLP width split over
 the ranks with MLX's sharded linears (`nn.AllToShardedLinear` for the query/key/value and the
 MLP's input projections, `nn.ShardedToAllLinear` for the output projections: one all-reduce after
-attention and one after the MLP per block in the forward, two in the backward; mlx-lm's `shard`
-recipe). Every rank computes the same rows, so the embeddings, norms and head are kept whole on
+attention and one after the MLP per block in the forward, one per split input projection in the
+backward; mlx-lm's `shard` recipe). Every rank computes the same rows, so the embeddings, norms and head are kept whole on
 each rank, with identical gradients.
 
 mlx-lm decoders are sharded by their own `Model.shard(group)` (Llama, Qwen2/3, Mistral, ... the
