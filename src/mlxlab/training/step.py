@@ -97,6 +97,14 @@ def make_step(model: nn.Module, optimizer, loss_fn: losses.LossFn, settings: Tra
         aux = {k: v / ntokens for k, v in summed["a"].items()} | {"ntokens": ntokens}
         return norm, summed["l"] / ntokens, aux
 
+    return accumulating(grad_step, apply_step, guarded, world, state, compiled)
+
+
+def accumulating(grad_step, apply_step, guarded, world: distributed.World, state: list,
+                 compiled: list[bool]):
+    """step(batches): each micro-batch's weighted gradients summed (one micro-batch of
+    activations alive at a time), then one update over the ranks (make_step's compiled parts)."""
+
     def step(batches):
         total_loss, total_n, total_aux, acc, examples = 0.0, 0.0, None, None, []
         with guarded("a training step's forward and backward"):
