@@ -1,7 +1,7 @@
-"""Adapters on a MoE layer's routed experts (models/lora_experts.py): tiny random Qwen3-MoE,
-Mixtral and GraniteMoE folders (and DeepSeek-V3's, with its dense first layer and shared
-expert) written by transformers from their configs (scripts/tiny_hf_model.py), loaded through
-mlxlab's decoder as a run loads them.
+"""Adapters on a MoE layer's routed experts (models/lora_experts.py, models/routed_experts.py):
+tiny random Qwen3-MoE, Mixtral and GraniteMoE folders (and DeepSeek-V3's, with its dense first
+layer and shared expert) written by transformers from their configs (scripts/tiny_hf_model.py),
+loaded through mlxlab's decoder as a run loads them.
 
 With B at zero the adapted forward is the base's (LoRA and DoRA, float and 4-bit experts); with
 B drawn, the gradients of the expert adapters are non-zero for exactly the experts the routers
@@ -28,13 +28,8 @@ from mlx.utils import tree_flatten
 from hf_helpers import mlx_logits, save_tiny_model
 from mlxlab.errors import ConfigError
 from mlxlab.models.lora import AdapterLayer, fuse_lora, layer_kinds
-from mlxlab.models.lora_experts import (
-    DoRASwitchLinear,
-    LoRASwitchLinear,
-    counting_routes,
-    expert_blocks,
-    expert_update_norms,
-)
+from mlxlab.models.lora_experts import DoRASwitchLinear, LoRASwitchLinear
+from mlxlab.models.routed_experts import counting_routes, expert_blocks, expert_update_norms
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 
 KINDS = ("qwen3_moe", "mixtral", "granitemoe")
@@ -346,7 +341,7 @@ def tiny_quantized_dora(num_experts: int = 4, in_dims: int = 128, out_dims: int 
 def dora_reference(layer: DoRASwitchLinear, x: mx.array, indices: mx.array) -> np.ndarray:
     """DoRA's formula with every expert dequantized: m_e / ||W_e + s B_e A_e||_rows *
     (W_e + s B_e A_e) x for each token's experts."""
-    from mlxlab.models.lora_experts import expert_weight
+    from mlxlab.models.routed_experts import expert_weight
 
     adapted = np.array(expert_weight(layer.linear).astype(mx.float32) + layer.delta())
     rows = np.array(layer.m) / np.linalg.norm(adapted, axis=-1)
@@ -375,7 +370,7 @@ def test_dora_on_quantized_experts_takes_the_base_norms_once(monkeypatch):
 
     expert_weight = lora_experts.expert_weight
     monkeypatch.setattr(lora_experts, "expert_weight", counted)
-    model = nn.Sequential(layer)  # (the adapter's own `update` is its low-rank product)
+    model = nn.Sequential(layer)
     for _ in range(3):  # three steps: the forward and its gradients
         out = layer(x, indices)
         grads = nn.value_and_grad(model, lambda m: m.layers[0](x, indices).square().sum())(
@@ -398,3 +393,38 @@ def test_dora_on_quantized_experts_takes_the_base_norms_once(monkeypatch):
     assert len(dequantized) == taken + 1
     scale = np.abs(np.array(out)).max()
     assert np.abs(np.array(out) - dora_reference(layer, x, indices)).max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["float", "4bit"])
+def test_expert_adapters_are_mlx_lms_layer_with_its_names_shapes_and_outputs(quantize):
+    """LoRA on the experts is mlx-lm's LoRASwitchLinear (a subclass): the parameter names a
+    checkpoint and mlx-lm's adapter files hold, their shapes and the forward are mlx-lm's own
+    layer's; DoRA adds `m` alone; with the switch off the layer is its base."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+    from mlx_lm.tuner.lora import LoRASwitchLinear as MLXLoRASwitchLinear
+
+    mx.random.seed(5)
+    experts = SwitchLinear(128, 32, 4, bias=True)
+    if quantize:
+        experts = experts.to_quantized(group_size=64, bits=4)
+    ours = LoRASwitchLinear.from_base(experts, rank=4, alpha=8.0, dropout=0.0)
+    theirs = MLXLoRASwitchLinear.from_base(experts, r=4, dropout=0.0, scale=2.0)
+    assert isinstance(ours, MLXLoRASwitchLinear)
+    draw_adapters(ours)
+    theirs.lora_a, theirs.lora_b = ours.lora_a, ours.lora_b
+    named = {k: v.shape for k, v in tree_flatten(ours.parameters())}
+    assert named == {k: v.shape for k, v in tree_flatten(theirs.parameters())}
+    base = {"linear.weight", "linear.bias", *(["linear.scales", "linear.biases"] if quantize
+                                                 else [])}
+    assert set(named) == {"lora_a", "lora_b", *base}  # the names checkpoints have always held
+    assert named["lora_a"] == (4, 4, 128) and named["lora_b"] == (4, 32, 4)
+    assert {k for k, _ in tree_flatten(ours.trainable_parameters())} == {"lora_a", "lora_b"}
+    rng = np.random.default_rng(2)
+    x = mx.array(rng.normal(size=(6, 1, 1, 128)).astype(np.float32))
+    indices = mx.array(rng.integers(0, 4, size=(6, 2)))
+    assert np.array_equal(np.array(ours(x, indices)), np.array(theirs(x, indices)))
+    ours.adapter_on = False
+    assert np.array_equal(np.array(ours(x, indices)), np.array(experts(x, indices)))
+    dora = DoRASwitchLinear.from_base(experts, rank=4, alpha=8.0, dropout=0.0)
+    assert {k for k, _ in tree_flatten(dora.parameters())} == {*named, "m"}
+    assert (ours.kind, dora.kind) == ("lora", "dora")

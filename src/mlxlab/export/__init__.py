@@ -73,9 +73,9 @@ from mlxlab.export.vision import check_vision_options, export_vision
 from mlxlab.models.adapter_layer import AdapterLayer
 from mlxlab.models.bert import BertClassifier
 from mlxlab.models.lora import fuse_lora, has_adapters, unwrap_lora
-from mlxlab.models.lora_experts import DoRASwitchLinear
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.remapped import RemappedLM
+from mlxlab.models.routed_experts import dora_on_experts
 from mlxlab.models.transformer import Transformer
 from mlxlab.models.vision_language import VisionLanguageModel
 from mlxlab.runs import load_run_model, require_run_tokenizer
@@ -218,7 +218,7 @@ def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out:
     if fmt == "peft":
         check_peft(state.config.get("model") or {},
                    isinstance(model, MLXLMDecoder) and bool(model.quantized), has_adapters(model),
-                   any(isinstance(m, DoRASwitchLinear) for m in model.modules()))
+                   dora_on_experts(model))
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty: pick a new --out or pass --overwrite")
     run_dir = tokenizer_path.parent

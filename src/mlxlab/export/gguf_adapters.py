@@ -67,16 +67,14 @@ def _gguf_base(pretrained: str | None) -> tuple[str, Path] | None:
 def _refusals(quant: str | None, seen: dict):
     """export_run's `refuse`: what has no GGUF adapter form, on the loaded run, before a file
     is written; `seen` gets the run's model.pretrained."""
-    from mlxlab.models.lora import AdapterLayer, LoRALinear, has_adapters
-    from mlxlab.models.lora_experts import LoRASwitchLinear
+    from mlxlab.models.lora import AdapterLayer, has_adapters
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 
     def refuse(model, state) -> None:
         if not has_adapters(model):
             raise GGUFExportError("--adapters needs a LoRA run (model.lora.rank > 0); this run "
                                   "has none: export it without --adapters")
-        kinds = {"lora" if isinstance(m, LoRALinear) or type(m) is LoRASwitchLinear else "dora"
-                 for m in model.modules() if isinstance(m, AdapterLayer)}
+        kinds = {m.kind for m in model.modules() if isinstance(m, AdapterLayer)}
         config = (model.hf_config or {}) if isinstance(model, MLXLMDecoder) else {
             "model_type": "llama"}  # a from-scratch run exports as a Llama
         check_gguf_lora(config, "dora" if "dora" in kinds else "lora")

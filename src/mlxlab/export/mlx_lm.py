@@ -12,9 +12,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxlab.export.hf import ExportError, decoder_name
-from mlxlab.models.lora import AdapterLayer, LoRALinear
-from mlxlab.models.lora_experts import DoRASwitchLinear, LoRASwitchLinear
+from mlxlab.models.lora import AdapterLayer
 from mlxlab.models.mlx_lm_decoder import GROUP_SIZE, MLXLMDecoder, quantize_as_convert
+from mlxlab.models.routed_experts import dora_on_experts
 
 METHODS = ("rtn", "gptq", "awq")  # round to nearest (mlx_lm.convert -q), mlx_lm.quant's own
 
@@ -68,7 +68,7 @@ def split_adapters(model: nn.Module) -> tuple[dict[str, mx.array], dict]:
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
     if not layers:
         raise ValueError("--adapters needs a LoRA run (model.lora.rank > 0); this run has none")
-    if any(isinstance(m, DoRASwitchLinear) for _, m in layers):
+    if dora_on_experts(model):
         raise ExportError("DoRA adapters on the routed experts have no mlx-lm adapter form "
                           "(mlx-lm's loader refuses DoRA on SwitchLinear): export the merged "
                           "model (--format mlx-lm without --adapters, or --format hf)")
@@ -83,8 +83,7 @@ def split_adapters(model: nn.Module) -> tuple[dict[str, mx.array], dict]:
     settings = {"rank": int(first.lora_a.shape[1]), "scale": float(first.scale),
                 "dropout": 1.0 - first.dropout._p_1,  # nn.Dropout keeps 1 - p
                 "keys": keys}
-    lora = isinstance(first, LoRALinear) or type(first) is LoRASwitchLinear
-    config = {"fine_tune_type": "lora" if lora else "dora",
+    config = {"fine_tune_type": first.kind,
               "num_layers": len(model.layers), "lora_parameters": settings}
     return adapters, config
 

@@ -23,10 +23,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.adapter_layer import AdapterLayer
-from mlxlab.models.lora_experts import EXPERT_KINDS, is_experts, names_experts
 from mlxlab.models.lora_linear import LoRALinear, input_dims
 from mlxlab.models.lora_qat import QAT_BITS, QAT_GROUP_SIZES, QATLoRALinear
 from mlxlab.models.quantized_cpu import CpuQuantizedLinear
+from mlxlab.models.routed_experts import adapts_experts, is_experts, names_experts
 from mlxlab.runtime.io_threads import load_arrays
 
 LORA_KEYS = {"rank", "alpha", "dropout", "targets", "extra_trainable", "kind", "qat_bits",
@@ -56,7 +56,8 @@ def _dora_class() -> type:
                 return quantized_dora(self, x)
             return MLXDoRA.__call__(self, x)
 
-        DoRALinear = type("DoRALinear", (AdapterLayer, MLXDoRA), {"__call__": __call__})
+        DoRALinear = type("DoRALinear", (AdapterLayer, MLXDoRA),
+                          {"__call__": __call__, "kind": "dora"})
     return DoRALinear
 
 
@@ -74,10 +75,10 @@ def dora_from_base(linear: nn.Module, rank: int, alpha: float, dropout: float) -
 
 
 # lora.kind -> how an adapter layer of that kind wraps its base (a Linear; the routed experts:
-# EXPERT_KINDS)
+# lora_experts.EXPERT_KINDS)
 LORA_KINDS = {"lora": LoRALinear.from_base, "dora": dora_from_base}
 # The base layers an adapter wraps: float, or quantized (QLoRA); and mlx-lm's stacked experts
-# (lora_experts.switch_types)
+# (routed_experts.switch_types)
 ADAPTABLE = (nn.Linear, nn.QuantizedLinear)
 
 
@@ -95,8 +96,12 @@ def wrap(module: nn.Module, kind: str, rank: int, alpha: float, dropout: float,
             raise ConfigError("model.lora.qat_bits: quantization-aware LoRA wraps Linear layers; "
                               "leave the routed experts out of model.lora.targets")
         return QATLoRALinear.from_base_qat(module, rank, alpha, dropout, *qat)
-    kinds = EXPERT_KINDS if is_experts(module) else LORA_KINDS
-    return kinds[kind](module, rank, alpha, dropout)
+    if is_experts(module):
+        # imports mlx-lm's tuner, at first use: a model with experts imported mlx-lm already
+        from mlxlab.models.lora_experts import EXPERT_KINDS
+
+        return EXPERT_KINDS[kind](module, rank, alpha, dropout)
+    return LORA_KINDS[kind](module, rank, alpha, dropout)
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -222,8 +227,7 @@ def layer_name(name: str, module: nn.Module) -> str:
     """What reach reports a layer as: its own name ("o_proj"), or the stacked experts' under
     their block ("switch_mlp.gate_proj")."""
     parts = name.split(".")
-    return ".".join(parts[-2:]) if is_experts(module) or (
-        isinstance(module, AdapterLayer) and is_experts(module.linear)) else parts[-1]
+    return ".".join(parts[-2:]) if is_experts(module) or adapts_experts(module) else parts[-1]
 
 
 def reached(model: nn.Module) -> Counter:
@@ -238,7 +242,7 @@ def layer_kinds(model: nn.Module) -> dict[str, list[str]]:
     one, beside them, is its router)."""
     modules = dict(model.named_modules())
     blocks = {n.rsplit(".", 2)[0] for n, m in modules.items()
-              if is_experts(m) or (isinstance(m, AdapterLayer) and is_experts(m.linear))}
+              if is_experts(m) or adapts_experts(m)}
     kinds: dict[str, list[str]] = {}
     for name, m in modules.items():
         if not isinstance(m, AdapterLayer):

@@ -1,74 +1,35 @@
-"""LoRA / DoRA on a MoE layer's routed experts: mlx-lm stacks a layer's experts into one
-SwitchLinear (or QuantizedSwitchLinear, 4- or 8-bit: QLoRA) of weight (E, out, in) that
-multiplies each token by the experts its router picked (`mx.gather_mm` with the router's
-indices). The adapter here is one low-rank pair per expert, gathered with the same indices, so
-a token's update is its own experts' and an expert that receives no token gets no gradient.
+"""LoRA / DoRA on a MoE layer's routed experts (routed_experts.py: what the experts are): one
+low-rank pair per expert, gathered with the router's indices, so a token's update is its own
+experts' and an expert that receives no token gets no gradient.
 
-LoRA: y = W_e x + s * B_e A_e x, with mlx-lm's LoRASwitchLinear's names and shapes
-(lora_a (E, r, in), lora_b (E, out, r), B at zero), so its adapter files are mlx-lm's.
-DoRA: a learned magnitude per expert and output row, m (E, out), over the adapted rows' norm
-(Liu et al. 2024 per expert, the norm held constant in the backward as mlx-lm's DoRALinear
+LoRA: y = W_e x + s * B_e A_e x, mlx-lm's LoRASwitchLinear itself (its names and shapes,
+lora_a (E, r, in), lora_b (E, out, r), B at zero, its two gathered products and its fuse), so its
+adapter files are mlx-lm's; mlxlab adds the adapter switch, the routed counts and the update
+norms. DoRA: a learned magnitude per expert and output row, m (E, out), over the adapted rows'
+norm (Liu et al. 2024 per expert, the norm held constant in the backward as mlx-lm's DoRALinear
 does); mlx-lm has no DoRA on experts. Both start equal to the base.
+
+This module imports mlx-lm (seconds): lora.py imports it only for a model with experts, which
+imported mlx-lm's MoE layers already.
 """
 
 from __future__ import annotations
 
-import math
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
+from mlx_lm.models.switch_layers import SwitchLinear
+from mlx_lm.tuner.lora import LoRASwitchLinear as MLXLoRASwitchLinear
 
 from mlxlab.errors import ConfigError
 from mlxlab.models.adapter_layer import AdapterLayer
-
-# A target with one of these path components names the routed experts ("experts",
-# "switch_mlp.gate_proj", HF's "experts.down_proj")
-EXPERT_WORDS = ("experts", "switch_mlp")
-
-
-def switch_types() -> tuple[type, ...]:
-    """mlx-lm's SwitchLinear and QuantizedSwitchLinear when its MoE layers are imported (a
-    model that holds one imported them; importing mlx-lm costs seconds, which a model without
-    experts does not pay)."""
-    module = sys.modules.get("mlx_lm.models.switch_layers")
-    return (module.SwitchLinear, module.QuantizedSwitchLinear) if module else ()
-
-
-def is_experts(module: nn.Module) -> bool:
-    """Whether `module` is a MoE layer's stacked experts (exact types: a subclass may compute
-    something else)."""
-    return type(module) in switch_types()
-
-
-def names_experts(target: str) -> bool:
-    """Whether a model.lora.targets entry names the routed experts."""
-    return any(part in EXPERT_WORDS for part in target.split("."))
-
-
-def expert_weight(linear: nn.Module) -> mx.array:
-    """The experts' (E, out, in) float weight; a quantized one dequantized."""
-    if "scales" not in linear:
-        return linear.weight
-    return mx.dequantize(linear.weight, linear.scales, linear.get("biases"),
-                         group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
-
-
-def routed_rows(values: mx.array, indices: mx.array) -> mx.array:
-    """Per-expert rows (E, out) at each token's experts, shaped as SwitchLinear's output (its
-    bias is added this way)."""
-    return mx.expand_dims(values[indices], -2)
+from mlxlab.models.routed_experts import RoutedCounts, expert_weight, routed_rows
 
 
 def _fused(linear: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:
     """A SwitchLinear of `weight` with `linear`'s bias, quantized again as `linear` was unless
     `dequantize`."""
-    module = sys.modules["mlx_lm.models.switch_layers"]
     num_experts, out_dims, in_dims = weight.shape
-    fused = module.SwitchLinear(in_dims, out_dims, num_experts, bias="bias" in linear)
+    fused = SwitchLinear(in_dims, out_dims, num_experts, bias="bias" in linear)
     fused.weight = weight
     if "bias" in linear:
         fused.bias = linear.bias
@@ -77,33 +38,24 @@ def _fused(linear: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:
     return fused.to_quantized(group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
 
 
-class RoutedCounts:
-    """How many positions a MoE layer's router sent to each of its experts while counted
-    (counting_routes): a plain object, not an array, so the module does not take it for a
-    parameter."""
-
-    def __init__(self, num_experts: int):
-        self.tokens = np.zeros(num_experts, dtype=np.int64)
-
-    def add(self, indices: mx.array) -> None:
-        self.tokens += np.bincount(np.array(indices).reshape(-1), minlength=len(self.tokens))
-
-
-class LoRASwitchLinear(AdapterLayer):
-    """LoRA on stacked experts: y = linear(x, indices) + scale * B_e A_e dropout(x) for each
-    token's experts e (module docstring)."""
+class LoRASwitchLinear(AdapterLayer, MLXLoRASwitchLinear):
+    """mlx-lm's LoRA on stacked experts, y = linear(x, indices) + scale * B_e A_e dropout(x)
+    for each token's experts e, with the adapter switch, the routed counts and the update's
+    norms (module docstring)."""
 
     counts: RoutedCounts | None = None  # set by counting_routes (eager forwards only)
 
     @classmethod
     def from_base(cls, linear: nn.Module, rank: int, alpha: float, dropout: float
                   ) -> LoRASwitchLinear:
+        """The adapter on `linear`, frozen; lora.kind's from_base, by rank and alpha (mlx-lm's
+        takes the scale)."""
         if linear.get("global_scale") is not None:  # mlx-lm's nvfp4 experts, one scale each
             raise ConfigError("model.lora.targets reach nvfp4 experts with a global scale, which "
                               "mlxlab's expert adapters do not dequantize: leave the experts out "
                               "of model.lora.targets or use an affine-quantized (or float) model")
-        layer = cls(linear.input_dims, linear.output_dims, linear.num_experts, rank,
-                    alpha / rank, dropout)
+        layer = cls(linear.input_dims, linear.output_dims, linear.num_experts, r=rank,
+                    dropout=dropout, scale=alpha / rank)
         layer.linear = linear
         layer.linear.freeze()
         layer.start()
@@ -112,31 +64,12 @@ class LoRASwitchLinear(AdapterLayer):
     def start(self) -> None:
         """What the adapter starts from on its base (LoRA: B at zero, nothing more)."""
 
-    def __init__(self, input_dims: int, output_dims: int, num_experts: int, rank: int = 8,
-                 scale: float = 2.0, dropout: float = 0.0):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.scale = scale
-        bound = 1 / math.sqrt(input_dims)  # each expert's A drawn as LoRALinear's
-        self.lora_a = mx.random.uniform(-bound, bound, (num_experts, rank, input_dims))
-        self.lora_b = mx.zeros((num_experts, output_dims, rank))
-        self.adapter_on = True
-
-    def update(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
-        """scale * B_e A_e x for each token's experts, gathered as the experts' own product."""
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        if not self.adapter_on:
+            return self.linear(x, indices, sorted_indices=sorted_indices)
         if self.counts is not None:
             self.counts.add(indices)
-        z = mx.gather_mm(self.dropout(x), self.lora_a.swapaxes(-1, -2), rhs_indices=indices,
-                         sorted_indices=sorted_indices)
-        z = mx.gather_mm(z, self.lora_b.swapaxes(-1, -2), rhs_indices=indices,
-                         sorted_indices=sorted_indices)
-        return self.scale * z
-
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        y = self.linear(x, indices, sorted_indices=sorted_indices)
-        if not self.adapter_on:
-            return y
-        return y + self.update(x, indices, sorted_indices).astype(y.dtype)
+        return super().__call__(x, indices, sorted_indices)
 
     def delta(self) -> mx.array:
         """The adapter's (E, out, in) change to the experts' weights."""
@@ -147,12 +80,6 @@ class LoRASwitchLinear(AdapterLayer):
         (E, out, in) product."""
         gram = (self.lora_b.swapaxes(-1, -2) @ self.lora_b) * (self.lora_a @ self.lora_a.swapaxes(-1, -2))
         return abs(self.scale) * mx.sqrt(mx.maximum(gram.sum(axis=(-1, -2)), 0.0))
-
-    def fuse(self, dequantize: bool = False) -> nn.Module:
-        """The experts with W_e + scale * B_e A_e merged in; a quantized base is dequantized,
-        merged and quantized again as it was, or left float with `dequantize`."""
-        weight = expert_weight(self.linear)
-        return _fused(self.linear, weight + self.delta().astype(weight.dtype), dequantize)
 
 
 class _TakenFrom:
@@ -167,13 +94,15 @@ class DoRASwitchLinear(LoRASwitchLinear):
     """DoRA on stacked experts: m_e / ||W_e + s B_e A_e||_rows * (W_e x + s B_e A_e x) + bias
     (module docstring); m starts at the base rows' norms, so the layer starts as the base."""
 
+    kind = "dora"
+
     def start(self) -> None:
         """m at the base rows' norms: the layer computes the base."""
         self.m = mx.sqrt(self._base_norm2())
 
-    def __init__(self, input_dims: int, output_dims: int, num_experts: int, rank: int = 8,
-                 scale: float = 2.0, dropout: float = 0.0):
-        super().__init__(input_dims, output_dims, num_experts, rank, scale, dropout)
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int, r: int = 8,
+                 dropout: float = 0.0, scale: float = 20.0, bias: bool = False):
+        super().__init__(input_dims, output_dims, num_experts, r, dropout, scale, bias)
         self.m = mx.ones((num_experts, output_dims))
         self._taken = _TakenFrom()
 
@@ -219,14 +148,13 @@ class DoRASwitchLinear(LoRASwitchLinear):
         return self.m / mx.stop_gradient(mx.sqrt(mx.maximum(norm2, 0.0)))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        y = self.linear(x, indices, sorted_indices=sorted_indices)
         if not self.adapter_on:
-            return y
+            return self.linear(x, indices, sorted_indices=sorted_indices)
+        adapted = super().__call__(x, indices, sorted_indices)  # W_e x + bias + s B_e A_e x
         bias = routed_rows(self.linear.bias, indices) if "bias" in self.linear else None
-        if bias is not None:
-            y = y - bias
-        out = y + self.update(x, indices, sorted_indices).astype(y.dtype)
-        out = routed_rows(self._row_scale(), indices).astype(y.dtype) * out
+        if bias is not None:  # the magnitude scales the adapted product, not the bias
+            adapted = adapted - bias
+        out = routed_rows(self._row_scale(), indices).astype(adapted.dtype) * adapted
         return out + bias if bias is not None else out
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
@@ -238,43 +166,3 @@ class DoRASwitchLinear(LoRASwitchLinear):
 
 # lora.kind -> how an adapter of that kind wraps a MoE layer's stacked experts
 EXPERT_KINDS = {"lora": LoRASwitchLinear.from_base, "dora": DoRASwitchLinear.from_base}
-
-
-def expert_blocks(model: nn.Module) -> dict[str, list[LoRASwitchLinear]]:
-    """The MoE blocks whose experts hold adapters ("lm.model.layers.0.mlp"), each with its
-    expert adapters (gate, up, down, ...)."""
-    blocks: dict[str, list[LoRASwitchLinear]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRASwitchLinear):
-            blocks.setdefault(name.rsplit(".", 2)[0], []).append(module)
-    return dict(sorted(blocks.items(), key=lambda kv: _natural(kv[0])))
-
-
-def _natural(name: str) -> list:
-    return [int(p) if p.isdigit() else p for p in name.split(".")]
-
-
-@contextmanager
-def counting_routes(model: nn.Module) -> Iterator[dict[str, RoutedCounts]]:
-    """Inside the block, each eager forward adds the positions its routers send to each expert
-    (one count per MoE block with expert adapters); not for a compiled function, whose arrays
-    are not values while it is traced."""
-    blocks = expert_blocks(model)
-    counts = {block: RoutedCounts(layers[0].lora_a.shape[0]) for block, layers in blocks.items()}
-    for block, layers in blocks.items():
-        layers[0].counts = counts[block]
-    try:
-        yield counts
-    finally:
-        for layers in blocks.values():
-            layers[0].counts = None
-
-
-def expert_update_norms(model: nn.Module) -> dict[str, np.ndarray]:
-    """Per MoE block, each expert's adapter update norm over its projections:
-    sqrt(sum ||scale * B_e A_e||_F^2), (E,); zero for an expert that never trained."""
-    norms = {}
-    for block, layers in expert_blocks(model).items():
-        squares = sum(layer.update_norms() ** 2 for layer in layers)
-        norms[block] = np.sqrt(np.array(squares.astype(mx.float32)))
-    return norms
