@@ -29,8 +29,8 @@ from hf_helpers import mlx_logits, save_tiny_model
 from mlxlab.errors import ConfigError
 from mlxlab.models.lora import AdapterLayer, fuse_lora, layer_kinds
 from mlxlab.models.lora_experts import DoRASwitchLinear, LoRASwitchLinear
-from mlxlab.models.routed_experts import counting_routes, expert_blocks, expert_update_norms
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.routed_experts import counting_routes, expert_blocks, expert_update_norms
 
 KINDS = ("qwen3_moe", "mixtral", "granitemoe")
 # 8 experts, 2 a token; every expert's input a multiple of 64, so model.quantize=4 packs them all

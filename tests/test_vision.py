@@ -507,7 +507,8 @@ def test_full_fine_tuning_and_an_unknown_family(folders, tmp_path):
 
 def test_a_4bit_mlx_vlm_folder_stays_4bit(folders, tmp_path):
     """A folder `mlx_vlm.convert -q` wrote (as mlx-community's are) loads quantized, trains
-    adapters on its quantized language model, and refuses model.quantize on top."""
+    adapters on its quantized language model, and refuses model.quantize on top and full
+    fine-tuning, in a text decoder's words (the one prepare_for_training)."""
     import contextlib
     import io
 
@@ -527,6 +528,9 @@ def test_a_4bit_mlx_vlm_folder_stays_4bit(folders, tmp_path):
     assert np.isfinite(np.array(logits)).all()
     with pytest.raises(ConfigError, match="already quantized"):
         VisionLanguageModel(0, pretrained=str(out), quantize=4, lora={"rank": 4})
+    with pytest.raises(ConfigError, match=r"full fine-tuning \(model.lora.rank=0\) needs a float "
+                                          "base and this one is quantized"):
+        VisionLanguageModel(0, pretrained=str(out), lora={"rank": 0})
 
 
 def test_eval_task_with_an_image_column(folders, tmp_path):

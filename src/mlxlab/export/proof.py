@@ -111,10 +111,17 @@ def transformers_logits(folder: Path, ids: np.ndarray, classifier: bool,
 
     auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     model = transformers_model(auto, folder, adapter)
+    tokens = torch.tensor(ids, dtype=torch.long)
+    return torch_logits(model, {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)})
+
+
+def torch_logits(model: Any, inputs: Mapping[str, Any]) -> np.ndarray:
+    """The float32 logits a loaded transformers model (transformers_model) computes from
+    `inputs`, its forward's keywords as PyTorch tensors, without gradients."""
+    import torch
+
     with torch.no_grad():
-        tokens = torch.tensor(ids, dtype=torch.long)
-        out = model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
-    return out.float().numpy()
+        return model(**inputs).logits.float().numpy()
 
 
 def transformers_model(auto: Any, folder: Path, adapter: Path | None = None) -> Any:

@@ -115,3 +115,25 @@ class PretrainedModel(Model):
     def quantized(self) -> bool:
         """Whether some of its layers are quantized (QLoRA's base, or a quantized folder)."""
         return bool(self._quantized_layers)
+
+    # The steps mlx_lm_decoder.prepare_for_training takes the loaded model through, each its own
+
+    def quantize_at_load(self, bits: int | None) -> None:
+        """model.quantize=`bits` (None: none) on its float layers, refusing a folder quantized
+        already; then `_quantized_layers` says which layers are."""
+        raise NotImplementedError
+
+    def adapt(self, lora: Mapping | None, rebuilt: bool) -> str:
+        """The model.lora node applied: adapters on its targets (what they reached said unless
+        `rebuilt`: a checkpoint's rebuild), or every parameter trainable (rank 0); returns what
+        trains, in words, for the log."""
+        raise NotImplementedError
+
+    def use_cpu_kernels(self) -> None:
+        """On the CPU, its quantized layers and attention onto mlxlab's fused kernels."""
+        raise NotImplementedError
+
+    @property
+    def described(self) -> str:
+        """What the log calls it ("qwen3 decoder")."""
+        raise NotImplementedError

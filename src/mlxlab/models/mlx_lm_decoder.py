@@ -9,8 +9,9 @@ attention_mask=None, cache=None) -> logits`, `make_cache()` (mlx-lm's prompt cac
 which architecture it holds. The mlx-lm model sits under `lm`, so its parameter names are
 mlx-lm's (and so the Hugging Face ones, for most types) behind an `lm.` prefix.
 
-`prepare_for_training` is the one place a loaded decoder is made ready to train: quantized at
-load (model.quantize), then LoRA / DoRA adapters (float, on a float or quantized base) or full
+`prepare_for_training` is the one place a loaded pretrained model (this decoder, and
+vision_language.py's models through their own steps) is made ready to train: quantized at load
+(model.quantize), then LoRA / DoRA adapters (float, on a float or quantized base) or full
 fine-tuning (rank 0, float bases only).
 """
 
@@ -220,8 +221,54 @@ class MLXLMDecoder(PretrainedModel):
             if lora:  # the new head trains in full beside the adapters
                 lora = {**lora, "extra_trainable": [*(lora.get("extra_trainable") or ()),
                                                     "score"]}
-        prepare_for_training(self, quantize=quantize, lora=lora, rebuilt=not pretrained,
-                             freeze_embeddings=freeze_embeddings)
+        self._freeze_embeddings = freeze_embeddings
+        prepare_for_training(self, quantize=quantize, lora=lora, rebuilt=not pretrained)
+
+    def quantize_at_load(self, bits: int | None) -> None:
+        """model.quantize: the float layers quantized as `mlx_lm.convert -q` does; layers stored
+        quantized (a GGUF's blocks) stay; a folder quantized throughout is refused."""
+        stored = quantized_layer_specs(self.lm)
+        if bits and stored and not float_layers(self.lm):
+            raise ConfigError("model.quantize is set but the folder is already quantized: "
+                              "leave model.quantize=null to train it as it is")
+        if bits:
+            config = quantize_as_convert(self.lm, self._hf_config, int(bits))
+            config["quantization"].update(
+                (self._hf_config.get("quantization") or {}) if stored else {})
+            self._hf_config = config
+        self._quantized_layers = quantized_layer_specs(self.lm)
+
+    def adapt(self, lora: Mapping | None, rebuilt: bool) -> str:
+        """Adapters on model.lora.targets (which layers they reached said once), the embeddings
+        and head frozen with model.freeze_embeddings; what trains, in words."""
+        if maybe_apply_lora(self, lora_targets(lora)) and not rebuilt:
+            check_reach(self.lm, lora.get("targets") or (), TARGET_ALIASES)
+        if self._freeze_embeddings:
+            check_freeze_embeddings(self._freeze_embeddings, lora)
+            freeze_embeddings_and_head(self.lm)
+        rank = int((lora or {}).get("rank", 0))
+        base = f"{self.quantized_bits()}-bit quantized" if self.quantized else str(_float_dtype(self))
+        return (f"{(lora or {}).get('kind', 'lora')} adapters (rank {rank}, float32) on the "
+                f"frozen {base} base" if rank else
+                f"every parameter but the embeddings and head ({base})"
+                if self._freeze_embeddings else f"every parameter ({base}, full fine-tuning)")
+
+    def use_cpu_kernels(self) -> None:
+        # On the CPU, quantized layers (under their adapters too) multiply through the fused
+        # dequantize + float GEMM: MLX's own quantized matmul runs ~30x slower there.
+        fast = use_fast_cpu_quantized(self.lm) if self.quantized else 0
+        if fast:
+            log.debug("%d quantized layers multiply through the CPU's fused dequantize + GEMM",
+                      fast)
+        # On the CPU, attention, SwiGLU, RMSNorm and RoPE take mlxlab's fused kernels (each call
+        # checks that they apply, else runs mlx-lm's own code: Metal, CUDA, generation, kernels
+        # off).
+        log.debug("%d attention / SwiGLU / RMSNorm / RoPE routes to the fused CPU kernels",
+                  use_fused_kernels(self.lm))
+
+    @property
+    def described(self) -> str:
+        return f"{self.architecture['model_type']} decoder"
 
     def _add_score_head(self, config: Mapping) -> None:
         """`score`: hidden_size -> 1 without bias, drawn as transformers initialises it
@@ -318,54 +365,30 @@ class MLXLMDecoder(PretrainedModel):
         return self.lm(input_ids, cache=cache)
 
 
-def prepare_for_training(model: MLXLMDecoder, quantize: int | None, lora: Mapping | None,
-                         rebuilt: bool = False, freeze_embeddings: bool = False) -> None:
-    """Everything that makes a loaded decoder ready to train, in one place: quantization at load
+def prepare_for_training(model: PretrainedModel, quantize: int | None, lora: Mapping | None,
+                         rebuilt: bool = False) -> None:
+    """Everything that makes a loaded pretrained model ready to train, in one place for the text
+    decoders here and the vision-language models (vision_language.py), each taking its own
+    steps (PretrainedModel's quantize_at_load, adapt, use_cpu_kernels): quantization at load
     (model.quantize; a quantized folder stays quantized), then LoRA / DoRA adapters in float32
-    on the (possibly quantized) base, or full fine-tuning (rank 0) of a float base. Logs what is
-    trained, in which precision, and the trainable / total parameter counts."""
+    on the (possibly quantized) base, or full fine-tuning (rank 0) of a float model. Logs what
+    is trained, in which precision, and the trainable / total parameter counts, once (not when
+    a checkpoint rebuilds the model)."""
     from mlxlab.models import num_parameters
 
     check_quantize(quantize)
-    if not rebuilt:
-        stored = quantized_layer_specs(model.lm)
-        if quantize and stored and not float_layers(model.lm):
-            raise ConfigError("model.quantize is set but the folder is already quantized: "
-                              "leave model.quantize=null to train it as it is")
-        if quantize:  # the float layers; layers quantized as stored (a GGUF's blocks) stay
-            config = quantize_as_convert(model.lm, model._hf_config, int(quantize))
-            config["quantization"].update(
-                (model._hf_config.get("quantization") or {}) if stored else {})
-            model._hf_config = config
-        model._quantized_layers = quantized_layer_specs(model.lm)
+    if not rebuilt:  # a rebuild's layers were quantized as its checkpoint's were
+        model.quantize_at_load(quantize)
     rank = int((lora or {}).get("rank", 0))
     if model.quantized and lora is not None and rank == 0:  # (None: not trained here)
         raise ConfigError("full fine-tuning (model.lora.rank=0) needs a float base and this one "
                           "is quantized: train LoRA adapters (model.lora.rank=8) or give a float "
                           "folder")
-    if maybe_apply_lora(model, lora_targets(lora)) and not rebuilt:  # which layers, said once
-        check_reach(model.lm, lora.get("targets") or (), TARGET_ALIASES)
-    # On the CPU, quantized layers (under their adapters too) multiply through the fused
-    # dequantize + float GEMM: MLX's own quantized matmul runs ~30x slower there.
-    fast = use_fast_cpu_quantized(model.lm) if model.quantized else 0
-    if fast:
-        log.debug("%d quantized layers multiply through the CPU's fused dequantize + GEMM", fast)
-    # On the CPU, attention, SwiGLU, RMSNorm and RoPE take mlxlab's fused kernels (each call checks
-    # that they apply, else runs mlx-lm's own code: Metal, CUDA, generation, kernels off).
-    log.debug("%d attention / SwiGLU / RMSNorm / RoPE routes to the fused CPU kernels",
-              use_fused_kernels(model.lm))
-    if freeze_embeddings:
-        check_freeze_embeddings(freeze_embeddings, lora)
-        freeze_embeddings_and_head(model.lm)
+    trains = model.adapt(lora, rebuilt)
+    model.use_cpu_kernels()
     if rebuilt or lora is None:  # a checkpoint's rebuild, a teacher or a model to score
         return
-    base = f"{model.quantized_bits()}-bit quantized" if model.quantized else str(_float_dtype(model))
-    what = (f"{lora.get('kind', 'lora')} adapters (rank {rank}, float32) on the frozen {base} "
-            "base" if rank else
-            f"every parameter but the embeddings and head ({base})" if freeze_embeddings else
-            f"every parameter ({base}, full fine-tuning)")
-    log.info("%s decoder: trains %s; %s trainable / %s total parameters",
-             model.architecture["model_type"], what,
+    log.info("%s: trains %s; %s trainable / %s total parameters", model.described, trains,
              f"{num_parameters(model, trainable_only=True):,}", f"{num_parameters(model):,}")
 
 

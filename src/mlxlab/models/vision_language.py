@@ -41,7 +41,7 @@ from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.base import PretrainedModel
 from mlxlab.models.hf import read_config
 from mlxlab.models.lora import apply_lora, check_lora, check_reach, targeted_linears
-from mlxlab.models.mlx_lm_decoder import check_quantize, lora_targets
+from mlxlab.models.mlx_lm_decoder import check_quantize, lora_targets, prepare_for_training
 from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
 from mlxlab.models.sources import model_folder
 
@@ -256,61 +256,57 @@ class VisionLanguageModel(PretrainedModel):
                                                                     config.get("hidden_size")),
             "max_seq_len": self.max_seq_len, "vision": True}
         self._quantized_layers = dict(quantized_layers or {})
+        # the decoder's preparation, with this model's own steps (below); a checkpoint's
+        # rebuild has its layers quantized as they were and gets its adapters on them
+        prepare_for_training(self, quantize, lora, rebuilt=not pretrained)
         if pretrained:
-            self._prepare(quantize, lora)
             # one weight at a time: with model.quantize each float weight is read, quantized
             # and let go (MLX's buffer cache too) before the next, so the float checkpoint is
             # never whole in memory
             for _, value in tree_flatten(self.vlm.parameters()):
                 mx.eval(value)
                 mx.clear_cache()
-        else:  # a checkpoint's rebuild: its layers quantized as they were, its adapters on them
-            self._prepare(None, lora, rebuilt=True)
+
+    def quantize_at_load(self, bits: int | None) -> None:
+        """model.quantize: the language model's Linear and Embedding layers whose input is a
+        multiple of the group size; a folder quantized already is refused."""
+        if bits and self._quantized():
+            raise ConfigError("model.quantize is set but the folder is already quantized: "
+                              "leave model.quantize=null to train it as it is")
+        if bits:
+            nn.quantize(self.vlm.language_model, group_size=GROUP_SIZE, bits=int(bits),
+                        class_predicate=lambda _, m: isinstance(m, nn.Linear | nn.Embedding)
+                        and m.weight.shape[-1] % GROUP_SIZE == 0)
+        self._quantized_layers = self._quantized()
+
+    def adapt(self, lora: Mapping | None, rebuilt: bool) -> str:
+        """Adapters on the parts model.lora.modules names (module docstring), or every
+        parameter trainable (rank 0); what trains, in words."""
+        if lora is None:  # a model to score or generate from
+            return "nothing"
+        lora = dict(lora)
+        parts = check_modules(lora.pop("modules", None))
+        check_lora(lora)
+        rank = int(lora.get("rank", 0))
+        if rank == 0:
+            self.unfreeze()
+            return "every parameter (full fine-tuning)"
+        self.freeze()
+        self._adapt(lora, parts, said=not rebuilt)
+        return f"{lora.get('kind', 'lora')} adapters (rank {rank}) on {', '.join(parts)}"
+
+    def use_cpu_kernels(self) -> None:
         # On the CPU, quantized layers (under their adapters too) multiply through the fused
         # dequantize + float GEMM: MLX's own quantized matmul runs ~30x slower there.
         if self._quantized_layers:
             use_fast_cpu_quantized(self.vlm)
         use_fused_vision_attention(self.vlm)
 
-    def _prepare(self, quantize: int | None, lora: Mapping | None, rebuilt: bool = False
-                 ) -> None:
-        """Quantization at load, then what trains (module docstring), said once in the log
-        (not again when a checkpoint rebuilds the model)."""
-        from mlxlab.models import num_parameters
+    @property
+    def described(self) -> str:
+        return f"{self._architecture['model_type']} vision-language model (mlx-vlm {version()})"
 
-        stored = self._quantized()
-        if quantize:
-            if stored:
-                raise ConfigError("model.quantize is set but the folder is already quantized: "
-                                  "leave model.quantize=null to train it as it is")
-            nn.quantize(self.vlm.language_model, group_size=GROUP_SIZE, bits=int(quantize),
-                        class_predicate=lambda _, m: isinstance(m, nn.Linear | nn.Embedding)
-                        and m.weight.shape[-1] % GROUP_SIZE == 0)
-        self._quantized_layers = self._quantized()
-        if lora is None:  # a model to score or generate from
-            return
-        lora = dict(lora)
-        parts = check_modules(lora.pop("modules", None))
-        check_lora(lora)
-        rank = int(lora.get("rank", 0))
-        if rank == 0:
-            if self._quantized_layers:
-                raise ConfigError("full fine-tuning (model.lora.rank=0) needs a float model "
-                                  "and this one is quantized: train adapters "
-                                  "(model.lora.rank=8) or give a float folder")
-            self.unfreeze()
-        else:
-            self.freeze()
-            self._adapt(lora, parts)
-        if rebuilt:
-            return
-        what = (f"{lora.get('kind', 'lora')} adapters (rank {rank}) on "
-                f"{', '.join(parts)}" if rank else "every parameter (full fine-tuning)")
-        log.info("%s vision-language model (mlx-vlm %s): trains %s; %s trainable / %s total "
-                 "parameters", self._architecture["model_type"], version(), what,
-                 f"{num_parameters(self, trainable_only=True):,}", f"{num_parameters(self):,}")
-
-    def _adapt(self, lora: Mapping, parts: tuple[str, ...]) -> None:
+    def _adapt(self, lora: Mapping, parts: tuple[str, ...], said: bool) -> None:
         settings = {"rank": int(lora["rank"]), "alpha": float(lora.get("alpha", 16.0)),
                     "dropout": float(lora.get("dropout", 0.0)),
                     "kind": str(lora.get("kind", "lora"))}
@@ -324,7 +320,8 @@ class VisionLanguageModel(PretrainedModel):
             _, module = found
             if name == "language_model":
                 apply_lora(module, targets=targets, **settings)
-                check_reach(module, targets)
+                if said:  # once: not again when a checkpoint rebuilds the model
+                    check_reach(module, targets)
             elif name == "vision_tower":
                 apply_lora(module, targets=VISION_TARGETS, **settings)
             else:  # the projector: small, trained in full
