@@ -122,48 +122,67 @@ def build_tokenizer(
         raise ConfigError(f"unknown tokenizer kind {kind!r}; use one of {list(KINDS)}")
     save_to = Path(save_to) if save_to is not None else None
     if path:
-        if not Path(path).is_file():
-            raise MissingFileError(
-                f"tokenizer file not found: {path} (set tokenizer.path= to a tokenizer.json)"
-            )
-        tok = Tokenizer.from_file(str(path))
-        log.info("loaded tokenizer %s (vocab %d)", path, tok.get_vocab_size())
+        tok = _given(path)
     elif save_to is not None and save_to.is_file() and not retrain:
         tok = Tokenizer.from_file(str(save_to))
         log.info("reusing tokenizer %s (vocab %d)", save_to, tok.get_vocab_size())
         return tok
     else:
-        if texts is None:
-            raise ConfigError(
-                "build_tokenizer needs texts to train on, or path= to a tokenizer.json"
-            )
-        texts = list(texts)
-        if not texts:
-            raise ConfigError("cannot train a tokenizer on zero texts; is the data empty?")
         special = list(special_tokens or DEFAULT_SPECIAL_TOKENS[kind])
-        settings = [kind, vocab_size, min_vocab, max_vocab, min_frequency, special]
-        cached = _cache_file(cache_dir, texts, settings) if cache_dir and not retrain else None
-        if cached is not None and cached.is_file():
-            tok = Tokenizer.from_file(str(cached))
-            log.info("cache hit: %s tokenizer %s (vocab %d)", kind, cached, tok.get_vocab_size())
-            if save_to is not None:
-                _save(tok, Path(save_to))
-            return tok
-        if vocab_size == "auto":
-            vocab_size = auto_vocab_size(
-                texts, kind, min_frequency, len(special), min_vocab, max_vocab
-            )
-        elif not isinstance(vocab_size, int) or vocab_size <= len(special):
-            raise ConfigError(
-                f"tokenizer.vocab_size must be 'auto' or an int > {len(special)}, "
-                f"got {vocab_size!r}"
-            )
-        tok = _train(texts, kind, int(vocab_size), min_frequency, special)
-        log.info("trained %s tokenizer, vocab %d", kind, tok.get_vocab_size())
-        if cached is not None:
-            _save(tok, cached)
+        tok = _trained(_texts(texts), kind, vocab_size, min_vocab, max_vocab, min_frequency,
+                       special, None if retrain else cache_dir)
     if save_to is not None:
         _save(tok, save_to)
+    return tok
+
+
+def _given(path: str) -> Tokenizer:
+    """tokenizer.path: the user's tokenizer.json."""
+    if not Path(path).is_file():
+        raise MissingFileError(
+            f"tokenizer file not found: {path} (set tokenizer.path= to a tokenizer.json)"
+        )
+    tok = Tokenizer.from_file(str(path))
+    log.info("loaded tokenizer %s (vocab %d)", path, tok.get_vocab_size())
+    return tok
+
+
+def _texts(texts: Iterable[str] | None) -> list[str]:
+    """The texts a tokenizer trains on: some, or one line why not."""
+    if texts is None:
+        raise ConfigError(
+            "build_tokenizer needs texts to train on, or path= to a tokenizer.json"
+        )
+    texts = list(texts)
+    if not texts:
+        raise ConfigError("cannot train a tokenizer on zero texts; is the data empty?")
+    return texts
+
+
+def _trained(texts: list[str], kind: str, vocab_size: int | str, min_vocab: int,
+             max_vocab: int, min_frequency: int, special: list[str],
+             cache_dir: str | Path | None) -> Tokenizer:
+    """The tokenizer these settings train on `texts`: the one `cache_dir` keeps for them, else
+    trained now (and kept there)."""
+    settings = [kind, vocab_size, min_vocab, max_vocab, min_frequency, special]  # the cache key
+    cached = _cache_file(cache_dir, texts, settings) if cache_dir else None
+    if cached is not None and cached.is_file():
+        tok = Tokenizer.from_file(str(cached))
+        log.info("cache hit: %s tokenizer %s (vocab %d)", kind, cached, tok.get_vocab_size())
+        return tok
+    if vocab_size == "auto":
+        vocab_size = auto_vocab_size(
+            texts, kind, min_frequency, len(special), min_vocab, max_vocab
+        )
+    elif not isinstance(vocab_size, int) or vocab_size <= len(special):
+        raise ConfigError(
+            f"tokenizer.vocab_size must be 'auto' or an int > {len(special)}, "
+            f"got {vocab_size!r}"
+        )
+    tok = _train(texts, kind, int(vocab_size), min_frequency, special)
+    log.info("trained %s tokenizer, vocab %d", kind, tok.get_vocab_size())
+    if cached is not None:
+        _save(tok, cached)
     return tok
 
 

@@ -9,7 +9,8 @@ compiled variant of the same step, not a second loop. The fused kernels' mode
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 
 import mlx.core as mx
@@ -43,41 +44,67 @@ def make_step(model: nn.Module, optimizer, loss_fn: losses.LossFn, settings: Tra
     loss_and_grad = nn.value_and_grad(model, weighted(loss_fn) if gradients.weighted_in_loss
                                       else loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
-    clip = settings.grad_clip
     compile_ = (partial(mx.compile, inputs=state, outputs=state) if settings.compile
                 else (lambda f: f))
     update = partial(optimizer.update, model)
+    compiled: list[bool] = []  # one entry per step taken: the first one compiles
+    guarded = watchdog(world, gradients, grad_accum, compiled)
+    # Data parallel runs take the accumulation path below even for one micro-batch: its
+    # apply_step sums value x count over ranks, so the update is the global batch's. (With
+    # MLX 0.32 on CPU, an all_sum compiled into the same graph as the backward pass hung on
+    # the ring backend; in its own compiled function it does not.)
+    if grad_accum == 1 and not gradients.collective:
+        fused_step = compile_(one_update(model, loss_and_grad, gradients, settings.grad_clip,
+                                         update))
+        return single(fused_step, guarded, state, compiled)
+    grad_step = compile_(weighted_gradients(model, loss_and_grad, gradients))
+    apply_step = compile_(update_over_ranks(gradients, settings.grad_clip, update))
+    return accumulating(grad_step, apply_step, guarded, world, state, compiled)
 
-    @compile_
+
+def watchdog(world: distributed.World, gradients: DataParallel, grad_accum: int,
+             compiled: list[bool]) -> Callable[[str], AbstractContextManager]:
+    """guarded(what): a context a step's work runs in. A sharded model's forward and backward
+    are collectives themselves: a dead peer would block them forever, so the whole step is
+    under the world's watchdog (the first, compiling, ten times as long); otherwise nothing."""
+
+    def guarded(what: str) -> AbstractContextManager:
+        scale = (1.0 if compiled else 10.0) * (grad_accum + 1 if gradients.in_model else 1)
+        return world.guard(what, scale) if gradients.in_model else nullcontext()
+
+    return guarded
+
+
+def one_update(model: nn.Module, loss_and_grad, gradients: DataParallel, clip: float,
+               update: Callable) -> Callable:
+    """fused_step(batch) -> (loss, norm, aux): one micro-batch's gradients, clipped, applied."""
+
     def fused_step(batch):
         (loss, aux), grads = loss_and_grad(model, batch)
         grads, norm = gradients.clip(grads, clip)
         update(grads)
         return loss, norm, aux
 
-    # Data parallel runs take the accumulation path below even for one micro-batch: its
-    # apply_step sums value x count over ranks, so the update is the global batch's. (With
-    # MLX 0.32 on CPU, an all_sum compiled into the same graph as the backward pass hung on
-    # the ring backend; in its own compiled function it does not.)
-    # A sharded model's forward and backward are collectives themselves: a dead peer would block
-    # them forever, so the whole step is under the watchdog (the first, compiling, ten times).
-    compiled: list[bool] = []
+    return fused_step
 
-    def guarded(what: str):
-        scale = (1.0 if compiled else 10.0) * (grad_accum + 1 if gradients.in_model else 1)
-        return world.guard(what, scale) if gradients.in_model else nullcontext()
 
-    if grad_accum == 1 and not gradients.collective:
-        def step(batches):
-            with guarded("a training step"):
-                loss, norm, aux = fused_step(batches[0])
-                mx.eval(loss, norm, aux, state)
-            compiled.append(True)
-            return loss, norm, aux
+def single(fused_step: Callable, guarded: Callable, state: list, compiled: list[bool]):
+    """step(batches) of one micro-batch: fused_step, evaluated once."""
 
-        return step
+    def step(batches):
+        with guarded("a training step"):
+            loss, norm, aux = fused_step(batches[0])
+            mx.eval(loss, norm, aux, state)
+        compiled.append(True)
+        return loss, norm, aux
 
-    @compile_
+    return step
+
+
+def weighted_gradients(model: nn.Module, loss_and_grad, gradients: DataParallel) -> Callable:
+    """grad_step(batch) -> (loss x n, n, aux sums, gradients x n, per-row outputs): one
+    micro-batch's share of an accumulated update, weighted by its token count n."""
+
     def grad_step(batch):
         (loss, aux), grads = loss_and_grad(model, batch)
         examples = losses.pop_example_outputs(aux)  # per row: concatenated, not averaged
@@ -87,7 +114,14 @@ def make_step(model: nn.Module, optimizer, loss_fn: losses.LossFn, settings: Tra
             return loss, n, sums, grads, examples
         return loss * n, n, sums, tree_map(lambda g: g * n, grads), examples
 
-    @compile_
+    return grad_step
+
+
+def update_over_ranks(gradients: DataParallel, clip: float, update: Callable
+                      ) -> Callable:
+    """apply_step(grads, ntokens, loss_sum, aux_sum) -> (norm, loss, aux): the summed
+    gradients over every rank's tokens, clipped and applied; loss and aux as means."""
+
     def apply_step(grads, ntokens, loss_sum, aux_sum):
         grads, summed = gradients.sum_over_ranks(grads, {"n": ntokens, "l": loss_sum,
                                                          "a": aux_sum})
@@ -97,7 +131,7 @@ def make_step(model: nn.Module, optimizer, loss_fn: losses.LossFn, settings: Tra
         aux = {k: v / ntokens for k, v in summed["a"].items()} | {"ntokens": ntokens}
         return norm, summed["l"] / ntokens, aux
 
-    return accumulating(grad_step, apply_step, guarded, world, state, compiled)
+    return apply_step
 
 
 def accumulating(grad_step, apply_step, guarded, world: distributed.World, state: list,
