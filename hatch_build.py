@@ -35,7 +35,7 @@ class KernelPrebuildHook(BuildHookInterface):
             if settings.skip_kernel_build:  # MLXLAB_SKIP_KERNEL_BUILD=1
                 return
             build = _load("_mlxlab_kernel_build", source / "kernels" / "build.py")
-            cpu = _load("_mlxlab_cpu", source / "runtime" / "cpu.py")
+            cpu = _load("_mlxlab_cpu", source / "runtime" / "compute" / "cpu.py")
             level = cpu.isa_level()  # the fixed level the kernels are built for (None: below it)
             if level is None:
                 print(f"mlxlab: fused CPU kernels not built ({cpu.below_level_reason()}); MLX's "

@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from mlxlab.runtime.checksum import file_sha256
+from mlxlab.runtime.files.checksum import file_sha256
 
 # SmolLM2-135M-Instruct as a Q4_1 GGUF (llama.cpp's converter; tied Q8_0 embeddings), 98 MB
 SMOLLM2 = {

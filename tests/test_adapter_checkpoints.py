@@ -152,7 +152,7 @@ def test_a_changed_or_missing_base_is_refused_in_one_line(runs, tmp_path):
         state["base"]["pretrained"] = state["base"]["folder"] = str(base)
         state_file.write_text(json.dumps(state))
     for checksums in run.glob("checkpoints/*/checksums.json"):  # state.json's new digest
-        from mlxlab.runtime.checksum import file_sha256
+        from mlxlab.runtime.files.checksum import file_sha256
 
         sums = json.loads(checksums.read_text())
         sums["state.json"] = {"sha256": file_sha256(checksums.parent / "state.json"),

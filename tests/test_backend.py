@@ -1,4 +1,4 @@
-"""Which MLX backend an environment has (runtime/backend.py): none installed gives one line that
+"""Which MLX backend an environment has (runtime/compute/backend.py): none installed gives one line that
 names the extras; two installed are told apart by whose libmlx is on disk. Real MLX packages,
 real processes."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx
 
 from conftest import PYTHON, REPO
-from mlxlab.runtime import backend
+from mlxlab.runtime.compute import backend
 
 
 def test_mlx_without_a_backend_fails_with_one_line_naming_the_extras(tmp_path: Path):

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from mlxlab.runtime import blas_kernels, cpu
+from mlxlab.runtime.compute import blas_kernels, cpu
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the BLAS swap is Linux-only")
 
@@ -24,7 +24,7 @@ PROBE = textwrap.dedent(
     import mlxlab
     import mlx.core as mx
     import numpy as np
-    from mlxlab.runtime.blas import blas_threads, set_blas_threads
+    from mlxlab.runtime.compute.blas import blas_threads, set_blas_threads
 
     threads = [blas_threads(), set_blas_threads(2) and blas_threads()]
     set_blas_threads(1)
@@ -43,7 +43,7 @@ PROBE = textwrap.dedent(
         best = min(best, time.perf_counter() - t)
     maps = open("/proc/self/maps").read()
     from pathlib import Path
-    from mlxlab.runtime import blas_kernels, cpu
+    from mlxlab.runtime.compute import blas_kernels, cpu
     kernels = blas_kernels.cache_path()
     verdicts = json.loads(kernels.read_text()) if kernels.is_file() else {}
     mine = mlxlab.blas.library and blas_kernels.cache_key(Path(mlxlab.blas.library), cpu.cpu_flags())
@@ -223,7 +223,7 @@ IDLE_PROBE = textwrap.dedent(
 @pytest.mark.parametrize("timeout", [None, "30"])
 def test_idle_blas_threads_sleep_instead_of_spinning(timeout):
     # OpenBLAS spins 2**28 cycles (~0.1 s) after each product unless told otherwise; mlxlab sets
-    # OPENBLAS_THREAD_TIMEOUT=4 (runtime/blas.py: the step's other work needs that core). A
+    # OPENBLAS_THREAD_TIMEOUT=4 (runtime/compute/blas.py: the step's other work needs that core). A
     # user's value wins: 30 spins ~0.4 s, so the spinning worker's CPU shows during the sleep.
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}
     env.pop("MLXLAB_BLAS", None)
@@ -246,7 +246,7 @@ def test_idle_blas_threads_sleep_instead_of_spinning(timeout):
 def test_device_helpers_on_this_cpu_machine():
     import mlx.core as mx
 
-    from mlxlab.runtime import device
+    from mlxlab.runtime.compute import device
 
     assert device.backend() == "cpu"
     assert device.default_compute_dtype() == mx.float32
@@ -270,7 +270,7 @@ def test_torch_keeps_its_own_blas_next_to_mlxlab(order):
         """
         import json
         import mlx.core as mx
-        from mlxlab.runtime.blas import calls_into, loaded_path
+        from mlxlab.runtime.compute.blas import calls_into, loaded_path
         mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64)))
         torch_lib, mlx_lib = loaded_path("libtorch_cpu.so"), loaded_path("libmlx.so")
         print(json.dumps({

@@ -265,7 +265,7 @@ def test_a_second_process_on_a_run_folder_in_use_is_one_line_and_touches_nothing
     over the other's (both exit 0): the second now stops with one line, exit 2, and leaves the
     folder (the first's, held here as a training process holds it) as it was."""
     from conftest import FAST
-    from mlxlab.runtime.locks import folder_lock
+    from mlxlab.runtime.files.locks import folder_lock
 
     run_dir = tmp_path / "outputs" / "train" / "in-use"
     (run_dir / ".hydra").mkdir(parents=True)

@@ -158,7 +158,7 @@ def _kernel_build_in(cache: Path, monkeypatch) -> Path | None:
     root, as by default), or None where there is no build here."""
     from mlxlab.kernels.build import build_key
     from mlxlab.runtime import settings
-    from mlxlab.runtime.cpu import isa_level
+    from mlxlab.runtime.compute.cpu import isa_level
 
     level = isa_level()
     build = settings.current().kernels_cache / build_key(level) if level else None

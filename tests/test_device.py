@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 
 from conftest import FAST, compose_cfg
-from mlxlab.runtime import device
+from mlxlab.runtime.compute import device
 from mlxlab.training.callbacks import ProgressBar
 from mlxlab.training.state import LogWindow
 

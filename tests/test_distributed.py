@@ -178,7 +178,7 @@ import json, sys
 import mlxlab  # noqa: F401  (fast BLAS before mlx.core)
 from mlxlab.data.batching import Batching
 from mlxlab.data.streaming import StreamingText
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 
 
 class Counting:

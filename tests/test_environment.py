@@ -28,10 +28,10 @@ LIBRARY_ENVIRONMENT = {
     "cli/serve.py",  # likewise
     "objectives/rl/tool_processes.py",  # likewise: the tool workers'
     "runtime/supervision/supervise.py",  # likewise: the supervised training child's
-    "runtime/blas.py",  # OpenBLAS's, set while it loads
-    "runtime/blas_kernels.py",  # OpenBLAS's, for the child processes that time its kernels
-    "runtime/device.py",  # MLX's MLX_PTX_CACHE_DIR, set before a run compiles CUDA kernels
-    "runtime/jit_header.py",  # libstdc++'s TMPDIR..TEMPDIR: where MLX keeps its CPU kernels
+    "runtime/compute/blas.py",  # OpenBLAS's, set while it loads
+    "runtime/compute/blas_kernels.py",  # OpenBLAS's, for the child processes that time its kernels
+    "runtime/compute/device.py",  # MLX's MLX_PTX_CACHE_DIR, set before a run compiles CUDA kernels
+    "runtime/compute/jit_header.py",  # libstdc++'s TMPDIR..TEMPDIR: where MLX keeps its CPU kernels
     "launch/composing.py",  # Hydra's HYDRA_FULL_ERROR, set while Hydra composes the config
     "models/sources/ollama.py",  # Ollama's OLLAMA_MODELS (where its store is)
 }
@@ -145,12 +145,13 @@ import json
 import mlxlab
 from mlxlab import kernels
 from mlxlab.config import project_root
-from mlxlab.runtime import distributed, memory, slurm
+from mlxlab.runtime.cluster import distributed, slurm
+from mlxlab.runtime.memory import allocator
 print(json.dumps({
     "blas": mlxlab.blas.status, "root": str(project_root()), "mode": kernels.mode(),
     "skip": sorted(kernels.skipped()), "threads": kernels.threads(), "job": slurm.job_id(),
     "restarted": slurm.restarted(), "rank": distributed.launched_rank(),
-    "malloc": memory.keep_freed_memory(),
+    "malloc": allocator.keep_freed_memory(),
 }))
 """
 

@@ -25,7 +25,7 @@ from mlxlab.objectives.base import ObjectiveSetup
 from mlxlab.objectives.supervised.gkd import GKD
 from mlxlab.objectives.supervised.gkd_loss import generalized_jsd, log_probs
 from mlxlab.runs import load_teachers
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 
 torch = pytest.importorskip("torch")
 trl_gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")

@@ -23,7 +23,7 @@ from mlxlab.objectives.base import ObjectiveSetup
 from mlxlab.objectives.rl import rewards as R
 from mlxlab.objectives.rl.grpo import GRPO
 from mlxlab.objectives.rollouts import Sampling, rollout_batch, sample_completions
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 
 
 def char_variety(prompts, completions, **_):

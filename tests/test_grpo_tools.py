@@ -39,7 +39,7 @@ from mlxlab.objectives.rl.tool_format import (
     template_format,
 )
 from mlxlab.objectives.rl.tools import ToolAnswer, Toolbox, ToolCall, build_tools
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 
 TOOL = {"_target_": "mlxlab.objectives.rl.lookup_tools.lookup_code"}
 COMPACT = REPO / "tests" / "chat_templates" / "hermes_compact.jinja"

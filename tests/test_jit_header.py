@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from conftest import PYTHON
-from mlxlab.runtime import jit_header
+from mlxlab.runtime.compute import jit_header
 
 needs_gxx = pytest.mark.skipif(shutil.which("g++") is None,
                                reason="MLX compiles CPU kernels with g++")
@@ -21,7 +21,7 @@ needs_gxx = pytest.mark.skipif(shutil.which("g++") is None,
 FIRST_STEP = """
 import json, sys
 import mlx.core as mx
-from mlxlab.runtime import jit_header
+from mlxlab.runtime.compute import jit_header
 
 header = jit_header.build_header()
 step = mx.compile(lambda x, y: mx.tanh(x) * y - 0.25)

@@ -17,7 +17,7 @@ import pytest
 from mlxlab import kernels
 from mlxlab.kernels import build
 from mlxlab.objectives import losses
-from mlxlab.runtime import blas, cpu
+from mlxlab.runtime.compute import blas, cpu
 
 PYTHON = sys.executable
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("fused_kernels_on")
 def blas_layout_exact() -> bool:
     """Whether MLX's BLAS gives a product the same bits with B transposed (the fused kernels'
     contiguous heads) and copied (MLX's strided heads): OpenBLAS's AVX2 kernels do, its AVX-512
-    ones, which an AVX-512 CPU runs where they measure faster (runtime/blas_kernels.py), do not."""
+    ones, which an AVX-512 CPU runs where they measure faster (runtime/compute/blas_kernels.py), do not."""
     q = mx.random.normal((4, 4, 32, 32), key=mx.random.key(0))
     k = mx.random.normal((4, 32, 4, 32), key=mx.random.key(1)).transpose(0, 2, 1, 3)
     return mx.array_equal(q @ mx.contiguous(k).swapaxes(-1, -2), q @ k.swapaxes(-1, -2)).item()

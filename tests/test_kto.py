@@ -210,7 +210,7 @@ def test_the_reference_is_the_model_with_its_adapters_off(kto_model):
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.objectives.base import ObjectiveSetup
     from mlxlab.objectives.preference.kto import KTO
-    from mlxlab.runtime.distributed import World
+    from mlxlab.runtime.cluster.distributed import World
 
     data = rows_data(kto_model["folder"], kto_model["train"], val_file=str(kto_model["val"]))
     mx.random.seed(0)

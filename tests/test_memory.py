@@ -1,4 +1,4 @@
-"""runtime/memory.py: with freed memory kept in the heap, a loop that allocates and frees the
+"""runtime/memory/allocator.py: with freed memory kept in the heap, a loop that allocates and frees the
 same large arrays (what every training step does) stops faulting pages in; MLXLAB_MALLOC=default
 leaves glibc as it is."""
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 SNIPPET = """
 import resource
 import mlx.core as mx
-from mlxlab.runtime.memory import keep_freed_memory
+from mlxlab.runtime.memory.allocator import keep_freed_memory
 kept = keep_freed_memory()
 x = mx.random.normal((2048, 4096))
 def step():

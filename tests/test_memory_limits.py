@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST, PYTHON
-from mlxlab.runtime import memory_limits
+from mlxlab.runtime.memory import memory_limits
 
 linux_only = pytest.mark.skipif(not Path("/proc/self/status").exists(),
                                 reason="VmSize and RLIMIT_AS are read from /proc (Linux)")
@@ -130,7 +130,7 @@ def test_a_run_under_an_address_space_limit_logs_the_limit_it_budgeted(tmp_path,
 LOAD = """
 import resource, sys
 import mlx.core as mx
-from mlxlab.runtime.io_threads import load_arrays, start_io_threads
+from mlxlab.runtime.memory.io_threads import load_arrays, start_io_threads
 path = sys.argv[1]
 mx.save_safetensors(path, {"w": mx.zeros((1 << 24,))})
 if sys.argv[2] == "mlxlab":
@@ -164,7 +164,7 @@ def test_mlxlabs_loads_start_no_thread_under_a_tight_limit(tmp_path):
 SAME = """
 import resource, sys
 import mlx.core as mx
-from mlxlab.runtime.io_threads import load_arrays
+from mlxlab.runtime.memory.io_threads import load_arrays
 path = sys.argv[1]
 saved = {"w": mx.random.normal((1 << 23,)), "h": mx.random.normal((3, 5)).astype(mx.bfloat16),
          "q": mx.arange(7, dtype=mx.uint32), "e": mx.zeros((0, 4))}

@@ -173,7 +173,7 @@ def loss_parts(folder: Path, data: PreferencePairs, reference: str, rank: int = 
 def objective_loss(objective, data, batching, model):
     """`objective`'s loss on `data`, set up as a fit sets it up (its reference from `model`)."""
     from mlxlab.objectives.base import ObjectiveSetup
-    from mlxlab.runtime.distributed import World
+    from mlxlab.runtime.cluster.distributed import World
 
     objective.setup(ObjectiveSetup(model=model, data=data, batching=batching, world=World()))
     return objective.loss
@@ -326,7 +326,7 @@ def test_a_rank_without_rows_of_a_pair_batch_weighs_nothing(pref_model, loss):
 
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.objectives.preference.preference import Preference
-    from mlxlab.runtime.distributed import World
+    from mlxlab.runtime.cluster.distributed import World
 
     data = pairs_data(pref_model["folder"], pref_model["train"])
     model = MLXLMDecoder(

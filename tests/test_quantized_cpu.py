@@ -22,7 +22,7 @@ from mlxlab.models.quantized_cpu import (
     CpuQuantizedLinear,
     use_fast_cpu_quantized,
 )
-from mlxlab.runtime import blas
+from mlxlab.runtime.compute import blas
 
 RTOL = 2e-5  # float32 GEMMs summing in another order than MLX's quantized matmul
 
@@ -285,7 +285,7 @@ def test_switch_is_a_no_op_off_the_cpu():
 
 def test_the_fused_product_calls_the_gemm_mlx_matmul_calls():
     """The sgemm the fused product runs is read from libmlx's own slot: OpenBLAS once
-    setup_blas rebound it (runtime/blas.py), so the float and the 4-bit models share one GEMM."""
+    setup_blas rebound it (runtime/compute/blas.py), so the float and the 4-bit models share one GEMM."""
     info = blas.setup_blas()
     if not info.fast:
         pytest.skip(f"MLX runs its reference BLAS here ({info.status})")

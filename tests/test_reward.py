@@ -97,7 +97,7 @@ def test_the_head_reads_the_last_token_as_transformers_sequence_classifier_does(
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.objectives.base import ObjectiveSetup
     from mlxlab.objectives.preference.reward import Reward, pair_rewards
-    from mlxlab.runtime.distributed import World
+    from mlxlab.runtime.cluster.distributed import World
 
     folder = reward_model["folder"]
     data = pairs_data(folder, reward_model["train"], val_file=str(reward_model["val"]))

@@ -23,7 +23,7 @@ import pytest
 
 from mlxlab.objectives.rl.sandbox import answer_text, run_python
 from mlxlab.objectives.rl.tools import Toolbox, ToolCall, build_tools
-from mlxlab.runtime.processes import is_alive
+from mlxlab.runtime.files.processes import is_alive
 from mlxlab.sandbox.confine import CHILD, LAYERS, SandboxLimits, run_code, sandbox_layers
 
 FAST = SandboxLimits(cpu_s=1, wall_s=4.0, memory_bytes=512 << 20, file_bytes=1 << 20)

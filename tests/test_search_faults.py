@@ -1,4 +1,4 @@
-"""Parallel starts, bad input first, faults loud (sweeps/checks.py, runtime/locks.py,
+"""Parallel starts, bad input first, faults loud (sweeps/checks.py, runtime/files/locks.py,
 sweeps/search/study.py, sweeps/search/sweeper.py).
 
 Real `mlxlab-train` processes on a real root (sqlite MLflow store, Optuna sqlite study, Hydra

@@ -13,7 +13,7 @@ from mlxlab.objectives.rl.agent import Agent, AgentSettings
 from mlxlab.objectives.rl.environments import ToolEnvironment
 from mlxlab.objectives.rl.tool_format import ParsedTurn
 from mlxlab.objectives.rl.tools import Toolbox, ToolCall, build_tools
-from mlxlab.runtime.processes import is_alive
+from mlxlab.runtime.files.processes import is_alive
 
 NAMES = ("spin", "sleep", "huge", "exits", "dies", "pid")
 

@@ -21,7 +21,7 @@ from mlxlab.objectives.base import ObjectiveSetup
 from mlxlab.objectives.supervised.distill import Distill
 from mlxlab.objectives.supervised.supervised import Supervised
 from mlxlab.runs import load_teachers
-from mlxlab.runtime.distributed import World
+from mlxlab.runtime.cluster.distributed import World
 from mlxlab.train import train
 from mlxlab.training.optim import build_optimizer, default_optimizer
 from mlxlab.training.settings import TrainerSettings

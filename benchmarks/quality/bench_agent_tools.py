@@ -181,7 +181,7 @@ def rollout_speed(model_folder: Path, train_file: Path, tools: dict, a, rounds: 
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.objectives.base import ObjectiveSetup
     from mlxlab.objectives.rl.grpo import GRPO
-    from mlxlab.runtime import distributed
+    from mlxlab.runtime.cluster import distributed
 
     data = PromptRows(str(train_file), val_file=str(train_file),
                       tokenizer={"path": str(model_folder / "tokenizer.json")})

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import mlxlab  # noqa: F401  (first: loads the fast BLAS before anything imports mlx.core)
-from mlxlab.runtime.blas import set_blas_threads
+from mlxlab.runtime.compute.blas import set_blas_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import SMOKE_RUN, add_smoke, print_table, smoke_dir, write_record  # noqa: E402

@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.train, args.heldout, args.steps, args.batch, args.skip = 8, 4, 2, 2, 0
     # one BLAS thread a process for both tools: on cores other processes share, OpenBLAS's
-    # threads spin-wait on descheduled ones (runtime/blas.py set_blas_threads)
+    # threads spin-wait on descheduled ones (runtime/compute/blas.py set_blas_threads)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     work = Path(args.work or tempfile.mkdtemp(prefix="real_model_finetune_")).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ from benchmarks.harness import (
     write_record,
 )
 from mlxlab import kernels as mlxlab_kernels
-from mlxlab.runtime.blas import blas_threads, set_blas_threads
+from mlxlab.runtime.compute.blas import blas_threads, set_blas_threads
 
 # name -> (experiment preset, what one example is, default timed steps). The step counts give
 # each row ~15 s of timed steps, long enough to average over the host's slow spells.

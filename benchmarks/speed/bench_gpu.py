@@ -151,7 +151,7 @@ def lm_rows(spec: dict) -> list[dict]:
 
 def mlx_worker(spec: dict) -> dict:
     import mlxlab  # noqa: F401  (the fast BLAS on CPU, before mlx.core)
-    from mlxlab.runtime import device
+    from mlxlab.runtime.compute import device
     from mlxlab.training.startup import prepare_device
 
     cache = Path(spec["cache_dir"])

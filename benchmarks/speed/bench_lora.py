@@ -42,7 +42,7 @@ MLX_LM_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 MLX_LM_WORKER = """
 import json, sys, types
 if sys.argv[3] == "1":
-    from mlxlab.runtime.blas import setup_blas  # MLX's BLAS calls only; nothing else of mlxlab
+    from mlxlab.runtime.compute.blas import setup_blas  # MLX's BLAS calls only; nothing else of mlxlab
     print("blas:", setup_blas(), flush=True)
 import mlx.core as mx
 from mlx_lm import lora

@@ -120,8 +120,8 @@ def run_mlx_lm_lora(work: Path, folder: Path, data: Path, steps: int, every: int
             "--adapter-path", str(work / f"adapters-{tag}"), "-c", str(config)]
     env, setup = dict(os.environ), ""
     if openblas:
-        # mlxlab's own binding (runtime/blas.py) of the OpenBLAS it ships, then mlx-lm-lora
-        from mlxlab.runtime.blas import _bundled_openblas
+        # mlxlab's own binding (runtime/compute/blas.py) of the OpenBLAS it ships, then mlx-lm-lora
+        from mlxlab.runtime.compute.blas import _bundled_openblas
 
         env |= {"MLXLAB_BLAS": str(_bundled_openblas()), "PYTHONPATH": str(REPO / "src")}
         setup = "import mlxlab; assert mlxlab.blas.fast, mlxlab.blas; "

@@ -73,7 +73,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def env() -> dict:
     # one BLAS thread a process for both tools: on cores other processes share, OpenBLAS's
-    # threads spin-wait on descheduled ones (runtime/blas.py set_blas_threads)
+    # threads spin-wait on descheduled ones (runtime/compute/blas.py set_blas_threads)
     path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, "OPENBLAS_NUM_THREADS": "1"}
 

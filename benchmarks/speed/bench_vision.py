@@ -69,7 +69,7 @@ SMOKE_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
 # per-step report as a json line. argv: report.jsonl CLI-ARGS...
 MLX_VLM_WORKER = """
 import json, sys
-from mlxlab.runtime.blas import setup_blas  # MLX's BLAS calls only; nothing else of mlxlab
+from mlxlab.runtime.compute.blas import setup_blas  # MLX's BLAS calls only; nothing else of mlxlab
 print("blas:", setup_blas(), flush=True)
 from mlx_vlm import train as cli
 from mlx_vlm.trainer.common.callbacks import TrainingCallback

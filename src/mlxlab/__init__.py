@@ -2,8 +2,8 @@
 
 import sys
 
-from mlxlab.runtime.backend import MissingBackend, one_line_hook, require_backend
-from mlxlab.runtime.blas import setup_blas
+from mlxlab.runtime.compute.backend import MissingBackend, one_line_hook, require_backend
+from mlxlab.runtime.compute.blas import setup_blas
 
 try:
     # pip installed MLX without a backend (Linux without an extra, or a second backend
@@ -15,7 +15,7 @@ except MissingBackend:
     raise
 
 # On Linux CPU this points MLX's BLAS calls (and nothing else's) at OpenBLAS; MLX already loaded
-# changes nothing there (runtime/blas.py rebinds libmlx's own symbol slots).
+# changes nothing there (runtime/compute/blas.py rebinds libmlx's own symbol slots).
 blas = setup_blas()
 
 __version__ = "0.1.0"

@@ -36,7 +36,7 @@ def train_run(cfg: DictConfig) -> dict[str, float]:
     from mlxlab.models.sources import source_of, source_tags
     from mlxlab.runs import choose_tokenizer, keep_pretrained_files
     from mlxlab.runs.resume import resumed_run_folder
-    from mlxlab.runtime import distributed
+    from mlxlab.runtime.cluster import distributed
     from mlxlab.tracking.base import NullTracker
     from mlxlab.tracking.mlflow.stale import process_tags
     from mlxlab.tracking.run_info import hydra_context, run_tags, summary_lines, track_dataset

@@ -37,7 +37,7 @@ from mlxlab.checkpoint.layout import (
 )
 from mlxlab.checkpoint.state import StateLike, state_base, state_payload, state_step
 from mlxlab.errors import DISK_FULL, DiskFull
-from mlxlab.runtime.checksum import file_sha256
+from mlxlab.runtime.files.checksum import file_sha256
 
 
 def fsync_path(path: Path) -> None:

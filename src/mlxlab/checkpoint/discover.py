@@ -15,7 +15,7 @@ from mlxlab.checkpoint.layout import (
     STEP_PREFIX,
     step_of,
 )
-from mlxlab.runtime.checksum import file_sha256
+from mlxlab.runtime.files.checksum import file_sha256
 
 
 def check_committed(path: Path, full: bool = True) -> str | None:

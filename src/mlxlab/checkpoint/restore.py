@@ -30,7 +30,7 @@ from mlxlab.checkpoint.layout import (
     CheckpointWarning,
 )
 from mlxlab.checkpoint.state import read_payload
-from mlxlab.runtime.io_threads import load_arrays
+from mlxlab.runtime.memory.io_threads import load_arrays
 
 
 @dataclass

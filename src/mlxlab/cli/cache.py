@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mlxlab.cli.common import parser_for
 from mlxlab.runtime import settings
-from mlxlab.runtime.cache import CacheEntry, disk_size, remove
+from mlxlab.runtime.files.cache import CacheEntry, disk_size, remove
 
 
 def entries(root: Path) -> list[CacheEntry]:
@@ -55,7 +55,7 @@ def _kernel_builds(root: Path) -> list[CacheEntry]:
         return []
     try:  # the build this install loads (MLX imported: only `cache list|clear` pays for it)
         from mlxlab.kernels.build import build_key
-        from mlxlab.runtime.cpu import isa_level
+        from mlxlab.runtime.compute.cpu import isa_level
 
         level = isa_level()
         current = build_key(level) if level else None
@@ -72,9 +72,9 @@ def _kernel_builds(root: Path) -> list[CacheEntry]:
 
 
 def _blas_verdicts(root: Path) -> list[CacheEntry]:
-    """Which OpenBLAS kernels this machine's CPUs run (runtime/blas_kernels.py), where measured
+    """Which OpenBLAS kernels this machine's CPUs run (runtime/compute/blas_kernels.py), where measured
     and where the kernels' cache lies under the root."""
-    from mlxlab.runtime.blas_kernels import CACHE_FILE
+    from mlxlab.runtime.compute.blas_kernels import CACHE_FILE
 
     path = settings.read().kernels_cache.expanduser() / CACHE_FILE
     if not path.resolve().is_relative_to(root.resolve()) or not path.is_file():

@@ -57,7 +57,7 @@ def register_resolvers() -> None:
 def run_stamp(pattern: str) -> str:
     """Like Hydra's ${now:pattern}, but one time for all ranks of a data-parallel run (rank 0's,
     broadcast), so `mlx.launch -n N` ranks started apart still share one run folder."""
-    from mlxlab.runtime.distributed import start_time  # MLX's distributed: when stamping
+    from mlxlab.runtime.cluster.distributed import start_time  # MLX's distributed: when stamping
 
     return datetime.fromtimestamp(start_time()).strftime(pattern)
 

@@ -99,7 +99,7 @@ def _same_file(file: Path, base: dict | None) -> None:
     """The GGUF file the Modelfile will name holds what the run trained on: its sha256 is the
     one its conversion recorded (source.json beside the converted folder the run loaded), else
     one line, since the adapters would land on other weights."""
-    from mlxlab.runtime.checksum import file_sha256
+    from mlxlab.runtime.files.checksum import file_sha256
 
     record = Path((base or {}).get("folder") or "") / "source.json"
     if not record.is_file():

@@ -3,7 +3,7 @@
 The extension is compiled with CMake + Ninja against the CMake configs the installed wheels ship:
 MLX's (headers, libmlx) and nanobind's (the binding library MLX's own Python module is built
 with, so both share mx.array's type), for one fixed instruction-set level that the caller names
-(runtime/cpu.py: x86-64-v3 on x86-64, armv8-a on ARM64), never for the building machine's CPU
+(runtime/compute/cpu.py: x86-64-v3 on x86-64, armv8-a on ARM64), never for the building machine's CPU
 (-march=native would make the kernels a different program, with different last bits, on each
 kind of CPU). The cache key holds that level next to the sources', MLX's, nanobind's and
 Python's versions: every machine at that level uses the same build, and a home directory shared
@@ -44,7 +44,7 @@ class KernelBuildError(RuntimeError):
 def unsupported_reason() -> str | None:
     """Why this platform gets no build (None: try). The kernels are CPU code for Linux and macOS
     on x86-64 and ARM64; elsewhere the pure-MLX path runs. (An x86-64 CPU below x86-64-v3 has no
-    level to build for: the caller finds that with runtime/cpu.py.)"""
+    level to build for: the caller finds that with runtime/compute/cpu.py.)"""
     machine = platform.machine().lower()
     if sys.platform not in ("linux", "darwin"):
         return f"platform {sys.platform} (fused kernels build on Linux and macOS)"
@@ -83,7 +83,7 @@ def _module_file(directory: Path) -> Path | None:
 
 
 def build(cache: Path, isa: str, log=None, rpath: bool = True) -> Path:
-    """Path of the compiled module for the level `isa` (runtime/cpu.py's isa_level()), building
+    """Path of the compiled module for the level `isa` (runtime/compute/cpu.py's isa_level()), building
     it first when the folder `cache` has none.
     rpath=False leaves MLX's library folder out of the module (the install-time build runs in
     pip's temporary build environment; at import, mlx.core has already loaded libmlx).

@@ -14,7 +14,8 @@ from types import ModuleType
 import mlx.core as mx
 
 from mlxlab.kernels.build import KernelBuildError, load
-from mlxlab.runtime import cpu, settings
+from mlxlab.runtime import settings
+from mlxlab.runtime.compute import cpu
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def status() -> str:
 
 
 def isa_level() -> str:
-    """The fixed instruction-set level the kernels are built for on this CPU (runtime/cpu.py:
+    """The fixed instruction-set level the kernels are built for on this CPU (runtime/compute/cpu.py:
     x86-64-v3 or armv8-a); KernelBuildError on a CPU below it, which runs the pure-MLX ops."""
     level = cpu.isa_level()
     if level is None:

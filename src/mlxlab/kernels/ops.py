@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.kernels.dispatch import fused, skipped
-from mlxlab.runtime import blas
+from mlxlab.runtime.compute import blas
 
 
 def mlx_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 from mlxlab.errors import ConfigError, UserError
-from mlxlab.runtime import memory, memory_limits
+from mlxlab.runtime.memory import allocator, memory_limits
 from mlxlab.runtime.supervision import supervise
 
 
@@ -22,8 +22,8 @@ def main(job: Callable, supervised: bool = True) -> None:
     if supervised and supervise.wanted():  # the child checks, composes and trains
         sys.exit(supervise.main(sys.argv[1:], mark_killed=mark_run_killed))
     # the training process, before its threads: under `ulimit -v` few malloc arenas, each of
-    # which reserves 64 MiB of the limited address space (runtime/memory.py)
-    memory.fewer_arenas_under_limit(memory_limits.address_space_limit())
+    # which reserves 64 MiB of the limited address space (runtime/memory/allocator.py)
+    allocator.fewer_arenas_under_limit(memory_limits.address_space_limit())
     from mlxlab.launch.argv import check_group_choices, check_misplaced_keys
 
     try:

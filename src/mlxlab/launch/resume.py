@@ -18,7 +18,7 @@ from mlxlab.config import Parts, validate
 from mlxlab.config.retired import with_moved_targets
 from mlxlab.errors import ConfigError
 from mlxlab.runs.resume import prepare_resume, remote_resume, resumed_run_folder
-from mlxlab.runtime import slurm
+from mlxlab.runtime.cluster import slurm
 from mlxlab.tracking.run_info import task_overrides
 from mlxlab.training.model_ops import newest_state
 from mlxlab.training.settings import CheckpointPolicy

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.lora import lora_base_name_map
-from mlxlab.runtime.io_threads import load_arrays
+from mlxlab.runtime.memory.io_threads import load_arrays
 
 # (HF name without the "bert." prefix, ours); the first matching rule wins.
 _RULES = [

@@ -27,7 +27,7 @@ from mlxlab.models.lora_linear import LoRALinear, input_dims
 from mlxlab.models.lora_qat import QAT_BITS, QAT_GROUP_SIZES, QATLoRALinear
 from mlxlab.models.quantized_cpu import CpuQuantizedLinear
 from mlxlab.models.routed_experts import adapts_experts, is_experts, names_experts
-from mlxlab.runtime.io_threads import load_arrays
+from mlxlab.runtime.memory.io_threads import load_arrays
 
 LORA_KEYS = {"rank", "alpha", "dropout", "targets", "extra_trainable", "kind", "qat_bits",
              "qat_group_size"}

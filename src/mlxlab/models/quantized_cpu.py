@@ -1,7 +1,7 @@
 """Training on a 4- or 8-bit base (QLoRA) at the float GEMM's speed on the CPU backend.
 
 Why: MLX 0.32's CPU quantized matmul runs ~3 GFLOP/s on x86 where the float GEMM on OpenBLAS
-(runtime/blas.py) runs ~240 (a 1536x4096 layer, 128 rows; its backward, a quantized matmul too,
+(runtime/compute/blas.py) runs ~240 (a 1536x4096 layer, 128 rows; its backward, a quantized matmul too,
 ~11), so a 4-bit model trained tens of times slower than the float one (docs/benchmarks.md,
 "QLoRA on the CPU"). Here a quantized layer's product is kernels.quantized_product: one fused
 task that dequantizes the weight a block of rows at a time into a scratch buffer and runs the

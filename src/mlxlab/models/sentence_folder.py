@@ -24,7 +24,7 @@ from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.embedder import ACTIVATIONS, SentenceEmbedder
 from mlxlab.models.hf import assign_weights, bert_config_from_hf, hf_to_mlxlab_name, weight_files
 from mlxlab.models.pooling import pooling_modes
-from mlxlab.runtime.io_threads import load_arrays
+from mlxlab.runtime.memory.io_threads import load_arrays
 
 MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
 ENCODER_TYPES = ("bert",)  # model_type values mlxlab's BertEncoder reads

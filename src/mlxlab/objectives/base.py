@@ -68,7 +68,7 @@ import numpy as np
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.prompts import PromptRows
 from mlxlab.errors import ConfigError, DataMismatch
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 from mlxlab.stats import MetricDefinition
 
 LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]

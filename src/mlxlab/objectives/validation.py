@@ -15,7 +15,7 @@ from mlxlab.data.batching import Batching
 from mlxlab.errors import UserError
 from mlxlab.objectives import losses, metrics
 from mlxlab.objectives.base import Evaluation, LossFn
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 
 
 class EmptyValidation(UserError, RuntimeError):

@@ -25,7 +25,7 @@ def leave_after_signal(checkpoint: Path | None, exit_code: int, requeue: bool) -
     signal's exit code."""
     log.error("%s", stopped_hint(checkpoint, exit_code))
     if requeue:
-        from mlxlab.runtime import slurm
+        from mlxlab.runtime.cluster import slurm
 
         slurm.requeue()
     sys.exit(exit_code)

@@ -39,7 +39,7 @@ from mlxlab.errors import ConfigError
 from mlxlab.runs.model import choose_checkpoint, load_run_model
 from mlxlab.runs.registered import is_registered_name, registered_run_dir
 from mlxlab.runs.tokenizer import require_run_tokenizer
-from mlxlab.runtime import device
+from mlxlab.runtime.compute import device
 
 log = logging.getLogger(__name__)
 

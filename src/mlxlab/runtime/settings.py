@@ -10,12 +10,12 @@ own at start).
 |---|---|---|
 | MLXLAB_ROOT | the project root: `paths.root_dir`, the default store `<root>/mlruns/mlflow.db` | the nearest folder at or above the working directory holding pyproject.toml or .git |
 | MLXLAB_BLAS | `off`: MLX keeps its reference BLAS; a path: that BLAS library serves MLX | the bundled OpenBLAS (scipy-openblas32) |
-| MLXLAB_MALLOC | `default`: glibc gives freed memory back while training (runtime/memory.py) | freed memory stays in the heap |
-| MALLOC_ARENA_MAX | glibc's own: set, a run under an address-space limit keeps it instead of limiting glibc's malloc arenas itself (runtime/memory.py) | unset: two arenas under RLIMIT_AS, glibc's default otherwise |
+| MLXLAB_MALLOC | `default`: glibc gives freed memory back while training (runtime/memory/allocator.py) | freed memory stays in the heap |
+| MALLOC_ARENA_MAX | glibc's own: set, a run under an address-space limit keeps it instead of limiting glibc's malloc arenas itself (runtime/memory/allocator.py) | unset: two arenas under RLIMIT_AS, glibc's default otherwise |
 | MLXLAB_FUSED_KERNELS | `auto`, `on` or `off`: the fused CPU kernels, for scripts (`trainer.fused_kernels` sets the mode of a run) | auto |
 | MLXLAB_FUSED_KERNELS_SKIP | comma-separated kernel names left to MLX (kernels.OPS) | none |
 | MLXLAB_KERNEL_THREADS | threads of the fused kernels | the cores this process may use |
-| MLXLAB_KERNELS_CACHE | where the compiled kernels are kept (one build per ISA level, runtime/cpu.py) | `$XDG_CACHE_HOME/mlxlab/kernels`, else `~/.cache/mlxlab/kernels` |
+| MLXLAB_KERNELS_CACHE | where the compiled kernels are kept (one build per ISA level, runtime/compute/cpu.py) | `$XDG_CACHE_HOME/mlxlab/kernels`, else `~/.cache/mlxlab/kernels` |
 | MLXLAB_SKIP_KERNEL_BUILD | `1`: `pip install` does not compile the kernels (hatch_build.py) | they are compiled |
 | MLXLAB_CACHE_DIR | the user-level cache (`mlxlab cache list`): GGUF files converted to mlx-lm folders (models/gguf/), the migrated empty MLflow store new stores are copied from | `$XDG_CACHE_HOME/mlxlab`, else `~/.cache/mlxlab` |
 | MLXLAB_API_KEY | the key every request to `mlxlab serve`'s OpenAI API must carry (`Authorization: Bearer <key>`), when --api-key gives none | none: requests carry no key |
@@ -38,10 +38,10 @@ Read or set where a library needs them, not here (the modules tests/test_environ
 | tracking/wandb_tracker.py | WANDB_DIR, WANDB_MODE | wandb's own; read at each run's start, as wandb reads them, because wandb's process-wide setup keeps the first run's |
 | checkpoint/remote.py | AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST | the object-store clients' own (S3-compatible stores, the GCS emulator), read when a filesystem opens, beside the credential chains (AWS_*, GOOGLE_*, AZURE_*) the clients read themselves |
 | data/streaming/prefetch.py | TOKENIZERS_PARALLELISM | set (to false, unless set) for the tokenizers library before its thread pool starts |
-| runtime/device.py | MLX_PTX_CACHE_DIR | MLX's own, read when MLX first compiles a CUDA kernel: set (to `<paths.cache_dir>/mlx/<version>/ptx`, unless set) before a run evaluates anything, so the kernels a first run compiles for minutes outlive a cleaned /tmp |
-| runtime/jit_header.py | TMPDIR, TMP, TEMP, TEMPDIR | libstdc++'s, read as `std::filesystem::temp_directory_path()` reads them: MLX keeps its compiled CPU kernels under that folder, and the header they read is precompiled there |
-| runtime/blas.py | OPENBLAS_THREAD_TIMEOUT, OPENBLAS_CORETYPE | OpenBLAS's own, read once when it loads: set (to 4, and on an x86-64-v3 CPU to Haswell, or SkylakeX on an AVX-512 CPU where runtime/blas_kernels.py measured it faster, each unless set) while setup_blas loads MLX's OpenBLAS and removed again, so its idle threads sleep instead of spinning between a step's matrix products, it runs the same AVX2 kernels on every x86-64-v3 CPU (runtime/cpu.py), and nothing else's BLAS changes |
-| runtime/blas_kernels.py | OPENBLAS_CORETYPE, OPENBLAS_NUM_THREADS | OpenBLAS's own: set in the environment of the two child processes that time its AVX2 and AVX-512 kernels on an AVX-512 CPU (once per machine), the rest of the environment copied |
+| runtime/compute/device.py | MLX_PTX_CACHE_DIR | MLX's own, read when MLX first compiles a CUDA kernel: set (to `<paths.cache_dir>/mlx/<version>/ptx`, unless set) before a run evaluates anything, so the kernels a first run compiles for minutes outlive a cleaned /tmp |
+| runtime/compute/jit_header.py | TMPDIR, TMP, TEMP, TEMPDIR | libstdc++'s, read as `std::filesystem::temp_directory_path()` reads them: MLX keeps its compiled CPU kernels under that folder, and the header they read is precompiled there |
+| runtime/compute/blas.py | OPENBLAS_THREAD_TIMEOUT, OPENBLAS_CORETYPE | OpenBLAS's own, read once when it loads: set (to 4, and on an x86-64-v3 CPU to Haswell, or SkylakeX on an AVX-512 CPU where runtime/compute/blas_kernels.py measured it faster, each unless set) while setup_blas loads MLX's OpenBLAS and removed again, so its idle threads sleep instead of spinning between a step's matrix products, it runs the same AVX2 kernels on every x86-64-v3 CPU (runtime/compute/cpu.py), and nothing else's BLAS changes |
+| runtime/compute/blas_kernels.py | OPENBLAS_CORETYPE, OPENBLAS_NUM_THREADS | OpenBLAS's own: set in the environment of the two child processes that time its AVX2 and AVX-512 kernels on an AVX-512 CPU (once per machine), the rest of the environment copied |
 | launch/composing.py | HYDRA_FULL_ERROR | Hydra's own: set while Hydra composes the config (so a composition error reaches mlxlab as an exception it turns into one line) and restored to the user's value before the job runs |
 | models/sources/ollama.py | OLLAMA_MODELS | Ollama's own: where its model store is (`ollama:NAME` reads the manifest and blob there) |
 | tracking/mlflow/background.py, cli/serve.py, runtime/supervision/supervise.py, objectives/rl/tool_processes.py | the whole environment | copied for a child process (the tracking process, MLflow's model server, the supervised training child with the three supervisor variables added, a run's tool workers) |

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mlxlab.config.records import check_number
 from mlxlab.errors import ConfigError, UserError
-from mlxlab.runtime.locks import check_folder_free, file_lock, run_folder_busy
+from mlxlab.runtime.files.locks import check_folder_free, file_lock, run_folder_busy
 from mlxlab.sweeps.folder import sweep_dir_of
 
 START_LOCK = ".mlxlab_start.lock"  # in the sweep folder

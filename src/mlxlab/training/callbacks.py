@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from mlxlab.checkpoint import choose_best, is_better
 from mlxlab.errors import ConfigError
-from mlxlab.runtime import device
+from mlxlab.runtime.compute import device
 from mlxlab.training.settings import CheckpointPolicy
 from mlxlab.training.state import TrainContext
 

@@ -33,7 +33,7 @@ from mlxlab.data.batching import Batching
 from mlxlab.models.base import Model
 from mlxlab.models.sources.fingerprint import base_record, holds_base
 from mlxlab.objectives.base import Objective
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 from mlxlab.tracking.base import flatten_config
 from mlxlab.training.async_writer import CheckpointWriter
 from mlxlab.training.callbacks import Callback

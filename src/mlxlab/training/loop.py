@@ -52,7 +52,8 @@ from mlxlab.objectives.base import (
     check_objective,
     data_kind,
 )
-from mlxlab.runtime import distributed, memory
+from mlxlab.runtime.cluster import distributed
+from mlxlab.runtime.memory import allocator
 from mlxlab.runtime.supervision import failures, supervise
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import Tracker
@@ -284,7 +285,7 @@ class Fit:
             cb.setup(context, self.model, self.data)
         self.tracked = True  # (ending a tracker whose start failed is a no-op)
         self._start_tracking()
-        memory.keep_freed_memory()  # steps reuse freed memory, no page faults
+        allocator.keep_freed_memory()  # steps reuse freed memory, no page faults
         self._compile()  # after any restore; the next step compiles (on a GPU, MLX's kernels too)
         self.writer = build_writer(self.checkpointing, self.manager, self.run_dir, self.config,
                                    self.world)

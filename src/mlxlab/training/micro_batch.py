@@ -14,7 +14,7 @@ first come:
 4. trainer.micro_batch=auto: the largest power of two dividing the effective batch whose step
    fits the memory the run may use (`memory_budget`: the tightest of trainer.memory_limit (GB,
    or a fraction of the device's) and the limits set on the process (an address-space limit,
-   a cgroup's: runtime/memory_limits.py, less what the process holds beside MLX); with neither,
+   a cgroup's: runtime/memory/memory_limits.py, less what the process holds beside MLX); with neither,
    MLX's own limit), measured before step 1 on a batch padded to the longest row the
    data makes (the objective's probe_batch: the data's first, or its own batches at their
    largest, e.g. prompts with completions of the longest length): forward, backward, and the
@@ -45,7 +45,9 @@ from mlx.utils import tree_map
 from mlxlab.checkpoint import rng_state, set_rng_state
 from mlxlab.data.batching import Batching
 from mlxlab.data.streaming.module import StreamingText
-from mlxlab.runtime import device, distributed, memory_limits
+from mlxlab.runtime.cluster import distributed
+from mlxlab.runtime.compute import device
+from mlxlab.runtime.memory import memory_limits
 from mlxlab.runtime.supervision import failures, supervise
 from mlxlab.tracking import tags as T
 from mlxlab.training.checkpointing import PLAN_KEY
@@ -202,7 +204,7 @@ def device_memory_bytes() -> float:
 
 def memory_budget(settings: TrainerSettings) -> tuple[float, str]:
     """(the bytes a measured step may peak at, which limit set them): the tightest of
-    trainer.memory_limit and the limits set on this process (runtime/memory_limits.py: RLIMIT_AS,
+    trainer.memory_limit and the limits set on this process (runtime/memory/memory_limits.py: RLIMIT_AS,
     a cgroup's, each less what the process holds beside MLX and headroom); neither set: MLX's
     own limit. The machine's RAM is not a budget where the process may use less of it."""
     held = float(mx.get_active_memory() + mx.get_cache_memory())

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 from mlxlab.training.settings import TrainerSettings
 
 

@@ -1,7 +1,7 @@
 """SIGTERM/SIGINT/SIGUSR1: finish the current step, checkpoint, then stop.
 
 SIGUSR1 is what Slurm sends ahead of a job's time limit (`sbatch --signal=USR1@90`); with
-trainer.requeue the stopped run requeues its job (runtime/slurm.py).
+trainer.requeue the stopped run requeues its job (runtime/cluster/slurm.py).
 
 The first signal only sets a flag the loop reads between steps. A second SIGINT exits at once;
 that is safe because checkpoints are written to a temporary folder and renamed into place, so

@@ -5,9 +5,9 @@ model, cores and vector extension, the BLAS MLX uses, whether the fused CPU kern
 whether freed memory stays in the heap) and, on a GPU, that the CPU-only parts are off. On a GPU
 whose kernel cache is empty, a second line says that MLX is about to compile its CUDA kernels
 (minutes, once) and where they are kept; the cache is pointed at the project's cache folder
-first (runtime/device.py `use_kernel_cache`). On the CPU, the header MLX's compiled kernels
-read is precompiled beside the setup when the machine has none (runtime/jit_header.py). MLX's
-kept file-reading pool starts here too, before memory is tight (runtime/io_threads.py).
+first (runtime/compute/device.py `use_kernel_cache`). On the CPU, the header MLX's compiled kernels
+read is precompiled beside the setup when the machine has none (runtime/compute/jit_header.py). MLX's
+kept file-reading pool starts here too, before memory is tight (runtime/memory/io_threads.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from mlxlab import kernels
-from mlxlab.runtime import backend, blas, device, jit_header, settings
-from mlxlab.runtime.io_threads import start_io_threads
+from mlxlab.runtime import settings
+from mlxlab.runtime.compute import backend, blas, device, jit_header
+from mlxlab.runtime.memory.io_threads import start_io_threads
 
 log = logging.getLogger("mlxlab")
 
@@ -46,7 +47,7 @@ def prepare_device(cache_dir: str | Path, fused_mode: str = "auto") -> device.De
     cache = device.use_kernel_cache(Path(cache_dir))
     # MLX's kept file-reading pool, while the process has room for its threads: made late, under
     # an address-space limit, they cannot start and MLX hangs in mx.load; mlxlab's own loads then
-    # read on this pool and start none (runtime/io_threads.py load_arrays)
+    # read on this pool and start none (runtime/memory/io_threads.py load_arrays)
     start_io_threads()
     described = device.describe()
     if described.backend == "cpu":
@@ -68,7 +69,7 @@ def prepare_device(cache_dir: str | Path, fused_mode: str = "auto") -> device.De
 
 
 def setup_data(data: Any, world: Any, run_dir: Path) -> None:
-    """`data.setup` on every rank of `world` (runtime/distributed.py): rank 0 first, writing the
+    """`data.setup` on every rank of `world` (runtime/cluster/distributed.py): rank 0 first, writing the
     tokenizer and data caches into `run_dir`, then the others, which read what it wrote (these
     waits get the allowance of a first, compiling step); all ranks must end with one tokenizer."""
     if world.is_main:

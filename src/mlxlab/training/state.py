@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlxlab.checkpoint.layout import CHECKPOINTS_DIR
 from mlxlab.errors import UserError
 from mlxlab.objectives.base import Evaluation  # noqa: F401  (public here too, as before)
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 from mlxlab.tracking.base import Tracker
 
 if TYPE_CHECKING:

@@ -18,7 +18,8 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from mlxlab.objectives import losses
-from mlxlab.runtime import device, distributed, jit_header
+from mlxlab.runtime.cluster import distributed
+from mlxlab.runtime.compute import device, jit_header
 from mlxlab.training.parallel.gradients import DataParallel
 from mlxlab.training.settings import TrainerSettings
 

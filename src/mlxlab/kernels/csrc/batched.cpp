@@ -6,7 +6,7 @@
 // each product on one thread with the same kernel a single call runs: the bits of MLX's loop at
 // one BLAS thread (with more, OpenBLAS's AVX2 kernels split a single product and round otherwise).
 // The function is the one in the library that serves MLX's own cblas_sgemm (set_sgemm_batch,
-// from runtime/blas.py); where that BLAS has none (MLX's bundled one), the Python side keeps
+// from runtime/compute/blas.py); where that BLAS has none (MLX's bundled one), the Python side keeps
 // MLX's matmul.
 #include "common.h"
 #include "kernels.h"

@@ -7,7 +7,7 @@ key is the sha256 of the whole file (what a run records as its provenance anyway
 a file under another name, or an Ollama blob of the same file, reuses the conversion.
 
 A conversion is written into a hidden temporary folder beside it (`.<key>-XXXXXXXX`) holding
-`writer.json`, the writing process's record (runtime/processes.py: host, pid, pid namespace,
+`writer.json`, the writing process's record (runtime/files/processes.py: host, pid, pid namespace,
 start time), and renamed into place when whole. A temporary whose writer is dead (killed while
 converting) is removed by the next conversion; a live writer's, or one of another host, is
 left alone. A temporary without a record (an older mlxlab's) is removed once nothing has
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from mlxlab.runtime import settings
-from mlxlab.runtime.cache import CacheEntry, disk_size
-from mlxlab.runtime.processes import gone_reason, this_process
+from mlxlab.runtime.files.cache import CacheEntry, disk_size
+from mlxlab.runtime.files.processes import gone_reason, this_process
 
 COMPLETE = ".complete"  # written last into a finished, verified folder
 SOURCE = "source.json"

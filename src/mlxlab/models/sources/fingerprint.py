@@ -23,7 +23,7 @@ from pathlib import Path
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.base import Model
 from mlxlab.runtime import settings
-from mlxlab.runtime.checksum import file_sha256
+from mlxlab.runtime.files.checksum import file_sha256
 
 FINGERPRINTED = ("config.json", "model*.safetensors")  # what the base's weights are built from
 HASHES_DIR = "file_sha256"  # under the cache root: one small file a hashed file version

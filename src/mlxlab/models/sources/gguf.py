@@ -46,7 +46,7 @@ from mlxlab.models.sources.gguf_blocks import (
 )
 from mlxlab.models.sources.gguf_header import check_header, check_shapes, tensor_shapes
 from mlxlab.models.sources.source import ModelSource
-from mlxlab.runtime.checksum import file_sha256
+from mlxlab.runtime.files.checksum import file_sha256
 
 log = logging.getLogger(__name__)
 

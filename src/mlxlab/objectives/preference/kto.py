@@ -36,7 +36,7 @@ from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
 from mlxlab.objectives.preference.preference import reference_model
 from mlxlab.objectives.validation import EmptyValidation
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 from mlxlab.stats import LOG_PROB, LOSS, MetricDefinition
 
 Batch = dict[str, mx.array]

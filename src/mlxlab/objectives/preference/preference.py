@@ -56,7 +56,7 @@ from mlxlab.objectives.preference.preference_losses import (
     pair_loss,
 )
 from mlxlab.objectives.validation import evaluate_by_loss
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 from mlxlab.stats import LOG_PROB, LOSS, UNIT, MetricDefinition
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
 from mlxlab.objectives.validation import evaluate_by_loss
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 from mlxlab.stats import LOSS, UNIT, MetricDefinition
 
 Batch = dict[str, mx.array]

@@ -77,7 +77,7 @@ from mlxlab.objectives.rollouts import (
     completion_metrics,
     sample_completions,
 )
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 from mlxlab.stats import MetricDefinition
 
 log = logging.getLogger(__name__)

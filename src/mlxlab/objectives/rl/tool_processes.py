@@ -41,7 +41,7 @@ class _Worker:
     def __init__(self, tools: Mapping[str, tuple[str, dict]]) -> None:
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-               "MLXLAB_BLAS": "off"}  # it multiplies no matrices (runtime/blas.py)
+               "MLXLAB_BLAS": "off"}  # it multiplies no matrices (runtime/compute/blas.py)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlxlab.objectives.rl.tool_worker", str(theirs.fileno()),
              str(os.getpid())], pass_fds=(theirs.fileno(),), env=env, start_new_session=True)

@@ -55,7 +55,7 @@ from mlxlab.objectives.supervised.teacher_weights import (
     build_teachers,
     check_teacher_specs,
 )
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 from mlxlab.stats import MetricDefinition
 from mlxlab.tracking import tags as T
 

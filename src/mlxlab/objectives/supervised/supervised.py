@@ -21,7 +21,7 @@ from mlxlab.objectives.base import (
     data_kind,
 )
 from mlxlab.objectives.validation import evaluate_cross_entropy
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 from mlxlab.stats import LOSS, UNIT, MetricDefinition
 
 # What evaluate_cross_entropy reports for each data task (prefix "val/"), which way each

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxlab.errors import ConfigError
-from mlxlab.runtime.locks import file_lock
+from mlxlab.runtime.files.locks import file_lock
 
 log = logging.getLogger(__name__)
 

@@ -193,7 +193,7 @@ def _spawn() -> tuple[subprocess.Popen, Connection]:
     # network calls the user did not ask for. MLFLOW_DISABLE_TELEMETRY=false set by the user wins.
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # It multiplies no matrices: loading OpenBLAS (and its threads) would cost ~0.2 s of CPU
-    # beside the first training steps (runtime/blas.py).
+    # beside the first training steps (runtime/compute/blas.py).
     env["MLXLAB_BLAS"] = "off"
     process = subprocess.Popen(
         [sys.executable, "-m", "mlxlab.tracking.mlflow.background", str(theirs.fileno())],
@@ -328,7 +328,7 @@ def tracks_in_a_child(argv: list[str]) -> bool:
     """Whether this command line will track with MLflow in a child process (the default:
     tracking=mlflow, tracking.background=true) from this process: one run, this rank the
     first. A wrong guess costs only an idle child that exits with this process."""
-    from mlxlab.runtime import distributed
+    from mlxlab.runtime.cluster import distributed
 
     if any(a in ("-m", "--multirun", "--help", "-h", "--cfg", "-c", "--info") or
            a.startswith(("--cfg=", "--info=", "hydra/launcher=")) for a in argv):

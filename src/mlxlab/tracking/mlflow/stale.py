@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mlxlab.runtime.processes import gone_reason, pid_namespace, process_start
+from mlxlab.runtime.files.processes import gone_reason, pid_namespace, process_start
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow.calls import retrying
 from mlxlab.tracking.mlflow.store import resolve_uri, sqlite_path

@@ -16,7 +16,7 @@ from typing import Any
 
 from mlxlab.errors import ConfigError
 from mlxlab.runtime import settings
-from mlxlab.runtime.locks import file_lock
+from mlxlab.runtime.files.locks import file_lock
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.mlflow import environment
 from mlxlab.tracking.mlflow.calls import retrying

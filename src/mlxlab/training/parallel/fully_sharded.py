@@ -22,7 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.errors import ConfigError
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 from mlxlab.training.parallel.gather import make_gather
 
 WRAPPED = "module"  # the child name nn.FullyShardedModule keeps its module under

@@ -21,7 +21,7 @@ from functools import reduce
 
 import mlx.core as mx
 
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 
 
 def make_gather(world: distributed.World, full_shapes: Sequence[tuple[int, ...]]

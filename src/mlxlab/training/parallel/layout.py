@@ -13,7 +13,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlxlab.errors import ConfigError
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 
 
 @dataclass

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 from mlxlab.training.parallel.fully_sharded import plain_name, shard_fully
 from mlxlab.training.parallel.gradients import DataParallel, FullySharded, TensorParallel
 from mlxlab.training.parallel.layout import Layout

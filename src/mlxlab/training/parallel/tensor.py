@@ -18,7 +18,7 @@ from mlxlab.errors import ConfigError
 from mlxlab.models.adapter_layer import AdapterLayer
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.transformer import Transformer
-from mlxlab.runtime import distributed
+from mlxlab.runtime.cluster import distributed
 from mlxlab.training.parallel.layout import Layout
 
 TO_SHARDED = (nn.AllToShardedLinear, nn.QuantizedAllToShardedLinear)

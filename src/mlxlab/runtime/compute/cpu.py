@@ -9,7 +9,7 @@ on another. mlxlab uses one level per architecture instead:
   Zen 1). The fused kernels are compiled for it (kernels/build.py) on every CPU at or above it,
   AVX-512 CPUs included, and MLX's OpenBLAS runs its AVX2 kernels (OpenBLAS's "Haswell" core)
   there, except on an AVX-512 CPU where its AVX-512 sgemm measured faster at the first import
-  (runtime/blas_kernels.py: ~2x on a Zen 5; the product's last bits are that CPU's own: the
+  (runtime/compute/blas_kernels.py: ~2x on a Zen 5; the product's last bits are that CPU's own: the
   speed of the step's largest part outweighs bits shared with other CPUs). A CPU below it gets
   no fused kernels (pure MLX, one log line) and OpenBLAS's own choice of kernels.
 - ARM64: **armv8-a** (NEON, which every ARM64 CPU has).

@@ -112,7 +112,7 @@ def nvidia_driver() -> str | None:
 
 def describe() -> Description:
     """The default device, its memory and the MLX build that drives it."""
-    from mlxlab.runtime.backend import live_backend
+    from mlxlab.runtime.compute.backend import live_backend
 
     kind = backend()
     info = mx.device_info(mx.default_device())

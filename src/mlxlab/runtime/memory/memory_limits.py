@@ -26,12 +26,12 @@ import os
 import resource
 from pathlib import Path
 
-from mlxlab.runtime import memory
+from mlxlab.runtime.memory import allocator
 
 # What a run maps after its micro-batch is chosen, beyond MLX's peak (threads, libraries it
 # imports at the end, the heap's slack): measured on the tinystories_nano preset under `ulimit
 # -v` (its VmPeak less its size before the search and MLX's measured peak) 0.17 GB with few
-# malloc arenas (runtime/memory.py limits them under such a limit), 0.31 GB with glibc's
+# malloc arenas (runtime/memory/allocator.py limits them under such a limit), 0.31 GB with glibc's
 # default arenas (MLXLAB_MALLOC=default). A run the headroom misjudges still ends well: the
 # supervising parent restarts it at half the micro-batch.
 ADDRESS_HEADROOM = 192 * 2**20
@@ -57,7 +57,7 @@ def budgets(held: float) -> list[Budget]:
     size = vm_size()
     if address is not None and size is not None:
         beside = max(0.0, size - held)
-        headroom = ADDRESS_HEADROOM if memory.arenas_limited() else ADDRESS_HEADROOM_ARENAS
+        headroom = ADDRESS_HEADROOM if allocator.arenas_limited() else ADDRESS_HEADROOM_ARENAS
         found.append(Budget(address - beside - headroom,
                             f"RLIMIT_AS {_gb(address)} less {_gb(beside)} mapped beside MLX and "
                             f"{_gb(headroom)} headroom"))

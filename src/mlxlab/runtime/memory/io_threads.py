@@ -27,7 +27,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlxlab.runtime.memory_limits import address_space_limit
+from mlxlab.runtime.memory.memory_limits import address_space_limit
 
 if TYPE_CHECKING:
     import mlx.core as mx

@@ -20,7 +20,7 @@ same bits. Every other CPU runs the AVX2 kernels (the same bits on every x86-64-
 
 What the AVX-512 kernels give up: a product's last bits differ from an AVX2 CPU's, and differ
 with the layout MLX hands OpenBLAS (B transposed or copied), which the fused kernels' contiguous
-attention heads change (runtime/blas.py). A user who wants the AVX2 bits everywhere sets
+attention heads change (runtime/compute/blas.py). A user who wants the AVX2 bits everywhere sets
 OPENBLAS_CORETYPE=Haswell; any OPENBLAS_CORETYPE the user sets wins and nothing is measured.
 """
 
@@ -36,7 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlxlab.runtime import cpu, settings
+from mlxlab.runtime import settings
+from mlxlab.runtime.compute import cpu
 
 AVX2_CORE, AVX512_CORE = "Haswell", "SkylakeX"
 AVX512_FLAGS = frozenset({"avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"})

@@ -37,7 +37,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxlab.runtime import blas_kernels, settings
+from mlxlab.runtime import settings
+from mlxlab.runtime.compute import blas_kernels
 
 ENV = "MLXLAB_BLAS"
 FIX = "fix: `pip install scipy-openblas32` (x86_64) or set MLXLAB_BLAS=/path/to/libopenblas.so"
@@ -53,7 +54,7 @@ RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
 THREAD_TIMEOUT, SPIN_EXPONENT = "OPENBLAS_THREAD_TIMEOUT", 4
 # Which of its kernels a DYNAMIC_ARCH OpenBLAS runs (OPENBLAS_CORETYPE): on an x86-64-v3 CPU its
 # AVX2 ones ("Haswell"), or its AVX-512 ones where this CPU has AVX-512 and they measured faster
-# here (runtime/blas_kernels.py: measured once per machine, cached). The AVX2 kernels give the
+# here (runtime/compute/blas_kernels.py: measured once per machine, cached). The AVX2 kernels give the
 # same bits on every x86-64-v3 CPU and whether MLX hands them B transposed or copied; the
 # AVX-512 ones give other last bits, and the fused kernels' contiguous attention heads
 # (kernels.split_heads) then change the attention's products in the last bit.
