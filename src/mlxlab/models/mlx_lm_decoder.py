@@ -247,11 +247,14 @@ class MLXLMDecoder(PretrainedModel):
             check_freeze_embeddings(self._freeze_embeddings, lora)
             freeze_embeddings_and_head(self.lm)
         rank = int((lora or {}).get("rank", 0))
-        base = f"{self.quantized_bits()}-bit quantized" if self.quantized else str(_float_dtype(self))
-        return (f"{(lora or {}).get('kind', 'lora')} adapters (rank {rank}, float32) on the "
-                f"frozen {base} base" if rank else
-                f"every parameter but the embeddings and head ({base})"
-                if self._freeze_embeddings else f"every parameter ({base}, full fine-tuning)")
+        base = (f"{self.quantized_bits()}-bit quantized" if self.quantized
+                else str(_float_dtype(self)))
+        if rank:
+            return (f"{lora.get('kind', 'lora')} adapters (rank {rank}, float32) on the frozen "
+                    f"{base} base")
+        if self._freeze_embeddings:
+            return f"every parameter but the embeddings and head ({base})"
+        return f"every parameter ({base}, full fine-tuning)"
 
     def use_cpu_kernels(self) -> None:
         # On the CPU, quantized layers (under their adapters too) multiply through the fused
