@@ -166,6 +166,10 @@ class BertEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self.embeddings.word_embeddings.weight.shape[1]
 
+    @property
+    def vocab_size(self) -> int:
+        return self.embeddings.word_embeddings.weight.shape[0]
+
     def __call__(
         self,
         input_ids: mx.array,

@@ -48,6 +48,10 @@ class DecoderEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self._hidden
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config["vocab_size"])
+
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
                  token_type_ids: mx.array | None = None) -> mx.array:
         """`token_type_ids` is accepted for the encoders' common call; a decoder has none."""

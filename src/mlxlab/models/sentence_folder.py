@@ -192,6 +192,9 @@ def _embedder(folder: Path, modules: list[tuple[str, Path]]) -> SentenceEmbedder
     if missing:
         raise ConfigError(f"{folder} lacks {len(missing)} weights, e.g. {missing[:3]}")
     model.load_weights(list(loaded.items()))
+    # read now, on this thread's stream: a server's request threads compute on their own, and
+    # MLX evaluates an array only on a stream of the thread that made it
+    mx.eval(model.parameters())
     model.eval()
     return model
 
@@ -213,6 +216,11 @@ class TextEmbedder:
     @property
     def dimension(self) -> int:
         return self.model.dimension
+
+    @property
+    def vocab_size(self) -> int:
+        """The ids its embedding table has (a token id input is one of 0 .. vocab_size - 1)."""
+        return int(self.model.encoder.vocab_size)
 
     @property
     def normalizes(self) -> bool:
