@@ -22,6 +22,7 @@ import numpy as np
 from tokenizers import Tokenizer, normalizers
 
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.decoder_encoder import DecoderEncoder
 from mlxlab.models.embedder import ACTIVATIONS, SentenceEmbedder
 from mlxlab.models.hf import assign_weights, bert_config_from_hf, hf_to_mlxlab_name, weight_files
 from mlxlab.models.pooling import pooling_modes
@@ -179,24 +180,34 @@ def load_sentence_embedder(folder: str | Path) -> SentenceEmbedder:
 
 
 def _embedder(folder: Path, modules: list[tuple[str, Path]]) -> SentenceEmbedder:
+    model = SentenceEmbedder(**embedder_settings(modules))
+    load_folder_weights(model, folder, modules)
+    model.eval()
+    return model
+
+
+def embedder_settings(modules: list[tuple[str, Path]]) -> dict:
+    """SentenceEmbedder's keyword arguments for a folder's modules (read_modules)."""
     pooling_path = modules[1][1]
-    encoder = encoder_sizes(modules[0][1])
-    model = SentenceEmbedder(
-        encoder=encoder,
+    return dict(
+        encoder=encoder_sizes(modules[0][1]),
         pooling=pooling_modes(_json(pooling_path / "config.json"), f"{pooling_path}/config.json"),
         dense=[dense_settings(path) for kind, path in modules if kind == "Dense"],
         normalize=modules[-1][0] == "Normalize",
     )
-    rename = _decoder_name if "hf_config" in encoder else _encoder_name
+
+
+def load_folder_weights(model: SentenceEmbedder, folder: Path,
+                        modules: list[tuple[str, Path]]) -> None:
+    """The folder's weights into `model` (built from embedder_settings; LoRA-wrapped or not)."""
+    rename = _decoder_name if isinstance(model.encoder, DecoderEncoder) else _encoder_name
     loaded, _, missing = assign_weights(model, _weights(modules), rename)
     if missing:
         raise ConfigError(f"{folder} lacks {len(missing)} weights, e.g. {missing[:3]}")
-    model.load_weights(list(loaded.items()))
+    model.load_weights(list(loaded.items()), strict=False)
     # read now, on this thread's stream: a server's request threads compute on their own, and
     # MLX evaluates an array only on a stream of the thread that made it
     mx.eval(model.parameters())
-    model.eval()
-    return model
 
 
 class TextEmbedder:
