@@ -10,10 +10,11 @@ scales to unit length by default). So a folder with Dense layers, several poolin
 encoder family (RoBERTa's offset positions, a decoder) or a default prompt (a GGUF carries no
 prompts) is refused before anything is written. The vocabulary goes in as llama.cpp's WordPiece
 model ("bert": a word-initial piece marked with "▁", a continuation without its "##"). The
-tensors keep the Hugging Face names through the `gguf` package's own name map; 1-D tensors stay
-F32. Where the `xllamacpp` wheel is installed, llama.cpp loads the written file in embedding mode
-and embeds a probe of texts: each vector must have cosine >= 1 - 1e-4 with mlxlab's (f32, f16,
-q8_0), else the file is refused and removed.
+tensors keep the Hugging Face names through the `gguf` package's own name map; 1-D tensors and
+the position and token-type tables stay F32, as llama.cpp's converter keeps them. Where the
+`xllamacpp` wheel is installed, llama.cpp loads the written file in embedding mode and embeds a
+probe of texts: each vector must have cosine >= 1 - 1e-4 with mlxlab's (f32 and f16 both are
+within 1e-5), else the file is refused and removed.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from mlxlab.export.gguf import GGUFExportError, gguf_package
 from mlxlab.models.bert import BertEncoder
 from mlxlab.models.sentence_folder import TextEmbedder
 
-QUANTS = ("f32", "f16", "q8_0")
+QUANTS = ("f32", "f16")  # both within the check; a quantized file would need retention
 POOLING = {"mean": "MEAN", "cls": "CLS", "lasttoken": "LAST"}  # gguf.PoolingType members
 MIN_COSINE = 1 - 1e-4
+# tables llama.cpp's BERT graph adds to float32 activations as they are (its converter keeps them
+# F32 in every file type): the position and token-type embeddings
+F32_TABLES = ("position_embd.", "token_types.")
 
 
 def export_embedder_gguf(source: str | Path, out: str | Path, quant: str = "f16",
@@ -96,10 +100,8 @@ def write_embedder_gguf(embedder: TextEmbedder, out: Path, quant: str, name: str
     writer.add_layer_norm_eps(float(block.attention_norm.eps))
     writer.add_causal_attention(False)
     writer.add_pooling_type(g.PoolingType[POOLING[embedder.model.pooling[0]]])
-    kind = {"f32": g.GGMLQuantizationType.F32, "f16": g.GGMLQuantizationType.F16,
-            "q8_0": g.GGMLQuantizationType.Q8_0}[quant]
-    writer.add_file_type({"f32": g.LlamaFileType.ALL_F32, "f16": g.LlamaFileType.MOSTLY_F16,
-                          "q8_0": g.LlamaFileType.MOSTLY_Q8_0}[quant])
+    half = quant == "f16"
+    writer.add_file_type(g.LlamaFileType.MOSTLY_F16 if half else g.LlamaFileType.ALL_F32)
     if "token_type_embeddings" in encoder.embeddings:
         writer.add_token_type_count(int(encoder.embeddings.token_type_embeddings.weight.shape[0]))
     _write_wordpiece(writer, embedder, g)
@@ -109,12 +111,9 @@ def write_embedder_gguf(embedder: TextEmbedder, out: Path, quant: str, name: str
         if gguf_name is None:
             raise GGUFExportError(f"{hf_name} has no llama.cpp BERT tensor")
         data = np.array(value, dtype=np.float32)
-        if data.ndim == 1 or kind == g.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name, data)
-        elif kind == g.GGMLQuantizationType.F16:
-            writer.add_tensor(gguf_name, data.astype(np.float16))
-        else:
-            writer.add_tensor(gguf_name, g.quantize(data, kind), raw_dtype=kind)
+        if half and data.ndim > 1 and not gguf_name.startswith(F32_TABLES):
+            data = data.astype(np.float16)
+        writer.add_tensor(gguf_name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
