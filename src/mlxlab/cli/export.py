@@ -333,7 +333,9 @@ def _embedder(args: argparse.Namespace) -> int:
     if args.fmt == "sentence-transformers" and args.quant is not None:
         given.insert(0, "--quant")
     if given or args.fmt not in ("sentence-transformers", "gguf"):
-        what = f"{', '.join(given)} do(es) not apply" if given else f"--format {args.fmt} does not apply"
+        what = (f"--format {args.fmt} does not" if not given else
+                f"{given[0]} does not" if len(given) == 1 else f"{', '.join(given)} do not")
+        what += " apply"
         print(f"mlxlab export: error: {what} to a text embedder: it exports as --format "
               "sentence-transformers, or --format gguf --quant f32|f16 (a BERT embedder)",
               file=sys.stderr)

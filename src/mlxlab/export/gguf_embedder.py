@@ -19,6 +19,7 @@ within 1e-5), else the file is refused and removed.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -122,7 +123,6 @@ def write_embedder_gguf(embedder: TextEmbedder, out: Path, quant: str, name: str
 
 def _write_wordpiece(writer, embedder: TextEmbedder, g) -> None:
     """tokenizer.json's WordPiece vocabulary in llama.cpp's form, its special tokens' ids."""
-    import json
 
     spec = json.loads((embedder.transformer / "tokenizer.json").read_text())
     model = spec.get("model") or {}
@@ -146,26 +146,58 @@ def _write_wordpiece(writer, embedder: TextEmbedder, g) -> None:
     writer.add_tokenizer_model("bert")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    g.SpecialVocab(embedder.transformer, load_merges=False, n_vocab=size).add_to_gguf(writer)
+    _write_special_ids(writer, embedder, model["vocab"])
+
+
+def _write_special_ids(writer, embedder: TextEmbedder, vocab: dict[str, int]) -> None:
+    """The special tokens' ids, named in tokenizer_config.json: llama.cpp's WordPiece puts its
+    BOS (the [CLS]) before a text and its SEP after it, and without the keys falls back to
+    bert-base's ids (101, 102, ...)."""
+    import json
+
+    file = embedder.transformer / "tokenizer_config.json"
+    named = json.loads(file.read_text()) if file.is_file() else {}
+    defaults = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                "unk_token": "[UNK]", "mask_token": "[MASK]"}
+    ids = {}
+    for key, default in defaults.items():
+        token = named.get(key) or default
+        token = token["content"] if isinstance(token, dict) else token
+        if token not in vocab:
+            raise GGUFExportError(f"the tokenizer has no {key} {token!r}, which llama.cpp's "
+                                  "WordPiece needs")
+        ids[key] = vocab[token]
+    writer.add_bos_token_id(ids["cls_token"])
+    writer.add_sep_token_id(ids["sep_token"])
+    writer.add_eos_token_id(ids["sep_token"])
+    writer.add_pad_token_id(ids["pad_token"])
+    writer.add_unk_token_id(ids["unk_token"])
+    writer.add_mask_token_id(ids["mask_token"])
+    writer.add_add_bos_token(True)
+    writer.add_add_sep_token(True)
 
 
 def llama_cpp_check(embedder: TextEmbedder, file: Path) -> dict:
-    """llama.cpp (the xllamacpp wheel) embeds PROBE from the written file; each vector's cosine
-    with mlxlab's must be >= MIN_COSINE, else the file is refused."""
+    """llama.cpp (the xllamacpp wheel) embeds the texts of PROBE that fit the model whole (it
+    does not truncate, mlxlab does) from the written file; each vector's cosine with mlxlab's
+    must be >= MIN_COSINE, else the file is refused."""
     try:
         import xllamacpp as xl
     except ImportError:
         return {"status": "unchecked", "why": "xllamacpp (llama.cpp's wheel) is not installed"}
+    texts = [t for t, ids in zip(PROBE, embedder.token_ids(PROBE)) if len(ids) < embedder.max_length]
     params = xl.CommonParams()
     params.model.path = str(file)
     params.embedding = True
-    params.n_ctx = params.n_batch = params.n_ubatch = embedder.max_length * 2
+    params.n_ctx = params.n_batch = params.n_ubatch = embedder.max_length
     params.cpuparams.n_threads = 2
-    server = xl.Server(params)
-    answer = server.handle_embeddings({"input": PROBE})
+    answer = xl.Server(params).handle_embeddings({"input": texts})
+    if "data" not in answer:
+        raise GGUFExportError(f"llama.cpp could not embed with the written file: "
+                              f"{str(answer.get('error', answer))[:200]}")
     theirs = np.array([row["embedding"] for row in sorted(answer["data"],
                                                         key=lambda r: r["index"])], np.float32)
-    ours = embedder.encode(PROBE)
+    ours = embedder.encode(texts)
     cosine = (theirs * ours).sum(1) / (np.linalg.norm(theirs, axis=1)
                                        * np.linalg.norm(ours, axis=1))
     worst = float(cosine.min())
@@ -173,4 +205,4 @@ def llama_cpp_check(embedder: TextEmbedder, file: Path) -> dict:
         raise GGUFExportError(f"llama.cpp's embedding of the written file has cosine {worst:.6f} "
                               f"with mlxlab's (needs >= {MIN_COSINE}): not exported")
     return {"status": "checked", "checker": f"llama.cpp (xllamacpp {xl.__version__})",
-            "min_cosine": worst, "texts": len(PROBE)}
+            "min_cosine": worst, "texts": len(texts)}
