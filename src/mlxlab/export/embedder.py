@@ -6,7 +6,8 @@ The embedder is what mlxlab loads from a sentence-transformers folder (models/se
 a BERT, RoBERTa / XLM-R or decoder Transformer, Pooling, Dense layers, Normalize). The folder is
 written from the model in memory, laid out as sentence-transformers saves one: modules.json; the
 Transformer at the top (config.json, model.safetensors in the Hugging Face base model's names,
-float32, the tokenizer files, sentence_bert_config.json); 1_Pooling/config.json; N_Dense/
+float32, BERT's unused pooler kept as the source has it, the tokenizer files,
+sentence_bert_config.json); 1_Pooling/config.json; N_Dense/
 (config.json, model.safetensors); N_Normalize/; config_sentence_transformers.json (the named
 prompts and the default one). Then it proves itself before it is renamed into place: mlxlab
 reads the written folder, and sentence-transformers too where it is installed, and both must
@@ -28,9 +29,10 @@ from mlxlab.export.hf import ExportError
 from mlxlab.export.staging import staged_folder
 from mlxlab.models.decoder_encoder import DecoderEncoder
 from mlxlab.models.embedder import SentenceEmbedder
-from mlxlab.models.hf import mlxlab_to_hf_name
+from mlxlab.models.hf import mlxlab_to_hf_name, weight_files
 from mlxlab.models.pooling import LEGACY_FLAGS
 from mlxlab.models.sentence_folder import TextEmbedder, is_sentence_folder
+from mlxlab.runtime.io_threads import load_arrays
 
 PROBE = ["The cat sat on the mat.", "A man is riding a horse.", "Café naïve résumé, ÀÉÎ",
          "中文 text 日本語", "", "word " * 200, "Is this the query or the document?"]
@@ -102,8 +104,8 @@ def _write_transformer(embedder: TextEmbedder, folder: Path) -> None:
     config.pop("dtype", None)
     config["torch_dtype"] = "float32"
     _write_json(folder / "config.json", config)
-    mx.save_safetensors(str(folder / "model.safetensors"), encoder_weights(embedder.model),
-                        metadata={"format": "pt"})
+    weights = {**_unused_source_tensors(source), **encoder_weights(embedder.model)}
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, folder / name)
@@ -124,6 +126,18 @@ def encoder_weights(model: SentenceEmbedder) -> dict[str, mx.array]:
                 for name, value in params}
     except ValueError as err:  # a pre-norm encoder's final norm
         raise ExportError(f"this encoder has no Hugging Face layout: {err}") from None
+
+
+def _unused_source_tensors(source: Path) -> dict[str, mx.array]:
+    """BERT's pooler as the source holds it: no embedding reads it, but transformers' BertModel
+    has one and would report it missing (and draw it at random) without it."""
+    kept = {}
+    for file in weight_files(source):
+        for name, value in load_arrays(file).items():
+            plain = name.removeprefix("bert.").removeprefix("roberta.")
+            if plain.startswith("pooler."):
+                kept[plain] = value.astype(mx.float32)
+    return kept
 
 
 def pooling_config(model: SentenceEmbedder) -> dict:
