@@ -1,5 +1,5 @@
-"""Serve finished runs or models over HTTP: language models over the OpenAI API (mlx-lm's
-server), a classifier with MLflow's model server.
+"""Serve finished runs or models over HTTP: language models and text embedders over the OpenAI
+API (mlx-lm's server), a classifier with MLflow's model server.
 
     mlxlab serve outputs/finetune_chat/<a> outputs/finetune_chat/<b> --port 5001
     mlxlab serve models:/story-lora@champion /path/to/base/model/folder
@@ -27,6 +27,14 @@ is one line before the port is bound. A drafted model answers one request at a t
     client = OpenAI(base_url="http://127.0.0.1:5001/v1", api_key="unused")
     client.chat.completions.create(model="<run folder name>",
                                    messages=[{"role": "user", "content": "Hi"}])
+
+A text embedder (a sentence-transformers folder: BERT, RoBERTa / XLM-R or a decoder such as
+Qwen3-Embedding) answers POST /v1/embeddings as OpenAI's API does (a string, strings or token
+ids; encoding_format float or base64; dimensions: the first N components, back to unit length),
+with the vectors `mlxlab embed` writes:
+
+    mlxlab serve path/to/all-MiniLM-L6-v2 path/to/chat-run --port 5001
+    client.embeddings.create(model="all-MiniLM-L6-v2", input=["a text", "another"])
 
 Refusals are OpenAI's error objects with OpenAI's status (404: a model not served here); a
 max_tokens past the model's context is refused; a body over --max-request-mib is refused
@@ -189,6 +197,7 @@ def _language_model_targets(args: argparse.Namespace, scratch: Path) -> list | N
 
 
 def _openai(args: argparse.Namespace, targets: list, drafts: dict) -> int:
+    from mlxlab.serving.openai.embeddings import ServedEmbedder
     from mlxlab.serving.openai.served import attach_draft, load_served
     from mlxlab.serving.openai.server import make_server, serve_until_stopped, server_settings
 
@@ -210,10 +219,14 @@ def _openai(args: argparse.Namespace, targets: list, drafts: dict) -> int:
         print(warning, file=sys.stderr, flush=True)
     for s in served:
         also = f" (also {', '.join(s.names[1:])})" if len(s.names) > 1 else ""
-        drafted = f" (draft: {drafts[s.name].text})" if s.draft is not None else ""
+        drafted = ("" if isinstance(s, ServedEmbedder) or s.draft is None
+                   else f" (draft: {drafts[s.name].text})")
         print(f"  model {s.name}{also} <- {s.source}{drafted}", flush=True)
     shared = sum(s.stats["shared_bytes"] for s in served)
-    print(f"serving {len(served)} language model(s) on http://{host}:{port}/v1 "
+    embedders = sum(isinstance(s, ServedEmbedder) for s in served)
+    kinds = [f"{count} {kind}(s)" for count, kind in ((len(served) - embedders, "language model"),
+                                                     (embedders, "text embedder")) if count]
+    print(f"serving {' and '.join(kinds)} on http://{host}:{port}/v1 "
           f"({shared / 2**20:.1f} MiB of weights shared, held once; Ctrl-C stops)", flush=True)
     serve_until_stopped(server, generator)
     return 0
