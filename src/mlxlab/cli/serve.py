@@ -181,6 +181,7 @@ def _language_model_targets(args: argparse.Namespace, scratch: Path) -> list | N
             raise ValueError("a runs:/ URI is served alone by MLflow's model server")
         return None
     targets = [resolve_target(t, args.uri, scratch) for t in args.targets]
+    # a reranker answers /v1/rerank beside the language models (mixed freely)
     classifiers = [t.text for t in targets if t.task(args.checkpoint) == "classification"]
     if classifiers and len(targets) > 1:
         raise ValueError(f"{classifiers[0]} is a classifier, served alone by MLflow's model "
@@ -189,9 +190,14 @@ def _language_model_targets(args: argparse.Namespace, scratch: Path) -> list | N
 
 
 def _openai(args: argparse.Namespace, targets: list, drafts: dict) -> int:
-    from mlxlab.serving.openai.served import attach_draft, load_served
+    from mlxlab.serving.openai.served import attach_draft, load_rerankers, load_served
     from mlxlab.serving.openai.server import make_server, serve_until_stopped, server_settings
 
+    reranking = [t for t in targets if t.task(args.checkpoint) == "rerank"]
+    if drafted := next((t.text for t in reranking if t.text in drafts), None):
+        raise ValueError(f"--draft {drafted}: a reranker scores pairs, it decodes nothing")
+    rerankers = load_rerankers(reranking, args.checkpoint)
+    targets = [t for t in targets if t not in reranking]
     served = load_served(targets, args.checkpoint)
     for target, s in zip(targets, served):
         if target.text in drafts:  # checked against its model before the port is bound
@@ -201,7 +207,7 @@ def _openai(args: argparse.Namespace, targets: list, drafts: dict) -> int:
                                max_request_bytes=int(limit * 2**20),
                                num_draft_tokens=args.num_draft_tokens)
     try:
-        server, generator = make_server(served, args.host, args.port, settings)
+        server, generator = make_server(served, args.host, args.port, settings, rerankers)
     except OSError as err:
         raise ValueError(f"cannot bind {args.host}:{args.port} ({err.strerror}): pick another "
                          "--port") from None
@@ -212,8 +218,12 @@ def _openai(args: argparse.Namespace, targets: list, drafts: dict) -> int:
         also = f" (also {', '.join(s.names[1:])})" if len(s.names) > 1 else ""
         drafted = f" (draft: {drafts[s.name].text})" if s.draft is not None else ""
         print(f"  model {s.name}{also} <- {s.source}{drafted}", flush=True)
+    for r in rerankers:
+        print(f"  reranker {r.name} <- {r.source} (POST /v1/rerank)", flush=True)
     shared = sum(s.stats["shared_bytes"] for s in served)
-    print(f"serving {len(served)} language model(s) on http://{host}:{port}/v1 "
+    what = f"{len(served)} language model(s)" + (f" and {len(rerankers)} reranker(s)"
+                                                   if rerankers else "")
+    print(f"serving {what} on http://{host}:{port}/v1 "
           f"({shared / 2**20:.1f} MiB of weights shared, held once; Ctrl-C stops)", flush=True)
     serve_until_stopped(server, generator)
     return 0

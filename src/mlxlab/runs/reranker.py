@@ -27,6 +27,9 @@ class Reranker:
     """A CrossEncoderModel and the tokenizer that pairs its texts (see the module)."""
 
     def __init__(self, model: CrossEncoderModel, tokenizer: Tokenizer, source: str):
+        # read now, on this thread: a lazy weight is bound to the stream that loaded it, and a
+        # server scores on threads of its own
+        mx.eval(model.parameters())
         self.model, self.tokenizer, self.source = model, tokenizer, source
         pad = tokenizer.token_to_id("[PAD]")
         self.pad_id = 0 if pad is None else pad
@@ -46,7 +49,7 @@ class Reranker:
         if not isinstance(model, CrossEncoderModel):
             raise ConfigError(f"{source} is a {type(model).__name__} run, not a reranker "
                               "(train one with experiment=rerank)")
-        tokenizer_json = require_run_tokenizer(folder)
+        tokenizer_json = require_run_tokenizer(folder, "reranker")
         max_length = (state.config.get("data") or {}).get("max_length")
         return cls(model, pair_tokenizer(tokenizer_json, max_length), str(source))
 

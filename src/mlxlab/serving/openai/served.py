@@ -26,6 +26,7 @@ from mlxlab.errors import ConfigError
 if TYPE_CHECKING:  # mlx is imported through mlxlab, which loads the fast BLAS first
     import mlx.nn as nn
 
+    from mlxlab.serving.openai.rerank import ServedReranker
     from mlxlab.serving.openai.vision import ServedImages
 
 REGISTRY_SCHEMES = ("models:/",)
@@ -128,13 +129,18 @@ class Target:
     registered: bool = False
 
     def task(self, which: str = "best") -> str:
-        """"lm" or "classification" (a run's checkpoint says; a model folder is a decoder)."""
+        """"lm", "classification" or "rerank" (a run's checkpoint says; a model folder is a
+        decoder unless it holds a sequence classifier: a cross-encoder reranker)."""
         from mlxlab.checkpoint import CheckpointState
+        from mlxlab.models.cross_encoder import is_sequence_classifier
         from mlxlab.runs.model import choose_checkpoint
 
         if not is_run(self.path):
-            return "lm"
+            return "rerank" if is_sequence_classifier(self.path) else "lm"
         state = CheckpointState.read(choose_checkpoint(self.path, which))
+        target = str((state.config.get("model") or {}).get("_target_", ""))
+        if target.endswith("CrossEncoderModel"):
+            return "rerank"
         return "classification" if state.model_init.get("num_labels") else "lm"
 
 
@@ -199,6 +205,16 @@ def share_weights(model: nn.Module, seen: dict) -> int:
     if same:
         model.load_weights(same, strict=False)
     return saved
+
+
+def load_rerankers(targets: Sequence[Target], which: str = "best") -> list[ServedReranker]:
+    """Each reranker target (a cross-encoder folder or a reranker run) loaded to answer
+    /v1/rerank under its names."""
+    from mlxlab.runs.reranker import Reranker
+    from mlxlab.serving.openai.rerank import ServedReranker
+
+    return [ServedReranker(tuple(dict.fromkeys(t.names)), Reranker.load(t.path, which), t.text)
+            for t in targets]
 
 
 def load_served(targets: Sequence[Target], which: str = "best") -> list[ServedModel]:

@@ -53,6 +53,7 @@ from mlxlab.serving.openai.checks import (
     served_model,
 )
 from mlxlab.serving.openai.errors import ServingError, from_mlx_lm
+from mlxlab.serving.openai.rerank import RERANK_PATHS, ServedReranker, rerank_response
 from mlxlab.serving.openai.served import ServedModel
 
 log = logging.getLogger(__name__)
@@ -209,12 +210,18 @@ class OpenAIHandler(APIHandler):
         read = False
         try:
             check_key(self.headers.get("Authorization"), self.settings.api_key)
-            if self.path not in COMPLETION_PATHS:
+            if self.path not in COMPLETION_PATHS + RERANK_PATHS:
                 raise ServingError(f"Invalid URL (POST {self.path[:200]}): this server answers "
-                                   f"POST {', '.join(COMPLETION_PATHS[:2])}", status=404)
+                                   f"POST {', '.join(COMPLETION_PATHS[:2] + RERANK_PATHS[:1])}",
+                                   status=404)
             length = body_length(self.headers, self.settings.max_request_bytes)
             raw, read = self.rfile.read(length), True
             self.body = parse_body(raw, self.address_string())
+            if self.path in RERANK_PATHS:  # a cross-encoder's scores: no generation thread
+                rerankers = self.server.rerankers
+                self.answer(rerank_response(self.body, rerankers,
+                                            [r.name for r in rerankers.values()]))
+                return
             socket_file, self.rfile = self.rfile, io.BytesIO(raw)
             try:  # mlx-lm's handler reads the body that passed, and answers it
                 super().do_POST()
@@ -245,8 +252,9 @@ class OpenAIHandler(APIHandler):
         try:
             check_key(self.headers.get("Authorization"), self.settings.api_key)
             if path.rstrip("/") == "/v1/models":
-                self.answer({"object": "list",
-                             "data": [self.model_object(s) for s in self.provider.models]})
+                rerankers = {r.name: r for r in self.server.rerankers.values()}
+                served = [*self.provider.models, *rerankers.values()]
+                self.answer({"object": "list", "data": [self.model_object(s) for s in served]})
             elif path.startswith("/v1/models/"):
                 name = unquote(path.removeprefix("/v1/models/"))  # a path's / comes as %2F
                 self.answer(self.model_object(self.requested({"model": name})))
@@ -256,11 +264,14 @@ class OpenAIHandler(APIHandler):
         except ServingError as err:
             self.refuse(err)
 
-    def requested(self, body: dict) -> ServedModel:
+    def requested(self, body: dict) -> ServedModel | ServedReranker:
         """The served model the request's `model` names (else 400 / 404)."""
-        return served_model(body, self.provider.served, [s.name for s in self.provider.models])
+        rerankers = self.server.rerankers
+        names = list(dict.fromkeys([s.name for s in self.provider.models]
+                                   + [r.name for r in rerankers.values()]))
+        return served_model(body, {**self.provider.served, **rerankers}, names)
 
-    def model_object(self, served: ServedModel) -> dict:
+    def model_object(self, served: ServedModel | ServedReranker) -> dict:
         """OpenAI's model object, with the other names the model answers to."""
         return {"id": served.name, "object": "model", "created": self.created,
                 "owned_by": "mlxlab", "aliases": list(served.names[1:])}
@@ -295,10 +306,11 @@ class OpenAIHandler(APIHandler):
 
 
 def make_server(served: Sequence[ServedModel], host: str = "127.0.0.1", port: int = 5001,
-                settings: argparse.Namespace | None = None
+                settings: argparse.Namespace | None = None,
+                rerankers: Sequence[ServedReranker] = ()
                 ) -> tuple[ThreadingHTTPServer, ResponseGenerator]:
     """The HTTP server (bound, not yet serving; port 0 = a free one: server.server_address) and
-    mlx-lm's generation thread (started) over `served`."""
+    mlx-lm's generation thread (started) over `served`; `rerankers` answer /v1/rerank."""
     settings = settings or server_settings()
     provider = ServedModels(served, settings)
     seeing = {s.name for s in served if s.images is not None}
@@ -306,9 +318,12 @@ def make_server(served: Sequence[ServedModel], host: str = "127.0.0.1", port: in
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                   flags=socket.AI_PASSIVE)[0]
 
+    by_name = {name: r for r in rerankers for name in r.names}
+
     class Server(ThreadingHTTPServer):
         address_family = family
         daemon_threads = True
+        rerankers = by_name  # every name a request may give a reranker -> it
 
     try:
         server = Server(address, lambda *a, **k: OpenAIHandler(generator, *a, **k))
