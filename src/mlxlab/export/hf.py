@@ -26,7 +26,7 @@ from mlxlab.data.tokenizer import PAD_TOKENS, end_of_text_ids, start_ids
 from mlxlab.export.architectures import layout_of
 from mlxlab.models.base import Model
 from mlxlab.models.bert import BertClassifier
-from mlxlab.models.cross_encoder import TORCH_ACTIVATION, CrossEncoderModel
+from mlxlab.models.cross_encoder import CrossEncoderModel, torch_path
 from mlxlab.models.hf import mlxlab_to_hf_name as bert_hf_name
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.transformer import Transformer
@@ -161,7 +161,7 @@ def bert_config(model: BertClassifier, label_values: list) -> dict:
         "problem_type": "single_label_classification",
     }
     if isinstance(model, CrossEncoderModel):  # what sentence-transformers' CrossEncoder reads
-        config["sentence_transformers"] = {"activation_fn": TORCH_ACTIVATION + model.activation}
+        config["sentence_transformers"] = {"activation_fn": torch_path(model.activation)}
         if len(labels) == 1:  # one relevance score, as CrossEncoder trains it
             config["problem_type"] = "regression"
     return config

@@ -100,9 +100,15 @@ def folder_activation(folder: str | Path, num_labels: int) -> str:
     return check_activation(str(named), f"{folder}'s activation_fn")
 
 
+def torch_path(name: str) -> str:
+    """The import path sentence-transformers reads an activation by (Identity is torch's
+    linear module's)."""
+    return ("torch.nn.modules.linear." if name == "Identity" else TORCH_ACTIVATION) + name
+
+
 def check_activation(name: str, where: str = "model.activation") -> str:
     """torch's activation class name of `name` (its full path or the name alone)."""
-    short = name.removeprefix(TORCH_ACTIVATION).rsplit(".", 1)[-1]
+    short = name.rsplit(".", 1)[-1]
     if short not in ACTIVATIONS or (name != short and not name.startswith("torch.")):
         raise ConfigError(f"{where}={name!r}; mlxlab applies torch's "
                           f"{', '.join(ACTIVATIONS)}")
