@@ -174,3 +174,172 @@ def test_mine_negatives_is_cached(tmp_path, capsys):
     assert main([*args, "--range-min", "9", "--range-max", "4", "--out",
                  str(tmp_path / "c.jsonl")]) == 2
     assert "range_min=9" in capsys.readouterr().err and not (tmp_path / "c.jsonl").exists()
+
+
+# --- the slow run: live references, real models, training ------------------------------------
+
+
+def _cross_encoder(folder: Path):
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    return CrossEncoder(str(folder), device="cpu")
+
+
+@pytest.mark.slow
+def test_stored_reference_is_what_sentence_transformers_computes(tiny):
+    pytest.importorskip("sentence_transformers", reason="the reference is sentence-transformers'")
+    from cross_encoder_fixtures import sentence_transformers_reference
+
+    stored, live = stored_reference(), sentence_transformers_reference(tiny)
+    for name in tiny:
+        np.testing.assert_allclose(stored["scores"][name], live["scores"][name], atol=1e-6,
+                                   err_msg="rewrite it: python tests/cross_encoder_fixtures.py")
+    assert stored["bce"] == pytest.approx(live["bce"], abs=1e-6)
+    assert stored["listnet"] == pytest.approx(live["listnet"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_folder_written_by_transformers_scores_as_crossencoder(tmp_path, num_labels):
+    """A random BertForSequenceClassification and its BertTokenizer saved by transformers."""
+    pytest.importorskip("sentence_transformers")
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    from embedder_fixtures import HIDDEN, VOCAB
+
+    torch.manual_seed(num_labels)
+    folder = tmp_path / "ce"
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=HIDDEN, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                        num_labels=num_labels, initializer_range=0.3)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)},
+                  model_max_length=20).save_pretrained(folder)
+    assert_scores(Reranker.load(folder).predict(PAIRS, batch_size=3),
+                  _cross_encoder(folder).predict(PAIRS, batch_size=2),
+                  f"transformers-written, {num_labels} label(s)")
+
+
+@pytest.fixture(scope="module")
+def minilm_cross_encoder(tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2's encoder with a fresh one-score head, saved by transformers."""
+    pytest.importorskip("sentence_transformers")
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from real_models import packaged_folder
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("minilm") / "cross-encoder"
+    model = BertForSequenceClassification.from_pretrained(packaged_folder(), num_labels=1)
+    torch.nn.init.normal_(model.classifier.weight, std=0.5)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(packaged_folder()).save_pretrained(folder)
+    return folder
+
+
+def _story_pairs(n: int) -> tuple[list[str], list[str]]:
+    from mlxlab.config.compose import asset_path
+
+    rows = [json.loads(line) for line in Path(asset_path("rerank/story_pairs.jsonl"))
+            .read_text().splitlines()]
+    kept = [r for r in rows if r["label"] == 1][:n]
+    return [r["query"] for r in kept], [r["passage"] for r in kept]
+
+
+@pytest.mark.slow
+def test_minilm_cross_encoder_scores_as_crossencoder(minilm_cross_encoder):
+    queries, passages = _story_pairs(12)
+    pairs = list(zip(queries, passages[1:] + passages[:1])) + list(zip(queries, passages))
+    assert_scores(Reranker.load(minilm_cross_encoder).predict(pairs, batch_size=8),
+                  _cross_encoder(minilm_cross_encoder).predict(pairs, batch_size=5),
+                  "all-MiniLM-L6-v2 + fresh head")
+
+
+MINING = [dict(), dict(output_format="n-tuple", num_negatives=4, range_min=2, max_score=0.5),
+          dict(absolute_margin=0.05, output_format="labeled-pair", range_max=8),
+          dict(relative_margin=0.1, output_format="labeled-list", range_max=8)]
+
+
+@pytest.mark.slow
+def test_mined_negatives_equal_sentence_transformers(minilm_cross_encoder):
+    """TinyStories pairs (src/mlxlab/assets/rerank) and all-MiniLM-L6-v2: the rows
+    mine_hard_negatives returns (sampling_strategy top) for several settings, and rescored by a
+    cross-encoder (MiniLM with a fresh head) under a margin."""
+    pytest.importorskip("sentence_transformers")
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives as theirs
+
+    from mlxlab.models.sentence_folder import TextEmbedder
+    from mlxlab.runs.hard_negatives import MiningSettings, mine_hard_negatives
+    from real_models import packaged_folder
+
+    queries, passages = _story_pairs(40)
+    dataset = Dataset.from_dict({"query": queries, "passage": passages})
+    model, embedder = SentenceTransformer(str(packaged_folder()), device="cpu"), \
+        TextEmbedder(packaged_folder())
+    for settings in MINING:
+        expected = theirs(dataset, model, verbose=False, **settings).to_list()
+        got = mine_hard_negatives(embedder, queries, passages, MiningSettings(**settings),
+                                  keys=("query", "passage"))
+        print(settings, len(expected), "rows")
+        assert got == expected, settings
+    rescored = dict(absolute_margin=0.0, num_negatives=2, range_max=5)
+    dataset = dataset.select(range(15))
+    expected = theirs(dataset, model, cross_encoder=_cross_encoder(minilm_cross_encoder),
+                      verbose=False, **rescored).to_list()
+    got = mine_hard_negatives(embedder, queries[:15], passages[:15], MiningSettings(**rescored),
+                              reranker=Reranker.load(minilm_cross_encoder),
+                              keys=("query", "passage"))
+    assert got == expected and got
+
+
+def _train_args(folder: Path, *extra: str) -> list[str]:
+    return ["experiment=rerank", f"model.pretrained={folder}", "trainer.max_steps=8",
+            "trainer.eval_every_steps=4", "trainer.log_every_steps=1",
+            "optimizer.learning_rate=1e-3", "callbacks.progress.enabled=false",
+            "checkpoint.save_every_steps=2", "checkpoint.save_every_minutes=null", *extra]
+
+
+@pytest.mark.slow
+def test_trained_reranker_exports_as_a_crossencoder_folder(tiny, tmp_path, cli_env):
+    """experiment=rerank on the tiny cross-encoder: the run's best checkpoint, its export
+    (`mlxlab export --format hf`) read back by mlxlab and CrossEncoder loading the export score
+    alike; a listwise run (ListNetLoss) reports MRR and nDCG."""
+    pytest.importorskip("sentence_transformers")
+    from conftest import mlxlab
+    from run_helpers import run
+
+    out = run(_train_args(tiny["one"]), tmp_path / "pairs", cli_env)
+    assert "val/accuracy" in out.stdout + out.stderr
+    exported = tmp_path / "exported"
+    done = mlxlab("export", str(tmp_path / "pairs"), "--format", "hf", "--out", str(exported),
+                  env=cli_env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads((exported / "config.json").read_text())
+    assert config["sentence_transformers"]["activation_fn"].endswith("Sigmoid")
+    from_run = Reranker.load(tmp_path / "pairs").predict(PAIRS)
+    assert_scores(Reranker.load(exported).predict(PAIRS), from_run, "export read back")
+    assert_scores(from_run, _cross_encoder(exported).predict(PAIRS), "CrossEncoder on the export")
+    assert not np.allclose(from_run, stored_reference()["scores"]["one"], atol=1e-3)  # trained
+    lists = run(_train_args(tiny["one"], "data=rerank_lists", "objective.loss=ListNetLoss",
+                            "optimized_metric=val/ndcg", "optimized_mode=max"),
+                tmp_path / "lists", cli_env)
+    assert "val/mrr" in lists.stdout + lists.stderr and "val/ndcg" in lists.stdout + lists.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_reranker_run_resumes_bitwise(tiny, tmp_path, cli_env):
+    from run_helpers import committed_steps, kill_when, run, start
+    from test_resume import assert_same_weights
+
+    args = _train_args(tiny["one"], "tracking=none")
+    killed = tmp_path / "killed"
+    proc = start(args, killed, cli_env)
+    kill_when(proc, lambda: any(s >= 4 for s in committed_steps(killed)))
+    assert max(committed_steps(killed)) < 8
+    run([*args, f"resume={killed}"], tmp_path / "resumed", cli_env)
+    run(args, tmp_path / "reference", cli_env)
+    assert_same_weights(tmp_path / "reference", tmp_path / "resumed", "rerank")
