@@ -154,7 +154,6 @@ def test_mine_negatives_is_cached(tmp_path, capsys):
     """The same command twice: the second copies the kept file (mines nothing) and the rows
     are the same; a bad setting is one line, exit 2, nothing written."""
     from embedder_fixtures import write_tiny_folder
-
     from mlxlab.cli.main import main
 
     model = write_tiny_folder(tmp_path / "embedder")

@@ -190,7 +190,8 @@ def _language_model_targets(args: argparse.Namespace, scratch: Path) -> list | N
 
 
 def _openai(args: argparse.Namespace, targets: list, drafts: dict) -> int:
-    from mlxlab.serving.openai.served import attach_draft, load_rerankers, load_served
+    from mlxlab.serving.openai.rerank import load_rerankers
+    from mlxlab.serving.openai.served import attach_draft, load_served
     from mlxlab.serving.openai.server import make_server, serve_until_stopped, server_settings
 
     reranking = [t for t in targets if t.task(args.checkpoint) == "rerank"]

@@ -17,8 +17,8 @@ list, a top_n below 1 or a document that is neither a string nor {"text": string
 from __future__ import annotations
 
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,13 @@ class ServedReranker:
     def rank(self, query: str, texts: list[str], top_n: int | None) -> list[tuple[int, float]]:
         """Reranker.rank on the worker thread."""
         return self.worker.submit(self.reranker.rank, query, texts, top_n).result()
+
+
+def load_rerankers(targets: Sequence[Any], which: str = "best") -> list[ServedReranker]:
+    """Each reranker target (served.py's Target: a cross-encoder folder or a reranker run)
+    loaded to answer /v1/rerank under its names."""
+    return [ServedReranker(tuple(dict.fromkeys(t.names)), Reranker.load(t.path, which), t.text)
+            for t in targets]
 
 
 def document_texts(documents: Any) -> list[str]:

@@ -26,7 +26,6 @@ from mlxlab.errors import ConfigError
 if TYPE_CHECKING:  # mlx is imported through mlxlab, which loads the fast BLAS first
     import mlx.nn as nn
 
-    from mlxlab.serving.openai.rerank import ServedReranker
     from mlxlab.serving.openai.vision import ServedImages
 
 REGISTRY_SCHEMES = ("models:/",)
@@ -205,16 +204,6 @@ def share_weights(model: nn.Module, seen: dict) -> int:
     if same:
         model.load_weights(same, strict=False)
     return saved
-
-
-def load_rerankers(targets: Sequence[Target], which: str = "best") -> list[ServedReranker]:
-    """Each reranker target (a cross-encoder folder or a reranker run) loaded to answer
-    /v1/rerank under its names."""
-    from mlxlab.runs.reranker import Reranker
-    from mlxlab.serving.openai.rerank import ServedReranker
-
-    return [ServedReranker(tuple(dict.fromkeys(t.names)), Reranker.load(t.path, which), t.text)
-            for t in targets]
 
 
 def load_served(targets: Sequence[Target], which: str = "best") -> list[ServedModel]:
