@@ -27,7 +27,7 @@ from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.bert import BertClassifier
 from mlxlab.models.embedder import ACTIVATIONS
 from mlxlab.models.hf import weight_files
-from mlxlab.models.sources import as_local
+from mlxlab.models.sources import as_local, describe
 
 TORCH_ACTIVATION = "torch.nn.modules.activation."
 # architectures a folder may name: a sequence classifier (its head loads), or a BERT encoder
@@ -149,7 +149,12 @@ class CrossEncoderModel(BertClassifier):
                               "(BertForSequenceClassification) or a BERT encoder folder")
         if node.get("activation") is not None:
             check_activation(str(node["activation"]))
-        check_reranker_folder(as_local(str(pretrained)), fresh_head=True)
+        kind = describe(str(pretrained))  # read, never downloaded or converted, here
+        if kind in ("gguf", "ollama", "unknown"):
+            raise ConfigError(f"model.pretrained={pretrained} is no cross-encoder: give a folder "
+                              "(or hub id) of a BertForSequenceClassification or a BERT encoder")
+        if kind == "folder":
+            check_reranker_folder(Path(str(pretrained)).expanduser(), fresh_head=True)
 
     @property
     def activation(self) -> str:
