@@ -64,10 +64,15 @@ def write_variants(root: Path) -> dict[str, Path]:
 
 def sentence_transformers_reference(folders: dict[str, Path]) -> dict:
     """CrossEncoder.predict's scores of PAIRS for each variant, and its losses on `one`:
-    BinaryCrossEntropyLoss (pos_weight None and 2.5) on PAIRS with LABELS, ListNetLoss on LISTS."""
+    BinaryCrossEntropyLoss (pos_weight None and 2.5) on PAIRS with LABELS, ListNetLoss and
+    LambdaLoss (its defaults) on LISTS."""
     import torch
     from sentence_transformers.cross_encoder import CrossEncoder
-    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, ListNetLoss
+    from sentence_transformers.cross_encoder.losses import (
+        BinaryCrossEntropyLoss,
+        LambdaLoss,
+        ListNetLoss,
+    )
 
     scores = {name: CrossEncoder(str(f), device="cpu").predict(PAIRS, batch_size=2).tolist()
               for name, f in folders.items()}
@@ -79,9 +84,11 @@ def sentence_transformers_reference(folders: dict[str, Path]) -> dict:
                    model, pos_weight=None if w is None else torch.tensor(w))(
                    [queries, passages], torch.tensor(LABELS)))
                for w in (None, 2.5)}
-        listnet = float(ListNetLoss(model)([[q for q, _, _ in LISTS], [d for _, d, _ in LISTS]],
-                                           [torch.tensor(v) for _, _, v in LISTS]))
-    return {"scores": scores, "bce": bce, "listnet": listnet}
+        inputs = [[q for q, _, _ in LISTS], [d for _, d, _ in LISTS]]
+        labels = [torch.tensor(v) for _, _, v in LISTS]
+        listnet = float(ListNetLoss(model)(inputs, labels))
+        lambda_loss = float(LambdaLoss(model)(inputs, labels))
+    return {"scores": scores, "bce": bce, "listnet": listnet, "lambda": lambda_loss}
 
 
 def stored_reference() -> dict:

@@ -63,8 +63,8 @@ def _data(cls, folder: Path, tmp_path: Path, rows: list[dict]):
 
 
 def test_losses_equal_sentence_transformers(tiny, tmp_path):
-    """The same pairs, labels and weights: BinaryCrossEntropyLoss (pos_weight none and 2.5) and
-    ListNetLoss (a list padded to the longer one) equal sentence-transformers' values."""
+    """The same pairs, labels and weights: BinaryCrossEntropyLoss (pos_weight none and 2.5),
+    ListNetLoss and LambdaLoss (a list padded to the longer one) equal sentence-transformers'."""
     reference = stored_reference()
     model = load_cross_encoder(tiny["one"])
     pairs = _data(RerankPairs, tiny["one"], tmp_path,
@@ -80,6 +80,9 @@ def test_losses_equal_sentence_transformers(tiny, tmp_path):
     assert batch["input_ids"].shape[:2] == (2, 3) and batch["doc_mask"].tolist()[1] == [1, 1, 0]
     loss, _ = Reranking("ListNetLoss").loss(model, batch)
     assert abs(float(loss) - reference["listnet"]) < TOL, float(loss)
+    loss, aux = Reranking("LambdaLoss").loss(model, batch)  # NDCGLoss2++ weighting
+    assert abs(float(loss) - reference["lambda"]) < TOL, float(loss)
+    assert float(aux["ntokens"]) == 4  # the pairs whose labels differ: 3 + 1
 
 
 def test_ranking_metrics():
@@ -195,6 +198,7 @@ def test_stored_reference_is_what_sentence_transformers_computes(tiny):
                                    err_msg="rewrite it: python tests/cross_encoder_fixtures.py")
     assert stored["bce"] == pytest.approx(live["bce"], abs=1e-6)
     assert stored["listnet"] == pytest.approx(live["listnet"], abs=1e-6)
+    assert stored["lambda"] == pytest.approx(live["lambda"], abs=1e-6)
 
 
 @pytest.mark.slow
@@ -306,7 +310,7 @@ def _train_args(folder: Path, *extra: str) -> list[str]:
 def test_trained_reranker_exports_as_a_crossencoder_folder(tiny, tmp_path, cli_env):
     """experiment=rerank on the tiny cross-encoder: the run's best checkpoint, its export
     (`mlxlab export --format hf`) read back by mlxlab and CrossEncoder loading the export score
-    alike; a listwise run (ListNetLoss) reports MRR and nDCG."""
+    alike; listwise runs (ListNetLoss, LambdaLoss) report MRR and nDCG."""
     pytest.importorskip("sentence_transformers")
     from conftest import mlxlab
     from run_helpers import run
@@ -323,10 +327,12 @@ def test_trained_reranker_exports_as_a_crossencoder_folder(tiny, tmp_path, cli_e
     assert_scores(Reranker.load(exported).predict(PAIRS), from_run, "export read back")
     assert_scores(from_run, _cross_encoder(exported).predict(PAIRS), "CrossEncoder on the export")
     assert not np.allclose(from_run, stored_reference()["scores"]["one"], atol=1e-3)  # trained
-    lists = run(_train_args(tiny["one"], "data=rerank_lists", "objective.loss=ListNetLoss",
-                            "optimized_metric=val/ndcg", "optimized_mode=max"),
-                tmp_path / "lists", cli_env)
-    assert "val/mrr" in lists.stdout + lists.stderr and "val/ndcg" in lists.stdout + lists.stderr
+    for loss in ("ListNetLoss", "LambdaLoss"):
+        lists = run(_train_args(tiny["one"], "data=rerank_lists", f"objective.loss={loss}",
+                                "optimized_metric=val/ndcg", "optimized_mode=max"),
+                    tmp_path / loss, cli_env)
+        log = lists.stdout + lists.stderr
+        assert "val/mrr" in log and "val/ndcg" in log, log[-2000:]
 
 
 @pytest.mark.slow

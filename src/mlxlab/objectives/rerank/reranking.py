@@ -2,11 +2,13 @@
 model's logits of (query, passage) pairs (data=rerank_pairs) or lists (data=rerank_lists).
 
     objective.loss: BinaryCrossEntropyLoss (pairs; objective.pos_weight) | ListNetLoss (lists)
+                    | LambdaLoss (lists; its default NDCGLoss2++ weighting)
 
 Validation reports the loss and, for pairs, the accuracy of the logit's side (relevant when
 above 0, as a sigmoid above 0.5) against the label's (at least 0.5); for lists, MRR (the
 reciprocal rank of the first relevant passage) and nDCG (ranking_metrics.py), each a mean over
-queries.
+queries (LambdaLoss's: batch means weighted by the pairs its loss counts, the count that
+weighs its micro-batches).
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from mlxlab.errors import ConfigError, DataMismatch
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective
 from mlxlab.objectives.evaluation import evaluate_by_loss
 from mlxlab.objectives.rerank.binary_cross_entropy import binary_cross_entropy
+from mlxlab.objectives.rerank.lambda_loss import lambda_loss
 from mlxlab.objectives.rerank.list_net import list_net
 from mlxlab.objectives.rerank.ranking_metrics import ndcg, reciprocal_rank
 from mlxlab.runtime import distributed
 from mlxlab.stats import LOSS, UNIT
 
 # loss -> the kind of data it trains on
-LOSSES = {"BinaryCrossEntropyLoss": "rerank_pairs", "ListNetLoss": "rerank_lists"}
+LOSSES = {"BinaryCrossEntropyLoss": "rerank_pairs", "ListNetLoss": "rerank_lists",
+          "LambdaLoss": "rerank_lists"}
 METRICS = {"rerank_pairs": {"loss": LOSS, "accuracy": UNIT},
            "rerank_lists": {"loss": LOSS, "mrr": UNIT, "ndcg": UNIT}}
 
@@ -58,14 +62,18 @@ class Reranking(Objective):
     def loss(self, model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
         logits = pair_logits(model, batch)
         labels = batch["labels"]
-        if self.loss_name == "ListNetLoss":
+        if self.loss_name in ("ListNetLoss", "LambdaLoss"):
             valid = batch["doc_mask"] > 0
-            per_list = list_net(logits, labels, batch["doc_mask"])
+            if self.loss_name == "ListNetLoss":
+                per_list = list_net(logits, labels, batch["doc_mask"])
+                loss, count = per_list.mean(), mx.array(per_list.shape[0], mx.float32)
+            else:  # a mean over the pairs it counts, however the lists split them
+                total, count = lambda_loss(logits, labels, batch["doc_mask"])
+                loss = total / mx.maximum(count, 1.0)
             scores = mx.stop_gradient(logits)
-            return per_list.mean(), {
-                "ntokens": mx.array(per_list.shape[0], mx.float32),
-                "mrr": reciprocal_rank(scores, labels, valid).mean(),
-                "ndcg": ndcg(scores, labels, valid).mean()}
+            return loss, {"ntokens": count,
+                          "mrr": reciprocal_rank(scores, labels, valid).mean(),
+                          "ndcg": ndcg(scores, labels, valid).mean()}
         per_pair = binary_cross_entropy(logits, labels, self.pos_weight)
         right = (mx.stop_gradient(logits) > 0) == (labels >= 0.5)
         return per_pair.mean(), {"ntokens": mx.array(per_pair.shape[0], mx.float32),
