@@ -15,8 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from cross_encoder_fixtures import LABELS, LISTS, PAIRS, stored_reference, write_variants
 from mlxlab.data.batching import Batching
@@ -83,6 +85,11 @@ def test_losses_equal_sentence_transformers(tiny, tmp_path):
     loss, aux = Reranking("LambdaLoss").loss(model, batch)  # NDCGLoss2++ weighting
     assert abs(float(loss) - reference["lambda"]) < TOL, float(loss)
     assert float(aux["ntokens"]) == 4  # the pairs whose labels differ: 3 + 1
+    for name in ("ListNetLoss", "LambdaLoss"):  # the step differentiates them (sorts included)
+        objective = Reranking(name)
+        _, grads = nn.value_and_grad(model, lambda m, b: objective.loss(m, b)[0])(model, batch)
+        norms = [float(mx.abs(g).max()) for _, g in tree_flatten(grads)]
+        assert all(np.isfinite(norms)) and max(norms) > 0, name
 
 
 def test_ranking_metrics():

@@ -162,6 +162,8 @@ class RerankRows(DataModule):
         self.pad_id = 0 if pad is None else pad
         train, val = self._split()
         self.train, self.val = self._encode(train), self._encode(val)
+        # every list batch is padded to the file's longest list: one shape for the step
+        self.max_docs = max(len(encodings) for encodings, _ in self.train + self.val)
         self.examples = [json.dumps(r) for r in train]
         self.train_idx = np.arange(len(train))
         if run_dir is not None:
@@ -210,7 +212,7 @@ class RerankRows(DataModule):
 
     def _collate(self, split: list, index: np.ndarray, multiple: int) -> Batch:
         rows = [split[i] for i in index]
-        docs = 1 if self.form == "pairs" else max(len(r[0]) for r in self.train + self.val)
+        docs = self.max_docs
         longest = max(len(e.ids) for encodings, _ in rows for e in encodings)
         width = bucket_length(longest, multiple, self.tokenizer.truncation["max_length"])
         shape = (len(rows), docs, width)

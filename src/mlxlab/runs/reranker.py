@@ -64,7 +64,8 @@ class Reranker:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             chunk = [encodings[i] for i in rows]
-            width = bucket_length(max(len(e.ids) for e in chunk), 8)
+            width = bucket_length(max(len(e.ids) for e in chunk), 8,
+                                  self.tokenizer.truncation["max_length"])
             ids, mask, types = (mx.array(a) for a in pad_encodings(chunk, self.pad_id, width))
             scores = np.array(self.model.scores(ids, mask, types).astype(mx.float32))
             for i, score in zip(rows, scores):

@@ -40,7 +40,7 @@ def lambda_loss(logits: mx.array, labels: mx.array, doc_mask: mx.array
     valid = doc_mask > 0
     logits = mx.where(valid, logits.astype(mx.float32), PAD_LOGIT)
     labels = mx.where(valid, labels.astype(mx.float32), -mx.inf)
-    order = mx.argsort(-logits, axis=-1)
+    order = mx.stop_gradient(mx.argsort(-logits, axis=-1))  # the sort itself has no gradient
     sorted_logits = mx.take_along_axis(logits, order, axis=-1)
     true_by_preds = mx.take_along_axis(labels, order, axis=-1)
     ideal = -mx.sort(-labels, axis=-1)
