@@ -171,11 +171,15 @@ def test_mine_negatives_is_cached(tmp_path, capsys):
     data.write_text("".join(json.dumps({"query": q, "passage": p}) + "\n" for q, p in
                             [("the cat", "sat on the mat"), ("dog", "a dog ran"),
                              ("mat", "the mat is red"), ("zebra", "stripes"), ("c", "d e")]))
+    from mlxlab.cli.cache import entries
+
     args = ["mine-negatives", str(model), "--data", str(data), "--num-negatives", "2",
-            "--cache-dir", str(tmp_path / "cache")]
+            "--cache-dir", str(tmp_path / "cache" / "mined_negatives")]
     assert main([*args, "--out", str(tmp_path / "a.jsonl")]) == 0
     assert "mined: 10 triplet rows" in capsys.readouterr().err
-    (kept,) = (tmp_path / "cache").glob("*.jsonl")
+    (kept,) = (tmp_path / "cache" / "mined_negatives").glob("*/rows.jsonl")
+    (entry,) = [e for e in entries(tmp_path / "cache") if e.kind == "mined negatives"]
+    assert entry.path == kept.parent and "triplet rows of" in entry.source
     stamp = kept.stat().st_mtime_ns
     assert main([*args, "--out", str(tmp_path / "b.jsonl")]) == 0
     assert "found in the cache" in capsys.readouterr().err and kept.stat().st_mtime_ns == stamp

@@ -13,9 +13,9 @@ positive keys (--anchor-key, --positive-key: query and passage by default); --co
 cross-encoder folder or a reranker run) rescores the candidates when a margin or a score bound is
 given. --output-format labeled-pair writes rows data=rerank_pairs trains on ({anchor, positive
 key, label}); labeled-list rows for data=rerank_lists (set data.keys.passages to the positive
-key). The result is kept in the cache (<cache>/mined_negatives/, keyed by the sha256 of every
-input file, the models' files and the settings): the same command again copies it, mining
-nothing. Bad input is one `mlxlab mine-negatives: error:` line, exit 2, and nothing written.
+key). The result is kept in the cache (<cache>/mined_negatives/<key>/: rows.jsonl and
+inputs.json, keyed by the sha256 of every input file, the models' files and the settings;
+`mlxlab cache list` shows it): the same command again copies it, mining nothing. Bad input is one `mlxlab mine-negatives: error:` line, exit 2, and nothing written.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 from mlxlab.cli.common import guarded, parser_for
 
 CACHE_FOLDER = "mined_negatives"
+ROWS, INPUTS = "rows.jsonl", "inputs.json"  # a kept result's files, in a folder of its key
 
 
 def _rows(path: str, keys: tuple[str, str]) -> tuple[list[str], list[str]]:
@@ -148,10 +149,15 @@ def main(argv: list[str]) -> int:
         model = model_folder_of(args.model)
         reranker = model_folder_of(args.cross_encoder) if args.cross_encoder else None
         settings.checked_range_max(1, reranker is not None)  # the numbers, before any model
-        cache = _cache_dir(args.cache_dir) / f"{cache_key(args, model, reranker, settings)}.jsonl"
+        kept = _cache_dir(args.cache_dir) / cache_key(args, model, reranker, settings)
+        cache = kept / ROWS
         if not cache.is_file():
             _write_jsonl(_mine(model, reranker, anchors, positives, settings, keys,
                                _corpus(args.corpus)), cache)
+            inputs = {"data": str(Path(args.data).resolve()), "model": str(model),
+                      "corpus": args.corpus, "cross_encoder": str(reranker) if reranker else None,
+                      "settings": dataclasses.asdict(settings)}
+            (kept / INPUTS).write_text(json.dumps(inputs, indent=1) + "\n")
             what = "mined"
         else:
             what = "found in the cache"
@@ -164,6 +170,21 @@ def main(argv: list[str]) -> int:
         return 0
 
     return guarded("mine-negatives", body)
+
+
+def cached_results(root: Path) -> list:
+    """`mlxlab cache list`'s entries of the mined rows kept under the cache root `root`."""
+    from mlxlab.runtime.cache import CacheEntry, disk_size
+
+    found = []
+    for kept in sorted((root / CACHE_FOLDER).glob(f"*/{ROWS}")):
+        inputs = json.loads((kept.parent / INPUTS).read_text()) \
+            if (kept.parent / INPUTS).is_file() else {}
+        source = (f"{inputs.get('settings', {}).get('output_format', '?')} rows of "
+                  f"{inputs.get('data', '?')} by {Path(inputs.get('model', '?')).name}")
+        found.append(CacheEntry(kept.parent, "mined negatives", disk_size(kept.parent), source,
+                                kept.stat().st_mtime))
+    return found
 
 
 def _cache_dir(given: str | None) -> Path:
