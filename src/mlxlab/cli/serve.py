@@ -14,6 +14,15 @@ vision-language model (a VLM folder or a vision run) also answers chats whose us
 OpenAI's `image_url` parts, each a `data:image/...;base64,` URL (the server fetches no URL and
 reads no file for a client), as `mlxlab generate --image` answers them.
 
+A cross-encoder folder (a BertForSequenceClassification, as sentence-transformers' CrossEncoder
+saves one) or a reranker run (experiment=rerank), alone or beside language models, answers
+POST /v1/rerank in vLLM's and Cohere's shape, with CrossEncoder's scores:
+
+    mlxlab serve path/to/cross-encoder --port 5001
+    curl -s http://127.0.0.1:5001/v1/rerank -d '{"model": "cross-encoder", "query": "...",
+        "documents": ["...", {"text": "..."}], "top_n": 3, "return_documents": true}'
+        -> {"id", "model", "results": [{"index", "relevance_score", "document"}], "usage"}
+
     mlxlab serve RUN --draft DRAFT_RUN --num-draft-tokens 3
     mlxlab serve RUN_A RUN_B --draft RUN_A=DRAFT_A --draft RUN_B=DRAFT_B
 
