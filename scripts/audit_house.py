@@ -40,7 +40,7 @@ KINDS = ("long function", "constructor", "probe", "objective branch")
 # Rule 4: the modules that never ask which objective runs, and what asking looks like.
 OBJECTIVE_BLIND = ("training/loop.py", "training/step.py", "training/plan.py",
                    "training/checkpointing.py", "training/state.py", "training/artifacts.py",
-                   "training/analysis.py", "training/task_evaluation.py", "checkpoint/")
+                   "training/analysis.py", "evaluation/in_training.py", "checkpoint/")
 OBJECTIVE_SHARED = ("base", "losses", "metrics", "evaluation")  # objectives/ modules all may use
 # Words for objectives besides their names; the names are read from conf/objective/ (each
 # option, and its `_target_`'s module) into OBJECTIVE_WORDS, so a new objective joins by its files.

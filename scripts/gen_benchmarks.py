@@ -132,7 +132,7 @@ def record_block(record: dict) -> str:
 
 def answered_once(command: str | None) -> bool:
     """Whether `command` runs a benchmark script that has since been removed: its question was
-    answered once, so its figures stay in the records and the history page, not here."""
+    answered once, so its figures stay in the records and the history record, not here."""
     scripts = SCRIPT.findall(command or "")
     return bool(scripts) and not any((ROOT / s).is_file() for s in scripts)
 
@@ -167,7 +167,7 @@ def question_section(records: list[dict], question: str) -> str:
         if hidden:  # the title stays, so what links to it still lands here
             blocks.append(f"{'Also answered' if shown else 'Answered'} once, by a script since "
                           f"removed: the figures are in {', '.join(hidden)} and on the "
-                          "[history page](benchmarks-history.md).")
+                          "history record (`benchmarks/results/history/`).")
         parts.append(f"### {title}\n\n" + "\n\n".join(blocks))
     return "\n\n".join(parts) if parts else "*No record yet.*"
 

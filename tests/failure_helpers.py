@@ -1,6 +1,6 @@
 """A callback that makes a run fail the way MLX on CUDA fails when the GPU runs out of memory
 (tests/test_failures.py). MLX's CPU backend cannot be made to raise it: a failed allocation there
-is a segmentation fault (runtime/failures.py), so the GPU's behaviour is reproduced at the
+is a segmentation fault (runtime/supervision/failures.py), so the GPU's behaviour is reproduced at the
 point where the trainer meets it: a RuntimeError with MLX's message from inside a step, then,
 with `hang`, a teardown that never returns (ml-explore/mlx#2821)."""
 

@@ -29,10 +29,7 @@ SMOL_GGUF = Path("~/.cache/mlxlab-test-models/SmolLM2-135M-Instruct.Q4_1.gguf").
 FENCE = re.compile(r"^\s*```(bash|shell|sh|console)\s*$")
 NOT_RUN = re.compile(r"<!--\s*commands:\s*not run:\s*(.+?)\s*-->")
 
-PAGE_SKIPS = {
-    "docs/benchmarks-history.md": "history: the commands that made past benchmark records, as "
-                                  "they ran then (scripts/gen_benchmarks.py reads the records)",
-}
+PAGE_SKIPS: dict[str, str] = {}
 
 NETWORK = "needs the network (a package index or a download)"
 # the install steps of `install && ... && command`: skipped, the command after them runs

@@ -1,4 +1,4 @@
-"""Generation tasks decode batched (models/batched_greedy.py): the answers equal one-at-a-time
+"""Generation tasks decode batched (decoding/batched_greedy.py): the answers equal one-at-a-time
 greedy decoding (scoring.greedy_ids) token for token, on a tiny random Llama (mlx-lm's caches:
 prompts of every length in one left-padded batch), on a chat model through its own chat
 template (a task scored at eval.batch_size=4), and on mlxlab's own Transformer (its own
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from hf_helpers import save_tiny_model
+from mlxlab.decoding.batched_greedy import greedy_batch, merges
 from mlxlab.evaluation.scoring import Prompts, _cut, greedy_ids, score_task
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import read_task
-from mlxlab.models.batched_greedy import greedy_batch, merges
 from mlxlab.models.transformer import Transformer
-from mlxlab.runs.task_eval import load_eval_model
+from mlxlab.runs.named_model import load_eval_model
 
 
 @pytest.fixture(scope="module")

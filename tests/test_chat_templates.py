@@ -258,7 +258,7 @@ def test_generation_stops_at_the_templates_end_of_turn(folders, tmp_path):
     gemma = Tokenizer.from_file(str(folders["gemma3"] / "tokenizer.json"))
     plain = Prompts(gemma)  # plain prompts (eval.chat=plain): no end-of-text on the old list
     assert plain.stops == frozenset() and plain.encode("Tim") == gemma.encode("Tim").ids
-    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.runs.named_model import load_eval_model
 
     source = load_eval_model(save_tiny_model("llama", tmp_path / "tiny"), chat="plain")
     prompt = source.tokenizer.encode("Tim and Sue", add_special_tokens=False).ids

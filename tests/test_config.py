@@ -288,3 +288,15 @@ def test_record_builds_a_mapping_and_keeps_anything_else():
     assert (built.seq_len, built.stride) == (8, 8)
     assert record(Packing, built, "data.packing") is built
     assert record(Packing, None, "data.packing") is None  # the caller says what None means
+
+
+@pytest.mark.parametrize(("override", "line"), [
+    ("trainer.compile=maybe", "trainer.compile must be true or false, got 'maybe'"),
+    ("trainer.batching.dynamic=sometimes",
+     "trainer.batching.dynamic must be true or false, got 'sometimes'"),
+])
+def test_a_switch_set_to_a_word_is_refused_not_read_as_true(tmp_path, override, line):
+    """A `bool` setting given a word is one line: 'maybe' is truthy and would run as true."""
+    cfg = compose_cfg(tmp_path, [override])
+    with pytest.raises(ConfigError, match=re.escape(line)):
+        validate(cfg)

@@ -127,16 +127,14 @@ def report(name: str, value: float) -> None:
             f.write(f"{name}\t{value:.3g}\n")
 
 
-@pytest.mark.parametrize("shard", [pytest.param(False, id="dp"),
-                                   pytest.param(True, id="zero1", marks=pytest.mark.slow)])
-def test_two_ranks_equal_one_process_with_twice_the_batch_bert(tmp_path, cli_env, shard):
-    args = [*BERT, f"trainer.distributed.shard_optimizer={str(shard).lower()}"]
+def test_two_ranks_equal_one_process_with_twice_the_batch_bert(tmp_path, cli_env):
+    args = BERT
     run(1, [*args, "trainer.batch_size=16"], tmp_path / "one", cli_env)
     out = run(2, [*args, "trainer.batch_size=8"], tmp_path / "two", cli_env)
     assert "data parallel: 2 ranks" in out
     assert committed_steps(tmp_path / "two") == committed_steps(tmp_path / "one")
     diff = relative_difference(weights(tmp_path / "two"), weights(tmp_path / "one"))
-    report(f"bert 2x8 vs 1x16 shard_optimizer={shard}", diff)
+    report("bert 2x8 vs 1x16", diff)
     assert diff <= TOL
     # the gathered optimizer state is the unsharded one, under the same names
     opt_diff = relative_difference(optimizer_state(tmp_path / "two"), optimizer_state(tmp_path / "one"))
@@ -146,14 +144,12 @@ def test_two_ranks_equal_one_process_with_twice_the_batch_bert(tmp_path, cli_env
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shard", [pytest.param(False, id="dp"),
-                                   pytest.param(True, id="zero1", marks=pytest.mark.slow)])
-def test_two_ranks_equal_one_process_with_twice_the_batch_lm(tmp_path, cli_env, shard):
-    args = [*LM, f"trainer.distributed.shard_optimizer={str(shard).lower()}"]
+def test_two_ranks_equal_one_process_with_twice_the_batch_lm(tmp_path, cli_env):
+    args = LM
     run(1, [*args, "trainer.batch_size=16"], tmp_path / "one", cli_env)
     run(2, [*args, "trainer.batch_size=8"], tmp_path / "two", cli_env)
     diff = relative_difference(weights(tmp_path / "two"), weights(tmp_path / "one"))
-    report(f"lm 2x8 vs 1x16 shard_optimizer={shard}", diff)
+    report("lm 2x8 vs 1x16", diff)
     assert diff <= TOL
 
 

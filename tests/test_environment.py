@@ -27,7 +27,7 @@ LIBRARY_ENVIRONMENT = {
     "tracking/mlflow/background.py",  # a child process's copy of the environment
     "cli/serve.py",  # likewise
     "objectives/rl/tool_processes.py",  # likewise: the tool workers'
-    "runtime/supervise.py",  # likewise: the supervised training child's
+    "runtime/supervision/supervise.py",  # likewise: the supervised training child's
     "runtime/blas.py",  # OpenBLAS's, set while it loads
     "runtime/blas_kernels.py",  # OpenBLAS's, for the child processes that time its kernels
     "runtime/device.py",  # MLX's MLX_PTX_CACHE_DIR, set before a run compiles CUDA kernels

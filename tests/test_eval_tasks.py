@@ -24,7 +24,7 @@ from mlxlab.evaluation.results import SavedTask, read_scores
 from mlxlab.evaluation.scoring import greedy_ids, score_task
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import read_task
-from mlxlab.runs.task_eval import load_eval_model
+from mlxlab.runs.named_model import load_eval_model
 
 WORDS = ["red", "blue", "green", "yellow"]
 
@@ -175,7 +175,7 @@ def test_runs_compare_pairs_base_and_finetune_over_the_100_examples(world, base_
 
 
 def read_scores_of_run(world: dict, run_id: str) -> list[dict]:
-    from mlxlab.runs.task_scores import run_scores
+    from mlxlab.evaluation.run_scores import run_scores
 
     c = client(world["uri"])
     return run_scores(c, c.get_run(run_id))["mc"].rows

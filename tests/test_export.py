@@ -141,8 +141,8 @@ def test_quantized_export_loads_in_mlx_lm_and_reports_the_cost(lm_run, lm_export
     import mlx_lm
     from mlx_lm.convert import convert
 
+    from mlxlab.evaluation.file_metrics import lm_metrics
     from mlxlab.export.quality import validation_batches
-    from mlxlab.runs.evaluate import lm_metrics
 
     out = tmp_path / "q4"
     report = export_run(lm_run, out, "mlx-lm", "float32", quantize=4)

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import FAST, PYTHON
 from failure_helpers import CUDA_OOM
-from mlxlab.runtime import failures
+from mlxlab.runtime.supervision import failures
 
 TESTS = Path(__file__).resolve().parent
 RUN = [*FAST, "trainer.max_steps=12", "trainer.eval_every_steps=null",

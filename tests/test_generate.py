@@ -14,7 +14,7 @@ import pytest
 from conftest import MLXLAB, mlxlab
 from mlxlab.cli.main import main
 from mlxlab.data.tokenizer import build_tokenizer
-from mlxlab.models.generation import generate_tokens
+from mlxlab.decoding.generation import generate_tokens
 from mlxlab.runs.inference import complete, decode_stream, load_run, predict_frame, sample_ids
 
 

@@ -13,7 +13,7 @@ import pytest
 from hf_helpers import save_tiny_model
 from mlxlab.cli.main import main
 from mlxlab.evaluation.scoring import greedy_ids
-from mlxlab.runs.task_eval import load_eval_model
+from mlxlab.runs.named_model import load_eval_model
 
 GREEDY = ["--temperature", "0", "--max-tokens", "20"]
 

@@ -469,7 +469,7 @@ def test_a_draft_model_trains_from_its_target_and_drafts_for_it(tiny, tmp_path):
     run = next((tmp_path / "outputs" / "draft_model").iterdir())
     logged = (done.stdout + done.stderr)
     assert "val/acceptance" in logged and "val/expected_speedup" in logged
-    from mlxlab.objectives.supervised.gkd import draft_metrics
+    from mlxlab.decoding.speculative import draft_metrics
 
     assert draft_metrics(1.0, 3, 0.25)["val/tokens_per_target_pass"] == 4.0
     assert draft_metrics(0.0, 3, 0.25)["val/expected_speedup"] < 1.0

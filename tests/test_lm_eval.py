@@ -70,8 +70,8 @@ def test_per_example_loglikelihoods_and_scores_equal_lm_eval_hf(world):
     same folder: every log-likelihood within 1e-4 relative, every score and generation equal."""
     from lm_eval.models.huggingface import HFLM
 
-    from mlxlab.runs.lm_eval_model import harness_lm
-    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.evaluation.lm_eval.registered import harness_lm
+    from mlxlab.runs.named_model import load_eval_model
 
     b = bench()
     ours, _ = b.evaluate(harness_lm(load_eval_model(world["base"]), 4), world["tasks"])
@@ -149,7 +149,7 @@ def test_eval_keeps_every_example_compare_pairs_them_and_lora_unfused_equals_fus
 @pytest.mark.slow  # lm-eval's command indexes its ~15,000 task files first (tens of seconds)
 def test_lm_eval_command_runs_the_mlxlab_model(world, tmp_path):
     done = subprocess.run(
-        [PYTHON, "-m", "mlxlab.runs.lm_eval_command", "run", "--model", "mlxlab",
+        [PYTHON, "-m", "mlxlab.evaluation.lm_eval.command", "run", "--model", "mlxlab",
          "--model_args", f"model={world['run']},checkpoint=last", "--tasks", world["tasks"][0],
          "--limit", "3", "--batch_size", "2"],
         capture_output=True, text=True, cwd=tmp_path, env=env())
@@ -234,10 +234,10 @@ def test_scoring_lm_eval_tasks_in_a_run_leaves_the_model_training(tmp_path):
     """A run's evaluation (TaskEvaluation.on_eval) scores lm-eval's three kinds of request
     (loglikelihood, generate_until, loglikelihood_rolling) with dropout off and hands the model
     back in training mode, as it found it."""
+    from mlxlab.evaluation.in_training import TaskEvaluation
+    from mlxlab.evaluation.lm_eval.registered import harness_lm
     from mlxlab.evaluation.settings import TaskSettings
-    from mlxlab.runs.lm_eval_model import harness_lm
-    from mlxlab.runs.task_eval import load_eval_model
-    from mlxlab.training.task_evaluation import TaskEvaluation
+    from mlxlab.runs.named_model import load_eval_model
 
     class Tracker:
         logged: dict = {}
@@ -288,12 +288,12 @@ def test_compare_pairs_corpus_scores_as_lm_eval_aggregates_them(tmp_path):
     mean of per-document values."""
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from mlxlab.evaluation.harness import score_harness
-    from mlxlab.evaluation.harness_tasks import HarnessOptions
+    from mlxlab.evaluation.lm_eval.registered import harness_lm
+    from mlxlab.evaluation.lm_eval.scores import score_harness
+    from mlxlab.evaluation.lm_eval.tasks import HarnessOptions
     from mlxlab.evaluation.paired import pair_task
     from mlxlab.evaluation.results import read_scores, write_scores
-    from mlxlab.runs.lm_eval_model import harness_lm
-    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.runs.named_model import load_eval_model
 
     tasks = bench().write_tasks(tmp_path / "tasks", 10)
     ppl = next(t for t in tasks if t.endswith("tiny_ppl.yaml"))

@@ -308,7 +308,7 @@ def test_a_gemma_run_generates_and_exports_to_its_own_end_tokens(tmp_path, capsy
     from transformers import AutoModelForCausalLM
 
     from mlxlab.cli.main import main
-    from mlxlab.models.generation import generate_tokens
+    from mlxlab.decoding.generation import generate_tokens
     from mlxlab.runs.inference import complete, load_run, sample_ids
 
     folder = save_tiny_model("gemma3_text", tmp_path / "tiny-gemma3_text", chat="gemma")

@@ -16,7 +16,8 @@ from mlx.utils import tree_flatten
 from omegaconf import OmegaConf
 
 from mlxlab.config import compose_config
-from mlxlab.models import BertClassifier, CNNHybrid, Transformer, generate_tokens, num_parameters
+from mlxlab.decoding.generation import generate_tokens
+from mlxlab.models import BertClassifier, CNNHybrid, Transformer, num_parameters
 from mlxlab.models.hf import hf_to_mlxlab_name, load_hf_bert_weights
 from mlxlab.models.layers import KVCache
 from mlxlab.models.lora import (

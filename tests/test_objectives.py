@@ -24,8 +24,8 @@ from mlxlab.objectives.base import (
     pack_array,
     unpack_array,
 )
-from mlxlab.objectives.evaluation import evaluate_cross_entropy
 from mlxlab.objectives.supervised.supervised import Supervised
+from mlxlab.objectives.validation import evaluate_cross_entropy
 from mlxlab.train import train
 from run_helpers import committed_steps, final_weights
 from test_csv_tracking import assert_same_csv_metrics

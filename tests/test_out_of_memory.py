@@ -25,7 +25,7 @@ import pytest
 
 from conftest import FAST, PYTHON, compose_cfg
 from mlxlab.errors import ConfigError
-from mlxlab.runtime import supervise
+from mlxlab.runtime.supervision import supervise
 from mlxlab.training.checkpointing import rescaled_position
 from mlxlab.training.micro_batch import candidates
 from mlxlab.training.settings import TrainerSettings, memory_limit

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import mlxlab
 from mlxlab.cli.main import main
-from mlxlab.runs.inference import evaluate, load_run, predict_frame
+from mlxlab.evaluation.file_metrics import evaluate
+from mlxlab.runs.inference import load_run, predict_frame
 
 
 def val_rows(titanic: pd.DataFrame) -> pd.DataFrame:

@@ -117,7 +117,7 @@ def test_logits_equal_transformers_gguf_load_within_float32_rounding(ours, their
 def test_greedy_tokens_equal_transformers_on_three_chat_prompts(ours, theirs):
     import torch
 
-    from mlxlab.models import generate_tokens
+    from mlxlab.decoding.generation import generate_tokens
 
     model, tokenizer = theirs
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -68,7 +68,7 @@ def test_held_out_rows_are_an_eval_task(tmp_path):
 def test_eval_takes_a_gguf_file(tmp_path):
     """`mlxlab eval <file.gguf> task.jsonl`: the model resolver turns the file into its folder
     (it said "no tokenizer.json in <file>" before)."""
-    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.runs.named_model import load_eval_model
     from real_models import packaged_model
 
     source = load_eval_model(str(packaged_model()))

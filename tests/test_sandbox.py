@@ -24,7 +24,7 @@ import pytest
 from mlxlab.objectives.rl.sandbox import answer_text, run_python
 from mlxlab.objectives.rl.tools import Toolbox, ToolCall, build_tools
 from mlxlab.runtime.processes import is_alive
-from mlxlab.runtime.sandbox import CHILD, LAYERS, SandboxLimits, run_code, sandbox_layers
+from mlxlab.sandbox.confine import CHILD, LAYERS, SandboxLimits, run_code, sandbox_layers
 
 FAST = SandboxLimits(cpu_s=1, wall_s=4.0, memory_bytes=512 << 20, file_bytes=1 << 20)
 
@@ -114,7 +114,7 @@ def test_code_runs_in_a_scratch_folder_deleted_afterwards_with_its_output_cut():
     ("audit", "read outside", "the sandbox refuses to open"),
 ])
 def test_each_layer_alone_stops_what_it_says(server, tmp_path, layer, name, stopped):
-    """What runtime/sandbox.py's table says of each layer, one at a time (beside the limits)."""
+    """What sandbox/confine.py's table says of each layer, one at a time (beside the limits)."""
     if layer != "audit" and layer not in sandbox_layers():
         pytest.skip(f"this kernel has no {layer} layer")
     port, accepted = server
@@ -292,7 +292,7 @@ ALONE = {
 
 @pytest.mark.parametrize("layer", list(ALONE))
 def test_each_layer_alone_keeps_the_trainer_out_of_reach(trainer, layer):
-    """What runtime/sandbox.py's table says each layer does about other processes, one at a
+    """What sandbox/confine.py's table says each layer does about other processes, one at a
     time (beside the limits); signals to itself delivered under each."""
     if layer != "audit" and layer not in sandbox_layers():
         pytest.skip(f"this kernel has no {layer} layer")
@@ -345,7 +345,7 @@ def test_off_linux_a_thread_ends_the_program_when_its_parent_is_gone(tmp_path):
     started = tmp_path / "started"
     orphan = ("import os, sys, threading, time\n"
               f"sys.path.insert(0, {str(CHILD.parent)!r})\n"  # the child's script alone
-              "from sandbox_child import _exit_with_parent\n"
+              "from child import _exit_with_parent\n"
               "threading.Thread(target=_exit_with_parent, args=(os.getppid,), daemon=True)"
               ".start()\n"
               f"open({str(started)!r}, 'w').write(str(os.getpid()))\n"

@@ -420,7 +420,7 @@ def test_a_decoder_trained_here_is_served_one_request_at_a_time(tiny_lm_run):
 def test_a_registered_model_whose_run_folder_is_gone_is_served_from_the_store(runs, tmp_path):
     import shutil
 
-    from mlxlab.models.generation import generate_tokens
+    from mlxlab.decoding.generation import generate_tokens
     from mlxlab.serving.openai.served import load_served, resolve_target
     from mlxlab.serving.registry import register_run
 

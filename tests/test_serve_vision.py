@@ -79,7 +79,7 @@ def generated(source: Path, seed: int | None, tmp: Path) -> str:
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     from mlxlab.runs.generate import chat_prompt_ids, continue_ids, image_prompt
-    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.runs.named_model import load_eval_model
 
     model = load_eval_model(source, chat="template", purpose="generation")
     text = "What is in the picture?" if seed is not None else "Hello there"

@@ -16,8 +16,9 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from scipy.stats import chisquare
 
+from mlxlab.decoding.generation import generate_tokens
+from mlxlab.decoding.speculative import check_draft
 from mlxlab.errors import ConfigError
-from mlxlab.models.generation import check_draft, generate_tokens
 from mlxlab.models.transformer import Transformer
 
 VOCAB = 8

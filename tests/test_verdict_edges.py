@@ -188,7 +188,7 @@ def test_two_configs_with_equal_means_tie_and_none_is_the_leader(uri, capsys):
 
 
 def log_base_eval(uri: str, model: str, task: SavedTask) -> str:
-    """An `mlxlab eval` run of the base model as runs/task_eval.py logs it: tags and the
+    """An `mlxlab eval` run of the base model as runs/named_model.py logs it: tags and the
     eval_tasks/ folder; its run id."""
     import tempfile
     from pathlib import Path

@@ -232,7 +232,7 @@ def test_greedy_generation_with_an_image_equals_mlx_vlms(folders, family):
     mlx-vlm's own generate_step on the same model and inputs."""
     from mlx_vlm.generate import generate_step
 
-    from mlxlab.models.generation import generate_tokens
+    from mlxlab.decoding.generation import generate_tokens
     from mlxlab.models.vision_language import VisionLanguageModel
 
     inputs = processed(folders[family], CHAT[:1])

@@ -12,9 +12,9 @@ import pytest
 from mlxlab.config import instantiate, validate
 from mlxlab.data.batching import Batching
 from mlxlab.data.vocab_remap import VocabRemap
+from mlxlab.decoding.generation import generate_tokens
 from mlxlab.errors import ConfigError
 from mlxlab.export import export_run
-from mlxlab.models.generation import generate_tokens
 from mlxlab.models.remapped import RemappedLM
 from mlxlab.runs import load_run_model
 from mlxlab.train import train

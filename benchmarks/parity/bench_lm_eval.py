@@ -212,7 +212,7 @@ def scorer_parity(out: Path, questions: int) -> tuple[dict, bool]:
 
     from mlxlab.evaluation.scoring import score_task
     from mlxlab.evaluation.tasks import read_task
-    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.runs.named_model import load_eval_model
 
     folder, _, _ = models(True, out)
     task = write_tasks(out / "tasks", 1)[0]  # tiny_mc's YAML, on the scorer's rows
@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from lm_eval.models.huggingface import HFLM
 
-    from mlxlab.runs.lm_eval_model import harness_lm
-    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.evaluation.lm_eval.registered import harness_lm
+    from mlxlab.runs.named_model import load_eval_model
 
     ours, ours_s = evaluate(harness_lm(load_eval_model(mine), args.batch_size), tasks)
     theirs, theirs_s = evaluate(HFLM(pretrained=str(hf_folder), dtype="float32", device="cpu",

@@ -96,7 +96,7 @@ def run_mlxlab(model_name: str, train_file: Path, heldout_file: Path, root: Path
     from omegaconf import OmegaConf
 
     from benchmarks.callbacks import HOOKS, OVERRIDE
-    from mlxlab.objectives.evaluation import evaluate_cross_entropy as evaluate
+    from mlxlab.objectives.validation import evaluate_cross_entropy as evaluate
     from mlxlab.train import train
     from mlxlab.training.trainer import Trainer
 

@@ -94,7 +94,7 @@ def answers(model_path: str, rows: list[dict], vlm=None) -> list[str]:
     """Greedy replies (at most 4 tokens) of a run or folder to each held-out picture; `vlm`:
     an mlx-vlm model (its own trainer's adapters on the folder's base) answering in its place."""
     from mlxlab.runs.generate import continue_ids, image_prompt
-    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.runs.named_model import load_eval_model
 
     model = load_eval_model(model_path, "best", "template", purpose="vision_shapes")
     if vlm is not None:

@@ -135,17 +135,12 @@ def measure(target_dir: Path, drafts: dict[str, Path], prompts: list[str], round
     """The held-out prompts in `rounds` rounds, each round every configuration in turn (its
     order reversed every other round), in this process: per configuration the decode rate, the
     draft's share, and the prompts whose text differs from the target's alone."""
-    from mlxlab.models.generation import check_draft
     from mlxlab.runs.generate import plain_prompt_ids
-    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.runs.named_model import load_draft, load_eval_model
 
     target = load_eval_model(str(target_dir), "best", "plain", purpose="bench_draft")
-    models = {}
-    for name, folder in drafts.items():
-        draft = load_eval_model(str(folder), "best", "plain", purpose="bench_draft")
-        check_draft(target.model, draft.model,
-                    draft.tokenizer.to_str() == target.tokenizer.to_str())
-        models[name] = draft.model
+    models = {name: load_draft(target, folder, purpose="bench_draft")
+              for name, folder in drafts.items()}
     ids = [plain_prompt_ids(target.tokenizer, target.tokenizer_folder, target.model.hf_config, p)
            for p in prompts]
     configs = {"alone": None, **models}
@@ -185,7 +180,7 @@ def measure(target_dir: Path, drafts: dict[str, Path], prompts: list[str], round
 def base_outputs(base: Path, finetuned: Path, prompts: list[str], max_tokens: int) -> dict:
     """How many of `prompts` the base model answers differently from the fine-tune (greedy)."""
     from mlxlab.runs.generate import plain_prompt_ids
-    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.runs.named_model import load_eval_model
 
     texts = {}
     for name, folder in (("base", base), ("finetuned", finetuned)):

@@ -220,6 +220,34 @@ def restore_optimizer(
 BaseCheck = Callable[[dict], None]
 
 
+def match_weights(current: dict[str, mx.array], ckpt: dict[str, mx.array], frozen: set[str],
+                  report: LoadReport) -> tuple[list[tuple[str, mx.array]], dict[str, str]]:
+    """Each model parameter (`current`, by name) matched to a checkpoint array by name
+    (_source_name: a renamed layer too), pure: the (name, array) pairs to load, in the model's
+    dtype, and the checkpoint name each came from; `report` records what was loaded, renamed,
+    kept from the base (`frozen` names absent from the checkpoint), re-initialized or dropped."""
+    new_weights: list[tuple[str, mx.array]] = []
+    loaded_from: dict[str, str] = {}
+    matched: set[str] = set()  # checkpoint names with a model counterpart, loaded or not
+    for name, param in current.items():
+        src = _source_name(name, ckpt)
+        matched.add(src)
+        if src is None and name in frozen:
+            report.from_base.append(name)
+        elif src is None:
+            report.reinitialized[name] = "not in checkpoint"
+        elif ckpt[src].shape != param.shape:
+            report.reinitialized[name] = f"shape {tuple(ckpt[src].shape)} -> {tuple(param.shape)}"
+        else:
+            new_weights.append((name, ckpt[src].astype(param.dtype)))
+            loaded_from[name] = src
+            report.loaded.append(name)
+            if src != name:
+                report.renamed[name] = src
+    report.dropped = [k for k in ckpt if k not in matched]
+    return new_weights, loaded_from
+
+
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: optim.Optimizer | None = None, strict: bool = False,
     verify_base: BaseCheck | None = None,
@@ -265,25 +293,7 @@ def load_checkpoint(
     current = dict(tree_flatten(model.parameters()))
     frozen = set(current) - {k for k, _ in tree_flatten(model.trainable_parameters())} \
         if base else set()
-    new_weights: list[tuple[str, mx.array]] = []
-    loaded_from: dict[str, str] = {}
-    matched: set[str] = set()  # checkpoint names with a model counterpart, loaded or not
-    for name, param in current.items():
-        src = _source_name(name, ckpt)
-        matched.add(src)
-        if src is None and name in frozen:
-            report.from_base.append(name)
-        elif src is None:
-            report.reinitialized[name] = "not in checkpoint"
-        elif ckpt[src].shape != param.shape:
-            report.reinitialized[name] = f"shape {tuple(ckpt[src].shape)} -> {tuple(param.shape)}"
-        else:
-            new_weights.append((name, ckpt[src].astype(param.dtype)))
-            loaded_from[name] = src
-            report.loaded.append(name)
-            if src != name:
-                report.renamed[name] = src
-    report.dropped = [k for k in ckpt if k not in matched]
+    new_weights, loaded_from = match_weights(current, ckpt, frozen, report)
     if strict and (report.reinitialized or report.dropped):
         raise CheckpointError(
             f"checkpoint {path} does not match the model (strict=True):\n" + report.summary()

@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 
 from mlxlab.cli.common import add_run_arguments, guarded, parser_for
-from mlxlab.cli.eval_harness import add_harness_arguments
+from mlxlab.evaluation.lm_eval.arguments import add_harness_arguments
 
 
 def main(argv: list[str]) -> int:
@@ -93,7 +93,8 @@ def main(argv: list[str]) -> int:
     args.batch_size = args.batch_size or 64
 
     def body() -> int:
-        from mlxlab.runs.inference import evaluate, load_run
+        from mlxlab.evaluation.file_metrics import evaluate
+        from mlxlab.runs.inference import load_run
 
         run = load_run(args.run, args.checkpoint)
         if run.task != "classification" and (args.confusion or args.label_names):
@@ -172,20 +173,20 @@ def eval_reward(args) -> int:
 
 
 def eval_tasks(args) -> int:
-    """`mlxlab eval MODEL TASK...`: score, print, log (runs/task_eval.py)."""
+    """`mlxlab eval MODEL TASK...`: score, print, log (evaluation/eval_run.py)."""
     import tempfile
     from pathlib import Path
 
+    from mlxlab.evaluation.eval_run import evaluate_tasks, log_eval_run
+    from mlxlab.evaluation.lm_eval.command_line import (
+        harness_options,
+        score_harness_entries,
+        split_entries,
+    )
     from mlxlab.evaluation.results import intervals
     from mlxlab.evaluation.settings import TaskSettings
     from mlxlab.evaluation.tasks import read_tasks
-    from mlxlab.runs.harness_eval import harness_options, score_harness_entries, split_entries
-    from mlxlab.runs.task_eval import (
-        evaluate_tasks,
-        load_eval_model,
-        log_eval_run,
-        refuse_reward_model,
-    )
+    from mlxlab.runs.named_model import load_eval_model, refuse_reward_model
 
     if args.confusion or args.label_names:
         raise ValueError("--confusion and --label-names are for classifier runs, not tasks")

@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from mlxlab.runs.task_eval import load_eval_model
+        from mlxlab.runs.named_model import load_eval_model
 
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
@@ -74,12 +74,9 @@ def main(argv: list[str]) -> int:
                                 purpose="mlxlab generate")
         draft_model = None
         if args.draft:
-            from mlxlab.models.generation import check_draft
+            from mlxlab.runs.named_model import load_draft
 
-            draft = load_eval_model(args.draft, "best", "plain", purpose="mlxlab generate --draft")
-            check_draft(model.model, draft.model,
-                        draft.tokenizer.to_str() == model.tokenizer.to_str())
-            draft_model = draft.model
+            draft_model = load_draft(model, args.draft, purpose="mlxlab generate --draft")
         print(f"[{model.checkpoint or model.path}]", file=sys.stderr)
         if args.chat and args.prompt is None:
             return converse(model, args, draft_model)

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     def body() -> int:
         from mlxlab.data.tabular import read_csv
         from mlxlab.runs.inference import load_run, predict_frame
-        from mlxlab.runs.task_eval import refuse_reward_model
+        from mlxlab.runs.named_model import refuse_reward_model
 
         if not Path(args.data).is_file():
             raise FileNotFoundError(f"CSV not found: {args.data} (give the CSV to predict)")

@@ -73,6 +73,8 @@ def main(argv: list[str]) -> int:
 
 
 def run(args) -> int:
+    """`mlxlab runs compare REF...`: which comparison the references ask for (a run against a
+    sweep's config, runs side by side or paired by example, a sweep's configs), and it."""
     from mlxlab.cli.runs_show import _client
 
     client, uri = _client(args.uri)
@@ -80,30 +82,41 @@ def run(args) -> int:
     if len(args.refs) == 2 and sweeps.count(True) == 1:  # a base run against a sweep's config
         return run_against_sweep(client, uri, args, sweeps)
     if not any(sweeps):
-        from mlxlab.cli.runs_show import compare as side_by_side
+        return compare_runs(client, uri, args)
+    return compare_sweep_groups(client, args)
 
-        if len(args.refs) == 2:  # two runs that scored evaluation tasks: paired by example
-            from mlxlab.cli.runs_compare_tasks import compare_examples
 
-            done = compare_examples(client, uri, args.refs, args.last, args.metric, args.json)
-            if done is not None:
-                return done
-        if len(args.refs) < 2:
-            raise ValueError("compare needs two or more runs, or a sweep (e.g. latest)")
-        args.runs = args.refs
-        return side_by_side(args)
+def compare_runs(client: Any, uri: str, args) -> int:
+    """Runs side by side, or two runs that scored evaluation tasks paired by example."""
+    from mlxlab.cli.runs_show import compare as side_by_side
+
+    if len(args.refs) == 2:  # two runs that scored evaluation tasks: paired by example
+        from mlxlab.cli.runs_compare_tasks import compare_examples
+
+        done = compare_examples(client, uri, args.refs, args.last, args.metric, args.json)
+        if done is not None:
+            return done
+    if len(args.refs) < 2:
+        raise ValueError("compare needs two or more runs, or a sweep (e.g. latest)")
+    args.runs = args.refs
+    return side_by_side(args)
+
+
+def compare_sweep_groups(client: Any, args) -> int:
+    """A sweep's configs compared over their seeds (and their evaluation tasks by example), the
+    verdict recorded where it is the sweep's own; printed as a table or JSON."""
     groups, metric, mode, optimized = resolve_groups(client, args.refs, args.metric, args.mode)
     baseline = pick(groups, args.baseline) if args.baseline else None
     if len(groups) < 2:
         raise ValueError(f"one config ({groups[0].gid}: {groups[0].label}) found: compare needs "
                          "two, e.g. a sweep over two values with replicates=N")
-    from mlxlab.sweeps.compare import compare_groups, verdict
+    from mlxlab.sweeps.compare import compare_groups
 
     which = "last" if args.last else "best"
     # the row-level tests compare the best checkpoints' correctness: they answer for accuracy
     rows_client = client if metric.endswith("accuracy") and not args.last else None
     results = compare_groups(groups, metric, which, baseline, args.delta, rows_client)
-    from mlxlab.cli.runs_compare_tasks import print_replicate_tasks, replicate_tasks
+    from mlxlab.cli.runs_compare_tasks import replicate_tasks
 
     tasks = [replicate_tasks(client, c.a, c.b, which) for c in results]  # evaluation tasks
     own = metric == optimized and not args.last
@@ -117,7 +130,20 @@ def run(args) -> int:
             out["sweep_verdict"] = {"parent_run_id": recorded[0], **recorded[1]}
         print(json.dumps(out, indent=2, default=str))
         return 0
-    print(f"{metric} ({'last logged' if args.last else 'best checkpoint'}), "
+    print_group_comparisons(groups, results, tasks, metric, mode, args.last)
+    print_recorded(recorded, own, args.no_record, optimized)
+    return 0
+
+
+def print_group_comparisons(groups: list, results: list, tasks: list, metric: str, mode: str,
+                            last: bool) -> None:
+    """Each config's mean and interval, then each comparison: the difference, its tests, the
+    rows' and the tasks' pairings, the verdict."""
+    from mlxlab.cli.runs_compare_tasks import print_replicate_tasks
+    from mlxlab.sweeps.compare import verdict
+
+    which = "last" if last else "best"
+    print(f"{metric} ({'last logged' if last else 'best checkpoint'}), "
           f"{'higher' if mode == 'max' else 'lower'} is better; means with 95 % Student-t "
           "intervals over seeds (cut to the metric's range where they would leave it)")
     print_table(["group", "config", "n", "mean", "95 % CI", "sd"], [
@@ -138,6 +164,11 @@ def run(args) -> int:
         print_rows(c.rows)
         print_replicate_tasks(paired)
         print(f"  verdict: {verdict(c, metric, mode)}")
+
+
+def print_recorded(recorded: tuple[str, dict] | None, own: bool, no_record: bool,
+                   optimized: str) -> None:
+    """Where the sweep's verdict now stands: recorded on its parent run, or left as it was."""
     if recorded is not None:
         from mlxlab.sweeps.verdict import leader_tag
 
@@ -146,10 +177,9 @@ def run(args) -> int:
               f"{result['verdict']}; leader {leader_tag(result).split(':')[0]}; recorded on parent run "
               f"{parent_id} (its description, tags mlxlab.verdict / mlxlab.leader, "
               f"comparison.json)")
-    elif not own and not args.no_record:
+    elif not own and not no_record:
         print(f"\nthe sweep's recorded verdict (on {optimized}, best checkpoints) is left as it "
               "is: --record replaces it with this comparison's")
-    return 0
 
 
 def maybe_record(client: Any, args, metric: str, mode: str, which: str, own: bool

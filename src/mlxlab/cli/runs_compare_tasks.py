@@ -29,7 +29,7 @@ def compare_examples(client: Any, uri: str, refs: list[str], last: bool, metric:
     caller shows the runs side by side instead)."""
     from mlxlab.cli.runs_show import _resolve
     from mlxlab.evaluation.paired import pair_runs
-    from mlxlab.runs.task_scores import run_scores
+    from mlxlab.evaluation.run_scores import run_scores
 
     which = "last" if last else "best"
     sides = [_resolve(client, uri, ref) for ref in refs]
@@ -94,7 +94,7 @@ def replicate_tasks(client: Any, a: Any, b: Any, which: str) -> list | None:
 
 def group_scores(client: Any, group: Any, which: str) -> dict:
     """{seed: {task: SavedTask}} of a group's finished runs that scored evaluation tasks."""
-    from mlxlab.runs.task_scores import run_scores
+    from mlxlab.evaluation.run_scores import run_scores
     from mlxlab.sweeps.groups import seed_of
 
     found = {}
@@ -115,7 +115,7 @@ def compare_run_with_sweep(client: Any, uri: str, run_ref: str, group: Any, whic
     on its own (McNemar's exact test for right/wrong scores)."""
     from mlxlab.cli.runs_show import _resolve
     from mlxlab.evaluation.paired import pair_replicates, pair_runs, replicate_verdict, verdict
-    from mlxlab.runs.task_scores import run_scores
+    from mlxlab.evaluation.run_scores import run_scores
 
     run, folder = _resolve(client, uri, run_ref)
     base, seeds = run_scores(client, run, folder, which), group_scores(client, group, which)

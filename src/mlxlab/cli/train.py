@@ -1,5 +1,5 @@
 """`mlxlab train [overrides]`: mlxlab-train under the mlxlab command (its supervising parent, which
-runs the Hydra training app as its child: runtime/supervise.py)."""
+runs the Hydra training app as its child: runtime/supervision/supervise.py)."""
 
 from __future__ import annotations
 

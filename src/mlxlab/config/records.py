@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 from mlxlab.errors import ConfigError
 
-__all__ = ["check_arguments", "check_choice", "check_fraction", "check_number", "record",
+__all__ = ["check_arguments", "check_choice", "check_fraction", "check_number", "check_switches",
+           "record",
            "utf8_text"]
 
 R = TypeVar("R")
@@ -36,7 +37,22 @@ def record(kind: type[R], value: Any, key: str, owner: str | None = None) -> R:
     if unknown:
         raise ConfigError(f"{key}.{unknown[0]} is not a setting of {owner or key}: it takes "
                           f"{names}")
-    return kind(**given)
+    built = kind(**given)
+    check_switches(built, key)
+    return built
+
+
+def check_switches(settings: Any, key: str) -> None:
+    """Each key the record `settings` declares `bool` holds true or false (or null where the
+    record allows None): `compile=maybe` would be truthy and run as if true, a setting silently
+    read as something the user did not write. Records call it from their `__post_init__`."""
+    for f in fields(settings):
+        annotation = str(f.type).replace(" ", "")
+        if annotation in ("bool", "bool|None"):
+            value = getattr(settings, f.name)
+            if not isinstance(value, bool) and not (value is None and annotation != "bool"):
+                raise ConfigError(f"{key}.{f.name} must be true or false, got {value!r}: fix the "
+                                  f"override, e.g. {key}.{f.name}=false")
 
 
 def check_number(key: str, value: Any, kind: type, low: float | None = None) -> None:

@@ -36,6 +36,9 @@ RETIRED_KEYS = {
     "sweep.skip_finished": ("nothing", "a grid run again continues its sweep by itself; "
                             "sweep.fresh=true starts a new one"),
     "callbacks.checkpoint.": ("checkpoint.", "the checkpoint policy is a group of its own"),
+    "trainer.distributed.shard_optimizer": (
+        "trainer.distributed.mode=fsdp", "MLX's fully_shard keeps 1/N of the parameters, "
+        "gradients and optimizer state on each rank"),
 }
 
 

@@ -241,6 +241,20 @@ def load_chat_template(source: str | Path, template_file: str | Path | None = No
     return template
 
 
+def chat_template(folder: str | Path, mode: str = "auto") -> ChatTemplate | None:
+    """The chat template prompts go through for the model whose tokenizer files are in `folder`
+    (eval.chat): "auto" its own template if it has one, else plain prompts; "template" its
+    template or a ConfigError saying how to give one; "plain" never a template."""
+    if mode == "plain":
+        return None
+    try:
+        return load_chat_template(folder)
+    except (ConfigError, MissingFileError):
+        if mode == "template":
+            raise
+        return None
+
+
 def stop_ids(tokenizer: Tokenizer, folder: str | Path, config: Mapping | None = None) -> list[int]:
     """The ids a model's generation stops on, in order: the end of turn its chat template writes
     (when `folder`, where its tokenizer files are, has a template), then its end-of-text ids

@@ -4,7 +4,7 @@ Right/wrong scores (acc, acc_norm, exact_match, contains) get McNemar's exact te
 binomial test on the examples only one model got right); every score gets a paired bootstrap
 over the examples for the difference's 95 % interval (and, for continuous scores such as a
 perplexity task's per-text loss, its p-value). lm-eval's corpus-level scores (word and byte
-perplexity, bits per byte, BLEU, chrF, TER: evaluation/corpus.py) are paired as lm-eval
+perplexity, bits per byte, BLEU, chrF, TER: evaluation/lm_eval/corpus.py) are paired as lm-eval
 reports them, each run's aggregate over the shared documents, with the bootstrap and a
 randomization test over documents of that aggregate. `mlxlab runs compare A B` prints them with
 a one-line verdict each.
@@ -17,14 +17,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mlxlab.evaluation.corpus import CORPUS_AGGREGATIONS, corpus_statistics
+from mlxlab.evaluation.lm_eval.corpus import CORPUS_AGGREGATIONS, corpus_statistics
 from mlxlab.evaluation.results import SavedTask
-from mlxlab.evaluation.tasks import BINARY_SCORES, PAIRED_SCORES, SCORE_DEFINITIONS
-from mlxlab.stats import ALPHA, CONFIDENCE, mcnemar_exact, paired_bootstrap
+from mlxlab.evaluation.tasks import BINARY_SCORES, PAIRED_SCORES
+from mlxlab.stats import ALPHA, CONFIDENCE, SCORE_DEFINITIONS, mcnemar_exact, paired_bootstrap
 
 
 def higher_is_better(score: str) -> bool:
-    """A task score's direction from its definition (tasks.SCORE_DEFINITIONS)."""
+    """A task score's direction from its definition (stats' SCORE_DEFINITIONS)."""
     definition = SCORE_DEFINITIONS.get(score)
     return definition is None or definition.mode == "max"
 

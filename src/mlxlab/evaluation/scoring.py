@@ -23,7 +23,6 @@ import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -31,13 +30,13 @@ import mlx.nn as nn
 import numpy as np
 from tokenizers import Tokenizer
 
-from mlxlab.data.chat import ChatTemplate, load_chat_template
+from mlxlab.data.chat import ChatTemplate
 from mlxlab.data.tokenizer import EOT_TOKENS, start_ids
-from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.decoding.batched_greedy import greedy_batch
+from mlxlab.errors import ConfigError
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, Example, Task
 from mlxlab.models.base import Model
-from mlxlab.models.batched_greedy import greedy_batch
 from mlxlab.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ class TaskScores:
     # each paired score's direction where the kind does not fix them (lm-eval's tasks: its
     # higher_is_better); empty for mlxlab's own kinds (tasks.PAIRED_SCORES)
     higher_is_better: dict[str, bool] = field(default_factory=dict)
-    # lm-eval's corpus-level scores: score -> its aggregation (evaluation/corpus.py), computed
+    # lm-eval's corpus-level scores: score -> its aggregation (evaluation/lm_eval/corpus.py), computed
     # from each row's "pieces" over the documents, not as a mean of the rows' values
     corpus: dict[str, str] = field(default_factory=dict)
 
@@ -376,20 +375,6 @@ def score_tasks(model: Model, tokenizer: Tokenizer, tasks: Sequence[Task],
                 template: ChatTemplate | None = None) -> list[TaskScores]:
     """Every task scored (score_task)."""
     return [score_task(model, tokenizer, t, settings, template) for t in tasks]
-
-
-def chat_template(folder: str | Path, mode: str = "auto") -> ChatTemplate | None:
-    """The chat template prompts go through for the model whose tokenizer files are in `folder`
-    (eval.chat): "auto" its own template if it has one, else plain prompts; "template" its
-    template or a ConfigError saying how to give one; "plain" never a template."""
-    if mode == "plain":
-        return None
-    try:
-        return load_chat_template(folder)
-    except (ConfigError, MissingFileError):
-        if mode == "template":
-            raise
-        return None
 
 
 def metric_keys(scores: Sequence[TaskScores], prefix: str = "eval") -> dict[str, float]:

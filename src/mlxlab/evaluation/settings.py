@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from mlxlab.config.records import check_choice, check_number
 from mlxlab.errors import ConfigError
-from mlxlab.evaluation.harness_tasks import HarnessOptions, check_entries, is_harness_entry
+from mlxlab.evaluation.lm_eval.tasks import HarnessOptions, check_entries, is_harness_entry
 from mlxlab.evaluation.tasks import read_tasks
 
 CHAT_MODES = ("auto", "template", "plain")
@@ -16,7 +16,7 @@ CHAT_MODES = ("auto", "template", "plain")
 @dataclass(frozen=True)
 class TaskSettings:
     """eval.tasks: jsonl task files (evaluation/tasks.py) and lm-eval-harness tasks, groups or
-    task YAMLs (evaluation/harness.py); eval.num_fewshot / eval.limit: lm-eval's (None: each
+    task YAMLs (evaluation/lm_eval/scores.py); eval.num_fewshot / eval.limit: lm-eval's (None: each
     task's few-shot count, every example); eval.batch_size: sequences scored
     at once; eval.max_new_tokens: generation tasks' greedy token limit; eval.stop: strings that
     end a generation (the text is cut before them; [] to stop only at end-of-text);
@@ -38,7 +38,7 @@ class TaskSettings:
 
     @property
     def harness(self) -> list[str]:
-        """lm-eval's tasks, groups and task YAMLs (evaluation/harness.py)."""
+        """lm-eval's tasks, groups and task YAMLs (evaluation/lm_eval/scores.py)."""
         return [t for t in self.tasks if is_harness_entry(t)]
 
     def harness_options(self) -> HarnessOptions:

@@ -26,7 +26,6 @@ from typing import Any
 
 from mlxlab.config.records import utf8_text
 from mlxlab.errors import ConfigError, MissingFileError
-from mlxlab.stats import LOSS, UNIT, MetricDefinition
 
 MULTIPLE_CHOICE, GENERATION, PERPLEXITY = "multiple_choice", "generation", "perplexity"
 # The per-example scores of each kind and the task metrics computed from them.
@@ -35,14 +34,6 @@ METRICS = {
     GENERATION: ("exact_match", "contains"),
     PERPLEXITY: ("loss", "perplexity", "bits_per_byte"),
 }
-# Each score's direction and range (eval/<task>/<score>): what runs compare, the model card's
-# pairing and a mean's interval read (objectives.catalog.metric_definition).
-SCORE_DEFINITIONS = {"acc": UNIT, "acc_norm": UNIT, "exact_match": UNIT, "contains": UNIT,
-                     "loss": LOSS, "perplexity": MetricDefinition("min", 1.0),
-                     "bits_per_byte": LOSS,
-                     # lm-eval-harness's names for its tasks' scores (evaluation/harness.py)
-                     "word_perplexity": MetricDefinition("min", 1.0),
-                     "byte_perplexity": MetricDefinition("min", 1.0)}
 # Per-example scores that are right/wrong (paired by McNemar's test); the others are continuous.
 BINARY_SCORES = ("acc", "acc_norm", "exact_match", "contains")
 # The per-example score of each kind that pairs two runs (perplexity: each text's loss).

@@ -37,6 +37,7 @@ import mlx.nn as nn
 import numpy as np
 from tokenizers import Tokenizer
 
+from mlxlab.evaluation.file_metrics import lm_metrics
 from mlxlab.export.architectures import TESTED, layout_of
 from mlxlab.export.gguf_kquants import MIXTURES
 from mlxlab.export.hf import (
@@ -78,7 +79,6 @@ from mlxlab.models.remapped import RemappedLM
 from mlxlab.models.transformer import Transformer
 from mlxlab.models.vision_language import VisionLanguageModel
 from mlxlab.runs import load_run_model, require_run_tokenizer
-from mlxlab.runs.evaluate import lm_metrics
 
 __all__ = ["ExportError", "export_gguf", "export_run"]
 log = logging.getLogger(__name__)

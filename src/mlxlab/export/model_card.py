@@ -20,8 +20,8 @@ from typing import Any
 
 from mlxlab.evaluation.paired import pair_task, pair_weighted_loss
 from mlxlab.evaluation.results import SavedTask, intervals
+from mlxlab.evaluation.run_scores import folder_scores, run_scores
 from mlxlab.evaluation.tasks import PERPLEXITY
-from mlxlab.runs.task_scores import folder_scores, run_scores
 from mlxlab.tracking import tags as T
 
 log = logging.getLogger(__name__)

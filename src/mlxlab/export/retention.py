@@ -36,9 +36,10 @@ import mlx.core as mx
 import numpy as np
 
 from mlxlab.data.batching import Batch
-from mlxlab.evaluation.harness_tasks import is_harness_entry
+from mlxlab.data.chat import chat_template
+from mlxlab.evaluation.lm_eval.tasks import is_harness_entry
 from mlxlab.evaluation.paired import is_binary
-from mlxlab.evaluation.scoring import chat_template, score_tasks
+from mlxlab.evaluation.scoring import score_tasks
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import BINARY_SCORES, Task, read_tasks
 from mlxlab.export.hf import ExportError
@@ -101,7 +102,7 @@ class Retention:
     def check(self) -> None:
         """The tasks exist (files) and lm-eval knows them (names), before anything is loaded:
         one line naming the first that does not."""
-        from mlxlab.evaluation.harness_tasks import check_entries
+        from mlxlab.evaluation.lm_eval.tasks import check_entries
 
         entries = [str(t) for t in self.tasks]
         read_tasks([e for e in entries if not is_harness_entry(e)])
@@ -129,7 +130,7 @@ def validation_scores(model: Model, batches: Sequence[Batch]) -> Scores:
             "val/loss": Column(np.concatenate(loss), higher_is_better=False)}
 
 
-# lm-eval's scores that are corpus aggregates, not means over documents (evaluation/corpus.py):
+# lm-eval's scores that are corpus aggregates, not means over documents (evaluation/lm_eval/corpus.py):
 # not paired per example here
 CORPUS_SCORES = ("word_perplexity", "byte_perplexity", "bits_per_byte", "bleu", "chrf", "ter")
 
@@ -140,8 +141,8 @@ def task_scores(model: Model, reference: Reference) -> Scores:
     scored = score_tasks(model, reference.tokenizer, reference.tasks, reference.settings,
                          reference.template)
     if reference.harness:
-        from mlxlab.evaluation.harness import score_harness
-        from mlxlab.evaluation.lm_eval_model import MlxlabLM, hf_tokenizer
+        from mlxlab.evaluation.lm_eval.model import MlxlabLM, hf_tokenizer
+        from mlxlab.evaluation.lm_eval.scores import score_harness
 
         lm = MlxlabLM(model, hf_tokenizer(reference.tokenizer_folder),
                       reference.settings.batch_size)

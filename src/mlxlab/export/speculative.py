@@ -5,7 +5,7 @@ pairs them.
     -> exported/ft.gguf, exported/ft.draft.gguf, exported/ft.Modelfile,
        exported/ft.llama-server.sh  (llama-server -m ft.gguf -md ft.draft.gguf --draft-max 3)
 
-The pair is checked as `mlxlab generate --draft` checks it (models/generation.py check_draft:
+The pair is checked as `mlxlab generate --draft` checks it (decoding/speculative.py check_draft:
 the same tokenizer and vocabulary, a smaller draft, caches that roll back) before a file is
 written. llama.cpp pairs them on its command line (`-md`); LM Studio pairs them in its chat
 sidebar (Speculative Decoding: Draft Model) or through its SDK's `draftModel`, once both files
@@ -41,13 +41,10 @@ Ollama has no draft models: `ollama create NAME -f {Path(model).stem}.Modelfile`
 
 def check_pair(run: str | Path, draft: str | Path) -> None:
     """`draft` is a draft `run` can use (check_draft), else one ConfigError line."""
-    from mlxlab.models.generation import check_draft
-    from mlxlab.runs.task_eval import load_eval_model
+    from mlxlab.runs.named_model import load_draft, load_eval_model
 
     target = load_eval_model(str(run), "best", "plain", purpose="mlxlab export --draft")
-    proposer = load_eval_model(str(draft), "best", "plain", purpose="mlxlab export --draft")
-    check_draft(target.model, proposer.model,
-                proposer.tokenizer.to_str() == target.tokenizer.to_str())
+    load_draft(target, draft, purpose="mlxlab export --draft")
 
 
 def export_gguf_with_draft(run: str | Path, draft: str | Path, out: str | Path,

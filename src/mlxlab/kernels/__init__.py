@@ -8,7 +8,7 @@ thread, so the vocabulary softmax, the attention softmax and the SiLU of a small
 several times PyTorch's, its erf (the exact GELU) is a scalar libm call that took more than half
 of the default BERT's step, and its RMSNorm, LayerNorm, RoPE, strided copies and AdamW update run
 as single-threaded element-wise ops; its dropout draws threefry bits on one thread (see
-docs/benchmarks-history.md). The fused kernels do the same math in one vectorized,
+the history record in benchmarks/results/history/). The fused kernels do the same math in one vectorized,
 multi-threaded pass, forward and backward (their VJPs are fused kernels too); the dropout kernel
 draws MLX's own bits, so its masks are nn.Dropout's.
 

@@ -2,7 +2,7 @@
 
 mlx.optimizers.AdamW updates each parameter with a handful of element-wise ops that MLX's CPU
 backend runs on one thread; over a small model's ~4M parameters that is ~15 ms of every nano step
-(docs/benchmarks-history.md). This subclass computes the same update in one multi-threaded
+(the history record in benchmarks/results/history/). This subclass computes the same update in one multi-threaded
 pass per parameter. The state is the parent's (`step`, `learning_rate`, and `m`, `v` per
 parameter), so checkpoints and resumes are interchangeable with mlx.optimizers.AdamW; where the
 kernels do not run (fused_kernels=off, no build, GPU, not float32) it is the parent class.

@@ -20,8 +20,9 @@ from mlxlab.launch.composing import composed
 from mlxlab.launch.rounds import rounds_of, train_in_rounds
 from mlxlab.runs import remove_unused_run_dir
 from mlxlab.runs.command import leave_after_signal
-from mlxlab.runtime import failures, settings, supervise
+from mlxlab.runtime import settings
 from mlxlab.runtime.locks import FolderBusy, folder_lock, run_folder_busy
+from mlxlab.runtime.supervision import failures, supervise
 from mlxlab.sweeps.jobs import continue_job
 from mlxlab.sweeps.search.trial_link import record_failure
 from mlxlab.tracking.run_info import hydra_context

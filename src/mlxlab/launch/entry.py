@@ -1,6 +1,6 @@
 """mlxlab-train's entry: the command line checked, then the Hydra app, under a supervising
 parent that restarts the run at half the micro-batch when it runs out of memory
-(runtime/supervise.py), and the exit status.
+(runtime/supervision/supervise.py), and the exit status.
 
 The parent imports neither Hydra, MLX nor the config (~0.8 s of wall time on a loaded 2-core
 machine, docs/benchmarks.md): what only the child needs is imported where the child reaches it.
@@ -12,7 +12,8 @@ import sys
 from collections.abc import Callable
 
 from mlxlab.errors import ConfigError, UserError
-from mlxlab.runtime import memory, memory_limits, supervise
+from mlxlab.runtime import memory, memory_limits
+from mlxlab.runtime.supervision import supervise
 
 
 def main(job: Callable, supervised: bool = True) -> None:

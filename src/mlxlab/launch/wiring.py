@@ -11,6 +11,7 @@ import mlx.core as mx
 from omegaconf import DictConfig
 
 from mlxlab.config import instantiate
+from mlxlab.evaluation.in_training import task_scoring
 from mlxlab.sweeps.folder import current_job, swept_keys_here, tracker_arguments
 from mlxlab.sweeps.search.pruning import TrialReporter
 from mlxlab.sweeps.search.trial_link import current_trial
@@ -18,7 +19,6 @@ from mlxlab.tracking.run_info import run_name
 from mlxlab.training.callbacks import from_config
 from mlxlab.training.memory_watch import StepMark, SystemMemory
 from mlxlab.training.settings import CheckpointPolicy
-from mlxlab.training.task_evaluation import task_scoring
 
 
 def seed_everything(seed: int) -> None:
@@ -47,7 +47,7 @@ def build_callbacks(cfg: DictConfig, build: Callable[[Any], Any] = instantiate
     callbacks, policy = from_config(cfg.get("callbacks"), build, cfg.get("checkpoint"))
     # evaluation tasks: one more evaluation, by a hook
     callbacks += task_scoring(build(cfg.eval) if cfg.get("eval") else None)
-    # memory under system/ in the tracker; each step for a supervising parent (runtime/supervise.py)
+    # memory under system/ in the tracker; each step for a supervising parent (runtime/supervision/supervise.py)
     callbacks += [SystemMemory(), StepMark()]
     trial = current_trial()  # a search's job: which trial it trains
     if trial is not None:

@@ -1,7 +1,7 @@
 """Every metric mlxlab logs, by its logged name: which way it improves and its range.
 
 The definitions live where the metrics are computed (each objective's `metrics`,
-evaluation/tasks.py SCORE_DEFINITIONS); this reads them for what has only a name in hand: a
+stats/definitions.py SCORE_DEFINITIONS); this reads them for what has only a name in hand: a
 sweep's verdict and `mlxlab runs compare --metric val/logps/rejected` (sweeps/store.metric_mode),
 a mean's interval cut to the metric's range (sweeps/groups.metric_bounds). The objectives are
 those conf/objective/ names (a new one joins by its file, nothing here names it), over the kinds
@@ -15,9 +15,8 @@ import re
 from functools import cache
 from pathlib import Path
 
-from mlxlab.evaluation.tasks import SCORE_DEFINITIONS
 from mlxlab.objectives.base import Objective
-from mlxlab.stats import MetricDefinition
+from mlxlab.stats import SCORE_DEFINITIONS, MetricDefinition
 
 # the kinds of mlxlab's data (base.data_kind: a data module's task, or prompts alone)
 KINDS = ("classification", "lm", "preference", "unpaired", "prompts")

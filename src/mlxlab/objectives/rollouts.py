@@ -36,8 +36,8 @@ import numpy as np
 from mlxlab.config.records import check_number
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.prompts import PromptRows
+from mlxlab.decoding.generation import sample_token
 from mlxlab.errors import ConfigError, DataMismatch
-from mlxlab.models.generation import sample_token
 from mlxlab.models.layers import KVCache
 from mlxlab.objectives.base import ObjectiveSetup, pack_array, unpack_array
 

@@ -1,5 +1,5 @@
 """A language model's continuation of a prompt (a run's or a model folder's): token ids sampled
-(mlx-lm's generation, with its KV cache: models/generation.py) after the prompt laid out as the
+(mlx-lm's generation, with its KV cache: decoding/generation.py) after the prompt laid out as the
 training stream lays documents out (after BOS, ending before end-of-text) or as a chat's next
 assistant turn (the model's own chat template), decoded as whole text pieces. Generation stops on the model's own
 end tokens (data/chat.py stop_ids: its chat template's end of turn, its config's and tokenizer
@@ -72,8 +72,8 @@ def continue_ids(model: Model, tokenizer: Tokenizer, folder: Path, prompt_ids: l
     """New token ids after `prompt_ids`: at most `max_tokens`, ending before the first of the
     model's stop ids (stop_ids of its tokenizer files in `folder`: its chat template's end of
     turn, its end-of-text ids). `inputs`: a vision-language prompt's pixel arrays
-    (image_prompt). `draft`: speculative decoding (models/generation.py)."""
-    from mlxlab.models.generation import generate_tokens
+    (image_prompt). `draft`: speculative decoding (decoding/generation.py)."""
+    from mlxlab.decoding.generation import generate_tokens
 
     if max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {max_tokens}")

@@ -1,6 +1,6 @@
 """A finished run loaded to be used: its model (eval mode), the tokenizer it was trained with
 (checked against the checkpoint's hash) and, for CSV classifiers, the row encoding learnt from
-the training CSV (saved in the checkpoint). predict.py, generate.py and evaluate.py take the
+the training CSV (saved in the checkpoint). predict.py, generate.py and evaluation/file_metrics.py take the
 LoadedRun this makes."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the MODEL a user names to `mlxlab generate|eval MODEL` is: a finished run (its folder,
 or one of its checkpoint folders) or a model of its own (a Hugging Face / mlx-lm folder, or
 one `mlxlab export` wrote). `open_model_source` is the one place a user's model string becomes
-a local folder; the verbs load what it names (runs/task_eval.py load_eval_model)."""
+a local folder; the verbs load what it names (runs/named_model.py load_eval_model)."""
 
 from __future__ import annotations
 

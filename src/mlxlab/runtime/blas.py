@@ -19,7 +19,7 @@ maintainers build for NumPy and SciPy, DYNAMIC_ARCH (safe on any x86-64 CPU), 25
 nothing beyond glibc (its LAPACK's Fortran runtime is inside). Its names carry a `scipy_` prefix
 (`scipy_cblas_sgemm`), which the rebinding maps (PREFIXES). `ngsolve-openblas` (a wheel made
 for NGSolve) runs the same kernels at the same speed and gives the same bits, but needs
-libgfortran.so.5, which fresh machines lack (docs/benchmarks-history.md, "BLAS wheels"). Others: `cmeel-openblas` is built for AVX-512 only, `mkl` is ~800 MB and runs its
+libgfortran.so.5, which fresh machines lack (the history record in benchmarks/results/history/, "BLAS wheels"). Others: `cmeel-openblas` is built for AVX-512 only, `mkl` is ~800 MB and runs its
 generic kernels on AMD.
 
 MLXLAB_BLAS=off keeps MLX's reference BLAS; MLXLAB_BLAS=/path/to/libblas.so loads that library.
@@ -47,7 +47,7 @@ RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
 # and fused kernels between them: at 28 the worker never sleeps, and spins on a core that the
 # kernels' own threads, the data pipeline and the tracking process need. At 4 it sleeps at once
 # and is woken for the next product. Measured on the default experiment (2-core EPYC,
-# docs/benchmarks-history.md "OpenBLAS's idle threads sleep"): steps ~4 % faster, the same
+# the history record in benchmarks/results/history/ "OpenBLAS's idle threads sleep"): steps ~4 % faster, the same
 # results to the bit (scheduling only), LM presets unchanged. A user's OPENBLAS_THREAD_TIMEOUT
 # wins.
 THREAD_TIMEOUT, SPIN_EXPONENT = "OPENBLAS_THREAD_TIMEOUT", 4

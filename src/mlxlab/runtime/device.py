@@ -150,7 +150,7 @@ def device_line(d: Description, cpu_parts: list[str]) -> str:
 
 PTX_CACHE_ENV = "MLX_PTX_CACHE_DIR"
 # The first run on a machine waits while NVRTC compiles MLX's CUDA kernels: 184 s in the first
-# step of the default experiment on an H100 (docs/benchmarks-history.md, "GPU: first
+# step of the default experiment on an H100 (the history record in benchmarks/results/history/, "GPU: first
 # contact").
 FIRST_COMPILE_S = 184
 

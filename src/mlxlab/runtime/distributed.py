@@ -12,7 +12,9 @@ calls `world()` and gets one `World`. Nothing here is a home-made transport: eve
 - a watchdog: a collective whose peer died would block forever, so every guarded section has a
   deadline after which the process says why and exits (committed checkpoints are untouched: they
   are written to a temporary folder and renamed);
-- ZeRO-1 (`OptimizerShards`): each rank keeps the optimizer state of ~1/N of the parameters.
+- `supports_sum_scatter`: whether the backend has a reduce-scatter (MPI and NCCL do, the ring
+  does not), for the fully sharded modes (training/parallel/: fsdp and tensor, which split the
+  model itself over the ranks with MLX's own sharded modules).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
+from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxlab.errors import ConfigError
 from mlxlab.runtime import settings
@@ -266,11 +268,14 @@ class World:
 
 def world(mode: str | bool | None = "auto", timeout_s: float = 30.0) -> World:
     """The process group: `auto` = on when launched with more than one rank, `off`/false = a plain
-    single process even under a launcher, `on`/true = must be launched (error otherwise)."""
+    single process even under a launcher, `on`/true = must be launched (error otherwise); `fsdp`
+    and `tensor` take the group as `auto` does (the trainer shards the model over it)."""
     global _WORLD
-    mode = {True: "on", False: "off", None: "auto"}.get(mode, mode)  # type: ignore[arg-type]
+    mode = {True: "on", False: "off", None: "auto", "fsdp": "auto", "tensor": "auto"}.get(
+        mode, mode)  # type: ignore[arg-type]
     if mode not in ("auto", "on", "off"):
-        raise ConfigError(f"trainer.distributed.mode must be auto, on or off, got {mode!r}")
+        raise ConfigError(f"trainer.distributed.mode must be auto, on, off, fsdp or tensor, got "
+                          f"{mode!r}")
     if mode == "off":
         return World()
     if _WORLD is not None:
@@ -297,6 +302,22 @@ def world(mode: str | bool | None = "auto", timeout_s: float = 30.0) -> World:
     return _WORLD
 
 
+_SCATTER: dict[int, bool] = {}
+
+
+def supports_sum_scatter(world: World) -> bool:
+    """Whether `world`'s backend has `mx.distributed.sum_scatter` (MPI, NCCL; the ring backend
+    has not): tried once on every rank, which must all call it together."""
+    if world.size not in _SCATTER:
+        try:
+            with world.guard("trying the backend's reduce-scatter"):
+                mx.eval(mx.distributed.sum_scatter(mx.zeros((world.size,)), group=world.group))
+            _SCATTER[world.size] = True
+        except RuntimeError:  # "[ring] sum_scatter not supported."
+            _SCATTER[world.size] = False
+    return _SCATTER[world.size]
+
+
 _START: float | None = None
 
 
@@ -315,91 +336,12 @@ def start_time() -> float:
     return _START
 
 
-# --- ZeRO-1 ----------------------------------------------------------------------------------
-
-
-class OptimizerShards:
-    """Optimizer state for this rank's parameters only (ZeRO stage 1).
-
-    Parameters (whole arrays, largest first) are dealt to the least-loaded rank, so each rank
-    holds the moments of ~1/N of the elements. The step all-reduces the gradients (what DP does),
-    each rank updates its own parameters with its own state, and the new parameters are gathered
-    with an all_sum in which every rank contributes its own and zeros elsewhere (exact: x + 0).
-    The optimizer then lives in `optimizer.state` keyed by flat parameter names, which flatten to
-    the same checkpoint names as the unsharded nested state.
-    """
-
-    def __init__(self, world: World, params: dict) -> None:
-        self.world = world
-        flat = tree_flatten(params)
-        load = [0] * world.size
-        self.owner: dict[str, int] = {}
-        for key, value in sorted(flat, key=lambda kv: -kv[1].size):
-            r = int(np.argmin(load))
-            self.owner[key] = r
-            load[r] += value.size
-        self.load = load
-        self.mine = [k for k, _ in flat if self.owner[k] == world.rank]
-
-    def own(self, tree: Any) -> dict[str, mx.array]:
-        flat = dict(tree_flatten(tree))
-        return {k: flat[k] for k in self.mine}
-
-    def update(self, model, optimizer, grads: Any) -> None:
-        """Update own parameters, then all-gather so every rank holds all of them."""
-        new_own = optimizer.apply_gradients(self.own(grads), self.own(model.trainable_parameters()))
-        contrib = [
-            (k, new_own[k] if k in new_own else mx.zeros_like(v))
-            for k, v in tree_flatten(model.trainable_parameters())
-        ]
-        model.update(self.world.all_sum_tree(tree_unflatten(contrib)))
-
-    def adopt(self, optimizer, full_state: dict | None, params: dict) -> None:
-        """Fill the sharded `optimizer` from a full (nested) state, or fresh when None."""
-        own_params = self.own(params)
-        optimizer.init(own_params)
-        if full_state is None:
-            return
-        flat = dict(tree_flatten(full_state))
-        for key in self.mine:
-            slots = optimizer.state[key]
-            for slot in list(slots):
-                if f"{key}.{slot}" in flat:
-                    slots[slot] = flat[f"{key}.{slot}"]
-        for key, value in full_state.items():
-            if not isinstance(value, dict | list):  # step, learning_rate
-                optimizer.state[key] = value
-
-    def gathered_state(self, optimizer, params: dict) -> dict:
-        """The full optimizer state (flat parameter keys) on every rank, for a checkpoint."""
-        contrib = {}
-        for key, value in tree_flatten(params):
-            if key in optimizer.state:
-                contrib[key] = dict(optimizer.state[key])
-            else:
-                slots: dict = {}
-                optimizer.init_single(mx.zeros_like(value), slots)  # zeros of the right slots
-                contrib[key] = slots
-        with self.world.guard("gathering optimizer shards"):
-            full = self.world.all_sum_tree(contrib)
-            mx.eval(full)
-        scalars = {k: v for k, v in optimizer.state.items() if k not in contrib}
-        return {**scalars, **full}
-
-
 def tree_nbytes(tree: Any) -> int:
     """Bytes held by the arrays of a tree (e.g. an optimizer's state)."""
     return sum(v.nbytes for _, v in tree_flatten(tree) if isinstance(v, mx.array))
 
 
-class StateView:
-    """What checkpoint writers read from an optimizer (`.state`), for a gathered sharded state."""
-
-    def __init__(self, state: dict) -> None:
-        self.state = state
-
-
 __all__ = [
-    "EXIT_PEER_LOST", "OptimizerShards", "StateView", "Watchdog", "World", "launched",
-    "start_time", "tree_nbytes", "world",
+    "EXIT_PEER_LOST", "Watchdog", "World", "launched", "start_time", "supports_sum_scatter",
+    "tree_nbytes", "world",
 ]

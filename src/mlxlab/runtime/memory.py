@@ -5,7 +5,7 @@ done with it; a training step allocates and frees the same few hundred MB each t
 hands large freed blocks back to the kernel (blocks over its mmap threshold are unmapped; the
 heap's free top is trimmed), so the next step faults the same memory in again and the kernel
 zeroes every page: measured on the nano step, 10-33 thousand page faults per step and ~14 % of
-its CPU time in the kernel (docs/benchmarks-history.md). With mmap off and no trimming,
+its CPU time in the kernel (the history record in benchmarks/results/history/). With mmap off and no trimming,
 the heap keeps its peak and the steps reuse it. The peak (max RSS) does not change; the memory is
 just not given back until the process exits.
 

@@ -24,7 +24,7 @@ own at start).
 | SLURM_RESTART_COUNT | above 0: a requeued start, which `trainer.requeue` resumes (`resume=auto`) | 0 |
 | MLX_RANK, OMPI_COMM_WORLD_RANK, PMI_RANK | set by `mlx.launch` / `mpirun`: this process is one rank of a data-parallel run (mx.distributed reads them too) | not launched |
 | SLURM_STEP_ID | set inside a Slurm step: `mlxlab-train` runs there without a supervising parent | none |
-| MLXLAB_SUPERVISE | `0` (false, off, no): `mlxlab-train` trains in-process, no supervising parent (runtime/supervise.py) | supervised |
+| MLXLAB_SUPERVISE | `0` (false, off, no): `mlxlab-train` trains in-process, no supervising parent (runtime/supervision/supervise.py) | supervised |
 | MLXLAB_SUPERVISOR, MLXLAB_SUPERVISOR_PID, MLXLAB_ARGV0 | set by the supervising parent for its child: the folder they share, the parent's pid (only its own child answers), the command the user typed | none: no parent |
 
 A sweep tells its jobs nothing through the environment: the parent run and the swept keys are
@@ -44,7 +44,7 @@ Read or set where a library needs them, not here (the modules tests/test_environ
 | runtime/blas_kernels.py | OPENBLAS_CORETYPE, OPENBLAS_NUM_THREADS | OpenBLAS's own: set in the environment of the two child processes that time its AVX2 and AVX-512 kernels on an AVX-512 CPU (once per machine), the rest of the environment copied |
 | launch/composing.py | HYDRA_FULL_ERROR | Hydra's own: set while Hydra composes the config (so a composition error reaches mlxlab as an exception it turns into one line) and restored to the user's value before the job runs |
 | models/sources/ollama.py | OLLAMA_MODELS | Ollama's own: where its model store is (`ollama:NAME` reads the manifest and blob there) |
-| tracking/mlflow/background.py, cli/serve.py, runtime/supervise.py, objectives/rl/tool_processes.py | the whole environment | copied for a child process (the tracking process, MLflow's model server, the supervised training child with the three supervisor variables added, a run's tool workers) |
+| tracking/mlflow/background.py, cli/serve.py, runtime/supervision/supervise.py, objectives/rl/tool_processes.py | the whole environment | copied for a child process (the tracking process, MLflow's model server, the supervised training child with the three supervisor variables added, a run's tool workers) |
 
 Standard library only, and no import of mlxlab: hatch_build.py loads this file on its own while
 pip builds the wheel (MLXLAB_KERNELS_CACHE, MLXLAB_SKIP_KERNEL_BUILD).

@@ -1,9 +1,9 @@
 """A metric's definition: which way it improves and the values it can take.
 
-The tables live with what computes each metric: an objective's validation metrics in its class
-(objectives/, `Objective.metrics`), the evaluation tasks' scores in
-evaluation/tasks.py; `mlxlab.objectives.catalog.metric_definition` reads a logged name in all of
-them. Here is only the record they share: a sweep's verdict, `mlxlab runs compare`, the best
+An objective's validation metrics are defined in its class (objectives/, `Objective.metrics`);
+the evaluation tasks' scores (mlxlab's jsonl tasks' and lm-eval's names) in SCORE_DEFINITIONS
+below, which evaluation/ and the catalog below it both read;
+`mlxlab.objectives.catalog.metric_definition` reads a logged name in all of them. Here is only the record they share: a sweep's verdict, `mlxlab runs compare`, the best
 checkpoint's tie-break and a mean's interval (`summarize(bounds=)`) read the direction and the
 range from it, never from the metric's name.
 """
@@ -37,3 +37,12 @@ class MetricDefinition:
 UNIT = MetricDefinition("max", 0.0, 1.0)      # a share of examples: accuracy, F1, AUC
 LOSS = MetricDefinition("min", 0.0)           # a cross-entropy or another loss above 0
 LOG_PROB = MetricDefinition("max", high=0.0)  # a log-probability
+
+# Each evaluation task score's direction and range (eval/<task>/<score>): what runs compare, the
+# model card's pairing and a mean's interval read (objectives.catalog.metric_definition).
+SCORE_DEFINITIONS = {"acc": UNIT, "acc_norm": UNIT, "exact_match": UNIT, "contains": UNIT,
+                     "loss": LOSS, "perplexity": MetricDefinition("min", 1.0),
+                     "bits_per_byte": LOSS,
+                     # lm-eval-harness's names for its tasks' scores (evaluation/lm_eval/scores.py)
+                     "word_perplexity": MetricDefinition("min", 1.0),
+                     "byte_perplexity": MetricDefinition("min", 1.0)}

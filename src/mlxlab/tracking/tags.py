@@ -24,7 +24,7 @@ COMPILES = "mlxlab.compiles"  # how many steps compiled: the first, and each new
 COMMAND = "mlxlab.command"  # the command line as typed (tracking/source.py), the latest for a resumed run
 RESUMED_FROM = "mlxlab.resumed_from"  # a resumed run: the run folder (or checkpoint) it went on from
 # The micro-batch a run trains with (training/micro_batch.py) and its restarts after running out
-# of memory (runtime/supervise.py): tags, since MLflow params are written once
+# of memory (runtime/supervision/supervise.py): tags, since MLflow params are written once
 MICRO_BATCH = "mlxlab.micro_batch"
 GRAD_ACCUM = "mlxlab.grad_accum"  # micro_batch x grad_accum: the effective batch, unchanged
 OOM_RESTARTS = "mlxlab.oom_restarts"  # how often it restarted
@@ -98,7 +98,7 @@ LEADER = "mlxlab.leader"
 VERDICT_METRIC = "mlxlab.verdict.metric"
 NOTE = "mlflow.note.content"  # markdown MLflow shows as the run's description (Overview tab)
 
-# `mlxlab eval MODEL TASK...` (runs/task_eval.py): its run has ROLE "eval" and says what it scored
+# `mlxlab eval MODEL TASK...` (runs/named_model.py): its run has ROLE "eval" and says what it scored
 EVAL_MODEL = "mlxlab.eval.model"  # the scored folder's absolute path
 EVAL_MODEL_KIND = "mlxlab.eval.model_kind"  # pretrained | export | run
 EVAL_CHECKPOINT = "mlxlab.eval.checkpoint"  # a run's checkpoint folder that was scored

@@ -261,7 +261,7 @@ def embedding_statistics(model: nn.Module, max_rows: int = 4096) -> dict[str, fl
 
 def sample_text(model: Model, probe: dict, tokenizer, max_tokens: int) -> str | None:
     """Greedy continuation of the probe's first 8 tokens (seeded, so steps compare)."""
-    from mlxlab.models.generation import generate_tokens
+    from mlxlab.decoding.generation import generate_tokens
 
     if tokenizer is None or model.make_cache() is None:  # (models/base.py: None = no decoder)
         return None

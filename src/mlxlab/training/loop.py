@@ -26,11 +26,13 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from mlxlab import kernels
 from mlxlab.checkpoint import CheckpointManager, choose_best, load_checkpoint
@@ -50,7 +52,8 @@ from mlxlab.objectives.base import (
     check_objective,
     data_kind,
 )
-from mlxlab.runtime import distributed, failures, memory, supervise
+from mlxlab.runtime import distributed, memory
+from mlxlab.runtime.supervision import failures, supervise
 from mlxlab.tracking import tags as T
 from mlxlab.tracking.base import Tracker
 from mlxlab.training.artifacts import log_artifacts, save_quantized
@@ -69,6 +72,7 @@ from mlxlab.training.checkpointing import (
 from mlxlab.training.micro_batch import Fitting, plan_micro_batch
 from mlxlab.training.model_ops import ModelSchedule
 from mlxlab.training.optim import OptimizerFactory, build_optimizer
+from mlxlab.training.parallel.sharding import Placement, place
 from mlxlab.training.plan import global_batching, plan, steps_of
 from mlxlab.training.settings import CheckpointPolicy, TrainerSettings
 from mlxlab.training.signals import GracefulStop
@@ -113,7 +117,9 @@ class Fit:
     steps_per_epoch: int | None
     state: RunState
     optimizer: Any
-    shards: distributed.OptimizerShards | None
+    placement: Placement            # how the model sits on the ranks (training/parallel/)
+    data_world: distributed.World   # the ranks the data splits over (tensor: none, every rank
+    eval_world: distributed.World   # computes the same rows; fsdp evaluates whole on each)
     manager: CheckpointManager
     base: dict | None               # the pretrained base checkpoints leave out (fit_base)
     writer: CheckpointWriter
@@ -126,6 +132,7 @@ class Fit:
     compiles: list[float]           # seconds of each step that compiled, in this process
     tie_break: tuple[str, str] | None  # (metric, mode) breaking a tie on the monitor
     objective_tags: dict[str, str]  # the run tags the objective's setup returned
+    steps_peak: int                 # MLX's peak bytes at the last step (before its checkpoint)
 
     def __init__(self, trainer: FitParts, model: nn.Module, data: DataModule, tracker: Tracker,
                  run_dir: Path, config: dict, tags: dict, resume: str | Path | None) -> None:
@@ -136,6 +143,7 @@ class Fit:
         self.model, self.data, self.tracker = model, data, tracker
         self.run_dir, self.config, self.tags, self.resume = run_dir, config, tags, resume
         self.compiles = []
+        self.steps_peak = 0
 
     def run(self) -> FitResult:
         """Train; returns the best evaluation's metrics and where the best weights are. Its
@@ -193,28 +201,34 @@ class Fit:
             self.was_flushing = kernels.flush_denormals(True)
         world = self.world = distributed.world(settings.distributed.mode,
                                                settings.distributed.timeout_s)
+        # tensor: every rank computes the same rows. A sharded model's forward is a collective,
+        # so evaluation runs every batch on every rank (data parallel spreads the batches).
+        self.data_world = distributed.World() if settings.distributed.mode == "tensor" else world
+        self.eval_world = distributed.World() if settings.distributed.sharded else world
         if world.is_main:  # training in this folder again: its run is not finished until then
             clear_finished(self.run_dir)
         self.model_ops = ModelSchedule(settings.model_schedule)  # which are done: this run's
         # batch_size is per rank, as with torchrun; data that reads a lane per rank
         # (data.shard_by_rank) batches per rank already, other data the global batch
-        rank_batches = data.use_world(world)
-        self.rows_of = (lambda batch: batch) if rank_batches else world.shard_rows
+        rank_batches = data.use_world(self.data_world)
+        self.rows_of = (lambda batch: batch) if rank_batches else self.data_world.shard_rows
         batching = settings.data_batching()
-        batching = batching if rank_batches else global_batching(batching, world)
+        batching = batching if rank_batches else global_batching(batching, self.data_world)
         self.objective_tags = objective.setup(ObjectiveSetup(
-            model=model, data=data, batching=batching, world=world,
+            model=model, data=data, batching=batching, world=self.data_world,
             per_example=any(cb.needs_example_losses for cb in self.callbacks),
             run_dir=self.run_dir, tracker=self.tracker)) or {}
         self.loss_fn = with_precision(objective.loss, settings.precision)
         # what decides between evaluations equal on the monitor
         self.tie_break = objective.metrics(data_kind(data)).tie()
         self.batching, self.grad_accum = plan_micro_batch(Fitting(  # training/micro_batch.py
-            model, data, self.loss_fn, objective.probe_batch, settings, world, self.rows_of,
+            model, data, self.loss_fn, objective.probe_batch, settings, self.data_world,
+            self.rows_of,
             self.optimizer_factory, self.run_dir, self.resume, self.config, self.tags,
             lambda: objective.memory_beside_step(batching)), batching, rank_batches)
         self.total_steps, self.max_epochs, self.steps_per_epoch = plan(
-            data, settings, self.batching, self.grad_accum, world if rank_batches else None,
+            data, settings, self.batching, self.grad_accum,
+            self.data_world if rank_batches else None,
             per_data_batch=objective.plan(self.grad_accum))
         self.state = RunState()
         if data.curriculum is not None:  # data/curriculum.py: pacing, tracking
@@ -226,27 +240,27 @@ class Fit:
         self.base = fit_base(self.model, self.checkpointing)  # None: checkpoints of every weight
 
     def _restore(self) -> None:
-        """The optimizer (sharded over ranks with ZeRO-1), any checkpoint restored into it, the
-        model, the data position, the objective, the callbacks and the RunState."""
+        """The optimizer, any checkpoint restored into it, the model, the data position, the
+        objective, the callbacks and the RunState; then, for trainer.distributed.mode=fsdp or
+        tensor, the model and its optimizer state split over the ranks."""
         model, settings, world = self.model, self.settings, self.world
         optimizer = build_optimizer(self.optimizer_factory, settings.schedule, self.total_steps)
-        self.shards = None
-        if settings.distributed.shard_optimizer and world.enabled:
-            self.shards = distributed.OptimizerShards(world, model.trainable_parameters())
-        else:  # sharded: the full state is only built when a checkpoint is restored into it
-            optimizer.init(model.trainable_parameters())
+        optimizer.init(model.trainable_parameters())
         if self.resume:
             saved, report = restore(self.resume, model=model, optimizer=optimizer, data=self.data,
                                     callbacks=self.callbacks, state=self.state,
-                                    manager=self.manager, model_ops=self.model_ops, world=world,
+                                    manager=self.manager, model_ops=self.model_ops,
+                                    world=self.data_world,
                                     objective=self.objective, rows=self.batching.batch_size)
             self.tags.update(resume_tags(saved, report, self.config, self.data, self.val_print,
                                          self.state, self.manager, settings.monitor))
-        if self.shards is not None:  # keep this rank's share of the (restored) state
-            sharded = build_optimizer(self.optimizer_factory, settings.schedule, self.total_steps)
-            self.shards.adopt(sharded, optimizer.state if self.resume else None,
-                              model.trainable_parameters())
-            optimizer = sharded
+        # A checkpoint is whole (any world size wrote it): it loaded into the whole model and
+        # optimizer above, and each rank keeps its slices of both here.
+        self.placement = place(model, world, settings.distributed.mode)
+        restored = dict(tree_flatten(optimizer.state)) if self.resume else None
+        self.placement.adopt(optimizer, model, restored)
+        if self.placement.sharded:  # the whole model held before the split is not the step's
+            mx.reset_peak_memory()
         self.optimizer = optimizer
 
     def _start(self) -> None:
@@ -255,7 +269,7 @@ class Fit:
         state_mb = distributed.tree_nbytes(self.optimizer.state) / 2**20
         probe_loss = self.objective.probe_loss()  # None: it trains on batches it makes
         log.info("optimizer state: %.1f MB on this rank%s", state_mb,
-                 f" (sharded over {self.world.size} ranks)" if self.shards else "")
+                 f" (sharded over {self.world.size} ranks)" if self.placement.sharded else "")
         context = TrainContext(
             world=self.world, task=self.data.task, total_steps=self.total_steps,
             steps_per_epoch=self.steps_per_epoch, max_epochs=self.max_epochs,
@@ -279,7 +293,7 @@ class Fit:
 
     def _compile(self) -> None:
         self.step_fn = make_step(self.model, self.optimizer, self.loss_fn, self.settings,
-                                 self.world, self.shards, self.grad_accum)
+                                 self.world, self.placement.gradients, self.grad_accum)
         self.compiling, self.shapes_seen = True, frozenset()
 
     def _epochs(self) -> None:
@@ -331,6 +345,9 @@ class Fit:
         check_loss(loss_value, state.step, self.manager)
         state.window.add(loss_value, aux, left_out_s=compiled_s)
         end = state.step >= self.total_steps
+        # MLX's peak over the steps, before this step's evaluation or checkpoint (a sharded
+        # checkpoint gathers the whole model on rank 0)
+        self.steps_peak = mx.get_peak_memory()
         logs: dict[str, float] = {}
         if state.step % settings.log_every_steps == 0 or end:
             logs = state.window.summary(self.data.task, norm.item(),
@@ -415,10 +432,9 @@ class Fit:
         # background), the training goes on.
         stored = self.tracker.flush_barrier()
         self.saved_at.append(self.state.step)
-        optimizer = self.optimizer
-        if self.shards is not None:
-            optimizer = distributed.StateView(
-                self.shards.gathered_state(self.optimizer, self.model.trainable_parameters()))
+        # sharded: every rank sends its slices, rank 0 holds the whole arrays to write
+        model = self.placement.whole_model(self.model, trainable_only=self.base is not None)
+        optimizer = self.placement.whole_optimizer(self.optimizer)
         data_state = self.data.gathered_state()  # every lane's position (data lanes)
         if not self.world.is_main:
             return None
@@ -430,7 +446,7 @@ class Fit:
             # answered with the run's id at the first checkpoint; the step does not wait.
             return {"run_id": self.tracker.run_id or state.run_id}
 
-        return self.writer.save(self.model, optimizer, state, metric=metric, force=force,
+        return self.writer.save(model, optimizer, state, metric=metric, force=force,
                                 before_write=before_write, best=best)
 
     def _evaluate_and_save(self, force: bool = False) -> None:
@@ -441,8 +457,10 @@ class Fit:
         if not self.data.has_validation:  # the points where a run evaluates still checkpoint
             self._save(force=force)
             return
-        result = self.objective.evaluate(self.model, self.data, self.batching, self.world,
-                                         step=state.step)
+        # a sharded model's forward waits on the other ranks: the watchdog bounds it
+        with self.world.guard("an evaluation", 20.0) if self.placement.sharded else nullcontext():
+            result = self.objective.evaluate(self.model, self.data, self.batching,
+                                             self.eval_world, step=state.step)
         for key, value in result.metrics.items():
             state.history.setdefault(key, []).append((state.step, value))
         self.tracker.log_metrics(result.metrics, state.step)
@@ -474,6 +492,7 @@ class Fit:
         self.writer.wait()
         state, tracker, model = self.state, self.tracker, self.model
         best_metrics = dict(state.best_metrics)
+        self._log_rank_peaks()
         if not self.world.is_main:
             state.finished = True
             return FitResult(best_metrics, self.run_dir, None, None, state.step, state.history)
@@ -482,7 +501,9 @@ class Fit:
         # The model already holds best/'s weights when the last step is the best one: loading
         # them again would hold a second copy of the whole model (a 1B float32 LoRA base: 4.7 GB
         # more at the run's end).
-        if best is not None and read_payload(best).get("step") != state.step:
+        # (A sharded model stays sharded: the run's files, not it, are what the verbs load.)
+        if (best is not None and not self.placement.sharded
+                and read_payload(best).get("step") != state.step):
             load_checkpoint(best, model, verify_base=holds_base(model, str(best)))
         if self.settings.quantize_bits:
             def evaluate(m: nn.Module, prefix: str) -> Evaluation:
@@ -497,6 +518,18 @@ class Fit:
         state.finished = True
         return FitResult(best_metrics, self.run_dir, tracker.run_id, best, state.step,
                          state.history)
+
+    def _log_rank_peaks(self) -> None:
+        """Each rank's MLX peak over the steps, said and logged by rank 0 (system/peak_mb_rank<r>):
+        what a mode's sharding saves is read there."""
+        mine = self.steps_peak / 2**20
+        peaks = self.world.sum_numbers([mine if r == self.world.rank else 0.0
+                                        for r in range(self.world.size)], "gathering memory peaks")
+        log.info("MLX peak over the steps, per rank: %s MB",
+                 ", ".join(f"{p:.1f}" for p in peaks))
+        if self.world.is_main:
+            self.tracker.log_metrics({f"system/peak_mb_rank{r}": p for r, p in enumerate(peaks)},
+                                     self.state.step)
 
     def _compiled(self, seconds: float, new_shapes: frozenset) -> float:
         """A step that compiled (the first after the step was built, or a batch shape it had not

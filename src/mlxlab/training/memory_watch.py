@@ -6,7 +6,7 @@ logs it with every logged step under `system/`: MLX's active, peak and cache mem
 (mx.get_active_memory, get_peak_memory, get_cache_memory) and the process's resident set size
 (psutil), in MiB; at the end, the run's peaks as summary metrics (`system/peak_mb`: MLX's, since
 the micro-batch search reset it; `system/peak_rss_mb`: the process's). `StepMark` writes each
-optimizer step where mlxlab-train's parent can read it after a crash (runtime/supervise.py).
+optimizer step where mlxlab-train's parent can read it after a crash (runtime/supervision/supervise.py).
 Both are added to every run by train.py.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 import psutil
 
-from mlxlab.runtime import supervise
+from mlxlab.runtime.supervision import supervise
 from mlxlab.training.callbacks import Callback
 from mlxlab.training.state import TrainContext
 

@@ -7,7 +7,7 @@ forward/backward passes, summed in the one compiled step (step.py), so the updat
 first come:
 
 1. the run folder's memory_restarts.json: the run ran out of memory and mlxlab-train's parent
-   restarted it at half the micro-batch (runtime/supervise.py);
+   restarted it at half the micro-batch (runtime/supervision/supervise.py);
 2. a resumed checkpoint's plan (its config's `batch_plan`), unless trainer.micro_batch changed:
    a resumed `auto` run keeps what its first start chose instead of searching again;
 3. trainer.micro_batch=N;
@@ -45,7 +45,8 @@ from mlx.utils import tree_map
 from mlxlab.checkpoint import rng_state, set_rng_state
 from mlxlab.data.batching import Batching
 from mlxlab.data.streaming.module import StreamingText
-from mlxlab.runtime import device, distributed, failures, memory_limits, supervise
+from mlxlab.runtime import device, distributed, memory_limits
+from mlxlab.runtime.supervision import failures, supervise
 from mlxlab.tracking import tags as T
 from mlxlab.training.checkpointing import PLAN_KEY
 from mlxlab.training.optim import OptimizerFactory, build_optimizer
@@ -118,7 +119,7 @@ def plan_micro_batch(fit: Fitting, batching: Batching, rank_batches: bool) -> tu
 
 
 def report(fit: Fitting, micro: int, accum: int) -> None:
-    """The plan, for a supervising parent (runtime/supervise.py)."""
+    """The plan, for a supervising parent (runtime/supervision/supervise.py)."""
     restartable = not fit.settings.batching.dynamic and not fit.world.enabled
     supervise.report_run(fit.run_dir, micro, accum, fit.settings.oom_restarts, restartable,
                          fit.settings.stall_timeout_s)

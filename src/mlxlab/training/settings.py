@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from mlxlab import kernels
 from mlxlab.checkpoint.remote import check_uri
-from mlxlab.config.records import check_choice, check_number, record
+from mlxlab.config.records import check_choice, check_number, check_switches, record
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
 from mlxlab.training.model_ops import check_schedule
@@ -27,7 +27,9 @@ from mlxlab.training.optim import LRSchedule
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUANTIZE_BITS = (None, 2, 3, 4, 6, 8)  # what mlx.nn.quantize supports
-DISTRIBUTED_MODES = ("auto", "on", "off", True, False)  # YAML's on/off arrive as booleans
+# YAML's on/off arrive as booleans; fsdp and tensor shard the model (training/parallel/)
+DISTRIBUTED_MODES = ("auto", "on", "off", True, False, "fsdp", "tensor")
+SHARDED_MODES = ("fsdp", "tensor")
 WHEN_BUSY = ("wait", "skip")  # checkpoint.when_busy (async_writer.py)
 
 
@@ -48,14 +50,21 @@ class BatchingSettings:
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    """`trainer.distributed`: data parallelism under `mlx.launch -n N -- mlxlab train ...`."""
+    """`trainer.distributed`: several ranks under `mlx.launch -n N -- mlxlab train ...`."""
 
-    mode: str | bool = "auto"     # auto = on when launched with > 1 rank | on (must be launched) | off
+    # auto = data parallel when launched with > 1 rank | on (must be launched) | off | fsdp
+    # (parameters, gradients and optimizer state sharded: MLX's fully_shard) | tensor (each
+    # block's heads and MLP split: MLX's sharded linears); docs/guide/scaling.md
+    mode: str | bool = "auto"
     timeout_s: float = 30.0       # a collective waiting longer (dead or hung rank) ends the process
-    shard_optimizer: bool = False  # ZeRO-1: each rank keeps ~1/N of the optimizer state
 
     def __post_init__(self) -> None:
         check_choice("trainer.distributed.mode", self.mode, DISTRIBUTED_MODES)
+
+    @property
+    def sharded(self) -> bool:
+        """fsdp or tensor: the model is split over the ranks (training/parallel/)."""
+        return self.mode in SHARDED_MODES
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,7 @@ class TrainerSettings:
     # memory, or "<n>GB", "<n>MB", "<n>%"
     oom_restarts: int = 3             # restarts at half the micro-batch after running out
     # mlxlab-train's parent ends a run that after its first step neither steps nor uses CPU time
-    # nor reads or writes for this long (a hang: runtime/supervise.py); None: never
+    # nor reads or writes for this long (a hang: runtime/supervision/supervise.py); None: never
     stall_timeout_s: float | None = 600.0
     quantize_bits: int | None = None  # 2-8: quantize the best checkpoint, log its metrics too
     fused_kernels: str | bool = "auto"  # auto | on | off: the fused CPU kernels (kernels/)
@@ -98,6 +107,7 @@ class TrainerSettings:
         for name, kind in (("schedule", LRSchedule), ("batching", BatchingSettings),
                            ("distributed", DistributedConfig)):
             object.__setattr__(self, name, record(kind, getattr(self, name), f"trainer.{name}"))
+        check_switches(self, "trainer")
         if self.max_epochs is None and self.max_steps is None:
             raise ConfigError("set trainer.max_epochs or trainer.max_steps")
         for key, kind, low in NUMBERS:
@@ -114,13 +124,28 @@ class TrainerSettings:
                               "or off")
         check_micro_batch(self)
         object.__setattr__(self, "model_schedule", check_schedule(self.model_schedule) or None)
-        if self.model_schedule and self.distributed.shard_optimizer:
-            raise ConfigError("trainer.model_schedule does not work with trainer.distributed."
-                              "shard_optimizer yet: turn one of them off")
+        check_sharded(self)
 
     def data_batching(self) -> Batching:
         """The batching the data module is asked for: batch_size with trainer.batching."""
         return Batching(batch_size=self.batch_size, **dataclasses.asdict(self.batching))
+
+
+def check_sharded(settings: TrainerSettings) -> None:
+    """What a model split over ranks (trainer.distributed.mode=fsdp|tensor) cannot do yet: each
+    needs the whole model on one rank."""
+    mode = settings.distributed.mode
+    if not settings.distributed.sharded:
+        return
+    for key, value, why in (
+            ("model_schedule", settings.model_schedule, "its operations rebuild whole layers"),
+            ("micro_batch", settings.micro_batch == "auto",
+             "its search measures a step of the whole model; give a number"),
+            ("quantize_bits", settings.quantize_bits, "it quantizes the whole model in one "
+             "process; quantize the finished run with `mlxlab export`")):
+        if value:
+            raise ConfigError(f"trainer.{key} does not work with trainer.distributed.mode={mode} "
+                              f"({why}): unset one of them")
 
 
 def check_micro_batch(settings: TrainerSettings) -> None:

@@ -9,6 +9,7 @@ compiled variant of the same step, not a second loop. The fused kernels' mode
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 
 import mlx.core as mx
@@ -17,36 +18,40 @@ from mlx.utils import tree_map
 
 from mlxlab.objectives import losses
 from mlxlab.runtime import device, distributed, jit_header
-from mlxlab.training.optim import clip_by_global_norm
+from mlxlab.training.parallel.gradients import DataParallel
 from mlxlab.training.settings import TrainerSettings
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}  # settings.PRECISIONS
 
 
 def make_step(model: nn.Module, optimizer, loss_fn: losses.LossFn, settings: TrainerSettings,
-              world: distributed.World | None = None, shards=None, grad_accum: int | None = None):
+              world: distributed.World | None = None, gradients: DataParallel | None = None,
+              grad_accum: int | None = None):
     """Returns step(batches) -> (loss, grad_norm, aux); one optimizer update per call.
 
     With grad_accum > 1 (default: the settings') the gradients of the micro-batches are summed,
     weighted by their token counts, so N micro-batches of size B give the update of one batch of
-    N*B. `world` and `shards` (distributed.OptimizerShards, ZeRO-1) are the run's; default: one
-    process. `settings` gives grad_clip and compile.
+    N*B. `world` is the run's and `gradients` how its mode reduces them over ranks
+    (training/parallel/gradients.py); default: one process, data parallel. `settings` gives
+    grad_clip and compile.
     """
     world = world or distributed.World()
+    gradients = gradients or DataParallel(world)
     grad_accum = grad_accum or settings.grad_accum
     if settings.compile:
         jit_header.ready()  # the first step's new CPU kernels read the precompiled header
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    loss_and_grad = nn.value_and_grad(model, weighted(loss_fn) if gradients.weighted_in_loss
+                                      else loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
     clip = settings.grad_clip
     compile_ = (partial(mx.compile, inputs=state, outputs=state) if settings.compile
                 else (lambda f: f))
-    update = partial(optimizer.update, model) if shards is None else partial(shards.update, model, optimizer)
+    update = partial(optimizer.update, model)
 
     @compile_
     def fused_step(batch):
         (loss, aux), grads = loss_and_grad(model, batch)
-        grads, norm = clip_by_global_norm(grads, clip)
+        grads, norm = gradients.clip(grads, clip)
         update(grads)
         return loss, norm, aux
 
@@ -54,10 +59,20 @@ def make_step(model: nn.Module, optimizer, loss_fn: losses.LossFn, settings: Tra
     # apply_step sums value x count over ranks, so the update is the global batch's. (With
     # MLX 0.32 on CPU, an all_sum compiled into the same graph as the backward pass hung on
     # the ring backend; in its own compiled function it does not.)
-    if grad_accum == 1 and not world.enabled:
+    # A sharded model's forward and backward are collectives themselves: a dead peer would block
+    # them forever, so the whole step is under the watchdog (the first, compiling, ten times).
+    compiled: list[bool] = []
+
+    def guarded(what: str):
+        scale = (1.0 if compiled else 10.0) * (grad_accum + 1 if gradients.in_model else 1)
+        return world.guard(what, scale) if gradients.in_model else nullcontext()
+
+    if grad_accum == 1 and not gradients.collective:
         def step(batches):
-            loss, norm, aux = fused_step(batches[0])
-            mx.eval(loss, norm, aux, state)
+            with guarded("a training step"):
+                loss, norm, aux = fused_step(batches[0])
+                mx.eval(loss, norm, aux, state)
+            compiled.append(True)
             return loss, norm, aux
 
         return step
@@ -67,31 +82,42 @@ def make_step(model: nn.Module, optimizer, loss_fn: losses.LossFn, settings: Tra
         (loss, aux), grads = loss_and_grad(model, batch)
         examples = losses.pop_example_outputs(aux)  # per row: concatenated, not averaged
         n = aux["ntokens"]
-        weighted = {k: v * n for k, v in aux.items() if k != "ntokens"}
-        return loss * n, n, weighted, tree_map(lambda g: g * n, grads), examples
+        sums = {k: v * n for k, v in aux.items() if k != "ntokens"}
+        if gradients.weighted_in_loss:  # the loss was n x the mean: so are its gradients
+            return loss, n, sums, grads, examples
+        return loss * n, n, sums, tree_map(lambda g: g * n, grads), examples
 
     @compile_
     def apply_step(grads, ntokens, loss_sum, aux_sum):
-        summed = world.all_sum_tree({"g": grads, "n": ntokens, "l": loss_sum, "a": aux_sum})
-        grads, ntokens = tree_map(lambda g: g / summed["n"], summed["g"]), summed["n"]
-        grads, norm = clip_by_global_norm(grads, clip)
+        grads, summed = gradients.sum_over_ranks(grads, {"n": ntokens, "l": loss_sum,
+                                                         "a": aux_sum})
+        grads, ntokens = tree_map(lambda g: g / summed["n"], grads), summed["n"]
+        grads, norm = gradients.clip(grads, clip)
         update(grads)
         aux = {k: v / ntokens for k, v in summed["a"].items()} | {"ntokens": ntokens}
         return norm, summed["l"] / ntokens, aux
 
-    compiled: list[bool] = []
+    return accumulating(grad_step, apply_step, guarded, world, state, compiled)
+
+
+def accumulating(grad_step, apply_step, guarded, world: distributed.World, state: list,
+                 compiled: list[bool]):
+    """step(batches): each micro-batch's weighted gradients summed (one micro-batch of
+    activations alive at a time), then one update over the ranks (make_step's compiled parts)."""
 
     def step(batches):
         total_loss, total_n, total_aux, acc, examples = 0.0, 0.0, None, None, []
-        for batch in batches:
-            loss_sum, n, aux_sum, grads, per_row = grad_step(batch)
-            examples.append(per_row)
-            if acc is None:
-                acc, total_aux = grads, aux_sum
-            else:
-                acc, total_aux = tree_map(mx.add, acc, grads), tree_map(mx.add, total_aux, aux_sum)
-            total_loss, total_n = total_loss + loss_sum, total_n + n
-            mx.eval(acc, total_aux, total_loss, total_n)  # one micro-batch of activations alive
+        with guarded("a training step's forward and backward"):
+            for batch in batches:
+                loss_sum, n, aux_sum, grads, per_row = grad_step(batch)
+                examples.append(per_row)
+                if acc is None:
+                    acc, total_aux = grads, aux_sum
+                else:
+                    acc = tree_map(mx.add, acc, grads)
+                    total_aux = tree_map(mx.add, total_aux, aux_sum)
+                total_loss, total_n = total_loss + loss_sum, total_n + n
+                mx.eval(acc, total_aux, total_loss, total_n)  # one micro-batch's activations
         # The first update also compiles (and a rank may still be compiling its grad step).
         with world.guard("a training step", 1.0 if compiled else 10.0):
             norm, loss, aux = apply_step(acc, total_n, total_loss, total_aux)
@@ -102,6 +128,17 @@ def make_step(model: nn.Module, optimizer, loss_fn: losses.LossFn, settings: Tra
         return loss, norm, aux
 
     return step
+
+
+def weighted(loss_fn: losses.LossFn) -> losses.LossFn:
+    """`loss_fn` times its token count: under fsdp the backward sums gradients over ranks, so
+    each rank's share must already carry its weight in the global batch."""
+
+    def loss_times_count(model: nn.Module, batch):
+        loss, aux = loss_fn(model, batch)
+        return loss * aux["ntokens"], aux
+
+    return loss_times_count
 
 
 def compute_dtype(precision: str) -> mx.Dtype:

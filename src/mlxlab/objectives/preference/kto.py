@@ -34,8 +34,8 @@ from mlxlab.data.unpaired import UnpairedRows
 from mlxlab.errors import ConfigError
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
-from mlxlab.objectives.evaluation import EmptyValidation
 from mlxlab.objectives.preference.preference import reference_model
+from mlxlab.objectives.validation import EmptyValidation
 from mlxlab.runtime import distributed
 from mlxlab.stats import LOG_PROB, LOSS, MetricDefinition
 

@@ -49,13 +49,13 @@ from mlxlab.objectives.base import (
     check_model_head,
     check_monitor,
 )
-from mlxlab.objectives.evaluation import evaluate_by_loss
 from mlxlab.objectives.preference.preference_losses import (
     NEEDS_REFERENCE,
     PairLogps,
     check_loss_name,
     pair_loss,
 )
+from mlxlab.objectives.validation import evaluate_by_loss
 from mlxlab.runtime import distributed
 from mlxlab.stats import LOG_PROB, LOSS, UNIT, MetricDefinition
 

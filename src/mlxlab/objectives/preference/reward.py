@@ -30,7 +30,7 @@ from mlxlab.errors import ConfigError
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
-from mlxlab.objectives.evaluation import evaluate_by_loss
+from mlxlab.objectives.validation import evaluate_by_loss
 from mlxlab.runtime import distributed
 from mlxlab.stats import LOSS, UNIT, MetricDefinition
 

@@ -22,7 +22,7 @@ from mlxlab.config.records import check_choice, check_number
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.errors import ConfigError, DataMismatch
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective
-from mlxlab.objectives.evaluation import evaluate_by_loss
+from mlxlab.objectives.validation import evaluate_by_loss
 from mlxlab.objectives.rerank.binary_cross_entropy import binary_cross_entropy
 from mlxlab.objectives.rerank.lambda_loss import lambda_loss
 from mlxlab.objectives.rerank.list_net import list_net

@@ -2,7 +2,7 @@
 
 Model-written code is what agent RL most often executes (math and code tasks); it is not a
 trusted tool's code, so it never runs in the trainer or in a tool's worker: each call runs it in
-a confined interpreter of its own (runtime/sandbox.py: CPU, memory, file-size and process
+a confined interpreter of its own (sandbox/confine.py: CPU, memory, file-size and process
 limits, no network, no other process in reach (the trainer included), no files but its
 scratch folder and the interpreter's, the folder deleted afterwards) and answers what it printed, cut to `SandboxLimits.output_chars`:
 
@@ -25,7 +25,7 @@ import random
 import sys
 from pathlib import Path
 
-from mlxlab.runtime.sandbox import SandboxLimits, SandboxResult, run_code
+from mlxlab.sandbox.confine import SandboxLimits, SandboxResult, run_code
 
 LIMITS = SandboxLimits()
 QUESTION = "What is {a} * {b}? Reply with the number only."

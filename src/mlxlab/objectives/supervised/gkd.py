@@ -27,7 +27,7 @@ student's greedy completion where a row has none), with the student's greedy com
 as the artifact gkd_samples/step_<step>.jsonl. With `draft_tokens` k > 0 (the student is a draft
 for speculative decoding: experiment=draft_model), also val/acceptance (how often the student's
 and the teacher's most likely next token agree on those completions), val/tokens_per_target_pass
-and val/expected_speedup at k draft tokens a step (draft_metrics).
+and val/expected_speedup at k draft tokens a step (decoding/speculative.py draft_metrics).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.tokenizer import folder_tokenizer, vocabulary_difference
+from mlxlab.decoding.speculative import draft_metrics
 from mlxlab.errors import ConfigError
 from mlxlab.models import num_parameters
 from mlxlab.objectives import losses
@@ -260,18 +261,6 @@ class GKD(Objective):
                            "acceptance": MetricDefinition("max", 0.0, 1.0),
                            "tokens_per_target_pass": MetricDefinition("max", 1.0),
                            "expected_speedup": MetricDefinition("max", 0.0)})
-
-
-def draft_metrics(acceptance: float, k: int, cost: float, prefix: str = "val") -> dict:
-    """A draft's figures under greedy speculative decoding with `k` draft tokens a step:
-    `acceptance` (a) is the share of tokens whose most likely next token the draft and its
-    target agree on; a step then yields (1 - a^(k+1)) / (1 - a) tokens for one pass of the
-    target and k of the draft, each `cost` of the target's (Leviathan et al. 2023), so the
-    expected speed-up over the target alone is that over 1 + k * cost."""
-    a = min(max(acceptance, 0.0), 1.0)
-    tokens = k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
-    return {f"{prefix}/acceptance": a, f"{prefix}/tokens_per_target_pass": tokens,
-            f"{prefix}/expected_speedup": tokens / (1.0 + k * cost)}
 
 
 def _check_completion_column(cfg: Any) -> None:

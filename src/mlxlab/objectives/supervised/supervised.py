@@ -20,7 +20,7 @@ from mlxlab.objectives.base import (
     ObjectiveSetup,
     data_kind,
 )
-from mlxlab.objectives.evaluation import evaluate_cross_entropy
+from mlxlab.objectives.validation import evaluate_cross_entropy
 from mlxlab.runtime import distributed
 from mlxlab.stats import LOSS, UNIT, MetricDefinition
 

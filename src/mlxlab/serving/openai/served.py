@@ -231,15 +231,15 @@ def attach_draft(served: ServedModel, draft: Target, which: str = "best") -> Non
     smaller, a cache that cannot be rolled back)."""
     from tokenizers import Tokenizer
 
-    from mlxlab.models.generation import check_draft
+    from mlxlab.decoding.speculative import check_draft, same_tokenizer
 
     if served.images is not None:
         raise ConfigError(f"--draft {served.name}={draft.text}: a vision-language model is "
                           "served without a draft (its prompt's images go in with the first "
                           "forward pass, which a draft does not see)")
     loaded = load_target(draft, which)
-    same = Tokenizer.from_file(str(loaded.tokenizer_json)).to_str() == \
-        Tokenizer.from_file(str(served.tokenizer_json)).to_str()
+    same = same_tokenizer(Tokenizer.from_file(str(served.tokenizer_json)),
+                          Tokenizer.from_file(str(loaded.tokenizer_json)))
     try:
         check_draft(served.model, loaded.model, same)
     except ConfigError as err:

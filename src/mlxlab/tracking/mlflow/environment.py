@@ -5,7 +5,7 @@ mlxlab's, so they are read and set here, when MLflow reads them.
 - MLFLOW_TRACKING_URI: MLflow's default store, which mlxlab's default follows (`tracking_uri`);
   `mlflow.set_tracking_uri` sets it while the process runs, so it is read at each use.
 - MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT (server.bounded_http) and
-  MLFLOW_ALLOW_FILE_STORE (merge.py), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR (runs/task_scores.py):
+  MLFLOW_ALLOW_FILE_STORE (merge.py), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR (evaluation/run_scores.py):
   set for the length of a call (`set_for_the_call`).
 - MLFLOW_TRACKING_URI, MLFLOW_REGISTRY_URI: put back as they were after `mlflow.set_*_uri`
   pointed MLflow at a store for a moment (runs/registered.py's `pointed_at`).

@@ -171,7 +171,7 @@ def last_alive_ms(run: Any, now: float | None = None) -> int:
 
 def mark_run_killed(uri: str, run_id: str, reason: str) -> None:
     """Run `run_id` of store `uri` KILLED (mark_killed) unless it already ended: a stalled
-    training process its supervising parent ended (runtime/supervise.py)."""
+    training process its supervising parent ended (runtime/supervision/supervise.py)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=resolve_uri(uri))

@@ -1,8 +1,8 @@
 """The sandboxed interpreter's first steps: confine this process, then run the code.
 
-Run by runtime/sandbox.py as `python -I sandbox_child.py CONFIG STATUS_FD` (a script by path: it
+Run by sandbox/confine.py as `python -I child.py CONFIG STATUS_FD` (a script by path: it
 imports nothing of mlxlab, so nothing runs before the confinement but the interpreter's own
-start-up). In order, each layer the config asks for (runtime/sandbox.py says what each
+start-up). In order, each layer the config asks for (sandbox/confine.py says what each
 guarantees):
 
 1. `rlimits`: RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_NPROC and no core

@@ -1,5 +1,5 @@
 """Which entries of a task list are lm-evaluation-harness's, its options, and the checks made
-before anything is scored or trained (evaluation/harness.py scores them)."""
+before anything is scored or trained (evaluation/lm_eval/scores.py scores them)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Evaluation tasks inside a training run: `eval.tasks=[a.jsonl, b.jsonl, arc_easy]` (jsonl files
-and lm-eval-harness tasks, evaluation/harness.py) scores every task at
+and lm-eval-harness tasks, evaluation/lm_eval/scores.py) scores every task at
 each evaluation of the validation split, as one more evaluation hooked onto it (a callback's
 on_eval, not a second loop).
 
@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from mlxlab.checkpoint import choose_best
+from mlxlab.data.chat import chat_template
 from mlxlab.errors import ConfigError
 from mlxlab.evaluation.results import FOLDER, write_scores
-from mlxlab.evaluation.scoring import chat_template, metric_keys, score_tasks
+from mlxlab.evaluation.scoring import metric_keys, score_tasks
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import read_tasks
 from mlxlab.training.callbacks import Callback
@@ -52,7 +53,7 @@ class TaskEvaluation(Callback):
         self.tasks = read_tasks(self.settings.files) if self.settings.files else []
         self.model, self.tokenizer = model, data.tokenizer
         if self.settings.harness:  # lm-eval's tasks: the run folder holds the tokenizer's files
-            from mlxlab.evaluation.lm_eval_model import MlxlabLM, hf_tokenizer
+            from mlxlab.evaluation.lm_eval.model import MlxlabLM, hf_tokenizer
 
             self.harness_lm = MlxlabLM(model, hf_tokenizer(context.run_dir),
                                        self.settings.batch_size)
@@ -70,7 +71,7 @@ class TaskEvaluation(Callback):
                              self.template)
         groups: dict[str, float] = {}
         if self.harness_lm is not None:
-            from mlxlab.evaluation.harness import score_harness
+            from mlxlab.evaluation.lm_eval.scores import score_harness
 
             harness, groups = score_harness(self.harness_lm, self.settings.harness,
                                             self.settings.harness_options())

@@ -16,7 +16,7 @@ Parent and child share a folder named by MLXLAB_SUPERVISOR:
 - step: 8 bytes the child's loop overwrites at every optimizer step (a shared mapping: what it
   wrote is there after a segfault), so the parent can say how many steps were lost;
 - oom.json: MLX's raising out of memory (Metal, CUDA) under a parent: the child writes it and
-  exits with OOM_EXIT at once, as a crash would (runtime/failures.py);
+  exits with OOM_EXIT at once, as a crash would (runtime/supervision/failures.py);
 - probe.json: written by trainer.micro_batch=auto before each micro-batch it measures (the run
   folder, the size): a crash while it is there is that size's "does not fit", recorded in the
   run folder's note (NOTE's "probe"), and the child starts again, measuring below it.

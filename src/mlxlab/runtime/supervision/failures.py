@@ -13,7 +13,7 @@ What this module does for the raising kind:
   says what to change and names the last committed checkpoint, and arms a watchdog: if the
   cleanup after it (the last checkpoint write, the tracker's end) is not done within
   `CLEANUP_S`, the process prints the line and exits anyway;
-- under mlxlab-train's supervising parent (runtime/supervise.py) an out of memory is not the
+- under mlxlab-train's supervising parent (runtime/supervision/supervise.py) an out of memory is not the
   end: it is recorded for the parent and the process exits at once with `supervise.OOM_EXIT`,
   as the CPU backend's crash would end it; the parent restarts the run at half the
   micro-batch from its last committed checkpoint;
@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlxlab.errors import UserError
-from mlxlab.runtime import supervise
+from mlxlab.runtime.supervision import supervise
 
 # Lower-cased pieces of the messages MLX's allocators and CUDA raise on exhausted memory
 # (mlx/allocator.cpp "[malloc] Unable to allocate N bytes."; Metal "[metal::malloc] Attempting to

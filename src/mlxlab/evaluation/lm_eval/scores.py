@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from mlxlab.errors import MissingFileError
-from mlxlab.evaluation.corpus import CORPUS_AGGREGATIONS, aggregation
-from mlxlab.evaluation.harness_tasks import (
+from mlxlab.evaluation.lm_eval.corpus import CORPUS_AGGREGATIONS, aggregation
+from mlxlab.evaluation.lm_eval.tasks import (
     KIND_PREFIX,
     HarnessOptions,
     is_yaml,
@@ -151,7 +151,7 @@ def _scores(out: dict, prompts: str) -> tuple[list[TaskScores], dict[str, float]
                 row[name] = _per_example(sample[metric], metric, config)
                 corpus = aggregation(metric, config)[0]
                 if corpus in CORPUS_AGGREGATIONS and not isinstance(sample[metric], int | float):
-                    # the task's score aggregates these over its documents (evaluation/corpus.py)
+                    # the task's score aggregates these over its documents (evaluation/lm_eval/corpus.py)
                     row.setdefault("pieces", {})[name] = _plain(sample[metric])
                     aggregations[name] = corpus
         paired = {name: bool(directions.get(metric, True)) for name, metric in

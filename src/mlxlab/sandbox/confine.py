@@ -6,7 +6,7 @@ working folder) with a small environment of its own (nothing of the caller's: no
 keys), waits at most `limits.wall_s`, kills it (its process group) if it is still running, and
 deletes the folder. What the code printed comes back cut to `limits.output_chars`.
 
-The child confines itself before it runs the code (runtime/sandbox_child.py, in this order).
+The child confines itself before it runs the code (sandbox/child.py, in this order).
 What each layer guarantees, and where it does not exist:
 
 | layer | stops | enforced by | where it is missing |
@@ -49,7 +49,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-CHILD = Path(__file__).with_name("sandbox_child.py")
+CHILD = Path(__file__).with_name("child.py")
 LAYERS = ("rlimits", "netns", "pidns", "landlock", "seccomp", "audit")
 WATCH_S = 0.1  # how often the memory watchdog (where no RLIMIT_AS binds) reads the RSS
 # What the confined interpreter may read besides its scratch folder: the system's libraries

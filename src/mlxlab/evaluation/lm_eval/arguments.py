@@ -1,4 +1,5 @@
-"""`mlxlab eval`'s lm-evaluation-harness options (the tasks themselves are --tasks)."""
+"""`mlxlab eval`'s lm-evaluation-harness options on its command line (the tasks themselves are
+--tasks; command_line.py reads them). Light: the verb table imports it at start-up."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 
 
 def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
+    """lm-eval's options as one argument group of `parser`."""
     group = parser.add_argument_group("lm-eval-harness tasks (--tasks NAMES)")
     group.add_argument("--num-fewshot", type=int, metavar="N",
                        help="few-shot examples per prompt (default: each task's own)")

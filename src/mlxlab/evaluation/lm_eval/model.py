@@ -37,10 +37,10 @@ from lm_eval.models.utils import (
 )
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from mlxlab.decoding.batched_greedy import greedy_batch
 from mlxlab.errors import ConfigError
 from mlxlab.evaluation.scoring import Progress, eval_mode, greedy_ids, loglikelihoods
 from mlxlab.models.base import Model
-from mlxlab.models.batched_greedy import greedy_batch
 
 log = logging.getLogger(__name__)
 

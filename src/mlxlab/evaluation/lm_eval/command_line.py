@@ -1,14 +1,15 @@
-"""`mlxlab eval MODEL --tasks ...`: which entries are lm-eval's, its options, and their scores on
-the loaded model (evaluation/harness.py), beside mlxlab's own jsonl tasks (task_eval.py)."""
+"""`mlxlab eval MODEL --tasks ...`: which entries are lm-eval's, its options (arguments.py puts
+them on the command line), and their scores on the loaded model (scores.py), beside mlxlab's own
+jsonl tasks (evaluation/eval_run.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from mlxlab.evaluation.harness_tasks import HarnessOptions, check_entries, is_harness_entry
+from mlxlab.evaluation.lm_eval.tasks import HarnessOptions, check_entries, is_harness_entry
 from mlxlab.evaluation.scoring import TaskScores
-from mlxlab.runs.task_eval import EvalModel
+from mlxlab.runs.named_model import EvalModel
 
 
 def split_entries(entries: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -41,7 +42,7 @@ def score_harness_entries(source: EvalModel, entries: Sequence[str], options: Ha
     without entries."""
     if not entries:
         return [], {}
-    from mlxlab.evaluation.harness import score_harness
-    from mlxlab.runs.lm_eval_model import harness_lm
+    from mlxlab.evaluation.lm_eval.registered import harness_lm
+    from mlxlab.evaluation.lm_eval.scores import score_harness
 
     return score_harness(harness_lm(source, batch_size), entries, options)

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import mlx.core as mx
 
+from mlxlab.decoding.speculative import speculative_tokens
 from mlxlab.errors import ConfigError
 from mlxlab.models.base import Model
 
@@ -28,9 +29,8 @@ def generate_tokens(
     the context (model.max_seq_len) is full; the caller stops earlier (max tokens, end-of-text).
     temperature 0 = greedy; top_k 0 / top_p 1 = off. Puts the model in eval mode. `inputs`:
     what the prompt's forward pass also reads (a vision-language model's pixel arrays).
-    `draft`: a smaller model of the same tokenizer that proposes `num_draft_tokens` tokens the
-    model checks in one pass (mlx-lm's speculative decoding: the model's own tokens under
-    greedy decoding, its own distribution when sampling); `accepted` gets one 0/1 a token
+    `draft`: a smaller model of the same tokenizer (speculative.py: `check_draft`) that proposes
+    `num_draft_tokens` tokens the model checks in one pass; `accepted` gets one 0/1 a token
     (whether the draft proposed it), for the acceptance rate."""
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_sampler
@@ -53,47 +53,11 @@ def generate_tokens(
         yield from _with_inputs(model, prompt, sampler, room, inputs)
         return
     if draft is not None:
-        from mlx_lm.generate import speculative_generate_step
-
-        draft.eval()
-        for token, _, from_draft in speculative_generate_step(
-                prompt, model, draft, num_draft_tokens=num_draft_tokens, max_tokens=room,
-                sampler=sampler):
-            if accepted is not None:
-                accepted.append(int(from_draft))
-            yield int(token)
+        yield from speculative_tokens(model, draft, prompt, sampler, room, num_draft_tokens,
+                                      accepted)
         return
     for token, _ in generate_step(prompt, model, max_tokens=room, sampler=sampler):
         yield int(token)
-
-
-def check_draft(model: Model, draft: Model, same_tokenizer: bool) -> None:
-    """A draft model speculative decoding can use with `model`, else one ConfigError line: the
-    same tokenizer and vocabulary, fewer weights than the model (a quantized layer counted by the
-    weights it packs), and caches that roll back (a rejected draft token is trimmed off both
-    caches)."""
-    from mlx_lm.models.cache import can_trim_prompt_cache
-
-    from mlxlab.models.parameters import num_parameters
-
-    if not same_tokenizer:
-        raise ConfigError("--draft: the draft's tokenizer is not the model's; a draft proposes "
-                          "token ids the model checks, so it needs the same tokenizer.json")
-    sizes = [m.architecture.get("vocab_size") for m in (model, draft)]
-    if None not in sizes and sizes[0] != sizes[1]:
-        raise ConfigError(f"--draft: the draft's vocabulary has {sizes[1]} ids and the model's "
-                          f"{sizes[0]}; use a draft of the same vocabulary")
-    count = [num_parameters(m) for m in (model, draft)]  # a quantized layer by its weights
-    if count[1] >= count[0]:
-        raise ConfigError(f"--draft: the draft ({count[1]:,} parameters) is not smaller than "
-                          f"the model ({count[0]:,}); a draft only saves time when it is")
-    for name, m in (("model", model), ("draft", draft)):
-        cache = m.make_cache()
-        if cache is None or not can_trim_prompt_cache(cache):
-            kind = m.architecture.get("model_type", type(m).__name__)
-            raise ConfigError(f"--draft: the {name}'s cache ({kind}) cannot be rolled back, "
-                              "which speculative decoding needs to drop rejected tokens; "
-                              "generate without --draft")
 
 
 def _with_inputs(model: Model, prompt: mx.array, sampler, room: int,

@@ -2,11 +2,11 @@
 adapters unfused, its best or last checkpoint; a Hugging Face / mlx-lm / exported folder; a
 GGUF file, 4-bit ones kept quantized; ollama:NAME; a hub id) as an lm-eval `LM`.
 
-    import mlxlab.runs.lm_eval_model   # registers the name "mlxlab" with lm-eval
+    import mlxlab.evaluation.lm_eval.registered   # registers the name "mlxlab" with lm-eval
     lm_eval.simple_evaluate(model="mlxlab", model_args="model=outputs/ft/<time>", tasks=[...])
 
 lm-eval 0.4 finds models only in its own registry (no plugin discovery), so its command runs
-with the model registered through `python -m mlxlab.runs.lm_eval_command` (the same arguments
+with the model registered through `python -m mlxlab.evaluation.lm_eval.command` (the same arguments
 as `lm_eval`). `harness_lm` is what `mlxlab eval --tasks` scores with.
 """
 
@@ -17,15 +17,15 @@ from typing import Any
 from lm_eval.api.registry import register_model
 
 from mlxlab.errors import ConfigError
-from mlxlab.evaluation.lm_eval_model import MlxlabLM, hf_tokenizer
-from mlxlab.runs.task_eval import EvalModel, load_eval_model
+from mlxlab.evaluation.lm_eval.model import MlxlabLM, hf_tokenizer
+from mlxlab.runs.named_model import EvalModel, load_eval_model
 
 DEFAULT_BATCH = 16
 
 
 def harness_lm(source: EvalModel, batch_size: int = DEFAULT_BATCH,
                add_bos_token: bool | None = None, max_length: int | None = None) -> MlxlabLM:
-    """lm-eval's view of a loaded model (runs/task_eval.py load_eval_model)."""
+    """lm-eval's view of a loaded model (runs/named_model.py load_eval_model)."""
     return MlxlabLM(source.model, hf_tokenizer(source.tokenizer_folder or source.path),
                     batch_size, add_bos_token, max_length, name=source.path.name)
 

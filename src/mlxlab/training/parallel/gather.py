@@ -1,0 +1,54 @@
+"""The collective under a fully sharded module: all-gather in the forward, reduce-scatter in the
+backward, over one flat buffer per group of parameters.
+
+MLX's `nn.FullyShardedModule` builds the same function (`mlx.nn.layers.distributed.
+_make_gather_fn`: each rank's shards flattened into one row, `all_gather`, split and reshaped);
+this one differs where a trainer needs it to:
+
+- the backward sums the gradients over ranks instead of averaging them, because the step weighs
+  each rank's loss by its token count (step.py), so N ranks x B rows give the update of one
+  process with N x B rows exactly;
+- MLX's ring backend (TCP between Macs, localhost) has no `sum_scatter`: there the backward
+  all-sums the flat gradient and keeps this rank's row (twice the traffic of a reduce-scatter,
+  the same numbers); MPI and NCCL take `sum_scatter`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import reduce
+
+import mlx.core as mx
+
+from mlxlab.runtime import distributed
+
+
+def make_gather(world: distributed.World, full_shapes: Sequence[tuple[int, ...]]
+                ) -> Callable[[list[mx.array]], list[mx.array]]:
+    """fn(shards) -> full arrays: shard i is rows rank*k..(rank+1)*k of a parameter of shape
+    full_shapes[i] (all of one dtype); its vjp returns each shard's gradient summed over ranks."""
+    n, rank, group = world.size, world.rank, world.group
+    sizes = [math.prod(shape) // n for shape in full_shapes]
+    offsets = reduce(lambda acc, s: acc + [acc[-1] + s], sizes, [0])[1:-1]
+    shard_shapes = [(shape[0] // n, *shape[1:]) for shape in full_shapes]
+    scatter = distributed.supports_sum_scatter(world)
+
+    @mx.custom_function
+    def gather(shards: list[mx.array]) -> list[mx.array]:
+        row = mx.concatenate([s.reshape(1, -1) for s in shards], axis=1)
+        full = mx.distributed.all_gather(row, group=group)  # (n, sum of shard sizes)
+        return [part.reshape(shape)
+                for part, shape in zip(mx.split(full, offsets, axis=1), full_shapes)]
+
+    @gather.vjp
+    def gather_vjp(shards, cotangents, _):
+        local = mx.concatenate([c.reshape(n, -1) for c in cotangents], axis=1)
+        if scatter:
+            mine = mx.distributed.sum_scatter(local, group=group)
+        else:
+            mine = mx.distributed.all_sum(local, group=group)[rank:rank + 1]
+        return [part.reshape(shape).astype(s.dtype) for part, shape, s in
+                zip(mx.split(mine, offsets, axis=1), shard_shapes, shards)]
+
+    return gather

@@ -1,0 +1,150 @@
+"""trainer.distributed.mode=fsdp and mode=tensor with real processes: `mlx.launch -n 2` (the ring
+backend over localhost TCP), beside one process at the same global batch.
+
+fsdp: each rank trains its rows of the global batch with 1/N of every parameter, gradient and
+optimizer slot (MLX's FullyShardedModule per block); tensor: every rank computes the whole batch
+with each block's heads and MLP split (MLX's sharded linears). Both must end at the one process's
+weights (fp32 summation order is the only difference), write checkpoints one process loads, and
+resume after a SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from test_distributed import (
+    BIN,
+    LM,
+    TOL,
+    committed_steps,
+    rank_processes,
+    relative_difference,
+    report,
+    run,
+    start,
+    wait_for_step,
+    weights,
+)
+
+SHORT = [*LM, "trainer.max_steps=10", "trainer.eval_every_steps=10", "model.num_layers=2"]
+
+
+def peaks(out: str) -> list[float]:
+    """Each rank's MLX peak over the steps, as the run logged it (MB)."""
+    line = re.findall(r"MLX peak over the steps, per rank: ([\d., ]+) MB", out)[-1]
+    return [float(x) for x in line.split(",")]
+
+
+def test_fsdp_equals_one_process_with_the_same_global_batch(tmp_path, cli_env):
+    run(1, [*SHORT, "trainer.batch_size=16"], tmp_path / "one", cli_env)
+    out = run(2, [*SHORT, "trainer.batch_size=8", "trainer.distributed.mode=fsdp"],
+              tmp_path / "two", cli_env)
+    assert "fully sharded (fsdp): 2 ranks" in out
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    # whole arrays under the unsharded names: the same file one process writes
+    assert {k: v.shape for k, v in two.items()} == {k: v.shape for k, v in one.items()}
+    diff = relative_difference(two, one)
+    report("fsdp 2x8 vs 1x16", diff)
+    assert diff <= TOL
+
+
+def test_sharded_modes_refuse_what_they_cannot_do_before_any_run_folder(tmp_path, cli_env):
+    for args, says in (
+            (["trainer.distributed.shard_optimizer=true"],
+             "trainer.distributed.shard_optimizer is retired: write trainer.distributed.mode=fsdp"),
+            (["trainer.distributed.mode=fsdp", "trainer.micro_batch=auto"],
+             "trainer.micro_batch does not work with trainer.distributed.mode=fsdp"),
+            (["trainer.distributed.mode=tensor", "trainer.quantize_bits=4"],
+             "trainer.quantize_bits does not work with trainer.distributed.mode=tensor")):
+        run_dir = tmp_path / "never"
+        done = subprocess.run([str(BIN / "mlxlab-train"), *SHORT, *args,
+                               f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=cli_env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and says in done.stderr, done.stderr[-2000:]
+        assert not run_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [pytest.param([], id="full"),
+                                   pytest.param(["model.lora.rank=4"], id="lora")])
+def test_tensor_and_fsdp_lora_equal_one_process(tmp_path, cli_env, extra):
+    run(1, [*SHORT, *extra, "trainer.batch_size=16"], tmp_path / "one", cli_env)
+    if extra:  # LoRA shards with fsdp; tensor refuses adapters
+        out = run(2, [*SHORT, *extra, "trainer.batch_size=8", "trainer.distributed.mode=fsdp"],
+                  tmp_path / "two", cli_env)
+    else:  # every rank computes the 16 rows, each with half of every block's heads and MLP
+        out = run(2, [*SHORT, "trainer.batch_size=16", "trainer.distributed.mode=tensor"],
+                  tmp_path / "two", cli_env)
+        assert "tensor parallel: 2 ranks" in out
+    diff = relative_difference(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    report(f"{'fsdp lora' if extra else 'tensor'} 2 ranks vs 1 process", diff)
+    assert diff <= TOL
+
+
+@pytest.mark.slow
+def test_fsdp_rank_peak_is_about_half_of_one_process(tmp_path, cli_env):
+    """Full fine-tuning with AdamW: parameters + gradients + two moments dominate (a 4.3 M
+    parameter decoder, 8 rows of 32 tokens per rank). Each rank's MLX peak over the steps, as
+    the run measures and logs it, is about half the one process's."""
+    big = [*SHORT, "model.dim=256", "model.num_heads=4", "model.num_layers=4",
+           "trainer.max_steps=4", "trainer.eval_every_steps=4"]
+    one = peaks(run(1, [*big, "trainer.batch_size=16"], tmp_path / "one", cli_env))[0]
+    two = peaks(run(2, [*big, "trainer.batch_size=8", "trainer.distributed.mode=fsdp"],
+                    tmp_path / "two", cli_env))
+    report("fsdp rank peak / one process peak", max(two) / one)
+    assert len(two) == 2 and max(two) < 0.62 * one, (one, two)
+
+
+@pytest.mark.slow
+def test_fsdp_sigkill_resumes_bitwise_and_exports_like_any_run(tmp_path, cli_env):
+    args = [*LM, "trainer.batch_size=8", "trainer.distributed.mode=fsdp",
+            "checkpoint.save_every_steps=4", "checkpoint.keep_last_n=10",
+            "trainer.distributed.timeout_s=120"]
+    run(2, args, tmp_path / "reference", cli_env)
+    run_dir = tmp_path / "killed"
+    proc = start(2, args, run_dir, cli_env)
+    wait_for_step(proc, run_dir, 8)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(committed_steps(run_dir)) < 20
+    run(2, [*args, "resume=auto"], run_dir, cli_env)  # the same command, resumed
+    resumed, reference = weights(run_dir), weights(tmp_path / "reference")
+    assert all(np.array_equal(resumed[k], reference[k]) for k in reference)  # bitwise
+    # a sharded run's checkpoint is a whole model any verb loads in one process
+    out = tmp_path / "exported"
+    done = subprocess.run([str(BIN / "mlxlab"), "export", str(run_dir), "--format", "mlx-lm",
+                           "--out", str(out)], cwd=tmp_path, env=cli_env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = {}
+    for f in out.glob("*.safetensors"):
+        exported.update(mx.load(str(f)))
+    assert exported and len(exported) == len(reference)
+
+
+@pytest.mark.slow
+def test_a_killed_fsdp_rank_ends_the_other_with_the_reason(tmp_path, cli_env):
+    args = [*LM, "trainer.max_steps=100000", "trainer.batch_size=8",
+            "trainer.distributed.mode=fsdp", "checkpoint.save_every_steps=3",
+            "trainer.distributed.timeout_s=20"]
+    run_dir = tmp_path / "run"
+    proc = start(2, args, run_dir, cli_env)
+    wait_for_step(proc, run_dir, 3)
+    ranks = rank_processes(proc)
+    os.kill(max(ranks), signal.SIGKILL)
+    killed_at = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert time.time() - killed_at < 60
+    # the survivor says why: the ring saw its peer go, or the watchdog's deadline passed
+    assert ("connection to a peer was lost" in err or "closed by the peer" in err
+            or "waited over 20 s for the other ranks" in err), err[-3000:]
+    codes = [line for line in err.splitlines() if "exited with code" in line or "was killed" in line]
+    assert len(codes) == 2 and not any("code 0" in line for line in codes), err[-3000:]
