@@ -22,11 +22,11 @@ from mlxlab.config.records import check_choice, check_number
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.errors import ConfigError, DataMismatch
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective
-from mlxlab.objectives.validation import evaluate_by_loss
 from mlxlab.objectives.rerank.binary_cross_entropy import binary_cross_entropy
 from mlxlab.objectives.rerank.lambda_loss import lambda_loss
 from mlxlab.objectives.rerank.list_net import list_net
 from mlxlab.objectives.rerank.ranking_metrics import ndcg, reciprocal_rank
+from mlxlab.objectives.validation import evaluate_by_loss
 from mlxlab.runtime import distributed
 from mlxlab.stats import LOSS, UNIT
 
