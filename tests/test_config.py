@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import PYTHON, compose_cfg, model_folder_stub
+from conftest import PYTHON, compose_cfg, cross_encoder_stub, model_folder_stub
 from mlxlab.config import ConfigError, config_dir, to_container, validate
 
 CONF = Path(config_dir())
@@ -54,6 +54,11 @@ def test_option_composes_and_resolves(tmp_path, group, option):
         (tmp_path / "teacher" / "tokenizer.json").write_text("{}")
         extra += ["model.keep_layers=1", f"objective.teachers=[{tmp_path / 'teacher'}]",
                   "data.train_file=${asset:arithmetic/train.jsonl}", "objective.completion_key=answer"]
+    if option in ("cross_encoder", "rerank_pairs", "rerank_lists", "rerank"):  # a reranker's folder
+        extra = ["experiment=rerank", f"{group}={option}",
+                 f"model.pretrained={cross_encoder_stub(tmp_path)}"]
+        if option == "rerank_lists":
+            extra.append("objective.loss=ListNetLoss")
     if option in ("vision_language", "vision_chat", "finetune_vision"):  # a VLM and its images
         from vision_models import tiny_vlm
 

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import OmegaConf, open_dict
 
-from conftest import model_folder_stub
+from conftest import cross_encoder_stub, model_folder_stub
 from mlxlab.config import config_dir, group_options, instantiate, validate
 from mlxlab.training.optim import LRSchedule, build_optimizer
 
@@ -35,7 +35,8 @@ def composed(root, pairs: list[tuple[str, str]]):
             with open_dict(cfg):
                 del cfg["hydra"]
                 if OmegaConf.is_missing(cfg.model, "pretrained"):
-                    cfg.model.pretrained = str(model_folder_stub(root))
+                    stub = cross_encoder_stub if experiment == "rerank" else model_folder_stub
+                    cfg.model.pretrained = str(stub(root))
             yield experiment, optimizer, cfg
 
 

@@ -192,6 +192,9 @@ class BertClassifier(Model):
     is not applied (the fused SDPA kernel has none); hidden dropout is.
     """
 
+    # the fewest outputs the head may have (a reranker's single score: models/cross_encoder.py)
+    min_labels = 2
+
     def __init__(
         self,
         vocab_size: int,
@@ -223,7 +226,7 @@ class BertClassifier(Model):
             norm_position=norm_position,
         )
         vocab_size, sizes, pooler, self._checkpoint_init = resolve_bert_sizes(
-            vocab_size, num_labels, sizes, pooler, pretrained)
+            vocab_size, num_labels, sizes, pooler, pretrained, self.min_labels)
         self.build_layers(vocab_size, num_labels, sizes, pooler)
         self._architecture = {**sizes, "vocab_size": vocab_size, "num_labels": num_labels,
                               "pooler": pooler}
@@ -295,7 +298,7 @@ class BertClassifier(Model):
 
 
 def resolve_bert_sizes(vocab_size: int, num_labels: int, sizes: dict, pooler: bool | None,
-                       pretrained: str | None) -> tuple[int, dict, bool, dict]:
+                       pretrained: str | None, min_labels: int = 2) -> tuple[int, dict, bool, dict]:
     """(vocab_size, sizes, pooler, checkpoint_init) of a BertClassifier: a pretrained folder's
     config overrides the given sizes, None picks dropout and pooler, and every size is checked."""
     # None = the choice that trains best where the model comes from: a pretrained
@@ -330,6 +333,7 @@ def resolve_bert_sizes(vocab_size: int, num_labels: int, sizes: dict, pooler: bo
     if sizes["type_vocab_size"] < 0:
         raise ConfigError(f"type_vocab_size={sizes['type_vocab_size']} must be >= 0 (0 = no "
                           "token types)")
-    if num_labels < 2:
-        raise ConfigError(f"num_labels={num_labels}; a classifier needs at least 2 labels")
+    if num_labels < min_labels:
+        raise ConfigError(f"num_labels={num_labels}; a classifier needs at least {min_labels} "
+                          "labels")
     return vocab_size, sizes, pooler, checkpoint_init

@@ -132,13 +132,18 @@ class Target:
     registered: bool = False
 
     def task(self, which: str = "best") -> str:
-        """"lm" or "classification" (a run's checkpoint says; a model folder is a decoder)."""
+        """"lm", "classification" or "rerank" (a run's checkpoint says; a model folder is a
+        decoder unless it holds a sequence classifier: a cross-encoder reranker)."""
         from mlxlab.checkpoint import CheckpointState
+        from mlxlab.models.cross_encoder import is_sequence_classifier
         from mlxlab.runs.model import choose_checkpoint
 
         if not is_run(self.path):
-            return "lm"
+            return "rerank" if is_sequence_classifier(self.path) else "lm"
         state = CheckpointState.read(choose_checkpoint(self.path, which))
+        target = str((state.config.get("model") or {}).get("_target_", ""))
+        if target.endswith("CrossEncoderModel"):
+            return "rerank"
         return "classification" if state.model_init.get("num_labels") else "lm"
 
 

@@ -57,6 +57,7 @@ from mlxlab.serving.openai.checks import (
 )
 from mlxlab.serving.openai.embeddings import ServedEmbedder, answer, read_request
 from mlxlab.serving.openai.errors import ServingError, from_mlx_lm
+from mlxlab.serving.openai.rerank import RERANK_PATHS, ServedReranker, rerank_response
 from mlxlab.serving.openai.served import ServedModel
 
 log = logging.getLogger(__name__)
@@ -215,15 +216,20 @@ class OpenAIHandler(APIHandler):
         read = False
         try:
             check_key(self.headers.get("Authorization"), self.settings.api_key)
-            if self.path not in COMPLETION_PATHS + EMBEDDING_PATHS:
+            if self.path not in COMPLETION_PATHS + EMBEDDING_PATHS + RERANK_PATHS:
                 raise ServingError(f"Invalid URL (POST {self.path[:200]}): this server answers "
                                    f"POST {', '.join(COMPLETION_PATHS[:2])}, "
-                                   f"{EMBEDDING_PATHS[0]}", status=404)
+                                   f"{EMBEDDING_PATHS[0]}, {RERANK_PATHS[0]}", status=404)
             length = body_length(self.headers, self.settings.max_request_bytes)
             raw, read = self.rfile.read(length), True
             self.body = parse_body(raw, self.address_string())
             if self.path in EMBEDDING_PATHS:
                 self.embed(self.body)
+                return
+            if self.path in RERANK_PATHS:  # a cross-encoder's scores: no generation thread
+                rerankers = self.server.rerankers
+                self.answer(rerank_response(self.body, rerankers,
+                                            [r.name for r in rerankers.values()]))
                 return
             socket_file, self.rfile = self.rfile, io.BytesIO(raw)
             try:  # mlx-lm's handler reads the body that passed, and answers it
@@ -255,8 +261,9 @@ class OpenAIHandler(APIHandler):
         try:
             check_key(self.headers.get("Authorization"), self.settings.api_key)
             if path.rstrip("/") == "/v1/models":
-                self.answer({"object": "list",
-                             "data": [self.model_object(s) for s in self.provider.models]})
+                rerankers = {r.name: r for r in self.server.rerankers.values()}
+                served = [*self.provider.models, *rerankers.values()]
+                self.answer({"object": "list", "data": [self.model_object(s) for s in served]})
             elif path.startswith("/v1/models/"):
                 name = unquote(path.removeprefix("/v1/models/"))  # a path's / comes as %2F
                 self.answer(self.model_object(self.requested({"model": name})))
@@ -266,12 +273,19 @@ class OpenAIHandler(APIHandler):
         except ServingError as err:
             self.refuse(err)
 
-    def requested(self, body: dict, kind: type | None = None) -> ServedModel | ServedEmbedder:
+    def requested(self, body: dict, kind: type | None = None
+                  ) -> ServedModel | ServedEmbedder | ServedReranker:
         """The served model the request's `model` names (else 400 / 404), of `kind` where it
         is given (else 400 naming the endpoint the model answers)."""
-        model = served_model(body, self.provider.served, [s.name for s in self.provider.models])
+        rerankers = self.server.rerankers
+        names = list(dict.fromkeys([s.name for s in self.provider.models]
+                                   + [r.name for r in rerankers.values()]))
+        model = served_model(body, {**self.provider.served, **rerankers}, names)
         if kind is None or isinstance(model, kind):
             return model
+        if isinstance(model, ServedReranker):
+            raise ServingError(f"model: {model.name} is a reranker: it answers POST "
+                               f"{RERANK_PATHS[0]}, not {self.path[:60]}", param="model")
         if isinstance(model, ServedEmbedder):
             raise ServingError(f"model: {model.name} is a text embedder: it answers POST "
                                f"{EMBEDDING_PATHS[0]}, not {self.path[:60]}", param="model")
@@ -289,7 +303,7 @@ class OpenAIHandler(APIHandler):
         model = self.requested(body, ServedEmbedder)
         self.answer(answer(read_request(body, model), model, body["model"]))
 
-    def model_object(self, served: ServedModel | ServedEmbedder) -> dict:
+    def model_object(self, served: ServedModel | ServedEmbedder | ServedReranker) -> dict:
         """OpenAI's model object, with the other names the model answers to."""
         return {"id": served.name, "object": "model", "created": self.created,
                 "owned_by": "mlxlab", "aliases": list(served.names[1:])}
@@ -324,10 +338,11 @@ class OpenAIHandler(APIHandler):
 
 
 def make_server(served: Sequence[ServedModel | ServedEmbedder], host: str = "127.0.0.1",
-                port: int = 5001, settings: argparse.Namespace | None = None
+                port: int = 5001, settings: argparse.Namespace | None = None,
+                rerankers: Sequence[ServedReranker] = ()
                 ) -> tuple[ThreadingHTTPServer, ResponseGenerator]:
     """The HTTP server (bound, not yet serving; port 0 = a free one: server.server_address) and
-    mlx-lm's generation thread (started) over `served`."""
+    mlx-lm's generation thread (started) over `served`; `rerankers` answer /v1/rerank."""
     settings = settings or server_settings()
     provider = ServedModels(served, settings)
     seeing = {s.name for s in served if isinstance(s, ServedModel) and s.images is not None}
@@ -335,9 +350,12 @@ def make_server(served: Sequence[ServedModel | ServedEmbedder], host: str = "127
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                   flags=socket.AI_PASSIVE)[0]
 
+    by_name = {name: r for r in rerankers for name in r.names}
+
     class Server(ThreadingHTTPServer):
         address_family = family
         daemon_threads = True
+        rerankers = by_name  # every name a request may give a reranker -> it
 
     try:
         server = Server(address, lambda *a, **k: OpenAIHandler(generator, *a, **k))
