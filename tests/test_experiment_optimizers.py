@@ -37,6 +37,20 @@ def composed(root, pairs: list[tuple[str, str]]):
                 if OmegaConf.is_missing(cfg.model, "pretrained"):
                     stub = cross_encoder_stub if experiment == "rerank" else model_folder_stub
                     cfg.model.pretrained = str(stub(root))
+                if experiment == "finetune_vision":  # a vision-language folder, built once
+                    from vision_models import tiny_vlm
+
+                    vlm = root / "vlm"
+                    cfg.model.pretrained = str(vlm if vlm.is_dir() else tiny_vlm("smolvlm", vlm))
+                    cfg.optimized_metric = "val/loss"
+                if cfg.data.get("train_file", "") is None:  # the user's own rows (draft_model)
+                    rows = root / "rows.jsonl"
+                    rows.write_text('{"prompt": "1+1=", "completion": "2"}\n' * 4)
+                    cfg.data.train_file = str(rows)
+                    cfg.model.keep_layers = 1  # the stub's 2 blocks: a draft keeps fewer
+                    (root / "teacher").mkdir(exist_ok=True)  # a tokenizer the checks read
+                    (root / "teacher" / "tokenizer.json").write_text("{}")
+                    cfg.objective.teachers = [str(root / "teacher")]
             yield experiment, optimizer, cfg
 
 
