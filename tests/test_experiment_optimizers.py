@@ -48,6 +48,7 @@ def composed(root, pairs: list[tuple[str, str]]):
                     rows.write_text('{"prompt": "1+1=", "completion": "2"}\n' * 4)
                     cfg.data.train_file = str(rows)
                     cfg.model.keep_layers = 1  # the stub's 2 blocks: a draft keeps fewer
+                if "teachers" in cfg.objective and not cfg.objective.teachers:  # the user's
                     (root / "teacher").mkdir(exist_ok=True)  # a tokenizer the checks read
                     (root / "teacher" / "tokenizer.json").write_text("{}")
                     cfg.objective.teachers = [str(root / "teacher")]
