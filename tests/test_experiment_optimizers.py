@@ -5,6 +5,7 @@ experiment sets optimizer.weight_decay, which mlx's Adam has no argument for).""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -34,9 +35,19 @@ def composed(root, pairs: list[tuple[str, str]]):
             HydraConfig.instance().set_config(cfg)
             with open_dict(cfg):
                 del cfg["hydra"]
-                if OmegaConf.is_missing(cfg.model, "pretrained"):
-                    cfg.model.pretrained = str(model_folder_stub(root))
+                if OmegaConf.is_missing(cfg.model, "pretrained"):  # an embedder's: its folder
+                    cfg.model.pretrained = str(embedder_folder(root)
+                                               if experiment == "embed_retrieval"
+                                               else model_folder_stub(root))
             yield experiment, optimizer, cfg
+
+
+def embedder_folder(root: Path) -> Path:
+    """The tiny sentence-transformers folder (embedder_fixtures), written once under `root`."""
+    from embedder_fixtures import write_tiny_folder
+
+    folder = root / "st"
+    return folder if folder.is_dir() else write_tiny_folder(folder)
 
 
 def check(cfg) -> None:

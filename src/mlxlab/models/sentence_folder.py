@@ -145,19 +145,30 @@ def load_sentence_embedder(folder: str | Path) -> SentenceEmbedder:
 
 
 def _embedder(folder: Path, modules: list[tuple[str, Path]]) -> SentenceEmbedder:
+    model = SentenceEmbedder(**embedder_settings(modules))
+    load_folder_weights(model, folder, modules)
+    model.eval()
+    return model
+
+
+def embedder_settings(modules: list[tuple[str, Path]]) -> dict:
+    """SentenceEmbedder's keyword arguments for a folder's modules (read_modules)."""
     pooling_path = modules[1][1]
-    model = SentenceEmbedder(
+    return dict(
         encoder=encoder_sizes(modules[0][1]),
         pooling=pooling_modes(_json(pooling_path / "config.json"), f"{pooling_path}/config.json"),
         dense=[dense_settings(path) for kind, path in modules if kind == "Dense"],
         normalize=modules[-1][0] == "Normalize",
     )
+
+
+def load_folder_weights(model: SentenceEmbedder, folder: Path,
+                        modules: list[tuple[str, Path]]) -> None:
+    """The folder's weights into `model` (built from embedder_settings; LoRA-wrapped or not)."""
     loaded, _, missing = assign_weights(model, _weights(modules), _rename)
     if missing:
         raise ConfigError(f"{folder} lacks {len(missing)} weights, e.g. {missing[:3]}")
-    model.load_weights(list(loaded.items()))
-    model.eval()
-    return model
+    model.load_weights(list(loaded.items()), strict=False)
 
 
 class TextEmbedder:
