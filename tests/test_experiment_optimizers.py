@@ -5,6 +5,7 @@ experiment sets optimizer.weight_decay, which mlx's Adam has no argument for).""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -35,7 +36,8 @@ def composed(root, pairs: list[tuple[str, str]]):
             with open_dict(cfg):
                 del cfg["hydra"]
                 if OmegaConf.is_missing(cfg.model, "pretrained"):
-                    stub = cross_encoder_stub if experiment == "rerank" else model_folder_stub
+                    stub = {"rerank": cross_encoder_stub,
+                            "embed_retrieval": embedder_folder}.get(experiment, model_folder_stub)
                     cfg.model.pretrained = str(stub(root))
                 if experiment == "finetune_vision":  # a vision-language folder, built once
                     from vision_models import tiny_vlm
@@ -53,6 +55,14 @@ def composed(root, pairs: list[tuple[str, str]]):
                     (root / "teacher" / "tokenizer.json").write_text("{}")
                     cfg.objective.teachers = [str(root / "teacher")]
             yield experiment, optimizer, cfg
+
+
+def embedder_folder(root: Path) -> Path:
+    """The tiny sentence-transformers folder (embedder_fixtures), written once under `root`."""
+    from embedder_fixtures import write_tiny_folder
+
+    folder = root / "st"
+    return folder if folder.is_dir() else write_tiny_folder(folder)
 
 
 def check(cfg) -> None:

@@ -476,6 +476,8 @@ class Fit:
             state.best_eval = result
             self.tracker.set_tags({T.BEST_CHECKPOINT: choice.tie or
                                    f"step {state.step}: {settings.monitor} {value:.6g}"})
+        for cb in self.callbacks:  # the evaluation whole: per-example scores it carries
+            cb.on_evaluation(state.step, result, choice.better)
         self._save(metric=value, force=force, best=choice.better)
 
     def _interrupt(self, stop: GracefulStop) -> None:
@@ -514,6 +516,9 @@ class Fit:
                 model, evaluate, int(self.settings.quantize_bits),
                 self.settings.monitor, best_metrics, self._quantized_state, self.manager, tracker,
                 state.step))
+        native = model.save_native(self.run_dir)  # e.g. a sentence-transformers folder
+        if native is not None:
+            tracker.log_artifact(native, native.name)
         log_artifacts(tracker, self.run_dir, state, self.data, best)
         state.finished = True
         return FitResult(best_metrics, self.run_dir, tracker.run_id, best, state.step,
