@@ -98,8 +98,8 @@ def test_bad_input_is_one_line_before_anything_exists(tiny, tmp_path):
     decoder = tmp_path / "decoder"
     shutil.copytree(tiny, decoder)
     config = json.loads((decoder / "config.json").read_text())
-    (decoder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    assert "not an encoder" in _refusal(tmp_path, f"model.pretrained={decoder}")
+    (decoder / "config.json").write_text(json.dumps({**config, "model_type": "vit"}))
+    assert "neither an encoder mlxlab reads" in _refusal(tmp_path, f"model.pretrained={decoder}")
     line = _refusal(tmp_path, f"model.pretrained={tiny}", "objective=cosent")
     assert "CoSENTLoss" in line and "'score'" in line
     line = _refusal(tmp_path, f"model.pretrained={tiny}", "data.eval_dir=null")
