@@ -1,7 +1,8 @@
 """Where each parameter of a sharded model lives: which axis its rank holds a slice of (None:
 every rank holds it whole), and its name in the unsharded model. Checkpoints are written whole,
-under the unsharded names (`whole`), and read into a sharded run by slicing (`shard_state`): a
-checkpoint of any run loads in any world size, in one process, and in every verb."""
+under the unsharded names (`whole`: fsdp's zero padding rows cut off), and read into a sharded
+run by slicing (`shard_state`, padded again): a checkpoint of any run loads in any world size, in
+one process, and in every verb."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from mlx.utils import tree_flatten
 
 from mlxlab.errors import ConfigError
 from mlxlab.runtime import distributed
+from mlxlab.training.parallel.gather import pad_rows, padded_rows
 
 
 @dataclass
@@ -24,12 +26,17 @@ class Layout:
     world: distributed.World
     axis: dict[str, int | None] = field(default_factory=dict)
     plain: Callable[[str], str] = field(default=lambda name: name)
+    rows: dict[str, int] = field(default_factory=dict)  # fsdp: a padded parameter's own rows
 
     def axis_of(self, name: str) -> int | None:
         """The sharded axis of a parameter or of an optimizer slot (`<param>.<slot>`)."""
         if name in self.axis:
             return self.axis[name]
         return self.axis.get(name.rsplit(".", 1)[0])
+
+    def rows_of(self, name: str) -> int | None:
+        """A padded parameter's (or its optimizer slot's) own rows; None: stored unpadded."""
+        return self.rows.get(name, self.rows.get(name.rsplit(".", 1)[0]))
 
     def whole(self, tree: Any, what: str) -> dict[str, mx.array]:
         """The whole arrays of a sharded tree (parameters or optimizer state) under unsharded
@@ -40,6 +47,8 @@ class Layout:
                 plain = self.plain(name)
                 axis = self.axis_of(plain) if isinstance(value, mx.array) and value.ndim else None
                 full = value if axis is None else _all_gather(value, axis, self.world)
+                rows = self.rows_of(plain)
+                full = full if rows is None else full[:rows]  # the zero rows of the padding
                 if self.world.is_main:
                     mx.eval(full)
                     out[plain] = full
@@ -56,6 +65,9 @@ class Layout:
             if source is None:
                 continue
             axis = self.axis_of(self.plain(name)) if isinstance(source, mx.array) and source.ndim else None
+            rows = self.rows_of(self.plain(name))
+            if rows is not None and tuple(source.shape[:1]) == (rows,):
+                source = pad_rows(source, padded_rows(rows, self.world.size))
             part = source if axis is None else _slice(source, axis, self.world)
             if tuple(part.shape) != tuple(value.shape):
                 raise ConfigError(f"optimizer state {self.plain(name)} of shape "

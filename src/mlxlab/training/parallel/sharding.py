@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxlab.runtime import distributed
+from mlxlab.runtime import device, distributed
 from mlxlab.training.parallel.fully_sharded import plain_name, shard_fully
 from mlxlab.training.parallel.gradients import DataParallel, FullySharded, TensorParallel
 from mlxlab.training.parallel.layout import Layout
@@ -90,15 +90,23 @@ def place(model: nn.Module, world: distributed.World, mode: str | bool) -> Place
         return Placement(DataParallel(world))
     before = sum(v.size for _, v in tree_flatten(model.parameters()))
     if mode == "fsdp":
+        rows = {k: v.shape[0] for k, v in tree_flatten(model.parameters())
+                if v.ndim and v.shape[0] % world.size}  # stored padded (gather.py)
         units = set(shard_fully(model, world))
         names = [k for k, _ in tree_flatten(model.parameters())]
         layout = Layout(world, {plain_name(k, units): 0 for k in names},
-                        lambda name: plain_name(name, units))
+                        lambda name: plain_name(name, units), rows)
         gradients: DataParallel = FullySharded(world)
     else:
         layout = shard_tensors(model, world)
         gradients = TensorParallel(world, layout)
-    mx.eval(model.parameters())
+    # A parameter at a time: the model is built lazily (random initialization, mlx-lm's lazy
+    # load under a launcher), so each whole array exists only while its slice is cut from it
+    # and this rank never holds the whole model (all at once, MLX would keep many alive).
+    for _, value in tree_flatten(model.parameters()):
+        mx.eval(value)
+    log.info("the model split over %d ranks (%s): building it peaked at %.1f MB on this rank",
+             world.size, mode, device.peak_memory_mb())
     after = sum(v.size for _, v in tree_flatten(model.parameters()))
     log.info("%s: %d ranks; this rank holds %.1f M of the model's %.1f M parameters",
              "fully sharded (fsdp)" if mode == "fsdp" else "tensor parallel", world.size,
