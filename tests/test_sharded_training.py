@@ -68,6 +68,30 @@ def test_fsdp_with_padded_rows_equals_this_process_at_the_same_global_batch(tmp_
     assert diff <= TOL
 
 
+def test_a_streamed_checkpoint_file_loads_as_the_one_mlx_writes(tmp_path):
+    """What a sharded run's rank 0 writes an array at a time (checkpoint/streamed.py) reads back
+    with every dtype and shape mx.save_safetensors keeps; a file cut short is an OSError."""
+    from mlxlab.checkpoint.streamed import StreamedSafetensors
+
+    arrays = {"w": mx.random.normal((3, 5)), "b": mx.random.normal((4,)).astype(mx.bfloat16),
+              "step": mx.array(7, mx.uint32), "h": mx.ones((2, 2), mx.float16)}
+    entries = [(k, tuple(v.shape), v.dtype) for k, v in arrays.items()]
+    stream = StreamedSafetensors(tmp_path / "streamed.safetensors", entries)
+    for name, value in arrays.items():
+        stream.write(name, value)
+    stream.close()
+    mx.save_safetensors(str(tmp_path / "mlx.safetensors"), arrays, metadata={"format": "mlx"})
+    streamed, written = (mx.load(str(tmp_path / f"{n}.safetensors"), return_metadata=True)
+                         for n in ("streamed", "mlx"))
+    assert streamed[1] == written[1] == {"format": "mlx"}
+    for name, value in written[0].items():
+        assert streamed[0][name].dtype == value.dtype and mx.array_equal(streamed[0][name], value)
+    short = StreamedSafetensors(tmp_path / "short.safetensors", entries)
+    short.write("w", arrays["w"])
+    with pytest.raises(OSError, match="1 of 4 arrays"):
+        short.close()
+
+
 @pytest.mark.slow
 def test_fsdp_equals_one_process_with_the_same_global_batch(tmp_path, cli_env):
     run(1, [*SHORT, "trainer.batch_size=16"], tmp_path / "one", cli_env)
