@@ -241,7 +241,7 @@ def test_a_model_over_one_processs_memory_limit_trains_on_two_fsdp_ranks(tmp_pat
                            text=True, timeout=900)
     errors = [line for line in alone.stderr.splitlines() if line.startswith("mlxlab: error:")]
     assert alone.returncode == 2 and len(errors) == 1, alone.stderr[-3000:]
-    assert "the run ran out of memory (SIGSEGV) at step 1" in errors[0], errors
+    assert "the run ran out of memory (SIGSEGV) at step " in errors[0], errors
     shared = subprocess.run(command(2, [*args, "trainer.batch_size=2",
                                         "trainer.distributed.mode=fsdp"], tmp_path / "shared"),
                             cwd=tmp_path, env=env, preexec_fn=limited, capture_output=True,

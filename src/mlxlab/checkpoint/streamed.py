@@ -4,8 +4,9 @@ then each array's bytes as it comes, so the writer holds one array, never the wh
 A sharded run's rank 0 writes its checkpoints this way (training/parallel/layout.py gathers one
 parameter or optimizer slot at a time and hands it here): `mx.save_safetensors` takes every array
 at once, which would put the whole model and its optimizer state on rank 0 at each save, more
-than one process training the model holds. The file is the one `mx.save_safetensors` writes (its
-`format: mlx` metadata, the header padded to 8 bytes), read back by `mx.load` and every verb.
+than one process training the model holds. `mx.load` and every verb read the file as they read
+`mx.save_safetensors`' (the same arrays and `format: mlx` metadata; the header padded to 8 bytes
+as the format asks), tests/test_sharded_training.py checks it.
 """
 
 from __future__ import annotations
