@@ -57,8 +57,9 @@ def test_fsdp_with_padded_rows_equals_this_process_at_the_same_global_batch(tmp_
     args = [*LM, "trainer.max_steps=4", "trainer.eval_every_steps=4",
             "model.mlp_dim=65"]
     train(make_cfg(*args, "trainer.batch_size=8"))
-    out = run(2, [*args, "trainer.batch_size=4", "trainer.distributed.mode=fsdp"],
-              tmp_path / "two", cli_env)
+    # the tokenizer and data caches this process's run made (compose_cfg's cache folder)
+    out = run(2, [*args, "trainer.batch_size=4", "trainer.distributed.mode=fsdp",
+                  f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "two", cli_env)
     assert "fully sharded (fsdp): 2 ranks" in out and "building it peaked at" in out
     one, two = weights(tmp_path / "outputs" / "run"), weights(tmp_path / "two")
     assert any(v.shape[0] % 2 for v in one.values())  # a padded parameter was trained

@@ -65,7 +65,8 @@ class Placement:
         """A sharded model's checkpoint files, whole: every rank takes part, rank 0 writes them
         into `folder` (None on the others) an array at a time; {file name: path} on rank 0.
         `trainable_only`: the checkpoint records a base and keeps the trained weights alone."""
-        assert self.layout is not None
+        if self.layout is None:
+            raise ValueError("a model left whole is written by the checkpoint writer itself")
         tree = model.trainable_parameters() if trainable_only else model.parameters()
         files = {MODEL_FILE: tree, OPTIMIZER_FILE: optimizer.state}
         paths = {name: folder / name for name in files} if folder is not None else {}
