@@ -275,6 +275,16 @@ TINY_LLAMA_CONFIG = {
 }
 
 
+def cross_encoder_stub(root: Path) -> Path:
+    """A folder whose config.json names a BERT sequence classifier (a cross-encoder), without
+    weights: for config tests of model=cross_encoder that never build the model."""
+    folder = Path(root) / "cross-encoder-stub"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"architectures": ["BertForSequenceClassification"], '
+                                        '"model_type": "bert"}')
+    return folder
+
+
 def model_folder_stub(root: Path) -> Path:
     """A folder that passes the checks made before anything is built (config.json of a type
     mlx-lm loads, a weights file by name) without weights to load: for config tests that never

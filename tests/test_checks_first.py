@@ -86,6 +86,9 @@ def bad_settings(inputs: Path) -> list[tuple[list[str], str]]:
           f"objective.teachers=[{teacher}]", f"data.train_file={asset_path('arithmetic/train.jsonl')}",
           "objective.completion_key=solution"],
          f"{asset_path('arithmetic/train.jsonl')}: no prompt row has a 'solution' string"),
+        # a draft's rows are the fine-tune's own: no default file stands in for them
+        (["experiment=draft_model", f"model.pretrained={stub}", "model.keep_layers=1",
+          f"objective.teachers=[{teacher}]"], "data.train_file is not set: give the prompts' jsonl"),
         (["trainer.max_epoch=3"], "trainer.max_epoch is not a key of trainer: did you mean "
          "trainer.max_epochs?"),
         *objective_targets(stub),

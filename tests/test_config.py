@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import PYTHON, compose_cfg, model_folder_stub
+from conftest import PYTHON, compose_cfg, cross_encoder_stub, model_folder_stub
 from mlxlab.config import ConfigError, config_dir, to_container, validate
 
 CONF = Path(config_dir())
@@ -22,6 +23,26 @@ def test_every_group_has_options():
     for group in ["model", "data", "objective", "trainer", "preset", "optimizer", "callbacks",
                   "tracking", "experiment"]:
         assert any(g == group for g, _ in OPTIONS), f"conf/{group}/ is empty"
+
+
+# the embedder's options, and the rows each loss reads (the shipped pairs carry no score)
+EMBEDDING = ("sentence_embedder", "sentence_pairs", "embed_retrieval", "mnrl", "cached_mnrl",
+             "matryoshka", "cosent", "margin_mse", "distill_kl_div")
+SCORED_ROWS = {"cosent": {"s1": "a cat", "s2": "a dog", "score": 0.5},
+               "margin_mse": {"q": "cat", "p": "a cat", "n": "a dog", "label": 1.5},
+               "distill_kl_div": {"q": "cat", "p": "a cat", "n": "a dog", "label": [2.0, 1.0]}}
+
+
+def embedding_case(root: Path, group: str, option: str) -> list[str]:
+    from embedder_fixtures import write_tiny_folder
+
+    extra = ["experiment=embed_retrieval", f"{group}={option}",
+             f"model.pretrained={write_tiny_folder(root / 'st')}"]
+    if option in SCORED_ROWS:
+        rows = root / "rows.jsonl"
+        rows.write_text("".join(json.dumps(SCORED_ROWS[option]) + "\n" for _ in range(10)))
+        extra.append(f"data.train_file={rows}")
+    return extra
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -54,11 +75,18 @@ def test_option_composes_and_resolves(tmp_path, group, option):
         (tmp_path / "teacher" / "tokenizer.json").write_text("{}")
         extra += ["model.keep_layers=1", f"objective.teachers=[{tmp_path / 'teacher'}]",
                   "data.train_file=${asset:arithmetic/train.jsonl}", "objective.completion_key=answer"]
+    if option in ("cross_encoder", "rerank_pairs", "rerank_lists", "rerank"):  # a reranker's folder
+        extra = ["experiment=rerank", f"{group}={option}",
+                 f"model.pretrained={cross_encoder_stub(tmp_path)}"]
+        if option == "rerank_lists":
+            extra.append("objective.loss=ListNetLoss")
     if option in ("vision_language", "vision_chat", "finetune_vision"):  # a VLM and its images
         from vision_models import tiny_vlm
 
         extra = ["experiment=finetune_vision", f"{group}={option}", "optimized_metric=val/loss",
                  f"model.pretrained={tiny_vlm('smolvlm', tmp_path / 'vlm')}"]
+    if option in EMBEDDING:  # a sentence-transformers folder, rows with the loss's columns
+        extra = embedding_case(tmp_path, group, option)
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     container = to_container(cfg)  # every interpolation outside Hydra's own node resolves
     for g in ("model", "data", "trainer", "tracking"):

@@ -117,13 +117,16 @@ def write_folder(path: Path, config: dict) -> Path:
     return path
 
 
-def test_folders_that_are_not_bert_embedders_are_one_line(tmp_path):
+def test_folders_that_are_not_embedders_mlxlab_reads_are_one_line(tmp_path):
     decoder = write_folder(tmp_path / "decoder", {"model_type": "llama", "hidden_size": 8})
-    with pytest.raises(ConfigError, match="model_type='llama', not an encoder .*BERT encoders"):
+    with pytest.raises(ConfigError, match="not a whole llama config .*num_hidden_layers"):
         load_sentence_embedder(decoder)
-    roberta = write_folder(tmp_path / "roberta", {"model_type": "roberta"})
-    with pytest.raises(ConfigError, match="another encoder family.*RoBERTa, XLM-R and ModernBERT"):
-        load_sentence_embedder(roberta)
+    other = write_folder(tmp_path / "other", {"model_type": "whisper"})
+    with pytest.raises(ConfigError, match="'whisper', neither an encoder .* nor a decoder"):
+        load_sentence_embedder(other)
+    mpnet = write_folder(tmp_path / "mpnet", {"model_type": "mpnet"})
+    with pytest.raises(ConfigError, match="another encoder family.*ModernBERT, MPNet"):
+        load_sentence_embedder(mpnet)
     plain = tmp_path / "plain"
     plain.mkdir()
     with pytest.raises(ConfigError, match="not a sentence-transformers folder"):

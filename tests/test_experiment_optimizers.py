@@ -5,6 +5,7 @@ experiment sets optimizer.weight_decay, which mlx's Adam has no argument for).""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -13,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import OmegaConf, open_dict
 
-from conftest import model_folder_stub
+from conftest import cross_encoder_stub, model_folder_stub
 from mlxlab.config import config_dir, group_options, instantiate, validate
 from mlxlab.training.optim import LRSchedule, build_optimizer
 
@@ -35,8 +36,33 @@ def composed(root, pairs: list[tuple[str, str]]):
             with open_dict(cfg):
                 del cfg["hydra"]
                 if OmegaConf.is_missing(cfg.model, "pretrained"):
-                    cfg.model.pretrained = str(model_folder_stub(root))
+                    stub = {"rerank": cross_encoder_stub,
+                            "embed_retrieval": embedder_folder}.get(experiment, model_folder_stub)
+                    cfg.model.pretrained = str(stub(root))
+                if experiment == "finetune_vision":  # a vision-language folder, built once
+                    from vision_models import tiny_vlm
+
+                    vlm = root / "vlm"
+                    cfg.model.pretrained = str(vlm if vlm.is_dir() else tiny_vlm("smolvlm", vlm))
+                    cfg.optimized_metric = "val/loss"
+                if cfg.data.get("train_file", "") is None:  # the user's own rows (draft_model)
+                    rows = root / "rows.jsonl"
+                    rows.write_text('{"prompt": "1+1=", "completion": "2"}\n' * 4)
+                    cfg.data.train_file = str(rows)
+                    cfg.model.keep_layers = 1  # the stub's 2 blocks: a draft keeps fewer
+                if "teachers" in cfg.objective and not cfg.objective.teachers:  # the user's
+                    (root / "teacher").mkdir(exist_ok=True)  # a tokenizer the checks read
+                    (root / "teacher" / "tokenizer.json").write_text("{}")
+                    cfg.objective.teachers = [str(root / "teacher")]
             yield experiment, optimizer, cfg
+
+
+def embedder_folder(root: Path) -> Path:
+    """The tiny sentence-transformers folder (embedder_fixtures), written once under `root`."""
+    from embedder_fixtures import write_tiny_folder
+
+    folder = root / "st"
+    return folder if folder.is_dir() else write_tiny_folder(folder)
 
 
 def check(cfg) -> None:

@@ -65,6 +65,7 @@ def world(tmp_path_factory) -> dict:
     return {"root": root, "base": base, "tasks": tasks, "uri": uri, "run": run_dir}
 
 
+@pytest.mark.slow  # the default run's 10-minute budget; run with -m slow
 def test_per_example_loglikelihoods_and_scores_equal_lm_eval_hf(world):
     """The three YAMLs through MlxlabLM and through lm-eval's `hf` model (float32, CPU) on the
     same folder: every log-likelihood within 1e-4 relative, every score and generation equal."""

@@ -215,6 +215,7 @@ def stall_run(tmp_path: Path, cli_env: dict, callback: str, timeout_s: float,
     return done, uri, run_dir
 
 
+@pytest.mark.slow  # the default run's 10-minute budget; run with -m slow
 def test_the_parent_ends_a_run_that_stopped_after_its_checkpoint(tmp_path, cli_env):
     """The training thread stops for good at step 3 (as in MLX's thread pool, 0 % CPU; only the
     tracker's heartbeat thread still writes): after

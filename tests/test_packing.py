@@ -111,6 +111,7 @@ def tree_map_lora(model, rng):
                            for k, v in tree_flatten(model.trainable_parameters())])
 
 
+@pytest.mark.slow  # the default run's 10-minute budget; run with -m slow
 def test_smollm2_packed_rows_equal_unpacked_losses_and_gradients(smollm2):
     """Real SmolLM2 chats (the shipped 200, rendered with its own template) packed into 160-token
     sequences: each row's loss and the LoRA gradients of the summed loss equal the unpacked

@@ -114,6 +114,7 @@ def test_logits_equal_transformers_gguf_load_within_float32_rounding(ours, their
     assert np.abs(ours_logits - f64).max() <= 2 * float32_gap
 
 
+@pytest.mark.slow  # the default run's 10-minute budget; run with -m slow
 def test_greedy_tokens_equal_transformers_on_three_chat_prompts(ours, theirs):
     import torch
 

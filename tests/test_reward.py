@@ -433,6 +433,7 @@ def test_a_policy_with_another_tokenizer_gets_the_rewards_of_its_completions_tex
     np.testing.assert_allclose([r["learned"] for r in rows], scored, atol=1e-5)
 
 
+@pytest.mark.slow  # the default run's 10-minute budget; run with -m slow
 def test_a_reward_run_that_is_not_one_is_refused_before_a_grpo_run_makes_anything(
         reward_model, reward_run, tmp_path, cli_env):
     """objective.rewards naming a run that is not a reward model (a language model's run), or a

@@ -268,7 +268,7 @@ def test_an_unknown_model_or_path_is_404(server, runs):
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("nope")
     assert err.value.code == "model_not_found"
-    for url, data in ((f"{base_url}/nothing", None), (f"{base_url}/embeddings", b"{}"),
+    for url, data in ((f"{base_url}/nothing", None), (f"{base_url}/audio/speech", b"{}"),
                       (base_url.removesuffix("/v1") + "/", None)):
         status, answer = request(url, data)
         assert status == 404, url

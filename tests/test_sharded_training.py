@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import time
@@ -20,10 +21,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import PYTHON
 from test_distributed import (
     BIN,
     LM,
     TOL,
+    command,
     committed_steps,
     rank_processes,
     relative_difference,
@@ -33,6 +36,7 @@ from test_distributed import (
     wait_for_step,
     weights,
 )
+from test_out_of_memory import VMPEAK, linux_only
 
 SHORT = [*LM, "trainer.max_steps=10", "trainer.eval_every_steps=10", "model.num_layers=2"]
 
@@ -43,6 +47,53 @@ def peaks(out: str) -> list[float]:
     return [float(x) for x in line.split(",")]
 
 
+def test_fsdp_with_padded_rows_equals_this_process_at_the_same_global_batch(tmp_path, cli_env,
+                                                                             make_cfg):
+    """One launch (2 ranks x 4 rows, 4 steps) beside the same run trained in this process on 8
+    rows. The MLP is 65 wide, so its gate and up projections' 65 rows, which 2 ranks cannot split
+    evenly, are stored with a zero row added, cut off by the gather and by the checkpoint."""
+    from mlxlab.train import train
+
+    args = [*LM, "trainer.max_steps=4", "trainer.eval_every_steps=4",
+            "model.mlp_dim=65"]
+    train(make_cfg(*args, "trainer.batch_size=8"))
+    # the tokenizer and data caches this process's run made (compose_cfg's cache folder)
+    out = run(2, [*args, "trainer.batch_size=4", "trainer.distributed.mode=fsdp",
+                  f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "two", cli_env)
+    assert "fully sharded (fsdp): 2 ranks" in out and "building it peaked at" in out
+    one, two = weights(tmp_path / "outputs" / "run"), weights(tmp_path / "two")
+    assert any(v.shape[0] % 2 for v in one.values())  # a padded parameter was trained
+    assert {k: v.shape for k, v in two.items()} == {k: v.shape for k, v in one.items()}
+    diff = relative_difference(two, one)
+    report("fsdp 2x4 vs 1x8, padded rows", diff)
+    assert diff <= TOL
+
+
+def test_a_streamed_checkpoint_file_loads_as_the_one_mlx_writes(tmp_path):
+    """What a sharded run's rank 0 writes an array at a time (checkpoint/streamed.py) reads back
+    with every dtype and shape mx.save_safetensors keeps; a file cut short is an OSError."""
+    from mlxlab.checkpoint.streamed import StreamedSafetensors
+
+    arrays = {"w": mx.random.normal((3, 5)), "b": mx.random.normal((4,)).astype(mx.bfloat16),
+              "step": mx.array(7, mx.uint32), "h": mx.ones((2, 2), mx.float16)}
+    entries = [(k, tuple(v.shape), v.dtype) for k, v in arrays.items()]
+    stream = StreamedSafetensors(tmp_path / "streamed.safetensors", entries)
+    for name, value in arrays.items():
+        stream.write(name, value)
+    stream.close()
+    mx.save_safetensors(str(tmp_path / "mlx.safetensors"), arrays, metadata={"format": "mlx"})
+    streamed, written = (mx.load(str(tmp_path / f"{n}.safetensors"), return_metadata=True)
+                         for n in ("streamed", "mlx"))
+    assert streamed[1] == written[1] == {"format": "mlx"}
+    for name, value in written[0].items():
+        assert streamed[0][name].dtype == value.dtype and mx.array_equal(streamed[0][name], value)
+    short = StreamedSafetensors(tmp_path / "short.safetensors", entries)
+    short.write("w", arrays["w"])
+    with pytest.raises(OSError, match="1 of 4 arrays"):
+        short.close()
+
+
+@pytest.mark.slow
 def test_fsdp_equals_one_process_with_the_same_global_batch(tmp_path, cli_env):
     run(1, [*SHORT, "trainer.batch_size=16"], tmp_path / "one", cli_env)
     out = run(2, [*SHORT, "trainer.batch_size=8", "trainer.distributed.mode=fsdp"],
@@ -148,3 +199,53 @@ def test_a_killed_fsdp_rank_ends_the_other_with_the_reason(tmp_path, cli_env):
             or "waited over 20 s for the other ranks" in err), err[-3000:]
     codes = [line for line in err.splitlines() if "exited with code" in line or "was killed" in line]
     assert len(codes) == 2 and not any("code 0" in line for line in codes), err[-3000:]
+
+
+def vm_peaks_kb(ranks: int, args: list[str], run_dir, env: dict) -> list[int]:
+    """Each process's address space at its peak (VmPeak, kB) of this training, unsupervised."""
+    script = run_dir.parent / "vmpeak.py"
+    script.write_text(VMPEAK)
+    train = [PYTHON, str(script), *args, f"hydra.run.dir={run_dir}"]
+    launch = [str(BIN / "mlx.launch"), "-n", str(ranks), "--"] if ranks > 1 else []
+    done = subprocess.run([*launch, *train], cwd=run_dir.parent, env=env, capture_output=True,
+                          text=True, timeout=900)
+    found = [int(x) for x in re.findall(r"VmPeak:\s+(\d+) kB", done.stderr)]
+    assert done.returncode == 0 and len(found) == ranks, done.stderr[-3000:]
+    return found
+
+
+@pytest.mark.slow
+@linux_only
+def test_a_model_over_one_processs_memory_limit_trains_on_two_fsdp_ranks(tmp_path, cli_env):
+    """Full fine-tuning with AdamW of a 57 M parameter decoder (227 MB; parameters, gradients
+    and two moments ~0.9 GB in one process, about half of it on each of 2 fsdp ranks, whose
+    checkpoints are streamed). Each run's address space at its peak, unsupervised, calibrates a
+    limit halfway between the larger rank's and the one process's; under it (RLIMIT_AS, what
+    `ulimit -v` sets: MLX's CPU backend enforces no limit of its own) one process runs out of
+    memory, which mlxlab-train reports in one line, and 2 ranks finish the same training."""
+    env = {**cli_env, "MALLOC_ARENA_MAX": "1"}  # one malloc arena: no 64 MB steps of noise
+    args = [*LM, "model.dim=768", "model.num_heads=8", "model.num_layers=8",
+            "trainer.max_steps=2", "trainer.eval_every_steps=2"]
+    one = vm_peaks_kb(1, [*args, "trainer.batch_size=4"], tmp_path / "one", env)[0]
+    two = max(vm_peaks_kb(2, [*args, "trainer.batch_size=2", "trainer.distributed.mode=fsdp"],
+                          tmp_path / "two", env))
+    report("fsdp rank VmPeak / one process VmPeak", two / one)
+    assert one - two > 192 * 1024, (one, two)  # apart by more than the allocator's noise
+    limit = (one + two) // 2 * 1024
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    alone = subprocess.run([str(BIN / "mlxlab-train"), *args, "trainer.batch_size=4",
+                            "trainer.oom_restarts=0", f"hydra.run.dir={tmp_path / 'alone'}"],
+                           cwd=tmp_path, env=env, preexec_fn=limited, capture_output=True,
+                           text=True, timeout=900)
+    errors = [line for line in alone.stderr.splitlines() if line.startswith("mlxlab: error:")]
+    assert alone.returncode == 2 and len(errors) == 1, alone.stderr[-3000:]
+    assert "the run ran out of memory (SIGSEGV) at step " in errors[0], errors
+    shared = subprocess.run(command(2, [*args, "trainer.batch_size=2",
+                                        "trainer.distributed.mode=fsdp"], tmp_path / "shared"),
+                            cwd=tmp_path, env=env, preexec_fn=limited, capture_output=True,
+                            text=True, timeout=900)
+    assert shared.returncode == 0 and "run dir:" in shared.stdout, shared.stderr[-3000:]
+    assert "exited with code" not in shared.stderr and committed_steps(tmp_path / "shared") == [2]

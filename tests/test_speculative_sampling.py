@@ -91,6 +91,7 @@ def pair() -> tuple[Transformer, Transformer]:
     return model, draft
 
 
+@pytest.mark.slow  # the default run's 10-minute budget; run with -m slow
 def test_speculative_sampling_keeps_the_models_distribution(pair):
     model, draft = pair
     draws = [speculative(model, draft, seed) for seed in range(DRAWS)]

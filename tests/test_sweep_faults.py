@@ -177,6 +177,7 @@ def check_continued(root: Path, folder: Path, step: int, continued_at: float, ou
     assert after[0] == step + 1 and after == list(range(step + 1, 13))
 
 
+@pytest.mark.slow  # the default run's 10-minute budget; run with -m slow
 def test_a_sigkilled_grid_continues_with_the_same_command(tmp_path):
     folder, step, _, _ = interrupt_4th_job(tmp_path, signal.SIGKILL)
     client = store(tmp_path)

@@ -202,7 +202,9 @@ def test_finetune_vision_trains_and_checkpoints(folders, tmp_path):
     assert (tmp_path / "mlruns").is_dir()
 
 
-@pytest.mark.parametrize("case", ["missing image", "compiled step", "text model"])
+@pytest.mark.parametrize("case", [pytest.param("missing image", marks=pytest.mark.slow),
+                                  pytest.param("compiled step", marks=pytest.mark.slow),
+                                  "text model"])  # the slow two load the model first
 def test_bad_input_is_one_line_before_a_run_folder(folders, tmp_path, case):
     folder, extra = folders["smolvlm"], []
     if case == "missing image":

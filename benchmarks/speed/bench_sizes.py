@@ -4,6 +4,7 @@ of mlxlab (unpacked, packed) beside mlx_lm.lora and PyTorch + PEFT, SmolLM2-135M
     python benchmarks/speed/bench_sizes.py [--sizes smollm2,llama-1b,qwen3-1.7b,llama-3b,llama-8b]
         [--modes lora,qlora] [--tools mlxlab,mlxlab-packed,mlx-lm,torch-peft] [--steps 4] [--skip 1]
         [--rounds 1] [--dtype auto] [--tokenizer DIR] [--work DIR] [--table-only] [--smoke]
+    python benchmarks/speed/bench_sizes.py --sharded --sizes llama-1b --steps 4 [--dtype ...]
 
 Models: the packaged SmolLM2 GGUF and random weights in the published configs (CONFIGS; float32
 on the CPU, bfloat16 on a GPU; 4-bit group 64 for QLoRA), with SmolLM2's tokenizer. The shipped
@@ -212,8 +213,8 @@ def run_torch_peft(model: Path, data: Path, steps: int, out: Path) -> dict:
             "wall_s": time.perf_counter() - started}
 
 
-def mlxlab_steps(data: Path, tokenizer: Path, packed: bool, steps: int, seed: int = 42
-                 ) -> list[tuple[int, float]]:
+def mlxlab_steps(data: Path, tokenizer: Path, packed: bool, steps: int, seed: int = 42,
+                 rows: int = BATCH) -> list[tuple[int, float]]:
     """(chats, trained tokens) of each of a bench_sizes mlxlab run's first `steps` steps."""
     from mlxlab.data.batching import Batching
     from mlxlab.data.completions import PromptCompletion
@@ -224,7 +225,7 @@ def mlxlab_steps(data: Path, tokenizer: Path, packed: bool, steps: int, seed: in
                               seed=seed)
     module.setup()
     out = []
-    for _, batch in zip(range(steps), module.train_batches(Batching(1 if packed else BATCH), 0)):
+    for _, batch in zip(range(steps), module.train_batches(Batching(1 if packed else rows), 0)):
         chats = int(batch["segment_ids"].max(axis=1).sum()) if packed else batch["input_ids"].shape[0]
         out.append((chats, float(batch["loss_mask"].sum())))
     return out
@@ -316,6 +317,93 @@ def equal_count(runs: Path, data: Path, tokenizer: Path, skip: int, steps: int =
                      "chats/s", "ms a step (median)"], "rows": rows, "differences": differences}
 
 
+# --sharded: full fine-tuning of one shape at a global batch of SHARDED_BATCH rows, the
+# embeddings frozen in every run (mlx_lm.lora's full mode trains the blocks alone): mlxlab in one
+# process, fsdp and tensor over 2 ranks, and mlx_lm.lora's data parallelism over 2 ranks, each
+# rank's report to report.<rank>.jsonl. argv: args.json report-prefix
+SHARDED_BATCH = 4
+SHARDED = {"mlxlab-1": (1, None), "mlxlab-fsdp-2": (2, "fsdp"),
+           "mlxlab-tensor-2": (2, "tensor"), "mlx-lm-dp-2": (2, None)}
+MLX_LM_DP_WORKER = """
+import json, os, sys, types
+from mlxlab.runtime.compute.blas import setup_blas
+setup_blas()
+from mlx_lm import lora
+from mlx_lm.tuner.callbacks import TrainingCallback
+class Record(TrainingCallback):
+    def on_train_loss_report(self, info):
+        with open(sys.argv[2] + os.environ.get("MLX_RANK", "0") + ".jsonl", "a") as f:
+            f.write(json.dumps(info) + "\\n")
+args = types.SimpleNamespace(**{**lora.CONFIG_DEFAULTS, **json.load(open(sys.argv[1]))})
+model, tokenizer = lora.load(args.model)
+train_set, valid_set, _ = lora.load_dataset(args, tokenizer)
+lora.train_model(args, model, train_set, valid_set, Record())
+"""
+
+
+def run_sharded(name: str, folder: Path, data: Path, steps: int, out: Path) -> dict:
+    """One SHARDED run: each rank's MLX peak (MB) and its median seconds a step after the first."""
+    ranks, mode = SHARDED[name]
+    launch = [str(Path(sys.executable).parent / "mlx.launch"), "-n", "2", "--"]
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if name.startswith("mlx-lm"):
+        (out / "args.json").write_text(json.dumps({
+            "model": str(folder), "train": True, "data": str(data), "iters": steps,
+            "batch_size": SHARDED_BATCH, "fine_tune_type": "full", "num_layers": -1,
+            "max_seq_length": SEQ + 1, "learning_rate": LR, "steps_per_report": 1,
+            "steps_per_eval": 10 * steps, "val_batches": 1, "save_every": 10 * steps,
+            "adapter_path": str(out / "adapters"), "mask_prompt": True}))
+        cmd = [*launch, sys.executable, "-c", MLX_LM_DP_WORKER, str(out / "args.json"),
+               str(out / "report.")]
+    else:
+        rows = SHARDED_BATCH // ranks if mode == "fsdp" else SHARDED_BATCH
+        cmd = [*(launch if ranks > 1 else []), sys.executable, "-m", "mlxlab.train",
+               "experiment=finetune_chat", f"model.pretrained={folder}",
+               "model.lora.rank=0", "model.freeze_embeddings=true",
+               f"data.train_file={data / 'train.jsonl'}",
+               f"data.val_file={data / 'valid.jsonl'}", f"data.max_length={SEQ}",
+               f"trainer.batch_size={rows}", f"trainer.max_steps={steps}",
+               f"trainer.eval_every_steps={10 * steps}", "eval.tasks=[]",
+               f"optimizer.learning_rate={LR}", "trainer.schedule.warmup_steps=0",
+               "trainer.log_every_steps=1", "tracking=csv", "callbacks.progress.enabled=false",
+               f"trainer.distributed.mode={mode or 'auto'}", f"hydra.run.dir={out}"]
+    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env())
+    log = proc.stdout + proc.stderr
+    (out / "run.log").write_text(log)
+    if proc.returncode or "Traceback" in log:  # mlx.launch exits 0 when a rank failed
+        raise RuntimeError(f"{name} failed:\n{log[-3000:]}")
+    if name.startswith("mlx-lm"):
+        reports = [[json.loads(x) for x in (out / f"report.{r}.jsonl").read_text().splitlines()]
+                   for r in range(ranks)]
+        peaks = [max(x["peak_memory"] for x in rows) * 1e9 / 2**20 for rows in reports]
+        seconds = [1 / x["iterations_per_second"] for x in reports[0][1:]]
+    else:
+        line = log[log.rindex("MLX peak over the steps, per rank: "):].split(": ", 1)[1]
+        peaks = [float(x) for x in line.split(" MB")[0].split(",")]
+        rates = {s: m["train/tokens_per_sec"] for s, m in bench_lora.csv_metrics(out).items()
+                 if "train/tokens_per_sec" in m}
+        tokens = [t for _, t in mlxlab_steps(data, folder, False, steps, rows=SHARDED_BATCH)]
+        seconds = [tokens[s - 1] / rates[s] for s in sorted(rates)[1:]]
+    return {"ranks": ranks, "peak_mb_per_rank": peaks, "rss_mb": rss,
+            "step_s": statistics.median(seconds), "wall_s": proc.wall_s}
+
+
+def sharded(size: str, work: Path, data: Path, tokenizer: Path, steps: int, dtype: str) -> dict:
+    """Every SHARDED run of `size` (random weights in `dtype`) and its table."""
+    folder = write_random(CONFIGS[size], tokenizer, work / f"{size}-full-{dtype}", None, dtype)
+    runs = {name: run_sharded(name, folder, data, steps, work / "sharded" / name)
+            for name in SHARDED}
+    one = runs["mlxlab-1"]
+    rows = [[size, name, r["ranks"], " / ".join(f"{p:.0f}" for p in r["peak_mb_per_rank"]),
+             f"{max(r['peak_mb_per_rank']) / max(one['peak_mb_per_rank']):.2f}",
+             f"{r['step_s']:.2f}", f"{one['step_s'] / r['step_s']:.2f}x"]
+            for name, r in runs.items()]
+    return {"runs": runs, "table": {"head": [
+        "model", "run", "ranks", "MLX peak MB per rank", "peak / one process", "s a step",
+        "speed vs one process"], "rows": rows}}
+
+
 def table(results: dict, sizes: list[str], modes: list[str], tools: list[str]) -> dict:
     rows = []
     for size, mode in ((s, m) for s in sizes for m in modes):
@@ -350,6 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokenizer", default=None,
                    help="a folder of SmolLM2's tokenizer files (else the packaged GGUF's)")
     p.add_argument("--table-only", action="store_true", help="print the table of results.json")
+    p.add_argument("--sharded", action="store_true", help="full fine-tuning of the first of "
+                   "--sizes: one process, fsdp and tensor over 2 ranks, mlx_lm.lora data parallel")
     add_smoke(p)
     args = p.parse_args(argv)
     if args.smoke:
@@ -364,6 +454,11 @@ def main(argv: list[str] | None = None) -> dict:
     failed = False
     smollm2 = (smollm2_folders(work) if "smollm2" in sizes or not args.tokenizer
                else {"qlora": Path(args.tokenizer)})
+    if args.sharded:  # its own record
+        figures = sharded(sizes[0], work, data, smollm2["qlora"], max(args.steps, 3), dtype)
+        print_table(figures["table"])
+        write_record("sharded-full-fine-tuning", figures, question="memory", smoke=args.smoke)
+        return figures
     for size in sizes:
         for mode in modes:
             if args.table_only:

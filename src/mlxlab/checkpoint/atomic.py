@@ -15,7 +15,7 @@ import shutil
 import struct
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,9 @@ class Snapshot:
     state_text: str
     metric: float | None = None
     best: bool | None = None  # becomes best/ (None: the manager compares `metric`)
+    # arrays written to files already (a sharded run's, streamed: checkpoint/streamed.py):
+    # {file name: path}, moved into the checkpoint in place of `model`'s and `optimizer`'s
+    files: dict[str, Path] = field(default_factory=dict)
 
     def update_state(self, **fields: Any) -> None:
         """Set state fields known only after the snapshot was taken (the tracker's run id)."""
@@ -242,8 +245,13 @@ def write_snapshot(directory: Path, snap: Snapshot, name: str | None = None) -> 
     tmp = temp_dir(directory, final.name)
     try:
         tmp.mkdir()
-        _write_safetensors(tmp / MODEL_FILE, snap.model)
-        if snap.optimizer is not None:
+        for name, path in snap.files.items():
+            os.replace(path, tmp / name)
+        for folder in {path.parent for path in snap.files.values()}:  # where they were written
+            shutil.rmtree(folder, ignore_errors=True)
+        if MODEL_FILE not in snap.files:
+            _write_safetensors(tmp / MODEL_FILE, snap.model)
+        if snap.optimizer is not None and OPTIMIZER_FILE not in snap.files:
             _write_safetensors(tmp / OPTIMIZER_FILE, snap.optimizer)
         _write_text(tmp / STATE_FILE, snap.state_text)
         _commit(tmp)

@@ -134,15 +134,18 @@ class CheckpointManager:
         state: StateLike,
         metric: float | None = None,
         best: bool | None = None,
+        files: dict[str, Path] | None = None,
     ) -> Snapshot:
         """The in-memory half of `save` (on the training thread); `write` finishes it. `best`:
         the caller's decision whether it becomes best/ (a tie broken by another metric); None
-        compares `metric` with the best so far."""
+        compares `metric` with the best so far. `files`: arrays written already ({file name:
+        path}: a sharded run's, streamed), moved into the checkpoint."""
         if metric is not None:
             state = with_metric(state, self.monitor, self.mode, metric)
         snap = take_snapshot(model, optimizer, state)
         snap.metric = None if metric is None else float(metric)
         snap.best = best
+        snap.files = dict(files or {})
         self._last_save_time = time.monotonic()
         self._last_save_step = snap.step
         return snap

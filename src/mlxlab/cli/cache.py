@@ -30,11 +30,12 @@ from mlxlab.runtime.files.cache import CacheEntry, disk_size, remove
 
 def entries(root: Path) -> list[CacheEntry]:
     """Everything mlxlab keeps under the cache root `root`, by the rooms that write it."""
+    from mlxlab.cli.mine_negatives import cached_results
     from mlxlab.models.sources.conversions import entries as conversions
     from mlxlab.models.sources.fingerprint import hashes_dir
     from mlxlab.tracking.mlflow.store import store_templates
 
-    found = [*conversions(), *_kernel_builds(root), *_blas_verdicts(root)]
+    found = [*conversions(), *_kernel_builds(root), *_blas_verdicts(root), *cached_results(root)]
     hashes = hashes_dir()
     if hashes.is_dir() and hashes.resolve().is_relative_to(root.resolve()):
         count = sum(1 for p in hashes.iterdir() if not p.name.startswith("."))

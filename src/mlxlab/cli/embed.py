@@ -4,8 +4,10 @@
     mlxlab embed path/to/all-MiniLM-L6-v2 --input docs.jsonl --out vectors.jsonl --batch-size 64
     printf 'first text\nsecond text\n' | mlxlab embed path/to/model --no-normalize
 
-MODEL is a sentence-transformers folder (modules.json: a BERT encoder, a Pooling, optional Dense
-layers and Normalize) or a hub id ORG/NAME of one. Texts come from --input: a text file, one text
+MODEL is a sentence-transformers folder (modules.json: a BERT, RoBERTa / XLM-R or decoder
+Transformer such as Qwen3-Embedding's, a Pooling, optional Dense layers and Normalize) or a hub
+id ORG/NAME of one; --prompt-name NAME puts one of its named prompts (e.g. query) before each
+text. Texts come from --input: a text file, one text
 per line (every line, blank ones included, is a row), or a .jsonl file of objects with a `text`
 key (and an optional `id`); without --input, lines from stdin. Vectors go to --out: .npy (a
 float32 (N, dim) array, row i = text i) or .jsonl ({"id", "embedding"} per text: the input's
@@ -120,6 +122,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                         help="unit-length vectors (default: as the model folder says)")
+    parser.add_argument("--prompt-name", default=None, metavar="NAME",
+                        help="one of the folder's prompts (config_sentence_transformers.json), "
+                        "put before each text, e.g. query (default: the folder's default prompt)")
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -132,7 +137,7 @@ def main(argv: list[str]) -> int:
         from mlxlab.models.sentence_folder import TextEmbedder
 
         embedder = TextEmbedder(folder)
-        vectors = embedder.encode(texts, args.batch_size, args.normalize)
+        vectors = embedder.encode(texts, args.batch_size, args.normalize, args.prompt_name)
         write_vectors(vectors, ids, args.out)
         unit = embedder.normalizes if args.normalize is None else args.normalize
         n = len(texts)

@@ -58,6 +58,16 @@ fine-tune's gain it kept with the paired verdict, records it on the run's MLflow
 refused (nothing written) when it is significantly worse than the run and keeps under 95 % of
 the gain, unless --accept-loss.
 
+    mlxlab export path/to/embedder --format sentence-transformers --out exported/embedder
+    mlxlab export path/to/bert-embedder --format gguf --quant f16 --out embedder.gguf
+
+A text embedder (a sentence-transformers folder: BERT, RoBERTa / XLM-R or a decoder such as
+Qwen3-Embedding) exports as a sentence-transformers folder written from the model (float32
+safetensors in Hugging Face names, the tokenizer, Pooling, Dense, Normalize, the prompts), read
+back by mlxlab and sentence-transformers and refused unless both give its vectors within 1e-5;
+a BERT embedder with one pooling and no Dense as GGUF (f32 or f16) for llama.cpp's embedding
+mode, refused unless llama.cpp's vectors have cosine >= 1 - 1e-4 with mlxlab's.
+
 --format hf (and peft, and gguf from a run, through its float hf folder) is checked where it is
 made: transformers loads what was written and must give the fine-tune's logits on a 2x16-token
 probe (max gap 1e-3 of the logits' scale), else the export is refused with the gap; the model
@@ -81,7 +91,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
     )
     parser.add_argument("run", help=RUN_HELP)
-    parser.add_argument("--format", choices=["hf", "mlx-lm", "mlx-vlm", "peft", "gguf"], default="hf", dest="fmt")
+    parser.add_argument("--format", choices=["hf", "mlx-lm", "mlx-vlm", "peft", "gguf",
+                                             "sentence-transformers"], default="hf", dest="fmt")
     parser.add_argument("--out", required=True,
                         help="folder to write (new or empty); --format gguf: the .gguf file")
     parser.add_argument("--quant", default=None,
@@ -128,6 +139,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.fmt == "sentence-transformers" or _is_embedder(args):
+        return _embedder(args)
     if args.fmt == "gguf":
         return _gguf(args)
     if args.quant is not None:
@@ -297,4 +310,61 @@ def _gguf_adapters(args: argparse.Namespace) -> int:
     print(f"Ollama: {report['modelfile']} (FROM the base, ADAPTER the adapter; chat template: "
           f"{style}); ollama create NAME -f {report['modelfile']}")
     print(f"llama.cpp: {report['command']} (llama-server -m BASE --lora ADAPTER)")
+    return 0
+
+
+def _is_embedder(args: argparse.Namespace) -> bool:
+    """Whether RUN is a sentence-transformers folder (an embedder, whatever --format says)."""
+    from pathlib import Path
+
+    from mlxlab.models.sentence_folder import is_sentence_folder
+
+    return is_sentence_folder(Path(args.run).expanduser())
+
+
+def _embedder(args: argparse.Namespace) -> int:
+    """A text embedder: --format sentence-transformers, or gguf (a BERT embedder); the options
+    of the other exports are refused, not ignored."""
+    given = [flag for flag, value in (
+        ("--dtype", args.dtype), ("--quantize", args.quantize),
+        ("--quantize-method", args.quantize_method), ("--imatrix-rows", args.imatrix_rows),
+        ("--draft", args.draft), ("--tasks", args.tasks), ("--accept-loss", args.accept_loss),
+        ("--adapters", args.lora == "adapters")) if value]
+    if args.fmt == "sentence-transformers" and args.quant is not None:
+        given.insert(0, "--quant")
+    if given or args.fmt not in ("sentence-transformers", "gguf"):
+        what = (f"--format {args.fmt} does not" if not given else
+                f"{given[0]} does not" if len(given) == 1 else f"{', '.join(given)} do not")
+        what += " apply"
+        print(f"mlxlab export: error: {what} to a text embedder: it exports as --format "
+              "sentence-transformers, or --format gguf --quant f32|f16 (a BERT embedder)",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.fmt == "gguf":
+            from mlxlab.export.gguf_embedder import export_embedder_gguf
+
+            report = export_embedder_gguf(args.run, args.out, args.quant or "f16",
+                                          overwrite=args.overwrite, check=args.check)
+        else:
+            from mlxlab.export.embedder import export_embedder
+
+            report = export_embedder(args.run, args.out, overwrite=args.overwrite,
+                                     check=args.check)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mlxlab export: error: {err}", file=sys.stderr)
+        return 2
+    check = report["check"]
+    if args.fmt == "gguf":
+        print(f"exported {report['source']} -> {report['gguf']} (bert, {report['quant']}, "
+              f"{report['pooling']} pooling, {report['bytes'] / 2**20:.1f} MiB)")
+        print(f"checked in {check['checker']}: min cosine {check['min_cosine']:.7f} over "
+              f"{check['texts']} texts" if check["status"] == "checked"
+              else f"unchecked: {check['why']}")
+        return 0
+    print(f"exported {report['source']} -> {args.out} (sentence-transformers, float32, "
+          f"{report['dimension']}-dim vectors)")
+    gaps = ", ".join(f"{who} {gap:.2g}" for who, gap in check["max_abs_gap"].items())
+    print(f"read back: max |vector gap| {gaps} <= {check['allowed_gap']:g} on {check['texts']} "
+          "texts" + (f" and prompts {', '.join(check['prompts'])}" if check["prompts"] else ""))
     return 0

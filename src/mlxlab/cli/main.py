@@ -10,6 +10,7 @@
     mlxlab export RUN --format hf|mlx-lm|gguf --out DIR|FILE.gguf [...]
     mlxlab cache list|clear              converted models and other caches: list, remove
     mlxlab embed MODEL [--input F] [--out vectors.npy|.jsonl]   one vector per text
+    mlxlab mine-negatives MODEL --data pairs.jsonl --out mined.jsonl   hard negatives
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ VERBS = {
     "export": ("mlxlab.cli.export", "write a finished run as a Hugging Face or mlx-lm folder, or a GGUF file"),
     "cache": ("mlxlab.cli.cache", "what mlxlab caches (converted GGUF files, kernels): list, clear"),
     "embed": ("mlxlab.cli.embed", "embed texts with a sentence-transformers model: one vector each"),
+    "mine-negatives": ("mlxlab.cli.mine_negatives",
+                       "mine hard negatives for (anchor, positive) pairs with an embedder"),
 }
 
 

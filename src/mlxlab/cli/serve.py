@@ -1,5 +1,5 @@
-"""Serve finished runs or models over HTTP: language models over the OpenAI API (mlx-lm's
-server), a classifier with MLflow's model server.
+"""Serve finished runs or models over HTTP: language models and text embedders over the OpenAI
+API (mlx-lm's server), a classifier with MLflow's model server.
 
     mlxlab serve outputs/finetune_chat/<a> outputs/finetune_chat/<b> --port 5001
     mlxlab serve models:/story-lora@champion /path/to/base/model/folder
@@ -14,6 +14,15 @@ vision-language model (a VLM folder or a vision run) also answers chats whose us
 OpenAI's `image_url` parts, each a `data:image/...;base64,` URL (the server fetches no URL and
 reads no file for a client), as `mlxlab generate --image` answers them.
 
+A cross-encoder folder (a BertForSequenceClassification, as sentence-transformers' CrossEncoder
+saves one) or a reranker run (experiment=rerank), alone or beside language models, answers
+POST /v1/rerank in vLLM's and Cohere's shape, with CrossEncoder's scores:
+
+    mlxlab serve path/to/cross-encoder --port 5001
+    curl -s http://127.0.0.1:5001/v1/rerank -d '{"model": "cross-encoder", "query": "...",
+        "documents": ["...", {"text": "..."}], "top_n": 3, "return_documents": true}'
+        -> {"id", "model", "results": [{"index", "relevance_score", "document"}], "usage"}
+
     mlxlab serve RUN --draft DRAFT_RUN --num-draft-tokens 3
     mlxlab serve RUN_A RUN_B --draft RUN_A=DRAFT_A --draft RUN_B=DRAFT_B
 
@@ -27,6 +36,14 @@ is one line before the port is bound. A drafted model answers one request at a t
     client = OpenAI(base_url="http://127.0.0.1:5001/v1", api_key="unused")
     client.chat.completions.create(model="<run folder name>",
                                    messages=[{"role": "user", "content": "Hi"}])
+
+A text embedder (a sentence-transformers folder: BERT, RoBERTa / XLM-R or a decoder such as
+Qwen3-Embedding) answers POST /v1/embeddings as OpenAI's API does (a string, strings or token
+ids; encoding_format float or base64; dimensions: the first N components, back to unit length),
+with the vectors `mlxlab embed` writes:
+
+    mlxlab serve path/to/all-MiniLM-L6-v2 path/to/chat-run --port 5001
+    client.embeddings.create(model="all-MiniLM-L6-v2", input=["a text", "another"])
 
 Refusals are OpenAI's error objects with OpenAI's status (404: a model not served here); a
 max_tokens past the model's context is refused; a body over --max-request-mib is refused
@@ -181,6 +198,7 @@ def _language_model_targets(args: argparse.Namespace, scratch: Path) -> list | N
             raise ValueError("a runs:/ URI is served alone by MLflow's model server")
         return None
     targets = [resolve_target(t, args.uri, scratch) for t in args.targets]
+    # a reranker answers /v1/rerank beside the language models (mixed freely)
     classifiers = [t.text for t in targets if t.task(args.checkpoint) == "classification"]
     if classifiers and len(targets) > 1:
         raise ValueError(f"{classifiers[0]} is a classifier, served alone by MLflow's model "
@@ -189,9 +207,16 @@ def _language_model_targets(args: argparse.Namespace, scratch: Path) -> list | N
 
 
 def _openai(args: argparse.Namespace, targets: list, drafts: dict) -> int:
+    from mlxlab.serving.openai.embeddings import ServedEmbedder
+    from mlxlab.serving.openai.rerank import load_rerankers
     from mlxlab.serving.openai.served import attach_draft, load_served
     from mlxlab.serving.openai.server import make_server, serve_until_stopped, server_settings
 
+    reranking = [t for t in targets if t.task(args.checkpoint) == "rerank"]
+    if drafted := next((t.text for t in reranking if t.text in drafts), None):
+        raise ValueError(f"--draft {drafted}: a reranker scores pairs, it decodes nothing")
+    rerankers = load_rerankers(reranking, args.checkpoint)
+    targets = [t for t in targets if t not in reranking]
     served = load_served(targets, args.checkpoint)
     for target, s in zip(targets, served):
         if target.text in drafts:  # checked against its model before the port is bound
@@ -201,7 +226,7 @@ def _openai(args: argparse.Namespace, targets: list, drafts: dict) -> int:
                                max_request_bytes=int(limit * 2**20),
                                num_draft_tokens=args.num_draft_tokens)
     try:
-        server, generator = make_server(served, args.host, args.port, settings)
+        server, generator = make_server(served, args.host, args.port, settings, rerankers)
     except OSError as err:
         raise ValueError(f"cannot bind {args.host}:{args.port} ({err.strerror}): pick another "
                          "--port") from None
@@ -210,10 +235,17 @@ def _openai(args: argparse.Namespace, targets: list, drafts: dict) -> int:
         print(warning, file=sys.stderr, flush=True)
     for s in served:
         also = f" (also {', '.join(s.names[1:])})" if len(s.names) > 1 else ""
-        drafted = f" (draft: {drafts[s.name].text})" if s.draft is not None else ""
+        drafted = ("" if isinstance(s, ServedEmbedder) or s.draft is None
+                   else f" (draft: {drafts[s.name].text})")
         print(f"  model {s.name}{also} <- {s.source}{drafted}", flush=True)
+    for r in rerankers:
+        print(f"  reranker {r.name} <- {r.source} (POST /v1/rerank)", flush=True)
     shared = sum(s.stats["shared_bytes"] for s in served)
-    print(f"serving {len(served)} language model(s) on http://{host}:{port}/v1 "
+    embedders = sum(isinstance(s, ServedEmbedder) for s in served)
+    kinds = [f"{count} {kind}(s)" for count, kind in ((len(served) - embedders, "language model"),
+                                                     (embedders, "text embedder"),
+                                                     (len(rerankers), "reranker")) if count]
+    print(f"serving {' and '.join(kinds)} on http://{host}:{port}/v1 "
           f"({shared / 2**20:.1f} MiB of weights shared, held once; Ctrl-C stops)", flush=True)
     serve_until_stopped(server, generator)
     return 0

@@ -75,7 +75,8 @@ def _check_compile(cfg: DictConfig) -> None:
 DATA_KINDS = {"classification": "labelled rows for classification", "lm": "text or chats to "
               "learn (language-model data)", "preference": "preference pairs",
               "unpaired": "completions rated good or bad (unpaired feedback)",
-              "prompts": "prompts without completions"}
+              "prompts": "prompts without completions",
+              "embedding": "text columns for training embedders"}
 
 
 def _data_kind_line(cfg: DictConfig, task: str, prompts: bool) -> str:

@@ -104,7 +104,7 @@ class PromptRows(PromptCompletion):
 
     def __init__(
         self,
-        train_file: str,
+        train_file: str | None,
         val_file: str | None = None,
         val_fraction: float = 0.1,
         prompt_key: str = "prompt",
@@ -116,6 +116,9 @@ class PromptRows(PromptCompletion):
         split_seed: int | None = None,
         tokenizer: dict | None = None,
     ):
+        if train_file is None:  # an experiment that trains on the user's own rows leaves it unset
+            raise ConfigError("data.train_file is not set: give the prompts' jsonl, e.g. "
+                              "data.train_file=<the fine-tune's train.jsonl>")
         super().__init__(train_file, val_file, val_fraction, prompt_key=prompt_key,
                          max_length=max_length, seed=seed, tokenizer=tokenizer,
                          split_seed=split_seed, messages_key=messages_key, too_long="drop",

@@ -1,7 +1,8 @@
 """Evaluation tasks inside a training run: `eval.tasks=[a.jsonl, b.jsonl, arc_easy]` (jsonl files
 and lm-eval-harness tasks, evaluation/lm_eval/scores.py) scores every task at
 each evaluation of the validation split, as one more evaluation hooked onto it (a callback's
-on_eval, not a second loop).
+on_eval, not a second loop); ObjectiveScores keeps the per-example scores an objective's own
+evaluation carries (the embedding objectives' retrieval queries) the same way.
 
 Each evaluation logs `eval/<task>/<metric>` at its step and writes the per-example scores to
 `<run dir>/eval_tasks/last/`; the evaluation that is best by the run's monitor
@@ -23,9 +24,10 @@ from mlxlab.checkpoint import choose_best
 from mlxlab.data.chat import chat_template
 from mlxlab.errors import ConfigError
 from mlxlab.evaluation.results import FOLDER, write_scores
-from mlxlab.evaluation.scoring import metric_keys, score_tasks
+from mlxlab.evaluation.scoring import TaskScores, metric_keys, score_tasks
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import read_tasks
+from mlxlab.objectives.base import Evaluation
 from mlxlab.training.callbacks import Callback
 from mlxlab.training.state import TrainContext
 
@@ -47,7 +49,7 @@ class TaskEvaluation(Callback):
         self.tie_break: tuple[str, str] | None = None
 
     def setup(self, context: TrainContext, model: Any, data: Any) -> None:
-        if context.task == "classification":  # every other task tunes a language model
+        if context.task in ("classification", "embedding"):  # the others tune language models
             raise ConfigError(f"eval.tasks scores language models; this run's data is "
                               f"{context.task}: drop eval.tasks or train a language model")
         self.tasks = read_tasks(self.settings.files) if self.settings.files else []
@@ -99,10 +101,47 @@ class TaskEvaluation(Callback):
         self.best_metrics = dict(state.get("best_metrics") or {})
 
 
+class ObjectiveScores(Callback):
+    """The per-example task scores an objective's evaluation carries (Evaluation.tasks: the
+    embedding objectives' retrieval set, per query), kept as eval.tasks' are: eval_tasks/last at
+    every evaluation, eval_tasks/best at the run's best one, both logged when the run ends."""
+
+    def __init__(self) -> None:
+        self.folder: Path | None = None
+        self.tracker = None
+        self.enabled = False
+        self.written = False
+
+    def setup(self, context: TrainContext, model: Any, data: Any) -> None:
+        self.folder, self.tracker = Path(context.run_dir) / FOLDER, context.tracker
+        self.enabled = context.world.is_main
+
+    def on_evaluation(self, step: int, evaluation: Evaluation, best: bool) -> None:
+        if not (self.enabled and evaluation.tasks):
+            return
+        scores = [TaskScores(t.task, t.kind, dict(t.metrics), list(t.rows),
+                             higher_is_better=dict(t.higher_is_better)) for t in evaluation.tasks]
+        write_scores(scores, self.folder / "last", step)
+        if best:
+            write_scores(scores, self.folder / "best", step)
+        self.written = True
+
+    def on_train_end(self) -> None:
+        if not self.written:
+            return
+        for which in ("best", "last"):
+            if (self.folder / which).is_dir():
+                self.tracker.log_artifact(str(self.folder / which), f"{FOLDER}/{which}")
+
+
 def task_scoring(settings: TaskSettings | None) -> list[Callback]:
-    """The callbacks `eval.tasks` adds to a run: one TaskEvaluation, or none without tasks."""
+    """The callbacks that keep a run's per-example task scores: an objective's own
+    (ObjectiveScores, in every run: it writes only what an evaluation carries) and, with
+    `eval.tasks`, one TaskEvaluation."""
+    kept = ObjectiveScores()
+    kept.name = "objective_scores"
     if settings is None or not settings.tasks:
-        return []
+        return [kept]
     scoring = TaskEvaluation(settings)
     scoring.name = "eval_tasks"
-    return [scoring]
+    return [kept, scoring]

@@ -28,8 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -69,6 +68,7 @@ from mlxlab.export.proof import (
 from mlxlab.export.quality import calibration_tokens, validation_batches
 from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
 from mlxlab.export.retention import Retention, build_reference, judge_export, read_folder, record
+from mlxlab.export.staging import staged_folder
 from mlxlab.export.vision import check_vision_options, export_vision
 from mlxlab.models.adapter_layer import AdapterLayer
 from mlxlab.models.bert import BertClassifier
@@ -271,7 +271,7 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
             retention: Retention | None = None, method: str = "rtn") -> None:
     if isinstance(model, VisionLanguageModel):
         report["lora"] = "fuse" if has_adapters(model) else None
-        with _folder(out) as tmp:
+        with staged_folder(out) as tmp:
             report.update(export_vision(model, out, dtype, tmp, fmt))
             _write_report(tmp, out, report, card)
         return
@@ -325,7 +325,7 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
     if adapters is not None:
         unwrap_lora(model)  # the base model; the adapters go apart
 
-    with _folder(out) as tmp:
+    with staged_folder(out) as tmp:
         save_weights(hf_weights(model, dtype, fmt), tmp, "mlx" if fmt == "mlx-lm" else "pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_tokenizer(run_dir, tokenizer_path, tmp, model)
@@ -370,7 +370,7 @@ def _export_peft(model, state, out: Path, dtype: str, report: dict, card: str | 
     report["lora"] = settings["fine_tune_type"]
     if card is not None:  # the hub reads an adapter folder's card as PEFT's
         card = card.replace("library_name: transformers", "library_name: peft", 1)
-    with _folder(out) as tmp:
+    with staged_folder(out) as tmp:
         write_peft(tensors, config, tmp)
         if checked:  # refused here: the folder is not moved in
             theirs = transformers_logits(base_folder, ids, classifier=False, adapter=tmp)
@@ -394,23 +394,6 @@ def _write_report(tmp: Path, out: Path, report: dict, card: str | None) -> None:
     if card is not None:  # the model card: task scores with intervals (model_card.py)
         (tmp / "README.md").write_text(card)
         report["model_card"] = str(out / "README.md")
-
-
-@contextmanager
-def _folder(out: Path) -> Iterator[Path]:
-    """A folder written beside `out` and renamed into place: a failed export leaves no half
-    folder."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)  # empty, or --overwrite
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",

@@ -26,6 +26,7 @@ from mlxlab.data.tokenizer import PAD_TOKENS, end_of_text_ids, start_ids
 from mlxlab.export.architectures import layout_of
 from mlxlab.models.base import Model
 from mlxlab.models.bert import BertClassifier
+from mlxlab.models.cross_encoder import CrossEncoderModel, torch_path
 from mlxlab.models.hf import mlxlab_to_hf_name as bert_hf_name
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.transformer import Transformer
@@ -140,7 +141,7 @@ def bert_config(model: BertClassifier, label_values: list) -> dict:
     if a["type_vocab_size"] < 1:
         raise ExportError("BERT in transformers needs token types: train with type_vocab_size>=1")
     labels = [str(v) for v in label_values]
-    return {
+    config = {
         "architectures": ["BertForSequenceClassification"],
         "model_type": "bert",
         "vocab_size": a["vocab_size"],
@@ -159,6 +160,11 @@ def bert_config(model: BertClassifier, label_values: list) -> dict:
         "label2id": {v: i for i, v in enumerate(labels)},
         "problem_type": "single_label_classification",
     }
+    if isinstance(model, CrossEncoderModel):  # what sentence-transformers' CrossEncoder reads
+        config["sentence_transformers"] = {"activation_fn": torch_path(model.activation)}
+        if len(labels) == 1:  # one relevance score, as CrossEncoder trains it
+            config["problem_type"] = "regression"
+    return config
 
 
 def hf_weights(model: nn.Module, dtype: str, fmt: str = "hf") -> dict[str, mx.array]:

@@ -10,6 +10,7 @@ overrides what it has: a pretrained one its `checkpoint_init` and `hf_config`, a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import mlx.nn as nn
@@ -84,6 +85,12 @@ class Model(nn.Module):
         """The repeated decoder blocks (what trainer.grad_checkpoint recomputes); [] for a model
         without them."""
         return []
+
+    def save_native(self, run_dir: Path) -> Path | None:
+        """The model written in its own library's format into the run folder (a
+        sentence-transformers folder for an embedder), at the end of a run that holds the best
+        weights; returns where, or None for a model without such a format (the default)."""
+        return None
 
     def make_cache(self) -> list | None:
         """Per-layer KV caches for token-by-token generation (`model(ids, cache=...)`); None:

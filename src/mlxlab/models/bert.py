@@ -47,9 +47,13 @@ class BertEmbeddings(nn.Module):
         type_vocab_size: int,
         dropout: float,
         eps: float,
+        padding_idx: int | None = None,
     ):
         super().__init__()
         self.max_position = max_position
+        # RoBERTa / XLM-R: a real token's position counts from padding_idx + 1, a pad's is
+        # padding_idx (transformers' create_position_ids_from_input_ids); None: BERT's 0, 1, ...
+        self.padding_idx = padding_idx
         self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
         self.position_embeddings = nn.Embedding(max_position, hidden_size)
         if type_vocab_size > 0:
@@ -61,18 +65,33 @@ class BertEmbeddings(nn.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
         seq_len = input_ids.shape[1]
-        if seq_len > self.max_position:
+        if seq_len > self.max_length:
             raise ConfigError(
-                f"sequence length {seq_len} exceeds max_position={self.max_position}; "
-                "truncate the data (max_length) or raise model.max_position"
+                f"sequence length {seq_len} exceeds the {self.max_length} positions the model "
+                f"has (max_position={self.max_position}); truncate the data (max_length) or "
+                "raise model.max_position"
             )
-        h = self.word_embeddings(input_ids) + self.position_embeddings(mx.arange(seq_len))
+        h = self.word_embeddings(input_ids) + self.position_embeddings(self.positions(input_ids))
         if "token_type_embeddings" in self:
             if token_type_ids is None:
                 h = h + self.token_type_embeddings.weight[0]
             else:
                 h = h + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.norm(h))
+
+    @property
+    def max_length(self) -> int:
+        """The longest input the position table covers (RoBERTa's first padding_idx + 1 rows
+        are never a real token's)."""
+        return self.max_position - (0 if self.padding_idx is None else self.padding_idx + 1)
+
+    def positions(self, input_ids: mx.array) -> mx.array:
+        """(T,) BERT's positions, or (B, T) RoBERTa's: padding_idx + the count of non-pad
+        tokens so far at a real token, padding_idx at a pad."""
+        if self.padding_idx is None:
+            return mx.arange(input_ids.shape[1])
+        real = (input_ids != self.padding_idx).astype(mx.int32)
+        return mx.cumsum(real, axis=1) * real + self.padding_idx
 
 
 class EncoderBlock(nn.Module):
@@ -118,6 +137,7 @@ class BertEncoder(nn.Module):
         dropout: float,
         norm_position: str,
         eps: float,
+        padding_idx: int | None = None,
     ):
         super().__init__()
         if norm_position not in ("post", "pre"):
@@ -128,7 +148,7 @@ class BertEncoder(nn.Module):
                 "pick num_heads that divides hidden_size"
             )
         self.embeddings = BertEmbeddings(
-            vocab_size, hidden_size, max_position, type_vocab_size, dropout, eps
+            vocab_size, hidden_size, max_position, type_vocab_size, dropout, eps, padding_idx
         )
         self.layers = [
             EncoderBlock(hidden_size, num_heads, intermediate_size, dropout, norm_position, eps)
@@ -136,6 +156,19 @@ class BertEncoder(nn.Module):
         ]
         if norm_position == "pre":
             self.final_norm = LayerNorm(hidden_size, eps=eps)
+
+    @property
+    def max_length(self) -> int:
+        """The longest input it reads."""
+        return self.embeddings.max_length
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embeddings.word_embeddings.weight.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embeddings.word_embeddings.weight.shape[0]
 
     def __call__(
         self,
@@ -158,6 +191,9 @@ class BertClassifier(Model):
     model.safetensors): its sizes override the ones given here. Attention-probability dropout
     is not applied (the fused SDPA kernel has none); hidden dropout is.
     """
+
+    # the fewest outputs the head may have (a reranker's single score: models/cross_encoder.py)
+    min_labels = 2
 
     def __init__(
         self,
@@ -190,7 +226,7 @@ class BertClassifier(Model):
             norm_position=norm_position,
         )
         vocab_size, sizes, pooler, self._checkpoint_init = resolve_bert_sizes(
-            vocab_size, num_labels, sizes, pooler, pretrained)
+            vocab_size, num_labels, sizes, pooler, pretrained, self.min_labels)
         self.build_layers(vocab_size, num_labels, sizes, pooler)
         self._architecture = {**sizes, "vocab_size": vocab_size, "num_labels": num_labels,
                               "pooler": pooler}
@@ -262,7 +298,7 @@ class BertClassifier(Model):
 
 
 def resolve_bert_sizes(vocab_size: int, num_labels: int, sizes: dict, pooler: bool | None,
-                       pretrained: str | None) -> tuple[int, dict, bool, dict]:
+                       pretrained: str | None, min_labels: int = 2) -> tuple[int, dict, bool, dict]:
     """(vocab_size, sizes, pooler, checkpoint_init) of a BertClassifier: a pretrained folder's
     config overrides the given sizes, None picks dropout and pooler, and every size is checked."""
     # None = the choice that trains best where the model comes from: a pretrained
@@ -297,6 +333,7 @@ def resolve_bert_sizes(vocab_size: int, num_labels: int, sizes: dict, pooler: bo
     if sizes["type_vocab_size"] < 0:
         raise ConfigError(f"type_vocab_size={sizes['type_vocab_size']} must be >= 0 (0 = no "
                           "token types)")
-    if num_labels < 2:
-        raise ConfigError(f"num_labels={num_labels}; a classifier needs at least 2 labels")
+    if num_labels < min_labels:
+        raise ConfigError(f"num_labels={num_labels}; a classifier needs at least {min_labels} "
+                          "labels")
     return vocab_size, sizes, pooler, checkpoint_init

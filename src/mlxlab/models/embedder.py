@@ -1,9 +1,10 @@
-"""A text embedder: a BERT encoder, pooling, optional dense layers and L2 normalization.
+"""A text embedder: an encoder, pooling, optional dense layers and L2 normalization.
 
-The layout of a sentence-transformers model (Transformer -> Pooling -> Dense* -> Normalize),
-with mlxlab's BertEncoder as the Transformer, so parameter names are the BERT classifier's
-(encoder.*) plus dense.N.linear.* (and dense.N.residual.* where a Dense adds a projected
-residual). sentence_transformers.py reads such a folder into one.
+The layout of a sentence-transformers model (Transformer -> Pooling -> Dense* -> Normalize).
+The Transformer is mlxlab's BertEncoder (BERT, and RoBERTa / XLM-R with their position offset),
+whose parameter names are the BERT classifier's (encoder.*), or a decoder's stack through mlx-lm
+(decoder_encoder.py: encoder.decoder.*); then dense.N.linear.* (and dense.N.residual.* where a
+Dense adds a projected residual). sentence_folder.py reads such a folder into one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
 from mlxlab.models.bert import BertEncoder
+from mlxlab.models.decoder_encoder import DecoderEncoder
 from mlxlab.models.pooling import POOLERS, pool
 
 # the activations a Dense layer may name (torch's class names), as MLX functions
@@ -52,9 +54,11 @@ class Dense(nn.Module):
 class SentenceEmbedder(nn.Module):
     """(input_ids, attention_mask) -> (B, dim) text vectors, unit length where `normalize`.
 
-    `encoder` holds BertEncoder's keyword arguments (bert_config_from_hf's sizes); `pooling` the
-    modes of pooling.py, concatenated in order; `dense` one Dense's keyword arguments per layer,
-    applied in order after pooling. Batches may be right- or left-padded.
+    `encoder` holds BertEncoder's keyword arguments (bert_config_from_hf's sizes, and
+    `padding_idx` for RoBERTa's positions), or {"hf_config": a decoder's config.json} for a
+    decoder's stack; `pooling` the modes of pooling.py, concatenated in order; `dense` one
+    Dense's keyword arguments per layer, applied in order after pooling. Batches may be right-
+    or left-padded.
     """
 
     def __init__(self, encoder: Mapping, pooling: Sequence[str], dense: Sequence[Mapping] = (),
@@ -63,7 +67,8 @@ class SentenceEmbedder(nn.Module):
         unknown = [mode for mode in pooling if mode not in POOLERS]
         if unknown or not pooling:
             raise ConfigError(f"pooling {list(pooling)}; give one or more of {', '.join(POOLERS)}")
-        self.encoder = BertEncoder(**encoder)
+        self.encoder = (DecoderEncoder(encoder["hf_config"]) if "hf_config" in encoder
+                        else BertEncoder(**encoder))
         self.pooling = tuple(pooling)
         self.dense = [Dense(**layer) for layer in dense]
         self.normalize = normalize
@@ -73,7 +78,7 @@ class SentenceEmbedder(nn.Module):
         """The length of one output vector."""
         if self.dense:
             return self.dense[-1].linear.weight.shape[0]
-        return self.encoder.embeddings.word_embeddings.weight.shape[1] * len(self.pooling)
+        return self.encoder.hidden_size * len(self.pooling)
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
                  token_type_ids: mx.array | None = None,

@@ -122,11 +122,12 @@ def check_vocab(vocab_size: int, checkpoint_vocab: int, source: str | Path) -> N
         )
 
 
-def bert_config_from_hf(path: str | Path) -> dict:
-    """BertClassifier keyword arguments (sizes, eps, dropout, vocab_size) from config.json."""
+def bert_config_from_hf(path: str | Path, model_types: tuple[str, ...] = ("bert",)) -> dict:
+    """BertClassifier keyword arguments (sizes, eps, dropout, vocab_size) from config.json;
+    `model_types`: the BERT-layout types the caller reads (an embedder's: RoBERTa's too)."""
     path = Path(path)
     c = read_config(path)
-    if c.get("model_type", "bert") != "bert":
+    if c.get("model_type", "bert") not in model_types:
         raise ConfigError(
             f"{path}/config.json has model_type={c['model_type']!r}; only 'bert' is supported "
             "(model=hf_decoder loads a decoder)"

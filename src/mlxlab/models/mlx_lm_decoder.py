@@ -43,6 +43,7 @@ from mlxlab.models.mlx_lm_fused import use_fused_kernels
 from mlxlab.models.packing import attention_segments, check_packable
 from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
 from mlxlab.models.sources import model_folder
+from mlxlab.runtime.cluster import distributed
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,9 @@ def load_folder(path: str | Path) -> tuple[nn.Module, dict]:
 
     path, config = model_source(path)
     try:
-        return load_model(path, strict=True,
+        # under a launcher, lazily: an fsdp or tensor rank then reads one whole tensor at a
+        # time and keeps its slice (training/parallel/sharding.py), never the whole model
+        return load_model(path, lazy=distributed.launched(), strict=True,
                           model_config=rope_keys(config, model_classes(config, path)[1]))
     except FileNotFoundError:
         raise MissingFileError(f"no {WEIGHTS} weights in {path}; a Hugging Face or "

@@ -1,19 +1,20 @@
 """A sentence-transformers model folder as an mlxlab SentenceEmbedder with its tokenizer.
 
-The folder's modules.json lists its modules in order: a Transformer (a BERT encoder: config.json
-and *.safetensors in its path, model_type 'bert'), a Pooling (1_Pooling/config.json: the modes),
-any number of Dense layers (their config.json and model.safetensors) and a last Normalize. The
-tokenizer is the Transformer path's tokenizer.json, truncated where sentence-transformers
-truncates (sentence_bert_config.json's max_seq_length, else tokenizer_config.json's
-model_max_length, at most the encoder's max_position_embeddings) and padded to the longest text
-of a batch; a text is prefixed with the folder's default prompt when it names one. A folder
+The folder's modules.json lists its modules in order: a Transformer (config.json and
+*.safetensors in its path: a BERT, RoBERTa or XLM-RoBERTa encoder, or a decoder mlx-lm has, as
+Qwen3-Embedding's), a Pooling (1_Pooling/config.json: the modes), any number of Dense layers
+(their config.json and model.safetensors) and a last Normalize. The tokenizer is the Transformer
+path's tokenizer.json, truncated where sentence-transformers truncates (sentence_bert_config.json's
+max_seq_length, else tokenizer_config.json's model_max_length, at most the positions the
+encoder has) and padded on the right to the longest text of a batch; a text is prefixed with
+the prompt named at encode time, else the folder's default prompt when it names one. A folder
 that is no such model is one ConfigError / MissingFileError naming what is wrong.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,16 +22,19 @@ import numpy as np
 from tokenizers import Tokenizer, normalizers
 
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.decoder_encoder import DecoderEncoder
 from mlxlab.models.embedder import ACTIVATIONS, SentenceEmbedder
 from mlxlab.models.hf import assign_weights, bert_config_from_hf, hf_to_mlxlab_name, weight_files
 from mlxlab.models.pooling import pooling_modes
 from mlxlab.runtime.memory.io_threads import load_arrays
 
 MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
-ENCODER_TYPES = ("bert",)  # model_type values mlxlab's BertEncoder reads
-# encoders sentence-transformers ships that BertEncoder does not cover (position ids, layout)
-OTHER_ENCODERS = ("roberta", "xlm-roberta", "modernbert", "mpnet", "distilbert", "deberta-v2",
-                  "electra", "nomic_bert", "new")
+# model_type values mlxlab's BertEncoder reads; RoBERTa's count positions from pad_token_id + 1
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta")
+OFFSET_POSITIONS = ("roberta", "xlm-roberta")
+# encoders sentence-transformers ships that BertEncoder does not cover (attention, layout)
+OTHER_ENCODERS = ("modernbert", "mpnet", "distilbert", "deberta-v2", "electra", "nomic_bert",
+                  "new")
 
 
 def _json(path: Path) -> dict | list:
@@ -79,25 +83,47 @@ def read_modules(folder: Path) -> list[tuple[str, Path]]:
 
 
 def encoder_sizes(path: Path) -> dict:
-    """BertEncoder's keyword arguments from the Transformer module's config.json; a decoder's or
-    another encoder family's config is one line naming what is supported."""
+    """SentenceEmbedder's `encoder` settings from the Transformer module's config.json:
+    BertEncoder's keyword arguments for a BERT-layout encoder, {"hf_config": config} for a
+    decoder mlx-lm has; another encoder family is one line naming what is supported."""
     config = _json(path / "config.json")
     model_type = config.get("model_type", "bert")  # as bert_config_from_hf reads an old config
+    if model_type in OTHER_ENCODERS:
+        raise ConfigError(f"{path}/config.json has model_type={model_type!r}, another encoder "
+                          f"family; mlxlab embeds with {', '.join(ENCODER_TYPES)} encoders and "
+                          "mlx-lm's decoders (Qwen3-Embedding); ModernBERT, MPNet and DeBERTa "
+                          "are not supported")
     if model_type not in ENCODER_TYPES:
-        what = ("another encoder family" if model_type in OTHER_ENCODERS
-                else "not an encoder (a decoder or another kind of model)")
-        raise ConfigError(f"{path}/config.json has model_type={model_type!r}, {what}; mlxlab embeds "
-                          f"with BERT encoders (model_type {', '.join(map(repr, ENCODER_TYPES))}); "
-                          "RoBERTa, XLM-R and ModernBERT are not supported yet")
+        return _decoder_settings(path, config)
     if config.get("is_decoder"):
         raise ConfigError(f"{path}/config.json has is_decoder=true; an embedder needs a bidirectional "
-                          "BERT encoder")
-    sizes = bert_config_from_hf(path)
+                          "encoder")
+    sizes = bert_config_from_hf(path, ENCODER_TYPES)
+    padding_idx = int(config.get("pad_token_id", 1)) if model_type in OFFSET_POSITIONS else None
     return dict(vocab_size=sizes["vocab_size"], hidden_size=sizes["hidden_size"],
                 num_layers=sizes["num_layers"], num_heads=sizes["num_heads"],
                 intermediate_size=sizes["intermediate_size"], max_position=sizes["max_position"],
                 type_vocab_size=sizes["type_vocab_size"], dropout=sizes["dropout"],
-                norm_position=sizes["norm_position"], eps=sizes["layer_norm_eps"])
+                norm_position=sizes["norm_position"], eps=sizes["layer_norm_eps"],
+                padding_idx=padding_idx)
+
+
+def _decoder_settings(path: Path, config: dict) -> dict:
+    """A decoder's config.json, checked to be one mlx-lm builds (else one line)."""
+    from mlxlab.models.mlx_lm_classes import model_classes
+
+    try:
+        _, args_class = model_classes(config, path)
+    except ConfigError:
+        raise ConfigError(f"{path}/config.json has model_type={config.get('model_type')!r}, "
+                          f"neither an encoder mlxlab reads ({', '.join(ENCODER_TYPES)}) nor a "
+                          "decoder mlx-lm has") from None
+    try:
+        args_class.from_dict(config)
+    except TypeError as err:  # the dataclass names the fields the config lacks
+        raise ConfigError(f"{path}/config.json is not a whole {config.get('model_type')} config "
+                          f"({str(err).split(': ', 1)[-1]})") from None
+    return {"hf_config": config}
 
 
 def dense_settings(path: Path) -> dict:
@@ -135,8 +161,17 @@ def _weights(modules: list[tuple[str, Path]]) -> dict[str, mx.array]:
     return weights
 
 
-def _rename(name: str) -> str | None:
-    return name if name.startswith("dense.") else hf_to_mlxlab_name(name)
+def _encoder_name(name: str) -> str | None:
+    """A BERT-layout checkpoint's name as ours (RoBERTa's `roberta.` prefix as BERT's)."""
+    return name if name.startswith("dense.") else hf_to_mlxlab_name(name.removeprefix("roberta."))
+
+
+def _decoder_name(name: str) -> str | None:
+    """A decoder checkpoint's name (its base model's, or a causal LM's `model.`-prefixed) as
+    ours; the language-model head is not an embedder's."""
+    if name.startswith("dense."):
+        return name
+    return None if name.startswith("lm_head.") else f"encoder.decoder.{name.removeprefix('model.')}"
 
 
 def load_sentence_embedder(folder: str | Path) -> SentenceEmbedder:
@@ -145,79 +180,126 @@ def load_sentence_embedder(folder: str | Path) -> SentenceEmbedder:
 
 
 def _embedder(folder: Path, modules: list[tuple[str, Path]]) -> SentenceEmbedder:
+    model = SentenceEmbedder(**embedder_settings(modules))
+    load_folder_weights(model, folder, modules)
+    model.eval()
+    return model
+
+
+def embedder_settings(modules: list[tuple[str, Path]]) -> dict:
+    """SentenceEmbedder's keyword arguments for a folder's modules (read_modules)."""
     pooling_path = modules[1][1]
-    model = SentenceEmbedder(
+    return dict(
         encoder=encoder_sizes(modules[0][1]),
         pooling=pooling_modes(_json(pooling_path / "config.json"), f"{pooling_path}/config.json"),
         dense=[dense_settings(path) for kind, path in modules if kind == "Dense"],
         normalize=modules[-1][0] == "Normalize",
     )
-    loaded, _, missing = assign_weights(model, _weights(modules), _rename)
+
+
+def load_folder_weights(model: SentenceEmbedder, folder: Path,
+                        modules: list[tuple[str, Path]]) -> None:
+    """The folder's weights into `model` (built from embedder_settings; LoRA-wrapped or not)."""
+    rename = _decoder_name if isinstance(model.encoder, DecoderEncoder) else _encoder_name
+    loaded, _, missing = assign_weights(model, _weights(modules), rename)
     if missing:
         raise ConfigError(f"{folder} lacks {len(missing)} weights, e.g. {missing[:3]}")
-    model.load_weights(list(loaded.items()))
-    model.eval()
-    return model
+    model.load_weights(list(loaded.items()), strict=False)
+    # read now, on this thread's stream: a server's request threads compute on their own, and
+    # MLX evaluates an array only on a stream of the thread that made it
+    mx.eval(model.parameters())
 
 
 class TextEmbedder:
-    """A sentence-transformers folder's model and tokenizer: texts in, vectors out."""
+    """A sentence-transformers folder's model and tokenizer: texts (or their token ids) in,
+    vectors out. `transformer` is the folder of its Transformer module (tokenizer files and
+    config.json); `prompts` the folder's named prompts (config_sentence_transformers.json)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         modules = read_modules(self.folder)
+        self.transformer = modules[0][1]
         self.model = _embedder(self.folder, modules)
-        self.tokenizer, self.max_length = _tokenizer(modules[0][1],
-                                                     self.model.encoder.embeddings.max_position)
-        self.prompt = _default_prompt(self.folder, modules[1][1])
+        self.tokenizer, self.max_length, self.pad_id = _tokenizer(self.transformer,
+                                                                  self.model.encoder.max_length)
+        self.prompts, self.default_prompt = _prompts(self.folder, modules[1][1])
 
     @property
     def dimension(self) -> int:
         return self.model.dimension
 
     @property
+    def vocab_size(self) -> int:
+        """The ids its embedding table has (a token id input is one of 0 .. vocab_size - 1)."""
+        return int(self.model.encoder.vocab_size)
+
+    @property
     def normalizes(self) -> bool:
         """Whether the folder ends in a Normalize (its vectors are unit length by default)."""
         return bool(self.model.normalize)
 
-    def encode(self, texts: Sequence[str], batch_size: int = 32,
-               normalize: bool | None = None) -> np.ndarray:
+    def prompt(self, name: str | None = None) -> str:
+        """The text put before each text: the named prompt, else the folder's default."""
+        if name is None:
+            return self.default_prompt
+        if name not in self.prompts:
+            raise ConfigError(f"prompt {name!r} is not one of {self.folder}'s prompts "
+                              f"({', '.join(self.prompts) or 'it names none'})")
+        return self.prompts[name]
+
+    def token_ids(self, texts: Sequence[str], prompt_name: str | None = None) -> list[list[int]]:
+        """Each text's ids as the model reads them: prompt prefixed, special tokens added,
+        truncated to max_length."""
+        prompt = self.prompt(prompt_name)
+        return [e.ids for e in self.tokenizer.encode_batch([prompt + t for t in texts])]
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32, normalize: bool | None = None,
+               prompt_name: str | None = None) -> np.ndarray:
         """(len(texts), dimension) float32 vectors, row i = texts[i]; `normalize` None = as the
-        folder says. Texts are batched longest first (as sentence-transformers does: less
-        padding); a text's vector does not depend on its batch."""
+        folder says; `prompt_name` one of the folder's prompts (None: its default)."""
+        return self.encode_ids(self.token_ids(texts, prompt_name), batch_size, normalize)
+
+    def encode_ids(self, rows: Sequence[Sequence[int]], batch_size: int = 32,
+                   normalize: bool | None = None) -> np.ndarray:
+        """(len(rows), dimension) float32 vectors of token id rows (as token_ids gives them).
+        Rows are batched longest first (as sentence-transformers does: less padding) and
+        right-padded; a row's vector does not depend on its batch."""
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be >= 1")
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        out = np.zeros((len(texts), self.dimension), np.float32)
-        for start in range(0, len(texts), batch_size):
-            rows = order[start:start + batch_size]
-            out[rows] = self._batch([texts[i] for i in rows], normalize)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        out = np.zeros((len(rows), self.dimension), np.float32)
+        for start in range(0, len(rows), batch_size):
+            chosen = order[start:start + batch_size]
+            out[chosen] = self._batch([rows[i] for i in chosen], normalize)
         return out
 
-    def _batch(self, texts: Iterable[str], normalize: bool | None) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch([self.prompt + t for t in texts])
-        ids = mx.array([e.ids for e in encodings], dtype=mx.int32)
-        mask = mx.array([e.attention_mask for e in encodings], dtype=mx.int32)
-        types = mx.array([e.type_ids for e in encodings], dtype=mx.int32)
-        vectors = self.model(ids, mask, types, normalize=normalize)
+    def _batch(self, rows: Sequence[Sequence[int]], normalize: bool | None) -> np.ndarray:
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.pad_id, np.int32)
+        mask = np.zeros((len(rows), width), np.int32)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)], mask[i, :len(row)] = row, 1
+        vectors = self.model(mx.array(ids), mx.array(mask), mx.zeros(ids.shape, mx.int32),
+                             normalize=normalize)
         return np.array(vectors.astype(mx.float32))
 
 
-def _default_prompt(folder: Path, pooling_path: Path) -> str:
-    """The prompt sentence-transformers puts before every text (its default_prompt_name's)."""
+def _prompts(folder: Path, pooling_path: Path) -> tuple[dict[str, str], str]:
+    """The folder's named prompts and the one sentence-transformers puts before every text by
+    default (its default_prompt_name's, else none)."""
     settings = _json_or_empty(folder / "config_sentence_transformers.json")
+    prompts = {str(k): str(v) for k, v in (settings.get("prompts") or {}).items()}
     name = settings.get("default_prompt_name")
-    prompt = (settings.get("prompts") or {}).get(name, "") if name else ""
-    if prompt and _json(pooling_path / "config.json").get("include_prompt") is False:
+    if any(prompts.values()) and _json(pooling_path / "config.json").get("include_prompt") is False:
         raise ConfigError(f"{folder} pools without its prompt (include_prompt=false); mlxlab "
                           "pools every token of a text, prompt included")
-    return prompt
+    return prompts, prompts.get(name, "") if name else ""
 
 
-def _tokenizer(path: Path, max_position: int) -> tuple[Tokenizer, int]:
+def _tokenizer(path: Path, max_position: int) -> tuple[Tokenizer, int, int]:
     """The Transformer module's tokenizer.json (in its `path`, beside its
-    sentence_bert_config.json) set up as sentence-transformers uses it, and its truncation
-    length."""
+    sentence_bert_config.json) set up as sentence-transformers uses it, its truncation length
+    and its pad token's id."""
     file = path / "tokenizer.json"
     if not file.is_file():
         raise MissingFileError(f"{file} is missing; mlxlab reads a fast tokenizer's tokenizer.json "
@@ -237,5 +319,5 @@ def _tokenizer(path: Path, max_position: int) -> tuple[Tokenizer, int]:
     if pad_id is None:
         raise ConfigError(f"{file} has no pad token {pad!r}")
     tok.enable_truncation(max_length)
-    tok.enable_padding(pad_id=pad_id, pad_token=pad)
-    return tok, max_length
+    tok.no_padding()  # TextEmbedder pads its batches (on the right) itself
+    return tok, max_length, pad_id

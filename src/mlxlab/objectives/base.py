@@ -75,12 +75,28 @@ LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]
 
 
 @dataclass(frozen=True)
+class ExampleScores:
+    """One task's scores per example, as an objective's evaluation computed them: the task's
+    metrics (means over the rows), one row per example ({"id": ..., score: value, ...}) and each
+    score that pairs two runs with its direction (evaluation/paired.py)."""
+
+    task: str
+    kind: str
+    metrics: dict[str, float]
+    rows: list[dict[str, Any]]
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """What an objective's evaluate() measured on the validation split."""
 
     metrics: dict[str, float]          # <prefix>/loss, /accuracy, ... (MetricSpec)
     labels: np.ndarray | None = None   # classification: each validation row's label,
     probs: np.ndarray | None = None    # and its predicted probabilities (rows x labels)
+    # per-example scores of tasks the evaluation scored (a retrieval set's queries), which
+    # evaluation/in_training.py keeps as the run's eval_tasks/last and /best
+    tasks: tuple[ExampleScores, ...] = ()
 
     def state_dict(self) -> dict:
         """For a checkpoint's state.json: the arrays as lists (floats survive JSON exactly) with

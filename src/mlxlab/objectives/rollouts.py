@@ -6,7 +6,7 @@ the model's `make_cache()` (mlxlab's decoders have one, as mlx-lm's models do): 
 once, then one token per step for every row until each row has sampled a stop token or
 `max_new_tokens`. The rows of a batch have prompts of one length, so no row is padded and any
 causal model (learned or rotary positions) samples as it would alone. Each token is drawn with
-models.generation.sample_token (temperature, top-k, top-p) from a key split off the caller's:
+decoding.generation.sample_token (temperature, top-k, top-p) from a key split off the caller's:
 the same key gives the same completions, so a generator whose key is checkpointed resumes to
 the same bits.
 

@@ -16,6 +16,7 @@ fails the way a synchronous save made it fail.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -89,6 +90,7 @@ class CheckpointWriter:
         force: bool = False,
         before_write: Callable[[], dict | None] | None = None,
         best: bool | None = None,
+        files: dict[str, Path] | None = None,
     ) -> Path | None:
         """Start writing a checkpoint of `state`'s step; its final path, or None if skipped.
         `best`: whether it becomes best/, decided by the trainer (a tie on the monitor broken by
@@ -97,6 +99,7 @@ class CheckpointWriter:
         `force` (final and emergency saves) waits for a busy writer even under when_busy=skip.
         `before_write` runs first, on the writing thread (the tracker's flush barrier); the
         state fields it returns are set in the checkpoint (what was not known at the step).
+        `files`: arrays written already ({file name: path}; a skipped save removes them).
         """
         start = time.perf_counter()
         if self.busy:
@@ -105,13 +108,15 @@ class CheckpointWriter:
                     "checkpoint at step %s skipped: step %s is still being written "
                     "(checkpoint.when_busy=skip)", state_step(state), self._writing_step,
                 )
+                for path in (files or {}).values():
+                    shutil.rmtree(path.parent, ignore_errors=True)
                 return None
             log.info(
                 "checkpoint at step %s waits for step %s to finish writing",
                 state_step(state), self._writing_step,
             )
         self.wait()
-        snap = self.manager.snapshot(model, optimizer, state, metric, best)
+        snap = self.manager.snapshot(model, optimizer, state, metric, best, files)
         final = self.manager.directory / step_name(snap.step)
         if not self.asynchronous:
             self._write(snap, before_write)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mlxlab.checkpoint import choose_best, is_better
 from mlxlab.errors import ConfigError
+from mlxlab.objectives.base import Evaluation
 from mlxlab.runtime.compute import device
 from mlxlab.training.settings import CheckpointPolicy
 from mlxlab.training.state import TrainContext
@@ -65,6 +66,10 @@ class Callback:
     def on_step(self, step: int, logs: dict[str, float]) -> None: ...
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_evaluation(self, step: int, evaluation: Evaluation, best: bool) -> None:
+        """After on_eval: the objective's whole Evaluation at `step` (the per-example task
+        scores it carries, objectives/base.py) and whether it is the run's best so far."""
 
     def on_train_end(self) -> None: ...
 

@@ -36,6 +36,7 @@ from mlx.utils import tree_flatten
 
 from mlxlab import kernels
 from mlxlab.checkpoint import CheckpointManager, choose_best, load_checkpoint
+from mlxlab.checkpoint.atomic import temp_dir
 from mlxlab.checkpoint.finished import clear_finished, mark_finished
 from mlxlab.checkpoint.state import read_payload
 from mlxlab.data.base import DataModule
@@ -73,7 +74,7 @@ from mlxlab.training.checkpointing import (
 from mlxlab.training.micro_batch import Fitting, plan_micro_batch
 from mlxlab.training.model_ops import ModelSchedule
 from mlxlab.training.optim import OptimizerFactory, build_optimizer
-from mlxlab.training.parallel.sharding import Placement, place
+from mlxlab.training.parallel.sharding import Placement, Written, place
 from mlxlab.training.plan import global_batching, plan, steps_of
 from mlxlab.training.settings import CheckpointPolicy, TrainerSettings
 from mlxlab.training.signals import GracefulStop
@@ -433,9 +434,14 @@ class Fit:
         # background), the training goes on.
         stored = self.tracker.flush_barrier()
         self.saved_at.append(self.state.step)
-        # sharded: every rank sends its slices, rank 0 holds the whole arrays to write
-        model = self.placement.whole_model(self.model, trainable_only=self.base is not None)
-        optimizer = self.placement.whole_optimizer(self.optimizer)
+        model, optimizer, files = self.model, self.optimizer, {}
+        if self.placement.sharded:  # every rank sends its slices, rank 0 streams them to files
+            spool = temp_dir(self.manager.directory, "spool") if self.world.is_main else None
+            if spool is not None:
+                spool.mkdir(parents=True)
+            files = self.placement.write_whole(self.model, self.optimizer, spool,
+                                               trainable_only=self.base is not None)
+            model, optimizer = Written(), None
         data_state = self.data.gathered_state()  # every lane's position (data lanes)
         if not self.world.is_main:
             return None
@@ -448,7 +454,7 @@ class Fit:
             return {"run_id": self.tracker.run_id or state.run_id}
 
         return self.writer.save(model, optimizer, state, metric=metric, force=force,
-                                before_write=before_write, best=best)
+                                before_write=before_write, best=best, files=files)
 
     def _evaluate_and_save(self, force: bool = False) -> None:
         """An evaluation (metrics logged, callbacks told, the best kept) and its checkpoint; a
@@ -477,6 +483,8 @@ class Fit:
             state.best_eval = result
             self.tracker.set_tags({T.BEST_CHECKPOINT: choice.tie or
                                    f"step {state.step}: {settings.monitor} {value:.6g}"})
+        for cb in self.callbacks:  # the evaluation whole: per-example scores it carries
+            cb.on_evaluation(state.step, result, choice.better)
         self._save(metric=value, force=force, best=choice.better)
 
     def _interrupt(self, stop: GracefulStop) -> None:
@@ -515,6 +523,9 @@ class Fit:
                 model, evaluate, int(self.settings.quantize_bits),
                 self.settings.monitor, best_metrics, self._quantized_state, self.manager, tracker,
                 state.step))
+        native = model.save_native(self.run_dir)  # e.g. a sentence-transformers folder
+        if native is not None:
+            tracker.log_artifact(native, native.name)
         log_artifacts(tracker, self.run_dir, state, self.data, best)
         state.finished = True
         return FitResult(best_metrics, self.run_dir, tracker.run_id, best, state.step,

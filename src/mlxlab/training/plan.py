@@ -55,6 +55,8 @@ def plan(data, settings: TrainerSettings, batching: Batching, grad_accum: int | 
             raise ConfigError("the training split holds no full batch: lower "
                               "trainer.batch_size or data.packing.seq_len")
     per_epoch = math.ceil(batches * per_data_batch / accum) if batches else None
+    if max_steps == 0:  # the starting weights evaluated (the loop's final evaluation) and kept
+        return Plan(0, max_epochs or math.inf, per_epoch)
     limits = [max_steps]
     if max_epochs and per_epoch:
         limits.append(max_epochs * per_epoch)

@@ -74,7 +74,9 @@ class TrainerSettings:
 
     schedule: LRSchedule = field(default_factory=LRSchedule)  # the learning rate over the run
     max_epochs: int | None = 10       # the run ends at max_epochs or max_steps, first come
-    max_steps: int | None = None      # optimizer steps; overrides max_epochs when it ends first
+    max_steps: int | None = None      # optimizer steps; overrides max_epochs when it ends first;
+                                      # 0: no step, the starting weights evaluated and recorded
+                                      # (a base model's scores for `mlxlab runs compare`)
     batch_size: int = 32              # examples per micro-batch, per rank under data parallelism
     grad_accum: int = 1               # micro-batches per optimizer step
     grad_clip: float = 1.0            # global-norm clip; 0 disables
@@ -189,7 +191,7 @@ def memory_limit(value: float | str) -> tuple[str, float]:
 
 # (field, type, lower bound) of TrainerSettings' numeric keys; None values are not checked.
 NUMBERS = (
-    ("max_epochs", int, 1), ("max_steps", int, 1), ("batch_size", int, 1),
+    ("max_epochs", int, 1), ("max_steps", int, 0), ("batch_size", int, 1),
     ("grad_accum", int, 1), ("grad_clip", float, 0.0),
     ("eval_every_steps", int, 1), ("log_every_steps", int, 1), ("stall_timeout_s", float, 1.0),
 )

@@ -36,6 +36,9 @@ OTHER_KINDS = {
                   "objective=orpo or objective=reward (or experiment=dpo_chat / orpo_chat / "
                   "reward_chat)",
     "unpaired": "completions rated good or bad train with objective=kto (or experiment=kto_chat)",
+    "embedding": "text columns train embedders with an embedding loss: set objective=mnrl "
+                 "(or cached_mnrl, matryoshka, cosent, margin_mse, distill_kl_div; "
+                 "experiment=embed_retrieval)",
     "prompts": "data {data} holds prompts without completions, and objective {objective} trains "
                "on the data's rows: pick an objective that samples completions (objective=grpo, "
                "experiment=grpo_*), or data=completions / data=chat for supervised fine-tuning"}

@@ -1,5 +1,6 @@
-"""The language models one OpenAI-compatible server answers for, each under the names a
-request's `model` may use, with the weights they have in common held once.
+"""The models one OpenAI-compatible server answers for, each under the names a request's
+`model` may use: language models, with the weights they have in common held once, and text
+embedders (sentence-transformers folders, embeddings.py).
 
     targets = [resolve_target(t) for t in ("outputs/ft/a", "outputs/ft/b", "models:/ft@champion")]
     served = load_served(targets)
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlxlab.errors import ConfigError
+from mlxlab.serving.openai.embeddings import ServedEmbedder, load_embedder
 
 if TYPE_CHECKING:  # mlx is imported through mlxlab, which loads the fast BLAS first
     import mlx.nn as nn
@@ -60,15 +62,17 @@ class ServedModel:
 
 def base_model_folder(source: str) -> Path:
     """The local folder of a base model a user names (not a run): the one place a model string
-    becomes a folder mlx-lm loads (config.json, *.safetensors, tokenizer files): a folder, a
-    GGUF file, ollama:NAME or a hub id, through models/sources."""
+    becomes a folder mlx-lm loads (config.json, *.safetensors, tokenizer files) or a
+    sentence-transformers folder (modules.json): a folder, a GGUF file, ollama:NAME or a hub
+    id, through models/sources."""
+    from mlxlab.models.sentence_folder import is_sentence_folder
     from mlxlab.models.sources import as_local
 
     folder = Path(as_local(source)).expanduser()
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() and not is_sentence_folder(folder):
         raise ConfigError(
             f"{source}: no such run folder, and not a models:/ or runs:/ URI or a model folder "
-            "(config.json, *.safetensors, tokenizer.json)"
+            "(config.json, *.safetensors, tokenizer.json; an embedder's modules.json)"
         )
     return folder
 
@@ -128,13 +132,18 @@ class Target:
     registered: bool = False
 
     def task(self, which: str = "best") -> str:
-        """"lm" or "classification" (a run's checkpoint says; a model folder is a decoder)."""
+        """"lm", "classification" or "rerank" (a run's checkpoint says; a model folder is a
+        decoder unless it holds a sequence classifier: a cross-encoder reranker)."""
         from mlxlab.checkpoint import CheckpointState
+        from mlxlab.models.cross_encoder import is_sequence_classifier
         from mlxlab.runs.model import choose_checkpoint
 
         if not is_run(self.path):
-            return "lm"
+            return "rerank" if is_sequence_classifier(self.path) else "lm"
         state = CheckpointState.read(choose_checkpoint(self.path, which))
+        target = str((state.config.get("model") or {}).get("_target_", ""))
+        if target.endswith("CrossEncoderModel"):
+            return "rerank"
         return "classification" if state.model_init.get("num_labels") else "lm"
 
 
@@ -154,14 +163,18 @@ def resolve_target(text: str, uri: str | None = None, scratch: Path | None = Non
     return Target(text, path, (text, path.resolve().name))
 
 
-def load_target(target: Target, which: str = "best") -> ServedModel:
-    """One resolved target loaded to serve."""
+def load_target(target: Target, which: str = "best") -> ServedModel | ServedEmbedder:
+    """One resolved target loaded to serve: a language model, or a text embedder (a
+    sentence-transformers folder)."""
     from tokenizers import Tokenizer
 
     from mlxlab.models.pretrained import pretrained_model
+    from mlxlab.models.sentence_folder import is_sentence_folder
     from mlxlab.runs.inference import load_run, require_task
 
     names = tuple(dict.fromkeys(target.names))
+    if not target.registered and is_sentence_folder(target.path):
+        return load_embedder(names, target.path)
     if target.registered or is_run(target.path):
         run = load_run(target.path, which)
         require_task(run, "lm", "mlxlab serve's OpenAI API")
@@ -201,16 +214,19 @@ def share_weights(model: nn.Module, seen: dict) -> int:
     return saved
 
 
-def load_served(targets: Sequence[Target], which: str = "best") -> list[ServedModel]:
-    """Every target loaded, their common weights held once, each name answering for one model."""
+def load_served(targets: Sequence[Target], which: str = "best"
+                ) -> list[ServedModel | ServedEmbedder]:
+    """Every target loaded, the language models' common weights held once, each name answering
+    for one model."""
     given = [t.names[0] for t in targets]
     if twice := next((t for t in given if given.count(t) > 1), None):
         raise ConfigError(f"{twice} is given twice: serve each model once")
     served, seen = [], {}
     for target in targets:
         served.append(load_target(target, which))
-        # one target at a time: the copy a later run loads of a shared base goes at once
-        served[-1].stats["shared_bytes"] = share_weights(served[-1].model, seen)
+        if isinstance(served[-1], ServedModel):
+            # one target at a time: the copy a later run loads of a shared base goes at once
+            served[-1].stats["shared_bytes"] = share_weights(served[-1].model, seen)
     primaries = [s.name for s in served]
     # A short name (a folder's name, a registered name without its alias) two models would
     # answer to answers for neither: a request names one of them in full.
@@ -220,7 +236,8 @@ def load_served(targets: Sequence[Target], which: str = "best") -> list[ServedMo
     return served
 
 
-def attach_draft(served: ServedModel, draft: Target, which: str = "best") -> None:
+def attach_draft(served: ServedModel | ServedEmbedder, draft: Target, which: str = "best"
+                 ) -> None:
     """`draft` loaded as `served`'s draft model, or one ConfigError line naming the pair when
     speculative decoding cannot use it (check_draft: another tokenizer or vocabulary, not
     smaller, a cache that cannot be rolled back)."""
@@ -228,6 +245,9 @@ def attach_draft(served: ServedModel, draft: Target, which: str = "best") -> Non
 
     from mlxlab.decoding.speculative import check_draft, same_tokenizer
 
+    if isinstance(served, ServedEmbedder):
+        raise ConfigError(f"--draft {served.name}={draft.text}: {served.name} is a text embedder; "
+                          "a draft speeds up a language model's generation")
     if served.images is not None:
         raise ConfigError(f"--draft {served.name}={draft.text}: a vision-language model is "
                           "served without a draft (its prompt's images go in with the first "

@@ -22,6 +22,9 @@ What mlxlab changes, and why:
   messages, fields this server would ignore); every refusal, mlx-lm's own included, is
   OpenAI's error object with OpenAI's status (errors.py); /v1/models lists the served names
   (not the hub cache) and /v1/models/<name> is the one model, else 404.
+- POST /v1/embeddings: a text embedder's vectors (embeddings.py), computed on the request's
+  own thread, one request a model at a time; a language model asked for embeddings, or an
+  embedder asked for a completion, is refused naming the endpoint it answers.
 """
 
 from __future__ import annotations
@@ -52,12 +55,15 @@ from mlxlab.serving.openai.checks import (
     parse_body,
     served_model,
 )
+from mlxlab.serving.openai.embeddings import ServedEmbedder, answer, read_request
 from mlxlab.serving.openai.errors import ServingError, from_mlx_lm
+from mlxlab.serving.openai.rerank import RERANK_PATHS, ServedReranker, rerank_response
 from mlxlab.serving.openai.served import ServedModel
 
 log = logging.getLogger(__name__)
 
 COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
+EMBEDDING_PATHS = ("/v1/embeddings", "/embeddings")
 
 
 class Answered(BaseException):
@@ -94,9 +100,10 @@ class ServedModels(ModelProvider):
     """mlx-lm's model provider over models already loaded: `load(name)` makes the named one
     current (the generation thread calls it between batches, never inside one)."""
 
-    def __init__(self, served: Sequence[ServedModel], settings: argparse.Namespace):
+    def __init__(self, served: Sequence[ServedModel | ServedEmbedder],
+                 settings: argparse.Namespace):
         super().__init__(settings)
-        self.models = list(served)
+        self.models = list(served)  # as given: /v1/models lists them in this order
         self.served = {name: s for s in served for name in s.names}
         self.current: ServedModel | None = None
 
@@ -209,12 +216,21 @@ class OpenAIHandler(APIHandler):
         read = False
         try:
             check_key(self.headers.get("Authorization"), self.settings.api_key)
-            if self.path not in COMPLETION_PATHS:
+            if self.path not in COMPLETION_PATHS + EMBEDDING_PATHS + RERANK_PATHS:
                 raise ServingError(f"Invalid URL (POST {self.path[:200]}): this server answers "
-                                   f"POST {', '.join(COMPLETION_PATHS[:2])}", status=404)
+                                   f"POST {', '.join(COMPLETION_PATHS[:2])}, "
+                                   f"{EMBEDDING_PATHS[0]}, {RERANK_PATHS[0]}", status=404)
             length = body_length(self.headers, self.settings.max_request_bytes)
             raw, read = self.rfile.read(length), True
             self.body = parse_body(raw, self.address_string())
+            if self.path in EMBEDDING_PATHS:
+                self.embed(self.body)
+                return
+            if self.path in RERANK_PATHS:  # a cross-encoder's scores: no generation thread
+                rerankers = self.server.rerankers
+                self.answer(rerank_response(self.body, rerankers,
+                                            [r.name for r in rerankers.values()]))
+                return
             socket_file, self.rfile = self.rfile, io.BytesIO(raw)
             try:  # mlx-lm's handler reads the body that passed, and answers it
                 super().do_POST()
@@ -230,7 +246,7 @@ class OpenAIHandler(APIHandler):
     def validate_model_parameters(self) -> None:
         try:
             super().validate_model_parameters()  # mlx-lm's: each field's type and range
-            model = self.requested(self.body)
+            model = self.requested(self.body, ServedModel)
             check_fields(self.body, model, chat=self.path.endswith("/chat/completions"))
         except ValueError as err:
             raise Answered(from_mlx_lm(err, self.body)) from None
@@ -245,8 +261,9 @@ class OpenAIHandler(APIHandler):
         try:
             check_key(self.headers.get("Authorization"), self.settings.api_key)
             if path.rstrip("/") == "/v1/models":
-                self.answer({"object": "list",
-                             "data": [self.model_object(s) for s in self.provider.models]})
+                rerankers = {r.name: r for r in self.server.rerankers.values()}
+                served = [*self.provider.models, *rerankers.values()]
+                self.answer({"object": "list", "data": [self.model_object(s) for s in served]})
             elif path.startswith("/v1/models/"):
                 name = unquote(path.removeprefix("/v1/models/"))  # a path's / comes as %2F
                 self.answer(self.model_object(self.requested({"model": name})))
@@ -256,11 +273,37 @@ class OpenAIHandler(APIHandler):
         except ServingError as err:
             self.refuse(err)
 
-    def requested(self, body: dict) -> ServedModel:
-        """The served model the request's `model` names (else 400 / 404)."""
-        return served_model(body, self.provider.served, [s.name for s in self.provider.models])
+    def requested(self, body: dict, kind: type | None = None
+                  ) -> ServedModel | ServedEmbedder | ServedReranker:
+        """The served model the request's `model` names (else 400 / 404), of `kind` where it
+        is given (else 400 naming the endpoint the model answers)."""
+        rerankers = self.server.rerankers
+        names = list(dict.fromkeys([s.name for s in self.provider.models]
+                                   + [r.name for r in rerankers.values()]))
+        model = served_model(body, {**self.provider.served, **rerankers}, names)
+        if kind is None or isinstance(model, kind):
+            return model
+        if isinstance(model, ServedReranker):
+            raise ServingError(f"model: {model.name} is a reranker: it answers POST "
+                               f"{RERANK_PATHS[0]}, not {self.path[:60]}", param="model")
+        if isinstance(model, ServedEmbedder):
+            raise ServingError(f"model: {model.name} is a text embedder: it answers POST "
+                               f"{EMBEDDING_PATHS[0]}, not {self.path[:60]}", param="model")
+        raise ServingError(f"model: {model.name} is a language model: it answers POST "
+                           f"{', '.join(COMPLETION_PATHS[:2])}; {EMBEDDING_PATHS[0]} is for text "
+                           f"embedders ({self.listed(ServedEmbedder) or 'none served here'})",
+                           param="model")
 
-    def model_object(self, served: ServedModel) -> dict:
+    def listed(self, kind: type) -> str:
+        """The served names of one kind of model."""
+        return ", ".join(s.name for s in self.provider.models if isinstance(s, kind))
+
+    def embed(self, body: dict) -> None:
+        """POST /v1/embeddings (embeddings.py)."""
+        model = self.requested(body, ServedEmbedder)
+        self.answer(answer(read_request(body, model), model, body["model"]))
+
+    def model_object(self, served: ServedModel | ServedEmbedder | ServedReranker) -> dict:
         """OpenAI's model object, with the other names the model answers to."""
         return {"id": served.name, "object": "model", "created": self.created,
                 "owned_by": "mlxlab", "aliases": list(served.names[1:])}
@@ -294,21 +337,25 @@ class OpenAIHandler(APIHandler):
         log.debug("%s - %s", self.address_string(), format % args)
 
 
-def make_server(served: Sequence[ServedModel], host: str = "127.0.0.1", port: int = 5001,
-                settings: argparse.Namespace | None = None
+def make_server(served: Sequence[ServedModel | ServedEmbedder], host: str = "127.0.0.1",
+                port: int = 5001, settings: argparse.Namespace | None = None,
+                rerankers: Sequence[ServedReranker] = ()
                 ) -> tuple[ThreadingHTTPServer, ResponseGenerator]:
     """The HTTP server (bound, not yet serving; port 0 = a free one: server.server_address) and
-    mlx-lm's generation thread (started) over `served`."""
+    mlx-lm's generation thread (started) over `served`; `rerankers` answer /v1/rerank."""
     settings = settings or server_settings()
     provider = ServedModels(served, settings)
-    seeing = {s.name for s in served if s.images is not None}
+    seeing = {s.name for s in served if isinstance(s, ServedModel) and s.images is not None}
     generator = MlxlabResponses(provider, ServedPromptCache(settings.prompt_cache_size, seeing))
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                   flags=socket.AI_PASSIVE)[0]
 
+    by_name = {name: r for r in rerankers for name in r.names}
+
     class Server(ThreadingHTTPServer):
         address_family = family
         daemon_threads = True
+        rerankers = by_name  # every name a request may give a reranker -> it
 
     try:
         server = Server(address, lambda *a, **k: OpenAIHandler(generator, *a, **k))

@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.errors import ConfigError
 from mlxlab.runtime.cluster import distributed
-from mlxlab.training.parallel.gather import make_gather
+from mlxlab.training.parallel.gather import make_gather, pad_rows, padded_rows
 
 WRAPPED = "module"  # the child name nn.FullyShardedModule keeps its module under
 
@@ -40,6 +40,9 @@ class ShardedUnit(nn.FullyShardedModule):
     def __init__(self, module: nn.Module, world: distributed.World) -> None:
         trainable = {k for k, _ in tree_flatten(module.trainable_parameters())}
         flat = tree_flatten(module.filter_and_map(_own_parameter))
+        # rows N does not divide: zero rows up to a multiple of N, cut off again by the gather
+        module.update(tree_unflatten([(k, pad_rows(v, padded_rows(v.shape[0], world.size)))
+                                      for k, v in flat if v.shape[0] % world.size]))
         super().__init__(module, group=world.group)
         groups: dict[tuple[Any, bool], list[int]] = {}
         for i, (key, value) in enumerate(flat):
@@ -133,25 +136,22 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
         holder[last] = new
 
 
-def check_divisible(units: list[tuple[str, nn.Module]], size: int) -> None:
-    """One line for a parameter whose first axis `size` ranks cannot split evenly."""
+def check_shardable(units: list[tuple[str, nn.Module]]) -> None:
+    """One line for a parameter with no axis to split (a scalar)."""
     for path, unit in units:
         for key, value in tree_flatten(unit.filter_and_map(_own_parameter)):
-            if value.ndim == 0 or value.shape[0] % size:
-                divisors = [n for n in range(2, 9) if value.ndim and value.shape[0] % n == 0]
+            if value.ndim == 0:
                 raise ConfigError(
-                    f"trainer.distributed.mode=fsdp over {size} ranks: parameter "
-                    f"{path + '.' if path else ''}{key} of shape {tuple(value.shape)} cannot be "
-                    f"split into {size} equal row blocks; launch a rank count dividing "
-                    f"{value.shape[0] if value.ndim else 'it'} ({divisors or 'none up to 8'}), "
-                    "or use trainer.distributed.mode=auto")
+                    f"trainer.distributed.mode=fsdp: parameter {path + '.' if path else ''}{key} "
+                    "is a scalar, which no rank count can split; use "
+                    "trainer.distributed.mode=auto (data parallel)")
 
 
 def shard_fully(model: nn.Module, world: distributed.World) -> list[str]:
     """Shard `model` in place over `world`; returns the units' paths (their parameters' names
     gain `.module` after them: plain_name drops it)."""
     units = _units(model)
-    check_divisible(units, world.size)
+    check_shardable(units)
     for path, unit in units:
         if path == "":
             raise ConfigError(f"trainer.distributed.mode=fsdp: a {type(model).__name__} has no "

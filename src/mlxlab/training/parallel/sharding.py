@@ -1,17 +1,20 @@
 """A model and its optimizer placed on the ranks per trainer.distributed.mode: data parallel
 (whole copies), fsdp or tensor. The loop builds the model and restores any checkpoint whole,
-then calls `place`; checkpoints read the whole model back through `Placement.whole_model`."""
+then calls `place`; a sharded run's checkpoints are written whole by `Placement.write_whole`."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
+from mlxlab.checkpoint.layout import MODEL_FILE, OPTIMIZER_FILE
 from mlxlab.runtime.cluster import distributed
+from mlxlab.runtime.compute import device
 from mlxlab.training.parallel.fully_sharded import plain_name, shard_fully
 from mlxlab.training.parallel.gradients import DataParallel, FullySharded, TensorParallel
 from mlxlab.training.parallel.layout import Layout
@@ -21,27 +24,15 @@ log = logging.getLogger(__name__)
 SHARDED_MODES = ("fsdp", "tensor")
 
 
-class WholeModel:
-    """What a checkpoint writer reads of a model (`parameters()`, `trainable_parameters()`):
-    gathered whole under the unsharded names when built (every rank takes part), held on rank 0.
-    `trainable_only`: the checkpoint records a base and keeps the trained weights alone."""
-
-    def __init__(self, model: nn.Module, layout: Layout, trainable_only: bool) -> None:
-        tree = model.trainable_parameters() if trainable_only else model.parameters()
-        self.whole = tree_unflatten(list(layout.whole(tree, "the parameters").items()))
+class Written:
+    """What a checkpoint writer reads of a model whose arrays are in files already
+    (`Placement.write_whole`): no parameters to write."""
 
     def parameters(self) -> dict:
-        return self.whole
+        return {}
 
     def trainable_parameters(self) -> dict:
-        return self.whole
-
-
-class StateView:
-    """What checkpoint writers read from an optimizer (`.state`), for a gathered state."""
-
-    def __init__(self, state: dict) -> None:
-        self.state = state
+        return {}
 
 
 class Placement:
@@ -70,15 +61,19 @@ class Placement:
                 _set_leaf(optimizer.state, name, value)
         mx.eval(optimizer.state)
 
-    def whole_model(self, model: nn.Module, trainable_only: bool) -> Any:
-        """`model` as a checkpoint writes it; sharded, gathered (on every rank, kept on 0)."""
-        return model if self.layout is None else WholeModel(model, self.layout, trainable_only)
-
-    def whole_optimizer(self, optimizer: Any) -> Any:
+    def write_whole(self, model: nn.Module, optimizer: Any, folder: Path | None,
+                    trainable_only: bool) -> dict[str, Path]:
+        """A sharded model's checkpoint files, whole: every rank takes part, rank 0 writes them
+        into `folder` (None on the others) an array at a time; {file name: path} on rank 0.
+        `trainable_only`: the checkpoint records a base and keeps the trained weights alone."""
         if self.layout is None:
-            return optimizer
-        return StateView(tree_unflatten(list(self.layout.whole(optimizer.state,
-                                                               "the optimizer state").items())))
+            raise ValueError("a model left whole is written by the checkpoint writer itself")
+        tree = model.trainable_parameters() if trainable_only else model.parameters()
+        files = {MODEL_FILE: tree, OPTIMIZER_FILE: optimizer.state}
+        paths = {name: folder / name for name in files} if folder is not None else {}
+        for name, part in files.items():
+            self.layout.write_whole(part, name, paths.get(name))
+        return paths
 
 
 def place(model: nn.Module, world: distributed.World, mode: str | bool) -> Placement:
@@ -90,15 +85,23 @@ def place(model: nn.Module, world: distributed.World, mode: str | bool) -> Place
         return Placement(DataParallel(world))
     before = sum(v.size for _, v in tree_flatten(model.parameters()))
     if mode == "fsdp":
+        rows = {k: v.shape[0] for k, v in tree_flatten(model.parameters())
+                if v.ndim and v.shape[0] % world.size}  # stored padded (gather.py)
         units = set(shard_fully(model, world))
         names = [k for k, _ in tree_flatten(model.parameters())]
         layout = Layout(world, {plain_name(k, units): 0 for k in names},
-                        lambda name: plain_name(name, units))
+                        lambda name: plain_name(name, units), rows)
         gradients: DataParallel = FullySharded(world)
     else:
         layout = shard_tensors(model, world)
         gradients = TensorParallel(world, layout)
-    mx.eval(model.parameters())
+    # A parameter at a time: the model is built lazily (random initialization, mlx-lm's lazy
+    # load under a launcher), so each whole array exists only while its slice is cut from it
+    # and this rank never holds the whole model (all at once, MLX would keep many alive).
+    for _, value in tree_flatten(model.parameters()):
+        mx.eval(value)
+    log.info("the model split over %d ranks (%s): building it peaked at %.1f MB on this rank",
+             world.size, mode, device.peak_memory_mb())
     after = sum(v.size for _, v in tree_flatten(model.parameters()))
     log.info("%s: %d ranks; this rank holds %.1f M of the model's %.1f M parameters",
              "fully sharded (fsdp)" if mode == "fsdp" else "tensor parallel", world.size,

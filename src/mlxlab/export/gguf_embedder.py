@@ -1,0 +1,208 @@
+"""A BERT text embedder as one GGUF file for llama.cpp's embedding mode (llama-server
+--embedding, llama-embedding, Ollama's embed), laid out as llama.cpp's converter
+(convert_hf_to_gguf.py, its BertModel) writes one, and checked by llama.cpp itself.
+
+    export_embedder_gguf("path/to/all-MiniLM-L6-v2", "minilm.gguf", quant="f16") -> report
+
+What llama.cpp's BERT graph computes is a post-norm BERT with absolute positions, then one
+pooling (mean, CLS or last token: `bert.pooling_type`), normalized by the caller (llama-server
+scales to unit length by default). So a folder with Dense layers, several pooling modes, another
+encoder family (RoBERTa's offset positions, a decoder) or a default prompt (a GGUF carries no
+prompts) is refused before anything is written. The vocabulary goes in as llama.cpp's WordPiece
+model ("bert": a word-initial piece marked with "▁", a continuation without its "##"). The
+tensors keep the Hugging Face names through the `gguf` package's own name map; 1-D tensors and
+the position and token-type tables stay F32, as llama.cpp's converter keeps them. Where the
+`xllamacpp` wheel is installed, llama.cpp loads the written file in embedding mode and embeds a
+probe of texts: each vector must have cosine >= 1 - 1e-4 with mlxlab's (f32 and f16 both are
+within 1e-5), else the file is refused and removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mlxlab.export.embedder import PROBE, encoder_weights, load_embedder_source
+from mlxlab.export.gguf import GGUFExportError, gguf_package
+from mlxlab.models.bert import BertEncoder
+from mlxlab.models.sentence_folder import TextEmbedder
+
+QUANTS = ("f32", "f16")  # both within the check; a quantized file would need retention
+POOLING = {"mean": "MEAN", "cls": "CLS", "lasttoken": "LAST"}  # gguf.PoolingType members
+MIN_COSINE = 1 - 1e-4
+# tables llama.cpp's BERT graph adds to float32 activations as they are (its converter keeps them
+# F32 in every file type): the position and token-type embeddings
+F32_TABLES = ("position_embd.", "token_types.")
+
+
+def export_embedder_gguf(source: str | Path, out: str | Path, quant: str = "f16",
+                         overwrite: bool = False, check: bool = True) -> dict:
+    """The embedder at `source` as the GGUF file `out` (module docstring); the report."""
+    source, out = Path(source).expanduser(), Path(out).expanduser()
+    if quant not in QUANTS:
+        raise GGUFExportError(f"--quant {quant}: an embedder's GGUF is one of {', '.join(QUANTS)}")
+    if out.suffix != ".gguf":
+        raise GGUFExportError(f"--out {out}: a GGUF export is one file; name it *.gguf")
+    if out.exists() and not overwrite:
+        raise GGUFExportError(f"{out} exists: pick a new --out or pass --overwrite")
+    embedder = load_embedder_source(source)
+    check_for_llama_cpp(embedder)
+    pending = out.with_name(f".{out.stem}.pending-{os.getpid()}.gguf")
+    try:
+        write_embedder_gguf(embedder, pending, quant, name=source.name)
+        report = {"source": str(source), "gguf": str(out), "architecture": "bert",
+                  "quant": quant, "pooling": embedder.model.pooling[0],
+                  "bytes": pending.stat().st_size,
+                  "check": llama_cpp_check(embedder, pending) if check else
+                  {"status": "unchecked", "why": "--no-check"}}
+        os.replace(pending, out)
+    finally:
+        pending.unlink(missing_ok=True)
+    return report
+
+
+def check_for_llama_cpp(embedder: TextEmbedder) -> None:
+    """What llama.cpp's BERT graph cannot compute, refused in one line."""
+    model = embedder.model
+    encoder = model.encoder
+    if not isinstance(encoder, BertEncoder) or encoder.embeddings.padding_idx is not None:
+        raise GGUFExportError("--format gguf writes BERT embedders (llama.cpp's BERT graph); "
+                              "this one's Transformer is another family: export it with "
+                              "--format sentence-transformers")
+    if "final_norm" in encoder:
+        raise GGUFExportError("a pre-norm encoder has no llama.cpp BERT layout")
+    if model.dense:
+        raise GGUFExportError(f"{len(model.dense)} Dense layer(s) after the pooling: llama.cpp's "
+                              "BERT embeddings end at the pooling; export --format "
+                              "sentence-transformers")
+    if len(model.pooling) != 1 or model.pooling[0] not in POOLING:
+        raise GGUFExportError(f"pooling {list(model.pooling)}: llama.cpp pools with one of "
+                              f"{', '.join(POOLING)}")
+    if embedder.default_prompt:
+        raise GGUFExportError("the folder puts a default prompt before every text, which a GGUF "
+                              "cannot carry: export --format sentence-transformers")
+
+
+def write_embedder_gguf(embedder: TextEmbedder, out: Path, quant: str, name: str) -> None:
+    """The file itself: metadata, the WordPiece vocabulary, the tensors."""
+    g = gguf_package()
+    encoder = embedder.model.encoder
+    block = encoder.layers[0]
+    writer = g.GGUFWriter(str(out), g.MODEL_ARCH_NAMES[g.MODEL_ARCH.BERT])
+    writer.add_name(name)
+    writer.add_context_length(encoder.embeddings.max_position)
+    writer.add_embedding_length(encoder.hidden_size)
+    writer.add_feed_forward_length(int(block.mlp.up.weight.shape[0]))
+    writer.add_block_count(len(encoder.layers))
+    writer.add_head_count(int(block.attention.num_heads))
+    writer.add_layer_norm_eps(float(block.attention_norm.eps))
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(g.PoolingType[POOLING[embedder.model.pooling[0]]])
+    half = quant == "f16"
+    writer.add_file_type(g.LlamaFileType.MOSTLY_F16 if half else g.LlamaFileType.ALL_F32)
+    if "token_type_embeddings" in encoder.embeddings:
+        writer.add_token_type_count(int(encoder.embeddings.token_type_embeddings.weight.shape[0]))
+    _write_wordpiece(writer, embedder, g)
+    names = g.TensorNameMap(g.MODEL_ARCH.BERT, len(encoder.layers))
+    for hf_name, value in encoder_weights(embedder.model).items():
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise GGUFExportError(f"{hf_name} has no llama.cpp BERT tensor")
+        data = np.array(value, dtype=np.float32)
+        if half and data.ndim > 1 and not gguf_name.startswith(F32_TABLES):
+            data = data.astype(np.float16)
+        writer.add_tensor(gguf_name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _write_wordpiece(writer, embedder: TextEmbedder, g) -> None:
+    """tokenizer.json's WordPiece vocabulary in llama.cpp's form, its special tokens' ids."""
+
+    spec = json.loads((embedder.transformer / "tokenizer.json").read_text())
+    model = spec.get("model") or {}
+    if model.get("type") != "WordPiece":
+        raise GGUFExportError("llama.cpp's BERT reads a WordPiece vocabulary; this tokenizer is "
+                              f"{model.get('type')}: export --format sentence-transformers")
+    prefix = model.get("continuing_subword_prefix", "##")
+    special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    vocab = sorted(model["vocab"].items(), key=lambda item: item[1])
+    size = embedder.vocab_size
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [g.TokenType.UNUSED] * size
+    for text, index in vocab:
+        if index >= size:
+            continue
+        if text in special:
+            tokens[index], types[index] = text, g.TokenType.CONTROL
+        else:  # llama.cpp's WPM: a word's first piece after "▁", a continuation bare
+            tokens[index] = text[len(prefix):] if text.startswith(prefix) else "\u2581" + text
+            types[index] = g.TokenType.NORMAL
+    writer.add_tokenizer_model("bert")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    _write_special_ids(writer, embedder, model["vocab"])
+
+
+def _write_special_ids(writer, embedder: TextEmbedder, vocab: dict[str, int]) -> None:
+    """The special tokens' ids, named in tokenizer_config.json: llama.cpp's WordPiece puts its
+    BOS (the [CLS]) before a text and its SEP after it, and without the keys falls back to
+    bert-base's ids (101, 102, ...)."""
+    import json
+
+    file = embedder.transformer / "tokenizer_config.json"
+    named = json.loads(file.read_text()) if file.is_file() else {}
+    defaults = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                "unk_token": "[UNK]", "mask_token": "[MASK]"}
+    ids = {}
+    for key, default in defaults.items():
+        token = named.get(key) or default
+        token = token["content"] if isinstance(token, dict) else token
+        if token not in vocab:
+            raise GGUFExportError(f"the tokenizer has no {key} {token!r}, which llama.cpp's "
+                                  "WordPiece needs")
+        ids[key] = vocab[token]
+    writer.add_bos_token_id(ids["cls_token"])
+    writer.add_sep_token_id(ids["sep_token"])
+    writer.add_eos_token_id(ids["sep_token"])
+    writer.add_pad_token_id(ids["pad_token"])
+    writer.add_unk_token_id(ids["unk_token"])
+    writer.add_mask_token_id(ids["mask_token"])
+    writer.add_add_bos_token(True)
+    writer.add_add_sep_token(True)
+
+
+def llama_cpp_check(embedder: TextEmbedder, file: Path) -> dict:
+    """llama.cpp (the xllamacpp wheel) embeds the texts of PROBE that fit the model whole (it
+    does not truncate, mlxlab does) from the written file; each vector's cosine with mlxlab's
+    must be >= MIN_COSINE, else the file is refused."""
+    try:
+        import xllamacpp as xl
+    except ImportError:
+        return {"status": "unchecked", "why": "xllamacpp (llama.cpp's wheel) is not installed"}
+    texts = [t for t, ids in zip(PROBE, embedder.token_ids(PROBE)) if len(ids) < embedder.max_length]
+    params = xl.CommonParams()
+    params.model.path = str(file)
+    params.embedding = True
+    params.n_ctx = params.n_batch = params.n_ubatch = embedder.max_length
+    params.cpuparams.n_threads = 2
+    answer = xl.Server(params).handle_embeddings({"input": texts})
+    if "data" not in answer:
+        raise GGUFExportError(f"llama.cpp could not embed with the written file: "
+                              f"{str(answer.get('error', answer))[:200]}")
+    theirs = np.array([row["embedding"] for row in sorted(answer["data"],
+                                                        key=lambda r: r["index"])], np.float32)
+    ours = embedder.encode(texts)
+    cosine = (theirs * ours).sum(1) / (np.linalg.norm(theirs, axis=1)
+                                       * np.linalg.norm(ours, axis=1))
+    worst = float(cosine.min())
+    if worst < MIN_COSINE:
+        raise GGUFExportError(f"llama.cpp's embedding of the written file has cosine {worst:.6f} "
+                              f"with mlxlab's (needs >= {MIN_COSINE}): not exported")
+    return {"status": "checked", "checker": f"llama.cpp (xllamacpp {xl.__version__})",
+            "min_cosine": worst, "texts": len(texts)}

@@ -1,0 +1,41 @@
+"""CachedMultipleNegativesRankingLoss (`objective=cached_mnrl`): MultipleNegativesRankingLoss
+over a batch whose texts are embedded `mini_batch_size` rows at a time, each mini-batch's
+forward pass recomputed in the backward (GradCache, Gao et al. 2021: a large batch's in-batch
+negatives in the memory of a small one). MLX's `nn.utils.checkpoint` is the cache: only the embeddings
+of the mini-batches are kept, and the loss and its gradients are those of the uncached loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxlab.config.records import check_number
+from mlxlab.data.batching import Batch
+from mlxlab.objectives.embedding.embedding import embed_columns
+from mlxlab.objectives.embedding.mnrl import MultipleNegativesRankingLoss
+
+
+class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
+    """MultipleNegativesRankingLoss with its embeddings computed in mini-batches (the module)."""
+
+    def __init__(self, scale: float = 20.0, mini_batch_size: int = 32,
+                 directions: Sequence[str] = ("query_to_doc",),
+                 partition_mode: str = "joint") -> None:
+        super().__init__(scale, directions, partition_mode)
+        check_number("objective.mini_batch_size", mini_batch_size, int, 1)
+        self.mini_batch_size = int(mini_batch_size)
+
+    def embed(self, model: nn.Module, batch: Batch) -> list[mx.array]:
+        rows = batch["input_ids"].shape[0]
+        step = self.mini_batch_size
+
+        def chunk(start: int):  # the token arrays are constants of the recomputed pass
+            part = {k: batch[k][start:start + step] for k in ("input_ids", "attention_mask")}
+            return lambda: embed_columns(model, part)
+
+        # MLX's gradient checkpointing of the model's parameters: recomputed in the backward
+        parts = [nn.utils.checkpoint(model, chunk(i))() for i in range(0, rows, step)]
+        return [mx.concatenate([p[c] for p in parts], axis=0) for c in range(len(parts[0]))]
