@@ -236,7 +236,17 @@ SLOW_CASES = ("tests/test_remote.py::test_server_stopped_mid_upload[gcs]",
               "tests/test_remote.py::test_server_stopped_mid_upload[azure]",
               "tests/test_remote.py::test_upload_then_resume_from_the_bucket_is_bitwise_identical[gcs]",
               "tests/test_remote.py::test_upload_then_resume_from_the_bucket_is_bitwise_identical[azure]",
-              "tests/test_distributed.py::test_two_ranks_equal_one_process_with_twice_the_batch_bert[dp]")
+              "tests/test_distributed.py::test_two_ranks_equal_one_process_with_twice_the_batch_bert[dp]",
+              # each beside a faster sibling of the same path in the default run (8-22 s each)
+              "tests/test_resume.py::test_sigkills_keep_weights_and_history_exact[titanic-args0-5]",
+              "tests/test_failures.py::test_an_out_of_memory_ends_the_run_with_one_line_though_its_cleanup_hangs",
+              "tests/test_memory_limits.py::test_mlxlabs_loads_start_no_thread_under_a_tight_limit",
+              "tests/test_real_model.py::test_two_lora_steps_on_its_4bit_base",
+              "tests/test_out_of_memory.py::test_a_run_restarted_before_its_first_checkpoint_stays_one_mlflow_run",
+              "tests/test_kto.py::test_kto_on_other_data_or_one_row_a_batch_is_one_line_before_anything_is_made",
+              "tests/test_export_architectures.py::test_without_pytorch_a_tested_type_is_written_unchecked_and_others_refused",
+              "tests/test_blas.py::test_a_kernel_verdict_taken_on_a_busy_machine_is_the_quiet_one_or_deferred",
+              "tests/test_distill_rounds.py::test_rounds_are_child_runs_taught_by_the_previous_students[chain-2]")
 
 
 # The files that take longest in the default run (their tests' seconds summed, 2 cores), run
@@ -244,11 +254,12 @@ SLOW_CASES = ("tests/test_remote.py::test_server_stopped_mid_upload[gcs]",
 # the other worker idle for its length (pyproject's addopts keep this order:
 # --no-loadscope-reorder; xdist's own order is by test count, which put these last).
 LONGEST_FILES = (
-    "test_real_model.py", "test_sweep_faults.py", "test_search_faults.py", "test_resume.py",
-    "test_remote.py", "test_replicates.py", "test_cli.py", "test_trainer.py",
-    "test_serve_openai.py", "test_eval_tasks.py", "test_train.py", "test_predict.py",
-    "test_chat.py", "test_preference.py", "test_generate.py", "test_per_example.py",
-    "test_distill_rounds.py", "test_failures.py",
+    "test_remote.py", "test_preference.py", "test_real_model.py", "test_config.py",
+    "test_reward.py", "test_eval_tasks.py", "test_adapter_checkpoints.py", "test_trainer.py",
+    "test_train.py", "test_cli.py", "test_search_faults.py", "test_sharded_training.py",
+    "test_tracking_background.py", "test_serve_openai.py", "test_new_user.py", "test_lm_eval.py",
+    "test_checks_first.py", "test_chat.py", "test_vision.py", "test_resume.py", "test_grpo_tools.py",
+    "test_sandbox.py", "test_export_architectures.py", "test_blas.py", "test_kto.py",
 )
 
 

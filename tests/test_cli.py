@@ -103,7 +103,8 @@ def test_serve_bad_target_is_one_clear_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == (f"mlxlab serve: error: {tmp_path / 'nope'}: no such run "
                                    "folder, and not a models:/ or runs:/ URI or a model folder "
-                                   "(config.json, *.safetensors, tokenizer.json)")
+                                   "(config.json, *.safetensors, tokenizer.json; an embedder's "
+                                   "modules.json)")
 
 
 def test_serve_refuses_language_model_settings_for_a_classifier(classifier_run, tmp_path):

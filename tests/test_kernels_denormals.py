@@ -112,5 +112,5 @@ def test_a_fit_flushes_during_its_run_and_restores_after(make_cfg, monkeypatch):
 
 
 def test_a_bad_value_is_one_clear_error():
-    with pytest.raises(ConfigError, match=r"trainer.flush_denormals='yes' is not one of"):
+    with pytest.raises(ConfigError, match=r"trainer.flush_denormals must be true or false, got 'yes'"):
         TrainerSettings(max_steps=1, flush_denormals="yes")
