@@ -225,8 +225,8 @@ def fused_kernels_built():
 # Cases slow or flaky enough for the default run's 10-minute budget that only a parameter of
 # theirs can say so. The GCS emulator restarted on its port right after a SIGKILL sometimes comes
 # back unable to read its own state file (JSONDecodeError) and serves nothing: the outage test
-# then waits out its 2-minute backoff (125 s, failed, in one default run). S3 and Azure keep the
-# outage test in the default run; the GCS case runs with -m slow.
+# then waits out its 2-minute backoff (125 s, failed, in one default run). The outage tests of
+# all three clouds run with -m slow; S3's upload/resume case stays in the default run.
 # Azure's cases are the slowest of the three clouds (Azurite's start-up ~15 s, its outage test
 # ~15 s) and run the same upload/resume code as S3's, which stay: they run with -m slow.
 # GCS's upload/resume case repeats S3's code path, and the two-rank BERT case without ZeRO-1 is
@@ -246,7 +246,12 @@ SLOW_CASES = ("tests/test_remote.py::test_server_stopped_mid_upload[gcs]",
               "tests/test_kto.py::test_kto_on_other_data_or_one_row_a_batch_is_one_line_before_anything_is_made",
               "tests/test_export_architectures.py::test_without_pytorch_a_tested_type_is_written_unchecked_and_others_refused",
               "tests/test_blas.py::test_a_kernel_verdict_taken_on_a_busy_machine_is_the_quiet_one_or_deferred",
-              "tests/test_distill_rounds.py::test_rounds_are_child_runs_taught_by_the_previous_students[chain-2]")
+              "tests/test_distill_rounds.py::test_rounds_are_child_runs_taught_by_the_previous_students[chain-2]",
+              "tests/test_remote.py::test_server_stopped_mid_upload[s3]",
+              "tests/test_model_sources.py::test_a_source_that_cannot_be_read_is_one_line_and_creates_nothing",
+              "tests/test_generate.py::test_eval_verb_on_the_validation_text_gives_the_runs_val_loss",
+              "tests/test_lora_experts.py::test_targets_that_name_experts_and_reach_none_are_one_line_exit_2[targets0-expect0]",
+              "tests/test_per_example.py::test_every_example_once_per_epoch_and_the_step_loss_is_their_mean")
 
 
 # The files that take longest in the default run (their tests' seconds summed, 2 cores), run

@@ -15,6 +15,11 @@ import scipy.stats as st
 from conftest import PYTHON
 from test_sweeps import TINY, client_for, mlxlab_train, run, sweep_parents, training_runs
 
+# a grid of 6 trainings (~20 s before the first test): the slow run; replicated sweeps and
+# their verdicts stay in the default run through test_stats, test_verdict_edges,
+# test_search_faults, test_sweep_faults and test_eval_tasks
+pytestmark = pytest.mark.slow
+
 GRID = [*TINY, "trainer.max_steps=12", "trainer.eval_every_steps=4", "tracking.background=false"]
 
 
