@@ -4,7 +4,7 @@ of mlxlab (unpacked, packed) beside mlx_lm.lora and PyTorch + PEFT, SmolLM2-135M
     python benchmarks/speed/bench_sizes.py [--sizes smollm2,llama-1b,qwen3-1.7b,llama-3b,llama-8b]
         [--modes lora,qlora] [--tools mlxlab,mlxlab-packed,mlx-lm,torch-peft] [--steps 4] [--skip 1]
         [--rounds 1] [--dtype auto] [--tokenizer DIR] [--work DIR] [--table-only] [--smoke]
-    python benchmarks/speed/bench_sizes.py --sharded --sizes llama-1b --steps 4 [--dtype ...]
+    python benchmarks/speed/bench_sizes.py --sharded --sizes llama-1b --steps 4 [--threads N]
 
 Models: the packaged SmolLM2 GGUF and random weights in the published configs (CONFIGS; float32
 on the CPU, bfloat16 on a GPU; 4-bit group 64 for QLoRA), with SmolLM2's tokenizer. The shipped
@@ -72,11 +72,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "generation_config.json")
 
 
-def env() -> dict:
-    # one BLAS thread a process for both tools: on cores other processes share, OpenBLAS's
-    # threads spin-wait on descheduled ones (runtime/compute/blas.py set_blas_threads)
+def env(threads: int = 1) -> dict:
+    # one BLAS thread a process by default: on cores other processes share, OpenBLAS's threads
+    # spin-wait on descheduled ones (runtime/compute/blas.py set_blas_threads); --threads N
+    # splits N cores between a run's ranks
     path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "OPENBLAS_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": path, "OPENBLAS_NUM_THREADS": str(threads)}
 
 
 def on_gpu() -> bool:
@@ -323,7 +324,7 @@ def equal_count(runs: Path, data: Path, tokenizer: Path, skip: int, steps: int =
 # rank's report to report.<rank>.jsonl. argv: args.json report-prefix
 SHARDED_BATCH = 4
 SHARDED = {"mlxlab-1": (1, None), "mlxlab-fsdp-2": (2, "fsdp"),
-           "mlxlab-tensor-2": (2, "tensor"), "mlx-lm-dp-2": (2, None)}
+           "mlx-lm-dp-2": (2, None), "mlxlab-tensor-2": (2, "tensor")}
 MLX_LM_DP_WORKER = """
 import json, os, sys, types
 from mlxlab.runtime.compute.blas import setup_blas
@@ -341,10 +342,12 @@ lora.train_model(args, model, train_set, valid_set, Record())
 """
 
 
-def run_sharded(name: str, folder: Path, data: Path, steps: int, out: Path) -> dict:
-    """One SHARDED run: each rank's MLX peak (MB) and its median seconds a step after the first."""
+def run_sharded(name: str, folder: Path, data: Path, steps: int, out: Path, cores: int) -> dict:
+    """One SHARDED run: each rank's MLX peak (MB) and its median seconds a step after the first,
+    `cores` BLAS threads shared by its ranks."""
     ranks, mode = SHARDED[name]
-    launch = [str(Path(sys.executable).parent / "mlx.launch"), "-n", "2", "--"]
+    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
+    launch = [launcher, "-n", "2", "--"]
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     if name.startswith("mlx-lm"):
@@ -368,7 +371,7 @@ def run_sharded(name: str, folder: Path, data: Path, steps: int, out: Path) -> d
                f"optimizer.learning_rate={LR}", "trainer.schedule.warmup_steps=0",
                "trainer.log_every_steps=1", "tracking=csv", "callbacks.progress.enabled=false",
                f"trainer.distributed.mode={mode or 'auto'}", f"hydra.run.dir={out}"]
-    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env())
+    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env=env(max(1, cores // ranks)))
     log = proc.stdout + proc.stderr
     (out / "run.log").write_text(log)
     if proc.returncode or "Traceback" in log:  # mlx.launch exits 0 when a rank failed
@@ -385,21 +388,27 @@ def run_sharded(name: str, folder: Path, data: Path, steps: int, out: Path) -> d
                  if "train/tokens_per_sec" in m}
         tokens = [t for _, t in mlxlab_steps(data, folder, False, steps, rows=SHARDED_BATCH)]
         seconds = [tokens[s - 1] / rates[s] for s in sorted(rates)[1:]]
-    return {"ranks": ranks, "peak_mb_per_rank": peaks, "rss_mb": rss,
-            "step_s": statistics.median(seconds), "wall_s": proc.wall_s}
+    # a 1B run's checkpoints and their tracked copy are ~23 GB: four runs fill a 64 GB disk
+    for heavy in ("checkpoints", "tracking/artifacts", "adapters"):
+        shutil.rmtree(out / heavy, ignore_errors=True)
+    got = {"ranks": ranks, "peak_mb_per_rank": peaks, "rss_mb": rss,
+           "step_s": statistics.median(seconds), "wall_s": proc.wall_s}
+    print(json.dumps({"run": name, **got}), flush=True)
+    return got
 
 
-def sharded(size: str, work: Path, data: Path, tokenizer: Path, steps: int, dtype: str) -> dict:
+def sharded(size: str, work: Path, data: Path, tokenizer: Path, steps: int, dtype: str,
+            cores: int) -> dict:
     """Every SHARDED run of `size` (random weights in `dtype`) and its table."""
     folder = write_random(CONFIGS[size], tokenizer, work / f"{size}-full-{dtype}", None, dtype)
-    runs = {name: run_sharded(name, folder, data, steps, work / "sharded" / name)
+    runs = {name: run_sharded(name, folder, data, steps, work / "sharded" / name, cores)
             for name in SHARDED}
     one = runs["mlxlab-1"]
-    rows = [[size, name, r["ranks"], " / ".join(f"{p:.0f}" for p in r["peak_mb_per_rank"]),
+    rows = [[size, name, str(r["ranks"]), " / ".join(f"{p:.0f}" for p in r["peak_mb_per_rank"]),
              f"{max(r['peak_mb_per_rank']) / max(one['peak_mb_per_rank']):.2f}",
              f"{r['step_s']:.2f}", f"{one['step_s'] / r['step_s']:.2f}x"]
             for name, r in runs.items()]
-    return {"runs": runs, "table": {"head": [
+    return {"runs": runs, "cores": cores, "table": {"head": [
         "model", "run", "ranks", "MLX peak MB per rank", "peak / one process", "s a step",
         "speed vs one process"], "rows": rows}}
 
@@ -440,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--table-only", action="store_true", help="print the table of results.json")
     p.add_argument("--sharded", action="store_true", help="full fine-tuning of the first of "
                    "--sizes: one process, fsdp and tensor over 2 ranks, mlx_lm.lora data parallel")
+    p.add_argument("--threads", type=int, default=1,
+                   help="--sharded: BLAS threads of a run, split between its ranks")
     add_smoke(p)
     args = p.parse_args(argv)
     if args.smoke:
@@ -455,7 +466,8 @@ def main(argv: list[str] | None = None) -> dict:
     smollm2 = (smollm2_folders(work) if "smollm2" in sizes or not args.tokenizer
                else {"qlora": Path(args.tokenizer)})
     if args.sharded:  # its own record
-        figures = sharded(sizes[0], work, data, smollm2["qlora"], max(args.steps, 3), dtype)
+        figures = sharded(sizes[0], work, data, smollm2["qlora"], max(args.steps, 3), dtype,
+                          args.threads)
         print_table(figures["table"])
         write_record("sharded-full-fine-tuning", figures, question="memory", smoke=args.smoke)
         return figures
