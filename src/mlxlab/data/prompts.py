@@ -26,7 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlxlab.data.batching import Batch, Batching
+from mlxlab.data.batching import Batch, Batching, fixed_batches
 from mlxlab.data.chat import TEMPLATE_FILE, ChatError, ChatTemplate, encode_chats
 from mlxlab.data.completions import PromptCompletion, Rows, jsonl_lines
 from mlxlab.errors import ConfigError, MissingFileError
@@ -239,13 +239,10 @@ class PromptRows(PromptCompletion):
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
         """One shuffled epoch of prompt positions (seed + epoch); after load_state_dict it skips
         the batches done."""
-        order = np.random.default_rng(self.seed + epoch).permutation(len(self.train))
-        size = batching.batch_size
-        start = self._batches_done if epoch == self._epoch else 0
-        for k in range(start, self.num_train_batches(batching)):
-            self._epoch, self._batches_done = epoch, k + 1  # counted when handed out
-            yield {"index": mx.array(order[k * size:(k + 1) * size].astype(np.int32))}
-        self._epoch, self._batches_done = epoch + 1, 0
+        batches = fixed_batches(len(self.train), batching.batch_size,
+                                np.random.default_rng(self.seed + epoch))
+        for index in self._position.remaining(batches, epoch):
+            yield {"index": mx.array(index.astype(np.int32))}
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
         """The validation prompts in order: positions and right-padded ids (the validation

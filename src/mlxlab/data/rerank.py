@@ -30,7 +30,13 @@ from tokenizers import Tokenizer
 
 from mlxlab.config.records import check_fraction, check_number
 from mlxlab.data.base import DataModule
-from mlxlab.data.batching import Batch, Batching, bucket_length, fixed_batches
+from mlxlab.data.batching import (
+    Batch,
+    Batching,
+    EpochPosition,
+    bucket_length,
+    fixed_batches,
+)
 from mlxlab.data.completions import jsonl_lines
 from mlxlab.data.tokenizer import tokenizer_hash
 from mlxlab.errors import ConfigError, MissingFileError
@@ -149,7 +155,7 @@ class RerankRows(DataModule):
         self.tokenizer = None
         self.tokenizer_hash: str | None = None
         self.vocab_size: int | None = None
-        self._epoch, self._batches_done = 0, 0
+        self._position = EpochPosition()
 
     def setup(self, run_dir: str | Path | None = None) -> None:
         if not self.tokenizer_path:
@@ -240,11 +246,8 @@ class RerankRows(DataModule):
         """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done."""
         batches = fixed_batches(len(self.train), batching.batch_size,
                                 np.random.default_rng(self.seed + epoch))
-        start = self._batches_done if epoch == self._epoch else 0
-        for k in range(start, len(batches)):
-            self._epoch, self._batches_done = epoch, k + 1  # counted when handed out
-            yield self._collate(self.train, batches[k], batching.bucket_multiple)
-        self._epoch, self._batches_done = epoch + 1, 0
+        for index in self._position.remaining(batches, epoch):
+            yield self._collate(self.train, index, batching.bucket_multiple)
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
         for index in fixed_batches(len(self.val), batching.batch_size):
@@ -256,10 +259,10 @@ class RerankRows(DataModule):
                     int(round(len(self.rows) * self.val_fraction)))
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "batches_done": self._batches_done}
+        return self._position.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self._epoch, self._batches_done = int(state["epoch"]), int(state["batches_done"])
+        self._position.load_state_dict(state)
 
 
 class RerankPairs(RerankRows):

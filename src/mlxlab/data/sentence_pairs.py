@@ -33,7 +33,13 @@ from tokenizers import Tokenizer, normalizers
 
 from mlxlab.config.records import check_fraction, check_number
 from mlxlab.data.base import DataModule
-from mlxlab.data.batching import Batch, Batching, bucket_length, fixed_batches
+from mlxlab.data.batching import (
+    Batch,
+    Batching,
+    EpochPosition,
+    bucket_length,
+    fixed_batches,
+)
 from mlxlab.data.beir import RetrievalSet, read_beir
 from mlxlab.data.completions import jsonl_lines
 from mlxlab.data.tokenizer import PAD_TOKENS, find_token_id, tokenizer_hash
@@ -157,7 +163,7 @@ class SentencePairs(DataModule):
         self.tokenizer: Tokenizer | None = None
         self.tokenizer_hash: str | None = None
         self.vocab_size: int | None = None
-        self._epoch, self._batches_done = 0, 0
+        self._position = EpochPosition()
 
     def _split(self, rows: list, labels: list | None) -> dict[str, tuple[list, list | None]]:
         """{"train": (rows, labels), "val": ...}: val_file's rows, else a held-out share."""
@@ -261,11 +267,8 @@ class SentencePairs(DataModule):
                               "set trainer.batching.dynamic=false")
         batches = fixed_batches(len(self.train), batching.batch_size,
                                 np.random.default_rng(self.seed + epoch))
-        start = self._batches_done if epoch == self._epoch else 0
-        for k in range(start, len(batches)):
-            self._epoch, self._batches_done = epoch, k + 1  # counted when handed out
-            yield self._collate(self.train, batches[k], batching.bucket_multiple)
-        self._epoch, self._batches_done = epoch + 1, 0
+        for index in self._position.remaining(batches, epoch):
+            yield self._collate(self.train, index, batching.bucket_multiple)
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
         for index in fixed_batches(len(self.val), batching.batch_size):
@@ -285,7 +288,7 @@ class SentencePairs(DataModule):
             yield mx.array(tokens), mx.array(mask)
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "batches_done": self._batches_done}
+        return self._position.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self._epoch, self._batches_done = int(state["epoch"]), int(state["batches_done"])
+        self._position.load_state_dict(state)
