@@ -69,6 +69,13 @@ class EpochPosition:
             yield batches[k]
         self.epoch, self.batches_done = epoch + 1, 0
 
+    def shuffled(self, num_examples: int, batch_size: int, seed: int,
+                 epoch: int) -> Iterator[np.ndarray]:
+        """`remaining` of `epoch`'s fixed batches of `num_examples` rows, shuffled by
+        `seed + epoch` (a resumed run draws the same ones)."""
+        rng = np.random.default_rng(seed + epoch)
+        return self.remaining(fixed_batches(num_examples, batch_size, rng), epoch)
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batches_done": self.batches_done}
 

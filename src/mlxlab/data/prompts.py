@@ -26,7 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlxlab.data.batching import Batch, Batching, fixed_batches
+from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.chat import TEMPLATE_FILE, ChatError, ChatTemplate, encode_chats
 from mlxlab.data.completions import PromptCompletion, Rows, jsonl_lines
 from mlxlab.errors import ConfigError, MissingFileError
@@ -239,9 +239,8 @@ class PromptRows(PromptCompletion):
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
         """One shuffled epoch of prompt positions (seed + epoch); after load_state_dict it skips
         the batches done."""
-        batches = fixed_batches(len(self.train), batching.batch_size,
-                                np.random.default_rng(self.seed + epoch))
-        for index in self._position.remaining(batches, epoch):
+        for index in self._position.shuffled(len(self.train), batching.batch_size, self.seed,
+                                             epoch):
             yield {"index": mx.array(index.astype(np.int32))}
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:

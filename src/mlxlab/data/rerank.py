@@ -30,13 +30,7 @@ from tokenizers import Tokenizer
 
 from mlxlab.config.records import check_fraction, check_number
 from mlxlab.data.base import DataModule
-from mlxlab.data.batching import (
-    Batch,
-    Batching,
-    EpochPosition,
-    bucket_length,
-    fixed_batches,
-)
+from mlxlab.data.batching import Batch, Batching, EpochPosition, bucket_length, fixed_batches
 from mlxlab.data.completions import jsonl_lines
 from mlxlab.data.tokenizer import tokenizer_hash
 from mlxlab.errors import ConfigError, MissingFileError
@@ -244,9 +238,8 @@ class RerankRows(DataModule):
 
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
         """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done."""
-        batches = fixed_batches(len(self.train), batching.batch_size,
-                                np.random.default_rng(self.seed + epoch))
-        for index in self._position.remaining(batches, epoch):
+        for index in self._position.shuffled(len(self.train), batching.batch_size, self.seed,
+                                             epoch):
             yield self._collate(self.train, index, batching.bucket_multiple)
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:

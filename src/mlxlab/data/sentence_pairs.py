@@ -33,13 +33,7 @@ from tokenizers import Tokenizer, normalizers
 
 from mlxlab.config.records import check_fraction, check_number
 from mlxlab.data.base import DataModule
-from mlxlab.data.batching import (
-    Batch,
-    Batching,
-    EpochPosition,
-    bucket_length,
-    fixed_batches,
-)
+from mlxlab.data.batching import Batch, Batching, EpochPosition, bucket_length, fixed_batches
 from mlxlab.data.beir import RetrievalSet, read_beir
 from mlxlab.data.completions import jsonl_lines
 from mlxlab.data.tokenizer import PAD_TOKENS, find_token_id, tokenizer_hash
@@ -265,9 +259,8 @@ class SentencePairs(DataModule):
         if batching.dynamic:
             raise ConfigError("data=sentence_pairs makes fixed batches (in-batch negatives): "
                               "set trainer.batching.dynamic=false")
-        batches = fixed_batches(len(self.train), batching.batch_size,
-                                np.random.default_rng(self.seed + epoch))
-        for index in self._position.remaining(batches, epoch):
+        for index in self._position.shuffled(len(self.train), batching.batch_size, self.seed,
+                                             epoch):
             yield self._collate(self.train, index, batching.bucket_multiple)
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
