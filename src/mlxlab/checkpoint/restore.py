@@ -133,7 +133,9 @@ def _group_by_param(flat: dict[str, mx.array]):
     return per_param, scalars
 
 
-def _set_path(tree: Any, key: str, value: mx.array) -> None:
+def set_path(tree: Any, key: str, value: mx.array) -> None:
+    """`value` at `key` (a name as tree_flatten spells it: dots, list positions as numbers)
+    of a tree of dicts and lists, an optimizer's state."""
     parts = key.split(".")
     for p in parts[:-1]:
         tree = tree[int(p)] if isinstance(tree, (list, tuple)) else tree[p]
@@ -212,7 +214,7 @@ def restore_optimizer(
             updates[key] = value
             report.optimizer_scalars.append(key)
     for key, value in updates.items():
-        _set_path(optimizer.state, key, value)
+        set_path(optimizer.state, key, value)
 
 
 # Called with a checkpoint's base record before its weights load: returns when the model holds

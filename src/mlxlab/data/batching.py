@@ -8,7 +8,9 @@ sequences get bigger batches, and the step still sees only a handful of shapes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import mlx.core as mx
 import numpy as np
@@ -16,6 +18,7 @@ import numpy as np
 from mlxlab.errors import ConfigError
 
 Batch = dict[str, mx.array]
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,6 +50,37 @@ def fixed_batches(
     """Index arrays of `batch_size` (the last may be short); shuffled when `rng` is given."""
     order = rng.permutation(num_examples) if rng is not None else np.arange(num_examples)
     return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+
+
+class EpochPosition:
+    """Where a data module's training stream is: the epoch and how many of its batches were
+    handed out. It is the module's checkpoint state, so a resumed run goes on from the next
+    batch (the epoch's batches drawn again from the same seed) and never replays one."""
+
+    def __init__(self) -> None:
+        self.epoch, self.batches_done = 0, 0
+
+    def remaining(self, batches: Sequence[T], epoch: int) -> Iterator[T]:
+        """`epoch`'s `batches` from the first not handed out yet. Each is counted when handed
+        out: a checkpoint taken after its step must not replay it."""
+        start = self.batches_done if epoch == self.epoch else 0
+        for k in range(start, len(batches)):
+            self.epoch, self.batches_done = epoch, k + 1
+            yield batches[k]
+        self.epoch, self.batches_done = epoch + 1, 0
+
+    def shuffled(self, num_examples: int, batch_size: int, seed: int,
+                 epoch: int) -> Iterator[np.ndarray]:
+        """`remaining` of `epoch`'s fixed batches of `num_examples` rows, shuffled by
+        `seed + epoch` (a resumed run draws the same ones)."""
+        rng = np.random.default_rng(seed + epoch)
+        return self.remaining(fixed_batches(num_examples, batch_size, rng), epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
 
 
 def dynamic_batches(

@@ -29,7 +29,14 @@ import numpy as np
 
 from mlxlab.config.records import check_choice, check_fraction, check_number, utf8_text
 from mlxlab.data.base import DataModule
-from mlxlab.data.batching import Batch, Batching, bucket_length, make_batches, pack_rows
+from mlxlab.data.batching import (
+    Batch,
+    Batching,
+    EpochPosition,
+    bucket_length,
+    make_batches,
+    pack_rows,
+)
 from mlxlab.data.chat import TEMPLATE_FILE, ChatError, encode_chats, load_chat_template
 from mlxlab.data.tokenizer import build_tokenizer, special_ids, tokenizer_hash
 from mlxlab.errors import ConfigError, MissingFileError
@@ -181,7 +188,7 @@ class PromptCompletion(DataModule):
         self.template = None
         self._packs: list[np.ndarray] | None = None  # pack: the training rows' sequences
         self._pack_width = 0  # pack: the positions of each packed sequence
-        self._epoch, self._batches_done = 0, 0
+        self._position = EpochPosition()
 
     def setup(self, run_dir: str | Path | None = None) -> None:
         train, val = self._split(read_rows(self.train_file, self.keys),
@@ -368,14 +375,11 @@ class PromptCompletion(DataModule):
         """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done."""
         rng = np.random.default_rng(self.seed + epoch)
         batches = self._epoch_batches(batching, rng)
-        start = self._batches_done if epoch == self._epoch else 0
-        for k in range(start, len(batches)):
-            self._epoch, self._batches_done = epoch, k + 1  # counted when handed out
+        for chosen in self._position.remaining(batches, epoch):
             if self.pack:
-                yield self._collate_packed(self.train, batches[k], batching.batch_size)
+                yield self._collate_packed(self.train, chosen, batching.batch_size)
             else:
-                yield self._collate(self.train, batches[k], batching.bucket_multiple)
-        self._epoch, self._batches_done = epoch + 1, 0
+                yield self._collate(self.train, chosen, batching.bucket_multiple)
 
     def _collate_packed(self, split: tuple, packs: list[np.ndarray], batch_size: int) -> Batch:
         """A batch of packed sequences: each the concatenation of its rows (inputs, labels and
@@ -405,7 +409,7 @@ class PromptCompletion(DataModule):
             yield self._collate(self.val, index, batching.bucket_multiple)
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "batches_done": self._batches_done}
+        return self._position.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self._epoch, self._batches_done = int(state["epoch"]), int(state["batches_done"])
+        self._position.load_state_dict(state)

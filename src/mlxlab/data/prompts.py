@@ -239,13 +239,9 @@ class PromptRows(PromptCompletion):
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
         """One shuffled epoch of prompt positions (seed + epoch); after load_state_dict it skips
         the batches done."""
-        order = np.random.default_rng(self.seed + epoch).permutation(len(self.train))
-        size = batching.batch_size
-        start = self._batches_done if epoch == self._epoch else 0
-        for k in range(start, self.num_train_batches(batching)):
-            self._epoch, self._batches_done = epoch, k + 1  # counted when handed out
-            yield {"index": mx.array(order[k * size:(k + 1) * size].astype(np.int32))}
-        self._epoch, self._batches_done = epoch + 1, 0
+        for index in self._position.shuffled(len(self.train), batching.batch_size, self.seed,
+                                             epoch):
+            yield {"index": mx.array(index.astype(np.int32))}
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
         """The validation prompts in order: positions and right-padded ids (the validation

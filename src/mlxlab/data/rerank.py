@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mlxlab.config.records import check_fraction, check_number
-from mlxlab.data.base import DataModule
-from mlxlab.data.batching import Batch, Batching, bucket_length, fixed_batches
+from mlxlab.data.batching import Batch, bucket_length
 from mlxlab.data.completions import jsonl_lines
+from mlxlab.data.fixed_rows import FixedBatchRows
 from mlxlab.data.tokenizer import tokenizer_hash
 from mlxlab.errors import ConfigError, MissingFileError
 
@@ -120,7 +119,7 @@ def read_rerank_rows(path: str | Path, keys: dict[str, str], form: str) -> list[
     return rows
 
 
-class RerankRows(DataModule):
+class RerankRows(FixedBatchRows):
     """Pairs or lists for a cross-encoder (the module docstring), as its subclasses' `form`
     says; `train_file`, `val_file` (else the last `val_fraction` of the shuffled rows,
     split_seed); `tokenizer.path` is model.pretrained's tokenizer.json (set by the run)."""
@@ -133,6 +132,7 @@ class RerankRows(DataModule):
                  val_fraction: float = 0.1, keys: dict | None = None,
                  max_length: int | None = None, seed: int = 0, split_seed: int | None = None,
                  tokenizer: dict | None = None):
+        super().__init__()
         check_fraction("data.val_fraction", val_fraction)
         if max_length is not None:
             check_number("data.max_length", max_length, int, 4)
@@ -149,7 +149,6 @@ class RerankRows(DataModule):
         self.tokenizer = None
         self.tokenizer_hash: str | None = None
         self.vocab_size: int | None = None
-        self._epoch, self._batches_done = 0, 0
 
     def setup(self, run_dir: str | Path | None = None) -> None:
         if not self.tokenizer_path:
@@ -233,33 +232,10 @@ class RerankRows(DataModule):
         batch["index"] = index.astype(np.int32)
         return {k: mx.array(v) for k, v in batch.items()}
 
-    def num_train_batches(self, batching: Batching) -> int:
-        return -(-len(self.train) // batching.batch_size)
-
-    def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
-        """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done."""
-        batches = fixed_batches(len(self.train), batching.batch_size,
-                                np.random.default_rng(self.seed + epoch))
-        start = self._batches_done if epoch == self._epoch else 0
-        for k in range(start, len(batches)):
-            self._epoch, self._batches_done = epoch, k + 1  # counted when handed out
-            yield self._collate(self.train, batches[k], batching.bucket_multiple)
-        self._epoch, self._batches_done = epoch + 1, 0
-
-    def val_batches(self, batching: Batching) -> Iterator[Batch]:
-        for index in fixed_batches(len(self.val), batching.batch_size):
-            yield self._collate(self.val, index, batching.bucket_multiple)
-
     @property
     def has_validation(self) -> bool:
         return bool(self.val_rows if self.val_rows is not None else
                     int(round(len(self.rows) * self.val_fraction)))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "batches_done": self._batches_done}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._epoch, self._batches_done = int(state["epoch"]), int(state["batches_done"])
 
 
 class RerankPairs(RerankRows):

@@ -32,10 +32,10 @@ import numpy as np
 from tokenizers import Tokenizer, normalizers
 
 from mlxlab.config.records import check_fraction, check_number
-from mlxlab.data.base import DataModule
-from mlxlab.data.batching import Batch, Batching, bucket_length, fixed_batches
+from mlxlab.data.batching import Batch, Batching, bucket_length
 from mlxlab.data.beir import RetrievalSet, read_beir
 from mlxlab.data.completions import jsonl_lines
+from mlxlab.data.fixed_rows import FixedBatchRows
 from mlxlab.data.tokenizer import PAD_TOKENS, find_token_id, tokenizer_hash
 from mlxlab.errors import ConfigError, MissingFileError
 
@@ -131,7 +131,7 @@ class Tokens:
         return len(self.ids)
 
 
-class SentencePairs(DataModule):
+class SentencePairs(FixedBatchRows):
     """Text columns for an embedding objective (see the module)."""
 
     task = "embedding"
@@ -141,6 +141,7 @@ class SentencePairs(DataModule):
                  eval_dir: str | None = None, eval_split: str = "test",
                  max_length: int | None = None, seed: int = 0, split_seed: int | None = None,
                  tokenizer: dict | None = None, cache_dir: str | None = None) -> None:
+        super().__init__()
         check_fraction("data.val_fraction", val_fraction)
         if max_length is not None:
             check_number("data.max_length", max_length, int, 2)
@@ -157,7 +158,6 @@ class SentencePairs(DataModule):
         self.tokenizer: Tokenizer | None = None
         self.tokenizer_hash: str | None = None
         self.vocab_size: int | None = None
-        self._epoch, self._batches_done = 0, 0
 
     def _split(self, rows: list, labels: list | None) -> dict[str, tuple[list, list | None]]:
         """{"train": (rows, labels), "val": ...}: val_file's rows, else a held-out share."""
@@ -251,25 +251,12 @@ class SentencePairs(DataModule):
             batch["labels"] = mx.array(labels[:, 0] if labels.shape[1] == 1 else labels)
         return batch
 
-    def num_train_batches(self, batching: Batching) -> int:
-        return -(-len(self.train) // batching.batch_size)
-
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
-        """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done."""
+        """FixedBatchRows' epoch; dynamic batching is refused (in-batch negatives)."""
         if batching.dynamic:
             raise ConfigError("data=sentence_pairs makes fixed batches (in-batch negatives): "
                               "set trainer.batching.dynamic=false")
-        batches = fixed_batches(len(self.train), batching.batch_size,
-                                np.random.default_rng(self.seed + epoch))
-        start = self._batches_done if epoch == self._epoch else 0
-        for k in range(start, len(batches)):
-            self._epoch, self._batches_done = epoch, k + 1  # counted when handed out
-            yield self._collate(self.train, batches[k], batching.bucket_multiple)
-        self._epoch, self._batches_done = epoch + 1, 0
-
-    def val_batches(self, batching: Batching) -> Iterator[Batch]:
-        for index in fixed_batches(len(self.val), batching.batch_size):
-            yield self._collate(self.val, index, batching.bucket_multiple)
+        return super().train_batches(batching, epoch)
 
     def text_batches(self, which: str, batch_size: int) -> Iterator[tuple[mx.array, mx.array]]:
         """(input_ids, attention_mask) of the retrieval set's `which` texts (queries | corpus),
@@ -283,9 +270,3 @@ class SentencePairs(DataModule):
             for r, ids in enumerate(chunk):
                 tokens[r, :len(ids)], mask[r, :len(ids)] = ids, 1
             yield mx.array(tokens), mx.array(mask)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "batches_done": self._batches_done}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._epoch, self._batches_done = int(state["epoch"]), int(state["batches_done"])

@@ -18,6 +18,7 @@ from mlxlab.data.base import DataModule
 from mlxlab.data.batching import (
     Batch,
     Batching,
+    EpochPosition,
     collate_classification,
     fixed_batches,
     make_batches,
@@ -183,7 +184,7 @@ class TabularText(DataModule):
         self.label_names: list[str] = []
         self.columns: list[str] = []
         self.cache_hit = False
-        self._epoch, self._batches_done = 0, 0
+        self._position = EpochPosition()
 
     @property
     def path(self) -> str:
@@ -371,17 +372,10 @@ class TabularText(DataModule):
                 raise ConfigError("data.curriculum draws fixed-size batches: set "
                                   "trainer.batching.dynamic=false or data.curriculum=null")
             batches = self.curriculum.epoch_batches(batches, epoch)
-        start = self._batches_done if epoch == self._epoch else 0
-        for k in range(start, len(batches)):
-            # Counted when handed out: a checkpoint taken after this step must not replay it.
-            self._epoch, self._batches_done = epoch, k + 1
+        for index in self._position.remaining(batches, epoch):
             if self.curriculum is not None:
-                index = batches[k]
                 self.curriculum.observe(tokens[index], tokens[index] != self.pad_id)
-            yield collate_classification(
-                tokens, lengths, labels, batches[k], batching.bucket_multiple
-            )
-        self._epoch, self._batches_done = epoch + 1, 0
+            yield collate_classification(tokens, lengths, labels, index, batching.bucket_multiple)
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
         return self._in_order(self.val, batching)
@@ -397,13 +391,13 @@ class TabularText(DataModule):
             yield collate_classification(tokens, lengths, labels, index, batching.bucket_multiple)
 
     def state_dict(self) -> dict:
-        state = {"epoch": self._epoch, "batches_done": self._batches_done}
+        state = self._position.state_dict()
         if self.curriculum is not None:
             state["curriculum"] = self.curriculum.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self._epoch, self._batches_done = int(state["epoch"]), int(state["batches_done"])
+        self._position.load_state_dict(state)
         if self.curriculum is not None:
             self.curriculum.load_state_dict(state.get("curriculum"))
 

@@ -68,7 +68,6 @@ from mlxlab.export.proof import (
 from mlxlab.export.quality import calibration_tokens, validation_batches
 from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
 from mlxlab.export.retention import Retention, build_reference, judge_export, read_folder, record
-from mlxlab.export.staging import staged_folder
 from mlxlab.export.vision import check_vision_options, export_vision
 from mlxlab.models.adapter_layer import AdapterLayer
 from mlxlab.models.bert import BertClassifier
@@ -79,6 +78,7 @@ from mlxlab.models.routed_experts import dora_on_experts
 from mlxlab.models.transformer import Transformer
 from mlxlab.models.vision_language import VisionLanguageModel
 from mlxlab.runs import load_run_model, require_run_tokenizer
+from mlxlab.runtime.files.staging import staged_folder
 
 __all__ = ["ExportError", "export_gguf", "export_run"]
 log = logging.getLogger(__name__)

@@ -4,44 +4,29 @@
 
 The embedder is what mlxlab loads from a sentence-transformers folder (models/sentence_folder.py:
 a BERT, RoBERTa / XLM-R or decoder Transformer, Pooling, Dense layers, Normalize). The folder is
-written from the model in memory, laid out as sentence-transformers saves one: modules.json; the
-Transformer at the top (config.json, model.safetensors in the Hugging Face base model's names,
-float32, BERT's unused pooler kept as the source has it, the tokenizer files,
-sentence_bert_config.json); 1_Pooling/config.json; N_Dense/
-(config.json, model.safetensors); N_Normalize/; config_sentence_transformers.json (the named
-prompts and the default one). Then it proves itself before it is renamed into place: mlxlab
-reads the written folder, and sentence-transformers too where it is installed, and both must
-give the embedder's own vectors on a probe of texts (every named prompt too) within 1e-5, else
-the export is refused with the measured gap and nothing is moved to `out`.
+written from the model in memory by models/sentence_folder_save.py, the writer a run's end
+uses too (float32, laid out as sentence-transformers saves one). Then it proves itself before it
+is renamed into place: mlxlab reads the written folder, and sentence-transformers too where it
+is installed, and both must give the embedder's own vectors on a probe of texts (every named
+prompt too) within 1e-5, else the export is refused with the measured gap and nothing is moved
+to `out`.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from mlxlab.export.hf import ExportError
-from mlxlab.export.staging import staged_folder
-from mlxlab.models.decoder_encoder import DecoderEncoder
-from mlxlab.models.embedder import SentenceEmbedder
-from mlxlab.models.hf import mlxlab_to_hf_name, weight_files
-from mlxlab.models.pooling import LEGACY_FLAGS
 from mlxlab.models.sentence_folder import TextEmbedder, is_sentence_folder
-from mlxlab.runtime.memory.io_threads import load_arrays
+from mlxlab.models.sentence_folder_save import write_sentence_folder
+from mlxlab.runtime.files.staging import staged_folder
 
 PROBE = ["The cat sat on the mat.", "A man is riding a horse.", "Café naïve résumé, ÀÉÎ",
          "中文 text 日本語", "", "word " * 200, "Is this the query or the document?"]
 ALLOWED_GAP = 1e-5  # float32 written as float32: the read-back's own rounding is ~1e-7
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
-                   "sentencepiece.bpe.model", "spiece.model", "tokenizer.model")
-TORCH_ACTIVATIONS = {"Identity": "torch.nn.modules.linear.Identity"}  # else activation.<name>
-ST_TYPE = "sentence_transformers.models."  # the module paths every sentence-transformers reads
 
 
 def export_embedder(source: str | Path, out: str | Path, overwrite: bool = False,
@@ -56,7 +41,7 @@ def export_embedder(source: str | Path, out: str | Path, overwrite: bool = False
     report: dict = {"source": str(source), "format": "sentence-transformers", "dtype": "float32",
                     "dimension": embedder.dimension, "max_seq_length": embedder.max_length}
     with staged_folder(out) as tmp:
-        write_sentence_folder(embedder, tmp)
+        write_sentence_folder(embedder.model, embedder.folder, tmp)
         report["check"] = prove(embedder, tmp, check)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -70,103 +55,6 @@ def load_embedder_source(source: Path) -> TextEmbedder:
         raise ExportError(f"{source} is not a sentence-transformers folder (no modules.json); "
                           "--format sentence-transformers exports an embedder")
     return TextEmbedder(source)
-
-
-def write_sentence_folder(embedder: TextEmbedder, folder: Path) -> None:
-    """The embedder's modules into `folder` (an empty one), as the module docstring lays out."""
-    model = embedder.model
-    modules = [("", "Transformer"), ("1_Pooling", "Pooling")]
-    _write_transformer(embedder, folder)
-    _write_json(folder / "1_Pooling" / "config.json", pooling_config(model))
-    for layer in model.dense:
-        path = f"{len(modules)}_Dense"
-        _write_dense(layer, folder / path)
-        modules.append((path, "Dense"))
-    if model.normalize:
-        path = f"{len(modules)}_Normalize"
-        (folder / path).mkdir()
-        modules.append((path, "Normalize"))
-    _write_json(folder / "modules.json", [
-        {"idx": i, "name": str(i), "path": path, "type": ST_TYPE + kind}
-        for i, (path, kind) in enumerate(modules)])
-    named = [n for n, p in embedder.prompts.items() if p == embedder.default_prompt]
-    _write_json(folder / "config_sentence_transformers.json", {
-        "prompts": embedder.prompts,
-        "default_prompt_name": named[0] if embedder.default_prompt and named else None,
-        "similarity_fn_name": "cosine", "model_type": "SentenceTransformer"})
-
-
-def _write_transformer(embedder: TextEmbedder, folder: Path) -> None:
-    """config.json (the source's, its dtype float32), the encoder's weights, the tokenizer's
-    files and sentence_bert_config.json."""
-    source = embedder.transformer
-    config = json.loads((source / "config.json").read_text())
-    config.pop("dtype", None)
-    config["torch_dtype"] = "float32"
-    _write_json(folder / "config.json", config)
-    weights = {**_unused_source_tensors(source), **encoder_weights(embedder.model)}
-    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, folder / name)
-    settings_file = source / "sentence_bert_config.json"
-    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-    _write_json(folder / "sentence_bert_config.json",
-                {"do_lower_case": False, **settings, "max_seq_length": embedder.max_length})
-
-
-def encoder_weights(model: SentenceEmbedder) -> dict[str, mx.array]:
-    """The encoder's parameters under the Hugging Face base model's names (BertModel's,
-    RobertaModel's, a decoder's Qwen3Model's), float32."""
-    params = tree_flatten(model.encoder.parameters())
-    if isinstance(model.encoder, DecoderEncoder):
-        return {name.removeprefix("decoder."): value.astype(mx.float32) for name, value in params}
-    try:
-        return {mlxlab_to_hf_name(f"encoder.{name}").removeprefix("bert."): value.astype(mx.float32)
-                for name, value in params}
-    except ValueError as err:  # a pre-norm encoder's final norm
-        raise ExportError(f"this encoder has no Hugging Face layout: {err}") from None
-
-
-def _unused_source_tensors(source: Path) -> dict[str, mx.array]:
-    """BERT's pooler as the source holds it: no embedding reads it, but transformers' BertModel
-    has one and would report it missing (and draw it at random) without it."""
-    kept = {}
-    for file in weight_files(source):
-        for name, value in load_arrays(file).items():
-            plain = name.removeprefix("bert.").removeprefix("roberta.")
-            if plain.startswith("pooler."):
-                kept[plain] = value.astype(mx.float32)
-    return kept
-
-
-def pooling_config(model: SentenceEmbedder) -> dict:
-    """1_Pooling/config.json: the legacy flags every sentence-transformers reads, or (modes in
-    another order than the flags concatenate) the `pooling_mode` list of version 5 and later."""
-    config: dict = {"word_embedding_dimension": model.encoder.hidden_size, "include_prompt": True}
-    canonical = [mode for mode in LEGACY_FLAGS.values() if mode in model.pooling]
-    if canonical == list(model.pooling):
-        config.update({flag: mode in model.pooling for flag, mode in LEGACY_FLAGS.items()})
-    else:
-        config["pooling_mode"] = list(model.pooling)
-    return config
-
-
-def _write_dense(layer, folder: Path) -> None:
-    out_features, in_features = layer.linear.weight.shape
-    name = layer.activation_name
-    _write_json(folder / "config.json", {
-        "in_features": int(in_features), "out_features": int(out_features),
-        "bias": "bias" in layer.linear, "use_residual": bool(layer.use_residual),
-        "activation_function": TORCH_ACTIVATIONS.get(name, f"torch.nn.modules.activation.{name}")})
-    mx.save_safetensors(str(folder / "model.safetensors"),
-                        {k: v.astype(mx.float32) for k, v in tree_flatten(layer.parameters())},
-                        metadata={"format": "pt"})
-
-
-def _write_json(path: Path, value: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def prove(embedder: TextEmbedder, folder: Path, with_library: bool = True) -> dict:

@@ -24,8 +24,10 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +63,28 @@ def gguf_package():
     except ImportError as err:  # pragma: no cover - gguf is a dependency of the export path
         raise GGUFExportError("GGUF export needs the `gguf` package: pip install gguf") from err
     return gguf
+
+
+@contextmanager
+def gguf_file(out: Path, arch_name: str) -> Iterator[Any]:
+    """A GGUFWriter for `out`, writing beside it under a temporary name: what the block added
+    is written and renamed into place when it ends, and an interrupted export leaves no half
+    file."""
+    g = gguf_package()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    writer = g.GGUFWriter(str(partial), arch_name)
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, out)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _types() -> dict[str, tuple]:
@@ -540,10 +564,7 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
         mixture = Mixture(quant, int(config["num_hidden_layers"]),
                           bool(config.get("tie_word_embeddings", False)))
     qtype, file_type = _types()[quant]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    writer = g.GGUFWriter(str(partial), g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]])
-    try:
+    with gguf_file(out, g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]]) as writer:
         writer.add_name(name or folder.name)
         if description:
             writer.add_description(description)
@@ -551,15 +572,6 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
         vocab = _write_vocab(writer, folder, config["vocab_size"])
         writer.add_quantization_version(g.GGML_QUANT_VERSION)
         tensors = _write_tensors(writer, folder, config, arch, qtype, mixture, importance)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(partial, out)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
     return {"gguf": str(out), "architecture": g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]],
             "quant": quant, "tensor_types": tensors, "vocab": vocab,
             "bytes": out.stat().st_size}

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxlab.export.embedder import PROBE, encoder_weights, load_embedder_source
+from mlxlab.export.embedder import PROBE, load_embedder_source
 from mlxlab.export.gguf import GGUFExportError, gguf_package
 from mlxlab.models.bert import BertEncoder
 from mlxlab.models.sentence_folder import TextEmbedder
+from mlxlab.models.sentence_folder_save import encoder_weights
 
 QUANTS = ("f32", "f16")  # both within the check; a quantized file would need retention
 POOLING = {"mean": "MEAN", "cls": "CLS", "lasttoken": "LAST"}  # gguf.PoolingType members

@@ -25,12 +25,17 @@ have no one base tensor for a pair to land on.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from mlxlab.export.gguf import GGUFExportError, architecture_of, gguf_package, tensor_names
+from mlxlab.export.gguf import (
+    GGUFExportError,
+    architecture_of,
+    gguf_file,
+    gguf_package,
+    tensor_names,
+)
 
 FUSED = "export it fused instead (--format gguf without --adapters)"
 
@@ -77,11 +82,8 @@ def write_gguf_lora(adapters: str | Path, config: dict, out: str | Path,
         b = arch.tensor(weight, b, config)
         tensors += [(f"{gguf_name}.lora_a", np.ascontiguousarray(a)),
                     (f"{gguf_name}.lora_b", np.ascontiguousarray(b))]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
     arch_name = g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]]
-    writer = g.GGUFWriter(str(partial), arch_name)
-    try:
+    with gguf_file(out, arch_name) as writer:
         writer.add_type(g.GGUFType.ADAPTER)
         writer.add_name(name or out.stem)
         writer.add_string(g.Keys.Adapter.TYPE, "lora")
@@ -90,14 +92,5 @@ def write_gguf_lora(adapters: str | Path, config: dict, out: str | Path,
         writer.add_quantization_version(g.GGML_QUANT_VERSION)
         for tensor_name, data in tensors:
             writer.add_tensor(tensor_name, data, raw_dtype=g.GGMLQuantizationType.F32)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(partial, out)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
     return {"gguf": str(out), "architecture": arch_name, "rank": rank, "alpha": scale * rank,
             "scale": scale, "pairs": len(pairs), "bytes": out.stat().st_size}

@@ -287,13 +287,29 @@ class TextEmbedder:
 def _prompts(folder: Path, pooling_path: Path) -> tuple[dict[str, str], str]:
     """The folder's named prompts and the one sentence-transformers puts before every text by
     default (its default_prompt_name's, else none)."""
-    settings = _json_or_empty(folder / "config_sentence_transformers.json")
+    settings = sentence_settings(folder)
     prompts = {str(k): str(v) for k, v in (settings.get("prompts") or {}).items()}
     name = settings.get("default_prompt_name")
     if any(prompts.values()) and _json(pooling_path / "config.json").get("include_prompt") is False:
         raise ConfigError(f"{folder} pools without its prompt (include_prompt=false); mlxlab "
                           "pools every token of a text, prompt included")
     return prompts, prompts.get(name, "") if name else ""
+
+
+def sentence_settings(folder: Path) -> dict:
+    """The folder's config_sentence_transformers.json (prompts, default prompt, similarity
+    function), {} when it has none."""
+    return _json_or_empty(folder / "config_sentence_transformers.json")
+
+
+def truncation_length(path: Path, max_position: int) -> int:
+    """Where sentence-transformers truncates a text of the Transformer module at `path`: its
+    sentence_bert_config.json's max_seq_length, else tokenizer_config.json's model_max_length,
+    at most the `max_position` positions the encoder has."""
+    st_config = _json_or_empty(path / "sentence_bert_config.json")
+    tok_config = _json_or_empty(path / "tokenizer_config.json")
+    max_length = st_config.get("max_seq_length") or tok_config.get("model_max_length") or max_position
+    return min(int(max_length), max_position)
 
 
 def _tokenizer(path: Path, max_position: int) -> tuple[Tokenizer, int, int]:
@@ -307,8 +323,7 @@ def _tokenizer(path: Path, max_position: int) -> tuple[Tokenizer, int, int]:
     tok = Tokenizer.from_file(str(file))
     st_config = _json_or_empty(path / "sentence_bert_config.json")
     tok_config = _json_or_empty(path / "tokenizer_config.json")
-    max_length = st_config.get("max_seq_length") or tok_config.get("model_max_length") or max_position
-    max_length = min(int(max_length), max_position)
+    max_length = truncation_length(path, max_position)
     if st_config.get("do_lower_case"):
         current = tok.normalizer
         tok.normalizer = normalizers.Sequence(

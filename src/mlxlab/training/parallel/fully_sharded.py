@@ -125,17 +125,6 @@ def _children(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    *parents, last = path.split(".")
-    holder: Any = model
-    for part in parents:
-        holder = holder[int(part)] if isinstance(holder, list) else holder[part]
-    if isinstance(holder, list):
-        holder[int(last)] = new
-    else:
-        holder[last] = new
-
-
 def check_shardable(units: list[tuple[str, nn.Module]]) -> None:
     """One line for a parameter with no axis to split (a scalar)."""
     for path, unit in units:
@@ -156,7 +145,7 @@ def shard_fully(model: nn.Module, world: distributed.World) -> list[str]:
         if path == "":
             raise ConfigError(f"trainer.distributed.mode=fsdp: a {type(model).__name__} has no "
                               "blocks or parts to shard one at a time; use mode=auto")
-        _replace(model, path, ShardedUnit(unit, world))
+        model.update_modules(tree_unflatten([(path, ShardedUnit(unit, world))]))
     return [path for path, _ in units]
 
 

@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxlab.checkpoint.layout import MODEL_FILE, OPTIMIZER_FILE
+from mlxlab.checkpoint.restore import set_path
 from mlxlab.runtime.cluster import distributed
 from mlxlab.runtime.compute import device
 from mlxlab.training.parallel.fully_sharded import plain_name, shard_fully
@@ -58,7 +59,7 @@ class Placement:
         if restored:
             fresh = dict(tree_flatten(optimizer.state))
             for name, value in self.layout.shard_state(restored, fresh):
-                _set_leaf(optimizer.state, name, value)
+                set_path(optimizer.state, name, value)
         mx.eval(optimizer.state)
 
     def write_whole(self, model: nn.Module, optimizer: Any, folder: Path | None,
@@ -108,12 +109,3 @@ def place(model: nn.Module, world: distributed.World, mode: str | bool) -> Place
              after / 1e6, before / 1e6)
     return Placement(gradients, layout)
 
-
-def _set_leaf(tree: Any, name: str, value: mx.array) -> None:
-    *parents, last = name.split(".")
-    for part in parents:
-        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
-    if isinstance(tree, list):
-        tree[int(last)] = value
-    else:
-        tree[last] = value

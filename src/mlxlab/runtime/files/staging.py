@@ -1,4 +1,5 @@
-"""An export's folder written beside its destination and renamed into place."""
+"""A folder written beside its destination and renamed into place: an export's, a run's
+sentence-transformers folder."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 
 @contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
-    """A folder written beside `out` and renamed into place: a failed export leaves no half
-    folder."""
+    """A folder written beside `out` and renamed into place (replacing what was there): a failed
+    write leaves no half folder."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -1,0 +1,53 @@
+"""Rows held in memory and batched `batch_size` at a time: reranker pairs and lists
+(rerank.py) and text columns for embedders (sentence_pairs.py).
+
+Each epoch the training rows are shuffled by `seed + epoch` and cut into fixed batches, handed
+out from where a resumed run stopped (batching.py's EpochPosition, the module's checkpoint
+state); the validation rows go in order.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import numpy as np
+
+from mlxlab.data.base import DataModule
+from mlxlab.data.batching import Batch, Batching, EpochPosition, fixed_batches
+
+
+class FixedBatchRows(DataModule):
+    """The batches of a module whose setup holds `train` and `val` (each sized, indexed by row)
+    and whose constructor sets `seed`; a subclass collates a batch of rows (`_collate`)."""
+
+    train: Sized
+    val: Sized
+    seed: int
+
+    def __init__(self) -> None:
+        self._position = EpochPosition()
+
+    @abstractmethod
+    def _collate(self, split: Any, index: np.ndarray, multiple: int) -> Batch:
+        """The batch of `split`'s rows `index`, its length padded to a multiple of `multiple`."""
+
+    def num_train_batches(self, batching: Batching) -> int:
+        return -(-len(self.train) // batching.batch_size)
+
+    def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
+        """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done."""
+        for index in self._position.shuffled(len(self.train), batching.batch_size, self.seed,
+                                             epoch):
+            yield self._collate(self.train, index, batching.bucket_multiple)
+
+    def val_batches(self, batching: Batching) -> Iterator[Batch]:
+        for index in fixed_batches(len(self.val), batching.batch_size):
+            yield self._collate(self.val, index, batching.bucket_multiple)
+
+    def state_dict(self) -> dict:
+        return self._position.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._position.load_state_dict(state)
