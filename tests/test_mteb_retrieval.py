@@ -69,10 +69,14 @@ class LocalRetrieval(AbsTaskRetrieval):
 class RecordingEncoder(MlxlabEncoder):
     """MlxlabEncoder keeping every text it was asked for and the vector it returned."""
 
+    def __init__(self, embedder: TextEmbedder) -> None:
+        super().__init__(embedder)
+        self.seen: dict[str, np.ndarray] = {}
+
     def encode(self, inputs, **kwargs) -> np.ndarray:
         vectors = super().encode(inputs, **kwargs)
         texts = [text for batch in inputs for text in batch["text"]]
-        self.seen = {**getattr(self, "seen", {}), **dict(zip(texts, vectors))}
+        self.seen.update(zip(texts, vectors))
         return vectors
 
 

@@ -35,6 +35,12 @@ models above, a run's LoRA adapters unfused (docs/guide/evaluation.md):
 
     mlxlab eval outputs/ft/<time> --tasks arc_easy,gsm8k,my_task.yaml --num-fewshot 5 --limit 200
     mlxlab eval HuggingFaceTB/SmolLM2-135M-Instruct --tasks ifeval --apply-chat-template
+
+MTEB's retrieval tasks (the mteb extra) on a text embedder, a sentence-transformers folder or an
+embedder run, scored by mteb itself; a task's data must be in the local Hugging Face cache
+(docs/guide/embeddings.md):
+
+    mlxlab eval outputs/embed_retrieval/<time> --tasks mteb:SciFact,mteb:NFCorpus
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ def main(argv: list[str]) -> int:
     tasks = parser.add_argument_group("evaluation tasks")
     tasks.add_argument("--tasks", nargs="?", const="", default=None, metavar="A,B,...",
                        help="lm-eval-harness tasks, groups or task YAML files (arc_easy,gsm8k,"
-                       "my_task.yaml) and jsonl task files, comma-separated; alone, scores the "
+                       "my_task.yaml) and jsonl task files, or MTEB retrieval tasks on an "
+                       "embedder (mteb:SciFact), comma-separated; alone, scores the "
                        "files as tasks even for a run and one text jsonl (a perplexity task)")
     tasks.add_argument("--max-new-tokens", type=int, default=32,
                        help="generation tasks: greedy decoding's token limit")
