@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 
 from mlxlab.export.hf import ExportError
 from mlxlab.export.staging import staged_folder
+from mlxlab.models.bert import BertEncoder
 from mlxlab.models.decoder_encoder import DecoderEncoder
 from mlxlab.models.embedder import SentenceEmbedder
 from mlxlab.models.hf import mlxlab_to_hf_name, weight_files
@@ -117,10 +118,12 @@ def _write_transformer(embedder: TextEmbedder, folder: Path) -> None:
 
 def encoder_weights(model: SentenceEmbedder) -> dict[str, mx.array]:
     """The encoder's parameters under the Hugging Face base model's names (BertModel's,
-    RobertaModel's, a decoder's Qwen3Model's), float32."""
+    RobertaModel's, a decoder's Qwen3Model's, ModernBertModel's: its own), float32."""
     params = tree_flatten(model.encoder.parameters())
     if isinstance(model.encoder, DecoderEncoder):
         return {name.removeprefix("decoder."): value.astype(mx.float32) for name, value in params}
+    if not isinstance(model.encoder, BertEncoder):  # ModernBERT: transformers' names already
+        return {name: value.astype(mx.float32) for name, value in params}
     try:
         return {mlxlab_to_hf_name(f"encoder.{name}").removeprefix("bert."): value.astype(mx.float32)
                 for name, value in params}

@@ -9,6 +9,7 @@ destination and renamed into place.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,8 +17,8 @@ from mlx.utils import tree_flatten
 
 from mlxlab.models.adapter_layer import AdapterLayer
 from mlxlab.models.embedder import SentenceEmbedder
-from mlxlab.models.hf import hf_to_mlxlab_name, weight_files
-from mlxlab.models.sentence_folder import read_modules
+from mlxlab.models.hf import weight_files
+from mlxlab.models.sentence_folder import checkpoint_renamer, read_modules
 from mlxlab.runtime.memory.io_threads import load_arrays
 
 
@@ -32,12 +33,14 @@ def merged_weights(model: SentenceEmbedder) -> dict[str, mx.array]:
     return weights
 
 
-def _transformer_weights(path: Path, ours: dict[str, mx.array]) -> dict[str, mx.array]:
-    """The Transformer module's tensors under their own names, ours where the model has them."""
+def _transformer_weights(path: Path, ours: dict[str, mx.array],
+                         rename: Callable[[str], str | None]) -> dict[str, mx.array]:
+    """The Transformer module's tensors under their own names, ours where the model has them
+    (`rename`: a checkpoint name -> the model's, sentence_folder.checkpoint_renamer)."""
     out = {}
     for file in weight_files(path):
         for name, value in load_arrays(file).items():
-            mine = hf_to_mlxlab_name(name)
+            mine = rename(name)
             out[name] = ours[mine].astype(value.dtype) if mine in ours else value
     return out
 
@@ -56,7 +59,8 @@ def save_sentence_folder(model: SentenceEmbedder, source: str | Path, out: str |
         where = tmp / path.relative_to(source)
         if kind == "Transformer":
             mx.save_safetensors(str(where / "model.safetensors"),
-                                _transformer_weights(path, ours), metadata={"format": "pt"})
+                                _transformer_weights(path, ours, checkpoint_renamer(model)),
+                                metadata={"format": "pt"})
         elif kind == "Dense":
             prefix = f"dense.{dense}."
             mx.save_safetensors(str(where / "model.safetensors"),
