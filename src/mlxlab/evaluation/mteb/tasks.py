@@ -1,6 +1,7 @@
 """Which entries of a task list are MTEB's (`mteb:NAME`), and the checks made before a model is
 loaded: mteb installed, NAME one of its retrieval tasks, the task's data in the local Hugging
-Face cache (mlxlab never downloads an evaluation set on its own; HF_HUB_OFFLINE is the norm).
+Face datasets cache, where an offline run (HF_HUB_OFFLINE, the norm) finds it; mlxlab never
+downloads an evaluation set on its own.
 Each failure is one ConfigError line naming the task and the fix."""
 
 from __future__ import annotations
@@ -32,26 +33,31 @@ def mteb_module() -> Any:
     return mteb
 
 
-def download_command(task: Any) -> str:
-    """The command that puts the task's data in the Hugging Face cache, at mteb's revision."""
-    dataset = task.metadata.dataset
-    revision = dataset.get("revision")
-    return (f"hf download {dataset['path']} --repo-type dataset"
-            + (f" --revision {revision}" if revision else ""))
+def fetch_command(task: Any) -> str:
+    """The command that loads the task's data once through mteb (the network open), leaving it
+    in the datasets cache an offline run reads."""
+    return (f'python -c "import mteb; mteb.get_task(\'{task.metadata.name}\').load_data()" '
+            "(HF_HUB_OFFLINE unset)")
 
 
 def is_cached(task: Any, cache_dir: str | None = None) -> bool:
-    """Whether the task's dataset repository, at the revision mteb pins, is in the local
-    Hugging Face cache (`cache_dir`: that cache's folder; None: HF_HUB_CACHE's)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    """Whether the task's dataset is in the local datasets cache (`cache_dir`; None:
+    HF_DATASETS_CACHE's), where datasets' own offline loading looks for it (its
+    CachedDatasetModuleFactory: a dataset loaded once before); a Hugging Face hub snapshot
+    alone does not load offline."""
+    import logging
 
-    dataset = task.metadata.dataset
+    from datasets.load import CachedDatasetModuleFactory
+
+    quiet = logging.getLogger("datasets.load")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "using the latest cached version" note
     try:
-        snapshot_download(dataset["path"], repo_type="dataset", revision=dataset.get("revision"),
-                          cache_dir=cache_dir, local_files_only=True)
-    except LocalEntryNotFoundError:
+        CachedDatasetModuleFactory(task.metadata.dataset["path"], cache_dir=cache_dir).get_module()
+    except FileNotFoundError:
         return False
+    finally:
+        quiet.setLevel(level)
     return True
 
 
@@ -80,6 +86,6 @@ def check_mteb_entries(entries: Sequence[str], cache_dir: str | None = None) -> 
     for entry, task in zip(entries, tasks):
         if not is_cached(task, cache_dir):
             raise ConfigError(f"{entry}: its data ({task.metadata.dataset['path']}) is not in the "
-                              "local Hugging Face cache; fetch it once where the network is "
-                              f"open: {download_command(task)}")
+                              "local Hugging Face datasets cache; load it once where the network "
+                              f"is open: {fetch_command(task)}")
     return tasks
