@@ -146,3 +146,33 @@ def test_training_eval_tasks_refuse_mteb() -> None:
                        r"scored at a training run's evaluations; score the finished embedder "
                        r"with `mlxlab eval RUN --tasks mteb:SciFact`$"):
         TaskSettings(tasks=("mteb:SciFact",))
+
+
+@pytest.mark.slow  # mteb's evaluation again, and an MLflow store
+def test_eval_verb_scores_prints_and_logs_an_mteb_task(tmp_path: Path, capsys,
+                                                      monkeypatch) -> None:
+    """`mlxlab eval FOLDER --tasks mteb:LocalRetrieval --json` with the task made here standing
+    for a cached one (the name check and the cache check give it back): mteb's figures printed,
+    and logged as eval/<task>/<metric> in an eval run."""
+    import json
+
+    from mlflow import MlflowClient
+
+    import mlxlab.evaluation.mteb.tasks as mteb_tasks
+    from mlxlab.cli.main import main
+
+    monkeypatch.setattr(mteb_tasks, "check_mteb_entries", lambda entries: [LocalRetrieval()])
+    folder = write_tiny_folder(tmp_path / "tiny")
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    [expected] = score_mteb(MlxlabEncoder(TextEmbedder(folder)), [LocalRetrieval()], 8)
+    capsys.readouterr()
+    assert main(["eval", str(folder), "--tasks", "mteb:LocalRetrieval", "--uri", uri,
+                 "--batch-size", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    task = report["tasks"]["LocalRetrieval"]
+    assert report["kind"] == "sentence-transformers" and task["kind"] == KIND
+    assert task["metrics"]["ndcg_at_10"]["value"] == expected.metrics["ndcg_at_10"]
+    run = MlflowClient(tracking_uri=uri).get_run(report["run_id"])
+    assert run.data.metrics["eval/LocalRetrieval/ndcg_at_10"] == pytest.approx(
+        expected.metrics["ndcg_at_10"])
+    assert run.data.params["tasks"] == "mteb:LocalRetrieval"

@@ -45,7 +45,9 @@ embedder run, scored by mteb itself; a task's data must be in the local Hugging 
 
 from __future__ import annotations
 
+import argparse
 import json
+from typing import Any
 
 from mlxlab.cli.common import add_run_arguments, guarded, parser_for
 from mlxlab.evaluation.lm_eval.arguments import add_harness_arguments
@@ -219,7 +221,7 @@ def eval_tasks(args) -> int:
     return 0
 
 
-def eval_tracker(args):
+def eval_tracker(args: argparse.Namespace) -> Any:
     """The MLflow tracker of an eval run (None with --no-track), its store probed now."""
     from pathlib import Path
 
@@ -234,7 +236,7 @@ def eval_tracker(args):
     return tracker
 
 
-def eval_mteb(args, entries: list[str]) -> int:
+def eval_mteb(args: argparse.Namespace, entries: list[str]) -> int:
     """`mlxlab eval EMBEDDER --tasks mteb:NAME,...`: mteb scores, printed and logged as the
     other tasks' (evaluation/mteb/command_line.py)."""
     import tempfile
@@ -260,7 +262,8 @@ def eval_mteb(args, entries: list[str]) -> int:
     return 0
 
 
-def print_report(args, source, scores, run_id: str | None, groups: dict[str, float]) -> None:
+def print_report(args: argparse.Namespace, source: Any, scores: list, run_id: str | None,
+                 groups: dict[str, float]) -> None:
     """The scores as --json's object or task_table's lines."""
     from mlxlab.evaluation.results import intervals
 
