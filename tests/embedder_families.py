@@ -1,7 +1,8 @@
 """Tiny random embedders of the families beyond BERT, each written by transformers and
 sentence-transformers themselves (their own config, weights and folder layout): RoBERTa and
-XLM-RoBERTa (mean pooling), and a Qwen3 decoder (Qwen3-Embedding's layout: last-token pooling,
-the tokenizer padding on the left and ending each text with <|endoftext|>, a `query` prompt).
+XLM-RoBERTa (mean pooling), a Qwen3 decoder (Qwen3-Embedding's layout: last-token pooling,
+the tokenizer padding on the left and ending each text with <|endoftext|>, a `query` prompt),
+and a ModernBERT (global and sliding-window layers, a window shorter than the longest text).
 The tokenizer is a byte-level BPE trained on a few sentences; nothing is downloaded."""
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ def write_roberta(folder: Path, xlm: bool = False) -> Path:
     """A 2-layer RoBERTa (or XLM-RoBERTa: the same layout, its own model_type) with mean
     pooling and Normalize, saved by sentence-transformers."""
     import torch
-    from sentence_transformers import SentenceTransformer, models
     from transformers import (
         PreTrainedTokenizerFast,
         RobertaConfig,
@@ -58,11 +58,19 @@ def write_roberta(folder: Path, xlm: bool = False) -> Path:
     config = config_class(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                           num_attention_heads=4, intermediate_size=FFN,
                           max_position_embeddings=40, pad_token_id=1, type_vocab_size=1)
+    return _mean_pooled(model_class(config, add_pooling_layer=False), tok, folder, 38)
+
+
+def _mean_pooled(model, tok, folder: Path, max_seq_length: int) -> Path:
+    """`model` and `tok` (saved beside `folder`) with mean pooling and Normalize, saved by
+    sentence-transformers at `folder`."""
+    from sentence_transformers import SentenceTransformer, models
+
     encoder = folder.with_name(folder.name + "-hf")
-    model_class(config, add_pooling_layer=False).save_pretrained(encoder)
+    model.save_pretrained(encoder)
     tok.save_pretrained(encoder)
     st = SentenceTransformer(modules=[
-        models.Transformer(str(encoder), max_seq_length=38),
+        models.Transformer(str(encoder), max_seq_length=max_seq_length),
         models.Pooling(HIDDEN, pooling_mode="mean"), models.Normalize()], device="cpu")
     st.save(str(folder))
     return folder
@@ -93,3 +101,33 @@ def write_qwen3(folder: Path) -> Path:
         prompts={"query": QUERY_PROMPT, "document": ""}, device="cpu")
     st.save(str(folder))
     return folder
+
+
+def write_modernbert(folder: Path) -> Path:
+    """A 4-layer ModernBERT (every second layer global, the others a sliding window of 8
+    tokens; biases on, weights drawn wider than transformers' init so that every part shows)
+    with mean pooling and Normalize, saved by sentence-transformers."""
+    import torch
+    from tokenizers import processors
+    from transformers import ModernBertConfig, ModernBertModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(3)
+    bpe = _bpe(["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"], trail="[SEP]")
+    bpe.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", bpe.token_to_id("[CLS]")),
+                                                 ("[SEP]", bpe.token_to_id("[SEP]"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, cls_token="[CLS]", pad_token="[PAD]",
+                                  sep_token="[SEP]", unk_token="[UNK]", mask_token="[MASK]")
+    ids = {f"{name}_token_id": tok.convert_tokens_to_ids(token) for name, token in
+           [("pad", "[PAD]"), ("bos", "[CLS]"), ("eos", "[SEP]"), ("cls", "[CLS]"),
+            ("sep", "[SEP]")]}
+    config = ModernBertConfig(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=4,
+                              num_attention_heads=4, intermediate_size=48,
+                              max_position_embeddings=64, local_attention=8,
+                              global_attn_every_n_layers=2, norm_bias=True, attention_bias=True,
+                              mlp_bias=True, **ids)
+    model = ModernBertModel(config)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.add_(torch.randn_like(weight) * 0.1)
+    return _mean_pooled(model, tok, folder, 40)

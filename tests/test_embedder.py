@@ -125,7 +125,7 @@ def test_folders_that_are_not_embedders_mlxlab_reads_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="'whisper', neither an encoder .* nor a decoder"):
         load_sentence_embedder(other)
     mpnet = write_folder(tmp_path / "mpnet", {"model_type": "mpnet"})
-    with pytest.raises(ConfigError, match="another encoder family.*ModernBERT, MPNet"):
+    with pytest.raises(ConfigError, match="another encoder family.*MPNet and DeBERTa are not supported"):
         load_sentence_embedder(mpnet)
     plain = tmp_path / "plain"
     plain.mkdir()

@@ -1,16 +1,19 @@
-"""Embedders beyond BERT: RoBERTa and XLM-RoBERTa (positions counted from pad_token_id + 1) and
-a Qwen3 decoder as Qwen3-Embedding lays one out (mlx-lm's decoder stack, last-token pooling,
-left padding, an instruction prompt), each a tiny random model written by transformers and
-sentence-transformers: mlxlab's vectors equal sentence-transformers' `encode` (slow: the
-reference is sentence-transformers', ~15 s to import on 2 cores). By default: a decoder's
-vector does not depend on which side its batch is padded."""
+"""Embedders beyond BERT: RoBERTa and XLM-RoBERTa (positions counted from pad_token_id + 1), a
+Qwen3 decoder as Qwen3-Embedding lays one out (mlx-lm's decoder stack, last-token pooling,
+left padding, an instruction prompt) and ModernBERT (mlx-embeddings' MLX code, global and
+sliding-window layers), each a tiny random model written by transformers and
+sentence-transformers: mlxlab's vectors equal sentence-transformers' `encode`, and a ModernBERT
+fine-tunes on the training loop into a folder sentence-transformers reads (slow: the reference
+is sentence-transformers', ~15 s to import on 2 cores). By default: a decoder's vector does not
+depend on which side its batch is padded; a ModernBERT folder without mlx-embeddings is one
+line."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from embedder_families import QUERY_PROMPT, TEXTS, write_qwen3, write_roberta
+from embedder_families import QUERY_PROMPT, TEXTS, write_modernbert, write_qwen3, write_roberta
 from mlxlab.errors import ConfigError
 from mlxlab.models.sentence_folder import TextEmbedder
 
@@ -21,12 +24,19 @@ def assert_equal_vectors(ours: np.ndarray, reference: np.ndarray, what: str) -> 
     assert ours.shape == reference.shape and gap < 1e-5, (what, gap)
 
 
+def write_family(family: str, folder):
+    if family == "modernbert":
+        pytest.importorskip("mlx_embeddings", reason="ModernBERT runs on mlx-embeddings")
+        return write_modernbert(folder)
+    return (write_qwen3(folder) if family == "qwen3"
+            else write_roberta(folder, xlm=family == "xlm-roberta"))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "qwen3"])
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "qwen3", "modernbert"])
 def test_family_matches_sentence_transformers(family, tmp_path):
     st = pytest.importorskip("sentence_transformers", reason="the reference is sentence-transformers'")
-    folder = (write_qwen3(tmp_path / family) if family == "qwen3"
-              else write_roberta(tmp_path / family, xlm=family == "xlm-roberta"))
+    folder = write_family(family, tmp_path / family)
     reference_model = st.SentenceTransformer(str(folder), device="cpu")
     embedder = TextEmbedder(folder)
     assert embedder.dimension == 32 and embedder.normalizes
@@ -62,3 +72,51 @@ def test_decoder_vectors_do_not_depend_on_the_padding_side():
     alone = np.concatenate([np.array(model(mx.array([r]))) for r in rows])
     np.testing.assert_allclose(np.array(model(right, right_mask)), alone, atol=1e-5)
     np.testing.assert_allclose(np.array(model(left, left_mask)), alone, atol=1e-5)
+
+
+def test_modernbert_without_mlx_embeddings_is_one_line(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from mlxlab.models.embedder_model import EmbedderModel
+
+    folder = tmp_path / "modernbert"
+    (folder / "1_Pooling").mkdir(parents=True)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "modernbert", "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 48}))
+    for name in ("mlx_embeddings", "mlx_embeddings.models", "mlx_embeddings.models.modernbert"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed (imported or not)
+    with pytest.raises(ConfigError, match=r"^a ModernBERT encoder runs on mlx-embeddings' MLX "
+                       r"code: pip install \"mlxlab\[modernbert\]\"$"):
+        EmbedderModel.check_config({"pretrained": str(folder)})
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "modernbert", "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 48, "hidden_activation": "silu"}))
+    with pytest.raises(ConfigError, match="hidden_activation='silu'; mlxlab's ModernBERT has gelu"):
+        EmbedderModel.check_config({"pretrained": str(folder)})
+
+
+@pytest.mark.slow  # sentence-transformers writes the folder and reads the fine-tune back
+def test_modernbert_fine_tunes_and_sentence_transformers_reads_it(tmp_path):
+    """A few MNRL steps, every weight and with LoRA (on Wqkv, ModernBERT's default): the best
+    evaluation is after step 0, the written folder holds new weights, and sentence-transformers'
+    vectors of it equal mlxlab's."""
+    st = pytest.importorskip("sentence_transformers")
+    from test_embedding_training import FAST, train_in
+
+    base = write_family("modernbert", tmp_path / "base")
+    before = TextEmbedder(base).encode(TEXTS)
+    for name, extra in [("full", []), ("lora", ["model.lora.rank=4"])]:
+        run_dir, metrics = train_in(tmp_path / name, *FAST, f"model.pretrained={base}",
+                                    "trainer.max_steps=8", *extra)
+        assert metrics["best_step"] > 0, name
+        written = run_dir / "sentence_transformer"
+        ours = TextEmbedder(written).encode(TEXTS)
+        assert float(np.abs(ours - before).max()) > 1e-3, name  # the weights moved
+        assert_equal_vectors(ours, st.SentenceTransformer(str(written), device="cpu").encode(
+            TEXTS, batch_size=4), f"modernbert fine-tuned ({name})")

@@ -35,11 +35,19 @@ models above, a run's LoRA adapters unfused (docs/guide/evaluation.md):
 
     mlxlab eval outputs/ft/<time> --tasks arc_easy,gsm8k,my_task.yaml --num-fewshot 5 --limit 200
     mlxlab eval HuggingFaceTB/SmolLM2-135M-Instruct --tasks ifeval --apply-chat-template
+
+MTEB's retrieval tasks (the mteb extra) on a text embedder, a sentence-transformers folder or an
+embedder run, scored by mteb itself; a task's data must be in the local Hugging Face cache
+(docs/guide/embeddings.md):
+
+    mlxlab eval outputs/embed_retrieval/<time> --tasks mteb:SciFact,mteb:NFCorpus
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+from typing import Any
 
 from mlxlab.cli.common import add_run_arguments, guarded, parser_for
 from mlxlab.evaluation.lm_eval.arguments import add_harness_arguments
@@ -60,7 +68,8 @@ def main(argv: list[str]) -> int:
     tasks = parser.add_argument_group("evaluation tasks")
     tasks.add_argument("--tasks", nargs="?", const="", default=None, metavar="A,B,...",
                        help="lm-eval-harness tasks, groups or task YAML files (arc_easy,gsm8k,"
-                       "my_task.yaml) and jsonl task files, comma-separated; alone, scores the "
+                       "my_task.yaml) and jsonl task files, or MTEB retrieval tasks on an "
+                       "embedder (mteb:SciFact), comma-separated; alone, scores the "
                        "files as tasks even for a run and one text jsonl (a perplexity task)")
     tasks.add_argument("--max-new-tokens", type=int, default=32,
                        help="generation tasks: greedy decoding's token limit")
@@ -183,7 +192,7 @@ def eval_tasks(args) -> int:
         score_harness_entries,
         split_entries,
     )
-    from mlxlab.evaluation.results import intervals
+    from mlxlab.evaluation.mteb.command_line import mteb_entries
     from mlxlab.evaluation.settings import TaskSettings
     from mlxlab.evaluation.tasks import read_tasks
     from mlxlab.runs.named_model import load_eval_model, refuse_reward_model
@@ -193,19 +202,14 @@ def eval_tasks(args) -> int:
     refuse_reward_model(args.run)  # before the store is touched
     stop = ("\n",) if args.stop is None else tuple(s for s in args.stop if s)
     entries = [*args.data, *(t.strip() for t in (args.tasks or "").split(",") if t.strip())]
+    if mteb_entries(entries):
+        return eval_mteb(args, entries)
     files, harness = split_entries(entries)
     settings = TaskSettings(tasks=tuple(files), batch_size=args.batch_size or 16,
                             max_new_tokens=args.max_new_tokens, stop=stop, chat=args.chat)
     tasks = read_tasks(files) if files else []
     options = harness_options(args, harness)
-    tracker = None
-    if not args.no_track:
-        from mlxlab.tracking.mlflow.tracker import MlflowTracker
-
-        tracker = MlflowTracker(uri=args.uri, experiment_name=args.experiment,
-                                run_name=f"eval-{Path(args.run).expanduser().resolve().name}",
-                                async_logging=False)
-        tracker.probe()  # a store that does not answer fails now, not after the scoring
+    tracker = eval_tracker(args)
     source = load_eval_model(args.run, args.checkpoint, args.chat)
     with tempfile.TemporaryDirectory(prefix="mlxlab-eval-") as tmp:
         folder = Path(args.out).expanduser() if args.out else Path(tmp) / "eval_tasks"
@@ -213,6 +217,56 @@ def eval_tasks(args) -> int:
         scores = evaluate_tasks(source, tasks, settings, folder, scores)
         run_id = log_eval_run(tracker, source, tasks, settings, scores, folder,
                               harness, options, groups) if tracker is not None else None
+    print_report(args, source, scores, run_id, groups)
+    return 0
+
+
+def eval_tracker(args: argparse.Namespace) -> Any:
+    """The MLflow tracker of an eval run (None with --no-track), its store probed now."""
+    from pathlib import Path
+
+    if args.no_track:
+        return None
+    from mlxlab.tracking.mlflow.tracker import MlflowTracker
+
+    tracker = MlflowTracker(uri=args.uri, experiment_name=args.experiment,
+                            run_name=f"eval-{Path(args.run).expanduser().resolve().name}",
+                            async_logging=False)
+    tracker.probe()  # a store that does not answer fails now, not after the scoring
+    return tracker
+
+
+def eval_mteb(args: argparse.Namespace, entries: list[str]) -> int:
+    """`mlxlab eval EMBEDDER --tasks mteb:NAME,...`: mteb scores, printed and logged as the
+    other tasks' (evaluation/mteb/command_line.py)."""
+    import tempfile
+    from pathlib import Path
+
+    from mlxlab.evaluation.eval_run import log_eval_run
+    from mlxlab.evaluation.mteb.command_line import load_embedder, score_mteb_entries
+    from mlxlab.evaluation.mteb.tasks import check_mteb_entries
+    from mlxlab.evaluation.results import write_scores
+    from mlxlab.evaluation.settings import TaskSettings
+
+    tasks = check_mteb_entries(entries)  # before the model is loaded or the store touched
+    settings = TaskSettings(batch_size=args.batch_size or 32)
+    tracker = eval_tracker(args)
+    embedder, source = load_embedder(args.run)
+    with tempfile.TemporaryDirectory(prefix="mlxlab-eval-") as tmp:
+        folder = Path(args.out).expanduser() if args.out else Path(tmp) / "eval_tasks"
+        scores = score_mteb_entries(embedder, entries, settings.batch_size, tasks)
+        write_scores(scores, folder)
+        run_id = log_eval_run(tracker, source, [], settings, scores, folder,
+                              entries) if tracker is not None else None
+    print_report(args, source, scores, run_id, {})
+    return 0
+
+
+def print_report(args: argparse.Namespace, source: Any, scores: list, run_id: str | None,
+                 groups: dict[str, float]) -> None:
+    """The scores as --json's object or task_table's lines."""
+    from mlxlab.evaluation.results import intervals
+
     styles = sorted({s.prompts for s in scores})
     report = {"model": str(source.path), "kind": source.kind,
               # each task's own style is in its entry: lm-eval's are plain unless
@@ -228,7 +282,6 @@ def eval_tasks(args) -> int:
             k: {"value": v, "low": bounds.get(k, (v, None, None))[1],
                 "high": bounds.get(k, (v, None, None))[2]} for k, v in s.metrics.items()}}
     print(json.dumps(report) if args.json else task_table(report))
-    return 0
 
 
 def task_table(report: dict) -> str:

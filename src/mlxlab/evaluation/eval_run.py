@@ -54,12 +54,13 @@ def log_eval_run(tracker, source: EvalModel, tasks: Sequence[Task], settings: Ta
                  harness: Sequence[str] = (), options: Any = None,
                  groups: dict[str, float] | None = None) -> str | None:
     """The scores as a finished run of `tracker` (started here): params (the model, tasks and
-    settings; lm-eval's `harness` entries and `options`), tags (eval_tags), metrics at step 0
+    settings; lm-eval's or MTEB's `harness` entries, lm-eval's `options`), tags (eval_tags), metrics at step 0
     (lm-eval's `groups` too), the folder as artifacts eval_tasks/. Returns the run's id."""
     params = {"model": str(source.path), "model_kind": source.kind,
               "checkpoint": str(source.checkpoint or ""),
               "tasks": ",".join([*(str(t.path) for t in tasks), *harness]),
-              **({f"lm_eval.{k}": v for k, v in asdict(options).items()} if harness else {}),
+              **({f"lm_eval.{k}": v for k, v in asdict(options).items()}
+                 if harness and options is not None else {}),
               "eval.batch_size": settings.batch_size,
               "eval.max_new_tokens": settings.max_new_tokens,
               "eval.stop": repr(list(settings.stop)),

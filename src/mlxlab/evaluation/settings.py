@@ -7,7 +7,12 @@ from dataclasses import dataclass, field
 
 from mlxlab.config.records import check_choice, check_number
 from mlxlab.errors import ConfigError
-from mlxlab.evaluation.lm_eval.tasks import HarnessOptions, check_entries, is_harness_entry
+from mlxlab.evaluation.lm_eval.tasks import (
+    MTEB_PREFIX,
+    HarnessOptions,
+    check_entries,
+    is_harness_entry,
+)
 from mlxlab.evaluation.tasks import read_tasks
 
 CHAT_MODES = ("auto", "template", "plain")
@@ -58,6 +63,11 @@ class TaskSettings:
                               "e.g. eval.tasks=[a.jsonl,b.jsonl]")
         object.__setattr__(self, "tasks", tuple(str(t) for t in tasks))
         object.__setattr__(self, "stop", tuple(str(s) for s in (self.stop or ())))
+        mteb = [t for t in self.tasks if t.startswith(MTEB_PREFIX)]
+        if mteb:  # mteb's evaluation takes minutes per task: once, on the finished embedder
+            raise ConfigError(f"eval.tasks: {mteb[0]} is an MTEB task, not scored at a training "
+                              f"run's evaluations; score the finished embedder with `mlxlab eval "
+                              f"RUN --tasks {mteb[0]}`")
         check_number("eval.batch_size", self.batch_size, int, 1)
         check_number("eval.max_new_tokens", self.max_new_tokens, int, 1)
         check_choice("eval.chat", self.chat, CHAT_MODES)

@@ -18,10 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
+from mlxlab.models.config_sizes import ConfigSizes
 from mlxlab.models.mlx_lm_classes import model_classes, rope_keys
 
 
-class DecoderEncoder(nn.Module):
+class DecoderEncoder(ConfigSizes, nn.Module):
     """(input_ids, attention_mask) -> (B, T, hidden) of the decoder stack `hf_config` describes
     (its weights assigned afterwards: load_weights with `decoder.`-prefixed HF names)."""
 
@@ -36,21 +37,6 @@ class DecoderEncoder(nn.Module):
                               "Llama-like decoder's (llama, qwen2, qwen3, mistral, ...)")
         self.decoder = lm.model
         self.hf_config = config
-        self._max_length = int(config.get("max_position_embeddings") or 4096)
-        self._hidden = int(config["hidden_size"])
-
-    @property
-    def max_length(self) -> int:
-        """The longest input it reads (its max_position_embeddings)."""
-        return self._max_length
-
-    @property
-    def hidden_size(self) -> int:
-        return self._hidden
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.hf_config["vocab_size"])
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
                  token_type_ids: mx.array | None = None) -> mx.array:

@@ -2,8 +2,9 @@
 
 The layout of a sentence-transformers model (Transformer -> Pooling -> Dense* -> Normalize).
 The Transformer is mlxlab's BertEncoder (BERT, and RoBERTa / XLM-R with their position offset),
-whose parameter names are the BERT classifier's (encoder.*), or a decoder's stack through mlx-lm
-(decoder_encoder.py: encoder.decoder.*); then dense.N.linear.* (and dense.N.residual.* where a
+whose parameter names are the BERT classifier's (encoder.*), a decoder's stack through mlx-lm
+(decoder_encoder.py: encoder.decoder.*), or ModernBERT through mlx-embeddings
+(modernbert_encoder.py: encoder.* in transformers' ModernBertModel names); then dense.N.linear.* (and dense.N.residual.* where a
 Dense adds a projected residual). sentence_folder.py reads such a folder into one.
 """
 
@@ -17,6 +18,7 @@ import mlx.nn as nn
 from mlxlab.errors import ConfigError
 from mlxlab.models.bert import BertEncoder
 from mlxlab.models.decoder_encoder import DecoderEncoder
+from mlxlab.models.modernbert_config import require_mlx_embeddings
 from mlxlab.models.pooling import POOLERS, pool
 
 # the activations a Dense layer may name (torch's class names), as MLX functions
@@ -51,12 +53,25 @@ class Dense(nn.Module):
         return out + (self.residual(x) if "residual" in self else x)
 
 
+def _encoder(settings: Mapping) -> nn.Module:
+    """The encoder `settings` describe (SentenceEmbedder's `encoder`)."""
+    if "hf_config" in settings:
+        return DecoderEncoder(settings["hf_config"])
+    if "modernbert" in settings:
+        require_mlx_embeddings()  # one line naming the install, before the import below
+        from mlxlab.models.modernbert_encoder import ModernBertEncoder
+
+        return ModernBertEncoder(settings["modernbert"], settings.get("dropout"))
+    return BertEncoder(**settings)
+
+
 class SentenceEmbedder(nn.Module):
     """(input_ids, attention_mask) -> (B, dim) text vectors, unit length where `normalize`.
 
     `encoder` holds BertEncoder's keyword arguments (bert_config_from_hf's sizes, and
-    `padding_idx` for RoBERTa's positions), or {"hf_config": a decoder's config.json} for a
-    decoder's stack; `pooling` the modes of pooling.py, concatenated in order; `dense` one
+    `padding_idx` for RoBERTa's positions), {"hf_config": a decoder's config.json} for a
+    decoder's stack, or {"modernbert": its config.json, "dropout": None or an override} for
+    ModernBERT (modernbert_encoder.py, on mlx-embeddings); `pooling` the modes of pooling.py, concatenated in order; `dense` one
     Dense's keyword arguments per layer, applied in order after pooling. Batches may be right-
     or left-padded.
     """
@@ -67,8 +82,7 @@ class SentenceEmbedder(nn.Module):
         unknown = [mode for mode in pooling if mode not in POOLERS]
         if unknown or not pooling:
             raise ConfigError(f"pooling {list(pooling)}; give one or more of {', '.join(POOLERS)}")
-        self.encoder = (DecoderEncoder(encoder["hf_config"]) if "hf_config" in encoder
-                        else BertEncoder(**encoder))
+        self.encoder = _encoder(encoder)
         self.pooling = tuple(pooling)
         self.dense = [Dense(**layer) for layer in dense]
         self.normalize = normalize

@@ -29,6 +29,7 @@ from mlxlab.models.sentence_folder_save import save_sentence_folder
 from mlxlab.models.sources import describe, model_folder
 
 NATIVE_FOLDER = "sentence_transformer"  # in the run folder
+LORA_DEFAULTS = {"ModernBertEncoder": ("Wqkv",)}  # by the encoder's class; else BERT's
 
 
 class EmbedderModel(SentenceEmbedder, Model):
@@ -48,18 +49,21 @@ class EmbedderModel(SentenceEmbedder, Model):
             check_number("model.dropout", dropout, float, 0.0)
             settings["encoder"]["dropout"] = float(dropout)
         super().__init__(**settings)
-        check_vocab(vocab_size, settings["encoder"]["vocab_size"], folder)
+        check_vocab(vocab_size, self.encoder.vocab_size, folder)
         load_folder_weights(self, folder, modules)
-        maybe_apply_lora(self, lora)
+        # LoRA's default layers: BERT's query and value, ModernBERT's fused query-key-value
+        maybe_apply_lora(self, lora, LORA_DEFAULTS.get(type(self.encoder).__name__,
+                                                       ("query", "value")))
         self.folder = folder
-        self.max_seq_len = settings["encoder"]["max_position"]
+        self.max_seq_len = self.encoder.max_length
         self._architecture = {**settings["encoder"], "pooling": list(self.pooling),
                               "dense": len(self.dense), "normalize": self.normalize}
 
     @classmethod
     def check_config(cls, node: Mapping[str, Any]) -> None:
-        """A local folder that is no sentence-transformers BERT embedder (a decoder, another
-        encoder family, no modules.json) is one line before anything is created."""
+        """A local folder that is no sentence-transformers embedder mlxlab reads (another
+        encoder family, no modules.json, ModernBERT without mlx-embeddings) is one line before
+        anything is created."""
         pretrained = node.get("pretrained")
         if not pretrained:
             raise ConfigError("model.pretrained must be set: a sentence-transformers folder "

@@ -1,9 +1,10 @@
 """A sentence-transformers model folder as an mlxlab SentenceEmbedder with its tokenizer.
 
 The folder's modules.json lists its modules in order: a Transformer (config.json and
-*.safetensors in its path: a BERT, RoBERTa or XLM-RoBERTa encoder, or a decoder mlx-lm has, as
-Qwen3-Embedding's), a Pooling (1_Pooling/config.json: the modes), any number of Dense layers
-(their config.json and model.safetensors) and a last Normalize. The tokenizer is the Transformer
+*.safetensors in its path: a BERT, RoBERTa or XLM-RoBERTa encoder, a ModernBERT through
+mlx-embeddings, or a decoder mlx-lm has, as Qwen3-Embedding's), a Pooling (1_Pooling/config.json:
+the modes), any number of Dense layers (their config.json and model.safetensors) and a last
+Normalize. The tokenizer is the Transformer
 path's tokenizer.json, truncated where sentence-transformers truncates (sentence_bert_config.json's
 max_seq_length, else tokenizer_config.json's model_max_length, at most the positions the
 encoder has) and padded on the right to the longest text of a batch; a text is prefixed with
@@ -14,7 +15,7 @@ that is no such model is one ConfigError / MissingFileError naming what is wrong
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,9 +23,11 @@ import numpy as np
 from tokenizers import Tokenizer, normalizers
 
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.bert import BertEncoder
 from mlxlab.models.decoder_encoder import DecoderEncoder
 from mlxlab.models.embedder import ACTIVATIONS, SentenceEmbedder
 from mlxlab.models.hf import assign_weights, bert_config_from_hf, hf_to_mlxlab_name, weight_files
+from mlxlab.models.modernbert_config import check_modernbert_config, require_mlx_embeddings
 from mlxlab.models.pooling import pooling_modes
 from mlxlab.runtime.memory.io_threads import load_arrays
 
@@ -33,8 +36,8 @@ MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta")
 OFFSET_POSITIONS = ("roberta", "xlm-roberta")
 # encoders sentence-transformers ships that BertEncoder does not cover (attention, layout)
-OTHER_ENCODERS = ("modernbert", "mpnet", "distilbert", "deberta-v2", "electra", "nomic_bert",
-                  "new")
+OTHER_ENCODERS = ("mpnet", "distilbert", "deberta-v2", "electra", "nomic_bert", "new")
+MODERNBERT = "modernbert"  # through mlx-embeddings (modernbert_encoder.py)
 
 
 def _json(path: Path) -> dict | list:
@@ -85,14 +88,19 @@ def read_modules(folder: Path) -> list[tuple[str, Path]]:
 def encoder_sizes(path: Path) -> dict:
     """SentenceEmbedder's `encoder` settings from the Transformer module's config.json:
     BertEncoder's keyword arguments for a BERT-layout encoder, {"hf_config": config} for a
-    decoder mlx-lm has; another encoder family is one line naming what is supported."""
+    decoder mlx-lm has, {"modernbert": config} for ModernBERT (mlx-embeddings installed);
+    another encoder family is one line naming what is supported."""
     config = _json(path / "config.json")
     model_type = config.get("model_type", "bert")  # as bert_config_from_hf reads an old config
     if model_type in OTHER_ENCODERS:
         raise ConfigError(f"{path}/config.json has model_type={model_type!r}, another encoder "
-                          f"family; mlxlab embeds with {', '.join(ENCODER_TYPES)} encoders and "
-                          "mlx-lm's decoders (Qwen3-Embedding); ModernBERT, MPNet and DeBERTa "
-                          "are not supported")
+                          f"family; mlxlab embeds with {', '.join(ENCODER_TYPES)} and "
+                          "ModernBERT encoders and mlx-lm's decoders (Qwen3-Embedding); MPNet "
+                          "and DeBERTa are not supported")
+    if model_type == MODERNBERT:
+        check_modernbert_config(config, f"{path}/config.json")
+        require_mlx_embeddings()
+        return {"modernbert": config}
     if model_type not in ENCODER_TYPES:
         return _decoder_settings(path, config)
     if config.get("is_decoder"):
@@ -174,6 +182,25 @@ def _decoder_name(name: str) -> str | None:
     return None if name.startswith("lm_head.") else f"encoder.decoder.{name.removeprefix('model.')}"
 
 
+def _modernbert_name(name: str) -> str | None:
+    """A ModernBERT checkpoint's name (its base model's, or a masked LM's `model.`-prefixed) as
+    ours; the masked LM's head is not an embedder's."""
+    if name.startswith("dense."):
+        return name
+    return None if name.startswith(("head.", "decoder.")) \
+        else f"encoder.{name.removeprefix('model.')}"
+
+
+def checkpoint_renamer(model: SentenceEmbedder) -> Callable[[str], str | None]:
+    """A checkpoint name -> the model's name (None: a tensor an embedder does not hold), for
+    the model's encoder."""
+    if isinstance(model.encoder, DecoderEncoder):
+        return _decoder_name
+    if isinstance(model.encoder, BertEncoder):
+        return _encoder_name
+    return _modernbert_name
+
+
 def load_sentence_embedder(folder: str | Path) -> SentenceEmbedder:
     """The SentenceEmbedder of a sentence-transformers folder, its weights loaded, in eval mode."""
     return _embedder(Path(folder), read_modules(Path(folder)))
@@ -200,8 +227,7 @@ def embedder_settings(modules: list[tuple[str, Path]]) -> dict:
 def load_folder_weights(model: SentenceEmbedder, folder: Path,
                         modules: list[tuple[str, Path]]) -> None:
     """The folder's weights into `model` (built from embedder_settings; LoRA-wrapped or not)."""
-    rename = _decoder_name if isinstance(model.encoder, DecoderEncoder) else _encoder_name
-    loaded, _, missing = assign_weights(model, _weights(modules), rename)
+    loaded, _, missing = assign_weights(model, _weights(modules), checkpoint_renamer(model))
     if missing:
         raise ConfigError(f"{folder} lacks {len(missing)} weights, e.g. {missing[:3]}")
     model.load_weights(list(loaded.items()), strict=False)

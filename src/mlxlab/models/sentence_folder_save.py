@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 
 from mlxlab.errors import ConfigError
 from mlxlab.models.adapter_layer import AdapterLayer
+from mlxlab.models.bert import BertEncoder
 from mlxlab.models.decoder_encoder import DecoderEncoder
 from mlxlab.models.embedder import Dense, SentenceEmbedder
 from mlxlab.models.hf import mlxlab_to_hf_name, weight_files
@@ -89,12 +90,15 @@ def merged_weights(model: SentenceEmbedder) -> dict[str, mx.array]:
 def encoder_weights(model: SentenceEmbedder,
                     weights: dict[str, mx.array] | None = None) -> dict[str, mx.array]:
     """The encoder's parameters (of `weights`, else the model's merged ones) under the Hugging
-    Face base model's names (BertModel's, RobertaModel's, a decoder's Qwen3Model's), float32."""
+    Face base model's names (BertModel's, RobertaModel's, a decoder's Qwen3Model's,
+    ModernBertModel's: its own), float32."""
     weights = merged_weights(model) if weights is None else weights
     params = [(k.removeprefix("encoder."), v) for k, v in weights.items()
               if k.startswith("encoder.")]
     if isinstance(model.encoder, DecoderEncoder):
         return {name.removeprefix("decoder."): value.astype(mx.float32) for name, value in params}
+    if not isinstance(model.encoder, BertEncoder):  # ModernBERT: transformers' names already
+        return {name: value.astype(mx.float32) for name, value in params}
     try:
         return {mlxlab_to_hf_name(f"encoder.{name}").removeprefix("bert."): value.astype(mx.float32)
                 for name, value in params}

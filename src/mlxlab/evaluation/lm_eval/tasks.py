@@ -12,12 +12,14 @@ from typing import Any
 from mlxlab.errors import ConfigError, MissingFileError
 
 KIND_PREFIX = "lm_eval:"
+MTEB_PREFIX = "mteb:"  # evaluation/mteb/tasks.py PREFIX: an entry that is MTEB's
 INSTALL = 'pip install "lm-eval>=0.4,<0.5"'
 
 
 def is_harness_entry(entry: str | Path) -> bool:
-    """An lm-eval task (a name or a YAML file), not one of mlxlab's jsonl tasks."""
-    return not str(entry).endswith(".jsonl")
+    """An lm-eval task (a name or a YAML file), not one of mlxlab's jsonl tasks nor an MTEB
+    task (`mteb:NAME`, evaluation/mteb/)."""
+    return not str(entry).endswith(".jsonl") and not str(entry).startswith(MTEB_PREFIX)
 
 
 def is_harness_kind(kind: str) -> bool:
