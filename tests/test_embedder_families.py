@@ -102,14 +102,15 @@ def test_modernbert_without_mlx_embeddings_is_one_line(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # sentence-transformers writes the folder and reads the fine-tune back
-def test_modernbert_fine_tunes_and_sentence_transformers_reads_it(tmp_path):
-    """A few MNRL steps, every weight and with LoRA (on Wqkv, ModernBERT's default): the best
-    evaluation is after step 0, the written folder holds new weights, and sentence-transformers'
-    vectors of it equal mlxlab's."""
+@pytest.mark.parametrize("family", ["modernbert", "qwen3"])
+def test_a_family_fine_tunes_and_sentence_transformers_reads_it(family, tmp_path):
+    """A few MNRL steps, every weight and with LoRA (each encoder's default layers: Wqkv in
+    ModernBERT): the best evaluation is after step 0, the written folder holds new weights, and
+    sentence-transformers' vectors of it equal mlxlab's."""
     st = pytest.importorskip("sentence_transformers")
     from test_embedding_training import FAST, train_in
 
-    base = write_family("modernbert", tmp_path / "base")
+    base = write_family(family, tmp_path / "base")
     before = TextEmbedder(base).encode(TEXTS)
     for name, extra in [("full", []), ("lora", ["model.lora.rank=4"])]:
         run_dir, metrics = train_in(tmp_path / name, *FAST, f"model.pretrained={base}",
@@ -119,4 +120,4 @@ def test_modernbert_fine_tunes_and_sentence_transformers_reads_it(tmp_path):
         ours = TextEmbedder(written).encode(TEXTS)
         assert float(np.abs(ours - before).max()) > 1e-3, name  # the weights moved
         assert_equal_vectors(ours, st.SentenceTransformer(str(written), device="cpu").encode(
-            TEXTS, batch_size=4), f"modernbert fine-tuned ({name})")
+            TEXTS, batch_size=4), f"{family} fine-tuned ({name})")

@@ -112,6 +112,15 @@ def st_max_length(tokenizer_path: str | Path) -> tuple[int, bool]:
     return int(min(int(length), 10**6)), bool(config.get("do_lower_case"))
 
 
+def folder_pad_id(tokenizer: Tokenizer, tokenizer_path: str | Path) -> int:
+    """The pad token the folder's tokenizer_config.json names (a decoder embedder's
+    `<|endoftext|>`), else the first of PAD_TOKENS the tokenizer knows."""
+    file = Path(tokenizer_path).parent / "tokenizer_config.json"
+    pad = json.loads(file.read_text()).get("pad_token") if file.is_file() else None
+    pad_id = tokenizer.token_to_id(pad["content"] if isinstance(pad, dict) else pad or "")
+    return pad_id if pad_id is not None else find_token_id(tokenizer, PAD_TOKENS, "padding")
+
+
 def keep_tokenizer_files(tokenizer: Tokenizer, source: str | Path, run_dir: Path) -> None:
     """The tokenizer and its sentence_bert_config.json (the truncation length, lower-casing)
     into the run folder, as the model's folder has them."""
@@ -197,7 +206,7 @@ class SentencePairs(FixedBatchRows):
         self.tokenizer.enable_truncation(self.max_length)
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)
         self.vocab_size = self.tokenizer.get_vocab_size()
-        self.pad_id = find_token_id(self.tokenizer, PAD_TOKENS, "padding")
+        self.pad_id = folder_pad_id(self.tokenizer, self.tokenizer_path)
         self.train, self.val = (self._tokens(*self._rows[s]) for s in ("train", "val"))
         if self.retrieval is not None:
             self.query_tokens = self._encode_cached(self.retrieval.queries)

@@ -29,7 +29,7 @@ from mlxlab.models.sentence_folder_save import save_sentence_folder
 from mlxlab.models.sources import describe, model_folder
 
 NATIVE_FOLDER = "sentence_transformer"  # in the run folder
-LORA_DEFAULTS = {"ModernBertEncoder": ("Wqkv",)}  # by the encoder's class; else BERT's
+LORA_DEFAULTS = {"ModernBertEncoder": ("Wqkv",), "DecoderEncoder": ("q_proj", "v_proj")}
 
 
 class EmbedderModel(SentenceEmbedder, Model):
@@ -51,7 +51,8 @@ class EmbedderModel(SentenceEmbedder, Model):
         super().__init__(**settings)
         check_vocab(vocab_size, self.encoder.vocab_size, folder)
         load_folder_weights(self, folder, modules)
-        # LoRA's default layers: BERT's query and value, ModernBERT's fused query-key-value
+        # LoRA's default layers (by the encoder's class): BERT's query and value, ModernBERT's
+        # fused query-key-value, a decoder's q_proj and v_proj (mlx-lm's names)
         maybe_apply_lora(self, lora, LORA_DEFAULTS.get(type(self.encoder).__name__,
                                                        ("query", "value")))
         self.folder = folder
