@@ -162,11 +162,13 @@ def write_record(name: str, figures: dict, *, question: str, reference: str | No
     return path
 
 
-def run_with_peak_rss(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float]:
+def run_with_peak_rss(cmd: list[str], *, what: str | None = None, log: Path | None = None,
+                      **kwargs) -> tuple[subprocess.CompletedProcess, float]:
     """subprocess.run(cmd, capture_output=True, text=True, **kwargs) and the child's peak
     resident memory in MB (its ru_maxrss from wait4: the child's own, not this process's); the
     result also holds `wall_s` and `cpu_s` (user + system: its own work, which waiting for a core
-    on a busy machine does not inflate as it does the wall time)."""
+    on a busy machine does not inflate as it does the wall time). `log`: its output kept there;
+    `what`: a failure raises a RuntimeError naming it, with the output's end."""
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **kwargs)
@@ -176,6 +178,10 @@ def run_with_peak_rss(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedPro
         done = subprocess.CompletedProcess(cmd, os.waitstatus_to_exitcode(status), out.read(),
                                            err.read())
     done.wall_s, done.cpu_s = time.perf_counter() - started, usage.ru_utime + usage.ru_stime
+    if log is not None:
+        log.write_text(done.stdout + done.stderr)
+    if what and done.returncode:
+        raise RuntimeError(f"{what} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
     return done, usage.ru_maxrss / 1024
 
 
@@ -203,8 +209,7 @@ def tiny_hf_model():
     """scripts/tiny_hf_model.py as a module (it loads mlxlab and tokenizers)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "tiny_hf_model.py"
-    spec = importlib.util.spec_from_file_location("tiny_hf_model", path)
+    spec = importlib.util.spec_from_file_location("tiny_hf_model", REPO / "scripts" / "tiny_hf_model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -250,11 +255,49 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     """`rows` as JSON lines in `path`, left alone if it holds them (another process may read it)."""
+    return write_once(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_once(path: Path, text: str) -> Path:
+    """`text` in `path`, left alone if it holds it (another process may be reading it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r) + "\n" for r in rows)
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
     return path
+
+
+def metric_history(client, run: str, key: str) -> list[float]:
+    """An MLflow run's values of `key`, by step."""
+    return [m.value for m in sorted(client.get_metric_history(run, key), key=lambda m: m.step)]
+
+
+def src_env(**extra: str) -> dict:
+    """This process's environment with the checkout's src/ first on PYTHONPATH (its mlxlab wins
+    over an installed one), and `extra`."""
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def float_smollm2(folder: Path) -> Path:
+    """SmolLM2-135M-Instruct as a float32 Hugging Face folder, written once: transformers'
+    reading of the packaged GGUF (tests/real_models.py), its config's leftover
+    `quantization_config` dropped (the weights are plain float32, and transformers asks for the
+    GGUF file again when the config names it)."""
+    if not (folder / "config.json").is_file():
+        sys.path.insert(0, str(REPO / "tests"))
+        from real_models import packaged_model, transformers_reference
+
+        shutil.copytree(transformers_reference(packaged_model()), folder, dirs_exist_ok=True)
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("quantization_config", None)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def refuse_foreign(who: str) -> None:
+    """Exit when this PyTorch process has loaded mlxlab, MLX or mlxlab's BLAS (3.7x slower)."""
+    if leaked := foreign_libraries() + [m for m in ("mlxlab", "mlx.core") if m in sys.modules]:
+        raise SystemExit(f"{who}: the PyTorch process loaded {leaked}; it must not")
 
 
 def print_table(table: dict) -> None:
@@ -274,6 +317,21 @@ def add_smoke(parser: argparse.ArgumentParser) -> None:
     (tests/test_benchmarks_smoke.py runs every script's, so none can rot unseen)."""
     parser.add_argument("--smoke", action="store_true",
                         help="the smallest run through this script's code path; figures mean nothing")
+
+
+def add_options(parser: argparse.ArgumentParser, **options: object) -> None:
+    """`--smoke` (add_smoke) and `--name` (underscores as dashes) for each keyword, in order: its
+    default, or a (default, help) or (default, help, type) tuple; the type is the default's
+    (False: a flag, None: a string)."""
+    for name, spec in options.items():
+        default, text, kind = (*spec, None)[:3] if isinstance(spec, tuple) else (spec, None, None)
+        flag = "--" + name.replace("_", "-")
+        if default is False:
+            parser.add_argument(flag, action="store_true", help=text)
+        else:
+            parser.add_argument(flag, default=default, help=text,
+                                type=kind or (str if default is None else type(default)))
+    add_smoke(parser)
 
 
 def smoke_dir(name: str) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, smoke_dir, write_jsonl, write_record  # noqa: E402
+from benchmarks.harness import add_options, float_smollm2, smoke_dir, write_jsonl, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("tiny_mc", "tiny_gen", "tiny_ppl")
@@ -65,24 +65,37 @@ metric_list: [{{metric: word_perplexity}}, {{metric: byte_perplexity}}, {{metric
 }
 
 
+def sentences() -> list[str]:
+    """The shipped TinyStories sample's sentences of 8 words or more (no full stop)."""
+    from mlxlab.config import asset_path
+
+    text = Path(asset_path("tinystories/sample.txt")).read_text()
+    return [s.strip() for s in text.replace("\n", " ").split(".") if len(s.split()) >= 8]
+
+
+def choice_row(group: list[list[str]], rng) -> dict:
+    """A multiple-choice row of four sentences' words: the first's opening words, its ending
+    among the others' (each cut at a random word)."""
+    cut = [int(rng.integers(3, len(words) - 2)) for words in group]
+    order = rng.permutation(4)
+    endings = [" ".join(words[c:]) + "." for words, c in zip(group, cut)]
+    return {"prompt": " ".join(group[0][:cut[0]]), "choices": [endings[i] for i in order],
+            "answer": int(np.argmax(order == 0))}
+
+
 def write_tasks(folder: Path, questions: int, seed: int = 0) -> list[str]:
     """The three task YAMLs and their jsonl data in `folder`; their paths."""
     from mlxlab.config import asset_path
 
     folder.mkdir(parents=True, exist_ok=True)
     text = Path(asset_path("tinystories/sample.txt")).read_text()
-    sentences = [s.strip() for s in text.replace("\n", " ").split(".") if len(s.split()) >= 8]
+    pool = sentences()
     rng = np.random.default_rng(seed)
-    picked = rng.choice(len(sentences), size=questions * 5, replace=False)
+    picked = rng.choice(len(pool), size=questions * 5, replace=False)
     mc, gen = [], []
     for q in range(questions):
-        group = [sentences[i].split() for i in picked[q * 4:(q + 1) * 4]]
-        cut = [int(rng.integers(3, len(words) - 2)) for words in group]
-        order = rng.permutation(4)
-        endings = [" ".join(words[c:]) + "." for words, c in zip(group, cut)]
-        mc.append({"prompt": " ".join(group[0][:cut[0]]),
-                   "choices": [endings[i] for i in order], "answer": int(np.argmax(order == 0))})
-        words = sentences[picked[questions * 4 + q]].split()
+        mc.append(choice_row([pool[i].split() for i in picked[q * 4:(q + 1) * 4]], rng))
+        words = pool[picked[questions * 4 + q]].split()
         at = int(rng.integers(3, len(words) - 1))
         gen.append({"prompt": " ".join(words[:at]), "answer": words[at].strip(",!?\"'")})
     paragraphs = [p.strip() for p in text.split("\n\n") if 200 < len(p.strip()) < 1200]
@@ -162,46 +175,19 @@ def models(smoke: bool, out: Path) -> tuple[str, Path, Path]:
         return str(folder), folder, folder
     sys.path.insert(0, str(REPO / "tests"))
     from mlxlab.models.sources import resolve
-    from real_models import packaged_model, transformers_reference
+    from real_models import packaged_model
 
     gguf = packaged_model()
-    return str(gguf), plain_folder(transformers_reference(gguf), out / "hf"), \
-        resolve(str(gguf)).folder
-
-
-def plain_folder(reference: Path, target: Path) -> Path:
-    """The reference's files with its config's leftover `quantization_config` (the GGUF it was
-    read from) dropped: the weights are already float32, and transformers asks for the GGUF
-    file again when the config names it."""
-    target.mkdir(parents=True, exist_ok=True)
-    for path in reference.iterdir():
-        if path.name == "config.json":
-            config = json.loads(path.read_text())
-            config.pop("quantization_config", None)
-            (target / path.name).write_text(json.dumps(config, indent=2))
-        elif not (target / path.name).exists():
-            (target / path.name).symlink_to(path)
-    return target
+    return str(gguf), float_smollm2(out / "hf"), resolve(str(gguf)).folder
 
 
 def scorer_rows(questions: int, seed: int = 0) -> list[dict]:
     """The scorer's multiple-choice rows: a TinyStories sentence's first words, its ending among
     three other sentences' (so choices differ in length and acc_norm differs from acc)."""
-    from mlxlab.config import asset_path
-
-    text = Path(asset_path("tinystories/sample.txt")).read_text()
-    sentences = [s.strip() + "." for s in text.replace("\n", " ").split(".") if len(s.split()) >= 8]
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(len(sentences), size=questions * 4, replace=False)
-    rows = []
-    for q in range(questions):
-        group = [sentences[i].split() for i in picked[q * 4:(q + 1) * 4]]
-        cut = [int(rng.integers(3, len(words) - 2)) for words in group]
-        endings = [" ".join(words[c:]) for words, c in zip(group, cut)]
-        order = rng.permutation(4)
-        rows.append({"id": f"s{q}", "prompt": " ".join(group[0][:cut[0]]),
-                     "choices": [endings[i] for i in order], "answer": int(np.argmax(order == 0))})
-    return rows
+    rows, rng = sentences(), np.random.default_rng(seed)
+    picked = rng.choice(len(rows), size=questions * 4, replace=False)
+    return [{"id": f"s{q}", **choice_row([rows[i].split() for i in picked[q * 4:(q + 1) * 4]], rng)}
+            for q in range(questions)]
 
 
 def scorer_parity(out: Path, questions: int) -> tuple[dict, bool]:
@@ -238,14 +224,9 @@ def scorer_parity(out: Path, questions: int) -> tuple[dict, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="/tmp/bench_lm_eval")
-    parser.add_argument("--questions", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rtol", type=float, default=1e-4)
-    parser.add_argument("--skip-mlx-lm", action="store_true")
-    parser.add_argument("--scorer", action="store_true", help="mlxlab's own multiple-choice "
-                        "scorer beside lm-eval's hf model, on a tiny random Llama")
-    add_smoke(parser)
+    add_options(parser, out="/tmp/bench_lm_eval", questions=100, batch_size=8, rtol=1e-4,
+                skip_mlx_lm=False, scorer=(False, "mlxlab's own multiple-choice scorer beside "
+                                           "lm-eval's hf model, on a tiny random Llama"))
     args = parser.parse_args(argv)
     if args.smoke:
         args.out, args.questions, args.skip_mlx_lm = str(smoke_dir("lm_eval")), 4, True

@@ -27,10 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import (
-    add_smoke,
+    add_options,
     cli_root,
+    float_smollm2,
     line_value,
     load,
+    metric_history,
     smoke_dir,
     tiny_hf_model,
     write_jsonl,
@@ -70,19 +72,6 @@ def tiny_base(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path:
             if p.dim() > 1:
                 p.normal_(0.0, 0.02)
     model.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-def real_base(folder: Path) -> Path:
-    """SmolLM2-135M-Instruct's GGUF as transformers reads it (float32), copied to `folder`."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from real_models import packaged_model, transformers_reference
-
-    shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(transformers_reference(packaged_model()), folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.pop("quantization_config", None)  # dequantized: a plain float folder
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 
@@ -162,10 +151,6 @@ def heldout_rewards(client, run: str) -> list[float]:
 
 def metric(client, run: str, key: str = "val/reward") -> float:
     return client.get_run(run).data.metrics[key]
-
-
-def metric_history(client, run: str, key: str) -> list[float]:
-    return [m.value for m in sorted(client.get_metric_history(run, key), key=lambda m: m.step)]
 
 
 # --- speed: rollouts per second, multi-turn beside single-turn ----------------------------------
@@ -304,7 +289,8 @@ def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
     started = time.perf_counter()
     base = out / "smollm2_sft"
     if not (a.reuse_sft and (base / "model.safetensors").is_file()):
-        real_base(base)
+        shutil.rmtree(base, ignore_errors=True)
+        float_smollm2(base)
         sft_loss = tiny.teach_chats(base, tagged_chats(train_rows[: a.real_sft_rows]), None,
                                     steps=a.real_sft_steps, batch_size=a.real_sft_batch,
                                     lr=a.real_sft_lr, snapshots=tuple(a.real_sft_snapshots))
@@ -373,11 +359,9 @@ OPTIONS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    for name, kind, default, text in OPTIONS:
-        parser.add_argument(f"--{name}", type=kind, default=default, help=text)
-    parser.add_argument("--reuse-sft", action="store_true",
-                        help="keep an SFT model an earlier invocation left in --out")
-    add_smoke(parser)
+    add_options(parser, **{name.replace("-", "_"): (default, text, kind)
+                           for name, kind, default, text in OPTIONS},
+                reuse_sft=(False, "keep an SFT model an earlier invocation left in --out"))
     a = parser.parse_args()
     if a.smoke:  # every stage of the tiny part and its speed, a few steps each; figures mean nothing
         a.out, a.parts, a.seeds = str(smoke_dir("agent_tools")), "tiny,speed", 2
@@ -400,17 +384,13 @@ def main() -> None:
         save()
     if "speed" in parts:
         tool = [{"_target_": TOOL}]
-        if (out / "tiny_sft").is_dir():
-            started = time.perf_counter()
-            results["speed_tiny"] = rollout_speed(
-                out / "tiny_sft", ASSETS / "train.jsonl",
-                {"tools": tool, "environment": {"_target_": DESK}}, a, a.speed_rounds)
-            times["speed_tiny"] = time.perf_counter() - started
-        if (out / "smollm2_sft").is_dir():
-            started = time.perf_counter()
-            results["speed_real"] = rollout_speed(out / "smollm2_sft", ASSETS / "train.jsonl",
-                                                  {"tools": tool}, a, a.speed_rounds)
-            times["speed_real"] = time.perf_counter() - started
+        for name, folder, tools in (("tiny", "tiny_sft", {"tools": tool, "environment": {"_target_": DESK}}),
+                                    ("real", "smollm2_sft", {"tools": tool})):
+            if (out / folder).is_dir():
+                started = time.perf_counter()
+                results[f"speed_{name}"] = rollout_speed(out / folder, ASSETS / "train.jsonl",
+                                                         tools, a, a.speed_rounds)
+                times[f"speed_{name}"] = time.perf_counter() - started
         save()
     write_record("agent-tools", results, question="quality", smoke=a.smoke,
                  raw=str(out / "results.json"))

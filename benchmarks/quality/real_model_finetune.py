@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import in_round, load, print_table, write_jsonl, write_record  # noqa: E402
+from benchmarks.harness import add_options, in_round, load, print_table, write_jsonl, write_record  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
 
 MONTHS = list(calendar.month_name)[1:]
@@ -84,14 +84,17 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO / "src")}
 
 
-def mlxlab(*argv: str) -> str:
-    """`mlxlab ARGV` in its own process; its stdout (a failure raises with its stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "mlxlab.cli.main", *argv], cwd=REPO, env=env(),
-                          capture_output=True, text=True)
+def checked(*cmd: str) -> str:
+    """`python CMD` in its own process; its stdout (a failure raises with its stderr's end)."""
+    proc = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env(), capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"mlxlab {' '.join(argv)} exited {proc.returncode}:\n"
-                           f"{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc.stdout
+
+
+def mlxlab(*argv: str) -> str:
+    """`mlxlab ARGV` in its own process; its stdout."""
+    return checked("-m", "mlxlab.cli.main", *argv)
 
 
 def evaluate(model: str | Path, task: Path, uri: str, out: Path) -> dict:
@@ -131,11 +134,8 @@ def fuse(folder: Path, adapters: str, out: Path) -> Path:
     """mlx-lm's adapters fused into a float copy of the base (`mlx_lm.fuse --dequantize`): the
     base's 4-bit weights dequantized exactly, the LoRA product added."""
     shutil.rmtree(out, ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(folder),
-                           "--adapter-path", adapters, "--save-path", str(out), "--dequantize"],
-                          capture_output=True, text=True, env=env())
-    if proc.returncode:
-        raise RuntimeError(f"mlx_lm fuse failed:\n{proc.stderr[-3000:]}")
+    checked("-m", "mlx_lm", "fuse", "--model", str(folder), "--adapter-path", adapters,
+            "--save-path", str(out), "--dequantize")
     return out
 
 
@@ -143,11 +143,8 @@ def float_folder(folder: Path, dtype: str, out: Path) -> Path:
     """`mlx_lm.convert --dequantize --dtype DTYPE` of a quantized folder, once."""
     if not (out / "config.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(folder),
-                               "--mlx-path", str(out), "--dequantize", "--dtype", dtype],
-                              capture_output=True, text=True, env=env())
-        if proc.returncode:
-            raise RuntimeError(f"mlx_lm convert failed:\n{proc.stderr[-3000:]}")
+        checked("-m", "mlx_lm", "convert", "--hf-path", str(folder), "--mlx-path", str(out),
+                "--dequantize", "--dtype", dtype)
     return out
 
 
@@ -200,24 +197,16 @@ def smoke_model(work: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", default=None, help="folder for data, runs and results (default: a "
-                   "new temporary one); a stage already there is not run again")
-    p.add_argument("--smoke", action="store_true", help="a tiny random llama, a few rows and "
-                   "steps: every step of the pipeline, nothing measured")
-    p.add_argument("--train", type=int, default=400)
-    p.add_argument("--heldout", type=int, default=200)
-    p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--skip", type=int, default=2, help="first steps left out of tokens/s")
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mlx-lm-as-shipped", action="store_true", help="also mlx_lm.lora on MLX's "
-                   "own CPU quantized matmul (stages train_mlx_lm_0, mlx-lm): hours here")
     p.add_argument("--float-base", default=None, metavar="DTYPE", help="every tool on the GGUF's "
                    "weights dequantized to DTYPE (mlx_lm.convert): LoRA on a float base, not QLoRA")
-    p.add_argument("--stages", default=None, help="only these stages (comma-separated, as the "
-                   "docstring names them); the rest are read from earlier runs when there")
+    add_options(p, work=(None, "folder for data, runs and results (default: a new temporary "
+                         "one); a stage already there is not run again"),
+                train=400, heldout=200, steps=80, batch=4, lr=1e-3,
+                skip=(2, "first steps left out of tokens/s"), rounds=1, seed=0,
+                mlx_lm_as_shipped=(False, "also mlx_lm.lora on MLX's own CPU quantized matmul "
+                                   "(stages train_mlx_lm_0, mlx-lm): hours here"),
+                stages=(None, "only these stages (comma-separated, as the docstring names them); "
+                        "the rest are read from earlier runs when there"))
     args = p.parse_args(argv)
     if args.smoke:
         args.train, args.heldout, args.steps, args.batch, args.skip = 8, 4, 2, 2, 0

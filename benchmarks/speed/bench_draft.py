@@ -43,12 +43,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from benchmarks.harness import (  # noqa: E402
-    add_smoke,
+    add_options,
     commit,
     cpu_id,
+    float_smollm2,
     in_round,
     load,
+    print_table,
     smoke_dir,
+    src_env,
     tiny_hf_model,
     train_cli,
     write_jsonl,
@@ -75,22 +78,6 @@ def task_rows(length: int, seed: int = 0) -> tuple[list, list]:
     random.Random(seed).shuffle(starts)
     held, train = starts[:HELD_OUT], starts[HELD_OUT:HELD_OUT + 400]
     return [count_row(a, length) for a in train], [count_row(a, length) for a in held]
-
-
-def float_smollm2(work: Path) -> Path:
-    """SmolLM2-135M-Instruct as a float32 Hugging Face folder: transformers' reading of the
-    package's GGUF (tests/real_models.py), its GGUF quantization note dropped (the weights are
-    plain float32 there)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from real_models import packaged_model, transformers_reference
-
-    folder = work / "smollm2-135m-instruct-f32"
-    if not folder.is_dir():
-        shutil.copytree(transformers_reference(packaged_model()), folder)
-        config = json.loads((folder / "config.json").read_text())
-        config.pop("quantization_config", None)
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
 
 
 def train(args: list[str], run_dir: Path, env: dict) -> float | None:
@@ -196,20 +183,12 @@ def base_outputs(base: Path, finetuned: Path, prompts: list[str], max_tokens: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_smoke(parser)
-    parser.add_argument("--prompts", type=int, default=HELD_OUT,
-                        help=f"held-out prompts decoded (of {HELD_OUT})")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=60, help="the fine-tune's steps")
-    parser.add_argument("--draft-steps", type=int, default=300, help="each draft's steps")
-    parser.add_argument("--draft-lr", type=float, default=1e-3, help="each draft's rate")
-    parser.add_argument("--keep-layers", type=int, default=2, help="the drafts' blocks")
-    parser.add_argument("--num-draft-tokens", type=int, default=3)
-    parser.add_argument("--length", type=int, default=6, help="numbers a completion counts")
-    parser.add_argument("--max-tokens", type=int, default=40)
-    parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: "
-                        "a temporary folder, removed)")
-    parser.add_argument("--out", type=Path, default=None)
+    add_options(parser, prompts=(HELD_OUT, f"held-out prompts decoded (of {HELD_OUT})"), rounds=5,
+                steps=(60, "the fine-tune's steps"), draft_steps=(300, "each draft's steps"),
+                draft_lr=(1e-3, "each draft's rate"), keep_layers=(2, "the drafts' blocks"),
+                num_draft_tokens=3, length=(6, "numbers a completion counts"), max_tokens=40,
+                work=(None, "where the runs go (default: a temporary folder, removed)", Path),
+                out=(None, None, Path))
     args = parser.parse_args()
     today = datetime.date.today().isoformat()
     out = args.out or (smoke_dir("bench_draft") if args.smoke
@@ -220,15 +199,14 @@ def main() -> None:
               "commit": commit(),
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "machine": cpu_id(), "load": {"before": load()}}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = src_env()
     if args.smoke:
         args.prompts, args.rounds, args.steps, args.draft_steps = 4, 2, 2, 2
         args.keep_layers, args.max_tokens = 1, 12
         base = tiny_hf_model().save_tiny_model("llama", work / "tiny-llama", seed=0,
                                                num_hidden_layers=4)
     else:
-        base = float_smollm2(work)
+        base = float_smollm2(work / "smollm2-135m-instruct-f32")
     train_rows, held = task_rows(args.length)
     data = work / "data"
     data.mkdir(exist_ok=True)
@@ -294,12 +272,7 @@ def main() -> None:
         summary="greedy decode tokens/s of a fine-tune with its trained draft (higher is "
                 "better; greedy text equal to the fine-tune's alone)", smoke=args.smoke,
         raw=os.path.relpath(out / "draft.json", REPO))
-    for name in CONFIGS:
-        f = figures[name]
-        extra = (f", x{f['speedup']:.2f}, draft's share {f['draft_share']:.0%}"
-                 if name != "alone" else "")
-        print(f"{name:8s} decode {f['decode_tokens_per_s']:.1f} tokens/s{extra}; "
-              f"differs from alone on {len(f['differs_from_alone'])} of {f['prompts']} prompts")
+    print_table(table)
     print(f"wrote {out / 'draft.json'} and {written}")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -23,13 +23,12 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
-from benchmarks.harness import add_smoke, in_round, print_table, run_with_peak_rss, write_record  # noqa: E402
+from benchmarks.harness import add_options, in_round, print_table, run_with_peak_rss, write_record  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 512, 4, 8, 16.0, 2e-4
 MODEL = dict(hidden=512, layers=8, heads=4, kv_heads=2, chat="chatml")
@@ -140,12 +139,9 @@ def run_mlxlab(out: Path, overrides: list[str], env: dict | None = None,
            f"hydra.run.dir={out}"]
     if step_times:
         cmd.append(f"+callbacks.step_times={{_target_:benchmarks.callbacks.StepTimes,path:{times}}}")
-    started = time.perf_counter()
     path = os.pathsep.join([str(REPO / "src"), str(REPO)])  # benchmarks.callbacks
-    proc, rss = run_with_peak_rss(cmd, cwd=REPO, env={**(env or os.environ), "PYTHONPATH": path})
-    out.with_name(out.name + ".log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        raise RuntimeError(f"mlxlab failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    proc, rss = run_with_peak_rss(cmd, what="mlxlab", log=out.with_name(out.name + ".log"), cwd=REPO,
+                                  env={**(env or os.environ), "PYTHONPATH": path})
     rows = csv_metrics(out)
     tags = json.loads((out / "tracking" / "tags.json").read_text())
     clock = [float(x) for x in times.read_text().split()] if step_times else []
@@ -154,7 +150,7 @@ def run_mlxlab(out: Path, overrides: list[str], env: dict | None = None,
                        **({"seconds": clock[s] - clock[s - 1]} if clock else {})}
                       for s, m in sorted(rows.items()) if "train/tokens_per_sec" in m],
             "rss_mb": rss, "first_step_s": float(tags.get("mlxlab.compile_s", "nan")),
-            "compiles": int(tags.get("mlxlab.compiles", "0")), "wall_s": time.perf_counter() - started,
+            "compiles": int(tags.get("mlxlab.compiles", "0")), "wall_s": proc.wall_s,
             "val_loss": next((m["val/loss"] for _, m in sorted(rows.items(), reverse=True)
                               if "val/loss" in m), None),
             "checkpoint_mb": sum(f.stat().st_size for f in (out / "checkpoints" / "best").glob("*")
@@ -186,19 +182,16 @@ def run_mlx_lm(model: Path, data: Path, steps: int, out: Path, *, openblas: bool
             "lora_parameters": {"rank": RANK, "dropout": 0.0, "scale": ALPHA / RANK, "keys": MLX_LM_KEYS}}
     (out / "args.json").write_text(json.dumps(args))
     report = out / "report.jsonl"
-    started = time.perf_counter()
     proc, rss = run_with_peak_rss(
         [sys.executable, "-c", MLX_LM_WORKER, str(out / "args.json"), str(report),
          "1" if openblas else "0", "1" if fast_quantized else "0"],
-        cwd=out, env=env or {**os.environ, "PYTHONPATH": str(REPO / "src")})
-    if proc.returncode:
-        raise RuntimeError(f"mlx-lm failed:\n{proc.stderr[-3000:]}")
+        what="mlx-lm", cwd=out, env=env or {**os.environ, "PYTHONPATH": str(REPO / "src")})
     rows = [json.loads(line) for line in report.read_text().splitlines()]
     return {"steps": [{"step": r["iteration"], "tokens_per_sec": r["tokens_per_second"],
                        "peak_mb": r["peak_memory"] * 1e9 / 2**20, "loss": r["train_loss"]}
                       for r in rows],
             "rss_mb": rss, "first_step_s": 1 / rows[0]["iterations_per_second"], "compiles": None,
-            "wall_s": time.perf_counter() - started, "adapters": str(out / "adapters")}
+            "wall_s": proc.wall_s, "adapters": str(out / "adapters")}
 
 
 def summary(run: dict, skip: int) -> dict:
@@ -213,20 +206,13 @@ def summary(run: dict, skip: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", default="long,chat")
-    p.add_argument("--tools", default=",".join(TOOLS))
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--skip", type=int, default=2, help="first steps left out (compiling)")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--work", default=None)
-    p.add_argument("--init-std", type=float, default=0.2, help="the random weights' std: 0.2 "
-                   "(peaked attention, denormals in the backward) or 0.02 (a trained model's scale)")
-    p.add_argument("--seq", type=int, default=SEQ, help="positions a row")
-    p.add_argument("--model", default=None,
-                   help="a Hugging Face folder (float weights) to fine-tune instead of the random Llama")
-    p.add_argument("--grad-checkpoint", action="store_true",
-                   help="both tools recompute each decoder block in the backward")
-    add_smoke(p)
+    add_options(p, rows="long,chat", tools=",".join(TOOLS), steps=12,
+                skip=(2, "first steps left out (compiling)"), rounds=2, work=None,
+                init_std=(0.2, "the random weights' std: 0.2 (peaked attention, denormals in the "
+                          "backward) or 0.02 (a trained model's scale)"),
+                seq=(SEQ, "positions a row"), model=(None, "a Hugging Face folder (float weights) "
+                                                     "to fine-tune instead of the random Llama"),
+                grad_checkpoint=(False, "both tools recompute each decoder block in the backward"))
     args = p.parse_args()
     if args.smoke:  # long rows, 2 steps, one round; mlx-lm on mlxlab's OpenBLAS (the stock BLAS
         # runs the same code ~10x slower: minutes a step here)

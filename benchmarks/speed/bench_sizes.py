@@ -25,14 +25,13 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import add_smoke, in_round, print_table, run_with_peak_rss, write_record  # noqa: E402
+from benchmarks.harness import add_options, in_round, print_table, run_with_peak_rss, write_record  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 256, 4, 8, 16.0, 1e-4
@@ -50,22 +49,18 @@ CONFIGS = {
                    "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": True,
                    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
                    "max_position_embeddings": 40960},
-    "llama-3b": {"model_type": "llama", "hidden_size": 3072, "intermediate_size": 8192,
-                 "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
-                 "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": True,
-                 "rope_theta": 500000.0, "rope_scaling": LLAMA32_ROPE, "rms_norm_eps": 1e-5,
-                 "max_position_embeddings": 131072},
-    "llama-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
-                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                 "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False,
-                 "rope_theta": 500000.0, "rope_scaling": {**LLAMA32_ROPE, "factor": 8.0},
-                 "rms_norm_eps": 1e-5, "max_position_embeddings": 131072},
     # --smoke: the same path on a toy of the Llama shape
     "toy": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "head_dim": 16, "vocab_size": 49152, "tie_word_embeddings": True,
             "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
 }
+# Llama-3.2-3B and Llama-3.1-8B: Llama-3.2-1B's keys at their widths
+CONFIGS["llama-3b"] = {**CONFIGS["llama-1b"], "hidden_size": 3072, "num_hidden_layers": 28,
+                       "num_attention_heads": 24, "head_dim": 128}
+CONFIGS["llama-8b"] = {**CONFIGS["llama-3b"], "hidden_size": 4096, "intermediate_size": 14336,
+                       "num_hidden_layers": 32, "num_attention_heads": 32,
+                       "tie_word_embeddings": False, "rope_scaling": {**LLAMA32_ROPE, "factor": 8.0}}
 SIZES = ("smollm2", "llama-1b", "qwen3-1.7b", "llama-3b", "llama-8b")
 TOOLS = ("mlxlab", "mlxlab-packed", "mlx-lm", "torch-peft")  # and mlxlab-b128, on request
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -202,29 +197,33 @@ def run_torch_peft(model: Path, data: Path, steps: int, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report = out / "report.jsonl"
     report.unlink(missing_ok=True)
-    started = time.perf_counter()
     proc, rss = run_with_peak_rss([sys.executable, "-c", TORCH_PEFT_WORKER, str(model),
                                    str(data / "train.jsonl"), str(steps), str(report)],
-                                  cwd=REPO, env={**env(), "PYTHONPATH": str(REPO),
-                                                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-    if proc.returncode:
-        raise RuntimeError(f"torch + peft failed:\n{proc.stderr[-3000:]}")
+                                  what="torch + peft", cwd=REPO, env={
+                                      **env(), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                      "MKL_NUM_THREADS": "1"})
     rows = [json.loads(line) for line in report.read_text().splitlines()]
     return {"steps": rows, "rss_mb": rss, "first_step_s": rows[0]["seconds"], "compiles": None,
-            "wall_s": time.perf_counter() - started}
+            "wall_s": proc.wall_s}
+
+
+def chat_module(data: Path, tokenizer: Path, **kwargs):
+    """mlxlab's data module of the chats in `data` (data=chat's PromptCompletion), set up."""
+    from mlxlab.data.completions import PromptCompletion
+
+    module = PromptCompletion(train_file=str(data / "train.jsonl"), val_file=str(data / "valid.jsonl"),
+                              max_length=SEQ, tokenizer={"path": str(tokenizer / "tokenizer.json")},
+                              **kwargs)
+    module.setup()
+    return module
 
 
 def mlxlab_steps(data: Path, tokenizer: Path, packed: bool, steps: int, seed: int = 42,
                  rows: int = BATCH) -> list[tuple[int, float]]:
     """(chats, trained tokens) of each of a bench_sizes mlxlab run's first `steps` steps."""
     from mlxlab.data.batching import Batching
-    from mlxlab.data.completions import PromptCompletion
 
-    module = PromptCompletion(train_file=str(data / "train.jsonl"),
-                              val_file=str(data / "valid.jsonl"), max_length=SEQ,
-                              tokenizer={"path": str(tokenizer / "tokenizer.json")}, pack=packed,
-                              seed=seed)
-    module.setup()
+    module = chat_module(data, tokenizer, pack=packed, seed=seed)
     out = []
     for _, batch in zip(range(steps), module.train_batches(Batching(1 if packed else rows), 0)):
         chats = int(batch["segment_ids"].max(axis=1).sum()) if packed else batch["input_ids"].shape[0]
@@ -238,14 +237,9 @@ def count_differences(data: Path, tokenizer: Path) -> dict[str, int]:
     from transformers import AutoTokenizer
 
     from benchmarks.quality.real_model_torch_peft import encode_chat
-    from mlxlab.data.completions import PromptCompletion
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    module = PromptCompletion(train_file=str(data / "train.jsonl"),
-                              val_file=str(data / "valid.jsonl"), max_length=SEQ,
-                              tokenizer={"path": str(tokenizer / "tokenizer.json")})
-    module.setup()
-    ours = {tuple(ids): int(sum(mask[1:])) for ids, mask in zip(*module.train)}
+    ours = {tuple(ids): int(sum(mask[1:])) for ids, mask in zip(*chat_module(data, tokenizer).train)}
     seen: dict[str, set[int]] = {"mlx-lm": set(), "torch-peft": set()}
     for line in (data / "train.jsonl").read_text().splitlines():
         messages = json.loads(line)["messages"]
@@ -435,23 +429,15 @@ def table(results: dict, sizes: list[str], modes: list[str], tools: list[str]) -
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default=",".join(SIZES))
-    p.add_argument("--modes", default="lora,qlora")
-    p.add_argument("--tools", default=",".join(TOOLS))
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--skip", type=int, default=1, help="first steps left out (compiling)")
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--work", default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the random bases' dtype (auto: float32 on the CPU, bfloat16 on a GPU)")
-    p.add_argument("--tokenizer", default=None,
-                   help="a folder of SmolLM2's tokenizer files (else the packaged GGUF's)")
-    p.add_argument("--table-only", action="store_true", help="print the table of results.json")
-    p.add_argument("--sharded", action="store_true", help="full fine-tuning of the first of "
-                   "--sizes: one process, fsdp and tensor over 2 ranks, mlx_lm.lora data parallel")
-    p.add_argument("--threads", type=int, default=1,
-                   help="--sharded: BLAS threads of a run, split between its ranks")
-    add_smoke(p)
+    add_options(p, sizes=",".join(SIZES), modes="lora,qlora", tools=",".join(TOOLS), steps=4,
+                skip=(1, "first steps left out (compiling)"), rounds=1, work=None,
+                tokenizer=(None, "a folder of SmolLM2's tokenizer files (else the packaged GGUF's)"),
+                table_only=(False, "print the table of results.json"),
+                sharded=(False, "full fine-tuning of the first of --sizes: one process, fsdp and "
+                         "tensor over 2 ranks, mlx_lm.lora data parallel"),
+                threads=(1, "--sharded: BLAS threads of a run, split between its ranks"))
     args = p.parse_args(argv)
     if args.smoke:
         args.sizes, args.steps, args.skip, args.rounds = "toy", 2, 0, 1
