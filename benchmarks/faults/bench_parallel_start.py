@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # benchmarks.*
-from benchmarks.harness import add_smoke, write_record  # noqa: E402
+from benchmarks.harness import add_options, write_record  # noqa: E402
 
 # A process that waits at the barrier, then runs mlxlab-train's Hydra app with these arguments:
 # every process has imported Python and its modules first, so the race is Hydra's start itself.
@@ -89,12 +89,7 @@ def check_round(root: Path, n_trials: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--procs", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--n-trials", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--src", type=Path, default=REPO / "src")
-    add_smoke(parser)
+    add_options(parser, procs=4, rounds=3, n_trials=4, steps=2, src=REPO / "src")
     opts = parser.parse_args()
     if opts.smoke:  # one round of 2 processes, 2 trials
         opts.procs, opts.rounds, opts.n_trials = 2, 1, 2

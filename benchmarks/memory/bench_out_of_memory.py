@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))  # benchmarks.*
 
 import test_out_of_memory as t  # noqa: E402  (the tests' data, arguments and limits)
-from benchmarks.harness import add_smoke, smoke_dir, write_record  # noqa: E402
+from benchmarks.harness import add_options, smoke_dir, write_record  # noqa: E402
 from conftest import FAST, PYTHON  # noqa: E402
 
 LINES: list[str] = []  # what the run printed: its figures, for the record
@@ -98,10 +98,8 @@ def parent_cost(root: Path, env: dict, pairs: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path("/tmp/bench_oom"))
-    parser.add_argument("--pairs", type=int, default=2)
-    parser.add_argument("--skip-restart", action="store_true", help="parts 2 and 3 only")
-    add_smoke(parser)
+    add_options(parser, root=Path("/tmp/bench_oom"), pairs=2,
+                skip_restart=(False, "parts 2 and 3 only"))
     args = parser.parse_args()
     if args.smoke:  # auto's choice and one pair of the parent's cost (the restart is
         # tests/test_out_of_memory.py's, -m slow)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, cli_root, line_value, smoke_dir, write_results
+from benchmarks.harness import add_options, cli_root, line_value, smoke_dir, write_results
 from benchmarks.harness import mlxlab_cli as mlxlab
 from benchmarks.harness import run_logged as run
 from benchmarks.harness import train_cli as train
@@ -112,16 +112,10 @@ def teacher_and_student(a, env: dict, out: Path, uri: str, times: dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="/tmp/bench_gkd")
-    parser.add_argument("--teacher-steps", type=int, default=800)
-    parser.add_argument("--student-steps", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--replicates", type=int, default=6)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--models-from", default=None,
-                        help="an earlier --out: its teacher_model/ and student_model/ (and their "
-                             "scores) are reused, stages 1 and 2 skipped")
-    add_smoke(parser)
+    add_options(parser, out="/tmp/bench_gkd", teacher_steps=800, student_steps=300, steps=300,
+                replicates=6, learning_rate=1e-3,
+                models_from=(None, "an earlier --out: its teacher_model/ and student_model/ (and "
+                             "their scores) are reused, stages 1 and 2 skipped"))
     a = parser.parse_args()
     if a.smoke:  # tiny step counts: the pipeline only
         a.teacher_steps, a.student_steps, a.steps, a.replicates = 20, 5, 4, 2

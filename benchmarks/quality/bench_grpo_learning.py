@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, cli_root, smoke_dir, write_jsonl, write_results
+from benchmarks.harness import add_options, cli_root, smoke_dir, write_jsonl, write_results
 from benchmarks.harness import mlxlab_cli as mlxlab
 from benchmarks.harness import run_logged as run
 from benchmarks.harness import train_cli as train
@@ -32,11 +32,8 @@ from benchmarks.quality.bench_gkd_learning import (
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="/tmp/bench_grpo")  # --smoke: a fresh folder
-    parser.add_argument("--sft-steps", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--replicates", type=int, default=3)
-    add_smoke(parser)
+    add_options(parser, out=("/tmp/bench_grpo", "--smoke: a fresh folder"), sft_steps=200, steps=60,
+                replicates=3)
     a = parser.parse_args()
     if a.smoke:  # every stage, a few steps each, two GRPO seeds; the base's range not checked
         a.out, a.sft_steps, a.steps, a.replicates = str(smoke_dir("grpo_learning")), 4, 2, 2

@@ -29,7 +29,7 @@ import mlxlab  # noqa: F401  (first: loads the fast BLAS before anything imports
 from mlxlab.runtime.compute.blas import set_blas_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import SMOKE_RUN, add_smoke, print_table, smoke_dir, write_record  # noqa: E402
+from benchmarks.harness import SMOKE_RUN, add_options, print_table, smoke_dir, write_record  # noqa: E402
 from benchmarks.speed.bench import compose  # noqa: E402
 from benchmarks.speed.bench_torch import torch_models, torch_warmup_cosine  # noqa: E402
 
@@ -278,15 +278,12 @@ def report(name: str, mine: dict, theirs: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="nano,tiny")
+    add_options(parser, models="nano,tiny", twins=("reference,same", "reference and/or same"),
+                heldout=(800, "paragraphs held out (tail)"), threads=1,
+                out=REPO / "outputs" / "bench_lm_twin")
     parser.add_argument("--part", choices=("all", "mlxlab", "torch", "report"), default="all",
                         help="mlxlab and torch may run as two processes at once; report merges")
-    parser.add_argument("--twins", default="reference,same", help="reference and/or same")
-    parser.add_argument("--heldout", type=int, default=800, help="paragraphs held out (tail)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_lm_twin")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (both parts)")
-    add_smoke(parser)
     args = parser.parse_args()
     if args.smoke:  # nano, 4 steps, both parts and the report
         args.models, args.out, args.overrides = "nano", smoke_dir("lm_twin"), [*args.overrides, *SMOKE_RUN]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import read_jsonl  # noqa: E402  (standard library and numpy only)
+from benchmarks.harness import add_options, read_jsonl  # noqa: E402  (standard library and numpy only)
 
 MAX_NEW_TOKENS = 16
 RANK, ALPHA = 8, 16.0
@@ -93,8 +93,7 @@ def smoke_inputs(args: argparse.Namespace) -> None:
     """--smoke: rows from real_model_finetune.py's generator in a new folder, the packaged GGUF."""
     import tempfile
 
-    repo = Path(__file__).resolve().parents[2]
-    sys.path[:0] = [str(repo), str(repo / "tests")]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
     from benchmarks.quality.real_model_finetune import date_rows, write_jsonl
     from real_models import packaged_model
 
@@ -108,21 +107,11 @@ def smoke_inputs(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", default=None)
-    p.add_argument("--gguf", default=None)
-    p.add_argument("--smoke", action="store_true", help="its own 8 train / 4 held-out rows, 2 "
-                   "steps in float32, on the packaged GGUF (tests/real_models.py)")
-    p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", type=int, default=2)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--eval-batch", type=int, default=50)
-    p.add_argument("--heldout", type=int, default=None, help="only the first N held-out rows")
-    p.add_argument("--round", type=int, default=0, help="a timed round: round 0 also scores the "
-                   "held-out rows")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_options(p, work=None, gguf=None, steps=80, batch=4, lr=1e-3, seed=0, skip=2,
+                dtype="bfloat16", eval_batch=50,
+                heldout=(None, "only the first N held-out rows", int),
+                round=(0, "a timed round: round 0 also scores the held-out rows"),
+                compile=(False, "torch.compile the model"))
     args = p.parse_args(argv)
     if args.smoke:
         smoke_inputs(args)

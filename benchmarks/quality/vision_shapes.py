@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import read_jsonl, write_record  # noqa: E402
+from benchmarks.harness import add_options, read_jsonl, write_record  # noqa: E402
 
 SHAPES = REPO / "src" / "mlxlab" / "assets" / "shapes"
 IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>"]
@@ -188,12 +188,8 @@ def mcnemar(before: list[int], after: list[int]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="42,43,44")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/mlxlab-vision-shapes"))
-    parser.add_argument("--reference-seeds", default="",
-                        help="seeds of mlx-vlm's own trainer at the same settings (e.g. 42)")
-    parser.add_argument("--smoke", action="store_true", help="2 steps, 6 held-out pictures")
+    add_options(parser, seeds="42,43,44", steps=300, work=Path("/tmp/mlxlab-vision-shapes"),
+                reference_seeds=("", "seeds of mlx-vlm's own trainer at the same settings (e.g. 42)"))
     args = parser.parse_args()
     import mlxlab  # noqa: F401  (OpenBLAS for MLX before anything computes)
 

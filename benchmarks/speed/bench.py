@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import (
-    add_smoke,
+    add_options,
     clock,
     in_round,
     load_batches,
@@ -81,11 +81,6 @@ def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
         a @ b
         best_np = min(best_np, time.perf_counter() - start)
     return 2 * n**3 / best_mlx / 1e9, 2 * n**3 / best_np / 1e9
-
-
-def gemm_section(sizes: list[int], repeats: int) -> list[dict]:
-    rates = {n: gemm_pair(n, repeats) for n in sizes}
-    return [{"n": n, "mlx": m, "numpy": p, "ratio": m / p} for n, (m, p) in rates.items()]
 
 
 # ---- steady-state timing shared by all workers ------------------------------------------------
@@ -486,29 +481,20 @@ def table(rows: list[dict], ratio_rows: list[tuple]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="validation settings: GEMM 512, warmup 2, 4 timed steps, batch 4")
-    parser.add_argument("--models", default="nano,tiny,bert")
-    parser.add_argument("--warmup", type=int, default=None, help="steps skipped (default 3)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="steps timed (default: 20 for nano and tiny, 200 for bert)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="trainer.batch_size (default: the experiment's)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="BLAS and torch threads (default: OPENBLAS_NUM_THREADS, else cores)")
-    parser.add_argument("--gemm", default=None, help="GEMM sizes (default 1024,2048)")
-    parser.add_argument("--variants", default=None,
-                        help=f"extra mlxlab rows: comma list of {','.join(VARIANTS)} "
-                        "(default: all; --quick: none)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved rounds of every row; the table shows medians "
-                        "(default 3; --quick: 1)")
-    parser.add_argument("--no-torch", action="store_true")
+    add_options(parser, quick=(False, "validation settings: GEMM 512, warmup 2, 4 timed steps, batch 4"),
+                models="nano,tiny,bert", warmup=(None, "steps skipped (default 3)", int),
+                steps=(None, "steps timed (default: 20 for nano and tiny, 200 for bert)", int),
+                batch_size=(None, "trainer.batch_size (default: the experiment's)", int),
+                threads=(None, "BLAS and torch threads (default: OPENBLAS_NUM_THREADS, else cores)", int),
+                gemm=(None, "GEMM sizes (default 1024,2048)"),
+                variants=(None, f"extra mlxlab rows: comma list of {','.join(VARIANTS)} (default: "
+                          "all; --quick: none)"),
+                repeats=(None, "interleaved rounds of every row; the table shows medians (default "
+                         "3; --quick: 1)", int), no_torch=False)
     parser.add_argument("--override", action="append", default=[],
                         help="extra Hydra override for every row (repeatable)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
-    add_smoke(parser)
     args = parser.parse_args()
     if args.worker:
         return worker_main(args.worker, args.spec)
@@ -545,7 +531,8 @@ def main() -> None:
     with threadpool_limits(limits=args.threads):  # numpy's own OpenBLAS too
         info = machine_info(args.threads)
         print(f"BLAS threads: mlx {blas_threads()}, requested {args.threads}", file=sys.stderr)
-        gemm = gemm_section(gemm_sizes, repeats=5 if quick else 20)
+        gemm = [{"n": n, "mlx": m, "numpy": p, "ratio": m / p}
+                for n in gemm_sizes for m, p in [gemm_pair(n, repeats=5 if quick else 20)]]
     peak = max(max(g["mlx"], g["numpy"]) for g in gemm)
     rows, ratio_rows, checks = [], [], []
     with tempfile.TemporaryDirectory(prefix="mlxlab-bench-") as tmp:

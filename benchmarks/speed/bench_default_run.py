@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import (
-    add_smoke,
+    add_options,
     in_round,
     print_table,
     run_with_peak_rss,
@@ -77,14 +77,6 @@ def dump(folder: Path, overrides: list[str]) -> None:
     }))
 
 
-def timed(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
-    """(`cmd`'s result, wall seconds, CPU seconds); a failed run ends the benchmark."""
-    done, _ = run_with_peak_rss(cmd, **kwargs)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return done, done.wall_s, done.cpu_s
-
-
 def stamp(text: str) -> float:
     return time.mktime(time.strptime(text[:19], "%Y-%m-%d %H:%M:%S")) + int(text[20:]) / 1000
 
@@ -94,7 +86,7 @@ def run_mlxlab(extra: list[str], tmp: Path, env: dict[str, str] | None = None) -
     process's), timed from outside; the loop and first epoch from its log."""
     folder = Path(tempfile.mkdtemp(dir=tmp))  # a fresh ./mlruns and ./outputs, as a new clone
     cmd = [str(Path(sys.executable).with_name("mlxlab-train")), *extra]
-    done, wall, cpu = timed(cmd, cwd=folder, env=env)
+    done, _ = run_with_peak_rss(cmd, what=cmd[0], cwd=folder, env=env)
     lines = (done.stdout + done.stderr).splitlines()
     evals = [m for m in map(EVAL_LINE.match, lines) if m]
     begin = next(stamp(m.group(1)) for m in map(TRAINING_LINE.match, lines) if m)
@@ -103,7 +95,7 @@ def run_mlxlab(extra: list[str], tmp: Path, env: dict[str, str] | None = None) -
                      done.stdout)
     steps = int(evals[-1].group(2))
     loop = stamp(evals[-1].group(1)) - begin
-    return {"wall_s": wall, "cpu_s": cpu, "loop_s": loop, "first_epoch_s": first, "step_ms": None,
+    return {"wall_s": done.wall_s, "cpu_s": done.cpu_s, "loop_s": loop, "first_epoch_s": first, "step_ms": None,
             "steps": steps,
             "best_accuracy": float(best.group(1)), "last_accuracy": float(evals[-1].group(4))}
 
@@ -111,9 +103,9 @@ def run_mlxlab(extra: list[str], tmp: Path, env: dict[str, str] | None = None) -
 def run_twin(data: Path, threads: int) -> dict:
     cmd = [sys.executable, str(HERE / "torch_bert_run.py"), "--data", str(data),
            "--threads", str(threads)]
-    done, wall, cpu = timed(cmd, env={**os.environ, "PYTHONPATH": str(HERE)})
+    done, _ = run_with_peak_rss(cmd, what=cmd[1], env={**os.environ, "PYTHONPATH": str(HERE)})
     res = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"wall_s": wall, "cpu_s": cpu, "loop_s": res["loop_s"], "first_epoch_s": None,
+    return {"wall_s": done.wall_s, "cpu_s": done.cpu_s, "loop_s": res["loop_s"], "first_epoch_s": None,
             "steps": len(res["step_s"]),
             "step_ms": 1000 * statistics.median(res["step_s"]),
             "best_accuracy": res["best_accuracy"], "last_accuracy": res["last_accuracy"]}
@@ -121,13 +113,11 @@ def run_twin(data: Path, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--rows", default="readme,bare,twin", help="a subset, in this order")
-    parser.add_argument("--epochs", type=int, help="trainer.max_epochs for the mlxlab rows "
-                        "(the default run's 40 when not given; not with the twin)")
+    add_options(parser, repeats=3, threads=len(os.sched_getaffinity(0)),
+                rows=("readme,bare,twin", "a subset, in this order"),
+                epochs=(None, "trainer.max_epochs for the mlxlab rows (the default run's 40 when "
+                        "not given; not with the twin)", int))
     parser.add_argument("--dump", help=argparse.SUPPRESS)
-    add_smoke(parser)
     args = parser.parse_args()
     if args.smoke:  # every row, one round of one epoch (the twin's batches too)
         args.repeats, args.epochs = 1, 1

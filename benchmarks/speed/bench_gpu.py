@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.*
-from benchmarks.harness import add_smoke, print_table, smoke_dir, write_record  # noqa: E402
+from benchmarks.harness import add_options, print_table, smoke_dir, write_record  # noqa: E402
 
 PRESETS = ("nano", "small", "medium", "large")
 DTYPES = ("fp32", "bf16")
@@ -58,6 +58,23 @@ DRY_MODEL = ["model.dim=32", "model.num_layers=1", "model.num_heads=2"]
 
 def peak_for(name: str) -> dict | None:
     return next(({"gpu": key, **peaks} for key, peaks in PEAKS if key.lower() in name.lower()), None)
+
+
+def budgeted_rows(keys: list[dict], deadline: float, measure) -> list[dict]:
+    """A row a key, with `measure(row)`'s figures, or why not: past `deadline`, or its error (a
+    row that fails, e.g. out of memory, is reported)."""
+    rows = []
+    for key in keys:
+        row = dict(key)
+        rows.append(row)
+        if time.monotonic() > deadline:
+            row["skipped"] = "over the part's time budget"
+            continue
+        try:
+            row.update(measure(row))
+        except Exception as exc:  # noqa: BLE001  (reported per row)
+            row["error"] = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return rows
 
 
 # ---- MLX side (a worker process) -------------------------------------------------------------
@@ -99,54 +116,46 @@ def lm_rows(spec: dict) -> list[dict]:
     from mlxlab.training.settings import TrainerSettings
     from mlxlab.training.step import make_step, mixed_precision
 
-    rows, deadline = [], spec["deadline"]
     root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
-    for preset in PRESETS:
-        for dtype in DTYPES:
-            row = {"preset": preset, "dtype": dtype}
-            rows.append(row)
-            if time.monotonic() > deadline:
-                row["skipped"] = "over the part's time budget"
-                continue
-            try:
-                model_cfg = compose(root, [f"model=transformer_{preset}", *spec["model_overrides"]]).model
-                mx.random.seed(0)
-                model = instantiate(model_cfg, vocab_size=spec["vocab"], num_labels=None)
-                model.train()
-                settings = TrainerSettings(precision=dtype, grad_clip=1.0, fused_kernels="auto")
-                kernels.set_mode(settings.fused_kernels)  # as the loop sets it
-                loss_fn = losses.task_loss("lm")
-                if dtype == "bf16":
-                    loss_fn = mixed_precision(loss_fn, mx.bfloat16)
-                step = make_step(model, optim.AdamW(learning_rate=1e-4, weight_decay=0.01),
-                                 loss_fn, settings)
-                # nano's positions stop at 256: its rows are that long
-                batch_rows, seq = spec["batch"][preset], min(spec["seq"], model_cfg.max_seq_len)
-                rng = np.random.default_rng(spec["seed"])
-                meta = dict(zip(("params_per_token", "params_per_sample", "layers", "dim"),
-                                matmul_params(model, "lm")))
-                times = []
-                for k in range(spec["warmup"] + spec["steps"]):
-                    ids = rng.integers(0, spec["vocab"], (batch_rows, seq + 1), dtype=np.int32)
-                    x = mx.array(ids)
-                    batch = {"input_ids": x[:, :-1], "labels": x[:, 1:],
-                             "loss_mask": mx.ones((batch_rows, seq), mx.float32)}
-                    if k == spec["warmup"]:
-                        mx.reset_peak_memory()
-                    started = time.perf_counter()
-                    loss, _, _ = step([batch])
-                    times.append(time.perf_counter() - started)
-                seconds = statistics.median(times[spec["warmup"]:])
-                flops = step_flops(meta, (batch_rows, seq))
-                row.update({
-                    "params_m": sum(v.size for _, v in tree_flatten(model.parameters())) / 1e6,
-                    "tokens_per_s": batch_rows * seq / seconds, "step_ms": 1e3 * seconds,
-                    "first_step_s": times[0], "tflops": flops / seconds / 1e12,
-                    "peak_gb": mx.get_peak_memory() / 2**30, "loss": float(loss),
-                    "batch": batch_rows, "seq": seq})
-            except Exception as exc:  # noqa: BLE001  (a row that fails, e.g. out of memory, is reported)
-                row["error"] = str(exc).splitlines()[0][:200]
-    return rows
+
+    def measure(row: dict) -> dict:
+        preset, dtype = row["preset"], row["dtype"]
+        model_cfg = compose(root, [f"model=transformer_{preset}", *spec["model_overrides"]]).model
+        mx.random.seed(0)
+        model = instantiate(model_cfg, vocab_size=spec["vocab"], num_labels=None)
+        model.train()
+        settings = TrainerSettings(precision=dtype, grad_clip=1.0, fused_kernels="auto")
+        kernels.set_mode(settings.fused_kernels)  # as the loop sets it
+        loss_fn = losses.task_loss("lm")
+        if dtype == "bf16":
+            loss_fn = mixed_precision(loss_fn, mx.bfloat16)
+        step = make_step(model, optim.AdamW(learning_rate=1e-4, weight_decay=0.01), loss_fn,
+                         settings)
+        # nano's positions stop at 256: its rows are that long
+        batch_rows, seq = spec["batch"][preset], min(spec["seq"], model_cfg.max_seq_len)
+        rng = np.random.default_rng(spec["seed"])
+        meta = dict(zip(("params_per_token", "params_per_sample", "layers", "dim"),
+                        matmul_params(model, "lm")))
+        times = []
+        for k in range(spec["warmup"] + spec["steps"]):
+            x = mx.array(rng.integers(0, spec["vocab"], (batch_rows, seq + 1), dtype=np.int32))
+            batch = {"input_ids": x[:, :-1], "labels": x[:, 1:],
+                     "loss_mask": mx.ones((batch_rows, seq), mx.float32)}
+            if k == spec["warmup"]:
+                mx.reset_peak_memory()
+            started = time.perf_counter()
+            loss, _, _ = step([batch])
+            times.append(time.perf_counter() - started)
+        seconds = statistics.median(times[spec["warmup"]:])
+        flops = step_flops(meta, (batch_rows, seq))
+        return {"params_m": sum(v.size for _, v in tree_flatten(model.parameters())) / 1e6,
+                "tokens_per_s": batch_rows * seq / seconds, "step_ms": 1e3 * seconds,
+                "first_step_s": times[0], "tflops": flops / seconds / 1e12,
+                "peak_gb": mx.get_peak_memory() / 2**30, "loss": float(loss),
+                "batch": batch_rows, "seq": seq}
+
+    return budgeted_rows([{"preset": p, "dtype": d} for p in PRESETS for d in DTYPES],
+                         spec["deadline"], measure)
 
 
 def mlx_worker(spec: dict) -> dict:
@@ -186,49 +195,43 @@ def torch_worker(spec: dict) -> dict:
 
     dev = "cuda" if on_gpu else "cpu"
     Transformer, _ = torch_models()
-    rows, deadline = [], time.monotonic() + spec["budget"]["torch"]
-    for item in spec["models"]:
-        for dtype in DTYPES:
-            for mode in ("eager", "compile"):
-                row = {"preset": item["preset"], "dtype": dtype, "mode": mode}
-                rows.append(row)
-                if time.monotonic() > deadline:
-                    row["skipped"] = "over the part's time budget"
-                    continue
-                try:
-                    torch.manual_seed(0)
-                    model = Transformer(spec["vocab"], **item["cfg"]).to(dev).train()
-                    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-                    forward = model if mode == "eager" else torch.compile(
-                        model, backend="inductor" if on_gpu else "eager")
-                    rng = np.random.default_rng(spec["seed"])
-                    b, t = item["batch"], item["seq"]
-                    times = []
-                    if on_gpu:
-                        torch.cuda.reset_peak_memory_stats()
-                    for k in range(spec["warmup"] + spec["steps"]):
-                        ids = torch.from_numpy(rng.integers(0, spec["vocab"], (b, t + 1),
-                                                            dtype=np.int32)).long().to(dev)
-                        started = time.perf_counter()
-                        optimizer.zero_grad(set_to_none=True)
-                        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                            logits = forward(ids[:, :-1])
-                        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-                        loss.backward()
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                        optimizer.step()
-                        if on_gpu:
-                            torch.cuda.synchronize()
-                        times.append(time.perf_counter() - started)
-                        if k == spec["warmup"] - 1 and on_gpu:
-                            torch.cuda.reset_peak_memory_stats()
-                    seconds = statistics.median(times[spec["warmup"]:])
-                    row.update({"tokens_per_s": b * t / seconds, "step_ms": 1e3 * seconds,
-                                "first_step_s": times[0],
-                                "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu
-                                else None})
-                except Exception as exc:  # noqa: BLE001  (reported per row)
-                    row["error"] = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    models = {item["preset"]: item for item in spec["models"]}
+
+    def measure(row: dict) -> dict:
+        item, dtype, mode = models[row["preset"]], row["dtype"], row["mode"]
+        torch.manual_seed(0)
+        model = Transformer(spec["vocab"], **item["cfg"]).to(dev).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+        forward = model if mode == "eager" else torch.compile(
+            model, backend="inductor" if on_gpu else "eager")
+        rng = np.random.default_rng(spec["seed"])
+        b, t = item["batch"], item["seq"]
+        times = []
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        for k in range(spec["warmup"] + spec["steps"]):
+            ids = torch.from_numpy(rng.integers(0, spec["vocab"], (b, t + 1),
+                                                dtype=np.int32)).long().to(dev)
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                logits = forward(ids[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            if on_gpu:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+            if k == spec["warmup"] - 1 and on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+        seconds = statistics.median(times[spec["warmup"]:])
+        return {"tokens_per_s": b * t / seconds, "step_ms": 1e3 * seconds, "first_step_s": times[0],
+                "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None}
+
+    rows = budgeted_rows([{"preset": p, "dtype": d, "mode": m} for p in models for d in DTYPES
+                          for m in ("eager", "compile")],
+                         time.monotonic() + spec["budget"]["torch"], measure)
     return {"torch": torch.__version__, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
             "rows": rows}
 
@@ -357,16 +360,11 @@ def run_worker(kind: str, spec: dict, tmp: Path, timeout: float, env: dict) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="the whole path on the CPU, tiny")
-    parser.add_argument("--budget-min", type=float, default=25.0)
-    parser.add_argument("--out", default="gpu-bench", help="folder for the JSON and the runs")
-    parser.add_argument("--parts", default="first,mlx,torch,runs,pytest",
-                        help="comma-separated: first (the default run on a fresh machine), mlx (device, GEMM, "
-                        "presets), torch (the twin), "
-                        "runs (default experiment, LoRA), pytest (-m gpu); added to <out>/bench_gpu.json")
-    parser.add_argument("--mlx-worker", help=argparse.SUPPRESS)
-    parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
-    add_smoke(parser)
+    add_options(parser, dry_run=(False, "the whole path on the CPU, tiny"), budget_min=25.0,
+                out=("gpu-bench", "folder for the JSON and the runs"),
+                parts=("first,mlx,torch,runs,pytest", "comma-separated: first (the default run on "
+                       "a fresh machine), mlx (device, GEMM, presets), torch (the twin), runs "
+                       "(default experiment, LoRA), pytest (-m gpu); added to <out>/bench_gpu.json"))
     args = parser.parse_args()
     if args.smoke:  # --dry-run: the whole path on the CPU, tiny, into a fresh folder
         args.dry_run, args.out = True, str(smoke_dir("bench_gpu"))
@@ -392,9 +390,7 @@ def main() -> None:
         res = {}  # a dry run's figures never mix with a GPU's
     res["dry_run"] = args.dry_run
     model_overrides = DRY_MODEL if args.dry_run else []
-    spec = {"vocab": sizes["vocab"], "seq": sizes["seq"], "batch": sizes["batch"],
-            "warmup": sizes["warmup"], "steps": sizes["steps"], "gemm": sizes["gemm"],
-            "seed": 0, "budget": budget, "dry_run": args.dry_run,
+    spec = {**sizes, "seed": 0, "budget": budget, "dry_run": args.dry_run,
             "model_overrides": model_overrides, "cache_dir": str(REPO / ".cache" / "mlxlab")}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     if "first" in parts:  # before anything else on a fresh machine: the kernel compiles' wait

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, print_table, smoke_dir, write_record  # noqa: E402
+from benchmarks.harness import add_options, print_table, smoke_dir, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 COUNT = {"completions": 0, "tokens": 0}
@@ -35,10 +36,9 @@ def counted_exact(prompts, completions, answer, **_):
 
 def run_mlxlab(a) -> float:
     global TOKENIZER
-    from omegaconf import open_dict
     from tokenizers import Tokenizer
 
-    from mlxlab.config import compose_config
+    from benchmarks.speed.bench import compose
     from mlxlab.train import train
 
     tok = Tokenizer.from_file(str(Path(a.model) / "tokenizer.json"))
@@ -46,7 +46,7 @@ def run_mlxlab(a) -> float:
     root = Path(tempfile.mkdtemp(prefix="bench_grpo_mlxlab_"))
     val = root / "val.jsonl"
     val.write_text(Path(a.prompts).read_text().splitlines()[0] + "\n")
-    cfg = compose_config(root, [
+    cfg = compose(root, [
         "experiment=grpo_copy", f"model.pretrained={a.model}", f"data.train_file={a.prompts}",
         f"data.val_file={val}", "tracking=none", "callbacks.progress.enabled=false",
         f"trainer.batch_size={a.batch}", f"trainer.max_steps={a.steps}",
@@ -55,8 +55,6 @@ def run_mlxlab(a) -> float:
         "objective.rewards=[{_target_: benchmarks.speed.bench_grpo_speed.counted_exact}]",
         f"optimizer.learning_rate={a.lr}", "model.lora.rank=8", "model.lora.alpha=16",
         "model.lora.targets=[query,key,value,out]"])
-    with open_dict(cfg):
-        cfg.paths.cache_dir = str(root / "cache")
     started = time.perf_counter()
     train(cfg)
     return time.perf_counter() - started
@@ -117,23 +115,16 @@ def smoke_inputs(folder: Path) -> tuple[str, str]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model")
-    p.add_argument("--prompts")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--group", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--rounds", type=int, default=2)
+    add_options(p, model=None, prompts=None, steps=20, batch=8, group=8, max_tokens=8, lr=2e-3,
+                rounds=2)
     p.add_argument("--side", choices=["mlxlab", "mlx-lm-lora"])
-    add_smoke(p)
     a = p.parse_args()
     passed = sys.argv[1:]
     if a.smoke:  # a tiny random Llama, 8 copy prompts, one step of 2 prompts x G 2, one round
         a.model, a.prompts = smoke_inputs(smoke_dir("grpo_speed"))
         a.steps, a.batch, a.group, a.max_tokens, a.rounds = 1, 2, 2, 4, 1
-        passed = ["--model", a.model, "--prompts", a.prompts, "--steps", "1", "--batch", "2",
-                  "--group", "2", "--max-tokens", "4"]
+        passed = [f"--{k.replace('_', '-')}={getattr(a, k)}"
+                  for k in ("model", "prompts", "steps", "batch", "group", "max_tokens")]
     if not (a.model and a.prompts):
         p.error("--model and --prompts are required")
     if a.side:
@@ -144,8 +135,7 @@ def main() -> None:
         for side in ("mlxlab", "mlx-lm-lora"):
             argv = [sys.executable, __file__, "--side", side, *passed]
             proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO,
-                                  env={**__import__("os").environ,
-                                       "PYTHONPATH": f"{REPO / 'src'}:{REPO}"})
+                                  env={**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}"})
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
                 sys.exit(f"{side} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")

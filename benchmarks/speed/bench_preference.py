@@ -25,7 +25,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import (  # noqa: E402
-    add_smoke,
+    add_options,
+    metric_history,
     print_table,
     run_with_peak_rss,
     smoke_dir,
@@ -100,12 +101,8 @@ def check_mlxlab_lengths(folder: Path, data: Path, length: int) -> None:
 
 def timed_run(cmd: list[str], env: dict, log: Path) -> dict:
     """Run `cmd`, its output in `log`: its peak RSS (MiB), CPU and wall seconds, output."""
-    done, rss = run_with_peak_rss(cmd, env=env, cwd=REPO)
-    text = done.stdout + done.stderr
-    log.write_text(text)
-    if done.returncode:
-        raise SystemExit(f"{cmd[:3]} failed ({done.returncode}); see {log}:\n{text[-2000:]}")
-    return {"rss_mb": rss, "cpu_s": done.cpu_s, "wall_s": done.wall_s, "log": text}
+    done, rss = run_with_peak_rss(cmd, what=" ".join(cmd[:3]), log=log, env=env, cwd=REPO)
+    return {"rss_mb": rss, "cpu_s": done.cpu_s, "wall_s": done.wall_s, "log": done.stdout + done.stderr}
 
 
 def run_mlx_lm_lora(work: Path, folder: Path, data: Path, steps: int, every: int, openblas: bool,
@@ -157,26 +154,16 @@ def run_mlxlab(work: Path, folder: Path, data: Path, steps: int, every: int, cac
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    run_id = runs[0].info.run_id
-
-    def history(key: str) -> list[float]:
-        return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-
-    return {**out, "pairs_per_s": history("train/samples_per_sec")[1:],
-            "mlx_peak_mb": max(history("memory/peak_mb"))}
+    run_id = next(r for e in client.search_experiments()
+                  for r in client.search_runs([e.experiment_id])).info.run_id
+    return {**out, "pairs_per_s": metric_history(client, run_id, "train/samples_per_sec")[1:],
+            "mlx_peak_mb": max(metric_history(client, run_id, "memory/peak_mb"))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_preference"))
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--every", type=int, default=4)
-    parser.add_argument("--stock-steps", type=int, default=4)
-    parser.add_argument("--stock-every", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    add_smoke(parser)
+    add_options(parser, work=Path("/tmp/bench_preference"), rounds=2, steps=16, every=4,
+                stock_steps=4, stock_every=2, variants=",".join(VARIANTS))
     args = parser.parse_args()
     if args.smoke:  # every variant, one round of 4 steps logged every 2 (the first line is left
         # out of the speed), its own model and pairs; mlx-lm-lora's two where its venv is there

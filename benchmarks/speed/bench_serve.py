@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, print_table, write_record  # noqa: E402
+from benchmarks.harness import add_options, print_table, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["Once upon a time", "The little dog", "A girl named Lily", "In the big forest",
@@ -129,19 +129,12 @@ def lora_run(mlxlab: str, model: Path, work: Path, name: str, env: dict) -> Path
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=4, help="per client, per round")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2, help="per server, alternating")
-    parser.add_argument("--deadline", type=float, default=300, help="seconds a round may take")
-    parser.add_argument("--blas-threads", type=int, default=1, help="OPENBLAS_NUM_THREADS")
-    parser.add_argument("--control", action="store_true",
-                        help="also mlxlab serve with MLXLAB_BLAS=off (MLX's bundled BLAS)")
-    parser.add_argument("--adapters", action="store_true",
-                        help="two LoRA runs of the model, clients alternating between them")
-    add_smoke(parser)
+    add_options(parser, clients=8, requests=(4, "per client, per round"), max_tokens=32,
+                hidden=512, layers=8, rounds=(2, "per server, alternating"),
+                deadline=(300.0, "seconds a round may take"),
+                blas_threads=(1, "OPENBLAS_NUM_THREADS"),
+                control=(False, "also mlxlab serve with MLXLAB_BLAS=off (MLX's bundled BLAS)"),
+                adapters=(False, "two LoRA runs of the model, clients alternating between them"))
     args = parser.parse_args()
     if args.smoke:  # 2 clients x 1 request, 4 tokens, a 1-layer model, one round per server
         args.clients, args.requests, args.max_tokens, args.hidden, args.layers = 2, 1, 4, 64, 1

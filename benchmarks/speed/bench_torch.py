@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: 
 from benchmarks.harness import (  # noqa: E402
     add_smoke,
     clock,
-    foreign_libraries,
     load_batches,
     peak_rss_mb,
+    refuse_foreign,
     reset_peak_rss,
     rss_mb,
     save_batches,
@@ -209,12 +209,12 @@ def worker_torch(spec: dict) -> dict:
     else:
         model = BertClassifier(meta["vocab_size"], meta["num_labels"], **cfg)
     model.train()
+    adamw = partial(torch.optim.AdamW, model.parameters(), lr=hp["learning_rate"],
+                    weight_decay=hp["weight_decay"])
     try:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"],
-                                      weight_decay=hp["weight_decay"], fused=True)
+        optimizer = adamw(fused=True)
     except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"],
-                                      weight_decay=hp["weight_decay"], foreach=True)
+        optimizer = adamw(foreach=True)
 
     def loss_of(batch):
         if meta["task"] == "lm":
@@ -268,9 +268,7 @@ def main() -> None:
         parser.error("--spec is required")
     spec = json.loads(Path(args.spec).read_text())
     result = worker_torch(spec)
-    leaked = foreign_libraries() + [m for m in ("mlxlab", "mlx.core") if m in sys.modules]
-    if leaked:
-        raise SystemExit(f"bench_torch: the PyTorch baseline process loaded {leaked}; it must not")
+    refuse_foreign("bench_torch")
     result["clean"] = True
     Path(spec["result"]).write_text(json.dumps(result))
 

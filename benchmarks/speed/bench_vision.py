@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from benchmarks.harness import (  # noqa: E402
-    add_smoke,
+    add_options,
     in_round,
     print_table,
     run_with_peak_rss,
@@ -213,11 +213,8 @@ def run_mlx_vlm(model: Path, data: Path, steps: int, batch: int, quantize: bool,
             "--val-batches", "1", "--adapter-file", str(out / "adapters.safetensors")]
     if quantize:
         args += ["--quantization-bits", "4", "--quantization-group-size", "64"]
-    proc, rss = run_with_peak_rss([sys.executable, "-c", MLX_VLM_WORKER, str(report), *args],
-                                  cwd=out, env=env)
-    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        raise RuntimeError(f"mlx-vlm failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    _, rss = run_with_peak_rss([sys.executable, "-c", MLX_VLM_WORKER, str(report), *args],
+                               what="mlx-vlm", log=out.parent / f"{out.name}.log", cwd=out, env=env)
     rows = [json.loads(line) for line in report.read_text().splitlines()]
     return {"steps": [{"step": r["iteration"], "tokens_per_sec": r["tokens_per_second"],
                        "peak_mb": r["peak_memory"] * 1e9 / 2**20, "loss": r["train_loss"],
@@ -235,17 +232,11 @@ def summarize(run: dict, skip: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", default="smolvlm,qwen2_5_vl")
-    p.add_argument("--tools", default="mlxlab,mlx-vlm")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--skip", type=int, default=2, help="first steps left out of tokens/s")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--rows", type=int, default=64, help="training rows of the shapes task")
-    p.add_argument("--qwen-layers", type=int, default=2,
-                   help="decoder and vision layers of the Qwen2.5-VL-3B-shaped model")
-    p.add_argument("--work", default=None)
-    add_smoke(p)
+    add_options(p, shapes="smolvlm,qwen2_5_vl", tools="mlxlab,mlx-vlm", steps=6,
+                skip=(2, "first steps left out of tokens/s"), rounds=2, batch=4,
+                rows=(64, "training rows of the shapes task"),
+                qwen_layers=(2, "decoder and vision layers of the Qwen2.5-VL-3B-shaped model"),
+                work=None)
     args = p.parse_args()
     if args.smoke:
         args.steps, args.skip, args.rounds, args.batch, args.rows = 2, 0, 1, 2, 8

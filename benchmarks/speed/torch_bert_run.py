@@ -25,15 +25,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_smoke, foreign_libraries, load_batches, smoke_dir  # noqa: E402
+from benchmarks.harness import add_options, load_batches, refuse_foreign, smoke_dir  # noqa: E402
 from benchmarks.speed.bench_torch import torch_models, torch_warmup_cosine  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="the folder bench_default_run.py writes")
-    parser.add_argument("--threads", type=int, default=2)
-    add_smoke(parser)
+    add_options(parser, data=(None, "the folder bench_default_run.py writes"), threads=2)
     args = parser.parse_args()
     if args.smoke:  # one epoch, its batches dumped by bench_default_run.py in its own process
         args.data = str(smoke_dir("torch_bert_run"))
@@ -93,9 +91,7 @@ def main() -> None:
               file=sys.stderr)
     model.load_state_dict(best_state)
     done = time.perf_counter()
-    leaked = foreign_libraries() + [m for m in ("mlxlab", "mlx.core") if m in sys.modules]
-    if leaked:
-        raise SystemExit(f"torch_bert_run: the PyTorch process loaded {leaked}; it must not")
+    refuse_foreign("torch_bert_run")
     print(json.dumps({
         "wall_s": done - STARTED, "loop_s": done - loop_started, "step_s": steps,
         "best_accuracy": best, "last_accuracy": history[-1], "threads": args.threads,
