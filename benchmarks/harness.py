@@ -215,6 +215,14 @@ def tiny_hf_model():
     return module
 
 
+def tiny_llama(folder: Path, **sizes) -> Path:
+    """A random Llama in `folder` (tiny_hf_model.py's save_tiny_llama_without_torch: MLX and
+    tokenizers, no PyTorch), written once."""
+    if not (folder / "config.json").is_file():
+        tiny_hf_model().save_tiny_llama_without_torch(folder, **sizes)
+    return folder
+
+
 def mlxlab_cli(*args: str) -> list[str]:
     """`mlxlab ARGS` in this interpreter."""
     return [sys.executable, "-m", "mlxlab.cli.main", *args]
@@ -255,12 +263,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     """`rows` as JSON lines in `path`, left alone if it holds them (another process may read it)."""
-    return write_once(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def write_once(path: Path, text: str) -> Path:
-    """`text` in `path`, left alone if it holds it (another process may be reading it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
     return path
@@ -269,13 +273,6 @@ def write_once(path: Path, text: str) -> Path:
 def metric_history(client, run: str, key: str) -> list[float]:
     """An MLflow run's values of `key`, by step."""
     return [m.value for m in sorted(client.get_metric_history(run, key), key=lambda m: m.step)]
-
-
-def src_env(**extra: str) -> dict:
-    """This process's environment with the checkout's src/ first on PYTHONPATH (its mlxlab wins
-    over an installed one), and `extra`."""
-    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def float_smollm2(folder: Path) -> Path:

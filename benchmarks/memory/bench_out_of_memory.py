@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))  # benchmarks.*
 
 import test_out_of_memory as t  # noqa: E402  (the tests' data, arguments and limits)
-from benchmarks.harness import add_options, smoke_dir, write_record  # noqa: E402
+from benchmarks.harness import add_options, cli_root, smoke_dir, write_record  # noqa: E402
 from conftest import FAST, PYTHON  # noqa: E402
 
 LINES: list[str] = []  # what the run printed: its figures, for the record
@@ -105,12 +105,8 @@ def main() -> None:
         # tests/test_out_of_memory.py's, -m slow)
         args.root, args.pairs, args.skip_restart = smoke_dir("out_of_memory"), 0, True
     shutil.rmtree(args.root, ignore_errors=True)
-    args.root.mkdir(parents=True)
-    import os
-
-    env = {**os.environ, "MLXLAB_ROOT": str(args.root), "MALLOC_ARENA_MAX": "1",
-           "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env, _ = cli_root(args.root)
+    env["MALLOC_ARENA_MAX"] = "1"
     if not args.skip_restart:
         restart_cost(args.root, env, args.pairs)
     auto_choice(args.root, env)

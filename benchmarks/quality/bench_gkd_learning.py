@@ -20,12 +20,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_options, cli_root, line_value, smoke_dir, write_results
+from benchmarks.harness import REPO, add_options, cli_root, line_value, smoke_dir, write_results
 from benchmarks.harness import mlxlab_cli as mlxlab
 from benchmarks.harness import run_logged as run
 from benchmarks.harness import train_cli as train
 
-REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "src" / "mlxlab" / "assets" / "copy_format"
 
 

@@ -29,11 +29,10 @@ import mlxlab  # noqa: F401  (first: loads the fast BLAS before anything imports
 from mlxlab.runtime.compute.blas import set_blas_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import SMOKE_RUN, add_options, print_table, smoke_dir, write_record  # noqa: E402
+from benchmarks.harness import REPO, SMOKE_RUN, add_options, print_table, smoke_dir, write_record  # noqa: E402
 from benchmarks.speed.bench import compose  # noqa: E402
 from benchmarks.speed.bench_torch import torch_models, torch_warmup_cosine  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "src" / "mlxlab" / "assets" / "tinystories" / "sample.txt"
 # The plain PyTorch script mlxlab was first measured against (the presets' values before it).
 REFERENCE = {"learning_rate": 1e-3, "warmup_steps": 30, "min_lr_ratio": 0.1,

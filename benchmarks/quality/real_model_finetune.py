@@ -31,9 +31,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import add_options, in_round, load, print_table, write_jsonl, write_record  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    add_options,
+    in_round,
+    load,
+    print_table,
+    tiny_llama,
+    write_jsonl,
+    write_record,
+)
 from benchmarks.speed import bench_lora  # noqa: E402
 
 MONTHS = list(calendar.month_name)[1:]
@@ -183,18 +190,6 @@ def llama_cpp_accuracy(gguf: Path, folder: Path, heldout: list[dict]) -> dict:
             "seconds": time.perf_counter() - started, "load_1min": [before, load()]}
 
 
-def smoke_model(work: Path) -> Path:
-    """A tiny random llama with a ChatML template (scripts/tiny_hf_model.py): the pipeline's
-    every step in seconds, nothing it learns."""
-    from tiny_hf_model import save_tiny_llama_without_torch
-
-    folder = work / "tiny-llama"
-    if not (folder / "config.json").exists():
-        save_tiny_llama_without_torch(folder, hidden=64, layers=2, heads=4, kv_heads=2,
-                                      intermediate=None, std=0.02, chat="chatml")
-    return folder
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--float-base", default=None, metavar="DTYPE", help="every tool on the GGUF's "
@@ -219,7 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
     from mlxlab.models.sources import model_folder
 
     if args.smoke:
-        model = folder = smoke_model(work)
+        # a tiny random llama with a ChatML template: the pipeline's every step in seconds
+        model = folder = tiny_llama(work / "tiny-llama", hidden=64, layers=2, heads=4, kv_heads=2,
+                                    intermediate=None, std=0.02, chat="chatml")
     else:
         from real_models import packaged_model
 

@@ -57,13 +57,6 @@ MODELS = {
 VARIANTS = ("bare", "replay", "nokernels")
 
 
-def machine_info(threads: int) -> dict:
-    """What the record's machine does not say: MLX, its BLAS, the threads, the fused kernels."""
-    return {"mlx": mx.__version__, "threads": threads, "kernels": mlxlab_kernels.status(),
-            "blas": f"{mlxlab.blas.status}: {mlxlab.blas.library} ({mlxlab.blas.detail})",
-            "torch": next((d.version for d in importlib.metadata.distributions(name="torch")), None)}
-
-
 def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
     """Best-of-`repeats` fp32 n x n x n GFLOP/s of (MLX, numpy) on the same operands, the two
     timed alternately so a busy machine slows both alike."""
@@ -529,7 +522,9 @@ def main() -> None:
     mlxlab_kernels.set_threads(args.threads)
     os.environ["MLXLAB_KERNEL_THREADS"] = str(args.threads)  # the workers' fused kernels too
     with threadpool_limits(limits=args.threads):  # numpy's own OpenBLAS too
-        info = machine_info(args.threads)
+        info = {"mlx": mx.__version__, "threads": args.threads, "kernels": mlxlab_kernels.status(),
+                "blas": f"{mlxlab.blas.status}: {mlxlab.blas.library} ({mlxlab.blas.detail})",
+                "torch": next((d.version for d in importlib.metadata.distributions(name="torch")), None)}
         print(f"BLAS threads: mlx {blas_threads()}, requested {args.threads}", file=sys.stderr)
         gemm = [{"n": n, "mlx": m, "numpy": p, "ratio": m / p}
                 for n in gemm_sizes for m, p in [gemm_pair(n, repeats=5 if quick else 20)]]

@@ -51,7 +51,6 @@ from benchmarks.harness import (  # noqa: E402
     load,
     print_table,
     smoke_dir,
-    src_env,
     tiny_hf_model,
     train_cli,
     write_jsonl,
@@ -199,7 +198,8 @@ def main() -> None:
               "commit": commit(),
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "machine": cpu_id(), "load": {"before": load()}}
-    env = src_env()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if args.smoke:
         args.prompts, args.rounds, args.steps, args.draft_steps = 4, 2, 2, 2
         args.keep_layers, args.max_tokens = 1, 12

@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.*
-from benchmarks.harness import add_options, print_table, smoke_dir, write_record  # noqa: E402
+from benchmarks.harness import add_options, print_table, smoke_dir, tiny_llama, write_record  # noqa: E402
 
 PRESETS = ("nano", "small", "medium", "large")
 DTYPES = ("fp32", "bf16")
@@ -54,10 +54,6 @@ FULL = {"vocab": 32768, "seq": 1024, "batch": {"nano": 32, "small": 16, "medium"
 DRY = {"vocab": 512, "seq": 32, "batch": {p: 2 for p in PRESETS}, "warmup": 1, "steps": 2,
        "gemm": [64, 128], "lora": (64, 2)}
 DRY_MODEL = ["model.dim=32", "model.num_layers=1", "model.num_heads=2"]
-
-
-def peak_for(name: str) -> dict | None:
-    return next(({"gpu": key, **peaks} for key, peaks in PEAKS if key.lower() in name.lower()), None)
 
 
 def budgeted_rows(keys: list[dict], deadline: float, measure) -> list[dict]:
@@ -276,12 +272,9 @@ def lora(dry: bool, root: Path, timeout: float, sizes: tuple[int, int]) -> dict:
     Llama written on the spot (no PyTorch needed), through mlx-lm's model code."""
     from benchmarks.speed.bench_lora import csv_metrics
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    from tiny_hf_model import save_tiny_llama_without_torch
-
     hidden, layers = sizes
-    base = save_tiny_llama_without_torch(root / "llama", hidden=hidden, layers=layers,
-                                         heads=max(2, hidden // 64), kv_heads=max(1, hidden // 256))
+    base = tiny_llama(root / f"llama-{hidden}x{layers}", hidden=hidden, layers=layers, heads=max(2, hidden // 64),
+                      kv_heads=max(1, hidden // 256))
     steps = 4 if dry else 100
     res: dict = {}
     for kind, extra in (("lora", []), ("qlora", ["model.quantize=4"])):
@@ -319,7 +312,8 @@ def gpu_tests(root: Path, timeout: float) -> dict:
 def table(res: dict) -> dict:
     """The record's table: mlxlab's row of each preset and dtype beside the twin's."""
     mlx = res.get("mlx", {})
-    peaks = peak_for(mlx.get("name", "")) if mlx.get("backend") == "cuda" else None
+    peaks = next(({"gpu": key, **p} for key, p in PEAKS if key.lower() in mlx.get("name", "").lower()),
+                 None) if mlx.get("backend") == "cuda" else None
     best = mlx.get("gemm_tflops", {})
     twin = {(r["preset"], r["dtype"], r["mode"]): r for r in res.get("torch", {}).get("rows", [])}
 

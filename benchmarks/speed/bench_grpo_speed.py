@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_options, print_table, smoke_dir, write_record  # noqa: E402
+from benchmarks.harness import REPO, add_options, print_table, smoke_dir, tiny_llama, write_record  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 COUNT = {"completions": 0, "tokens": 0}
 TOKENIZER = None
 
@@ -104,10 +103,7 @@ def one(a) -> None:
 
 def smoke_inputs(folder: Path) -> tuple[str, str]:
     """A tiny random Llama (scripts/tiny_hf_model.py, no torch) and 8 of the copy task's prompts."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from tiny_hf_model import save_tiny_llama_without_torch
-
-    model = save_tiny_llama_without_torch(folder / "model")
+    model = tiny_llama(folder / "model")
     rows = (REPO / "src/mlxlab/assets/copy_format/train.jsonl").read_text().splitlines()[:8]
     (folder / "prompts.jsonl").write_text("\n".join(rows) + "\n")
     return str(model), str(folder / "prompts.jsonl")

@@ -27,9 +27,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_options, print_table, write_record  # noqa: E402
+from benchmarks.harness import REPO, add_options, print_table, write_record  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["Once upon a time", "The little dog", "A girl named Lily", "In the big forest",
            "Tom had a red ball", "The sun was hot", "One day, a cat", "There was a boat",
            "The bird sang", "Mom made a cake", "A tiny frog", "The old tree", "Sam and Max",

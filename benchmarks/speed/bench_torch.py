@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import (  # noqa: E402
-    add_smoke,
+    add_options,
     clock,
     load_batches,
     peak_rss_mb,
@@ -259,8 +259,7 @@ def smoke_spec(folder: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", help="the JSON spec bench.py writes")
-    add_smoke(parser)
+    add_options(parser, spec=(None, "the JSON spec bench.py writes"))
     args = parser.parse_args()
     if args.smoke:
         args.spec = str(smoke_spec(smoke_dir("bench_torch")))

@@ -75,7 +75,6 @@ print(model_folder(str(packaged_model())))") || exit 2
   fi
   (cd .whl/stream && for f in $order; do echo "$f $(stat -c %s "$f")"; done) > .whl/manifest.txt
   (cd .whl/stream && tar cf - $order) | split -b 56M - .whl/part.
-  i=0
   for x in a b c d e; do
     [ -f ".whl/part.a$x" ] || continue
     mkdir -p ".whl/$x" && mv ".whl/part.a$x" ".whl/$x/" && cp .whl/manifest.txt .whl/pipeline ".whl/$x/"

@@ -66,14 +66,11 @@ class Decoder(nn.Module):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--vocab", type=int)
-    p.add_argument("--dim", type=int)
-    p.add_argument("--layers", type=int)
-    p.add_argument("--heads", type=int)
+    sizes = ("vocab", "dim", "layers", "heads", "batch", "seq")  # required, but not by --smoke
+    for name in sizes:
+        p.add_argument(f"--{name}", type=int)
     p.add_argument("--mlp-dim", type=int, default=None, help="default: 8/3 dim rounded up to 64")
     p.add_argument("--rope-theta", type=float, default=10000.0)
-    p.add_argument("--batch", type=int)
-    p.add_argument("--seq", type=int)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -85,7 +82,6 @@ def main() -> None:
     if args.smoke:  # a 1-layer decoder, 1 + 2 steps
         args.vocab, args.dim, args.layers, args.heads, args.batch, args.seq = 64, 32, 1, 2, 2, 16
         args.warmup, args.steps = 1, 2
-    sizes = ("vocab", "dim", "layers", "heads", "batch", "seq")
     if missing := [f"--{k}" for k in sizes if getattr(args, k) is None]:
         p.error(f"the following arguments are required: {', '.join(missing)}")
     if args.threads:
