@@ -32,8 +32,7 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def timed(command: list[str], env: dict, cwd: Path, limit_kb: int | None = None) -> tuple[float,
-                                                                                          str]:
+def timed(command: list[str], env: dict, cwd: Path, limit_kb: int | None = None) -> tuple[float, str]:
     started = time.perf_counter()
     if limit_kb is None:
         done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)

@@ -27,43 +27,36 @@ from benchmarks.harness import add_options, float_smollm2, smoke_dir, write_json
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("tiny_mc", "tiny_gen", "tiny_ppl")
 
-YAML = {
-    "tiny_mc": """task: tiny_mc
+# The tasks' YAML: what all three share (their name and data filled in), then each one's own
+COMMON = """task: {name}
 dataset_path: json
 dataset_kwargs: {{data_files: {{test: {data}}}}}
 test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
+"""
+YAML = {
+    "tiny_mc": """output_type: multiple_choice
+doc_to_text: "{{prompt}}"
 doc_to_choice: choices
 doc_to_target: answer
-metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
+metric_list: [{metric: acc}, {metric: acc_norm}]
 """,
-    "tiny_gen": """task: tiny_gen
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}}}}}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs: {{until: ["\\n", "."], do_sample: false, max_gen_toks: 16}}
+    "tiny_gen": """output_type: generate_until
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{answer}}"
+generation_kwargs: {until: ["\\n", "."], do_sample: false, max_gen_toks: 16}
 filter_list:
   - name: first-word
     filter:
-      - {{function: regex, regex_pattern: "(\\\\w+)", group_select: 0}}
-      - {{function: take_first}}
-metric_list: [{{metric: exact_match, ignore_case: true}}]
+      - {function: regex, regex_pattern: "(\\\\w+)", group_select: 0}
+      - {function: take_first}
+metric_list: [{metric: exact_match, ignore_case: true}]
 """,
-    "tiny_ppl": """task: tiny_ppl
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}}}}}
-test_split: test
-output_type: loglikelihood_rolling
+    "tiny_ppl": """output_type: loglikelihood_rolling
 doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list: [{{metric: word_perplexity}}, {{metric: byte_perplexity}}, {{metric: bits_per_byte}}]
+doc_to_target: "{{text}}"
+metric_list: [{metric: word_perplexity}, {metric: byte_perplexity}, {metric: bits_per_byte}]
 """,
 }
-
 
 def sentences() -> list[str]:
     """The shipped TinyStories sample's sentences of 8 words or more (no full stop)."""
@@ -104,7 +97,7 @@ def write_tasks(folder: Path, questions: int, seed: int = 0) -> list[str]:
     for name, rows in (("tiny_mc", mc), ("tiny_gen", gen), ("tiny_ppl", ppl)):
         data = folder / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (folder / f"{name}.yaml").write_text(YAML[name].format(data=data))
+        (folder / f"{name}.yaml").write_text(COMMON.format(name=name, data=data) + YAML[name])
         paths.append(str(folder / f"{name}.yaml"))
     return paths
 
@@ -265,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         report["seconds"]["mlx_lm.evaluate"] = mlx_s
         report["metrics"]["mlx_lm.evaluate"] = metrics(mlx)
     report["parity"], same = compare(ours, theirs, args.rtol)
-    report["rtol"] = args.rtol
-    report["parity_holds"] = same
+    report.update(rtol=args.rtol, parity_holds=same)
     print(json.dumps(report, indent=2))
     write_record("lm-eval-parity", report, question="parity", smoke=args.smoke,
                  reference="lm-eval-harness's hf model on the same weights",

@@ -84,28 +84,24 @@ def teacher_and_student(a, env: dict, out: Path, uri: str, times: dict[str, floa
     task_rows.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n"
                                  for r in map(json.loads, (ASSETS / "train.jsonl").read_text().splitlines())))
     student_rows.write_text("".join(json.dumps(r) + "\n" for r in fresh_copies(2000)))
+
+    def taught(role: str, rows: Path, dim: int, steps: int, extra: str) -> tuple[Path, float, Path]:
+        """(its run, its held-out exact match, its export): trained from scratch, scored, exported."""
+        run_dir, times[f"{role}_sft"] = sft(f"gkd_{role}", rows, scratch_model(dim, 2), steps, env,
+                                            out, extra)
+        acc, _, times[f"{role}_eval"] = held_out_score(run_dir, env, out, f"gkd_{role}_eval", uri)
+        print(f"{role}: held-out exact match {acc:.3f}", flush=True)
+        if role == "teacher" and acc < 0.9 and not a.smoke:
+            sys.exit(f"the teacher scores {acc:.3f} < 0.9: raise --teacher-steps")
+        times[f"{role}_export"] = export(run_dir, out / f"{role}_model", env, out)
+        return run_dir, acc, out / f"{role}_model"
+
     # 1. the teacher: solves the task (258 tokens = 256 bytes + 2 specials)
-    teacher_dir, times["teacher_sft"] = sft("gkd_teacher", task_rows, scratch_model(64, 2),
-                                            a.teacher_steps, env, out,
-                                            "+data.tokenizer.vocab_size=258")
-    teacher_acc, _, times["teacher_eval"] = held_out_score(teacher_dir, env, out,
-                                                           "gkd_teacher_eval", uri)
-    print(f"teacher: held-out exact match {teacher_acc:.3f}", flush=True)
-    if teacher_acc < 0.9 and not a.smoke:
-        sys.exit(f"the teacher scores {teacher_acc:.3f} < 0.9: raise --teacher-steps")
-    teacher = out / "teacher_model"
-    times["teacher_export"] = export(teacher_dir, teacher, env, out)
-
+    teacher_dir, teacher_acc, teacher = taught("teacher", task_rows, 64, a.teacher_steps,
+                                               "+data.tokenizer.vocab_size=258")
     # 2. the student: smaller, on the teacher's tokenizer, copies without the format
-    student_dir, times["student_sft"] = sft(
-        "gkd_student", student_rows, scratch_model(32, 2), a.student_steps, env, out,
-        f"data.tokenizer.path={teacher_dir / 'tokenizer.json'}")
-    student_acc, _, times["student_eval"] = held_out_score(student_dir, env, out,
-                                                           "gkd_student_eval", uri)
-    print(f"student: held-out exact match {student_acc:.3f}", flush=True)
-    student = out / "student_model"
-    times["student_export"] = export(student_dir, student, env, out)
-
+    _, student_acc, student = taught("student", student_rows, 32, a.student_steps,
+                                     f"data.tokenizer.path={teacher_dir / 'tokenizer.json'}")
     return teacher, teacher_acc, student, student_acc
 
 

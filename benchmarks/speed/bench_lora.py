@@ -223,26 +223,26 @@ def main() -> None:
     model = Path(args.model) if args.model else model
     tools = args.tools.split(",")
     results: dict[tuple[str, str], list[dict]] = {}
-    for rnd in range(args.rounds):
-        for kind in args.rows.split(","):
-            for tool in in_round(tools, rnd):
-                out = work / "runs" / f"{kind}-{tool}-{rnd}"
-                if tool == "mlxlab":
-                    run = run_mlxlab(out, [
-                        f"experiment={'finetune_chat' if kind == 'chat' else 'finetune_completions'}",
-                        *lora_overrides(model, data[kind], args.steps), f"data.max_length={args.seq}",
-                        f"trainer.grad_checkpoint={str(args.grad_checkpoint).lower()}",
-                        f"trainer.eval_every_steps={10 * args.steps}"])
-                else:
-                    run = run_mlx_lm(model, data[kind], args.steps, out, seq=args.seq,
-                                     openblas=tool.endswith("openblas"), mask_prompt=kind == "chat",
-                                     grad_checkpoint=args.grad_checkpoint)
-                s = summary(run, args.skip)
-                results.setdefault((kind, tool), []).append(s)
-                print(json.dumps({"round": rnd, "rows": kind, "tool": tool, **s}), flush=True)
-    shown = table(results, args.rows.split(","), tools)
+    groups = args.rows.split(",")
+    for rnd, kind, tool in ((r, k, t) for r in range(args.rounds) for k in groups
+                            for t in in_round(tools, r)):
+        out = work / "runs" / f"{kind}-{tool}-{rnd}"
+        if tool == "mlxlab":
+            run = run_mlxlab(out, [
+                f"experiment={'finetune_chat' if kind == 'chat' else 'finetune_completions'}",
+                *lora_overrides(model, data[kind], args.steps), f"data.max_length={args.seq}",
+                f"trainer.grad_checkpoint={str(args.grad_checkpoint).lower()}",
+                f"trainer.eval_every_steps={10 * args.steps}"])
+        else:
+            run = run_mlx_lm(model, data[kind], args.steps, out, seq=args.seq,
+                             openblas=tool.endswith("openblas"), mask_prompt=kind == "chat",
+                             grad_checkpoint=args.grad_checkpoint)
+        s = summary(run, args.skip)
+        results.setdefault((kind, tool), []).append(s)
+        print(json.dumps({"round": rnd, "rows": kind, "tool": tool, **s}), flush=True)
+    shown = table(results, groups, tools)
     print_table(shown)
-    group = args.rows.split(",")[0]
+    group = groups[0]
     other = next((t for t in tools if t.startswith("mlx-lm")), None)
     ratio = None
     if (group, "mlxlab") in results and (group, other) in results:

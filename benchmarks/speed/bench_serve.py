@@ -162,18 +162,15 @@ def main() -> int:
         routes = {"mlxlab serve": [(str(r), {}) for r in runs],
                   "mlx_lm.server": [(str(base), {"adapters": str(e / "adapters")})
                                     for e in exported]}
-    servers = {
-        "mlxlab serve": start([mlxlab, "serve", *served, "--host", HOST, "--port", "0"],
-                              work / "mlxlab.log", r"on (http://127\.0\.0\.1:\d+/v1)", env),
-        "mlx_lm.server": start([sys.executable, "-m", "mlx_lm.server", "--model", str(base),
-                                "--host", HOST, "--port", "8765", "--log-level", "WARNING"],
-                               work / "mlx_lm.log", r"()", env),
-    }
-    servers["mlx_lm.server"] = (servers["mlx_lm.server"][0], f"http://{HOST}:8765/v1")
+    # mlxlab serve says its URL (port 0: a free one); mlx_lm.server's is the port it is given
+    serve, said = [mlxlab, "serve", *served, "--host", HOST, "--port", "0"], r"on (http://127\.0\.0\.1:\d+/v1)"
+    servers = {"mlxlab serve": start(serve, work / "mlxlab.log", said, env)}
+    servers["mlx_lm.server"] = (start([sys.executable, "-m", "mlx_lm.server", "--model", str(base),
+                                       "--host", HOST, "--port", "8765", "--log-level", "WARNING"],
+                                      work / "mlx_lm.log", r"()", env)[0], f"http://{HOST}:8765/v1")
     if args.control:
-        servers["mlxlab, BLAS off"] = start(
-            [mlxlab, "serve", *served, "--host", HOST, "--port", "0"], work / "control.log",
-            r"on (http://127\.0\.0\.1:\d+/v1)", {**env, "MLXLAB_BLAS": "off"})
+        servers["mlxlab, BLAS off"] = start(serve, work / "control.log", said,
+                                            {**env, "MLXLAB_BLAS": "off"})
         routes["mlxlab, BLAS off"] = routes["mlxlab serve"]
     local = threading.local()
 

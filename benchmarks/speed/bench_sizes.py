@@ -457,42 +457,35 @@ def main(argv: list[str] | None = None) -> dict:
         print_table(figures["table"])
         write_record("sharded-full-fine-tuning", figures, question="memory", smoke=args.smoke)
         return figures
-    for size in sizes:
-        for mode in modes:
-            if args.table_only:
-                break
-            if size == "llama-8b" and mode == "lora" and dtype == "float32":
-                continue  # its float32 copy (32 GB) would not fit the 24 GB box
-            if size == "smollm2":
-                folder = smollm2[mode]
-            else:
-                suffix = "" if dtype == "float32" else f"-{dtype}"
-                folder = write_random(CONFIGS[size], smollm2["qlora"],
-                                      work / f"{size}-{mode}{suffix}",
-                                      4 if mode == "qlora" else None, dtype)
-            for rnd in range(args.rounds):
-                for tool in in_round(tools, rnd):
-                    key = f"{size}/{mode}/{tool}/{rnd}"
-                    if key in results:
-                        continue
-                    before = round(os.getloadavg()[0], 2)
-                    out = work / "runs" / key.replace("/", "-")
-                    if tool == "torch-peft" and mode == "qlora":
-                        continue  # PEFT's 4-bit bases are bitsandbytes'
-                    try:
-                        run = (run_mlx_lm(folder, data, args.steps, out) if tool == "mlx-lm"
-                               else run_torch_peft(folder, data, args.steps, out)
-                               if tool == "torch-peft" else
-                               run_mlxlab(folder, data, args.steps, out, tool == "mlxlab-packed",
-                                          128 if tool == "mlxlab-b128" else 16))
-                    except RuntimeError as error:  # the other tools' rows still come out
-                        print(f"{key} failed: {str(error)[-2000:]}", flush=True)
-                        failed = True
-                        continue
-                    results[key] = {**bench_lora.summary(run, args.skip), "load_1min": before,
-                                    "dtype": dtype if size != "smollm2" else None}
-                    store.write_text(json.dumps(results, indent=1))
-                    print(json.dumps({"stage": key, **results[key]}), flush=True)
+    # llama-8b's float32 copy (32 GB) would not fit the 24 GB box
+    pairs = [(s, m) for s in sizes for m in modes if not args.table_only
+             and not (s == "llama-8b" and m == "lora" and dtype == "float32")]
+    for size, mode in pairs:
+        suffix = "" if dtype == "float32" else f"-{dtype}"
+        folder = smollm2[mode] if size == "smollm2" else write_random(
+            CONFIGS[size], smollm2["qlora"], work / f"{size}-{mode}{suffix}",
+            4 if mode == "qlora" else None, dtype)
+        # no torch-peft QLoRA row: PEFT's 4-bit bases are bitsandbytes'
+        for rnd, tool in ((r, t) for r in range(args.rounds) for t in in_round(tools, r)
+                          if not (t == "torch-peft" and mode == "qlora")):
+            key = f"{size}/{mode}/{tool}/{rnd}"
+            if key in results:
+                continue
+            before = round(os.getloadavg()[0], 2)
+            out = work / "runs" / key.replace("/", "-")
+            try:
+                run = (run_mlx_lm(folder, data, args.steps, out) if tool == "mlx-lm"
+                       else run_torch_peft(folder, data, args.steps, out) if tool == "torch-peft"
+                       else run_mlxlab(folder, data, args.steps, out, tool == "mlxlab-packed",
+                                       128 if tool == "mlxlab-b128" else 16))
+            except RuntimeError as error:  # the other tools' rows still come out
+                print(f"{key} failed: {str(error)[-2000:]}", flush=True)
+                failed = True
+                continue
+            results[key] = {**bench_lora.summary(run, args.skip), "load_1min": before,
+                            "dtype": dtype if size != "smollm2" else None}
+            store.write_text(json.dumps(results, indent=1))
+            print(json.dumps({"stage": key, **results[key]}), flush=True)
     figures = {"results": results, "table": table(results, sizes, modes, tools)}
     print_table(figures["table"])
     if (work / "runs").is_dir():  # the same runs at equal work (one count of trained tokens)

@@ -254,17 +254,13 @@ def main() -> None:
         folder = work / f"{name}{'-smoke' if args.smoke else ''}"
         model = save_model(name, folder, shape, layers, args.smoke)
         batch = min(args.batch, BATCH_LIMIT.get(name, args.batch))
-        for rnd in range(args.rounds):
-            for tool in in_round(tools, rnd):
-                out = work / "runs" / f"{name}-{tool}-{rnd}"
-                run = run_mlxlab if tool == "mlxlab" else run_mlx_vlm
-                data = mlxlab_data if tool == "mlxlab" else vlm_data
-                s = summarize(run(model, data, args.steps, batch, quantize, out, env),
-                              args.skip)
-                s["batch"] = batch
-                s["load_1min"] = os.getloadavg()[0]
-                results.setdefault((name, tool), []).append(s)
-                print(json.dumps({"round": rnd, "shape": name, "tool": tool, **s}), flush=True)
+        for rnd, tool in ((r, t) for r in range(args.rounds) for t in in_round(tools, r)):
+            run, data = (run_mlxlab, mlxlab_data) if tool == "mlxlab" else (run_mlx_vlm, vlm_data)
+            s = {**summarize(run(model, data, args.steps, batch, quantize,
+                                 work / "runs" / f"{name}-{tool}-{rnd}", env), args.skip),
+                 "batch": batch, "load_1min": os.getloadavg()[0]}
+            results.setdefault((name, tool), []).append(s)
+            print(json.dumps({"round": rnd, "shape": name, "tool": tool, **s}), flush=True)
     table, shown = [], []
     for (name, tool), runs in results.items():
         row = {k: statistics.median(r[k] for r in runs)
