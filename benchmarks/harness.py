@@ -276,10 +276,9 @@ def metric_history(client, run: str, key: str) -> list[float]:
 
 
 def float_smollm2(folder: Path) -> Path:
-    """SmolLM2-135M-Instruct as a float32 Hugging Face folder, written once: transformers'
-    reading of the packaged GGUF (tests/real_models.py), its config's leftover
-    `quantization_config` dropped (the weights are plain float32, and transformers asks for the
-    GGUF file again when the config names it)."""
+    """SmolLM2-135M-Instruct as a float32 Hugging Face folder, written once: transformers' reading
+    of the packaged GGUF (tests/real_models.py), its config's `quantization_config` dropped (the
+    weights are float32; transformers asks for the GGUF file again when the config names it)."""
     if not (folder / "config.json").is_file():
         sys.path.insert(0, str(REPO / "tests"))
         from real_models import packaged_model, transformers_reference

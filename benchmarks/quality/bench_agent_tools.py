@@ -149,10 +149,6 @@ def heldout_rewards(client, run: str) -> list[float]:
     return [r["exact_answer"] for r in rows]
 
 
-def metric(client, run: str, key: str = "val/reward") -> float:
-    return client.get_run(run).data.metrics[key]
-
-
 # --- speed: rollouts per second, multi-turn beside single-turn ----------------------------------
 
 
@@ -272,7 +268,8 @@ def part_tiny(a, out: Path, env: dict, uri: str, times: dict) -> dict:
                                                  "mcnemar_exact_p": p}
     return {"sft_steps": a.tiny_sft_steps, "sft_last_loss": sft_loss, "sweeps": sweeps,
             "start": base.name,
-            "heldout_accuracy_sft_alone": metric(client, sft_run), "sft_run": sft_run,
+            "heldout_accuracy_sft_alone": client.get_run(sft_run).data.metrics["val/reward"],
+            "sft_run": sft_run,
             "heldout_accuracy_per_seed": per_seed, "with_tool_over_start": over_start,
             "compare": json.loads(compare[compare.index("{"):]) if "{" in compare else compare}
 
@@ -326,8 +323,8 @@ def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
             "heldout_accuracy_before": sum(before) / len(before),
             "heldout_accuracy_after": sum(after) / len(after),
             "only_before_right": b, "only_after_right": c, "mcnemar_exact_p": p,
-            "tool_calls_after": metric(client, runs["after"], "val/tools/call_frequency"),
-            "tool_calls_before": metric(client, runs["before"], "val/tools/call_frequency"),
+            **{f"tool_calls_{k}": client.get_run(runs[k]).data.metrics["val/tools/call_frequency"]
+               for k in ("after", "before")},
             "compare": json.loads(compare[compare.index("{"):]) if "{" in compare else compare}
 
 

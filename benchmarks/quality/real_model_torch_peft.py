@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     work, gguf = Path(args.work), Path(args.gguf)
     started = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-    model.to(dev)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype).to(dev)
     load_s = time.perf_counter() - started
     model = peft_lora(model)
     if args.compile:

@@ -180,10 +180,12 @@ def train_mlx_vlm(folder: Path, work: Path, seed: int, steps: int):
     return model
 
 
-def mcnemar(before: list[int], after: list[int]) -> float:
+def scored(start: list[int], after: list[int]) -> dict:
+    """The held-out exact match, and McNemar's exact p of it against the start's."""
     from mlxlab.stats.paired import mcnemar_exact
 
-    return float(mcnemar_exact([bool(b) for b in before], [bool(a) for a in after])[2])
+    return {"exact_match": sum(after) / len(after),
+            "mcnemar_p": float(mcnemar_exact([bool(b) for b in start], [bool(a) for a in after])[2])}
 
 
 def main() -> None:
@@ -203,8 +205,7 @@ def main() -> None:
     for seed in seeds:
         run = train(folder, args.work, seed, steps, [])
         after = correct(answers(str(run), rows), rows)
-        record["seeds"][seed] = {"exact_match": sum(after) / len(rows),
-                                 "mcnemar_p": mcnemar(start, after), "run": str(run)}
+        record["seeds"][seed] = {**scored(start, after), "run": str(run)}
         print(f"seed {seed}: {sum(after) / len(rows):.3f} exact match (McNemar p against the "
               f"start {record['seeds'][seed]['mcnemar_p']:.2g})", flush=True)
     scores = [v["exact_match"] for v in record["seeds"].values()]
@@ -213,8 +214,7 @@ def main() -> None:
     for seed in [int(s) for s in args.reference_seeds.split(",") if s]:
         after = correct(answers(str(folder), rows, train_mlx_vlm(folder, args.work, seed, steps)),
                         rows)
-        record["mlx_vlm"][seed] = {"exact_match": sum(after) / len(rows),
-                                   "mcnemar_p": mcnemar(start, after)}
+        record["mlx_vlm"][seed] = scored(start, after)
         print(f"mlx-vlm seed {seed}: {sum(after) / len(rows):.3f} exact match", flush=True)
     print(json.dumps(record, indent=1))
     write_record("vision-shapes", record, question="quality", smoke=args.smoke)

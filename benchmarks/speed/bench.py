@@ -395,17 +395,14 @@ def bench_model(name: str, args, tmp: Path, peak: float) -> tuple[list[dict], li
     plain = [results.pop("torch:plain")["tokens_per_s"] for results in rounds
              if "torch:plain" in results]
     ref = spec["reference"]
-    for results in rounds:
-        for impl, res in results.items():
-            if res.get("params") != ref["params"]:
-                print(f"  warning: {name} {impl} has {res['params']} params, mlxlab "
-                      f"{ref['params']}", file=sys.stderr)
     # Timed in every row: the same steps. Left out: compiling steps (a new batch shape) and
     # steps after an evaluation/checkpoint in any mlxlab row (it lands in the next step's time).
     skip = compile_steps([tuple(s) for s in ref["shapes"]])
-    for results in rounds:
-        for res in results.values():
-            skip |= {k + 1 for k in res.get("evals", [])}
+    for impl, res in ((impl, res) for results in rounds for impl, res in results.items()):
+        skip |= {k + 1 for k in res.get("evals", [])}
+        if res.get("params") != ref["params"]:
+            print(f"  warning: {name} {impl} has {res['params']} params, mlxlab {ref['params']}",
+                  file=sys.stderr)
     summaries = [{impl: summarize(name, impl, res, ref, skip, args, unit, peak)
                   for impl, res in results.items()} for results in rounds]
     rows = []

@@ -103,9 +103,8 @@ def decode(model, draft, prompt_ids: list[int], max_tokens: int, k: int) -> dict
     from mlxlab.runs.generate import continue_ids
 
     accepted: list[int] = []
-    started = time.perf_counter()
-    first = None
-    tokens = []
+    tokens: list[int] = []
+    first, started = None, time.perf_counter()
     for token in continue_ids(model.model, model.tokenizer, model.tokenizer_folder, prompt_ids,
                               max_tokens, 0.0, 0, 1.0, 0, None, draft, k, accepted):
         tokens.append(token)

@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # benchmarks.*
 from benchmarks.harness import add_options, print_table, smoke_dir, tiny_llama, write_record  # noqa: E402
 
@@ -369,8 +368,7 @@ def main() -> None:
             return
     started = time.monotonic()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = set(parts) - {"first", "mlx", "torch", "runs", "pytest"}
-    if unknown:
+    if unknown := set(parts) - {"first", "mlx", "torch", "runs", "pytest"}:
         parser.error(f"--parts: unknown {sorted(unknown)}; choose from first, mlx, torch, runs, pytest")
     sizes = DRY if args.dry_run else FULL
     budget = {part: share * args.budget_min * 60 for part, share in SHARES.items()}

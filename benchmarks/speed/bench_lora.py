@@ -158,13 +158,14 @@ def run_mlxlab(out: Path, overrides: list[str], env: dict | None = None,
 
 
 def csv_metrics(out: Path) -> dict[int, dict[str, float]]:
-    """{step: {metric: value}} of a tracking=csv run in `out`."""
+    """{step: {metric: value}} of a tracking=csv run in `out` (or of its metrics.csv alone, as a
+    run is kept under benchmarks/results)."""
+    path = out / "tracking" / "metrics.csv"
     rows: dict[int, dict] = {}
-    with open(out / "tracking" / "metrics.csv") as f:
+    with open(path if path.is_file() else out / "metrics.csv") as f:
         for r in csv.DictReader(f):
             rows.setdefault(int(r["step"]), {})[r["name"]] = float(r["value"])
     return rows
-
 
 def run_mlx_lm(model: Path, data: Path, steps: int, out: Path, *, openblas: bool,
                fast_quantized: bool = False, seq: int = SEQ, batch: int = BATCH, lr: float = LR,

@@ -173,8 +173,7 @@ def main() -> None:
             print(f"{LORA_VENV}: no mlx-lm-lora venv, its variants skipped", flush=True)
             args.variants = "mlxlab,cached"
     variants = args.variants.split(",")
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
+    if unknown := sorted(set(variants) - set(VARIANTS)):
         raise SystemExit(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
     work = args.work
     folder = work / "model"

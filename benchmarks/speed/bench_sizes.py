@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import json
 import os
 import shutil
@@ -29,7 +28,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
 from benchmarks.harness import add_options, in_round, print_table, run_with_peak_rss, write_record  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
@@ -259,23 +257,17 @@ def run_steps(run: Path, tool: str, mlxlab_rows: dict, differences: dict
               ) -> list[tuple[int, float, float]] | None:
     """(chats, trained tokens at mlxlab's count, seconds) per step of one run's folder."""
     report = run / "report.jsonl"
-    if tool == "mlx-lm" and report.is_file():
-        rows = [json.loads(line) for line in report.read_text().splitlines()]
+    rows = [json.loads(line) for line in report.read_text().splitlines()] if report.is_file() else []
+    if tool == "mlx-lm" and rows:
         before = [0] + [r["trained_tokens"] for r in rows]
         return [(4, r["trained_tokens"] - b - 4 * differences["mlx-lm"],
                  1 / r["iterations_per_second"]) for r, b in zip(rows, before)]
-    if tool == "torch-peft" and report.is_file():
-        rows = [json.loads(line) for line in report.read_text().splitlines()]
+    if tool == "torch-peft" and rows:
         return [(4, r["tokens_per_sec"] * r["seconds"] - 4 * differences["torch-peft"],
                  r["seconds"]) for r in rows]
-    metrics = run / "tracking" / "metrics.csv"
-    if not metrics.is_file():
-        metrics = run / "metrics.csv"  # as kept under benchmarks/results
-    if tool.startswith("mlxlab") and metrics.is_file():
-        rates: dict[int, float] = {}
-        for row in csv.DictReader(metrics.open()):
-            if row["name"] == "train/tokens_per_sec":
-                rates[int(row["step"])] = float(row["value"])
+    if tool.startswith("mlxlab") and any((run / d / "metrics.csv").is_file() for d in ("tracking", ".")):
+        rates = {s: m["train/tokens_per_sec"] for s, m in bench_lora.csv_metrics(run).items()
+                 if "train/tokens_per_sec" in m}
         drawn = mlxlab_rows[tool == "mlxlab-packed"]  # (mlxlab-b128: the same rows, wider)
         return [(chats, tokens, tokens / rates[s]) for s, (chats, tokens) in
                 enumerate(drawn[:len(rates)], 1)]
