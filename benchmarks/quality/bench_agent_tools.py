@@ -381,8 +381,8 @@ def main() -> None:
         save()
     if "speed" in parts:
         tool = [{"_target_": TOOL}]
-        for name, folder, tools in (("tiny", "tiny_sft", {"tools": tool, "environment": {"_target_": DESK}}),
-                                    ("real", "smollm2_sft", {"tools": tool})):
+        desk = {"tools": tool, "environment": {"_target_": DESK}}  # the tiny model's tool turns
+        for name, folder, tools in (("tiny", "tiny_sft", desk), ("real", "smollm2_sft", {"tools": tool})):
             if (out / folder).is_dir():
                 started = time.perf_counter()
                 results[f"speed_{name}"] = rollout_speed(out / folder, ASSETS / "train.jsonl",

@@ -480,11 +480,10 @@ def main() -> None:
                 variants=(None, f"extra mlxlab rows: comma list of {','.join(VARIANTS)} (default: "
                           "all; --quick: none)"),
                 repeats=(None, "interleaved rounds of every row; the table shows medians (default "
-                         "3; --quick: 1)", int), no_torch=False)
+                         "3; --quick: 1)", int), no_torch=False, spec=(None, argparse.SUPPRESS))
     parser.add_argument("--override", action="append", default=[],
                         help="extra Hydra override for every row (repeatable)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker_main(args.worker, args.spec)

@@ -95,8 +95,8 @@ def run_mlxlab(extra: list[str], tmp: Path, env: dict[str, str] | None = None) -
                      done.stdout)
     steps = int(evals[-1].group(2))
     loop = stamp(evals[-1].group(1)) - begin
-    return {"wall_s": done.wall_s, "cpu_s": done.cpu_s, "loop_s": loop, "first_epoch_s": first, "step_ms": None,
-            "steps": steps,
+    return {"wall_s": done.wall_s, "cpu_s": done.cpu_s, "loop_s": loop, "first_epoch_s": first,
+            "step_ms": None, "steps": steps,
             "best_accuracy": float(best.group(1)), "last_accuracy": float(evals[-1].group(4))}
 
 

@@ -272,8 +272,8 @@ def lora(dry: bool, root: Path, timeout: float, sizes: tuple[int, int]) -> dict:
     from benchmarks.speed.bench_lora import csv_metrics
 
     hidden, layers = sizes
-    base = tiny_llama(root / f"llama-{hidden}x{layers}", hidden=hidden, layers=layers, heads=max(2, hidden // 64),
-                      kv_heads=max(1, hidden // 256))
+    base = tiny_llama(root / f"llama-{hidden}x{layers}", hidden=hidden, layers=layers,
+                      heads=max(2, hidden // 64), kv_heads=max(1, hidden // 256))
     steps = 4 if dry else 100
     res: dict = {}
     for kind, extra in (("lora", []), ("qlora", ["model.quantize=4"])):
@@ -357,7 +357,8 @@ def main() -> None:
                 out=("gpu-bench", "folder for the JSON and the runs"),
                 parts=("first,mlx,torch,runs,pytest", "comma-separated: first (the default run on "
                        "a fresh machine), mlx (device, GEMM, presets), torch (the twin), runs "
-                       "(default experiment, LoRA), pytest (-m gpu); added to <out>/bench_gpu.json"))
+                       "(default experiment, LoRA), pytest (-m gpu); added to <out>/bench_gpu.json"),
+                mlx_worker=(None, argparse.SUPPRESS), torch_worker=(None, argparse.SUPPRESS))
     args = parser.parse_args()
     if args.smoke:  # --dry-run: the whole path on the CPU, tiny, into a fresh folder
         args.dry_run, args.out = True, str(smoke_dir("bench_gpu"))

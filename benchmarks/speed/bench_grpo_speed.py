@@ -119,7 +119,7 @@ def main() -> None:
     if a.smoke:  # a tiny random Llama, 8 copy prompts, one step of 2 prompts x G 2, one round
         a.model, a.prompts = smoke_inputs(smoke_dir("grpo_speed"))
         a.steps, a.batch, a.group, a.max_tokens, a.rounds = 1, 2, 2, 4, 1
-        passed = [f"--{k.replace('_', '-')}={getattr(a, k)}"
+        passed = [f"--{k.replace('_', '-')}={vars(a)[k]}"
                   for k in ("model", "prompts", "steps", "batch", "group", "max_tokens")]
     if not (a.model and a.prompts):
         p.error("--model and --prompts are required")
