@@ -204,14 +204,13 @@ def test_all_minilm_l6_v2_q8_0_in_llama_cpp_keeps_the_f32_vectors(tmp_path):
     q4_0 GGUF: llama.cpp's q8_0 vectors against its f32 ones have cosine >= 0.99 on every text
     (measured: min 0.9984, mean 0.9997), and q4_0's reported retention is lower than q8_0's."""
     pytest.importorskip("xllamacpp", reason="llama.cpp's prebuilt wheel (dev extra)")
-    from test_embedding_training import FAST, train_in
-
     from mlxlab.config import asset_path
     from mlxlab.data.beir import read_beir
     from mlxlab.export.embedder import PROBE
     from mlxlab.export.embedder_retention import cosines, llama_cpp_vectors
     from mlxlab.export.gguf_embedder import export_embedder_gguf
     from real_models import packaged_folder
+    from test_embedding_training import FAST, train_in
 
     run, _ = train_in(tmp_path / "run", *FAST[:3], f"model.pretrained={packaged_folder()}",
                       "trainer.max_steps=0")

@@ -3,6 +3,7 @@
 (convert_hf_to_gguf.py, its BertModel) writes one, and checked by llama.cpp itself.
 
     export_embedder_gguf("path/to/all-MiniLM-L6-v2", "minilm.gguf", quant="f16") -> report
+    export_embedder_gguf("outputs/embed_retrieval/<time>", "ft.gguf", quant="q8_0") -> report
 
 What llama.cpp's BERT graph computes is a post-norm BERT with absolute positions, then one
 pooling (mean, CLS or last token: `bert.pooling_type`), normalized by the caller (llama-server
@@ -10,11 +11,18 @@ scales to unit length by default). So a folder with Dense layers, several poolin
 encoder family (RoBERTa's offset positions, a decoder) or a default prompt (a GGUF carries no
 prompts) is refused before anything is written. The vocabulary goes in as llama.cpp's WordPiece
 model ("bert": a word-initial piece marked with "▁", a continuation without its "##"). The
-tensors keep the Hugging Face names through the `gguf` package's own name map; 1-D tensors and
-the position and token-type tables stay F32, as llama.cpp's converter keeps them. Where the
-`xllamacpp` wheel is installed, llama.cpp loads the written file in embedding mode and embeds a
-probe of texts: each vector must have cosine >= 1 - 1e-4 with mlxlab's (f32 and f16 both are
-within 1e-5), else the file is refused and removed.
+tensors keep the Hugging Face names through the `gguf` package's own name map.
+
+The matrices go out in the --quant type, F16 or one of the legacy types gguf-py quantizes (Q8_0,
+Q5_1, Q5_0, Q4_1, Q4_0; gguf-py has no K-quants), the token embedding with them; what
+convert_hf_to_gguf.py keeps F32 in every file type stays F32: the 1-D tensors (norms, biases)
+and the position and token-type tables; a matrix whose rows are not whole blocks falls back to
+F16 as the converter's does (gguf.py's encode_tensor). Where the `xllamacpp` wheel is
+installed, llama.cpp loads the written f32 or f16 file in embedding mode and embeds a probe of
+texts: each vector must have cosine >= 1 - 1e-4 with mlxlab's (both are within 1e-5), else the
+file is refused and removed. A quantized file cannot pass that: its retention is measured in
+llama.cpp instead and gates it (embedder_retention.py). The source is a sentence-transformers
+folder or an embedder run (its best weights; its retrieval set and base for the retention).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ percentile bootstrap interval over the examples; and the export against the run,
 stats/paired.py). An export is refused when, on any measure, it is significantly worse than the
 run (p < ALPHA) and keeps less than KEEP of the gain (a run with no base, or no gain on the
 measure: when it is significantly worse). `--accept-loss` writes it anyway, the verdict
-recorded.
+recorded. A text embedder's quantized GGUF is judged by the same pieces on its own measures
+(embedder_retention.py: cosine to the source's vectors, a run's held-out queries).
 """
 
 from __future__ import annotations
