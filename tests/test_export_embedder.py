@@ -178,6 +178,7 @@ def test_a_q8_0_embedder_run_keeps_its_vectors_and_queries_in_llama_cpp(tiny_run
     assert ndcg["run"] == pytest.approx(metrics["val/ndcg_at_10"], abs=1e-6)
     assert ndcg["base"] is not None and entry["base"].endswith("bert")
     assert entry["verdict"] == "kept" and not ndcg["lost"]
+    assert entry["recorded"].startswith("the run has no MLflow run")  # tracking=none
 
 
 def test_q4_0_under_the_floor_is_refused_unless_accepted(tiny_run, capsys):

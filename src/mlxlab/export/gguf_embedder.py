@@ -73,14 +73,19 @@ def export_embedder_gguf(source: str | Path, out: str | Path, quant: str = "f16"
                   "quant": quant, "pooling": embedder.model.pooling[0], "tensor_types": types,
                   "bytes": pending.stat().st_size}
         if reference is not None:
+            from mlxlab.export.embedder_retention import judge_embedder_file
+
             report["check"] = {"status": "measured", "why": "a quantized file: its retention"}
-            report["retention"] = _judge(reference, embedder, pending, out, accept_loss)
+            report["retention"] = judge_embedder_file(reference, embedder, pending, str(out),
+                                                      accept_loss)
         else:
             report["check"] = (llama_cpp_check(embedder, pending) if check else
                                {"status": "unchecked", "why": "--no-check"})
         os.replace(pending, out)
     finally:
         pending.unlink(missing_ok=True)
+    if reference is not None:
+        report["retention"]["recorded"] = _record(reference.state, out, report["retention"])
     return report
 
 
@@ -119,18 +124,14 @@ def embedder_run_state(source: Path) -> CheckpointState | None:
     return CheckpointState.read(choose_checkpoint(source))
 
 
-def _judge(reference, embedder: TextEmbedder, pending: Path, out: Path,
-           accept_loss: bool) -> dict:
-    """The quantized file's retention, recorded on a run's MLflow run."""
-    from mlxlab.export.embedder_retention import judge_embedder_file
+def _record(state: CheckpointState | None, out: Path, entry: dict) -> str:
+    """The written file's retention recorded on the run's MLflow run (retention.record): where,
+    or why not."""
+    if state is None:
+        return "no: a folder, not a run"
     from mlxlab.export.retention import record
 
-    entry = judge_embedder_file(reference, embedder, pending, str(out), accept_loss)
-    if reference.state is None:
-        entry["recorded"] = "no: a folder, not a run"
-    else:
-        entry["recorded"] = record(reference.state, out.name, entry) or "on the run's MLflow run"
-    return entry
+    return record(state, out.name, entry) or "on the run's MLflow run"
 
 
 def check_for_llama_cpp(embedder: TextEmbedder) -> None:
