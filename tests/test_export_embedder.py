@@ -234,3 +234,12 @@ def test_all_minilm_l6_v2_q8_0_in_llama_cpp_keeps_the_f32_vectors(tmp_path):
     assert kept["q4_0"]["probe/cosine"]["mean"] < kept["q8_0"]["probe/cosine"]["mean"]
     assert kept["q4_0"]["probe/cosine"]["lost"] and not kept["q8_0"]["probe/cosine"]["lost"]
     assert set(kept["q8_0"]) == {"probe/cosine", "jargon/ndcg_at_10"}
+
+
+def test_an_embedder_run_exports_its_best_weights_as_a_folder(tiny_run, capsys):
+    run, _ = tiny_run
+    out = run.parent / "folder"
+    assert main(["export", str(run), "--format", "sentence-transformers", "--out", str(out),
+                 "--no-check"]) == 0
+    np.testing.assert_allclose(TextEmbedder(out).encode(TEXTS),
+                               TextEmbedder(run / "sentence_transformer").encode(TEXTS), atol=1e-6)
