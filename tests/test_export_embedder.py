@@ -2,8 +2,11 @@
 files, read back, give sentence-transformers' own vectors (the tiny folder's stored reference by
 default; sentence-transformers reading the written folder of all-MiniLM-L6-v2, RoBERTa and a
 Qwen3 decoder embedder in the slow run), and a BERT embedder as GGUF that llama.cpp itself (the
-xllamacpp wheel) embeds with cosine >= 1 - 1e-4 to mlxlab's vectors. What an embedder export
-cannot write is one line, exit 2, nothing written."""
+xllamacpp wheel) embeds with cosine >= 1 - 1e-4 to mlxlab's vectors; quantized (an embedder run
+of the tiny BERT; all-MiniLM-L6-v2 in the slow run), the file's retention measured in llama.cpp
+(cosine to the source's vectors, the run's held-out nDCG@10) and q4_0 refused under the cosine
+floor unless --accept-loss. What an embedder export cannot write is one line, exit 2, nothing
+written."""
 
 from __future__ import annotations
 
