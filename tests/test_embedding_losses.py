@@ -13,6 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from embedder_fixtures import write_tiny_folder
+from mlxlab.data.sentence_pairs import column_keys
 from mlxlab.models.embedder_model import EmbedderModel
 from mlxlab.objectives.embedding.cached_mnrl import CachedMultipleNegativesRankingLoss
 from mlxlab.objectives.embedding.cosent import CoSENTLoss
@@ -77,16 +78,15 @@ def models(tmp_path_factory):
 
 
 def features(theirs, columns: int) -> tuple[list[dict], dict[str, mx.array]]:
-    """sentence-transformers' tokenized columns, and our batch of the same ids (rows, columns,
-    positions) padded to the widest column."""
+    """sentence-transformers' tokenized columns, and our batch of the same ids: each column
+    (rows, positions) at its own width, as sentence-transformers pads them."""
     feats = [theirs.preprocess(texts) for texts in COLUMN_TEXTS[:columns]]
-    width = max(f["input_ids"].shape[1] for f in feats)
-    ids = np.zeros((ROWS, columns, width), np.int32)
-    mask = np.zeros((ROWS, columns, width), np.int32)
+    batch = {}
     for c, f in enumerate(feats):
-        n = f["input_ids"].shape[1]
-        ids[:, c, :n], mask[:, c, :n] = f["input_ids"].numpy(), f["attention_mask"].numpy()
-    return feats, {"input_ids": mx.array(ids), "attention_mask": mx.array(mask)}
+        ids_key, mask_key = column_keys(c)
+        batch[ids_key] = mx.array(f["input_ids"].numpy().astype(np.int32))
+        batch[mask_key] = mx.array(f["attention_mask"].numpy().astype(np.int32))
+    return feats, batch
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
