@@ -138,6 +138,24 @@ def test_cached_gradients_equal_the_uncached_loss(models):
         assert gap <= 1e-5 * largest, (name, gap)
 
 
+def test_columns_at_their_own_widths_give_the_loss_of_one_width(models):
+    """Each text column padded to its own longest (one forward pass per width) gives the loss
+    and gradients of every column padded to the widest and run in one pass."""
+    ours_model, theirs_model = models
+    _, batch = features(theirs_model, 3)
+    width = max(v.shape[1] for v in batch.values())
+    assert len({v.shape[1] for v in batch.values()}) > 1  # the columns' widths differ
+    wide = {k: mx.pad(v, [(0, 0), (0, width - v.shape[1])]) for k, v in batch.items()}
+    loss = MultipleNegativesRankingLoss()
+    (own, own_grads), (one, one_grads) = [
+        nn.value_and_grad(ours_model, lambda m, b=b: loss.loss(m, b)[0])(ours_model) for b in (batch, wide)]
+    assert abs(float(own) - float(one)) <= 1e-6 * max(1.0, abs(float(one)))
+    own_grads, one_grads = dict(tree_flatten(own_grads)), dict(tree_flatten(one_grads))
+    largest = max(float(np.abs(np.array(g)).max()) for g in one_grads.values())
+    for name, grad in one_grads.items():
+        assert np.abs(np.array(own_grads[name]) - np.array(grad)).max() <= 1e-5 * largest, name
+
+
 def test_retrieval_scores_equal_information_retrieval_evaluator():
     """Per-query scores averaged = InformationRetrievalEvaluator's metrics, on the same vectors
     (ties included: duplicated documents rank by id, as the evaluator ranks them)."""
