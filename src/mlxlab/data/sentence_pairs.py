@@ -302,4 +302,3 @@ class SentencePairs(FixedBatchRows):
             tokens, mask = padded([texts[i] for i in chunk],
                                   max(len(texts[i]) for i in chunk), self.pad_id)
             yield chunk, mx.array(tokens), mx.array(mask)
-

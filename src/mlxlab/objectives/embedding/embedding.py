@@ -1,4 +1,4 @@
-"""What every embedding loss shares: its columns embedded in one forward pass, the validation loss
+"""What every embedding loss shares: its columns embedded (one pass a width), the validation loss
 and the retrieval metrics of an evaluation, the checks of a composed config.
 
 A batch of text columns (data/sentence_pairs.py) holds each column's token ids and attention
@@ -162,9 +162,10 @@ def encode(model: nn.Module, batches: Any) -> np.ndarray:
         mx.eval(vectors)
         places.append(positions)
         out.append(np.array(vectors))
-    vectors = np.empty_like(np.concatenate(out))
-    vectors[np.concatenate(places)] = np.concatenate(out)
-    return vectors
+    vectors = np.concatenate(out)
+    ordered = np.empty_like(vectors)
+    ordered[np.concatenate(places)] = vectors
+    return ordered
 
 
 def retrieval_scores(model: nn.Module, data: Any, batch_size: int):
