@@ -13,6 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from embedder_fixtures import write_tiny_folder
+from mlxlab.data.sentence_pairs import column_keys
 from mlxlab.models.embedder_model import EmbedderModel
 from mlxlab.objectives.embedding.cached_mnrl import CachedMultipleNegativesRankingLoss
 from mlxlab.objectives.embedding.cosent import CoSENTLoss
@@ -77,16 +78,15 @@ def models(tmp_path_factory):
 
 
 def features(theirs, columns: int) -> tuple[list[dict], dict[str, mx.array]]:
-    """sentence-transformers' tokenized columns, and our batch of the same ids (rows, columns,
-    positions) padded to the widest column."""
+    """sentence-transformers' tokenized columns, and our batch of the same ids: each column
+    (rows, positions) at its own width, as sentence-transformers pads them."""
     feats = [theirs.preprocess(texts) for texts in COLUMN_TEXTS[:columns]]
-    width = max(f["input_ids"].shape[1] for f in feats)
-    ids = np.zeros((ROWS, columns, width), np.int32)
-    mask = np.zeros((ROWS, columns, width), np.int32)
+    batch = {}
     for c, f in enumerate(feats):
-        n = f["input_ids"].shape[1]
-        ids[:, c, :n], mask[:, c, :n] = f["input_ids"].numpy(), f["attention_mask"].numpy()
-    return feats, {"input_ids": mx.array(ids), "attention_mask": mx.array(mask)}
+        ids_key, mask_key = column_keys(c)
+        batch[ids_key] = mx.array(f["input_ids"].numpy().astype(np.int32))
+        batch[mask_key] = mx.array(f["attention_mask"].numpy().astype(np.int32))
+    return feats, batch
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -136,6 +136,24 @@ def test_cached_gradients_equal_the_uncached_loss(models):
     for name in plain_grads:
         gap = np.abs(np.array(cached_grads[name]) - np.array(plain_grads[name])).max()
         assert gap <= 1e-5 * largest, (name, gap)
+
+
+def test_columns_at_their_own_widths_give_the_loss_of_one_width(models):
+    """Each text column padded to its own longest (one forward pass per width) gives the loss
+    and gradients of every column padded to the widest and run in one pass."""
+    ours_model, theirs_model = models
+    _, batch = features(theirs_model, 3)
+    width = max(v.shape[1] for v in batch.values())
+    assert len({v.shape[1] for v in batch.values()}) > 1  # the columns' widths differ
+    wide = {k: mx.pad(v, [(0, 0), (0, width - v.shape[1])]) for k, v in batch.items()}
+    loss = MultipleNegativesRankingLoss()
+    (own, own_grads), (one, one_grads) = [
+        nn.value_and_grad(ours_model, lambda m, b=b: loss.loss(m, b)[0])(ours_model) for b in (batch, wide)]
+    assert abs(float(own) - float(one)) <= 1e-6 * max(1.0, abs(float(one)))
+    own_grads, one_grads = dict(tree_flatten(own_grads)), dict(tree_flatten(one_grads))
+    largest = max(float(np.abs(np.array(g)).max()) for g in one_grads.values())
+    for name, grad in one_grads.items():
+        assert np.abs(np.array(own_grads[name]) - np.array(grad)).max() <= 1e-5 * largest, name
 
 
 def test_retrieval_scores_equal_information_retrieval_evaluator():

@@ -65,8 +65,13 @@ A text embedder (a sentence-transformers folder: BERT, RoBERTa / XLM-R or a deco
 Qwen3-Embedding) exports as a sentence-transformers folder written from the model (float32
 safetensors in Hugging Face names, the tokenizer, Pooling, Dense, Normalize, the prompts), read
 back by mlxlab and sentence-transformers and refused unless both give its vectors within 1e-5;
-a BERT embedder with one pooling and no Dense as GGUF (f32 or f16) for llama.cpp's embedding
-mode, refused unless llama.cpp's vectors have cosine >= 1 - 1e-4 with mlxlab's.
+a BERT embedder with one pooling and no Dense as GGUF for llama.cpp's embedding mode: f32 or
+f16, refused unless llama.cpp's vectors have cosine >= 1 - 1e-4 with mlxlab's; or quantized
+(q8_0, q5_1, q5_0, q4_1, q4_0: gguf-py's types; it has no K-quants), judged by its retention
+measured in llama.cpp: the mean and min cosine of its vectors to the source's on probe texts
+(refused under a mean of 0.99) and, for an embedder run with a retrieval set (data.eval_dir),
+each held-out query's nDCG@10 against the run and its base, as a decoder's; --accept-loss
+writes a loss anyway. RUN may be the embedder run itself (its sentence_transformer/ folder).
 
 --format hf (and peft, and gguf from a run, through its float hf folder) is checked where it is
 made: transformers loads what was written and must give the fine-tune's logits on a 2x16-token
@@ -194,11 +199,12 @@ def _print_retention(report: dict) -> None:
     entry = report.get("retention")
     if not entry:
         return
-    print(f"retention, read back from what was written (base: {entry['base']}):")
+    print(f"retention, read back from what was written"
+          f"{' by ' + entry['checker'] if entry.get('checker') else ''} (base: {entry['base']}):")
     for measure in entry["measures"]:
         print(f"  {measure['line']}")
     if entry["accepted_loss"]:
-        print(f"written with --accept-loss although it lost the gain on {', '.join(entry['lost'])}")
+        print(f"written with --accept-loss although it lost on {', '.join(entry['lost'])}")
     print(f"retention recorded: {entry.get('recorded', 'no')}")
 
 
@@ -314,12 +320,15 @@ def _gguf_adapters(args: argparse.Namespace) -> int:
 
 
 def _is_embedder(args: argparse.Namespace) -> bool:
-    """Whether RUN is a sentence-transformers folder (an embedder, whatever --format says)."""
+    """Whether RUN is a sentence-transformers folder or an embedder run (an embedder, whatever
+    --format says)."""
     from pathlib import Path
 
+    from mlxlab.export.embedder import is_embedder_run
     from mlxlab.models.sentence_folder import is_sentence_folder
 
-    return is_sentence_folder(Path(args.run).expanduser())
+    path = Path(args.run).expanduser()
+    return is_sentence_folder(path) or is_embedder_run(path)
 
 
 def _embedder(args: argparse.Namespace) -> int:
@@ -328,24 +337,26 @@ def _embedder(args: argparse.Namespace) -> int:
     given = [flag for flag, value in (
         ("--dtype", args.dtype), ("--quantize", args.quantize),
         ("--quantize-method", args.quantize_method), ("--imatrix-rows", args.imatrix_rows),
-        ("--draft", args.draft), ("--tasks", args.tasks), ("--accept-loss", args.accept_loss),
+        ("--draft", args.draft), ("--tasks", args.tasks),
         ("--adapters", args.lora == "adapters")) if value]
-    if args.fmt == "sentence-transformers" and args.quant is not None:
-        given.insert(0, "--quant")
+    if args.fmt == "sentence-transformers":
+        given = [*(["--quant"] if args.quant is not None else []), *given,
+                 *(["--accept-loss"] if args.accept_loss else [])]
     if given or args.fmt not in ("sentence-transformers", "gguf"):
         what = (f"--format {args.fmt} does not" if not given else
                 f"{given[0]} does not" if len(given) == 1 else f"{', '.join(given)} do not")
         what += " apply"
         print(f"mlxlab export: error: {what} to a text embedder: it exports as --format "
-              "sentence-transformers, or --format gguf --quant f32|f16 (a BERT embedder)",
-              file=sys.stderr)
+              "sentence-transformers, or --format gguf --quant f32|f16|q8_0|q5_1|q5_0|q4_1|q4_0 "
+              "[--accept-loss] (a BERT embedder)", file=sys.stderr)
         return 2
     try:
         if args.fmt == "gguf":
             from mlxlab.export.gguf_embedder import export_embedder_gguf
 
             report = export_embedder_gguf(args.run, args.out, args.quant or "f16",
-                                          overwrite=args.overwrite, check=args.check)
+                                          overwrite=args.overwrite, check=args.check,
+                                          accept_loss=args.accept_loss)
         else:
             from mlxlab.export.embedder import export_embedder
 
@@ -358,9 +369,11 @@ def _embedder(args: argparse.Namespace) -> int:
     if args.fmt == "gguf":
         print(f"exported {report['source']} -> {report['gguf']} (bert, {report['quant']}, "
               f"{report['pooling']} pooling, {report['bytes'] / 2**20:.1f} MiB)")
-        print(f"checked in {check['checker']}: min cosine {check['min_cosine']:.7f} over "
-              f"{check['texts']} texts" if check["status"] == "checked"
-              else f"unchecked: {check['why']}")
+        if check["status"] != "measured":
+            print(f"checked in {check['checker']}: min cosine {check['min_cosine']:.7f} over "
+                  f"{check['texts']} texts" if check["status"] == "checked"
+                  else f"unchecked: {check['why']}")
+        _print_retention(report)
         return 0
     print(f"exported {report['source']} -> {args.out} (sentence-transformers, float32, "
           f"{report['dimension']}-dim vectors)")

@@ -11,8 +11,10 @@ Texts are tokenized with the model's tokenizer.json (data.tokenizer.path, set fr
 model.pretrained) as sentence-transformers tokenizes them: special tokens added, cut at
 max_length (null: the folder's sentence_bert_config.json max_seq_length), lower-cased where that
 config says do_lower_case. The token ids are cached in `cache_dir`, keyed by the files' bytes
-and the tokenizer. A batch is `input_ids` and `attention_mask` of shape (rows, columns,
-positions), right-padded to a length bucket, `labels` where the rows carry scores, and `index`.
+and the tokenizer. A batch holds each text column's `column<c>_input_ids` and
+`column<c>_attention_mask` (column_keys) of shape (rows, positions), each column right-padded to
+the length bucket of its own longest text (a question is not padded to its document's length, as
+sentence-transformers pads each column apart), `labels` where the rows carry scores, and `index`.
 Files are read and checked when the module is built, before a run folder exists.
 """
 
@@ -98,6 +100,29 @@ def _label(value: Any, where: str) -> list[float]:
         raise ConfigError(f"{where}: a score / label is a number or a list of numbers, not "
                           f"{value!r}")
     return [float(v) for v in values]
+
+
+def column_keys(column: int) -> tuple[str, str]:
+    """The batch keys of text column `column`'s token ids and attention mask."""
+    return f"column{column}_input_ids", f"column{column}_attention_mask"
+
+
+def text_columns(batch: Batch) -> list[tuple[mx.array, mx.array]]:
+    """Each text column's (input_ids, attention_mask) of a batch, in column order."""
+    found = []
+    while column_keys(len(found))[0] in batch:
+        ids, mask = column_keys(len(found))
+        found.append((batch[ids], batch[mask]))
+    return found
+
+
+def padded(texts: list[np.ndarray], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, attention mask) of `texts` right-padded to `width` positions."""
+    tokens = np.full((len(texts), width), pad_id, np.int32)
+    mask = np.zeros((len(texts), width), np.int32)
+    for r, ids in enumerate(texts):
+        tokens[r, :len(ids)], mask[r, :len(ids)] = ids, 1
+    return tokens, mask
 
 
 def st_max_length(tokenizer_path: str | Path) -> tuple[int, bool]:
@@ -246,15 +271,13 @@ class SentencePairs(FixedBatchRows):
 
     # ---------------------------------------------------------------- batches
     def _collate(self, split: Tokens, index: np.ndarray, multiple: int) -> Batch:
-        longest = max(len(ids) for i in index for ids in split.ids[i])
-        width = bucket_length(longest, multiple, self.max_length)
-        tokens = np.full((len(index), self.columns, width), self.pad_id, np.int32)
-        mask = np.zeros((len(index), self.columns, width), np.int32)
-        for r, i in enumerate(index):
-            for c, ids in enumerate(split.ids[i]):
-                tokens[r, c, :len(ids)], mask[r, c, :len(ids)] = ids, 1
-        batch = {"input_ids": mx.array(tokens), "attention_mask": mx.array(mask),
-                 "index": mx.array(np.asarray(index, np.int32))}
+        batch = {"index": mx.array(np.asarray(index, np.int32))}
+        for c in range(self.columns):
+            texts = [split.ids[i][c] for i in index]
+            width = bucket_length(max(len(ids) for ids in texts), multiple, self.max_length)
+            tokens, mask = padded(texts, width, self.pad_id)
+            ids_key, mask_key = column_keys(c)
+            batch[ids_key], batch[mask_key] = mx.array(tokens), mx.array(mask)
         if split.labels is not None:
             labels = split.labels[index]
             batch["labels"] = mx.array(labels[:, 0] if labels.shape[1] == 1 else labels)
@@ -267,15 +290,15 @@ class SentencePairs(FixedBatchRows):
                               "set trainer.batching.dynamic=false")
         return super().train_batches(batching, epoch)
 
-    def text_batches(self, which: str, batch_size: int) -> Iterator[tuple[mx.array, mx.array]]:
-        """(input_ids, attention_mask) of the retrieval set's `which` texts (queries | corpus),
-        in order, each batch padded to its longest."""
+    def text_batches(self, which: str, batch_size: int
+                     ) -> Iterator[tuple[np.ndarray, mx.array, mx.array]]:
+        """(positions, input_ids, attention_mask) of the retrieval set's `which` texts (queries |
+        corpus): batches of texts of like length, longest first, each padded to its longest
+        (sentence-transformers' encode orders them so too), with each text's place in the set."""
         texts = self.query_tokens if which == "queries" else self.corpus_tokens
+        order = np.argsort([-len(ids) for ids in texts], kind="stable")
         for start in range(0, len(texts), batch_size):
-            chunk = texts[start:start + batch_size]
-            width = max(len(ids) for ids in chunk)
-            tokens = np.full((len(chunk), width), self.pad_id, np.int32)
-            mask = np.zeros((len(chunk), width), np.int32)
-            for r, ids in enumerate(chunk):
-                tokens[r, :len(ids)], mask[r, :len(ids)] = ids, 1
-            yield mx.array(tokens), mx.array(mask)
+            chunk = order[start:start + batch_size]
+            tokens, mask = padded([texts[i] for i in chunk],
+                                  max(len(texts[i]) for i in chunk), self.pad_id)
+            yield chunk, mx.array(tokens), mx.array(mask)

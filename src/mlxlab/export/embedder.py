@@ -3,7 +3,8 @@
     export_embedder("path/to/embedder", "exported/embedder") -> report dict
 
 The embedder is what mlxlab loads from a sentence-transformers folder (models/sentence_folder.py:
-a BERT, RoBERTa / XLM-R or decoder Transformer, Pooling, Dense layers, Normalize). The folder is
+a BERT, RoBERTa / XLM-R or decoder Transformer, Pooling, Dense layers, Normalize), or from an
+embedder run's sentence_transformer/ folder (its best weights, written at its end). The folder is
 written from the model in memory by models/sentence_folder_save.py, the writer a run's end
 uses too (float32, laid out as sentence-transformers saves one). Then it proves itself before it
 is renamed into place: mlxlab reads the written folder, and sentence-transformers too where it
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mlxlab.export.hf import ExportError
+from mlxlab.models.embedder_model import NATIVE_FOLDER
 from mlxlab.models.sentence_folder import TextEmbedder, is_sentence_folder
 from mlxlab.models.sentence_folder_save import write_sentence_folder
 from mlxlab.runtime.files.staging import staged_folder
@@ -48,13 +50,23 @@ def export_embedder(source: str | Path, out: str | Path, overwrite: bool = False
 
 
 def load_embedder_source(source: Path) -> TextEmbedder:
-    """The embedder at `source` (a sentence-transformers folder), or one line saying what is."""
+    """The embedder at `source` (a sentence-transformers folder, or an embedder run: its
+    sentence_transformer/ folder, the best weights), or one line saying what is."""
     if not source.exists():
-        raise FileNotFoundError(f"{source} does not exist: pass a sentence-transformers folder")
+        raise FileNotFoundError(f"{source} does not exist: pass a sentence-transformers folder "
+                                "or an embedder run")
+    if is_embedder_run(source):
+        return TextEmbedder(source / NATIVE_FOLDER)
     if not is_sentence_folder(source):
         raise ExportError(f"{source} is not a sentence-transformers folder (no modules.json); "
                           "--format sentence-transformers exports an embedder")
     return TextEmbedder(source)
+
+
+def is_embedder_run(path: Path) -> bool:
+    """Whether `path` is an embedder run: its end wrote the best weights as a
+    sentence-transformers folder (models/embedder_model.py)."""
+    return is_sentence_folder(path / NATIVE_FOLDER)
 
 
 def prove(embedder: TextEmbedder, folder: Path, with_library: bool = True) -> dict:

@@ -87,12 +87,14 @@ def gguf_file(out: Path, arch_name: str) -> Iterator[Any]:
         raise
 
 
-def _types() -> dict[str, tuple]:
+def file_types() -> dict[str, tuple]:
+    """--quant -> (GGML tensor type for 2-D weights, llama.cpp's file type)."""
     g = gguf_package()
     T, F = g.GGMLQuantizationType, g.LlamaFileType
     return {"f32": (T.F32, F.ALL_F32), "f16": (T.F16, F.MOSTLY_F16),
             "bf16": (T.BF16, F.MOSTLY_BF16), "q8_0": (T.Q8_0, F.MOSTLY_Q8_0),
             "q4_0": (T.Q4_0, F.MOSTLY_Q4_0), "q4_1": (T.Q4_1, F.MOSTLY_Q4_1),
+            "q5_0": (T.Q5_0, F.MOSTLY_Q5_0), "q5_1": (T.Q5_1, F.MOSTLY_Q5_1),
             **{q: (T[kind], F[file_type]) for q, (kind, file_type) in MIXTURES.items()}}
 
 
@@ -445,7 +447,7 @@ def _llama3_rope_factors(config: dict) -> np.ndarray:
 
 # --- tensors ----------------------------------------------------------------------------------
 
-def _encode(w: np.ndarray, qtype):
+def encode_tensor(w: np.ndarray, qtype):
     """(data, raw dtype) for the writer: 1-D tensors in F32; a 2-D one whose rows are not whole
     32-value blocks falls back to F16, as llama.cpp's converter does."""
     g = gguf_package()
@@ -527,7 +529,7 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype
                 data, kind = _k_quant(mixture, full_name,
                                       arch.tensor(name, w, config), (importance or {}).get(name))
             else:
-                data, kind = _encode(arch.tensor(name, w, config), kept)
+                data, kind = encode_tensor(arch.tensor(name, w, config), kept)
             label = kind.name
         writer.add_tensor(full_name, data, raw_dtype=kind)
         counts[label] = counts.get(label, 0) + 1
@@ -563,7 +565,7 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
                                   "q4_1")
         mixture = Mixture(quant, int(config["num_hidden_layers"]),
                           bool(config.get("tie_word_embeddings", False)))
-    qtype, file_type = _types()[quant]
+    qtype, file_type = file_types()[quant]
     with gguf_file(out, g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]]) as writer:
         writer.add_name(name or folder.name)
         if description:

@@ -21,7 +21,8 @@ percentile bootstrap interval over the examples; and the export against the run,
 stats/paired.py). An export is refused when, on any measure, it is significantly worse than the
 run (p < ALPHA) and keeps less than KEEP of the gain (a run with no base, or no gain on the
 measure: when it is significantly worse). `--accept-loss` writes it anyway, the verdict
-recorded.
+recorded. A text embedder's quantized GGUF is judged by the same pieces on its own measures
+(embedder_retention.py: cosine to the source's vectors, a run's held-out queries).
 """
 
 from __future__ import annotations
@@ -296,12 +297,17 @@ class Kept:
 
 def judge(reference: Reference, exported: Scores) -> list[Kept]:
     """Every measure of the export against the run and the base."""
+    return judge_scores(reference.run, reference.base, exported)
+
+
+def judge_scores(run: Scores, base: Scores | None, exported: Scores) -> list[Kept]:
+    """Every measure the run and the export both have, the export against the run and `base`
+    (any model's per-example scores: a decoder's here, an embedder's retrieval queries in
+    embedder_retention.py)."""
     out = []
-    for name, run in reference.run.items():
-        if name not in exported:
-            continue
-        base = reference.base.get(name) if reference.base else None
-        out.append(_kept(name, run, exported[name], base))
+    for name, column in run.items():
+        if name in exported:
+            out.append(_kept(name, column, exported[name], base.get(name) if base else None))
     return out
 
 
@@ -343,30 +349,48 @@ def _kept_interval(r: np.ndarray, e: np.ndarray, b: np.ndarray, seed: int = 0
 
 def report(reference: Reference, kept: list[Kept], written: str, accepted: bool) -> dict:
     """export_report.json's "retention" entry."""
-    lost = [k.measure for k in kept if k.lost]
-    return {"read_back": written, "base": reference.base_from, "keep": KEEP, "alpha": ALPHA,
-            "measures": [asdict(k) | {"line": k.line()} for k in kept],
-            "lost": lost, "verdict": "lost" if lost else "kept",
-            "accepted_loss": bool(lost and accepted),
-            "tasks": [str(t.path) for t in reference.tasks] + reference.harness}
+    return entry_of([measure(k) for k in kept], written, accepted, reference.base_from,
+                    [str(t.path) for t in reference.tasks] + reference.harness)
+
+
+def measure(kept: Kept) -> dict:
+    """One measure as the entry lists it: its fields and its line."""
+    return asdict(kept) | {"line": kept.line()}
+
+
+def entry_of(measures: list[dict], written: str, accepted: bool, base_from: str,
+             tasks: list[str]) -> dict:
+    """The "retention" entry of `measures` (each with its "measure", "line" and whether it
+    "lost"): the export is lost when any measure is."""
+    lost = [m["measure"] for m in measures if m["lost"]]
+    return {"read_back": written, "base": base_from, "keep": KEEP, "alpha": ALPHA,
+            "measures": measures, "lost": lost, "verdict": "lost" if lost else "kept",
+            "accepted_loss": bool(lost and accepted), "tasks": tasks}
 
 
 def judge_export(request: Retention, exported: Model, written: str, instead: str) -> dict:
     """The written model (read back) scored and judged against the request's reference: the
     report entry, or an ExportError naming the loss and `instead` (what keeps the gain)."""
     kept = judge(request.reference, score(exported, request.reference))
-    entry = report(request.reference, kept, written, request.accept_loss)
-    for k in kept:
-        log.info("retention: %s", k.line())
-    if entry["lost"] and not request.accept_loss:
-        raise ExportError(refusal(entry, instead))
+    return gate(report(request.reference, kept, written, request.accept_loss),
+                request.accept_loss, instead)
+
+
+def gate(entry: dict, accept_loss: bool, instead: str, what: str = "the fine-tune's gain"
+         ) -> dict:
+    """The entry, its lines logged; an ExportError (refusal) where it lost `what` and the loss
+    is not accepted."""
+    for m in entry["measures"]:
+        log.info("retention: %s", m["line"])
+    if entry["lost"] and not accept_loss:
+        raise ExportError(refusal(entry, instead, what))
     return entry
 
 
-def refusal(entry: dict, instead: str) -> str:
-    """The one line that refuses an export that lost the gain."""
+def refusal(entry: dict, instead: str, what: str = "the fine-tune's gain") -> str:
+    """The one line that refuses an export that lost `what`."""
     first = next(m for m in entry["measures"] if m["lost"])
-    return (f"refused: the written file loses the fine-tune's gain: {first['line']}; "
+    return (f"refused: the written file loses {what}: {first['line']}; "
             f"{instead}; --accept-loss writes it anyway")
 
 

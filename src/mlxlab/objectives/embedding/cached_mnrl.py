@@ -14,6 +14,7 @@ import mlx.nn as nn
 
 from mlxlab.config.records import check_number
 from mlxlab.data.batching import Batch
+from mlxlab.data.sentence_pairs import column_keys, text_columns
 from mlxlab.objectives.embedding.embedding import embed_columns
 from mlxlab.objectives.embedding.mnrl import MultipleNegativesRankingLoss
 
@@ -29,11 +30,14 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         self.mini_batch_size = int(mini_batch_size)
 
     def embed(self, model: nn.Module, batch: Batch) -> list[mx.array]:
-        rows = batch["input_ids"].shape[0]
+        columns = text_columns(batch)
+        rows = columns[0][0].shape[0]
         step = self.mini_batch_size
 
         def chunk(start: int):  # the token arrays are constants of the recomputed pass
-            part = {k: batch[k][start:start + step] for k in ("input_ids", "attention_mask")}
+            part = {}
+            for c, arrays in enumerate(columns):
+                part.update({k: a[start:start + step] for k, a in zip(column_keys(c), arrays)})
             return lambda: embed_columns(model, part)
 
         # MLX's gradient checkpointing of the model's parameters: recomputed in the backward

@@ -1,12 +1,13 @@
-"""What every embedding loss shares: its columns embedded in one forward pass, the validation loss
+"""What every embedding loss shares: its columns embedded (one pass a width), the validation loss
 and the retrieval metrics of an evaluation, the checks of a composed config.
 
-A batch of text columns (data/sentence_pairs.py) holds `input_ids` and `attention_mask` of shape
-(rows, columns, positions): column 0 is the anchor (a query), 1 the positive, the rest negatives,
-and `labels` where the rows carry a score (CoSENT's similarity, MarginMSE's margins,
-DistillKLDiv's teacher scores). Every column runs through the model in one pass of rows x columns
-texts; a loss is a pure function of the column embeddings and the labels (`from_embeddings`), so
-a wrapper (MatryoshkaLoss) hands it other embeddings. An evaluation reports the loss on the
+A batch of text columns (data/sentence_pairs.py) holds each column's token ids and attention
+mask (rows, positions), each padded to its own length: column 0 is the anchor (a query), 1 the
+positive, the rest negatives, and `labels` where the rows carry a score (CoSENT's similarity,
+MarginMSE's margins, DistillKLDiv's teacher scores). The columns of one width run through the
+model in one pass (a short question is not padded to its document's length); a loss is a pure
+function of the column embeddings and the labels (`from_embeddings`), so a wrapper
+(MatryoshkaLoss) hands it other embeddings. An evaluation reports the loss on the
 validation pairs and, with a BEIR folder (data.eval_dir), each query's retrieval scores
 (retrieval.py): their means as `val/ndcg_at_10`, ..., and the rows per query in the
 Evaluation's `tasks`, which evaluation/in_training.py keeps as the run's eval_tasks/ for
@@ -23,7 +24,7 @@ import numpy as np
 
 from mlxlab.config.compose import instantiate, unwrapped
 from mlxlab.data.batching import Batch, Batching
-from mlxlab.data.sentence_pairs import first_row_columns
+from mlxlab.data.sentence_pairs import first_row_columns, text_columns
 from mlxlab.errors import ConfigError, DataMismatch
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
@@ -57,13 +58,19 @@ def pairwise_dot(a: mx.array, b: mx.array) -> mx.array:
 
 
 def embed_columns(model: nn.Module, batch: Batch) -> list[mx.array]:
-    """One (rows, dim) float32 embedding per column of the batch, in one forward pass."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    rows, columns, width = ids.shape
-    flat = model(ids.transpose(1, 0, 2).reshape(rows * columns, width),
-                 mask.transpose(1, 0, 2).reshape(rows * columns, width))
-    flat = flat.astype(mx.float32)
-    return [flat[c * rows:(c + 1) * rows] for c in range(columns)]
+    """One (rows, dim) float32 embedding per text column of the batch: one forward pass per
+    padded width, the columns of that width stacked in it."""
+    columns = text_columns(batch)
+    by_width: dict[int, list[int]] = {}
+    for c, (ids, _) in enumerate(columns):
+        by_width.setdefault(ids.shape[1], []).append(c)
+    found: dict[int, mx.array] = {}
+    for group in by_width.values():
+        rows = columns[group[0]][0].shape[0]
+        flat = model(mx.concatenate([columns[c][0] for c in group]),
+                     mx.concatenate([columns[c][1] for c in group])).astype(mx.float32)
+        found.update({c: flat[k * rows:(k + 1) * rows] for k, c in enumerate(group)})
+    return [found[c] for c in range(len(columns))]
 
 
 def check_columns(name: str, columns: int, least: int) -> None:
@@ -110,7 +117,7 @@ class EmbeddingObjective(Objective):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
         value = self.from_embeddings(self.embed(model, batch), batch.get("labels"))
-        return value, {"ntokens": losses.rows_counted(batch["attention_mask"][:, 0])}
+        return value, {"ntokens": losses.rows_counted(text_columns(batch)[0][1])}
 
     def evaluate(self, model: nn.Module, data: Any, batching: Batching,
                  world: distributed.World | None = None, prefix: str = "val",
@@ -147,13 +154,18 @@ class EmbeddingObjective(Objective):
 
 
 def encode(model: nn.Module, batches: Any) -> np.ndarray:
-    """(texts, dim) float32 vectors of (input_ids, attention_mask) batches, in order."""
-    out = []
-    for ids, mask in batches:
+    """(texts, dim) float32 vectors of (positions, input_ids, attention_mask) batches, each
+    text's vector at its position."""
+    places, out = [], []
+    for positions, ids, mask in batches:
         vectors = model(ids, mask).astype(mx.float32)
         mx.eval(vectors)
+        places.append(positions)
         out.append(np.array(vectors))
-    return np.concatenate(out)
+    vectors = np.concatenate(out)
+    ordered = np.empty_like(vectors)
+    ordered[np.concatenate(places)] = vectors
+    return ordered
 
 
 def retrieval_scores(model: nn.Module, data: Any, batch_size: int):
