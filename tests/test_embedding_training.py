@@ -106,6 +106,29 @@ def test_bad_input_is_one_line_before_anything_exists(tiny, tmp_path):
     assert "optimized_metric=val/ndcg_at_10" in line
 
 
+def test_dynamic_batching_is_refused_before_a_run_folder(tiny, tmp_path, cli_env):
+    """In-batch negatives need fixed batches: `mlxlab train` with trainer.batching.dynamic=true
+    is one line and exit 2 from the config checks, with no outputs/ folder; the data module
+    built outside a run refuses the same at its first batch."""
+    from conftest import mlxlab
+    from mlxlab.data.batching import Batching
+    from mlxlab.data.sentence_pairs import SentencePairs
+
+    out = mlxlab("train", "experiment=embed_retrieval", f"model.pretrained={tiny}",
+                 "trainer.batching.dynamic=true", "tracking=none", env=cli_env)
+    line = ("data=sentence_pairs makes fixed batches (in-batch negatives): set "
+            "trainer.batching.dynamic=false")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == f"mlxlab: error: {line}", out.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists()
+    data = SentencePairs(str(asset_path("jargon_retrieval/train.jsonl")),
+                         tokenizer={"path": str(tiny / "tokenizer.json")})
+    data.setup()
+    with pytest.raises(ConfigError, match=r"set trainer\.batching\.dynamic=false"):
+        next(data.train_batches(Batching(batch_size=4, dynamic=True), 0))
+    assert len(next(data.train_batches(Batching(batch_size=4), 0))["index"]) == 4
+
+
 @pytest.mark.slow  # three runs in subprocesses
 def test_a_sigkilled_embedder_run_resumes_bitwise(tiny, tmp_path, cli_env):
     from test_resume import assert_resumes_bitwise

@@ -146,6 +146,15 @@ def folder_pad_id(tokenizer: Tokenizer, tokenizer_path: str | Path) -> int:
     return pad_id if pad_id is not None else find_token_id(tokenizer, PAD_TOKENS, "padding")
 
 
+def check_batching(dynamic: bool) -> None:
+    """One ConfigError line for trainer.batching.dynamic=true: the rows of a batch are each
+    other's in-batch negatives, so a batch is `batch_size` rows, never a token budget (asked by
+    the embedding objectives' check of the config, before anything is created)."""
+    if dynamic:
+        raise ConfigError("data=sentence_pairs makes fixed batches (in-batch negatives): "
+                          "set trainer.batching.dynamic=false")
+
+
 def keep_tokenizer_files(tokenizer: Tokenizer, source: str | Path, run_dir: Path) -> None:
     """The tokenizer and its sentence_bert_config.json (the truncation length, lower-casing)
     into the run folder, as the model's folder has them."""
@@ -284,10 +293,9 @@ class SentencePairs(FixedBatchRows):
         return batch
 
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
-        """FixedBatchRows' epoch; dynamic batching is refused (in-batch negatives)."""
-        if batching.dynamic:
-            raise ConfigError("data=sentence_pairs makes fixed batches (in-batch negatives): "
-                              "set trainer.batching.dynamic=false")
+        """FixedBatchRows' epoch; dynamic batching is refused (check_batching: the module
+        built and batched outside a run, whose config checks ask it first)."""
+        check_batching(batching.dynamic)
         return super().train_batches(batching, epoch)
 
     def text_batches(self, which: str, batch_size: int

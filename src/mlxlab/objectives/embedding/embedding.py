@@ -24,7 +24,7 @@ import numpy as np
 
 from mlxlab.config.compose import instantiate, unwrapped
 from mlxlab.data.batching import Batch, Batching
-from mlxlab.data.sentence_pairs import first_row_columns, text_columns
+from mlxlab.data.sentence_pairs import check_batching, first_row_columns, text_columns
 from mlxlab.errors import ConfigError, DataMismatch
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
@@ -137,11 +137,13 @@ class EmbeddingObjective(Objective):
 
     @classmethod
     def check_config(cls, cfg: Any, kind: str | None) -> None:
-        """Embedding data, and a retrieval metric only where a BEIR folder is evaluated."""
+        """Embedding data in fixed batches, and a retrieval metric only where a BEIR folder is
+        evaluated."""
         if kind != KIND:
             raise DataMismatch(f"objective {cls.__name__} trains embedders on text columns "
                                f"(data=sentence_pairs), not on {kind} data")
         super().check_config(cfg, kind)
+        check_batching(bool(((cfg.get("trainer") or {}).get("batching") or {}).get("dynamic")))
         found = first_row_columns((cfg.get("data") or {}).get("train_file"))
         if found is not None:  # the node built here (its own checks; a wrapper's inner loss)
             with unwrapped():
