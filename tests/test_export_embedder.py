@@ -4,8 +4,8 @@ default; sentence-transformers reading the written folder of all-MiniLM-L6-v2, R
 Qwen3 decoder embedder in the slow run), and a BERT embedder as GGUF that llama.cpp itself (the
 xllamacpp wheel) embeds with cosine >= 1 - 1e-4 to mlxlab's vectors; quantized (an embedder run
 of the tiny BERT; all-MiniLM-L6-v2 in the slow run), the file's retention measured in llama.cpp
-(cosine to the source's vectors, the run's held-out nDCG@10) and q4_0 refused under the cosine
-floor unless --accept-loss. What an embedder export cannot write is one line, exit 2, nothing
+(cosine to the source's vectors, the run's held-out nDCG@10), recorded on a tracked run's MLflow
+run (slow), and q4_0 refused under the cosine floor unless --accept-loss. What an embedder export cannot write is one line, exit 2, nothing
 written."""
 
 from __future__ import annotations
@@ -200,6 +200,50 @@ def test_q4_0_under_the_floor_is_refused_unless_accepted(tiny_run, capsys):
     print(printed)
     assert "written with --accept-loss although it lost on probe/cosine" in printed
     assert "jargon/ndcg_at_10:" in printed and out.is_file()
+
+
+@pytest.mark.slow  # a tracked run and an export in subprocesses, llama.cpp embedding: ~30 s
+def test_a_tracked_embedder_runs_q8_0_retention_is_on_its_mlflow_run(tmp_path, cli_env):
+    """`mlxlab train` of the tiny BERT embedder tracked in a sqlite store, then `mlxlab export
+    RUN --format gguf --quant q8_0`: the retention figures are on the run's MLflow run as a
+    decoder export writes them (export/<file>/<measure>[/kept] at the checkpoint's step, the
+    entry as exports/<file>/retention.json), the figures the report prints."""
+    pytest.importorskip("xllamacpp", reason="llama.cpp's prebuilt wheel (dev extra)")
+    from mlflow import MlflowClient
+
+    from conftest import mlxlab
+    from test_embedding_training import FAST
+
+    source = mean_pooled_bert(tmp_path / "bert")
+    uri, run = f"sqlite:///{tmp_path}/mlruns/mlflow.db", tmp_path / "run"
+    done = mlxlab("train", *[a for a in FAST if a != "tracking=none"], "tracking=mlflow",
+                  f"tracking.uri={uri}", f"model.pretrained={source}", "trainer.max_steps=4",
+                  f"hydra.run.dir={run}", env=cli_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "tiny-q8.gguf"
+    done = mlxlab("export", run, "--format", "gguf", "--quant", "q8_0", "--out", out,
+                  env=cli_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "retention recorded: on the run's MLflow run" in done.stdout, done.stdout[-2000:]
+    client = MlflowClient(tracking_uri=uri)
+    (tracked,) = client.search_runs(client.get_experiment_by_name("embed_retrieval")
+                                    .experiment_id)
+    artifact = client.download_artifacts(tracked.info.run_id,
+                                         f"exports/{out.name}/retention.json", str(tmp_path))
+    stored = json.loads(Path(artifact).read_text())
+    measures = {m["measure"]: m for m in stored["measures"]}
+    assert set(measures) == {"probe/cosine", "jargon/ndcg_at_10"} and stored["verdict"] == "kept"
+    metrics = tracked.data.metrics
+    assert metrics[f"export/{out.name}/probe/cosine"] == pytest.approx(
+        measures["probe/cosine"]["mean"]) and measures["probe/cosine"]["mean"] > 0.9999
+    ndcg = measures["jargon/ndcg_at_10"]
+    assert metrics[f"export/{out.name}/jargon/ndcg_at_10"] == pytest.approx(ndcg["export"])
+    assert metrics[f"export/{out.name}/jargon/ndcg_at_10/kept"] == pytest.approx(ndcg["kept"])
+    assert ndcg["run"] == pytest.approx(metrics["val/ndcg_at_10"], abs=1e-6)
+    history = client.get_metric_history(tracked.info.run_id, f"export/{out.name}/probe/cosine")
+    assert [m.step for m in history] == [4]  # the checkpoint's step
+    for m in stored["measures"]:  # the figures the export printed
+        assert m["line"] in done.stdout
 
 
 @pytest.mark.slow  # the real all-MiniLM-L6-v2: a base evaluation run and three exports, ~1 min
