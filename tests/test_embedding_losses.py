@@ -13,7 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from embedder_fixtures import write_tiny_folder
-from mlxlab.data.sentence_pairs import column_keys
+from mlxlab.data.sentence_pairs import column_keys, real_token_index, token_index_key
 from mlxlab.models.embedder_model import EmbedderModel
 from mlxlab.objectives.embedding.cached_mnrl import CachedMultipleNegativesRankingLoss
 from mlxlab.objectives.embedding.cosent import CoSENTLoss
@@ -115,6 +115,33 @@ def test_loss_and_gradients_equal_sentence_transformers(models, case):
         theirs_grad = named[torch_name].grad.numpy()
         scale = max(np.abs(theirs_grad).max(), 1e-6)
         assert np.abs(np.array(grads[mlx_name]) - theirs_grad).max() <= 1e-4 * scale, mlx_name
+
+
+@pytest.mark.parametrize("multiple", [1, 4])
+def test_unpadded_columns_equal_the_padded_pass(models, multiple):
+    """The data's real-token index (rounded up to `multiple` with pad positions) makes BERT's
+    dense layers run on those rows only (models/unpadding.py): the embeddings, the loss and
+    every gradient equal the padded pass's, whose loss equals sentence-transformers'."""
+    ours_model, theirs_model = models
+    _, padded = features(theirs_model, 4)
+    unpadded, masks = dict(padded), [np.array(padded[column_keys(c)[1]]) for c in range(4)]
+    assert any(m.sum() < m.size for m in masks)  # pads the padded pass computes, not the other
+    for c, mask in enumerate(masks):
+        unpadded[token_index_key(c)] = mx.array(real_token_index(mask, multiple))
+    loss = MultipleNegativesRankingLoss()
+    results = []
+    for batch in (padded, unpadded):
+        value, grads = nn.value_and_grad(ours_model, lambda m, b=batch: loss.loss(m, b)[0])(
+            ours_model)
+        results.append((float(value), dict(tree_flatten(grads)), loss.embed(ours_model, batch)))
+    (plain, plain_grads, plain_vectors), (packed, packed_grads, packed_vectors) = results
+    assert abs(plain - packed) < 1e-6
+    for a, b in zip(plain_vectors, packed_vectors):
+        assert np.abs(np.array(a) - np.array(b)).max() < 1e-6
+    largest = max(float(np.abs(np.array(g)).max()) for g in plain_grads.values())
+    for name in plain_grads:
+        gap = np.abs(np.array(packed_grads[name]) - np.array(plain_grads[name])).max()
+        assert gap <= 1e-5 * largest, (name, gap)
 
 
 def test_cached_gradients_equal_the_uncached_loss(models):

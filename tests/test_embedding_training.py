@@ -116,8 +116,8 @@ def test_dynamic_batching_is_refused_before_a_run_folder(tiny, tmp_path, cli_env
 
     out = mlxlab("train", "experiment=embed_retrieval", f"model.pretrained={tiny}",
                  "trainer.batching.dynamic=true", "tracking=none", env=cli_env)
-    line = ("data=sentence_pairs makes fixed batches (in-batch negatives): set "
-            "trainer.batching.dynamic=false")
+    line = ("data=sentence_pairs makes fixed batches (the rows of a batch are scored together): "
+            "set trainer.batching.dynamic=false")
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1] == f"mlxlab: error: {line}", out.stderr[-2000:]
     assert not (tmp_path / "outputs").exists()

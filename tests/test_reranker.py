@@ -128,6 +128,12 @@ def test_train_refuses_a_bad_row_before_a_run_folder(tiny, tmp_path, cli_env):
                  f"data.train_file={rows}", "tracking=none", env=cli_env)
     assert out.returncode == 2 and "rows.jsonl:1 has no 'label'" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "outputs").exists()
+    # a query's rows are scored together: a token-budget batch is refused by the config checks
+    out = mlxlab("train", "experiment=rerank", f"model.pretrained={tiny['one']}",
+                 "trainer.batching.dynamic=true", "tracking=none", env=cli_env)
+    assert out.returncode == 2 and out.stderr.strip().endswith(
+        "set trainer.batching.dynamic=false"), out.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_serve_answers_rerank_over_http(tiny, tmp_path, cli_env):

@@ -16,6 +16,17 @@ import numpy as np
 
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batch, Batching, EpochPosition, fixed_batches
+from mlxlab.errors import ConfigError
+
+
+def check_batching(cfg: Any, data: str) -> None:
+    """One ConfigError line for trainer.batching.dynamic=true (asked by the config checks of the
+    objectives that train on these modules, before anything is created): a batch is
+    `batch_size` rows scored together (in-batch negatives, a query's list), never a token
+    budget."""
+    if ((cfg.get("trainer") or {}).get("batching") or {}).get("dynamic"):
+        raise ConfigError(f"{data} makes fixed batches (the rows of a batch are scored "
+                          "together): set trainer.batching.dynamic=false")
 
 
 class FixedBatchRows(DataModule):
@@ -37,7 +48,11 @@ class FixedBatchRows(DataModule):
         return -(-len(self.train) // batching.batch_size)
 
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
-        """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done."""
+        """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done.
+        Dynamic batching is refused (check_batching: the module built and batched outside a
+        run, whose config checks ask it first)."""
+        if batching.dynamic:
+            raise ConfigError("these rows make fixed batches: set trainer.batching.dynamic=false")
         for index in self._position.shuffled(len(self.train), batching.batch_size, self.seed,
                                              epoch):
             yield self._collate(self.train, index, batching.bucket_multiple)

@@ -14,7 +14,9 @@ config says do_lower_case. The token ids are cached in `cache_dir`, keyed by the
 and the tokenizer. A batch holds each text column's `column<c>_input_ids` and
 `column<c>_attention_mask` (column_keys) of shape (rows, positions), each column right-padded to
 the length bucket of its own longest text (a question is not padded to its document's length, as
-sentence-transformers pads each column apart), `labels` where the rows carry scores, and `index`.
+sentence-transformers pads each column apart), `column<c>_token_index` (the flat positions of its
+real tokens, which an unpadding encoder alone computes), `labels` where the rows carry scores,
+and `index`.
 Files are read and checked when the module is built, before a run folder exists.
 """
 
@@ -34,7 +36,7 @@ import numpy as np
 from tokenizers import Tokenizer, normalizers
 
 from mlxlab.config.records import check_fraction, check_number
-from mlxlab.data.batching import Batch, Batching, bucket_length
+from mlxlab.data.batching import Batch, bucket_length
 from mlxlab.data.beir import RetrievalSet, read_beir
 from mlxlab.data.completions import jsonl_lines
 from mlxlab.data.fixed_rows import FixedBatchRows
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 LABEL_KEYS = ("score", "label")  # sentence-transformers' label columns
 ST_CONFIG = "sentence_bert_config.json"  # a folder's max_seq_length and do_lower_case
+UNPAD_MULTIPLE = 64  # a column's real-token count rounded up to this (real_token_index)
 
 
 def read_columns(path: str | Path) -> tuple[list[str], list[list[str]], list | None]:
@@ -107,6 +110,22 @@ def column_keys(column: int) -> tuple[str, str]:
     return f"column{column}_input_ids", f"column{column}_attention_mask"
 
 
+def token_index_key(column: int) -> str:
+    """The batch key of text column `column`'s real-token positions (real_token_index)."""
+    return f"column{column}_token_index"
+
+
+def real_token_index(mask: np.ndarray, multiple: int = UNPAD_MULTIPLE) -> np.ndarray:
+    """The flat positions of `mask`'s real tokens (1s), sorted, with pad positions added to make
+    a multiple of `multiple` (all positions at most): the rows an unpadding encoder computes
+    (models/unpadding.py). Rounded so that the compiled step sees few shapes."""
+    flat = mask.reshape(-1)
+    real = np.flatnonzero(flat)
+    kept = min(-(-len(real) // multiple) * multiple, flat.size)
+    filler = np.flatnonzero(flat == 0)[:kept - len(real)]
+    return np.sort(np.concatenate([real, filler])).astype(np.int32)
+
+
 def text_columns(batch: Batch) -> list[tuple[mx.array, mx.array]]:
     """Each text column's (input_ids, attention_mask) of a batch, in column order."""
     found = []
@@ -144,15 +163,6 @@ def folder_pad_id(tokenizer: Tokenizer, tokenizer_path: str | Path) -> int:
     pad = json.loads(file.read_text()).get("pad_token") if file.is_file() else None
     pad_id = tokenizer.token_to_id(pad["content"] if isinstance(pad, dict) else pad or "")
     return pad_id if pad_id is not None else find_token_id(tokenizer, PAD_TOKENS, "padding")
-
-
-def check_batching(dynamic: bool) -> None:
-    """One ConfigError line for trainer.batching.dynamic=true: the rows of a batch are each
-    other's in-batch negatives, so a batch is `batch_size` rows, never a token budget (asked by
-    the embedding objectives' check of the config, before anything is created)."""
-    if dynamic:
-        raise ConfigError("data=sentence_pairs makes fixed batches (in-batch negatives): "
-                          "set trainer.batching.dynamic=false")
 
 
 def keep_tokenizer_files(tokenizer: Tokenizer, source: str | Path, run_dir: Path) -> None:
@@ -287,16 +297,11 @@ class SentencePairs(FixedBatchRows):
             tokens, mask = padded(texts, width, self.pad_id)
             ids_key, mask_key = column_keys(c)
             batch[ids_key], batch[mask_key] = mx.array(tokens), mx.array(mask)
+            batch[token_index_key(c)] = mx.array(real_token_index(mask))
         if split.labels is not None:
             labels = split.labels[index]
             batch["labels"] = mx.array(labels[:, 0] if labels.shape[1] == 1 else labels)
         return batch
-
-    def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
-        """FixedBatchRows' epoch; dynamic batching is refused (check_batching: the module
-        built and batched outside a run, whose config checks ask it first)."""
-        check_batching(batching.dynamic)
-        return super().train_batches(batching, epoch)
 
     def text_batches(self, which: str, batch_size: int
                      ) -> Iterator[tuple[np.ndarray, mx.array, mx.array]]:

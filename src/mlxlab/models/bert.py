@@ -32,6 +32,7 @@ from mlxlab.models.layers import (
 )
 from mlxlab.models.lora import maybe_apply_lora
 from mlxlab.models.sources import as_local, describe
+from mlxlab.models.unpadding import Unpadded
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,16 @@ class EncoderBlock(nn.Module):
         self.mlp_norm = LayerNorm(hidden_size, eps=eps)
         self.dropout = Dropout(dropout)
 
-    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | None, rows: Unpadded | None = None
+                 ) -> mx.array:
+        """(B, T, hidden), or with `rows` the (N, hidden) kept rows of such a batch."""
+        def attend(h: mx.array) -> mx.array:
+            return self.attention(h, mask) if rows is None else self.attention.unpadded(h, mask, rows)
+
         if self.pre_norm:
-            x = x + self.dropout(self.attention(self.attention_norm(x), mask))
+            x = x + self.dropout(attend(self.attention_norm(x)))
             return x + self.dropout(self.mlp(self.mlp_norm(x)))
-        x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
+        x = self.attention_norm(x + self.dropout(attend(x)))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 
@@ -175,12 +181,19 @@ class BertEncoder(nn.Module):
         input_ids: mx.array,
         attention_mask: mx.array | None = None,
         token_type_ids: mx.array | None = None,
+        token_index: mx.array | None = None,
     ) -> mx.array:
+        """(B, T, hidden); `token_index`: the flat positions whose states the caller reads
+        (models/unpadding.py), the only ones the dense layers compute (zeros elsewhere)."""
         h = self.embeddings(input_ids, token_type_ids)
         mask = None if attention_mask is None else padding_mask(attention_mask)
+        rows = None if token_index is None else Unpadded(token_index, *input_ids.shape)
+        if rows is not None:
+            h = rows.pack(h)
         for layer in self.layers:
-            h = layer(h, mask)
-        return self.final_norm(h) if "final_norm" in self else h
+            h = layer(h, mask, rows)
+        h = self.final_norm(h) if "final_norm" in self else h
+        return h if rows is None else rows.pad(h)
 
 
 class BertClassifier(Model):

@@ -96,11 +96,16 @@ class SentenceEmbedder(nn.Module):
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
                  token_type_ids: mx.array | None = None,
-                 normalize: bool | None = None) -> mx.array:
-        """One vector per row; `normalize` overrides the model's own choice for this call."""
+                 normalize: bool | None = None, token_index: mx.array | None = None) -> mx.array:
+        """One vector per row; `normalize` overrides the model's own choice for this call;
+        `token_index` (the flat positions of the real tokens, models/unpadding.py) lets a BERT
+        encoder compute those alone (the others compute every position)."""
         if attention_mask is None:
             attention_mask = mx.ones(input_ids.shape, dtype=mx.int32)
-        hidden = self.encoder(input_ids, attention_mask, token_type_ids)
+        if token_index is not None and isinstance(self.encoder, BertEncoder):
+            hidden = self.encoder(input_ids, attention_mask, token_type_ids, token_index)
+        else:
+            hidden = self.encoder(input_ids, attention_mask, token_type_ids)
         x = pool(hidden, attention_mask, self.pooling)
         for layer in self.dense:
             x = layer(x)

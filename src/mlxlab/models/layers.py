@@ -8,6 +8,7 @@ import mlx.nn as nn
 from mlxlab import kernels
 from mlxlab.config.records import check_number
 from mlxlab.errors import ConfigError
+from mlxlab.models.unpadding import Unpadded
 
 
 class KVCache:
@@ -126,6 +127,17 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cache)
         o = kernels.attention(q, k, v, self.scale, mask)
         return self.out(kernels.merge_heads(o))
+
+    def unpadded(self, x: mx.array, mask: mx.array | None, rows: Unpadded) -> mx.array:
+        """__call__ on (N, dim) kept rows of a padded batch (models/unpadding.py): the four
+        projections on those rows only, the attention itself in the padded layout."""
+        if self.rope is not None:
+            raise ConfigError("unpadded attention takes no rotary positions")
+        q, k, v = (kernels.split_heads(rows.pad(proj(x)).reshape(*rows.shape, heads, -1))
+                   for proj, heads in ((self.query, self.num_heads), (self.key, self.num_kv_heads),
+                                       (self.value, self.num_kv_heads)))
+        o = kernels.attention(q, k, v, self.scale, mask)
+        return self.out(rows.pack(kernels.merge_heads(o)))
 
     def project(
         self, x: mx.array, cache: KVCache | None = None

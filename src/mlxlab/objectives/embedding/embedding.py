@@ -24,7 +24,12 @@ import numpy as np
 
 from mlxlab.config.compose import instantiate, unwrapped
 from mlxlab.data.batching import Batch, Batching
-from mlxlab.data.sentence_pairs import check_batching, first_row_columns, text_columns
+from mlxlab.data.fixed_rows import check_batching
+from mlxlab.data.sentence_pairs import (
+    first_row_columns,
+    text_columns,
+    token_index_key,
+)
 from mlxlab.errors import ConfigError, DataMismatch
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
@@ -59,16 +64,22 @@ def pairwise_dot(a: mx.array, b: mx.array) -> mx.array:
 
 def embed_columns(model: nn.Module, batch: Batch) -> list[mx.array]:
     """One (rows, dim) float32 embedding per text column of the batch: one forward pass per
-    padded width, the columns of that width stacked in it."""
+    padded width, the columns of that width stacked in it, on their real tokens only where the
+    batch names them (token_index_key) and the encoder unpads."""
     columns = text_columns(batch)
     by_width: dict[int, list[int]] = {}
     for c, (ids, _) in enumerate(columns):
         by_width.setdefault(ids.shape[1], []).append(c)
     found: dict[int, mx.array] = {}
     for group in by_width.values():
-        rows = columns[group[0]][0].shape[0]
+        rows, width = columns[group[0]][0].shape
+        index = None
+        if all(token_index_key(c) in batch for c in group):  # each column's, shifted to its place
+            index = mx.concatenate([batch[token_index_key(c)] + k * rows * width
+                                    for k, c in enumerate(group)])
         flat = model(mx.concatenate([columns[c][0] for c in group]),
-                     mx.concatenate([columns[c][1] for c in group])).astype(mx.float32)
+                     mx.concatenate([columns[c][1] for c in group]),
+                     token_index=index).astype(mx.float32)
         found.update({c: flat[k * rows:(k + 1) * rows] for k, c in enumerate(group)})
     return [found[c] for c in range(len(columns))]
 
@@ -143,7 +154,7 @@ class EmbeddingObjective(Objective):
             raise DataMismatch(f"objective {cls.__name__} trains embedders on text columns "
                                f"(data=sentence_pairs), not on {kind} data")
         super().check_config(cfg, kind)
-        check_batching(bool(((cfg.get("trainer") or {}).get("batching") or {}).get("dynamic")))
+        check_batching(cfg, "data=sentence_pairs")
         found = first_row_columns((cfg.get("data") or {}).get("train_file"))
         if found is not None:  # the node built here (its own checks; a wrapper's inner loss)
             with unwrapped():

@@ -20,6 +20,7 @@ import mlx.nn as nn
 
 from mlxlab.config.records import check_choice, check_number
 from mlxlab.data.batching import Batch, Batching
+from mlxlab.data.fixed_rows import check_batching
 from mlxlab.errors import ConfigError, DataMismatch
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective
 from mlxlab.objectives.rerank.binary_cross_entropy import binary_cross_entropy
@@ -96,3 +97,4 @@ class Reranking(Objective):
                                f"{kind}: set data={LOSSES[loss]} or objective.loss="
                                f"{next(k for k, v in LOSSES.items() if v == kind)}")
         super().check_config(cfg, kind)
+        check_batching(cfg, "data=rerank_pairs / rerank_lists")
