@@ -73,14 +73,18 @@ class EpochPosition:
                  epoch: int) -> Iterator[np.ndarray]:
         """`remaining` of `epoch`'s fixed batches of `num_examples` rows, shuffled by
         `seed + epoch` (a resumed run draws the same ones)."""
-        rng = np.random.default_rng(seed + epoch)
-        return self.remaining(fixed_batches(num_examples, batch_size, rng), epoch)
+        return self.remaining(epoch_batches(num_examples, batch_size, seed, epoch), epoch)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batches_done": self.batches_done}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+
+
+def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """All of `epoch`'s fixed batches of `num_examples` rows, shuffled by `seed + epoch`."""
+    return fixed_batches(num_examples, batch_size, np.random.default_rng(seed + epoch))
 
 
 def dynamic_batches(

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mlxlab.data.base import DataModule
-from mlxlab.data.batching import Batch, Batching, EpochPosition, fixed_batches
+from mlxlab.data.batching import Batch, Batching, EpochPosition, epoch_batches, fixed_batches
 from mlxlab.errors import ConfigError
 
 
@@ -48,14 +48,17 @@ class FixedBatchRows(DataModule):
         return -(-len(self.train) // batching.batch_size)
 
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
-        """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done.
-        Dynamic batching is refused (check_batching: the module built and batched outside a
-        run, whose config checks ask it first)."""
+        """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done."""
+        for index in self._position.remaining(self._epoch(batching, epoch), epoch):
+            yield self._collate(self.train, index, batching.bucket_multiple)
+
+    def _epoch(self, batching: Batching, epoch: int) -> list[np.ndarray]:
+        """All of `epoch`'s batches of training rows. Dynamic batching is refused
+        (check_batching: the module built and batched outside a run, whose config checks ask it
+        first)."""
         if batching.dynamic:
             raise ConfigError("these rows make fixed batches: set trainer.batching.dynamic=false")
-        for index in self._position.shuffled(len(self.train), batching.batch_size, self.seed,
-                                             epoch):
-            yield self._collate(self.train, index, batching.bucket_multiple)
+        return epoch_batches(len(self.train), batching.batch_size, self.seed, epoch)
 
     def val_batches(self, batching: Batching) -> Iterator[Batch]:
         for index in fixed_batches(len(self.val), batching.batch_size):

@@ -36,7 +36,7 @@ import numpy as np
 from tokenizers import Tokenizer, normalizers
 
 from mlxlab.config.records import check_fraction, check_number
-from mlxlab.data.batching import Batch, bucket_length
+from mlxlab.data.batching import Batch, Batching, bucket_length
 from mlxlab.data.beir import RetrievalSet, read_beir
 from mlxlab.data.completions import jsonl_lines
 from mlxlab.data.fixed_rows import FixedBatchRows
@@ -115,13 +115,14 @@ def token_index_key(column: int) -> str:
     return f"column{column}_token_index"
 
 
-def real_token_index(mask: np.ndarray, multiple: int = UNPAD_MULTIPLE) -> np.ndarray:
+def real_token_index(mask: np.ndarray, multiple: int = UNPAD_MULTIPLE, least: int = 0
+                     ) -> np.ndarray:
     """The flat positions of `mask`'s real tokens (1s), sorted, with pad positions added to make
-    a multiple of `multiple` (all positions at most): the rows an unpadding encoder computes
-    (models/unpadding.py). Rounded so that the compiled step sees few shapes."""
+    `least` rows, then a multiple of `multiple` (all positions at most): the rows an unpadding
+    encoder computes (models/unpadding.py), in few shapes for the compiled step."""
     flat = mask.reshape(-1)
     real = np.flatnonzero(flat)
-    kept = min(-(-len(real) // multiple) * multiple, flat.size)
+    kept = min(-(-max(len(real), least) // multiple) * multiple, flat.size)
     filler = np.flatnonzero(flat == 0)[:kept - len(real)]
     return np.sort(np.concatenate([real, filler])).astype(np.int32)
 
@@ -289,7 +290,9 @@ class SentencePairs(FixedBatchRows):
         return np.split(flat, ends[:-1]) if len(ends) else []
 
     # ---------------------------------------------------------------- batches
-    def _collate(self, split: Tokens, index: np.ndarray, multiple: int) -> Batch:
+    def _collate(self, split: Tokens, index: np.ndarray, multiple: int,
+                 least: list[int] | None = None) -> Batch:
+        """`least`: each column's token index padded to that many rows (train_batches)."""
         batch = {"index": mx.array(np.asarray(index, np.int32))}
         for c in range(self.columns):
             texts = [split.ids[i][c] for i in index]
@@ -297,11 +300,22 @@ class SentencePairs(FixedBatchRows):
             tokens, mask = padded(texts, width, self.pad_id)
             ids_key, mask_key = column_keys(c)
             batch[ids_key], batch[mask_key] = mx.array(tokens), mx.array(mask)
-            batch[token_index_key(c)] = mx.array(real_token_index(mask))
+            batch[token_index_key(c)] = mx.array(
+                real_token_index(mask, least=least[c] if least else 0))
         if split.labels is not None:
             labels = split.labels[index]
             batch["labels"] = mx.array(labels[:, 0] if labels.shape[1] == 1 else labels)
         return batch
+
+    def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
+        """FixedBatchRows' epoch, each column's real-token index padded to the most real tokens
+        a batch of the epoch holds: one shape an epoch for the compiled step (and the last,
+        smaller batch's), where a shape per batch would compile again and again."""
+        batches = self._epoch(batching, epoch)
+        least = [max(sum(len(self.train.ids[i][c]) for i in index) for index in batches)
+                 for c in range(self.columns)]
+        for index in self._position.remaining(batches, epoch):
+            yield self._collate(self.train, index, batching.bucket_multiple, least)
 
     def text_batches(self, which: str, batch_size: int
                      ) -> Iterator[tuple[np.ndarray, mx.array, mx.array]]:
