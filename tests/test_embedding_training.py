@@ -164,3 +164,33 @@ def test_minilm_learns_the_jargon_and_sentence_transformers_reads_the_folder(tmp
     theirs = SentenceTransformer(str(run_dir / "sentence_transformer"), device="cpu").encode(texts)
     ours = TextEmbedder(run_dir / "sentence_transformer").encode(texts)
     assert np.abs(theirs - ours).max() < 1e-5
+
+
+def test_texts_are_cut_where_the_encoder_has_positions(tiny, tmp_path):
+    """A folder with no max_seq_length and the tokenizer's "no limit" (1e30) cuts texts at the
+    encoder's max_position_embeddings, a RoBERTa's less its pad offset (its positions start at
+    pad_token_id + 1), as sentence-transformers does; a given max_seq_length below it wins."""
+    import json
+    import shutil
+
+    from mlxlab.data.rerank import pair_tokenizer
+    from mlxlab.data.sentence_pairs import SentencePairs
+
+    folder = tmp_path / "st"
+    shutil.copytree(tiny, folder)
+    (folder / "sentence_bert_config.json").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 1e30}))
+    config = json.loads((folder / "config.json").read_text())
+    rows = asset_path("jargon_retrieval/train.jsonl")
+
+    def cut() -> tuple[int, int]:
+        data = SentencePairs(str(rows), tokenizer={"path": str(folder / "tokenizer.json")})
+        data.setup()
+        return data.max_length, pair_tokenizer(folder / "tokenizer.json").truncation["max_length"]
+
+    assert cut() == (config["max_position_embeddings"],) * 2
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "roberta",
+                                                    "pad_token_id": 1}))
+    assert cut() == (config["max_position_embeddings"] - 2,) * 2
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 7}))
+    assert cut() == (7, 7)

@@ -31,7 +31,7 @@ from mlxlab.config.records import check_fraction, check_number
 from mlxlab.data.batching import Batch, bucket_length
 from mlxlab.data.completions import jsonl_lines
 from mlxlab.data.fixed_rows import FixedBatchRows
-from mlxlab.data.tokenizer import tokenizer_hash
+from mlxlab.data.tokenizer import tokenizer_hash, truncation_length
 from mlxlab.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,6 @@ KEYS = {"query": "query", "passage": "passage", "label": "label", "passages": "p
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def truncation_length(folder: Path, max_length: int | None = None) -> int:
-    """The tokens a pair is cut to (see the module) for the model folder holding tokenizer.json."""
-    limits = [_json(folder / "config.json").get("max_position_embeddings") or 512]
-    given = (max_length or _json(folder / "sentence_bert_config.json").get("max_seq_length")
-             or _json(folder / "tokenizer_config.json").get("model_max_length"))
-    return int(min(limits + ([given] if given else [])))
 
 
 def pair_tokenizer(tokenizer_json: str | Path, max_length: int | None = None) -> Tokenizer:

@@ -40,7 +40,7 @@ from mlxlab.data.batching import Batch, Batching, bucket_length
 from mlxlab.data.beir import RetrievalSet, read_beir
 from mlxlab.data.completions import jsonl_lines
 from mlxlab.data.fixed_rows import FixedBatchRows
-from mlxlab.data.tokenizer import PAD_TOKENS, find_token_id, tokenizer_hash
+from mlxlab.data.tokenizer import PAD_TOKENS, find_token_id, tokenizer_hash, truncation_length
 from mlxlab.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
@@ -145,16 +145,11 @@ def padded(texts: list[np.ndarray], width: int, pad_id: int) -> tuple[np.ndarray
     return tokens, mask
 
 
-def st_max_length(tokenizer_path: str | Path) -> tuple[int, bool]:
-    """(max_seq_length, do_lower_case) of the sentence-transformers folder holding the
-    tokenizer: its sentence_bert_config.json, else tokenizer_config's model_max_length, else 512."""
-    folder = Path(tokenizer_path).parent
-    st = folder / ST_CONFIG
-    config = json.loads(st.read_text()) if st.is_file() else {}
-    tok = folder / "tokenizer_config.json"
-    tok_config = json.loads(tok.read_text()) if tok.is_file() else {}
-    length = config.get("max_seq_length") or tok_config.get("model_max_length") or 512
-    return int(min(int(length), 10**6)), bool(config.get("do_lower_case"))
+def lower_cases(tokenizer_path: str | Path) -> bool:
+    """Whether the sentence-transformers folder holding the tokenizer lower-cases its texts
+    (sentence_bert_config.json's do_lower_case)."""
+    st = Path(tokenizer_path).parent / ST_CONFIG
+    return bool(json.loads(st.read_text()).get("do_lower_case")) if st.is_file() else False
 
 
 def folder_pad_id(tokenizer: Tokenizer, tokenizer_path: str | Path) -> int:
@@ -241,12 +236,11 @@ class SentencePairs(FixedBatchRows):
         self.tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
         if run_dir is not None:  # as the folder has them: a resume reads them as this run did
             keep_tokenizer_files(self.tokenizer, self.tokenizer_path, Path(run_dir))
-        length, lower = st_max_length(self.tokenizer_path)
-        if lower:  # sentence-transformers lower-cases before the tokenizer's own normalizer
+        if lower_cases(self.tokenizer_path):  # sentence-transformers lower-cases before the tokenizer's own normalizer
             own = self.tokenizer.normalizer
             self.tokenizer.normalizer = normalizers.Sequence(
                 [normalizers.Lowercase()] + ([own] if own is not None else []))
-        self.max_length = int(self.max_length or length)
+        self.max_length = int(self.max_length or truncation_length(Path(self.tokenizer_path).parent))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_length)
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)

@@ -37,6 +37,29 @@ EOT_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "[SEP]")
 EOS_ID_FILES = ("config.json", "generation_config.json")
 
 
+# encoders whose positions count from their pad id + 1 (transformers' RoBERTa embeddings)
+OFFSET_POSITIONS = ("roberta", "xlm-roberta")
+
+
+def _folder_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def truncation_length(folder: str | Path, max_length: int | None = None) -> int:
+    """The tokens a text (or a pair) of the model `folder` is cut to: `max_length`, else its
+    sentence_bert_config.json's max_seq_length, else tokenizer_config.json's model_max_length
+    (sentence-transformers' order), never past the positions its config.json gives the encoder
+    (max_position_embeddings, RoBERTa's less its pad offset; 512 without one)."""
+    folder = Path(folder)
+    config = _folder_json(folder / "config.json")
+    positions = int(config.get("max_position_embeddings") or 512)
+    if config.get("model_type") in OFFSET_POSITIONS:
+        positions -= int(config.get("pad_token_id", 1)) + 1
+    given = (max_length or _folder_json(folder / "sentence_bert_config.json").get("max_seq_length")
+             or _folder_json(folder / "tokenizer_config.json").get("model_max_length"))
+    return int(min(positions, int(given))) if given else positions
+
+
 def _normalizer_and_pre_tokenizer(kind: str):
     if kind == "wordpiece":
         # BertNormalizer: clean control chars, split CJK, lowercase, strip accents.
