@@ -13,7 +13,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from embedder_fixtures import write_tiny_folder
-from mlxlab.data.sentence_pairs import column_keys, real_token_index, token_index_key
+from mlxlab.data.batching import real_token_index
+from mlxlab.data.sentence_pairs import column_keys, token_index_key
 from mlxlab.models.embedder_model import EmbedderModel
 from mlxlab.objectives.embedding.cached_mnrl import CachedMultipleNegativesRankingLoss
 from mlxlab.objectives.embedding.cosent import CoSENTLoss

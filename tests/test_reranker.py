@@ -92,6 +92,30 @@ def test_losses_equal_sentence_transformers(tiny, tmp_path):
         assert all(np.isfinite(norms)) and max(norms) > 0, name
 
 
+def test_unpadded_pairs_equal_the_padded_pass(tiny, tmp_path):
+    """A batch names its pairs' real tokens (a padding passage's one token included) and the
+    encoder computes those alone: ListNetLoss and every gradient equal the padded pass's, train
+    batches padded to the epoch's most real tokens."""
+    model = load_cross_encoder(tiny["one"])
+    lists = _data(RerankLists, tiny["one"], tmp_path,
+                  [{"query": q, "passages": d, "labels": y} for q, d, y in LISTS])
+    (train,) = lists.train_batches(Batching(batch_size=8), 0)
+    (batch,) = lists.val_batches(Batching(batch_size=8))
+    mask = np.array(batch["attention_mask"])
+    assert int(mask.sum()) <= batch["token_index"].shape[0] < mask.size  # pads left out
+    assert train["token_index"].shape == batch["token_index"].shape
+    results = []
+    for b in (batch, {k: v for k, v in batch.items() if k != "token_index"}):
+        loss, grads = nn.value_and_grad(model, lambda m, x=b: Reranking("ListNetLoss").loss(m, x)[0])(
+            model)
+        results.append((float(loss), dict(tree_flatten(grads))))
+    (unpadded, packed_grads), (padded, plain_grads) = results
+    assert abs(unpadded - padded) < 1e-6
+    largest = max(float(mx.abs(g).max()) for g in plain_grads.values())
+    for name, g in plain_grads.items():
+        assert float(mx.abs(packed_grads[name] - g).max()) <= 1e-5 * largest, name
+
+
 def test_ranking_metrics():
     """MRR and nDCG per list, padding left out, ties to the earlier passage."""
     scores = mx.array([[0.1, 0.9, 0.5], [0.3, 0.3, 9.0]])

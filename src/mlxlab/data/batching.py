@@ -52,6 +52,22 @@ def fixed_batches(
     return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
 
 
+# a block's real-token count is rounded up to this (real_token_index)
+UNPAD_MULTIPLE = 64
+
+
+def real_token_index(mask: np.ndarray, multiple: int = UNPAD_MULTIPLE, least: int = 0
+                     ) -> np.ndarray:
+    """The flat positions of `mask`'s real tokens (1s), sorted, with pad positions added to make
+    `least` rows, then a multiple of `multiple` (all positions at most): the rows an unpadding
+    encoder computes (models/unpadding.py), in few shapes for the compiled step."""
+    flat = mask.reshape(-1)
+    real = np.flatnonzero(flat)
+    kept = min(-(-max(len(real), least) // multiple) * multiple, flat.size)
+    filler = np.flatnonzero(flat == 0)[:kept - len(real)]
+    return np.sort(np.concatenate([real, filler])).astype(np.int32)
+
+
 class EpochPosition:
     """Where a data module's training stream is: the epoch and how many of its batches were
     handed out. It is the module's checkpoint state, so a resumed run goes on from the next

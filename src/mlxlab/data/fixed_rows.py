@@ -41,16 +41,29 @@ class FixedBatchRows(DataModule):
         self._position = EpochPosition()
 
     @abstractmethod
-    def _collate(self, split: Any, index: np.ndarray, multiple: int) -> Batch:
-        """The batch of `split`'s rows `index`, its length padded to a multiple of `multiple`."""
+    def _collate(self, split: Any, index: np.ndarray, multiple: int,
+                 least: list[int] | None = None) -> Batch:
+        """The batch of `split`'s rows `index`, its length padded to a multiple of `multiple`;
+        `least`: each token block's real-token index padded to that many rows (_real_tokens)."""
+
+    def _real_tokens(self, split: Any, index: np.ndarray) -> list[int]:
+        """The real tokens of each block of tokens (a text column, the pairs) a batch of
+        `split`'s rows `index` holds; none: the batches name no real tokens."""
+        return []
 
     def num_train_batches(self, batching: Batching) -> int:
         return -(-len(self.train) // batching.batch_size)
 
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
-        """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done."""
-        for index in self._position.remaining(self._epoch(batching, epoch), epoch):
-            yield self._collate(self.train, index, batching.bucket_multiple)
+        """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done.
+        Each block's real-token index is padded to the most real tokens a batch of the epoch
+        holds (models/unpadding.py): one shape an epoch for the compiled step (and the last,
+        smaller batch's), where a shape a batch would compile again and again."""
+        batches = self._epoch(batching, epoch)
+        counts = [self._real_tokens(self.train, index) for index in batches]
+        least = [max(block) for block in zip(*counts)] or None
+        for index in self._position.remaining(batches, epoch):
+            yield self._collate(self.train, index, batching.bucket_multiple, least)
 
     def _epoch(self, batching: Batching, epoch: int) -> list[np.ndarray]:
         """All of `epoch`'s batches of training rows. Dynamic batching is refused

@@ -28,7 +28,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mlxlab.config.records import check_fraction, check_number
-from mlxlab.data.batching import Batch, bucket_length
+from mlxlab.data.batching import Batch, bucket_length, real_token_index
 from mlxlab.data.completions import jsonl_lines
 from mlxlab.data.fixed_rows import FixedBatchRows
 from mlxlab.data.tokenizer import tokenizer_hash, truncation_length
@@ -201,7 +201,14 @@ class RerankRows(FixedBatchRows):
         """A reranker's one output, named as transformers names a lone label."""
         return {"label_values": ["LABEL_0"]}
 
-    def _collate(self, split: list, index: np.ndarray, multiple: int) -> Batch:
+    def _real_tokens(self, split: list, index: np.ndarray) -> list[int]:
+        """The pairs' tokens, and a list's padding passages' one token each."""
+        rows = [split[i] for i in index]
+        padding = self.max_docs * len(rows) - sum(len(e) for e, _ in rows) if self.form == "lists" else 0
+        return [sum(len(e.ids) for encodings, _ in rows for e in encodings) + padding]
+
+    def _collate(self, split: list, index: np.ndarray, multiple: int,
+                 least: list[int] | None = None) -> Batch:
         rows = [split[i] for i in index]
         docs = self.max_docs
         longest = max(len(e.ids) for encodings, _ in rows for e in encodings)
@@ -222,6 +229,8 @@ class RerankRows(FixedBatchRows):
         else:
             batch["doc_mask"] = doc_mask
         batch["index"] = index.astype(np.int32)
+        # the real tokens of the pairs, flattened as the model reads them (models/unpadding.py)
+        batch["token_index"] = real_token_index(batch["attention_mask"], least=least[0] if least else 0)
         return {k: mx.array(v) for k, v in batch.items()}
 
     @property

@@ -36,7 +36,7 @@ import numpy as np
 from tokenizers import Tokenizer, normalizers
 
 from mlxlab.config.records import check_fraction, check_number
-from mlxlab.data.batching import Batch, Batching, bucket_length
+from mlxlab.data.batching import Batch, bucket_length, real_token_index
 from mlxlab.data.beir import RetrievalSet, read_beir
 from mlxlab.data.completions import jsonl_lines
 from mlxlab.data.fixed_rows import FixedBatchRows
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 LABEL_KEYS = ("score", "label")  # sentence-transformers' label columns
 ST_CONFIG = "sentence_bert_config.json"  # a folder's max_seq_length and do_lower_case
-UNPAD_MULTIPLE = 64  # a column's real-token count rounded up to this (real_token_index)
 
 
 def read_columns(path: str | Path) -> tuple[list[str], list[list[str]], list | None]:
@@ -113,18 +112,6 @@ def column_keys(column: int) -> tuple[str, str]:
 def token_index_key(column: int) -> str:
     """The batch key of text column `column`'s real-token positions (real_token_index)."""
     return f"column{column}_token_index"
-
-
-def real_token_index(mask: np.ndarray, multiple: int = UNPAD_MULTIPLE, least: int = 0
-                     ) -> np.ndarray:
-    """The flat positions of `mask`'s real tokens (1s), sorted, with pad positions added to make
-    `least` rows, then a multiple of `multiple` (all positions at most): the rows an unpadding
-    encoder computes (models/unpadding.py), in few shapes for the compiled step."""
-    flat = mask.reshape(-1)
-    real = np.flatnonzero(flat)
-    kept = min(-(-max(len(real), least) // multiple) * multiple, flat.size)
-    filler = np.flatnonzero(flat == 0)[:kept - len(real)]
-    return np.sort(np.concatenate([real, filler])).astype(np.int32)
 
 
 def text_columns(batch: Batch) -> list[tuple[mx.array, mx.array]]:
@@ -286,7 +273,6 @@ class SentencePairs(FixedBatchRows):
     # ---------------------------------------------------------------- batches
     def _collate(self, split: Tokens, index: np.ndarray, multiple: int,
                  least: list[int] | None = None) -> Batch:
-        """`least`: each column's token index padded to that many rows (train_batches)."""
         batch = {"index": mx.array(np.asarray(index, np.int32))}
         for c in range(self.columns):
             texts = [split.ids[i][c] for i in index]
@@ -301,15 +287,8 @@ class SentencePairs(FixedBatchRows):
             batch["labels"] = mx.array(labels[:, 0] if labels.shape[1] == 1 else labels)
         return batch
 
-    def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
-        """FixedBatchRows' epoch, each column's real-token index padded to the most real tokens
-        a batch of the epoch holds: one shape an epoch for the compiled step (and the last,
-        smaller batch's), where a shape per batch would compile again and again."""
-        batches = self._epoch(batching, epoch)
-        least = [max(sum(len(self.train.ids[i][c]) for i in index) for index in batches)
-                 for c in range(self.columns)]
-        for index in self._position.remaining(batches, epoch):
-            yield self._collate(self.train, index, batching.bucket_multiple, least)
+    def _real_tokens(self, split: Tokens, index: np.ndarray) -> list[int]:
+        return [sum(len(split.ids[i][c]) for i in index) for c in range(self.columns)]
 
     def text_batches(self, which: str, batch_size: int
                      ) -> Iterator[tuple[np.ndarray, mx.array, mx.array]]:

@@ -303,8 +303,10 @@ class BertClassifier(Model):
         input_ids: mx.array,
         attention_mask: mx.array | None = None,
         token_type_ids: mx.array | None = None,
+        token_index: mx.array | None = None,
     ) -> mx.array:
-        h = self.encoder(input_ids, attention_mask, token_type_ids)[:, 0]
+        """Logits (B, num_labels); `token_index` as BertEncoder's (the real tokens alone)."""
+        h = self.encoder(input_ids, attention_mask, token_type_ids, token_index)[:, 0]
         if "pooler" in self:
             h = mx.tanh(self.pooler(h))
         return self.classifier(self.dropout(h))

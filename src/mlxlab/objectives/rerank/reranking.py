@@ -43,7 +43,8 @@ def pair_logits(model: nn.Module, batch: Batch) -> mx.array:
     shape = batch["input_ids"].shape
     flat = {k: batch[k].reshape(-1, shape[-1])
             for k in ("input_ids", "attention_mask", "token_type_ids")}
-    logits = model(flat["input_ids"], flat["attention_mask"], flat["token_type_ids"])
+    logits = model(flat["input_ids"], flat["attention_mask"], flat["token_type_ids"],
+                   token_index=batch.get("token_index"))  # the pairs' real tokens alone
     return logits[:, 0].reshape(shape[:-1])
 
 
