@@ -31,17 +31,13 @@ from mlxlab.config.records import check_fraction, check_number
 from mlxlab.data.batching import Batch, bucket_length, real_token_index
 from mlxlab.data.completions import jsonl_lines
 from mlxlab.data.fixed_rows import FixedBatchRows
-from mlxlab.data.tokenizer import tokenizer_hash, truncation_length
+from mlxlab.data.tokenizer import json_or_empty, tokenizer_hash, truncation_length
 from mlxlab.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
 
 KEYS = {"query": "query", "passage": "passage", "label": "label", "passages": "passages",
         "labels": "labels"}
-
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def pair_tokenizer(tokenizer_json: str | Path, max_length: int | None = None) -> Tokenizer:
@@ -168,7 +164,7 @@ class RerankRows(FixedBatchRows):
         source = Path(self.tokenizer_path)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "tokenizer.json").write_bytes(source.read_bytes())
-        settings = _json(source.parent / "tokenizer_config.json")
+        settings = json_or_empty(source.parent / "tokenizer_config.json")
         # transformers hands token types to the model only for a tokenizer class that makes
         # them (BertTokenizer's); a folder without a config gets BERT's
         settings.setdefault("tokenizer_class", "BertTokenizer")

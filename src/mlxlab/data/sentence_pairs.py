@@ -40,7 +40,13 @@ from mlxlab.data.batching import Batch, bucket_length, real_token_index
 from mlxlab.data.beir import RetrievalSet, read_beir
 from mlxlab.data.completions import jsonl_lines
 from mlxlab.data.fixed_rows import FixedBatchRows
-from mlxlab.data.tokenizer import PAD_TOKENS, find_token_id, tokenizer_hash, truncation_length
+from mlxlab.data.tokenizer import (
+    PAD_TOKENS,
+    find_token_id,
+    json_or_empty,
+    tokenizer_hash,
+    truncation_length,
+)
 from mlxlab.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
@@ -135,15 +141,13 @@ def padded(texts: list[np.ndarray], width: int, pad_id: int) -> tuple[np.ndarray
 def lower_cases(tokenizer_path: str | Path) -> bool:
     """Whether the sentence-transformers folder holding the tokenizer lower-cases its texts
     (sentence_bert_config.json's do_lower_case)."""
-    st = Path(tokenizer_path).parent / ST_CONFIG
-    return bool(json.loads(st.read_text()).get("do_lower_case")) if st.is_file() else False
+    return bool(json_or_empty(Path(tokenizer_path).parent / ST_CONFIG).get("do_lower_case"))
 
 
 def folder_pad_id(tokenizer: Tokenizer, tokenizer_path: str | Path) -> int:
     """The pad token the folder's tokenizer_config.json names (a decoder embedder's
     `<|endoftext|>`), else the first of PAD_TOKENS the tokenizer knows."""
-    file = Path(tokenizer_path).parent / "tokenizer_config.json"
-    pad = json.loads(file.read_text()).get("pad_token") if file.is_file() else None
+    pad = json_or_empty(Path(tokenizer_path).parent / "tokenizer_config.json").get("pad_token")
     pad_id = tokenizer.token_to_id(pad["content"] if isinstance(pad, dict) else pad or "")
     return pad_id if pad_id is not None else find_token_id(tokenizer, PAD_TOKENS, "padding")
 

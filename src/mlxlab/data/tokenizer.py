@@ -41,22 +41,18 @@ EOS_ID_FILES = ("config.json", "generation_config.json")
 OFFSET_POSITIONS = ("roberta", "xlm-roberta")
 
 
-def _folder_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def truncation_length(folder: str | Path, max_length: int | None = None) -> int:
     """The tokens a text (or a pair) of the model `folder` is cut to: `max_length`, else its
     sentence_bert_config.json's max_seq_length, else tokenizer_config.json's model_max_length
     (sentence-transformers' order), never past the positions its config.json gives the encoder
     (max_position_embeddings, RoBERTa's less its pad offset; 512 without one)."""
     folder = Path(folder)
-    config = _folder_json(folder / "config.json")
+    config = json_or_empty(folder / "config.json")
     positions = int(config.get("max_position_embeddings") or 512)
     if config.get("model_type") in OFFSET_POSITIONS:
         positions -= int(config.get("pad_token_id", 1)) + 1
-    given = (max_length or _folder_json(folder / "sentence_bert_config.json").get("max_seq_length")
-             or _folder_json(folder / "tokenizer_config.json").get("model_max_length"))
+    given = (max_length or json_or_empty(folder / "sentence_bert_config.json").get("max_seq_length")
+             or json_or_empty(folder / "tokenizer_config.json").get("model_max_length"))
     return int(min(positions, int(given))) if given else positions
 
 
@@ -350,13 +346,13 @@ def model_end_tokens(folder: str | Path, tok: Tokenizer | None = None) -> list[s
     folder = Path(folder)
     ids: list[int] = []
     for name in EOS_ID_FILES:
-        config = _json_or_empty(folder / name)
+        config = json_or_empty(folder / name)
         value = config.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id"))
         ids += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
     if ids and tok is None and (folder / "tokenizer.json").is_file():
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokens = [t for t in (tok.id_to_token(i) for i in ids) if t] if tok is not None else []
-    named = _json_or_empty(folder / "tokenizer_config.json").get("eos_token")
+    named = json_or_empty(folder / "tokenizer_config.json").get("eos_token")
     if isinstance(named, dict):
         named = named.get("content")
     if isinstance(named, str) and named:
@@ -364,7 +360,7 @@ def model_end_tokens(folder: str | Path, tok: Tokenizer | None = None) -> list[s
     return list(dict.fromkeys(tokens))
 
 
-def _json_or_empty(path: Path) -> dict:
+def json_or_empty(path: Path) -> dict:
     """A JSON object file's content; {} where the file is missing or holds no object (what it
     names is then taken from the other files)."""
     try:
