@@ -200,7 +200,8 @@ class RerankRows(FixedBatchRows):
     def _real_tokens(self, split: list, index: np.ndarray) -> list[int]:
         """The pairs' tokens, and a list's padding passages' one token each."""
         rows = [split[i] for i in index]
-        padding = self.max_docs * len(rows) - sum(len(e) for e, _ in rows) if self.form == "lists" else 0
+        padding = (self.max_docs * len(rows) - sum(len(e) for e, _ in rows)
+                   if self.form == "lists" else 0)
         return [sum(len(e.ids) for encodings, _ in rows for e in encodings) + padding]
 
     def _collate(self, split: list, index: np.ndarray, multiple: int,
@@ -226,7 +227,8 @@ class RerankRows(FixedBatchRows):
             batch["doc_mask"] = doc_mask
         batch["index"] = index.astype(np.int32)
         # the real tokens of the pairs, flattened as the model reads them (models/unpadding.py)
-        batch["token_index"] = real_token_index(batch["attention_mask"], least=least[0] if least else 0)
+        batch["token_index"] = real_token_index(batch["attention_mask"],
+                                                least=least[0] if least else 0)
         return {k: mx.array(v) for k, v in batch.items()}
 
     @property

@@ -227,11 +227,13 @@ class SentencePairs(FixedBatchRows):
         self.tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
         if run_dir is not None:  # as the folder has them: a resume reads them as this run did
             keep_tokenizer_files(self.tokenizer, self.tokenizer_path, Path(run_dir))
-        if lower_cases(self.tokenizer_path):  # sentence-transformers lower-cases before the tokenizer's own normalizer
+        # sentence-transformers lower-cases before the tokenizer's own normalizer
+        if lower_cases(self.tokenizer_path):
             own = self.tokenizer.normalizer
             self.tokenizer.normalizer = normalizers.Sequence(
                 [normalizers.Lowercase()] + ([own] if own is not None else []))
-        self.max_length = int(self.max_length or truncation_length(Path(self.tokenizer_path).parent))
+        folder = Path(self.tokenizer_path).parent
+        self.max_length = int(self.max_length or truncation_length(folder))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_length)
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)

@@ -119,7 +119,9 @@ class EncoderBlock(nn.Module):
                  ) -> mx.array:
         """(B, T, hidden), or with `rows` the (N, hidden) kept rows of such a batch."""
         def attend(h: mx.array) -> mx.array:
-            return self.attention(h, mask) if rows is None else self.attention.unpadded(h, mask, rows)
+            if rows is None:
+                return self.attention(h, mask)
+            return self.attention.unpadded(h, mask, rows)
 
         if self.pre_norm:
             x = x + self.dropout(attend(self.attention_norm(x)))

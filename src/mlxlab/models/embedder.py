@@ -4,8 +4,8 @@ The layout of a sentence-transformers model (Transformer -> Pooling -> Dense* ->
 The Transformer is mlxlab's BertEncoder (BERT, and RoBERTa / XLM-R with their position offset),
 whose parameter names are the BERT classifier's (encoder.*), a decoder's stack through mlx-lm
 (decoder_encoder.py: encoder.decoder.*), or ModernBERT through mlx-embeddings
-(modernbert_encoder.py: encoder.* in transformers' ModernBertModel names); then dense.N.linear.* (and dense.N.residual.* where a
-Dense adds a projected residual). sentence_folder.py reads such a folder into one.
+(modernbert_encoder.py: encoder.* in transformers' ModernBertModel names); then
+dense.N.linear.* (and dense.N.residual.* where a Dense adds a projected residual). sentence_folder.py reads such a folder into one.
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ class SentenceEmbedder(nn.Module):
     `encoder` holds BertEncoder's keyword arguments (bert_config_from_hf's sizes, and
     `padding_idx` for RoBERTa's positions), {"hf_config": a decoder's config.json} for a
     decoder's stack, or {"modernbert": its config.json, "dropout": None or an override} for
-    ModernBERT (modernbert_encoder.py, on mlx-embeddings); `pooling` the modes of pooling.py, concatenated in order; `dense` one
-    Dense's keyword arguments per layer, applied in order after pooling. Batches may be right-
+    ModernBERT (modernbert_encoder.py, on mlx-embeddings); `pooling` the modes of pooling.py,
+    concatenated in order; `dense` one Dense's keyword arguments per layer, applied in order
+    after pooling. Batches may be right-
     or left-padded.
     """
 
