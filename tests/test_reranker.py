@@ -217,6 +217,17 @@ def test_mine_negatives_is_cached(tmp_path, capsys):
     assert main([*args, "--range-min", "9", "--range-max", "4", "--out",
                  str(tmp_path / "c.jsonl")]) == 2
     assert "range_min=9" in capsys.readouterr().err and not (tmp_path / "c.jsonl").exists()
+    # bounds that keep nothing, and filters that happen to keep nothing: refused, nothing kept
+    assert main([*args, "--min-score", "0.9", "--max-score", "0.1", "--out",
+                 str(tmp_path / "d.jsonl")]) == 2
+    assert "min_score=0.9 is above max_score=0.1" in capsys.readouterr().err
+    assert main([*args, "--max-score", "-2", "--out", str(tmp_path / "e.jsonl")]) == 2
+    assert "no negative was mined from 5 pairs" in capsys.readouterr().err
+    assert main([*args, "--corpus", str(tmp_path / "absent.txt"), "--out",
+                 str(tmp_path / "f.jsonl")]) == 2
+    assert "--corpus" in capsys.readouterr().err
+    assert not [p for p in tmp_path.glob("[def].jsonl")]
+    assert len(list((tmp_path / "cache" / "mined_negatives").glob("*/rows.jsonl"))) == 1
 
 
 # --- the slow run: live references, real models, training ------------------------------------

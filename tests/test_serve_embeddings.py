@@ -109,6 +109,19 @@ def test_an_embedder_asked_for_a_completion_names_its_endpoint(tiny):
     assert caught.value.param == "model"
 
 
+def test_an_embedder_asked_to_rerank_names_its_endpoint(tiny):
+    client, _ = tiny
+    with pytest.raises(openai.BadRequestError, match="tiny-st is a text embedder: it answers "
+                       "POST /v1/embeddings, not /v1/rerank") as caught:
+        client.post("/rerank", body={"model": "tiny-st", "query": "q", "documents": ["d"]},
+                    cast_to=dict)
+    assert caught.value.body["param"] == "model"
+    with pytest.raises(openai.NotFoundError, match="'absent' is not served here; this server "
+                       "serves none of its kind"):
+        client.post("/rerank", body={"model": "absent", "query": "q", "documents": ["d"]},
+                    cast_to=dict)
+
+
 @pytest.mark.slow
 def test_all_minilm_l6_v2_beside_a_language_model(tmp_path, cli_env):
     """The real all-MiniLM-L6-v2 served beside a tiny Llama: its vectors equal

@@ -61,6 +61,9 @@ def _corpus(path: str | None) -> list[str]:
         return []
     from mlxlab.cli.embed import read_texts
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--corpus {path}: no such file (give a .jsonl file with a "
+                                "`text` key, or a text file with one passage a line)")
     return read_texts(path)[0]
 
 
@@ -149,11 +152,14 @@ def main(argv: list[str]) -> int:
         model = model_folder_of(args.model)
         reranker = model_folder_of(args.cross_encoder) if args.cross_encoder else None
         settings.checked_range_max(1, reranker is not None)  # the numbers, before any model
+        corpus = _corpus(args.corpus)
         kept = _cache_dir(args.cache_dir) / cache_key(args, model, reranker, settings)
         cache = kept / ROWS
         if not cache.is_file():
-            _write_jsonl(_mine(model, reranker, anchors, positives, settings, keys,
-                               _corpus(args.corpus)), cache)
+            rows = _mine(model, reranker, anchors, positives, settings, keys, corpus)
+            if not rows:  # an empty file would train nothing and pass for a result
+                raise ValueError(_nothing_mined(len(anchors), settings))
+            _write_jsonl(rows, cache)
             inputs = {"data": str(Path(args.data).resolve()), "model": str(model),
                       "corpus": args.corpus, "cross_encoder": str(reranker) if reranker else None,
                       "settings": dataclasses.asdict(settings)}
@@ -161,15 +167,31 @@ def main(argv: list[str]) -> int:
             what = "mined"
         else:
             what = "found in the cache"
+        with open(cache, encoding="utf-8") as f:
+            count = sum(1 for _ in f)
+        if not count:  # kept by an earlier mlxlab, which wrote empty results
+            raise ValueError(_nothing_mined(len(anchors), settings))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cache, args.out)
-        with open(args.out, encoding="utf-8") as f:
-            count = sum(1 for _ in f)
         print(f"{what}: {count} {settings.output_format} rows from {len(anchors)} pairs -> "
               f"{args.out} (kept as {cache})", file=sys.stderr)
         return 0
 
     return guarded("mine-negatives", body)
+
+
+def _nothing_mined(pairs: int, settings) -> str:
+    """Why no row came out, and what to loosen."""
+    given = [f"--{name.replace('_', '-')} {value}" for name, value in (
+        ("max_score", settings.max_score), ("min_score", settings.min_score),
+        ("absolute_margin", settings.absolute_margin),
+        ("relative_margin", settings.relative_margin)) if value is not None]
+    loosen = f"loosen {', '.join(given)} or " if given else ""
+    rows = "n-tuple rows need every anchor to keep all --num-negatives; " \
+        if settings.output_format == "n-tuple" else ""
+    return (f"no negative was mined from {pairs} pairs: every candidate passage was a positive "
+            f"or was skipped; {rows}{loosen}give more passages (--corpus, or more distinct "
+            "pairs)")
 
 
 def cached_results(root: Path) -> list:

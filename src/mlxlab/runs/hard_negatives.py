@@ -57,6 +57,10 @@ class MiningSettings:
             raise ConfigError(f"num_negatives must be at least 1, got {self.num_negatives}")
         if self.sampling_strategy not in STRATEGIES:
             raise ConfigError(f"sampling_strategy={self.sampling_strategy!r}: use top or random")
+        if (self.min_score is not None and self.max_score is not None
+                and self.min_score > self.max_score):
+            raise ConfigError(f"min_score={self.min_score} is above max_score={self.max_score}: "
+                              "no candidate could be kept; give min_score <= max_score")
         if self.output_format not in OUTPUT_FORMATS:
             raise ConfigError(f"output_format={self.output_format!r}: use one of "
                               f"{', '.join(OUTPUT_FORMATS)}")

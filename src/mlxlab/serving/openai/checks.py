@@ -103,9 +103,9 @@ def served_model(body: Mapping[str, Any], served: Mapping[str, ServedModel],
         raise ServingError(f"model: required; use one of {', '.join(listed)}", param="model")
     name = body["model"]
     if not isinstance(name, str) or name not in served:
-        raise ServingError(f"model: {name!r} is not served here; use one of "
-                           f"{', '.join(listed)}", param="model", status=404,
-                           code="model_not_found")
+        use = f"use one of {', '.join(listed)}" if listed else "this server serves none of its kind"
+        raise ServingError(f"model: {name!r} is not served here; {use}", param="model",
+                           status=404, code="model_not_found")
     return served[name]
 
 

@@ -227,6 +227,8 @@ class OpenAIHandler(APIHandler):
                 self.embed(self.body)
                 return
             if self.path in RERANK_PATHS:  # a cross-encoder's scores: no generation thread
+                if self.body.get("model") in self.provider.served:  # another kind of model
+                    self.requested(self.body, ServedReranker)
                 rerankers = self.server.rerankers
                 self.answer(rerank_response(self.body, rerankers,
                                             [r.name for r in rerankers.values()]))
@@ -289,10 +291,18 @@ class OpenAIHandler(APIHandler):
         if isinstance(model, ServedEmbedder):
             raise ServingError(f"model: {model.name} is a text embedder: it answers POST "
                                f"{EMBEDDING_PATHS[0]}, not {self.path[:60]}", param="model")
+        if self.path in RERANK_PATHS:
+            raise ServingError(f"model: {model.name} is a language model: it answers POST "
+                               f"{', '.join(COMPLETION_PATHS[:2])}; {RERANK_PATHS[0]} is for "
+                               f"rerankers ({self.rerankers_listed() or 'none served here'})",
+                               param="model")
         raise ServingError(f"model: {model.name} is a language model: it answers POST "
                            f"{', '.join(COMPLETION_PATHS[:2])}; {EMBEDDING_PATHS[0]} is for text "
                            f"embedders ({self.listed(ServedEmbedder) or 'none served here'})",
                            param="model")
+
+    def rerankers_listed(self) -> str:
+        return ", ".join(r.name for r in self.server.rerankers.values())
 
     def listed(self, kind: type) -> str:
         """The served names of one kind of model."""
