@@ -212,6 +212,8 @@ def test_defaults_are_the_start_here_experiment(tmp_path):
         ("optimizer.bias_correction=maybe", "optimizer.bias_correction='maybe' is not one of"),
         ("optimizer.betas=[0.9,1.5]", r"optimizer.betas must be two numbers in \[0, 1\)"),
         ("optimizer.eps=-1", "optimizer.eps must be >= 0"),
+        ("trainer.distributed.timeout_s=0", "trainer.distributed.timeout_s must be above 0"),
+        ("trainer.distributed.timeout_s=-5", "trainer.distributed.timeout_s must be above 0"),
     ],
 )
 def test_bad_values_fail_validation(tmp_path, override, message):

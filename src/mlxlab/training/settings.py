@@ -60,6 +60,10 @@ class DistributedConfig:
 
     def __post_init__(self) -> None:
         check_choice("trainer.distributed.mode", self.mode, DISTRIBUTED_MODES)
+        check_number("trainer.distributed.timeout_s", self.timeout_s, float)
+        if self.timeout_s <= 0:  # every collective would end the process at once
+            raise ConfigError("trainer.distributed.timeout_s must be above 0 (the seconds a "
+                              f"collective may wait), got {self.timeout_s}")
 
     @property
     def sharded(self) -> bool:
