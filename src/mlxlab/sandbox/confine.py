@@ -50,20 +50,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 CHILD = Path(__file__).with_name("child.py")
-LAYERS = ("rlimits", "netns", "pidns", "landlock", "seccomp", "audit")
+LAYERS = ("seatbelt", "rlimits", "netns", "pidns", "landlock", "seccomp", "audit")
 WATCH_S = 0.1  # how often the memory watchdog (where no RLIMIT_AS binds) reads the RSS
 # What the confined interpreter may read besides its scratch folder: the system's libraries
 # (the loader and what extension modules link), nothing of /etc but the loader's cache.
 SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/etc/ld.so.cache",
                "/etc/localtime", "/dev/null", "/dev/zero", "/dev/urandom",
                "/sys/devices/system/cpu")
+SANDBOX_EXEC = "/usr/bin/sandbox-exec"  # macOS's, by its path: never one found on PATH
+# What a macOS interpreter reads besides its installation: the system's libraries and
+# frameworks (the dyld cache under /System), time zones, the random and null devices.
+SEATBELT_READ = ("/System", "/usr/lib", "/usr/share", "/Library/Apple", "/private/var/db/dyld",
+                 "/private/var/db/timezone", "/private/etc/localtime", "/dev/urandom",
+                 "/dev/random", "/dev/null", "/dev/zero")
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
     """What a sandboxed run may use: seconds of CPU and of wall clock, bytes of address space
     and per file written, open descriptors, processes (RLIMIT_NPROC: per user), characters of
-    output kept (each of stdout and stderr), and the layers applied (module docstring)."""
+    output kept (each of stdout and stderr), and the layers applied (module docstring).
+    `python_only_not_a_boundary`: run the code even where no kernel layer confines its files
+    and processes (no Landlock and seccomp, no seatbelt), under the Python audit hook alone,
+    which code reaching C can pass: a guard against accidents, not a security boundary."""
 
     cpu_s: int = 5
     wall_s: float = 8.0
@@ -73,11 +82,18 @@ class SandboxLimits:
     processes: int = 256
     output_chars: int = 4000
     layers: tuple[str, ...] = LAYERS
+    python_only_not_a_boundary: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.layers) - set(LAYERS))
         if unknown:
             raise ValueError(f"unknown sandbox layers {unknown}: choose from {list(LAYERS)}")
+
+
+class SandboxRefused(PermissionError):
+    """No kernel boundary confines model-written code here and the limits do not opt in to the
+    Python-level confinement alone (`SandboxLimits.python_only_not_a_boundary`): the message
+    is one line naming what is missing."""
 
 
 @dataclass
@@ -119,6 +135,52 @@ def _read_paths() -> list[str]:
     return sorted(paths | set(SYSTEM_READ))
 
 
+def _sbpl(path: str) -> str:
+    """A path as a Seatbelt profile's string literal."""
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _interpreters() -> list[str]:
+    """The interpreter's executable as sandbox-exec starts it, and what that may exec in turn
+    (a framework build's bin/python3 execs its Python.app)."""
+    app = os.path.join(sys.base_prefix, "Resources", "Python.app", "Contents", "MacOS", "Python")
+    found = {sys.executable, os.path.realpath(sys.executable), app, os.path.realpath(app)}
+    return sorted(found)
+
+
+def seatbelt_profile(scratch: str, read: list[str]) -> str:
+    """The Seatbelt (macOS sandbox) profile of a run, as OpenAI's Codex CLI confines the
+    commands a model writes there: everything denied but reading the interpreter's
+    installation, `read` and SEATBELT_READ, reading and writing under `scratch`, exec of the
+    interpreter alone (no fork: no other process), signals to itself; no network at all.
+    Paths by their real path (Seatbelt matches /private/var, not /var). File metadata (stat)
+    stays readable everywhere: the interpreter's start-up looks at paths it then does not
+    open; names and contents outside are not listed or read."""
+    reads = sorted({os.path.realpath(p) for p in (*read, *SEATBELT_READ)})
+    lines = [
+        "(version 1)",
+        "(deny default)",
+        "(deny network*)",
+        "(allow process-exec " + " ".join(f"(literal {_sbpl(p)})" for p in _interpreters())
+        + ")",
+        "(allow signal (target self))",
+        "(allow process-info* (target self))",
+        "(allow sysctl-read)",
+        "(allow file-read-metadata)",
+        "(allow file-read* file-map-executable " + " ".join(f"(subpath {_sbpl(p)})"
+                                                            for p in reads) + ")",
+        f"(allow file-read* file-write* (subpath {_sbpl(os.path.realpath(scratch))}))",
+        '(allow file-write-data (literal "/dev/null"))',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _seatbelt(limits: SandboxLimits) -> bool:
+    """Whether this run starts under sandbox-exec (macOS, the layer asked for and there)."""
+    return (sys.platform == "darwin" and "seatbelt" in limits.layers
+            and os.path.exists(SANDBOX_EXEC))
+
+
 def _environment(scratch: str) -> dict[str, str]:
     """The child's whole environment: none of the caller's variables."""
     return {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8",
@@ -155,60 +217,102 @@ def _watch_memory(pid: int, limit: int, done: threading.Event, over: list[bool])
         return  # it ended
 
 
-def run_code(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run `code` confined (module docstring); the scratch folder is gone when this returns."""
-    limits = limits or SandboxLimits()
+def _command(config: dict, status_w: int, seatbelt: bool) -> list[str]:
+    """The child's command line: the interpreter running child.py, under sandbox-exec with the
+    run's profile where `seatbelt`."""
+    command = [sys.executable, "-I", str(CHILD), json.dumps(config), str(status_w)]
+    if seatbelt:
+        return [SANDBOX_EXEC, "-p", seatbelt_profile(config["scratch"], config["read"]),
+                *command]
+    return command
+
+
+def _wait(child: subprocess.Popen, limits: SandboxLimits, watched: bool) -> tuple[bool, bool]:
+    """Wait for the child at most wall_s (then kill its process group), with the memory
+    watchdog where `watched`; (timed out, over memory)."""
+    done, over = threading.Event(), []
+    if watched:
+        threading.Thread(target=_watch_memory, daemon=True,
+                         args=(child.pid, limits.memory_bytes, done, over)).start()
+    timed_out = False
+    try:
+        child.wait(limits.wall_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    done.set()
+    return timed_out, bool(over)
+
+
+def _run(code: str, limits: SandboxLimits) -> tuple[SandboxResult, str | None]:
+    """A confined run of `code` (module docstring) and the line refusing it (None: it ran)."""
     start = time.monotonic()
+    seatbelt = _seatbelt(limits)
     with tempfile.TemporaryDirectory(prefix="mlxlab-sandbox-") as private:
         scratch = Path(private) / "work"
         scratch.mkdir(mode=0o700)
         program = scratch / "main.py"
         program.write_text(code, encoding="utf-8")
         config = {"layers": list(limits.layers), "scratch": str(scratch), "code": str(program),
-                  "read": _read_paths(),
-                  "limits": {**asdict(limits), "parent": os.getpid()}}
-        config["limits"].pop("layers")
+                  "read": _read_paths(), "limits": {**asdict(limits), "parent": os.getpid()},
+                  "python_only_not_a_boundary": limits.python_only_not_a_boundary,
+                  "seatbelt": "sandbox-exec profile: no network, reads only the interpreter's "
+                              "and system files and its folder, writes only its folder, no "
+                              "process but the interpreter itself" if seatbelt else None}
+        for key in ("layers", "python_only_not_a_boundary"):
+            config["limits"].pop(key)
         status_r, status_w = os.pipe()
         with open(Path(private) / "stdout", "wb") as out, \
                 open(Path(private) / "stderr", "wb") as err:
             child = subprocess.Popen(
-                [sys.executable, "-I", str(CHILD), json.dumps(config), str(status_w)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=scratch,
-                env=_environment(str(scratch)), pass_fds=(status_w,), start_new_session=True)
+                _command(config, status_w, seatbelt), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=err, cwd=scratch, env=_environment(str(scratch)), pass_fds=(status_w,),
+                start_new_session=True)
             os.close(status_w)
             # RLIMIT_AS bounds memory on Linux only (macOS accepts it and ignores it)
             watched = sys.platform != "linux" or "rlimits" not in limits.layers
-            done, over = threading.Event(), []
-            if watched:
-                threading.Thread(target=_watch_memory, daemon=True,
-                                 args=(child.pid, limits.memory_bytes, done, over)).start()
-            timed_out = False
-            try:
-                child.wait(limits.wall_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
-            done.set()
+            timed_out, over = _wait(child, limits, watched)
         with os.fdopen(status_r) as status:
-            said = status.read()
+            said = json.loads(status.read() or "{}")
         stdout, cut_out = _cut(Path(private) / "stdout", limits.output_chars)
         stderr, cut_err = _cut(Path(private) / "stderr", limits.output_chars)
         shutil.rmtree(scratch, ignore_errors=True)
-    layers = json.loads(said) if said else {}
+    layers = said.get("layers", {})
     if watched:
         layers["watchdog"] = (f"the parent kills it past {limits.memory_bytes >> 20} MiB "
                               f"resident, read every {WATCH_S} s")
     return SandboxResult(child.returncode, stdout, stderr, timed_out, layers,
-                         time.monotonic() - start, cut_out + cut_err, bool(over))
+                         time.monotonic() - start, cut_out + cut_err, over), said.get("refused")
 
 
-_layers: dict[str, str] = {}
+def run_code(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
+    """Run `code` confined (module docstring); the scratch folder is gone when this returns.
+    SandboxRefused (one line naming what is missing) where no kernel boundary confines it and
+    the limits do not opt in to the Python-level confinement alone; nothing of it ran."""
+    result, refused = _run(code, limits or SandboxLimits())
+    if refused:
+        raise SandboxRefused(refused)
+    return result
+
+
+_found: dict[str, object] = {}
+
+
+def _this_machine() -> tuple[dict[str, str], str | None]:
+    """The layers the default limits get here and their refusal line (one run of nothing, once)."""
+    if not _found:
+        result, refused = _run("pass", SandboxLimits())
+        _found.update(layers=result.layers, refused=refused)
+    return dict(_found["layers"]), _found["refused"]  # type: ignore[arg-type, return-value]
 
 
 def sandbox_layers() -> dict[str, str]:
-    """The layers that take effect on this machine, each with what it enforces here (one
-    sandboxed run of nothing, once; a copy)."""
-    if not _layers:
-        _layers.update(run_code("pass").layers)
-    return dict(_layers)
+    """The layers that take effect on this machine, each with what it enforces here (a copy)."""
+    return _this_machine()[0]
+
+
+def sandbox_refusal() -> str | None:
+    """The line run_code refuses model-written code with on this machine under the default
+    limits (no kernel boundary here), or None: a config check can say it before a run starts."""
+    return _this_machine()[1]
