@@ -120,6 +120,10 @@ WRITES = {"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),),
           "shutil.rmtree": ((0, 1),), "shutil.move": ((0, None), (1, None)),
           "shutil.chown": ((0, None),), "shutil.make_archive": ((0, None),),
           "shutil.unpack_archive": ((1, None),)}
+# What Landlock does not cover (it has no right for a file's mode, owner, times or extended
+# attributes): checked by the hook whether Landlock took effect or not
+METADATA = frozenset({"os.chmod", "os.chown", "os.utime", "os.setxattr", "os.removexattr",
+                      "os.chflags", "shutil.copymode", "shutil.copystat", "shutil.chown"})
 # Links are refused outright: one made in the folder could point out of it between the
 # hook's check of a path and the call that follows it
 LINK_EVENTS = frozenset({"os.symlink", "os.link"})
@@ -443,17 +447,32 @@ def _sqlite_path(database: object) -> str | None:
     return os.path.realpath(name)
 
 
+def _metadata_rule(write: list[str]) -> Callable[[str, tuple], None]:
+    """The audit hook's file part beside Landlock: no mode, owner, times or extended attributes
+    changed outside `write` (METADATA)."""
+
+    def rule(event: str, args: tuple) -> None:
+        if event in METADATA:
+            for path in _written_paths(event, args):
+                if not _under(path, write):
+                    raise PermissionError(f"the sandbox refuses {event} of {path}")
+
+    return rule
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
 def _file_rule(read: list[str], write: list[str]) -> Callable[[str, tuple], None]:
-    """The audit hook's file part (for a missing landlock): reading only under `read` and
+    """The audit hook's file part where Landlock is missing: reading only under `read` and
     `write`, changing only under `write`, listing only under both, no links, no file-making
     module or call that raises no event (FILE_MODULES, NO_EVENT_FILE_CALLS)."""
+    under = _under
     for module in (os, sys.modules["posix"]):
         for name in NO_EVENT_FILE_CALLS:
             with contextlib.suppress(AttributeError):  # where this Python and OS have it
                 delattr(module, name)
-
-    def under(path: str, roots: list[str]) -> bool:
-        return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
     def check_open(args: tuple) -> None:
         raw = os.fsdecode(args[0])
@@ -508,11 +527,15 @@ def audit_hook(missing: set[str], read: list[str], write: list[str]) -> str:
     if missing & {"seccomp", "netns", "landlock"}:
         refused |= SOCKET_EVENTS
         said.append("sockets")
-    files = _file_rule(read, write) if "landlock" in missing else None
-    if files:
+    if "landlock" in missing:
+        files = _file_rule(read, write)
         said.append("reading or listing files outside its folders, changing any file outside "
                     "its folder (open for writing, os.remove, rename, mkdir, rmdir, chmod, "
                     "chown, truncate, utime, xattrs, shutil, sqlite3), links, mkfifo, mknod")
+    else:
+        files = _metadata_rule(write)
+        said.append("changing a file's mode, owner, times or extended attributes outside its "
+                    "folder (Landlock has no rule for them)")
     # The calls with no audit event that reach a process by pid: gone from their modules
     for module in (os, signal, sys.modules["posix"], sys.modules["_signal"]):
         for name in ("pidfd_open", "pidfd_send_signal"):
@@ -535,8 +558,7 @@ def audit_hook(missing: set[str], read: list[str], write: list[str]) -> str:
             raise PermissionError(f"the sandbox refuses import {args[0]}")
         if guards and event == "object.__getattr__" and any(args[0] is g for g in guards):
             raise PermissionError(f"the sandbox refuses reading the loader guard's {args[1]}")
-        if files:
-            files(event, args)
+        files(event, args)
 
     sys.addaudithook(hook)
     return "Python-level, refuses " + "; ".join(said)
