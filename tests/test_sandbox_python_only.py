@@ -24,6 +24,7 @@ from mlxlab.sandbox.confine import (
     SandboxRefused,
     run_code,
     sandbox_layers,
+    sandbox_refusal,
     seatbelt_profile,
 )
 
@@ -292,6 +293,20 @@ def test_a_kernel_boundary_runs_the_code_without_the_opt_in():
         pytest.skip(f"this kernel lacks {kernel_layers()}")
     result = run_code("print('ran')")
     assert result.stdout == "ran\n" and {"landlock", "seccomp"} <= set(result.layers)
+    assert sandbox_refusal() is None
+
+
+def test_the_opt_in_is_a_tool_target_the_model_cannot_set():
+    """The opt-in's tool is `run_python` to the model, with `code` its only argument."""
+    from mlxlab.objectives.rl import python_only_not_a_boundary
+    from mlxlab.objectives.rl.tools import build_tools
+
+    (tool,) = build_tools([{"_target_": "mlxlab.objectives.rl.python_only_not_a_boundary."
+                                        "run_python"}])
+    assert tool.name == "run_python"
+    assert list(tool.schema["function"]["parameters"]["properties"]) == ["code"]
+    assert python_only_not_a_boundary.PYTHON_ONLY.python_only_not_a_boundary
+    assert tool.fn("print(6 * 7)") == "42"
 
 
 def test_the_seatbelt_profile_confines_to_its_folder_and_has_no_network(tmp_path):

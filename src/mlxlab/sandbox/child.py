@@ -26,14 +26,22 @@ guarantees):
    F_SETOWN and F_SETOWN_EX, which aim SIGIO at any pid, never); each refused with EPERM. The
    filter is built knowing its own pid (1 in its PID namespace), as BPF cannot read it.
 6. `audit`: for the layers above that this kernel refused, a Python audit hook refusing the
-   same from Python (sockets, processes, `import _posixsubprocess`, opening or listing files
-   outside the folders, signals to other processes: os.kill, os.killpg, F_SETOWN,
-   resource.prlimit). Python-level only: code that reaches C (ctypes is refused by it too, but
-   other C extensions are not) can pass.
+   same from Python (sockets; processes: os.fork, exec, spawn, system, subprocess, pty,
+   sub-interpreters and `_posixsubprocess` by every loader; opening or listing files outside
+   the folders and changing any file outside its folder: open for writing, os.remove, rename,
+   mkdir, rmdir, chmod, truncate, utime, links, shutil, sqlite3; signals to other processes:
+   os.kill, os.killpg, F_SETOWN, resource.prlimit); beside Landlock, a file's mode, owner,
+   times and extended attributes outside the folder (Landlock has no right for them).
+   Python-level only: code that reaches C (ctypes is refused by it too, but other C
+   extensions are not) can pass.
+
+Where no kernel layer confines files and processes (landlock and seccomp, or the parent's
+seatbelt on macOS), the code does not run: the status says the one line refusing it, unless
+the config opts in (`python_only_not_a_boundary`).
 
 Off Linux, a thread ends the process when its parent (the tool's worker) is gone, as
 PR_SET_PDEATHSIG does on Linux. What each layer enforces here (a name and a line each) is
-written to STATUS_FD as JSON before the code runs.
+written to STATUS_FD as JSON before the code runs ({"layers": ..., "refused": line or null}).
 """
 
 from __future__ import annotations

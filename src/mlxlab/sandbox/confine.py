@@ -11,12 +11,13 @@ What each layer guarantees, and where it does not exist:
 
 | layer | stops | enforced by | where it is missing |
 |---|---|---|---|
+| seatbelt | on macOS: everything its profile (`seatbelt_profile`) does not allow: any network, reading but the interpreter's installation, the system's libraries and the scratch folder, writing outside the folder, any new process (exec of the interpreter alone) | the kernel (Seatbelt: the parent starts the child with `/usr/bin/sandbox-exec -p PROFILE`, as OpenAI's Codex CLI confines a model's commands) | Linux (there: landlock and seccomp) |
 | rlimits | CPU time past `cpu_s` (SIGXCPU, then SIGKILL), an address space past `memory_bytes` (MemoryError), files past `file_bytes` (EFBIG), more than `open_files` descriptors, core files; death with its parent | the kernel (setrlimit, prctl) | never (RLIMIT_NPROC counts all of a user's processes and does not bind root: the seccomp layer is what stops processes); macOS takes RLIMIT_AS and ignores it, and has no prctl: there a watchdog thread in the parent kills the run when its resident size passes `memory_bytes` (read every 0.1 s, so it may pass it by what it allocates in that time), and a thread in the child ends it once its parent is gone |
 | netns | every network connection: its own network namespace, with only a loopback that is down | the kernel (user + network namespaces) | kernels or containers that refuse unprivileged user namespaces, macOS |
 | pidns | reaching any other process by pid (kill, killpg, kill(-1), F_SETOWN's SIGIO, prlimit, ptrace, /proc/PID): its own PID namespace, where it is PID 1 and alone, with a /proc of its own | the kernel (user + PID + mount namespaces) | as netns; a /proc that cannot be remounted (some containers) stays the host's, which landlock or the audit hook keep unread |
 | landlock | reading files outside the interpreter's installation, the system libraries and the scratch folder; writing outside the scratch folder; TCP bind/connect; signals and abstract unix sockets to processes outside | the kernel (Landlock LSM, Linux 5.13+: files from ABI 1, TCP from ABI 4 (6.7+), signal and abstract-socket scopes from ABI 6 (6.12+)) | older kernels (on 5.13-6.11, e.g. Ubuntu 22.04/24.04 and Debian 12: no scopes, so no signal rule), kernels without Landlock in their LSM list, macOS |
 | seccomp | starting any process (fork, vfork, clone without CLONE_THREAD), creating a socket, io_uring; any signal but to itself (kill to 0 or its own pid; tkill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo to its own; pidfd_send_signal never), F_SETOWN, ptrace, process_vm_readv/writev, pidfd_open/getfd, prlimit64 on another process | the kernel (seccomp-BPF, x86_64 and aarch64; the filter holds its pid, 1 in its namespace) | other architectures, macOS |
-| audit | always: ctypes, and signals to other processes (os.kill but to 0 or itself, os.killpg but of 0, F_SETOWN, resource.prlimit of another process; os.pidfd_open and signal.pidfd_send_signal are taken out); for each missing layer above, the same from Python: sockets, processes (`import _posixsubprocess` too, whose fork_exec raises no event), opening or listing files outside the folders | the sandboxed interpreter itself (sys.addaudithook) | never, but Python-level: code that reaches C through an extension module it may import passes it |
+| audit | always: ctypes, and signals to other processes (os.kill but to 0 or itself, os.killpg but of 0, F_SETOWN, resource.prlimit of another process; os.pidfd_open and signal.pidfd_send_signal are taken out); for each missing layer above, the same from Python: sockets, processes (os.fork, exec, spawn, system, subprocess, pty, sub-interpreters; `_posixsubprocess`, whose fork_exec raises no event, by every loader: sys.modules, subprocess's namespace, import, `_imp.create_builtin` and `create_dynamic`), opening or listing files outside the folders, changing any file outside its folder (open for writing, os.remove, rename, mkdir, rmdir, chmod, chown, truncate, utime, xattrs, links, mkfifo, mknod, shutil, sqlite3, POSIX shared memory); beside Landlock, a file's mode, owner, times and extended attributes outside its folder (Landlock has no right for them) | the sandboxed interpreter itself (sys.addaudithook) | never, but Python-level: code that reaches C through an extension module it may import passes it |
 
 Landlock has no rule for another process's resource limits (prlimit): pidns, seccomp and the
 audit hook each stop that. `sandbox_layers()` says which took effect on this machine and what
@@ -31,7 +32,15 @@ file, reading what the interpreter's installation holds (its site-packages: no s
 convention, but readable), and kernel bugs. Where the kernel layers are all there, the code
 runs with no network, no new processes, no other process in reach and no files but its folder
 and the interpreter's; where they are not, treat it as a guard against accidents, not against an
-adversary. On macOS, only rlimits (without RLIMIT_AS), the watchdog and the audit hook exist.
+adversary. On macOS, seatbelt is the boundary (with rlimits without RLIMIT_AS, the watchdog
+and the audit hook).
+
+Where no kernel layer confines the code's files and processes (landlock and seccomp, or
+seatbelt), `run_code` refuses it: SandboxRefused, one line naming what is missing, nothing of
+the code run; `sandbox_refusal()` says that line for this machine ahead of a run. Limits with
+`python_only_not_a_boundary=True` run it under the audit hook alone (with what else took
+effect), a guard against accidents and no security boundary; the GRPO tool for that is
+objectives/rl/python_only_not_a_boundary.py's `run_python`.
 """
 
 from __future__ import annotations
