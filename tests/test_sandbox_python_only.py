@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +34,7 @@ CONFINE = Path(__file__).parents[1] / "src" / "mlxlab" / "sandbox" / "confine.py
 PYTHON_ONLY = SandboxLimits(cpu_s=2, wall_s=8.0, layers=("rlimits", "audit"),
                             python_only_not_a_boundary=True)
 ALL_ON = SandboxLimits(cpu_s=2, wall_s=8.0)
+SHM_NAME = f"mlxlab-sandbox-{uuid.uuid4().hex[:12]}"  # POSIX shared memory: /dev/shm/<it>
 
 
 def changes(victim: Path) -> dict[str, str]:
@@ -68,7 +70,7 @@ def changes(victim: Path) -> dict[str, str]:
         "shutil.copytree": f"import shutil, os\nos.mkdir('t')\nshutil.copytree('t', {v!r} + '/t')",
         "sqlite3": f"import sqlite3\nsqlite3.connect({v!r} + '/db').execute('create table t(x)')",
         "shm": "from multiprocessing import shared_memory\n"
-               "shared_memory.SharedMemory('mlxlab-sandbox-test', create=True, size=8)",
+               f"shared_memory.SharedMemory({SHM_NAME!r}, create=True, size=8)",
     }
 
 
@@ -115,7 +117,7 @@ def test_no_file_outside_the_folder_changes(victim, limits):
             assert list(result.layers) == ["rlimits", "audit"]
             assert "Error" in result.stderr, (name, result.stderr[-400:])
     assert snapshot(victim) == before
-    assert not Path("/dev/shm/mlxlab-sandbox-test").exists()
+    assert not Path("/dev/shm", SHM_NAME).exists()
 
 
 def test_the_folder_itself_stays_writable_under_the_audit_hook():
