@@ -100,7 +100,7 @@ PROCESS_EVENTS = frozenset({"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn
                             "os.exec", "subprocess.Popen", "pty.spawn", "os.startfile",
                             "cpython.PyInterpreterState_New"})
 SOCKET_EVENTS = frozenset({"socket.__new__", "socket.connect", "socket.bind", "socket.sendto",
-                           "socket.getaddrinfo"})
+                           "socket.getaddrinfo", "syslog.openlog", "syslog.syslog"})
 CTYPES_EVENTS = frozenset({"ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
                            "ctypes.call_function"})
 # Where an object the hook keeps out of reach could be found again (a loader guard's original,
@@ -113,8 +113,9 @@ PROCESS_MODULES = frozenset({"_posixsubprocess", "_xxsubinterpreters", "_interpr
                              "_testcapi", "_testinternalcapi", "_testmultiphase",
                              "_testsinglephase"})
 # ... and those that make files with no event (POSIX shared memory and named semaphores in
-# /dev/shm, dbm files): refused with the file rules, as the calls below are taken out
-FILE_MODULES = frozenset({"_posixshmem", "_multiprocessing", "_dbm", "_gdbm"})
+# /dev/shm, dbm files, readline's history files): refused with the file rules, as the calls
+# below are taken out
+FILE_MODULES = frozenset({"_posixshmem", "_multiprocessing", "_dbm", "_gdbm", "readline"})
 NO_EVENT_FILE_CALLS = ("mkfifo", "mknod")
 # File-changing events: (the argument naming a path it changes, the argument naming that
 # path's dir_fd or None), as CPython 3.10-3.13 raise them (os.unlink raises os.remove,

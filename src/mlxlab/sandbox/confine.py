@@ -287,12 +287,15 @@ def _run(code: str, limits: SandboxLimits) -> tuple[SandboxResult, str | None]:
         stdout, cut_out = _cut(Path(private) / "stdout", limits.output_chars)
         stderr, cut_err = _cut(Path(private) / "stderr", limits.output_chars)
         shutil.rmtree(scratch, ignore_errors=True)
-    layers = said.get("layers", {})
+    layers, refused = said.get("layers", {}), said.get("refused")
+    if seatbelt and not said:  # sandbox-exec refused the profile: the child never started
+        refused = ("the sandbox refuses to run model-written code: sandbox-exec did not start "
+                   f"it ({stderr.strip().splitlines()[-1:] or child.returncode})")
     if watched:
         layers["watchdog"] = (f"the parent kills it past {limits.memory_bytes >> 20} MiB "
                               f"resident, read every {WATCH_S} s")
     return SandboxResult(child.returncode, stdout, stderr, timed_out, layers,
-                         time.monotonic() - start, cut_out + cut_err, over), said.get("refused")
+                         time.monotonic() - start, cut_out + cut_err, over), refused
 
 
 def run_code(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
