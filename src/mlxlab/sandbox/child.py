@@ -130,9 +130,10 @@ WRITES = {"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),),
           "shutil.chown": ((0, None),), "shutil.make_archive": ((0, None),),
           "shutil.unpack_archive": ((1, None),)}
 # What Landlock does not cover (it has no right for a file's mode, owner, times or extended
-# attributes): checked by the hook whether Landlock took effect or not
+# attributes; truncate only from ABI 3): checked by the hook whether Landlock took effect or not
 METADATA = frozenset({"os.chmod", "os.chown", "os.utime", "os.setxattr", "os.removexattr",
-                      "os.chflags", "shutil.copymode", "shutil.copystat", "shutil.chown"})
+                      "os.chflags", "shutil.copymode", "shutil.copystat", "shutil.chown",
+                      "os.truncate"})
 # Links are refused outright: one made in the folder could point out of it between the
 # hook's check of a path and the call that follows it
 LINK_EVENTS = frozenset({"os.symlink", "os.link"})
@@ -477,7 +478,6 @@ def _file_rule(read: list[str], write: list[str]) -> Callable[[str, tuple], None
     """The audit hook's file part where Landlock is missing: reading only under `read` and
     `write`, changing only under `write`, listing only under both, no links, no file-making
     module or call that raises no event (FILE_MODULES, NO_EVENT_FILE_CALLS)."""
-    under = _under
     for module in (os, sys.modules["posix"]):
         for name in NO_EVENT_FILE_CALLS:
             with contextlib.suppress(AttributeError):  # where this Python and OS have it
@@ -493,7 +493,7 @@ def _file_rule(read: list[str], write: list[str]) -> Callable[[str, tuple], None
         mode, flags = args[1], args[2] or 0
         writing = (any(c in mode for c in "wax+") if isinstance(mode, str) else
                    bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND)))
-        if not under(path, write) and (writing or not under(path, read) or os.path.isdir(path)):
+        if not _under(path, write) and (writing or not _under(path, read) or os.path.isdir(path)):
             raise PermissionError(f"the sandbox refuses to open {path}")
 
     def rule(event: str, args: tuple) -> None:
@@ -503,17 +503,17 @@ def _file_rule(read: list[str], write: list[str]) -> Callable[[str, tuple], None
             raise PermissionError(f"the sandbox refuses import {args[0]}")
         if event in WRITES:
             for path in _written_paths(event, args):
-                if not under(path, write):
+                if not _under(path, write):
                     raise PermissionError(f"the sandbox refuses {event} of {path}")
         elif event == "sqlite3.connect":
             path = _sqlite_path(args[0])
-            if path is not None and not under(path, write):
+            if path is not None and not _under(path, write):
                 raise PermissionError(f"the sandbox refuses sqlite3.connect of {path}")
         elif event == "open" and isinstance(args[0], str | bytes):
             check_open(args)
         elif event in ("os.listdir", "os.scandir") and isinstance(args[0], str | bytes):
             path = os.path.realpath(os.fsdecode(args[0]))
-            if not under(path, write + read):
+            if not _under(path, write + read):
                 raise PermissionError(f"the sandbox refuses to list {path}")
 
     return rule

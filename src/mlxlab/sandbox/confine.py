@@ -123,6 +123,14 @@ class SandboxResult:
     over_memory: bool = False
 
     @property
+    def boundary(self) -> list[str]:
+        """The kernel layers that confined its files and processes: ["seatbelt"] or
+        ["landlock", "seccomp"]; [] where none did (the audit hook alone, opted in to)."""
+        if "seatbelt" in self.layers:
+            return ["seatbelt"]
+        return ["landlock", "seccomp"] if {"landlock", "seccomp"} <= set(self.layers) else []
+
+    @property
     def stopped(self) -> str | None:
         """Why the run was stopped by a limit (None: it ended by itself)."""
         if self.timed_out:
