@@ -325,6 +325,7 @@ def test_a_kernel_boundary_runs_the_code_without_the_opt_in():
     assert sandbox_refusal() is None
 
 
+@pytest.mark.slow  # transformers' import (the tool's schema) costs ~10 s
 def test_the_opt_in_is_a_tool_target_the_model_cannot_set():
     """The opt-in's tool is `run_python` to the model, with `code` its only argument."""
     from mlxlab.objectives.rl import python_only_not_a_boundary
