@@ -26,14 +26,22 @@ guarantees):
    F_SETOWN and F_SETOWN_EX, which aim SIGIO at any pid, never); each refused with EPERM. The
    filter is built knowing its own pid (1 in its PID namespace), as BPF cannot read it.
 6. `audit`: for the layers above that this kernel refused, a Python audit hook refusing the
-   same from Python (sockets, processes, `import _posixsubprocess`, opening or listing files
-   outside the folders, signals to other processes: os.kill, os.killpg, F_SETOWN,
-   resource.prlimit). Python-level only: code that reaches C (ctypes is refused by it too, but
-   other C extensions are not) can pass.
+   same from Python (sockets; processes: os.fork, exec, spawn, system, subprocess, pty,
+   sub-interpreters and `_posixsubprocess` by every loader; opening or listing files outside
+   the folders and changing any file outside its folder: open for writing, os.remove, rename,
+   mkdir, rmdir, chmod, truncate, utime, links, shutil, sqlite3; signals to other processes:
+   os.kill, os.killpg, F_SETOWN, resource.prlimit); beside Landlock, a file's mode, owner,
+   times and extended attributes outside the folder (Landlock has no right for them).
+   Python-level only: code that reaches C (ctypes is refused by it too, but other C
+   extensions are not) can pass.
+
+Where no kernel layer confines files and processes (landlock and seccomp, or the parent's
+seatbelt on macOS), the code does not run: the status says the one line refusing it, unless
+the config opts in (`python_only_not_a_boundary`).
 
 Off Linux, a thread ends the process when its parent (the tool's worker) is gone, as
 PR_SET_PDEATHSIG does on Linux. What each layer enforces here (a name and a line each) is
-written to STATUS_FD as JSON before the code runs.
+written to STATUS_FD as JSON before the code runs ({"layers": ..., "refused": line or null}).
 """
 
 from __future__ import annotations
@@ -85,6 +93,50 @@ SELF_ONLY = {"kill": (0, True), "tkill": (0, False), "tgkill": (0, False),
              "rt_sigqueueinfo": (0, False), "rt_tgsigqueueinfo": (0, False),
              "prlimit64": (0, True)}
 LANDLOCK = {"create": 444, "add_rule": 445, "restrict": 446}  # the same on every arch
+
+# The audit hook's events (audit layer). Processes: what starts one or another interpreter
+# (whose own audit hooks are none of this one's).
+PROCESS_EVENTS = frozenset({"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system",
+                            "os.exec", "subprocess.Popen", "pty.spawn", "os.startfile",
+                            "cpython.PyInterpreterState_New"})
+SOCKET_EVENTS = frozenset({"socket.__new__", "socket.connect", "socket.bind", "socket.sendto",
+                           "socket.getaddrinfo", "syslog.openlog", "syslog.syslog"})
+CTYPES_EVENTS = frozenset({"ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
+                           "ctypes.call_function"})
+# Where an object the hook keeps out of reach could be found again (a loader guard's original,
+# the interpreter's kept copy of _posixsubprocess): refused with the process rules.
+FINDING_EVENTS = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents"})
+# Extension modules whose C code starts a process or an interpreter with no event of its own,
+# refused by the last part of their name however they are loaded (with the process rules)
+PROCESS_MODULES = frozenset({"_posixsubprocess", "_xxsubinterpreters", "_interpreters",
+                             "_xxinterpchannels", "_interpchannels", "_interpqueues",
+                             "_testcapi", "_testinternalcapi", "_testmultiphase",
+                             "_testsinglephase"})
+# ... and those that make files with no event (POSIX shared memory and named semaphores in
+# /dev/shm, dbm files, readline's history files): refused with the file rules, as the calls
+# below are taken out
+FILE_MODULES = frozenset({"_posixshmem", "_multiprocessing", "_dbm", "_gdbm", "readline"})
+NO_EVENT_FILE_CALLS = ("mkfifo", "mknod")
+# File-changing events: (the argument naming a path it changes, the argument naming that
+# path's dir_fd or None), as CPython 3.10-3.13 raise them (os.unlink raises os.remove,
+# os.replace os.rename, os.lchmod and os.fchmod os.chmod, os.ftruncate os.truncate)
+WRITES = {"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),),
+          "os.rename": ((0, 2), (1, 3)), "os.chmod": ((0, 2),), "os.chown": ((0, 3),),
+          "os.truncate": ((0, None),), "os.utime": ((0, 3),), "os.setxattr": ((0, None),),
+          "os.removexattr": ((0, None),), "os.chflags": ((0, None),),
+          "shutil.copyfile": ((1, None),), "shutil.copymode": ((1, None),),
+          "shutil.copystat": ((1, None),), "shutil.copytree": ((1, None),),
+          "shutil.rmtree": ((0, 1),), "shutil.move": ((0, None), (1, None)),
+          "shutil.chown": ((0, None),), "shutil.make_archive": ((0, None),),
+          "shutil.unpack_archive": ((1, None),)}
+# What Landlock does not cover (it has no right for a file's mode, owner, times or extended
+# attributes; truncate only from ABI 3): checked by the hook whether Landlock took effect or not
+METADATA = frozenset({"os.chmod", "os.chown", "os.utime", "os.setxattr", "os.removexattr",
+                      "os.chflags", "shutil.copymode", "shutil.copystat", "shutil.chown",
+                      "os.truncate"})
+# Links are refused outright: one made in the folder could point out of it between the
+# hook's check of a path and the call that follows it
+LINK_EVENTS = frozenset({"os.symlink", "os.link"})
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -315,17 +367,156 @@ def seccomp(pid: int) -> str:
             "F_SETOWN; prlimit64 on itself only")
 
 
-def _refuse_posixsubprocess() -> None:
-    """Leave `subprocess` importable but `_posixsubprocess.fork_exec` (no audit event of its
-    own) out of reach: subprocess is imported now and its reference replaced; a later
-    `import _posixsubprocess` raises the `import` event, which the hook refuses."""
+def _refused_fork_exec(*_: object, **__: object) -> int:
+    raise PermissionError("the sandbox refuses _posixsubprocess.fork_exec")
+
+
+def _module_name(spec: object) -> str:
+    """The name a loader would load `spec` under, as the C code reads it (a str exactly: a
+    subclass could answer one name to the check and another to the loader), or refused."""
+    name = spec.name  # type: ignore[attr-defined]
+    if type(name) is not str:
+        raise PermissionError("the sandbox refuses a module name that is not a str")
+    return name
+
+
+def _last_part(name: str) -> str:
+    """The part of a module's name its init function is looked up by (`PyInit_<it>`: the C
+    code stops at a NUL)."""
+    return name.rpartition(".")[2].partition("\x00")[0]
+
+
+def _close_modules(denied: frozenset[str]) -> tuple[Callable, ...]:
+    """Keep the `denied` extension modules (PROCESS_MODULES: C code that starts a process or an
+    interpreter with no audit event) out of reach of every loader, as none raises an event for
+    a module loaded before: `subprocess` keeps working but its fork_exec is a refusal (3.10
+    calls `subprocess._posixsubprocess.fork_exec`, 3.11+ `subprocess._fork_exec`), the module
+    leaves sys.modules (a later `import` raises the event the hook refuses), and `_imp`'s two
+    loaders (BuiltinImporter's `create_builtin`, ExtensionFileLoader's `create_dynamic`, which
+    return the interpreter's kept copy of a module loaded before without any event) refuse
+    those names. The originals sit in keyword defaults, whose reading raises an event the hook
+    refuses for these guards (returned)."""
+    import _imp
     import subprocess
+    import types
 
-    def fork_exec(*_: object) -> int:
-        raise PermissionError("the sandbox refuses _posixsubprocess.fork_exec")
+    stand_in = types.ModuleType("_posixsubprocess")
+    stand_in.fork_exec = _refused_fork_exec  # type: ignore[attr-defined]
+    subprocess._fork_exec = _refused_fork_exec  # type: ignore[attr-defined]
+    subprocess._posixsubprocess = stand_in  # type: ignore[attr-defined]
+    for name in denied:
+        sys.modules.pop(name, None)
+    refused = denied | {"_imp"}  # a fresh _imp would have the originals
 
-    subprocess._fork_exec = fork_exec  # type: ignore[attr-defined]
-    sys.modules.pop("_posixsubprocess", None)
+    def create_builtin(spec: object, *, _original: Callable = _imp.create_builtin) -> object:
+        name = _module_name(spec)
+        if _last_part(name) in refused:
+            raise PermissionError(f"the sandbox refuses to load {name}")
+        return _original(types.SimpleNamespace(name=name))
+
+    def create_dynamic(spec: object, file: object = None, *,
+                       _original: Callable = _imp.create_dynamic) -> object:
+        name, origin = _module_name(spec), spec.origin  # type: ignore[attr-defined]
+        if _last_part(name) in refused or type(origin) is not str:
+            raise PermissionError(f"the sandbox refuses to load {name}")
+        return _original(types.SimpleNamespace(name=name, origin=origin), file)
+
+    _imp.create_builtin, _imp.create_dynamic = create_builtin, create_dynamic
+    return create_builtin, create_dynamic
+
+
+def _fd_path(fd: int) -> str:
+    """The path of an open directory descriptor (a dir_fd argument)."""
+    if sys.platform == "linux":
+        return os.readlink(f"/proc/self/fd/{fd}")
+    import fcntl
+
+    return os.fsdecode(fcntl.fcntl(fd, fcntl.F_GETPATH, bytes(1024)).rstrip(b"\x00"))
+
+
+def _written_paths(event: str, args: tuple) -> list[str]:
+    """The real paths a file-changing event (WRITES) changes; descriptors (an int where a path
+    may be) are left out: only `open`, which the hook checks, makes them."""
+    paths = []
+    for at, dir_at in WRITES[event]:
+        if at >= len(args) or not isinstance(args[at], str | bytes | os.PathLike):
+            continue
+        path = os.fsdecode(args[at])
+        dir_fd = args[dir_at] if dir_at is not None and dir_at < len(args) else None
+        if isinstance(dir_fd, int) and dir_fd >= 0 and not os.path.isabs(path):
+            path = os.path.join(_fd_path(dir_fd), path)
+        paths.append(os.path.realpath(path))
+    return paths
+
+
+def _sqlite_path(database: object) -> str | None:
+    """The file sqlite3.connect would open (None: in memory)."""
+    name = os.fsdecode(database) if isinstance(database, str | bytes | os.PathLike) else ""
+    if name in ("", ":memory:") or name.startswith("file::memory:"):
+        return None
+    return os.path.realpath(name)
+
+
+def _metadata_rule(write: list[str]) -> Callable[[str, tuple], None]:
+    """The audit hook's file part beside Landlock: no mode, owner, times or extended attributes
+    changed outside `write` (METADATA)."""
+
+    def rule(event: str, args: tuple) -> None:
+        if event in METADATA:
+            for path in _written_paths(event, args):
+                if not _under(path, write):
+                    raise PermissionError(f"the sandbox refuses {event} of {path}")
+
+    return rule
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def _file_rule(read: list[str], write: list[str]) -> Callable[[str, tuple], None]:
+    """The audit hook's file part where Landlock is missing: reading only under `read` and
+    `write`, changing only under `write`, listing only under both, no links, no file-making
+    module or call that raises no event (FILE_MODULES, NO_EVENT_FILE_CALLS)."""
+    for module in (os, sys.modules["posix"]):
+        for name in NO_EVENT_FILE_CALLS:
+            with contextlib.suppress(AttributeError):  # where this Python and OS have it
+                delattr(module, name)
+
+    def check_open(args: tuple) -> None:
+        raw = os.fsdecode(args[0])
+        # os.open's dir_fd is not in the event: a relative path climbing out of a directory
+        # descriptor is refused, and a directory outside the folder never becomes one
+        if not os.path.isabs(raw) and ".." in raw.replace("\\", "/").split("/"):
+            raise PermissionError(f"the sandbox refuses to open {raw} (a relative path with ..)")
+        path = os.path.realpath(raw)
+        mode, flags = args[1], args[2] or 0
+        writing = (any(c in mode for c in "wax+") if isinstance(mode, str) else
+                   bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND)))
+        if not _under(path, write) and (writing or not _under(path, read) or os.path.isdir(path)):
+            raise PermissionError(f"the sandbox refuses to open {path}")
+
+    def rule(event: str, args: tuple) -> None:
+        if event in LINK_EVENTS:
+            raise PermissionError(f"the sandbox refuses {event}")
+        if event == "import" and _last_part(args[0]) in FILE_MODULES:
+            raise PermissionError(f"the sandbox refuses import {args[0]}")
+        if event in WRITES:
+            for path in _written_paths(event, args):
+                if not _under(path, write):
+                    raise PermissionError(f"the sandbox refuses {event} of {path}")
+        elif event == "sqlite3.connect":
+            path = _sqlite_path(args[0])
+            if path is not None and not _under(path, write):
+                raise PermissionError(f"the sandbox refuses sqlite3.connect of {path}")
+        elif event == "open" and isinstance(args[0], str | bytes):
+            check_open(args)
+        elif event in ("os.listdir", "os.scandir") and isinstance(args[0], str | bytes):
+            path = os.path.realpath(os.fsdecode(args[0]))
+            if not _under(path, write + read):
+                raise PermissionError(f"the sandbox refuses to list {path}")
+
+    return rule
 
 
 def audit_hook(missing: set[str], read: list[str], write: list[str]) -> str:
@@ -333,31 +524,33 @@ def audit_hook(missing: set[str], read: list[str], write: list[str]) -> str:
     to other processes and ctypes; what it refuses."""
     read = [os.path.realpath(p) for p in read]
     write = [os.path.realpath(p) for p in write]
-    processes = {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system", "os.exec",
-                 "subprocess.Popen", "pty.spawn"}
-    sockets = {"socket.__new__", "socket.connect", "socket.bind", "socket.sendto",
-               "socket.getaddrinfo"}
-    refused = {"ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function"}
+    refused = set(CTYPES_EVENTS)
     said = ["ctypes", "signals to other processes (os.kill, os.killpg, F_SETOWN, "
             "resource.prlimit; no os.pidfd_open, signal.pidfd_send_signal)"]
+    guards: tuple[Callable, ...] = ()
     if "seccomp" in missing:
-        refused |= processes
-        _refuse_posixsubprocess()
-        said.append("processes (import _posixsubprocess too)")
+        refused |= PROCESS_EVENTS | FINDING_EVENTS
+        guards = _close_modules(PROCESS_MODULES)
+        said.append("processes (os.fork, exec, spawn, system, subprocess, pty, sub-"
+                    "interpreters; _posixsubprocess by every loader)")
     if missing & {"seccomp", "netns", "landlock"}:
-        refused |= sockets
+        refused |= SOCKET_EVENTS
         said.append("sockets")
     if "landlock" in missing:
-        said.append("opening or listing files outside its folders")
+        files = _file_rule(read, write)
+        said.append("reading or listing files outside its folders, changing any file outside "
+                    "its folder (open for writing, os.remove, rename, mkdir, rmdir, chmod, "
+                    "chown, truncate, utime, xattrs, shutil, sqlite3), links, mkfifo, mknod")
+    else:
+        files = _metadata_rule(write)
+        said.append("changing a file's mode, owner, times or extended attributes outside its "
+                    "folder (Landlock has no rule for them)")
     # The calls with no audit event that reach a process by pid: gone from their modules
     for module in (os, signal, sys.modules["posix"], sys.modules["_signal"]):
         for name in ("pidfd_open", "pidfd_send_signal"):
             with contextlib.suppress(AttributeError):  # where this Python and OS have it
                 delattr(module, name)
     own = os.getpid()
-
-    def under(path: str, roots: list[str]) -> bool:
-        return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
     def to_other(event: str, args: tuple) -> bool:
         """A signal (or SIGIO owner, resource limit) aimed at another process."""
@@ -370,29 +563,38 @@ def audit_hook(missing: set[str], read: list[str], write: list[str]) -> str:
     def hook(event: str, args: tuple) -> None:
         if event in refused or to_other(event, args):
             raise PermissionError(f"the sandbox refuses {event}")
-        if event == "import" and args[0] == "_posixsubprocess" and "seccomp" in missing:
-            raise PermissionError("the sandbox refuses import _posixsubprocess")
-        if "landlock" not in missing or not args or not isinstance(args[0], str | bytes):
-            return
-        if event == "open":
-            path = os.path.realpath(os.fsdecode(args[0]))
-            mode, flags = args[1], args[2] or 0
-            writing = (any(c in mode for c in "wax+") if isinstance(mode, str) else
-                       bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC)))
-            if not under(path, write) and (writing or not under(path, read)):
-                raise PermissionError(f"the sandbox refuses to open {path}")
-        elif event in ("os.listdir", "os.scandir"):
-            path = os.path.realpath(os.fsdecode(args[0]))
-            if not under(path, write + read):
-                raise PermissionError(f"the sandbox refuses to list {path}")
+        if guards and event == "import" and _last_part(args[0]) in PROCESS_MODULES:
+            raise PermissionError(f"the sandbox refuses import {args[0]}")
+        if guards and event == "object.__getattr__" and any(args[0] is g for g in guards):
+            raise PermissionError(f"the sandbox refuses reading the loader guard's {args[1]}")
+        files(event, args)
 
     sys.addaudithook(hook)
     return "Python-level, refuses " + "; ".join(said)
 
 
-def confine(config: dict, status_fd: int) -> dict[str, str]:
-    """Apply the config's layers (module docstring); what each that took effect enforces."""
+def boundary(active: dict[str, str], platform_name: str) -> str | None:
+    """None where kernel layers confine the code's files and processes (landlock and seccomp,
+    or seatbelt), else the one line that refuses to run it, naming what is missing."""
+    if "seatbelt" in active or {"landlock", "seccomp"} <= set(active):
+        return None
+    if platform_name == "darwin":
+        missing = "seatbelt (macOS's sandbox-exec)"
+    else:
+        missing = " and ".join(f"{name} ({what})" for name, what in (
+            ("landlock", "files"), ("seccomp", "processes and sockets")) if name not in active)
+    return (f"the sandbox refuses to run model-written code: no OS boundary here, {missing} "
+            "missing; the Python audit hook alone is no security boundary (set "
+            "SandboxLimits(python_only_not_a_boundary=True) to run it so anyway)")
+
+
+def confine(config: dict, status_fd: int) -> tuple[dict[str, str], str | None]:
+    """Apply the config's layers (module docstring); what each that took effect enforces, and
+    the line refusing the code where no kernel boundary took effect (and the config does not
+    opt in to the Python-level confinement alone)."""
     layers, active = config["layers"], {}
+    if config["seatbelt"]:  # the parent started this process under sandbox-exec
+        active["seatbelt"] = config["seatbelt"]
     if "rlimits" in layers:
         active["rlimits"] = set_limits(config["limits"])
     steps = {"netns": own_network,
@@ -408,13 +610,17 @@ def confine(config: dict, status_fd: int) -> dict[str, str]:
     if "audit" in layers:
         active["audit"] = audit_hook(set(steps) - set(active), config["read"],
                                      [config["scratch"]])
-    return active
+    refused = boundary(active, sys.platform)
+    return active, None if config["python_only_not_a_boundary"] else refused
 
 
 def main() -> None:
     config = json.loads(sys.argv[1])
     with os.fdopen(int(sys.argv[2]), "w") as status:
-        status.write(json.dumps(confine(config, status.fileno())))
+        layers, refused = confine(config, status.fileno())
+        status.write(json.dumps({"layers": layers, "refused": refused}))
+    if refused:  # nothing of the code runs (the parent raises the line)
+        os._exit(2)
     os.chdir(config["scratch"])
     sys.path[0] = config["scratch"]
     sys.argv = ["main.py"]

@@ -8,6 +8,10 @@ scratch folder and the interpreter's, the folder deleted afterwards) and answers
 
     objective.tools=[{_target_: mlxlab.objectives.rl.sandbox.run_python}]
 
+Where no kernel layer can confine it (sandbox/confine.py: no Landlock and seccomp, no macOS
+Seatbelt) the program is refused and the answer is that one line; objectives/rl/
+python_only_not_a_boundary.py's `run_python` runs it there under the Python audit hook alone.
+
 Other limits: a function of your own calling `run_code` with its own `SandboxLimits` (the
 model sees a tool's arguments, so limits are never arguments of the tool itself). The tool's
 worker is killed at `objective.tool_timeout_s`, and the sandboxed process with it; keep
