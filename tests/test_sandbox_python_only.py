@@ -370,3 +370,31 @@ def test_seatbelt_holds_on_macos(victim, tmp_path):
     for name, result in run_each(programs, limits).items():
         assert "seatbelt" in result.layers and "escaped" not in result.stdout, name
     assert snapshot(victim) == before and not marker.exists()
+
+
+def test_the_config_check_refuses_a_tool_that_would_refuse_here(tmp_path, monkeypatch):
+    """objective.tools is checked before the run folder exists: run_python passes where a kernel
+    boundary holds and is refused with the sandbox's own line where none does; any tool whose
+    `machine_refusal()` says a line is refused the same way."""
+    import re
+
+    from mlxlab.errors import ConfigError
+    from mlxlab.objectives.rl.tools import check_tool_specs
+    from mlxlab.sandbox.confine import sandbox_refusal
+
+    said = sandbox_refusal()
+    spec = [{"_target_": "mlxlab.objectives.rl.sandbox.run_python"}]
+    if said is None:
+        check_tool_specs(spec)
+    else:
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            check_tool_specs(spec)
+    (tmp_path / "refusing_tool.py").write_text(
+        "def lookup(key: str) -> str:\n"
+        "    \"\"\"Look a key up.\n\n    Args:\n        key: the key\n    \"\"\"\n"
+        "    return key\n\n\n"
+        "lookup.machine_refusal = lambda: 'no boundary on this machine'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"objective.tools\[0\] \(refusing_tool.lookup\): no "
+                       "boundary on this machine"):
+        check_tool_specs([{"_target_": "refusing_tool.lookup"}])

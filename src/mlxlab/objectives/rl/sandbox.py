@@ -29,7 +29,7 @@ import random
 import sys
 from pathlib import Path
 
-from mlxlab.sandbox.confine import SandboxLimits, SandboxResult, run_code
+from mlxlab.sandbox.confine import SandboxLimits, SandboxResult, run_code, sandbox_refusal
 
 LIMITS = SandboxLimits()
 QUESTION = "What is {a} * {b}? Reply with the number only."
@@ -54,6 +54,10 @@ def run_python(code: str) -> str:
         code: the program's source, e.g. "print(48271 * 99173)"
     """
     return answer_text(run_code(code, LIMITS))
+
+
+# The config check asks it before a run starts (objectives/rl/tools.py's check_tool_specs).
+run_python.machine_refusal = sandbox_refusal  # type: ignore[attr-defined]
 
 
 def rows(count: int, seed: int) -> list[dict]:

@@ -115,8 +115,14 @@ def tool_schema(target: str, fn: Callable, where: str) -> dict:
 
 def check_tool_specs(specs: Sequence | None) -> None:
     """objective.tools as config validation checks it: each entry importable, a function with
-    type hints and a docstring, names distinct (nothing is called)."""
-    build_tools(specs)
+    type hints and a docstring, names distinct (nothing is called), and each tool that would
+    refuse on this machine (its `machine_refusal()`, e.g. a sandbox with no boundary here)
+    refused now, before the run folder exists, rather than at every call."""
+    for i, tool in enumerate(build_tools(specs)):
+        refusal = getattr(tool.fn, "machine_refusal", None)
+        said = refusal() if refusal is not None else None
+        if said:
+            raise ConfigError(f"objective.tools[{i}] ({tool.target}): {said}")
 
 
 def build_tools(specs: Sequence | None) -> list[Tool]:
