@@ -28,6 +28,7 @@ def _layers(n: int, **more) -> dict:
 # name: (save_tiny_model kind, overrides). 12 layers: use_more_bits' picks (0, 1, 4, 7, 10, 11)
 # and two-digit layers, whose names sort before blk.2 in the writer's order but not in
 # llama.cpp's; rows of 320 or 96 values: the fallbacks of rows that are not whole 256-blocks;
+# rows of 48: F16 even for the output;
 # 80 layers: what llama.cpp calls a 70B (Llama with grouped heads, Qwen2), whose attn_v gets
 # more bits, against a Llama of 80 layers without grouped heads (a 65B), which does not.
 CASES: dict[str, tuple[str, dict]] = {
@@ -46,6 +47,7 @@ CASES: dict[str, tuple[str, dict]] = {
     "starcoder2": ("starcoder2", _layers(12)),
     "llama_rows_320": ("llama", _layers(9, intermediate_size=320)),
     "phi3_rows_96": ("phi3", _layers(4, hidden_size=96, intermediate_size=192)),
+    "llama_rows_48": ("llama", _layers(2, hidden_size=48, intermediate_size=96)),
     "llama_80_layers": ("llama", {"hidden_size": 64, "intermediate_size": 64,
                                   "num_hidden_layers": 80, "num_attention_heads": 4,
                                   "num_key_value_heads": 2}),

@@ -11,7 +11,7 @@ each tensor gets is decided here, as llama-quantize decides it (llama.cpp's src/
 tiny model of every architecture written here), for dense decoders:
 
 - the output matrix (or, tied, the token embedding): Q6_K, Q8_0 where its rows are not whole
-  256-value blocks;
+  256-value blocks (F16 where not even 32-value ones);
 - attn_v, and Phi-3's fused attn_qkv with it: Q6_K at Q4_K_M and Q5_K_M on the layers
   `use_more_bits` picks (the first and last eighth, and every third in between), counted by
   layer number, the order llama.cpp visits tensors in (a file written in the safetensors' order
@@ -131,14 +131,8 @@ class Mixture:
         """The GGML type of 2-D weight `name` (a GGUF tensor name) with `columns` per row."""
         category, kind = _category(name), self.default
         if category == "output" or (self.tied and category == "token_embd"):
-            if columns % self._block(kind) == 0:
-                return self.T.Q6_K
-            if columns % self._block(self.T.Q8_0):  # llama.cpp has no fallback from Q8_0
-                raise ConfigError(f"{name} has rows of {columns} values: llama-quantize writes "
-                                  "it as Q8_0, whose blocks are 32, so it refuses this model; "
-                                  "export --quant f16, bf16 or f32")
-            return self.T.Q8_0
-        if category == "attn_v":
+            kind = self.T.Q8_0 if columns % self._block(kind) else self.T.Q6_K
+        elif category == "attn_v":
             if self.more_bits and _use_more_bits(self._layer(name, category), self.layers):
                 kind = self.T.Q6_K
             if self.seventy_b and kind in (self.T.Q3_K, self.T.Q4_K):
