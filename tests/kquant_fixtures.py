@@ -25,6 +25,12 @@ def _layers(n: int, **more) -> dict:
     return {**_WIDE, "num_hidden_layers": n, **more}
 
 
+def _eighty_layers(kv_heads: int) -> dict:
+    """80 narrow layers (rows of 64: every matrix falls back, which shows each one's type)."""
+    return {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 80,
+            "num_attention_heads": 4, "num_key_value_heads": kv_heads}
+
+
 # name: (save_tiny_model kind, overrides). 12 layers: use_more_bits' picks (0, 1, 4, 7, 10, 11)
 # and two-digit layers, whose names sort before blk.2 in the writer's order but not in
 # llama.cpp's; rows of 320 or 96 values: the fallbacks of rows that are not whole 256-blocks;
@@ -48,18 +54,10 @@ CASES: dict[str, tuple[str, dict]] = {
     "llama_rows_320": ("llama", _layers(9, intermediate_size=320)),
     "phi3_rows_96": ("phi3", _layers(4, hidden_size=96, intermediate_size=192)),
     "llama_rows_48": ("llama", _layers(2, hidden_size=48, intermediate_size=96)),
-    "llama_80_layers": ("llama", {"hidden_size": 64, "intermediate_size": 64,
-                                  "num_hidden_layers": 80, "num_attention_heads": 4,
-                                  "num_key_value_heads": 2}),
-    "llama_80_layers_no_gqa": ("llama", {"hidden_size": 64, "intermediate_size": 64,
-                                         "num_hidden_layers": 80, "num_attention_heads": 4,
-                                         "num_key_value_heads": 4}),
-    "qwen2_80_layers": ("qwen2", {"hidden_size": 64, "intermediate_size": 64,
-                                  "num_hidden_layers": 80, "num_attention_heads": 4,
-                                  "num_key_value_heads": 2}),
-    "phi3_80_layers": ("phi3", {"hidden_size": 64, "intermediate_size": 64,
-                                "num_hidden_layers": 80, "num_attention_heads": 4,
-                                "num_key_value_heads": 2}),
+    "llama_80_layers": ("llama", _eighty_layers(2)),
+    "llama_80_layers_no_gqa": ("llama", _eighty_layers(4)),
+    "qwen2_80_layers": ("qwen2", _eighty_layers(2)),
+    "phi3_80_layers": ("phi3", _eighty_layers(2)),
 }
 
 
