@@ -1,6 +1,7 @@
 """GGUF K-quants (Q4_K_M, Q5_K_M, Q6_K): llama.cpp's own quantizer through the xllamacpp wheel,
-llama-quantize's per-tensor mixture, an importance matrix on the run's rows, and the file run in
-llama.cpp itself."""
+llama-quantize's per-tensor mixture (tensor for tensor what llama.cpp's llama_model_quantize
+wrote for tiny models of every architecture the writer takes: kquant_fixtures.py), an
+importance matrix on the run's rows, and the file run in llama.cpp itself."""
 
 from __future__ import annotations
 
