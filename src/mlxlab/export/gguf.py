@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from mlxlab.errors import ConfigError
-from mlxlab.export.gguf_kquants import MIXTURES, Mixture
+from mlxlab.export.gguf_kquants import MIXTURES, Mixture, is_70b
 from mlxlab.export.gguf_kquants import quantize as ggml_quantize
 from mlxlab.export.gguf_regroup import (
     Tensors,
@@ -564,7 +564,8 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
                                   "(experts, fused or latent projections): use q8_0, q4_0 or "
                                   "q4_1")
         mixture = Mixture(quant, int(config["num_hidden_layers"]),
-                          bool(config.get("tie_word_embeddings", False)))
+                          bool(config.get("tie_word_embeddings", False)),
+                          is_70b(arch.gguf_arch, config))
     qtype, file_type = file_types()[quant]
     with gguf_file(out, g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]]) as writer:
         writer.add_name(name or folder.name)

@@ -5,15 +5,19 @@ come from ggml itself: `ggml_quantize_chunk`, the function `llama-quantize` call
 tensor, in the llama.cpp build the `xllamacpp` wheel ships (loaded with ctypes; its bytes are
 llama.cpp's by construction), optionally weighted by an importance matrix (per input column, the
 mean square of the activations that reach the matrix: what `llama-imatrix` computes, here on the
-run's own training rows: imatrix.py).
-
-Which type each tensor gets is llama-quantize's mixture for the file type (llama.cpp's
-src/llama-quant.cpp, `llama_tensor_get_type`), for dense decoders:
+run's own training rows: imatrix.py). That build links no `llama_model_quantize`, so which type
+each tensor gets is decided here, as llama-quantize decides it (llama.cpp's src/llama-quant.cpp,
+`llama_tensor_get_type`, as of b11739; tests/kquant_reference.json holds what it wrote for a
+tiny model of every architecture written here), for dense decoders:
 
 - the output matrix (or, tied, the token embedding): Q6_K, Q8_0 where its rows are not whole
-  256-value blocks;
-- Q4_K_M / Q5_K_M: attn_v and ffn_down get Q6_K on the layers `use_more_bits` picks (the first
-  and last eighth, and every third in between, counted in the file's order);
+  256-value blocks (F16 where not even 32-value ones);
+- attn_v, and Phi-3's fused attn_qkv with it: Q6_K at Q4_K_M and Q5_K_M on the layers
+  `use_more_bits` picks (the first and last eighth, and every third in between), counted by
+  layer number, the order llama.cpp visits tensors in (a file written in the safetensors' order
+  has blk.10 before blk.2); on what llama.cpp calls a 70B (80 layers of a Llama with grouped
+  heads, or a Qwen2), a Q4_K one is raised to Q5_K;
+- ffn_down: Q6_K at Q4_K_M and Q5_K_M on the layers `use_more_bits` picks;
 - every other matrix the file type's own (Q4_K, Q5_K, Q6_K), and where its rows are not whole
   256-value blocks, llama.cpp's fallback (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when
   even 32 does not divide them).
@@ -22,6 +26,7 @@ src/llama-quant.cpp, `llama_tensor_get_type`), for dense decoders:
 from __future__ import annotations
 
 import ctypes
+import re
 from functools import cache
 from pathlib import Path
 
@@ -81,33 +86,71 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-class Mixture:
-    """The type of each tensor of one file, in the order the tensors are written (the counters
-    of attn_v and ffn_down advance as llama-quantize's do)."""
+# llama.cpp's tensor categories (tensor_get_category), matched in its order; attn_qkv and
+# attn_kv_b count as attn_v (category_is_attn_v)
+_CATEGORIES = (("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"),
+               ("attn_v.weight", "attn_v"), ("attn_k.weight", "attn_k"),
+               ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
+               ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down"))
+_LAYER = re.compile(r"blk\.(\d+)\.")
 
-    def __init__(self, quant: str, layers: int, tied: bool) -> None:
+
+def _category(name: str) -> str:
+    if name == "output.weight":
+        return "output"
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "token_embd"
+    return next((kind for part, kind in _CATEGORIES if part in name), "other")
+
+
+def is_70b(gguf_arch: str, config: dict) -> bool:
+    """What llama.cpp's hyperparameter loader calls LLM_TYPE_70B among the architectures
+    written here: 80 layers of a Llama with grouped key-value heads (a Llama of 80 layers
+    without is a 65B), or of a Qwen2."""
+    if config.get("num_hidden_layers") != 80:
+        return False
+    heads = config.get("num_attention_heads")
+    return (gguf_arch == "QWEN2"
+            or gguf_arch == "LLAMA" and config.get("num_key_value_heads", heads) != heads)
+
+
+class Mixture:
+    """The type of each matrix of one file, as llama-quantize picks it for `quant` (module
+    docstring). `seventy_b`: is_70b."""
+
+    def __init__(self, quant: str, layers: int, tied: bool, seventy_b: bool = False) -> None:
         import gguf
 
         self.T = gguf.GGMLQuantizationType
         self.quant, self.default = quant, self.T[MIXTURES[quant][0]]
-        self.layers, self.tied = layers, tied
-        self.attn_v = self.ffn_down = 0
+        self.layers, self.tied, self.seventy_b = layers, tied, seventy_b
+        self.more_bits = quant in ("q4_k_m", "q5_k_m")
+        self.seen: set[tuple[str, int]] = set()
 
     def type_of(self, name: str, columns: int):
         """The GGML type of 2-D weight `name` (a GGUF tensor name) with `columns` per row."""
-        kind = self.default
-        if name == "output.weight" or (self.tied and name == "token_embd.weight"):
-            block = self._block(kind)
-            kind = self.T.Q8_0 if columns % block else self.T.Q6_K
-        elif "attn_v.weight" in name:
-            if self.quant in ("q4_k_m", "q5_k_m") and _use_more_bits(self.attn_v, self.layers):
+        category, kind = _category(name), self.default
+        if category == "output" or (self.tied and category == "token_embd"):
+            kind = self.T.Q8_0 if columns % self._block(kind) else self.T.Q6_K
+        elif category == "attn_v":
+            if self.more_bits and _use_more_bits(self._layer(name, category), self.layers):
                 kind = self.T.Q6_K
-            self.attn_v += 1
-        elif "ffn_down" in name:
-            if self.quant in ("q4_k_m", "q5_k_m") and _use_more_bits(self.ffn_down, self.layers):
-                kind = self.T.Q6_K
-            self.ffn_down += 1
+            if self.seventy_b and kind in (self.T.Q3_K, self.T.Q4_K):
+                kind = self.T.Q5_K
+        elif category == "ffn_down" and self.more_bits \
+                and _use_more_bits(self._layer(name, category), self.layers):
+            kind = self.T.Q6_K
         return self._fallback(kind, columns)
+
+    def _layer(self, name: str, category: str) -> int:
+        """The layer of `name`: its place among its category's tensors in llama.cpp's order
+        (by layer, then name), where every layer holds one."""
+        found = _LAYER.search(name)
+        if found is None or (category, int(found[1])) in self.seen:
+            raise ConfigError(f"{name}: K-quant mixtures are written here for one {category} "
+                              "matrix a layer; export --quant q8_0, q4_0 or q4_1")
+        self.seen.add((category, int(found[1])))
+        return int(found[1])
 
     def _block(self, kind) -> int:
         import gguf

@@ -1,0 +1,167 @@
+"""llama.cpp's own choice of tensor types for K-quant files (kquant_reference.json), so the
+default run checks mlxlab's mixture against llama-quantize without a llama.cpp that has it: the
+xllamacpp wheel links no `llama_model_quantize`. The reference was made by writing each tiny
+model of CASES as an F32 GGUF (mlxlab's writer) and quantizing it with `llama_model_quantize`
+(llama.cpp b11739, the libllama of the llama-cpp-py-sync 0.11739 wheel); the file's tensor types
+are what it holds. `LLAMA_QUANTIZE_LIB=<folder with libllama.so> python tests/kquant_fixtures.py`
+rewrites it; the slow test recomputes it where that library loads."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+from pathlib import Path
+
+REFERENCE = Path(__file__).with_name("kquant_reference.json")
+LLAMA_CPP = "b11739"
+QUANTS = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # llama.h's LLAMA_FTYPE_MOSTLY_*
+_WIDE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+         "num_key_value_heads": 2}
+
+
+def _layers(n: int, **more) -> dict:
+    return {**_WIDE, "num_hidden_layers": n, **more}
+
+
+def _eighty_layers(kv_heads: int) -> dict:
+    """80 narrow layers (rows of 64: every matrix falls back, which shows each one's type)."""
+    return {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 80,
+            "num_attention_heads": 4, "num_key_value_heads": kv_heads}
+
+
+# name: (save_tiny_model kind, overrides). 12 layers: use_more_bits' picks (0, 1, 4, 7, 10, 11)
+# and two-digit layers, whose names sort before blk.2 in the writer's order but not in
+# llama.cpp's; rows of 320 or 96 values: the fallbacks of rows that are not whole 256-blocks;
+# rows of 48: F16 even for the output;
+# 80 layers: what llama.cpp calls a 70B (Llama with grouped heads, Qwen2), whose attn_v gets
+# more bits, against a Llama of 80 layers without grouped heads (a 65B), which does not.
+CASES: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", _layers(12)),
+    "llama3_tied": ("llama3", _layers(12)),
+    "mistral": ("mistral", _layers(12, num_key_value_heads=1)),
+    "qwen2": ("qwen2", _layers(12)),
+    "qwen3": ("qwen3", _layers(12)),
+    "gemma3_text": ("gemma3_text", _layers(12, layer_types=["sliding_attention"] * 5
+                                           + ["full_attention"] + ["sliding_attention"] * 5
+                                           + ["full_attention"])),
+    "phi3": ("phi3", _layers(12)),
+    "gemma2": ("gemma2", _layers(12)),
+    "granite": ("granite", _layers(12)),
+    "olmo2": ("olmo2", _layers(12)),
+    "starcoder2": ("starcoder2", _layers(12)),
+    "llama_rows_320": ("llama", _layers(9, intermediate_size=320)),
+    "phi3_rows_96": ("phi3", _layers(4, hidden_size=96, intermediate_size=192)),
+    "llama_rows_48": ("llama", _layers(2, hidden_size=48, intermediate_size=96)),
+    "llama_80_layers": ("llama", _eighty_layers(2)),
+    "llama_80_layers_no_gqa": ("llama", _eighty_layers(4)),
+    "qwen2_80_layers": ("qwen2", _eighty_layers(2)),
+    "phi3_80_layers": ("phi3", _eighty_layers(2)),
+}
+
+
+class _QuantizeParams(ctypes.Structure):
+    """llama.h's llama_model_quantize_params as b11739 lays it out."""
+
+    _fields_ = [("nthread", ctypes.c_int32), ("ftype", ctypes.c_int),
+                ("output_tensor_type", ctypes.c_int), ("token_embedding_type", ctypes.c_int),
+                ("allow_requantize", ctypes.c_bool), ("quantize_output_tensor", ctypes.c_bool),
+                ("only_copy", ctypes.c_bool), ("pure", ctypes.c_bool),
+                ("keep_split", ctypes.c_bool), ("dry_run", ctypes.c_bool),
+                ("imatrix", ctypes.c_void_p), ("kv_overrides", ctypes.c_void_p),
+                ("tt_overrides", ctypes.c_void_p), ("prune_layers", ctypes.c_void_p),
+                ("max_buf_size", ctypes.c_size_t)]
+
+
+def llama_quantize_library() -> ctypes.CDLL | None:
+    """libllama with llama_model_quantize: $LLAMA_QUANTIZE_LIB's, else the llama-cpp-py-sync
+    wheel's; None where none loads (that wheel needs glibc 2.38)."""
+    import importlib.util
+
+    folder = os.environ.get("LLAMA_QUANTIZE_LIB")
+    if folder is None:
+        spec = importlib.util.find_spec("llama_cpp_py_sync")
+        if spec is None or spec.origin is None:
+            return None
+        folder = str(Path(spec.origin).parent)
+    try:
+        lib = ctypes.CDLL(str(Path(folder) / "libllama.so"))
+    except OSError:
+        return None
+    lib.llama_model_quantize_default_params.restype = _QuantizeParams
+    lib.llama_model_quantize.argtypes = [ctypes.c_char_p, ctypes.c_char_p,
+                                         ctypes.POINTER(_QuantizeParams)]
+    lib.llama_model_quantize.restype = ctypes.c_uint32
+    lib.llama_backend_init()
+    return lib
+
+
+def llama_quantize(lib: ctypes.CDLL, source: Path, out: Path, quant: str) -> dict[str, str]:
+    """{tensor: type name} of the file llama_model_quantize writes from `source` at `quant`."""
+    import gguf
+
+    params = lib.llama_model_quantize_default_params()
+    # the defaults as b11739 sets them: a struct laid out otherwise would not read so
+    assert (params.allow_requantize, params.quantize_output_tensor, params.pure,
+            params.imatrix) == (False, True, False, None), "not b11739's params layout"
+    params.ftype, params.nthread = QUANTS[quant], 1
+    if lib.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)):
+        raise RuntimeError(f"llama_model_quantize refused {source} at {quant}")
+    return file_types(out, gguf)
+
+
+def file_types(path: Path, gguf=None) -> dict[str, str]:
+    if gguf is None:
+        import gguf
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def tiny_f32_gguf(name: str, root: Path) -> Path:
+    """CASES[name] as an F32 GGUF written by mlxlab, its folder beside it."""
+    from hf_helpers import save_tiny_model
+    from mlxlab.export.gguf import write_gguf
+
+    kind, overrides = CASES[name]
+    folder = save_tiny_model(kind, root / name, **overrides)
+    write_gguf(folder, root / f"{name}.f32.gguf", "f32", name=name)
+    return folder
+
+
+def quants_of(name: str) -> tuple[str, ...]:
+    """The 80-layer cases are about Q4_K_M's attn_v rule only."""
+    return ("q4_k_m",) if "80_layers" in name else tuple(QUANTS)
+
+
+def quantized(types: dict[str, str]) -> dict[str, str]:
+    """The tensors a mixture picks a type for: all but those kept in F32 (norms, biases)."""
+    return {name: kind for name, kind in types.items() if kind != "F32"}
+
+
+def live_reference(lib: ctypes.CDLL, root: Path, names=CASES) -> dict[str, dict[str, dict]]:
+    out = {}
+    for name in names:
+        tiny_f32_gguf(name, root)
+        out[name] = {q: quantized(llama_quantize(lib, root / f"{name}.f32.gguf",
+                                                 root / f"{name}.{q}.gguf", q))
+                     for q in quants_of(name)}
+    return out
+
+
+def stored_reference() -> dict[str, dict[str, dict[str, str]]]:
+    """{case: {quant: {tensor: type}}} as kquant_reference.json keeps them (F32 ones left
+    out)."""
+    return json.loads(REFERENCE.read_text())["types"]
+
+
+if __name__ == "__main__":  # rewrite kquant_reference.json with the library at hand
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    library = llama_quantize_library()
+    if library is None:
+        sys.exit("no libllama with llama_model_quantize loads: set LLAMA_QUANTIZE_LIB")
+    with tempfile.TemporaryDirectory() as tmp:
+        types = live_reference(library, Path(tmp))
+    REFERENCE.write_text(json.dumps({"written_by": f"llama.cpp {LLAMA_CPP} llama_model_quantize",
+                                     "types": types}, indent=1, sort_keys=True) + "\n")
