@@ -34,6 +34,9 @@ PLACEHOLDER = re.compile(r"^<!-- generated: ([a-z0-9-]+) -->$", re.M)
 QUESTION = re.compile(r"^## (.+?) \{#([a-z0-9-]+)\}$", re.M)  # a section's heading and its id
 REQUIRED = ("schema", "name", "question", "date", "command", "machine", "figures")
 SCRIPT = re.compile(r"benchmarks/[\w/]+\.py")
+LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")  # a Markdown link's target
+HEADING = re.compile(r"^#+ (.+?)\s*$", re.M)
+GENERATED = ("cli.md", "configuration/", "api/")  # pages scripts/gen_docs.py writes at build time
 
 
 def load_records(folder: Path = RESULTS) -> list[dict]:
@@ -172,8 +175,55 @@ def question_section(records: list[dict], question: str) -> str:
     return "\n\n".join(parts) if parts else "*No record yet.*"
 
 
+def anchors(markdown: str) -> set[str]:
+    """The ids of a page's headings as mkdocs gives them: an explicit `{#id}`, else the title
+    slugified by Markdown's toc extension (mkdocs' own)."""
+    from markdown.extensions.toc import slugify
+
+    ids = set()
+    for title in HEADING.findall(markdown):
+        explicit = re.search(r"\{#([\w-]+)\}$", title)
+        ids.add(explicit.group(1) if explicit else slugify(title, "-"))
+    return ids
+
+
+def strings(value: object) -> list[str]:
+    """Every string a record holds (its figures, tables, notes), however nested."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return []
+
+
+def dangling_links(records: list[dict], text: str, docs: Path = TEMPLATE.parent) -> list[str]:
+    """The links in `records` that reach nothing the docs site has, each as `FILE: TARGET`: a
+    page of docs/ that does not exist, or a heading the page does not have (`#id`: a heading of
+    `text`, the Benchmarks page the records are rendered into). `mkdocs build --strict` fails on
+    the same links, in the slow build; this is the check every page() makes."""
+    own = anchors(text)
+    bad = []
+    for record in records:
+        for target in (t for s in strings(record) for t in LINK.findall(s)):
+            path, _, anchor = target.partition("#")
+            if "://" in path or path.startswith("mailto:") or path.startswith(GENERATED):
+                continue
+            if not path:
+                ok = anchor in own
+            else:
+                file = docs / path
+                ok = file.is_file() and (not anchor or file.suffix != ".md"
+                                         or anchor in anchors(file.read_text()))
+            if not ok:
+                bad.append(f"{record['_file']}: {target}")
+    return bad
+
+
 def page(template: Path = TEMPLATE, folder: Path = RESULTS) -> str:
-    """docs/benchmarks.md with each `<!-- generated: ... -->` line replaced by its tables."""
+    """docs/benchmarks.md with each `<!-- generated: ... -->` line replaced by its tables; a
+    record's link that reaches nothing fails it (dangling_links)."""
     text = template.read_text()
     records = load_records(folder)
     order = [m for m in PLACEHOLDER.findall(text) if m != "summary"]
@@ -187,7 +237,12 @@ def page(template: Path = TEMPLATE, folder: Path = RESULTS) -> str:
         return (summary(records, order, titles) if name == "summary"
                 else question_section(records, name))
 
-    return PLACEHOLDER.sub(fill, text)
+    filled = PLACEHOLDER.sub(fill, text)
+    dangling = dangling_links(records, filled, template.parent)
+    if dangling:
+        raise ValueError("benchmark records link to what the docs site does not have (a page of "
+                         "docs/ or a heading): " + "; ".join(dangling))
+    return filled
 
 
 if __name__ == "__main__":

@@ -179,6 +179,27 @@ def test_records_are_checked_and_a_run_under_pytest_keeps_out_of_the_repository(
     assert json.loads(written.read_text())["figures"] == {"a/1": [2, 3]}  # a tuple key, as JSON
 
 
+def test_a_records_link_that_reaches_nothing_fails_the_page(tmp_path):
+    """Links inside the records (rendered into the Benchmarks page) are checked as the strict
+    build checks the pages' links, in the default run: the shipped records' links all land,
+    and a record linking to a removed page or to a heading the page lacks fails page(), naming
+    the record and the link; links that land (a heading, a page of docs/) pass."""
+    gen = load_gen_benchmarks()
+    records = gen.load_records()
+    assert any(gen.LINK.findall(s) for r in records for s in gen.strings(r))  # there are some
+    assert gen.dangling_links(records, gen.page()) == []
+    note = ("[gone](benchmarks-history.md#verdicts), [a heading](#summary), [no heading](#nowhere), "
+            "[a guide](guide/training.md), [its heading](guide/training.md#no-such-heading)")
+    (tmp_path / "planted.json").write_text(json.dumps(
+        {"schema": 1, "name": "planted", "question": "memory", "date": "2026-11-27",
+         "command": "c", "machine": {}, "figures": {"note": note}}))
+    with pytest.raises(ValueError) as raised:
+        gen.page(folder=tmp_path)
+    assert str(raised.value).endswith(
+        "planted.json: benchmarks-history.md#verdicts; planted.json: #nowhere; "
+        "planted.json: guide/training.md#no-such-heading")
+
+
 def test_links_from_outside_the_site_reach_a_heading_of_the_benchmarks_page():
     """README.md and benchmarks/README.md are not built by mkdocs: their links into
     docs/benchmarks.md are checked here against the generated page's headings."""

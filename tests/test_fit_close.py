@@ -1,4 +1,4 @@
-"""Fit.run's close (training/loop.py `Fit._close`): each step guarded, the tracked run always ends.
+"""Fit.run's close (training/run_end.py `RunEnd._close`): each step guarded, the tracked run always ends.
 
 A real short fit of the shipped Titanic classifier, tracked in a real sqlite MLflow store; what
 fails at the end is a user callback's on_train_end and the checkpoint writer's last upload round

@@ -1,16 +1,18 @@
 """`mlxlab <verb> ...`: dispatch to a verb's module; each verb parses its own arguments.
 
-    mlxlab train [hydra overrides]      train (same as mlxlab-train)
-    mlxlab eval RUN DATA [--json]        metrics of a finished run on a labelled CSV / text file
-    mlxlab predict RUN DATA.csv          a submission CSV (classifier) or completions (LM)
-    mlxlab generate RUN --prompt TEXT    sample from a language-model run
-    mlxlab register RUN --name NAME      log + register the run's model in MLflow
-    mlxlab serve RUN|MODEL_URI           MLflow's model server on 127.0.0.1
-    mlxlab runs list|show|compare|merge  the store's runs
-    mlxlab export RUN --format hf|mlx-lm|gguf --out DIR|FILE.gguf [...]
-    mlxlab cache list|clear              converted models and other caches: list, remove
-    mlxlab embed MODEL [--input F] [--out vectors.npy|.jsonl]   one vector per text
-    mlxlab mine-negatives MODEL --data pairs.jsonl --out mined.jsonl   hard negatives
+```text
+mlxlab train [hydra overrides]      train (same as mlxlab-train)
+mlxlab eval RUN DATA [--json]        metrics of a finished run on a labelled CSV / text file
+mlxlab predict RUN DATA.csv          a submission CSV (classifier) or completions (LM)
+mlxlab generate RUN --prompt TEXT    sample from a language-model run
+mlxlab register RUN --name NAME      log + register the run's model in MLflow
+mlxlab serve RUN|MODEL_URI           MLflow's model server on 127.0.0.1
+mlxlab runs list|show|compare|merge  the store's runs
+mlxlab export RUN --format hf|mlx-lm|gguf --out DIR|FILE.gguf [...]
+mlxlab cache list|clear              converted models and other caches: list, remove
+mlxlab embed MODEL [--input F] [--out vectors.npy|.jsonl]   one vector per text
+mlxlab mine-negatives MODEL --data pairs.jsonl --out mined.jsonl   hard negatives
+```
 """
 
 from __future__ import annotations
