@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_blas import probe
 
 from mlxlab.runtime.compute import blas_kernels, cpu, mkl
+from test_blas import probe
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="the BLAS swap is Linux-only"),
@@ -59,23 +59,24 @@ def test_forced_mkl_serves_mlx_alone_and_matches_numpy(tmp_path):
 def test_a_cached_verdict_decides_and_is_not_taken_again(tmp_path, monkeypatch):
     path = _cache_with(tmp_path, monkeypatch, 2.0)
     written = path.stat().st_mtime_ns
-    faster = probe(MLXLAB_KERNELS_CACHE=str(tmp_path), **CORE)
+    faster = probe(MLXLAB_BLAS="", MLXLAB_KERNELS_CACHE=str(tmp_path), **CORE)
     assert Path(faster["library"]).name == mkl.INTERFACE, faster
     assert "2.00x OpenBLAS's speed on this CPU" in faster["detail"], faster["detail"]
     assert faster["max_rel_err"] < 1e-4 and faster["global_blas"] == []
     assert path.stat().st_mtime_ns == written
     path = _cache_with(tmp_path, monkeypatch, 1.0)
-    slower = probe(MLXLAB_KERNELS_CACHE=str(tmp_path), **CORE)
+    slower = probe(MLXLAB_BLAS="", MLXLAB_KERNELS_CACHE=str(tmp_path), **CORE)
     assert slower["library"].endswith("libscipy_openblas.so"), slower
     assert "MKL measured 1.00x" in slower["detail"], slower["detail"]
 
 
+@pytest.mark.slow
 def test_the_first_import_measures_and_caches_a_settled_verdict(tmp_path):
     """A real race (child processes, thread clocks): its verdict is cached when settled and then
     decides the BLAS; unsettled (a loaded machine), OpenBLAS serves and nothing is kept."""
     if not mkl.is_intel():
         pytest.skip("MKL is measured on Intel CPUs only")
-    got = probe(MLXLAB_KERNELS_CACHE=str(tmp_path), **CORE)
+    got = probe(MLXLAB_BLAS="", MLXLAB_KERNELS_CACHE=str(tmp_path), **CORE)
     path = tmp_path / blas_kernels.CACHE_FILE
     verdicts = json.loads(path.read_text()) if path.is_file() else {}
     mine = [v for k, v in verdicts.items() if k.startswith("mkl-")]
