@@ -71,7 +71,8 @@ def probe(prelude: str = "", **env: str) -> dict:
     MLXLAB_BLAS ("" for the default's choice): with the optional mkl package installed, an Intel
     CPU's default is whichever measured faster (tests/test_blas_mkl.py)."""
     env = {"MLXLAB_BLAS": "openblas", **env}
-    run_env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", **env}  # 1 thread: stable on busy CPUs
+    # 1 thread: stable on busy CPUs (and no thread-count timing, runtime/compute/small_gemm.py)
+    run_env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env}
     if "OPENBLAS_CORETYPE" not in env:  # a machine's own setting (some images set it) is not
         run_env.pop("OPENBLAS_CORETYPE", None)  # the default's
     proc = subprocess.run(
@@ -282,7 +283,7 @@ def test_torch_keeps_its_own_blas_next_to_mlxlab(order, library):
         import mlx.core as mx
         import numpy as np
         import torch
-        from mlxlab.runtime.compute.blas import calls_into, loaded_path
+        from mlxlab.runtime.compute.blas import calls_into, loaded_path, mlx_gemm_library
         a = np.random.default_rng(0).standard_normal((300, 200), dtype=np.float32)
         want = a.astype(np.float64) @ a.T.astype(np.float64)
         errors = {"mlx": np.array(mx.array(a) @ mx.array(a).T),
@@ -290,7 +291,7 @@ def test_torch_keeps_its_own_blas_next_to_mlxlab(order, library):
         torch_lib, mlx_lib = loaded_path("libtorch_cpu.so"), loaded_path("libmlx.so")
         print(json.dumps({
             "torch": {s: calls_into(torch_lib, s) for s in ("sgemm_", "cblas_sgemm_batch", "sgetrf_")},
-            "mlx": calls_into(mlx_lib, "cblas_sgemm"), "torch_lib": torch_lib,
+            "mlx": mlx_gemm_library(), "torch_lib": torch_lib,
             "errors": {k: float(np.abs(v - want).max() / np.abs(want).max()) for k, v in errors.items()},
         }))
         """

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxlab.runtime import settings
-from mlxlab.runtime.compute import blas_kernels, mkl
+from mlxlab.runtime.compute import blas_kernels, mkl, small_gemm
 
 ENV = "MLXLAB_BLAS"
 FIX = "fix: `pip install scipy-openblas32` (x86_64) or set MLXLAB_BLAS=/path/to/libopenblas.so"
@@ -85,6 +85,9 @@ _core_reason = ""  # why it runs the kernels it runs (load_environment)
 _prefix = ""  # what its names carry before the standard ones (scipy-openblas32: "scipy_")
 _mkl_layer = ""  # MKL's threading layer where MKL serves MLX (runtime/compute/mkl.py), else ""
 _mkl_reason = ""  # why MKL serves MLX, or why it does not (on an Intel CPU with mkl installed)
+_load_env: dict[str, str] = {}  # the variables setup_blas loaded it with (for timing children)
+_wrapper: small_gemm.Wrapper | None = None  # libmlx's cblas_sgemm (small_gemm.py), where built
+_threads_reason = ""  # how MLX's products are threaded (small_gemm.threshold)
 # MLXLAB_BLAS values that name a library instead of a file: the default's choice made by hand.
 KEYWORDS = ("openblas", "mkl")
 # Prefixes a BLAS library's names may carry: none (reference BLAS, most OpenBLAS builds) and
@@ -141,6 +144,8 @@ def _setup() -> BlasInfo:
         return BlasInfo("failed", detail=f"could not point MLX at {path}: {e}")
     if "cblas_sgemm" not in bound:
         return BlasInfo("failed", detail=f"{path} does not export cblas_sgemm")
+    if status == "loaded":
+        _wrap_small_products(loaded_path("libmlx.so"), path)
     detail = _mkl_config() if _mkl_layer else _openblas_config()
     return BlasInfo(status, _mapped_file(bound["cblas_sgemm"]), detail)
 
@@ -164,13 +169,36 @@ def _load_default(choice: str) -> tuple[Path, ctypes.CDLL] | BlasInfo:
         except OSError as e:
             return BlasInfo("failed", detail=f"could not load MKL ({group}): {e}")
         _mkl_layer = layer
+        _load_env.update(mkl.load_environment())
         return group, lib
     if openblas is None:
         return BlasInfo("missing", detail="the scipy-openblas32 package is not installed")
+    _load_env.update(env)
     try:
         return openblas, _load(openblas, env)
     except OSError as e:
         return BlasInfo("failed", detail=f"could not load {openblas}: {e}")
+
+
+def _wrap_small_products(mlx_path: str, library: Path) -> None:
+    """Point libmlx's cblas_sgemm slot at small_gemm's wrapper: MLX's products below this
+    machine's measured size run on one thread of the library (`library`: the file setup_blas
+    loaded), the larger ones on all of them. Without a C compiler MLX calls the library itself."""
+    global _wrapper, _threads_reason
+    kind = "mkl" if _mkl_layer else "openblas"
+    threads = blas_threads() or 1
+    try:
+        if threads > 1:
+            below, _threads_reason = small_gemm.threshold(library, _load_env, kind, threads)
+        else:
+            below = small_gemm.DEFAULT_BELOW  # until set_blas_threads gives it more
+        wrapper = small_gemm.Wrapper(_lib, _prefix, kind, below)
+        wrapper.set_threads(threads)
+        _write_pointer(got_slots(mlx_path)["cblas_sgemm"], wrapper.address)
+    except OSError as e:
+        _threads_reason = f"small products threaded as the library chooses ({e})"
+        return
+    _wrapper = wrapper
 
 
 def load_environment(library: Path) -> dict[str, str]:
@@ -309,6 +337,21 @@ def mlx_sgemm() -> int | None:
     return None if slot is None else ctypes.c_void_p.from_address(slot).value
 
 
+def mlx_gemm_target() -> int | None:
+    """The library function MLX's cblas_sgemm calls end in: the one small_gemm's wrapper calls
+    where libmlx's slot points at the wrapper, else the slot's own."""
+    address = mlx_sgemm()
+    if _wrapper is not None and address == _wrapper.address:
+        return _wrapper.sgemm
+    return address
+
+
+def mlx_gemm_library() -> str | None:
+    """The file MLX's products are computed in (through the wrapper, where there is one)."""
+    target = mlx_gemm_target()
+    return None if target is None else _mapped_file(target)
+
+
 def mlx_sgemm_batch() -> int | None:
     """The address of cblas_sgemm_batch_strided in the BLAS that serves MLX's cblas_sgemm
     (setup_blas's: OpenBLAS >= 0.3.27, or MKL, whose LP64 function takes the same arguments),
@@ -317,7 +360,7 @@ def mlx_sgemm_batch() -> int | None:
     ours, batch = _blas("cblas_sgemm"), _blas("cblas_sgemm_batch_strided")
     if ours is None or batch is None:
         return None
-    if ctypes.cast(ours, ctypes.c_void_p).value != mlx_sgemm():
+    if ctypes.cast(ours, ctypes.c_void_p).value != mlx_gemm_target():
         return None
     return ctypes.cast(batch, ctypes.c_void_p).value
 
@@ -413,7 +456,8 @@ def _openblas(name: str):
 def _mkl_config() -> str:
     """MKL's version and threading layer, and why it serves MLX (mkl.choose)."""
     layer = "GNU OpenMP threads" if "gnu_thread" in _mkl_layer else "one thread (sequential)"
-    return f"Intel MKL {mkl.mkl_version()} ({layer}): {_mkl_reason}"
+    threads = f"; {_threads_reason}" if _threads_reason else ""
+    return f"Intel MKL {mkl.mkl_version()} ({layer}): {_mkl_reason}{threads}"
 
 
 def _openblas_config() -> str:
@@ -428,7 +472,7 @@ def _openblas_config() -> str:
         core = get_core().decode()
         if core.lower() not in config.lower():
             config = f"{config} (running {core})"
-    reasons = "; ".join(r for r in (_core_reason, _mkl_reason) if r)
+    reasons = "; ".join(r for r in (_core_reason, _mkl_reason, _threads_reason) if r)
     return f"{config}; {reasons}" if reasons else config
 
 
@@ -446,6 +490,8 @@ def set_blas_threads(n: int) -> bool:
     if fn is None:
         return False
     fn(int(n))
+    if _wrapper is not None:
+        _wrapper.set_threads(n)
     return True
 
 

@@ -122,14 +122,18 @@ def choose_core(library: Path) -> tuple[str | None, str]:
     return AVX2_CORE, f"AVX2 kernels: the AVX-512 ones measured {speedup:.2f}x on this CPU{_how(cached)}"
 
 
-def verdict(key: str, take: Callable[[], dict | None]) -> dict | None:
+def verdict(key: str, take: Callable[[], dict | None], retry_after: float | None = None
+            ) -> dict | None:
     """The verdict cached under `key`, else the one `take()` measures (None: it could not),
-    kept in the cache only when decided (an unsettled one is measured again next start)."""
+    kept in the cache when decided; an unsettled one is measured again at the next start, or,
+    with `retry_after` (seconds), kept too and measured again at the first start after that."""
     cached = _read_cache().get(key)
-    if cached is None:
+    stale = (cached is not None and not cached.get("decided", True) and retry_after is not None
+             and time.time() - cached.get("measured", 0) > retry_after)
+    if cached is None or stale:
         cached = take()
-        if cached is not None and cached["decided"]:
-            _write_cache(key, cached)
+        if cached is not None and (cached["decided"] or retry_after is not None):
+            _write_cache(key, {"measured": time.time(), **cached})
     return cached
 
 
@@ -171,11 +175,12 @@ def measure(library: Path, repeats: int = REPEATS, rounds: int = ROUNDS) -> dict
 
 
 def race(base: Contender, other: Contender, shapes=SHAPES, repeats: int = REPEATS,
-         rounds: int = ROUNDS) -> dict | None:
-    """Time `shapes` single-threaded in one child process per contender, `rounds` times
-    interleaved (A B, B A, ...), on the threads' own clocks: verdict_of's record, with `other`'s
-    speed over `base`'s as its speedup; None when a child fails or runs another core than its
-    contender names."""
+         rounds: int = ROUNDS, judge: Callable[..., dict] | None = None) -> dict | None:
+    """Time `shapes` in one child process per contender (the threads its environment gives it),
+    `rounds` times interleaved (A B, B A, ...), on the calling thread's own clock and the wall's:
+    `judge`'s record of the two sides' samples (default verdict_of: `other`'s speed over `base`'s
+    on the thread clocks); None when a child fails or runs another core than its contender
+    names."""
     children = {}
     try:
         for side in (base, other):
@@ -200,7 +205,7 @@ def race(base: Contender, other: Contender, shapes=SHAPES, repeats: int = REPEAT
             with contextlib.suppress(OSError):
                 child.kill()
                 child.wait(timeout=10)
-    return verdict_of(samples[base.name], samples[other.name], (base.name, other.name))
+    return (judge or verdict_of)(samples[base.name], samples[other.name], (base.name, other.name))
 
 
 def verdict_of(avx2: list[dict], avx512: list[dict], names=("avx2", "avx512")) -> dict:

@@ -37,13 +37,9 @@ import ctypes
 import hashlib
 import importlib.metadata
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
-from mlxlab.runtime import settings
-from mlxlab.runtime.compute import blas_kernels, cpu
+from mlxlab.runtime.compute import blas_kernels, cpu, linker
 
 DIST = "mkl"
 INTEL = "GenuineIntel"
@@ -57,6 +53,7 @@ MARGIN = 1.10
 # products at the sizes a tiny model's step is made of, where the two libraries differ most.
 SHAPES = (*blas_kernels.SHAPES, (128, 128, 128), (256, 256, 256))
 WAIT_POLICY = "OMP_WAIT_POLICY"
+GROUP_SOURCE = "/* MKL's layers, linked for mlxlab (runtime/compute/mkl.py) */\n"
 
 
 def mkl_directory() -> Path | None:
@@ -85,49 +82,32 @@ def is_intel(vendor: str | None = None) -> bool:
     return (vendor if vendor is not None else cpu.cpu_vendor()) == INTEL
 
 
-def link_group(directory: Path, cache: Path | None = None) -> tuple[Path, str]:
+def link_group(directory: Path) -> tuple[Path, str]:
     """The library that loads MKL's layers from `directory` in its own scope (module docstring):
     (its path, its threading layer's name). Linked once per MKL install into the kernels cache,
     with the first layer of LAYERS that links. OSError when none links (no C compiler)."""
-    cache = cache or settings.current().kernels_cache.expanduser()
-    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        raise OSError("no C compiler (cc) to link MKL's layers with")
     stat = (directory / CORE).stat()
     errors = []
     for layer, runtime in LAYERS:
-        ident = f"{directory}|{stat.st_size}|{stat.st_mtime_ns}|{layer}"
-        out = cache / f"libmlxlab-mkl-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.so"
-        if out.is_file():
-            return out, layer
+        out = linker.cached_name("mkl", f"{directory}|{stat.st_size}|{stat.st_mtime_ns}|{layer}")
+        args = ["-Wl,--no-as-needed", f"-L{directory}", f"-l:{INTERFACE}", f"-l:{layer}",
+                f"-l:{CORE}", *([runtime] if runtime else []), f"-Wl,-rpath,{directory}"]
         try:
-            _link(compiler, directory, layer, runtime, out)
-            return out, layer
+            return linker.link(GROUP_SOURCE, out, args), layer
         except OSError as e:
             errors.append(f"{layer}: {e}")
     raise OSError("could not link MKL's layers (" + "; ".join(errors) + ")")
 
 
-def _link(compiler: str, directory: Path, layer: str, runtime: str | None, out: Path) -> None:
-    """Link the empty library whose dependencies are MKL's layers, run path `directory`
-    (written beside `out`, then renamed: a reader never sees half a file)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as work:
-        source, built = Path(work) / "group.c", Path(work) / out.name
-        source.write_text("/* MKL's layers, linked for mlxlab (runtime/compute/mkl.py) */\n")
-        command = [compiler, "-shared", "-o", str(built), str(source), "-Wl,--no-as-needed",
-                   f"-L{directory}", f"-l:{INTERFACE}", f"-l:{layer}", f"-l:{CORE}",
-                   *([runtime] if runtime else []), f"-Wl,-rpath,{directory}"]
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise OSError((proc.stderr.strip().splitlines() or ["the linker failed"])[-1])
-        os.replace(built, out)
+def load_environment() -> dict[str, str]:
+    """The variables MKL's layers load with where the user set none: idle threads sleep."""
+    return {} if WAIT_POLICY in os.environ else {WAIT_POLICY: "PASSIVE"}
 
 
 def load(group: Path) -> ctypes.CDLL:
     """Load the linked MKL out of the global scope; its OpenMP threads sleep when idle (module
     docstring) where the user set no OMP_WAIT_POLICY, and the variable is removed again."""
-    added = {} if WAIT_POLICY in os.environ else {WAIT_POLICY: "PASSIVE"}
+    added = load_environment()
     os.environ.update(added)
     try:
         return ctypes.CDLL(str(group), mode=ctypes.RTLD_LOCAL)
