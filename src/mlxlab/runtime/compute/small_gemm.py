@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 from pathlib import Path
 
 from mlxlab.runtime.compute import blas_kernels, cpu, linker
@@ -164,7 +163,3 @@ class Wrapper:
         """How many products ran on one thread so far."""
         return int(self.lib.mlxlab_sgemm_alone())
 
-
-def default_threads() -> int:
-    """The cores this process may use (the BLAS libraries' own default thread count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
