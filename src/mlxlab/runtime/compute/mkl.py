@@ -33,7 +33,6 @@ sequential layer (one thread) is used.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.metadata
 import os
@@ -100,20 +99,9 @@ def link_group(directory: Path) -> tuple[Path, str]:
 
 
 def load_environment() -> dict[str, str]:
-    """The variables MKL's layers load with where the user set none: idle threads sleep."""
+    """The variables MKL's layers load with where the user set none (idle threads sleep: module
+    docstring); setup_blas loads them RTLD_LOCAL with these, removed again afterwards."""
     return {} if WAIT_POLICY in os.environ else {WAIT_POLICY: "PASSIVE"}
-
-
-def load(group: Path) -> ctypes.CDLL:
-    """Load the linked MKL out of the global scope; its OpenMP threads sleep when idle (module
-    docstring) where the user set no OMP_WAIT_POLICY, and the variable is removed again."""
-    added = load_environment()
-    os.environ.update(added)
-    try:
-        return ctypes.CDLL(str(group), mode=ctypes.RTLD_LOCAL)
-    finally:
-        for name in added:
-            del os.environ[name]
 
 
 def choose(openblas: Path | None, openblas_env: dict[str, str]) -> tuple[tuple[Path, str] | None, str]:
