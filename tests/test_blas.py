@@ -184,6 +184,15 @@ def test_user_library_path_is_loaded(default):
     assert result["max_rel_err"] < 1e-4
 
 
+def test_mkl_named_without_the_package_is_a_clear_error(monkeypatch):
+    from mlxlab.runtime.compute import mkl
+
+    monkeypatch.setattr(mkl, "mkl_directory", lambda: None)  # as where `mkl` is not installed
+    with pytest.raises(FileNotFoundError, match=r"MLXLAB_BLAS=mkl but the mkl package is not "
+                                                r"installed: `pip install 'mlxlab\[mkl\]'`"):
+        mkl.forced()
+
+
 def test_missing_user_library_is_a_clear_error():
     proc = subprocess.run(
         [sys.executable, "-c", "import mlxlab"],

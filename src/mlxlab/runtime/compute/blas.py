@@ -195,7 +195,7 @@ def _wrap_small_products(mlx_path: str, library: Path) -> None:
         wrapper = small_gemm.Wrapper(_lib, _prefix, kind, below)
         wrapper.set_threads(threads)
         _write_pointer(got_slots(mlx_path)["cblas_sgemm"], wrapper.address)
-    except OSError as e:
+    except (OSError, AttributeError) as e:  # no C compiler; a library without thread controls
         _threads_reason = f"small products threaded as the library chooses ({e})"
         return
     _wrapper = wrapper
