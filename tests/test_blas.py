@@ -301,12 +301,15 @@ def test_torch_keeps_its_own_blas_next_to_mlxlab(order, library):
         print(json.dumps({
             "torch": {s: calls_into(torch_lib, s) for s in ("sgemm_", "cblas_sgemm_batch", "sgetrf_")},
             "mlx": mlx_gemm_library(), "torch_lib": torch_lib,
+            "openmp": sorted({line.split()[-1] for line in open("/proc/self/maps")
+                              if "libgomp" in line or "libiomp" in line}),
             "errors": {k: float(np.abs(v - want).max() / np.abs(want).max()) for k, v in errors.items()},
         }))
         """
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "MLXLAB_BLAS": library})
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                               "MLXLAB_BLAS": library})
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     # PyTorch's BLAS calls land in its own libtorch_cpu (MKL inside), not in an OpenBLAS or MKL
@@ -314,6 +317,9 @@ def test_torch_keeps_its_own_blas_next_to_mlxlab(order, library):
     assert got["torch"] == {s: got["torch_lib"] for s in got["torch"]}, got
     assert got["mlx"].endswith(SERVES[library]), got
     assert max(got["errors"].values()) < 1e-4, got
+    # one OpenMP runtime in the process: MKL's GNU layer uses the libgomp.so.1 PyTorch loaded,
+    # or PyTorch the one MKL's layer loaded (runtime/compute/mkl.py)
+    assert len(got["openmp"]) == 1, got
 
 
 def _has_mkl() -> bool:

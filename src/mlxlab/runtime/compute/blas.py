@@ -164,9 +164,8 @@ def _load_default(choice: str) -> tuple[Path, ctypes.CDLL] | BlasInfo:
         picked, _mkl_reason = mkl.choose(openblas, env)
     if picked is not None:
         group, layer = picked
-        _load_env.update(mkl.load_environment())
         try:
-            lib = _load(group, _load_env)
+            lib = _load(group, {})  # no variable: MKL shares PyTorch's OpenMP as it is (mkl.py)
         except OSError as e:
             return BlasInfo("failed", detail=f"could not load MKL ({group}): {e}")
         _mkl_layer = layer
@@ -218,9 +217,8 @@ def load_environment(library: Path) -> dict[str, str]:
 
 def _load(path: Path, added: dict[str, str]) -> ctypes.CDLL:
     """Load the BLAS library out of the global symbol scope with load_environment()'s variables
-    (`added`; MKL: mkl.load_environment()'s). The library reads them while it loads; they are
-    taken out again afterwards, so that no other library's OpenBLAS or OpenMP in this process
-    (numpy's), nor any child process, runs with them."""
+    (`added`). OpenBLAS reads them while it loads; they are taken out again afterwards, so that
+    no other library's OpenBLAS in this process (numpy's), nor any child process, runs with them."""
     os.environ.update(added)
     try:
         return ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)

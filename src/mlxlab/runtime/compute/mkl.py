@@ -22,13 +22,14 @@ and loads that RTLD_LOCAL: the layers resolve each other inside its own scope, a
 slots are pointed at their functions (blas.py) as they are for OpenBLAS. This needs the C
 compiler the fused kernels are built with; without one, MLX keeps OpenBLAS and says why.
 
-Threads: MKL's GNU OpenMP layer runs on the system's libgomp (libgomp.so.1), a pool of its own
-beside PyTorch's (its wheel bundles a libgomp under another name), never Intel's libiomp5, whose
-GOMP_* names would shadow PyTorch's if they were ever global and whose idle threads spin 200 ms
-by default. Its idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE while libgomp loads, as
-OpenBLAS's do: blas.SPIN_EXPONENT) unless the user set the variable or libgomp was already
-loaded; MKL itself picks fewer threads for small products. Where libgomp cannot be linked, MKL's
-sequential layer (one thread) is used.
+Threads: MKL's GNU OpenMP layer, never Intel's libiomp5, a second OpenMP runtime whose idle
+threads spin 200 ms by default. The layer needs libgomp.so.1, and a process holds one library of
+that name: PyTorch's CPU wheel bundles its own under the same name, so whichever of the two is
+imported first loads its libgomp and the other uses it (tests/test_blas.py): MLX's MKL and
+PyTorch share one OpenMP runtime with its default settings, and neither's threads spin against a
+second runtime's. mlxlab sets no OpenMP variable (its idle threads spin briefly, then sleep), so
+PyTorch runs as it would alone. MLX's small products run on one thread anyway (small_gemm.py).
+Where libgomp cannot be linked, MKL's sequential layer (one thread) is used.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ MARGIN = 1.10
 # (M, N, K) timed: blas_kernels.SHAPES (a small decoder's products at 2,048 tokens) and square
 # products at the sizes a tiny model's step is made of, where the two libraries differ most.
 SHAPES = (*blas_kernels.SHAPES, (128, 128, 128), (256, 256, 256))
-WAIT_POLICY = "OMP_WAIT_POLICY"
 GROUP_SOURCE = "/* MKL's layers, linked for mlxlab (runtime/compute/mkl.py) */\n"
 
 
@@ -96,12 +96,6 @@ def link_group(directory: Path) -> tuple[Path, str]:
         except OSError as e:
             errors.append(f"{layer}: {e}")
     raise OSError("could not link MKL's layers (" + "; ".join(errors) + ")")
-
-
-def load_environment() -> dict[str, str]:
-    """The variables MKL's layers load with where the user set none (idle threads sleep: module
-    docstring); setup_blas loads them RTLD_LOCAL with these, removed again afterwards."""
-    return {} if WAIT_POLICY in os.environ else {WAIT_POLICY: "PASSIVE"}
 
 
 def choose(openblas: Path | None, openblas_env: dict[str, str]) -> tuple[tuple[Path, str] | None, str]:
