@@ -1,7 +1,9 @@
 """Intel MKL for MLX on an Intel CPU, where it measures faster than OpenBLAS here.
 
-On Intel CPUs MKL's sgemm beats OpenBLAS's most at a small model's shapes (3-8x at n=128 on a
-Xeon, where OpenBLAS spends its time packing), so with the optional `mkl` package installed
+On a 2-core Xeon, MLX's fp32 products at n=128 ran at 34 GFLOP/s on two OpenBLAS threads and
+176-191 on MKL's: most of that gap is how OpenBLAS threads a small product (small_gemm.py
+settles that for both), the rest is the kernels, which this module compares. With the
+optional `mkl` package installed
 (`pip install 'mlxlab[mkl]'`, x86-64 Linux) and a GenuineIntel CPU, the first import on the
 machine times both, single-threaded, at SHAPES (blas_kernels.race: a child process each,
 interleaved rounds on each thread's own CPU clock, so a busy machine does not decide), and MLX

@@ -3,8 +3,8 @@
 MLX calls `cblas_sgemm` once per product and cannot be told how many threads to use. With two
 or more threads, OpenBLAS hands even a 128x128 product to its workers, which sleep between
 products (blas.SPIN_EXPONENT) and must be woken for each: on a 2-core Xeon that product ran at
-34 GFLOP/s on two threads against ~110 on one, and with another process busy one took 4.8 ms
-instead of 60 us. MKL's GNU OpenMP threads sleep likewise (mkl.py). So libmlx's `cblas_sgemm`
+34 GFLOP/s on two threads (MKL: 176-191), and with another process busy one took 4.8 ms on two
+threads against 60 us on one. MKL's GNU OpenMP threads sleep likewise (mkl.py). So libmlx's `cblas_sgemm`
 slot points at `mlxlab_sgemm` (SOURCE, linked at first use with the C compiler the fused kernels
 are built with), which calls the library's sgemm on the calling thread alone when M*N*K is below
 a threshold (OpenBLAS: its thread count set to 1 for the call; MKL: mkl_set_num_threads_local, this
@@ -70,7 +70,7 @@ SIZES = (64, 128, 256, 512, 1024)
 MARGIN = 1.10  # the threaded product must be this much faster to be worth its threads
 REPEATS, ROUNDS = 2, 4  # per size: best of REPEATS, median of ROUNDS interleaved rounds
 # Unmeasured or unsettled: one thread below 256^3 (on the 2-core Xeon above, two OpenBLAS
-# threads lost 3x at 128 and broke even at 256).
+# threads lost most at 128 and came out ahead from 256: 144 GFLOP/s against 34 at 128).
 DEFAULT_BELOW = 256**3
 # An unsettled timing (a busy machine) is kept for this long before a start times again, so that
 # a loaded machine's processes do not each pay for it.
