@@ -67,10 +67,14 @@ PROBE = textwrap.dedent(
 
 
 def probe(prelude: str = "", **env: str) -> dict:
-    run_env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", **env}  # 1 thread: stable on busy CPUs
-    for own in ("MLXLAB_BLAS", "OPENBLAS_CORETYPE"):  # a machine's own setting (some images set
-        if own not in env:                            # OPENBLAS_CORETYPE) is not the default's
-            run_env.pop(own, None)
+    """The PROBE's answer in a fresh interpreter with `env`. OpenBLAS unless `env` names another
+    MLXLAB_BLAS ("" for the default's choice): with the optional mkl package installed, an Intel
+    CPU's default is whichever measured faster (tests/test_blas_mkl.py)."""
+    env = {"MLXLAB_BLAS": "openblas", **env}
+    # 1 thread: stable on busy CPUs (and no thread-count timing, runtime/compute/small_gemm.py)
+    run_env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env}
+    if "OPENBLAS_CORETYPE" not in env:  # a machine's own setting (some images set it) is not
+        run_env.pop("OPENBLAS_CORETYPE", None)  # the default's
     proc = subprocess.run(
         [sys.executable, "-c", prelude + PROBE],
         env=run_env,
@@ -180,6 +184,15 @@ def test_user_library_path_is_loaded(default):
     assert result["max_rel_err"] < 1e-4
 
 
+def test_mkl_named_without_the_package_is_a_clear_error(monkeypatch):
+    from mlxlab.runtime.compute import mkl
+
+    monkeypatch.setattr(mkl, "mkl_directory", lambda: None)  # as where `mkl` is not installed
+    with pytest.raises(FileNotFoundError, match=r"MLXLAB_BLAS=mkl but the mkl package is not "
+                                                r"installed: `pip install 'mlxlab\[mkl\]'`"):
+        mkl.forced()
+
+
 def test_missing_user_library_is_a_clear_error():
     proc = subprocess.run(
         [sys.executable, "-c", "import mlxlab"],
@@ -226,7 +239,7 @@ def test_idle_blas_threads_sleep_instead_of_spinning(timeout):
     # OPENBLAS_THREAD_TIMEOUT=4 (runtime/compute/blas.py: the step's other work needs that core). A
     # user's value wins: 30 spins ~0.4 s, so the spinning worker's CPU shows during the sleep.
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}
-    env.pop("MLXLAB_BLAS", None)
+    env["MLXLAB_BLAS"] = "openblas"  # the default's, also where an installed MKL measured faster
     env.pop("OPENBLAS_THREAD_TIMEOUT", None)
     if timeout is not None:
         env["OPENBLAS_THREAD_TIMEOUT"] = timeout
@@ -263,30 +276,56 @@ def test_device_helpers_on_this_cpu_machine():
 ORDERS = {"mlxlab first": "import mlxlab\nimport torch\n", "torch first": "import torch\nimport mlxlab\n"}
 
 
+# The library each MLXLAB_BLAS choice gives MLX's cblas_sgemm (mkl: runtime/compute/mkl.py).
+SERVES = {"openblas": "libscipy_openblas.so", "mkl": "libmkl_intel_lp64.so.3"}
+
+
 @pytest.mark.parametrize("order", sorted(ORDERS))
-def test_torch_keeps_its_own_blas_next_to_mlxlab(order):
+@pytest.mark.parametrize("library", ["openblas", pytest.param("mkl", marks=pytest.mark.slow)])
+def test_torch_keeps_its_own_blas_next_to_mlxlab(order, library):
     pytest.importorskip("torch")
+    if library == "mkl" and not _has_mkl():
+        pytest.skip("the optional mkl package is not installed (pip install 'mlxlab[mkl]')")
     code = ORDERS[order] + textwrap.dedent(
         """
         import json
         import mlx.core as mx
-        from mlxlab.runtime.compute.blas import calls_into, loaded_path
-        mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64)))
+        import numpy as np
+        import torch
+        from mlxlab.runtime.compute.blas import calls_into, loaded_path, mlx_gemm_library
+        a = np.random.default_rng(0).standard_normal((300, 200), dtype=np.float32)
+        want = a.astype(np.float64) @ a.T.astype(np.float64)
+        errors = {"mlx": np.array(mx.array(a) @ mx.array(a).T),
+                  "torch": (torch.from_numpy(a) @ torch.from_numpy(a).T).numpy()}
         torch_lib, mlx_lib = loaded_path("libtorch_cpu.so"), loaded_path("libmlx.so")
         print(json.dumps({
             "torch": {s: calls_into(torch_lib, s) for s in ("sgemm_", "cblas_sgemm_batch", "sgetrf_")},
-            "mlx": calls_into(mlx_lib, "cblas_sgemm"), "torch_lib": torch_lib,
+            "mlx": mlx_gemm_library(), "torch_lib": torch_lib,
+            "openmp": sorted({line.split()[-1] for line in open("/proc/self/maps")
+                              if "libgomp" in line or "libiomp" in line}),
+            "errors": {k: float(np.abs(v - want).max() / np.abs(want).max()) for k, v in errors.items()},
         }))
         """
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                               "MLXLAB_BLAS": library})
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    # PyTorch's BLAS calls land in its own libtorch_cpu (MKL inside), not in an OpenBLAS that
-    # mlxlab put into the global scope.
+    # PyTorch's BLAS calls land in its own libtorch_cpu (MKL inside), not in an OpenBLAS or MKL
+    # that mlxlab put into the global scope; both compute right, each on its own BLAS.
     assert got["torch"] == {s: got["torch_lib"] for s in got["torch"]}, got
-    assert got["mlx"].endswith("libscipy_openblas.so")
+    assert got["mlx"].endswith(SERVES[library]), got
+    assert max(got["errors"].values()) < 1e-4, got
+    # one OpenMP runtime in the process: MKL's GNU layer uses the libgomp.so.1 PyTorch loaded,
+    # or PyTorch the one MKL's layer loaded (runtime/compute/mkl.py)
+    assert len(got["openmp"]) == 1, got
+
+
+def _has_mkl() -> bool:
+    from mlxlab.runtime.compute import mkl
+
+    return mkl.mkl_directory() is not None
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ LIBRARY_ENVIRONMENT = {
     "runtime/supervision/supervise.py",  # likewise: the supervised training child's
     "runtime/compute/blas.py",  # OpenBLAS's, set while it loads
     "runtime/compute/blas_kernels.py",  # OpenBLAS's, for the child processes that time its kernels
+    "runtime/compute/mkl.py",  # OpenBLAS's and MKL's, for the children that time one against the other
     "runtime/compute/device.py",  # MLX's MLX_PTX_CACHE_DIR, set before a run compiles CUDA kernels
     "runtime/compute/jit_header.py",  # libstdc++'s TMPDIR..TEMPDIR: where MLX keeps its CPU kernels
     "launch/composing.py",  # Hydra's HYDRA_FULL_ERROR, set while Hydra composes the config

@@ -284,9 +284,10 @@ def test_switch_is_a_no_op_off_the_cpu():
 
 
 def test_the_fused_product_calls_the_gemm_mlx_matmul_calls():
-    """The sgemm the fused product runs is read from libmlx's own slot: OpenBLAS once
-    setup_blas rebound it (runtime/compute/blas.py), so the float and the 4-bit models share one GEMM."""
+    """The sgemm the fused product runs is read from libmlx's own slot: OpenBLAS (or MKL) once
+    setup_blas rebound it (runtime/compute/blas.py), through the small-product wrapper where it
+    is built (runtime/compute/small_gemm.py), so the float and the 4-bit models share one GEMM."""
     info = blas.setup_blas()
     if not info.fast:
         pytest.skip(f"MLX runs its reference BLAS here ({info.status})")
-    assert blas._mapped_file(blas.mlx_sgemm()) == info.library
+    assert blas._mapped_file(blas.mlx_gemm_target()) == info.library

@@ -7,6 +7,7 @@ PyTorch ratio is given and the exit code is 1. --variants: `bare` (tracking=none
 bar), `replay` (saved batches, not the data pipeline), `nokernels` (trainer.fused_kernels=off).
 
     python benchmarks/speed/bench.py --models nano,tiny,bert --repeats 3
+    python benchmarks/speed/bench.py --gemm-table --threads 2    (GEMM only: OpenBLAS vs MKL in MLX)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.metadata
+import importlib.util
 import json
 import os
 import statistics
@@ -74,6 +76,66 @@ def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
         a @ b
         best_np = min(best_np, time.perf_counter() - start)
     return 2 * n**3 / best_mlx / 1e9, 2 * n**3 / best_np / 1e9
+
+
+# ---- --gemm-table: MLX's products under each BLAS mlxlab can give it, beside PyTorch and numpy --
+
+GEMM_BLAS = ("openblas", "mkl")  # MLXLAB_BLAS values: one worker process each (a process has one)
+TORCH_GEMM = """import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+out = {}
+for n in json.loads(sys.argv[2]):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(int(sys.argv[3])):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    out[n] = 2 * n**3 / best / 1e9
+print(json.dumps({"torch": out}))"""
+
+
+def gemm_worker(sizes: list[int], repeats: int) -> None:
+    """One process's row: MLX (under the MLXLAB_BLAS it was started with) and numpy."""
+    pairs = {n: gemm_pair(n, repeats) for n in sizes}
+    print(json.dumps({"blas": mlxlab.blas.detail or mlxlab.blas.status, "library": mlxlab.blas.library,
+                      "mlx": {n: m for n, (m, _) in pairs.items()},
+                      "numpy": {n: p for n, (_, p) in pairs.items()}}))
+
+
+def gemm_table(sizes: list[int], threads: int, repeats: int, rounds: int, smoke: bool) -> None:
+    """fp32 n x n GFLOP/s of MLX+OpenBLAS, MLX+MKL, PyTorch (its own process, without mlxlab) and
+    numpy, at `threads` threads, in `rounds` interleaved rounds (ABBA), each cell its median."""
+    env = {**os.environ, **{v: str(threads) for v in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                                      "OMP_NUM_THREADS", "MLXLAB_KERNEL_THREADS")}}
+    commands = {f"MLX+{b}": ([sys.executable, __file__, "--gemm-worker", "--gemm",
+                              ",".join(map(str, sizes)), "--repeats", str(repeats)],
+                             {**env, "MLXLAB_BLAS": b}) for b in GEMM_BLAS}
+    if importlib.util.find_spec("torch"):
+        commands["PyTorch"] = ([sys.executable, "-c", TORCH_GEMM, str(threads), json.dumps(sizes),
+                                str(repeats)], env)
+    runs: dict[str, list] = {name: [] for name in commands}
+    for r in range(rounds):
+        for name in in_round(list(commands), r):
+            proc = subprocess.run(commands[name][0], env=commands[name][1], capture_output=True,
+                                  text=True, timeout=1800)
+            runs[name].append(json.loads(proc.stdout.splitlines()[-1]) if proc.returncode == 0
+                              else {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
+    cells = {**{name: (runs[name], "mlx") for name in commands if name.startswith("MLX")},
+             "PyTorch": (runs.get("PyTorch", []), "torch"), "numpy": (runs["MLX+openblas"], "numpy")}
+    head = ["n (GFLOP/s)", *cells]
+    table_rows = [[n, *(_median_cell(rows, key, n) for rows, key in cells.values())] for n in sizes]
+    shown = {"head": head, "rows": table_rows}
+    print_table(shown)
+    write_record("gemm-blas", {"threads": threads, "sizes": sizes, "rounds": runs, "table": shown},
+                 question="speed-pytorch", smoke=smoke)
+
+
+def _median_cell(rows: list[dict], key: str, n: int) -> str:
+    """The rounds' median GFLOP/s at n; "-" where none ran (a failed round's error is recorded)."""
+    values = [row[key][str(n)] for row in rows if key in row]
+    return f"{statistics.median(values):.0f}" if values else "-"
 
 
 # ---- steady-state timing shared by all workers ------------------------------------------------
@@ -484,9 +546,20 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[],
                         help="extra Hydra override for every row (repeatable)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--gemm-table", action="store_true",
+                        help="only the GEMM table: MLX under each BLAS (OpenBLAS, MKL), PyTorch, numpy")
+    parser.add_argument("--gemm-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker_main(args.worker, args.spec)
+    if args.gemm_worker or args.gemm_table:
+        sizes = [int(n) for n in (args.gemm or ("64" if args.smoke else
+                                                "64,128,256,512,1024,2048")).split(",")]
+        repeats = args.repeats or (2 if args.smoke else 20)
+        if args.gemm_worker:
+            return gemm_worker(sizes, repeats)
+        threads = args.threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)
+        return gemm_table(sizes, threads, repeats, 1 if args.smoke else 5, args.smoke)
     if args.smoke:  # --quick on nano, 1 + 2 steps, every worker (PyTorch's when installed)
         args.quick, args.models, args.warmup, args.steps = True, "nano", 1, 2
         args.gemm = "64"

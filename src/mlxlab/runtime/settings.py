@@ -9,7 +9,7 @@ own at start).
 | variable | meaning | default |
 |---|---|---|
 | MLXLAB_ROOT | the project root: `paths.root_dir`, the default store `<root>/mlruns/mlflow.db` | the nearest folder at or above the working directory holding pyproject.toml or .git |
-| MLXLAB_BLAS | `off`: MLX keeps its reference BLAS; a path: that BLAS library serves MLX | the bundled OpenBLAS (scipy-openblas32) |
+| MLXLAB_BLAS | `off`: MLX keeps its reference BLAS; a path: that BLAS library serves MLX; `openblas` or `mkl`: that one of the two, nothing measured | the bundled OpenBLAS (scipy-openblas32), or on an Intel CPU with the optional `mkl` package the one measured faster (runtime/compute/mkl.py) |
 | MLXLAB_MALLOC | `default`: glibc gives freed memory back while training (runtime/memory/allocator.py) | freed memory stays in the heap |
 | MALLOC_ARENA_MAX | glibc's own: set, a run under an address-space limit keeps it instead of limiting glibc's malloc arenas itself (runtime/memory/allocator.py) | unset: two arenas under RLIMIT_AS, glibc's default otherwise |
 | MLXLAB_FUSED_KERNELS | `auto`, `on` or `off`: the fused CPU kernels, for scripts (`trainer.fused_kernels` sets the mode of a run) | auto |
@@ -42,6 +42,7 @@ Read or set where a library needs them, not here (the modules tests/test_environ
 | runtime/compute/jit_header.py | TMPDIR, TMP, TEMP, TEMPDIR | libstdc++'s, read as `std::filesystem::temp_directory_path()` reads them: MLX keeps its compiled CPU kernels under that folder, and the header they read is precompiled there |
 | runtime/compute/blas.py | OPENBLAS_THREAD_TIMEOUT, OPENBLAS_CORETYPE | OpenBLAS's own, read once when it loads: set (to 4, and on an x86-64-v3 CPU to Haswell, or SkylakeX on an AVX-512 CPU where runtime/compute/blas_kernels.py measured it faster, each unless set) while setup_blas loads MLX's OpenBLAS and removed again, so its idle threads sleep instead of spinning between a step's matrix products, it runs the same AVX2 kernels on every x86-64-v3 CPU (runtime/compute/cpu.py), and nothing else's BLAS changes |
 | runtime/compute/blas_kernels.py | OPENBLAS_CORETYPE, OPENBLAS_NUM_THREADS | OpenBLAS's own: set in the environment of the two child processes that time its AVX2 and AVX-512 kernels on an AVX-512 CPU (once per machine), the rest of the environment copied |
+| runtime/compute/mkl.py | OPENBLAS_CORETYPE, OPENBLAS_NUM_THREADS, MKL_NUM_THREADS, OMP_NUM_THREADS | set in the environment of the two child processes that time OpenBLAS against MKL on an Intel CPU (once per machine), one thread each; the user's OPENBLAS_CORETYPE read as the kernels OpenBLAS runs |
 | launch/composing.py | HYDRA_FULL_ERROR | Hydra's own: set while Hydra composes the config (so a composition error reaches mlxlab as an exception it turns into one line) and restored to the user's value before the job runs |
 | models/sources/ollama.py | OLLAMA_MODELS | Ollama's own: where its model store is (`ollama:NAME` reads the manifest and blob there) |
 | tracking/mlflow/background.py, cli/serve.py, runtime/supervision/supervise.py, objectives/rl/tool_processes.py | the whole environment | copied for a child process (the tracking process, MLflow's model server, the supervised training child with the three supervisor variables added, a run's tool workers) |
@@ -66,7 +67,8 @@ class Settings:
     """What the environment says, parsed (the table in this module's docstring)."""
 
     root: Path | None  # MLXLAB_ROOT as given (resolved where used: it may be relative)
-    blas: str  # MLXLAB_BLAS: "" (the bundled OpenBLAS), "off" or a library's path
+    blas: str  # MLXLAB_BLAS: "" (the default: OpenBLAS, or MKL measured faster), "off",
+    # "openblas", "mkl" or a library's path
     keep_freed_memory: bool  # not MLXLAB_MALLOC=default
     malloc_arena_max: bool  # MALLOC_ARENA_MAX set (glibc reads it; mlxlab leaves it be)
     fused_kernels: str  # MLXLAB_FUSED_KERNELS, lower case, "auto" when unset

@@ -19,10 +19,13 @@ maintainers build for NumPy and SciPy, DYNAMIC_ARCH (safe on any x86-64 CPU), 25
 nothing beyond glibc (its LAPACK's Fortran runtime is inside). Its names carry a `scipy_` prefix
 (`scipy_cblas_sgemm`), which the rebinding maps (PREFIXES). `ngsolve-openblas` (a wheel made
 for NGSolve) runs the same kernels at the same speed and gives the same bits, but needs
-libgfortran.so.5, which fresh machines lack (the history record in benchmarks/results/history/, "BLAS wheels"). Others: `cmeel-openblas` is built for AVX-512 only, `mkl` is ~800 MB and runs its
-generic kernels on AMD.
+libgfortran.so.5, which fresh machines lack (the history record in benchmarks/results/history/, "BLAS wheels"). Others: `cmeel-openblas` is built for AVX-512 only.
+On an Intel CPU with the optional `mkl` package (~310 MB download, ~800 MB installed; it runs
+its generic kernels on AMD) MLX gets MKL instead where the first import measured it faster
+(runtime/compute/mkl.py, which also says how it is kept out of the global scope).
 
-MLXLAB_BLAS=off keeps MLX's reference BLAS; MLXLAB_BLAS=/path/to/libblas.so loads that library.
+MLXLAB_BLAS=off keeps MLX's reference BLAS; MLXLAB_BLAS=/path/to/libblas.so loads that library;
+MLXLAB_BLAS=openblas or mkl makes the default's choice by hand (nothing measured).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxlab.runtime import settings
-from mlxlab.runtime.compute import blas_kernels
+from mlxlab.runtime.compute import blas_kernels, mkl, small_gemm
 
 ENV = "MLXLAB_BLAS"
 FIX = "fix: `pip install scipy-openblas32` (x86_64) or set MLXLAB_BLAS=/path/to/libopenblas.so"
@@ -80,6 +83,13 @@ _info: BlasInfo | None = None
 _lib: ctypes.CDLL | None = None  # the library we loaded, for its thread-count controls
 _core_reason = ""  # why it runs the kernels it runs (load_environment)
 _prefix = ""  # what its names carry before the standard ones (scipy-openblas32: "scipy_")
+_mkl_layer = ""  # MKL's threading layer where MKL serves MLX (runtime/compute/mkl.py), else ""
+_mkl_reason = ""  # why MKL serves MLX, or why it does not (on an Intel CPU with mkl installed)
+_load_env: dict[str, str] = {}  # the variables setup_blas loaded it with (for timing children)
+_wrapper: small_gemm.Wrapper | None = None  # libmlx's cblas_sgemm (small_gemm.py), where built
+_threads_reason = ""  # how MLX's products are threaded (small_gemm.threshold)
+# MLXLAB_BLAS values that name a library instead of a file: the default's choice made by hand.
+KEYWORDS = ("openblas", "mkl")
 # Prefixes a BLAS library's names may carry: none (reference BLAS, most OpenBLAS builds) and
 # "scipy_" (scipy-openblas32, whose names are scipy_cblas_sgemm, scipy_sgetrf_, ...).
 PREFIXES = ("", "scipy_")
@@ -108,21 +118,22 @@ def _setup() -> BlasInfo:
     reference = _mlx_reference_blas()
     if reference is None and not choice:
         return BlasInfo("skipped", detail="this MLX build bundles no reference BLAS (CUDA?)")
-    if choice:
+    if choice and choice.lower() not in KEYWORDS:
         if not Path(choice).is_file():
             raise FileNotFoundError(
                 f"{ENV}={choice} is not a file: point it at a shared library exporting "
-                f"cblas_sgemm, or unset it, or set {ENV}=off"
+                f"cblas_sgemm, or set it to openblas, mkl or off, or unset it"
             )
         path, status = Path(choice), "user"
+        try:
+            lib = _load(path, load_environment(path))
+        except OSError as e:
+            return BlasInfo("failed", detail=f"could not load {path}: {e}")
     else:
-        path, status = _bundled_openblas(), "loaded"
-        if path is None:
-            return BlasInfo("missing", detail="the scipy-openblas32 package is not installed")
-    try:
-        lib = _load(path)
-    except OSError as e:
-        return BlasInfo("failed", detail=f"could not load {path}: {e}")
+        loaded = _load_default(choice.lower())
+        if isinstance(loaded, BlasInfo):
+            return loaded
+        path, lib, status = *loaded, "loaded"
     global _lib, _prefix
     _lib, _prefix = lib, _symbol_prefix(lib)
     import mlx.core  # noqa: F401  (loads libmlx, bound to the reference BLAS; rebound below)
@@ -133,7 +144,60 @@ def _setup() -> BlasInfo:
         return BlasInfo("failed", detail=f"could not point MLX at {path}: {e}")
     if "cblas_sgemm" not in bound:
         return BlasInfo("failed", detail=f"{path} does not export cblas_sgemm")
-    return BlasInfo(status, _mapped_file(bound["cblas_sgemm"]), _openblas_config())
+    if status == "loaded":
+        _wrap_small_products(loaded_path("libmlx.so"), path)
+    detail = _mkl_config() if _mkl_layer else _openblas_config()
+    return BlasInfo(status, _mapped_file(bound["cblas_sgemm"]), detail)
+
+
+def _load_default(choice: str) -> tuple[Path, ctypes.CDLL] | BlasInfo:
+    """The bundled OpenBLAS, or MKL where mkl.choose measured it faster on this Intel CPU
+    (MLXLAB_BLAS=openblas or mkl decides without measuring): (path, library) or why neither."""
+    global _mkl_reason, _mkl_layer
+    openblas = _bundled_openblas()
+    env = load_environment(openblas) if openblas is not None and choice != "mkl" else {}
+    if choice == "openblas":
+        picked = None
+    elif choice == "mkl":
+        picked, _mkl_reason = mkl.forced()
+    else:
+        picked, _mkl_reason = mkl.choose(openblas, env)
+    if picked is not None:
+        group, layer = picked
+        try:
+            lib = _load(group, {})  # no variable: MKL shares PyTorch's OpenMP as it is (mkl.py)
+        except OSError as e:
+            return BlasInfo("failed", detail=f"could not load MKL ({group}): {e}")
+        _mkl_layer = layer
+        return group, lib
+    if openblas is None:
+        return BlasInfo("missing", detail="the scipy-openblas32 package is not installed")
+    _load_env.update(env)
+    try:
+        return openblas, _load(openblas, env)
+    except OSError as e:
+        return BlasInfo("failed", detail=f"could not load {openblas}: {e}")
+
+
+def _wrap_small_products(mlx_path: str, library: Path) -> None:
+    """Point libmlx's cblas_sgemm slot at small_gemm's wrapper: MLX's products below this
+    machine's measured size run on one thread of the library (`library`: the file setup_blas
+    loaded), the larger ones on all of them. Without a C compiler MLX calls the library itself."""
+    global _wrapper, _threads_reason
+    kind = "mkl" if _mkl_layer else "openblas"
+    threads = blas_threads() or 1
+    try:
+        if threads > 1:
+            below, _threads_reason = small_gemm.threshold(library, _load_env, kind, threads)
+        else:
+            below = small_gemm.DEFAULT_BELOW  # until set_blas_threads gives it more
+        wrapper = small_gemm.Wrapper(_lib, _prefix, kind, below)
+        wrapper.set_threads(threads)
+        _write_pointer(got_slots(mlx_path)["cblas_sgemm"], wrapper.address)
+    except (OSError, AttributeError) as e:  # no C compiler; a library without thread controls
+        _threads_reason = f"small products threaded as the library chooses ({e})"
+        return
+    _wrapper = wrapper
 
 
 def load_environment(library: Path) -> dict[str, str]:
@@ -151,11 +215,10 @@ def load_environment(library: Path) -> dict[str, str]:
     return {name: value for name, value in defaults.items() if name not in os.environ}
 
 
-def _load(path: Path) -> ctypes.CDLL:
-    """Load the BLAS library out of the global symbol scope with load_environment()'s variables.
-    OpenBLAS reads them while it loads; they are taken out again afterwards, so that no other
-    library's OpenBLAS in this process (numpy's), nor any child process, runs with them."""
-    added = load_environment(path)
+def _load(path: Path, added: dict[str, str]) -> ctypes.CDLL:
+    """Load the BLAS library out of the global symbol scope with load_environment()'s variables
+    (`added`). OpenBLAS reads them while it loads; they are taken out again afterwards, so that
+    no other library's OpenBLAS in this process (numpy's), nor any child process, runs with them."""
     os.environ.update(added)
     try:
         return ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
@@ -273,14 +336,30 @@ def mlx_sgemm() -> int | None:
     return None if slot is None else ctypes.c_void_p.from_address(slot).value
 
 
+def mlx_gemm_target() -> int | None:
+    """The library function MLX's cblas_sgemm calls end in: the one small_gemm's wrapper calls
+    where libmlx's slot points at the wrapper, else the slot's own."""
+    address = mlx_sgemm()
+    if _wrapper is not None and address == _wrapper.address:
+        return _wrapper.sgemm
+    return address
+
+
+def mlx_gemm_library() -> str | None:
+    """The file MLX's products are computed in (through the wrapper, where there is one)."""
+    target = mlx_gemm_target()
+    return None if target is None else _mapped_file(target)
+
+
 def mlx_sgemm_batch() -> int | None:
-    """The address of cblas_sgemm_batch_strided in the OpenBLAS that serves MLX's cblas_sgemm
-    (setup_blas's, OpenBLAS >= 0.3.27), for the fused attention's batched products
-    (kernels.batched_matmul); None where MLX calls another BLAS or this one has none."""
-    ours, batch = _openblas("cblas_sgemm"), _openblas("cblas_sgemm_batch_strided")
+    """The address of cblas_sgemm_batch_strided in the BLAS that serves MLX's cblas_sgemm
+    (setup_blas's: OpenBLAS >= 0.3.27, or MKL, whose LP64 function takes the same arguments),
+    for the fused attention's batched products (kernels.batched_matmul); None where MLX calls
+    another BLAS or this one has none."""
+    ours, batch = _blas("cblas_sgemm"), _blas("cblas_sgemm_batch_strided")
     if ours is None or batch is None:
         return None
-    if ctypes.cast(ours, ctypes.c_void_p).value != mlx_sgemm():
+    if ctypes.cast(ours, ctypes.c_void_p).value != mlx_gemm_target():
         return None
     return ctypes.cast(batch, ctypes.c_void_p).value
 
@@ -363,9 +442,21 @@ def _mapped_file(address: int) -> str | None:
     return None
 
 
-def _openblas(name: str):
-    """The loaded OpenBLAS's function `name` (its prefix added), or None."""
+def _blas(name: str):
+    """The loaded BLAS's function `name` (its prefix added), or None."""
     return getattr(_lib, _prefix + name, None) if _lib is not None else None
+
+
+def _openblas(name: str):
+    """The loaded OpenBLAS's function `name`, or None (also where MKL serves MLX)."""
+    return None if _mkl_layer else _blas(name)
+
+
+def _mkl_config() -> str:
+    """MKL's version and threading layer, and why it serves MLX (mkl.choose)."""
+    layer = "GNU OpenMP threads" if "gnu_thread" in _mkl_layer else "one thread (sequential)"
+    threads = f"; {_threads_reason}" if _threads_reason else ""
+    return f"Intel MKL {mkl.mkl_version()} ({layer}): {_mkl_reason}{threads}"
 
 
 def _openblas_config() -> str:
@@ -380,11 +471,13 @@ def _openblas_config() -> str:
         core = get_core().decode()
         if core.lower() not in config.lower():
             config = f"{config} (running {core})"
-    return f"{config}; {_core_reason}" if _core_reason else config
+    reasons = "; ".join(r for r in (_core_reason, _mkl_reason, _threads_reason) if r)
+    return f"{config}; {reasons}" if reasons else config
 
 
 def set_blas_threads(n: int) -> bool:
-    """Set OpenBLAS's thread count; False when the loaded BLAS has no such control.
+    """Set the thread count of the BLAS serving MLX (OpenBLAS's, or MKL's); False when the loaded
+    BLAS has no such control.
 
     Default: OPENBLAS_NUM_THREADS, else one per core. Use 1 when several processes share the
     cores (parallel sweeps, test runs): OpenBLAS's threads spin-wait on busy cores, and measured
@@ -392,14 +485,17 @@ def set_blas_threads(n: int) -> bool:
     """
     if n < 1:
         raise ValueError(f"BLAS threads must be >= 1, got {n}")
-    fn = _openblas("openblas_set_num_threads")
+    fn = _blas("MKL_Set_Num_Threads") if _mkl_layer else _openblas("openblas_set_num_threads")
     if fn is None:
         return False
     fn(int(n))
+    if _wrapper is not None:
+        _wrapper.set_threads(n)
     return True
 
 
 def blas_threads() -> int | None:
-    """OpenBLAS's current thread count, or None when no OpenBLAS was loaded by setup_blas()."""
-    fn = _openblas("openblas_get_num_threads")
+    """The BLAS's current thread count (OpenBLAS's, or MKL's most), or None when setup_blas()
+    loaded neither."""
+    fn = _blas("MKL_Get_Max_Threads") if _mkl_layer else _openblas("openblas_get_num_threads")
     return int(fn()) if fn is not None else None

@@ -34,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlxlab.runtime import settings
@@ -49,17 +51,18 @@ CACHE_FILE = "blas-kernels.json"
 # 2,048 tokens (the nano preset's batch) and a skinny one (an adapter's width).
 SHAPES = ((2048, 256, 768), (2048, 704, 256), (2048, 3776, 256), (512, 128, 512))
 
-# The child: load the library with the core named in its environment, check it runs that core,
-# say so ({"core": ...}), then on each "go" line time each shape (best of REPEATS) and print
-# {"cpu": ..., "wall": ...}: the seconds on this thread's clock (what another busy process on
-# the machine cannot add to) and on the wall's (how much of them it was kept waiting). Standard
-# library only.
+# The child: load a BLAS library with its environment (an OpenBLAS reads the core named there),
+# say which core it runs ({"core": ...}, "" for a library that is not OpenBLAS), then on each
+# "go" line time each shape (best of REPEATS) and print {"cpu": ..., "wall": ...}: the seconds on
+# this thread's clock (what another busy process on the machine cannot add to) and on the wall's
+# (how much of them it was kept waiting). Standard library only.
 _CHILD = r"""
 import ctypes, json, sys, time
 lib = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_LOCAL)
 prefix = next(p for p in ("", "scipy_") if hasattr(lib, p + "cblas_sgemm"))
-core = getattr(lib, prefix + "openblas_get_corename")
-core.restype = ctypes.c_char_p
+core = getattr(lib, prefix + "openblas_get_corename", None)
+if core is not None:
+    core.restype = ctypes.c_char_p
 gemm = getattr(lib, prefix + "cblas_sgemm")
 I, F, P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 gemm.argtypes = [I, I, I, I, I, I, F, P, I, P, I, F, P, I]
@@ -70,7 +73,7 @@ for m, n, k in shapes:
     for buf in (a, b):
         ctypes.memset(buf, 0x3F, ctypes.sizeof(buf))  # every float 0.747: no zeros, no denormals
     buffers.append((a, b, c))
-print(json.dumps({"core": core().decode()}), flush=True)
+print(json.dumps({"core": core().decode() if core is not None else ""}), flush=True)
 for line in sys.stdin:
     cpu = wall = 0.0
     for (m, n, k), (a, b, c) in zip(shapes, buffers):
@@ -107,23 +110,38 @@ def choose_core(library: Path) -> tuple[str | None, str]:
     flags = cpu.cpu_flags()
     if not has_avx512(flags):
         return AVX2_CORE, "AVX2 kernels (no AVX-512)"
-    key = cache_key(library, flags)
-    cached = _read_cache().get(key)
-    if cached is None:
-        cached = measure(library)
-        if cached is not None and cached["decided"]:
-            _write_cache(key, cached)
+    cached = verdict(cache_key(library, flags), lambda: measure(library))
     if cached is None:
         return AVX2_CORE, "AVX2 kernels (the AVX-512 ones could not be timed)"
     speedup = cached.get("speedup", cached["avx2_s"] / cached["avx512_s"])
     if not cached.get("decided", True):  # measured again at the next start
-        return AVX2_CORE, (f"AVX2 kernels for now: the AVX-512 ones measured {speedup:.2f}x, "
-                           f"unsettled ({cached['waited_rounds']} of {2 * cached['rounds']} "
-                           "timings waited for a busy core); measured again at the next start")
+        return AVX2_CORE, f"AVX2 kernels for now: the AVX-512 ones measured {unsettled(cached)}"
     if speedup >= MARGIN:
         return AVX512_CORE, (f"AVX-512 kernels: {speedup:.2f}x the AVX2 ones' speed on this CPU"
                              f"{_how(cached)}")
     return AVX2_CORE, f"AVX2 kernels: the AVX-512 ones measured {speedup:.2f}x on this CPU{_how(cached)}"
+
+
+def verdict(key: str, take: Callable[[], dict | None], retry_after: float | None = None
+            ) -> dict | None:
+    """The verdict cached under `key`, else the one `take()` measures (None: it could not),
+    kept in the cache when decided; an unsettled one is measured again at the next start, or,
+    with `retry_after` (seconds), kept too and measured again at the first start after that."""
+    cached = _read_cache().get(key)
+    stale = (cached is not None and not cached.get("decided", True) and retry_after is not None
+             and time.time() - cached.get("measured", 0) > retry_after)
+    if cached is None or stale:
+        cached = take()
+        if cached is not None and (cached["decided"] or retry_after is not None):
+            _write_cache(key, {"measured": time.time(), **cached})
+    return cached
+
+
+def unsettled(verdict: dict) -> str:
+    """The speed an undecided verdict measured and why it is not kept, for the device line."""
+    return (f"{verdict['speedup']:.2f}x, unsettled ({verdict['waited_rounds']} of "
+            f"{2 * verdict['rounds']} timings waited for a busy core); measured again at the "
+            "next start")
 
 
 def _how(verdict: dict) -> str:
@@ -133,26 +151,50 @@ def _how(verdict: dict) -> str:
     return f" (median of {verdict['rounds']} interleaved rounds on the threads' own clocks)"
 
 
+@dataclass(frozen=True)
+class Contender:
+    """One side of a timing race: a BLAS library file, the variables it loads with, and the
+    OpenBLAS core it must report running (None: not checked, a library that is not OpenBLAS)."""
+
+    name: str
+    library: Path
+    env: dict[str, str]
+    core: str | None = None
+
+
 def measure(library: Path, repeats: int = REPEATS, rounds: int = ROUNDS) -> dict | None:
     """Time SHAPES under each core, in one child process a core (OpenBLAS reads its core when it
     loads), `rounds` times interleaved, on the threads' own clocks. Returns the medians, each
     round's ratio, how many rounds waited for the core, and whether the verdict is `decided`
     (settled enough to keep); None when either child fails or runs other kernels than asked (a
     library built without them)."""
+    one = {"OPENBLAS_NUM_THREADS": "1"}
+    return race(Contender("avx2", library, {"OPENBLAS_CORETYPE": AVX2_CORE, **one}, AVX2_CORE),
+                Contender("avx512", library, {"OPENBLAS_CORETYPE": AVX512_CORE, **one}, AVX512_CORE),
+                SHAPES, repeats, rounds)
+
+
+def race(base: Contender, other: Contender, shapes=SHAPES, repeats: int = REPEATS,
+         rounds: int = ROUNDS, judge: Callable[..., dict] | None = None) -> dict | None:
+    """Time `shapes` in one child process per contender (the threads its environment gives it),
+    `rounds` times interleaved (A B, B A, ...), on the calling thread's own clock and the wall's:
+    `judge`'s record of the two sides' samples (default verdict_of: `other`'s speed over `base`'s
+    on the thread clocks); None when a child fails or runs another core than its contender
+    names."""
     children = {}
     try:
-        for name, core in (("avx2", AVX2_CORE), ("avx512", AVX512_CORE)):
-            env = {**os.environ, "OPENBLAS_CORETYPE": core, "OPENBLAS_NUM_THREADS": "1"}
+        for side in (base, other):
             child = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _CHILD, str(library), json.dumps(SHAPES),
-                 str(repeats)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, text=True)
-            children[name] = child
-            if json.loads(_line(child))["core"].lower() != core.lower():
+                [sys.executable, "-I", "-S", "-c", _CHILD, str(side.library), json.dumps(shapes),
+                 str(repeats)], env={**os.environ, **side.env}, stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            children[side.name] = child
+            core = json.loads(_line(child))["core"]
+            if side.core is not None and core.lower() != side.core.lower():
                 return None
-        samples: dict[str, list[dict]] = {"avx2": [], "avx512": []}
+        samples: dict[str, list[dict]] = {base.name: [], other.name: []}
         for r in range(rounds):
-            for name in (("avx2", "avx512") if r % 2 == 0 else ("avx512", "avx2")):
+            for name in ((base.name, other.name) if r % 2 == 0 else (other.name, base.name)):
                 children[name].stdin.write("go\n")
                 children[name].stdin.flush()
                 samples[name].append(json.loads(_line(children[name])))
@@ -163,11 +205,12 @@ def measure(library: Path, repeats: int = REPEATS, rounds: int = ROUNDS) -> dict
             with contextlib.suppress(OSError):
                 child.kill()
                 child.wait(timeout=10)
-    return verdict_of(samples["avx2"], samples["avx512"])
+    return (judge or verdict_of)(samples[base.name], samples[other.name], (base.name, other.name))
 
 
-def verdict_of(avx2: list[dict], avx512: list[dict]) -> dict:
-    """The record of interleaved rounds (module docstring): medians, ratios, waits, decided."""
+def verdict_of(avx2: list[dict], avx512: list[dict], names=("avx2", "avx512")) -> dict:
+    """The record of interleaved rounds (module docstring): medians (under `names`), ratios
+    (the second side's speed over the first's), waits, decided."""
     ratios = sorted(a["cpu"] / b["cpu"] for a, b in zip(avx2, avx512))
     speedup = ratios[len(ratios) // 2]
     spread = (ratios[-1] - ratios[0]) / speedup
@@ -176,8 +219,8 @@ def verdict_of(avx2: list[dict], avx512: list[dict]) -> dict:
     # decided: the rounds agree, or all of them fall on one side of MARGIN
     one_side = ratios[0] >= MARGIN or ratios[-1] < MARGIN
     decided = (spread <= SPREAD or one_side) and not (mostly_waited and not one_side)
-    return {"avx2_s": _median([s["cpu"] for s in avx2]),
-            "avx512_s": _median([s["cpu"] for s in avx512]), "speedup": speedup,
+    return {f"{names[0]}_s": _median([s["cpu"] for s in avx2]),
+            f"{names[1]}_s": _median([s["cpu"] for s in avx512]), "speedup": speedup,
             "ratios": [round(r, 4) for r in ratios], "waited_rounds": waited,
             "rounds": len(ratios), "decided": decided, "measured": time.time()}
 

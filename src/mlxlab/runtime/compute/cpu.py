@@ -48,6 +48,20 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     return frozenset()
 
 
+def cpu_vendor(cpuinfo: str | None = None) -> str:
+    """The CPU's maker as /proc/cpuinfo's first `vendor_id` line names it ("GenuineIntel",
+    "AuthenticAMD"; empty where there is none: not Linux, or an ARM kernel)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("vendor_id"):
+            return line.partition(":")[2].strip()
+    return ""
+
+
 def isa_level(machine: str | None = None, flags: frozenset[str] | None = None) -> str | None:
     """The fixed level this CPU runs mlxlab's CPU code at: "x86-64-v3", "armv8-a", or None (an
     x86-64 CPU below v3, or another architecture). `machine` and `flags` default to this one's."""

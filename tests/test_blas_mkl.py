@@ -1,0 +1,109 @@
+"""Intel MKL serving MLX (runtime/compute/mkl.py): loaded alone, measured against OpenBLAS once per
+machine on an Intel CPU, and kept out of every other library's way.
+
+Each end-to-end case runs in a fresh interpreter (test_blas.probe): what libmlx's BLAS calls
+resolve to is fixed per process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlxlab.runtime.compute import blas_kernels, cpu, mkl
+from test_blas import probe
+
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="the BLAS swap is Linux-only"),
+    pytest.mark.skipif(mkl.mkl_directory() is None,
+                       reason="the optional mkl package is not installed (pip install 'mlxlab[mkl]')"),
+]
+# OpenBLAS's kernels named by the user: nothing is measured for them, so the MKL verdict's key is
+# known to this process too (mkl.cache_key includes the kernels OpenBLAS runs).
+CORE = {"OPENBLAS_CORETYPE": "Haswell"}
+
+
+def _openblas() -> Path:
+    import mlxlab
+
+    found = mlxlab.runtime.compute.blas._bundled_openblas()
+    if found is None:
+        pytest.skip("scipy-openblas32 is not installed")
+    return found
+
+
+def _cache_with(tmp_path: Path, monkeypatch, speedup: float) -> Path:
+    """A kernels cache holding an MKL verdict of `speedup` for this machine's MKL and OpenBLAS."""
+    monkeypatch.setenv("OPENBLAS_CORETYPE", CORE["OPENBLAS_CORETYPE"])
+    key = mkl.cache_key(_openblas(), {}, mkl.mkl_directory())
+    path = tmp_path / blas_kernels.CACHE_FILE
+    path.write_text(json.dumps({key: {"openblas_s": speedup, "mkl_s": 1.0, "speedup": speedup,
+                                      "ratios": [speedup] * 6, "waited_rounds": 0, "rounds": 6,
+                                      "decided": True, "measured": 0}}))
+    return path
+
+
+def test_forced_mkl_serves_mlx_alone_and_matches_numpy(tmp_path):
+    got = probe(MLXLAB_BLAS="mkl", MLXLAB_KERNELS_CACHE=str(tmp_path))
+    assert got["status"] == "loaded" and got["fast"], got
+    assert Path(got["library"]).name == mkl.INTERFACE  # libmlx's cblas_sgemm slot lands in MKL
+    assert got["detail"].startswith(f"Intel MKL {mkl.mkl_version()}"), got["detail"]
+    assert got["max_rel_err"] < 1e-4
+    assert got["global_blas"] == []  # libmkl_rt would have put cblas_sgemm, sgemm_ there
+    assert got["threads"][1] == 2  # set_blas_threads(2): MKL's own control
+
+
+def test_a_cached_verdict_decides_and_is_not_taken_again(tmp_path, monkeypatch):
+    path = _cache_with(tmp_path, monkeypatch, 2.0)
+    written = path.stat().st_mtime_ns
+    faster = probe(MLXLAB_BLAS="", MLXLAB_KERNELS_CACHE=str(tmp_path), **CORE)
+    assert Path(faster["library"]).name == mkl.INTERFACE, faster
+    assert "2.00x OpenBLAS's speed on this CPU" in faster["detail"], faster["detail"]
+    assert faster["max_rel_err"] < 1e-4 and faster["global_blas"] == []
+    assert path.stat().st_mtime_ns == written
+    path = _cache_with(tmp_path, monkeypatch, 1.0)
+    slower = probe(MLXLAB_BLAS="", MLXLAB_KERNELS_CACHE=str(tmp_path), **CORE)
+    assert slower["library"].endswith("libscipy_openblas.so"), slower
+    assert "MKL measured 1.00x" in slower["detail"], slower["detail"]
+
+
+@pytest.mark.slow
+def test_the_first_import_measures_and_caches_a_settled_verdict(tmp_path):
+    """A real race (child processes, thread clocks): its verdict is cached when settled and then
+    decides the BLAS; unsettled (a loaded machine), OpenBLAS serves and nothing is kept."""
+    if not mkl.is_intel():
+        pytest.skip("MKL is measured on Intel CPUs only")
+    got = probe(MLXLAB_BLAS="", MLXLAB_KERNELS_CACHE=str(tmp_path), **CORE)
+    path = tmp_path / blas_kernels.CACHE_FILE
+    verdicts = json.loads(path.read_text()) if path.is_file() else {}
+    mine = [v for k, v in verdicts.items() if k.startswith("mkl-")]
+    if not mine:
+        assert "MKL measured" in got["detail"] and "measured again at the next start" in got["detail"]
+        assert got["library"].endswith("libscipy_openblas.so")
+        return
+    (record,) = mine
+    assert record["decided"] and record["rounds"] == blas_kernels.ROUNDS
+    assert len(record["ratios"]) == record["rounds"] and record["openblas_s"] > 0
+    assert (Path(got["library"]).name == mkl.INTERFACE) == (record["speedup"] >= mkl.MARGIN), got
+
+
+def test_a_non_intel_cpu_keeps_openblas_unmeasured(tmp_path, monkeypatch):
+    amd = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n"
+    assert cpu.cpu_vendor(amd) == "AuthenticAMD" and not mkl.is_intel(cpu.cpu_vendor(amd))
+    parse = cpu.cpu_vendor  # this machine's /proc/cpuinfo read as an AMD one's
+    monkeypatch.setattr(cpu, "cpu_vendor", lambda cpuinfo=None: parse(cpuinfo or amd))
+    monkeypatch.setenv("MLXLAB_KERNELS_CACHE", str(tmp_path))
+    from mlxlab.runtime import settings
+
+    settings.reload()
+    try:
+        picked, why = mkl.choose(_openblas(), {})
+    finally:
+        monkeypatch.undo()
+        settings.reload()
+    assert picked is None and "AuthenticAMD" in why, why
+    assert not (tmp_path / blas_kernels.CACHE_FILE).exists()  # nothing timed, nothing kept
+
