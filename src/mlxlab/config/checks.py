@@ -306,7 +306,7 @@ def _check_model(cfg: DictConfig) -> None:
         model = get_class(cfg.model._target_)
     except Exception:  # _check_targets named it
         return
-    check = getattr(model, "check_config", None)
+    check = getattr(model, "check_node", None) or getattr(model, "check_config", None)
     if check is not None:
         with unwrapped():
             check(OmegaConf.to_container(cfg.model, resolve=True))

@@ -16,6 +16,7 @@ from typing import Any
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
+from mlxlab.models.lora import check_qat
 
 
 class Model(nn.Module):
@@ -32,6 +33,14 @@ class Model(nn.Module):
         # Every resolved size and choice (defaults filled in): what export describes. "_": a
         # Python dict beside the parameters, not one of them.
         self._architecture: dict[str, Any] = {}
+
+    @classmethod
+    def check_node(cls, node: Mapping[str, Any]) -> None:
+        """What config.validate asks of the model node: the QAT settings of its lora node
+        (models/lora.py check_qat: every model's, whether or not its check_config reads the
+        node), then check_config."""
+        check_qat(node.get("lora") or {})
+        cls.check_config(node)
 
     @classmethod
     def check_config(cls, node: Mapping[str, Any]) -> None:
