@@ -57,6 +57,12 @@ class Model(nn.Module):
                           "does: model.pretrained=<folder> or the presets' Transformer); set "
                           "data.pack=false")
 
+    @classmethod
+    def check_tensor_parallel(cls, node: Mapping[str, Any]) -> None:
+        """trainer.distributed.mode=tensor with this model (its node, resolved): one ConfigError
+        line for what its split cannot keep, before anything is created. Default: nothing here
+        (training/parallel/tensor.py refuses what has no recipe)."""
+
     @property
     def architecture(self) -> dict[str, Any]:
         return dict(self._architecture)
