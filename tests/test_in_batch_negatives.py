@@ -14,10 +14,8 @@ import numpy as np
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import compose_cfg
+from conftest import compose_cfg, config_refusal
 from embedder_fixtures import write_tiny_folder
-from mlxlab.config import validate
-from mlxlab.errors import ConfigError
 from mlxlab.objectives.embedding.mnrl import ranking_loss
 from mlxlab.runtime import settings
 
@@ -42,15 +40,7 @@ def test_halves_of_a_batch_are_another_loss():
 
 
 def refusal(tmp_path, *overrides: str) -> str | None:
-    cfg = compose_cfg(tmp_path, ["experiment=embed_retrieval", *overrides])
-    try:
-        validate(cfg)
-    except ConfigError as err:
-        return str(err)
-    finally:
-        GlobalHydra.instance().clear()
-        assert not (tmp_path / "outputs").exists()
-    return None
+    return config_refusal(tmp_path, ["experiment=embed_retrieval", *overrides])
 
 
 @pytest.mark.parametrize("overrides, says", [
@@ -58,7 +48,7 @@ def refusal(tmp_path, *overrides: str) -> str | None:
     (["trainer.micro_batch=8"], "trainer.micro_batch=8 computes the batch of 32 in parts"),
     (["trainer.micro_batch=auto"], "trainer.micro_batch=auto computes the batch"),
     (["objective=cached_mnrl", "trainer.grad_accum=4"], "CachedMultipleNegativesRankingLoss"),
-    (["objective=matryoshka", "trainer.grad_accum=2"], "MultipleNegativesRankingLoss ranks"),
+    (["objective=matryoshka", "trainer.grad_accum=2"], "MatryoshkaLoss ranks each row"),
 ])
 def test_a_split_batch_is_one_line_before_a_run_folder(tiny, tmp_path, overrides, says):
     line = refusal(tmp_path, f"model.pretrained={tiny}", *overrides)

@@ -7,25 +7,14 @@ config.json); a dense decoder still passes the check."""
 from __future__ import annotations
 
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 
-from conftest import compose_cfg
+from conftest import config_refusal
 from hf_helpers import save_tiny_model
-from mlxlab.config import validate
-from mlxlab.errors import ConfigError
 
 
 def checked(tmp_path, folder, mode: str = "tensor") -> str | None:
-    cfg = compose_cfg(tmp_path, ["experiment=finetune_chat", f"model.pretrained={folder}",
-                                 f"trainer.distributed.mode={mode}"])
-    try:
-        validate(cfg)
-    except ConfigError as err:
-        return str(err)
-    finally:
-        GlobalHydra.instance().clear()
-        assert not (tmp_path / "outputs").exists()
-    return None
+    return config_refusal(tmp_path, ["experiment=finetune_chat", f"model.pretrained={folder}",
+                                     f"trainer.distributed.mode={mode}"])
 
 
 @pytest.mark.parametrize("kind, extra", [("qwen3_moe", {}),

@@ -186,9 +186,8 @@ def check_whole_batch(trainer: Any, objective: Objective) -> None:
     elif distributed.launched() and mode not in ("off", False, "tensor"):
         split = "data-parallel ranks each compute their share of the batch"
     if split:
-        inner = getattr(objective, "inner", objective)
         raise ConfigError(
-            f"objective {type(inner).__name__} ranks each row against the batch's other rows, "
+            f"objective {type(objective).__name__} ranks each row against the batch's other rows, "
             f"and {split}, each seeing only its own rows as negatives: put the whole batch in "
             "trainer.batch_size with grad_accum=1, micro_batch=null and one process; for a "
             "batch larger than memory use objective=cached_mnrl (objective.mini_batch_size "
