@@ -19,6 +19,8 @@ from mlxlab.models.embedder_model import EmbedderModel
 from mlxlab.models.grad_checkpoint import checkpoint_blocks
 from mlxlab.models.transformer import Transformer
 from mlxlab.objectives.embedding.cached_mnrl import CachedMultipleNegativesRankingLoss
+from mlxlab.runtime.cluster import distributed
+from mlxlab.training.parallel.fully_sharded import shard_fully
 
 IDS = np.random.default_rng(0).integers(1, 64, size=(4, 16))
 
@@ -76,6 +78,24 @@ def test_cached_mnrl_with_the_folders_dropout_gives_the_logged_losss_gradient(tm
     value, gap, eval_value = same_gradient(model, lambda m: cached.loss(m, batch)[0],
                                            monkeypatch)
     assert abs(value - eval_value) > 1e-4
+    assert gap < 1e-5, gap
+
+
+def test_fsdp_units_with_dropout_give_the_logged_losss_gradient(monkeypatch):
+    """FSDP's units gather and recompute in the backward: here over a one-rank group (the
+    same ShardedUnit code a launched rank runs; tests/test_sharded_training.py runs two)."""
+    mx.random.seed(0)
+    model = Transformer(vocab_size=64, dim=32, num_layers=2, num_heads=2, max_seq_len=32,
+                        dropout=0.3)
+    world = distributed.World(group=mx.distributed.init(), rank=0, size=1)
+    assert shard_fully(model, world) == ["embed_tokens", "layers.0", "layers.1", "norm"]
+    ids = mx.array(IDS)
+
+    def loss(m):
+        return nn.losses.cross_entropy(m(ids)[:, :-1], ids[:, 1:]).mean()
+
+    value, gap, eval_value = same_gradient(model, loss, monkeypatch)
+    assert abs(value - eval_value) > 1e-3
     assert gap < 1e-5, gap
 
 
