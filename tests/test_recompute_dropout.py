@@ -47,10 +47,16 @@ def same_gradient(model: nn.Module, loss, monkeypatch) -> tuple[float, float, fl
     return value, gap / largest, value_and_grads(model, loss)[0]
 
 
-def test_checkpointed_blocks_with_dropout_give_the_logged_losss_gradient(monkeypatch):
+@pytest.mark.parametrize("dropouts", [{"dropout": 0.3},
+                                      {"lora": {"rank": 4, "dropout": 0.3}}],
+                         ids=["model", "lora"])  # mlxlab's Dropout; LoRA's, MLX's nn.Dropout
+def test_checkpointed_blocks_with_dropout_give_the_logged_losss_gradient(monkeypatch, dropouts):
     mx.random.seed(0)
     model = Transformer(vocab_size=64, dim=32, num_layers=2, num_heads=2, max_seq_len=32,
-                        dropout=0.3)
+                        **dropouts)
+    for _, layer in model.named_modules():
+        if "lora_b" in layer:  # an update already learned: the adapters' dropout shows
+            layer.lora_b = 0.5 * mx.random.normal(layer.lora_b.shape)
     assert checkpoint_blocks(model) == 2
     ids = mx.array(IDS)
 
