@@ -48,32 +48,30 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
-def tie_groups(queries: np.ndarray, documents: np.ndarray, document_ids: Sequence[str],
-               depth: int = DEEPEST) -> list[list[list[str]]]:
-    """Each query's documents by cosine similarity as groups of equal scores, best first: the
-    groups holding its first `depth` places, the last one whole."""
-    scores = unit_rows(queries) @ unit_rows(documents).T
-    ids = np.asarray(document_ids, dtype=object)
-    depth = min(depth, len(ids))
-    out = []
-    for row in scores:
-        # the documents scoring at least the depth-th best: every one tied with it included
-        cut = np.partition(row, len(row) - depth)[len(row) - depth]
-        candidates = np.flatnonzero(row >= cut)
-        values, group_of = np.unique(-row[candidates], return_inverse=True)
-        out.append([[ids[i] for i in candidates[group_of == g]] for g in range(len(values))])
-    return out
+def tie_groups(row: np.ndarray, relevant: np.ndarray, depth: int = DEEPEST
+               ) -> list[tuple[int, int]]:
+    """(documents, relevant documents) of each group of equal scores in one query's `row` of
+    scores, best first, down to the group holding the `depth`-th place; `relevant`: the
+    relevant documents' places in the row."""
+    depth = min(depth, len(row))
+    # the documents scoring at least the depth-th best: every one tied with it included
+    cut = np.partition(row, len(row) - depth)[len(row) - depth]
+    values, sizes = np.unique(-row[row >= cut], return_counts=True)
+    kept = -row[relevant]
+    kept = kept[kept <= values[-1]]
+    hits = np.bincount(np.searchsorted(values, kept), minlength=len(values))
+    return list(zip(sizes.tolist(), hits.tolist()))
 
 
 class _Places:
     """A ranking's tie groups as (first place, size, relevant documents) each: the expectations
     over the orders of each group's documents that the scores are."""
 
-    def __init__(self, groups: Sequence[Sequence[str]], relevant: set[str]) -> None:
+    def __init__(self, groups: Sequence[tuple[int, int]]) -> None:
         self.groups, start = [], 0
-        for group in groups:
-            self.groups.append((start, len(group), sum(doc in relevant for doc in group)))
-            start += len(group)
+        for size, hits in groups:
+            self.groups.append((start, size, hits))
+            start += size
 
     def hits(self, k: int) -> float:
         """The expected relevant documents in the first k places."""
@@ -84,7 +82,7 @@ class _Places:
         for s, n, r in self.groups:
             if r:
                 none_yet = 1.0
-                for j in range(n - r + 1):
+                for j in range(min(n - r + 1, DEEPEST - s)):  # no metric reads deeper
                     yield s + j, none_yet * r / (n - j)
                     none_yet *= (n - r - j) / (n - j)
                 return
@@ -108,22 +106,23 @@ def _discounts(start: int, end: int) -> float:
     return float(sum(1.0 / np.log2(i + 2) for i in range(start, end)))
 
 
-def query_scores(groups: Sequence[Sequence[str]], relevant: set[str]) -> dict[str, float]:
-    """One query's scores (SCORES) from its ranking's tie groups and its relevant documents."""
-    places = _Places(groups, relevant)
+def query_scores(groups: Sequence[tuple[int, int]], relevant: int) -> dict[str, float]:
+    """One query's scores (SCORES) from its ranking's tie groups ((documents, relevant ones),
+    best first) and its number of relevant documents."""
+    places = _Places(groups)
     first = list(places.first_relevant())
     out: dict[str, float] = {}
     for k in ACCURACY_AT:
         out[f"accuracy_at_{k}"] = sum(p for place, p in first if place < k)
     for k in PRECISION_RECALL_AT:
         out[f"precision_at_{k}"] = places.hits(k) / k
-        out[f"recall_at_{k}"] = places.hits(k) / len(relevant)
+        out[f"recall_at_{k}"] = places.hits(k) / relevant
     for k in MRR_AT:
         out[f"mrr_at_{k}"] = sum(p / (place + 1) for place, p in first if place < k)
     for k in NDCG_AT:
-        out[f"ndcg_at_{k}"] = places.dcg(k) / _discounts(0, min(k, len(relevant)))
+        out[f"ndcg_at_{k}"] = places.dcg(k) / _discounts(0, min(k, relevant))
     for k in MAP_AT:
-        out[f"map_at_{k}"] = places.precision_sum(k) / min(k, len(relevant))
+        out[f"map_at_{k}"] = places.precision_sum(k) / min(k, relevant)
     return out
 
 
@@ -133,9 +132,14 @@ def score_retrieval(task: str, queries: np.ndarray, query_ids: Sequence[str],
     """The task's per-query rows ({"id": query id, score: value, ...}) and their means, for
     queries with at least one relevant document (the evaluator leaves the others out)."""
     kept = [i for i, q in enumerate(query_ids) if relevant.get(q)]
-    ranked = tie_groups(queries[kept], documents, document_ids)
-    rows = [{"id": str(query_ids[i]), **query_scores(r, relevant[query_ids[i]])}
-            for i, r in zip(kept, ranked)]
+    scores = unit_rows(queries[kept]) @ unit_rows(documents).T
+    place = {doc: i for i, doc in enumerate(document_ids)}
+    rows = []
+    for i, row in zip(kept, scores):
+        judged = relevant[query_ids[i]]
+        found = np.array([place[d] for d in judged if d in place], dtype=np.int64)
+        rows.append({"id": str(query_ids[i]),
+                     **query_scores(tie_groups(row, found), len(judged))})
     metrics = {name: float(np.mean([row[name] for row in rows])) if rows else float("nan")
                for name in SCORES}
     return ExampleScores(task, RETRIEVAL, metrics, rows, {name: True for name in PAIRED})
