@@ -84,6 +84,23 @@ def compose_cfg(root: Path, overrides: list[str] | tuple[str, ...] = ()) -> Dict
     return cfg
 
 
+def config_refusal(root: Path, overrides: list[str] | tuple[str, ...]) -> str | None:
+    """The ConfigError line config.validate gives the composed overrides (None: it passes);
+    nothing is left under `root`'s outputs/ either way."""
+    from mlxlab.config import validate
+    from mlxlab.errors import ConfigError
+
+    cfg = compose_cfg(root, overrides)
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        return str(err)
+    finally:
+        GlobalHydra.instance().clear()
+        assert not (root / "outputs").exists()
+    return None
+
+
 @pytest.fixture(autouse=True)
 def fresh_settings():
     """Each test starts from mlxlab's variables as the environment holds them now (read once per

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import PYTHON
+from conftest import PYTHON, config_refusal
 from mlxlab.errors import ConfigError
 from mlxlab.models.lora import apply_lora, check_lora
 from mlxlab.models.lora_qat import QATLoRALinear
@@ -94,3 +94,17 @@ def test_a_qat_qlora_run_ships_a_fused_4bit_file_that_scores_as_the_run(tmp_path
     assert loss["base"] > loss["run"] and loss["kept"] == pytest.approx(1.0, abs=1e-3)
     assert report["retention"]["verdict"] == "kept"
     assert np.isfinite(loss["p"])
+
+
+@pytest.mark.parametrize("experiment", ["tinystories_nano", "titanic_bert"])
+def test_qat_with_adapter_dropout_is_refused_before_a_run_folder(tmp_path, experiment):
+    """Models whose own check does not read the lora node (mlxlab's Transformer, BERT) are
+    asked too: the dropout QAT would leave unused is one line before anything exists."""
+    line = config_refusal(tmp_path, [f"experiment={experiment}", "model.lora.rank=4",
+                                     "model.lora.qat_bits=4", "model.lora.dropout=0.1"])
+    assert line is not None and "qat_bits=4 " in line and "set model.lora.dropout=0" in line
+
+
+def test_apply_lora_refuses_qat_with_dropout():
+    with pytest.raises(ConfigError, match=r"set model.lora.dropout=0"):
+        apply_lora(Two(), rank=4, dropout=0.1, targets=["other"], qat=(4, 64))

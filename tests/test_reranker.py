@@ -117,12 +117,13 @@ def test_unpadded_pairs_equal_the_padded_pass(tiny, tmp_path):
 
 
 def test_ranking_metrics():
-    """MRR and nDCG per list, padding left out, ties to the earlier passage."""
+    """MRR and nDCG per list, padding left out, a tie averaged over its two orders (the
+    relevant passage first or second): MRR (1 + 1/2) / 2, DCG (1 + 1/log2(3)) / 2."""
     scores = mx.array([[0.1, 0.9, 0.5], [0.3, 0.3, 9.0]])
     labels = mx.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     valid = mx.array([[True, True, True], [True, True, False]])
-    assert np.allclose(reciprocal_rank(scores, labels, valid), [1 / 3, 1 / 2])
-    assert np.allclose(ndcg(scores, labels, valid), [0.5, 1 / np.log2(3)])
+    assert np.allclose(reciprocal_rank(scores, labels, valid), [1 / 3, 0.75])
+    assert np.allclose(ndcg(scores, labels, valid), [0.5, (1 + 1 / np.log2(3)) / 2])
 
 
 def test_bad_folders_and_rows_are_refused(tiny, tmp_path):

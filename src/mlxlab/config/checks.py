@@ -20,7 +20,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mlxlab.config.compose import instantiate, unwrapped
-from mlxlab.config.fit import _check_compile, _check_objective, _check_packing
+from mlxlab.config.fit import (
+    _check_compile,
+    _check_objective,
+    _check_packing,
+    _check_tensor_parallel,
+)
 from mlxlab.config.options import group_options
 from mlxlab.config.records import check_choice, check_number
 from mlxlab.config.retired import check_retired_keys, moved_target
@@ -127,6 +132,7 @@ def validate(cfg: DictConfig, parts: Parts | None = None) -> Parts:
     _check_objective(cfg)
     _check_model(cfg)
     _check_packing(cfg)
+    _check_tensor_parallel(cfg)
     _check_compile(cfg)
     _check_settings(cfg, parts)
     _check_replicates(cfg)
@@ -306,7 +312,7 @@ def _check_model(cfg: DictConfig) -> None:
         model = get_class(cfg.model._target_)
     except Exception:  # _check_targets named it
         return
-    check = getattr(model, "check_config", None)
+    check = getattr(model, "check_node", None) or getattr(model, "check_config", None)
     if check is not None:
         with unwrapped():
             check(OmegaConf.to_container(cfg.model, resolve=True))

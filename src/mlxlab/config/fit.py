@@ -54,6 +54,18 @@ def _check_packing(cfg: DictConfig) -> None:
     check(OmegaConf.to_container(cfg.model, resolve=True))
 
 
+def _check_tensor_parallel(cfg: DictConfig) -> None:
+    """trainer.distributed.mode=tensor, asked of the model's class before anything is built
+    (its check_tensor_parallel, models/base.py: a MoE's routed experts are refused)."""
+    from hydra.utils import get_class
+
+    if OmegaConf.select(cfg, "trainer.distributed.mode", default=None) != "tensor":
+        return
+    check = getattr(get_class(cfg.model._target_), "check_tensor_parallel", None)
+    if check is not None:
+        check(OmegaConf.to_container(cfg.model, resolve=True))
+
+
 def _check_compile(cfg: DictConfig) -> None:
     """trainer.compile=true with a model whose forward mx.compile cannot trace (its class's
     `compiles`, models/base.py): one line, before anything is built."""

@@ -60,15 +60,17 @@ from mlxlab.kernels.ops import (
     merge_heads,
     mlx_cross_entropy,
     mlx_gelu_gate,
+    next_key,
     quantized_product,
     rms_norm,
     rope,
+    same_draws,
     split_heads,
     swiglu,
 )
 
 __all__ = ["MODES", "OPS", "AdamW", "attention", "cross_entropy", "dequantize", "dropout", "extension",
            "flush_denormals", "gelu", "gelu_gate",
-           "isa_level", "layer_norm", "merge_heads", "mlx_cross_entropy", "mlx_gelu_gate", "mode", "quantized_product", "rms_norm", "rope",
-           "set_mode", "set_skip", "set_threads", "skipped", "split_heads", "status", "swiglu",
+           "isa_level", "layer_norm", "merge_heads", "mlx_cross_entropy", "mlx_gelu_gate", "mode", "next_key", "quantized_product", "rms_norm", "rope",
+           "same_draws", "set_mode", "set_skip", "set_threads", "skipped", "split_heads", "status", "swiglu",
            "threads"]

@@ -3,7 +3,9 @@ when dispatch.fused says so (CPU, float32, mode not off, op not skipped), else w
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -197,10 +199,32 @@ def gelu(x: mx.array) -> mx.array:
     return nn.gelu(x) if module is None else module.gelu(x)
 
 
-def _next_key() -> mx.array:
-    """The key MLX's next draw without a key would use, advancing the global state as that draw
-    does: MLX's key sequence splits the state key in two, keeps the first half as the new state
-    and draws with the second (mlx/random.cpp KeySequence::next). A zero-size draw advances it."""
+# The keys draws take instead of the global state's (same_draws), innermost last: each a list
+# holding the key the next draw splits
+_DRAWING: list[list[mx.array]] = []
+
+
+@contextlib.contextmanager
+def same_draws(key: mx.array) -> Iterator[None]:
+    """Dropout inside draws its masks from `key`, split once a draw in call order, not from the
+    global state: a pass run twice under the same key (gradient checkpointing's recompute in the
+    backward) draws the same masks both times."""
+    _DRAWING.append([key])
+    try:
+        yield
+    finally:
+        _DRAWING.pop()
+
+
+def next_key() -> mx.array:
+    """The key of the next draw: under same_draws, the next split of its key; otherwise the key
+    MLX's next draw without a key would use, advancing the global state as that draw does: MLX's
+    key sequence splits the state key in two, keeps the first half as the new state and draws
+    with the second (mlx/random.cpp KeySequence::next). A zero-size draw advances it."""
+    if _DRAWING:
+        holder = _DRAWING[-1]
+        holder[0], key = mx.random.split(holder[0])
+        return key
     key = mx.random.split(mx.random.state[0])[1]
     mx.random.uniform(shape=(0,))
     return key
@@ -208,16 +232,16 @@ def _next_key() -> mx.array:
 
 def dropout(x: mx.array, p: float) -> mx.array:
     """Inverted dropout, (keep * x) / (1 - p), keep ~ Bernoulli(1 - p): nn.Dropout in training.
-    Fused: the kernel draws MLX's own threefry bits from the key MLX's draw would take (one draw
+    Its key is next_key()'s: outside same_draws, the one MLX's own draw would take (one draw
     from the global random state, as nn.Dropout makes), so its masks and outputs are nn.Dropout's
-    to the bit (a seed trains the same run on either path, give or take other kernels' rounding),
-    and mx.compile's captured state and bitwise resume work unchanged; MLX's own draw runs
-    threefry on one thread, the kernel vectorized on all cores."""
+    to the bit on either path (a seed trains the same run, give or take other kernels'
+    rounding), and mx.compile's captured state and bitwise resume work unchanged. Fused: the
+    kernel draws MLX's own threefry bits, vectorized on all cores (MLX's draw runs on one)."""
     keep = 1.0 - p
     module = fused("dropout", x)
     if module is None:
-        return (mx.random.bernoulli(keep, x.shape) * x) * (1 / keep)
-    return module.dropout(x, _next_key(), keep, 1 / keep)
+        return (mx.random.bernoulli(keep, x.shape, key=next_key()) * x) * (1 / keep)
+    return module.dropout(x, next_key(), keep, 1 / keep)
 
 
 def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:

@@ -16,6 +16,7 @@ from typing import Any
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
+from mlxlab.models.lora import check_qat
 
 
 class Model(nn.Module):
@@ -34,6 +35,14 @@ class Model(nn.Module):
         self._architecture: dict[str, Any] = {}
 
     @classmethod
+    def check_node(cls, node: Mapping[str, Any]) -> None:
+        """What config.validate asks of the model node: the QAT settings of its lora node
+        (models/lora.py check_qat: every model's, whether or not its check_config reads the
+        node), then check_config."""
+        check_qat(node.get("lora") or {})
+        cls.check_config(node)
+
+    @classmethod
     def check_config(cls, node: Mapping[str, Any]) -> None:
         """The model node's settings (its keys, resolved), checked before anything is created
         (config.validate asks): one ConfigError line for one that cannot work. Default: the
@@ -47,6 +56,12 @@ class Model(nn.Module):
         raise ConfigError(f"data.pack=true: {cls.__name__} does not take packed rows (a decoder "
                           "does: model.pretrained=<folder> or the presets' Transformer); set "
                           "data.pack=false")
+
+    @classmethod
+    def check_tensor_parallel(cls, node: Mapping[str, Any]) -> None:
+        """trainer.distributed.mode=tensor with this model (its node, resolved): one ConfigError
+        line for what its split cannot keep, before anything is created. Default: nothing here
+        (training/parallel/tensor.py refuses what has no recipe)."""
 
     @property
     def architecture(self) -> dict[str, Any]:

@@ -3,17 +3,52 @@ for the backward and recomputes its activations there, trading one more forward 
 the memory of every block's activations (long rows). mlx-lm's recipe (`mx.checkpoint` over the
 block's call), applied to these block instances only: each gets a subclass whose call is
 checkpointed, so its parameter names, other models and other blocks of the same class (a
-teacher's, an evaluation copy's) stay as they were."""
+teacher's, an evaluation copy's) stay as they were.
+
+`recomputed` is the checkpoint every recomputing part uses (these blocks, CachedMNRL's
+mini-batches, FSDP's units): the recompute draws the forward's dropout masks (a key drawn once
+per call, split in the same order both times: kernels.same_draws), so the gradient is that of
+the loss the forward computed, with dropout on as with it off."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxlab import kernels
 from mlxlab.errors import ConfigError
 from mlxlab.models.base import Model
+from mlxlab.models.layers import Dropout
 
 _CHECKPOINTED: dict[type, type] = {}  # a block class -> its checkpointed subclass
+
+
+def recomputed(fn: Callable, module: nn.Module) -> Callable:
+    """mx.checkpoint(fn), `module` the part it runs: while a dropout of it is on, each call
+    draws one key (from the global state, or the enclosing recompute's) and runs `fn` under it,
+    in the forward and in the backward's recompute alike. MLX's own nn.Dropout layers of
+    `module` become mlxlab's (the same masks, drawn through kernels.dropout)."""
+    dropouts = []
+    for _, layer in module.named_modules():
+        if type(layer) is nn.Dropout:
+            layer.__class__ = Dropout
+        if isinstance(layer, nn.Dropout):
+            dropouts.append(layer)
+
+    def call(*args, **kwargs):
+        if not any(d.training and d._p_1 < 1 for d in dropouts):
+            return mx.checkpoint(fn)(*args, **kwargs)
+        key = kernels.next_key()
+
+        def keyed(*args, **kwargs):
+            with kernels.same_draws(key):
+                return fn(*args, **kwargs)
+
+        return mx.checkpoint(keyed)(*args, **kwargs)
+
+    return call
 
 
 def _checkpointed(cls: type) -> type:
@@ -25,7 +60,7 @@ def _checkpointed(cls: type) -> type:
                 self.update(params)
                 return cls.__call__(self, *args, **kwargs)
 
-            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+            return recomputed(inner, self)(self.trainable_parameters(), *args, **kwargs)
 
         _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
     return _CHECKPOINTED[cls]

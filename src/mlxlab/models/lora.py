@@ -146,7 +146,8 @@ def apply_lora(
     in a `kind` adapter (lora | dora), freeze all other parameters except modules named in
     `extra_trainable` (e.g. a new "classifier" head).
     Returns the number of layers wrapped; rank 0 = LoRA off (nothing changes)."""
-    check_lora({"rank": rank, "kind": kind})
+    check_lora({"rank": rank, "kind": kind, "dropout": dropout,
+                **({"qat_bits": qat[0], "qat_group_size": qat[1]} if qat else {})})
     if rank == 0:
         return 0
     targets, extra_trainable = list(targets), list(extra_trainable)
@@ -182,12 +183,14 @@ def check_lora(lora: Mapping | None) -> None:
     kind = lora.get("kind", "lora")
     if kind not in LORA_KINDS:
         raise ConfigError(f"model.lora.kind={kind!r}: use one of {sorted(LORA_KINDS)}")
-    _check_qat(lora, kind)
+    check_qat(lora)
 
 
-def _check_qat(lora: Mapping, kind: str) -> None:
+def check_qat(lora: Mapping) -> None:
     """qat_bits / qat_group_size: values lora_qat.py takes, on plain LoRA without dropout (the
-    quantized forward has no separate adapter path for dropout to act on)."""
+    quantized forward has no separate adapter path for dropout to act on). Every model's lora
+    node is asked this before a run starts (Model.check_node)."""
+    kind = lora.get("kind", "lora")
     bits, group = lora.get("qat_bits", 0) or 0, lora.get("qat_group_size", 64)
     if bits not in QAT_BITS:
         raise ConfigError(f"model.lora.qat_bits={bits}: use 4 or 8 (the export's bits), or 0 "

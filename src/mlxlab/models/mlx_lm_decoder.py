@@ -42,6 +42,7 @@ from mlxlab.models.mlx_lm_classes import mlx_lm_version, model_classes, rope_key
 from mlxlab.models.mlx_lm_fused import use_fused_kernels
 from mlxlab.models.packing import attention_segments, check_packable
 from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
+from mlxlab.models.routed_experts import is_experts
 from mlxlab.models.sources import model_folder
 from mlxlab.runtime.cluster import distributed
 
@@ -313,6 +314,23 @@ class MLXLMDecoder(PretrainedModel):
             model_class, args_class = model_classes(config, path)
             targeted_linears(model_class(args_class.from_dict(dict(config))),
                              lora_targets(lora)["targets"])
+
+    @classmethod
+    def check_tensor_parallel(cls, node: Mapping[str, Any]) -> None:
+        """A MoE's routed experts (mlx-lm's SwitchLinear, asked of the model built lazily) are
+        sliced by mlx-lm's `shard` in place, keeping their type: the checkpoint layout would
+        take each rank's slice for the whole weight and the gradient clip would count each
+        slice once, so tensor parallel is refused for them."""
+        if not node.get("pretrained"):
+            return  # check_config's line
+        path, config = model_source(node["pretrained"], node.get("revision"))
+        model_class, args_class = model_classes(config, path)
+        lm = model_class(args_class.from_dict(dict(config)))
+        if any(is_experts(m) for _, m in lm.named_modules()):
+            raise ConfigError(f"trainer.distributed.mode=tensor: this {config.get('model_type')} "
+                              "model's routed experts are split in a way its checkpoints and "
+                              "gradient clip do not follow; use trainer.distributed.mode=fsdp "
+                              "or data parallel (auto)")
 
     @classmethod
     def check_packing(cls, node: Mapping[str, Any]) -> None:

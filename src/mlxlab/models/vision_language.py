@@ -343,6 +343,9 @@ class VisionLanguageModel(PretrainedModel):
         lora = dict(node.get("lora") or {})
         parts = check_modules(lora.pop("modules", None))
         check_lora(lora)
+        if lora.get("qat_bits"):
+            raise ConfigError(f"model.lora.qat_bits={lora['qat_bits']}: vision-language models "
+                              "train plain LoRA (mlx-vlm's layers): set model.lora.qat_bits=0")
         if not node.get("pretrained"):
             return
         _, config = model_source(node["pretrained"], node.get("revision"))

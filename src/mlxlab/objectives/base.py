@@ -199,6 +199,10 @@ class Objective:
 
     # the decoder head it trains (model.head of conf/model/hf_decoder.yaml): lm | score
     model_head = "lm"
+    # a row's loss reads the batch's other rows (in-batch negatives): the batch is computed
+    # whole, never split into micro-batches, accumulation steps or ranks (an out of memory
+    # ends the run instead of restarting it at half the micro-batch)
+    couples_rows = False
 
     def setup(self, setup: ObjectiveSetup) -> dict[str, str] | None:
         """Build what the loss needs from the run's parts (teachers, a reference, caches);

@@ -180,7 +180,8 @@ class Fit(RunEnd):
             model, data, self.loss_fn, objective.probe_batch, settings, self.data_world,
             self.rows_of,
             self.optimizer_factory, self.run_dir, self.resume, self.config, self.tags,
-            lambda: objective.memory_beside_step(batching)), batching, rank_batches)
+            lambda: objective.memory_beside_step(batching), not objective.couples_rows),
+            batching, rank_batches)
         self.total_steps, self.max_epochs, self.steps_per_epoch = plan(
             data, settings, self.batching, self.grad_accum,
             self.data_world if rank_batches else None,

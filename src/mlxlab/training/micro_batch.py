@@ -3,7 +3,10 @@
 The effective batch is trainer.batch_size x trainer.grad_accum rows per optimizer step, and
 nothing here changes it: a micro-batch of m rows trains it in (batch_size x grad_accum) / m
 forward/backward passes, summed in the one compiled step (step.py), so the update is the same
-(to float rounding: the token-weighted sums are added in another order). Where m comes from,
+(to float rounding: the token-weighted sums are added in another order) for a loss whose rows
+are independent. A loss whose rows are each other's negatives (Objective.couples_rows: MNRL,
+CachedMNRL, CoSENT) is another loss on fewer rows, so its config check refuses any split and
+an out of memory ends it rather than restart it at half the micro-batch. Where m comes from,
 first come:
 
 1. the run folder's memory_restarts.json: the run ran out of memory and mlxlab-train's parent
@@ -84,6 +87,8 @@ class Fitting:
     # bytes the objective's models need outside the step (Objective.memory_beside_step),
     # measured only by the search
     beside_step: Callable[[], int] = lambda: 0
+    # the batch may be split (Objective.couples_rows: not where rows are each other's negatives)
+    splittable: bool = True
 
 
 def plan_micro_batch(fit: Fitting, batching: Batching, rank_batches: bool) -> tuple[Batching, int]:
@@ -122,7 +127,8 @@ def plan_micro_batch(fit: Fitting, batching: Batching, rank_batches: bool) -> tu
 
 def report(fit: Fitting, micro: int, accum: int) -> None:
     """The plan, for a supervising parent (runtime/supervision/supervise.py)."""
-    restartable = not fit.settings.batching.dynamic and not fit.world.enabled
+    restartable = (not fit.settings.batching.dynamic and not fit.world.enabled
+                   and fit.splittable)
     supervise.report_run(fit.run_dir, micro, accum, fit.settings.oom_restarts, restartable,
                          fit.settings.stall_timeout_s)
 

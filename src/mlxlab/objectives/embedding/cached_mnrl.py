@@ -1,8 +1,11 @@
 """CachedMultipleNegativesRankingLoss (`objective=cached_mnrl`): MultipleNegativesRankingLoss
 over a batch whose texts are embedded `mini_batch_size` rows at a time, each mini-batch's
 forward pass recomputed in the backward (GradCache, Gao et al. 2021: a large batch's in-batch
-negatives in the memory of a small one). MLX's `nn.utils.checkpoint` is the cache: only the embeddings
-of the mini-batches are kept, and the loss and its gradients are those of the uncached loss.
+negatives in the memory of a small one). MLX's gradient checkpointing is the cache: only the
+embeddings of the mini-batches are kept, and the loss and its gradients are those of the uncached
+loss. With dropout on, a mini-batch's recompute draws the masks its forward drew (a key per
+mini-batch, as sentence-transformers' RandContext restores the random state): the gradients are
+those of the loss the forward computed.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import mlx.nn as nn
 from mlxlab.config.records import check_number
 from mlxlab.data.batching import Batch
 from mlxlab.data.sentence_pairs import column_keys, text_columns
+from mlxlab.models.grad_checkpoint import recomputed
 from mlxlab.objectives.embedding.embedding import embed_columns
 from mlxlab.objectives.embedding.mnrl import MultipleNegativesRankingLoss
 
@@ -38,8 +42,14 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
             part = {}
             for c, arrays in enumerate(columns):
                 part.update({k: a[start:start + step] for k, a in zip(column_keys(c), arrays)})
-            return lambda: embed_columns(model, part)
 
-        # MLX's gradient checkpointing of the model's parameters: recomputed in the backward
-        parts = [nn.utils.checkpoint(model, chunk(i))() for i in range(0, rows, step)]
+            def embedded(params):
+                model.update(params)
+                return embed_columns(model, part)
+
+            return embedded
+
+        # gradient checkpointing of the model's parameters: recomputed in the backward
+        parts = [recomputed(chunk(i), model)(model.trainable_parameters())
+                 for i in range(0, rows, step)]
         return [mx.concatenate([p[c] for p in parts], axis=0) for c in range(len(parts[0]))]

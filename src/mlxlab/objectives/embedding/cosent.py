@@ -17,6 +17,7 @@ class CoSENTLoss(EmbeddingObjective):
     """The ranking of pairs by their labelled similarity (see the module)."""
 
     needs_labels = True
+    couples_rows = True  # every two pairs of the batch
 
     def __init__(self, scale: float = 20.0) -> None:
         check_number("objective.scale", scale, float, 0.0)

@@ -155,15 +155,43 @@ class EmbeddingObjective(Objective):
                                f"(data=sentence_pairs), not on {kind} data")
         super().check_config(cfg, kind)
         check_batching(cfg, "data=sentence_pairs")
+        with unwrapped():  # the node built here (its own checks; a wrapper's inner loss)
+            objective = instantiate(cfg.objective)
         found = first_row_columns((cfg.get("data") or {}).get("train_file"))
-        if found is not None:  # the node built here (its own checks; a wrapper's inner loss)
+        if found is not None:
             with unwrapped():
-                instantiate(cfg.objective).check_data(*found)
+                objective.check_data(*found)
+        check_whole_batch(cfg.get("trainer") or {}, objective)
         monitor = str(cfg.get("optimized_metric"))
         if monitor != "val/loss" and not (cfg.get("data") or {}).get("eval_dir"):
             raise ConfigError(f"optimized_metric={monitor} is a retrieval score, and the data "
                               "has no retrieval set: set data.eval_dir=<a BEIR folder> or "
                               "optimized_metric=val/loss")
+
+
+def check_whole_batch(trainer: Any, objective: Objective) -> None:
+    """A loss whose rows are each other's negatives (couples_rows) computes on the whole batch:
+    one ConfigError line where the trainer would split it (accumulation, a micro-batch,
+    data-parallel ranks; tensor parallel computes the whole batch on every rank), each part
+    seeing only its own rows as negatives."""
+    if not objective.couples_rows:
+        return
+    batch, accum = trainer.get("batch_size"), trainer.get("grad_accum") or 1
+    micro, mode = trainer.get("micro_batch"), (trainer.get("distributed") or {}).get("mode")
+    split = None
+    if accum > 1:
+        split = f"trainer.grad_accum={accum} splits each step's batch into {accum} passes"
+    elif micro is not None and micro != batch:
+        split = f"trainer.micro_batch={micro} computes the batch of {batch} in parts"
+    elif distributed.launched() and mode not in ("off", False, "tensor"):
+        split = "data-parallel ranks each compute their share of the batch"
+    if split:
+        raise ConfigError(
+            f"objective {type(objective).__name__} ranks each row against the batch's other rows, "
+            f"and {split}, each seeing only its own rows as negatives: put the whole batch in "
+            "trainer.batch_size with grad_accum=1, micro_batch=null and one process; for a "
+            "batch larger than memory use objective=cached_mnrl (objective.mini_batch_size "
+            "rows in memory at a time, every row's negatives)")
 
 
 def encode(model: nn.Module, batches: Any) -> np.ndarray:

@@ -35,6 +35,7 @@ class MatryoshkaLoss(EmbeddingObjective):
                               f"{len(dims)} matryoshka_dims: give one weight a dimension")
         self.inner = loss
         self.least_columns, self.needs_labels = loss.least_columns, loss.needs_labels
+        self.couples_rows = loss.couples_rows
         pairs = sorted(zip(dims, weights), reverse=True)  # largest first, as sentence-transformers
         self.dims, self.weights = [d for d, _ in pairs], [float(w) for _, w in pairs]
 

@@ -68,6 +68,8 @@ def ranking_loss(embeddings: list[mx.array], scale: float, directions: Sequence[
 class MultipleNegativesRankingLoss(EmbeddingObjective):
     """In-batch negatives plus any hard-negative columns (see the module)."""
 
+    couples_rows = True
+
     def __init__(self, scale: float = 20.0, directions: Sequence[str] = ("query_to_doc",),
                  partition_mode: str = "joint") -> None:
         self.directions = check_ranking(scale, directions, partition_mode)

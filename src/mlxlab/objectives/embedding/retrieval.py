@@ -1,12 +1,16 @@
 """Retrieval scored per query, as sentence-transformers' InformationRetrievalEvaluator scores it.
 
 Queries and documents are vectors; a document's score for a query is their cosine similarity.
-Each query's ranking is its documents sorted by (-score, document id) and cut at the largest k
-any metric reads; a document is relevant when the qrels give it a score above 0 (the evaluator
-reads relevance as a set). Per query: accuracy@k (a relevant document in the first k), precision@k
-and recall@k, MRR@k (1 / the first relevant rank), nDCG@k (binary gains over the ideal ranking of
-the query's relevant documents) and MAP@k (the precisions at each relevant hit over
-min(k, relevant)). A task's metric is the mean over its queries, which is what the evaluator
+Each query's ranking is its documents sorted by score, cut at the largest k any metric reads; a
+document is relevant when the qrels give it a score above 0 (the evaluator reads relevance as a
+set). Per query: accuracy@k (a relevant document in the first k), precision@k and recall@k,
+MRR@k (1 / the first relevant rank), nDCG@k (binary gains over the ideal ranking of the query's
+relevant documents) and MAP@k (the precisions at each relevant hit over min(k, relevant)).
+Documents with equal scores are a tie, and each score is its mean over every order of the tied
+documents (McSherry & Najork 2008, as sklearn's ndcg_score averages ties): a model that scores
+everything alike earns a random order's scores, not the corpus order's. Without ties these are
+the evaluator's values; with them the evaluator takes torch.topk's order and trec_eval
+(pytrec_eval, mteb) orders ties by document id. A task's metric is the mean over its queries, which is what the evaluator
 reports; the rows keep each query's values under the query id, so two runs pair query by query
 (evaluation/paired.py, `mlxlab runs compare`). Here, below evaluation/, because the embedding
 objectives' evaluation computes them; evaluation/in_training.py writes the rows. The evaluator's `ndcg@10` is `ndcg_at_10` here:
@@ -15,7 +19,7 @@ MLflow refuses "@" in a metric's name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -44,47 +48,81 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
-def rankings(queries: np.ndarray, documents: np.ndarray, document_ids: Sequence[str],
-             depth: int = DEEPEST) -> list[list[str]]:
-    """Each query's first `depth` document ids by cosine similarity, ties by id."""
-    scores = unit_rows(queries) @ unit_rows(documents).T
-    ids = np.asarray(document_ids, dtype=object)
-    depth = min(depth, len(ids))
-    out = []
-    for row in scores:
-        # the documents scoring at least the depth-th best, then the evaluator's order on them
-        cut = np.partition(row, len(row) - depth)[len(row) - depth]
-        candidates = np.flatnonzero(row >= cut)
-        order = sorted(candidates, key=lambda i: (-float(row[i]), ids[i]))
-        out.append([ids[i] for i in order[:depth]])
-    return out
+def tie_groups(row: np.ndarray, relevant: np.ndarray, depth: int = DEEPEST
+               ) -> list[tuple[int, int]]:
+    """(documents, relevant documents) of each group of equal scores in one query's `row` of
+    scores, best first, down to the group holding the `depth`-th place; `relevant`: the
+    relevant documents' places in the row."""
+    depth = min(depth, len(row))
+    # the documents scoring at least the depth-th best: every one tied with it included
+    cut = np.partition(row, len(row) - depth)[len(row) - depth]
+    values, sizes = np.unique(-row[row >= cut], return_counts=True)
+    kept = -row[relevant]
+    kept = kept[kept <= values[-1]]
+    hits = np.bincount(np.searchsorted(values, kept), minlength=len(values))
+    return list(zip(sizes.tolist(), hits.tolist()))
 
 
-def _dcg(gains: Sequence[int], k: int) -> float:
-    return float(sum(g / np.log2(i + 2) for i, g in enumerate(list(gains)[:k])))
+class _Places:
+    """A ranking's tie groups as (first place, size, relevant documents) each: the expectations
+    over the orders of each group's documents that the scores are."""
+
+    def __init__(self, groups: Sequence[tuple[int, int]]) -> None:
+        self.groups, start = [], 0
+        for size, hits in groups:
+            self.groups.append((start, size, hits))
+            start += size
+
+    def hits(self, k: int) -> float:
+        """The expected relevant documents in the first k places."""
+        return sum(r * min(max(k - s, 0), n) / n for s, n, r in self.groups)
+
+    def first_relevant(self) -> Iterator[tuple[int, float]]:
+        """(place, probability) of the first relevant document, over its group's places."""
+        for s, n, r in self.groups:
+            if r:
+                none_yet = 1.0
+                for j in range(min(n - r + 1, DEEPEST - s)):  # no metric reads deeper
+                    yield s + j, none_yet * r / (n - j)
+                    none_yet *= (n - r - j) / (n - j)
+                return
+
+    def dcg(self, k: int) -> float:
+        """Binary gains, each group's relevant share at each of its places."""
+        return sum(r / n * _discounts(s, min(s + n, k)) for s, n, r in self.groups if s < k)
+
+    def precision_sum(self, k: int) -> float:
+        """The expected sum over the first k places of (relevant there) x (precision there)."""
+        total, before = 0.0, 0
+        for s, n, r in self.groups:
+            both = r * (r - 1) / (n * (n - 1)) if n > 1 else 0.0  # two places both relevant
+            for place in range(s, min(s + n, k)):
+                total += (r / n * (before + 1) + (place - s) * both) / (place + 1)
+            before += r
+        return total
 
 
-def query_scores(ranked: Sequence[str], relevant: set[str]) -> dict[str, float]:
-    """One query's scores (SCORES) from its ranking and its relevant documents."""
-    hits = [doc in relevant for doc in ranked]
+def _discounts(start: int, end: int) -> float:
+    return float(sum(1.0 / np.log2(i + 2) for i in range(start, end)))
+
+
+def query_scores(groups: Sequence[tuple[int, int]], relevant: int) -> dict[str, float]:
+    """One query's scores (SCORES) from its ranking's tie groups ((documents, relevant ones),
+    best first) and its number of relevant documents."""
+    places = _Places(groups)
+    first = list(places.first_relevant())
     out: dict[str, float] = {}
     for k in ACCURACY_AT:
-        out[f"accuracy_at_{k}"] = float(any(hits[:k]))
+        out[f"accuracy_at_{k}"] = sum(p for place, p in first if place < k)
     for k in PRECISION_RECALL_AT:
-        out[f"precision_at_{k}"] = sum(hits[:k]) / k
-        out[f"recall_at_{k}"] = sum(hits[:k]) / len(relevant)
+        out[f"precision_at_{k}"] = places.hits(k) / k
+        out[f"recall_at_{k}"] = places.hits(k) / relevant
     for k in MRR_AT:
-        first = next((rank for rank, hit in enumerate(hits[:k]) if hit), None)
-        out[f"mrr_at_{k}"] = 0.0 if first is None else 1.0 / (first + 1)
+        out[f"mrr_at_{k}"] = sum(p / (place + 1) for place, p in first if place < k)
     for k in NDCG_AT:
-        out[f"ndcg_at_{k}"] = _dcg([int(h) for h in hits], k) / _dcg([1] * len(relevant), k)
+        out[f"ndcg_at_{k}"] = places.dcg(k) / _discounts(0, min(k, relevant))
     for k in MAP_AT:
-        found, total = 0, 0.0
-        for rank, hit in enumerate(hits[:k]):
-            if hit:
-                found += 1
-                total += found / (rank + 1)
-        out[f"map_at_{k}"] = total / min(k, len(relevant))
+        out[f"map_at_{k}"] = places.precision_sum(k) / min(k, relevant)
     return out
 
 
@@ -94,9 +132,14 @@ def score_retrieval(task: str, queries: np.ndarray, query_ids: Sequence[str],
     """The task's per-query rows ({"id": query id, score: value, ...}) and their means, for
     queries with at least one relevant document (the evaluator leaves the others out)."""
     kept = [i for i, q in enumerate(query_ids) if relevant.get(q)]
-    ranked = rankings(queries[kept], documents, document_ids)
-    rows = [{"id": str(query_ids[i]), **query_scores(r, relevant[query_ids[i]])}
-            for i, r in zip(kept, ranked)]
+    scores = unit_rows(queries[kept]) @ unit_rows(documents).T
+    place = {doc: i for i, doc in enumerate(document_ids)}
+    rows = []
+    for i, row in zip(kept, scores):
+        judged = relevant[query_ids[i]]
+        found = np.array([place[d] for d in judged if d in place], dtype=np.int64)
+        rows.append({"id": str(query_ids[i]),
+                     **query_scores(tie_groups(row, found), len(judged))})
     metrics = {name: float(np.mean([row[name] for row in rows])) if rows else float("nan")
                for name in SCORES}
     return ExampleScores(task, RETRIEVAL, metrics, rows, {name: True for name in PAIRED})

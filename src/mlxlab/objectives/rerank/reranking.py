@@ -6,7 +6,8 @@ model's logits of (query, passage) pairs (data=rerank_pairs) or lists (data=rera
 
 Validation reports the loss and, for pairs, the accuracy of the logit's side (relevant when
 above 0, as a sigmoid above 0.5) against the label's (at least 0.5); for lists, MRR (the
-reciprocal rank of the first relevant passage) and nDCG (ranking_metrics.py), each a mean over
+reciprocal rank of the first relevant passage) and nDCG (ranking_metrics.py: tied logits
+averaged over their orders), each a mean over
 queries (LambdaLoss's: batch means weighted by the pairs its loss counts, the count that
 weighs its micro-batches).
 """

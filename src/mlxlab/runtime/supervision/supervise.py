@@ -396,7 +396,9 @@ def restart_note(run: dict, how: str, step: int | None, when: str) -> tuple[dict
     done = len(note["restarts"])
     why = None
     if not run["restartable"]:
-        why = "its batches can't be split (trainer.batching.dynamic, or data parallel ranks)"
+        why = ("its batches can't be split (trainer.batching.dynamic, data parallel ranks, or a "
+               "loss whose rows are each other's negatives: objective=cached_mnrl keeps them "
+               "in less memory)")
     elif micro <= 1:
         why = "the micro-batch is already 1"
     elif done >= int(run["oom_restarts"]):

@@ -22,6 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.errors import ConfigError
+from mlxlab.models.grad_checkpoint import recomputed
 from mlxlab.runtime.cluster import distributed
 from mlxlab.training.parallel.gather import make_gather, pad_rows, padded_rows
 
@@ -76,8 +77,9 @@ class ShardedUnit(nn.FullyShardedModule):
         # The backward of a matmul holds its whole weight: kept from the forward, every unit's
         # gathered parameters would stay alive until the backward, the whole model on each rank.
         # Checkpointed, the unit keeps its shards and inputs, and gathers (and recomputes) again
-        # in the backward: one more forward per step for 1/N of the parameters.
-        return mx.checkpoint(gathered)([a for _, a in tree_flatten(shard_tree)],
+        # in the backward: one more forward per step for 1/N of the parameters. The recompute
+        # draws the forward's dropout masks (models/grad_checkpoint.py).
+        return recomputed(gathered, self.module)([a for _, a in tree_flatten(shard_tree)],
                                        [given[i] for i in floating])
 
     def __getattr__(self, key: str) -> Any:

@@ -17,6 +17,7 @@ from mlx.nn.layers.distributed import shard_linear
 from mlxlab.errors import ConfigError
 from mlxlab.models.adapter_layer import AdapterLayer
 from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.routed_experts import is_experts
 from mlxlab.models.transformer import Transformer
 from mlxlab.runtime.cluster import distributed
 from mlxlab.training.parallel.layout import Layout
@@ -60,6 +61,10 @@ def shard_tensors(model: nn.Module, world: distributed.World) -> Layout:
     if any(isinstance(m, AdapterLayer) for _, m in model.named_modules()):
         raise ConfigError("trainer.distributed.mode=tensor trains full fine-tuning only: a LoRA, "
                           "DoRA or QLoRA run shards with trainer.distributed.mode=fsdp")
+    if any(is_experts(m) for _, m in model.named_modules()):
+        raise ConfigError("trainer.distributed.mode=tensor: a model with routed experts (a MoE) "
+                          "is split in a way its checkpoints and gradient clip do not follow; "
+                          "use trainer.distributed.mode=fsdp or data parallel (auto)")
     if isinstance(model, Transformer):
         _shard_transformer(model, world)
     elif isinstance(model, MLXLMDecoder):
