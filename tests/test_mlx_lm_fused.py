@@ -1,4 +1,4 @@
-"""mlx-lm's decoders through mlxlab's fused CPU kernels (models/mlx_lm_fused.py): a loaded llama /
+"""mlx-lm's decoders through mlxlab's fused CPU kernels (models/decoders/mlx_lm_fused.py): a loaded llama /
 qwen3 takes the fused attention, SwiGLU, RMSNorm and RoPE on the CPU, a Gemma 3 its (1 + weight)
 norms, its GELU-gated MLP (the backward recomputing the GELU) and its attention, with logits and
 LoRA gradients equal to mlx-lm's own code (the kernels off) to float32 rounding; where the fused
@@ -19,8 +19,8 @@ from hf_helpers import save_tiny_model
 from mlxlab import kernels
 from mlxlab.kernels.dispatch import OPS
 from mlxlab.models import layers
-from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
-from mlxlab.models.mlx_lm_fused import (
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.decoders.mlx_lm_fused import (
     ORIGINALS,
     GemmaAttention,
     GemmaMLP,
@@ -145,7 +145,7 @@ def test_wrappers_run_mlx_lm_where_the_kernels_do_not_apply(tmp_path, kernel_mod
     from mlx_lm.models import activations, base
     from mlx_lm.models.cache import KVCache
 
-    from mlxlab.models.mlx_lm_fused import fused_attention, fused_swiglu
+    from mlxlab.models.decoders.mlx_lm_fused import fused_attention, fused_swiglu
 
     attention = fused_attention(base.scaled_dot_product_attention)
     swiglu = fused_swiglu(activations.swiglu)

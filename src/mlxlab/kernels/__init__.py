@@ -2,7 +2,7 @@
 
 Models and losses call `cross_entropy`, `swiglu`, `gelu_gate`, `gelu`, `attention`, `rms_norm`,
 `layer_norm`, `dropout`, `rope`, `split_heads`/`merge_heads` and `dequantize` (a 4/8-bit weight for the float
-GEMM: models/quantized_cpu.py) here, and the trainer's AdamW is `AdamW` (adamw.py); each call picks
+GEMM: models/quantized/quantized_cpu.py) here, and the trainer's AdamW is `AdamW` (adamw.py); each call picks
 the fused primitive or the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run scalar on one
 thread, so the vocabulary softmax, the attention softmax and the SiLU of a small transformer cost
 several times PyTorch's, its erf (the exact GELU) is a scalar libm call that took more than half

@@ -42,7 +42,7 @@ from mlxlab.checkpoint.state import read_payload
 from mlxlab.data.base import DataModule
 from mlxlab.data.batching import Batching
 from mlxlab.models.base import Model
-from mlxlab.models.grad_checkpoint import checkpoint_blocks
+from mlxlab.models.layers.grad_checkpoint import checkpoint_blocks
 from mlxlab.models.sources.fingerprint import holds_base
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import (

@@ -22,11 +22,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.errors import ConfigError, MissingFileError
-from mlxlab.models.adapter_layer import AdapterLayer
-from mlxlab.models.lora_linear import LoRALinear, input_dims
-from mlxlab.models.lora_qat import QAT_BITS, QAT_GROUP_SIZES, QATLoRALinear
-from mlxlab.models.quantized_cpu import CpuQuantizedLinear
-from mlxlab.models.routed_experts import adapts_experts, is_experts, names_experts
+from mlxlab.models.adapters.adapter_layer import AdapterLayer
+from mlxlab.models.adapters.lora_linear import LoRALinear, input_dims
+from mlxlab.models.adapters.lora_qat import QAT_BITS, QAT_GROUP_SIZES, QATLoRALinear
+from mlxlab.models.adapters.routed_experts import adapts_experts, is_experts, names_experts
+from mlxlab.models.quantized.quantized_cpu import CpuQuantizedLinear
 from mlxlab.runtime.memory.io_threads import load_arrays
 
 LORA_KEYS = {"rank", "alpha", "dropout", "targets", "extra_trainable", "kind", "qat_bits",
@@ -51,7 +51,7 @@ def _dora_class() -> type:
                 return self.linear(x)
             if isinstance(self.linear, CpuQuantizedLinear) and mx.default_device() == mx.cpu:
                 # mlx-lm's forward on the CPU's fused quantized product (models/quantized_dora)
-                from mlxlab.models.quantized_dora import quantized_dora
+                from mlxlab.models.quantized.quantized_dora import quantized_dora
 
                 return quantized_dora(self, x)
             return MLXDoRA.__call__(self, x)
@@ -98,7 +98,7 @@ def wrap(module: nn.Module, kind: str, rank: int, alpha: float, dropout: float,
         return QATLoRALinear.from_base_qat(module, rank, alpha, dropout, *qat)
     if is_experts(module):
         # imports mlx-lm's tuner, at first use: a model with experts imported mlx-lm already
-        from mlxlab.models.lora_experts import EXPERT_KINDS
+        from mlxlab.models.adapters.lora_experts import EXPERT_KINDS
 
         return EXPERT_KINDS[kind](module, rank, alpha, dropout)
     return LORA_KINDS[kind](module, rank, alpha, dropout)
