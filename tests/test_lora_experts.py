@@ -1,7 +1,7 @@
-"""Adapters on a MoE layer's routed experts (models/adapters/lora_experts.py, models/adapters/routed_experts.py):
-tiny random Qwen3-MoE, Mixtral and GraniteMoE folders (and DeepSeek-V3's, with its dense first
-layer and shared expert) written by transformers from their configs (scripts/tiny_hf_model.py),
-loaded through mlxlab's decoder as a run loads them.
+"""Adapters on a MoE layer's routed experts (models/adapters/lora_experts.py,
+models/adapters/routed_experts.py): tiny random Qwen3-MoE, Mixtral and GraniteMoE folders (and
+DeepSeek-V3's, with its dense first layer and shared expert) written by transformers from their
+configs (scripts/tiny_hf_model.py), loaded through mlxlab's decoder as a run loads them.
 
 With B at zero the adapted forward is the base's (LoRA and DoRA, float and 4-bit experts); with
 B drawn, the gradients of the expert adapters are non-zero for exactly the experts the routers

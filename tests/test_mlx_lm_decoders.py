@@ -130,7 +130,8 @@ def test_a_4bit_folder_trains_qlora_and_its_adapters_load_in_mlx_lm(q4_folder, t
     assert isinstance(block.self_attn.q_proj, LoRALinear)
     assert isinstance(block.self_attn.q_proj.linear, nn.QuantizedLinear)
     assert block.self_attn.q_proj.linear.bits == 4
-    # ... and on the CPU multiplies through the fused dequantize + GEMM (models/quantized/quantized_cpu.py)
+    # ... and on the CPU multiplies through the fused dequantize + GEMM
+    # (models/quantized/quantized_cpu.py)
     assert type(block.self_attn.q_proj.linear).__name__ == "CpuQuantizedLinear"
     assert isinstance(block.mlp.gate_proj, nn.QuantizedLinear)
     assert isinstance(model.lm.model.embed_tokens, nn.QuantizedEmbedding)

@@ -1,7 +1,7 @@
-"""mlx-lm's decoders through mlxlab's fused CPU kernels (models/decoders/mlx_lm_fused.py): a loaded llama /
-qwen3 takes the fused attention, SwiGLU, RMSNorm and RoPE on the CPU, a Gemma 3 its (1 + weight)
-norms, its GELU-gated MLP (the backward recomputing the GELU) and its attention, with logits and
-LoRA gradients equal to mlx-lm's own code (the kernels off) to float32 rounding; where the fused
+"""mlx-lm's decoders through mlxlab's fused CPU kernels (models/decoders/mlx_lm_fused.py): a loaded
+llama / qwen3 takes the fused attention, SwiGLU, RMSNorm and RoPE on the CPU, a Gemma 3 its (1 +
+weight) norms, its GELU-gated MLP (the backward recomputing the GELU) and its attention, with logits
+and LoRA gradients equal to mlx-lm's own code (the kernels off) to float32 rounding; where the fused
 path does not apply (kernels off, a KV cache, another dtype) the wrappers run mlx-lm's functions to
 the bit. A Gemma 3 LoRA step's MLX peak stays below mlx-lm's own training step's."""
 

@@ -1,6 +1,6 @@
 """Packed batches (data.pack=true): rows concatenated into sequences, each row attending
-only to itself (models/decoders/packing.py). On the real SmolLM2-135M-Instruct every row's loss and the
-LoRA gradients of a packed batch equal the unpacked batch's to float tolerance, and the same
+only to itself (models/decoders/packing.py). On the real SmolLM2-135M-Instruct every row's loss and
+the LoRA gradients of a packed batch equal the unpacked batch's to float tolerance, and the same
 sequences without their segment ids do not (rows that see each other fail the test); tiny
 random decoders of other architectures match or are refused in one line; a whole run trains
 packed through the real entry, and the settings packing would ignore are refused."""

@@ -1,8 +1,8 @@
 """Vision-language models on the CPU's fused paths: a Qwen2.5-VL folder in the hub's layout (text
 settings at the top of config.json) passes the checks and rebuilds from a checkpoint's config;
-its quantized language model multiplies through the fused CPU product (models/quantized/quantized_cpu.py)
-with the logits of MLX's own quantized layers; SmolVLM's SigLIP tower attends through
-kernels.attention with the logits of mlx-vlm's own attention."""
+its quantized language model multiplies through the fused CPU product
+(models/quantized/quantized_cpu.py) with the logits of MLX's own quantized layers; SmolVLM's SigLIP
+tower attends through kernels.attention with the logits of mlx-vlm's own attention."""
 
 from __future__ import annotations
 

@@ -2,15 +2,15 @@
 
     export_embedder("path/to/embedder", "exported/embedder") -> report dict
 
-The embedder is what mlxlab loads from a sentence-transformers folder (models/embedders/sentence_folder.py:
-a BERT, RoBERTa / XLM-R or decoder Transformer, Pooling, Dense layers, Normalize), or from an
-embedder run's sentence_transformer/ folder (its best weights, written at its end). The folder is
-written from the model in memory by models/embedders/sentence_folder_save.py, the writer a run's end
-uses too (float32, laid out as sentence-transformers saves one). Then it proves itself before it
-is renamed into place: mlxlab reads the written folder, and sentence-transformers too where it
-is installed, and both must give the embedder's own vectors on a probe of texts (every named
-prompt too) within 1e-5, else the export is refused with the measured gap and nothing is moved
-to `out`.
+The embedder is what mlxlab loads from a sentence-transformers folder
+(models/embedders/sentence_folder.py: a BERT, RoBERTa / XLM-R or decoder Transformer, Pooling, Dense
+layers, Normalize), or from an embedder run's sentence_transformer/ folder (its best weights,
+written at its end). The folder is written from the model in memory by
+models/embedders/sentence_folder_save.py, the writer a run's end uses too (float32, laid out as
+sentence-transformers saves one). Then it proves itself before it is renamed into place: mlxlab
+reads the written folder, and sentence-transformers too where it is installed, and both must give
+the embedder's own vectors on a probe of texts (every named prompt too) within 1e-5, else the export
+is refused with the measured gap and nothing is moved to `out`.
 """
 
 from __future__ import annotations

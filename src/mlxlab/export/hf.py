@@ -1,11 +1,11 @@
 """A finished run as a Hugging Face folder: config.json, model.safetensors, tokenizer files.
 
-A decoder fine-tuned from a pretrained folder (models/decoders/mlx_lm_decoder.py) keeps that folder's
-config.json and its mlx-lm weight names, which are the Hugging Face ones but where mlx-lm's
+A decoder fine-tuned from a pretrained folder (models/decoders/mlx_lm_decoder.py) keeps that
+folder's config.json and its mlx-lm weight names, which are the Hugging Face ones but where mlx-lm's
 sanitize rewrote them (MoE experts stacked, DeepSeek-V3's kv_b_proj split, ...), undone per
 architecture (architectures.py: only the proven ones export); a decoder trained from scratch
-(models/decoders/transformer.py) becomes LlamaForCausalLM / Qwen2ForCausalLM. BERT classifiers become
-BertForSequenceClassification with id2label/label2id from the run's label values. The weights
+(models/decoders/transformer.py) becomes LlamaForCausalLM / Qwen2ForCausalLM. BERT classifiers
+become BertForSequenceClassification with id2label/label2id from the run's label values. The weights
 are the model's parameters renamed and cast to one dtype.
 """
 

@@ -42,8 +42,8 @@ class Model(nn.Module):
     @classmethod
     def check_packing(cls, node: Mapping[str, Any]) -> None:
         """data.pack=true with this model (its node, resolved): one ConfigError line unless the
-        model keeps packed rows apart (`segment_ids` in its call: models/decoders/packing.py). Default:
-        it does not."""
+        model keeps packed rows apart (`segment_ids` in its call: models/decoders/packing.py).
+        Default: it does not."""
         raise ConfigError(f"data.pack=true: {cls.__name__} does not take packed rows (a decoder "
                           "does: model.pretrained=<folder> or the presets' Transformer); set "
                           "data.pack=false")

@@ -1,6 +1,7 @@
 """A pretrained model folder as the verbs load it to score, generate or serve: a
 vision-language model (its config.json has vision settings) through mlx-vlm
-(models/vision/vision_language.py), any other decoder through mlx-lm (models/decoders/mlx_lm_decoder.py)."""
+(models/vision/vision_language.py), any other decoder through mlx-lm
+(models/decoders/mlx_lm_decoder.py)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ which architecture it holds. The mlx-lm model sits under `lm`, so its parameter 
 mlx-lm's (and so the Hugging Face ones, for most types) behind an `lm.` prefix.
 
 `prepare_for_training` is the one place a loaded pretrained model (this decoder, and
-models/vision/vision_language.py's models through their own steps) is made ready to train: quantized at load
-(model.quantize), then LoRA / DoRA adapters (float, on a float or quantized base) or full
+models/vision/vision_language.py's models through their own steps) is made ready to train: quantized
+at load (model.quantize), then LoRA / DoRA adapters (float, on a float or quantized base) or full
 fine-tuning (rank 0, float bases only).
 """
 
@@ -316,8 +316,8 @@ class MLXLMDecoder(PretrainedModel):
 
     @classmethod
     def check_packing(cls, node: Mapping[str, Any]) -> None:
-        """data.pack=true: the architecture keeps packed rows apart (models/decoders/packing.py), or one
-        line why not, before anything is created: a packed forward pass is traced on the model
+        """data.pack=true: the architecture keeps packed rows apart (models/decoders/packing.py), or
+        one line why not, before anything is created: a packed forward pass is traced on the model
         built lazily from its config.json (MLX computes none of it)."""
         path, config = model_source(node["pretrained"], node.get("revision"))
         model_class, args_class = model_classes(config, path)
@@ -374,8 +374,8 @@ class MLXLMDecoder(PretrainedModel):
 def prepare_for_training(model: PretrainedModel, quantize: int | None, lora: Mapping | None,
                          rebuilt: bool = False) -> None:
     """Everything that makes a loaded pretrained model ready to train, in one place for the text
-    decoders here and the vision-language models (models/vision/vision_language.py), each taking its own
-    steps (PretrainedModel's quantize_at_load, adapt, use_cpu_kernels): quantization at load
+    decoders here and the vision-language models (models/vision/vision_language.py), each taking its
+    own steps (PretrainedModel's quantize_at_load, adapt, use_cpu_kernels): quantization at load
     (model.quantize; a quantized folder stays quantized), then LoRA / DoRA adapters in float32
     on the (possibly quantized) base, or full fine-tuning (rank 0) of a float model. Logs what
     is trained, in which precision, and the trainable / total parameter counts, once (not when

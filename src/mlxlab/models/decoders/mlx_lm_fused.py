@@ -12,7 +12,7 @@ loaded model is routed through the same kernels:
   `kernels.dispatch.fused` takes the call (CPU, float32, kernels on, op not skipped) and there is
   no KV cache, and mlx-lm's own function otherwise: generation, Metal, CUDA, other dtypes and
   fused_kernels=off run exactly mlx-lm's code;
-- each exact nn.RMSNorm becomes models.layers.RMSNorm (the same weight and eps over
+- each exact nn.RMSNorm becomes models.layers.blocks.RMSNorm (the same weight and eps over
   kernels.rms_norm, which is mx.fast.rms_norm wherever the kernel does not apply), each exact
   nn.RoPE (not `traditional`) the RoPE below (kernels.rope, else mx.fast.rope);
 - Gemma 3's own norms, GELU-gated MLP and attention become subclasses of mlx-lm's classes
@@ -70,8 +70,8 @@ def fused_attention(original: Callable) -> Callable:
 
 def segment_masks(original: Callable) -> Callable:
     """mlx-lm's `create_attention_mask(h, cache, ...)`, combined with a packed batch's segment
-    mask inside a packed forward pass (models/decoders/packing.py packed_mask) in the dtype of the hidden
-    states it is given (`h`, the first argument); mlx-lm's own otherwise."""
+    mask inside a packed forward pass (models/decoders/packing.py packed_mask) in the dtype of the
+    hidden states it is given (`h`, the first argument); mlx-lm's own otherwise."""
 
     def create_attention_mask(*args, **kwargs):
         h = args[0] if args else kwargs.get("h")

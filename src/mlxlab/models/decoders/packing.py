@@ -81,8 +81,8 @@ def packed_mask(mask: mx.array | str | None, dtype: mx.Dtype | None = None
                 ) -> mx.array | str | None:
     """The attention mask a model built for its sequence, combined with the segment mask inside
     a packed forward pass (attention_segments); `mask` itself outside one. mlx-lm's decoders get
-    their masks through this (models/decoders/mlx_lm_fused.py wraps create_attention_mask), so the mask
-    reaches each layer as an argument and gradient checkpointing's recompute sees it too.
+    their masks through this (models/decoders/mlx_lm_fused.py wraps create_attention_mask), so the
+    mask reaches each layer as an argument and gradient checkpointing's recompute sees it too.
     `dtype`: the hidden states' (a bf16 model's attention takes no float32 additive mask)."""
     if _ACTIVE.mask is None:
         return mask

@@ -167,8 +167,8 @@ class Transformer(Model):
         cache: list[KVCache] | None = None,
         segment_ids: mx.array | None = None,
     ) -> mx.array:
-        """`segment_ids` (B, T): a packed batch's rows (models/decoders/packing.py), each attending only
-        to itself, learned positions restarting at each row."""
+        """`segment_ids` (B, T): a packed batch's rows (models/decoders/packing.py), each attending
+        only to itself, learned positions restarting at each row."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
         T = input_ids.shape[1]

@@ -71,9 +71,9 @@ class SentenceEmbedder(nn.Module):
     `encoder` holds BertEncoder's keyword arguments (bert_config_from_hf's sizes, and
     `padding_idx` for RoBERTa's positions), {"hf_config": a decoder's config.json} for a
     decoder's stack, or {"modernbert": its config.json, "dropout": None or an override} for
-    ModernBERT (encoders/modernbert_encoder.py, on mlx-embeddings); `pooling` the modes of pooling.py,
-    concatenated in order; `dense` one Dense's keyword arguments per layer, applied in order
-    after pooling. Batches may be right-
+    ModernBERT (encoders/modernbert_encoder.py, on mlx-embeddings); `pooling` the modes of
+    pooling.py, concatenated in order; `dense` one Dense's keyword arguments per layer, applied in
+    order after pooling. Batches may be right-
     or left-padded.
     """
 
@@ -99,8 +99,8 @@ class SentenceEmbedder(nn.Module):
                  token_type_ids: mx.array | None = None,
                  normalize: bool | None = None, token_index: mx.array | None = None) -> mx.array:
         """One vector per row; `normalize` overrides the model's own choice for this call;
-        `token_index` (the flat positions of the real tokens, models/layers/unpadding.py) lets a BERT
-        encoder compute those alone (the others compute every position)."""
+        `token_index` (the flat positions of the real tokens, models/layers/unpadding.py) lets a
+        BERT encoder compute those alone (the others compute every position)."""
         if attention_mask is None:
             attention_mask = mx.ones(input_ids.shape, dtype=mx.int32)
         if token_index is not None and isinstance(self.encoder, BertEncoder):

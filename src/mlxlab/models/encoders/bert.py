@@ -208,7 +208,8 @@ class BertClassifier(Model):
     is not applied (the fused SDPA kernel has none); hidden dropout is.
     """
 
-    # the fewest outputs the head may have (a reranker's single score: models/embedders/cross_encoder.py)
+    # the fewest outputs the head may have (a reranker's single score:
+    # models/embedders/cross_encoder.py)
     min_labels = 2
 
     def __init__(

@@ -1,4 +1,5 @@
-"""mlx-lm's DoRA wrapper on a quantized base, with the base product of models/quantized/quantized_cpu.py.
+"""mlx-lm's DoRA wrapper on a quantized base, with the base product of
+models/quantized/quantized_cpu.py.
 
 mlx-lm's DoRALinear dequantizes its quantized base with mx.dequantize (~10x slower than
 kernels.dequantize on the CPU) and multiplies x by that float weight, so autodiff keeps the float

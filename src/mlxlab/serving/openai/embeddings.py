@@ -1,6 +1,6 @@
 """OpenAI's `POST /v1/embeddings` over sentence-transformers folders mlxlab loads
-(models/embedders/sentence_folder.py): the request and response shapes of OpenAI's API, so the official
-`openai` client's `client.embeddings.create(model=..., input=...)` works unchanged.
+(models/embedders/sentence_folder.py): the request and response shapes of OpenAI's API, so the
+official `openai` client's `client.embeddings.create(model=..., input=...)` works unchanged.
 
     {"model": "all-MiniLM-L6-v2", "input": "a text" | ["texts", ...] | [ids] | [[ids], ...],
      "encoding_format": "float" | "base64", "dimensions": 128}
