@@ -360,7 +360,7 @@ def test_dora_on_quantized_experts_takes_the_base_norms_once(monkeypatch):
     dequantizes no expert and equals DoRA's formula on the dequantized experts."""
     from mlx_lm.models.switch_layers import SwitchLinear
 
-    from mlxlab.models import lora_experts
+    from mlxlab.models.adapters import lora_experts
 
     layer = tiny_quantized_dora()
     rng = np.random.default_rng(0)

@@ -18,7 +18,6 @@ from mlx.utils import tree_flatten
 from hf_helpers import save_tiny_model
 from mlxlab import kernels
 from mlxlab.kernels.dispatch import OPS
-from mlxlab.models import layers
 from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.decoders.mlx_lm_fused import (
     ORIGINALS,
@@ -27,6 +26,7 @@ from mlxlab.models.decoders.mlx_lm_fused import (
     GemmaRMSNorm,
     RoPE,
 )
+from mlxlab.models.layers import blocks
 
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["query", "key", "value", "out", "gate_proj"]}
 
@@ -60,7 +60,7 @@ def test_fused_decoder_equals_mlx_lm(kind, tmp_path, kernel_mode, monkeypatch):
     assert module.scaled_dot_product_attention in ORIGINALS
     assert module.swiglu in ORIGINALS
     assert all(type(m) is not nn.RMSNorm for m in model.lm.modules())
-    assert any(isinstance(m, layers.RMSNorm) for m in model.lm.modules())
+    assert any(isinstance(m, blocks.RMSNorm) for m in model.lm.modules())
     assert any(isinstance(m, RoPE) for m in model.lm.modules())
     assert_fused_equals_mlx_lm(model, kernel_mode, monkeypatch)
 
