@@ -64,7 +64,7 @@ def objective_words(package: Path) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Finding:
     kind: str      # one of KINDS, or "dispatch" (a two-argument getattr: listed, never a breach)
-    path: str      # relative to src/mlxlab, e.g. "models/bert.py"
+    path: str      # relative to src/mlxlab, e.g. "models/encoders/bert.py"
     what: str      # the function's qualified name, or the call's source text
     line: int
     detail: str = ""

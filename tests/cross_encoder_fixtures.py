@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from embedder_fixtures import HIDDEN, LAYERS, VOCAB, _bert_weights, _tokenizer, _write_json
-from mlxlab.models.cross_encoder import torch_path
+from mlxlab.models.embedders.cross_encoder import torch_path
 
 REFERENCE = Path(__file__).with_name("cross_encoder_reference.json")
 MAX_SEQ = 24  # tokenizer_config.json's model_max_length: the long pair is cut longest-first

@@ -110,7 +110,7 @@ def test_the_finished_run_loads_to_the_same_weights_as_a_whole_checkpoint(runs):
 
 
 def test_loading_adapters_without_their_base_is_refused(runs):
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
     model = MLXLMDecoder(vocab_size=512, hf_config=json.loads(
         (runs["base"] / "config.json").read_text()), lora={"rank": 8, "targets": ["query"]})
@@ -175,7 +175,7 @@ def test_a_changed_or_missing_base_is_refused_in_one_line(runs, tmp_path):
     assert not (tmp_path / "out").exists()
     # resume's load (training/checkpointing.restore) onto a model built on the changed copy
     from mlxlab.checkpoint import find_run_checkpoints
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
     on_changed = MLXLMDecoder(vocab_size=model.vocab_size, pretrained=str(base),
                               lora={"rank": 8, "targets": ["query", "key", "value", "out"]})
@@ -199,7 +199,7 @@ def test_dora_on_a_base_quantized_at_load_round_trips_its_trained_parameters(run
     magnitudes, not the packed base; a model built again from the source (other adapter draws)
     takes them and gives the trained model's logits to the bit."""
     from mlxlab.checkpoint import save_checkpoint
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
     def build(seed: int) -> MLXLMDecoder:
         mx.random.seed(seed)

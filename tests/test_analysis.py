@@ -11,8 +11,8 @@ import mlx.nn as nn
 import numpy as np
 
 from conftest import FAST
-from mlxlab.models.bert import BertClassifier
-from mlxlab.models.transformer import Transformer
+from mlxlab.models.decoders.transformer import Transformer
+from mlxlab.models.encoders.bert import BertClassifier
 from mlxlab.tracking.csv_files import read_metrics
 from mlxlab.train import train
 from mlxlab.training.analysis import analyse, attention_entropies, grouped_norms, sample_text
@@ -96,7 +96,7 @@ def test_attention_weights_are_what_the_forward_pass_mixes_the_values_with():
     """Attention.weights (what the entropy is measured on) uses the layer's own projections and
     rotary positions: mixing the values with them gives the layer's output."""
     from mlxlab import kernels
-    from mlxlab.models.layers import Attention, padding_mask
+    from mlxlab.models.layers.blocks import Attention, padding_mask
 
     mx.random.seed(0)
     x = mx.random.normal((2, 6, 16))

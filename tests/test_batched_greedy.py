@@ -17,7 +17,7 @@ from mlxlab.decoding.batched_greedy import greedy_batch, merges
 from mlxlab.evaluation.scoring import Prompts, _cut, greedy_ids, score_task
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import read_task
-from mlxlab.models.transformer import Transformer
+from mlxlab.models.decoders.transformer import Transformer
 from mlxlab.runs.named_model import load_eval_model
 
 

@@ -24,7 +24,7 @@ from mlxlab.data.batching import Batching
 from mlxlab.data.chat import encode_chat, load_chat_template
 from mlxlab.data.completions import PromptCompletion
 from mlxlab.errors import ConfigError
-from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.objectives.losses import task_loss
 
 transformers = pytest.importorskip("transformers")

@@ -516,7 +516,7 @@ def test_plain_checkpoint_into_lora_model_and_back(tmp_path):
 
 
 def test_plain_checkpoint_into_the_models_room_lora(tmp_path):
-    from mlxlab.models import lora as lora_module
+    from mlxlab.models.adapters import lora as lora_module
     path, plain, plain_opt = saved_tiny(tmp_path)
     mx.random.seed(1)
     model, opt = Tiny(), optim.AdamW(1e-2)

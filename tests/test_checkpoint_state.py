@@ -167,6 +167,41 @@ def test_a_checkpoint_naming_objectives_where_they_stood_resumes_with_their_path
         "mlxlab.objectives.supervised.supervised.Supervised")
 
 
+def test_a_run_naming_its_model_where_it_stood_loads_with_the_path_today(make_cfg):
+    """A checkpoint whose config names its model's module at models/'s top (a run saved before
+    the models were grouped by kind: `mlxlab.models.bert.BertClassifier`) loads for export,
+    evaluation and serving (load_run_model) as the class where it stands now, with the same
+    weights; the path today is what a fresh run records."""
+    from pathlib import Path
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from conftest import FAST
+    from mlxlab.models.encoders.bert import BertClassifier
+    from mlxlab.runs import load_run_model
+    from mlxlab.train import train
+
+    cfg = make_cfg(*FAST, "tracking=none")
+    train(cfg)
+    source = Path(cfg.paths.output_dir)
+    before, _ = load_run_model(source)
+    for state_file in sorted(source.glob("checkpoints/*/state.json")):
+        state = json.loads(state_file.read_text())
+        assert state["config"]["model"]["_target_"] in (
+            "mlxlab.models.encoders.bert.BertClassifier",
+            "mlxlab.models.bert.BertClassifier")  # best/: a hard link, rewritten already
+        state["config"]["model"]["_target_"] = "mlxlab.models.bert.BertClassifier"
+        state_file.write_text(json.dumps(state))
+        recommit(state_file.parent)
+    model, state = load_run_model(source)
+    assert state.config["model"]["_target_"] == "mlxlab.models.bert.BertClassifier"
+    assert type(model) is BertClassifier
+    ours, theirs = dict(tree_flatten(model.parameters())), dict(tree_flatten(before.parameters()))
+    assert ours.keys() == theirs.keys()
+    assert all(mx.array_equal(ours[k], theirs[k]).item() for k in ours)
+
+
 def test_every_moved_module_imports_where_it_is_now_and_nested_targets_follow():
     """MOVED_MODULES names modules that exist, and a GRPO node's rewards, tools and environment
     (targets nested in lists and nodes) are renamed with the objective's own; a target already

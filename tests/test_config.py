@@ -226,7 +226,7 @@ def test_bad_values_fail_validation(tmp_path, override, message):
 
 
 def test_unknown_decoder_mlp_is_one_clear_error_where_the_model_is_built(tmp_path):
-    """The owner (models/layers.py) checks its choices; train.py's main unwraps Hydra's
+    """The owner (models/layers/blocks.py) checks its choices; train.py's main unwraps Hydra's
     InstantiationException to this one line."""
     from hydra.errors import InstantiationException
 

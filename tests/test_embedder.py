@@ -24,8 +24,8 @@ from embedder_fixtures import (
 )
 from mlxlab.cli.main import main
 from mlxlab.errors import ConfigError, MissingFileError
-from mlxlab.models.pooling import POOLERS
-from mlxlab.models.sentence_folder import TextEmbedder, load_sentence_embedder
+from mlxlab.models.embedders.pooling import POOLERS
+from mlxlab.models.embedders.sentence_folder import TextEmbedder, load_sentence_embedder
 
 
 def compare(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -201,7 +201,7 @@ def test_pooling_ignores_padding_on_either_side():
     """Every mode gives the same vector for a text right-padded and left-padded."""
     import mlx.core as mx
 
-    from mlxlab.models.pooling import pool
+    from mlxlab.models.embedders.pooling import pool
 
     rng = np.random.default_rng(1)
     tokens = rng.standard_normal((3, 4)).astype(np.float32)  # 3 real tokens

@@ -15,7 +15,7 @@ import pytest
 
 from embedder_families import QUERY_PROMPT, TEXTS, write_modernbert, write_qwen3, write_roberta
 from mlxlab.errors import ConfigError
-from mlxlab.models.sentence_folder import TextEmbedder
+from mlxlab.models.embedders.sentence_folder import TextEmbedder
 
 
 def assert_equal_vectors(ours: np.ndarray, reference: np.ndarray, what: str) -> None:
@@ -56,7 +56,7 @@ def test_decoder_vectors_do_not_depend_on_the_padding_side():
     rows left-padded give the same last-token and mean vectors."""
     import mlx.core as mx
 
-    from mlxlab.models.embedder import SentenceEmbedder
+    from mlxlab.models.embedders.embedder import SentenceEmbedder
 
     config = {"model_type": "qwen3", "vocab_size": 50, "hidden_size": 32,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -78,7 +78,7 @@ def test_modernbert_without_mlx_embeddings_is_one_line(tmp_path, monkeypatch):
     import json
     import sys
 
-    from mlxlab.models.embedder_model import EmbedderModel
+    from mlxlab.models.embedders.embedder_model import EmbedderModel
 
     folder = tmp_path / "modernbert"
     (folder / "1_Pooling").mkdir(parents=True)

@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 from embedder_fixtures import write_tiny_folder
 from mlxlab.data.batching import real_token_index
 from mlxlab.data.sentence_pairs import column_keys, token_index_key
-from mlxlab.models.embedder_model import EmbedderModel
+from mlxlab.models.embedders.embedder_model import EmbedderModel
 from mlxlab.objectives.embedding.cached_mnrl import CachedMultipleNegativesRankingLoss
 from mlxlab.objectives.embedding.cosent import CoSENTLoss
 from mlxlab.objectives.embedding.distill_kl_div import DistillKLDivLoss
@@ -121,7 +121,7 @@ def test_loss_and_gradients_equal_sentence_transformers(models, case):
 @pytest.mark.parametrize("multiple", [1, 4])
 def test_unpadded_columns_equal_the_padded_pass(models, multiple):
     """The data's real-token index (rounded up to `multiple` with pad positions) makes BERT's
-    dense layers run on those rows only (models/unpadding.py): the embeddings, the loss and
+    dense layers run on those rows only (models/layers/unpadding.py): the embeddings, the loss and
     every gradient equal the padded pass's, whose loss equals sentence-transformers'."""
     ours_model, theirs_model = models
     _, padded = features(theirs_model, 4)

@@ -22,7 +22,7 @@ from mlxlab.data.beir import read_beir
 from mlxlab.errors import ConfigError
 from mlxlab.evaluation.paired import pair_runs
 from mlxlab.evaluation.run_scores import folder_scores
-from mlxlab.models.sentence_folder import TextEmbedder
+from mlxlab.models.embedders.sentence_folder import TextEmbedder
 from mlxlab.objectives.embedding.retrieval import score_retrieval
 
 FAST = ["experiment=embed_retrieval", "tracking=none", "callbacks.progress.enabled=false",

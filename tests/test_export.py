@@ -110,7 +110,7 @@ def test_geglu_decoder_exports_to_hf_as_gelu_llama_and_mlx_lm_refuses_it(tmp_pat
     from transformers import AutoModelForCausalLM
 
     from mlxlab.export.hf import decoder_config
-    from mlxlab.models.transformer import Transformer
+    from mlxlab.models.decoders.transformer import Transformer
 
     cfg = compose_cfg(tmp_path, [*LM, "model.mlp=geglu", "trainer.max_steps=4",
                                  "trainer.eval_every_steps=4"])

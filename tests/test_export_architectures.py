@@ -27,7 +27,7 @@ from hf_helpers import mlx_logits, save_tiny_model, tiny, torch_logits
 from mlxlab.export import export_run
 from mlxlab.export.architectures import TESTED
 from mlxlab.export.proof import TOLERANCE
-from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.runs import load_run_model
 from test_mlx_lm_decoders import ARCHS, IDS, train_chat
 

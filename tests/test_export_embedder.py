@@ -19,7 +19,7 @@ import pytest
 
 from embedder_fixtures import TEXTS, stored_reference, write_tiny_folder
 from mlxlab.cli.main import main
-from mlxlab.models.sentence_folder import TextEmbedder
+from mlxlab.models.embedders.sentence_folder import TextEmbedder
 
 
 def mean_pooled_bert(folder: Path) -> Path:

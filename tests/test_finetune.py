@@ -21,8 +21,8 @@ from mlxlab.data.batching import Batching
 from mlxlab.data.completions import PromptCompletion
 from mlxlab.evaluation.file_metrics import lm_metrics
 from mlxlab.export import export_run
-from mlxlab.models.lora import fuse_lora
-from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.adapters.lora import fuse_lora
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.runs import load_run_model
 
 IDS = np.random.default_rng(3).integers(0, 500, size=(2, 24))

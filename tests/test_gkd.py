@@ -103,7 +103,7 @@ def prompt_data(tiny: dict, file: str = "sums", **kwargs) -> PromptRows:
 
 
 def student_model(tiny: dict, data: PromptRows, rank: int = 4):
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
     mx.random.seed(0)
     return MLXLMDecoder(vocab_size=data.vocab_size, pretrained=str(tiny["student"]),
@@ -189,7 +189,7 @@ def test_the_loss_is_trls_on_the_completion_tokens_of_the_rows_it_makes(tiny):
     assert 0 < dataset_rows < 8
     model.eval()
     student = model(batch["input_ids"])
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
     teacher_model = MLXLMDecoder(vocab_size=data.vocab_size, pretrained=str(tiny["teacher"]))
     teacher = np.array(teacher_model(batch["input_ids"]))

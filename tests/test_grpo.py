@@ -155,7 +155,7 @@ def test_a_prompt_file_without_prompts_names_the_line(tiny, tmp_path):
 
 
 def lora_model(tiny: dict, data: PromptRows, rank: int = 4):
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
     mx.random.seed(0)
     return MLXLMDecoder(vocab_size=data.vocab_size, pretrained=str(tiny["folder"]),

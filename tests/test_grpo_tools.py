@@ -282,7 +282,7 @@ def caller_data(caller: dict) -> PromptRows:
 
 
 def caller_model(caller: dict, data: PromptRows):
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
     mx.random.seed(0)
     return MLXLMDecoder(vocab_size=data.vocab_size, pretrained=str(caller["folder"]),

@@ -15,7 +15,7 @@ import pytest
 
 from hf_helpers import mlx_logits, save_tiny_model, torch_logits
 from mlxlab.errors import ConfigError, MissingFileError
-from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
 IDS = np.random.default_rng(0).integers(0, 500, size=(2, 40))
 
@@ -85,7 +85,7 @@ def test_sharded_checkpoint_loads(checkpoints, tmp_path):
 def test_mlx_lm_layout_and_quantized_checkpoint(checkpoints, tmp_path):
     """mlx_lm.convert's output loads: unquantized equal to the original, 4-bit kept packed and
     what mlx-lm itself computes (to float32 rounding: on the CPU the packed layers multiply
-    through mlxlab's fused dequantize + GEMM, models/quantized_cpu.py, summing in another
+    through mlxlab's fused dequantize + GEMM, models/quantized/quantized_cpu.py, summing in another
     order than MLX's quantized matmul)."""
     import mlx_lm
     from mlx_lm.convert import convert

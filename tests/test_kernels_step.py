@@ -70,8 +70,8 @@ def test_rope_values_and_gradients_equal_mlx(b, t, h, d, offset, scale):
 
 
 def test_the_new_primitives_run_and_other_ropes_keep_mlx():
-    from mlxlab.models.layers import Attention
-    from mlxlab.models.rope import make_rope
+    from mlxlab.models.layers.blocks import Attention
+    from mlxlab.models.layers.rope import make_rope
 
     x = mx.random.normal((2, 3, 4, 8))
     assert "MlxlabRMSNorm" in graph_text(lambda x: kernels.rms_norm(x, mx.ones((8,)), 1e-5), x)
@@ -169,8 +169,8 @@ def test_lora_step_on_a_grouped_query_llama_equals_mlx():
     attention's speed on long rows must not change them."""
     from mlx.utils import tree_flatten
 
-    from mlxlab.models.lora import LoRALinear
-    from mlxlab.models.transformer import Transformer
+    from mlxlab.models.adapters.lora import LoRALinear
+    from mlxlab.models.decoders.transformer import Transformer
     from mlxlab.objectives import losses
 
     mx.random.seed(3)

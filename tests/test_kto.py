@@ -207,7 +207,7 @@ def test_the_reference_is_the_model_with_its_adapters_off(kto_model):
     change the loss; the adapters' gradient is not 0."""
     import mlx.nn as nn
 
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.objectives.base import ObjectiveSetup
     from mlxlab.objectives.preference.kto import KTO
     from mlxlab.runtime.cluster.distributed import World

@@ -1,7 +1,7 @@
-"""Adapters on a MoE layer's routed experts (models/lora_experts.py, models/routed_experts.py):
-tiny random Qwen3-MoE, Mixtral and GraniteMoE folders (and DeepSeek-V3's, with its dense first
-layer and shared expert) written by transformers from their configs (scripts/tiny_hf_model.py),
-loaded through mlxlab's decoder as a run loads them.
+"""Adapters on a MoE layer's routed experts (models/adapters/lora_experts.py,
+models/adapters/routed_experts.py): tiny random Qwen3-MoE, Mixtral and GraniteMoE folders (and
+DeepSeek-V3's, with its dense first layer and shared expert) written by transformers from their
+configs (scripts/tiny_hf_model.py), loaded through mlxlab's decoder as a run loads them.
 
 With B at zero the adapted forward is the base's (LoRA and DoRA, float and 4-bit experts); with
 B drawn, the gradients of the expert adapters are non-zero for exactly the experts the routers
@@ -27,10 +27,14 @@ from mlx.utils import tree_flatten
 
 from hf_helpers import mlx_logits, save_tiny_model
 from mlxlab.errors import ConfigError
-from mlxlab.models.lora import AdapterLayer, fuse_lora, layer_kinds
-from mlxlab.models.lora_experts import DoRASwitchLinear, LoRASwitchLinear
-from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
-from mlxlab.models.routed_experts import counting_routes, expert_blocks, expert_update_norms
+from mlxlab.models.adapters.lora import AdapterLayer, fuse_lora, layer_kinds
+from mlxlab.models.adapters.lora_experts import DoRASwitchLinear, LoRASwitchLinear
+from mlxlab.models.adapters.routed_experts import (
+    counting_routes,
+    expert_blocks,
+    expert_update_norms,
+)
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
 KINDS = ("qwen3_moe", "mixtral", "granitemoe")
 # 8 experts, 2 a token; every expert's input a multiple of 64, so model.quantize=4 packs them all
@@ -341,7 +345,7 @@ def tiny_quantized_dora(num_experts: int = 4, in_dims: int = 128, out_dims: int 
 def dora_reference(layer: DoRASwitchLinear, x: mx.array, indices: mx.array) -> np.ndarray:
     """DoRA's formula with every expert dequantized: m_e / ||W_e + s B_e A_e||_rows *
     (W_e + s B_e A_e) x for each token's experts."""
-    from mlxlab.models.routed_experts import expert_weight
+    from mlxlab.models.adapters.routed_experts import expert_weight
 
     adapted = np.array(expert_weight(layer.linear).astype(mx.float32) + layer.delta())
     rows = np.array(layer.m) / np.linalg.norm(adapted, axis=-1)
@@ -356,7 +360,7 @@ def test_dora_on_quantized_experts_takes_the_base_norms_once(monkeypatch):
     dequantizes no expert and equals DoRA's formula on the dequantized experts."""
     from mlx_lm.models.switch_layers import SwitchLinear
 
-    from mlxlab.models import lora_experts
+    from mlxlab.models.adapters import lora_experts
 
     layer = tiny_quantized_dora()
     rng = np.random.default_rng(0)

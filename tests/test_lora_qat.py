@@ -15,8 +15,8 @@ from mlx.utils import tree_flatten
 
 from conftest import PYTHON, config_refusal
 from mlxlab.errors import ConfigError
-from mlxlab.models.lora import apply_lora, check_lora
-from mlxlab.models.lora_qat import QATLoRALinear
+from mlxlab.models.adapters.lora import apply_lora, check_lora
+from mlxlab.models.adapters.lora_qat import QATLoRALinear
 
 
 class Two(nn.Module):

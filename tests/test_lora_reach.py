@@ -13,8 +13,8 @@ from mlx_lm.models import deepseek_v3, llama
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from mlxlab.models.lora import check_reach, maybe_apply_lora
-from mlxlab.models.mlx_lm_decoder import TARGET_ALIASES, lora_targets
+from mlxlab.models.adapters.lora import check_reach, maybe_apply_lora
+from mlxlab.models.decoders.mlx_lm_decoder import TARGET_ALIASES, lora_targets
 
 
 def default_lora() -> dict:
@@ -38,7 +38,7 @@ def test_default_targets_on_deepseek_v3_reach_only_o_proj_and_warn(caplog):
         qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, first_k_dense_replace=1)
     model = deepseek_v3.Model(args)
     _, targets = adapted(model)
-    with caplog.at_level(logging.INFO, logger="mlxlab.models.lora"):
+    with caplog.at_level(logging.INFO, logger="mlxlab.models.adapters.lora"):
         counts = check_reach(model, targets, TARGET_ALIASES)
     assert dict(counts) == {"o_proj": 2}
     said = [r for r in caplog.records if r.levelno == logging.INFO]
@@ -59,7 +59,7 @@ def test_default_targets_on_llama_reach_its_four_projections_without_a_warning(c
                            vocab_size=64, num_key_value_heads=2)
     model = llama.Model(args)
     _, targets = adapted(model)
-    with caplog.at_level(logging.INFO, logger="mlxlab.models.lora"):
+    with caplog.at_level(logging.INFO, logger="mlxlab.models.adapters.lora"):
         counts = check_reach(model, targets, TARGET_ALIASES)
     assert dict(counts) == {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 2}
     assert not [r for r in caplog.records if r.levelno == logging.WARNING], caplog.text

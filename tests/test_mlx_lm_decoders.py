@@ -25,8 +25,8 @@ from mlxlab.errors import ConfigError
 from mlxlab.evaluation.results import read_scores
 from mlxlab.export import export_run
 from mlxlab.models import num_parameters
-from mlxlab.models.lora import AdapterLayer, LoRALinear
-from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.adapters.lora import AdapterLayer, LoRALinear
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.runs import load_run_model
 from mlxlab.runs.generate import plain_prompt_ids
 from mlxlab.runs.inference import load_run, sample_ids
@@ -120,7 +120,7 @@ def q4_folder(tmp_path_factory) -> Path:
 def test_a_4bit_folder_trains_qlora_and_its_adapters_load_in_mlx_lm(q4_folder, tmp_path, caplog):
     import mlx_lm
 
-    with caplog.at_level("INFO", logger="mlxlab.models.mlx_lm_decoder"):
+    with caplog.at_level("INFO", logger="mlxlab.models.decoders.mlx_lm_decoder"):
         metrics, run = train_chat(q4_folder, tmp_path)
     assert np.isfinite(metrics["val/loss"])
     said = [r.getMessage() for r in caplog.records if "trainable" in r.getMessage()]
@@ -130,7 +130,8 @@ def test_a_4bit_folder_trains_qlora_and_its_adapters_load_in_mlx_lm(q4_folder, t
     assert isinstance(block.self_attn.q_proj, LoRALinear)
     assert isinstance(block.self_attn.q_proj.linear, nn.QuantizedLinear)
     assert block.self_attn.q_proj.linear.bits == 4
-    # ... and on the CPU multiplies through the fused dequantize + GEMM (models/quantized_cpu.py)
+    # ... and on the CPU multiplies through the fused dequantize + GEMM
+    # (models/quantized/quantized_cpu.py)
     assert type(block.self_attn.q_proj.linear).__name__ == "CpuQuantizedLinear"
     assert isinstance(block.mlp.gate_proj, nn.QuantizedLinear)
     assert isinstance(model.lm.model.embed_tokens, nn.QuantizedEmbedding)
@@ -195,7 +196,7 @@ def test_quantize_at_load_dora_and_the_refusals(q4_folder):
     reference, _ = mlx_lm.load(str(q4_folder))
     loaded = MLXLMDecoder(vocab_size=1, pretrained=str(q4_folder))
     # (to float32 rounding: on the CPU the packed layers multiply through mlxlab's fused
-    # dequantize + GEMM, models/quantized_cpu.py, summing in another order than MLX's)
+    # dequantize + GEMM, models/quantized/quantized_cpu.py, summing in another order than MLX's)
     theirs = np.array(reference(mx.array(IDS)))
     assert np.abs(mlx_logits(loaded, IDS) - theirs).max() <= 1e-5 * np.abs(theirs).max()
     with pytest.raises(ConfigError, match=r"needs a float base and this one is quantized"):
@@ -269,9 +270,9 @@ def test_grad_checkpoint_keeps_the_gradients_and_refuses_a_model_without_blocks(
     """A from-scratch Transformer's blocks recomputed in the backward give the same gradients;
     only these instances change class (a second model of the class is untouched); a model
     without decoder blocks is one line."""
-    from mlxlab.models.bert import BertClassifier
-    from mlxlab.models.grad_checkpoint import checkpoint_blocks
-    from mlxlab.models.transformer import Transformer
+    from mlxlab.models.decoders.transformer import Transformer
+    from mlxlab.models.encoders.bert import BertClassifier
+    from mlxlab.models.layers.grad_checkpoint import checkpoint_blocks
 
     def grads(model):
         ids = mx.array(IDS[:, :16] % 64)

@@ -1,7 +1,7 @@
-"""mlx-lm's decoders through mlxlab's fused CPU kernels (models/mlx_lm_fused.py): a loaded llama /
-qwen3 takes the fused attention, SwiGLU, RMSNorm and RoPE on the CPU, a Gemma 3 its (1 + weight)
-norms, its GELU-gated MLP (the backward recomputing the GELU) and its attention, with logits and
-LoRA gradients equal to mlx-lm's own code (the kernels off) to float32 rounding; where the fused
+"""mlx-lm's decoders through mlxlab's fused CPU kernels (models/decoders/mlx_lm_fused.py): a loaded
+llama / qwen3 takes the fused attention, SwiGLU, RMSNorm and RoPE on the CPU, a Gemma 3 its (1 +
+weight) norms, its GELU-gated MLP (the backward recomputing the GELU) and its attention, with logits
+and LoRA gradients equal to mlx-lm's own code (the kernels off) to float32 rounding; where the fused
 path does not apply (kernels off, a KV cache, another dtype) the wrappers run mlx-lm's functions to
 the bit. A Gemma 3 LoRA step's MLX peak stays below mlx-lm's own training step's."""
 
@@ -18,15 +18,15 @@ from mlx.utils import tree_flatten
 from hf_helpers import save_tiny_model
 from mlxlab import kernels
 from mlxlab.kernels.dispatch import OPS
-from mlxlab.models import layers
-from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
-from mlxlab.models.mlx_lm_fused import (
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.decoders.mlx_lm_fused import (
     ORIGINALS,
     GemmaAttention,
     GemmaMLP,
     GemmaRMSNorm,
     RoPE,
 )
+from mlxlab.models.layers import blocks
 
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["query", "key", "value", "out", "gate_proj"]}
 
@@ -60,7 +60,7 @@ def test_fused_decoder_equals_mlx_lm(kind, tmp_path, kernel_mode, monkeypatch):
     assert module.scaled_dot_product_attention in ORIGINALS
     assert module.swiglu in ORIGINALS
     assert all(type(m) is not nn.RMSNorm for m in model.lm.modules())
-    assert any(isinstance(m, layers.RMSNorm) for m in model.lm.modules())
+    assert any(isinstance(m, blocks.RMSNorm) for m in model.lm.modules())
     assert any(isinstance(m, RoPE) for m in model.lm.modules())
     assert_fused_equals_mlx_lm(model, kernel_mode, monkeypatch)
 
@@ -145,7 +145,7 @@ def test_wrappers_run_mlx_lm_where_the_kernels_do_not_apply(tmp_path, kernel_mod
     from mlx_lm.models import activations, base
     from mlx_lm.models.cache import KVCache
 
-    from mlxlab.models.mlx_lm_fused import fused_attention, fused_swiglu
+    from mlxlab.models.decoders.mlx_lm_fused import fused_attention, fused_swiglu
 
     attention = fused_attention(base.scaled_dot_product_attention)
     swiglu = fused_swiglu(activations.swiglu)

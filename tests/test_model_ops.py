@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlx.utils import tree_flatten
 
-from mlxlab.models.transformer import Transformer
+from mlxlab.models.decoders.transformer import Transformer
 from mlxlab.objectives import losses
 from mlxlab.runs import load_run_model
 from mlxlab.train import train

@@ -17,7 +17,7 @@ import pytest
 from conftest import MLXLAB
 from hf_helpers import mlx_logits
 from mlxlab.export.gguf import write_gguf
-from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.sources import resolve
 from test_export_gguf import IDS, from_gguf, logits, save_tiny
 

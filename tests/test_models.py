@@ -18,9 +18,7 @@ from omegaconf import OmegaConf
 from mlxlab.config import compose_config
 from mlxlab.decoding.generation import generate_tokens
 from mlxlab.models import BertClassifier, CNNHybrid, Transformer, num_parameters
-from mlxlab.models.hf import hf_to_mlxlab_name, load_hf_bert_weights
-from mlxlab.models.layers import KVCache
-from mlxlab.models.lora import (
+from mlxlab.models.adapters.lora import (
     LoRALinear,
     adapter_parameters,
     apply_lora,
@@ -30,6 +28,8 @@ from mlxlab.models.lora import (
     lora_base_name_map,
     save_adapters,
 )
+from mlxlab.models.encoders.bert_hf import hf_to_mlxlab_name, load_hf_bert_weights
+from mlxlab.models.layers.blocks import KVCache
 
 
 def model_config(name: str):
@@ -125,7 +125,7 @@ _NP_ACTIVATIONS = {
 def test_every_decoder_mlp_computes_its_activation(kind):
     """model.mlp: gated kinds are down(act(gate x) * up x), plain ones down(act(up x)), each
     against NumPy; all default to ~8*dim^2 parameters, so switching keeps the model size."""
-    from mlxlab.models.layers import make_mlp
+    from mlxlab.models.layers.blocks import make_mlp
 
     mlp = make_mlp(kind, 24, None, bias=True)
     randomize(mlp)

@@ -23,7 +23,7 @@ from mlxlab.errors import ConfigError  # noqa: E402
 from mlxlab.evaluation.mteb.encoder import MlxlabEncoder  # noqa: E402
 from mlxlab.evaluation.mteb.scores import KIND, score_mteb  # noqa: E402
 from mlxlab.evaluation.mteb.tasks import check_mteb_entries  # noqa: E402
-from mlxlab.models.sentence_folder import TextEmbedder  # noqa: E402
+from mlxlab.models.embedders.sentence_folder import TextEmbedder  # noqa: E402
 from mlxlab.objectives.embedding.retrieval import score_retrieval  # noqa: E402
 
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "abc", "zebra", "bed", "fig", "hug", "jam"]

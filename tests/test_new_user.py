@@ -546,7 +546,7 @@ def test_readme_config_dir_preset_runs_through_the_cli(tmp_path, cli_env):
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "my_preset").iterdir()  # the preset's task_name
     job = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    assert job["model"]["_target_"] == "mlxlab.models.cnn_hybrid.CNNHybrid"
+    assert job["model"]["_target_"] == "mlxlab.models.encoders.cnn_hybrid.CNNHybrid"
     assert job["model"]["cnn_filters"] == 64 and job["optimizer"]["learning_rate"] == 3e-4
     assert job["objective"]["label_smoothing"] == 0.1 and job["trainer"]["max_steps"] == 3
     assert (run_dir / "tracking" / "metrics.csv").is_file()  # the preset's tracking=csv

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO
 from mlxlab.config import config_dir, instantiate
-from mlxlab.models.transformer import Transformer
+from mlxlab.models.decoders.transformer import Transformer
 from mlxlab.objectives.losses import task_loss
 from mlxlab.training.optim import LRSchedule, build_optimizer
 from mlxlab.training.settings import TrainerSettings

@@ -1,6 +1,6 @@
 """Packed batches (data.pack=true): rows concatenated into sequences, each row attending
-only to itself (models/packing.py). On the real SmolLM2-135M-Instruct every row's loss and the
-LoRA gradients of a packed batch equal the unpacked batch's to float tolerance, and the same
+only to itself (models/decoders/packing.py). On the real SmolLM2-135M-Instruct every row's loss and
+the LoRA gradients of a packed batch equal the unpacked batch's to float tolerance, and the same
 sequences without their segment ids do not (rows that see each other fail the test); tiny
 random decoders of other architectures match or are refused in one line; a whole run trains
 packed through the real entry, and the settings packing would ignore are refused."""
@@ -20,7 +20,7 @@ from mlxlab.config import asset_path
 from mlxlab.data.batching import Batching, pack_rows
 from mlxlab.data.completions import PromptCompletion
 from mlxlab.errors import ConfigError
-from mlxlab.models.packing import segment_positions
+from mlxlab.models.decoders.packing import segment_positions
 from mlxlab.objectives.losses import forward, token_cross_entropy
 from mlxlab.tracking.csv_files import read_metrics
 
@@ -90,7 +90,7 @@ def smollm2_tokenizer() -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.models.sources import model_folder
     from real_models import packaged_model
 
@@ -178,7 +178,7 @@ REFUSED = ["gemma2", "lfm2"]
 @pytest.mark.parametrize("kind", PACKS + REFUSED)
 def test_tiny_decoders_pack_exactly_or_are_refused(kind, tmp_path):
     from hf_helpers import save_tiny_model
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
     folder = save_tiny_model(kind, tmp_path / kind)
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
@@ -213,7 +213,7 @@ def test_bf16_decoder_packs(tmp_path):
     unpacked ones as closely as bf16 itself keeps them (its gap to the float32 logits), while
     rows that see each other differ far more."""
     from hf_helpers import save_tiny_model
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
     folder = save_tiny_model("llama", tmp_path / "llama")
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
@@ -241,7 +241,7 @@ def test_bf16_decoder_packs(tmp_path):
 
 def test_transformer_learned_positions_restart_per_row():
     """mlxlab's own decoder with learned absolute positions: a packed row starts at position 0."""
-    from mlxlab.models.transformer import Transformer
+    from mlxlab.models.decoders.transformer import Transformer
 
     mx.random.seed(0)
     model = Transformer(vocab_size=64, dim=32, num_layers=2, num_heads=4, max_seq_len=64,

@@ -141,7 +141,7 @@ def loss_parts(folder: Path, data: PreferencePairs, reference: str, rank: int = 
     LoRA (rank 8) or without (rank 0), its adapters given weights so policy != reference."""
     import mlx.core as mx
 
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.objectives.preference.preference import Preference
 
     mx.random.seed(0)
@@ -324,7 +324,7 @@ def test_a_rank_without_rows_of_a_pair_batch_weighs_nothing(pref_model, loss):
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.objectives.preference.preference import Preference
     from mlxlab.runtime.cluster.distributed import World
 

@@ -1,6 +1,6 @@
-"""QLoRA on the CPU backend (models/quantized_cpu.py, kernels/csrc/quantized.cpp): a quantized
-layer's product through the float GEMM equals MLX's quantized layer (values, gradients in x and
-through mlx-lm's LoRA and DoRA adapters, compiled or not) to rounding, the model keeps its
+"""QLoRA on the CPU backend (models/quantized/quantized_cpu.py, kernels/csrc/quantized.cpp): a
+quantized layer's product through the float GEMM equals MLX's quantized layer (values, gradients in
+x and through mlx-lm's LoRA and DoRA adapters, compiled or not) to rounding, the model keeps its
 parameters, and a training step's MLX peak memory stays near the packed size, where dequantizing
 the weights as ordinary MLX ops holds the float model."""
 
@@ -17,7 +17,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from mlxlab import kernels
-from mlxlab.models.quantized_cpu import (
+from mlxlab.models.quantized.quantized_cpu import (
     CpuQuantizedEmbedding,
     CpuQuantizedLinear,
     use_fast_cpu_quantized,

@@ -30,7 +30,7 @@ def gguf_file() -> Path:
 
 @pytest.fixture(scope="module")
 def ours(gguf_file):
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
     return MLXLMDecoder(vocab_size=49152, pretrained=str(gguf_file))
 
@@ -185,7 +185,7 @@ def test_gemma3_k_quants_dequantize_to_transformers_weights_and_requantize(tmp_p
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
     from real_models import GEMMA3
 
     file = packaged_model(GEMMA3)

@@ -15,9 +15,9 @@ from mlx.utils import tree_flatten
 
 from embedder_fixtures import write_tiny_folder
 from mlxlab.data.sentence_pairs import column_keys
-from mlxlab.models.embedder_model import EmbedderModel
-from mlxlab.models.grad_checkpoint import checkpoint_blocks
-from mlxlab.models.transformer import Transformer
+from mlxlab.models.decoders.transformer import Transformer
+from mlxlab.models.embedders.embedder_model import EmbedderModel
+from mlxlab.models.layers.grad_checkpoint import checkpoint_blocks
 from mlxlab.objectives.embedding.cached_mnrl import CachedMultipleNegativesRankingLoss
 from mlxlab.runtime.cluster import distributed
 from mlxlab.training.parallel.fully_sharded import shard_fully

@@ -24,7 +24,7 @@ from cross_encoder_fixtures import LABELS, LISTS, PAIRS, stored_reference, write
 from mlxlab.data.batching import Batching
 from mlxlab.data.rerank import RerankLists, RerankPairs
 from mlxlab.errors import ConfigError
-from mlxlab.models.cross_encoder import CrossEncoderModel, load_cross_encoder
+from mlxlab.models.embedders.cross_encoder import CrossEncoderModel, load_cross_encoder
 from mlxlab.objectives.rerank.ranking_metrics import ndcg, reciprocal_rank
 from mlxlab.objectives.rerank.reranking import Reranking
 from mlxlab.runs.reranker import Reranker
@@ -328,7 +328,7 @@ def test_mined_negatives_equal_sentence_transformers(minilm_cross_encoder):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives as theirs
 
-    from mlxlab.models.sentence_folder import TextEmbedder
+    from mlxlab.models.embedders.sentence_folder import TextEmbedder
     from mlxlab.runs.hard_negatives import MiningSettings, mine_hard_negatives
     from real_models import packaged_folder
 

@@ -94,7 +94,7 @@ def test_the_head_reads_the_last_token_as_transformers_sequence_classifier_does(
     from mlx.utils import tree_flatten
     from transformers import LlamaForSequenceClassification
 
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.objectives.base import ObjectiveSetup
     from mlxlab.objectives.preference.reward import Reward, pair_rewards
     from mlxlab.runtime.cluster.distributed import World

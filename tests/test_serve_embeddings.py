@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from embedder_fixtures import DENSE_OUT, TEXTS, stored_reference, write_tiny_folder
-from mlxlab.models.sentence_folder import TextEmbedder
+from mlxlab.models.embedders.sentence_folder import TextEmbedder
 from serve_helpers import serving
 
 

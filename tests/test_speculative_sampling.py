@@ -2,8 +2,8 @@
 tokens, the first two tokens `generate_tokens` samples with a draft (temperature 1, mlx-lm's
 speculative decoding) follow the model's exact joint distribution p(a) p(b | a), by a
 chi-square test over 800 draws; the same test rejects a decoder that accepts every
-draft token (the draft's distribution), so it can fail. The decoders are mlxlab's own (models/transformer.py), whose
-cache mlx-lm's speculative decoding trims."""
+draft token (the draft's distribution), so it can fail. The decoders are mlxlab's own
+(models/decoders/transformer.py), whose cache mlx-lm's speculative decoding trims."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from scipy.stats import chisquare
 from mlxlab.decoding.generation import generate_tokens
 from mlxlab.decoding.speculative import check_draft
 from mlxlab.errors import ConfigError
-from mlxlab.models.transformer import Transformer
+from mlxlab.models.decoders.transformer import Transformer
 
 VOCAB = 8
 PROMPT = [3, 1, 4]

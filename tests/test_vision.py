@@ -58,7 +58,7 @@ def test_logits_equal_transformers(folders, family):
     import torch
     import transformers
 
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
 
     inputs = processed(folders[family])
     ids = inputs["input_ids"].astype(np.int32)
@@ -80,7 +80,7 @@ def test_logits_equal_transformers(folders, family):
 def test_a_sequence_without_images_after_one_with_them_is_its_own(folders, family):
     """mlx-vlm's Qwen models keep the last images' M-RoPE positions on the language model; a
     row (or prompt) without images that follows one with them must not take those positions."""
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
 
     inputs = processed(folders[family])
     images = {k: mx.array(v) for k, v in inputs.items() if k.startswith(("pixel_", "image_"))}
@@ -169,7 +169,7 @@ def test_image_tokens_never_trained_and_batches_join_images(folders, tmp_path):
 
 def test_lora_modules_choose_what_trains(folders):
     from mlxlab.errors import ConfigError
-    from mlxlab.models.vision_language import VisionLanguageModel, trainable_summary
+    from mlxlab.models.vision.vision_language import VisionLanguageModel, trainable_summary
 
     folder = str(folders["smolvlm"])
     lora = {"rank": 4, "targets": ["query", "value"]}
@@ -235,7 +235,7 @@ def test_greedy_generation_with_an_image_equals_mlx_vlms(folders, family):
     from mlx_vlm.generate import generate_step
 
     from mlxlab.decoding.generation import generate_tokens
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
 
     inputs = processed(folders[family], CHAT[:1])
     ids = inputs["input_ids"][0].astype(np.int32)
@@ -332,7 +332,7 @@ def test_hf_export_loads_in_transformers_with_the_fine_tunes_logits(folders, fam
     from mlx.utils import tree_flatten
 
     from mlxlab.export.vision import export_vision
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
 
     model = VisionLanguageModel(0, pretrained=str(folders[family]),
                                 lora={"rank": 4, "targets": ["query", "value"]})
@@ -348,7 +348,7 @@ def _adapted(folder: Path):
     """A LoRA vision model whose adapters moved off their start (so fusing them counts)."""
     from mlx.utils import tree_flatten
 
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
 
     model = VisionLanguageModel(0, pretrained=str(folder),
                                 lora={"rank": 4, "targets": ["query", "value"]})
@@ -412,7 +412,7 @@ def test_qlora_and_dora_on_the_language_model(folders):
     and adapters train on them; DoRA adapters train too; a forward with a picture runs."""
     import mlx.nn as nn
 
-    from mlxlab.models.vision_language import VisionLanguageModel, trainable_summary
+    from mlxlab.models.vision.vision_language import VisionLanguageModel, trainable_summary
 
     inputs = processed(folders["smolvlm"])
     ids = mx.array(inputs["input_ids"].astype(np.int32))
@@ -467,7 +467,7 @@ def test_image_references_read_and_refused_in_one_line(tmp_path):
 def test_rows_with_two_images_and_rows_without(folders, tmp_path):
     """Several images a row and text-only rows batch together, and the model reads the batch."""
     from mlxlab.data.batching import Batching
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
 
     for i in range(2):
         picture(i).save(tmp_path / f"{i}.png")
@@ -494,7 +494,7 @@ def test_rows_with_two_images_and_rows_without(folders, tmp_path):
 
 def test_full_fine_tuning_and_an_unknown_family(folders, tmp_path):
     from mlxlab.errors import ConfigError
-    from mlxlab.models.vision_language import VisionLanguageModel, trainable_summary
+    from mlxlab.models.vision.vision_language import VisionLanguageModel, trainable_summary
 
     every = trainable_summary(VisionLanguageModel(0, pretrained=str(folders["smolvlm"]),
                                                   lora={"rank": 0}))
@@ -517,7 +517,7 @@ def test_a_4bit_mlx_vlm_folder_stays_4bit(folders, tmp_path):
     from mlx_vlm.convert import convert
 
     from mlxlab.errors import ConfigError
-    from mlxlab.models.vision_language import VisionLanguageModel, trainable_summary
+    from mlxlab.models.vision.vision_language import VisionLanguageModel, trainable_summary
 
     out = tmp_path / "q4"
     with contextlib.redirect_stdout(io.StringIO()):
@@ -546,7 +546,7 @@ def test_eval_task_with_an_image_column(folders, tmp_path):
     from mlxlab.evaluation.scoring import score_task
     from mlxlab.evaluation.settings import TaskSettings
     from mlxlab.evaluation.tasks import read_task
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
     from mlxlab.runs.generate import continue_ids, image_prompt
 
     folder = folders["smolvlm"]
@@ -573,7 +573,7 @@ def test_a_lora_run_saved_with_its_base_loads_with_its_adapters(folders, tmp_pat
     """checkpoint.save_base=true writes every weight, the adapters' included: the run loads
     (load_run_model: generate, eval, export) rebuilt from the checkpoint's config with its
     adapters, to the logits of the model it saved."""
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
     from mlxlab.runs import load_run_model
 
     done = _train(tmp_path, folders["smolvlm"], "tracking=none", "checkpoint.save_base=true",

@@ -70,7 +70,7 @@ def test_a_mixed_batch_gives_each_row_its_own_logits(folders, family):
     from mlxlab.config.vision_families import vision_family
     from mlxlab.data.vision_chat import load_processor
     from mlxlab.errors import ConfigError
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
 
     processor = load_processor(folders[family])
     pad = processor.tokenizer.pad_token_id
@@ -100,7 +100,7 @@ def test_text_rows_train_beside_image_rows(folders, family, tmp_path):
     row), and the model reads it with each row's logits those of the row alone."""
     from mlxlab.data.batching import Batching
     from mlxlab.data.vision_chat import VisionChat
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
 
     picture(0).save(tmp_path / "0.png")
     rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": "0.png"},
@@ -136,7 +136,7 @@ def test_logits_equal_transformers(folders, family):
 
     from mlxlab.config.vision_families import vision_family
     from mlxlab.data.vision_chat import load_processor
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
 
     entry = _entry(load_processor(folders[family]), family, 1, "What is it?")
     ids = entry["input_ids"][None]
@@ -162,7 +162,7 @@ def test_paligemmas_answer_is_causal_under_its_token_types(folders):
     import transformers
 
     from mlxlab.data.vision_chat import load_processor
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
 
     folder = folders["paligemma"]
     entry = _entry(load_processor(folder), "paligemma", 1, "What is it? A cat.")
@@ -221,7 +221,7 @@ def test_a_llava_mlx_vlm_export_loads_in_mlx_vlm_with_mlxlabs_logits(folders, tm
     """LLaVA exported as an mlx-vlm folder: mlx-vlm's own loader and forward give mlxlab's
     logits (its config.json holds the rope base where mlx-vlm reads it)."""
     from mlxlab.export import vision
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
 
     model = VisionLanguageModel(0, pretrained=str(folders["llava"]))
     check = vision.export_vision(model, tmp_path, "float32", tmp_path)["check"]

@@ -1,8 +1,8 @@
 """Vision-language models on the CPU's fused paths: a Qwen2.5-VL folder in the hub's layout (text
 settings at the top of config.json) passes the checks and rebuilds from a checkpoint's config;
-its quantized language model multiplies through the fused CPU product (models/quantized_cpu.py)
-with the logits of MLX's own quantized layers; SmolVLM's SigLIP tower attends through
-kernels.attention with the logits of mlx-vlm's own attention."""
+its quantized language model multiplies through the fused CPU product
+(models/quantized/quantized_cpu.py) with the logits of MLX's own quantized layers; SmolVLM's SigLIP
+tower attends through kernels.attention with the logits of mlx-vlm's own attention."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def qwen(tmp_path_factory) -> Path:
 
 def test_a_hub_layout_qwen_folder_passes_the_checks_and_rebuilds(qwen):
     from mlxlab.models.hf import read_config
-    from mlxlab.models.vision_language import VisionLanguageModel, build
+    from mlxlab.models.vision.vision_language import VisionLanguageModel, build
 
     VisionLanguageModel.check_config({"pretrained": str(qwen), "lora": dict(LORA)})
     loaded = VisionLanguageModel(0, pretrained=str(qwen))
@@ -45,8 +45,8 @@ def test_a_hub_layout_qwen_folder_passes_the_checks_and_rebuilds(qwen):
 
 
 def test_quantized_layers_take_the_fused_cpu_product(qwen):
-    from mlxlab.models.quantized_cpu import CpuQuantizedEmbedding, CpuQuantizedLinear
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.quantized.quantized_cpu import CpuQuantizedEmbedding, CpuQuantizedLinear
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
 
     model = VisionLanguageModel(0, pretrained=str(qwen), quantize=4, lora=dict(LORA))
     rebuilt = VisionLanguageModel(0, **model.checkpoint_init)
@@ -71,7 +71,7 @@ def test_the_vision_towers_attention_is_fused_with_mlx_vlms_results(smolvlm):
     from mlx_vlm.models.attention import VisionAttention
 
     from mlxlab.data.vision_chat import load_processor
-    from mlxlab.models.vision_language import VisionLanguageModel
+    from mlxlab.models.vision.vision_language import VisionLanguageModel
     from vision_models import picture
 
     model = VisionLanguageModel(0, pretrained=str(smolvlm), lora=dict(LORA))

@@ -15,7 +15,7 @@ from mlxlab.data.vocab_remap import VocabRemap
 from mlxlab.decoding.generation import generate_tokens
 from mlxlab.errors import ConfigError
 from mlxlab.export import export_run
-from mlxlab.models.remapped import RemappedLM
+from mlxlab.models.decoders.remapped import RemappedLM
 from mlxlab.runs import load_run_model
 from mlxlab.train import train
 

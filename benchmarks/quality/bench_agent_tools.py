@@ -159,7 +159,7 @@ def rollout_speed(model_folder: Path, train_file: Path, tools: dict, a, rounds: 
 
     from mlxlab.data.batching import Batching
     from mlxlab.data.prompts import PromptRows
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.objectives.base import ObjectiveSetup
     from mlxlab.objectives.rl.grpo import GRPO
     from mlxlab.runtime.cluster import distributed

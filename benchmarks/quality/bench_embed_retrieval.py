@@ -84,7 +84,7 @@ def twin(a) -> None:
 def row(name: str, r: dict, beir: Path) -> list[str]:
     """A table row; r["ndcg_at_dims"]: nDCG@10 with the model's vectors cut to each of DIMS."""
     from mlxlab.data.beir import read_beir
-    from mlxlab.models.sentence_folder import TextEmbedder
+    from mlxlab.models.embedders.sentence_folder import TextEmbedder
     from mlxlab.objectives.embedding.retrieval import score_retrieval
 
     found, model = read_beir(beir), TextEmbedder(Path(r["folder"]))

@@ -59,7 +59,7 @@ args = types.SimpleNamespace(**args)
 lora.np.random.seed(args.seed)
 model, tokenizer = lora.load(args.model)
 if sys.argv[4:] == ["1"]:
-    from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
+    from mlxlab.models.quantized.quantized_cpu import use_fast_cpu_quantized
     print("switched:", use_fast_cpu_quantized(model), flush=True)
 train_set, valid_set, _ = lora.load_dataset(args, tokenizer)
 lora.train_model(args, model, train_set, valid_set, Record())

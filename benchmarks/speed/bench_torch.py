@@ -89,7 +89,8 @@ def torch_models():
             return x + self.mlp(self.mlp_norm(x))
 
     class Transformer(nn.Module):
-        """RMSNorm, SwiGLU, RoPE, tied embeddings: mlxlab.models.transformer.Transformer."""
+        """RMSNorm, SwiGLU, RoPE, tied embeddings:
+        mlxlab.models.decoders.transformer.Transformer."""
 
         def __init__(self, vocab_size, dim, num_layers, num_heads, mlp_dim=None,
                      rope_theta=10000.0, **cfg):
@@ -131,7 +132,8 @@ def torch_models():
             return self.mlp_norm(x + self.dropout(self.down(F.gelu(self.up(x)))))
 
     class BertClassifier(nn.Module):
-        """mlxlab.models.bert.BertClassifier (pre- or post-LN, exact GELU, optional pooler, token type 0)."""
+        """mlxlab.models.encoders.bert.BertClassifier (pre- or post-LN, exact GELU, optional pooler,
+        token type 0)."""
 
         def __init__(self, vocab_size, num_labels, hidden_size, num_layers, num_heads,
                      intermediate_size=None, max_position=512, type_vocab_size=2, dropout=None,
@@ -139,8 +141,8 @@ def torch_models():
             super().__init__()
             if cfg.get("pretrained"):
                 raise ValueError("the PyTorch BERT implements models trained from scratch only")
-            # None = mlxlab's choice from scratch (models/bert.py; not imported here): no pooler,
-            # dropout 0.3
+            # None = mlxlab's choice from scratch (models/encoders/bert.py; not imported here): no
+            # pooler, dropout 0.3
             dropout = 0.3 if dropout is None else dropout
             d, eps = hidden_size, layer_norm_eps
             self.word_embeddings = nn.Embedding(vocab_size, d)

@@ -134,7 +134,7 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
         folder = model_folder_of(args.model)
         texts, ids = read_texts(args.input)
-        from mlxlab.models.sentence_folder import TextEmbedder
+        from mlxlab.models.embedders.sentence_folder import TextEmbedder
 
         embedder = TextEmbedder(folder)
         vectors = embedder.encode(texts, args.batch_size, args.normalize, args.prompt_name)

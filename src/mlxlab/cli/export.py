@@ -325,7 +325,7 @@ def _is_embedder(args: argparse.Namespace) -> bool:
     from pathlib import Path
 
     from mlxlab.export.embedder import is_embedder_run
-    from mlxlab.models.sentence_folder import is_sentence_folder
+    from mlxlab.models.embedders.sentence_folder import is_sentence_folder
 
     path = Path(args.run).expanduser()
     return is_sentence_folder(path) or is_embedder_run(path)

@@ -217,7 +217,7 @@ def _cache_dir(given: str | None) -> Path:
 
 def _mine(model: Path, reranker: Path | None, anchors: list[str], positives: list[str],
           settings, keys: tuple[str, str], corpus: list[str]) -> list[dict]:
-    from mlxlab.models.sentence_folder import TextEmbedder
+    from mlxlab.models.embedders.sentence_folder import TextEmbedder
     from mlxlab.runs.hard_negatives import mine_hard_negatives
     from mlxlab.runs.reranker import Reranker
 

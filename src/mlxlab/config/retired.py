@@ -72,8 +72,27 @@ _OBJECTIVE_FAMILIES = {
     "rl": ("grpo", "grpo_loss", "rewards", "agent", "environments", "lookup_tools", "tools",
            "tool_format", "tool_processes", "tool_worker", "sandbox"),
 }
-MOVED_MODULES = {f"mlxlab.objectives.{name}": f"mlxlab.objectives.{family}.{name}"
-                 for family, names in _OBJECTIVE_FAMILIES.items() for name in names}
+# ...and each model's module at models/'s top, where today it stands in its kind's folder (a run's
+# saved `model._target_`, mlxlab.models.bert.BertClassifier, builds its model again from there).
+_MODEL_KINDS = {
+    "decoders": ("transformer", "mlx_lm_decoder", "mlx_lm_fused", "draft_layers", "remapped",
+                 "packing"),
+    "encoders": ("bert", "cnn_hybrid", "decoder_encoder", "modernbert_config",
+                 "modernbert_encoder", "config_sizes"),
+    "embedders": ("embedder", "embedder_model", "pooling", "sentence_folder",
+                  "sentence_folder_save", "cross_encoder"),
+    "vision": ("vision_language",),
+    "adapters": ("adapter_layer", "lora", "lora_linear", "lora_qat", "lora_experts",
+                 "routed_experts"),
+    "quantized": ("quantize", "quantized_cpu", "quantized_product", "quantized_dora"),
+    "layers": ("rope", "unpadding", "grad_checkpoint"),
+}
+MOVED_MODULES = {
+    **{f"mlxlab.objectives.{name}": f"mlxlab.objectives.{family}.{name}"
+       for family, names in _OBJECTIVE_FAMILIES.items() for name in names},
+    **{f"mlxlab.models.{name}": f"mlxlab.models.{kind}.{name}"
+       for kind, names in _MODEL_KINDS.items() for name in names},
+}
 
 
 def moved_target(target: str) -> str | None:

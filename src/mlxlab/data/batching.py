@@ -60,7 +60,7 @@ def real_token_index(mask: np.ndarray, multiple: int = UNPAD_MULTIPLE, least: in
                      ) -> np.ndarray:
     """The flat positions of `mask`'s real tokens (1s), sorted, with pad positions added to make
     `least` rows, then a multiple of `multiple` (all positions at most): the rows an unpadding
-    encoder computes (models/unpadding.py), in few shapes for the compiled step."""
+    encoder computes (models/layers/unpadding.py), in few shapes for the compiled step."""
     flat = mask.reshape(-1)
     real = np.flatnonzero(flat)
     kept = min(-(-max(len(real), least) // multiple) * multiple, flat.size)

@@ -384,7 +384,7 @@ class PromptCompletion(DataModule):
     def _collate_packed(self, split: tuple, packs: list[np.ndarray], batch_size: int) -> Batch:
         """A batch of packed sequences: each the concatenation of its rows (inputs, labels and
         target masks shifted as in _collate), `segment_ids` numbering the rows from 1 (0: the
-        padding after them), so each row attends only to itself (models/packing.py). Always
+        padding after them), so each row attends only to itself (models/decoders/packing.py). Always
         `batch_size` sequences of the packing's width (an epoch's last batch gets empty ones,
         scored 0), so the compiled step sees one shape."""
         rows, targets = split

@@ -57,7 +57,7 @@ class FixedBatchRows(DataModule):
     def train_batches(self, batching: Batching, epoch: int) -> Iterator[Batch]:
         """One shuffled epoch (seed + epoch); after load_state_dict it skips the batches done.
         Each block's real-token index is padded to the most real tokens a batch of the epoch
-        holds (models/unpadding.py): one shape an epoch for the compiled step (and the last,
+        holds (models/layers/unpadding.py): one shape an epoch for the compiled step (and the last,
         smaller batch's), where a shape a batch would compile again and again."""
         batches = self._epoch(batching, epoch)
         counts = [self._real_tokens(self.train, index) for index in batches]

@@ -226,7 +226,8 @@ class RerankRows(FixedBatchRows):
         else:
             batch["doc_mask"] = doc_mask
         batch["index"] = index.astype(np.int32)
-        # the real tokens of the pairs, flattened as the model reads them (models/unpadding.py)
+        # the real tokens of the pairs, flattened as the model reads them
+        # (models/layers/unpadding.py)
         batch["token_index"] = real_token_index(batch["attention_mask"],
                                                 least=least[0] if least else 0)
         return {k: mx.array(v) for k, v in batch.items()}

@@ -125,7 +125,7 @@ def align_mask(text_ids: np.ndarray, text_mask: np.ndarray, ids: np.ndarray,
 
 class VisionChat(PromptCompletion):
     """Batches of image + text chats from `train_file` (and `val_file`, else the last
-    `val_fraction` of the rows), for a vision-language model (models/vision_language.py).
+    `val_fraction` of the rows), for a vision-language model (models/vision/vision_language.py).
     `processor` is the model's folder (train.py sets it from model.pretrained), whose
     tokenizer, chat template and image processor make the rows."""
 

@@ -9,7 +9,7 @@ and output instead of the tokenizer's full size: with a 32k tokenizer on a small
 rows would never be trained (docs/benchmarks.md has what that saves).
 
 The map lands in every checkpoint (the data state); `runs.load_run_model` wraps the model in
-`models.remapped.RemappedLM`, which takes and returns the original tokenizer's ids (UNK's
+`models.decoders.remapped.RemappedLM`, which takes and returns the original tokenizer's ids (UNK's
 probability spread over the dropped ids), so `mlxlab generate` and `mlxlab eval` work in the run's
 own tokenizer.json.
 """

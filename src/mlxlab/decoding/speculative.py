@@ -12,7 +12,8 @@ mlxlab knows of it is here; `mlxlab generate --draft`, `mlxlab serve --draft`, `
 
 A draft is loaded by name as any model a verb names (runs/named_model.py `load_draft`; the
 server's targets through serving/openai/served.py `attach_draft`); a draft trained from a
-pretrained folder's first layers is the decoder's `model.keep_layers` (models/draft_layers.py).
+pretrained folder's first layers is the decoder's `model.keep_layers`
+(models/decoders/draft_layers.py).
 """
 
 from __future__ import annotations

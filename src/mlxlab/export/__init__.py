@@ -69,14 +69,14 @@ from mlxlab.export.quality import calibration_tokens, validation_batches
 from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
 from mlxlab.export.retention import Retention, build_reference, judge_export, read_folder, record
 from mlxlab.export.vision import check_vision_options, export_vision
-from mlxlab.models.adapter_layer import AdapterLayer
-from mlxlab.models.bert import BertClassifier
-from mlxlab.models.lora import fuse_lora, has_adapters, unwrap_lora
-from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
-from mlxlab.models.remapped import RemappedLM
-from mlxlab.models.routed_experts import dora_on_experts
-from mlxlab.models.transformer import Transformer
-from mlxlab.models.vision_language import VisionLanguageModel
+from mlxlab.models.adapters.adapter_layer import AdapterLayer
+from mlxlab.models.adapters.lora import fuse_lora, has_adapters, unwrap_lora
+from mlxlab.models.adapters.routed_experts import dora_on_experts
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.decoders.remapped import RemappedLM
+from mlxlab.models.decoders.transformer import Transformer
+from mlxlab.models.encoders.bert import BertClassifier
+from mlxlab.models.vision.vision_language import VisionLanguageModel
 from mlxlab.runs import load_run_model, require_run_tokenizer
 from mlxlab.runtime.files.staging import staged_folder
 

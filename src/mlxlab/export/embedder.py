@@ -2,15 +2,15 @@
 
     export_embedder("path/to/embedder", "exported/embedder") -> report dict
 
-The embedder is what mlxlab loads from a sentence-transformers folder (models/sentence_folder.py:
-a BERT, RoBERTa / XLM-R or decoder Transformer, Pooling, Dense layers, Normalize), or from an
-embedder run's sentence_transformer/ folder (its best weights, written at its end). The folder is
-written from the model in memory by models/sentence_folder_save.py, the writer a run's end
-uses too (float32, laid out as sentence-transformers saves one). Then it proves itself before it
-is renamed into place: mlxlab reads the written folder, and sentence-transformers too where it
-is installed, and both must give the embedder's own vectors on a probe of texts (every named
-prompt too) within 1e-5, else the export is refused with the measured gap and nothing is moved
-to `out`.
+The embedder is what mlxlab loads from a sentence-transformers folder
+(models/embedders/sentence_folder.py: a BERT, RoBERTa / XLM-R or decoder Transformer, Pooling, Dense
+layers, Normalize), or from an embedder run's sentence_transformer/ folder (its best weights,
+written at its end). The folder is written from the model in memory by
+models/embedders/sentence_folder_save.py, the writer a run's end uses too (float32, laid out as
+sentence-transformers saves one). Then it proves itself before it is renamed into place: mlxlab
+reads the written folder, and sentence-transformers too where it is installed, and both must give
+the embedder's own vectors on a probe of texts (every named prompt too) within 1e-5, else the export
+is refused with the measured gap and nothing is moved to `out`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from mlxlab.export.hf import ExportError
-from mlxlab.models.embedder_model import NATIVE_FOLDER
-from mlxlab.models.sentence_folder import TextEmbedder, is_sentence_folder
-from mlxlab.models.sentence_folder_save import write_sentence_folder
+from mlxlab.models.embedders.embedder_model import NATIVE_FOLDER
+from mlxlab.models.embedders.sentence_folder import TextEmbedder, is_sentence_folder
+from mlxlab.models.embedders.sentence_folder_save import write_sentence_folder
 from mlxlab.runtime.files.staging import staged_folder
 
 PROBE = ["The cat sat on the mat.", "A man is riding a horse.", "Café naïve résumé, ÀÉÎ",
@@ -65,7 +65,7 @@ def load_embedder_source(source: Path) -> TextEmbedder:
 
 def is_embedder_run(path: Path) -> bool:
     """Whether `path` is an embedder run: its end wrote the best weights as a
-    sentence-transformers folder (models/embedder_model.py)."""
+    sentence-transformers folder (models/embedders/embedder_model.py)."""
     return is_sentence_folder(path / NATIVE_FOLDER)
 
 

@@ -36,7 +36,7 @@ from mlxlab.data.beir import RetrievalSet, read_beir
 from mlxlab.export.embedder import PROBE
 from mlxlab.export.gguf import GGUFExportError
 from mlxlab.export.retention import Column, Scores, entry_of, gate, judge_scores, measure
-from mlxlab.models.sentence_folder import TextEmbedder
+from mlxlab.models.embedders.sentence_folder import TextEmbedder
 from mlxlab.objectives.embedding.retrieval import score_retrieval
 
 COSINE_FLOOR = 0.99   # the mean cosine to the source's vectors under which the file is refused

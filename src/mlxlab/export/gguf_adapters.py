@@ -67,8 +67,8 @@ def _gguf_base(pretrained: str | None) -> tuple[str, Path] | None:
 def _refusals(quant: str | None, seen: dict):
     """export_run's `refuse`: what has no GGUF adapter form, on the loaded run, before a file
     is written; `seen` gets the run's model.pretrained."""
-    from mlxlab.models.lora import AdapterLayer, has_adapters
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.adapters.lora import AdapterLayer, has_adapters
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
     def refuse(model, state) -> None:
         if not has_adapters(model):

@@ -37,9 +37,9 @@ import numpy as np
 from mlxlab.checkpoint import CheckpointState
 from mlxlab.export.embedder import PROBE, is_embedder_run, load_embedder_source
 from mlxlab.export.gguf import GGUFExportError, encode_tensor, file_types, gguf_package
-from mlxlab.models.bert import BertEncoder
-from mlxlab.models.sentence_folder import TextEmbedder
-from mlxlab.models.sentence_folder_save import encoder_weights
+from mlxlab.models.embedders.sentence_folder import TextEmbedder
+from mlxlab.models.embedders.sentence_folder_save import encoder_weights
+from mlxlab.models.encoders.bert import BertEncoder
 
 EXACT = ("f32", "f16")  # within the check of llama.cpp's vectors against mlxlab's
 LEGACY = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # what gguf-py quantizes: judged by retention

@@ -1,11 +1,11 @@
 """A finished run as a Hugging Face folder: config.json, model.safetensors, tokenizer files.
 
-A decoder fine-tuned from a pretrained folder (models/mlx_lm_decoder.py) keeps that folder's
-config.json and its mlx-lm weight names, which are the Hugging Face ones but where mlx-lm's
+A decoder fine-tuned from a pretrained folder (models/decoders/mlx_lm_decoder.py) keeps that
+folder's config.json and its mlx-lm weight names, which are the Hugging Face ones but where mlx-lm's
 sanitize rewrote them (MoE experts stacked, DeepSeek-V3's kv_b_proj split, ...), undone per
 architecture (architectures.py: only the proven ones export); a decoder trained from scratch
-(models/transformer.py) becomes LlamaForCausalLM / Qwen2ForCausalLM. BERT classifiers become
-BertForSequenceClassification with id2label/label2id from the run's label values. The weights
+(models/decoders/transformer.py) becomes LlamaForCausalLM / Qwen2ForCausalLM. BERT classifiers
+become BertForSequenceClassification with id2label/label2id from the run's label values. The weights
 are the model's parameters renamed and cast to one dtype.
 """
 
@@ -25,11 +25,11 @@ from mlxlab.data.chat import stop_ids
 from mlxlab.data.tokenizer import PAD_TOKENS, end_of_text_ids, start_ids
 from mlxlab.export.architectures import layout_of
 from mlxlab.models.base import Model
-from mlxlab.models.bert import BertClassifier
-from mlxlab.models.cross_encoder import CrossEncoderModel, torch_path
-from mlxlab.models.hf import mlxlab_to_hf_name as bert_hf_name
-from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
-from mlxlab.models.transformer import Transformer
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.decoders.transformer import Transformer
+from mlxlab.models.embedders.cross_encoder import CrossEncoderModel, torch_path
+from mlxlab.models.encoders.bert import BertClassifier
+from mlxlab.models.encoders.bert_hf import mlxlab_to_hf_name as bert_hf_name
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # Gated decoder MLPs as a Llama config.json's hidden_act: transformers' LlamaMLP (and Qwen2's,

@@ -12,9 +12,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxlab.export.hf import ExportError, decoder_name
-from mlxlab.models.lora import AdapterLayer
-from mlxlab.models.mlx_lm_decoder import GROUP_SIZE, MLXLMDecoder, quantize_as_convert
-from mlxlab.models.routed_experts import dora_on_experts
+from mlxlab.models.adapters.lora import AdapterLayer
+from mlxlab.models.adapters.routed_experts import dora_on_experts
+from mlxlab.models.decoders.mlx_lm_decoder import GROUP_SIZE, MLXLMDecoder, quantize_as_convert
 
 METHODS = ("rtn", "gptq", "awq")  # round to nearest (mlx_lm.convert -q), mlx_lm.quant's own
 

@@ -10,7 +10,7 @@ and the run's base:
 - the run's evaluation task files (eval.tasks), or the files `--tasks` names: each example's
   score (exact match, accuracy, ...), as `mlxlab eval` scores them.
 
-The base is the run with its adapters switched off (a LoRA / DoRA run: models/lora.py
+The base is the run with its adapters switched off (a LoRA / DoRA run: models/adapters/lora.py
 `adapters_off`, the same arrays), else the pretrained folder it started from. For each measure:
 
     kept = (export - base) / (run - base)
@@ -44,8 +44,8 @@ from mlxlab.evaluation.scoring import score_tasks
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.tasks import BINARY_SCORES, Task, read_tasks
 from mlxlab.export.hf import ExportError
+from mlxlab.models.adapters.lora import adapters_off, has_adapters
 from mlxlab.models.base import Model
-from mlxlab.models.lora import adapters_off, has_adapters
 from mlxlab.objectives.losses import forward, token_cross_entropy
 from mlxlab.stats import ALPHA, mcnemar_exact, paired_bootstrap
 
@@ -239,7 +239,7 @@ def _pretrained_base(state, reference: Reference) -> tuple[Scores | None, str]:
 def read_folder(folder: Path, adapters: Path | None = None) -> Model:
     """The written folder as mlx-lm loads it (its adapters folder through mlx-lm's own
     load_adapters, as `mlx_lm.generate --adapter-path` does)."""
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
     model = MLXLMDecoder(vocab_size=1, pretrained=str(folder))
     if adapters is not None:

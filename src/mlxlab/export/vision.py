@@ -27,8 +27,8 @@ from mlx.utils import tree_flatten
 from mlxlab.config.vision_families import FAMILIES, family_ways
 from mlxlab.export.hf import DTYPES, ExportError
 from mlxlab.export.proof import compare, mlxlab_logits, torch_logits, transformers_model
-from mlxlab.models.lora import fuse_lora, has_adapters
-from mlxlab.models.vision_language import VisionLanguageModel, mlx_vlm_config
+from mlxlab.models.adapters.lora import fuse_lora, has_adapters
+from mlxlab.models.vision.vision_language import VisionLanguageModel, mlx_vlm_config
 
 FORMATS = ("mlx-vlm", "hf")
 # what the base folder holds besides weights and config.json that mlx-vlm's loaders read
@@ -96,7 +96,7 @@ def export_vision(model: VisionLanguageModel, out: Path, dtype: str, staging: Pa
 
     expected = mlxlab_logits(model, **probe)
     if family_ways(model.hf_config.get("model_type")).blocks:
-        # Gemma 3's mask is mlxlab's (models/vision_language.py): the same forward
+        # Gemma 3's mask is mlxlab's (models/vision/vision_language.py): the same forward
         got = mlxlab_logits(VisionLanguageModel(0, pretrained=str(staging)), **probe)
     else:
         loaded = load_model(staging)
@@ -104,7 +104,7 @@ def export_vision(model: VisionLanguageModel, out: Path, dtype: str, staging: Pa
         images = {k: v for k, v in probe.items() if k not in ("input_ids", "pixel_values")}
         got = np.array(loaded(probe["input_ids"], probe["pixel_values"], mask=None,
                               **images).logits.astype(mx.float32))
-    from mlxlab.models.vision_language import version
+    from mlxlab.models.vision.vision_language import version
 
     return {"check": compare(expected, got, f"mlx-vlm {version()}", probe["input_ids"],
                              tolerance=TOLERANCE, compute=f"MLX float32, {PICTURE}",

@@ -2,15 +2,15 @@
 
 Models and losses call `cross_entropy`, `swiglu`, `gelu_gate`, `gelu`, `attention`, `rms_norm`,
 `layer_norm`, `dropout`, `rope`, `split_heads`/`merge_heads` and `dequantize` (a 4/8-bit weight for the float
-GEMM: models/quantized_cpu.py) here, and the trainer's AdamW is `AdamW` (adamw.py); each call picks
-the fused primitive or the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run scalar on one
-thread, so the vocabulary softmax, the attention softmax and the SiLU of a small transformer cost
-several times PyTorch's, its erf (the exact GELU) is a scalar libm call that took more than half
-of the default BERT's step, and its RMSNorm, LayerNorm, RoPE, strided copies and AdamW update run
-as single-threaded element-wise ops; its dropout draws threefry bits on one thread (see
-the history record in benchmarks/results/history/). The fused kernels do the same math in one vectorized,
-multi-threaded pass, forward and backward (their VJPs are fused kernels too); the dropout kernel
-draws MLX's own bits, so its masks are nn.Dropout's.
+GEMM: models/quantized/quantized_cpu.py) here, and the trainer's AdamW is `AdamW` (adamw.py); each
+call picks the fused primitive or the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run
+scalar on one thread, so the vocabulary softmax, the attention softmax and the SiLU of a small
+transformer cost several times PyTorch's, its erf (the exact GELU) is a scalar libm call that took
+more than half of the default BERT's step, and its RMSNorm, LayerNorm, RoPE, strided copies and
+AdamW update run as single-threaded element-wise ops; its dropout draws threefry bits on one thread
+(see the history record in benchmarks/results/history/). The fused kernels do the same math in one
+vectorized, multi-threaded pass, forward and backward (their VJPs are fused kernels too); the
+dropout kernel draws MLX's own bits, so its masks are nn.Dropout's.
 
 Mode (`trainer.fused_kernels` -> set_mode, or $MLXLAB_FUSED_KERNELS for scripts):
   auto  fused on the CPU when the extension builds; otherwise, with one log line, pure MLX

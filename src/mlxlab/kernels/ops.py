@@ -41,9 +41,9 @@ def attention(
     mx.fast.scaled_dot_product_attention computes. Fused: the two matmuls go to BLAS and the
     masked softmax (forward and backward) to one kernel, for float32 with no mask, an additive
     (T_q, T_kv) mask, an additive mask per row (B, 1, T_q, T_kv) (packed rows:
-    models/packing.py) or a key-padding mask (B, 1, 1, T_kv) (boolean, True = may attend, as
-    models.layers.padding_mask makes; or additive), with as many key/value heads as query heads or
-    a divisor of them (grouped-query attention); otherwise MLX's SDPA. The fused softmax is MLX's op for op, so the result is MLX's to the bit."""
+    models/decoders/packing.py) or a key-padding mask (B, 1, 1, T_kv) (boolean, True = may attend,
+    as models.layers.blocks.padding_mask makes; or additive), with as many key/value heads as
+    query heads or a divisor of them (grouped-query attention); otherwise MLX's SDPA. The fused softmax is MLX's op for op, so the result is MLX's to the bit."""
     key_mask = isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1:3] == (1, 1)
     # a mask per row shared by the heads (B, 1, T_q, T_kv): packed rows' block-diagonal mask
     row_mask = (isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1] == 1

@@ -16,7 +16,7 @@ from typing import Any
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
-from mlxlab.models.lora import check_qat
+from mlxlab.models.qat_settings import check_qat
 
 
 class Model(nn.Module):
@@ -37,7 +37,7 @@ class Model(nn.Module):
     @classmethod
     def check_node(cls, node: Mapping[str, Any]) -> None:
         """What config.validate asks of the model node: the QAT settings of its lora node
-        (models/lora.py check_qat: every model's, whether or not its check_config reads the
+        (models/qat_settings.py check_qat: every model's, whether or not its check_config reads the
         node), then check_config."""
         check_qat(node.get("lora") or {})
         cls.check_config(node)
@@ -51,8 +51,8 @@ class Model(nn.Module):
     @classmethod
     def check_packing(cls, node: Mapping[str, Any]) -> None:
         """data.pack=true with this model (its node, resolved): one ConfigError line unless the
-        model keeps packed rows apart (`segment_ids` in its call: models/packing.py). Default:
-        it does not."""
+        model keeps packed rows apart (`segment_ids` in its call: models/decoders/packing.py).
+        Default: it does not."""
         raise ConfigError(f"data.pack=true: {cls.__name__} does not take packed rows (a decoder "
                           "does: model.pretrained=<folder> or the presets' Transformer); set "
                           "data.pack=false")

@@ -1,15 +1,16 @@
 """A pretrained model folder as the verbs load it to score, generate or serve: a
 vision-language model (its config.json has vision settings) through mlx-vlm
-(models/vision_language.py), any other decoder through mlx-lm (models/mlx_lm_decoder.py)."""
+(models/vision/vision_language.py), any other decoder through mlx-lm
+(models/decoders/mlx_lm_decoder.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from mlxlab.models.base import Model
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.hf import read_config
-from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
-from mlxlab.models.vision_language import VisionLanguageModel, is_vision_config
+from mlxlab.models.vision.vision_language import VisionLanguageModel, is_vision_config
 
 
 def pretrained_model(folder: str | Path, vocab_size: int = 1) -> Model:

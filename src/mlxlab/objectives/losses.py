@@ -58,7 +58,7 @@ IMAGE_INPUTS = ("pixel_", "image_", "token_type_ids")
 
 def forward(model: nn.Module, batch: Batch) -> mx.array:
     """Logits of any mlxlab model; LM batches have no attention_mask (right-padded, causal); a
-    packed batch's `segment_ids` keep its rows apart (models/packing.py); an image chat's
+    packed batch's `segment_ids` keep its rows apart (models/decoders/packing.py); an image chat's
     pixel arrays go to the model by name."""
     if "segment_ids" in batch:
         return model(batch["input_ids"], segment_ids=batch["segment_ids"])

@@ -38,7 +38,7 @@ from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.prompts import PromptRows
 from mlxlab.decoding.generation import sample_token
 from mlxlab.errors import ConfigError, DataMismatch
-from mlxlab.models.layers import KVCache
+from mlxlab.models.layers.blocks import KVCache
 from mlxlab.objectives.base import ObjectiveSetup, pack_array, unpack_array
 
 

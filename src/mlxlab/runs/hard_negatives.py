@@ -1,8 +1,9 @@
 """Hard negatives for (anchor, positive) pairs, with sentence-transformers'
-`util.mine_hard_negatives` semantics: the house's embedder (models/sentence_folder.py) ranks a
-corpus for each anchor, optionally a cross-encoder (runs/reranker.py) rescores the candidates,
-and passages too close to the positive, outside the score bounds or among the first `range_min`
-are skipped before `num_negatives` are taken (the top ones, or a random sample of the rest).
+`util.mine_hard_negatives` semantics: the house's embedder (models/embedders/sentence_folder.py)
+ranks a corpus for each anchor, optionally a cross-encoder (runs/reranker.py) rescores the
+candidates, and passages too close to the positive, outside the score bounds or among the first
+`range_min` are skipped before `num_negatives` are taken (the top ones, or a random sample of the
+rest).
 
 The steps, as there: the corpus is the given one plus every positive, de-duplicated in order;
 anchors are de-duplicated, each keeping its positives (the rows with that anchor). Texts are
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlxlab.errors import ConfigError
-from mlxlab.models.sentence_folder import TextEmbedder
+from mlxlab.models.embedders.sentence_folder import TextEmbedder
 from mlxlab.runs.reranker import Reranker
 
 OUTPUT_FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")

@@ -30,8 +30,9 @@ from mlxlab.checkpoint import (
 )
 from mlxlab.checkpoint.discover import is_checkpoint_dir
 from mlxlab.config import instantiate
+from mlxlab.config.retired import with_moved_targets
 from mlxlab.errors import ConfigError, UserError
-from mlxlab.models.quantize import quantize_linears
+from mlxlab.models.quantized.quantize import quantize_linears
 from mlxlab.models.sources import as_local, resolve
 from mlxlab.models.sources.fingerprint import check_base, holds_base
 from mlxlab.training.model_ops import apply_done
@@ -69,7 +70,7 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, Ch
     state = CheckpointState.read(checkpoint)
     if "model" not in state.config or not state.model_init:
         raise ConfigError(f"{checkpoint}/state.json has no model config: it is not an mlxlab run")
-    model_cfg = OmegaConf.create(state.config["model"])
+    model_cfg = OmegaConf.create(with_moved_targets(state.config["model"]))  # older runs' paths
     if state.base:  # the trained parameters only: on the base, proved the same, from its files
         folder = base_folder(state.base)
         check_base(state.base, folder, str(checkpoint))
@@ -87,7 +88,7 @@ def load_run_model(path: str | Path, which: str = "best") -> tuple[nn.Module, Ch
                     verify_base=holds_base(model, str(checkpoint)))
     vocab_map = (state.data or {}).get("vocab_map")
     if vocab_map:  # trained on a shrunken vocabulary: speak the tokenizer's own ids again
-        from mlxlab.models.remapped import RemappedLM
+        from mlxlab.models.decoders.remapped import RemappedLM
 
         model = RemappedLM(model, vocab_map["keep"], vocab_map["full_size"])
     model.eval()
@@ -162,10 +163,10 @@ def pretrained_teacher(folder: Path, vocab_size: int, num_labels: int | None,
     """A BERT classifier with its trained head (its labels the student's, in the same order), or
     a decoder whose embedding table covers the student's token ids (a padded table's extra rows
     are cut from its logits). Anything else: one line naming the mismatch."""
-    from mlxlab.models.bert import BertClassifier
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.remapped import FirstLogits
+    from mlxlab.models.encoders.bert import BertClassifier
     from mlxlab.models.hf import read_config
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
-    from mlxlab.models.remapped import FirstLogits
 
     config = read_config(folder)
     kind = config.get("model_type")

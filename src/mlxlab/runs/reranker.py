@@ -1,5 +1,5 @@
 """A cross-encoder reranker ready to score: a cross-encoder folder or a finished reranker run,
-its model (models/cross_encoder.py) and its pair tokenizer (data/rerank.py), as
+its model (models/embedders/cross_encoder.py) and its pair tokenizer (data/rerank.py), as
 sentence-transformers' CrossEncoder.predict and .rank score (query, passage) pairs.
 
     reranker = Reranker.load("path/to/cross-encoder")        # or a run: outputs/rerank/<time>
@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from mlxlab.data.batching import bucket_length
 from mlxlab.data.rerank import encode_pairs, pad_encodings, pair_tokenizer
 from mlxlab.errors import ConfigError
-from mlxlab.models.cross_encoder import CrossEncoderModel, load_cross_encoder
+from mlxlab.models.embedders.cross_encoder import CrossEncoderModel, load_cross_encoder
 from mlxlab.models.sources import as_local
 
 

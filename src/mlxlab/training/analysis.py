@@ -35,7 +35,7 @@ from mlx.utils import tree_flatten
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
 from mlxlab.models.base import Model
-from mlxlab.models.layers import Attention
+from mlxlab.models.layers.blocks import Attention
 from mlxlab.objectives import losses
 from mlxlab.training.callbacks import Callback
 

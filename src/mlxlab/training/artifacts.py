@@ -14,7 +14,7 @@ import numpy as np
 
 from mlxlab.checkpoint import CheckpointManager, CheckpointState
 from mlxlab.checkpoint.layout import QUANTIZED
-from mlxlab.models.quantize import GROUP_SIZE, parameter_mb, quantize_linears
+from mlxlab.models.quantized.quantize import GROUP_SIZE, parameter_mb, quantize_linears
 from mlxlab.objectives import metrics
 from mlxlab.objectives.base import Evaluation
 from mlxlab.tracking.base import Tracker

@@ -20,7 +20,11 @@ import numpy as np
 
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
-from mlxlab.models.routed_experts import counting_routes, expert_blocks, expert_update_norms
+from mlxlab.models.adapters.routed_experts import (
+    counting_routes,
+    expert_blocks,
+    expert_update_norms,
+)
 from mlxlab.objectives.losses import forward
 from mlxlab.training.callbacks import Callback
 from mlxlab.training.state import TrainContext

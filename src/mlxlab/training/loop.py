@@ -40,7 +40,7 @@ from mlxlab import kernels
 from mlxlab.checkpoint import CheckpointManager
 from mlxlab.checkpoint.finished import clear_finished, mark_finished
 from mlxlab.data.base import DataModule
-from mlxlab.models.grad_checkpoint import checkpoint_blocks
+from mlxlab.models.layers.grad_checkpoint import checkpoint_blocks
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import (
     ObjectiveSetup,

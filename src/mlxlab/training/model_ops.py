@@ -117,7 +117,7 @@ def set_dropout(model: nn.Module, p: float) -> None:
 
 
 def unfreeze_lora_base(model: nn.Module) -> None:
-    from mlxlab.models.lora import AdapterLayer
+    from mlxlab.models.adapters.lora import AdapterLayer
 
     wrapped = [m for _, m in model.named_modules() if isinstance(m, AdapterLayer)]
     if not wrapped:

@@ -17,8 +17,8 @@ from mlxlab.evaluation.mteb.encoder import MlxlabEncoder
 from mlxlab.evaluation.mteb.scores import score_mteb
 from mlxlab.evaluation.mteb.tasks import check_mteb_entries, is_mteb_entry
 from mlxlab.evaluation.scoring import TaskScores
-from mlxlab.models.embedder_model import NATIVE_FOLDER
-from mlxlab.models.sentence_folder import TextEmbedder, is_sentence_folder
+from mlxlab.models.embedders.embedder_model import NATIVE_FOLDER
+from mlxlab.models.embedders.sentence_folder import TextEmbedder, is_sentence_folder
 from mlxlab.runs.named_model import EvalModel
 
 EMBEDDER_KIND = "sentence-transformers"  # an EvalModel kind: a sentence-transformers folder

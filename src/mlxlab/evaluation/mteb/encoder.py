@@ -1,6 +1,7 @@
 """mteb's encoder over an mlxlab text embedder: `MlxlabEncoder` is an `mteb.models.abs_encoder.AbsEncoder`
 (mteb's base for model wrappers: its prompt lookup and similarity functions), whose `encode`
-runs mlxlab's TextEmbedder (models/sentence_folder.py) on the texts mteb's data loader yields.
+runs mlxlab's TextEmbedder (models/embedders/sentence_folder.py) on the texts mteb's data loader
+yields.
 
 Prompts follow sentence-transformers' wrapper in mteb: the folder's named prompts
 (config_sentence_transformers.json) are the model's prompts, mteb picks one by task and by query
@@ -19,7 +20,7 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
 from mlxlab.errors import ConfigError
-from mlxlab.models.sentence_folder import TextEmbedder
+from mlxlab.models.embedders.sentence_folder import TextEmbedder
 
 SIMILARITIES = {"cosine": ScoringFunction.COSINE, "dot": ScoringFunction.DOT_PRODUCT}
 

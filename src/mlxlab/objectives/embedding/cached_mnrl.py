@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlxlab.config.records import check_number
 from mlxlab.data.batching import Batch
 from mlxlab.data.sentence_pairs import column_keys, text_columns
-from mlxlab.models.grad_checkpoint import recomputed
+from mlxlab.models.layers.grad_checkpoint import recomputed
 from mlxlab.objectives.embedding.embedding import embed_columns
 from mlxlab.objectives.embedding.mnrl import MultipleNegativesRankingLoss
 

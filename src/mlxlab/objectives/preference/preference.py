@@ -3,7 +3,7 @@ of both sides of each pair in one forward pass, the reference model's, and a los
 preference_losses.py; evaluated by the same loss and its metrics over the validation pairs.
 
 The reference model (DPO, IPO) is, by objective.reference:
-- adapters: the policy itself with its LoRA adapters switched off (models/lora.py
+- adapters: the policy itself with its LoRA adapters switched off (models/adapters/lora.py
   `adapters_off`): the same arrays, no second copy in memory; at the start the two agree;
 - copy: a frozen copy of the model as the run starts, for training without adapters (its arrays
   are the model's own until the optimizer replaces them, then the copy keeps the originals);
@@ -39,7 +39,7 @@ from mlxlab.config.records import check_choice, check_number, record
 from mlxlab.data.batching import Batching
 from mlxlab.data.preference import SIDES, PreferencePairs
 from mlxlab.errors import ConfigError
-from mlxlab.models.lora import adapters_off, has_adapters
+from mlxlab.models.adapters.lora import adapters_off, has_adapters
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import (
     Evaluation,

@@ -27,7 +27,7 @@ from mlxlab.config.records import check_number, record
 from mlxlab.data.batching import Batching
 from mlxlab.data.preference import SIDES, PreferencePairs
 from mlxlab.errors import ConfigError
-from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup
 from mlxlab.objectives.validation import evaluate_by_loss

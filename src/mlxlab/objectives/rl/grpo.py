@@ -8,8 +8,8 @@ completions, **columns)` callables), turned into group-normalised advantages, an
 is kept in a buffer that `num_iterations` (mu) optimizer steps read, as TRL's GRPOTrainer buffers a
 generation for mu passes. With mu > 1 the buffer holds the log-probs at generation time (the old
 policy of the clipped ratio); with beta > 0 the reference's (the policy with its LoRA adapters off:
-models/lora.py `adapters_off`, no second copy), computed once per generation outside the step. The
-loss (grpo_loss.py) is TRL's: grpo, dr_grpo or dapo.
+models/adapters/lora.py `adapters_off`, no second copy), computed once per generation outside the
+step. The loss (grpo_loss.py) is TRL's: grpo, dr_grpo or dapo.
 
 With `tools` (or an `environment`) each completion is a multi-turn trajectory (agent.py): the
 model calls tools, their answers come back as tool turns (loss mask 0), the rewards judge the
@@ -44,7 +44,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from mlxlab.config.records import check_number
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.errors import ConfigError
-from mlxlab.models.lora import adapters_off, has_adapters
+from mlxlab.models.adapters.lora import adapters_off, has_adapters
 from mlxlab.objectives.base import (
     Evaluation,
     MetricSpec,

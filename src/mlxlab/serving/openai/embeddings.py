@@ -1,6 +1,6 @@
 """OpenAI's `POST /v1/embeddings` over sentence-transformers folders mlxlab loads
-(models/sentence_folder.py): the request and response shapes of OpenAI's API, so the official
-`openai` client's `client.embeddings.create(model=..., input=...)` works unchanged.
+(models/embedders/sentence_folder.py): the request and response shapes of OpenAI's API, so the
+official `openai` client's `client.embeddings.create(model=..., input=...)` works unchanged.
 
     {"model": "all-MiniLM-L6-v2", "input": "a text" | ["texts", ...] | [ids] | [[ids], ...],
      "encoding_format": "float" | "base64", "dimensions": 128}
@@ -33,7 +33,7 @@ from mlxlab.serving.openai.errors import ServingError
 if TYPE_CHECKING:  # numpy and MLX come with the model, not with this module
     import numpy as np
 
-    from mlxlab.models.sentence_folder import TextEmbedder
+    from mlxlab.models.embedders.sentence_folder import TextEmbedder
 
 MAX_INPUTS = 2048  # OpenAI's limit on the inputs of one request
 ENCODINGS = ("float", "base64")
@@ -58,7 +58,7 @@ class ServedEmbedder:
 
 def load_embedder(names: tuple[str, ...], folder: Path) -> ServedEmbedder:
     """The sentence-transformers folder loaded to serve."""
-    from mlxlab.models.sentence_folder import TextEmbedder
+    from mlxlab.models.embedders.sentence_folder import TextEmbedder
 
     return ServedEmbedder(names, TextEmbedder(folder), str(folder))
 

@@ -65,7 +65,7 @@ def base_model_folder(source: str) -> Path:
     becomes a folder mlx-lm loads (config.json, *.safetensors, tokenizer files) or a
     sentence-transformers folder (modules.json): a folder, a GGUF file, ollama:NAME or a hub
     id, through models/sources."""
-    from mlxlab.models.sentence_folder import is_sentence_folder
+    from mlxlab.models.embedders.sentence_folder import is_sentence_folder
     from mlxlab.models.sources import as_local
 
     folder = Path(as_local(source)).expanduser()
@@ -103,7 +103,7 @@ def served_tokenizer(folder: Path, tokenizer_json: Path, stops: Sequence[int]) -
 
 def _served(names: tuple[str, ...], model: nn.Module, tokenizer: Any, folder: Path,
             tokenizer_json: Path, source: str) -> ServedModel:
-    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
     from mlxlab.runs.generate import prompt_ends
 
     start, stops = prompt_ends(tokenizer, folder, model.hf_config)
@@ -135,7 +135,7 @@ class Target:
         """"lm", "classification" or "rerank" (a run's checkpoint says; a model folder is a
         decoder unless it holds a sequence classifier: a cross-encoder reranker)."""
         from mlxlab.checkpoint import CheckpointState
-        from mlxlab.models.cross_encoder import is_sequence_classifier
+        from mlxlab.models.embedders.cross_encoder import is_sequence_classifier
         from mlxlab.runs.model import choose_checkpoint
 
         if not is_run(self.path):
@@ -168,8 +168,8 @@ def load_target(target: Target, which: str = "best") -> ServedModel | ServedEmbe
     sentence-transformers folder)."""
     from tokenizers import Tokenizer
 
+    from mlxlab.models.embedders.sentence_folder import is_sentence_folder
     from mlxlab.models.pretrained import pretrained_model
-    from mlxlab.models.sentence_folder import is_sentence_folder
     from mlxlab.runs.inference import load_run, require_task
 
     names = tuple(dict.fromkeys(target.names))
@@ -199,7 +199,7 @@ def share_weights(model: nn.Module, seen: dict) -> int:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlxlab.models.lora import lora_base_name_map
+    from mlxlab.models.adapters.lora import lora_base_name_map
 
     plain = {wrapped: name for name, wrapped in lora_base_name_map(model).items()}
     same, saved = [], 0

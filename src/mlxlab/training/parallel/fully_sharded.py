@@ -22,7 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.errors import ConfigError
-from mlxlab.models.grad_checkpoint import recomputed
+from mlxlab.models.layers.grad_checkpoint import recomputed
 from mlxlab.runtime.cluster import distributed
 from mlxlab.training.parallel.gather import make_gather, pad_rows, padded_rows
 
@@ -78,7 +78,7 @@ class ShardedUnit(nn.FullyShardedModule):
         # gathered parameters would stay alive until the backward, the whole model on each rank.
         # Checkpointed, the unit keeps its shards and inputs, and gathers (and recomputes) again
         # in the backward: one more forward per step for 1/N of the parameters. The recompute
-        # draws the forward's dropout masks (models/grad_checkpoint.py).
+        # draws the forward's dropout masks (models/layers/grad_checkpoint.py).
         return recomputed(gathered, self.module)([a for _, a in tree_flatten(shard_tree)],
                                        [given[i] for i in floating])
 

@@ -15,10 +15,10 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
 
 from mlxlab.errors import ConfigError
-from mlxlab.models.adapter_layer import AdapterLayer
-from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
-from mlxlab.models.routed_experts import is_experts
-from mlxlab.models.transformer import Transformer
+from mlxlab.models.adapters.adapter_layer import AdapterLayer
+from mlxlab.models.adapters.routed_experts import is_experts
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.decoders.transformer import Transformer
 from mlxlab.runtime.cluster import distributed
 from mlxlab.training.parallel.layout import Layout
 

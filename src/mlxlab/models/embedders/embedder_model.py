@@ -15,17 +15,17 @@ from typing import Any
 
 from mlxlab.config.records import check_number
 from mlxlab.errors import ConfigError
+from mlxlab.models.adapters.lora import maybe_apply_lora
 from mlxlab.models.base import Model
-from mlxlab.models.embedder import SentenceEmbedder
-from mlxlab.models.hf import check_vocab
-from mlxlab.models.lora import maybe_apply_lora
-from mlxlab.models.sentence_folder import (
+from mlxlab.models.embedders.embedder import SentenceEmbedder
+from mlxlab.models.embedders.sentence_folder import (
     embedder_settings,
     encoder_sizes,
     load_folder_weights,
     read_modules,
 )
-from mlxlab.models.sentence_folder_save import save_sentence_folder
+from mlxlab.models.embedders.sentence_folder_save import save_sentence_folder
+from mlxlab.models.hf import check_vocab
 from mlxlab.models.sources import describe, model_folder
 
 NATIVE_FOLDER = "sentence_transformer"  # in the run folder

@@ -7,7 +7,7 @@ which rows of the flattened (rows x positions) batch to keep (`index`, sorted, f
 data/sentence_pairs.py's `real_token_index`) and moves hidden states between the two layouts:
 `pack` (B, T, C) -> (N, C), `pad` (N, C) -> (B, T, C) with zeros at the rows left out. The
 projections, norms and MLPs run on (N, C); attention, which mixes positions, runs on the padded
-layout with its mask (models/layers.py's `Attention.unpadded`). A kept row may be a pad (the
+layout with its mask (models/layers/blocks.py's `Attention.unpadded`). A kept row may be a pad (the
 index is rounded up to a multiple of a few tokens so the compiled step sees few shapes); its
 state is computed and ignored like any pad's.
 """

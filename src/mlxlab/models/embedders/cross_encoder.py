@@ -24,8 +24,8 @@ from typing import Any
 import mlx.core as mx
 
 from mlxlab.errors import ConfigError, MissingFileError
-from mlxlab.models.bert import BertClassifier
-from mlxlab.models.embedder import ACTIVATIONS
+from mlxlab.models.embedders.embedder import ACTIVATIONS
+from mlxlab.models.encoders.bert import BertClassifier
 from mlxlab.models.hf import weight_files
 from mlxlab.models.sources import as_local, describe
 

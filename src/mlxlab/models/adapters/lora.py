@@ -22,11 +22,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.errors import ConfigError, MissingFileError
-from mlxlab.models.adapter_layer import AdapterLayer
-from mlxlab.models.lora_linear import LoRALinear, input_dims
-from mlxlab.models.lora_qat import QAT_BITS, QAT_GROUP_SIZES, QATLoRALinear
-from mlxlab.models.quantized_cpu import CpuQuantizedLinear
-from mlxlab.models.routed_experts import adapts_experts, is_experts, names_experts
+from mlxlab.models.adapters.adapter_layer import AdapterLayer
+from mlxlab.models.adapters.lora_linear import LoRALinear, input_dims
+from mlxlab.models.adapters.lora_qat import QATLoRALinear
+from mlxlab.models.adapters.routed_experts import adapts_experts, is_experts, names_experts
+from mlxlab.models.qat_settings import check_qat
+from mlxlab.models.quantized.quantized_cpu import CpuQuantizedLinear
 from mlxlab.runtime.memory.io_threads import load_arrays
 
 LORA_KEYS = {"rank", "alpha", "dropout", "targets", "extra_trainable", "kind", "qat_bits",
@@ -51,7 +52,7 @@ def _dora_class() -> type:
                 return self.linear(x)
             if isinstance(self.linear, CpuQuantizedLinear) and mx.default_device() == mx.cpu:
                 # mlx-lm's forward on the CPU's fused quantized product (models/quantized_dora)
-                from mlxlab.models.quantized_dora import quantized_dora
+                from mlxlab.models.quantized.quantized_dora import quantized_dora
 
                 return quantized_dora(self, x)
             return MLXDoRA.__call__(self, x)
@@ -98,7 +99,7 @@ def wrap(module: nn.Module, kind: str, rank: int, alpha: float, dropout: float,
         return QATLoRALinear.from_base_qat(module, rank, alpha, dropout, *qat)
     if is_experts(module):
         # imports mlx-lm's tuner, at first use: a model with experts imported mlx-lm already
-        from mlxlab.models.lora_experts import EXPERT_KINDS
+        from mlxlab.models.adapters.lora_experts import EXPERT_KINDS
 
         return EXPERT_KINDS[kind](module, rank, alpha, dropout)
     return LORA_KINDS[kind](module, rank, alpha, dropout)
@@ -184,26 +185,6 @@ def check_lora(lora: Mapping | None) -> None:
     if kind not in LORA_KINDS:
         raise ConfigError(f"model.lora.kind={kind!r}: use one of {sorted(LORA_KINDS)}")
     check_qat(lora)
-
-
-def check_qat(lora: Mapping) -> None:
-    """qat_bits / qat_group_size: values lora_qat.py takes, on plain LoRA without dropout (the
-    quantized forward has no separate adapter path for dropout to act on). Every model's lora
-    node is asked this before a run starts (Model.check_node)."""
-    kind = lora.get("kind", "lora")
-    bits, group = lora.get("qat_bits", 0) or 0, lora.get("qat_group_size", 64)
-    if bits not in QAT_BITS:
-        raise ConfigError(f"model.lora.qat_bits={bits}: use 4 or 8 (the export's bits), or 0 "
-                          "for plain LoRA")
-    if group not in QAT_GROUP_SIZES:
-        raise ConfigError(f"model.lora.qat_group_size={group}: use 64 (mlxlab export "
-                          "--quantize), 32 (GGUF Q4_1 / Q4_0 blocks) or 128")
-    if bits and kind != "lora":
-        raise ConfigError(f"model.lora.qat_bits={bits} trains plain LoRA through the quantized "
-                          f"grid; model.lora.kind={kind} has no such form: use kind=lora")
-    if bits and float(lora.get("dropout", 0.0) or 0.0) > 0:
-        raise ConfigError(f"model.lora.qat_bits={bits} computes with the fused weight, where "
-                          "adapter dropout has nothing to act on: set model.lora.dropout=0")
 
 
 def targeted_linears(model: nn.Module, targets: Iterable[str]) -> list[tuple[str, nn.Module]]:

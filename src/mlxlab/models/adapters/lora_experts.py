@@ -21,8 +21,8 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.tuner.lora import LoRASwitchLinear as MLXLoRASwitchLinear
 
 from mlxlab.errors import ConfigError
-from mlxlab.models.adapter_layer import AdapterLayer
-from mlxlab.models.routed_experts import RoutedCounts, expert_weight, routed_rows
+from mlxlab.models.adapters.adapter_layer import AdapterLayer
+from mlxlab.models.adapters.routed_experts import RoutedCounts, expert_weight, routed_rows
 
 
 def _fused(linear: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:

@@ -2,7 +2,7 @@
 Llama-style by default: RMSNorm, SwiGLU, RoPE), with a KV cache (mlx-lm's interface, so
 mlx-lm's generate_step drives it) for generation.
 
-Pretrained folders load through mlx-lm's own model code instead (models/mlx_lm_decoder.py);
+Pretrained folders load through mlx-lm's own model code instead (models/decoders/mlx_lm_decoder.py);
 this one stays for the presets because it is faster on them (docs/architecture.md).
 """
 
@@ -16,8 +16,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
+from mlxlab.models.adapters.lora import maybe_apply_lora
 from mlxlab.models.base import Model
-from mlxlab.models.layers import (
+from mlxlab.models.decoders.packing import segment_mask, segment_positions
+from mlxlab.models.layers.blocks import (
     Attention,
     Dropout,
     KVCache,
@@ -29,9 +31,7 @@ from mlxlab.models.layers import (
     make_mlp,
     make_norm,
 )
-from mlxlab.models.lora import maybe_apply_lora
-from mlxlab.models.packing import segment_mask, segment_positions
-from mlxlab.models.rope import make_rope
+from mlxlab.models.layers.rope import make_rope
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,8 @@ class Transformer(Model):
         cache: list[KVCache] | None = None,
         segment_ids: mx.array | None = None,
     ) -> mx.array:
-        """`segment_ids` (B, T): a packed batch's rows (models/packing.py), each attending only
-        to itself, learned positions restarting at each row."""
+        """`segment_ids` (B, T): a packed batch's rows (models/decoders/packing.py), each attending
+        only to itself, learned positions restarting at each row."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
         T = input_ids.shape[1]

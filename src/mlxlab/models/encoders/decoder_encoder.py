@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
-from mlxlab.models.config_sizes import ConfigSizes
+from mlxlab.models.encoders.config_sizes import ConfigSizes
 from mlxlab.models.mlx_lm_classes import model_classes, rope_keys
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxlab.models.quantized_product import quantized_product
+from mlxlab.models.quantized.quantized_product import quantized_product
 
 
 class CpuQuantizedLinear(nn.QuantizedLinear):
@@ -56,7 +56,7 @@ def _switchable(module: nn.Module) -> bool:
 def _dora_class() -> tuple[type, type] | None:
     """(mlx-lm's DoRALinear, its CPU class for a quantized base), when mlx-lm is installed."""
     try:
-        from mlxlab.models.quantized_dora import CpuQuantizedDoRALinear, DoRALinear
+        from mlxlab.models.quantized.quantized_dora import CpuQuantizedDoRALinear, DoRALinear
     except ImportError:
         return None
     return DoRALinear, CpuQuantizedDoRALinear

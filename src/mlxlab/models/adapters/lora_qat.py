@@ -16,10 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
-from mlxlab.models.lora_linear import LoRALinear, dequantized_weight, input_dims
-
-QAT_BITS = (0, 4, 8)
-QAT_GROUP_SIZES = (32, 64, 128)
+from mlxlab.models.adapters.lora_linear import LoRALinear, dequantized_weight, input_dims
 
 
 class QATLoRALinear(LoRALinear):

@@ -3,8 +3,8 @@
 The layout of a sentence-transformers model (Transformer -> Pooling -> Dense* -> Normalize).
 The Transformer is mlxlab's BertEncoder (BERT, and RoBERTa / XLM-R with their position offset),
 whose parameter names are the BERT classifier's (encoder.*), a decoder's stack through mlx-lm
-(decoder_encoder.py: encoder.decoder.*), or ModernBERT through mlx-embeddings
-(modernbert_encoder.py: encoder.* in transformers' ModernBertModel names); then
+(encoders/decoder_encoder.py: encoder.decoder.*), or ModernBERT through mlx-embeddings
+(encoders/modernbert_encoder.py: encoder.* in transformers' ModernBertModel names); then
 dense.N.linear.* (and dense.N.residual.* where a Dense adds a projected residual). sentence_folder.py reads such a folder into one.
 """
 
@@ -16,10 +16,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
-from mlxlab.models.bert import BertEncoder
-from mlxlab.models.decoder_encoder import DecoderEncoder
-from mlxlab.models.modernbert_config import require_mlx_embeddings
-from mlxlab.models.pooling import POOLERS, pool
+from mlxlab.models.embedders.pooling import POOLERS, pool
+from mlxlab.models.encoders.bert import BertEncoder
+from mlxlab.models.encoders.decoder_encoder import DecoderEncoder
+from mlxlab.models.encoders.modernbert_config import require_mlx_embeddings
 
 # the activations a Dense layer may name (torch's class names), as MLX functions
 ACTIVATIONS = {
@@ -59,7 +59,7 @@ def _encoder(settings: Mapping) -> nn.Module:
         return DecoderEncoder(settings["hf_config"])
     if "modernbert" in settings:
         require_mlx_embeddings()  # one line naming the install, before the import below
-        from mlxlab.models.modernbert_encoder import ModernBertEncoder
+        from mlxlab.models.encoders.modernbert_encoder import ModernBertEncoder
 
         return ModernBertEncoder(settings["modernbert"], settings.get("dropout"))
     return BertEncoder(**settings)
@@ -71,9 +71,9 @@ class SentenceEmbedder(nn.Module):
     `encoder` holds BertEncoder's keyword arguments (bert_config_from_hf's sizes, and
     `padding_idx` for RoBERTa's positions), {"hf_config": a decoder's config.json} for a
     decoder's stack, or {"modernbert": its config.json, "dropout": None or an override} for
-    ModernBERT (modernbert_encoder.py, on mlx-embeddings); `pooling` the modes of pooling.py,
-    concatenated in order; `dense` one Dense's keyword arguments per layer, applied in order
-    after pooling. Batches may be right-
+    ModernBERT (encoders/modernbert_encoder.py, on mlx-embeddings); `pooling` the modes of
+    pooling.py, concatenated in order; `dense` one Dense's keyword arguments per layer, applied in
+    order after pooling. Batches may be right-
     or left-padded.
     """
 
@@ -99,8 +99,8 @@ class SentenceEmbedder(nn.Module):
                  token_type_ids: mx.array | None = None,
                  normalize: bool | None = None, token_index: mx.array | None = None) -> mx.array:
         """One vector per row; `normalize` overrides the model's own choice for this call;
-        `token_index` (the flat positions of the real tokens, models/unpadding.py) lets a BERT
-        encoder compute those alone (the others compute every position)."""
+        `token_index` (the flat positions of the real tokens, models/layers/unpadding.py) lets a
+        BERT encoder compute those alone (the others compute every position)."""
         if attention_mask is None:
             attention_mask = mx.ones(input_ids.shape, dtype=mx.int32)
         if token_index is not None and isinstance(self.encoder, BertEncoder):

@@ -12,7 +12,7 @@ loaded model is routed through the same kernels:
   `kernels.dispatch.fused` takes the call (CPU, float32, kernels on, op not skipped) and there is
   no KV cache, and mlx-lm's own function otherwise: generation, Metal, CUDA, other dtypes and
   fused_kernels=off run exactly mlx-lm's code;
-- each exact nn.RMSNorm becomes models.layers.RMSNorm (the same weight and eps over
+- each exact nn.RMSNorm becomes models.layers.blocks.RMSNorm (the same weight and eps over
   kernels.rms_norm, which is mx.fast.rms_norm wherever the kernel does not apply), each exact
   nn.RoPE (not `traditional`) the RoPE below (kernels.rope, else mx.fast.rope);
 - Gemma 3's own norms, GELU-gated MLP and attention become subclasses of mlx-lm's classes
@@ -35,8 +35,8 @@ import mlx.nn as nn
 
 from mlxlab import kernels
 from mlxlab.kernels.dispatch import fused
-from mlxlab.models.layers import RMSNorm, causal_additive_mask
-from mlxlab.models.packing import count_packed_mask, packed_mask
+from mlxlab.models.decoders.packing import count_packed_mask, packed_mask
+from mlxlab.models.layers.blocks import RMSNorm, causal_additive_mask
 
 # wrapper -> the mlx-lm function it wraps: a second model of the type never wraps it again
 ORIGINALS: dict[Callable, Callable] = {}
@@ -46,12 +46,12 @@ def fused_attention(original: Callable) -> Callable:
     """mlx-lm's `scaled_dot_product_attention(q, k, v, cache, scale, mask, sinks=None)` through
     kernels.attention where the fused path takes it: no cache, no sinks, mask None, "causal", an
     additive / boolean (T_q, T_kv) array or an additive (B, 1, T_q, T_kv) one (a packed batch's,
-    counted by models/packing.py on every device)."""
+    counted by models/decoders/packing.py on every device)."""
 
     def attention(queries: mx.array, keys: mx.array, values: mx.array, cache: object,
                   scale: float, mask: mx.array | str | None, sinks: mx.array | None = None
                   ) -> mx.array:
-        count_packed_mask(mask)  # a packed batch's rows kept apart (models/packing.py)
+        count_packed_mask(mask)  # a packed batch's rows kept apart (models/decoders/packing.py)
         plain = (mask is None or (isinstance(mask, str) and mask == "causal")
                  or (isinstance(mask, mx.array) and (mask.ndim == 2 or (
                      mask.ndim == 4 and mask.shape[1] == 1 and mask.dtype != mx.bool_))))
@@ -70,8 +70,8 @@ def fused_attention(original: Callable) -> Callable:
 
 def segment_masks(original: Callable) -> Callable:
     """mlx-lm's `create_attention_mask(h, cache, ...)`, combined with a packed batch's segment
-    mask inside a packed forward pass (models/packing.py packed_mask) in the dtype of the hidden
-    states it is given (`h`, the first argument); mlx-lm's own otherwise."""
+    mask inside a packed forward pass (models/decoders/packing.py packed_mask) in the dtype of the
+    hidden states it is given (`h`, the first argument); mlx-lm's own otherwise."""
 
     def create_attention_mask(*args, **kwargs):
         h = args[0] if args else kwargs.get("h")

@@ -17,8 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_embeddings.models.modernbert import ModelArgs, ModernBertModel
 
-from mlxlab.models.config_sizes import ConfigSizes
-from mlxlab.models.modernbert_config import (
+from mlxlab.models.encoders.config_sizes import ConfigSizes
+from mlxlab.models.encoders.modernbert_config import (
     GELU_APPROX,
     SLIDING,
     check_modernbert_config,

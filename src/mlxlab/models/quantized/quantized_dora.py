@@ -1,4 +1,5 @@
-"""mlx-lm's DoRA wrapper on a quantized base, with the base product of models/quantized_cpu.py.
+"""mlx-lm's DoRA wrapper on a quantized base, with the base product of
+models/quantized/quantized_cpu.py.
 
 mlx-lm's DoRALinear dequantizes its quantized base with mx.dequantize (~10x slower than
 kernels.dequantize on the CPU) and multiplies x by that float weight, so autodiff keeps the float
@@ -14,7 +15,7 @@ import mlx.core as mx
 from mlx_lm.tuner.dora import DoRALinear
 
 from mlxlab import kernels
-from mlxlab.models.quantized_product import quantized_product
+from mlxlab.models.quantized.quantized_product import quantized_product
 
 __all__ = ["CpuQuantizedDoRALinear", "DoRALinear", "quantized_dora"]
 

@@ -8,7 +8,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxlab.models.adapter_layer import AdapterLayer
+from mlxlab.models.adapters.adapter_layer import AdapterLayer
 
 
 class LoRALinear(AdapterLayer):

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxlab.models.adapter_layer import AdapterLayer
+from mlxlab.models.adapters.adapter_layer import AdapterLayer
 
 # A target with one of these path components names the routed experts ("experts",
 # "switch_mlp.gate_proj", HF's "experts.down_proj")

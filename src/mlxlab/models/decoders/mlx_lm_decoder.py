@@ -10,8 +10,8 @@ which architecture it holds. The mlx-lm model sits under `lm`, so its parameter 
 mlx-lm's (and so the Hugging Face ones, for most types) behind an `lm.` prefix.
 
 `prepare_for_training` is the one place a loaded pretrained model (this decoder, and
-vision_language.py's models through their own steps) is made ready to train: quantized at load
-(model.quantize), then LoRA / DoRA adapters (float, on a float or quantized base) or full
+models/vision/vision_language.py's models through their own steps) is made ready to train: quantized
+at load (model.quantize), then LoRA / DoRA adapters (float, on a float or quantized base) or full
 fine-tuning (rank 0, float bases only).
 """
 
@@ -29,20 +29,20 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.adapters.lora import check_lora, check_reach, maybe_apply_lora, targeted_linears
+from mlxlab.models.adapters.routed_experts import is_experts
 from mlxlab.models.base import PretrainedModel
-from mlxlab.models.draft_layers import (
+from mlxlab.models.decoders.draft_layers import (
     check_freeze_embeddings,
     check_keep_layers,
     freeze_embeddings_and_head,
     keep_first_layers,
 )
+from mlxlab.models.decoders.mlx_lm_fused import use_fused_kernels
+from mlxlab.models.decoders.packing import attention_segments, check_packable
 from mlxlab.models.hf import check_vocab, read_config
-from mlxlab.models.lora import check_lora, check_reach, maybe_apply_lora, targeted_linears
 from mlxlab.models.mlx_lm_classes import mlx_lm_version, model_classes, rope_keys
-from mlxlab.models.mlx_lm_fused import use_fused_kernels
-from mlxlab.models.packing import attention_segments, check_packable
-from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
-from mlxlab.models.routed_experts import is_experts
+from mlxlab.models.quantized.quantized_cpu import use_fast_cpu_quantized
 from mlxlab.models.sources import model_folder
 from mlxlab.runtime.cluster import distributed
 
@@ -334,8 +334,8 @@ class MLXLMDecoder(PretrainedModel):
 
     @classmethod
     def check_packing(cls, node: Mapping[str, Any]) -> None:
-        """data.pack=true: the architecture keeps packed rows apart (models/packing.py), or one
-        line why not, before anything is created: a packed forward pass is traced on the model
+        """data.pack=true: the architecture keeps packed rows apart (models/decoders/packing.py), or
+        one line why not, before anything is created: a packed forward pass is traced on the model
         built lazily from its config.json (MLX computes none of it)."""
         path, config = model_source(node["pretrained"], node.get("revision"))
         model_class, args_class = model_classes(config, path)
@@ -373,7 +373,7 @@ class MLXLMDecoder(PretrainedModel):
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
                  cache: list | None = None, segment_ids: mx.array | None = None) -> mx.array:
         """`segment_ids` (B, T): a packed batch's rows, each attending only to itself
-        (models/packing.py); refused for a model whose layers cannot keep them apart."""
+        (models/decoders/packing.py); refused for a model whose layers cannot keep them apart."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
         if segment_ids is not None:
@@ -392,13 +392,13 @@ class MLXLMDecoder(PretrainedModel):
 def prepare_for_training(model: PretrainedModel, quantize: int | None, lora: Mapping | None,
                          rebuilt: bool = False) -> None:
     """Everything that makes a loaded pretrained model ready to train, in one place for the text
-    decoders here and the vision-language models (vision_language.py), each taking its own
-    steps (PretrainedModel's quantize_at_load, adapt, use_cpu_kernels): quantization at load
+    decoders here and the vision-language models (models/vision/vision_language.py), each taking its
+    own steps (PretrainedModel's quantize_at_load, adapt, use_cpu_kernels): quantization at load
     (model.quantize; a quantized folder stays quantized), then LoRA / DoRA adapters in float32
     on the (possibly quantized) base, or full fine-tuning (rank 0) of a float model. Logs what
     is trained, in which precision, and the trainable / total parameter counts, once (not when
     a checkpoint rebuilds the model)."""
-    from mlxlab.models import num_parameters
+    from mlxlab.models.parameters import num_parameters
 
     check_quantize(quantize)
     if not rebuilt:  # a rebuild's layers were quantized as its checkpoint's were

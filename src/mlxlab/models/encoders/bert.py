@@ -1,6 +1,6 @@
 """BERT encoder with a pooled classification head (Devlin et al. 2018).
 
-Parameter names follow the Hugging Face layout closely enough that hf.py maps them one to one:
+Parameter names follow the Hugging Face layout closely enough that bert_hf.py maps them one to one:
 encoder.embeddings.{word,position,token_type}_embeddings, encoder.embeddings.norm,
 encoder.layers.N.{attention.{query,key,value,out}, attention_norm, mlp.{up,down}, mlp_norm},
 pooler, classifier.
@@ -18,9 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
+from mlxlab.models.adapters.lora import maybe_apply_lora
 from mlxlab.models.base import Model
-from mlxlab.models.hf import bert_config_from_hf, check_vocab, load_hf_bert_weights
-from mlxlab.models.layers import (
+from mlxlab.models.encoders.bert_hf import bert_config_from_hf, load_hf_bert_weights
+from mlxlab.models.hf import check_vocab
+from mlxlab.models.layers.blocks import (
     Attention,
     Dropout,
     GeluMLP,
@@ -30,9 +32,8 @@ from mlxlab.models.layers import (
     init_normal_,
     padding_mask,
 )
-from mlxlab.models.lora import maybe_apply_lora
+from mlxlab.models.layers.unpadding import Unpadded
 from mlxlab.models.sources import as_local, describe
-from mlxlab.models.unpadding import Unpadded
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ class BertEncoder(nn.Module):
         token_index: mx.array | None = None,
     ) -> mx.array:
         """(B, T, hidden); `token_index`: the flat positions whose states the caller reads
-        (models/unpadding.py), the only ones the dense layers compute (zeros elsewhere)."""
+        (models/layers/unpadding.py), the only ones the dense layers compute (zeros elsewhere)."""
         h = self.embeddings(input_ids, token_type_ids)
         mask = None if attention_mask is None else padding_mask(attention_mask)
         rows = None if token_index is None else Unpadded(token_index, *input_ids.shape)
@@ -207,7 +208,8 @@ class BertClassifier(Model):
     is not applied (the fused SDPA kernel has none); hidden dropout is.
     """
 
-    # the fewest outputs the head may have (a reranker's single score: models/cross_encoder.py)
+    # the fewest outputs the head may have (a reranker's single score:
+    # models/embedders/cross_encoder.py)
     min_labels = 2
 
     def __init__(

@@ -14,7 +14,7 @@ names, as for text decoders), and with `model.lora.modules` also the projector (
 full: a few million parameters, the LLaVA recipe) and adapters on the vision tower's attention.
 `model.quantize=4|8` quantizes the language model at load (QLoRA); a quantized folder stays
 quantized. On the CPU its quantized layers multiply through mlxlab's fused dequantize + float
-GEMM (models/quantized_cpu.py), as a text decoder's do. Rank 0 trains every parameter of a
+GEMM (models/quantized/quantized_cpu.py), as a text decoder's do. Rank 0 trains every parameter of a
 float model.
 
 mlx-vlm's image merge indexes on the host (numpy), which `mx.compile` cannot trace: a vision
@@ -38,11 +38,11 @@ from mlx.utils import tree_flatten
 
 from mlxlab.config.vision_families import VisionFamily, family_ways
 from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.adapters.lora import apply_lora, check_lora, check_reach, targeted_linears
 from mlxlab.models.base import PretrainedModel
+from mlxlab.models.decoders.mlx_lm_decoder import check_quantize, lora_targets, prepare_for_training
 from mlxlab.models.hf import read_config
-from mlxlab.models.lora import apply_lora, check_lora, check_reach, targeted_linears
-from mlxlab.models.mlx_lm_decoder import check_quantize, lora_targets, prepare_for_training
-from mlxlab.models.quantized_cpu import use_fast_cpu_quantized
+from mlxlab.models.quantized.quantized_cpu import use_fast_cpu_quantized
 from mlxlab.models.sources import model_folder
 
 log = logging.getLogger(__name__)

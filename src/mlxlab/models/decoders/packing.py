@@ -9,7 +9,7 @@ example. Here, in one place, the models turn them into what attention needs:
 - `segment_positions`: each position's place in its own example (0, 1, ... restarting at every
   example), for models that add learned absolute positions;
 - `attention_segments`: a context in which the masks mlx-lm's decoders build
-  (`create_attention_mask`, wrapped by models/mlx_lm_fused.py) are combined with that mask
+  (`create_attention_mask`, wrapped by models/decoders/mlx_lm_fused.py) are combined with that mask
   (`packed_mask`), and the attention calls that receive one are counted (`count_packed_mask`),
   so a model whose layers mix positions elsewhere is refused instead of letting its rows see
   each other.
@@ -81,8 +81,8 @@ def packed_mask(mask: mx.array | str | None, dtype: mx.Dtype | None = None
                 ) -> mx.array | str | None:
     """The attention mask a model built for its sequence, combined with the segment mask inside
     a packed forward pass (attention_segments); `mask` itself outside one. mlx-lm's decoders get
-    their masks through this (models/mlx_lm_fused.py wraps create_attention_mask), so the mask
-    reaches each layer as an argument and gradient checkpointing's recompute sees it too.
+    their masks through this (models/decoders/mlx_lm_fused.py wraps create_attention_mask), so the
+    mask reaches each layer as an argument and gradient checkpointing's recompute sees it too.
     `dtype`: the hidden states' (a bf16 model's attention takes no float32 additive mask)."""
     if _ACTIVE.mask is None:
         return mask

@@ -20,7 +20,7 @@ import mlx.nn as nn
 from mlxlab import kernels
 from mlxlab.errors import ConfigError
 from mlxlab.models.base import Model
-from mlxlab.models.layers import Dropout
+from mlxlab.models.layers.blocks import Dropout
 
 _CHECKPOINTED: dict[type, type] = {}  # a block class -> its checkpointed subclass
 

@@ -8,7 +8,7 @@ import mlx.nn as nn
 from mlxlab import kernels
 from mlxlab.config.records import check_number
 from mlxlab.errors import ConfigError
-from mlxlab.models.unpadding import Unpadded
+from mlxlab.models.layers.unpadding import Unpadded
 
 
 class KVCache:
@@ -129,7 +129,7 @@ class Attention(nn.Module):
         return self.out(kernels.merge_heads(o))
 
     def unpadded(self, x: mx.array, mask: mx.array | None, rows: Unpadded) -> mx.array:
-        """__call__ on (N, dim) kept rows of a padded batch (models/unpadding.py): the four
+        """__call__ on (N, dim) kept rows of a padded batch (models/layers/unpadding.py): the four
         projections on those rows only, the attention itself in the padded layout."""
         if self.rope is not None:
             raise ConfigError("unpadded attention takes no rotary positions")

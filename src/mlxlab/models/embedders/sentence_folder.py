@@ -23,12 +23,13 @@ import numpy as np
 from tokenizers import Tokenizer, normalizers
 
 from mlxlab.errors import ConfigError, MissingFileError
-from mlxlab.models.bert import BertEncoder
-from mlxlab.models.decoder_encoder import DecoderEncoder
-from mlxlab.models.embedder import ACTIVATIONS, SentenceEmbedder
-from mlxlab.models.hf import assign_weights, bert_config_from_hf, hf_to_mlxlab_name, weight_files
-from mlxlab.models.modernbert_config import check_modernbert_config, require_mlx_embeddings
-from mlxlab.models.pooling import pooling_modes
+from mlxlab.models.embedders.embedder import ACTIVATIONS, SentenceEmbedder
+from mlxlab.models.embedders.pooling import pooling_modes
+from mlxlab.models.encoders.bert import BertEncoder
+from mlxlab.models.encoders.bert_hf import assign_weights, bert_config_from_hf, hf_to_mlxlab_name
+from mlxlab.models.encoders.decoder_encoder import DecoderEncoder
+from mlxlab.models.encoders.modernbert_config import check_modernbert_config, require_mlx_embeddings
+from mlxlab.models.hf import weight_files
 from mlxlab.runtime.memory.io_threads import load_arrays
 
 MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
@@ -37,7 +38,7 @@ ENCODER_TYPES = ("bert", "roberta", "xlm-roberta")
 OFFSET_POSITIONS = ("roberta", "xlm-roberta")
 # encoders sentence-transformers ships that BertEncoder does not cover (attention, layout)
 OTHER_ENCODERS = ("mpnet", "distilbert", "deberta-v2", "electra", "nomic_bert", "new")
-MODERNBERT = "modernbert"  # through mlx-embeddings (modernbert_encoder.py)
+MODERNBERT = "modernbert"  # through mlx-embeddings (encoders/modernbert_encoder.py)
 
 
 def _json(path: Path) -> dict | list:

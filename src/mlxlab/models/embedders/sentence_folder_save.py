@@ -22,13 +22,18 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlxlab.errors import ConfigError
-from mlxlab.models.adapter_layer import AdapterLayer
-from mlxlab.models.bert import BertEncoder
-from mlxlab.models.decoder_encoder import DecoderEncoder
-from mlxlab.models.embedder import Dense, SentenceEmbedder
-from mlxlab.models.hf import mlxlab_to_hf_name, weight_files
-from mlxlab.models.pooling import LEGACY_FLAGS
-from mlxlab.models.sentence_folder import read_modules, sentence_settings, truncation_length
+from mlxlab.models.adapters.adapter_layer import AdapterLayer
+from mlxlab.models.embedders.embedder import Dense, SentenceEmbedder
+from mlxlab.models.embedders.pooling import LEGACY_FLAGS
+from mlxlab.models.embedders.sentence_folder import (
+    read_modules,
+    sentence_settings,
+    truncation_length,
+)
+from mlxlab.models.encoders.bert import BertEncoder
+from mlxlab.models.encoders.bert_hf import mlxlab_to_hf_name
+from mlxlab.models.encoders.decoder_encoder import DecoderEncoder
+from mlxlab.models.hf import weight_files
 from mlxlab.runtime.files.staging import staged_folder
 from mlxlab.runtime.memory.io_threads import load_arrays
 

@@ -12,10 +12,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
+from mlxlab.models.adapters.lora import maybe_apply_lora
 from mlxlab.models.base import Model
-from mlxlab.models.bert import BertEncoder
-from mlxlab.models.layers import Dropout, check_dropout, check_positive, init_normal_
-from mlxlab.models.lora import maybe_apply_lora
+from mlxlab.models.encoders.bert import BertEncoder
+from mlxlab.models.layers.blocks import Dropout, check_dropout, check_positive, init_normal_
 
 
 class CNNHybrid(Model):
