@@ -20,9 +20,11 @@ backward (mx.custom_function) recomputes those boundary states, then walks the c
 last, differentiating one chunk at a time: the memory it keeps is the chunk boundaries' states
 plus one chunk's intermediates, never a state per token.
 
-Gate ratios Gamma_t / Gamma_s are formed as exp(log-gate differences), never as a quotient:
-a KDA channel's decay underflows float32 within a chunk. The per-channel gate's differences
-are a (C, C, Dk) tensor per chunk and head (the price of exactness without sub-chunks).
+Gate ratios Gamma_t / Gamma_s are exp of the log gate's terms between s and t, summed as they
+are (_pair_decay): never a quotient (a KDA channel's decay underflows float32 within a chunk),
+never a difference of cumulative sums (it loses digits, and the gate's gradient with them,
+where the gate decays fast). The per-channel gate's ratios are a (C, C, Dk) tensor per chunk
+and head (the price of exactness without sub-chunks).
 
 Masks follow `gated_delta_ops` exactly: a masked position leaves the state as it was, and its
 output is still what the step would have read (y_t = q_t of the step's updated state), not zero.
@@ -54,17 +56,21 @@ def _unit_lower_inverse(a: mx.array) -> mx.array:
     return inverse
 
 
-def _pair_decay(gamma: mx.array, vectorized: bool) -> mx.array:
-    """exp(gamma_t - gamma_s) for s <= t, 0 above the diagonal: (B, H, C, C), or (B, H, C, C, Dk)
-    for a per-channel gate. The exponent is masked before exp, so no inf reaches a gradient."""
-    size = gamma.shape[2]
+def _pair_decay(lg: mx.array, vectorized: bool) -> mx.array:
+    """Gamma_t / Gamma_s = exp(lg_(s+1) + ... + lg_t) for s <= t, 0 above the diagonal:
+    (B, H, C, C), or (B, H, C, C, Dk) for a per-channel gate. Each exponent is summed from its
+    own terms (a cumulative sum down a masked copy, Mamba-2's segment sum), never as
+    gamma_t - gamma_s: that difference of two large cumulative sums loses float32 digits
+    where the gate decays fast, and its gradient cancels them again."""
+    size = lg.shape[2]
+    later = mx.arange(size)[:, None] > mx.arange(size)[None, :]  # (j, s): j > s
     causal = mx.tril(mx.ones((size, size), dtype=mx.bool_))
     if vectorized:
-        diff = gamma[:, :, :, None, :] - gamma[:, :, None, :, :]
-        causal = causal[:, :, None]
+        later, causal = later[:, :, None], causal[:, :, None]
+        terms = mx.where(later, lg[:, :, :, None, :], 0.0)
     else:
-        diff = gamma[:, :, :, None] - gamma[:, :, None, :]
-    return mx.where(causal, mx.exp(mx.where(causal, diff, 0.0)), 0.0)
+        terms = mx.where(later, lg[:, :, :, None], 0.0)
+    return mx.where(causal, mx.exp(mx.cumsum(terms, axis=2)), 0.0)
 
 
 def _pairs(x: mx.array, k: mx.array, decay: mx.array, vectorized: bool) -> mx.array:
@@ -85,8 +91,8 @@ def _chunk(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, 
         beta_run = beta * keep
     else:
         lg_run, beta_run = lg, beta
-    gamma = mx.cumsum(lg_run, axis=2)
-    decay = _pair_decay(gamma, vectorized)
+    gamma = mx.cumsum(lg_run, axis=2)  # log Gamma_t
+    decay = _pair_decay(lg_run, vectorized)
     scale = mx.exp(gamma) if vectorized else mx.exp(gamma)[..., None]
     strict = mx.tril(mx.ones(decay.shape[2:4], dtype=mx.bool_), k=-1)
     a = mx.where(strict, beta_run[..., None] * _pairs(k, k, decay, vectorized), 0.0)
@@ -106,9 +112,11 @@ def _chunk(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, 
         y_k = read(g * k)
         step = (q * k).sum(-1, keepdims=True) * beta[..., None] * (v - y_k)
         y = mx.where(kept, y_q, y_q + step)
-    last = gamma[:, :, -1:]
-    to_end = mx.exp(last - gamma) if vectorized else mx.exp(last - gamma)[..., None]
-    whole = mx.exp(last) if vectorized else mx.exp(last)[..., None]  # (B, H, 1, Dk | 1)
+    # Gamma_C / Gamma_t: the gate's terms after t, summed as they are (not gamma_C - gamma_t)
+    after = mx.exp(mx.cumsum(lg_run, axis=2, reverse=True, inclusive=False))
+    to_end = after if vectorized else after[..., None]
+    whole = mx.exp(gamma[:, :, -1:])
+    whole = whole if vectorized else whole[..., None]  # (B, H, 1, Dk | 1)
     s1 = s0 * whole + delta.swapaxes(-1, -2) @ (k * to_end)
     return y, s1
 
@@ -196,16 +204,24 @@ def chunked_rule(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: m
     return mx.moveaxis(y, 1, 2).astype(q.dtype), final
 
 
-def log_gate(A_log: mx.array, a: mx.array, dt_bias: mx.array) -> mx.array:  # noqa: N803
-    """log of mlx-lm's compute_g (exp(-exp(A_log) * softplus(a + dt_bias))), without the
-    exp/log round trip (a gate that underflows to 0 keeps a finite logarithm)."""
-    return -mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias)
+def log_gate(A_log: mx.array, a: mx.array, dt_bias: mx.array,  # noqa: N803
+             lower_bound: float | None = None) -> mx.array:
+    """log of mlx-lm's gate: compute_g's exp(-exp(A_log) * softplus(a + dt_bias)), or with
+    `lower_bound` compute_lower_bound_g's exp(lower_bound * sigmoid(exp(A_log) * (a + dt_bias)));
+    without the exp/log round trip (a gate that underflows to 0 keeps a finite logarithm)."""
+    rate = mx.exp(A_log.astype(mx.float32))
+    if lower_bound is None:
+        return -rate * nn.softplus(a + dt_bias)
+    return lower_bound * mx.sigmoid(rate * (a.astype(mx.float32) + dt_bias))
 
 
 def chunked_gated_delta_update(q: mx.array, k: mx.array, v: mx.array, a: mx.array, b: mx.array,
                                A_log: mx.array, dt_bias: mx.array,  # noqa: N803
-                               state: mx.array | None = None, mask: mx.array | None = None,
-                               use_kernel: bool = True) -> tuple[mx.array, mx.array]:
-    """mlx-lm's `gated_delta_update` (the same arguments and results) through the chunked rule;
-    `use_kernel` is accepted for the common call (the chunked rule has no Metal kernel)."""
-    return chunked_rule(q, k, v, log_gate(A_log, a, dt_bias), mx.sigmoid(b), state, mask)
+                               state: mx.array | None = None, mask: mx.array | None = None, *,
+                               use_kernel: bool = True, lower_bound: float | None = None,
+                               allow_neg_eigval: bool = False) -> tuple[mx.array, mx.array]:
+    """mlx-lm's `gated_delta_update` (the same arguments and results: beta = sigmoid(b), doubled
+    with `allow_neg_eigval`; the gate from A_log, a, dt_bias and `lower_bound`) through the
+    chunked rule; `use_kernel` is accepted for the common call (the rule has no Metal kernel)."""
+    beta = mx.sigmoid(b) * 2.0 if allow_neg_eigval else mx.sigmoid(b)
+    return chunked_rule(q, k, v, log_gate(A_log, a, dt_bias, lower_bound), beta, state, mask)

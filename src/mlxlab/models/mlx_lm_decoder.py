@@ -36,6 +36,7 @@ from mlxlab.models.draft_layers import (
     freeze_embeddings_and_head,
     keep_first_layers,
 )
+from mlxlab.models.gated_delta_swap import use_chunked_gated_delta
 from mlxlab.models.hf import check_vocab, read_config
 from mlxlab.models.lora import check_lora, check_reach, maybe_apply_lora, targeted_linears
 from mlxlab.models.mlx_lm_classes import mlx_lm_version, model_classes, rope_keys
@@ -205,6 +206,7 @@ class MLXLMDecoder(PretrainedModel):
             raise ConfigError("model.pretrained=??? : name the model: a local folder, a .gguf "
                               "file, ollama:NAME[:TAG] or a hub id ORG/NAME")
         self.lm = lm
+        use_chunked_gated_delta(lm)  # its gated-delta layers (if any) train in chunks
         self._hf_config = dict(config)
         self.vocab_size = int(config.get("vocab_size")
                               or (config.get("text_config") or {}).get("vocab_size"))
