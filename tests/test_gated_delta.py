@@ -17,6 +17,7 @@ from mlx_lm.models import gated_delta, qwen3_5, qwen3_next
 
 from mlxlab.models.gated_delta import chunked_gated_delta_update, gated_delta_chunked
 from mlxlab.models.gated_delta_swap import ORIGINALS, use_chunked_gated_delta
+from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 
 TOL = 1e-5
 B, HK, HV, DK, DV = 2, 2, 4, 16, 8
@@ -177,6 +178,29 @@ def test_a_hybrid_trains_through_the_chunked_rule(build, monkeypatch):
     assert rel(got_loss, ref_loss) < TOL
     errors = {n: rel(got_grads[n], g) for n, g in ref_grads.items()}
     assert max(errors.values()) < TOL, sorted(errors.items(), key=lambda e: -e[1])[:3]
+
+
+def test_mlxlabs_decoder_swaps_at_load(monkeypatch):
+    """mlxlab's mlx-lm decoder (rebuilt from a config, as a checkpoint rebuilds it) with LoRA:
+    its LoRA gradient step never runs the token loop."""
+    config = {"model_type": "qwen3_5", "text_config": {
+        "model_type": "qwen3_5_text", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 97, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+        "linear_key_head_dim": 16, "linear_value_head_dim": 8, "full_attention_interval": 2,
+        "head_dim": 16}}
+    monkeypatch.setattr(qwen3_5, "gated_delta_update", gated_delta.gated_delta_update)
+    model = MLXLMDecoder(vocab_size=97, hf_config=config,
+                         lora={"rank": 4, "targets": ["query", "value", "out"]})
+    assert qwen3_5.gated_delta_update in ORIGINALS  # swapped by the load itself
+    model.train()
+
+    def no_loop(*args, **kwargs):
+        raise AssertionError("the token loop ran in training")
+
+    monkeypatch.setattr(gated_delta, "gated_delta_ops", no_loop)
+    loss, grads = loss_and_grads(model, mx.random.randint(0, 97, (1, 40)))
+    assert grads and all(mx.isfinite(g).all().item() for g in grads.values())
 
 
 def test_evaluation_keeps_mlx_lms_own_path(monkeypatch):

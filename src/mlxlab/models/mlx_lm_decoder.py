@@ -56,10 +56,14 @@ HEADS = ("lm", "score")
 GROUP_SIZE = 64  # mlx_lm.convert's default q_group_size
 # mlxlab's projection names (conf/lora: targets) -> the module names mlx-lm's architectures use
 # for them; a target that is already a module name (q_proj, gate_proj, ...) is taken as is.
+# A hybrid's sequence mixers read their input through one fused projection, reached as attention's
+# q/k/v are: a gated delta net's (Qwen3-Next in_proj_qkvz, Qwen3.5 in_proj_qkv; Kimi's and
+# OLMo-Hybrid's name q/k/v_proj), Mamba's and LFM2's convolution's in_proj; their out_proj is "out"
+MIXER_INPUTS = ("in_proj_qkvz", "in_proj_qkv", "in_proj")
 TARGET_ALIASES = {
-    "query": ("q_proj", "qkv_proj", "query_key_value", "Wqkv"),
-    "key": ("k_proj", "qkv_proj", "query_key_value", "Wqkv"),
-    "value": ("v_proj", "qkv_proj", "query_key_value", "Wqkv"),
+    "query": ("q_proj", "qkv_proj", "query_key_value", "Wqkv", *MIXER_INPUTS),
+    "key": ("k_proj", "qkv_proj", "query_key_value", "Wqkv", *MIXER_INPUTS),
+    "value": ("v_proj", "qkv_proj", "query_key_value", "Wqkv", *MIXER_INPUTS),
     "out": ("o_proj", "attention.dense", "out_proj"),
     # a MoE layer's routed experts (mlx-lm stacks them under switch_mlp), every projection
     "experts": ("switch_mlp",),
