@@ -125,8 +125,12 @@ def _spans(length: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(i + size, length)) for i in range(0, length, size)]
 
 
-def _cut(arrays: list[mx.array], span: tuple[int, int]) -> list[mx.array]:
-    return [x[:, :, span[0]:span[1]] for x in arrays]
+def _cut(arrays: list[mx.array], span: tuple[int, int],
+         after: mx.array | list[mx.array]) -> list[mx.array]:
+    """The chunk `span` of each array, computed only once `after` is: a chunk's gate ratios and
+    key products do not depend on the state, and MLX would otherwise compute many chunks' at
+    once (for a per-channel gate, a (C, C, Dk) tensor per chunk and head alive together)."""
+    return mx.depends([x[:, :, span[0]:span[1]] for x in arrays], after) if arrays else []
 
 
 def _chunk_of(masked: bool):
@@ -147,7 +151,7 @@ def _rule(chunk_size: int, masked: bool):
         seq, s0, keep = list(arrays[:5]), arrays[5], list(arrays[6:])
         outputs, state = [], s0
         for span in _spans(seq[0].shape[2], chunk_size):
-            y, state = step(*_cut(seq, span), state, *_cut(keep, span))
+            y, state = step(*_cut(seq, span, state), state, *_cut(keep, span, state))
             outputs.append(y)
         return mx.concatenate(outputs, axis=2), state
 
@@ -158,15 +162,18 @@ def _rule(chunk_size: int, masked: bool):
         spans = _spans(seq[0].shape[2], chunk_size)
         states = [s0]  # the state entering each chunk, recomputed
         for span in spans[:-1]:
-            states.append(step(*_cut(seq, span), states[-1], *_cut(keep, span))[1])
+            state = states[-1]
+            states.append(step(*_cut(seq, span, state), state, *_cut(keep, span, state))[1])
         grads: list[list[mx.array]] = [[] for _ in seq]
+        done = [d_state]  # what a chunk's backward waits for: all of the later chunk's
         for span, state in zip(reversed(spans), reversed(states)):
-            kept = _cut(keep, span)
+            kept = _cut(keep, span, done)
             _, back = mx.vjp(lambda *xs, kept=kept: step(*xs, *kept),
-                             [*_cut(seq, span), state], [dy[:, :, span[0]:span[1]], d_state])
+                             [*_cut(seq, span, done), state],
+                             [dy[:, :, span[0]:span[1]], d_state])
             for acc, g in zip(grads, back[:5]):
                 acc.append(g)
-            d_state = back[5]
+            d_state, done = back[5], list(back)
         seq_grads = [mx.concatenate(acc[::-1], axis=2) for acc in grads]
         return (*seq_grads, d_state, *[mx.zeros_like(x) for x in keep])
 
