@@ -233,3 +233,12 @@ def test_the_backward_keeps_chunk_boundaries_not_tokens():
     sequential = backward_peak(gated_delta.gated_delta_ops, 512)
     chunked = backward_peak(gated_delta_chunked, 512)
     assert chunked * 4 < sequential, (chunked, sequential)
+
+
+def test_the_rule_compiles_as_the_training_step_does():
+    """mlxlab compiles its step (mx.compile): the chunked rule's gradients under it are the
+    same."""
+    inputs = rule_inputs(70, True, seed=2)
+    grad = mx.grad(lambda *xs: gated_delta_chunked(*xs)[0].square().sum(), argnums=list(range(6)))
+    compiled = mx.compile(grad)(*inputs)
+    assert max(rel(c, g) for c, g in zip(compiled, grad(*inputs))) < TOL
