@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.models import gated_delta, qwen3_5, qwen3_next
+from mlx_lm.models import gated_delta, kimi_linear, qwen3_5, qwen3_next
 
 from mlxlab.models.gated_delta import chunked_gated_delta_update, gated_delta_chunked
 from mlxlab.models.gated_delta_swap import ORIGINALS, use_chunked_gated_delta
@@ -145,6 +145,18 @@ def tiny_qwen3_next() -> nn.Module:
         full_attention_interval=2))
 
 
+def tiny_kimi_linear() -> nn.Module:
+    """Kimi-Linear: KDA (a gate per key channel) in layer 1, MLA attention in layer 2."""
+    return kimi_linear.Model(kimi_linear.ModelArgs(
+        model_type="kimi_linear", vocab_size=97, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, intermediate_size=128, head_dim=16,
+        rope_theta=10000.0, rms_norm_eps=1e-6, model_max_length=512, num_experts=0,
+        linear_attn_config={"kda_layers": [1], "num_heads": 4, "head_dim": 16,
+                            "short_conv_kernel_size": 4},
+        moe_intermediate_size=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+        v_head_dim=16, first_k_dense_replace=2))
+
+
 def loss_and_grads(model: nn.Module, ids: mx.array) -> tuple[mx.array, dict]:
     def loss(m):
         return nn.losses.cross_entropy(m(ids[:, :-1]), ids[:, 1:]).mean()
@@ -154,15 +166,17 @@ def loss_and_grads(model: nn.Module, ids: mx.array) -> tuple[mx.array, dict]:
     return value, dict(tree_flatten(grads))
 
 
-@pytest.mark.parametrize("build", [tiny_qwen3_5, tiny_qwen3_next], ids=["qwen3_5", "qwen3_next"])
-def test_a_hybrid_trains_through_the_chunked_rule(build, monkeypatch):
+@pytest.mark.parametrize(("build", "module"), [(tiny_qwen3_5, qwen3_5),
+                                               (tiny_qwen3_next, qwen3_next),
+                                               (tiny_kimi_linear, kimi_linear)],
+                         ids=["qwen3_5", "qwen3_next", "kimi_linear"])
+def test_a_hybrid_trains_through_the_chunked_rule(build, module, monkeypatch):
     """A tiny model from mlx-lm's ModelArgs (random weights), training mode: its loss and every
     gradient through the swap equal mlx-lm's sequential path, and the swapped step never runs
     the token loop (gated_delta_ops would raise)."""
     mx.random.seed(0)
     model = build()
     model.train()
-    module = qwen3_next if build is tiny_qwen3_next else qwen3_5
     assert use_chunked_gated_delta(model) >= 1  # qwen3_5 imports qwen3_next's classes too
     assert ORIGINALS[module.gated_delta_update] is gated_delta.gated_delta_update
     ids = mx.random.randint(0, 97, (2, 71))
