@@ -63,3 +63,26 @@ def test_default_targets_on_llama_reach_its_four_projections_without_a_warning(c
         counts = check_reach(model, targets, TARGET_ALIASES)
     assert dict(counts) == {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 2}
     assert not [r for r in caplog.records if r.levelno == logging.WARNING], caplog.text
+
+
+def test_default_targets_on_a_hybrid_reach_its_gated_delta_mixers_and_say_so(caplog):
+    """Qwen3.5 (gated delta layers between attention layers): query/key/value reach the gated
+    delta net's fused in_proj_qkv, out its out_proj, and the log names them a kind of their own
+    (the layers are called linear_attn: by name they would pass for attention)."""
+    from mlx_lm.models import qwen3_5
+
+    text = {"model_type": "qwen3_5_text", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 64, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+            "linear_key_head_dim": 16, "linear_value_head_dim": 8, "full_attention_interval": 2,
+            "head_dim": 16}
+    model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict({"model_type": "qwen3_5",
+                                                        "text_config": text}))
+    _, targets = adapted(model)
+    with caplog.at_level(logging.INFO, logger="mlxlab.models.adapters.lora"):
+        counts = check_reach(model, targets, TARGET_ALIASES)
+    assert dict(counts) == {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 2,
+                            "in_proj_qkv": 2, "out_proj": 2}
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert "kinds: attention 8, gated delta 4" in said[0], said[0]
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING], caplog.text

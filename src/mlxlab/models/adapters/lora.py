@@ -221,8 +221,8 @@ def reached(model: nn.Module) -> Counter:
 
 
 def layer_kinds(model: nn.Module) -> dict[str, list[str]]:
-    """The adapter layers by what they are: routed experts, shared experts, router, attention,
-    dense MLP or other (a MoE block is a module holding stacked experts; a Linear directly in
+    """The adapter layers by what they are: routed experts, shared experts, router, a hybrid's
+    gated delta or state space mixer, attention, dense MLP or other (a MoE block is a module holding stacked experts; a Linear directly in
     one, beside them, is its router)."""
     modules = dict(model.named_modules())
     blocks = {n.rsplit(".", 2)[0] for n, m in modules.items()
@@ -238,6 +238,8 @@ def layer_kinds(model: nn.Module) -> dict[str, list[str]]:
             kind = "shared experts"
         elif any(name.startswith(f"{b}.") for b in blocks):
             kind = "router"
+        elif kind := _mixer_kind(modules.get(name.rsplit(".", 1)[0])):
+            pass
         elif any("attn" in p or "attention" in p for p in parts):
             kind = "attention"
         elif any(p in ("mlp", "feed_forward", "ffn") for p in parts):
@@ -246,6 +248,16 @@ def layer_kinds(model: nn.Module) -> dict[str, list[str]]:
             kind = "other"
         kinds.setdefault(kind, []).append(name)
     return kinds
+
+
+def _mixer_kind(parent: nn.Module | None) -> str | None:
+    """A hybrid's recurrent sequence mixer, by its class (the layer names say attention, e.g.
+    Qwen3.5's linear_attn, Kimi's self_attn): a gated delta net (GatedDeltaNet,
+    KimiDeltaAttention, BailingKDA) or a state space (Mamba) layer; None for anything else."""
+    name = type(parent).__name__ if parent is not None else ""
+    if "Delta" in name or "KDA" in name:
+        return "gated delta"
+    return "state space (Mamba)" if "Mamba" in name else None
 
 
 def _kinds_said(model: nn.Module, kinds: Mapping[str, list[str]]) -> str:

@@ -38,6 +38,7 @@ from mlxlab.models.decoders.draft_layers import (
     freeze_embeddings_and_head,
     keep_first_layers,
 )
+from mlxlab.models.decoders.gated_delta_swap import use_chunked_gated_delta
 from mlxlab.models.decoders.mlx_lm_fused import use_fused_kernels
 from mlxlab.models.decoders.packing import attention_segments, check_packable
 from mlxlab.models.hf import check_vocab, read_config
@@ -56,10 +57,14 @@ HEADS = ("lm", "score")
 GROUP_SIZE = 64  # mlx_lm.convert's default q_group_size
 # mlxlab's projection names (conf/lora: targets) -> the module names mlx-lm's architectures use
 # for them; a target that is already a module name (q_proj, gate_proj, ...) is taken as is.
+# A hybrid's sequence mixers read their input through one fused projection, reached as attention's
+# q/k/v are: a gated delta net's (Qwen3-Next in_proj_qkvz, Qwen3.5 in_proj_qkv; Kimi's and
+# OLMo-Hybrid's name q/k/v_proj), Mamba's and LFM2's convolution's in_proj; their out_proj is "out"
+MIXER_INPUTS = ("in_proj_qkvz", "in_proj_qkv", "in_proj")
 TARGET_ALIASES = {
-    "query": ("q_proj", "qkv_proj", "query_key_value", "Wqkv"),
-    "key": ("k_proj", "qkv_proj", "query_key_value", "Wqkv"),
-    "value": ("v_proj", "qkv_proj", "query_key_value", "Wqkv"),
+    "query": ("q_proj", "qkv_proj", "query_key_value", "Wqkv", *MIXER_INPUTS),
+    "key": ("k_proj", "qkv_proj", "query_key_value", "Wqkv", *MIXER_INPUTS),
+    "value": ("v_proj", "qkv_proj", "query_key_value", "Wqkv", *MIXER_INPUTS),
     "out": ("o_proj", "attention.dense", "out_proj"),
     # a MoE layer's routed experts (mlx-lm stacks them under switch_mlp), every projection
     "experts": ("switch_mlp",),
@@ -206,6 +211,7 @@ class MLXLMDecoder(PretrainedModel):
             raise ConfigError("model.pretrained=??? : name the model: a local folder, a .gguf "
                               "file, ollama:NAME[:TAG] or a hub id ORG/NAME")
         self.lm = lm
+        use_chunked_gated_delta(lm)  # its gated-delta layers (if any) train in chunks
         self._hf_config = dict(config)
         self.vocab_size = int(config.get("vocab_size")
                               or (config.get("text_config") or {}).get("vocab_size"))

@@ -1,0 +1,234 @@
+"""The gated delta rule in chunks, with its own backward: what a gated-delta layer (Qwen3-Next,
+Qwen3.5/3.6, Kimi-Linear's KDA, OLMo-Hybrid) trains through.
+
+The recurrence (mlx-lm's `gated_delta_ops`, one token at a time on a (Dv, Dk) state per head):
+
+    S <- S * g_t                       (g_t a scalar per head, or one per key channel: KDA)
+    d_t = beta_t * (v_t - S k_t)
+    S <- S + d_t k_t^T,   y_t = S q_t
+
+Autograd through that loop keeps every step's state: one layer's backward grows with T * Dv * Dk
+and a 2,048-token step of a small hybrid passes 19 GB. Here the sequence is cut into chunks of
+`chunk_size` tokens (flash-linear-attention's chunkwise form, the WY/UT transform): within a
+chunk every delta solves one unit lower-triangular system at once,
+
+    (I + A) D = beta * (V - (Gamma * K) S0^T),   A_ts = beta_t (k_t . k_s) Gamma_t / Gamma_s, s < t
+
+(Gamma the gate's product from the chunk's start; per key channel for KDA), outputs and the next
+chunk's state are matrix products of D, and only the states between chunks are carried. The
+backward (mx.custom_function) recomputes those boundary states, then walks the chunks from the
+last, differentiating one chunk at a time: the memory it keeps is the chunk boundaries' states
+plus one chunk's intermediates, never a state per token.
+
+Gate ratios Gamma_t / Gamma_s are exp of the log gate's terms between s and t, summed as they
+are (_pair_decay): never a quotient (a KDA channel's decay underflows float32 within a chunk),
+never a difference of cumulative sums (it loses digits, and the gate's gradient with them,
+where the gate decays fast). The per-channel gate's ratios are a (C, C, Dk) tensor per chunk
+and head (the price of exactness without sub-chunks).
+
+Masks follow `gated_delta_ops` exactly: a masked position leaves the state as it was, and its
+output is still what the step would have read (y_t = q_t of the step's updated state), not zero.
+Everything runs in float32 (the state's dtype); outputs come back in q's dtype.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import mlx.core as mx
+import mlx.nn as nn
+
+CHUNK_SIZE = 64  # flash-linear-attention's chunk; the triangular solve is C x C per head
+
+
+def _unit_lower_inverse(a: mx.array) -> mx.array:
+    """(I + a)^-1 for a strictly lower triangular (..., C, C): with n = -a nilpotent the inverse
+    is I + n + ... + n^(C-1) = (I + n)(I + n^2)(I + n^4)..., log2(C) squarings (matrix products,
+    differentiable, unlike MLX's triangular solvers)."""
+    size = a.shape[-1]
+    power = -a
+    inverse = mx.eye(size, dtype=a.dtype) + power
+    reach = 2
+    while reach < size:
+        power = power @ power
+        inverse = inverse + inverse @ power
+        reach *= 2
+    return inverse
+
+
+def _pair_decay(lg: mx.array, vectorized: bool) -> mx.array:
+    """Gamma_t / Gamma_s = exp(lg_(s+1) + ... + lg_t) for s <= t, 0 above the diagonal:
+    (B, H, C, C), or (B, H, C, C, Dk) for a per-channel gate. Each exponent is summed from its
+    own terms (a cumulative sum down a masked copy, Mamba-2's segment sum), never as
+    gamma_t - gamma_s: that difference of two large cumulative sums loses float32 digits
+    where the gate decays fast, and its gradient cancels them again."""
+    size = lg.shape[2]
+    later = mx.arange(size)[:, None] > mx.arange(size)[None, :]  # (j, s): j > s
+    causal = mx.tril(mx.ones((size, size), dtype=mx.bool_))
+    if vectorized:
+        later, causal = later[:, :, None], causal[:, :, None]
+        terms = mx.where(later, lg[:, :, :, None, :], 0.0)
+    else:
+        terms = mx.where(later, lg[:, :, :, None], 0.0)
+    return mx.where(causal, mx.exp(mx.cumsum(terms, axis=2)), 0.0)
+
+
+def _pairs(x: mx.array, k: mx.array, decay: mx.array, vectorized: bool) -> mx.array:
+    """(x_t * Gamma_t / Gamma_s) . k_s for s <= t: (B, H, C, C)."""
+    if vectorized:
+        return (x[:, :, :, None, :] * k[:, :, None, :, :] * decay).sum(-1)
+    return (x @ k.swapaxes(-1, -2)) * decay
+
+
+def _chunk(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, s0: mx.array,
+           keep: mx.array | None) -> tuple[mx.array, mx.array]:
+    """One chunk of the rule: q, k (B, H, C, Dk), v (B, H, C, Dv), lg the log gate (B, H, C) or
+    (B, H, C, Dk), beta (B, H, C), s0 (B, H, Dv, Dk), keep (B, 1, C) 1/0 or None; returns the
+    outputs (B, H, C, Dv) and the state after the chunk."""
+    vectorized = lg.ndim == 4
+    if keep is not None:  # a masked step neither decays nor writes the carried state
+        lg_run = lg * (keep[..., None] if vectorized else keep)
+        beta_run = beta * keep
+    else:
+        lg_run, beta_run = lg, beta
+    gamma = mx.cumsum(lg_run, axis=2)  # log Gamma_t
+    decay = _pair_decay(lg_run, vectorized)
+    scale = mx.exp(gamma) if vectorized else mx.exp(gamma)[..., None]
+    strict = mx.tril(mx.ones(decay.shape[2:4], dtype=mx.bool_), k=-1)
+    a = mx.where(strict, beta_run[..., None] * _pairs(k, k, decay, vectorized), 0.0)
+    s0_t = s0.swapaxes(-1, -2)  # (B, H, Dk, Dv)
+    rhs = beta_run[..., None] * (v - (k * scale) @ s0_t)
+    delta = _unit_lower_inverse(a) @ rhs  # (B, H, C, Dv): each step's write d_t
+
+    def read(x: mx.array) -> mx.array:  # S_t x_t for every t of the chunk
+        return (x * scale) @ s0_t + _pairs(x, k, decay, vectorized) @ delta
+
+    if keep is None:
+        y = read(q)
+    else:  # a masked step reads the state it would have written: S' = g S + d k^T from S
+        g = mx.exp(lg) if vectorized else mx.exp(lg)[..., None]
+        kept = keep[..., None] > 0
+        y_q = read(mx.where(kept, q, g * q))
+        y_k = read(g * k)
+        step = (q * k).sum(-1, keepdims=True) * beta[..., None] * (v - y_k)
+        y = mx.where(kept, y_q, y_q + step)
+    # Gamma_C / Gamma_t: the gate's terms after t, summed as they are (not gamma_C - gamma_t)
+    after = mx.exp(mx.cumsum(lg_run, axis=2, reverse=True, inclusive=False))
+    to_end = after if vectorized else after[..., None]
+    whole = mx.exp(gamma[:, :, -1:])
+    whole = whole if vectorized else whole[..., None]  # (B, H, 1, Dk | 1)
+    s1 = s0 * whole + delta.swapaxes(-1, -2) @ (k * to_end)
+    return y, s1
+
+
+def _spans(length: int, size: int) -> list[tuple[int, int]]:
+    return [(i, min(i + size, length)) for i in range(0, length, size)]
+
+
+def _cut(arrays: list[mx.array], span: tuple[int, int],
+         after: mx.array | list[mx.array]) -> list[mx.array]:
+    """The chunk `span` of each array, computed only once `after` is: a chunk's gate ratios and
+    key products do not depend on the state, and MLX would otherwise compute many chunks' at
+    once (for a per-channel gate, a (C, C, Dk) tensor per chunk and head alive together)."""
+    return mx.depends([x[:, :, span[0]:span[1]] for x in arrays], after) if arrays else []
+
+
+def _chunk_of(masked: bool):
+    """_chunk over (q, k, v, lg, beta, s0[, keep]) as one argument list."""
+    if masked:
+        return lambda q, k, v, lg, beta, s0, keep: _chunk(q, k, v, lg, beta, s0, keep)
+    return lambda q, k, v, lg, beta, s0: _chunk(q, k, v, lg, beta, s0, None)
+
+
+@cache
+def _rule(chunk_size: int, masked: bool):
+    """The chunked rule over head-major float32 arrays, (y, final state), as an
+    mx.custom_function whose backward keeps only the chunk boundaries' states."""
+    step = _chunk_of(masked)
+
+    @mx.custom_function
+    def rule(*arrays: mx.array) -> tuple[mx.array, mx.array]:
+        seq, s0, keep = list(arrays[:5]), arrays[5], list(arrays[6:])
+        outputs, state = [], s0
+        for span in _spans(seq[0].shape[2], chunk_size):
+            y, state = step(*_cut(seq, span, state), state, *_cut(keep, span, state))
+            outputs.append(y)
+        return mx.concatenate(outputs, axis=2), state
+
+    @rule.vjp
+    def rule_vjp(primals: tuple, cotangents: tuple, outputs: tuple) -> tuple:
+        seq, s0, keep = list(primals[:5]), primals[5], list(primals[6:])
+        dy, d_state = cotangents
+        spans = _spans(seq[0].shape[2], chunk_size)
+        states = [s0]  # the state entering each chunk, recomputed
+        for span in spans[:-1]:
+            state = states[-1]
+            states.append(step(*_cut(seq, span, state), state, *_cut(keep, span, state))[1])
+        grads: list[list[mx.array]] = [[] for _ in seq]
+        done = [d_state]  # what a chunk's backward waits for: all of the later chunk's
+        for span, state in zip(reversed(spans), reversed(states)):
+            kept = _cut(keep, span, done)
+            _, back = mx.vjp(lambda *xs, kept=kept: step(*xs, *kept),
+                             [*_cut(seq, span, done), state],
+                             [dy[:, :, span[0]:span[1]], d_state])
+            for acc, g in zip(grads, back[:5]):
+                acc.append(g)
+            d_state, done = back[5], list(back)
+        seq_grads = [mx.concatenate(acc[::-1], axis=2) for acc in grads]
+        return (*seq_grads, d_state, *[mx.zeros_like(x) for x in keep])
+
+    return rule
+
+
+def gated_delta_chunked(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array,
+                        state: mx.array | None = None, mask: mx.array | None = None,
+                        chunk_size: int = CHUNK_SIZE) -> tuple[mx.array, mx.array]:
+    """mlx-lm's `gated_delta_ops(q, k, v, g, beta, state, mask)` in chunks: q, k (B, T, Hk, Dk),
+    v (B, T, Hv, Dv), g (B, T, Hv) or (B, T, Hv, Dk) in (0, 1], beta (B, T, Hv), state
+    (B, Hv, Dv, Dk), mask (B, T) bool; returns y (B, T, Hv, Dv) in q's dtype and the state."""
+    return chunked_rule(q, k, v, mx.log(g.astype(mx.float32)), beta, state, mask, chunk_size)
+
+
+def chunked_rule(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: mx.array,
+                 state: mx.array | None = None, mask: mx.array | None = None,
+                 chunk_size: int = CHUNK_SIZE) -> tuple[mx.array, mx.array]:
+    """gated_delta_chunked with the gate as its logarithm (what the layers compute first)."""
+    batch, _, hk, dk = q.shape
+    hv, dv = v.shape[-2:]
+    if state is None:
+        state = mx.zeros((batch, hv, dv, dk), dtype=mx.float32)
+    if (repeat := hv // hk) > 1:
+        q = mx.repeat(q, repeat, -2)
+        k = mx.repeat(k, repeat, -2)
+
+    def heads(x: mx.array) -> mx.array:  # (B, T, H, ...) -> (B, H, T, ...), float32
+        return mx.moveaxis(x.astype(mx.float32), 2, 1)
+
+    arrays = [heads(q), heads(k), heads(v), heads(log_g), heads(beta), state.astype(mx.float32)]
+    if mask is not None:
+        arrays.append(mask.astype(mx.float32)[:, None, :])
+    y, final = _rule(chunk_size, mask is not None)(*arrays)
+    return mx.moveaxis(y, 1, 2).astype(q.dtype), final
+
+
+def log_gate(A_log: mx.array, a: mx.array, dt_bias: mx.array,  # noqa: N803
+             lower_bound: float | None = None) -> mx.array:
+    """log of mlx-lm's gate: compute_g's exp(-exp(A_log) * softplus(a + dt_bias)), or with
+    `lower_bound` compute_lower_bound_g's exp(lower_bound * sigmoid(exp(A_log) * (a + dt_bias)));
+    without the exp/log round trip (a gate that underflows to 0 keeps a finite logarithm)."""
+    rate = mx.exp(A_log.astype(mx.float32))
+    if lower_bound is None:
+        return -rate * nn.softplus(a + dt_bias)
+    return lower_bound * mx.sigmoid(rate * (a.astype(mx.float32) + dt_bias))
+
+
+def chunked_gated_delta_update(q: mx.array, k: mx.array, v: mx.array, a: mx.array, b: mx.array,
+                               A_log: mx.array, dt_bias: mx.array,  # noqa: N803
+                               state: mx.array | None = None, mask: mx.array | None = None, *,
+                               use_kernel: bool = True, lower_bound: float | None = None,
+                               allow_neg_eigval: bool = False) -> tuple[mx.array, mx.array]:
+    """mlx-lm's `gated_delta_update` (the same arguments and results: beta = sigmoid(b), doubled
+    with `allow_neg_eigval`; the gate from A_log, a, dt_bias and `lower_bound`) through the
+    chunked rule; `use_kernel` is accepted for the common call (the rule has no Metal kernel)."""
+    beta = mx.sigmoid(b) * 2.0 if allow_neg_eigval else mx.sigmoid(b)
+    return chunked_rule(q, k, v, log_gate(A_log, a, dt_bias, lower_bound), beta, state, mask)
