@@ -82,6 +82,39 @@ def test_kept_is_the_share_of_the_gain_and_its_verdict_is_paired():
     assert loss.kept == pytest.approx(0.75)  # lower is better: (3 - 1.5) / (3 - 1)
 
 
+def test_kept_interval_leaves_out_resamples_where_the_run_is_worse_than_the_base():
+    """A small, noisy gain: some resamples have the run worse than the base, where the ratio's
+    sign flips. They are left out (no gain there to keep), so an export never worse than the
+    base on any example has no negative share in its interval; lower-is-better alike."""
+    rng = np.random.default_rng(1)
+    base = np.zeros(40)
+    run = rng.normal(0.05, 1.0, 40)  # a gain of ~0.05 under noise of 1
+    export = np.maximum(base, run) * 0.5 + 0.01  # never below the base, example by example
+    k = _kept("val/accuracy", Column(run), Column(export), Column(base))
+    assert k.kept is not None and k.kept_low >= 0.0
+    loss = _kept("val/loss", Column(-run, False), Column(-export, False), Column(-base, False))
+    assert loss.kept_low >= 0.0 and loss.kept_low == pytest.approx(k.kept_low)
+
+
+def test_several_measures_are_holm_adjusted_before_a_loss_is_called():
+    """Two measures each with p ~ 0.031 (McNemar, 6 answers only the run got right) are
+    each below 0.05 alone but not after Holm's correction over the two: not lost; one alone is."""
+    from mlxlab.export.retention import judge_scores
+
+    run = np.zeros(40)
+    run[:20] = 1.0
+    export = run.copy()
+    export[:6] = 0.0  # 6 right answers lost: kept 70 %, p = 2 / 2**6
+    scores = {name: Column(run, binary=True) for name in ("a/exact_match", "b/exact_match")}
+    exported = {name: Column(export, binary=True) for name in scores}
+    base = {name: Column(np.zeros(40), binary=True) for name in scores}
+    alone = judge_scores({"a/exact_match": scores["a/exact_match"]}, base, exported)
+    assert alone[0].p == pytest.approx(0.03125) and alone[0].lost
+    both = judge_scores(scores, base, exported)
+    assert [k.p_holm for k in both] == [pytest.approx(0.0625)] * 2
+    assert not any(k.lost for k in both) and "Holm-adjusted 0.0625" in both[0].line()
+
+
 def test_a_4bit_fused_export_that_loses_the_gain_is_refused_and_leaves_nothing(lora_run,
                                                                                tmp_path):
     """The written folder is read back (mlx-lm's loader) and scored on the run's validation

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -47,7 +47,7 @@ from mlxlab.export.hf import ExportError
 from mlxlab.models.base import Model
 from mlxlab.models.lora import adapters_off, has_adapters
 from mlxlab.objectives.losses import forward, token_cross_entropy
-from mlxlab.stats import ALPHA, mcnemar_exact, paired_bootstrap
+from mlxlab.stats import ALPHA, holm, mcnemar_exact, paired_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -277,11 +277,18 @@ class Kept:
     test: str
     lost: bool                # significantly worse than the run and below KEEP of the gain
     higher_is_better: bool = True
+    p_holm: float | None = None  # p adjusted over every measure of the export (Holm)
+
+    def significant(self) -> bool:
+        """p below ALPHA, Holm-adjusted over the export's measures where they are judged
+        together."""
+        return (self.p if self.p_holm is None else self.p_holm) < ALPHA
 
     def line(self) -> str:
         """`val/accuracy: kept 38 % of the gain over the base [24 %, 52 %]; ...`"""
-        test = f"{self.test} p={self.p:.3g}"
-        worse = "significantly worse than the run" if self.p < ALPHA and self._worse() else (
+        test = f"{self.test} p={self.p:.3g}" + (
+            f", Holm-adjusted {self.p_holm:.3g}" if self.p_holm is not None else "")
+        worse = "significantly worse than the run" if self.significant() and self._worse() else (
             "no loss detected against the run")
         scores = f"run {self.run:.4f}, export {self.export:.4f}" + (
             f", base {self.base:.4f}" if self.base is not None else "")
@@ -303,12 +310,21 @@ def judge(reference: Reference, exported: Scores) -> list[Kept]:
 def judge_scores(run: Scores, base: Scores | None, exported: Scores) -> list[Kept]:
     """Every measure the run and the export both have, the export against the run and `base`
     (any model's per-example scores: a decoder's here, an embedder's retrieval queries in
-    embedder_retention.py)."""
+    embedder_retention.py). Every measure is a test at ALPHA of the same export, so the p-values
+    are Holm-adjusted over them (stats.holm) before a loss is called."""
     out = []
     for name, column in run.items():
         if name in exported:
             out.append(_kept(name, column, exported[name], base.get(name) if base else None))
-    return out
+    adjusted = holm([k.p for k in out])
+    return [_lost_after(replace(k, p_holm=float(p))) for k, p in zip(out, adjusted, strict=True)]
+
+
+def _lost_after(kept: Kept) -> Kept:
+    """The measure's verdict on its adjusted p: significantly worse than the run and below
+    KEEP of the gain (or no gain to share)."""
+    lost = kept.significant() and kept._worse() and (kept.kept is None or kept.kept < KEEP)
+    return replace(kept, lost=bool(lost))
 
 
 def _kept(name: str, run: Column, export: Column, base: Column | None) -> Kept:
@@ -326,20 +342,22 @@ def _kept(name: str, run: Column, export: Column, base: Column | None) -> Kept:
     b = base.values if base is not None else None
     if b is not None and sign * (r.mean() - b.mean()) > 0:
         kept = float((e.mean() - b.mean()) / (r.mean() - b.mean()))
-        low, high = _kept_interval(r, e, b)
+        low, high = _kept_interval(r, e, b, sign)
     lost = worse and (kept is None or kept < KEEP)
     return Kept(name, len(r), float(r.mean()), float(e.mean()),
                 None if b is None else float(b.mean()), kept, low, high, diff, float(p), test,
                 bool(lost), run.higher_is_better)
 
 
-def _kept_interval(r: np.ndarray, e: np.ndarray, b: np.ndarray, seed: int = 0
-                   ) -> tuple[float, float]:
-    """The paired percentile bootstrap interval of kept over the examples (resamples where the
-    run shows no gain over the base are left out)."""
+def _kept_interval(r: np.ndarray, e: np.ndarray, b: np.ndarray, sign: float = 1.0,
+                   seed: int = 0) -> tuple[float, float]:
+    """The paired percentile bootstrap interval of kept over the examples. Resamples where the
+    run shows no gain over the base (none, or the run worse than the base: `sign` is +1 where
+    higher is better, -1 where lower is) are left out: there kept has no meaning, and a negative
+    gain would flip the ratio's sign."""
     picks = np.random.default_rng(seed).integers(0, len(r), size=(ROUNDS, len(r)))
     gain = r[picks].mean(1) - b[picks].mean(1)
-    ok = np.abs(gain) > 1e-12
+    ok = sign * gain > 1e-12
     ratio = (e[picks].mean(1) - b[picks].mean(1))[ok] / gain[ok]
     if not len(ratio):
         return float("nan"), float("nan")
