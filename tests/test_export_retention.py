@@ -270,3 +270,28 @@ def test_bad_retention_settings_are_one_line_before_anything_is_written(call, me
     with pytest.raises((ValueError, FileNotFoundError), match=message):  # the CLI's two
         call(lora_run["run"], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bfloat16_model_written_float16_is_a_change_and_an_overflow_is_refused(tmp_path):
+    """float16 holds neither bfloat16's range nor the other way round its precision: a
+    bfloat16 model written --dtype float16 (the same byte size) changes its weights and is
+    judged; a weight past 65,504 would be written as inf, so it is refused by name."""
+    import mlx.core as mx
+
+    from mlxlab.export import _changes_weights, _refuse_overflow
+    from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
+
+    model = MLXLMDecoder(vocab_size=1, pretrained=str(save_tiny_model("llama", tmp_path / "t")))
+    model.set_dtype(mx.bfloat16)
+    assert _changes_weights(model, "float16", None, "hf", "fuse")
+    assert not _changes_weights(model, "bfloat16", None, "hf", "fuse")
+    assert not _changes_weights(model, "float32", None, "mlx-lm", "fuse")  # holds both
+    _refuse_overflow(model, "float16")  # nothing past float16's range: no refusal
+    embedding = model.lm.model.embed_tokens
+    embedding.weight = mx.concatenate([mx.full((1, embedding.weight.shape[1]), 1e5,
+                                               dtype=mx.bfloat16), embedding.weight[1:]])
+    with pytest.raises(ExportError, match=r"^--dtype float16: .*embed_tokens.weight holds "
+                       r"99840, past float16's largest value 65,504 .*--dtype bfloat16 or "
+                       r"float32$"):
+        _refuse_overflow(model, "float16")
+    _refuse_overflow(model, "bfloat16")

@@ -253,17 +253,40 @@ def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out:
 
 
 def _changes_weights(model, dtype: str, quantize: int | None, fmt: str, lora: str) -> bool:
-    """Whether the written weights differ from the run's: a quantization, a float type
-    narrower than the one the model holds, or adapters fused into a quantized base that stays
-    quantized (mlx-lm's layout: the fused weight is quantized again)."""
+    """Whether the written weights differ from the run's: a quantization, a float type that
+    does not hold every value of the one the model holds (narrower, or as wide with another
+    range and precision: bfloat16 <-> float16; only float32 holds both), or adapters fused into
+    a quantized base that stays quantized (mlx-lm's layout: the fused weight is quantized
+    again)."""
     from mlx.utils import tree_flatten
 
-    floats = [v.dtype for _, v in tree_flatten(model.parameters())
-              if mx.issubdtype(v.dtype, mx.floating)]
+    target = DTYPES[dtype]
+    floats = {v.dtype for _, v in tree_flatten(model.parameters())
+              if mx.issubdtype(v.dtype, mx.floating)}
     requantized = fmt == "mlx-lm" and lora == "fuse" and any(
         isinstance(m, AdapterLayer) and isinstance(m.linear, nn.QuantizedLinear)
         for m in model.modules())
-    return bool(quantize) or requantized or any(DTYPES[dtype].size < t.size for t in floats)
+    return bool(quantize) or requantized or any(
+        t != target and target != mx.float32 for t in floats)
+
+
+FLOAT16_MAX = 65504.0  # float16's largest finite value: anything above it becomes inf
+
+
+def _refuse_overflow(model, dtype: str) -> None:
+    """--dtype float16 of weights float16 cannot hold (a bfloat16 or float32 run can hold
+    values past 65,504) is refused, naming the largest; the cast would write inf."""
+    from mlx.utils import tree_flatten
+
+    if DTYPES[dtype] != mx.float16:
+        return
+    for name, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating) and v.dtype != mx.float16 and v.size:
+            peak = float(mx.abs(v.astype(mx.float32)).max())
+            if peak > FLOAT16_MAX:
+                raise ExportError(f"--dtype float16: {name} holds {peak:.6g}, past float16's "
+                                  f"largest value {FLOAT16_MAX:,.0f} (it would be written as "
+                                  "inf): export --dtype bfloat16 or float32")
 
 
 def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: str, dtype: str,
@@ -307,6 +330,7 @@ def _export(model, state, run_dir: Path, tokenizer_path: Path, out: Path, fmt: s
         from mlx_lm.utils import dequantize_model
 
         dequantize_model(model.lm)  # transformers reads float weights only
+    _refuse_overflow(model, dtype)
     model.set_dtype(DTYPES[dtype])
     adapters = split_adapters(model) if has_lora and lora == "adapters" else None
     report["lora"] = lora if has_lora else None
@@ -450,7 +474,7 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
         report.update(write_gguf(folder, pending, quant, description=description,
                                  name=source.name, importance=importance))
         if request.reference is not None:
-            _judge_gguf(request, pending, quant, staging / "read-back", report, out)
+            _judge_gguf(request, (pending, folder), quant, staging / "read-back", report, out)
         os.replace(pending, out)
         report["gguf"] = str(out)
         report.update(write_modelfile(folder, out))
@@ -485,22 +509,22 @@ def _importance(folder: Path, state, rows: int) -> tuple[dict, dict]:
                       "data": "the run's training rows, its first epoch's order"}
 
 
-def _judge_gguf(request: Retention, written: Path, quant: str, work: Path, report: dict,
-                out: Path) -> None:
-    """The written GGUF read back: its logits on the probe against the fine-tune's (the check
-    at f32; the quantization's own gap otherwise), and its retention unless it is f32."""
+def _judge_gguf(request: Retention, written: tuple[Path, Path], quant: str, work: Path,
+                report: dict, out: Path) -> None:
+    """The written GGUF (`written`: the file and the float folder it was written from) read
+    back: its logits on the probe against the fine-tune's (the check at f32; the quantization's
+    own gap otherwise), and its retention unless it is f32. A file that does not read back is
+    refused (GGUFExportError): it would go out unjudged."""
     from mlxlab.export.gguf import GGUFExportError
+    from mlxlab.export.gguf_readback import read_written_gguf
     from mlxlab.export.proof import mlxlab_logits
-    from mlxlab.export.retention import read_gguf
 
     reference = request.reference
     try:
-        exported = read_gguf(written, work)
-    except ValueError as err:  # an architecture mlxlab's GGUF reader does not take
-        report["file_check"] = {"status": "unread", "why": str(err)}
-        log.warning("mlxlab export: the GGUF was not read back (%s): its retention is not "
-                    "measured", err)
-        return
+        exported = read_written_gguf(*written, work)
+    except ValueError as err:  # GGUFExportError and the reader's ConfigError
+        raise GGUFExportError(f"refused: the written GGUF was not read back, so it cannot be "
+                              f"judged ({err}); export --format hf or mlx-lm") from None
     logits = mlxlab_logits(exported, reference.ids)
     if quant == "f32":  # the same weights: the layout's check, on the file
         report["file_check"] = compare(
