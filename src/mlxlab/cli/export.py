@@ -251,11 +251,6 @@ def _gguf(args: argparse.Namespace) -> int:
               "(--quant q4_k_m, q5_k_m or q6_k, without --adapters); drop it", file=sys.stderr)
         return 2
     if args.lora == "adapters":
-        if args.tasks or args.accept_loss:
-            print("mlxlab export: error: --tasks and --accept-loss judge a fused export; "
-                  "--adapters ships the LoRA as trained, beside its base: drop them",
-                  file=sys.stderr)
-            return 2
         return _gguf_adapters(args)
     try:
         if args.draft is None:
@@ -299,11 +294,13 @@ def _gguf_adapters(args: argparse.Namespace) -> int:
               "transformers)", file=sys.stderr)
         return 2
     try:
-        report = export_gguf_adapters(args.run, args.out, args.quant, overwrite=args.overwrite)
+        report = export_gguf_adapters(args.run, args.out, args.quant, overwrite=args.overwrite,
+                                      retention=_retention(args))
     except (FileNotFoundError, ValueError) as err:
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2
     base, adapter = report["base"], report["adapter"]
+    _print_retention(report)  # the pair as read back from its two files
     if base["written"]:
         print(f"exported {report['checkpoint']}: base -> {base['gguf']} ({base['architecture']}, "
               f"{base['quant']}, {base['bytes'] / 2**20:.1f} MiB; pretrained weights, not fused)")

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxlab.export.gguf import ARCHITECTURES, GGUFExportError, _read_tensors, tensor_names
+from mlxlab.export.gguf import (
+    ARCHITECTURES,
+    GGUFExportError,
+    _dequantize,
+    _read_tensors,
+    tensor_names,
+)
 from mlxlab.models.base import Model
 
 # written by the writer beside the model's tensors (llama3 rope scaling): derived, no weight
@@ -31,10 +37,12 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "chat_template.jinja", "generation_config.json")
 
 
-def read_written_gguf(path: Path, folder: Path, work: Path) -> Model:
-    """The .gguf at `path`, written from the float Hugging Face `folder`, as a model (loaded
-    from `work`, a folder that is filled here: module docstring). Raises GGUFExportError when
-    the file cannot be read back."""
+def read_written_gguf(path: Path, folder: Path, work: Path, lora: Path | None = None) -> Model:
+    """The .gguf at `path`, written from the Hugging Face or mlx-lm `folder`, as a float model
+    (loaded from `work`, a folder that is filled here: module docstring); with `lora`, a GGUF
+    LoRA adapter written for it (gguf_lora.py), its update (alpha / rank) * B @ A added to the
+    weights it adapts, as llama.cpp adds it to their output. Raises GGUFExportError when the
+    files cannot be read back."""
     from mlxlab.export.retention import read_folder
 
     config = json.loads((folder / "config.json").read_text())
@@ -43,12 +51,13 @@ def read_written_gguf(path: Path, folder: Path, work: Path) -> Model:
     if arch is None:
         raise GGUFExportError(f"model_type={kind!r}: not an architecture the GGUF writer writes")
     work.mkdir(parents=True, exist_ok=True)
-    weights = _placed(path, folder, config, arch)
+    weights = _placed(path, folder, config, arch, _lora_updates(lora) if lora else {})
     import mlx.core as mx
 
     mx.save_safetensors(str(work / "model.safetensors"),
                         {n: mx.array(w) for n, w in weights.items()}, metadata={"format": "pt"})
-    (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    floats = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    (work / "config.json").write_text(json.dumps(floats, indent=2) + "\n")
     for name in SIDE_FILES:
         if (folder / name).is_file():
             shutil.copy(folder / name, work / name)
@@ -59,8 +68,34 @@ def read_written_gguf(path: Path, folder: Path, work: Path) -> Model:
                               f"({type(err).__name__}: {str(err)[:160]})") from None
 
 
-def _placed(path: Path, folder: Path, config: dict, arch) -> dict[str, np.ndarray]:
-    """The folder's tensors (float32, by Hugging Face name) with the file's values in place."""
+def _lora_updates(lora: Path) -> dict[str, np.ndarray]:
+    """{base tensor's GGUF name: (alpha / rank) * B @ A} of a GGUF LoRA adapter file, in the base
+    tensor's GGUF layout (numpy (out, in))."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(lora))
+    field = reader.fields.get("adapter.lora.alpha")
+    if field is None:
+        raise GGUFExportError(f"{lora.name} has no adapter.lora.alpha: not a LoRA adapter")
+    alpha = float(field.contents())
+    tensors = {t.name: np.asarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type),
+                                  dtype=np.float32).reshape(tuple(reversed(t.shape)))
+               for t in reader.tensors}
+    updates = {}
+    for name, a in tensors.items():
+        if name.endswith(".lora_a"):
+            base = name.removesuffix(".lora_a")
+            b = tensors.get(f"{base}.lora_b")
+            if b is None:
+                raise GGUFExportError(f"{lora.name} has {name} without its lora_b")
+            updates[base] = (alpha / a.shape[0]) * (b @ a)
+    return updates
+
+
+def _placed(path: Path, folder: Path, config: dict, arch,
+            updates: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The folder's tensors (float32, by the folder's names) with the file's values in place,
+    plus `updates` (by GGUF name) on the tensors they adapt."""
     import gguf
 
     from mlxlab.models.sources.gguf_header import check_header, tensor_shapes
@@ -87,10 +122,13 @@ def _placed(path: Path, folder: Path, config: dict, arch) -> dict[str, np.ndarra
             raise GGUFExportError(f"{tensor.name} holds {values.size} values in the written "
                                   f"GGUF, {positions.size} in the folder: not read back")
         values = values.astype(np.float32).reshape(positions.shape) - offset
+        if tensor.name in updates:  # a LoRA pair's update, on the tensor as llama.cpp holds it
+            values = values + updates.pop(tensor.name)
         flat[positions.ravel()] = values.ravel()
         filled[positions.ravel()] = True
-    if places:
-        raise GGUFExportError(f"the written GGUF lacks {sorted(places)[0]}: not read back")
+    if places or updates:
+        missing = sorted(places) or sorted(updates)
+        raise GGUFExportError(f"the written GGUF lacks {missing[0]}: not read back")
     out, start = {}, 0
     for name, shape in shapes.items():
         size = int(np.prod(shape))
@@ -111,9 +149,8 @@ def _places(folder: Path, config: dict, arch) -> tuple[dict, dict]:
     indexed = []
     start = 0
     for name, w, packed in _read_tensors(folder, config.get("quantization")):
-        if packed is not None:
-            raise GGUFExportError(f"{folder} holds quantized weights: the read-back takes the "
-                                  "float folder the GGUF was written from")
+        if packed is not None:  # mlx-lm's packed weight (a QLoRA base): its float shape
+            w = _dequantize(packed)
         if tied and name == "lm_head.weight":
             continue  # not written: the GGUF reads the embedding as the output
         shapes[name] = tuple(w.shape)
