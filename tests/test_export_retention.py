@@ -295,3 +295,21 @@ def test_a_bfloat16_model_written_float16_is_a_change_and_an_overflow_is_refused
                        r"float32$"):
         _refuse_overflow(model, "float16")
     _refuse_overflow(model, "bfloat16")
+
+
+def test_a_draft_export_honours_accept_loss_and_tasks(lora_run, tmp_path):
+    """--draft judges the run's file as export_gguf does, with the options given: q4_1 (which
+    loses the gain, above) is written with --accept-loss, its verdict recorded; a refusal
+    leaves none of the four files."""
+    from mlxlab.export.speculative import export_gguf_with_draft
+
+    draft = save_tiny_model("llama", tmp_path / "draft", seed=1, num_hidden_layers=1)
+    out = tmp_path / "out" / "ft.gguf"
+    with pytest.raises(ValueError, match=r"^refused: the written file loses"):
+        export_gguf_with_draft(lora_run["run"], draft, out, "q4_1")
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+    report = export_gguf_with_draft(lora_run["run"], draft, out, "q4_1",
+                                    retention=Retention(accept_loss=True))
+    assert report["retention"]["accepted_loss"] and report["retention"]["read_back"] == str(out)
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "ft.Modelfile", "ft.draft.gguf", "ft.gguf", "ft.llama-server.sh"]

@@ -263,7 +263,8 @@ def _gguf(args: argparse.Namespace) -> int:
 
             report = export_gguf_with_draft(args.run, args.draft, args.out, args.quant or "f16",
                                             overwrite=args.overwrite, check=args.check,
-                                            num_draft_tokens=args.num_draft_tokens)
+                                            num_draft_tokens=args.num_draft_tokens,
+                                            retention=_retention(args))
     except (FileNotFoundError, ValueError) as err:
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2

@@ -455,11 +455,15 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
     staging = Path(tempfile.mkdtemp(prefix="mlxlab-gguf-"))
     pending = out.with_name(f".{out.stem}.pending-{os.getpid()}.gguf")
     try:
-        if (source / "config.json").is_file() and any(source.glob("*.safetensors")):
+        if is_model_folder(source):
             if not check:
                 raise GGUFExportError("--no-check is for a run's export (checked in "
                                       "transformers on its way to GGUF); a model folder goes "
                                       "to GGUF as it is")
+            if request.tasks or request.accept_loss:
+                raise GGUFExportError("--tasks and --accept-loss judge a run's export against "
+                                      "the run and its base; a model folder goes to GGUF as it "
+                                      "is: drop them")
             folder, report = source, {"source": str(source)}  # a pretrained folder
         else:
             folder = staging / source.name
@@ -485,6 +489,11 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
         why = record(request.reference.state, out.name, report["retention"])
         report["retention"]["recorded"] = why or "on the run's MLflow run"
     return report
+
+
+def is_model_folder(source: Path) -> bool:
+    """A Hugging Face or mlx-lm model folder (config.json and safetensors), not a run."""
+    return (source / "config.json").is_file() and any(source.glob("*.safetensors"))
 
 
 def _refuse_non_decoder(model: object, state: object) -> None:
