@@ -240,8 +240,6 @@ def _export_loaded(model, state, chosen: Path, note: str | None, run: Path, out:
             card = unfinished_card(card, out.name, note)
         if not_checked is not None:
             report["check"] = not_checked
-        if remapped is not None:
-            retention = None  # its validation rows are on the full vocabulary's ids
         _export(model, state, run_dir, tokenizer_path, out, fmt, dtype, quantize, lora, report,
                 card, retention, method)
     finally:

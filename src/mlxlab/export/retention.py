@@ -189,6 +189,10 @@ def build_reference(model: Model, state, tokenizer_path: Path, batches: list[Bat
         with adapters_off(model):
             reference.base = score(model, reference)
         reference.base_from = "the run with its adapters off"
+    elif (state.data or {}).get("vocab_map") and (state.config.get("model") or {}).get(
+            "pretrained"):  # the rows are on the small model's ids, which its base does not speak
+        reference.base_from = ("none: a vocab-remapped run's pretrained base speaks the full "
+                               "vocabulary's ids, not the small model's")
     elif (state.config.get("model") or {}).get("pretrained"):
         reference.base, reference.base_from = _pretrained_base(state, reference)
     else:
