@@ -40,7 +40,7 @@ def test_every_written_architecture_reads_back_as_written(kind, tmp_path):
 
 def test_a_file_that_does_not_read_back_is_an_error(tmp_path):
     """A truncated file (or one whose tensors are not the writer's) is one GGUFExportError: the
-    export that wrote it is refused (export/__init__.py _judge_gguf)."""
+    export that wrote it is refused (export/judgement.py judge_gguf)."""
     folder = save_tiny_model("gemma2", tmp_path / "tiny")
     file = tmp_path / "x.gguf"
     write_gguf(folder, file, "q8_0")

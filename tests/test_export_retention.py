@@ -278,7 +278,8 @@ def test_a_bfloat16_model_written_float16_is_a_change_and_an_overflow_is_refused
     judged; a weight past 65,504 would be written as inf, so it is refused by name."""
     import mlx.core as mx
 
-    from mlxlab.export import _changes_weights, _refuse_overflow
+    from mlxlab.export.judgement import changes_weights as _changes_weights
+    from mlxlab.export.judgement import refuse_overflow as _refuse_overflow
     from mlxlab.models.mlx_lm_decoder import MLXLMDecoder
 
     model = MLXLMDecoder(vocab_size=1, pretrained=str(save_tiny_model("llama", tmp_path / "t")))

@@ -32,7 +32,7 @@ from mlxlab.export.gguf import GGUFExportError, write_gguf
 from mlxlab.export.gguf_lora import FUSED, check_gguf_lora, write_gguf_lora
 from mlxlab.export.llama_server import command_path, llama_server_script, write_script
 from mlxlab.export.ollama import modelfile_path, write_modelfile
-from mlxlab.export.retention import Retention, judge_export, record
+from mlxlab.export.retention import Reference, Retention, judge_export, record
 
 
 def base_path(gguf_file: Path) -> Path:
@@ -122,7 +122,8 @@ def export_gguf_adapters(run: str | Path, out: str | Path, quant: str | None = N
     from its .gguf, the adapter's update (alpha / rank) * B @ A added where llama.cpp adds it;
     gguf_readback.py) and judged against the run and its base (`retention`: its task files and
     --accept-loss; retention.py) before anything is moved into place."""
-    from mlxlab.export import export_run
+    from mlxlab.export.pipeline import run_export
+    from mlxlab.export.request import ExportRequest
 
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if out.suffix != ".gguf":
@@ -138,8 +139,10 @@ def export_gguf_adapters(run: str | Path, out: str | Path, quant: str | None = N
     try:
         # the base as trained (pretrained weights, a QLoRA base still packed) + mlx-lm adapters
         folder, seen = staging / "mlx-lm", {}
-        report = export_run(run, folder, fmt="mlx-lm", dtype="float32", lora="adapters",
-                            refuse=_refusals(quant, seen), retention=request)
+        exported = run_export(ExportRequest(
+            run, folder, "mlx-lm", "float32", lora="adapters", refuse=_refusals(quant, seen),
+            retention=request or Retention(), gguf_next=request is not None))
+        report, reference = exported.report, exported.reference
         for key in ("adapter_path", "model_card", "dtype", "quantize"):  # the staging folder's
             report.pop(key, None)
         config = json.loads((folder / "config.json").read_text())
@@ -157,8 +160,9 @@ def export_gguf_adapters(run: str | Path, out: str | Path, quant: str | None = N
         adapter = write_gguf_lora(folder / "adapters", config, tmp / adapter_path(out).name,
                                   name=run.name)
         adapter["gguf"] = str(adapter_path(out))
-        if request is not None and given is None:  # refused here: nothing is moved into place
-            report["retention"] = _judge_pair(request, tmp, out, folder, staging / "read-back")
+        if reference is not None and given is None:  # refused here: nothing is moved into place
+            report["retention"] = _judge_pair((reference, request.accept_loss), tmp, out,
+                                              folder, staging / "read-back")
         elif request is not None and (request.tasks or request.accept_loss):
             raise GGUFExportError("--tasks and --accept-loss judge a base written here; this "
                                   "run's base is its own GGUF file, used as it is: drop them")
@@ -176,7 +180,7 @@ def export_gguf_adapters(run: str | Path, out: str | Path, quant: str | None = N
                   chat_style=ollama["chat_style"], stop=ollama["stop"],
                   command=str(command_path(out)))
     if report.get("retention"):
-        why = record(request.reference.state, out.name, report["retention"])
+        why = record(reference.state, out.name, report["retention"])
         report["retention"]["recorded"] = why or "on the run's MLflow run"
     return report
 
@@ -190,15 +194,17 @@ def _request(retention: Retention | None, quant: str | None) -> Retention | None
             raise GGUFExportError("--tasks and --accept-loss judge an export that changes the "
                                   "weights; --quant f32 writes the base as it trained: drop them")
         return None
-    request = Retention(retention.tasks, retention.accept_loss, later=True)
-    request.check()
-    return request
+    retention.check()
+    return retention
 
 
-def _judge_pair(request: Retention, tmp: Path, out: Path, folder: Path, work: Path) -> dict:
-    """The written base and adapter read back together and judged (retention.py)."""
+def _judge_pair(against: tuple[Reference, bool], tmp: Path, out: Path, folder: Path,
+                work: Path) -> dict:
+    """The written base and adapter read back together and judged (retention.py) `against`
+    the reference, a loss written only with accept_loss."""
     from mlxlab.export.gguf_readback import read_written_gguf
 
+    reference, accept_loss = against
     try:
         exported = read_written_gguf(tmp / base_path(out).name, folder, work,
                                      lora=tmp / adapter_path(out).name)
@@ -206,7 +212,8 @@ def _judge_pair(request: Retention, tmp: Path, out: Path, folder: Path, work: Pa
         raise GGUFExportError(f"refused: the written base and adapter were not read back, so "
                               f"they cannot be judged ({err})") from None
     try:
-        return judge_export(request, exported, str(out), "--quant q8_0 or f16 for the base")
+        return judge_export(reference, accept_loss, exported, str(out),
+                            "--quant q8_0 or f16 for the base")
     except ValueError as err:  # ExportError: the CLI's one line
         raise GGUFExportError(str(err)) from None
 
