@@ -51,12 +51,14 @@ run's own training rows. --format gguf --quant q4_k_m|q5_k_m|q6_k: llama-quantiz
 mixtures, quantized by llama.cpp's own code (the xllamacpp wheel), weighted by an importance
 matrix of the fine-tune on its first --imatrix-rows training rows.
 
-Every export that changes the weights (--quantize, a narrower --dtype, a GGUF --quant other than
-f32) is read back from what it wrote and scored on the run's validation rows and task files
-(eval.tasks, or --tasks FILES) beside the run and its base: it prints the share of the
-fine-tune's gain it kept with the paired verdict, records it on the run's MLflow run, and is
-refused (nothing written) when it is significantly worse than the run and keeps under 95 % of
-the gain, unless --accept-loss.
+Every export that changes the weights (--quantize, a --dtype that does not hold the run's
+values, a GGUF --quant other than f32, the base of --adapters at any type but f32) is read back
+from what it wrote (a file that does not read back is refused) and scored on the run's
+validation rows and task files (eval.tasks, or --tasks FILES) beside the run and its base: it
+prints the share of the fine-tune's gain it kept with the paired verdict (Holm-adjusted over
+the measures), records it on the run's MLflow run, and is refused (nothing written) when it is
+significantly worse than the run and keeps under 95 % of the gain, unless --accept-loss; with
+--draft, the run's file and a draft run's alike, the pair moved into place once both pass.
 
     mlxlab export path/to/embedder --format sentence-transformers --out exported/embedder
     mlxlab export path/to/bert-embedder --format gguf --quant f16 --out embedder.gguf
