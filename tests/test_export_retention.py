@@ -314,3 +314,33 @@ def test_a_draft_export_honours_accept_loss_and_tasks(lora_run, tmp_path):
     assert report["retention"]["accepted_loss"] and report["retention"]["read_back"] == str(out)
     assert sorted(p.name for p in out.parent.iterdir()) == [
         "ft.Modelfile", "ft.draft.gguf", "ft.gguf", "ft.llama-server.sh"]
+
+
+@pytest.mark.slow  # a training run (~15 s on a loaded box)
+def test_float16_of_a_weight_past_its_range_is_one_line_exit_2_and_no_folder(tmp_path, capsys):
+    """A run whose base holds a weight past 65,504 (here an embedding entry of a token the
+    data never uses) exported --dtype float16 is refused in one line naming the weight; nothing
+    is left at --out. bfloat16 holds it: that export is written."""
+    import mlx.core as mx
+
+    from mlxlab.cli.main import main
+    from test_mlx_lm_decoders import train_chat
+
+    folder = save_tiny_model("llama", tmp_path / "tiny", chat="chatml")
+    weights = mx.load(str(folder / "model.safetensors"))
+    table = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = mx.concatenate(
+        [table[:-1], mx.full((1, table.shape[1]), 1e5, dtype=table.dtype)])  # the last id
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
+    _, run = train_chat(folder, tmp_path / "train", "eval.tasks=[]", "trainer.max_steps=1",
+                        "trainer.eval_every_steps=1")
+    out = tmp_path / "f16"
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "mlx-lm", "--dtype", "float16",
+                 "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlxlab export: error: --dtype float16: "), lines
+    assert "model.embed_tokens.weight holds 100000, past float16's largest" in lines[0]
+    assert not out.exists()
+    assert main(["export", str(run), "--format", "mlx-lm", "--dtype", "bfloat16", "--accept-loss",
+                 "--out", str(tmp_path / "bf16")]) == 0
