@@ -160,8 +160,9 @@ def test_a_broken_weight_is_refused_by_the_check(broken, llama_run, tmp_path, mo
     transformers does not read does). The check, which reads the written file, refuses the
     export and nothing is left at --out."""
     import mlxlab.export as export
+    import mlxlab.export.writers as writers
 
-    real = export.save_weights
+    real = writers.save_weights
     name = "model.layers.1.self_attn.q_proj.weight"
 
     def break_file(weights, out, fmt):
@@ -175,7 +176,7 @@ def test_a_broken_weight_is_refused_by_the_check(broken, llama_run, tmp_path, mo
             del tensors[name]
         mx.save_safetensors(str(file), tensors, metadata={"format": fmt})
 
-    monkeypatch.setattr(export, "save_weights", break_file)
+    monkeypatch.setattr(writers, "save_weights", break_file)
     expect = (r"^refused: .*max gap [0-9.e+-]+ > [0-9.e+-]+ \(0.001 of the logits' scale"
               if broken == "swapped" else
               rf"^refused: transformers found no tensor for 1 weight\(s\) .*\(e.g. {name}\)")

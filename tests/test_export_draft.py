@@ -89,3 +89,18 @@ def test_pairs_it_cannot_use_are_refused_before_a_file_is_written(exported, caps
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("mlxlab export: error: ") and expected in last, last
         assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_a_draft_refused_after_the_models_file_is_written_leaves_nothing(exported, capsys):
+    """GLM-4 (no GGUF writer) shares the model's tokenizer and is smaller, so the pair checks;
+    its GGUF is refused after the model's own file is written: nothing is moved into place."""
+    root, target = exported["root"], exported["target"]
+    draft = save_tiny_model("glm4", root / "glm4-draft", seed=1, chat="chatml",
+                            num_hidden_layers=1)
+    out = root / "refused" / "ft.gguf"
+    capsys.readouterr()
+    assert main(["export", str(target), "--format", "gguf", "--quant", "f32", "--draft",
+                 str(draft), "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "model_type='glm4' has no GGUF export here" in lines[0], lines
+    assert not out.parent.exists() or not any(out.parent.iterdir())

@@ -262,3 +262,79 @@ def test_overwrite_replaces_the_four_files_and_says_what_each_is(exported, tmp_p
     assert "F16" in types and "Q8_0" not in types  # the q8_0 base replaced by the f16 one
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "ft.Modelfile", "ft.base.gguf", "ft.llama-server.sh", "ft.lora.gguf"]
+
+
+def test_the_pair_read_back_from_its_files_is_the_fine_tune(exported, tmp_path):
+    """The f32 base with the adapter's update added where llama.cpp adds it (gguf_readback.py,
+    as the judgement of a quantized pair reads it) gives the run's own logits."""
+    import mlx.core as mx
+
+    from mlxlab.export.gguf_readback import read_written_gguf
+    from mlxlab.runs import load_run_model
+
+    folder = exported["out"].parent
+    pair = read_written_gguf(folder / "ft.base.gguf", exported["folder"], tmp_path / "pair",
+                             lora=folder / "ft.lora.gguf")
+    alone = read_written_gguf(folder / "ft.base.gguf", exported["folder"], tmp_path / "alone")
+    model, _ = load_run_model(exported["run"])
+    model.eval()
+    ids = mx.array([[5, 17, 99, 3, 250, 31, 7, 8]])
+    ours, theirs = np.array(model(ids)), np.array(pair(ids))
+    assert np.abs(theirs - ours).max() <= 1e-4 * np.abs(ours).max()
+    assert np.abs(np.array(alone(ids)) - ours).max() > 1e-2  # the adapter is what differs
+
+
+def test_a_quantized_pair_is_judged_and_takes_tasks(exported, tmp_path, capsys):
+    """--quant q4_0 --adapters: the quantized base and the adapter are read back and judged
+    (retention on the report and printed), and --tasks / --accept-loss are honoured; at f32
+    (nothing changes) --tasks is one line."""
+    import json
+
+    task = tmp_path / "t.jsonl"
+    task.write_text(json.dumps({"prompt": "Once upon a", "answer": " time"}) + "\n")
+    out = tmp_path / "q4" / "ft.gguf"
+    capsys.readouterr()
+    assert main(["export", str(exported["run"]), "--format", "gguf", "--adapters", "--quant",
+                 "q4_0", "--tasks", str(task), "--accept-loss", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "retention, read back from what was written" in printed and "t/exact_match" in printed
+    assert main(["export", str(exported["run"]), "--format", "gguf", "--adapters", "--quant",
+                 "f32", "--tasks", str(task), "--out", str(tmp_path / "f32" / "ft.gguf")]) == 2
+    assert "--quant f32 writes the base as it trained: drop them" in capsys.readouterr().err
+    assert not (tmp_path / "f32").exists()
+
+
+@pytest.mark.slow  # a GGUF through transformers and a training run (~15 s)
+def test_a_float_folder_transformers_made_from_a_gguf_exports_with_adapters(tmp_path, capsys):
+    """transformers keeps quantization_config {quant_method: gguf} in the config.json of a
+    model it loaded from a GGUF file, over the float weights it dequantized to: such a folder is
+    float, and its LoRA run exports as a base and an adapter, judged."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from mlxlab.export.gguf import write_gguf
+
+    tiny = save_tiny_model("llama", tmp_path / "tiny", chat="chatml")
+    write_gguf(tiny, tmp_path / "t.gguf", "f32")
+    folder = tmp_path / "from-gguf"
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    model.config.save_pretrained(folder)  # save_pretrained refuses a GGUF-loaded model
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()
+               if k != "lm_head.weight" or not model.config.tie_word_embeddings},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny / name).is_file():  # the model's own (transformers' GGUF one adds a token)
+            shutil.copy(tiny / name, folder / name)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"][
+        "quant_method"] == "gguf"
+    _, run = train_chat(folder, tmp_path / "train", *TRAIN)
+    out = tmp_path / "out" / "ft.gguf"
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "gguf", "--adapters", "--quant", "q8_0",
+                 "--accept-loss", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "retention, read back from what was written" in capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "ft.Modelfile", "ft.base.gguf", "ft.llama-server.sh", "ft.lora.gguf"]

@@ -82,6 +82,39 @@ def test_kept_is_the_share_of_the_gain_and_its_verdict_is_paired():
     assert loss.kept == pytest.approx(0.75)  # lower is better: (3 - 1.5) / (3 - 1)
 
 
+def test_kept_interval_leaves_out_resamples_where_the_run_is_worse_than_the_base():
+    """A small, noisy gain: some resamples have the run worse than the base, where the ratio's
+    sign flips. They are left out (no gain there to keep), so an export never worse than the
+    base on any example has no negative share in its interval; lower-is-better alike."""
+    rng = np.random.default_rng(1)
+    base = np.zeros(40)
+    run = rng.normal(0.05, 1.0, 40)  # a gain of ~0.05 under noise of 1
+    export = np.maximum(base, run) * 0.5 + 0.01  # never below the base, example by example
+    k = _kept("val/accuracy", Column(run), Column(export), Column(base))
+    assert k.kept is not None and k.kept_low >= 0.0
+    loss = _kept("val/loss", Column(-run, False), Column(-export, False), Column(-base, False))
+    assert loss.kept_low >= 0.0 and loss.kept_low == pytest.approx(k.kept_low)
+
+
+def test_several_measures_are_holm_adjusted_before_a_loss_is_called():
+    """Two measures each with p ~ 0.031 (McNemar, 6 answers only the run got right) are
+    each below 0.05 alone but not after Holm's correction over the two: not lost; one alone is."""
+    from mlxlab.export.retention import judge_scores
+
+    run = np.zeros(40)
+    run[:20] = 1.0
+    export = run.copy()
+    export[:6] = 0.0  # 6 right answers lost: kept 70 %, p = 2 / 2**6
+    scores = {name: Column(run, binary=True) for name in ("a/exact_match", "b/exact_match")}
+    exported = {name: Column(export, binary=True) for name in scores}
+    base = {name: Column(np.zeros(40), binary=True) for name in scores}
+    alone = judge_scores({"a/exact_match": scores["a/exact_match"]}, base, exported)
+    assert alone[0].p == pytest.approx(0.03125) and alone[0].lost
+    both = judge_scores(scores, base, exported)
+    assert [k.p_holm for k in both] == [pytest.approx(0.0625)] * 2
+    assert not any(k.lost for k in both) and "Holm-adjusted 0.0625" in both[0].line()
+
+
 def test_a_4bit_fused_export_that_loses_the_gain_is_refused_and_leaves_nothing(lora_run,
                                                                                tmp_path):
     """The written folder is read back (mlx-lm's loader) and scored on the run's validation
@@ -237,3 +270,77 @@ def test_bad_retention_settings_are_one_line_before_anything_is_written(call, me
     with pytest.raises((ValueError, FileNotFoundError), match=message):  # the CLI's two
         call(lora_run["run"], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bfloat16_model_written_float16_is_a_change_and_an_overflow_is_refused(tmp_path):
+    """float16 holds neither bfloat16's range nor the other way round its precision: a
+    bfloat16 model written --dtype float16 (the same byte size) changes its weights and is
+    judged; a weight past 65,504 would be written as inf, so it is refused by name."""
+    import mlx.core as mx
+
+    from mlxlab.export.judgement import changes_weights as _changes_weights
+    from mlxlab.export.judgement import refuse_overflow as _refuse_overflow
+    from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
+
+    model = MLXLMDecoder(vocab_size=1, pretrained=str(save_tiny_model("llama", tmp_path / "t")))
+    model.set_dtype(mx.bfloat16)
+    assert _changes_weights(model, "float16", None, "hf", "fuse")
+    assert not _changes_weights(model, "bfloat16", None, "hf", "fuse")
+    assert not _changes_weights(model, "float32", None, "mlx-lm", "fuse")  # holds both
+    _refuse_overflow(model, "float16")  # nothing past float16's range: no refusal
+    embedding = model.lm.model.embed_tokens
+    embedding.weight = mx.concatenate([mx.full((1, embedding.weight.shape[1]), 1e5,
+                                               dtype=mx.bfloat16), embedding.weight[1:]])
+    with pytest.raises(ExportError, match=r"^--dtype float16: .*embed_tokens.weight holds "
+                       r"99840, past float16's largest value 65,504 .*--dtype bfloat16 or "
+                       r"float32$"):
+        _refuse_overflow(model, "float16")
+    _refuse_overflow(model, "bfloat16")
+
+
+def test_a_draft_export_honours_accept_loss_and_tasks(lora_run, tmp_path):
+    """--draft judges the run's file as export_gguf does, with the options given: q4_1 (which
+    loses the gain, above) is written with --accept-loss, its verdict recorded; a refusal
+    leaves none of the four files."""
+    from mlxlab.export.speculative import export_gguf_with_draft
+
+    draft = save_tiny_model("llama", tmp_path / "draft", seed=1, num_hidden_layers=1)
+    out = tmp_path / "out" / "ft.gguf"
+    with pytest.raises(ValueError, match=r"^refused: the written file loses"):
+        export_gguf_with_draft(lora_run["run"], draft, out, "q4_1")
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+    report = export_gguf_with_draft(lora_run["run"], draft, out, "q4_1",
+                                    retention=Retention(accept_loss=True))
+    assert report["retention"]["accepted_loss"] and report["retention"]["read_back"] == str(out)
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "ft.Modelfile", "ft.draft.gguf", "ft.gguf", "ft.llama-server.sh"]
+
+
+@pytest.mark.slow  # a training run (~15 s on a loaded box)
+def test_float16_of_a_weight_past_its_range_is_one_line_exit_2_and_no_folder(tmp_path, capsys):
+    """A run whose base holds a weight past 65,504 (here an embedding entry of a token the
+    data never uses) exported --dtype float16 is refused in one line naming the weight; nothing
+    is left at --out. bfloat16 holds it: that export is written."""
+    import mlx.core as mx
+
+    from mlxlab.cli.main import main
+    from test_mlx_lm_decoders import train_chat
+
+    folder = save_tiny_model("llama", tmp_path / "tiny", chat="chatml")
+    weights = mx.load(str(folder / "model.safetensors"))
+    table = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = mx.concatenate(
+        [table[:-1], mx.full((1, table.shape[1]), 1e5, dtype=table.dtype)])  # the last id
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
+    _, run = train_chat(folder, tmp_path / "train", "eval.tasks=[]", "trainer.max_steps=1",
+                        "trainer.eval_every_steps=1")
+    out = tmp_path / "f16"
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "mlx-lm", "--dtype", "float16",
+                 "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlxlab export: error: --dtype float16: "), lines
+    assert "model.embed_tokens.weight holds 100000, past float16's largest" in lines[0]
+    assert not out.exists()
+    assert main(["export", str(run), "--format", "mlx-lm", "--dtype", "bfloat16", "--accept-loss",
+                 "--out", str(tmp_path / "bf16")]) == 0

@@ -133,6 +133,25 @@ def export_checks(make_cfg, tmp_path: Path, run_dir: Path, model: RemappedLM, ke
     pieces = remapped.encode(word, add_special_tokens=False).ids
     assert len(pieces) > 1 and n not in pieces and remapped.decode(pieces) == word
     assert remapped.encode("a \u2603 b", add_special_tokens=False).ids.count(n) > 0
+    remapped_exports_are_judged(run_dir, tmp_path)
+
+
+def remapped_exports_are_judged(run_dir: Path, tmp_path: Path) -> None:
+    """An export of the remapped run that changes its weights (--quantize, a GGUF quant) is
+    read back and judged, as any other: on the run's validation rows as the exported tokenizer
+    tokenizes them (the small model's ids), against the run and a uniform guess (its base: it
+    was trained from scratch)."""
+    from mlxlab.export import export_gguf
+    from mlxlab.export.retention import Retention
+
+    for report in (export_run(run_dir, tmp_path / "q4", fmt="mlx-lm", quantize=4,
+                              retention=Retention(accept_loss=True)),
+                   export_gguf(run_dir, tmp_path / "ft.gguf", "q8_0",
+                               retention=Retention(accept_loss=True))):
+        entry = report["retention"]
+        assert entry is not None and report["vocab_remap"]["kept_tokens"] > 0
+        assert {m["measure"] for m in entry["measures"]} >= {"val/accuracy", "val/loss"}
+        assert entry["base"].startswith("trained from scratch")
 
 
 def test_remapped_tokenizer_moves_a_roberta_post_processors_ids():

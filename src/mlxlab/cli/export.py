@@ -51,12 +51,14 @@ run's own training rows. --format gguf --quant q4_k_m|q5_k_m|q6_k: llama-quantiz
 mixtures, quantized by llama.cpp's own code (the xllamacpp wheel), weighted by an importance
 matrix of the fine-tune on its first --imatrix-rows training rows.
 
-Every export that changes the weights (--quantize, a narrower --dtype, a GGUF --quant other than
-f32) is read back from what it wrote and scored on the run's validation rows and task files
-(eval.tasks, or --tasks FILES) beside the run and its base: it prints the share of the
-fine-tune's gain it kept with the paired verdict, records it on the run's MLflow run, and is
-refused (nothing written) when it is significantly worse than the run and keeps under 95 % of
-the gain, unless --accept-loss.
+Every export that changes the weights (--quantize, a --dtype that does not hold the run's
+values, a GGUF --quant other than f32, the base of --adapters at any type but f32) is read back
+from what it wrote (a file that does not read back is refused) and scored on the run's
+validation rows and task files (eval.tasks, or --tasks FILES) beside the run and its base: it
+prints the share of the fine-tune's gain it kept with the paired verdict (Holm-adjusted over
+the measures), records it on the run's MLflow run, and is refused (nothing written) when it is
+significantly worse than the run and keeps under 95 % of the gain, unless --accept-loss; with
+--draft, the run's file and a draft run's alike, the pair moved into place once both pass.
 
     mlxlab export path/to/embedder --format sentence-transformers --out exported/embedder
     mlxlab export path/to/bert-embedder --format gguf --quant f16 --out embedder.gguf
@@ -227,12 +229,10 @@ def _print_file_check(report: dict) -> None:
     if check["status"] == "checked":
         print(f"read back from the .gguf: max |logit gap| {check['max_abs_logit_gap']:.3g} "
               f"<= {check['allowed_gap']:.3g}")
-    elif check["status"] == "measured":
+    else:
         print(f"read back from the .gguf: max |logit gap| {check['max_abs_logit_gap']:.3g} "
               f"(logit scale {check['logit_scale']:.3g}): the quantization's own error; its "
               "retention below judges it")
-    else:
-        print(f"not read back: {check['why']}")
 
 
 def _gguf(args: argparse.Namespace) -> int:
@@ -251,11 +251,6 @@ def _gguf(args: argparse.Namespace) -> int:
               "(--quant q4_k_m, q5_k_m or q6_k, without --adapters); drop it", file=sys.stderr)
         return 2
     if args.lora == "adapters":
-        if args.tasks or args.accept_loss:
-            print("mlxlab export: error: --tasks and --accept-loss judge a fused export; "
-                  "--adapters ships the LoRA as trained, beside its base: drop them",
-                  file=sys.stderr)
-            return 2
         return _gguf_adapters(args)
     try:
         if args.draft is None:
@@ -268,7 +263,8 @@ def _gguf(args: argparse.Namespace) -> int:
 
             report = export_gguf_with_draft(args.run, args.draft, args.out, args.quant or "f16",
                                             overwrite=args.overwrite, check=args.check,
-                                            num_draft_tokens=args.num_draft_tokens)
+                                            num_draft_tokens=args.num_draft_tokens,
+                                            retention=_retention(args))
     except (FileNotFoundError, ValueError) as err:
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2
@@ -299,11 +295,13 @@ def _gguf_adapters(args: argparse.Namespace) -> int:
               "transformers)", file=sys.stderr)
         return 2
     try:
-        report = export_gguf_adapters(args.run, args.out, args.quant, overwrite=args.overwrite)
+        report = export_gguf_adapters(args.run, args.out, args.quant, overwrite=args.overwrite,
+                                      retention=_retention(args))
     except (FileNotFoundError, ValueError) as err:
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2
     base, adapter = report["base"], report["adapter"]
+    _print_retention(report)  # the pair as read back from its two files
     if base["written"]:
         print(f"exported {report['checkpoint']}: base -> {base['gguf']} ({base['architecture']}, "
               f"{base['quant']}, {base['bytes'] / 2**20:.1f} MiB; pretrained weights, not fused)")

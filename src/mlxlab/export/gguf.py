@@ -244,8 +244,11 @@ def _read_tensors(folder: Path, quantization: dict | None
 
 
 def _check_quantized(config: dict) -> None:
+    """mlx-lm's affine layout, or a float folder; a folder transformers made from a GGUF file
+    keeps quantization_config {quant_method: gguf} over the float weights it dequantized to."""
     q = config.get("quantization")
-    if "quantization_config" in config and q is None:
+    made_from_gguf = (config.get("quantization_config") or {}).get("quant_method") == "gguf"
+    if "quantization_config" in config and q is None and not made_from_gguf:
         raise GGUFExportError("the folder's quantization_config is not mlx-lm's layout: export a "
                               "float folder")
     if q is not None and q.get("mode", "affine") != "affine":

@@ -32,6 +32,7 @@ from mlxlab.export.gguf import GGUFExportError, write_gguf
 from mlxlab.export.gguf_lora import FUSED, check_gguf_lora, write_gguf_lora
 from mlxlab.export.llama_server import command_path, llama_server_script, write_script
 from mlxlab.export.ollama import modelfile_path, write_modelfile
+from mlxlab.export.retention import Reference, Retention, judge_export, record
 
 
 def base_path(gguf_file: Path) -> Path:
@@ -112,12 +113,17 @@ def _same_file(file: Path, base: dict | None) -> None:
 
 
 def export_gguf_adapters(run: str | Path, out: str | Path, quant: str | None = None,
-                         overwrite: bool = False) -> dict:
+                         overwrite: bool = False, retention: Retention | None = None) -> dict:
     """The run's base and its LoRA adapter as GGUF files beside `out` (module docstring), with
     an Ollama Modelfile and a llama-server script pairing them; returns the report (the run's
     export report with `base`, `adapter`, `modelfile`, `command`). `quant` (default f16) is the
-    base's type when it is written here."""
-    from mlxlab.export import export_run
+    base's type when it is written here. A base written at another type than f32 changes the
+    weights the adapters sit on: the pair is read back from the two files (the base dequantized
+    from its .gguf, the adapter's update (alpha / rank) * B @ A added where llama.cpp adds it;
+    gguf_readback.py) and judged against the run and its base (`retention`: its task files and
+    --accept-loss; retention.py) before anything is moved into place."""
+    from mlxlab.export.pipeline import run_export
+    from mlxlab.export.request import ExportRequest
 
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if out.suffix != ".gguf":
@@ -127,13 +133,16 @@ def export_gguf_adapters(run: str | Path, out: str | Path, quant: str | None = N
     for existing in outputs:
         if existing.exists() and not overwrite:
             raise GGUFExportError(f"{existing} exists: pick a new --out or pass --overwrite")
+    request = _request(retention, quant)
     staging = Path(tempfile.mkdtemp(prefix="mlxlab-gguf-lora-"))
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         # the base as trained (pretrained weights, a QLoRA base still packed) + mlx-lm adapters
         folder, seen = staging / "mlx-lm", {}
-        report = export_run(run, folder, fmt="mlx-lm", dtype="float32", lora="adapters",
-                            refuse=_refusals(quant, seen))
+        exported = run_export(ExportRequest(
+            run, folder, "mlx-lm", "float32", lora="adapters", refuse=_refusals(quant, seen),
+            retention=request or Retention(), gguf_next=request is not None))
+        report, reference = exported.report, exported.reference
         for key in ("adapter_path", "model_card", "dtype", "quantize"):  # the staging folder's
             report.pop(key, None)
         config = json.loads((folder / "config.json").read_text())
@@ -151,6 +160,12 @@ def export_gguf_adapters(run: str | Path, out: str | Path, quant: str | None = N
         adapter = write_gguf_lora(folder / "adapters", config, tmp / adapter_path(out).name,
                                   name=run.name)
         adapter["gguf"] = str(adapter_path(out))
+        if reference is not None and given is None:  # refused here: nothing is moved into place
+            report["retention"] = _judge_pair((reference, request.accept_loss), tmp, out,
+                                              folder, staging / "read-back")
+        elif request is not None and (request.tasks or request.accept_loss):
+            raise GGUFExportError("--tasks and --accept-loss judge a base written here; this "
+                                  "run's base is its own GGUF file, used as it is: drop them")
         ollama = write_modelfile(folder, tmp / out.name, base=model_from,
                                  adapter=adapter_path(out))
         write_script(tmp / command_path(out).name, _script(out, server_base))
@@ -164,7 +179,43 @@ def export_gguf_adapters(run: str | Path, out: str | Path, quant: str | None = N
                   adapter=adapter, modelfile=str(modelfile_path(out)),
                   chat_style=ollama["chat_style"], stop=ollama["stop"],
                   command=str(command_path(out)))
+    if report.get("retention"):
+        why = record(reference.state, out.name, report["retention"])
+        report["retention"]["recorded"] = why or "on the run's MLflow run"
     return report
+
+
+def _request(retention: Retention | None, quant: str | None) -> Retention | None:
+    """The retention request for the pair: None at --quant f32 (the base written as trained,
+    the adapter F32: nothing changes), where --tasks and --accept-loss are refused."""
+    retention = retention or Retention()
+    if quant == "f32":
+        if retention.tasks or retention.accept_loss:
+            raise GGUFExportError("--tasks and --accept-loss judge an export that changes the "
+                                  "weights; --quant f32 writes the base as it trained: drop them")
+        return None
+    retention.check()
+    return retention
+
+
+def _judge_pair(against: tuple[Reference, bool], tmp: Path, out: Path, folder: Path,
+                work: Path) -> dict:
+    """The written base and adapter read back together and judged (retention.py) `against`
+    the reference, a loss written only with accept_loss."""
+    from mlxlab.export.gguf_readback import read_written_gguf
+
+    reference, accept_loss = against
+    try:
+        exported = read_written_gguf(tmp / base_path(out).name, folder, work,
+                                     lora=tmp / adapter_path(out).name)
+    except ValueError as err:
+        raise GGUFExportError(f"refused: the written base and adapter were not read back, so "
+                              f"they cannot be judged ({err})") from None
+    try:
+        return judge_export(reference, accept_loss, exported, str(out),
+                            "--quant q8_0 or f16 for the base")
+    except ValueError as err:  # ExportError: the CLI's one line
+        raise GGUFExportError(str(err)) from None
 
 
 def _script(out: Path, base: str) -> str:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -47,7 +47,7 @@ from mlxlab.export.hf import ExportError
 from mlxlab.models.adapters.lora import adapters_off, has_adapters
 from mlxlab.models.base import Model
 from mlxlab.objectives.losses import forward, token_cross_entropy
-from mlxlab.stats import ALPHA, mcnemar_exact, paired_bootstrap
+from mlxlab.stats import ALPHA, holm, mcnemar_exact, paired_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,10 @@ class Column:
 Scores = dict[str, Column]
 
 
-@dataclass
-class Reference:
-    """What an export is judged against: the run's and its base's scores, and how to score
-    another model the same way (the batches, tasks and prompts)."""
+@dataclass(frozen=True)
+class Scoring:
+    """How a model is scored the way the run was: its validation batches, its task files and
+    lm-eval tasks, and the tokenizer and chat template the tasks are prompted with."""
 
     batches: list[Batch]
     tasks: list[Task]
@@ -80,25 +80,30 @@ class Reference:
     tokenizer_folder: Path
     tokenizer: object
     template: object
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What an export is judged against: the run's and its base's scores on `scoring`, the
+    run's logits on export/proof.py's probe (for a file read back later: a GGUF), and the run's
+    checkpoint state (where the verdict is recorded)."""
+
+    scoring: Scoring
     run: Scores
     base: Scores | None
     base_from: str            # "adapters off" | the pretrained folder | why there is none
+    state: object
     probe: np.ndarray | None = None   # the run's logits on export/proof.py's probe ids
     ids: np.ndarray | None = None
-    state: object = None              # the run's checkpoint state (where it is recorded)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Retention:
     """An export's request for retention: the task files to score beside the validation rows,
-    and whether a significant loss is written anyway. `reference` is filled while the run is
-    loaded (before its adapters are fused); `later` (a GGUF export) fills it for a float
-    folder written on the way and judges the file written after it."""
+    and whether a significant loss is written anyway."""
 
     tasks: Sequence[str] = ()
     accept_loss: bool = False
-    later: bool = False
-    reference: Reference | None = field(default=None, repr=False)
 
     def check(self) -> None:
         """The tasks exist (files) and lm-eval knows them (names), before anything is loaded:
@@ -136,18 +141,17 @@ def validation_scores(model: Model, batches: Sequence[Batch]) -> Scores:
 CORPUS_SCORES = ("word_perplexity", "byte_perplexity", "bits_per_byte", "bleu", "chrf", "ter")
 
 
-def task_scores(model: Model, reference: Reference) -> Scores:
+def task_scores(model: Model, scoring: Scoring) -> Scores:
     """Each task's paired scores per example (`task/metric`), as `mlxlab eval` scores them
     (lm-eval's tasks through lm-eval, on mlxlab's lm-eval model)."""
-    scored = score_tasks(model, reference.tokenizer, reference.tasks, reference.settings,
-                         reference.template)
-    if reference.harness:
+    scored = score_tasks(model, scoring.tokenizer, scoring.tasks, scoring.settings,
+                         scoring.template)
+    if scoring.harness:
         from mlxlab.evaluation.lm_eval.model import MlxlabLM, hf_tokenizer
         from mlxlab.evaluation.lm_eval.scores import score_harness
 
-        lm = MlxlabLM(model, hf_tokenizer(reference.tokenizer_folder),
-                      reference.settings.batch_size)
-        scored += score_harness(lm, reference.harness, reference.settings.harness_options())[0]
+        lm = MlxlabLM(model, hf_tokenizer(scoring.tokenizer_folder), scoring.settings.batch_size)
+        scored += score_harness(lm, scoring.harness, scoring.settings.harness_options())[0]
     out: Scores = {}
     for scores in scored:
         for metric in scores.metrics:
@@ -162,40 +166,51 @@ def task_scores(model: Model, reference: Reference) -> Scores:
     return out
 
 
-def score(model: Model, reference: Reference) -> Scores:
-    return {**validation_scores(model, reference.batches), **task_scores(model, reference)}
+def score(model: Model, scoring: Scoring) -> Scores:
+    return {**validation_scores(model, scoring.batches), **task_scores(model, scoring)}
 
 
 def build_reference(model: Model, state, tokenizer_path: Path, batches: list[Batch],
-                    request: Retention) -> Reference:
-    """The run's scores and its base's, before the export touches the model."""
+                    request: Retention, probe: bool = False) -> Reference:
+    """The run's scores and its base's, before the export touches the model; with `probe`, the
+    run's logits on the probe too (a file read back after this folder: its logits against
+    these)."""
     from tokenizers import Tokenizer
 
     settings = _settings(state.config.get("eval") or {})
     entries = [str(t) for t in request.tasks] or list(settings.tasks)
     files = [e for e in entries if not is_harness_entry(e)]
-    reference = Reference(batches, read_tasks(files) if files else [], settings,
-                          [e for e in entries if is_harness_entry(e)], tokenizer_path.parent,
-                          Tokenizer.from_file(str(tokenizer_path)),
-                          chat_template(tokenizer_path.parent, settings.chat), {}, None, "",
-                          state=state)
-    reference.run = score(model, reference)
-    if request.later:  # the file is read back after the float folder: its logits against these
+    scoring = Scoring(batches, read_tasks(files) if files else [], settings,
+                      [e for e in entries if is_harness_entry(e)], tokenizer_path.parent,
+                      Tokenizer.from_file(str(tokenizer_path)),
+                      chat_template(tokenizer_path.parent, settings.chat))
+    run = score(model, scoring)
+    ids = logits = None
+    if probe:
         from mlxlab.export.proof import mlxlab_logits, probe_ids
 
-        reference.ids = probe_ids(int(model.architecture["vocab_size"]))
-        reference.probe = mlxlab_logits(model, reference.ids)
+        ids = probe_ids(_vocab_size(model))
+        logits = mlxlab_logits(model, ids)
+    base, base_from = _base(model, state, scoring, run)
+    return Reference(scoring, run, base, base_from, state, logits, ids)
+
+
+def _base(model: Model, state, scoring: Scoring, run: Scores) -> tuple[Scores | None, str]:
+    """The base's scores and what it is: the run with its adapters off, the pretrained folder
+    it started from, or (trained from scratch) a uniform guess."""
+    pretrained = (state.config.get("model") or {}).get("pretrained")
     if has_adapters(model):
         with adapters_off(model):
-            reference.base = score(model, reference)
-        reference.base_from = "the run with its adapters off"
-    elif (state.config.get("model") or {}).get("pretrained"):
-        reference.base, reference.base_from = _pretrained_base(state, reference)
-    else:
-        reference.base, reference.base_from = _chance(reference.run, _vocab_size(model)), (
-            "trained from scratch: a uniform next-token guess (accuracy 1/V, loss ln V; "
-            "right/wrong task scores 0)")
-    return reference
+            return score(model, scoring), "the run with its adapters off"
+    if pretrained and (state.data or {}).get("vocab_map"):
+        # the rows are on the small model's ids, which its pretrained base does not speak
+        return None, ("none: a vocab-remapped run's pretrained base speaks the full "
+                      "vocabulary's ids, not the small model's")
+    if pretrained:
+        return _pretrained_base(state, scoring)
+    return _chance(run, _vocab_size(model)), (
+        "trained from scratch: a uniform next-token guess (accuracy 1/V, loss ln V; "
+        "right/wrong task scores 0)")
 
 
 def _vocab_size(model: Model) -> int:
@@ -220,7 +235,7 @@ def _settings(saved: dict) -> TaskSettings:
                            for k, v in saved.items() if k in fields})
 
 
-def _pretrained_base(state, reference: Reference) -> tuple[Scores | None, str]:
+def _pretrained_base(state, scoring: Scoring) -> tuple[Scores | None, str]:
     """A full fine-tune's base: the pretrained folder it started from, where it is at hand."""
     pretrained = state.config["model"]["pretrained"]
     try:
@@ -231,7 +246,7 @@ def _pretrained_base(state, reference: Reference) -> tuple[Scores | None, str]:
         base = pretrained_model(folder)
     except Exception as err:  # noqa: BLE001 - no base is a reported gap, not a failed export
         return None, f"none: {pretrained} did not load ({type(err).__name__}: {err})"[:200]
-    scores = score(base, reference)
+    scores = score(base, scoring)
     del base
     return scores, str(folder)
 
@@ -277,11 +292,18 @@ class Kept:
     test: str
     lost: bool                # significantly worse than the run and below KEEP of the gain
     higher_is_better: bool = True
+    p_holm: float | None = None  # p adjusted over every measure of the export (Holm)
+
+    def significant(self) -> bool:
+        """p below ALPHA, Holm-adjusted over the export's measures where they are judged
+        together."""
+        return (self.p if self.p_holm is None else self.p_holm) < ALPHA
 
     def line(self) -> str:
         """`val/accuracy: kept 38 % of the gain over the base [24 %, 52 %]; ...`"""
-        test = f"{self.test} p={self.p:.3g}"
-        worse = "significantly worse than the run" if self.p < ALPHA and self._worse() else (
+        test = f"{self.test} p={self.p:.3g}" + (
+            f", Holm-adjusted {self.p_holm:.3g}" if self.p_holm is not None else "")
+        worse = "significantly worse than the run" if self.significant() and self._worse() else (
             "no loss detected against the run")
         scores = f"run {self.run:.4f}, export {self.export:.4f}" + (
             f", base {self.base:.4f}" if self.base is not None else "")
@@ -303,12 +325,21 @@ def judge(reference: Reference, exported: Scores) -> list[Kept]:
 def judge_scores(run: Scores, base: Scores | None, exported: Scores) -> list[Kept]:
     """Every measure the run and the export both have, the export against the run and `base`
     (any model's per-example scores: a decoder's here, an embedder's retrieval queries in
-    embedder_retention.py)."""
+    embedder_retention.py). Every measure is a test at ALPHA of the same export, so the p-values
+    are Holm-adjusted over them (stats.holm) before a loss is called."""
     out = []
     for name, column in run.items():
         if name in exported:
             out.append(_kept(name, column, exported[name], base.get(name) if base else None))
-    return out
+    adjusted = holm([k.p for k in out])
+    return [_lost_after(replace(k, p_holm=float(p))) for k, p in zip(out, adjusted, strict=True)]
+
+
+def _lost_after(kept: Kept) -> Kept:
+    """The measure's verdict on its adjusted p: significantly worse than the run and below
+    KEEP of the gain (or no gain to share)."""
+    lost = kept.significant() and kept._worse() and (kept.kept is None or kept.kept < KEEP)
+    return replace(kept, lost=bool(lost))
 
 
 def _kept(name: str, run: Column, export: Column, base: Column | None) -> Kept:
@@ -326,20 +357,22 @@ def _kept(name: str, run: Column, export: Column, base: Column | None) -> Kept:
     b = base.values if base is not None else None
     if b is not None and sign * (r.mean() - b.mean()) > 0:
         kept = float((e.mean() - b.mean()) / (r.mean() - b.mean()))
-        low, high = _kept_interval(r, e, b)
+        low, high = _kept_interval(r, e, b, sign)
     lost = worse and (kept is None or kept < KEEP)
     return Kept(name, len(r), float(r.mean()), float(e.mean()),
                 None if b is None else float(b.mean()), kept, low, high, diff, float(p), test,
                 bool(lost), run.higher_is_better)
 
 
-def _kept_interval(r: np.ndarray, e: np.ndarray, b: np.ndarray, seed: int = 0
-                   ) -> tuple[float, float]:
-    """The paired percentile bootstrap interval of kept over the examples (resamples where the
-    run shows no gain over the base are left out)."""
+def _kept_interval(r: np.ndarray, e: np.ndarray, b: np.ndarray, sign: float = 1.0,
+                   seed: int = 0) -> tuple[float, float]:
+    """The paired percentile bootstrap interval of kept over the examples. Resamples where the
+    run shows no gain over the base (none, or the run worse than the base: `sign` is +1 where
+    higher is better, -1 where lower is) are left out: there kept has no meaning, and a negative
+    gain would flip the ratio's sign."""
     picks = np.random.default_rng(seed).integers(0, len(r), size=(ROUNDS, len(r)))
     gain = r[picks].mean(1) - b[picks].mean(1)
-    ok = np.abs(gain) > 1e-12
+    ok = sign * gain > 1e-12
     ratio = (e[picks].mean(1) - b[picks].mean(1))[ok] / gain[ok]
     if not len(ratio):
         return float("nan"), float("nan")
@@ -350,7 +383,7 @@ def _kept_interval(r: np.ndarray, e: np.ndarray, b: np.ndarray, seed: int = 0
 def report(reference: Reference, kept: list[Kept], written: str, accepted: bool) -> dict:
     """export_report.json's "retention" entry."""
     return entry_of([measure(k) for k in kept], written, accepted, reference.base_from,
-                    [str(t.path) for t in reference.tasks] + reference.harness)
+                    [str(t.path) for t in reference.scoring.tasks] + reference.scoring.harness)
 
 
 def measure(kept: Kept) -> dict:
@@ -368,12 +401,13 @@ def entry_of(measures: list[dict], written: str, accepted: bool, base_from: str,
             "accepted_loss": bool(lost and accepted), "tasks": tasks}
 
 
-def judge_export(request: Retention, exported: Model, written: str, instead: str) -> dict:
-    """The written model (read back) scored and judged against the request's reference: the
-    report entry, or an ExportError naming the loss and `instead` (what keeps the gain)."""
-    kept = judge(request.reference, score(exported, request.reference))
-    return gate(report(request.reference, kept, written, request.accept_loss),
-                request.accept_loss, instead)
+def judge_export(reference: Reference, accept_loss: bool, exported: Model, written: str,
+                 instead: str) -> dict:
+    """The written model (read back) scored and judged against `reference`: the report entry,
+    or an ExportError naming the loss and `instead` (what keeps the gain) unless
+    `accept_loss`."""
+    kept = judge(reference, score(exported, reference.scoring))
+    return gate(report(reference, kept, written, accept_loss), accept_loss, instead)
 
 
 def gate(entry: dict, accept_loss: bool, instead: str, what: str = "the fine-tune's gain"

@@ -14,10 +14,13 @@ are imported; Ollama has no draft models (its Modelfile serves the run alone).
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from mlxlab.errors import ConfigError
 from mlxlab.export.llama_server import command_path, llama_server_script, write_script
+from mlxlab.export.retention import Retention
 
 
 def draft_gguf_path(gguf_file: Path) -> Path:
@@ -49,24 +52,43 @@ def check_pair(run: str | Path, draft: str | Path) -> None:
 
 def export_gguf_with_draft(run: str | Path, draft: str | Path, out: str | Path,
                            quant: str = "f16", overwrite: bool = False, check: bool = True,
-                           num_draft_tokens: int = 3) -> dict:
+                           num_draft_tokens: int = 3, retention: Retention | None = None) -> dict:
     """The run as `out` (export_gguf: its Modelfile beside it), the draft as
     draft_gguf_path(out) in the same --quant, and the llama-server script that pairs them;
-    returns the run's export report with `draft` (the draft's) and `command` (the script)."""
-    from mlxlab.export import export_gguf
+    returns the run's export report with `draft` (the draft's) and `command` (the script).
+    Each file is judged as export_gguf judges it (`retention`: --tasks, --accept-loss, for
+    both), all are written under a temporary folder beside `out` and moved into place together
+    once both are: a refusal of either leaves nothing."""
+    from mlxlab.export import export_gguf, is_model_folder
+    from mlxlab.export.ollama import modelfile_path
 
     out = Path(out).expanduser()
     if num_draft_tokens < 1:
         raise ConfigError(f"--num-draft-tokens must be >= 1, got {num_draft_tokens}")
     draft_file, script = draft_gguf_path(out), command_path(out)
-    for existing in (draft_file, script):
+    outputs = (out, modelfile_path(out), draft_file, script)
+    for existing in outputs:
         if existing.exists() and not overwrite:
             raise ConfigError(f"{existing} exists: pick a new --out or pass --overwrite")
     check_pair(run, draft)
-    report = export_gguf(run, out, quant, overwrite=overwrite, check=check)
-    draft_report = export_gguf(draft, draft_file, quant, overwrite=overwrite, check=check)
-    # a draft is not a model to talk to: Ollama gets the run's Modelfile only
-    Path(draft_report.pop("modelfile")).unlink(missing_ok=True)
-    write_script(script, llama_server_command(out, draft_file, num_draft_tokens))
-    report.update(draft=draft_report, command=str(script), num_draft_tokens=num_draft_tokens)
+    tmp = out.parent / f".{out.name}.draft-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        report = export_gguf(run, tmp / out.name, quant, check=check, retention=retention)
+        draft_report = export_gguf(draft, tmp / draft_file.name, quant, check=check,
+                                   retention=None if is_model_folder(Path(draft).expanduser())
+                                   else retention)  # a folder has no run to be judged against
+        # a draft is not a model to talk to: Ollama gets the run's Modelfile only
+        Path(draft_report.pop("modelfile")).unlink(missing_ok=True)
+        write_script(tmp / script.name, llama_server_command(out, draft_file, num_draft_tokens))
+        for file in outputs:  # all written and judged: moved into place together
+            os.replace(tmp / file.name, file)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for written, file in ((report, out), (draft_report, draft_file)):
+        written["gguf"] = str(file)
+        if written.get("retention"):  # judged in the temporary folder: named where it lies
+            written["retention"]["read_back"] = str(file)
+    report.update(modelfile=str(modelfile_path(out)), draft=draft_report, command=str(script),
+                  num_draft_tokens=num_draft_tokens)
     return report
