@@ -36,6 +36,10 @@ REQUIRED = ("schema", "name", "question", "date", "command", "machine", "figures
 SCRIPT = re.compile(r"benchmarks/[\w/]+\.py")
 LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")  # a Markdown link's target
 HEADING = re.compile(r"^#+ (.+?)\s*$", re.M)
+# Scripts merged into another: a record run by the old path is still current (the new path runs it
+# as a mode of the script it moved into; benchmarks/README.md names the flag).
+MOVED = {"benchmarks/quality/bench_grpo_learning.py": "benchmarks/quality/bench_gkd_learning.py",
+         "benchmarks/speed/bench_grpo_speed.py": "benchmarks/speed/bench_preference.py"}
 GENERATED = ("cli.md", "configuration/", "api/")  # pages scripts/gen_docs.py writes at build time
 
 
@@ -137,7 +141,7 @@ def answered_once(command: str | None) -> bool:
     """Whether `command` runs a benchmark script that has since been removed: its question was
     answered once, so its figures stay in the records and the history record, not here."""
     scripts = SCRIPT.findall(command or "")
-    return bool(scripts) and not any((ROOT / s).is_file() for s in scripts)
+    return bool(scripts) and not any((ROOT / MOVED.get(s, s)).is_file() for s in scripts)
 
 
 def current(record: dict) -> dict | None:

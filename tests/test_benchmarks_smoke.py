@@ -30,6 +30,9 @@ SCRIPTS = sorted(p.relative_to(BENCH).as_posix() for folder in FOLDERS
 # MLX or its OpenBLAS); the record is that script's.
 REFERENCE_WORKERS = {"speed/bench_torch.py", "speed/torch_bert_run.py", "speed/torch_plain.py",
                      "quality/real_model_torch_peft.py"}
+# A script that answers more than one question: each mode's flag, smoked beside its default.
+MODES = {"quality/bench_gkd_learning.py": ("--grpo",), "speed/bench_preference.py": ("--grpo",)}
+SMOKES = [(s, ()) for s in SCRIPTS] + [(s, (m,)) for s, ms in MODES.items() for m in ms]
 
 # Loads each script as its command would, then forgets benchmarks.* and the path it added, so
 # the next script finds (or fails to find) everything by itself. Heavy libraries stay imported:
@@ -142,13 +145,13 @@ def test_the_gpu_window_script_parses():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_smoke(script, tmp_path):
+@pytest.mark.parametrize(("script", "mode"), SMOKES, ids=[" ".join((s, *m)) for s, m in SMOKES])
+def test_smoke(script, mode, tmp_path):
     records = tmp_path / "records"
     env = {**os.environ, "MLXLAB_ROOT": str(tmp_path),  # its runs and stores, not the project's
            "MLXLAB_BENCH_RESULTS": str(records)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run([PYTHON, str(BENCH / script), "--smoke"], capture_output=True,
+    done = subprocess.run([PYTHON, str(BENCH / script), *mode, "--smoke"], capture_output=True,
                           text=True, timeout=1800, cwd=tmp_path, env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     if script in REFERENCE_WORKERS:
@@ -157,5 +160,5 @@ def test_smoke(script, tmp_path):
     assert len(written) == 1, [r["_file"] for r in written]
     record = written[0]
     assert record["smoke"] and record["figures"], record
-    assert record["command"] == f"python benchmarks/{script} --smoke"
+    assert record["command"] == " ".join(("python", f"benchmarks/{script}", *mode, "--smoke"))
     assert record["machine"]["cpu"]["cores"] == os.cpu_count()

@@ -131,6 +131,20 @@ def test_the_benchmarks_page_answers_first_from_the_records():
     assert len(page.splitlines()) <= 700  # about 600, with room for a few more records
 
 
+def test_a_script_merged_into_another_keeps_its_records_on_the_page():
+    """A record whose command runs a script since merged into another (gen_benchmarks.MOVED) is
+    still current: shown in full, not filed as answered once."""
+    gen = load_gen_benchmarks()
+    merged = ("benchmarks/quality/bench_grpo_learning.py", "benchmarks/speed/bench_grpo_speed.py")
+    moved = [r for r in gen.load_records() if any(s in (r["command"] or "") for s in merged)]
+    assert {s for r in moved for s in merged if s in r["command"]} == set(merged)
+    for old in merged:
+        assert not (gen.ROOT / old).exists() and (gen.ROOT / gen.MOVED[old]).is_file(), old
+    page = gen.page()
+    for r in moved:
+        assert gen.current(r) == r and gen.cell(r["command"]) in page, r["_file"]
+
+
 def test_a_runs_record_reaches_the_page(tmp_path):
     """A real run's record (benchmarks/harness.py write_record, in its own process as a script
     runs it) lands in MLXLAB_BENCH_RESULTS and is on the page built from that folder: the ratio

@@ -382,7 +382,7 @@ def test_a_sigkilled_grpo_run_resumes_bitwise(tiny, tmp_path, cli_env):
 
 @pytest.mark.slow  # ~8 min on 2 loaded cores: an SFT, a base evaluation, three GRPO runs
 def test_grpo_beats_its_base_over_three_seeds(tmp_path):
-    """benchmarks/quality/bench_grpo_learning.py end to end (docs/benchmarks.md, "GRPO: learning,
+    """benchmarks/quality/bench_gkd_learning.py --grpo end to end (docs/benchmarks.md, "GRPO: learning,
     proven"): the base starts between 10 % and 70 % on the 200 held-out prompts, and
     `mlxlab runs compare <base run> <grpo sweep>` finds the three seeds better, the paired
     interval over the examples above zero."""
@@ -392,7 +392,7 @@ def test_grpo_beats_its_base_over_three_seeds(tmp_path):
     from conftest import REPO
 
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality" / "bench_grpo_learning.py"),
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality" / "bench_gkd_learning.py"), "--grpo",
                            "--out", str(out)], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     results = json.loads((out / "results.json").read_text())

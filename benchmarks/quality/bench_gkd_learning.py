@@ -1,5 +1,6 @@
 """Does on-policy distillation (GKD, lmbda = 1) teach a student more than off-policy (lmbda = 0)
-from the same teacher, proven over seeds? (objective=gkd)
+from the same teacher, proven over seeds? (objective=gkd) With --grpo: does GRPO make a model
+better than its base, proven over seeds? (experiment=grpo_copy)
 
 The copy task ("4719=" -> "[4719]", assets/copy_format/). A teacher decoder trained until it
 solves the held-out prompts (>= 90 %), a smaller student that copies but does not write the
@@ -8,6 +9,13 @@ format, then `mlxlab-train -m experiment=gkd_arithmetic objective.lmbda=0,1 repl
 
     python benchmarks/quality/bench_gkd_learning.py [--out /tmp/bench_gkd] [--replicates 6]
         [--models-from <an earlier --out>]
+
+--grpo: the base, a tiny decoder SFT'd so it writes the format for some prompts only (held-out
+accuracy between 10 % and 70 %, checked), exported; then `mlxlab-train -m experiment=grpo_copy
+replicates=3` with LoRA, and `mlxlab runs compare` of each seed against the base, with a paired
+bootstrap interval of GRPO - base over the 200 held-out prompts.
+
+    python benchmarks/quality/bench_gkd_learning.py --grpo [--out /tmp/bench_grpo] [--steps 60]
 """
 
 from __future__ import annotations
@@ -20,7 +28,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import REPO, add_options, cli_root, line_value, smoke_dir, write_results
+from benchmarks.harness import (
+    REPO,
+    add_options,
+    cli_root,
+    line_value,
+    smoke_dir,
+    write_jsonl,
+    write_results,
+)
 from benchmarks.harness import mlxlab_cli as mlxlab
 from benchmarks.harness import run_logged as run
 from benchmarks.harness import train_cli as train
@@ -105,18 +121,54 @@ def teacher_and_student(a, env: dict, out: Path, uri: str, times: dict[str, floa
     return teacher, teacher_acc, student, student_acc
 
 
+def grpo_vs_base(a, out: Path) -> None:
+    """--grpo: the base SFT'd and scored, GRPO over seeds from it, each seed compared with it."""
+    env, uri = cli_root(out)
+    rows = write_jsonl(out / "sft_train.jsonl", fresh_copies(2000, formatted=0.5))
+    times: dict[str, float] = {}
+    # 1. the base: a short SFT from scratch, one token per character (258 = 256 bytes + 2)
+    sft_dir, times["sft"] = sft("grpo_copy_sft", rows, scratch_model(64, 2), a.sft_steps, env, out,
+                                "+data.tokenizer.vocab_size=258")
+    base = out / "base_model"
+    times["export"] = export(sft_dir, base, env, out)
+    # 2. the base scored on the held-out prompts: the base run of the comparison
+    base_acc, base_run, times["base_eval"] = held_out_score(sft_dir, env, out, "grpo_copy_base", uri)
+    print(f"base: held-out exact match {base_acc:.3f} (run {base_run})", flush=True)
+    if not a.smoke and not 0.10 <= base_acc <= 0.70:
+        sys.exit(f"the base scores {base_acc:.3f}: not between 10 % and 70 %; change --sft-steps")
+    # 3. GRPO over seeds, then each compared with the base
+    _, times["grpo_sweep"] = run(train(
+        "--multirun", "experiment=grpo_copy", f"model.pretrained={base}",
+        f"replicates={a.replicates}", f"trainer.max_steps={a.steps}",
+        f"eval.tasks=[{ASSETS / 'heldout.jsonl'}]", "eval.max_new_tokens=8",
+        "callbacks.progress.enabled=false", "hydra/launcher=basic"), env, out / "grpo.log")
+    compare, times["compare"] = run(mlxlab("runs", "compare", base_run, "latest", "--uri", uri,
+                                           "--json"), env, out / "compare.log")
+    write_results(out, {"base_exact_match": base_acc, "base_run": base_run}, compare, compare,
+                  times, record="grpo-learning", smoke=a.smoke)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    add_options(parser, out="/tmp/bench_gkd", teacher_steps=800, student_steps=300, steps=300,
-                replicates=6, learning_rate=1e-3,
+    add_options(parser, out=(None, "default /tmp/bench_gkd (--grpo: /tmp/bench_grpo)"),
+                teacher_steps=800, student_steps=300,
+                steps=(None, "default 300 (--grpo: 60)", int),
+                replicates=(None, "default 6 (--grpo: 3)", int), learning_rate=1e-3,
                 models_from=(None, "an earlier --out: its teacher_model/ and student_model/ (and "
-                             "their scores) are reused, stages 1 and 2 skipped"))
+                             "their scores) are reused, stages 1 and 2 skipped"),
+                grpo=(False, "GRPO against its base instead (the steps of its base's SFT: "
+                      "--sft-steps)"), sft_steps=200)
     a = parser.parse_args()
+    if a.grpo:
+        if a.smoke:  # every stage, a few steps each, two GRPO seeds; the base's range not checked
+            a.out, a.sft_steps, a.steps, a.replicates = str(smoke_dir("grpo_learning")), 4, 2, 2
+        a.steps, a.replicates = a.steps or 60, a.replicates or 3
+        return grpo_vs_base(a, Path(a.out or "/tmp/bench_grpo"))
+    a.steps, a.replicates = a.steps or 300, a.replicates or 6
     if a.smoke:  # tiny step counts: the pipeline only
         a.teacher_steps, a.student_steps, a.steps, a.replicates = 20, 5, 4, 2
-        if a.out == parser.get_default("out"):
-            a.out = str(smoke_dir("gkd_learning"))
-    out = Path(a.out)
+        a.out = a.out or str(smoke_dir("gkd_learning"))
+    out = Path(a.out or "/tmp/bench_gkd")
     env, uri = cli_root(out)
     times: dict[str, float] = {}
 
