@@ -115,7 +115,8 @@ def figures_table(figures: dict) -> str:
     if isinstance(table, dict) and "head" in table:
         head = "| " + " | ".join(table["head"]) + " |"
         align = table.get("align") or "|" + "---|" * len(table["head"])
-        return "\n".join([head, align, *("| " + " | ".join(row) + " |" for row in table["rows"])])
+        return "\n".join([head, align, *("| " + " | ".join(map(str, row)) + " |"
+                                          for row in table["rows"])])
     rows = ["| figure | value |", "|---|---|"]
     rows += [f"| {cell(key)} | {cell(value)} |" for key, value in figures.items()]
     return "\n".join(rows)
