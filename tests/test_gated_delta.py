@@ -14,10 +14,10 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import gated_delta, kimi_linear, qwen3_5, qwen3_next
-from mlxlab.models.layers.gated_delta import chunked_gated_delta_update, gated_delta_chunked
 
 from mlxlab.models.decoders.gated_delta_swap import ORIGINALS, use_chunked_gated_delta
 from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.layers.gated_delta import chunked_gated_delta_update, gated_delta_chunked
 
 TOL = 1e-5
 B, HK, HV, DK, DV = 2, 2, 4, 16, 8
