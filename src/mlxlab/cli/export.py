@@ -161,8 +161,8 @@ def main(argv: list[str]) -> int:
     from mlxlab.export import export_run
 
     try:
-        report = export_run(args.run, args.out, args.fmt, args.dtype, args.quantize, args.lora,
-                            overwrite=args.overwrite, check=args.check,
+        report = export_run(args.run, args.out, args.fmt, args.dtype, quantize=args.quantize,
+                            lora=args.lora, overwrite=args.overwrite, check=args.check,
                             retention=_retention(args),
                             quantize_method=args.quantize_method or "rtn")
     except (FileNotFoundError, ValueError) as err:  # ExportError and ConfigError are ValueErrors

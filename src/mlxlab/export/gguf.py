@@ -496,13 +496,22 @@ def tensor_names(arch: Architecture, config: dict) -> Callable[[str], str | None
     return llama_cpp_name
 
 
-def _write_tensors(writer, folder: Path, config: dict, arch: Architecture, qtype,
-                   mixture: Mixture | None = None,
-                   importance: dict[str, np.ndarray] | None = None) -> dict:
+@dataclass(frozen=True)
+class TensorTypes:
+    """What the matrices are written as: `qtype` (the file's type), or a K-quant `mixture`'s
+    type for each (gguf_kquants.py), weighted by `importance` (per Hugging Face weight name,
+    imatrix.py) where it has the matrix."""
+
+    qtype: Any
+    mixture: Mixture | None = None
+    importance: dict[str, np.ndarray] | None = None
+
+
+def _write_tensors(writer, folder: Path, config: dict, arch: Architecture,
+                   types: TensorTypes) -> dict:
     """Every tensor under llama.cpp's name and layout; returns how many went out as which type
-    ("Q4_1 (direct)": an mlx-lm 4-bit weight repacked without a float round trip). A K-quant
-    `mixture` picks each matrix's type (gguf_kquants.py), weighted by `importance` (per
-    Hugging Face weight name, imatrix.py) where it has the matrix."""
+    ("Q4_1 (direct)": an mlx-lm 4-bit weight repacked without a float round trip)."""
+    qtype, mixture, importance = types.qtype, types.mixture, types.importance
     g = gguf_package()
     llama_cpp_name = tensor_names(arch, config)
     counts: dict[str, int] = {}
@@ -577,7 +586,8 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
         _write_hparams(writer, config, arch, file_type)
         vocab = _write_vocab(writer, folder, config["vocab_size"])
         writer.add_quantization_version(g.GGML_QUANT_VERSION)
-        tensors = _write_tensors(writer, folder, config, arch, qtype, mixture, importance)
+        tensors = _write_tensors(writer, folder, config, arch,
+                                 TensorTypes(qtype, mixture, importance))
     return {"gguf": str(out), "architecture": g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]],
             "quant": quant, "tensor_types": tensors, "vocab": vocab,
             "bytes": out.stat().st_size}

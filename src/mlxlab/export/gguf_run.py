@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Unpack
 
 from mlxlab.export.gguf import GGUFExportError, write_gguf
 from mlxlab.export.gguf_kquants import MIXTURES
@@ -22,21 +23,22 @@ from mlxlab.export.hf import ExportError
 from mlxlab.export.judgement import judge_gguf
 from mlxlab.export.ollama import modelfile_path, write_modelfile
 from mlxlab.export.pipeline import Exported, run_export
-from mlxlab.export.request import ExportRequest
+from mlxlab.export.request import ExportRequest, GGUFOptions, known_options
 from mlxlab.export.retention import Retention, read_folder, record
 from mlxlab.models.encoders.bert import BertClassifier
 
 
 def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
-                overwrite: bool = False, check: bool = True,
-                retention: Retention | None = None, imatrix_rows: int = 128) -> dict:
+                **options: Unpack[GGUFOptions]) -> dict:
     """A finished decoder run (LoRA fused, best checkpoint) or a float pretrained folder as one
     GGUF file, with an Ollama Modelfile beside it named after it (module docstring). The run's
     model card (task scores, the check) becomes the file's description. A K-quant of a run is
     weighted by an importance matrix of the fine-tune on its first `imatrix_rows` training rows
     (0: none; imatrix.py)."""
+    given = known_options(options, GGUFOptions, "export_gguf")
+    overwrite, check = given.get("overwrite", False), given.get("check", True)
+    retention, imatrix_rows = given.get("retention") or Retention(), given.get("imatrix_rows", 128)
     source, out = Path(source).expanduser(), Path(out).expanduser()
-    retention = retention or Retention()
     _check_request(source, out, (quant, imatrix_rows), overwrite, retention)  # (1)
     staging = Path(tempfile.mkdtemp(prefix="mlxlab-gguf-"))
     pending = out.with_name(f".{out.stem}.pending-{os.getpid()}.gguf")

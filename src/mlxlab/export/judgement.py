@@ -14,6 +14,7 @@ import numpy as np
 
 from mlxlab.export.hf import DTYPES, ExportError
 from mlxlab.export.proof import (
+    Checker,
     checker_version,
     compare,
     mlxlab_logits,
@@ -103,7 +104,8 @@ def prove(model, folder: Path) -> dict:
     """The written folder in transformers against mlxlab's forward of the same weights."""
     ids = probe_ids(int(model.architecture["vocab_size"]))
     theirs = transformers_logits(folder, ids, classifier=isinstance(model, BertClassifier))
-    return compare(mlxlab_logits(model, ids), theirs, checker_version() or "transformers", ids)
+    return compare(mlxlab_logits(model, ids), theirs, ids,
+                   Checker(checker_version() or "transformers"))
 
 
 def instead(fmt: str, lora: str) -> str:
@@ -134,9 +136,9 @@ def judge_gguf(reference: Reference, accept_loss: bool, written: tuple[Path, Pat
     logits = mlxlab_logits(exported, reference.ids)
     if quant == "f32":  # the same weights: the layout's check, on the file
         report["file_check"] = compare(
-            reference.probe, logits, "mlxlab's GGUF reader", reference.ids,
-            differs="the GGUF's tensors or metadata for this model type are not what mlxlab "
-            "wrote them from: export --format hf or mlx-lm")
+            reference.probe, logits, reference.ids, Checker(
+                "mlxlab's GGUF reader", differs="the GGUF's tensors or metadata for this model "
+                "type are not what mlxlab wrote them from: export --format hf or mlx-lm"))
         return
     scale = max(1.0, float(np.abs(reference.probe).max()))
     gap = float(np.abs(logits - reference.probe).max())

@@ -16,15 +16,21 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Unpack
 
 from mlxlab.export.judgement import judge_folder, reference_for
 from mlxlab.export.model_card import model_card, unfinished_card
 from mlxlab.export.pin import pinned_checkpoint, unfinished_note
 from mlxlab.export.remapped import add_unk_rows, write_remapped_tokenizer
-from mlxlab.export.request import ExportRequest, LoadedRun, Quantization
+from mlxlab.export.request import (
+    ExportOptions,
+    ExportRequest,
+    LoadedRun,
+    Quantization,
+    known_options,
+)
 from mlxlab.export.retention import Reference, Retention, record
 from mlxlab.export.validate import validated
 from mlxlab.export.vision import export_vision
@@ -54,16 +60,16 @@ class Exported:
 
 
 def export_run(run: str | Path, out: str | Path, fmt: str = "hf", dtype: str | None = None,
-               quantize: int | None = None, lora: str = "fuse", overwrite: bool = False,
-               check: bool = True, retention: Retention | None = None,
-               quantize_method: str = "rtn",
-               refuse: Callable[[object, object], None] | None = None) -> dict:
+               **options: Unpack[ExportOptions]) -> dict:
     """Write the run's model (best checkpoint, else newest) to `out`; returns the report that is
-    also saved as out/export_report.json. The public call: its arguments become one
-    ExportRequest (request.py says what each is) for `run_export`."""
-    request = ExportRequest(Path(run).expanduser(), Path(out).expanduser(), fmt, dtype,
-                            Quantization.of(quantize, quantize_method), lora, overwrite, check,
-                            retention or Retention(), refuse)
+    also saved as out/export_report.json. The public call: it and its keywords (ExportOptions) become
+    one ExportRequest (request.py says what each is) for `run_export`."""
+    given = known_options(options, ExportOptions, "export_run")
+    request = ExportRequest(
+        Path(run).expanduser(), Path(out).expanduser(), fmt, dtype,
+        Quantization.of(given.get("quantize"), given.get("quantize_method", "rtn")),
+        given.get("lora", "fuse"), given.get("overwrite", False), given.get("check", True),
+        given.get("retention") or Retention(), given.get("refuse"))
     return run_export(request).report
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,29 +171,40 @@ DIFFERS = ("this model type's forward or layout differs between mlx-lm and trans
            "weights stay usable in mlxlab (generate, eval, serve) and as --format mlx-lm")
 
 
-def compare(ours: np.ndarray, theirs: np.ndarray, checker: str, ids: np.ndarray, *,
-            tolerance: float = TOLERANCE, compute: str = "float32, CPU",
-            differs: str = DIFFERS) -> dict:
+@dataclass(frozen=True)
+class Checker:
+    """Who computes the export's logits (`name`, e.g. "transformers 5.2"), the gap allowed
+    (`tolerance` times the logits' scale), in what precision (`compute`), and what a refusal
+    says the gap means and what to use instead (`differs`)."""
+
+    name: str
+    tolerance: float = TOLERANCE
+    compute: str = "float32, CPU"
+    differs: str = DIFFERS
+
+
+def compare(ours: np.ndarray, theirs: np.ndarray, ids: np.ndarray, checker: Checker) -> dict:
     """The check's record (export_report.json's "check", the model card's section); refuses a
-    gap above `tolerance` times the logits' scale in one line that names both and ends with
-    `differs` (what the gap means and what to use instead)."""
+    gap above the checker's tolerance times the logits' scale in one line that names both and
+    ends with what the gap means (`checker.differs`)."""
+    tolerance, compute, differs = checker.tolerance, checker.compute, checker.differs
     ids = np.asarray(ids)
     gap = float(np.abs(ours - theirs).max()) if ours.shape == theirs.shape else float("inf")
     if not np.isfinite(gap) or not np.isfinite(ours).all():
         gap = float("inf")
     scale = max(1.0, float(np.abs(ours).max())) if np.isfinite(ours).all() else 1.0
     allowed = tolerance * scale
-    record = {"status": "checked", "checker": checker, "max_abs_logit_gap": gap,
+    record = {"status": "checked", "checker": checker.name, "max_abs_logit_gap": gap,
               "logit_scale": scale, "tolerance": tolerance, "allowed_gap": allowed,
               "probe": ids.tolist(), "compute": compute}
     if gap > allowed:
         shapes = "" if ours.shape == theirs.shape else f" (logits {ours.shape} vs {theirs.shape})"
         raise ExportError(
-            f"refused: {checker} computes other logits from the export than mlxlab does from "
+            f"refused: {checker.name} computes other logits from the export than mlxlab does from "
             f"the fine-tune: max gap {gap:.3g}{shapes} > {allowed:.3g} ({tolerance:g} of the "
             f"logits' scale {scale:.3g}) on a {ids.shape[0]}x{ids.shape[1]}-token probe; "
             f"{differs}")
-    log.info("export check: max |logit gap| %.3g <= %.3g (%s)", gap, allowed, checker)
+    log.info("export check: max |logit gap| %.3g <= %.3g (%s)", gap, allowed, checker.name)
     return record
 
 

@@ -7,12 +7,50 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, TypedDict
 
 from mlxlab.export.hf import DTYPES, ExportError
 from mlxlab.export.retention import Retention
 
 FORMATS = ("hf", "mlx-lm", "peft")
 METHODS = ("rtn", "gptq", "awq")
+
+
+class ExportOptions(TypedDict, total=False):
+    """export_run's keywords beside the run, --out, the format and the dtype (ExportRequest says
+    what each is): one typed set, so the public call takes them by name and hands them on whole."""
+
+    quantize: int | None
+    quantize_method: str
+    lora: str
+    overwrite: bool
+    check: bool
+    retention: Retention | None
+    refuse: Callable[[object, object], None] | None
+
+
+class GGUFOptions(TypedDict, total=False):
+    """export_gguf's keywords beside the source, --out and the quant (gguf_run.py)."""
+
+    overwrite: bool
+    check: bool
+    retention: Retention | None
+    imatrix_rows: int
+
+
+class DraftGGUFOptions(GGUFOptions, total=False):
+    """export_gguf_with_draft's: export_gguf's and the draft tokens llama-server proposes."""
+
+    num_draft_tokens: int
+
+
+def known_options(options: dict[str, Any], kind: type, call: str) -> dict[str, Any]:
+    """`options` when every key is one of `kind`'s (a TypedDict), else the TypeError Python
+    raises for an unexpected keyword."""
+    unknown = sorted(set(options) - set(kind.__annotations__))
+    if unknown:
+        raise TypeError(f"{call}() got an unexpected keyword argument {unknown[0]!r}")
+    return options
 
 
 @dataclass(frozen=True)

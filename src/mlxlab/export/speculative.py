@@ -17,10 +17,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Unpack
 
 from mlxlab.errors import ConfigError
 from mlxlab.export.llama_server import command_path, llama_server_script, write_script
-from mlxlab.export.retention import Retention
+from mlxlab.export.request import DraftGGUFOptions, known_options
 
 
 def draft_gguf_path(gguf_file: Path) -> Path:
@@ -51,8 +52,7 @@ def check_pair(run: str | Path, draft: str | Path) -> None:
 
 
 def export_gguf_with_draft(run: str | Path, draft: str | Path, out: str | Path,
-                           quant: str = "f16", overwrite: bool = False, check: bool = True,
-                           num_draft_tokens: int = 3, retention: Retention | None = None) -> dict:
+                           quant: str = "f16", **options: Unpack[DraftGGUFOptions]) -> dict:
     """The run as `out` (export_gguf: its Modelfile beside it), the draft as
     draft_gguf_path(out) in the same --quant, and the llama-server script that pairs them;
     returns the run's export report with `draft` (the draft's) and `command` (the script).
@@ -62,6 +62,9 @@ def export_gguf_with_draft(run: str | Path, draft: str | Path, out: str | Path,
     from mlxlab.export import export_gguf, is_model_folder
     from mlxlab.export.ollama import modelfile_path
 
+    given = known_options(options, DraftGGUFOptions, "export_gguf_with_draft")
+    overwrite, check = given.get("overwrite", False), given.get("check", True)
+    num_draft_tokens, retention = given.get("num_draft_tokens", 3), given.get("retention")
     out = Path(out).expanduser()
     if num_draft_tokens < 1:
         raise ConfigError(f"--num-draft-tokens must be >= 1, got {num_draft_tokens}")

@@ -26,7 +26,13 @@ from mlx.utils import tree_flatten
 
 from mlxlab.config.vision_families import FAMILIES, family_ways
 from mlxlab.export.hf import DTYPES, ExportError
-from mlxlab.export.proof import compare, mlxlab_logits, torch_logits, transformers_model
+from mlxlab.export.proof import (
+    Checker,
+    compare,
+    mlxlab_logits,
+    torch_logits,
+    transformers_model,
+)
 from mlxlab.models.adapters.lora import fuse_lora, has_adapters
 from mlxlab.models.vision.vision_language import VisionLanguageModel, mlx_vlm_config
 
@@ -106,10 +112,10 @@ def export_vision(model: VisionLanguageModel, out: Path, dtype: str, staging: Pa
                               **images).logits.astype(mx.float32))
     from mlxlab.models.vision.vision_language import version
 
-    return {"check": compare(expected, got, f"mlx-vlm {version()}", probe["input_ids"],
-                             tolerance=TOLERANCE, compute=f"MLX float32, {PICTURE}",
-                             differs="this model's forward differs in mlx-vlm's loader: its "
-                             "weights stay usable in mlxlab (generate, eval, serve)")}
+    return {"check": compare(expected, got, probe["input_ids"], Checker(
+        f"mlx-vlm {version()}", TOLERANCE, f"MLX float32, {PICTURE}",
+        "this model's forward differs in mlx-vlm's loader: its weights stay usable in mlxlab "
+        "(generate, eval, serve)"))}
 
 
 def _export_hf(model: VisionLanguageModel, dtype: str, staging: Path) -> dict:
@@ -152,11 +158,10 @@ def _export_hf(model: VisionLanguageModel, dtype: str, staging: Path) -> dict:
     inputs["input_ids"] = inputs["input_ids"].long()
     inputs.update(image_token_types(model.hf_config, inputs["input_ids"]))
     got = torch_logits(loaded, inputs)
-    return {"check": compare(expected, got, f"transformers {transformers.__version__}",
-                             probe["input_ids"], tolerance=TOLERANCE,
-                             compute=f"PyTorch float32, {PICTURE}",
-                             differs="this family's layout or forward differs in transformers: "
-                             "--format mlx-vlm writes mlx-vlm's folder")}
+    return {"check": compare(expected, got, probe["input_ids"], Checker(
+        f"transformers {transformers.__version__}", TOLERANCE, f"PyTorch float32, {PICTURE}",
+        "this family's layout or forward differs in transformers: --format mlx-vlm writes "
+        "mlx-vlm's folder"))}
 
 
 def image_token_types(config: dict, input_ids: Any) -> dict:

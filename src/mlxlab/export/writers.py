@@ -30,6 +30,7 @@ from mlxlab.export.mlx_lm import split_adapters, write_adapters
 from mlxlab.export.model_card import bare_card, check_section
 from mlxlab.export.peft_adapter import peft_files, write_peft
 from mlxlab.export.proof import (
+    Checker,
     checker_version,
     compare,
     mlxlab_logits,
@@ -160,7 +161,7 @@ def write_peft_folder(model, state, out: Path, dtype: str, report: dict, card: s
         write_peft(tensors, config, tmp)
         if checked:  # refused here: the folder is not moved in
             theirs = transformers_logits(base_folder, ids, classifier=False, adapter=tmp)
-            report["check"] = compare(ours, theirs, f"{checker_version()} + peft", ids)
+            report["check"] = compare(ours, theirs, ids, Checker(f"{checker_version()} + peft"))
         write_report(tmp, out, report, card)
 
 
