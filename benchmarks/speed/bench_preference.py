@@ -1,11 +1,11 @@
 """DPO speed and memory beside mlx-lm-lora's: the same model, pairs, batch, LoRA, sequence
 length, steps and beta, each tool run as its CLI in its own process, variants interleaved round
 by round: `mlxlab` (experiment=dpo_chat, reference = the adapters off), `cached`
-(objective.reference=cached), `lora_openblas` (mlx-lm-lora given mlxlab's OpenBLAS),
-`lora_stock` (mlx-lm-lora as installed; ~10x slower, fewer steps). A random 17.1 M Llama with a
-ChatML template; every side of every pair renders to the same length (checked in both tools'
-renderings), so every batch costs the same. Pairs/s over each tool's steady log windows, max RSS
-and CPU (/usr/bin/time -v), MLX's peak memory.
+(objective.reference=cached), `lora_openblas` (mlx-lm-lora given mlxlab's OpenBLAS; as
+installed, on MLX's bundled BLAS, mlxlab did 5.9x its pairs/s: the record of 2026-11-25). A
+random 17.1 M Llama with a ChatML template; every side of every pair renders to the same length
+(checked in both tools' renderings), so every batch costs the same. Pairs/s over each tool's
+steady log windows, max RSS and CPU (/usr/bin/time -v), MLX's peak memory.
 
     python benchmarks/speed/bench_preference.py [--rounds 2] [--steps 16] [--work /tmp/bench_preference]
 
@@ -60,7 +60,7 @@ SHIM = (
     "{'max_recommended_working_set_size': 0, **info(*a, **k)}; "
     "sys.argv[0] = 'mlx_lm_lora.train'; from mlx_lm_lora.train import main; main()"
 )
-VARIANTS = ("mlxlab", "cached", "lora_openblas", "lora_stock")
+VARIANTS = ("mlxlab", "cached", "lora_openblas")
 COUNT = {"completions": 0, "tokens": 0}
 TOKENIZER = None
 
@@ -204,8 +204,7 @@ def timed_run(cmd: list[str], env: dict, log: Path) -> dict:
     return {"rss_mb": rss, "cpu_s": done.cpu_s, "wall_s": done.wall_s, "log": done.stdout + done.stderr}
 
 
-def run_mlx_lm_lora(work: Path, folder: Path, data: Path, steps: int, every: int, openblas: bool,
-                    tag: str) -> dict:
+def run_mlx_lm_lora(work: Path, folder: Path, data: Path, steps: int, every: int, tag: str) -> dict:
     config = work / "mlx_lm_lora.yaml"
     config.write_text(json.dumps({"lora_parameters": {"rank": RANK, "scale": SCALE, "dropout": 0.0},
                                   "fuse": False}))
@@ -214,13 +213,11 @@ def run_mlx_lm_lora(work: Path, folder: Path, data: Path, steps: int, every: int
             "--save-every", "1000000", "--max-seq-length", str(MAX_LENGTH), "--beta", str(BETA),
             "--learning-rate", str(LR), "--num-layers", "-1", "--seed", "0", "--optimizer", "adam",
             "--adapter-path", str(work / f"adapters-{tag}"), "-c", str(config)]
-    env, setup = dict(os.environ), ""
-    if openblas:
-        # mlxlab's own binding (runtime/compute/blas.py) of the OpenBLAS it ships, then mlx-lm-lora
-        from mlxlab.runtime.compute.blas import _bundled_openblas
+    # mlxlab's own binding (runtime/compute/blas.py) of the OpenBLAS it ships, then mlx-lm-lora
+    from mlxlab.runtime.compute.blas import _bundled_openblas
 
-        env |= {"MLXLAB_BLAS": str(_bundled_openblas()), "PYTHONPATH": str(REPO / "src")}
-        setup = "import mlxlab; assert mlxlab.blas.fast, mlxlab.blas; "
+    env = {**os.environ, "MLXLAB_BLAS": str(_bundled_openblas()), "PYTHONPATH": str(REPO / "src")}
+    setup = "import mlxlab; assert mlxlab.blas.fast, mlxlab.blas; "
     cmd = [str(LORA_VENV / "bin" / "python"), "-c", setup + SHIM, *args]
     out = timed_run(cmd, env, work / f"{tag}.log")
     reports = re.findall(r"Iter (\d+): loss [^\n]*?it/s ([\d.]+), tok/s ([\d.]+), "
@@ -298,8 +295,7 @@ def grpo_main(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_options(parser, work=Path("/tmp/bench_preference"), rounds=2,
-                steps=(None, "default 16 (--grpo: 20)", int), every=4, stock_steps=4,
-                stock_every=2, variants=",".join(VARIANTS),
+                steps=(None, "default 16 (--grpo: 20)", int), every=4, variants=",".join(VARIANTS),
                 grpo=(False, "GRPO instead: objective=grpo beside mlx-lm-lora's train_grpo "
                       "(--model, --prompts required)"),
                 model=None, prompts=None, batch=8, group=8, max_tokens=8, lr=2e-3)
@@ -312,9 +308,8 @@ def main() -> None:
     if args.smoke:  # every variant, one round of 4 steps logged every 2 (the first line is left
         # out of the speed), its own model and pairs; mlx-lm-lora's two where its venv is there
         args.work, args.rounds, args.steps, args.every = smoke_dir("preference"), 1, 4, 2
-        args.stock_steps, args.stock_every = 4, 2
         if not (LORA_VENV / "bin" / "python").exists():
-            print(f"{LORA_VENV}: no mlx-lm-lora venv, its variants skipped", flush=True)
+            print(f"{LORA_VENV}: no mlx-lm-lora venv, its variant skipped", flush=True)
             args.variants = "mlxlab,cached"
     variants = args.variants.split(",")
     if unknown := sorted(set(variants) - set(VARIANTS)):
@@ -338,9 +333,7 @@ def main() -> None:
             if v in ("mlxlab", "cached"):
                 res = run_mlxlab(work, folder, data, args.steps, args.every, v == "cached", tag)
             else:
-                stock = v == "lora_stock"
-                res = run_mlx_lm_lora(work, folder, data, args.stock_steps if stock else args.steps,
-                                      args.stock_every if stock else args.every, not stock, tag)
+                res = run_mlx_lm_lora(work, folder, data, args.steps, args.every, tag)
             results[v].append(res | {"load_before": load})
             print(f"{tag}: pairs/s {[round(x, 2) for x in res['pairs_per_s']]}, "
                   f"RSS {res['rss_mb']:.0f} MiB, MLX peak {res['mlx_peak_mb']:.0f} MiB, "
@@ -349,11 +342,10 @@ def main() -> None:
         {"params": params, "side_tokens": length, "results": results}, indent=1))
 
     rates = {v: [statistics.median(x["pairs_per_s"]) for x in runs] for v, runs in results.items()}
-    ref = next((v for v in ("lora_openblas", "lora_stock") if v in rates), None)
-    ratio = (statistics.median(a / b for a, b in zip(rates["mlxlab"], rates[ref]))
-             if ref and "mlxlab" in rates else None)
+    ratio = (statistics.median(a / b for a, b in zip(rates["mlxlab"], rates["lora_openblas"]))
+             if {"mlxlab", "lora_openblas"} <= set(rates) else None)
     write_record("dpo-vs-mlx-lm-lora", {"params": params, "side_tokens": length, "results": results},
-                 question="speed-mlx", reference=ratio and f"mlx-lm-lora's DPO ({ref})",
+                 question="speed-mlx", reference=ratio and "mlx-lm-lora's DPO (lora_openblas)",
                  ratio=ratio and round(ratio, 2), summary=ratio and "DPO pairs/s (higher is better)",
                  smoke=args.smoke,
                  raw=str(work / "results.json"))
