@@ -8,7 +8,6 @@ format, then `mlxlab-train -m experiment=gkd_arithmetic objective.lmbda=0,1 repl
 `mlxlab runs compare latest:g1 latest:g2` (held-out exact match, paired over seeds and prompts).
 
     python benchmarks/quality/bench_gkd_learning.py [--out /tmp/bench_gkd] [--replicates 6]
-        [--models-from <an earlier --out>]
 
 --grpo: the base, a tiny decoder SFT'd so it writes the format for some prompts only (held-out
 accuracy between 10 % and 70 %, checked), exported; then `mlxlab-train -m experiment=grpo_copy
@@ -154,8 +153,6 @@ def main() -> None:
                 teacher_steps=800, student_steps=300,
                 steps=(None, "default 300 (--grpo: 60)", int),
                 replicates=(None, "default 6 (--grpo: 3)", int), learning_rate=1e-3,
-                models_from=(None, "an earlier --out: its teacher_model/ and student_model/ (and "
-                             "their scores) are reused, stages 1 and 2 skipped"),
                 grpo=(False, "GRPO against its base instead (the steps of its base's SFT: "
                       "--sft-steps)"), sft_steps=200)
     a = parser.parse_args()
@@ -171,14 +168,7 @@ def main() -> None:
     out = Path(a.out or "/tmp/bench_gkd")
     env, uri = cli_root(out)
     times: dict[str, float] = {}
-
-    if a.models_from:
-        earlier = Path(a.models_from)
-        teacher, student = earlier / "teacher_model", earlier / "student_model"
-        scores = json.loads((earlier / "results.json").read_text())
-        teacher_acc, student_acc = scores["teacher_exact_match"], scores["student_exact_match"]
-    else:
-        teacher, teacher_acc, student, student_acc = teacher_and_student(a, env, out, uri, times)
+    teacher, teacher_acc, student, student_acc = teacher_and_student(a, env, out, uri, times)
 
     # 3. off-policy (lmbda 0) and on-policy (lmbda 1), the same seeds
     _, times["gkd_sweep"] = run(train(

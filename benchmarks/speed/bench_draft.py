@@ -23,15 +23,12 @@ the same size, at identical outputs?
    is logged before, between rounds and after.
 
 The run's record goes to benchmarks/results/ (harness.write_record: the trained draft's speed-up
-over the target alone is its ratio), and the whole run's figures, with the load between rounds,
-to draft.json in --out.
+over the target alone is its ratio), with the load before, between the rounds and after.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import random
 import shutil
@@ -44,8 +41,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from benchmarks.harness import (  # noqa: E402
     add_options,
-    commit,
-    cpu_id,
     float_smollm2,
     in_round,
     load,
@@ -57,9 +52,6 @@ from benchmarks.harness import (  # noqa: E402
     write_record,
 )
 
-QUESTION = ("How much faster is greedy decoding of a fine-tune with a draft trained from it "
-            "(experiment=draft_model) than alone and than with a generic draft of the same "
-            "size, at identical outputs?")
 CONFIGS = ("alone", "trained", "generic")
 HELD_OUT = 200
 
@@ -185,18 +177,11 @@ def main() -> None:
                 steps=(60, "the fine-tune's steps"), draft_steps=(300, "each draft's steps"),
                 draft_lr=(1e-3, "each draft's rate"), keep_layers=(2, "the drafts' blocks"),
                 num_draft_tokens=3, length=(6, "numbers a completion counts"), max_tokens=40,
-                work=(None, "where the runs go (default: a temporary folder, removed)", Path),
-                out=(None, None, Path))
+                work=(None, "where the runs go (default: a temporary folder, removed)", Path))
     args = parser.parse_args()
-    today = datetime.date.today().isoformat()
-    out = args.out or (smoke_dir("bench_draft") if args.smoke
-                       else REPO / "benchmarks" / "results" / f"draft-{today}")
     work = args.work or Path(smoke_dir("bench_draft_work"))
     work.mkdir(parents=True, exist_ok=True)
-    record = {"question": QUESTION, "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "commit": commit(),
-              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "machine": cpu_id(), "load": {"before": load()}}
+    loads = {"before": load()}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if args.smoke:
@@ -233,15 +218,15 @@ def main() -> None:
         "experiment=finetune_text", "objective=distill", *same, "model.lora.rank=0",
         f"objective.teachers=[{{run: {base}}}]", "data.packing.seq_len=64"],
         draft_dirs["generic"], env)
-    record["load"]["after_training"] = load()
+    loads["after_training"] = load()
     prompts = [r["prompt"] for r in held[:args.prompts]]
     started = time.perf_counter()
     measured = measure(finetuned, draft_dirs, prompts, args.rounds, args.max_tokens,
                        args.num_draft_tokens)
     wall["measure"] = time.perf_counter() - started
-    record["load"]["after"] = load()
-    record["load"]["between_rounds"] = measured.pop("loads_between_rounds")
-    record["figures"] = {
+    loads["after"] = load()
+    loads["between_rounds"] = measured.pop("loads_between_rounds")
+    figures = {
         **measured["figures"],
         "base_vs_finetune": base_outputs(base, finetuned, prompts[:8], args.max_tokens),
         "sample": measured["sample"], "wall_s": wall,
@@ -249,12 +234,6 @@ def main() -> None:
                                                     "keep_layers", "num_draft_tokens", "length",
                                                     "max_tokens", "smoke")},
     }
-    record["reference"] = ("the same fine-tune decoding alone (greedy, mlx-lm's generate_step "
-                           "through mlxlab generate's path), in the same rounds of the same "
-                           "process")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "draft.json").write_text(json.dumps(record, indent=2) + "\n")
-    figures = record["figures"]
     labels = {"alone": "the fine-tune alone (reference)", "trained": "with the trained draft",
               "generic": "with the generic draft"}
     table = {"head": ["configuration", "decode tokens/s", "vs alone", "tokens the draft proposed",
@@ -264,15 +243,14 @@ def main() -> None:
                        f"{figures[n]['draft_share']:.0%}", "-" if n == "alone" else
                        f"{args.prompts - len(figures[n]['differs_from_alone'])} of {args.prompts}"]
                       for n in CONFIGS]}
-    written = write_record(
-        "draft-model-speedup", {**figures, "load": record["load"], "table": table},
-        question="speed-mlx",
-        reference=record["reference"], ratio=figures["trained"].get("speedup"),
+    write_record(
+        "draft-model-speedup", {**figures, "load": loads, "table": table}, question="speed-mlx",
+        reference="the same fine-tune decoding alone (greedy, mlx-lm's generate_step through "
+                  "mlxlab generate's path), in the same rounds of the same process",
+        ratio=figures["trained"].get("speedup"),
         summary="greedy decode tokens/s of a fine-tune with its trained draft (higher is "
-                "better; greedy text equal to the fine-tune's alone)", smoke=args.smoke,
-        raw=os.path.relpath(out / "draft.json", REPO))
+                "better; greedy text equal to the fine-tune's alone)", smoke=args.smoke)
     print_table(table)
-    print(f"wrote {out / 'draft.json'} and {written}")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -35,11 +35,12 @@ MODEL = dict(hidden=512, layers=8, heads=4, kv_heads=2, chat="chatml")
 TOOLS = ("mlxlab", "mlx-lm", "mlx-lm-openblas")
 MLX_LM_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 
-# Runs mlx-lm's own LoRA training (mlx_lm.lora.run, what its CLI calls) and writes each per-step
-# report as a json line. argv: args.json report.jsonl
+# Runs mlx-lm's own training (mlx_lm.lora.run, what its CLI calls: LoRA, or full fine-tuning
+# under mlx.launch for bench_sizes.py --sharded) and writes each per-step report as a json line
+# (`{rank}` in its path: the rank's own file). argv: args.json report.jsonl
 # openblas(0|1) [fast_quantized(0|1): mlxlab's CPU quantized product on the loaded model]
 MLX_LM_WORKER = """
-import json, sys, types
+import json, os, sys, types
 if sys.argv[3] == "1":
     from mlxlab.runtime.compute.blas import setup_blas  # MLX's BLAS calls only; nothing else of mlxlab
     print("blas:", setup_blas(), flush=True)
@@ -49,7 +50,7 @@ from mlx_lm.tuner.callbacks import TrainingCallback
 
 class Record(TrainingCallback):
     def on_train_loss_report(self, info):
-        with open(sys.argv[2], "a") as f:
+        with open(sys.argv[2].replace("{rank}", os.environ.get("MLX_RANK", "0")), "a") as f:
             f.write(json.dumps(info) + "\\n")
 
 args = dict(lora.CONFIG_DEFAULTS)

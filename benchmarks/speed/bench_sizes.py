@@ -306,26 +306,11 @@ def equal_count(runs: Path, data: Path, tokenizer: Path, skip: int, steps: int =
 
 # --sharded: full fine-tuning of one shape at a global batch of SHARDED_BATCH rows, the
 # embeddings frozen in every run (mlx_lm.lora's full mode trains the blocks alone): mlxlab in one
-# process, fsdp and tensor over 2 ranks, and mlx_lm.lora's data parallelism over 2 ranks, each
-# rank's report to report.<rank>.jsonl. argv: args.json report-prefix
+# process, fsdp and tensor over 2 ranks, and mlx_lm.lora's data parallelism over 2 ranks
+# (bench_lora's worker, each rank's report to report.<rank>.jsonl)
 SHARDED_BATCH = 4
 SHARDED = {"mlxlab-1": (1, None), "mlxlab-fsdp-2": (2, "fsdp"),
            "mlx-lm-dp-2": (2, None), "mlxlab-tensor-2": (2, "tensor")}
-MLX_LM_DP_WORKER = """
-import json, os, sys, types
-from mlxlab.runtime.compute.blas import setup_blas
-setup_blas()
-from mlx_lm import lora
-from mlx_lm.tuner.callbacks import TrainingCallback
-class Record(TrainingCallback):
-    def on_train_loss_report(self, info):
-        with open(sys.argv[2] + os.environ.get("MLX_RANK", "0") + ".jsonl", "a") as f:
-            f.write(json.dumps(info) + "\\n")
-args = types.SimpleNamespace(**{**lora.CONFIG_DEFAULTS, **json.load(open(sys.argv[1]))})
-model, tokenizer = lora.load(args.model)
-train_set, valid_set, _ = lora.load_dataset(args, tokenizer)
-lora.train_model(args, model, train_set, valid_set, Record())
-"""
 
 
 def run_sharded(name: str, folder: Path, data: Path, steps: int, out: Path, cores: int) -> dict:
@@ -343,8 +328,8 @@ def run_sharded(name: str, folder: Path, data: Path, steps: int, out: Path, core
             "max_seq_length": SEQ + 1, "learning_rate": LR, "steps_per_report": 1,
             "steps_per_eval": 10 * steps, "val_batches": 1, "save_every": 10 * steps,
             "adapter_path": str(out / "adapters"), "mask_prompt": True}))
-        cmd = [*launch, sys.executable, "-c", MLX_LM_DP_WORKER, str(out / "args.json"),
-               str(out / "report.")]
+        cmd = [*launch, sys.executable, "-c", bench_lora.MLX_LM_WORKER, str(out / "args.json"),
+               str(out / "report.{rank}.jsonl"), "1"]
     else:
         rows = SHARDED_BATCH // ranks if mode == "fsdp" else SHARDED_BATCH
         cmd = [*(launch if ranks > 1 else []), sys.executable, "-m", "mlxlab.train",
