@@ -306,7 +306,7 @@ def main() -> None:
         return grpo_main(parser, args)
     args.steps = args.steps or 16
     if args.smoke:  # every variant, one round of 4 steps logged every 2 (the first line is left
-        # out of the speed), its own model and pairs; mlx-lm-lora's two where its venv is there
+        # out of the speed), its own model and pairs; mlx-lm-lora's where its venv is there
         args.work, args.rounds, args.steps, args.every = smoke_dir("preference"), 1, 4, 2
         if not (LORA_VENV / "bin" / "python").exists():
             print(f"{LORA_VENV}: no mlx-lm-lora venv, its variant skipped", flush=True)
