@@ -15,7 +15,7 @@ COMMON = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_k
               head_dim=16, max_position_embeddings=256, tie_word_embeddings=False)
 GATED = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
              linear_num_key_heads=2, linear_num_value_heads=4)
-MAMBA = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16,
+MAMBA = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16,
              mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16)
 
 
@@ -58,10 +58,11 @@ def _configs(t, vocab: int) -> dict:
             attention_multiplier=0.25),
         "mamba2": lambda: t.Mamba2Config(
             vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16,
-            n_groups=2, state_size=16, expand=2, conv_kernel=4, chunk_size=16,
+            n_groups=1, state_size=16, expand=2, conv_kernel=4, chunk_size=16,
             tie_word_embeddings=False),
         "lfm2": lambda: t.Lfm2Config(
-            **{k: v for k, v in c.items() if k != "head_dim"}, num_hidden_layers=2,
+            **{**{k: v for k, v in c.items() if k != "head_dim"}, "tie_word_embeddings": True},
+            num_hidden_layers=2,
             layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False,
             conv_L_cache=3),
         "gemma4_text": lambda: t.Gemma4TextConfig(

@@ -20,6 +20,7 @@ A key mlx-lm would silently default is read from the transformers config or refu
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -115,22 +116,45 @@ def _olmo_hybrid(config: Mapping) -> dict:
 
 def _granitemoehybrid(config: Mapping) -> dict:
     """transformers 5 names the layer types linear_attention / full_attention; mlx-lm reads the
-    hub's mamba / attention."""
+    hub's mamba / attention. transformers runs rope only for position_embedding_type "rope"
+    (None: none), mlx-lm for anything but "nope"."""
     names = {"linear_attention": "mamba", "full_attention": "attention"}
     types = config.get("layer_types") or config.get("layers_block_type")
-    out = {**_rope(config), "position_embedding_type": config.get("position_embedding_type")
-           or "rope"}
+    _one_group(config, "mamba_n_groups")
+    rope = config.get("position_embedding_type") == "rope"
+    out = {**_rope(config), "position_embedding_type": "rope" if rope else "nope"}
     if types:
         out["layer_types"] = [names.get(t, t) for t in types]
     return out
 
 
+def _one_group(config: Mapping, key: str) -> None:
+    """mlx-lm's Mamba-2 (and Granite-4.0-H's) gated norm spans the whole inner width;
+    transformers' normalises each of the n_groups groups apart: the same only for one group."""
+    if int(config.get(key) or 1) != 1:
+        raise ConfigError(f"{key}={config[key]}: mlx-lm {_version()}'s {config.get('model_type')} "
+                          "normalises the state-space output over all groups at once and "
+                          "transformers per group, so they compute other logits; only "
+                          f"{key}=1 loads here")
+
+
+def _nemotron_h(config: Mapping) -> dict:
+    """transformers' Nemotron-H clips the time step to [time_step_min, inf), whatever its
+    time_step_limit says; mlx-lm reads time_step_limit."""
+    return {"time_step_limit": [float(config.get("time_step_min", 0.001)), float("inf")]}
+
+
 def _mamba2(config: Mapping) -> dict:
+    _one_group(config, "n_groups")
     return {"intermediate_size": config.get("intermediate_size")
             or config["num_heads"] * config["head_dim"]}
 
 
 def _lfm2(config: Mapping) -> dict:
+    if config.get("tie_word_embeddings") is False:
+        raise ConfigError(f"tie_word_embeddings=false: mlx-lm {_version()}'s LFM2 always reads "
+                          "its logits off the embeddings, so an LFM2 with its own lm_head "
+                          "cannot load here")
     return {"block_dim": config.get("block_dim", config["hidden_size"]),
             "block_ff_dim": config.get("block_ff_dim", config["intermediate_size"]),
             **_rope(config)}
@@ -181,8 +205,15 @@ def _olmo_hybrid_weights(weights: Weights, config: Mapping) -> Weights:
 
 
 def _kimi_weights(weights: Weights, config: Mapping) -> Weights:
+    """transformers 5.24 saves a dense layer's MLP under the MoE's checkpoint name
+    (block_sparse_moe.gate_proj: its renaming's reverse); mlx-lm reads it as mlp."""
+    dense = re.compile(r"(.+)\.block_sparse_moe\.((gate|up|down)_proj\.weight)")
+    renamed = {}
+    for name, value in weights.items():
+        m = dense.fullmatch(name)
+        renamed[f"{m.group(1)}.mlp.{m.group(2)}" if m else name] = value
     width = config["linear_num_heads"] * config["linear_head_dim"]
-    return _split_convolutions(weights, config, (width, width, width), "self_attn")
+    return _split_convolutions(renamed, config, (width, width, width), "self_attn")
 
 
 def _falcon_h1_weights(weights: Weights, config: Mapping) -> Weights:
@@ -228,7 +259,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3_next": Family(_qwen3_next),
     "kimi_linear": Family(_kimi_linear, _kimi_weights),
     "olmo_hybrid": Family(_olmo_hybrid, _olmo_hybrid_weights),
-    "nemotron_h": Family(),
+    "nemotron_h": Family(_nemotron_h),
     "falcon_h1": Family(weights=_falcon_h1_weights),
     "granitemoehybrid": Family(_granitemoehybrid),
     "mamba2": Family(_mamba2),
