@@ -1,0 +1,93 @@
+"""The hybrid families in and out: a folder as transformers 5 saves it loads through mlx-lm with
+transformers' logits (models/sources/hf_normalise.py), and `mlxlab export --format hf` of a
+fine-tune writes transformers' own layout, which transformers loads with the fine-tune's logits
+(export/architectures.py). Float32, the same random weights on both sides (tests/hybrid_families.py);
+the gap allowed is 1e-4 of the logits' scale (measured: 2e-6 and under)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hf_helpers import mlx_logits, torch_logits
+from hybrid_families import FAMILIES, save_tiny_hybrid
+from mlxlab.errors import ConfigError
+from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
+
+IDS = np.random.default_rng(5).integers(0, 500, size=(2, 24))
+LIMIT = 1e-4  # of the logits' scale
+
+
+def transformers_side(folder: Path) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return torch_logits(model.eval(), IDS)
+
+
+def relative_gap(ours: np.ndarray, theirs: np.ndarray) -> float:
+    return float(np.abs(ours - theirs).max() / max(1.0, np.abs(theirs).max()))
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_a_transformers_folder_loads_with_its_logits(kind, tmp_path):
+    folder = save_tiny_hybrid(kind, tmp_path / kind)
+    model = MLXLMDecoder(vocab_size=1, pretrained=str(folder))
+    assert relative_gap(mlx_logits(model, IDS), transformers_side(folder)) <= LIMIT
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_a_fine_tune_exports_in_transformers_layout(kind, tmp_path):
+    """LoRA, 3 steps, then --format hf: transformers loads every tensor under the names it
+    saved them, with the fine-tune's logits; the check in the report agrees."""
+    from safetensors import safe_open
+
+    from mlxlab.export import export_run
+    from mlxlab.runs import load_run_model
+    from test_mlx_lm_decoders import train_chat
+
+    folder = save_tiny_hybrid(kind, tmp_path / kind)
+    _, run = train_chat(folder, tmp_path)
+    model, _ = load_run_model(run)
+    ours = mlx_logits(model, IDS)
+    base = mlx_logits(MLXLMDecoder(vocab_size=1, pretrained=str(folder)), IDS)
+    assert np.abs(base - ours).max() > 1e-3  # the adapters changed the model
+    report = export_run(run, tmp_path / "hf", "hf", "float32")
+    assert report["check"]["max_abs_logit_gap"] <= LIMIT * report["check"]["logit_scale"]
+    assert relative_gap(ours, transformers_side(tmp_path / "hf")) <= LIMIT
+
+    def names(path: Path) -> set[str]:
+        with safe_open(str(path / "model.safetensors"), "np") as f:
+            return set(f.keys())
+
+    assert names(tmp_path / "hf") == names(folder)
+
+
+def test_a_layer_pattern_mlx_lm_cannot_build_is_refused(tmp_path):
+    """mlx-lm's Qwen3-Next places full attention every n-th layer; another pattern is one
+    line, not a model with the wrong layers."""
+    import json
+
+    folder = save_tiny_hybrid("qwen3_next", tmp_path / "q")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(num_hidden_layers=3, layer_types=["full_attention", "linear_attention",
+                                                    "full_attention"])
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"layer_types=.*full attention every n-th layer"):
+        MLXLMDecoder(vocab_size=1, pretrained=str(folder))
+
+
+def test_mamba2_with_several_groups_is_refused(tmp_path):
+    import json
+
+    folder = save_tiny_hybrid("mamba2", tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_groups": 2}))
+    with pytest.raises(ConfigError, match=r"n_groups=2: .*only n_groups=1 loads here"):
+        MLXLMDecoder(vocab_size=1, pretrained=str(folder))
