@@ -91,3 +91,23 @@ def test_mamba2_with_several_groups_is_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "n_groups": 2}))
     with pytest.raises(ConfigError, match=r"n_groups=2: .*only n_groups=1 loads here"):
         MLXLMDecoder(vocab_size=1, pretrained=str(folder))
+
+
+@pytest.mark.slow
+def test_a_kernel_written_on_the_wrong_axis_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    """The export's convolution kernels left in mlx-lm's (C, K, 1): transformers refuses the
+    shape, and the one line names the tensor, the shape written and the one expected; nothing
+    is left at --out."""
+    import mlxlab.export.architectures as architectures
+    from mlxlab.cli.export import main
+    from test_mlx_lm_decoders import train_chat
+
+    _, run = train_chat(save_tiny_hybrid("mamba2", tmp_path / "mamba2"), tmp_path)
+    monkeypatch.setattr(architectures, "_conv_axes", dict)
+    capsys.readouterr()
+    assert main([str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert ("tensor backbone.layers.0.mixer.conv1d.weight: written with shape (160, 4, 1), "
+            "transformers expects (160, 1, 4) and 1 more") in lines[0]
+    assert "above report" not in lines[0] and not (tmp_path / "hf").exists()
