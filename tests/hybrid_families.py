@@ -88,7 +88,7 @@ def save_tiny_hybrid(kind: str, path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = t.AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.2)
             else:  # norms, A_log, dt_bias, biases: off their initial value

@@ -1,5 +1,5 @@
 """The hybrid families in and out: a folder as transformers 5 saves it loads through mlx-lm with
-transformers' logits (models/sources/hf_normalise.py), and `mlxlab export --format hf` of a
+transformers' logits (models/hf_normalise.py), and `mlxlab export --format hf` of a
 fine-tune writes transformers' own layout, which transformers loads with the fine-tune's logits
 (export/architectures.py). Float32, the same random weights on both sides (tests/hybrid_families.py);
 the gap allowed is 1e-4 of the logits' scale (measured: 2e-6 and under)."""

@@ -146,7 +146,7 @@ def _mamba2(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
 
 def _falcon_h1(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
     """mlx-lm folds Falcon-H1's multipliers into the weights (and mlxlab's reader the two it
-    does not: models/sources/hf_normalise.py); transformers applies them at run time, so the
+    does not: models/hf_normalise.py); transformers applies them at run time, so the
     checkpoint holds the weights before the fold."""
     from mlx_lm.models.falcon_h1 import ModelArgs, compute_mup_vector
 

@@ -1,7 +1,7 @@
 """mlx-lm's model classes for a config.json: the one lookup the decoder and the GGUF converter
 share (which architectures the installed mlx-lm has), and the keys of a transformers 5
 config.json that most of mlx-lm's argument classes do not read (rope_keys here; the hybrid
-families' keys and weights: models/sources/hf_normalise.py)."""
+families' keys and weights: models/hf_normalise.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mlxlab.errors import ConfigError
-from mlxlab.models.sources.hf_normalise import family, mlx_lm_keys, mlx_lm_weights
+from mlxlab.models.hf_normalise import family, mlx_lm_keys, mlx_lm_weights
 
 
 def mlx_lm_version() -> str:
