@@ -76,17 +76,36 @@ FAMILIES = ("qwen3_5", "qwen3_next", "kimi_linear", "olmo_hybrid", "nemotron_h",
             "granitemoehybrid", "mamba2", "lfm2", "gemma4_text")
 
 
+def _multimodal_qwen3_5(t, vocab: int):
+    """Qwen3.5 as the hub ships it (Qwen3_5ForConditionalGeneration): the text model under
+    text_config, a one-block vision tower beside it."""
+    text = dict(**COMMON, **GATED, vocab_size=vocab, num_hidden_layers=2,
+                layer_types=["linear_attention", "full_attention"])
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  num_position_embeddings=16, patch_size=4)
+    return t.Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=vocab - 4,
+                           video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
+                           vision_end_token_id=vocab - 1)
+
+
 def save_tiny_hybrid(kind: str, path: Path, seed: int = 0) -> Path:
-    """The tiny random `kind` saved by transformers at `path`, with a ChatML tokenizer."""
+    """The tiny random `kind` saved by transformers at `path`, with a ChatML tokenizer
+    ("qwen3_5_multimodal": Qwen3.5 with its vision tower)."""
     import torch
     import transformers as t
 
     tok = tiny.tiny_tokenizer("qwen2", chat="chatml")
-    config = _configs(t, tok.get_vocab_size())[kind]()
+    if kind == "qwen3_5_multimodal":
+        config = _multimodal_qwen3_5(t, tok.get_vocab_size())
+        model = t.Qwen3_5ForConditionalGeneration(config)
+    else:
+        config = _configs(t, tok.get_vocab_size())[kind]()
     config.eos_token_id = config.pad_token_id = tok.token_to_id("<|im_end|>")
     config.bos_token_id = None
     torch.manual_seed(seed)
-    model = t.AutoModelForCausalLM.from_config(config).float()
+    if kind != "qwen3_5_multimodal":
+        model = t.AutoModelForCausalLM.from_config(config)
+    model = model.float()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:

@@ -20,12 +20,12 @@ IDS = np.random.default_rng(5).integers(0, 500, size=(2, 24))
 LIMIT = 1e-4  # of the logits' scale
 
 
-def transformers_side(folder: Path) -> np.ndarray:
+def transformers_side(folder: Path, auto: str = "AutoModelForCausalLM") -> np.ndarray:
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                       output_loading_info=True)
+    model, info = getattr(transformers, auto).from_pretrained(folder, dtype=torch.float32,
+                                                              output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     return torch_logits(model.eval(), IDS)
 
@@ -39,6 +39,14 @@ def test_a_transformers_folder_loads_with_its_logits(kind, tmp_path):
     folder = save_tiny_hybrid(kind, tmp_path / kind)
     model = MLXLMDecoder(vocab_size=1, pretrained=str(folder))
     assert relative_gap(mlx_logits(model, IDS), transformers_side(folder)) <= LIMIT
+
+
+def test_qwen3_5_as_the_hub_ships_it_loads_its_text_model(tmp_path):
+    """The multimodal folder (text_config, a vision tower): its text model, on text."""
+    folder = save_tiny_hybrid("qwen3_5_multimodal", tmp_path / "qwen3_5")
+    model = MLXLMDecoder(vocab_size=1, pretrained=str(folder))
+    theirs = transformers_side(folder, "AutoModelForImageTextToText")
+    assert relative_gap(mlx_logits(model, IDS), theirs) <= LIMIT  # measured 2.6e-5
 
 
 @pytest.mark.slow

@@ -44,14 +44,17 @@ def decoded(value):
 
 
 def _rope(config: Mapping) -> dict:
-    """rope_theta (+ partial_rotary_factor) from rope_parameters, where the config has only
-    that."""
+    """rope_theta, partial_rotary_factor and (a scaled rope) rope_scaling from
+    rope_parameters, where the config has only that."""
     params = config.get("rope_parameters") or {}
     out = {}
     if "rope_theta" in params and "rope_theta" not in config:
         out["rope_theta"] = params["rope_theta"]
     if "partial_rotary_factor" in params and "partial_rotary_factor" not in config:
         out["partial_rotary_factor"] = params["partial_rotary_factor"]
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if scaling.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+        out["rope_scaling"] = scaling
     return out
 
 
@@ -78,6 +81,11 @@ def _version() -> str:
 
 
 def _qwen3_5(config: Mapping) -> dict:
+    """Qwen3.5's text model: the keys at the top (Qwen3_5ForCausalLM's folder) or in
+    text_config (the multimodal one's)."""
+    if isinstance(config.get("text_config"), Mapping):
+        text = config["text_config"]
+        return {"text_config": {**text, **_qwen3_5(text)}}
     out = {**_interval(config), **_rope(config)}
     params = config.get("rope_parameters")
     if params:  # mlx-lm's TextModelArgs default is Qwen3.5-VL's mrope at theta 1e5
@@ -161,18 +169,29 @@ def _lfm2(config: Mapping) -> dict:
 
 
 def _gemma4_text(config: Mapping) -> dict:
-    """transformers 5.24 writes the full-attention layers' head size per layer
-    (per_layer_config); mlx-lm reads one global_head_dim."""
+    """transformers 5.24 writes the full-attention layers' head size (and, with
+    attention_k_eq_v, their key-value heads) per layer (per_layer_config); mlx-lm reads one
+    global_head_dim and num_global_key_value_heads. Overrides it has no key for are refused."""
     out = {"final_logit_softcapping": config.get("final_logit_softcapping")}
-    per_layer = config.get("per_layer_config") or {}
     types = config.get("layer_types") or []
-    sizes = {int(v["head_dim"]) for k, v in per_layer.items() if "head_dim" in v
-             and int(k) < len(types) and types[int(k)] == "full_attention"}
-    if len(sizes) > 1:
-        raise ConfigError(f"per_layer_config gives the full-attention layers head sizes {sizes}: "
-                          f"mlx-lm {_version()} builds one global_head_dim")
-    if sizes and "global_head_dim" not in config:
-        out["global_head_dim"] = sizes.pop()
+    overrides = {int(k): dict(v) for k, v in (config.get("per_layer_config") or {}).items()}
+    full = {tuple(sorted(v.items())) for k, v in overrides.items()
+            if k < len(types) and types[k] == "full_attention"}
+    others = [k for k in overrides if k >= len(types) or types[k] != "full_attention"]
+    keys = {name for v in overrides.values() for name in v}
+    kv = next((dict(v).get("num_key_value_heads") for v in full), None)
+    if (len(full) > 1 or others or keys - {"head_dim", "num_key_value_heads"}
+            or (kv is not None and kv != config.get("num_key_value_heads")
+                and not config.get("attention_k_eq_v"))):
+        raise ConfigError(f"per_layer_config={config.get('per_layer_config')}: mlx-lm "
+                          f"{_version()} builds Gemma 4 with one head size (and key-value head "
+                          "count) for every full-attention layer and none per layer otherwise")
+    if full:
+        layer = dict(full.pop())
+        if "head_dim" in layer and "global_head_dim" not in config:
+            out["global_head_dim"] = layer["head_dim"]
+        if kv is not None and "num_global_key_value_heads" not in config:
+            out["num_global_key_value_heads"] = kv
     return out
 
 
