@@ -119,3 +119,21 @@ def test_a_kernel_written_on_the_wrong_axis_is_refused_naming_it(tmp_path, monke
     assert ("tensor backbone.layers.0.mixer.conv1d.weight: written with shape (160, 4, 1), "
             "transformers expects (160, 1, 4) and 1 more") in lines[0]
     assert "above report" not in lines[0] and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+def test_a_multimodal_qwen3_5_exports_as_the_text_model_it_trained(tmp_path):
+    """mlx-lm loads Qwen3.5's text model only: the export is Qwen3_5ForCausalLM (no config
+    claiming a vision tower whose weights it lacks), with the fine-tune's logits."""
+    import json
+
+    from mlxlab.export import export_run
+    from mlxlab.runs import load_run_model
+    from test_mlx_lm_decoders import train_chat
+
+    _, run = train_chat(save_tiny_hybrid("qwen3_5_multimodal", tmp_path / "qwen3_5"), tmp_path)
+    model, _ = load_run_model(run)
+    export_run(run, tmp_path / "hf", "hf", "float32")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3_5ForCausalLM"] and "vision_config" not in config
+    assert relative_gap(mlx_logits(model, IDS), transformers_side(tmp_path / "hf")) <= LIMIT

@@ -112,13 +112,26 @@ def _qwen3_next(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
 
 
 def _qwen3_5(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
-    """mlx-lm keeps Qwen3.5's text model under language_model.; a text-only folder
-    (Qwen3_5ForCausalLM) names it model. / lm_head, the multimodal one model.language_model."""
-    text_only = "text_config" not in config
-    prefix = (("^language_model\\.model\\.", "model."), ("^language_model\\.lm_head", "lm_head")
-              ) if text_only else (("^language_model\\.model\\.", "model.language_model."),
-                                   ("^language_model\\.lm_head", "lm_head"))
+    """mlx-lm keeps Qwen3.5's text model under language_model.; the export is the text-only
+    checkpoint (Qwen3_5ForCausalLM: model. / lm_head), also of a multimodal folder, whose
+    vision tower mlx-lm drops at load (_qwen3_5_text_config)."""
+    prefix = (("^language_model\\.model\\.", "model."), ("^language_model\\.lm_head", "lm_head"))
     return _offset_norms_back(_conv_axes(unstack_experts(_renamed(weights, prefix))))
+
+
+# the multimodal config's keys a text-only Qwen3.5 config carries too
+_TEXT_KEYS = ("tie_word_embeddings", "eos_token_id", "bos_token_id", "pad_token_id", "dtype",
+              "torch_dtype")
+
+
+def _qwen3_5_text_config(config: dict) -> dict:
+    """A multimodal Qwen3.5 config.json as the text model's (what the run trained: mlx-lm
+    loads no vision tower), so transformers loads the export as Qwen3_5ForCausalLM rather
+    than a multimodal model whose vision weights are missing."""
+    if not isinstance(config.get("text_config"), Mapping):
+        return config
+    text = {**config["text_config"], **{k: config[k] for k in _TEXT_KEYS if k in config}}
+    return {**text, "model_type": "qwen3_5_text", "architectures": ["Qwen3_5ForCausalLM"]}
 
 
 def _olmo_hybrid(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
@@ -210,7 +223,7 @@ LAYOUTS: dict[str, Layout] = {
     "deepseek_v3": Layout(_deepseek_v3),
     "granitemoe": Layout(_granitemoe),
     "lfm2": Layout(_lfm2),
-    "qwen3_5": Layout(_qwen3_5),
+    "qwen3_5": Layout(_qwen3_5, _qwen3_5_text_config),
     "qwen3_5_text": Layout(_qwen3_5),
     "qwen3_next": Layout(_qwen3_next),
     "kimi_linear": Layout(_kimi_linear),
