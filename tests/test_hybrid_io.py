@@ -36,15 +36,21 @@ def relative_gap(ours: np.ndarray, theirs: np.ndarray) -> float:
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_a_transformers_folder_loads_with_its_logits(kind, tmp_path):
+    from mlxlab.export.architectures import HYBRIDS_TESTED, TESTED
+
     folder = save_tiny_hybrid(kind, tmp_path / kind)
     model = MLXLMDecoder(vocab_size=1, pretrained=str(folder))
+    assert model.architecture["model_type"] in (*HYBRIDS_TESTED, *TESTED)
     assert relative_gap(mlx_logits(model, IDS), transformers_side(folder)) <= LIMIT
 
 
 def test_qwen3_5_as_the_hub_ships_it_loads_its_text_model(tmp_path):
     """The multimodal folder (text_config, a vision tower): its text model, on text."""
+    from mlxlab.export.architectures import HYBRIDS_TESTED
+
     folder = save_tiny_hybrid("qwen3_5_multimodal", tmp_path / "qwen3_5")
     model = MLXLMDecoder(vocab_size=1, pretrained=str(folder))
+    assert model.architecture["model_type"] in HYBRIDS_TESTED
     theirs = transformers_side(folder, "AutoModelForImageTextToText")
     assert relative_gap(mlx_logits(model, IDS), theirs) <= LIMIT  # measured 2.6e-5
 
@@ -75,6 +81,14 @@ def test_a_fine_tune_exports_in_transformers_layout(kind, tmp_path):
             return set(f.keys())
 
     assert names(tmp_path / "hf") == names(folder)
+
+
+def test_every_hybrid_export_trusts_without_pytorch_has_a_family_here():
+    """HYBRIDS_TESTED (written unchecked where PyTorch is missing) is one model type per family
+    saved here (each load test checks its folder's type is on it; lfm2 is in TESTED)."""
+    from mlxlab.export.architectures import HYBRIDS_TESTED, TESTED
+
+    assert len(set(HYBRIDS_TESTED)) == len(FAMILIES) and "lfm2" in TESTED
 
 
 def test_a_layer_pattern_mlx_lm_cannot_build_is_refused(tmp_path):

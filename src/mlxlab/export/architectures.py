@@ -241,6 +241,12 @@ TESTED = ("cohere2", "deepseek_v3", "exaone4", "gemma2", "gemma3_text", "glm4", 
           "qwen3", "qwen3_moe", "starcoder2")
 
 
+# The hybrid types tests/test_hybrid_io.py fine-tunes, exports and loads in transformers (its
+# parametrization, from tests/hybrid_families.py: a type here without a tiny model there fails)
+HYBRIDS_TESTED = ("qwen3_5_text", "qwen3_5", "qwen3_next", "kimi_linear", "olmo_hybrid",
+                  "nemotron_h", "falcon_h1", "granitemoehybrid", "mamba2", "gemma4_text")
+
+
 def layout_of(model_type: str | None) -> Layout:
     """How a model_type's weights and config go back to the Hugging Face layout (the default
     for a type LAYOUTS does not name; its check says whether that is right)."""
