@@ -59,7 +59,8 @@ def test_qwen3_5_as_the_hub_ships_it_loads_its_text_model(tmp_path):
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_a_fine_tune_exports_in_transformers_layout(kind, tmp_path):
     """LoRA, 3 steps, then --format hf: transformers loads every tensor under the names it
-    saved them, with the fine-tune's logits; the check in the report agrees."""
+    saved them, with the fine-tune's logits; the check in the report agrees. --format mlx-lm
+    loads in mlx-lm with them too."""
     from safetensors import safe_open
 
     from mlxlab.export import export_run
@@ -81,6 +82,13 @@ def test_a_fine_tune_exports_in_transformers_layout(kind, tmp_path):
             return set(f.keys())
 
     assert names(tmp_path / "hf") == names(folder)
+
+    import mlx.core as mx
+    import mlx_lm
+
+    export_run(run, tmp_path / "mlx", "mlx-lm", "float32")  # mlx-lm's own layout
+    theirs, _ = mlx_lm.load(str(tmp_path / "mlx"))
+    assert relative_gap(np.array(theirs(mx.array(IDS))), ours) <= LIMIT
 
 
 def test_every_hybrid_export_trusts_without_pytorch_has_a_family_here():

@@ -298,6 +298,13 @@ def mlx_lm_keys(config: Mapping) -> dict:
     return {**fixed, **family(config).config({**config, **fixed})}
 
 
+def mlx_lm_folder_config(config: Mapping) -> dict:
+    """config.json of an mlx-lm folder (`mlxlab export --format mlx-lm`): the model_type named
+    as mlx-lm's module is (Qwen3.5's text-only model_type has none of its own)."""
+    alias = family(config).classes
+    return {**config, "model_type": alias} if alias else dict(config)
+
+
 def mlx_lm_weights(weights: Weights, config: Mapping) -> Weights:
     """The folder's tensors as mlx-lm's sanitize expects them (FAMILIES' weights), unchanged
     where they are mlx-lm's own already."""
