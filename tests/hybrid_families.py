@@ -88,6 +88,13 @@ def _multimodal_qwen3_5(t, vocab: int):
                            vision_end_token_id=vocab - 1)
 
 
+def tiny_config(kind: str):
+    """The transformers config of the tiny `kind` (vocabulary 512), without its weights."""
+    import transformers as t
+
+    return _configs(t, 512)[kind]()
+
+
 def save_tiny_hybrid(kind: str, path: Path, seed: int = 0) -> Path:
     """The tiny random `kind` saved by transformers at `path`, with a ChatML tokenizer
     ("qwen3_5_multimodal": Qwen3.5 with its vision tower)."""

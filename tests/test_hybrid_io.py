@@ -99,6 +99,48 @@ def test_every_hybrid_export_trusts_without_pytorch_has_a_family_here():
     assert len(set(HYBRIDS_TESTED)) == len(FAMILIES) and "lfm2" in TESTED
 
 
+# mlx-lm arguments a transformers 5 folder of the family leaves at mlx-lm's default, each checked
+# to be what transformers computes: Qwen3.5 dense (no MoE keys: 0 experts), a default rope (no
+# rope_scaling), Kimi's sigmoid router (transformers' too) with one expert group, OLMo-Hybrid's
+# gated-norm eps (1e-5 in both), Nemotron-H's layer list (derived from layers_block_type),
+# Falcon-H1's always-present MLP and unrotated rope, Granite's bias-free MLP, Mamba-2's state
+# size (= state_size), Gemma 4's rope read from rope_parameters and its layer_types
+REVIEWED_DEFAULTS = {
+    "qwen3_5": {"num_experts", "num_experts_per_tok", "decoder_sparse_step", "rope_scaling",
+                "shared_expert_intermediate_size", "moe_intermediate_size", "norm_topk_prob"},
+    "qwen3_next": {"rope_scaling"},
+    "kimi_linear": {"rope_scaling", "moe_router_activation_func", "use_grouped_topk"},
+    "olmo_hybrid": {"layer_norm_epsilon"},
+    "nemotron_h": {"hybrid_override_pattern", "layer_types", "num_hidden_layers"},
+    "falcon_h1": {"mamba_use_mlp", "mlp_expansion_factor", "rope_traditional", "rope_scaling"},
+    "granitemoehybrid": {"mlp_bias"},
+    "mamba2": {"ssm_state_size", "max_position_embeddings"},
+    "lfm2": set(),
+    "gemma4_text": {"global_partial_rotary_factor", "num_global_key_value_heads",
+                    "rope_traditional", "partial_rotary_factor", "sliding_window_pattern"},
+}
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_no_mlx_lm_argument_is_left_at_a_default_nobody_checked(kind, tmp_path):
+    """A key mlx-lm reads that the folder does not give (after hf_normalise) takes mlx-lm's
+    default silently: each one is on the reviewed list, so a new one (a newer transformers or
+    mlx-lm) fails here until it is read from the config or checked."""
+    import dataclasses
+    import json
+
+    from hybrid_families import tiny_config
+    from mlxlab.models.mlx_lm_classes import mlx_lm_config, model_classes
+
+    tiny_config(kind).save_pretrained(tmp_path)
+    config = mlx_lm_config(json.loads((tmp_path / "config.json").read_text()), tmp_path)
+    args = model_classes(config, tmp_path)[1]
+    if kind == "qwen3_5":  # the text model's arguments
+        from mlx_lm.models.qwen3_5 import TextModelArgs as args
+    left = {f.name for f in dataclasses.fields(args) if f.name not in config}
+    assert left == REVIEWED_DEFAULTS[kind]
+
+
 def test_a_layer_pattern_mlx_lm_cannot_build_is_refused(tmp_path):
     """mlx-lm's Qwen3-Next places full attention every n-th layer; another pattern is one
     line, not a model with the wrong layers."""
