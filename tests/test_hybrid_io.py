@@ -201,3 +201,21 @@ def test_a_multimodal_qwen3_5_exports_as_the_text_model_it_trained(tmp_path):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["Qwen3_5ForCausalLM"] and "vision_config" not in config
     assert relative_gap(mlx_logits(model, IDS), transformers_side(tmp_path / "hf")) <= LIMIT
+
+
+@pytest.mark.parametrize(("kind", "change", "says"), [
+    ("gemma4_text", {"per_layer_config": {"0": {"head_dim": 32}}},
+     r"per_layer_config=.*one head size .* for every full-attention layer"),
+    ("lfm2", {"tie_word_embeddings": False}, r"tie_word_embeddings=false: .*own lm_head"),
+    ("granitemoehybrid", {"mamba_n_groups": 2}, r"mamba_n_groups=2: .*per group"),
+], ids=["gemma4-sliding-override", "lfm2-untied", "granite-groups"])
+def test_a_config_mlx_lm_would_build_otherwise_is_one_line(kind, change, says, tmp_path):
+    import json
+
+    from hybrid_families import tiny_config
+    from mlxlab.models.mlx_lm_classes import mlx_lm_config
+
+    tiny_config(kind).save_pretrained(tmp_path)
+    config = {**json.loads((tmp_path / "config.json").read_text()), **change}
+    with pytest.raises(ConfigError, match=says):
+        mlx_lm_config(config, tmp_path)
