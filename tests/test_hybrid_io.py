@@ -2,7 +2,7 @@
 transformers' logits (models/hf_normalise.py), and `mlxlab export --format hf` of a
 fine-tune writes transformers' own layout, which transformers loads with the fine-tune's logits
 (export/architectures.py). Float32, the same random weights on both sides (tests/hybrid_families.py);
-the gap allowed is 1e-4 of the logits' scale (measured: 2e-6 and under)."""
+the gap allowed is 1e-4 of the logits' scale (measured: 7e-6 and under; the multimodal Qwen3.5: 2.6e-5)."""
 
 from __future__ import annotations
 
