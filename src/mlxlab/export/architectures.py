@@ -81,6 +81,124 @@ def _lfm2(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
             for n, v in weights.items()}
 
 
+def _conv_axes(weights: Mapping[str, mx.array]) -> Weights:
+    """A depthwise convolution's kernel: mlx-lm's (C, K, 1) is PyTorch's (C, 1, K)."""
+    return {n: v.swapaxes(1, 2) if v.ndim == 3 and "conv" in n and n.endswith(".weight")
+            and v.shape[-1] == 1 else v for n, v in weights.items()}
+
+
+def _renamed(weights: Mapping[str, mx.array], pairs: tuple[tuple[str, str], ...]) -> Weights:
+    out = {}
+    for name, value in weights.items():
+        for old, new in pairs:
+            name = re.sub(old, new, name)
+        out[name] = value
+    return out
+
+
+# The norms mlx-lm's Qwen3-Next / Qwen3.5 sanitize stores as 1 + w (transformers' weight is w:
+# its RMSNorm computes x * (1 + w))
+_OFFSET_NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight",
+                 "model.norm.weight", ".q_norm.weight", ".k_norm.weight")
+
+
+def _offset_norms_back(weights: Weights) -> Weights:
+    return {n: v - 1.0 if v.ndim == 1 and n.endswith(_OFFSET_NORMS) else v
+            for n, v in weights.items()}
+
+
+def _qwen3_next(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
+    return _offset_norms_back(_conv_axes(unstack_experts(weights)))
+
+
+def _qwen3_5(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
+    """mlx-lm keeps Qwen3.5's text model under language_model.; the export is the text-only
+    checkpoint (Qwen3_5ForCausalLM: model. / lm_head), also of a multimodal folder, whose
+    vision tower mlx-lm drops at load (_qwen3_5_text_config)."""
+    prefix = (("^language_model\\.model\\.", "model."), ("^language_model\\.lm_head", "lm_head"))
+    return _offset_norms_back(_conv_axes(unstack_experts(_renamed(weights, prefix))))
+
+
+# the multimodal config's keys a text-only Qwen3.5 config carries too
+_TEXT_KEYS = ("tie_word_embeddings", "eos_token_id", "bos_token_id", "pad_token_id", "dtype",
+              "torch_dtype")
+
+
+def _qwen3_5_text_config(config: dict) -> dict:
+    """A multimodal Qwen3.5 config.json as the text model's (what the run trained: mlx-lm
+    loads no vision tower), so transformers loads the export as Qwen3_5ForCausalLM rather
+    than a multimodal model whose vision weights are missing."""
+    if not isinstance(config.get("text_config"), Mapping):
+        return config
+    text = {**config["text_config"], **{k: config[k] for k in _TEXT_KEYS if k in config}}
+    return {**text, "model_type": "qwen3_5_text", "architectures": ["Qwen3_5ForCausalLM"]}
+
+
+def _olmo_hybrid(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
+    """OLMo-Hybrid's checkpoint names its norms attention_layer_norm / feedforward_layer_norm
+    (transformers renames them at load, and back at save)."""
+    return _conv_axes(_renamed(weights, (("input_layernorm", "attention_layer_norm"),
+                                         ("post_attention_layernorm", "feedforward_layer_norm"))))
+
+
+def _nemotron_h(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
+    """Nemotron-H's experts are fc1 (up) / fc2 (down) in mlx-lm, up_proj / down_proj in the
+    checkpoint."""
+    out = unstack_experts(weights)
+    return _conv_axes(_renamed(out, ((r"(experts\.\d+)\.fc1\.", r"\1.up_proj."),
+                                     (r"(experts\.\d+)\.fc2\.", r"\1.down_proj."))))
+
+
+def _granitemoehybrid(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
+    return _conv_axes(_granitemoe(weights, config))
+
+
+def _mamba2(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
+    return _conv_axes(unstack_experts(weights))
+
+
+def _falcon_h1(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
+    """mlx-lm folds Falcon-H1's multipliers into the weights (and mlxlab's reader the two it
+    does not: models/hf_normalise.py); transformers applies them at run time, so the
+    checkpoint holds the weights before the fold."""
+    from mlx_lm.models.falcon_h1 import ModelArgs, compute_mup_vector
+
+    args = ModelArgs.from_dict(dict(config))
+    attn_in = args.attention_in_multiplier
+    divisors = {"embed_tokens.weight": args.embedding_multiplier,
+                "lm_head.weight": args.lm_head_multiplier, "q_proj.weight": attn_in,
+                "k_proj.weight": attn_in * args.key_multiplier, "v_proj.weight": attn_in,
+                "o_proj.weight": args.attention_out_multiplier,
+                "out_proj.weight": args.ssm_out_multiplier,
+                "gate_proj.weight": args.mlp_multipliers[0],
+                "down_proj.weight": args.mlp_multipliers[1]}
+    mup = compute_mup_vector(args)
+    out = {}
+    for name, value in _conv_axes(weights).items():
+        suffix = next((s for s in divisors if name.endswith(s)), None)
+        if suffix is not None:
+            value = value / divisors[suffix]
+        elif name.endswith("in_proj.weight"):
+            value = value / (args.ssm_in_multiplier * mup.astype(value.dtype)[:, None])
+        out[name] = value
+    return out
+
+
+def _kimi_linear(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
+    """Kimi-Linear's checkpoint: the MLA kv_b_proj whole (as DeepSeek-V3's), the MoE under
+    block_sparse_moe (experts w1 / w2 / w3, the router's bias under gate), a dense layer's MLP
+    there too (transformers 5 saves it so), q/k/v convolutions as q_conv1d (C, 1, K)."""
+    out = _deepseek_v3(weights, config)
+    out = _renamed(out, (
+        (r"\.self_attn\.([qkv])_conv\.conv\.weight$", r".self_attn.\1_conv1d.weight"),
+        (r"\.mlp\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias"),
+        (r"\.mlp\.experts\.(\d+)\.gate_proj\.", r".mlp.experts.\1.w1."),
+        (r"\.mlp\.experts\.(\d+)\.down_proj\.", r".mlp.experts.\1.w2."),
+        (r"\.mlp\.experts\.(\d+)\.up_proj\.", r".mlp.experts.\1.w3."),
+        (r"\.mlp\.", ".block_sparse_moe.")))
+    return _conv_axes(out)
+
+
 def _exact_gelu(config: dict) -> dict:
     """mlx-lm's StarCoder2 MLP is the exact GELU (nn.gelu) whatever hidden_act says; the config
     names what the model computed in mlxlab, so transformers computes the same."""
@@ -105,6 +223,15 @@ LAYOUTS: dict[str, Layout] = {
     "deepseek_v3": Layout(_deepseek_v3),
     "granitemoe": Layout(_granitemoe),
     "lfm2": Layout(_lfm2),
+    "qwen3_5": Layout(_qwen3_5, _qwen3_5_text_config),
+    "qwen3_5_text": Layout(_qwen3_5),
+    "qwen3_next": Layout(_qwen3_next),
+    "kimi_linear": Layout(_kimi_linear),
+    "olmo_hybrid": Layout(_olmo_hybrid),
+    "nemotron_h": Layout(_nemotron_h),
+    "falcon_h1": Layout(_falcon_h1),
+    "granitemoehybrid": Layout(_granitemoehybrid),
+    "mamba2": Layout(_mamba2),
 }
 
 # The types tests/test_export_architectures.py exports and loads in transformers and mlx-lm
@@ -112,6 +239,12 @@ LAYOUTS: dict[str, Layout] = {
 TESTED = ("cohere2", "deepseek_v3", "exaone4", "gemma2", "gemma3_text", "glm4", "granite",
           "granitemoe", "lfm2", "llama", "mistral", "mixtral", "olmo2", "phi3", "qwen2",
           "qwen3", "qwen3_moe", "starcoder2")
+
+
+# The hybrid types tests/test_hybrid_io.py fine-tunes, exports and loads in transformers (its
+# parametrization, from tests/hybrid_families.py: a type here without a tiny model there fails)
+HYBRIDS_TESTED = ("qwen3_5_text", "qwen3_5", "qwen3_next", "kimi_linear", "olmo_hybrid",
+                  "nemotron_h", "falcon_h1", "granitemoehybrid", "mamba2", "gemma4_text")
 
 
 def layout_of(model_type: str | None) -> Layout:

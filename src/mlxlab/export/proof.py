@@ -141,6 +141,8 @@ def transformers_model(auto: Any, folder: Path, adapter: Path | None = None) -> 
                 model = PeftModel.from_pretrained(model, adapter)
     except Exception as err:  # noqa: BLE001 - any failure to load is the export's refusal
         why = str(err).splitlines()[0] if str(err) else ""
+        if "ignore_mismatched_sizes" in why:  # its report went to the log: the tensor, here
+            why = _mismatched(auto, folder) or why
         raise ExportError(f"refused: transformers could not load the export to check it "
                           f"({type(err).__name__}: {why}); --no-check writes it unchecked"
                           ) from err
@@ -150,6 +152,23 @@ def transformers_model(auto: Any, folder: Path, adapter: Path | None = None) -> 
                           f"of the export (e.g. {missing[0]}): the layout of this model type is "
                           "not the one transformers reads; its weights stay usable in mlxlab")
     return model.eval()
+
+
+def _mismatched(auto: Any, folder: Path) -> str | None:
+    """The first tensor whose shape transformers refused, as "NAME: written (..), expected
+    (..)" (and how many more), from a second load that lets it through and reports it."""
+    import torch
+
+    with _quiet_transformers():
+        _, info = auto.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
+                                       ignore_mismatched_sizes=True)
+    found = sorted(info.get("mismatched_keys") or ())
+    if not found:
+        return None
+    name, written, expected = found[0][0], *(tuple(s) for s in found[0][1:3])
+    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+    return (f"tensor {name}: written with shape {written}, transformers expects {expected}"
+            f"{more}")
 
 
 @contextmanager

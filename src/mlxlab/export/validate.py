@@ -4,7 +4,7 @@ conditions, and --out. Each failure is one ExportError line (the CLI's `error:`)
 
 from __future__ import annotations
 
-from mlxlab.export.architectures import TESTED
+from mlxlab.export.architectures import HYBRIDS_TESTED, TESTED
 from mlxlab.export.hf import DTYPES, ExportError
 from mlxlab.export.peft_adapter import check_peft
 from mlxlab.export.proof import checker_version, peft_available, peft_base, unchecked
@@ -108,7 +108,7 @@ def _checker(model, state, fmt: str, check: bool) -> dict | None:
     if version is not None:
         return None
     kind = model.architecture.get("model_type") if isinstance(model, MLXLMDecoder) else None
-    if kind is not None and kind not in TESTED:
+    if kind is not None and kind not in (*TESTED, *HYBRIDS_TESTED):
         raise ExportError(
             f"model_type={kind!r} is checked as it is exported, by loading it in transformers, "
             "which needs PyTorch (not installed here), and no mlxlab test proves its export: "

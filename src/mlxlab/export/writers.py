@@ -44,6 +44,7 @@ from mlxlab.export.request import ExportRequest
 from mlxlab.models.adapters.lora import fuse_lora, has_adapters, unwrap_lora
 from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.encoders.bert import BertClassifier
+from mlxlab.models.hf_normalise import mlx_lm_folder_config
 from mlxlab.runtime.files.staging import staged_folder
 
 
@@ -104,6 +105,8 @@ def _config(request: ExportRequest, model, sources: Sources) -> dict:
                             keep_quantization=request.fmt == "mlx-lm")
     if request.fmt == "hf" and isinstance(model, MLXLMDecoder):
         config = layout_of(config["model_type"]).hf_config(config)
+    elif isinstance(model, MLXLMDecoder):  # mlx-lm's module for the model_type
+        config = mlx_lm_folder_config(config)
     return config
 
 

@@ -1,6 +1,7 @@
 """mlx-lm's model classes for a config.json: the one lookup the decoder and the GGUF converter
 share (which architectures the installed mlx-lm has), and the keys of a transformers 5
-config.json that most of mlx-lm's argument classes do not read."""
+config.json that most of mlx-lm's argument classes do not read (rope_keys here; the hybrid
+families' keys and weights: models/hf_normalise.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mlxlab.errors import ConfigError
+from mlxlab.models.hf_normalise import family, mlx_lm_keys, mlx_lm_weights
 
 
 def mlx_lm_version() -> str:
@@ -25,13 +27,45 @@ def model_classes(config: Mapping, source: str | Path) -> tuple[type, type]:
     if config.get("model_file"):
         raise ConfigError(f"{source}/config.json asks to run custom model code ({config['model_file']}"
                           "); mlxlab loads only mlx-lm's own architectures")
+    alias = family(config).classes  # a model_type mlx-lm names otherwise
     try:
-        return _get_classes(dict(config))
+        model_class, args_class = _get_classes(
+            {**config, "model_type": alias} if alias else dict(config))
     except (ValueError, KeyError):
         raise ConfigError(
             f"{source}: model_type={config.get('model_type')!r} is not an architecture mlx-lm "
             f"{mlx_lm_version()} loads; give a folder of a type it supports (or a newer mlx-lm)"
         ) from None
+    if family(config).weights is None:
+        return model_class, args_class
+    return _reading_transformers(model_class, dict(config)), args_class
+
+
+def _reading_transformers(model_class: type, config: dict) -> type:
+    """mlx-lm's model class whose sanitize first puts a transformers 5 folder's tensors in the
+    names and shapes it expects (hf_normalise.mlx_lm_weights, read with the folder's config)."""
+    def sanitize(self, weights: dict) -> dict:
+        return super(reader, self).sanitize(mlx_lm_weights(weights, config))
+
+    reader = type(model_class.__name__, (model_class,), {
+        "sanitize": sanitize, "__module__": model_class.__module__,
+        "__qualname__": model_class.__qualname__})
+    return reader
+
+
+def mlx_lm_config(config: Mapping, source: str | Path) -> dict:
+    """The config.json mlx-lm builds the model from: a transformers 5 folder's keys put as
+    mlx-lm reads them (hf_normalise's table for the hybrid families, rope_keys for the rest);
+    the config itself where it has the hub's keys already."""
+    keys = mlx_lm_keys(config)
+    merged = {**config, **keys}
+    return {**merged, **rope_keys(merged, model_classes(merged, source)[1])}
+
+
+def build_lazy(config: Mapping, source: str | Path):
+    """mlx-lm's model for a config.json, built without weights (MLX computes none of it)."""
+    model_class, args_class = model_classes(config, source)
+    return model_class(args_class.from_dict(mlx_lm_config(config, source)))
 
 
 def rope_keys(config: Mapping, args_class: type) -> dict:

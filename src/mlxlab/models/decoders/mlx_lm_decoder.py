@@ -42,7 +42,7 @@ from mlxlab.models.decoders.gated_delta_swap import use_chunked_gated_delta
 from mlxlab.models.decoders.mlx_lm_fused import use_fused_kernels
 from mlxlab.models.decoders.packing import attention_segments, check_packable
 from mlxlab.models.hf import check_vocab, read_config
-from mlxlab.models.mlx_lm_classes import mlx_lm_version, model_classes, rope_keys
+from mlxlab.models.mlx_lm_classes import build_lazy, mlx_lm_config, mlx_lm_version, model_classes
 from mlxlab.models.quantized.quantized_cpu import use_fast_cpu_quantized
 from mlxlab.models.sources import model_folder
 from mlxlab.runtime.cluster import distributed
@@ -91,7 +91,7 @@ def model_source(source: str | Path, revision: str | None = None) -> tuple[Path,
 def load_folder(path: str | Path) -> tuple[nn.Module, dict]:
     """mlx-lm's model and config from a local folder, through mlx-lm's own loading (its weight
     names, sanitize and quantized layers), with the hub's rope keys where transformers 5 wrote
-    only `rope_parameters` (rope_keys); never a hub download."""
+    only `rope_parameters` (mlx_lm_config); never a hub download."""
     from mlx_lm.utils import load_model
 
     path, config = model_source(path)
@@ -99,7 +99,8 @@ def load_folder(path: str | Path) -> tuple[nn.Module, dict]:
         # under a launcher, lazily: an fsdp or tensor rank then reads one whole tensor at a
         # time and keeps its slice (training/parallel/sharding.py), never the whole model
         return load_model(path, lazy=distributed.launched(), strict=True,
-                          model_config=rope_keys(config, model_classes(config, path)[1]))
+                          model_config=mlx_lm_config(config, path),
+                          get_model_classes=lambda config: model_classes(config, path))
     except FileNotFoundError:
         raise MissingFileError(f"no {WEIGHTS} weights in {path}; a Hugging Face or "
                                "mlx-lm model folder has them") from None
@@ -115,8 +116,7 @@ def build_from_config(config: Mapping, quantized_layers: Mapping | None,
     config.json, shaped by mlx-lm's `sanitize` as the folder's weights shaped it (Gemma 3 drops
     its lm_head when the folder has none: the names say so), the layers that were quantized
     quantized again as they were; the weights come from the checkpoint."""
-    model_class, args_class = model_classes(config, "the checkpoint's config")
-    model = model_class(args_class.from_dict(dict(config)))
+    model = build_lazy(config, "the checkpoint's config")
     if weight_names and hasattr(model, "sanitize"):
         # the model's own (unevaluated) arrays under those names: a sanitize that looks at
         # shapes (LFM2's convolution kernels) sees the shapes it wrote
@@ -317,9 +317,7 @@ class MLXLMDecoder(PretrainedModel):
         if node.get("keep_layers") is not None:
             check_keep_layers(node["keep_layers"], config, node["pretrained"])
         if lora and lora.get("rank") and lora.get("targets"):
-            model_class, args_class = model_classes(config, path)
-            targeted_linears(model_class(args_class.from_dict(dict(config))),
-                             lora_targets(lora)["targets"])
+            targeted_linears(build_lazy(config, path), lora_targets(lora)["targets"])
 
     @classmethod
     def check_tensor_parallel(cls, node: Mapping[str, Any]) -> None:
@@ -330,8 +328,7 @@ class MLXLMDecoder(PretrainedModel):
         if not node.get("pretrained"):
             return  # check_config's line
         path, config = model_source(node["pretrained"], node.get("revision"))
-        model_class, args_class = model_classes(config, path)
-        lm = model_class(args_class.from_dict(dict(config)))
+        lm = build_lazy(config, path)
         if any(is_experts(m) for _, m in lm.named_modules()):
             raise ConfigError(f"trainer.distributed.mode=tensor: this {config.get('model_type')} "
                               "model's routed experts are split in a way its checkpoints and "
@@ -344,8 +341,7 @@ class MLXLMDecoder(PretrainedModel):
         one line why not, before anything is created: a packed forward pass is traced on the model
         built lazily from its config.json (MLX computes none of it)."""
         path, config = model_source(node["pretrained"], node.get("revision"))
-        model_class, args_class = model_classes(config, path)
-        lm = model_class(args_class.from_dict(dict(config)))
+        lm = build_lazy(config, path)
         use_fused_kernels(lm)  # mlx-lm's masks go through packed_mask
         model_type = str(config.get("model_type"))
         check_packable(lm, model_type)
