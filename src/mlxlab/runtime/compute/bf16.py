@@ -1,0 +1,66 @@
+"""Where trainer.precision=bf16 may multiply in bfloat16 on the CPU: a CPU with bf16 units and
+MKL's bf16 GEMM to drive them.
+
+MLX's CPU backend multiplies bfloat16 in a scalar loop of its own (~4 GFLOP/s, no BLAS symbol
+to rebind: kernels/csrc/bf16_product.cpp), so bf16 on the CPU is slower than fp32 wherever
+nothing else runs the products. On a CPU whose /proc/cpuinfo lists `amx_bf16` (Intel AMX: Sapphire
+Rapids and later) or `avx512_bf16` (Cooper Lake, Zen 4 and later), MKL's
+`cblas_gemm_bf16bf16f32` multiplies bf16 inputs into float32 sums on those units: that is the
+product kernels.bf16_matmul runs. Elsewhere MKL emulates it, slower than its fp32 GEMM, so it is
+not used there.
+
+MKL comes from the optional `mkl` package (`pip install 'mlxlab[mkl]'`), loaded out of the
+global symbol scope as for MLX's float32 products (runtime/compute/mkl.py): the library that
+serves MLX already where MKL does, else MKL's layers linked for mlxlab and loaded RTLD_LOCAL.
+`gemm_bf16()` answers once per process: (the function's address, why) or (None, why not).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from mlxlab.runtime.compute import blas, cpu, mkl
+
+SYMBOL = "cblas_gemm_bf16bf16f32"
+# /proc/cpuinfo's names for the units, and what the start-up line calls them (best first).
+UNITS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"))
+
+_answer: tuple[int | None, str] | None = None
+_library: ctypes.CDLL | None = None  # MKL's layers, where mlxlab loaded them for this (kept)
+
+
+def units(flags: frozenset[str] | None = None) -> list[str]:
+    """The bf16 units this CPU reports ("AMX", "AVX512-BF16"); `flags` default to this CPU's."""
+    flags = cpu.cpu_flags() if flags is None else flags
+    return [name for flag, name in UNITS if flag in flags]
+
+
+def gemm_bf16() -> tuple[int | None, str]:
+    """(The address of MKL's cblas_gemm_bf16bf16f32, which units it runs on) on a CPU with bf16
+    units and MKL installed; (None, one line on what is missing) otherwise. Loads MKL once."""
+    global _answer
+    if _answer is None:
+        _answer = _find(units())
+    return _answer
+
+
+def _find(found: list[str]) -> tuple[int | None, str]:
+    if not found:
+        return None, "this CPU reports no bf16 units (amx_bf16 or avx512_bf16 in /proc/cpuinfo)"
+    directory = mkl.mkl_directory()
+    if directory is None:
+        return None, (f"this CPU has {' and '.join(found)} but MKL is not installed: "
+                      "`pip install 'mlxlab[mkl]'` (x86-64 Linux)")
+    function = blas._blas(SYMBOL) if blas._mkl_layer else None  # MKL serves MLX already
+    if function is None:
+        global _library
+        try:
+            group, _ = mkl.link_group(directory)
+            _library = ctypes.CDLL(str(group), mode=ctypes.RTLD_LOCAL)
+        except OSError as e:
+            return None, f"MKL could not be loaded alone ({e})"
+        function = getattr(_library, SYMBOL, None)
+        if function is None:
+            return None, f"MKL {mkl.mkl_version()} has no {SYMBOL}"
+    address = ctypes.cast(function, ctypes.c_void_p).value
+    return address, f"bf16 products on {' and '.join(found)} (MKL {mkl.mkl_version()} {SYMBOL})"
