@@ -11,6 +11,8 @@
 #include "common.h"
 #include "kernels.h"
 
+#include "mlx/allocator.h"
+
 #include <atomic>
 #include <cstring>
 #include <stdexcept>
@@ -89,12 +91,17 @@ void Bf16Matmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
       std::memset(out, 0, sizeof(float) * size_t(m) * n);
       return;
     }
-    std::vector<uint16_t> ra(size_a), rb(size_b);
-    round_into(pa, ra.data(), size_a);
-    round_into(pb, rb.data(), size_b);
+    // The rounded operands in one scratch buffer from MLX's allocator (reused from its cache,
+    // counted in MLX's memory figures, given back when the task ends), b's at a 64-byte line.
+    const int64_t b_at = (size_a + 31) / 32 * 32;
+    auto scratch = mx::allocator::malloc((b_at + size_b) * sizeof(uint16_t));
+    uint16_t* ra = static_cast<uint16_t*>(scratch.buffer().raw_ptr());
+    uint16_t* rb = ra + b_at;
+    round_into(pa, ra, size_a);
+    round_into(pb, rb, size_b);
     // row-major op(A) (m, k): A is (m, k) with ld k, or (k, m) with ld m when transposed
-    gemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, 1.0f, ra.data(),
-         ta ? m : k, rb.data(), tb ? k : n, 0.0f, out, n);
+    gemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, 1.0f, ra,
+         ta ? m : k, rb, tb ? k : n, 0.0f, out, n);
   });
 }
 
