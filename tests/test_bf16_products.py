@@ -66,6 +66,13 @@ def test_units_read_from_the_cpu_flags():
     assert address is None and "amx_bf16 or avx512_bf16" in why
 
 
+def test_units_on_an_amd_cpu_are_not_driven_by_mkl(monkeypatch):
+    monkeypatch.setattr(bf16.cpu, "cpu_vendor", lambda cpuinfo=None: "AuthenticAMD")
+    address, why = bf16._find(["AVX512-BF16"])
+    assert address is None and why == ("this AuthenticAMD CPU has AVX512-BF16, but MKL drives "
+                                       "them on Intel CPUs only")
+
+
 @pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_products_are_fp32_sums_of_bf16_rounded_operands(bf16_units, m, k, n, ta, tb):

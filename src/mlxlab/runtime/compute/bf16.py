@@ -6,8 +6,9 @@ to rebind: kernels/csrc/bf16_product.cpp), so bf16 on the CPU is slower than fp3
 nothing else runs the products. On a CPU whose /proc/cpuinfo lists `amx_bf16` (Intel AMX: Sapphire
 Rapids and later) or `avx512_bf16` (Cooper Lake, Zen 4 and later), MKL's
 `cblas_gemm_bf16bf16f32` multiplies bf16 inputs into float32 sums on those units: that is the
-product kernels.bf16_matmul runs. Elsewhere MKL emulates it, slower than its fp32 GEMM, so it is
-not used there.
+product kernels.bf16_matmul runs. Elsewhere MKL emulates it with float32 arithmetic, no faster
+than its float32 GEMM, so it is not used there; nor on an AMD CPU, where MKL
+runs its generic kernels (mkl.py) although Zen 4 has AVX512-BF16.
 
 MKL comes from the optional `mkl` package (`pip install 'mlxlab[mkl]'`), loaded out of the
 global symbol scope as for MLX's float32 products (runtime/compute/mkl.py): the library that
@@ -47,6 +48,9 @@ def gemm_bf16() -> tuple[int | None, str]:
 def _find(found: list[str]) -> tuple[int | None, str]:
     if not found:
         return None, "this CPU reports no bf16 units (amx_bf16 or avx512_bf16 in /proc/cpuinfo)"
+    if not mkl.is_intel():  # MKL dispatches on the vendor: elsewhere its generic kernels run
+        return None, (f"this {cpu.cpu_vendor() or 'non-Intel'} CPU has {' and '.join(found)}, "
+                      "but MKL drives them on Intel CPUs only")
     directory = mkl.mkl_directory()
     if directory is None:
         return None, (f"this CPU has {' and '.join(found)} but MKL is not installed: "
@@ -59,8 +63,9 @@ def _find(found: list[str]) -> tuple[int | None, str]:
             _library = ctypes.CDLL(str(group), mode=ctypes.RTLD_LOCAL)
         except OSError as e:
             return None, f"MKL could not be loaded alone ({e})"
-        function = getattr(_library, SYMBOL, None)
-        if function is None:
+        try:
+            function = getattr(_library, SYMBOL)
+        except AttributeError:
             return None, f"MKL {mkl.mkl_version()} has no {SYMBOL}"
     address = ctypes.cast(function, ctypes.c_void_p).value
     return address, f"bf16 products on {' and '.join(found)} (MKL {mkl.mkl_version()} {SYMBOL})"
