@@ -132,7 +132,9 @@ def losses_of(make_cfg, tmp_path, precision: str, seed: int, steps: int = 16) ->
 
 @pytest.mark.parametrize("seed", [0, pytest.param(2, marks=pytest.mark.slow),
                                   pytest.param(3, marks=pytest.mark.slow)])
-def test_bf16_training_follows_the_fp32_loss_curve(bf16_units, make_cfg, tmp_path, caplog, seed):
+def test_bf16_training_follows_the_fp32_loss_curve(bf16_units, make_cfg, tmp_path, caplog,
+                                                   monkeypatch, seed):
+    monkeypatch.setattr(training_step, "_said", set())
     with caplog.at_level(logging.INFO):
         low = losses_of(make_cfg, tmp_path, "bf16", seed)
     assert "bf16 products on" in caplog.text
@@ -147,6 +149,7 @@ def test_bf16_training_follows_the_fp32_loss_curve(bf16_units, make_cfg, tmp_pat
 
 def test_no_units_keeps_mlx_bf16_with_one_line(monkeypatch, caplog):
     monkeypatch.setattr(bf16, "_answer", (None, "this CPU reports no bf16 units (test)"))
+    monkeypatch.setattr(training_step, "_said", set())
     monkeypatch.setattr(training_step.device, "backend", lambda: "cpu")
     seen = {}
 

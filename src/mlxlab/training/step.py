@@ -206,16 +206,26 @@ def cpu_bf16(loss_fn: losses.LossFn) -> losses.LossFn:
     fused = kernels.status() if address is not None else "fused"
     if address is None or fused != "fused":
         why = why if address is None else f"the fused CPU kernels are {fused}"
-        log.warning("trainer.precision=bf16 on the CPU: MLX's own bf16 products, slower than "
-                    "fp32 (%s); trainer.precision=auto trains in fp32", why)
+        _say_once(logging.WARNING, f"trainer.precision=bf16 on the CPU: MLX's own bf16 products, "
+                  f"slower than fp32 ({why}); trainer.precision=auto trains in fp32")
         return mixed_precision(loss_fn, mx.bfloat16)
-    log.info("trainer.precision=bf16 on the CPU: %s, float32 weights and activations", why)
+    _say_once(logging.INFO, f"trainer.precision=bf16 on the CPU: {why}, float32 weights and "
+              "activations")
 
     def with_bf16_products(model: nn.Module, batch):
         with bf16_products(model):
             return loss_fn(model, batch)
 
     return with_bf16_products
+
+
+_said: set[str] = set()  # cpu_bf16's lines: once a process (the loss and the probe both ask)
+
+
+def _say_once(level: int, line: str) -> None:
+    if line not in _said:
+        _said.add(line)
+        log.log(level, line)
 
 
 def mixed_precision(loss_fn: losses.LossFn, dtype: mx.Dtype) -> losses.LossFn:
