@@ -311,9 +311,9 @@ def bf16_matmul(a: mx.array, b: mx.array, ta: bool = False, tb: bool = False) ->
     op skipped, kernels off): the caller takes another path."""
     module = fused("bf16_matmul", a, b)
     gemm = bf16.gemm_bf16()[0] if module is not None else None
-    if module is None or not gemm:
+    if module is None or gemm is None:
         return None
-    module.set_gemm_bf16(gemm)
+    module.set_gemm_bf16(gemm.address, gemm.local_threads, gemm.below)
     return module.bf16_matmul(a, b, ta, tb)
 
 

@@ -202,10 +202,10 @@ def cpu_bf16(loss_fn: losses.LossFn) -> losses.LossFn:
     and the fused kernels run, float32 weights and activations with the Linear layers' products
     in bf16 (models/layers/bf16_linear.py); elsewhere, said in one line, MLX's own bf16 compute
     (mixed_precision), whose products are slower than fp32's."""
-    address, why = bf16.gemm_bf16()
-    fused = kernels.status() if address is not None else "fused"
-    if address is None or fused != "fused":
-        why = why if address is None else f"the fused CPU kernels are {fused}"
+    gemm, why = bf16.gemm_bf16()
+    fused = kernels.status() if gemm is not None else "fused"
+    if gemm is None or fused != "fused":
+        why = why if gemm is None else f"the fused CPU kernels are {fused}"
         _say_once(logging.WARNING, f"trainer.precision=bf16 on the CPU: MLX's own bf16 products, "
                   f"slower than fp32 ({why}); trainer.precision=auto trains in fp32")
         return mixed_precision(loss_fn, mx.bfloat16)

@@ -29,6 +29,14 @@ using GemmBf16 = void (*)(int, int, int, int, int, int, float, const uint16_t*, 
                           const uint16_t*, int, float, float*, int);
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 std::atomic<GemmBf16> g_gemm{nullptr};
+// MKL's mkl_set_num_threads_local (this thread's count; returns the one it replaces) and the
+// M*N*K below which a product runs on the calling thread alone: MKL's OpenMP threads sleep
+// between products and waking them costs more than a small product (runtime/compute/small_gemm.py
+// says the same of MLX's sgemm; with a busy core a 64^3 bf16 product took ~8 ms on two threads
+// against ~30 us on one).
+using LocalThreads = int (*)(int);
+std::atomic<LocalThreads> g_local{nullptr};
+std::atomic<int64_t> g_below{0};
 
 // float32 -> bfloat16 bits, to nearest with ties to even; a NaN stays a (quiet) NaN.
 inline uint16_t to_bf16(float x) {
@@ -47,8 +55,10 @@ void round_into(const float* in, uint16_t* out, int64_t n) {
 
 } // namespace
 
-void set_gemm_bf16(uintptr_t address) {
+void set_gemm_bf16(uintptr_t address, uintptr_t local_threads, int64_t below) {
   g_gemm = reinterpret_cast<GemmBf16>(address);
+  g_local = reinterpret_cast<LocalThreads>(local_threads);
+  g_below = below;
 }
 
 bool has_gemm_bf16() {
@@ -83,7 +93,8 @@ void Bf16Matmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
   const int k = ta_ ? a.shape(0) : a.shape(1);
   encoder.dispatch([=, pa = a.data<float>(), pb = b.data<float>(), size_a = int64_t(a.size()),
                     size_b = int64_t(b.size()), out = outputs[0].data<float>(), ta = ta_,
-                    tb = tb_, gemm = g_gemm.load()]() {
+                    tb = tb_, gemm = g_gemm.load(), local = g_local.load(),
+                    alone = int64_t(m) * n * k < g_below.load()]() {
     if (int64_t(m) * n == 0) {
       return;
     }
@@ -100,8 +111,12 @@ void Bf16Matmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
     round_into(pa, ra, size_a);
     round_into(pb, rb, size_b);
     // row-major op(A) (m, k): A is (m, k) with ld k, or (k, m) with ld m when transposed
+    const int previous = alone && local ? local(1) : 0;
     gemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, 1.0f, ra,
          ta ? m : k, rb, tb ? k : n, 0.0f, out, n);
+    if (alone && local) {
+      local(previous);  // 0: back to MKL's process-wide count
+    }
   });
 }
 

@@ -156,8 +156,10 @@ NB_MODULE(_mlxlab_kernels, m) {
       "ta"_a = false,
       "tb"_a = false,
       "op(a) @ op(b) of float32 matrices rounded to bfloat16, summed in float32 (set_gemm_bf16).");
-  m.def("set_gemm_bf16", &mlxlab::set_gemm_bf16, "address"_a,
-        "The address of the cblas_gemm_bf16bf16f32 bf16_matmul calls (0 unsets).");
+  m.def("set_gemm_bf16", &mlxlab::set_gemm_bf16, "address"_a, "local_threads"_a = 0,
+        "below"_a = 0,
+        "The address of the cblas_gemm_bf16bf16f32 bf16_matmul calls (0 unsets), of MKL's "
+        "mkl_set_num_threads_local, and the M*N*K below which a product runs on one thread.");
   m.def("has_gemm_bf16", &mlxlab::has_gemm_bf16);
   m.def(
       "isa",

@@ -96,8 +96,9 @@ bool has_sgemm_batch();
 // both rounded to bfloat16 and their products summed in float32 by the bf16 gemm set_gemm_bf16
 // gave (MKL's cblas_gemm_bf16bf16f32): float32 out. Differentiable in both (bf16 products too).
 mx::array bf16_matmul(const mx::array& a, const mx::array& b, bool ta, bool tb);
-// The address of MKL's cblas_gemm_bf16bf16f32 (0 unsets it), and whether one is set.
-void set_gemm_bf16(uintptr_t address);
+// The address of MKL's cblas_gemm_bf16bf16f32 (0 unsets it), of its mkl_set_num_threads_local
+// (0: none) and the M*N*K below which a product runs on one thread; whether a gemm is set.
+void set_gemm_bf16(uintptr_t address, uintptr_t local_threads, int64_t below);
 bool has_gemm_bf16();
 
 // The address of the cblas_sgemm quantized_matmul calls (0 unsets it), and whether one is set.
