@@ -164,3 +164,13 @@ def test_no_units_keeps_mlx_bf16_with_one_line(monkeypatch, caplog):
     assert len(lines) == 1 and "no bf16 units (test)" in lines[0]
     wrapped(nn.Linear(4, 2), mx.ones((1, 4)))
     assert seen["dtype"] == mx.bfloat16  # MLX's own bf16 compute, as before
+
+
+def test_fused_kernels_off_keeps_mlx_bf16_with_one_line(bf16_units, monkeypatch, caplog):
+    """The bf16 products are a fused kernel: trainer.fused_kernels=off leaves bf16 to MLX, said."""
+    monkeypatch.setattr(training_step, "_said", set())
+    monkeypatch.setattr(kernels, "status", lambda: "off")
+    with caplog.at_level(logging.WARNING):
+        training_step.with_precision(lambda model, batch: (model(batch).sum(), {}), "bf16")
+    assert "MLX's own bf16 products" in caplog.text
+    assert "the fused CPU kernels are off" in caplog.text
