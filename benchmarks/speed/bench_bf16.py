@@ -1,10 +1,8 @@
 """bf16 products on a CPU with bf16 units: mlxlab's (MKL's cblas_gemm_bf16bf16f32 on float32
 operands rounded to bf16, as trainer.precision=bf16 runs them) beside MLX's own bf16 matmul (a
-scalar loop: up to 512 only), MLX's fp32 and PyTorch's bf16 and fp32 matmul (its own process,
-without mlxlab). n x n x n GFLOP/s, best of --repeats per round, median of interleaved rounds.
-
-    python benchmarks/speed/bench_bf16.py --threads 2
-"""
+scalar loop, ~4 GFLOP/s: up to 512 only), MLX's fp32 and PyTorch's bf16 and fp32 matmul (its own
+process, without mlxlab). n x n x n GFLOP/s, best of --repeats per round, median of interleaved
+rounds. `python benchmarks/speed/bench_bf16.py --threads 2`"""
 
 from __future__ import annotations
 
@@ -19,16 +17,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import add_options, in_round, print_table, write_record
 
-# One process's rows: {name: {n: GFLOP/s}}. MLX's own bf16 loop runs up to 512 (~4 GFLOP/s: 4 s
-# a product at 2048); PyTorch's bf16 row multiplies bf16 tensors (made before the clock starts).
+# One process's rows {name: {n: GFLOP/s}}; PyTorch's bf16 row multiplies bf16 tensors made before.
 WORKER = """import json, sys, time
 kind, sizes, repeats = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 if kind == "mlx":
     import mlxlab, mlx.core as mx
     from mlxlab import kernels
-    bf = lambda x: x.astype(mx.bfloat16)
-    rows = {"mlxlab bf16": (None, kernels.bf16_matmul), "MLX bf16": (bf, mx.matmul),
-            "MLX fp32": (None, mx.matmul)}
+    rows = {"mlxlab bf16": (None, kernels.bf16_matmul), "MLX fp32": (None, mx.matmul),
+            "MLX bf16": (lambda x: x.astype(mx.bfloat16), mx.matmul)}
     make, run = (lambda n: mx.random.normal((n, n))), (lambda f, a, b: mx.eval(f(a, b)))
 else:
     import torch
@@ -38,19 +34,17 @@ else:
 out = {}
 for name, (prepare, f) in rows.items():
     for n in sizes:
-        if name == "MLX bf16" and n > 512:
-            continue
         a, b = (x if prepare is None else prepare(x) for x in (make(n), make(n)))
-        if name == "mlxlab bf16" and f(a, b) is None:
-            break  # no bf16 units or no MKL here
-        run(f, a, b)
-        best = float("inf")
-        for _ in range(repeats):
+        if name == "MLX bf16" and n > 512 or name == "mlxlab bf16" and f(a, b) is None:
+            continue  # MLX's loop: too slow; mlxlab's: no bf16 units or no MKL here
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up
             start = time.perf_counter()
             run(f, a, b)
-            best = min(best, time.perf_counter() - start)
-        out.setdefault(name, {})[n] = 2 * n**3 / best / 1e9
+            times.append(time.perf_counter() - start)
+        out.setdefault(name, {})[n] = 2 * n**3 / min(times[1:]) / 1e9
 print(json.dumps(out))"""
+THREADS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "MLXLAB_KERNEL_THREADS")
 
 
 def main() -> None:
@@ -62,8 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [64] if args.smoke else [int(n) for n in args.sizes.split(",")]
     repeats, rounds = (2, 1) if args.smoke else (args.repeats, args.rounds)
-    env = {**os.environ, **{v: str(args.threads) for v in (
-        "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "MLXLAB_KERNEL_THREADS")}}
+    env = {**os.environ, **dict.fromkeys(THREADS, str(args.threads))}
     runs: dict[str, list[dict]] = {"mlx": [], "torch": []}
     for r in range(rounds):
         for kind in in_round(list(runs), r):
