@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.kernels.dispatch import fused, skipped
-from mlxlab.runtime.compute import blas
+from mlxlab.runtime.compute import bf16, blas
 
 
 def mlx_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
@@ -302,3 +302,22 @@ def quantized_product(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arr
     rows = x.reshape(-1, x.shape[-1])
     out = module.quantized_matmul(rows, w, *_scale_dtype(scales, biases), group_size, bits, True)
     return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def bf16_matmul(a: mx.array, b: mx.array, ta: bool = False, tb: bool = False) -> mx.array | None:
+    """op(a) @ op(b) for float32 matrices, both rounded to bfloat16 and their products summed in
+    float32 by MKL on the CPU's bf16 units (runtime/compute/bf16.py), forward and backward; float32
+    out. None where that path does not run (not the CPU, not float32, no bf16 units or no MKL,
+    op skipped, kernels off): the caller takes another path."""
+    module = fused("bf16_matmul", a, b)
+    gemm = bf16.gemm_bf16()[0] if module is not None else None
+    if module is None or gemm is None:
+        return None
+    module.set_gemm_bf16(gemm.address, gemm.local_threads, gemm.below)
+    return module.bf16_matmul(a, b, ta, tb)
+
+
+def bf16_product(x: mx.array, w: mx.array) -> mx.array | None:
+    """x @ W.T (nn.Linear's product) for x (..., K) and W (N, K) through bf16_matmul, or None."""
+    out = bf16_matmul(x.reshape(-1, x.shape[-1]), w, False, True)
+    return None if out is None else out.reshape(*x.shape[:-1], w.shape[0])

@@ -9,6 +9,7 @@ compiled variant of the same step, not a second loop. The fused kernels' mode
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
@@ -17,11 +18,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from mlxlab import kernels
+from mlxlab.models.layers.bf16_linear import bf16_products
 from mlxlab.objectives import losses
 from mlxlab.runtime.cluster import distributed
-from mlxlab.runtime.compute import device, jit_header
+from mlxlab.runtime.compute import bf16, device, jit_header
 from mlxlab.training.parallel.gradients import DataParallel
 from mlxlab.training.settings import TrainerSettings
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}  # settings.PRECISIONS
 
@@ -182,9 +187,45 @@ def compute_dtype(precision: str) -> mx.Dtype:
 
 
 def with_precision(loss_fn: losses.LossFn, precision: str) -> losses.LossFn:
-    """`loss_fn` computing in trainer.precision (itself when that is fp32)."""
+    """`loss_fn` computing in trainer.precision (itself when that is fp32); bf16 on the CPU is
+    cpu_bf16's."""
     dtype = compute_dtype(precision)
-    return loss_fn if dtype == mx.float32 else mixed_precision(loss_fn, dtype)
+    if dtype == mx.float32:
+        return loss_fn
+    if dtype == mx.bfloat16 and device.backend() == "cpu":
+        return cpu_bf16(loss_fn)
+    return mixed_precision(loss_fn, dtype)
+
+
+def cpu_bf16(loss_fn: losses.LossFn) -> losses.LossFn:
+    """trainer.precision=bf16 on the CPU: where it has bf16 units and MKL (runtime/compute/bf16.py)
+    and the fused kernels run, float32 weights and activations with the Linear layers' products
+    in bf16 (models/layers/bf16_linear.py); elsewhere, said in one line, MLX's own bf16 compute
+    (mixed_precision), whose products are slower than fp32's."""
+    gemm, why = bf16.gemm_bf16()
+    fused = kernels.status() if gemm is not None else "fused"
+    if gemm is None or fused != "fused":
+        why = why if gemm is None else f"the fused CPU kernels are {fused}"
+        _say_once(logging.WARNING, f"trainer.precision=bf16 on the CPU: MLX's own bf16 products, "
+                  f"slower than fp32 ({why}); trainer.precision=auto trains in fp32")
+        return mixed_precision(loss_fn, mx.bfloat16)
+    _say_once(logging.INFO, f"trainer.precision=bf16 on the CPU: {why}, float32 weights and "
+              "activations")
+
+    def with_bf16_products(model: nn.Module, batch):
+        with bf16_products(model):
+            return loss_fn(model, batch)
+
+    return with_bf16_products
+
+
+_said: set[str] = set()  # cpu_bf16's lines: once a process (the loss and the probe both ask)
+
+
+def _say_once(level: int, line: str) -> None:
+    if line not in _said:
+        _said.add(line)
+        log.log(level, line)
 
 
 def mixed_precision(loss_fn: losses.LossFn, dtype: mx.Dtype) -> losses.LossFn:

@@ -147,6 +147,21 @@ NB_MODULE(_mlxlab_kernels, m) {
         "The address of the cblas_sgemm_batch_strided batched_matmul calls (0 unsets).");
   m.def("has_sgemm_batch", &mlxlab::has_sgemm_batch);
   m.def(
+      "bf16_matmul",
+      [](const mx::array& a, const mx::array& b, bool ta, bool tb) {
+        return mlxlab::bf16_matmul(a, b, ta, tb);
+      },
+      "a"_a,
+      "b"_a,
+      "ta"_a = false,
+      "tb"_a = false,
+      "op(a) @ op(b) of float32 matrices rounded to bfloat16, summed in float32 (set_gemm_bf16).");
+  m.def("set_gemm_bf16", &mlxlab::set_gemm_bf16, "address"_a, "local_threads"_a = 0,
+        "below"_a = 0,
+        "The address of the cblas_gemm_bf16bf16f32 bf16_matmul calls (0 unsets), of MKL's "
+        "mkl_set_num_threads_local, and the M*N*K below which a product runs on one thread.");
+  m.def("has_gemm_bf16", &mlxlab::has_gemm_bf16);
+  m.def(
       "isa",
       []() {
         // What the compiler was told it may use (its predefined macros): a test checks that the

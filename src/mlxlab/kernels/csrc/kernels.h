@@ -92,6 +92,15 @@ mx::array batched_matmul(const mx::array& a, const mx::array& b, bool ta, bool t
 void set_sgemm_batch(uintptr_t address);
 bool has_sgemm_batch();
 
+// op(a) @ op(b) for float32 matrices a (M, K) or (K, M) when ta, b (K, N) or (N, K) when tb,
+// both rounded to bfloat16 and their products summed in float32 by the bf16 gemm set_gemm_bf16
+// gave (MKL's cblas_gemm_bf16bf16f32): float32 out. Differentiable in both (bf16 products too).
+mx::array bf16_matmul(const mx::array& a, const mx::array& b, bool ta, bool tb);
+// The address of MKL's cblas_gemm_bf16bf16f32 (0 unsets it), of its mkl_set_num_threads_local
+// (0: none) and the M*N*K below which a product runs on one thread; whether a gemm is set.
+void set_gemm_bf16(uintptr_t address, uintptr_t local_threads, int64_t below);
+bool has_gemm_bf16();
+
 // The address of the cblas_sgemm quantized_matmul calls (0 unsets it), and whether one is set.
 void set_sgemm(uintptr_t address);
 bool has_sgemm();
@@ -370,6 +379,27 @@ class BatchedMatmul : public CpuPrimitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const BatchedMatmul&>(other);
+    return ta_ == o.ta_ && tb_ == o.tb_;
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>& outputs) override;
+
+ private:
+  bool ta_, tb_;
+};
+
+// Inputs: a, b -> op(a) @ op(b) with bf16-rounded inputs, float32 sums (bf16_matmul).
+class Bf16Matmul : public CpuPrimitive {
+ public:
+  Bf16Matmul(mx::Stream stream, bool ta, bool tb) : CpuPrimitive(stream), ta_(ta), tb_(tb) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabBf16Matmul";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const Bf16Matmul&>(other);
     return ta_ == o.ta_ && tb_ == o.tb_;
   }
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals,

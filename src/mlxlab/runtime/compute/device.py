@@ -49,7 +49,8 @@ def reset_peak_memory() -> None:
 
 
 def default_compute_dtype() -> mx.Dtype:
-    """fp32 on CPU (MLX's CPU bf16 matmul does not use BLAS: ~40x slower than fp32), bf16 on GPUs."""
+    """fp32 on CPU (MLX's CPU bf16 matmul does not use BLAS: ~40x slower than fp32; bf16 there is
+    asked for by name: training/step.py's cpu_bf16), bf16 on GPUs."""
     return mx.float32 if backend() == "cpu" else mx.bfloat16
 
 
