@@ -43,11 +43,12 @@ def write_tokenizer(folder: Path) -> dict[str, int]:
 
 
 def whisper_folder(folder: Path, n_mels: int = 80, seed: int = 0, vocab_size: int = 288,
-                   layers: int = 2, d_model: int = 64, end_boost: float = 2.0,
+                   layers: int = 2, d_model: int = 64, end_bias: float = 0.5,
                    spread: float = 0.3) -> Path:
     """A tiny random WhisperForConditionalGeneration saved by transformers into `folder`, with
-    its tokenizer, feature extractor and generation config; the end token's embedding is scaled
-    by `end_boost` so that some transcripts end before the token limit and others do not."""
+    its tokenizer, feature extractor and generation config. The end token's embedding points
+    along the decoder's final LayerNorm bias (of norm `end_bias`), raising its logit by about
+    3 * end_bias: some transcripts end before a short token limit and others do not."""
     import torch
     from transformers import (
         GenerationConfig,
@@ -70,7 +71,9 @@ def whisper_folder(folder: Path, n_mels: int = 80, seed: int = 0, vocab_size: in
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0, spread)
-        model.model.decoder.embed_tokens.weight[eot] *= end_boost
+        direction = torch.nn.functional.normalize(torch.randn(d_model), dim=0)
+        model.model.decoder.layer_norm.bias.copy_(end_bias * direction)
+        model.model.decoder.embed_tokens.weight[eot] = 3.0 * direction
     model.generation_config = GenerationConfig(
         decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
         max_length=64, suppress_tokens=[], begin_suppress_tokens=[eot],
