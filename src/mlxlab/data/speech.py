@@ -159,22 +159,37 @@ class SpeechTranscripts(FixedBatchRows):
         return {"train": train.take(order[n_val:]), "val": train.take(order[:n_val])}
 
     def _folder(self) -> Path | None:
-        """Where the tokenizer is: a resumed run's (data.tokenizer.path), else the model's."""
+        """Where the tokenizer is: data.tokenizer.path's folder (a resumed run's, or the model's
+        as the run resolved it), else the model's folder; None while the model is a hub id the
+        run has not resolved to a folder yet."""
         if self.tokenizer_path:
             return Path(self.tokenizer_path).parent
-        return Path(self.processor_folder).expanduser() if self.processor_folder else None
+        folder = Path(str(self.processor_folder)).expanduser() if self.processor_folder else None
+        return folder if folder is not None and folder.is_dir() else None
+
+    def _model_config(self) -> dict[str, Any]:
+        """The model folder's config.json (the tokenizer's folder's where the model is not a
+        folder): transformers' keys, or mlx-whisper's."""
+        folder = Path(str(self.processor_folder)).expanduser() if self.processor_folder else None
+        config = model_config(folder if folder is not None and folder.is_dir() else
+                              self._folder())
+        return {"num_mel_bins": config.get("num_mel_bins", config.get("n_mels", 80)),
+                "max_target_positions": config.get("max_target_positions",
+                                                   config.get("n_text_ctx", DECODER_POSITIONS)),
+                "pad_token_id": config.get("pad_token_id")}
 
     # ---- tokens ----------------------------------------------------------------------------
     def _encode_all(self) -> None:
-        folder = self._folder()
-        config = model_config(self.processor_folder or folder)
-        self.n_mels = int(config.get("num_mel_bins", 80))
-        positions = int(config.get("max_target_positions", DECODER_POSITIONS))
+        config = self._model_config()
+        self.n_mels = int(config["num_mel_bins"])
+        positions = int(config["max_target_positions"])
         self.max_length = min(int(self.max_length or positions), positions)
-        self.whisper_tokenizer = load_whisper_tokenizer(folder, self.language, self.speech_task)
+        self.whisper_tokenizer = load_whisper_tokenizer(self._folder(), self.language,
+                                                        self.speech_task)
         self.prompt = list(self.whisper_tokenizer.prefix_tokens)
         self.end_id = int(self.whisper_tokenizer.eos_token_id)
-        pad = config.get("pad_token_id", self.whisper_tokenizer.pad_token_id)
+        pad = config["pad_token_id"]
+        pad = self.whisper_tokenizer.pad_token_id if pad is None else pad
         self.pad_id = int(self.end_id if pad is None else pad)
         self.tokenizer = self.whisper_tokenizer.backend_tokenizer
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)
