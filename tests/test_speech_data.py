@@ -18,7 +18,13 @@ soundfile = pytest.importorskip("soundfile", reason="the speech extra: pip insta
 pytest.importorskip("soxr", reason="the speech extra: pip install -e '.[dev]'")
 
 import mlx.core as mx  # noqa: E402
+
 from conftest import PYTHON, compose_cfg  # noqa: E402
+from mlxlab.data.audio_features import log_mel, log_mel_batch  # noqa: E402
+from mlxlab.data.audio_io import read_audio  # noqa: E402
+from mlxlab.data.batching import Batching  # noqa: E402
+from mlxlab.data.speech import SpeechTranscripts  # noqa: E402
+from mlxlab.errors import ConfigError, UserError  # noqa: E402
 from speech_fixtures import (  # noqa: E402
     tiny_whisper,
     tone,
@@ -27,12 +33,6 @@ from speech_fixtures import (  # noqa: E402
     write_csv,
     write_jsonl,
 )
-
-from mlxlab.data.audio_features import log_mel, log_mel_batch  # noqa: E402
-from mlxlab.data.audio_io import read_audio  # noqa: E402
-from mlxlab.data.batching import Batching  # noqa: E402
-from mlxlab.data.speech import SpeechTranscripts  # noqa: E402
-from mlxlab.errors import ConfigError, UserError  # noqa: E402
 
 BATCHING = Batching(batch_size=4, bucket_multiple=8)
 
@@ -98,12 +98,14 @@ def test_audiofolder_splits_by_its_folders(tmp_path, model_folder):
     assert data.utterance_ids("train") == [f"train/utt{i}.wav" for i in range(4)]
     assert data.utterance_ids("val") == ["validation/utt0.wav", "validation/utt1.wav"]
     assert data.splits["val"].texts == [r["transcription"] for r in rows[4:]]
+    with pytest.raises(ConfigError, match="an audiofolder .* names its audio files in file_name"):
+        SpeechTranscripts(str(top), processor=str(model_folder), columns={"audio": "path"})
 
 
 def test_jsonl_and_csv_with_their_own_column_names(tmp_path, model_folder):
     rows = [{"id": f"spk1-{i}", "path": r["file_name"], "sentence": r["transcription"]}
             for i, r in enumerate(utterance_set(tmp_path, 5))]
-    keys = {"audio_key": "path", "text_key": "sentence", "id_key": "id"}
+    keys = {"columns": {"audio": "path", "text": "sentence", "id": "id"}}
     for path in (write_jsonl(tmp_path / "rows.jsonl", rows), write_csv(tmp_path / "rows.csv",
                                                                        rows)):
         data = SpeechTranscripts(str(path), processor=str(model_folder), val_fraction=0.4,
@@ -112,6 +114,8 @@ def test_jsonl_and_csv_with_their_own_column_names(tmp_path, model_folder):
         assert sorted(ids) == [r["id"] for r in rows] and len(data.val) == 2
         texts = dict(zip(ids, data.splits["train"].texts + data.splits["val"].texts))
         assert texts == {r["id"]: r["sentence"] for r in rows}
+    with pytest.raises(ConfigError, match=r"data.columns has \['wav'\]"):
+        SpeechTranscripts(str(path), processor=str(model_folder), columns={"wav": "path"})
     with pytest.raises(ConfigError, match="no string column 'file_name'"):
         SpeechTranscripts(str(tmp_path / "rows.csv"), processor=str(model_folder))
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,29 +102,25 @@ class SpeechTranscripts(FixedBatchRows):
     num_labels = None
 
     def __init__(self, train_file: str, val_file: str | None = None,
-                 val_fraction: float = 0.1, audio_key: str = "file_name",
-                 text_key: str = "transcription", id_key: str | None = None,
+                 val_fraction: float = 0.1, columns: Mapping[str, Any] | None = None,
                  language: str | None = "en", task: str = "transcribe",
                  processor: str | None = None, tokenizer: dict | None = None,
-                 max_length: int | None = None, silence_floor: float = 1e-4,
-                 loss_on_prompt: bool = False, seed: int = 0,
+                 silence_floor: float = 1e-4, loss_on_prompt: bool = False, seed: int = 0,
                  split_seed: int | None = None) -> None:
         super().__init__()
         check_fraction("data.val_fraction", val_fraction)
         check_choice("data.task", task, TASKS)
         check_number("data.silence_floor", silence_floor, float, 0.0)
-        if max_length is not None:
-            check_number("data.max_length", max_length, int, 2)
         if not isinstance(loss_on_prompt, bool):
             raise ConfigError(f"data.loss_on_prompt={loss_on_prompt!r}: use true or false")
         self.train_file, self.val_file, self.path = train_file, val_file, str(train_file)
         self.val_fraction, self.seed = float(val_fraction), int(seed)
         self.split_seed = int(seed if split_seed is None else split_seed)
         self.language, self.speech_task = language, task
-        self.columns = Columns(audio_key, text_key, id_key)
+        self.columns = Columns.of(columns or {})
         self.processor_folder = processor
         self.tokenizer_path = (tokenizer or {}).get("path")
-        self.max_length, self.loss_on_prompt = max_length, loss_on_prompt
+        self.loss_on_prompt = loss_on_prompt
         # read and checked now: a bad row, file or transcript fails before anything exists
         self.splits = self._read()
         for name, utterances in self.splits.items():
@@ -182,8 +179,7 @@ class SpeechTranscripts(FixedBatchRows):
     def _encode_all(self) -> None:
         config = self._model_config()
         self.n_mels = int(config["num_mel_bins"])
-        positions = int(config["max_target_positions"])
-        self.max_length = min(int(self.max_length or positions), positions)
+        self.max_length = int(config["max_target_positions"])
         self.whisper_tokenizer = load_whisper_tokenizer(self._folder(), self.language,
                                                         self.speech_task)
         self.prompt = list(self.whisper_tokenizer.prefix_tokens)
@@ -206,8 +202,8 @@ class SpeechTranscripts(FixedBatchRows):
             if len(sequence) - 1 > self.max_length:
                 raise ConfigError(f"{where}: the transcript of {path} is {len(sequence) - 1} "
                                   f"decoder tokens with its prompt, over the decoder's "
-                                  f"{self.max_length} (max_target_positions, or "
-                                  "data.max_length); split the utterance or shorten its "
+                                  f"{self.max_length} (its config.json's "
+                                  "max_target_positions); split the utterance or shorten its "
                                   "transcript")
             sequences.append(sequence)
         return Encoded(utterances, sequences)
