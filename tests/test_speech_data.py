@@ -19,12 +19,12 @@ pytest.importorskip("soxr", reason="the speech extra: pip install -e '.[dev]'")
 
 import mlx.core as mx  # noqa: E402
 
-from conftest import PYTHON, compose_cfg  # noqa: E402
+from conftest import PYTHON, config_refusal  # noqa: E402
 from mlxlab.data.audio_features import log_mel, log_mel_batch  # noqa: E402
 from mlxlab.data.audio_io import read_audio  # noqa: E402
 from mlxlab.data.batching import Batching  # noqa: E402
 from mlxlab.data.speech import SpeechTranscripts  # noqa: E402
-from mlxlab.errors import ConfigError, UserError  # noqa: E402
+from mlxlab.errors import ConfigError  # noqa: E402
 from speech_fixtures import (  # noqa: E402
     tiny_whisper,
     tone,
@@ -219,29 +219,12 @@ def speech_overrides(model: Path, train_file: Path) -> list[str]:
             "data.val_fraction=0.25", "optimized_metric=val/loss", "optimized_mode=min"]
 
 
-def refusal(root: Path, overrides: list[str]) -> str | None:
-    """The UserError line config.validate gives (a missing audio file is a MissingFileError);
-    nothing is left under `root`'s outputs/."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from mlxlab.config import validate
-
-    try:
-        validate(compose_cfg(root, overrides))
-    except UserError as err:
-        return str(err)
-    finally:
-        GlobalHydra.instance().clear()
-        assert not (root / "outputs").exists()
-    return None
-
-
 def test_every_bad_utterance_is_refused_by_the_config_check(tmp_path, model_folder):
     data = tmp_path / "data"
     good = utterance_set(data, 4)
     for name, (row, words) in bad_rows(data).items():
         train = write_jsonl(data / f"{name}.jsonl", [*good, row])
-        line = refusal(tmp_path, speech_overrides(model_folder, train))
+        line = config_refusal(tmp_path, speech_overrides(model_folder, train))
         assert line is not None and f"{train}:5: " in line and words in line, (name, line)
         assert row["file_name"] in line and "\n" not in line
 

@@ -42,8 +42,8 @@ def check_audio(utterances: Utterances, silence_floor: float) -> None:
     for path, where in zip(utterances.paths, utterances.where):
         try:
             seconds, peak = measure(path)
-        except (ConfigError, MissingFileError) as e:
-            raise type(e)(f"{where}: {e}") from None
+        except (ConfigError, MissingFileError) as e:  # a row's file: the data is wrong
+            raise ConfigError(f"{where}: {e}") from None
         if peak <= silence_floor:
             raise ConfigError(f"{where}: audio {path} is silent (peak amplitude {peak:.2g}, at "
                               f"or below data.silence_floor={silence_floor:g}); re-record or "
