@@ -229,6 +229,15 @@ def test_every_bad_utterance_is_refused_by_the_config_check(tmp_path, model_fold
         assert row["file_name"] in line and "\n" not in line
 
 
+def test_speech_data_and_objective_are_asked_for_together(tmp_path, model_folder, jsonl_set):
+    speech = speech_overrides(model_folder, jsonl_set)
+    assert config_refusal(tmp_path, speech) is None
+    line = config_refusal(tmp_path, [o for o in speech if not o.startswith("objective=")])
+    assert "objective=speech_to_text" in line and "audio and transcripts (speech)" in line
+    line = config_refusal(tmp_path, [o for o in speech if not o.startswith("optimized_")])
+    assert line.startswith("optimized_metric='val/accuracy' is not computed") and "val/loss" in line
+
+
 @pytest.mark.parametrize("bad", ["silent", pytest.param("missing", marks=pytest.mark.slow),
                                  pytest.param("unreadable", marks=pytest.mark.slow),
                                  pytest.param("long", marks=pytest.mark.slow),

@@ -27,8 +27,9 @@ HOP = 160
 CHUNK_SECONDS = 30
 N_SAMPLES = SAMPLE_RATE * CHUNK_SECONDS  # 480,000: what every utterance is padded or cut to
 N_FRAMES = N_SAMPLES // HOP              # 3,000 frames (the STFT's last one is dropped)
-# utterances transformed at once: bounds the framed copy (rows x 3001 x 400 floats)
-ROWS_AT_ONCE = 32
+# utterances transformed at once: bounds the framed copy and its spectrum (about 23 MB an
+# utterance at its peak)
+ROWS_AT_ONCE = 16
 
 
 @cache
