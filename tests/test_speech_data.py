@@ -100,6 +100,9 @@ def test_audiofolder_splits_by_its_folders(tmp_path, model_folder):
     assert data.splits["val"].texts == [r["transcription"] for r in rows[4:]]
     with pytest.raises(ConfigError, match="an audiofolder .* names its audio files in file_name"):
         SpeechTranscripts(str(top), processor=str(model_folder), columns={"audio": "path"})
+    (root / "test" / "metadata.csv").write_text("file_name,transcription\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="its val split holds no utterances"):
+        SpeechTranscripts(str(root), processor=str(model_folder))
 
 
 def test_jsonl_and_csv_with_their_own_column_names(tmp_path, model_folder):

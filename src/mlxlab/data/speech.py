@@ -124,6 +124,9 @@ class SpeechTranscripts(FixedBatchRows):
         # read and checked now: a bad row, file or transcript fails before anything exists
         self.splits = self._read()
         for name, utterances in self.splits.items():
+            if not utterances:
+                source = self.val_file if name == "val" and self.val_file else train_file
+                raise ConfigError(f"{source}: its {name} split holds no utterances; add rows")
             check_unique(utterances, name)
             check_audio(utterances, float(silence_floor))
         self.tokenizer = self.whisper_tokenizer = None
@@ -137,11 +140,10 @@ class SpeechTranscripts(FixedBatchRows):
         source = Path(str(self.train_file)).expanduser()
         if source.is_dir():
             found = read_audiofolder(source, self.columns)
-            held = found.get("validation") or found.get("test")
+            held = next((s for s in ("validation", "test") if s in found), None)
             if held is not None and not self.val_file:
-                log.info("%s: validating on its %s split", source,
-                         "validation" if "validation" in found else "test")
-                return {"train": found["train"], "val": held}
+                log.info("%s: validating on its %s split", source, held)
+                return {"train": found["train"], "val": found[held]}
             train = found["train"]
         else:
             train = read_manifest(source, self.columns)
