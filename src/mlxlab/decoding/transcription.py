@@ -62,6 +62,22 @@ def prompt_for(model: Any, tokenizer: Any, language: str = "en") -> Prompt:
                   length_penalty=float(generation.get("length_penalty", 1.0)))
 
 
+def check_settings(model: Any, tokenizer: Any, language: str, beam_size: int,
+                   max_new_tokens: int) -> Prompt:
+    """The prompt of `language`, once the settings are checked: one ValueError line for a
+    language without a token, a beam size below 1 or more new tokens than the decoder has
+    positions left after the prompt."""
+    prompt = prompt_for(model, tokenizer, language)
+    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"beam_size={beam_size}: an integer >= 1 (1: greedy)")
+    room = model.max_seq_len - len(prompt.ids)
+    if not 1 <= max_new_tokens <= room:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: between 1 and {room} (this "
+                         f"Whisper's {model.max_seq_len} decoder positions less the prompt's "
+                         f"{len(prompt.ids)})")
+    return prompt
+
+
 def _suppressed(logits: mx.array, prompt: Prompt, first: bool) -> mx.array:
     """Logits [rows, vocab] in float32 with the suppressed tokens at -inf."""
     logits = logits.astype(mx.float32)
@@ -86,14 +102,7 @@ def transcribe_ids(model: Any, tokenizer: Any, input_features: Any, *, language:
                    beam_size: int = 1, max_new_tokens: int = 224) -> list[list[int]]:
     """Each audio's generated token ids after the prompt, up to (not including) the end of
     text."""
-    prompt = prompt_for(model, tokenizer, language)
-    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
-        raise ValueError(f"beam_size={beam_size}: an integer >= 1 (1: greedy)")
-    room = model.max_seq_len - len(prompt.ids)
-    if not 1 <= max_new_tokens <= room:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: between 1 and {room} (this "
-                         f"Whisper's {model.max_seq_len} decoder positions less the prompt's "
-                         f"{len(prompt.ids)})")
+    prompt = check_settings(model, tokenizer, language, beam_size, max_new_tokens)
     features = mx.array(np.asarray(input_features, dtype=np.float32))
     states = model.encode(features)
     if beam_size == 1:

@@ -57,6 +57,14 @@ def is_whisper_config(config: Mapping) -> bool:
     return config.get("model_type") == "whisper" or is_mlx_whisper(config)
 
 
+def is_whisper_folder(folder: Path) -> bool:
+    """Whether a folder's config.json describes Whisper (no error for any other folder)."""
+    try:
+        return is_whisper_config(json.loads((Path(folder) / "config.json").read_text()))
+    except (OSError, ValueError):
+        return False
+
+
 def whisper_config(config: Mapping, where: str | Path) -> dict:
     """The folder's config.json as transformers' WhisperConfig keys (an mlx-whisper one
     translated, its token ids those of its vocabulary), or one line saying it is no Whisper
