@@ -115,3 +115,42 @@ def test_the_server_answers_openai_transcriptions(case, cli_env, tmp_path):
             client.chat.completions.create(model=folder.name,
                                            messages=[{"role": "user", "content": "hi"}])
         assert "/v1/audio/transcriptions" in bad.value.body["message"]
+
+
+@pytest.mark.slow
+def test_a_speech_run_transcribes_as_its_model(tmp_path, cli_env):
+    """A finished run of model=whisper (LoRA, a few steps) is a MODEL for the verb: its
+    transcripts are those of the run's model and tokenizer as runs/speech.py loads them."""
+    from speech_fixtures import tiny_whisper, utterance_set, write_jsonl
+
+    from mlxlab.decoding.transcription import transcribe
+    from mlxlab.runs.speech import load_speech_model
+
+    folder = tiny_whisper(tmp_path / "whisper")
+    data = tmp_path / "data"
+    train = write_jsonl(data / "train.jsonl", utterance_set(data, 6))
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [MLXLAB, "train", "model=whisper", "data=speech", "objective=speech_to_text",
+         f"model.pretrained={folder}", f"data.train_file={train}", "data.val_fraction=0.25",
+         "optimized_metric=val/loss", "optimized_mode=min", "trainer.batch_size=2",
+         "trainer.max_steps=2", "trainer.eval_every_steps=2", "trainer.schedule.warmup_steps=0",
+         "callbacks.progress.enabled=false", "tracking=none", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    clips = sorted(data.glob("*.wav"))[:2]
+    out = subprocess.run([MLXLAB, "transcribe", str(run_dir), *map(str, clips),
+                          "--max-new-tokens", "8"], env=cli_env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = load_speech_model(run_dir)
+    from mlx.utils import tree_flatten
+
+    from mlxlab.data.audio_io import read_audio
+
+    assert loaded.kind == "run"
+    assert any(".lora_" in k for k, _ in tree_flatten(loaded.model.parameters()))
+
+    expected = transcribe(loaded.model, loaded.tokenizer,
+                          loaded.features([read_audio(c) for c in clips]), max_new_tokens=8)
+    assert out.stdout.splitlines() == expected
