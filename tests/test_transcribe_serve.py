@@ -121,10 +121,9 @@ def test_the_server_answers_openai_transcriptions(case, cli_env, tmp_path):
 def test_a_speech_run_transcribes_as_its_model(tmp_path, cli_env):
     """A finished run of model=whisper (LoRA, a few steps) is a MODEL for the verb: its
     transcripts are those of the run's model and tokenizer as runs/speech.py loads them."""
-    from speech_fixtures import tiny_whisper, utterance_set, write_jsonl
-
     from mlxlab.decoding.transcription import transcribe
     from mlxlab.runs.speech import load_speech_model
+    from speech_fixtures import tiny_whisper, utterance_set, write_jsonl
 
     folder = tiny_whisper(tmp_path / "whisper")
     data = tmp_path / "data"
