@@ -50,7 +50,7 @@ def generated(reference, tokenizer, feats, beams):
     return [r[:r.index(eos)] if eos in r else r for r in rows]
 
 
-@pytest.mark.parametrize("beams", [1, 2, 3])
+@pytest.mark.parametrize("beams", [1, 2, pytest.param(3, marks=pytest.mark.slow)])
 def test_tokens_equal_transformers_generate(setup, beams):
     _, reference, tokenizer, feats, model = setup
     expected = generated(reference, tokenizer, feats, beams)
