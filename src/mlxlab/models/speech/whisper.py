@@ -155,17 +155,14 @@ class LayerCache:
             self.cross = (self.cross[0][rows], self.cross[1][rows])
 
 
-class WhisperDecoderLayer(nn.Module):
+class WhisperDecoderLayer(WhisperEncoderLayer):
+    """An encoder block's parts with cross-attention to the encoder's states between its
+    (causal, cached) self-attention and its MLP."""
+
     def __init__(self, dims: int, heads: int, ffn: int, dropout: float):
-        super().__init__()
-        self.self_attn = WhisperAttention(dims, heads)
-        self.self_attn_layer_norm = nn.LayerNorm(dims)
+        super().__init__(dims, heads, ffn, dropout)
         self.encoder_attn = WhisperAttention(dims, heads)
         self.encoder_attn_layer_norm = nn.LayerNorm(dims)
-        self.fc1 = nn.Linear(dims, ffn)
-        self.fc2 = nn.Linear(ffn, dims)
-        self.final_layer_norm = nn.LayerNorm(dims)
-        self.dropout = nn.Dropout(dropout)
 
     def __call__(self, x: mx.array, states: mx.array, cache: LayerCache,
                  mask: mx.array | str | None) -> mx.array:
