@@ -75,11 +75,11 @@ def pair_task(a: SavedTask, b: SavedTask, rounds: int = 10_000, seed: int = 0
     another kind, or no shared ids, is a ValueError naming why."""
     if a.kind != b.kind:
         raise ValueError(f"task {a.task}: one run scored it as {a.kind}, the other as {b.kind}")
+    if a.kind == TRANSCRIPTION:
+        return pair_transcriptions(a, b, rounds, seed)
     if a.prompts != b.prompts:
         raise ValueError(f"task {a.task}: A's prompts were {a.prompts}, B's {b.prompts}: score "
                          "both the same way (eval.chat / mlxlab eval --chat)")
-    if a.kind == TRANSCRIPTION:
-        return pair_transcriptions(a, b, rounds, seed)
     rows_a, rows_b = a.by_id(), b.by_id()
     ids = [i for i in rows_a if i in rows_b]
     if not ids:
@@ -132,6 +132,10 @@ def same_utterances(tasks: list[SavedTask]) -> list[str]:
     different texts)."""
     first = tasks[0].by_id()
     for other in tasks[1:]:
+        if other.prompts != tasks[0].prompts:  # the language and normalizer (speech/scoring.py)
+            raise ValueError(f"task {other.task}: one run transcribed and normalized it as "
+                             f"{tasks[0].prompts}, the other as {other.prompts}: score both "
+                             "with the same eval.language and eval.normalizer")
         rows = other.by_id()
         if set(rows) != set(first):
             raise ValueError(

@@ -12,8 +12,10 @@ Three kinds, told apart by the keys of the rows (every row of a file must be of 
   data: URLs), rendered by its chat template and laid out by its processor.
 - perplexity: `text`: the token-weighted loss, perplexity and bits per byte of the text.
 - transcription: `audio` (a sound file, relative to the task file) and `text`, its reference
-  transcript: a speech model's transcription of each utterance, scored by word and character
-  error rate after Whisper's normalization (evaluation/speech/).
+  transcript (or data=speech's `file_name` and `transcription`: its validation file is a task):
+  a speech model's transcription of each utterance, scored by word and character error rate
+  after Whisper's normalization (evaluation/speech/). An utterance's id is its `id`, else its
+  audio path as the row gives it.
 
 Each example keeps an id, the row's `id` field or else its 0-based row number, so two models'
 scores pair example by example (evaluation/paired.py).
@@ -32,6 +34,8 @@ from mlxlab.errors import ConfigError, MissingFileError
 
 MULTIPLE_CHOICE, GENERATION, PERPLEXITY = "multiple_choice", "generation", "perplexity"
 TRANSCRIPTION = "transcription"
+# a transcription row's sound file and reference: its own names, or data=speech's (audiofolder's)
+AUDIO_KEYS, TRANSCRIPT_KEYS = ("audio", "file_name"), ("text", "transcription")
 # The per-example scores of each kind and the task metrics computed from them.
 METRICS = {
     MULTIPLE_CHOICE: ("acc", "acc_norm"),
@@ -78,7 +82,7 @@ class Task:
 
 def kind_of(row: dict) -> str | None:
     """The kind a row's keys say, None when they say none."""
-    if "audio" in row:
+    if any(key in row for key in AUDIO_KEYS):
         return TRANSCRIPTION
     if "choices" in row:
         return MULTIPLE_CHOICE
@@ -120,7 +124,8 @@ def read_task(path: str | Path) -> Task:
             raise ConfigError(f"{where} is a {this} row in a {kind} task: one kind per file; "
                               "split the file")
         kind = this
-        example = _example(row, this, str(row.get("id", len(examples))), where, path.parent)
+        default = _audio_path(row) if this == TRANSCRIPTION else len(examples)
+        example = _example(row, this, str(row.get("id", default)), where, path.parent)
         if example.id in seen:
             raise ConfigError(f"{where}: id {example.id!r} is also on line {seen[example.id]}; "
                               "ids pair examples across runs and must be unique")
@@ -161,12 +166,17 @@ def _images(row: dict, where: str, folder: Path) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _audio_path(row: dict) -> object:
+    return next(row[key] for key in AUDIO_KEYS if key in row)
+
+
 def _utterance(row: dict, ident: str, where: str, folder: Path) -> Example:
     """A transcription row: its sound file (checked to exist) and reference transcript."""
-    audio, text = row["audio"], row.get("text")
+    audio = _audio_path(row)
+    text = next((row[key] for key in TRANSCRIPT_KEYS if key in row), None)
     if not isinstance(text, str) or not text.strip():
-        raise ConfigError(f"{where}: an audio row needs text, its reference transcript (a "
-                          "non-empty string)")
+        raise ConfigError(f"{where}: an audio row needs text (or transcription), its reference "
+                          "transcript: a non-empty string")
     if not isinstance(audio, str) or not audio:
         raise ConfigError(f"{where}: audio must be the path of a sound file")
     path = folder / Path(audio).expanduser()  # an absolute path stays itself
