@@ -209,3 +209,113 @@ def test_runs_compare_pairs_two_folders_and_refuses_other_utterances(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
         "mlxlab runs compare: error: task asr: the runs transcribed different utterances")
+
+
+# --- the pipeline on a tiny random Whisper --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def speech_world(tmp_path_factory) -> dict:
+    """A tiny random Whisper folder, 8 training and 6 held-out tone utterances; the held-out
+    file (data=speech's file_name/transcription rows) is the transcription task."""
+    from speech_fixtures import tiny_whisper, utterance_set
+    from speech_fixtures import write_jsonl as write_rows
+
+    root = tmp_path_factory.mktemp("speechmetrics")
+    model = tiny_whisper(root / "model")
+    train = write_rows(root / "data" / "train.jsonl", utterance_set(root / "data", 8, "tr"))
+    held = write_rows(root / "data" / "held_out.jsonl", utterance_set(root / "data", 6, "ho"))
+    return {"root": root, "model": model, "train": train, "held": held}
+
+
+def test_a_whisper_transcribes_the_task_and_every_utterance_is_scored(speech_world):
+    """score_task on the loaded folder: one row per utterance, its counts those of its own
+    normalized texts, the metrics the corpus rates of the rows."""
+    from mlxlab.evaluation.scoring import score_task
+    from mlxlab.evaluation.settings import TaskSettings
+    from mlxlab.runs.speech_model import is_speech_source, load_speech_model
+
+    assert is_speech_source(speech_world["model"])
+    source = load_speech_model(speech_world["model"])
+    task = read_task(speech_world["held"])
+    scores = score_task(source.model, source.tokenizer, task, TaskSettings(batch_size=4))
+    assert [r["id"] for r in scores.rows] == [f"houtt{i}.wav" for i in range(6)]
+    refs = [ex.text for ex in task.examples]
+    for row, ref in zip(scores.rows, refs):
+        assert row["reference"] == text_normalizer("english")(ref)
+        again = utterance_errors(row["reference"], row["hypothesis"])
+        assert (row["errors"], row["words"]) == (again["errors"], again["words"])
+    hyps = [r["hypothesis"] or "" for r in scores.rows]
+    assert scores.metrics["wer"] == pytest.approx(
+        jiwer.wer([r["reference"] for r in scores.rows], hyps))
+    assert scores.prompts == "en, english normalizer"
+    beam = score_task(source.model, source.tokenizer, task, TaskSettings(beam_size=2))
+    assert len(beam.rows) == 6 and beam.metrics["wer"] >= 0
+
+
+def mlflow_run(uri: str, run_id: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri).get_run(run_id)
+
+
+@pytest.mark.slow
+def test_eval_train_and_compare_a_whisper_end_to_end(speech_world, cli_env, capsys):
+    """`mlxlab eval` on the base folder (its MLflow run: eval/held_out/wer and the per-utterance
+    file), a fine-tune scoring the task at its evaluations (the same metric and artifacts), and
+    `runs compare` pairing the two into a verdict whose direction follows the sign."""
+    import subprocess
+
+    from conftest import PYTHON
+    from mlxlab.cli.main import main
+    from mlxlab.evaluation.run_scores import run_scores
+
+    root, held = speech_world["root"], speech_world["held"]
+    uri = f"sqlite:///{root}/mlflow.db"
+    capsys.readouterr()
+    assert main(["eval", str(speech_world["model"]), str(held), "--uri", uri, "--json",
+                 "--out", str(root / "base_scores")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    wer = report["tasks"]["held_out"]["metrics"]["wer"]
+    assert wer["low"] <= wer["value"] <= wer["high"]
+    rows = read_scores(root / "base_scores")["held_out"].rows
+    assert wer["value"] == pytest.approx(sum(r["errors"] for r in rows)
+                                         / sum(r["words"] for r in rows))
+    base = mlflow_run(uri, report["run_id"])
+    assert base.data.metrics["eval/held_out/wer"] == pytest.approx(wer["value"])
+    assert base.data.params["eval.normalizer"] == "auto"
+
+    run_dir = root / "run"
+    done = subprocess.run(
+        [PYTHON, "-m", "mlxlab.train", "model=whisper", "data=speech",
+         "objective=speech_to_text", f"model.pretrained={speech_world['model']}",
+         f"data.train_file={speech_world['train']}", f"data.val_file={held}",
+         "optimized_metric=val/loss", "optimized_mode=min", f"eval.tasks=[{held}]",
+         "trainer.batch_size=4", "trainer.max_steps=4", "trainer.eval_every_steps=2",
+         "trainer.schedule.warmup_steps=0", "trainer.batching.bucket_multiple=32",
+         "optimizer.learning_rate=1e-3", "callbacks.progress.enabled=false",
+         "tracking=mlflow", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"],
+        cwd=root, env=cli_env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    best = read_scores(run_dir / "eval_tasks" / "best")["held_out"]
+    assert len(best.rows) == 6 and {"errors", "words", "hypothesis"} <= set(best.rows[0])
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    trained = [r for r in client.search_runs([e.experiment_id for e in
+                                               client.search_experiments()])
+               if r.info.run_id != base.info.run_id]
+    assert len(trained) == 1 and "eval/held_out/wer" in trained[0].data.metrics
+    logged = run_scores(client, trained[0], None, "best")  # from the MLflow artifacts
+    assert logged["held_out"].metrics == pytest.approx(best.metrics)
+
+    assert main(["runs", "compare", base.info.run_id, str(run_dir), "--uri", uri,
+                 "--json"]) == 0
+    paired = {p["metric"]: p for p in json.loads(capsys.readouterr().out)["paired"]}
+    wer = paired["wer"]
+    assert wer["n"] == 6 and wer["higher_is_better"] is False
+    assert wer["diff"] == pytest.approx(best.metrics["wer"] - base.data.metrics[
+        "eval/held_out/wer"])
+    expected = ("no difference detected" if wer["p"] >= 0.05 or wer["diff"] == 0
+                else "B is better" if wer["diff"] < 0 else "A is better")
+    assert wer["verdict"].startswith(expected)
