@@ -228,6 +228,7 @@ def speech_world(tmp_path_factory) -> dict:
     return {"root": root, "model": model, "train": train, "held": held}
 
 
+@pytest.mark.slow  # the tiny folder alone takes torch and transformers ~10-50 s to write
 def test_a_whisper_transcribes_the_task_and_every_utterance_is_scored(speech_world):
     """score_task on the loaded folder: one row per utterance, its counts those of its own
     normalized texts, the metrics the corpus rates of the rows."""
