@@ -175,6 +175,22 @@ def test_runs_scored_on_different_utterances_do_not_pair():
         pair_task(a, other)
 
 
+def test_two_configs_pair_over_seeds_on_their_utterances_averaged_errors():
+    from mlxlab.evaluation.paired import pair_replicates, replicate_verdict
+
+    bad = {s: {"asr": saved("asr", REFS, worse(REFS))} for s in ("1", "2")}
+    good = {"1": {"asr": saved("asr", REFS, REFS)},
+            "2": {"asr": saved("asr", REFS, REFS[:20] + worse(REFS[20:]))}}
+    wer = {p.metric: p for p in pair_replicates(bad, good, rounds=1000)}["wer"]
+    # B's errors per utterance averaged over its seeds: (0 + 20) / 2 of 210 words
+    assert (wer.a, wer.b, wer.seeds_a, wer.n) == (pytest.approx(60 / 210),
+                                                  pytest.approx(10 / 210), 2, 30)
+    assert replicate_verdict(wer).startswith("B is better on asr wer")
+    fewer = {"1": {"asr": saved("asr", REFS[:10], REFS[:10])}}
+    with pytest.raises(ValueError, match="transcribed different utterances"):
+        pair_replicates(bad, fewer)
+
+
 def test_intervals_of_a_transcription_task_bracket_its_corpus_rates():
     task = saved("asr", REFS, REFS[:15] + worse(REFS[15:]))
     bounds = intervals(task)
@@ -309,6 +325,19 @@ def test_eval_train_and_compare_a_whisper_end_to_end(speech_world, cli_env, caps
     assert len(trained) == 1 and "eval/held_out/wer" in trained[0].data.metrics
     logged = run_scores(client, trained[0], None, "best")  # from the MLflow artifacts
     assert logged["held_out"].metrics == pytest.approx(best.metrics)
+
+    # the finished run scored again by `mlxlab eval`: its best checkpoint transcribes as the
+    # run's own best evaluation did
+    assert main(["eval", str(run_dir), str(held), "--no-track", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)["tasks"]["held_out"]["metrics"]["wer"]["value"]
+    assert again == pytest.approx(best.metrics["wer"])
+    # a task of another kind on a Whisper: one line, before anything loads or is logged
+    mc = write_jsonl(root / "mc.jsonl", [{"prompt": "a", "choices": ["b", "c"], "answer": 0}])
+    assert main(["eval", str(speech_world["model"]), str(mc), "--uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mlxlab eval: error: task mc does not fit {speech_world['model']}: a Whisper "
+                   "model scores transcription tasks (audio/text rows), a language model the "
+                   "others"]
 
     assert main(["runs", "compare", base.info.run_id, str(run_dir), "--uri", uri,
                  "--json"]) == 0
