@@ -71,8 +71,9 @@ class PairedScore:
 
 def pair_task(a: SavedTask, b: SavedTask, rounds: int = 10_000, seed: int = 0
               ) -> list[PairedScore]:
-    """Each paired score of the task (PAIRED_SCORES) over the examples both have; a task of
-    another kind, or no shared ids, is a ValueError naming why."""
+    """Each paired score of the task (PAIRED_SCORES) over the examples both have (a
+    transcription task: pair_transcriptions); a task of another kind, or no shared ids, is a
+    ValueError naming why."""
     if a.kind != b.kind:
         raise ValueError(f"task {a.task}: one run scored it as {a.kind}, the other as {b.kind}")
     if a.kind == TRANSCRIPTION:
