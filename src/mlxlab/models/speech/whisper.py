@@ -32,6 +32,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.errors import ConfigError
@@ -40,7 +41,12 @@ from mlxlab.models.base import PretrainedModel
 from mlxlab.models.decoders.mlx_lm_decoder import lora_targets, prepare_for_training
 from mlxlab.models.hf import read_config
 from mlxlab.models.sources import model_folder
-from mlxlab.models.speech.whisper_folder import load_weights, read_whisper, whisper_config
+from mlxlab.models.speech.whisper_folder import (
+    load_weights,
+    read_generation,
+    read_whisper,
+    whisper_config,
+)
 
 # model.lora.modules: which halves get adapters
 PARTS = ("encoder", "decoder")
@@ -50,11 +56,14 @@ FROZEN = "model.encoder.embed_positions"
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> mx.array:
-    """Whisper's fixed encoder positions (transformers' and OpenAI's `sinusoids`)."""
+    """Whisper's fixed encoder positions (transformers' and OpenAI's `sinusoids`), computed in
+    float64 and rounded once: torch's and MLX's float32 sin of positions up to 1500 are each
+    ~1e-4 off and differ from one another; a transformers folder stores torch's (loaded as
+    they are), an mlx-whisper folder none."""
     increment = math.log(max_timescale) / (channels // 2 - 1)
-    inv = mx.exp(-increment * mx.arange(channels // 2, dtype=mx.float32))
-    scaled = mx.arange(length, dtype=mx.float32)[:, None] * inv[None, :]
-    return mx.concatenate([mx.sin(scaled), mx.cos(scaled)], axis=1)
+    inv = np.exp(-increment * np.arange(channels // 2))
+    scaled = np.arange(length)[:, None] * inv[None, :]
+    return mx.array(np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32))
 
 
 class Conv1d(nn.Module):
@@ -272,6 +281,7 @@ class WhisperModel(PretrainedModel):
         quantize: int | None = None,
         dropout: float = 0.0,
         hf_config: Mapping | None = None,
+        generation_config: Mapping | None = None,
     ):
         super().__init__()
         check_no_quantize(quantize)
@@ -286,6 +296,8 @@ class WhisperModel(PretrainedModel):
             raise ConfigError("model.pretrained=??? : name the Whisper model: a transformers "
                               "or mlx-whisper folder (or a hub id ORG/NAME)")
         self._hf_config = dict(config)
+        # the folder's decoding settings (suppressed tokens, ...): decoding/transcription.py
+        self._generation = read_generation(folder) if folder else dict(generation_config or {})
         self.vocab_size = int(config["vocab_size"])
         if vocab_size and vocab_size > self.vocab_size:
             raise ConfigError(f"the tokenizer has {vocab_size} tokens and the model's "
@@ -332,6 +344,11 @@ class WhisperModel(PretrainedModel):
     def config(self) -> dict:
         """The folder's config.json as transformers' WhisperConfig keys."""
         return dict(self._hf_config)
+
+    @property
+    def generation_config(self) -> dict:
+        """What decoding reads of the folder's generation_config.json."""
+        return dict(self._generation)
 
     # the steps mlx_lm_decoder.prepare_for_training takes the loaded model through
 
@@ -400,7 +417,7 @@ class WhisperModel(PretrainedModel):
 
     @property
     def checkpoint_init(self) -> dict[str, Any]:
-        return {"hf_config": dict(self._hf_config)}
+        return {"hf_config": dict(self._hf_config), "generation_config": dict(self._generation)}
 
     @property
     def processor_folder(self) -> str | None:

@@ -6,6 +6,7 @@ line naming what is missing, raised before anything is built or written."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -142,3 +143,18 @@ def load_weights(folder: Path, raw_config: Mapping) -> dict[str, mx.array]:
     for f in weight_files(folder):
         weights.update(mx.load(str(f)))
     return weights
+
+
+# what decoding reads of a folder's generation_config.json (the rest is sampling's)
+GENERATION_KEYS = ("suppress_tokens", "begin_suppress_tokens", "eos_token_id", "is_multilingual",
+                   "length_penalty")
+
+
+def read_generation(folder: Path) -> dict:
+    """The decoding settings of the folder's generation_config.json ({} where it has none: an
+    mlx-whisper folder)."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    return {k: config[k] for k in GENERATION_KEYS if k in config}
