@@ -18,7 +18,7 @@ import numpy as np
 from mlxlab.data.audio_features import CHUNK_SECONDS, SAMPLE_RATE
 from mlxlab.data.audio_io import read_audio
 from mlxlab.data.speech_rows import Utterances
-from mlxlab.errors import ConfigError
+from mlxlab.errors import ConfigError, MissingFileError
 
 # (path, size, mtime) -> (seconds, peak amplitude)
 _measured: dict[tuple[str, int, int], tuple[float, float]] = {}
@@ -42,8 +42,8 @@ def check_audio(utterances: Utterances, silence_floor: float) -> None:
     for path, where in zip(utterances.paths, utterances.where):
         try:
             seconds, peak = measure(path)
-        except ConfigError as e:
-            raise type(e)(f"{where}: {e}") from None
+        except (ConfigError, MissingFileError) as e:  # a row's file: the data is wrong
+            raise ConfigError(f"{where}: {e}") from None
         if peak <= silence_floor:
             raise ConfigError(f"{where}: audio {path} is silent (peak amplitude {peak:.2g}, at "
                               f"or below data.silence_floor={silence_floor:g}); re-record or "

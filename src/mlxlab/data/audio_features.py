@@ -8,8 +8,9 @@ extractor emits them and `WhisperModel` takes them.
 
 Computed in MLX, a batch at a time: framing is a strided view, the FFT and the filter-bank
 product run as one batched op each on MLX's default device (the GPU where there is one, beside
-the model that reads the features), so a batch of many utterances costs a few array ops, not a
-Python loop over them; only padding to 30 s is numpy. `log_mel` of one utterance gives numpy.
+the model that reads the features; the CPU where an MLX build's GPU backend has no FFT), so a
+batch of many utterances costs a few array ops, not a Python loop over them; only padding to
+30 s is numpy. `log_mel` of one utterance gives numpy.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ HOP = 160
 CHUNK_SECONDS = 30
 N_SAMPLES = SAMPLE_RATE * CHUNK_SECONDS  # 480,000: what every utterance is padded or cut to
 N_FRAMES = N_SAMPLES // HOP              # 3,000 frames (the STFT's last one is dropped)
-# utterances transformed at once: bounds the framed copy (rows x 3001 x 400 floats)
-ROWS_AT_ONCE = 32
+# utterances transformed at once: bounds the framed copy and its spectrum (about 23 MB an
+# utterance at its peak)
+ROWS_AT_ONCE = 16
 
 
 @cache
@@ -78,9 +80,14 @@ def log_mel_batch(audios: Sequence[np.ndarray], n_mels: int) -> mx.array:
         return mx.zeros((0, n_mels, N_FRAMES), mx.float32)
     parts = []
     for start in range(0, len(audios), ROWS_AT_ONCE):
-        signals = np.stack([pad_or_trim(a) for a in audios[start:start + ROWS_AT_ONCE]])
-        part = _log_mel_rows(mx.array(signals), n_mels)
-        mx.eval(part)  # one chunk's framed copy at a time
+        signals = mx.array(np.stack([pad_or_trim(a) for a in audios[start:start + ROWS_AT_ONCE]]))
+        try:
+            part = _log_mel_rows(signals, n_mels)
+            mx.eval(part)  # one chunk's framed copy at a time
+        except RuntimeError:  # an MLX build whose GPU backend has no FFT: the CPU's
+            with mx.stream(mx.cpu):
+                part = _log_mel_rows(signals, n_mels)
+                mx.eval(part)
         parts.append(part)
     return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,32 +102,31 @@ class SpeechTranscripts(FixedBatchRows):
     num_labels = None
 
     def __init__(self, train_file: str, val_file: str | None = None,
-                 val_fraction: float = 0.1, audio_key: str = "file_name",
-                 text_key: str = "transcription", id_key: str | None = None,
+                 val_fraction: float = 0.1, columns: Mapping[str, Any] | None = None,
                  language: str | None = "en", task: str = "transcribe",
                  processor: str | None = None, tokenizer: dict | None = None,
-                 max_length: int | None = None, silence_floor: float = 1e-4,
-                 loss_on_prompt: bool = False, seed: int = 0,
+                 silence_floor: float = 1e-4, loss_on_prompt: bool = False, seed: int = 0,
                  split_seed: int | None = None) -> None:
         super().__init__()
         check_fraction("data.val_fraction", val_fraction)
         check_choice("data.task", task, TASKS)
         check_number("data.silence_floor", silence_floor, float, 0.0)
-        if max_length is not None:
-            check_number("data.max_length", max_length, int, 2)
         if not isinstance(loss_on_prompt, bool):
             raise ConfigError(f"data.loss_on_prompt={loss_on_prompt!r}: use true or false")
         self.train_file, self.val_file, self.path = train_file, val_file, str(train_file)
         self.val_fraction, self.seed = float(val_fraction), int(seed)
         self.split_seed = int(seed if split_seed is None else split_seed)
         self.language, self.speech_task = language, task
-        self.columns = Columns(audio_key, text_key, id_key)
+        self.columns = Columns.of(columns or {})
         self.processor_folder = processor
         self.tokenizer_path = (tokenizer or {}).get("path")
-        self.max_length, self.loss_on_prompt = max_length, loss_on_prompt
+        self.loss_on_prompt = loss_on_prompt
         # read and checked now: a bad row, file or transcript fails before anything exists
         self.splits = self._read()
         for name, utterances in self.splits.items():
+            if not utterances:
+                source = self.val_file if name == "val" and self.val_file else train_file
+                raise ConfigError(f"{source}: its {name} split holds no utterances; add rows")
             check_unique(utterances, name)
             check_audio(utterances, float(silence_floor))
         self.tokenizer = self.whisper_tokenizer = None
@@ -140,11 +140,10 @@ class SpeechTranscripts(FixedBatchRows):
         source = Path(str(self.train_file)).expanduser()
         if source.is_dir():
             found = read_audiofolder(source, self.columns)
-            held = found.get("validation") or found.get("test")
+            held = next((s for s in ("validation", "test") if s in found), None)
             if held is not None and not self.val_file:
-                log.info("%s: validating on its %s split", source,
-                         "validation" if "validation" in found else "test")
-                return {"train": found["train"], "val": held}
+                log.info("%s: validating on its %s split", source, held)
+                return {"train": found["train"], "val": found[held]}
             train = found["train"]
         else:
             train = read_manifest(source, self.columns)
@@ -159,22 +158,36 @@ class SpeechTranscripts(FixedBatchRows):
         return {"train": train.take(order[n_val:]), "val": train.take(order[:n_val])}
 
     def _folder(self) -> Path | None:
-        """Where the tokenizer is: a resumed run's (data.tokenizer.path), else the model's."""
+        """Where the tokenizer is: data.tokenizer.path's folder (a resumed run's, or the model's
+        as the run resolved it), else the model's folder; None while the model is a hub id the
+        run has not resolved to a folder yet."""
         if self.tokenizer_path:
             return Path(self.tokenizer_path).parent
-        return Path(self.processor_folder).expanduser() if self.processor_folder else None
+        folder = Path(str(self.processor_folder)).expanduser() if self.processor_folder else None
+        return folder if folder is not None and folder.is_dir() else None
+
+    def _model_config(self) -> dict[str, Any]:
+        """The model folder's config.json (the tokenizer's folder's where the model is not a
+        folder): transformers' keys, or mlx-whisper's."""
+        folder = Path(str(self.processor_folder)).expanduser() if self.processor_folder else None
+        config = model_config(folder if folder is not None and folder.is_dir() else
+                              self._folder())
+        return {"num_mel_bins": config.get("num_mel_bins", config.get("n_mels", 80)),
+                "max_target_positions": config.get("max_target_positions",
+                                                   config.get("n_text_ctx", DECODER_POSITIONS)),
+                "pad_token_id": config.get("pad_token_id")}
 
     # ---- tokens ----------------------------------------------------------------------------
     def _encode_all(self) -> None:
-        folder = self._folder()
-        config = model_config(self.processor_folder or folder)
-        self.n_mels = int(config.get("num_mel_bins", 80))
-        positions = int(config.get("max_target_positions", DECODER_POSITIONS))
-        self.max_length = min(int(self.max_length or positions), positions)
-        self.whisper_tokenizer = load_whisper_tokenizer(folder, self.language, self.speech_task)
+        config = self._model_config()
+        self.n_mels = int(config["num_mel_bins"])
+        self.max_length = int(config["max_target_positions"])
+        self.whisper_tokenizer = load_whisper_tokenizer(self._folder(), self.language,
+                                                        self.speech_task)
         self.prompt = list(self.whisper_tokenizer.prefix_tokens)
         self.end_id = int(self.whisper_tokenizer.eos_token_id)
-        pad = config.get("pad_token_id", self.whisper_tokenizer.pad_token_id)
+        pad = config["pad_token_id"]
+        pad = self.whisper_tokenizer.pad_token_id if pad is None else pad
         self.pad_id = int(self.end_id if pad is None else pad)
         self.tokenizer = self.whisper_tokenizer.backend_tokenizer
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)
@@ -191,8 +204,8 @@ class SpeechTranscripts(FixedBatchRows):
             if len(sequence) - 1 > self.max_length:
                 raise ConfigError(f"{where}: the transcript of {path} is {len(sequence) - 1} "
                                   f"decoder tokens with its prompt, over the decoder's "
-                                  f"{self.max_length} (max_target_positions, or "
-                                  "data.max_length); split the utterance or shorten its "
+                                  f"{self.max_length} (its config.json's "
+                                  "max_target_positions); split the utterance or shorten its "
                                   "transcript")
             sequences.append(sequence)
         return Encoded(utterances, sequences)

@@ -6,7 +6,7 @@
   testing/, eval/ or evaluation/), each with its own metadata file or named from the folder's
   top metadata file (`file_name` then starts with the split's folder); a folder without split
   subfolders is all training data.
-Audio paths are relative to the file that names them. A row's utterance id is its `id_key`
+Audio paths are relative to the file that names them. A row's utterance id is its `id`
 column, else its audio path as the file gives it; ids are unique within a split. A bad row is
 one ConfigError naming the file, its line and the fix.
 """
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlxlab.config.records import utf8_text
 from mlxlab.data.completions import jsonl_lines
@@ -37,6 +39,20 @@ class Columns:
     audio: str = AUDIOFOLDER_AUDIO
     text: str = "transcription"
     id: str | None = None
+
+    @classmethod
+    def of(cls, node: Mapping[str, Any]) -> Columns:
+        """The data.columns node ({audio, text, id}); another key is one ConfigError line."""
+        unknown = sorted(set(node) - {"audio", "text", "id"})
+        if unknown:
+            raise ConfigError(f"data.columns has {unknown}: it names the audio, text and id "
+                              "columns (data.columns.audio=path data.columns.text=sentence)")
+        columns = cls(**node)
+        for key in ("audio", "text", "id"):
+            value = getattr(columns, key)
+            if not (isinstance(value, str) and value) and not (key == "id" and value is None):
+                raise ConfigError(f"data.columns.{key}={value!r}: give a column name")
+        return columns
 
 
 @dataclass
@@ -89,10 +105,10 @@ def read_manifest(path: Path, columns: Columns, prefix: str = "") -> Utterances:
         for key in (columns.audio, columns.text, columns.id):
             if key is not None and not isinstance(row.get(key), str):
                 raise ConfigError(f"{where} has no string column {key!r} (it has "
-                                  f"{sorted(row)}); set data.audio_key= / data.text_key= / "
-                                  "data.id_key= to the file's column names")
+                                  f"{sorted(row)}); set data.columns.audio= / .text= / .id= "
+                                  "to the file's column names")
         audio = row[columns.audio]
-        if prefix and not Path(audio).parts[:1] == (prefix,):
+        if prefix and Path(audio).parts[:1] != (prefix,):
             continue
         if not row[columns.text].strip():
             raise ConfigError(f"{where}: the transcript of {audio} is empty; give its text or "
@@ -121,7 +137,10 @@ def _metadata(folder: Path) -> Path | None:
 
 def read_audiofolder(folder: Path, columns: Columns) -> dict[str, Utterances]:
     """{split: its utterances} of an audiofolder (see the module)."""
-    columns = Columns(AUDIOFOLDER_AUDIO, columns.text, columns.id)
+    if columns.audio != AUDIOFOLDER_AUDIO:
+        raise ConfigError(f"data.columns.audio={columns.audio}: an audiofolder ({folder}) names "
+                          f"its audio files in {AUDIOFOLDER_AUDIO}; leave data.columns.audio="
+                          f"{AUDIOFOLDER_AUDIO}")
     top = _metadata(folder)
     splits = split_folders(folder)
     if not splits:
@@ -152,5 +171,5 @@ def check_unique(utterances: Utterances, what: str) -> None:
     for uid, where in zip(utterances.ids, utterances.where):
         if uid in seen:
             raise ConfigError(f"{where}: utterance id {uid!r} is also on {seen[uid]}; {what} "
-                              "ids must be unique (set data.id_key= to a column of unique ids)")
+                              "ids must be unique (set data.columns.id= to a column of unique ids)")
         seen[uid] = where
