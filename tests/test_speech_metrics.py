@@ -120,6 +120,18 @@ def test_a_task_of_audio_and_text_rows_is_a_transcription_task(tmp_path):
         read_task(write_jsonl(tmp_path / "asr3.jsonl", [{"audio": "clips/a.wav"}]))
 
 
+def test_a_transcription_task_on_a_language_model_is_refused(tmp_path):
+    import mlx.nn as nn
+
+    from mlxlab.evaluation.speech.scoring import check_pairing
+
+    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    task = read_task(write_jsonl(tmp_path / "asr.jsonl", [{"audio": "a.wav", "text": "x"}]))
+    with pytest.raises(ConfigError, match="^task asr is a transcription task and the model is "
+                       "a language model: score transcription tasks"):
+        check_pairing(nn.Linear(2, 2), [task])
+
+
 # --- pairing two runs ---------------------------------------------------------------------------
 
 

@@ -56,8 +56,11 @@ class TaskEvaluation(Callback):
                               f"{context.task}: drop eval.tasks or train a language model")
         self.tasks = read_tasks(self.settings.files) if self.settings.files else []
         self.model, self.tokenizer = model, data.tokenizer
+        from mlxlab.evaluation.speech.scoring import check_pairing
+
+        check_pairing(model, self.tasks)  # transcription tasks on a Whisper, the rest on an LM
         if context.task == "speech":
-            self._speech(model, data)
+            self._speech(data)
         if self.settings.harness:  # lm-eval's tasks: the run folder holds the tokenizer's files
             from mlxlab.evaluation.lm_eval.model import MlxlabLM, hf_tokenizer
 
@@ -70,17 +73,14 @@ class TaskEvaluation(Callback):
         # a chat model's template: the run folder holds the pretrained folder's side files
         self.template = chat_template(context.run_dir, self.settings.chat)
 
-    def _speech(self, model: Any, data: Any) -> None:
+    def _speech(self, data: Any) -> None:
         """A Whisper run: transcription tasks only, transcribed with the data's
         WhisperTokenizer in the data's language unless eval.language says another."""
         from dataclasses import replace
 
-        from mlxlab.evaluation.speech.scoring import check_pairing
-
         if self.settings.harness:
             raise ConfigError(f"eval.tasks: {self.settings.harness[0]} is an lm-eval task; a "
                               "speech run scores transcription tasks (audio/text jsonl files)")
-        check_pairing(model, self.tasks)
         self.tokenizer = data.whisper_tokenizer
         if self.settings.language is None:
             self.settings = replace(self.settings, language=data.language or "en")
