@@ -120,9 +120,14 @@ def test_the_server_answers_openai_transcriptions(case, cli_env, tmp_path):
 @pytest.mark.slow
 def test_a_speech_run_transcribes_as_its_model(tmp_path, cli_env):
     """A finished run of model=whisper (LoRA, a few steps) is a MODEL for the verb: its
-    transcripts are those of the run's model and tokenizer as runs/speech.py loads them."""
+    transcripts are those of the run's model and tokenizer as runs/speech_model.py loads
+    them."""
+    from mlx.utils import tree_flatten
+
+    from mlxlab.data.audio_features import log_mel_batch
+    from mlxlab.data.audio_io import read_audio
     from mlxlab.decoding.transcription import transcribe
-    from mlxlab.runs.speech import load_speech_model
+    from mlxlab.runs.speech_model import load_speech_model
     from speech_fixtures import tiny_whisper, utterance_set, write_jsonl
 
     folder = tiny_whisper(tmp_path / "whisper")
@@ -143,13 +148,8 @@ def test_a_speech_run_transcribes_as_its_model(tmp_path, cli_env):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     loaded = load_speech_model(run_dir)
-    from mlx.utils import tree_flatten
-
-    from mlxlab.data.audio_io import read_audio
-
     assert loaded.kind == "run"
     assert any(".lora_" in k for k, _ in tree_flatten(loaded.model.parameters()))
-
-    expected = transcribe(loaded.model, loaded.tokenizer,
-                          loaded.features([read_audio(c) for c in clips]), max_new_tokens=8)
+    features = np.array(log_mel_batch([read_audio(c) for c in clips], 80))
+    expected = transcribe(loaded.model, loaded.tokenizer, features, max_new_tokens=8)
     assert out.stdout.splitlines() == expected

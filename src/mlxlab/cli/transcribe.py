@@ -33,19 +33,24 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
+        import numpy as np
+
+        from mlxlab.data.audio_features import log_mel_batch
         from mlxlab.data.audio_io import read_audio
         from mlxlab.decoding.transcription import check_settings, transcribe
-        from mlxlab.runs.speech import load_speech_model
+        from mlxlab.runs.speech_model import load_speech_model
 
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         audios = [read_audio(p) for p in args.audio]  # every file read before any work
+        check_source(args.run, args.checkpoint)
         loaded = load_speech_model(args.run, args.checkpoint)
         check_settings(loaded.model, loaded.tokenizer, args.language, args.beam_size,
                        args.max_new_tokens)
         print(f"[{loaded.checkpoint or loaded.path}]", file=sys.stderr)
         for start in range(0, len(audios), args.batch_size):
-            features = loaded.features(audios[start:start + args.batch_size])
+            features = np.array(log_mel_batch(audios[start:start + args.batch_size],
+                                              int(loaded.model.config["num_mel_bins"])))
             for text in transcribe(loaded.model, loaded.tokenizer, features,
                                    language=args.language, beam_size=args.beam_size,
                                    max_new_tokens=args.max_new_tokens):
@@ -53,3 +58,15 @@ def main(argv: list[str]) -> int:
         return 0
 
     return guarded("transcribe", body)
+
+
+def check_source(name: str, which: str) -> None:
+    """A run that is no speech run is one line (a folder says what it is when it loads)."""
+    from mlxlab.errors import ConfigError
+    from mlxlab.runs.model_source import RUN, open_model_source
+    from mlxlab.runs.speech_model import speech_run_config
+
+    source = open_model_source(name)
+    if source.kind == RUN and speech_run_config(source.path, which) is None:
+        raise ConfigError(f"{name} is not a speech run (model=whisper): transcribe with a "
+                          "Whisper folder or a run that fine-tuned one")

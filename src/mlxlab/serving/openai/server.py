@@ -26,7 +26,8 @@ What mlxlab changes, and why:
   own thread, one request a model at a time; a language model asked for embeddings, or an
   embedder asked for a completion, is refused naming the endpoint it answers.
 - POST /v1/audio/transcriptions: a Whisper model's transcript of an uploaded audio file
-  (transcriptions.py: OpenAI's multipart upload), on the model's own worker thread.
+  (transcriptions.py: OpenAI's multipart upload), on the request's thread, a request a model
+  at a time.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """OpenAI's `POST /v1/audio/transcriptions` over Whisper models (a Whisper folder or a speech
-run: runs/speech.py), in the shape of OpenAI's API, so the official `openai` client's
+run: runs/speech_model.py), in the shape of OpenAI's API, so the official `openai` client's
 `client.audio.transcriptions.create(model=..., file=...)` works unchanged.
 
     multipart/form-data: file=<audio file>, model=NAME, language=en (optional, default en),
@@ -12,7 +12,7 @@ and decoded greedily from Whisper's prompt for the language: the same text the v
 Whisper's language detection, timestamps (verbose_json, srt, vtt), a prompt and sampling
 (temperature above 0) are not offered: such a request is refused naming the field, as is a field
 this endpoint does not read; an unknown model is 404, a file that is no audio 400. One model
-transcribes one request at a time, on a worker thread of its own.
+transcribes one request at a time, on the request's thread.
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
 from pathlib import Path
 from typing import Any
-
-import mlx.core as mx
 
 from mlxlab.serving.openai.checks import served_model
 from mlxlab.serving.openai.errors import ServingError
@@ -39,30 +37,29 @@ FORMATS = ("json", "text")
 MAX_NEW_TOKENS = 224  # Whisper's: half the decoder's 448 positions, as `mlxlab transcribe`
 
 
-def _own_stream() -> None:
-    # MLX keeps a stream per thread: the transcriber's worker thread makes its own
-    mx.set_default_stream(mx.new_stream(mx.default_device()))
-
-
 @dataclass(eq=False)
 class ServedTranscriber:
     """A Whisper model under the names a request's `model` may use (`names[0]` listed first);
-    it transcribes on one worker thread of its own, a request at a time."""
+    it transcribes on the request's own thread, a request at a time (the lock), as an
+    embedder embeds."""
 
     names: tuple[str, ...]
-    speech: Any  # runs/speech.py SpeechModel
+    speech: Any  # runs/named_model.py EvalModel of a Whisper (runs/speech_model.py)
     source: str
-    worker: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, "transcribe", initializer=_own_stream))
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def name(self) -> str:
         return self.names[0]
 
     def transcribe(self, audio: bytes, suffix: str, language: str) -> str:
-        return self.worker.submit(self._transcribe, audio, suffix, language).result()
+        with self.lock:
+            return self._transcribe(audio, suffix, language)
 
     def _transcribe(self, audio: bytes, suffix: str, language: str) -> str:
+        import numpy as np
+
+        from mlxlab.data.audio_features import log_mel_batch
         from mlxlab.data.audio_io import read_audio
         from mlxlab.decoding.transcription import transcribe
 
@@ -78,7 +75,8 @@ class ServedTranscriber:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        features = self.speech.features([samples])
+        features = np.array(log_mel_batch([samples],
+                                          int(self.speech.model.config["num_mel_bins"])))
         try:
             texts = transcribe(self.speech.model, self.speech.tokenizer, features,
                                language=language, max_new_tokens=MAX_NEW_TOKENS)
@@ -90,7 +88,7 @@ class ServedTranscriber:
 def load_transcribers(targets: Sequence[Any], which: str = "best") -> list[ServedTranscriber]:
     """Each Whisper target (served.py's Target: a Whisper folder or a speech run) loaded to
     answer /v1/audio/transcriptions under its names."""
-    from mlxlab.runs.speech import load_speech_model
+    from mlxlab.runs.speech_model import load_speech_model
 
     return [ServedTranscriber(tuple(dict.fromkeys(t.names)), load_speech_model(t.path, which),
                               t.text) for t in targets]
