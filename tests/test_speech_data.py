@@ -295,7 +295,13 @@ def test_mlxlab_train_fine_tunes_whisper_and_its_checkpoint_reloads(tmp_path, cl
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     finished = json.loads((run_dir / "finished.json").read_text())
     assert finished, finished
-    assert (run_dir / "tokenizer.json").is_file()
+    # a resume reads the run's tokenizer (data.tokenizer.path): the same prompts and labels
+    resumed = SpeechTranscripts(str(train), processor=str(model_folder), val_fraction=0.25,
+                                tokenizer={"path": str(run_dir / "tokenizer.json")})
+    fresh = SpeechTranscripts(str(train), processor=str(model_folder), val_fraction=0.25)
+    assert resumed._folder() == run_dir
+    assert [s.tolist() for s in resumed.train.sequences] == [
+        s.tolist() for s in fresh.train.sequences]
     model, _ = load_run_model(run_dir)
     batch = next(iter(_val(train, model_folder)))
     loss, _ = speech_to_text_loss(model, batch)
