@@ -1,6 +1,6 @@
-"""Speech test material made at test time, offline: a tiny random Whisper folder with a small
-byte-level WhisperTokenizer (every Whisper special token, ids laid out as Whisper's are, so
-transformers' prefix_tokens find the language tokens), and synthesized audio files."""
+"""Speech data made at test time, offline: a WhisperTokenizer with every language token laid out
+as Whisper's are (transformers' prefix_tokens computes their ids from that order), and
+synthesized audio files with their rows (tiny Whisper folders: tests/whisper_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE = 16_000
+from whisper_fixtures import SAMPLE_RATE, tone
 
 
 def whisper_tokenizer():
@@ -27,36 +27,6 @@ def whisper_tokenizer():
                 "<|nospeech|>", "<|notimestamps|>"]
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
     return tokenizer
-
-
-def tiny_whisper(folder: Path, n_mels: int = 80, max_target_positions: int = 64,
-                 seed: int = 0) -> Path:
-    """A random WhisperForConditionalGeneration (d_model 64, 2 + 2 layers) saved by
-    transformers into `folder`, with the tokenizer above."""
-    import torch
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    tokenizer = whisper_tokenizer()
-    sot, eot = tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|endoftext|>"])
-    config = WhisperConfig(vocab_size=len(tokenizer), num_mel_bins=n_mels, d_model=64,
-                           encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                           decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-                           max_source_positions=1500,
-                           max_target_positions=max_target_positions,
-                           decoder_start_token_id=sot, pad_token_id=eot, bos_token_id=eot,
-                           eos_token_id=eot, begin_suppress_tokens=None, suppress_tokens=None)
-    torch.manual_seed(seed)
-    WhisperForConditionalGeneration(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def tone(seconds: float, freq: float = 440.0, amplitude: float = 0.3, seed: int = 0
-         ) -> np.ndarray:
-    """A sine at `freq` with a little noise, float32 at 16 kHz."""
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    noise = np.random.default_rng(seed).standard_normal(len(t))
-    return (amplitude * np.sin(2 * np.pi * freq * t) + 0.01 * noise).astype(np.float32)
 
 
 def write_audio(path: Path, audio: np.ndarray, rate: int = SAMPLE_RATE) -> Path:

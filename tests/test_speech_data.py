@@ -23,23 +23,23 @@ from conftest import PYTHON, config_refusal  # noqa: E402
 from mlxlab.data.audio_features import log_mel, log_mel_batch  # noqa: E402
 from mlxlab.data.audio_io import read_audio  # noqa: E402
 from mlxlab.data.batching import Batching  # noqa: E402
-from mlxlab.data.speech import SpeechTranscripts  # noqa: E402
+from mlxlab.data.speech import SpeechTranscripts, decoder_prompt  # noqa: E402
 from mlxlab.errors import ConfigError  # noqa: E402
 from speech_fixtures import (  # noqa: E402
-    tiny_whisper,
-    tone,
     utterance_set,
+    whisper_tokenizer,
     write_audio,
     write_csv,
     write_jsonl,
 )
+from whisper_fixtures import tone, whisper_folder  # noqa: E402
 
 BATCHING = Batching(batch_size=4, bucket_multiple=8)
 
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory) -> Path:
-    return tiny_whisper(tmp_path_factory.mktemp("whisper") / "model")
+    return whisper_folder(tmp_path_factory.mktemp("whisper") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_log_mel_equals_whisper_feature_extractor(n_mels):
 
     noise = np.random.default_rng(1).standard_normal(16_000 * 31).astype(np.float32)
     audios = [tone(2.5, 440.0), 0.1 * noise,  # longer than 30 s: cut as the extractor cuts it
-              tone(7.0, 3000.0, amplitude=0.8), np.full(160, 1e-3, np.float32)]
+              tone(7.0, 3000.0), np.full(160, 1e-3, np.float32)]
     expected = WhisperFeatureExtractor(feature_size=n_mels)(
         audios, sampling_rate=16_000, return_tensors="np").input_features
     batch = np.array(log_mel_batch(audios, n_mels))
@@ -126,8 +126,10 @@ def test_jsonl_and_csv_with_their_own_column_names(tmp_path, model_folder):
 # ---- prompts and masks -----------------------------------------------------------------------
 def recipe_labels(tokenizer, texts: list[str], start_id: int) -> np.ndarray:
     """transformers' Whisper fine-tuning recipe (the blog's DataCollatorSpeechSeq2SeqWithPadding
-    on `tokenizer(text).input_ids`): labels padded with -100, the leading
-    <|startoftranscript|> cut off."""
+    on `tokenizer(text).input_ids`, the tokenizer loaded with language="en", task="transcribe"):
+    labels padded with -100, the leading <|startoftranscript|> cut off."""
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # as Whisper's checkpoints
+    tokenizer.set_prefix_tokens(language="en", task="transcribe")  # the recipe loads it so
     batch = tokenizer.pad({"input_ids": [tokenizer(t).input_ids for t in texts]},
                           return_tensors="np")
     labels = np.where(batch["attention_mask"] == 1, batch["input_ids"], -100)
@@ -160,6 +162,16 @@ def test_prompt_and_label_masks_follow_the_recipe(jsonl_set, model_folder, loss_
         assert inputs[row, :len(sequence)].tolist() == sequence
         assert (inputs[row, len(sequence):] == end).all()  # padded with the model's pad (eot)
     assert np.array(batch["input_features"]).shape == (len(texts), 80, 3000)
+
+
+@pytest.mark.parametrize("language", ["en", "de", "french", "ja", "yue", None])
+def test_decoder_prompt_is_transformers_prefix_tokens(language):
+    tokenizer = whisper_tokenizer()  # every language, in Whisper's order
+    tokenizer.set_prefix_tokens(language=language, task="transcribe" if language else None,
+                                predict_timestamps=False)
+    assert decoder_prompt(tokenizer, language, "transcribe") == tokenizer.prefix_tokens
+    tokenizer.set_prefix_tokens(language=language, task="translate" if language else None)
+    assert decoder_prompt(tokenizer, language, "translate") == tokenizer.prefix_tokens
 
 
 def test_english_only_prompt_and_a_wrong_language(jsonl_set, model_folder):
@@ -203,9 +215,9 @@ def test_loss_equals_transformers_whisper_loss(jsonl_set, model_folder):
 def bad_rows(folder: Path) -> dict[str, tuple[dict, str]]:
     """Each bad utterance (its row, files written) and the words its refusal must hold."""
     write_audio(folder / "silent.wav", np.zeros(16_000, np.float32))
-    write_audio(folder / "long.wav", tone(31.0))
+    write_audio(folder / "long.wav", tone(31.0, 440.0))
     (folder / "broken.wav").write_bytes(b"RIFF....WAVEfmt not really audio")
-    write_audio(folder / "ok.wav", tone(1.0))
+    write_audio(folder / "ok.wav", tone(1.0, 440.0))
     return {
         "missing": ({"file_name": "gone.wav", "transcription": "x"}, "audio file not found"),
         "unreadable": ({"file_name": "broken.wav", "transcription": "x"}, "cannot be read"),
@@ -283,7 +295,13 @@ def test_mlxlab_train_fine_tunes_whisper_and_its_checkpoint_reloads(tmp_path, cl
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     finished = json.loads((run_dir / "finished.json").read_text())
     assert finished, finished
-    assert (run_dir / "tokenizer.json").is_file()
+    # a resume reads the run's tokenizer (data.tokenizer.path): the same prompts and labels
+    resumed = SpeechTranscripts(str(train), processor=str(model_folder), val_fraction=0.25,
+                                tokenizer={"path": str(run_dir / "tokenizer.json")})
+    fresh = SpeechTranscripts(str(train), processor=str(model_folder), val_fraction=0.25)
+    assert resumed._folder() == run_dir
+    assert [s.tolist() for s in resumed.train.sequences] == [
+        s.tolist() for s in fresh.train.sequences]
     model, _ = load_run_model(run_dir)
     batch = next(iter(_val(train, model_folder)))
     loss, _ = speech_to_text_loss(model, batch)

@@ -11,9 +11,9 @@ model.pretrained in conf/data/speech.yaml).
 
 The tokenizer is the model's (transformers' WhisperTokenizer from the model folder, or from the
 run folder of a resumed run: data.tokenizer.path). A row's token sequence is the decoder prompt
-<|startoftranscript|><|lang|><|transcribe|><|notimestamps|> (the tokenizer's own
-prefix_tokens for `language` and `task`; language null: an English-only model's
-<|startoftranscript|><|notimestamps|>), the transcript's tokens, then <|endoftext|>. The batch's
+<|startoftranscript|><|lang|><|transcribe|><|notimestamps|> (`language` by code or name,
+`task`; each token found by its name, which is what transformers' prefix_tokens gives for a
+Whisper vocabulary; language null: an English-only model's <|startoftranscript|><|notimestamps|>), the transcript's tokens, then <|endoftext|>. The batch's
 `decoder_input_ids` are that sequence but its last token, right-padded with the model's pad
 token; `labels` are the sequence but its first token (position t predicts token t + 1), with
 -100 where no loss is taken: the padding, and the prompt's tokens after <|startoftranscript|>
@@ -66,23 +66,40 @@ def model_config(folder: str | Path | None) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_whisper_tokenizer(folder: str | Path, language: str | None, task: str):
-    """transformers' WhisperTokenizer of `folder`, its prefix set for `language` and `task`."""
+def load_whisper_tokenizer(folder: str | Path):
+    """transformers' WhisperTokenizer of `folder`, or one ConfigError line."""
     from transformers import WhisperTokenizer
 
     try:
-        tokenizer = WhisperTokenizer.from_pretrained(str(folder))
+        return WhisperTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"{folder}: no Whisper tokenizer loads from it ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:120]}); a Whisper model folder holds "
                           "tokenizer.json (or vocab.json and merges.txt)") from None
-    try:
-        tokenizer.set_prefix_tokens(language=language, task=task if language else None,
-                                    predict_timestamps=False)
-        tokenizer.prefix_tokens  # noqa: B018 (checks the language and task)
-    except ValueError as e:
-        raise ConfigError(f"data.language={language!r}: {str(e)[:200]}") from None
-    return tokenizer
+
+
+def decoder_prompt(tokenizer, language: str | None, task: str) -> list[int]:
+    """<|startoftranscript|><|lang|><|task|><|notimestamps|> (language None: an English-only
+    model's <|startoftranscript|><|notimestamps|>) as ids, each token found by its name: what
+    transformers' prefix_tokens gives for a Whisper vocabulary, and what decoding forces. A
+    language the tokenizer has no token for is one ConfigError line."""
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    names = ["<|startoftranscript|>"]
+    if language is not None:
+        code = TO_LANGUAGE_CODE.get(str(language).lower(), str(language).lower())
+        names += [f"<|{code}|>", f"<|{task}|>"]
+    names.append("<|notimestamps|>")
+    vocab = tokenizer.get_vocab()
+    missing = [n for n in names if n not in vocab]
+    if missing and language is not None and missing[0] == names[1]:
+        raise ConfigError(f"data.language={language!r}: the model's tokenizer has no "
+                          f"{missing[0]} token; give a language Whisper knows, by code or name "
+                          "(en, de, english, ...), or null for an English-only (.en) model")
+    if missing:
+        raise ConfigError(f"the model's tokenizer has no {missing[0]} token: it is not a "
+                          "Whisper tokenizer; give the Whisper model's own folder")
+    return [vocab[n] for n in names]
 
 
 class Encoded:
@@ -182,9 +199,8 @@ class SpeechTranscripts(FixedBatchRows):
         config = self._model_config()
         self.n_mels = int(config["num_mel_bins"])
         self.max_length = int(config["max_target_positions"])
-        self.whisper_tokenizer = load_whisper_tokenizer(self._folder(), self.language,
-                                                        self.speech_task)
-        self.prompt = list(self.whisper_tokenizer.prefix_tokens)
+        self.whisper_tokenizer = load_whisper_tokenizer(self._folder())
+        self.prompt = decoder_prompt(self.whisper_tokenizer, self.language, self.speech_task)
         self.end_id = int(self.whisper_tokenizer.eos_token_id)
         pad = config["pad_token_id"]
         pad = self.whisper_tokenizer.pad_token_id if pad is None else pad
