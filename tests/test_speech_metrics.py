@@ -246,11 +246,12 @@ def test_runs_compare_pairs_two_folders_and_refuses_other_utterances(tmp_path, c
 def speech_world(tmp_path_factory) -> dict:
     """A tiny random Whisper folder, 8 training and 6 held-out tone utterances; the held-out
     file (data=speech's file_name/transcription rows) is the transcription task."""
-    from speech_fixtures import tiny_whisper, utterance_set
+    from speech_fixtures import utterance_set
     from speech_fixtures import write_jsonl as write_rows
+    from whisper_fixtures import whisper_folder
 
     root = tmp_path_factory.mktemp("speechmetrics")
-    model = tiny_whisper(root / "model")
+    model = whisper_folder(root / "model")
     train = write_rows(root / "data" / "train.jsonl", utterance_set(root / "data", 8, "tr"))
     held = write_rows(root / "data" / "held_out.jsonl", utterance_set(root / "data", 6, "ho"))
     return {"root": root, "model": model, "train": train, "held": held}

@@ -128,9 +128,9 @@ def test_a_speech_run_transcribes_as_its_model(tmp_path, cli_env):
     from mlxlab.data.audio_io import read_audio
     from mlxlab.decoding.transcription import transcribe
     from mlxlab.runs.speech_model import load_speech_model
-    from speech_fixtures import tiny_whisper, utterance_set, write_jsonl
+    from speech_fixtures import utterance_set, write_jsonl
 
-    folder = tiny_whisper(tmp_path / "whisper")
+    folder = whisper_folder(tmp_path / "whisper")
     data = tmp_path / "data"
     train = write_jsonl(data / "train.jsonl", utterance_set(data, 6))
     run_dir = tmp_path / "run"
