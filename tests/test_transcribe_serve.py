@@ -43,7 +43,7 @@ def case(tmp_path_factory):
     _grow_positions(folder)
     model = WhisperModel(pretrained=str(folder))
     features = np.array(log_mel_batch([read_audio(f) for f in files], 80))
-    tokenizer = load_whisper_tokenizer(folder, None, "transcribe")
+    tokenizer = load_whisper_tokenizer(folder)
     expected = transcribe(model, tokenizer, features, max_new_tokens=MAX_NEW)
     return folder, files, expected
 

@@ -51,7 +51,7 @@ def load_speech_model(name: str | Path, which: str = "best") -> EvalModel:
     if source.kind != RUN:
         model = WhisperModel(pretrained=str(source.path))
         model.eval()
-        return EvalModel(model, load_whisper_tokenizer(source.path, None, "transcribe"),
+        return EvalModel(model, load_whisper_tokenizer(source.path),
                          source.path, source.kind, tokenizer_folder=source.path,
                          provenance=source.provenance)
     from mlxlab.runs.model import load_run_model
@@ -63,6 +63,6 @@ def load_speech_model(name: str | Path, which: str = "best") -> EvalModel:
                           "is gone: its WhisperTokenizer files decode the run's transcriptions; "
                           "restore the folder")
     model, state = load_run_model(source.path, which)
-    tokenizer = load_whisper_tokenizer(Path(folder).expanduser(), None, "transcribe")
+    tokenizer = load_whisper_tokenizer(Path(folder).expanduser())
     return EvalModel(model, tokenizer, source.path, RUN, state.path, state.run_id,
                      tokenizer_folder=Path(folder).expanduser())
