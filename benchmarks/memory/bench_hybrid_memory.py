@@ -17,15 +17,12 @@ box's load), one process, each case after mx.clear_cache and mx.reset_peak_memor
 3. mlx-lm's own path (its model, its LoRA, mlx_lm.tuner's loss; mlxlab never imported, so its
    gated delta runs the token loop) at --mlx-lm-lengths, each in a subprocess a watchdog stops
    once its resident memory passes --guard-mb.
-4. Qwen3.5-0.8B's published text shape (REAL_SHAPE) in bfloat16 with grad_checkpoint beside a
-   plain Qwen3 of its width and depth, at --real-lengths.
 
 A case whose peak, extrapolated from its shorter lengths, would pass --guard-mb is skipped.
 
     python benchmarks/memory/bench_hybrid_memory.py [--layer-lengths 256,512,1024,2048,4096]
-        [--model-lengths 512,1024,2048,4096,8192] [--checkpoint-lengths 4096,8192,16384]
-        [--sequential-max 2048] [--model-sequential-max 1024] [--mlx-lm-lengths 512,2048]
-        [--real-lengths 2048,4096] [--guard-mb 8000]
+        [--model-lengths 512,1024,2048,4096,8192] [--checkpoint-lengths 2048,4096,8192,16384]
+        [--sequential-max 2048] [--model-sequential-max 1024] [--mlx-lm-lengths 512,2048] [--guard-mb 8000]
 """
 
 from __future__ import annotations
@@ -89,19 +86,6 @@ FAMILIES = {
                   "mamba_d_ssm": 1024, "mamba_d_state": 128, "mamba_n_groups": 2},
 }
 REFERENCE = "plain qwen3"
-# Qwen3.5-0.8B's text config as published (hidden 1024, 24 layers, every 4th full attention with
-# 8 heads x 256 over 2 KV heads, 16 gated-delta heads of 128, MLP 3584, vocabulary 248,320, tied)
-PUBLISHED = {"hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 24,
-             "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256,
-             "vocab_size": 248320, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
-             "tie_word_embeddings": True}
-REAL_SHAPE = {
-    "plain qwen3": {**PUBLISHED, "model_type": "qwen3", "rope_theta": 1e7},
-    "hybrid, chunked": {"model_type": "qwen3_5", "tie_word_embeddings": True, "text_config": {
-        **PUBLISHED, "model_type": "qwen3_5_text", "linear_num_key_heads": 16,
-        "linear_num_value_heads": 16, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
-        "linear_conv_kernel_dim": 4, "full_attention_interval": 4}},
-}
 # mlx_lm.lora's step as it runs it (rank 8, scale 2 on every linear layer, its default_loss),
 # in a process that never imports mlxlab: argv = the hybrid's config, the length
 MLX_LM_WORKER = """
@@ -181,16 +165,14 @@ def layer_peaks(lengths: list[int], sequential_max: int) -> dict:
     return rows
 
 
-def model_step(config: dict, length: int, checkpoint: bool = False,
-               dtype: mx.Dtype | None = None) -> tuple[Callable[[], object], float]:
+def model_step(config: dict, length: int,
+               checkpoint: bool = False) -> tuple[Callable[[], object], float]:
     """mlxlab's mlx-lm decoder built from `config` with LoRA (its blocks recomputed in the
-    backward with `checkpoint`, its weights cast to `dtype`): one loss + gradient at `length`,
-    and the MB its weights (base and adapters) hold."""
+    backward with `checkpoint`): one loss + gradient at `length`, and the MB its weights (base
+    and adapters) hold."""
     vocab = config.get("vocab_size") or config["text_config"]["vocab_size"]
     model = MLXLMDecoder(vocab_size=vocab, hf_config=config,
                          lora={**LORA, "targets": LORA_TARGETS})
-    if dtype is not None:
-        model.set_dtype(dtype)
     if checkpoint:
         checkpoint_blocks(model)
     model.train()
@@ -253,8 +235,9 @@ def mlx_lm_peaks(lengths: list[int], guard: float) -> dict:
         top = 0.0
         while worker.poll() is None:
             with contextlib.suppress(FileNotFoundError):
-                status = Path(f"/proc/{worker.pid}/status").read_text()
-                top = max(top, int(status.split("VmRSS:")[1].split()[0]) / 1024)
+                status = Path(f"/proc/{worker.pid}/status").read_text().splitlines()
+                top = max([top, *(int(line.split()[1]) / 1024 for line in status
+                                  if line.startswith("VmRSS:"))])  # none once it exited
             if top > guard:
                 worker.kill()
             time.sleep(0.1)
@@ -286,19 +269,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_options(parser, layer_lengths=("256,512,1024,2048,4096", "one layer's lengths"),
                 model_lengths=("512,1024,2048,4096,8192", "the models' lengths"),
-                checkpoint_lengths=("4096,8192,16384", "the lengths with grad_checkpoint"),
+                checkpoint_lengths=("2048,4096,8192,16384", "the lengths with grad_checkpoint"),
                 sequential_max=(2048, "the longest sequential (token loop) layer run"),
                 model_sequential_max=(1024, "the longest sequential hybrid model run"),
                 mlx_lm_lengths=("512,2048", "mlx-lm's own path's lengths (watchdog-guarded)"),
-                real_lengths=("2048,4096", "Qwen3.5-0.8B's shape's lengths"),
                 guard_mb=(8000.0, "the largest peak or resident MB a case may reach"))
     opts = parser.parse_args()
     if opts.smoke:
         opts.layer_lengths = opts.model_lengths = opts.checkpoint_lengths = "70"
-        opts.mlx_lm_lengths, opts.real_lengths = "70", ""
+        opts.mlx_lm_lengths = "70"
     guard = opts.guard_mb
-    real = guarded_sweep(REAL_SHAPE, lengths(opts.real_lengths), guard, "Qwen3.5-0.8B shape",
-                         checkpoint=True, dtype=mx.bfloat16)
     layer = layer_peaks(lengths(opts.layer_lengths), opts.sequential_max)
     model = guarded_sweep(FAMILIES, lengths(opts.model_lengths), guard, "model",
                           sequential_max=opts.model_sequential_max)
@@ -312,16 +292,14 @@ def main() -> None:
                                      *(f"{n} / plain" for n in list(FAMILIES)[1:]),
                                      *(f"{n} weights" for n in FAMILIES)]),
               "grad_checkpoint": table(kept, pair),
-              "mlx-lm": table(mlx_lm, ["mlx-lm, sequential", "resident MB"]),
-              "qwen3.5-0.8b shape": table(real, [*pair, *(f"{n} weights" for n in pair[:2])])}
+              "mlx-lm": table(mlx_lm, ["mlx-lm, sequential", "resident MB"])}
     for t in tables.values():
         print_table(t)
     measured = [n for n, row in model.items() if isinstance(row.get(pair[2]), float)]
     longest = max(measured)
     write_record("hybrid-memory", {"tables": tables, "layer_mb": layer, "model_mb": model,
                                    "grad_checkpoint_mb": kept, "mlx_lm_mb": mlx_lm,
-                                   "real_shape_mb": real, "families": FAMILIES,
-                                   "real_shape": REAL_SHAPE, "lora": LORA,
+                                   "families": FAMILIES, "lora": LORA,
                                    "lora_targets": LORA_TARGETS, "guard_mb": guard},
                  question="memory", reference="a plain qwen3 of the same width and depth",
                  ratio=round(model[longest][pair[2]], 3), smoke=opts.smoke,
