@@ -6,21 +6,34 @@ box's load), one process, each case after mx.clear_cache and mx.reset_peak_memor
 1. One Qwen3.5 GatedDeltaNet layer (mlx-lm's class), forward + backward of all its weights, at
    --layer-lengths tokens: mlx-lm's sequential path beside the chunked rule.
 2. An 8-layer, hidden-512 Qwen3.5-shaped hybrid (6 gated-delta + 2 attention layers) beside a
-   plain Qwen3 (8 attention layers) of the same width, MLP and vocabulary, built as mlxlab builds
-   an mlx-lm model from its config (MLXLMDecoder(hf_config=...): the chunked rule swapped in at
-   load, mlxlab's LoRA on attention, gated-delta projections and MLPs, rank 8), random weights,
-   batch 1: one LoRA loss + gradient at --model-lengths tokens. The hybrid's sequential path
-   (mlx-lm's own) at the lengths up to --sequential-max.
+   plain Qwen3 (8 attention layers) and the Mamba-2 families (Nemotron-H, Granite-4.0-H,
+   Falcon-H1: 6 Mamba-2 + 2 attention mixers, or Falcon-H1's 8 parallel pairs) of the same width,
+   MLP and vocabulary, built as mlxlab builds an mlx-lm model from its config
+   (MLXLMDecoder(hf_config=...): the chunked rule swapped in at load, mlxlab's LoRA on attention,
+   sequence-mixer projections and MLPs, rank 8), random weights, batch 1: one LoRA loss +
+   gradient at --model-lengths tokens; the hybrid and plain model also with grad_checkpoint
+   (models/layers/grad_checkpoint.py) at --checkpoint-lengths. The hybrid's sequential path
+   (mlx-lm's own) at the lengths up to --model-sequential-max.
+3. mlx-lm's own path (its model, its LoRA, mlx_lm.tuner's loss; mlxlab never imported, so its
+   gated delta runs the token loop) at --mlx-lm-lengths, each in a subprocess a watchdog stops
+   once its resident memory passes --guard-mb.
+
+A case whose peak, extrapolated from its shorter lengths, would pass --guard-mb is skipped.
 
     python benchmarks/memory/bench_hybrid_memory.py [--layer-lengths 256,512,1024,2048,4096]
-        [--model-lengths 512,1024,2048,4096] [--sequential-max 2048]
-        [--model-sequential-max 1024]
+        [--model-lengths 512,1024,2048,4096,8192] [--checkpoint-lengths 2048,4096,8192,16384]
+        [--sequential-max 2048] [--model-sequential-max 1024] [--mlx-lm-lengths 512,2048] [--guard-mb 8000]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import math
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +48,7 @@ from mlx_lm.models import qwen3_5  # noqa: E402
 from benchmarks.harness import add_options, print_table, write_record  # noqa: E402
 from mlxlab.models.decoders.gated_delta_swap import ORIGINALS  # noqa: E402
 from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder  # noqa: E402
+from mlxlab.models.layers.grad_checkpoint import checkpoint_blocks  # noqa: E402
 
 MB = 1 << 20
 WIDTH = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
@@ -51,6 +65,47 @@ PLAIN = {**WIDTH, "model_type": "qwen3", "rope_theta": 1e6}
 LORA_TARGETS = ["query", "key", "value", "out", "in_proj_qkv", "in_proj_z", "gate_proj",
                 "up_proj", "down_proj"]  # "out" is also the gated-delta layers' out_proj
 LORA = {"rank": 8, "alpha": 16.0}
+# Mamba-2 mixers at hidden 512 in Nemotron-H's proportions (heads x head dim = 2 x hidden,
+# state 128), 6 of them and 2 attention mixers as the hybrid has; Falcon-H1 runs both in each layer
+MIXERS = ["mamba"] * 3 + ["attention"] + ["mamba"] * 3 + ["attention"]
+FAMILIES = {
+    "plain qwen3": PLAIN, "hybrid, chunked": HYBRID,
+    "nemotron_h": {**WIDTH, "model_type": "nemotron_h", "attention_bias": False,
+                   "hybrid_override_pattern": list("M-M-M-*-M-M-M-*-"), "mamba_num_heads": 16,
+                   "mamba_head_dim": 64, "ssm_state_size": 128, "n_groups": 2, "conv_kernel": 4,
+                   "mamba_proj_bias": False, "mlp_bias": False, "layer_norm_epsilon": 1e-5,
+                   "use_bias": False, "use_conv_bias": True},
+    "granitemoehybrid": {**WIDTH, "model_type": "granitemoehybrid", "attention_bias": False,
+                         "embedding_multiplier": 12.0, "attention_multiplier": 1 / 64,
+                         "logits_scaling": 8.0, "residual_multiplier": 0.22,
+                         "layer_types": MIXERS, "shared_intermediate_size": 1536,
+                         "mamba_n_heads": 16, "mamba_d_head": 64, "mamba_proj_bias": False,
+                         "mamba_d_state": 128, "mamba_d_conv": 4, "mamba_n_groups": 2,
+                         "mamba_conv_bias": True},
+    "falcon_h1": {**WIDTH, "model_type": "falcon_h1", "mamba_n_heads": 16, "mamba_d_head": 64,
+                  "mamba_d_ssm": 1024, "mamba_d_state": 128, "mamba_n_groups": 2},
+}
+REFERENCE = "plain qwen3"
+# mlx_lm.lora's step as it runs it (rank 8, scale 2 on every linear layer, its default_loss),
+# in a process that never imports mlxlab: argv = the hybrid's config, the length
+MLX_LM_WORKER = """
+import json, sys
+import mlx.core as mx, mlx.nn as nn
+from mlx_lm.models import qwen3_5
+from mlx_lm.tuner.trainer import default_loss
+from mlx_lm.tuner.utils import linear_to_lora_layers
+config, length = json.loads(sys.argv[1]), int(sys.argv[2])
+model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(config))
+model.freeze()
+linear_to_lora_layers(model, len(model.layers), {"rank": 8, "scale": 2.0, "dropout": 0.0})
+model.train()
+mx.eval(model.parameters())
+batch = mx.random.randint(0, config["text_config"]["vocab_size"], (1, length + 1))
+step = nn.value_and_grad(model, default_loss)
+mx.reset_peak_memory()
+mx.eval(step(model, batch, mx.array([[0, length]])))
+print(mx.get_peak_memory() / 2**20)
+"""
 
 
 def peak_mb(run: Callable[[], object]) -> float:
@@ -110,14 +165,19 @@ def layer_peaks(lengths: list[int], sequential_max: int) -> dict:
     return rows
 
 
-def model_step(config: dict, length: int) -> tuple[Callable[[], object], float]:
-    """mlxlab's mlx-lm decoder built from `config` with LoRA: one loss + gradient at `length`,
-    and the MB its weights (base and adapters) hold."""
-    model = MLXLMDecoder(vocab_size=WIDTH["vocab_size"], hf_config=config,
+def model_step(config: dict, length: int,
+               checkpoint: bool = False) -> tuple[Callable[[], object], float]:
+    """mlxlab's mlx-lm decoder built from `config` with LoRA (its blocks recomputed in the
+    backward with `checkpoint`): one loss + gradient at `length`, and the MB its weights (base
+    and adapters) hold."""
+    vocab = config.get("vocab_size") or config["text_config"]["vocab_size"]
+    model = MLXLMDecoder(vocab_size=vocab, hf_config=config,
                          lora={**LORA, "targets": LORA_TARGETS})
+    if checkpoint:
+        checkpoint_blocks(model)
     model.train()
     mx.eval(model.parameters())
-    ids = mx.random.randint(0, WIDTH["vocab_size"], (1, length + 1))
+    ids = mx.random.randint(0, vocab, (1, length + 1))
 
     def loss(m: nn.Module) -> mx.array:
         return nn.losses.cross_entropy(m(ids[:, :-1]), ids[:, 1:]).mean()
@@ -127,60 +187,122 @@ def model_step(config: dict, length: int) -> tuple[Callable[[], object], float]:
     return (lambda: value_grad(model)), weights
 
 
-def model_peaks(lengths: list[int], sequential_max: int) -> dict:
-    """Each length's peaks (MB) and their ratio, whole and above the weights."""
+def expected_mb(seen: dict[int, float], weights: float, length: int) -> float:
+    """A case's peak at `length` from its measured ones: the memory above the weights grown at
+    the power its last two lengths show (at least linear; squared after a single length)."""
+    if not seen:
+        return 0.0
+    (n1, p1), (n2, p2) = ([(0, 0.0)] + sorted(seen.items()))[-2:]
+    power = max(1.0, math.log((p2 - weights) / (p1 - weights)) / math.log(n2 / n1)) if n1 else 2.0
+    return weights + (p2 - weights) * (length / n2) ** power
+
+
+def guarded_sweep(columns: dict[str, dict], lengths: list[int], guard: float, label: str,
+                  sequential_max: int = 0, **build: object) -> dict:
+    """Each column's peak (MB) at each length, one model alive at a time; a case expected over
+    `guard` MB is not run (its row says what was expected)."""
+    rows, seen, weights = {}, {name: {} for name in columns}, {}
+    for length in lengths:
+        row = {}
+        for name, config in columns.items():
+            expected = expected_mb(seen[name], weights.get(name, 0.0), length)
+            if expected > guard:
+                row[name] = f"skipped: {expected:,.0f} expected"
+                continue
+            step, weights[name] = model_step(config, length, **build)
+            row[name] = seen[name][length] = peak_mb(step)
+            row[f"{name} weights"] = weights[name]
+            if name == "hybrid, chunked" and length <= sequential_max:
+                with sequential():
+                    row["hybrid, sequential (mlx-lm)"] = peak_mb(step)
+            del step
+        for name in columns:
+            if name != REFERENCE and isinstance(row.get(name), float) and isinstance(
+                    row.get(REFERENCE), float):
+                row[f"{name} / plain"] = row[name] / row[REFERENCE]
+        rows[length] = row
+        print(f"{label} {length}: {row}", flush=True)
+    return rows
+
+
+def mlx_lm_peaks(lengths: list[int], guard: float) -> dict:
+    """mlx-lm's own LoRA step on the hybrid (MLX_LM_WORKER in a fresh process), each length
+    stopped by a watchdog once the process's resident memory passes `guard` MB."""
     rows = {}
     for length in lengths:
-        # one model alive at a time: each peak holds its own weights only
-        plain, plain_weights = model_step(PLAIN, length)
-        row = {"plain qwen3": peak_mb(plain), "plain weights": plain_weights}
-        del plain
-        hybrid, hybrid_weights = model_step(HYBRID, length)
-        row.update({"hybrid, chunked": peak_mb(hybrid), "hybrid weights": hybrid_weights})
-        if length <= sequential_max:
-            with sequential():
-                row["hybrid, sequential (mlx-lm)"] = peak_mb(hybrid)
-        del hybrid
-        row["hybrid / plain"] = row["hybrid, chunked"] / row["plain qwen3"]
-        row["above weights: hybrid / plain"] = ((row["hybrid, chunked"] - hybrid_weights)
-                                               / (row["plain qwen3"] - plain_weights))
-        rows[length] = row
-        print(f"model {length}: {row}", flush=True)
+        worker = subprocess.Popen([sys.executable, "-c", MLX_LM_WORKER, json.dumps(HYBRID),
+                                   str(length)], stdout=subprocess.PIPE, text=True)
+        top = 0.0
+        while worker.poll() is None:
+            with contextlib.suppress(FileNotFoundError):
+                status = Path(f"/proc/{worker.pid}/status").read_text().splitlines()
+                top = max([top, *(int(line.split()[1]) / 1024 for line in status
+                                  if line.startswith("VmRSS:"))])  # none once it exited
+            if top > guard:
+                worker.kill()
+            time.sleep(0.1)
+        out = worker.stdout.read().strip()
+        rows[length] = {"mlx-lm, sequential": float(out) if worker.returncode == 0 and out
+                        else f"stopped: resident {top:,.0f} > {guard:,.0f}",
+                        "resident MB": top}
+        print(f"mlx-lm {length}: {rows[length]}", flush=True)
     return rows
 
 
 def table(rows: dict, columns: list[str]) -> dict:
-    body = [[f"{length:,}", *(f"{row[c]:,.2f}" if c.endswith(" / plain") else
-                              f"{row[c]:,.0f}" if c in row else "-" for c in columns)]
-            for length, row in rows.items()]
-    return {"head": ["tokens", *columns], "rows": body}
+    def cell(row: dict, column: str) -> str:
+        value = row.get(column, "-")
+        if isinstance(value, str):
+            return value
+        return f"{value:,.2f}" if column.endswith(" / plain") else f"{value:,.0f}"
+
+    return {"head": ["tokens", *columns],
+            "rows": [[f"{length:,}", *(cell(row, c) for c in columns)]
+                     for length, row in rows.items()]}
+
+
+def lengths(text: str) -> list[int]:
+    return [int(n) for n in text.split(",") if n]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_options(parser, layer_lengths=("256,512,1024,2048,4096", "one layer's lengths"),
-                model_lengths=("512,1024,2048,4096", "the models' lengths"),
+                model_lengths=("512,1024,2048,4096,8192", "the models' lengths"),
+                checkpoint_lengths=("2048,4096,8192,16384", "the lengths with grad_checkpoint"),
                 sequential_max=(2048, "the longest sequential (token loop) layer run"),
-                model_sequential_max=(1024, "the longest sequential hybrid model run"))
+                model_sequential_max=(1024, "the longest sequential hybrid model run"),
+                mlx_lm_lengths=("512,2048", "mlx-lm's own path's lengths (watchdog-guarded)"),
+                guard_mb=(8000.0, "the largest peak or resident MB a case may reach"))
     opts = parser.parse_args()
     if opts.smoke:
-        opts.layer_lengths, opts.model_lengths = "70", "70"
-    layer = layer_peaks([int(n) for n in opts.layer_lengths.split(",")], opts.sequential_max)
-    model = model_peaks([int(n) for n in opts.model_lengths.split(",")],
-                        opts.model_sequential_max)
+        opts.layer_lengths = opts.model_lengths = opts.checkpoint_lengths = "70"
+        opts.mlx_lm_lengths = "70"
+    guard = opts.guard_mb
+    layer = layer_peaks(lengths(opts.layer_lengths), opts.sequential_max)
+    model = guarded_sweep(FAMILIES, lengths(opts.model_lengths), guard, "model",
+                          sequential_max=opts.model_sequential_max)
+    kept = guarded_sweep({n: FAMILIES[n] for n in (REFERENCE, "hybrid, chunked")},
+                         lengths(opts.checkpoint_lengths), guard, "grad_checkpoint",
+                         checkpoint=True)
+    mlx_lm = mlx_lm_peaks(lengths(opts.mlx_lm_lengths), guard)
+    pair = [REFERENCE, "hybrid, chunked", "hybrid, chunked / plain"]
     tables = {"layer": table(layer, ["sequential (mlx-lm)", "chunked"]),
-              "model": table(model, ["plain qwen3", "hybrid, chunked",
-                                     "hybrid, sequential (mlx-lm)", "hybrid / plain",
-                                     "plain weights", "hybrid weights",
-                                     "above weights: hybrid / plain"])}
+              "model": table(model, [*FAMILIES, "hybrid, sequential (mlx-lm)",
+                                     *(f"{n} / plain" for n in list(FAMILIES)[1:]),
+                                     *(f"{n} weights" for n in FAMILIES)]),
+              "grad_checkpoint": table(kept, pair),
+              "mlx-lm": table(mlx_lm, ["mlx-lm, sequential", "resident MB"])}
     for t in tables.values():
         print_table(t)
-    longest = max(model)
+    measured = [n for n, row in model.items() if isinstance(row.get(pair[2]), float)]
+    longest = max(measured)
     write_record("hybrid-memory", {"tables": tables, "layer_mb": layer, "model_mb": model,
-                                   "hybrid": HYBRID, "plain": PLAIN, "lora": LORA,
-                                   "lora_targets": LORA_TARGETS},
+                                   "grad_checkpoint_mb": kept, "mlx_lm_mb": mlx_lm,
+                                   "families": FAMILIES, "lora": LORA,
+                                   "lora_targets": LORA_TARGETS, "guard_mb": guard},
                  question="memory", reference="a plain qwen3 of the same width and depth",
-                 ratio=round(model[longest]["hybrid / plain"], 3), smoke=opts.smoke,
+                 ratio=round(model[longest][pair[2]], 3), smoke=opts.smoke,
                  summary=f"MLX peak of a LoRA step, Qwen3.5-shaped hybrid (chunked gated delta) "
                          f"over plain Qwen3, {longest:,} tokens (lower is better)")
 
