@@ -131,7 +131,7 @@ def read_split(folder: Path) -> list[dict]:
 
 
 def transcribe(model, processor, waves: list[np.ndarray], batch: int = 16) -> list[str]:
-    """transformers' greedy English transcripts (torch model, no grad)."""
+    """transformers' greedy English transcripts (48 tokens at most: twice the longest sentence)."""
     import torch
 
     out = []
@@ -139,7 +139,7 @@ def transcribe(model, processor, waves: list[np.ndarray], batch: int = 16) -> li
         feats = processor(waves[i:i + batch], sampling_rate=16000, return_tensors="pt").input_features
         with torch.no_grad():
             ids = model.generate(feats.to(model.dtype), language="en", task="transcribe",
-                                 num_beams=1, do_sample=False, max_new_tokens=96)
+                                 num_beams=1, do_sample=False, max_new_tokens=48)
         out += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
     return out
 
