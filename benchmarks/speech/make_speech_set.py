@@ -67,14 +67,15 @@ class Espeak:
             self.chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
         return 0
 
-    def say(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-        """`text` spoken, float32 at 16 kHz."""
+    def say(self, text: str, voice: str, rate: int, pitch: int, seed: int = 0) -> np.ndarray:
+        """`text` spoken, float32 at 16 kHz; `seed` fixes eSpeak's breath noise (else the clock's)."""
         import soxr
 
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"eSpeak NG has no voice {voice!r}")
         self.lib.espeak_SetParameter(1, rate, 0)  # espeakRATE
         self.lib.espeak_SetParameter(3, pitch, 0)  # espeakPITCH
+        self.lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))
         self.chunks = []
         data = text.encode()
         self.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None)  # UTF-8, synchronous
@@ -106,7 +107,7 @@ def write_split(folder: Path, texts: list[str], voices: list[str], rng: random.R
     for i, text in enumerate(texts):
         voice, rate, pitch, snr = (rng.choice(voices), rng.choice(RATES), rng.choice(PITCHES),
                                    rng.choice(SNRS))
-        wave = tts.say(text, voice, rate, pitch)
+        wave = tts.say(text, voice, rate, pitch, seed=i)
         if snr is not None:  # white noise at `snr` dB below the speech's power
             power = float(np.mean(wave**2)) / 10 ** (snr / 10)
             wave = wave + np.random.default_rng(rng.randrange(2**32)).normal(
