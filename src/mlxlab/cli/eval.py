@@ -41,6 +41,12 @@ embedder run, scored by mteb itself; a task's data must be in the local Hugging 
 (docs/guide/embeddings.md):
 
     mlxlab eval outputs/embed_retrieval/<time> --tasks mteb:SciFact,mteb:NFCorpus
+
+Transcription tasks (audio/text rows) on a Whisper folder or a speech run: each utterance
+transcribed (greedy, or --beam-size N), its word and character error rate after Whisper's
+normalization (--normalizer, --language), the task's corpus WER and CER (docs/guide/speech.md):
+
+    mlxlab eval models/whisper-tiny held_out.jsonl --language en
 """
 
 from __future__ import annotations
@@ -79,6 +85,14 @@ def main(argv: list[str]) -> int:
     tasks.add_argument("--chat", choices=["auto", "template", "plain"], default="auto",
                        help="prompts through the model's chat template: auto (if it has one), "
                        "template (it must), plain (never)")
+    tasks.add_argument("--language", default=None, metavar="CODE",
+                       help="transcription tasks: the audio's language (default en)")
+    tasks.add_argument("--beam-size", type=int, default=1,
+                       help="transcription tasks: 1 decodes greedily, N with a beam search of N")
+    tasks.add_argument("--normalizer", choices=["auto", "english", "basic", "none"],
+                       default="auto", help="transcription tasks: text normalization before "
+                       "the word error rate: auto (Whisper's English normalizer for English, "
+                       "its basic one otherwise), english, basic or none")
     tasks.add_argument("--out", metavar="DIR", help="also keep the per-example scores here")
     tasks.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or the "
                        "project's mlruns store)")
@@ -151,8 +165,11 @@ def is_task_call(args) -> bool:
         row = json.loads(first)
     except json.JSONDecodeError:
         return False
-    return isinstance(row, dict) and "prompt" in row and ("choices" in row or "answer" in row) \
-        and "completion" not in row
+    from mlxlab.evaluation.tasks import TRANSCRIPTION, kind_of
+
+    return isinstance(row, dict) and ("prompt" in row and ("choices" in row or "answer" in row)
+                                      and "completion" not in row
+                                      or kind_of(row) == TRANSCRIPTION)
 
 
 def is_reward_call(args) -> bool:
@@ -206,11 +223,14 @@ def eval_tasks(args) -> int:
         return eval_mteb(args, entries)
     files, harness = split_entries(entries)
     settings = TaskSettings(tasks=tuple(files), batch_size=args.batch_size or 16,
-                            max_new_tokens=args.max_new_tokens, stop=stop, chat=args.chat)
+                            max_new_tokens=args.max_new_tokens, stop=stop, chat=args.chat,
+                            language=args.language, beam_size=args.beam_size,
+                            normalizer=args.normalizer)
     tasks = read_tasks(files) if files else []
     options = harness_options(args, harness)
+    speech = speech_source(args, tasks, harness)
     tracker = eval_tracker(args)
-    source = load_eval_model(args.run, args.checkpoint, args.chat)
+    source = speech() if speech else load_eval_model(args.run, args.checkpoint, args.chat)
     with tempfile.TemporaryDirectory(prefix="mlxlab-eval-") as tmp:
         folder = Path(args.out).expanduser() if args.out else Path(tmp) / "eval_tasks"
         scores, groups = score_harness_entries(source, harness, options, settings.batch_size)
@@ -219,6 +239,21 @@ def eval_tasks(args) -> int:
                               harness, options, groups) if tracker is not None else None
     print_report(args, source, scores, run_id, groups)
     return 0
+
+
+def speech_source(args: argparse.Namespace, tasks: list, harness: list) -> Any:
+    """For a Whisper folder or speech run: its loader, once its tasks are checked to be
+    transcription tasks (before the store is touched); None for any other model."""
+    from mlxlab.evaluation.tasks import TRANSCRIPTION
+    from mlxlab.runs.speech_model import is_speech_source, load_speech_model
+
+    speech = is_speech_source(args.run, args.checkpoint)
+    wrong = [t.name for t in tasks if (t.kind == TRANSCRIPTION) != speech] + (
+        harness[:1] if speech else [])
+    if wrong:
+        raise ValueError(f"task {wrong[0]} does not fit {args.run}: a Whisper model scores "
+                         "transcription tasks (audio/text rows), a language model the others")
+    return (lambda: load_speech_model(args.run, args.checkpoint)) if speech else None
 
 
 def eval_tracker(args: argparse.Namespace) -> Any:
@@ -292,7 +327,8 @@ def task_table(report: dict) -> str:
     if len(styles) > 1:
         lines.append("tasks scored with different prompt styles: their scores do not compare")
     for name, task in report["tasks"].items():
-        lines.append(f"\n{name} ({task['kind']}, {task['n']} examples, {task['prompts']} prompts)")
+        style = task["prompts"] + ("" if task["kind"] == "transcription" else " prompts")
+        lines.append(f"\n{name} ({task['kind']}, {task['n']} examples, {style})")
         width = max([14, *(len(metric) + 2 for metric in task["metrics"])])
         for metric, m in task["metrics"].items():
             ci = f"  [{m['low']:.4f}, {m['high']:.4f}]" if m["low"] is not None else ""

@@ -5,6 +5,7 @@ mlxlab train [hydra overrides]      train (same as mlxlab-train)
 mlxlab eval RUN DATA [--json]        metrics of a finished run on a labelled CSV / text file
 mlxlab predict RUN DATA.csv          a submission CSV (classifier) or completions (LM)
 mlxlab generate RUN --prompt TEXT    sample from a language-model run
+mlxlab transcribe MODEL audio...     one transcript per audio file (a Whisper folder or run)
 mlxlab register RUN --name NAME      log + register the run's model in MLflow
 mlxlab serve RUN|MODEL_URI           MLflow's model server on 127.0.0.1
 mlxlab runs list|show|compare|merge  the store's runs
@@ -26,6 +27,7 @@ VERBS = {
     "eval": ("mlxlab.cli.eval", "metrics of a finished run on a labelled CSV or a text file"),
     "predict": ("mlxlab.cli.predict", "predict a CSV: a submission (classifier) or completions"),
     "generate": ("mlxlab.cli.generate", "sample text from a language-model run"),
+    "transcribe": ("mlxlab.cli.transcribe", "transcribe audio files with a Whisper model or run"),
     "register": ("mlxlab.cli.register", "register a run's model in the MLflow model registry"),
     "serve": ("mlxlab.cli.serve", "serve a run or a registered model over HTTP (127.0.0.1)"),
     "runs": ("mlxlab.cli.runs", "the store's runs: list, show, compare, merge, hardest"),

@@ -37,6 +37,13 @@ is one line before the port is bound. A drafted model answers one request at a t
     client.chat.completions.create(model="<run folder name>",
                                    messages=[{"role": "user", "content": "Hi"}])
 
+A Whisper model (a transformers or mlx-whisper Whisper folder, or a speech run), alone or
+beside the others, answers OpenAI's POST /v1/audio/transcriptions (a multipart upload: file,
+model, language, response_format json | text) with the transcript `mlxlab transcribe` prints:
+
+    mlxlab serve path/to/whisper-tiny --port 5001
+    client.audio.transcriptions.create(model="whisper-tiny", file=open("a.wav", "rb"))
+
 A text embedder (a sentence-transformers folder: BERT, RoBERTa / XLM-R or a decoder such as
 Qwen3-Embedding) answers POST /v1/embeddings as OpenAI's API does (a string, strings or token
 ids; encoding_format float or base64; dimensions: the first N components, back to unit length),
@@ -211,12 +218,18 @@ def _openai(args: argparse.Namespace, targets: list, drafts: dict) -> int:
     from mlxlab.serving.openai.rerank import load_rerankers
     from mlxlab.serving.openai.served import attach_draft, load_served
     from mlxlab.serving.openai.server import make_server, serve_until_stopped, server_settings
+    from mlxlab.serving.openai.transcriptions import load_transcribers
 
     reranking = [t for t in targets if t.task(args.checkpoint) == "rerank"]
     if drafted := next((t.text for t in reranking if t.text in drafts), None):
         raise ValueError(f"--draft {drafted}: a reranker scores pairs, it decodes nothing")
+    hearing = [t for t in targets if t.task(args.checkpoint) == "speech"]
+    if drafted := next((t.text for t in hearing if t.text in drafts), None):
+        raise ValueError(f"--draft {drafted}: speculative decoding is for language models, "
+                         "not Whisper")
     rerankers = load_rerankers(reranking, args.checkpoint)
-    targets = [t for t in targets if t not in reranking]
+    transcribers = load_transcribers(hearing, args.checkpoint)
+    targets = [t for t in targets if t not in reranking and t not in hearing]
     served = load_served(targets, args.checkpoint)
     for target, s in zip(targets, served):
         if target.text in drafts:  # checked against its model before the port is bound
@@ -226,7 +239,8 @@ def _openai(args: argparse.Namespace, targets: list, drafts: dict) -> int:
                                max_request_bytes=int(limit * 2**20),
                                num_draft_tokens=args.num_draft_tokens)
     try:
-        server, generator = make_server(served, args.host, args.port, settings, rerankers)
+        server, generator = make_server(served, args.host, args.port, settings, rerankers,
+                                        transcribers)
     except OSError as err:
         raise ValueError(f"cannot bind {args.host}:{args.port} ({err.strerror}): pick another "
                          "--port") from None
@@ -240,11 +254,15 @@ def _openai(args: argparse.Namespace, targets: list, drafts: dict) -> int:
         print(f"  model {s.name}{also} <- {s.source}{drafted}", flush=True)
     for r in rerankers:
         print(f"  reranker {r.name} <- {r.source} (POST /v1/rerank)", flush=True)
+    for t in transcribers:
+        print(f"  whisper {t.name} <- {t.source} (POST /v1/audio/transcriptions)", flush=True)
     shared = sum(s.stats["shared_bytes"] for s in served)
     embedders = sum(isinstance(s, ServedEmbedder) for s in served)
     kinds = [f"{count} {kind}(s)" for count, kind in ((len(served) - embedders, "language model"),
                                                      (embedders, "text embedder"),
-                                                     (len(rerankers), "reranker")) if count]
+                                                     (len(rerankers), "reranker"),
+                                                     (len(transcribers), "Whisper model"))
+             if count]
     print(f"serving {' and '.join(kinds)} on http://{host}:{port}/v1 "
           f"({shared / 2**20:.1f} MiB of weights shared, held once; Ctrl-C stops)", flush=True)
     serve_until_stopped(server, generator)

@@ -88,7 +88,8 @@ DATA_KINDS = {"classification": "labelled rows for classification", "lm": "text 
               "learn (language-model data)", "preference": "preference pairs",
               "unpaired": "completions rated good or bad (unpaired feedback)",
               "prompts": "prompts without completions",
-              "embedding": "text columns for training embedders"}
+              "embedding": "text columns for training embedders",
+              "speech": "audio and transcripts (speech)"}
 
 
 def _data_kind_line(cfg: DictConfig, task: str, prompts: bool) -> str:

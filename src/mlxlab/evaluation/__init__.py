@@ -10,7 +10,8 @@ scores paired. What a newcomer looks for under "evaluation" is here:
 - in_training.py: the callback that scores `eval.tasks` at each evaluation of a training run;
 - eval_run.py: `mlxlab eval MODEL TASK...`, the scores logged as an MLflow run of their own;
 - file_metrics.py: `mlxlab eval RUN FILE`, a run's metrics on a labelled CSV or a text file;
-- lm_eval/: lm-evaluation-harness (its model, tasks, scores, command).
+- lm_eval/: lm-evaluation-harness (its model, tasks, scores, command);
+- speech/: transcription tasks on a Whisper model (WER / CER per utterance).
 
 What an objective measures on the validation split is the objective's
 (objectives/validation.py); the model a verb names is loaded by runs/named_model.py. `mlxlab

@@ -19,7 +19,7 @@ from mlxlab.errors import ConfigError
 from mlxlab.evaluation.results import FOLDER, write_scores
 from mlxlab.evaluation.scoring import TaskScores, metric_keys, score_tasks
 from mlxlab.evaluation.settings import TaskSettings
-from mlxlab.evaluation.tasks import Task
+from mlxlab.evaluation.tasks import TRANSCRIPTION, Task
 from mlxlab.runs.named_model import EvalModel
 from mlxlab.tracking import tags as T
 
@@ -65,6 +65,9 @@ def log_eval_run(tracker, source: EvalModel, tasks: Sequence[Task], settings: Ta
               "eval.max_new_tokens": settings.max_new_tokens,
               "eval.stop": repr(list(settings.stop)),
               "prompts": "plain" if source.template is None else "chat template",
+              **({"eval.language": settings.language or "en",
+                  "eval.beam_size": settings.beam_size, "eval.normalizer": settings.normalizer}
+                 if any(s.kind == TRANSCRIPTION for s in scores) else {}),
               **{f"model_source.{k}": v for k, v in source.provenance.items()}}
     tracker.start(params, eval_tags(source))
     status = "FAILED"

@@ -11,7 +11,9 @@ Each evaluation logs `eval/<task>/<metric>` at its step and writes the per-examp
 Both folders are logged as artifacts when the run ends; `mlxlab runs compare` pairs them with
 another run's, `mlxlab export` writes them into the model card. Rank 0 scores (the others would
 compute the same numbers). A chat model (a pretrained folder with a chat template, whose side files
-the run folder keeps) sees the prompts through its template (eval.chat).
+the run folder keeps) sees the prompts through its template (eval.chat). A speech run (data=speech)
+scores transcription tasks (audio/text rows: word and character error rates per utterance,
+evaluation/speech/) with its Whisper tokenizer, in data.language unless eval.language says another.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ class TaskEvaluation(Callback):
                               f"{context.task}: drop eval.tasks or train a language model")
         self.tasks = read_tasks(self.settings.files) if self.settings.files else []
         self.model, self.tokenizer = model, data.tokenizer
+        from mlxlab.evaluation.speech.scoring import check_pairing
+
+        check_pairing(model, self.tasks)  # transcription tasks on a Whisper, the rest on an LM
+        if context.task == "speech":
+            self._speech(data)
         if self.settings.harness:  # lm-eval's tasks: the run folder holds the tokenizer's files
             from mlxlab.evaluation.lm_eval.model import MlxlabLM, hf_tokenizer
 
@@ -65,6 +72,18 @@ class TaskEvaluation(Callback):
         self.enabled = context.world.is_main
         # a chat model's template: the run folder holds the pretrained folder's side files
         self.template = chat_template(context.run_dir, self.settings.chat)
+
+    def _speech(self, data: Any) -> None:
+        """A Whisper run: transcription tasks only, transcribed with the data's
+        WhisperTokenizer in the data's language unless eval.language says another."""
+        from dataclasses import replace
+
+        if self.settings.harness:
+            raise ConfigError(f"eval.tasks: {self.settings.harness[0]} is an lm-eval task; a "
+                              "speech run scores transcription tasks (audio/text jsonl files)")
+        self.tokenizer = data.whisper_tokenizer
+        if self.settings.language is None:
+            self.settings = replace(self.settings, language=data.language or "en")
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -6,8 +6,11 @@ over the examples for the difference's 95 % interval (and, for continuous scores
 perplexity task's per-text loss, its p-value). lm-eval's corpus-level scores (word and byte
 perplexity, bits per byte, BLEU, chrF, TER: evaluation/lm_eval/corpus.py) are paired as lm-eval
 reports them, each run's aggregate over the shared documents, with the bootstrap and a
-randomization test over documents of that aggregate. `mlxlab runs compare A B` prints them with
-a one-line verdict each.
+randomization test over documents of that aggregate. A transcription task's word and character
+error rates are paired the same way, as corpus rates: each utterance's errors and reference length
+are its statistics, the rate their sums' ratio, and two runs pair only when they transcribed the
+same utterances against the same normalized references. `mlxlab runs compare A B` prints them
+with a one-line verdict each.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import numpy as np
 
 from mlxlab.evaluation.lm_eval.corpus import CORPUS_AGGREGATIONS, corpus_statistics
 from mlxlab.evaluation.results import SavedTask
-from mlxlab.evaluation.tasks import BINARY_SCORES, PAIRED_SCORES
+from mlxlab.evaluation.speech.word_errors import RATES
+from mlxlab.evaluation.tasks import BINARY_SCORES, PAIRED_SCORES, TRANSCRIPTION
 from mlxlab.stats import ALPHA, CONFIDENCE, SCORE_DEFINITIONS, mcnemar_exact, paired_bootstrap
 
 
@@ -67,10 +71,13 @@ class PairedScore:
 
 def pair_task(a: SavedTask, b: SavedTask, rounds: int = 10_000, seed: int = 0
               ) -> list[PairedScore]:
-    """Each paired score of the task (PAIRED_SCORES) over the examples both have; a task of
-    another kind, or no shared ids, is a ValueError naming why."""
+    """Each paired score of the task (PAIRED_SCORES) over the examples both have (a
+    transcription task: pair_transcriptions); a task of another kind, or no shared ids, is a
+    ValueError naming why."""
     if a.kind != b.kind:
         raise ValueError(f"task {a.task}: one run scored it as {a.kind}, the other as {b.kind}")
+    if a.kind == TRANSCRIPTION:
+        return pair_transcriptions(a, b, rounds, seed)
     if a.prompts != b.prompts:
         raise ValueError(f"task {a.task}: A's prompts were {a.prompts}, B's {b.prompts}: score "
                          "both the same way (eval.chat / mlxlab eval --chat)")
@@ -117,6 +124,55 @@ def pair_weighted_loss(a: SavedTask, b: SavedTask, rounds: int = 2000, seed: int
               for rows in (rows_a, rows_b))
     return _pair_statistics(a.task, "loss", sa, sb, lambda total: total[0] / total[1], False,
                             rounds, seed)
+
+
+def same_utterances(tasks: list[SavedTask]) -> list[str]:
+    """The utterance ids every run's scores of one transcription task hold, in the first's
+    order; a ValueError unless they transcribed the same utterances against the same normalized
+    references (another task file, a subset, or another eval.normalizer would pair rates of
+    different texts)."""
+    first = tasks[0].by_id()
+    for other in tasks[1:]:
+        if other.prompts != tasks[0].prompts:  # the language and normalizer (speech/scoring.py)
+            raise ValueError(f"task {other.task}: one run transcribed and normalized it as "
+                             f"{tasks[0].prompts}, the other as {other.prompts}: score both "
+                             "with the same eval.language and eval.normalizer")
+        rows = other.by_id()
+        if set(rows) != set(first):
+            raise ValueError(
+                f"task {tasks[0].task}: the runs transcribed different utterances ({len(first)} "
+                f"and {len(rows)}, {len(set(first) - set(rows))} and "
+                f"{len(set(rows) - set(first))} of them not in the other): score both on the "
+                "same task file")
+        differ = [i for i in first if first[i].get("reference") != rows[i].get("reference")]
+        if differ:
+            raise ValueError(
+                f"task {tasks[0].task}: {len(differ)} utterance(s) ({differ[0]} first) have "
+                "another normalized reference in each run: score both on the same task file "
+                "with the same eval.normalizer")
+    return list(first)
+
+
+def utterance_statistics(task: SavedTask, rate: str, ids: list[str]) -> np.ndarray:
+    """(utterances, 2): each utterance's errors and reference length for `rate` (wer, cer)."""
+    errors, length = RATES[rate]
+    rows = task.by_id()
+    return np.array([[float(rows[i][errors]), float(rows[i][length])] for i in ids])
+
+
+def _rate(total: np.ndarray) -> float:
+    return float(total[0] / total[1])
+
+
+def pair_transcriptions(a: SavedTask, b: SavedTask, rounds: int = 10_000, seed: int = 0
+                        ) -> list[PairedScore]:
+    """B - A on a transcription task's WER and CER, the corpus rates (sum of the errors over the
+    sum of the reference lengths) over the utterances both transcribed (same_utterances): a
+    paired bootstrap over utterances for the interval, the paired randomization test for p."""
+    ids = same_utterances([a, b])
+    return [_pair_statistics(a.task, rate, utterance_statistics(a, rate, ids),
+                             utterance_statistics(b, rate, ids), _rate, higher_is_better(rate),
+                             rounds, seed) for rate in RATES]
 
 
 def _corpus(a: SavedTask, b: SavedTask, metric: str, rows: list[dict]) -> str | None:
@@ -212,6 +268,9 @@ def pair_replicates(a: Mapping[str, Mapping[str, SavedTask]],
         if len(kinds) > 1 or len(prompts) > 1:
             raise ValueError(f"task {task}: the runs scored it as {sorted(kinds)} with "
                              f"{sorted(prompts)} prompts: score every run the same way")
+        if tasks[0].kind == TRANSCRIPTION:
+            out += _replicate_transcriptions(a, b, task, rounds, seed)
+            continue
         ids = [i for i in tasks[0].by_id() if all(i in t.by_id() for t in tasks[1:])]
         if not ids:
             continue
@@ -228,6 +287,22 @@ def pair_replicates(a: Mapping[str, Mapping[str, SavedTask]],
             out.append(ReplicatePaired(task, metric, len(ids), len(a), len(b),
                                        float(ma.mean()), float(mb.mean()), diff, low, high,
                                        float(p), tuple(per_seed), higher))
+    return out
+
+
+def _replicate_transcriptions(a: Mapping[str, Mapping[str, SavedTask]],
+                              b: Mapping[str, Mapping[str, SavedTask]], task: str, rounds: int,
+                              seed: int) -> list[ReplicatePaired]:
+    """A transcription task over two groups of seeds: each utterance's errors averaged over a
+    group's runs, the groups' corpus rates paired as pair_transcriptions pairs two runs'."""
+    ids = same_utterances([r[task] for r in (*a.values(), *b.values())])
+    out = []
+    for rate in RATES:
+        sa, sb = (np.mean([utterance_statistics(r[task], rate, ids) for r in group.values()],
+                          axis=0) for group in (a, b))
+        s = _pair_statistics(task, rate, sa, sb, _rate, higher_is_better(rate), rounds, seed)
+        out.append(ReplicatePaired(task, rate, s.n, len(a), len(b), s.a, s.b, s.diff, s.low,
+                                   s.high, s.p, higher_is_better=s.higher_is_better))
     return out
 
 

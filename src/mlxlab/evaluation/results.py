@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from mlxlab.evaluation.scoring import TaskScores
-from mlxlab.evaluation.tasks import BINARY_SCORES, PERPLEXITY
+from mlxlab.evaluation.speech.word_errors import RATES
+from mlxlab.evaluation.tasks import BINARY_SCORES, PERPLEXITY, TRANSCRIPTION
 from mlxlab.stats import CONFIDENCE, proportion_interval
 
 FOLDER = "eval_tasks"
@@ -86,8 +87,11 @@ def intervals(task: SavedTask | TaskScores, confidence: float = CONFIDENCE, roun
     of n for accuracies (stats.proportion_interval: inside [0, 1], honest at 0/n and n/n); a
     bootstrap over texts of the token-weighted loss for perplexity tasks (an lm-eval task's
     other scores: none here; its examples still pair) (perplexity and bits
-    per byte follow from the loss's bounds)."""
+    per byte follow from the loss's bounds); a bootstrap over utterances of a transcription task's
+    corpus WER and CER."""
     rows = task.rows
+    if task.kind == TRANSCRIPTION:
+        return _rate_intervals(rows, confidence, rounds, seed)
     if task.kind != PERPLEXITY:
         out = {}
         for key in task.metrics:
@@ -111,3 +115,19 @@ def intervals(task: SavedTask | TaskScores, confidence: float = CONFIDENCE, roun
     return {"loss": (loss, low, high),
             "perplexity": (math.exp(loss), math.exp(low), math.exp(high)),
             "bits_per_byte": (loss * per_byte, low * per_byte, high * per_byte)}
+
+
+def _rate_intervals(rows: Sequence[dict], confidence: float, rounds: int, seed: int
+                    ) -> dict[str, tuple[float, float, float]]:
+    """(rate, low, high) of a transcription task's WER and CER: the percentile bootstrap over
+    utterances of the sum of the errors over the sum of the reference lengths."""
+    picks = np.random.default_rng(seed).integers(0, len(rows), size=(rounds, len(rows)))
+    tail = (1 - confidence) / 2
+    out = {}
+    for rate, (errors, length) in RATES.items():
+        e = np.array([r[errors] for r in rows], np.float64)
+        n = np.array([r[length] for r in rows], np.float64)
+        boot = e[picks].sum(axis=1) / n[picks].sum(axis=1)
+        low, high = (float(v) for v in np.quantile(boot, [tail, 1 - tail]))
+        out[rate] = (float(e.sum() / n.sum()), low, high)
+    return out

@@ -35,7 +35,7 @@ from mlxlab.data.tokenizer import EOT_TOKENS, start_ids
 from mlxlab.decoding.batched_greedy import greedy_batch
 from mlxlab.errors import ConfigError
 from mlxlab.evaluation.settings import TaskSettings
-from mlxlab.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, Example, Task
+from mlxlab.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, TRANSCRIPTION, Example, Task
 from mlxlab.models.base import Model
 from mlxlab.runtime.progress import Progress
 
@@ -101,8 +101,13 @@ def score_task(model: Model, tokenizer: Tokenizer, task: Task,
                settings: TaskSettings | None = None,
                template: ChatTemplate | None = None) -> TaskScores:
     """`task` scored on `model` (left in the mode it was in). `template`: a chat model's chat
-    template, through which its prompts are rendered (None: plain prompts; chat_template)."""
+    template, through which its prompts are rendered (None: plain prompts; chat_template). A
+    transcription task is a Whisper model's (evaluation/speech/scoring.py)."""
     settings = settings or TaskSettings()
+    if task.kind == TRANSCRIPTION:  # a Whisper's: its tokenizer is transformers' WhisperTokenizer
+        from mlxlab.evaluation.speech.scoring import score_transcription
+
+        return score_transcription(model, tokenizer, task, settings)
     prompts = Prompts(tokenizer, template)
     with eval_mode(model):
         if task.kind == MULTIPLE_CHOICE:

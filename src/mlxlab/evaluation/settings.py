@@ -13,6 +13,7 @@ from mlxlab.evaluation.lm_eval.tasks import (
     check_entries,
     is_harness_entry,
 )
+from mlxlab.evaluation.speech.word_errors import NORMALIZERS
 from mlxlab.evaluation.tasks import read_tasks
 
 CHAT_MODES = ("auto", "template", "plain")
@@ -26,7 +27,11 @@ class TaskSettings:
     at once; eval.max_new_tokens: generation tasks' greedy token limit; eval.stop: strings that
     end a generation (the text is cut before them; [] to stop only at end-of-text);
     eval.chat: auto (a model with a chat template sees prompts through it) | template (it must
-    have one) | plain (never)."""
+    have one) | plain (never). Transcription tasks (audio rows, evaluation/speech/):
+    eval.language: the audio's language (null: a training run's data.language, else en);
+    eval.beam_size: 1 decodes greedily, N > 1 with a beam search of N; eval.normalizer: how
+    references and transcriptions are normalized before the word error rate (auto: Whisper's
+    English normalizer for English, its basic one otherwise | english | basic | none)."""
 
     tasks: tuple[str, ...] = ()
     batch_size: int = 16
@@ -35,6 +40,9 @@ class TaskSettings:
     chat: str = "auto"
     num_fewshot: int | None = None
     limit: float | None = None
+    language: str | None = None
+    beam_size: int = 1
+    normalizer: str = "auto"
 
     @property
     def files(self) -> list[str]:
@@ -71,6 +79,11 @@ class TaskSettings:
         check_number("eval.batch_size", self.batch_size, int, 1)
         check_number("eval.max_new_tokens", self.max_new_tokens, int, 1)
         check_choice("eval.chat", self.chat, CHAT_MODES)
+        check_number("eval.beam_size", self.beam_size, int, 1)
+        check_choice("eval.normalizer", self.normalizer, NORMALIZERS)
+        if self.language is not None and not (isinstance(self.language, str) and self.language):
+            raise ConfigError(f"eval.language={self.language!r}: a Whisper language code (en, "
+                              "de, ...) or null")
         if self.num_fewshot is not None:
             check_number("eval.num_fewshot", self.num_fewshot, int, 0)
         if self.limit is not None:

@@ -11,6 +11,11 @@ Three kinds, told apart by the keys of the rows (every row of a file must be of 
   prompt's pictures to a vision-language model (paths relative to the task file, file:// or
   data: URLs), rendered by its chat template and laid out by its processor.
 - perplexity: `text`: the token-weighted loss, perplexity and bits per byte of the text.
+- transcription: `audio` (a sound file, relative to the task file) and `text`, its reference
+  transcript (or data=speech's `file_name` and `transcription`: its validation file is a task):
+  a speech model's transcription of each utterance, scored by word and character error rate
+  after Whisper's normalization (evaluation/speech/). An utterance's id is its `id`, else its
+  audio path as the row gives it.
 
 Each example keeps an id, the row's `id` field or else its 0-based row number, so two models'
 scores pair example by example (evaluation/paired.py).
@@ -28,17 +33,22 @@ from mlxlab.config.records import utf8_text
 from mlxlab.errors import ConfigError, MissingFileError
 
 MULTIPLE_CHOICE, GENERATION, PERPLEXITY = "multiple_choice", "generation", "perplexity"
+TRANSCRIPTION = "transcription"
+# a transcription row's sound file and reference: its own names, or data=speech's (audiofolder's)
+AUDIO_KEYS, TRANSCRIPT_KEYS = ("audio", "file_name"), ("text", "transcription")
 # The per-example scores of each kind and the task metrics computed from them.
 METRICS = {
     MULTIPLE_CHOICE: ("acc", "acc_norm"),
     GENERATION: ("exact_match", "contains"),
     PERPLEXITY: ("loss", "perplexity", "bits_per_byte"),
+    TRANSCRIPTION: ("wer", "cer"),
 }
 # Per-example scores that are right/wrong (paired by McNemar's test); the others are continuous.
 BINARY_SCORES = ("acc", "acc_norm", "exact_match", "contains")
 # The per-example score of each kind that pairs two runs (perplexity: each text's loss).
+# (transcription: each utterance's word and character errors, paired as the corpus rates)
 PAIRED_SCORES = {MULTIPLE_CHOICE: ("acc", "acc_norm"), GENERATION: ("exact_match", "contains"),
-                 PERPLEXITY: ("loss",)}
+                 PERPLEXITY: ("loss",), TRANSCRIPTION: ("wer", "cer")}
 _NAME = re.compile(r"^[A-Za-z0-9_.\- ]+$")  # what an MLflow metric key may hold
 
 
@@ -52,6 +62,7 @@ class Example:
     answer: int | tuple[str, ...] | None = None  # choice index, or accepted generations
     text: str = ""
     images: tuple[str, ...] = ()  # generation: the pictures the prompt shows (resolved paths)
+    audio: str = ""  # transcription: the utterance's sound file (resolved path); text its transcript
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,8 @@ class Task:
 
 def kind_of(row: dict) -> str | None:
     """The kind a row's keys say, None when they say none."""
+    if any(key in row for key in AUDIO_KEYS):
+        return TRANSCRIPTION
     if "choices" in row:
         return MULTIPLE_CHOICE
     if "prompt" in row and "answer" in row:
@@ -86,7 +99,7 @@ def read_task(path: str | Path) -> Task:
     path = Path(str(path)).expanduser()
     if not path.is_file():
         raise MissingFileError(f"task file not found: {path} (give a jsonl of prompt/choices/"
-                               "answer, prompt/answer or text rows)")
+                               "answer, prompt/answer, text or audio/text rows)")
     name = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.stem
     if not _NAME.match(name):
         raise ConfigError(f"task file {path}: its name {name!r} becomes the metric "
@@ -105,13 +118,14 @@ def read_task(path: str | Path) -> Task:
         this = kind_of(row)
         if this is None:
             raise ConfigError(f"{where} has keys {sorted(row)}: a task row has prompt, choices "
-                              "and answer (multiple choice), prompt and answer (generation), or "
-                              "text (perplexity)")
+                              "and answer (multiple choice), prompt and answer (generation), "
+                              "text (perplexity), or audio and text (transcription)")
         if kind is not None and this != kind:
             raise ConfigError(f"{where} is a {this} row in a {kind} task: one kind per file; "
                               "split the file")
         kind = this
-        example = _example(row, this, str(row.get("id", len(examples))), where, path.parent)
+        default = _audio_path(row) if this == TRANSCRIPTION else len(examples)
+        example = _example(row, this, str(row.get("id", default)), where, path.parent)
         if example.id in seen:
             raise ConfigError(f"{where}: id {example.id!r} is also on line {seen[example.id]}; "
                               "ids pair examples across runs and must be unique")
@@ -152,7 +166,29 @@ def _images(row: dict, where: str, folder: Path) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _audio_path(row: dict) -> object:
+    return next(row[key] for key in AUDIO_KEYS if key in row)
+
+
+def _utterance(row: dict, ident: str, where: str, folder: Path) -> Example:
+    """A transcription row: its sound file (checked to exist) and reference transcript."""
+    audio = _audio_path(row)
+    text = next((row[key] for key in TRANSCRIPT_KEYS if key in row), None)
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{where}: an audio row needs text (or transcription), its reference "
+                          "transcript: a non-empty string")
+    if not isinstance(audio, str) or not audio:
+        raise ConfigError(f"{where}: audio must be the path of a sound file")
+    path = folder / Path(audio).expanduser()  # an absolute path stays itself
+    if not path.is_file():
+        raise ConfigError(f"{where}: audio file {path} not found (paths are relative to the "
+                          "task file)")
+    return Example(ident, text=text, audio=str(path))
+
+
 def _example(row: dict, kind: str, ident: str, where: str, folder: Path = Path(".")) -> Example:
+    if kind == TRANSCRIPTION:
+        return _utterance(row, ident, where, folder)
     if kind == PERPLEXITY:
         if not isinstance(row["text"], str) or not row["text"]:
             raise ConfigError(f"{where}: text must be a non-empty string")

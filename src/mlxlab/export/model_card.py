@@ -21,7 +21,7 @@ from typing import Any
 from mlxlab.evaluation.paired import pair_task, pair_weighted_loss
 from mlxlab.evaluation.results import SavedTask, intervals
 from mlxlab.evaluation.run_scores import folder_scores, run_scores
-from mlxlab.evaluation.tasks import PERPLEXITY
+from mlxlab.evaluation.tasks import PERPLEXITY, TRANSCRIPTION
 from mlxlab.tracking import tags as T
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,8 @@ def model_card(run_dir: Path, name: str, config: dict, run_id: str | None,
         lines.append(f"base_model: {Path(pretrained).name}")
     lines += ["model-index:", f"- name: {name}", "  results:"]
     for task in scores.values():
-        lines += ["  - task: {type: text-generation}",
+        kind = "automatic-speech-recognition" if task.kind == TRANSCRIPTION else "text-generation"
+        lines += [f"  - task: {{type: {kind}}}",
                   f"    dataset: {{name: {task.task}, type: {task.task}}}", "    metrics:"]
         lines += [f"    - {{type: {k}, value: {v:.6g}, name: {k}}}" for k, v in task.metrics.items()]
     lines += ["---", "", f"# {name}", "",
@@ -117,7 +118,7 @@ def model_card(run_dir: Path, name: str, config: dict, run_id: str | None,
                   f"{', '.join(base_runs)}) on the same examples with the same prompts; the "
                   "difference is this model's score minus the base's (paired bootstrap "
                   "interval over the examples; McNemar's exact test for right/wrong scores, a "
-                  "randomization test for a token-weighted loss)."]
+                  "randomization test for a token-weighted loss or an error rate)."]
     if unpaired:
         lines += ["", "No base score is shown for " + "; ".join(unpaired) + "."]
     return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ from mlxlab.objectives.base import Objective
 from mlxlab.stats import SCORE_DEFINITIONS, MetricDefinition
 
 # the kinds of mlxlab's data (base.data_kind: a data module's task, or prompts alone)
-KINDS = ("classification", "lm", "preference", "unpaired", "prompts", "embedding")
+KINDS = ("classification", "lm", "preference", "unpaired", "prompts", "embedding", "speech")
 # prefixes of a validation metric's logged name: val/, train/ (the loss's own aux), a quantized
 # model's val_q4/, a best checkpoint's best/
 PREFIX = re.compile(r"^(?:best/)?(?:val|train|val_q\d+)/")

@@ -43,6 +43,9 @@ LOG_PROB = MetricDefinition("max", high=0.0)  # a log-probability
 SCORE_DEFINITIONS = {"acc": UNIT, "acc_norm": UNIT, "exact_match": UNIT, "contains": UNIT,
                      "loss": LOSS, "perplexity": MetricDefinition("min", 1.0),
                      "bits_per_byte": LOSS,
+                     # a transcription task's word and character error rates (insertions can
+                     # take them past 1)
+                     "wer": MetricDefinition("min", 0.0), "cer": MetricDefinition("min", 0.0),
                      # lm-eval-harness's names for its tasks' scores (evaluation/lm_eval/scores.py)
                      "word_perplexity": MetricDefinition("min", 1.0),
                      "byte_perplexity": MetricDefinition("min", 1.0)}

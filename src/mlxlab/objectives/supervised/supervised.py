@@ -39,6 +39,7 @@ OTHER_KINDS = {
     "embedding": "text columns train embedders with an embedding loss: set objective=mnrl "
                  "(or cached_mnrl, matryoshka, cosent, margin_mse, distill_kl_div; "
                  "experiment=embed_retrieval)",
+    "speech": "audio and transcripts train a Whisper model with objective=speech_to_text",
     "prompts": "data {data} holds prompts without completions, and objective {objective} trains "
                "on the data's rows: pick an objective that samples completions (objective=grpo, "
                "experiment=grpo_*), or data=completions / data=chat for supervised fine-tuning"}

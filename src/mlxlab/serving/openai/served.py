@@ -132,18 +132,24 @@ class Target:
     registered: bool = False
 
     def task(self, which: str = "best") -> str:
-        """"lm", "classification" or "rerank" (a run's checkpoint says; a model folder is a
-        decoder unless it holds a sequence classifier: a cross-encoder reranker)."""
+        """"lm", "classification", "rerank" or "speech" (a run's checkpoint says; a model
+        folder is a decoder unless it holds a sequence classifier, a cross-encoder reranker, or
+        a Whisper model)."""
         from mlxlab.checkpoint import CheckpointState
         from mlxlab.models.embedders.cross_encoder import is_sequence_classifier
+        from mlxlab.models.speech.whisper_folder import is_whisper_folder
         from mlxlab.runs.model import choose_checkpoint
 
         if not is_run(self.path):
+            if is_whisper_folder(self.path):
+                return "speech"
             return "rerank" if is_sequence_classifier(self.path) else "lm"
         state = CheckpointState.read(choose_checkpoint(self.path, which))
         target = str((state.config.get("model") or {}).get("_target_", ""))
         if target.endswith("CrossEncoderModel"):
             return "rerank"
+        if target.endswith("WhisperModel"):
+            return "speech"
         return "classification" if state.model_init.get("num_labels") else "lm"
 
 

@@ -25,6 +25,9 @@ What mlxlab changes, and why:
 - POST /v1/embeddings: a text embedder's vectors (embeddings.py), computed on the request's
   own thread, one request a model at a time; a language model asked for embeddings, or an
   embedder asked for a completion, is refused naming the endpoint it answers.
+- POST /v1/audio/transcriptions: a Whisper model's transcript of an uploaded audio file
+  (transcriptions.py: OpenAI's multipart upload), on the request's thread, a request a model
+  at a time.
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ from mlxlab.serving.openai.embeddings import ServedEmbedder, answer, read_reques
 from mlxlab.serving.openai.errors import ServingError, from_mlx_lm
 from mlxlab.serving.openai.rerank import RERANK_PATHS, ServedReranker, rerank_response
 from mlxlab.serving.openai.served import ServedModel
+from mlxlab.serving.openai.transcriptions import (
+    TRANSCRIPTION_PATHS,
+    ServedTranscriber,
+    transcription_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +224,17 @@ class OpenAIHandler(APIHandler):
         read = False
         try:
             check_key(self.headers.get("Authorization"), self.settings.api_key)
-            if self.path not in COMPLETION_PATHS + EMBEDDING_PATHS + RERANK_PATHS:
+            if self.path not in (COMPLETION_PATHS + EMBEDDING_PATHS + RERANK_PATHS
+                                 + TRANSCRIPTION_PATHS):
                 raise ServingError(f"Invalid URL (POST {self.path[:200]}): this server answers "
                                    f"POST {', '.join(COMPLETION_PATHS[:2])}, "
-                                   f"{EMBEDDING_PATHS[0]}, {RERANK_PATHS[0]}", status=404)
+                                   f"{EMBEDDING_PATHS[0]}, {RERANK_PATHS[0]}, "
+                                   f"{TRANSCRIPTION_PATHS[0]}", status=404)
             length = body_length(self.headers, self.settings.max_request_bytes)
             raw, read = self.rfile.read(length), True
+            if self.path in TRANSCRIPTION_PATHS:  # a multipart upload, not JSON
+                self.transcribe(raw)
+                return
             self.body = parse_body(raw, self.address_string())
             if self.path in EMBEDDING_PATHS:
                 self.embed(self.body)
@@ -264,7 +277,8 @@ class OpenAIHandler(APIHandler):
             check_key(self.headers.get("Authorization"), self.settings.api_key)
             if path.rstrip("/") == "/v1/models":
                 rerankers = {r.name: r for r in self.server.rerankers.values()}
-                served = [*self.provider.models, *rerankers.values()]
+                transcribers = {t.name: t for t in self.server.transcribers.values()}
+                served = [*self.provider.models, *rerankers.values(), *transcribers.values()]
                 self.answer({"object": "list", "data": [self.model_object(s) for s in served]})
             elif path.startswith("/v1/models/"):
                 name = unquote(path.removeprefix("/v1/models/"))  # a path's / comes as %2F
@@ -279,12 +293,21 @@ class OpenAIHandler(APIHandler):
                   ) -> ServedModel | ServedEmbedder | ServedReranker:
         """The served model the request's `model` names (else 400 / 404), of `kind` where it
         is given (else 400 naming the endpoint the model answers)."""
-        rerankers = self.server.rerankers
+        rerankers, transcribers = self.server.rerankers, self.server.transcribers
         names = list(dict.fromkeys([s.name for s in self.provider.models]
-                                   + [r.name for r in rerankers.values()]))
-        model = served_model(body, {**self.provider.served, **rerankers}, names)
+                                   + [r.name for r in rerankers.values()]
+                                   + [t.name for t in transcribers.values()]))
+        model = served_model(body, {**self.provider.served, **rerankers, **transcribers}, names)
         if kind is None or isinstance(model, kind):
             return model
+        if isinstance(model, ServedTranscriber):
+            raise ServingError(f"model: {model.name} is a Whisper model: it answers POST "
+                               f"{TRANSCRIPTION_PATHS[0]}, not {self.path[:60]}", param="model")
+        if self.path in TRANSCRIPTION_PATHS:
+            whispers = ", ".join(t.name for t in set(transcribers.values()))
+            raise ServingError(f"model: {model.name} is not a Whisper model; "
+                               f"{TRANSCRIPTION_PATHS[0]} is for Whisper models "
+                               f"({whispers or 'none served here'})", param="model")
         if isinstance(model, ServedReranker):
             raise ServingError(f"model: {model.name} is a reranker: it answers POST "
                                f"{RERANK_PATHS[0]}, not {self.path[:60]}", param="model")
@@ -313,16 +336,36 @@ class OpenAIHandler(APIHandler):
         model = self.requested(body, ServedEmbedder)
         self.answer(answer(read_request(body, model), model, body["model"]))
 
-    def model_object(self, served: ServedModel | ServedEmbedder | ServedReranker) -> dict:
+    def transcribe(self, raw: bytes) -> None:
+        """POST /v1/audio/transcriptions (transcriptions.py); a model of another kind is
+        refused naming the endpoint it answers."""
+        transcribers = self.server.transcribers
+        try:
+            content_type, data = transcription_response(
+                self.headers.get("Content-Type"), raw, transcribers,
+                [t.name for t in transcribers.values()])
+        except ServingError as err:
+            if err.code == "model_not_found":  # another kind of model, or none of that name
+                self.requested({"model": transcription_model(self.headers, raw)},
+                               ServedTranscriber)
+            raise
+        self.answer_bytes(data, content_type)
+
+    def model_object(self, served: ServedModel | ServedEmbedder | ServedReranker
+                     | ServedTranscriber) -> dict:
         """OpenAI's model object, with the other names the model answers to."""
         return {"id": served.name, "object": "model", "created": self.created,
                 "owned_by": "mlxlab", "aliases": list(served.names[1:])}
 
     def answer(self, payload: dict, status: int = 200, cors: bool = True) -> None:
         """A JSON answer, with its length."""
-        data = json.dumps(payload).encode()
+        self.answer_bytes(json.dumps(payload).encode(), "application/json", status, cors)
+
+    def answer_bytes(self, data: bytes, content_type: str, status: int = 200,
+                     cors: bool = True) -> None:
+        """An answer of `content_type`, with its length."""
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         if cors:
             self._set_cors_headers()
@@ -349,10 +392,12 @@ class OpenAIHandler(APIHandler):
 
 def make_server(served: Sequence[ServedModel | ServedEmbedder], host: str = "127.0.0.1",
                 port: int = 5001, settings: argparse.Namespace | None = None,
-                rerankers: Sequence[ServedReranker] = ()
+                rerankers: Sequence[ServedReranker] = (),
+                transcribers: Sequence[ServedTranscriber] = ()
                 ) -> tuple[ThreadingHTTPServer, ResponseGenerator]:
     """The HTTP server (bound, not yet serving; port 0 = a free one: server.server_address) and
-    mlx-lm's generation thread (started) over `served`; `rerankers` answer /v1/rerank."""
+    mlx-lm's generation thread (started) over `served`; `rerankers` answer /v1/rerank,
+    `transcribers` /v1/audio/transcriptions."""
     settings = settings or server_settings()
     provider = ServedModels(served, settings)
     seeing = {s.name for s in served if isinstance(s, ServedModel) and s.images is not None}
@@ -361,11 +406,13 @@ def make_server(served: Sequence[ServedModel | ServedEmbedder], host: str = "127
                                                   flags=socket.AI_PASSIVE)[0]
 
     by_name = {name: r for r in rerankers for name in r.names}
+    hearing = {name: t for t in transcribers for name in t.names}
 
     class Server(ThreadingHTTPServer):
         address_family = family
         daemon_threads = True
         rerankers = by_name  # every name a request may give a reranker -> it
+        transcribers = hearing  # and a Whisper model
 
     try:
         server = Server(address, lambda *a, **k: OpenAIHandler(generator, *a, **k))
@@ -389,3 +436,10 @@ def serve_until_stopped(server: ThreadingHTTPServer, generator: ResponseGenerato
     finally:
         server.server_close()
         generator.stop_and_join()
+
+
+def transcription_model(headers: Any, raw: bytes) -> Any:
+    """The `model` field of a transcription upload (None where it has none)."""
+    from mlxlab.serving.openai.transcriptions import parse_form
+
+    return parse_form(headers.get("Content-Type"), raw).fields.get("model")

@@ -1,0 +1,168 @@
+"""A Whisper folder read the one way every verb reads it: a transformers folder (config.json
+with `model_type: whisper`, *.safetensors under transformers' names) or an mlx-whisper folder
+(config.json with mlx-whisper's `n_mels`, `n_audio_state`, ... and weights.safetensors or
+weights.npz under mlx-whisper's names, renamed here to transformers'). Anything else is one
+line naming what is missing, raised before anything is built or written."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlxlab.errors import ConfigError, MissingFileError
+from mlxlab.models.hf import read_config, weight_files
+
+# mlx-whisper's config.json keys -> transformers' WhisperConfig keys
+MLX_WHISPER_DIMS = {
+    "n_mels": "num_mel_bins", "n_audio_ctx": "max_source_positions",
+    "n_audio_state": "d_model", "n_audio_head": "encoder_attention_heads",
+    "n_audio_layer": "encoder_layers", "n_vocab": "vocab_size",
+    "n_text_ctx": "max_target_positions", "n_text_head": "decoder_attention_heads",
+    "n_text_layer": "decoder_layers",
+}
+# Whisper's vocabularies: the multilingual one (51865 and more: large-v3's 51866) puts
+# <|endoftext|> at 50257, the English-only one (51864) at 50256; the start of transcript follows
+MULTILINGUAL_VOCAB = 51865
+# mlx-whisper's names for the parts of a block -> transformers'
+MLX_WHISPER_PARTS = [
+    (r"\.attn\.query\.", ".self_attn.q_proj."), (r"\.attn\.key\.", ".self_attn.k_proj."),
+    (r"\.attn\.value\.", ".self_attn.v_proj."), (r"\.attn\.out\.", ".self_attn.out_proj."),
+    (r"\.cross_attn\.query\.", ".encoder_attn.q_proj."),
+    (r"\.cross_attn\.key\.", ".encoder_attn.k_proj."),
+    (r"\.cross_attn\.value\.", ".encoder_attn.v_proj."),
+    (r"\.cross_attn\.out\.", ".encoder_attn.out_proj."),
+    (r"\.attn_ln\.", ".self_attn_layer_norm."), (r"\.cross_attn_ln\.", ".encoder_attn_layer_norm."),
+    (r"\.mlp1\.", ".fc1."), (r"\.mlp2\.", ".fc2."), (r"\.mlp_ln\.", ".final_layer_norm."),
+    (r"^(encoder|decoder)\.blocks\.", r"model.\1.layers."),
+    (r"^encoder\.conv", "model.encoder.conv"), (r"^encoder\.ln_post\.", "model.encoder.layer_norm."),
+    (r"^decoder\.token_embedding\.", "model.decoder.embed_tokens."),
+    (r"^decoder\.positional_embedding$", "model.decoder.embed_positions.weight"),
+    (r"^decoder\.ln\.", "model.decoder.layer_norm."),
+]
+NOT_WHISPER = ("a Whisper folder is a transformers one (config.json with model_type whisper and "
+               "*.safetensors) or an mlx-whisper one (config.json with n_mels, ... and "
+               "weights.safetensors or weights.npz)")
+
+
+def is_mlx_whisper(config: Mapping) -> bool:
+    return "n_mels" in config and "n_audio_state" in config
+
+
+def is_whisper_config(config: Mapping) -> bool:
+    """Whether a config.json describes a Whisper model (either layout)."""
+    return config.get("model_type") == "whisper" or is_mlx_whisper(config)
+
+
+def is_whisper_folder(folder: Path) -> bool:
+    """Whether a folder's config.json describes Whisper (no error for any other folder)."""
+    try:
+        return is_whisper_config(json.loads((Path(folder) / "config.json").read_text()))
+    except (OSError, ValueError):
+        return False
+
+
+def whisper_config(config: Mapping, where: str | Path) -> dict:
+    """The folder's config.json as transformers' WhisperConfig keys (an mlx-whisper one
+    translated, its token ids those of its vocabulary), or one line saying it is no Whisper
+    folder."""
+    if not is_whisper_config(config):
+        raise ConfigError(f"{where} is no Whisper folder (config.json model_type "
+                          f"{config.get('model_type')!r}): {NOT_WHISPER}")
+    if not is_mlx_whisper(config):
+        return dict(config)
+    if config.get("quantization"):
+        raise ConfigError(f"{where} is a quantized mlx-whisper folder: mlxlab loads Whisper in "
+                          "float; use the float folder (or the transformers one) of this model")
+    missing = [k for k in MLX_WHISPER_DIMS if k not in config]
+    if missing:
+        raise ConfigError(f"{where}/config.json lacks mlx-whisper's {missing}: {NOT_WHISPER}")
+    hf = {"model_type": "whisper", **{MLX_WHISPER_DIMS[k]: int(config[k]) for k in MLX_WHISPER_DIMS}}
+    hf["encoder_ffn_dim"] = hf["decoder_ffn_dim"] = 4 * hf["d_model"]
+    eot = 50257 if hf["vocab_size"] >= MULTILINGUAL_VOCAB else 50256
+    hf.update(eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
+              decoder_start_token_id=eot + 1, tie_word_embeddings=True)
+    return hf
+
+
+def check_sizes(config: Mapping, where: str | Path) -> None:
+    """The sizes the model is built from: present, and heads dividing the width."""
+    need = ["d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+            "decoder_attention_heads", "num_mel_bins", "vocab_size"]
+    missing = [k for k in need if k not in config]
+    if missing:
+        raise ConfigError(f"{where}/config.json lacks {missing}: {NOT_WHISPER}")
+    for heads in ("encoder_attention_heads", "decoder_attention_heads"):
+        if config["d_model"] % config[heads]:
+            raise ConfigError(f"{where}/config.json: d_model {config['d_model']} is not a "
+                              f"multiple of {heads} {config[heads]}")
+
+
+def read_whisper(folder: str | Path) -> tuple[dict, Path]:
+    """(config as transformers' keys, folder) of a local Whisper folder, checked: a config
+    that describes Whisper and the weights its layout keeps."""
+    folder = Path(folder)
+    raw = read_config(folder)
+    config = whisper_config(raw, folder)
+    check_sizes(config, folder)
+    if is_mlx_whisper(raw):
+        _mlx_whisper_file(folder)
+    else:
+        weight_files(folder)
+    return config, folder
+
+
+def _mlx_whisper_file(folder: Path) -> Path:
+    for name in ("weights.safetensors", "weights.npz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise MissingFileError(f"{folder} has mlx-whisper's config.json but neither "
+                           "weights.safetensors nor weights.npz: copy the weights file beside it")
+
+
+def rename_mlx_whisper(weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+    """mlx-whisper's parameter names and layouts as transformers': its convolutions (out,
+    kernel, in) become (out, in, kernel); the alignment heads (no parameter of transformers')
+    are dropped, and the encoder's sinusoids are not stored by either."""
+    renamed = {}
+    for name, value in weights.items():
+        if name == "alignment_heads":
+            continue
+        new = name
+        for pattern, replacement in MLX_WHISPER_PARTS:
+            new = re.sub(pattern, replacement, new)
+        if not new.startswith("model."):
+            raise ConfigError(f"mlx-whisper weight {name!r} has no transformers name: the "
+                              "folder is not mlx-whisper's Whisper layout")
+        if ".conv" in new and new.endswith(".weight"):
+            value = value.transpose(0, 2, 1)
+        renamed[new] = value
+    return renamed
+
+
+def load_weights(folder: Path, raw_config: Mapping) -> dict[str, mx.array]:
+    """The folder's weights under transformers' names."""
+    if is_mlx_whisper(raw_config):
+        return rename_mlx_whisper(mx.load(str(_mlx_whisper_file(folder))))
+    weights: dict[str, mx.array] = {}
+    for f in weight_files(folder):
+        weights.update(mx.load(str(f)))
+    return weights
+
+
+# what decoding reads of a folder's generation_config.json (the rest is sampling's)
+GENERATION_KEYS = ("suppress_tokens", "begin_suppress_tokens", "eos_token_id", "is_multilingual",
+                   "length_penalty")
+
+
+def read_generation(folder: Path) -> dict:
+    """The decoding settings of the folder's generation_config.json ({} where it has none: an
+    mlx-whisper folder)."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    return {k: config[k] for k in GENERATION_KEYS if k in config}
