@@ -3,12 +3,11 @@ Whisper has never heard) spoken by eSpeak NG (espeakng-loader's library and data
 in several voices, speeds and pitches, white noise at set SNRs, resampled to 16 kHz WAV, written
 as an audiofolder: OUT/{train,test}/metadata.csv (file_name, transcription, voice, rate, pitch,
 snr_db) beside the WAVs. The held-out split has its own voices and its own sentences (the same
-vocabulary). `--base-wer MODEL` scores a Whisper folder on the held-out split with transformers
-(greedy, EnglishTextNormalizer, jiwer): the WER per utterance and over the split, and how many
-invented words it spells right.
+vocabulary). `heldout` scores a transformers Whisper on the held-out split (greedy,
+EnglishTextNormalizer, jiwer): the WER per utterance and over the split, and how many invented
+words it spells right (reference_seq2seq.py's fine-tune, and its base with `--score-base`).
 
     python benchmarks/speech/make_speech_set.py [--out DIR] [--train 400] [--test 100]
-        [--base-wer ~/.cache/mlxlab/speech/whisper-base]
 """
 
 from __future__ import annotations
@@ -146,16 +145,16 @@ def transcribe(model, processor, waves: list[np.ndarray], batch: int = 16) -> li
 
 
 def score(refs: list[str], hyps: list[str]) -> dict:
-    """WER per utterance and over all (errors / reference words) after Whisper's English
-    normalizer, and the share of invented words the transcript spells right."""
-    import jiwer
-    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+    """mlxlab's own judge (evaluation/speech/word_errors.py: Whisper's English normalizer with
+    OpenAI's spelling map, jiwer): the corpus WER and CER, the WER per utterance, and the share
+    of invented words the transcript spells right."""
+    from mlxlab.evaluation.speech import word_errors as we
 
-    norm = EnglishTextNormalizer({})
-    r, h = [norm(x) for x in refs], [norm(x) or "<empty>" for x in hyps]
-    per = [jiwer.wer(a, b) for a, b in zip(r, h)]
-    words = [(w, set(b.split())) for a, b in zip(r, h) for w in a.split() if w.removesuffix("'s") in INVENTED]
-    return {"wer": jiwer.wer(r, h), "wer_per_utterance": per, "n": len(refs),
+    rows = we.score_transcriptions(list(map(str, range(len(refs)))), refs, hyps,
+                                   we.text_normalizer("english"))
+    words = [(w, set(r["hypothesis"].split())) for r in rows for w in r["reference"].split()
+             if w.removesuffix("'s") in INVENTED]
+    return {**we.corpus_rates(rows), "wer_per_utterance": [r["wer"] for r in rows], "n": len(refs),
             "invented_words_right": sum(w in hyp for w, hyp in words) / max(1, len(words))}
 
 
@@ -176,7 +175,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train", type=int, default=400)
     p.add_argument("--test", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--base-wer", type=Path, help="a Whisper folder scored on the held-out split")
     p.add_argument("--smoke", action="store_true", help="8 + 4 utterances in a temporary folder")
     args = p.parse_args(argv)
     if args.smoke:
@@ -188,13 +186,6 @@ def main(argv: list[str] | None = None) -> dict:
     test = sentences(args.test, rng, set(train))
     report = {"train": write_split(args.out / "train", train, TRAIN_VOICES, rng, tts),
               "test": write_split(args.out / "test", test, TEST_VOICES, rng, tts), "out": str(args.out)}
-    if args.base_wer:
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
-        t0, folder = time.perf_counter(), args.base_wer
-        report["base"] = heldout(WhisperForConditionalGeneration.from_pretrained(folder).eval(),
-                                 WhisperProcessor.from_pretrained(folder), args.out / "test")
-        report["base"]["decode_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(report, indent=1))
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     return report
