@@ -58,23 +58,18 @@ def collate(rows: list[dict], pad: int) -> dict:
 
 
 def step_clock():
-    """A TrainerCallback keeping each optimizer step's seconds and loss."""
+    """A TrainerCallback keeping each optimizer step's seconds."""
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:
             self.seconds: list[float] = []
-            self.losses: list[float] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self.t0)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.losses.append(logs["loss"])
 
     return Clock()
 
@@ -98,9 +93,10 @@ def train(args: argparse.Namespace, model, processor, data: list[dict]) -> dict:
     reset_peak_rss()
     metrics = trainer.train().metrics
     timed = clock.seconds[args.skip:] or clock.seconds
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"model": model.eval(), "median_examples_per_s": args.batch / statistics.median(timed),
             "trainer_samples_per_s": metrics.get("train_samples_per_second"),
-            "step_seconds": [round(s, 3) for s in clock.seconds], "loss": clock.losses,
+            "step_seconds": [round(s, 3) for s in clock.seconds], "loss": losses,
             "peak_rss_mb": peak_rss_mb(), "trainable": sum(
                 p.numel() for p in model.parameters() if p.requires_grad)}
 
