@@ -68,7 +68,7 @@ def transformers_folder(ct2: Path, out: Path) -> Path:
         **{k: model.config[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id",
                                         "decoder_start_token_id", "suppress_tokens",
                                         "begin_suppress_tokens")}, is_multilingual=len(langs) > 1,
-        lang_to_id={t: i for t, i in special.items() if i in langs},
+        lang_to_id={t: i for t, i in special.items() if i in langs}, max_length=config.max_target_positions,
         task_to_id={t: special[f"<|{t}|>"] for t in ("transcribe", "translate")},
         no_timestamps_token_id=special["<|notimestamps|>"]).save_pretrained(partial)
     tf.WhisperTokenizer.from_pretrained(str(ct2)).save_pretrained(partial)
