@@ -265,8 +265,8 @@ def whisper_source(source: str | Path, revision: str | None = None) -> tuple[Pat
 
 class WhisperModel(PretrainedModel):
     """`model(input_features, decoder_input_ids) -> (B, T, vocab)` logits of a Whisper loaded
-    from `pretrained` (a transformers or mlx-whisper folder), or built from `hf_config` when a
-    checkpoint supplies the weights."""
+    from `pretrained` (a transformers, mlx-whisper or CTranslate2 folder), or built from
+    `hf_config` when a checkpoint supplies the weights."""
 
     def __init__(
         self,
@@ -290,8 +290,8 @@ class WhisperModel(PretrainedModel):
         elif hf_config:
             folder, config = None, whisper_config(hf_config, "the checkpoint's config")
         else:
-            raise ConfigError("model.pretrained=??? : name the Whisper model: a transformers "
-                              "or mlx-whisper folder (or a hub id ORG/NAME)")
+            raise ConfigError("model.pretrained=??? : name the Whisper model: a transformers, "
+                              "mlx-whisper or CTranslate2 folder (or a hub id ORG/NAME)")
         self._hf_config = dict(config)
         # the folder's decoding settings (suppressed tokens, ...): decoding/transcription.py
         self._generation = read_generation(folder) if folder else dict(generation_config or {})

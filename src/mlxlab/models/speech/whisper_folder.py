@@ -1,7 +1,8 @@
 """A Whisper folder read the one way every verb reads it: a transformers folder (config.json
-with `model_type: whisper`, *.safetensors under transformers' names) or an mlx-whisper folder
+with `model_type: whisper`, *.safetensors under transformers' names), an mlx-whisper folder
 (config.json with mlx-whisper's `n_mels`, `n_audio_state`, ... and weights.safetensors or
-weights.npz under mlx-whisper's names, renamed here to transformers'). Anything else is one
+weights.npz under mlx-whisper's names, renamed here to transformers') or a CTranslate2 one
+(faster-whisper's: model.bin, read and renamed by ctranslate2_folder.py). Anything else is one
 line naming what is missing, raised before anything is built or written."""
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ import mlx.core as mx
 
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.hf import read_config, weight_files
+from mlxlab.models.speech.ctranslate2_folder import (
+    ct2_generation,
+    is_ct2_whisper,
+    read_ct2_whisper,
+    transformers_weights,
+)
 
 # mlx-whisper's config.json keys -> transformers' WhisperConfig keys
 MLX_WHISPER_DIMS = {
@@ -44,8 +51,9 @@ MLX_WHISPER_PARTS = [
     (r"^decoder\.ln\.", "model.decoder.layer_norm."),
 ]
 NOT_WHISPER = ("a Whisper folder is a transformers one (config.json with model_type whisper and "
-               "*.safetensors) or an mlx-whisper one (config.json with n_mels, ... and "
-               "weights.safetensors or weights.npz)")
+               "*.safetensors), an mlx-whisper one (config.json with n_mels, ... and "
+               "weights.safetensors or weights.npz) or a CTranslate2 (faster-whisper) one "
+               "(config.json with lang_ids, ..., model.bin and tokenizer.json)")
 
 
 def is_mlx_whisper(config: Mapping) -> bool:
@@ -53,8 +61,9 @@ def is_mlx_whisper(config: Mapping) -> bool:
 
 
 def is_whisper_config(config: Mapping) -> bool:
-    """Whether a config.json describes a Whisper model (either layout)."""
-    return config.get("model_type") == "whisper" or is_mlx_whisper(config)
+    """Whether a config.json describes a Whisper model (any of the three layouts)."""
+    return (config.get("model_type") == "whisper" or is_mlx_whisper(config)
+            or is_ct2_whisper(config))
 
 
 def is_whisper_folder(folder: Path) -> bool:
@@ -106,6 +115,10 @@ def read_whisper(folder: str | Path) -> tuple[dict, Path]:
     that describes Whisper and the weights its layout keeps."""
     folder = Path(folder)
     raw = read_config(folder)
+    if is_ct2_whisper(raw):
+        config, _ = read_ct2_whisper(folder, raw)
+        check_sizes(config, folder)
+        return config, folder
     config = whisper_config(raw, folder)
     check_sizes(config, folder)
     if is_mlx_whisper(raw):
@@ -147,6 +160,9 @@ def load_weights(folder: Path, raw_config: Mapping) -> dict[str, mx.array]:
     """The folder's weights under transformers' names."""
     if is_mlx_whisper(raw_config):
         return rename_mlx_whisper(mx.load(str(_mlx_whisper_file(folder))))
+    if is_ct2_whisper(raw_config):
+        _, ct2 = read_ct2_whisper(folder, raw_config)
+        return {k: mx.array(v) for k, v in transformers_weights(ct2).items()}
     weights: dict[str, mx.array] = {}
     for f in weight_files(folder):
         weights.update(mx.load(str(f)))
@@ -159,8 +175,11 @@ GENERATION_KEYS = ("suppress_tokens", "begin_suppress_tokens", "eos_token_id", "
 
 
 def read_generation(folder: Path) -> dict:
-    """The decoding settings of the folder's generation_config.json ({} where it has none: an
-    mlx-whisper folder)."""
+    """The decoding settings of the folder's generation_config.json (a CTranslate2 folder's
+    from its config.json; {} where it has none: an mlx-whisper folder)."""
+    raw = read_config(folder)
+    if is_ct2_whisper(raw):
+        return ct2_generation(read_ct2_whisper(folder, raw)[0], raw)
     path = folder / "generation_config.json"
     if not path.is_file():
         return {}
