@@ -35,11 +35,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxlab import kernels
 from mlxlab.errors import ConfigError
 from mlxlab.models.adapters.lora import apply_lora, check_lora, check_reach, targeted_linears
 from mlxlab.models.base import PretrainedModel
 from mlxlab.models.decoders.mlx_lm_decoder import lora_targets, prepare_for_training
 from mlxlab.models.hf import read_config
+from mlxlab.models.layers.blocks import Dropout, LayerNorm
 from mlxlab.models.sources import model_folder
 from mlxlab.models.speech.whisper_folder import (
     load_weights,
@@ -97,33 +99,31 @@ class WhisperAttention(nn.Module):
 
     def split(self, x: mx.array) -> mx.array:
         b, t, _ = x.shape
-        return x.reshape(b, t, self.heads, -1).transpose(0, 2, 1, 3)
+        return kernels.split_heads(x.reshape(b, t, self.heads, -1))
 
     def keys_values(self, x: mx.array) -> tuple[mx.array, mx.array]:
         return self.split(self.k_proj(x)), self.split(self.v_proj(x))
 
     def __call__(self, x: mx.array, keys: mx.array, values: mx.array,
                  mask: mx.array | str | None = None) -> mx.array:
-        b, t, _ = x.shape
         q = self.split(self.q_proj(x))
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, t, -1))
+        return self.out_proj(kernels.merge_heads(kernels.attention(q, keys, values, self.scale, mask)))
 
 
 class WhisperEncoderLayer(nn.Module):
     def __init__(self, dims: int, heads: int, ffn: int, dropout: float):
         super().__init__()
         self.self_attn = WhisperAttention(dims, heads)
-        self.self_attn_layer_norm = nn.LayerNorm(dims)
+        self.self_attn_layer_norm = LayerNorm(dims)
         self.fc1 = nn.Linear(dims, ffn)
         self.fc2 = nn.Linear(ffn, dims)
-        self.final_layer_norm = nn.LayerNorm(dims)
-        self.dropout = nn.Dropout(dropout)
+        self.final_layer_norm = LayerNorm(dims)
+        self.dropout = Dropout(dropout)
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.self_attn_layer_norm(x)
         x = x + self.dropout(self.self_attn(h, *self.self_attn.keys_values(h)))
-        h = self.fc2(nn.gelu(self.fc1(self.final_layer_norm(x))))
+        h = self.fc2(kernels.gelu(self.fc1(self.final_layer_norm(x))))
         return x + self.dropout(h)
 
 
@@ -162,7 +162,7 @@ class WhisperDecoderLayer(WhisperEncoderLayer):
     def __init__(self, dims: int, heads: int, ffn: int, dropout: float):
         super().__init__(dims, heads, ffn, dropout)
         self.encoder_attn = WhisperAttention(dims, heads)
-        self.encoder_attn_layer_norm = nn.LayerNorm(dims)
+        self.encoder_attn_layer_norm = LayerNorm(dims)
 
     def __call__(self, x: mx.array, states: mx.array, cache: LayerCache,
                  mask: mx.array | str | None) -> mx.array:
@@ -173,7 +173,7 @@ class WhisperDecoderLayer(WhisperEncoderLayer):
             cache.cross = self.encoder_attn.keys_values(states)
         h = self.encoder_attn(self.encoder_attn_layer_norm(x), *cache.cross)
         x = x + self.dropout(h)
-        h = self.fc2(nn.gelu(self.fc1(self.final_layer_norm(x))))
+        h = self.fc2(kernels.gelu(self.fc1(self.final_layer_norm(x))))
         return x + self.dropout(h)
 
 
@@ -188,7 +188,7 @@ class WhisperEncoder(nn.Module):
         self.layers = [WhisperEncoderLayer(dims, config["encoder_attention_heads"],
                                            config.get("encoder_ffn_dim", 4 * dims), dropout)
                        for _ in range(config["encoder_layers"])]
-        self.layer_norm = nn.LayerNorm(dims)
+        self.layer_norm = LayerNorm(dims)
 
     def __call__(self, input_features: mx.array) -> mx.array:
         positions = self.embed_positions.weight
@@ -197,8 +197,8 @@ class WhisperEncoder(nn.Module):
             raise ValueError(f"Whisper takes input_features of shape [batch, n_mels, {frames}] "
                              f"(30 s of log-mel frames), got {tuple(input_features.shape)}")
         dtype = self.conv1.weight.dtype
-        x = nn.gelu(self.conv1(input_features.transpose(0, 2, 1).astype(dtype)))
-        x = nn.gelu(self.conv2(x))
+        x = kernels.gelu(self.conv1(input_features.transpose(0, 2, 1).astype(dtype)))
+        x = kernels.gelu(self.conv2(x))
         x = x + positions.astype(x.dtype)
         for layer in self.layers:
             x = layer(x)
@@ -214,7 +214,7 @@ class WhisperDecoder(nn.Module):
         self.layers = [WhisperDecoderLayer(dims, config["decoder_attention_heads"],
                                            config.get("decoder_ffn_dim", 4 * dims), dropout)
                        for _ in range(config["decoder_layers"])]
-        self.layer_norm = nn.LayerNorm(dims)
+        self.layer_norm = LayerNorm(dims)
 
     def __call__(self, ids: mx.array, states: mx.array, cache: list[LayerCache]) -> mx.array:
         offset, t = cache[0].offset, ids.shape[1]
