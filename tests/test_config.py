@@ -87,6 +87,13 @@ def test_option_composes_and_resolves(tmp_path, group, option):
                  f"model.pretrained={tiny_vlm('smolvlm', tmp_path / 'vlm')}"]
     if option in EMBEDDING:  # a sentence-transformers folder, rows with the loss's columns
         extra = embedding_case(tmp_path, group, option)
+    if option in ("whisper", "speech", "speech_to_text", "finetune_speech"):  # Whisper, audio
+        from speech_fixtures import utterance_set, write_jsonl
+        from whisper_fixtures import whisper_folder
+
+        rows = write_jsonl(tmp_path / "train.jsonl", utterance_set(tmp_path))
+        extra = ["experiment=finetune_speech", f"{group}={option}", f"data.train_file={rows}",
+                 f"model.pretrained={whisper_folder(tmp_path / 'whisper')}"]
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     container = to_container(cfg)  # every interpolation outside Hydra's own node resolves
     for g in ("model", "data", "trainer", "tracking"):

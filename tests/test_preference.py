@@ -578,7 +578,7 @@ def test_a_saturated_monitor_keeps_the_later_lower_loss_checkpoint_and_says_so(
         (["objective.gamma=1.0"], "objective.gamma=1.0 is SimPO's target margin and has no "
          "meaning for loss=sigmoid"),
         (["objective=grpo", "objective.label_smoothing=0.1"], "objective.label_smoothing is "
-         "not a setting of objective=grpo (a setting of objective=distill|dpo|orpo|supervised)"),
+         "not a setting of objective=grpo (a setting of objective=distill|dpo|orpo|speech_to_text|supervised)"),
         (["optimized_metric=val/nll_loss"],
          "optimized_metric='val/nll_loss' is not computed for preference data by objective "
          "Preference(loss=sigmoid): choose one of ['val/loss', 'val/rewards/accuracy'"),

@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from tokenizers import Tokenizer
 
@@ -35,6 +31,7 @@ from mlxlab.data.tokenizer import EOT_TOKENS, start_ids
 from mlxlab.decoding.batched_greedy import greedy_batch
 from mlxlab.errors import ConfigError
 from mlxlab.evaluation.settings import TaskSettings
+from mlxlab.evaluation.task_scores import TaskScores, eval_mode
 from mlxlab.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, TRANSCRIPTION, Example, Task
 from mlxlab.models.base import Model
 from mlxlab.runtime.progress import Progress
@@ -42,23 +39,6 @@ from mlxlab.runtime.progress import Progress
 log = logging.getLogger(__name__)
 
 TARGET_DELIMITER = " "  # lm-eval's default between a prompt and a choice
-
-
-@dataclass
-class TaskScores:
-    """A task's metrics (`acc`, ...) and one row of scores per example, in the task's order."""
-
-    task: str
-    kind: str
-    metrics: dict[str, float]
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    prompts: str = "plain"  # "plain" | "chat template": how the prompts were written
-    # each paired score's direction where the kind does not fix them (lm-eval's tasks: its
-    # higher_is_better); empty for mlxlab's own kinds (tasks.PAIRED_SCORES)
-    higher_is_better: dict[str, bool] = field(default_factory=dict)
-    # lm-eval's corpus-level scores: score -> its aggregation (evaluation/lm_eval/corpus.py), computed
-    # from each row's "pieces" over the documents, not as a mean of the rows' values
-    corpus: dict[str, str] = field(default_factory=dict)
 
 
 class Prompts:
@@ -118,19 +98,6 @@ def score_task(model: Model, tokenizer: Tokenizer, task: Task,
             scores = _perplexity(model, prompts, task, settings.batch_size)
     scores.prompts = "plain" if template is None else "chat template"
     return scores
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """`model` in eval mode (dropout off) inside, and back in the mode it was in after: a
-    training run's model scored at an evaluation goes on training."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()
 
 
 def _context_length(model: Model) -> int:

@@ -13,7 +13,6 @@ import logging
 from typing import Any
 
 from mlxlab.errors import ConfigError
-from mlxlab.evaluation.scoring import TaskScores, eval_mode
 from mlxlab.evaluation.settings import TaskSettings
 from mlxlab.evaluation.speech.word_errors import (
     corpus_rates,
@@ -21,6 +20,7 @@ from mlxlab.evaluation.speech.word_errors import (
     score_transcriptions,
     text_normalizer,
 )
+from mlxlab.evaluation.task_scores import TaskScores, eval_mode
 from mlxlab.evaluation.tasks import TRANSCRIPTION, Task
 from mlxlab.runtime.progress import Progress
 
