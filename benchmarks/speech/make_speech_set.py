@@ -3,9 +3,7 @@ Whisper has never heard) spoken by eSpeak NG (espeakng-loader's library and data
 in several voices, speeds and pitches, white noise at set SNRs, resampled to 16 kHz WAV, written
 as an audiofolder: OUT/{train,test}/metadata.csv (file_name, transcription, voice, rate, pitch,
 snr_db) beside the WAVs. The held-out split has its own voices and its own sentences (the same
-vocabulary). `heldout` scores a transformers Whisper on the held-out split (greedy,
-EnglishTextNormalizer, jiwer): the WER per utterance and over the split, and how many invented
-words it spells right (reference_seq2seq.py's fine-tune, and its base with `--score-base`).
+vocabulary).
 
     python benchmarks/speech/make_speech_set.py [--out DIR] [--train 400] [--test 100]
 """
@@ -128,45 +126,6 @@ def write_split(folder: Path, texts: list[str], voices: list[str], rng: random.R
 def read_split(folder: Path) -> list[dict]:
     with open(folder / "metadata.csv", newline="") as f:
         return list(csv.DictReader(f))
-
-
-def transcribe(model, processor, waves: list[np.ndarray], batch: int = 16) -> list[str]:
-    """transformers' greedy English transcripts (48 tokens at most: twice the longest sentence)."""
-    import torch
-
-    out = []
-    for i in range(0, len(waves), batch):
-        feats = processor(waves[i:i + batch], sampling_rate=16000, return_tensors="pt").input_features
-        with torch.no_grad():
-            ids = model.generate(feats.to(model.dtype), language="en", task="transcribe",
-                                 num_beams=1, do_sample=False, max_new_tokens=48)
-        out += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
-    return out
-
-
-def score(refs: list[str], hyps: list[str]) -> dict:
-    """mlxlab's own judge (evaluation/speech/word_errors.py: Whisper's English normalizer with
-    OpenAI's spelling map, jiwer): the corpus WER and CER, the WER per utterance, and the share
-    of invented words the transcript spells right."""
-    from mlxlab.evaluation.speech import word_errors as we
-
-    rows = we.score_transcriptions(list(map(str, range(len(refs)))), refs, hyps,
-                                   we.text_normalizer("english"))
-    words = [(w, set(r["hypothesis"].split())) for r in rows for w in r["reference"].split()
-             if w.removesuffix("'s") in INVENTED]
-    return {**we.corpus_rates(rows), "wer_per_utterance": [r["wer"] for r in rows], "n": len(refs),
-            "invented_words_right": sum(w in hyp for w, hyp in words) / max(1, len(words))}
-
-
-def heldout(model, processor, split: Path, limit: int | None = None) -> dict:
-    """`score` of the model's transcripts of a split's first `limit` utterances, with them."""
-    import soundfile as sf
-
-    rows = read_split(split)[:limit]
-    hyps = transcribe(model, processor, [sf.read(split / r["file_name"], dtype="float32")[0]
-                                         for r in rows])
-    return {**score([r["transcription"] for r in rows], hyps), "ids": [r["file_name"] for r in rows],
-            "refs": [r["transcription"] for r in rows], "hyps": hyps}
 
 
 def main(argv: list[str] | None = None) -> dict:
