@@ -177,6 +177,7 @@ class ObjectiveSetup:
     run_dir: Path | None = None             # the run folder (files it writes, e.g. samples)
     tracker: Any = None                     # the run's Tracker (started by the time batches
                                             #   are drawn and evaluations run: artifacts)
+    float32_step: bool = True               # the step computes in float32 (trainer.precision)
 
 
 def check_model_head(cfg: Any, objective: type[Objective]) -> None:

@@ -77,7 +77,7 @@ from mlxlab.training.state import (
     TrainingError,
     TrainingInterrupted,
 )
-from mlxlab.training.step import make_step, with_precision
+from mlxlab.training.step import compute_dtype, make_step, with_precision
 from mlxlab.training.token_tracking import TokenDistributionLog
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,8 @@ class Fit(RunEnd):
         self.objective_tags = objective.setup(ObjectiveSetup(
             model=model, data=data, batching=batching, world=self.data_world,
             per_example=any(cb.needs_example_losses for cb in self.callbacks),
-            run_dir=self.run_dir, tracker=self.tracker)) or {}
+            run_dir=self.run_dir, tracker=self.tracker,
+            float32_step=compute_dtype(settings.precision) == mx.float32)) or {}
         self.loss_fn = with_precision(objective.loss, settings.precision)
         # what decides between evaluations equal on the monitor
         self.tie_break = objective.metrics(data_kind(data)).tie()

@@ -282,7 +282,7 @@ class WhisperModel(PretrainedModel):
     ):
         super().__init__()
         check_no_quantize(quantize)
-        dropout = check_dropout(dropout)
+        dropout = self._dropout = check_dropout(dropout)
         if pretrained:
             folder, config = whisper_source(pretrained, revision)
             self._base = {"pretrained": str(pretrained), "revision": revision,
@@ -376,6 +376,13 @@ class WhisperModel(PretrainedModel):
         if not rebuilt:
             check_reach(root, targets)
         return f"{lora.get('kind', 'lora')} adapters (rank {rank}) on the {' and '.join(parts)}"
+
+    @property
+    def frozen_encoder(self) -> bool:
+        """The encoder neither trains nor drops out: its states are a function of the audio
+        alone (objectives/supervised/encoder_states.py computes them once per utterance)."""
+        encoder = self.model.encoder
+        return not self._dropout and not tree_flatten(encoder.trainable_parameters())
 
     def use_cpu_kernels(self) -> None:
         """Nothing to switch: Whisper's layers are float, its attention MLX's."""

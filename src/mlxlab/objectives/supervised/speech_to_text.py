@@ -3,10 +3,16 @@ Whisper model's decoder on the data's transcripts (data=speech), as transformers
 WhisperForConditionalGeneration computes it from `labels`: the mean over every scored token
 of the batch (labels -100 are not scored: the padding, and the decoder prompt as data/speech.py
 masks it), optionally label-smoothed as transformers' Trainer smooths it (label_smoothing_factor).
-Evaluated by the same cross-entropy, unsmoothed, on the validation utterances."""
+Evaluated by the same cross-entropy, unsmoothed, on the validation utterances.
+
+A run whose encoder does not train (`model.lora.modules: [decoder]`, no dropout, a float32
+step) computes each training utterance's encoder states once and reads them back in later
+epochs (encoder_states.py; `encoder_cache`: auto | off): the same loss, the decoder's step."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from typing import Any
 
 import mlx.core as mx
@@ -14,16 +20,20 @@ import mlx.nn as nn
 
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.data.fixed_rows import check_batching
-from mlxlab.errors import DataMismatch
+from mlxlab.errors import ConfigError, DataMismatch
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import Evaluation, MetricSpec, Objective, ObjectiveSetup, data_kind
+from mlxlab.objectives.supervised.encoder_states import EncoderStates
 from mlxlab.objectives.supervised.supervised import check_smoothing
 from mlxlab.objectives.validation import evaluate_by_loss
 from mlxlab.runtime.cluster import distributed
 from mlxlab.stats import LOSS
 
 KIND = "speech"  # the data it trains on (data/speech.py's task)
+ENCODER_CACHE = ("auto", "off")
 IGNORE = -100    # an unscored label (transformers' CrossEntropyLoss ignore_index)
+
+log = logging.getLogger(__name__)
 
 
 def speech_to_text_loss(model: nn.Module, batch: Batch, label_smoothing: float = 0.0,
@@ -33,7 +43,10 @@ def speech_to_text_loss(model: nn.Module, batch: Batch, label_smoothing: float =
     the count of scored tokens, and with `per_example` aux["example_loss"] each utterance's."""
     labels = batch["labels"]
     scored = labels != IGNORE
-    logits = model(batch["input_features"], batch["decoder_input_ids"])
+    if "encoder_states" in batch:  # a frozen encoder's, computed before the step
+        logits = model.decode(batch["decoder_input_ids"], batch["encoder_states"])[0]
+    else:
+        logits = model(batch["input_features"], batch["decoder_input_ids"])
     ce = losses.token_cross_entropy(logits, mx.where(scored, labels, 0), label_smoothing)
     mask = scored.astype(mx.float32)
     count = mask.sum()
@@ -42,6 +55,13 @@ def speech_to_text_loss(model: nn.Module, batch: Batch, label_smoothing: float =
         return loss, {"ntokens": count}
     each = (mx.stop_gradient(ce) * mask).sum(axis=-1) / mx.maximum(mask.sum(axis=-1), 1.0)
     return loss, {"ntokens": count, "example_loss": each}
+
+
+def check_encoder_cache(value: Any) -> str:
+    if value not in ENCODER_CACHE:
+        raise ConfigError(f"objective.encoder_cache={value!r}: use auto (a frozen encoder's "
+                          "states computed once per utterance) or off")
+    return value
 
 
 def check_kind(kind: str | None, data: str) -> None:
@@ -54,13 +74,31 @@ def check_kind(kind: str | None, data: str) -> None:
 class SpeechToText(Objective):
     """The decoder's cross-entropy on the transcripts (see the module)."""
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init__(self, label_smoothing: float = 0.0, encoder_cache: str = "auto") -> None:
         self.label_smoothing = check_smoothing(label_smoothing)
+        self.encoder_cache = check_encoder_cache(encoder_cache)
         self.per_example = False
+        self.states: EncoderStates | None = None
 
     def setup(self, setup: ObjectiveSetup) -> None:
         check_kind(data_kind(setup.data), type(setup.data).__name__)
         self.per_example = setup.per_example
+        if self.states is not None:
+            self.states.close()
+        frozen = getattr(setup.model, "frozen_encoder", False)
+        self.states = None
+        if self.encoder_cache == "auto" and frozen and setup.float32_step:
+            self.states = EncoderStates()
+            log.info("the encoder does not train: each training utterance's encoder states are "
+                     "computed once and read back in later epochs (objective.encoder_cache=off "
+                     "computes them at every step)")
+
+    def train_batches(self, data: Any, batching: Batching, epoch: int,
+                      model: nn.Module) -> Iterable[Batch]:
+        batches = data.train_batches(batching, epoch)
+        if self.states is None:
+            return batches
+        return (self.states.batch(model, batch) for batch in batches)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
         return speech_to_text_loss(model, batch, self.label_smoothing, self.per_example)
@@ -78,5 +116,6 @@ class SpeechToText(Objective):
     @classmethod
     def check_config(cls, cfg: Any, kind: str | None) -> None:
         check_kind(kind, str(cfg.data._target_).rsplit(".", 1)[-1])
+        check_encoder_cache(cfg.objective.get("encoder_cache", "auto"))
         check_batching(cfg, "data=speech")
         super().check_config(cfg, kind)
