@@ -5,12 +5,15 @@ voices, 100 held out in three others), LoRA rank 8 (alpha 16) on the decoder's a
 projections and fc1/fc2, AdamW at a constant --lr with no decay, clip 1.0, --batch utterances,
 float32, each trainer in its own process.
 
-    python benchmarks/speech/bench_speech_finetune.py [--steps 30] [--seeds 0,1,2]
-        [--speed-steps 8] [--rounds 2] [--skip 2] [--work DIR] [--smoke]
+    python benchmarks/speech/bench_speech_finetune.py [--part speed|quality|both]
+        [--speed-rows 64] [--speed-steps 16] [--rounds 2] [--skip 2] [--steps 30]
+        [--seeds 0,1,2] [--work DIR] [--smoke]
 
-- speed: --rounds alternating rounds (ABBA) of --speed-steps steps: examples/s of the median
-  step after --skip (mlxlab's whole loop, benchmarks.callbacks.StepTimes, but its last step,
-  which holds the closing validation; the reference's optimizer step), each process's peak RSS and mlxlab's MLX peak;
+- speed: --rounds alternating rounds (ABBA) of --speed-steps steps on the first --speed-rows
+  training utterances (16 steps of 8 over 64: two epochs, as the experiment's 100 steps over
+  400): examples/s over the steps after --skip but the last (mlxlab's whole loop,
+  benchmarks.callbacks.StepTimes; its last step holds the closing validation; the reference's
+  optimizer steps), each epoch's median step, each process's peak RSS, mlxlab's MLX peak;
 - quality: the base scored on the held-out utterances (`mlxlab eval`), then per seed both
   fine-tunes of --steps steps scored on them by mlxlab's judge (Whisper's English normalizer,
   jiwer): WER per utterance paired (evaluation/paired.py) per seed and pooled over the seeds,
@@ -20,6 +23,7 @@ float32, each trainer in its own process.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import statistics
@@ -34,6 +38,7 @@ from benchmarks.harness import (  # noqa: E402
     in_round,
     load,
     mlxlab_cli,
+    print_table,
     run_with_peak_rss,
     write_record,
 )
@@ -44,19 +49,22 @@ from benchmarks.speed.bench_lora import csv_metrics, run_mlxlab  # noqa: E402
 REFERENCE = REPO / "benchmarks" / "speech" / "reference_seq2seq.py"
 
 
-def overrides(args, steps: int, seed: int, heldout: Path | None) -> list[str]:
+def overrides(args, steps: int, seed: int, heldout: Path | None, data: Path | None = None
+              ) -> list[str]:
     tasks = [f"eval.tasks=[{heldout}]", f"trainer.eval_every_steps={steps}"] if heldout else [
         "trainer.eval_every_steps=100000"]
     return ["experiment=finetune_speech", f"model.pretrained={args.ct2}",
-            f"data.train_file={Path(args.data) / 'train'}", "model.lora.modules=[decoder]",
+            f"data.train_file={data or args.data}", "model.lora.modules=[decoder]",
             "trainer.schedule.name=constant", f"trainer.batch_size={args.batch}",
             f"optimizer.learning_rate={args.lr}", f"trainer.max_steps={steps}", f"seed={seed}",
             *tasks]
 
 
-def reference(args, work: Path, steps: int, seed: int, score: bool, env: dict) -> dict:
+def reference(args, work: Path, steps: int, seed: int, score: bool, env: dict,
+              data: Path | None = None) -> dict:
     out = work / f"reference_s{seed}_{steps}.json"
-    cmd = [sys.executable, str(REFERENCE), "--data", args.data, "--model", args.hf, "--steps",
+    cmd = [sys.executable, str(REFERENCE), "--data", str(data or args.data), "--model", args.hf,
+           "--steps",
            str(steps), "--batch", str(args.batch), "--lr", str(args.lr), "--modules", "decoder",
            "--seed", str(seed), "--skip", str(args.skip), "--json", str(out),
            *([] if score else ["--eval-limit", "0"])]
@@ -64,29 +72,60 @@ def reference(args, work: Path, steps: int, seed: int, score: bool, env: dict) -
     return {**json.loads(out.read_text()), "rss_mb": rss}
 
 
+def subset(args, work: Path) -> Path:
+    """The first --speed-rows training utterances and 8 held-out ones (mlxlab's validation) as
+    an audiofolder of links: --speed-steps then spans epochs."""
+    folder, data = work / "speed-set", Path(args.data)
+    for split, n in (("train", args.speed_rows), ("validation", 8)):
+        rows = read_split(data / ("test" if split == "validation" else split))[:n]
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        for r in rows:
+            link = folder / split / r["file_name"]
+            link.unlink(missing_ok=True)
+            link.symlink_to(data / ("test" if split == "validation" else split) / r["file_name"])
+        with open(folder / split / "metadata.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return folder
+
+
+def rates(args, seconds: list[float]) -> dict:
+    """Examples/s over the steps after --skip but the last (mlxlab's holds the closing
+    validation; the reference's is left out alike), and the median step of each epoch."""
+    per_epoch = args.speed_rows // args.batch
+    timed = seconds[args.skip:-1]
+    return {"examples_per_s": args.batch * len(timed) / sum(timed), "step_s": seconds,
+            "median_step_s_by_epoch": [statistics.median(seconds[e:e + per_epoch][args.skip:] or
+                                                         seconds[e:e + per_epoch])
+                                       for e in range(0, len(seconds), per_epoch)]}
+
+
 def speed(args, work: Path, env: dict) -> dict:
     rows: dict[str, list] = {"mlxlab": [], "reference": []}
+    data = subset(args, work)
     for rnd in range(args.rounds):
         for who in in_round(list(rows), rnd):
             before = load()
             if who == "mlxlab":
                 out = work / f"speed_mlxlab_{rnd}"
-                r = run_mlxlab(out, overrides(args, args.speed_steps, 0, None), env=env,
+                r = run_mlxlab(out, overrides(args, args.speed_steps, 0, None, data), env=env,
                                step_times=True)
                 clock = [float(x) for x in out.with_name(out.name + ".times").read_text().split()]
-                seconds = [b - a for a, b in zip(clock, clock[1:])]
-                # the last step holds the run's closing validation: left out
-                rows[who].append({"examples_per_s": args.batch / statistics.median(
-                    seconds[args.skip:-1] or seconds), "rss_mb": r["rss_mb"], "mlx_peak_mb": max(
-                        m.get("memory/peak_mb", 0) for m in csv_metrics(out).values()),
-                    "step_s": seconds})
+                rows[who].append({**rates(args, [b - a for a, b in zip(clock, clock[1:])]),
+                                  "rss_mb": r["rss_mb"], "mlx_peak_mb": max(
+                                      m.get("memory/peak_mb", 0) for m in csv_metrics(out).values())})
             else:
-                r = reference(args, work, args.speed_steps, 0, False, env)
-                rows[who].append({"examples_per_s": r["train"]["median_examples_per_s"],
-                                  "rss_mb": r["rss_mb"], "step_s": r["train"]["step_seconds"]})
+                r = reference(args, work, args.speed_steps, 0, False, env, data)
+                rows[who].append({**rates(args, r["train"]["step_seconds"]), "rss_mb": r["rss_mb"]})
             rows[who][-1]["load"] = [before, load()]
             print(who, json.dumps(rows[who][-1]), flush=True)
-    return rows
+    rate = {k: statistics.median(r["examples_per_s"] for r in v) for k, v in rows.items()}
+    table = {"head": ["trainer", "examples/s (median of rounds)", "median step s by epoch",
+                      "peak RSS MB"], "rows": [
+        [k, f"{rate[k]:.3f}", " / ".join(f"{t:.2f}" for t in v[-1]["median_step_s_by_epoch"]),
+         f"{max(r['rss_mb'] for r in v):.0f}"] for k, v in rows.items()]}
+    return {"rounds": rows, "table": table, "ratio": rate["mlxlab"] / rate["reference"]}
 
 
 def invented_right(rows: list[dict]) -> float:
@@ -137,42 +176,44 @@ def quality(args, work: Path, env: dict, uri: str, heldout: Path) -> dict:
             "pooled": {k: [p.as_dict() for p in v] for k, v in pooled.items()}}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_options(p, data=str(CACHE / "speech-set"), ct2=str(CACHE / "whisper-base-ct2"),
-                hf=str(CACHE / "whisper-base"), steps=30, seeds="0,1,2", speed_steps=8, rounds=2,
-                skip=2, batch=8, lr=1e-3, work=str(Path("/tmp") / "bench_speech_finetune"))
+                hf=str(CACHE / "whisper-base"), steps=30, seeds="0,1,2", speed_steps=16, rounds=2,
+                speed_rows=64, skip=2, batch=8, lr=1e-3, part="both",
+                work=str(Path("/tmp") / "bench_speech_finetune"))
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if args.smoke:
         from benchmarks.speech.make_speech_set import main as make_set
 
         args.data = make_set(["--smoke"])["out"]
-        args.steps, args.speed_steps, args.rounds, args.skip, args.seeds = 2, 2, 1, 0, [0]
-        args.batch = 2
+        args.steps, args.speed_steps, args.rounds, args.skip, args.seeds = 2, 4, 1, 0, [0]
+        args.batch, args.speed_rows = 2, 4
     work = Path(args.work)
     env, uri = cli_root(work)
-    heldout = work / "held_out.jsonl"
-    heldout.write_text("".join(json.dumps({"id": r["file_name"], "audio": str(
-        Path(args.data) / "test" / r["file_name"]), "text": r["transcription"]}) + "\n"
-        for r in read_split(Path(args.data) / "test")))
-    figures = {"settings": vars(args), "speed": speed(args, work, env),
-               "quality": quality(args, work, env, uri, heldout)}
-    s, q = figures["speed"], figures["quality"]["pooled"]
-    rate = {k: statistics.median(r["examples_per_s"] for r in v) for k, v in s.items()}
-    figures["table"] = {"head": ["trainer", "examples/s (median of rounds)", "peak RSS MB",
-                                 "held-out WER (pooled seeds)", "vs base"], "rows": [
-        [name, f"{rate[name]:.3f}", f"{max(r['rss_mb'] for r in s[name]):.0f}",
-         f"{q[key][0]['b']:.3f}", q[key][0]["verdict"]]
-        for name, key in (("mlxlab", "mlxlab_vs_base"), ("reference", "reference_vs_base"))]}
-    figures["ratio_examples_per_s"] = rate["mlxlab"] / rate["reference"]
-    print(json.dumps(figures["table"], indent=1), q["mlxlab_vs_reference"][0]["verdict"])
-    write_record("whisper-lora-vs-seq2seq", figures, question="speed-pytorch",
-                 reference="transformers Seq2SeqTrainer + PEFT (CPU)",
-                 ratio=figures["ratio_examples_per_s"], smoke=args.smoke,
-                 summary="Whisper-base decoder LoRA, examples/s at equal settings (WER beside)")
-    return figures
-
+    if args.part in ("speed", "both"):
+        figures = {"settings": vars(args), **speed(args, work, env)}
+        print_table(figures["table"])
+        write_record("whisper-lora-speed-vs-seq2seq", figures, question="speed-pytorch",
+                     reference="transformers Seq2SeqTrainer + PEFT (CPU)", ratio=figures["ratio"],
+                     smoke=args.smoke, summary="Whisper-base decoder LoRA, 2 epochs: examples/s "
+                     "at equal settings (higher is better)")
+    if args.part in ("quality", "both"):
+        heldout = work / "held_out.jsonl"
+        heldout.write_text("".join(json.dumps({"id": r["file_name"], "audio": str(
+            Path(args.data) / "test" / r["file_name"]), "text": r["transcription"]}) + "\n"
+            for r in read_split(Path(args.data) / "test")))
+        figures = {"settings": vars(args), **quality(args, work, env, uri, heldout)}
+        q = figures["pooled"]
+        figures["table"] = {"head": ["trainer", "held-out WER (pooled seeds)", "vs the base"],
+                            "rows": [["base", f"{figures['base']['wer']:.3f}", "-"]] + [
+            [name, f"{q[key][0]['b']:.3f}", q[key][0]["verdict"]]
+            for name, key in (("mlxlab", "mlxlab_vs_base"), ("reference", "reference_vs_base"))]}
+        print_table(figures["table"])
+        print(q["mlxlab_vs_reference"][0]["verdict"])
+        write_record("whisper-lora-wer-vs-seq2seq", figures, question="quality",
+                     reference="transformers Seq2SeqTrainer + PEFT (CPU)", smoke=args.smoke)
 
 if __name__ == "__main__":
     main()
