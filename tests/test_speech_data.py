@@ -332,3 +332,25 @@ def test_batches_hold_many_utterances(jsonl_set, model_folder):
     sizes = [b["input_features"].shape[0] for b in data.train_batches(BATCHING, 0)]
     assert sizes == [4] and isinstance(next(iter(data.val_batches(BATCHING)))["labels"],
                                        mx.array)
+
+
+def test_mel_bins_of_a_folder_whose_config_does_not_say_and_a_mismatch(tmp_path, jsonl_set,
+                                                                        model_folder):
+    """A CTranslate2 folder's config.json has no sizes: the feature extractor's feature_size
+    decides (else 80), and the objective refuses data whose bins are not the model's."""
+    import shutil
+
+    from mlxlab.models.speech.whisper import WhisperModel
+    from mlxlab.objectives.supervised.speech_to_text import check_mel_bins
+
+    folder = Path(shutil.copytree(model_folder, tmp_path / "ct2_like"))
+    (folder / "config.json").write_text(json.dumps({"suppress_ids": []}))
+    features = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**features,
+                                                                 "feature_size": 128}))
+    data = SpeechTranscripts(str(jsonl_set), processor=str(folder), val_fraction=0.34)
+    assert data.n_mels == 128
+    (folder / "preprocessor_config.json").unlink()
+    assert SpeechTranscripts(str(jsonl_set), processor=str(folder), val_fraction=0.34).n_mels == 80
+    with pytest.raises(ConfigError, match="the data makes 128 log-mel bins and the model takes 80"):
+        check_mel_bins(WhisperModel(pretrained=str(model_folder)), data)

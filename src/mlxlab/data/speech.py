@@ -60,7 +60,12 @@ DECODER_POSITIONS = 448  # Whisper's max_target_positions, where a folder does n
 
 def model_config(folder: str | Path | None) -> dict[str, Any]:
     """The folder's config.json ({} without one)."""
-    path = Path(folder) / "config.json" if folder else None
+    return model_config_file(folder, "config.json")
+
+
+def model_config_file(folder: str | Path | None, name: str) -> dict[str, Any]:
+    """The folder's JSON file `name` ({} without one)."""
+    path = Path(folder) / name if folder else None
     if path is None or not path.is_file():
         return {}
     return json.loads(path.read_text(encoding="utf-8"))
@@ -189,7 +194,13 @@ class SpeechTranscripts(FixedBatchRows):
         folder = Path(str(self.processor_folder)).expanduser() if self.processor_folder else None
         config = model_config(folder if folder is not None and folder.is_dir() else
                               self._folder())
-        return {"num_mel_bins": config.get("num_mel_bins", config.get("n_mels", 80)),
+        # a CTranslate2 folder's config.json has no sizes: its preprocessor_config.json's
+        # feature_size (faster-whisper's folders ship one), else Whisper's 80 (the objective
+        # checks it against the model's before the first step)
+        features = model_config_file(folder if folder is not None and folder.is_dir() else
+                                     self._folder(), "preprocessor_config.json")
+        return {"num_mel_bins": config.get("num_mel_bins", config.get(
+                    "n_mels", features.get("feature_size", 80))),
                 "max_target_positions": config.get("max_target_positions",
                                                    config.get("n_text_ctx", DECODER_POSITIONS)),
                 "pad_token_id": config.get("pad_token_id")}
