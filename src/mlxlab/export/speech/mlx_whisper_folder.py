@@ -27,6 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxlab.export.hf import DTYPES, ExportError
+from mlxlab.models.speech.whisper import sinusoids
 from mlxlab.models.speech.whisper_folder import MLX_WHISPER_DIMS, MULTILINGUAL_VOCAB
 
 GROUP_SIZE = 64  # mlx-whisper's convert.py --q-group-size default
@@ -49,6 +50,9 @@ PARTS = [
     (r"^model\.decoder\.embed_positions\.weight$", "decoder.positional_embedding"),
     (r"^model\.decoder\.layer_norm\.", "decoder.ln."),
 ]
+# the largest gap of the encoder's stored positions from the sinusoids (torch's float32 sin,
+# which transformers folders store, is ~1e-4 off the exact values)
+SINUSOID_GAP = 1e-3
 NOT_STORED = "model.encoder.embed_positions."  # mlx-whisper computes the encoder's sinusoids
 
 
@@ -72,6 +76,13 @@ def check_mlx_whisper(model: Any, tokenizer: Any) -> None:
             f"({'/'.join(map(str, WHISPER_VOCABS))} tokens, <|endoftext|> at 50256/50257); this "
             f"model has {vocab} tokens, <|endoftext|> at {token('<|endoftext|>')}: export it as "
             "--format hf")
+    positions = model.model.encoder.embed_positions.weight
+    off = float(mx.abs(positions - sinusoids(*positions.shape)).max())
+    if off > SINUSOID_GAP:
+        raise ExportError(f"--format mlx-whisper: mlx-whisper computes the encoder's positions "
+                          f"as Whisper's sinusoids; this model's are {off:.3g} away from them "
+                          "(a model whose encoder positions were changed): export it as "
+                          "--format hf")
     width = int(config["d_model"])
     ffn = {int(config.get(k, 4 * width)) for k in ("encoder_ffn_dim", "decoder_ffn_dim")}
     if ffn != {4 * width} or not model.tied:
