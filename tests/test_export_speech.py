@@ -195,3 +195,52 @@ def test_quantized_mlx_whisper_export_loads_quantized(openai_vocab, tmp_path):
     model = load_model(str(out), dtype=mx.float32)
     assert isinstance(model.decoder.blocks[0].mlp1, nn.QuantizedLinear)
     assert report["check"]["status"] == "read back" and report["retention"]["status"]
+
+
+@pytest.mark.slow
+def test_a_lora_run_exports_fused_and_transformers_computes_its_logits(small, tmp_path):
+    """A few-step LoRA run of experiment=finetune_speech: the hf export holds the adapters
+    fused (weights moved off the base), and transformers, given only the folder, computes the
+    run's own logits (adapters on) and transcribes as the run's model does."""
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+    from mlx.utils import tree_flatten
+    from transformers import WhisperForConditionalGeneration
+
+    from conftest import compose_cfg
+    from mlxlab.data.audio_features import log_mel
+    from mlxlab.decoding.transcription import transcribe
+    from mlxlab.runs.speech_model import load_speech_model
+    from mlxlab.train import train
+    from speech_fixtures import utterance_set, write_jsonl
+
+    data = tmp_path / "data"
+    rows = write_jsonl(data / "train.jsonl", utterance_set(data, 6))
+    cfg = compose_cfg(tmp_path, [
+        "experiment=finetune_speech", "tracking=none", "callbacks.progress.enabled=false",
+        f"model.pretrained={small}", f"data.train_file={rows}", "data.val_fraction=0.25",
+        "trainer.batch_size=2", "trainer.max_steps=3", "trainer.eval_every_steps=3",
+        "trainer.schedule.warmup_steps=0", "optimizer.learning_rate=0.05"])
+    train(cfg)
+    GlobalHydra.instance().clear()
+    run = load_speech_model(cfg.paths.output_dir)
+    assert any(".lora_" in k for k, _ in tree_flatten(run.model.parameters()))
+    out = tmp_path / "hf"
+    report = export_whisper(cfg.paths.output_dir, out, "hf")
+    assert report["lora"] == "fuse" and report["step"] == 3
+    written = mx.load(str(out / "model.safetensors"))
+    base = mx.load(str(small / "model.safetensors"))
+    name = "model.decoder.layers.0.self_attn.q_proj.weight"
+    assert not mx.allclose(written[name], base[name]).item()  # the adapters are in it
+    audio = tone(1.0, 300, seed=3)
+    feats = log_mel(audio, 80)[None]
+    ids = np.array([[267, 268, 271, 275, 40, 41, 42]])
+    ours = np.array(run.model(mx.array(feats), mx.array(ids)))
+    hf = WhisperForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(input_features=torch.tensor(feats),
+                    decoder_input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.abs(ours - theirs).max() < 1e-3 * max(1.0, np.abs(ours).max())
+    prompt = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+    expected = transcribe(run.model, run.tokenizer, feats, max_new_tokens=NEW)[0]
+    assert _transformers_transcript(out, audio, prompt) == expected
