@@ -14,7 +14,6 @@ import base64
 import json
 from pathlib import Path
 
-
 VOCAB = 51865
 LANGUAGE_COUNT = 99  # a 51865-token Whisper's (large-v3's 51866 adds Cantonese)
 

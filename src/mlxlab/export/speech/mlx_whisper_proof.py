@@ -36,12 +36,12 @@ from mlxlab.export.speech.probe import (
 def mlx_whisper_version() -> str | None:
     """'mlx-whisper <version>' where it imports, else None."""
     try:
-        import mlx_whisper
+        import mlx_whisper  # noqa: F401 - whether it imports here (it needs torch and numba)
     except ImportError:
         return None
     from importlib.metadata import version
 
-    return f"mlx-whisper {getattr(mlx_whisper, '__version__', None) or version('mlx-whisper')}"
+    return f"mlx-whisper {version('mlx-whisper')}"
 
 
 def prove_in_mlxlab(model: Any, probe: Probe, folder: Path) -> dict:

@@ -5,10 +5,11 @@ that folder's path, where the tokenizer and feature-extractor files come from.""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mlxlab.export.hf import ExportError
 from mlxlab.export.pin import pinned_checkpoint, unfinished_note
