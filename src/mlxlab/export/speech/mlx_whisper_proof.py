@@ -46,6 +46,8 @@ def mlx_whisper_version() -> str | None:
 
 def prove_in_mlxlab(model: Any, probe: Probe, folder: Path) -> dict:
     """mlxlab's read-back of the float folder: its logits on the probe against the model's."""
+    import mlx.core as mx
+
     from mlxlab.models.speech.whisper import WhisperModel
 
     try:
@@ -53,6 +55,7 @@ def prove_in_mlxlab(model: Any, probe: Probe, folder: Path) -> dict:
     except (OSError, ValueError) as err:
         raise ExportError(f"refused: mlxlab does not read the written mlx-whisper folder back "
                           f"({err})") from err
+    written.set_dtype(mx.float32)  # the values written, computed in float32 as the model's
     written.eval()
     return compare(mlxlab_logits(model, probe), mlxlab_logits(written, probe),
                    probe.decoder_ids, speech_checker("mlxlab (read back)"))
@@ -71,6 +74,7 @@ def prove_in_mlx_whisper(model: Any, tokenizer: Any, probe: Probe, folder: Path,
     except Exception as err:  # noqa: BLE001 - any failure to load is the export's refusal
         raise ExportError(f"refused: {name} does not load the export ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:160] if str(err) else ''})") from err
+    theirs.set_dtype(mx.float32)  # the values written in float32 (a float16 folder's too)
     feats = mx.array(np.repeat(probe.features, 2, axis=0).transpose(0, 2, 1))
     logits = np.array(theirs(feats, mx.array(probe.decoder_ids, dtype=mx.int32)).astype(mx.float32))
     text = transcriber(folder, probe.language)([probe.audio])[0]
@@ -97,9 +101,12 @@ def mlx_whisper_features(audio: np.ndarray, model: Any) -> np.ndarray:
     return np.array(segment).T[None].astype(np.float32)
 
 
-def transcriber(folder: Path, language: str) -> Callable[[Sequence[np.ndarray]], list[str]]:
+def transcriber(folder: Path, language: str, max_new_tokens: int | None = PROBE_NEW_TOKENS
+                ) -> Callable[[Sequence[np.ndarray]], list[str]]:
     """The folder as mlx_whisper.transcribe runs it: greedy (temperature 0, no fallback),
-    without timestamps, each audio on its own, in float32, at most PROBE_NEW_TOKENS tokens."""
+    without timestamps, each audio on its own, in float32, at most `max_new_tokens` tokens a
+    transcript (None: mlx-whisper's own cap, half the decoder's positions: 224, as mlxlab's
+    transcribe)."""
     import mlx_whisper
     from mlx_whisper.transcribe import ModelHolder
 
@@ -112,7 +119,7 @@ def transcriber(folder: Path, language: str) -> Callable[[Sequence[np.ndarray]],
                 temperature=0.0, without_timestamps=True, condition_on_previous_text=False,
                 compression_ratio_threshold=None, logprob_threshold=None,
                 no_speech_threshold=None, language=language, fp16=False, verbose=None,
-                sample_len=PROBE_NEW_TOKENS)
+                sample_len=max_new_tokens)
             texts.append(result["text"].strip())
         ModelHolder.model = ModelHolder.model_path = None
         return texts

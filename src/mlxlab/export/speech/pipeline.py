@@ -151,7 +151,7 @@ def _export(source: WhisperSource, request: SpeechRequest) -> dict:
     with staged_folder(request.out) as tmp:
         report.update(FORMATS[request.fmt](source, probe, tmp, request))
         if needs_judgement(request.bits):
-            tool = (transcriber(tmp, probe.language) if request.fmt == "mlx-whisper"
+            tool = (transcriber(tmp, probe.language, None) if request.fmt == "mlx-whisper"
                     and request.check and mlx_whisper_version() else None)
             report["retention"] = judge_written(
                 source, Written(tmp, request.fmt, request.bits, tool))

@@ -47,9 +47,9 @@ def is_whisper_source(name: str | Path) -> bool:
         return True
     try:
         source = open_model_source(str(path))
-    except (OSError, ValueError):
+        return source.kind == RUN and speech_run_config(source.path, "best") is not None
+    except (OSError, ValueError):  # not a run mlxlab reads: the text exports say what it is
         return False
-    return source.kind == RUN and speech_run_config(source.path, "best") is not None
 
 
 @contextmanager
