@@ -244,3 +244,27 @@ def test_a_lora_run_exports_fused_and_transformers_computes_its_logits(small, tm
     prompt = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
     expected = transcribe(run.model, run.tokenizer, feats, max_new_tokens=NEW)[0]
     assert _transformers_transcript(out, audio, prompt) == expected
+
+
+@pytest.mark.slow
+def test_a_ctranslate2_base_gets_the_files_transformers_needs(small, tmp_path):
+    """A CTranslate2 folder has no transformers config, generation config or
+    preprocessor_config.json: the hf export writes them (the special tokens transformers'
+    Whisper generate looks up by name, the suppressed tokens of CTranslate2's config), and
+    transformers transcribes from the folder alone as mlxlab does from the CTranslate2 one."""
+    from mlxlab.data.audio_features import log_mel
+    from mlxlab.decoding.transcription import transcribe
+    from test_whisper_ctranslate2 import ct2_folder
+
+    ct2 = ct2_folder(small, tmp_path / "ct2")
+    out = tmp_path / "hf"
+    export_whisper(ct2, out, "hf")
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["suppress_tokens"] == [5, 6] and generation["task_to_id"]["transcribe"] == 271
+    assert generation["lang_to_id"]["<|en|>"] == 268 and generation["no_timestamps_token_id"] == 275
+    assert json.loads((out / "preprocessor_config.json").read_text())["feature_size"] == 80
+    model, tokenizer = _mlxlab(ct2)
+    audio = tone(1.2, 520, seed=9)
+    ours = transcribe(model, tokenizer, log_mel(audio, 80)[None], max_new_tokens=NEW)[0]
+    prompt = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+    assert _transformers_transcript(out, audio, prompt) == ours
