@@ -96,6 +96,19 @@ def test_bad_input_is_one_line_and_writes_nothing(small, tmp_path, capsys, argv,
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
+def test_out_a_file_or_a_full_folder(small, tmp_path, capsys):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    assert export_main([str(small), "--format", "hf", "--out", str(full)]) == 2
+    assert "is not empty: pick a new --out or pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+    afile = tmp_path / "file"
+    afile.write_text("mine")
+    assert export_main([str(small), "--format", "hf", "--out", str(afile), "--overwrite"]) == 2
+    assert "is a file" in capsys.readouterr().err and afile.read_text() == "mine"
+
+
 def test_mlx_whisper_on_another_model_is_refused(tiny_lm_run, tmp_path, capsys):
     run_dir = tiny_lm_run[0]
     out = tmp_path / "out"

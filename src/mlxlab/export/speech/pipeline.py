@@ -119,7 +119,9 @@ def check_request(request: SpeechRequest) -> None:
     if request.dtype not in DTYPES:
         raise ExportError(f"--dtype {request.dtype}: one of {', '.join(DTYPES)}")
     out = request.out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not request.overwrite:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file: --format {request.fmt} writes a folder")
+    if out.exists() and any(out.iterdir()) and not request.overwrite:
         raise ExportError(f"{out} exists and is not empty: pick a new --out or pass --overwrite")
 
 
