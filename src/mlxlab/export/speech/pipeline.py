@@ -99,6 +99,9 @@ def _generation_file(source: WhisperSource, tmp: Path) -> None:
 
 
 FORMATS: dict[str, Writer] = {"hf": _hf, "mlx-whisper": _mlx_whisper}
+# the weights' dtype without --dtype: mlx-whisper's convert.py writes float16, which
+# mlx_whisper.transcribe's defaults (fp16=True) require; transformers' folder float32
+DEFAULT_DTYPE = {"hf": "float32", "mlx-whisper": "float16"}
 # the formats that quantize, and the bits each takes
 BITS_OF: dict[str, tuple[int, ...]] = {"mlx-whisper": BITS}
 
@@ -130,8 +133,8 @@ def export_whisper(source: str | Path, out: str | Path, fmt: str = "hf", dtype: 
                    check: bool = True) -> dict:
     """Write the Whisper `source` names (a speech run: its best checkpoint; or a Whisper
     folder) to `out` in `fmt`; returns the report also saved as out/export_report.json."""
-    request = SpeechRequest(fmt, Path(out).expanduser(), dtype or "float32", quantize,
-                            overwrite, check)
+    request = SpeechRequest(fmt, Path(out).expanduser(), dtype or DEFAULT_DTYPE.get(fmt, "float32"),
+                            quantize, overwrite, check)
     check_request(request)
     with whisper_source(source) as loaded:
         return _export(loaded, request)
