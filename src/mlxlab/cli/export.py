@@ -82,7 +82,8 @@ A Whisper (a run of model=whisper, or a Whisper folder) exports as transformers'
 WhisperForConditionalGeneration folder (--format hf: LoRA fused, the base's config, generation
 config, tokenizer and feature-extractor files), proved in transformers (its logits on a probe
 and its greedy transcript of a probe audio are mlxlab's), or as mlx-whisper's folder (--format
-mlx-whisper, --quantize 2|3|4|5|6|8 as mlx-whisper's convert.py quantizes, group size 64),
+mlx-whisper: float16 as mlx-whisper's convert.py writes it, --quantize 2|3|4|5|6|8 as it
+quantizes, group size 64),
 read back by mlxlab and by mlx-whisper (mlx_whisper.transcribe gives mlxlab's transcript).
 
 --format hf (and peft, and gguf from a run, through its float hf folder) is checked where it is
@@ -124,7 +125,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="--format gguf K-quants of a run: the importance matrix's training "
                         "rows (default 128; 0: quantize without one)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                        help="weights dtype (default: the pretrained checkpoint's, else float32)")
+                        help="weights dtype (default: the pretrained checkpoint's, else float32; "
+                        "--format mlx-whisper: float16)")
     parser.add_argument("--quantize", type=int, default=None, metavar="BITS",
                         help="bits, group size 64: --format mlx-lm 4|8 (as mlx_lm.convert -q), "
                         "--format mlx-whisper 2|3|4|5|6|8 (as mlx-whisper's convert.py)")
