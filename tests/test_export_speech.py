@@ -77,6 +77,8 @@ def test_hf_export_transcribes_as_mlxlab_in_transformers(small, tmp_path, capsys
     report = json.loads((out / "export_report.json").read_text())
     assert report["check"]["status"] == "checked"
     assert report["check"]["max_abs_logit_gap"] <= report["check"]["allowed_gap"]
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and "## Export check" in card
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -213,6 +215,7 @@ def test_quantized_mlx_whisper_export_loads_quantized(openai_vocab, tmp_path):
     model = load_model(str(out), dtype=mx.float32)
     assert isinstance(model.decoder.blocks[0].mlp1, nn.QuantizedLinear)
     assert report["check"]["status"] == "read back" and report["retention"]["status"]
+    assert "library_name: mlx" in (out / "README.md").read_text()
 
 
 @pytest.mark.slow

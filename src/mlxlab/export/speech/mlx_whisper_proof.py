@@ -62,9 +62,9 @@ def prove_in_mlxlab(model: Any, probe: Probe, folder: Path) -> dict:
 
 
 def prove_in_mlx_whisper(model: Any, tokenizer: Any, probe: Probe, folder: Path,
-                         quantized: bool) -> dict:
-    """mlx-whisper's read-back (module docstring); a quantized folder is loaded and run (its
-    transcript recorded), its loss judged by judgement.py, not here."""
+                         quantized: int | None) -> dict:
+    """mlx-whisper's read-back (module docstring); a folder quantized to `quantized` bits is
+    loaded and run (its transcript recorded), its loss judged by judgement.py, not here."""
     import mlx.core as mx
     from mlx_whisper.load_models import load_model
 
@@ -79,7 +79,9 @@ def prove_in_mlx_whisper(model: Any, tokenizer: Any, probe: Probe, folder: Path,
     logits = np.array(theirs(feats, mx.array(probe.decoder_ids, dtype=mx.int32)).astype(mx.float32))
     text = transcriber(folder, probe.language)([probe.audio])[0]
     if quantized:
-        return {"status": "read back", "checker": name, "transcript": {"text": text}}
+        return {"status": "read back", "checker": name, "transcript": {"text": text},
+                "why": f"a {quantized}-bit folder: {name} loaded and ran it; what the "
+                       "quantization costs is judged apart (the report's retention)"}
     record = compare(mlxlab_logits(model, probe), logits, probe.decoder_ids,
                      speech_checker(name))
     ours, ids = transcript(model, tokenizer, mlx_whisper_features(probe.audio, model), probe.language)

@@ -8,7 +8,9 @@
     (3) the format's proof on what was written (the tool loads it and computes mlxlab's logits
         and transcript) and, where the weights changed (--quantize), the judgement
         (judgement.py); a refusal leaves nothing;
-    (4) export_report.json written and the staged folder renamed into --out.
+    (4) export_report.json and the model card (README.md: a run's task scores, its word error
+        rates among them, and how the export was checked) written, the staged folder renamed
+        into --out.
 
 FORMATS maps each format to its writer-and-proof: `hf` (hf_folder.py, hf_proof.py),
 `mlx-whisper` (mlx_whisper_folder.py, mlx_whisper_proof.py); another format plugs in as one
@@ -85,7 +87,7 @@ def _mlx_whisper(source: WhisperSource, probe: Probe, tmp: Path, request: Speech
         report["check"] = unchecked("mlx-whisper is not installed (pip install mlx-whisper)")
     else:
         report["check"] = prove_in_mlx_whisper(model, source.tokenizer, probe, tmp,
-                                               quantized=request.bits is not None)
+                                               quantized=request.bits)
     return report
 
 
@@ -160,5 +162,32 @@ def _export(source: WhisperSource, request: SpeechRequest) -> dict:
                     and request.check and mlx_whisper_version() else None)
             report["retention"] = judge_written(
                 source, Written(tmp, request.fmt, request.bits, tool))
+        _write_card(source, request, report, tmp)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+# the model card's library_name per format (the hub's "use this model" snippet)
+LIBRARY = {"hf": "transformers", "mlx-whisper": "mlx"}
+
+
+def _write_card(source: WhisperSource, request: SpeechRequest, report: dict, tmp: Path) -> None:
+    """README.md: the run's scores (export/model_card.py; a folder's card has none), an
+    unfinished run's warning, the check in words and the probe audio's transcript."""
+    from mlxlab.export.model_card import bare_card, check_section, model_card, unfinished_card
+
+    name, library = request.out.name, LIBRARY.get(request.fmt, "transformers")
+    card = (model_card(source.path, name, source.config, source.run_id, source.step)
+            if source.checkpoint is not None else None)
+    if card is not None:
+        card = card.replace("library_name: transformers", f"library_name: {library}", 1)
+    if source.note is not None:
+        card = unfinished_card(card, name, source.note)
+    card = (card or bare_card(name, library)) + check_section(report["check"], request.dtype)
+    transcript = (report["check"].get("transcript") or {}).get("text")
+    if transcript is not None:
+        card += (f"\nThe probe audio (3 s of synthesized tones, the same for every export) "
+                 f"transcribed by {report['check']['checker']} from this export: "
+                 f"{transcript!r}.\n")
+    (tmp / "README.md").write_text(card)
+    report["model_card"] = str(request.out / "README.md")

@@ -36,6 +36,7 @@ class WhisperSource:
     lora: bool = False
     note: str | None = None
     config: dict | None = None
+    run_id: str | None = None
 
 
 def is_whisper_source(name: str | Path) -> bool:
@@ -80,7 +81,7 @@ def whisper_source(name: str | Path) -> Iterator[WhisperSource]:
         source = WhisperSource(model, load_whisper_tokenizer(base), base, path, chosen,
                                state.step, has_adapters(model),
                                unfinished_note(run_folder, state.step, state.config),
-                               state.config)
+                               state.config, state.run_id)
         yield _ready(source)
 
 
