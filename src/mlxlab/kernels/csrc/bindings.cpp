@@ -44,14 +44,15 @@ NB_MODULE(_mlxlab_kernels, m) {
   m.def(
       "blocked_attention",
       [](const mx::array& q, const mx::array& k, const mx::array& v,
-         const std::optional<mx::array>& mask, float scale) {
-        return mlxlab::blocked_attention(q, k, v, mask, scale);
+         const std::optional<mx::array>& mask, float scale, int block) {
+        return mlxlab::blocked_attention(q, k, v, mask, scale, block);
       },
       "q"_a,
       "k"_a,
       "v"_a,
       "mask"_a = nb::none(),
       "scale"_a = 1.0f,
+      "block"_a = 64,
       "softmax(q k^T * scale + mask) v a block of query rows at a time (no scores tensor); "
       "mask additive (1 or B, 1 or T_q, T_kv) or None; needs set_sgemm_batch.");
   m.def("gelu", [](const mx::array& x) { return mlxlab::gelu(x); }, "x"_a,

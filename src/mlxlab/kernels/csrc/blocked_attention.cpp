@@ -1,6 +1,6 @@
 // Blocked ("flash-style") attention, forward and backward: softmax(q k^T * scale + mask) v with
 // no [B, H, T_q, T_kv] scores tensor. Each task is one (batch, head, block of query rows): the
-// block's scores go into a thread-local buffer (kBlockRows x T_kv floats, which stays in L2), its
+// block's scores go into a thread-local buffer (block x T_kv floats, which stays in L2), its
 // rows' softmax runs there, and the block's output is that buffer times v. The whole-tensor path
 // (kernels/ops.py's fused attention) writes and reads T_q x T_kv floats a head several times
 // over: at Whisper's T = 1500 that is memory traffic, not arithmetic.
@@ -13,10 +13,10 @@
 // split one block's product over OpenBLAS's threads while ours run too.
 //
 // The row softmax is a plain vectorized one: x * scale + mask, its max, MLX's exp of x - max,
-// their sum (vectorized, so not MLX's order), times 1 / sum. Not MLX's bits; within float32
-// rounding of mx.fast.scaled_dot_product_attention (tests/test_kernels_blocked_attention.py).
-// Each row keeps (max, 1 / sum), its logsumexp in two parts: the backward recomputes a block's
-// probabilities from the same product and the same formula, so they are the forward's to the bit.
+// their sum (vectorized, so not MLX's order), 1 / sum applied to the block's output rows. Not
+// MLX's bits; within float32 rounding of mx.fast.scaled_dot_product_attention
+// (tests/test_kernels_blocked_attention.py). Each row keeps (max, 1 / sum), its logsumexp in two
+// parts: the backward recomputes a block's probabilities from the same product and them.
 #include "common.h"
 #include "kernels.h"
 #include "mlx_math.h"
@@ -32,17 +32,17 @@ using namespace detail;
 namespace {
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-
-// Query rows per task: 64 rows of T_kv = 1500 scores are 384 KB (the backward holds two such
-// buffers), within a core's L2 on current x86 and ARM server CPUs.
-constexpr int64_t kBlockRows = 64;
+// A row whose max lies below this had float32's lowest added to every score: kernels/ops.py's
+// form of a boolean mask that is false for the whole row.
+constexpr float kNoKey = -0.5f * std::numeric_limits<float>::max();
 
 // The sizes every task reads, and where a row's mask lies.
 struct Dims {
   int64_t batch, heads, kv_heads, t_q, t_kv, d;
   int64_t mask_batch, mask_rows; // the mask is (mask_batch, mask_rows, t_kv): 1 or batch, 1 or t_q
+  int64_t block;                 // query rows per task
   int64_t group() const { return heads / kv_heads; }
-  int64_t blocks() const { return (t_q + kBlockRows - 1) / kBlockRows; }
+  int64_t blocks() const { return (t_q + block - 1) / block; }
   const float* mask_row(const float* mask, int64_t b, int64_t i) const {
     if (!mask) {
       return nullptr;
@@ -51,10 +51,10 @@ struct Dims {
   }
 };
 
-Dims dims_of(const std::vector<mx::array>& inputs, bool has_mask) {
+Dims dims_of(const std::vector<mx::array>& inputs, bool has_mask, int block) {
   const auto& q = inputs[0];
   const auto& k = inputs[1];
-  Dims dm{q.shape(0), q.shape(1), k.shape(1), q.shape(2), k.shape(2), q.shape(3), 1, 1};
+  Dims dm{q.shape(0), q.shape(1), k.shape(1), q.shape(2), k.shape(2), q.shape(3), 1, 1, block};
   if (has_mask) {
     dm.mask_batch = inputs[3].shape(0);
     dm.mask_rows = inputs[3].shape(1);
@@ -73,54 +73,57 @@ struct Gemm {
   }
 };
 
-// x = x * scale + mask (mask may be null), the row's scores as the softmax takes them.
-inline void scale_and_mask(float* __restrict x, const float* __restrict mask, float scale,
-                           int64_t n) {
+// x = x * scale + mask over one row of raw scores (mask may be null); returns the row's max.
+inline float scale_and_mask(float* __restrict x, const float* __restrict mask, float scale,
+                            int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
   if (mask) {
-#pragma omp simd
+#pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < n; ++j) {
       x[j] = x[j] * scale + mask[j];
+      m = x[j] > m ? x[j] : m;
     }
   } else {
-#pragma omp simd
+#pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < n; ++j) {
       x[j] = x[j] * scale;
+      m = x[j] > m ? x[j] : m;
     }
   }
+  return m;
 }
 
-// x = exp(x - max) / sum in place over one row of raw scores; stats = (max, 1 / sum).
-inline void row_softmax(float* __restrict x, const float* __restrict mask, float scale, int64_t n,
-                        float* __restrict stats) {
-  scale_and_mask(x, mask, scale, n);
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) {
-    m = x[j] > m ? x[j] : m;
-  }
+// x = exp(x * scale + mask - max) over one row of raw scores, not yet divided by their sum (the
+// forward scales the block's output rows instead: D values a row, not T_kv); stats = (max,
+// 1 / sum).
+inline void row_exp(float* __restrict x, const float* __restrict mask, float scale, int64_t n,
+                    float* __restrict stats) {
+  const float m = scale_and_mask(x, mask, scale, n);
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) {
     x[j] = mlx_exp(x[j] - m);
     s += x[j];
   }
-  const float inv = 1.0f / s;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    x[j] = x[j] * inv;
-  }
   stats[0] = m;
-  stats[1] = inv;
+  stats[1] = 1.0f / s;
 }
 
-// The forward's probabilities of one row again, from its raw scores and its (max, 1 / sum).
+// The probabilities of one row, exp(x * scale + mask - max) / sum, from its raw scores and the
+// forward's (max, 1 / sum).
 inline void row_probabilities(float* __restrict x, const float* __restrict mask, float scale,
                               int64_t n, const float* __restrict stats) {
-  scale_and_mask(x, mask, scale, n);
   const float m = stats[0], inv = stats[1];
+  if (mask) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    x[j] = mlx_exp(x[j] - m) * inv;
+    for (int64_t j = 0; j < n; ++j) {
+      x[j] = mlx_exp(x[j] * scale + mask[j] - m) * inv;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      x[j] = mlx_exp(x[j] * scale - m) * inv;
+    }
   }
 }
 
@@ -128,16 +131,23 @@ inline void row_probabilities(float* __restrict x, const float* __restrict mask,
 void forward_block(const Gemm& gemm, const Dims& dm, const float* q, const float* k,
                    const float* v, const float* mask, float scale, float* out, float* stats,
                    float* scores, int64_t b, int64_t h, int64_t r0) {
-  const int64_t rows = std::min(kBlockRows, dm.t_q - r0), n = dm.t_kv, d = dm.d;
+  const int64_t rows = std::min(dm.block, dm.t_q - r0), n = dm.t_kv, d = dm.d;
   const int64_t head = b * dm.heads + h, kv = b * dm.kv_heads + h / dm.group();
   const float* qb = q + (head * dm.t_q + r0) * d;
   gemm(false, true, rows, n, d, 1.0f, qb, d, k + kv * n * d, d, 0.0f, scores, n);
+  float* st = stats + (head * dm.t_q + r0) * 2;
   for (int64_t i = 0; i < rows; ++i) {
-    row_softmax(scores + i * n, dm.mask_row(mask, b, r0 + i), scale, n,
-                stats + (head * dm.t_q + r0 + i) * 2);
+    row_exp(scores + i * n, dm.mask_row(mask, b, r0 + i), scale, n, st + i * 2);
   }
-  gemm(false, false, rows, d, n, 1.0f, scores, n, v + kv * n * d, d, 0.0f,
-       out + (head * dm.t_q + r0) * d, d);
+  float* ob = out + (head * dm.t_q + r0) * d;
+  gemm(false, false, rows, d, n, 1.0f, scores, n, v + kv * n * d, d, 0.0f, ob, d);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float inv = st[i * 2 + 1];
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) {
+      ob[i * d + c] *= inv;
+    }
+  }
 }
 
 // The backward's arrays, by role.
@@ -147,10 +157,10 @@ struct GradArrays {
 };
 
 // One block of the backward (query rows [r0, r0 + rows) of head h): adds its part of dK and dV
-// for the key/value head and writes its rows of dQ. p and dp are (kBlockRows, T_kv) buffers.
+// for the key/value head and writes its rows of dQ. p and dp are (block, T_kv) buffers.
 void backward_block(const Gemm& gemm, const Dims& dm, const GradArrays& a, float scale, float* p,
                     float* dp, int64_t b, int64_t h, int64_t r0) {
-  const int64_t rows = std::min(kBlockRows, dm.t_q - r0), n = dm.t_kv, d = dm.d;
+  const int64_t rows = std::min(dm.block, dm.t_q - r0), n = dm.t_kv, d = dm.d;
   const int64_t head = b * dm.heads + h, kv = b * dm.kv_heads + h / dm.group();
   const int64_t at = (head * dm.t_q + r0) * d;
   const float *kp = a.k + kv * n * d, *vp = a.v + kv * n * d;
@@ -171,6 +181,13 @@ void backward_block(const Gemm& gemm, const Dims& dm, const GradArrays& a, float
       delta += go[c] * o[c];
     }
     float *pr = p + i * n, *dr = dp + i * n;
+    if (a.stats[(head * dm.t_q + r0 + i) * 2] < kNoKey) {
+      // Every key of the row carries float32's lowest (a boolean mask with no key left): the
+      // output is the plain mean of v whatever the scores, and MLX's select passes them no
+      // gradient.
+      std::fill(dr, dr + n, 0.0f);
+      continue;
+    }
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       dr[j] = pr[j] * (dr[j] - delta);
@@ -204,8 +221,11 @@ void check_attention_inputs(const mx::array& q, const mx::array& k, const mx::ar
 } // namespace
 
 mx::array blocked_attention(const mx::array& q, const mx::array& k, const mx::array& v,
-                            const std::optional<mx::array>& mask, float scale) {
+                            const std::optional<mx::array>& mask, float scale, int block) {
   check_attention_inputs(q, k, v, mask);
+  if (block < 1) {
+    throw std::invalid_argument("blocked_attention: block must be >= 1 query rows");
+  }
   if (!sgemm_batch_fn()) {
     throw std::runtime_error("blocked_attention: no batched sgemm set (set_sgemm_batch)");
   }
@@ -217,7 +237,7 @@ mx::array blocked_attention(const mx::array& q, const mx::array& k, const mx::ar
   }
   mx::Shape stats{q.shape(0), q.shape(1), q.shape(2), 2};
   auto outs = mx::array::make_arrays({q.shape(), stats}, {mx::float32, mx::float32},
-                                     std::make_shared<BlockedAttention>(s, scale),
+                                     std::make_shared<BlockedAttention>(s, scale, block),
                                      std::move(inputs));
   return outs[0];
 }
@@ -226,19 +246,19 @@ void BlockedAttention::eval_cpu(const std::vector<mx::array>& inputs,
                                 std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
   set_arrays(encoder, inputs, outputs);
-  const Dims dm = dims_of(inputs, inputs.size() > 3);
+  const Dims dm = dims_of(inputs, inputs.size() > 3, block_);
   const float* mask = inputs.size() > 3 ? inputs[3].data<float>() : nullptr;
   encoder.dispatch([dm, mask, scale = scale_, gemm = Gemm{sgemm_batch_fn()},
                     q = inputs[0].data<float>(), k = inputs[1].data<float>(),
                     v = inputs[2].data<float>(), out = outputs[0].data<float>(),
                     stats = outputs[1].data<float>()]() {
     const int64_t blocks = dm.blocks(), tasks = dm.batch * dm.heads * blocks;
-    parallel_for(tasks, kBlockRows * dm.t_kv * dm.d, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(kBlockRows * dm.t_kv);
+    parallel_for(tasks, dm.block * dm.t_kv * dm.d, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(dm.block * dm.t_kv);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t head = t / blocks;
         forward_block(gemm, dm, q, k, v, mask, scale, out, stats, scores.data(),
-                      head / dm.heads, head % dm.heads, (t % blocks) * kBlockRows);
+                      head / dm.heads, head % dm.heads, (t % blocks) * dm.block);
       }
     });
   });
@@ -288,7 +308,7 @@ std::vector<mx::array> BlockedAttention::vjp(const std::vector<mx::array>& prima
   auto grads = mx::array::make_arrays(
       {primals[0].shape(), primals[1].shape(), primals[2].shape()},
       {mx::float32, mx::float32, mx::float32},
-      std::make_shared<BlockedAttentionGrad>(s, scale_), std::move(inputs));
+      std::make_shared<BlockedAttentionGrad>(s, scale_, block_), std::move(inputs));
   std::vector<mx::array> out;
   for (int arg : argnums) {
     out.push_back(arg < 3 ? grads[arg] : mask_gradient(primals, dout, scale_, s));
@@ -301,7 +321,7 @@ void BlockedAttentionGrad::eval_cpu(const std::vector<mx::array>& inputs,
   auto& encoder = mx::cpu::get_command_encoder(stream());
   set_arrays(encoder, inputs, outputs);
   const bool has_mask = inputs.size() > 6;
-  const Dims dm = dims_of(inputs, has_mask);
+  const Dims dm = dims_of(inputs, has_mask, block_);
   const int at = has_mask ? 4 : 3; // out, stats, dout follow q, k, v (and the mask)
   GradArrays a{inputs[0].data<float>(), inputs[1].data<float>(), inputs[2].data<float>(),
                has_mask ? inputs[3].data<float>() : nullptr, inputs[at].data<float>(),
@@ -313,14 +333,14 @@ void BlockedAttentionGrad::eval_cpu(const std::vector<mx::array>& inputs,
     const int64_t tasks = dm.batch * dm.kv_heads, group = dm.group(), blocks = dm.blocks();
     const int64_t cost = group * dm.t_q * dm.t_kv * dm.d;
     parallel_for(tasks, cost, [&](int64_t begin, int64_t end) {
-      std::vector<float> p(kBlockRows * dm.t_kv), dp(kBlockRows * dm.t_kv);
+      std::vector<float> p(dm.block * dm.t_kv), dp(dm.block * dm.t_kv);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / dm.kv_heads, kvh = t % dm.kv_heads, size = dm.t_kv * dm.d;
         std::fill(a.dk + t * size, a.dk + (t + 1) * size, 0.0f);
         std::fill(a.dv + t * size, a.dv + (t + 1) * size, 0.0f);
         for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
           for (int64_t blk = 0; blk < blocks; ++blk) {
-            backward_block(gemm, dm, a, scale, p.data(), dp.data(), b, h, blk * kBlockRows);
+            backward_block(gemm, dm, a, scale, p.data(), dp.data(), b, h, blk * dm.block);
           }
         }
       }

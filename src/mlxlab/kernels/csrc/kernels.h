@@ -33,11 +33,11 @@ mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask, bool
 
 // softmax(q k^T * scale + mask) v without the (B, H, T_q, T_kv) scores: q (B, H, T_q, D), k and v
 // (B, H_kv, T_kv, D) with H_kv dividing H (query head h reads key/value head h / (H / H_kv)),
-// mask an optional additive float32 (1 or B, 1 or T_q, T_kv), all float32. Computed a block of
+// mask an optional additive float32 (1 or B, 1 or T_q, T_kv), all float32. Computed `block`
 // query rows at a time through the BLAS set_sgemm_batch gave (blocked_attention.cpp), which must
 // be set. Differentiable in q, k, v (a blocked backward) and the mask.
 mx::array blocked_attention(const mx::array& q, const mx::array& k, const mx::array& v,
-                            const std::optional<mx::array>& mask, float scale);
+                            const std::optional<mx::array>& mask, float scale, int block);
 
 // The exact GELU, x * (1 + erf(x / sqrt(2))) / 2, element-wise on float32 (BERT's, GPT-2's MLP).
 mx::array gelu(const mx::array& x);
@@ -208,34 +208,40 @@ class SoftmaxGrad : public CpuPrimitive {
 // softmax max and 1 / sum, kept for the VJP (its logsumexp, max - log(1 / sum)).
 class BlockedAttention : public CpuPrimitive {
  public:
-  BlockedAttention(mx::Stream stream, float scale) : CpuPrimitive(stream), scale_(scale) {}
+  BlockedAttention(mx::Stream stream, float scale, int block)
+      : CpuPrimitive(stream), scale_(scale), block_(block) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxlabBlockedAttention";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return scale_ == static_cast<const BlockedAttention&>(other).scale_;
+    auto& o = static_cast<const BlockedAttention&>(other);
+    return scale_ == o.scale_ && block_ == o.block_;
   }
   MLXLAB_VJP
 
  private:
   float scale_;
+  int block_; // query rows per task
 };
 
 // Inputs: q, k, v (, mask), out, stats, cotangent -> (d q, d k, d v).
 class BlockedAttentionGrad : public CpuPrimitive {
  public:
-  BlockedAttentionGrad(mx::Stream stream, float scale) : CpuPrimitive(stream), scale_(scale) {}
+  BlockedAttentionGrad(mx::Stream stream, float scale, int block)
+      : CpuPrimitive(stream), scale_(scale), block_(block) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxlabBlockedAttentionGrad";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return scale_ == static_cast<const BlockedAttentionGrad&>(other).scale_;
+    auto& o = static_cast<const BlockedAttentionGrad&>(other);
+    return scale_ == o.scale_ && block_ == o.block_;
   }
 
  private:
   float scale_;
+  int block_;
 };
 
 // Inputs: x (N, D), weight (D,) -> (y (N, D), rstd (N,)); rstd is kept for the VJP.
