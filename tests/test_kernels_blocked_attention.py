@@ -81,25 +81,37 @@ def assert_close(got_all, want_all):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
 
 
-@pytest.mark.parametrize("b, h, h_kv, t_q, t_kv, d, kind, block", [
-    (2, 2, 2, 48, 48, 16, None, 16),      # T a multiple of the block
-    (2, 2, 2, 37, 37, 16, None, 16),      # a partial last block
-    (1, 4, 2, 21, 53, 8, "causal", 8),    # cross lengths, grouped heads, causal
-    (2, 4, 1, 1, 70, 32, None, 16),       # decoding's one-token query, one key/value head
-    (3, 2, 2, 19, 19, 8, "keys", 4),      # key padding, the last row with no key at all
-    (2, 2, 2, 20, 33, 16, "rows", 16),    # an additive mask per batch row
-    (1, 6, 3, 40, 17, 64, "bias", 32),    # an additive (T_q, T_kv) bias, D = 64
-    (1, 1, 1, 5, 3, 128, None, 64),       # fewer rows than a block, D = 128
-])
+@pytest.mark.parametrize(
+    "b, h, h_kv, t_q, t_kv, d, kind, block",
+    [
+        (2, 2, 2, 48, 48, 16, None, 16),  # T a multiple of the block
+        (2, 2, 2, 37, 37, 16, None, 16),  # a partial last block
+        (1, 4, 2, 21, 53, 8, "causal", 8),  # cross lengths, grouped heads, causal
+        (2, 4, 1, 1, 70, 32, None, 16),  # decoding's one-token query, one key/value head
+        (3, 2, 2, 19, 19, 8, "keys", 4),  # key padding, the last row with no key at all
+        (2, 2, 2, 20, 33, 16, "rows", 16),  # an additive mask per batch row
+        (1, 6, 3, 40, 17, 64, "bias", 32),  # an additive (T_q, T_kv) bias, D = 64
+        (1, 1, 1, 5, 3, 128, None, 64),  # fewer rows than a block, D = 128
+    ],
+)
 def test_blocked_attention_equals_sdpa(module, b, h, h_kv, t_q, t_kv, d, kind, block):
     q, k, v, cot = inputs(b, h, h_kv, t_q, t_kv, d)
     mask = sdpa_mask(kind, b, t_q, t_kv)
     scale = d**-0.5
     got = value_and_grads(
-        lambda q, k, v: module.blocked_attention(q, k, v, as_blocked(mask), scale, block), cot, q, k, v)
+        lambda q, k, v: module.blocked_attention(q, k, v, as_blocked(mask), scale, block),
+        cot,
+        q,
+        k,
+        v,
+    )
     want = value_and_grads(
         lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask),
-        cot, q, k, v)
+        cot,
+        q,
+        k,
+        v,
+    )
     assert_close(got, want)
 
 
@@ -108,10 +120,14 @@ def test_a_learned_bias_gets_its_gradient(module):
     over the heads (and the batch, for a (T_q, T_kv) one) as SDPA's autodiff gives it."""
     q, k, v, cot = inputs(2, 4, 2, 23, 29, 16, seed=3)
     for bias in (sdpa_mask("bias", 2, 23, 29), sdpa_mask("rows", 2, 23, 29)):
-        got = mx.grad(lambda m: (module.blocked_attention(q, k, v, as_blocked(m), 0.25, 8)
-                                 * cot).sum())(bias)
-        want = mx.grad(lambda m: (mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=m)
-                                  * cot).sum())(bias)
+        got = mx.grad(
+            lambda m: (module.blocked_attention(q, k, v, as_blocked(m), 0.25, 8) * cot).sum()
+        )(bias)
+        want = mx.grad(
+            lambda m: (
+                mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=m) * cot
+            ).sum()
+        )(bias)
         assert_close([np.array(got).reshape(want.shape)], [np.array(want)])
 
 
@@ -125,9 +141,14 @@ def test_attention_takes_the_blocked_kernel_from_min_keys(module, monkeypatch, k
     mask = sdpa_mask(kind, 3, 25, 25)
     want = value_and_grads(
         lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask),
-        cot, q, k, v)
-    assert_close(value_and_grads(partial(kernels.attention, scale=0.25, mask=mask), cot, q, k, v),
-                 want)
+        cot,
+        q,
+        k,
+        v,
+    )
+    assert_close(
+        value_and_grads(partial(kernels.attention, scale=0.25, mask=mask), cot, q, k, v), want
+    )
     assert "MlxlabBlockedAttention" in graph(q, k, v, mask)
     kernels.set_skip(["blocked_attention"])
     try:
@@ -157,8 +178,10 @@ def test_the_scores_are_never_whole(module):
     scores_bytes = b * h * t * t * 4
     mx.reset_peak_memory()
     before = mx.get_active_memory()
-    grads = mx.grad(lambda q, k, v: (module.blocked_attention(q, k, v, None, d**-0.5, 64) * cot).sum(),
-                    argnums=(0, 1, 2))(q, k, v)
+    grads = mx.grad(
+        lambda q, k, v: (module.blocked_attention(q, k, v, None, d**-0.5, 64) * cot).sum(),
+        argnums=(0, 1, 2),
+    )(q, k, v)
     mx.eval(grads)
     assert mx.get_peak_memory() - before < scores_bytes / 4
 

@@ -87,10 +87,12 @@ def attention(
     return product(probs, v, False).reshape(B, H, T, D)
 
 
-# From how many keys attention takes the blocked kernel: below, the whole-scores path (whose
-# (T_q, T_kv) scores a head then fit in cache anyway) measured as fast or faster, and it gives
-# MLX's bits. Measured on a 2-core Xeon (family 6 model 207), alternating rounds on a loaded box:
-# the CHANGELOG's entry has the ratios.
+# From how many keys attention takes the blocked kernel. Below, the whole-scores path stays: its
+# results are MLX's SDPA's to the bit (a seed trains the same run with the kernels on as off), and
+# its scores are small there (256 keys: 256 KB a head). The blocked kernel measured faster at
+# every length tried (16 to 1500 keys, alternating rounds on a loaded 2-core Xeon, family 6
+# model 207: 1.6-1.7x forward and backward at the nano decoder's 128 and 256), so this bound
+# trades speed for those bits on short sequences; 1 would take the blocked kernel everywhere.
 BLOCKED_MIN_KEYS = 512
 # Bytes of scores a block of query rows holds (the backward holds two such buffers): the rows per
 # block are this over T_kv's (a multiple of 16, 16 to 256 rows): 128 rows at Whisper's 1500 keys.
