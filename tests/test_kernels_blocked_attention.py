@@ -194,3 +194,17 @@ def test_bad_shapes_are_refused(module):
         module.blocked_attention(q, q, q, mx.zeros((1, 8, 7)), 1.0)
     with pytest.raises(ValueError, match="block"):
         module.blocked_attention(q, q, q, None, 1.0, 0)
+
+
+def test_a_compiled_step_equals_the_eager_one(module, monkeypatch):
+    """mx.compile traces the blocked kernel and its backward as they are: the compiled value and
+    gradients are the eager ones to the bit."""
+    monkeypatch.setattr(ops, "BLOCKED_MIN_KEYS", 8)
+    q, k, v, cot = inputs(2, 4, 4, 33, 33, 16, seed=11)
+    step = mx.value_and_grad(
+        lambda q, k, v: (kernels.attention(q, k, v, 0.25, None) * cot).sum(), argnums=(0, 1, 2)
+    )
+    eager, compiled = step(q, k, v), mx.compile(step)(q, k, v)
+    for got, want in zip([compiled[0], *compiled[1]], [eager[0], *eager[1]]):
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+    assert "MlxlabBlockedAttention" in graph(q, k, v, None)
