@@ -29,6 +29,7 @@ def module():
         pytest.skip("MLX's BLAS has no cblas_sgemm_batch_strided here")
     ext = dispatch.extension()
     ext.set_sgemm_batch(batch)
+    ext.set_blas_local_threads(blas.mlx_blas_local_threads() or 0)  # MKL: its calls stay on ours
     return ext
 
 

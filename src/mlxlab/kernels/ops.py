@@ -101,15 +101,18 @@ BLOCK_BYTES = 768 * 1024
 
 def _takes_blocked(module, keys: int) -> bool:
     """Whether attention over `keys` keys takes the blocked kernel: long enough, not skipped,
-    and MLX's BLAS is OpenBLAS with a batched sgemm (the kernel calls it with a batch of one from
-    its own threads: OpenBLAS runs that on the calling thread; another BLAS, MKL's OpenMP one,
-    would start its own threads inside each of ours)."""
+    and MLX's BLAS has a batched sgemm that runs on the thread that calls it (the kernel calls it
+    with a batch of one from its own threads): OpenBLAS's does by itself, MKL's once told with
+    mkl_set_num_threads_local; another BLAS might start its own threads inside each of ours."""
     if keys < BLOCKED_MIN_KEYS or "blocked_attention" in skipped():
         return False
     batch = blas.mlx_sgemm_batch()
-    if not batch or "openblas" not in _library_of(blas.mlx_gemm_target()):
+    library = _library_of(blas.mlx_gemm_target()) if batch else ""
+    local = blas.mlx_blas_local_threads() if "mkl" in library else None
+    if "openblas" not in library and local is None:
         return False
     module.set_sgemm_batch(batch)  # read each call: setup_blas may have rebound libmlx since
+    module.set_blas_local_threads(local or 0)
     return True
 
 

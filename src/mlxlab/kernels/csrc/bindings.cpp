@@ -55,6 +55,8 @@ NB_MODULE(_mlxlab_kernels, m) {
       "block"_a = 64,
       "softmax(q k^T * scale + mask) v a block of query rows at a time (no scores tensor); "
       "mask additive (1 or B, 1 or T_q, T_kv) or None; needs set_sgemm_batch.");
+  m.def("set_blas_local_threads", &mlxlab::set_blas_local_threads, "address"_a,
+        "MKL's mkl_set_num_threads_local, which blocked_attention's threads call (0: none).");
   m.def("gelu", [](const mx::array& x) { return mlxlab::gelu(x); }, "x"_a,
         "The exact (erf) GELU of a float32 array.");
   m.def(

@@ -8,9 +8,11 @@
 // The products are the BLAS's: cblas_sgemm_batch_strided (set_sgemm_batch, batched.cpp) with a
 // batch of one, called from inside this file's worker threads. OpenBLAS runs a batch of one on the
 // calling thread (gemm_batch_thread -> exec_blas(1, ...): no wake-up of its own pool, no lock), with
-// the kernels it picked for this CPU (its AVX-512 ones where they measured faster): faster per
-// product than anything written at this build's fixed level (x86-64-v3). A cblas_sgemm call would
-// split one block's product over OpenBLAS's threads while ours run too.
+// the kernels it picked for this CPU (its AVX-512 ones where they measured faster: Whisper's
+// encoder attention ran ~1.3x faster through them than through its AVX2 ones, the bound of a
+// micro-kernel written at this build's fixed level, x86-64-v3). MKL is told to stay on the
+// calling thread for the task (mkl_set_num_threads_local, set_blas_local_threads). A cblas_sgemm
+// call would split one block's product over the BLAS's threads while ours run too.
 //
 // The row softmax is a plain vectorized one: x * scale + mask, its max, MLX's exp of x - max,
 // their sum (vectorized, so not MLX's order), 1 / sum applied to the block's output rows. Not
@@ -21,6 +23,7 @@
 #include "kernels.h"
 #include "mlx_math.h"
 
+#include <atomic>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -32,6 +35,28 @@ using namespace detail;
 namespace {
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+// MKL's mkl_set_num_threads_local (this thread's count; returns the one it replaces), null where
+// the BLAS runs a batch of one on the calling thread by itself (OpenBLAS).
+using LocalThreads = int (*)(int);
+std::atomic<LocalThreads> g_local{nullptr};
+
+// The BLAS on one thread, the calling one, while it lives.
+class OneBlasThread {
+ public:
+  explicit OneBlasThread(LocalThreads local) : local_(local), previous_(local ? local(1) : 0) {}
+  ~OneBlasThread() {
+    if (local_) {
+      local_(previous_); // 0: back to the process-wide count
+    }
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  LocalThreads local_;
+  int previous_;
+};
+
 // A row whose max lies below this had float32's lowest added to every score: kernels/ops.py's
 // form of a boolean mask that is false for the whole row.
 constexpr float kNoKey = -0.5f * std::numeric_limits<float>::max();
@@ -68,8 +93,10 @@ struct Gemm {
   void operator()(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                   int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                   int64_t ldc) const {
+    // A batch of one: the strides are each matrix's extent (MKL refuses overlapping ones).
     fn(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, int(m), int(n), int(k), alpha, a,
-       int(lda), 0, b, int(ldb), 0, beta, c, int(ldc), 0, 1);
+       int(lda), int((ta ? k : m) * lda), b, int(ldb), int((tb ? n : k) * ldb), beta, c, int(ldc),
+       int(m * ldc), 1);
   }
 };
 
@@ -220,6 +247,10 @@ void check_attention_inputs(const mx::array& q, const mx::array& k, const mx::ar
 
 } // namespace
 
+void set_blas_local_threads(uintptr_t address) {
+  g_local = reinterpret_cast<LocalThreads>(address);
+}
+
 mx::array blocked_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                             const std::optional<mx::array>& mask, float scale, int block) {
   check_attention_inputs(q, k, v, mask);
@@ -248,12 +279,13 @@ void BlockedAttention::eval_cpu(const std::vector<mx::array>& inputs,
   set_arrays(encoder, inputs, outputs);
   const Dims dm = dims_of(inputs, inputs.size() > 3, block_);
   const float* mask = inputs.size() > 3 ? inputs[3].data<float>() : nullptr;
-  encoder.dispatch([dm, mask, scale = scale_, gemm = Gemm{sgemm_batch_fn()},
+  encoder.dispatch([dm, mask, scale = scale_, gemm = Gemm{sgemm_batch_fn()}, local = g_local.load(),
                     q = inputs[0].data<float>(), k = inputs[1].data<float>(),
                     v = inputs[2].data<float>(), out = outputs[0].data<float>(),
                     stats = outputs[1].data<float>()]() {
     const int64_t blocks = dm.blocks(), tasks = dm.batch * dm.heads * blocks;
     parallel_for(tasks, dm.block * dm.t_kv * dm.d, [&](int64_t begin, int64_t end) {
+      OneBlasThread alone(local);
       std::vector<float> scores(dm.block * dm.t_kv);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t head = t / blocks;
@@ -327,12 +359,14 @@ void BlockedAttentionGrad::eval_cpu(const std::vector<mx::array>& inputs,
                has_mask ? inputs[3].data<float>() : nullptr, inputs[at].data<float>(),
                inputs[at + 1].data<float>(), inputs[at + 2].data<float>(),
                outputs[0].data<float>(), outputs[1].data<float>(), outputs[2].data<float>()};
-  encoder.dispatch([dm, a, scale = scale_, gemm = Gemm{sgemm_batch_fn()}]() {
+  encoder.dispatch([dm, a, scale = scale_, gemm = Gemm{sgemm_batch_fn()},
+                    local = g_local.load()]() {
     // One task per (batch row, key/value head): it alone adds into that head's dK and dV (no
     // atomics) and writes the dQ rows of the group's query heads.
     const int64_t tasks = dm.batch * dm.kv_heads, group = dm.group(), blocks = dm.blocks();
     const int64_t cost = group * dm.t_q * dm.t_kv * dm.d;
     parallel_for(tasks, cost, [&](int64_t begin, int64_t end) {
+      OneBlasThread alone(local);
       std::vector<float> p(dm.block * dm.t_kv), dp(dm.block * dm.t_kv);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / dm.kv_heads, kvh = t % dm.kv_heads, size = dm.t_kv * dm.d;

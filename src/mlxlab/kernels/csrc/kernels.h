@@ -38,6 +38,9 @@ mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask, bool
 // be set. Differentiable in q, k, v (a blocked backward) and the mask.
 mx::array blocked_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                             const std::optional<mx::array>& mask, float scale, int block);
+// The address of MKL's mkl_set_num_threads_local where MKL's batched sgemm is the one set (its
+// calls from blocked_attention's threads then stay on those threads); 0 for OpenBLAS.
+void set_blas_local_threads(uintptr_t address);
 
 // The exact GELU, x * (1 + erf(x / sqrt(2))) / 2, element-wise on float32 (BERT's, GPT-2's MLP).
 mx::array gelu(const mx::array& x);
