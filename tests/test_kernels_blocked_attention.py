@@ -209,3 +209,50 @@ def test_a_compiled_step_equals_the_eager_one(module, monkeypatch):
     for got, want in zip([compiled[0], *compiled[1]], [eager[0], *eager[1]]):
         np.testing.assert_array_equal(np.array(got), np.array(want))
     assert "MlxlabBlockedAttention" in graph(q, k, v, None)
+
+
+MKL_PROBE = """
+import mlx.core as mx, numpy as np
+from mlxlab import kernels
+from mlxlab.kernels import ops
+from mlxlab.runtime.compute import blas
+kernels.set_mode("on")
+ops.BLOCKED_MIN_KEYS = 8
+ks = mx.random.split(mx.random.key(2), 4)
+q, k, v, cot = (mx.random.normal((2, 4, 45, 16), key=key) for key in ks)
+def grads(attend):
+    return mx.value_and_grad(lambda q, k, v: (attend(q, k, v) * cot).sum(), argnums=(0, 1, 2))(q, k, v)
+got = grads(lambda q, k, v: kernels.attention(q, k, v, 0.25, None))
+want = grads(lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25))
+out = __import__("io").StringIO()
+mx.export_to_dot(out, kernels.attention(q, k, v, 0.25, None))
+err = max(float(mx.abs(a - b).max() / mx.abs(b).max())
+          for a, b in zip([got[0], *got[1]], [want[0], *want[1]]))
+print(blas.mlx_gemm_library(), "MlxlabBlockedAttention" in out.getvalue(), err)
+"""
+
+
+def test_mkl_serving_mlx_runs_it_on_the_kernels_threads(module):
+    """Where MKL serves MLX, the kernel's threads run its batched sgemm alone
+    (MKL_Set_Num_Threads_Local): the blocked path runs, with SDPA's values and gradients."""
+    import os
+    import subprocess
+    import sys
+
+    from mlxlab.runtime.compute import mkl
+
+    if mkl.mkl_directory() is None:
+        pytest.skip("the optional mkl package is not installed (pip install 'mlxlab[mkl]')")
+    env = {**os.environ, "MLXLAB_BLAS": "mkl"}
+    done = subprocess.run(
+        [sys.executable, "-c", MKL_PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    library, blocked, err = done.stdout.split()[-3:]
+    assert "mkl" in library.lower() and blocked == "True"
+    assert float(err) < 1e-5
