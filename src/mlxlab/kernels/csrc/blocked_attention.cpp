@@ -245,6 +245,22 @@ void check_attention_inputs(const mx::array& q, const mx::array& k, const mx::ar
   }
 }
 
+// Runs worker(next) on the pool's threads (as many as plan_threads gives `tasks` of `cost`); each
+// worker takes tasks by next() until it returns tasks or more. A thread on a busy core then runs
+// fewer tasks instead of holding the others up at the end; which thread runs a task changes no
+// result (each task writes its own part of the outputs).
+template <typename Worker>
+void run_tasks(int64_t tasks, int64_t cost, const Worker& worker) {
+  std::atomic<int64_t> counter{0};
+  auto next = [&counter]() { return counter.fetch_add(1, std::memory_order_relaxed); };
+  const int64_t threads = plan_threads(tasks, cost);
+  if (threads <= 1) {
+    worker(next);
+  } else {
+    parallel_parts(threads, [&](int) { worker(next); });
+  }
+}
+
 } // namespace
 
 void set_blas_local_threads(uintptr_t address) {
@@ -284,10 +300,10 @@ void BlockedAttention::eval_cpu(const std::vector<mx::array>& inputs,
                     v = inputs[2].data<float>(), out = outputs[0].data<float>(),
                     stats = outputs[1].data<float>()]() {
     const int64_t blocks = dm.blocks(), tasks = dm.batch * dm.heads * blocks;
-    parallel_for(tasks, dm.block * dm.t_kv * dm.d, [&](int64_t begin, int64_t end) {
+    run_tasks(tasks, dm.block * dm.t_kv * dm.d, [&](const auto& next) {
       OneBlasThread alone(local);
       std::vector<float> scores(dm.block * dm.t_kv);
-      for (int64_t t = begin; t < end; ++t) {
+      for (int64_t t = next(); t < tasks; t = next()) {
         const int64_t head = t / blocks;
         forward_block(gemm, dm, q, k, v, mask, scale, out, stats, scores.data(),
                       head / dm.heads, head % dm.heads, (t % blocks) * dm.block);
@@ -365,10 +381,10 @@ void BlockedAttentionGrad::eval_cpu(const std::vector<mx::array>& inputs,
     // atomics) and writes the dQ rows of the group's query heads.
     const int64_t tasks = dm.batch * dm.kv_heads, group = dm.group(), blocks = dm.blocks();
     const int64_t cost = group * dm.t_q * dm.t_kv * dm.d;
-    parallel_for(tasks, cost, [&](int64_t begin, int64_t end) {
+    run_tasks(tasks, cost, [&](const auto& next) {
       OneBlasThread alone(local);
       std::vector<float> p(dm.block * dm.t_kv), dp(dm.block * dm.t_kv);
-      for (int64_t t = begin; t < end; ++t) {
+      for (int64_t t = next(); t < tasks; t = next()) {
         const int64_t b = t / dm.kv_heads, kvh = t % dm.kv_heads, size = dm.t_kv * dm.d;
         std::fill(a.dk + t * size, a.dk + (t + 1) * size, 0.0f);
         std::fill(a.dv + t * size, a.dv + (t + 1) * size, 0.0f);
