@@ -66,7 +66,7 @@ def attention(
         mask = mx.where(mask, mx.array(0.0), mx.array(mx.finfo(mx.float32).min))
     mask = None if mask is None else mask.astype(mx.float32)
     if _takes_blocked(module, k.shape[2]):
-        return blocked_attention(module, q, k, v, scale, mask)
+        return _blocked_attention(module, q, k, v, scale, mask)
     if row_mask:  # added to the scores before the fused softmax (one broadcast pass)
         return _attention_rows(module, q, k, v, scale, mask)
     if key_mask:
@@ -123,7 +123,7 @@ def _library_of(address: int | None) -> str:
     return Path(path).name.lower() if path else ""
 
 
-def blocked_attention(module, q: mx.array, k: mx.array, v: mx.array, scale: float,
+def _blocked_attention(module, q: mx.array, k: mx.array, v: mx.array, scale: float,
                       mask: mx.array | None) -> mx.array:
     """The blocked kernel with attention()'s masks as it takes them: additive float32 (1 or B,
     1 or T_q, T_kv); (T_q, T_kv), (B, 1, 1, T_kv) and (B, 1, T_q, T_kv) drop their unit axes."""
