@@ -45,7 +45,7 @@ def attention(
     models/decoders/packing.py) or a key-padding mask (B, 1, 1, T_kv) (boolean, True = may attend,
     as models.layers.blocks.padding_mask makes; or additive), with as many key/value heads as
     query heads or a divisor of them (grouped-query attention); otherwise MLX's SDPA. Two fused
-    paths: from BLOCKED_MIN_KEYS keys on, the blocked kernel (kernels.blocked_attention: a block
+    paths: from BLOCKED_MIN_KEYS keys on, the blocked kernel (csrc/blocked_attention.cpp: a block
     of query rows at a time, no (B, H, T_q, T_kv) scores; float32 rounding of MLX's SDPA); below
     that the two matmuls go to BLAS and the masked softmax (forward and backward) to one kernel
     that is MLX's op for op, so the result is MLX's to the bit."""
@@ -124,7 +124,7 @@ def _library_of(address: int | None) -> str:
 
 
 def _blocked_attention(module, q: mx.array, k: mx.array, v: mx.array, scale: float,
-                      mask: mx.array | None) -> mx.array:
+                       mask: mx.array | None) -> mx.array:
     """The blocked kernel with attention()'s masks as it takes them: additive float32 (1 or B,
     1 or T_q, T_kv); (T_q, T_kv), (B, 1, 1, T_kv) and (B, 1, T_q, T_kv) drop their unit axes."""
     if mask is not None:
