@@ -10,7 +10,10 @@ more than half of the default BERT's step, and its RMSNorm, LayerNorm, RoPE, str
 AdamW update run as single-threaded element-wise ops; its dropout draws threefry bits on one thread
 (see the history record in benchmarks/results/history/). The fused kernels do the same math in one
 vectorized, multi-threaded pass, forward and backward (their VJPs are fused kernels too); the
-dropout kernel draws MLX's own bits, so its masks are nn.Dropout's.
+dropout kernel draws MLX's own bits, so its masks are nn.Dropout's. Attention over many keys
+(ops.BLOCKED_MIN_KEYS) runs blocked, a block of query rows at a time with no (B, H, T_q, T_kv)
+scores (csrc/blocked_attention.cpp): at Whisper's 1500 frames the whole scores were memory
+traffic, not arithmetic.
 
 Mode (`trainer.fused_kernels` -> set_mode, or $MLXLAB_FUSED_KERNELS for scripts):
   auto  fused on the CPU when the extension builds; otherwise, with one log line, pure MLX

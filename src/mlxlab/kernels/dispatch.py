@@ -20,9 +20,9 @@ from mlxlab.runtime.compute import cpu
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
-OPS = ("cross_entropy", "swiglu", "gelu_gate", "attention", "rms_norm", "rope", "heads", "adamw", "gelu",
-       "layer_norm", "dropout", "dequantize", "quantized_matmul", "batched_matmul",
-       "bf16_matmul")
+OPS = ("cross_entropy", "swiglu", "gelu_gate", "attention", "blocked_attention", "rms_norm", "rope",
+       "heads", "adamw", "gelu", "layer_norm", "dropout", "dequantize", "quantized_matmul",
+       "batched_matmul", "bf16_matmul")
 
 # What set_mode, set_skip and set_threads chose; None: what the environment says (settings).
 _mode: str | None = None

@@ -4,8 +4,10 @@ when dispatch.fused says so (CPU, float32, mode not off, op not skipped), else w
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,12 +40,15 @@ def attention(
     q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None = None
 ) -> mx.array:
     """softmax(q k^T * scale + mask) v over (B, H, T, D) heads, what
-    mx.fast.scaled_dot_product_attention computes. Fused: the two matmuls go to BLAS and the
-    masked softmax (forward and backward) to one kernel, for float32 with no mask, an additive
+    mx.fast.scaled_dot_product_attention computes. Fused for float32 with no mask, an additive
     (T_q, T_kv) mask, an additive mask per row (B, 1, T_q, T_kv) (packed rows:
     models/decoders/packing.py) or a key-padding mask (B, 1, 1, T_kv) (boolean, True = may attend,
     as models.layers.blocks.padding_mask makes; or additive), with as many key/value heads as
-    query heads or a divisor of them (grouped-query attention); otherwise MLX's SDPA. The fused softmax is MLX's op for op, so the result is MLX's to the bit."""
+    query heads or a divisor of them (grouped-query attention); otherwise MLX's SDPA. Two fused
+    paths: from BLOCKED_MIN_KEYS keys on, the blocked kernel (csrc/blocked_attention.cpp: a block
+    of query rows at a time, no (B, H, T_q, T_kv) scores; float32 rounding of MLX's SDPA); below
+    that the two matmuls go to BLAS and the masked softmax (forward and backward) to one kernel
+    that is MLX's op for op, so the result is MLX's to the bit."""
     key_mask = isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1:3] == (1, 1)
     # a mask per row shared by the heads (B, 1, T_q, T_kv): packed rows' block-diagonal mask
     row_mask = (isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1] == 1
@@ -54,17 +59,18 @@ def attention(
     grouped = k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0
     if module is None or not plain_mask or not grouped:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
+        # MLX puts float32's lowest where the mask is false; adding it to a score gives that
+        # lowest exactly, so this is the same softmax (a row with no key left is uniform, as
+        # MLX's, not NaN).
+        mask = mx.where(mask, mx.array(0.0), mx.array(mx.finfo(mx.float32).min))
+    mask = None if mask is None else mask.astype(mx.float32)
+    if _takes_blocked(module, k.shape[2]):
+        return _blocked_attention(module, q, k, v, scale, mask)
     if row_mask:  # added to the scores before the fused softmax (one broadcast pass)
-        return _attention_rows(module, q, k, v, scale, mask.astype(mx.float32))
-    if isinstance(mask, mx.array):
-        if mask.dtype == mx.bool_:
-            # MLX puts float32's lowest where the mask is false; adding it to a score gives
-            # that lowest exactly, so this is the same softmax (a row with no key left is
-            # uniform, as MLX's, not NaN).
-            mask = mx.where(mask, mx.array(0.0), mx.array(mx.finfo(mx.float32).min))
-        mask = mask.astype(mx.float32)
-        if key_mask:
-            mask = mask.reshape(mask.shape[0], mask.shape[-1])
+        return _attention_rows(module, q, k, v, scale, mask)
+    if key_mask:
+        mask = mask.reshape(mask.shape[0], mask.shape[-1])
     B, H, T, D = q.shape
     group = H // k.shape[1]
     product = _batched_product(module)
@@ -79,6 +85,52 @@ def attention(
     scores = product(grouped_q, k, True).reshape(B, H, T, -1)
     probs = module.softmax(scores, mask, key_mask).reshape(B, H // group, group * T, -1)
     return product(probs, v, False).reshape(B, H, T, D)
+
+
+# From how many keys attention takes the blocked kernel. Below, the whole-scores path stays: its
+# results are MLX's SDPA's to the bit (a seed trains the same run with the kernels on as off), and
+# its scores are small there (256 keys: 256 KB a head). The blocked kernel measured faster at
+# every length tried (16 to 1500 keys, alternating rounds on a loaded 2-core Xeon, family 6
+# model 207: 1.6-1.7x forward and backward at the nano decoder's 128 and 256), so this bound
+# trades speed for those bits on short sequences; 1 would take the blocked kernel everywhere.
+BLOCKED_MIN_KEYS = 512
+# Bytes of scores a block of query rows holds (the backward holds two such buffers): the rows per
+# block are this over T_kv's (a multiple of 16, 16 to 256 rows): 128 rows at Whisper's 1500 keys.
+BLOCK_BYTES = 768 * 1024
+
+
+def _takes_blocked(module, keys: int) -> bool:
+    """Whether attention over `keys` keys takes the blocked kernel: long enough, not skipped,
+    and MLX's BLAS has a batched sgemm that runs on the thread that calls it (the kernel calls it
+    with a batch of one from its own threads): OpenBLAS's does by itself, MKL's once told with
+    mkl_set_num_threads_local; another BLAS might start its own threads inside each of ours."""
+    if keys < BLOCKED_MIN_KEYS or "blocked_attention" in skipped():
+        return False
+    batch = blas.mlx_sgemm_batch()
+    library = _library_of(blas.mlx_gemm_target()) if batch else ""
+    local = blas.mlx_blas_local_threads() if "mkl" in library else None
+    if "openblas" not in library and local is None:
+        return False
+    module.set_sgemm_batch(batch)  # read each call: setup_blas may have rebound libmlx since
+    module.set_blas_local_threads(local or 0)
+    return True
+
+
+@functools.lru_cache(maxsize=8)
+def _library_of(address: int | None) -> str:
+    """The file name (lower case) of the library `address` lies in, "" where unknown."""
+    path = blas.mlx_gemm_library() if address is not None else None
+    return Path(path).name.lower() if path else ""
+
+
+def _blocked_attention(module, q: mx.array, k: mx.array, v: mx.array, scale: float,
+                       mask: mx.array | None) -> mx.array:
+    """The blocked kernel with attention()'s masks as it takes them: additive float32 (1 or B,
+    1 or T_q, T_kv); (T_q, T_kv), (B, 1, 1, T_kv) and (B, 1, T_q, T_kv) drop their unit axes."""
+    if mask is not None:
+        mask = mask[None] if mask.ndim == 2 else mask.reshape(mask.shape[0], *mask.shape[2:])
+    block = max(16, min(256, BLOCK_BYTES // (4 * k.shape[2]) // 16 * 16))
+    return module.blocked_attention(q, k, v, mask, scale, block)
 
 
 def _attention_rows(module, q: mx.array, k: mx.array, v: mx.array, scale: float,

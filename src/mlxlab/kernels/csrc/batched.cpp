@@ -20,10 +20,7 @@ using namespace detail;
 
 namespace {
 
-// cblas_sgemm_batch_strided's signature (row-major 101, no transpose 111, transpose 112; 32-bit
-// ints as scipy-openblas32 takes them; the strides are elements between the batch's matrices).
-using SgemmBatch = void (*)(int, int, int, int, int, int, float, const float*, int, int,
-                            const float*, int, int, float, float*, int, int, int);
+using SgemmBatch = SgemmBatchFn; // common.h
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 std::atomic<SgemmBatch> g_batch{nullptr};
 
@@ -32,6 +29,14 @@ std::atomic<SgemmBatch> g_batch{nullptr};
 void set_sgemm_batch(uintptr_t address) {
   g_batch = reinterpret_cast<SgemmBatch>(address);
 }
+
+namespace detail {
+
+SgemmBatchFn sgemm_batch_fn() {
+  return g_batch.load();
+}
+
+} // namespace detail
 
 bool has_sgemm_batch() {
   return g_batch.load() != nullptr;

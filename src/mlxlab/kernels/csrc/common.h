@@ -72,6 +72,13 @@ void parallel_for(int64_t n, int64_t cost, F&& fn) {
 }
 
 
+// cblas_sgemm_batch_strided's signature (row-major 101, no transpose 111, transpose 112; 32-bit
+// ints as scipy-openblas32 takes them; the strides are elements between the batch's matrices),
+// and the one set_sgemm_batch gave (batched.cpp; null where none is set).
+using SgemmBatchFn = void (*)(int, int, int, int, int, int, float, const float*, int, int,
+                              const float*, int, int, float, float*, int, int, int);
+SgemmBatchFn sgemm_batch_fn();
+
 inline void check_cpu_float32(const mx::array& a, const char* what) {
   if (a.dtype() != mx::float32) {
     throw std::invalid_argument(std::string(what) + ": mlxlab fused kernels take float32 only");

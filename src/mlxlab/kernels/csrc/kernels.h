@@ -31,6 +31,17 @@ mx::array gelu_gate(const mx::array& gate, const mx::array& up);
 // encoder's key padding).
 mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask, bool key_mask = false);
 
+// softmax(q k^T * scale + mask) v without the (B, H, T_q, T_kv) scores: q (B, H, T_q, D), k and v
+// (B, H_kv, T_kv, D) with H_kv dividing H (query head h reads key/value head h / (H / H_kv)),
+// mask an optional additive float32 (1 or B, 1 or T_q, T_kv), all float32. Computed `block`
+// query rows at a time through the BLAS set_sgemm_batch gave (blocked_attention.cpp), which must
+// be set. Differentiable in q, k, v (a blocked backward) and the mask.
+mx::array blocked_attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                            const std::optional<mx::array>& mask, float scale, int block);
+// The address of MKL's mkl_set_num_threads_local where MKL's batched sgemm is the one set (its
+// calls from blocked_attention's threads then stay on those threads); 0 for OpenBLAS.
+void set_blas_local_threads(uintptr_t address);
+
 // The exact GELU, x * (1 + erf(x / sqrt(2))) / 2, element-wise on float32 (BERT's, GPT-2's MLP).
 mx::array gelu(const mx::array& x);
 
@@ -194,6 +205,46 @@ class Softmax : public CpuPrimitive {
 class SoftmaxGrad : public CpuPrimitive {
  public:
   MLXLAB_PRIMITIVE_BODY(SoftmaxGrad)
+};
+
+// Inputs: q, k, v (, mask) -> (out (B, H, T_q, D), stats (B, H, T_q, 2)): each query row's
+// softmax max and 1 / sum, kept for the VJP (its logsumexp, max - log(1 / sum)).
+class BlockedAttention : public CpuPrimitive {
+ public:
+  BlockedAttention(mx::Stream stream, float scale, int block)
+      : CpuPrimitive(stream), scale_(scale), block_(block) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabBlockedAttention";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const BlockedAttention&>(other);
+    return scale_ == o.scale_ && block_ == o.block_;
+  }
+  MLXLAB_VJP
+
+ private:
+  float scale_;
+  int block_; // query rows per task
+};
+
+// Inputs: q, k, v (, mask), out, stats, cotangent -> (d q, d k, d v).
+class BlockedAttentionGrad : public CpuPrimitive {
+ public:
+  BlockedAttentionGrad(mx::Stream stream, float scale, int block)
+      : CpuPrimitive(stream), scale_(scale), block_(block) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabBlockedAttentionGrad";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const BlockedAttentionGrad&>(other);
+    return scale_ == o.scale_ && block_ == o.block_;
+  }
+
+ private:
+  float scale_;
+  int block_;
 };
 
 // Inputs: x (N, D), weight (D,) -> (y (N, D), rstd (N,)); rstd is kept for the VJP.

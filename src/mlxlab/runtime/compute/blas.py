@@ -364,6 +364,14 @@ def mlx_sgemm_batch() -> int | None:
     return ctypes.cast(batch, ctypes.c_void_p).value
 
 
+def mlx_blas_local_threads() -> int | None:
+    """The address of MKL_Set_Num_Threads_Local (mkl_set_num_threads_local by value) where MKL
+    serves MLX: a thread that calls it with 1 runs its next products alone (the fused blocked
+    attention's threads); else None."""
+    fn = _blas("MKL_Set_Num_Threads_Local") if _mkl_layer else None
+    return None if fn is None else ctypes.cast(fn, ctypes.c_void_p).value
+
+
 def _symbol_prefix(lib: ctypes.CDLL) -> str:
     """The prefix of `lib`'s BLAS names (PREFIXES), found by its cblas_sgemm."""
     return next((p for p in PREFIXES if hasattr(lib, p + "cblas_sgemm")), "")
