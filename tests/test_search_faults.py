@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, REPO
+from one_process import each_in_one_process
 
 SMALL = [
     "debug=fast",
@@ -95,28 +96,13 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 # --------------------------------------------------------------------------- bad input first
 
 
-# Each command line in turn in one process (`python -m mlxlab.train`'s main: its exit status
-# and stderr), and what the root holds after each: one process start for all the bad inputs.
-DRIVER = """
-import contextlib, io, json, sys
-from pathlib import Path
-from mlxlab.train import main
-from test_search_faults import snapshot
-root = Path.cwd()
-out = []
-for args in json.loads(sys.argv[1]):
-    sys.argv = ["mlxlab-train", *args]
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            main(supervised=False)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    out.append([code, err.getvalue(), snapshot(root), sorted(p.name for p in root.iterdir()),
-                (root / "mlruns" / "optuna.db").exists()])
-print(json.dumps(out))
-"""
+def left_in() -> list:
+    """What a start left in the root it ran in (the working directory): the snapshot, the
+    root's folders, whether a study database exists."""
+    root = Path.cwd()
+    return [snapshot(root), sorted(p.name for p in root.iterdir()),
+            (root / "mlruns" / "optuna.db").exists()]
+
 
 BAD_SWEEPS = {
     "replicates=0": (
@@ -153,27 +139,23 @@ BAD_SWEEPS = {
 
 @pytest.fixture(scope="module")
 def bad_sweeps(grid_with_a_failing_job, tmp_path_factory) -> dict[str, tuple[dict, list]]:
-    """Each bad sweep input run in one process (DRIVER) on a root holding the grid's store:
-    {case: (the root's snapshot before, [exit status, stderr, the snapshot after it, the root's
-    folders, whether a study database exists])}."""
+    """The bad sweep inputs in turn in one process (`python -m mlxlab.train`'s main) on a root
+    holding the grid's store: {case: (the root's snapshot before, (exit status, stderr, what
+    it left: left_in))}."""
     root = tmp_path_factory.mktemp("bad-sweeps")
     shutil.copytree(grid_with_a_failing_job[0] / "mlruns", root / "mlruns")
     before = snapshot(root)
-    env = {**env_for(root), "PYTHONPATH": os.pathsep.join(
-        [str(REPO / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = env_for(root)
     env.pop("MLFLOW_TRACKING_URI", None)
-    lines = [args for args, _ in BAD_SWEEPS.values()]
-    done = subprocess.run([PYTHON, "-c", DRIVER, json.dumps(lines)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    return {case: (before, r) for case, r in zip(BAD_SWEEPS, results, strict=True)}
+    done = each_in_one_process([["mlxlab-train", *args] for args, _ in BAD_SWEEPS.values()],
+                               env, cwd=root, after="test_search_faults:left_in")
+    return {case: (before, r) for case, r in zip(BAD_SWEEPS, done, strict=True)}
 
 
 @pytest.mark.parametrize("case", BAD_SWEEPS)
 def test_bad_sweep_input_is_one_line_and_leaves_the_store_unchanged(bad_sweeps, case):
     line = BAD_SWEEPS[case][1]
-    before, (code, stderr, after, folders, study) = bad_sweeps[case]
+    before, (code, stderr, (after, folders, study)) = bad_sweeps[case]
     lines = [x for x in stderr.splitlines() if x.strip()]
     assert code == 2, stderr[-3000:]
     assert lines == [lines[0]] and lines[0].startswith(line), stderr[-3000:]
