@@ -52,6 +52,11 @@ print("\nRESULTS " + json.dumps(results))
 """
 
 
+def names_here() -> list[str]:
+    """An `after`: the names in the working directory (what a refused start left there)."""
+    return sorted(p.name for p in Path.cwd().iterdir())
+
+
 def each_in_one_process(argvs: list[list[str]], env: dict, cwd: Path | None = None,
                         after: str = "", timeout: float = 600) -> list[tuple[int, str, Any]]:
     """(exit status, stderr, `after`'s answer) of each command line (["mlxlab", VERB, ...] or
