@@ -28,16 +28,22 @@ IDS = np.random.default_rng(5).integers(0, 500, size=(2, 16))
 STEPS = 8
 
 
+def overrides(base: Path, pairs: Path, *extra: str, tracking: str = "none") -> list[str]:
+    return ["experiment=finetune_completions", f"model.pretrained={base}",
+            f"data.train_file={pairs}", "data.max_length=64", f"tracking={tracking}",
+            "callbacks.progress.enabled=false", f"trainer.max_steps={STEPS}",
+            "trainer.eval_every_steps=4", "optimizer.learning_rate=3e-3", "trainer.batch_size=4",
+            "checkpoint.save_every_minutes=null", "checkpoint.keep_last_n=3",
+            "checkpoint.async_write=false", *extra]
+
+
 def train(base: Path, run_dir: Path, pairs: Path, *extra: str, check: bool = True,
           tracking: str = "none") -> subprocess.CompletedProcess:
+    """`mlxlab train` as a user types it (the resumed run, the refusals)."""
     done = subprocess.run(
-        [PYTHON, "-m", "mlxlab.cli.main", "train", "experiment=finetune_completions",
-         f"model.pretrained={base}", f"data.train_file={pairs}", "data.max_length=64",
-         f"tracking={tracking}", "callbacks.progress.enabled=false", f"trainer.max_steps={STEPS}",
-         "trainer.eval_every_steps=4", "optimizer.learning_rate=3e-3", "trainer.batch_size=4",
-         "checkpoint.save_every_minutes=null", "checkpoint.keep_last_n=3",
-         "checkpoint.async_write=false", f"paths.root_dir={run_dir.parent}",
-         f"hydra.run.dir={run_dir}", *extra],
+        [PYTHON, "-m", "mlxlab.cli.main", "train", *overrides(base, pairs, *extra,
+                                                               tracking=tracking),
+         f"paths.root_dir={run_dir.parent}", f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, cwd=run_dir.parent)
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
@@ -46,14 +52,24 @@ def train(base: Path, run_dir: Path, pairs: Path, *extra: str, check: bool = Tru
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
+    """The two finished runs, trained in this process (two process starts less); the resume
+    test's run is `mlxlab train`'s, to the bit the same as this process's."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mlxlab.config import compose_config
+    from mlxlab.train import train as train_here
+
     root = tmp_path_factory.mktemp("adapters")
     base = save_tiny_model("llama", root / "tiny-llama")
     pairs = root / "pairs.jsonl"
     lines = Path(asset_path("tinystories/pairs.jsonl")).read_text().splitlines()[:32]
     pairs.write_text("\n".join(lines) + "\n")
     adapters, whole = root / "adapters", root / "whole"
-    train(base, adapters, pairs, tracking="csv")
-    train(base, whole, pairs, "checkpoint.save_base=true")
+    for run_dir, extra, tracking in ((adapters, [], "csv"),
+                                     (whole, ["checkpoint.save_base=true"], "none")):
+        train_here(compose_config(root, overrides(base, pairs, *extra, tracking=tracking),
+                                  output_dir=run_dir))
+        GlobalHydra.instance().clear()
     return {"root": root, "base": base, "pairs": pairs, "adapters": adapters, "whole": whole}
 
 

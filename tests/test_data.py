@@ -393,6 +393,42 @@ def test_streaming_val_split_is_held_out_and_stable(tmp_path):
     assert train == data.tokenizer.encode(eot.join(REAL_DOCS[10:]) + eot).ids
 
 
+# A training process (mlxlab-train's job) sets up a shuffled, held-out stream and prints what it
+# reads, and whether PyTorch got imported.
+TORCHLESS = """
+import json, sys
+import numpy as np
+from mlxlab.data.batching import Batching
+from mlxlab.data.streaming import StreamingText, regroup_flat_config, source
+source.leave_out_torch()
+data = StreamingText(**regroup_flat_config(json.loads(sys.argv[1])))
+data.setup(sys.argv[2])
+batches = data.train_batches(Batching(batch_size=2), 1)
+print(json.dumps({"torch": "torch" in sys.modules,
+                  "ids": [np.asarray(b["input_ids"]).tolist() for b in batches]}))
+"""
+
+
+def test_a_training_process_streams_the_same_batches_without_importing_torch(tmp_path):
+    """datasets imports PyTorch for every stream it opens where PyTorch is installed (2-4 s of a
+    run's start); mlxlab-train's jobs leave its torch hooks out (source.leave_out_torch) and
+    read the same batches as this process, which keeps them."""
+    pytest.importorskip("torch")
+    args = dict(data_files=str(write_txt(tmp_path / "docs.txt", DOCS)), seq_len=16,
+                val_examples=10, shuffle_buffer=16, seed=3, tokenize_batch=4, prefetch=2,
+                cache_dir=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", TORCHLESS, json.dumps(args),
+                           str(tmp_path / "torchless")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["torch"] is False
+    here = StreamingText(**regroup_flat_config(args))
+    here.setup(tmp_path / "here")
+    expected = [b["input_ids"].tolist() for b in as_numpy(here.train_batches(Batching(batch_size=2), 1))]
+    assert got["ids"] == expected and len(expected) > 5
+
+
 def test_streaming_resume_mid_epoch_with_shuffle(tmp_path):
     files = write_txt(tmp_path / "docs.txt", DOCS)
     batching = Batching(batch_size=2)

@@ -57,23 +57,26 @@ def make_tasks(root: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    """The base folder, the fine-tune (tracked in a sqlite store) and the base's eval run."""
+    """The base folder and the fine-tune (tracked in a sqlite store), trained in this process
+    (a process start less: the verbs below run as users run them)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mlxlab.config import compose_config
+    from mlxlab.train import train
+
     root = tmp_path_factory.mktemp("evaltasks")
     base = save_tiny_model("llama", root / "tiny-llama")
     files = make_tasks(root)
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
     run_dir = root / "finetune"
-    done = subprocess.run(
-        [PYTHON, "-m", "mlxlab.cli.main", "train", "experiment=finetune_completions",
-         f"model.pretrained={base}", f"data.train_file={files['pairs']}",
-         f"data.val_file={files['val']}", "data.max_length=32", f"tracking.uri={uri}",
-         "callbacks.progress.enabled=false", "trainer.max_steps=40",
-         "trainer.eval_every_steps=20", "optimizer.learning_rate=1e-2", "trainer.batch_size=8",
-         f"eval.tasks=[{files['mc']},{files['gen']},{files['ppl']}]", "eval.max_new_tokens=4",
-         f"paths.root_dir={root}", f"hydra.run.dir={run_dir}"],
-        capture_output=True, text=True, cwd=root,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    train(compose_config(root, [
+        "experiment=finetune_completions", f"model.pretrained={base}",
+        f"data.train_file={files['pairs']}", f"data.val_file={files['val']}", "data.max_length=32",
+        f"tracking.uri={uri}", "callbacks.progress.enabled=false", "trainer.max_steps=40",
+        "trainer.eval_every_steps=20", "optimizer.learning_rate=1e-2", "trainer.batch_size=8",
+        f"eval.tasks=[{files['mc']},{files['gen']},{files['ppl']}]", "eval.max_new_tokens=4"],
+        output_dir=run_dir))
+    GlobalHydra.instance().clear()
     return {"root": root, "base": base, "run": run_dir, "uri": uri, **files}
 
 

@@ -37,6 +37,11 @@ def lora_run(tmp_path_factory) -> dict:
     """A small LoRA fine-tune (a fixed completion after varied prompts) of a tiny random llama
     whose weights sit on a 4-bit grid, as a model fine-tuned from a Q4_1 GGUF does; tracked in a
     sqlite MLflow store."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mlxlab.config import compose_config
+    from mlxlab.train import train
+
     root = tmp_path_factory.mktemp("retention")
     base = save_tiny_model("llama", root / "tiny-llama")
     snap_to_q4_1(base)
@@ -48,16 +53,13 @@ def lora_run(tmp_path_factory) -> dict:
     pairs = root / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_dir = root / "run"
-    done = subprocess.run(
-        [PYTHON, "-m", "mlxlab.cli.main", "train", "experiment=finetune_completions",
-         f"model.pretrained={base}", f"data.train_file={pairs}", "data.max_length=32",
-         "tracking.background=false", "callbacks.progress.enabled=false",
-         "trainer.max_steps=40", "trainer.eval_every_steps=40",
-         "optimizer.learning_rate=1e-3", "trainer.batch_size=8",
-         f"paths.root_dir={root}", f"hydra.run.dir={run_dir}"],
-        capture_output=True, text=True, cwd=root,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    # trained in this process (a process start less: the exports below run as users run them)
+    train(compose_config(root, [
+        "experiment=finetune_completions", f"model.pretrained={base}", f"data.train_file={pairs}",
+        "data.max_length=32", "tracking.background=false", "callbacks.progress.enabled=false",
+        "trainer.max_steps=40", "trainer.eval_every_steps=40", "optimizer.learning_rate=1e-3",
+        "trainer.batch_size=8"], output_dir=run_dir))
+    GlobalHydra.instance().clear()
     return {"run": run_dir, "root": root, "uri": f"sqlite:///{root}/mlruns/mlflow.db"}
 
 

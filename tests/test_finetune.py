@@ -30,21 +30,24 @@ IDS = np.random.default_rng(3).integers(0, 500, size=(2, 24))
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory) -> dict:
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mlxlab.config import compose_config
+    from mlxlab.train import train
+
     root = tmp_path_factory.mktemp("ft")
     base = save_tiny_model("llama", root / "tiny-llama")
     pairs = root / "pairs.jsonl"
     lines = Path(asset_path("tinystories/pairs.jsonl")).read_text().splitlines()[:48]
     pairs.write_text("\n".join(lines) + "\n")
     run_dir = root / "run"
-    done = subprocess.run(
-        [PYTHON, "-m", "mlxlab.cli.main", "train", "experiment=finetune_completions",
-         f"model.pretrained={base}", f"data.train_file={pairs}", "data.max_length=96",
-         "tracking=none", "callbacks.progress.enabled=false", "trainer.max_steps=40",
-         "trainer.eval_every_steps=40", "optimizer.learning_rate=3e-3", "trainer.batch_size=8",
-         f"paths.root_dir={root}", f"hydra.run.dir={run_dir}"],
-        capture_output=True, text=True, cwd=root,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    # trained in this process (a process start less: the module reads the finished run)
+    train(compose_config(root, [
+        "experiment=finetune_completions", f"model.pretrained={base}", f"data.train_file={pairs}",
+        "data.max_length=96", "tracking=none", "callbacks.progress.enabled=false",
+        "trainer.max_steps=40", "trainer.eval_every_steps=40", "optimizer.learning_rate=3e-3",
+        "trainer.batch_size=8"], output_dir=run_dir))
+    GlobalHydra.instance().clear()
     return {"base": base, "run": run_dir, "pairs": pairs, "root": root}
 
 

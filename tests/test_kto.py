@@ -269,26 +269,26 @@ def test_mlxlab_train_objective_kto_trains_and_logs_trls_metrics(kto_model, tmp_
 
 def test_kto_on_other_data_or_one_row_a_batch_is_one_line_before_anything_is_made(
         kto_model, tmp_path, cli_env):
-    import subprocess
-
-    from conftest import PYTHON
+    from one_process import each_in_one_process
 
     cases = [
         (["experiment=kto_chat", "data=preference"], "does not train on preference data"),
         (["experiment=kto_chat", "trainer.batch_size=1"], "trainer.batch_size=1: objective=kto"),
         (["experiment=dpo_chat", "data=unpaired"], "completions rated good or bad"),
     ]
-    for extra, line in cases:
+    argvs = []
+    for extra, _ in cases:
         args = [*kto_args(kto_model), *extra]
         if "data=preference" in extra or "data=unpaired" in extra:
             args = [a for a in args if not a.startswith(("data.train_file", "data.val_file"))]
             args.append(f"data.train_file={kto_model['train']}")
-        out = subprocess.run([PYTHON, "-m", "mlxlab.train", *args,
-                              f"hydra.run.dir={tmp_path / 'refused'}"], cwd=tmp_path,
-                             env=cli_env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 2, out.stderr[-2000:]
-        assert line in out.stderr and "mlxlab: error:" in out.stderr, out.stderr[-2000:]
-        assert not (tmp_path / "refused").exists() and not (tmp_path / "mlruns").exists()
+        argvs.append(["mlxlab-train", *args, f"hydra.run.dir={tmp_path / 'refused'}"])
+    # the three in turn in one process, as python -m mlxlab.train runs each (one start, not three)
+    done = each_in_one_process(argvs, cli_env, cwd=tmp_path, after="one_process:names_here")
+    for (_, line), (code, stderr, left) in zip(cases, done, strict=True):
+        assert code == 2, stderr[-2000:]
+        assert line in stderr and "mlxlab: error:" in stderr, stderr[-2000:]
+        assert "refused" not in left and "mlruns" not in left, left
 
 
 @pytest.mark.slow  # three runs in subprocesses

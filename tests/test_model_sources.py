@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import MLXLAB
 from hf_helpers import mlx_logits
 from mlxlab.export.gguf import write_gguf
 from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.sources import resolve
+from one_process import each_in_one_process
 from test_export_gguf import IDS, from_gguf, logits, save_tiny
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -161,17 +160,19 @@ def bad_source_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
 
 
 def test_a_source_that_cannot_be_read_is_one_line_and_creates_nothing(tmp_path, cli_env):
-    for name, (overrides, message) in bad_source_cases(tmp_path).items():
-        root = tmp_path / name.replace(" ", "_")
-        root.mkdir()
-        env = {**cli_env, "MLXLAB_ROOT": str(root), "HF_HUB_OFFLINE": "1"}
-        out = subprocess.run([MLXLAB, "train", "experiment=finetune_chat",
-                              "data.train_file=chats.jsonl", *overrides],
-                             capture_output=True, text=True, env=env, cwd=root, timeout=300)
-        lines = [line for line in out.stderr.splitlines() if line.strip()]
-        assert out.returncode == 2, (name, out.stderr[-2000:])
+    cases = bad_source_cases(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    env = {**cli_env, "MLXLAB_ROOT": str(root), "HF_HUB_OFFLINE": "1"}
+    # the four in turn in one process, mlxlab-train's (one process start, not four)
+    done = each_in_one_process(
+        [["mlxlab-train", "experiment=finetune_chat", "data.train_file=chats.jsonl", *overrides]
+         for overrides, _ in cases.values()], env, cwd=root, after="one_process:names_here")
+    for (name, (_, message)), (code, stderr, left) in zip(cases.items(), done, strict=True):
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code == 2, (name, stderr[-2000:])
         assert len(lines) == 1 and message in lines[0], (name, lines)
-        assert not (root / "mlruns").exists(), name
+        assert left == [], (name, left)  # no mlruns/, outputs/ or cache
 
 
 def test_a_gguf_conversion_is_written_once_and_reused(tmp_path, tiny_llama):

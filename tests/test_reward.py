@@ -21,6 +21,7 @@ from hf_helpers import save_tiny_model
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
 from mlxlab.objectives.preference.reward import bradley_terry
+from one_process import each_in_one_process
 from test_preference import generated_pairs, pairs_data, write_jsonl
 
 torch = pytest.importorskip("torch")
@@ -341,14 +342,14 @@ def test_a_verb_that_needs_a_language_model_refuses_a_reward_run_in_one_line(rew
     store = tmp_path / "store"
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("prompt\nhello\n")
-    for verb in (["eval", str(reward_run["run"]), str(tasks), "--uri", f"sqlite:///{store}.db"],
-                 ["generate", str(reward_run["run"]), "--prompt", "hello"],
-                 ["predict", str(reward_run["run"]), str(prompts), "--out",
-                  str(tmp_path / "out.csv")]):
-        out = subprocess.run([PYTHON, "-m", "mlxlab.cli.main", *verb], env=cli_env,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 2, out.stderr[-2000:]
-        (line,) = out.stderr.strip().splitlines()
+    verbs = [["eval", str(reward_run["run"]), str(tasks), "--uri", f"sqlite:///{store}.db"],
+             ["generate", str(reward_run["run"]), "--prompt", "hello"],
+             ["predict", str(reward_run["run"]), str(prompts), "--out", str(tmp_path / "out.csv")]]
+    # the three in turn in one process (one process start, not three)
+    done = each_in_one_process([["mlxlab", *verb] for verb in verbs], cli_env)
+    for verb, (code, stderr, _) in zip(verbs, done, strict=True):
+        assert code == 2, stderr[-2000:]
+        (line,) = stderr.strip().splitlines()
         assert line.startswith(f"mlxlab {verb[0]}: error: {reward_run['run']} is a reward "
                                "model (model.head=score)"), line
     assert not Path(f"{store}.db").exists() and not (tmp_path / "out.csv").exists()

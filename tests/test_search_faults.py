@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, REPO
+from one_process import each_in_one_process
 
 SMALL = [
     "debug=fast",
@@ -95,59 +96,72 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 # --------------------------------------------------------------------------- bad input first
 
 
-@pytest.mark.parametrize(
-    "args, line",
-    [
-        (
-            ["-m", *SMALL, "model.num_layers=1,2", "replicates=0"],
-            "mlxlab: error: replicates=0: give a whole number >= 1 (seeds per config",
-        ),
-        (
-            ["-m", *SMALL, "model.num_layers=1,2", "replicates=abc"],
-            "mlxlab: error: replicates=abc: give a whole number >= 1",
-        ),
-        (
-            ["-m", *SEARCH, "hydra.sweeper.n_trials=abc"],
-            "mlxlab: error: hydra.sweeper.n_trials=abc: give a whole number >= 1",
-        ),
-        (
-            ["-m", *SEARCH, "hydra.sweeper.n_trials=0"],
-            "mlxlab: error: hydra.sweeper.n_trials=0: give a whole number >= 1",
-        ),
-        (
-            ["-m", *SEARCH, "hydra.sweeper.n_trials=-2"],
-            "mlxlab: error: hydra.sweeper.n_trials=-2: give a whole number >= 1",
-        ),
-        (
-            ["-m", *SMALL, "trainer.max_epochs=two,3"],
-            "mlxlab: error: trainer.max_epochs must be an integer, got 'two': fix the override, e.g. "
-            "trainer.max_epochs=4 (in the job trainer.max_epochs=two); nothing was started",
-        ),
-        (
-            ["-m", *SEARCH, "hydra.sweeper.n_trials=2", "replicates=3"],
-            "mlxlab: error: replicates= is for grids; a search re-runs its best trials",
-        ),
-    ],
-    ids=[
-        "replicates=0",
-        "replicates=abc",
-        "n_trials=abc",
-        "n_trials=0",
-        "n_trials=-2",
-        "max_epochs=two,3",
-        "replicates-in-a-search",
-    ],
-)
-def test_bad_sweep_input_is_one_line_and_leaves_the_store_unchanged(root, args, line):
+def left_in() -> list:
+    """What a start left in the root it ran in (the working directory): the snapshot, the
+    root's folders, whether a study database exists."""
+    root = Path.cwd()
+    return [snapshot(root), sorted(p.name for p in root.iterdir()),
+            (root / "mlruns" / "optuna.db").exists()]
+
+
+BAD_SWEEPS = {
+    "replicates=0": (
+        ["-m", *SMALL, "model.num_layers=1,2", "replicates=0"],
+        "mlxlab: error: replicates=0: give a whole number >= 1 (seeds per config",
+    ),
+    "replicates=abc": (
+        ["-m", *SMALL, "model.num_layers=1,2", "replicates=abc"],
+        "mlxlab: error: replicates=abc: give a whole number >= 1",
+    ),
+    "n_trials=abc": (
+        ["-m", *SEARCH, "hydra.sweeper.n_trials=abc"],
+        "mlxlab: error: hydra.sweeper.n_trials=abc: give a whole number >= 1",
+    ),
+    "n_trials=0": (
+        ["-m", *SEARCH, "hydra.sweeper.n_trials=0"],
+        "mlxlab: error: hydra.sweeper.n_trials=0: give a whole number >= 1",
+    ),
+    "n_trials=-2": (
+        ["-m", *SEARCH, "hydra.sweeper.n_trials=-2"],
+        "mlxlab: error: hydra.sweeper.n_trials=-2: give a whole number >= 1",
+    ),
+    "max_epochs=two,3": (
+        ["-m", *SMALL, "trainer.max_epochs=two,3"],
+        "mlxlab: error: trainer.max_epochs must be an integer, got 'two': fix the override, e.g. "
+        "trainer.max_epochs=4 (in the job trainer.max_epochs=two); nothing was started",
+    ),
+    "replicates-in-a-search": (
+        ["-m", *SEARCH, "hydra.sweeper.n_trials=2", "replicates=3"],
+        "mlxlab: error: replicates= is for grids; a search re-runs its best trials",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_sweeps(grid_with_a_failing_job, tmp_path_factory) -> dict[str, tuple[dict, list]]:
+    """The bad sweep inputs in turn in one process (`python -m mlxlab.train`'s main) on a root
+    holding the grid's store: {case: (the root's snapshot before, (exit status, stderr, what
+    it left: left_in))}."""
+    root = tmp_path_factory.mktemp("bad-sweeps")
+    shutil.copytree(grid_with_a_failing_job[0] / "mlruns", root / "mlruns")
     before = snapshot(root)
-    proc = train(root, *args)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert error_lines(proc) == [error_lines(proc)[0]] and error_lines(proc)[0].startswith(line), (
-        proc.stderr[-3000:]
-    )
-    assert snapshot(root) == before  # no parent run (the database's bytes), no study
-    assert sorted(p.name for p in root.iterdir()) == ["mlruns"]  # no multirun/, no outputs/
-    assert not (root / "mlruns" / "optuna.db").exists()
+    env = env_for(root)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = each_in_one_process([["mlxlab-train", *args] for args, _ in BAD_SWEEPS.values()],
+                               env, cwd=root, after="test_search_faults:left_in")
+    return {case: (before, r) for case, r in zip(BAD_SWEEPS, done, strict=True)}
+
+
+@pytest.mark.parametrize("case", BAD_SWEEPS)
+def test_bad_sweep_input_is_one_line_and_leaves_the_store_unchanged(bad_sweeps, case):
+    line = BAD_SWEEPS[case][1]
+    before, (code, stderr, (after, folders, study)) = bad_sweeps[case]
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert code == 2, stderr[-3000:]
+    assert lines == [lines[0]] and lines[0].startswith(line), stderr[-3000:]
+    assert after == before  # no parent run (the database's bytes), no study
+    assert folders == ["mlruns"]  # no multirun/, no outputs/
+    assert not study
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import MLXLAB
+from one_process import each_in_one_process
 from serve_helpers import serving
 from whisper_fixtures import SAMPLE_RATE, tone, whisper_folder
 
@@ -75,16 +76,18 @@ def test_bad_input_is_one_line(case, cli_env, tmp_path):
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
     noise = tmp_path / "notes.wav"
     noise.write_text("not audio")
-    for args, says in [([str(other), str(files[0])], "is no Whisper folder"),
-                       ([str(folder), str(tmp_path / "missing.wav")], "audio file not found"),
-                       ([str(folder), str(noise)], "cannot be read"),
-                       ([str(folder), str(files[0]), "--beam-size", "0"], "beam_size=0")]:
-        out = subprocess.run([MLXLAB, "transcribe", *args], env=cli_env, capture_output=True,
-                             text=True, timeout=600)
-        lines = out.stderr.strip().splitlines()
-        assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
-        assert not list(tmp_path.glob("outputs*"))
-        assert lines[0].startswith("mlxlab transcribe: error:") and says in lines[0]
+    cases = [([str(other), str(files[0])], "is no Whisper folder"),
+             ([str(folder), str(tmp_path / "missing.wav")], "audio file not found"),
+             ([str(folder), str(noise)], "cannot be read"),
+             ([str(folder), str(files[0]), "--beam-size", "0"], "beam_size=0")]
+    # the four in turn in one process (one process start, not four)
+    done = each_in_one_process([["mlxlab", "transcribe", *args] for args, _ in cases], cli_env,
+                               cwd=tmp_path)
+    for (args, says), (code, stderr, _) in zip(cases, done, strict=True):
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1, stderr[-2000:]
+        assert lines[0].startswith("mlxlab transcribe: error:") and says in lines[0], (args, lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "notes.wav"]  # nothing made
 
 
 def test_the_server_answers_openai_transcriptions(case, cli_env, tmp_path):

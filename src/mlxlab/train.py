@@ -91,8 +91,10 @@ def train_run(cfg: DictConfig) -> dict[str, float]:
 def job(cfg: DictConfig) -> float:
     """One job of the Hydra app (launch/app.py): `train(cfg)` under the failure policy. Hydra
     names the app after this function's module: `train` (its log file, train.log)."""
+    from mlxlab.data.streaming import source
     from mlxlab.launch.app import run_job
 
+    source.leave_out_torch()  # a training process: its text streams never import PyTorch
     return run_job(cfg, train)
 
 

@@ -22,6 +22,28 @@ BUILDERS = {
 }
 READ_CHUNK = 1 << 20
 DOC_ID = "_mlxlab_doc"  # the column the training stream adds: a document's position in the split
+# Whether this process lets datasets import PyTorch when a stream is opened (leave_out_torch).
+_torch_hooks = True
+
+
+def leave_out_torch() -> None:
+    """This process feeds MLX, never torch's DataLoader: the streams it opens skip datasets' torch
+    hooks (an epoch counter in shared memory for DataLoader workers, a torch IterableDataset
+    base class), whose `import torch` is 2-4 s of a run's start where PyTorch is installed. Only
+    mlxlab-train's jobs ask for it (train.py `job`): a process that also uses datasets with
+    torch (a notebook calling `train`, the test process) keeps them."""
+    global _torch_hooks
+    _torch_hooks = False
+
+
+def _datasets() -> Any:
+    """The datasets package (a slow import: only when a stream is opened), without its torch
+    hooks where this process left them out."""
+    import datasets
+
+    if not _torch_hooks:
+        datasets.config.TORCH_AVAILABLE = False
+    return datasets
 
 
 def _listed(data_files: Any) -> list:
@@ -86,8 +108,7 @@ class TextSource:
 
     def open(self, split: str) -> Any:
         """The streamed (`datasets.IterableDataset`) split of the source."""
-        from datasets import load_dataset  # slow import: only when a stream is opened
-
+        load_dataset = _datasets().load_dataset
         if self.builder is None:
             return load_dataset(self.dataset_id, self.dataset_config, split=split, streaming=True)
         # Read 1 MB at a time (the default is 10 MB) so memory stays small and flat.
@@ -112,9 +133,7 @@ class TextSource:
 
     def from_texts(self, texts: list[str]) -> Any:
         """Texts held in memory as a stream of examples like the source's own."""
-        from datasets import Dataset
-
-        return Dataset.from_dict({self.text_column: texts}).to_iterable_dataset()
+        return _datasets().Dataset.from_dict({self.text_column: texts}).to_iterable_dataset()
 
     def decode_error(self, error: UnicodeDecodeError) -> ValueError:
         """The error names the file that does not decode (the reader's own message does not)."""
