@@ -253,7 +253,6 @@ SLOW_CASES = ("tests/test_remote.py::test_server_stopped_mid_upload[gcs]",
               "tests/test_remote.py::test_server_stopped_mid_upload[azure]",
               "tests/test_remote.py::test_upload_then_resume_from_the_bucket_is_bitwise_identical[gcs]",
               "tests/test_remote.py::test_upload_then_resume_from_the_bucket_is_bitwise_identical[azure]",
-              "tests/test_distributed.py::test_two_ranks_equal_one_process_with_twice_the_batch_bert[dp]",
               # each beside a faster sibling of the same path in the default run (8-22 s each)
               "tests/test_resume.py::test_sigkills_keep_weights_and_history_exact[titanic-args0-5]",
               "tests/test_failures.py::test_an_out_of_memory_ends_the_run_with_one_line_though_its_cleanup_hangs",
