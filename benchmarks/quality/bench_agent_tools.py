@@ -50,9 +50,6 @@ DESK = "mlxlab.objectives.rl.lookup_tools.QuestionLookup"
 COMPACT = REPO / "tests" / "chat_templates" / "hermes_compact.jinja"
 
 
-# --- the bases: a tiny model from scratch, and SmolLM2-135M-Instruct ---------------------------
-
-
 def tiny_base(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path:
     """A random Qwen2 (ChatML tokens, the compact Hermes tool template) at a trained model's
     initial scale (N(0, 0.02) matrices)."""
@@ -112,9 +109,6 @@ def tagged_chats(rows: list[dict]) -> list[tuple[list, list]]:
     return chats
 
 
-# --- GRPO through the CLI ------------------------------------------------------------------------
-
-
 def grpo_args(model: Path, train_file: Path, val_file: Path, a, steps: int, tools: str,
               *extra: str) -> list[str]:
     """experiment=agent_tools on `model` at the benchmark's budget; tools: 'desk' (the tool,
@@ -147,9 +141,6 @@ def heldout_rewards(client, run: str) -> list[float]:
     files = sorted(f.path for f in client.list_artifacts(run, "grpo_samples"))
     rows = jsonl(Path(client.download_artifacts(run, files[-1])))
     return [r["exact_answer"] for r in rows]
-
-
-# --- speed: rollouts per second, multi-turn beside single-turn ----------------------------------
 
 
 def rollout_speed(model_folder: Path, train_file: Path, tools: dict, a, rounds: int) -> dict:
@@ -202,9 +193,6 @@ def rollout_speed(model_folder: Path, train_file: Path, tools: dict, a, rounds: 
         side: statistics.median(x["rollouts_per_s"] for x in v) for side, v in rows.items()},
         "multi_over_single_per_round": ratios,
         "multi_over_single_median": statistics.median(ratios)}
-
-
-# --- the parts -----------------------------------------------------------------------------------
 
 
 def part_tiny(a, out: Path, env: dict, uri: str, times: dict) -> dict:

@@ -2,8 +2,7 @@
 a task it fails (a date in words -> its ISO form, exact match), scored before and after, beside
 mlx_lm.lora (and PyTorch + PEFT: real_model_torch_peft.py), and run in llama.cpp.
 
-    python benchmarks/quality/real_model_finetune.py [--work DIR] [--steps 80] [--batch 4]
-        [--train 400] [--heldout 200] [--rounds 1] [--float-base DTYPE] [--stages ...]
+    python benchmarks/quality/real_model_finetune.py --work DIR    (--help: the options)
 
 Stages (each kept under <work>/stages; a later call runs only what is missing): `base` (`mlxlab
 eval` of the GGUF), `train_mlxlab_<round>` (LoRA rank 8 on q/k/v/o of the 4-bit base) and

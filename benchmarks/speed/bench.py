@@ -78,8 +78,6 @@ def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
     return 2 * n**3 / best_mlx / 1e9, 2 * n**3 / best_np / 1e9
 
 
-# ---- --gemm-table: MLX's products under each BLAS mlxlab can give it, beside PyTorch and numpy --
-
 GEMM_BLAS = ("openblas", "mkl")  # MLXLAB_BLAS values: one worker process each (a process has one)
 TORCH_GEMM = """import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
@@ -138,9 +136,6 @@ def _median_cell(rows: list[dict], key: str, n: int) -> str:
     return f"{statistics.median(values):.0f}" if values else "-"
 
 
-# ---- steady-state timing shared by all workers ------------------------------------------------
-
-
 def step_seconds(times: list, skip: set[int], warmup: int, steps: int) -> dict[int, tuple]:
     """times[k] = clock() when step k finished (times[0]: before step 1) -> {step: (wall, CPU)
     seconds} for steps warmup+1 .. warmup+steps not in `skip`."""
@@ -182,9 +177,6 @@ def step_flops(meta: dict, shape: tuple) -> float:
             + 12 * meta["layers"] * meta["dim"] * t * b * t)
 
 
-# ---- worker: the mlxlab stack -------------------------------------------------------------------
-
-
 def compose(root: Path, overrides: list[str]):
     """The real train.yaml composed with Hydra's compose API, rooted in `root` (as in tests)."""
     from omegaconf import open_dict
@@ -198,6 +190,7 @@ def compose(root: Path, overrides: list[str]):
 
 
 def worker_mlxlab(spec: dict) -> dict:
+    """A worker: the mlxlab stack, train(cfg), its steps timed by benchmarks.callbacks."""
     from omegaconf import OmegaConf
 
     from benchmarks.callbacks import HOOKS, OVERRIDE, RECORD
@@ -268,10 +261,8 @@ def worker_mlxlab(spec: dict) -> dict:
     }
 
 
-# ---- worker: the minimal MLX loop ---------------------------------------------------------------
-
-
 def worker_mlx(spec: dict) -> dict:
+    """A worker: the minimal MLX loop on the mlxlab row's model, settings and saved batches."""
     from functools import partial
 
     import mlx.nn as nn
@@ -322,9 +313,6 @@ def worker_main(kind: str, spec_path: str) -> None:
     set_blas_threads(spec["threads"])
     result = WORKERS[kind](spec)
     Path(spec["result"]).write_text(json.dumps(result))
-
-
-# ---- the parent: run the workers, summarize ------------------------------------------------------
 
 
 SCRIPTS = Path(__file__).resolve().parent

@@ -1,8 +1,7 @@
 """LoRA fine-tuning speed and memory, mlxlab beside mlx_lm.lora, on long rows and on chats; also
 the runners of both tools that bench_sizes.py and real_model_finetune.py use.
 
-    python benchmarks/speed/bench_lora.py [--rows long,chat] [--tools mlxlab,mlx-lm,mlx-lm-openblas]
-        [--steps 12] [--rounds 2] [--work DIR] [--seq 512] [--grad-checkpoint] [--model DIR]
+    python benchmarks/speed/bench_lora.py --rows chat --tools mlxlab,mlx-lm-openblas  (--help)
 
 A random Llama (hidden 512, 8 layers, 4 / 2 heads, ChatML; weights N(0, --init-std)), LoRA rank
 8 (alpha 16) on q/k/v/o, batch 4, Adam at 2e-4, 512 positions a row. `long`: rows of >= 600

@@ -15,7 +15,6 @@ and OpenBLAS, alternating --rounds times: completions/s, completion tokens/s (co
 shared reward function) and MLX's peak; timed: the training call alone.
 
     python benchmarks/speed/bench_preference.py --grpo --model <folder> --prompts <prompts.jsonl>
-        [--steps 20] [--batch 8] [--group 8] [--max-tokens 8] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -146,8 +145,6 @@ def smoke_inputs(folder: Path) -> tuple[str, str]:
     rows = (REPO / "src/mlxlab/assets/copy_format/train.jsonl").read_text().splitlines()[:8]
     (folder / "prompts.jsonl").write_text("\n".join(rows) + "\n")
     return str(model), str(folder / "prompts.jsonl")
-
-
 
 
 def one_token_words(tokenizer) -> list[str]:

@@ -2,8 +2,7 @@
 own trainer (`python -m mlx_vlm.train`, mlx-vlm 0.7.10), on the same rows, model folder, LoRA,
 batch, steps and image size, each in its own process on the same MLX and OpenBLAS.
 
-    python benchmarks/speed/bench_vision.py [--shapes smolvlm,qwen2_5_vl] [--steps 6] [--skip 2]
-        [--rounds 2] [--batch 4] [--qwen-layers 2] [--work DIR] [--smoke]
+    python benchmarks/speed/bench_vision.py --shapes smolvlm --steps 6 --skip 2  (--help)
 
 Random float32 models in the real shapes (never downloaded; tests/vision_models.py's tokenizer
 and processor files): `smolvlm` (SmolVLM-256M: 512-pixel images, one row a batch, BATCH_LIMIT)
