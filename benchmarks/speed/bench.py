@@ -34,18 +34,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import (
-    add_options,
-    clock,
-    in_round,
-    load_batches,
-    peak_rss_mb,
-    print_table,
-    reset_peak_rss,
-    rss_mb,
-    save_batches,
-    write_record,
-)
+import benchmarks.harness as h
 from mlxlab import kernels as mlxlab_kernels
 from mlxlab.runtime.compute.blas import blas_threads, set_blas_threads
 
@@ -115,7 +104,7 @@ def gemm_table(sizes: list[int], threads: int, repeats: int, rounds: int, smoke:
                                 str(repeats)], env)
     runs: dict[str, list] = {name: [] for name in commands}
     for r in range(rounds):
-        for name in in_round(list(commands), r):
+        for name in h.in_round(list(commands), r):
             proc = subprocess.run(commands[name][0], env=commands[name][1], capture_output=True,
                                   text=True, timeout=1800)
             runs[name].append(json.loads(proc.stdout.splitlines()[-1]) if proc.returncode == 0
@@ -125,9 +114,9 @@ def gemm_table(sizes: list[int], threads: int, repeats: int, rounds: int, smoke:
     head = ["n (GFLOP/s)", *cells]
     table_rows = [[n, *(_median_cell(rows, key, n) for rows, key in cells.values())] for n in sizes]
     shown = {"head": head, "rows": table_rows}
-    print_table(shown)
-    write_record("gemm-blas", {"threads": threads, "sizes": sizes, "rounds": runs, "table": shown},
-                 question="speed-pytorch", smoke=smoke)
+    h.print_table(shown)
+    h.write_record("gemm-blas", {"threads": threads, "sizes": sizes, "rounds": runs, "table": shown},
+                   question="speed-pytorch", smoke=smoke)
 
 
 def _median_cell(rows: list[dict], key: str, n: int) -> str:
@@ -205,21 +194,21 @@ def worker_mlxlab(spec: dict) -> dict:
     if spec["variant"] == "nokernels":
         overrides += ["trainer.fused_kernels=off"]
     cfg = compose(root, overrides)
-    RECORD["clock"] = clock
+    RECORD["clock"] = h.clock
     rec: dict = {"times": RECORD["times"], "evals": RECORD["evals"], "shapes": [], "batches": []}
 
     def on_step(step: int) -> None:
         if step == warmup:
             mx.reset_peak_memory()
-            reset_peak_rss()
+            h.reset_peak_rss()
         if step == warmup + steps:
             rec["mx_peak_mb"] = mx.get_peak_memory() / 2**20
-            rec["rss_peak_mb"] = peak_rss_mb()
+            rec["rss_peak_mb"] = h.peak_rss_mb()
 
     HOOKS["on_step"] = on_step
 
     def replay(batching, epoch):
-        batches = [{k: mx.array(v) for k, v in b.items()} for b in load_batches(spec["batches"])]
+        batches = [{k: mx.array(v) for k, v in b.items()} for b in h.load_batches(spec["batches"])]
         mx.eval(batches)
         yield from batches
 
@@ -228,7 +217,7 @@ def worker_mlxlab(spec: dict) -> dict:
     def fit(self, model, data, *args, **kwargs):
         if self.settings.grad_accum != 1:
             raise ValueError("bench.py times one batch per step: use trainer.grad_accum=1")
-        rec["rss_base_mb"] = rss_mb()
+        rec["rss_base_mb"] = h.rss_mb()
         rec["params"] = sum(v.size for _, v in tree_flatten(model.parameters()))
         rec["flops"] = dict(zip(("params_per_token", "params_per_sample", "layers", "dim"),
                                 matmul_params(model, data.task)))
@@ -249,7 +238,7 @@ def worker_mlxlab(spec: dict) -> dict:
     Trainer.fit = fit
     train(cfg)
     if spec["variant"] == "full" and spec.get("save_batches"):
-        save_batches(Path(spec["batches"]), rec["batches"])
+        h.save_batches(Path(spec["batches"]), rec["batches"])
     return {
         "times": rec["times"], "evals": rec["evals"], "shapes": rec["shapes"][: warmup + steps],
         "mx_peak_mb": rec.get("mx_peak_mb"),
@@ -273,9 +262,9 @@ def worker_mlx(spec: dict) -> dict:
 
     ref = spec["reference"]  # what the mlxlab worker recorded
     meta, hp = ref["meta"], ref["trainer"]
-    batches = [{k: mx.array(v) for k, v in b.items()} for b in load_batches(spec["batches"])]
+    batches = [{k: mx.array(v) for k, v in b.items()} for b in h.load_batches(spec["batches"])]
     mx.eval(batches)
-    base = rss_mb()
+    base = h.rss_mb()
     mx.random.seed(0)
     model = instantiate(ref["model_cfg"], _convert_="all", vocab_size=meta["vocab_size"],
                         num_labels=meta["num_labels"])
@@ -291,16 +280,16 @@ def worker_mlx(spec: dict) -> dict:
         optimizer.update(model, grads)
         return loss
 
-    times = [clock()]
+    times = [h.clock()]
     for k, batch in enumerate(batches, start=1):
         loss = step(batch)
         mx.eval(loss, state)
-        times.append(clock())
+        times.append(h.clock())
         if k == spec["warmup"]:
             mx.reset_peak_memory()
-            reset_peak_rss()
+            h.reset_peak_rss()
     return {
-        "times": times, "mx_peak_mb": mx.get_peak_memory() / 2**20, "rss_mb": peak_rss_mb() - base,
+        "times": times, "mx_peak_mb": mx.get_peak_memory() / 2**20, "rss_mb": h.peak_rss_mb() - base,
         "params": sum(v.size for _, v in tree_flatten(model.parameters())),
     }
 
@@ -403,7 +392,7 @@ def bench_round(name: str, spec: dict, args, tmp: Path, r: int) -> dict[str, dic
     order = ["mlxlab", *(f"mlxlab:{v}" for v in args.variants), "mlx"]
     plain = MODELS[name][1] == "tokens"  # torch_plain.py implements the decoders
     order += [] if args.no_torch else ["torch", *(["torch:plain"] if plain else [])]
-    order = in_round(order, r)
+    order = h.in_round(order, r)
     results = {}
     for impl in order:
         kind, _, variant = impl.partition(":")
@@ -521,16 +510,16 @@ def table(rows: list[dict], ratio_rows: list[tuple]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_options(parser, quick=(False, "validation settings: GEMM 512, warmup 2, 4 timed steps, batch 4"),
-                models="nano,tiny,bert", warmup=(None, "steps skipped (default 3)", int),
-                steps=(None, "steps timed (default: 20 for nano and tiny, 200 for bert)", int),
-                batch_size=(None, "trainer.batch_size (default: the experiment's)", int),
-                threads=(None, "BLAS and torch threads (default: OPENBLAS_NUM_THREADS, else cores)", int),
-                gemm=(None, "GEMM sizes (default 1024,2048)"),
-                variants=(None, f"extra mlxlab rows: comma list of {','.join(VARIANTS)} (default: "
-                          "all; --quick: none)"),
-                repeats=(None, "interleaved rounds of every row; the table shows medians (default "
-                         "3; --quick: 1)", int), no_torch=False, spec=(None, argparse.SUPPRESS))
+    h.add_options(parser, quick=(False, "validation settings: GEMM 512, warmup 2, 4 timed steps, batch 4"),
+                  models="nano,tiny,bert", warmup=(None, "steps skipped (default 3)", int),
+                  steps=(None, "steps timed (default: 20 for nano and tiny, 200 for bert)", int),
+                  batch_size=(None, "trainer.batch_size (default: the experiment's)", int),
+                  threads=(None, "BLAS and torch threads (default: OPENBLAS_NUM_THREADS, else cores)", int),
+                  gemm=(None, "GEMM sizes (default 1024,2048)"),
+                  variants=(None, f"extra mlxlab rows: comma list of {','.join(VARIANTS)} (default: "
+                            "all; --quick: none)"),
+                  repeats=(None, "interleaved rounds of every row; the table shows medians (default "
+                           "3; --quick: 1)", int), no_torch=False, spec=(None, argparse.SUPPRESS))
     parser.add_argument("--override", action="append", default=[],
                         help="extra Hydra override for every row (repeatable)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -594,9 +583,9 @@ def main() -> None:
             ratio_rows += model_ratios
             checks += [check] if check else []
     shown = table(rows, ratio_rows)
-    print_table(shown)
+    h.print_table(shown)
     pytorch = next((c for c in ratio_rows if c[0].endswith(": mlxlab / PyTorch eager")), None)
-    write_record("-".join(models) + "-vs-pytorch", {
+    h.write_record("-".join(models) + "-vs-pytorch", {
         "machine": info, "gemm": gemm, "rows": rows, "checks": checks, "table": shown,
         "ratios": [dict(zip(("what", "median", "target", "low", "high", "by_median_step"), c))
                    for c in ratio_rows]},
