@@ -8,6 +8,7 @@ bar), `replay` (saved batches, not the data pipeline), `nokernels` (trainer.fuse
 
     python benchmarks/speed/bench.py --models nano,tiny,bert --repeats 3
     python benchmarks/speed/bench.py --gemm-table --threads 2    (GEMM only: OpenBLAS vs MKL in MLX)
+    python benchmarks/speed/bench.py --bf16 --threads 2          (trainer.precision=bf16's products)
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
 
 
 GEMM_BLAS = ("openblas", "mkl")  # MLXLAB_BLAS values: one worker process each (a process has one)
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "MLXLAB_KERNEL_THREADS")
 TORCH_GEMM = """import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
 out = {}
@@ -81,6 +83,36 @@ for n in json.loads(sys.argv[2]):
         best = min(best, time.perf_counter() - start)
     out[n] = 2 * n**3 / best / 1e9
 print(json.dumps({"torch": out}))"""
+# --bf16: a process's rows {name: {n: GFLOP/s}}: trainer.precision=bf16's products on a CPU with
+# bf16 units (MKL's cblas_gemm_bf16bf16f32 on float32 operands rounded to bf16), MLX's own bf16
+# matmul (a scalar loop, ~4 GFLOP/s: up to 512 only) and fp32; PyTorch's bf16 (on bf16 tensors
+# made before) and fp32. argv: mlx|torch, sizes, repeats, threads
+BF16_WORKER = """import json, sys, time
+kind, sizes, repeats = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+if kind == "mlx":
+    import mlxlab, mlx.core as mx
+    from mlxlab import kernels
+    rows = {"mlxlab bf16": (None, kernels.bf16_matmul), "MLX fp32": (None, mx.matmul),
+            "MLX bf16": (lambda x: x.astype(mx.bfloat16), mx.matmul)}
+    make, run = (lambda n: mx.random.normal((n, n))), (lambda f, a, b: mx.eval(f(a, b)))
+else:
+    import torch
+    torch.set_num_threads(int(sys.argv[4]))
+    rows = {"PyTorch bf16": (torch.Tensor.bfloat16, torch.matmul), "PyTorch fp32": (None, torch.matmul)}
+    make, run = (lambda n: torch.randn(n, n)), (lambda f, a, b: f(a, b))
+out = {}
+for name, (prepare, f) in rows.items():
+    for n in sizes:
+        a, b = (x if prepare is None else prepare(x) for x in (make(n), make(n)))
+        if name == "MLX bf16" and n > 512 or name == "mlxlab bf16" and f(a, b) is None:
+            continue  # MLX's loop: too slow; mlxlab's: no bf16 units or no MKL here
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up
+            start = time.perf_counter()
+            run(f, a, b)
+            times.append(time.perf_counter() - start)
+        out.setdefault(name, {})[n] = 2 * n**3 / min(times[1:]) / 1e9
+print(json.dumps(out))"""
 
 
 def gemm_worker(sizes: list[int], repeats: int) -> None:
@@ -91,17 +123,22 @@ def gemm_worker(sizes: list[int], repeats: int) -> None:
                       "numpy": {n: p for n, (_, p) in pairs.items()}}))
 
 
-def gemm_table(sizes: list[int], threads: int, repeats: int, rounds: int, smoke: bool) -> None:
+def gemm_table(sizes: list[int], threads: int, repeats: int, rounds: int, smoke: bool,
+               bf16: bool = False) -> None:
     """fp32 n x n GFLOP/s of MLX+OpenBLAS, MLX+MKL, PyTorch (its own process, without mlxlab) and
-    numpy, at `threads` threads, in `rounds` interleaved rounds (ABBA), each cell its median."""
-    env = {**os.environ, **{v: str(threads) for v in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                                                      "OMP_NUM_THREADS", "MLXLAB_KERNEL_THREADS")}}
-    commands = {f"MLX+{b}": ([sys.executable, __file__, "--gemm-worker", "--gemm",
-                              ",".join(map(str, sizes)), "--repeats", str(repeats)],
-                             {**env, "MLXLAB_BLAS": b}) for b in GEMM_BLAS}
-    if importlib.util.find_spec("torch"):
-        commands["PyTorch"] = ([sys.executable, "-c", TORCH_GEMM, str(threads), json.dumps(sizes),
-                                str(repeats)], env)
+    numpy, or (`bf16`) BF16_WORKER's rows, at `threads` threads, in `rounds` interleaved rounds
+    (ABBA), each cell its median."""
+    env = {**os.environ, **dict.fromkeys(THREAD_VARS, str(threads))}
+    if bf16:
+        commands = {kind: ([sys.executable, "-c", BF16_WORKER, kind, json.dumps(sizes), str(repeats),
+                            str(threads)], env) for kind in ("mlx", "torch")}
+    else:
+        commands = {f"MLX+{b}": ([sys.executable, __file__, "--gemm-worker", "--gemm",
+                                  ",".join(map(str, sizes)), "--repeats", str(repeats)],
+                                 {**env, "MLXLAB_BLAS": b}) for b in GEMM_BLAS}
+        if importlib.util.find_spec("torch"):
+            commands["PyTorch"] = ([sys.executable, "-c", TORCH_GEMM, str(threads), json.dumps(sizes),
+                                    str(repeats)], env)
     runs: dict[str, list] = {name: [] for name in commands}
     for r in range(rounds):
         for name in h.in_round(list(commands), r):
@@ -109,19 +146,23 @@ def gemm_table(sizes: list[int], threads: int, repeats: int, rounds: int, smoke:
                                   text=True, timeout=1800)
             runs[name].append(json.loads(proc.stdout.splitlines()[-1]) if proc.returncode == 0
                               else {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
-    cells = {**{name: (runs[name], "mlx") for name in commands if name.startswith("MLX")},
-             "PyTorch": (runs.get("PyTorch", []), "torch"), "numpy": (runs["MLX+openblas"], "numpy")}
-    head = ["n (GFLOP/s)", *cells]
-    table_rows = [[n, *(_median_cell(rows, key, n) for rows, key in cells.values())] for n in sizes]
-    shown = {"head": head, "rows": table_rows}
+    if bf16:  # a column a row name, in the workers' order
+        if failed := [r["error"] for rs in runs.values() for r in rs if "error" in r]:
+            sys.exit(f"bench.py --bf16: a worker failed: {failed[0]}")
+        cells = {name: (rows, name) for rows in runs.values() for name in rows[0]}
+    else:
+        cells = {**{name: (runs[name], "mlx") for name in commands if name.startswith("MLX")},
+                 "PyTorch": (runs.get("PyTorch", []), "torch"), "numpy": (runs["MLX+openblas"], "numpy")}
+    shown = {"head": ["n (GFLOP/s)", *cells],
+             "rows": [[n, *(_median_cell(rows, key, n) for rows, key in cells.values())] for n in sizes]}
     h.print_table(shown)
-    h.write_record("gemm-blas", {"threads": threads, "sizes": sizes, "rounds": runs, "table": shown},
-                   question="speed-pytorch", smoke=smoke)
+    h.write_record("gemm-bf16" if bf16 else "gemm-blas", {"threads": threads, "sizes": sizes,
+                   "rounds": runs, "table": shown}, question="speed-pytorch", smoke=smoke)
 
 
 def _median_cell(rows: list[dict], key: str, n: int) -> str:
     """The rounds' median GFLOP/s at n; "-" where none ran (a failed round's error is recorded)."""
-    values = [row[key][str(n)] for row in rows if key in row]
+    values = [row[key][str(n)] for row in rows if str(n) in row.get(key, {})]
     return f"{statistics.median(values):.0f}" if values else "-"
 
 
@@ -525,18 +566,20 @@ def main() -> None:
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--gemm-table", action="store_true",
                         help="only the GEMM table: MLX under each BLAS (OpenBLAS, MKL), PyTorch, numpy")
+    parser.add_argument("--bf16", action="store_true", help="only the bf16 product table: "
+                        "trainer.precision=bf16's (MKL), MLX's bf16 and fp32, PyTorch's bf16 and fp32")
     parser.add_argument("--gemm-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker_main(args.worker, args.spec)
-    if args.gemm_worker or args.gemm_table:
+    if args.gemm_worker or args.gemm_table or args.bf16:
         sizes = [int(n) for n in (args.gemm or ("64" if args.smoke else
                                                 "64,128,256,512,1024,2048")).split(",")]
-        repeats = args.repeats or (2 if args.smoke else 20)
+        repeats = args.repeats or (2 if args.smoke else 10 if args.bf16 else 20)
         if args.gemm_worker:
             return gemm_worker(sizes, repeats)
         threads = args.threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)
-        return gemm_table(sizes, threads, repeats, 1 if args.smoke else 5, args.smoke)
+        return gemm_table(sizes, threads, repeats, 1 if args.smoke else 5, args.smoke, args.bf16)
     if args.smoke:  # --quick on nano, 1 + 2 steps, every worker (PyTorch's when installed)
         args.quick, args.models, args.warmup, args.steps = True, "nano", 1, 2
         args.gemm = "64"
