@@ -32,11 +32,10 @@ from benchmarks.harness import read_jsonl as jsonl
 from benchmarks.harness import run_logged as run
 from benchmarks.harness import train_cli as train
 
-REPO = Path(__file__).resolve().parents[2]
-ASSETS = REPO / "src" / "mlxlab" / "assets" / "lookup_codes"
+ASSETS = h.REPO / "src" / "mlxlab" / "assets" / "lookup_codes"
 TOOL = "mlxlab.objectives.rl.lookup_tools.lookup_code"
 DESK = "mlxlab.objectives.rl.lookup_tools.QuestionLookup"
-COMPACT = REPO / "tests" / "chat_templates" / "hermes_compact.jinja"
+COMPACT = h.REPO / "tests" / "chat_templates" / "hermes_compact.jinja"
 
 
 def tiny_base(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path:

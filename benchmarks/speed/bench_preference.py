@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
 import benchmarks.harness as h  # noqa: E402
 
@@ -119,7 +118,7 @@ def grpo_lora(a) -> float:
 def one(a) -> None:
     import mlx.core as mx
 
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(h.REPO))
     from benchmarks.speed import bench_preference as me  # the rewards' _target_, not __main__
 
     seconds = (me.grpo_mlxlab if a.side == "mlxlab" else me.grpo_lora)(a)
@@ -133,7 +132,7 @@ def one(a) -> None:
 def smoke_inputs(folder: Path) -> tuple[str, str]:
     """A tiny random Llama (scripts/tiny_hf_model.py, no torch) and 8 of the copy task's prompts."""
     model = h.tiny_llama(folder / "model")
-    rows = (REPO / "src/mlxlab/assets/copy_format/train.jsonl").read_text().splitlines()[:8]
+    rows = (h.REPO / "src/mlxlab/assets/copy_format/train.jsonl").read_text().splitlines()[:8]
     (folder / "prompts.jsonl").write_text("\n".join(rows) + "\n")
     return str(model), str(folder / "prompts.jsonl")
 
@@ -188,7 +187,7 @@ def check_mlxlab_lengths(folder: Path, data: Path, length: int) -> None:
 
 def timed_run(cmd: list[str], env: dict, log: Path) -> dict:
     """Run `cmd`, its output in `log`: its peak RSS (MiB), CPU and wall seconds, output."""
-    done, rss = h.run_with_peak_rss(cmd, what=" ".join(cmd[:3]), log=log, env=env, cwd=REPO)
+    done, rss = h.run_with_peak_rss(cmd, what=" ".join(cmd[:3]), log=log, env=env, cwd=h.REPO)
     return {"rss_mb": rss, "cpu_s": done.cpu_s, "wall_s": done.wall_s, "log": done.stdout + done.stderr}
 
 
@@ -204,7 +203,7 @@ def run_mlx_lm_lora(work: Path, folder: Path, data: Path, steps: int, every: int
     # mlxlab's own binding (runtime/compute/blas.py) of the OpenBLAS it ships, then mlx-lm-lora
     from mlxlab.runtime.compute.blas import _bundled_openblas
 
-    env = {**os.environ, "MLXLAB_BLAS": str(_bundled_openblas()), "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "MLXLAB_BLAS": str(_bundled_openblas()), "PYTHONPATH": str(h.REPO / "src")}
     setup = "import mlxlab; assert mlxlab.blas.fast, mlxlab.blas; "
     cmd = [str(LORA_VENV / "bin" / "python"), "-c", setup + SHIM, *args]
     out = timed_run(cmd, env, work / f"{tag}.log")
@@ -230,7 +229,7 @@ def run_mlxlab(work: Path, folder: Path, data: Path, steps: int, every: int, cac
             f"hydra.run.dir={root}/run"]
     if cached:
         args += ["objective.reference=cached", f"data.cache_dir={work / 'cache'}"]
-    env = dict(os.environ, MLXLAB_ROOT=str(root), PYTHONPATH=str(REPO / "src"))
+    env = dict(os.environ, MLXLAB_ROOT=str(root), PYTHONPATH=str(h.REPO / "src"))
     env.pop("MLFLOW_TRACKING_URI", None)
     out = timed_run([sys.executable, "-m", "mlxlab.train", "experiment=dpo_chat", *args], env,
                     work / f"{tag}.log")
@@ -261,8 +260,8 @@ def grpo_main(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for _ in range(a.rounds):
         for side in ("mlxlab", "mlx-lm-lora"):
             argv = [sys.executable, __file__, "--grpo", "--side", side, *passed]
-            proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO,
-                                  env={**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}"})
+            proc = subprocess.run(argv, capture_output=True, text=True, cwd=h.REPO,
+                                  env={**os.environ, "PYTHONPATH": f"{h.REPO / 'src'}:{h.REPO}"})
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
                 sys.exit(f"{side} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
